@@ -1,0 +1,2 @@
+//! `dbm`: the dirty-bitmap command line.
+fn main() {}

@@ -1,0 +1,6 @@
+//! Persistent dirty bitmaps for block devices.
+#![deny(missing_docs, unsafe_code)]
+
+pub mod error;
+
+pub use error::{Corruption, Error, Result};
