@@ -39,7 +39,9 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Corruption {
     /// A structure ends before its fixed size.
-    #[error("{what} at offset {offset:#x} is truncated: needs {needed} bytes, {available} available")]
+    #[error(
+        "{what} at offset {offset:#x} is truncated: needs {needed} bytes, {available} available"
+    )]
     Truncated {
         /// The structure being decoded.
         what: &'static str,

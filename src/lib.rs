@@ -1,6 +1,8 @@
 //! Persistent dirty bitmaps for block devices.
 #![deny(missing_docs, unsafe_code)]
 
+pub mod bitmap;
 pub mod error;
 
+pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};

@@ -1,0 +1,575 @@
+//! The layered in-memory dirty bitmap.
+//!
+//! Three layers, described in `docs/DESIGN.md`:
+//! 1. leaf words ([`words`]): one bit per granule, set lock-free by any number of threads;
+//! 2. summary levels ([`summary`]): an *any* tower for finding dirty bits and a *full*
+//!    tower for finding clean bits, each skipping 512 bits per level-1 bit and 64× more
+//!    per level above;
+//! 3. the change map ([`change_map`]): one bit per region of the serialized bitmap,
+//!    telling a flusher which parts of the on-disk copy are stale.
+//!
+//! Every mutation goes through one place, [`DirtyBitmap::after_change`], which updates the
+//! counter, both towers and the change map in that order, after the leaf word.
+
+mod change_map;
+mod geometry;
+mod iter;
+mod summary;
+mod words;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+pub use change_map::ChangedRegions;
+pub use geometry::{
+    DEFAULT_REGION_SIZE, MAX_BITS, MAX_GRANULARITY, MAX_REGION_SIZE, MIN_GRANULARITY,
+    MIN_REGION_SIZE,
+};
+pub use iter::DirtyExtents;
+
+use crate::error::{invalid_input, Result};
+use change_map::ChangeMap;
+use geometry::Geometry;
+use summary::{AnyTower, FullTower, BLOCK_WORDS};
+use words::{BitCount, Words};
+
+/// A dirty bitmap for one disk: bit n records whether disk bytes `[n·g, (n+1)·g)` were
+/// written, where g is the granularity. The last bit may cover a partial granule.
+///
+/// All methods except [`resize`](Self::resize) take `&self`, and marking is lock-free, so
+/// one bitmap can be shared (for example in an `Arc`) by every I/O thread of a disk.
+///
+/// ```
+/// use dirty_bitmap::DirtyBitmap;
+///
+/// let bitmap = DirtyBitmap::new(16 << 40, 64 << 10)?; // 16 TiB at 64 KiB
+/// bitmap.mark_dirty(4096, 4096);
+/// bitmap.mark_dirty(1 << 30, 1 << 20);
+/// let extents: Vec<(u64, u64)> = bitmap.dirty_extents().collect();
+/// assert_eq!(extents, vec![(0, 64 << 10), (1 << 30, 1 << 20)]);
+/// assert_eq!(bitmap.dirty_bytes(), (64 << 10) + (1 << 20));
+/// # Ok::<(), dirty_bitmap::Error>(())
+/// ```
+pub struct DirtyBitmap {
+    geo: Geometry,
+    words: Words,
+    any: AnyTower,
+    full: FullTower,
+    changes: ChangeMap,
+    count: BitCount,
+    enabled: AtomicBool,
+}
+
+impl fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyBitmap")
+            .field("disk_size", &self.geo.disk_size)
+            .field("granularity", &self.geo.granularity)
+            .field("bits", &self.geo.nbits)
+            .field("dirty_bits", &self.count())
+            .field("region_size", &self.geo.region_size)
+            .field("changed_regions", &self.changes.count())
+            .field("enabled", &self.is_enabled())
+            .finish()
+    }
+}
+
+impl DirtyBitmap {
+    /// A clean, enabled bitmap for a disk of `disk_size` bytes with one bit per
+    /// `granularity` bytes, and change-map regions of [`DEFAULT_REGION_SIZE`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput), naming the value, when the
+    /// granularity is not a power of two from 512 B to 2 GiB, when `disk_size` is 0, or
+    /// when ceil(disk_size / granularity) exceeds qcow2's limit of 2^32 bits.
+    pub fn new(disk_size: u64, granularity: u64) -> Result<Self> {
+        Self::with_region_size(disk_size, granularity, DEFAULT_REGION_SIZE)
+    }
+
+    /// Like [`new`](Self::new), with change-map regions of `region_size` bytes of
+    /// serialized bitmap (a power of two from 512 B to 2 MiB).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new), and [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// for a region size out of range.
+    pub fn with_region_size(disk_size: u64, granularity: u64, region_size: u64) -> Result<Self> {
+        Ok(Self::from_geometry(Geometry::new(
+            disk_size,
+            granularity,
+            region_size,
+        )?))
+    }
+
+    fn from_geometry(geo: Geometry) -> Self {
+        let nblocks = (geo.nwords() as u64).div_ceil(BLOCK_WORDS as u64);
+        DirtyBitmap {
+            words: Words::new(geo.nbits),
+            any: AnyTower::new(nblocks),
+            full: FullTower::new(nblocks),
+            changes: ChangeMap::new(geo.nregions()),
+            count: BitCount::new(),
+            enabled: AtomicBool::new(true),
+            geo,
+        }
+    }
+
+    /// Disk bytes covered.
+    pub fn disk_size(&self) -> u64 {
+        self.geo.disk_size
+    }
+
+    /// Disk bytes per bit.
+    pub fn granularity(&self) -> u64 {
+        self.geo.granularity
+    }
+
+    /// Number of bits: ceil(disk_size / granularity).
+    pub fn bit_count(&self) -> u64 {
+        self.geo.nbits
+    }
+
+    /// Whether marks are recorded. A disabled bitmap ignores [`mark_dirty`](Self::mark_dirty),
+    /// as QEMU's disabled bitmaps do; every other operation still works.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(SeqCst)
+    }
+
+    /// Enables or disables recording of marks.
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, SeqCst);
+    }
+
+    /// Marks every granule touched by disk bytes `[offset, offset + len)` dirty.
+    ///
+    /// Lock-free, from any number of threads. Costs one atomic read-modify-write per
+    /// 64-bit word that gains a bit, and none for bits already dirty. The range is clamped
+    /// to the disk; `len == 0` and ranges past the end mark nothing. Ignored while the
+    /// bitmap is disabled.
+    #[inline]
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        if !self.enabled.load(SeqCst) {
+            return;
+        }
+        if let Some((first, end)) = self.geo.touched_bits(offset, len) {
+            for_each_word(first, end, |w, mask| self.set_bits(w, mask));
+        }
+    }
+
+    /// Marks clean every granule that lies entirely inside disk bytes `[offset, offset + len)`.
+    ///
+    /// A granule only partly inside the range stays dirty: when in doubt, dirty. The last
+    /// granule of the disk counts as entirely inside when the range reaches the disk's end.
+    pub fn clear(&self, offset: u64, len: u64) {
+        if let Some((first, end)) = self.geo.covered_bits(offset, len) {
+            for_each_word(first, end, |w, mask| self.clear_bits(w, mask));
+        }
+    }
+
+    /// Whether the granule holding disk byte `offset` is dirty. False past the end.
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        if offset >= self.geo.disk_size {
+            return false;
+        }
+        let bit = offset >> self.geo.granularity_bits;
+        self.words.load((bit / 64) as usize) & (1 << (bit % 64)) != 0
+    }
+
+    /// Number of dirty bits, in O(1).
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    /// Disk bytes covered by dirty bits (the last partial granule counts its real size).
+    pub fn dirty_bytes(&self) -> u64 {
+        let mut bytes = self.count() << self.geo.granularity_bits;
+        let overhang = (self.geo.nbits << self.geo.granularity_bits) - self.geo.disk_size;
+        if overhang != 0 && self.is_dirty(self.geo.disk_size - 1) {
+            bytes = bytes.saturating_sub(overhang);
+        }
+        bytes
+    }
+
+    /// Merged `(offset, length)` byte extents of dirty granules, in ascending order and
+    /// clipped to the disk size. Skips clean and dirty stretches through the summary
+    /// levels, so listing k extents costs about O(k · log64 n).
+    pub fn dirty_extents(&self) -> DirtyExtents<'_> {
+        DirtyExtents::new(self)
+    }
+
+    /// The smallest dirty disk offset >= `from`, or `None`.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        if from >= self.geo.disk_size {
+            return None;
+        }
+        let bit = self.next_dirty_bit(from >> self.geo.granularity_bits)?;
+        Some(self.geo.bit_offset(bit).max(from))
+    }
+
+    /// The smallest clean disk offset >= `from`, or `None` if the rest of the disk is dirty.
+    pub fn next_clean(&self, from: u64) -> Option<u64> {
+        if from >= self.geo.disk_size {
+            return None;
+        }
+        let bit = self.next_clean_bit(from >> self.geo.granularity_bits)?;
+        Some(self.geo.bit_offset(bit).max(from))
+    }
+
+    /// ORs every dirty bit of `other` into this bitmap, as QEMU's bitmap merge does. Works
+    /// on a disabled bitmap too.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when the disk size or the
+    /// granularity differ.
+    pub fn merge_from(&self, other: &DirtyBitmap) -> Result<()> {
+        if other.geo.disk_size != self.geo.disk_size
+            || other.geo.granularity != self.geo.granularity
+        {
+            return Err(invalid_input!(
+                "cannot merge a bitmap of {} bytes at granularity {} into one of {} bytes at granularity {}",
+                other.geo.disk_size,
+                other.geo.granularity,
+                self.geo.disk_size,
+                self.geo.granularity
+            ));
+        }
+        other.for_each_nonzero_word(|w, v| self.set_bits(w, v));
+        Ok(())
+    }
+
+    /// A copy: same geometry, bits, change map and enabled state.
+    pub fn snapshot(&self) -> DirtyBitmap {
+        let mut copy = Self::from_geometry(self.geo);
+        self.for_each_nonzero_word(|w, v| copy.set_bits(w, v));
+        copy.changes = ChangeMap::from_regions(&self.changes.peek());
+        copy.set_enabled(self.is_enabled());
+        copy
+    }
+
+    /// Returns the dirty bits and clears them here, atomically per word: a concurrent
+    /// mark lands either in the returned bitmap or in this one, never in neither. The
+    /// returned bitmap has this one's geometry, is enabled, and has a change bit for each
+    /// region it holds bits in. Cost is proportional to the dirty words, not the disk.
+    pub fn take_dirty(&self) -> DirtyBitmap {
+        let out = Self::from_geometry(self.geo);
+        let nwords = self.words.len();
+        let mut next = 0;
+        while let Some(b) = self.any.next_block(next) {
+            let start = b as usize * BLOCK_WORDS;
+            for w in start..(start + BLOCK_WORDS).min(nwords) {
+                let word = self.words.get(w);
+                if word.load(SeqCst) != 0 {
+                    let old = word.swap(0, SeqCst);
+                    if old != 0 {
+                        self.after_change(w, old, 0);
+                        out.set_bits(w, old);
+                    }
+                }
+            }
+            next = b + 1;
+        }
+        out
+    }
+
+    /// Changes the disk size. Shrinking drops the bits past the new end; growing adds
+    /// clean bits. Every change-map region is marked changed, since the serialized form
+    /// (and on disk, the table size) changes with the size.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new) for the new size; the bitmap is unchanged then.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        let geo = Geometry::new(new_size, self.geo.granularity, self.geo.region_size)?;
+        let resized = Self::from_geometry(geo);
+        let keep = resized.words.len();
+        self.for_each_nonzero_word(|w, v| {
+            if w < keep {
+                let v = v & resized.words.valid(w);
+                if v != 0 {
+                    resized.set_bits(w, v);
+                }
+            }
+        });
+        resized.changes.set_every();
+        resized.set_enabled(self.is_enabled());
+        *self = resized;
+        Ok(())
+    }
+
+    /// Bytes of serialized bitmap per change-map region.
+    pub fn region_size(&self) -> u64 {
+        self.geo.region_size
+    }
+
+    /// Number of change-map regions: ceil(serialized length / region size).
+    pub fn region_count(&self) -> u64 {
+        self.geo.nregions()
+    }
+
+    /// Length of the serialized bitmap: ceil(bit_count / 8) bytes.
+    pub fn serialized_len(&self) -> u64 {
+        self.geo.serialized_len()
+    }
+
+    /// Bytes of serialized bitmap in region `region`: the region size, except for a
+    /// shorter last region. 0 past the end.
+    pub fn region_len(&self, region: u64) -> u64 {
+        let start = region.saturating_mul(self.geo.region_size);
+        self.geo
+            .serialized_len()
+            .saturating_sub(start)
+            .min(self.geo.region_size)
+    }
+
+    /// Disk bytes `(offset, length)` whose bits sit in region `region`, clipped to the disk.
+    pub fn region_disk_range(&self, region: u64) -> (u64, u64) {
+        let bits_per_region = self.geo.region_size * 8;
+        let start = self.geo.bit_offset(region.saturating_mul(bits_per_region));
+        let end = self
+            .geo
+            .bit_offset(region.saturating_add(1).saturating_mul(bits_per_region));
+        (start, end - start)
+    }
+
+    /// Takes the set of regions whose serialized bytes changed since the last take, and
+    /// clears it. See [`serialize_region`](Self::serialize_region) for the ordering that
+    /// makes this safe against concurrent marks.
+    pub fn take_changed(&self) -> ChangedRegions {
+        self.changes.take()
+    }
+
+    /// Marks the regions of `regions` changed again, for a flusher whose write failed.
+    pub fn requeue_changed(&self, regions: &ChangedRegions) {
+        self.changes.set_all_of(regions);
+    }
+
+    /// Number of regions changed since the last take, read without taking them.
+    pub fn changed_region_count(&self) -> u64 {
+        self.changes.count()
+    }
+
+    /// Writes region `region` of the serialized bitmap into `out`, in qcow2's layout: bit n
+    /// at byte n / 8, bit n % 8, least significant bit first; bits past the last valid bit
+    /// are zero. `out` must be exactly [`region_len`](Self::region_len) bytes.
+    ///
+    /// # Ordering against concurrent marks
+    /// Call [`take_changed`](Self::take_changed) first, then serialize its regions. A mark
+    /// racing with that pair is either in the bytes serialized or leaves its region in the
+    /// change map for the next take; it is never in neither. A mark that found its bits
+    /// already set returns at once; its region is then recorded by the mark that set them,
+    /// so once every mark has returned (for example with the guest stopped), one more
+    /// take-and-serialize captures everything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or an
+    /// `out` of the wrong length.
+    pub fn serialize_region(&self, region: u64, out: &mut [u8]) -> Result<()> {
+        let w0 = self.check_region(region, out.len())?;
+        // The one little-endian place: qcow2 bitmap data is a byte stream, LSB first, which
+        // is exactly our u64 words written little-endian.
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let w = w0 + i;
+            let v = self.words.load(w) & self.words.valid(w);
+            chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+        }
+        Ok(())
+    }
+
+    /// Replaces region `region` with `bytes` in qcow2's layout, masking any tail bits past
+    /// the last valid bit. The change map is left as it is: the loaded bytes are what is on
+    /// disk. Meant for loading a bitmap before it is shared; a mark racing with the load
+    /// of its region may be overwritten.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or
+    /// `bytes` of the wrong length.
+    pub fn load_region(&self, region: u64, bytes: &[u8]) -> Result<()> {
+        let w0 = self.check_region(region, bytes.len())?;
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let w = w0 + i;
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let new = u64::from_le_bytes(le) & self.words.valid(w);
+            let word = self.words.get(w);
+            if word.load(SeqCst) != new {
+                let old = word.swap(new, SeqCst);
+                if old != new {
+                    self.update_summaries(w, old, new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Heap bytes held: leaf words, both summary towers, the change map and the counter.
+    pub fn memory_usage(&self) -> usize {
+        self.words.memory_usage()
+            + self.any.memory_usage()
+            + self.full.memory_usage()
+            + self.changes.memory_usage()
+            + self.count.memory_usage()
+    }
+
+    // ----- internals -----
+
+    fn check_region(&self, region: u64, len: usize) -> Result<usize> {
+        if region >= self.geo.nregions() {
+            return Err(invalid_input!(
+                "region {region} is past the last region {}",
+                self.geo.nregions() - 1
+            ));
+        }
+        let want = self.region_len(region);
+        if len as u64 != want {
+            return Err(invalid_input!(
+                "region {region} holds {want} bytes, but the buffer has {len}"
+            ));
+        }
+        Ok(region as usize * self.geo.region_words())
+    }
+
+    /// Sets `mask` in word `w`, skipping the atomic write when the bits are already set.
+    #[inline]
+    fn set_bits(&self, w: usize, mask: u64) {
+        let word = self.words.get(w);
+        if word.load(SeqCst) & mask == mask {
+            return;
+        }
+        let old = word.fetch_or(mask, SeqCst);
+        if old | mask != old {
+            self.after_change(w, old, old | mask);
+        }
+    }
+
+    /// Clears `mask` in word `w`, skipping the atomic write when the bits are already clear.
+    #[inline]
+    fn clear_bits(&self, w: usize, mask: u64) {
+        let word = self.words.get(w);
+        if word.load(SeqCst) & mask == 0 {
+            return;
+        }
+        let old = word.fetch_and(!mask, SeqCst);
+        if old & mask != 0 {
+            self.after_change(w, old, old & !mask);
+        }
+    }
+
+    /// Bookkeeping after word `w` changed from `old` to `new` (`old != new`): counter,
+    /// summaries, then the change map. The change map comes last so that a flusher that
+    /// sees the change bit also sees the word (see `change_map`).
+    #[inline]
+    fn after_change(&self, w: usize, old: u64, new: u64) {
+        self.update_summaries(w, old, new);
+        self.changes.set((w >> self.geo.region_word_shift()) as u64);
+    }
+
+    #[inline]
+    fn update_summaries(&self, w: usize, old: u64, new: u64) {
+        self.count.adjust(w, old, new);
+        let b = (w / BLOCK_WORDS) as u64;
+        if old == 0 {
+            self.any.set(0, b);
+        } else if new == 0 {
+            self.any.clear(0, b, &|| !self.block_is_zero(b));
+        }
+        let valid = self.words.valid(w);
+        if new == valid {
+            if self.block_is_full(b) {
+                self.full.set(0, b, &|| self.block_is_full(b));
+            }
+        } else if old == valid {
+            self.full.clear(0, b);
+        }
+    }
+
+    fn block_words(&self, b: u64) -> std::ops::Range<usize> {
+        let start = b as usize * BLOCK_WORDS;
+        start..(start + BLOCK_WORDS).min(self.words.len())
+    }
+
+    fn block_is_zero(&self, b: u64) -> bool {
+        self.block_words(b).all(|w| self.words.load(w) == 0)
+    }
+
+    fn block_is_full(&self, b: u64) -> bool {
+        self.block_words(b)
+            .all(|w| self.words.load(w) == self.words.valid(w))
+    }
+
+    /// Calls `f(word_index, value)` for every non-zero word, skipping clean blocks.
+    fn for_each_nonzero_word(&self, mut f: impl FnMut(usize, u64)) {
+        let mut next = 0;
+        while let Some(b) = self.any.next_block(next) {
+            for w in self.block_words(b) {
+                let v = self.words.load(w);
+                if v != 0 {
+                    f(w, v);
+                }
+            }
+            next = b + 1;
+        }
+    }
+
+    /// First dirty bit at index >= `bit`.
+    pub(crate) fn next_dirty_bit(&self, bit: u64) -> Option<u64> {
+        self.find_bit(bit, |_, v| v, |b| self.any.next_block(b))
+    }
+
+    /// First clean bit at index >= `bit`.
+    pub(crate) fn next_clean_bit(&self, bit: u64) -> Option<u64> {
+        self.find_bit(
+            bit,
+            |w, v| !v & self.words.valid(w),
+            |b| self.full.next_block(b),
+        )
+    }
+
+    /// First bit >= `bit` whose word value passes through `interesting(w, v)` as a set
+    /// bit: first in `bit`'s own word, then the rest of its block, then the blocks that
+    /// `next_block` reports.
+    #[inline]
+    fn find_bit(
+        &self,
+        bit: u64,
+        interesting: impl Fn(usize, u64) -> u64,
+        next_block: impl Fn(u64) -> Option<u64>,
+    ) -> Option<u64> {
+        if bit >= self.geo.nbits {
+            return None;
+        }
+        let w = (bit / 64) as usize;
+        let hit = interesting(w, self.words.load(w)) & (!0u64 << (bit % 64));
+        if hit != 0 {
+            return Some(w as u64 * 64 + u64::from(hit.trailing_zeros()));
+        }
+        let b = (w / BLOCK_WORDS) as u64;
+        let scan = |range: std::ops::Range<usize>| {
+            range.into_iter().find_map(|w| {
+                let v = interesting(w, self.words.load(w));
+                (v != 0).then(|| w as u64 * 64 + u64::from(v.trailing_zeros()))
+            })
+        };
+        if let Some(found) = scan(w + 1..self.block_words(b).end) {
+            return Some(found);
+        }
+        let mut next = b + 1;
+        loop {
+            let nb = next_block(next)?;
+            if let Some(found) = scan(self.block_words(nb)) {
+                return Some(found);
+            }
+            next = nb + 1;
+        }
+    }
+}
+
+/// Calls `f(word, mask)` for each word overlapping bits `[first, end)`, `first < end`.
+#[inline]
+fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    let w0 = first / 64;
+    let w1 = (end - 1) / 64;
+    for w in w0..=w1 {
+        let lo = if w == w0 { first % 64 } else { 0 };
+        let hi = if w == w1 { (end - 1) % 64 } else { 63 };
+        let mask = (!0u64 >> (63 - hi)) & (!0u64 << lo);
+        f(w as usize, mask);
+    }
+}

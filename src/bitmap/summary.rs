@@ -1,0 +1,244 @@
+//! Summary levels over the leaf words, for fast search.
+//!
+//! The leaf words are grouped in *blocks* of [`BLOCK_WORDS`] words (512 bits, one cache
+//! line). Two towers sit above the blocks:
+//!
+//! - the **any** tower: level 1 has one bit per block, set when the block may hold a set
+//!   bit; level k + 1 has one bit per level-k word, set when that word may be non-zero.
+//!   Bits may be spuriously set (a search then finds nothing below and moves on); a
+//!   non-zero child with a clear summary bit is never left behind once the operations
+//!   that touched it have returned.
+//! - the **full** tower: level 1 has one bit per block, set only when every bit of the
+//!   block is set; level k + 1 has one bit per level-k word that is full. Here the
+//!   guarantee is the reverse: a set bit is never left on a child that is not full.
+//!
+//! The any tower makes dirty-bit search skip clean stretches; the full tower makes
+//! clean-bit search skip long dirty runs (which QEMU's linear `next_zero` does not).
+//!
+//! QEMU's HBitmap puts its first summary level at one bit per leaf word. That is 1/64 =
+//! 1.6 % of the leaf size per tower; with blocks of 8 words it is 0.2 %, and a block is a
+//! single cache line, so scanning one costs no more than reading one word.
+//!
+//! # Lock-free maintenance
+//! Every access is `SeqCst`, so all of them fall in one total order. The protocols:
+//!
+//! - *any, set*: after a child goes from zero to non-zero, set the parent bit (skipping the
+//!   write if a load shows it set) and, if the parent word was zero, repeat one level up.
+//! - *any, clear*: after a child goes to zero, clear the parent bit, then re-read the
+//!   child. If it is non-zero again, set the parent bit back. If the parent word became
+//!   zero, repeat one level up. A setter that raced with us either wrote its child before
+//!   our re-read (we see it and restore the bit) or sets the parent after our clear.
+//! - *full, set*: after a child becomes full, set the parent bit, then re-read the child;
+//!   if it is no longer full, clear the bit again. If the parent word became full,
+//!   repeat one level up.
+//! - *full, clear*: after a child stops being full, clear the parent bit; if the parent
+//!   word was full, repeat one level up. A setter that raced with us re-reads the child
+//!   after its set, so it sees our change and clears its own bit.
+
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use super::words::zeroed_words;
+
+/// Leaf words per block.
+pub(crate) const BLOCK_WORDS: usize = 8;
+
+/// One level of a tower: `bits` bits in atomic words.
+#[derive(Debug)]
+struct Level {
+    words: Box<[AtomicU64]>,
+    last_mask: u64,
+}
+
+impl Level {
+    fn new(bits: u64) -> Self {
+        let tail = bits % 64;
+        Level {
+            words: zeroed_words(bits.div_ceil(64) as usize),
+            last_mask: if tail == 0 { !0 } else { (1 << tail) - 1 },
+        }
+    }
+
+    #[inline]
+    fn valid(&self, w: usize) -> u64 {
+        if w + 1 == self.words.len() {
+            self.last_mask
+        } else {
+            !0
+        }
+    }
+}
+
+/// Levels 1..=top, level 1 first. The top level is a single word.
+#[derive(Debug)]
+struct Levels(Vec<Level>);
+
+impl Levels {
+    fn new(nblocks: u64) -> Self {
+        let mut levels = vec![Level::new(nblocks)];
+        let mut bits = nblocks;
+        while bits > 64 {
+            bits = bits.div_ceil(64);
+            levels.push(Level::new(bits));
+        }
+        Levels(levels)
+    }
+
+    fn memory_usage(&self) -> usize {
+        self.0
+            .iter()
+            .map(|l| std::mem::size_of_val(&*l.words))
+            .sum()
+    }
+
+    /// First unit at index >= `unit` of level `level` (0-based: 0 is level 1) for which
+    /// `interesting(level, word_index, word_value)` has the bit set, using the level above
+    /// to skip words with nothing interesting. `interesting` must be monotone: a bit that
+    /// is interesting at a level means its child word may hold interesting bits.
+    fn find(
+        &self,
+        level: usize,
+        unit: u64,
+        interesting: &impl Fn(usize, usize, u64) -> u64,
+    ) -> Option<u64> {
+        let lv = &self.0[level];
+        let w = (unit / 64) as usize;
+        if w >= lv.words.len() {
+            return None;
+        }
+        let first = interesting(level, w, lv.words[w].load(SeqCst)) & (!0u64 << (unit % 64));
+        if first != 0 {
+            return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
+        }
+        if level + 1 == self.0.len() {
+            // Top level: a single word, already examined.
+            return None;
+        }
+        let mut next = w as u64 + 1;
+        loop {
+            let pw = self.find(level + 1, next, interesting)? as usize;
+            let bits = interesting(level, pw, lv.words[pw].load(SeqCst));
+            if bits != 0 {
+                return Some(pw as u64 * 64 + u64::from(bits.trailing_zeros()));
+            }
+            // A spurious summary bit: keep going past it.
+            next = pw as u64 + 1;
+        }
+    }
+}
+
+#[inline]
+fn split(unit: u64) -> (usize, u64) {
+    ((unit / 64) as usize, 1u64 << (unit % 64))
+}
+
+/// The tower of "may be non-zero" bits.
+#[derive(Debug)]
+pub(crate) struct AnyTower(Levels);
+
+impl AnyTower {
+    pub fn new(nblocks: u64) -> Self {
+        AnyTower(Levels::new(nblocks))
+    }
+
+    /// Records that block (level-0 unit) or level word `unit` below `level` may be non-zero.
+    #[inline]
+    pub fn set(&self, level: usize, unit: u64) {
+        let lv = &self.0 .0[level];
+        let (w, b) = split(unit);
+        if lv.words[w].load(SeqCst) & b != 0 {
+            return;
+        }
+        let old = lv.words[w].fetch_or(b, SeqCst);
+        if old == 0 && level + 1 < self.0 .0.len() {
+            self.set(level + 1, w as u64);
+        }
+    }
+
+    /// Records that child `unit` of `level` became zero. `child_nonzero` re-reads the child
+    /// after the clear, so that a concurrent setter is never lost.
+    pub fn clear(&self, level: usize, unit: u64, child_nonzero: &dyn Fn() -> bool) {
+        let lv = &self.0 .0[level];
+        let (w, b) = split(unit);
+        let old = lv.words[w].fetch_and(!b, SeqCst);
+        if old & b == 0 {
+            // Already clear: whoever cleared it re-reads the child.
+            return;
+        }
+        if child_nonzero() {
+            self.set(level, unit);
+            return;
+        }
+        if old == b && level + 1 < self.0 .0.len() {
+            let word = &lv.words[w];
+            self.clear(level + 1, w as u64, &|| word.load(SeqCst) != 0);
+        }
+    }
+
+    /// First block at index >= `block` that may hold a set bit.
+    #[inline]
+    pub fn next_block(&self, block: u64) -> Option<u64> {
+        self.0.find(0, block, &|_, _, v| v)
+    }
+
+    pub fn memory_usage(&self) -> usize {
+        self.0.memory_usage()
+    }
+}
+
+/// The tower of "certainly full" bits.
+#[derive(Debug)]
+pub(crate) struct FullTower(Levels);
+
+impl FullTower {
+    pub fn new(nblocks: u64) -> Self {
+        FullTower(Levels::new(nblocks))
+    }
+
+    /// Records that child `unit` of `level` became full. `child_full` re-reads the child
+    /// after the set; if it is no longer full the bit is cleared again.
+    pub fn set(&self, level: usize, unit: u64, child_full: &dyn Fn() -> bool) {
+        let lv = &self.0 .0[level];
+        let (w, b) = split(unit);
+        if lv.words[w].load(SeqCst) & b != 0 {
+            return;
+        }
+        let old = lv.words[w].fetch_or(b, SeqCst);
+        if old & b != 0 {
+            return;
+        }
+        if !child_full() {
+            self.clear(level, unit);
+            return;
+        }
+        let valid = lv.valid(w);
+        if old | b == valid && level + 1 < self.0 .0.len() {
+            let word = &lv.words[w];
+            self.set(level + 1, w as u64, &|| word.load(SeqCst) == valid);
+        }
+    }
+
+    /// Records that child `unit` of `level` is no longer full.
+    #[inline]
+    pub fn clear(&self, level: usize, unit: u64) {
+        let lv = &self.0 .0[level];
+        let (w, b) = split(unit);
+        if lv.words[w].load(SeqCst) & b == 0 {
+            return;
+        }
+        let old = lv.words[w].fetch_and(!b, SeqCst);
+        if old == lv.valid(w) && level + 1 < self.0 .0.len() {
+            self.clear(level + 1, w as u64);
+        }
+    }
+
+    /// First block at index >= `block` that may hold a clear bit.
+    #[inline]
+    pub fn next_block(&self, block: u64) -> Option<u64> {
+        let levels = &self.0 .0;
+        self.0.find(0, block, &|l, w, v| !v & levels[l].valid(w))
+    }
+
+    pub fn memory_usage(&self) -> usize {
+        self.0.memory_usage()
+    }
+}

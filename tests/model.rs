@@ -1,0 +1,378 @@
+//! Model test: random sequences of every `DirtyBitmap` operation, checked against a
+//! `BTreeSet` of dirty bits and a `BTreeSet` of changed regions.
+//!
+//! proptest prints the failing case (and keeps it in `proptest-regressions/`), so a failure
+//! reproduces without a seed.
+
+use std::collections::BTreeSet;
+
+use dirty_bitmap::DirtyBitmap;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Geo {
+    disk_size: u64,
+    granularity: u64,
+    region_size: u64,
+}
+
+impl Geo {
+    fn nbits(&self) -> u64 {
+        self.disk_size.div_ceil(self.granularity)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Mark(u64, u64),
+    Clear(u64, u64),
+    SetEnabled(bool),
+    TakeChanged,
+    TakeDirty,
+    Merge(Vec<(u64, u64)>),
+    MergeMismatch,
+    Snapshot,
+    Resize(u64),
+    RoundTrip(u64),
+    Load(u64, Vec<u8>),
+    Query(u64),
+}
+
+/// The model: exact bits, exact changed regions.
+struct Model {
+    geo: Geo,
+    bits: BTreeSet<u64>,
+    changed: BTreeSet<u64>,
+    enabled: bool,
+}
+
+impl Model {
+    fn region_of(&self, bit: u64) -> u64 {
+        bit / (self.geo.region_size * 8)
+    }
+    fn nregions(&self) -> u64 {
+        self.geo.nbits().div_ceil(8).div_ceil(self.geo.region_size)
+    }
+    fn set(&mut self, bit: u64) {
+        if self.bits.insert(bit) {
+            self.changed.insert(self.region_of(bit));
+        }
+    }
+    fn unset(&mut self, bit: u64) {
+        if self.bits.remove(&bit) {
+            self.changed.insert(self.region_of(bit));
+        }
+    }
+    /// Touched bits of a byte range (outward rounding, clamped).
+    fn touched(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 || off >= self.geo.disk_size {
+            return 0..0;
+        }
+        let last = off.saturating_add(len - 1).min(self.geo.disk_size - 1);
+        off / self.geo.granularity..last / self.geo.granularity + 1
+    }
+    /// Fully covered bits (inward rounding; the last partial granule counts at disk end).
+    fn covered(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 || off >= self.geo.disk_size {
+            return 0..0;
+        }
+        let end = off.saturating_add(len).min(self.geo.disk_size);
+        let first = off.div_ceil(self.geo.granularity);
+        let last = if end == self.geo.disk_size {
+            self.geo.nbits()
+        } else {
+            end / self.geo.granularity
+        };
+        first..last.max(first)
+    }
+    fn extents(&self) -> Vec<(u64, u64)> {
+        let g = self.geo.granularity;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &b in &self.bits {
+            let s = b * g;
+            let e = ((b + 1) * g).min(self.geo.disk_size);
+            match out.last_mut() {
+                Some((os, ol)) if *os + *ol == s => *ol = e - *os,
+                _ => out.push((s, e - s)),
+            }
+        }
+        out
+    }
+    fn serialize(&self, region: u64) -> Vec<u8> {
+        let total = self.geo.nbits().div_ceil(8);
+        let start = region * self.geo.region_size;
+        let len = (total - start).min(self.geo.region_size);
+        let mut out = vec![0u8; len as usize];
+        let first_bit = start * 8;
+        for &b in self.bits.range(first_bit..first_bit + len * 8) {
+            let rel = b - first_bit;
+            out[(rel / 8) as usize] |= 1 << (rel % 8);
+        }
+        out
+    }
+}
+
+fn geo_strategy() -> impl Strategy<Value = Geo> {
+    (
+        9u32..=13,
+        prop::sample::select(vec![
+            1u64, 2, 63, 64, 65, 511, 512, 513, 4097, 32_775, 40_000, 300_001, 2_200_000,
+        ]),
+        prop::sample::select(vec![512u64, 1024, 4096]),
+        any::<u64>(),
+    )
+        .prop_map(|(gb, nbits, region_size, partial)| {
+            let g = 1u64 << gb;
+            Geo {
+                disk_size: (nbits - 1) * g + 1 + partial % g,
+                granularity: g,
+                region_size,
+            }
+        })
+}
+
+fn range_strategy(geo: &Geo) -> impl Strategy<Value = (u64, u64)> {
+    let g = geo.granularity;
+    let disk = geo.disk_size;
+    let nbits = geo.nbits();
+    (
+        0..nbits + 2,
+        0..g,
+        prop_oneof![
+            4 => 0u64..8,
+            3 => 0u64..200,
+            1 => 0u64..50_000,
+        ],
+        0..g,
+        any::<bool>(),
+    )
+        .prop_map(move |(bit, dstart, nb, dlen, aligned)| {
+            let off = if aligned { bit * g } else { bit * g + dstart };
+            let len = if aligned { nb * g } else { nb * g + dlen };
+            (off.min(disk + 3 * g), len)
+        })
+}
+
+fn ops_strategy(geo: Geo) -> impl Strategy<Value = (Geo, Vec<Op>)> {
+    let g = geo.granularity;
+    let disk = geo.disk_size;
+    let nregions = geo.nbits().div_ceil(8).div_ceil(geo.region_size);
+    let rs = geo.region_size as usize;
+    let op = prop_oneof![
+        10 => range_strategy(&geo).prop_map(|(o, l)| Op::Mark(o, l)),
+        4 => range_strategy(&geo).prop_map(|(o, l)| Op::Clear(o, l)),
+        1 => any::<bool>().prop_map(Op::SetEnabled),
+        2 => Just(Op::TakeChanged),
+        1 => Just(Op::TakeDirty),
+        1 => prop::collection::vec(range_strategy(&geo), 0..4).prop_map(Op::Merge),
+        1 => Just(Op::MergeMismatch),
+        1 => Just(Op::Snapshot),
+        1 => (1u64..disk * 2 + 1).prop_map(Op::Resize),
+        2 => (0..nregions).prop_map(Op::RoundTrip),
+        1 => (0..nregions, prop::collection::vec(any::<u8>(), rs)).prop_map(|(r, b)| Op::Load(r, b)),
+        3 => (0..disk + 2 * g).prop_map(Op::Query),
+    ];
+    (Just(geo), prop::collection::vec(op, 1..30))
+}
+
+fn check_queries(bm: &DirtyBitmap, m: &Model, probe: u64) {
+    assert_eq!(bm.count(), m.bits.len() as u64, "count");
+    let g = m.geo.granularity;
+    let exp_bytes: u64 = m
+        .bits
+        .iter()
+        .map(|&b| ((b + 1) * g).min(m.geo.disk_size) - b * g)
+        .sum();
+    assert_eq!(bm.dirty_bytes(), exp_bytes, "dirty_bytes");
+    assert_eq!(
+        bm.dirty_extents().collect::<Vec<_>>(),
+        m.extents(),
+        "extents"
+    );
+    let in_disk = probe < m.geo.disk_size;
+    assert_eq!(
+        bm.is_dirty(probe),
+        in_disk && m.bits.contains(&(probe / g)),
+        "is_dirty({probe})"
+    );
+    let exp_next_dirty = if in_disk {
+        m.bits
+            .range(probe / g..)
+            .next()
+            .map(|&b| (b * g).max(probe))
+    } else {
+        None
+    };
+    assert_eq!(bm.next_dirty(probe), exp_next_dirty, "next_dirty({probe})");
+    let exp_next_clean = if in_disk {
+        (probe / g..m.geo.nbits())
+            .find(|b| !m.bits.contains(b))
+            .map(|b| (b * g).max(probe))
+    } else {
+        None
+    };
+    assert_eq!(bm.next_clean(probe), exp_next_clean, "next_clean({probe})");
+}
+
+fn bits_of(bm: &DirtyBitmap) -> BTreeSet<u64> {
+    let g = bm.granularity();
+    bm.dirty_extents()
+        .flat_map(|(o, l)| (o / g)..(o + l).div_ceil(g))
+        .collect()
+}
+
+fn run(geo: Geo, ops: Vec<Op>) {
+    let mut bm =
+        DirtyBitmap::with_region_size(geo.disk_size, geo.granularity, geo.region_size).unwrap();
+    let mut m = Model {
+        geo: geo.clone(),
+        bits: BTreeSet::new(),
+        changed: BTreeSet::new(),
+        enabled: true,
+    };
+    for op in ops {
+        let mut probe = 0;
+        match op {
+            Op::Mark(o, l) => {
+                bm.mark_dirty(o, l);
+                if m.enabled {
+                    for b in m.touched(o, l) {
+                        m.set(b);
+                    }
+                }
+                probe = o;
+            }
+            Op::Clear(o, l) => {
+                bm.clear(o, l);
+                for b in m.covered(o, l) {
+                    m.unset(b);
+                }
+                probe = o;
+            }
+            Op::SetEnabled(e) => {
+                bm.set_enabled(e);
+                m.enabled = e;
+                assert_eq!(bm.is_enabled(), e);
+            }
+            Op::TakeChanged => {
+                let taken = bm.take_changed();
+                let got: BTreeSet<u64> = taken.iter().collect();
+                assert_eq!(got, m.changed, "take_changed");
+                assert_eq!(taken.len(), m.changed.len() as u64);
+                assert_eq!(taken.region_count(), m.nregions());
+                m.changed.clear();
+                assert_eq!(bm.changed_region_count(), 0);
+            }
+            Op::TakeDirty => {
+                let taken = bm.take_dirty();
+                assert_eq!(bits_of(&taken), m.bits, "take_dirty result");
+                assert_eq!(taken.count(), m.bits.len() as u64);
+                let taken_regions: BTreeSet<u64> = taken.take_changed().iter().collect();
+                let exp: BTreeSet<u64> = m.bits.iter().map(|&b| m.region_of(b)).collect();
+                assert_eq!(taken_regions, exp, "take_dirty result's change map");
+                for b in std::mem::take(&mut m.bits) {
+                    m.changed.insert(m.region_of(b));
+                }
+            }
+            Op::Merge(ranges) => {
+                let other = DirtyBitmap::new(m.geo.disk_size, m.geo.granularity).unwrap();
+                for &(o, l) in &ranges {
+                    other.mark_dirty(o, l);
+                }
+                // Merge ignores the enabled flag: it works on disabled bitmaps too.
+                bm.merge_from(&other).unwrap();
+                for (o, l) in ranges {
+                    for b in m.touched(o, l) {
+                        m.set(b);
+                    }
+                }
+            }
+            Op::MergeMismatch => {
+                let other =
+                    DirtyBitmap::new(m.geo.disk_size + m.geo.granularity, m.geo.granularity)
+                        .unwrap();
+                assert!(bm.merge_from(&other).is_err());
+                let other = DirtyBitmap::new(m.geo.disk_size, m.geo.granularity * 2).unwrap();
+                assert!(bm.merge_from(&other).is_err());
+            }
+            Op::Snapshot => {
+                let snap = bm.snapshot();
+                assert_eq!(bits_of(&snap), m.bits, "snapshot bits");
+                assert_eq!(snap.is_enabled(), m.enabled);
+                let snap_changed: BTreeSet<u64> = snap.take_changed().iter().collect();
+                assert_eq!(snap_changed, m.changed, "snapshot change map");
+                // The copy is independent.
+                snap.mark_dirty(0, m.geo.disk_size);
+                assert_eq!(bm.count(), m.bits.len() as u64);
+            }
+            Op::Resize(new_size) => {
+                bm.resize(new_size).unwrap();
+                m.geo.disk_size = new_size;
+                let nbits = m.geo.nbits();
+                m.bits.retain(|&b| b < nbits);
+                m.changed = (0..m.nregions()).collect();
+                assert_eq!(bm.disk_size(), new_size);
+                assert_eq!(bm.bit_count(), nbits);
+            }
+            Op::RoundTrip(r) => {
+                let r = r % m.nregions();
+                let mut buf = vec![0u8; bm.region_len(r) as usize];
+                bm.serialize_region(r, &mut buf).unwrap();
+                assert_eq!(buf, m.serialize(r), "serialize_region({r})");
+                let fresh = DirtyBitmap::with_region_size(
+                    m.geo.disk_size,
+                    m.geo.granularity,
+                    m.geo.region_size,
+                )
+                .unwrap();
+                fresh.load_region(r, &buf).unwrap();
+                let first = r * m.geo.region_size * 8;
+                let last = first + m.geo.region_size * 8;
+                let exp: BTreeSet<u64> = m.bits.range(first..last).copied().collect();
+                assert_eq!(bits_of(&fresh), exp, "load_region({r})");
+                assert_eq!(
+                    fresh.changed_region_count(),
+                    0,
+                    "load_region leaves the change map"
+                );
+                let mut short = vec![0u8; buf.len() + 1];
+                assert!(bm.serialize_region(r, &mut short).is_err());
+                assert!(bm.serialize_region(m.nregions(), &mut buf).is_err());
+            }
+            Op::Load(r, bytes) => {
+                let r = r % m.nregions();
+                let len = bm.region_len(r) as usize;
+                bm.load_region(r, &bytes[..len]).unwrap();
+                let first = r * m.geo.region_size * 8;
+                let nbits = m.geo.nbits();
+                let stale: Vec<u64> = m
+                    .bits
+                    .range(first..first + len as u64 * 8)
+                    .copied()
+                    .collect();
+                for b in stale {
+                    m.bits.remove(&b);
+                }
+                for (i, byte) in bytes[..len].iter().enumerate() {
+                    for k in 0..8 {
+                        let b = first + i as u64 * 8 + k;
+                        if byte & (1 << k) != 0 && b < nbits {
+                            m.bits.insert(b);
+                        }
+                    }
+                }
+            }
+            Op::Query(p) => probe = p,
+        }
+        check_queries(&bm, &m, probe);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bitmap_matches_btreeset_model((geo, ops) in geo_strategy().prop_flat_map(ops_strategy)) {
+        run(geo, ops);
+    }
+}
