@@ -14,9 +14,9 @@
 //! where the write would, after the word change, so the same two cases apply. The only
 //! cost of a race is a spurious bit: a region written twice, never a region skipped.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 
-use super::words::zeroed_words;
+use super::atomic::{zeroed_words, AtomicU64};
 
 /// One bit per region.
 #[derive(Debug)]

@@ -11,6 +11,7 @@
 //! Every mutation goes through one place, [`DirtyBitmap::after_change`], which updates the
 //! counter, both towers and the change map in that order, after the leaf word.
 
+mod atomic;
 mod change_map;
 mod geometry;
 mod iter;
@@ -18,7 +19,7 @@ mod summary;
 mod words;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 
 pub use change_map::ChangedRegions;
 pub use geometry::{
@@ -28,6 +29,7 @@ pub use geometry::{
 pub use iter::DirtyExtents;
 
 use crate::error::{invalid_input, Result};
+use atomic::{sc_point, AtomicBool};
 use change_map::ChangeMap;
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
@@ -333,7 +335,10 @@ impl DirtyBitmap {
     /// clears it. See [`serialize_region`](Self::serialize_region) for the ordering that
     /// makes this safe against concurrent marks.
     pub fn take_changed(&self) -> ChangedRegions {
-        self.changes.take()
+        let taken = self.changes.take();
+        // The change bits are cleared; the caller reads the words next.
+        sc_point();
+        taken
     }
 
     /// Marks the regions of `regions` changed again, for a flusher whose write failed.
@@ -463,6 +468,8 @@ impl DirtyBitmap {
 
     #[inline]
     fn update_summaries(&self, w: usize, old: u64, new: u64) {
+        // The word changed; what follows reads the summaries and the change map.
+        sc_point();
         self.count.adjust(w, old, new);
         let b = (w / BLOCK_WORDS) as u64;
         if old == 0 {

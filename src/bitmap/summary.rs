@@ -35,9 +35,9 @@
 //!   word was full, repeat one level up. A setter that raced with us re-reads the child
 //!   after its set, so it sees our change and clears its own bit.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 
-use super::words::zeroed_words;
+use super::atomic::{sc_point, zeroed_words, AtomicU64};
 
 /// Leaf words per block.
 pub(crate) const BLOCK_WORDS: usize = 8;
@@ -150,6 +150,7 @@ impl AnyTower {
         }
         let old = lv.words[w].fetch_or(b, SeqCst);
         if old == 0 && level + 1 < self.0 .0.len() {
+            sc_point();
             self.set(level + 1, w as u64);
         }
     }
@@ -164,6 +165,7 @@ impl AnyTower {
             // Already clear: whoever cleared it re-reads the child.
             return;
         }
+        sc_point();
         if child_nonzero() {
             self.set(level, unit);
             return;
@@ -206,6 +208,7 @@ impl FullTower {
         if old & b != 0 {
             return;
         }
+        sc_point();
         if !child_full() {
             self.clear(level, unit);
             return;
@@ -227,6 +230,7 @@ impl FullTower {
         }
         let old = lv.words[w].fetch_and(!b, SeqCst);
         if old == lv.valid(w) && level + 1 < self.0 .0.len() {
+            sc_point();
             self.clear(level + 1, w as u64);
         }
     }

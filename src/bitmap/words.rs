@@ -5,15 +5,9 @@
 //!
 //! Invariant: no bit at index >= nbits is ever set. Every writer masks with [`Words::valid`].
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 
-/// Allocates `n` zeroed atomic words.
-///
-/// Uses a zeroed allocation, so a large mostly clean bitmap costs no resident memory for
-/// the pages nobody writes.
-pub(crate) fn zeroed_words(n: usize) -> Box<[AtomicU64]> {
-    bytemuck::zeroed_slice_box::<AtomicU64>(n)
-}
+use super::atomic::{zeroed_words, AtomicU64};
 
 /// Leaf words of a bitmap.
 #[derive(Debug)]
@@ -74,7 +68,7 @@ const SHARDS: usize = 16;
 const STRIPE_SHIFT: u32 = 9;
 
 /// A counter padded to its own cache line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 struct Padded(AtomicU64);
 
@@ -89,7 +83,7 @@ pub(crate) struct BitCount {
 impl BitCount {
     pub fn new() -> Self {
         BitCount {
-            shards: Default::default(),
+            shards: std::array::from_fn(|_| Padded(AtomicU64::new(0))),
         }
     }
 

@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+/// A seeded RNG. The seed comes from `DBM_TEST_SEED` when set, otherwise it is random; it is
+/// printed either way (cargo test shows it for a failing test), so a failure reproduces with
+/// `DBM_TEST_SEED=<seed> cargo test <name>`.
+pub fn seeded_rng(test: &str) -> (SmallRng, u64) {
+    let seed = std::env::var("DBM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: seed {seed} (rerun with DBM_TEST_SEED={seed})");
+    (SmallRng::seed_from_u64(seed), seed)
+}
+
+/// Serializes a whole bitmap, region by region.
+pub fn serialize_all(bm: &dirty_bitmap::DirtyBitmap) -> Vec<u8> {
+    let mut out = vec![0u8; bm.serialized_len() as usize];
+    let rs = bm.region_size() as usize;
+    for r in 0..bm.region_count() {
+        let start = r as usize * rs;
+        let len = bm.region_len(r) as usize;
+        bm.serialize_region(r, &mut out[start..start + len])
+            .unwrap();
+    }
+    out
+}
+
+/// Merged extents of set bits in a serialized bitmap, in bytes of a disk of `disk_size`.
+pub fn extents_of_bytes(bytes: &[u8], granularity: u64, disk_size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &byte) in bytes.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        for k in 0..8 {
+            if byte & (1 << k) == 0 {
+                continue;
+            }
+            let bit = i as u64 * 8 + k;
+            let s = bit * granularity;
+            if s >= disk_size {
+                continue;
+            }
+            let e = (s + granularity).min(disk_size);
+            match out.last_mut() {
+                Some((os, ol)) if *os + *ol == s => *ol = e - *os,
+                _ => out.push((s, e - s)),
+            }
+        }
+    }
+    out
+}

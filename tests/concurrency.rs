@@ -1,0 +1,305 @@
+//! Concurrency: writers mark (and clear) while a flusher or a harvester runs. Nothing a
+//! writer did may be lost, and the summary levels must agree with the words afterwards.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use common::{extents_of_bytes, seeded_rng, serialize_all};
+use dirty_bitmap::DirtyBitmap;
+use rand::RngExt;
+
+const WRITERS: usize = 3;
+const OPS_PER_WRITER: usize = 30_000;
+
+/// Random ranges over a disk of `disk` bytes: mostly small writes, some long runs.
+fn random_ranges(rng: &mut impl RngExt, disk: u64, n: usize) -> Vec<(u64, u64)> {
+    (0..n)
+        .map(|_| {
+            let off = rng.random_range(0..disk);
+            let len = match rng.random_range(0..10) {
+                0 => rng.random_range(0..disk / 8),
+                1..=3 => rng.random_range(1..1 << 20),
+                _ => rng.random_range(1..64 << 10),
+            };
+            (off, len)
+        })
+        .collect()
+}
+
+/// Runs `writers` threads over their ranges while `harvest` runs repeatedly on this
+/// thread; returns after the writers finish.
+fn race(bm: &Arc<DirtyBitmap>, plans: Vec<Vec<(u64, u64, bool)>>, mut harvest: impl FnMut()) {
+    let done = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = plans
+        .into_iter()
+        .map(|plan| {
+            let bm = Arc::clone(bm);
+            thread::spawn(move || {
+                for (off, len, clear) in plan {
+                    if clear {
+                        bm.clear(off, len);
+                    } else {
+                        bm.mark_dirty(off, len);
+                    }
+                }
+            })
+        })
+        .collect();
+    let waiter = {
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            for h in handles {
+                h.join().unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut rounds = 0u64;
+    while !done.load(Ordering::SeqCst) {
+        harvest();
+        rounds += 1;
+    }
+    waiter.join().unwrap();
+    eprintln!("harvest rounds during the race: {rounds}");
+    assert!(rounds > 0, "the harvester never ran during the race");
+}
+
+fn expected_from_ranges(disk: u64, g: u64, ranges: &[(u64, u64)]) -> DirtyBitmap {
+    let exp = DirtyBitmap::new(disk, g).unwrap();
+    for &(o, l) in ranges {
+        exp.mark_dirty(o, l);
+    }
+    exp
+}
+
+#[test]
+fn flusher_shadow_plus_last_take_equals_bitmap_while_writers_mark() {
+    let (mut rng, _) = seeded_rng("flusher_shadow");
+    let disk = 64 << 30; // 1 Mi bits at 64 KiB: several summary levels, 32 regions of 4 KiB
+    let g = 64 << 10;
+    let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+    let plans: Vec<Vec<(u64, u64)>> = (0..WRITERS)
+        .map(|_| random_ranges(&mut rng, disk, OPS_PER_WRITER))
+        .collect();
+    let all: Vec<(u64, u64)> = plans.iter().flatten().copied().collect();
+
+    let mut shadow = vec![0u8; bm.serialized_len() as usize];
+    let rs = bm.region_size() as usize;
+    let flush = |shadow: &mut Vec<u8>| {
+        for r in bm.take_changed().iter() {
+            let start = r as usize * rs;
+            let len = bm.region_len(r) as usize;
+            bm.serialize_region(r, &mut shadow[start..start + len])
+                .unwrap();
+        }
+    };
+    let marks = plans
+        .into_iter()
+        .map(|p| p.into_iter().map(|(o, l)| (o, l, false)).collect())
+        .collect();
+    race(&bm, marks, || flush(&mut shadow));
+    flush(&mut shadow);
+
+    assert_eq!(
+        shadow,
+        serialize_all(&bm),
+        "shadow plus the last take differs from the bitmap"
+    );
+    for &(o, l) in &all {
+        let end = (o + l).min(disk);
+        assert!(
+            bm.next_clean(o).is_none_or(|c| c >= end),
+            "range {o}+{l} lost a bit"
+        );
+    }
+    let exp = expected_from_ranges(disk, g, &all);
+    assert_eq!(
+        serialize_all(&bm),
+        serialize_all(&exp),
+        "extra or missing bits"
+    );
+    assert_eq!(bm.count(), exp.count());
+}
+
+#[test]
+fn flusher_shadow_tracks_concurrent_marks_and_clears() {
+    let (mut rng, _) = seeded_rng("flusher_shadow_with_clears");
+    let disk = 8 << 30;
+    let g = 64 << 10;
+    let bm = Arc::new(DirtyBitmap::with_region_size(disk, g, 512).unwrap());
+    let plans: Vec<Vec<(u64, u64, bool)>> = (0..WRITERS)
+        .map(|i| {
+            random_ranges(&mut rng, disk, OPS_PER_WRITER)
+                .into_iter()
+                .map(|(o, l)| (o, l, i == 0 && rng.random_range(0..3) == 0))
+                .collect()
+        })
+        .collect();
+    let mut shadow = vec![0u8; bm.serialized_len() as usize];
+    let rs = bm.region_size() as usize;
+    let flush = |shadow: &mut Vec<u8>| {
+        for r in bm.take_changed().iter() {
+            let start = r as usize * rs;
+            let len = bm.region_len(r) as usize;
+            bm.serialize_region(r, &mut shadow[start..start + len])
+                .unwrap();
+        }
+    };
+    race(&bm, plans, || flush(&mut shadow));
+    flush(&mut shadow);
+    let now = serialize_all(&bm);
+    assert_eq!(
+        shadow, now,
+        "a change (mark or clear) escaped the change map"
+    );
+    // The summaries agree with the words once the race is over.
+    assert_eq!(
+        bm.dirty_extents().collect::<Vec<_>>(),
+        extents_of_bytes(&now, g, disk)
+    );
+    let ones: u64 = now.iter().map(|b| u64::from(b.count_ones())).sum();
+    assert_eq!(bm.count(), ones);
+}
+
+#[test]
+fn take_dirty_harvester_loses_no_mark() {
+    let (mut rng, _) = seeded_rng("take_dirty_harvester");
+    let disk = 64 << 30;
+    let g = 64 << 10;
+    let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+    let plans: Vec<Vec<(u64, u64)>> = (0..WRITERS)
+        .map(|_| random_ranges(&mut rng, disk, OPS_PER_WRITER))
+        .collect();
+    let all: Vec<(u64, u64)> = plans.iter().flatten().copied().collect();
+    let harvested = DirtyBitmap::new(disk, g).unwrap();
+    let mut takes = 0u64;
+    let marks = plans
+        .into_iter()
+        .map(|p| p.into_iter().map(|(o, l)| (o, l, false)).collect())
+        .collect();
+    race(&bm, marks, || {
+        let t = bm.take_dirty();
+        takes += t.count();
+        harvested.merge_from(&t).unwrap();
+    });
+    let last = bm.take_dirty();
+    harvested.merge_from(&last).unwrap();
+
+    let exp = expected_from_ranges(disk, g, &all);
+    assert_eq!(
+        serialize_all(&harvested),
+        serialize_all(&exp),
+        "a mark was lost or invented"
+    );
+    assert_eq!(bm.count(), 0);
+    assert_eq!(bm.dirty_extents().next(), None);
+    assert_eq!(bm.next_dirty(0), None);
+    assert_eq!(bm.next_clean(0), Some(0));
+    assert!(takes + last.count() >= exp.count());
+}
+
+#[test]
+fn summaries_stay_exact_under_contended_marks_and_clears() {
+    // A small disk so that every thread hammers the same blocks and summary words, with
+    // block-sized and word-sized ranges that flip both towers back and forth.
+    let (mut rng, _) = seeded_rng("summaries_contended");
+    let g = 512;
+    let nbits = 40_000u64;
+    let disk = nbits * g - 100;
+    for round in 0..20 {
+        let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+        let plans: Vec<Vec<(u64, u64, bool)>> = (0..WRITERS)
+            .map(|_| {
+                (0..5_000)
+                    .map(|_| {
+                        let unit = [64u64, 512, 4096][rng.random_range(0..3)];
+                        let first = rng.random_range(0..nbits / unit) * unit;
+                        let n = rng.random_range(1..4) * unit;
+                        (first * g, n * g, rng.random_range(0..2) == 0)
+                    })
+                    .collect()
+            })
+            .collect();
+        race(&bm, plans, || {
+            let _ = bm.next_clean(0);
+        });
+        let bytes = serialize_all(&bm);
+        assert_eq!(
+            bm.dirty_extents().collect::<Vec<_>>(),
+            extents_of_bytes(&bytes, g, disk),
+            "round {round}: summaries disagree with the words"
+        );
+        let ones: u64 = bytes.iter().map(|b| u64::from(b.count_ones())).sum();
+        assert_eq!(bm.count(), ones, "round {round}: count");
+    }
+}
+
+#[test]
+fn full_tower_never_keeps_a_stale_full_bit() {
+    // Each round, one thread fills a block (the last word it fills makes the block full and
+    // sets the full bit) while the other clears a word of that block at a random moment.
+    // After the round, clean-bit search (which trusts the full tower) must match the words.
+    // Block 0 stays full and the race is in block 1: searches scan their starting block
+    // directly, so a stale full bit only misleads them in a later block.
+    let (mut rng, seed) = seeded_rng("full_tower_stale_bit");
+    let g = 512u64;
+    let nbits = 512 * 65;
+    let bm = Arc::new(DirtyBitmap::new(nbits * g, g).unwrap());
+    let rounds = 20_000;
+    let barrier = Arc::new(std::sync::Barrier::new(3));
+    let block = 512 * g;
+    let spawn = |t: u64| {
+        let bm = Arc::clone(&bm);
+        let barrier = Arc::clone(&barrier);
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed ^ (t + 1));
+        thread::spawn(move || {
+            for _ in 0..rounds {
+                barrier.wait();
+                if t == 0 {
+                    bm.mark_dirty(block, block);
+                } else {
+                    for _ in 0..rng.random_range(0..200) {
+                        std::hint::spin_loop();
+                    }
+                    let word = rng.random_range(0..8u64);
+                    bm.clear(block + word * 64 * g, 64 * g);
+                }
+                barrier.wait();
+                barrier.wait();
+            }
+        })
+    };
+    bm.mark_dirty(0, block);
+    let workers = [spawn(0), spawn(1)];
+    let mut stale_windows = 0;
+    for round in 0..rounds {
+        barrier.wait();
+        barrier.wait();
+        let bytes = serialize_all(&bm);
+        let first_clean = (0..nbits).find(|&b| bytes[(b / 8) as usize] & (1 << (b % 8)) == 0);
+        if first_clean.is_some_and(|b| (512..1024).contains(&b)) {
+            stale_windows += 1;
+        }
+        assert_eq!(
+            bm.next_clean(0),
+            first_clean.map(|b| b * g),
+            "round {round}: stale full bit"
+        );
+        let probe = rng.random_range(0..nbits);
+        let exp = (probe..nbits).find(|&b| bytes[(b / 8) as usize] & (1 << (b % 8)) == 0);
+        assert_eq!(
+            bm.next_clean(probe * g),
+            exp.map(|b| b * g),
+            "round {round}"
+        );
+        bm.clear(block, block);
+        barrier.wait();
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    eprintln!("rounds that ended with the block partly full: {stale_windows}");
+}
