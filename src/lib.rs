@@ -2,5 +2,6 @@
 #![deny(missing_docs, unsafe_code)]
 
 pub mod error;
+pub mod format;
 
 pub use error::{Corruption, Error, Result};
