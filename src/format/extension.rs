@@ -638,6 +638,20 @@ mod tests {
     }
 
     #[test]
+    fn feature_table_ignores_a_partial_entry() {
+        let mut data = Extension::FeatureTable(qemu_feature_table())
+            .data()
+            .unwrap();
+        data.extend_from_slice(&[0, 7, b'x']);
+        assert_eq!(decode_feature_table(&data), qemu_feature_table());
+        let b = cluster(&header(), &framed(EXT_FEATURE_TABLE, &data));
+        assert_eq!(
+            decode_extensions(&b, &header()).unwrap(),
+            vec![Extension::FeatureTable(qemu_feature_table())]
+        );
+    }
+
+    #[test]
     fn bitmaps_extension_is_24_bytes_and_round_trips() {
         let b = BitmapsExtension {
             nb_bitmaps: 1,
