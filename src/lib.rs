@@ -3,6 +3,7 @@
 
 pub mod bitmap;
 pub mod error;
+pub mod format;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
