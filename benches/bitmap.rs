@@ -1,1 +1,353 @@
-fn main() {}
+//! In-memory bitmap benchmarks on a 16 TiB disk at 64 KiB granularity (2^28 bits, 32 MiB
+//! of bitmap), each run side by side with vm-memory's `AtomicBitmap` (what Rust VMMs use)
+//! and a flat `Vec<AtomicU64>` where they have the operation.
+//!
+//! `cargo bench --bench bitmap`; figures go to docs/BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use dirty_bitmap::DirtyBitmap;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use vm_memory::bitmap::AtomicBitmap;
+
+const DISK: u64 = 16 << 40;
+const GRAN: u64 = 64 << 10;
+const NBITS: u64 = DISK / GRAN;
+const SEED: u64 = 0x5eed;
+
+/// The naive peer: a flat array of atomic words, one `fetch_or` per word touched, and a
+/// linear scan to find anything.
+struct Flat(Box<[AtomicU64]>);
+
+impl Flat {
+    fn new(nbits: u64) -> Self {
+        Flat((0..nbits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn mark_bits(&self, first: u64, end: u64) {
+        let mut b = first;
+        while b < end {
+            let w = b / 64;
+            let hi = end.min((w + 1) * 64);
+            let mask = (!0u64 >> (64 - (hi - b))) << (b % 64);
+            self.0[w as usize].fetch_or(mask, SeqCst);
+            b = hi;
+        }
+    }
+    fn extents(&self, gran: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, w) in self.0.iter().enumerate() {
+            let mut v = w.load(SeqCst);
+            while v != 0 {
+                let bit = i as u64 * 64 + u64::from(v.trailing_zeros());
+                v &= v - 1;
+                let s = bit * gran;
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == s => *l += gran,
+                    _ => out.push((s, gran)),
+                }
+            }
+        }
+        out
+    }
+    fn take(&self) -> Vec<u64> {
+        self.0.iter().map(|w| w.swap(0, SeqCst)).collect()
+    }
+    fn reset(&self) {
+        for w in self.0.iter() {
+            w.store(0, SeqCst);
+        }
+    }
+}
+
+fn vmm(disk: u64, gran: u64) -> AtomicBitmap {
+    AtomicBitmap::new(disk as usize, NonZeroUsize::new(gran as usize).unwrap())
+}
+
+/// Times `iters` calls of `op(k)` with k counting up, resetting between passes over `span`
+/// fresh positions so that every call lands on a clean bit; resets are not timed.
+fn clean_pass(iters: u64, span: u64, mut reset: impl FnMut(), mut op: impl FnMut(u64)) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        reset();
+        let n = (iters - done).min(span);
+        let t = Instant::now();
+        for k in 0..n {
+            op(k);
+        }
+        total += t.elapsed();
+        done += n;
+    }
+    total
+}
+
+/// A permutation of 0..NBITS that lands each step in a different word.
+fn scatter(k: u64) -> u64 {
+    (k.wrapping_mul(0x9E37_79B1) ^ (k >> 13)) % NBITS
+}
+
+fn mark(c: &mut Criterion) {
+    let bm = DirtyBitmap::new(DISK, GRAN).unwrap();
+    let vm = vmm(DISK, GRAN);
+    let flat = Flat::new(NBITS);
+
+    let mut g = c.benchmark_group("mark_4k_clean_bit_sequential");
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                NBITS,
+                || bm.clear(0, DISK),
+                |k| bm.mark_dirty(black_box(k * GRAN), 4096),
+            )
+        })
+    });
+    g.bench_function("vm-memory", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                NBITS,
+                || vm.reset(),
+                |k| vm.set_addr_range(black_box((k * GRAN) as usize), 4096),
+            )
+        })
+    });
+    g.bench_function("flat", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                NBITS,
+                || flat.reset(),
+                |k| flat.mark_bits(black_box(k), k + 1),
+            )
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("mark_4k_clean_bit_scattered");
+    let span = NBITS / 64;
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || bm.clear(0, DISK),
+                |k| bm.mark_dirty(black_box(scatter(k) * GRAN), 4096),
+            )
+        })
+    });
+    g.bench_function("vm-memory", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || vm.reset(),
+                |k| vm.set_addr_range(black_box((scatter(k) * GRAN) as usize), 4096),
+            )
+        })
+    });
+    g.bench_function("flat", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || flat.reset(),
+                |k| {
+                    let s = scatter(k);
+                    flat.mark_bits(black_box(s), s + 1)
+                },
+            )
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("mark_4k_dirty_bit");
+    bm.mark_dirty(0, DISK);
+    vm.set_addr_range(0, DISK as usize);
+    flat.mark_bits(0, NBITS);
+    let mut k = 0u64;
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter(|| {
+            k = (k + 1) & (NBITS - 1);
+            bm.mark_dirty(black_box(k * GRAN), 4096)
+        })
+    });
+    g.bench_function("vm-memory", |b| {
+        b.iter(|| {
+            k = (k + 1) & (NBITS - 1);
+            vm.set_addr_range(black_box((k * GRAN) as usize), 4096)
+        })
+    });
+    g.bench_function("flat", |b| {
+        b.iter(|| {
+            k = (k + 1) & (NBITS - 1);
+            flat.mark_bits(black_box(k), k + 1)
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("mark_1m_range_clean");
+    let ranges = DISK >> 20;
+    let per = (1 << 20) / GRAN;
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                ranges,
+                || bm.clear(0, DISK),
+                |k| bm.mark_dirty(black_box(k << 20), 1 << 20),
+            )
+        })
+    });
+    g.bench_function("vm-memory", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                ranges,
+                || vm.reset(),
+                |k| vm.set_addr_range(black_box((k << 20) as usize), 1 << 20),
+            )
+        })
+    });
+    g.bench_function("flat", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                ranges,
+                || flat.reset(),
+                |k| flat.mark_bits(black_box(k * per), (k + 1) * per),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn extents(c: &mut Criterion) {
+    let mut rng = SmallRng::seed_from_u64(SEED);
+    // 1,000 separate extents of 1..=8 granules at random places.
+    let bm = DirtyBitmap::new(DISK, GRAN).unwrap();
+    let flat = Flat::new(NBITS);
+    let mut starts: Vec<u64> = (0..1000)
+        .map(|_| rng.random_range(0..NBITS / 16) * 16)
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    for &s in &starts {
+        let n = rng.random_range(1..=8);
+        bm.mark_dirty(s * GRAN, n * GRAN);
+        flat.mark_bits(s, s + n);
+    }
+    assert_eq!(bm.dirty_extents().collect::<Vec<_>>(), flat.extents(GRAN));
+    let mut g = c.benchmark_group("dirty_extents_1000");
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter(|| bm.dirty_extents().collect::<Vec<_>>())
+    });
+    g.bench_function("flat", |b| b.iter(|| flat.extents(GRAN)));
+    g.finish();
+
+    // Half of all bits set at random: 2^27 dirty bits in ~2^26 extents.
+    let bm = DirtyBitmap::new(DISK, GRAN).unwrap();
+    let flat = Flat::new(NBITS);
+    let mut region = vec![0u8; bm.region_size() as usize];
+    for r in 0..bm.region_count() {
+        rng.fill(&mut region[..]);
+        bm.load_region(r, &region).unwrap();
+    }
+    for (i, w) in flat.0.iter().enumerate() {
+        let mut bytes = [0u8; 8];
+        let off = i as u64 * 8;
+        bm.serialize_region(off / bm.region_size(), &mut region)
+            .unwrap();
+        let at = (off % bm.region_size()) as usize;
+        bytes.copy_from_slice(&region[at..at + 8]);
+        w.store(u64::from_le_bytes(bytes), SeqCst);
+    }
+    let mut g = c.benchmark_group("dirty_extents_50pct_random");
+    g.sample_size(10);
+    g.bench_function("dirty-bitmap", |b| b.iter(|| bm.dirty_extents().count()));
+    g.bench_function("flat", |b| b.iter(|| flat.extents(GRAN).len()));
+    g.finish();
+}
+
+fn flush_regions(c: &mut Criterion) {
+    let bm = DirtyBitmap::new(DISK, GRAN).unwrap();
+    let flat = Flat::new(NBITS);
+    let mut out = vec![0u8; bm.serialized_len() as usize];
+    let rs = bm.region_size();
+    let mut g = c.benchmark_group("take_changed_serialize_8192_regions");
+    g.sample_size(20);
+    g.bench_function("dirty-bitmap", |b| {
+        b.iter_batched(
+            || {
+                for r in 0..bm.region_count() {
+                    bm.mark_dirty(bm.region_disk_range(r).0 + (r % 7) * GRAN, 1);
+                }
+            },
+            |()| {
+                let taken = bm.take_changed();
+                for r in taken.iter() {
+                    let s = (r * rs) as usize;
+                    bm.serialize_region(r, &mut out[s..s + rs as usize])
+                        .unwrap();
+                }
+                taken.len()
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("flat_copy_all_words", |b| {
+        b.iter(|| {
+            for (chunk, w) in out.chunks_mut(8).zip(flat.0.iter()) {
+                chunk.copy_from_slice(&w.load(SeqCst).to_le_bytes());
+            }
+        })
+    });
+    g.finish();
+}
+
+fn take_dirty(c: &mut Criterion) {
+    // A 1 TiB guest's dirty log at 4 KiB pages: 2^28 bits.
+    let ram = 1u64 << 40;
+    let page = 4096u64;
+    let pages = ram / page;
+    let bm = DirtyBitmap::new(ram, page).unwrap();
+    let vm = vmm(ram, page);
+    let flat = Flat::new(pages);
+    for (label, dirty) in [("0.01pct", pages / 10_000), ("1pct", pages / 100)] {
+        let mut rng = SmallRng::seed_from_u64(SEED);
+        let picks: Vec<u64> = (0..dirty).map(|_| rng.random_range(0..pages)).collect();
+        let mut g = c.benchmark_group(format!("take_dirty_1tib_ram_{label}"));
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(3));
+        g.bench_function("dirty-bitmap", |b| {
+            b.iter_batched(
+                || picks.iter().for_each(|&p| bm.mark_dirty(p * page, page)),
+                |()| bm.take_dirty(),
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("vm-memory", |b| {
+            b.iter_batched(
+                || picks.iter().for_each(|&p| vm.set_bit(p as usize)),
+                |()| vm.get_and_reset(),
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("flat", |b| {
+            b.iter_batched(
+                || picks.iter().for_each(|&p| flat.mark_bits(p, p + 1)),
+                |()| flat.take(),
+                BatchSize::PerIteration,
+            )
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, mark, extents, flush_regions, take_dirty);
+criterion_main!(benches);

@@ -1,4 +1,39 @@
 //! Persistent dirty bitmaps for block devices.
+//!
+//! A dirty bitmap records which granules of a disk were written since a checkpoint, so that
+//! incremental backup, storage migration and replication copy only those. This crate keeps
+//! them in memory as a layered, lock-free [`DirtyBitmap`], and on disk in qcow2's
+//! persistent-bitmap extension, byte-compatible with QEMU ([`format`](mod@format)).
+//!
+//! ```
+//! use dirty_bitmap::DirtyBitmap;
+//!
+//! let bitmap = DirtyBitmap::new(16 << 40, 64 << 10)?; // 16 TiB at 64 KiB granularity
+//! bitmap.mark_dirty(1 << 30, 4096);                    // from any I/O thread
+//! assert_eq!(bitmap.next_dirty(0), Some(1 << 30));
+//! assert_eq!(bitmap.dirty_bytes(), 64 << 10);
+//!
+//! // A flusher writes only the regions of the serialized bitmap that changed.
+//! let changed = bitmap.take_changed();
+//! assert_eq!(changed.iter().collect::<Vec<_>>(), vec![0]);
+//! let mut region = vec![0u8; bitmap.region_len(0) as usize];
+//! bitmap.serialize_region(0, &mut region)?;
+//! assert_eq!(region[(1 << 30) / (64 << 10) / 8], 0x01);
+//! # Ok::<(), dirty_bitmap::Error>(())
+//! ```
+//!
+//! # Layers
+//! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
+//!   change map that tells a flusher what to write.
+//! - [`format`](mod@format): pure codecs for qcow2 structures. No I/O, and no panic on any input.
+//!
+//! # Durability
+//! A [`DirtyBitmap`] lives in memory. Marks are durable only once a flusher has taken the
+//! changed regions with [`DirtyBitmap::take_changed`], serialized them, written them and
+//! synced the storage. A mark racing with that take is either in the bytes taken or left in
+//! the change map for the next take (see `docs/DESIGN.md`). A flusher whose write fails
+//! must hand the regions back with [`DirtyBitmap::requeue_changed`]. Any doubt resolves to
+//! *dirty*: [`DirtyBitmap::clear`] clears only granules entirely inside its range.
 #![deny(missing_docs, unsafe_code)]
 
 pub mod bitmap;
@@ -7,3 +42,8 @@ pub mod format;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

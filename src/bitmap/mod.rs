@@ -1,15 +1,14 @@
 //! The layered in-memory dirty bitmap.
 //!
 //! Three layers, described in `docs/DESIGN.md`:
-//! 1. leaf words ([`words`]): one bit per granule, set lock-free by any number of threads;
-//! 2. summary levels ([`summary`]): an *any* tower for finding dirty bits and a *full*
-//!    tower for finding clean bits, each skipping 512 bits per level-1 bit and 64× more
-//!    per level above;
-//! 3. the change map ([`change_map`]): one bit per region of the serialized bitmap,
-//!    telling a flusher which parts of the on-disk copy are stale.
+//! 1. leaf words: one bit per granule, set lock-free by any number of threads;
+//! 2. summary levels: an *any* tower for finding dirty bits and a *full* tower for finding
+//!    clean bits, each skipping 512 bits per level-1 bit and 64× more per level above;
+//! 3. the change map: one bit per region of the serialized bitmap, telling a flusher which
+//!    parts of the on-disk copy are stale ([`ChangedRegions`]).
 //!
-//! Every mutation goes through one place, [`DirtyBitmap::after_change`], which updates the
-//! counter, both towers and the change map in that order, after the leaf word.
+//! Every mutation of a leaf word is followed by the same bookkeeping, in this order: the
+//! counter, both towers, then the change map.
 
 mod atomic;
 mod change_map;
@@ -404,13 +403,14 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// Heap bytes held: leaf words, both summary towers, the change map and the counter.
+    /// Bytes of memory this bitmap holds: the struct itself (which holds the counter
+    /// shards inline) plus its heap: leaf words, both summary towers and the change map.
     pub fn memory_usage(&self) -> usize {
-        self.words.memory_usage()
+        std::mem::size_of::<Self>()
+            + self.words.memory_usage()
             + self.any.memory_usage()
             + self.full.memory_usage()
             + self.changes.memory_usage()
-            + self.count.memory_usage()
     }
 
     // ----- internals -----

@@ -80,14 +80,17 @@ impl Levels {
             bits = bits.div_ceil(64);
             levels.push(Level::new(bits));
         }
+        levels.shrink_to_fit();
         Levels(levels)
     }
 
     fn memory_usage(&self) -> usize {
-        self.0
-            .iter()
-            .map(|l| std::mem::size_of_val(&*l.words))
-            .sum()
+        self.0.capacity() * std::mem::size_of::<Level>()
+            + self
+                .0
+                .iter()
+                .map(|l| std::mem::size_of_val(&*l.words))
+                .sum::<usize>()
     }
 
     /// First unit at index >= `unit` of level `level` (0-based: 0 is level 1) for which

@@ -104,9 +104,4 @@ impl BitCount {
             .iter()
             .fold(0u64, |acc, s| acc.wrapping_add(s.0.load(SeqCst)))
     }
-
-    /// Heap bytes held (none: the shards live inline).
-    pub fn memory_usage(&self) -> usize {
-        std::mem::size_of::<Self>()
-    }
 }

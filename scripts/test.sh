@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the tests need when it is missing, then runs every check the project keeps:
+# formatting, clippy, all tests (unit, integration, doc, benches in test mode), the loom
+# models, and the docs. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# QEMU's tools are the oracle for the on-disk format; the tests fail (never skip) without them.
+need=()
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "==> installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+for tool in qemu-img qemu-io qemu-nbd nbdinfo; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "scripts/test.sh: $tool is still missing" >&2; exit 1; }
+done
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "==> cargo test --all-targets"
+cargo test --all-targets
+echo "==> cargo test --doc"
+cargo test --doc
+echo "==> loom models (tests/loom.rs)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
+echo "==> cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+echo "==> all checks passed"

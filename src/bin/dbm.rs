@@ -1,2 +1,0 @@
-//! `dbm`: the dirty-bitmap command line.
-fn main() {}
