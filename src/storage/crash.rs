@@ -1,29 +1,4 @@
 //! [`CrashStorage`]: records every operation and builds the images a crash could leave.
-//!
-//! # The crash-image model
-//!
-//! The storage starts from a *base* image, durable by definition, and logs every successful
-//! mutating call as an [`Op`]. A crash "after `k` ops" happens once `ops[..k]` were issued.
-//! Let `s` be the last [`Op::Sync`] among them. Everything before `s` is durable: it is
-//! replayed onto the base unconditionally. The ops between `s` and the crash point (the
-//! *unsynced tail*; it holds no sync) are what the crash may lose, and the [`CrashMode`]
-//! decides how much of them landed:
-//!
-//! - [`Dropped`](CrashMode::Dropped): none (the image is the durable image);
-//! - [`Kept`](CrashMode::Kept): all (the image is the live image at the crash point);
-//! - [`Torn`](CrashMode::Torn): each write is cut at absolute [`SECTOR_SIZE`] boundaries
-//!   and each piece landed or not, and each `set_len` happened or not, as a seeded
-//!   pseudo-random generator decides, in log order.
-//!
-//! A 512-byte sector is assumed atomic, as disks promise. A landed piece that lies past the
-//! end of the image being built (because a growing `set_len` before it did not happen) is
-//! cut at that end, so a crash image's length is always one the `set_len`s could produce.
-//! Writes that land out of order relative to each other are modelled by the per-sector
-//! choice; a sector that two unsynced writes touched shows the later one if its piece
-//! landed, else the earlier one if that landed, else the durable bytes.
-//!
-//! Building an image copies the base once and replays the log; nothing is copied per op.
-//! [`CrashStorage::crash_images`] walks all crash points with one running durable image.
 
 use std::fmt;
 use std::sync::Arc;
@@ -54,7 +29,7 @@ pub enum Op {
     Sync,
 }
 
-/// How much of the unsynced tail a crash image keeps; see the [module docs](self).
+/// How much of the unsynced tail a crash image keeps; see [`CrashStorage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashMode {
     /// Every write and length change since the last sync is lost.
@@ -77,6 +52,31 @@ pub enum CrashMode {
 /// then reopen the image built at every [`crash_points`](Self::crash_points) entry.
 ///
 /// The log holds every byte ever written, so this is meant for small test images.
+///
+/// # The crash-image model
+///
+/// The storage starts from a *base* image, durable by definition, and logs every successful
+/// mutating call as an [`Op`]. A crash "after `k` ops" happens once `ops[..k]` were issued.
+/// Let `s` be the last [`Op::Sync`] among them. Everything before `s` is durable: it is
+/// replayed onto the base unconditionally. The ops between `s` and the crash point (the
+/// *unsynced tail*; it holds no sync) are what the crash may lose, and the [`CrashMode`]
+/// decides how much of them landed:
+///
+/// - [`Dropped`](CrashMode::Dropped): none (the image is the durable image);
+/// - [`Kept`](CrashMode::Kept): all (the image is the live image at the crash point);
+/// - [`Torn`](CrashMode::Torn): each write is cut at absolute [`SECTOR_SIZE`] boundaries
+///   and each piece landed or not, and each `set_len` happened or not, as a seeded
+///   pseudo-random generator decides, in log order.
+///
+/// A 512-byte sector is assumed atomic, as disks promise. A landed piece that lies past the
+/// end of the image being built (because a growing `set_len` before it did not happen) is
+/// cut at that end, so a crash image's length is always one the `set_len`s could produce.
+/// Writes that land out of order relative to each other are modelled by the per-sector
+/// choice; a sector that two unsynced writes touched shows the later one if its piece
+/// landed, else the earlier one if that landed, else the durable bytes.
+///
+/// Building an image copies the base once and replays the log; nothing is copied per op.
+/// [`CrashStorage::crash_images`] walks all crash points with one running durable image.
 #[derive(Default)]
 pub struct CrashStorage {
     state: RwLock<State>,

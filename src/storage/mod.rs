@@ -23,12 +23,12 @@
 //! # Errors, uniformly across backends
 //!
 //! - A range whose end overflows `u64` or exceeds [`MAX_STORAGE_LEN`] is
-//!   [`Error::InvalidInput`](crate::Error::InvalidInput).
-//! - A read that does not fit inside [`len`](Storage::len) is an [`Error::Io`](crate::Error::Io)
+//!   [`Error::InvalidInput`].
+//! - A read that does not fit inside [`len`](Storage::len) is an [`Error::Io`]
 //!   of kind [`UnexpectedEof`](std::io::ErrorKind::UnexpectedEof), like
 //!   [`std::io::Read::read_exact`].
-//! - A write that does not fit inside `len` is [`Error::InvalidInput`](crate::Error::InvalidInput).
-//! - **[`Error::InvalidInput`](crate::Error::InvalidInput) from `write_all_at` or `set_len`
+//! - A write that does not fit inside `len` is [`Error::InvalidInput`].
+//! - **[`Error::InvalidInput`] from `write_all_at` or `set_len`
 //!   guarantees that the storage was not touched.** Any other error from a mutating method
 //!   leaves the storage in an unknown state; [`LatchingStorage`] relies on this distinction.
 #![cfg_attr(
