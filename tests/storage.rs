@@ -746,3 +746,186 @@ fn crash_storage_is_usable_through_the_trait_object() {
     let img = s.crash_image(3, CrashMode::Dropped).unwrap();
     assert_eq!(MemStorage::from_bytes(img).read_u64_be_at(0).unwrap(), 42);
 }
+
+// ---------------------------------------------------------------------------------------
+// model checks: random operation sequences against a plain vector
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write { offset: u64, len: usize, byte: u8 },
+        Read { offset: u64, len: usize },
+        SetLen(u64),
+        Sync,
+    }
+
+    fn offset() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => 0u64..3000,
+            1 => any::<u64>(),
+            1 => (u64::MAX - 2000)..=u64::MAX,
+            1 => (MAX_STORAGE_LEN - 2000)..=(MAX_STORAGE_LEN + 2000),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (offset(), 0usize..1200, any::<u8>())
+                .prop_map(|(offset, len, byte)| Step::Write { offset, len, byte }),
+            2 => (offset(), 0usize..1200).prop_map(|(offset, len)| Step::Read { offset, len }),
+            // Lengths either small or above MAX_STORAGE_LEN: a huge valid length would
+            // really allocate.
+            2 => prop_oneof![0u64..3000, (MAX_STORAGE_LEN + 1)..=u64::MAX].prop_map(Step::SetLen),
+            2 => Just(Step::Sync),
+        ]
+    }
+
+    fn fits(offset: u64, len: usize, size: usize) -> bool {
+        offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size as u64)
+    }
+
+    proptest! {
+        /// Every backend agrees with a vector model, never panics, and the crash images at
+        /// every point agree with the model's history.
+        #[test]
+        fn backends_match_the_model_and_crash_images_match_its_history(
+            init_len in 0usize..2000,
+            steps in proptest::collection::vec(step(), 0..40),
+        ) {
+            let init = pattern(init_len);
+            let maker = FileMaker::new();
+            let crash = CrashStorage::from_bytes(init.clone());
+            let backends: Vec<Box<dyn Storage>> = vec![
+                Box::new(MemStorage::from_bytes(init.clone())),
+                Box::new(maker.make(&init)),
+                Box::new(LatchingStorage::new(MemStorage::from_bytes(init.clone()))),
+                Box::new(&crash),
+            ];
+            let mut model = init.clone();
+            // history[k]: the model once the crash log held k ops
+            let mut history = vec![model.clone()];
+            for step in &steps {
+                match *step {
+                    Step::Write { offset, len, byte } => {
+                        let ok = fits(offset, len, model.len());
+                        let buf = vec![byte; len];
+                        for b in &backends {
+                            prop_assert_eq!(b.write_all_at(&buf, offset).is_ok(), ok, "{:?}", b);
+                        }
+                        if ok {
+                            let start = offset as usize;
+                            model[start..start + len].copy_from_slice(&buf);
+                        }
+                    }
+                    Step::Read { offset, len } => {
+                        let ok = fits(offset, len, model.len());
+                        for b in &backends {
+                            let mut buf = vec![0; len];
+                            let r = b.read_exact_at(&mut buf, offset);
+                            prop_assert_eq!(r.is_ok(), ok, "{:?}", b);
+                            if ok {
+                                let start = offset as usize;
+                                prop_assert_eq!(&buf[..], &model[start..start + len]);
+                            }
+                        }
+                    }
+                    Step::SetLen(n) => {
+                        let ok = n <= MAX_STORAGE_LEN;
+                        for b in &backends {
+                            prop_assert_eq!(b.set_len(n).is_ok(), ok, "{:?}", b);
+                        }
+                        if ok {
+                            model.resize(n as usize, 0);
+                        }
+                    }
+                    Step::Sync => {
+                        for b in &backends {
+                            prop_assert!(b.sync_data().is_ok());
+                        }
+                    }
+                }
+                while history.len() <= crash.op_count() {
+                    history.push(model.clone());
+                }
+                for b in &backends {
+                    prop_assert_eq!(b.len().unwrap(), model.len() as u64);
+                }
+            }
+            for b in &backends {
+                prop_assert_eq!(&contents(&**b), &model);
+            }
+
+            let ops = crash.ops();
+            for k in crash.crash_points() {
+                let last_sync = ops[..k].iter().rposition(|op| *op == Op::Sync);
+                let durable = &history[last_sync.unwrap_or(0)];
+                prop_assert_eq!(&crash.crash_image(k, CrashMode::Dropped).unwrap(), durable);
+                prop_assert_eq!(&crash.crash_image(k, CrashMode::Kept).unwrap(), &history[k]);
+                let tail = &ops[last_sync.map_or(0, |s| s + 1)..k];
+                let mut lengths: Vec<usize> = vec![durable.len()];
+                lengths.extend(tail.iter().filter_map(|op| match op {
+                    Op::SetLen(n) => Some(*n as usize),
+                    _ => None,
+                }));
+                for seed in 0..4 {
+                    let torn = crash.crash_image(k, CrashMode::Torn { seed }).unwrap();
+                    prop_assert!(lengths.contains(&torn.len()));
+                    // A byte no tail write touched is the durable byte, or a zero of growth.
+                    for (p, &b) in torn.iter().enumerate() {
+                        let touched = tail.iter().any(|op| matches!(op,
+                            Op::Write { offset, data }
+                                if (*offset as usize..*offset as usize + data.len()).contains(&p)));
+                        if !touched {
+                            prop_assert!(b == durable.get(p).copied().unwrap_or(0) || b == 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sharing between threads
+
+#[test]
+fn concurrent_writers_on_shared_handles() {
+    let maker = FileMaker::new();
+    let storages: Vec<Arc<dyn Storage>> = vec![
+        Arc::new(MemStorage::from_bytes(vec![0; 8 * 4096])),
+        Arc::new(maker.make(&vec![0; 8 * 4096])),
+        Arc::new(CrashStorage::from_bytes(vec![0; 8 * 4096])),
+        Arc::new(LatchingStorage::new(MemStorage::from_bytes(vec![
+            0;
+            8 * 4096
+        ]))),
+    ];
+    for s in storages {
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..64u64 {
+                        s.write_all_at(&[t + 1; 64], u64::from(t) * 4096 + i * 64)
+                            .unwrap();
+                    }
+                    s.sync_data().unwrap();
+                });
+            }
+        });
+        let all = contents(&*s);
+        for t in 0..8usize {
+            assert!(
+                all[t * 4096..(t + 1) * 4096]
+                    .iter()
+                    .all(|&b| b == t as u8 + 1),
+                "{s:?}"
+            );
+        }
+    }
+}

@@ -20,6 +20,32 @@
 //! in-memory storage that records every operation and builds the images a crash could
 //! leave behind).
 //!
+//! A crash test runs an operation once on a [`CrashStorage`] and then checks the image every
+//! crash point could leave:
+//!
+//! ```
+//! use dirty_bitmap::storage::{CrashMode, CrashStorage, LatchingStorage, Storage, StorageExt};
+//!
+//! let crash = CrashStorage::new();
+//! let storage = LatchingStorage::new(&crash);
+//! storage.set_len(4096)?;
+//! storage.write_u32_be_at(0, 0x5146_49fb)?; // "QFI\xfb"
+//! storage.sync_data()?;
+//! storage.write_u64_be_at(8, 42)?; // not yet synced
+//!
+//! for point in crash.crash_points() {
+//!     for mode in [CrashMode::Dropped, CrashMode::Kept, CrashMode::Torn { seed: 1 }] {
+//!         let image = crash.crash_image(point, mode)?;
+//!         // Reopen `image` here and check what it promises.
+//!         assert!(image.is_empty() || image.len() == 4096);
+//!     }
+//! }
+//! let end = crash.op_count();
+//! assert_eq!(crash.crash_image(end, CrashMode::Dropped)?[8..16], [0; 8]);
+//! assert_eq!(crash.crash_image(end, CrashMode::Kept)?[15], 42);
+//! # Ok::<(), dirty_bitmap::Error>(())
+//! ```
+//!
 //! # Errors, uniformly across backends
 //!
 //! - A range whose end overflows `u64` or exceeds [`MAX_STORAGE_LEN`] is
