@@ -39,6 +39,7 @@
 pub mod bitmap;
 pub mod error;
 pub mod format;
+pub mod storage;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};

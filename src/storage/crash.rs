@@ -1,0 +1,363 @@
+//! [`CrashStorage`]: records every operation and builds the images a crash could leave.
+
+use std::fmt;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::memory::{read_slice, resize, write_clipped, write_slice};
+use super::Storage;
+use crate::error::{invalid_input, Result};
+
+/// The unit a [`CrashMode::Torn`] crash tears writes into: bytes within one aligned sector
+/// land together or not at all.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// One logged mutating call of a [`CrashStorage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A successful [`write_all_at`](Storage::write_all_at) of at least one byte.
+    Write {
+        /// Where it was written.
+        offset: u64,
+        /// What was written.
+        data: Arc<[u8]>,
+    },
+    /// A successful [`set_len`](Storage::set_len).
+    SetLen(u64),
+    /// A [`sync_data`](Storage::sync_data): everything before it is durable.
+    Sync,
+}
+
+/// How much of the unsynced tail a crash image keeps; see [`CrashStorage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Every write and length change since the last sync is lost.
+    Dropped,
+    /// Every write and length change since the last sync landed.
+    Kept,
+    /// A seeded pseudo-random subset of the unsynced sectors and length changes landed.
+    /// The same seed, log and crash point always give the same image.
+    Torn {
+        /// Seeds the generator that picks what landed.
+        seed: u64,
+    },
+}
+
+/// An in-memory storage that logs every operation and builds crash images from the log.
+///
+/// Reads see the *live* image. [`crash_image`](Self::crash_image) builds the image a crash
+/// after any prefix of the log could leave, from the *durable* state at the last sync before
+/// that point plus the chosen fate of the unsynced tail. A test tool: run an operation once,
+/// then reopen the image built at every [`crash_points`](Self::crash_points) entry.
+///
+/// The log holds every byte ever written, so this is meant for small test images.
+///
+/// # The crash-image model
+///
+/// The storage starts from a *base* image, durable by definition, and logs every successful
+/// mutating call as an [`Op`]. A crash "after `k` ops" happens once `ops[..k]` were issued.
+/// Let `s` be the last [`Op::Sync`] among them. Everything before `s` is durable: it is
+/// replayed onto the base unconditionally. The ops between `s` and the crash point (the
+/// *unsynced tail*; it holds no sync) are what the crash may lose, and the [`CrashMode`]
+/// decides how much of them landed:
+///
+/// - [`Dropped`](CrashMode::Dropped): none (the image is the durable image);
+/// - [`Kept`](CrashMode::Kept): all (the image is the live image at the crash point);
+/// - [`Torn`](CrashMode::Torn): each write is cut at absolute [`SECTOR_SIZE`] boundaries
+///   and each piece landed or not, and each `set_len` happened or not, as a seeded
+///   pseudo-random generator decides, in log order.
+///
+/// A 512-byte sector is assumed atomic, as disks promise. A landed piece that lies past the
+/// end of the image being built (because a growing `set_len` before it did not happen) is
+/// cut at that end, so a crash image's length is always one the `set_len`s could produce.
+/// Writes that land out of order relative to each other are modelled by the per-sector
+/// choice; a sector that two unsynced writes touched shows the later one if its piece
+/// landed, else the earlier one if that landed, else the durable bytes.
+///
+/// Building an image copies the base once and replays the log; nothing is copied per op.
+/// [`CrashStorage::crash_images`] walks all crash points with one running durable image.
+#[derive(Default)]
+pub struct CrashStorage {
+    state: RwLock<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The image at creation; durable.
+    base: Arc<[u8]>,
+    /// What reads return: the base with every op applied.
+    live: Vec<u8>,
+    /// Every successful mutating call since creation, in order.
+    ops: Vec<Op>,
+}
+
+impl CrashStorage {
+    /// An empty storage with an empty log.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A storage whose durable base image is `bytes`, with an empty log.
+    #[must_use]
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        let live: Vec<u8> = bytes.into();
+        Self {
+            state: RwLock::new(State {
+                base: Arc::from(live.as_slice()),
+                live,
+                ops: Vec::new(),
+            }),
+        }
+    }
+
+    /// A copy of the live image: what reads return now.
+    #[must_use]
+    pub fn live_image(&self) -> Vec<u8> {
+        self.state.read().live.clone()
+    }
+
+    /// The image as of the last sync: what a crash now would leave in
+    /// [`CrashMode::Dropped`].
+    #[must_use]
+    pub fn durable_image(&self) -> Vec<u8> {
+        let state = self.state.read();
+        build(&state.base, &state.ops, CrashMode::Dropped)
+    }
+
+    /// How many ops the log holds.
+    #[must_use]
+    pub fn op_count(&self) -> usize {
+        self.state.read().ops.len()
+    }
+
+    /// A copy of the log (written data is shared, not copied).
+    #[must_use]
+    pub fn ops(&self) -> Vec<Op> {
+        self.state.read().ops.clone()
+    }
+
+    /// The crash points worth testing, ascending: `0` (before anything), and the point
+    /// after every op except a sync that follows the start or another sync (it changes
+    /// nothing). Each is a valid `after_ops` for [`crash_image`](Self::crash_image).
+    #[must_use]
+    pub fn crash_points(&self) -> Vec<usize> {
+        crash_points(&self.state.read().ops)
+    }
+
+    /// The image a crash after the first `after_ops` ops would leave, in `mode`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when `after_ops` exceeds
+    /// [`op_count`](Self::op_count).
+    pub fn crash_image(&self, after_ops: usize, mode: CrashMode) -> Result<Vec<u8>> {
+        let state = self.state.read();
+        let ops = state.ops.get(..after_ops).ok_or_else(|| {
+            invalid_input!(
+                "crash point {after_ops} is past the end of the log ({} ops)",
+                state.ops.len()
+            )
+        })?;
+        Ok(build(&state.base, ops, mode))
+    }
+
+    /// Every crash point with its image in `mode`, in order of
+    /// [`crash_points`](Self::crash_points).
+    ///
+    /// The iterator works on a snapshot of the log taken now, and keeps one running durable
+    /// image, so the whole walk costs one image copy per point plus one replay of the log.
+    #[must_use]
+    pub fn crash_images(&self, mode: CrashMode) -> CrashImages {
+        let state = self.state.read();
+        CrashImages {
+            durable: state.base.to_vec(),
+            ops: state.ops.clone(),
+            points: crash_points(&state.ops).into_iter(),
+            applied: 0,
+            mode,
+        }
+    }
+}
+
+impl fmt::Debug for CrashStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.read();
+        f.debug_struct("CrashStorage")
+            .field("base_len", &state.base.len())
+            .field("live_len", &state.live.len())
+            .field("ops", &state.ops.len())
+            .finish()
+    }
+}
+
+impl Storage for CrashStorage {
+    fn len(&self) -> Result<u64> {
+        Ok(self.state.read().live.len() as u64)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_slice(&self.state.read().live, buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut state = self.state.write();
+        write_slice(&mut state.live, buf, offset)?;
+        if !buf.is_empty() {
+            state.ops.push(Op::Write {
+                offset,
+                data: Arc::from(buf),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, new_len: u64) -> Result<()> {
+        let mut state = self.state.write();
+        resize(&mut state.live, new_len)?;
+        state.ops.push(Op::SetLen(new_len));
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.state.write().ops.push(Op::Sync);
+        Ok(())
+    }
+}
+
+/// Iterator over `(crash point, crash image)`, from [`CrashStorage::crash_images`].
+#[derive(Debug)]
+pub struct CrashImages {
+    /// The base with `ops[..applied]` replayed.
+    durable: Vec<u8>,
+    ops: Vec<Op>,
+    points: std::vec::IntoIter<usize>,
+    applied: usize,
+    mode: CrashMode,
+}
+
+impl Iterator for CrashImages {
+    type Item = (usize, Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let point = self.points.next()?;
+        let ops = self.ops.get(..point)?;
+        let (durable_end, tail) = split_at_last_sync(ops);
+        // Points ascend, so the durable prefix only ever grows.
+        if let Some(newly_durable) = ops.get(self.applied..durable_end) {
+            apply_all(&mut self.durable, newly_durable);
+            self.applied = durable_end;
+        }
+        let mut image = self.durable.clone();
+        apply_tail(&mut image, tail, self.mode);
+        Some((point, image))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.points.size_hint()
+    }
+}
+
+impl ExactSizeIterator for CrashImages {}
+
+fn crash_points(ops: &[Op]) -> Vec<usize> {
+    let mut points = vec![0];
+    let mut previous_was_sync = true;
+    for (i, op) in ops.iter().enumerate() {
+        let is_sync = matches!(op, Op::Sync);
+        if !(is_sync && previous_was_sync) {
+            points.push(i.saturating_add(1));
+        }
+        previous_was_sync = is_sync;
+    }
+    points
+}
+
+/// Splits a crash prefix into the length of its durable part (the ops before its last
+/// sync) and its unsynced tail (the ops after it).
+fn split_at_last_sync(ops: &[Op]) -> (usize, &[Op]) {
+    match ops.iter().rposition(|op| matches!(op, Op::Sync)) {
+        Some(s) => (s, ops.get(s.saturating_add(1)..).unwrap_or(&[])),
+        None => (0, ops),
+    }
+}
+
+/// The crash image after `ops`, in `mode`.
+fn build(base: &[u8], ops: &[Op], mode: CrashMode) -> Vec<u8> {
+    let (durable_end, tail) = split_at_last_sync(ops);
+    let mut image = base.to_vec();
+    apply_all(&mut image, ops.get(..durable_end).unwrap_or(&[]));
+    apply_tail(&mut image, tail, mode);
+    image
+}
+
+fn set_len(image: &mut Vec<u8>, new_len: u64) {
+    // The live image held this length once, so it fits in usize.
+    if let Ok(n) = usize::try_from(new_len) {
+        image.resize(n, 0);
+    }
+}
+
+/// Replays every op: what landed for certain.
+fn apply_all(image: &mut Vec<u8>, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::Write { offset, data } => write_clipped(image, *offset, data),
+            Op::SetLen(n) => set_len(image, *n),
+            Op::Sync => {}
+        }
+    }
+}
+
+/// Replays the unsynced tail as `mode` says.
+fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
+    let seed = match mode {
+        CrashMode::Dropped => return,
+        CrashMode::Kept => return apply_all(image, tail),
+        CrashMode::Torn { seed } => seed,
+    };
+    let mut rng = SplitMix64(seed);
+    for op in tail {
+        match op {
+            Op::Write { offset, data } => {
+                let mut done = 0usize;
+                while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
+                    let pos = offset.saturating_add(done as u64);
+                    let to_boundary = SECTOR_SIZE.wrapping_sub(pos & SECTOR_MASK);
+                    let n = usize::try_from(to_boundary).map_or(rest.len(), |b| b.min(rest.len()));
+                    if rng.coin() {
+                        write_clipped(image, pos, rest.get(..n).unwrap_or(rest));
+                    }
+                    done = done.saturating_add(n);
+                }
+            }
+            Op::SetLen(n) => {
+                if rng.coin() {
+                    set_len(image, *n);
+                }
+            }
+            Op::Sync => {}
+        }
+    }
+}
+
+const SECTOR_MASK: u64 = SECTOR_SIZE - 1;
+
+/// SplitMix64: a tiny, fixed generator, so a seed means the same image in every version
+/// and on every platform (unlike `rand`'s `SmallRng`).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn coin(&mut self) -> bool {
+        self.next_u64() >> 63 == 1
+    }
+}

@@ -1,0 +1,931 @@
+//! The storage layer: one conformance suite that every backend and wrapper passes, then
+//! named scenarios for the latch, the fault plan and the crash images.
+
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dirty_bitmap::storage::{
+    CrashMode, CrashStorage, FaultPlan, FaultStorage, FileStorage, Landed, LatchingStorage,
+    MemStorage, Op, Storage, StorageExt, Trigger, MAX_STORAGE_LEN, SECTOR_SIZE,
+};
+use dirty_bitmap::Error;
+
+// ---------------------------------------------------------------------------------------
+// helpers
+
+fn is_eof(r: dirty_bitmap::Result<()>) -> bool {
+    matches!(r, Err(Error::Io(e)) if e.kind() == ErrorKind::UnexpectedEof)
+}
+
+fn is_invalid<T>(r: dirty_bitmap::Result<T>) -> bool {
+    matches!(r, Err(Error::InvalidInput(_)))
+}
+
+fn os_error<T: std::fmt::Debug>(r: dirty_bitmap::Result<T>) -> Option<i32> {
+    match r {
+        Err(Error::Io(e)) => e.raw_os_error(),
+        other => panic!("expected an OS error, got {other:?}"),
+    }
+}
+
+fn contents(s: &dyn Storage) -> Vec<u8> {
+    s.read_vec_at(0, s.len().unwrap()).unwrap()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// conformance
+
+/// The contract of [`Storage`] and [`StorageExt`], checked on storages made by `make`
+/// from initial contents.
+fn conformance(make: impl Fn(&[u8]) -> Box<dyn Storage>) {
+    let init = pattern(1000);
+
+    // len and plain reads
+    let s = make(&init);
+    assert_eq!(s.len().unwrap(), 1000);
+    assert_eq!(contents(&*s), init);
+    let mut buf = [0u8; 10];
+    s.read_exact_at(&mut buf, 500).unwrap();
+    assert_eq!(&buf[..], &init[500..510]);
+
+    // reads past the end are errors, not short reads
+    assert!(is_eof(s.read_exact_at(&mut [0u8; 2], 999)));
+    assert!(is_eof(s.read_exact_at(&mut [0u8; 1], 1000)));
+    assert!(is_eof(s.read_exact_at(&mut [0u8; 1], 5000)));
+    assert!(is_eof(s.read_exact_at(&mut [], 1001)));
+    assert!(s.read_vec_at(990, 11).is_err());
+
+    // zero-length reads and writes at len() are fine
+    s.read_exact_at(&mut [], 1000).unwrap();
+    s.read_exact_at(&mut [], 0).unwrap();
+    s.write_all_at(&[], 1000).unwrap();
+    assert_eq!(s.read_vec_at(1000, 0).unwrap(), Vec::<u8>::new());
+
+    // writes past the end are errors and change nothing
+    assert!(is_invalid(s.write_all_at(&[9, 9], 999)));
+    assert!(is_invalid(s.write_all_at(&[9], 1000)));
+    assert!(is_invalid(s.write_all_at(&[], 1001)));
+    assert!(is_invalid(s.write_zeroes_at(990, 11)));
+    assert_eq!(s.len().unwrap(), 1000);
+    assert_eq!(contents(&*s), init);
+
+    // writes inside land
+    s.write_all_at(&[0xEE; 2], 998).unwrap();
+    s.write_all_at(&[0xDD; 4], 0).unwrap();
+    let mut expected = init.clone();
+    expected[998..].fill(0xEE);
+    expected[..4].fill(0xDD);
+    assert_eq!(contents(&*s), expected);
+
+    // set_len grows with zeroes and shrinks; no stale bytes come back
+    s.set_len(5000).unwrap();
+    assert_eq!(s.len().unwrap(), 5000);
+    let grown = contents(&*s);
+    assert_eq!(&grown[..1000], &expected[..]);
+    assert!(grown[1000..].iter().all(|&b| b == 0));
+    s.write_all_at(&[1; 100], 4900).unwrap();
+    s.set_len(10).unwrap();
+    assert_eq!(contents(&*s), &expected[..10]);
+    s.set_len(4999).unwrap();
+    assert!(contents(&*s)[10..].iter().all(|&b| b == 0));
+    s.set_len(0).unwrap();
+    assert!(s.is_empty().unwrap());
+    s.read_exact_at(&mut [], 0).unwrap();
+    assert!(is_eof(s.read_exact_at(&mut [0], 0)));
+    s.sync_data().unwrap();
+
+    // offsets near u64::MAX give errors, not panics or overflow
+    let s = make(&init);
+    for offset in [
+        u64::MAX,
+        u64::MAX - 1,
+        u64::MAX - 3,
+        MAX_STORAGE_LEN - 2,
+        MAX_STORAGE_LEN,
+    ] {
+        assert!(
+            s.read_exact_at(&mut [0u8; 4], offset).is_err(),
+            "{offset:#x}"
+        );
+        assert!(s.write_all_at(&[0u8; 4], offset).is_err(), "{offset:#x}");
+        assert!(s.read_vec_at(offset, 4).is_err(), "{offset:#x}");
+        assert!(s.write_zeroes_at(offset, 4).is_err(), "{offset:#x}");
+        assert!(s.read_u64_be_at(offset).is_err(), "{offset:#x}");
+    }
+    assert!(s.read_exact_at(&mut [], u64::MAX).is_err());
+    assert!(is_invalid(s.write_all_at(&[], u64::MAX)));
+    assert!(s.read_vec_at(0, u64::MAX).is_err());
+    assert!(s.read_vec_at(1, u64::MAX).is_err());
+    assert!(s.write_zeroes_at(1, u64::MAX).is_err());
+    assert!(is_invalid(s.set_len(u64::MAX)));
+    assert!(is_invalid(s.set_len(MAX_STORAGE_LEN + 1)));
+    assert!(s.grow_to(u64::MAX).is_err());
+    assert_eq!(s.len().unwrap(), 1000);
+    assert_eq!(contents(&*s), init);
+
+    // StorageExt conveniences
+    let s = make(&init);
+    s.write_u64_be_at(8, 0x0102_0304_0506_0708).unwrap();
+    assert_eq!(s.read_u64_be_at(8).unwrap(), 0x0102_0304_0506_0708);
+    assert_eq!(s.read_vec_at(8, 8).unwrap(), [1, 2, 3, 4, 5, 6, 7, 8]);
+    s.write_u32_be_at(996, 0xA1B2_C3D4).unwrap();
+    assert_eq!(s.read_u32_be_at(996).unwrap(), 0xA1B2_C3D4);
+    assert!(s.read_u32_be_at(997).is_err());
+    assert!(s.write_u64_be_at(993, 1).is_err());
+    s.grow_to(200_000).unwrap();
+    s.grow_to(100).unwrap();
+    assert_eq!(s.len().unwrap(), 200_000);
+    s.write_all_at(&[0xFF; 200_000], 0).unwrap();
+    s.write_zeroes_at(3, 150_000).unwrap();
+    let all = contents(&*s);
+    assert_eq!(&all[..3], &[0xFF; 3]);
+    assert!(all[3..150_003].iter().all(|&b| b == 0));
+    assert!(all[150_003..].iter().all(|&b| b == 0xFF));
+
+    // an empty storage
+    let s = make(&[]);
+    assert_eq!(s.len().unwrap(), 0);
+    s.read_exact_at(&mut [], 0).unwrap();
+    assert!(is_eof(s.read_exact_at(&mut [0], 0)));
+    assert!(is_invalid(s.write_all_at(&[0], 0)));
+    s.sync_data().unwrap();
+}
+
+#[test]
+fn conformance_mem() {
+    conformance(|b| Box::new(MemStorage::from_bytes(b)));
+}
+
+/// Makes file storages in one temporary directory.
+struct FileMaker {
+    dir: tempfile::TempDir,
+    next: AtomicUsize,
+}
+
+impl FileMaker {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        self.dir.path().join(format!("image-{n}"))
+    }
+
+    fn make(&self, bytes: &[u8]) -> FileStorage {
+        let s = FileStorage::create(self.path()).unwrap();
+        s.set_len(bytes.len() as u64).unwrap();
+        s.write_all_at(bytes, 0).unwrap();
+        s
+    }
+}
+
+#[test]
+fn conformance_file() {
+    let maker = FileMaker::new();
+    conformance(|b| Box::new(maker.make(b)));
+}
+
+#[test]
+fn conformance_crash() {
+    conformance(|b| Box::new(CrashStorage::from_bytes(b)));
+}
+
+#[test]
+fn conformance_latching_mem() {
+    conformance(|b| Box::new(LatchingStorage::new(MemStorage::from_bytes(b))));
+}
+
+#[test]
+fn conformance_fault_without_faults() {
+    conformance(|b| {
+        Box::new(FaultStorage::new(
+            MemStorage::from_bytes(b),
+            FaultPlan::new(),
+        ))
+    });
+}
+
+#[test]
+fn conformance_shared_handles() {
+    conformance(|b| Box::new(Arc::new(MemStorage::from_bytes(b))));
+    conformance(|b| {
+        let boxed: Box<dyn Storage> = Box::new(MemStorage::from_bytes(b));
+        Box::new(boxed)
+    });
+    let arc: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(pattern(4)));
+    let by_ref: &dyn Storage = &*arc;
+    assert_eq!(by_ref.read_vec_at(0, 4).unwrap(), pattern(4));
+    assert_eq!((&by_ref).len().unwrap(), 4);
+}
+
+// ---------------------------------------------------------------------------------------
+// FileStorage
+
+#[test]
+fn file_read_only_refuses_writes_and_reopen_sees_synced_data() {
+    let maker = FileMaker::new();
+    let path = maker.path();
+    {
+        let s = FileStorage::create(&path).unwrap();
+        s.set_len(4096).unwrap();
+        s.write_all_at(b"QFI\xfb", 0).unwrap();
+        s.sync_data().unwrap();
+    }
+    assert!(
+        FileStorage::create(&path).is_err(),
+        "create must not clobber"
+    );
+    let ro = FileStorage::open(&path, false).unwrap();
+    assert!(!ro.is_writable());
+    assert_eq!(ro.len().unwrap(), 4096);
+    assert_eq!(ro.read_vec_at(0, 4).unwrap(), b"QFI\xfb");
+    assert!(is_invalid(ro.write_all_at(b"x", 0)));
+    assert!(is_invalid(ro.set_len(0)));
+    assert_eq!(ro.len().unwrap(), 4096);
+    assert!(FileStorage::open(maker.path(), true).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// LatchingStorage
+
+type Latched = LatchingStorage<FaultStorage<MemStorage>>;
+
+fn latched(plan: FaultPlan) -> Latched {
+    LatchingStorage::new(FaultStorage::new(
+        MemStorage::from_bytes(vec![0; 4096]),
+        plan,
+    ))
+}
+
+#[test]
+fn latch_after_failed_write_refuses_every_mutation_without_calling_inner() {
+    let s = latched(FaultPlan::new().fail_write(Trigger::Nth(2), Landed::Nothing));
+    s.write_all_at(&[1], 0).unwrap();
+    assert_eq!(os_error(s.write_all_at(&[2], 1)), Some(5));
+    assert!(s.is_poisoned());
+    assert!(s.first_error().is_some());
+
+    assert!(matches!(s.write_all_at(&[3], 2), Err(Error::Poisoned)));
+    assert!(matches!(s.set_len(8192), Err(Error::Poisoned)));
+    assert!(matches!(s.sync_data(), Err(Error::Poisoned)));
+    assert!(matches!(s.write_zeroes_at(0, 10), Err(Error::Poisoned)));
+    let inner = s.inner();
+    assert_eq!((inner.writes(), inner.set_lens(), inner.syncs()), (2, 0, 0));
+
+    // reads still work and show only what landed
+    assert_eq!(s.len().unwrap(), 4096);
+    assert_eq!(s.read_vec_at(0, 3).unwrap(), [1, 0, 0]);
+}
+
+#[test]
+fn latch_after_failed_sync_never_syncs_again() {
+    let s = latched(FaultPlan::new().fail_sync(Trigger::Nth(1)));
+    s.write_all_at(&[1], 0).unwrap();
+    assert_eq!(os_error(s.sync_data()), Some(5));
+    for _ in 0..3 {
+        assert!(matches!(s.sync_data(), Err(Error::Poisoned)));
+    }
+    assert_eq!(s.inner().syncs(), 1, "a failed fsync must never be retried");
+    assert!(matches!(s.write_all_at(&[1], 0), Err(Error::Poisoned)));
+    assert_eq!(s.inner().writes(), 1);
+}
+
+#[test]
+fn latch_after_failed_growth() {
+    let s = latched(FaultPlan::new().fail_grow(Trigger::Nth(1)));
+    assert_eq!(os_error(s.set_len(1 << 20)), Some(28));
+    assert!(s.is_poisoned());
+    // the inner fault would succeed now; the latch still refuses
+    assert!(matches!(s.set_len(1 << 20), Err(Error::Poisoned)));
+    assert_eq!(s.inner().set_lens(), 1);
+}
+
+#[test]
+fn latch_ignores_invalid_input_that_touched_nothing() {
+    let s = latched(FaultPlan::new());
+    assert!(is_invalid(s.write_all_at(&[1; 2], 4095)));
+    assert!(is_invalid(s.set_len(u64::MAX)));
+    assert!(s.read_exact_at(&mut [0; 2], 4095).is_err());
+    assert!(!s.is_poisoned());
+    s.write_all_at(&[1], 4095).unwrap();
+    s.sync_data().unwrap();
+}
+
+#[test]
+fn latch_over_crash_storage_keeps_unsynced_writes_unsynced() {
+    let fault = FaultStorage::new(
+        CrashStorage::from_bytes(vec![0; 1024]),
+        FaultPlan::new().fail_sync(Trigger::Nth(1)),
+    );
+    let s = LatchingStorage::new(fault);
+    s.write_all_at(&[7; 4], 0).unwrap();
+    assert!(s.sync_data().is_err());
+    let crash = s.inner().inner();
+    assert_eq!(crash.durable_image(), vec![0; 1024]);
+    assert_eq!(
+        crash.ops().len(),
+        1,
+        "the failed sync never reached the log"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// FaultStorage
+
+#[test]
+fn trigger_fires() {
+    assert!(!Trigger::Never.fires(1));
+    assert!(!Trigger::Nth(3).fires(2));
+    assert!(Trigger::Nth(3).fires(3));
+    assert!(!Trigger::Nth(3).fires(4));
+    assert!(!Trigger::From(3).fires(2));
+    assert!(Trigger::From(3).fires(3));
+    assert!(Trigger::From(3).fires(u64::MAX));
+}
+
+#[test]
+fn fault_fails_exactly_the_nth_write() {
+    let s = FaultStorage::new(
+        MemStorage::from_bytes(vec![0; 8]),
+        FaultPlan::new().fail_write(Trigger::Nth(3), Landed::Nothing),
+    );
+    for i in 0..5u8 {
+        let r = s.write_all_at(&[i + 1], u64::from(i));
+        assert_eq!(r.is_err(), i == 2, "write {}", i + 1);
+    }
+    assert_eq!(s.writes(), 5);
+    assert_eq!(s.inner().to_vec(), [1, 2, 0, 4, 5, 0, 0, 0]);
+}
+
+#[test]
+fn fault_torn_and_complete_failed_writes() {
+    let s = FaultStorage::new(
+        MemStorage::from_bytes(vec![0; 8]),
+        FaultPlan::new().fail_write(Trigger::From(1), Landed::Prefix(3)),
+    );
+    assert_eq!(os_error(s.write_all_at(&[9; 6], 1)), Some(5));
+    assert_eq!(s.inner().to_vec(), [0, 9, 9, 9, 0, 0, 0, 0]);
+    // a prefix longer than the buffer is the whole buffer
+    assert!(s.write_all_at(&[8; 2], 6).is_err());
+    assert_eq!(s.inner().to_vec(), [0, 9, 9, 9, 0, 0, 8, 8]);
+
+    s.set_plan(FaultPlan::new().fail_write(Trigger::Nth(3), Landed::All));
+    assert!(s.write_all_at(&[5; 8], 0).is_err());
+    assert_eq!(s.inner().to_vec(), [5; 8]);
+    s.write_all_at(&[6], 0).unwrap();
+    assert_eq!(s.writes(), 4);
+}
+
+#[test]
+fn fault_fails_exactly_the_nth_sync() {
+    let crash = CrashStorage::from_bytes(vec![0; 16]);
+    let s = FaultStorage::new(&crash, FaultPlan::new().fail_sync(Trigger::Nth(2)));
+    s.write_all_at(&[1], 0).unwrap();
+    s.sync_data().unwrap();
+    s.write_all_at(&[2], 1).unwrap();
+    assert_eq!(os_error(s.sync_data()), Some(5));
+    assert_eq!(crash.durable_image()[..2], [1, 0]);
+    s.sync_data().unwrap();
+    assert_eq!(crash.durable_image()[..2], [1, 2]);
+    assert_eq!((s.syncs(), s.writes()), (3, 2));
+}
+
+#[test]
+fn fault_growth_once_and_always() {
+    let once = FaultStorage::new(
+        MemStorage::from_bytes(vec![0; 16]),
+        FaultPlan::new().fail_grow(Trigger::Nth(1)),
+    );
+    once.set_len(8).unwrap(); // shrinking is not growth
+    assert_eq!(os_error(once.set_len(4096)), Some(28));
+    assert_eq!(once.len().unwrap(), 8);
+    once.set_len(4096).unwrap();
+    assert_eq!((once.set_lens(), once.grows()), (3, 2));
+
+    let always = FaultStorage::new(
+        MemStorage::from_bytes(vec![0; 16]),
+        FaultPlan::new().fail_grow(Trigger::From(1)),
+    );
+    for _ in 0..3 {
+        assert_eq!(os_error(always.set_len(17)), Some(28));
+    }
+    always.set_len(16).unwrap();
+    always.set_len(4).unwrap();
+    assert_eq!(always.len().unwrap(), 4);
+    assert!(always.grow_to(5).is_err());
+}
+
+#[test]
+fn fault_fails_the_nth_read() {
+    let s = FaultStorage::new(
+        MemStorage::from_bytes(vec![3; 16]),
+        FaultPlan::new().fail_read(Trigger::Nth(2)),
+    );
+    assert_eq!(s.read_u32_be_at(0).unwrap(), 0x0303_0303);
+    assert_eq!(os_error(s.read_u32_be_at(0)), Some(5));
+    s.read_u32_be_at(0).unwrap();
+    assert_eq!(s.reads(), 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// CrashStorage
+
+/// The scripted sequence the crash-image tests check by hand:
+///
+/// ```text
+/// base: 1024 bytes of 0xAA (sectors 0 and 1)
+/// op 0  write 100×0x01 at 10
+/// op 1  sync
+/// op 2  set_len 2048
+/// op 3  write 1024×0x02 at 256     (pieces 256..512, 512..1024, 1024..1280)
+/// op 4  write 10×0x03 at 1500      (piece 1500..1510)
+/// op 5  sync
+/// op 6  write 600×0x04 at 1100     (pieces 1100..1536, 1536..1700)
+/// ```
+fn scripted() -> CrashStorage {
+    let s = CrashStorage::from_bytes(vec![0xAA; 1024]);
+    s.write_all_at(&[1; 100], 10).unwrap();
+    s.sync_data().unwrap();
+    s.set_len(2048).unwrap();
+    s.write_all_at(&[2; 1024], 256).unwrap();
+    s.write_all_at(&[3; 10], 1500).unwrap();
+    s.sync_data().unwrap();
+    s.write_all_at(&[4; 600], 1100).unwrap();
+    s
+}
+
+/// The image after ops 0 and 1.
+fn synced_once() -> Vec<u8> {
+    let mut d = vec![0xAA; 1024];
+    d[10..110].fill(1);
+    d
+}
+
+/// The image after ops 0 to 5.
+fn synced_twice() -> Vec<u8> {
+    let mut d = synced_once();
+    d.resize(2048, 0);
+    d[256..1280].fill(2);
+    d[1500..1510].fill(3);
+    d
+}
+
+fn live_at_end() -> Vec<u8> {
+    let mut d = synced_twice();
+    d[1100..1700].fill(4);
+    d
+}
+
+#[test]
+fn crash_log_and_points() {
+    let s = scripted();
+    assert_eq!(s.op_count(), 7);
+    let ops = s.ops();
+    assert_eq!(
+        ops[0],
+        Op::Write {
+            offset: 10,
+            data: Arc::from(&[1u8; 100][..])
+        }
+    );
+    assert_eq!(ops[1], Op::Sync);
+    assert_eq!(ops[2], Op::SetLen(2048));
+    assert_eq!(s.crash_points(), (0..=7).collect::<Vec<_>>());
+    assert_eq!(s.live_image(), live_at_end());
+    assert_eq!(s.durable_image(), synced_twice());
+    assert!(is_invalid(s.crash_image(8, CrashMode::Kept)));
+
+    // failed and empty writes are not logged; a sync after the start or a sync is no point
+    let t = CrashStorage::from_bytes(vec![0; 8]);
+    t.sync_data().unwrap();
+    assert!(t.write_all_at(&[1], 8).is_err());
+    t.write_all_at(&[], 8).unwrap();
+    t.write_all_at(&[1], 0).unwrap();
+    t.sync_data().unwrap();
+    t.sync_data().unwrap();
+    assert!(t.set_len(u64::MAX).is_err());
+    assert_eq!(t.ops().len(), 4);
+    assert_eq!(t.crash_points(), [0, 2, 3]);
+}
+
+#[test]
+fn crash_dropped_is_the_durable_state() {
+    let s = scripted();
+    let expected = [
+        vec![0xAA; 1024], // 0: nothing synced
+        vec![0xAA; 1024], // 1: op 0 unsynced
+        synced_once(),
+        synced_once(),
+        synced_once(),
+        synced_once(),
+        synced_twice(),
+        synced_twice(),
+    ];
+    for (k, want) in expected.iter().enumerate() {
+        assert_eq!(
+            &s.crash_image(k, CrashMode::Dropped).unwrap(),
+            want,
+            "point {k}"
+        );
+    }
+}
+
+#[test]
+fn crash_kept_is_the_live_state() {
+    let s = scripted();
+    // Replay the script on a MemStorage, comparing after every op.
+    let mem = MemStorage::from_bytes(vec![0xAA; 1024]);
+    assert_eq!(s.crash_image(0, CrashMode::Kept).unwrap(), mem.to_vec());
+    for (k, op) in s.ops().iter().enumerate() {
+        match op {
+            Op::Write { offset, data } => mem.write_all_at(data, *offset).unwrap(),
+            Op::SetLen(n) => mem.set_len(*n).unwrap(),
+            Op::Sync => {}
+        }
+        assert_eq!(
+            s.crash_image(k + 1, CrashMode::Kept).unwrap(),
+            mem.to_vec(),
+            "point {}",
+            k + 1
+        );
+    }
+    assert_eq!(s.crash_image(7, CrashMode::Kept).unwrap(), live_at_end());
+    assert_eq!(s.crash_image(5, CrashMode::Kept).unwrap(), synced_twice());
+}
+
+/// The pieces of the unsynced tail at crash point 5 (ops 2 to 4), with their bytes.
+const TAIL_AT_5: [(usize, usize, u8); 4] = [
+    (256, 512, 2),
+    (512, 1024, 2),
+    (1024, 1280, 2),
+    (1500, 1510, 3),
+];
+
+#[test]
+fn crash_torn_is_a_per_sector_mix() {
+    let s = scripted();
+    let durable = synced_once();
+    let mut lengths = std::collections::BTreeSet::new();
+    let mut landed_counts = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let img = s.crash_image(5, CrashMode::Torn { seed }).unwrap();
+        assert!(
+            img.len() == 1024 || img.len() == 2048,
+            "seed {seed}: len {}",
+            img.len()
+        );
+        lengths.insert(img.len());
+        // Every byte outside the tail's pieces is the durable byte (or a zero of the growth).
+        let mut covered = vec![false; img.len()];
+        let mut landed = 0;
+        for (start, end, value) in TAIL_AT_5 {
+            if start >= img.len() {
+                continue;
+            }
+            let piece = &img[start..end];
+            let old: Vec<u8> = (start..end)
+                .map(|i| durable.get(i).copied().unwrap_or(0))
+                .collect();
+            assert!(
+                piece == &old[..] || piece.iter().all(|&b| b == value),
+                "seed {seed}: piece {start}..{end} is neither old nor new"
+            );
+            if piece.iter().all(|&b| b == value) && piece != &old[..] {
+                landed += 1;
+            }
+            covered[start..end].fill(true);
+        }
+        for (i, &b) in img.iter().enumerate() {
+            if !covered[i] {
+                assert_eq!(
+                    b,
+                    durable.get(i).copied().unwrap_or(0),
+                    "seed {seed}: byte {i}"
+                );
+            }
+        }
+        // the synced write is never lost
+        assert!(img[10..110].iter().all(|&b| b == 1), "seed {seed}");
+        landed_counts.insert(landed);
+    }
+    assert_eq!(
+        lengths.len(),
+        2,
+        "the set_len happened under some seeds and not others"
+    );
+    assert!(
+        landed_counts.iter().any(|&n| n > 0 && n < 4),
+        "some seed tears the tail: {landed_counts:?}"
+    );
+}
+
+#[test]
+fn crash_torn_pieces_follow_absolute_sectors() {
+    // One unsynced write from 500 to 1100 crosses sectors 0, 1 and 2 at 512 and 1024.
+    let s = CrashStorage::from_bytes(vec![0; 2048]);
+    s.write_all_at(&[7; 600], 500).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let img = s.crash_image(1, CrashMode::Torn { seed }).unwrap();
+        let pieces = [(500, 512), (512, 1024), (1024, 1100)];
+        let mut mask = 0u8;
+        for (bit, (a, b)) in pieces.into_iter().enumerate() {
+            let p = &img[a..b];
+            assert!(p.iter().all(|&x| x == 7) || p.iter().all(|&x| x == 0));
+            if p[0] == 7 {
+                mask |= 1 << bit;
+            }
+        }
+        seen.insert(mask);
+    }
+    assert!(
+        seen.len() >= 6,
+        "per-sector choices vary with the seed: {seen:?}"
+    );
+    assert_eq!(SECTOR_SIZE, 512);
+}
+
+#[test]
+fn crash_torn_same_seed_same_image() {
+    let s = scripted();
+    for k in s.crash_points() {
+        for seed in [0, 1, 42, u64::MAX] {
+            let a = s.crash_image(k, CrashMode::Torn { seed }).unwrap();
+            let b = s.crash_image(k, CrashMode::Torn { seed }).unwrap();
+            assert_eq!(a, b, "point {k} seed {seed}");
+        }
+    }
+    let distinct: std::collections::BTreeSet<Vec<u8>> = (0..16)
+        .map(|seed| s.crash_image(7, CrashMode::Torn { seed }).unwrap())
+        .collect();
+    assert!(distinct.len() > 1);
+}
+
+#[test]
+fn crash_synced_writes_are_never_lost() {
+    let s = scripted();
+    let modes = [CrashMode::Dropped, CrashMode::Kept]
+        .into_iter()
+        .chain((0..32).map(|seed| CrashMode::Torn { seed }));
+    for mode in modes {
+        for k in s.crash_points() {
+            let img = s.crash_image(k, mode).unwrap();
+            if k >= 2 {
+                assert!(img[10..110].iter().all(|&b| b == 1), "{mode:?} point {k}");
+            }
+            if k >= 6 {
+                // ops 2 to 4 are durable; only op 6 (1100..1700) may differ
+                let d = synced_twice();
+                assert_eq!(img.len(), 2048);
+                assert_eq!(img[..1100], d[..1100], "{mode:?} point {k}");
+                assert_eq!(img[1700..], d[1700..], "{mode:?} point {k}");
+            }
+            if k == 2 || k == 6 {
+                // right after a sync every mode agrees
+                assert_eq!(img, s.crash_image(k, CrashMode::Dropped).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn crash_unsynced_shrink_happens_or_not() {
+    let s = CrashStorage::from_bytes(vec![0x11; 2048]);
+    s.set_len(512).unwrap();
+    s.write_all_at(&[0x22; 512], 0).unwrap();
+    assert_eq!(
+        s.crash_image(2, CrashMode::Dropped).unwrap(),
+        vec![0x11; 2048]
+    );
+    assert_eq!(s.crash_image(2, CrashMode::Kept).unwrap(), vec![0x22; 512]);
+    let mut outcomes = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let img = s.crash_image(2, CrashMode::Torn { seed }).unwrap();
+        assert!(img.len() == 512 || img.len() == 2048);
+        assert!(img[..512].iter().all(|&b| b == 0x11) || img[..512].iter().all(|&b| b == 0x22));
+        assert!(img[512..].iter().all(|&b| b == 0x11));
+        outcomes.insert((img.len(), img[0]));
+    }
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+}
+
+#[test]
+fn crash_images_iterator_matches_crash_image() {
+    let s = scripted();
+    for mode in [
+        CrashMode::Dropped,
+        CrashMode::Kept,
+        CrashMode::Torn { seed: 7 },
+    ] {
+        let walked: Vec<(usize, Vec<u8>)> = s.crash_images(mode).collect();
+        assert_eq!(walked.len(), s.crash_points().len());
+        for (k, img) in walked {
+            assert_eq!(img, s.crash_image(k, mode).unwrap(), "{mode:?} point {k}");
+        }
+    }
+}
+
+#[test]
+fn crash_storage_is_usable_through_the_trait_object() {
+    let s: Arc<CrashStorage> = Arc::new(CrashStorage::new());
+    let dynamic: Arc<dyn Storage> = s.clone();
+    dynamic.set_len(4096).unwrap();
+    dynamic.write_u64_be_at(0, 42).unwrap();
+    dynamic.sync_data().unwrap();
+    assert_eq!(s.op_count(), 3);
+    let img = s.crash_image(3, CrashMode::Dropped).unwrap();
+    assert_eq!(MemStorage::from_bytes(img).read_u64_be_at(0).unwrap(), 42);
+}
+
+// ---------------------------------------------------------------------------------------
+// model checks: random operation sequences against a plain vector
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write { offset: u64, len: usize, byte: u8 },
+        Read { offset: u64, len: usize },
+        SetLen(u64),
+        Sync,
+    }
+
+    fn offset() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => 0u64..3000,
+            1 => any::<u64>(),
+            1 => (u64::MAX - 2000)..=u64::MAX,
+            1 => (MAX_STORAGE_LEN - 2000)..=(MAX_STORAGE_LEN + 2000),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (offset(), 0usize..1200, any::<u8>())
+                .prop_map(|(offset, len, byte)| Step::Write { offset, len, byte }),
+            2 => (offset(), 0usize..1200).prop_map(|(offset, len)| Step::Read { offset, len }),
+            // Lengths either small or above MAX_STORAGE_LEN: a huge valid length would
+            // really allocate.
+            2 => prop_oneof![0u64..3000, (MAX_STORAGE_LEN + 1)..=u64::MAX].prop_map(Step::SetLen),
+            2 => Just(Step::Sync),
+        ]
+    }
+
+    fn fits(offset: u64, len: usize, size: usize) -> bool {
+        offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size as u64)
+    }
+
+    proptest! {
+        /// Every backend agrees with a vector model, never panics, and the crash images at
+        /// every point agree with the model's history.
+        #[test]
+        fn backends_match_the_model_and_crash_images_match_its_history(
+            init_len in 0usize..2000,
+            steps in proptest::collection::vec(step(), 0..40),
+        ) {
+            let init = pattern(init_len);
+            let maker = FileMaker::new();
+            let crash = CrashStorage::from_bytes(init.clone());
+            let backends: Vec<Box<dyn Storage>> = vec![
+                Box::new(MemStorage::from_bytes(init.clone())),
+                Box::new(maker.make(&init)),
+                Box::new(LatchingStorage::new(MemStorage::from_bytes(init.clone()))),
+                Box::new(&crash),
+            ];
+            let mut model = init.clone();
+            // history[k]: the model once the crash log held k ops
+            let mut history = vec![model.clone()];
+            for step in &steps {
+                match *step {
+                    Step::Write { offset, len, byte } => {
+                        let ok = fits(offset, len, model.len());
+                        let buf = vec![byte; len];
+                        for b in &backends {
+                            prop_assert_eq!(b.write_all_at(&buf, offset).is_ok(), ok, "{:?}", b);
+                        }
+                        if ok {
+                            let start = offset as usize;
+                            model[start..start + len].copy_from_slice(&buf);
+                        }
+                    }
+                    Step::Read { offset, len } => {
+                        let ok = fits(offset, len, model.len());
+                        for b in &backends {
+                            let mut buf = vec![0; len];
+                            let r = b.read_exact_at(&mut buf, offset);
+                            prop_assert_eq!(r.is_ok(), ok, "{:?}", b);
+                            if ok {
+                                let start = offset as usize;
+                                prop_assert_eq!(&buf[..], &model[start..start + len]);
+                            }
+                        }
+                    }
+                    Step::SetLen(n) => {
+                        let ok = n <= MAX_STORAGE_LEN;
+                        for b in &backends {
+                            prop_assert_eq!(b.set_len(n).is_ok(), ok, "{:?}", b);
+                        }
+                        if ok {
+                            model.resize(n as usize, 0);
+                        }
+                    }
+                    Step::Sync => {
+                        for b in &backends {
+                            prop_assert!(b.sync_data().is_ok());
+                        }
+                    }
+                }
+                while history.len() <= crash.op_count() {
+                    history.push(model.clone());
+                }
+                for b in &backends {
+                    prop_assert_eq!(b.len().unwrap(), model.len() as u64);
+                }
+            }
+            for b in &backends {
+                prop_assert_eq!(&contents(&**b), &model);
+            }
+
+            let ops = crash.ops();
+            for k in crash.crash_points() {
+                let last_sync = ops[..k].iter().rposition(|op| *op == Op::Sync);
+                let durable = &history[last_sync.unwrap_or(0)];
+                prop_assert_eq!(&crash.crash_image(k, CrashMode::Dropped).unwrap(), durable);
+                prop_assert_eq!(&crash.crash_image(k, CrashMode::Kept).unwrap(), &history[k]);
+                let tail = &ops[last_sync.map_or(0, |s| s + 1)..k];
+                let mut lengths: Vec<usize> = vec![durable.len()];
+                lengths.extend(tail.iter().filter_map(|op| match op {
+                    Op::SetLen(n) => Some(*n as usize),
+                    _ => None,
+                }));
+                for seed in 0..4 {
+                    let torn = crash.crash_image(k, CrashMode::Torn { seed }).unwrap();
+                    prop_assert!(lengths.contains(&torn.len()));
+                    // A byte no tail write touched is the durable byte, or a zero of growth.
+                    for (p, &b) in torn.iter().enumerate() {
+                        let touched = tail.iter().any(|op| matches!(op,
+                            Op::Write { offset, data }
+                                if (*offset as usize..*offset as usize + data.len()).contains(&p)));
+                        if !touched {
+                            prop_assert!(b == durable.get(p).copied().unwrap_or(0) || b == 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sharing between threads
+
+#[test]
+fn concurrent_writers_on_shared_handles() {
+    let maker = FileMaker::new();
+    let storages: Vec<Arc<dyn Storage>> = vec![
+        Arc::new(MemStorage::from_bytes(vec![0; 8 * 4096])),
+        Arc::new(maker.make(&vec![0; 8 * 4096])),
+        Arc::new(CrashStorage::from_bytes(vec![0; 8 * 4096])),
+        Arc::new(LatchingStorage::new(MemStorage::from_bytes(vec![
+            0;
+            8 * 4096
+        ]))),
+    ];
+    for s in storages {
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..64u64 {
+                        s.write_all_at(&[t + 1; 64], u64::from(t) * 4096 + i * 64)
+                            .unwrap();
+                    }
+                    s.sync_data().unwrap();
+                });
+            }
+        });
+        let all = contents(&*s);
+        for t in 0..8usize {
+            assert!(
+                all[t * 4096..(t + 1) * 4096]
+                    .iter()
+                    .all(|&b| b == t as u8 + 1),
+                "{s:?}"
+            );
+        }
+    }
+}
