@@ -303,3 +303,64 @@ fn full_tower_never_keeps_a_stale_full_bit() {
     }
     eprintln!("rounds that ended with the block partly full: {stale_windows}");
 }
+
+#[test]
+fn count_stays_exact_with_more_threads_than_counter_slots_and_thread_churn() {
+    // 48 threads alive at once (more than the 32 per-thread counter slots, so some share
+    // the fallback slot), then 200 short-lived threads that take over freed slots.
+    let (mut rng, _) = seeded_rng("count_thread_churn");
+    let g = 4096u64;
+    let disk = 1 << 30;
+    let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+    let barrier = Arc::new(std::sync::Barrier::new(48));
+    let alive: Vec<_> = (0..48)
+        .map(|_| {
+            let bm = Arc::clone(&bm);
+            let barrier = Arc::clone(&barrier);
+            let picks: Vec<(u64, bool)> = (0..2000)
+                .map(|_| {
+                    (
+                        rng.random_range(0..disk / g) * g,
+                        rng.random_range(0..4) == 0,
+                    )
+                })
+                .collect();
+            thread::spawn(move || {
+                barrier.wait();
+                for (off, clear) in picks {
+                    if clear {
+                        bm.clear(off, g);
+                    } else {
+                        bm.mark_dirty(off, g);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in alive {
+        t.join().unwrap();
+    }
+    for _ in 0..200 {
+        let bm = Arc::clone(&bm);
+        let off = rng.random_range(0..disk / g) * g;
+        let len = rng.random_range(1..64) * g;
+        let clear = rng.random_range(0..3) == 0;
+        thread::spawn(move || {
+            if clear {
+                bm.clear(off, len);
+            } else {
+                bm.mark_dirty(off, len);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    let ones: u64 = serialize_all(&bm)
+        .iter()
+        .map(|b| u64::from(b.count_ones()))
+        .sum();
+    assert_eq!(bm.count(), ones);
+    let taken = bm.take_dirty();
+    assert_eq!(taken.count(), ones);
+    assert_eq!(bm.count(), 0);
+}

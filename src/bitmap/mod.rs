@@ -12,6 +12,7 @@
 
 mod atomic;
 mod change_map;
+mod count;
 mod geometry;
 mod iter;
 mod summary;
@@ -30,9 +31,10 @@ pub use iter::DirtyExtents;
 use crate::error::{invalid_input, Result};
 use atomic::{sc_point, AtomicBool};
 use change_map::ChangeMap;
+use count::BitCount;
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
-use words::{BitCount, Words};
+use words::Words;
 
 /// A dirty bitmap for one disk: bit n records whether disk bytes `[n·g, (n+1)·g)` were
 /// written, where g is the granularity. The last bit may cover a partial granule.
@@ -146,8 +148,44 @@ impl DirtyBitmap {
     /// 64-bit word that gains a bit, and none for bits already dirty. The range is clamped
     /// to the disk; `len == 0` and ranges past the end mark nothing. Ignored while the
     /// bitmap is disabled.
-    #[inline]
+    #[inline(always)]
     pub fn mark_dirty(&self, offset: u64, len: u64) {
+        // Fast path: a non-empty range inside the disk that stays within one word. `last`
+        // is below `offset` only when `offset + len - 1` overflowed.
+        let last = offset.wrapping_add(len).wrapping_sub(1);
+        if len != 0 && last >= offset && last < self.geo.disk_size {
+            let first_bit = offset >> self.geo.granularity_bits;
+            let last_bit = last >> self.geo.granularity_bits;
+            let w = (first_bit / 64) as usize;
+            let mask = if first_bit == last_bit {
+                // A write inside one granule, the most common case.
+                1u64 << (first_bit % 64)
+            } else if w == (last_bit / 64) as usize {
+                word_mask(first_bit, last_bit + 1)
+            } else {
+                return self.mark_dirty_range(offset, len);
+            };
+            // Bits already set need nothing, enabled or not: one plain load.
+            if self.words.load(w) & mask != mask {
+                self.mark_word(w, mask);
+            }
+            return;
+        }
+        self.mark_dirty_range(offset, len);
+    }
+
+    /// Sets `mask` in word `w` if the bitmap is enabled. Kept out of line so that the
+    /// already-dirty check in [`mark_dirty`](Self::mark_dirty) inlines into its callers.
+    #[inline(never)]
+    fn mark_word(&self, w: usize, mask: u64) {
+        if self.enabled.load(SeqCst) {
+            self.set_bits(w, mask);
+        }
+    }
+
+    /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words.
+    #[inline(never)]
+    fn mark_dirty_range(&self, offset: u64, len: u64) {
         if !self.enabled.load(SeqCst) {
             return;
         }
@@ -470,7 +508,7 @@ impl DirtyBitmap {
     fn update_summaries(&self, w: usize, old: u64, new: u64) {
         // The word changed; what follows reads the summaries and the change map.
         sc_point();
-        self.count.adjust(w, old, new);
+        self.count.adjust(old, new);
         let b = (w / BLOCK_WORDS) as u64;
         if old == 0 {
             self.any.set(0, b);
@@ -576,7 +614,12 @@ fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
     for w in w0..=w1 {
         let lo = if w == w0 { first % 64 } else { 0 };
         let hi = if w == w1 { (end - 1) % 64 } else { 63 };
-        let mask = (!0u64 >> (63 - hi)) & (!0u64 << lo);
-        f(w as usize, mask);
+        f(w as usize, (!0u64 >> (63 - hi)) & (!0u64 << lo));
     }
+}
+
+/// Mask of bits `[first, end)` within their word; both ends lie in the same word.
+#[inline]
+fn word_mask(first: u64, end: u64) -> u64 {
+    (!0u64 >> (63 - (end - 1) % 64)) & (!0u64 << (first % 64))
 }
