@@ -239,11 +239,23 @@ impl<S: Storage> Image<S> {
     /// refcounts may disagree with the disk, so every later write is refused.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.ensure_writable()?;
-        let r = f(self);
+        let r = self.clear_unknown_autoclear().and_then(|()| f(self));
         if r.is_err() {
             self.poisoned = true;
         }
         r
+    }
+
+    /// The spec lets a writer modify an image with unknown autoclear bits only after it has
+    /// cleared them, so the first write of any kind is a header write that clears them.
+    fn clear_unknown_autoclear(&mut self) -> Result<()> {
+        if self.area.header.autoclear_features & !AUTOCLEAR_MASK == 0 {
+            return Ok(());
+        }
+        self.area.header.autoclear_features &= AUTOCLEAR_MASK;
+        let bytes = self.area.encode()?;
+        self.storage.write_all_at(&bytes, 0)?;
+        self.storage.sync_data()
     }
 
     /// Allocates `n` contiguous clusters (first fit), sets their refcounts to 1 in memory

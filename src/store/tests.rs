@@ -243,6 +243,30 @@ fn autoclear_bit_without_extension_means_no_bitmaps_and_is_cleared() {
 }
 
 #[test]
+fn unknown_autoclear_bits_are_cleared_before_the_first_write() {
+    use crate::storage::CrashStorage;
+    let mut s = new_store(16 * MIB, 65536);
+    s.add("a", 65536, true).unwrap();
+    let st = s.image.into_storage();
+    st.write_u64_be_at(88, AUTOCLEAR_BITMAPS | (1 << 7))
+        .unwrap();
+    let crash = CrashStorage::from_bytes(st.into_vec());
+    let mut s = BitmapStore::open(&crash, true).unwrap();
+    s.add("b", 65536, true).unwrap();
+    let ops = crash.ops();
+    match &ops[0] {
+        crate::storage::Op::Write { offset: 0, data } => {
+            assert_eq!(
+                u64::from_be_bytes(data[88..96].try_into().unwrap()),
+                AUTOCLEAR_BITMAPS
+            );
+        }
+        op => panic!("first op {op:?}"),
+    }
+    assert!(matches!(ops[1], crate::storage::Op::Sync));
+}
+
+#[test]
 fn all_ones_entry_loads_with_tail_masked() {
     let disk = MIB + 512;
     let mut s = new_store(disk, 65536);
@@ -293,6 +317,20 @@ fn corrupt_directories_are_refused_without_panic() {
         st.write_u64_be_at(ext + 8, 60 << 20).unwrap();
     });
     assert!(r.is_err());
+    // nb_bitmaps 0 and 65536 in the extension
+    for nb in [0u32, 65536] {
+        let r = corrupt_entry(|st, _| st.write_u32_be_at(0x200, nb).unwrap());
+        assert!(matches!(r, Err(Error::Corrupt(_))), "nb_bitmaps {nb}");
+    }
+    // nb_bitmaps 2 with one entry
+    assert!(corrupt_entry(|st, _| st.write_u32_be_at(0x200, 2).unwrap()).is_err());
+    // extension reserved field
+    assert!(corrupt_entry(|st, _| st.write_u32_be_at(0x204, 1).unwrap()).is_err());
+    // directory size above the 64 MiB limit
+    assert!(corrupt_entry(|st, _| st.write_u64_be_at(0x208, 67_107_848).unwrap()).is_err());
+    // extra data
+    assert!(corrupt_entry(|st, d| st.write_u32_be_at(d + 20, 8).unwrap()).is_err());
+    // name_size 0 and a duplicate name need a second entry: covered by the codec tests.
     // in-use entry with a wrong table size is tolerated (QEMU does not load it)
     let s = corrupt_entry(|st, d| {
         st.write_u32_be_at(d + 8, 7).unwrap();
