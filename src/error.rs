@@ -32,6 +32,17 @@ pub enum Error {
     /// writes until it is reopened.
     #[error("storage refused the operation after an earlier I/O error; reopen it")]
     Poisoned,
+    /// The bitmap was not saved cleanly (in_use was set on disk, or a program without bitmap
+    /// support changed the image). Treat every bit as dirty; the only operation allowed on
+    /// it is removal.
+    #[error("bitmap {name:?} is inconsistent; it can only be removed")]
+    Inconsistent {
+        /// The bitmap's name.
+        name: String,
+    },
+    /// A change was asked of an image opened read-only.
+    #[error("the image is open read-only")]
+    ReadOnly,
 }
 
 /// Malformed on-disk data, with where it was found and what was there.
@@ -307,6 +318,29 @@ pub enum Corruption {
         offset: u64,
         /// Which constraint, and what was found.
         reason: EntryProblem,
+    },
+
+    // ---- refcount structures ----
+    /// A refcount is inconsistent with the metadata that uses the cluster (for example a
+    /// cluster about to be freed already has refcount 0).
+    #[error("cluster {cluster:#x}: {what}")]
+    Refcount {
+        /// The cluster's byte offset.
+        cluster: u64,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A metadata structure lies (partly) past the end of the image file.
+    #[error("{what} at offset {offset:#x} ({len} bytes) lies past the end of the file ({file_len} bytes)")]
+    PastEnd {
+        /// The structure.
+        what: &'static str,
+        /// Where it starts.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file length.
+        file_len: u64,
     },
 
     // ---- bitmap table and refcount table ----

@@ -39,10 +39,14 @@
 pub mod bitmap;
 pub mod error;
 pub mod format;
+pub mod image;
 pub mod storage;
+pub mod store;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
+pub use image::{CheckReport, Image};
+pub use store::{BitmapInfo, BitmapState, BitmapStore};
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

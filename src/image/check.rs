@@ -1,0 +1,358 @@
+//! A refcount check with `qemu-img check`'s rules and exit codes.
+//!
+//! [`check`] rebuilds the number of references to every cluster from the metadata
+//! (QEMU's `calculate_refcounts`): the header cluster, the active L1 table with its L2
+//! tables and data clusters, every snapshot's L1/L2/data and the snapshot table, the
+//! refcount table and blocks, the LUKS header, and (when autoclear bit 0 trusts it) the
+//! bitmap directory, each bitmap table and each data cluster a table names
+//! (`qcow2_check_bitmaps_refcounts`). It then compares those counts with the on-disk
+//! refcounts (`compare_refcounts`): more on disk is a leak, less is a corruption.
+//!
+//! Every length read from the image is checked against the file size before anything is
+//! allocated for it, so a corrupt image cannot make the check allocate without bound.
+
+use std::fmt::Write as _;
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::alloc::read_metadata;
+use crate::error::{invalid_input, Result};
+use crate::format::header::{INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
+use crate::format::refcount::{decode_reftable_entry, entries_per_block, get_refcount};
+use crate::format::{decode_directory, HeaderArea, TableEntry};
+use crate::storage::{Storage, StorageExt};
+
+/// L1 and L2 entries: bits 9-55 hold the offset.
+const L2_OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
+/// L2 entry bit 62: the cluster is compressed.
+const L2_COMPRESSED: u64 = 1 << 62;
+/// Largest number of clusters the check keeps counts for (16 GiB of counters).
+const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Most messages kept in a report; the counts stay exact beyond it.
+const MAX_MESSAGES: usize = 1000;
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Clusters referenced more often than their refcount says, plus broken structures
+    /// (bad entries, metadata past the end of the file, refcount blocks referenced twice).
+    pub corruptions: u64,
+    /// Clusters whose refcount is higher than their references.
+    pub leaks: u64,
+    /// Clusters in the file.
+    pub total_clusters: u64,
+    /// Human-readable findings, in QEMU's wording where QEMU has one (at most 1000).
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// `qemu-img check`'s exit code: 0 clean, 2 corruptions, 3 leaks only.
+    pub fn exit_code(&self) -> i32 {
+        if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// Neither corruptions nor leaks.
+    pub fn is_clean(&self) -> bool {
+        self.exit_code() == 0
+    }
+
+    fn note(&mut self, msg: impl FnOnce() -> String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg());
+        }
+    }
+
+    fn corrupt(&mut self, msg: impl FnOnce() -> String) {
+        self.corruptions = self.corruptions.saturating_add(1);
+        self.note(msg);
+    }
+}
+
+struct Counter<'a, S: Storage + ?Sized> {
+    storage: &'a S,
+    cluster_bits: u32,
+    file_len: u64,
+    refs: Vec<u64>,
+    report: CheckReport,
+}
+
+impl<S: Storage + ?Sized> Counter<'_, S> {
+    /// One reference to every cluster overlapping `[offset, offset + len)`.
+    fn inc(&mut self, offset: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            match usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    let at = c << self.cluster_bits;
+                    self.report.corrupt(|| {
+                        format!("ERROR {what} cluster {at:#x} is beyond the end of the image file")
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
+        match read_metadata(self.storage, what, offset, len) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.report.corrupt(|| format!("ERROR reading {what}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// An L1 table with its L2 tables and (unless they live in a data file) data clusters.
+    fn l1(&mut self, offset: u64, size: u32, data_file: bool, extl2: bool) {
+        let len = u64::from(size).saturating_mul(8);
+        self.inc(offset, len, "L1 table");
+        let Some(l1) = self.read("L1 table", offset, len) else {
+            return;
+        };
+        let cs = 1u64 << self.cluster_bits;
+        for (i, e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+            let l2_off = e & L2_OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off & (cs - 1) != 0 {
+                self.report
+                    .corrupt(|| format!("ERROR L1 entry {i}: L2 offset {l2_off:#x} unaligned"));
+                continue;
+            }
+            self.inc(l2_off, cs, "L2 table");
+            let Some(l2) = self.read("L2 table", l2_off, cs) else {
+                continue;
+            };
+            let stride = if extl2 { 16 } else { 8 };
+            for (j, entry) in l2.chunks_exact(stride).map(BigEndian::read_u64).enumerate() {
+                if entry & L2_COMPRESSED != 0 {
+                    // qcow2_parse_compressed_l2_entry.
+                    let shift = 62 - (self.cluster_bits - 8);
+                    let coffset = entry & ((1u64 << shift) - 1);
+                    let mask = (1u64 << (self.cluster_bits - 8)) - 1;
+                    let sectors = ((entry >> shift) & mask) + 1;
+                    let csize = (sectors * 512).saturating_sub(coffset & 511);
+                    self.inc(coffset, csize, "compressed data");
+                    continue;
+                }
+                let data = entry & L2_OFFSET_MASK;
+                if data == 0 || data_file {
+                    continue;
+                }
+                if data & (cs - 1) != 0 {
+                    self.report.corrupt(|| {
+                        format!("ERROR L2 {l2_off:#x} entry {j}: data offset {data:#x} unaligned")
+                    });
+                    continue;
+                }
+                self.inc(data, cs, "data");
+            }
+        }
+    }
+
+    fn snapshots(&mut self, area: &HeaderArea, data_file: bool, extl2: bool) {
+        let h = &area.header;
+        let mut at = h.snapshots_offset;
+        let start = at;
+        for i in 0..h.nb_snapshots {
+            let Some(fixed) = self.read("snapshot header", at, 40) else {
+                return;
+            };
+            let l1_off = BigEndian::read_u64(&fixed[0..8]);
+            let l1_size = BigEndian::read_u32(&fixed[8..12]);
+            let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
+            let name_len = u64::from(BigEndian::read_u16(&fixed[14..16]));
+            let extra = u64::from(BigEndian::read_u32(&fixed[36..40]));
+            let len = 40u64
+                .saturating_add(extra)
+                .saturating_add(id_len)
+                .saturating_add(name_len);
+            let len = len.saturating_add(7) & !7;
+            if l1_size > (32 << 20) / 8 {
+                self.report
+                    .corrupt(|| format!("ERROR snapshot {i}: L1 table of {l1_size} entries"));
+            } else {
+                self.l1(l1_off, l1_size, data_file, extl2);
+            }
+            at = at.saturating_add(len);
+            if at > self.file_len {
+                self.report
+                    .corrupt(|| "ERROR snapshot table past end of file".to_string());
+                return;
+            }
+        }
+        self.inc(start, at - start, "snapshot table");
+    }
+
+    fn bitmaps(&mut self, area: &HeaderArea) {
+        let Some(ext) = area.bitmaps else {
+            return;
+        };
+        let h = &area.header;
+        self.inc(ext.directory_offset, ext.directory_size, "bitmap directory");
+        let Some(dir) = self.read("bitmap directory", ext.directory_offset, ext.directory_size)
+        else {
+            return;
+        };
+        let entries =
+            match h.geometry().map_err(Into::into).and_then(|g| {
+                decode_directory(&dir, ext.nb_bitmaps, &g).map_err(crate::Error::from)
+            }) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.report
+                        .corrupt(|| format!("ERROR bitmap directory: {e}"));
+                    return;
+                }
+            };
+        let cs = h.cluster_size();
+        for e in entries {
+            let len = u64::from(e.table_size) * 8;
+            self.inc(e.table_offset, len, "bitmap table");
+            let Some(table) = self.read("bitmap table", e.table_offset, len) else {
+                continue;
+            };
+            for (i, raw) in table.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+                match TableEntry::from_raw(raw, cs) {
+                    Ok(TableEntry::Data(off)) => self.inc(off, cs, "bitmap data"),
+                    Ok(_) => {}
+                    Err(p) => self.report.corrupt(|| {
+                        format!("ERROR bitmap {:?} table entry {i} ({raw:#x}): {p}", e.name)
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// Checks an image's refcounts against its metadata. See the module docs.
+///
+/// # Errors
+/// [`crate::Error::InvalidInput`] when the file has more than 2^31 clusters; I/O errors.
+/// Broken structures are reported as corruptions, not errors.
+pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
+    let h = &area.header;
+    let cb = h.cluster_bits;
+    let cs = h.cluster_size();
+    let file_len = storage.len()?;
+    let nb_clusters = file_len.div_ceil(cs);
+    if nb_clusters > MAX_CHECK_CLUSTERS {
+        return Err(invalid_input!(
+            "image of {nb_clusters} clusters is too large to check"
+        ));
+    }
+    let mut refs = Vec::new();
+    refs.try_reserve_exact(nb_clusters as usize)
+        .map_err(|_| invalid_input!("cannot allocate counters for {nb_clusters} clusters"))?;
+    refs.resize(nb_clusters as usize, 0u64);
+    let mut ctr = Counter {
+        storage,
+        cluster_bits: cb,
+        file_len,
+        refs,
+        report: CheckReport {
+            total_clusters: nb_clusters,
+            ..CheckReport::default()
+        },
+    };
+    let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
+    let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
+    ctr.inc(0, cs, "header");
+    ctr.l1(h.l1_table_offset, h.l1_size, data_file, extl2);
+    if h.nb_snapshots > 0 {
+        ctr.snapshots(area, data_file, extl2);
+    }
+    let rt_len = u64::from(h.refcount_table_clusters) * cs;
+    ctr.inc(h.refcount_table_offset, rt_len, "refcount table");
+    if let Some(c) = area.crypto {
+        ctr.inc(c.offset, c.length, "encryption header");
+    }
+    ctr.bitmaps(area);
+
+    // Refcount blocks: each referenced once, and read for the comparison.
+    let per_block = entries_per_block(cb, h.refcount_order)?;
+    let rt = ctr
+        .read("refcount table", h.refcount_table_offset, rt_len)
+        .unwrap_or_default();
+    let mut blocks: Vec<Option<u64>> = Vec::with_capacity(rt.len() / 8);
+    for (i, raw) in rt.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+        let entry = match decode_reftable_entry(raw, i as u64, cs) {
+            Ok(e) => e,
+            Err(e) => {
+                ctr.report.corrupt(|| format!("ERROR {e}"));
+                None
+            }
+        };
+        let entry = entry.filter(|&off| {
+            let ok = off.checked_add(cs).is_some_and(|end| end <= file_len);
+            if !ok {
+                ctr.report.corrupt(|| {
+                    format!("ERROR refcount block {i} at {off:#x} is outside the image")
+                });
+            }
+            ok
+        });
+        if let Some(off) = entry {
+            ctr.inc(off, cs, "refcount block");
+        }
+        blocks.push(entry);
+    }
+    let Counter {
+        refs, mut report, ..
+    } = ctr;
+    for (i, b) in blocks.iter().enumerate() {
+        if let Some(off) = b {
+            let r = refs.get((off >> cb) as usize).copied().unwrap_or(0);
+            if r != 1 {
+                report.corrupt(|| format!("ERROR refcount block {i} refcount={r}"));
+            }
+        }
+    }
+    // Compare, one block at a time.
+    let mut c = 0u64;
+    while c < nb_clusters {
+        let index = (c / per_block) as usize;
+        let block = match blocks.get(index).copied().flatten() {
+            Some(off) => Some(storage.read_vec_at(off, cs)?),
+            None => None,
+        };
+        let end = (c.saturating_add(per_block) / per_block * per_block).min(nb_clusters);
+        for cl in c..end {
+            let on_disk = match &block {
+                Some(b) => get_refcount(b, h.refcount_order, cl % per_block)?,
+                None => 0,
+            };
+            let computed = refs.get(cl as usize).copied().unwrap_or(0);
+            if on_disk > computed {
+                report.leaks = report.leaks.saturating_add(1);
+                report.note(|| {
+                    let mut s = String::new();
+                    let _ = write!(
+                        s,
+                        "Leaked cluster {cl} refcount={on_disk} reference={computed}"
+                    );
+                    s
+                });
+            } else if on_disk < computed {
+                report.corrupt(|| {
+                    format!("ERROR cluster {cl} refcount={on_disk} reference={computed}")
+                });
+            }
+        }
+        c = end;
+    }
+    Ok(report)
+}

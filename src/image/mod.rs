@@ -1,0 +1,355 @@
+//! The qcow2 container: open and create images, allocate clusters, rewrite the header.
+//!
+//! [`Image`] is the layer between the pure codecs in [`format`](crate::format) and the
+//! bitmap store. It knows the header area, the refcount structures (through a first-fit
+//! allocator) and how to check an image's refcounts as `qemu-img check` does. It knows
+//! nothing about bitmap contents.
+//!
+//! # What it opens
+//! Everything `qemu-img create -f qcow2` makes: versions 2 and 3, cluster sizes 512 B to
+//! 2 MiB, refcount widths 1 to 64 bits, backing files, external data files, zstd
+//! compression, extended L2 entries, encryption and snapshots. It refuses unknown
+//! incompatible features (the error names them from the image's feature table) and refuses
+//! to open writable an image with the dirty or corrupt bit set: those need
+//! `qemu-img check -r`. Unknown extensions and header bytes past offset 112 are kept
+//! byte for byte (see [`HeaderArea`]).
+//!
+//! # Writes
+//! A read-only image never writes: every writing method returns [`Error::ReadOnly`]
+//! first. A writable one writes only when a method that changes the image is called.
+
+mod alloc;
+pub mod check;
+
+use crate::error::{invalid_input, Error, Result};
+use crate::format::header::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+};
+use crate::format::refcount::{encode_reftable, set_refcount};
+use crate::format::{decode_extensions, Extension, Header, HeaderArea};
+use crate::storage::{Storage, StorageExt};
+pub(crate) use alloc::read_metadata;
+use alloc::Refcounts;
+pub use check::CheckReport;
+
+/// Largest cluster 0 (2 MiB clusters): the most read before the header is known.
+const MAX_CLUSTER_SIZE: u64 = 1 << MAX_CLUSTER_BITS;
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Image<S: Storage> {
+    storage: S,
+    writable: bool,
+    area: HeaderArea,
+    /// The bitmaps extension data found while autoclear bit 0 was clear (untrusted).
+    stale_bitmaps: Option<Vec<u8>>,
+    refcounts: Refcounts,
+    /// Set by the first failed write: the in-memory state may disagree with the disk.
+    poisoned: bool,
+}
+
+impl<S: Storage> Image<S> {
+    /// Opens an image, read-only or writable. Reads cluster 0 and the refcount table;
+    /// writes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a header, extension or reftable QEMU would refuse (including
+    /// unknown incompatible features, named); [`Error::Unsupported`] when `writable` and the
+    /// dirty or corrupt bit is set; [`Error::Io`] from the storage.
+    pub fn open(storage: S, writable: bool) -> Result<Self> {
+        let len = storage.len()?;
+        let cluster0 = storage.read_vec_at(0, len.min(MAX_CLUSTER_SIZE))?;
+        let header = Header::decode(&cluster0)?;
+        let cs = usize::try_from(header.cluster_size()).unwrap_or(usize::MAX);
+        let cluster0 = cluster0.get(..cs.min(cluster0.len())).unwrap_or(&cluster0);
+        let area = HeaderArea::decode(cluster0)?;
+        if writable && area.header.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
+        {
+            return Err(Error::Unsupported(
+                "the image has the dirty or corrupt bit set; repair it with `qemu-img check -r all` \
+                 before opening it writable"
+                    .to_string(),
+            ));
+        }
+        let stale_bitmaps = if area.stale_bitmaps {
+            decode_extensions(cluster0, &area.header)?
+                .into_iter()
+                .filter_map(|e| match e {
+                    Extension::StaleBitmaps(d) => Some(d),
+                    _ => None,
+                })
+                .next_back()
+        } else {
+            None
+        };
+        let refcounts = Refcounts::load(&storage, &area.header)?;
+        Ok(Self {
+            storage,
+            writable,
+            area,
+            stale_bitmaps,
+            refcounts,
+            poisoned: false,
+        })
+    }
+
+    /// Creates a qcow2 v3 image for a raw device of `disk_size` bytes that holds no guest
+    /// data, only room for bitmaps: the layout `qemu-img create -f qcow2` writes. Cluster 0
+    /// holds the header, cluster 1 the refcount table, cluster 2 the refcount block
+    /// (16-bit refcounts), and the L1 table (all zeros, sized for `disk_size`) follows.
+    ///
+    /// Write order: refcount table and block, the L1 table, then a barrier, then the header
+    /// and a barrier. Until the header is written the file is not a qcow2 image at all.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the storage is not empty or `cluster_size` is not a power
+    /// of two in 512..=2 MiB; [`Error::Io`] from the storage.
+    pub fn create_bitmap_only(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
+        let cluster_bits = cluster_size.trailing_zeros();
+        if !cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
+        {
+            return Err(invalid_input!(
+                "cluster size {cluster_size} is not a power of two in 512..=2097152"
+            ));
+        }
+        if !storage.is_empty()? {
+            return Err(invalid_input!("create_bitmap_only needs empty storage"));
+        }
+        // One L1 entry maps cs/8 L2 entries of cs bytes each.
+        let per_l1 = (cluster_size / 8).saturating_mul(cluster_size);
+        let l1_size = u32::try_from(disk_size.div_ceil(per_l1))
+            .ok()
+            .filter(|&n| u64::from(n).saturating_mul(8) <= 32 << 20)
+            .ok_or_else(|| {
+                invalid_input!("disk size {disk_size} needs an L1 table above 32 MiB")
+            })?;
+        let header = Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size: disk_size,
+            crypt_method: 0,
+            l1_size,
+            l1_table_offset: 3 * cluster_size,
+            refcount_table_offset: cluster_size,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 112,
+            compression_type: 0,
+            unknown_fields: Vec::new(),
+        };
+        storage.set_len(3 * cluster_size)?;
+        let reftable = encode_reftable(&[Some(2 * cluster_size)], cluster_bits)?;
+        storage.write_all_at(&reftable, cluster_size)?;
+        let mut block = vec![0u8; cluster_size as usize];
+        for c in 0..3 {
+            set_refcount(&mut block, 4, c, 1)?;
+        }
+        storage.write_all_at(&block, 2 * cluster_size)?;
+        let mut probe = header.clone();
+        probe.l1_size = 0;
+        let mut refcounts = Refcounts::load(&storage, &probe)?;
+        let mut header = header;
+        if l1_size > 0 {
+            let l1_len = u64::from(l1_size) * 8;
+            let l1 = refcounts.alloc(&storage, l1_len.div_ceil(cluster_size))?;
+            storage.write_zeroes_at(l1, l1_len.div_ceil(cluster_size) * cluster_size)?;
+            header.l1_table_offset = l1;
+        }
+        refcounts.flush(&storage)?;
+        let area = HeaderArea::new(header);
+        storage.write_all_at(&area.encode()?, 0)?;
+        storage.sync_data()?;
+        let refcounts = Refcounts::load(&storage, &area.header)?;
+        Ok(Self {
+            storage,
+            writable: true,
+            area,
+            stale_bitmaps: None,
+            refcounts,
+            poisoned: false,
+        })
+    }
+
+    /// The fixed header as it is on disk (or will be after the next header write).
+    pub fn header(&self) -> &Header {
+        &self.area.header
+    }
+
+    /// Cluster 0 as decoded: header, extensions, backing file name.
+    pub fn area(&self) -> &HeaderArea {
+        &self.area
+    }
+
+    /// The underlying storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Gives the storage back.
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// Whether the image was opened writable.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.area.header.cluster_size()
+    }
+
+    /// The bitmaps extension's raw data when it was found with autoclear bit 0 clear
+    /// (written by a program without bitmap support; untrusted).
+    pub fn stale_bitmaps(&self) -> Option<&[u8]> {
+        self.stale_bitmaps.as_deref()
+    }
+
+    /// Rebuilds every cluster's reference count from the metadata and compares it with the
+    /// on-disk refcounts, as `qemu-img check` does. Reads only.
+    ///
+    /// # Errors
+    /// [`Error::Io`] from the storage, or [`Error::InvalidInput`] if the image is too large
+    /// to check in memory.
+    pub fn check(&self) -> Result<CheckReport> {
+        check::check(&self.storage, &self.area)
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
+        if self.poisoned {
+            Err(Error::Poisoned)
+        } else if !self.writable {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `f`, poisoning the image if it fails: after a failed write the in-memory
+    /// refcounts may disagree with the disk, so every later write is refused.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.ensure_writable()?;
+        let r = self.clear_unknown_autoclear().and_then(|()| f(self));
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// The spec lets a writer modify an image with unknown autoclear bits only after it has
+    /// cleared them, so the first write of any kind is a header write that clears them.
+    fn clear_unknown_autoclear(&mut self) -> Result<()> {
+        if self.area.header.autoclear_features & !AUTOCLEAR_MASK == 0 {
+            return Ok(());
+        }
+        self.area.header.autoclear_features &= AUTOCLEAR_MASK;
+        let bytes = self.area.encode()?;
+        self.storage.write_all_at(&bytes, 0)?;
+        self.storage.sync_data()
+    }
+
+    /// Allocates `n` contiguous clusters (first fit), sets their refcounts to 1 in memory
+    /// and grows the file to cover them. Returns the byte offset of the first cluster.
+    /// The refcounts reach the disk at the next [`flush_refcounts`](Self::flush_refcounts).
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], [`Error::Poisoned`], refcount corruption found on the way, or an
+    /// I/O error (which poisons the image).
+    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.guarded(|img| img.refcounts.alloc(&img.storage, n))
+    }
+
+    /// Decrements the refcounts of the `n` clusters at `offset`, in memory.
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::Corrupt`] if a refcount is
+    /// already 0 or the cluster is a refcount structure.
+    pub fn free_clusters(&mut self, offset: u64, n: u64) -> Result<()> {
+        self.guarded(|img| img.refcounts.free(&img.storage, offset, n))
+    }
+
+    /// The in-memory refcount of the cluster holding byte `offset`.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if its refcount block lies past the end of the file; I/O errors.
+    pub fn refcount(&mut self, offset: u64) -> Result<u64> {
+        let c = offset >> self.area.header.cluster_bits;
+        self.refcounts.get(&self.storage, c)
+    }
+
+    /// Writes every changed refcount block and reftable entry, with barriers, and syncs.
+    /// Does nothing when no refcount changed.
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters).
+    pub fn flush_refcounts(&mut self) -> Result<()> {
+        if self.refcounts.is_clean() {
+            return Ok(());
+        }
+        self.guarded(|img| img.refcounts.flush(&img.storage))
+    }
+
+    /// Mutable access to the header area, for a following [`write_header`](Self::write_header).
+    pub(crate) fn area_mut(&mut self) -> &mut HeaderArea {
+        &mut self.area
+    }
+
+    /// Writes cluster 0 from the in-memory header area in one write, then syncs: the commit
+    /// point of every metadata change. Unknown autoclear bits are cleared (the spec allows a
+    /// writer to modify the image only after clearing them), and autoclear bit 0 is cleared
+    /// when there is no bitmaps extension to go with it.
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
+    /// longer fits in cluster 0.
+    pub fn write_header(&mut self) -> Result<()> {
+        self.guarded(|img| {
+            let (offset, clusters) = img.refcounts.reftable_location();
+            let h = &mut img.area.header;
+            h.refcount_table_offset = offset;
+            h.refcount_table_clusters = u32::try_from(clusters)
+                .map_err(|_| invalid_input!("refcount table of {clusters} clusters"))?;
+            h.autoclear_features &= AUTOCLEAR_MASK;
+            if img.area.bitmaps.is_none_or(|b| b.nb_bitmaps == 0) {
+                img.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            }
+            let bytes = img.area.encode()?;
+            img.storage.grow_to(bytes.len() as u64)?;
+            img.storage.write_all_at(&bytes, 0)?;
+            img.storage.sync_data()?;
+            // The stale extension is gone from disk once cluster 0 is rewritten.
+            img.area.stale_bitmaps = false;
+            img.stale_bitmaps = None;
+            Ok(())
+        })
+    }
+
+    /// Writes `buf` at `offset` (a cluster the caller allocated).
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters).
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.guarded(|img| img.storage.write_all_at(buf, offset))
+    }
+
+    /// A barrier: everything written before is durable before anything written after.
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters).
+    pub fn sync(&mut self) -> Result<()> {
+        self.guarded(|img| img.storage.sync_data())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! Unit tests for the image layer on `MemStorage`.
+
+use super::*;
+use crate::storage::MemStorage;
+
+fn fresh(cs: u64, disk: u64) -> Image<MemStorage> {
+    Image::create_bitmap_only(MemStorage::new(), disk, cs).unwrap()
+}
+
+#[test]
+fn created_image_is_clean_for_every_cluster_size() {
+    for cb in 9..=21 {
+        let img = fresh(1 << cb, 1 << 30);
+        let r = img.check().unwrap();
+        assert!(r.is_clean(), "cluster bits {cb}: {r:?}");
+        assert_eq!(img.header().refcount_table_offset, 1 << cb);
+        let reopened = Image::open(img.into_storage(), false).unwrap();
+        assert!(reopened.check().unwrap().is_clean());
+    }
+}
+
+#[test]
+fn first_fit_never_hands_out_metadata_and_reuses_freed_clusters() {
+    let mut img = fresh(512, 1 << 20);
+    let l1 = img.header().l1_table_offset;
+    let a = img.alloc_clusters(1).unwrap();
+    assert!(a > l1, "first allocation after the L1 table");
+    let b = img.alloc_clusters(3).unwrap();
+    assert_eq!(b, a + 512);
+    img.free_clusters(a, 1).unwrap();
+    assert_eq!(
+        img.alloc_clusters(1).unwrap(),
+        a,
+        "freed cluster reused first"
+    );
+    img.free_clusters(b + 512, 1).unwrap();
+    // A 2-cluster run does not fit in the 1-cluster hole.
+    let c = img.alloc_clusters(2).unwrap();
+    assert!(c >= b + 3 * 512);
+    img.flush_refcounts().unwrap();
+    let r = img.check().unwrap();
+    // Allocated but unreferenced clusters are leaks.
+    assert_eq!(r.corruptions, 0);
+    assert_eq!(r.leaks, 1 + 2 + 2);
+    assert_eq!(r.exit_code(), 3);
+}
+
+#[test]
+fn double_free_is_corruption_not_panic() {
+    let mut img = fresh(4096, 1 << 20);
+    let a = img.alloc_clusters(1).unwrap();
+    img.free_clusters(a, 1).unwrap();
+    assert!(matches!(img.free_clusters(a, 1), Err(Error::Corrupt(_))));
+    assert!(matches!(img.alloc_clusters(1), Err(Error::Poisoned)));
+}
+
+#[test]
+fn refcount_structures_cannot_be_freed() {
+    let mut img = fresh(4096, 1 << 20);
+    let rt = img.header().refcount_table_offset;
+    assert!(matches!(img.free_clusters(rt, 1), Err(Error::Corrupt(_))));
+}
+
+#[test]
+fn allocator_grows_refblocks_and_the_reftable() {
+    // 512-byte clusters, 16-bit refcounts: 256 clusters per block, 64 blocks per
+    // 1-cluster reftable, so 16384 clusters (8 MiB) force a new reftable.
+    let mut img = fresh(512, 1 << 20);
+    let old_rt = img.header().refcount_table_offset;
+    let mut got = Vec::new();
+    for i in 0..300u64 {
+        got.push((img.alloc_clusters(1 + i % 150).unwrap(), 1 + i % 150));
+    }
+    img.flush_refcounts().unwrap();
+    img.write_header().unwrap();
+    assert_ne!(img.header().refcount_table_offset, old_rt, "reftable moved");
+    assert!(img.header().refcount_table_clusters > 1);
+    // Every run distinct and never overlapping metadata.
+    let mut spans: Vec<(u64, u64)> = got.iter().map(|&(o, n)| (o, o + n * 512)).collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "overlap {w:?}");
+    }
+    for &(s, e) in &spans {
+        assert!(s >= 3 * 512);
+        let rt = img.header().refcount_table_offset;
+        let rt_end = rt + u64::from(img.header().refcount_table_clusters) * 512;
+        assert!(e <= rt || s >= rt_end);
+    }
+    let leaked: u64 = got.iter().map(|&(_, n)| n).sum();
+    let r = img.check().unwrap();
+    assert_eq!(
+        r.corruptions,
+        0,
+        "{:?}",
+        &r.messages[..r.messages.len().min(5)]
+    );
+    // The old reftable was freed in memory and flushed by write_header? No: flush again.
+    img.flush_refcounts().unwrap();
+    let r = img.check().unwrap();
+    assert_eq!(
+        r.leaks,
+        leaked,
+        "{:?}",
+        &r.messages[..r.messages.len().min(5)]
+    );
+    // Free everything: clean.
+    for &(o, n) in &got {
+        img.free_clusters(o, n).unwrap();
+    }
+    img.flush_refcounts().unwrap();
+    let r = img.check().unwrap();
+    assert!(r.is_clean(), "{:?}", &r.messages[..r.messages.len().min(5)]);
+    let reopened = Image::open(img.into_storage(), true).unwrap();
+    assert!(reopened.check().unwrap().is_clean());
+}
+
+#[test]
+fn every_refcount_width_allocates_and_checks() {
+    for order in 0..=6u32 {
+        let mut img = fresh(512, 1 << 20);
+        // Rewrite the fresh image with another refcount width: rebuild its one block.
+        let cs = 512u64;
+        let mut block = vec![0u8; 512];
+        let l1_end =
+            (img.header().l1_table_offset + 8 * u64::from(img.header().l1_size)).div_ceil(cs);
+        for c in 0..l1_end {
+            crate::format::set_refcount(&mut block, order, c, 1).unwrap();
+        }
+        img.storage().write_all_at(&block, 2 * cs).unwrap();
+        img.area_mut().header.refcount_order = order;
+        img.write_header().unwrap();
+        let mut img = Image::open(img.into_storage(), true).unwrap();
+        assert!(img.check().unwrap().is_clean(), "order {order}");
+        let mut runs = Vec::new();
+        for _ in 0..40 {
+            runs.push(img.alloc_clusters(7).unwrap());
+        }
+        for &o in runs.iter().step_by(2) {
+            img.free_clusters(o, 7).unwrap();
+        }
+        img.flush_refcounts().unwrap();
+        let r = img.check().unwrap();
+        assert_eq!(r.corruptions, 0, "order {order}: {:?}", r.messages.first());
+        assert_eq!(r.leaks, 20 * 7, "order {order}");
+    }
+}
+
+#[test]
+fn read_only_image_refuses_writes() {
+    let img = fresh(65536, 1 << 30);
+    let before = img.storage().to_vec();
+    let mut ro = Image::open(img.into_storage(), false).unwrap();
+    assert!(matches!(ro.alloc_clusters(1), Err(Error::ReadOnly)));
+    assert!(matches!(ro.write_header(), Err(Error::ReadOnly)));
+    assert_eq!(ro.storage().to_vec(), before);
+}
+
+#[test]
+fn dirty_or_corrupt_bit_refuses_writable_open() {
+    for bit in [INCOMPAT_DIRTY, INCOMPAT_CORRUPT] {
+        let mut img = fresh(65536, 1 << 30);
+        img.area_mut().header.incompatible_features |= bit;
+        img.write_header().unwrap();
+        let bytes = img.into_storage().into_vec();
+        assert!(matches!(
+            Image::open(MemStorage::from_bytes(bytes.clone()), true),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(Image::open(MemStorage::from_bytes(bytes), false).is_ok());
+    }
+}
+
+#[test]
+fn unknown_incompatible_feature_is_refused() {
+    let img = fresh(65536, 1 << 30);
+    let s = img.into_storage();
+    s.write_all_at(&(1u64 << 40).to_be_bytes(), 72).unwrap();
+    assert!(matches!(Image::open(s, false), Err(Error::Corrupt(_))));
+}
+
+#[test]
+fn create_refuses_bad_input() {
+    assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 1000).is_err());
+    assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 256).is_err());
+    assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 4 << 20).is_err());
+    assert!(Image::create_bitmap_only(MemStorage::from_bytes(vec![1]), 1 << 20, 65536).is_err());
+}
+
+#[test]
+fn truncated_reftable_is_corrupt_not_panic() {
+    let img = fresh(65536, 1 << 30);
+    let mut bytes = img.into_storage().into_vec();
+    bytes.truncate(65536 + 100);
+    assert!(matches!(
+        Image::open(MemStorage::from_bytes(bytes), false),
+        Err(Error::Corrupt(_))
+    ));
+}

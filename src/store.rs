@@ -1,0 +1,804 @@
+//! [`BitmapStore`]: the persistent bitmaps of one qcow2 image.
+//!
+//! A store is opened *inactive*: it reads the directory, and every operation reads or
+//! rewrites bitmaps on disk, with QEMU's copy-on-write order (new clusters, refcounts
+//! flushed, header commit, old clusters freed). [`BitmapStore::activate`] loads every
+//! consistent bitmap into memory and sets `in_use` on disk; from then on the in-memory
+//! [`DirtyBitmap`]s are authoritative ([`BitmapStore::bitmap`] hands them out for marking)
+//! until [`BitmapStore::inactivate`] or [`BitmapStore::close`] stores them and clears
+//! `in_use`. A crash while active leaves `in_use` set: the bitmaps then load as
+//! [`BitmapState::Inconsistent`], never as falsely clean.
+//!
+//! The write order of every operation and what a crash after each step leaves are in
+//! `docs/CRASH-CONSISTENCY.md`.
+
+use std::sync::Arc;
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
+use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
+use crate::format::header::AUTOCLEAR_BITMAPS;
+use crate::format::{
+    decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapsExtension,
+    DirEntry, ImageGeometry, TableEntry,
+};
+use crate::image::{read_metadata, Image};
+use crate::storage::Storage;
+
+/// Whether a bitmap's on-disk data can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapState {
+    /// Saved cleanly (or owned by this activated store).
+    Consistent,
+    /// `in_use` was set when the image was opened, or a program without bitmap support
+    /// modified the image (autoclear bit 0 clear). Treat it as all dirty; only removal is
+    /// allowed.
+    Inconsistent,
+}
+
+/// One bitmap as [`BitmapStore::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Disk bytes per bit.
+    pub granularity: u64,
+    /// The `auto` flag: the bitmap records every write (QEMU's "enabled").
+    pub enabled: bool,
+    /// The `in_use` flag as it is on disk now.
+    pub in_use: bool,
+    /// Whether its data can be trusted.
+    pub state: BitmapState,
+    /// Entries in its bitmap table.
+    pub table_size: u32,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// The entry as it is on disk.
+    entry: DirEntry,
+    inconsistent: bool,
+    /// Found in an untrusted (stale) directory: its clusters are never freed, since a
+    /// repair tool may have given them to other data.
+    stale: bool,
+    /// The authoritative bitmap while the store is active.
+    mem: Option<Arc<DirtyBitmap>>,
+}
+
+/// The persistent bitmaps of one qcow2 image. See the module docs.
+///
+/// Call [`close`](Self::close) (or [`inactivate`](Self::inactivate)) on an activated store:
+/// dropping it leaves `in_use` set, and the bitmaps load as inconsistent next time.
+#[must_use = "an activated store must be closed to save its bitmaps"]
+#[derive(Debug)]
+pub struct BitmapStore<S: Storage> {
+    image: Image<S>,
+    slots: Vec<Slot>,
+    /// The trusted directory's `(offset, size)` on disk.
+    dir: Option<(u64, u64)>,
+    active: bool,
+}
+
+fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
+    bytes.div_ceil(cs)
+}
+
+impl<S: Storage> BitmapStore<S> {
+    /// Opens the bitmaps of an image, inactive. Reads the header and the directory; writes
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Image::open`]; [`Error::Corrupt`] when the trusted directory breaks one of QEMU's
+    /// rules (QEMU refuses to open such an image too), including a consistent bitmap whose
+    /// table size differs from the one the disk size needs.
+    pub fn open(storage: S, writable: bool) -> Result<Self> {
+        let image = Image::open(storage, writable)?;
+        let geo = image.header().geometry()?;
+        let mut slots = Vec::new();
+        let mut dir = None;
+        if let Some(ext) = image.area().bitmaps {
+            let bytes = read_metadata(
+                image.storage(),
+                "bitmap directory",
+                ext.directory_offset,
+                ext.directory_size,
+            )?;
+            let entries = decode_directory(&bytes, ext.nb_bitmaps, &geo)?;
+            let mut at = 0u64;
+            for (index, entry) in entries.into_iter().enumerate() {
+                entry
+                    .check_table_size(&geo)
+                    .map_err(|reason| Corruption::DirectoryEntry {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        offset: at,
+                        reason,
+                    })?;
+                at = at.saturating_add(entry.encoded_len());
+                slots.push(Slot {
+                    inconsistent: entry.in_use,
+                    entry,
+                    stale: false,
+                    mem: None,
+                });
+            }
+            dir = Some((ext.directory_offset, ext.directory_size));
+        } else if let Some(data) = image.stale_bitmaps() {
+            // Untrusted: list what it names, all inconsistent; ignore it if it is broken.
+            let listed = BitmapsExtension::decode(data, 0, geo.cluster_size())
+                .ok()
+                .and_then(|ext| {
+                    let b = read_metadata(
+                        image.storage(),
+                        "bitmap directory",
+                        ext.directory_offset,
+                        ext.directory_size,
+                    )
+                    .ok()?;
+                    decode_directory(&b, ext.nb_bitmaps, &geo).ok()
+                })
+                .unwrap_or_default();
+            slots = listed
+                .into_iter()
+                .map(|entry| Slot {
+                    entry,
+                    inconsistent: true,
+                    stale: true,
+                    mem: None,
+                })
+                .collect();
+        }
+        Ok(Self {
+            image,
+            slots,
+            dir,
+            active: false,
+        })
+    }
+
+    /// Creates a bitmap-only image (see [`Image::create_bitmap_only`]) and opens it
+    /// writable, with no bitmaps.
+    ///
+    /// # Errors
+    /// As [`Image::create_bitmap_only`].
+    pub fn create(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
+        Ok(Self {
+            image: Image::create_bitmap_only(storage, disk_size, cluster_size)?,
+            slots: Vec::new(),
+            dir: None,
+            active: false,
+        })
+    }
+
+    /// The image underneath.
+    pub fn image(&self) -> &Image<S> {
+        &self.image
+    }
+
+    /// Whether [`activate`](Self::activate) has run (and no inactivate since).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The disk length bitmaps cover: the virtual size rounded down to 512 bytes, as QEMU
+    /// uses it.
+    pub fn disk_size(&self) -> u64 {
+        self.image.header().disk_length()
+    }
+
+    /// Every bitmap, in directory order.
+    pub fn list(&self) -> Vec<BitmapInfo> {
+        self.slots
+            .iter()
+            .map(|s| BitmapInfo {
+                name: s.entry.name.clone(),
+                granularity: 1u64 << s.entry.granularity_bits,
+                enabled: s.mem.as_ref().map_or(s.entry.auto, |m| m.is_enabled()),
+                in_use: s.entry.in_use,
+                state: if s.inconsistent {
+                    BitmapState::Inconsistent
+                } else {
+                    BitmapState::Consistent
+                },
+                table_size: s.entry.table_size,
+            })
+            .collect()
+    }
+
+    fn geometry(&self) -> Result<ImageGeometry> {
+        Ok(self.image.header().geometry()?)
+    }
+
+    fn find(&self, name: &str) -> Result<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.entry.name == name)
+            .ok_or_else(|| Error::NotFound(format!("bitmap {name:?}")))
+    }
+
+    fn find_consistent(&self, name: &str) -> Result<usize> {
+        let i = self.find(name)?;
+        if self.slots[i].inconsistent {
+            return Err(Error::Inconsistent {
+                name: name.to_string(),
+            });
+        }
+        Ok(i)
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
+        if self.image.is_writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
+    }
+
+    /// The in-memory bitmap of an activated store, shared with whoever marks it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::InvalidInput`] if the store
+    /// is not active.
+    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        let i = self.find_consistent(name)?;
+        self.slots[i]
+            .mem
+            .clone()
+            .ok_or_else(|| invalid_input!("the store is not active; call activate() first"))
+    }
+
+    /// A copy of the bitmap: from memory when active, otherwise read from disk. All-zero
+    /// and all-ones table entries are honoured, and tail bits past the disk are masked.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
+    /// data past the end of the file, I/O errors.
+    pub fn load(&self, name: &str) -> Result<DirtyBitmap> {
+        let i = self.find_consistent(name)?;
+        match &self.slots[i].mem {
+            Some(m) => Ok(m.snapshot()),
+            None => self.load_disk(&self.slots[i].entry),
+        }
+    }
+
+    fn read_table(&self, entry: &DirEntry) -> Result<Vec<TableEntry>> {
+        let len = u64::from(entry.table_size).saturating_mul(8);
+        let bytes = read_metadata(
+            self.image.storage(),
+            "bitmap table",
+            entry.table_offset,
+            len,
+        )?;
+        Ok(decode_table(
+            &bytes,
+            entry.table_size,
+            self.image.header().cluster_bits,
+        )?)
+    }
+
+    fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
+        let cs = self.image.cluster_size();
+        let bm =
+            DirtyBitmap::with_region_size(self.disk_size(), 1u64 << entry.granularity_bits, cs)?;
+        let table = self.read_table(entry)?;
+        if table.len() as u64 != bm.region_count() {
+            return Err(invalid_input!(
+                "bitmap {:?}: table of {} entries for {} clusters of data",
+                entry.name,
+                table.len(),
+                bm.region_count()
+            ));
+        }
+        let mut buf = Vec::new();
+        for (r, t) in table.iter().enumerate() {
+            let r = r as u64;
+            let len = bm.region_len(r);
+            match *t {
+                TableEntry::Zeroes => {}
+                TableEntry::Ones => {
+                    buf.clear();
+                    buf.resize(len as usize, 0xFF);
+                    bm.load_region(r, &buf)?;
+                }
+                TableEntry::Data(off) => {
+                    let data = read_metadata(self.image.storage(), "bitmap data", off, len)?;
+                    bm.load_region(r, &data)?;
+                }
+            }
+        }
+        // What was just loaded is what is on disk.
+        let _ = bm.take_changed();
+        bm.set_enabled(entry.auto);
+        Ok(bm)
+    }
+
+    /// The clusters a bitmap owns: its data clusters, then its table.
+    fn owned_clusters(&self, entry: &DirEntry) -> Result<Vec<(u64, u64)>> {
+        let cs = self.image.cluster_size();
+        let mut out: Vec<(u64, u64)> = self
+            .read_table(entry)?
+            .into_iter()
+            .filter_map(|t| match t {
+                TableEntry::Data(off) => Some((off, 1)),
+                _ => None,
+            })
+            .collect();
+        out.push((
+            entry.table_offset,
+            ceil_clusters(u64::from(entry.table_size) * 8, cs),
+        ));
+        Ok(out)
+    }
+
+    /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
+    /// (zero-filled past the valid bytes), then the table. Returns the table offset.
+    fn write_bitmap(&mut self, bm: &DirtyBitmap) -> Result<u64> {
+        let cs = self.image.cluster_size();
+        let cb = self.image.header().cluster_bits;
+        let mut entries = Vec::with_capacity(bm.region_count() as usize);
+        let mut buf = vec![0u8; cs as usize];
+        for r in 0..bm.region_count() {
+            let len = bm.region_len(r) as usize;
+            buf.fill(0);
+            bm.serialize_region(r, &mut buf[..len])?;
+            if buf.iter().all(|&b| b == 0) {
+                entries.push(TableEntry::Zeroes);
+            } else {
+                let off = self.image.alloc_clusters(1)?;
+                self.image.write_at(&buf, off)?;
+                entries.push(TableEntry::Data(off));
+            }
+        }
+        let table = encode_table(&entries, cb)?;
+        let off = self
+            .image
+            .alloc_clusters(ceil_clusters(table.len() as u64, cs))?;
+        self.image.write_at(&table, off)?;
+        Ok(off)
+    }
+
+    /// The directory commit every change goes through:
+    /// 1. the new directory into fresh clusters;
+    /// 2. refcounts flushed (new clusters durable as allocated);
+    /// 3. the header with the new extension (or none) and autoclear bit 0, then a barrier:
+    ///    the commit point;
+    /// 4. the old directory and `frees` released, refcounts flushed.
+    ///
+    /// A crash before 3 leaves the old image plus leaked new clusters; after 3, the new
+    /// image plus leaked old clusters until 4 is durable.
+    fn commit(&mut self, entries: Vec<DirEntry>, frees: Vec<(u64, u64)>) -> Result<()> {
+        let geo = self.geometry()?;
+        let cs = geo.cluster_size();
+        let new_dir = if entries.is_empty() {
+            None
+        } else {
+            let bytes = encode_directory(&entries, &geo)?;
+            let off = self
+                .image
+                .alloc_clusters(ceil_clusters(bytes.len() as u64, cs))?;
+            self.image.write_at(&bytes, off)?;
+            Some((off, bytes.len() as u64))
+        };
+        self.image.flush_refcounts()?;
+        let area = self.image.area_mut();
+        match new_dir {
+            Some((off, size)) => {
+                area.bitmaps = Some(BitmapsExtension {
+                    nb_bitmaps: entries.len() as u32,
+                    directory_size: size,
+                    directory_offset: off,
+                });
+                area.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            }
+            None => {
+                area.bitmaps = None;
+                area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            }
+        }
+        self.image.write_header()?;
+        if let Some((off, size)) = self.dir.take() {
+            self.image.free_clusters(off, ceil_clusters(size, cs))?;
+        }
+        for (off, n) in frees {
+            self.image.free_clusters(off, n)?;
+        }
+        self.image.flush_refcounts()?;
+        self.dir = new_dir;
+        // Stale entries vanished with the header rewrite; the others match `entries`.
+        let mut mems: Vec<Option<Arc<DirtyBitmap>>> = Vec::new();
+        let mut flags = Vec::new();
+        for e in &entries {
+            let old = self
+                .slots
+                .iter_mut()
+                .find(|s| !s.stale && s.entry.name == e.name);
+            mems.push(old.as_ref().and_then(|s| s.mem.clone()));
+            flags.push(old.is_some_and(|s| s.inconsistent));
+        }
+        self.slots = entries
+            .into_iter()
+            .zip(mems.into_iter().zip(flags))
+            .map(|(entry, (mem, inconsistent))| Slot {
+                entry,
+                inconsistent,
+                stale: false,
+                mem,
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn current_entries(&self) -> Vec<DirEntry> {
+        self.slots
+            .iter()
+            .filter(|s| !s.stale)
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+
+    /// Adds an empty bitmap. `granularity` is a power of two from 512 B to 2 GiB;
+    /// `enabled` sets the `auto` flag. On an active store the bitmap is also created in
+    /// memory and written with `in_use` set.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes, holds a
+    /// NUL or is taken, a bad granularity, a bitmap above 512 MiB, the 65535-bitmap or the
+    /// directory size limit; [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
+    pub fn add(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        self.ensure_writable()?;
+        if !self.image.header().can_hold_bitmaps() {
+            return Err(Error::Unsupported(
+                "cannot store dirty bitmaps in qcow2 v2 files".to_string(),
+            ));
+        }
+        if name.is_empty() || name.len() > MAX_NAME_SIZE || name.contains('\0') {
+            return Err(invalid_input!(
+                "bitmap name of {} bytes must be 1..=1023 bytes without NUL",
+                name.len()
+            ));
+        }
+        let gbits = granularity.trailing_zeros();
+        if !granularity.is_power_of_two()
+            || !(u32::from(MIN_GRANULARITY_BITS)..=u32::from(MAX_GRANULARITY_BITS)).contains(&gbits)
+        {
+            return Err(invalid_input!(
+                "granularity {granularity} is not a power of two from 512 to 2^31"
+            ));
+        }
+        let gbits = gbits as u8;
+        let live: Vec<DirEntry> = self.current_entries();
+        if live.iter().any(|e| e.name == name) {
+            return Err(invalid_input!("bitmap {name:?} already exists"));
+        }
+        if live.len() as u64 >= u64::from(MAX_BITMAPS) {
+            return Err(invalid_input!("the image already holds 65535 bitmaps"));
+        }
+        let cs = self.image.cluster_size();
+        let disk = self.disk_size();
+        if disk == 0 {
+            return Err(invalid_input!("a 0-byte disk cannot hold a bitmap"));
+        }
+        let ts = table_size(disk, gbits, cs)?;
+        let mut entry = DirEntry {
+            name: name.to_string(),
+            table_offset: 0,
+            table_size: ts,
+            granularity_bits: gbits,
+            in_use: self.active,
+            auto: enabled,
+        };
+        let dir_size = live
+            .iter()
+            .chain(std::iter::once(&entry))
+            .fold(0u64, |a, e| a.saturating_add(e.encoded_len()));
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(invalid_input!(
+                "the directory would grow to {dir_size} bytes, above 67107840"
+            ));
+        }
+        let mem = if self.active {
+            let m = DirtyBitmap::with_region_size(disk, granularity, cs)?;
+            m.set_enabled(enabled);
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        // All input is valid: from here on, only I/O can fail.
+        let table_bytes = u64::from(ts) * 8;
+        let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
+        self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
+        entry.table_offset = off;
+        let mut entries = live;
+        entries.push(entry);
+        self.commit(entries, Vec::new())?;
+        if let Some(slot) = self.slots.last_mut() {
+            slot.mem = mem;
+        }
+        Ok(())
+    }
+
+    /// Removes a bitmap, consistent or not, and frees its table and data clusters. The
+    /// clusters of a bitmap from an untrusted (stale) directory are never freed: removing
+    /// one drops every stale entry (as QEMU does on its first header write), leaking their
+    /// clusters until `qemu-img check -r leaks`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
+    /// with a bad table, I/O.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find(name)?;
+        let slot = &self.slots[i];
+        let frees = if slot.stale {
+            Vec::new()
+        } else {
+            match self.owned_clusters(&slot.entry) {
+                Ok(f) => f,
+                // An inconsistent bitmap's table may be garbage: free only the table.
+                Err(_) if slot.inconsistent => vec![(
+                    slot.entry.table_offset,
+                    ceil_clusters(
+                        u64::from(slot.entry.table_size) * 8,
+                        self.image.cluster_size(),
+                    ),
+                )],
+                Err(e) => return Err(e),
+            }
+        };
+        let mut entries = Vec::new();
+        for (j, s) in self.slots.iter().enumerate() {
+            if j != i && !s.stale {
+                entries.push(s.entry.clone());
+            }
+        }
+        self.commit(entries, frees)
+    }
+
+    /// Rewrites a bitmap whole, as QEMU stores one: fresh data clusters (only for table
+    /// entries with a set bit), a fresh table, a fresh directory, refcounts flushed, the
+    /// header commit, then the old clusters freed. On an active store the in-memory bitmap
+    /// takes `bitmap`'s bits as well, and `in_use` stays set.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the disk size or granularity differ;
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    pub fn store(&mut self, name: &str, bitmap: &DirtyBitmap) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        let g = 1u64 << self.slots[i].entry.granularity_bits;
+        if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
+            return Err(invalid_input!(
+                "bitmap of {} bytes at granularity {} does not fit {name:?} ({} bytes at {g})",
+                bitmap.disk_size(),
+                bitmap.granularity(),
+                self.disk_size()
+            ));
+        }
+        let cs = self.image.cluster_size();
+        let owned;
+        let bm = if bitmap.region_size() == cs {
+            bitmap
+        } else {
+            let b = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+            b.merge_from(bitmap)?;
+            owned = b;
+            &owned
+        };
+        if let Some(m) = &self.slots[i].mem {
+            m.clear(0, self.disk_size());
+            m.merge_from(bm)?;
+        }
+        self.rewrite(i, bm, self.slots[i].entry.in_use)
+    }
+
+    /// Writes `bm` as slot `i`'s new data with the given in_use flag, and commits.
+    fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
+        let old = self.slots[i].entry.clone();
+        let frees = self.owned_clusters(&old)?;
+        let table = self.write_bitmap(bm)?;
+        let mut entries = self.current_entries();
+        if let Some(e) = entries.iter_mut().find(|e| e.name == old.name) {
+            e.table_offset = table;
+            e.in_use = in_use;
+        }
+        self.commit(entries, frees)
+    }
+
+    /// Clears every bit. Active: in memory only (`in_use` protects the disk). Inactive:
+    /// stores an empty bitmap.
+    ///
+    /// # Errors
+    /// As [`store`](Self::store).
+    pub fn clear(&mut self, name: &str) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        if let Some(m) = &self.slots[i].mem {
+            m.clear(0, self.disk_size());
+            return Ok(());
+        }
+        let e = &self.slots[i].entry;
+        let empty = DirtyBitmap::with_region_size(
+            self.disk_size(),
+            1u64 << e.granularity_bits,
+            self.image.cluster_size(),
+        )?;
+        self.rewrite(i, &empty, false)
+    }
+
+    /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation.
+    /// Inactive: a new directory is committed, unless the flag already has that value.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        if let Some(m) = &self.slots[i].mem {
+            m.set_enabled(enabled);
+            return Ok(());
+        }
+        if self.slots[i].entry.auto == enabled {
+            return Ok(());
+        }
+        let mut entries = self.current_entries();
+        entries[i].auto = enabled;
+        self.commit(entries, Vec::new())
+    }
+
+    /// ORs bitmap `src_name` into `dst_name`, both in this image.
+    ///
+    /// # Errors
+    /// As [`merge_from`](Self::merge_from).
+    pub fn merge(&mut self, src_name: &str, dst_name: &str) -> Result<()> {
+        let src = self.load(src_name)?;
+        self.merge_bitmap(&src, dst_name)
+    }
+
+    /// ORs bitmap `src_name` of another store into `dst_name` of this one, as
+    /// `qemu-img bitmap --merge SRC -b OTHER` does. The granularities may differ: every
+    /// dirty extent of the source dirties the granules it touches. The disk sizes must
+    /// match.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for different disk sizes; [`Error::NotFound`] or
+    /// [`Error::Inconsistent`] for either bitmap; [`Error::ReadOnly`]; I/O.
+    pub fn merge_from<T: Storage>(
+        &mut self,
+        src: &BitmapStore<T>,
+        src_name: &str,
+        dst_name: &str,
+    ) -> Result<()> {
+        let bm = src.load(src_name)?;
+        self.merge_bitmap(&bm, dst_name)
+    }
+
+    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: &str) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(dst_name)?;
+        if src.disk_size() != self.disk_size() {
+            return Err(invalid_input!(
+                "cannot merge a bitmap of a {}-byte disk into one of {} bytes",
+                src.disk_size(),
+                self.disk_size()
+            ));
+        }
+        let g = 1u64 << self.slots[i].entry.granularity_bits;
+        let cs = self.image.cluster_size();
+        let converted = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+        for (off, len) in src.dirty_extents() {
+            converted.mark_dirty(off, len);
+        }
+        if let Some(m) = &self.slots[i].mem {
+            return m.merge_from(&converted);
+        }
+        let dst = self.load_disk(&self.slots[i].entry)?;
+        dst.merge_from(&converted)?;
+        self.rewrite(i, &dst, false)
+    }
+
+    /// Loads every consistent bitmap into memory and marks it `in_use` on disk, so that a
+    /// crash from now on leaves it inconsistent rather than falsely clean. The flags are
+    /// changed in place, QEMU's way: autoclear bit 0 cleared and synced, the directory
+    /// rewritten in place and synced, bit 0 set and synced. Inconsistent bitmaps are left
+    /// alone. Does nothing if already active.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`]; load errors as [`load`](Self::load); I/O.
+    pub fn activate(&mut self) -> Result<()> {
+        self.ensure_writable()?;
+        if self.active {
+            return Ok(());
+        }
+        let mut mems = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            mems.push(if s.inconsistent {
+                None
+            } else {
+                Some(Arc::new(self.load_disk(&s.entry)?))
+            });
+        }
+        let any = mems.iter().any(Option::is_some);
+        if any {
+            let (dir_off, dir_size) = self
+                .dir
+                .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+            let mut entries = self.current_entries();
+            for (e, m) in entries.iter_mut().zip(&mems) {
+                if m.is_some() {
+                    e.in_use = true;
+                }
+            }
+            let geo = self.geometry()?;
+            let bytes = encode_directory(&entries, &geo)?;
+            if bytes.len() as u64 != dir_size {
+                return Err(invalid_input!("in-place directory changed size"));
+            }
+            // 1. Untrust the extension: a crash from here to 3 leaves every bitmap
+            //    inconsistent, never a half-written directory that looks trusted.
+            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.image.write_header()?;
+            // 2. Same offset, same size.
+            self.image.write_at(&bytes, dir_off)?;
+            self.image.sync()?;
+            // 3. Trust it again.
+            self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.image.write_header()?;
+            for (s, e) in self.slots.iter_mut().zip(entries) {
+                s.entry = e;
+            }
+        }
+        for (s, m) in self.slots.iter_mut().zip(mems) {
+            s.mem = m;
+        }
+        self.active = true;
+        Ok(())
+    }
+
+    /// Stores every in-memory bitmap into fresh clusters and commits one new directory with
+    /// `in_use` cleared and `auto` from each bitmap's enabled state, then frees the old
+    /// clusters (QEMU's `qcow2_store_persistent_dirty_bitmaps`). Inconsistent entries are
+    /// copied unchanged. The store is inactive afterwards. Does nothing if not active.
+    ///
+    /// # Errors
+    /// I/O errors; the image is then poisoned and the bitmaps stay `in_use` on disk.
+    pub fn inactivate(&mut self) -> Result<()> {
+        if !self.active {
+            return Ok(());
+        }
+        self.ensure_writable()?;
+        let mut entries = self.current_entries();
+        let mut frees = Vec::new();
+        let mems: Vec<Option<Arc<DirtyBitmap>>> =
+            self.slots.iter().map(|s| s.mem.clone()).collect();
+        for (i, m) in mems.iter().enumerate() {
+            let Some(m) = m else { continue };
+            frees.extend(self.owned_clusters(&self.slots[i].entry)?);
+            // The whole bitmap is written, so the change map restarts empty.
+            let _ = m.take_changed();
+            let table = self.write_bitmap(m)?;
+            entries[i].table_offset = table;
+            entries[i].in_use = false;
+            entries[i].auto = m.is_enabled();
+        }
+        if mems.iter().any(Option::is_some) {
+            self.commit(entries, frees)?;
+        }
+        for s in &mut self.slots {
+            s.mem = None;
+        }
+        self.active = false;
+        Ok(())
+    }
+
+    /// [`inactivate`](Self::inactivate)s and hands the image back.
+    ///
+    /// # Errors
+    /// As [`inactivate`](Self::inactivate).
+    pub fn close(mut self) -> Result<Image<S>> {
+        self.inactivate()?;
+        Ok(self.image)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,497 @@
+//! QEMU interop for the image layer and `BitmapStore`: images and bitmaps we write must be
+//! accepted by `qemu-img check`/`info`, exported by `qemu-nbd` exactly, and bitmaps QEMU
+//! writes must load to exactly what `nbdinfo` shows.
+//!
+//! These tests need qemu-img, qemu-io, qemu-nbd and nbdinfo on the PATH. A missing tool
+//! fails the test with a message naming it; nothing is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
+
+const MIB: u64 = 1 << 20;
+
+fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    let found = Command::new("which").arg(name).output();
+    match found {
+        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+        _ => panic!("{name} is required for the QEMU interop tests but was not found; install qemu-utils / libnbd-bin"),
+    }
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(tool(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {name}: {e}"))
+}
+
+fn ok(name: &str, args: &[&str]) -> String {
+    let out = run(name, args);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `qemu-img check` must exit 0 and report no leaks.
+fn assert_qemu_clean(img: &Path) {
+    let out = run("qemu-img", &["check", "-f", "qcow2", p(img)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "qemu-img check: {text}");
+    assert!(text.contains("No errors"), "qemu-img check: {text}");
+    assert!(!text.contains("leaked"), "qemu-img check: {text}");
+}
+
+/// `(name, granularity, flags)` from `qemu-img info --output=json`.
+fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let json = ok(
+        "qemu-img",
+        &["info", "-f", "qcow2", "--output=json", p(img)],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+struct Nbd(Child);
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged.
+fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let child = Command::new(tool("qemu-nbd"))
+        .args(["-r", "-f", "qcow2", "-B", name, "-k", p(&sock), p(img)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("failed to start qemu-nbd");
+    let _guard = Nbd(child);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "qemu-nbd did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", p(&sock));
+    let map = ok(
+        "nbdinfo",
+        &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri],
+    );
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || f[2] != "1" {
+            continue;
+        }
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
+    bm.dirty_extents().collect()
+}
+
+fn open(img: &Path, writable: bool) -> BitmapStore<FileStorage> {
+    BitmapStore::open(FileStorage::open(img, writable).unwrap(), writable).unwrap()
+}
+
+#[test]
+fn created_images_pass_qemu_check_and_info() {
+    for cs in [512u64, 4096, 65536, 2 * MIB] {
+        for disk in [4 * MIB, 1 << 30, 10 * (1 << 30) + 512] {
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("a.qcow2");
+            let s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, cs).unwrap();
+            s.close().unwrap();
+            assert_qemu_clean(&img);
+            let json = ok(
+                "qemu-img",
+                &["info", "-f", "qcow2", "--output=json", p(&img)],
+            );
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["virtual-size"].as_u64(), Some(disk));
+            assert_eq!(v["cluster-size"].as_u64(), Some(cs));
+            // Our own check agrees.
+            let s = open(&img, false);
+            assert!(s.image().check().unwrap().is_clean());
+        }
+    }
+}
+
+#[test]
+fn our_bitmaps_match_qemu_info_and_nbd() {
+    for (cs, g) in [
+        (512u64, 512u64),
+        (4096, 65536),
+        (65536, 65536),
+        (2 * MIB, 1 << 31),
+        (65536, 512),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        let disk = 64 * MIB + 512;
+        let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, cs).unwrap();
+        s.add("marks", g, true).unwrap();
+        s.add("empty", 65536, false).unwrap();
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        bm.mark_dirty(0, 1);
+        bm.mark_dirty(3 * MIB + 7, 5000);
+        bm.mark_dirty(40 * MIB, 9 * MIB);
+        bm.mark_dirty(disk - 1, 1);
+        s.store("marks", &bm).unwrap();
+        s.close().unwrap();
+        assert_qemu_clean(&img);
+        let info = qemu_bitmaps(&img);
+        assert_eq!(
+            info,
+            vec![
+                ("marks".to_string(), g, vec!["auto".to_string()]),
+                ("empty".to_string(), 65536, vec![]),
+            ],
+            "cs {cs} g {g}"
+        );
+        assert_eq!(nbd_dirty(&img, "marks"), extents(&bm), "cs {cs} g {g}");
+        assert_eq!(nbd_dirty(&img, "empty"), vec![]);
+    }
+}
+
+#[test]
+fn activated_marks_survive_close_and_a_crash_shows_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 256 * MIB, 65536).unwrap();
+    s.add("live", 65536, true).unwrap();
+    s.activate().unwrap();
+    assert_eq!(qemu_bitmaps(&img)[0].2, vec!["in-use", "auto"]);
+    let live = s.bitmap("live").unwrap();
+    live.mark_dirty(100 * MIB, 3 * MIB);
+    s.close().unwrap();
+    assert_qemu_clean(&img);
+    assert_eq!(qemu_bitmaps(&img)[0].2, vec!["auto"]);
+    assert_eq!(nbd_dirty(&img, "live"), vec![(100 * MIB, 3 * MIB)]);
+    // Crash while active: in_use stays; QEMU and we both see it as inconsistent.
+    let mut s = open(&img, true);
+    s.activate().unwrap();
+    drop(s);
+    assert_eq!(qemu_bitmaps(&img)[0].2, vec!["in-use", "auto"]);
+    assert_qemu_clean(&img);
+    let mut s = open(&img, true);
+    assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
+    s.remove("live").unwrap();
+    drop(s);
+    assert_qemu_clean(&img);
+    assert!(qemu_bitmaps(&img).is_empty());
+}
+
+#[test]
+fn qemu_made_bitmaps_load_to_what_nbd_shows() {
+    let writes = [
+        "write 0 512",
+        "write 1M 4k",
+        "write 5000000 70000",
+        "write 63M 1M",
+    ];
+    for cs in [512u64, 4096, 65536, 2 * MIB] {
+        for g in [512u64, 65536, 1 << 31] {
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("q.qcow2");
+            ok(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("cluster_size={cs}"),
+                    p(&img),
+                    "64M",
+                ],
+            );
+            ok(
+                "qemu-img",
+                &["bitmap", "--add", "-g", &g.to_string(), p(&img), "b"],
+            );
+            ok("qemu-img", &["bitmap", "--add", p(&img), "untouched"]);
+            let mut args = Vec::new();
+            for w in writes {
+                args.push("-c");
+                args.push(w);
+            }
+            args.extend(["-f", "qcow2", p(&img)]);
+            ok("qemu-io", &args);
+            let s = open(&img, false);
+            let ours = extents(&s.load("b").unwrap());
+            assert_eq!(ours, nbd_dirty(&img, "b"), "cs {cs} g {g}");
+            assert!(!ours.is_empty());
+            assert!(s.load("untouched").unwrap().count() > 0);
+            assert!(s.image().check().unwrap().is_clean());
+        }
+    }
+}
+
+#[test]
+fn qemu_bitmap_commands_on_our_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    let disk = 32 * MIB;
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    for (name, g) in [("a", 65536u64), ("b", 512), ("c", 1 << 20), ("d", 65536)] {
+        s.add(name, g, true).unwrap();
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        bm.mark_dirty(g * 3, 1);
+        s.store(name, &bm).unwrap();
+    }
+    s.close().unwrap();
+    ok("qemu-img", &["bitmap", "--remove", p(&img), "d"]);
+    ok("qemu-img", &["bitmap", "--clear", p(&img), "a"]);
+    ok("qemu-img", &["bitmap", "--disable", p(&img), "b"]);
+    ok("qemu-img", &["bitmap", "--merge", "b", p(&img), "c"]);
+    assert_qemu_clean(&img);
+    let s = open(&img, false);
+    let l = s.list();
+    assert_eq!(
+        l.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert!(!l[1].enabled && l[0].enabled);
+    assert_eq!(s.load("a").unwrap().count(), 0);
+    assert_eq!(extents(&s.load("b").unwrap()), vec![(1536, 512)]);
+    assert_eq!(
+        extents(&s.load("c").unwrap()),
+        vec![(0, MIB), (3 * MIB, MIB)]
+    );
+    assert!(s.image().check().unwrap().is_clean());
+    // Our remove, then QEMU's check.
+    drop(s);
+    let mut s = open(&img, true);
+    s.remove("b").unwrap();
+    s.remove("a").unwrap();
+    s.close().unwrap();
+    assert_qemu_clean(&img);
+    assert_eq!(qemu_bitmaps(&img).len(), 1);
+}
+
+#[test]
+fn merge_across_images_like_qemu_img_merge_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    let dst = dir.path().join("dst.qcow2");
+    let ours = dir.path().join("ours.qcow2");
+    for (img, g) in [(&src, 512u64), (&dst, 65536), (&ours, 65536)] {
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", p(img), "16M"]);
+        ok(
+            "qemu-img",
+            &["bitmap", "--add", "-g", &g.to_string(), p(img), "b"],
+        );
+    }
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write 1M 512",
+            "-c",
+            "write 7M 100k",
+            "-f",
+            "qcow2",
+            p(&src),
+        ],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "bitmap",
+            "--merge",
+            "b",
+            "-b",
+            p(&src),
+            "-F",
+            "qcow2",
+            p(&dst),
+            "b",
+        ],
+    );
+    let s = open(&src, false);
+    let mut o = open(&ours, true);
+    o.merge_from(&s, "b", "b").unwrap();
+    o.close().unwrap();
+    assert_qemu_clean(&ours);
+    assert_eq!(nbd_dirty(&ours, "b"), nbd_dirty(&dst, "b"));
+}
+
+#[test]
+fn every_image_qemu_img_create_makes_opens_and_takes_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&base), "16M"],
+    );
+    let data = dir.path().join("data.raw");
+    let variants: Vec<Vec<String>> = vec![
+        vec!["-o".into(), "refcount_bits=1".into()],
+        vec!["-o".into(), "refcount_bits=2".into()],
+        vec!["-o".into(), "refcount_bits=4".into()],
+        vec!["-o".into(), "refcount_bits=8".into()],
+        vec!["-o".into(), "refcount_bits=32".into()],
+        vec!["-o".into(), "refcount_bits=64,cluster_size=512".into()],
+        vec!["-o".into(), "cluster_size=2M".into()],
+        vec!["-o".into(), "compression_type=zstd".into()],
+        vec!["-o".into(), "extended_l2=on".into()],
+        vec!["-o".into(), "lazy_refcounts=on".into()],
+        vec!["-b".into(), p(&base).into(), "-F".into(), "qcow2".into()],
+        vec!["-o".into(), format!("data_file={}", p(&data))],
+    ];
+    for (i, v) in variants.iter().enumerate() {
+        let img = dir.path().join(format!("v{i}.qcow2"));
+        let mut args: Vec<&str> = vec!["create", "-q", "-f", "qcow2"];
+        args.extend(v.iter().map(String::as_str));
+        args.extend([p(&img), "16M"]);
+        ok("qemu-img", &args);
+        ok(
+            "qemu-io",
+            &[
+                "-c",
+                "write 0 64k",
+                "-c",
+                "write 9M 1M",
+                "-f",
+                "qcow2",
+                p(&img),
+            ],
+        );
+        {
+            let mut s = open(&img, true);
+            assert!(s.image().check().unwrap().is_clean(), "{v:?}");
+            s.add("ours", 65536, true).unwrap();
+            let bm = DirtyBitmap::new(16 * MIB, 65536).unwrap();
+            bm.mark_dirty(2 * MIB, 1);
+            s.store("ours", &bm).unwrap();
+            s.close().unwrap();
+        }
+        assert_qemu_clean(&img);
+        assert_eq!(qemu_bitmaps(&img)[0].0, "ours", "{v:?}");
+        assert_eq!(nbd_dirty(&img, "ours"), vec![(2 * MIB, 65536)], "{v:?}");
+        // Guest data untouched.
+        ok(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "qcow2", p(&img), p(&img)],
+        );
+        let s = open(&img, false);
+        assert!(s.image().check().unwrap().is_clean(), "{v:?}");
+    }
+}
+
+#[test]
+fn reftable_growth_is_accepted_by_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.qcow2");
+    // 512-byte clusters and 64-bit refcounts: a block covers 64 clusters and the first
+    // reftable 4096 clusters (2 MiB), so the bitmaps below force it to grow.
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            p(&img),
+            "1G",
+        ],
+    );
+    let before = ok(
+        "qemu-img",
+        &["info", "-f", "qcow2", "--output=json", p(&img)],
+    );
+    let disk = 1u64 << 30;
+    let mut s = open(&img, true);
+    let bm = DirtyBitmap::new(disk, 4096).unwrap();
+    bm.mark_dirty(0, disk);
+    for i in 0..6 {
+        s.add(&format!("full{i}"), 4096, true).unwrap();
+        s.store(&format!("full{i}"), &bm).unwrap();
+    }
+    s.close().unwrap();
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "full3"), vec![(0, disk)]);
+    assert!(!before.is_empty());
+    let s = open(&img, false);
+    assert!(s.image().check().unwrap().is_clean());
+}
+
+#[test]
+fn unknown_extension_and_header_fields_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    // Insert an unknown extension before the end marker at 0x70 + 8 + 384.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let end = 0x70 + 8 + 384;
+    assert_eq!(&bytes[end..end + 8], &[0; 8]);
+    bytes[end..end + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    bytes[end + 4..end + 8].copy_from_slice(&5u32.to_be_bytes());
+    bytes[end + 8..end + 13].copy_from_slice(b"hello");
+    std::fs::write(&img, &bytes).unwrap();
+    let mut s = open(&img, true);
+    s.add("b", 65536, true).unwrap();
+    s.close().unwrap();
+    let after = std::fs::read(&img).unwrap();
+    let pos = after
+        .windows(4)
+        .position(|w| w == 0x1234_5678u32.to_be_bytes())
+        .expect("extension kept");
+    assert_eq!(&after[pos + 8..pos + 13], b"hello");
+    assert_qemu_clean(&img);
+}
