@@ -41,7 +41,12 @@ impl BitCount {
     /// Records that a word went from `old` to `new`.
     #[inline]
     pub fn adjust(&self, old: u64, new: u64) {
-        let delta = ones(new & !old).wrapping_sub(ones(old & !new));
+        self.add(ones(new & !old).wrapping_sub(ones(old & !new)));
+    }
+
+    /// Adds `delta` (wrapping, so a removal is a two's-complement negative).
+    #[inline]
+    pub fn add(&self, delta: u64) {
         match thread_slot::current() {
             Some(i) => {
                 // This thread is the slot's only writer: a plain read-modify-write is exact.

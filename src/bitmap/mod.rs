@@ -19,7 +19,7 @@ mod summary;
 mod words;
 
 use std::fmt;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 pub use change_map::ChangedRegions;
 pub use geometry::{
@@ -290,23 +290,52 @@ impl DirtyBitmap {
     /// region it holds bits in. Cost is proportional to the dirty words, not the disk.
     pub fn take_dirty(&self) -> DirtyBitmap {
         let out = Self::from_geometry(self.geo);
-        let nwords = self.words.len();
         let mut next = 0;
         while let Some(b) = self.any.next_block(next) {
-            let start = b as usize * BLOCK_WORDS;
-            for w in start..(start + BLOCK_WORDS).min(nwords) {
-                let word = self.words.get(w);
-                if word.load(SeqCst) != 0 {
-                    let old = word.swap(0, SeqCst);
-                    if old != 0 {
-                        self.after_change(w, old, 0);
-                        out.set_bits(w, old);
-                    }
-                }
-            }
+            self.take_block(b, &out);
             next = b + 1;
         }
         out
+    }
+
+    /// Moves the bits of block `b` into `out` (which nobody else can see yet), with the
+    /// bookkeeping done once per block rather than once per word.
+    fn take_block(&self, b: u64, out: &DirtyBitmap) {
+        let mut moved = 0u64;
+        let mut was_full = false;
+        for w in self.block_words(b) {
+            let word = self.words.get(w);
+            if word.load(SeqCst) == 0 {
+                continue;
+            }
+            let old = word.swap(0, SeqCst);
+            if old != 0 {
+                moved += u64::from(old.count_ones());
+                was_full |= old == self.words.valid(w);
+                // `out` is not shared until it is returned, so a plain store is enough;
+                // returning it publishes the words.
+                out.words.get(w).store(old, Relaxed);
+            }
+        }
+        if moved == 0 {
+            return;
+        }
+        let region = self.region_of_block(b);
+        // This bitmap: the block's words went to zero (or lost bits).
+        sc_point();
+        self.count.add(moved.wrapping_neg());
+        self.any.clear(0, b, &|| !self.block_is_zero(b));
+        if was_full {
+            self.full.clear(0, b);
+        }
+        self.changes.set(region);
+        // The returned bitmap: the same words went from zero to the bits taken.
+        out.count.add(moved);
+        out.any.set(0, b);
+        if out.block_is_full(b) {
+            out.full.set(0, b, &|| out.block_is_full(b));
+        }
+        out.changes.set(region);
     }
 
     /// Changes the disk size. Shrinking drops the bits past the new end; growing adds
@@ -407,10 +436,15 @@ impl DirtyBitmap {
         let w0 = self.check_region(region, out.len())?;
         // The one little-endian place: qcow2 bitmap data is a byte stream, LSB first, which
         // is exactly our u64 words written little-endian.
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            let w = w0 + i;
-            let v = self.words.load(w) & self.words.valid(w);
-            chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+        let mut chunks = out.chunks_exact_mut(8);
+        let mut w = w0;
+        for chunk in &mut chunks {
+            chunk.copy_from_slice(&self.words.load_masked(w).to_le_bytes());
+            w += 1;
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            tail.copy_from_slice(&self.words.load_masked(w).to_le_bytes()[..tail.len()]);
         }
         Ok(())
     }
@@ -523,6 +557,11 @@ impl DirtyBitmap {
         } else if old == valid {
             self.full.clear(0, b);
         }
+    }
+
+    /// Change-map region holding block `b` (a region is at least 64 words, a block 8).
+    fn region_of_block(&self, b: u64) -> u64 {
+        (b * BLOCK_WORDS as u64) >> self.geo.region_word_shift()
     }
 
     fn block_words(&self, b: u64) -> std::ops::Range<usize> {

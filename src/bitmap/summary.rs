@@ -93,38 +93,49 @@ impl Levels {
                 .sum::<usize>()
     }
 
-    /// First unit at index >= `unit` of level `level` (0-based: 0 is level 1) for which
-    /// `interesting(level, word_index, word_value)` has the bit set, using the level above
-    /// to skip words with nothing interesting. `interesting` must be monotone: a bit that
-    /// is interesting at a level means its child word may hold interesting bits.
-    fn find(
-        &self,
-        level: usize,
-        unit: u64,
-        interesting: &impl Fn(usize, usize, u64) -> u64,
-    ) -> Option<u64> {
-        let lv = &self.0[level];
-        let w = (unit / 64) as usize;
-        if w >= lv.words.len() {
-            return None;
-        }
-        let first = interesting(level, w, lv.words[w].load(SeqCst)) & (!0u64 << (unit % 64));
-        if first != 0 {
-            return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
-        }
-        if level + 1 == self.0.len() {
-            // Top level: a single word, already examined.
-            return None;
-        }
-        let mut next = w as u64 + 1;
-        loop {
-            let pw = self.find(level + 1, next, interesting)? as usize;
-            let bits = interesting(level, pw, lv.words[pw].load(SeqCst));
-            if bits != 0 {
-                return Some(pw as u64 * 64 + u64::from(bits.trailing_zeros()));
+    /// First level-1 unit (block) at index >= `unit` for which
+    /// `interesting(level, word_index, word_value)` has the bit set. `level` counts from 0
+    /// for level 1. `interesting` must be monotone: an interesting bit at a level means its
+    /// child word may hold interesting bits.
+    ///
+    /// Iterative: climb while the current word has nothing interesting past the position,
+    /// then descend through the first interesting bit of each level. A spurious summary
+    /// bit (its child holds nothing interesting) sends the search on from the next word of
+    /// that child's level.
+    #[inline]
+    fn find(&self, unit: u64, interesting: impl Fn(usize, usize, u64) -> u64) -> Option<u64> {
+        let top = self.0.len() - 1;
+        let mut level = 0;
+        let mut pos = unit;
+        'search: loop {
+            // Climb.
+            let mut at = loop {
+                let lv = &self.0[level];
+                let w = (pos / 64) as usize;
+                let word = lv.words.get(w)?;
+                let bits = interesting(level, w, word.load(SeqCst)) & (!0u64 << (pos % 64));
+                if bits != 0 {
+                    break w as u64 * 64 + u64::from(bits.trailing_zeros());
+                }
+                if level == top {
+                    // The top level is a single word, now fully examined.
+                    return None;
+                }
+                level += 1;
+                pos = w as u64 + 1;
+            };
+            // Descend.
+            while level > 0 {
+                level -= 1;
+                let w = at as usize;
+                let bits = interesting(level, w, self.0[level].words[w].load(SeqCst));
+                if bits == 0 {
+                    pos = (w as u64 + 1) * 64;
+                    continue 'search;
+                }
+                at = w as u64 * 64 + u64::from(bits.trailing_zeros());
             }
-            // A spurious summary bit: keep going past it.
-            next = pw as u64 + 1;
+            return Some(at);
         }
     }
 }
@@ -182,7 +193,7 @@ impl AnyTower {
     /// First block at index >= `block` that may hold a set bit.
     #[inline]
     pub fn next_block(&self, block: u64) -> Option<u64> {
-        self.0.find(0, block, &|_, _, v| v)
+        self.0.find(block, |_, _, v| v)
     }
 
     pub fn memory_usage(&self) -> usize {
@@ -242,7 +253,7 @@ impl FullTower {
     #[inline]
     pub fn next_block(&self, block: u64) -> Option<u64> {
         let levels = &self.0 .0;
-        self.0.find(0, block, &|l, w, v| !v & levels[l].valid(w))
+        self.0.find(block, |l, w, v| !v & levels[l].valid(w))
     }
 
     pub fn memory_usage(&self) -> usize {

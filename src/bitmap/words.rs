@@ -45,6 +45,18 @@ impl Words {
         self.words[w].load(SeqCst)
     }
 
+    /// Word `w` with any bit past the end cleared. Such bits are never set (see the module
+    /// invariant); the mask keeps serialized tails zero regardless.
+    #[inline]
+    pub fn load_masked(&self, w: usize) -> u64 {
+        let v = self.words[w].load(SeqCst);
+        if w + 1 == self.words.len() {
+            v & self.last_mask
+        } else {
+            v
+        }
+    }
+
     /// Mask of the bits of word `w` that lie inside the bitmap.
     #[inline]
     pub fn valid(&self, w: usize) -> u64 {
