@@ -197,25 +197,12 @@ mod tests {
 
     fn header(cluster_bits: u32) -> Header {
         Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
             cluster_bits,
-            size: 1 << 30,
-            crypt_method: 0,
             l1_size: 1 << 12,
             l1_table_offset: 3 << cluster_bits,
             refcount_table_offset: 1 << cluster_bits,
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
             autoclear_features: AUTOCLEAR_BITMAPS,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
-            unknown_fields: Vec::new(),
+            ..crate::format::header::tests::sample()
         }
     }
 

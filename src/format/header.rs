@@ -571,7 +571,7 @@ impl Header {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The header `qemu-img create -f qcow2 -o cluster_size=65536 IMG 1G` writes.
