@@ -495,3 +495,78 @@ fn unknown_extension_and_header_fields_survive() {
     assert_eq!(&after[pos + 8..pos + 13], b"hello");
     assert_qemu_clean(&img);
 }
+
+#[test]
+fn sixteen_tib_image_with_four_bitmaps_round_trips_both_ways() {
+    const TIB: u64 = 1 << 40;
+    let disk = 16 * TIB;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let names = ["b64k", "b64k-2", "b1m", "b2g"];
+    let grans = [64 << 10, 64 << 10, MIB, 2 << 30];
+
+    // We write: four bitmaps with scattered extents, including the disk's last byte.
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    let mut ours = Vec::new();
+    for (i, (&name, &g)) in names.iter().zip(grans.iter()).enumerate() {
+        s.add(name, g, true).unwrap();
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        for k in 0..64u64 {
+            let off = k.wrapping_mul(0x9E37_79B9_7F4A_7C15u64.rotate_left(i as u32)) % disk;
+            bm.mark_dirty(off, 4096 + k * 100_000);
+        }
+        bm.mark_dirty(disk - 1, 1);
+        s.store(name, &bm).unwrap();
+        ours.push(extents(&bm));
+    }
+    s.close().unwrap();
+    assert_qemu_clean(&img);
+    let listed = qemu_bitmaps(&img);
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    for (i, &name) in names.iter().enumerate() {
+        assert_eq!(
+            nbd_dirty(&img, name),
+            ours[i],
+            "bitmap {name} as qemu-nbd exports it"
+        );
+    }
+
+    // QEMU writes on top: its enabled bitmaps track the writes, and our reader sees them.
+    let writes = [
+        (0u64, 4096u64),
+        (8 * TIB + 12_345, 70_000),
+        (disk - 4096, 4096),
+    ];
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(o, l)| format!("write {o} {l}"))
+        .collect();
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(p(&img));
+    ok("qemu-io", &args);
+    assert_qemu_clean(&img);
+    let s = open(&img, false);
+    for (i, (&name, &g)) in names.iter().zip(grans.iter()).enumerate() {
+        let loaded = s.load(name).unwrap();
+        let expect = DirtyBitmap::new(disk, g).unwrap();
+        for &(o, l) in &ours[i] {
+            expect.mark_dirty(o, l);
+        }
+        for &(o, l) in &writes {
+            expect.mark_dirty(o, l);
+        }
+        assert_eq!(
+            extents(&loaded),
+            extents(&expect),
+            "bitmap {name} after qemu-io"
+        );
+        assert_eq!(
+            nbd_dirty(&img, name),
+            extents(&loaded),
+            "bitmap {name}: qemu-nbd vs us"
+        );
+    }
+}
