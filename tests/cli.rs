@@ -406,6 +406,38 @@ fn round_trip_matches_qemu_nbd() {
     assert_eq!(dbm_check(&img), 0);
     assert_dump_matches_nbd(dir.path(), &img, "fine", 10);
     assert_eq!(qemu_bitmaps(&img), dbm_bitmaps(&img));
+
+    // --merge -b: from another image of the same size, at another granularity.
+    let other = dir.path().join("other.qcow2");
+    dbm_ok(&["create", p(&other), "--size", &disk.to_string()]);
+    dbm_ok(&["bitmap", p(&other), "--add", "-g", "2K", "src"]);
+    dbm_ok(&["mark", p(&other), "src", "30M", "5000"]);
+    let before = dbm_bitmap_json(&img, "wide")["dirty-bytes"]
+        .as_u64()
+        .unwrap();
+    dbm_ok(&["bitmap", p(&img), "--merge", "src", "-b", p(&other), "wide"]);
+    let after = assert_dump_matches_nbd(dir.path(), &img, "wide", 11);
+    assert_eq!(
+        after,
+        before + 64 * KIB,
+        "30M..30M+5000 dirties one more 64K granule"
+    );
+    dbm_fails(&[
+        "bitmap",
+        p(&img),
+        "--merge",
+        "nope",
+        "-b",
+        p(&other),
+        "wide",
+    ]);
+    let small = dir.path().join("small.qcow2");
+    dbm_ok(&["create", p(&small), "--size", "1M"]);
+    dbm_ok(&["bitmap", p(&small), "--add", "src"]);
+    let err = dbm_fails(&["bitmap", p(&img), "--merge", "src", "-b", p(&small), "wide"]);
+    assert!(err.contains("disk"), "{err}");
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
 }
 
 /// QEMU writes the bitmaps and the guest data; `dbm` reads exactly what QEMU exports.
