@@ -1,8 +1,17 @@
 //! `dbm`: the dirty-bitmap command line.
 //!
-//! Errors go to stderr with a non-zero exit status; nothing here panics on bad input.
+//! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
+//! exits 2 (corrupt) or 3 (leaks only). Nothing here panics on bad input.
 
+mod bitmap_cmd;
+mod check;
+mod create;
 mod demo;
+mod dump;
+mod info;
+mod mark;
+mod open;
+mod out;
 mod size;
 
 use std::path::PathBuf;
@@ -26,6 +35,20 @@ enum Command {
     /// Run a guest-like write workload on a large in-memory bitmap, flushing changed
     /// regions to a file while the writers run, and print a summary.
     Demo(DemoArgs),
+    /// Create a qcow2 image that holds no guest data, only room for persistent bitmaps.
+    Create(create::CreateArgs),
+    /// Show an image's geometry and its bitmaps.
+    Info(info::InfoArgs),
+    /// Add, remove, clear, enable, disable or merge a bitmap (`qemu-img bitmap`'s verbs).
+    Bitmap(bitmap_cmd::BitmapArgs),
+    /// Print a bitmap as `offset length type dirty|clean` rows over the whole disk, as
+    /// `nbdinfo --map=qemu:dirty-bitmap:NAME` prints them.
+    Dump(dump::DumpArgs),
+    /// Mark a byte range dirty in a bitmap and store it.
+    Mark(mark::MarkArgs),
+    /// Check refcounts and the bitmap directory and tables; exit 0 clean, 2 corrupt,
+    /// 3 leaks only (as `qemu-img check`).
+    Check(check::CheckArgs),
 }
 
 /// Options of `dbm demo`.
@@ -58,13 +81,34 @@ pub struct DemoArgs {
     pub seed: Option<u64>,
 }
 
+/// What a command returns: its exit status, or an error printed as `dbm: ...` with exit 1.
+pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version go to stdout with status 0; usage errors exit 1 (as
+            // qemu-img's do), so that 2 and 3 keep their `check` meanings.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
-        Command::Demo(args) => demo::run(&args),
+        Command::Demo(args) => demo::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Create(args) => create::run(&args),
+        Command::Info(args) => info::run(&args),
+        Command::Bitmap(args) => bitmap_cmd::run(&args),
+        Command::Dump(args) => dump::run(&args),
+        Command::Mark(args) => mark::run(&args),
+        Command::Check(args) => check::run(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("dbm: {e}");
             ExitCode::FAILURE

@@ -1,0 +1,112 @@
+//! `dbm check`: refcounts, bitmap directory and tables through [`Image::check`], with
+//! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only. An image that
+//! cannot be opened exits 1 like every other error.
+//!
+//! The JSON form is one object with sorted keys: `corruptions`, `exit-code`, `filename`,
+//! `format` (`"qcow2"`), `leaks`, `messages` (QEMU's wording, at most 1000) and
+//! `total-clusters`.
+//!
+//! [`Image::check`]: dirty_bitmap::Image::check
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dirty_bitmap::CheckReport;
+use serde_json::{json, Value};
+
+use crate::open::{at, image};
+use crate::out::emit;
+use crate::CmdResult;
+
+/// Options of `dbm check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The qcow2 image (opened read-only).
+    pub image: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The text form, in `qemu-img check`'s words.
+pub fn text(r: &CheckReport) -> String {
+    let mut s = String::new();
+    for m in &r.messages {
+        let _ = writeln!(s, "{m}");
+    }
+    if !r.messages.is_empty() {
+        s.push('\n');
+    }
+    if r.corruptions > 0 {
+        let _ = writeln!(
+            s,
+            "{} errors were found on the image.\nData may be corrupted, or further writes to \
+             the image may corrupt it.",
+            r.corruptions
+        );
+    }
+    if r.leaks > 0 {
+        let _ = writeln!(
+            s,
+            "{} leaked clusters were found on the image.\nThis means waste of disk space, but \
+             no harm to data.",
+            r.leaks
+        );
+    }
+    if r.is_clean() {
+        s.push_str("No errors were found on the image.\n");
+    }
+    let _ = writeln!(s, "{} clusters in the file.", r.total_clusters);
+    s
+}
+
+/// The JSON form (see the module docs).
+pub fn json(filename: &str, r: &CheckReport) -> Value {
+    json!({
+        "filename": filename,
+        "format": "qcow2",
+        "corruptions": r.corruptions,
+        "leaks": r.leaks,
+        "total-clusters": r.total_clusters,
+        "messages": r.messages,
+        "exit-code": r.exit_code(),
+    })
+}
+
+/// Runs `dbm check`.
+pub fn run(args: &CheckArgs) -> CmdResult {
+    let img = image(&args.image)?;
+    let report = img.check().map_err(|e| at(&args.image, e))?;
+    if args.json {
+        let v = json(&args.image.display().to_string(), &report);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+    } else {
+        emit(&text(&report))?;
+    }
+    Ok(ExitCode::from(
+        u8::try_from(report.exit_code()).unwrap_or(1),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts() {
+        let mut r = CheckReport {
+            total_clusters: 5,
+            ..CheckReport::default()
+        };
+        assert!(text(&r).starts_with("No errors were found on the image."));
+        r.leaks = 1;
+        r.messages
+            .push("Leaked cluster 4 refcount=1 reference=0".into());
+        assert!(text(&r).contains("1 leaked clusters were found"));
+        assert_eq!(json("i", &r)["exit-code"], 3);
+        r.corruptions = 2;
+        assert!(text(&r).contains("2 errors were found"));
+        assert_eq!(json("i", &r)["exit-code"], 2);
+    }
+}

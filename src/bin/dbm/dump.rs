@@ -1,0 +1,174 @@
+//! `dbm dump`: a bitmap as the rows `nbdinfo --map=qemu:dirty-bitmap:NAME` prints.
+//!
+//! Text rows are nbdinfo's `%10lu  %10lu  %3u  %s`: offset, length, type (1 dirty,
+//! 0 clean) and its description, in decimal, merged runs covering the whole disk. The
+//! JSON form is nbdinfo's `--json` array: one `{"description", "length", "offset", "type"}`
+//! object per row (keys sorted).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dirty_bitmap::Error;
+use serde_json::json;
+
+use crate::open::{at, store};
+use crate::out::emit;
+use crate::CmdResult;
+
+/// Options of `dbm dump`.
+#[derive(Debug, clap::Args)]
+pub struct DumpArgs {
+    /// The qcow2 image.
+    pub image: PathBuf,
+    /// The bitmap.
+    pub name: String,
+    /// Print nbdinfo's `--map --json` array instead of text rows.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One run of equal granules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Dirty or clean.
+    pub dirty: bool,
+}
+
+/// Rows covering `[0, disk_size)`: the dirty extents (sorted, disjoint, within the disk)
+/// with the clean gaps between them.
+pub fn rows(disk_size: u64, dirty: impl IntoIterator<Item = (u64, u64)>) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    let mut at = 0u64;
+    let push = |out: &mut Vec<Row>, offset: u64, length: u64, dirty: bool| {
+        if length == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(r) if r.dirty == dirty && r.offset + r.length == offset => r.length += length,
+            _ => out.push(Row {
+                offset,
+                length,
+                dirty,
+            }),
+        }
+    };
+    for (off, len) in dirty {
+        let off = off.clamp(at, disk_size);
+        let end = off.saturating_add(len).min(disk_size);
+        push(&mut out, at, off - at, false);
+        push(&mut out, off, end - off, true);
+        at = end;
+    }
+    push(&mut out, at, disk_size - at, false);
+    out
+}
+
+fn describe(dirty: bool) -> (u32, &'static str) {
+    if dirty {
+        (1, "dirty")
+    } else {
+        (0, "clean")
+    }
+}
+
+/// One text row, as nbdinfo prints it.
+pub fn text_row(r: &Row) -> String {
+    let (t, d) = describe(r.dirty);
+    format!("{:>10}  {:>10}  {t:>3}  {d}", r.offset, r.length)
+}
+
+/// The JSON array, one object per line as nbdinfo prints it.
+pub fn json_rows(rows: &[Row]) -> String {
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (t, d) = describe(r.dirty);
+            json!({"offset": r.offset, "length": r.length, "type": t, "description": d}).to_string()
+        })
+        .collect();
+    format!("[\n{}\n]", lines.join(",\n"))
+}
+
+/// Runs `dbm dump`.
+pub fn run(args: &DumpArgs) -> CmdResult {
+    let st = store(&args.image, false)?;
+    let bm = st.load(&args.name).map_err(|e| match e {
+        Error::Inconsistent { name } => at(
+            &args.image,
+            format!(
+                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
+                 bitmap support changed the image): its bits cannot be trusted, so treat the \
+                 whole disk as dirty; the only thing to do with it is `dbm bitmap --remove`"
+            ),
+        ),
+        e => at(&args.image, e),
+    })?;
+    let rows = rows(bm.disk_size(), bm.dirty_extents());
+    if args.json {
+        emit(&format!("{}\n", json_rows(&rows)))?;
+    } else {
+        let mut out = String::new();
+        for r in &rows {
+            out.push_str(&text_row(r));
+            out.push('\n');
+        }
+        emit(&out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_cover_the_disk() {
+        let r = rows(10_000_384, [(512, 3584), (9_998_848, 1024)]);
+        let t: Vec<String> = r.iter().map(text_row).collect();
+        assert_eq!(
+            t,
+            [
+                "         0         512    0  clean",
+                "       512        3584    1  dirty",
+                "      4096     9994752    0  clean",
+                "   9998848        1024    1  dirty",
+                "   9999872         512    0  clean",
+            ]
+        );
+        assert_eq!(
+            rows(100, []),
+            [Row {
+                offset: 0,
+                length: 100,
+                dirty: false
+            }]
+        );
+        assert_eq!(rows(0, []), []);
+        // Adjacent extents merge; the tail is dirty.
+        assert_eq!(
+            rows(100, [(0, 50), (50, 50)]),
+            [Row {
+                offset: 0,
+                length: 100,
+                dirty: true
+            }]
+        );
+    }
+
+    #[test]
+    fn json_matches_nbdinfo_shape() {
+        let j = json_rows(&rows(1024, [(512, 512)]));
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(
+            v,
+            json!([
+                {"offset": 0, "length": 512, "type": 0, "description": "clean"},
+                {"offset": 512, "length": 512, "type": 1, "description": "dirty"},
+            ])
+        );
+    }
+}

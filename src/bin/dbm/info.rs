@@ -1,0 +1,255 @@
+//! `dbm info`: an image's geometry and its bitmaps, as text or JSON.
+//!
+//! The JSON form (documented in `docs/CLI.md`) is one object with keys in sorted order:
+//!
+//! ```json
+//! {
+//!   "backing-file": null,
+//!   "bitmaps": [
+//!     { "dirty-bytes": 4096, "enabled": true, "flags": ["auto"], "granularity": 65536,
+//!       "in-use": false, "name": "b0", "state": "consistent" }
+//!   ],
+//!   "cluster-size": 65536, "disk-length": 1073741824, "file-length": 262144,
+//!   "filename": "disk.qcow2", "format": "qcow2", "refcount-bits": 16, "version": 3,
+//!   "virtual-size": 1073741824
+//! }
+//! ```
+//!
+//! `dirty-bytes` is `null` for an inconsistent bitmap: its bits cannot be trusted, so every
+//! granule must be treated as dirty.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dirty_bitmap::storage::{FileStorage, Storage};
+use dirty_bitmap::{BitmapState, BitmapStore};
+use serde_json::{json, Value};
+
+use crate::open::{at, store};
+use crate::out::emit;
+use crate::CmdResult;
+
+/// Options of `dbm info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The qcow2 image.
+    pub image: PathBuf,
+    /// Print one JSON object (see docs/CLI.md) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `dbm info` reports about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The path as given.
+    pub filename: String,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// The header's virtual size.
+    pub virtual_size: u64,
+    /// The length bitmaps cover: the virtual size rounded down to 512.
+    pub disk_length: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u64,
+    /// The image file's length in bytes.
+    pub file_length: u64,
+    /// The backing file name, if any (lossy UTF-8).
+    pub backing_file: Option<String>,
+    /// Every bitmap, in directory order.
+    pub bitmaps: Vec<BitmapReport>,
+}
+
+/// One bitmap in [`ImageInfo`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapReport {
+    /// Its name.
+    pub name: String,
+    /// Disk bytes per bit.
+    pub granularity: u64,
+    /// The `auto` flag (QEMU's enabled).
+    pub enabled: bool,
+    /// The `in_use` flag on disk.
+    pub in_use: bool,
+    /// Whether its data can be trusted.
+    pub consistent: bool,
+    /// Dirty bytes; `None` when inconsistent (treat as all dirty).
+    pub dirty_bytes: Option<u64>,
+}
+
+impl BitmapReport {
+    /// The flags as `qemu-img info` names them, in its order.
+    pub fn flags(&self) -> Vec<&'static str> {
+        let mut f = Vec::new();
+        if self.in_use {
+            f.push("in-use");
+        }
+        if self.enabled {
+            f.push("auto");
+        }
+        f
+    }
+}
+
+/// Reads everything [`ImageInfo`] holds from an open store.
+pub fn gather(
+    filename: String,
+    store: &BitmapStore<FileStorage>,
+) -> dirty_bitmap::Result<ImageInfo> {
+    let image = store.image();
+    let h = image.header();
+    let mut bitmaps = Vec::new();
+    for b in store.list() {
+        let consistent = b.state == BitmapState::Consistent;
+        let dirty_bytes = if consistent {
+            Some(store.load(&b.name)?.dirty_bytes())
+        } else {
+            None
+        };
+        bitmaps.push(BitmapReport {
+            name: b.name,
+            granularity: b.granularity,
+            enabled: b.enabled,
+            in_use: b.in_use,
+            consistent,
+            dirty_bytes,
+        });
+    }
+    Ok(ImageInfo {
+        filename,
+        version: h.version,
+        virtual_size: h.size,
+        disk_length: h.disk_length(),
+        cluster_size: h.cluster_size(),
+        refcount_bits: 1u64 << h.refcount_order.min(6),
+        file_length: image.storage().len()?,
+        backing_file: image
+            .area()
+            .backing_file
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
+        bitmaps,
+    })
+}
+
+/// The text form.
+pub fn text(info: &ImageInfo) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "image: {}", info.filename);
+    let _ = writeln!(s, "format: qcow2 (version {})", info.version);
+    let _ = writeln!(s, "virtual size: {} bytes", info.virtual_size);
+    let _ = writeln!(s, "cluster size: {}", info.cluster_size);
+    let _ = writeln!(s, "refcount bits: {}", info.refcount_bits);
+    let _ = writeln!(s, "file length: {}", info.file_length);
+    let _ = writeln!(
+        s,
+        "backing file: {}",
+        info.backing_file.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(s, "bitmaps: {}", info.bitmaps.len());
+    for b in &info.bitmaps {
+        s.push_str(&bitmap_text(b));
+    }
+    s
+}
+
+/// One bitmap's block in the text form.
+pub fn bitmap_text(b: &BitmapReport) -> String {
+    let flags = b.flags();
+    let flags = if flags.is_empty() {
+        "(none)".to_string()
+    } else {
+        flags.join(", ")
+    };
+    let (state, dirty) = match b.dirty_bytes {
+        Some(n) if b.consistent => ("consistent", n.to_string()),
+        _ => ("inconsistent", "unknown (treat as all dirty)".to_string()),
+    };
+    format!(
+        "  name: {}\n    granularity: {}\n    enabled: {}\n    flags: {flags}\n    state: {state}\n    dirty bytes: {dirty}\n",
+        b.name, b.granularity, b.enabled
+    )
+}
+
+/// The JSON form (see the module docs).
+pub fn json(info: &ImageInfo) -> Value {
+    let bitmaps: Vec<Value> = info.bitmaps.iter().map(bitmap_json).collect();
+    json!({
+        "filename": info.filename,
+        "format": "qcow2",
+        "version": info.version,
+        "virtual-size": info.virtual_size,
+        "disk-length": info.disk_length,
+        "cluster-size": info.cluster_size,
+        "refcount-bits": info.refcount_bits,
+        "file-length": info.file_length,
+        "backing-file": info.backing_file,
+        "bitmaps": bitmaps,
+    })
+}
+
+/// One bitmap in the JSON form.
+pub fn bitmap_json(b: &BitmapReport) -> Value {
+    json!({
+        "name": b.name,
+        "granularity": b.granularity,
+        "flags": b.flags(),
+        "enabled": b.enabled,
+        "in-use": b.in_use,
+        "state": if b.consistent { "consistent" } else { "inconsistent" },
+        "dirty-bytes": if b.consistent { b.dirty_bytes } else { None },
+    })
+}
+
+/// Runs `dbm info`.
+pub fn run(args: &InfoArgs) -> CmdResult {
+    let st = store(&args.image, false)?;
+    let info = gather(args.image.display().to_string(), &st).map_err(|e| at(&args.image, e))?;
+    if args.json {
+        emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json(&info))?
+        ))?;
+    } else {
+        emit(&text(&info))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(consistent: bool) -> BitmapReport {
+        BitmapReport {
+            name: "b".into(),
+            granularity: 65536,
+            enabled: true,
+            in_use: !consistent,
+            consistent,
+            dirty_bytes: consistent.then_some(4096),
+        }
+    }
+
+    #[test]
+    fn inconsistent_dirty_bytes_are_unknown() {
+        let b = sample(false);
+        assert!(bitmap_text(&b).contains("dirty bytes: unknown (treat as all dirty)"));
+        assert!(bitmap_text(&b).contains("state: inconsistent"));
+        assert_eq!(bitmap_json(&b)["dirty-bytes"], Value::Null);
+        assert_eq!(bitmap_json(&b)["flags"], json!(["in-use", "auto"]));
+    }
+
+    #[test]
+    fn consistent_json_is_sorted_and_complete() {
+        let b = sample(true);
+        let s = serde_json::to_string(&bitmap_json(&b)).unwrap();
+        assert_eq!(
+            s,
+            r#"{"dirty-bytes":4096,"enabled":true,"flags":["auto"],"granularity":65536,"in-use":false,"name":"b","state":"consistent"}"#
+        );
+    }
+}

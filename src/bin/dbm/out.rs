@@ -1,0 +1,15 @@
+//! Writing to stdout without panicking: `print!` panics when stdout is a closed pipe
+//! (`dbm dump IMG B | head`); this reports other write errors and stops quietly on a
+//! broken pipe.
+
+use std::io::{ErrorKind, Write};
+
+/// Writes `s` to stdout and flushes. A closed pipe is not an error: the reader has what
+/// it wanted.
+pub fn emit(s: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(format!("writing to stdout: {e}")),
+        _ => Ok(()),
+    }
+}

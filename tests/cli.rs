@@ -1,0 +1,780 @@
+//! The `dbm` binary against QEMU's own tools: what `dbm` writes, `qemu-img check` and
+//! `qemu-nbd` + `nbdinfo` accept and export identically; what QEMU writes, `dbm` reads
+//! identically; `dbm check` exits as `qemu-img check` does; bad input never panics.
+//!
+//! These tests need qemu-img, qemu-io, qemu-nbd and nbdinfo on the PATH. A missing tool
+//! fails the test with a message naming it; nothing is skipped. Every test works in its own
+//! temporary directory, and every `qemu-nbd` it starts listens on a socket in that
+//! directory and is killed when the test is done with it.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dirty_bitmap::format::{decode_directory, decode_table, HeaderArea, TableEntry};
+use serde_json::Value;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+// ---- running things ----
+
+fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    match Command::new("which").arg(name).output() {
+        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+        _ => panic!(
+            "{name} is required by the dbm CLI tests but was not found on the PATH; install \
+             qemu-utils (qemu-img, qemu-io, qemu-nbd) and libnbd-bin (nbdinfo), for example \
+             with scripts/test.sh"
+        ),
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Runs a QEMU tool.
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(tool(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {name}: {e}"))
+}
+
+/// Runs a QEMU tool that must succeed; its stdout.
+fn ok(name: &str, args: &[&str]) -> String {
+    let out = run(name, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&format!("{name} {args:?}"), &out)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `dbm`. Whatever it exits with, it must not have panicked.
+fn dbm<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(args)
+        .output()
+        .expect("failed to run dbm");
+    let what = format!(
+        "dbm {:?}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
+    );
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        describe(&what, &out)
+    );
+    // 101 is Rust's panic exit status.
+    assert_ne!(out.status.code(), Some(101), "{}", describe(&what, &out));
+    assert!(out.status.code().is_some(), "{}", describe(&what, &out));
+    out
+}
+
+/// Runs `dbm`, which must succeed; its stdout.
+fn dbm_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = dbm(args);
+    let what = format!(
+        "dbm {:?}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
+    );
+    assert!(out.status.success(), "{}", describe(&what, &out));
+    text(&out.stdout)
+}
+
+/// Runs `dbm`, which must fail with status 1 and a `dbm: ...` message on stderr.
+fn dbm_fails<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = dbm(args);
+    let what = format!(
+        "dbm {:?}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>()
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&what, &out));
+    let err = text(&out.stderr);
+    assert!(!err.trim().is_empty(), "{}", describe(&what, &out));
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
+}
+
+/// The exit status of `qemu-img check`.
+fn qemu_check(img: &Path) -> i32 {
+    let out = run("qemu-img", &["check", "-f", "qcow2", p(img)]);
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("{}", describe("qemu-img check", &out)))
+}
+
+/// The exit status of `dbm check`, with its JSON form checked against it.
+fn dbm_check(img: &Path) -> i32 {
+    let code = dbm(&["check", p(img)]).status.code().unwrap();
+    let out = dbm(&["check", "--json", p(img)]);
+    assert_eq!(out.status.code(), Some(code));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exit-code"].as_i64(), Some(i64::from(code)), "{v}");
+    code
+}
+
+// ---- nbd ----
+
+/// A `qemu-nbd` this test started; killed and reaped on drop.
+struct Nbd {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qemu-nbd -r -f qcow2 -B NAME -k SOCK IMG`, persistent, on a socket in `dir`.
+fn serve(dir: &Path, img: &Path, name: &str, tag: usize) -> Nbd {
+    let sock = dir.join(format!("nbd-{tag}.sock"));
+    let child = Command::new(tool("qemu-nbd"))
+        .args([
+            "-t",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            p(&sock),
+            p(img),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("failed to start qemu-nbd");
+    let mut nbd = Nbd {
+        child,
+        uri: format!("nbd+unix:///?socket={}", p(&sock)),
+    };
+    let start = Instant::now();
+    while !sock.exists() {
+        if let Ok(Some(status)) = nbd.child.try_wait() {
+            panic!("qemu-nbd -B {name:?} {} exited: {status}", img.display());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "qemu-nbd did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nbd
+}
+
+/// `nbdinfo --map=qemu:dirty-bitmap:NAME [--json]` against a server, retried briefly while
+/// the server finishes starting.
+fn nbdinfo_map(nbd: &Nbd, name: &str, json: bool) -> String {
+    let map = format!("--map=qemu:dirty-bitmap:{name}");
+    let mut args = vec![map.as_str()];
+    if json {
+        args.push("--json");
+    }
+    args.push(&nbd.uri);
+    let start = Instant::now();
+    loop {
+        let out = run("nbdinfo", &args);
+        if out.status.success() {
+            return text(&out.stdout);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            describe("nbdinfo", &out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Rows with whitespace normalized: each line's fields joined by one space.
+fn rows(s: &str) -> Vec<String> {
+    s.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `dbm dump` must equal nbdinfo's map of the same bitmap, text row for row and JSON value
+/// for value. Returns the dirty bytes the rows add up to.
+fn assert_dump_matches_nbd(dir: &Path, img: &Path, name: &str, tag: usize) -> u64 {
+    let ours = rows(&dbm_ok(&["dump", p(img), name]));
+    let ours_json: Value =
+        serde_json::from_str(&dbm_ok(&["dump", "--json", p(img), name])).unwrap();
+    let nbd = serve(dir, img, name, tag);
+    let theirs = rows(&nbdinfo_map(&nbd, name, false));
+    let theirs_json: Value = serde_json::from_str(&nbdinfo_map(&nbd, name, true)).unwrap();
+    drop(nbd);
+    assert!(!ours.is_empty());
+    assert_eq!(ours, theirs, "bitmap {name:?}: dbm dump vs nbdinfo --map");
+    assert_eq!(ours_json, theirs_json, "bitmap {name:?}: --json");
+    ours.iter()
+        .map(|r| r.split(' ').collect::<Vec<_>>())
+        .filter(|f| f[3] == "dirty")
+        .map(|f| f[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+// ---- images ----
+
+/// `(name, granularity, flags)` from `qemu-img info --output=json`.
+fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let v: Value = serde_json::from_str(&ok(
+        "qemu-img",
+        &["info", "-f", "qcow2", "--output=json", p(img)],
+    ))
+    .unwrap();
+    bitmap_triples(&v["format-specific"]["data"]["bitmaps"])
+}
+
+/// `(name, granularity, flags)` from `dbm info --json`.
+fn dbm_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let v: Value = serde_json::from_str(&dbm_ok(&["info", "--json", p(img)])).unwrap();
+    bitmap_triples(&v["bitmaps"])
+}
+
+fn bitmap_triples(list: &Value) -> Vec<(String, u64, Vec<String>)> {
+    let Some(list) = list.as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// `dbm info --json` for one bitmap.
+fn dbm_bitmap_json(img: &Path, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&dbm_ok(&["info", "--json", p(img)])).unwrap();
+    v["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bitmap {name:?} in {v}"))
+        .clone()
+}
+
+fn be16(b: &[u8], at: u64) -> u16 {
+    let at = at as usize;
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be64(b: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The byte offset, in the file, of the 16-bit refcount of the cluster at `cluster_off`
+/// (images with 16-bit refcounts whose first refcount block covers that cluster).
+fn refcount_at(bytes: &[u8], cluster_off: u64) -> u64 {
+    let area = HeaderArea::decode(bytes).unwrap();
+    let h = &area.header;
+    assert_eq!(h.refcount_order, 4, "the test edits 16-bit refcounts");
+    let cs = h.cluster_size();
+    let cluster = cluster_off / cs;
+    let per_block = cs / 2;
+    let block = be64(bytes, h.refcount_table_offset + 8 * (cluster / per_block)) & !(cs - 1);
+    block + 2 * (cluster % per_block)
+}
+
+/// The data clusters of bitmap `name`'s table, read with the library's codecs.
+fn bitmap_data_clusters(bytes: &[u8], name: &str) -> Vec<u64> {
+    let area = HeaderArea::decode(bytes).unwrap();
+    let geo = area.header.geometry().unwrap();
+    let ext = area.bitmaps.expect("a bitmaps extension");
+    let d = ext.directory_offset as usize;
+    let dir = &bytes[d..d + ext.directory_size as usize];
+    let entry = decode_directory(dir, ext.nb_bitmaps, &geo)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == name)
+        .unwrap();
+    let t = entry.table_offset as usize;
+    let table = &bytes[t..t + 8 * entry.table_size as usize];
+    decode_table(table, entry.table_size, area.header.cluster_bits)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            TableEntry::Data(off) => Some(off),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---- tests ----
+
+/// `dbm create`, `bitmap --add`, `mark`: what `dbm` writes, QEMU exports identically.
+#[test]
+fn round_trip_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("rt.qcow2");
+    // 512-byte clusters: one bitmap data cluster holds 4096 bits, so at 4 KiB granularity a
+    // cluster covers 16 MiB and at 512 B granularity 2 MiB. The disk ends 1.5 KiB into a
+    // 4 KiB granule and 25.5 KiB into a 64 KiB one.
+    let disk = 40 * MIB + 1536 + 24 * KIB;
+    dbm_ok(&[
+        "create",
+        p(&img),
+        "--size",
+        &disk.to_string(),
+        "--cluster-size",
+        "512",
+    ]);
+    dbm_ok(&["bitmap", p(&img), "--add", "-g", "4K", "g4k"]);
+    dbm_ok(&["bitmap", "--add", "-g", "512", p(&img), "fine"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "wide"]); // 64K default
+    dbm_ok(&["bitmap", p(&img), "--add", "--disable", "-g", "1K", "off"]);
+    assert_eq!(qemu_check(&img), 0);
+    let marks: Vec<(String, String)> = vec![
+        ("1".into(), "1".into()),
+        ("12345".into(), "7000".into()),
+        // Across the 16 MiB boundary of the g4k data clusters (and 2 MiB ones of "fine").
+        ((16 * MIB - 1000).to_string(), "3000".into()),
+        ((2 * MIB - 7).to_string(), "14".into()),
+        ("32M".into(), "1".into()),
+        // In the last, partial granule, up to the very last byte.
+        ((disk - 700).to_string(), "700".into()),
+    ];
+    for name in ["g4k", "fine", "wide", "off"] {
+        for (off, len) in &marks {
+            dbm_ok(&["mark", p(&img), name, off, len]);
+        }
+    }
+    assert_eq!(qemu_check(&img), 0, "qemu-img check after dbm mark");
+    assert_eq!(dbm_check(&img), 0, "dbm check after dbm mark");
+    for (tag, name) in ["g4k", "fine", "wide", "off"].into_iter().enumerate() {
+        let dirty = assert_dump_matches_nbd(dir.path(), &img, name, tag);
+        assert!(dirty > 0);
+        assert_eq!(dbm_bitmap_json(&img, name)["dirty-bytes"], dirty);
+    }
+    // The 40 MiB disk at 4 KiB takes three data clusters, all with a bit set.
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bitmap_data_clusters(&bytes, "g4k").len(), 3);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("g4k".to_string(), 4 * KIB, vec!["auto".to_string()]),
+            ("fine".to_string(), 512, vec!["auto".to_string()]),
+            ("wide".to_string(), 64 * KIB, vec!["auto".to_string()]),
+            ("off".to_string(), KIB, vec![]),
+        ]
+    );
+    assert_eq!(qemu_bitmaps(&img), dbm_bitmaps(&img));
+    // Merge, clear, enable, remove keep the image clean and QEMU's view equal to ours.
+    dbm_ok(&["bitmap", p(&img), "--clear", "fine"]);
+    dbm_ok(&["bitmap", p(&img), "--merge", "g4k", "fine"]);
+    dbm_ok(&["bitmap", p(&img), "--enable", "off"]);
+    dbm_ok(&["bitmap", p(&img), "--disable", "wide"]);
+    dbm_ok(&["bitmap", p(&img), "--remove", "g4k"]);
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+    assert_dump_matches_nbd(dir.path(), &img, "fine", 10);
+    assert_eq!(qemu_bitmaps(&img), dbm_bitmaps(&img));
+
+    // --merge -b: from another image of the same size, at another granularity.
+    let other = dir.path().join("other.qcow2");
+    dbm_ok(&["create", p(&other), "--size", &disk.to_string()]);
+    dbm_ok(&["bitmap", p(&other), "--add", "-g", "2K", "src"]);
+    dbm_ok(&["mark", p(&other), "src", "30M", "5000"]);
+    let before = dbm_bitmap_json(&img, "wide")["dirty-bytes"]
+        .as_u64()
+        .unwrap();
+    dbm_ok(&["bitmap", p(&img), "--merge", "src", "-b", p(&other), "wide"]);
+    let after = assert_dump_matches_nbd(dir.path(), &img, "wide", 11);
+    assert_eq!(
+        after,
+        before + 64 * KIB,
+        "30M..30M+5000 dirties one more 64K granule"
+    );
+    dbm_fails(&[
+        "bitmap",
+        p(&img),
+        "--merge",
+        "nope",
+        "-b",
+        p(&other),
+        "wide",
+    ]);
+    let small = dir.path().join("small.qcow2");
+    dbm_ok(&["create", p(&small), "--size", "1M"]);
+    dbm_ok(&["bitmap", p(&small), "--add", "src"]);
+    let err = dbm_fails(&["bitmap", p(&img), "--merge", "src", "-b", p(&small), "wide"]);
+    assert!(err.contains("disk"), "{err}");
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+}
+
+/// QEMU writes the bitmaps and the guest data; `dbm` reads exactly what QEMU exports.
+#[test]
+fn qemu_writes_dbm_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.qcow2");
+    let disk = 20 * MIB + 1536;
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p(&img),
+            &disk.to_string(),
+        ],
+    );
+    let long = "n".repeat(1023);
+    let utf8 = "sauvegarde-été-✓";
+    let bitmaps: Vec<(&str, Vec<&str>)> = vec![
+        ("default", vec![]),
+        ("fine", vec!["-g", "512"]),
+        ("g4k", vec!["-g", "4096"]),
+        ("off", vec!["--disable", "-g", "8192"]),
+        (long.as_str(), vec!["-g", "65536"]),
+        (utf8, vec!["-g", "1024"]),
+    ];
+    for (name, opts) in &bitmaps {
+        let mut args = vec!["bitmap", "--add"];
+        args.extend(opts);
+        args.extend(["-f", "qcow2", p(&img), name]);
+        ok("qemu-img", &args);
+    }
+    let writes = [
+        "write -P 1 1000 3000",
+        // Across 2 MiB: the boundary of two data clusters of "fine" (512 B granularity).
+        "write -P 1 2096000 5000",
+        // Across 16 MiB: the boundary of two data clusters of "g4k".
+        "write -P 1 16776000 3000",
+        "write -P 1 7 1",
+        // The last, partial granule of every bitmap coarser than 512 B.
+        &format!("write -P 1 {} 600", disk - 700),
+    ];
+    let mut args = vec!["-f", "qcow2"];
+    for w in &writes {
+        args.extend(["-c", w]);
+    }
+    args.push(p(&img));
+    ok("qemu-io", &args);
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+    let from_qemu = qemu_bitmaps(&img);
+    assert_eq!(from_qemu.len(), bitmaps.len());
+    assert_eq!(from_qemu, dbm_bitmaps(&img));
+    for (tag, (name, _)) in bitmaps.iter().enumerate() {
+        let dirty = assert_dump_matches_nbd(dir.path(), &img, name, tag);
+        let b = dbm_bitmap_json(&img, name);
+        assert_eq!(b["dirty-bytes"], dirty, "{name:?}");
+        assert_eq!(b["state"], "consistent");
+        if *name == "off" {
+            assert_eq!(dirty, 0, "a disabled bitmap records nothing");
+        } else {
+            assert!(dirty > 0, "{name:?}");
+        }
+    }
+    // The text form names the UTF-8 and the long bitmap as they are.
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(info.contains(&format!("name: {utf8}\n")), "{info}");
+    assert!(info.contains(&format!("name: {long}\n")), "{info}");
+    assert!(info.contains("cluster size: 512\n"), "{info}");
+    assert!(
+        info.contains(&format!("virtual size: {disk} bytes\n")),
+        "{info}"
+    );
+}
+
+/// `dbm check` exits 0, 3 and 2 where `qemu-img check` does.
+#[test]
+fn check_exit_codes_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "8M", "--cluster-size", "512"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "-g", "4K", "b"]);
+    dbm_ok(&["mark", p(&img), "b", "1M", "64K"]);
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+    let clean = std::fs::read(&img).unwrap();
+
+    // A leak: the header cluster's refcount bumped from 1 to 2.
+    let mut leaky = clean.clone();
+    let at = refcount_at(&leaky, 0);
+    assert_eq!(be16(&leaky, at), 1);
+    leaky[at as usize + 1] = 2;
+    std::fs::write(&img, &leaky).unwrap();
+    assert_eq!(qemu_check(&img), 3, "qemu-img check on a leak");
+    assert_eq!(dbm_check(&img), 3, "dbm check on a leak");
+    let out = text(&dbm(&["check", p(&img)]).stdout);
+    assert!(out.contains("1 leaked clusters were found"), "{out}");
+
+    // A corruption: a bitmap table entry pointing at a cluster with refcount 0.
+    let mut corrupt = clean.clone();
+    let data = bitmap_data_clusters(&corrupt, "b");
+    assert_eq!(data.len(), 1);
+    let at = refcount_at(&corrupt, data[0]);
+    assert_eq!(be16(&corrupt, at), 1);
+    corrupt[at as usize + 1] = 0;
+    std::fs::write(&img, &corrupt).unwrap();
+    assert_eq!(qemu_check(&img), 2, "qemu-img check on a corruption");
+    assert_eq!(dbm_check(&img), 2, "dbm check on a corruption");
+
+    std::fs::write(&img, &clean).unwrap();
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+}
+
+/// Bad input of every kind: exit 1, a message on stderr, no panic.
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing = d.join("missing.qcow2");
+    for args in [
+        vec!["info", p(&missing)],
+        vec!["check", p(&missing)],
+        vec!["dump", p(&missing), "b"],
+        vec!["mark", p(&missing), "b", "0", "1"],
+        vec!["bitmap", p(&missing), "--add", "b"],
+    ] {
+        let err = dbm_fails(&args);
+        assert!(err.contains("missing.qcow2"), "{err}");
+    }
+
+    let raw = d.join("raw.img");
+    std::fs::write(&raw, vec![0xABu8; 4096]).unwrap();
+    for args in [
+        vec!["info", p(&raw)],
+        vec!["check", p(&raw)],
+        vec!["dump", p(&raw), "b"],
+        vec!["bitmap", p(&raw), "--add", "b"],
+    ] {
+        let err = dbm_fails(&args);
+        assert!(err.contains("not a qcow2 image"), "{err}");
+    }
+    let empty = d.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    dbm_fails(&["info", p(&empty)]);
+    dbm_fails(&["check", p(&empty)]);
+
+    let img = d.join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M", "--cluster-size", "512"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "-g", "4K", "b"]);
+    dbm_ok(&["mark", p(&img), "b", "100K", "3"]);
+    // create refuses to overwrite, and leaves the image intact.
+    let err = dbm_fails(&["create", p(&img), "--size", "1M"]);
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(dbm_check(&img), 0);
+
+    // Bad sizes: no file is left behind.
+    let new = d.join("new.qcow2");
+    dbm_fails(&["create", p(&new), "--size", "12Q"]);
+    dbm_fails(&["create", p(&new), "--size", "1M", "--cluster-size", "3000"]);
+    dbm_fails(&["create", p(&new), "--size", "1M", "--cluster-size", "4M"]);
+    dbm_fails(&["create", p(&new), "--size", "17E"]);
+    assert!(!new.exists());
+    dbm_fails(&["bitmap", p(&img), "--add", "-g", "1000", "x"]);
+    dbm_fails(&["bitmap", p(&img), "--add", "-g", "64X", "x"]);
+    dbm_fails(&["mark", p(&img), "b", "1Z", "1"]);
+
+    // Unknown names, a duplicate add, marks past the end, bad verb combinations.
+    for args in [
+        vec!["dump", p(&img), "nope"],
+        vec!["mark", p(&img), "nope", "0", "1"],
+        vec!["bitmap", p(&img), "--remove", "nope"],
+        vec!["bitmap", p(&img), "--clear", "nope"],
+        vec!["bitmap", p(&img), "--enable", "nope"],
+        vec!["bitmap", p(&img), "--merge", "nope", "b"],
+    ] {
+        let err = dbm_fails(&args);
+        assert!(err.contains("nope"), "{err}");
+    }
+    let err = dbm_fails(&["bitmap", p(&img), "--add", "b"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = dbm_fails(&["mark", p(&img), "b", "4M", "1"]);
+    assert!(err.contains("past the end"), "{err}");
+    dbm_fails(&["mark", p(&img), "b", "4095K", "2K"]);
+    dbm_fails(&["mark", p(&img), "b", "0", "0"]);
+    dbm_fails(&["mark", p(&img), "b", "18446744073709551615", "2"]);
+    dbm_fails(&["bitmap", p(&img), "b"]);
+    dbm_fails(&["bitmap", p(&img), "--add", "--remove", "b"]);
+    dbm_fails(&["bitmap", p(&img), "--remove", "-g", "4K", "b"]);
+    dbm_fails(&["bitmap", p(&img), "--add", ""]);
+    dbm_fails(&["bitmap", p(&img), "--add", &"x".repeat(1024)]);
+    dbm_fails(&["nosuchcommand"]);
+    // None of that changed the image.
+    assert_eq!(dbm_check(&img), 0);
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_bitmap_json(&img, "b")["dirty-bytes"], 4096);
+
+    // Truncated images: inside the header, and with the bitmap's clusters cut off.
+    let bytes = std::fs::read(&img).unwrap();
+    for keep in [
+        3usize,
+        50,
+        200,
+        511,
+        1024,
+        bytes.len() / 2,
+        bytes.len() - 512,
+    ] {
+        let cut = d.join(format!("cut-{keep}.qcow2"));
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        for args in [
+            vec!["dump", p(&cut), "b"],
+            vec!["mark", p(&cut), "b", "0", "1"],
+        ] {
+            dbm_fails(&args);
+        }
+        // info may still list the geometry of an image cut past its header; it must not
+        // panic, and check must report the damage.
+        dbm(&["info", p(&cut)]);
+        let code = dbm(&["check", p(&cut)]).status.code();
+        assert!(matches!(code, Some(1 | 2)), "check {keep}: {code:?}");
+    }
+}
+
+/// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
+/// by `dump`, and removable.
+#[test]
+fn crash_marker_makes_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("crash.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p(&img),
+            "4M",
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", p(&img), "live"]);
+    ok("qemu-img", &["bitmap", "--add", p(&img), "other"]);
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 4096 4096",
+            "-c",
+            "abort",
+            p(&img),
+        ],
+    );
+    assert!(!out.status.success(), "qemu-io abort must kill qemu-io");
+    let flags = qemu_bitmaps(&img);
+    assert_eq!(flags[0].2, vec!["in-use".to_string(), "auto".to_string()]);
+    assert_eq!(flags, dbm_bitmaps(&img));
+
+    let b = dbm_bitmap_json(&img, "live");
+    assert_eq!(b["state"], "inconsistent");
+    assert_eq!(b["in-use"], true);
+    assert_eq!(b["dirty-bytes"], Value::Null);
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(info.contains("state: inconsistent"), "{info}");
+    assert!(
+        info.contains("dirty bytes: unknown (treat as all dirty)"),
+        "{info}"
+    );
+    let err = dbm_fails(&["dump", p(&img), "live"]);
+    assert!(err.contains("inconsistent"), "{err}");
+    assert!(err.contains("--remove"), "{err}");
+    dbm_fails(&["mark", p(&img), "live", "0", "1"]);
+    dbm_fails(&["bitmap", p(&img), "--clear", "live"]);
+
+    dbm_ok(&["bitmap", p(&img), "--remove", "live"]);
+    assert_eq!(qemu_check(&img), 0);
+    assert_eq!(dbm_check(&img), 0);
+    let left = qemu_bitmaps(&img);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, "other");
+    dbm_ok(&["bitmap", p(&img), "--remove", "other"]);
+    assert_eq!(qemu_check(&img), 0);
+    assert!(qemu_bitmaps(&img).is_empty());
+    assert!(dbm_bitmaps(&img).is_empty());
+}
+
+/// Random byte changes anywhere in a small image with bitmaps: every command exits 0, 1, 2
+/// or 3 (check) and never panics. Deterministic: a fixed linear congruential sequence.
+#[test]
+fn damaged_images_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("base.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "3M", "--cluster-size", "512"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "-g", "512", "a"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "--disable", "b"]);
+    dbm_ok(&["mark", p(&img), "a", "2M", "1M"]);
+    dbm_ok(&["mark", p(&img), "b", "0", "1"]);
+    let base = std::fs::read(&img).unwrap();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move || {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        x >> 33
+    };
+    let bad = dir.path().join("bad.qcow2");
+    for round in 0..60 {
+        let mut bytes = base.clone();
+        for _ in 0..1 + next() % 3 {
+            // Half the changes hit the header cluster, the rest anywhere.
+            let span = if next() % 2 == 0 {
+                512
+            } else {
+                bytes.len() as u64
+            };
+            let at = (next() % span) as usize;
+            bytes[at] = next() as u8;
+        }
+        std::fs::write(&bad, &bytes).unwrap();
+        for args in [
+            vec!["info", p(&bad)],
+            vec!["info", "--json", p(&bad)],
+            vec!["dump", p(&bad), "a"],
+            vec!["check", p(&bad)],
+            vec!["mark", p(&bad), "a", "1000", "1"],
+            vec!["bitmap", p(&bad), "--remove", "b"],
+        ] {
+            let code = dbm(&args).status.code();
+            assert!(
+                matches!(code, Some(0..=3)),
+                "round {round}: dbm {args:?} exited {code:?}"
+            );
+        }
+    }
+}
