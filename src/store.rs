@@ -26,6 +26,10 @@ use crate::format::{
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
 
+/// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
+/// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
+pub const ACTIVE_MEMORY_LIMIT: u64 = 16 << 30;
+
 /// Whether a bitmap's on-disk data can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitmapState {
@@ -312,6 +316,43 @@ impl<S: Storage> BitmapStore<S> {
         Ok(bm)
     }
 
+    /// The clusters of `frees` that are safe to release, as byte offsets: each cluster once,
+    /// none that the image's structures or a bitmap in `keep` still reference, and none
+    /// whose refcount is already 0.
+    ///
+    /// A corrupt image can share a cluster between two owners (for example one bitmap's
+    /// table entry naming another bitmap's table). Releasing such a cluster would let the
+    /// allocator hand out live metadata, and the other bitmap could later read back as
+    /// clean. A cluster dropped here stays allocated: at worst a leak, never a loss.
+    fn safe_frees(&mut self, keep: &[DirEntry], frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
+        let cb = self.image.header().cluster_bits;
+        let mut live = self.image.structure_clusters();
+        for entry in keep {
+            // A table that cannot be read (an inconsistent bitmap) still owns its clusters.
+            let owned = match self.owned_clusters(entry) {
+                Ok(owned) => owned,
+                Err(_) => vec![(
+                    entry.table_offset,
+                    ceil_clusters(u64::from(entry.table_size) * 8, 1 << cb),
+                )],
+            };
+            for (off, n) in owned {
+                let first = off >> cb;
+                live.extend(first..first.saturating_add(n));
+            }
+        }
+        let mut out = Vec::new();
+        for (off, n) in frees {
+            let first = off >> cb;
+            for c in first..first.saturating_add(n) {
+                if live.insert(c) && self.image.refcount(c << cb)? > 0 {
+                    out.push(c << cb);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The clusters a bitmap owns: its data clusters, then its table.
     fn owned_clusters(&self, entry: &DirEntry) -> Result<Vec<(u64, u64)>> {
         let cs = self.image.cluster_size();
@@ -366,9 +407,15 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// A crash before 3 leaves the old image plus leaked new clusters; after 3, the new
     /// image plus leaked old clusters until 4 is durable.
-    fn commit(&mut self, entries: Vec<DirEntry>, frees: Vec<(u64, u64)>) -> Result<()> {
+    fn commit(&mut self, entries: Vec<DirEntry>, mut frees: Vec<(u64, u64)>) -> Result<()> {
         let geo = self.geometry()?;
         let cs = geo.cluster_size();
+        if let Some((off, size)) = self.dir {
+            frees.push((off, ceil_clusters(size, cs)));
+        }
+        // Decided before anything is allocated or written, so that nothing after the
+        // commit point can fail on bad metadata.
+        let frees = self.safe_frees(&entries, frees)?;
         let new_dir = if entries.is_empty() {
             None
         } else {
@@ -396,14 +443,12 @@ impl<S: Storage> BitmapStore<S> {
             }
         }
         self.image.write_header()?;
-        if let Some((off, size)) = self.dir.take() {
-            self.image.free_clusters(off, ceil_clusters(size, cs))?;
-        }
-        for (off, n) in frees {
-            self.image.free_clusters(off, n)?;
+        // Committed: the new directory is the one in force, whatever happens next.
+        self.dir = new_dir;
+        for off in frees {
+            self.image.free_clusters(off, 1)?;
         }
         self.image.flush_refcounts()?;
-        self.dir = new_dir;
         // Stale entries vanished with the header rewrite; the others match `entries`.
         let mut mems: Vec<Option<Arc<DirtyBitmap>>> = Vec::new();
         let mut flags = Vec::new();
@@ -708,6 +753,25 @@ impl<S: Storage> BitmapStore<S> {
         self.ensure_writable()?;
         if self.active {
             return Ok(());
+        }
+        // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
+        // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
+        // sum is checked before anything is allocated.
+        let needed: u64 = self
+            .slots
+            .iter()
+            .filter(|s| !s.inconsistent)
+            .map(|s| {
+                self.disk_size()
+                    .div_ceil(1u64 << s.entry.granularity_bits)
+                    .div_ceil(8)
+            })
+            .fold(0u64, u64::saturating_add);
+        if needed > ACTIVE_MEMORY_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "activating would hold {needed} bytes of bitmaps in memory, more than the \
+                 limit of {ACTIVE_MEMORY_LIMIT}"
+            )));
         }
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {

@@ -79,11 +79,19 @@ impl Refcounts {
             })?;
         let bytes = read_metadata(storage, "refcount table", header.refcount_table_offset, len)?;
         let reftable = decode_reftable(&bytes, header.cluster_bits)?;
-        let block_clusters = reftable
-            .iter()
-            .flatten()
-            .map(|off| off >> header.cluster_bits)
-            .collect();
+        // Each refblock must be a cluster of its own: two entries naming one block would
+        // let a crafted image make the block cache hold a copy per entry, far more memory
+        // than the file justifies, and every refcount change would land twice.
+        let mut block_clusters = HashSet::new();
+        for off in reftable.iter().flatten() {
+            if !block_clusters.insert(off >> header.cluster_bits) {
+                return Err(Corruption::Refcount {
+                    cluster: *off,
+                    what: "two refcount table entries name the same refcount block",
+                }
+                .into());
+            }
+        }
         let per_block = entries_per_block(header.cluster_bits, header.refcount_order)?;
         let l1_len = u64::from(header.l1_size).saturating_mul(8);
         let l1_start = header.l1_table_offset >> header.cluster_bits;
@@ -109,6 +117,18 @@ impl Refcounts {
 
     fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits
+    }
+
+    /// Cluster indexes of the refcount structures and of what the header names: cluster 0,
+    /// the L1 table, the reftable and every refblock. None of these may ever be freed.
+    pub(crate) fn structure_clusters(&self) -> HashSet<u64> {
+        let rt_start = self.reftable_offset >> self.cluster_bits;
+        let mut out = self.block_clusters.clone();
+        out.extend(rt_start..rt_start.saturating_add(self.reftable_clusters));
+        for &(s, e) in &self.reserved {
+            out.extend(s..e);
+        }
+        out
     }
 
     /// The reftable's byte offset and its size in clusters (as the header must say).
@@ -183,12 +203,21 @@ impl Refcounts {
     }
 
     /// First cluster of the first run of `n` free clusters at or after the hint.
+    ///
+    /// Clusters past the end of the file hold nothing, so they count as free whatever a
+    /// (corrupt) refblock says: the scan never runs further than the file plus `n`.
     fn find_free_run(&mut self, storage: &(impl Storage + ?Sized), n: u64) -> Result<u64> {
+        let eof = ceil_div(storage.len()?, self.cluster_size());
         let mut start = self.hint;
         let mut len = 0u64;
         let mut c = self.hint;
         while len < n {
-            if self.is_free(storage, c)? {
+            let free = if c >= eof {
+                !self.is_reserved(c)
+            } else {
+                self.is_free(storage, c)?
+            };
+            if free {
                 if len == 0 {
                     start = c;
                 }

@@ -287,6 +287,12 @@ impl<S: Storage> Image<S> {
         self.refcounts.get(&self.storage, c)
     }
 
+    /// Cluster indexes that must never be freed: cluster 0, the L1 table, the reftable and
+    /// every refcount block.
+    pub(crate) fn structure_clusters(&self) -> std::collections::HashSet<u64> {
+        self.refcounts.structure_clusters()
+    }
+
     /// Writes every changed refcount block and reftable entry, with barriers, and syncs.
     /// Does nothing when no refcount changed.
     ///

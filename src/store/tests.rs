@@ -451,3 +451,123 @@ fn crash_points_for(cs: u64) {
     assert_clean(&s);
     assert_eq!(s.list().len(), 2);
 }
+
+/// Table offset of bitmap `name`, from the slot (the directory as decoded).
+fn table_offset(s: &BitmapStore<MemStorage>, name: &str) -> u64 {
+    s.slots
+        .iter()
+        .find(|x| x.entry.name == name)
+        .unwrap()
+        .entry
+        .table_offset
+}
+
+#[test]
+fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner() {
+    // Bitmap a's table entry 0 is patched to name bitmap b's table cluster (the image is
+    // now corrupt: refcount 1, two references). Rewriting a must not free b's table, or b
+    // could later read back as clean.
+    let mut s = new_store(16 * MIB, 4096);
+    s.add("a", 4096, true).unwrap();
+    s.add("b", 4096, true).unwrap();
+    let bits = DirtyBitmap::new(16 * MIB, 4096).unwrap();
+    bits.mark_dirty(MIB, 8192);
+    s.store("b", &bits).unwrap();
+    let b_table = table_offset(&s, "b");
+    let a_table = table_offset(&s, "a");
+    s.image()
+        .storage()
+        .write_u64_be_at(a_table, b_table)
+        .unwrap();
+    let mut s = reopen(s, true);
+
+    let empty = DirtyBitmap::new(16 * MIB, 4096).unwrap();
+    s.store("a", &empty).unwrap();
+    s.remove("a").unwrap();
+    // b's table cluster is still allocated, and new allocations do not land on it.
+    assert!(s.image.refcount(b_table).unwrap() >= 1);
+    s.add("c", 4096, true).unwrap();
+    s.store("c", &bits).unwrap();
+    assert_ne!(table_offset(&s, "c"), b_table);
+    let s = reopen(s, false);
+    assert_eq!(
+        s.load("b").unwrap().dirty_extents().collect::<Vec<_>>(),
+        bits.dirty_extents().collect::<Vec<_>>(),
+        "b lost its bits"
+    );
+}
+
+#[test]
+fn removing_a_bitmap_whose_table_has_refcount_zero_commits_and_leaks_nothing_live() {
+    // The recovery path must work exactly when the metadata is bad: an in_use bitmap whose
+    // table cluster's refcount was zeroed by hand.
+    let mut s = new_store(16 * MIB, 4096);
+    s.add("x", 4096, true).unwrap();
+    s.activate().unwrap();
+    let image = s.image.into_storage().into_vec();
+    let mut s = BitmapStore::open(MemStorage::from_bytes(image), true).unwrap();
+    assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
+    let t = table_offset(&s, "x");
+    s.image.free_clusters(t, 1).unwrap();
+    s.image.flush_refcounts().unwrap();
+    assert_eq!(s.image.refcount(t).unwrap(), 0);
+    s.remove("x").unwrap();
+    assert!(s.list().is_empty());
+    let s = reopen(s, false);
+    assert!(s.list().is_empty());
+}
+
+#[test]
+fn duplicate_refcount_table_entries_are_refused() {
+    let s = new_store(16 * MIB, 4096);
+    let rt = s.image().header().refcount_table_offset;
+    let first = s.image().storage().read_u64_be_at(rt).unwrap();
+    s.image().storage().write_u64_be_at(rt + 8, first).unwrap();
+    let bytes = s.image.into_storage().into_vec();
+    let err = BitmapStore::open(MemStorage::from_bytes(bytes), true).unwrap_err();
+    assert!(
+        matches!(err, Error::Corrupt(Corruption::Refcount { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn allocation_past_a_refblock_that_claims_every_cluster_is_bounded_by_the_file() {
+    // A refblock full of 0xFF claims every cluster it covers is in use; the scan for a free
+    // cluster must stop at the end of the file rather than walk the whole address space.
+    let mut s = new_store(16 * MIB, 512);
+    let rt = s.image().header().refcount_table_offset;
+    let block = s.image().storage().read_u64_be_at(rt).unwrap();
+    s.image()
+        .storage()
+        .write_all_at(&[0xFF; 512], block)
+        .unwrap();
+    let bytes = s.image.into_storage().into_vec();
+    s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), true).unwrap();
+    let len = bytes.len() as u64;
+    s.add("x", 512, true).unwrap();
+    // With 16-bit refcounts a 512-byte block covers 256 clusters. Without the bound the
+    // scan would walk all of them and allocate at cluster 256 or later.
+    let at = table_offset(&s, "x");
+    assert!(
+        at >= len && at < 256 * 512,
+        "allocated at {at}, file was {len} bytes"
+    );
+}
+
+#[test]
+fn activate_refuses_more_bitmap_memory_than_the_limit() {
+    // Three bitmaps of a 1 PiB disk, their granularity then lowered to 512 B in the decoded
+    // directory (as a crafted image could say): each would need 256 GiB. The limit must
+    // refuse before anything is allocated.
+    let disk = 1u64 << 50;
+    let mut s = new_store(disk, 65536);
+    for i in 0..3 {
+        s.add(&format!("b{i}"), 1 << 24, true).unwrap();
+    }
+    for slot in &mut s.slots {
+        slot.entry.granularity_bits = 9; // 2^41 bits each: 256 GiB
+    }
+    let err = s.activate().unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+}
