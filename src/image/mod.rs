@@ -265,7 +265,7 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// [`Error::ReadOnly`], [`Error::Poisoned`], refcount corruption found on the way, or an
     /// I/O error (which poisons the image).
-    pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         self.guarded(|img| img.refcounts.alloc(&img.storage, n))
     }
 
@@ -274,7 +274,7 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::Corrupt`] if a refcount is
     /// already 0 or the cluster is a refcount structure.
-    pub fn free_clusters(&mut self, offset: u64, n: u64) -> Result<()> {
+    pub(crate) fn free_clusters(&mut self, offset: u64, n: u64) -> Result<()> {
         self.guarded(|img| img.refcounts.free(&img.storage, offset, n))
     }
 
@@ -282,7 +282,7 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// [`Error::Corrupt`] if its refcount block lies past the end of the file; I/O errors.
-    pub fn refcount(&mut self, offset: u64) -> Result<u64> {
+    pub(crate) fn refcount(&mut self, offset: u64) -> Result<u64> {
         let c = offset >> self.area.header.cluster_bits;
         self.refcounts.get(&self.storage, c)
     }
@@ -298,7 +298,7 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters).
-    pub fn flush_refcounts(&mut self) -> Result<()> {
+    pub(crate) fn flush_refcounts(&mut self) -> Result<()> {
         if self.refcounts.is_clean() {
             return Ok(());
         }
@@ -318,7 +318,7 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
     /// longer fits in cluster 0.
-    pub fn write_header(&mut self) -> Result<()> {
+    pub(crate) fn write_header(&mut self) -> Result<()> {
         self.guarded(|img| {
             let (offset, clusters) = img.refcounts.reftable_location();
             let h = &mut img.area.header;
@@ -344,7 +344,7 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters).
-    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.guarded(|img| img.storage.write_all_at(buf, offset))
     }
 
@@ -352,7 +352,7 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters).
-    pub fn sync(&mut self) -> Result<()> {
+    pub(crate) fn sync(&mut self) -> Result<()> {
         self.guarded(|img| img.storage.sync_data())
     }
 }
