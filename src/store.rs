@@ -601,8 +601,12 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Rewrites a bitmap whole, as QEMU stores one: fresh data clusters (only for table
     /// entries with a set bit), a fresh table, a fresh directory, refcounts flushed, the
-    /// header commit, then the old clusters freed. On an active store the in-memory bitmap
-    /// takes `bitmap`'s bits as well, and `in_use` stays set.
+    /// header commit, then the old clusters freed.
+    ///
+    /// On an active store the in-memory bitmap is authoritative and I/O threads may be
+    /// marking it, so `bitmap`'s bits are ORed into it and nothing is written: replacing it
+    /// could drop a concurrent mark, and the disk copy is untrusted (`in_use`) until the
+    /// next inactivate writes it. Use [`clear`](Self::clear) to reset a bitmap.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
@@ -630,8 +634,7 @@ impl<S: Storage> BitmapStore<S> {
             &owned
         };
         if let Some(m) = &self.slots[i].mem {
-            m.clear(0, self.disk_size());
-            m.merge_from(bm)?;
+            return m.merge_from(bm);
         }
         self.rewrite(i, bm, self.slots[i].entry.in_use)
     }

@@ -571,3 +571,26 @@ fn activate_refuses_more_bitmap_memory_than_the_limit() {
     let err = s.activate().unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 }
+
+#[test]
+fn store_on_an_active_store_keeps_concurrent_marks() {
+    // An I/O thread's mark through the shared bitmap must survive a store() of other bits.
+    let mut s = new_store(16 * MIB, 4096);
+    s.add("x", 4096, true).unwrap();
+    s.activate().unwrap();
+    let live = s.bitmap("x").unwrap();
+    live.mark_dirty(MIB, 1);
+    let other = DirtyBitmap::new(16 * MIB, 4096).unwrap();
+    other.mark_dirty(2 * MIB, 1);
+    s.store("x", &other).unwrap();
+    assert!(live.is_dirty(MIB) && live.is_dirty(2 * MIB));
+    let image = s.close().unwrap();
+    let s = BitmapStore::open(
+        MemStorage::from_bytes(image.into_storage().into_vec()),
+        false,
+    )
+    .unwrap();
+    let loaded = s.load("x").unwrap();
+    assert!(loaded.is_dirty(MIB), "the concurrent mark was lost");
+    assert!(loaded.is_dirty(2 * MIB));
+}
