@@ -14,8 +14,11 @@
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::flush::{self, FlushStats, StopReport, StopSource};
 use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
 use crate::format::header::AUTOCLEAR_BITMAPS;
@@ -25,6 +28,7 @@ use crate::format::{
 };
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
+use crate::tracker::Tracker;
 
 /// Whether a bitmap's on-disk data can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +68,10 @@ struct Slot {
     stale: bool,
     /// The authoritative bitmap while the store is active.
     mem: Option<Arc<DirtyBitmap>>,
+    /// The in-memory bitmap kept across an incremental [`BitmapStore::inactivate`], so that
+    /// a later [`BitmapStore::activate`] resumes it instead of reloading the disk. It stays
+    /// authoritative: every region where it differs from the disk is in its change map.
+    parked: Option<Arc<DirtyBitmap>>,
 }
 
 /// The persistent bitmaps of one qcow2 image. See the module docs.
@@ -78,6 +86,9 @@ pub struct BitmapStore<S: Storage> {
     /// The trusted directory's `(offset, size)` on disk.
     dir: Option<(u64, u64)>,
     active: bool,
+    /// Set when a flush or an inactivation failed part-way: every later write is refused
+    /// ([`Error::Poisoned`]) until the image is reopened.
+    poisoned: bool,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -120,6 +131,7 @@ impl<S: Storage> BitmapStore<S> {
                     entry,
                     stale: false,
                     mem: None,
+                    parked: None,
                 });
             }
             dir = Some((ext.directory_offset, ext.directory_size));
@@ -145,6 +157,7 @@ impl<S: Storage> BitmapStore<S> {
                     inconsistent: true,
                     stale: true,
                     mem: None,
+                    parked: None,
                 })
                 .collect();
         }
@@ -153,6 +166,7 @@ impl<S: Storage> BitmapStore<S> {
             slots,
             dir,
             active: false,
+            poisoned: false,
         })
     }
 
@@ -167,6 +181,7 @@ impl<S: Storage> BitmapStore<S> {
             slots: Vec::new(),
             dir: None,
             active: false,
+            poisoned: false,
         })
     }
 
@@ -227,7 +242,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn ensure_writable(&self) -> Result<()> {
-        if self.image.is_writable() {
+        if self.poisoned || self.image.is_poisoned() {
+            Err(Error::Poisoned)
+        } else if self.image.is_writable() {
             Ok(())
         } else {
             Err(Error::ReadOnly)
@@ -332,7 +349,7 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
     /// (zero-filled past the valid bytes), then the table. Returns the table offset.
-    fn write_bitmap(&mut self, bm: &DirtyBitmap) -> Result<u64> {
+    fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
         let cs = self.image.cluster_size();
         let cb = self.image.header().cluster_bits;
         let mut entries = Vec::with_capacity(bm.region_count() as usize);
@@ -347,13 +364,17 @@ impl<S: Storage> BitmapStore<S> {
                 let off = self.image.alloc_clusters(1)?;
                 self.image.write_at(&buf, off)?;
                 entries.push(TableEntry::Data(off));
+                stats.clusters_allocated += 1;
+                stats.bytes_written += cs;
             }
         }
+        stats.regions += bm.region_count();
         let table = encode_table(&entries, cb)?;
         let off = self
             .image
             .alloc_clusters(ceil_clusters(table.len() as u64, cs))?;
         self.image.write_at(&table, off)?;
+        stats.bytes_written += table.len() as u64;
         Ok(off)
     }
 
@@ -405,24 +426,25 @@ impl<S: Storage> BitmapStore<S> {
         self.image.flush_refcounts()?;
         self.dir = new_dir;
         // Stale entries vanished with the header rewrite; the others match `entries`.
-        let mut mems: Vec<Option<Arc<DirtyBitmap>>> = Vec::new();
-        let mut flags = Vec::new();
+        let mut carried = Vec::new();
         for e in &entries {
             let old = self
                 .slots
                 .iter_mut()
                 .find(|s| !s.stale && s.entry.name == e.name);
-            mems.push(old.as_ref().and_then(|s| s.mem.clone()));
-            flags.push(old.is_some_and(|s| s.inconsistent));
+            carried.push(old.map_or((None, None, false), |s| {
+                (s.mem.take(), s.parked.take(), s.inconsistent)
+            }));
         }
         self.slots = entries
             .into_iter()
-            .zip(mems.into_iter().zip(flags))
-            .map(|(entry, (mem, inconsistent))| Slot {
+            .zip(carried)
+            .map(|(entry, (mem, parked, inconsistent))| Slot {
                 entry,
                 inconsistent,
                 stale: false,
                 mem,
+                parked,
             })
             .collect();
         Ok(())
@@ -584,7 +606,9 @@ impl<S: Storage> BitmapStore<S> {
             owned = b;
             &owned
         };
-        if let Some(m) = &self.slots[i].mem {
+        // Active: the memory copy. Inactive after an incremental inactivate: the parked copy,
+        // which must keep matching the disk outside its changed regions.
+        if let Some(m) = self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
             m.clear(0, self.disk_size());
             m.merge_from(bm)?;
         }
@@ -595,7 +619,7 @@ impl<S: Storage> BitmapStore<S> {
     fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
         let old = self.slots[i].entry.clone();
         let frees = self.owned_clusters(&old)?;
-        let table = self.write_bitmap(bm)?;
+        let table = self.write_bitmap(bm, &mut FlushStats::default())?;
         let mut entries = self.current_entries();
         if let Some(e) = entries.iter_mut().find(|e| e.name == old.name) {
             e.table_offset = table;
@@ -615,6 +639,9 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             m.clear(0, self.disk_size());
             return Ok(());
+        }
+        if let Some(p) = &self.slots[i].parked {
+            p.clear(0, self.disk_size());
         }
         let e = &self.slots[i].entry;
         let empty = DirtyBitmap::with_region_size(
@@ -636,6 +663,9 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             m.set_enabled(enabled);
             return Ok(());
+        }
+        if let Some(p) = &self.slots[i].parked {
+            p.set_enabled(enabled);
         }
         if self.slots[i].entry.auto == enabled {
             return Ok(());
@@ -691,19 +721,29 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             return m.merge_from(&converted);
         }
+        if let Some(p) = &self.slots[i].parked {
+            p.merge_from(&converted)?;
+        }
         let dst = self.load_disk(&self.slots[i].entry)?;
         dst.merge_from(&converted)?;
         self.rewrite(i, &dst, false)
     }
 
-    /// Loads every consistent bitmap into memory and marks it `in_use` on disk, so that a
-    /// crash from now on leaves it inconsistent rather than falsely clean. The flags are
-    /// changed in place, QEMU's way: autoclear bit 0 cleared and synced, the directory
-    /// rewritten in place and synced, bit 0 set and synced. Inconsistent bitmaps are left
-    /// alone. Does nothing if already active.
+    /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
+    /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
+    /// clean. The flags are changed in place, QEMU's way (see
+    /// [`write_directory_in_place`](Self::write_directory_in_place)). Inconsistent bitmaps
+    /// are left alone. Does nothing if already active.
+    ///
+    /// The in-memory copy is the one kept by the last incremental
+    /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
+    /// reloaded from disk, so every bit it holds survives, including marks made through a
+    /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
+    /// in its change map and reach the disk at the next flush or inactivation. Other
+    /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
     ///
     /// # Errors
-    /// [`Error::ReadOnly`]; load errors as [`load`](Self::load); I/O.
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; load errors as [`load`](Self::load); I/O.
     pub fn activate(&mut self) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
@@ -713,81 +753,289 @@ impl<S: Storage> BitmapStore<S> {
         for s in &self.slots {
             mems.push(if s.inconsistent {
                 None
+            } else if let Some(p) = &s.parked {
+                Some(Arc::clone(p))
             } else {
                 Some(Arc::new(self.load_disk(&s.entry)?))
             });
         }
-        let any = mems.iter().any(Option::is_some);
-        if any {
-            let (dir_off, dir_size) = self
-                .dir
-                .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        if mems.iter().any(Option::is_some) {
             let mut entries = self.current_entries();
             for (e, m) in entries.iter_mut().zip(&mems) {
                 if m.is_some() {
                     e.in_use = true;
                 }
             }
-            let geo = self.geometry()?;
-            let bytes = encode_directory(&entries, &geo)?;
-            if bytes.len() as u64 != dir_size {
-                return Err(invalid_input!("in-place directory changed size"));
-            }
-            // 1. Untrust the extension: a crash from here to 3 leaves every bitmap
-            //    inconsistent, never a half-written directory that looks trusted.
-            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-            self.image.write_header()?;
-            // 2. Same offset, same size.
-            self.image.write_at(&bytes, dir_off)?;
-            self.image.sync()?;
-            // 3. Trust it again.
-            self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
-            self.image.write_header()?;
-            for (s, e) in self.slots.iter_mut().zip(entries) {
-                s.entry = e;
-            }
+            self.write_directory_in_place(entries)?;
         }
         for (s, m) in self.slots.iter_mut().zip(mems) {
             s.mem = m;
+            s.parked = None;
         }
         self.active = true;
         Ok(())
     }
 
-    /// Stores every in-memory bitmap into fresh clusters and commits one new directory with
-    /// `in_use` cleared and `auto` from each bitmap's enabled state, then frees the old
-    /// clusters (QEMU's `qcow2_store_persistent_dirty_bitmaps`). Inconsistent entries are
-    /// copied unchanged. The store is inactive afterwards. Does nothing if not active.
+    /// Rewrites the directory in place with `entries` (same offset and size: only flags
+    /// differ), QEMU's `update_ext_header_and_dir_in_place`:
+    /// 1. autoclear bit 0 cleared in cluster 0, barrier: from here every bitmap is
+    ///    untrusted, so a torn or half-written directory is never read as clean;
+    /// 2. the directory in place, barrier;
+    /// 3. autoclear bit 0 set, barrier: the new flags are in force.
+    fn write_directory_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, dir_size) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let bytes = encode_directory(&entries, &geo)?;
+        if bytes.len() as u64 != dir_size {
+            return Err(invalid_input!("in-place directory changed size"));
+        }
+        self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        self.image.write_at(&bytes, dir_off)?;
+        self.image.sync()?;
+        self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+
+    /// The flush targets of an active store: every in-memory bitmap with its table.
+    fn flush_targets(&self) -> Result<Vec<flush::Target>> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let Some(m) = &s.mem {
+                out.push(flush::Target {
+                    bitmap: Arc::clone(m),
+                    table_offset: s.entry.table_offset,
+                    table: self.read_table(&s.entry)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn ensure_active(&self) -> Result<()> {
+        if self.active {
+            Ok(())
+        } else {
+            Err(invalid_input!(
+                "the store is not active; call activate() first"
+            ))
+        }
+    }
+
+    /// Writes the change-map regions of every in-memory bitmap that changed since the last
+    /// flush, in place, into their data clusters (fresh clusters for regions that had none:
+    /// refcounts first, then data, then the table entry), then one barrier. `in_use` stays
+    /// set. Marks may continue concurrently: a racing mark is either written now or left for
+    /// the next flush. The write order and its crash reasoning are in [`crate::flush`].
     ///
     /// # Errors
-    /// I/O errors; the image is then poisoned and the bitmaps stay `in_use` on disk.
-    pub fn inactivate(&mut self) -> Result<()> {
+    /// [`Error::InvalidInput`] if the store is not active, [`Error::Poisoned`], a bad table,
+    /// I/O. On an error every taken region is handed back to its bitmap and the store
+    /// refuses further writes until it is reopened; the disk still says `in_use`.
+    pub fn flush(&mut self) -> Result<FlushStats> {
+        self.ensure_writable()?;
+        self.ensure_active()?;
+        let r = self
+            .flush_targets()
+            .and_then(|mut t| flush::flush(&mut self.image, &mut t, true));
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Every in-memory bitmap of an active store, in directory order (the inconsistent ones
+    /// have none). Empty when inactive.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.slots.iter().filter_map(|s| s.mem.clone()).collect()
+    }
+
+    /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It keeps
+    /// working across [`inactivate`](Self::inactivate) and [`activate`](Self::activate),
+    /// which resume the same bitmaps.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the store is not active.
+    pub fn tracker(&self) -> Result<Tracker> {
+        self.ensure_active()?;
+        Ok(Tracker::new(self.bitmaps()))
+    }
+
+    /// The pending bytes, estimated for free: changed regions times the region size, summed
+    /// over the in-memory bitmaps. Reads one counter per bitmap; no lock, no I/O. 0 when
+    /// inactive.
+    pub fn pending_estimate(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.mem.as_ref())
+            .fold(0u64, |acc, b| {
+                acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
+            })
+    }
+
+    /// The exact bytes a flush would write now, allocations included (a whole cluster plus
+    /// a table entry for each region that needs a fresh cluster); refcount metadata is not
+    /// counted. Takes each change map, counts, and hands every region back. 0 when inactive.
+    ///
+    /// # Errors
+    /// A bad table; I/O reading it. No region is lost either way.
+    pub fn pending_exact(&self) -> Result<u64> {
         if !self.active {
-            return Ok(());
+            return Ok(0);
+        }
+        let targets = self.flush_targets()?;
+        flush::pending_exact(&targets, self.image.cluster_size())
+    }
+
+    /// Flushes until the exact pending bytes fit `bandwidth_bytes_per_ms ×
+    /// downtime_budget_ms`, so that the stop-time [`inactivate`](Self::inactivate) writes at
+    /// most that. The same comparison ([`flush::within_budget`], `≤`) gates the exact query
+    /// on the estimate and decides to stop, so a stale estimate equal to the budget can
+    /// never end the loop (QEMU's `<` / `<=` mismatch). Gives up after
+    /// [`flush::MAX_STOP_ROUNDS`] rounds with `converged == false` if marks outpace the
+    /// flushes.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush) and [`pending_exact`](Self::pending_exact).
+    pub fn prepare_stop(
+        &mut self,
+        bandwidth_bytes_per_ms: u64,
+        downtime_budget_ms: u64,
+    ) -> Result<StopReport> {
+        self.ensure_writable()?;
+        self.ensure_active()?;
+        let threshold = flush::stop_threshold(bandwidth_bytes_per_ms, downtime_budget_ms);
+        flush::run_stop_loop(self, threshold)
+    }
+
+    /// Writes only what changed since the last flush, then clears `in_use` in place: the
+    /// incremental stop. Call it with the guest stopped. Afterwards every bitmap is on disk,
+    /// clean, exactly as QEMU would read it, and the store is inactive.
+    ///
+    /// Write order (crash reasoning in `docs/CRASH-CONSISTENCY.md`):
+    /// 1. the remaining changed regions, as in [`flush`](Self::flush) but without its own
+    ///    barrier (still `in_use`: a crash leaves the bitmaps inconsistent);
+    /// 2. autoclear bit 0 cleared, barrier: this barrier also makes step 1 durable;
+    /// 3. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
+    ///    state, barrier (untrusted until 4);
+    /// 4. autoclear bit 0 set, barrier: the commit point.
+    ///
+    /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
+    /// Does nothing if not active.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`], I/O. The store is then poisoned; the disk holds `in_use` set or
+    /// autoclear bit 0 clear, so every bitmap loads as inconsistent, never as falsely
+    /// clean; the memory keeps every bit.
+    pub fn inactivate(&mut self) -> Result<FlushStats> {
+        if !self.active {
+            return Ok(FlushStats::default());
         }
         self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let r = self.inactivate_incremental();
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        let mut stats = r?;
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn inactivate_incremental(&mut self) -> Result<FlushStats> {
+        let mut targets = self.flush_targets()?;
+        let stats = flush::flush(&mut self.image, &mut targets, false)?;
+        if self.slots.iter().any(|s| s.mem.is_some()) {
+            let mut entries = self.current_entries();
+            for (e, s) in entries
+                .iter_mut()
+                .zip(self.slots.iter().filter(|s| !s.stale))
+            {
+                if let Some(m) = &s.mem {
+                    e.in_use = false;
+                    e.auto = m.is_enabled();
+                }
+            }
+            self.write_directory_in_place(entries)?;
+        }
+        self.park();
+        Ok(stats)
+    }
+
+    /// Keeps the in-memory bitmaps for a later [`activate`](Self::activate) and goes
+    /// inactive.
+    fn park(&mut self) {
+        for s in &mut self.slots {
+            s.parked = s.mem.take();
+        }
+        self.active = false;
+    }
+
+    /// QEMU's stop (`qcow2_store_persistent_dirty_bitmaps`): stores every in-memory bitmap
+    /// whole into fresh clusters and commits one new directory with `in_use` cleared and
+    /// `auto` from each bitmap's enabled state, then frees the old clusters. Inconsistent
+    /// entries are copied unchanged. Kept as the baseline that the incremental
+    /// [`inactivate`](Self::inactivate) is measured against; the result is equivalent. The
+    /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
+    ///
+    /// # Errors
+    /// I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
+        if !self.active {
+            return Ok(FlushStats::default());
+        }
+        self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let mut stats = FlushStats::default();
+        let r = self.full_rewrite(&mut stats);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r?;
+        self.park();
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn full_rewrite(&mut self, stats: &mut FlushStats) -> Result<()> {
         let mut entries = self.current_entries();
         let mut frees = Vec::new();
         let mems: Vec<Option<Arc<DirtyBitmap>>> =
             self.slots.iter().map(|s| s.mem.clone()).collect();
-        for (i, m) in mems.iter().enumerate() {
-            let Some(m) = m else { continue };
-            frees.extend(self.owned_clusters(&self.slots[i].entry)?);
-            // The whole bitmap is written, so the change map restarts empty.
-            let _ = m.take_changed();
-            let table = self.write_bitmap(m)?;
-            entries[i].table_offset = table;
-            entries[i].in_use = false;
-            entries[i].auto = m.is_enabled();
+        let mut taken = Vec::new();
+        let r = (|| {
+            for (i, m) in mems.iter().enumerate() {
+                let Some(m) = m else { continue };
+                frees.extend(self.owned_clusters(&self.slots[i].entry)?);
+                // The whole bitmap is written, so the change map restarts empty; handed
+                // back below if anything fails.
+                taken.push((Arc::clone(m), m.take_changed()));
+                let table = self.write_bitmap(m, stats)?;
+                entries[i].table_offset = table;
+                entries[i].in_use = false;
+                entries[i].auto = m.is_enabled();
+            }
+            if mems.iter().any(Option::is_some) {
+                self.commit(entries, frees)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            for (m, t) in &taken {
+                m.requeue_changed(t);
+            }
         }
-        if mems.iter().any(Option::is_some) {
-            self.commit(entries, frees)?;
-        }
-        for s in &mut self.slots {
-            s.mem = None;
-        }
-        self.active = false;
-        Ok(())
+        r
     }
 
     /// [`inactivate`](Self::inactivate)s and hands the image back.
@@ -797,6 +1045,23 @@ impl<S: Storage> BitmapStore<S> {
     pub fn close(mut self) -> Result<Image<S>> {
         self.inactivate()?;
         Ok(self.image)
+    }
+}
+
+/// The stop loop of [`BitmapStore::prepare_stop`]: the estimate is
+/// [`pending_estimate`](BitmapStore::pending_estimate), the exact figure
+/// [`pending_exact`](BitmapStore::pending_exact), the flush [`flush`](BitmapStore::flush).
+impl<S: Storage> StopSource for BitmapStore<S> {
+    fn estimate(&mut self) -> u64 {
+        self.pending_estimate()
+    }
+
+    fn exact(&mut self) -> Result<u64> {
+        self.pending_exact()
+    }
+
+    fn flush(&mut self) -> Result<FlushStats> {
+        BitmapStore::flush(self)
     }
 }
 
