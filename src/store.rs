@@ -742,12 +742,21 @@ impl<S: Storage> BitmapStore<S> {
     /// in its change map and reach the disk at the next flush or inactivation. Other
     /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
     ///
+    /// Resuming checks first that cluster 0 and the directory are still what this store
+    /// last wrote: if another program (a migration target that took the disk over) wrote
+    /// them meanwhile, the cached refcounts and tables are stale and the image must be
+    /// reopened.
+    ///
     /// # Errors
-    /// [`Error::ReadOnly`], [`Error::Poisoned`]; load errors as [`load`](Self::load); I/O.
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::InvalidInput`] if the image
+    /// changed while inactive; load errors as [`load`](Self::load); I/O.
     pub fn activate(&mut self) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
             return Ok(());
+        }
+        if self.slots.iter().any(|s| s.parked.is_some()) {
+            self.ensure_unchanged_since_inactivate()?;
         }
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
@@ -773,6 +782,28 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.active = true;
+        Ok(())
+    }
+
+    /// Resuming parked bitmaps is only safe if nobody else wrote the image's metadata
+    /// while it was inactive (another QEMU taking the disk over stores its bitmaps into new
+    /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0 and
+    /// the directory must still be byte for byte what this handle last wrote.
+    fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
+        let changed = || invalid_input!("the image changed while inactive; reopen it");
+        let area = self.image.area().encode()?;
+        let mut disk = vec![0u8; area.len()];
+        self.image.storage().read_exact_at(&mut disk, 0)?;
+        if disk != area {
+            return Err(changed());
+        }
+        if let Some((off, size)) = self.dir {
+            let ours = encode_directory(&self.current_entries(), &self.geometry()?)?;
+            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
+            if disk != ours {
+                return Err(changed());
+            }
+        }
         Ok(())
     }
 

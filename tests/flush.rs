@@ -422,3 +422,25 @@ fn flush_policy_starts_and_stops() {
     let s = reopen(s);
     assert_eq!(s.load("a").unwrap().count(), 5);
 }
+
+#[test]
+fn activate_refuses_an_image_qemu_wrote_while_inactive() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("h.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+    s.add("a", 65536, true).unwrap();
+    s.activate().unwrap();
+    s.tracker().unwrap().mark(MIB, 1);
+    s.inactivate().unwrap();
+    // Our own inactive edits are fine to resume over.
+    s.set_enabled("a", true).unwrap();
+    s.activate().unwrap();
+    s.inactivate().unwrap();
+    // A failed hand-over where the target wrote the disk: QEMU stored its bitmaps into new
+    // clusters and freed ours. Resuming the parked bitmaps would write into freed clusters.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    let err = s.activate().unwrap_err();
+    assert!(err.to_string().contains("changed while inactive"), "{err}");
+    drop(s);
+    assert_qemu_clean(&img);
+}
