@@ -126,7 +126,7 @@ fn region_bytes(bm: &DirtyBitmap, r: u64) -> Result<Vec<u8>> {
 
 /// The changed-region count times the region size of every bitmap: a lock-free upper-bound
 /// style estimate that costs one counter read per bitmap. It does not know which regions
-/// need a fresh cluster; [`pending_exact`] does.
+/// need a fresh cluster; [`BitmapStore::pending_exact`](crate::BitmapStore::pending_exact) does.
 pub fn pending_estimate(bitmaps: &[Arc<DirtyBitmap>]) -> u64 {
     bitmaps.iter().fold(0u64, |acc, b| {
         acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))

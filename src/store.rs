@@ -731,14 +731,14 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
     /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
-    /// clean. The flags are changed in place, QEMU's way (see
-    /// [`write_directory_in_place`](Self::write_directory_in_place)). Inconsistent bitmaps
+    /// clean. The flags are changed in place, QEMU's way: autoclear bit 0 cleared, the
+    /// directory rewritten in place, bit 0 set, each with a barrier. Inconsistent bitmaps
     /// are left alone. Does nothing if already active.
     ///
     /// The in-memory copy is the one kept by the last incremental
     /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
     /// reloaded from disk, so every bit it holds survives, including marks made through a
-    /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
+    /// [`Tracker`] or an `Arc` while the store was inactive. Those marks sit
     /// in its change map and reach the disk at the next flush or inactivation. Other
     /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
     ///
