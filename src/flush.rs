@@ -118,10 +118,17 @@ fn entry_of(t: &Target, r: u64) -> Result<TableEntry> {
         .ok_or_else(|| invalid_input!("region {r} past a table of {} entries", t.table.len()))
 }
 
-fn region_bytes(bm: &DirtyBitmap, r: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; bm.region_len(r) as usize];
-    bm.serialize_region(r, &mut buf)?;
-    Ok(buf)
+/// What region `r` of `t` needs. Serializes it (into `scratch`) only when its entry is
+/// not a data cluster, to tell an all-zero region from one that needs a cluster.
+fn action(t: &Target, r: u64, scratch: &mut Vec<u8>) -> Result<Action> {
+    let e = entry_of(t, r)?;
+    if let TableEntry::Data(off) = e {
+        return Ok(Action::InPlace(off));
+    }
+    scratch.clear();
+    scratch.resize(t.bitmap.region_len(r) as usize, 0);
+    t.bitmap.serialize_region(r, scratch)?;
+    Ok(plan(e, scratch))
 }
 
 /// The changed-region count times the region size of every bitmap: a lock-free upper-bound
@@ -144,12 +151,12 @@ pub(crate) fn pending_exact(targets: &[Target], cluster_size: u64) -> Result<u64
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     let count = || -> Result<u64> {
         let mut total = 0u64;
+        let mut scratch = Vec::new();
         for (t, regions) in targets.iter().zip(&taken) {
             for r in regions.iter() {
-                let bytes = region_bytes(&t.bitmap, r)?;
-                let n = match plan(entry_of(t, r)?, &bytes) {
+                let n = match action(t, r, &mut scratch)? {
                     Action::Nothing => 0,
-                    Action::InPlace(_) => bytes.len() as u64,
+                    Action::InPlace(_) => t.bitmap.region_len(r),
                     Action::Fresh => cluster_size.saturating_add(TABLE_ENTRY_LEN as u64),
                     Action::ZeroEntry => TABLE_ENTRY_LEN as u64,
                 };
@@ -213,6 +220,16 @@ pub(crate) fn flush<S: Storage>(
     }
 }
 
+/// One data write: region `r` of target `ti` at `off`, `len` bytes (the region's bytes,
+/// or a whole cluster with a zero tail for a fresh cluster).
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    off: u64,
+    ti: usize,
+    r: u64,
+    len: u64,
+}
+
 fn write_taken<S: Storage>(
     image: &mut Image<S>,
     targets: &mut [Target],
@@ -220,24 +237,24 @@ fn write_taken<S: Storage>(
     sync: bool,
 ) -> Result<FlushStats> {
     let cs = image.cluster_size();
-    let mut data: Vec<(u64, Vec<u8>)> = Vec::new();
-    // (target, region, bytes padded to a whole cluster) awaiting a fresh cluster.
-    let mut fresh: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let mut items: Vec<Item> = Vec::new();
+    // (target, region) awaiting a fresh cluster.
+    let mut fresh: Vec<(usize, u64)> = Vec::new();
     // (target, region, new entry).
     let mut entries: Vec<(usize, u64, TableEntry)> = Vec::new();
+    let mut scratch = Vec::new();
     for (ti, (t, regions)) in targets.iter().zip(taken).enumerate() {
         for r in regions.iter() {
-            let bytes = region_bytes(&t.bitmap, r)?;
-            match plan(entry_of(t, r)?, &bytes) {
+            match action(t, r, &mut scratch)? {
                 Action::Nothing => {}
-                Action::InPlace(off) => data.push((off, bytes)),
+                Action::InPlace(off) => items.push(Item {
+                    off,
+                    ti,
+                    r,
+                    len: t.bitmap.region_len(r),
+                }),
                 Action::ZeroEntry => entries.push((ti, r, TableEntry::Zeroes)),
-                Action::Fresh => {
-                    // QEMU writes whole clusters, zero past the valid bytes.
-                    let mut full = bytes;
-                    full.resize(cs as usize, 0);
-                    fresh.push((ti, r, full));
-                }
+                Action::Fresh => fresh.push((ti, r)),
             }
         }
     }
@@ -248,16 +265,50 @@ fn write_taken<S: Storage>(
         let first = image.alloc_clusters(n)?;
         image.flush_refcounts()?;
         stats.clusters_allocated = n;
-        for (k, (ti, r, full)) in fresh.into_iter().enumerate() {
+        for (k, (ti, r)) in fresh.into_iter().enumerate() {
             let off = first.saturating_add((k as u64).saturating_mul(cs));
-            data.push((off, full));
+            // QEMU writes whole clusters, zero past the valid bytes.
+            items.push(Item {
+                off,
+                ti,
+                r,
+                len: cs,
+            });
             entries.push((ti, r, TableEntry::Data(off)));
         }
     }
-    // 2. The data, sorted and coalesced.
-    for (off, bytes) in coalesce(data) {
-        image.write_at(&bytes, off)?;
-        stats.bytes_written = stats.bytes_written.saturating_add(bytes.len() as u64);
+    // 2. The data, sorted by offset; adjacent writes coalesced into runs of at most
+    //    MAX_WRITE bytes, serialized straight into one reused buffer. A region is
+    //    serialized now, after its take: a mark racing with this is in these bytes or in
+    //    the change map for the next flush.
+    items.sort_by_key(|i| i.off);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut i = 0;
+    while let Some(first) = items.get(i) {
+        let start = first.off;
+        let mut end = start.saturating_add(first.len);
+        let mut j = i + 1;
+        while let Some(next) = items.get(j) {
+            let grown = end.saturating_add(next.len).saturating_sub(start);
+            if next.off != end || grown > MAX_WRITE as u64 {
+                break;
+            }
+            end = end.saturating_add(next.len);
+            j += 1;
+        }
+        buf.clear();
+        buf.resize(end.saturating_sub(start) as usize, 0);
+        for it in &items[i..j] {
+            let at = it.off.saturating_sub(start) as usize;
+            let rl = targets[it.ti].bitmap.region_len(it.r) as usize;
+            let dst = buf
+                .get_mut(at..at.saturating_add(rl))
+                .ok_or_else(|| invalid_input!("region {} does not fit its write", it.r))?;
+            targets[it.ti].bitmap.serialize_region(it.r, dst)?;
+        }
+        image.write_at(&buf, start)?;
+        stats.bytes_written = stats.bytes_written.saturating_add(buf.len() as u64);
+        i = j;
     }
     // 3. The table entries, in place, sorted and coalesced.
     let mut table_writes = Vec::with_capacity(entries.len());
