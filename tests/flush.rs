@@ -92,6 +92,14 @@ fn flush_writes_only_changed_clusters() {
     assert_eq!(writes(&s) - w0, 1);
     assert_eq!(s.image().storage().syncs() - y0, 1);
 
+    // Regions 0 and 2 sit in adjacent clusters now: one coalesced write of two clusters.
+    t.mark(5 * G, 1);
+    t.mark(2 * REGION_DISK + 200 * G, 1);
+    let w0 = writes(&s);
+    let st = s.flush().unwrap();
+    assert_eq!((st.regions, st.bytes_written), (2, 2 * CS));
+    assert_eq!(writes(&s) - w0, 1, "adjacent clusters coalesce");
+
     // Nothing changed: no write, no barrier.
     let (w0, y0) = (writes(&s), s.image().storage().syncs());
     assert_eq!(s.flush().unwrap().bytes_written, 0);
@@ -373,6 +381,14 @@ fn qemus_lt_gate_with_le_decision_stops_over_budget() {
     );
 }
 
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn flush_policy_starts_and_stops() {
     let mut s = counted_store();
@@ -389,6 +405,7 @@ fn flush_policy_starts_and_stops() {
         t.mark(r * REGION_DISK, 1);
         std::thread::sleep(Duration::from_millis(15));
     }
+    wait_until(|| store.lock().pending_estimate() == 0);
     let stats = th.stop().unwrap();
     assert!(stats.flushes >= 2, "{stats:?}");
     assert_eq!(store.lock().pending_estimate(), 0);
@@ -399,15 +416,26 @@ fn flush_policy_starts_and_stops() {
     assert_eq!(writes(&store.lock()), w0);
     assert_eq!(store.lock().pending_estimate(), CS);
 
+    // The owner inactivates and reactivates under the lock while the thread runs: the
+    // thread skips flushes while inactive, and nothing is lost.
+    let th = FlushPolicy::every(Duration::from_millis(1))
+        .spawn(Arc::clone(&store))
+        .unwrap();
+    store.lock().inactivate().unwrap();
+    t.mark(G * 11, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(store.lock().bitmaps().len(), 0);
+    store.lock().activate().unwrap();
+    wait_until(|| store.lock().pending_estimate() == 0);
+    assert!(th.stop().unwrap().flushes >= 1);
+    assert_eq!(store.lock().pending_estimate(), 0);
+
     // Threshold: flushes once more than 0 bytes changed.
+    t.mark(G * 13, 1);
     let th = FlushPolicy::when_pending_above(0)
         .spawn(Arc::clone(&store))
         .unwrap();
-    let start = std::time::Instant::now();
-    while store.lock().pending_estimate() != 0 {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_until(|| store.lock().pending_estimate() == 0);
     let stats = th.stop().unwrap();
     assert!(stats.flushes >= 1);
     assert!(FlushPolicy {
@@ -420,7 +448,7 @@ fn flush_policy_starts_and_stops() {
 
     let s = Arc::try_unwrap(store).unwrap().into_inner();
     let s = reopen(s);
-    assert_eq!(s.load("a").unwrap().count(), 5);
+    assert_eq!(s.load("a").unwrap().count(), 7);
 }
 
 #[test]

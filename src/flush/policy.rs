@@ -54,6 +54,9 @@ struct Shared {
 }
 
 /// The running background flusher. [`stop`](Self::stop) it (dropping it stops it too).
+///
+/// Stopping joins the thread, which may be waiting for the store's mutex: do not stop or
+/// drop the handle while holding that mutex.
 #[derive(Debug)]
 #[must_use = "dropping the handle stops the flusher at once"]
 pub struct FlushThread {
