@@ -26,6 +26,9 @@
 //! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
 //!   change map that tells a flusher what to write.
 //! - [`format`](mod@format): pure codecs for qcow2 structures. No I/O, and no panic on any input.
+//! - [`store`]: [`BitmapStore`], the bitmaps of one image: activate, inactivate, edit.
+//! - [`flush`]: the incremental flush engine, the pending queries, the stop loop and the
+//!   background [`FlushPolicy`]; [`tracker`]: the lock-free write path over all bitmaps.
 //!
 //! # Durability
 //! A [`DirtyBitmap`] lives in memory. Marks are durable only once a flusher has taken the
@@ -38,15 +41,20 @@
 
 pub mod bitmap;
 pub mod error;
+pub mod flush;
 pub mod format;
 pub mod image;
 pub mod storage;
 pub mod store;
+pub mod tracker;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
+pub use flush::policy::{FlushPolicy, FlushThread, PolicyStats};
+pub use flush::{FlushStats, StopReport};
 pub use image::{CheckReport, Image};
 pub use store::{BitmapInfo, BitmapState, BitmapStore};
+pub use tracker::Tracker;
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

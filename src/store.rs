@@ -14,8 +14,11 @@
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::flush::{self, FlushStats};
 use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
 use crate::format::header::AUTOCLEAR_BITMAPS;
@@ -68,6 +71,10 @@ struct Slot {
     stale: bool,
     /// The authoritative bitmap while the store is active.
     mem: Option<Arc<DirtyBitmap>>,
+    /// The in-memory bitmap kept across an incremental [`BitmapStore::inactivate`], so that
+    /// a later [`BitmapStore::activate`] resumes it instead of reloading the disk. It stays
+    /// authoritative: every region where it differs from the disk is in its change map.
+    parked: Option<Arc<DirtyBitmap>>,
 }
 
 /// The persistent bitmaps of one qcow2 image. See the module docs.
@@ -82,6 +89,9 @@ pub struct BitmapStore<S: Storage> {
     /// The trusted directory's `(offset, size)` on disk.
     dir: Option<(u64, u64)>,
     active: bool,
+    /// Set when a flush or an inactivation failed part-way: every later write is refused
+    /// ([`Error::Poisoned`]) until the image is reopened.
+    poisoned: bool,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -124,6 +134,7 @@ impl<S: Storage> BitmapStore<S> {
                     entry,
                     stale: false,
                     mem: None,
+                    parked: None,
                 });
             }
             dir = Some((ext.directory_offset, ext.directory_size));
@@ -149,6 +160,7 @@ impl<S: Storage> BitmapStore<S> {
                     inconsistent: true,
                     stale: true,
                     mem: None,
+                    parked: None,
                 })
                 .collect();
         }
@@ -157,6 +169,7 @@ impl<S: Storage> BitmapStore<S> {
             slots,
             dir,
             active: false,
+            poisoned: false,
         })
     }
 
@@ -171,6 +184,7 @@ impl<S: Storage> BitmapStore<S> {
             slots: Vec::new(),
             dir: None,
             active: false,
+            poisoned: false,
         })
     }
 
@@ -231,7 +245,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn ensure_writable(&self) -> Result<()> {
-        if self.image.is_writable() {
+        if self.poisoned || self.image.is_poisoned() {
+            Err(Error::Poisoned)
+        } else if self.image.is_writable() {
             Ok(())
         } else {
             Err(Error::ReadOnly)
@@ -373,7 +389,7 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
     /// (zero-filled past the valid bytes), then the table. Returns the table offset.
-    fn write_bitmap(&mut self, bm: &DirtyBitmap) -> Result<u64> {
+    fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
         let cs = self.image.cluster_size();
         let cb = self.image.header().cluster_bits;
         let mut entries = Vec::with_capacity(bm.region_count() as usize);
@@ -388,13 +404,17 @@ impl<S: Storage> BitmapStore<S> {
                 let off = self.image.alloc_clusters(1)?;
                 self.image.write_at(&buf, off)?;
                 entries.push(TableEntry::Data(off));
+                stats.clusters_allocated += 1;
+                stats.bytes_written += cs;
             }
         }
+        stats.regions += bm.region_count();
         let table = encode_table(&entries, cb)?;
         let off = self
             .image
             .alloc_clusters(ceil_clusters(table.len() as u64, cs))?;
         self.image.write_at(&table, off)?;
+        stats.bytes_written += table.len() as u64;
         Ok(off)
     }
 
@@ -450,24 +470,25 @@ impl<S: Storage> BitmapStore<S> {
         }
         self.image.flush_refcounts()?;
         // Stale entries vanished with the header rewrite; the others match `entries`.
-        let mut mems: Vec<Option<Arc<DirtyBitmap>>> = Vec::new();
-        let mut flags = Vec::new();
+        let mut carried = Vec::new();
         for e in &entries {
             let old = self
                 .slots
                 .iter_mut()
                 .find(|s| !s.stale && s.entry.name == e.name);
-            mems.push(old.as_ref().and_then(|s| s.mem.clone()));
-            flags.push(old.is_some_and(|s| s.inconsistent));
+            carried.push(old.map_or((None, None, false), |s| {
+                (s.mem.take(), s.parked.take(), s.inconsistent)
+            }));
         }
         self.slots = entries
             .into_iter()
-            .zip(mems.into_iter().zip(flags))
-            .map(|(entry, (mem, inconsistent))| Slot {
+            .zip(carried)
+            .map(|(entry, (mem, parked, inconsistent))| Slot {
                 entry,
                 inconsistent,
                 stale: false,
                 mem,
+                parked,
             })
             .collect();
         Ok(())
@@ -634,7 +655,15 @@ impl<S: Storage> BitmapStore<S> {
             &owned
         };
         if let Some(m) = &self.slots[i].mem {
+            // Active: OR into the authoritative copy, write nothing (see above).
             return m.merge_from(bm);
+        }
+        if let Some(kept) = self.slots[i].parked.clone() {
+            // Inactive after an incremental inactivate: the kept copy takes `bitmap`'s bits
+            // too (it may hold marks made while inactive), and the disk gets the copy whole,
+            // so the two keep matching.
+            kept.merge_from(bm)?;
+            return self.rewrite(i, &kept, self.slots[i].entry.in_use);
         }
         self.rewrite(i, bm, self.slots[i].entry.in_use)
     }
@@ -643,7 +672,7 @@ impl<S: Storage> BitmapStore<S> {
     fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
         let old = self.slots[i].entry.clone();
         let frees = self.owned_clusters(&old)?;
-        let table = self.write_bitmap(bm)?;
+        let table = self.write_bitmap(bm, &mut FlushStats::default())?;
         let mut entries = self.current_entries();
         if let Some(e) = entries.iter_mut().find(|e| e.name == old.name) {
             e.table_offset = table;
@@ -663,6 +692,9 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             m.clear(0, self.disk_size());
             return Ok(());
+        }
+        if let Some(p) = &self.slots[i].parked {
+            p.clear(0, self.disk_size());
         }
         let e = &self.slots[i].entry;
         let empty = DirtyBitmap::with_region_size(
@@ -684,6 +716,9 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             m.set_enabled(enabled);
             return Ok(());
+        }
+        if let Some(p) = &self.slots[i].parked {
+            p.set_enabled(enabled);
         }
         if self.slots[i].entry.auto == enabled {
             return Ok(());
@@ -739,19 +774,35 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             return m.merge_from(&converted);
         }
+        if let Some(p) = &self.slots[i].parked {
+            p.merge_from(&converted)?;
+        }
         let dst = self.load_disk(&self.slots[i].entry)?;
         dst.merge_from(&converted)?;
         self.rewrite(i, &dst, false)
     }
 
-    /// Loads every consistent bitmap into memory and marks it `in_use` on disk, so that a
-    /// crash from now on leaves it inconsistent rather than falsely clean. The flags are
-    /// changed in place, QEMU's way: autoclear bit 0 cleared and synced, the directory
-    /// rewritten in place and synced, bit 0 set and synced. Inconsistent bitmaps are left
-    /// alone. Does nothing if already active.
+    /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
+    /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
+    /// clean. The flags are changed in place, QEMU's way: autoclear bit 0 cleared, the
+    /// directory rewritten in place, bit 0 set, each with a barrier. Inconsistent bitmaps
+    /// are left alone. Does nothing if already active.
+    ///
+    /// The in-memory copy is the one kept by the last incremental
+    /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
+    /// reloaded from disk, so every bit it holds survives, including marks made through a
+    /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
+    /// in its change map and reach the disk at the next flush or inactivation. Other
+    /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
+    ///
+    /// Resuming checks first that cluster 0 and the directory are still what this store
+    /// last wrote: if another program (a migration target that took the disk over) wrote
+    /// them meanwhile, the cached refcounts and tables are stale and the image must be
+    /// reopened.
     ///
     /// # Errors
-    /// [`Error::ReadOnly`]; load errors as [`load`](Self::load); I/O.
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::InvalidInput`] if the image
+    /// changed while inactive; load errors as [`load`](Self::load); I/O.
     pub fn activate(&mut self) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
@@ -776,85 +827,232 @@ impl<S: Storage> BitmapStore<S> {
                  limit of {ACTIVE_MEMORY_LIMIT}"
             )));
         }
+        if self.slots.iter().any(|s| s.parked.is_some()) {
+            self.ensure_unchanged_since_inactivate()?;
+        }
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             mems.push(if s.inconsistent {
                 None
+            } else if let Some(p) = &s.parked {
+                Some(Arc::clone(p))
             } else {
                 Some(Arc::new(self.load_disk(&s.entry)?))
             });
         }
-        let any = mems.iter().any(Option::is_some);
-        if any {
-            let (dir_off, dir_size) = self
-                .dir
-                .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        if mems.iter().any(Option::is_some) {
             let mut entries = self.current_entries();
             for (e, m) in entries.iter_mut().zip(&mems) {
                 if m.is_some() {
                     e.in_use = true;
                 }
             }
-            let geo = self.geometry()?;
-            let bytes = encode_directory(&entries, &geo)?;
-            if bytes.len() as u64 != dir_size {
-                return Err(invalid_input!("in-place directory changed size"));
-            }
-            // 1. Untrust the extension: a crash from here to 3 leaves every bitmap
-            //    inconsistent, never a half-written directory that looks trusted.
-            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-            self.image.write_header()?;
-            // 2. Same offset, same size.
-            self.image.write_at(&bytes, dir_off)?;
-            self.image.sync()?;
-            // 3. Trust it again.
-            self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
-            self.image.write_header()?;
-            for (s, e) in self.slots.iter_mut().zip(entries) {
-                s.entry = e;
-            }
+            self.write_directory_in_place(entries)?;
         }
         for (s, m) in self.slots.iter_mut().zip(mems) {
             s.mem = m;
+            s.parked = None;
         }
         self.active = true;
         Ok(())
     }
 
-    /// Stores every in-memory bitmap into fresh clusters and commits one new directory with
-    /// `in_use` cleared and `auto` from each bitmap's enabled state, then frees the old
-    /// clusters (QEMU's `qcow2_store_persistent_dirty_bitmaps`). Inconsistent entries are
-    /// copied unchanged. The store is inactive afterwards. Does nothing if not active.
+    /// Resuming parked bitmaps is only safe if nobody else wrote the image's metadata
+    /// while it was inactive (another QEMU taking the disk over stores its bitmaps into new
+    /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0 and
+    /// the directory must still be byte for byte what this handle last wrote.
+    fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
+        let changed = || invalid_input!("the image changed while inactive; reopen it");
+        let area = self.image.area().encode()?;
+        let mut disk = vec![0u8; area.len()];
+        self.image.storage().read_exact_at(&mut disk, 0)?;
+        if disk != area {
+            return Err(changed());
+        }
+        if let Some((off, size)) = self.dir {
+            let ours = encode_directory(&self.current_entries(), &self.geometry()?)?;
+            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
+            if disk != ours {
+                return Err(changed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the directory in place with `entries` (same offset and size: only flags
+    /// differ), QEMU's `update_ext_header_and_dir_in_place`:
+    /// 1. autoclear bit 0 cleared in cluster 0, barrier: from here every bitmap is
+    ///    untrusted, so a torn or half-written directory is never read as clean;
+    /// 2. the directory in place, barrier;
+    /// 3. autoclear bit 0 set, barrier: the new flags are in force.
+    fn write_directory_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, dir_size) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let bytes = encode_directory(&entries, &geo)?;
+        if bytes.len() as u64 != dir_size {
+            return Err(invalid_input!("in-place directory changed size"));
+        }
+        self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        self.image.write_at(&bytes, dir_off)?;
+        self.image.sync()?;
+        self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+
+    /// The flush targets of an active store: every in-memory bitmap with its table.
+    fn flush_targets(&self) -> Result<Vec<flush::Target>> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let Some(m) = &s.mem {
+                out.push(flush::Target {
+                    bitmap: Arc::clone(m),
+                    table_offset: s.entry.table_offset,
+                    table: self.read_table(&s.entry)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn ensure_active(&self) -> Result<()> {
+        if self.active {
+            Ok(())
+        } else {
+            Err(invalid_input!(
+                "the store is not active; call activate() first"
+            ))
+        }
+    }
+
+    /// Writes only what changed since the last flush, then clears `in_use` in place: the
+    /// incremental stop. Call it with the guest stopped. Afterwards every bitmap is on disk,
+    /// clean, exactly as QEMU would read it, and the store is inactive.
+    ///
+    /// Write order (crash reasoning in `docs/CRASH-CONSISTENCY.md`):
+    /// 1. the remaining changed regions, as in [`flush`](Self::flush) but without its own
+    ///    barrier (still `in_use`: a crash leaves the bitmaps inconsistent);
+    /// 2. autoclear bit 0 cleared, barrier: this barrier also makes step 1 durable;
+    /// 3. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
+    ///    state, barrier (untrusted until 4);
+    /// 4. autoclear bit 0 set, barrier: the commit point.
+    ///
+    /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
+    /// Does nothing if not active.
     ///
     /// # Errors
-    /// I/O errors; the image is then poisoned and the bitmaps stay `in_use` on disk.
-    pub fn inactivate(&mut self) -> Result<()> {
+    /// [`Error::Poisoned`], I/O. The store is then poisoned; the disk holds `in_use` set or
+    /// autoclear bit 0 clear, so every bitmap loads as inconsistent, never as falsely
+    /// clean; the memory keeps every bit.
+    pub fn inactivate(&mut self) -> Result<FlushStats> {
         if !self.active {
-            return Ok(());
+            return Ok(FlushStats::default());
         }
         self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let r = self.inactivate_incremental();
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        let mut stats = r?;
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn inactivate_incremental(&mut self) -> Result<FlushStats> {
+        let mut targets = self.flush_targets()?;
+        let stats = flush::flush(&mut self.image, &mut targets, false)?;
+        if self.slots.iter().any(|s| s.mem.is_some()) {
+            let mut entries = self.current_entries();
+            for (e, s) in entries
+                .iter_mut()
+                .zip(self.slots.iter().filter(|s| !s.stale))
+            {
+                if let Some(m) = &s.mem {
+                    e.in_use = false;
+                    e.auto = m.is_enabled();
+                }
+            }
+            self.write_directory_in_place(entries)?;
+        }
+        self.park();
+        Ok(stats)
+    }
+
+    /// Keeps the in-memory bitmaps for a later [`activate`](Self::activate) and goes
+    /// inactive.
+    fn park(&mut self) {
+        for s in &mut self.slots {
+            s.parked = s.mem.take();
+        }
+        self.active = false;
+    }
+
+    /// QEMU's stop (`qcow2_store_persistent_dirty_bitmaps`): stores every in-memory bitmap
+    /// whole into fresh clusters and commits one new directory with `in_use` cleared and
+    /// `auto` from each bitmap's enabled state, then frees the old clusters. Inconsistent
+    /// entries are copied unchanged. Kept as the baseline that the incremental
+    /// [`inactivate`](Self::inactivate) is measured against; the result is equivalent. The
+    /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
+    ///
+    /// # Errors
+    /// I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
+        if !self.active {
+            return Ok(FlushStats::default());
+        }
+        self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let mut stats = FlushStats::default();
+        let r = self.full_rewrite(&mut stats);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r?;
+        self.park();
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn full_rewrite(&mut self, stats: &mut FlushStats) -> Result<()> {
         let mut entries = self.current_entries();
         let mut frees = Vec::new();
         let mems: Vec<Option<Arc<DirtyBitmap>>> =
             self.slots.iter().map(|s| s.mem.clone()).collect();
-        for (i, m) in mems.iter().enumerate() {
-            let Some(m) = m else { continue };
-            frees.extend(self.owned_clusters(&self.slots[i].entry)?);
-            // The whole bitmap is written, so the change map restarts empty.
-            let _ = m.take_changed();
-            let table = self.write_bitmap(m)?;
-            entries[i].table_offset = table;
-            entries[i].in_use = false;
-            entries[i].auto = m.is_enabled();
+        let mut taken = Vec::new();
+        let r = (|| {
+            for (i, m) in mems.iter().enumerate() {
+                let Some(m) = m else { continue };
+                frees.extend(self.owned_clusters(&self.slots[i].entry)?);
+                // The whole bitmap is written, so the change map restarts empty; handed
+                // back below if anything fails.
+                taken.push((Arc::clone(m), m.take_changed()));
+                let table = self.write_bitmap(m, stats)?;
+                entries[i].table_offset = table;
+                entries[i].in_use = false;
+                entries[i].auto = m.is_enabled();
+            }
+            if mems.iter().any(Option::is_some) {
+                self.commit(entries, frees)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            for (m, t) in &taken {
+                m.requeue_changed(t);
+            }
         }
-        if mems.iter().any(Option::is_some) {
-            self.commit(entries, frees)?;
-        }
-        for s in &mut self.slots {
-            s.mem = None;
-        }
-        self.active = false;
-        Ok(())
+        r
     }
 
     /// [`inactivate`](Self::inactivate)s and hands the image back.
@@ -867,5 +1065,6 @@ impl<S: Storage> BitmapStore<S> {
     }
 }
 
+mod live;
 #[cfg(test)]
 mod tests;

@@ -55,6 +55,8 @@ pub(crate) struct Refcounts {
     reserved: Vec<(u64, u64)>,
     /// Lowest cluster that may be free.
     hint: u64,
+    /// Barriers issued so far (for flush statistics).
+    pub(crate) syncs: u64,
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
@@ -112,6 +114,7 @@ impl Refcounts {
             block_clusters,
             reserved,
             hint: 0,
+            syncs: 0,
         })
     }
 
@@ -364,6 +367,7 @@ impl Refcounts {
         if !self.dirty_entries.is_empty() {
             // The blocks must be durable before a reftable entry points at them.
             storage.sync_data()?;
+            self.syncs = self.syncs.saturating_add(1);
             for &index in &self.dirty_entries {
                 let entry = usize::try_from(index)
                     .ok()
@@ -379,6 +383,7 @@ impl Refcounts {
             }
         }
         storage.sync_data()?;
+        self.syncs = self.syncs.saturating_add(1);
         self.dirty_blocks.clear();
         self.dirty_entries.clear();
         Ok(())
@@ -444,12 +449,14 @@ impl Refcounts {
         let table = encode_reftable(&self.reftable, self.cluster_bits)?;
         storage.write_all_at(&table, new_offset)?;
         storage.sync_data()?;
+        self.syncs = self.syncs.saturating_add(1);
         // 3. The commit: one 12-byte write inside the first sector of the header.
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&new_offset.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         storage.write_all_at(&fields, HEADER_REFTABLE_FIELDS)?;
         storage.sync_data()?;
+        self.syncs = self.syncs.saturating_add(1);
         self.dirty_blocks.clear();
         self.dirty_entries.clear();
         self.reftable_offset = new_offset;

@@ -47,6 +47,9 @@ pub struct Image<S: Storage> {
     refcounts: Refcounts,
     /// Set by the first failed write: the in-memory state may disagree with the disk.
     poisoned: bool,
+    /// Barriers this image issued itself (header writes, [`Image::sync`]); the refcount
+    /// layer counts its own.
+    syncs: u64,
 }
 
 impl<S: Storage> Image<S> {
@@ -91,6 +94,7 @@ impl<S: Storage> Image<S> {
             stale_bitmaps,
             refcounts,
             poisoned: false,
+            syncs: 0,
         })
     }
 
@@ -176,6 +180,7 @@ impl<S: Storage> Image<S> {
             stale_bitmaps: None,
             refcounts,
             poisoned: false,
+            syncs: 0,
         })
     }
 
@@ -333,6 +338,7 @@ impl<S: Storage> Image<S> {
             img.storage.grow_to(bytes.len() as u64)?;
             img.storage.write_all_at(&bytes, 0)?;
             img.storage.sync_data()?;
+            img.syncs = img.syncs.saturating_add(1);
             // The stale extension is gone from disk once cluster 0 is rewritten.
             img.area.stale_bitmaps = false;
             img.stale_bitmaps = None;
@@ -353,7 +359,23 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters).
     pub(crate) fn sync(&mut self) -> Result<()> {
-        self.guarded(|img| img.storage.sync_data())
+        self.guarded(|img| {
+            img.storage.sync_data()?;
+            img.syncs = img.syncs.saturating_add(1);
+            Ok(())
+        })
+    }
+
+    /// Barriers (`sync_data` calls) this handle has issued since it was opened, counting
+    /// header writes, [`sync`](Self::sync) and refcount flushes.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.saturating_add(self.refcounts.syncs)
+    }
+
+    /// Whether a failed write poisoned this handle: every later write returns
+    /// [`Error::Poisoned`] until the image is reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 }
 

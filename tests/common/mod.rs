@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 

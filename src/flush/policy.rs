@@ -1,0 +1,222 @@
+//! [`FlushPolicy`]: background flushes on a timer and/or when enough has changed.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::{pending_estimate, FlushStats};
+use crate::error::{invalid_input, Error, Result};
+use crate::storage::Storage;
+use crate::store::BitmapStore;
+
+/// When a background thread flushes a shared store: every `interval`, and/or whenever the
+/// lock-free [`pending_estimate`](BitmapStore::pending_estimate) exceeds
+/// `max_pending_bytes` (checked every `poll`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushPolicy {
+    /// Flush at least this often (none: no timer).
+    pub interval: Option<Duration>,
+    /// Flush whenever more than this many bytes of regions have changed (none: no
+    /// threshold).
+    pub max_pending_bytes: Option<u64>,
+    /// How often the threshold is checked.
+    pub poll: Duration,
+}
+
+impl Default for FlushPolicy {
+    /// Every 100 ms, no threshold.
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_millis(100)),
+            max_pending_bytes: None,
+            poll: Duration::from_millis(10),
+        }
+    }
+}
+
+/// What a [`FlushThread`] did, returned by [`FlushThread::stop`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// Flushes run.
+    pub flushes: u64,
+    /// Their statistics, summed.
+    pub total: FlushStats,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+    stats: Mutex<PolicyStats>,
+    error: Mutex<Option<Error>>,
+}
+
+/// The running background flusher. [`stop`](Self::stop) it (dropping it stops it too).
+///
+/// Stopping joins the thread, which may be waiting for the store's mutex: do not stop or
+/// drop the handle while holding that mutex.
+#[derive(Debug)]
+#[must_use = "dropping the handle stops the flusher at once"]
+pub struct FlushThread {
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl FlushPolicy {
+    /// Flushes every `interval`.
+    pub fn every(interval: Duration) -> Self {
+        Self {
+            interval: Some(interval),
+            ..Self::default()
+        }
+    }
+
+    /// Flushes whenever more than `bytes` of regions have changed.
+    pub fn when_pending_above(bytes: u64) -> Self {
+        Self {
+            interval: None,
+            max_pending_bytes: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    /// Starts a thread that flushes `store` by this policy. The thread takes the store's
+    /// mutex only to flush; it reads the estimate from the store's in-memory bitmaps
+    /// (taken once, now), without a lock. Marks never take the mutex either: they go to the
+    /// bitmaps through a [`Tracker`](crate::Tracker) or [`BitmapStore::bitmap`].
+    ///
+    /// While the store is inactive the thread skips its flushes. The first flush error
+    /// stops the thread; [`FlushThread::stop`] returns it (the store is then poisoned).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a policy with neither a timer nor a threshold, or a zero
+    /// poll interval; an error spawning the thread.
+    pub fn spawn<S: Storage + 'static>(
+        self,
+        store: Arc<Mutex<BitmapStore<S>>>,
+    ) -> Result<FlushThread> {
+        if self.interval.is_none() && self.max_pending_bytes.is_none() {
+            return Err(invalid_input!(
+                "a flush policy needs an interval or a threshold"
+            ));
+        }
+        if self.poll.is_zero() || self.interval.is_some_and(|i| i.is_zero()) {
+            return Err(invalid_input!("flush intervals must be above 0"));
+        }
+        let shared = Arc::new(Shared::default());
+        let gauge = store.lock().bitmaps();
+        let sh = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("dbm-flush".into())
+            .spawn(move || self.run(&store, &gauge, &sh))?;
+        Ok(FlushThread {
+            shared,
+            handle: Some(handle),
+        })
+    }
+
+    fn run<S: Storage>(
+        self,
+        store: &Mutex<BitmapStore<S>>,
+        gauge: &[Arc<crate::DirtyBitmap>],
+        sh: &Shared,
+    ) {
+        let mut last = Instant::now();
+        loop {
+            let now = Instant::now();
+            let mut wait = self.poll;
+            if let Some(i) = self.interval {
+                let until = i.saturating_sub(now.duration_since(last));
+                wait = if self.max_pending_bytes.is_some() {
+                    wait.min(until)
+                } else {
+                    until
+                };
+            }
+            {
+                let mut stopped = sh.stopped.lock();
+                if *stopped {
+                    return;
+                }
+                if !wait.is_zero() {
+                    let _ = sh.wake.wait_for(&mut stopped, wait);
+                }
+                if *stopped {
+                    return;
+                }
+            }
+            let due_time = self.interval.is_some_and(|i| last.elapsed() >= i);
+            let due_bytes = self
+                .max_pending_bytes
+                .is_some_and(|b| pending_estimate(gauge) > b);
+            if !(due_time || due_bytes) {
+                continue;
+            }
+            let r = {
+                let mut s = store.lock();
+                // Checked under the store lock: stop() holds no store lock, but once it has
+                // set the flag no new flush starts (the flag is re-read here).
+                if *sh.stopped.lock() {
+                    return;
+                }
+                if s.is_active() {
+                    s.flush().map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            last = Instant::now();
+            match r {
+                Ok(Some(st)) => {
+                    let mut stats = sh.stats.lock();
+                    stats.flushes = stats.flushes.saturating_add(1);
+                    stats.total.accumulate(&st);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    *sh.error.lock() = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl FlushThread {
+    /// Stops the thread and waits for it: no flush runs after this returns (one that had
+    /// already started finishes first).
+    ///
+    /// # Errors
+    /// The flush error that stopped the thread early, if any; [`Error::InvalidInput`] if
+    /// the thread panicked.
+    pub fn stop(mut self) -> Result<PolicyStats> {
+        self.shutdown()?;
+        if let Some(e) = self.shared.error.lock().take() {
+            return Err(e);
+        }
+        Ok(*self.shared.stats.lock())
+    }
+
+    /// What the thread has done so far.
+    pub fn stats(&self) -> PolicyStats {
+        *self.shared.stats.lock()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        *self.shared.stopped.lock() = true;
+        self.shared.wake.notify_all();
+        if let Some(h) = self.handle.take() {
+            h.join()
+                .map_err(|_| invalid_input!("the flush thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FlushThread {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

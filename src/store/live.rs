@@ -1,0 +1,117 @@
+//! The live side of [`BitmapStore`]: flush, the pending queries, the stop loop and the
+//! lock-free handles, on an active store. The engine itself is [`crate::flush`]; this file
+//! only gathers the store's bitmaps and tables for it.
+
+use std::sync::Arc;
+
+use super::BitmapStore;
+use crate::bitmap::DirtyBitmap;
+use crate::error::Result;
+use crate::flush::{self, FlushStats, StopReport, StopSource};
+use crate::storage::Storage;
+use crate::tracker::Tracker;
+
+impl<S: Storage> BitmapStore<S> {
+    /// Writes the change-map regions of every in-memory bitmap that changed since the last
+    /// flush, in place, into their data clusters (fresh clusters for regions that had none:
+    /// refcounts first, then data, then the table entry), then one barrier. `in_use` stays
+    /// set. Marks may continue concurrently: a racing mark is either written now or left for
+    /// the next flush. The write order and its crash reasoning are in [`crate::flush`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) if the store is not active, [`Error::Poisoned`](crate::Error::Poisoned), a bad table,
+    /// I/O. On an error every taken region is handed back to its bitmap and the store
+    /// refuses further writes until it is reopened; the disk still says `in_use`.
+    pub fn flush(&mut self) -> Result<FlushStats> {
+        self.ensure_writable()?;
+        self.ensure_active()?;
+        let r = self
+            .flush_targets()
+            .and_then(|mut t| flush::flush(&mut self.image, &mut t, true));
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Every in-memory bitmap of an active store, in directory order (the inconsistent ones
+    /// have none). Empty when inactive.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.slots.iter().filter_map(|s| s.mem.clone()).collect()
+    }
+
+    /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It keeps
+    /// working across [`inactivate`](Self::inactivate) and [`activate`](Self::activate),
+    /// which resume the same bitmaps.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) if the store is not active.
+    pub fn tracker(&self) -> Result<Tracker> {
+        self.ensure_active()?;
+        Ok(Tracker::new(self.bitmaps()))
+    }
+
+    /// The pending bytes, estimated for free: changed regions times the region size, summed
+    /// over the in-memory bitmaps. A popcount of each change map (8 words for a 16 TiB
+    /// bitmap at 64 KiB granularity); no lock, no I/O. 0 when inactive.
+    pub fn pending_estimate(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.mem.as_ref())
+            .fold(0u64, |acc, b| {
+                acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
+            })
+    }
+
+    /// The exact bytes a flush would write now, allocations included (a whole cluster plus
+    /// a table entry for each region that needs a fresh cluster); refcount metadata is not
+    /// counted. Takes each change map, counts, and hands every region back. 0 when inactive.
+    ///
+    /// # Errors
+    /// A bad table; I/O reading it. No region is lost either way.
+    pub fn pending_exact(&self) -> Result<u64> {
+        if !self.active {
+            return Ok(0);
+        }
+        let targets = self.flush_targets()?;
+        flush::pending_exact(&targets, self.image.cluster_size())
+    }
+
+    /// Flushes until the exact pending bytes fit `bandwidth_bytes_per_ms ×
+    /// downtime_budget_ms`, so that the stop-time [`inactivate`](Self::inactivate) writes at
+    /// most that. The same comparison ([`flush::within_budget`], `≤`) gates the exact query
+    /// on the estimate and decides to stop, so a stale estimate equal to the budget can
+    /// never end the loop (QEMU's `<` / `<=` mismatch). Gives up after
+    /// [`flush::MAX_STOP_ROUNDS`] rounds with `converged == false` if marks outpace the
+    /// flushes.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush) and [`pending_exact`](Self::pending_exact).
+    pub fn prepare_stop(
+        &mut self,
+        bandwidth_bytes_per_ms: u64,
+        downtime_budget_ms: u64,
+    ) -> Result<StopReport> {
+        self.ensure_writable()?;
+        self.ensure_active()?;
+        let threshold = flush::stop_threshold(bandwidth_bytes_per_ms, downtime_budget_ms);
+        flush::run_stop_loop(self, threshold)
+    }
+}
+
+/// The stop loop of [`BitmapStore::prepare_stop`]: the estimate is
+/// [`pending_estimate`](BitmapStore::pending_estimate), the exact figure
+/// [`pending_exact`](BitmapStore::pending_exact), the flush [`flush`](BitmapStore::flush).
+impl<S: Storage> StopSource for BitmapStore<S> {
+    fn estimate(&mut self) -> u64 {
+        self.pending_estimate()
+    }
+
+    fn exact(&mut self) -> Result<u64> {
+        self.pending_exact()
+    }
+
+    fn flush(&mut self) -> Result<FlushStats> {
+        BitmapStore::flush(self)
+    }
+}

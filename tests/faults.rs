@@ -1,0 +1,189 @@
+//! Faults during the incremental flush and the incremental inactivate (issue 4, first
+//! version): `EIO` at each write (nothing landed, a torn prefix, or everything landed but
+//! reported failed) and at each sync, and `ENOSPC` when an allocation grows the file. In
+//! every case:
+//! - the operation reports the error, and the store refuses every later write with
+//!   `Error::Poisoned` until it is reopened;
+//! - the in-memory bitmaps keep every bit, and the regions not known to be on disk are
+//!   still in their change maps;
+//! - the disk shows no refcount corruption, and every bitmap on it is inconsistent or holds
+//!   every mark: never falsely clean.
+
+use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, MemStorage, Trigger};
+use dirty_bitmap::{BitmapState, BitmapStore, Error};
+
+const MIB: u64 = 1 << 20;
+const CS: u64 = 4096;
+const DISK: u64 = 64 * MIB;
+/// Disk bytes per region at 512 B granularity.
+const REGION_DISK: u64 = CS * 8 * 512;
+
+type Counted = FaultStorage<MemStorage>;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Flush,
+    Inactivate,
+}
+
+/// An active store with two enabled bitmaps and a disabled one, some data clusters
+/// already written, and pending marks in both written (in place) and fresh regions.
+fn setup() -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
+    let mut s = BitmapStore::create(
+        FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+        DISK,
+        CS,
+    )
+    .unwrap();
+    s.add("a", 512, true).unwrap();
+    s.add("b", 1024, true).unwrap();
+    s.add("off", 512, false).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    let mut marks = vec![(0, 1), (REGION_DISK + 4096, 9000)];
+    for &(o, l) in &marks {
+        t.mark(o, l);
+    }
+    s.flush().unwrap();
+    for m in [
+        (512 * 7, 1),
+        (2 * REGION_DISK + 3, 1),
+        (3 * REGION_DISK, 70_000),
+    ] {
+        t.mark(m.0, m.1);
+        marks.push(m);
+    }
+    (s, marks)
+}
+
+/// (writes, syncs, grows) the operation issues on a fault-free run.
+fn counts(op: Op) -> (u64, u64, u64) {
+    let (mut s, _) = setup();
+    let st = s.image().storage();
+    let before = (st.writes(), st.syncs(), st.grows());
+    run(&mut s, op).unwrap();
+    let st = s.image().storage();
+    (
+        st.writes() - before.0,
+        st.syncs() - before.1,
+        st.grows() - before.2,
+    )
+}
+
+fn run(s: &mut BitmapStore<Counted>, op: Op) -> dirty_bitmap::Result<()> {
+    match op {
+        Op::Flush => s.flush().map(drop),
+        Op::Inactivate => s.inactivate().map(drop),
+    }
+}
+
+fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what: &str) {
+    let (mut s, marks) = setup();
+    let st = s.image().storage();
+    let (w0, y0, g0) = (st.writes(), st.syncs(), st.grows());
+    let bitmaps = s.bitmaps();
+    let pending_before: u64 = bitmaps.iter().map(|b| b.changed_region_count()).sum();
+    st.set_plan(plan_of(w0, y0, g0));
+    let err = run(&mut s, op).expect_err(what);
+    assert!(!matches!(err, Error::Poisoned), "{what}: {err}");
+    // Refuses further writes until reopened.
+    s.image().storage().set_plan(FaultPlan::new());
+    for r in [
+        s.flush().map(drop),
+        s.add("new", 512, true),
+        s.inactivate().map(drop),
+        s.prepare_stop(1, 1).map(drop),
+    ] {
+        assert!(matches!(r, Err(Error::Poisoned)), "{what}: {r:?}");
+    }
+    // Memory keeps every bit, and nothing taken is forgotten.
+    for (i, b) in bitmaps.iter().enumerate() {
+        for &(o, l) in &marks {
+            let want = i < 2;
+            assert_eq!(b.is_dirty(o) && b.is_dirty(o + l - 1), want, "{what}: {i}");
+        }
+    }
+    let pending_after: u64 = bitmaps.iter().map(|b| b.changed_region_count()).sum();
+    if matches!(op, Op::Flush) {
+        assert!(pending_after >= pending_before, "{what}: regions lost");
+    }
+    // The disk: no corruption, never falsely clean.
+    let bytes = s.image().storage().inner().to_vec();
+    drop(s);
+    let d = BitmapStore::open(MemStorage::from_bytes(bytes), false)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let r = d.image().check().unwrap();
+    assert_eq!(r.corruptions, 0, "{what}: {:?}", r.messages);
+    for info in d.list() {
+        if info.state == BitmapState::Inconsistent {
+            continue;
+        }
+        assert!(
+            matches!(op, Op::Inactivate),
+            "{what}: {} clean after a failed flush",
+            info.name
+        );
+        let bm = d.load(&info.name).unwrap();
+        if info.name == "off" {
+            assert_eq!(bm.count(), 0);
+            continue;
+        }
+        for &(o, l) in &marks {
+            assert!(
+                bm.is_dirty(o) && bm.is_dirty(o + l - 1),
+                "{what}: {} falsely clean, misses ({o}, {l})",
+                info.name
+            );
+        }
+    }
+}
+
+#[test]
+fn eio_at_every_write_of_flush_and_inactivate() {
+    for op in [Op::Flush, Op::Inactivate] {
+        let (writes, _, _) = counts(op);
+        eprintln!("{op:?}: {writes} writes");
+        assert!(writes >= 3, "{op:?}: {writes}");
+        for k in 1..=writes {
+            for landed in [Landed::Nothing, Landed::Prefix(100), Landed::All] {
+                check_after_fault(
+                    op,
+                    |w0, _, _| FaultPlan::new().fail_write(Trigger::Nth(w0 + k), landed),
+                    &format!("{op:?}: write {k}/{writes} fails, {landed:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn eio_at_every_sync_of_flush_and_inactivate() {
+    for op in [Op::Flush, Op::Inactivate] {
+        let (_, syncs, _) = counts(op);
+        eprintln!("{op:?}: {syncs} syncs");
+        assert!(syncs >= 1, "{op:?}: {syncs}");
+        for k in 1..=syncs {
+            check_after_fault(
+                op,
+                |_, y0, _| FaultPlan::new().fail_sync(Trigger::Nth(y0 + k)),
+                &format!("{op:?}: sync {k}/{syncs} fails"),
+            );
+        }
+    }
+}
+
+#[test]
+fn enospc_when_a_flush_allocates() {
+    for op in [Op::Flush, Op::Inactivate] {
+        let (_, _, grows) = counts(op);
+        eprintln!("{op:?}: {grows} grows");
+        assert!(grows >= 1, "{op:?}: the fixture must allocate");
+        for k in 1..=grows {
+            check_after_fault(
+                op,
+                |_, _, g0| FaultPlan::new().fail_grow(Trigger::Nth(g0 + k)),
+                &format!("{op:?}: grow {k}/{grows} fails with ENOSPC"),
+            );
+        }
+    }
+}

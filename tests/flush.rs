@@ -1,0 +1,474 @@
+//! Incremental flush (issue 4): only changed clusters are written, flushes race with marks
+//! without losing bits, the incremental inactivate leaves what QEMU would hold, activate
+//! after inactivate keeps every bit, the stop loop never decides on a stale estimate, and
+//! the background policy starts and stops cleanly.
+//!
+//! The QEMU test needs qemu-img, qemu-io, qemu-nbd and nbdinfo; a missing tool fails it.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
+use common::seeded_rng;
+use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, within_budget, StopSource};
+use dirty_bitmap::storage::{FaultPlan, FaultStorage, FileStorage, MemStorage};
+use dirty_bitmap::{
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, Tracker,
+};
+use parking_lot::Mutex;
+use rand::{RngExt, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+/// 4 KiB clusters, 512 B granularity, 64 MiB disk: 16 KiB of bitmap = 4 regions/clusters,
+/// each covering 16 MiB of disk.
+const CS: u64 = 4096;
+const G: u64 = 512;
+const DISK: u64 = 64 * MIB;
+const REGION_DISK: u64 = CS * 8 * G;
+
+type Counted = FaultStorage<MemStorage>;
+
+fn counted_store() -> BitmapStore<Counted> {
+    BitmapStore::create(
+        FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+        DISK,
+        CS,
+    )
+    .unwrap()
+}
+
+fn writes(s: &BitmapStore<Counted>) -> u64 {
+    s.image().storage().writes()
+}
+
+fn reopen<S: dirty_bitmap::storage::Storage>(s: BitmapStore<S>) -> BitmapStore<S> {
+    let img = s.close().unwrap();
+    BitmapStore::open(img.into_storage(), true).unwrap()
+}
+
+fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
+    bm.dirty_extents().collect()
+}
+
+#[test]
+fn flush_writes_only_changed_clusters() {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    // Regions 0 and 2 change; both need fresh clusters.
+    t.mark(100 * G, 1);
+    t.mark(2 * REGION_DISK + 7 * G, 1);
+    assert_eq!(s.pending_estimate(), 2 * CS);
+    assert_eq!(s.pending_exact().unwrap(), 2 * (CS + 8));
+    // The exact query handed every region back.
+    assert_eq!(s.pending_estimate(), 2 * CS);
+    let w0 = writes(&s);
+    let st = s.flush().unwrap();
+    assert_eq!(st.regions, 2);
+    assert_eq!(st.clusters_allocated, 2);
+    assert_eq!(st.bytes_written, 2 * CS + 2 * 8);
+    // Refcount block, the two fresh clusters (contiguous: one write), two table entries.
+    let w = writes(&s) - w0;
+    assert!(w <= 4, "{w} writes");
+    assert_eq!(s.pending_estimate(), 0);
+
+    // Region 2 again: one in-place write of one cluster, one barrier, nothing allocated.
+    t.mark(2 * REGION_DISK + 100 * G, 1);
+    let (w0, y0) = (writes(&s), s.image().storage().syncs());
+    let st = s.flush().unwrap();
+    assert_eq!(
+        (
+            st.regions,
+            st.clusters_allocated,
+            st.bytes_written,
+            st.syncs
+        ),
+        (1, 0, CS, 1)
+    );
+    assert_eq!(writes(&s) - w0, 1);
+    assert_eq!(s.image().storage().syncs() - y0, 1);
+
+    // Regions 0 and 2 sit in adjacent clusters now: one coalesced write of two clusters.
+    t.mark(5 * G, 1);
+    t.mark(2 * REGION_DISK + 200 * G, 1);
+    let w0 = writes(&s);
+    let st = s.flush().unwrap();
+    assert_eq!((st.regions, st.bytes_written), (2, 2 * CS));
+    assert_eq!(writes(&s) - w0, 1, "adjacent clusters coalesce");
+
+    // Nothing changed: no write, no barrier.
+    let (w0, y0) = (writes(&s), s.image().storage().syncs());
+    assert_eq!(s.flush().unwrap().bytes_written, 0);
+    assert_eq!((writes(&s) - w0, s.image().storage().syncs() - y0), (0, 0));
+
+    // A marked bit already set writes nothing either.
+    t.mark(100 * G, 1);
+    assert_eq!(s.pending_estimate(), 0);
+
+    let mem = s.bitmap("a").unwrap().snapshot();
+    let st = s.inactivate().unwrap();
+    assert_eq!(st.bytes_written, 0, "everything was flushed before");
+    let s = reopen(s);
+    assert!(s.image().check().unwrap().is_clean());
+    assert_eq!(extents(&s.load("a").unwrap()), extents(&mem));
+}
+
+#[test]
+fn flush_rounds_while_threads_mark() {
+    let (mut rng, seed) = seeded_rng("flush_rounds_while_threads_mark");
+    let mut s = BitmapStore::create(MemStorage::new(), DISK, CS).unwrap();
+    s.add("a", G, true).unwrap();
+    s.add("b", 4 * G, true).unwrap();
+    s.activate().unwrap();
+    let tracker = s.tracker().unwrap();
+    let store = Arc::new(Mutex::new(s));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for k in 0..3u64 {
+        let t = tracker.clone();
+        let stop = Arc::clone(&stop);
+        let mut r = rand::rngs::SmallRng::seed_from_u64(seed ^ k);
+        handles.push(std::thread::spawn(move || {
+            let mut marks = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let off = r.random_range(0..DISK - 4096);
+                let len = r.random_range(1..4096);
+                t.mark(off, len);
+                marks.push((off, len));
+                if marks.len() % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            marks
+        }));
+    }
+    let mut total = FlushStats::default();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..3)));
+        total.accumulate(&store.lock().flush().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let marks: Vec<(u64, u64)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(total.regions > 0);
+    let mut s = Arc::try_unwrap(store).unwrap().into_inner();
+    let mems: Vec<DirtyBitmap> = ["a", "b"]
+        .iter()
+        .map(|n| s.bitmap(n).unwrap().snapshot())
+        .collect();
+    s.inactivate().unwrap();
+    let s = reopen(s);
+    assert!(s.image().check().unwrap().is_clean());
+    for (n, mem) in ["a", "b"].iter().zip(&mems) {
+        let disk = s.load(n).unwrap();
+        assert_eq!(extents(&disk), extents(mem), "{n}, seed {seed}");
+        for &(off, len) in &marks {
+            assert!(disk.is_dirty(off) && disk.is_dirty(off + len - 1), "{n}");
+        }
+    }
+}
+
+#[test]
+fn inactivate_matches_qemu_and_qemu_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.qcow2");
+    let disk = 256 * MIB;
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    s.add("on", 65536, true).unwrap();
+    s.add("fine", 4096, true).unwrap();
+    s.add("off", 65536, false).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    t.mark(3 * MIB, 5 * MIB);
+    s.flush().unwrap();
+    t.mark(200 * MIB, 4096);
+    t.mark(3 * MIB + 4096, 1);
+    s.flush().unwrap();
+    t.mark(100 * MIB, 1);
+    t.mark(255 * MIB, MIB);
+    assert!(s.pending_estimate() > 0);
+    let mems: Vec<(String, DirtyBitmap)> = ["on", "fine", "off"]
+        .iter()
+        .map(|n| (n.to_string(), s.bitmap(n).unwrap().snapshot()))
+        .collect();
+    assert_eq!(mems[2].1.count(), 0, "a disabled bitmap is untouched");
+    let st = s.inactivate().unwrap();
+    assert!(st.bytes_written > 0 && st.bytes_written < 4 * 65536 + 64);
+    drop(s);
+
+    assert_qemu_clean(&img);
+    let q = qemu_bitmaps(&img);
+    assert_eq!(q.len(), 3);
+    assert_eq!(q[0].2, vec!["auto"]);
+    assert_eq!(q[2].2, Vec::<String>::new());
+    for (n, mem) in &mems {
+        assert_eq!(nbd_dirty(&img, n), extents(mem), "{n}");
+    }
+
+    // QEMU opens it and continues: its write lands in the enabled bitmaps.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 128M 64k", p(&img)]);
+    assert_qemu_clean(&img);
+    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    for (n, mem) in &mems {
+        let want = mem.snapshot();
+        if n != "off" {
+            want.mark_dirty(128 * MIB, 65536);
+        }
+        assert_eq!(
+            s.list().iter().find(|b| &b.name == n).unwrap().state,
+            BitmapState::Consistent
+        );
+        assert_eq!(extents(&s.load(n).unwrap()), extents(&want), "{n}");
+    }
+}
+
+#[test]
+fn activate_after_inactivate_keeps_every_bit() {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.add("d", G, false).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    let a = s.bitmap("a").unwrap();
+    t.mark(0, 1);
+    s.flush().unwrap();
+    t.mark(REGION_DISK, 1);
+    s.inactivate().unwrap();
+    assert!(!s.is_active());
+    assert!(s.list().iter().all(|b| !b.in_use));
+    // Marks while inactive: kept in memory (and in its change map), not on disk yet.
+    t.mark(3 * REGION_DISK + G, 1);
+    assert_eq!(a.changed_region_count(), 1);
+    s.activate().unwrap();
+    assert!(s.list().iter().all(|b| b.in_use));
+    // The same bitmap resumed: no reload from the (older) disk.
+    assert!(Arc::ptr_eq(&a, &s.bitmap("a").unwrap()));
+    for off in [0, REGION_DISK, 3 * REGION_DISK + G] {
+        assert!(a.is_dirty(off), "{off}");
+    }
+    t.mark(2 * REGION_DISK, 1);
+    assert_eq!(s.pending_estimate(), 2 * CS);
+    let s = reopen(s);
+    assert!(s.image().check().unwrap().is_clean());
+    let disk = s.load("a").unwrap();
+    for off in [0, REGION_DISK, 2 * REGION_DISK, 3 * REGION_DISK + G] {
+        assert!(disk.is_dirty(off), "{off}");
+    }
+    assert_eq!(disk.count(), 4);
+    assert_eq!(s.load("d").unwrap().count(), 0);
+}
+
+#[test]
+fn inactive_edits_keep_the_parked_bitmap_in_step() {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    t.mark(0, 1);
+    s.inactivate().unwrap();
+    t.mark(REGION_DISK, 1);
+    // An inactive clear rewrites the disk and clears the parked copy too.
+    s.clear("a").unwrap();
+    t.mark(2 * REGION_DISK, 1);
+    s.activate().unwrap();
+    let a = s.bitmap("a").unwrap();
+    assert_eq!(extents(&a), vec![(2 * REGION_DISK, G)]);
+    let s = reopen(s);
+    assert_eq!(extents(&s.load("a").unwrap()), vec![(2 * REGION_DISK, G)]);
+}
+
+/// Drives a real store through the stop loop; the estimate it reports is taken *before* a
+/// guest write that lands on a new region (step 0 only), so it is stale by one region.
+struct StaleEstimate<'a> {
+    store: &'a mut BitmapStore<Counted>,
+    tracker: Tracker,
+    step: u32,
+}
+
+impl StopSource for StaleEstimate<'_> {
+    fn estimate(&mut self) -> u64 {
+        let e = self.store.pending_estimate();
+        if self.step == 0 {
+            self.tracker.mark(3 * REGION_DISK + 5 * G, 1);
+        }
+        self.step += 1;
+        e
+    }
+    fn exact(&mut self) -> Result<u64> {
+        self.store.pending_exact()
+    }
+    fn flush(&mut self) -> Result<FlushStats> {
+        self.store.flush()
+    }
+}
+
+/// A store with regions 0..4 holding data clusters and region 0 changed again: the
+/// estimate is exactly one region, CS bytes, and the exact figure is CS too.
+fn stop_fixture() -> (BitmapStore<Counted>, Tracker) {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    for r in 0..4 {
+        t.mark(r * REGION_DISK, 1);
+    }
+    s.flush().unwrap();
+    t.mark(G, 1);
+    assert_eq!(s.pending_estimate(), CS);
+    (s, t)
+}
+
+#[test]
+fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
+    let (mut s, t) = stop_fixture();
+    let threshold = CS; // estimate == threshold exactly
+    let mut src = StaleEstimate {
+        store: &mut s,
+        tracker: t,
+        step: 0,
+    };
+    let r = run_stop_loop(&mut src, threshold).unwrap();
+    assert!(r.converged);
+    assert!(r.exact_queries >= 2, "{r:?}");
+    assert!(
+        r.flushed.regions >= 2,
+        "the exact query saw 2 regions and flushed"
+    );
+    assert!(within_budget(r.pending, threshold));
+    let left = s.pending_exact().unwrap();
+    assert!(left <= threshold, "{left} pending after the decision");
+    // The stop writes at most the budget.
+    let st = s.inactivate().unwrap();
+    assert!(st.bytes_written <= threshold);
+
+    // The public entry point, on the plain store: the estimate is CS, the exact figure
+    // CS + 8 (a fresh cluster and its entry): must flush rather than stop.
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    s.tracker().unwrap().mark(0, 1);
+    assert_eq!(s.pending_estimate(), CS);
+    let r = s.prepare_stop(CS, 1).unwrap();
+    assert!(r.converged && r.flushed.clusters_allocated == 1, "{r:?}");
+    assert_eq!(r.pending, 0);
+}
+
+#[test]
+fn qemus_lt_gate_with_le_decision_stops_over_budget() {
+    let (mut s, t) = stop_fixture();
+    let threshold = CS;
+    let mut src = StaleEstimate {
+        store: &mut s,
+        tracker: t,
+        step: 0,
+    };
+    // QEMU 7aaa1fc072: exact query only if estimate < threshold; stop if pending <= it.
+    let r = run_stop_loop_with(&mut src, threshold, |a, b| a < b, |a, b| a <= b).unwrap();
+    assert!(r.converged);
+    assert_eq!(r.exact_queries, 0, "it decided on the estimate");
+    assert_eq!(r.pending, threshold);
+    let left = s.pending_exact().unwrap();
+    assert_eq!(left, 2 * CS);
+    assert!(
+        left > threshold,
+        "stopped with {left} > {threshold} pending"
+    );
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn flush_policy_starts_and_stops() {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    let store = Arc::new(Mutex::new(s));
+
+    // Timer.
+    let th = FlushPolicy::every(Duration::from_millis(5))
+        .spawn(Arc::clone(&store))
+        .unwrap();
+    for r in 0..4 {
+        t.mark(r * REGION_DISK, 1);
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    wait_until(|| store.lock().pending_estimate() == 0);
+    let stats = th.stop().unwrap();
+    assert!(stats.flushes >= 2, "{stats:?}");
+    assert_eq!(store.lock().pending_estimate(), 0);
+    // No flush after stop returned.
+    let w0 = writes(&store.lock());
+    t.mark(G * 9, 1);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(writes(&store.lock()), w0);
+    assert_eq!(store.lock().pending_estimate(), CS);
+
+    // The owner inactivates and reactivates under the lock while the thread runs: the
+    // thread skips flushes while inactive, and nothing is lost.
+    let th = FlushPolicy::every(Duration::from_millis(1))
+        .spawn(Arc::clone(&store))
+        .unwrap();
+    store.lock().inactivate().unwrap();
+    t.mark(G * 11, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(store.lock().bitmaps().len(), 0);
+    store.lock().activate().unwrap();
+    wait_until(|| store.lock().pending_estimate() == 0);
+    assert!(th.stop().unwrap().flushes >= 1);
+    assert_eq!(store.lock().pending_estimate(), 0);
+
+    // Threshold: flushes once more than 0 bytes changed.
+    t.mark(G * 13, 1);
+    let th = FlushPolicy::when_pending_above(0)
+        .spawn(Arc::clone(&store))
+        .unwrap();
+    wait_until(|| store.lock().pending_estimate() == 0);
+    let stats = th.stop().unwrap();
+    assert!(stats.flushes >= 1);
+    assert!(FlushPolicy {
+        interval: None,
+        max_pending_bytes: None,
+        poll: Duration::from_millis(1)
+    }
+    .spawn(Arc::clone(&store))
+    .is_err());
+
+    let s = Arc::try_unwrap(store).unwrap().into_inner();
+    let s = reopen(s);
+    assert_eq!(s.load("a").unwrap().count(), 7);
+}
+
+#[test]
+fn activate_refuses_an_image_qemu_wrote_while_inactive() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("h.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+    s.add("a", 65536, true).unwrap();
+    s.activate().unwrap();
+    s.tracker().unwrap().mark(MIB, 1);
+    s.inactivate().unwrap();
+    // Our own inactive edits are fine to resume over.
+    s.set_enabled("a", true).unwrap();
+    s.activate().unwrap();
+    s.inactivate().unwrap();
+    // A failed hand-over where the target wrote the disk: QEMU stored its bitmaps into new
+    // clusters and freed ours. Resuming the parked bitmaps would write into freed clusters.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    let err = s.activate().unwrap_err();
+    assert!(err.to_string().contains("changed while inactive"), "{err}");
+    drop(s);
+    assert_qemu_clean(&img);
+}
