@@ -367,7 +367,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Barriers (`sync_data` calls) this handle has issued since it was opened, counting
-    /// header writes, [`sync`](Self::sync) and refcount flushes.
+    /// header writes, explicit barriers and refcount flushes.
     pub fn sync_count(&self) -> u64 {
         self.syncs.saturating_add(self.refcounts.syncs)
     }
