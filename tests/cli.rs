@@ -7,11 +7,14 @@
 //! temporary directory, and every `qemu-nbd` it starts listens on a socket in that
 //! directory and is killed when the test is done with it.
 
+mod common;
+
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::qemu::{bitmap_triples, ok, p, qemu_bitmaps, run, tool};
 use dirty_bitmap::format::{decode_directory, decode_table, HeaderArea, TableEntry};
 use serde_json::Value;
 
@@ -19,23 +22,6 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
 // ---- running things ----
-
-fn tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    match Command::new("which").arg(name).output() {
-        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-        _ => panic!(
-            "{name} is required by the dbm CLI tests but was not found on the PATH; install \
-             qemu-utils (qemu-img, qemu-io, qemu-nbd) and libnbd-bin (nbdinfo), for example \
-             with scripts/test.sh"
-        ),
-    }
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -48,25 +34,6 @@ fn describe(what: &str, out: &Output) -> String {
         text(&out.stdout),
         text(&out.stderr)
     )
-}
-
-/// Runs a QEMU tool.
-fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(tool(name))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("failed to run {name}: {e}"))
-}
-
-/// Runs a QEMU tool that must succeed; its stdout.
-fn ok(name: &str, args: &[&str]) -> String {
-    let out = run(name, args);
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&format!("{name} {args:?}"), &out)
-    );
-    text(&out.stdout)
 }
 
 /// Runs `dbm`. Whatever it exits with, it must not have panicked.
@@ -112,10 +79,6 @@ fn dbm_fails<S: AsRef<OsStr>>(args: &[S]) -> String {
     let err = text(&out.stderr);
     assert!(!err.trim().is_empty(), "{}", describe(&what, &out));
     err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temporary paths are UTF-8")
 }
 
 /// The exit status of `qemu-img check`.
@@ -242,40 +205,10 @@ fn assert_dump_matches_nbd(dir: &Path, img: &Path, name: &str, tag: usize) -> u6
 
 // ---- images ----
 
-/// `(name, granularity, flags)` from `qemu-img info --output=json`.
-fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
-    let v: Value = serde_json::from_str(&ok(
-        "qemu-img",
-        &["info", "-f", "qcow2", "--output=json", p(img)],
-    ))
-    .unwrap();
-    bitmap_triples(&v["format-specific"]["data"]["bitmaps"])
-}
-
 /// `(name, granularity, flags)` from `dbm info --json`.
 fn dbm_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
     let v: Value = serde_json::from_str(&dbm_ok(&["info", "--json", p(img)])).unwrap();
     bitmap_triples(&v["bitmaps"])
-}
-
-fn bitmap_triples(list: &Value) -> Vec<(String, u64, Vec<String>)> {
-    let Some(list) = list.as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["granularity"].as_u64().unwrap(),
-                b["flags"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect()
 }
 
 /// `dbm info --json` for one bitmap.

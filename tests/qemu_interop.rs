@@ -5,137 +5,15 @@
 //! These tests need qemu-img, qemu-io, qemu-nbd and nbdinfo on the PATH. A missing tool
 //! fails the test with a message naming it; nothing is skipped.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
 
 const MIB: u64 = 1 << 20;
-
-fn tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    let found = Command::new("which").arg(name).output();
-    match found {
-        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-        _ => panic!("{name} is required for the QEMU interop tests but was not found; install qemu-utils / libnbd-bin"),
-    }
-}
-
-fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(tool(name))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("failed to run {name}: {e}"))
-}
-
-fn ok(name: &str, args: &[&str]) -> String {
-    let out = run(name, args);
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// `qemu-img check` must exit 0 and report no leaks.
-fn assert_qemu_clean(img: &Path) {
-    let out = run("qemu-img", &["check", "-f", "qcow2", p(img)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(0), "qemu-img check: {text}");
-    assert!(text.contains("No errors"), "qemu-img check: {text}");
-    assert!(!text.contains("leaked"), "qemu-img check: {text}");
-}
-
-/// `(name, granularity, flags)` from `qemu-img info --output=json`.
-fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
-    let json = ok(
-        "qemu-img",
-        &["info", "-f", "qcow2", "--output=json", p(img)],
-    );
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["granularity"].as_u64().unwrap(),
-                b["flags"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-struct Nbd(Child);
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged.
-fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
-    let child = Command::new(tool("qemu-nbd"))
-        .args(["-r", "-f", "qcow2", "-B", name, "-k", p(&sock), p(img)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("failed to start qemu-nbd");
-    let _guard = Nbd(child);
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "qemu-nbd did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let uri = format!("nbd+unix:///?socket={}", p(&sock));
-    let map = ok(
-        "nbdinfo",
-        &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri],
-    );
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for line in map.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 3 || f[2] != "1" {
-            continue;
-        }
-        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == off => last.1 += len,
-            _ => out.push((off, len)),
-        }
-    }
-    out
-}
 
 fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
     bm.dirty_extents().collect()

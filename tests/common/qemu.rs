@@ -61,7 +61,13 @@ pub fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
         &["info", "-f", "qcow2", "--output=json", p(img)],
     );
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+    bitmap_triples(&v["format-specific"]["data"]["bitmaps"])
+}
+
+/// `(name, granularity, flags)` of each bitmap in a JSON list shaped like `qemu-img info`'s
+/// (which `dbm info --json` follows).
+pub fn bitmap_triples(list: &serde_json::Value) -> Vec<(String, u64, Vec<String>)> {
+    let Some(list) = list.as_array() else {
         return Vec::new();
     };
     list.iter()
