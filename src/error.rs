@@ -32,6 +32,12 @@ pub enum Error {
     /// writes until it is reopened.
     #[error("storage refused the operation after an earlier I/O error; reopen it")]
     Poisoned,
+    /// Marks arrived while [`BitmapStore::inactivate`](crate::BitmapStore::inactivate) was
+    /// writing the bitmaps out: the writers (the guest) were not stopped. The bitmaps were
+    /// put back `in_use` and the store stays active, so the disk never claims a bit it
+    /// lacks. Stop the writers and inactivate again.
+    #[error("marks arrived while inactivating; stop the writers first (the store stays active)")]
+    MarksDuringInactivate,
     /// The bitmap was not saved cleanly (in_use was set on disk, or a program without bitmap
     /// support changed the image). Treat every bit as dirty; the only operation allowed on
     /// it is removal.

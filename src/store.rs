@@ -947,9 +947,12 @@ impl<S: Storage> BitmapStore<S> {
     /// Does nothing if not active.
     ///
     /// # Errors
-    /// [`Error::Poisoned`], I/O. The store is then poisoned; the disk holds `in_use` set or
-    /// autoclear bit 0 clear, so every bitmap loads as inconsistent, never as falsely
-    /// clean; the memory keeps every bit.
+    /// - [`Error::MarksDuringInactivate`] if a bitmap was marked while this ran (the guest
+    ///   was not stopped): `in_use` is set again and the store stays active.
+    /// - [`Error::Poisoned`] or I/O: the store is then poisoned and the memory keeps every
+    ///   bit. The disk holds `in_use` set or autoclear bit 0 clear (every bitmap loads as
+    ///   inconsistent) or, if the final header write reached the disk before the failure,
+    ///   the completed state with every bit marked before the call. Never falsely clean.
     pub fn inactivate(&mut self) -> Result<FlushStats> {
         if !self.active {
             return Ok(FlushStats::default());
@@ -958,7 +961,7 @@ impl<S: Storage> BitmapStore<S> {
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let r = self.inactivate_incremental();
-        if r.is_err() {
+        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
         let mut stats = r?;
@@ -981,7 +984,24 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
-            self.write_directory_in_place(entries)?;
+            self.write_directory_in_place(entries.clone())?;
+            // A mark that arrived after step 1 took its region is in memory only, while
+            // the directory now says clean. Put `in_use` back and stay active, so the disk
+            // never claims a bit it lacks; the caller must stop the writers first.
+            if self
+                .slots
+                .iter()
+                .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
+            {
+                let mut back = entries;
+                for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
+                    if s.mem.is_some() {
+                        e.in_use = true;
+                    }
+                }
+                self.write_directory_in_place(back)?;
+                return Err(Error::MarksDuringInactivate);
+            }
         }
         self.park();
         Ok(stats)

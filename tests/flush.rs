@@ -472,3 +472,88 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     drop(s);
     assert_qemu_clean(&img);
 }
+
+/// A storage that marks a bitmap from inside its `write_all_at`, at the N-th write: a guest
+/// write that races with `inactivate`, placed deterministically.
+#[derive(Debug)]
+struct MarkOnWrite {
+    inner: dirty_bitmap::storage::MemStorage,
+    writes: std::sync::atomic::AtomicU64,
+    at: std::sync::atomic::AtomicU64,
+    target: std::sync::Mutex<Option<(Arc<DirtyBitmap>, u64)>>,
+}
+
+impl dirty_bitmap::storage::Storage for MarkOnWrite {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n == self.at.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some((bm, off)) = self.target.lock().unwrap().as_ref() {
+                bm.mark_dirty(*off, 4096);
+            }
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+#[test]
+fn a_mark_racing_inactivate_keeps_the_bitmap_in_use_instead_of_claiming_clean() {
+    let storage = MarkOnWrite {
+        inner: dirty_bitmap::storage::MemStorage::new(),
+        writes: Default::default(),
+        at: Default::default(),
+        target: Default::default(),
+    };
+    let mut s = BitmapStore::create(storage, 1 << 30, 65536).unwrap();
+    s.add("b", 65536, true).unwrap();
+    s.activate().unwrap();
+    let bm = s.bitmap("b").unwrap();
+    bm.mark_dirty(0, 4096);
+    s.flush().unwrap();
+    // The first write of inactivate (nothing left to flush: the header with autoclear bit 0
+    // cleared) brings a guest write with it.
+    let written = s
+        .image()
+        .storage()
+        .writes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    *s.image().storage().target.lock().unwrap() = Some((Arc::clone(&bm), 512 << 20));
+    s.image()
+        .storage()
+        .at
+        .store(written + 1, std::sync::atomic::Ordering::SeqCst);
+    let err = s.inactivate().unwrap_err();
+    assert!(
+        matches!(err, dirty_bitmap::Error::MarksDuringInactivate),
+        "{err:?}"
+    );
+    assert!(s.is_active(), "the store must stay active");
+    assert!(
+        s.list().iter().all(|b| b.in_use),
+        "in_use must be back on disk"
+    );
+    // With the writers stopped, a second inactivate writes the late mark and succeeds.
+    s.inactivate().unwrap();
+    let image = s.close().unwrap();
+    let bytes = image.into_storage().inner.to_vec();
+    let s = BitmapStore::open(dirty_bitmap::storage::MemStorage::from_bytes(bytes), false).unwrap();
+    let loaded = s.load("b").unwrap();
+    assert!(
+        loaded.is_dirty(0) && loaded.is_dirty(512 << 20),
+        "a mark was lost"
+    );
+}
