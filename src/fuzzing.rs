@@ -60,7 +60,9 @@ pub fn header(data: &[u8]) {
     assert_eq!(bytes.len(), cs, "an encoded header area fills cluster 0");
     let area2 = HeaderArea::decode(&bytes).expect("an encoded header area must decode");
     assert_eq!(area2, normalize_area(&area), "header area round trip");
-    let bytes2 = area2.encode().expect("a re-decoded header area must encode");
+    let bytes2 = area2
+        .encode()
+        .expect("a re-decoded header area must encode");
     assert_eq!(bytes2, bytes, "header area encoding is a fixed point");
 }
 
@@ -85,8 +87,8 @@ pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
     let mut n = area.clone();
     n.header = normalize_header(&area.header);
     let header_len = u64::from(n.header.header_length);
-    n.feature_table = (n.header.version >= 3 && n.header.cluster_size() > 4096)
-        .then(qemu_feature_table);
+    n.feature_table =
+        (n.header.version >= 3 && n.header.cluster_size() > 4096).then(qemu_feature_table);
     if n.header.incompatible_features & INCOMPAT_DATA_FILE == 0 {
         n.data_file = None;
     }
@@ -200,7 +202,10 @@ pub fn bitmap_table(data: &[u8]) {
             );
         }
         Err(Corruption::Truncated { .. }) => {
-            assert!((rest.len() as u64) < needed, "Truncated on a long enough input");
+            assert!(
+                (rest.len() as u64) < needed,
+                "Truncated on a long enough input"
+            );
         }
         Err(Corruption::TableEntry { index, .. }) => {
             assert!(index < u64::from(table_size), "bad entry index in range");
@@ -250,8 +255,16 @@ pub fn refcount_block(data: &[u8]) {
         let new = (!old).wrapping_add(i) & max;
         set_refcount(&mut b, order, i, new).expect("in-range set");
         assert_eq!(get(&b, i), new, "set-then-get at {i}");
-        assert_eq!(before, (i > 0).then(|| get(&b, i - 1)), "left neighbour of {i}");
-        assert_eq!(after, (i + 1 < count).then(|| get(&b, i + 1)), "right neighbour of {i}");
+        assert_eq!(
+            before,
+            (i > 0).then(|| get(&b, i - 1)),
+            "left neighbour of {i}"
+        );
+        assert_eq!(
+            after,
+            (i + 1 < count).then(|| get(&b, i + 1)),
+            "right neighbour of {i}"
+        );
         if order < 6 {
             assert!(matches!(
                 set_refcount(&mut b, order, i, max + 1),
@@ -262,7 +275,10 @@ pub fn refcount_block(data: &[u8]) {
     }
     assert_eq!(b, original, "set of the old values restores the block");
     for i in [count, count.saturating_add(1), u64::MAX] {
-        assert!(matches!(get_refcount(&b, order, i), Err(Error::InvalidInput(_))));
+        assert!(matches!(
+            get_refcount(&b, order, i),
+            Err(Error::InvalidInput(_))
+        ));
         assert!(matches!(
             set_refcount(&mut b, order, i, 0),
             Err(Error::InvalidInput(_))
@@ -310,17 +326,28 @@ pub fn open_image(data: &[u8]) {
     for info in &list {
         match store.load(&info.name) {
             Ok(bm) => {
-                assert_eq!(info.state, BitmapState::Consistent, "loaded an inconsistent bitmap");
+                assert_eq!(
+                    info.state,
+                    BitmapState::Consistent,
+                    "loaded an inconsistent bitmap"
+                );
                 assert_eq!(bm.disk_size(), store.disk_size(), "bitmap covers the disk");
                 assert_eq!(bm.granularity(), info.granularity, "granularity");
                 // The table (8 bytes per entry) was read from the file, and each entry
                 // stands for at most one cluster of serialized bitmap.
                 let table = u64::from(info.table_size);
                 assert!(table * 8 <= file_len, "table larger than the file");
-                assert!(bm.serialized_len() <= table * cs, "bitmap larger than its table");
+                assert!(
+                    bm.serialized_len() <= table * cs,
+                    "bitmap larger than its table"
+                );
             }
             Err(Error::Inconsistent { .. }) => {
-                assert_eq!(info.state, BitmapState::Inconsistent, "refused a consistent bitmap");
+                assert_eq!(
+                    info.state,
+                    BitmapState::Inconsistent,
+                    "refused a consistent bitmap"
+                );
             }
             Err(e) => {
                 not_io("BitmapStore::load", &e);
@@ -331,5 +358,9 @@ pub fn open_image(data: &[u8]) {
     if let Err(e) = store.image().check() {
         not_io("Image::check", &e);
     }
-    assert_eq!(store.image().storage().to_vec(), data, "read-only open wrote");
+    assert_eq!(
+        store.image().storage().to_vec(),
+        data,
+        "read-only open wrote"
+    );
 }
