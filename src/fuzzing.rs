@@ -12,13 +12,14 @@
 use crate::error::{Corruption, Error};
 use crate::format::header::{HEADER_V2_LEN, HEADER_V3_LEN, INCOMPAT_DATA_FILE};
 use crate::format::refcount::{get_refcount, max_refcount, set_refcount};
+use crate::format::TableEntry;
 use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
     HeaderArea, ImageGeometry,
 };
 use crate::storage::MemStorage;
 use crate::store::{BitmapState, BitmapStore};
-use crate::Image;
+use crate::{DirtyBitmap, Image};
 
 /// The largest cluster 0 a target looks at (2 MiB clusters).
 const MAX_CLUSTER0: usize = 1 << 21;
@@ -341,6 +342,8 @@ pub fn open_image(data: &[u8]) {
                     bm.serialized_len() <= table * cs,
                     "bitmap larger than its table"
                 );
+                assert!(bm.count() <= bm.bit_count(), "bits set past the disk");
+                compare_with_disk(data, &store, &info.name, &bm);
             }
             Err(Error::Inconsistent { .. }) => {
                 assert_eq!(
@@ -363,4 +366,62 @@ pub fn open_image(data: &[u8]) {
         data,
         "read-only open wrote"
     );
+}
+
+/// The oracle for a loaded bitmap: re-reads its directory entry and table straight from
+/// `data` and checks that every serialized region equals what the table names (zeros,
+/// ones, or the data cluster), with the bits past the end of the disk cleared.
+fn compare_with_disk(data: &[u8], store: &BitmapStore<MemStorage>, name: &str, bm: &DirtyBitmap) {
+    let area = store.image().area();
+    let ext = area
+        .bitmaps
+        .expect("a loaded bitmap comes from a trusted directory");
+    let geo = area.header.geometry().expect("geometry of an open image");
+    let at = |off: u64, len: u64| {
+        let start = usize::try_from(off).expect("offset in the file");
+        let end = start + usize::try_from(len).expect("length in the file");
+        &data[start..end]
+    };
+    let entries = decode_directory(
+        at(ext.directory_offset, ext.directory_size),
+        ext.nb_bitmaps,
+        &geo,
+    )
+    .expect("the directory decoded on open");
+    let entry = entries
+        .iter()
+        .find(|e| e.name == name)
+        .expect("a listed bitmap is in the directory");
+    let table = decode_table(
+        at(entry.table_offset, u64::from(entry.table_size) * 8),
+        entry.table_size,
+        geo.cluster_bits(),
+    )
+    .expect("load accepted the table");
+    let cs = geo.cluster_size();
+    let nbits = bm.bit_count();
+    for (r, t) in (0u64..).zip(table) {
+        let len = bm.region_len(r);
+        let mut got = vec![0u8; len as usize];
+        bm.serialize_region(r, &mut got)
+            .expect("serialize a loaded region");
+        let mut want = match t {
+            TableEntry::Zeroes => vec![0u8; len as usize],
+            TableEntry::Ones => vec![0xFFu8; len as usize],
+            TableEntry::Data(off) => at(off, len).to_vec(),
+        };
+        let first_bit = r * cs * 8;
+        let tail = (first_bit + len * 8 > nbits).then_some(want.iter_mut());
+        for (j, byte) in (0u64..).zip(tail.into_iter().flatten()) {
+            for k in 0..8 {
+                if first_bit + j * 8 + k >= nbits {
+                    *byte &= !(1u8 << k);
+                }
+            }
+        }
+        assert_eq!(
+            got, want,
+            "bitmap {name:?} region {r} differs from the disk"
+        );
+    }
 }
