@@ -324,6 +324,15 @@ pub fn open_image(data: &[u8]) {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), list.len(), "listed names are unique");
+    match store.image().area().bitmaps {
+        // A trusted directory lists exactly nb_bitmaps bitmaps.
+        Some(ext) => assert_eq!(list.len() as u64, u64::from(ext.nb_bitmaps), "bitmap count"),
+        // Without one, whatever a stale extension names is inconsistent.
+        None => assert!(
+            list.iter().all(|b| b.state == BitmapState::Inconsistent),
+            "a bitmap without a trusted directory is consistent"
+        ),
+    }
     for info in &list {
         match store.load(&info.name) {
             Ok(bm) => {
