@@ -43,6 +43,8 @@ pub mod bitmap;
 pub mod error;
 pub mod flush;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod storage;
 pub mod store;

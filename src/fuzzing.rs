@@ -1,0 +1,436 @@
+//! Entry points for the fuzz targets in `fuzz/` and the corpus replay in `tests/`.
+//!
+//! Each function takes arbitrary bytes, feeds them to one layer of the crate and asserts
+//! that layer's invariants. A panic inside one of them is a bug: either the code under test
+//! panicked, or it broke an invariant that the `assert!`s below spell out. A returned
+//! error is never a bug; these functions swallow errors after checking their type.
+//!
+//! The same functions run under libFuzzer (`cargo +nightly fuzz run <target>`) and in
+//! `tests/fuzz_corpus.rs`, which replays the committed corpus on every `cargo test`.
+//! See `docs/FUZZING.md`.
+
+use crate::error::{Corruption, Error};
+use crate::format::header::{HEADER_V2_LEN, HEADER_V3_LEN, INCOMPAT_DATA_FILE};
+use crate::format::refcount::{get_refcount, max_refcount, set_refcount};
+use crate::format::TableEntry;
+use crate::format::{
+    decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
+    HeaderArea, ImageGeometry,
+};
+use crate::storage::MemStorage;
+use crate::store::{BitmapState, BitmapStore};
+use crate::{DirtyBitmap, Image};
+
+/// The largest cluster 0 a target looks at (2 MiB clusters).
+const MAX_CLUSTER0: usize = 1 << 21;
+
+/// Fuzz target `header`: [`Header::decode`] and [`HeaderArea::decode`] on `data` as
+/// cluster 0 (cut to the cluster size, as [`Image::open`] cuts it).
+///
+/// Invariants:
+/// - a decoded header encodes, and the encoding decodes to the same header with
+///   `header_length` normalised to what the encoder writes;
+/// - a decoded header area either encodes or fails with [`Error::InvalidInput`] (it can
+///   legitimately outgrow the cluster, since encoding adds QEMU's feature table); an
+///   encoding decodes to the area with the documented normalisations (see
+///   [`normalize_area`]) and re-encodes byte for byte to itself.
+pub fn header(data: &[u8]) {
+    let Ok(h) = Header::decode(data) else {
+        return;
+    };
+    let encoded = h.encode().expect("a decoded header must encode");
+    let again = Header::decode(&encoded).expect("an encoded header must decode");
+    assert_eq!(again, normalize_header(&h), "header round trip");
+    assert_eq!(
+        again.encode().expect("re-encode"),
+        encoded,
+        "header encoding is a fixed point"
+    );
+
+    let cs = usize::try_from(h.cluster_size()).unwrap_or(MAX_CLUSTER0);
+    let cluster0 = data.get(..cs.min(data.len())).unwrap_or(data);
+    let Ok(area) = HeaderArea::decode(cluster0) else {
+        return;
+    };
+    assert_eq!(area.header, h, "HeaderArea::decode decodes the same header");
+    let bytes = match area.encode() {
+        Ok(b) => b,
+        Err(Error::InvalidInput(_)) => return,
+        Err(e) => panic!("HeaderArea::encode failed with a non-InvalidInput error: {e}"),
+    };
+    assert_eq!(bytes.len(), cs, "an encoded header area fills cluster 0");
+    let area2 = HeaderArea::decode(&bytes).expect("an encoded header area must decode");
+    assert_eq!(area2, normalize_area(&area), "header area round trip");
+    let bytes2 = area2
+        .encode()
+        .expect("a re-decoded header area must encode");
+    assert_eq!(bytes2, bytes, "header area encoding is a fixed point");
+}
+
+/// What [`Header::encode`] does to a decoded header: it recomputes `header_length`.
+fn normalize_header(h: &Header) -> Header {
+    let mut n = h.clone();
+    n.header_length = if n.version >= 3 {
+        u32::try_from(HEADER_V3_LEN + n.unknown_fields.len()).unwrap_or(u32::MAX)
+    } else {
+        u32::try_from(HEADER_V2_LEN).unwrap_or(u32::MAX)
+    };
+    n
+}
+
+/// What [`HeaderArea::encode`] does to a decoded area, as its documentation states:
+/// header_length and the backing file fields are recomputed, the image's own feature
+/// table is replaced by QEMU's (v3 with clusters above 4 KiB) or dropped, the data file
+/// name survives only with incompatible bit 2, a crypto pointer only with a non-zero
+/// offset, the bitmaps extension only with nb_bitmaps > 0, and a stale bitmaps extension
+/// is dropped.
+pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
+    let mut n = area.clone();
+    n.header = normalize_header(&area.header);
+    let header_len = u64::from(n.header.header_length);
+    n.feature_table =
+        (n.header.version >= 3 && n.header.cluster_size() > 4096).then(qemu_feature_table);
+    if n.header.incompatible_features & INCOMPAT_DATA_FILE == 0 {
+        n.data_file = None;
+    }
+    n.crypto = n.crypto.filter(|c| c.offset != 0);
+    n.bitmaps = n.bitmaps.filter(|b| b.nb_bitmaps > 0);
+    n.stale_bitmaps = false;
+    match &n.backing_file {
+        Some(name) => {
+            // The name follows the extensions: header, frames, end marker.
+            let frame = |len: usize| 8 + (len as u64).div_ceil(8) * 8;
+            let mut at = header_len;
+            if let Some(f) = &n.backing_format {
+                at += frame(f.len());
+            }
+            if let Some(d) = &n.data_file {
+                at += frame(d.len());
+            }
+            if n.crypto.is_some() {
+                at += frame(16);
+            }
+            if n.feature_table.is_some() {
+                at += frame(8 * 48);
+            }
+            if n.bitmaps.is_some() {
+                at += frame(24);
+            }
+            for u in &n.unknown {
+                at += frame(u.data.len());
+            }
+            at += frame(0);
+            n.header.backing_file_offset = at;
+            n.header.backing_file_size = u32::try_from(name.len()).unwrap_or(u32::MAX);
+        }
+        None => {
+            n.header.backing_file_offset = 0;
+            n.header.backing_file_size = 0;
+        }
+    }
+    n
+}
+
+/// Splits off a fixed-size prefix, zero-padded when `data` is shorter.
+fn prefix<const N: usize>(data: &[u8]) -> ([u8; N], &[u8]) {
+    let mut p = [0u8; N];
+    let n = N.min(data.len());
+    p[..n].copy_from_slice(&data[..n]);
+    (p, &data[n..])
+}
+
+/// Fuzz target `directory`: [`decode_directory`] on `data[11..]`.
+///
+/// The prefix picks the parameters: `data[0..2]` is nb_bitmaps (big-endian u16),
+/// `data[2] % 13 + 9` the cluster bits, `data[3..11]` the disk size (big-endian u64).
+///
+/// Invariants: a decoded directory has `nb_bitmaps` entries with distinct names; it encodes
+/// exactly when every consistent entry has the table size the disk needs; the encoding has
+/// the input's length and decodes to the same entries.
+pub fn directory(data: &[u8]) {
+    let (p, rest) = prefix::<11>(data);
+    let nb_bitmaps = u32::from(u16::from_be_bytes([p[0], p[1]]));
+    let cluster_bits = 9 + u32::from(p[2] % 13);
+    let mut disk = [0u8; 8];
+    disk.copy_from_slice(&p[3..11]);
+    let geo = ImageGeometry::new(cluster_bits, u64::from_be_bytes(disk))
+        .expect("cluster bits are in range by construction");
+    let Ok(entries) = decode_directory(rest, nb_bitmaps, &geo) else {
+        return;
+    };
+    assert_eq!(entries.len() as u64, u64::from(nb_bitmaps), "entry count");
+    let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), entries.len(), "names are unique");
+    let sizes_ok = entries.iter().all(|e| e.check_table_size(&geo).is_ok());
+    match encode_directory(&entries, &geo) {
+        Ok(bytes) => {
+            assert!(sizes_ok, "encode_directory accepted a wrong table size");
+            assert_eq!(bytes.len(), rest.len(), "directory length round trip");
+            let again = decode_directory(&bytes, nb_bitmaps, &geo)
+                .expect("an encoded directory must decode");
+            assert_eq!(again, entries, "directory round trip");
+        }
+        Err(Error::InvalidInput(_)) => {
+            assert!(!sizes_ok, "encode_directory refused a decoded directory");
+        }
+        Err(e) => panic!("encode_directory failed with a non-InvalidInput error: {e}"),
+    }
+}
+
+/// Fuzz target `bitmap_table`: [`decode_table`] on `data[5..]`.
+///
+/// `data[0] % 13 + 9` is the cluster bits and `data[1..5]` the table size (big-endian
+/// u32).
+///
+/// Invariants: a too-short input is [`Corruption::Truncated`] (checked before anything is
+/// allocated); a decoded table has `table_size` entries and encodes to exactly the first
+/// `table_size × 8` input bytes.
+pub fn bitmap_table(data: &[u8]) {
+    let (p, rest) = prefix::<5>(data);
+    let cluster_bits = 9 + u32::from(p[0] % 13);
+    let table_size = u32::from_be_bytes([p[1], p[2], p[3], p[4]]);
+    let needed = u64::from(table_size) * 8;
+    match decode_table(rest, table_size, cluster_bits) {
+        Ok(entries) => {
+            assert_eq!(entries.len() as u64, u64::from(table_size), "entry count");
+            let bytes = encode_table(&entries, cluster_bits).expect("a decoded table must encode");
+            assert_eq!(
+                bytes.as_slice(),
+                &rest[..needed as usize],
+                "table round trip is byte-exact"
+            );
+        }
+        Err(Corruption::Truncated { .. }) => {
+            assert!(
+                (rest.len() as u64) < needed,
+                "Truncated on a long enough input"
+            );
+        }
+        Err(Corruption::TableEntry { index, .. }) => {
+            assert!(index < u64::from(table_size), "bad entry index in range");
+        }
+        Err(e) => panic!("decode_table failed with an unexpected error: {e}"),
+    }
+}
+
+/// An independent reading of refcount `index` (the oracle for [`refcount_block`]).
+fn reference_refcount(block: &[u8], order: u32, index: u64) -> Option<u64> {
+    let bits = 1u64 << order;
+    let bit = index.checked_mul(bits)?;
+    let byte = usize::try_from(bit / 8).ok()?;
+    if bits < 8 {
+        let b = *block.get(byte)?;
+        Some(u64::from(b >> (bit % 8)) & ((1 << bits) - 1))
+    } else {
+        let field = block.get(byte..byte.checked_add(usize::try_from(bits / 8).ok()?)?)?;
+        Some(field.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+}
+
+/// Fuzz target `refcount_block`: [`get_refcount`] and [`set_refcount`] on `data[1..]` as
+/// a refcount block of order `data[0] % 7`.
+///
+/// Invariants, for every refcount of the block: get agrees with an independent reading;
+/// set-then-get returns the value written; a set changes no other refcount (checked on the
+/// neighbours and, after restoring every refcount, on the whole block); out-of-range
+/// indices and values are [`Error::InvalidInput`].
+pub fn refcount_block(data: &[u8]) {
+    let Some((&first, block)) = data.split_first() else {
+        return;
+    };
+    let order = u32::from(first % 7);
+    let max = max_refcount(order).expect("order is at most 6");
+    let count = (block.len() as u64 * 8) >> order;
+    let original = block.to_vec();
+    let mut b = block.to_vec();
+    let get = |b: &[u8], i: u64| get_refcount(b, order, i).expect("index in range");
+    for i in 0..count {
+        let old = get(&b, i);
+        assert_eq!(Some(old), reference_refcount(&b, order, i), "get at {i}");
+        assert!(old <= max);
+        let before = (i > 0).then(|| get(&b, i - 1));
+        let after = (i + 1 < count).then(|| get(&b, i + 1));
+        // A value unlike the old one, derived from the data so both halves get exercised.
+        let new = (!old).wrapping_add(i) & max;
+        set_refcount(&mut b, order, i, new).expect("in-range set");
+        assert_eq!(get(&b, i), new, "set-then-get at {i}");
+        assert_eq!(
+            before,
+            (i > 0).then(|| get(&b, i - 1)),
+            "left neighbour of {i}"
+        );
+        assert_eq!(
+            after,
+            (i + 1 < count).then(|| get(&b, i + 1)),
+            "right neighbour of {i}"
+        );
+        if order < 6 {
+            assert!(matches!(
+                set_refcount(&mut b, order, i, max + 1),
+                Err(Error::InvalidInput(_))
+            ));
+        }
+        set_refcount(&mut b, order, i, old).expect("restore");
+    }
+    assert_eq!(b, original, "set of the old values restores the block");
+    for i in [count, count.saturating_add(1), u64::MAX] {
+        assert!(matches!(
+            get_refcount(&b, order, i),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            set_refcount(&mut b, order, i, 0),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+    assert_eq!(b, original, "a refused set writes nothing");
+}
+
+/// Fuzz target `open_image`: `data` as a whole image in [`MemStorage`], opened read-only
+/// with [`BitmapStore::open`] (or [`Image::open`] when the store refuses it), then
+/// [`BitmapStore::list`], [`BitmapStore::load`] of every bitmap and [`Image::check`].
+///
+/// Invariants: nothing panics; no error is [`Error::Io`] (every read is bounds-checked
+/// against the file length first, so a corrupt length or offset is [`Error::Corrupt`]);
+/// listed names are unique; inconsistent bitmaps refuse to load with
+/// [`Error::Inconsistent`]; a loaded bitmap covers the disk at its granularity, and its
+/// memory is bounded by its table (`table_size` entries, each naming at most one cluster
+/// of data), which must lie in the file; the image bytes are never written.
+pub fn open_image(data: &[u8]) {
+    let not_io = |what: &str, e: &Error| {
+        assert!(!matches!(e, Error::Io(_)), "{what} gave an I/O error: {e}");
+    };
+    let storage = MemStorage::from_bytes(data.to_vec());
+    let store = match BitmapStore::open(storage, false) {
+        Ok(s) => s,
+        Err(e) => {
+            not_io("BitmapStore::open", &e);
+            // The store refused it; the image layer may still open, and check it.
+            if let Ok(image) = Image::open(MemStorage::from_bytes(data.to_vec()), false) {
+                if let Err(e) = image.check() {
+                    not_io("Image::check", &e);
+                }
+                assert_eq!(image.storage().to_vec(), data, "read-only open wrote");
+            }
+            return;
+        }
+    };
+    let file_len = data.len() as u64;
+    let cs = store.image().cluster_size();
+    let list = store.list();
+    let mut names: Vec<&str> = list.iter().map(|b| b.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), list.len(), "listed names are unique");
+    match store.image().area().bitmaps {
+        // A trusted directory lists exactly nb_bitmaps bitmaps.
+        Some(ext) => assert_eq!(list.len() as u64, u64::from(ext.nb_bitmaps), "bitmap count"),
+        // Without one, whatever a stale extension names is inconsistent.
+        None => assert!(
+            list.iter().all(|b| b.state == BitmapState::Inconsistent),
+            "a bitmap without a trusted directory is consistent"
+        ),
+    }
+    for info in &list {
+        match store.load(&info.name) {
+            Ok(bm) => {
+                assert_eq!(
+                    info.state,
+                    BitmapState::Consistent,
+                    "loaded an inconsistent bitmap"
+                );
+                assert_eq!(bm.disk_size(), store.disk_size(), "bitmap covers the disk");
+                assert_eq!(bm.granularity(), info.granularity, "granularity");
+                // The table (8 bytes per entry) was read from the file, and each entry
+                // stands for at most one cluster of serialized bitmap.
+                let table = u64::from(info.table_size);
+                assert!(table * 8 <= file_len, "table larger than the file");
+                assert!(
+                    bm.serialized_len() <= table * cs,
+                    "bitmap larger than its table"
+                );
+                assert!(bm.count() <= bm.bit_count(), "bits set past the disk");
+                compare_with_disk(data, &store, &info.name, &bm);
+            }
+            Err(Error::Inconsistent { .. }) => {
+                assert_eq!(
+                    info.state,
+                    BitmapState::Inconsistent,
+                    "refused a consistent bitmap"
+                );
+            }
+            Err(e) => {
+                not_io("BitmapStore::load", &e);
+                assert_eq!(info.state, BitmapState::Consistent);
+            }
+        }
+    }
+    if let Err(e) = store.image().check() {
+        not_io("Image::check", &e);
+    }
+    assert_eq!(
+        store.image().storage().to_vec(),
+        data,
+        "read-only open wrote"
+    );
+}
+
+/// The oracle for a loaded bitmap: re-reads its directory entry and table straight from
+/// `data` and checks that every serialized region equals what the table names (zeros,
+/// ones, or the data cluster), with the bits past the end of the disk cleared.
+fn compare_with_disk(data: &[u8], store: &BitmapStore<MemStorage>, name: &str, bm: &DirtyBitmap) {
+    let area = store.image().area();
+    let ext = area
+        .bitmaps
+        .expect("a loaded bitmap comes from a trusted directory");
+    let geo = area.header.geometry().expect("geometry of an open image");
+    let at = |off: u64, len: u64| {
+        let start = usize::try_from(off).expect("offset in the file");
+        let end = start + usize::try_from(len).expect("length in the file");
+        &data[start..end]
+    };
+    let entries = decode_directory(
+        at(ext.directory_offset, ext.directory_size),
+        ext.nb_bitmaps,
+        &geo,
+    )
+    .expect("the directory decoded on open");
+    let entry = entries
+        .iter()
+        .find(|e| e.name == name)
+        .expect("a listed bitmap is in the directory");
+    let table = decode_table(
+        at(entry.table_offset, u64::from(entry.table_size) * 8),
+        entry.table_size,
+        geo.cluster_bits(),
+    )
+    .expect("load accepted the table");
+    let cs = geo.cluster_size();
+    let nbits = bm.bit_count();
+    for (r, t) in (0u64..).zip(table) {
+        let len = bm.region_len(r);
+        let mut got = vec![0u8; len as usize];
+        bm.serialize_region(r, &mut got)
+            .expect("serialize a loaded region");
+        let mut want = match t {
+            TableEntry::Zeroes => vec![0u8; len as usize],
+            TableEntry::Ones => vec![0xFFu8; len as usize],
+            TableEntry::Data(off) => at(off, len).to_vec(),
+        };
+        let first_bit = r * cs * 8;
+        let tail = (first_bit + len * 8 > nbits).then_some(want.iter_mut());
+        for (j, byte) in (0u64..).zip(tail.into_iter().flatten()) {
+            for k in 0..8 {
+                if first_bit + j * 8 + k >= nbits {
+                    *byte &= !(1u8 << k);
+                }
+            }
+        }
+        assert_eq!(
+            got, want,
+            "bitmap {name:?} region {r} differs from the disk"
+        );
+    }
+}

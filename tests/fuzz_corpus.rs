@@ -1,0 +1,50 @@
+//! Replays every committed fuzz input through its `dirty_bitmap::fuzzing` entry point:
+//! the seed corpus (`fuzz/corpus/<target>/`) and the minimised crashes
+//! (`fuzz/regressions/<target>/`). See `docs/FUZZING.md`.
+
+use std::fs;
+use std::path::Path;
+
+use dirty_bitmap::fuzzing;
+
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 5] = [
+    ("header", fuzzing::header),
+    ("directory", fuzzing::directory),
+    ("bitmap_table", fuzzing::bitmap_table),
+    ("refcount_block", fuzzing::refcount_block),
+    ("open_image", fuzzing::open_image),
+];
+
+/// Runs every regular file of `dir` (if it exists) through `f`; returns how many.
+fn replay(dir: &Path, f: Target) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut paths: Vec<_> = entries
+        .map(|e| e.expect("readable directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    for p in &paths {
+        let data = fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        eprintln!("replaying {}", p.display());
+        f(&data);
+    }
+    paths.len()
+}
+
+#[test]
+fn replay_corpus_and_regressions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut total = 0;
+    for (name, f) in TARGETS {
+        let seeds = replay(&root.join("corpus").join(name), f);
+        let regressions = replay(&root.join("regressions").join(name), f);
+        assert!(seeds > 0, "fuzz/corpus/{name}/ is empty");
+        println!("{name}: replayed {seeds} corpus files and {regressions} regressions");
+        total += seeds + regressions;
+    }
+    println!("replayed {total} files in all");
+}
