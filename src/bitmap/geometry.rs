@@ -32,6 +32,8 @@ pub(crate) struct Geometry {
     pub nbits: u64,
     /// Bytes of serialized bitmap per change-map region (a power of two).
     pub region_size: u64,
+    /// log2 of the words per region, kept for the mark path.
+    region_word_shift: u32,
 }
 
 impl Geometry {
@@ -68,6 +70,7 @@ impl Geometry {
             granularity_bits: granularity.trailing_zeros(),
             nbits,
             region_size,
+            region_word_shift: (region_size / 8).trailing_zeros(),
         })
     }
 
@@ -88,8 +91,9 @@ impl Geometry {
     }
 
     /// log2 of [`Self::region_words`].
+    #[inline]
     pub fn region_word_shift(&self) -> u32 {
-        self.region_words().trailing_zeros()
+        self.region_word_shift
     }
 
     /// Number of change-map regions.

@@ -179,7 +179,11 @@ impl DirtyBitmap {
     #[inline(never)]
     fn mark_word(&self, w: usize, mask: u64) {
         if self.enabled.load(SeqCst) {
-            self.set_bits(w, mask);
+            // The caller's load just saw a bit of `mask` clear: go straight to the write.
+            let old = self.words.get(w).fetch_or(mask, SeqCst);
+            if old | mask != old {
+                self.after_change(w, old, old | mask);
+            }
         }
     }
 
