@@ -345,15 +345,8 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Writes every dirty refblock, then (after a barrier) every changed reftable entry,
-    /// then syncs. Does nothing, not even a sync, when nothing is dirty.
-    ///
-    /// # Errors
-    /// An I/O error; the dirty state is kept so the caller can poison the image.
-    pub(crate) fn flush(&mut self, storage: &(impl Storage + ?Sized)) -> Result<()> {
-        if self.is_clean() {
-            return Ok(());
-        }
+    /// Writes every dirty refblock where the in-memory reftable places it (no barrier).
+    fn write_dirty_blocks(&self, storage: &(impl Storage + ?Sized)) -> Result<()> {
         for &index in &self.dirty_blocks {
             let offset = usize::try_from(index)
                 .ok()
@@ -364,6 +357,19 @@ impl Refcounts {
                 storage.write_all_at(block, offset)?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes every dirty refblock, then (after a barrier) every changed reftable entry,
+    /// then syncs. Does nothing, not even a sync, when nothing is dirty.
+    ///
+    /// # Errors
+    /// An I/O error; the dirty state is kept so the caller can poison the image.
+    pub(crate) fn flush(&mut self, storage: &(impl Storage + ?Sized)) -> Result<()> {
+        if self.is_clean() {
+            return Ok(());
+        }
+        self.write_dirty_blocks(storage)?;
         if !self.dirty_entries.is_empty() {
             // The blocks must be durable before a reftable entry points at them.
             storage.sync_data()?;
@@ -434,16 +440,7 @@ impl Refcounts {
         let end = table_start.saturating_add(table_clusters);
         storage.grow_to(end.saturating_mul(cs))?;
         // 1. Every dirty block (new ones included), durable before anything points at it.
-        for &index in &self.dirty_blocks {
-            let offset = usize::try_from(index)
-                .ok()
-                .and_then(|i| self.reftable.get(i))
-                .copied()
-                .flatten();
-            if let (Some(offset), Some(block)) = (offset, self.blocks.get(&index)) {
-                storage.write_all_at(block, offset)?;
-            }
-        }
+        self.write_dirty_blocks(storage)?;
         // 2. The new table, then a barrier.
         let new_offset = table_start << self.cluster_bits;
         let table = encode_reftable(&self.reftable, self.cluster_bits)?;
