@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use common::{extents_of_bytes, seeded_rng, serialize_all};
+use common::{extents_of_bytes, flush_changed, seeded_rng, serialize_all};
 use dirty_bitmap::DirtyBitmap;
 use rand::RngExt;
 
@@ -87,21 +87,12 @@ fn flusher_shadow_plus_last_take_equals_bitmap_while_writers_mark() {
     let all: Vec<(u64, u64)> = plans.iter().flatten().copied().collect();
 
     let mut shadow = vec![0u8; bm.serialized_len() as usize];
-    let rs = bm.region_size() as usize;
-    let flush = |shadow: &mut Vec<u8>| {
-        for r in bm.take_changed().iter() {
-            let start = r as usize * rs;
-            let len = bm.region_len(r) as usize;
-            bm.serialize_region(r, &mut shadow[start..start + len])
-                .unwrap();
-        }
-    };
     let marks = plans
         .into_iter()
         .map(|p| p.into_iter().map(|(o, l)| (o, l, false)).collect())
         .collect();
-    race(&bm, marks, || flush(&mut shadow));
-    flush(&mut shadow);
+    race(&bm, marks, || flush_changed(&bm, &mut shadow));
+    flush_changed(&bm, &mut shadow);
 
     assert_eq!(
         shadow,
@@ -139,17 +130,8 @@ fn flusher_shadow_tracks_concurrent_marks_and_clears() {
         })
         .collect();
     let mut shadow = vec![0u8; bm.serialized_len() as usize];
-    let rs = bm.region_size() as usize;
-    let flush = |shadow: &mut Vec<u8>| {
-        for r in bm.take_changed().iter() {
-            let start = r as usize * rs;
-            let len = bm.region_len(r) as usize;
-            bm.serialize_region(r, &mut shadow[start..start + len])
-                .unwrap();
-        }
-    };
-    race(&bm, plans, || flush(&mut shadow));
-    flush(&mut shadow);
+    race(&bm, plans, || flush_changed(&bm, &mut shadow));
+    flush_changed(&bm, &mut shadow);
     let now = serialize_all(&bm);
     assert_eq!(
         shadow, now,

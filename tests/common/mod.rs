@@ -31,6 +31,18 @@ pub fn serialize_all(bm: &dirty_bitmap::DirtyBitmap) -> Vec<u8> {
     out
 }
 
+/// Takes the changed regions of `bm` and serializes each into its place in `shadow` (a
+/// buffer of `serialized_len` bytes), as a flusher would write them to disk.
+pub fn flush_changed(bm: &dirty_bitmap::DirtyBitmap, shadow: &mut [u8]) {
+    let rs = bm.region_size() as usize;
+    for r in bm.take_changed().iter() {
+        let start = r as usize * rs;
+        let len = bm.region_len(r) as usize;
+        bm.serialize_region(r, &mut shadow[start..start + len])
+            .unwrap();
+    }
+}
+
 /// Merged extents of set bits in a serialized bitmap, in bytes of a disk of `disk_size`.
 pub fn extents_of_bytes(bytes: &[u8], granularity: u64, disk_size: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
