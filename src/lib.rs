@@ -46,6 +46,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod migration;
 pub mod storage;
 pub mod store;
 pub mod tracker;
