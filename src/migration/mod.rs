@@ -4,6 +4,26 @@
 //!
 //! Nothing below [`crate::store`] knows about this module; it only uses the bitmaps.
 
+pub mod error;
 pub mod units;
 
+pub use error::{MigrationError, Result};
 pub use units::{Bytes, BytesPerMs, Millis};
+
+/// Identifies one migration state (a section of the stream, like a QEMU savevm handler's
+/// section id).
+pub type StateId = u32;
+
+/// Where a source state puts what it sends: a framed stream over a real channel, or a
+/// simulated link under the virtual clock. The loop only ever sends through this trait.
+pub trait Outbound {
+    /// Sends one opaque payload of state `state`, and returns the bytes it put on the wire
+    /// (payload plus framing). May block for the rate limiter.
+    ///
+    /// # Errors
+    /// The channel's error; the attempt is then over.
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes>;
+
+    /// All bytes put on the wire so far.
+    fn bytes_sent(&self) -> Bytes;
+}
