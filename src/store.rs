@@ -1086,5 +1086,6 @@ impl<S: Storage> BitmapStore<S> {
 }
 
 mod live;
+mod resize;
 #[cfg(test)]
 mod tests;

@@ -448,3 +448,164 @@ fn sixteen_tib_image_with_four_bitmaps_round_trips_both_ways() {
         );
     }
 }
+
+/// `(virtual size, l1_size)` of an image, and per bitmap `(name, table_size)`, read with our
+/// reader (QEMU's own images included).
+fn geometry_of(img: &Path) -> (u64, u32, Vec<(String, u32)>) {
+    let s = open(img, false);
+    let h = s.image().header();
+    (
+        h.size,
+        h.l1_size,
+        s.list()
+            .into_iter()
+            .map(|b| (b.name, b.table_size))
+            .collect(),
+    )
+}
+
+/// Our `resize` against `qemu-img resize` on copies of the same image: same virtual size,
+/// L1 size, bitmaps (name, granularity, flags), table sizes, and the same dirty extents as
+/// `qemu-nbd` exports them; both pass `qemu-img check` without leaks. Growing leaves the new
+/// area clean (QEMU's choice), shrinking drops the bits past the new end but keeps the
+/// granule that straddles it.
+#[test]
+fn resize_matches_qemu_img_resize() {
+    for cs in [512u64, 65536] {
+        let old = 4 * MIB + 512;
+        for new in [9 * MIB + 1536, 600 * MIB, 3 * MIB + 512, 4 * MIB, old] {
+            let dir = tempfile::tempdir().unwrap();
+            let base = dir.path().join("base.qcow2");
+            let mut s = BitmapStore::create(FileStorage::create(&base).unwrap(), old, cs).unwrap();
+            s.add("fine", 512, true).unwrap();
+            s.add("coarse", 65536, false).unwrap();
+            s.add("empty", 4096, true).unwrap();
+            for (name, g) in [("fine", 512u64), ("coarse", 65536)] {
+                let bm = DirtyBitmap::new(old, g).unwrap();
+                bm.mark_dirty(0, 1);
+                bm.mark_dirty(MIB + 100, 3000);
+                bm.mark_dirty(3 * MIB - 700, 1400); // straddles the 3 MiB + 512 shrink
+                bm.mark_dirty(3 * MIB + 256, 300); // straddles 3 MiB + 512 itself
+                bm.mark_dirty(old - 1, 1); // the last granule, partial at 64 KiB
+                s.store(name, &bm).unwrap();
+            }
+            s.close().unwrap();
+            let ours = dir.path().join("ours.qcow2");
+            let theirs = dir.path().join("theirs.qcow2");
+            std::fs::copy(&base, &ours).unwrap();
+            std::fs::copy(&base, &theirs).unwrap();
+            let size = new.to_string();
+            if new < old {
+                ok(
+                    "qemu-img",
+                    &["resize", "-f", "qcow2", "--shrink", p(&theirs), &size],
+                );
+            } else {
+                ok("qemu-img", &["resize", "-f", "qcow2", p(&theirs), &size]);
+            }
+            let mut s = open(&ours, true);
+            s.resize(new).unwrap();
+            drop(s);
+            let ctx = format!("cs {cs}: {old} -> {new}");
+            assert_qemu_clean(&ours);
+            assert_qemu_clean(&theirs);
+            assert_eq!(geometry_of(&ours), geometry_of(&theirs), "{ctx}");
+            assert_eq!(geometry_of(&ours).0, new, "{ctx}");
+            assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs), "{ctx}");
+            for (name, g) in [("fine", 512u64), ("coarse", 65536), ("empty", 4096)] {
+                let mine = nbd_dirty(&ours, name);
+                assert_eq!(mine, nbd_dirty(&theirs, name), "{ctx} {name}");
+                // And what that is: the old bits clipped to the new size, nothing beyond.
+                let expect = DirtyBitmap::new(new, g).unwrap();
+                for (off, len) in open(&base, false).load(name).unwrap().dirty_extents() {
+                    if off < new {
+                        expect.mark_dirty(off, len.min(new - off));
+                    }
+                }
+                assert_eq!(mine, extents(&expect), "{ctx} {name}");
+                assert_eq!(extents(&open(&ours, false).load(name).unwrap()), mine);
+            }
+            // QEMU takes the resized image on: a write through qemu-io marks the enabled
+            // bitmap, and the image stays clean.
+            ok(
+                "qemu-io",
+                &["-f", "qcow2", "-c", "write 4096 512", p(&ours)],
+            );
+            assert_qemu_clean(&ours);
+            assert!(nbd_dirty(&ours, "fine")
+                .iter()
+                .any(|&(o, l)| o <= 4096 && 4096 < o + l));
+        }
+    }
+}
+
+/// Resize refuses what QEMU refuses (an inconsistent bitmap, a size that is not a multiple
+/// of 512), what it cannot do safely (an active store, bitmaps parked for activate), and
+/// images with guest data; each refusal writes nothing.
+#[test]
+fn resize_refusals_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 8 * MIB, 65536).unwrap();
+    s.add("b", 65536, true).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let unchanged = |why: &str| assert!(std::fs::read(&img).unwrap() == before, "{why} wrote");
+    let e = s.resize(8 * MIB + 100).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::InvalidInput(_)), "{e}");
+    unchanged("an unaligned size");
+    s.activate().unwrap();
+    let active = std::fs::read(&img).unwrap();
+    let e = s.resize(16 * MIB).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::InvalidInput(_)), "{e}");
+    assert!(
+        std::fs::read(&img).unwrap() == active,
+        "active resize wrote"
+    );
+    s.inactivate().unwrap();
+    let parked = std::fs::read(&img).unwrap();
+    let e = s.resize(16 * MIB).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::InvalidInput(_)), "{e}");
+    assert!(
+        std::fs::read(&img).unwrap() == parked,
+        "parked resize wrote"
+    );
+    drop(s);
+
+    // An inconsistent bitmap: QEMU refuses, and so do we.
+    let mut s = open(&img, true);
+    s.activate().unwrap();
+    drop(s); // a crash while active: `in_use` stays set
+    let crashed = std::fs::read(&img).unwrap();
+    let out = common::qemu::run("qemu-img", &["resize", "-f", "qcow2", p(&img), "16M"]);
+    assert!(
+        !out.status.success(),
+        "qemu-img resized an inconsistent bitmap"
+    );
+    let mut s = open(&img, true);
+    let e = s.resize(16 * MIB).unwrap_err();
+    assert!(
+        matches!(e, dirty_bitmap::Error::Inconsistent { ref name } if name == "b"),
+        "{e}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == crashed,
+        "inconsistent resize wrote"
+    );
+    // Removing it makes the resize possible.
+    s.remove("b").unwrap();
+    s.resize(16 * MIB).unwrap();
+    drop(s);
+    assert_qemu_clean(&img);
+
+    // Guest data: not a bitmap-only image.
+    let data = dir.path().join("data.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", p(&data), "8M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", p(&data)]);
+    let before = std::fs::read(&data).unwrap();
+    let e = open(&data, true).resize(16 * MIB).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::Unsupported(_)), "{e}");
+    assert!(
+        std::fs::read(&data).unwrap() == before,
+        "guest-data resize wrote"
+    );
+}

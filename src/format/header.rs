@@ -83,7 +83,7 @@ const OFF_COMPRESSION_TYPE: usize = 104;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const SNAPSHOT_HEADER_LEN: u64 = 40;
 const MAX_SNAPSHOTS: u64 = 65536;
-const MAX_L1_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 const L1_ENTRY_LEN: u64 = 8;
 
 /// The qcow2 header, every field of versions 2 and 3.
@@ -440,7 +440,7 @@ impl Header {
     }
 
     /// L1 entries needed to map `size` bytes (QEMU's `size_to_l1`).
-    fn l1_entries_needed(&self) -> u64 {
+    pub(crate) fn l1_entries_needed(&self) -> u64 {
         // An L2 table is one cluster of 8-byte entries (16 with extended L2), each mapping
         // one cluster. cluster_bits <= 21, so the shift is at most 2·21 − 3 = 39.
         let l2_entry_bits = if self.incompatible_features & INCOMPAT_EXTL2 != 0 {

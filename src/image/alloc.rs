@@ -134,6 +134,20 @@ impl Refcounts {
         out
     }
 
+    /// Guards the L1 table at `offset` (`len` bytes) instead of the current one: from now on
+    /// the old table is an ordinary cluster run that can be freed, and the new one is never
+    /// handed out or freed.
+    pub(crate) fn move_l1(&mut self, offset: u64, len: u64) {
+        let start = offset >> self.cluster_bits;
+        self.reserved = vec![(0, 1)];
+        if len > 0 {
+            self.reserved.push((
+                start,
+                start.saturating_add(ceil_div(len, self.cluster_size())),
+            ));
+        }
+    }
+
     /// The reftable's byte offset and its size in clusters (as the header must say).
     pub(crate) fn reftable_location(&self) -> (u64, u64) {
         (self.reftable_offset, self.reftable_clusters)

@@ -310,6 +310,17 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| img.refcounts.flush(&img.storage))
     }
 
+    /// Points the in-memory header at a new L1 table of `l1_size` entries at `offset` (clusters
+    /// the caller allocated and filled) and guards it as a structure; the old table becomes an
+    /// ordinary cluster run. Nothing is written: the next [`write_header`](Self::write_header)
+    /// commits the move, and only after that may the caller free the old table.
+    pub(crate) fn move_l1(&mut self, offset: u64, l1_size: u32) {
+        self.area.header.l1_table_offset = offset;
+        self.area.header.l1_size = l1_size;
+        self.refcounts
+            .move_l1(offset, u64::from(l1_size).saturating_mul(8));
+    }
+
     /// Mutable access to the header area, for a following [`write_header`](Self::write_header).
     pub(crate) fn area_mut(&mut self) -> &mut HeaderArea {
         &mut self.area

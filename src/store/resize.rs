@@ -1,0 +1,174 @@
+//! [`BitmapStore::resize`]: change the virtual disk size of a bitmap-only image, with every
+//! bitmap resized the way QEMU resizes it (`qemu-img resize`, `block_resize`).
+//!
+//! What QEMU does (measured with `qemu-img resize` 10.0 on images holding persistent
+//! bitmaps; `tests/qemu_interop.rs` compares our result with it):
+//! - every bitmap keeps its name, granularity and `auto` flag, and gets the table size the
+//!   new disk size needs;
+//! - growing keeps every bit and adds *clean* bits for the new area (`hbitmap_truncate`);
+//! - shrinking drops the bits past the new end (the granule that straddles it keeps its
+//!   bit); `qemu-img` asks for `--shrink`, a guard of the command line, not of the format;
+//! - the L1 table grows to exactly the entries the new size needs, in fresh clusters
+//!   (`qcow2_grow_l1_table`), and never shrinks;
+//! - the size must be a multiple of 512, and the resize is refused while any bitmap is
+//!   inconsistent (`qcow2_truncate_bitmaps_check`).
+//!
+//! The new area is clean because QEMU makes it clean: a grown disk reads zeros there on both
+//! sides of a backup. A device whose grown area holds old data (an extended logical volume
+//! that was not zeroed) must be marked dirty there by the caller.
+//!
+//! QEMU writes the new size into the header first and stores the bitmaps at close, with
+//! `in_use` protecting them in between. We commit the new size, the L1 table and the new
+//! directory in one header write instead, so a crash leaves either the old image or the new
+//! one, both clean (write order and crash table in `docs/CRASH-CONSISTENCY.md`).
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Error, Result};
+use crate::flush::FlushStats;
+use crate::format::header::{INCOMPAT_DATA_FILE, MAX_L1_BYTES};
+use crate::format::table_size;
+use crate::image::read_metadata;
+use crate::storage::Storage;
+
+use super::{ceil_clusters, BitmapStore};
+
+impl<S: Storage> BitmapStore<S> {
+    /// Resizes the virtual disk to `new_disk_size` bytes and every bitmap with it, as
+    /// `qemu-img resize` (with `--shrink` when smaller) does: bits below the smaller of the
+    /// two sizes are kept, a grown area is clean, bits past a shrunk end are dropped. The
+    /// image must hold no guest data (a bitmap-only image, see
+    /// [`create`](Self::create)).
+    ///
+    /// Write order: each bitmap whole into fresh data clusters and a fresh table; a larger
+    /// L1 table into fresh clusters when the new size needs one; a fresh directory;
+    /// refcounts flushed; one header write with the new size, L1 table and directory (the
+    /// commit point); then the old directory, tables, data and L1 table freed. A crash
+    /// leaves the old image or the new one, at worst with leaked clusters.
+    ///
+    /// The store must be inactive and hold no in-memory bitmaps from an incremental
+    /// [`inactivate`](Self::inactivate): a [`Tracker`](crate::Tracker) may still mark those
+    /// for the old size, and their marks would not reach a resized disk. Reopen the image
+    /// first. The same size writes nothing.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`]: the store is active or keeps parked bitmaps; the size is
+    ///   not a multiple of 512, is 0 while bitmaps exist, needs an L1 table above 32 MiB, or
+    ///   makes a bitmap exceed QEMU's limits. Nothing is written.
+    /// - [`Error::Inconsistent`]: a bitmap is inconsistent (QEMU refuses too); remove it
+    ///   first. Nothing is written.
+    /// - [`Error::Unsupported`]: the image has guest data, snapshots or an external data
+    ///   file. Nothing is written.
+    /// - [`Error::ReadOnly`], [`Error::Poisoned`], [`Error::Corrupt`] for a bad table, I/O.
+    ///   An I/O error poisons the store; the disk then holds the old or the new image.
+    pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
+        self.ensure_writable()?;
+        if self.active {
+            return Err(invalid_input!(
+                "cannot resize while the store is active; inactivate it first"
+            ));
+        }
+        if self.slots.iter().any(|s| s.parked.is_some()) {
+            return Err(invalid_input!(
+                "cannot resize while bitmaps kept for activate() are in memory; reopen the image"
+            ));
+        }
+        if new_disk_size % 512 != 0 {
+            return Err(invalid_input!(
+                "the new size {new_disk_size} must be a multiple of 512"
+            ));
+        }
+        if let Some(s) = self.slots.iter().find(|s| s.inconsistent) {
+            return Err(Error::Inconsistent {
+                name: s.entry.name.clone(),
+            });
+        }
+        let header = self.image.header().clone();
+        if header.nb_snapshots > 0 || header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(Error::Unsupported(
+                "resize handles images without snapshots or an external data file".to_string(),
+            ));
+        }
+        if new_disk_size == self.disk_size() && header.size == new_disk_size {
+            return Ok(());
+        }
+        if new_disk_size == 0 && !self.slots.is_empty() {
+            return Err(invalid_input!("a 0-byte disk cannot hold a bitmap"));
+        }
+        let cs = self.image.cluster_size();
+        let l1_len = u64::from(header.l1_size) * 8;
+        let l1 = read_metadata(
+            self.image.storage(),
+            "L1 table",
+            header.l1_table_offset,
+            l1_len,
+        )?;
+        if l1.iter().any(|&b| b != 0) {
+            return Err(Error::Unsupported(
+                "resize handles bitmap-only images; this one holds guest data".to_string(),
+            ));
+        }
+        let mut grown = header.clone();
+        grown.size = new_disk_size;
+        let needed = grown.l1_entries_needed();
+        if needed.saturating_mul(8) > MAX_L1_BYTES {
+            return Err(invalid_input!(
+                "a disk of {new_disk_size} bytes needs an L1 table above 32 MiB"
+            ));
+        }
+        let new_l1 = u32::try_from(needed)
+            .ok()
+            .filter(|&n| n > header.l1_size)
+            .map(|n| (n, u64::from(n) * 8));
+        let mut entries = self.current_entries();
+        for e in &mut entries {
+            e.table_size = table_size(new_disk_size, e.granularity_bits, cs)?;
+        }
+        // Every input is valid: from here on, only I/O or a corrupt table can fail, and the
+        // in-memory header may be ahead of the disk, so any failure poisons the store.
+        let r = self.resize_commit(new_disk_size, entries, new_l1);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn resize_commit(
+        &mut self,
+        new_disk_size: u64,
+        mut entries: Vec<crate::format::DirEntry>,
+        new_l1: Option<(u32, u64)>,
+    ) -> Result<()> {
+        let cs = self.image.cluster_size();
+        let mut frees = Vec::new();
+        for (i, e) in entries.iter_mut().enumerate() {
+            let old = self.slots[i].entry.clone();
+            frees.extend(self.owned_clusters(&old)?);
+            let loaded = self.load_disk(&old)?;
+            let resized =
+                DirtyBitmap::with_region_size(new_disk_size, 1u64 << old.granularity_bits, cs)?;
+            for (off, len) in loaded.dirty_extents() {
+                if off < new_disk_size {
+                    resized.mark_dirty(off, len.min(new_disk_size - off));
+                }
+            }
+            drop(loaded);
+            e.table_offset = self.write_bitmap(&resized, &mut FlushStats::default())?;
+        }
+        if let Some((l1_size, l1_len)) = new_l1 {
+            let old = self.image.header().clone();
+            let n = ceil_clusters(l1_len, cs);
+            let off = self.image.alloc_clusters(n)?;
+            // The old table is all zeros (checked), so the new one is too.
+            self.image.write_at(&vec![0u8; (n * cs) as usize], off)?;
+            self.image.move_l1(off, l1_size);
+            frees.push((
+                old.l1_table_offset,
+                ceil_clusters(u64::from(old.l1_size) * 8, cs),
+            ));
+        }
+        // The directory encoder checks every table size against this size, and the commit's
+        // header write makes it durable together with the new directory and L1 table.
+        self.image.area_mut().header.size = new_disk_size;
+        self.commit(entries, frees)
+    }
+}
