@@ -427,7 +427,20 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// A crash before 3 leaves the old image plus leaked new clusters; after 3, the new
     /// image plus leaked old clusters until 4 is durable.
-    fn commit(&mut self, entries: Vec<DirEntry>, mut frees: Vec<(u64, u64)>) -> Result<()> {
+    fn commit(&mut self, entries: Vec<DirEntry>, frees: Vec<(u64, u64)>) -> Result<()> {
+        self.commit_as(entries, frees, true)
+    }
+
+    /// [`commit`](Self::commit), with autoclear bit 0 left clear in the header write when
+    /// `trusted` is false: the caller cleared it durably before and sets it afterwards
+    /// (`resize`, whose header write may tear between the sector holding the size and the
+    /// one holding the bitmaps extension).
+    fn commit_as(
+        &mut self,
+        entries: Vec<DirEntry>,
+        mut frees: Vec<(u64, u64)>,
+        trusted: bool,
+    ) -> Result<()> {
         let geo = self.geometry()?;
         let cs = geo.cluster_size();
         if let Some((off, size)) = self.dir {
@@ -455,7 +468,9 @@ impl<S: Storage> BitmapStore<S> {
                     directory_size: size,
                     directory_offset: off,
                 });
-                area.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+                if trusted {
+                    area.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+                }
             }
             None => {
                 area.bitmaps = None;

@@ -25,10 +25,11 @@
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
 use crate::flush::FlushStats;
-use crate::format::header::{INCOMPAT_DATA_FILE, MAX_L1_BYTES};
+use crate::format::extension::{EXT_BITMAPS, EXT_END};
+use crate::format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_L1_BYTES};
 use crate::format::table_size;
 use crate::image::read_metadata;
-use crate::storage::Storage;
+use crate::storage::{Storage, SECTOR_SIZE};
 
 use super::{ceil_clusters, BitmapStore};
 
@@ -72,7 +73,7 @@ impl<S: Storage> BitmapStore<S> {
                 "cannot resize while bitmaps kept for activate() are in memory; reopen the image"
             ));
         }
-        if new_disk_size % 512 != 0 {
+        if !new_disk_size.is_multiple_of(512) {
             return Err(invalid_input!(
                 "the new size {new_disk_size} must be a multiple of 512"
             ));
@@ -139,6 +140,20 @@ impl<S: Storage> BitmapStore<S> {
         new_l1: Option<(u32, u64)>,
     ) -> Result<()> {
         let cs = self.image.cluster_size();
+        // The header write below changes the size and L1 fields (first sector) and the
+        // bitmaps extension. If the extension lies past the first sector (after QEMU's
+        // feature-name table, for clusters above 4 KiB), a torn write could pair the new
+        // size with the old directory, or the reverse, and a table of the same length would
+        // then load bits cut at the wrong size as consistent. So autoclear bit 0 is cleared
+        // durably first (only the first sector changes), the commit keeps it clear, and a
+        // last header write sets it (again only the first sector): a crash in between
+        // leaves every bitmap untrusted, never falsely clean.
+        let bracket = !entries.is_empty()
+            && bitmaps_extension_end(&self.image.area().encode()?) > SECTOR_SIZE;
+        if bracket {
+            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.image.write_header()?;
+        }
         let mut frees = Vec::new();
         for (i, e) in entries.iter_mut().enumerate() {
             let old = self.slots[i].entry.clone();
@@ -169,6 +184,32 @@ impl<S: Storage> BitmapStore<S> {
         // The directory encoder checks every table size against this size, and the commit's
         // header write makes it durable together with the new directory and L1 table.
         self.image.area_mut().header.size = new_disk_size;
-        self.commit(entries, frees)
+        self.commit_as(entries, frees, !bracket)?;
+        if bracket {
+            self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.image.write_header()?;
+        }
+        Ok(())
     }
+}
+
+/// Where the bitmaps extension's data ends in an encoded cluster 0 (0 when there is none).
+fn bitmaps_extension_end(area: &[u8]) -> u64 {
+    let be32 = |at: usize| {
+        area.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    let mut at = be32(100).unwrap_or(0) as usize;
+    while let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) {
+        let data = at + 8;
+        if kind == EXT_BITMAPS {
+            return (data + len as usize) as u64;
+        }
+        if kind == EXT_END {
+            break;
+        }
+        at = data + (len as usize).div_ceil(8) * 8;
+    }
+    0
 }
