@@ -358,3 +358,39 @@ fn completed_run_matches_the_log_and_nbdinfo() {
         "a completed run leaves whole lines"
     );
 }
+
+/// A missing, disabled or inconsistent bitmap, or bad numbers, fail with status 1 before
+/// the image is touched.
+#[test]
+fn refuses_what_it_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fresh(dir.path());
+    let before = std::fs::read(&img).unwrap();
+    let fails = |args: &[&str], says: &str| {
+        let mut all = vec!["workload", p(&img), "--duration", "0.1"];
+        all.extend(args);
+        let out = dbm(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    fails(&["--bitmap", "nope"], "no bitmap \"nope\"");
+    fails(&["--bitmap", NAME, "--rate", "0"], "--rate");
+    fails(&["--bitmap", NAME, "--duration=-1"], "--duration");
+    fails(&["--bitmap", NAME, "--duration", "NaN"], "--duration");
+    let log_in_missing_dir = dir.path().join("no/such/dir/marks.log");
+    fails(
+        &["--bitmap", NAME, "--log", p(&log_in_missing_dir)],
+        "marks.log",
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before, "a refused run wrote");
+    dbm_ok(&["bitmap", p(&img), "--disable", NAME]);
+    fails(&["--bitmap", NAME], "disabled");
+    // An inconsistent bitmap: kill a run while it is active.
+    dbm_ok(&["bitmap", p(&img), "--enable", NAME]);
+    let log = dir.path().join("marks.log");
+    let run = workload(&img, &log, 1, Kill::After("activated", Duration::ZERO));
+    assert!(run.killed());
+    assert!(check_after(&img, &log, &run, "killed at activation").is_none());
+    fails(&["--bitmap", NAME], "inconsistent");
+}
