@@ -297,15 +297,15 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
             None => background,
         };
         let mut d = now.total;
-        d.regions -= before.total.regions;
-        d.bytes_written -= before.total.bytes_written;
+        d.regions = d.regions.saturating_sub(before.total.regions);
+        d.bytes_written = d.bytes_written.saturating_sub(before.total.bytes_written);
         d.duration = d.duration.saturating_sub(before.total.duration);
         say(format!(
             "{:>5} {:>9} {:>10} {:>8} {:>9} {:>12} {:>9.1}",
             round,
             writes,
             human(bm.dirty_bytes()),
-            now.flushes - before.flushes,
+            now.flushes.saturating_sub(before.flushes),
             d.regions,
             human(d.bytes_written),
             ms(d.duration),
@@ -314,9 +314,6 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     }
     let prep = prep.ok_or("the stop did not run")?;
     let fin = store.lock().inactivate()?;
-    let store = Arc::try_unwrap(store)
-        .map_err(|_| "the store is still shared")?
-        .into_inner();
     drop(store);
 
     let secs = mark_nanos.load(Ordering::Relaxed) as f64 / 1e9;
