@@ -1,56 +1,65 @@
-//! `dbm demo`: a guest-like workload on a large in-memory bitmap, flushed incrementally.
+//! `dbm demo`: a guest-like workload on a 16 TiB bitmap-only qcow2 image, flushed
+//! incrementally, then stopped, reopened and checked.
 //!
-//! Writer threads issue random 4 KiB writes, most of them in a 64 GiB hot spot that moves
-//! every round, paced evenly over the round like a running guest. While they run, the main
-//! thread flushes the changed regions of the change map to a file every `--flush-ms`. When
-//! the writers stop (the "VM stop"), one last flush writes what is left: that final flush
-//! is the only part that would fall inside a downtime. At the end the file is read back
-//! and compared with the bitmap.
+//! The demo is a sequence of parts, each returning a [`Part`] for the closing summary. The
+//! disk part ([`run_disk_part`]):
+//! 1. creates a bitmap-only image with one enabled bitmap, activates it (`in_use` set) and
+//!    starts a [`FlushPolicy`] thread;
+//! 2. writer threads mark random 4 KiB writes through a [`Tracker`], most of them in a
+//!    64 GiB hot spot that moves every round, paced evenly over each 1-second round;
+//! 3. one flush interval before the end, the flusher stops and `prepare_stop` flushes while
+//!    the writes go on; then the writes stop (the "VM stop") and `inactivate` writes only
+//!    the remainder: the part of the stop that falls inside the downtime;
+//! 4. a copy of the image is activated and stored QEMU's way
+//!    (`inactivate_full_rewrite`) to measure what a full store costs on the same bitmap;
+//! 5. the image is reopened read-only and checked: its bits equal the in-memory bitmap,
+//!    `Image::check` is clean, and `qemu-img check` is clean when it is installed.
+//!
+//! A later part (for example a RAM migration) adds a `run_*_part` returning its [`Part`].
 
 use std::error::Error;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::{ChangedRegions, DirtyBitmap};
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, PolicyStats, Tracker,
+};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::out::emit;
 use crate::DemoArgs;
+
+type Res<T> = Result<T, Box<dyn Error>>;
 
 const WRITE: u64 = 4096;
 const HOT_SPOT: u64 = 64 << 30;
 const ROUND: Duration = Duration::from_millis(1000);
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_millis(5);
+const CLUSTER: u64 = 64 << 10;
+const BITMAP: &str = "demo";
+/// The image the disk part writes, in the demo directory.
+pub const IMAGE_FILE: &str = "demo.qcow2";
+/// The copy the full store is measured on.
+pub const FULL_STORE_FILE: &str = "demo-full-store.qcow2";
 
-/// Outcome of one flush pass.
-struct Pass {
-    taken: ChangedRegions,
-    bytes: u64,
+/// What one part of the demo reports in the closing summary.
+pub struct Part {
+    /// A heading.
+    pub title: String,
+    /// `(what, figure)` rows.
+    pub rows: Vec<(String, String)>,
 }
 
-/// Writes every region changed since the last take to `file` at its serialized offset.
-fn flush(bm: &DirtyBitmap, file: &File, buf: &mut [u8]) -> std::io::Result<Pass> {
-    let taken = bm.take_changed();
-    let mut bytes = 0;
-    for r in taken.iter() {
-        let len = bm.region_len(r) as usize;
-        let out = &mut buf[..len];
-        bm.serialize_region(r, out)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Err(e) = file.write_all_at(out, r * bm.region_size()) {
-            // Hand the regions back: a failed flush must not forget what changed.
-            bm.requeue_changed(&taken);
-            return Err(e);
-        }
-        bytes += len as u64;
-    }
-    Ok(Pass { taken, bytes })
+fn say(s: impl AsRef<str>) -> Res<()> {
+    emit(&format!("{}\n", s.as_ref()))?;
+    Ok(())
 }
 
 fn human(bytes: u64) -> String {
@@ -68,9 +77,28 @@ fn human(bytes: u64) -> String {
     }
 }
 
-pub fn run(args: &DemoArgs) -> Result<(), Box<dyn Error>> {
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `B bytes (human), S syncs, M ms`.
+fn cost(s: &FlushStats) -> String {
+    format!(
+        "{} bytes ({}), {} syncs, {:.2} ms",
+        s.bytes_written,
+        human(s.bytes_written),
+        s.syncs,
+        ms(s.duration)
+    )
+}
+
+/// Runs `dbm demo`.
+pub fn run(args: &DemoArgs) -> Res<()> {
     if args.threads == 0 || args.rounds == 0 || args.writes_per_round == 0 {
         return Err("--threads, --rounds and --writes-per-round must be at least 1".into());
+    }
+    if args.flush_interval == 0 {
+        return Err("--flush-interval must be at least 1".into());
     }
     if !(0.0..=100.0).contains(&args.uniform_percent) {
         return Err(format!(
@@ -79,7 +107,6 @@ pub fn run(args: &DemoArgs) -> Result<(), Box<dyn Error>> {
         )
         .into());
     }
-    let bm = Arc::new(DirtyBitmap::new(args.disk_size, args.granularity)?);
     let seed = args.seed.unwrap_or_else(rand::random);
     let tmp;
     let dir: PathBuf = match &args.dir {
@@ -89,204 +116,358 @@ pub fn run(args: &DemoArgs) -> Result<(), Box<dyn Error>> {
             tmp.path().to_path_buf()
         }
     };
-    let path = dir.join("bitmap.bin");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    file.set_len(bm.serialized_len())?;
+    let parts = vec![run_disk_part(args, seed, &dir)?];
+    print_summary(&parts)
+}
+
+fn print_summary(parts: &[Part]) -> Res<()> {
+    say("")?;
+    say("summary")?;
+    let width = parts
+        .iter()
+        .flat_map(|p| p.rows.iter().map(|r| r.0.len()))
+        .max()
+        .unwrap_or(0);
+    for part in parts {
+        say(format!("  {}", part.title))?;
+        for (what, figure) in &part.rows {
+            say(format!("    {what:<width$}  {figure}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where the writers put their writes this round.
+#[derive(Clone, Copy)]
+struct Pattern {
+    disk: u64,
+    hot_start: u64,
+    hot_len: u64,
+    /// Share of writes anywhere on the disk, 0..=1.
+    uniform: f64,
+}
+
+impl Pattern {
+    fn offset(&self, rng: &mut SmallRng) -> u64 {
+        let off = if rng.random::<f64>() < self.uniform {
+            rng.random_range(0..self.disk)
+        } else {
+            self.hot_start + rng.random_range(0..self.hot_len)
+        };
+        off / WRITE * WRITE
+    }
+}
+
+/// One writer thread's round: `writes` marks paced evenly over [`ROUND`] in [`TICK`]s,
+/// ending early when `stop` is set. Returns the marks made.
+fn writer(
+    tracker: Tracker,
+    pattern: Pattern,
+    writes: u64,
+    mut rng: SmallRng,
+    stop: Arc<AtomicBool>,
+    mark_nanos: Arc<AtomicU64>,
+) -> u64 {
+    let start = Instant::now();
+    let ticks = (ROUND.as_millis() / TICK.as_millis()) as u64;
+    let mut done = 0u64;
+    for tick in 1..=ticks {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let target = writes * tick / ticks;
+        let offsets: Vec<u64> = (done..target).map(|_| pattern.offset(&mut rng)).collect();
+        let t0 = Instant::now();
+        for off in offsets {
+            tracker.mark(off, WRITE);
+        }
+        mark_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        done = target;
+        if let Some(wait) = (start + TICK * tick as u32).checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    done
+}
+
+/// The disk part: see the module docs.
+pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
+    let path = dir.join(IMAGE_FILE);
+    let copy = dir.join(FULL_STORE_FILE);
+    for p in [&path, &copy] {
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(format!("{}: {e}", p.display()).into())
+            }
+            _ => {}
+        }
+    }
+    let mut store = BitmapStore::create(FileStorage::create(&path)?, args.disk_size, CLUSTER)?;
+    store.add(BITMAP, args.granularity, true)?;
+    store.activate()?;
+    let bm = store.bitmap(BITMAP)?;
+    let tracker = store.tracker()?;
+    let disk = store.disk_size();
+    let flush_every = Duration::from_millis(args.flush_interval);
+    // Stop budget: 1 MB, 100 kB/ms for 10 ms.
+    let (bandwidth, downtime_ms) = (100_000, 10);
 
     let leaf = bm.bit_count().div_ceil(64) * 8;
-    println!(
-        "dbm demo: {} disk at {} granularity: {} bits, {} of bitmap in {} regions of {}",
-        human(bm.disk_size()),
+    say(format!(
+        "dbm demo, disk part: a {} bitmap-only qcow2 image at {} granularity, {}: {} bits, \
+         {} of bitmap in {} regions of {}",
+        human(disk),
         human(bm.granularity()),
+        path.display(),
         bm.bit_count(),
         human(bm.serialized_len()),
         bm.region_count(),
         human(bm.region_size()),
-    );
-    println!(
+    ))?;
+    say(format!(
         "memory: {} ({} of leaf words + {:.2} % for summaries and change map)",
         human(bm.memory_usage() as u64),
         human(leaf),
         (bm.memory_usage() as f64 - leaf as f64) * 100.0 / leaf as f64
-    );
-    println!(
-        "{} writer threads, {} writes of 4 KiB per round over {} ms ({} % anywhere on the disk, \
-         the rest in a 64 GiB hot spot that moves every round), flushing to {} every {} ms; seed {seed}",
+    ))?;
+    say(format!(
+        "{} writer threads, {} writes of 4 KiB per {} ms round ({} % anywhere on the disk, the \
+         rest in a 64 GiB hot spot that moves every round), background flush every {} ms; \
+         seed {seed}",
         args.threads,
         args.writes_per_round,
         ROUND.as_millis(),
         args.uniform_percent,
-        path.display(),
-        FLUSH_EVERY.as_millis(),
-    );
-    println!();
-    println!(
-        "{:>5} {:>9} {:>10} {:>8} {:>16} {:>7} {:>20} {:>9}",
-        "round",
-        "writes",
-        "dirty",
-        "changed",
-        "flushed running",
-        "passes",
-        "final flush",
-        "final ms"
-    );
+        args.flush_interval,
+    ))?;
+    say("")?;
+    say(format!(
+        "{:>5} {:>9} {:>10} {:>8} {:>9} {:>12} {:>9}",
+        "round", "writes", "dirty", "flushes", "regions", "flushed", "flush ms"
+    ))?;
 
+    let store = Arc::new(parking_lot::Mutex::new(store));
+    let flusher = FlushPolicy::every(flush_every).spawn(Arc::clone(&store))?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mark_nanos = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let mut total_writes = 0u64;
-    let mut buf = vec![0u8; bm.region_size() as usize];
-    let mut final_regions_total = 0;
+    let mut before = PolicyStats::default();
+    let mut flusher = Some(flusher);
+    let mut background = PolicyStats::default();
+    let mut prep = None;
     for round in 1..=args.rounds {
-        let hot = args.disk_size.saturating_sub(HOT_SPOT).max(1);
-        let hot_start = rng.random_range(0..hot) / WRITE * WRITE;
+        let hot_len = HOT_SPOT.min(disk);
+        let pattern = Pattern {
+            disk,
+            hot_start: rng.random_range(0..=disk - hot_len) / WRITE * WRITE,
+            hot_len,
+            uniform: args.uniform_percent / 100.0,
+        };
+        let round_start = Instant::now();
         let per_thread = args.writes_per_round / args.threads as u64;
         let writers: Vec<_> = (0..args.threads)
             .map(|t| {
-                let bm = Arc::clone(&bm);
-                let mark_nanos = Arc::clone(&mark_nanos);
-                let mut rng = SmallRng::seed_from_u64(seed ^ (u64::from(round) << 32) ^ t as u64);
-                let (disk, uniform) = (args.disk_size, args.uniform_percent / 100.0);
-                thread::spawn(move || {
-                    let start = Instant::now();
-                    let ticks = (ROUND.as_millis() / TICK.as_millis()) as u64;
-                    let mut done = 0u64;
-                    for tick in 1..=ticks {
-                        let target = per_thread * tick / ticks;
-                        let offsets: Vec<u64> = (done..target)
-                            .map(|_| {
-                                let off = if rng.random::<f64>() < uniform {
-                                    rng.random_range(0..disk)
-                                } else {
-                                    hot_start + rng.random_range(0..HOT_SPOT.min(disk))
-                                };
-                                off / WRITE * WRITE
-                            })
-                            .collect();
-                        let t0 = Instant::now();
-                        for off in offsets {
-                            bm.mark_dirty(off, WRITE);
-                        }
-                        mark_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        done = target;
-                        if tick == ticks {
-                            break;
-                        }
-                        if let Some(wait) =
-                            (start + TICK * tick as u32).checked_duration_since(Instant::now())
-                        {
-                            thread::sleep(wait);
-                        }
-                    }
-                    done
-                })
+                let rng = SmallRng::seed_from_u64(seed ^ (u64::from(round) << 32) ^ t as u64);
+                let (tracker, stop, nanos) = (tracker.clone(), stop.clone(), mark_nanos.clone());
+                thread::spawn(move || writer(tracker, pattern, per_thread, rng, stop, nanos))
             })
             .collect();
-
-        // Flush while the guest runs.
-        let mut running_regions = 0;
-        let mut changed_this_round: Option<ChangedRegions> = None;
-        let mut passes = 0u32;
-        let round_start = Instant::now();
-        // Poll for the writers' end every millisecond, so that the first flush after the
-        // "VM stop" is the final one.
-        while writers.iter().any(|w| !w.is_finished()) {
-            let next = round_start + FLUSH_EVERY * (passes + 1);
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                thread::sleep(wait.min(Duration::from_millis(1)));
-                continue;
+        let last = round == args.rounds;
+        if last {
+            // The stop begins one flush interval before the end, while the writes go on.
+            let at = round_start + ROUND.saturating_sub(flush_every);
+            while Instant::now() < at && writers.iter().any(|w| !w.is_finished()) {
+                thread::sleep((at - Instant::now()).min(Duration::from_millis(5)));
             }
-            let pass = flush(&bm, &file, &mut buf)?;
-            file.sync_data()?;
-            running_regions += pass.taken.len();
-            match &mut changed_this_round {
-                Some(c) => c.union_with(&pass.taken),
-                None => changed_this_round = Some(pass.taken),
+            if let Some(f) = flusher.take() {
+                background = f.stop()?;
             }
-            passes += 1;
+            prep = Some(store.lock().prepare_stop(bandwidth, downtime_ms)?);
+            // The VM stops.
+            stop.store(true, Ordering::Release);
         }
         let mut writes = 0;
         for w in writers {
             writes += w.join().map_err(|_| "a writer thread panicked")?;
         }
         total_writes += writes;
-
-        // "VM stopped": the final flush is all that is left.
-        let t0 = Instant::now();
-        let fin = flush(&bm, &file, &mut buf)?;
-        file.sync_data()?;
-        let final_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        final_regions_total += fin.taken.len();
-        let changed = match changed_this_round {
-            Some(mut c) => {
-                c.union_with(&fin.taken);
-                c.len()
-            }
-            None => fin.taken.len(),
+        let now = match &flusher {
+            Some(f) => f.stats(),
+            None => background,
         };
-        println!(
-            "{:>5} {:>9} {:>10} {:>8} {:>16} {:>7} {:>20} {:>9.2}",
+        let mut d = now.total;
+        d.regions = d.regions.saturating_sub(before.total.regions);
+        d.bytes_written = d.bytes_written.saturating_sub(before.total.bytes_written);
+        d.duration = d.duration.saturating_sub(before.total.duration);
+        say(format!(
+            "{:>5} {:>9} {:>10} {:>8} {:>9} {:>12} {:>9.1}",
             round,
             writes,
             human(bm.dirty_bytes()),
-            changed,
-            running_regions,
-            passes,
-            format!("{} ({})", fin.taken.len(), human(fin.bytes)),
-            final_ms
-        );
+            now.flushes.saturating_sub(before.flushes),
+            d.regions,
+            human(d.bytes_written),
+            ms(d.duration),
+        ))?;
+        before = now;
     }
+    let prep = prep.ok_or("the stop did not run")?;
+    let fin = store.lock().inactivate()?;
+    drop(store);
 
+    let secs = mark_nanos.load(Ordering::Relaxed) as f64 / 1e9;
     let t0 = Instant::now();
     let extents = bm.dirty_extents().count();
-    let list_time = t0.elapsed();
-    let secs = mark_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-    println!();
-    println!(
-        "dirty: {} in {} extents (listed in {:.1} ms)",
+    let list_ms = ms(t0.elapsed());
+    say("")?;
+    say(format!(
+        "dirty: {} bytes ({}) in {extents} extents (listed in {list_ms:.1} ms); {total_writes} \
+         marks in {:.1} ms of marking time over all threads = {:.1} M marks/s per thread",
+        bm.dirty_bytes(),
         human(bm.dirty_bytes()),
-        extents,
-        list_time.as_secs_f64() * 1000.0
-    );
-    println!(
-        "marks: {total_writes} in {:.1} ms of marking time over all threads = {:.1} M marks/s per thread",
         secs * 1000.0,
-        total_writes as f64 / secs / 1e6
-    );
-
-    // Verify: the file holds exactly the bitmap.
-    let mut on_file = vec![0u8; bm.serialized_len() as usize];
-    file.read_exact_at(&mut on_file, 0)?;
-    let reloaded = DirtyBitmap::new(args.disk_size, args.granularity)?;
-    let mut in_memory = vec![0u8; bm.region_size() as usize];
-    for r in 0..bm.region_count() {
-        let start = (r * bm.region_size()) as usize;
-        let len = bm.region_len(r) as usize;
-        bm.serialize_region(r, &mut in_memory[..len])?;
-        if in_memory[..len] != on_file[start..start + len] {
-            return Err(format!("region {r} on file differs from memory").into());
+        total_writes as f64 / secs.max(1e-9) / 1e6
+    ))?;
+    say(format!(
+        "background: {} flushes wrote {}",
+        background.flushes,
+        cost(&background.total)
+    ))?;
+    say(format!(
+        "prepare_stop (writes still running): {} rounds, {} exact queries, wrote {}; {} bytes \
+         pending against a budget of {} ({})",
+        prep.rounds,
+        prep.exact_queries,
+        cost(&prep.flushed),
+        prep.pending,
+        prep.threshold,
+        if prep.converged {
+            "converged"
+        } else {
+            "gave up"
         }
-        reloaded.load_region(r, &on_file[start..start + len])?;
+    ))?;
+    say(format!(
+        "inactivate (the downtime part): {} regions, {}",
+        fin.regions,
+        cost(&fin)
+    ))?;
+
+    // What QEMU's whole-bitmap store costs on the same bitmap, measured on a copy.
+    std::fs::copy(&path, &copy)?;
+    let mut full = BitmapStore::open(FileStorage::open(&copy, true)?, true)?;
+    full.activate()?;
+    let full_stats = full.inactivate_full_rewrite()?;
+    let full_check = full.image().check()?;
+    drop(full);
+    if !full_check.is_clean() {
+        return Err(format!("{}: not clean after the full store", copy.display()).into());
     }
-    if reloaded.count() != bm.count() || !reloaded.dirty_extents().eq(bm.dirty_extents()) {
-        return Err("the bitmap reloaded from the file differs from memory".into());
+    say(format!(
+        "full store (QEMU's way, on a copy): {}",
+        cost(&full_stats)
+    ))?;
+
+    // Reopen and check with our own reader.
+    let reopened = BitmapStore::open(FileStorage::open(&path, false)?, false)?;
+    let listed = reopened.list();
+    if listed.len() != 1 || listed[0].state != BitmapState::Consistent || listed[0].in_use {
+        return Err(format!("reopened: expected one consistent bitmap, found {listed:?}").into());
     }
-    println!(
-        "verified: the flushed file equals the in-memory bitmap ({} compared, {} dirty bits reloaded); \
-         {} regions were left for the {} stop-time flushes",
-        human(on_file.len() as u64),
-        reloaded.count(),
-        final_regions_total,
-        args.rounds
-    );
-    println!(
-        "a whole-bitmap rewrite at each stop (QEMU's way) would have written {} each time instead",
-        human(bm.serialized_len())
-    );
-    Ok(())
+    let loaded: DirtyBitmap = reopened.load(BITMAP)?;
+    if loaded.count() != bm.count() || !loaded.dirty_extents().eq(bm.dirty_extents()) {
+        return Err("the reopened bitmap differs from the in-memory bitmap".into());
+    }
+    let report = reopened.image().check()?;
+    if !report.is_clean() {
+        return Err(format!("Image::check found problems: {report:?}").into());
+    }
+    say(format!(
+        "verified: reopened, {} dirty bits equal the in-memory bitmap; Image::check clean",
+        loaded.count()
+    ))?;
+    let qemu = qemu_check(&path)?;
+    say(format!("qemu-img check: {qemu}"))?;
+
+    // Percent of the full store's figure; 0 when the full store itself was 0.
+    let pct = |part: f64, whole: f64| {
+        if whole > 0.0 {
+            part * 100.0 / whole
+        } else {
+            0.0
+        }
+    };
+    let mut stop_total = prep.flushed;
+    stop_total.accumulate(&fin);
+    Ok(Part {
+        title: format!(
+            "disk: incremental flush of a {} bitmap-only qcow2 image",
+            human(disk)
+        ),
+        rows: vec![
+            (
+                "disk".into(),
+                format!("{} at {}", human(disk), human(bm.granularity())),
+            ),
+            (
+                "marks".into(),
+                format!("{total_writes}, {} dirty", human(bm.dirty_bytes())),
+            ),
+            (
+                "background flushes".into(),
+                format!("{}: {}", background.flushes, cost(&background.total)),
+            ),
+            ("prepare_stop".into(), cost(&prep.flushed)),
+            ("stop (inactivate)".into(), cost(&fin)),
+            ("full store instead".into(), cost(&full_stats)),
+            (
+                "stop against full store".into(),
+                format!(
+                    "{:.1} % of the bytes, {:.1} % of the time",
+                    pct(fin.bytes_written as f64, full_stats.bytes_written as f64),
+                    pct(
+                        fin.duration.as_secs_f64(),
+                        full_stats.duration.as_secs_f64()
+                    )
+                ),
+            ),
+            (
+                "stop incl. prepare_stop".into(),
+                format!("{} rounds, {}", prep.rounds, cost(&stop_total)),
+            ),
+            (
+                "checks".into(),
+                format!("our reader: equal, clean; qemu-img check: {qemu}"),
+            ),
+        ],
+    })
+}
+
+/// `qemu-img check` on `path`, when qemu-img is installed: "clean", or an error. Says so
+/// when it is not installed: the demo needs nothing but itself.
+fn qemu_check(path: &Path) -> Res<String> {
+    let out = match Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Ok("not run: qemu-img is not installed (package qemu-utils)".into())
+        }
+        Err(e) => return Err(format!("running qemu-img: {e}").into()),
+    };
+    if out.status.code() == Some(0) {
+        Ok("clean".into())
+    } else {
+        Err(format!(
+            "qemu-img check {} exited {:?}: {}{}",
+            path.display(),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into())
+    }
 }

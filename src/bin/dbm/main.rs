@@ -13,6 +13,7 @@ mod mark;
 mod open;
 mod out;
 mod size;
+mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,8 +33,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a guest-like write workload on a large in-memory bitmap, flushing changed
-    /// regions to a file while the writers run, and print a summary.
+    /// Run a guest-like write workload on a temporary 16 TiB bitmap-only qcow2 image:
+    /// background flushes, prepare_stop, inactivate, a reopen and a check; print what the
+    /// stop cost against a full store.
     Demo(DemoArgs),
     /// Create a qcow2 image that holds no guest data, only room for persistent bitmaps.
     Create(create::CreateArgs),
@@ -49,12 +51,16 @@ enum Command {
     /// Check refcounts and the bitmap directory and tables; exit 0 clean, 2 corrupt,
     /// 3 leaks only (as `qemu-img check`).
     Check(check::CheckArgs),
+    /// Activate an image and mark random 4 KiB writes at a steady rate with background
+    /// flushes, then prepare_stop and inactivate; print the flush statistics.
+    Workload(workload::WorkloadArgs),
 }
 
 /// Options of `dbm demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Directory for the flushed bitmap file (default: a temporary directory, removed after).
+    /// Directory for the images, kept afterwards (default: a temporary directory, removed
+    /// after). `demo.qcow2` and `demo-full-store.qcow2` in it are replaced.
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Virtual disk size (suffixes K, M, G, T).
@@ -66,8 +72,8 @@ pub struct DemoArgs {
     /// Writer threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// Flush rounds; each round moves the guest's hot spot.
-    #[arg(long, default_value_t = 4)]
+    /// Rounds of one second; each round moves the guest's hot spot.
+    #[arg(long, default_value_t = 10)]
     pub rounds: u32,
     /// 4 KiB writes per round, over all threads.
     #[arg(long, default_value_t = 2_000_000)]
@@ -76,6 +82,9 @@ pub struct DemoArgs {
     /// hot spot that moves every round.
     #[arg(long, default_value_t = 0.1)]
     pub uniform_percent: f64,
+    /// Milliseconds between background flushes.
+    #[arg(long, default_value_t = 100)]
+    pub flush_interval: u64,
     /// Random seed (default: random; printed either way).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -106,6 +115,7 @@ fn main() -> ExitCode {
         Command::Dump(args) => dump::run(&args),
         Command::Mark(args) => mark::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Workload(args) => workload::run(&args),
     };
     match result {
         Ok(code) => code,
