@@ -782,6 +782,8 @@ pub struct FrameReader<R: Read> {
     version: Option<u32>,
     next_seq: u64,
     offset: u64,
+    /// Where the unit being read (stream header or frame) started.
+    unit_start: u64,
     failed: Option<FrameError>,
 }
 
@@ -805,6 +807,7 @@ impl<R: Read> FrameReader<R> {
             version: None,
             next_seq: 0,
             offset: 0,
+            unit_start: 0,
             failed: None,
         }
     }
@@ -863,10 +866,11 @@ impl<R: Read> FrameReader<R> {
         if let Some(e) = &self.failed {
             return Err(FrameError::Failed(e.to_string()).into());
         }
-        let start = self.offset;
         match self.read_inner() {
             Ok(f) => Ok(f),
-            Err(MigrationError::Io(e)) if self.offset == start => Err(MigrationError::Io(e)),
+            Err(MigrationError::Io(e)) if self.offset == self.unit_start => {
+                Err(MigrationError::Io(e))
+            }
             Err(e) => {
                 self.failed = Some(match &e {
                     MigrationError::Frame(f) => f.clone(),
@@ -878,6 +882,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     fn read_inner(&mut self) -> Result<Frame> {
+        self.unit_start = self.offset;
         if self.version.is_none() {
             let start = self.offset;
             let mut h = [0u8; STREAM_HEADER_LEN];
@@ -898,6 +903,7 @@ impl<R: Read> FrameReader<R> {
             }
             self.version = Some(decode_stream_header(&h)?);
         }
+        self.unit_start = self.offset;
         let at = self.offset;
         let mut h = [0u8; FRAME_HEADER_LEN];
         if let Fill::Eof(got) = self.fill(&mut h)? {
@@ -1315,6 +1321,67 @@ mod tests {
         let mut p = hello().encode_payload().unwrap();
         p.push(0);
         assert!(Frame::decode_payload(FrameKind::Hello, &p).is_err());
+    }
+
+    /// A channel that times out whenever its script says so, and reads bytes otherwise.
+    struct Flaky {
+        data: Vec<u8>,
+        at: usize,
+        /// Read call numbers that time out.
+        timeouts: Vec<usize>,
+        calls: usize,
+        /// Largest read.
+        chunk: usize,
+    }
+
+    impl Read for Flaky {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.timeouts.contains(&self.calls) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "timeout"));
+            }
+            let n = buf.len().min(self.chunk).min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn timeout_between_frames_is_retryable_and_inside_one_is_not() {
+        let frames = [Frame::Started, Frame::End];
+        let data = encode_all(&frames);
+        // Reads of at most 8 bytes: call 1 times out before the stream header; then 2 reads
+        // the stream header, 3..=5 frame 0's header, 6 its trailer; call 7 times out before
+        // frame 1.
+        let mut r = FrameReader::new(Flaky {
+            data: data.clone(),
+            at: 0,
+            timeouts: vec![1, 7],
+            calls: 0,
+            chunk: 8,
+        });
+        assert!(matches!(r.read_frame(), Err(MigrationError::Io(_))));
+        assert_eq!(r.read_frame().unwrap(), Frame::Started);
+        assert!(matches!(r.read_frame(), Err(MigrationError::Io(_))));
+        assert_eq!(r.read_frame().unwrap(), Frame::End);
+
+        // Call 2, right after the stream header, is between units: retryable. Call 8 comes
+        // after 8 bytes of frame 1's header: the reader fails.
+        let mut r = FrameReader::new(Flaky {
+            data,
+            at: 0,
+            timeouts: vec![2, 8],
+            calls: 0,
+            chunk: 8,
+        });
+        assert!(matches!(r.read_frame(), Err(MigrationError::Io(_))));
+        assert_eq!(r.read_frame().unwrap(), Frame::Started);
+        assert!(matches!(r.read_frame(), Err(MigrationError::Io(_))));
+        assert!(matches!(
+            r.read_frame(),
+            Err(MigrationError::Frame(FrameError::Failed(_)))
+        ));
     }
 
     #[test]
