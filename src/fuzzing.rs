@@ -17,6 +17,13 @@ use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
     HeaderArea, ImageGeometry,
 };
+use crate::migration::dest::{Destination, DestinationConfig};
+use crate::migration::ram_codec::{self, PageEntry};
+use crate::migration::stream::{
+    encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
+    FrameReader, MAX_REASON_LEN, STREAM_HEADER_LEN, STREAM_VERSION,
+};
+use crate::migration::MigrationError;
 use crate::storage::MemStorage;
 use crate::store::{BitmapState, BitmapStore};
 use crate::{DirtyBitmap, Image};
@@ -432,5 +439,293 @@ fn compare_with_disk(data: &[u8], store: &BitmapStore<MemStorage>, name: &str, b
             got, want,
             "bitmap {name:?} region {r} differs from the disk"
         );
+    }
+}
+
+/// Fuzz target `migration_stream`: the migration stream's decoders and the destination.
+/// `data[0] % 4` picks the mode, the rest is its input:
+///
+/// - 0, the reader: `data[1..]` as a whole stream, read to its first error. Invariants:
+///   every frame read re-encodes (with its sequence number) to exactly the bytes it was read
+///   from; sequence numbers count up from 0; the only errors are [`MigrationError::Frame`]
+///   (a slice never fails to read), and after one the reader stays failed; RAM sections
+///   (after a Hello with a valid page size) go through the RAM checks below.
+/// - 1, the RAM codec: `data[2..]` as a RAM section of page size `512 << (data[1] % 8)`,
+///   and as a page request. Invariants: `decode_pages` succeeds exactly when
+///   `decode_entries` does and finds no discard; data slices are one page long; entries
+///   re-encode and decode to themselves.
+/// - 2, the payload decoders: `data[2..]` as the payload of frame kind `data[1] % 9`
+///   (0 is not a kind). Invariant: a decoded payload re-encodes to the input (reasons
+///   longer than [`MAX_REASON_LEN`] to their cut prefix).
+/// - 3, the destination: `data[1..]` as records `kind (u8), len (u16 BE), payload`, framed
+///   with valid checksums and consecutive sequence numbers, so the fuzzer reaches past the
+///   CRCs into the protocol; bit 7 of `data[0]` makes the destination refuse to start.
+///   Invariants: the destination never panics or fails with [`MigrationError::Io`]; a
+///   success sent exactly one Started, and its RAM equals the model (precopy: the last copy
+///   of each page sent; postcopy: some copy of it); a failure sent Abort (or Refused when
+///   refusing) unless the source aborted.
+pub fn migration_stream(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 4 {
+        0 => fuzz_reader(rest),
+        1 => {
+            let Some((&p, payload)) = rest.split_first() else {
+                return;
+            };
+            fuzz_ram_payload(512 << (p % 8), payload);
+            if let Ok((first, count)) = ram_codec::decode_page_request(payload) {
+                assert_eq!(payload.len(), ram_codec::PAGE_REQUEST_LEN);
+                assert_eq!(ram_codec::encode_page_request(first, count), payload);
+            }
+        }
+        2 => {
+            let Some((&k, payload)) = rest.split_first() else {
+                return;
+            };
+            let Some(kind) = FrameKind::from_u8(k % 9) else {
+                return;
+            };
+            let Ok(frame) = Frame::decode_payload(kind, payload) else {
+                return;
+            };
+            assert_eq!(frame.kind(), kind);
+            let enc = frame.encode_payload().expect("a decoded payload encodes");
+            match &frame {
+                Frame::Refused { reason } | Frame::Abort { reason }
+                    if reason.len() > MAX_REASON_LEN =>
+                {
+                    assert!(payload.starts_with(&enc), "a cut reason is a prefix");
+                }
+                _ => assert_eq!(enc, payload, "payload round trip"),
+            }
+        }
+        _ => fuzz_destination(mode & 0x80 != 0, rest),
+    }
+}
+
+/// The RAM codec checks of [`migration_stream`].
+fn fuzz_ram_payload(page_size: usize, payload: &[u8]) {
+    let entries = ram_codec::decode_entries(page_size, payload);
+    let pages = ram_codec::decode_pages(page_size, payload);
+    for r in [entries.as_ref().map(|_| ()), pages.as_ref().map(|_| ())] {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, MigrationError::Frame(FrameError::BadPayload { .. })),
+                "RAM decode error of the wrong type: {e}"
+            );
+        }
+    }
+    let Ok(entries) = entries else {
+        assert!(
+            pages.is_err(),
+            "decode_pages accepted what decode_entries refused"
+        );
+        return;
+    };
+    let has_discard = entries.iter().any(|e| matches!(e, PageEntry::Discard(_)));
+    assert_eq!(
+        pages.is_ok(),
+        !has_discard,
+        "decode_pages vs decode_entries"
+    );
+    let data: Vec<(u64, &[u8])> = entries
+        .iter()
+        .filter_map(|e| match *e {
+            PageEntry::Data(p, d) => Some((p, d)),
+            PageEntry::Discard(_) => None,
+        })
+        .collect();
+    for (p, d) in &data {
+        assert_eq!(d.len(), page_size, "page {p} has a wrong length");
+    }
+    let enc = ram_codec::encode_pages(page_size, &data);
+    assert_eq!(
+        ram_codec::decode_pages(page_size, &enc).expect("encoded pages decode"),
+        data,
+        "pages round trip"
+    );
+    let discards: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| match *e {
+            PageEntry::Discard(p) => Some(p),
+            PageEntry::Data(..) => None,
+        })
+        .collect();
+    let enc = ram_codec::encode_discards(page_size, &discards);
+    let again = ram_codec::decode_entries(page_size, &enc).expect("encoded discards decode");
+    assert_eq!(
+        again,
+        discards
+            .iter()
+            .map(|&p| PageEntry::Discard(p))
+            .collect::<Vec<_>>(),
+        "discards round trip"
+    );
+}
+
+/// The reader checks of [`migration_stream`].
+fn fuzz_reader(data: &[u8]) {
+    let mut r = FrameReader::with_max_frame_len(data, 1 << 16);
+    let mut page_size = None;
+    let mut ram_id = None;
+    let mut seq = 0u64;
+    let err = loop {
+        let before = r.bytes_read().get() as usize;
+        let frame = match r.read_frame() {
+            Ok(f) => f,
+            Err(e) => break e,
+        };
+        let after = r.bytes_read().get() as usize;
+        let header = if seq == 0 { STREAM_HEADER_LEN } else { 0 };
+        let read = &data[before + header..after];
+        let enc = encode_frame(seq, &frame).expect("a decoded frame encodes");
+        match &frame {
+            Frame::Refused { reason } | Frame::Abort { reason }
+                if reason.len() > MAX_REASON_LEN =>
+            {
+                assert!(enc.len() < read.len(), "a cut reason is shorter");
+            }
+            _ => assert_eq!(enc, read, "frame {seq} does not re-encode to its bytes"),
+        }
+        seq += 1;
+        assert_eq!(r.frames_read(), seq, "sequence numbers count up");
+        match frame {
+            Frame::Hello(h) => {
+                let ps = h.page_size as usize;
+                page_size = ram_codec::check_page_size(ps).is_ok().then_some(ps);
+                ram_id = h
+                    .states
+                    .iter()
+                    .find(|s| s.name == ram_codec::RAM_STATE_NAME)
+                    .map(|s| s.id);
+            }
+            Frame::Section { state, payload } if Some(state) == ram_id => {
+                if let Some(ps) = page_size {
+                    fuzz_ram_payload(ps, &payload);
+                }
+            }
+            _ => {}
+        }
+    };
+    assert!(
+        matches!(err, MigrationError::Frame(_)),
+        "reader error of the wrong type: {err}"
+    );
+    assert!(
+        matches!(
+            r.read_frame(),
+            Err(MigrationError::Frame(FrameError::Failed(_)))
+        ),
+        "the reader did not stay failed"
+    );
+}
+
+/// The destination checks of [`migration_stream`].
+fn fuzz_destination(refuse: bool, data: &[u8]) {
+    // Build a well-framed stream from the records, and the model from the same frames.
+    let mut stream = encode_stream_header(STREAM_VERSION).to_vec();
+    let mut frames = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 3 {
+        let kind = rest[0];
+        let len = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+        let payload = &rest[3..(3 + len).min(rest.len())];
+        rest = &rest[3 + payload.len()..];
+        stream.extend(encode_raw_frame(kind, frames.len() as u64, payload));
+        frames.push((kind, payload));
+    }
+    let config = DestinationConfig {
+        refuse_start: refuse.then(|| "fuzz".to_owned()),
+        max_ram_bytes: 1 << 20,
+        max_frame_len: 1 << 16,
+    };
+    let mut answers = Vec::new();
+    let result = Destination::new(&stream[..], &mut answers, config).run();
+    let mut replies = Vec::new();
+    let mut r = FrameReader::new(&answers[..]);
+    while let Ok(f) = r.read_frame() {
+        replies.push(f);
+    }
+    assert_eq!(
+        r.bytes_read().get() as usize,
+        answers.len(),
+        "the destination's answers are a well-formed stream"
+    );
+    let started = replies.iter().filter(|f| **f == Frame::Started).count();
+    let guest = match result {
+        Ok(g) => g,
+        Err(e) => {
+            assert!(
+                !matches!(e, MigrationError::Io(_)),
+                "I/O error from memory: {e}"
+            );
+            let last = replies.last();
+            match e {
+                MigrationError::PeerAborted(_) => {}
+                MigrationError::DestinationRefused(_) => {
+                    assert!(refuse);
+                    assert!(
+                        matches!(last, Some(Frame::Refused { .. })),
+                        "no Refused sent"
+                    );
+                }
+                other => assert!(
+                    matches!(last, Some(Frame::Abort { .. })),
+                    "{other} without an Abort sent"
+                ),
+            }
+            assert!(started <= 1);
+            return;
+        }
+    };
+    assert!(!refuse, "a refusing destination started");
+    assert_eq!(started, 1, "one Started");
+    assert!(
+        replies
+            .iter()
+            .all(|f| matches!(f, Frame::Started | Frame::PageRequest { .. })),
+        "only Started and page requests on success"
+    );
+    // The model: every copy of each page, in order.
+    let Some(Frame::Hello(hello)) = frames
+        .first()
+        .and_then(|&(k, p)| Frame::decode_payload(FrameKind::from_u8(k)?, p).ok())
+    else {
+        panic!("a migration succeeded without a Hello first");
+    };
+    let ram_id = hello
+        .states
+        .iter()
+        .find(|s| s.name == ram_codec::RAM_STATE_NAME)
+        .map(|s| s.id);
+    let ps = guest.page_size();
+    let mut copies: Vec<Vec<&[u8]>> = vec![Vec::new(); guest.pages() as usize];
+    for &(k, p) in &frames[1..] {
+        match FrameKind::from_u8(k).map(|kind| Frame::decode_payload(kind, p)) {
+            Some(Ok(Frame::End)) => break,
+            Some(Ok(Frame::Section { state, .. })) if Some(state) == ram_id => {
+                let entries = ram_codec::decode_entries(ps, &p[4..]).expect("applied section");
+                for e in entries {
+                    if let PageEntry::Data(page, d) = e {
+                        copies[page as usize].push(d);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (page, c) in copies.iter().enumerate() {
+        let got = guest.page(page as u64).expect("page in range");
+        if guest.was_postcopy() {
+            assert!(c.contains(&got), "page {page} is no copy the source sent");
+        } else {
+            assert_eq!(
+                Some(&got),
+                c.last(),
+                "page {page} is not the last copy sent"
+            );
+        }
     }
 }

@@ -9,12 +9,13 @@ use dirty_bitmap::fuzzing;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("header", fuzzing::header),
     ("directory", fuzzing::directory),
     ("bitmap_table", fuzzing::bitmap_table),
     ("refcount_block", fuzzing::refcount_block),
     ("open_image", fuzzing::open_image),
+    ("migration_stream", fuzzing::migration_stream),
 ];
 
 /// Runs every regular file of `dir` (if it exists) through `f`; returns how many.

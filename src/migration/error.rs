@@ -10,10 +10,14 @@ pub enum MigrationError {
     /// The channel failed (connection reset, cut mid-stream, timeout).
     #[error("migration channel I/O error: {0}")]
     Io(#[from] io::Error),
-    /// The stream's bytes violate its framing: bad magic, unsupported version, bad checksum,
-    /// a frame out of order or longer than allowed. The message says which and where.
+    /// The stream is well framed but breaks the protocol: a frame its receiver does not
+    /// allow at that point, a state or page it did not declare. The message says which.
     #[error("corrupt migration stream: {0}")]
     Stream(String),
+    /// The stream's framing is broken, typed: bad magic or version, a checksum mismatch, an
+    /// unknown kind, an oversized, truncated or out-of-order frame, a malformed payload.
+    #[error("corrupt migration stream: {0}")]
+    Frame(#[from] super::stream::FrameError),
     /// The peer ended the stream early or aborted; the message gives its reason if it sent one.
     #[error("migration aborted by peer: {0}")]
     PeerAborted(String),

@@ -4,7 +4,11 @@
 //!
 //! Nothing below [`crate::store`] knows about this module; it only uses the bitmaps.
 
+pub mod dest;
 pub mod error;
+pub mod ram_codec;
+pub mod rate;
+pub mod stream;
 pub mod units;
 
 pub use error::{MigrationError, Result};

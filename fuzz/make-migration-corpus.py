@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the migration_stream fuzz target (fuzz/corpus/migration_stream/seed-*).
+
+An independent implementation of the "Migration stream" section of docs/FORMAT.md (struct and
+zlib.crc32), so the seeds also cross-check the Rust codec: tests/migration_stream.rs runs the
+reader seeds through the real destination and expects a complete migration.
+
+    fuzz/make-migration-corpus.py
+
+The first byte of every seed is the target's mode (src/fuzzing.rs, `migration_stream`):
+0 reader, 1 RAM codec, 2 payload decoders, 3 destination over framed records (| 0x80: refuse).
+"""
+import os
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "corpus", "migration_stream")
+
+MAGIC, VERSION = 0x4442_4D4D, 1
+HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT = range(1, 9)
+RAM_ID, PS, PAGES = 1, 512, 4
+
+
+def frame(kind, seq, payload):
+    head = struct.pack(">BBHQI", kind, 0, 0, seq, len(payload))
+    head += struct.pack(">I", zlib.crc32(head))
+    return head + payload + struct.pack(">I", zlib.crc32(head + payload))
+
+
+def hello(pages=PAGES, ps=PS):
+    name = b"ram"
+    return struct.pack(">IIQH", VERSION, ps, pages, 1) + struct.pack(">IB", RAM_ID, len(name)) + name
+
+
+def ram(entries, ps=PS):
+    """entries: (index, bytes) for a page, (index, None) for a discard."""
+    out = struct.pack(">II", ps, len(entries))
+    for index, data in entries:
+        if data is None:
+            out += struct.pack(">QB", index, 2)
+        elif data == bytes(ps):
+            out += struct.pack(">QB", index, 1)
+        else:
+            out += struct.pack(">QB", index, 0) + data
+    return out
+
+
+def section(payload):
+    return struct.pack(">I", RAM_ID) + payload
+
+
+def page(i, ps=PS):
+    return bytes((i * 37 + j) & 0xFF for j in range(ps)) if i != 2 else bytes(ps)
+
+
+def precopy_frames():
+    return [
+        (HELLO, hello()),
+        (SECTION, section(ram([(i, page(i)) for i in range(PAGES)]))),
+        (SWITCHOVER, b"\x00"),
+        (SECTION, section(ram([(1, bytes([0xEE]) * PS)]))),
+        (END, b""),
+    ]
+
+
+def postcopy_frames():
+    return [
+        (HELLO, hello()),
+        (SECTION, section(ram([(i, page(i)) for i in range(PAGES)]))),
+        (SECTION, section(ram([(0, None), (3, None)]))),
+        (SWITCHOVER, b"\x01"),
+        (SECTION, section(ram([(3, bytes([0x33]) * PS), (0, bytes([0x44]) * PS)]))),
+        (END, b""),
+    ]
+
+
+def stream(frames):
+    out = struct.pack(">II", MAGIC, VERSION)
+    for seq, (kind, payload) in enumerate(frames):
+        out += frame(kind, seq, payload)
+    return out
+
+
+def records(frames):
+    return b"".join(struct.pack(">BH", k, len(p)) + p for k, p in frames)
+
+
+seeds = {
+    "reader-precopy": b"\x00" + stream(precopy_frames()),
+    "reader-postcopy": b"\x00" + stream(postcopy_frames()),
+    "reader-replies": b"\x00" + stream([(STARTED, b""), (PAGE_REQUEST, struct.pack(">IQI", RAM_ID, 3, 1)),
+                                        (REFUSED, b"no room"), (ABORT, b"gone")]),
+    "ram-pages": b"\x01\x00" + ram([(i, page(i)) for i in range(3)]),
+    "ram-pages-4k": b"\x01\x03" + ram([(7, page(7, 4096)), (9, bytes(4096))], ps=4096),
+    "ram-discards": b"\x01\x00" + ram([(0, None), (1 << 40, None)]),
+    "ram-page-request": b"\x01\x00" + struct.pack(">QI", 3, 2),
+    "payload-hello": b"\x02" + bytes([HELLO]) + hello(),
+    "payload-section": b"\x02" + bytes([SECTION]) + section(ram([(0, page(0))])),
+    "payload-switchover": b"\x02" + bytes([SWITCHOVER]) + b"\x01",
+    "payload-abort": b"\x02" + bytes([ABORT]) + b"cancelled",
+    "dest-precopy": b"\x03" + records(precopy_frames()),
+    "dest-postcopy": b"\x03" + records(postcopy_frames()),
+    "dest-refuse": b"\x83" + records(precopy_frames()),
+}
+
+os.makedirs(OUT, exist_ok=True)
+for f in os.listdir(OUT):
+    if f.startswith("seed-"):
+        os.remove(os.path.join(OUT, f))
+for name, data in seeds.items():
+    with open(os.path.join(OUT, "seed-" + name), "wb") as f:
+        f.write(data)
+print(f"migration_stream: {len(seeds)} seeds, {sum(map(len, seeds.values()))} bytes")

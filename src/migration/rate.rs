@@ -1,0 +1,295 @@
+//! The stream's rate limiter: QEMU's `max-bandwidth`, enforced per 100 ms window.
+//!
+//! QEMU (`migration_rate_limit`, `BUFFER_DELAY`) lets `max_bandwidth / 10` bytes out per
+//! 100 ms window; once a window's budget is used, the sender sleeps until the window ends.
+//! One difference: QEMU forgets what a window overshot (the last buffer may cross the
+//! budget) when the next window starts, so a stream of large buffers can exceed the limit.
+//! Here the overshoot is carried into the next windows as debt, so over any run of windows
+//! the bytes sent stay within `max_bandwidth × elapsed` plus one window's budget and one
+//! frame. Idle windows earn no credit: a burst after a pause is still one budget per window.
+//!
+//! Time comes from a [`RateClock`]: [`SystemClock`] sleeps for real, [`ManualClock`] is a
+//! shared counter that a test advances (its `sleep` just advances it), so the limiter is
+//! tested without sleeping.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The window over which the limit is enforced (QEMU's `BUFFER_DELAY`).
+pub const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// A time source for the limiter.
+pub trait RateClock: Send + fmt::Debug {
+    /// Time since an arbitrary fixed origin; never goes backwards.
+    fn now(&self) -> Duration;
+    /// Blocks for `d` (or advances simulated time by `d`).
+    fn sleep(&self, d: Duration);
+}
+
+/// Real time: [`Instant`] and [`std::thread::sleep`].
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    /// A clock whose origin is now.
+    pub fn new() -> SystemClock {
+        SystemClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock::new()
+    }
+}
+
+impl RateClock for SystemClock {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Simulated time in nanoseconds, shared by its clones. `sleep` advances it.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock at time zero.
+    pub fn new() -> ManualClock {
+        ManualClock::default()
+    }
+
+    /// Moves time forward by `d` (a send that took `d` on a simulated link, say).
+    pub fn advance(&self, d: Duration) {
+        let n = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current simulated time.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+impl RateClock for ManualClock {
+    fn now(&self) -> Duration {
+        ManualClock::now(self)
+    }
+    fn sleep(&self, d: Duration) {
+        self.advance(d);
+    }
+}
+
+/// Holds a sender to `max_bandwidth` bytes per second, per [`RATE_WINDOW`].
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Bytes per second; 0 is no limit (QEMU's `RATE_LIMIT_DISABLED`).
+    max_bandwidth: u64,
+    clock: Box<dyn RateClock>,
+    window_start: Duration,
+    /// Bytes charged to the current window, including debt carried from earlier ones.
+    used: u64,
+    slept: Duration,
+    sleeps: u64,
+}
+
+impl RateLimiter {
+    /// No limit.
+    pub fn unlimited() -> RateLimiter {
+        RateLimiter::new(0)
+    }
+
+    /// `max_bandwidth` bytes per second in real time; 0 is no limit.
+    pub fn new(max_bandwidth: u64) -> RateLimiter {
+        RateLimiter::with_clock(max_bandwidth, Box::new(SystemClock::new()))
+    }
+
+    /// `max_bandwidth` bytes per second on `clock`; 0 is no limit.
+    pub fn with_clock(max_bandwidth: u64, clock: Box<dyn RateClock>) -> RateLimiter {
+        let window_start = clock.now();
+        RateLimiter {
+            max_bandwidth,
+            clock,
+            window_start,
+            used: 0,
+            slept: Duration::ZERO,
+            sleeps: 0,
+        }
+    }
+
+    /// The limit in bytes per second; 0 is none.
+    pub fn max_bandwidth(&self) -> u64 {
+        self.max_bandwidth
+    }
+
+    /// Changes the limit; 0 lifts it. Debt already charged stays.
+    pub fn set_max_bandwidth(&mut self, bytes_per_sec: u64) {
+        self.max_bandwidth = bytes_per_sec;
+    }
+
+    /// Bytes per window, at least 1 so that a tiny limit still makes progress (the debt
+    /// keeps the long-run rate right).
+    pub fn window_budget(&self) -> Option<u64> {
+        if self.max_bandwidth == 0 {
+            return None;
+        }
+        let per_window = u128::from(self.max_bandwidth) * RATE_WINDOW.as_nanos() / 1_000_000_000;
+        Some(u64::try_from(per_window).unwrap_or(u64::MAX).max(1))
+    }
+
+    /// Starts the windows that have ended by `now`, paying one budget of debt for each.
+    fn roll(&mut self, now: Duration, budget: u64) {
+        let Some(elapsed) = now.checked_sub(self.window_start) else {
+            return;
+        };
+        let windows = elapsed.as_nanos() / RATE_WINDOW.as_nanos();
+        if windows == 0 {
+            return;
+        }
+        let windows32 = u32::try_from(windows).unwrap_or(u32::MAX);
+        self.window_start += RATE_WINDOW * windows32;
+        let paid = budget.saturating_mul(u64::try_from(windows).unwrap_or(u64::MAX));
+        self.used = self.used.saturating_sub(paid);
+    }
+
+    /// Blocks until the current window has budget left. Call before sending.
+    pub fn wait(&mut self) {
+        loop {
+            let Some(budget) = self.window_budget() else {
+                return;
+            };
+            let now = self.clock.now();
+            self.roll(now, budget);
+            if self.used < budget {
+                return;
+            }
+            // Sleep to the end of the window, and as many more as the debt needs.
+            let windows_owed = (self.used - budget) / budget + 1;
+            let end =
+                self.window_start + RATE_WINDOW * u32::try_from(windows_owed).unwrap_or(u32::MAX);
+            let d = end.saturating_sub(now).max(Duration::from_nanos(1));
+            self.clock.sleep(d);
+            self.slept += d;
+            self.sleeps += 1;
+        }
+    }
+
+    /// Charges `bytes` just sent to the current window.
+    pub fn record(&mut self, bytes: u64) {
+        if self.max_bandwidth == 0 {
+            return;
+        }
+        self.used = self.used.saturating_add(bytes);
+    }
+
+    /// Total time spent sleeping.
+    pub fn slept(&self) -> Duration {
+        self.slept
+    }
+
+    /// How many times the limiter slept.
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps
+    }
+
+    /// The clock's time.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(bw: u64) -> (RateLimiter, ManualClock) {
+        let c = ManualClock::new();
+        (RateLimiter::with_clock(bw, Box::new(c.clone())), c)
+    }
+
+    #[test]
+    fn budget_is_a_tenth_of_the_rate() {
+        let (l, _) = limited(128 << 20);
+        assert_eq!(l.window_budget(), Some((128 << 20) / 10));
+        assert_eq!(limited(5).0.window_budget(), Some(1));
+        assert_eq!(limited(0).0.window_budget(), None);
+    }
+
+    #[test]
+    fn unlimited_never_sleeps() {
+        let (mut l, c) = limited(0);
+        for _ in 0..1000 {
+            l.wait();
+            l.record(1 << 20);
+        }
+        assert_eq!(c.now(), Duration::ZERO);
+        assert_eq!(l.sleeps(), 0);
+    }
+
+    #[test]
+    fn sleeps_to_the_window_end_once_the_budget_is_used() {
+        let (mut l, c) = limited(10_000); // 1000 bytes per window
+        l.wait();
+        l.record(600);
+        l.wait();
+        assert_eq!(c.now(), Duration::ZERO, "budget left");
+        l.record(600); // 1200: over by 200
+        c.advance(Duration::from_millis(30));
+        l.wait();
+        assert_eq!(
+            c.now(),
+            Duration::from_millis(100),
+            "slept to the window end"
+        );
+        // 200 of debt carried: 800 more fit in this window.
+        l.record(799);
+        l.wait();
+        assert_eq!(c.now(), Duration::from_millis(100));
+        l.record(1);
+        l.wait();
+        assert_eq!(c.now(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_huge_frame_owes_several_windows() {
+        let (mut l, c) = limited(10_000);
+        l.wait();
+        l.record(5_500); // five and a half budgets
+        l.wait();
+        assert_eq!(c.now(), Duration::from_millis(500));
+        assert_eq!(l.sleeps(), 1);
+    }
+
+    #[test]
+    fn idle_windows_earn_no_credit() {
+        let (mut l, c) = limited(10_000);
+        c.advance(Duration::from_secs(10));
+        l.wait();
+        l.record(1000);
+        l.wait();
+        assert_eq!(c.now(), Duration::from_millis(10_100));
+    }
+
+    #[test]
+    fn a_slow_link_is_not_throttled_further() {
+        // The link moves 500 bytes per 100 ms; the limit is 1000 per window.
+        let (mut l, c) = limited(10_000);
+        for _ in 0..100 {
+            l.wait();
+            l.record(500);
+            c.advance(Duration::from_millis(100));
+        }
+        assert_eq!(l.sleeps(), 0);
+    }
+}

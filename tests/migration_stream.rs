@@ -1,0 +1,666 @@
+//! The migration stream and destination over real TCP on 127.0.0.1: content arrives byte for
+//! byte; a corrupt, cut, reordered or wrong-version stream is a typed error on the receiving
+//! side and an Abort (or an I/O error) on the sending side, never a hang; a refusing
+//! destination; postcopy demand paging; and the rate limiter's long-run throughput on a
+//! simulated clock.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use dirty_bitmap::migration::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest};
+use dirty_bitmap::migration::ram_codec::{encode_discards, encode_pages, RAM_STATE_NAME};
+use dirty_bitmap::migration::rate::{ManualClock, RateLimiter};
+use dirty_bitmap::migration::stream::{
+    encode_stream_header, Frame, FrameError, FrameReader, FrameWriter, Hello, StateInfo,
+    STREAM_VERSION,
+};
+use dirty_bitmap::migration::{MigrationError, Outbound, Result, StateId};
+use rand::rngs::SmallRng;
+use rand::RngExt;
+
+const PAGE: usize = 4096;
+const PAGES: usize = 300;
+const RAM_ID: StateId = 1;
+const BATCH: usize = 32;
+/// No wait in these tests may last longer: a hang fails instead of blocking the suite.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn hello(pages: usize) -> Frame {
+    Frame::Hello(Hello {
+        version: STREAM_VERSION,
+        page_size: PAGE as u32,
+        ram_pages: pages as u64,
+        states: vec![StateInfo {
+            id: RAM_ID,
+            name: RAM_STATE_NAME.into(),
+        }],
+    })
+}
+
+/// Random RAM; about one page in eight is all zeros, to exercise the zero-page flag.
+fn random_ram(rng: &mut SmallRng, pages: usize) -> Vec<u8> {
+    let mut ram = vec![0u8; pages * PAGE];
+    for p in ram.chunks_mut(PAGE) {
+        if rng.random_range(0..8) != 0 {
+            rng.fill(p);
+        }
+    }
+    ram
+}
+
+fn page_of(ram: &[u8], p: usize) -> &[u8] {
+    &ram[p * PAGE..(p + 1) * PAGE]
+}
+
+/// Sends `pages` of `ram` in batches through the Outbound boundary.
+fn send_pages(out: &mut dyn Outbound, ram: &[u8], pages: &[usize]) -> Result<()> {
+    for chunk in pages.chunks(BATCH) {
+        let batch: Vec<(u64, &[u8])> = chunk.iter().map(|&p| (p as u64, page_of(ram, p))).collect();
+        out.send(RAM_ID, &encode_pages(PAGE, &batch))?;
+    }
+    Ok(())
+}
+
+/// A destination on an ephemeral port, in a thread; returns the source's socket.
+fn spawn_destination(
+    config: DestinationConfig,
+) -> (TcpStream, JoinHandle<Result<DestinationGuest>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let back = s.try_clone().unwrap();
+        Destination::new(s, back, config).run()
+    });
+    let src = TcpStream::connect(addr).unwrap();
+    src.set_read_timeout(Some(TIMEOUT)).unwrap();
+    src.set_write_timeout(Some(TIMEOUT)).unwrap();
+    (src, dest)
+}
+
+/// A whole precopy stream for `ram` as bytes, with the offset where each frame starts (and
+/// the end): Hello, every page, some pages again with new content after a "dirty" pass,
+/// Switchover, End. Returns the RAM as of the switchover.
+fn precopy_stream(rng: &mut SmallRng) -> (Vec<u8>, Vec<usize>, Vec<u8>) {
+    let mut ram = random_ram(rng, PAGES);
+    let mut w = FrameWriter::new(Vec::new());
+    let mut starts = vec![0];
+    w.write_frame(&hello(PAGES)).unwrap();
+    starts.push(w.stats().bytes as usize);
+    let all: Vec<usize> = (0..PAGES).collect();
+    for chunk in all.chunks(BATCH) {
+        send_pages(&mut w, &ram, chunk).unwrap();
+        starts.push(w.stats().bytes as usize);
+    }
+    // The guest dirtied some pages; they go again, after the switchover.
+    let dirty: Vec<usize> = (0..PAGES).filter(|_| rng.random_bool(0.1)).collect();
+    for &p in &dirty {
+        rng.fill(&mut ram[p * PAGE..(p + 1) * PAGE]);
+    }
+    w.write_frame(&Frame::Switchover { postcopy: false })
+        .unwrap();
+    starts.push(w.stats().bytes as usize);
+    for chunk in dirty.chunks(BATCH) {
+        send_pages(&mut w, &ram, chunk).unwrap();
+        starts.push(w.stats().bytes as usize);
+    }
+    w.write_frame(&Frame::End).unwrap();
+    let bytes = w.into_inner();
+    starts.push(bytes.len());
+    // The first frame starts after the 8-byte stream header.
+    starts[0] = 8;
+    (bytes, starts, ram)
+}
+
+/// Writes raw bytes to the destination on one thread while reading its answer on this one.
+/// The destination closes when it fails, so the writes may end in a reset; its answer (an
+/// Abort, sent before it closed) is still read first.
+fn send_raw_and_wait(src: TcpStream, bytes: &[u8]) -> Result<()> {
+    let mut w = src.try_clone()?;
+    let bytes = bytes.to_vec();
+    let writer = thread::spawn(move || w.write_all(&bytes));
+    let answer = FrameReader::new(src).wait_started();
+    let _ = writer.join().unwrap();
+    answer
+}
+
+fn dest_frame_error(dest: JoinHandle<Result<DestinationGuest>>) -> FrameError {
+    match dest.join().unwrap() {
+        Err(MigrationError::Frame(e)) => e,
+        other => panic!("destination: expected a frame error, got {other:?}"),
+    }
+}
+
+fn assert_aborted(r: Result<()>, what: &str) {
+    match r {
+        Err(MigrationError::PeerAborted(reason)) => {
+            assert!(
+                reason.contains(what),
+                "abort reason {reason:?} lacks {what:?}"
+            )
+        }
+        other => panic!("source: expected an Abort mentioning {what:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn pages_over_tcp_arrive_byte_for_byte() {
+    let (mut rng, _) = common::seeded_rng("pages_over_tcp_arrive_byte_for_byte");
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let mut ram = random_ram(&mut rng, PAGES);
+    let mut w = FrameWriter::new(src.try_clone().unwrap());
+    w.write_frame(&hello(PAGES)).unwrap();
+    let all: Vec<usize> = (0..PAGES).collect();
+    send_pages(&mut w, &ram, &all).unwrap();
+    // Two more dirty rounds: pages re-sent must overwrite the old copies.
+    for round in 0..2 {
+        let dirty: Vec<usize> = (0..PAGES).filter(|_| rng.random_bool(0.2)).collect();
+        for &p in &dirty {
+            rng.fill(&mut ram[p * PAGE..(p + 1) * PAGE]);
+        }
+        if round == 1 {
+            w.write_frame(&Frame::Switchover { postcopy: false })
+                .unwrap();
+        }
+        send_pages(&mut w, &ram, &dirty).unwrap();
+    }
+    w.write_frame(&Frame::End).unwrap();
+    let sent = w.stats();
+    FrameReader::new(src).wait_started().unwrap();
+    let guest = dest.join().unwrap().unwrap();
+    assert_eq!(guest.pages(), PAGES as u64);
+    assert!(!guest.was_postcopy());
+    for p in 0..PAGES {
+        assert_eq!(
+            guest.page(p as u64).unwrap(),
+            page_of(&ram, p),
+            "page {p} differs"
+        );
+    }
+    assert_eq!(guest.ram(), &ram[..]);
+    // Counters: every frame's bytes, and zero pages cost 9 bytes instead of 4105.
+    assert_eq!(w.bytes_sent().get(), sent.bytes);
+    assert!(sent.frames >= 4 + (PAGES / BATCH) as u64);
+    let zero = ram
+        .chunks(PAGE)
+        .filter(|p| p.iter().all(|&b| b == 0))
+        .count();
+    assert!(zero > 0, "the RAM has zero pages");
+    assert!(sent.section_bytes < ((PAGES * 2) * (PAGE + 9)) as u64);
+}
+
+#[test]
+fn corrupt_byte_is_a_checksum_error_and_an_abort() {
+    let (mut rng, _) = common::seeded_rng("corrupt_byte_is_a_checksum_error_and_an_abort");
+    for _ in 0..4 {
+        let (mut bytes, starts, _) = precopy_stream(&mut rng);
+        // Any byte of any frame (the stream header has its own test below).
+        let at = rng.random_range(8..bytes.len());
+        bytes[at] ^= rng.random_range(1..=255u8);
+        let (src, dest) = spawn_destination(DestinationConfig::default());
+        let answer = send_raw_and_wait(src, &bytes);
+        let e = dest_frame_error(dest);
+        let frame_start = *starts.iter().filter(|&&s| s <= at).max().unwrap();
+        match e {
+            FrameError::HeaderChecksum { offset, .. } => {
+                assert_eq!(offset as usize, frame_start);
+                assert!(at < frame_start + 20, "header error for a payload byte");
+            }
+            FrameError::PayloadChecksum { offset, .. } => {
+                assert_eq!(offset as usize, frame_start);
+                assert!(at >= frame_start + 20, "payload error for a header byte");
+            }
+            other => panic!("corrupt byte at {at}: {other:?}"),
+        }
+        assert_aborted(answer, "checksum");
+    }
+}
+
+#[test]
+fn bad_magic_is_an_error_and_an_abort() {
+    let (mut rng, _) = common::seeded_rng("bad_magic_is_an_error_and_an_abort");
+    let (mut bytes, _, _) = precopy_stream(&mut rng);
+    bytes[rng.random_range(0..4)] ^= 0x20;
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let answer = send_raw_and_wait(src, &bytes);
+    assert!(matches!(
+        dest_frame_error(dest),
+        FrameError::BadMagic { .. }
+    ));
+    assert_aborted(answer, "magic");
+}
+
+#[test]
+fn cut_connection_is_truncated_and_an_abort() {
+    let (mut rng, _) = common::seeded_rng("cut_connection_is_truncated_and_an_abort");
+    let (bytes, starts, _) = precopy_stream(&mut rng);
+    // Inside a frame, never on a boundary.
+    let cut = loop {
+        let c = rng.random_range(9..bytes.len());
+        if !starts.contains(&c) {
+            break c;
+        }
+    };
+    let (mut src, dest) = spawn_destination(DestinationConfig::default());
+    src.write_all(&bytes[..cut]).unwrap();
+    src.shutdown(Shutdown::Write).unwrap();
+    let answer = FrameReader::new(src).wait_started();
+    let e = dest_frame_error(dest);
+    assert!(
+        matches!(e, FrameError::Truncated { offset, .. } if offset as usize == cut),
+        "{e:?}"
+    );
+    assert_aborted(answer, "cut");
+}
+
+#[test]
+fn cut_on_a_frame_boundary_before_end_is_an_error() {
+    let (mut rng, _) = common::seeded_rng("cut_on_a_frame_boundary_before_end_is_an_error");
+    let (bytes, starts, _) = precopy_stream(&mut rng);
+    let cut = starts[rng.random_range(1..starts.len() - 1)];
+    let (mut src, dest) = spawn_destination(DestinationConfig::default());
+    src.write_all(&bytes[..cut]).unwrap();
+    src.shutdown(Shutdown::Write).unwrap();
+    let answer = FrameReader::new(src).wait_started();
+    assert!(matches!(dest_frame_error(dest), FrameError::Closed { .. }));
+    assert_aborted(answer, "closed");
+}
+
+#[test]
+fn destination_gone_is_an_io_error_at_the_source() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let back = s.try_clone().unwrap();
+        let mut d = Destination::new(s, back, DestinationConfig::default());
+        // Take the Hello and two sections, then vanish (the process died, say).
+        for _ in 0..3 {
+            d.step().unwrap();
+        }
+    });
+    let src = TcpStream::connect(addr).unwrap();
+    src.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let ram = vec![0x5Au8; PAGES * PAGE];
+    let mut w = FrameWriter::new(src);
+    w.write_frame(&hello(PAGES)).unwrap();
+    let all: Vec<usize> = (0..PAGES).collect();
+    send_pages(&mut w, &ram, &all[..2 * BATCH]).unwrap();
+    dest.join().unwrap();
+    // Keep sending: the kernel takes a few writes, then the reset surfaces.
+    let mut err = None;
+    for _ in 0..1000 {
+        if let Err(e) = send_pages(&mut w, &ram, &all) {
+            err = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(err, Some(MigrationError::Io(_))), "{err:?}");
+    // The writer stays failed.
+    assert!(matches!(
+        send_pages(&mut w, &ram, &all[..1]),
+        Err(MigrationError::Frame(FrameError::Failed(_)))
+    ));
+}
+
+#[test]
+fn reordered_frames_are_a_sequence_gap_and_an_abort() {
+    let (mut rng, _) = common::seeded_rng("reordered_frames_are_a_sequence_gap_and_an_abort");
+    let (bytes, starts, _) = precopy_stream(&mut rng);
+    // Swap frames i and i + 1 (two RAM sections; frame 0 is the Hello).
+    let i = rng.random_range(1..(PAGES / BATCH));
+    let (a, b, c) = (starts[i], starts[i + 1], starts[i + 2]);
+    let mut swapped = bytes[..a].to_vec();
+    swapped.extend_from_slice(&bytes[b..c]);
+    swapped.extend_from_slice(&bytes[a..b]);
+    swapped.extend_from_slice(&bytes[c..]);
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let answer = send_raw_and_wait(src, &swapped);
+    let e = dest_frame_error(dest);
+    assert_eq!(
+        e,
+        FrameError::SequenceGap {
+            offset: a as u64,
+            expected: i as u64,
+            found: i as u64 + 1
+        }
+    );
+    assert_aborted(answer, "sequence gap");
+}
+
+#[test]
+fn replayed_frame_is_an_error_and_an_abort() {
+    let (mut rng, _) = common::seeded_rng("replayed_frame_is_an_error_and_an_abort");
+    let (bytes, starts, _) = precopy_stream(&mut rng);
+    let i = rng.random_range(1..(PAGES / BATCH));
+    let mut replayed = bytes[..starts[i + 1]].to_vec();
+    replayed.extend_from_slice(&bytes[starts[i]..starts[i + 1]]);
+    replayed.extend_from_slice(&bytes[starts[i + 1]..]);
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let answer = send_raw_and_wait(src, &replayed);
+    assert!(matches!(dest_frame_error(dest), FrameError::Replay { .. }));
+    assert_aborted(answer, "replayed");
+}
+
+#[test]
+fn wrong_version_is_refused_with_an_abort() {
+    let (mut rng, _) = common::seeded_rng("wrong_version_is_refused_with_an_abort");
+    let (bytes, _, _) = precopy_stream(&mut rng);
+    let mut v2 = encode_stream_header(STREAM_VERSION + 1).to_vec();
+    v2.extend_from_slice(&bytes[8..]);
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let answer = send_raw_and_wait(src, &v2);
+    assert_eq!(
+        dest_frame_error(dest),
+        FrameError::UnsupportedVersion {
+            found: STREAM_VERSION + 1
+        }
+    );
+    assert_aborted(answer, "version");
+}
+
+#[test]
+fn refusing_destination_answers_refused() {
+    let (mut rng, _) = common::seeded_rng("refusing_destination_answers_refused");
+    let (bytes, _, _) = precopy_stream(&mut rng);
+    let config = DestinationConfig {
+        refuse_start: Some("no capacity".into()),
+        ..DestinationConfig::default()
+    };
+    let (src, dest) = spawn_destination(config);
+    let answer = send_raw_and_wait(src, &bytes);
+    assert!(matches!(answer, Err(MigrationError::DestinationRefused(r)) if r == "no capacity"));
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(MigrationError::DestinationRefused(_))
+    ));
+}
+
+#[test]
+fn source_abort_ends_the_destination() {
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let mut w = FrameWriter::new(src.try_clone().unwrap());
+    w.write_frame(&hello(4)).unwrap();
+    w.abort("cancelled by the operator");
+    let r = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::PeerAborted(ref s)) if s == "cancelled by the operator"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn page_out_of_range_and_missing_pages_are_errors() {
+    // A page index past the RAM.
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let mut w = FrameWriter::new(src.try_clone().unwrap());
+    w.write_frame(&hello(4)).unwrap();
+    let page = vec![1u8; PAGE];
+    w.send(RAM_ID, &encode_pages(PAGE, &[(4, &page)])).unwrap();
+    let r = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("outside")),
+        "{r:?}"
+    );
+    assert_aborted(FrameReader::new(src).wait_started(), "outside");
+
+    // End before every page arrived.
+    let (src, dest) = spawn_destination(DestinationConfig::default());
+    let mut w = FrameWriter::new(src.try_clone().unwrap());
+    w.write_frame(&hello(4)).unwrap();
+    w.send(
+        RAM_ID,
+        &encode_pages(PAGE, &[(0, &page), (1, &page), (3, &page)]),
+    )
+    .unwrap();
+    w.write_frame(&Frame::Switchover { postcopy: false })
+        .unwrap();
+    w.write_frame(&Frame::End).unwrap();
+    let r = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("page 2")),
+        "{r:?}"
+    );
+    assert_aborted(FrameReader::new(src).wait_started(), "page 2");
+
+    // A Hello asking for more RAM than the destination allows.
+    let config = DestinationConfig {
+        max_ram_bytes: 1 << 20,
+        ..DestinationConfig::default()
+    };
+    let (src, dest) = spawn_destination(config);
+    let mut w = FrameWriter::new(src.try_clone().unwrap());
+    w.write_frame(&hello(257)).unwrap();
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(MigrationError::InvalidInput(_))
+    ));
+    assert_aborted(FrameReader::new(src).wait_started(), "limit");
+}
+
+/// Postcopy: precopy one round, dirty some pages, discard them and switch over; the
+/// destination starts at once, pulls a stale page on demand, writes to it, and the
+/// background push of that page must not overwrite the guest's write.
+#[test]
+fn postcopy_pulls_missing_pages_on_demand() {
+    let (mut rng, _) = common::seeded_rng("postcopy_pulls_missing_pages_on_demand");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut ram = random_ram(&mut rng, PAGES);
+    let old_ram = ram.clone();
+    let mut dirty: Vec<usize> = (0..PAGES).filter(|_| rng.random_bool(0.3)).collect();
+    if dirty.is_empty() {
+        dirty.push(0);
+    }
+    for &p in &dirty {
+        // Never all zeros, so the stale copy and the new one always differ.
+        rng.fill(&mut ram[p * PAGE..(p + 1) * PAGE]);
+        ram[p * PAGE] |= 1;
+        ram[p * PAGE + 1] = !old_ram[p * PAGE + 1];
+    }
+    let wanted = dirty[rng.random_range(0..dirty.len())];
+
+    let src_ram = ram.clone();
+    let src_dirty = dirty.clone();
+    let source = thread::spawn(move || -> Result<u64> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut w = FrameWriter::new(s.try_clone()?);
+        w.write_frame(&hello(PAGES))?;
+        let all: Vec<usize> = (0..PAGES).collect();
+        send_pages(&mut w, &old_ram, &all)?;
+        let discards: Vec<u64> = src_dirty.iter().map(|&p| p as u64).collect();
+        w.send(RAM_ID, &encode_discards(PAGE, &discards))?;
+        w.write_frame(&Frame::Switchover { postcopy: true })?;
+        // The return path, read on its own thread, as the source keeps pushing.
+        let (tx, rx) = mpsc::channel();
+        let mut r = FrameReader::new(s);
+        let replies = thread::spawn(move || {
+            while let Ok(f) = r.read_frame() {
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(rx.recv_timeout(TIMEOUT).unwrap(), Frame::Started);
+        // Serve the first demand request before any background push.
+        let Frame::PageRequest { state, payload } = rx.recv_timeout(TIMEOUT).unwrap() else {
+            panic!("expected a page request");
+        };
+        assert_eq!(state, RAM_ID);
+        let (first, count) = dirty_bitmap::migration::ram_codec::decode_page_request(&payload)?;
+        let req: Vec<usize> = (first..first + u64::from(count))
+            .map(|p| p as usize)
+            .collect();
+        send_pages(&mut w, &src_ram, &req)?;
+        // Background push of every dirty page (the requested one again, too).
+        send_pages(&mut w, &src_ram, &src_dirty)?;
+        w.write_frame(&Frame::End)?;
+        replies.join().unwrap();
+        Ok(first)
+    });
+
+    let (s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let back = s.try_clone().unwrap();
+    let mut d = Destination::new(s, back, DestinationConfig::default());
+    loop {
+        match d.step().unwrap() {
+            DestEvent::Switchover { postcopy } => {
+                assert!(postcopy);
+                break;
+            }
+            DestEvent::End => panic!("End before the switchover"),
+            _ => {}
+        }
+    }
+    assert!(d.is_running());
+    for &p in &dirty {
+        assert!(!d.has_page(p as u64), "stale page {p} was not discarded");
+    }
+    assert_eq!(d.received_pages(), (PAGES - dirty.len()) as u64);
+    let got = d.fetch_page(wanted as u64).unwrap();
+    assert_eq!(
+        &got[..],
+        page_of(&ram, wanted),
+        "demand-fetched page {wanted}"
+    );
+    // The guest writes to it; the background copy must not undo that.
+    got.fill(0xEE);
+    let guest = d.run().unwrap();
+    assert_eq!(source.join().unwrap().unwrap(), wanted as u64);
+    assert!(guest.was_postcopy());
+    assert_eq!(guest.page_requests(), 1);
+    for p in 0..PAGES {
+        let want = if p == wanted {
+            vec![0xEE; PAGE]
+        } else {
+            page_of(&ram, p).to_vec()
+        };
+        assert_eq!(guest.page(p as u64).unwrap(), &want[..], "page {p}");
+    }
+}
+
+/// The limiter on a simulated clock: long-run throughput within 2% of max_bandwidth, and no
+/// 100 ms window carrying more than its budget plus one frame.
+#[test]
+fn rate_limiter_holds_max_bandwidth_over_a_long_run() {
+    let (mut rng, _) = common::seeded_rng("rate_limiter_holds_max_bandwidth_over_a_long_run");
+    for max in [1 << 20, 3_000_000u64, 64 << 10] {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(max, Box::new(clock.clone()));
+        let mut w = FrameWriter::with_limiter(std::io::sink(), limiter);
+        let budget = w.limiter().window_budget().unwrap();
+        let mut windows: Vec<u64> = Vec::new();
+        let mut largest = 0u64;
+        let payload = vec![0xA5u8; 64 << 10];
+        while clock.now() < Duration::from_secs(60) {
+            let len = rng.random_range(1..=payload.len());
+            let n = w.send(RAM_ID, &payload[..len]).unwrap().get();
+            largest = largest.max(n);
+            // The frame went out at the time the limiter let it go.
+            let win = (clock.now().as_nanos() / 100_000_000) as usize;
+            if windows.len() <= win {
+                windows.resize(win + 1, 0);
+            }
+            windows[win] += n;
+            // A fast link: each write costs a microsecond.
+            clock.advance(Duration::from_micros(1));
+        }
+        let secs = clock.now().as_secs_f64();
+        let rate = w.stats().bytes as f64 / secs;
+        let err = (rate - max as f64).abs() / max as f64;
+        eprintln!(
+            "max {max} B/s: {rate:.0} B/s over {secs:.1} s ({:.2}% off), slept {:?}",
+            err * 100.0,
+            w.limiter().slept()
+        );
+        assert!(err < 0.02, "max {max}: long-run rate {rate:.0} B/s");
+        for (i, &b) in windows.iter().enumerate() {
+            assert!(
+                b <= budget + largest,
+                "window {i}: {b} bytes, budget {budget}"
+            );
+        }
+    }
+}
+
+/// A link slower than the limit is never throttled further: the limiter does not sleep.
+#[test]
+fn rate_limiter_does_not_slow_a_slower_link() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(10 << 20, Box::new(clock.clone()));
+    let mut w = FrameWriter::with_limiter(std::io::sink(), limiter);
+    let payload = vec![1u8; 32 << 10];
+    for _ in 0..1000 {
+        let n = w.send(RAM_ID, &payload).unwrap().get();
+        // 5 MiB/s link.
+        clock.advance(Duration::from_secs_f64(n as f64 / (5 << 20) as f64));
+    }
+    assert_eq!(w.limiter().sleeps(), 0);
+}
+
+/// A minimal check that nothing here depends on TcpStream: the same destination runs over
+/// an in-memory pipe.
+#[test]
+fn destination_runs_over_any_read_write() {
+    let (mut rng, _) = common::seeded_rng("destination_runs_over_any_read_write");
+    let (bytes, _, ram) = precopy_stream(&mut rng);
+    let mut answers = Vec::new();
+    let guest = Destination::new(&bytes[..], &mut answers, DestinationConfig::default())
+        .run()
+        .unwrap();
+    assert_eq!(guest.ram(), &ram[..]);
+    let mut r = FrameReader::new(&answers[..]);
+    r.wait_started().unwrap();
+    let mut rest = Vec::new();
+    (&answers[r.bytes_read().get() as usize..])
+        .read_to_end(&mut rest)
+        .unwrap();
+    assert!(rest.is_empty(), "only Started was sent");
+}
+
+/// The seeds of `fuzz/make-migration-corpus.py`, an independent implementation of
+/// docs/FORMAT.md in Python, migrate completely through the Rust destination.
+#[test]
+fn python_encoded_streams_migrate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/migration_stream");
+    let ps = 512;
+    let pattern = |i: usize| -> Vec<u8> {
+        if i == 2 {
+            vec![0; ps]
+        } else {
+            (0..ps).map(|j| ((i * 37 + j) & 0xFF) as u8).collect()
+        }
+    };
+    for (name, postcopy) in [
+        ("seed-reader-precopy", false),
+        ("seed-reader-postcopy", true),
+    ] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let mut answers = Vec::new();
+        let guest = Destination::new(&bytes[1..], &mut answers, DestinationConfig::default())
+            .run()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(guest.was_postcopy(), postcopy, "{name}");
+        let mut want: Vec<Vec<u8>> = (0..4).map(pattern).collect();
+        if postcopy {
+            want[0] = vec![0x44; ps];
+            want[3] = vec![0x33; ps];
+        } else {
+            want[1] = vec![0xEE; ps];
+        }
+        for (p, w) in want.iter().enumerate() {
+            assert_eq!(guest.page(p as u64).unwrap(), &w[..], "{name}: page {p}");
+        }
+        FrameReader::new(&answers[..]).wait_started().unwrap();
+    }
+}
