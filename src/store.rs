@@ -33,6 +33,13 @@ use crate::storage::Storage;
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
 pub const ACTIVE_MEMORY_LIMIT: u64 = 16 << 30;
 
+/// Bytes of serialized bitmap per change-map region of the store's in-memory bitmaps, when
+/// the cluster is at least this large (otherwise the region is the cluster). One page: a
+/// region write is a whole page of the page cache (no read-modify-write) and a whole number
+/// of 512-byte sectors. At 64 KiB granularity a region covers 2 GiB of disk, so a scattered
+/// workload rewrites 4 KiB per region it touches rather than a 64 KiB cluster per 32 GiB.
+pub const STORE_REGION_SIZE: u64 = 4096;
+
 /// Whether a bitmap's on-disk data can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitmapState {
@@ -223,6 +230,18 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
+    /// The change-map region size of this store's in-memory bitmaps: [`STORE_REGION_SIZE`],
+    /// or the cluster size if that is smaller. Either way it divides the cluster size.
+    pub fn region_size(&self) -> u64 {
+        self.image.cluster_size().min(STORE_REGION_SIZE)
+    }
+
+    /// A clean in-memory bitmap of this store's disk at granularity `g`, with the store's
+    /// region size.
+    fn new_bitmap(&self, g: u64) -> Result<DirtyBitmap> {
+        DirtyBitmap::with_region_size(self.disk_size(), g, self.region_size())
+    }
+
     fn geometry(&self) -> Result<ImageGeometry> {
         Ok(self.image.header().geometry()?)
     }
@@ -298,32 +317,41 @@ impl<S: Storage> BitmapStore<S> {
 
     fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
         let cs = self.image.cluster_size();
-        let bm =
-            DirtyBitmap::with_region_size(self.disk_size(), 1u64 << entry.granularity_bits, cs)?;
+        let bm = self.new_bitmap(1u64 << entry.granularity_bits)?;
         let table = self.read_table(entry)?;
-        if table.len() as u64 != bm.region_count() {
+        let clusters = bm.serialized_len().div_ceil(cs);
+        if table.len() as u64 != clusters {
             return Err(invalid_input!(
                 "bitmap {:?}: table of {} entries for {} clusters of data",
                 entry.name,
                 table.len(),
-                bm.region_count()
+                clusters
             ));
         }
-        let mut buf = Vec::new();
-        for (r, t) in table.iter().enumerate() {
-            let r = r as u64;
-            let len = bm.region_len(r);
-            match *t {
-                TableEntry::Zeroes => {}
+        let per_cluster = cs / bm.region_size();
+        let mut ones = Vec::new();
+        for (c, t) in table.iter().enumerate() {
+            let c = c as u64;
+            let len = bm
+                .serialized_len()
+                .saturating_sub(c.saturating_mul(cs))
+                .min(cs);
+            let data = match *t {
+                TableEntry::Zeroes => continue,
                 TableEntry::Ones => {
-                    buf.clear();
-                    buf.resize(len as usize, 0xFF);
-                    bm.load_region(r, &buf)?;
+                    ones.resize(len as usize, 0xFF);
+                    &ones[..len as usize]
                 }
                 TableEntry::Data(off) => {
-                    let data = read_metadata(self.image.storage(), "bitmap data", off, len)?;
-                    bm.load_region(r, &data)?;
+                    &read_metadata(self.image.storage(), "bitmap data", off, len)?[..]
                 }
+            };
+            let first = c.saturating_mul(per_cluster);
+            let mut at = 0usize;
+            for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.load_region(r, &data[at..at + rl])?;
+                at += rl;
             }
         }
         // What was just loaded is what is on disk.
@@ -388,16 +416,24 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
-    /// (zero-filled past the valid bytes), then the table. Returns the table offset.
+    /// (zero-filled past the valid bytes), then the table. Returns the table offset. `bm`
+    /// has this store's region size.
     fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
         let cs = self.image.cluster_size();
         let cb = self.image.header().cluster_bits;
-        let mut entries = Vec::with_capacity(bm.region_count() as usize);
+        let per_cluster = cs / bm.region_size();
+        let clusters = bm.serialized_len().div_ceil(cs);
+        let mut entries = Vec::with_capacity(clusters as usize);
         let mut buf = vec![0u8; cs as usize];
-        for r in 0..bm.region_count() {
-            let len = bm.region_len(r) as usize;
+        for c in 0..clusters {
             buf.fill(0);
-            bm.serialize_region(r, &mut buf[..len])?;
+            let first = c * per_cluster;
+            let mut at = 0usize;
+            for r in first..(first + per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.serialize_region(r, &mut buf[at..at + rl])?;
+                at += rl;
+            }
             if buf.iter().all(|&b| b == 0) {
                 entries.push(TableEntry::Zeroes);
             } else {
@@ -563,7 +599,7 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let mem = if self.active {
-            let m = DirtyBitmap::with_region_size(disk, granularity, cs)?;
+            let m = self.new_bitmap(granularity)?;
             m.set_enabled(enabled);
             Some(Arc::new(m))
         } else {
@@ -644,12 +680,11 @@ impl<S: Storage> BitmapStore<S> {
                 self.disk_size()
             ));
         }
-        let cs = self.image.cluster_size();
         let owned;
-        let bm = if bitmap.region_size() == cs {
+        let bm = if bitmap.region_size() == self.region_size() {
             bitmap
         } else {
-            let b = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+            let b = self.new_bitmap(g)?;
             b.merge_from(bitmap)?;
             owned = b;
             &owned
@@ -696,12 +731,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(p) = &self.slots[i].parked {
             p.clear(0, self.disk_size());
         }
-        let e = &self.slots[i].entry;
-        let empty = DirtyBitmap::with_region_size(
-            self.disk_size(),
-            1u64 << e.granularity_bits,
-            self.image.cluster_size(),
-        )?;
+        let empty = self.new_bitmap(1u64 << self.slots[i].entry.granularity_bits)?;
         self.rewrite(i, &empty, false)
     }
 
@@ -766,8 +796,7 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let g = 1u64 << self.slots[i].entry.granularity_bits;
-        let cs = self.image.cluster_size();
-        let converted = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+        let converted = self.new_bitmap(g)?;
         for (off, len) in src.dirty_extents() {
             converted.mark_dirty(off, len);
         }
