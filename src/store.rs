@@ -935,6 +935,38 @@ impl<S: Storage> BitmapStore<S> {
         Ok(())
     }
 
+    /// Rewrites only the flags of directory entries in place, with one barrier, when a torn
+    /// write cannot mix an entry: `entries` must differ from the directory on disk only in
+    /// flags, and every entry's changed bytes must lie in one 512-byte sector of the file.
+    /// The flags word is 4 bytes at offset 12 of an entry, entries are 8-byte aligned and
+    /// the directory starts on a cluster, so the word never straddles a sector; a sector
+    /// lands whole or not at all (the crash model of `docs/CRASH-CONSISTENCY.md`, the same
+    /// one the header commit relies on). So after a crash every entry reads as wholly old or
+    /// wholly new, never a mix, and the caller need not clear autoclear bit 0 around it.
+    /// Falls back to [`write_directory_in_place`](Self::write_directory_in_place) (three
+    /// barriers) when the check fails.
+    ///
+    /// The caller must have made durable everything a new entry vouches for before this
+    /// (for clearing `in_use`: every data write), since this write may land at any moment.
+    fn write_flags_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, _) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let old_entries = self.current_entries();
+        let old = encode_directory(&old_entries, &geo)?;
+        let new = encode_directory(&entries, &geo)?;
+        if !flags_only_change(dir_off, &old_entries, &entries, &old, &new) {
+            return self.write_directory_in_place(entries);
+        }
+        self.image.write_at(&new, dir_off)?;
+        self.image.sync()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+
     /// The flush targets of an active store: every in-memory bitmap with its table.
     fn flush_targets(&self) -> Result<Vec<flush::Target>> {
         let mut out = Vec::new();
@@ -965,12 +997,16 @@ impl<S: Storage> BitmapStore<S> {
     /// clean, exactly as QEMU would read it, and the store is inactive.
     ///
     /// Write order (crash reasoning in `docs/CRASH-CONSISTENCY.md`):
-    /// 1. the remaining changed regions, as in [`flush`](Self::flush) but without its own
-    ///    barrier (still `in_use`: a crash leaves the bitmaps inconsistent);
-    /// 2. autoclear bit 0 cleared, barrier: this barrier also makes step 1 durable;
-    /// 3. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
-    ///    state, barrier (untrusted until 4);
-    /// 4. autoclear bit 0 set, barrier: the commit point.
+    /// 1. the remaining changed regions, as in [`flush`](Self::flush), then a barrier if
+    ///    anything was written (still `in_use`: a crash leaves the bitmaps inconsistent);
+    /// 2. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
+    ///    state, barrier: the commit point. Only the 4-byte flags words change, each inside
+    ///    one sector, so a torn write leaves every entry old (`in_use`) or new (clean, its
+    ///    data durable since 1). If the directory ever changed otherwise, QEMU's dance
+    ///    (autoclear bit 0 cleared, directory, bit 0 set) is used instead.
+    ///
+    /// Two barriers (one if nothing remained), plus the refcount flush if the remainder
+    /// allocates.
     ///
     /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
     /// Does nothing if not active.
@@ -1001,7 +1037,8 @@ impl<S: Storage> BitmapStore<S> {
 
     fn inactivate_incremental(&mut self) -> Result<FlushStats> {
         let mut targets = self.flush_targets()?;
-        let stats = flush::flush(&mut self.image, &mut targets, false)?;
+        // With its barrier: the data is durable before any entry says clean.
+        let stats = flush::flush(&mut self.image, &mut targets, true)?;
         if self.slots.iter().any(|s| s.mem.is_some()) {
             let mut entries = self.current_entries();
             for (e, s) in entries
@@ -1013,7 +1050,7 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
-            self.write_directory_in_place(entries.clone())?;
+            self.write_flags_in_place(entries.clone())?;
             // A mark that arrived after step 1 took its region is in memory only, while
             // the directory now says clean. Put `in_use` back and stay active, so the disk
             // never claims a bit it lacks; the caller must stop the writers first.
@@ -1028,7 +1065,7 @@ impl<S: Storage> BitmapStore<S> {
                         e.in_use = true;
                     }
                 }
-                self.write_directory_in_place(back)?;
+                self.write_flags_in_place(back)?;
                 return Err(Error::MarksDuringInactivate);
             }
         }
@@ -1112,6 +1149,47 @@ impl<S: Storage> BitmapStore<S> {
         self.inactivate()?;
         Ok(self.image)
     }
+}
+
+/// Whether replacing directory `old` (entries `old_e`) by `new` (entries `new_e`) at file
+/// offset `dir_off` changes only flags, with each entry's changed bytes inside one
+/// 512-byte sector, so that any sector-torn mix of the two reads every entry as wholly
+/// old or wholly new.
+fn flags_only_change(
+    dir_off: u64,
+    old_e: &[DirEntry],
+    new_e: &[DirEntry],
+    old: &[u8],
+    new: &[u8],
+) -> bool {
+    const SECTOR: u64 = 512;
+    if old.len() != new.len() || old_e.len() != new_e.len() {
+        return false;
+    }
+    let same_but_flags = old_e.iter().zip(new_e).all(|(a, b)| {
+        a.name == b.name
+            && a.table_offset == b.table_offset
+            && a.table_size == b.table_size
+            && a.granularity_bits == b.granularity_bits
+    });
+    if !same_but_flags {
+        return false;
+    }
+    let mut at = 0u64;
+    for e in old_e {
+        let end = at.saturating_add(e.encoded_len());
+        let mut sector = None;
+        for i in at..end.min(old.len() as u64) {
+            if old[i as usize] != new[i as usize] {
+                let s = dir_off.saturating_add(i) / SECTOR;
+                if *sector.get_or_insert(s) != s {
+                    return false;
+                }
+            }
+        }
+        at = end;
+    }
+    true
 }
 
 mod live;
