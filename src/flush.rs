@@ -140,7 +140,7 @@ impl Layout {
         // Both are powers of two, so a region no larger than a cluster divides it, and
         // every region starts at a multiple of its size (≥ 512) inside its cluster: every
         // in-place write is sector-aligned.
-        if region_size > cluster_size || cluster_size % region_size != 0 {
+        if region_size > cluster_size || !cluster_size.is_multiple_of(region_size) {
             return Err(invalid_input!(
                 "change-map regions of {region_size} bytes do not divide {cluster_size}-byte clusters"
             ));

@@ -3,6 +3,7 @@
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
 //! exits 2 (corrupt) or 3 (leaks only). Nothing here panics on bad input.
 
+mod bench;
 mod bitmap_cmd;
 mod check;
 mod create;
@@ -49,6 +50,8 @@ enum Command {
     /// Check refcounts and the bitmap directory and tables; exit 0 clean, 2 corrupt,
     /// 3 leaks only (as `qemu-img check`).
     Check(check::CheckArgs),
+    /// Run a benchmark and print its table (`dbm bench flush`).
+    Bench(bench::BenchArgs),
 }
 
 /// Options of `dbm demo`.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Dump(args) => dump::run(&args),
         Command::Mark(args) => mark::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,
