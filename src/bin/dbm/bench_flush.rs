@@ -408,6 +408,8 @@ struct WorkloadRun {
     rate: f64,
     /// Background flushes, plus the stop loop's rounds in [`StopMode::Prepare`].
     flushes: u64,
+    /// Whether the stop loop reached its budget (always true for [`StopMode::Timer`]).
+    converged: bool,
 }
 
 /// Runs the writer with background flushes for `run`, stops the VM as `mode` says, and
@@ -429,6 +431,7 @@ fn workload_stop(
     let t0 = Instant::now();
     thread::sleep(run);
     let mut rounds = 0;
+    let mut converged = true;
     let (before, granules) = match mode {
         StopMode::Timer => {
             // The last flush: the writer pauses so that the log holds exactly what follows.
@@ -462,6 +465,7 @@ fn workload_stop(
             // The VM stops now.
             w.stop.store(true, Ordering::SeqCst);
             rounds += report.rounds;
+            converged = report.converged;
             (0, since)
         }
     };
@@ -478,6 +482,7 @@ fn workload_stop(
         stop,
         rate: total as f64 / ran.as_secs_f64(),
         flushes: u64::from(rounds),
+        converged,
     })
 }
 
@@ -696,6 +701,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     // (n, interval, mode) → median stop.
     let mut at_interval: Vec<(usize, u64, StopMode, Stop)> = Vec::new();
+    let mut not_converged: Vec<String> = Vec::new();
     for rig in &rigs {
         for &iv in &intervals {
             // prepare_stop hardly depends on the interval: only at the judged one.
@@ -721,6 +727,13 @@ pub fn run(args: &FlushArgs) -> CmdResult {
                     runs.push(r.stop);
                     rates.push(r.rate);
                     flushes.push(r.flushes);
+                    if !r.converged {
+                        not_converged.push(format!(
+                            "{} bitmap(s) at {iv} ms, run {}",
+                            rig.n,
+                            rep + 1
+                        ));
+                    }
                 }
                 let m = median_stop(&runs);
                 let mode_name = match mode {
@@ -746,6 +759,15 @@ pub fn run(args: &FlushArgs) -> CmdResult {
         }
     }
     println!();
+    if !not_converged.is_empty() {
+        println!(
+            "prepare_stop gave up after {} rounds without reaching the budget (marks outpaced \
+             the flushes) in: {}.",
+            dirty_bitmap::flush::MAX_STOP_ROUNDS,
+            not_converged.join("; ")
+        );
+        println!();
+    }
 
     // Fraction sweep.
     println!(
@@ -858,19 +880,28 @@ pub fn run(args: &FlushArgs) -> CmdResult {
                     .map(|(_, x, s)| (*x, f(s).ms))
                     .collect()
             };
-            for (name, f) in STRATEGIES {
+            let dashed = n != args.bitmaps[0];
+            let suffix = if n == 1 {
+                "1 bitmap".into()
+            } else {
+                format!("{n} bitmaps")
+            };
+            for (i, (name, f)) in STRATEGIES.into_iter().enumerate() {
                 series.push(Series {
-                    name: format!("{name}, {n} bitmap(s)"),
+                    name: format!("{name}, {suffix}"),
                     points: pts(f),
-                    dashed: n != args.bitmaps[0],
+                    dashed,
+                    colour: Some(i),
                 });
             }
             if let Some(&(_, q)) = qemu.iter().find(|(m, _)| *m == n) {
+                // QEMU stores every non-zero cluster whatever changed: flat.
                 let xs: Vec<f64> = pts(|s| s.inc).iter().map(|p| p.0).collect();
                 series.push(Series {
-                    name: format!("QEMU's own store, {n} bitmap(s)"),
+                    name: format!("QEMU's own store (qemu-io), {suffix}"),
                     points: xs.iter().map(|&x| (x, q)).collect(),
-                    dashed: n != args.bitmaps[0],
+                    dashed,
+                    colour: Some(STRATEGIES.len()),
                 });
             }
         }

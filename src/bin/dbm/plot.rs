@@ -13,6 +13,9 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Dashed instead of solid.
     pub dashed: bool,
+    /// Index into the palette (so that related series can share a colour); `None`: the
+    /// series' own index.
+    pub colour: Option<usize>,
 }
 
 /// A line chart.
@@ -32,10 +35,10 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const W: f64 = 860.0;
+const W: f64 = 960.0;
 const H: f64 = 520.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 250.0;
+const RIGHT: f64 = 330.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 /// Colours for the series, in order (then repeated).
@@ -222,7 +225,7 @@ impl Chart {
         );
         // Lines, markers and the legend.
         for (i, s) in self.series.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
+            let colour = COLOURS[s.colour.unwrap_or(i) % COLOURS.len()];
             let dash = if s.dashed {
                 r#" stroke-dasharray="6 4""#
             } else {
@@ -294,6 +297,7 @@ mod tests {
                 name: "s<1>".into(),
                 points: vec![(0.0, 1.0), (1.0, 2.0), (10.0, 20.0)],
                 dashed: true,
+                colour: None,
             }],
         };
         let svg = c.to_svg();
