@@ -3,9 +3,12 @@
 //! Kevin Wolf's 2018 idea (`qemu-devel`, "Restoring bitmaps after failed/cancelled
 //! migration"): keep an in-memory map of which parts of the persistent bitmap are stale, and
 //! write most of it *before* the VM stops, so that the stop itself writes only the
-//! remainder. The in-memory map is [`DirtyBitmap`]'s change map; the store builds every
-//! in-memory bitmap with `region_size == cluster_size`, so change-map region `r` is exactly
-//! bitmap table entry `r` and data cluster `r`.
+//! remainder. The in-memory map is [`DirtyBitmap`]'s change map. Its regions are smaller
+//! than a cluster or equal to it (the store uses 4 KiB, or the cluster size if that is
+//! smaller): region `r` lies in bitmap table entry (data cluster) `r / per_cluster`, at byte
+//! `(r % per_cluster) × region_size` of it. Small regions keep a scattered workload from
+//! rewriting whole clusters: 64 KiB of bitmap at 64 KiB granularity covers 32 GiB of disk,
+//! 4 KiB covers 2 GiB.
 //!
 //! This module knows the image and the bitmaps it is handed; it knows nothing of the
 //! directory or of [`BitmapStore`](crate::BitmapStore), which calls it.
@@ -16,10 +19,13 @@
 //! whatever mix of old and new bytes its clusters hold; it is never read as clean. The only
 //! thing a flush must keep right is the refcounts, so that `qemu-img check` stays clean:
 //!
-//! 1. every region whose table entry is not a data cluster (0, or the all-ones marker) and
-//!    that now has a set bit gets a fresh cluster, and **the refcounts are flushed first**
-//!    (refblocks, barrier, reftable entries, barrier);
-//! 2. then the data: in-place regions and fresh clusters, sorted by offset and coalesced;
+//! 1. every cluster whose table entry is not a data cluster (0, or the all-ones marker),
+//!    that holds a changed region and now has a set bit gets a fresh cluster, and **the
+//!    refcounts are flushed first** (refblocks, barrier, reftable entries, barrier);
+//! 2. then the data: changed regions in place (each a whole number of 512-byte sectors at a
+//!    sector-aligned offset, except a shorter last region) and fresh clusters whole (every
+//!    region of the cluster, changed or not: the old entry said 0 or all ones, and the
+//!    in-memory bitmap holds every bit of it), sorted by offset and coalesced;
 //! 3. then the table entries that point at the fresh clusters, in place;
 //! 4. then (for [`flush`](crate::BitmapStore::flush)) one barrier.
 //!
@@ -86,49 +92,146 @@ pub(crate) struct Target {
     pub(crate) table: Vec<TableEntry>,
 }
 
-/// What one changed region needs.
+/// What a cluster whose table entry is not a data cluster needs, once one of its regions
+/// changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
-    /// Nothing: the region is all zero and its entry already says so.
+    /// Nothing: the cluster is all zero and its entry already says so.
     Nothing,
-    /// Overwrite the region's bytes in its data cluster at this offset.
-    InPlace(u64),
-    /// A fresh cluster, then a table entry pointing at it.
+    /// A fresh cluster holding the whole cluster's bytes, then a table entry pointing at it.
     Fresh,
     /// No set bit, but the entry is the all-ones marker: set the entry to 0.
     ZeroEntry,
 }
 
+/// What a cluster with table entry `entry` (0 or the all-ones marker) and serialized
+/// contents `bytes` needs.
 fn plan(entry: TableEntry, bytes: &[u8]) -> Action {
     match entry {
-        // An all-zero region keeps its cluster (zeroes are written in place): the
-        // cluster stays referenced, so nothing leaks, and the bits read back as 0.
-        TableEntry::Data(off) => Action::InPlace(off),
-        TableEntry::Zeroes if bytes.iter().all(|&b| b == 0) => Action::Nothing,
         TableEntry::Ones if bytes.iter().all(|&b| b == 0) => Action::ZeroEntry,
-        TableEntry::Zeroes | TableEntry::Ones => Action::Fresh,
+        TableEntry::Zeroes if bytes.iter().all(|&b| b == 0) => Action::Nothing,
+        _ => Action::Fresh,
     }
 }
 
-fn entry_of(t: &Target, r: u64) -> Result<TableEntry> {
-    usize::try_from(r)
+/// One planned write or entry change of a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Overwrite changed region `r` in its data cluster, at this file offset. An
+    /// all-zero region keeps its cluster (zeroes are written in place): the cluster stays
+    /// referenced, so nothing leaks, and the bits read back as 0.
+    InPlace { r: u64, off: u64 },
+    /// Cluster (table entry) `c`, whose entry is not a data cluster, needs `action`.
+    Cluster { c: u64, action: Action },
+}
+
+/// How a target's regions map onto its clusters: region `r` lies in cluster
+/// `r / per_cluster`, at byte `(r % per_cluster) × region_size` of it.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    cluster_size: u64,
+    region_size: u64,
+    per_cluster: u64,
+}
+
+impl Layout {
+    fn of(t: &Target, cluster_size: u64) -> Result<Self> {
+        let region_size = t.bitmap.region_size();
+        // Both are powers of two, so a region no larger than a cluster divides it, and
+        // every region starts at a multiple of its size (≥ 512) inside its cluster: every
+        // in-place write is sector-aligned.
+        if region_size > cluster_size || !cluster_size.is_multiple_of(region_size) {
+            return Err(invalid_input!(
+                "change-map regions of {region_size} bytes do not divide {cluster_size}-byte clusters"
+            ));
+        }
+        Ok(Self {
+            cluster_size,
+            region_size,
+            per_cluster: cluster_size / region_size,
+        })
+    }
+
+    /// The regions of cluster `c`, clipped to the bitmap.
+    fn regions_of(&self, t: &Target, c: u64) -> std::ops::Range<u64> {
+        let first = c.saturating_mul(self.per_cluster);
+        first
+            ..first
+                .saturating_add(self.per_cluster)
+                .min(t.bitmap.region_count())
+    }
+
+    /// Valid (serialized) bytes of cluster `c`: the cluster size, or less for the last one.
+    fn cluster_len(&self, t: &Target, c: u64) -> u64 {
+        t.bitmap
+            .serialized_len()
+            .saturating_sub(c.saturating_mul(self.cluster_size))
+            .min(self.cluster_size)
+    }
+}
+
+fn entry_of(t: &Target, c: u64) -> Result<TableEntry> {
+    usize::try_from(c)
         .ok()
         .and_then(|i| t.table.get(i))
         .copied()
-        .ok_or_else(|| invalid_input!("region {r} past a table of {} entries", t.table.len()))
+        .ok_or_else(|| invalid_input!("cluster {c} past a table of {} entries", t.table.len()))
 }
 
-/// What region `r` of `t` needs. Serializes it (into `scratch`) only when its entry is
-/// not a data cluster, to tell an all-zero region from one that needs a cluster.
-fn action(t: &Target, r: u64, scratch: &mut Vec<u8>) -> Result<Action> {
-    let e = entry_of(t, r)?;
-    if let TableEntry::Data(off) = e {
-        return Ok(Action::InPlace(off));
+/// Serializes regions `regions` of `bm` back to back into `out`, which must be exactly
+/// their length.
+fn serialize_regions(
+    bm: &DirtyBitmap,
+    regions: std::ops::Range<u64>,
+    out: &mut [u8],
+) -> Result<()> {
+    let mut at = 0usize;
+    for r in regions {
+        let len = bm.region_len(r) as usize;
+        let dst = out
+            .get_mut(at..at.saturating_add(len))
+            .ok_or_else(|| invalid_input!("region {r} does not fit its buffer"))?;
+        bm.serialize_region(r, dst)?;
+        at = at.saturating_add(len);
     }
-    scratch.clear();
-    scratch.resize(t.bitmap.region_len(r) as usize, 0);
-    t.bitmap.serialize_region(r, scratch)?;
-    Ok(plan(e, scratch))
+    Ok(())
+}
+
+/// The steps a flush of `regions` (taken from `t`'s change map) needs, in region order:
+/// each changed region inside a data cluster is written in place; each cluster whose entry
+/// is 0 or the all-ones marker and that holds a changed region is planned once, from all
+/// of its bytes (serialized into `scratch`), because a fresh cluster must be written whole.
+fn plan_target(
+    t: &Target,
+    regions: &ChangedRegions,
+    layout: Layout,
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    let mut last_cluster = None;
+    for r in regions.iter() {
+        let c = r / layout.per_cluster;
+        match entry_of(t, c)? {
+            TableEntry::Data(off) => steps.push(Step::InPlace {
+                r,
+                off: off
+                    .saturating_add((r % layout.per_cluster).saturating_mul(layout.region_size)),
+            }),
+            // Regions come in ascending order, so a cluster's regions are adjacent.
+            e if last_cluster != Some(c) => {
+                last_cluster = Some(c);
+                scratch.clear();
+                scratch.resize(layout.cluster_len(t, c) as usize, 0);
+                serialize_regions(&t.bitmap, layout.regions_of(t, c), scratch)?;
+                steps.push(Step::Cluster {
+                    c,
+                    action: plan(e, scratch),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(steps)
 }
 
 /// The changed-region count times the region size of every bitmap: a lock-free upper-bound
@@ -141,9 +244,9 @@ pub fn pending_estimate(bitmaps: &[Arc<DirtyBitmap>]) -> u64 {
 }
 
 /// The exact bytes a flush of `targets` would write now: the region bytes of every changed
-/// region with a data cluster, a whole cluster plus an 8-byte table entry for every region
-/// that needs a fresh cluster, 8 bytes for an all-ones entry that becomes 0. Refcount
-/// metadata is not counted, as in [`FlushStats::bytes_written`].
+/// region with a data cluster, a whole cluster plus an 8-byte table entry for every cluster
+/// that needs a fresh one, 8 bytes for an all-ones entry that becomes 0. Refcount metadata
+/// is not counted, as in [`FlushStats::bytes_written`].
 ///
 /// It takes each change map and hands every region back (with
 /// [`DirtyBitmap::requeue_changed`]) before returning, error or not, so nothing is lost.
@@ -153,12 +256,15 @@ pub(crate) fn pending_exact(targets: &[Target], cluster_size: u64) -> Result<u64
         let mut total = 0u64;
         let mut scratch = Vec::new();
         for (t, regions) in targets.iter().zip(&taken) {
-            for r in regions.iter() {
-                let n = match action(t, r, &mut scratch)? {
-                    Action::Nothing => 0,
-                    Action::InPlace(_) => t.bitmap.region_len(r),
-                    Action::Fresh => cluster_size.saturating_add(TABLE_ENTRY_LEN as u64),
-                    Action::ZeroEntry => TABLE_ENTRY_LEN as u64,
+            let layout = Layout::of(t, cluster_size)?;
+            for step in plan_target(t, regions, layout, &mut scratch)? {
+                let n = match step {
+                    Step::InPlace { r, .. } => t.bitmap.region_len(r),
+                    Step::Cluster { action, .. } => match action {
+                        Action::Nothing => 0,
+                        Action::Fresh => cluster_size.saturating_add(TABLE_ENTRY_LEN as u64),
+                        Action::ZeroEntry => TABLE_ENTRY_LEN as u64,
+                    },
                 };
                 total = total.saturating_add(n);
             }
@@ -220,13 +326,13 @@ pub(crate) fn flush<S: Storage>(
     }
 }
 
-/// One data write: region `r` of target `ti` at `off`, `len` bytes (the region's bytes,
-/// or a whole cluster with a zero tail for a fresh cluster).
-#[derive(Debug, Clone, Copy)]
+/// One data write: serialized regions `regions` of target `ti`, written at `off` as `len`
+/// bytes (the regions' bytes, or a whole cluster with a zero tail for a fresh cluster).
+#[derive(Debug, Clone)]
 struct Item {
     off: u64,
     ti: usize,
-    r: u64,
+    regions: std::ops::Range<u64>,
     len: u64,
 }
 
@@ -238,23 +344,28 @@ fn write_taken<S: Storage>(
 ) -> Result<FlushStats> {
     let cs = image.cluster_size();
     let mut items: Vec<Item> = Vec::new();
-    // (target, region) awaiting a fresh cluster.
+    // (target, cluster) awaiting a fresh cluster.
     let mut fresh: Vec<(usize, u64)> = Vec::new();
-    // (target, region, new entry).
+    // (target, cluster, new entry).
     let mut entries: Vec<(usize, u64, TableEntry)> = Vec::new();
     let mut scratch = Vec::new();
+    let mut layouts = Vec::with_capacity(targets.len());
     for (ti, (t, regions)) in targets.iter().zip(taken).enumerate() {
-        for r in regions.iter() {
-            match action(t, r, &mut scratch)? {
-                Action::Nothing => {}
-                Action::InPlace(off) => items.push(Item {
+        let layout = Layout::of(t, cs)?;
+        layouts.push(layout);
+        for step in plan_target(t, regions, layout, &mut scratch)? {
+            match step {
+                Step::InPlace { r, off } => items.push(Item {
                     off,
                     ti,
-                    r,
+                    regions: r..r.saturating_add(1),
                     len: t.bitmap.region_len(r),
                 }),
-                Action::ZeroEntry => entries.push((ti, r, TableEntry::Zeroes)),
-                Action::Fresh => fresh.push((ti, r)),
+                Step::Cluster { c, action } => match action {
+                    Action::Nothing => {}
+                    Action::ZeroEntry => entries.push((ti, c, TableEntry::Zeroes)),
+                    Action::Fresh => fresh.push((ti, c)),
+                },
             }
         }
     }
@@ -265,16 +376,16 @@ fn write_taken<S: Storage>(
         let first = image.alloc_clusters(n)?;
         image.flush_refcounts()?;
         stats.clusters_allocated = n;
-        for (k, (ti, r)) in fresh.into_iter().enumerate() {
+        for (k, (ti, c)) in fresh.into_iter().enumerate() {
             let off = first.saturating_add((k as u64).saturating_mul(cs));
             // QEMU writes whole clusters, zero past the valid bytes.
             items.push(Item {
                 off,
                 ti,
-                r,
+                regions: layouts[ti].regions_of(&targets[ti], c),
                 len: cs,
             });
-            entries.push((ti, r, TableEntry::Data(off)));
+            entries.push((ti, c, TableEntry::Data(off)));
         }
     }
     // 2. The data, sorted by offset; adjacent writes coalesced into runs of at most
@@ -300,11 +411,12 @@ fn write_taken<S: Storage>(
         buf.resize(end.saturating_sub(start) as usize, 0);
         for it in &items[i..j] {
             let at = it.off.saturating_sub(start) as usize;
-            let rl = targets[it.ti].bitmap.region_len(it.r) as usize;
+            let bm = &targets[it.ti].bitmap;
+            let valid: u64 = it.regions.clone().map(|r| bm.region_len(r)).sum();
             let dst = buf
-                .get_mut(at..at.saturating_add(rl))
-                .ok_or_else(|| invalid_input!("region {} does not fit its write", it.r))?;
-            targets[it.ti].bitmap.serialize_region(it.r, dst)?;
+                .get_mut(at..at.saturating_add(valid as usize))
+                .ok_or_else(|| invalid_input!("regions {:?} do not fit their write", it.regions))?;
+            serialize_regions(bm, it.regions.clone(), dst)?;
         }
         image.write_at(&buf, start)?;
         stats.bytes_written = stats.bytes_written.saturating_add(buf.len() as u64);
@@ -312,19 +424,19 @@ fn write_taken<S: Storage>(
     }
     // 3. The table entries, in place, sorted and coalesced.
     let mut table_writes = Vec::with_capacity(entries.len());
-    for &(ti, r, e) in &entries {
+    for &(ti, c, e) in &entries {
         let t = &targets[ti];
         let at = t
             .table_offset
-            .saturating_add(r.saturating_mul(TABLE_ENTRY_LEN as u64));
+            .saturating_add(c.saturating_mul(TABLE_ENTRY_LEN as u64));
         table_writes.push((at, e.to_raw().to_be_bytes().to_vec()));
     }
     for (off, bytes) in coalesce(table_writes) {
         image.write_at(&bytes, off)?;
         stats.bytes_written = stats.bytes_written.saturating_add(bytes.len() as u64);
     }
-    for (ti, r, e) in entries {
-        if let Some(slot) = usize::try_from(r)
+    for (ti, c, e) in entries {
+        if let Some(slot) = usize::try_from(c)
             .ok()
             .and_then(|i| targets[ti].table.get_mut(i))
         {
@@ -468,6 +580,60 @@ mod tests {
         assert_eq!(plan(TableEntry::Zeroes, &[0, 1]), Action::Fresh);
         assert_eq!(plan(TableEntry::Ones, &[0, 0]), Action::ZeroEntry);
         assert_eq!(plan(TableEntry::Ones, &[1, 0]), Action::Fresh);
-        assert_eq!(plan(TableEntry::Data(512), &[0, 0]), Action::InPlace(512));
+    }
+
+    /// 4 clusters of 4 KiB, regions of 512 B: a changed region in a data cluster is written
+    /// in place at its own offset; two changed regions of one zero-entry cluster plan that
+    /// cluster once, from all of its bytes.
+    #[test]
+    fn sub_cluster_regions_map_into_their_cluster() {
+        let cs = 4096u64;
+        // 16 KiB of bitmap at 512 B granularity: 64 MiB of disk.
+        let bm = Arc::new(DirtyBitmap::with_region_size(64 << 20, 512, 512).unwrap());
+        let t = Target {
+            bitmap: Arc::clone(&bm),
+            table_offset: 0,
+            table: vec![
+                TableEntry::Data(1 << 20),
+                TableEntry::Zeroes,
+                TableEntry::Ones,
+                TableEntry::Zeroes,
+            ],
+        };
+        let layout = Layout::of(&t, cs).unwrap();
+        assert_eq!(layout.per_cluster, 8);
+        let region_disk = 512 * 8 * 512;
+        // Region 3 (cluster 0), regions 9 and 15 (cluster 1), region 16 cleared (cluster 2).
+        bm.mark_dirty(3 * region_disk, 1);
+        bm.mark_dirty(9 * region_disk, 1);
+        bm.mark_dirty(15 * region_disk, 1);
+        bm.mark_dirty(16 * region_disk, 1);
+        bm.clear(16 * region_disk, region_disk);
+        let taken = bm.take_changed();
+        let steps = plan_target(&t, &taken, layout, &mut Vec::new()).unwrap();
+        assert_eq!(
+            steps,
+            vec![
+                Step::InPlace {
+                    r: 3,
+                    off: (1 << 20) + 3 * 512
+                },
+                Step::Cluster {
+                    c: 1,
+                    action: Action::Fresh
+                },
+                Step::Cluster {
+                    c: 2,
+                    action: Action::ZeroEntry
+                },
+            ]
+        );
+        // A region larger than the cluster cannot be placed.
+        let big = Target {
+            bitmap: Arc::new(DirtyBitmap::with_region_size(64 << 20, 512, 8192).unwrap()),
+            table_offset: 0,
+            table: vec![TableEntry::Zeroes; 2],
+        };
+        assert!(Layout::of(&big, cs).is_err());
     }
 }

@@ -33,6 +33,13 @@ use crate::storage::Storage;
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
 pub const ACTIVE_MEMORY_LIMIT: u64 = 16 << 30;
 
+/// Bytes of serialized bitmap per change-map region of the store's in-memory bitmaps, when
+/// the cluster is at least this large (otherwise the region is the cluster). One page: a
+/// region write is a whole page of the page cache (no read-modify-write) and a whole number
+/// of 512-byte sectors. At 64 KiB granularity a region covers 2 GiB of disk, so a scattered
+/// workload rewrites 4 KiB per region it touches rather than a 64 KiB cluster per 32 GiB.
+pub const STORE_REGION_SIZE: u64 = 4096;
+
 /// Whether a bitmap's on-disk data can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitmapState {
@@ -223,6 +230,18 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
+    /// The change-map region size of this store's in-memory bitmaps: [`STORE_REGION_SIZE`],
+    /// or the cluster size if that is smaller. Either way it divides the cluster size.
+    pub fn region_size(&self) -> u64 {
+        self.image.cluster_size().min(STORE_REGION_SIZE)
+    }
+
+    /// A clean in-memory bitmap of this store's disk at granularity `g`, with the store's
+    /// region size.
+    fn new_bitmap(&self, g: u64) -> Result<DirtyBitmap> {
+        DirtyBitmap::with_region_size(self.disk_size(), g, self.region_size())
+    }
+
     fn geometry(&self) -> Result<ImageGeometry> {
         Ok(self.image.header().geometry()?)
     }
@@ -298,32 +317,41 @@ impl<S: Storage> BitmapStore<S> {
 
     fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
         let cs = self.image.cluster_size();
-        let bm =
-            DirtyBitmap::with_region_size(self.disk_size(), 1u64 << entry.granularity_bits, cs)?;
+        let bm = self.new_bitmap(1u64 << entry.granularity_bits)?;
         let table = self.read_table(entry)?;
-        if table.len() as u64 != bm.region_count() {
+        let clusters = bm.serialized_len().div_ceil(cs);
+        if table.len() as u64 != clusters {
             return Err(invalid_input!(
                 "bitmap {:?}: table of {} entries for {} clusters of data",
                 entry.name,
                 table.len(),
-                bm.region_count()
+                clusters
             ));
         }
-        let mut buf = Vec::new();
-        for (r, t) in table.iter().enumerate() {
-            let r = r as u64;
-            let len = bm.region_len(r);
-            match *t {
-                TableEntry::Zeroes => {}
+        let per_cluster = cs / bm.region_size();
+        let mut ones = Vec::new();
+        for (c, t) in table.iter().enumerate() {
+            let c = c as u64;
+            let len = bm
+                .serialized_len()
+                .saturating_sub(c.saturating_mul(cs))
+                .min(cs);
+            let data = match *t {
+                TableEntry::Zeroes => continue,
                 TableEntry::Ones => {
-                    buf.clear();
-                    buf.resize(len as usize, 0xFF);
-                    bm.load_region(r, &buf)?;
+                    ones.resize(len as usize, 0xFF);
+                    &ones[..len as usize]
                 }
                 TableEntry::Data(off) => {
-                    let data = read_metadata(self.image.storage(), "bitmap data", off, len)?;
-                    bm.load_region(r, &data)?;
+                    &read_metadata(self.image.storage(), "bitmap data", off, len)?[..]
                 }
+            };
+            let first = c.saturating_mul(per_cluster);
+            let mut at = 0usize;
+            for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.load_region(r, &data[at..at + rl])?;
+                at += rl;
             }
         }
         // What was just loaded is what is on disk.
@@ -388,16 +416,24 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
-    /// (zero-filled past the valid bytes), then the table. Returns the table offset.
+    /// (zero-filled past the valid bytes), then the table. Returns the table offset. `bm`
+    /// has this store's region size.
     fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
         let cs = self.image.cluster_size();
         let cb = self.image.header().cluster_bits;
-        let mut entries = Vec::with_capacity(bm.region_count() as usize);
+        let per_cluster = cs / bm.region_size();
+        let clusters = bm.serialized_len().div_ceil(cs);
+        let mut entries = Vec::with_capacity(clusters as usize);
         let mut buf = vec![0u8; cs as usize];
-        for r in 0..bm.region_count() {
-            let len = bm.region_len(r) as usize;
+        for c in 0..clusters {
             buf.fill(0);
-            bm.serialize_region(r, &mut buf[..len])?;
+            let first = c * per_cluster;
+            let mut at = 0usize;
+            for r in first..(first + per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.serialize_region(r, &mut buf[at..at + rl])?;
+                at += rl;
+            }
             if buf.iter().all(|&b| b == 0) {
                 entries.push(TableEntry::Zeroes);
             } else {
@@ -578,7 +614,7 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let mem = if self.active {
-            let m = DirtyBitmap::with_region_size(disk, granularity, cs)?;
+            let m = self.new_bitmap(granularity)?;
             m.set_enabled(enabled);
             Some(Arc::new(m))
         } else {
@@ -659,12 +695,11 @@ impl<S: Storage> BitmapStore<S> {
                 self.disk_size()
             ));
         }
-        let cs = self.image.cluster_size();
         let owned;
-        let bm = if bitmap.region_size() == cs {
+        let bm = if bitmap.region_size() == self.region_size() {
             bitmap
         } else {
-            let b = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+            let b = self.new_bitmap(g)?;
             b.merge_from(bitmap)?;
             owned = b;
             &owned
@@ -711,12 +746,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(p) = &self.slots[i].parked {
             p.clear(0, self.disk_size());
         }
-        let e = &self.slots[i].entry;
-        let empty = DirtyBitmap::with_region_size(
-            self.disk_size(),
-            1u64 << e.granularity_bits,
-            self.image.cluster_size(),
-        )?;
+        let empty = self.new_bitmap(1u64 << self.slots[i].entry.granularity_bits)?;
         self.rewrite(i, &empty, false)
     }
 
@@ -781,8 +811,7 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let g = 1u64 << self.slots[i].entry.granularity_bits;
-        let cs = self.image.cluster_size();
-        let converted = DirtyBitmap::with_region_size(self.disk_size(), g, cs)?;
+        let converted = self.new_bitmap(g)?;
         for (off, len) in src.dirty_extents() {
             converted.mark_dirty(off, len);
         }
@@ -921,6 +950,38 @@ impl<S: Storage> BitmapStore<S> {
         Ok(())
     }
 
+    /// Rewrites only the flags of directory entries in place, with one barrier, when a torn
+    /// write cannot mix an entry: `entries` must differ from the directory on disk only in
+    /// flags, and every entry's changed bytes must lie in one 512-byte sector of the file.
+    /// The flags word is 4 bytes at offset 12 of an entry, entries are 8-byte aligned and
+    /// the directory starts on a cluster, so the word never straddles a sector; a sector
+    /// lands whole or not at all (the crash model of `docs/CRASH-CONSISTENCY.md`, the same
+    /// one the header commit relies on). So after a crash every entry reads as wholly old or
+    /// wholly new, never a mix, and the caller need not clear autoclear bit 0 around it.
+    /// Falls back to [`write_directory_in_place`](Self::write_directory_in_place) (three
+    /// barriers) when the check fails.
+    ///
+    /// The caller must have made durable everything a new entry vouches for before this
+    /// (for clearing `in_use`: every data write), since this write may land at any moment.
+    fn write_flags_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, _) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let old_entries = self.current_entries();
+        let old = encode_directory(&old_entries, &geo)?;
+        let new = encode_directory(&entries, &geo)?;
+        if !flags_only_change(dir_off, &old_entries, &entries, &old, &new) {
+            return self.write_directory_in_place(entries);
+        }
+        self.image.write_at(&new, dir_off)?;
+        self.image.sync()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+
     /// The flush targets of an active store: every in-memory bitmap with its table.
     fn flush_targets(&self) -> Result<Vec<flush::Target>> {
         let mut out = Vec::new();
@@ -951,12 +1012,16 @@ impl<S: Storage> BitmapStore<S> {
     /// clean, exactly as QEMU would read it, and the store is inactive.
     ///
     /// Write order (crash reasoning in `docs/CRASH-CONSISTENCY.md`):
-    /// 1. the remaining changed regions, as in [`flush`](Self::flush) but without its own
-    ///    barrier (still `in_use`: a crash leaves the bitmaps inconsistent);
-    /// 2. autoclear bit 0 cleared, barrier: this barrier also makes step 1 durable;
-    /// 3. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
-    ///    state, barrier (untrusted until 4);
-    /// 4. autoclear bit 0 set, barrier: the commit point.
+    /// 1. the remaining changed regions, as in [`flush`](Self::flush), then a barrier if
+    ///    anything was written (still `in_use`: a crash leaves the bitmaps inconsistent);
+    /// 2. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
+    ///    state, barrier: the commit point. Only the 4-byte flags words change, each inside
+    ///    one sector, so a torn write leaves every entry old (`in_use`) or new (clean, its
+    ///    data durable since 1). If the directory ever changed otherwise, QEMU's dance
+    ///    (autoclear bit 0 cleared, directory, bit 0 set) is used instead.
+    ///
+    /// Two barriers (one if nothing remained), plus the refcount flush if the remainder
+    /// allocates.
     ///
     /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
     /// Does nothing if not active.
@@ -987,7 +1052,8 @@ impl<S: Storage> BitmapStore<S> {
 
     fn inactivate_incremental(&mut self) -> Result<FlushStats> {
         let mut targets = self.flush_targets()?;
-        let stats = flush::flush(&mut self.image, &mut targets, false)?;
+        // With its barrier: the data is durable before any entry says clean.
+        let stats = flush::flush(&mut self.image, &mut targets, true)?;
         if self.slots.iter().any(|s| s.mem.is_some()) {
             let mut entries = self.current_entries();
             for (e, s) in entries
@@ -999,7 +1065,7 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
-            self.write_directory_in_place(entries.clone())?;
+            self.write_flags_in_place(entries.clone())?;
             // A mark that arrived after step 1 took its region is in memory only, while
             // the directory now says clean. Put `in_use` back and stay active, so the disk
             // never claims a bit it lacks; the caller must stop the writers first.
@@ -1014,7 +1080,7 @@ impl<S: Storage> BitmapStore<S> {
                         e.in_use = true;
                     }
                 }
-                self.write_directory_in_place(back)?;
+                self.write_flags_in_place(back)?;
                 return Err(Error::MarksDuringInactivate);
             }
         }
@@ -1098,6 +1164,47 @@ impl<S: Storage> BitmapStore<S> {
         self.inactivate()?;
         Ok(self.image)
     }
+}
+
+/// Whether replacing directory `old` (entries `old_e`) by `new` (entries `new_e`) at file
+/// offset `dir_off` changes only flags, with each entry's changed bytes inside one
+/// 512-byte sector, so that any sector-torn mix of the two reads every entry as wholly
+/// old or wholly new.
+fn flags_only_change(
+    dir_off: u64,
+    old_e: &[DirEntry],
+    new_e: &[DirEntry],
+    old: &[u8],
+    new: &[u8],
+) -> bool {
+    const SECTOR: u64 = 512;
+    if old.len() != new.len() || old_e.len() != new_e.len() {
+        return false;
+    }
+    let same_but_flags = old_e.iter().zip(new_e).all(|(a, b)| {
+        a.name == b.name
+            && a.table_offset == b.table_offset
+            && a.table_size == b.table_size
+            && a.granularity_bits == b.granularity_bits
+    });
+    if !same_but_flags {
+        return false;
+    }
+    let mut at = 0u64;
+    for e in old_e {
+        let end = at.saturating_add(e.encoded_len());
+        let mut sector = None;
+        for i in at..end.min(old.len() as u64) {
+            if old[i as usize] != new[i as usize] {
+                let s = dir_off.saturating_add(i) / SECTOR;
+                if *sector.get_or_insert(s) != s {
+                    return false;
+                }
+            }
+        }
+        at = end;
+    }
+    true
 }
 
 mod live;

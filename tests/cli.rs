@@ -795,3 +795,218 @@ fn demo_leaves_an_image_qemu_accepts() {
     assert!(text.contains("qemu-img is not installed"), "{text}");
     assert!(text.contains("verified: reopened"), "{text}");
 }
+
+// ---- dbm bench flush ----
+
+/// A minimal XML well-formedness check: one root element, balanced and properly nested
+/// tags, quoted attribute values, `&` only in the five predefined entities, no raw `<` in
+/// text or values. Returns the root element's name.
+fn xml_root(doc: &str) -> Result<String, String> {
+    fn entities_ok(s: &str) -> bool {
+        let mut rest = s;
+        while let Some(i) = rest.find('&') {
+            rest = &rest[i..];
+            if !["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"]
+                .iter()
+                .any(|e| rest.starts_with(e))
+            {
+                return false;
+            }
+            rest = &rest[1..];
+        }
+        true
+    }
+    let mut s = doc.trim_start();
+    if let Some(rest) = s.strip_prefix("<?xml") {
+        let end = rest.find("?>").ok_or("unterminated prolog")?;
+        s = rest[end + 2..].trim_start();
+    }
+    let mut stack: Vec<String> = Vec::new();
+    let mut root = None;
+    while !s.is_empty() {
+        if let Some(rest) = s.strip_prefix("</") {
+            let end = rest.find('>').ok_or("unterminated end tag")?;
+            let name = rest[..end].trim();
+            if stack.pop().as_deref() != Some(name) {
+                return Err(format!("mismatched </{name}>"));
+            }
+            s = &rest[end + 1..];
+        } else if let Some(rest) = s.strip_prefix('<') {
+            let end = rest.find('>').ok_or("unterminated tag")?;
+            let mut inner = &rest[..end];
+            let empty = inner.ends_with('/');
+            if empty {
+                inner = &inner[..inner.len() - 1];
+            }
+            let name_end = inner
+                .find(|c: char| c.is_whitespace())
+                .unwrap_or(inner.len());
+            let name = &inner[..name_end];
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "-_:".contains(c))
+            {
+                return Err(format!("bad element name {name:?}"));
+            }
+            // Attributes: name="value" pairs.
+            let mut attrs = inner[name_end..].trim();
+            while !attrs.is_empty() {
+                let eq = attrs
+                    .find("=\"")
+                    .ok_or(format!("bad attribute in <{name}>"))?;
+                let an = attrs[..eq].trim();
+                if an.is_empty() || an.contains(char::is_whitespace) {
+                    return Err(format!("bad attribute name {an:?}"));
+                }
+                let v = &attrs[eq + 2..];
+                let close = v.find('"').ok_or("unterminated attribute value")?;
+                if v[..close].contains('<') || !entities_ok(&v[..close]) {
+                    return Err(format!("bad attribute value {:?}", &v[..close]));
+                }
+                attrs = v[close + 1..].trim_start();
+            }
+            if stack.is_empty() {
+                if root.is_some() {
+                    return Err("a second root element".into());
+                }
+                root = Some(name.to_string());
+            }
+            if !empty {
+                stack.push(name.to_string());
+            }
+            s = &rest[end + 1..];
+        } else {
+            let end = s.find('<').unwrap_or(s.len());
+            let t = &s[..end];
+            if stack.is_empty() && !t.trim().is_empty() {
+                return Err("text outside the root".into());
+            }
+            if !entities_ok(t) || t.contains('>') && stack.is_empty() {
+                return Err(format!("bad text {t:?}"));
+            }
+            s = &s[end..];
+        }
+    }
+    if !stack.is_empty() {
+        return Err(format!("unclosed <{}>", stack.join("> <")));
+    }
+    root.ok_or_else(|| "no root element".into())
+}
+
+#[test]
+fn xml_check_rejects_broken_documents() {
+    assert_eq!(xml_root("<a x=\"1\"><b/>t &amp; u</a>").unwrap(), "a");
+    for bad in [
+        "<a><b></a></b>",
+        "<a>",
+        "<a x=1/>",
+        "<a>&x;</a>",
+        "<a/><b/>",
+        "<a>1 < 2</a>",
+    ] {
+        assert!(xml_root(bad).is_err(), "{bad}");
+    }
+}
+
+/// Rows `| a | b | ... |` of a Markdown table whose first cell is `first`, as cells.
+fn rows_starting<'a>(out: &'a str, first: &str) -> Vec<Vec<&'a str>> {
+    out.lines()
+        .filter(|l| l.starts_with("| "))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(str::trim)
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| c.first() == Some(&first))
+        .collect()
+}
+
+/// `dbm bench flush --quick` on a 1 TiB disk (512 regions of 4 KiB per bitmap): every table
+/// row is there for 1 and 2 bitmaps, the byte counts follow from the geometry (one changed
+/// region writes 4 KiB per bitmap in place; QEMU's strategy rewrites all 32 data clusters
+/// and the 256-byte table), QEMU's own store grew the file, and the plot is a well-formed
+/// SVG with one line per strategy and bitmap count.
+#[test]
+fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
+    tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("plot.svg");
+    let out = dbm_ok(&[
+        "bench",
+        "flush",
+        "--quick",
+        "--disk-size",
+        "1T",
+        "--bitmaps",
+        "1,2",
+        "--seed",
+        "7",
+        "--dir",
+        p(dir.path()),
+        "--svg",
+        p(&svg),
+    ]);
+    let strategies = [
+        "incremental inactivate",
+        "physical floor, in place",
+        "physical floor, appended",
+        "full rewrite (QEMU's strategy)",
+    ];
+    let bytes = |row: &[&str], col: usize| -> u64 { row[col].parse().unwrap() };
+    for n in [1u64, 2] {
+        let ns = n.to_string();
+        let rows = rows_starting(&out, &ns);
+        // Setup row, 2 stop modes × 4 strategies, 3 fractions × 4 strategies, QEMU's row.
+        let setup: Vec<_> = rows.iter().filter(|r| r.len() == 6).collect();
+        assert_eq!(setup.len(), 1, "{out}");
+        assert_eq!((setup[0][1], setup[0][2]), ("512", "4096"), "{out}");
+        let workload: Vec<_> = rows.iter().filter(|r| r.len() == 11).collect();
+        for mode in ["timer", "prepare_stop"] {
+            for s in strategies {
+                assert_eq!(
+                    workload
+                        .iter()
+                        .filter(|r| r[1] == "100" && r[2] == mode && r[7] == s)
+                        .count(),
+                    1,
+                    "{n} {mode} {s}\n{out}"
+                );
+            }
+        }
+        let fractions: Vec<_> = rows.iter().filter(|r| r.len() == 7).collect();
+        for k in ["1", "64", "512"] {
+            for s in strategies {
+                assert_eq!(
+                    fractions.iter().filter(|r| r[1] == k && r[3] == s).count(),
+                    1,
+                    "{n} k={k} {s}\n{out}"
+                );
+            }
+        }
+        let one = |s: &str| *fractions.iter().find(|r| r[1] == "1" && r[3] == s).unwrap();
+        let (inc, full) = (one(strategies[0]), one(strategies[3]));
+        assert_eq!(bytes(inc, 4), 4096 * n, "one region in place per bitmap");
+        assert_eq!(
+            bytes(full, 4),
+            (32 * 65536 + 256) * n,
+            "every cluster and table"
+        );
+        assert!(bytes(inc, 4) < bytes(full, 4));
+        assert_eq!(bytes(one(strategies[1]), 4), n, "one byte per bitmap");
+        // Two barriers for the incremental stop, three for QEMU's commit.
+        assert_eq!((inc[5], full[5]), ("2", "3"), "{out}");
+        let qemu: Vec<_> = rows.iter().filter(|r| r.len() == 5).collect();
+        assert_eq!(qemu.len(), 1, "{out}");
+        assert!(
+            bytes(qemu[0], 4) >= 32 * 65536 * n,
+            "QEMU stored every cluster: {out}"
+        );
+    }
+    assert_eq!(out.matches("(target ≤ 1/50)").count(), 4, "{out}");
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(xml_root(&doc), Ok("svg".to_string()));
+    // 4 strategies + QEMU's own store, for each bitmap count.
+    assert_eq!(doc.matches("<polyline").count(), 10);
+}

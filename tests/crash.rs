@@ -15,8 +15,9 @@
 //!   ([`LEAK_WINDOWS`], the table of `docs/CRASH-CONSISTENCY.md`), and every window that can
 //!   leak must be seen leaking at least once (so the classification is not vacuous);
 //! - never be falsely clean: every bitmap is inconsistent, or holds every bit marked before
-//!   the last operation that completed before the crash point (inactivate, or an inactive
-//!   merge, clear, store or resize), clipped to the image's disk size. Inside a commit
+//!   the last operation that completed before the crash point (an inactive merge, clear,
+//!   store or resize) or the last inactivate that *started* before it (a crash part-way
+//!   through an inactivate may leave a bitmap clean only with all of its marks), clipped to the image's disk size. Inside a commit
 //!   operation, once its header write was issued, the operation's result is allowed instead:
 //!   for `clear` that is an exactly empty bitmap, for `resize` the new size with the bits
 //!   clipped to it; before that write, only the old state. The disk size is always the old
@@ -132,7 +133,8 @@ enum Req {
     Empty,
 }
 
-/// The durable state after an operation completed at op `at`.
+/// The durable state required from op `at` on: after an operation completed, or from the
+/// start of an inactivate.
 #[derive(Debug, Clone)]
 struct Checkpoint {
     at: usize,
@@ -229,9 +231,10 @@ fn run_workload(cs: u64, seed: u64) -> Run {
         }
         r
     };
+    let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     cps.push(Checkpoint {
-        at: c.op_count(),
+        at: started,
         size: DISK,
         required: required(&marks, &["a", "b"]),
     });
@@ -242,9 +245,10 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     mark_some(&t, &mut rng, DISK, 20, &mut marks);
     op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
     mark_some(&t, &mut rng, DISK, 20, &mut marks);
+    let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     cps.push(Checkpoint {
-        at: c.op_count(),
+        at: started,
         size: DISK,
         required: required(&marks, &["a", "b"]),
     });
@@ -253,10 +257,11 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     mark_some(&t, &mut rng, DISK, 5, &mut marks);
     op(c, &mut spans, Kind::Remove, || s.remove("b").unwrap());
     mark_some(&t, &mut rng, DISK, 5, &mut marks);
+    let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     let mut req = required(&marks, &["a"]);
     cps.push(Checkpoint {
-        at: c.op_count(),
+        at: started,
         size: DISK,
         required: req.clone(),
     });
@@ -325,12 +330,13 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
     op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
     mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
+    let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     if let Some(Req::Superset(a)) = req.get_mut("a") {
         a.extend(late);
     }
     cps.push(Checkpoint {
-        at: c.op_count(),
+        at: started,
         size: SHRUNK,
         required: req,
     });

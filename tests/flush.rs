@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
 use common::seeded_rng;
 use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, within_budget, StopSource};
-use dirty_bitmap::storage::{FaultPlan, FaultStorage, FileStorage, MemStorage};
+use dirty_bitmap::storage::{FaultPlan, FaultStorage, FileStorage, MemStorage, StorageExt};
 use dirty_bitmap::{
     BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, Tracker,
 };
@@ -556,4 +556,122 @@ fn a_mark_racing_inactivate_keeps_the_bitmap_in_use_instead_of_claiming_clean() 
         loaded.is_dirty(0) && loaded.is_dirty(512 << 20),
         "a mark was lost"
     );
+}
+
+/// The incremental stop commits with two barriers and never rewrites cluster 0: the
+/// remainder, a barrier, the directory's flags in place, a barrier. With nothing left, one.
+#[test]
+fn inactivate_commits_with_two_barriers_and_no_header_write() {
+    let mut s = counted_store();
+    s.add("a", G, true).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    t.mark(0, 1);
+    s.flush().unwrap();
+    t.mark(7 * G, 1);
+    let header = s.image().storage().inner().read_vec_at(0, 512).unwrap();
+    let (w0, y0) = (writes(&s), s.image().storage().syncs());
+    let st = s.inactivate().unwrap();
+    assert_eq!((st.bytes_written, st.syncs), (CS, 2));
+    assert_eq!(
+        (writes(&s) - w0, s.image().storage().syncs() - y0),
+        (2, 2),
+        "one region, one directory write"
+    );
+    assert_eq!(
+        s.image().storage().inner().read_vec_at(0, 512).unwrap(),
+        header,
+        "cluster 0 untouched"
+    );
+    s.activate().unwrap();
+    let st = s.inactivate().unwrap();
+    assert_eq!((st.bytes_written, st.syncs), (0, 1));
+    let s = reopen(s);
+    assert!(s.image().check().unwrap().is_clean());
+    assert_eq!(extents(&s.load("a").unwrap()), vec![(0, G), (7 * G, G)]);
+}
+
+/// The table entries of bitmap `name`, rewritten to the spec's all-ones marker (1), so
+/// that QEMU and we read every bit as set. The table must hold only zero entries (no data
+/// cluster leaks).
+fn patch_all_ones(img: &std::path::Path, name: &str) {
+    use dirty_bitmap::storage::Storage;
+    let st = FileStorage::open(img, true).unwrap();
+    let image = dirty_bitmap::Image::open(&st, false).unwrap();
+    let ext = image.area().bitmaps.unwrap();
+    let bytes = st
+        .read_vec_at(ext.directory_offset, ext.directory_size)
+        .unwrap();
+    let geo = image.header().geometry().unwrap();
+    let dir = dirty_bitmap::format::decode_directory(&bytes, ext.nb_bitmaps, &geo).unwrap();
+    let e = dir.iter().find(|e| e.name == name).unwrap();
+    let table = st
+        .read_vec_at(e.table_offset, u64::from(e.table_size) * 8)
+        .unwrap();
+    assert!(table.iter().all(|&b| b == 0), "the table must be empty");
+    let ones: Vec<u8> = (0..e.table_size).flat_map(|_| 1u64.to_be_bytes()).collect();
+    st.write_all_at(&ones, e.table_offset).unwrap();
+    st.sync_data().unwrap();
+}
+
+/// All-ones table entries (the spec's marker; QEMU reads them, never writes them): we load
+/// them as every bit set, `qemu-img check` stays clean, and with 4 KiB regions inside
+/// 64 KiB clusters a change to one region of an all-ones cluster writes the whole cluster
+/// fresh, a change inside a data cluster writes only its region. QEMU agrees bit for bit
+/// afterwards and stores over it cleanly.
+#[test]
+fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ones.qcow2");
+    // 512 B granularity, 64 KiB clusters: each cluster of bitmap covers 256 MiB, each 4 KiB
+    // region 16 MiB; 1 GiB = 4 clusters.
+    let disk = 1024 * MIB;
+    let cluster_disk = 256 * MIB;
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    s.add("b", G, true).unwrap();
+    drop(s);
+    patch_all_ones(&img, "b");
+    assert_qemu_clean(&img);
+    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    assert_eq!(s.region_size(), 4096);
+    assert_eq!(extents(&s.load("b").unwrap()), vec![(0, disk)]);
+    assert_eq!(nbd_dirty(&img, "b"), vec![(0, disk)]);
+
+    s.activate().unwrap();
+    let bm = s.bitmap("b").unwrap();
+    // Cluster 1: one region cleared (all-ones entry: the whole cluster goes fresh).
+    bm.clear(cluster_disk + 16 * MIB, 16 * MIB);
+    // Cluster 2: cleared whole (the entry becomes 0, nothing written but 8 bytes).
+    bm.clear(2 * cluster_disk, cluster_disk);
+    assert_eq!(s.pending_exact().unwrap(), 65536 + 8 + 8);
+    let st = s.flush().unwrap();
+    assert_eq!(
+        (st.clusters_allocated, st.bytes_written),
+        (1, 65536 + 8 + 8)
+    );
+    // Cluster 1 now has data: a change in one of its regions writes 4 KiB in place.
+    bm.clear(cluster_disk + 100 * MIB, 4 * MIB);
+    // Cluster 2 is zero now: a mark there allocates a fresh cluster.
+    bm.mark_dirty(2 * cluster_disk + 5 * MIB, 1);
+    let st = s.flush().unwrap();
+    assert_eq!(
+        (st.regions, st.clusters_allocated, st.bytes_written),
+        (2, 1, 4096 + 65536 + 8)
+    );
+    let mem = bm.snapshot();
+    drop(bm);
+    s.inactivate().unwrap();
+    drop(s);
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "b"), extents(&mem));
+    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
+    drop(s);
+
+    // QEMU stores over it (open, write, store at close): still clean, and we read its store.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    assert_qemu_clean(&img);
+    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    mem.mark_dirty(0, 4096);
+    assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
 }

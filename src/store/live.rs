@@ -64,7 +64,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The exact bytes a flush would write now, allocations included (a whole cluster plus
-    /// a table entry for each region that needs a fresh cluster); refcount metadata is not
+    /// a table entry for each cluster that needs a fresh one); refcount metadata is not
     /// counted. Takes each change map, counts, and hands every region back. 0 when inactive.
     ///
     /// # Errors

@@ -159,8 +159,11 @@ impl<S: Storage> BitmapStore<S> {
             let old = self.slots[i].entry.clone();
             frees.extend(self.owned_clusters(&old)?);
             let loaded = self.load_disk(&old)?;
-            let resized =
-                DirtyBitmap::with_region_size(new_disk_size, 1u64 << old.granularity_bits, cs)?;
+            let resized = DirtyBitmap::with_region_size(
+                new_disk_size,
+                1u64 << old.granularity_bits,
+                self.region_size(),
+            )?;
             for (off, len) in loaded.dirty_extents() {
                 if off < new_disk_size {
                     resized.mark_dirty(off, len.min(new_disk_size - off));

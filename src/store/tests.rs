@@ -594,3 +594,46 @@ fn store_on_an_active_store_keeps_concurrent_marks() {
     assert!(loaded.is_dirty(MIB), "the concurrent mark was lost");
     assert!(loaded.is_dirty(2 * MIB));
 }
+
+/// The in-place flags write is taken only when nothing but flags changes; each entry's
+/// flags word sits in one sector, so a torn write keeps entries whole. Anything else falls
+/// back to the autoclear dance.
+#[test]
+fn flags_only_change_accepts_flags_and_nothing_else() {
+    let s = new_store(64 * MIB, 65536);
+    let geo = s.geometry().unwrap();
+    let entry = |name: &str, in_use: bool, auto: bool| DirEntry {
+        // Names long enough that the entries cross sector boundaries.
+        name: name.repeat(300),
+        table_offset: 65536,
+        table_size: 1,
+        granularity_bits: 16,
+        in_use,
+        auto,
+    };
+    let old_e = vec![
+        entry("a", true, true),
+        entry("b", true, false),
+        entry("c", false, true),
+    ];
+    let new_e = vec![
+        entry("a", false, false),
+        entry("b", false, false),
+        entry("c", false, true),
+    ];
+    let old = encode_directory(&old_e, &geo).unwrap();
+    let new = encode_directory(&new_e, &geo).unwrap();
+    assert!(old.len() > 512);
+    for dir_off in [0u64, 65536, 65536 * 3] {
+        assert!(flags_only_change(dir_off, &old_e, &new_e, &old, &new));
+    }
+    let mut moved = new_e.clone();
+    moved[1].table_offset = 131072;
+    let moved_b = encode_directory(&moved, &geo).unwrap();
+    assert!(!flags_only_change(0, &old_e, &moved, &old, &moved_b));
+    assert!(!flags_only_change(0, &old_e, &new_e[..2], &old, &new));
+    // Bytes that differ outside the flags in two sectors of one entry: refused.
+    let mut torn = new.clone();
+    torn[600] ^= 1;
+    assert!(!flags_only_change(0, &old_e, &new_e, &old, &torn));
+}

@@ -3,6 +3,7 @@
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
 //! exits 2 (corrupt) or 3 (leaks only). Nothing here panics on bad input.
 
+mod bench;
 mod bitmap_cmd;
 mod check;
 mod create;
@@ -54,6 +55,8 @@ enum Command {
     /// Activate an image and mark random 4 KiB writes at a steady rate with background
     /// flushes, then prepare_stop and inactivate; print the flush statistics.
     Workload(workload::WorkloadArgs),
+    /// Run a benchmark and print its table (`dbm bench flush`).
+    Bench(bench::BenchArgs),
 }
 
 /// Options of `dbm demo`.
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Mark(args) => mark::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Workload(args) => workload::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,33 @@
+//! `dbm bench`: measurements that print a table (and draw a plot) in one run, for
+//! `docs/BENCHMARKS.md`. One subcommand per benchmark.
+
+#[path = "bench_flush.rs"]
+mod flush;
+#[path = "plot.rs"]
+pub mod plot;
+
+use clap::Subcommand;
+
+use crate::CmdResult;
+
+/// Options of `dbm bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: Bench,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Stop-time cost of the incremental flush on a 16 TiB bitmap-only image, side by side
+    /// with QEMU's whole rewrite, the physical floor and QEMU's own store.
+    Flush(flush::FlushArgs),
+}
+
+/// Runs the chosen benchmark.
+pub fn run(args: &BenchArgs) -> CmdResult {
+    match &args.which {
+        Bench::Flush(a) => flush::run(a),
+    }
+}

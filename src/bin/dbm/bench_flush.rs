@@ -1,0 +1,924 @@
+//! `dbm bench flush`: what stopping costs on a 16 TiB bitmap-only image (issue 4 §5).
+//!
+//! Setup, per bitmap count: a sparse bitmap-only qcow2 image (64 KiB clusters) with that
+//! many bitmaps at `--granularity`, activated, every bit marked (fully dirty) and flushed,
+//! so that every data cluster exists, as after a long run. A plain "floor" file holds the
+//! same serialized bitmaps.
+//!
+//! A fully dirty bitmap does not change under marks alone. So each guest write *churns*
+//! its granule: it clears it (as a backup job does when it copies a granule) and marks it
+//! again. The bit ends set, but its region changed and must reach the disk again.
+//!
+//! What is timed at each stop, side by side on the same bitmaps in the same run:
+//! 1. `inactivate()`: the incremental stop (what changed since the last flush, then the
+//!    directory's flags);
+//! 2. the physical floor: exactly the bytes the writes touched since the last flush,
+//!    written at their offsets in the plain file, then one `fdatasync` ("in place"); and
+//!    the same bytes appended to an empty file, then one `fdatasync` ("appended", the floor
+//!    of any layout);
+//! 3. QEMU's strategy, `inactivate_full_rewrite()`: every non-zero cluster into fresh
+//!    clusters, a new table and directory, one header commit (after an untimed
+//!    `activate()` on the same bitmaps).
+//!
+//! Two sweeps: the flush interval (the writer runs with background flushes, then the VM
+//! stops one whole interval after the last flush, the worst case of the timer), and the
+//! changed fraction (from 1 changed region to every region, no writer). Last, QEMU's own
+//! store: a fresh image whose table entries are all the all-ones marker (QEMU loads a fully
+//! dirty bitmap), `qemu-io -c 'write 0 4k'` (open, write, store at close) against
+//! `qemu-io -r -c 'read 0 4k'`.
+
+use std::error::Error;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use dirty_bitmap::storage::{FileStorage, Storage, StorageExt};
+use dirty_bitmap::{BitmapStore, FlushPolicy, Tracker};
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use super::plot::{Chart, Series};
+use crate::size::parse_size;
+use crate::CmdResult;
+
+/// Guest write size.
+const WRITE: u64 = 4096;
+/// Cluster size of the images.
+const CLUSTER: u64 = 65536;
+
+/// Options of `dbm bench flush`.
+#[derive(Debug, clap::Args)]
+pub struct FlushArgs {
+    /// Directory for the images (default: a temporary directory; removed afterwards either
+    /// way).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Virtual disk size (suffixes K, M, G, T).
+    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// Bytes of disk per bit.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub granularity: u64,
+    /// Bitmap counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
+    pub bitmaps: Vec<usize>,
+    /// Random 4 KiB guest writes per second.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Burst mode: the writer marks as fast as it can instead of at --rate.
+    #[arg(long)]
+    pub burst: bool,
+    /// Background flush interval in ms: the interval the targets are judged at.
+    #[arg(long, default_value_t = 100)]
+    pub flush_interval: u64,
+    /// Flush intervals to sweep, in ms (comma-separated; --flush-interval is added).
+    #[arg(long, value_delimiter = ',', default_values_t = [10u64, 1000])]
+    pub sweep_intervals: Vec<u64>,
+    /// Pending bytes per bitmap that `prepare_stop` flushes down to (while the writer runs)
+    /// before the VM stops, in the second stop mode.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub stop_budget: u64,
+    /// Seconds the writer runs with background flushes before each stop.
+    #[arg(long, default_value_t = 0.5)]
+    pub run_secs: f64,
+    /// Repetitions of every measurement; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Write the plot (stop time against changed fraction) to this SVG file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// A short run: no interval sweep, 0.3 s of writes, 1 repetition, 3 fraction points.
+    #[arg(long)]
+    pub quick: bool,
+    /// Do not time QEMU's own store (needs qemu-io otherwise).
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Random seed (default: random; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+type Res<T> = Result<T, Box<dyn Error>>;
+type Shared = Arc<Mutex<BitmapStore<FileStorage>>>;
+
+/// Bytes, barriers and wall time of one stop strategy.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    bytes: u64,
+    syncs: u64,
+    ms: f64,
+}
+
+/// One stop, every strategy measured on the same state.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stop {
+    /// Guest writes since the last flush.
+    writes: u64,
+    /// Changed regions over all bitmaps at the stop.
+    regions: u64,
+    inc: Cost,
+    floor: Cost,
+    appended: Cost,
+    full: Cost,
+}
+
+/// Picks one strategy's cost out of a stop.
+type Pick = fn(&Stop) -> Cost;
+
+/// The strategies, in table order.
+const STRATEGIES: [(&str, Pick); 4] = [
+    ("incremental inactivate", |s| s.inc),
+    ("physical floor, in place", |s| s.floor),
+    ("physical floor, appended", |s| s.appended),
+    ("full rewrite (QEMU's strategy)", |s| s.full),
+];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn median_u(v: Vec<u64>) -> u64 {
+    median(v.into_iter().map(|x| x as f64).collect()).round() as u64
+}
+
+/// The median of every field over repetitions.
+fn median_stop(runs: &[Stop]) -> Stop {
+    let m = |f: Pick| Cost {
+        bytes: median_u(runs.iter().map(|s| f(s).bytes).collect()),
+        syncs: median_u(runs.iter().map(|s| f(s).syncs).collect()),
+        ms: median(runs.iter().map(|s| f(s).ms).collect()),
+    };
+    Stop {
+        writes: median_u(runs.iter().map(|s| s.writes).collect()),
+        regions: median_u(runs.iter().map(|s| s.regions).collect()),
+        inc: m(|s| s.inc),
+        floor: m(|s| s.floor),
+        appended: m(|s| s.appended),
+        full: m(|s| s.full),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The writer thread's controls and its log of churned granules since the last flush.
+#[derive(Debug, Default)]
+struct Writer {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    paused: AtomicBool,
+    writes: AtomicU64,
+    log: Mutex<Vec<u64>>,
+}
+
+/// Clears granule `granule` in every bitmap, then marks a write on it: the bit ends set and
+/// its region changed.
+fn churn(t: &Tracker, g: u64, granule: u64, len: u64) {
+    let off = granule * g;
+    for b in t.bitmaps() {
+        b.clear(off, g);
+    }
+    t.mark(off, len);
+}
+
+fn spawn_writer(
+    w: Arc<Writer>,
+    t: Tracker,
+    disk: u64,
+    g: u64,
+    rate: Option<u64>,
+    seed: u64,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut start = Instant::now();
+        let mut done = 0u64;
+        while !w.stop.load(Ordering::SeqCst) {
+            if w.pause.load(Ordering::SeqCst) {
+                w.paused.store(true, Ordering::SeqCst);
+                while w.pause.load(Ordering::SeqCst) && !w.stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_micros(100));
+                }
+                w.paused.store(false, Ordering::SeqCst);
+                (start, done) = (Instant::now(), 0);
+                continue;
+            }
+            if let Some(rate) = rate {
+                let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                if done >= due {
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                // A writer descheduled for a while does not catch up in one burst: at most
+                // 10 ms of writes are owed.
+                let owed_max = (rate / 100).max(1);
+                if due - done > owed_max {
+                    done = due - owed_max;
+                }
+            }
+            let off = rng.random_range(0..disk / WRITE) * WRITE;
+            churn(&t, g, off / g, WRITE);
+            w.log.lock().push(off / g);
+            done += 1;
+            w.writes.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+/// One bitmap count's image, floor file and shared store.
+struct Rig {
+    n: usize,
+    store: Shared,
+    tracker: Tracker,
+    floor: File,
+    dir: PathBuf,
+    /// Serialized bytes of one bitmap.
+    ser_len: u64,
+    /// Change-map regions of one bitmap, and their size.
+    regions: u64,
+    region_size: u64,
+    first_flush: Cost,
+}
+
+fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
+    let dir = dir.join(format!("bitmaps-{n}"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("image.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
+    for i in 0..n {
+        s.add(&format!("b{i}"), g, true)?;
+    }
+    s.activate()?;
+    let tracker = s.tracker()?;
+    tracker.mark(0, disk);
+    let st = s.flush()?;
+    let first_flush = Cost {
+        bytes: st.bytes_written,
+        syncs: st.syncs,
+        ms: ms(st.duration),
+    };
+    let bm = s.bitmap("b0")?;
+    let (ser_len, regions, region_size) =
+        (bm.serialized_len(), bm.region_count(), bm.region_size());
+    drop(bm);
+    // The floor file: the same serialized bitmaps (all ones), durable.
+    let floor = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join("floor.bin"))?;
+    let chunk = vec![0xFFu8; 8 << 20];
+    let total = ser_len * n as u64;
+    let mut at = 0;
+    while at < total {
+        let len = (total - at).min(chunk.len() as u64) as usize;
+        floor.write_all_at(&chunk[..len], at)?;
+        at += len as u64;
+    }
+    floor.sync_data()?;
+    Ok(Rig {
+        n,
+        store: Arc::new(Mutex::new(s)),
+        tracker,
+        floor,
+        dir,
+        ser_len,
+        regions,
+        region_size,
+        first_flush,
+    })
+}
+
+/// Times every strategy on the rig's current state. `granules`: the granules churned since
+/// the last flush. The store is active before and after.
+fn measure_stop(rig: &Rig, granules: &[u64], writes: u64) -> Res<Stop> {
+    let mut s = rig.store.lock();
+    let regions = s.bitmaps().iter().map(|b| b.changed_region_count()).sum();
+    let st = s.inactivate()?;
+    let inc = Cost {
+        bytes: st.bytes_written,
+        syncs: st.syncs,
+        ms: ms(st.duration),
+    };
+    // The floor: the distinct bytes the writes touched, in every bitmap.
+    let mut bytes: Vec<u64> = granules.iter().map(|g| g / 8).collect();
+    bytes.sort_unstable();
+    bytes.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for b in bytes.iter().copied() {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == b => *len += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    let count = bytes.len() as u64 * rig.n as u64;
+    let ones = vec![0xFFu8; runs.iter().map(|r| r.1).max().unwrap_or(0) as usize];
+    let t0 = Instant::now();
+    for k in 0..rig.n as u64 {
+        for &(start, len) in &runs {
+            rig.floor
+                .write_all_at(&ones[..len as usize], k * rig.ser_len + start)?;
+        }
+    }
+    rig.floor.sync_data()?;
+    let floor = Cost {
+        bytes: count,
+        syncs: 1,
+        ms: ms(t0.elapsed()),
+    };
+    let log_path = rig.dir.join("appended.bin");
+    let _ = std::fs::remove_file(&log_path);
+    let mut log = File::create(&log_path)?;
+    let buf = vec![0xFFu8; count as usize];
+    let t0 = Instant::now();
+    log.write_all(&buf)?;
+    log.sync_data()?;
+    let appended = Cost {
+        bytes: count,
+        syncs: 1,
+        ms: ms(t0.elapsed()),
+    };
+    s.activate()?;
+    let st = s.inactivate_full_rewrite()?;
+    let full = Cost {
+        bytes: st.bytes_written,
+        syncs: st.syncs,
+        ms: ms(st.duration),
+    };
+    s.activate()?;
+    Ok(Stop {
+        writes,
+        regions,
+        inc,
+        floor,
+        appended,
+        full,
+    })
+}
+
+/// How the VM stop follows the running workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopMode {
+    /// One whole flush interval after the last timer flush: the worst case of the timer.
+    Timer,
+    /// `prepare_stop` flushes (the writer still running) until at most this many bytes are
+    /// pending, then the VM stops at once.
+    Prepare(u64),
+}
+
+/// The stop loop of `prepare_stop`, with each flush noting where the writer's log stood
+/// just before it: the writes after the last such point are the ones its flush may have
+/// missed (a superset by the few microseconds before its take).
+struct LoggedStop<'a> {
+    store: &'a mut BitmapStore<FileStorage>,
+    writer: &'a Writer,
+    since: usize,
+}
+
+impl dirty_bitmap::flush::StopSource for LoggedStop<'_> {
+    fn estimate(&mut self) -> u64 {
+        self.store.pending_estimate()
+    }
+    fn exact(&mut self) -> dirty_bitmap::Result<u64> {
+        self.store.pending_exact()
+    }
+    fn flush(&mut self) -> dirty_bitmap::Result<dirty_bitmap::FlushStats> {
+        self.since = self.writer.log.lock().len();
+        self.store.flush()
+    }
+}
+
+/// What one workload run ended with.
+struct WorkloadRun {
+    stop: Stop,
+    /// Writes per second the writer achieved.
+    rate: f64,
+    /// Background flushes, plus the stop loop's rounds in [`StopMode::Prepare`].
+    flushes: u64,
+    /// Whether the stop loop reached its budget (always true for [`StopMode::Timer`]).
+    converged: bool,
+}
+
+/// Runs the writer with background flushes for `run`, stops the VM as `mode` says, and
+/// measures the stop.
+#[allow(clippy::too_many_arguments)]
+fn workload_stop(
+    rig: &Rig,
+    disk: u64,
+    g: u64,
+    interval: Duration,
+    run: Duration,
+    rate: Option<u64>,
+    mode: StopMode,
+    seed: u64,
+) -> Res<WorkloadRun> {
+    let w = Arc::new(Writer::default());
+    let writer = spawn_writer(Arc::clone(&w), rig.tracker.clone(), disk, g, rate, seed);
+    let flusher = FlushPolicy::every(interval).spawn(Arc::clone(&rig.store))?;
+    let t0 = Instant::now();
+    thread::sleep(run);
+    let mut rounds = 0;
+    let mut converged = true;
+    let (before, granules) = match mode {
+        StopMode::Timer => {
+            // The last flush: the writer pauses so that the log holds exactly what follows.
+            w.pause.store(true, Ordering::SeqCst);
+            while !w.paused.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_micros(100));
+            }
+            let policy = flusher.stop()?;
+            rounds += u32::try_from(policy.flushes).unwrap_or(u32::MAX);
+            rig.store.lock().flush()?;
+            w.log.lock().clear();
+            let before = w.writes.load(Ordering::Relaxed);
+            w.pause.store(false, Ordering::SeqCst);
+            thread::sleep(interval);
+            w.stop.store(true, Ordering::SeqCst);
+            (before, 0)
+        }
+        StopMode::Prepare(budget) => {
+            let policy = flusher.stop()?;
+            rounds += u32::try_from(policy.flushes).unwrap_or(u32::MAX);
+            let mut s = rig.store.lock();
+            let mut src = LoggedStop {
+                store: &mut s,
+                writer: &w,
+                since: 0,
+            };
+            dirty_bitmap::flush::StopSource::flush(&mut src)?;
+            let before_idx = src.since;
+            let report = dirty_bitmap::flush::run_stop_loop(&mut src, budget * rig.n as u64)?;
+            let since = src.since.max(before_idx);
+            // The VM stops now.
+            w.stop.store(true, Ordering::SeqCst);
+            rounds += report.rounds;
+            converged = report.converged;
+            (0, since)
+        }
+    };
+    writer.join().map_err(|_| "the writer thread panicked")?;
+    let ran = t0.elapsed();
+    let total = w.writes.load(Ordering::Relaxed);
+    let granules: Vec<u64> = w.log.lock().split_off(granules);
+    let writes = match mode {
+        StopMode::Timer => total - before,
+        StopMode::Prepare(_) => granules.len() as u64,
+    };
+    let stop = measure_stop(rig, &granules, writes)?;
+    Ok(WorkloadRun {
+        stop,
+        rate: total as f64 / ran.as_secs_f64(),
+        flushes: u64::from(rounds),
+        converged,
+    })
+}
+
+/// Churns one granule in each of `k` evenly spaced regions, then measures the stop.
+fn fraction_stop(rig: &Rig, g: u64, k: u64) -> Res<Stop> {
+    let mut granules = Vec::with_capacity(k as usize);
+    for i in 0..k {
+        let r = i * rig.regions / k;
+        let granule = r * rig.region_size * 8;
+        churn(&rig.tracker, g, granule, g);
+        granules.push(granule);
+    }
+    measure_stop(rig, &granules, k)
+}
+
+/// Sets every table entry of every bitmap in the image at `path` to 1, the spec's
+/// all-ones marker. The tables must be empty (all 0), so no data cluster leaks.
+fn patch_all_ones(path: &Path) -> Res<()> {
+    let st = FileStorage::open(path, true)?;
+    let image = dirty_bitmap::Image::open(&st, false)?;
+    let ext = image.area().bitmaps.ok_or("no bitmaps extension")?;
+    let bytes = st.read_vec_at(ext.directory_offset, ext.directory_size)?;
+    let geo = image.header().geometry()?;
+    for e in dirty_bitmap::format::decode_directory(&bytes, ext.nb_bitmaps, &geo)? {
+        let len = u64::from(e.table_size) * 8;
+        if st.read_vec_at(e.table_offset, len)?.iter().any(|&b| b != 0) {
+            return Err(format!("bitmap {:?} has data clusters", e.name).into());
+        }
+        let ones: Vec<u8> = (0..e.table_size).flat_map(|_| 1u64.to_be_bytes()).collect();
+        st.write_all_at(&ones, e.table_offset)?;
+    }
+    st.sync_data()?;
+    Ok(())
+}
+
+fn timed_qemu_io(args: &[&str]) -> Res<f64> {
+    let t0 = Instant::now();
+    let out = Command::new("qemu-io")
+        .args(args)
+        .output()
+        .map_err(|e| format!("qemu-io: {e}"))?;
+    let t = ms(t0.elapsed());
+    if !out.status.success() || !out.stderr.is_empty() {
+        return Err(format!(
+            "qemu-io {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(t)
+}
+
+/// QEMU's own store of `n` fully dirty bitmaps: (read-only open ms, read-write open +
+/// write + store ms, bytes the file grew), medians over `repeat` fresh images.
+fn qemu_store(dir: &Path, n: usize, disk: u64, g: u64, repeat: usize) -> Res<(f64, f64, u64)> {
+    let (mut ro, mut rw, mut grew) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..repeat {
+        let path = dir.join(format!("qemu-{n}-{rep}.qcow2"));
+        let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
+        for i in 0..n {
+            s.add(&format!("b{i}"), g, true)?;
+        }
+        drop(s);
+        patch_all_ones(&path)?;
+        let p = path.to_str().ok_or("path is not UTF-8")?;
+        ro.push(timed_qemu_io(&["-f", "qcow2", "-r", "-c", "read 0 4k", p])?);
+        let len0 = std::fs::metadata(&path)?.len();
+        rw.push(timed_qemu_io(&["-f", "qcow2", "-c", "write 0 4k", p])?);
+        grew.push(std::fs::metadata(&path)?.len().saturating_sub(len0));
+        std::fs::remove_file(&path)?;
+    }
+    Ok((median(ro), median(rw), median_u(grew)))
+}
+
+fn first_line(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn cost_row(prefix: &str, name: &str, c: Cost) -> String {
+    format!(
+        "| {prefix} | {name} | {} | {} | {:.2} |",
+        c.bytes, c.syncs, c.ms
+    )
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// Runs the benchmark and prints its tables.
+pub fn run(args: &FlushArgs) -> CmdResult {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let (disk, g) = (args.disk_size, args.granularity);
+    if args.repeat == 0 || args.rate == 0 || args.flush_interval == 0 {
+        return Err("--repeat, --rate and --flush-interval must be above 0".into());
+    }
+    if args.bitmaps.iter().any(|&n| n == 0 || n > 64) {
+        return Err("--bitmaps takes counts from 1 to 64".into());
+    }
+    let repeat = if args.quick { 1 } else { args.repeat };
+    let run_for = Duration::from_secs_f64(if args.quick {
+        0.3
+    } else {
+        args.run_secs.max(0.0)
+    });
+    let mut intervals = vec![args.flush_interval];
+    if !args.quick {
+        for &i in &args.sweep_intervals {
+            if i > 0 && !intervals.contains(&i) {
+                intervals.push(i);
+            }
+        }
+    }
+    intervals.sort_unstable();
+    let rate = (!args.burst).then_some(args.rate);
+    let tmp = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+
+    println!("# dbm bench flush");
+    println!();
+    println!(
+        "- machine: {}, {} CPUs, kernel {}",
+        first_line("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into()),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    );
+    println!("- load average (1, 5, 15 min) at the start: {}", loadavg());
+    println!(
+        "- dbm {} , images in {}",
+        env!("CARGO_PKG_VERSION"),
+        tmp.path().display()
+    );
+    println!(
+        "- disk {} at granularity {}, clusters {}, seed {seed}",
+        human(disk),
+        human(g),
+        human(CLUSTER)
+    );
+    println!(
+        "- writer: random 4 KiB writes, each churning its granule (cleared, then marked), {}",
+        match rate {
+            Some(r) => format!("{r}/s"),
+            None => "burst (as fast as one thread marks)".into(),
+        }
+    );
+    println!("- every figure is the median of {repeat} run(s); ms are wall-clock");
+    println!();
+
+    let mut rigs = Vec::new();
+    println!("## Setup: every bit marked, first flush (allocates every data cluster)");
+    println!();
+    println!("| bitmaps | regions per bitmap | region size | bytes | syncs | ms |");
+    println!("|---|---|---|---|---|---|");
+    for &n in &args.bitmaps {
+        let rig = setup(tmp.path(), n, disk, g)?;
+        println!(
+            "| {n} | {} | {} | {} | {} | {:.2} |",
+            rig.regions,
+            rig.region_size,
+            rig.first_flush.bytes,
+            rig.first_flush.syncs,
+            rig.first_flush.ms
+        );
+        rigs.push(rig);
+    }
+    println!();
+
+    // Interval sweep.
+    println!(
+        "## Workload: {:.1} s of writes with background flushes, then the VM stops",
+        run_for.as_secs_f64()
+    );
+    println!();
+    println!(
+        "Stop modes: **timer**: the VM stops one whole interval after the last flush (the \
+         worst case of the timer alone); **prepare_stop**: `prepare_stop` flushes, with the \
+         writer running, until at most {} per bitmap is pending, then the VM stops at once.",
+        human(args.stop_budget)
+    );
+    println!();
+    println!("| bitmaps | interval ms | stop mode | writes/s | flushes | writes since flush | changed regions | stop | bytes | syncs | ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // (n, interval, mode) → median stop.
+    let mut at_interval: Vec<(usize, u64, StopMode, Stop)> = Vec::new();
+    let mut not_converged: Vec<String> = Vec::new();
+    for rig in &rigs {
+        for &iv in &intervals {
+            // prepare_stop hardly depends on the interval: only at the judged one.
+            let modes = if iv == args.flush_interval {
+                vec![StopMode::Timer, StopMode::Prepare(args.stop_budget)]
+            } else {
+                vec![StopMode::Timer]
+            };
+            for mode in modes {
+                let mut runs = Vec::new();
+                let (mut rates, mut flushes) = (Vec::new(), Vec::new());
+                for rep in 0..repeat {
+                    let r = workload_stop(
+                        rig,
+                        disk,
+                        g,
+                        Duration::from_millis(iv),
+                        run_for,
+                        rate,
+                        mode,
+                        seed ^ (rep as u64) ^ (iv << 8) ^ ((rig.n as u64) << 40),
+                    )?;
+                    runs.push(r.stop);
+                    rates.push(r.rate);
+                    flushes.push(r.flushes);
+                    if !r.converged {
+                        not_converged.push(format!(
+                            "{} bitmap(s) at {iv} ms, run {}",
+                            rig.n,
+                            rep + 1
+                        ));
+                    }
+                }
+                let m = median_stop(&runs);
+                let mode_name = match mode {
+                    StopMode::Timer => "timer",
+                    StopMode::Prepare(_) => "prepare_stop",
+                };
+                for (name, f) in STRATEGIES {
+                    let c = f(&m);
+                    println!(
+                        "| {} | {iv} | {mode_name} | {:.0} | {} | {} | {} | {name} | {} | {} | {:.2} |",
+                        rig.n,
+                        median(rates.clone()),
+                        median_u(flushes.clone()),
+                        m.writes,
+                        m.regions,
+                        c.bytes,
+                        c.syncs,
+                        c.ms
+                    );
+                }
+                at_interval.push((rig.n, iv, mode, m));
+            }
+        }
+    }
+    println!();
+    if !not_converged.is_empty() {
+        println!(
+            "prepare_stop gave up after {} rounds without reaching the budget (marks outpaced \
+             the flushes) in: {}.",
+            dirty_bitmap::flush::MAX_STOP_ROUNDS,
+            not_converged.join("; ")
+        );
+        println!();
+    }
+
+    // Fraction sweep.
+    println!(
+        "## Changed fraction: one granule churned in each of k evenly spaced regions, no writer"
+    );
+    println!();
+    println!("| bitmaps | changed regions (k) | fraction | stop | bytes | syncs | ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut fractions: Vec<(usize, f64, Stop)> = Vec::new();
+    for rig in &rigs {
+        let mut ks: Vec<u64> = if args.quick {
+            vec![1, 64.min(rig.regions), rig.regions]
+        } else {
+            let mut v = Vec::new();
+            let mut k = 1;
+            while k < rig.regions {
+                v.push(k);
+                k *= 8;
+            }
+            v.push(rig.regions);
+            v
+        };
+        ks.dedup();
+        for k in ks {
+            let runs = (0..repeat)
+                .map(|_| fraction_stop(rig, g, k))
+                .collect::<Res<Vec<_>>>()?;
+            let m = median_stop(&runs);
+            let frac = k as f64 / rig.regions as f64;
+            for (name, f) in STRATEGIES {
+                println!(
+                    "{}",
+                    cost_row(&format!("{} | {k} | {frac:.6}", rig.n), name, f(&m))
+                );
+            }
+            fractions.push((rig.n, frac, m));
+        }
+    }
+    println!();
+
+    // QEMU's own store.
+    let mut qemu: Vec<(usize, f64)> = Vec::new();
+    if args.no_qemu {
+        println!("## QEMU's own store: skipped (--no-qemu)");
+    } else {
+        println!(
+            "## QEMU's own store: all table entries patched to the all-ones marker (fully dirty)"
+        );
+        println!();
+        println!("| bitmaps | qemu-io -r read 0 4k ms | qemu-io write 0 4k ms | store (difference) ms | file grew |");
+        println!("|---|---|---|---|---|");
+        for &n in &args.bitmaps {
+            let (ro, rw, grew) = qemu_store(tmp.path(), n, disk, g, repeat)?;
+            println!("| {n} | {ro:.1} | {rw:.1} | {:.1} | {grew} |", rw - ro);
+            qemu.push((n, rw - ro));
+        }
+    }
+    println!();
+
+    // Targets.
+    println!(
+        "## Targets (fully dirty, {} writes/s, {} ms interval; both stop modes)",
+        args.rate, args.flush_interval
+    );
+    println!();
+    for (n, iv, mode, m) in &at_interval {
+        if *iv != args.flush_interval {
+            continue;
+        }
+        let n = match mode {
+            StopMode::Timer => format!("{n} bitmap(s), timer stop"),
+            StopMode::Prepare(_) => format!("{n} bitmap(s), prepare_stop"),
+        };
+        let full_ratio = m.full.ms / m.inc.ms;
+        println!(
+            "- {n}: incremental {:.2} ms vs full rewrite {:.2} ms = 1/{full_ratio:.1} \
+             (target ≤ 1/50): {}",
+            m.inc.ms,
+            m.full.ms,
+            verdict(m.inc.ms * 50.0 <= m.full.ms)
+        );
+        println!(
+            "- {n}: incremental {:.2} ms vs floor in place {:.2} ms = {:.2}× \
+             (target ≤ 2×): {}; vs floor appended {:.2} ms = {:.2}×: {}",
+            m.inc.ms,
+            m.floor.ms,
+            m.inc.ms / m.floor.ms,
+            verdict(m.inc.ms <= 2.0 * m.floor.ms),
+            m.appended.ms,
+            m.inc.ms / m.appended.ms,
+            verdict(m.inc.ms <= 2.0 * m.appended.ms)
+        );
+        println!(
+            "- {n}: bytes {} incremental vs {} full rewrite (1/{:.0})",
+            m.inc.bytes,
+            m.full.bytes,
+            m.full.bytes as f64 / m.inc.bytes.max(1) as f64
+        );
+    }
+    println!();
+    println!("- load average at the end: {}", loadavg());
+
+    if let Some(path) = &args.svg {
+        let mut series = Vec::new();
+        for &n in &args.bitmaps {
+            let pts = |f: Pick| -> Vec<(f64, f64)> {
+                fractions
+                    .iter()
+                    .filter(|(m, ..)| *m == n)
+                    .map(|(_, x, s)| (*x, f(s).ms))
+                    .collect()
+            };
+            let dashed = n != args.bitmaps[0];
+            let suffix = if n == 1 {
+                "1 bitmap".into()
+            } else {
+                format!("{n} bitmaps")
+            };
+            for (i, (name, f)) in STRATEGIES.into_iter().enumerate() {
+                series.push(Series {
+                    name: format!("{name}, {suffix}"),
+                    points: pts(f),
+                    dashed,
+                    colour: Some(i),
+                });
+            }
+            if let Some(&(_, q)) = qemu.iter().find(|(m, _)| *m == n) {
+                // QEMU stores every non-zero cluster whatever changed: flat.
+                let xs: Vec<f64> = pts(|s| s.inc).iter().map(|p| p.0).collect();
+                series.push(Series {
+                    name: format!("QEMU's own store (qemu-io), {suffix}"),
+                    points: xs.iter().map(|&x| (x, q)).collect(),
+                    dashed,
+                    colour: Some(STRATEGIES.len()),
+                });
+            }
+        }
+        let chart = Chart {
+            title: format!(
+                "Stop time against changed fraction, {} disk, {} granularity",
+                human(disk),
+                human(g)
+            ),
+            x_label: "changed fraction of the bitmap (changed regions / all regions)".into(),
+            y_label: "stop time, ms".into(),
+            x_log: true,
+            y_log: true,
+            series,
+        };
+        std::fs::write(path, chart.to_svg())?;
+        println!("- plot: {}", path.display());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
