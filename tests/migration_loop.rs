@@ -435,3 +435,52 @@ impl dirty_bitmap::migration::Inbound for LinkIn<'_, '_> {
         self.0.borrow_mut().recv()
     }
 }
+
+fn dbm(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_simulate_reports_and_exits_by_violations() {
+    let out = dbm(&["simulate", "--scenarios", "300", "--seed", "11"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("seed 11, rule fixed"), "{text}");
+    assert!(text.contains("scenarios 300 "), "{text}");
+    assert!(text.contains("downtime-limit violations 0\n"), "{text}");
+    assert!(text.contains("non-converging runs "), "{text}");
+    assert!(text.contains("largest overshoot "), "{text}");
+
+    let out = dbm(&["simulate", "--scenarios", "300", "--seed", "11", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["scenarios"], 300);
+    assert_eq!(v["seed"], 11);
+    assert_eq!(v["violations"], 0);
+    assert!(v["switchovers"].as_u64().unwrap() > 150, "{v}");
+    assert!(v["largest-overshoot-ms"].as_f64().unwrap() <= 0.0, "{v}");
+    // Same seed, same sweep.
+    let again = dbm(&["simulate", "--scenarios", "300", "--seed", "11", "--json"]);
+    assert_eq!(out.stdout, again.stdout);
+
+    // QEMU 10.1's pair goes over the limit: exit 2, violations counted.
+    let out = dbm(&[
+        "simulate",
+        "--scenarios",
+        "500",
+        "--seed",
+        "42",
+        "--json",
+        "--qemu-10-1-rule",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["violations"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["largest-overshoot-ms"].as_f64().unwrap() > 0.0, "{v}");
+
+    let out = dbm(&["simulate", "--scenarios", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+}

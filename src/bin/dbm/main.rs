@@ -1,7 +1,8 @@
 //! `dbm`: the dirty-bitmap command line.
 //!
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
-//! exits 2 (corrupt) or 3 (leaks only). Nothing here panics on bad input.
+//! exits 2 (corrupt) or 3 (leaks only), and `simulate` exits 2 on a downtime-limit violation
+//! or a content mismatch. Nothing here panics on bad input.
 
 mod bitmap_cmd;
 mod check;
@@ -12,6 +13,7 @@ mod info;
 mod mark;
 mod open;
 mod out;
+mod simulate;
 mod size;
 
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ enum Command {
     /// Check refcounts and the bitmap directory and tables; exit 0 clean, 2 corrupt,
     /// 3 leaks only (as `qemu-img check`).
     Check(check::CheckArgs),
+    /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
+    /// switchover exceeded its downtime limit or any destination RAM differed.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Options of `dbm demo`.
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
         Command::Dump(args) => dump::run(&args),
         Command::Mark(args) => mark::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Simulate(args) => simulate::run(&args),
     };
     match result {
         Ok(code) => code,
