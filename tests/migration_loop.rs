@@ -16,8 +16,8 @@ use dirty_bitmap::migration::precopy::{Rule, StallAction, StallReport};
 use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim, RAM_ID};
 use dirty_bitmap::migration::{
     run, AutoConverge, Bytes, BytesPerMs, Controller, Directive, Endpoints, GuestRam,
-    IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState,
-    RealClock, SetupMode, Workload, WorkloadConfig, PAGE_SIZE,
+    IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState, RealClock,
+    SetupMode, Workload, WorkloadConfig, PAGE_SIZE,
 };
 use dirty_bitmap::DirtyBitmap;
 
@@ -51,7 +51,10 @@ fn sweep_never_exceeds_the_downtime_limit() {
         assert!(r.equality_scenarios > n / 20, "{r:?}");
         assert!(r.equal_estimate_seen >= r.equality_scenarios, "{r:?}");
         assert!(r.equal_at_switch > 0, "{r:?}");
-        assert!(r.zero_threshold_seen > 0 && r.empty_window_seen > 0, "{r:?}");
+        assert!(
+            r.zero_threshold_seen > 0 && r.empty_window_seen > 0,
+            "{r:?}"
+        );
     }
 }
 
@@ -71,9 +74,15 @@ fn qemu_10_1_comparison_pair_exceeds_the_limit_ours_does_not() {
         };
         let b = buggy.run().unwrap();
         let f = fixed.run().unwrap();
-        assert!(!f.violation, "seed {seed}: our rule exceeded the limit: {f:?}");
+        assert!(
+            !f.violation,
+            "seed {seed}: our rule exceeded the limit: {f:?}"
+        );
         assert_ne!(f.content_ok, Some(false), "seed {seed}");
-        assert!(f.equal_estimate_seen && b.equal_estimate_seen, "seed {seed}");
+        assert!(
+            f.equal_estimate_seen && b.equal_estimate_seen,
+            "seed {seed}"
+        );
         if b.violation {
             let o = b.outcome.as_ref().unwrap();
             // It switched on the estimate, which was exactly the threshold.
@@ -123,8 +132,15 @@ impl Rig {
     }
 
     fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
-        RamState::new(RAM_ID, Arc::clone(&self.ram), Arc::clone(&self.log), mode, postcopy, 4)
-            .unwrap()
+        RamState::new(
+            RAM_ID,
+            Arc::clone(&self.ram),
+            Arc::clone(&self.log),
+            mode,
+            postcopy,
+            4,
+        )
+        .unwrap()
     }
 
     fn migrate(
@@ -205,7 +221,10 @@ fn config(limit: u64) -> LoopConfig {
 /// pages the retry sent.
 fn retry_succeeds(rig: &Rig) -> u64 {
     rig.assert_nothing_lost();
-    assert!(rig.sim.guest_running(), "the source guest must run after a failure");
+    assert!(
+        rig.sim.guest_running(),
+        "the source guest must run after a failure"
+    );
     let mut again = rig.state(SetupMode::Incremental, false);
     let o = rig
         .migrate(&config(300), &mut again, &mut AutoConverge::default())
@@ -232,7 +251,10 @@ fn cancel_during_iteration_redirties_and_a_retry_sends_less() {
         .unwrap_err();
     assert!(matches!(e, MigrationError::Cancelled), "{e}");
     let sent_before = first.stats().pages_sent;
-    assert!(sent_before > 32, "the first attempt sent only {sent_before} pages");
+    assert!(
+        sent_before > 32,
+        "the first attempt sent only {sent_before} pages"
+    );
     let retried = retry_succeeds(&rig);
     assert!(retried < 64, "the retry resent {retried} pages: all of RAM");
 }
@@ -259,7 +281,10 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
     let e = rig
         .migrate(&config(300), &mut first, &mut AutoConverge::default())
         .unwrap_err();
-    assert!(matches!(e, MigrationError::DestinationRefused(ref r) if r == "no room"), "{e}");
+    assert!(
+        matches!(e, MigrationError::DestinationRefused(ref r) if r == "no room"),
+        "{e}"
+    );
     // The final pages (sent with the VM stopped) went back into the log.
     assert!(rig.log.count() > 0);
     rig.sim.world().dest.refuse = None;
@@ -366,9 +391,15 @@ fn real_threads_migrate_byte_for_byte() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    let mut state =
-        RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), SetupMode::Full, false, 16)
-            .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        16,
+    )
+    .unwrap();
     let mut link = Loopback::new(DestModel::new(RAM_ID, pages, 1));
     let mut clock = RealClock::new();
     let cfg = LoopConfig {
@@ -447,7 +478,11 @@ fn dbm(args: &[&str]) -> std::process::Output {
 fn cli_simulate_reports_and_exits_by_violations() {
     let out = dbm(&["simulate", "--scenarios", "300", "--seed", "11"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("seed 11, rule fixed"), "{text}");
     assert!(text.contains("scenarios 300 "), "{text}");
     assert!(text.contains("downtime-limit violations 0\n"), "{text}");

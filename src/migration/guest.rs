@@ -83,9 +83,7 @@ impl GuestRam {
             .ok()
             .and_then(|p| p.checked_mul(PAGE_SIZE))
             .filter(|&l| l > 0 && l <= isize::MAX as usize)
-            .ok_or_else(|| {
-                MigrationError::InvalidInput(format!("guest RAM of {pages} pages"))
-            })?;
+            .ok_or_else(|| MigrationError::InvalidInput(format!("guest RAM of {pages} pages")))?;
         let mut map = MmapMut::map_anon(len)?;
         let base = NonNull::new(map.as_mut_ptr().cast::<AtomicU64>())
             .ok_or_else(|| MigrationError::InvalidInput("null mapping".into()))?;
@@ -151,9 +149,8 @@ impl GuestRam {
 
     /// Fills page `page` with words derived from `value` (word i = `value ^ i`).
     pub fn fill_page(&self, page: u64, value: u64) {
-        let words = self.page_words(page);
-        for i in 0..WORDS_PER_PAGE {
-            words[i].store(value ^ i as u64, Relaxed);
+        for (i, w) in self.page_words(page).iter().enumerate() {
+            w.store(value ^ i as u64, Relaxed);
         }
     }
 
@@ -355,7 +352,9 @@ impl Workload {
         config: WorkloadConfig,
     ) -> Result<Workload> {
         if config.vcpus == 0 {
-            return Err(MigrationError::InvalidInput("vcpus must be at least 1".into()));
+            return Err(MigrationError::InvalidInput(
+                "vcpus must be at least 1".into(),
+            ));
         }
         check_log(&ram, &log)?;
         let shared = Arc::new(Shared {

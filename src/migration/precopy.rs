@@ -169,7 +169,7 @@ pub enum StallAction {
     /// Switch to postcopy (needs the capability).
     Postcopy,
     /// Give up: states re-dirty, the VM keeps running, the loop returns
-    /// [`Outcome::NotConverging`].
+    /// an [`Outcome`] of [`Kind::NotConverging`].
     Cancel,
 }
 
@@ -210,7 +210,12 @@ impl Default for AutoConverge {
 impl Controller for AutoConverge {
     fn on_stall(&mut self, report: &StallReport) -> StallAction {
         if report.throttle < self.max_throttle {
-            StallAction::Throttle(report.throttle.saturating_add(self.step).min(self.max_throttle))
+            StallAction::Throttle(
+                report
+                    .throttle
+                    .saturating_add(self.step)
+                    .min(self.max_throttle),
+            )
         } else if self.postcopy {
             StallAction::Postcopy
         } else {
@@ -524,9 +529,8 @@ where
                 if let Some((t, _)) = self.last_exact {
                     let ms = now.saturating_sub(t).as_nanos() as f64 / 1e6;
                     if ms > 0.0 {
-                        dirty_rate = Some(BytesPerMs::new(
-                            (p.total() - estimate).get() as f64 / ms,
-                        ));
+                        dirty_rate =
+                            Some(BytesPerMs::new((p.total() - estimate).get() as f64 / ms));
                     }
                 }
                 self.last_exact = Some((now, p.total()));
@@ -549,7 +553,9 @@ where
             match self.control.on_iteration(&report) {
                 Directive::Continue => {}
                 Directive::StartPostcopy => self.request_postcopy(states)?,
-                Directive::Cancel => return Err(self.fail_running(states, MigrationError::Cancelled)),
+                Directive::Cancel => {
+                    return Err(self.fail_running(states, MigrationError::Cancelled))
+                }
             }
 
             let thr = self.threshold;
@@ -559,10 +565,7 @@ where
                     exact && postcopy && fits(p.must_precopy, thr),
                     exact && fits(p.total(), thr),
                 ),
-                Rule::Qemu101 => (
-                    postcopy && p.must_precopy <= thr,
-                    p.total() <= thr,
-                ),
+                Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
             };
             if to_postcopy {
                 return self.postcopy(states, p, exact);
@@ -599,7 +602,13 @@ where
                         StallAction::Postcopy => self.request_postcopy(states)?,
                         StallAction::Cancel => {
                             let _ = self.fail_running(states, MigrationError::Cancelled);
-                            return Ok(self.outcome(Kind::NotConverging, p, exact, Duration::ZERO, Bytes(0)));
+                            return Ok(self.outcome(
+                                Kind::NotConverging,
+                                p,
+                                exact,
+                                Duration::ZERO,
+                                Bytes(0),
+                            ));
                         }
                     }
                 }
@@ -631,7 +640,8 @@ where
 
     fn request_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         if !self.config.postcopy {
-            let e = MigrationError::InvalidInput("postcopy requested without the capability".into());
+            let e =
+                MigrationError::InvalidInput("postcopy requested without the capability".into());
             return Err(self.fail_running(states, e));
         }
         self.postcopy_requested = true;
@@ -639,7 +649,11 @@ where
     }
 
     /// Failure with the VM running: every state re-dirties.
-    fn fail_running(&mut self, states: &mut [&mut dyn MigrationState], e: MigrationError) -> MigrationError {
+    fn fail_running(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        e: MigrationError,
+    ) -> MigrationError {
         for s in states.iter_mut() {
             s.cancel();
         }
@@ -647,7 +661,11 @@ where
     }
 
     /// Failure with the VM stopped, before the destination ran: re-dirty, then resume.
-    fn fail_stopped(&mut self, states: &mut [&mut dyn MigrationState], e: MigrationError) -> MigrationError {
+    fn fail_stopped(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        e: MigrationError,
+    ) -> MigrationError {
         for s in states.iter_mut() {
             s.resume_source();
         }
@@ -655,11 +673,20 @@ where
             Ok(()) => e,
             // The original error is the one that matters; the resume failure is reported
             // in its text.
-            Err(r) => MigrationError::PeerAborted(format!("{e}; and resuming the source failed: {r}")),
+            Err(r) => {
+                MigrationError::PeerAborted(format!("{e}; and resuming the source failed: {r}"))
+            }
         }
     }
 
-    fn outcome(&self, kind: Kind, p: Pending, exact: bool, downtime: Duration, in_downtime: Bytes) -> Outcome {
+    fn outcome(
+        &self,
+        kind: Kind,
+        p: Pending,
+        exact: bool,
+        downtime: Duration,
+        in_downtime: Bytes,
+    ) -> Outcome {
         Outcome {
             kind,
             downtime,
@@ -689,7 +716,12 @@ where
         }
     }
 
-    fn complete(mut self, states: &mut [&mut dyn MigrationState], p: Pending, exact: bool) -> Result<Outcome> {
+    fn complete(
+        mut self,
+        states: &mut [&mut dyn MigrationState],
+        p: Pending,
+        exact: bool,
+    ) -> Result<Outcome> {
         if let Err(e) = self.vm.stop() {
             return Err(self.fail_running(states, e));
         }
@@ -710,7 +742,12 @@ where
         Ok(self.outcome(Kind::Completed, p, exact, downtime, in_downtime))
     }
 
-    fn postcopy(mut self, states: &mut [&mut dyn MigrationState], p: Pending, exact: bool) -> Result<Outcome> {
+    fn postcopy(
+        mut self,
+        states: &mut [&mut dyn MigrationState],
+        p: Pending,
+        exact: bool,
+    ) -> Result<Outcome> {
         if let Err(e) = self.vm.stop() {
             return Err(self.fail_running(states, e));
         }
@@ -763,19 +800,24 @@ where
         Ok(self.outcome(Kind::Postcopy, p, exact, downtime, in_downtime))
     }
 
-    fn handle_postcopy_message(&mut self, states: &mut [&mut dyn MigrationState], msg: DestMessage) -> Result<()> {
+    fn handle_postcopy_message(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        msg: DestMessage,
+    ) -> Result<()> {
         match msg {
             DestMessage::PageRequest { state, offset, len } => {
-                let s = states
-                    .iter_mut()
-                    .find(|s| s.id() == state)
-                    .ok_or_else(|| MigrationError::Stream(format!("page request for unknown state {state}")))?;
+                let s = states.iter_mut().find(|s| s.id() == state).ok_or_else(|| {
+                    MigrationError::Stream(format!("page request for unknown state {state}"))
+                })?;
                 s.serve(&mut self.out, offset, len)?;
                 self.requests_served += 1;
                 Ok(())
             }
             DestMessage::Started => Ok(()),
-            DestMessage::Done => Err(MigrationError::Stream("destination done before the source".into())),
+            DestMessage::Done => Err(MigrationError::Stream(
+                "destination done before the source".into(),
+            )),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
         }
     }

@@ -111,7 +111,9 @@ impl RamMessage<'_> {
             }),
             Some((&TAG_PAGES, body)) => Ok(RamMessage::Pages(decode_pages(PAGE_SIZE, body)?)),
             Some((&TAG_DISCARD, body)) => {
-                let (n, rest) = body.split_first_chunk::<4>().ok_or_else(|| bad("discard"))?;
+                let (n, rest) = body
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| bad("discard"))?;
                 let n = u32::from_le_bytes(*n) as usize;
                 if Some(rest.len()) != n.checked_mul(16) {
                     return Err(bad("discard"));
@@ -195,7 +197,9 @@ impl RamState {
     ) -> Result<Self> {
         check_log(&ram, &log)?;
         if batch_pages == 0 {
-            return Err(MigrationError::InvalidInput("batch_pages must be at least 1".into()));
+            return Err(MigrationError::InvalidInput(
+                "batch_pages must be at least 1".into(),
+            ));
         }
         // Measure the codec on pages that do not compress.
         let mut rng = SplitMix64::new(0x5eed);
@@ -203,7 +207,10 @@ impl RamState {
         let one = encode_pages(PAGE_SIZE, &[(0, &sample[..PAGE_SIZE])]).len() as u64;
         let two = encode_pages(
             PAGE_SIZE,
-            &[(0, &sample[..PAGE_SIZE]), (PAGE_SIZE as u64, &sample[PAGE_SIZE..])],
+            &[
+                (0, &sample[..PAGE_SIZE]),
+                (PAGE_SIZE as u64, &sample[PAGE_SIZE..]),
+            ],
         )
         .len() as u64;
         let per_page = two.saturating_sub(one).max(PAGE_SIZE as u64);
@@ -504,6 +511,9 @@ mod tests {
         let mut d = vec![TAG_DISCARD, 1, 0, 0, 0];
         d.extend_from_slice(&5u64.to_le_bytes());
         d.extend_from_slice(&2u64.to_le_bytes());
-        assert_eq!(RamMessage::decode(&d).unwrap(), RamMessage::Discard(vec![(5, 2)]));
+        assert_eq!(
+            RamMessage::decode(&d).unwrap(),
+            RamMessage::Discard(vec![(5, 2)])
+        );
     }
 }

@@ -66,7 +66,7 @@ impl DestModel {
             present: vec![false; pages as usize],
             requested: vec![false; pages as usize],
             postcopy_running: false,
-            touch_rng: SplitMix64::new(seed ^ 0xdE57),
+            touch_rng: SplitMix64::new(seed ^ 0xDE57),
             touch_rate: 0.0,
             touch_credit: 0.0,
             refuse: None,
@@ -160,9 +160,12 @@ impl DestModel {
             }
             RamMessage::Discard(runs) => {
                 for (first, n) in runs {
-                    let end = first.checked_add(n).filter(|&e| e <= pages).ok_or_else(|| {
-                        MigrationError::Stream(format!("discard run {first}+{n} outside RAM"))
-                    })?;
+                    let end = first
+                        .checked_add(n)
+                        .filter(|&e| e <= pages)
+                        .ok_or_else(|| {
+                            MigrationError::Stream(format!("discard run {first}+{n} outside RAM"))
+                        })?;
                     for p in first..end {
                         self.present[p as usize] = false;
                     }
@@ -262,7 +265,9 @@ impl SimGuest {
         // Past a few writes per page, more writes change nothing the migration can see.
         let n = (due as u64).min(4 * self.ram.pages());
         for _ in 0..n {
-            let page = self.pattern.pick(&mut self.rng, self.ram.pages(), self.writes);
+            let page = self
+                .pattern
+                .pick(&mut self.rng, self.ram.pages(), self.writes);
             let word = self.rng.below((PAGE_SIZE / 8) as u64) as usize;
             let value = self.writes.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             self.ram
@@ -387,7 +392,9 @@ impl Outbound for Sim {
         let wire = payload.len() as u64 + SIM_FRAME_OVERHEAD;
         // Rounded up: the simulated link is never faster than `link_bw`.
         let ns = (u128::from(wire) * 1_000_000).div_ceil(u128::from(w.link_bw));
-        let t = w.now_ns.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
+        let t = w
+            .now_ns
+            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
         w.advance_to(t);
         w.bytes += wire;
         w.dest.receive(state, payload)?;
@@ -518,7 +525,10 @@ impl Controller for SimControl {
             self.zero_threshold_seen |= r.threshold == Bytes(0);
         }
         self.empty_window_seen |= r.empty_windows > 0;
-        if self.cancel_after_exact.is_some_and(|n| self.exact_seen >= n) {
+        if self
+            .cancel_after_exact
+            .is_some_and(|n| self.exact_seen >= n)
+        {
             return Directive::Cancel;
         }
         match self.postcopy {
@@ -674,8 +684,7 @@ impl Scenario {
             &mut [&mut state as &mut dyn MigrationState],
             &mut control,
         );
-        let allowed =
-            self.link_bw * (self.downtime_limit - self.switchover_cost).get();
+        let allowed = self.link_bw * (self.downtime_limit - self.switchover_cost).get();
         let mut result = ScenarioResult {
             scenario: *self,
             outcome: outcome.as_ref().map(|o| *o).map_err(|e| e.to_string()),
@@ -848,10 +857,16 @@ pub fn sweep(n: u64, seed: u64, rule: Rule) -> Result<SweepReport> {
                     report.equality_scenarios += 1;
                     eq
                 }
-                None => Scenario { rule, ..Scenario::random(s) },
+                None => Scenario {
+                    rule,
+                    ..Scenario::random(s)
+                },
             }
         } else {
-            Scenario { rule, ..Scenario::random(s) }
+            Scenario {
+                rule,
+                ..Scenario::random(s)
+            }
         };
         report.add(&scenario.run()?);
     }

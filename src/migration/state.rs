@@ -187,7 +187,11 @@ mod tests {
 
     #[test]
     fn control_round_trips() {
-        for c in [Control::Complete, Control::PostcopyRun, Control::PostcopyDone] {
+        for c in [
+            Control::Complete,
+            Control::PostcopyRun,
+            Control::PostcopyDone,
+        ] {
             assert_eq!(Control::decode(&c.encode()).unwrap(), c);
         }
         assert!(Control::decode(&[]).is_err());

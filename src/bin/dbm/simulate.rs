@@ -51,7 +51,11 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
         Rule::Fixed
     };
     let r = sim::sweep(args.scenarios, seed, rule)?;
-    let rule_name = if args.qemu_10_1_rule { "qemu-10.1" } else { "fixed" };
+    let rule_name = if args.qemu_10_1_rule {
+        "qemu-10.1"
+    } else {
+        "fixed"
+    };
     let text = if args.json {
         let v = json!({
             "content-mismatches": r.content_mismatches,
@@ -84,7 +88,10 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
         let _ = writeln!(s, "downtime-limit violations {}", r.violations);
         match r.largest_overshoot_ms {
             Some(o) => {
-                let _ = writeln!(s, "largest overshoot {o:.3} ms (negative: within the limit)");
+                let _ = writeln!(
+                    s,
+                    "largest overshoot {o:.3} ms (negative: within the limit)"
+                );
             }
             None => {
                 let _ = writeln!(s, "largest overshoot - (no switchover)");
