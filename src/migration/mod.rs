@@ -2,16 +2,36 @@
 //! QEMU's `migration_iteration_run`, with the estimate gate and the switchover decision on
 //! one comparison ([`units::fits`]).
 //!
+//! - [`guest`]: guest RAM (an anonymous mapping), its dirty log, vCPU workloads, [`Vm`].
+//! - [`state`]: the [`MigrationState`] trait and the destination's messages ([`Inbound`]).
+//! - [`ram`]: RAM as a [`MigrationState`].
+//! - [`precopy`]: the loop ([`run`]).
+//! - [`clock`]: real and virtual time; [`sim`]: the virtual-clock simulation and its sweep.
+//!
 //! Nothing below [`crate::store`] knows about this module; it only uses the bitmaps.
 
+pub mod clock;
 pub mod dest;
 pub mod error;
+pub mod guest;
+pub mod precopy;
+pub mod ram;
 pub mod ram_codec;
 pub mod rate;
+pub mod sim;
+pub mod state;
 pub mod stream;
 pub mod units;
 
+pub use clock::{Clock, RealClock};
 pub use error::{MigrationError, Result};
+pub use guest::{GuestRam, Pattern, Vm, Workload, WorkloadConfig, PAGE_SIZE};
+pub use precopy::{
+    run, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
+    Outcome, StallAction, StallReport,
+};
+pub use ram::{RamState, SetupMode};
+pub use state::{Control, DestMessage, Inbound, MigrationState, Pending, CONTROL};
 pub use units::{Bytes, BytesPerMs, Millis};
 
 /// Identifies one migration state (a section of the stream, like a QEMU savevm handler's

@@ -1,7 +1,8 @@
 //! `dbm`: the dirty-bitmap command line.
 //!
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
-//! exits 2 (corrupt) or 3 (leaks only). Nothing here panics on bad input.
+//! exits 2 (corrupt) or 3 (leaks only), and `simulate` exits 2 on a downtime-limit violation
+//! or a content mismatch. Nothing here panics on bad input.
 
 mod bench;
 mod bitmap_cmd;
@@ -13,6 +14,7 @@ mod info;
 mod mark;
 mod open;
 mod out;
+mod simulate;
 mod size;
 mod workload;
 
@@ -57,6 +59,9 @@ enum Command {
     Workload(workload::WorkloadArgs),
     /// Run a benchmark and print its table (`dbm bench flush`).
     Bench(bench::BenchArgs),
+    /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
+    /// switchover exceeded its downtime limit or any destination RAM differed.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Options of `dbm demo`.
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Workload(args) => workload::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Simulate(args) => simulate::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,874 @@
+//! The virtual-clock simulation: a link that advances time by bytes / bandwidth, a guest
+//! that dirties pages as virtual time passes (deterministic from a seed), a destination
+//! model that applies what arrives, and the scenario sweep behind `dbm simulate` and the
+//! downtime proof.
+//!
+//! # Downtime, precisely
+//! From VM stop to the destination's `Started`: the bytes the loop put on the wire in
+//! between (states' final sends and the control message, framing included) at the link's
+//! bandwidth, plus the fixed `switchover_cost`. In integers: a switchover violates the
+//! limit iff `bytes_in_downtime > link_bw × (downtime_limit − switchover_cost)`, with
+//! `link_bw` in bytes per ms. The link's own virtual clock rounds each send up to the next
+//! nanosecond, so a measured bandwidth is never above the link's.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::clock::Clock;
+use super::error::{MigrationError, Result};
+use super::guest::{new_log, GuestRam, Pattern, SplitMix64, Vm, PAGE_SIZE};
+use super::precopy::{
+    run, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig, Outcome, Rule,
+    StallAction, StallReport,
+};
+use super::ram::{RamMessage, RamState, SetupMode};
+use super::state::{Control, DestMessage, Inbound, MigrationState, CONTROL};
+use super::units::{threshold, Bytes, BytesPerMs, Millis};
+use super::{Outbound, StateId};
+use crate::DirtyBitmap;
+
+/// Framing bytes the simulated link adds to every payload (a stream header and checksum).
+pub const SIM_FRAME_OVERHEAD: u64 = 24;
+
+/// The section id the simulation gives RAM.
+pub const RAM_ID: StateId = 1;
+
+/// A destination that applies RAM payloads into its own memory and answers control
+/// messages; it keeps its memory across attempts (a retry fills it incrementally).
+#[derive(Debug)]
+pub struct DestModel {
+    ram_id: StateId,
+    ram: Vec<u8>,
+    present: Vec<bool>,
+    requested: Vec<bool>,
+    /// Running in postcopy: touches pages and requests the missing ones.
+    postcopy_running: bool,
+    touch_rng: SplitMix64,
+    /// Pages the destination guest touches per ms in postcopy.
+    pub touch_rate: f64,
+    touch_credit: f64,
+    /// Refuse to start, with this reason (failure tests).
+    pub refuse: Option<String>,
+    /// Page requests sent.
+    pub requests: u64,
+    outbox: VecDeque<DestMessage>,
+}
+
+impl DestModel {
+    /// An empty destination for `pages` pages of RAM in section `ram_id`.
+    pub fn new(ram_id: StateId, pages: u64, seed: u64) -> Self {
+        DestModel {
+            ram_id,
+            ram: vec![0u8; pages as usize * PAGE_SIZE],
+            present: vec![false; pages as usize],
+            requested: vec![false; pages as usize],
+            postcopy_running: false,
+            touch_rng: SplitMix64::new(seed ^ 0xDE57),
+            touch_rate: 0.0,
+            touch_credit: 0.0,
+            refuse: None,
+            requests: 0,
+            outbox: VecDeque::new(),
+        }
+    }
+
+    /// The destination's RAM.
+    pub fn ram(&self) -> &[u8] {
+        &self.ram
+    }
+
+    /// Whether every page arrived (and none was discarded since).
+    pub fn complete(&self) -> bool {
+        self.present.iter().all(|&p| p)
+    }
+
+    /// Whether page `page` arrived (and was not discarded since).
+    pub fn has_page(&self, page: u64) -> bool {
+        self.present.get(page as usize).copied().unwrap_or(false)
+    }
+
+    fn missing(&self) -> usize {
+        self.present.iter().filter(|&&p| !p).count()
+    }
+
+    /// Applies one payload of section `state`.
+    ///
+    /// # Errors
+    /// [`MigrationError::Stream`] for a payload that does not decode, an unknown section,
+    /// or pages outside its RAM.
+    pub fn receive(&mut self, state: StateId, payload: &[u8]) -> Result<()> {
+        if state == CONTROL {
+            match Control::decode(payload)? {
+                Control::Complete => {
+                    let msg = if let Some(why) = &self.refuse {
+                        DestMessage::Refused(why.clone())
+                    } else if !self.complete() {
+                        DestMessage::Refused(format!("{} pages missing", self.missing()))
+                    } else {
+                        DestMessage::Started
+                    };
+                    self.outbox.push_back(msg);
+                }
+                Control::PostcopyRun => {
+                    if let Some(why) = &self.refuse {
+                        self.outbox.push_back(DestMessage::Refused(why.clone()));
+                    } else {
+                        self.postcopy_running = true;
+                        self.outbox.push_back(DestMessage::Started);
+                    }
+                }
+                Control::PostcopyDone => {
+                    self.postcopy_running = false;
+                    self.outbox.push_back(if self.complete() {
+                        DestMessage::Done
+                    } else {
+                        DestMessage::Refused(format!("{} pages missing", self.missing()))
+                    });
+                }
+            }
+            return Ok(());
+        }
+        if state != self.ram_id {
+            return Err(MigrationError::Stream(format!("unknown section {state}")));
+        }
+        let pages = self.present.len() as u64;
+        match RamMessage::decode(payload)? {
+            RamMessage::Setup {
+                page_size,
+                pages: n,
+            } => {
+                if page_size as usize != PAGE_SIZE || n != pages {
+                    return Err(MigrationError::Stream(format!(
+                        "RAM of {n} pages of {page_size} bytes, expected {pages} of {PAGE_SIZE}"
+                    )));
+                }
+            }
+            RamMessage::Pages(batch) => {
+                for (off, data) in batch {
+                    let p = off / PAGE_SIZE as u64;
+                    if off % PAGE_SIZE as u64 != 0 || p >= pages {
+                        return Err(MigrationError::Stream(format!("page at {off} outside RAM")));
+                    }
+                    let at = p as usize * PAGE_SIZE;
+                    self.ram[at..at + PAGE_SIZE].copy_from_slice(data);
+                    self.present[p as usize] = true;
+                    self.requested[p as usize] = false;
+                }
+            }
+            RamMessage::Discard(runs) => {
+                for (first, n) in runs {
+                    let end = first
+                        .checked_add(n)
+                        .filter(|&e| e <= pages)
+                        .ok_or_else(|| {
+                            MigrationError::Stream(format!("discard run {first}+{n} outside RAM"))
+                        })?;
+                    for p in first..end {
+                        self.present[p as usize] = false;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the destination guest run for `ms` (postcopy only): it touches pages and
+    /// requests each missing one once.
+    fn run_for(&mut self, ms: f64) {
+        if !self.postcopy_running || self.touch_rate <= 0.0 {
+            return;
+        }
+        self.touch_credit += ms * self.touch_rate;
+        let n = (self.touch_credit as u64).min(4 * self.present.len() as u64);
+        self.touch_credit -= self.touch_credit.floor();
+        for _ in 0..n {
+            let p = self.touch_rng.below(self.present.len() as u64) as usize;
+            if !self.present[p] && !self.requested[p] {
+                self.requested[p] = true;
+                self.requests += 1;
+                self.outbox.push_back(DestMessage::PageRequest {
+                    state: self.ram_id,
+                    offset: (p * PAGE_SIZE) as u64,
+                    len: PAGE_SIZE as u64,
+                });
+            }
+        }
+    }
+}
+
+/// An in-process link straight into a [`DestModel`], with no delay: for real-time runs
+/// of the loop (real vCPU threads, [`super::RealClock`]) without a socket.
+#[derive(Debug)]
+pub struct Loopback {
+    /// The destination.
+    pub dest: DestModel,
+    bytes: u64,
+}
+
+impl Loopback {
+    /// A link to `dest`.
+    pub fn new(dest: DestModel) -> Self {
+        Loopback { dest, bytes: 0 }
+    }
+}
+
+impl Outbound for Loopback {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        let wire = payload.len() as u64 + SIM_FRAME_OVERHEAD;
+        self.bytes += wire;
+        self.dest.receive(state, payload)?;
+        Ok(Bytes(wire))
+    }
+
+    fn bytes_sent(&self) -> Bytes {
+        Bytes(self.bytes)
+    }
+}
+
+impl Inbound for Loopback {
+    fn try_recv(&mut self) -> Result<Option<DestMessage>> {
+        Ok(self.dest.outbox.pop_front())
+    }
+
+    fn recv(&mut self) -> Result<DestMessage> {
+        self.try_recv()?
+            .ok_or_else(|| MigrationError::PeerAborted("destination has nothing to say".into()))
+    }
+}
+
+/// A guest that dirties pages as virtual time passes.
+#[derive(Debug)]
+struct SimGuest {
+    ram: Arc<GuestRam>,
+    log: Arc<DirtyBitmap>,
+    /// Page writes per ms at full speed.
+    rate: f64,
+    pattern: Pattern,
+    rng: SplitMix64,
+    credit: f64,
+    writes: u64,
+    running: bool,
+    throttle: u8,
+}
+
+impl SimGuest {
+    fn run_for(&mut self, ms: f64) {
+        if !self.running || self.rate <= 0.0 {
+            return;
+        }
+        self.credit += ms * self.rate * f64::from(100 - self.throttle.min(99)) / 100.0;
+        let due = self.credit.floor();
+        self.credit -= due;
+        // Past a few writes per page, more writes change nothing the migration can see.
+        let n = (due as u64).min(4 * self.ram.pages());
+        for _ in 0..n {
+            let page = self
+                .pattern
+                .pick(&mut self.rng, self.ram.pages(), self.writes);
+            let word = self.rng.below((PAGE_SIZE / 8) as u64) as usize;
+            let value = self.writes.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            self.ram
+                .write_and_mark(&self.log, page, |r| r.write_word(page, word, value));
+            self.writes += 1;
+        }
+    }
+}
+
+/// The simulated world: virtual time, the link, the guest and the destination.
+#[derive(Debug)]
+pub struct World {
+    now_ns: u64,
+    /// Link bandwidth in bytes per ms.
+    link_bw: u64,
+    bytes: u64,
+    sends: u64,
+    /// Fail the send with this index (0-based) with a connection reset (failure tests).
+    pub fail_at_send: Option<u64>,
+    guest: SimGuest,
+    /// The destination.
+    pub dest: DestModel,
+}
+
+impl World {
+    fn advance_to(&mut self, t_ns: u64) {
+        if t_ns <= self.now_ns {
+            return;
+        }
+        let ms = (t_ns - self.now_ns) as f64 / 1e6;
+        self.now_ns = t_ns;
+        self.guest.run_for(ms);
+        self.dest.run_for(ms);
+    }
+}
+
+/// A handle on the shared [`World`]; the clock, the link and the VM are all views of it.
+#[derive(Debug, Clone)]
+pub struct Sim(Rc<RefCell<World>>);
+
+impl Sim {
+    /// A world with guest `ram` marking `log` at `dirty_rate` page writes per ms in
+    /// `pattern`, a link of `link_bw` bytes per ms (at least 1), and a destination.
+    pub fn new(
+        ram: Arc<GuestRam>,
+        log: Arc<DirtyBitmap>,
+        dirty_rate: f64,
+        pattern: Pattern,
+        link_bw: u64,
+        seed: u64,
+    ) -> Sim {
+        let pages = ram.pages();
+        Sim(Rc::new(RefCell::new(World {
+            now_ns: 0,
+            link_bw: link_bw.max(1),
+            bytes: 0,
+            sends: 0,
+            fail_at_send: None,
+            guest: SimGuest {
+                ram,
+                log,
+                rate: dirty_rate,
+                pattern,
+                rng: SplitMix64::new(seed),
+                credit: 0.0,
+                writes: 0,
+                running: true,
+                throttle: 0,
+            },
+            dest: DestModel::new(RAM_ID, pages, seed),
+        })))
+    }
+
+    /// Mutable access to the world (between runs).
+    pub fn world(&self) -> std::cell::RefMut<'_, World> {
+        self.0.borrow_mut()
+    }
+
+    /// Guest page writes so far.
+    pub fn guest_writes(&self) -> u64 {
+        self.0.borrow().guest.writes
+    }
+
+    /// Bytes the link carried.
+    pub fn bytes_sent_total(&self) -> u64 {
+        self.0.borrow().bytes
+    }
+
+    /// Whether the simulated guest runs (not stopped).
+    pub fn guest_running(&self) -> bool {
+        self.0.borrow().guest.running
+    }
+
+    /// Virtual time now.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.borrow().now_ns)
+    }
+}
+
+impl Clock for Sim {
+    fn now(&self) -> Duration {
+        Sim::now(self)
+    }
+
+    fn sleep_until(&mut self, deadline: Duration) {
+        let t = u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX);
+        self.0.borrow_mut().advance_to(t);
+    }
+}
+
+impl Outbound for Sim {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        let mut w = self.0.borrow_mut();
+        if w.fail_at_send == Some(w.sends) {
+            w.sends += 1;
+            return Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "simulated link cut",
+            )));
+        }
+        w.sends += 1;
+        let wire = payload.len() as u64 + SIM_FRAME_OVERHEAD;
+        // Rounded up: the simulated link is never faster than `link_bw`.
+        let ns = (u128::from(wire) * 1_000_000).div_ceil(u128::from(w.link_bw));
+        let t = w
+            .now_ns
+            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
+        w.advance_to(t);
+        w.bytes += wire;
+        w.dest.receive(state, payload)?;
+        Ok(Bytes(wire))
+    }
+
+    fn bytes_sent(&self) -> Bytes {
+        Bytes(self.0.borrow().bytes)
+    }
+}
+
+impl Inbound for Sim {
+    fn try_recv(&mut self) -> Result<Option<DestMessage>> {
+        Ok(self.0.borrow_mut().dest.outbox.pop_front())
+    }
+
+    fn recv(&mut self) -> Result<DestMessage> {
+        self.try_recv()?.ok_or_else(|| {
+            MigrationError::PeerAborted("simulated destination has nothing to say".into())
+        })
+    }
+}
+
+impl Vm for Sim {
+    fn stop(&mut self) -> Result<()> {
+        self.0.borrow_mut().guest.running = false;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        self.0.borrow_mut().guest.running = true;
+        Ok(())
+    }
+
+    fn set_throttle(&mut self, percent: u8) {
+        self.0.borrow_mut().guest.throttle = percent.min(99);
+    }
+
+    fn run_until(&mut self, now: Duration) {
+        self.sleep_until(now);
+    }
+}
+
+/// One simulated migration's parameters. Everything derives from `seed`.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Seed of the scenario (its guest, its destination).
+    pub seed: u64,
+    /// Guest RAM in pages.
+    pub pages: u64,
+    /// Pages per batch.
+    pub batch_pages: usize,
+    /// Link bandwidth, bytes per ms.
+    pub link_bw: u64,
+    /// Rate limit, bytes per ms (`None`: unlimited).
+    pub max_bandwidth: Option<u64>,
+    /// `avail_switchover_bandwidth`, bytes per second (never above the link's).
+    pub switchover_bw: Option<u64>,
+    /// Downtime limit.
+    pub downtime_limit: Millis,
+    /// Fixed switchover cost.
+    pub switchover_cost: Millis,
+    /// Guest page writes per ms.
+    pub dirty_rate: f64,
+    /// Where the guest writes.
+    pub pattern: Pattern,
+    /// Postcopy: `None` off; `Some(k)` requested after k exact queries (0: from the
+    /// start), and on a stall.
+    pub postcopy: Option<u32>,
+    /// Comparisons.
+    pub rule: Rule,
+    /// Cancel the attempt after this many exact queries (the observation run of an
+    /// equality scenario).
+    pub cancel_after_exact: Option<u64>,
+}
+
+/// What one scenario did.
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The loop's outcome, or its error's text.
+    pub outcome: std::result::Result<Outcome, String>,
+    /// Bytes the link could carry within the limit: `link_bw × (limit − cost)`.
+    pub allowed: u64,
+    /// Downtime minus the limit in ms (negative: within) for a switchover.
+    pub overshoot_ms: Option<f64>,
+    /// The switchover exceeded the limit.
+    pub violation: bool,
+    /// For a switchover: destination RAM equals source RAM (per-page CRC and full
+    /// compare).
+    pub content_ok: Option<bool>,
+    /// The switchover was decided on a pending figure exactly equal to the threshold.
+    pub equal_at_switch: bool,
+    /// An estimate exactly equal to the threshold was seen by the gate.
+    pub equal_estimate_seen: bool,
+    /// The threshold was 0 at some decision after the first window.
+    pub zero_threshold_seen: bool,
+    /// A measurement window closed with no bytes sent.
+    pub empty_window_seen: bool,
+    /// The estimates the loop saw after the first measurement window and before its first
+    /// exact query.
+    pub first_pass_estimates: Vec<u64>,
+}
+
+/// The sim's controller: postcopy per scenario, auto-converge on stalls, cancel at the end.
+struct SimControl {
+    postcopy: Option<u32>,
+    cancel_after_exact: Option<u64>,
+    exact_seen: u64,
+    stalls: u32,
+    equal_estimate_seen: bool,
+    zero_threshold_seen: bool,
+    empty_window_seen: bool,
+    estimates: Vec<u64>,
+}
+
+impl Controller for SimControl {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        if self.exact_seen == 0 && r.windows > 0 {
+            self.estimates.push(r.estimate.get());
+        }
+        if r.exact {
+            self.exact_seen += 1;
+        }
+        if r.windows > 0 {
+            self.equal_estimate_seen |= r.estimate == r.threshold;
+            self.zero_threshold_seen |= r.threshold == Bytes(0);
+        }
+        self.empty_window_seen |= r.empty_windows > 0;
+        if self
+            .cancel_after_exact
+            .is_some_and(|n| self.exact_seen >= n)
+        {
+            return Directive::Cancel;
+        }
+        match self.postcopy {
+            Some(k) if self.exact_seen >= u64::from(k) => Directive::StartPostcopy,
+            _ => Directive::Continue,
+        }
+    }
+
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        self.stalls += 1;
+        if self.postcopy.is_some() && self.stalls == 1 {
+            StallAction::Postcopy
+        } else if self.stalls <= 3 {
+            StallAction::Throttle(r.throttle.saturating_add(30).min(90))
+        } else {
+            StallAction::Cancel
+        }
+    }
+}
+
+fn crc_pages(ram: &[u8]) -> Vec<u32> {
+    ram.chunks_exact(PAGE_SIZE).map(crc32fast::hash).collect()
+}
+
+impl Scenario {
+    /// A random scenario from `seed`: sizes, rates and limits spread so that some
+    /// converge at once, some after several passes, some never; about one in twenty has a
+    /// downtime limit of 0.
+    pub fn random(seed: u64) -> Scenario {
+        let mut r = SplitMix64::new(seed);
+        let pages = 2 + r.below(23);
+        let ram_wire = pages * (PAGE_SIZE as u64 + 16);
+        let downtime_limit = if r.below(20) == 0 {
+            0
+        } else {
+            1 + r.below(500)
+        };
+        // Threshold as a fraction of RAM: 0 to 1.2.
+        let frac = r.unit() * 1.2;
+        let link_bw = ((ram_wire as f64 * frac) / downtime_limit.max(1) as f64).max(64.0) as u64;
+        let page_rate = link_bw as f64 / PAGE_SIZE as f64;
+        let dirty_rate = if r.below(10) == 0 {
+            0.0
+        } else {
+            page_rate * r.unit() * 1.5
+        };
+        let pattern = match r.below(3) {
+            0 => Pattern::Uniform,
+            1 => Pattern::HOT_90_5,
+            _ => Pattern::Sequential,
+        };
+        let max_bandwidth = if r.below(2) == 0 {
+            None
+        } else {
+            Some(((link_bw as f64) * (0.1 + r.unit() * 1.4)).max(1.0) as u64)
+        };
+        let switchover_bw = if r.below(6) == 0 {
+            Some(((link_bw * 1000) as f64 * (0.5 + r.unit() * 0.5)) as u64)
+        } else {
+            None
+        };
+        let switchover_cost = if r.below(5) == 0 {
+            r.below(downtime_limit / 2 + 1)
+        } else {
+            0
+        };
+        let postcopy = if r.below(4) == 0 {
+            Some(r.below(4) as u32)
+        } else {
+            None
+        };
+        Scenario {
+            seed,
+            pages,
+            batch_pages: 1 + r.below(8) as usize,
+            link_bw,
+            max_bandwidth,
+            switchover_bw,
+            downtime_limit: Millis(downtime_limit),
+            switchover_cost: Millis(switchover_cost),
+            dirty_rate,
+            pattern,
+            postcopy,
+            rule: Rule::Fixed,
+            cancel_after_exact: None,
+        }
+    }
+
+    /// The loop parameters of this scenario.
+    pub fn config(&self) -> LoopConfig {
+        LoopConfig {
+            downtime_limit: self.downtime_limit,
+            max_bandwidth: self.max_bandwidth.map(|b| BytesPerMs::new(b as f64)),
+            avail_switchover_bandwidth: self.switchover_bw.map(BytesPerMs::from_bytes_per_sec),
+            switchover_cost: self.switchover_cost,
+            postcopy: self.postcopy.is_some(),
+            start_postcopy: false,
+            stall_rounds: 3,
+            iterate_chunk: Bytes((self.batch_pages as u64 * 2 * PAGE_SIZE as u64).max(1)),
+            rule: self.rule,
+        }
+    }
+
+    /// Runs the scenario and checks downtime and content.
+    ///
+    /// # Errors
+    /// Only for a scenario that cannot be set up (RAM allocation).
+    pub fn run(&self) -> Result<ScenarioResult> {
+        let ram = Arc::new(GuestRam::new(self.pages)?);
+        let log = Arc::new(new_log(&ram)?);
+        // Some initial content, so that a missed page shows.
+        let mut init = SplitMix64::new(self.seed ^ 0x1417);
+        for p in 0..self.pages {
+            ram.fill_page(p, init.next_u64());
+        }
+        let sim = Sim::new(
+            Arc::clone(&ram),
+            Arc::clone(&log),
+            self.dirty_rate,
+            self.pattern,
+            self.link_bw,
+            self.seed,
+        );
+        sim.world().dest.touch_rate = self.link_bw as f64 / PAGE_SIZE as f64;
+        let mut state = RamState::new(
+            RAM_ID,
+            Arc::clone(&ram),
+            Arc::clone(&log),
+            SetupMode::Full,
+            self.postcopy.is_some(),
+            self.batch_pages,
+        )?;
+        let mut control = SimControl {
+            postcopy: self.postcopy,
+            cancel_after_exact: self.cancel_after_exact,
+            exact_seen: 0,
+            stalls: 0,
+            equal_estimate_seen: false,
+            zero_threshold_seen: false,
+            empty_window_seen: false,
+            estimates: Vec::new(),
+        };
+        let (mut clock, mut vm, mut out, mut inbound) =
+            (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+        let outcome = run(
+            &self.config(),
+            Endpoints {
+                clock: &mut clock,
+                vm: &mut vm,
+                out: &mut out,
+                inbound: &mut inbound,
+            },
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut control,
+        );
+        let allowed = self.link_bw * (self.downtime_limit - self.switchover_cost).get();
+        let mut result = ScenarioResult {
+            scenario: *self,
+            outcome: outcome.as_ref().map(|o| *o).map_err(|e| e.to_string()),
+            allowed,
+            overshoot_ms: None,
+            violation: false,
+            content_ok: None,
+            equal_at_switch: false,
+            equal_estimate_seen: control.equal_estimate_seen,
+            zero_threshold_seen: control.zero_threshold_seen,
+            empty_window_seen: control.empty_window_seen,
+            first_pass_estimates: control.estimates,
+        };
+        if let Ok(o) = outcome {
+            if matches!(o.kind, Kind::Completed | Kind::Postcopy) {
+                let b = o.bytes_in_downtime.get();
+                result.violation = b > allowed;
+                result.overshoot_ms = Some(
+                    b as f64 / self.link_bw as f64 + self.switchover_cost.get() as f64
+                        - self.downtime_limit.get() as f64,
+                );
+                let compared = if o.kind == Kind::Completed {
+                    o.pending_at_switch.total()
+                } else {
+                    o.pending_at_switch.must_precopy
+                };
+                result.equal_at_switch = compared == o.threshold_at_switch;
+                let src = ram.snapshot();
+                let w = sim.world();
+                let dst = w.dest.ram();
+                result.content_ok = Some(crc_pages(&src) == crc_pages(dst) && src == dst);
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// An equality scenario from `seed`: the threshold is set (through
+/// `avail_switchover_bandwidth`) to exactly one of the estimates the loop sees in its first
+/// pass, so the gate meets `estimate == threshold`. `None` when no such setting exists
+/// for this seed (estimates too large for the link, or no exact f64 product).
+///
+/// # Errors
+/// As [`Scenario::run`].
+pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
+    let mut base = Scenario::random(seed);
+    let mut r = SplitMix64::new(seed ^ 0xE0);
+    base.postcopy = None;
+    base.max_bandwidth = None;
+    base.switchover_cost = Millis(0);
+    // A first pass of 200 to 900 ms, so that the threshold exists before it ends.
+    let ram_wire = base.pages * (PAGE_SIZE as u64 + 16);
+    base.link_bw = (ram_wire / (200 + r.below(700))).max(64);
+    base.dirty_rate = base.link_bw as f64 / PAGE_SIZE as f64 * (0.05 + r.unit() * 0.75);
+    // Observation: threshold 0 throughout, stop at the first exact query.
+    let mut observe = base;
+    observe.switchover_bw = Some(0);
+    observe.cancel_after_exact = Some(1);
+    let seen = observe.run()?.first_pass_estimates;
+    if seen.is_empty() {
+        return Ok(None);
+    }
+    // The first pass's estimates after the first window only fall; the gate first opens
+    // on the one picked.
+    let t = seen[r.below(seen.len() as u64) as usize];
+    let min_limit = t.div_ceil(base.link_bw).max(1);
+    for limit in min_limit..=2000 {
+        if (t * 1000) % limit != 0 {
+            continue;
+        }
+        let bps = t * 1000 / limit;
+        let bw = BytesPerMs::from_bytes_per_sec(bps);
+        // The override must not promise more than the link carries.
+        if bw.get() > base.link_bw as f64 || threshold(bw, Millis(limit)) != Bytes(t) {
+            continue;
+        }
+        let mut s = base;
+        s.downtime_limit = Millis(limit);
+        s.switchover_bw = Some(bps);
+        s.rule = rule;
+        return Ok(Some(s));
+    }
+    Ok(None)
+}
+
+/// Totals of a sweep.
+#[derive(Debug, Clone, Default)]
+pub struct SweepReport {
+    /// Scenarios run.
+    pub scenarios: u64,
+    /// Of which equality scenarios.
+    pub equality_scenarios: u64,
+    /// Switchovers (precopy completions and postcopy switches).
+    pub switchovers: u64,
+    /// Postcopy switches.
+    pub postcopy: u64,
+    /// Switchovers over the downtime limit.
+    pub violations: u64,
+    /// Largest downtime minus limit over all switchovers, in ms (negative: all within).
+    pub largest_overshoot_ms: Option<f64>,
+    /// Runs the caller gave up on after stalls.
+    pub non_converging: u64,
+    /// Switchovers whose destination RAM differed from the source.
+    pub content_mismatches: u64,
+    /// Runs that ended with an error.
+    pub errors: u64,
+    /// Switchovers decided on a figure exactly equal to the threshold.
+    pub equal_at_switch: u64,
+    /// Runs whose gate saw an estimate equal to the threshold.
+    pub equal_estimate_seen: u64,
+    /// Runs that saw a threshold of 0 after the first window.
+    pub zero_threshold_seen: u64,
+    /// Runs with a measurement window that sent nothing.
+    pub empty_window_seen: u64,
+    /// Seeds of the scenarios that violated the limit, mismatched or failed (first 20).
+    pub failing_seeds: Vec<u64>,
+}
+
+impl SweepReport {
+    fn add(&mut self, r: &ScenarioResult) {
+        self.scenarios += 1;
+        let bad = r.violation || r.content_ok == Some(false) || r.outcome.is_err();
+        match &r.outcome {
+            Ok(o) => match o.kind {
+                Kind::Completed | Kind::Postcopy => {
+                    self.switchovers += 1;
+                    self.postcopy += u64::from(o.kind == Kind::Postcopy);
+                }
+                Kind::NotConverging => self.non_converging += 1,
+            },
+            Err(_) => self.errors += 1,
+        }
+        self.violations += u64::from(r.violation);
+        self.content_mismatches += u64::from(r.content_ok == Some(false));
+        if let Some(o) = r.overshoot_ms {
+            self.largest_overshoot_ms = Some(self.largest_overshoot_ms.map_or(o, |m| m.max(o)));
+        }
+        self.equal_at_switch += u64::from(r.equal_at_switch);
+        self.equal_estimate_seen += u64::from(r.equal_estimate_seen);
+        self.zero_threshold_seen += u64::from(r.zero_threshold_seen);
+        self.empty_window_seen += u64::from(r.empty_window_seen);
+        if bad && self.failing_seeds.len() < 20 {
+            self.failing_seeds.push(r.scenario.seed);
+        }
+    }
+
+    /// No violation, no content mismatch, no error.
+    pub fn clean(&self) -> bool {
+        self.violations == 0 && self.content_mismatches == 0 && self.errors == 0
+    }
+}
+
+/// The seed of scenario `i` of a sweep with seed `seed`.
+pub fn scenario_seed(seed: u64, i: u64) -> u64 {
+    SplitMix64::new(seed ^ i.wrapping_mul(0xA076_1D64_78BD_642F)).next_u64()
+}
+
+/// Runs `n` scenarios of the sweep `seed` with `rule`: one in ten an equality scenario
+/// (falling back to a random one when none exists for its seed), the rest random.
+///
+/// # Errors
+/// As [`Scenario::run`].
+pub fn sweep(n: u64, seed: u64, rule: Rule) -> Result<SweepReport> {
+    let mut report = SweepReport::default();
+    for i in 0..n {
+        let s = scenario_seed(seed, i);
+        let scenario = if i % 10 == 9 {
+            match equality_scenario(s, rule)? {
+                Some(eq) => {
+                    report.equality_scenarios += 1;
+                    eq
+                }
+                None => Scenario {
+                    rule,
+                    ..Scenario::random(s)
+                },
+            }
+        } else {
+            Scenario {
+                rule,
+                ..Scenario::random(s)
+            }
+        };
+        report.add(&scenario.run()?);
+    }
+    Ok(report)
+}
