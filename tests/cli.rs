@@ -963,7 +963,7 @@ fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
         assert_eq!(setup.len(), 1, "{out}");
         assert_eq!((setup[0][1], setup[0][2]), ("512", "4096"), "{out}");
         let workload: Vec<_> = rows.iter().filter(|r| r.len() == 11).collect();
-        for mode in ["timer", "prepare_stop"] {
+        for mode in ["timer", "prepare_stop", "timer, marks only"] {
             for s in strategies {
                 assert_eq!(
                     workload
@@ -975,6 +975,21 @@ fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
                 );
             }
         }
+        // Plain marks on fully dirty bitmaps change nothing: the incremental stop writes no
+        // bitmap bytes, while QEMU's strategy rewrites every cluster.
+        let marks_only = |s: &str| {
+            *workload
+                .iter()
+                .find(|r| r[2] == "timer, marks only" && r[7] == s)
+                .unwrap()
+        };
+        assert_eq!(marks_only(strategies[0])[6], "0", "changed regions\n{out}");
+        assert_eq!(bytes(marks_only(strategies[0]), 8), 0, "{out}");
+        assert_eq!(
+            bytes(marks_only(strategies[3]), 8),
+            (32 * 65536 + 256) * n,
+            "{out}"
+        );
         let fractions: Vec<_> = rows.iter().filter(|r| r.len() == 7).collect();
         for k in ["1", "64", "512"] {
             for s in strategies {
@@ -1004,7 +1019,7 @@ fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
             "QEMU stored every cluster: {out}"
         );
     }
-    assert_eq!(out.matches("(target ≤ 1/50)").count(), 4, "{out}");
+    assert_eq!(out.matches("(target ≤ 1/50)").count(), 6, "{out}");
     let doc = std::fs::read_to_string(&svg).unwrap();
     assert_eq!(xml_root(&doc), Ok("svg".to_string()));
     // 4 strategies + QEMU's own store, for each bitmap count.
