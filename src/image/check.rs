@@ -9,7 +9,10 @@
 //! refcounts (`compare_refcounts`): more on disk is a leak, less is a corruption.
 //!
 //! Every length read from the image is checked against the file size before anything is
-//! allocated for it, so a corrupt image cannot make the check allocate without bound.
+//! allocated for it, so a corrupt image cannot make the check allocate without bound. The
+//! reference counts live in pages allocated on first use ([`RefCounts`]): a large sparse
+//! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
+//! for metadata entries that were really read from the file.
 
 use std::fmt::Write as _;
 
@@ -26,8 +29,67 @@ use crate::storage::{Storage, StorageExt};
 const L2_OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
 /// L2 entry bit 62: the cluster is compressed.
 const L2_COMPRESSED: u64 = 1 << 62;
-/// Largest number of clusters the check keeps counts for (16 GiB of counters).
+/// Largest number of clusters the check keeps counts for (a page table of 4 MiB).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Clusters per page of [`RefCounts`].
+const PAGE_CLUSTERS: usize = 4096;
+
+/// References per cluster, for `len` clusters, in pages of [`PAGE_CLUSTERS`] counters that
+/// are allocated when a cluster in them is first referenced.
+struct RefCounts {
+    len: u64,
+    pages: Vec<Option<Box<[u32]>>>,
+}
+
+impl RefCounts {
+    fn new(len: u64) -> Result<Self> {
+        let n = usize::try_from(len.div_ceil(PAGE_CLUSTERS as u64))
+            .map_err(|_| invalid_input!("image of {len} clusters is too large to check"))?;
+        let mut pages = Vec::new();
+        pages
+            .try_reserve_exact(n)
+            .map_err(|_| invalid_input!("cannot allocate counters for {len} clusters"))?;
+        pages.resize_with(n, || None);
+        Ok(RefCounts { len, pages })
+    }
+
+    /// Adds one reference to cluster `c`; `false` if `c` is past the end.
+    fn inc(&mut self, c: u64) -> bool {
+        if c >= self.len {
+            return false;
+        }
+        let (p, i) = (
+            (c / PAGE_CLUSTERS as u64) as usize,
+            (c % PAGE_CLUSTERS as u64) as usize,
+        );
+        let page = self.pages[p].get_or_insert_with(|| vec![0u32; PAGE_CLUSTERS].into());
+        page[i] = page[i].saturating_add(1);
+        true
+    }
+
+    /// The references to cluster `c` (0 past the end or in an untouched page).
+    fn get(&self, c: u64) -> u64 {
+        let p = (c / PAGE_CLUSTERS as u64) as usize;
+        match self.pages.get(p) {
+            Some(Some(page)) => u64::from(page[(c % PAGE_CLUSTERS as u64) as usize]),
+            _ => 0,
+        }
+    }
+
+    /// Whether any cluster in `[first, end)` is referenced (page granular, then exact).
+    fn any_in(&self, first: u64, end: u64) -> bool {
+        let mut c = first;
+        while c < end.min(self.len) {
+            let p = (c / PAGE_CLUSTERS as u64) as usize;
+            let page_end = (p as u64 + 1) * PAGE_CLUSTERS as u64;
+            if self.pages[p].is_some() && (c..end.min(page_end)).any(|x| self.get(x) != 0) {
+                return true;
+            }
+            c = page_end;
+        }
+        false
+    }
+}
 /// Most messages kept in a report; the counts stay exact beyond it.
 const MAX_MESSAGES: usize = 1000;
 
@@ -78,7 +140,7 @@ struct Counter<'a, S: Storage + ?Sized> {
     storage: &'a S,
     cluster_bits: u32,
     file_len: u64,
-    refs: Vec<u64>,
+    refs: RefCounts,
     report: CheckReport,
 }
 
@@ -91,15 +153,12 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         let first = offset >> self.cluster_bits;
         let last = offset.saturating_add(len - 1) >> self.cluster_bits;
         for c in first..=last {
-            match usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
-                Some(r) => *r = r.saturating_add(1),
-                None => {
-                    let at = c << self.cluster_bits;
-                    self.report.corrupt(|| {
-                        format!("ERROR {what} cluster {at:#x} is beyond the end of the image file")
-                    });
-                    return;
-                }
+            if !self.refs.inc(c) {
+                let at = c << self.cluster_bits;
+                self.report.corrupt(|| {
+                    format!("ERROR {what} cluster {at:#x} is beyond the end of the image file")
+                });
+                return;
             }
         }
     }
@@ -254,10 +313,7 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
             "image of {nb_clusters} clusters is too large to check"
         ));
     }
-    let mut refs = Vec::new();
-    refs.try_reserve_exact(nb_clusters as usize)
-        .map_err(|_| invalid_input!("cannot allocate counters for {nb_clusters} clusters"))?;
-    refs.resize(nb_clusters as usize, 0u64);
+    let refs = RefCounts::new(nb_clusters)?;
     let mut ctr = Counter {
         storage,
         cluster_bits: cb,
@@ -315,7 +371,7 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
     } = ctr;
     for (i, b) in blocks.iter().enumerate() {
         if let Some(off) = b {
-            let r = refs.get((off >> cb) as usize).copied().unwrap_or(0);
+            let r = refs.get(off >> cb);
             if r != 1 {
                 report.corrupt(|| format!("ERROR refcount block {i} refcount={r}"));
             }
@@ -325,17 +381,22 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
     let mut c = 0u64;
     while c < nb_clusters {
         let index = (c / per_block) as usize;
+        let end = (c.saturating_add(per_block) / per_block * per_block).min(nb_clusters);
         let block = match blocks.get(index).copied().flatten() {
             Some(off) => Some(storage.read_vec_at(off, cs)?),
+            // No refcount block and no reference: nothing to compare.
+            None if !refs.any_in(c, end) => {
+                c = end;
+                continue;
+            }
             None => None,
         };
-        let end = (c.saturating_add(per_block) / per_block * per_block).min(nb_clusters);
         for cl in c..end {
             let on_disk = match &block {
                 Some(b) => get_refcount(b, h.refcount_order, cl % per_block)?,
                 None => 0,
             };
-            let computed = refs.get(cl as usize).copied().unwrap_or(0);
+            let computed = refs.get(cl);
             if on_disk > computed {
                 report.leaks = report.leaks.saturating_add(1);
                 report.note(|| {
