@@ -457,6 +457,9 @@ impl dirty_bitmap::migration::Outbound for LinkOut<'_, '_> {
     ) -> dirty_bitmap::migration::Result<Bytes> {
         self.0.borrow_mut().control(msg)
     }
+    fn lift_rate_limit(&mut self) {
+        self.0.borrow_mut().lift_rate_limit();
+    }
     fn section_overhead(&self) -> Bytes {
         self.0.borrow().section_overhead()
     }

@@ -61,6 +61,11 @@ pub trait Outbound {
     /// The channel's error.
     fn control(&mut self, msg: &Control) -> Result<Bytes>;
 
+    /// The VM stopped: from now on nothing waits for the rate limit (the downtime is not
+    /// throttled, as in QEMU). Postcopy's discards go out before the Switchover frame, so
+    /// the loop calls this at the stop rather than relying on the Switchover alone.
+    fn lift_rate_limit(&mut self);
+
     /// The most framing bytes a later [`send`](Self::send) adds to its payload.
     fn section_overhead(&self) -> Bytes;
 

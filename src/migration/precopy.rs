@@ -290,6 +290,10 @@ impl<O: Outbound + ?Sized> Outbound for Meter<'_, O> {
         self.inner.control(msg)
     }
 
+    fn lift_rate_limit(&mut self) {
+        self.inner.lift_rate_limit();
+    }
+
     fn section_overhead(&self) -> Bytes {
         self.inner.section_overhead()
     }
@@ -801,6 +805,7 @@ where
         }
         let t_stop = self.clock.now();
         let b_stop = self.out.bytes_sent();
+        self.out.lift_rate_limit();
         let result = (|| {
             self.out.control(&Control::Switchover { postcopy: false })?;
             for s in states.iter_mut() {
@@ -828,6 +833,7 @@ where
         }
         let t_stop = self.clock.now();
         let b_stop = self.out.bytes_sent();
+        self.out.lift_rate_limit();
         let result = (|| {
             for s in states.iter_mut() {
                 s.postcopy_start(&mut self.out)?;

@@ -393,7 +393,14 @@ impl MigrationState for RamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::stream::FrameWriter;
+    use crate::migration::stream::{Frame, FrameWriter};
+
+    /// A writer past its stream header (the loop sends the Hello before any setup).
+    fn started() -> FrameWriter<Vec<u8>> {
+        let mut w = FrameWriter::new(Vec::new());
+        w.write_frame(&Frame::Started).unwrap();
+        w
+    }
 
     fn rig(pages: u64, batch: usize, postcopy: bool) -> (Arc<GuestRam>, RamState) {
         let ram = Arc::new(GuestRam::new(pages).unwrap());
@@ -430,8 +437,7 @@ mod tests {
             let (ram, mut s) = rig(pages, batch, false);
             // Some zero pages: they cost less than counted.
             ram.write_page(0, &[0; PAGE_SIZE]);
-            let mut w = FrameWriter::new(Vec::new());
-            w.set_max_bandwidth(0);
+            let mut w = started();
             s.setup(&mut w).unwrap();
             let before = w.bytes_sent();
             let p = s.pending(true);
@@ -446,7 +452,7 @@ mod tests {
     #[test]
     fn discards_and_page_requests() {
         let (_, mut s) = rig(6, 4, true);
-        let mut w = FrameWriter::new(Vec::new());
+        let mut w = started();
         s.setup(&mut w).unwrap();
         let p = s.pending(true);
         assert_eq!(p.must_precopy, Bytes(6 * 9 + 8 + SECTION_FRAME));

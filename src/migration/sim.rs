@@ -251,6 +251,10 @@ impl Outbound for Loopback {
         Ok(Bytes(wire))
     }
 
+    /// The simulated link has no rate limit of its own (the loop's applies while the VM
+    /// runs).
+    fn lift_rate_limit(&mut self) {}
+
     fn section_overhead(&self) -> Bytes {
         Bytes(SECTION_OVERHEAD)
     }
@@ -452,6 +456,10 @@ impl Outbound for Sim {
         w.dest.control(msg)?;
         Ok(Bytes(wire))
     }
+
+    /// The simulated link has no rate limit of its own (the loop's applies while the VM
+    /// runs).
+    fn lift_rate_limit(&mut self) {}
 
     fn section_overhead(&self) -> Bytes {
         Bytes(SECTION_OVERHEAD)

@@ -681,11 +681,12 @@ impl<W: Write> FrameWriter<W> {
         self.check_failed()?;
         let payload = frame.encode_payload()?;
         check_len(payload.len())?;
-        let n = self.put(frame.kind() as u8, &[&payload])?;
         if let Frame::Switchover { .. } = frame {
+            // The VM is stopped from here on: not even the Switchover frame itself waits
+            // for the limiter (it would add up to a window to the downtime).
             self.limiter.set_max_bandwidth(0);
         }
-        Ok(n)
+        self.put(frame.kind() as u8, &[&payload])
     }
 
     /// Sends an Abort frame, best effort: errors are ignored, since the stream is being
@@ -786,6 +787,10 @@ impl<W: Write> Outbound for FrameWriter<W> {
 
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
         self.write_frame(&msg.to_frame())
+    }
+
+    fn lift_rate_limit(&mut self) {
+        self.limiter.set_max_bandwidth(0);
     }
 
     fn section_overhead(&self) -> Bytes {
@@ -1449,9 +1454,11 @@ mod tests {
         w.send(1, &[0; 200]).unwrap();
         w.send(1, &[0; 200]).unwrap();
         assert!(clock.now() > std::time::Duration::ZERO, "the limiter slept");
+        w.send(1, &[0; 200]).unwrap();
+        // The window's budget is used: the Switchover frame itself does not wait.
+        let t = clock.now();
         w.write_frame(&Frame::Switchover { postcopy: false })
             .unwrap();
-        let t = clock.now();
         for _ in 0..10 {
             w.send(1, &[0; 200]).unwrap();
         }
