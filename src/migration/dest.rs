@@ -286,6 +286,18 @@ impl RetainedRam {
     pub fn has_page(&self, page: u64) -> bool {
         self.ram.has(page)
     }
+
+    /// Page `page`, if held.
+    pub fn page(&self, page: u64) -> Option<&[u8]> {
+        self.ram
+            .has(page)
+            .then(|| &self.ram.map[self.ram.range(page)])
+    }
+
+    /// The number of pages of the guest it belongs to.
+    pub fn pages(&self) -> u64 {
+        self.ram.pages
+    }
 }
 
 /// The destination of one migration attempt over a channel split into a reader (from the

@@ -48,8 +48,8 @@ pub const DISCARDS_PER_SECTION: usize = 1 << 16;
 const PER_PAGE: u64 = (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE) as u64;
 
 /// The largest `batch_pages` whose section fits the stream's frame limit.
-pub const MAX_BATCH_PAGES: usize =
-    (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN) / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
+pub const MAX_BATCH_PAGES: usize = (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN)
+    / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
 
 /// How [`RamState::setup`](MigrationState::setup) chooses the first pages to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,7 +476,15 @@ mod tests {
         let ram = Arc::new(GuestRam::new(1).unwrap());
         let log = Arc::new(new_log(&ram).unwrap());
         for bad in [0, MAX_BATCH_PAGES + 1] {
-            assert!(RamState::new(1, Arc::clone(&ram), Arc::clone(&log), SetupMode::Full, false, bad).is_err());
+            assert!(RamState::new(
+                1,
+                Arc::clone(&ram),
+                Arc::clone(&log),
+                SetupMode::Full,
+                false,
+                bad
+            )
+            .is_err());
         }
         let payload = 4 + ram_codec::PAGES_HEADER_LEN + MAX_BATCH_PAGES * PER_PAGE as usize;
         assert!(payload <= MAX_FRAME_LEN as usize);
