@@ -265,6 +265,7 @@ impl DestinationGuest {
 /// dirty at the source.
 pub struct RetainedRam {
     ram: DestRam,
+    sections_applied: u64,
 }
 
 impl fmt::Debug for RetainedRam {
@@ -280,6 +281,12 @@ impl RetainedRam {
     /// Pages held.
     pub fn received_pages(&self) -> u64 {
         self.ram.received_count
+    }
+
+    /// RAM sections the failed attempt applied, in stream order: everything the source
+    /// sent after them was lost (the source's `RamState::redirty_undelivered` takes it).
+    pub fn sections_applied(&self) -> u64 {
+        self.sections_applied
     }
 
     /// Whether page `page` is held.
@@ -318,6 +325,8 @@ pub struct Destination<R: Read, W: Write> {
     /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
     ran: bool,
     retained: Option<DestRam>,
+    /// RAM sections applied in this attempt.
+    ram_sections: u64,
 }
 
 impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
@@ -349,6 +358,7 @@ impl<R: Read, W: Write> Destination<R, W> {
             failure: None,
             ran: false,
             retained: None,
+            ram_sections: 0,
         }
     }
 
@@ -371,7 +381,11 @@ impl<R: Read, W: Write> Destination<R, W> {
         if self.ran {
             return None;
         }
-        self.ram.or(self.retained).map(|ram| RetainedRam { ram })
+        let sections_applied = self.ram_sections;
+        self.ram.or(self.retained).map(|ram| RetainedRam {
+            ram,
+            sections_applied,
+        })
     }
 
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
@@ -611,6 +625,7 @@ impl<R: Read, W: Write> Destination<R, W> {
                 }
             }
         }
+        self.ram_sections += 1;
         Ok(DestEvent::Pages {
             written,
             ignored,

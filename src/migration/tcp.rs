@@ -356,6 +356,23 @@ fn read_return_path(sock: TcpStream, tx: &mpsc::Sender<Result<DestMessage>>, sto
     }
 }
 
+/// The destination's Abort among the messages still in flight, if one comes within
+/// [`ABORT_GRACE`].
+fn peer_reason(inbound: &ReturnPath) -> Option<MigrationError> {
+    let deadline = Instant::now() + ABORT_GRACE;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match inbound.rx.recv_timeout(left) {
+            Ok(Ok(DestMessage::Aborted(why))) => return Some(MigrationError::PeerAborted(why)),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// How long a source whose write failed waits for the destination's Abort.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+
 /// Parameters of the source side of an attempt.
 #[derive(Debug, Clone, Copy)]
 pub struct SourceOptions {
@@ -430,10 +447,32 @@ pub fn migrate_to(
         states,
         controller,
     );
+    // A write that failed because the destination gave up and closed: its Abort, if it
+    // sent one, says why (a checksum mismatch, say), which the broken pipe does not.
+    let result = match result {
+        Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
+        r => r,
+    };
     let wire = writer.stats();
-    // The attempt is over either way: close both directions, which also ends the reader.
+    // The attempt is over. After a success, close only our direction and let the reader
+    // drain until the destination closes (closing a socket with unread bytes, say a late
+    // PageRequest, resets the connection and could cut the destination's last frames);
+    // after a failure close both. Either way the reader ends: at the end of the stream,
+    // or at `stop` within the timeout.
+    let how = if result.is_ok() {
+        Shutdown::Write
+    } else {
+        Shutdown::Both
+    };
+    let _ = writer.get_ref().shutdown(how);
+    if result.is_ok() {
+        let deadline = Instant::now() + options.timeout;
+        while !reader.is_finished() && Instant::now() < deadline {
+            while inbound.rx.try_recv().is_ok() {}
+            std::thread::sleep(POLL / 4);
+        }
+    }
     stop.store(true, Ordering::SeqCst);
-    let _ = writer.get_ref().shutdown(Shutdown::Both);
     let _ = reader.join();
     result.map(|outcome| SourceReport { outcome, wire })
 }
