@@ -65,7 +65,7 @@ impl Source {
         for p in 0..PAGES {
             // One page in eight stays all zeros (sent as a flag).
             let v = rng.next_u64();
-            if v % 8 != 0 {
+            if !v.is_multiple_of(8) {
                 ram.fill_page(p, v);
             }
         }

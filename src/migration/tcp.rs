@@ -674,7 +674,7 @@ pub fn migrate_over_tcp_with(
     for p in 0..cfg.pages {
         // One page in sixteen stays zero (sent as a flag).
         let v = init.next_u64();
-        if v % 16 != 0 {
+        if !v.is_multiple_of(16) {
             ram.fill_page(p, v);
         }
     }
