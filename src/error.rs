@@ -8,6 +8,7 @@
 //! treats every bit as dirty.
 
 use std::io;
+use std::path::PathBuf;
 
 /// Everything that can go wrong in this crate.
 #[non_exhaustive]
@@ -49,6 +50,38 @@ pub enum Error {
     /// A change was asked of an image opened read-only.
     #[error("the image is open read-only")]
     ReadOnly,
+    /// Another holder of the image file (QEMU, or another open of this crate, also in this
+    /// process) holds one of QEMU's image locks that conflicts with the open; nothing was
+    /// read or written. `shared: false`: the open uses `perm` and the other holder refuses
+    /// to share it (QEMU's `Failed to get "write" lock`); `shared: true`: the open refuses to
+    /// share `perm` and the other holder uses it (`Failed to get shared "write" lock`).
+    #[error(
+        "failed to get {}\"{perm}\" lock: is another process using the image {}?",
+        if *.shared { "shared " } else { "" },
+        .path.display()
+    )]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// QEMU's name for the permission (`"consistent read"`, `"write"`,
+        /// `"write unchanged"`, `"resize"`).
+        perm: &'static str,
+        /// Whether the open refused to share `perm` (rather than wanting to use it).
+        shared: bool,
+    },
+    /// The kernel or the file system cannot take the open-file-description byte-range locks
+    /// QEMU's image locking uses (not Linux, or for example `ENOLCK` from a network file
+    /// system). The file was closed. Opening with `Locking::Off` goes without the locks.
+    #[error(
+        "cannot take QEMU's image locks on {}: {source}; open with locking off to go without",
+        .path.display()
+    )]
+    LockUnsupported {
+        /// The image file.
+        path: PathBuf,
+        /// What the lock call returned.
+        source: io::Error,
+    },
 }
 
 /// Malformed on-disk data, with where it was found and what was there.

@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
 use common::seeded_rng;
 use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, within_budget, StopSource};
-use dirty_bitmap::storage::{FaultPlan, FaultStorage, FileStorage, MemStorage, StorageExt};
+use dirty_bitmap::storage::{
+    FaultPlan, FaultStorage, FileStorage, Locking, MemStorage, StorageExt,
+};
 use dirty_bitmap::{
     BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, Tracker,
 };
@@ -455,7 +457,10 @@ fn flush_policy_starts_and_stops() {
 fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("h.qcow2");
-    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+    // Without image locks, as on shared storage whose locks do not reach the other host: a
+    // locked writable handle keeps QEMU out altogether (tests/locking.rs).
+    let storage = FileStorage::create_with(&img, Locking::Off).unwrap();
+    let mut s = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
     s.add("a", 65536, true).unwrap();
     s.activate().unwrap();
     s.tracker().unwrap().mark(MIB, 1);
@@ -632,10 +637,11 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
     drop(s);
     patch_all_ones(&img, "b");
     assert_qemu_clean(&img);
+    // Before our writable open: qemu-nbd cannot open the image beside it (image locking).
+    assert_eq!(nbd_dirty(&img, "b"), vec![(0, disk)]);
     let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
     assert_eq!(s.region_size(), 4096);
     assert_eq!(extents(&s.load("b").unwrap()), vec![(0, disk)]);
-    assert_eq!(nbd_dirty(&img, "b"), vec![(0, disk)]);
 
     s.activate().unwrap();
     let bm = s.bitmap("b").unwrap();

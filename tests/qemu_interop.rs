@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps, qemu_bitmaps_shared};
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
 
@@ -90,7 +90,8 @@ fn activated_marks_survive_close_and_a_crash_shows_in_use() {
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 256 * MIB, 65536).unwrap();
     s.add("live", 65536, true).unwrap();
     s.activate().unwrap();
-    assert_eq!(qemu_bitmaps(&img)[0].2, vec!["in-use", "auto"]);
+    // -U: our writable handle holds the image's locks.
+    assert_eq!(qemu_bitmaps_shared(&img)[0].2, vec!["in-use", "auto"]);
     let live = s.bitmap("live").unwrap();
     live.mark_dirty(100 * MIB, 3 * MIB);
     s.close().unwrap();

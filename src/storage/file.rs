@@ -1,9 +1,11 @@
-//! [`FileStorage`]: a file through `pread`, `pwrite` and `fdatasync`.
+//! [`FileStorage`]: a file through `pread`, `pwrite` and `fdatasync`, locked as QEMU locks
+//! its images.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::lock::{self, Access, Locking};
 use super::{check_new_len, checked_buf_end, read_past_end, write_past_end, Storage};
 use crate::error::{invalid_input, Result};
 
@@ -15,30 +17,83 @@ use crate::error::{invalid_input, Result};
 /// another process or thread changing the length concurrently can defeat that check.
 /// [`sync_data`](Storage::sync_data) is `fdatasync`, called once per request and never
 /// retried.
+///
+/// [`open`](Self::open) and [`create`](Self::create) take QEMU's image locks (see
+/// [`lock`](super::lock)): a writable open holds what a QEMU writer holds, a read-only open
+/// what `qemu-img info` holds, so neither opens beside a QEMU writer, and QEMU cannot open
+/// the image writable (nor `qemu-img info` it without `-U`) while a writable `FileStorage`
+/// is open. The locks belong to this handle's open file description and are released when
+/// it is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    locking: Locking,
 }
 
 impl FileStorage {
-    /// Opens an existing file, for reading and also writing when `writable`.
+    /// Opens an existing file, for reading and also writing when `writable`, with QEMU's
+    /// image locks ([`Locking::On`]).
     ///
     /// # Errors
     ///
-    /// [`Error::Io`](crate::Error::Io) when the file cannot be opened.
+    /// As [`open_with`](Self::open_with).
     pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self> {
+        Self::open_with(path, writable, Locking::On)
+    }
+
+    /// Opens an existing file read-only with QEMU's force-share locking
+    /// ([`Locking::ForceShare`], `qemu-img -U`): it opens beside a running QEMU writer,
+    /// whose image may change while it is read.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_with`](Self::open_with).
+    pub fn open_shared(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, false, Locking::ForceShare)
+    }
+
+    /// Opens an existing file, for reading and also writing when `writable`, locked as
+    /// `locking` says.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) when the file cannot be opened;
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a writable
+    /// [`Locking::ForceShare`] open (as QEMU, force-share is for read-only opens);
+    /// [`Error::Locked`](crate::Error::Locked) when another holder's locks conflict;
+    /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) when the locks cannot be
+    /// taken here. The file is closed again on every error.
+    pub fn open_with(path: impl AsRef<Path>, writable: bool, locking: Locking) -> Result<Self> {
         let path = path.as_ref();
+        if writable && locking == Locking::ForceShare {
+            return Err(invalid_input!(
+                "{}: force-share is for read-only opens only",
+                path.display()
+            ));
+        }
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let access = match (locking, writable) {
+            (Locking::Off, _) => None,
+            (Locking::ForceShare, _) => Some(Access::ReadForceShare),
+            (Locking::On, true) => Some(Access::Write),
+            (Locking::On, false) => Some(Access::Read),
+        };
+        if let Some(access) = access {
+            // On error `file` drops here, closing the description and its locks.
+            lock::lock(&file, path, access)?;
+        }
         Ok(Self {
             file,
             path: path.to_owned(),
             writable,
+            locking,
         })
     }
 
-    /// Creates a new, empty, writable file; fails if `path` exists.
+    /// Creates a new, empty, writable file, holding a writer's image locks; fails if `path`
+    /// exists.
     ///
     /// The parent directory is synced after the file is created, so once the file's own
     /// data is synced a crash cannot lose the file itself.
@@ -46,14 +101,38 @@ impl FileStorage {
     /// # Errors
     ///
     /// [`Error::Io`](crate::Error::Io) when the file exists or cannot be created, or when
-    /// syncing the parent directory fails (the file is then left behind).
+    /// syncing the parent directory fails; [`Error::Locked`](crate::Error::Locked) when
+    /// another process opened the new file before the locks were taken;
+    /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) when they cannot be taken
+    /// here. The file is left behind on these errors.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        Self::create_with(path, Locking::On)
+    }
+
+    /// [`create`](Self::create), locked as `locking` says ([`Locking::On`] or
+    /// [`Locking::Off`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](Self::create);
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for [`Locking::ForceShare`],
+    /// before anything is created.
+    pub fn create_with(path: impl AsRef<Path>, locking: Locking) -> Result<Self> {
         let path = path.as_ref();
+        if locking == Locking::ForceShare {
+            return Err(invalid_input!(
+                "{}: force-share is for read-only opens only",
+                path.display()
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
+        if locking == Locking::On {
+            lock::lock(&file, path, Access::Write)?;
+        }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -63,17 +142,28 @@ impl FileStorage {
             file,
             path: path.to_owned(),
             writable: true,
+            locking,
         })
     }
 
     /// Wraps an already open file. `writable` must say whether it was opened for writing.
+    ///
+    /// Takes no locks ([`locking`](Self::locking) is [`Locking::Off`]): the caller owns the
+    /// file's locking.
     #[must_use]
     pub fn from_file(file: File, path: impl Into<PathBuf>, writable: bool) -> Self {
         Self {
             file,
             path: path.into(),
             writable,
+            locking: Locking::Off,
         }
+    }
+
+    /// How the file is locked.
+    #[must_use]
+    pub fn locking(&self) -> Locking {
+        self.locking
     }
 
     /// The path the file was opened at.
@@ -96,6 +186,15 @@ impl FileStorage {
                 "{} is opened read-only",
                 self.path.display()
             ))
+        }
+    }
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Unlock through the description before the close: see `lock::unlock`.
+        if self.locking != Locking::Off {
+            lock::unlock(&self.file);
         }
     }
 }

@@ -13,8 +13,8 @@
 //!
 //! Policy and conveniences live in [`StorageExt`], which every `Storage` gets for free.
 //!
-//! Backends: [`FileStorage`] (a file through `pread`/`pwrite`/`fdatasync`) and [`MemStorage`]
-//! (a byte vector). Wrappers, which stack on any `Storage` and are meant for tests and
+//! Backends: [`FileStorage`] (a file through `pread`/`pwrite`/`fdatasync`, holding QEMU's
+//! image locks, see [`lock`]) and [`MemStorage`] (a byte vector). Wrappers, which stack on any `Storage` and are meant for tests and
 //! fuzzing: [`LatchingStorage`] (fails closed after the first I/O error; the image uses it in
 //! production too), [`FaultStorage`] (fails chosen operations) and [`CrashStorage`] (an
 //! in-memory storage that records every operation and builds the images a crash could
@@ -72,6 +72,7 @@ mod crash;
 mod fault;
 mod file;
 mod latch;
+pub mod lock;
 mod memory;
 
 use std::fmt::Debug;
@@ -86,6 +87,7 @@ pub use crash::{CrashImages, CrashMode, CrashStorage, Op, SECTOR_SIZE};
 pub use fault::{FaultPlan, FaultStorage, Landed, Trigger};
 pub use file::FileStorage;
 pub use latch::LatchingStorage;
+pub use lock::Locking;
 pub use memory::MemStorage;
 
 /// The largest length, and the largest end of a range, that any backend accepts.

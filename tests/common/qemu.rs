@@ -64,6 +64,17 @@ pub fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
     bitmap_triples(&v["format-specific"]["data"]["bitmaps"])
 }
 
+/// [`qemu_bitmaps`] with `qemu-img info -U` (force-share), for an image one of our writable
+/// handles holds locked.
+pub fn qemu_bitmaps_shared(img: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let json = ok(
+        "qemu-img",
+        &["info", "-U", "-f", "qcow2", "--output=json", p(img)],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    bitmap_triples(&v["format-specific"]["data"]["bitmaps"])
+}
+
 /// `(name, granularity, flags)` of each bitmap in a JSON list shaped like `qemu-img info`'s
 /// (which `dbm info --json` follows).
 pub fn bitmap_triples(list: &serde_json::Value) -> Vec<(String, u64, Vec<String>)> {

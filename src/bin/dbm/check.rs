@@ -27,6 +27,10 @@ pub struct CheckArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
+    /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 /// The text form, in `qemu-img check`'s words.
@@ -76,7 +80,7 @@ pub fn json(filename: &str, r: &CheckReport) -> Value {
 
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
-    let img = image(&args.image)?;
+    let img = image(&args.image, args.force_share)?;
     let report = img.check().map_err(|e| at(&args.image, e))?;
     if args.json {
         let v = json(&args.image.display().to_string(), &report);

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use dirty_bitmap::Error;
 use serde_json::json;
 
-use crate::open::{at, store};
+use crate::open::{at, reader};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -25,6 +25,10 @@ pub struct DumpArgs {
     /// Print nbdinfo's `--map --json` array instead of text rows.
     #[arg(long)]
     pub json: bool,
+    /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
+    /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 /// One run of equal granules.
@@ -95,7 +99,7 @@ pub fn json_rows(rows: &[Row]) -> String {
 
 /// Runs `dbm dump`.
 pub fn run(args: &DumpArgs) -> CmdResult {
-    let st = store(&args.image, false)?;
+    let st = reader(&args.image, args.force_share)?;
     let bm = st.load(&args.name).map_err(|e| match e {
         Error::Inconsistent { name } => at(
             &args.image,

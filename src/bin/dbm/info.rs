@@ -26,7 +26,7 @@ use dirty_bitmap::storage::{FileStorage, Storage};
 use dirty_bitmap::{BitmapState, BitmapStore};
 use serde_json::{json, Value};
 
-use crate::open::{at, store};
+use crate::open::{at, reader};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -38,6 +38,10 @@ pub struct InfoArgs {
     /// Print one JSON object (see docs/CLI.md) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
+    /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
 }
 
 /// What `dbm info` reports about an image.
@@ -206,7 +210,7 @@ pub fn bitmap_json(b: &BitmapReport) -> Value {
 
 /// Runs `dbm info`.
 pub fn run(args: &InfoArgs) -> CmdResult {
-    let st = store(&args.image, false)?;
+    let st = reader(&args.image, args.force_share)?;
     let info = gather(args.image.display().to_string(), &st).map_err(|e| at(&args.image, e))?;
     if args.json {
         emit(&format!(

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::storage::{FileStorage, Locking};
 use dirty_bitmap::{BitmapStore, Image};
 
 /// Prefixes an error with the image path.
@@ -10,14 +10,32 @@ pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", path.display())
 }
 
-/// Opens the bitmaps of the image at `path`.
+/// The locking of a read-only open: QEMU's force-share (`-U`) or `qemu-img info`'s.
+fn read_locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::On
+    }
+}
+
+/// Opens the bitmaps of the image at `path`, holding QEMU's image locks for the access.
 pub fn store(path: &Path, writable: bool) -> Result<BitmapStore<FileStorage>, String> {
     let storage = FileStorage::open(path, writable).map_err(|e| at(path, e))?;
     BitmapStore::open(storage, writable).map_err(|e| at(path, e))
 }
 
-/// Opens the image at `path` read-only, without reading the bitmap directory.
-pub fn image(path: &Path) -> Result<Image<FileStorage>, String> {
-    let storage = FileStorage::open(path, false).map_err(|e| at(path, e))?;
+/// Opens the bitmaps of the image at `path` read-only, force-sharing when asked (`-U`).
+pub fn reader(path: &Path, force_share: bool) -> Result<BitmapStore<FileStorage>, String> {
+    let storage =
+        FileStorage::open_with(path, false, read_locking(force_share)).map_err(|e| at(path, e))?;
+    BitmapStore::open(storage, false).map_err(|e| at(path, e))
+}
+
+/// Opens the image at `path` read-only, without reading the bitmap directory,
+/// force-sharing when asked (`-U`).
+pub fn image(path: &Path, force_share: bool) -> Result<Image<FileStorage>, String> {
+    let storage =
+        FileStorage::open_with(path, false, read_locking(force_share)).map_err(|e| at(path, e))?;
     Image::open(storage, false).map_err(|e| at(path, e))
 }

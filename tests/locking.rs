@@ -1,0 +1,389 @@
+//! QEMU image locking: `FileStorage` takes the bytes QEMU takes (compared against
+//! `/proc/locks` with QEMU holding the image), our writer keeps QEMU out and a QEMU writer
+//! keeps us out (the library, `dbm mark`, `dbm bitmap --add`) without touching the image,
+//! readers coexist, `-U` force-shares, and the locks go with the handle.
+//!
+//! These tests need qemu-img, qemu-io and qemu-nbd; a missing tool fails the test. Every
+//! QEMU child is killed by a guard, also when the test panics.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::qemu::{assert_qemu_clean, ok, p, run, tool};
+use dirty_bitmap::storage::lock::Access;
+use dirty_bitmap::storage::{FileStorage, Locking};
+use dirty_bitmap::{BitmapState, BitmapStore, Error};
+
+const MIB: u64 = 1 << 20;
+
+/// Kills and reaps the child when dropped, also during a panic.
+struct Held(Child);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An image with one enabled bitmap `b`, made by us and closed.
+fn image(dir: &Path) -> PathBuf {
+    let img = dir.join("l.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+    s.add("b", 65536, true).unwrap();
+    s.close().unwrap();
+    img
+}
+
+/// The bytes locked on `path`'s inode by anyone, from `/proc/locks`
+/// (`N: OFDLCK ADVISORY READ -1 MAJ:MIN:INO START END`, device numbers in hex).
+fn lock_bytes(path: &Path) -> BTreeSet<u64> {
+    let md = std::fs::metadata(path).unwrap();
+    let dev = md.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let id = format!("{major:02x}:{minor:02x}:{}", md.ino());
+    let text = std::fs::read_to_string("/proc/locks").unwrap();
+    let mut bytes = BTreeSet::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = f.iter().position(|&w| w == id) else {
+            continue;
+        };
+        assert_eq!(f[1], "OFDLCK", "only OFD locks expected: {line}");
+        assert_eq!(f[3], "READ", "only shared locks expected: {line}");
+        let start: u64 = f[i + 1].parse().unwrap();
+        let end: u64 = f[i + 2].parse().unwrap();
+        bytes.extend(start..=end);
+    }
+    bytes
+}
+
+/// Waits until the locks on `path` are non-empty and unchanged over 200 ms.
+fn settled_lock_bytes(path: &Path) -> BTreeSet<u64> {
+    let start = Instant::now();
+    let mut last = BTreeSet::new();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no stable locks on {}: {last:?}",
+            path.display()
+        );
+        let now = lock_bytes(path);
+        if !now.is_empty() && now == last {
+            return now;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until nobody holds a lock on `path`.
+fn wait_unlocked(path: &Path) {
+    let start = Instant::now();
+    while !lock_bytes(path).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "locks stayed on {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `qemu-io ARGS IMG` reading commands from a pipe that stays open: it holds the image
+/// until killed.
+fn qemu_io_holding(args: &[&str], img: &Path) -> Held {
+    let child = Command::new(tool("qemu-io"))
+        .args(args)
+        .args(["-f", "qcow2", p(img)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("failed to start qemu-io");
+    Held(child)
+}
+
+/// A writable `qemu-nbd` export of `img`, returned once it serves (its image is open).
+fn qemu_nbd_writer(img: &Path, sock: &Path) -> Held {
+    let child = Command::new(tool("qemu-nbd"))
+        .args(["-f", "qcow2", "-k", p(sock), p(img)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("failed to start qemu-nbd");
+    let held = Held(child);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    held
+}
+
+fn dbm<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(args)
+        .output()
+        .expect("failed to run dbm")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `dbm ARGS` fails with status 1 and a message containing `needle`.
+fn dbm_fails_with(args: &[&str], needle: &str) {
+    let out = dbm(args);
+    assert_eq!(out.status.code(), Some(1), "dbm {args:?}: {}", text(&out));
+    assert!(
+        text(&out).contains(needle),
+        "dbm {args:?} should say {needle:?}: {}",
+        text(&out)
+    );
+}
+
+fn dbm_succeeds(args: &[&str]) -> String {
+    let out = dbm(args);
+    assert_eq!(out.status.code(), Some(0), "dbm {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `Error::Locked` an open failed with, as `(perm, shared)`.
+fn locked<T: std::fmt::Debug>(r: dirty_bitmap::Result<T>) -> (&'static str, bool) {
+    match r {
+        Err(Error::Locked { perm, shared, .. }) => (perm, shared),
+        other => panic!("expected Error::Locked, got {other:?}"),
+    }
+}
+
+/// Each of our three kinds of open locks exactly the bytes the matching QEMU open locks,
+/// and the bytes `Access` documents; dropping the handle releases them all.
+#[test]
+fn our_lock_bytes_are_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let cases: [(&[&str], bool, Locking, Access); 3] = [
+        (&[], true, Locking::On, Access::Write),
+        (&["-r"], false, Locking::On, Access::Read),
+        (
+            &["-r", "-U"],
+            false,
+            Locking::ForceShare,
+            Access::ReadForceShare,
+        ),
+    ];
+    for (qemu_args, writable, locking, access) in cases {
+        wait_unlocked(&img);
+        let held = qemu_io_holding(qemu_args, &img);
+        let theirs = settled_lock_bytes(&img);
+        drop(held);
+        wait_unlocked(&img);
+        let ours = FileStorage::open_with(&img, writable, locking).unwrap();
+        let mine = lock_bytes(&img);
+        drop(ours);
+        assert!(lock_bytes(&img).is_empty(), "{access:?}: drop left locks");
+        assert_eq!(mine, theirs, "{access:?} against qemu-io {qemu_args:?}");
+        let documented: BTreeSet<u64> = access.held_bytes().into_iter().collect();
+        assert_eq!(mine, documented, "{access:?}");
+    }
+    // Unlocked opens and wrapped files take nothing.
+    let off = FileStorage::open_with(&img, true, Locking::Off).unwrap();
+    assert!(lock_bytes(&img).is_empty());
+    drop(off);
+    let file = std::fs::File::open(&img).unwrap();
+    let wrapped = FileStorage::from_file(file, &img, false);
+    assert_eq!(wrapped.locking(), Locking::Off);
+    assert!(lock_bytes(&img).is_empty());
+}
+
+/// While we hold the image writable, QEMU can neither open it writable nor read it
+/// consistently (`qemu-img info` fails as it does against a running VM); `-U` reads it.
+/// After we close, QEMU opens it writable.
+#[test]
+fn our_writer_keeps_qemu_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    s.activate().unwrap();
+
+    let info = run("qemu-img", &["info", "-f", "qcow2", p(&img)]);
+    assert!(
+        !info.status.success(),
+        "qemu-img info opened beside our writer"
+    );
+    let err = String::from_utf8_lossy(&info.stderr);
+    assert!(
+        err.contains("Failed to get shared \"write\" lock"),
+        "qemu-img info: {err}"
+    );
+    let shared = ok("qemu-img", &["info", "-U", "-f", "qcow2", p(&img)]);
+    assert!(shared.contains("in-use"), "qemu-img info -U: {shared}");
+
+    let before = std::fs::read(&img).unwrap();
+    let write = run("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    assert!(!write.status.success(), "qemu-io wrote beside our writer");
+    let err = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        err.contains("Failed to get \"write\" lock"),
+        "qemu-io: {err}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "qemu-io changed the image"
+    );
+
+    s.close().unwrap();
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    assert_qemu_clean(&img);
+    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    assert_eq!(
+        s.load("b").unwrap().dirty_extents().collect::<Vec<_>>(),
+        vec![(0, 65536)],
+        "QEMU's write after our close is recorded in the bitmap"
+    );
+}
+
+/// A QEMU writer (qemu-nbd without -r) keeps out our writable and read-only opens with the
+/// typed error, and `dbm mark`, `dbm bitmap --add` and `dbm info` with QEMU's message,
+/// leaving the image byte for byte as QEMU left it. `-U` reads it and sees the bitmap QEMU
+/// holds as in use, so inconsistent: never clean.
+#[test]
+fn a_qemu_writer_keeps_us_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("nbd.sock");
+    let held = qemu_nbd_writer(&img, &sock);
+    let before = std::fs::read(&img).unwrap();
+
+    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
+    assert_eq!(locked(FileStorage::open(&img, false)), ("write", true));
+    let err = FileStorage::open(&img, true).unwrap_err().to_string();
+    assert!(
+        err.contains("failed to get \"write\" lock") && err.contains("another process"),
+        "{err}"
+    );
+
+    let i = p(&img);
+    dbm_fails_with(&["mark", i, "b", "0", "4k"], "failed to get \"write\" lock");
+    dbm_fails_with(&["bitmap", i, "c", "--add"], "failed to get \"write\" lock");
+    dbm_fails_with(&["info", i], "failed to get shared \"write\" lock");
+    dbm_fails_with(&["dump", i, "b"], "failed to get shared \"write\" lock");
+    dbm_fails_with(&["check", i], "failed to get shared \"write\" lock");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused open changed the image"
+    );
+
+    // Force-share reads beside the writer; the bitmap QEMU holds is in use.
+    let shared = FileStorage::open_shared(&img).unwrap();
+    assert_eq!(shared.locking(), Locking::ForceShare);
+    let s = BitmapStore::open(shared, false).unwrap();
+    assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
+    drop(s);
+    let json = dbm_succeeds(&["info", "-U", "--json", i]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["bitmaps"][0]["in-use"], true, "{json}");
+    assert!(v["bitmaps"][0]["dirty-bytes"].is_null(), "{json}");
+    dbm_succeeds(&["check", "--force-share", i]);
+    // dump reads past the lock but refuses the in-use bitmap rather than print it clean.
+    dbm_fails_with(&["dump", "-U", i, "b"], "is inconsistent");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "force-share reads changed the image"
+    );
+
+    // Once QEMU is gone (killed: a crash, so `in_use` stays) our writer opens it.
+    drop(held);
+    wait_unlocked(&img);
+    let s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
+}
+
+/// Our own opens follow the same rules inside one process: writers exclude writers and
+/// readers, readers coexist with each other and with `qemu-img info`, force-share
+/// coexists with everything, `Locking::Off` takes and checks nothing.
+#[test]
+fn our_opens_conflict_and_coexist() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+
+    let w = FileStorage::open(&img, true).unwrap();
+    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
+    assert_eq!(locked(FileStorage::open(&img, false)), ("write", true));
+    let sh = FileStorage::open_shared(&img).unwrap();
+    drop((w, sh));
+    assert!(
+        lock_bytes(&img).is_empty(),
+        "refused opens left locks behind"
+    );
+
+    let r1 = FileStorage::open(&img, false).unwrap();
+    let r2 = FileStorage::open(&img, false).unwrap();
+    ok("qemu-img", &["info", "-f", "qcow2", p(&img)]);
+    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
+    let write = run("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
+    assert!(!write.status.success(), "qemu-io wrote beside our readers");
+    // The documented opt-out: no locks, no checks.
+    let off = FileStorage::open_with(&img, true, Locking::Off).unwrap();
+    drop((r1, r2, off));
+    assert!(lock_bytes(&img).is_empty());
+
+    let e = FileStorage::open_with(&img, true, Locking::ForceShare).unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+    let e = FileStorage::create_with(dir.path().join("new"), Locking::ForceShare).unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+    assert!(!dir.path().join("new").exists());
+}
+
+/// Dropping the handle releases the locks at once even while a forked child (not yet
+/// exec'd, as any thread's `Command::spawn` makes for a moment) shares the open file
+/// description: the release goes through the description, not the last close.
+#[test]
+fn locks_release_while_a_forked_child_shares_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let w = FileStorage::open(&img, true).unwrap();
+    // SAFETY: the child calls only async-signal-safe functions (sleep, _exit) and never
+    // returns into Rust code, so forking a multi-threaded process is sound.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls in the forked child, which holds a copy of `w`'s
+        // descriptor until it exits.
+        unsafe {
+            libc::sleep(30);
+            libc::_exit(0);
+        }
+    }
+    struct Reap(libc::pid_t);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: plain syscalls on our own child's pid.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    let child = Reap(pid);
+    drop(w);
+    assert!(lock_bytes(&img).is_empty(), "the child kept our locks");
+    let again = FileStorage::open(&img, true).unwrap();
+    drop(again);
+    drop(child);
+}
