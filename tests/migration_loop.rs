@@ -451,6 +451,21 @@ impl dirty_bitmap::migration::Outbound for LinkOut<'_, '_> {
     ) -> dirty_bitmap::migration::Result<Bytes> {
         self.0.borrow_mut().send(state, payload)
     }
+    fn control(
+        &mut self,
+        msg: &dirty_bitmap::migration::Control,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        self.0.borrow_mut().control(msg)
+    }
+    fn lift_rate_limit(&mut self) {
+        self.0.borrow_mut().lift_rate_limit();
+    }
+    fn section_overhead(&self) -> Bytes {
+        self.0.borrow().section_overhead()
+    }
+    fn control_cost(&self, msg: &dirty_bitmap::migration::Control) -> Bytes {
+        self.0.borrow().control_cost(msg)
+    }
     fn bytes_sent(&self) -> Bytes {
         self.0.borrow().bytes_sent()
     }

@@ -252,6 +252,42 @@ impl DestinationGuest {
     }
 }
 
+/// What a destination keeps from an attempt that failed before its guest ran: its RAM and
+/// the set of pages it holds. A new [`Destination`] built with it
+/// ([`Destination::with_retained`]) starts from there, so the source's retry
+/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied.
+///
+/// Why that is safe: a section is applied whole or not at all (every check comes before
+/// the first byte is written, and a frame cut or corrupted in transit fails its checksum
+/// before it is applied), so each page held is the source's page as of some send; the
+/// source re-dirties every page it sent since its last sync and every page still to send,
+/// and its log holds every page written since, so any page held here that is stale is
+/// dirty at the source.
+pub struct RetainedRam {
+    ram: DestRam,
+}
+
+impl fmt::Debug for RetainedRam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetainedRam")
+            .field("pages", &self.ram.pages)
+            .field("received", &self.ram.received_count)
+            .finish()
+    }
+}
+
+impl RetainedRam {
+    /// Pages held.
+    pub fn received_pages(&self) -> u64 {
+        self.ram.received_count
+    }
+
+    /// Whether page `page` is held.
+    pub fn has_page(&self, page: u64) -> bool {
+        self.ram.has(page)
+    }
+}
+
 /// The destination of one migration attempt over a channel split into a reader (from the
 /// source) and a writer (to it).
 pub struct Destination<R: Read, W: Write> {
@@ -267,6 +303,9 @@ pub struct Destination<R: Read, W: Write> {
     page_requests: u64,
     postcopy: bool,
     failure: Option<String>,
+    /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
+    ran: bool,
+    retained: Option<DestRam>,
 }
 
 impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
@@ -296,7 +335,31 @@ impl<R: Read, W: Write> Destination<R, W> {
             page_requests: 0,
             postcopy: false,
             failure: None,
+            ran: false,
+            retained: None,
         }
+    }
+
+    /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`), if
+    /// the Hello's geometry matches it; otherwise the RAM starts empty.
+    pub fn with_retained(
+        from: R,
+        to: W,
+        config: DestinationConfig,
+        kept: Option<RetainedRam>,
+    ) -> Destination<R, W> {
+        let mut d = Destination::new(from, to, config);
+        d.retained = kept.map(|k| k.ram);
+        d
+    }
+
+    /// After a failed attempt: the RAM to start the next attempt from, unless the guest ran
+    /// here (postcopy: the RAM is the destination guest's now) or no Hello came.
+    pub fn into_retained(self) -> Option<RetainedRam> {
+        if self.ran {
+            return None;
+        }
+        self.ram.or(self.retained).map(|ram| RetainedRam { ram })
     }
 
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
@@ -427,6 +490,7 @@ impl<R: Read, W: Write> Destination<R, W> {
             return Err(MigrationError::DestinationRefused(reason));
         }
         self.writer.write_frame(&Frame::Started)?;
+        self.ran = true;
         Ok(())
     }
 
@@ -466,7 +530,10 @@ impl<R: Read, W: Write> Destination<R, W> {
             Some(_) => {
                 let ps = h.page_size as usize;
                 ram_codec::check_page_size(ps)?;
-                self.ram = Some(DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes)?);
+                self.ram = Some(match self.retained.take() {
+                    Some(kept) if kept.page_size == ps && kept.pages == h.ram_pages => kept,
+                    _ => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes)?,
+                });
             }
             None if h.ram_pages != 0 => {
                 return Err(MigrationError::Stream(format!(

@@ -7,6 +7,8 @@
 //! - [`ram`]: RAM as a [`MigrationState`].
 //! - [`precopy`]: the loop ([`run`]).
 //! - [`clock`]: real and virtual time; [`sim`]: the virtual-clock simulation and its sweep.
+//! - [`stream`], [`rate`], [`ram_codec`]: the wire (frames, rate limit, RAM payloads);
+//!   [`dest`]: the destination; [`tcp`]: both ends over TCP on 127.0.0.1.
 //!
 //! Nothing below [`crate::store`] knows about this module; it only uses the bitmaps.
 
@@ -21,6 +23,7 @@ pub mod rate;
 pub mod sim;
 pub mod state;
 pub mod stream;
+pub mod tcp;
 pub mod units;
 
 pub use clock::{Clock, RealClock};
@@ -31,22 +34,43 @@ pub use precopy::{
     Outcome, StallAction, StallReport,
 };
 pub use ram::{RamState, SetupMode};
-pub use state::{Control, DestMessage, Inbound, MigrationState, Pending, CONTROL};
+pub use state::{Control, DestMessage, Inbound, MigrationState, Pending};
 pub use units::{Bytes, BytesPerMs, Millis};
 
 /// Identifies one migration state (a section of the stream, like a QEMU savevm handler's
 /// section id).
 pub type StateId = u32;
 
-/// Where a source state puts what it sends: a framed stream over a real channel, or a
-/// simulated link under the virtual clock. The loop only ever sends through this trait.
+/// Where the loop and its states put what they send: a framed stream over a real channel
+/// ([`stream::FrameWriter`]), or a simulated link under the virtual clock ([`sim::Sim`]).
+/// The loop only ever sends through this trait, and both implementations put the same
+/// bytes on the wire (the stream's frames), so the pending figures, counted in wire bytes,
+/// mean the same thing under both clocks.
 pub trait Outbound {
-    /// Sends one opaque payload of state `state`, and returns the bytes it put on the wire
-    /// (payload plus framing). May block for the rate limiter.
+    /// Sends one opaque payload of state `state` (a Section frame), and returns the bytes it
+    /// put on the wire (payload plus framing). May block for the rate limiter.
     ///
     /// # Errors
     /// The channel's error; the attempt is then over.
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes>;
+
+    /// Sends a control frame (Hello, Switchover, End, Abort), and returns its bytes on the
+    /// wire. A Switchover lifts the rate limit: the downtime is not throttled.
+    ///
+    /// # Errors
+    /// The channel's error.
+    fn control(&mut self, msg: &Control) -> Result<Bytes>;
+
+    /// The VM stopped: from now on nothing waits for the rate limit (the downtime is not
+    /// throttled, as in QEMU). Postcopy's discards go out before the Switchover frame, so
+    /// the loop calls this at the stop rather than relying on the Switchover alone.
+    fn lift_rate_limit(&mut self);
+
+    /// The most framing bytes a later [`send`](Self::send) adds to its payload.
+    fn section_overhead(&self) -> Bytes;
+
+    /// The most bytes [`control(msg)`](Self::control) would put on the wire now.
+    fn control_cost(&self, msg: &Control) -> Bytes;
 
     /// All bytes put on the wire so far.
     fn bytes_sent(&self) -> Bytes;

@@ -19,9 +19,15 @@
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
-//! Completion: VM stop, every state's `complete`, the `Complete` control message, then the
-//! destination's [`DestMessage::Started`] ends the downtime. Any failure before that runs
-//! `cancel` (VM running) or `resume_source` (VM stopped) on every state and resumes the VM.
+//! The loop speaks the stream's protocol (`docs/FORMAT.md`, "Migration stream") through
+//! [`Outbound`]: a Hello before the states' setup; precopy completion is VM stop, a
+//! Switchover frame, every state's `complete`, End, and the destination's
+//! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
+//! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
+//! served ahead of the background push, and End. Any failure before Started sends an Abort
+//! (best effort), runs `cancel` (VM running) or `resume_source` (VM stopped) on every
+//! state and resumes the VM. An Abort from the destination during precopy ends the attempt
+//! at the next turn.
 //!
 //! The loop is generic over [`Clock`], [`Vm`], [`Outbound`] and [`Inbound`]: the same code
 //! runs under the virtual clock ([`super::sim`]) and over a real channel.
@@ -31,7 +37,8 @@ use std::time::Duration;
 use super::clock::Clock;
 use super::error::{MigrationError, Result};
 use super::guest::Vm;
-use super::state::{Control, DestMessage, Inbound, MigrationState, Pending, CONTROL};
+use super::state::{Control, DestMessage, Inbound, MigrationState, Pending};
+use super::stream::{Hello, StateInfo, STREAM_VERSION};
 use super::units::{fits, threshold, Bytes, BytesPerMs, Millis};
 use super::{Outbound, StateId};
 
@@ -268,18 +275,31 @@ pub struct Outcome {
     pub empty_windows: u64,
 }
 
-/// Counts bytes and learns the channel's framing overhead (largest seen), so the loop can
-/// count its own control message in the pending figure.
+/// The loop's view of the [`Outbound`]: a sized wrapper, so that states get it as
+/// `&mut dyn Outbound` whatever the caller's type.
 struct Meter<'a, O: Outbound + ?Sized> {
     inner: &'a mut O,
-    frame: u64,
 }
 
 impl<O: Outbound + ?Sized> Outbound for Meter<'_, O> {
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
-        let n = self.inner.send(state, payload)?;
-        self.frame = self.frame.max(n.get().saturating_sub(payload.len() as u64));
-        Ok(n)
+        self.inner.send(state, payload)
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        self.inner.control(msg)
+    }
+
+    fn lift_rate_limit(&mut self) {
+        self.inner.lift_rate_limit();
+    }
+
+    fn section_overhead(&self) -> Bytes {
+        self.inner.section_overhead()
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        self.inner.control_cost(msg)
     }
 
     fn bytes_sent(&self) -> Bytes {
@@ -334,10 +354,7 @@ where
         config,
         clock,
         vm,
-        out: Meter {
-            inner: out,
-            frame: 0,
-        },
+        out: Meter { inner: out },
         inbound,
         control,
         start: Duration::ZERO,
@@ -359,6 +376,10 @@ where
     };
     l.start = l.clock.now();
     l.bytes_start = l.out.bytes_sent();
+    let hello = Control::Hello(hello(states));
+    if let Err(e) = l.out.control(&hello) {
+        return Err(l.fail_running(states, e));
+    }
     for i in 0..states.len() {
         if let Err(e) = states[i].setup(&mut l.out) {
             return Err(l.fail_running(states, e));
@@ -367,6 +388,27 @@ where
     l.window_start = l.clock.now();
     l.window_bytes = l.out.bytes_sent();
     l.precopy(states)
+}
+
+/// The Hello frame for `states`: their ids and names, and the RAM geometry of the one that
+/// is RAM (none: 0 pages).
+fn hello(states: &[&mut dyn MigrationState]) -> Hello {
+    let (page_size, ram_pages) = states
+        .iter()
+        .find_map(|s| s.ram_geometry())
+        .unwrap_or((super::guest::PAGE_SIZE as u32, 0));
+    Hello {
+        version: STREAM_VERSION,
+        page_size,
+        ram_pages,
+        states: states
+            .iter()
+            .map(|s| StateInfo {
+                id: s.id(),
+                name: s.name().to_owned(),
+            })
+            .collect(),
+    }
 }
 
 fn validate(config: &LoopConfig, states: &[&mut dyn MigrationState]) -> Result<()> {
@@ -393,12 +435,27 @@ fn validate(config: &LoopConfig, states: &[&mut dyn MigrationState]) -> Result<(
         ));
     }
     for (i, s) in states.iter().enumerate() {
-        if s.id() == CONTROL || states[..i].iter().any(|t| t.id() == s.id()) {
+        let earlier = &states[..i];
+        if earlier
+            .iter()
+            .any(|t| t.id() == s.id() || t.name() == s.name())
+        {
             return Err(MigrationError::InvalidInput(format!(
-                "state {} has a reserved or duplicate id {}",
+                "state {} (id {}) has a duplicate id or name",
                 s.name(),
                 s.id()
             )));
+        }
+        if s.name().is_empty() || s.name().len() > 255 {
+            return Err(MigrationError::InvalidInput(format!(
+                "state name {:?} is not 1..=255 bytes",
+                s.name()
+            )));
+        }
+        if s.ram_geometry().is_some() && earlier.iter().any(|t| t.ram_geometry().is_some()) {
+            return Err(MigrationError::InvalidInput(
+                "two states claim to be the guest's RAM".into(),
+            ));
         }
     }
     Ok(())
@@ -454,16 +511,17 @@ where
         }
     }
 
-    /// The control message the switchover sends, framing included.
-    fn control_cost(&self) -> Bytes {
-        Bytes(1 + self.out.frame)
+    /// The control frames of a switchover: the Switchover frame must precede the start
+    /// (both modes); End precedes it in precopy only, so it is counted as `can_postcopy`.
+    fn control_cost(&self) -> Pending {
+        Pending {
+            must_precopy: self.out.control_cost(&Control::Switchover { postcopy: true }),
+            can_postcopy: self.out.control_cost(&Control::End),
+        }
     }
 
     fn pending(&self, states: &mut [&mut dyn MigrationState], exact: bool) -> Pending {
-        let control = Pending {
-            must_precopy: self.control_cost(),
-            can_postcopy: Bytes(0),
-        };
+        let control = self.control_cost();
         states
             .iter_mut()
             .fold(control, |acc, s| acc + s.pending(exact))
@@ -512,6 +570,11 @@ where
         let mut best: Option<Bytes> = None;
         let mut rounds = 0u32;
         loop {
+            // The destination speaks during precopy only to give up (an Abort after a
+            // corrupt frame, say): stop sending at once.
+            if let Err(e) = self.poll_precopy() {
+                return Err(self.fail_running(states, e));
+            }
             self.update_counters();
             let mut p = self.pending(states, false);
             let mut exact = false;
@@ -520,7 +583,7 @@ where
             // With nothing left as of the last sync, only an exact query can make progress
             // (find what the guest dirtied since), even when the gate is shut: the threshold
             // may be too small for even the control message.
-            let drained = p.total() == self.control_cost();
+            let drained = p.total() == self.control_cost().total();
             if self.gate(p) || drained {
                 p = self.pending(states, true);
                 exact = true;
@@ -638,6 +701,17 @@ where
         }
     }
 
+    /// Reads what the destination said during precopy: nothing is expected but an Abort.
+    fn poll_precopy(&mut self) -> Result<()> {
+        match self.inbound.try_recv()? {
+            None => Ok(()),
+            Some(DestMessage::Aborted(why)) => Err(MigrationError::PeerAborted(why)),
+            Some(other) => Err(MigrationError::Stream(format!(
+                "destination sent {other:?} before the switchover"
+            ))),
+        }
+    }
+
     fn request_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         if !self.config.postcopy {
             let e =
@@ -648,12 +722,14 @@ where
         Ok(())
     }
 
-    /// Failure with the VM running: every state re-dirties.
+    /// Failure with the VM running: tell the destination (best effort: the channel may be
+    /// what failed), and every state re-dirties.
     fn fail_running(
         &mut self,
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
+        let _ = self.out.control(&Control::Abort(format!("source: {e}")));
         for s in states.iter_mut() {
             s.cancel();
         }
@@ -666,6 +742,7 @@ where
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
+        let _ = self.out.control(&Control::Abort(format!("source: {e}")));
         for s in states.iter_mut() {
             s.resume_source();
         }
@@ -710,6 +787,7 @@ where
         match self.inbound.recv()? {
             DestMessage::Started => Ok(()),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
+            DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
             other => Err(MigrationError::Stream(format!(
                 "expected the destination to start, got {other:?}"
             ))),
@@ -727,11 +805,13 @@ where
         }
         let t_stop = self.clock.now();
         let b_stop = self.out.bytes_sent();
+        self.out.lift_rate_limit();
         let result = (|| {
+            self.out.control(&Control::Switchover { postcopy: false })?;
             for s in states.iter_mut() {
                 s.complete(&mut self.out)?;
             }
-            self.out.send(CONTROL, &Control::Complete.encode())?;
+            self.out.control(&Control::End)?;
             self.await_start()
         })();
         if let Err(e) = result {
@@ -753,11 +833,12 @@ where
         }
         let t_stop = self.clock.now();
         let b_stop = self.out.bytes_sent();
+        self.out.lift_rate_limit();
         let result = (|| {
             for s in states.iter_mut() {
                 s.postcopy_start(&mut self.out)?;
             }
-            self.out.send(CONTROL, &Control::PostcopyRun.encode())?;
+            self.out.control(&Control::Switchover { postcopy: true })?;
             self.await_start()
         })();
         if let Err(e) = result {
@@ -790,13 +871,9 @@ where
                 ));
             }
         }
-        self.out.send(CONTROL, &Control::PostcopyDone.encode())?;
-        loop {
-            match self.inbound.recv()? {
-                DestMessage::Done => break,
-                msg => self.handle_postcopy_message(states, msg)?,
-            }
-        }
+        // Requests still in flight are for pages already pushed: the destination has
+        // them by the time it reads End.
+        self.out.control(&Control::End)?;
         Ok(self.outcome(Kind::Postcopy, p, exact, downtime, in_downtime))
     }
 
@@ -806,19 +883,19 @@ where
         msg: DestMessage,
     ) -> Result<()> {
         match msg {
-            DestMessage::PageRequest { state, offset, len } => {
+            DestMessage::PageRequest { state, payload } => {
                 let s = states.iter_mut().find(|s| s.id() == state).ok_or_else(|| {
                     MigrationError::Stream(format!("page request for unknown state {state}"))
                 })?;
-                s.serve(&mut self.out, offset, len)?;
+                s.serve(&mut self.out, &payload)?;
                 self.requests_served += 1;
                 Ok(())
             }
-            DestMessage::Started => Ok(()),
-            DestMessage::Done => Err(MigrationError::Stream(
-                "destination done before the source".into(),
+            DestMessage::Started => Err(MigrationError::Stream(
+                "destination started twice".into(),
             )),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
+            DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
         }
     }
 }

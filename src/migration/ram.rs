@@ -13,127 +13,43 @@
 //! sends those pages and nothing else, and no page the destination may lack is lost.
 //!
 //! # Payloads (section `id`)
-//! The first byte says what follows:
-//! - `0` setup: page size (u32 LE), page count (u64 LE);
-//! - `1` pages: a batch as `ram_codec::encode_pages` writes it (byte offsets of pages);
-//! - `2` discard (postcopy switch): run count (u32 LE), then per run first page and page
-//!   count (u64 LE each). The destination drops those pages and requests them on access.
+//! Exactly the stream's RAM payloads ([`ram_codec`], `docs/FORMAT.md`): batches of
+//! `(page index, page)` from [`ram_codec::encode_pages`] (all-zero pages as a flag), and,
+//! at a postcopy switchover, the stale pages from [`ram_codec::encode_discards`]. The
+//! geometry goes in the Hello frame ([`MigrationState::ram_geometry`]); a postcopy request
+//! is [`ram_codec::decode_page_request`]'s `(first page, count)`.
 //!
 //! # Pending, in wire bytes
 //! `pending` counts what the pages will cost on the wire, not just their 4 KiB each: a
-//! batch of k pages costs `k × per_page + per_batch + frame`, where `per_page` and
-//! `per_batch` are measured from the codec at construction and `frame` is the largest
-//! framing overhead the [`Outbound`] has added to a send of this state so far (the setup
-//! message measures it before any page goes out). So the bytes [`complete`] sends never
-//! exceed the last exact pending, and the downtime bound holds on real bytes.
+//! batch of k pages costs `k × (PAGE_ENTRY_LEN + PAGE_SIZE) + PAGES_HEADER_LEN + frame`,
+//! where `frame` is the channel's Section overhead ([`Outbound::section_overhead`], learnt
+//! at setup, and raised if a send ever reports more). A zero page costs less than it is
+//! counted for. So the bytes [`complete`] sends never exceed the last exact pending, and
+//! the downtime bound holds on real bytes.
 //!
 //! [`complete`]: MigrationState::complete
 
-use std::sync::atomic::{fence, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
 use super::error::{MigrationError, Result};
-use super::guest::{check_log, new_log, GuestRam, SplitMix64, PAGE_SIZE};
+use super::guest::{check_log, new_log, GuestRam, PAGE_SIZE};
+use super::ram_codec::{self, RAM_STATE_NAME};
 use super::state::{MigrationState, Pending};
+use super::stream::MAX_FRAME_LEN;
 use super::units::Bytes;
 use super::{Outbound, StateId};
 use crate::DirtyBitmap;
 
-/// Stand-in for `ram_codec::encode_pages` until the stream branch lands (same signature):
-/// page count (u32 LE), then per page its byte offset (u64 LE) and its bytes.
-pub(crate) fn encode_pages(page_size: usize, pages: &[(u64, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + pages.len() * (8 + page_size));
-    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-    for (off, data) in pages {
-        out.extend_from_slice(&off.to_le_bytes());
-        out.extend_from_slice(&data[..page_size]);
-    }
-    out
-}
+/// Most discard entries in one section (9 bytes each: far below the frame limit).
+pub const DISCARDS_PER_SECTION: usize = 1 << 16;
 
-/// Stand-in for `ram_codec::decode_pages` (same signature), the inverse of
-/// [`encode_pages`].
-///
-/// # Errors
-/// [`MigrationError::Stream`] when the payload's length does not match its count.
-pub(crate) fn decode_pages(page_size: usize, payload: &[u8]) -> Result<Vec<(u64, &[u8])>> {
-    let bad = || MigrationError::Stream(format!("bad RAM page batch of {} bytes", payload.len()));
-    let (count, mut rest) = payload.split_first_chunk::<4>().ok_or_else(bad)?;
-    let count = u32::from_le_bytes(*count) as usize;
-    if rest.len() != count.checked_mul(8 + page_size).ok_or_else(bad)? {
-        return Err(bad());
-    }
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (off, tail) = rest.split_first_chunk::<8>().ok_or_else(bad)?;
-        let (data, tail) = tail.split_at(page_size);
-        out.push((u64::from_le_bytes(*off), data));
-        rest = tail;
-    }
-    Ok(out)
-}
+/// Wire bytes of one page entry with its data.
+const PER_PAGE: u64 = (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE) as u64;
 
-/// Payload tag: setup message.
-pub const TAG_SETUP: u8 = 0;
-/// Payload tag: a batch of pages.
-pub const TAG_PAGES: u8 = 1;
-/// Payload tag: postcopy discard runs.
-pub const TAG_DISCARD: u8 = 2;
-
-/// A RAM payload, decoded.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RamMessage<'a> {
-    /// Geometry of the source RAM.
-    Setup {
-        /// Bytes per page.
-        page_size: u32,
-        /// Number of pages.
-        pages: u64,
-    },
-    /// Pages as `(byte offset, bytes)`.
-    Pages(Vec<(u64, &'a [u8])>),
-    /// Postcopy: page runs `(first page, page count)` whose destination copy is stale or
-    /// missing.
-    Discard(Vec<(u64, u64)>),
-}
-
-impl RamMessage<'_> {
-    /// Parses a RAM payload.
-    ///
-    /// # Errors
-    /// [`MigrationError::Stream`] for an unknown tag or a malformed body.
-    pub fn decode(payload: &[u8]) -> Result<RamMessage<'_>> {
-        let bad = |what: &str| MigrationError::Stream(format!("bad RAM {what} message"));
-        match payload.split_first() {
-            Some((&TAG_SETUP, body)) if body.len() == 12 => Ok(RamMessage::Setup {
-                page_size: u32::from_le_bytes(body[..4].try_into().map_err(|_| bad("setup"))?),
-                pages: u64::from_le_bytes(body[4..].try_into().map_err(|_| bad("setup"))?),
-            }),
-            Some((&TAG_PAGES, body)) => Ok(RamMessage::Pages(decode_pages(PAGE_SIZE, body)?)),
-            Some((&TAG_DISCARD, body)) => {
-                let (n, rest) = body
-                    .split_first_chunk::<4>()
-                    .ok_or_else(|| bad("discard"))?;
-                let n = u32::from_le_bytes(*n) as usize;
-                if Some(rest.len()) != n.checked_mul(16) {
-                    return Err(bad("discard"));
-                }
-                Ok(RamMessage::Discard(
-                    rest.chunks_exact(16)
-                        .map(|c| {
-                            let mut a = [0u8; 8];
-                            let mut b = [0u8; 8];
-                            a.copy_from_slice(&c[..8]);
-                            b.copy_from_slice(&c[8..]);
-                            (u64::from_le_bytes(a), u64::from_le_bytes(b))
-                        })
-                        .collect(),
-                ))
-            }
-            _ => Err(bad("section")),
-        }
-    }
-}
+/// The largest `batch_pages` whose section fits the stream's frame limit.
+pub const MAX_BATCH_PAGES: usize =
+    (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN) / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
 
 /// How [`RamState::setup`](MigrationState::setup) chooses the first pages to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,11 +88,10 @@ pub struct RamState {
     stopped: bool,
     batch_pages: usize,
     cursor: u64,
-    per_page: u64,
-    per_batch: u64,
     frame: u64,
     buf: Vec<u8>,
     stats: RamStats,
+    pages_sent: Arc<AtomicU64>,
 }
 
 impl RamState {
@@ -186,7 +101,7 @@ impl RamState {
     ///
     /// # Errors
     /// [`MigrationError::InvalidInput`] when `log` does not cover `ram` at page
-    /// granularity or `batch_pages` is 0.
+    /// granularity or `batch_pages` is 0 or above [`MAX_BATCH_PAGES`].
     pub fn new(
         id: StateId,
         ram: Arc<GuestRam>,
@@ -196,24 +111,11 @@ impl RamState {
         batch_pages: usize,
     ) -> Result<Self> {
         check_log(&ram, &log)?;
-        if batch_pages == 0 {
-            return Err(MigrationError::InvalidInput(
-                "batch_pages must be at least 1".into(),
-            ));
+        if batch_pages == 0 || batch_pages > MAX_BATCH_PAGES {
+            return Err(MigrationError::InvalidInput(format!(
+                "batch_pages {batch_pages} is not in 1..={MAX_BATCH_PAGES}"
+            )));
         }
-        // Measure the codec on pages that do not compress.
-        let mut rng = SplitMix64::new(0x5eed);
-        let sample: Vec<u8> = (0..2 * PAGE_SIZE).map(|_| rng.next_u64() as u8).collect();
-        let one = encode_pages(PAGE_SIZE, &[(0, &sample[..PAGE_SIZE])]).len() as u64;
-        let two = encode_pages(
-            PAGE_SIZE,
-            &[
-                (0, &sample[..PAGE_SIZE]),
-                (PAGE_SIZE as u64, &sample[PAGE_SIZE..]),
-            ],
-        )
-        .len() as u64;
-        let per_page = two.saturating_sub(one).max(PAGE_SIZE as u64);
         Ok(RamState {
             id,
             to_send: new_log(&ram)?,
@@ -226,12 +128,10 @@ impl RamState {
             stopped: false,
             batch_pages,
             cursor: 0,
-            per_page,
-            // The tag byte and the codec's own header.
-            per_batch: 1 + one.saturating_sub(per_page),
             frame: 0,
             buf: vec![0u8; batch_pages * PAGE_SIZE],
             stats: RamStats::default(),
+            pages_sent: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -245,20 +145,26 @@ impl RamState {
         self.to_send.count()
     }
 
-    /// Wire bytes of `k` pages in batches.
-    fn wire(&self, k: u64) -> Bytes {
-        let batches = k.div_ceil(self.batch_pages as u64);
-        Bytes(k * self.per_page + batches * (self.per_batch + self.frame))
+    /// A live counter of the pages put on the wire, readable while the loop runs (for
+    /// `info migrate`-like progress lines).
+    pub fn pages_sent_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.pages_sent)
     }
 
-    /// Upper bound on the wire bytes of the discard message for `k` dirty pages (one run
-    /// per page at worst); 0 when there is nothing to discard.
+    /// Wire bytes of `k` pages in batches, each page counted with its data.
+    fn wire(&self, k: u64) -> Bytes {
+        let batches = k.div_ceil(self.batch_pages as u64);
+        Bytes(k * PER_PAGE + batches * (ram_codec::PAGES_HEADER_LEN as u64 + self.frame))
+    }
+
+    /// Wire bytes of the discard sections for `k` dirty pages; 0 when there is nothing to
+    /// discard.
     fn discard_bound(&self, k: u64) -> Bytes {
-        if k == 0 {
-            Bytes(0)
-        } else {
-            Bytes(1 + 4 + 16 * k + self.frame)
-        }
+        let sections = k.div_ceil(DISCARDS_PER_SECTION as u64);
+        Bytes(
+            k * ram_codec::PAGE_ENTRY_LEN as u64
+                + sections * (ram_codec::PAGES_HEADER_LEN as u64 + self.frame),
+        )
     }
 
     fn send(&mut self, out: &mut dyn Outbound, payload: &[u8]) -> Result<Bytes> {
@@ -326,14 +232,14 @@ impl RamState {
         let entries: Vec<(u64, &[u8])> = pages
             .iter()
             .enumerate()
-            .map(|(i, &p)| (p * page, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+            .map(|(i, &p)| (p, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
             .collect();
-        let mut payload = vec![TAG_PAGES];
-        payload.extend_from_slice(&encode_pages(PAGE_SIZE, &entries));
+        let payload = ram_codec::encode_pages(PAGE_SIZE, &entries);
         drop(entries);
         self.buf = buf;
         let n = self.send(out, &payload)?;
         self.stats.pages_sent += pages.len() as u64;
+        self.pages_sent.fetch_add(pages.len() as u64, Relaxed);
         Ok(n)
     }
 
@@ -363,7 +269,11 @@ impl MigrationState for RamState {
     }
 
     fn name(&self) -> &str {
-        "ram"
+        RAM_STATE_NAME
+    }
+
+    fn ram_geometry(&self) -> Option<(u32, u64)> {
+        Some((PAGE_SIZE as u32, self.ram.pages()))
     }
 
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
@@ -377,10 +287,8 @@ impl MigrationState for RamState {
         }
         let _ = self.sent_since_sync.take_dirty();
         self.cursor = 0;
-        let mut payload = vec![TAG_SETUP];
-        payload.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-        payload.extend_from_slice(&self.ram.pages().to_le_bytes());
-        self.send(out, &payload)
+        self.frame = out.section_overhead().get();
+        Ok(Bytes(0))
     }
 
     fn pending(&mut self, exact: bool) -> Pending {
@@ -435,38 +343,33 @@ impl MigrationState for RamState {
         self.sync();
         self.in_postcopy = true;
         let page = PAGE_SIZE as u64;
-        let runs: Vec<(u64, u64)> = self
-            .to_send
-            .dirty_extents()
-            .map(|(off, len)| (off / page, len.div_ceil(page)))
-            .collect();
-        if runs.is_empty() {
-            return Ok(Bytes(0));
+        let mut stale = Vec::with_capacity(self.to_send.count() as usize);
+        for (off, len) in self.to_send.dirty_extents() {
+            stale.extend(off / page..(off + len).div_ceil(page));
         }
-        let mut payload = Vec::with_capacity(5 + 16 * runs.len());
-        payload.push(TAG_DISCARD);
-        payload.extend_from_slice(&(runs.len() as u32).to_le_bytes());
-        for (first, n) in runs {
-            payload.extend_from_slice(&first.to_le_bytes());
-            payload.extend_from_slice(&n.to_le_bytes());
+        let mut sent = Bytes(0);
+        for chunk in stale.chunks(DISCARDS_PER_SECTION) {
+            sent += self.send(out, &ram_codec::encode_discards(PAGE_SIZE, chunk))?;
         }
-        self.send(out, &payload)
+        Ok(sent)
     }
 
-    fn serve(&mut self, out: &mut dyn Outbound, offset: u64, len: u64) -> Result<Bytes> {
-        let page = PAGE_SIZE as u64;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| len > 0 && e <= self.ram.size())
+    fn serve(&mut self, out: &mut dyn Outbound, request: &[u8]) -> Result<Bytes> {
+        let (first, count) = ram_codec::decode_page_request(request)?;
+        let end = first
+            .checked_add(u64::from(count))
+            .filter(|&e| e <= self.ram.pages())
             .ok_or_else(|| {
-                MigrationError::InvalidInput(format!(
-                    "page request [{offset}, +{len}) outside RAM of {} bytes",
-                    self.ram.size()
+                MigrationError::Stream(format!(
+                    "page request for {count} pages from {first}, outside RAM of {} pages",
+                    self.ram.pages()
                 ))
             })?;
+        let page = PAGE_SIZE as u64;
         // Sent whether or not it is still in to-send: the destination may have asked while
-        // a background copy was on its way; a duplicate of a frozen page is harmless.
-        let pages: Vec<u64> = (offset / page..end.div_ceil(page)).collect();
+        // a background copy was on its way; a duplicate of a frozen page is harmless (the
+        // destination never overwrites a page it holds once its guest runs).
+        let pages: Vec<u64> = (first..end).collect();
         let mut sent = Bytes(0);
         for chunk in pages.chunks(self.batch_pages) {
             for &p in chunk {
@@ -490,30 +393,92 @@ impl MigrationState for RamState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::stream::{Frame, FrameWriter};
 
-    #[test]
-    fn stand_in_codec_round_trips_and_rejects_bad_lengths() {
-        let a = vec![1u8; PAGE_SIZE];
-        let b = vec![2u8; PAGE_SIZE];
-        let enc = encode_pages(PAGE_SIZE, &[(0, &a), (8192, &b)]);
-        let dec = decode_pages(PAGE_SIZE, &enc).unwrap();
-        assert_eq!(dec, vec![(0, &a[..]), (8192, &b[..])]);
-        assert!(decode_pages(PAGE_SIZE, &enc[..enc.len() - 1]).is_err());
-        assert!(decode_pages(PAGE_SIZE, &[]).is_err());
-        assert!(decode_pages(PAGE_SIZE, &[255, 255, 255, 255]).is_err());
+    /// A writer past its stream header (the loop sends the Hello before any setup).
+    fn started() -> FrameWriter<Vec<u8>> {
+        let mut w = FrameWriter::new(Vec::new());
+        w.write_frame(&Frame::Started).unwrap();
+        w
+    }
+
+    fn rig(pages: u64, batch: usize, postcopy: bool) -> (Arc<GuestRam>, RamState) {
+        let ram = Arc::new(GuestRam::new(pages).unwrap());
+        for p in 0..pages {
+            ram.fill_page(p, p + 1);
+        }
+        let log = Arc::new(new_log(&ram).unwrap());
+        let s = RamState::new(1, Arc::clone(&ram), log, SetupMode::Full, postcopy, batch).unwrap();
+        (ram, s)
     }
 
     #[test]
-    fn ram_messages_decode() {
-        assert!(RamMessage::decode(&[]).is_err());
-        assert!(RamMessage::decode(&[9]).is_err());
-        assert!(RamMessage::decode(&[TAG_DISCARD, 1, 0, 0, 0]).is_err());
-        let mut d = vec![TAG_DISCARD, 1, 0, 0, 0];
-        d.extend_from_slice(&5u64.to_le_bytes());
-        d.extend_from_slice(&2u64.to_le_bytes());
-        assert_eq!(
-            RamMessage::decode(&d).unwrap(),
-            RamMessage::Discard(vec![(5, 2)])
-        );
+    fn sections_are_ram_codec_batches_of_page_indexes() {
+        let (ram, mut s) = rig(5, 2, false);
+        let mut w = FrameWriter::new(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.iterate(&mut w, Bytes(1)).unwrap();
+        let bytes = w.into_inner();
+        // Stream header, frame header, state id, then the codec's payload.
+        let payload = &bytes[8 + 20 + 4..bytes.len() - 4];
+        let pages = ram_codec::decode_pages(PAGE_SIZE, payload).unwrap();
+        let mut want = vec![0u8; PAGE_SIZE];
+        assert_eq!(pages.len(), 2);
+        for (i, (index, data)) in pages.into_iter().enumerate() {
+            assert_eq!(index, i as u64);
+            ram.read_page(index, &mut want);
+            assert_eq!(data, &want[..]);
+        }
+    }
+
+    #[test]
+    fn exact_pending_bounds_what_complete_sends() {
+        for (pages, batch) in [(1, 1), (7, 3), (9, 4), (16, 16)] {
+            let (ram, mut s) = rig(pages, batch, false);
+            // Some zero pages: they cost less than counted.
+            ram.write_page(0, &[0; PAGE_SIZE]);
+            let mut w = started();
+            s.setup(&mut w).unwrap();
+            let before = w.bytes_sent();
+            let p = s.pending(true);
+            let sent = s.complete(&mut w).unwrap();
+            assert_eq!(w.bytes_sent() - before, sent);
+            assert!(sent <= p.total(), "{pages}/{batch}: {sent:?} > {p:?}");
+            // Tight for non-zero pages: one zero page is the whole slack.
+            assert_eq!(p.total().get() - sent.get(), PAGE_SIZE as u64);
+        }
+    }
+
+    #[test]
+    fn discards_and_page_requests() {
+        let (_, mut s) = rig(6, 4, true);
+        let mut w = started();
+        s.setup(&mut w).unwrap();
+        let p = s.pending(true);
+        assert_eq!(p.must_precopy, Bytes(6 * 9 + 8 + SECTION_FRAME));
+        let sent = s.postcopy_start(&mut w).unwrap();
+        assert_eq!(sent, p.must_precopy);
+        let n = s
+            .serve(&mut w, &ram_codec::encode_page_request(4, 2))
+            .unwrap();
+        assert_eq!(n, Bytes(2 * (9 + PAGE_SIZE as u64) + 8 + SECTION_FRAME));
+        assert_eq!(s.stats().pages_served, 2);
+        assert!(s
+            .serve(&mut w, &ram_codec::encode_page_request(5, 2))
+            .is_err());
+        assert!(s.serve(&mut w, &[0; 3]).is_err());
+    }
+
+    const SECTION_FRAME: u64 = crate::migration::stream::SECTION_OVERHEAD;
+
+    #[test]
+    fn batch_size_is_bounded_by_the_frame_limit() {
+        let ram = Arc::new(GuestRam::new(1).unwrap());
+        let log = Arc::new(new_log(&ram).unwrap());
+        for bad in [0, MAX_BATCH_PAGES + 1] {
+            assert!(RamState::new(1, Arc::clone(&ram), Arc::clone(&log), SetupMode::Full, false, bad).is_err());
+        }
+        let payload = 4 + ram_codec::PAGES_HEADER_LEN + MAX_BATCH_PAGES * PER_PAGE as usize;
+        assert!(payload <= MAX_FRAME_LEN as usize);
     }
 }

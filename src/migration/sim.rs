@@ -5,7 +5,9 @@
 //!
 //! # Downtime, precisely
 //! From VM stop to the destination's `Started`: the bytes the loop put on the wire in
-//! between (states' final sends and the control message, framing included) at the link's
+//! between (the Switchover frame, the states' final sections and End, framing included:
+//! the simulated link counts exactly the bytes [`super::stream::FrameWriter`] would
+//! write) at the link's
 //! bandwidth, plus the fixed `switchover_cost`. In integers: a switchover violates the
 //! limit iff `bytes_in_downtime > link_bw × (downtime_limit − switchover_cost)`, with
 //! `link_bw` in bytes per ms. The link's own virtual clock rounds each send up to the next
@@ -24,20 +26,23 @@ use super::precopy::{
     run, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig, Outcome, Rule,
     StallAction, StallReport,
 };
-use super::ram::{RamMessage, RamState, SetupMode};
-use super::state::{Control, DestMessage, Inbound, MigrationState, CONTROL};
+use super::ram::{RamState, SetupMode};
+use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
+use super::state::{Control, DestMessage, Inbound, MigrationState};
+use super::stream::{control_wire_len, SECTION_OVERHEAD};
 use super::units::{threshold, Bytes, BytesPerMs, Millis};
 use super::{Outbound, StateId};
 use crate::DirtyBitmap;
 
-/// Framing bytes the simulated link adds to every payload (a stream header and checksum).
-pub const SIM_FRAME_OVERHEAD: u64 = 24;
-
 /// The section id the simulation gives RAM.
 pub const RAM_ID: StateId = 1;
 
-/// A destination that applies RAM payloads into its own memory and answers control
-/// messages; it keeps its memory across attempts (a retry fills it incrementally).
+/// A destination that decodes what the stream's destination decodes (the Hello, RAM
+/// sections as [`ram_codec`] payloads, Switchover, End, Abort), applies pages into its own
+/// memory and answers as [`super::dest::Destination`] does; it keeps its memory across
+/// attempts (a retry fills it incrementally). Unlike the real one it never blocks: in
+/// postcopy its guest touches pages as virtual time passes and queues a request for each
+/// missing one.
 #[derive(Debug)]
 pub struct DestModel {
     ram_id: StateId,
@@ -94,82 +99,87 @@ impl DestModel {
         self.present.iter().filter(|&&p| !p).count()
     }
 
+    /// Applies a control frame.
+    ///
+    /// # Errors
+    /// [`MigrationError::Stream`] for a Hello that does not match this destination, and
+    /// for a postcopy End with pages missing.
+    pub fn control(&mut self, msg: &Control) -> Result<()> {
+        match msg {
+            Control::Hello(h) => {
+                let pages = self.present.len() as u64;
+                let ram_declared = h
+                    .states
+                    .iter()
+                    .any(|s| s.id == self.ram_id && s.name == RAM_STATE_NAME);
+                if h.page_size as usize != PAGE_SIZE || h.ram_pages != pages || !ram_declared {
+                    return Err(MigrationError::Stream(format!(
+                        "Hello for {} pages of {} bytes ({:?}), expected {pages} of {PAGE_SIZE} \
+                         in state {}",
+                        h.ram_pages, h.page_size, h.states, self.ram_id
+                    )));
+                }
+                self.postcopy_running = false;
+            }
+            Control::Switchover { postcopy: false } => {}
+            Control::Switchover { postcopy: true } => {
+                if let Some(why) = &self.refuse {
+                    self.outbox.push_back(DestMessage::Refused(why.clone()));
+                } else {
+                    self.postcopy_running = true;
+                    self.outbox.push_back(DestMessage::Started);
+                }
+            }
+            Control::End if self.postcopy_running => {
+                self.postcopy_running = false;
+                if !self.complete() {
+                    return Err(MigrationError::Stream(format!(
+                        "postcopy End with {} pages missing",
+                        self.missing()
+                    )));
+                }
+            }
+            Control::End => {
+                let msg = if let Some(why) = &self.refuse {
+                    DestMessage::Refused(why.clone())
+                } else if !self.complete() {
+                    DestMessage::Refused(format!("{} pages missing", self.missing()))
+                } else {
+                    DestMessage::Started
+                };
+                self.outbox.push_back(msg);
+            }
+            Control::Abort(_) => self.postcopy_running = false,
+        }
+        Ok(())
+    }
+
     /// Applies one payload of section `state`.
     ///
     /// # Errors
-    /// [`MigrationError::Stream`] for a payload that does not decode, an unknown section,
-    /// or pages outside its RAM.
+    /// [`MigrationError::Frame`] for a payload that does not decode,
+    /// [`MigrationError::Stream`] for an unknown section or pages outside its RAM.
     pub fn receive(&mut self, state: StateId, payload: &[u8]) -> Result<()> {
-        if state == CONTROL {
-            match Control::decode(payload)? {
-                Control::Complete => {
-                    let msg = if let Some(why) = &self.refuse {
-                        DestMessage::Refused(why.clone())
-                    } else if !self.complete() {
-                        DestMessage::Refused(format!("{} pages missing", self.missing()))
-                    } else {
-                        DestMessage::Started
-                    };
-                    self.outbox.push_back(msg);
-                }
-                Control::PostcopyRun => {
-                    if let Some(why) = &self.refuse {
-                        self.outbox.push_back(DestMessage::Refused(why.clone()));
-                    } else {
-                        self.postcopy_running = true;
-                        self.outbox.push_back(DestMessage::Started);
-                    }
-                }
-                Control::PostcopyDone => {
-                    self.postcopy_running = false;
-                    self.outbox.push_back(if self.complete() {
-                        DestMessage::Done
-                    } else {
-                        DestMessage::Refused(format!("{} pages missing", self.missing()))
-                    });
-                }
-            }
-            return Ok(());
-        }
         if state != self.ram_id {
             return Err(MigrationError::Stream(format!("unknown section {state}")));
         }
         let pages = self.present.len() as u64;
-        match RamMessage::decode(payload)? {
-            RamMessage::Setup {
-                page_size,
-                pages: n,
-            } => {
-                if page_size as usize != PAGE_SIZE || n != pages {
-                    return Err(MigrationError::Stream(format!(
-                        "RAM of {n} pages of {page_size} bytes, expected {pages} of {PAGE_SIZE}"
-                    )));
-                }
-            }
-            RamMessage::Pages(batch) => {
-                for (off, data) in batch {
-                    let p = off / PAGE_SIZE as u64;
-                    if off % PAGE_SIZE as u64 != 0 || p >= pages {
-                        return Err(MigrationError::Stream(format!("page at {off} outside RAM")));
-                    }
+        let entries = ram_codec::decode_entries(PAGE_SIZE, payload)?;
+        if let Some(e) = entries.iter().find(|e| e.page() >= pages) {
+            return Err(MigrationError::Stream(format!(
+                "page {} outside RAM of {pages} pages",
+                e.page()
+            )));
+        }
+        for e in entries {
+            match e {
+                PageEntry::Data(p, data) => {
                     let at = p as usize * PAGE_SIZE;
                     self.ram[at..at + PAGE_SIZE].copy_from_slice(data);
                     self.present[p as usize] = true;
                     self.requested[p as usize] = false;
                 }
-            }
-            RamMessage::Discard(runs) => {
-                for (first, n) in runs {
-                    let end = first
-                        .checked_add(n)
-                        .filter(|&e| e <= pages)
-                        .ok_or_else(|| {
-                            MigrationError::Stream(format!("discard run {first}+{n} outside RAM"))
-                        })?;
-                    for p in first..end {
-                        self.present[p as usize] = false;
-                    }
-                }
+                PageEntry::Discard(p) => self.present[p as usize] = false,
             }
         }
         Ok(())
@@ -191,12 +201,23 @@ impl DestModel {
                 self.requests += 1;
                 self.outbox.push_back(DestMessage::PageRequest {
                     state: self.ram_id,
-                    offset: (p * PAGE_SIZE) as u64,
-                    len: PAGE_SIZE as u64,
+                    payload: ram_codec::encode_page_request(p as u64, 1),
                 });
             }
         }
     }
+}
+
+/// Wire bytes of a section of `payload_len` bytes: what [`super::stream::FrameWriter`]
+/// writes for it after the stream's first frame.
+fn section_wire(payload_len: usize) -> u64 {
+    SECTION_OVERHEAD + payload_len as u64
+}
+
+/// Wire bytes of a control frame, as [`section_wire`].
+fn control_wire(msg: &Control) -> Result<u64> {
+    control_wire_len(msg)
+        .ok_or_else(|| MigrationError::InvalidInput(format!("control frame {msg:?} does not encode")))
 }
 
 /// An in-process link straight into a [`DestModel`], with no delay: for real-time runs
@@ -217,10 +238,29 @@ impl Loopback {
 
 impl Outbound for Loopback {
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
-        let wire = payload.len() as u64 + SIM_FRAME_OVERHEAD;
+        let wire = section_wire(payload.len());
         self.bytes += wire;
         self.dest.receive(state, payload)?;
         Ok(Bytes(wire))
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        let wire = control_wire(msg)?;
+        self.bytes += wire;
+        self.dest.control(msg)?;
+        Ok(Bytes(wire))
+    }
+
+    /// The simulated link has no rate limit of its own (the loop's applies while the VM
+    /// runs).
+    fn lift_rate_limit(&mut self) {}
+
+    fn section_overhead(&self) -> Bytes {
+        Bytes(SECTION_OVERHEAD)
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        Bytes(control_wire_len(msg).unwrap_or(u64::MAX))
     }
 
     fn bytes_sent(&self) -> Bytes {
@@ -378,27 +418,55 @@ impl Clock for Sim {
     }
 }
 
-impl Outbound for Sim {
-    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
-        let mut w = self.0.borrow_mut();
-        if w.fail_at_send == Some(w.sends) {
-            w.sends += 1;
+impl World {
+    /// Puts `wire` bytes on the link (advancing time), or fails the send when told to.
+    fn transmit(&mut self, wire: u64) -> Result<()> {
+        if self.fail_at_send == Some(self.sends) {
+            self.sends += 1;
             return Err(MigrationError::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "simulated link cut",
             )));
         }
-        w.sends += 1;
-        let wire = payload.len() as u64 + SIM_FRAME_OVERHEAD;
+        self.sends += 1;
         // Rounded up: the simulated link is never faster than `link_bw`.
-        let ns = (u128::from(wire) * 1_000_000).div_ceil(u128::from(w.link_bw));
-        let t = w
+        let ns = (u128::from(wire) * 1_000_000).div_ceil(u128::from(self.link_bw));
+        let t = self
             .now_ns
             .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
-        w.advance_to(t);
-        w.bytes += wire;
+        self.advance_to(t);
+        self.bytes += wire;
+        Ok(())
+    }
+}
+
+impl Outbound for Sim {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        let mut w = self.0.borrow_mut();
+        let wire = section_wire(payload.len());
+        w.transmit(wire)?;
         w.dest.receive(state, payload)?;
         Ok(Bytes(wire))
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        let mut w = self.0.borrow_mut();
+        let wire = control_wire(msg)?;
+        w.transmit(wire)?;
+        w.dest.control(msg)?;
+        Ok(Bytes(wire))
+    }
+
+    /// The simulated link has no rate limit of its own (the loop's applies while the VM
+    /// runs).
+    fn lift_rate_limit(&mut self) {}
+
+    fn section_overhead(&self) -> Bytes {
+        Bytes(SECTION_OVERHEAD)
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        Bytes(control_wire_len(msg).unwrap_or(u64::MAX))
     }
 
     fn bytes_sent(&self) -> Bytes {

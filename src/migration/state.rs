@@ -2,6 +2,7 @@
 //! back from the destination ([`Inbound`], [`DestMessage`]).
 
 use super::error::{MigrationError, Result};
+use super::stream::{Frame, Hello};
 use super::units::Bytes;
 use super::{Outbound, StateId};
 
@@ -44,10 +45,19 @@ pub trait MigrationState {
     /// The section id of this state in the stream.
     fn id(&self) -> StateId;
 
-    /// A short name for reports.
+    /// Its name in the Hello frame (unique, 1..=255 bytes; RAM is
+    /// [`super::ram_codec::RAM_STATE_NAME`]).
     fn name(&self) -> &str;
 
-    /// Starts the migration (the VM is running).
+    /// Guest RAM geometry for the Hello frame, `(page size, pages)`, if this state is the
+    /// guest's RAM. At most one state of a migration may say so.
+    fn ram_geometry(&self) -> Option<(u32, u64)> {
+        None
+    }
+
+    /// Starts the migration (the VM is running), after the loop sent the Hello. A state
+    /// learns the channel's framing cost here ([`Outbound::section_overhead`]) for its
+    /// pending figures.
     ///
     /// # Errors
     /// The channel's error.
@@ -85,13 +95,15 @@ pub trait MigrationState {
         self.complete(out)
     }
 
-    /// Postcopy: sends the bytes `[offset, offset + len)` the destination asked for, now.
+    /// Postcopy: answers the destination's request (the payload of its PageRequest frame,
+    /// in this state's own format) now.
     ///
     /// # Errors
-    /// The channel's error; [`MigrationError::InvalidInput`] for a range outside the state
-    /// or a state that cannot postcopy.
-    fn serve(&mut self, out: &mut dyn Outbound, offset: u64, len: u64) -> Result<Bytes> {
-        let _ = (out, offset, len);
+    /// The channel's error; [`MigrationError::Frame`] or [`MigrationError::Stream`] for a
+    /// request that does not decode or lies outside the state; [`MigrationError::InvalidInput`]
+    /// for a state that cannot postcopy.
+    fn serve(&mut self, out: &mut dyn Outbound, request: &[u8]) -> Result<Bytes> {
+        let _ = (out, request);
         Err(MigrationError::InvalidInput(format!(
             "state {} does not support postcopy",
             self.name()
@@ -107,25 +119,25 @@ pub trait MigrationState {
     fn resume_source(&mut self);
 }
 
-/// A message from the destination to the source.
+/// A message from the destination to the source: the stream's destination frames
+/// (Started, Refused, PageRequest, Abort), as the return path delivers them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DestMessage {
-    /// The destination resumed the guest (after a precopy completion or a postcopy
-    /// switch). The downtime ends here.
+    /// The destination resumed the guest (after a precopy End or a postcopy switchover).
+    /// The downtime ends here.
     Started,
     /// The destination will not start the guest; the reason.
     Refused(String),
-    /// Postcopy: the destination's guest touched bytes it does not have.
+    /// Postcopy: the destination's guest touched data it does not have. The payload is
+    /// the state's own request (for RAM, [`super::ram_codec::encode_page_request`]).
     PageRequest {
-        /// The state (section) the bytes belong to.
+        /// The state (section) the request is for.
         state: StateId,
-        /// Offset within the state.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
+        /// The state's request.
+        payload: Vec<u8>,
     },
-    /// Postcopy: the destination has every byte of every state.
-    Done,
+    /// The destination gave up; its reason (a corrupt stream, say).
+    Aborted(String),
 }
 
 /// The return path: messages from the destination. Over TCP it is a receiving thread
@@ -134,49 +146,46 @@ pub trait Inbound {
     /// The next message if one has arrived, without waiting.
     ///
     /// # Errors
-    /// The channel's error.
+    /// The channel's error (a corrupt or cut return stream).
     fn try_recv(&mut self) -> Result<Option<DestMessage>>;
 
     /// Waits for the next message.
     ///
     /// # Errors
     /// The channel's error, or [`MigrationError::PeerAborted`] when the destination is
-    /// gone.
+    /// gone or silent for longer than the return path's timeout.
     fn recv(&mut self) -> Result<DestMessage>;
 }
 
-/// The loop's own section: control messages to the destination.
-pub const CONTROL: StateId = 0;
-
-/// A control message of the loop (section [`CONTROL`]); one byte on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A control message of the loop: the stream's source frames other than sections.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    /// Precopy complete: every state sent everything; the destination may start.
-    Complete = 1,
-    /// Postcopy switch: the destination may start and pull what it misses.
-    PostcopyRun = 2,
-    /// Postcopy: every state sent everything.
-    PostcopyDone = 3,
+    /// The first frame of an attempt: what the sections that follow belong to.
+    Hello(Hello),
+    /// The source guest stopped. Precopy (`postcopy == false`): the last sections and End
+    /// follow, and the destination starts at End. Postcopy: the destination starts now.
+    Switchover {
+        /// Whether the rest is postcopy.
+        postcopy: bool,
+    },
+    /// Every state sent everything.
+    End,
+    /// The source gives up this attempt; the reason.
+    Abort(String),
 }
 
 impl Control {
-    /// The payload.
-    pub fn encode(self) -> [u8; 1] {
-        [self as u8]
-    }
-
-    /// Parses a payload.
-    ///
-    /// # Errors
-    /// [`MigrationError::Stream`] for anything but one known byte.
-    pub fn decode(payload: &[u8]) -> Result<Control> {
-        match payload {
-            [1] => Ok(Control::Complete),
-            [2] => Ok(Control::PostcopyRun),
-            [3] => Ok(Control::PostcopyDone),
-            _ => Err(MigrationError::Stream(format!(
-                "bad control message {payload:02x?}"
-            ))),
+    /// The stream frame of this message.
+    pub fn to_frame(&self) -> Frame {
+        match self {
+            Control::Hello(h) => Frame::Hello(h.clone()),
+            Control::Switchover { postcopy } => Frame::Switchover {
+                postcopy: *postcopy,
+            },
+            Control::End => Frame::End,
+            Control::Abort(reason) => Frame::Abort {
+                reason: reason.clone(),
+            },
         }
     }
 }
@@ -184,20 +193,6 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_round_trips() {
-        for c in [
-            Control::Complete,
-            Control::PostcopyRun,
-            Control::PostcopyDone,
-        ] {
-            assert_eq!(Control::decode(&c.encode()).unwrap(), c);
-        }
-        assert!(Control::decode(&[]).is_err());
-        assert!(Control::decode(&[4]).is_err());
-        assert!(Control::decode(&[1, 1]).is_err());
-    }
 
     #[test]
     fn pending_adds() {

@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 
 use super::error::{MigrationError, Result};
 use super::rate::RateLimiter;
+use super::state::Control;
 use super::units::Bytes;
 use super::{Outbound, StateId};
 
@@ -680,11 +681,12 @@ impl<W: Write> FrameWriter<W> {
         self.check_failed()?;
         let payload = frame.encode_payload()?;
         check_len(payload.len())?;
-        let n = self.put(frame.kind() as u8, &[&payload])?;
         if let Frame::Switchover { .. } = frame {
+            // The VM is stopped from here on: not even the Switchover frame itself waits
+            // for the limiter (it would add up to a window to the downtime).
             self.limiter.set_max_bandwidth(0);
         }
-        Ok(n)
+        self.put(frame.kind() as u8, &[&payload])
     }
 
     /// Sends an Abort frame, best effort: errors are ignored, since the stream is being
@@ -758,6 +760,21 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+/// Framing bytes of a Section frame around its state's payload: frame header, state id,
+/// trailer (the stream header comes on top for the first frame of a stream).
+pub const SECTION_OVERHEAD: u64 = (FRAME_OVERHEAD + 4) as u64;
+
+/// Bytes a control message's frame takes on the wire, the stream header included for a
+/// Hello (always the first frame of a stream); `None` if it does not encode.
+pub fn control_wire_len(msg: &Control) -> Option<u64> {
+    let payload = msg.to_frame().encode_payload().ok()?;
+    let header = match msg {
+        Control::Hello(_) => STREAM_HEADER_LEN as u64,
+        _ => 0,
+    };
+    Some(header + (FRAME_OVERHEAD + payload.len()) as u64)
+}
+
 impl<W: Write> Outbound for FrameWriter<W> {
     /// Sends `payload` as a Section frame of `state`.
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
@@ -766,6 +783,31 @@ impl<W: Write> Outbound for FrameWriter<W> {
         let n = self.put(FrameKind::Section as u8, &[&state.to_be_bytes(), payload])?;
         self.stats.section_bytes += payload.len() as u64;
         Ok(n)
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        self.write_frame(&msg.to_frame())
+    }
+
+    fn lift_rate_limit(&mut self) {
+        self.limiter.set_max_bandwidth(0);
+    }
+
+    fn section_overhead(&self) -> Bytes {
+        let header = if self.header_sent {
+            0
+        } else {
+            STREAM_HEADER_LEN as u64
+        };
+        Bytes(SECTION_OVERHEAD + header)
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        let header = match (self.header_sent, msg) {
+            (false, m) if !matches!(m, Control::Hello(_)) => STREAM_HEADER_LEN as u64,
+            _ => 0,
+        };
+        Bytes(control_wire_len(msg).map_or(u64::MAX, |n| n + header))
     }
 
     fn bytes_sent(&self) -> Bytes {
@@ -1412,9 +1454,11 @@ mod tests {
         w.send(1, &[0; 200]).unwrap();
         w.send(1, &[0; 200]).unwrap();
         assert!(clock.now() > std::time::Duration::ZERO, "the limiter slept");
+        w.send(1, &[0; 200]).unwrap();
+        // The window's budget is used: the Switchover frame itself does not wait.
+        let t = clock.now();
         w.write_frame(&Frame::Switchover { postcopy: false })
             .unwrap();
-        let t = clock.now();
         for _ in 0..10 {
             w.send(1, &[0; 200]).unwrap();
         }

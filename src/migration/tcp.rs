@@ -1,0 +1,704 @@
+//! Both ends of a migration over TCP on 127.0.0.1, with real time and real vCPU threads.
+//!
+//! - [`TcpDestination`]: a listener on an ephemeral port and a thread running
+//!   [`Destination`] for each connection. An attempt that fails before the destination
+//!   guest runs leaves its RAM behind ([`RetainedRam`]) for the next connection, so a
+//!   retry from the source ([`SetupMode::Incremental`]) sends only what it re-dirtied.
+//! - [`migrate_to`]: the source side of one attempt: connects, wraps the socket in a
+//!   rate-limited [`FrameWriter`], runs a thread that turns the destination's frames into
+//!   [`DestMessage`]s (the loop's [`Inbound`]), and calls [`precopy::run`] with
+//!   [`RealClock`].
+//! - [`migrate_over_tcp`]: everything at once for the demo and the benchmark: a guest of
+//!   `pages` pages with a [`Workload`], a destination, one migration, the per-iteration
+//!   records and the checksums of both RAMs.
+//!
+//! No wait is unbounded: the sockets have read and write timeouts, the destination stops
+//! waiting for a connection after its timeout, and the return path's `recv` gives up after
+//! the source's timeout.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::clock::RealClock;
+use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
+use super::error::{MigrationError, Result};
+use super::guest::{new_log, GuestRam, SplitMix64, Vm, Workload, WorkloadConfig, PAGE_SIZE};
+use super::precopy::{
+    self, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
+    Outcome, StallAction, StallReport,
+};
+use super::ram::{RamState, SetupMode};
+use super::rate::RateLimiter;
+use super::state::{DestMessage, Inbound, MigrationState};
+use super::stream::{Frame, FrameReader, FrameWriter, WriterStats};
+use super::units::{Bytes, BytesPerMs};
+use super::StateId;
+
+/// The default for every timeout here.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a waiting thread (the destination's accept, the source's reader) looks at its
+/// stop flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The section id [`migrate_over_tcp`] gives RAM.
+pub const RAM_ID: StateId = 1;
+
+/// How a [`TcpDestination`] behaves.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// Connections (attempts) it serves before it gives up.
+    pub max_attempts: u32,
+    /// It refuses to start its guest in the first `refuse_attempts` attempts (the failure
+    /// tests' refusing destination).
+    pub refuse_attempts: u32,
+    /// Postcopy: pages the destination guest reads right after it starts, at random; each
+    /// missing one becomes a PageRequest.
+    pub postcopy_touches: u32,
+    /// Read and write timeout of each connection, and the longest wait for one.
+    pub timeout: Duration,
+    /// The largest guest RAM a Hello may ask for, in bytes.
+    pub max_ram_bytes: u64,
+    /// Seed of the postcopy touches.
+    pub seed: u64,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        DestOptions {
+            max_attempts: 1,
+            refuse_attempts: 0,
+            postcopy_touches: 0,
+            timeout: DEFAULT_TIMEOUT,
+            max_ram_bytes: DestinationConfig::default().max_ram_bytes,
+            seed: 0,
+        }
+    }
+}
+
+/// One connection a [`TcpDestination`] served.
+#[derive(Debug)]
+pub struct AttemptReport {
+    /// `None` for the attempt that completed; the destination's error otherwise.
+    pub error: Option<MigrationError>,
+    /// Pages it held when the attempt began (kept from earlier attempts).
+    pub pages_held_at_start: u64,
+    /// Page entries written in this attempt.
+    pub pages_written: u64,
+    /// Pages it held when the attempt ended.
+    pub pages_held_at_end: u64,
+}
+
+/// What a [`TcpDestination`] did.
+#[derive(Debug)]
+pub struct DestReport {
+    /// The running guest, after an attempt that completed.
+    pub guest: Option<DestinationGuest>,
+    /// Every attempt, in order.
+    pub attempts: Vec<AttemptReport>,
+}
+
+/// A destination listening on 127.0.0.1, serving attempts in a thread until one completes
+/// (or `max_attempts`, or no connection for `timeout`).
+#[derive(Debug)]
+pub struct TcpDestination {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<DestReport>>,
+}
+
+impl TcpDestination {
+    /// Binds 127.0.0.1 on an ephemeral port and starts serving.
+    ///
+    /// # Errors
+    /// [`MigrationError::Io`] if the socket or the thread cannot be created;
+    /// [`MigrationError::InvalidInput`] for `max_attempts` 0.
+    pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
+        if options.max_attempts == 0 {
+            return Err(MigrationError::InvalidInput(
+                "max_attempts must be at least 1".into(),
+            ));
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("migration-dest".into())
+            .spawn(move || serve(&listener, &options, &flag))?;
+        Ok(TcpDestination {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where sources connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting new attempts, waits for the one in progress and returns the report.
+    ///
+    /// # Errors
+    /// [`MigrationError::Stream`] if the destination thread panicked.
+    pub fn join(mut self) -> Result<DestReport> {
+        self.stop.store(true, Ordering::SeqCst);
+        let t = self
+            .thread
+            .take()
+            .ok_or_else(|| MigrationError::Stream("destination already joined".into()))?;
+        t.join()
+            .map_err(|_| MigrationError::Stream("the destination thread panicked".into()))
+    }
+}
+
+impl Drop for TcpDestination {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits for a connection until `timeout` or `stop`.
+fn accept(listener: &TcpListener, timeout: Duration, stop: &AtomicBool) -> Option<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((s, _)) => return Some(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 4),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// The destination thread: one [`Destination`] per connection, its RAM carried over from a
+/// failed attempt to the next.
+fn serve(listener: &TcpListener, o: &DestOptions, stop: &AtomicBool) -> DestReport {
+    let mut report = DestReport {
+        guest: None,
+        attempts: Vec::new(),
+    };
+    let mut kept: Option<RetainedRam> = None;
+    let mut rng = SplitMix64::new(o.seed ^ 0x7C9);
+    for attempt in 0..o.max_attempts {
+        let Some(sock) = accept(listener, o.timeout, stop) else {
+            break;
+        };
+        let held = kept.as_ref().map_or(0, RetainedRam::received_pages);
+        let mut a = AttemptReport {
+            error: None,
+            pages_held_at_start: held,
+            pages_written: 0,
+            pages_held_at_end: held,
+        };
+        let config = DestinationConfig {
+            refuse_start: (attempt < o.refuse_attempts)
+                .then(|| format!("destination told to refuse attempt {attempt}")),
+            max_ram_bytes: o.max_ram_bytes,
+            ..DestinationConfig::default()
+        };
+        let dest = connect_dest(sock, o.timeout, config, kept.take());
+        match dest {
+            Err(e) => a.error = Some(e),
+            Ok(mut d) => match drive(&mut d, o, &mut rng, &mut a.pages_written) {
+                Ok(()) => {
+                    a.pages_held_at_end = d.received_pages();
+                    // Done: `run` returns at once with the guest.
+                    match d.run() {
+                        Ok(g) => report.guest = Some(g),
+                        Err(e) => a.error = Some(e),
+                    }
+                }
+                Err(e) => {
+                    a.pages_held_at_end = d.received_pages();
+                    a.error = Some(e);
+                    kept = d.into_retained();
+                }
+            },
+        }
+        let done = a.error.is_none();
+        report.attempts.push(a);
+        if done {
+            break;
+        }
+    }
+    report
+}
+
+fn connect_dest(
+    sock: TcpStream,
+    timeout: Duration,
+    config: DestinationConfig,
+    kept: Option<RetainedRam>,
+) -> Result<Destination<TcpStream, TcpStream>> {
+    sock.set_nonblocking(false)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    let back = sock.try_clone()?;
+    Ok(Destination::with_retained(sock, back, config, kept))
+}
+
+/// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts.
+fn drive(
+    d: &mut Destination<TcpStream, TcpStream>,
+    o: &DestOptions,
+    rng: &mut SplitMix64,
+    written: &mut u64,
+) -> Result<()> {
+    loop {
+        match d.step()? {
+            DestEvent::Pages { written: w, .. } => *written += w as u64,
+            DestEvent::Switchover { postcopy: true } => {
+                let pages = d.hello().map_or(0, |h| h.ram_pages);
+                for _ in 0..o.postcopy_touches.min(u32::try_from(pages).unwrap_or(u32::MAX)) {
+                    d.fetch_page(rng.below(pages))?;
+                }
+            }
+            DestEvent::End => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// The source's side of the return path: a thread reading the destination's frames.
+struct ReturnPath {
+    rx: Receiver<Result<DestMessage>>,
+    timeout: Duration,
+}
+
+impl Inbound for ReturnPath {
+    fn try_recv(&mut self) -> Result<Option<DestMessage>> {
+        match self.rx.try_recv() {
+            Ok(m) => m.map(Some),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(MigrationError::PeerAborted(
+                "the destination's stream ended".into(),
+            )),
+        }
+    }
+
+    fn recv(&mut self) -> Result<DestMessage> {
+        match self.rx.recv_timeout(self.timeout) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => Err(MigrationError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer from the destination within {:?}", self.timeout),
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(MigrationError::PeerAborted(
+                "the destination's stream ended".into(),
+            )),
+        }
+    }
+}
+
+/// The reader thread: frames → messages, until an error, the end of the stream or `stop`.
+fn read_return_path(
+    sock: TcpStream,
+    tx: &mpsc::Sender<Result<DestMessage>>,
+    stop: &AtomicBool,
+) {
+    let mut r = FrameReader::new(sock);
+    while !stop.load(Ordering::SeqCst) {
+        let msg = match r.read_frame() {
+            Ok(Frame::Started) => Ok(DestMessage::Started),
+            Ok(Frame::Refused { reason }) => Ok(DestMessage::Refused(reason)),
+            Ok(Frame::PageRequest { state, payload }) => {
+                Ok(DestMessage::PageRequest { state, payload })
+            }
+            Ok(Frame::Abort { reason }) => Ok(DestMessage::Aborted(reason)),
+            Ok(other) => Err(MigrationError::Stream(format!(
+                "the destination sent a {:?} frame",
+                other.kind()
+            ))),
+            // A read timeout between frames: the reader is still usable; look at `stop`.
+            Err(MigrationError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => Err(e),
+        };
+        let last = msg.is_err();
+        if tx.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Parameters of the source side of an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceOptions {
+    /// The loop's parameters; `max_bandwidth` also sets the [`FrameWriter`]'s rate limit.
+    pub loop_config: LoopConfig,
+    /// Connect, write and answer timeout.
+    pub timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            loop_config: LoopConfig::default(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// What the source side of an attempt did.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceReport {
+    /// The loop's figures; with [`RealClock`], `downtime` is measured from VM stop to the
+    /// destination's Started as the source receives it.
+    pub outcome: Outcome,
+    /// The writer's counters.
+    pub wire: WriterStats,
+}
+
+/// The source side of one attempt to the destination at `addr`: [`precopy::run`] over a
+/// [`FrameWriter`] on the socket, with a reader thread as the return path.
+///
+/// # Errors
+/// The errors of [`precopy::run`]; [`MigrationError::Io`] if the connection cannot be
+/// made (the guest was not touched then). As with [`precopy::run`], on every error before
+/// the destination started, the guest runs and the states re-dirtied what they sent.
+pub fn migrate_to(
+    addr: SocketAddr,
+    options: &SourceOptions,
+    vm: &mut dyn Vm,
+    states: &mut [&mut dyn MigrationState],
+    controller: &mut dyn Controller,
+) -> Result<SourceReport> {
+    let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
+    sock.set_nodelay(true)?;
+    sock.set_write_timeout(Some(options.timeout))?;
+    let back = sock.try_clone()?;
+    back.set_read_timeout(Some(POLL))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let flag = Arc::clone(&stop);
+    let reader = std::thread::Builder::new()
+        .name("migration-return".into())
+        .spawn(move || read_return_path(back, &tx, &flag))?;
+    let limit = options
+        .loop_config
+        .max_bandwidth
+        .map_or(0, BytesPerMs::bytes_per_sec);
+    let mut writer = FrameWriter::with_limiter(sock, RateLimiter::new(limit));
+    let mut inbound = ReturnPath {
+        rx,
+        timeout: options.timeout,
+    };
+    let mut clock = RealClock::new();
+    let result = precopy::run(
+        &options.loop_config,
+        Endpoints {
+            clock: &mut clock,
+            vm,
+            out: &mut writer,
+            inbound: &mut inbound,
+        },
+        states,
+        controller,
+    );
+    let wire = writer.stats();
+    // The attempt is over either way: close both directions, which also ends the reader.
+    stop.store(true, Ordering::SeqCst);
+    let _ = writer.get_ref().shutdown(Shutdown::Both);
+    let _ = reader.join();
+    result.map(|outcome| SourceReport { outcome, wire })
+}
+
+/// Parameters of [`migrate_over_tcp`].
+#[derive(Debug, Clone, Copy)]
+pub struct TcpMigration {
+    /// Guest RAM in pages of [`PAGE_SIZE`] bytes.
+    pub pages: u64,
+    /// The vCPUs' writes.
+    pub workload: WorkloadConfig,
+    /// The loop's parameters (downtime limit, `max_bandwidth`, postcopy).
+    pub loop_config: LoopConfig,
+    /// Pages per RAM section.
+    pub batch_pages: usize,
+    /// How long the guest runs before the migration starts.
+    pub warmup: Duration,
+    /// Every timeout on both sides.
+    pub timeout: Duration,
+    /// The stall policy.
+    pub auto_converge: AutoConverge,
+    /// Postcopy: pages the destination guest reads at once when it starts.
+    pub postcopy_touches: u32,
+}
+
+impl Default for TcpMigration {
+    fn default() -> Self {
+        TcpMigration {
+            pages: 4096,
+            workload: WorkloadConfig {
+                vcpus: 2,
+                writes_per_sec: 20_000,
+                pattern: super::guest::Pattern::HOT_90_5,
+                seed: 1,
+            },
+            loop_config: LoopConfig::default(),
+            batch_pages: 64,
+            warmup: Duration::from_millis(50),
+            timeout: DEFAULT_TIMEOUT,
+            auto_converge: AutoConverge::default(),
+            postcopy_touches: 64,
+        }
+    }
+}
+
+/// One turn of the loop, for an `info migrate`-like line.
+#[derive(Debug, Clone, Copy)]
+pub struct IterationRecord {
+    /// Turn number, from 0.
+    pub iteration: u64,
+    /// Time since the migration started.
+    pub at: Duration,
+    /// Pending bytes the loop decided on (exact if `exact`, else the estimate), control
+    /// frames included.
+    pub pending: Bytes,
+    /// Whether `pending` is exact (the dirty log was synced).
+    pub exact: bool,
+    /// Bytes that fit the downtime limit at the measured bandwidth.
+    pub threshold: Bytes,
+    /// Measured bandwidth.
+    pub bandwidth: BytesPerMs,
+    /// Bytes newly dirtied per ms, measured between exact queries.
+    pub dirty_rate: Option<BytesPerMs>,
+    /// RAM pages put on the wire so far (a page sent twice counts twice).
+    pub pages_sent: u64,
+    /// Bytes on the wire so far.
+    pub bytes_sent: Bytes,
+    /// vCPU throttle, percent.
+    pub throttle: u8,
+}
+
+fn mib(b: f64) -> f64 {
+    b / f64::from(1u32 << 20)
+}
+
+impl std::fmt::Display for IterationRecord {
+    /// `iter 3 at 0.412 s: pending 12.3 MiB (exact), threshold 38.4 MiB, bandwidth 128.0 MiB/s,
+    /// dirty rate 4.1 MiB/s, pages sent 12345, throttle 0 %`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "iter {} at {:.3} s: pending {:.1} MiB ({}), threshold {:.1} MiB, bandwidth {:.1} MiB/s, \
+             dirty rate ",
+            self.iteration,
+            self.at.as_secs_f64(),
+            mib(self.pending.get() as f64),
+            if self.exact { "exact" } else { "estimate" },
+            mib(self.threshold.get() as f64),
+            mib(self.bandwidth.get() * 1000.0),
+        )?;
+        match self.dirty_rate {
+            Some(r) => write!(f, "{:.1} MiB/s", mib(r.get() * 1000.0))?,
+            None => write!(f, "-")?,
+        }
+        write!(
+            f,
+            ", pages sent {}, throttle {} %",
+            self.pages_sent, self.throttle
+        )
+    }
+}
+
+/// What [`migrate_over_tcp`] measured.
+#[derive(Debug, Clone)]
+pub struct TcpOutcome {
+    /// The loop's figures.
+    pub outcome: Outcome,
+    /// VM stop to the destination's Started, as the source saw it (zero if the loop gave
+    /// up and the guest never stopped).
+    pub downtime: Duration,
+    /// Start of the migration to its end.
+    pub total_time: Duration,
+    /// One record per loop turn.
+    pub iterations: Vec<IterationRecord>,
+    /// RAM pages put on the wire (a page sent twice counts twice).
+    pub pages_sent: u64,
+    /// Guest RAM in pages.
+    pub ram_pages: u64,
+    /// Bytes on the wire, source to destination.
+    pub wire_bytes: u64,
+    /// Page writes the vCPUs made.
+    pub guest_writes: u64,
+    /// CRC32 of the source RAM at VM stop (at the end if the guest never stopped).
+    pub source_checksum: u32,
+    /// CRC32 of the destination RAM after the migration, if it completed.
+    pub dest_checksum: Option<u32>,
+    /// Pages whose CRC32 differs between source and destination (0 when equal; all pages
+    /// when the migration did not complete).
+    pub pages_differing: u64,
+}
+
+/// Per-page CRC32s and the CRC32 of the whole, of `pages` pages read by `read`.
+fn checksums(pages: u64, mut read: impl FnMut(u64, &mut [u8])) -> (Vec<u32>, u32) {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut all = crc32fast::Hasher::new();
+    let mut per = Vec::with_capacity(pages as usize);
+    for p in 0..pages {
+        read(p, &mut page);
+        per.push(crc32fast::hash(&page));
+        all.update(&page);
+    }
+    (per, all.finalize())
+}
+
+/// Records every turn, tells the caller, and defers the stall policy.
+struct Recorder<'a> {
+    inner: AutoConverge,
+    pages: Arc<AtomicU64>,
+    records: Vec<IterationRecord>,
+    on_iteration: &'a mut dyn FnMut(&IterationRecord),
+}
+
+impl Controller for Recorder<'_> {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        let rec = IterationRecord {
+            iteration: r.iteration,
+            at: r.at,
+            pending: r.pending.total(),
+            exact: r.exact,
+            threshold: r.threshold,
+            bandwidth: r.bandwidth,
+            dirty_rate: r.dirty_rate,
+            pages_sent: self.pages.load(Ordering::Relaxed),
+            bytes_sent: r.bytes_sent,
+            throttle: r.throttle,
+        };
+        (self.on_iteration)(&rec);
+        self.records.push(rec);
+        Directive::Continue
+    }
+
+    fn on_stall(&mut self, report: &StallReport) -> StallAction {
+        self.inner.on_stall(report)
+    }
+}
+
+/// A whole migration over loopback TCP: a guest of `cfg.pages` pages (filled with
+/// content) and its vCPU [`Workload`], a [`TcpDestination`], one attempt; then the
+/// checksums of both RAMs.
+///
+/// # Errors
+/// [`MigrationError::InvalidInput`] for bad parameters; the errors of [`migrate_to`] and
+/// [`TcpDestination`] (the destination's own error when it has one).
+pub fn migrate_over_tcp(cfg: &TcpMigration) -> Result<TcpOutcome> {
+    migrate_over_tcp_with(cfg, &mut |_| {})
+}
+
+/// As [`migrate_over_tcp`], calling `on_iteration` at every turn of the loop (to print
+/// `info migrate`-like lines as it goes).
+///
+/// # Errors
+/// As [`migrate_over_tcp`].
+pub fn migrate_over_tcp_with(
+    cfg: &TcpMigration,
+    on_iteration: &mut dyn FnMut(&IterationRecord),
+) -> Result<TcpOutcome> {
+    let ram = Arc::new(GuestRam::new(cfg.pages)?);
+    let mut init = SplitMix64::new(cfg.workload.seed ^ 0x1417);
+    for p in 0..cfg.pages {
+        // One page in sixteen stays zero (sent as a flag).
+        let v = init.next_u64();
+        if v % 16 != 0 {
+            ram.fill_page(p, v);
+        }
+    }
+    let log = Arc::new(new_log(&ram)?);
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        cfg.loop_config.postcopy,
+        cfg.batch_pages,
+    )?;
+    let dest = TcpDestination::spawn(DestOptions {
+        postcopy_touches: cfg.postcopy_touches,
+        timeout: cfg.timeout,
+        seed: cfg.workload.seed,
+        ..DestOptions::default()
+    })?;
+    let mut vm = Workload::start(Arc::clone(&ram), Arc::clone(&log), cfg.workload)?;
+    std::thread::sleep(cfg.warmup);
+    let mut rec = Recorder {
+        inner: cfg.auto_converge,
+        pages: state.pages_sent_counter(),
+        records: Vec::new(),
+        on_iteration,
+    };
+    let source = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: cfg.loop_config,
+            timeout: cfg.timeout,
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut rec,
+    );
+    let guest_writes = vm.writes();
+    let report = dest.join()?;
+    let source = match source {
+        Ok(s) => s,
+        Err(e) => {
+            vm.shutdown();
+            // The destination's error says more about a corrupt stream than its Abort.
+            let dest_err = report.attempts.into_iter().find_map(|a| a.error);
+            return Err(match (e, dest_err) {
+                (MigrationError::PeerAborted(_), Some(d)) => d,
+                (e, _) => e,
+            });
+        }
+    };
+    // With the guest stopped (a completed migration), its RAM is the RAM at stop.
+    let (src_pages, source_checksum) = checksums(cfg.pages, |p, b| ram.read_page(p, b));
+    let (dest_checksum, pages_differing) = match (&source.outcome.kind, &report.guest) {
+        (Kind::Completed | Kind::Postcopy, Some(g)) => {
+            let (dst_pages, sum) = checksums(cfg.pages, |p, b| {
+                if let Some(page) = g.page(p) {
+                    b.copy_from_slice(page);
+                }
+            });
+            let differing = src_pages
+                .iter()
+                .zip(&dst_pages)
+                .filter(|(a, b)| a != b)
+                .count() as u64;
+            (Some(sum), differing)
+        }
+        _ => (None, cfg.pages),
+    };
+    vm.shutdown();
+    Ok(TcpOutcome {
+        outcome: source.outcome,
+        downtime: source.outcome.downtime,
+        total_time: source.outcome.total_time,
+        iterations: rec.records,
+        pages_sent: state.stats().pages_sent,
+        ram_pages: cfg.pages,
+        wire_bytes: source.wire.bytes,
+        guest_writes,
+        source_checksum,
+        dest_checksum,
+        pages_differing,
+    })
+}
