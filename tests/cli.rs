@@ -1118,20 +1118,22 @@ fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
         let rows = rows_starting(&out, rate);
         assert_eq!(rows.len(), 1, "dirty rate {rate}:\n{out}");
         let r = &rows[0];
-        assert_eq!(r.len(), 14, "{r:?}");
-        assert_eq!((r[1], r[8]), ("64", "50"), "{r:?}");
-        let converged = r[3] == "yes";
-        assert!(converged || r[3].starts_with("no: "), "{r:?}");
-        let (sent, resent) = (num(r[11]), num(r[12]));
+        assert_eq!(r.len(), 15, "{r:?}");
+        assert_eq!((r[2], r[9]), ("64", "50"), "{r:?}");
+        let achieved: f64 = r[1].parse().unwrap();
+        assert_eq!(achieved > 0.0, rate != "0", "the guest writes iff asked to: {r:?}");
+        let converged = r[4] == "yes";
+        assert!(converged || r[4].starts_with("no: "), "{r:?}");
+        let (sent, resent) = (num(r[12]), num(r[13]));
         assert_eq!(resent, sent.saturating_sub(4096), "{r:?}");
         if converged {
-            assert!(sent >= 4096 && num(r[10]) >= 4096 * 4096, "{r:?}");
-            let down: f64 = r[7].parse().unwrap();
+            assert!(sent >= 4096 && num(r[11]) >= 4096 * 4096, "{r:?}");
+            let down: f64 = r[8].parse().unwrap();
             let within = if down <= 50.0 { "yes" } else { "**no**" };
-            assert_eq!(r[9], within, "{r:?}");
-            assert!(num(r[4]) >= 2, "a sync decides, the stop syncs again: {r:?}");
+            assert_eq!(r[10], within, "{r:?}");
+            assert!(num(r[5]) >= 2, "a sync decides, the stop syncs again: {r:?}");
         } else {
-            assert_eq!((r[7], r[9]), ("-", "-"), "{r:?}");
+            assert_eq!((r[8], r[10]), ("-", "-"), "{r:?}");
         }
         rates.push((rate, converged, sent, resent));
     }

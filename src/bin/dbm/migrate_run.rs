@@ -10,21 +10,20 @@
 //! query (a dirty-log sync, QEMU's "dirty sync count") plus, when asked, a progress line
 //! every `progress` in between, as polling QEMU's `info migrate` would show.
 
-use std::cell::Cell;
 use std::error::Error;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::migration::guest::{new_log, SplitMix64};
-use dirty_bitmap::migration::sim::{DestModel, Loopback, RAM_ID};
-use dirty_bitmap::migration::{
-    self, Bytes, BytesPerMs, Controller, DestMessage, Directive, Endpoints, GuestRam, Inbound,
-    IterationReport, Kind, LoopConfig, MigrationState, Millis, Outbound, Pattern, Pending,
-    RamState, RealClock, SetupMode, StallAction, StallReport, StateId, Vm, Workload,
-    WorkloadConfig, PAGE_SIZE,
+use dirty_bitmap::migration::tcp::{
+    migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination, RAM_ID,
 };
-use dirty_bitmap::DirtyBitmap;
+use dirty_bitmap::migration::{
+    Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
+    MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
+    Workload, WorkloadConfig, PAGE_SIZE,
+};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -81,11 +80,10 @@ pub struct Line {
     pub threshold: Bytes,
     /// Last measured bandwidth.
     pub bandwidth: BytesPerMs,
-    /// Guest pages dirtied per second: at a sync, the pages the sync found over the time
-    /// since the previous sync (or since the start); between syncs, the pages dirty in the
-    /// log over the time since the last sync. Distinct pages, as QEMU's dirty-pages-rate.
-    /// `None` when that time is under 100 ms.
-    pub dirty_pages_per_sec: Option<f64>,
+    /// The guest's dirty rate as of the last sync, as QEMU's dirty-pages-rate: the pages
+    /// the sync found newly dirty (not already pending), in wire bytes, over the time since
+    /// the previous sync. `None` before the second sync.
+    pub dirty_rate: Option<BytesPerMs>,
     /// Pages put on the wire so far (a page sent twice counts twice).
     pub pages_sent: u64,
     /// vCPU throttle, percent.
@@ -162,82 +160,14 @@ impl Run {
     }
 }
 
-/// A [`MigrationState`] that forwards to the RAM state and publishes its counters to the
-/// controller (the loop holds the state mutably while it calls the controller).
-struct Counted<'a> {
-    ram: &'a mut RamState,
-    pages_sent: Rc<Cell<u64>>,
-    syncs: Rc<Cell<(u64, u64)>>,
-}
-
-impl Counted<'_> {
-    fn publish(&self) {
-        let s = self.ram.stats();
-        self.pages_sent.set(s.pages_sent);
-        self.syncs.set((s.syncs, s.dirty_at_last_sync));
-    }
-}
-
-impl MigrationState for Counted<'_> {
-    fn id(&self) -> StateId {
-        self.ram.id()
-    }
-    fn name(&self) -> &str {
-        self.ram.name()
-    }
-    fn setup(&mut self, out: &mut dyn Outbound) -> migration::Result<Bytes> {
-        let r = self.ram.setup(out);
-        self.publish();
-        r
-    }
-    fn pending(&mut self, exact: bool) -> Pending {
-        let r = self.ram.pending(exact);
-        self.publish();
-        r
-    }
-    fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> migration::Result<Bytes> {
-        let r = self.ram.iterate(out, budget);
-        self.publish();
-        r
-    }
-    fn complete(&mut self, out: &mut dyn Outbound) -> migration::Result<Bytes> {
-        let r = self.ram.complete(out);
-        self.publish();
-        r
-    }
-    fn postcopy_start(&mut self, out: &mut dyn Outbound) -> migration::Result<Bytes> {
-        let r = self.ram.postcopy_start(out);
-        self.publish();
-        r
-    }
-    fn serve(
-        &mut self,
-        out: &mut dyn Outbound,
-        offset: u64,
-        len: u64,
-    ) -> migration::Result<Bytes> {
-        let r = self.ram.serve(out, offset, len);
-        self.publish();
-        r
-    }
-    fn cancel(&mut self) {
-        self.ram.cancel();
-        self.publish();
-    }
-    fn resume_source(&mut self) {
-        self.ram.resume_source();
-        self.publish();
-    }
-}
-
 /// The controller: lines, the time cap, and the stall policy.
 struct Watch<'a> {
     params: Params,
-    log: Arc<DirtyBitmap>,
-    pages_sent: Rc<Cell<u64>>,
-    syncs: Rc<Cell<(u64, u64)>>,
-    /// Time of the previous sync (the loop's clock), for the dirty rate.
-    last_sync: Duration,
+    pages_sent: Arc<AtomicU64>,
+    /// Exact queries (syncs) so far.
+    syncs: u64,
+    /// The last sync's dirty rate, shown until the next.
+    dirty_rate: Option<BytesPerMs>,
     last_line: Option<Duration>,
     lines: Vec<Line>,
     on_line: &'a mut dyn FnMut(&Line),
@@ -246,17 +176,18 @@ struct Watch<'a> {
     start: Instant,
     /// Loop turns seen (the loop's own count is lost when it returns an error).
     turns: u64,
+    /// Bytes on the wire as of the last turn (likewise).
+    bytes_sent: u64,
 }
 
 impl Controller for Watch<'_> {
     fn on_iteration(&mut self, r: &IterationReport) -> Directive {
         self.turns += 1;
-        let (syncs, found) = self.syncs.get();
-        let since = r.at.saturating_sub(self.last_sync).as_secs_f64();
-        // Over less than a measurement window the figure is noise.
-        let rate = |pages: u64| {
-            (since >= 0.1).then(|| pages as f64 / since)
-        };
+        self.bytes_sent = r.bytes_sent.get();
+        if r.exact {
+            self.syncs += 1;
+            self.dirty_rate = r.dirty_rate;
+        }
         let due = match (self.params.progress, self.last_line) {
             (Some(_), None) => true,
             (Some(every), Some(t)) => r.at >= t + every,
@@ -265,22 +196,15 @@ impl Controller for Watch<'_> {
         if r.exact || due {
             let line = Line {
                 at: r.at,
-                syncs,
+                syncs: self.syncs,
                 exact: r.exact,
                 pending: if r.exact { r.pending.total() } else { r.estimate },
                 threshold: r.threshold,
                 bandwidth: r.bandwidth,
-                dirty_pages_per_sec: if r.exact {
-                    rate(found)
-                } else {
-                    rate(self.log.count())
-                },
-                pages_sent: self.pages_sent.get(),
+                dirty_rate: self.dirty_rate,
+                pages_sent: self.pages_sent.load(Ordering::Relaxed),
                 throttle: r.throttle,
             };
-            if r.exact {
-                self.last_sync = r.at;
-            }
             self.last_line = Some(r.at);
             (self.on_line)(&line);
             self.lines.push(line);
@@ -354,14 +278,11 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         iterate_chunk: Bytes((params.batch_pages as u64 * PAGE * 4).max(1 << 20)),
         ..LoopConfig::default()
     };
-    let pages_sent = Rc::new(Cell::new(0));
-    let syncs = Rc::new(Cell::new((0, 0)));
     let mut watch = Watch {
         params: *params,
-        log: Arc::clone(&log),
-        pages_sent: Rc::clone(&pages_sent),
-        syncs: Rc::clone(&syncs),
-        last_sync: Duration::ZERO,
+        pages_sent: state.pages_sent_counter(),
+        syncs: 0,
+        dirty_rate: None,
         last_line: None,
         lines: Vec::new(),
         on_line,
@@ -369,68 +290,66 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         capped: false,
         start: Instant::now(),
         turns: 0,
+        bytes_sent: 0,
     };
     let writes_before = vm.writes();
-    let mut counted = Counted {
-        ram: &mut state,
-        pages_sent: Rc::clone(&pages_sent),
-        syncs: Rc::clone(&syncs),
-    };
 
-    // The transport: an in-process link into a destination model.
-    let mut link = Loopback::new(DestModel::new(RAM_ID, pages, params.seed));
-    let transport = "in-process loopback";
-    let mut clock = RealClock::new();
-    let started = Instant::now();
-    let result = {
-        let cell = std::cell::RefCell::new(&mut link);
-        let mut out = LinkOut(&cell);
-        let mut inbound = LinkIn(&cell);
-        migration::run(
-            &config,
-            Endpoints {
-                clock: &mut clock,
-                vm: &mut vm,
-                out: &mut out,
-                inbound: &mut inbound,
-            },
-            &mut [&mut counted as &mut dyn MigrationState],
-            &mut watch,
-        )
-    };
-    let wall = started.elapsed();
+    // The transport: a destination thread behind a TCP listener on 127.0.0.1, the loop
+    // over a rate-limited frame writer on the socket.
+    let dest = TcpDestination::spawn(DestOptions {
+        max_ram_bytes: params.ram_bytes,
+        seed: params.seed,
+        ..DestOptions::default()
+    })?;
+    let result = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            ..SourceOptions::default()
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut watch,
+    );
     let guest_writes = vm.writes() - writes_before;
-    let (syncs_done, _) = syncs.get();
+    let report = dest.join()?;
     let mut run = Run {
         params: *params,
         end: End::Failed(String::new()),
         lines: std::mem::take(&mut watch.lines),
-        iterations: 0,
-        syncs: syncs_done,
+        iterations: watch.turns,
+        syncs: watch.syncs,
         downtime: None,
         bytes_in_downtime: None,
         switch: None,
-        total_time: wall,
-        bytes_sent: link.bytes_sent(),
-        pages_sent: pages_sent.get(),
+        total_time: watch.start.elapsed(),
+        bytes_sent: Bytes(0),
+        pages_sent: state.stats().pages_sent,
         guest_writes,
         throttle: 0,
         verified: None,
-        transport,
+        transport: "TCP on 127.0.0.1",
     };
     match result {
-        Ok(o) => {
+        Ok(SourceReport { outcome: o, wire }) => {
             run.iterations = o.iterations;
             run.total_time = o.total_time;
             run.throttle = o.throttle;
+            run.bytes_sent = Bytes(wire.bytes);
             match o.kind {
                 Kind::Completed | Kind::Postcopy => {
+                    // The stop syncs once more.
+                    run.syncs += 1;
                     run.end = End::Converged;
                     run.downtime = Some(o.downtime);
                     run.bytes_in_downtime = Some(o.bytes_in_downtime);
                     run.switch = Some((o.pending_at_switch, o.threshold_at_switch));
                     // The source is stopped: its RAM is the RAM at the stop.
-                    run.verified = Some((pages, same_ram(&ram, link.dest.ram())));
+                    let same = report
+                        .guest
+                        .as_ref()
+                        .is_some_and(|g| same_ram(&ram, g.ram()));
+                    run.verified = Some((pages, same));
                     vm.resume()?;
                 }
                 Kind::NotConverging => run.end = End::Stalled,
@@ -442,9 +361,15 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
             } else if watch.stalled {
                 End::Stalled
             } else {
-                End::Failed(e.to_string())
+                // The destination's error says more about a broken stream than the
+                // source's view of it.
+                let dest_err = report.attempts.iter().find_map(|a| a.error.as_ref());
+                End::Failed(match dest_err {
+                    Some(d) => format!("{e} (destination: {d})"),
+                    None => e.to_string(),
+                })
             };
-            run.iterations = watch.turns;
+            run.bytes_sent = Bytes(watch.bytes_sent);
         }
     }
     vm.shutdown();
@@ -461,29 +386,6 @@ fn same_ram(ram: &GuestRam, dest: &[u8]) -> bool {
         ram.read_page(p as u64, &mut page);
         crc32fast::hash(&page) == crc32fast::hash(d) && page == d
     })
-}
-
-/// The loopback's sending half (the loop takes its two ends as separate borrows).
-struct LinkOut<'a, 'b>(&'a std::cell::RefCell<&'b mut Loopback>);
-/// The loopback's receiving half.
-struct LinkIn<'a, 'b>(&'a std::cell::RefCell<&'b mut Loopback>);
-
-impl Outbound for LinkOut<'_, '_> {
-    fn send(&mut self, state: StateId, payload: &[u8]) -> migration::Result<Bytes> {
-        self.0.borrow_mut().send(state, payload)
-    }
-    fn bytes_sent(&self) -> Bytes {
-        self.0.borrow().bytes_sent()
-    }
-}
-
-impl Inbound for LinkIn<'_, '_> {
-    fn try_recv(&mut self) -> migration::Result<Option<DestMessage>> {
-        self.0.borrow_mut().try_recv()
-    }
-    fn recv(&mut self) -> migration::Result<DestMessage> {
-        self.0.borrow_mut().recv()
-    }
 }
 
 /// `1.5 GiB`-style size.
@@ -538,10 +440,8 @@ pub fn format_line(l: &Line) -> String {
         human(l.pending.get()),
         human(l.threshold.get()),
         format!("{:.1} MiB/s", mib_s(l.bandwidth)),
-        l.dirty_pages_per_sec.map_or_else(
-            || "-".to_string(),
-            |r| format!("{:.1} MiB/s", r * PAGE as f64 / (1 << 20) as f64)
-        ),
+        l.dirty_rate
+            .map_or_else(|| "-".to_string(), |r| format!("{:.1} MiB/s", mib_s(r))),
         down,
         l.pages_sent,
         l.throttle
