@@ -135,10 +135,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The guest's page writes over the run, MiB/s (below the asked rate when the vCPU threads
-/// do not get the CPU time).
+/// The guest's page writes per second it ran (the run's time less the downtime), MiB/s:
+/// below the asked rate when the vCPU threads do not get the CPU, or are throttled.
 fn achieved(r: &Run) -> f64 {
-    let secs = r.total_time.as_secs_f64();
+    let secs = r
+        .total_time
+        .saturating_sub(r.downtime.unwrap_or_default())
+        .as_secs_f64();
     if secs > 0.0 {
         (r.guest_writes * PAGE) as f64 / secs / (1 << 20) as f64
     } else {
@@ -361,8 +364,10 @@ pub fn run(args: &MigrateArgs) -> CmdResult {
                 human(guest_ram),
                 limit
             ),
-            x_label: format!("guest dirty rate, MiB/s of 4 KiB page writes ({:?})", args.pattern)
-                .to_lowercase(),
+            x_label: format!(
+                "guest dirty rate, MiB/s of 4 KiB page writes ({})",
+                args.pattern.describe()
+            ),
             y_label: "total time, s (dashed: until the run gave up)".into(),
             x_log: false,
             y_log: false,
