@@ -1,30 +1,653 @@
-//! Migrations over TCP on 127.0.0.1 with real vCPU threads and the real clock.
+//! Migrations over TCP on 127.0.0.1 with real vCPU threads and the real clock
+//! (`migration::tcp`): the loop (`precopy::run`) on one side, the stream's `Destination` on
+//! the other, one protocol.
+//!
+//! - Content: after every successful migration the destination RAM equals the source RAM
+//!   at VM stop (CRC32 per page and a full compare).
+//! - Failures (a cancel during iteration, a connection cut mid-stream by a proxy, a
+//!   destination that refuses to start, a corrupted byte): the source guest runs on, its
+//!   RAM is intact, every page the destination lacks or holds stale is dirty in the
+//!   source's log, and a retry to a destination that kept its memory sends fewer pages than
+//!   all of RAM and succeeds. A corrupt byte is a checksum error at the destination and an
+//!   Abort naming it at the source.
+//! - Downtime: measured downtime (VM stop to Started, as the source sees it) within the
+//!   limit + 10 % in at least 95 % of the runs. `DBM_MIGRATION_RUNS` sets the number of
+//!   runs (default 10; the set is 100).
+//!
+//! Every wait has a timeout: a hang fails the test.
 
 mod common;
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
-use dirty_bitmap::migration::tcp::{migrate_over_tcp, TcpMigration};
-use dirty_bitmap::migration::{BytesPerMs, Kind, LoopConfig, Millis};
+use dirty_bitmap::migration::dest::RetainedRam;
+use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::precopy::{StallAction, StallReport};
+use dirty_bitmap::migration::stream::FrameError;
+use dirty_bitmap::migration::tcp::{
+    migrate_over_tcp, migrate_to, DestOptions, DestReport, SourceOptions, SourceReport,
+    TcpDestination, TcpMigration, RAM_ID,
+};
+use dirty_bitmap::migration::{
+    Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
+    MigrationError, MigrationState, Millis, Pattern, RamState, SetupMode, Vm, Workload,
+    WorkloadConfig, PAGE_SIZE,
+};
+use dirty_bitmap::DirtyBitmap;
+
+/// The downtime test runs alone (write lock); the others share the machine (read lock),
+/// since their vCPU threads would otherwise compete with its switchover for the CPUs.
+static EXCLUSIVE: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest RAM of the failure and content tests: 4 MiB.
+const PAGES: u64 = 1024;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The source: guest RAM with content, its log, and running vCPUs.
+struct Source {
+    ram: Arc<GuestRam>,
+    log: Arc<DirtyBitmap>,
+    vm: Workload,
+}
+
+impl Source {
+    fn new(seed: u64, writes_per_sec: u64) -> Source {
+        let ram = Arc::new(GuestRam::new(PAGES).unwrap());
+        let mut rng = SplitMix64::new(seed);
+        for p in 0..PAGES {
+            // One page in eight stays all zeros (sent as a flag).
+            let v = rng.next_u64();
+            if !v.is_multiple_of(8) {
+                ram.fill_page(p, v);
+            }
+        }
+        let log = Arc::new(new_log(&ram).unwrap());
+        let vm = Workload::start(
+            Arc::clone(&ram),
+            Arc::clone(&log),
+            WorkloadConfig {
+                vcpus: 2,
+                writes_per_sec,
+                pattern: Pattern::HOT_90_5,
+                seed,
+            },
+        )
+        .unwrap();
+        thread::sleep(Duration::from_millis(10));
+        Source { ram, log, vm }
+    }
+
+    fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
+        RamState::new(
+            RAM_ID,
+            Arc::clone(&self.ram),
+            Arc::clone(&self.log),
+            mode,
+            postcopy,
+            32,
+        )
+        .unwrap()
+    }
+
+    fn migrate(
+        &mut self,
+        addr: SocketAddr,
+        config: LoopConfig,
+        state: &mut RamState,
+        control: &mut dyn Controller,
+    ) -> dirty_bitmap::migration::Result<SourceReport> {
+        migrate_to(
+            addr,
+            &SourceOptions {
+                loop_config: config,
+                timeout: TIMEOUT,
+            },
+            &mut self.vm,
+            &mut [state as &mut dyn MigrationState],
+            control,
+        )
+    }
+
+    /// The guest runs: its vCPUs keep writing.
+    fn assert_running(&self) {
+        let before = self.vm.writes();
+        let deadline = Instant::now() + TIMEOUT;
+        while self.vm.writes() == before {
+            assert!(Instant::now() < deadline, "the source guest does not run");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// With the guest stopped: every page is whole (all zeros, or one `fill_page` of the
+    /// initial content or of a vCPU write: word i = v ^ i), so the migration wrote nothing
+    /// into the source and no write was torn; and every page the destination lacks or
+    /// holds stale is dirty in the log, so a retry cannot miss it.
+    fn assert_intact_and_nothing_lost(&mut self, kept: &RetainedRam) {
+        self.vm.stop().unwrap();
+        let src = self.ram.snapshot();
+        let mut stale = 0;
+        for p in 0..PAGES {
+            let page = &src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE];
+            let words: Vec<u64> = page
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let zero = words.iter().all(|&w| w == 0);
+            let fill = words
+                .iter()
+                .enumerate()
+                .all(|(i, &w)| w ^ i as u64 == words[0]);
+            assert!(zero || fill, "source page {p} is not whole");
+            let good = kept.page(p) == Some(page);
+            if !good {
+                stale += 1;
+                assert!(
+                    self.log.is_dirty(p * PAGE_SIZE as u64),
+                    "page {p} is missing or stale on the destination but clean in the log"
+                );
+            }
+        }
+        eprintln!(
+            "destination kept {} of {PAGES} pages; {stale} missing or stale, all dirty",
+            kept.received_pages()
+        );
+        self.vm.resume().unwrap();
+    }
+
+    /// Retries to a destination that starts from `kept`, incrementally: it must succeed,
+    /// end equal to the source at stop, and its first pass must be the pages the log holds
+    /// (what the failure re-dirtied and the guest wrote since), fewer than all of RAM.
+    /// (Its total also counts the hot pages it resends while the guest runs.)
+    fn retry(&mut self, kept: RetainedRam) -> u64 {
+        let dirty = self.log.count();
+        let dest = TcpDestination::spawn_with(dest_options(), Some(kept)).unwrap();
+        let mut state = self.state(SetupMode::Incremental, false);
+        let r = self
+            .migrate(dest.addr(), converging(), &mut state, &mut NoStall)
+            .unwrap();
+        assert_eq!(r.outcome.kind, Kind::Completed);
+        let report = dest.join().unwrap();
+        self.assert_same_ram(&report);
+        let stats = state.stats();
+        let first = stats.pages_at_setup;
+        assert!(
+            first < PAGES,
+            "the retry's first pass was {first} pages: all of RAM"
+        );
+        // At least what the log held before the retry began (the vCPUs add to it).
+        assert!(first >= dirty, "{first} < {dirty}");
+        eprintln!(
+            "retry: first pass {first} of {PAGES} pages, {} sent in all",
+            stats.pages_sent
+        );
+        first
+    }
+
+    /// The source is stopped (a completed migration): the destination's RAM equals it, page
+    /// CRC by page CRC and byte for byte.
+    fn assert_same_ram(&self, report: &DestReport) {
+        let guest = report.guest.as_ref().expect("the destination has no guest");
+        let src = self.ram.snapshot();
+        let dst = guest.ram();
+        assert_eq!(dst.len(), src.len());
+        for (p, (a, b)) in src
+            .chunks_exact(PAGE_SIZE)
+            .zip(dst.chunks_exact(PAGE_SIZE))
+            .enumerate()
+        {
+            assert_eq!(
+                crc32fast::hash(a),
+                crc32fast::hash(b),
+                "page {p} differs on the destination"
+            );
+        }
+        assert!(
+            src == dst,
+            "destination RAM differs from the source at stop"
+        );
+    }
+}
+
+fn dest_options() -> DestOptions {
+    DestOptions {
+        timeout: TIMEOUT,
+        ..DestOptions::default()
+    }
+}
+
+/// A configuration that converges quickly: no rate limit, 300 ms.
+fn converging() -> LoopConfig {
+    LoopConfig {
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    }
+}
+
+/// A configuration that never switches over (nothing fits a limit of 0), rate-limited so
+/// that a pass over RAM takes about 250 ms.
+fn never_converging() -> LoopConfig {
+    LoopConfig {
+        downtime_limit: Millis(0),
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(16 << 20)),
+        ..LoopConfig::default()
+    }
+}
+
+/// Keeps going on stalls (the failure is injected elsewhere).
+struct NoStall;
+
+impl Controller for NoStall {
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::KeepGoing
+    }
+}
+
+/// Cancels at the `n`-th exact query (after `n - 1` syncs of the log).
+struct CancelAtExact {
+    n: u64,
+    seen: u64,
+}
+
+impl Controller for CancelAtExact {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        self.seen += u64::from(r.exact);
+        if self.seen >= self.n {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::KeepGoing
+    }
+}
+
+/// What a proxy does to the source's bytes.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Forwards this many bytes, then closes both connections.
+    CutAfter(u64),
+    /// Flips every bit of the byte at this offset.
+    FlipAt(u64),
+}
+
+/// A proxy between source and destination that injects `fault` into the source's stream
+/// and forwards the destination's answers untouched. Returns its address.
+fn proxy(upstream: SocketAddr, fault: Fault) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let deadline = Instant::now() + TIMEOUT;
+        let client = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
+                Err(e) => panic!("proxy: no connection: {e}"),
+            }
+        };
+        client.set_nonblocking(false).unwrap();
+        let server = TcpStream::connect(upstream).unwrap();
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(Shutdown::Write);
+        });
+        let (mut from, mut to) = (&client, &server);
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            let end = at + n as u64;
+            match fault {
+                Fault::CutAfter(cut) if end >= cut => {
+                    let keep = (cut - at) as usize;
+                    let _ = to.write_all(&chunk[..keep]);
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    break;
+                }
+                Fault::FlipAt(off) if (at..end).contains(&off) => {
+                    chunk[(off - at) as usize] ^= 0xFF;
+                }
+                _ => {}
+            }
+            if to.write_all(chunk).is_err() {
+                break;
+            }
+            at = end;
+        }
+        let _ = server.shutdown(Shutdown::Write);
+        let _ = back.join();
+    });
+    (addr, t)
+}
+
+/// The destination's report after a failed attempt: its one error, and the RAM it kept.
+fn failed(dest: TcpDestination) -> (MigrationError, RetainedRam) {
+    let mut report = dest.join().unwrap();
+    assert!(report.guest.is_none());
+    assert_eq!(report.attempts.len(), 1, "{:?}", report.attempts);
+    let err = report
+        .attempts
+        .remove(0)
+        .error
+        .expect("the attempt did not fail");
+    let kept = report.retained.expect("the destination kept no RAM");
+    (err, kept)
+}
 
 #[test]
-fn smoke_migrate_over_tcp() {
-    let cfg = TcpMigration {
-        pages: 1024,
-        loop_config: LoopConfig {
-            downtime_limit: Millis(50),
-            max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(16 << 20)),
-            ..LoopConfig::default()
-        },
-        warmup: Duration::from_millis(20),
-        ..TcpMigration::default()
+fn migration_over_tcp_arrives_byte_for_byte() {
+    let _g = shared();
+    let mut src = Source::new(1, 20_000);
+    let dest = TcpDestination::spawn(dest_options()).unwrap();
+    let mut state = src.state(SetupMode::Full, false);
+    let r = src
+        .migrate(dest.addr(), converging(), &mut state, &mut NoStall)
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    assert!(r.outcome.exact_at_switch);
+    let report = dest.join().unwrap();
+    src.assert_same_ram(&report);
+    // The stream carried every page at least once; the counters agree.
+    assert!(state.stats().pages_sent >= PAGES);
+    assert_eq!(r.wire.bytes, r.outcome.total_bytes.get());
+    assert!(src.vm.writes() > 0);
+}
+
+#[test]
+fn postcopy_over_tcp_pulls_pages_and_arrives_byte_for_byte() {
+    let _g = shared();
+    let mut src = Source::new(2, 20_000);
+    let dest = TcpDestination::spawn(DestOptions {
+        postcopy_touches: 256,
+        ..dest_options()
+    })
+    .unwrap();
+    let mut state = src.state(SetupMode::Full, true);
+    // Rate limited to about half of RAM per second: the switch comes after the first
+    // window, with most pages still to send.
+    let config = LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
     };
-    let o = migrate_over_tcp(&cfg).unwrap();
-    for r in &o.iterations {
-        eprintln!("{r}");
+    let r = src
+        .migrate(dest.addr(), config, &mut state, &mut NoStall)
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Postcopy);
+    let report = dest.join().unwrap();
+    let guest = report.guest.as_ref().unwrap();
+    assert!(guest.was_postcopy());
+    assert!(guest.page_requests() > 0, "no page was requested");
+    assert!(r.outcome.requests_served > 0);
+    // The destination guest only read: its RAM is the source's at stop.
+    src.assert_same_ram(&report);
+}
+
+#[test]
+fn cancel_during_iteration_resumes_and_a_retry_sends_less() {
+    let _g = shared();
+    let mut src = Source::new(3, 20_000);
+    let dest = TcpDestination::spawn(dest_options()).unwrap();
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(
+            dest.addr(),
+            never_converging(),
+            &mut first,
+            &mut CancelAtExact { n: 3, seen: 0 },
+        )
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    src.assert_running();
+    let (err, kept) = failed(dest);
+    // The channel was healthy: the destination applied every section before the Abort, so
+    // the re-dirtying of `cancel` alone covers what it lacks.
+    // The source told the destination why.
+    assert!(
+        matches!(&err, MigrationError::PeerAborted(r) if r.contains("cancelled")),
+        "{err}"
+    );
+    assert!(kept.received_pages() > 0);
+    src.assert_intact_and_nothing_lost(&kept);
+    src.assert_running();
+    src.retry(kept);
+}
+
+#[test]
+fn channel_cut_mid_stream_resumes_and_a_retry_sends_less() {
+    let _g = shared();
+    let mut src = Source::new(4, 20_000);
+    let dest = TcpDestination::spawn(dest_options()).unwrap();
+    // Cut in the second pass, after the log was synced at least once.
+    let cut = PAGES * PAGE_SIZE as u64 * 3 / 2;
+    let (addr, p) = proxy(dest.addr(), Fault::CutAfter(cut));
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(addr, never_converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    p.join().unwrap();
+    // The source sees the cut as a write error, the end of the return stream, or the
+    // destination's Abort, depending on which it meets first.
+    assert!(
+        matches!(
+            e,
+            MigrationError::Io(_) | MigrationError::Frame(_) | MigrationError::PeerAborted(_)
+        ),
+        "{e}"
+    );
+    assert!(
+        first.stats().pages_sent > PAGES,
+        "cut before the second pass"
+    );
+    src.assert_running();
+    let (err, kept) = failed(dest);
+    // What the cut lost in flight, which the source alone cannot know.
+    first.redirty_undelivered(kept.sections_applied());
+    assert!(
+        matches!(
+            err,
+            MigrationError::Frame(FrameError::Truncated { .. } | FrameError::Closed { .. })
+        ),
+        "{err}"
+    );
+    src.assert_intact_and_nothing_lost(&kept);
+    src.retry(kept);
+}
+
+#[test]
+fn refusing_destination_resumes_the_source_and_a_retry_sends_less() {
+    let _g = shared();
+    let mut src = Source::new(5, 20_000);
+    let dest = TcpDestination::spawn(DestOptions {
+        refuse_attempts: 1,
+        ..dest_options()
+    })
+    .unwrap();
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(dest.addr(), converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::DestinationRefused(r) if r.contains("refuse")),
+        "{e}"
+    );
+    src.assert_running();
+    let (err, kept) = failed(dest);
+    first.redirty_undelivered(kept.sections_applied());
+    assert!(
+        matches!(err, MigrationError::DestinationRefused(_)),
+        "{err}"
+    );
+    // It refused at End: it had every page.
+    assert_eq!(kept.received_pages(), PAGES);
+    // The final pages, sent with the VM stopped, went back into the log.
+    assert!(src.log.count() > 0);
+    src.assert_intact_and_nothing_lost(&kept);
+    src.retry(kept);
+}
+
+/// The same destination serves the retry: it survives the refused attempt with its RAM.
+#[test]
+fn a_destination_survives_a_failed_attempt_and_serves_the_retry() {
+    let _g = shared();
+    let mut src = Source::new(6, 20_000);
+    let dest = TcpDestination::spawn(DestOptions {
+        refuse_attempts: 1,
+        max_attempts: 2,
+        ..dest_options()
+    })
+    .unwrap();
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(dest.addr(), converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    src.assert_running();
+    let mut again = src.state(SetupMode::Incremental, false);
+    let r = src
+        .migrate(dest.addr(), converging(), &mut again, &mut NoStall)
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 2);
+    assert!(report.attempts[1].error.is_none());
+    assert_eq!(report.attempts[1].pages_held_at_start, PAGES);
+    assert!(again.stats().pages_at_setup < PAGES);
+    assert_eq!(report.attempts[1].pages_written, again.stats().pages_sent);
+    src.assert_same_ram(&report);
+}
+
+#[test]
+fn corrupt_byte_is_a_checksum_error_on_both_sides_and_the_source_resumes() {
+    let _g = shared();
+    let mut src = Source::new(7, 20_000);
+    let dest = TcpDestination::spawn(dest_options()).unwrap();
+    // In the second pass, after a sync (a failure in the first pass re-dirties all it
+    // sent, since it cannot know what arrived: the retry would be a full one).
+    let (addr, p) = proxy(
+        dest.addr(),
+        Fault::FlipAt(PAGES * PAGE_SIZE as u64 * 3 / 2 + 100),
+    );
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(addr, never_converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    p.join().unwrap();
+    let (err, kept) = failed(dest);
+    first.redirty_undelivered(kept.sections_applied());
+    assert!(
+        matches!(
+            err,
+            MigrationError::Frame(
+                FrameError::PayloadChecksum { .. } | FrameError::HeaderChecksum { .. }
+            )
+        ),
+        "{err}"
+    );
+    // The destination's Abort reached the source, with the reason.
+    assert!(
+        matches!(&e, MigrationError::PeerAborted(r) if r.contains("checksum mismatch")),
+        "{e}"
+    );
+    src.assert_running();
+    src.assert_intact_and_nothing_lost(&kept);
+    src.retry(kept);
+}
+
+fn runs() -> u64 {
+    std::env::var("DBM_MIGRATION_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
+
+/// The bar is 95 of 100 runs within the limit + 10 %. A set of `n` runs may have
+/// `ceil(n × 5 / 100)` over: 5 of 100, 1 of 10. A process that meets the bar exactly passes
+/// the 10-run set 91 % of the time; one with a fifth of its runs over fails it 62 % of
+/// the time, and 100 runs tell them apart for certain.
+fn allowed_over(n: u64) -> u64 {
+    (n * 5).div_ceil(100)
+}
+
+/// Real-time downtime: 32 MiB of guest RAM, two vCPUs writing 50,000 pages a second
+/// (90 % into 5 % of RAM), a 30 ms limit and no rate limit, so the loop measures the
+/// loopback link's own bandwidth and the switchover runs at it: each run is a real test of
+/// the prediction, and takes well under a second.
+#[test]
+fn real_time_downtime_stays_within_the_limit() {
+    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let n = runs();
+    let limit = Millis(30);
+    let mut downtimes = Vec::new();
+    for i in 0..n {
+        let cfg = TcpMigration {
+            pages: 8192,
+            workload: WorkloadConfig {
+                vcpus: 2,
+                writes_per_sec: 50_000,
+                pattern: Pattern::HOT_90_5,
+                seed: i,
+            },
+            loop_config: LoopConfig {
+                downtime_limit: limit,
+                max_bandwidth: None,
+                ..LoopConfig::default()
+            },
+            warmup: Duration::from_millis(20),
+            timeout: TIMEOUT,
+            ..TcpMigration::default()
+        };
+        let o = migrate_over_tcp(&cfg).unwrap();
+        assert_eq!(o.outcome.kind, Kind::Completed, "run {i}");
+        assert!(o.outcome.exact_at_switch);
+        assert_eq!(o.pages_differing, 0, "run {i}");
+        assert_eq!(Some(o.source_checksum), o.dest_checksum, "run {i}");
+        assert!(o.outcome.pending_at_switch.total() <= o.outcome.threshold_at_switch);
+        assert!(o.outcome.bytes_in_downtime > Bytes(0));
+        downtimes.push(o.downtime);
     }
-    eprintln!("downtime {:?} total {:?} pages {}", o.downtime, o.total_time, o.pages_sent);
-    assert_eq!(o.outcome.kind, Kind::Completed);
-    assert_eq!(o.pages_differing, 0);
-    assert_eq!(Some(o.source_checksum), o.dest_checksum);
+    downtimes.sort();
+    let bound = limit.as_duration() * 11 / 10;
+    let over = downtimes.iter().filter(|&&d| d > bound).count() as u64;
+    let ms: Vec<String> = downtimes
+        .iter()
+        .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!(
+        "{n} runs, limit {limit}, over {:.1} ms: {over}; downtimes (ms): {}",
+        bound.as_secs_f64() * 1e3,
+        ms.join(" ")
+    );
+    assert!(
+        over <= allowed_over(n),
+        "{over} of {n} runs exceeded {bound:?} (allowed {})",
+        allowed_over(n)
+    );
+}
+
+#[test]
+fn the_rule_for_short_sets() {
+    assert_eq!(allowed_over(100), 5);
+    assert_eq!(allowed_over(10), 1);
+    assert_eq!(allowed_over(1), 1);
 }

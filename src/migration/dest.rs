@@ -265,6 +265,7 @@ impl DestinationGuest {
 /// dirty at the source.
 pub struct RetainedRam {
     ram: DestRam,
+    sections_applied: u64,
 }
 
 impl fmt::Debug for RetainedRam {
@@ -282,9 +283,27 @@ impl RetainedRam {
         self.ram.received_count
     }
 
+    /// RAM sections the failed attempt applied, in stream order: everything the source
+    /// sent after them was lost (the source's `RamState::redirty_undelivered` takes it).
+    pub fn sections_applied(&self) -> u64 {
+        self.sections_applied
+    }
+
     /// Whether page `page` is held.
     pub fn has_page(&self, page: u64) -> bool {
         self.ram.has(page)
+    }
+
+    /// Page `page`, if held.
+    pub fn page(&self, page: u64) -> Option<&[u8]> {
+        self.ram
+            .has(page)
+            .then(|| &self.ram.map[self.ram.range(page)])
+    }
+
+    /// The number of pages of the guest it belongs to.
+    pub fn pages(&self) -> u64 {
+        self.ram.pages
     }
 }
 
@@ -306,6 +325,8 @@ pub struct Destination<R: Read, W: Write> {
     /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
     ran: bool,
     retained: Option<DestRam>,
+    /// RAM sections applied in this attempt.
+    ram_sections: u64,
 }
 
 impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
@@ -337,6 +358,7 @@ impl<R: Read, W: Write> Destination<R, W> {
             failure: None,
             ran: false,
             retained: None,
+            ram_sections: 0,
         }
     }
 
@@ -359,7 +381,11 @@ impl<R: Read, W: Write> Destination<R, W> {
         if self.ran {
             return None;
         }
-        self.ram.or(self.retained).map(|ram| RetainedRam { ram })
+        let sections_applied = self.ram_sections;
+        self.ram.or(self.retained).map(|ram| RetainedRam {
+            ram,
+            sections_applied,
+        })
     }
 
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
@@ -599,6 +625,7 @@ impl<R: Read, W: Write> Destination<R, W> {
                 }
             }
         }
+        self.ram_sections += 1;
         Ok(DestEvent::Pages {
             written,
             ignored,

@@ -515,7 +515,9 @@ where
     /// (both modes); End precedes it in precopy only, so it is counted as `can_postcopy`.
     fn control_cost(&self) -> Pending {
         Pending {
-            must_precopy: self.out.control_cost(&Control::Switchover { postcopy: true }),
+            must_precopy: self
+                .out
+                .control_cost(&Control::Switchover { postcopy: true }),
             can_postcopy: self.out.control_cost(&Control::End),
         }
     }
@@ -891,9 +893,7 @@ where
                 self.requests_served += 1;
                 Ok(())
             }
-            DestMessage::Started => Err(MigrationError::Stream(
-                "destination started twice".into(),
-            )),
+            DestMessage::Started => Err(MigrationError::Stream("destination started twice".into())),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
             DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
         }

@@ -48,8 +48,8 @@ pub const DISCARDS_PER_SECTION: usize = 1 << 16;
 const PER_PAGE: u64 = (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE) as u64;
 
 /// The largest `batch_pages` whose section fits the stream's frame limit.
-pub const MAX_BATCH_PAGES: usize =
-    (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN) / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
+pub const MAX_BATCH_PAGES: usize = (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN)
+    / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
 
 /// How [`RamState::setup`](MigrationState::setup) chooses the first pages to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,10 @@ pub struct RamStats {
     pub dirty_at_last_sync: u64,
     /// Pages served on destination request (postcopy).
     pub pages_served: u64,
+    /// Pages the first pass had to send: all of RAM for [`SetupMode::Full`]; for
+    /// [`SetupMode::Incremental`], the pages dirty in the log at setup, which is what a
+    /// retry costs beyond what the guest dirties while it runs.
+    pub pages_at_setup: u64,
 }
 
 /// Guest RAM as a [`MigrationState`].
@@ -92,6 +96,11 @@ pub struct RamState {
     buf: Vec<u8>,
     stats: RamStats,
     pages_sent: Arc<AtomicU64>,
+    /// Per page: 1 + the index (in this attempt) of the last section that carried it;
+    /// 0 if none did.
+    last_section: Vec<u32>,
+    /// Sections of this state sent in this attempt.
+    sections: u32,
 }
 
 impl RamState {
@@ -111,6 +120,7 @@ impl RamState {
         batch_pages: usize,
     ) -> Result<Self> {
         check_log(&ram, &log)?;
+        let pages = ram.pages();
         if batch_pages == 0 || batch_pages > MAX_BATCH_PAGES {
             return Err(MigrationError::InvalidInput(format!(
                 "batch_pages {batch_pages} is not in 1..={MAX_BATCH_PAGES}"
@@ -132,6 +142,8 @@ impl RamState {
             buf: vec![0u8; batch_pages * PAGE_SIZE],
             stats: RamStats::default(),
             pages_sent: Arc::new(AtomicU64::new(0)),
+            last_section: vec![0; usize::try_from(pages).unwrap_or(usize::MAX)],
+            sections: 0,
         })
     }
 
@@ -168,6 +180,7 @@ impl RamState {
     }
 
     fn send(&mut self, out: &mut dyn Outbound, payload: &[u8]) -> Result<Bytes> {
+        self.sections = self.sections.saturating_add(1);
         let n = out.send(self.id, payload)?;
         self.frame = self.frame.max(n.get().saturating_sub(payload.len() as u64));
         Ok(n)
@@ -218,8 +231,11 @@ impl RamState {
     /// leaves them to be re-dirtied by `cancel`).
     fn send_pages(&mut self, out: &mut dyn Outbound, pages: &[u64]) -> Result<Bytes> {
         let page = PAGE_SIZE as u64;
+        // The section about to go out is number `self.sections` (from 0).
+        let tag = self.sections.saturating_add(1);
         for &p in pages {
             self.sent_since_sync.mark_dirty(p * page, page);
+            self.last_section[p as usize] = tag;
         }
         let mut buf = std::mem::take(&mut self.buf);
         if buf.len() < pages.len() * PAGE_SIZE {
@@ -251,6 +267,22 @@ impl RamState {
                 return Ok(sent);
             }
             sent += self.send_pages(out, &batch)?;
+        }
+    }
+
+    /// After a failed attempt, once the destination that kept its memory says how many of
+    /// this attempt's RAM sections it applied (`RetainedRam::sections_applied`): marks in
+    /// the log every page whose last copy went out in a later section, which the channel
+    /// lost in flight. [`cancel`](MigrationState::cancel) cannot know that: a page sent
+    /// before the last sync may still have been in a socket buffer when the channel was
+    /// cut. With `applied` 0 every page sent in the attempt is marked (safe when the
+    /// figure is unknown). Marking more is always safe; it only costs a resend.
+    pub fn redirty_undelivered(&self, applied: u64) {
+        let page = PAGE_SIZE as u64;
+        for (p, &tag) in self.last_section.iter().enumerate() {
+            if u64::from(tag) > applied {
+                self.log.mark_dirty(p as u64 * page, page);
+            }
         }
     }
 
@@ -286,6 +318,9 @@ impl MigrationState for RamState {
             SetupMode::Incremental => self.sync(),
         }
         let _ = self.sent_since_sync.take_dirty();
+        self.last_section.fill(0);
+        self.sections = 0;
+        self.stats.pages_at_setup = self.to_send.count();
         self.cursor = 0;
         self.frame = out.section_overhead().get();
         Ok(Bytes(0))
@@ -476,7 +511,15 @@ mod tests {
         let ram = Arc::new(GuestRam::new(1).unwrap());
         let log = Arc::new(new_log(&ram).unwrap());
         for bad in [0, MAX_BATCH_PAGES + 1] {
-            assert!(RamState::new(1, Arc::clone(&ram), Arc::clone(&log), SetupMode::Full, false, bad).is_err());
+            assert!(RamState::new(
+                1,
+                Arc::clone(&ram),
+                Arc::clone(&log),
+                SetupMode::Full,
+                false,
+                bad
+            )
+            .is_err());
         }
         let payload = 4 + ram_codec::PAGES_HEADER_LEN + MAX_BATCH_PAGES * PER_PAGE as usize;
         assert!(payload <= MAX_FRAME_LEN as usize);

@@ -216,8 +216,9 @@ fn section_wire(payload_len: usize) -> u64 {
 
 /// Wire bytes of a control frame, as [`section_wire`].
 fn control_wire(msg: &Control) -> Result<u64> {
-    control_wire_len(msg)
-        .ok_or_else(|| MigrationError::InvalidInput(format!("control frame {msg:?} does not encode")))
+    control_wire_len(msg).ok_or_else(|| {
+        MigrationError::InvalidInput(format!("control frame {msg:?} does not encode"))
+    })
 }
 
 /// An in-process link straight into a [`DestModel`], with no delay: for real-time runs

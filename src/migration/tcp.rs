@@ -101,6 +101,9 @@ pub struct DestReport {
     pub guest: Option<DestinationGuest>,
     /// Every attempt, in order.
     pub attempts: Vec<AttemptReport>,
+    /// Without a completed attempt: the RAM the last failed one left, which a new
+    /// destination can start from ([`TcpDestination::spawn_with`]).
+    pub retained: Option<RetainedRam>,
 }
 
 /// A destination listening on 127.0.0.1, serving attempts in a thread until one completes
@@ -119,6 +122,15 @@ impl TcpDestination {
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
     /// [`MigrationError::InvalidInput`] for `max_attempts` 0.
     pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
+        TcpDestination::spawn_with(options, None)
+    }
+
+    /// As [`TcpDestination::spawn`], starting from the RAM an earlier destination kept
+    /// ([`DestReport::retained`]): a destination that survived a failed attempt.
+    ///
+    /// # Errors
+    /// As [`TcpDestination::spawn`].
+    pub fn spawn_with(options: DestOptions, kept: Option<RetainedRam>) -> Result<TcpDestination> {
         if options.max_attempts == 0 {
             return Err(MigrationError::InvalidInput(
                 "max_attempts must be at least 1".into(),
@@ -131,7 +143,7 @@ impl TcpDestination {
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("migration-dest".into())
-            .spawn(move || serve(&listener, &options, &flag))?;
+            .spawn(move || serve(&listener, &options, &flag, kept))?;
         Ok(TcpDestination {
             addr,
             stop,
@@ -183,12 +195,17 @@ fn accept(listener: &TcpListener, timeout: Duration, stop: &AtomicBool) -> Optio
 
 /// The destination thread: one [`Destination`] per connection, its RAM carried over from a
 /// failed attempt to the next.
-fn serve(listener: &TcpListener, o: &DestOptions, stop: &AtomicBool) -> DestReport {
+fn serve(
+    listener: &TcpListener,
+    o: &DestOptions,
+    stop: &AtomicBool,
+    mut kept: Option<RetainedRam>,
+) -> DestReport {
     let mut report = DestReport {
         guest: None,
         attempts: Vec::new(),
+        retained: None,
     };
-    let mut kept: Option<RetainedRam> = None;
     let mut rng = SplitMix64::new(o.seed ^ 0x7C9);
     for attempt in 0..o.max_attempts {
         let Some(sock) = accept(listener, o.timeout, stop) else {
@@ -207,24 +224,26 @@ fn serve(listener: &TcpListener, o: &DestOptions, stop: &AtomicBool) -> DestRepo
             max_ram_bytes: o.max_ram_bytes,
             ..DestinationConfig::default()
         };
-        let dest = connect_dest(sock, o.timeout, config, kept.take());
-        match dest {
+        match prepare(sock, o.timeout) {
             Err(e) => a.error = Some(e),
-            Ok(mut d) => match drive(&mut d, o, &mut rng, &mut a.pages_written) {
-                Ok(()) => {
-                    a.pages_held_at_end = d.received_pages();
-                    // Done: `run` returns at once with the guest.
-                    match d.run() {
-                        Ok(g) => report.guest = Some(g),
-                        Err(e) => a.error = Some(e),
+            Ok((from, to)) => {
+                let mut d = Destination::with_retained(from, to, config, kept.take());
+                match drive(&mut d, o, &mut rng, &mut a.pages_written) {
+                    Ok(()) => {
+                        a.pages_held_at_end = d.received_pages();
+                        // Done: `run` returns at once with the guest.
+                        match d.run() {
+                            Ok(g) => report.guest = Some(g),
+                            Err(e) => a.error = Some(e),
+                        }
+                    }
+                    Err(e) => {
+                        a.pages_held_at_end = d.received_pages();
+                        a.error = Some(e);
+                        kept = d.into_retained();
                     }
                 }
-                Err(e) => {
-                    a.pages_held_at_end = d.received_pages();
-                    a.error = Some(e);
-                    kept = d.into_retained();
-                }
-            },
+            }
         }
         let done = a.error.is_none();
         report.attempts.push(a);
@@ -232,21 +251,20 @@ fn serve(listener: &TcpListener, o: &DestOptions, stop: &AtomicBool) -> DestRepo
             break;
         }
     }
+    if report.guest.is_none() {
+        report.retained = kept;
+    }
     report
 }
 
-fn connect_dest(
-    sock: TcpStream,
-    timeout: Duration,
-    config: DestinationConfig,
-    kept: Option<RetainedRam>,
-) -> Result<Destination<TcpStream, TcpStream>> {
+/// An accepted connection, blocking with timeouts, split into its two directions.
+fn prepare(sock: TcpStream, timeout: Duration) -> Result<(TcpStream, TcpStream)> {
     sock.set_nonblocking(false)?;
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(timeout))?;
     sock.set_write_timeout(Some(timeout))?;
     let back = sock.try_clone()?;
-    Ok(Destination::with_retained(sock, back, config, kept))
+    Ok((sock, back))
 }
 
 /// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts.
@@ -261,7 +279,10 @@ fn drive(
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
                 let pages = d.hello().map_or(0, |h| h.ram_pages);
-                for _ in 0..o.postcopy_touches.min(u32::try_from(pages).unwrap_or(u32::MAX)) {
+                for _ in 0..o
+                    .postcopy_touches
+                    .min(u32::try_from(pages).unwrap_or(u32::MAX))
+                {
                     d.fetch_page(rng.below(pages))?;
                 }
             }
@@ -303,11 +324,7 @@ impl Inbound for ReturnPath {
 }
 
 /// The reader thread: frames → messages, until an error, the end of the stream or `stop`.
-fn read_return_path(
-    sock: TcpStream,
-    tx: &mpsc::Sender<Result<DestMessage>>,
-    stop: &AtomicBool,
-) {
+fn read_return_path(sock: TcpStream, tx: &mpsc::Sender<Result<DestMessage>>, stop: &AtomicBool) {
     let mut r = FrameReader::new(sock);
     while !stop.load(Ordering::SeqCst) {
         let msg = match r.read_frame() {
@@ -338,6 +355,23 @@ fn read_return_path(
         }
     }
 }
+
+/// The destination's Abort among the messages still in flight, if one comes within
+/// [`ABORT_GRACE`].
+fn peer_reason(inbound: &ReturnPath) -> Option<MigrationError> {
+    let deadline = Instant::now() + ABORT_GRACE;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match inbound.rx.recv_timeout(left) {
+            Ok(Ok(DestMessage::Aborted(why))) => return Some(MigrationError::PeerAborted(why)),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// How long a source whose write failed waits for the destination's Abort.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
 
 /// Parameters of the source side of an attempt.
 #[derive(Debug, Clone, Copy)]
@@ -413,10 +447,32 @@ pub fn migrate_to(
         states,
         controller,
     );
+    // A write that failed because the destination gave up and closed: its Abort, if it
+    // sent one, says why (a checksum mismatch, say), which the broken pipe does not.
+    let result = match result {
+        Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
+        r => r,
+    };
     let wire = writer.stats();
-    // The attempt is over either way: close both directions, which also ends the reader.
+    // The attempt is over. After a success, close only our direction and let the reader
+    // drain until the destination closes (closing a socket with unread bytes, say a late
+    // PageRequest, resets the connection and could cut the destination's last frames);
+    // after a failure close both. Either way the reader ends: at the end of the stream,
+    // or at `stop` within the timeout.
+    let how = if result.is_ok() {
+        Shutdown::Write
+    } else {
+        Shutdown::Both
+    };
+    let _ = writer.get_ref().shutdown(how);
+    if result.is_ok() {
+        let deadline = Instant::now() + options.timeout;
+        while !reader.is_finished() && Instant::now() < deadline {
+            while inbound.rx.try_recv().is_ok() {}
+            std::thread::sleep(POLL / 4);
+        }
+    }
     stop.store(true, Ordering::SeqCst);
-    let _ = writer.get_ref().shutdown(Shutdown::Both);
     let _ = reader.join();
     result.map(|outcome| SourceReport { outcome, wire })
 }
@@ -618,7 +674,7 @@ pub fn migrate_over_tcp_with(
     for p in 0..cfg.pages {
         // One page in sixteen stays zero (sent as a flag).
         let v = init.next_u64();
-        if v % 16 != 0 {
+        if !v.is_multiple_of(16) {
             ram.fill_page(p, v);
         }
     }
