@@ -842,7 +842,10 @@ fn assert_migration_part(out: &str, pages: u64) {
     let threshold = demo_figure(sw, "threshold ");
     let in_downtime = demo_figure(sw, "bytes; ");
     assert!(pending <= threshold && in_downtime <= threshold, "{sw}");
-    assert!(in_downtime > 0, "the switchover sends at least its control message: {sw}");
+    assert!(
+        in_downtime > 0,
+        "the switchover sends at least its control message: {sw}"
+    );
 
     let down = line_starting(part, "downtime: ");
     let ms: f64 = down["downtime: ".len()..]
@@ -869,12 +872,18 @@ fn assert_migration_part(out: &str, pages: u64) {
     );
     assert_eq!(
         demo_figure(
-            line_starting(part, "verified: destination RAM equals the source RAM at stop"),
+            line_starting(
+                part,
+                "verified: destination RAM equals the source RAM at stop"
+            ),
             "at stop: "
         ),
         pages
     );
-    assert!(part.contains("  migration: a "), "no summary part in:\n{part}");
+    assert!(
+        part.contains("  migration: a "),
+        "no summary part in:\n{part}"
+    );
 }
 
 // ---- dbm bench flush ----
@@ -1103,7 +1112,15 @@ fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
 fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("migrate.svg");
-    let out = dbm_ok(&["bench", "migrate", "--quick", "--seed", "7", "--svg", p(&svg)]);
+    let out = dbm_ok(&[
+        "bench",
+        "migrate",
+        "--quick",
+        "--seed",
+        "7",
+        "--svg",
+        p(&svg),
+    ]);
     for key in [
         "- machine: ",
         "- load average (1, 5, 15 min) at the start: ",
@@ -1121,7 +1138,11 @@ fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
         assert_eq!(r.len(), 15, "{r:?}");
         assert_eq!((r[2], r[9]), ("64", "50"), "{r:?}");
         let achieved: f64 = r[1].parse().unwrap();
-        assert_eq!(achieved > 0.0, rate != "0", "the guest writes iff asked to: {r:?}");
+        assert_eq!(
+            achieved > 0.0,
+            rate != "0",
+            "the guest writes iff asked to: {r:?}"
+        );
         let converged = r[4] == "yes";
         assert!(converged || r[4].starts_with("no: "), "{r:?}");
         let (sent, resent) = (num(r[12]), num(r[13]));
@@ -1131,7 +1152,10 @@ fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
             let down: f64 = r[8].parse().unwrap();
             let within = if down <= 50.0 { "yes" } else { "**no**" };
             assert_eq!(r[10], within, "{r:?}");
-            assert!(num(r[5]) >= 2, "a sync decides, the stop syncs again: {r:?}");
+            assert!(
+                num(r[5]) >= 2,
+                "a sync decides, the stop syncs again: {r:?}"
+            );
         } else {
             assert_eq!((r[8], r[10]), ("-", "-"), "{r:?}");
         }
@@ -1143,5 +1167,8 @@ fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
     assert_eq!(xml_root(&doc), Ok("svg".to_string()));
     assert_eq!(doc.matches("<circle").count(), 3, "a point per run");
     let lines = doc.matches("<polyline").count();
-    assert!(lines == 1 || lines == 2, "converged, and gave up if any: {lines}");
+    assert!(
+        lines == 1 || lines == 2,
+        "converged, and gave up if any: {lines}"
+    );
 }

@@ -123,7 +123,7 @@ fn grouped(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -183,7 +183,7 @@ pub fn run(args: &MigrateArgs) -> CmdResult {
     if !(args.cap_passes > 0.0 && args.cap_passes.is_finite()) {
         return Err("--cap-passes must be positive".into());
     }
-    if guest_ram == 0 || guest_ram % PAGE != 0 {
+    if guest_ram == 0 || !guest_ram.is_multiple_of(PAGE) {
         return Err(format!("--guest-ram {guest_ram} is not a positive multiple of 4 KiB").into());
     }
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -414,7 +414,7 @@ fn reproduce(args: &MigrateArgs, seed: u64) -> String {
 /// A size as the shortest `parse_size` spelling.
 fn mib_arg(b: u64) -> String {
     for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if b != 0 && b % (1 << shift) == 0 {
+        if b != 0 && b.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", b >> shift);
         }
     }

@@ -541,7 +541,12 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
     };
     let downtime = run.downtime.unwrap_or_default();
     let in_downtime = run.bytes_in_downtime.unwrap_or_default();
-    let decided = run.lines.iter().rev().find(|l| l.exact).map_or(0, |l| l.syncs);
+    let decided = run
+        .lines
+        .iter()
+        .rev()
+        .find(|l| l.exact)
+        .map_or(0, |l| l.syncs);
     say(format!(
         "switchover decided on sync {decided} (the stop syncs once more): pending {} bytes \
          (exact) ≤ threshold {} bytes; {} bytes sent in the downtime",
@@ -634,7 +639,10 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
                     run.pages_resent()
                 ),
             ),
-            ("downtime".into(), format!("{:.1} ms, {verdict}", ms(downtime))),
+            (
+                "downtime".into(),
+                format!("{:.1} ms, {verdict}", ms(downtime)),
+            ),
             ("total time".into(), format!("{:.0} ms", ms(run.total_time))),
             (
                 "checks".into(),

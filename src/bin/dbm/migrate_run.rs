@@ -2,9 +2,11 @@
 //! `dbm demo` (its migration part) and `dbm bench migrate` (one point of the sweep).
 //!
 //! [`migrate`] fills a guest RAM with distinct page contents, starts the vCPU threads
-//! ([`Workload`]), runs the precopy loop to a destination and, once the loop returns,
-//! compares the destination's RAM with the source's, page by page (CRC32) and byte for
-//! byte. The source guest is still stopped then, so its RAM is the RAM at the stop.
+//! ([`Workload`]) and a destination thread behind a TCP listener on 127.0.0.1
+//! ([`TcpDestination`]), runs the precopy loop over the socket ([`migrate_to`]: a
+//! rate-limited frame writer, the real clock) and, once the loop returns, compares the
+//! destination's RAM with the source's, page by page (CRC32) and byte for byte. The source
+//! guest is still stopped then, so its RAM is the RAM at the stop.
 //!
 //! Lines: the loop's controller turns [`IterationReport`]s into [`Line`]s, one per exact
 //! query (a dirty-log sync, QEMU's "dirty sync count") plus, when asked, a progress line
@@ -198,7 +200,11 @@ impl Controller for Watch<'_> {
                 at: r.at,
                 syncs: self.syncs,
                 exact: r.exact,
-                pending: if r.exact { r.pending.total() } else { r.estimate },
+                pending: if r.exact {
+                    r.pending.total()
+                } else {
+                    r.estimate
+                },
                 threshold: r.threshold,
                 bandwidth: r.bandwidth,
                 dirty_rate: self.dirty_rate,
@@ -236,7 +242,7 @@ impl Controller for Watch<'_> {
 /// Bad parameters (RAM size, vCPUs, batch), a mapping or thread that cannot be created.
 /// A migration that fails or gives up is not an error: see [`Run::end`].
 pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
-    if params.ram_bytes == 0 || params.ram_bytes % PAGE != 0 {
+    if params.ram_bytes == 0 || !params.ram_bytes.is_multiple_of(PAGE) {
         return Err(format!(
             "guest RAM of {} bytes is not a positive multiple of 4 KiB",
             params.ram_bytes
