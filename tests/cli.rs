@@ -744,10 +744,13 @@ fn demo_leaves_an_image_qemu_accepts() {
         "50",
         "--seed",
         "7",
+        "--guest-ram",
+        "64M",
     ];
     let mut args = vec!["demo", "--dir", d, "--rounds", "2"];
     args.extend(small);
     let out = dbm_ok(&args);
+    assert_migration_part(&out, 16384);
     for line in [
         "prepare_stop (writes still running):",
         "verified: reopened",
@@ -794,6 +797,93 @@ fn demo_leaves_an_image_qemu_accepts() {
     let text = text(&out.stdout);
     assert!(text.contains("qemu-img is not installed"), "{text}");
     assert!(text.contains("verified: reopened"), "{text}");
+    assert_migration_part(&text, 16384);
+}
+
+/// The line of `out` that starts with `key`.
+fn line_starting<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no line starting {key:?} in:\n{out}"))
+}
+
+/// The demo's migration part of a guest of `pages` pages: per-sync lines under the
+/// `info migrate`-like header, the switchover decided on an exact figure within its
+/// threshold with no more bytes in the downtime, the downtime within the limit or the
+/// excess explained, every page sent at least once, and the destination equal to the
+/// source at stop.
+fn assert_migration_part(out: &str, pages: u64) {
+    let part = &out[out
+        .find("dbm demo, migration part:")
+        .unwrap_or_else(|| panic!("no migration part in:\n{out}"))..];
+    let header = part
+        .lines()
+        .position(|l| l.trim_start().starts_with("time ms") && l.contains("pending"))
+        .unwrap_or_else(|| panic!("no iteration header in:\n{part}"));
+    let rows: Vec<Vec<&str>> = part
+        .lines()
+        .skip(header + 1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let syncs: Vec<u64> = rows
+        .iter()
+        .filter(|r| r[2] == "exact")
+        .map(|r| r[1].parse().unwrap())
+        .collect();
+    assert!(!syncs.is_empty(), "no sync line in:\n{part}");
+    assert!(
+        syncs.windows(2).all(|w| w[1] == w[0] + 1),
+        "sync numbers {syncs:?} in:\n{part}"
+    );
+    let sw = line_starting(part, "switchover decided on sync ");
+    assert_eq!(demo_figure(sw, "on sync "), *syncs.last().unwrap(), "{sw}");
+    let pending = demo_figure(sw, "pending ");
+    let threshold = demo_figure(sw, "threshold ");
+    let in_downtime = demo_figure(sw, "bytes; ");
+    assert!(pending <= threshold && in_downtime <= threshold, "{sw}");
+    assert!(
+        in_downtime > 0,
+        "the switchover sends at least its control message: {sw}"
+    );
+
+    let down = line_starting(part, "downtime: ");
+    let ms: f64 = down["downtime: ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime figure in {down:?}"));
+    let limit = demo_figure(down, "(limit ") as f64;
+    if ms <= limit {
+        assert!(down.ends_with("within the limit"), "{down}");
+    } else {
+        assert!(
+            down.contains("over the limit by") && down.contains("load average"),
+            "an overshoot must be explained: {down}"
+        );
+    }
+    let total = line_starting(part, "total time: ");
+    let sent = demo_figure(total, "bytes), ");
+    let resent = demo_figure(total, "of which ");
+    assert!(sent >= pages && sent - resent == pages, "{total}");
+    assert!(
+        demo_figure(total, "sent (") >= pages * 4096,
+        "every page crossed the wire: {total}"
+    );
+    assert_eq!(
+        demo_figure(
+            line_starting(
+                part,
+                "verified: destination RAM equals the source RAM at stop"
+            ),
+            "at stop: "
+        ),
+        pages
+    );
+    assert!(
+        part.contains("  migration: a "),
+        "no summary part in:\n{part}"
+    );
 }
 
 // ---- dbm bench flush ----
@@ -1024,4 +1114,76 @@ fn bench_flush_quick_prints_every_row_and_a_well_formed_plot() {
     assert_eq!(xml_root(&doc), Ok("svg".to_string()));
     // 4 strategies + QEMU's own store, for each bitmap count.
     assert_eq!(doc.matches("<polyline").count(), 10);
+}
+
+// ---- dbm bench migrate ----
+
+/// `dbm bench migrate --quick`: a 16 MiB guest (4096 pages) at 64 MiB/s with a 50 ms
+/// limit, dirty rates 0, 4 and 256 MiB/s. Every row is there; the idle guest converges
+/// sending each page exactly once; every row's figures agree with each other (resent =
+/// sent beyond the first pass, downtime only for a switchover and "within" exactly when it
+/// is ≤ the limit); the plot is a well-formed SVG with a point per run.
+#[test]
+fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("migrate.svg");
+    let out = dbm_ok(&[
+        "bench",
+        "migrate",
+        "--quick",
+        "--seed",
+        "7",
+        "--svg",
+        p(&svg),
+    ]);
+    for key in [
+        "- machine: ",
+        "- load average (1, 5, 15 min) at the start: ",
+        "- reproduce: `cargo run --release -- bench migrate --quick ",
+        "- load average at the end: ",
+    ] {
+        assert!(out.contains(key), "no {key:?} in:\n{out}");
+    }
+    let num = |c: &str| -> u64 { c.replace(',', "").parse().unwrap() };
+    let mut rates = Vec::new();
+    for rate in ["0", "4", "256"] {
+        let rows = rows_starting(&out, rate);
+        assert_eq!(rows.len(), 1, "dirty rate {rate}:\n{out}");
+        let r = &rows[0];
+        assert_eq!(r.len(), 15, "{r:?}");
+        assert_eq!((r[2], r[9]), ("64", "50"), "{r:?}");
+        let achieved: f64 = r[1].parse().unwrap();
+        assert_eq!(
+            achieved > 0.0,
+            rate != "0",
+            "the guest writes iff asked to: {r:?}"
+        );
+        let converged = r[4] == "yes";
+        assert!(converged || r[4].starts_with("no: "), "{r:?}");
+        let (sent, resent) = (num(r[12]), num(r[13]));
+        assert_eq!(resent, sent.saturating_sub(4096), "{r:?}");
+        if converged {
+            assert!(sent >= 4096 && num(r[11]) >= 4096 * 4096, "{r:?}");
+            let down: f64 = r[8].parse().unwrap();
+            let within = if down <= 50.0 { "yes" } else { "**no**" };
+            assert_eq!(r[10], within, "{r:?}");
+            assert!(
+                num(r[5]) >= 2,
+                "a sync decides, the stop syncs again: {r:?}"
+            );
+        } else {
+            assert_eq!((r[8], r[10]), ("-", "-"), "{r:?}");
+        }
+        rates.push((rate, converged, sent, resent));
+    }
+    // With no guest writes, one pass sends everything and the loop switches over.
+    assert_eq!(rates[0], ("0", true, 4096, 0), "{out}");
+    let doc = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(xml_root(&doc), Ok("svg".to_string()));
+    assert_eq!(doc.matches("<circle").count(), 3, "a point per run");
+    let lines = doc.matches("<polyline").count();
+    assert!(
+        lines == 1 || lines == 2,
+        "converged, and gave up if any: {lines}"
+    );
 }

@@ -3,6 +3,8 @@
 
 #[path = "bench_flush.rs"]
 mod flush;
+#[path = "bench_migrate.rs"]
+mod migrate;
 #[path = "plot.rs"]
 pub mod plot;
 
@@ -23,11 +25,16 @@ pub enum Bench {
     /// Stop-time cost of the incremental flush on a 16 TiB bitmap-only image, side by side
     /// with QEMU's whole rewrite, the physical floor and QEMU's own store.
     Flush(flush::FlushArgs),
+    /// Live migration with real vCPU threads and the real clock, swept over guest dirty
+    /// rate × bandwidth: converged or not, syncs, total time, downtime against the limit,
+    /// bytes and pages sent, pages resent.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Runs the chosen benchmark.
 pub fn run(args: &BenchArgs) -> CmdResult {
     match &args.which {
         Bench::Flush(a) => flush::run(a),
+        Bench::Migrate(a) => migrate::run(a),
     }
 }

@@ -12,6 +12,7 @@ mod demo;
 mod dump;
 mod info;
 mod mark;
+mod migrate_run;
 mod open;
 mod out;
 mod simulate;
@@ -38,7 +39,9 @@ struct Cli {
 enum Command {
     /// Run a guest-like write workload on a temporary 16 TiB bitmap-only qcow2 image:
     /// background flushes, prepare_stop, inactivate, a reopen and a check; print what the
-    /// stop cost against a full store.
+    /// stop cost against a full store. Then live-migrate a 1 GiB guest whose vCPUs keep
+    /// writing: one line per iteration, the downtime, and the destination RAM checked
+    /// against the source's.
     Demo(DemoArgs),
     /// Create a qcow2 image that holds no guest data, only room for persistent bitmaps.
     Create(create::CreateArgs),
@@ -57,7 +60,7 @@ enum Command {
     /// Activate an image and mark random 4 KiB writes at a steady rate with background
     /// flushes, then prepare_stop and inactivate; print the flush statistics.
     Workload(workload::WorkloadArgs),
-    /// Run a benchmark and print its table (`dbm bench flush`).
+    /// Run a benchmark and print its table (`dbm bench flush`, `dbm bench migrate`).
     Bench(bench::BenchArgs),
     /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
     /// switchover exceeded its downtime limit or any destination RAM differed.
@@ -96,6 +99,26 @@ pub struct DemoArgs {
     /// Random seed (default: random; printed either way).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Skip the migration part.
+    #[arg(long)]
+    pub no_migration: bool,
+    /// Migration part: guest RAM (suffixes K, M, G; a multiple of 4 KiB).
+    #[arg(long, default_value = "1G", value_parser = size::parse_size)]
+    pub guest_ram: u64,
+    /// Migration part: vCPU threads writing guest pages.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Migration part: bytes per second the vCPUs write, in whole 4 KiB pages (suffixes
+    /// K, M, G); 90 % of the writes go into 5 % of the pages.
+    #[arg(long, default_value = "32M", value_parser = size::parse_size)]
+    pub dirty_rate: u64,
+    /// Migration part: the rate limit (QEMU `max-bandwidth`), bytes per second (suffixes
+    /// K, M, G).
+    #[arg(long, default_value = "128M", value_parser = size::parse_size)]
+    pub max_bandwidth: u64,
+    /// Migration part: the downtime limit in ms (QEMU `downtime-limit`).
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
 }
 
 /// What a command returns: its exit status, or an error printed as `dbm: ...` with exit 1.

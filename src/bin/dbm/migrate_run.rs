@@ -1,0 +1,482 @@
+//! One live migration of a guest with real vCPU threads and the real clock, shared by
+//! `dbm demo` (its migration part) and `dbm bench migrate` (one point of the sweep).
+//!
+//! [`migrate`] fills a guest RAM with distinct page contents, starts the vCPU threads
+//! ([`Workload`]) and a destination thread behind a TCP listener on 127.0.0.1
+//! ([`TcpDestination`]), runs the precopy loop over the socket ([`migrate_to`]: a
+//! rate-limited frame writer, the real clock) and, once the loop returns, compares the
+//! destination's RAM with the source's, page by page (CRC32) and byte for byte. The source
+//! guest is still stopped then, so its RAM is the RAM at the stop.
+//!
+//! Lines: the loop's controller turns [`IterationReport`]s into [`Line`]s, one per exact
+//! query (a dirty-log sync, QEMU's "dirty sync count") plus, when asked, a progress line
+//! every `progress` in between, as polling QEMU's `info migrate` would show.
+
+use std::error::Error;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::tcp::{
+    migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination, RAM_ID,
+};
+use dirty_bitmap::migration::{
+    Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
+    MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
+    Workload, WorkloadConfig, PAGE_SIZE,
+};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// Page size as u64.
+pub const PAGE: u64 = PAGE_SIZE as u64;
+
+/// One migration's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Guest RAM in bytes (a multiple of 4 KiB).
+    pub ram_bytes: u64,
+    /// vCPU threads.
+    pub vcpus: usize,
+    /// Guest page writes per second, over all vCPUs (each write fills one 4 KiB page).
+    pub writes_per_sec: u64,
+    /// Where they land.
+    pub pattern: Pattern,
+    /// The loop's rate limit (`max-bandwidth`), bytes per second.
+    pub max_bandwidth: u64,
+    /// Downtime limit.
+    pub downtime_limit: Millis,
+    /// Pages per batch.
+    pub batch_pages: usize,
+    /// Auto-converge: on a stall, throttle the vCPUs 20 % more (up to 99 %); else give up
+    /// on the first stall.
+    pub auto_converge: bool,
+    /// Give up (cancel) after this long.
+    pub time_cap: Option<Duration>,
+    /// A progress line at most this often between syncs (`None`: sync lines only).
+    pub progress: Option<Duration>,
+    /// Seed of the RAM contents and the vCPUs' page choice.
+    pub seed: u64,
+}
+
+impl Params {
+    /// Pages of guest RAM.
+    pub fn pages(&self) -> u64 {
+        self.ram_bytes / PAGE
+    }
+}
+
+/// One `info migrate`-like line.
+#[derive(Debug, Clone, Copy)]
+pub struct Line {
+    /// Time since the migration started.
+    pub at: Duration,
+    /// Exact queries (dirty-log syncs) so far, this one included.
+    pub syncs: u64,
+    /// Whether this line is a sync (exact figure) or a progress line (estimate).
+    pub exact: bool,
+    /// Pending bytes the loop saw (exact or estimate), control message included.
+    pub pending: Bytes,
+    /// Threshold: bandwidth × downtime limit.
+    pub threshold: Bytes,
+    /// Last measured bandwidth.
+    pub bandwidth: BytesPerMs,
+    /// The guest's dirty rate as of the last sync, as QEMU's dirty-pages-rate: the pages
+    /// the sync found newly dirty (not already pending), in wire bytes, over the time since
+    /// the previous sync. `None` before the second sync.
+    pub dirty_rate: Option<BytesPerMs>,
+    /// Pages put on the wire so far (a page sent twice counts twice).
+    pub pages_sent: u64,
+    /// vCPU throttle, percent.
+    pub throttle: u8,
+}
+
+impl Line {
+    /// Expected downtime if the loop switched over now: pending / bandwidth, in ms
+    /// (`None` before the first bandwidth measurement).
+    pub fn expected_downtime_ms(&self) -> Option<f64> {
+        (self.bandwidth.get() > 0.0).then(|| self.pending.get() as f64 / self.bandwidth.get())
+    }
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Precopy switchover; the destination runs the guest.
+    Converged,
+    /// The stall guard reported and the run gave up (no auto-converge, or fully
+    /// throttled): the source keeps running.
+    Stalled,
+    /// Cancelled at the time cap: the source keeps running.
+    TimeCap,
+    /// The loop failed; its error.
+    Failed(String),
+}
+
+/// What one migration did.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The parameters.
+    pub params: Params,
+    /// How it ended.
+    pub end: End,
+    /// The lines, in order.
+    pub lines: Vec<Line>,
+    /// Loop turns.
+    pub iterations: u64,
+    /// Exact queries (syncs).
+    pub syncs: u64,
+    /// Downtime (VM stop to the destination's `Started`), for a switchover.
+    pub downtime: Option<Duration>,
+    /// Bytes sent during the downtime, for a switchover.
+    pub bytes_in_downtime: Option<Bytes>,
+    /// Pending figure and threshold the switchover was decided on.
+    pub switch: Option<(Pending, Bytes)>,
+    /// From the start of the loop to its end.
+    pub total_time: Duration,
+    /// Bytes on the wire.
+    pub bytes_sent: Bytes,
+    /// Pages sent, resends included.
+    pub pages_sent: u64,
+    /// Guest page writes during the migration.
+    pub guest_writes: u64,
+    /// Final vCPU throttle, percent.
+    pub throttle: u8,
+    /// For a switchover: pages compared, and whether every page of the destination equals
+    /// the source's at the stop (CRC32 per page and a full compare).
+    pub verified: Option<(u64, bool)>,
+    /// The transport: what carried the stream.
+    pub transport: &'static str,
+}
+
+impl Run {
+    /// Pages sent more than once: everything beyond the first full pass.
+    pub fn pages_resent(&self) -> u64 {
+        self.pages_sent.saturating_sub(self.params.pages())
+    }
+
+    /// Whether the run switched over.
+    pub fn converged(&self) -> bool {
+        self.end == End::Converged
+    }
+}
+
+/// The controller: lines, the time cap, and the stall policy.
+struct Watch<'a> {
+    params: Params,
+    pages_sent: Arc<AtomicU64>,
+    /// Exact queries (syncs) so far.
+    syncs: u64,
+    /// The last sync's dirty rate, shown until the next.
+    dirty_rate: Option<BytesPerMs>,
+    last_line: Option<Duration>,
+    lines: Vec<Line>,
+    on_line: &'a mut dyn FnMut(&Line),
+    stalled: bool,
+    capped: bool,
+    start: Instant,
+    /// Loop turns seen (the loop's own count is lost when it returns an error).
+    turns: u64,
+    /// Bytes on the wire as of the last turn (likewise).
+    bytes_sent: u64,
+}
+
+impl Controller for Watch<'_> {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        self.turns += 1;
+        self.bytes_sent = r.bytes_sent.get();
+        if r.exact {
+            self.syncs += 1;
+            self.dirty_rate = r.dirty_rate;
+        }
+        let due = match (self.params.progress, self.last_line) {
+            (Some(_), None) => true,
+            (Some(every), Some(t)) => r.at >= t + every,
+            (None, _) => false,
+        };
+        if r.exact || due {
+            let line = Line {
+                at: r.at,
+                syncs: self.syncs,
+                exact: r.exact,
+                pending: if r.exact {
+                    r.pending.total()
+                } else {
+                    r.estimate
+                },
+                threshold: r.threshold,
+                bandwidth: r.bandwidth,
+                dirty_rate: self.dirty_rate,
+                pages_sent: self.pages_sent.load(Ordering::Relaxed),
+                throttle: r.throttle,
+            };
+            self.last_line = Some(r.at);
+            (self.on_line)(&line);
+            self.lines.push(line);
+        }
+        if self
+            .params
+            .time_cap
+            .is_some_and(|cap| self.start.elapsed() >= cap)
+        {
+            self.capped = true;
+            return Directive::Cancel;
+        }
+        Directive::Continue
+    }
+
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        if self.params.auto_converge && r.throttle < 99 {
+            StallAction::Throttle(r.throttle.saturating_add(20).min(99))
+        } else {
+            self.stalled = true;
+            StallAction::Cancel
+        }
+    }
+}
+
+/// Runs one migration with `params`, calling `on_line` for every line as it happens.
+///
+/// # Errors
+/// Bad parameters (RAM size, vCPUs, batch), a mapping or thread that cannot be created.
+/// A migration that fails or gives up is not an error: see [`Run::end`].
+pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
+    if params.ram_bytes == 0 || !params.ram_bytes.is_multiple_of(PAGE) {
+        return Err(format!(
+            "guest RAM of {} bytes is not a positive multiple of 4 KiB",
+            params.ram_bytes
+        )
+        .into());
+    }
+    if params.max_bandwidth == 0 {
+        return Err("the bandwidth must be at least 1 byte/s".into());
+    }
+    let pages = params.pages();
+    let ram = Arc::new(GuestRam::new(pages)?);
+    let log = Arc::new(new_log(&ram)?);
+    // Distinct contents, so that a page the destination missed shows.
+    let mut init = SplitMix64::new(params.seed ^ 0x1417);
+    for p in 0..pages {
+        ram.fill_page(p, init.next_u64());
+    }
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: params.vcpus,
+            writes_per_sec: params.writes_per_sec,
+            pattern: params.pattern,
+            seed: params.seed,
+        },
+    )?;
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        params.batch_pages,
+    )?;
+    let config = LoopConfig {
+        downtime_limit: params.downtime_limit,
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(params.max_bandwidth)),
+        iterate_chunk: Bytes((params.batch_pages as u64 * PAGE * 4).max(1 << 20)),
+        ..LoopConfig::default()
+    };
+    let mut watch = Watch {
+        params: *params,
+        pages_sent: state.pages_sent_counter(),
+        syncs: 0,
+        dirty_rate: None,
+        last_line: None,
+        lines: Vec::new(),
+        on_line,
+        stalled: false,
+        capped: false,
+        start: Instant::now(),
+        turns: 0,
+        bytes_sent: 0,
+    };
+    let writes_before = vm.writes();
+
+    // The transport: a destination thread behind a TCP listener on 127.0.0.1, the loop
+    // over a rate-limited frame writer on the socket.
+    let dest = TcpDestination::spawn(DestOptions {
+        max_ram_bytes: params.ram_bytes,
+        seed: params.seed,
+        ..DestOptions::default()
+    })?;
+    let result = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            ..SourceOptions::default()
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut watch,
+    );
+    let guest_writes = vm.writes() - writes_before;
+    let report = dest.join()?;
+    let mut run = Run {
+        params: *params,
+        end: End::Failed(String::new()),
+        lines: std::mem::take(&mut watch.lines),
+        iterations: watch.turns,
+        syncs: watch.syncs,
+        downtime: None,
+        bytes_in_downtime: None,
+        switch: None,
+        total_time: watch.start.elapsed(),
+        bytes_sent: Bytes(0),
+        pages_sent: state.stats().pages_sent,
+        guest_writes,
+        throttle: 0,
+        verified: None,
+        transport: "TCP on 127.0.0.1",
+    };
+    match result {
+        Ok(SourceReport { outcome: o, wire }) => {
+            run.iterations = o.iterations;
+            run.total_time = o.total_time;
+            run.throttle = o.throttle;
+            run.bytes_sent = Bytes(wire.bytes);
+            match o.kind {
+                Kind::Completed | Kind::Postcopy => {
+                    // The stop syncs once more.
+                    run.syncs += 1;
+                    run.end = End::Converged;
+                    run.downtime = Some(o.downtime);
+                    run.bytes_in_downtime = Some(o.bytes_in_downtime);
+                    run.switch = Some((o.pending_at_switch, o.threshold_at_switch));
+                    // The source is stopped: its RAM is the RAM at the stop.
+                    let same = report
+                        .guest
+                        .as_ref()
+                        .is_some_and(|g| same_ram(&ram, g.ram()));
+                    run.verified = Some((pages, same));
+                    vm.resume()?;
+                }
+                Kind::NotConverging => run.end = End::Stalled,
+            }
+        }
+        Err(e) => {
+            run.end = if watch.capped {
+                End::TimeCap
+            } else if watch.stalled {
+                End::Stalled
+            } else {
+                // The destination's error says more about a broken stream than the
+                // source's view of it.
+                let dest_err = report.attempts.iter().find_map(|a| a.error.as_ref());
+                End::Failed(match dest_err {
+                    Some(d) => format!("{e} (destination: {d})"),
+                    None => e.to_string(),
+                })
+            };
+            run.bytes_sent = Bytes(watch.bytes_sent);
+        }
+    }
+    vm.shutdown();
+    Ok(run)
+}
+
+/// Whether `dest` holds exactly the pages of `ram`: CRC32 per page, then every byte.
+fn same_ram(ram: &GuestRam, dest: &[u8]) -> bool {
+    if dest.len() as u64 != ram.size() {
+        return false;
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    dest.chunks_exact(PAGE_SIZE).enumerate().all(|(p, d)| {
+        ram.read_page(p as u64, &mut page);
+        crc32fast::hash(&page) == crc32fast::hash(d) && page == d
+    })
+}
+
+/// `1.5 GiB`-style size.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Bytes per ms as MiB/s.
+pub fn mib_s(rate: BytesPerMs) -> f64 {
+    rate.get() * 1000.0 / (1 << 20) as f64
+}
+
+/// The header of the [`Line`] table.
+pub fn line_header() -> String {
+    format!(
+        "{:>8} {:>4} {:>5} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>8}",
+        "time ms",
+        "sync",
+        "",
+        "pending",
+        "threshold",
+        "bandwidth",
+        "dirty rate",
+        "exp. down",
+        "pages sent",
+        "throttle"
+    )
+}
+
+/// One [`Line`] under [`line_header`]: `exact` for a sync, `est.` for a progress line;
+/// rates in MiB/s, the expected downtime in ms.
+pub fn format_line(l: &Line) -> String {
+    let down = l
+        .expected_downtime_ms()
+        .map_or_else(|| "-".to_string(), |ms| format!("{ms:.0} ms"));
+    format!(
+        "{:>8.0} {:>4} {:>5} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>7} %",
+        l.at.as_secs_f64() * 1000.0,
+        l.syncs,
+        if l.exact { "exact" } else { "est." },
+        human(l.pending.get()),
+        human(l.threshold.get()),
+        format!("{:.1} MiB/s", mib_s(l.bandwidth)),
+        l.dirty_rate
+            .map_or_else(|| "-".to_string(), |r| format!("{:.1} MiB/s", mib_s(r))),
+        down,
+        l.pages_sent,
+        l.throttle
+    )
+}
+
+/// The load average (1, 5, 15 min) from `/proc/loadavg` ("unknown" elsewhere).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// CPU model, CPU count and kernel, as far as `/proc` tells.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{cpu}, {} CPUs, kernel {kernel}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}
