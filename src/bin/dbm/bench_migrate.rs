@@ -18,8 +18,9 @@ use clap::ValueEnum;
 use dirty_bitmap::migration::{Millis, Pattern};
 
 use super::plot::{Chart, Series};
-use crate::migrate_run::{self, format_line, human, line_header, End, Params, Run, PAGE};
+use crate::migrate_run::{self, format_line, line_header, End, Params, Run, PAGE};
 use crate::out::emit;
+use crate::size::human;
 use crate::size::parse_size;
 use crate::CmdResult;
 

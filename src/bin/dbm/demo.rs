@@ -45,6 +45,7 @@ use dirty_bitmap::migration::{Millis, Pattern as GuestPattern};
 
 use crate::migrate_run::{self, format_line, line_header, mib_s, End, Params};
 use crate::out::emit;
+use crate::size::human;
 use crate::DemoArgs;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -71,21 +72,6 @@ pub struct Part {
 fn say(s: impl AsRef<str>) -> Res<()> {
     emit(&format!("{}\n", s.as_ref()))?;
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -27,6 +27,8 @@ use dirty_bitmap::migration::{
     Workload, WorkloadConfig, PAGE_SIZE,
 };
 
+use crate::size::human;
+
 type Res<T> = Result<T, Box<dyn Error>>;
 
 /// Page size as u64.
@@ -392,22 +394,6 @@ fn same_ram(ram: &GuestRam, dest: &[u8]) -> bool {
         ram.read_page(p as u64, &mut page);
         crc32fast::hash(&page) == crc32fast::hash(d) && page == d
     })
-}
-
-/// `1.5 GiB`-style size.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Bytes per ms as MiB/s.

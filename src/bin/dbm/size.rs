@@ -1,4 +1,4 @@
-//! Sizes with binary suffixes: `512`, `64K`, `2M`, `16T`.
+//! Sizes with binary suffixes: `512`, `64K`, `2M`, `16T`, parsed and printed.
 
 /// Parses a byte count with an optional K, M, G, T, P or E suffix (powers of 1024;
 /// a trailing `B` or `iB` is accepted too).
@@ -28,6 +28,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size (examples: 512, 64K, 2M, 16T)"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
+}
+
+/// `1.5 GiB`-style size, for output.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
