@@ -10,7 +10,7 @@
 //!
 //! Every length read from the image is checked against the file size before anything is
 //! allocated for it, so a corrupt image cannot make the check allocate without bound. The
-//! reference counts live in pages allocated on first use ([`RefCounts`]): a large sparse
+//! reference counts live in pages allocated on first use (`RefCounts`): a large sparse
 //! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
 //! for metadata entries that were really read from the file.
 
