@@ -638,7 +638,7 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
     }
     let config = DestinationConfig {
         refuse_start: refuse.then(|| "fuzz".to_owned()),
-        max_ram_bytes: 1 << 20,
+        max_ram_bytes: crate::migration::Bytes(1 << 20),
         max_frame_len: 1 << 16,
     };
     let mut answers = Vec::new();

@@ -19,7 +19,7 @@ use dirty_bitmap::migration::stream::{
     encode_stream_header, Frame, FrameError, FrameReader, FrameWriter, Hello, StateInfo,
     STREAM_VERSION,
 };
-use dirty_bitmap::migration::{MigrationError, Outbound, Result, StateId};
+use dirty_bitmap::migration::{Bytes, BytesPerMs, MigrationError, Outbound, Result, StateId};
 use rand::rngs::SmallRng;
 use rand::RngExt;
 
@@ -27,6 +27,8 @@ const PAGE: usize = 4096;
 const PAGES: usize = 300;
 const RAM_ID: StateId = 1;
 const BATCH: usize = 32;
+/// The migration id of the guest these tests migrate.
+const MIGRATION_ID: u64 = 0x5EED_0000_0000_0001;
 /// No wait in these tests may last longer: a hang fails instead of blocking the suite.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -35,6 +37,7 @@ fn hello(pages: usize) -> Frame {
         version: STREAM_VERSION,
         page_size: PAGE as u32,
         ram_pages: pages as u64,
+        migration_id: MIGRATION_ID,
         states: vec![StateInfo {
             id: RAM_ID,
             name: RAM_STATE_NAME.into(),
@@ -93,11 +96,11 @@ fn precopy_stream(rng: &mut SmallRng) -> (Vec<u8>, Vec<usize>, Vec<u8>) {
     let mut w = FrameWriter::new(Vec::new());
     let mut starts = vec![0];
     w.write_frame(&hello(PAGES)).unwrap();
-    starts.push(w.stats().bytes as usize);
+    starts.push(w.stats().bytes.get() as usize);
     let all: Vec<usize> = (0..PAGES).collect();
     for chunk in all.chunks(BATCH) {
         send_pages(&mut w, &ram, chunk).unwrap();
-        starts.push(w.stats().bytes as usize);
+        starts.push(w.stats().bytes.get() as usize);
     }
     // The guest dirtied some pages; they go again, after the switchover.
     let dirty: Vec<usize> = (0..PAGES).filter(|_| rng.random_bool(0.1)).collect();
@@ -106,10 +109,10 @@ fn precopy_stream(rng: &mut SmallRng) -> (Vec<u8>, Vec<usize>, Vec<u8>) {
     }
     w.write_frame(&Frame::Switchover { postcopy: false })
         .unwrap();
-    starts.push(w.stats().bytes as usize);
+    starts.push(w.stats().bytes.get() as usize);
     for chunk in dirty.chunks(BATCH) {
         send_pages(&mut w, &ram, chunk).unwrap();
-        starts.push(w.stats().bytes as usize);
+        starts.push(w.stats().bytes.get() as usize);
     }
     w.write_frame(&Frame::End).unwrap();
     let bytes = w.into_inner();
@@ -186,14 +189,14 @@ fn pages_over_tcp_arrive_byte_for_byte() {
     }
     assert_eq!(guest.ram(), &ram[..]);
     // Counters: every frame's bytes, and zero pages cost 9 bytes instead of 4105.
-    assert_eq!(w.bytes_sent().get(), sent.bytes);
+    assert_eq!(w.bytes_sent(), sent.bytes);
     assert!(sent.frames >= 4 + (PAGES / BATCH) as u64);
     let zero = ram
         .chunks(PAGE)
         .filter(|p| p.iter().all(|&b| b == 0))
         .count();
     assert!(zero > 0, "the RAM has zero pages");
-    assert!(sent.section_bytes < ((PAGES * 2) * (PAGE + 9)) as u64);
+    assert!(sent.section_bytes < Bytes(((PAGES * 2) * (PAGE + 9)) as u64));
 }
 
 #[test]
@@ -433,7 +436,7 @@ fn page_out_of_range_and_missing_pages_are_errors() {
 
     // A Hello asking for more RAM than the destination allows.
     let config = DestinationConfig {
-        max_ram_bytes: 1 << 20,
+        max_ram_bytes: Bytes(1 << 20),
         ..DestinationConfig::default()
     };
     let (src, dest) = spawn_destination(config);
@@ -556,9 +559,10 @@ fn rate_limiter_holds_max_bandwidth_over_a_long_run() {
     let (mut rng, _) = common::seeded_rng("rate_limiter_holds_max_bandwidth_over_a_long_run");
     for max in [1 << 20, 3_000_000u64, 64 << 10] {
         let clock = ManualClock::new();
-        let limiter = RateLimiter::with_clock(max, Box::new(clock.clone()));
+        let bw = BytesPerMs::from_bytes_per_sec(max);
+        let limiter = RateLimiter::with_clock(bw, Box::new(clock.clone()));
         let mut w = FrameWriter::with_limiter(std::io::sink(), limiter);
-        let budget = w.limiter().window_budget().unwrap();
+        let budget = w.limiter().window_budget().unwrap().get();
         let mut windows: Vec<u64> = Vec::new();
         let mut largest = 0u64;
         let payload = vec![0xA5u8; 64 << 10];
@@ -576,7 +580,7 @@ fn rate_limiter_holds_max_bandwidth_over_a_long_run() {
             clock.advance(Duration::from_micros(1));
         }
         let secs = clock.now().as_secs_f64();
-        let rate = w.stats().bytes as f64 / secs;
+        let rate = w.stats().bytes.get() as f64 / secs;
         let err = (rate - max as f64).abs() / max as f64;
         eprintln!(
             "max {max} B/s: {rate:.0} B/s over {secs:.1} s ({:.2}% off), slept {:?}",
@@ -597,7 +601,10 @@ fn rate_limiter_holds_max_bandwidth_over_a_long_run() {
 #[test]
 fn rate_limiter_does_not_slow_a_slower_link() {
     let clock = ManualClock::new();
-    let limiter = RateLimiter::with_clock(10 << 20, Box::new(clock.clone()));
+    let limiter = RateLimiter::with_clock(
+        BytesPerMs::from_bytes_per_sec(10 << 20),
+        Box::new(clock.clone()),
+    );
     let mut w = FrameWriter::with_limiter(std::io::sink(), limiter);
     let payload = vec![1u8; 32 << 10];
     for _ in 0..1000 {
@@ -663,4 +670,141 @@ fn python_encoded_streams_migrate() {
         }
         FrameReader::new(&answers[..]).wait_started().unwrap();
     }
+}
+
+/// The bytes of a stream of `frames` as the source writes them.
+fn stream_of(frames: &[Frame]) -> Vec<u8> {
+    let mut w = FrameWriter::new(Vec::new());
+    for f in frames {
+        w.write_frame(f).unwrap();
+    }
+    w.into_inner()
+}
+
+/// A Hello of the largest size the format allows (65,535 states, about 460 KB): the
+/// duplicate-name check is a hash lookup per state, so it answers at once (a scan of the
+/// states before each would be 2 × 10⁹ comparisons).
+#[test]
+fn max_size_hello_is_checked_for_duplicates() {
+    let states = |dup: bool| -> Vec<StateInfo> {
+        let mut v = vec![StateInfo {
+            id: RAM_ID,
+            name: RAM_STATE_NAME.into(),
+        }];
+        v.extend((1..u32::from(u16::MAX)).map(|i| StateInfo {
+            id: RAM_ID + i,
+            name: format!("state-{i}"),
+        }));
+        if dup {
+            let last = v.len() - 1;
+            v[last].name = "state-1".into();
+        }
+        v
+    };
+    for dup in [false, true] {
+        let Frame::Hello(mut h) = hello(4) else {
+            unreachable!()
+        };
+        h.states = states(dup);
+        assert_eq!(h.states.len(), 65_535);
+        let bytes = stream_of(&[Frame::Hello(h)]);
+        assert!(bytes.len() > 400_000, "{}", bytes.len());
+        let mut d = Destination::new(&bytes[..], Vec::new(), DestinationConfig::default());
+        d.set_section_handler(Box::new(|_, _, _| Ok(())));
+        let r = d.step();
+        if dup {
+            assert!(
+                matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("\"state-1\" declared twice")),
+                "{r:?}"
+            );
+        } else {
+            assert!(matches!(r, Ok(DestEvent::Hello(_))), "{r:?}");
+        }
+    }
+}
+
+/// A Hello of 4 pages for the guest `id`.
+fn hello_for(id: u64) -> Frame {
+    let Frame::Hello(h) = hello(4) else {
+        unreachable!()
+    };
+    Frame::Hello(Hello {
+        migration_id: id,
+        ..h
+    })
+}
+
+/// A first attempt of guest `id` that delivered all 4 pages of `ram` and was cut before
+/// the switchover: what the destination keeps.
+fn kept_after_cut(id: u64, ram: &[u8]) -> dirty_bitmap::migration::dest::RetainedRam {
+    let pages: Vec<(u64, &[u8])> = (0..4).map(|p| (p as u64, page_of(ram, p))).collect();
+    let bytes = stream_of(&[
+        hello_for(id),
+        Frame::Section {
+            state: RAM_ID,
+            payload: encode_pages(PAGE, &pages),
+        },
+    ]);
+    let mut d = Destination::new(&bytes[..], Vec::new(), DestinationConfig::default());
+    d.step().unwrap();
+    d.step().unwrap();
+    assert!(d.step().is_err(), "the stream was cut");
+    let kept = d.into_retained().expect("RAM kept after a failed attempt");
+    assert_eq!((kept.received_pages(), kept.migration_id()), (4, id));
+    kept
+}
+
+/// Kept RAM serves only a retry of the same guest: the same migration id completes from
+/// it with nothing resent; another guest of the same size starts from empty RAM, so its
+/// incremental retry (which sends nothing it thinks the destination has) is refused at
+/// End instead of completing onto the first guest's pages.
+#[test]
+fn kept_ram_is_reused_only_for_the_same_migration_id() {
+    let (mut rng, _) = common::seeded_rng("kept_ram_is_reused_only_for_the_same_migration_id");
+    let ram = random_ram(&mut rng, 4);
+    let (a, b) = (rng.random::<u64>(), rng.random::<u64>());
+    assert_ne!(a, b);
+    // The retry: no page resent (the guest did not write since), switchover, End.
+    let retry = |id| {
+        stream_of(&[
+            hello_for(id),
+            Frame::Switchover { postcopy: false },
+            Frame::End,
+        ])
+    };
+
+    let bytes = retry(a);
+    let mut answers = Vec::new();
+    let mut d = Destination::with_retained(
+        &bytes[..],
+        &mut answers,
+        DestinationConfig::default(),
+        Some(kept_after_cut(a, &ram)),
+    );
+    d.step().unwrap();
+    assert!(d.resumed_from_retained());
+    let guest = d.run().unwrap();
+    assert_eq!(guest.ram(), &ram[..]);
+    FrameReader::new(&answers[..]).wait_started().unwrap();
+
+    let bytes = retry(b);
+    let mut answers = Vec::new();
+    let mut d = Destination::with_retained(
+        &bytes[..],
+        &mut answers,
+        DestinationConfig::default(),
+        Some(kept_after_cut(a, &ram)),
+    );
+    assert!(matches!(d.step(), Ok(DestEvent::Hello(_))));
+    assert!(!d.resumed_from_retained());
+    assert_eq!(d.received_pages(), 0, "another guest's pages were dropped");
+    let r = d.run();
+    assert!(
+        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("never received")),
+        "{r:?}"
+    );
+    assert_aborted(
+        FrameReader::new(&answers[..]).wait_started(),
+        "never received",
+    );
 }

@@ -368,7 +368,7 @@ fn migration_over_tcp_arrives_byte_for_byte() {
     src.assert_same_ram(&report);
     // The stream carried every page at least once; the counters agree.
     assert!(state.stats().pages_sent >= PAGES);
-    assert_eq!(r.wire.bytes, r.outcome.total_bytes.get());
+    assert_eq!(r.wire.bytes, r.outcome.total_bytes);
     assert!(src.vm.writes() > 0);
 }
 

@@ -25,7 +25,7 @@
 //!
 //! Every read blocks; give the channel a read timeout to bound a wait for a silent source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::{Read, Write};
 
@@ -34,6 +34,7 @@ use memmap2::MmapMut;
 use super::error::{MigrationError, Result};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
 use super::stream::{Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_LEN, STREAM_VERSION};
+use super::units::Bytes;
 use super::StateId;
 
 /// How a destination behaves.
@@ -42,8 +43,8 @@ pub struct DestinationConfig {
     /// When set, the destination refuses to start its guest with this reason (a test hook,
     /// and what a destination says when it cannot take the guest).
     pub refuse_start: Option<String>,
-    /// The largest guest RAM a Hello may ask for, in bytes.
-    pub max_ram_bytes: u64,
+    /// The largest guest RAM a Hello may ask for.
+    pub max_ram_bytes: Bytes,
     /// The largest frame payload the reader accepts.
     pub max_frame_len: u32,
 }
@@ -52,7 +53,7 @@ impl Default for DestinationConfig {
     fn default() -> Self {
         DestinationConfig {
             refuse_start: None,
-            max_ram_bytes: 64 << 30,
+            max_ram_bytes: Bytes(64 << 30),
             max_frame_len: MAX_FRAME_LEN,
         }
     }
@@ -252,10 +253,14 @@ impl DestinationGuest {
     }
 }
 
-/// What a destination keeps from an attempt that failed before its guest ran: its RAM and
-/// the set of pages it holds. A new [`Destination`] built with it
-/// ([`Destination::with_retained`]) starts from there, so the source's retry
-/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied.
+/// What a destination keeps from an attempt that failed before its guest ran: its RAM, the
+/// set of pages it holds, and the migration id of the guest they belong to. A new
+/// [`Destination`] built with it ([`Destination::with_retained`]) starts from there when
+/// the next Hello carries the same migration id and geometry, so the source's retry
+/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied. A Hello with
+/// another id (another guest of the same size) starts from empty RAM and the kept pages are
+/// dropped: an incremental retry that did not come from the same guest then fails at End
+/// with pages missing, and never completes onto another guest's pages.
 ///
 /// Why that is safe: a section is applied whole or not at all (every check comes before
 /// the first byte is written, and a frame cut or corrupted in transit fails its checksum
@@ -265,6 +270,7 @@ impl DestinationGuest {
 /// dirty at the source.
 pub struct RetainedRam {
     ram: DestRam,
+    migration_id: u64,
     sections_applied: u64,
 }
 
@@ -273,6 +279,7 @@ impl fmt::Debug for RetainedRam {
         f.debug_struct("RetainedRam")
             .field("pages", &self.ram.pages)
             .field("received", &self.ram.received_count)
+            .field("migration_id", &self.migration_id)
             .finish()
     }
 }
@@ -281,6 +288,11 @@ impl RetainedRam {
     /// Pages held.
     pub fn received_pages(&self) -> u64 {
         self.ram.received_count
+    }
+
+    /// The migration id of the guest whose pages these are (from its Hello).
+    pub fn migration_id(&self) -> u64 {
+        self.migration_id
     }
 
     /// RAM sections the failed attempt applied, in stream order: everything the source
@@ -324,7 +336,10 @@ pub struct Destination<R: Read, W: Write> {
     failure: Option<String>,
     /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
     ran: bool,
-    retained: Option<DestRam>,
+    /// RAM kept from a failed attempt, until the Hello says whether it is this guest's.
+    retained: Option<RetainedRam>,
+    /// The Hello's id matched the kept RAM, and this attempt started from it.
+    resumed: bool,
     /// RAM sections applied in this attempt.
     ram_sections: u64,
 }
@@ -358,12 +373,14 @@ impl<R: Read, W: Write> Destination<R, W> {
             failure: None,
             ran: false,
             retained: None,
+            resumed: false,
             ram_sections: 0,
         }
     }
 
-    /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`), if
-    /// the Hello's geometry matches it; otherwise the RAM starts empty.
+    /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`) if
+    /// the Hello's migration id and geometry match it; otherwise the RAM starts empty and
+    /// `kept` is dropped.
     pub fn with_retained(
         from: R,
         to: W,
@@ -371,7 +388,7 @@ impl<R: Read, W: Write> Destination<R, W> {
         kept: Option<RetainedRam>,
     ) -> Destination<R, W> {
         let mut d = Destination::new(from, to, config);
-        d.retained = kept.map(|k| k.ram);
+        d.retained = kept;
         d
     }
 
@@ -381,11 +398,24 @@ impl<R: Read, W: Write> Destination<R, W> {
         if self.ran {
             return None;
         }
-        let sections_applied = self.ram_sections;
-        self.ram.or(self.retained).map(|ram| RetainedRam {
-            ram,
-            sections_applied,
-        })
+        match (self.ram, &self.hello) {
+            (Some(ram), Some(h)) => Some(RetainedRam {
+                ram,
+                migration_id: h.migration_id,
+                sections_applied: self.ram_sections,
+            }),
+            // No Hello (or no RAM in it): what was kept is still the old guest's.
+            _ => self.retained.map(|k| RetainedRam {
+                sections_applied: 0,
+                ..k
+            }),
+        }
+    }
+
+    /// Whether this attempt started from RAM kept from a failed one (the Hello's migration
+    /// id and geometry matched it).
+    pub fn resumed_from_retained(&self) -> bool {
+        self.resumed
     }
 
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
@@ -530,8 +560,10 @@ impl<R: Read, W: Write> Destination<R, W> {
         }
         let mut ram_state = None;
         let mut states = BTreeMap::new();
+        // Up to 65,535 states: one hash lookup each, not a scan of the ones before.
+        let mut names = HashSet::with_capacity(h.states.len());
         for s in &h.states {
-            if states.values().any(|n: &String| n == &s.name) {
+            if !names.insert(s.name.as_str()) {
                 return Err(MigrationError::Stream(format!(
                     "state {:?} declared twice",
                     s.name
@@ -556,9 +588,19 @@ impl<R: Read, W: Write> Destination<R, W> {
             Some(_) => {
                 let ps = h.page_size as usize;
                 ram_codec::check_page_size(ps)?;
+                // Kept RAM is reused only for the same guest: same migration id, same
+                // geometry. Otherwise it is dropped (it belongs to a guest that is not
+                // coming back on this destination).
                 self.ram = Some(match self.retained.take() {
-                    Some(kept) if kept.page_size == ps && kept.pages == h.ram_pages => kept,
-                    _ => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes)?,
+                    Some(kept)
+                        if kept.migration_id == h.migration_id
+                            && kept.ram.page_size == ps
+                            && kept.ram.pages == h.ram_pages =>
+                    {
+                        self.resumed = true;
+                        kept.ram
+                    }
+                    _ => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes.get())?,
                 });
             }
             None if h.ram_pages != 0 => {

@@ -54,6 +54,8 @@ pub struct GuestRam {
     /// be written through; valid for `pages * WORDS_PER_PAGE` words while `map` lives.
     base: NonNull<AtomicU64>,
     pages: u64,
+    /// Random at creation; the Hello's migration id for every migration of this guest.
+    migration_id: u64,
     /// Owns the mapping; never touched as bytes after construction.
     _map: MmapMut,
 }
@@ -90,6 +92,7 @@ impl GuestRam {
         Ok(GuestRam {
             base,
             pages,
+            migration_id: rand::random(),
             _map: map,
         })
     }
@@ -97,6 +100,12 @@ impl GuestRam {
     /// Number of pages.
     pub fn pages(&self) -> u64 {
         self.pages
+    }
+
+    /// The id this guest's migrations carry in their Hello: random, fixed for the life of
+    /// the guest, so a retry's destination can tell its own kept RAM from another guest's.
+    pub fn migration_id(&self) -> u64 {
+        self.migration_id
     }
 
     /// Size in bytes.

@@ -401,6 +401,7 @@ fn hello(states: &[&mut dyn MigrationState]) -> Hello {
         version: STREAM_VERSION,
         page_size,
         ram_pages,
+        migration_id: states.iter().find_map(|s| s.migration_id()).unwrap_or(0),
         states: states
             .iter()
             .map(|s| StateInfo {
@@ -540,7 +541,7 @@ where
         self.windows += 1;
         self.empty_windows += u64::from(sent == Bytes(0));
         let ms = elapsed.as_nanos() as f64 / 1e6;
-        self.bandwidth = BytesPerMs::new(sent.get() as f64 / ms);
+        self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
         let expected = self
             .config
             .avail_switchover_bandwidth
@@ -594,8 +595,9 @@ where
                 if let Some((t, _)) = self.last_exact {
                     let ms = now.saturating_sub(t).as_nanos() as f64 / 1e6;
                     if ms > 0.0 {
-                        dirty_rate =
-                            Some(BytesPerMs::new((p.total() - estimate).get() as f64 / ms));
+                        dirty_rate = Some(BytesPerMs::from_bytes_per_ms(
+                            (p.total() - estimate).get() as f64 / ms,
+                        ));
                     }
                 }
                 self.last_exact = Some((now, p.total()));

@@ -308,6 +308,10 @@ impl MigrationState for RamState {
         Some((PAGE_SIZE as u32, self.ram.pages()))
     }
 
+    fn migration_id(&self) -> Option<u64> {
+        Some(self.ram.migration_id())
+    }
+
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         match self.mode {
             SetupMode::Full => {
@@ -504,7 +508,7 @@ mod tests {
         assert!(s.serve(&mut w, &[0; 3]).is_err());
     }
 
-    const SECTION_FRAME: u64 = crate::migration::stream::SECTION_OVERHEAD;
+    const SECTION_FRAME: u64 = crate::migration::stream::SECTION_OVERHEAD.get();
 
     #[test]
     fn batch_size_is_bounded_by_the_frame_limit() {

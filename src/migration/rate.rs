@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::units::{Bytes, BytesPerMs, Millis};
+
 /// The window over which the limit is enforced (QEMU's `BUFFER_DELAY`).
 pub const RATE_WINDOW: Duration = Duration::from_millis(100);
 
@@ -91,11 +93,11 @@ impl RateClock for ManualClock {
     }
 }
 
-/// Holds a sender to `max_bandwidth` bytes per second, per [`RATE_WINDOW`].
+/// Holds a sender to `max_bandwidth`, per [`RATE_WINDOW`].
 #[derive(Debug)]
 pub struct RateLimiter {
-    /// Bytes per second; 0 is no limit (QEMU's `RATE_LIMIT_DISABLED`).
-    max_bandwidth: u64,
+    /// The limit; zero is no limit (QEMU's `RATE_LIMIT_DISABLED`).
+    max_bandwidth: BytesPerMs,
     clock: Box<dyn RateClock>,
     window_start: Duration,
     /// Bytes charged to the current window, including debt carried from earlier ones.
@@ -107,16 +109,16 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// No limit.
     pub fn unlimited() -> RateLimiter {
-        RateLimiter::new(0)
+        RateLimiter::new(BytesPerMs::ZERO)
     }
 
-    /// `max_bandwidth` bytes per second in real time; 0 is no limit.
-    pub fn new(max_bandwidth: u64) -> RateLimiter {
+    /// At most `max_bandwidth` in real time; [`BytesPerMs::ZERO`] is no limit.
+    pub fn new(max_bandwidth: BytesPerMs) -> RateLimiter {
         RateLimiter::with_clock(max_bandwidth, Box::new(SystemClock::new()))
     }
 
-    /// `max_bandwidth` bytes per second on `clock`; 0 is no limit.
-    pub fn with_clock(max_bandwidth: u64, clock: Box<dyn RateClock>) -> RateLimiter {
+    /// At most `max_bandwidth` on `clock`; [`BytesPerMs::ZERO`] is no limit.
+    pub fn with_clock(max_bandwidth: BytesPerMs, clock: Box<dyn RateClock>) -> RateLimiter {
         let window_start = clock.now();
         RateLimiter {
             max_bandwidth,
@@ -128,24 +130,29 @@ impl RateLimiter {
         }
     }
 
-    /// The limit in bytes per second; 0 is none.
-    pub fn max_bandwidth(&self) -> u64 {
+    /// The limit; [`BytesPerMs::ZERO`] is none.
+    pub fn max_bandwidth(&self) -> BytesPerMs {
         self.max_bandwidth
     }
 
-    /// Changes the limit; 0 lifts it. Debt already charged stays.
-    pub fn set_max_bandwidth(&mut self, bytes_per_sec: u64) {
-        self.max_bandwidth = bytes_per_sec;
+    /// Changes the limit; [`BytesPerMs::ZERO`] lifts it. Debt already charged stays.
+    pub fn set_max_bandwidth(&mut self, max_bandwidth: BytesPerMs) {
+        self.max_bandwidth = max_bandwidth;
     }
 
-    /// Bytes per window, at least 1 so that a tiny limit still makes progress (the debt
-    /// keeps the long-run rate right).
-    pub fn window_budget(&self) -> Option<u64> {
-        if self.max_bandwidth == 0 {
+    /// The bytes one window may carry (`max_bandwidth × 100 ms`, truncated), at least 1 so
+    /// that a tiny limit still makes progress (the debt keeps the long-run rate right);
+    /// `None` without a limit.
+    pub fn window_budget(&self) -> Option<Bytes> {
+        if self.max_bandwidth == BytesPerMs::ZERO {
             return None;
         }
-        let per_window = u128::from(self.max_bandwidth) * RATE_WINDOW.as_nanos() / 1_000_000_000;
-        Some(u64::try_from(per_window).unwrap_or(u64::MAX).max(1))
+        Some(self.budget_bytes())
+    }
+
+    fn budget_bytes(&self) -> Bytes {
+        let window = Millis::from_duration(RATE_WINDOW);
+        Bytes((self.max_bandwidth * window).get().max(1))
     }
 
     /// Starts the windows that have ended by `now`, paying one budget of debt for each.
@@ -166,7 +173,7 @@ impl RateLimiter {
     /// Blocks until the current window has budget left. Call before sending.
     pub fn wait(&mut self) {
         loop {
-            let Some(budget) = self.window_budget() else {
+            let Some(Bytes(budget)) = self.window_budget() else {
                 return;
             };
             let now = self.clock.now();
@@ -186,11 +193,11 @@ impl RateLimiter {
     }
 
     /// Charges `bytes` just sent to the current window.
-    pub fn record(&mut self, bytes: u64) {
-        if self.max_bandwidth == 0 {
+    pub fn record(&mut self, bytes: Bytes) {
+        if self.max_bandwidth == BytesPerMs::ZERO {
             return;
         }
-        self.used = self.used.saturating_add(bytes);
+        self.used = self.used.saturating_add(bytes.get());
     }
 
     /// Total time spent sleeping.
@@ -213,17 +220,25 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    fn limited(bw: u64) -> (RateLimiter, ManualClock) {
+    /// A limiter of `bw` bytes per second on a manual clock.
+    fn limited(bytes_per_sec: u64) -> (RateLimiter, ManualClock) {
         let c = ManualClock::new();
+        let bw = BytesPerMs::from_bytes_per_sec(bytes_per_sec);
         (RateLimiter::with_clock(bw, Box::new(c.clone())), c)
     }
 
     #[test]
     fn budget_is_a_tenth_of_the_rate() {
         let (l, _) = limited(128 << 20);
-        assert_eq!(l.window_budget(), Some((128 << 20) / 10));
-        assert_eq!(limited(5).0.window_budget(), Some(1));
+        assert_eq!(l.window_budget(), Some(Bytes((128 << 20) / 10)));
+        assert_eq!(limited(10_000).0.window_budget(), Some(Bytes(1000)));
+        assert_eq!(limited(5).0.window_budget(), Some(Bytes(1)));
         assert_eq!(limited(0).0.window_budget(), None);
+        // Per millisecond, as the loop's figures are: 10 B/ms is 1000 bytes per window.
+        let c = ManualClock::new();
+        let l = RateLimiter::with_clock(BytesPerMs::from_bytes_per_ms(10.0), Box::new(c));
+        assert_eq!(l.window_budget(), Some(Bytes(1000)));
+        assert_eq!(l.max_bandwidth().bytes_per_sec(), 10_000);
     }
 
     #[test]
@@ -231,7 +246,7 @@ mod tests {
         let (mut l, c) = limited(0);
         for _ in 0..1000 {
             l.wait();
-            l.record(1 << 20);
+            l.record(Bytes(1 << 20));
         }
         assert_eq!(c.now(), Duration::ZERO);
         assert_eq!(l.sleeps(), 0);
@@ -241,10 +256,10 @@ mod tests {
     fn sleeps_to_the_window_end_once_the_budget_is_used() {
         let (mut l, c) = limited(10_000); // 1000 bytes per window
         l.wait();
-        l.record(600);
+        l.record(Bytes(600));
         l.wait();
         assert_eq!(c.now(), Duration::ZERO, "budget left");
-        l.record(600); // 1200: over by 200
+        l.record(Bytes(600)); // 1200: over by 200
         c.advance(Duration::from_millis(30));
         l.wait();
         assert_eq!(
@@ -253,10 +268,10 @@ mod tests {
             "slept to the window end"
         );
         // 200 of debt carried: 800 more fit in this window.
-        l.record(799);
+        l.record(Bytes(799));
         l.wait();
         assert_eq!(c.now(), Duration::from_millis(100));
-        l.record(1);
+        l.record(Bytes(1));
         l.wait();
         assert_eq!(c.now(), Duration::from_millis(200));
     }
@@ -265,7 +280,7 @@ mod tests {
     fn a_huge_frame_owes_several_windows() {
         let (mut l, c) = limited(10_000);
         l.wait();
-        l.record(5_500); // five and a half budgets
+        l.record(Bytes(5_500)); // five and a half budgets
         l.wait();
         assert_eq!(c.now(), Duration::from_millis(500));
         assert_eq!(l.sleeps(), 1);
@@ -276,7 +291,7 @@ mod tests {
         let (mut l, c) = limited(10_000);
         c.advance(Duration::from_secs(10));
         l.wait();
-        l.record(1000);
+        l.record(Bytes(1000));
         l.wait();
         assert_eq!(c.now(), Duration::from_millis(10_100));
     }
@@ -287,7 +302,7 @@ mod tests {
         let (mut l, c) = limited(10_000);
         for _ in 0..100 {
             l.wait();
-            l.record(500);
+            l.record(Bytes(500));
             c.advance(Duration::from_millis(100));
         }
         assert_eq!(l.sleeps(), 0);

@@ -37,6 +37,12 @@ use crate::DirtyBitmap;
 /// The section id the simulation gives RAM.
 pub const RAM_ID: StateId = 1;
 
+/// Percent of [`Scenario::random`] scenarios with a large RAM.
+pub const LARGE_RAM_PERCENT: u64 = 2;
+
+/// The largest RAM of a [`Scenario::random`] scenario, in pages.
+pub const LARGE_RAM_MAX_PAGES: u64 = 2048;
+
 /// A destination that decodes what the stream's destination decodes (the Hello, RAM
 /// sections as [`ram_codec`] payloads, Switchover, End, Abort), applies pages into its own
 /// memory and answers as [`super::dest::Destination`] does; it keeps its memory across
@@ -46,6 +52,8 @@ pub const RAM_ID: StateId = 1;
 #[derive(Debug)]
 pub struct DestModel {
     ram_id: StateId,
+    /// The migration id of the guest whose pages `ram` holds (from its Hello).
+    migration_id: Option<u64>,
     ram: Vec<u8>,
     present: Vec<bool>,
     requested: Vec<bool>,
@@ -67,6 +75,7 @@ impl DestModel {
     pub fn new(ram_id: StateId, pages: u64, seed: u64) -> Self {
         DestModel {
             ram_id,
+            migration_id: None,
             ram: vec![0u8; pages as usize * PAGE_SIZE],
             present: vec![false; pages as usize],
             requested: vec![false; pages as usize],
@@ -118,6 +127,14 @@ impl DestModel {
                          in state {}",
                         h.ram_pages, h.page_size, h.states, self.ram_id
                     )));
+                }
+                // Kept pages are this guest's only if the id matches (as
+                // `Destination::with_retained`): another guest starts from empty RAM.
+                if self.migration_id != Some(h.migration_id) {
+                    self.ram.fill(0);
+                    self.present.fill(false);
+                    self.requested.fill(false);
+                    self.migration_id = Some(h.migration_id);
                 }
                 self.postcopy_running = false;
             }
@@ -210,12 +227,12 @@ impl DestModel {
 
 /// Wire bytes of a section of `payload_len` bytes: what [`super::stream::FrameWriter`]
 /// writes for it after the stream's first frame.
-fn section_wire(payload_len: usize) -> u64 {
-    SECTION_OVERHEAD + payload_len as u64
+fn section_wire(payload_len: usize) -> Bytes {
+    SECTION_OVERHEAD + Bytes(payload_len as u64)
 }
 
 /// Wire bytes of a control frame, as [`section_wire`].
-fn control_wire(msg: &Control) -> Result<u64> {
+fn control_wire(msg: &Control) -> Result<Bytes> {
     control_wire_len(msg).ok_or_else(|| {
         MigrationError::InvalidInput(format!("control frame {msg:?} does not encode"))
     })
@@ -227,13 +244,16 @@ fn control_wire(msg: &Control) -> Result<u64> {
 pub struct Loopback {
     /// The destination.
     pub dest: DestModel,
-    bytes: u64,
+    bytes: Bytes,
 }
 
 impl Loopback {
     /// A link to `dest`.
     pub fn new(dest: DestModel) -> Self {
-        Loopback { dest, bytes: 0 }
+        Loopback {
+            dest,
+            bytes: Bytes::ZERO,
+        }
     }
 }
 
@@ -242,14 +262,14 @@ impl Outbound for Loopback {
         let wire = section_wire(payload.len());
         self.bytes += wire;
         self.dest.receive(state, payload)?;
-        Ok(Bytes(wire))
+        Ok(wire)
     }
 
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
         let wire = control_wire(msg)?;
         self.bytes += wire;
         self.dest.control(msg)?;
-        Ok(Bytes(wire))
+        Ok(wire)
     }
 
     /// The simulated link has no rate limit of its own (the loop's applies while the VM
@@ -257,15 +277,15 @@ impl Outbound for Loopback {
     fn lift_rate_limit(&mut self) {}
 
     fn section_overhead(&self) -> Bytes {
-        Bytes(SECTION_OVERHEAD)
+        SECTION_OVERHEAD
     }
 
     fn control_cost(&self, msg: &Control) -> Bytes {
-        Bytes(control_wire_len(msg).unwrap_or(u64::MAX))
+        control_wire_len(msg).unwrap_or(Bytes(u64::MAX))
     }
 
     fn bytes_sent(&self) -> Bytes {
-        Bytes(self.bytes)
+        self.bytes
     }
 }
 
@@ -322,9 +342,10 @@ impl SimGuest {
 #[derive(Debug)]
 pub struct World {
     now_ns: u64,
-    /// Link bandwidth in bytes per ms.
+    /// Link bandwidth in whole bytes per ms (integer, so that the downtime arithmetic is
+    /// exact).
     link_bw: u64,
-    bytes: u64,
+    bytes: Bytes,
     sends: u64,
     /// Fail the send with this index (0-based) with a connection reset (failure tests).
     pub fail_at_send: Option<u64>,
@@ -351,20 +372,21 @@ pub struct Sim(Rc<RefCell<World>>);
 
 impl Sim {
     /// A world with guest `ram` marking `log` at `dirty_rate` page writes per ms in
-    /// `pattern`, a link of `link_bw` bytes per ms (at least 1), and a destination.
+    /// `pattern`, a link of `link_bw`, and a destination. The link runs at whole bytes
+    /// per ms: `link_bw` rounded down, at least 1 ([`Sim::link_bw`] says what it is).
     pub fn new(
         ram: Arc<GuestRam>,
         log: Arc<DirtyBitmap>,
         dirty_rate: f64,
         pattern: Pattern,
-        link_bw: u64,
+        link_bw: BytesPerMs,
         seed: u64,
     ) -> Sim {
         let pages = ram.pages();
         Sim(Rc::new(RefCell::new(World {
             now_ns: 0,
-            link_bw: link_bw.max(1),
-            bytes: 0,
+            link_bw: (link_bw.get().floor() as u64).max(1),
+            bytes: Bytes::ZERO,
             sends: 0,
             fail_at_send: None,
             guest: SimGuest {
@@ -392,9 +414,21 @@ impl Sim {
         self.0.borrow().guest.writes
     }
 
-    /// Bytes the link carried.
-    pub fn bytes_sent_total(&self) -> u64 {
+    /// What the link carried.
+    pub fn bytes_sent_total(&self) -> Bytes {
         self.0.borrow().bytes
+    }
+
+    /// The link's bandwidth (whole bytes per ms).
+    pub fn link_bw(&self) -> BytesPerMs {
+        BytesPerMs::from_bytes_per_ms(self.0.borrow().link_bw as f64)
+    }
+
+    /// Sets the guest's page writes per ms from now on (0: idle).
+    pub fn set_dirty_rate(&self, pages_per_ms: f64) {
+        let mut w = self.0.borrow_mut();
+        w.guest.rate = pages_per_ms;
+        w.guest.credit = 0.0;
     }
 
     /// Whether the simulated guest runs (not stopped).
@@ -421,7 +455,7 @@ impl Clock for Sim {
 
 impl World {
     /// Puts `wire` bytes on the link (advancing time), or fails the send when told to.
-    fn transmit(&mut self, wire: u64) -> Result<()> {
+    fn transmit(&mut self, wire: Bytes) -> Result<()> {
         if self.fail_at_send == Some(self.sends) {
             self.sends += 1;
             return Err(MigrationError::Io(std::io::Error::new(
@@ -431,7 +465,7 @@ impl World {
         }
         self.sends += 1;
         // Rounded up: the simulated link is never faster than `link_bw`.
-        let ns = (u128::from(wire) * 1_000_000).div_ceil(u128::from(self.link_bw));
+        let ns = (u128::from(wire.get()) * 1_000_000).div_ceil(u128::from(self.link_bw));
         let t = self
             .now_ns
             .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
@@ -447,7 +481,7 @@ impl Outbound for Sim {
         let wire = section_wire(payload.len());
         w.transmit(wire)?;
         w.dest.receive(state, payload)?;
-        Ok(Bytes(wire))
+        Ok(wire)
     }
 
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
@@ -455,7 +489,7 @@ impl Outbound for Sim {
         let wire = control_wire(msg)?;
         w.transmit(wire)?;
         w.dest.control(msg)?;
-        Ok(Bytes(wire))
+        Ok(wire)
     }
 
     /// The simulated link has no rate limit of its own (the loop's applies while the VM
@@ -463,15 +497,15 @@ impl Outbound for Sim {
     fn lift_rate_limit(&mut self) {}
 
     fn section_overhead(&self) -> Bytes {
-        Bytes(SECTION_OVERHEAD)
+        SECTION_OVERHEAD
     }
 
     fn control_cost(&self, msg: &Control) -> Bytes {
-        Bytes(control_wire_len(msg).unwrap_or(u64::MAX))
+        control_wire_len(msg).unwrap_or(Bytes(u64::MAX))
     }
 
     fn bytes_sent(&self) -> Bytes {
-        Bytes(self.0.borrow().bytes)
+        self.0.borrow().bytes
     }
 }
 
@@ -516,12 +550,12 @@ pub struct Scenario {
     pub pages: u64,
     /// Pages per batch.
     pub batch_pages: usize,
-    /// Link bandwidth, bytes per ms.
-    pub link_bw: u64,
-    /// Rate limit, bytes per ms (`None`: unlimited).
-    pub max_bandwidth: Option<u64>,
-    /// `avail_switchover_bandwidth`, bytes per second (never above the link's).
-    pub switchover_bw: Option<u64>,
+    /// Link bandwidth (whole bytes per ms: the simulated link rounds down).
+    pub link_bw: BytesPerMs,
+    /// Rate limit (`None`: unlimited).
+    pub max_bandwidth: Option<BytesPerMs>,
+    /// `avail_switchover_bandwidth` (never above the link's).
+    pub switchover_bw: Option<BytesPerMs>,
     /// Downtime limit.
     pub downtime_limit: Millis,
     /// Fixed switchover cost.
@@ -547,8 +581,8 @@ pub struct ScenarioResult {
     pub scenario: Scenario,
     /// The loop's outcome, or its error's text.
     pub outcome: std::result::Result<Outcome, String>,
-    /// Bytes the link could carry within the limit: `link_bw × (limit − cost)`.
-    pub allowed: u64,
+    /// What the link could carry within the limit: `link_bw × (limit − cost)`.
+    pub allowed: Bytes,
     /// Downtime minus the limit in ms (negative: within) for a switchover.
     pub overshoot_ms: Option<f64>,
     /// The switchover exceeded the limit.
@@ -566,7 +600,7 @@ pub struct ScenarioResult {
     pub empty_window_seen: bool,
     /// The estimates the loop saw after the first measurement window and before its first
     /// exact query.
-    pub first_pass_estimates: Vec<u64>,
+    pub first_pass_estimates: Vec<Bytes>,
 }
 
 /// The sim's controller: postcopy per scenario, auto-converge on stalls, cancel at the end.
@@ -578,13 +612,13 @@ struct SimControl {
     equal_estimate_seen: bool,
     zero_threshold_seen: bool,
     empty_window_seen: bool,
-    estimates: Vec<u64>,
+    estimates: Vec<Bytes>,
 }
 
 impl Controller for SimControl {
     fn on_iteration(&mut self, r: &IterationReport) -> Directive {
         if self.exact_seen == 0 && r.windows > 0 {
-            self.estimates.push(r.estimate.get());
+            self.estimates.push(r.estimate);
         }
         if r.exact {
             self.exact_seen += 1;
@@ -625,10 +659,17 @@ fn crc_pages(ram: &[u8]) -> Vec<u32> {
 impl Scenario {
     /// A random scenario from `seed`: sizes, rates and limits spread so that some
     /// converge at once, some after several passes, some never; about one in twenty has a
-    /// downtime limit of 0.
+    /// downtime limit of 0. RAM is 2 to 24 pages, except in [`LARGE_RAM_PERCENT`] % of
+    /// scenarios, where it is log-uniform from 25 to [`LARGE_RAM_MAX_PAGES`] pages (drawn
+    /// from a stream of its own, so the other parameters of a seed do not move).
     pub fn random(seed: u64) -> Scenario {
         let mut r = SplitMix64::new(seed);
-        let pages = 2 + r.below(23);
+        let mut pages = 2 + r.below(23);
+        let mut large = SplitMix64::new(seed ^ 0x1A56_E0A3);
+        if large.below(100) < LARGE_RAM_PERCENT {
+            let (lo, hi) = (25f64.ln(), (LARGE_RAM_MAX_PAGES as f64).ln());
+            pages = ((lo + large.unit() * (hi - lo)).exp() as u64).clamp(25, LARGE_RAM_MAX_PAGES);
+        }
         let ram_wire = pages * (PAGE_SIZE as u64 + 16);
         let downtime_limit = if r.below(20) == 0 {
             0
@@ -637,6 +678,7 @@ impl Scenario {
         };
         // Threshold as a fraction of RAM: 0 to 1.2.
         let frac = r.unit() * 1.2;
+        // Whole bytes per ms, as the simulated link runs.
         let link_bw = ((ram_wire as f64 * frac) / downtime_limit.max(1) as f64).max(64.0) as u64;
         let page_rate = link_bw as f64 / PAGE_SIZE as f64;
         let dirty_rate = if r.below(10) == 0 {
@@ -652,10 +694,13 @@ impl Scenario {
         let max_bandwidth = if r.below(2) == 0 {
             None
         } else {
-            Some(((link_bw as f64) * (0.1 + r.unit() * 1.4)).max(1.0) as u64)
+            let per_ms = ((link_bw as f64) * (0.1 + r.unit() * 1.4)).max(1.0) as u64;
+            Some(BytesPerMs::from_bytes_per_ms(per_ms as f64))
         };
         let switchover_bw = if r.below(6) == 0 {
-            Some(((link_bw * 1000) as f64 * (0.5 + r.unit() * 0.5)) as u64)
+            // Whole bytes per second, QEMU's unit for this parameter.
+            let per_sec = ((link_bw * 1000) as f64 * (0.5 + r.unit() * 0.5)) as u64;
+            Some(BytesPerMs::from_bytes_per_sec(per_sec))
         } else {
             None
         };
@@ -673,7 +718,7 @@ impl Scenario {
             seed,
             pages,
             batch_pages: 1 + r.below(8) as usize,
-            link_bw,
+            link_bw: BytesPerMs::from_bytes_per_ms(link_bw as f64),
             max_bandwidth,
             switchover_bw,
             downtime_limit: Millis(downtime_limit),
@@ -690,8 +735,8 @@ impl Scenario {
     pub fn config(&self) -> LoopConfig {
         LoopConfig {
             downtime_limit: self.downtime_limit,
-            max_bandwidth: self.max_bandwidth.map(|b| BytesPerMs::new(b as f64)),
-            avail_switchover_bandwidth: self.switchover_bw.map(BytesPerMs::from_bytes_per_sec),
+            max_bandwidth: self.max_bandwidth,
+            avail_switchover_bandwidth: self.switchover_bw,
             switchover_cost: self.switchover_cost,
             postcopy: self.postcopy.is_some(),
             start_postcopy: false,
@@ -721,7 +766,7 @@ impl Scenario {
             self.link_bw,
             self.seed,
         );
-        sim.world().dest.touch_rate = self.link_bw as f64 / PAGE_SIZE as f64;
+        sim.world().dest.touch_rate = self.link_bw.get() / PAGE_SIZE as f64;
         let mut state = RamState::new(
             RAM_ID,
             Arc::clone(&ram),
@@ -753,7 +798,9 @@ impl Scenario {
             &mut [&mut state as &mut dyn MigrationState],
             &mut control,
         );
-        let allowed = self.link_bw * (self.downtime_limit - self.switchover_cost).get();
+        // The link's own figure (whole bytes per ms), so that `allowed` is exact.
+        let link_bw = sim.link_bw();
+        let allowed = link_bw * (self.downtime_limit - self.switchover_cost);
         let mut result = ScenarioResult {
             scenario: *self,
             outcome: outcome.as_ref().map(|o| *o).map_err(|e| e.to_string()),
@@ -770,9 +817,9 @@ impl Scenario {
         if let Ok(o) = outcome {
             if matches!(o.kind, Kind::Completed | Kind::Postcopy) {
                 let b = o.bytes_in_downtime.get();
-                result.violation = b > allowed;
+                result.violation = o.bytes_in_downtime > allowed;
                 result.overshoot_ms = Some(
-                    b as f64 / self.link_bw as f64 + self.switchover_cost.get() as f64
+                    b as f64 / link_bw.get() + self.switchover_cost.get() as f64
                         - self.downtime_limit.get() as f64,
                 );
                 let compared = if o.kind == Kind::Completed {
@@ -806,11 +853,12 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
     base.switchover_cost = Millis(0);
     // A first pass of 200 to 900 ms, so that the threshold exists before it ends.
     let ram_wire = base.pages * (PAGE_SIZE as u64 + 16);
-    base.link_bw = (ram_wire / (200 + r.below(700))).max(64);
-    base.dirty_rate = base.link_bw as f64 / PAGE_SIZE as f64 * (0.05 + r.unit() * 0.75);
+    let link = (ram_wire / (200 + r.below(700))).max(64);
+    base.link_bw = BytesPerMs::from_bytes_per_ms(link as f64);
+    base.dirty_rate = link as f64 / PAGE_SIZE as f64 * (0.05 + r.unit() * 0.75);
     // Observation: threshold 0 throughout, stop at the first exact query.
     let mut observe = base;
-    observe.switchover_bw = Some(0);
+    observe.switchover_bw = Some(BytesPerMs::ZERO);
     observe.cancel_after_exact = Some(1);
     let seen = observe.run()?.first_pass_estimates;
     if seen.is_empty() {
@@ -818,8 +866,8 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
     }
     // The first pass's estimates after the first window only fall; the gate first opens
     // on the one picked.
-    let t = seen[r.below(seen.len() as u64) as usize];
-    let min_limit = t.div_ceil(base.link_bw).max(1);
+    let t = seen[r.below(seen.len() as u64) as usize].get();
+    let min_limit = t.div_ceil(link).max(1);
     for limit in min_limit..=2000 {
         if (t * 1000) % limit != 0 {
             continue;
@@ -827,12 +875,12 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
         let bps = t * 1000 / limit;
         let bw = BytesPerMs::from_bytes_per_sec(bps);
         // The override must not promise more than the link carries.
-        if bw.get() > base.link_bw as f64 || threshold(bw, Millis(limit)) != Bytes(t) {
+        if bw > base.link_bw || threshold(bw, Millis(limit)) != Bytes(t) {
             continue;
         }
         let mut s = base;
         s.downtime_limit = Millis(limit);
-        s.switchover_bw = Some(bps);
+        s.switchover_bw = Some(bw);
         s.rule = rule;
         return Ok(Some(s));
     }
@@ -868,6 +916,12 @@ pub struct SweepReport {
     pub zero_threshold_seen: u64,
     /// Runs with a measurement window that sent nothing.
     pub empty_window_seen: u64,
+    /// Scenarios with more than 24 pages of RAM (the large-RAM slice).
+    pub large_ram: u64,
+    /// Of which switched over.
+    pub large_ram_switchovers: u64,
+    /// The largest RAM of the sweep, in pages.
+    pub largest_ram_pages: u64,
     /// Seeds of the scenarios that violated the limit, mismatched or failed (first 20).
     pub failing_seeds: Vec<u64>,
 }
@@ -875,6 +929,10 @@ pub struct SweepReport {
 impl SweepReport {
     fn add(&mut self, r: &ScenarioResult) {
         self.scenarios += 1;
+        let large = r.scenario.pages > 24;
+        self.large_ram += u64::from(large);
+        self.large_ram_switchovers += u64::from(large && r.content_ok.is_some());
+        self.largest_ram_pages = self.largest_ram_pages.max(r.scenario.pages);
         let bad = r.violation || r.content_ok == Some(false) || r.outcome.is_err();
         match &r.outcome {
             Ok(o) => match o.kind {

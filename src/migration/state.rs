@@ -55,6 +55,12 @@ pub trait MigrationState {
         None
     }
 
+    /// The guest's migration id for the Hello frame, if this state is the guest's RAM:
+    /// the same for every attempt of the same guest, different for another guest.
+    fn migration_id(&self) -> Option<u64> {
+        None
+    }
+
     /// Starts the migration (the VM is running), after the loop sent the Hello. A state
     /// learns the channel's framing cost here ([`Outbound::section_overhead`]) for its
     /// pending figures.

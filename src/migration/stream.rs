@@ -24,15 +24,19 @@ use std::io::{self, Read, Write};
 use super::error::{MigrationError, Result};
 use super::rate::RateLimiter;
 use super::state::Control;
-use super::units::Bytes;
+use super::units::{Bytes, BytesPerMs};
 use super::{Outbound, StateId};
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes.
-pub const STREAM_VERSION: u32 = 1;
-/// The oldest stream version this crate reads.
-pub const MIN_STREAM_VERSION: u32 = 1;
+/// The stream version this crate writes (2: the Hello carries a migration id).
+pub const STREAM_VERSION: u32 = 2;
+/// The oldest stream version this crate reads. Version 1's Hello had no migration id, so a
+/// destination could not tell whose RAM it kept; it is refused.
+pub const MIN_STREAM_VERSION: u32 = 2;
+/// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
+/// migration id (8), state count (2).
+pub const HELLO_FIXED_LEN: usize = 26;
 /// Length of the stream header: magic (4), version (4).
 pub const STREAM_HEADER_LEN: usize = 8;
 /// Length of a frame header.
@@ -236,6 +240,10 @@ pub struct Hello {
     pub page_size: u32,
     /// Guest RAM size in pages.
     pub ram_pages: u64,
+    /// Which guest this is: random per source guest, the same for every attempt of its
+    /// migration. A destination reuses the RAM a failed attempt left only for a Hello with
+    /// the same id (and geometry), so a retry never completes onto another guest's pages.
+    pub migration_id: u64,
     /// The states whose sections follow, with unique ids and names.
     pub states: Vec<StateInfo>,
 }
@@ -456,10 +464,11 @@ impl Frame {
                 let n = u16::try_from(h.states.len()).map_err(|_| {
                     MigrationError::InvalidInput("more than 65535 states in Hello".into())
                 })?;
-                let mut p = Vec::with_capacity(18 + h.states.len() * 8);
+                let mut p = Vec::with_capacity(HELLO_FIXED_LEN + h.states.len() * 8);
                 p.extend_from_slice(&h.version.to_be_bytes());
                 p.extend_from_slice(&h.page_size.to_be_bytes());
                 p.extend_from_slice(&h.ram_pages.to_be_bytes());
+                p.extend_from_slice(&h.migration_id.to_be_bytes());
                 p.extend_from_slice(&n.to_be_bytes());
                 for s in &h.states {
                     let len = u8::try_from(s.name.len())
@@ -514,14 +523,15 @@ impl Frame {
         };
         Ok(match kind {
             FrameKind::Hello => {
-                const FIXED: usize = 18;
+                const FIXED: usize = HELLO_FIXED_LEN;
                 if p.len() < FIXED {
-                    return Err(bad("Hello", "shorter than 18 bytes"));
+                    return Err(bad("Hello", "shorter than 26 bytes"));
                 }
                 let version = be32(&p[0..]);
                 let page_size = be32(&p[4..]);
                 let ram_pages = be64(&p[8..]);
-                let n = usize::from(u16::from_be_bytes([p[16], p[17]]));
+                let migration_id = be64(&p[16..]);
+                let n = usize::from(u16::from_be_bytes([p[24], p[25]]));
                 // Each state takes at least 6 bytes: bound the allocation by the payload.
                 if n > (p.len() - FIXED) / 6 {
                     return Err(bad("Hello", "more states than the payload can hold"));
@@ -555,6 +565,7 @@ impl Frame {
                     version,
                     page_size,
                     ram_pages,
+                    migration_id,
                     states,
                 })
             }
@@ -629,12 +640,12 @@ pub fn encode_raw_frame(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
 /// Byte and frame counters of a [`FrameWriter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriterStats {
-    /// Bytes put on the wire: stream header, frame headers, payloads, trailers.
-    pub bytes: u64,
+    /// Put on the wire: stream header, frame headers, payloads, trailers.
+    pub bytes: Bytes,
     /// Frames written.
     pub frames: u64,
-    /// Section payload bytes (the states' own bytes, without framing).
-    pub section_bytes: u64,
+    /// Section payloads (the states' own bytes, without framing).
+    pub section_bytes: Bytes,
 }
 
 /// Writes a migration stream: the stream header before the first frame, then frames with
@@ -684,7 +695,7 @@ impl<W: Write> FrameWriter<W> {
         if let Frame::Switchover { .. } = frame {
             // The VM is stopped from here on: not even the Switchover frame itself waits
             // for the limiter (it would add up to a window to the downtime).
-            self.limiter.set_max_bandwidth(0);
+            self.limiter.set_max_bandwidth(BytesPerMs::ZERO);
         }
         self.put(frame.kind() as u8, &[&payload])
     }
@@ -721,17 +732,18 @@ impl<W: Write> FrameWriter<W> {
             self.failed = Some(format!("write of frame {} failed: {e}", self.next_seq));
             return Err(e.into());
         }
-        self.limiter.record(wire.len() as u64);
+        let n = Bytes(wire.len() as u64);
+        self.limiter.record(n);
         self.header_sent = true;
         self.next_seq += 1;
-        self.stats.bytes += wire.len() as u64;
+        self.stats.bytes += n;
         self.stats.frames += 1;
-        Ok(Bytes(wire.len() as u64))
+        Ok(n)
     }
 
-    /// Sets the rate limit in bytes per second; 0 lifts it (QEMU's `max-bandwidth`).
-    pub fn set_max_bandwidth(&mut self, bytes_per_sec: u64) {
-        self.limiter.set_max_bandwidth(bytes_per_sec);
+    /// Sets the rate limit (QEMU's `max-bandwidth`); [`BytesPerMs::ZERO`] lifts it.
+    pub fn set_max_bandwidth(&mut self, max_bandwidth: BytesPerMs) {
+        self.limiter.set_max_bandwidth(max_bandwidth);
     }
 
     /// The rate limiter.
@@ -762,17 +774,17 @@ impl<W: Write> FrameWriter<W> {
 
 /// Framing bytes of a Section frame around its state's payload: frame header, state id,
 /// trailer (the stream header comes on top for the first frame of a stream).
-pub const SECTION_OVERHEAD: u64 = (FRAME_OVERHEAD + 4) as u64;
+pub const SECTION_OVERHEAD: Bytes = Bytes((FRAME_OVERHEAD + 4) as u64);
 
 /// Bytes a control message's frame takes on the wire, the stream header included for a
 /// Hello (always the first frame of a stream); `None` if it does not encode.
-pub fn control_wire_len(msg: &Control) -> Option<u64> {
+pub fn control_wire_len(msg: &Control) -> Option<Bytes> {
     let payload = msg.to_frame().encode_payload().ok()?;
     let header = match msg {
         Control::Hello(_) => STREAM_HEADER_LEN as u64,
         _ => 0,
     };
-    Some(header + (FRAME_OVERHEAD + payload.len()) as u64)
+    Some(Bytes(header + (FRAME_OVERHEAD + payload.len()) as u64))
 }
 
 impl<W: Write> Outbound for FrameWriter<W> {
@@ -781,7 +793,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
         self.check_failed()?;
         check_len(payload.len().saturating_add(4))?;
         let n = self.put(FrameKind::Section as u8, &[&state.to_be_bytes(), payload])?;
-        self.stats.section_bytes += payload.len() as u64;
+        self.stats.section_bytes += Bytes(payload.len() as u64);
         Ok(n)
     }
 
@@ -790,7 +802,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
     }
 
     fn lift_rate_limit(&mut self) {
-        self.limiter.set_max_bandwidth(0);
+        self.limiter.set_max_bandwidth(BytesPerMs::ZERO);
     }
 
     fn section_overhead(&self) -> Bytes {
@@ -799,7 +811,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
         } else {
             STREAM_HEADER_LEN as u64
         };
-        Bytes(SECTION_OVERHEAD + header)
+        SECTION_OVERHEAD + Bytes(header)
     }
 
     fn control_cost(&self, msg: &Control) -> Bytes {
@@ -807,11 +819,11 @@ impl<W: Write> Outbound for FrameWriter<W> {
             (false, m) if !matches!(m, Control::Hello(_)) => STREAM_HEADER_LEN as u64,
             _ => 0,
         };
-        Bytes(control_wire_len(msg).map_or(u64::MAX, |n| n + header))
+        control_wire_len(msg).map_or(Bytes(u64::MAX), |n| n + Bytes(header))
     }
 
     fn bytes_sent(&self) -> Bytes {
-        Bytes(self.stats.bytes)
+        self.stats.bytes
     }
 }
 
@@ -1051,6 +1063,7 @@ mod tests {
             version: STREAM_VERSION,
             page_size: 4096,
             ram_pages: 1 << 20,
+            migration_id: 0x0123_4567_89AB_CDEF,
             states: vec![
                 StateInfo {
                     id: 1,
@@ -1133,8 +1146,8 @@ mod tests {
                 .len(),
             25
         );
-        // Hello: 18 fixed + (4 + 1 + 3) + (4 + 1 + 13).
-        assert_eq!(hello().encode_payload().unwrap().len(), 18 + 8 + 18);
+        // Hello: 26 fixed + (4 + 1 + 3) + (4 + 1 + 13).
+        assert_eq!(hello().encode_payload().unwrap().len(), 26 + 8 + 18);
         // The exact bytes of an End frame with seq 5.
         let f = encode_frame(5, &Frame::End).unwrap();
         assert_eq!(&f[..16], &[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0]);
@@ -1144,7 +1157,7 @@ mod tests {
         let n = w.send(3, &[9; 100]).unwrap();
         assert_eq!(n, Bytes(8 + 24 + 4 + 100));
         assert_eq!(w.bytes_sent(), n);
-        assert_eq!(w.stats().section_bytes, 100);
+        assert_eq!(w.stats().section_bytes, Bytes(100));
     }
 
     #[test]
@@ -1157,10 +1170,18 @@ mod tests {
 
     #[test]
     fn unsupported_version() {
-        let mut bytes = encode_stream_header(2).to_vec();
+        let mut bytes = encode_stream_header(STREAM_VERSION + 1).to_vec();
         bytes.extend(encode_frame(0, &Frame::End).unwrap());
         let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
-        assert_eq!(e, FrameError::UnsupportedVersion { found: 2 });
+        assert_eq!(
+            e,
+            FrameError::UnsupportedVersion {
+                found: STREAM_VERSION + 1
+            }
+        );
+        // Version 1 (a Hello without a migration id) is no longer read.
+        let e = frame_err(FrameReader::new(&encode_stream_header(1)[..]).read_frame());
+        assert_eq!(e, FrameError::UnsupportedVersion { found: 1 });
         let e = frame_err(FrameReader::new(&encode_stream_header(0)[..]).read_frame());
         assert_eq!(e, FrameError::UnsupportedVersion { found: 0 });
     }
@@ -1202,7 +1223,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_reserved_bits() {
-        let mut bytes = encode_stream_header(1).to_vec();
+        let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
         bytes.extend(encode_raw_frame(9, 0, &[]));
         let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
         assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 9 });
@@ -1223,7 +1244,7 @@ mod tests {
 
     #[test]
     fn oversized_frame_is_refused_before_reading_it() {
-        let mut bytes = encode_stream_header(1).to_vec();
+        let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
         // A valid header claiming 2^32 - 1 bytes, and nothing behind it.
         bytes.extend(raw_header(2, 0, u32::MAX));
         let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
@@ -1255,7 +1276,7 @@ mod tests {
             w.send(1, &big),
             Err(MigrationError::InvalidInput(_))
         ));
-        assert_eq!(w.stats().bytes, 0, "a refused frame writes nothing");
+        assert_eq!(w.stats().bytes, Bytes(0), "a refused frame writes nothing");
     }
 
     #[test]
@@ -1306,7 +1327,7 @@ mod tests {
 
     #[test]
     fn gap_and_replay() {
-        let mut bytes = encode_stream_header(1).to_vec();
+        let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
         bytes.extend(encode_frame(0, &Frame::End).unwrap());
         bytes.extend(encode_frame(2, &Frame::End).unwrap());
         let mut r = FrameReader::new(&bytes[..]);
@@ -1323,7 +1344,7 @@ mod tests {
         // The reader stays failed.
         assert!(matches!(frame_err(r.read_frame()), FrameError::Failed(_)));
 
-        let mut bytes = encode_stream_header(1).to_vec();
+        let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
         bytes.extend(encode_frame(0, &Frame::End).unwrap());
         bytes.extend(encode_frame(0, &Frame::End).unwrap());
         let mut r = FrameReader::new(&bytes[..]);
@@ -1347,7 +1368,7 @@ mod tests {
             (FrameKind::Switchover, &[][..]),
             (FrameKind::Section, &[0u8, 0, 0][..]),
             (FrameKind::Abort, &[0xFFu8][..]),
-            (FrameKind::Hello, &[0u8; 17][..]),
+            (FrameKind::Hello, &[0u8; HELLO_FIXED_LEN - 1][..]),
         ] {
             let e = Frame::decode_payload(kind, p).unwrap_err();
             assert!(
@@ -1357,8 +1378,8 @@ mod tests {
         }
         // A Hello claiming 65535 states in a short payload.
         let mut p = hello().encode_payload().unwrap();
-        p[16] = 0xFF;
-        p[17] = 0xFF;
+        p[24] = 0xFF;
+        p[25] = 0xFF;
         assert!(Frame::decode_payload(FrameKind::Hello, &p).is_err());
         let mut p = hello().encode_payload().unwrap();
         p.push(0);
@@ -1449,7 +1470,10 @@ mod tests {
     #[test]
     fn switchover_lifts_the_rate_limit() {
         let clock = ManualClock::new();
-        let limiter = RateLimiter::with_clock(1000, Box::new(clock.clone()));
+        let limiter = RateLimiter::with_clock(
+            BytesPerMs::from_bytes_per_sec(1000),
+            Box::new(clock.clone()),
+        );
         let mut w = FrameWriter::with_limiter(Vec::new(), limiter);
         w.send(1, &[0; 200]).unwrap();
         w.send(1, &[0; 200]).unwrap();
@@ -1463,7 +1487,7 @@ mod tests {
             w.send(1, &[0; 200]).unwrap();
         }
         assert_eq!(clock.now(), t, "no sleep after switchover");
-        assert_eq!(w.limiter().max_bandwidth(), 0);
+        assert_eq!(w.limiter().max_bandwidth(), BytesPerMs::ZERO);
     }
 
     #[test]
@@ -1508,17 +1532,21 @@ mod tests {
                 any::<u32>(),
                 any::<u32>(),
                 any::<u64>(),
+                any::<u64>(),
                 proptest::collection::vec((any::<u32>(), "[a-z]{1,12}"), 0..4)
             )
-                .prop_map(|(version, page_size, ram_pages, s)| Frame::Hello(Hello {
-                    version,
-                    page_size,
-                    ram_pages,
-                    states: s
-                        .into_iter()
-                        .map(|(id, name)| StateInfo { id, name })
-                        .collect(),
-                })),
+                .prop_map(|(version, page_size, ram_pages, migration_id, s)| {
+                    Frame::Hello(Hello {
+                        version,
+                        page_size,
+                        ram_pages,
+                        migration_id,
+                        states: s
+                            .into_iter()
+                            .map(|(id, name)| StateInfo { id, name })
+                            .collect(),
+                    })
+                }),
             (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::Section { state, payload }),
             any::<bool>().prop_map(|postcopy| Frame::Switchover { postcopy }),
             Just(Frame::End),

@@ -62,8 +62,8 @@ pub struct DestOptions {
     pub postcopy_touches: u32,
     /// Read and write timeout of each connection, and the longest wait for one.
     pub timeout: Duration,
-    /// The largest guest RAM a Hello may ask for, in bytes.
-    pub max_ram_bytes: u64,
+    /// The largest guest RAM a Hello may ask for.
+    pub max_ram_bytes: Bytes,
     /// Seed of the postcopy touches.
     pub seed: u64,
 }
@@ -429,7 +429,7 @@ pub fn migrate_to(
     let limit = options
         .loop_config
         .max_bandwidth
-        .map_or(0, BytesPerMs::bytes_per_sec);
+        .unwrap_or(BytesPerMs::ZERO);
     let mut writer = FrameWriter::with_limiter(sock, RateLimiter::new(limit));
     let mut inbound = ReturnPath {
         rx,
@@ -591,8 +591,8 @@ pub struct TcpOutcome {
     pub pages_sent: u64,
     /// Guest RAM in pages.
     pub ram_pages: u64,
-    /// Bytes on the wire, source to destination.
-    pub wire_bytes: u64,
+    /// On the wire, source to destination.
+    pub wire_bytes: Bytes,
     /// Page writes the vCPUs made.
     pub guest_writes: u64,
     /// CRC32 of the source RAM at VM stop (at the end if the guest never stopped).

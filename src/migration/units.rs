@@ -7,8 +7,47 @@
 //!   `threshold_size` arithmetic (`migration_update_counters`: "Both in unit bytes/ms").
 //!
 //! The only products and quotients defined are the ones that keep their units right:
-//! `BytesPerMs × Millis = Bytes` and `Bytes / Millis = BytesPerMs`. A bandwidth given per
-//! second enters through [`BytesPerMs::from_bytes_per_sec`] and nowhere else.
+//! `BytesPerMs × Millis = Bytes` and `Bytes / Millis = BytesPerMs`. A bandwidth is built only
+//! through a constructor that names its unit, [`BytesPerMs::from_bytes_per_ms`] or
+//! [`BytesPerMs::from_bytes_per_sec`], and every bandwidth, amount and span that crosses the
+//! public API of [`crate::migration`] is one of these types.
+//!
+//! So a raw per-second figure where a bandwidth is wanted does not compile:
+//!
+//! ```compile_fail,E0308
+//! use dirty_bitmap::migration::rate::RateLimiter;
+//! // 128 MiB/s as a bare number: a `u64` is not a `BytesPerMs`.
+//! let _ = RateLimiter::new(128 << 20);
+//! ```
+//!
+//! nor does an amount where a rate is wanted (the seed's bits-versus-bytes slip, in types):
+//!
+//! ```compile_fail,E0308
+//! use dirty_bitmap::migration::{Bytes, LoopConfig};
+//! let _ = LoopConfig {
+//!     max_bandwidth: Some(Bytes(128 << 20)),
+//!     ..LoopConfig::default()
+//! };
+//! ```
+//!
+//! nor a rate times a rate, or a span where a rate is wanted:
+//!
+//! ```compile_fail,E0308
+//! use dirty_bitmap::migration::units::{threshold, Millis};
+//! let _ = threshold(Millis(300), Millis(300));
+//! ```
+//!
+//! while the same calls with the units named do:
+//!
+//! ```
+//! use dirty_bitmap::migration::rate::RateLimiter;
+//! use dirty_bitmap::migration::units::threshold;
+//! use dirty_bitmap::migration::{Bytes, BytesPerMs, LoopConfig, Millis};
+//! let bw = BytesPerMs::from_bytes_per_sec(128 << 20);
+//! let _ = RateLimiter::new(bw);
+//! let _ = LoopConfig { max_bandwidth: Some(bw), ..LoopConfig::default() };
+//! assert_eq!(threshold(BytesPerMs::from_bytes_per_ms(10.0), Millis(300)), Bytes(3000));
+//! ```
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Mul, Sub};
@@ -30,7 +69,7 @@ impl Bytes {
     pub const ZERO: Bytes = Bytes(0);
 
     /// The byte count.
-    pub fn get(self) -> u64 {
+    pub const fn get(self) -> u64 {
         self.0
     }
 
@@ -62,7 +101,7 @@ impl Millis {
     pub const MAX: Millis = Millis(u64::MAX);
 
     /// The milliseconds.
-    pub fn get(self) -> u64 {
+    pub const fn get(self) -> u64 {
         self.0
     }
 
@@ -83,7 +122,7 @@ impl BytesPerMs {
 
     /// A rate from bytes per millisecond. Negative, NaN and infinite values become 0 (an
     /// unknown rate is treated as no bandwidth, which can only delay a switchover).
-    pub fn new(bytes_per_ms: f64) -> BytesPerMs {
+    pub fn from_bytes_per_ms(bytes_per_ms: f64) -> BytesPerMs {
         if bytes_per_ms.is_finite() && bytes_per_ms > 0.0 {
             BytesPerMs(bytes_per_ms)
         } else {
@@ -94,7 +133,7 @@ impl BytesPerMs {
     /// A rate from bytes per second (QEMU's `max-bandwidth` and
     /// `avail-switchover-bandwidth` unit).
     pub fn from_bytes_per_sec(bytes_per_sec: u64) -> BytesPerMs {
-        BytesPerMs::new(bytes_per_sec as f64 / 1000.0)
+        BytesPerMs::from_bytes_per_ms(bytes_per_sec as f64 / 1000.0)
     }
 
     /// The rate in bytes per millisecond.
@@ -171,7 +210,7 @@ impl std::ops::Div<Millis> for Bytes {
         if rhs.0 == 0 {
             BytesPerMs::ZERO
         } else {
-            BytesPerMs::new(self.0 as f64 / rhs.0 as f64)
+            BytesPerMs::from_bytes_per_ms(self.0 as f64 / rhs.0 as f64)
         }
     }
 }
@@ -229,13 +268,19 @@ mod tests {
 
     #[test]
     fn rates_and_times() {
-        assert_eq!(Bytes(1000) / Millis(10), BytesPerMs::new(100.0));
+        assert_eq!(
+            Bytes(1000) / Millis(10),
+            BytesPerMs::from_bytes_per_ms(100.0)
+        );
         assert_eq!(Bytes(1000) / Millis(0), BytesPerMs::ZERO);
-        assert_eq!(Bytes(1001).time_at(BytesPerMs::new(100.0)), Millis(11));
+        assert_eq!(
+            Bytes(1001).time_at(BytesPerMs::from_bytes_per_ms(100.0)),
+            Millis(11)
+        );
         assert_eq!(Bytes(1).time_at(BytesPerMs::ZERO), Millis::MAX);
         assert_eq!(Bytes(0).time_at(BytesPerMs::ZERO), Millis(0));
-        assert_eq!(BytesPerMs::new(f64::NAN), BytesPerMs::ZERO);
-        assert_eq!(BytesPerMs::new(-1.0), BytesPerMs::ZERO);
+        assert_eq!(BytesPerMs::from_bytes_per_ms(f64::NAN), BytesPerMs::ZERO);
+        assert_eq!(BytesPerMs::from_bytes_per_ms(-1.0), BytesPerMs::ZERO);
         assert_eq!(Bytes(3) - Bytes(5), Bytes(0));
     }
 }

@@ -305,7 +305,7 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
     // The transport: a destination thread behind a TCP listener on 127.0.0.1, the loop
     // over a rate-limited frame writer on the socket.
     let dest = TcpDestination::spawn(DestOptions {
-        max_ram_bytes: params.ram_bytes,
+        max_ram_bytes: Bytes(params.ram_bytes),
         seed: params.seed,
         ..DestOptions::default()
     })?;
@@ -343,7 +343,7 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
             run.iterations = o.iterations;
             run.total_time = o.total_time;
             run.throttle = o.throttle;
-            run.bytes_sent = Bytes(wire.bytes);
+            run.bytes_sent = wire.bytes;
             match o.kind {
                 Kind::Completed | Kind::Postcopy => {
                     // The stop syncs once more.
