@@ -15,7 +15,13 @@
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
 //!    (QEMU 10.1 gated with `<` and decided with `<=` on the estimate: 455a6167f254).
-//! 5. **Stall guard** after an exact figure that did not fit.
+//!    A switchover stops the VM at once: nothing but the comparison runs between the
+//!    exact figure and `Vm::stop` (the controller hears of that turn when the attempt
+//!    is over). The guest still writes until `stop` has parked it; those pages go out in
+//!    the downtime, and [`Outcome::pending_at_stop`] bounds what the downtime sends.
+//! 5. Otherwise the [`Controller`] hears of the turn; then the **stall guard** after an
+//!    exact figure that did not fit, or the **no-progress guard** after turns that
+//!    neither synced nor sent ([`StallKind`]).
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
@@ -24,10 +30,12 @@
 //! Switchover frame, every state's `complete`, End, and the destination's
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
-//! served ahead of the background push, and End. Any failure before Started sends an Abort
-//! (best effort), runs `cancel` (VM running) or `resume_source` (VM stopped) on every
-//! state and resumes the VM. An Abort from the destination during precopy ends the attempt
-//! at the next turn.
+//! served ahead of the background push, and End. A failure sends an Abort (best effort);
+//! if the channel or the peer may have lost data in flight, every state's
+//! `channel_failed` runs; then `cancel` (VM running) or `resume_source` (VM stopped), and
+//! the VM resumes, unless the frame that starts the destination was written and no
+//! definite answer came ([`MigrationError::OutcomeUnknown`]: the VM stays stopped). An
+//! Abort from the destination during precopy ends the attempt at the next turn.
 //!
 //! The loop is generic over [`Clock`], [`Vm`], [`Outbound`] and [`Inbound`]: the same code
 //! runs under the virtual clock ([`super::sim`]) and over a real channel.
