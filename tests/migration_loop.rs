@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dirty_bitmap::migration::guest::{new_log, Pattern, Vm};
-use dirty_bitmap::migration::precopy::{Rule, StallAction, StallReport};
+use dirty_bitmap::migration::precopy::{checked_config, Rule, StallAction, StallKind, StallReport};
+use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim, RAM_ID};
 use dirty_bitmap::migration::{
-    run, AutoConverge, Bytes, BytesPerMs, Controller, Directive, Endpoints, GuestRam,
+    run, AutoConverge, Bytes, BytesPerMs, Clock, Controller, Directive, Endpoints, GuestRam,
     IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState, RealClock,
     SetupMode, Workload, WorkloadConfig, PAGE_SIZE,
 };
@@ -359,12 +360,35 @@ fn cancel_during_iteration_redirties_and_a_retry_sends_less() {
     assert_eq!(again.stats().pages_sent, left + sent_since_sync);
 }
 
+/// A cut link: by default the RAM state re-dirties every page it sent in the attempt
+/// (`ChannelLoss::RedirtyAllSent`: over a real channel some may have been lost in
+/// flight), so the retry resends them all and succeeds.
 #[test]
-fn cut_link_redirties_and_a_retry_succeeds() {
+fn cut_link_redirties_everything_sent_and_a_retry_succeeds() {
     let rig = Rig::new(64, 0.2, per_ms(2000.0));
     // Setup, 16 batches of the first pass, then a cut in the second pass.
     rig.sim.world().fail_at_send = Some(20);
     let mut first = rig.state(SetupMode::Full, false);
+    let e = rig
+        .migrate(&config(5), &mut first, &mut AutoConverge::default())
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::Io(_)), "{e}");
+    // The whole first pass went out in the attempt: every page is dirty again.
+    assert_eq!(rig.log.count(), 64);
+    rig.sim.world().fail_at_send = None;
+    assert!(retry_succeeds(&rig) >= 64);
+}
+
+/// The same cut with `ChannelLoss::CallerReconciles`: the simulated link loses nothing
+/// in flight (a send that returned was applied), so `cancel` alone covers what the
+/// destination lacks and the retry sends less than all of RAM.
+#[test]
+fn cut_link_with_caller_reconciling_and_a_retry_sends_less() {
+    let rig = Rig::new(64, 0.2, per_ms(2000.0));
+    rig.sim.world().fail_at_send = Some(20);
+    let mut first = rig
+        .state(SetupMode::Full, false)
+        .with_channel_loss(ChannelLoss::CallerReconciles);
     let e = rig
         .migrate(&config(5), &mut first, &mut AutoConverge::default())
         .unwrap_err();
@@ -472,6 +496,285 @@ fn bad_parameters_are_refused() {
         .migrate(&bad, &mut state, &mut AutoConverge::default())
         .is_err());
     assert_eq!(rig.sim.bytes_sent_total(), Bytes(0));
+}
+
+/// A `max_bandwidth` under 1 byte per 100 ms window could never send a byte: refused,
+/// not a loop that waits forever. An `avail_switchover_bandwidth` of 0 means "use the
+/// measured bandwidth", as in QEMU, not a threshold of 0.
+#[test]
+fn unusable_rates_are_refused_and_a_zero_override_means_measured() {
+    let rig = Rig::new(8, 0.0, per_ms(4096.0));
+    let mut state = rig.state(SetupMode::Full, false);
+    for bad in [BytesPerMs::ZERO, BytesPerMs::from_bytes_per_ms(0.005)] {
+        let cfg = LoopConfig {
+            max_bandwidth: Some(bad),
+            ..config(300)
+        };
+        let e = rig
+            .migrate(&cfg, &mut state, &mut AutoConverge::default())
+            .unwrap_err();
+        assert!(
+            matches!(&e, MigrationError::InvalidInput(m) if m.contains("max_bandwidth")),
+            "{e}"
+        );
+        assert!(checked_config(&cfg).is_err());
+    }
+    assert_eq!(rig.sim.bytes_sent_total(), Bytes(0));
+    // One byte per window is usable.
+    let slow = LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_ms(0.01)),
+        ..config(300)
+    };
+    assert!(checked_config(&slow).is_ok());
+
+    let zero = LoopConfig {
+        avail_switchover_bandwidth: Some(BytesPerMs::ZERO),
+        ..config(300)
+    };
+    assert_eq!(
+        checked_config(&zero).unwrap().avail_switchover_bandwidth,
+        None
+    );
+    let o = rig
+        .migrate(&zero, &mut state, &mut AutoConverge::default())
+        .unwrap();
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    assert!(o.threshold_at_switch > Bytes(0));
+    rig.assert_same_ram();
+}
+
+/// A state that keeps bytes pending and never sends any.
+struct Stuck;
+
+impl MigrationState for Stuck {
+    fn id(&self) -> dirty_bitmap::migration::StateId {
+        9
+    }
+    fn name(&self) -> &str {
+        "stuck"
+    }
+    fn setup(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> dirty_bitmap::migration::Pending {
+        dirty_bitmap::migration::Pending {
+            must_precopy: Bytes(1 << 20),
+            can_postcopy: Bytes(0),
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// Records stall reports and gives up at the first; cancels after `max_turns` turns so
+/// that a loop without a no-progress guard ends the test instead of hanging it.
+struct GiveUp {
+    turns: u64,
+    max_turns: u64,
+    stalls: Vec<StallReport>,
+}
+
+impl Controller for GiveUp {
+    fn on_iteration(&mut self, _: &IterationReport) -> Directive {
+        self.turns += 1;
+        if self.turns >= self.max_turns {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        self.stalls.push(*r);
+        StallAction::Cancel
+    }
+}
+
+/// A state that neither sends nor lets the estimate fall keeps the gate shut, so no exact
+/// query ever runs and the stall guard proper never counts: the no-progress guard
+/// reports instead, and the caller's answer (give up) ends the attempt with the guest
+/// running.
+#[test]
+fn a_loop_that_cannot_progress_reports_a_stall_instead_of_spinning() {
+    let rig = Rig::new(16, 0.0, per_ms(4096.0));
+    let mut ram = rig.state(SetupMode::Full, false);
+    let mut stuck = Stuck;
+    let mut control = GiveUp {
+        turns: 0,
+        max_turns: 5_000,
+        stalls: Vec::new(),
+    };
+    let (mut c, mut v, mut o, mut i) = (
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+    );
+    let cfg = config(300);
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [
+            &mut ram as &mut dyn MigrationState,
+            &mut stuck as &mut dyn MigrationState,
+        ],
+        &mut control,
+    );
+    let o = r.unwrap_or_else(|e| panic!("{e} after {} turns", control.turns));
+    assert_eq!(o.kind, Kind::NotConverging, "{o:?}");
+    assert_eq!(o.exact_queries, 0, "{o:?}");
+    assert_eq!(control.stalls.len(), 1);
+    let s = control.stalls[0];
+    assert_eq!(s.kind, StallKind::NoProgress);
+    assert!(s.rounds >= cfg.stall_rounds, "{s:?}");
+    // It waited at least `stall_rounds` windows, and not for ever.
+    assert!(
+        o.total_time >= Duration::from_millis(100) * cfg.stall_rounds,
+        "{o:?}"
+    );
+    assert!(control.turns < 100, "{} turns", control.turns);
+    assert!(rig.sim.guest_running());
+    rig.assert_nothing_lost();
+}
+
+/// Stops the simulated guest only after `delay` of virtual time (the guest keeps writing
+/// meanwhile), as a real `stop` takes time to park the vCPUs.
+struct SlowStop {
+    sim: Sim,
+    delay: Duration,
+}
+
+impl Vm for SlowStop {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        let t = self.sim.now() + self.delay;
+        self.sim.sleep_until(t);
+        self.sim.stop()
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.sim.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.sim.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.sim.run_until(now);
+    }
+}
+
+/// Takes `delay` of virtual time in `on_iteration` after every exact figure (a caller
+/// printing a line, say); gives up on a stall, so that a test cannot loop for ever.
+struct SlowController {
+    sim: Sim,
+    delay: Duration,
+}
+
+impl Controller for SlowController {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        if r.exact {
+            let t = self.sim.now() + self.delay;
+            self.sim.sleep_until(t);
+        }
+        Directive::Continue
+    }
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::Cancel
+    }
+}
+
+/// Nothing runs between the exact figure and the VM stop: a controller that takes 30 ms
+/// per turn, while the guest dirties pages, does not add to what the downtime sends.
+/// The downtime is counted from before `stop` is called, so a stop that takes 50 ms
+/// counts in full; the figure at the stop shows what the guest wrote meanwhile, and the
+/// downtime never sends more than it.
+#[test]
+fn the_vm_stops_right_after_the_decision_and_the_downtime_counts_the_stop() {
+    let rig = Rig::new(64, 0.2, per_ms(4096.0));
+    let mut state = rig.state(SetupMode::Full, false);
+    let mut slow = SlowController {
+        sim: rig.sim.clone(),
+        delay: Duration::from_millis(30),
+    };
+    let (mut c, mut v, mut o, mut i) = (
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+    );
+    let out = run(
+        &config(300),
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut slow,
+    )
+    .unwrap();
+    assert_eq!(out.kind, Kind::Completed, "{out:?}");
+    assert!(out.exact_at_switch);
+    assert_eq!(out.pending_at_stop, out.pending_at_switch, "{out:?}");
+    assert!(
+        out.bytes_in_downtime <= out.pending_at_switch.total(),
+        "{out:?}"
+    );
+    assert!(out.pending_at_switch.total() <= out.threshold_at_switch);
+    rig.assert_same_ram();
+
+    let rig = Rig::new(64, 0.2, per_ms(4096.0));
+    let mut state = rig.state(SetupMode::Full, false);
+    let delay = Duration::from_millis(50);
+    let mut vm = SlowStop {
+        sim: rig.sim.clone(),
+        delay,
+    };
+    let (mut c, mut o, mut i) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
+    let out = run(
+        &config(300),
+        Endpoints {
+            clock: &mut c,
+            vm: &mut vm,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(out.kind, Kind::Completed, "{out:?}");
+    assert!(out.downtime >= delay, "{out:?}");
+    // The guest wrote during the slow stop: the figure at the stop is larger, and bounds
+    // what the downtime sent.
+    assert!(
+        out.pending_at_stop.total() > out.pending_at_switch.total(),
+        "{out:?}"
+    );
+    assert!(
+        out.bytes_in_downtime <= out.pending_at_stop.total(),
+        "{out:?}"
+    );
+    rig.assert_same_ram();
 }
 
 /// Real vCPU threads, the real clock and the rate limiter: the destination ends equal to

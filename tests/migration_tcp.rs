@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use dirty_bitmap::migration::dest::RetainedRam;
 use dirty_bitmap::migration::guest::{new_log, SplitMix64};
 use dirty_bitmap::migration::precopy::{StallAction, StallReport};
-use dirty_bitmap::migration::stream::FrameError;
+use dirty_bitmap::migration::ram::ChannelLoss;
+use dirty_bitmap::migration::stream::{Frame, FrameError, FrameReader};
 use dirty_bitmap::migration::tcp::{
     migrate_over_tcp, migrate_to, DestOptions, DestReport, SourceOptions, SourceReport,
     TcpDestination, TcpMigration, RAM_ID,
@@ -167,6 +168,17 @@ impl Source {
     /// (what the failure re-dirtied and the guest wrote since), fewer than all of RAM.
     /// (Its total also counts the hot pages it resends while the guest runs.)
     fn retry(&mut self, kept: RetainedRam) -> u64 {
+        let first = self.retry_any(kept);
+        assert!(
+            first < PAGES,
+            "the retry's first pass was {first} pages: all of RAM"
+        );
+        first
+    }
+
+    /// As [`Source::retry`], without the bound on the first pass (after a failure that
+    /// re-dirtied everything the attempt sent).
+    fn retry_any(&mut self, kept: RetainedRam) -> u64 {
         let dirty = self.log.count();
         let dest = TcpDestination::spawn_with(dest_options(), Some(kept)).unwrap();
         let mut state = self.state(SetupMode::Incremental, false);
@@ -178,10 +190,6 @@ impl Source {
         self.assert_same_ram(&report);
         let stats = state.stats();
         let first = stats.pages_at_setup;
-        assert!(
-            first < PAGES,
-            "the retry's first pass was {first} pages: all of RAM"
-        );
         // At least what the log held before the retry began (the vCPUs add to it).
         assert!(first >= dirty, "{first} < {dirty}");
         eprintln!(
@@ -277,6 +285,10 @@ enum Fault {
     CutAfter(u64),
     /// Flips every bit of the byte at this offset.
     FlipAt(u64),
+    /// Forwards this many bytes, then stops reading for this long (the source's bytes
+    /// pile up in the socket buffers), then closes both connections: everything past
+    /// the offset is lost in flight.
+    StallThenCut(u64, Duration),
 }
 
 /// A proxy between source and destination that injects `fault` into the source's stream
@@ -319,6 +331,14 @@ fn proxy(upstream: SocketAddr, fault: Fault) -> (SocketAddr, JoinHandle<()>) {
                 Fault::CutAfter(cut) if end >= cut => {
                     let keep = (cut - at) as usize;
                     let _ = to.write_all(&chunk[..keep]);
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    break;
+                }
+                Fault::StallThenCut(cut, stall) if end >= cut => {
+                    let keep = (cut - at) as usize;
+                    let _ = to.write_all(&chunk[..keep]);
+                    thread::sleep(stall);
                     let _ = client.shutdown(Shutdown::Both);
                     let _ = server.shutdown(Shutdown::Both);
                     break;
@@ -441,7 +461,10 @@ fn channel_cut_mid_stream_resumes_and_a_retry_sends_less() {
     // Cut in the second pass, after the log was synced at least once.
     let cut = PAGES * PAGE_SIZE as u64 * 3 / 2;
     let (addr, p) = proxy(dest.addr(), Fault::CutAfter(cut));
-    let mut first = src.state(SetupMode::Full, false);
+    // The exact path: the caller reconciles with the destination's applied count.
+    let mut first = src
+        .state(SetupMode::Full, false)
+        .with_channel_loss(ChannelLoss::CallerReconciles);
     let e = src
         .migrate(addr, never_converging(), &mut first, &mut NoStall)
         .unwrap_err();
@@ -472,6 +495,124 @@ fn channel_cut_mid_stream_resumes_and_a_retry_sends_less() {
     );
     src.assert_intact_and_nothing_lost(&kept);
     src.retry(kept);
+}
+
+/// The default path: no reconciliation by the caller. The proxy forwards the first pass
+/// but its last few hundred KiB, then holds back everything (the rest of the first pass,
+/// the sync at its end, the start of the second pass pile up in the socket buffers) and
+/// cuts: pages sent *before* the last sync are lost in flight. The loop runs
+/// `channel_failed`, the RAM state re-dirties every page it sent in the attempt, and
+/// every page the destination lacks or holds stale is dirty with no call by the caller;
+/// the retry (a full one, since the attempt sent all of RAM) ends byte for byte.
+#[test]
+fn channel_cut_redirties_what_was_in_flight_without_the_caller() {
+    let _g = shared();
+    let mut src = Source::new(8, 20_000);
+    let dest = TcpDestination::spawn(dest_options()).unwrap();
+    // The first pass's wire size: 9 bytes of entry per page, and the data of the pages
+    // that are not all zeros (headers and the Hello are under 2 KiB).
+    let mut page = vec![0u8; PAGE_SIZE];
+    let data_pages = (0..PAGES)
+        .filter(|&p| {
+            src.ram.read_page(p, &mut page);
+            page.iter().any(|&b| b != 0)
+        })
+        .count() as u64;
+    let cut = PAGES * 9 + data_pages * PAGE_SIZE as u64 - (128 << 10);
+    let (addr, p) = proxy(
+        dest.addr(),
+        Fault::StallThenCut(cut, Duration::from_millis(400)),
+    );
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(addr, never_converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    p.join().unwrap();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Io(_) | MigrationError::Frame(_) | MigrationError::PeerAborted(_)
+        ),
+        "{e}"
+    );
+    // The first pass ended and the log was synced before the cut was noticed: what was
+    // lost includes pages sent before that sync.
+    assert!(first.stats().syncs >= 1, "{:?}", first.stats());
+    assert!(first.stats().pages_sent >= PAGES, "{:?}", first.stats());
+    src.assert_running();
+    let (err, kept) = failed(dest);
+    assert!(
+        matches!(
+            err,
+            MigrationError::Frame(FrameError::Truncated { .. } | FrameError::Closed { .. })
+        ),
+        "{err}"
+    );
+    assert!(kept.received_pages() < PAGES, "nothing was lost in flight");
+    // No `redirty_undelivered` here: the loop did it.
+    src.assert_intact_and_nothing_lost(&kept);
+    src.retry_any(kept);
+}
+
+/// A destination that reads the whole attempt up to End and then never answers (or
+/// closes without a word): it may be running the guest, so the source must not. The
+/// source gets `OutcomeUnknown` with its guest still stopped; only once the caller knows
+/// the destination did not start may it re-dirty and resume.
+#[test]
+fn no_answer_after_end_leaves_the_source_stopped() {
+    let _g = shared();
+    for close in [false, true] {
+        let mut src = Source::new(9, 20_000);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut r = FrameReader::new(sock.try_clone().unwrap());
+            loop {
+                match r.read_frame().unwrap() {
+                    Frame::End => break,
+                    Frame::Abort { reason } => panic!("the source aborted: {reason}"),
+                    _ => {}
+                }
+            }
+            if close {
+                drop(r);
+                drop(sock);
+            } else {
+                // Silent past the source's timeout, then gone.
+                thread::sleep(Duration::from_millis(1500));
+            }
+        });
+        let mut state = src.state(SetupMode::Full, false);
+        let e = migrate_to(
+            addr,
+            &SourceOptions {
+                loop_config: converging(),
+                timeout: Duration::from_millis(500),
+            },
+            &mut src.vm,
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut NoStall,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, MigrationError::OutcomeUnknown(_)),
+            "close {close}: {e}"
+        );
+        // The guest stays stopped: no vCPU writes.
+        let writes = src.vm.writes();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(src.vm.writes(), writes, "close {close}: the source runs");
+        silent.join().unwrap();
+        // The caller learnt that the destination is gone: now it may resume the source,
+        // after re-dirtying what the destination may lack.
+        state.channel_failed();
+        state.resume_source();
+        assert_eq!(src.log.count(), PAGES, "close {close}");
+        src.vm.resume().unwrap();
+        src.assert_running();
+    }
 }
 
 #[test]
@@ -548,7 +689,9 @@ fn corrupt_byte_is_a_checksum_error_on_both_sides_and_the_source_resumes() {
         dest.addr(),
         Fault::FlipAt(PAGES * PAGE_SIZE as u64 * 3 / 2 + 100),
     );
-    let mut first = src.state(SetupMode::Full, false);
+    let mut first = src
+        .state(SetupMode::Full, false)
+        .with_channel_loss(ChannelLoss::CallerReconciles);
     let e = src
         .migrate(addr, never_converging(), &mut first, &mut NoStall)
         .unwrap_err();

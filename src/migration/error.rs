@@ -2,8 +2,10 @@
 
 use std::io;
 
-/// Everything that can end a migration attempt. After any of them the source resumes its
-/// guest and keeps (or re-dirties) every page it had not confirmed as delivered.
+/// Everything that can end a migration attempt. After any of them but
+/// [`MigrationError::OutcomeUnknown`] (and errors after a postcopy switch) the source
+/// resumes its guest and keeps (or re-dirties) every page it had not confirmed as
+/// delivered.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -27,6 +29,18 @@ pub enum MigrationError {
     /// The caller cancelled the migration.
     #[error("migration cancelled")]
     Cancelled,
+    /// The frame that starts the destination (End, or the postcopy Switchover) was
+    /// written, but no definite answer came back: the return path timed out, closed or
+    /// broke, or said something else. The destination may be running the guest, so the
+    /// source VM is left **stopped** and the states untouched (QEMU's postcopy-paused).
+    /// Only a caller that learns the destination did not start (it is gone, or says so)
+    /// may resume the source; it must first run [`channel_failed`] and
+    /// [`resume_source`] on every state, so that nothing in flight is lost.
+    ///
+    /// [`channel_failed`]: super::MigrationState::channel_failed
+    /// [`resume_source`]: super::MigrationState::resume_source
+    #[error("migration outcome unknown: the destination may be running the guest ({0})")]
+    OutcomeUnknown(#[source] Box<MigrationError>),
     /// A parameter is outside its documented range; the message names it.
     #[error("invalid migration parameter: {0}")]
     InvalidInput(String),

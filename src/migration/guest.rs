@@ -133,6 +133,10 @@ impl GuestRam {
 
     /// Copies page `page` into `out` (at least [`PAGE_SIZE`] bytes), word by word. A page
     /// written meanwhile may be copied torn; see the module docs.
+    ///
+    /// # Panics
+    /// If `page` is not below [`GuestRam::pages`] or `out` is shorter than [`PAGE_SIZE`]
+    /// (caller bugs: pages come from the RAM's own bitmaps, buffers from its page size).
     pub fn read_page(&self, page: u64, out: &mut [u8]) {
         let words = self.page_words(page);
         let mut tmp = [0u64; WORDS_PER_PAGE];
@@ -142,8 +146,12 @@ impl GuestRam {
         out[..PAGE_SIZE].copy_from_slice(bytemuck::cast_slice(&tmp));
     }
 
-    /// Stores `data` (exactly [`PAGE_SIZE`] bytes) into page `page`. The caller marks the
-    /// log afterwards, with a `fence(SeqCst)` in between ([`GuestRam::write_and_mark`]).
+    /// Stores `data` (at least [`PAGE_SIZE`] bytes; only the first page's worth is used)
+    /// into page `page`. The caller marks the log afterwards, with a `fence(SeqCst)` in
+    /// between ([`GuestRam::write_and_mark`]).
+    ///
+    /// # Panics
+    /// If `page` is not below [`GuestRam::pages`] or `data` is shorter than [`PAGE_SIZE`].
     pub fn write_page(&self, page: u64, data: &[u8]) {
         for (w, chunk) in self
             .page_words(page)
@@ -157,13 +165,19 @@ impl GuestRam {
     }
 
     /// Fills page `page` with words derived from `value` (word i = `value ^ i`).
+    ///
+    /// # Panics
+    /// If `page` is not below [`GuestRam::pages`].
     pub fn fill_page(&self, page: u64, value: u64) {
         for (i, w) in self.page_words(page).iter().enumerate() {
             w.store(value ^ i as u64, Relaxed);
         }
     }
 
-    /// Stores `value` into word `word` of page `page`.
+    /// Stores `value` into word `word % (PAGE_SIZE / 8)` of page `page`.
+    ///
+    /// # Panics
+    /// If `page` is not below [`GuestRam::pages`].
     pub fn write_word(&self, page: u64, word: usize, value: u64) {
         self.page_words(page)[word % WORDS_PER_PAGE].store(value, Relaxed);
     }

@@ -15,7 +15,13 @@
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
 //!    (QEMU 10.1 gated with `<` and decided with `<=` on the estimate: 455a6167f254).
-//! 5. **Stall guard** after an exact figure that did not fit.
+//!    A switchover stops the VM at once: nothing but the comparison runs between the
+//!    exact figure and `Vm::stop` (the controller hears of that turn when the attempt
+//!    is over). The guest still writes until `stop` has parked it; those pages go out in
+//!    the downtime, and [`Outcome::pending_at_stop`] bounds what the downtime sends.
+//! 5. Otherwise the [`Controller`] hears of the turn; then the **stall guard** after an
+//!    exact figure that did not fit, or the **no-progress guard** after turns that
+//!    neither synced nor sent ([`StallKind`]).
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
@@ -24,10 +30,12 @@
 //! Switchover frame, every state's `complete`, End, and the destination's
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
-//! served ahead of the background push, and End. Any failure before Started sends an Abort
-//! (best effort), runs `cancel` (VM running) or `resume_source` (VM stopped) on every
-//! state and resumes the VM. An Abort from the destination during precopy ends the attempt
-//! at the next turn.
+//! served ahead of the background push, and End. A failure sends an Abort (best effort);
+//! if the channel or the peer may have lost data in flight, every state's
+//! `channel_failed` runs; then `cancel` (VM running) or `resume_source` (VM stopped), and
+//! the VM resumes, unless the frame that starts the destination was written and no
+//! definite answer came ([`MigrationError::OutcomeUnknown`]: the VM stays stopped). An
+//! Abort from the destination during precopy ends the attempt at the next turn.
 //!
 //! The loop is generic over [`Clock`], [`Vm`], [`Outbound`] and [`Inbound`]: the same code
 //! runs under the virtual clock ([`super::sim`]) and over a real channel.
@@ -151,14 +159,30 @@ pub enum Directive {
     Cancel,
 }
 
-/// The stall guard's report: `rounds` exact figures in a row did not improve by 10 %.
+/// Why the loop reports that it is not converging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallKind {
+    /// `rounds` exact figures in a row did not improve by 10 %.
+    NoImprovement,
+    /// `rounds` turns in a row, over at least `stall_rounds` measurement windows, ran no
+    /// exact query and sent nothing although the rate limiter allowed it: a state that
+    /// keeps bytes pending but sends none. Without this guard such a loop would spin,
+    /// since the stall guard proper only counts exact figures.
+    NoProgress,
+}
+
+/// The stall guard's report.
 #[derive(Debug, Clone, Copy)]
 pub struct StallReport {
-    /// Exact figures without progress.
+    /// Why.
+    pub kind: StallKind,
+    /// Exact figures without improvement ([`StallKind::NoImprovement`]), or turns without
+    /// progress ([`StallKind::NoProgress`]).
     pub rounds: u32,
-    /// Smallest exact total seen since the last report.
+    /// Smallest exact total seen since the last report (for [`StallKind::NoProgress`],
+    /// the last exact total, or the estimate if there was none).
     pub best: Bytes,
-    /// The last exact total.
+    /// The last exact total ([`StallKind::NoProgress`]: the current estimate).
     pub last: Bytes,
     /// Current threshold.
     pub threshold: Bytes,
@@ -182,13 +206,17 @@ pub enum StallAction {
 
 /// The caller's hooks into the loop.
 pub trait Controller {
-    /// Called every turn after the decision figures are known.
+    /// Called every turn after the decision, with the figures it was taken on. On the turn
+    /// that switches over, the VM stops right after the exact figure (nothing runs in
+    /// between but the comparison, so no caller code widens the gap in which the guest
+    /// still writes); that turn's report comes when the attempt is over, and its
+    /// directive is ignored.
     fn on_iteration(&mut self, report: &IterationReport) -> Directive {
         let _ = report;
         Directive::Continue
     }
 
-    /// Called when the loop is not converging.
+    /// Called when the loop is not converging (see [`StallKind`]).
     fn on_stall(&mut self, report: &StallReport) -> StallAction;
 }
 
@@ -247,12 +275,19 @@ pub enum Kind {
 pub struct Outcome {
     /// How it ended.
     pub kind: Kind,
-    /// Clock time from VM stop to the destination's `Started` (zero if it never stopped).
+    /// Clock time from just before the VM stop was requested to the destination's
+    /// `Started` (zero if it never stopped).
     pub downtime: Duration,
     /// Bytes sent from VM stop to `Started`: what the downtime bound is about.
     pub bytes_in_downtime: Bytes,
     /// The figure the switchover was decided on (control message included).
     pub pending_at_switch: Pending,
+    /// The exact figure again, taken just after the VM stopped (control message
+    /// included): `pending_at_switch` plus what the guest wrote between the decision's
+    /// sync and the stop (nothing under the virtual clock; with real vCPUs, the pages
+    /// written in those microseconds). `bytes_in_downtime` never exceeds it (for
+    /// postcopy, its `must_precopy`). Zero when the VM never stopped.
+    pub pending_at_stop: Pending,
     /// Whether that figure was exact.
     pub exact_at_switch: bool,
     /// The threshold it was compared with.
@@ -324,13 +359,20 @@ pub struct Endpoints<'a, C: ?Sized, V: ?Sized, O: ?Sized, I: ?Sized> {
 /// On `Ok`, with [`Kind::Completed`] or [`Kind::Postcopy`] the source VM is left stopped
 /// (the destination runs the guest); with [`Kind::NotConverging`] it runs.
 ///
+/// `config` is checked and normalised first ([`checked_config`]).
+///
 /// # Errors
 /// [`MigrationError::InvalidInput`] for bad parameters (nothing sent); the channel's
 /// errors; [`MigrationError::DestinationRefused`]; [`MigrationError::Cancelled`] on
-/// [`Directive::Cancel`]. Before the destination started, every error leaves the source
-/// VM running and each state's unconfirmed pages re-dirtied. After a postcopy switch
-/// (the destination ran the guest) the source cannot resume: the error is returned with
-/// the VM stopped, as QEMU's postcopy-paused.
+/// [`Directive::Cancel`]. Before the frame that starts the destination (End, or the
+/// postcopy Switchover) is written, and after a definite refusal or Abort from the
+/// destination, every error leaves the source VM running and each state's unconfirmed
+/// data re-dirtied; when the channel or the peer failed (anything but a cancel, a
+/// refusal or bad input), each state's [`MigrationState::channel_failed`] runs first,
+/// since data sent before the last sync may have been lost in flight. Once that frame
+/// is written, a missing or unreadable answer is [`MigrationError::OutcomeUnknown`]
+/// with the source VM still stopped: the destination may be running the guest, so the
+/// source must not (QEMU's postcopy-paused). Likewise any error after a postcopy switch.
 pub fn run<C, V, O, I>(
     config: &LoopConfig,
     ends: Endpoints<'_, C, V, O, I>,
@@ -343,7 +385,8 @@ where
     O: Outbound + ?Sized,
     I: Inbound + ?Sized,
 {
-    validate(config, states)?;
+    let config = &checked_config(config)?;
+    validate_states(states)?;
     let Endpoints {
         clock,
         vm,
@@ -373,6 +416,8 @@ where
         requests_served: 0,
         windows: 0,
         empty_windows: 0,
+        idle_turns: 0,
+        idle_since: Duration::ZERO,
     };
     l.start = l.clock.now();
     l.bytes_start = l.out.bytes_sent();
@@ -412,7 +457,33 @@ fn hello(states: &[&mut dyn MigrationState]) -> Hello {
     }
 }
 
-fn validate(config: &LoopConfig, states: &[&mut dyn MigrationState]) -> Result<()> {
+/// `config` checked, and normalised as QEMU reads it: an `avail_switchover_bandwidth` of
+/// 0 means "use the measured bandwidth" (`None`).
+///
+/// # Errors
+/// [`MigrationError::InvalidInput`] for a downtime limit above 2000 s, a switchover cost
+/// above the limit, a zero `stall_rounds` or `iterate_chunk`, `start_postcopy` without
+/// `postcopy`, or a `max_bandwidth` under 1 byte per 100 ms window (nothing could ever
+/// be sent: the loop would wait forever, and a rate that rounds to 0 bytes/s means
+/// *unlimited* to a [`super::rate::RateLimiter`]).
+pub fn checked_config(config: &LoopConfig) -> Result<LoopConfig> {
+    let mut c = *config;
+    if c.avail_switchover_bandwidth.is_some_and(|b| b.get() == 0.0) {
+        c.avail_switchover_bandwidth = None;
+    }
+    if let Some(max) = c.max_bandwidth {
+        if max * BUFFER_DELAY < Bytes(1) {
+            return Err(MigrationError::InvalidInput(format!(
+                "max_bandwidth {max} is under 1 byte per {BUFFER_DELAY} window (use None \
+                 for no limit)"
+            )));
+        }
+    }
+    validate(&c)?;
+    Ok(c)
+}
+
+fn validate(config: &LoopConfig) -> Result<()> {
     if config.downtime_limit > Millis(2_000_000) {
         return Err(MigrationError::InvalidInput(format!(
             "downtime_limit {} is above 2000 s",
@@ -435,6 +506,10 @@ fn validate(config: &LoopConfig, states: &[&mut dyn MigrationState]) -> Result<(
             "start_postcopy needs the postcopy capability".into(),
         ));
     }
+    Ok(())
+}
+
+fn validate_states(states: &[&mut dyn MigrationState]) -> Result<()> {
     for (i, s) in states.iter().enumerate() {
         let earlier = &states[..i];
         if earlier
@@ -487,6 +562,31 @@ struct Loop<'a, C: ?Sized, V: ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     requests_served: u64,
     windows: u64,
     empty_windows: u64,
+    /// Turns in a row without progress (no exact query, nothing sent although the rate
+    /// limiter allowed it), and the clock time of the first of them.
+    idle_turns: u32,
+    idle_since: Duration,
+}
+
+/// The figures a turn decided on.
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    estimate: Bytes,
+    p: Pending,
+    exact: bool,
+}
+
+/// Whether an attempt that failed with `e` may have lost data in flight: anything but a
+/// cancel on a healthy channel, a definite refusal (the destination read up to End) or a
+/// bad parameter. A cut, a timeout, a corrupt stream or an Abort from the destination
+/// may leave sections sent before the last sync unapplied.
+fn in_doubt(e: &MigrationError) -> bool {
+    !matches!(
+        e,
+        MigrationError::Cancelled
+            | MigrationError::DestinationRefused(_)
+            | MigrationError::InvalidInput(_)
+    )
 }
 
 /// Whether the stall guard counts `now` as progress over `best`.
@@ -569,6 +669,67 @@ where
         }
     }
 
+    /// The switchover this figure decides, if any: `Some(true)` for postcopy,
+    /// `Some(false)` for a precopy completion.
+    fn decide(&self, p: Pending, exact: bool) -> Option<bool> {
+        let thr = self.threshold;
+        let postcopy = self.config.postcopy && self.postcopy_requested;
+        let (to_postcopy, complete) = match self.config.rule {
+            Rule::Fixed => (
+                exact && postcopy && fits(p.must_precopy, thr),
+                exact && fits(p.total(), thr),
+            ),
+            Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
+        };
+        if to_postcopy {
+            Some(true)
+        } else if complete {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// This turn's report, at clock time `at`; an exact figure also updates the dirty
+    /// rate's reference point.
+    fn report(
+        &mut self,
+        at: Duration,
+        estimate: Bytes,
+        p: Pending,
+        exact: bool,
+    ) -> IterationReport {
+        let mut dirty_rate = None;
+        if exact {
+            self.exact_queries += 1;
+            if let Some((t, _)) = self.last_exact {
+                let ms = at.saturating_sub(t).as_nanos() as f64 / 1e6;
+                if ms > 0.0 {
+                    dirty_rate = Some(BytesPerMs::from_bytes_per_ms(
+                        (p.total() - estimate).get() as f64 / ms,
+                    ));
+                }
+            }
+            self.last_exact = Some((at, p.total()));
+        }
+        let report = IterationReport {
+            iteration: self.iterations,
+            at,
+            estimate,
+            pending: p,
+            exact,
+            threshold: self.threshold,
+            bandwidth: self.bandwidth,
+            dirty_rate,
+            bytes_sent: self.out.bytes_sent() - self.bytes_start,
+            throttle: self.throttle,
+            windows: self.windows,
+            empty_windows: self.empty_windows,
+        };
+        self.iterations += 1;
+        report
+    }
+
     fn precopy(mut self, states: &mut [&mut dyn MigrationState]) -> Result<Outcome> {
         let mut best: Option<Bytes> = None;
         let mut rounds = 0u32;
@@ -581,7 +742,6 @@ where
             self.update_counters();
             let mut p = self.pending(states, false);
             let mut exact = false;
-            let mut dirty_rate = None;
             let estimate = p.total();
             // With nothing left as of the last sync, only an exact query can make progress
             // (find what the guest dirtied since), even when the gate is shut: the threshold
@@ -590,33 +750,21 @@ where
             if self.gate(p) || drained {
                 p = self.pending(states, true);
                 exact = true;
-                self.exact_queries += 1;
-                let now = self.clock.now();
-                if let Some((t, _)) = self.last_exact {
-                    let ms = now.saturating_sub(t).as_nanos() as f64 / 1e6;
-                    if ms > 0.0 {
-                        dirty_rate = Some(BytesPerMs::from_bytes_per_ms(
-                            (p.total() - estimate).get() as f64 / ms,
-                        ));
-                    }
-                }
-                self.last_exact = Some((now, p.total()));
             }
-            let report = IterationReport {
-                iteration: self.iterations,
-                at: self.clock.now(),
-                estimate,
-                pending: p,
-                exact,
-                threshold: self.threshold,
-                bandwidth: self.bandwidth,
-                dirty_rate,
-                bytes_sent: self.out.bytes_sent() - self.bytes_start,
-                throttle: self.throttle,
-                windows: self.windows,
-                empty_windows: self.empty_windows,
-            };
-            self.iterations += 1;
+            // Nothing between the exact figure and the VM stop but this comparison: the
+            // guest keeps writing until `stop`, and whatever it writes goes out in the
+            // downtime.
+            if let Some(postcopy) = self.decide(p, exact) {
+                let turn = Turn { estimate, p, exact };
+                return if postcopy {
+                    self.postcopy(states, turn)
+                } else {
+                    self.complete(states, turn)
+                };
+            }
+
+            let now = self.clock.now();
+            let report = self.report(now, estimate, p, exact);
             match self.control.on_iteration(&report) {
                 Directive::Continue => {}
                 Directive::StartPostcopy => self.request_postcopy(states)?,
@@ -626,21 +774,7 @@ where
             }
 
             let thr = self.threshold;
-            let postcopy = self.config.postcopy && self.postcopy_requested;
-            let (to_postcopy, complete) = match self.config.rule {
-                Rule::Fixed => (
-                    exact && postcopy && fits(p.must_precopy, thr),
-                    exact && fits(p.total(), thr),
-                ),
-                Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
-            };
-            if to_postcopy {
-                return self.postcopy(states, p, exact);
-            }
-            if complete {
-                return self.complete(states, p, exact);
-            }
-
+            let mut stall = None;
             if exact {
                 match best {
                     Some(b) if !improved(p.total(), b) => rounds += 1,
@@ -650,8 +784,8 @@ where
                     }
                 }
                 if rounds >= self.config.stall_rounds {
-                    self.stalls += 1;
-                    let action = self.control.on_stall(&StallReport {
+                    stall = Some(StallReport {
+                        kind: StallKind::NoImprovement,
                         rounds,
                         best: best.unwrap_or(p.total()),
                         last: p.total(),
@@ -660,23 +794,41 @@ where
                     });
                     rounds = 0;
                     best = Some(p.total());
-                    match action {
-                        StallAction::KeepGoing => {}
-                        StallAction::Throttle(pct) => {
-                            self.throttle = pct.min(99);
-                            self.vm.set_throttle(self.throttle);
-                        }
-                        StallAction::Postcopy => self.request_postcopy(states)?,
-                        StallAction::Cancel => {
-                            let _ = self.fail_running(states, MigrationError::Cancelled);
-                            return Ok(self.outcome(
-                                Kind::NotConverging,
-                                p,
-                                exact,
-                                Duration::ZERO,
-                                Bytes(0),
-                            ));
-                        }
+                }
+            } else if self.idle_turns >= self.config.stall_rounds
+                && now.saturating_sub(self.idle_since)
+                    >= BUFFER_DELAY.as_duration() * self.config.stall_rounds
+            {
+                // No-progress guard: the stall guard proper only counts exact figures,
+                // and a loop that neither sends nor syncs would never reach one.
+                stall = Some(StallReport {
+                    kind: StallKind::NoProgress,
+                    rounds: self.idle_turns,
+                    best: self.last_exact.map_or(estimate, |(_, b)| b),
+                    last: estimate,
+                    threshold: thr,
+                    throttle: self.throttle,
+                });
+                self.idle_turns = 0;
+            }
+            if let Some(r) = stall {
+                self.stalls += 1;
+                match self.control.on_stall(&r) {
+                    StallAction::KeepGoing => {}
+                    StallAction::Throttle(pct) => {
+                        self.throttle = pct.min(99);
+                        self.vm.set_throttle(self.throttle);
+                    }
+                    StallAction::Postcopy => self.request_postcopy(states)?,
+                    StallAction::Cancel => {
+                        let _ = self.fail_running(states, MigrationError::Cancelled);
+                        return Ok(self.outcome(
+                            Kind::NotConverging,
+                            Turn { estimate, p, exact },
+                            Pending::default(),
+                            Duration::ZERO,
+                            Bytes(0),
+                        ));
                     }
                 }
             }
@@ -693,6 +845,16 @@ where
                         Err(e) => return Err(self.fail_running(states, e)),
                     }
                 }
+            }
+            // Progress: a sync or bytes out. A turn the rate limiter held back is neither
+            // progress nor idleness (every window allows at least one byte, so it ends).
+            if exact || sent > Bytes(0) {
+                self.idle_turns = 0;
+            } else if budget > Bytes(0) {
+                if self.idle_turns == 0 {
+                    self.idle_since = now;
+                }
+                self.idle_turns = self.idle_turns.saturating_add(1);
             }
             if sent == Bytes(0) {
                 // Rate limited, or nothing to send right now: wait for the window's end
@@ -733,21 +895,37 @@ where
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
-        let _ = self.out.control(&Control::Abort(format!("source: {e}")));
+        let told = self
+            .out
+            .control(&Control::Abort(format!("source: {e}")))
+            .is_ok();
+        let lost = !told || in_doubt(&e);
         for s in states.iter_mut() {
+            if lost {
+                s.channel_failed();
+            }
             s.cancel();
         }
         e
     }
 
-    /// Failure with the VM stopped, before the destination ran: re-dirty, then resume.
+    /// Failure with the VM stopped, when the destination certainly did not start (the
+    /// frame that starts it was never written, or it answered Refused or Abort):
+    /// re-dirty, then resume.
     fn fail_stopped(
         &mut self,
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
-        let _ = self.out.control(&Control::Abort(format!("source: {e}")));
+        let told = self
+            .out
+            .control(&Control::Abort(format!("source: {e}")))
+            .is_ok();
+        let lost = !told || in_doubt(&e);
         for s in states.iter_mut() {
+            if lost {
+                s.channel_failed();
+            }
             s.resume_source();
         }
         match self.vm.resume() {
@@ -760,11 +938,24 @@ where
         }
     }
 
+    /// A switchover that failed: resume the source if the destination certainly did not
+    /// start; leave it stopped, states untouched, on [`MigrationError::OutcomeUnknown`].
+    fn fail_switchover(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        e: MigrationError,
+    ) -> MigrationError {
+        match e {
+            e @ MigrationError::OutcomeUnknown(_) => e,
+            e => self.fail_stopped(states, e),
+        }
+    }
+
     fn outcome(
         &self,
         kind: Kind,
-        p: Pending,
-        exact: bool,
+        turn: Turn,
+        at_stop: Pending,
         downtime: Duration,
         in_downtime: Bytes,
     ) -> Outcome {
@@ -772,8 +963,9 @@ where
             kind,
             downtime,
             bytes_in_downtime: in_downtime,
-            pending_at_switch: p,
-            exact_at_switch: exact,
+            pending_at_switch: turn.p,
+            pending_at_stop: at_stop,
+            exact_at_switch: turn.exact,
             threshold_at_switch: self.threshold,
             total_bytes: self.out.bytes_sent() - self.bytes_start,
             total_time: self.clock.now().saturating_sub(self.start),
@@ -786,72 +978,109 @@ where
         }
     }
 
-    /// Waits for the destination to start; page requests cannot come before it runs.
+    /// Waits for the destination to start, once the frame that starts it was written;
+    /// page requests cannot come before it runs. Only Refused and Abort say for certain
+    /// that it did not start; no answer (a timeout, a closed or corrupt return path) or a
+    /// wrong one is [`MigrationError::OutcomeUnknown`].
     fn await_start(&mut self) -> Result<()> {
-        match self.inbound.recv()? {
+        let unknown = |e| MigrationError::OutcomeUnknown(Box::new(e));
+        match self.inbound.recv().map_err(unknown)? {
             DestMessage::Started => Ok(()),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
             DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
-            other => Err(MigrationError::Stream(format!(
+            other => Err(unknown(MigrationError::Stream(format!(
                 "expected the destination to start, got {other:?}"
-            ))),
+            )))),
         }
     }
 
-    fn complete(
-        mut self,
+    /// Stops the VM at the decision. The downtime starts before `stop` is called, as in
+    /// QEMU, so the time and bytes stopping takes count in it. Then the exact figure is
+    /// taken once more, with the guest stopped: what the guest wrote since the decision's
+    /// sync.
+    fn stop(
+        &mut self,
         states: &mut [&mut dyn MigrationState],
-        p: Pending,
-        exact: bool,
-    ) -> Result<Outcome> {
+    ) -> Result<(Duration, Bytes, Pending)> {
+        let t_stop = self.clock.now();
+        let b_stop = self.out.bytes_sent();
         if let Err(e) = self.vm.stop() {
             return Err(self.fail_running(states, e));
         }
-        let t_stop = self.clock.now();
-        let b_stop = self.out.bytes_sent();
         self.out.lift_rate_limit();
+        let at_stop = self.pending(states, true);
+        Ok((t_stop, b_stop, at_stop))
+    }
+
+    /// The report of the turn that switched over, once the attempt is over; its directive
+    /// is ignored (the switchover already happened).
+    fn report_switch(&mut self, t_stop: Duration, turn: Turn) {
+        let report = self.report(t_stop, turn.estimate, turn.p, turn.exact);
+        let _ = self.control.on_iteration(&report);
+    }
+
+    fn complete(mut self, states: &mut [&mut dyn MigrationState], turn: Turn) -> Result<Outcome> {
+        let (t_stop, b_stop, at_stop) = match self.stop(states) {
+            Ok(s) => s,
+            Err(e) => {
+                self.report_switch(self.clock.now(), turn);
+                return Err(e);
+            }
+        };
         let result = (|| {
             self.out.control(&Control::Switchover { postcopy: false })?;
             for s in states.iter_mut() {
                 s.complete(&mut self.out)?;
             }
+            // End starts the destination: from here on, only its answer tells.
             self.out.control(&Control::End)?;
             self.await_start()
         })();
-        if let Err(e) = result {
-            return Err(self.fail_stopped(states, e));
-        }
         let downtime = self.clock.now().saturating_sub(t_stop);
         let in_downtime = self.out.bytes_sent() - b_stop;
-        Ok(self.outcome(Kind::Completed, p, exact, downtime, in_downtime))
+        if let Err(e) = result {
+            let e = self.fail_switchover(states, e);
+            self.report_switch(t_stop, turn);
+            return Err(e);
+        }
+        self.report_switch(t_stop, turn);
+        Ok(self.outcome(Kind::Completed, turn, at_stop, downtime, in_downtime))
     }
 
-    fn postcopy(
-        mut self,
-        states: &mut [&mut dyn MigrationState],
-        p: Pending,
-        exact: bool,
-    ) -> Result<Outcome> {
-        if let Err(e) = self.vm.stop() {
-            return Err(self.fail_running(states, e));
-        }
-        let t_stop = self.clock.now();
-        let b_stop = self.out.bytes_sent();
-        self.out.lift_rate_limit();
+    fn postcopy(mut self, states: &mut [&mut dyn MigrationState], turn: Turn) -> Result<Outcome> {
+        let (t_stop, b_stop, at_stop) = match self.stop(states) {
+            Ok(s) => s,
+            Err(e) => {
+                self.report_switch(self.clock.now(), turn);
+                return Err(e);
+            }
+        };
         let result = (|| {
             for s in states.iter_mut() {
                 s.postcopy_start(&mut self.out)?;
             }
+            // Switchover(postcopy) starts the destination.
             self.out.control(&Control::Switchover { postcopy: true })?;
             self.await_start()
         })();
         if let Err(e) = result {
-            return Err(self.fail_stopped(states, e));
+            let e = self.fail_switchover(states, e);
+            self.report_switch(t_stop, turn);
+            return Err(e);
         }
         let downtime = self.clock.now().saturating_sub(t_stop);
         let in_downtime = self.out.bytes_sent() - b_stop;
 
         // The destination runs the guest: from here on the source cannot resume.
+        let served = self.serve_postcopy(states);
+        self.report_switch(t_stop, turn);
+        served?;
+        Ok(self.outcome(Kind::Postcopy, turn, at_stop, downtime, in_downtime))
+    }
+
+    /// After a postcopy switch: serves page requests ahead of the background push, then
+    /// sends End.
+    fn serve_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         loop {
             while let Some(msg) = self.inbound.try_recv()? {
                 self.handle_postcopy_message(states, msg)?;
@@ -878,7 +1107,7 @@ where
         // Requests still in flight are for pages already pushed: the destination has
         // them by the time it reads End.
         self.out.control(&Control::End)?;
-        Ok(self.outcome(Kind::Postcopy, p, exact, downtime, in_downtime))
+        Ok(())
     }
 
     fn handle_postcopy_message(

@@ -10,7 +10,11 @@
 //! before the VM stopped. On [`cancel`](MigrationState::cancel) and
 //! [`resume_source`](MigrationState::resume_source) both to-send and sent-since-sync go
 //! back into the log: a retry ([`SetupMode::Incremental`]) to the same destination then
-//! sends those pages and nothing else, and no page the destination may lack is lost.
+//! sends those pages and nothing else. That covers a cancel or a refusal on a healthy
+//! channel. When the channel or the peer failed, a page sent *before* the last sync may
+//! have been lost in flight: [`channel_failed`](MigrationState::channel_failed) then
+//! re-dirties every page sent in the attempt (or, with
+//! [`ChannelLoss::CallerReconciles`], leaves the exact reconciliation to the caller).
 //!
 //! # Payloads (section `id`)
 //! Exactly the stream's RAM payloads ([`ram_codec`], `docs/FORMAT.md`): batches of
@@ -61,6 +65,23 @@ pub enum SetupMode {
     Incremental,
 }
 
+/// What a [`RamState`] does when the channel or the peer failed mid-attempt
+/// ([`MigrationState::channel_failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelLoss {
+    /// Re-dirty every page sent in the attempt (`redirty_undelivered(0)`): a page sent
+    /// before the last sync may have been lost in flight, and the source cannot know
+    /// which. Safe without any help from the destination; a retry resends what the
+    /// attempt sent.
+    #[default]
+    RedirtyAllSent,
+    /// Do nothing more than `cancel`: the caller learns from the destination how many
+    /// RAM sections it applied and calls [`RamState::redirty_undelivered`] with that
+    /// count itself, which re-dirties only what was really lost. A caller that chooses
+    /// this and then does not call it may lose pages.
+    CallerReconciles,
+}
+
 /// Counters of a [`RamState`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RamStats {
@@ -101,6 +122,7 @@ pub struct RamState {
     last_section: Vec<u32>,
     /// Sections of this state sent in this attempt.
     sections: u32,
+    on_loss: ChannelLoss,
 }
 
 impl RamState {
@@ -144,7 +166,16 @@ impl RamState {
             pages_sent: Arc::new(AtomicU64::new(0)),
             last_section: vec![0; usize::try_from(pages).unwrap_or(usize::MAX)],
             sections: 0,
+            on_loss: ChannelLoss::default(),
         })
+    }
+
+    /// This state, with `policy` on a channel or peer failure (default
+    /// [`ChannelLoss::RedirtyAllSent`]).
+    #[must_use]
+    pub fn with_channel_loss(mut self, policy: ChannelLoss) -> Self {
+        self.on_loss = policy;
+        self
     }
 
     /// Counters so far.
@@ -276,7 +307,8 @@ impl RamState {
     /// lost in flight. [`cancel`](MigrationState::cancel) cannot know that: a page sent
     /// before the last sync may still have been in a socket buffer when the channel was
     /// cut. With `applied` 0 every page sent in the attempt is marked (safe when the
-    /// figure is unknown). Marking more is always safe; it only costs a resend.
+    /// figure is unknown; what [`MigrationState::channel_failed`] does by default, see
+    /// [`ChannelLoss`]). Marking more is always safe; it only costs a resend.
     pub fn redirty_undelivered(&self, applied: u64) {
         let page = PAGE_SIZE as u64;
         for (p, &tag) in self.last_section.iter().enumerate() {
@@ -418,6 +450,12 @@ impl MigrationState for RamState {
             self.stats.pages_served += chunk.len() as u64;
         }
         Ok(sent)
+    }
+
+    fn channel_failed(&mut self) {
+        if self.on_loss == ChannelLoss::RedirtyAllSent {
+            self.redirty_undelivered(0);
+        }
     }
 
     fn cancel(&mut self) {

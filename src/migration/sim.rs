@@ -856,9 +856,10 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
     let link = (ram_wire / (200 + r.below(700))).max(64);
     base.link_bw = BytesPerMs::from_bytes_per_ms(link as f64);
     base.dirty_rate = link as f64 / PAGE_SIZE as f64 * (0.05 + r.unit() * 0.75);
-    // Observation: threshold 0 throughout, stop at the first exact query.
+    // Observation: threshold 0 throughout (a limit of 0; an override of 0 would mean
+    // "measure", as in QEMU), stop at the first exact query.
     let mut observe = base;
-    observe.switchover_bw = Some(BytesPerMs::ZERO);
+    observe.downtime_limit = Millis(0);
     observe.cancel_after_exact = Some(1);
     let seen = observe.run()?.first_pass_estimates;
     if seen.is_empty() {

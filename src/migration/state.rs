@@ -116,6 +116,19 @@ pub trait MigrationState {
         )))
     }
 
+    /// The channel or the peer failed (a cut, a timeout, a corrupt stream, an Abort from
+    /// the destination): what was sent before the last sync may have been lost in flight
+    /// (in a socket buffer when the channel died), so it must go back as dirty too. The
+    /// loop calls this before [`cancel`](Self::cancel) or
+    /// [`resume_source`](Self::resume_source), and not after a cancel or a refusal on a
+    /// healthy channel (the destination read everything up to the Abort or End).
+    ///
+    /// The default does nothing, which is right only for a state whose `cancel` already
+    /// re-dirties everything it sent in the attempt. RAM re-dirties every page sent in
+    /// the attempt ([`super::ram::RamState::redirty_undelivered`] with 0), unless told
+    /// that its caller reconciles with the destination's applied count.
+    fn channel_failed(&mut self) {}
+
     /// The attempt failed before the switchover (the VM kept running): put back, as dirty,
     /// everything the destination may not have, so that a retry sends only that.
     fn cancel(&mut self);

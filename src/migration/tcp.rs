@@ -404,10 +404,18 @@ pub struct SourceReport {
 /// The source side of one attempt to the destination at `addr`: [`precopy::run`] over a
 /// [`FrameWriter`] on the socket, with a reader thread as the return path.
 ///
+/// On a cut, a timeout, a corrupt stream or an Abort from the destination the loop
+/// runs every state's [`MigrationState::channel_failed`]: RAM re-dirties every page
+/// it sent in the attempt, since some may have been lost in a socket buffer (unless
+/// built with [`super::ram::ChannelLoss::CallerReconciles`]).
+///
 /// # Errors
-/// The errors of [`precopy::run`]; [`MigrationError::Io`] if the connection cannot be
-/// made (the guest was not touched then). As with [`precopy::run`], on every error before
-/// the destination started, the guest runs and the states re-dirtied what they sent.
+/// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`];
+/// nothing is connected then); the errors of [`precopy::run`], among them
+/// [`MigrationError::OutcomeUnknown`] (the VM is left stopped); [`MigrationError::Io`]
+/// if the connection cannot be made (the guest was not touched then). As with
+/// [`precopy::run`], on every other error the guest runs and the states re-dirtied what
+/// the destination may lack.
 pub fn migrate_to(
     addr: SocketAddr,
     options: &SourceOptions,
@@ -415,6 +423,7 @@ pub fn migrate_to(
     states: &mut [&mut dyn MigrationState],
     controller: &mut dyn Controller,
 ) -> Result<SourceReport> {
+    let loop_config = precopy::checked_config(&options.loop_config)?;
     let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
     sock.set_nodelay(true)?;
     sock.set_write_timeout(Some(options.timeout))?;
@@ -426,10 +435,9 @@ pub fn migrate_to(
     let reader = std::thread::Builder::new()
         .name("migration-return".into())
         .spawn(move || read_return_path(back, &tx, &flag))?;
-    let limit = options
-        .loop_config
-        .max_bandwidth
-        .unwrap_or(BytesPerMs::ZERO);
+    // ZERO is "no limit" to the writer; a checked limit is at least 1 byte per 100 ms
+    // window, and the limiter's budget never rounds a non-zero rate down to none.
+    let limit = loop_config.max_bandwidth.unwrap_or(BytesPerMs::ZERO);
     let mut writer = FrameWriter::with_limiter(sock, RateLimiter::new(limit));
     let mut inbound = ReturnPath {
         rx,
@@ -437,7 +445,7 @@ pub fn migrate_to(
     };
     let mut clock = RealClock::new();
     let result = precopy::run(
-        &options.loop_config,
+        &loop_config,
         Endpoints {
             clock: &mut clock,
             vm,

@@ -533,18 +533,26 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
         .rev()
         .find(|l| l.exact)
         .map_or(0, |l| l.syncs);
+    let at_stop = run.at_stop.unwrap_or_default();
+    // The VM stops right after the decision's sync, but the vCPUs run until `stop` parks
+    // them: what they write in those microseconds goes out in the downtime too. So the
+    // bytes in the downtime are bounded by the figure taken again at the stop (the RAM
+    // state's contract), not by the threshold; the difference is reported, not hidden.
     say(format!(
         "switchover decided on sync {decided} (the stop syncs once more): pending {} bytes \
-         (exact) ≤ threshold {} bytes; {} bytes sent in the downtime",
+         (exact) ≤ threshold {} bytes. At the stop: {} bytes pending ({} more, written by the \
+         guest between that sync and the stop); sent in the downtime: {} bytes",
         pending.total().get(),
         threshold.get(),
+        at_stop.total().get(),
+        at_stop.total().get().saturating_sub(pending.total().get()),
         in_downtime.get()
     ))?;
-    if in_downtime > threshold {
+    if in_downtime > at_stop.total() {
         return Err(format!(
-            "the switchover sent {} bytes in the downtime, over its threshold of {}",
+            "the switchover sent {} bytes in the downtime, over the {} bytes pending at the stop",
             in_downtime.get(),
-            threshold.get()
+            at_stop.total().get()
         )
         .into());
     }
@@ -552,14 +560,15 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
     let verdict = if downtime <= limit {
         "within the limit".to_string()
     } else {
-        // The bytes fit the threshold, so they went out slower than the bandwidth the
-        // threshold was computed from.
+        // Either the bytes went out slower than the bandwidth the threshold was computed
+        // from, or the guest's writes between the decision and the stop added to them.
         let measured = run.lines.last().map_or(0.0, |l| mib_s(l.bandwidth));
         format!(
-            "over the limit by {:.1} ms: its {} bytes fit the threshold but went out at {:.1} \
-             MiB/s, against {measured:.1} MiB/s measured before the stop (load average {})",
+            "over the limit by {:.1} ms: its {} bytes (threshold {}) went out at {:.1} MiB/s, \
+             against {measured:.1} MiB/s measured before the stop (load average {})",
             ms(downtime - limit),
             in_downtime.get(),
+            threshold.get(),
             in_downtime.get() as f64 / downtime.as_secs_f64().max(1e-9) / (1 << 20) as f64,
             migrate_run::loadavg()
         )

@@ -135,6 +135,9 @@ pub struct Run {
     pub bytes_in_downtime: Option<Bytes>,
     /// Pending figure and threshold the switchover was decided on.
     pub switch: Option<(Pending, Bytes)>,
+    /// The exact figure again just after the VM stopped: the decision's figure plus what
+    /// the guest wrote between that sync and the stop. The downtime sends at most this.
+    pub at_stop: Option<Pending>,
     /// From the start of the loop to its end.
     pub total_time: Duration,
     /// Bytes on the wire.
@@ -251,8 +254,9 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         )
         .into());
     }
-    if params.max_bandwidth == 0 {
-        return Err("the bandwidth must be at least 1 byte/s".into());
+    // The loop's window is 100 ms: a lower rate could never send a byte.
+    if params.max_bandwidth < 10 {
+        return Err("the bandwidth must be at least 10 bytes/s (1 byte per 100 ms)".into());
     }
     let pages = params.pages();
     let ram = Arc::new(GuestRam::new(pages)?);
@@ -330,6 +334,7 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         downtime: None,
         bytes_in_downtime: None,
         switch: None,
+        at_stop: None,
         total_time: watch.start.elapsed(),
         bytes_sent: Bytes(0),
         pages_sent: state.stats().pages_sent,
@@ -352,6 +357,7 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
                     run.downtime = Some(o.downtime);
                     run.bytes_in_downtime = Some(o.bytes_in_downtime);
                     run.switch = Some((o.pending_at_switch, o.threshold_at_switch));
+                    run.at_stop = Some(o.pending_at_stop);
                     // The source is stopped: its RAM is the RAM at the stop.
                     let same = report
                         .guest
