@@ -286,15 +286,18 @@ impl<S: Storage> BitmapStore<S> {
             .ok_or_else(|| invalid_input!("the store is not active; call activate() first"))
     }
 
-    /// A copy of the bitmap: from memory when active, otherwise read from disk. All-zero
-    /// and all-ones table entries are honoured, and tail bits past the disk are masked.
+    /// A copy of the bitmap: from memory when active or when an incremental
+    /// [`inactivate`](Self::inactivate) kept the in-memory copy (which may hold marks made
+    /// since, not yet on disk: reading the disk would drop them), otherwise read from disk.
+    /// All-zero and all-ones table entries are honoured, and tail bits past the disk are
+    /// masked.
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
     /// data past the end of the file, I/O errors.
     pub fn load(&self, name: &str) -> Result<DirtyBitmap> {
         let i = self.find_consistent(name)?;
-        match &self.slots[i].mem {
+        match self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
             Some(m) => Ok(m.snapshot()),
             None => self.load_disk(&self.slots[i].entry),
         }

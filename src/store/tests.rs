@@ -637,3 +637,30 @@ fn flags_only_change_accepts_flags_and_nothing_else() {
     torn[600] ^= 1;
     assert!(!flags_only_change(0, &old_e, &new_e, &old, &torn));
 }
+
+/// Marks made after an incremental inactivate live only in the kept in-memory copy until
+/// the next activate: `load` (and so `merge`'s source) must see them, or a merge would give
+/// its destination fewer bits than the source had when it ran (a false clean).
+#[test]
+fn merge_after_inactivate_carries_marks_made_since() {
+    let mut s = new_store(64 * MIB, 65536);
+    s.add("a", 65536, true).unwrap();
+    s.add("b", 65536, false).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    t.mark(0, 4096);
+    s.inactivate().unwrap();
+    // The guest kept running (a failed hand-over, say): marks go to the kept copy.
+    t.mark(10 * MIB, 4096);
+    assert!(s.load("a").unwrap().is_dirty(10 * MIB));
+    s.merge("a", "b").unwrap();
+    let b = s.load("b").unwrap();
+    assert!(b.is_dirty(0) && b.is_dirty(10 * MIB));
+    // And on disk once the store is stopped again.
+    s.activate().unwrap();
+    s.inactivate().unwrap();
+    let s = reopen(s, false);
+    let b = s.load("b").unwrap();
+    assert!(b.is_dirty(0) && b.is_dirty(10 * MIB));
+    assert_clean(&s);
+}
