@@ -831,9 +831,12 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
     /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
-    /// clean. The flags are changed in place, QEMU's way: autoclear bit 0 cleared, the
-    /// directory rewritten in place, bit 0 set, each with a barrier. Inconsistent bitmaps
-    /// are left alone. Does nothing if already active.
+    /// clean. Only the directory's flags words change, in place, with one barrier: each
+    /// lies inside one sector, so a torn write leaves every entry old (clean, and no mark
+    /// was recorded yet) or new (`in_use`); see `docs/CRASH-CONSISTENCY.md`. (QEMU clears
+    /// autoclear bit 0 around the directory write, with three barriers; that sequence is
+    /// the fallback should the directory ever differ in more than the flags.) Inconsistent
+    /// bitmaps are left alone. Does nothing if already active.
     ///
     /// The in-memory copy is the one kept by the last incremental
     /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
@@ -894,7 +897,7 @@ impl<S: Storage> BitmapStore<S> {
                     e.in_use = true;
                 }
             }
-            self.write_directory_in_place(entries)?;
+            self.write_flags_in_place(entries)?;
         }
         for (s, m) in self.slots.iter_mut().zip(mems) {
             s.mem = m;

@@ -565,6 +565,7 @@ fn a_mark_racing_inactivate_keeps_the_bitmap_in_use_instead_of_claiming_clean() 
 
 /// The incremental stop commits with two barriers and never rewrites cluster 0: the
 /// remainder, a barrier, the directory's flags in place, a barrier. With nothing left, one.
+/// `activate` likewise sets the flags in place with one barrier.
 #[test]
 fn inactivate_commits_with_two_barriers_and_no_header_write() {
     let mut s = counted_store();
@@ -588,7 +589,20 @@ fn inactivate_commits_with_two_barriers_and_no_header_write() {
         header,
         "cluster 0 untouched"
     );
+    // Taking the disk back: the flags in place, one write and one barrier, cluster 0
+    // untouched (QEMU's way would be three writes and three barriers).
+    let (w0, y0) = (writes(&s), s.image().storage().syncs());
     s.activate().unwrap();
+    assert_eq!(
+        (writes(&s) - w0, s.image().storage().syncs() - y0),
+        (1, 1),
+        "activate: one directory write, one barrier"
+    );
+    assert_eq!(
+        s.image().storage().inner().read_vec_at(0, 512).unwrap(),
+        header,
+        "cluster 0 untouched by activate"
+    );
     let st = s.inactivate().unwrap();
     assert_eq!((st.bytes_written, st.syncs), (0, 1));
     let s = reopen(s);
