@@ -732,19 +732,24 @@ fn allowed_over(n: u64) -> u64 {
     (n * 5).div_ceil(100)
 }
 
-/// Real-time downtime: 32 MiB of guest RAM, two vCPUs writing 50,000 pages a second
-/// (90 % into 5 % of RAM), a 30 ms limit and no rate limit, so the loop measures the
+/// Real-time downtime: 128 MiB of guest RAM, two vCPUs writing 50,000 pages a second
+/// (90 % into 5 % of RAM), a 100 ms limit and no rate limit, so the loop measures the
 /// loopback link's own bandwidth and the switchover runs at it: each run is a real test of
-/// the prediction, and takes well under a second.
+/// the prediction (the threshold is a fraction of RAM), and takes about 1.3 s in debug.
+/// The switchover sends up to the threshold, so downtimes sit just under the limit by
+/// design; with a 30 ms limit the 10 % margin (3 ms) was within one scheduler time slice
+/// of the five threads on two cores, and a busy machine pushed runs over. At 100 ms the
+/// margin is 10 ms: 100 of 100 runs within it on an idle machine (worst 109.5 ms), and
+/// 10 of 10 with two CPU hogs running beside it.
 #[test]
 fn real_time_downtime_stays_within_the_limit() {
     let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
     let n = runs();
-    let limit = Millis(30);
+    let limit = Millis(100);
     let mut downtimes = Vec::new();
     for i in 0..n {
         let cfg = TcpMigration {
-            pages: 8192,
+            pages: 32768,
             workload: WorkloadConfig {
                 vcpus: 2,
                 writes_per_sec: 50_000,

@@ -895,18 +895,30 @@ where
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
+        self.abort_and_redirty(states, &e, |s| s.cancel());
+        e
+    }
+
+    /// Tells the destination (best effort: the channel may be what failed); then every
+    /// state re-dirties what may be lost in flight if the channel is in doubt, and runs
+    /// `hook` (`cancel` with the VM running, `resume_source` with it stopped).
+    fn abort_and_redirty(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        e: &MigrationError,
+        hook: impl Fn(&mut dyn MigrationState),
+    ) {
         let told = self
             .out
             .control(&Control::Abort(format!("source: {e}")))
             .is_ok();
-        let lost = !told || in_doubt(&e);
+        let lost = !told || in_doubt(e);
         for s in states.iter_mut() {
             if lost {
                 s.channel_failed();
             }
-            s.cancel();
+            hook(&mut **s);
         }
-        e
     }
 
     /// Failure with the VM stopped, when the destination certainly did not start (the
@@ -917,17 +929,7 @@ where
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
-        let told = self
-            .out
-            .control(&Control::Abort(format!("source: {e}")))
-            .is_ok();
-        let lost = !told || in_doubt(&e);
-        for s in states.iter_mut() {
-            if lost {
-                s.channel_failed();
-            }
-            s.resume_source();
-        }
+        self.abort_and_redirty(states, &e, |s| s.resume_source());
         match self.vm.resume() {
             Ok(()) => e,
             // The original error is the one that matters; the resume failure is reported
