@@ -63,14 +63,22 @@ pub trait Outbound {
 
     /// The VM stopped: from now on nothing waits for the rate limit (the downtime is not
     /// throttled, as in QEMU). Postcopy's discards go out before the Switchover frame, so
-    /// the loop calls this at the stop rather than relying on the Switchover alone.
-    fn lift_rate_limit(&mut self);
+    /// the loop calls this at the stop rather than relying on the Switchover alone. The
+    /// default does nothing: a link without a rate limiter of its own.
+    fn lift_rate_limit(&mut self) {}
 
-    /// The most framing bytes a later [`send`](Self::send) adds to its payload.
-    fn section_overhead(&self) -> Bytes;
+    /// The most framing bytes a later [`send`](Self::send) adds to its payload. The default
+    /// is a Section frame's framing ([`stream::SECTION_OVERHEAD`]), for links whose stream
+    /// header is already out or not counted.
+    fn section_overhead(&self) -> Bytes {
+        stream::SECTION_OVERHEAD
+    }
 
-    /// The most bytes [`control(msg)`](Self::control) would put on the wire now.
-    fn control_cost(&self, msg: &Control) -> Bytes;
+    /// The most bytes [`control(msg)`](Self::control) would put on the wire now. The
+    /// default is the frame's own length ([`stream::control_wire_len`]).
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        stream::control_wire_len(msg).unwrap_or(Bytes(u64::MAX))
+    }
 
     /// All bytes put on the wire so far.
     fn bytes_sent(&self) -> Bytes;

@@ -272,17 +272,9 @@ impl Outbound for Loopback {
         Ok(wire)
     }
 
-    /// The simulated link has no rate limit of its own (the loop's applies while the VM
-    /// runs).
-    fn lift_rate_limit(&mut self) {}
-
-    fn section_overhead(&self) -> Bytes {
-        SECTION_OVERHEAD
-    }
-
-    fn control_cost(&self, msg: &Control) -> Bytes {
-        control_wire_len(msg).unwrap_or(Bytes(u64::MAX))
-    }
+    // No rate limit of its own (the loop's applies while the VM runs), and the stream's
+    // framing: the trait's defaults for `lift_rate_limit`, `section_overhead` and
+    // `control_cost`.
 
     fn bytes_sent(&self) -> Bytes {
         self.bytes
@@ -492,17 +484,9 @@ impl Outbound for Sim {
         Ok(wire)
     }
 
-    /// The simulated link has no rate limit of its own (the loop's applies while the VM
-    /// runs).
-    fn lift_rate_limit(&mut self) {}
-
-    fn section_overhead(&self) -> Bytes {
-        SECTION_OVERHEAD
-    }
-
-    fn control_cost(&self, msg: &Control) -> Bytes {
-        control_wire_len(msg).unwrap_or(Bytes(u64::MAX))
-    }
+    // No rate limit of its own (the loop's applies while the VM runs), and the stream's
+    // framing: the trait's defaults for `lift_rate_limit`, `section_overhead` and
+    // `control_cost`.
 
     fn bytes_sent(&self) -> Bytes {
         self.0.borrow().bytes
