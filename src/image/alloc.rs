@@ -269,7 +269,16 @@ impl Refcounts {
     /// # Errors
     /// [`Error::InvalidInput`] for `n == 0`, [`Error::Unsupported`] if the reftable would
     /// exceed 8 MiB, corruption found in refcount blocks, or an I/O error.
-    pub(crate) fn alloc(&mut self, storage: &(impl Storage + ?Sized), n: u64) -> Result<u64> {
+    ///
+    /// `header` is the image's in-memory header: when the reftable has to grow, the move is
+    /// committed by rewriting its two reftable fields on disk, and `header` is updated in
+    /// the same step, so the in-memory header never disagrees with the disk.
+    pub(crate) fn alloc(
+        &mut self,
+        storage: &(impl Storage + ?Sized),
+        header: &mut Header,
+        n: u64,
+    ) -> Result<u64> {
         if n == 0 {
             return Err(invalid_input!("cannot allocate 0 clusters"));
         }
@@ -280,7 +289,7 @@ impl Refcounts {
             let missing = self.missing_blocks(s, span);
             let table_len = self.reftable.len() as u64;
             if let Some(&max) = missing.iter().filter(|&&i| i >= table_len).max() {
-                self.grow_reftable(storage, max.saturating_add(1))?;
+                self.grow_reftable(storage, header, max.saturating_add(1))?;
                 k = 0;
                 continue;
             }
@@ -411,7 +420,12 @@ impl Refcounts {
 
     /// Replaces the reftable with one of at least `min_entries` entries, placed at the end
     /// of the file with the refblocks that describe it (`qcow2_refcount_area`).
-    fn grow_reftable(&mut self, storage: &(impl Storage + ?Sized), min_entries: u64) -> Result<()> {
+    fn grow_reftable(
+        &mut self,
+        storage: &(impl Storage + ?Sized),
+        header: &mut Header,
+        min_entries: u64,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let per_cluster = cs / REFTABLE_ENTRY_LEN as u64;
         let tail = ceil_div(storage.len()?, cs).max(self.hint);
@@ -461,17 +475,26 @@ impl Refcounts {
         storage.write_all_at(&table, new_offset)?;
         storage.sync_data()?;
         self.syncs = self.syncs.saturating_add(1);
-        // 3. The commit: one 12-byte write inside the first sector of the header.
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&new_offset.to_be_bytes());
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        storage.write_all_at(&fields, HEADER_REFTABLE_FIELDS)?;
+        // 3. The commit: one 12-byte write inside the first sector of the header, encoded
+        //    from the in-memory header it updates (the header's one owner is `Image`, which
+        //    handed it in), so a live handle's header is the disk's.
+        let clusters32 = u32::try_from(table_clusters)
+            .map_err(|_| invalid_input!("refcount table of {table_clusters} clusters"))?;
+        let mut updated = header.clone();
+        updated.refcount_table_offset = new_offset;
+        updated.refcount_table_clusters = clusters32;
+        let encoded = updated.encode()?;
+        let fields = encoded
+            .get(HEADER_REFTABLE_FIELDS as usize..HEADER_REFTABLE_FIELDS as usize + 12)
+            .ok_or_else(|| invalid_input!("header too short for the reftable fields"))?;
+        storage.write_all_at(fields, HEADER_REFTABLE_FIELDS)?;
         storage.sync_data()?;
         self.syncs = self.syncs.saturating_add(1);
         self.dirty_blocks.clear();
         self.dirty_entries.clear();
         self.reftable_offset = new_offset;
         self.reftable_clusters = table_clusters;
+        *header = updated;
         // 4. The old table is now unreferenced; a crash before the next flush leaks it.
         self.free(storage, old_offset, old_clusters)?;
         Ok(())

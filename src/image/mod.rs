@@ -164,7 +164,10 @@ impl<S: Storage> Image<S> {
         let mut header = header;
         if l1_size > 0 {
             let l1_len = u64::from(l1_size) * 8;
-            let l1 = refcounts.alloc(&storage, l1_len.div_ceil(cluster_size))?;
+            // This may grow the reftable, which moves it and rewrites the header's reftable
+            // fields on disk: `header` follows, so the header written below names the
+            // table in force, not cluster 1.
+            let l1 = refcounts.alloc(&storage, &mut header, l1_len.div_ceil(cluster_size))?;
             storage.write_zeroes_at(l1, l1_len.div_ceil(cluster_size) * cluster_size)?;
             header.l1_table_offset = l1;
         }
@@ -271,7 +274,7 @@ impl<S: Storage> Image<S> {
     /// [`Error::ReadOnly`], [`Error::Poisoned`], refcount corruption found on the way, or an
     /// I/O error (which poisons the image).
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        self.guarded(|img| img.refcounts.alloc(&img.storage, n))
+        self.guarded(|img| img.refcounts.alloc(&img.storage, &mut img.area.header, n))
     }
 
     /// Decrements the refcounts of the `n` clusters at `offset`, in memory.
