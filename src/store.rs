@@ -26,6 +26,7 @@ use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapsExtension,
     DirEntry, ImageGeometry, TableEntry,
 };
+use crate::image::check::References;
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
 
@@ -99,6 +100,10 @@ pub struct BitmapStore<S: Storage> {
     /// Set when a flush or an inactivation failed part-way: every later write is refused
     /// ([`Error::Poisoned`]) until the image is reopened.
     poisoned: bool,
+    /// The reference counts of the last [`preflight`](Self::preflight). While the store is
+    /// active it stays valid for deciding frees: since then only this handle wrote, and it
+    /// only added clusters that nothing referenced (see `safe_frees`).
+    walk: Option<References>,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -177,6 +182,7 @@ impl<S: Storage> BitmapStore<S> {
             dir,
             active: false,
             poisoned: false,
+            walk: None,
         })
     }
 
@@ -192,6 +198,7 @@ impl<S: Storage> BitmapStore<S> {
             dir: None,
             active: false,
             poisoned: false,
+            walk: None,
         })
     }
 
@@ -364,40 +371,119 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The clusters of `frees` that are safe to release, as byte offsets: each cluster once,
-    /// none that the image's structures or a bitmap in `keep` still reference, and none
-    /// whose refcount is already 0.
+    /// only those that the walk of the last [`preflight`](Self::preflight) found referenced
+    /// at most once (by the owner being dropped, which named it), and none whose refcount
+    /// is already 0.
     ///
-    /// A corrupt image can share a cluster between two owners (for example one bitmap's
-    /// table entry naming another bitmap's table). Releasing such a cluster would let the
-    /// allocator hand out live metadata, and the other bitmap could later read back as
-    /// clean. A cluster dropped here stays allocated: at worst a leak, never a loss.
-    fn safe_frees(&mut self, keep: &[DirEntry], frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
+    /// The walk is `Image::check`'s: it counts the header, L1 and L2 tables, guest data,
+    /// snapshots, the LUKS header, the refcount structures and every bitmap structure. A
+    /// cluster that anything else also references stays allocated: at worst a leak, never a
+    /// loss. Clusters allocated since the walk had no reference and refcount 0 then (the
+    /// preflight found no corruption, so no referenced cluster has refcount 0), so only
+    /// this store references them.
+    fn safe_frees(&mut self, frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
         let cb = self.image.header().cluster_bits;
-        let mut live = self.image.structure_clusters();
-        for entry in keep {
-            // A table that cannot be read (an inconsistent bitmap) still owns its clusters.
-            let owned = match self.owned_clusters(entry) {
-                Ok(owned) => owned,
-                Err(_) => vec![(
-                    entry.table_offset,
-                    ceil_clusters(u64::from(entry.table_size) * 8, 1 << cb),
-                )],
-            };
-            for (off, n) in owned {
-                let first = off >> cb;
-                live.extend(first..first.saturating_add(n));
-            }
-        }
+        let walk = self
+            .walk
+            .take()
+            .ok_or_else(|| invalid_input!("a commit without a preflight"))?;
+        let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for (off, n) in frees {
-            let first = off >> cb;
-            for c in first..first.saturating_add(n) {
-                if live.insert(c) && self.image.refcount(c << cb)? > 0 {
-                    out.push(c << cb);
+        let r = (|| {
+            for (off, n) in frees {
+                let first = off >> cb;
+                for c in first..first.saturating_add(n) {
+                    if seen.insert(c) && walk.at(c << cb) <= 1 && self.image.refcount(c << cb)? > 0
+                    {
+                        out.push(c << cb);
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        self.walk = Some(walk);
+        r
+    }
+
+    /// What every operation that writes checks before its first write, so that a refusal
+    /// writes nothing:
+    /// - the image passes the walk `Image::check` does with no corruption, so every
+    ///   cluster anything references has a refcount at least as high, and the allocator
+    ///   (which hands out only refcount-0 clusters) can never hand out a referenced one;
+    /// - every cluster of the bitmap directory, of each bitmap table and of each consistent
+    ///   bitmap's data has exactly one reference and refcount 1: bitmaps are written in
+    ///   place, and a cluster shared with another table, another entry or other metadata
+    ///   would be overwritten under its other owner.
+    ///
+    /// One walk over the file's metadata: each table is read once however many entries
+    /// name it, so the cost is O(the file's metadata), never O(bitmaps × table). The walk's
+    /// counts are kept for the frees of the operation's commit.
+    ///
+    /// # Errors
+    /// [`Corruption::CheckFailed`], [`Corruption::SharedCluster`], I/O.
+    fn preflight(&mut self) -> Result<()> {
+        self.walk = None;
+        let (report, walk) = self.image.references()?;
+        if report.corruptions > 0 {
+            return Err(Corruption::CheckFailed {
+                corruptions: report.corruptions,
+                first: report.messages.first().cloned().unwrap_or_default(),
+            }
+            .into());
+        }
+        let cs = self.image.cluster_size();
+        let mut owned: Vec<(u64, u64, &'static str)> = Vec::new();
+        if let Some((off, size)) = self.dir {
+            owned.push((off, ceil_clusters(size, cs), "bitmap directory"));
+        }
+        for s in self.slots.iter().filter(|s| !s.stale) {
+            owned.push((
+                s.entry.table_offset,
+                ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
+                "bitmap table",
+            ));
+            if !s.inconsistent {
+                for t in self.read_table(&s.entry)? {
+                    if let TableEntry::Data(off) = t {
+                        owned.push((off, 1, "bitmap data"));
+                    }
                 }
             }
         }
-        Ok(out)
+        for (off, n, what) in owned {
+            for k in 0..n {
+                let at = off.saturating_add(k.saturating_mul(cs));
+                let references = walk.at(at);
+                let refcount = self.image.refcount(at)?;
+                if references != 1 || refcount != 1 {
+                    return Err(Corruption::SharedCluster {
+                        offset: at,
+                        what,
+                        references,
+                        refcount,
+                    }
+                    .into());
+                }
+            }
+        }
+        self.walk = Some(walk);
+        Ok(())
+    }
+
+    /// Whether cluster 0 still holds the header once the bitmaps extension is there (it
+    /// grows by the extension's 24 bytes when the first bitmap is added). Checked before
+    /// anything is allocated, so a refusal leaks nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the sizes.
+    fn ensure_header_fits(&self, nb_bitmaps: u32) -> Result<()> {
+        let mut area = self.image.area().clone();
+        area.bitmaps = (nb_bitmaps > 0).then_some(BitmapsExtension {
+            nb_bitmaps,
+            directory_size: 1,
+            directory_offset: self.image.cluster_size(),
+        });
+        area.encode().map(|_| ())
     }
 
     /// The clusters a bitmap owns: its data clusters, then its table.
@@ -487,7 +573,8 @@ impl<S: Storage> BitmapStore<S> {
         }
         // Decided before anything is allocated or written, so that nothing after the
         // commit point can fail on bad metadata.
-        let frees = self.safe_frees(&entries, frees)?;
+        self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
+        let frees = self.safe_frees(frees)?;
         let new_dir = if entries.is_empty() {
             None
         } else {
@@ -623,7 +710,9 @@ impl<S: Storage> BitmapStore<S> {
         } else {
             None
         };
-        // All input is valid: from here on, only I/O can fail.
+        self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
+        self.preflight()?;
+        // All input is valid and the image is sound: from here on, only I/O can fail.
         let table_bytes = u64::from(ts) * 8;
         let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
         self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
@@ -648,6 +737,7 @@ impl<S: Storage> BitmapStore<S> {
     pub fn remove(&mut self, name: &str) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find(name)?;
+        self.preflight()?;
         let slot = &self.slots[i];
         let frees = if slot.stale {
             Vec::new()
@@ -711,6 +801,7 @@ impl<S: Storage> BitmapStore<S> {
             // Active: OR into the authoritative copy, write nothing (see above).
             return m.merge_from(bm);
         }
+        self.preflight()?;
         if let Some(kept) = self.slots[i].parked.clone() {
             // Inactive after an incremental inactivate: the kept copy takes `bitmap`'s bits
             // too (it may hold marks made while inactive), and the disk gets the copy whole,
@@ -722,6 +813,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Writes `bm` as slot `i`'s new data with the given in_use flag, and commits.
+    /// The caller ran [`preflight`](Self::preflight) before changing anything.
     fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
         let old = self.slots[i].entry.clone();
         let frees = self.owned_clusters(&old)?;
@@ -746,6 +838,7 @@ impl<S: Storage> BitmapStore<S> {
             m.clear(0, self.disk_size());
             return Ok(());
         }
+        self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
             p.clear(0, self.disk_size());
         }
@@ -764,6 +857,9 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             m.set_enabled(enabled);
             return Ok(());
+        }
+        if self.slots[i].entry.auto != enabled {
+            self.preflight()?;
         }
         if let Some(p) = &self.slots[i].parked {
             p.set_enabled(enabled);
@@ -821,6 +917,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             return m.merge_from(&converted);
         }
+        self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
             p.merge_from(&converted)?;
         }
@@ -880,6 +977,9 @@ impl<S: Storage> BitmapStore<S> {
         if self.slots.iter().any(|s| s.parked.is_some()) {
             self.ensure_unchanged_since_inactivate()?;
         }
+        // From here on bitmaps are written in place: each of their clusters must be theirs
+        // alone (see `preflight`), or nothing is written.
+        self.preflight()?;
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             mems.push(if s.inconsistent {
