@@ -63,3 +63,436 @@ fn defect_05_reftable_growth_keeps_the_in_memory_header_true() {
     let loaded = reopened.load("b").unwrap();
     assert_eq!(loaded.count(), loaded.bit_count());
 }
+
+// ----- helpers that edit an image the way a hostile or damaged one would look -----
+
+use dirty_bitmap::format::{decode_directory, DirEntry, HeaderArea};
+use dirty_bitmap::storage::{Storage, StorageExt};
+use dirty_bitmap::{Corruption, DirtyBitmap, Error};
+
+/// The bitmap directory and its offset.
+fn directory(storage: &dyn Storage) -> (Vec<DirEntry>, u64) {
+    let cluster0 = storage
+        .read_vec_at(0, 512.min(storage.len().unwrap()))
+        .unwrap();
+    let header = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
+    let cs = header.cluster_size();
+    let cluster0 = storage.read_vec_at(0, cs).unwrap();
+    let area = HeaderArea::decode(&cluster0).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let bytes = storage
+        .read_vec_at(ext.directory_offset, ext.directory_size)
+        .unwrap();
+    let entries = decode_directory(&bytes, ext.nb_bitmaps, &header.geometry().unwrap()).unwrap();
+    (entries, ext.directory_offset)
+}
+
+/// Rewrites the directory in place (entries of the same encoded sizes).
+fn write_directory(storage: &dyn Storage, entries: &[DirEntry], at: u64) {
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    storage.write_all_at(&bytes, at).unwrap();
+}
+
+/// Sets the 16-bit refcount of the cluster at byte `offset` directly in its refblock.
+fn set_refcount_raw(storage: &dyn Storage, offset: u64, value: u16) {
+    let cluster0 = storage.read_vec_at(0, 512).unwrap();
+    let h = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
+    assert_eq!(h.refcount_order, 4);
+    let cs = h.cluster_size();
+    let per_block = cs / 2;
+    let c = offset / cs;
+    let block = storage
+        .read_u64_be_at(h.refcount_table_offset + (c / per_block) * 8)
+        .unwrap();
+    storage
+        .write_all_at(&value.to_be_bytes(), block + (c % per_block) * 2)
+        .unwrap();
+}
+
+fn table_entry(storage: &dyn Storage, table: u64, i: u64) -> u64 {
+    storage.read_u64_be_at(table + 8 * i).unwrap()
+}
+
+fn is_check_failed(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(Corruption::CheckFailed { .. }))
+}
+
+fn is_shared(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(Corruption::SharedCluster { .. }))
+}
+
+/// A consistent bitmap "b" with data in its first two table entries (512 B clusters).
+fn two_cluster_bitmap() -> (BitmapStore<MemStorage>, u64) {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("b", 512, true).unwrap();
+    let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
+    bits.mark_dirty(0, 512); // bit 0: cluster 0 of the bitmap data
+    bits.mark_dirty(2 * MIB + 512, 512); // bit 4097: byte 512, the second data cluster
+    store.store("b", &bits).unwrap();
+    let (entries, _) = directory(store.image().storage());
+    (store, entries[0].table_offset)
+}
+
+fn reopen_mem(store: BitmapStore<MemStorage>, writable: bool) -> BitmapStore<MemStorage> {
+    let bytes = store.image().storage().to_vec();
+    drop(store);
+    BitmapStore::open(MemStorage::from_bytes(bytes), writable).unwrap()
+}
+
+/// Defect 2: two entries of one consistent bitmap naming one cluster. The in-place flush
+/// wrote region 2 over region 1 and bit 0 read back clean from a consistent bitmap. Now
+/// activation (the first in-place write) refuses before writing, whether the refcount
+/// gives the sharing away (`qemu-img check` corruption) or was raised to match.
+#[test]
+fn defect_02_two_table_entries_naming_one_cluster_are_refused_before_any_write() {
+    for raise_refcount in [false, true] {
+        let (store, table) = two_cluster_bitmap();
+        let storage = store.image().storage();
+        let first = table_entry(storage, table, 0);
+        storage.write_u64_be_at(table + 8, first).unwrap();
+        if raise_refcount {
+            set_refcount_raw(storage, first, 2);
+        }
+        let mut store = reopen_mem(store, true);
+        let before = store.image().storage().to_vec();
+        let err = store.activate().unwrap_err();
+        if raise_refcount {
+            assert!(is_shared(&err), "{err:?}");
+        } else {
+            assert!(is_check_failed(&err), "{err:?}");
+        }
+        assert!(!store.is_active());
+        assert_eq!(
+            store.image().storage().to_vec(),
+            before,
+            "the refusal wrote"
+        );
+        // Read-only use goes on.
+        assert!(store.load("b").unwrap().is_dirty(0));
+    }
+}
+
+/// Defect 2, same family: a table entry naming a refcount block. `clear` + `flush` zeroed
+/// the refcounts of the header and the tables.
+#[test]
+fn defect_02_a_table_entry_naming_a_refcount_block_is_refused() {
+    for raise_refcount in [false, true] {
+        let (store, table) = two_cluster_bitmap();
+        let storage = store.image().storage();
+        let h = store.image().header().clone();
+        let block = storage.read_u64_be_at(h.refcount_table_offset).unwrap();
+        storage.write_u64_be_at(table, block).unwrap();
+        if raise_refcount {
+            set_refcount_raw(storage, block, 2);
+        }
+        let mut store = reopen_mem(store, true);
+        let before = store.image().storage().to_vec();
+        let err = store.activate().unwrap_err();
+        assert!(is_check_failed(&err) || is_shared(&err), "{err:?}");
+        let err = store.clear("b").unwrap_err();
+        assert!(is_check_failed(&err) || is_shared(&err), "{err:?}");
+        assert_eq!(
+            store.image().storage().to_vec(),
+            before,
+            "the refusal wrote"
+        );
+    }
+}
+
+/// Defect 2, same family: two directory entries sharing one table, with the refcount
+/// raised so that `qemu-img check` sees only the other table's leak. Every write is
+/// refused; listing and loading go on.
+#[test]
+fn defect_02_two_directory_entries_sharing_a_table_are_refused() {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("a", 512, true).unwrap();
+    store.add("b", 512, true).unwrap();
+    let storage = store.image().storage();
+    let (mut entries, at) = directory(storage);
+    entries[1].table_offset = entries[0].table_offset;
+    write_directory(storage, &entries, at);
+    set_refcount_raw(storage, entries[0].table_offset, 2);
+    let mut store = reopen_mem(store, true);
+    let before = store.image().storage().to_vec();
+    for r in [
+        store.activate(),
+        store.set_enabled("a", false),
+        store.remove("b"),
+        store.add("c", 512, true),
+    ] {
+        let err = r.unwrap_err();
+        assert!(is_shared(&err), "{err:?}");
+    }
+    assert_eq!(store.image().storage().to_vec(), before, "a refusal wrote");
+    assert_eq!(store.list().len(), 2);
+    assert_eq!(store.load("b").unwrap().count(), 0);
+}
+
+use common::qemu::{ok, run};
+use std::path::Path;
+
+/// Host offset of guest byte `guest` of a qcow2 image, from `qemu-img map`.
+fn host_offset(img: &Path, guest: u64) -> u64 {
+    let json = ok(
+        "qemu-img",
+        &["map", "-f", "qcow2", "--output=json", img.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for m in v.as_array().unwrap() {
+        let (start, len) = (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap());
+        if (start..start + len).contains(&guest) && m["data"].as_bool().unwrap() {
+            return m["offset"].as_u64().unwrap() + (guest - start);
+        }
+    }
+    panic!("guest byte {guest} is not allocated: {json}");
+}
+
+/// Defect 3: a bitmap table entry naming a guest data cluster. `remove` freed it, the next
+/// `add` put a zeroed table there, and the guest's 0xab bytes were gone. Now every write
+/// is refused before it starts (the image fails `qemu-img check`), and the data is intact.
+#[test]
+fn defect_03_no_operation_frees_a_cluster_holding_guest_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 0 1M", path],
+    );
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    let data = host_offset(&img, 0);
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (entries, _) = directory(&storage);
+        storage
+            .write_u64_be_at(entries[0].table_offset, data)
+            .unwrap();
+    }
+    let before = std::fs::read(&img).unwrap();
+    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    for r in [
+        store.remove("b0"),
+        store.clear("b0"),
+        store.add("b1", 65536, true),
+        store.activate(),
+    ] {
+        let err = r.unwrap_err();
+        assert!(is_check_failed(&err), "{err:?}");
+    }
+    drop(store);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "a refusal wrote");
+    ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0xab 0 1M", path]);
+}
+
+/// Defect 6: `resize` cleared autoclear bit 0 before it read the tables, so a reserved bit
+/// in the second bitmap's table left both bitmaps inconsistent on reopen, the good one
+/// included. Now the refusal writes nothing.
+#[test]
+fn defect_06_resize_refuses_a_bad_table_before_writing() {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("good", 512, true).unwrap();
+    store.add("bad", 512, true).unwrap();
+    let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
+    bits.mark_dirty(0, 4096);
+    store.store("good", &bits).unwrap();
+    store.store("bad", &bits).unwrap();
+    let storage = store.image().storage();
+    let (entries, _) = directory(storage);
+    let t = entries[1].table_offset;
+    let e = table_entry(storage, t, 0);
+    storage.write_u64_be_at(t, e | 1).unwrap(); // bit 0 is reserved
+    let mut store = reopen_mem(store, true);
+    let before = store.image().storage().to_vec();
+    let err = store.resize(8 * MIB).unwrap_err();
+    assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    assert_eq!(
+        store.image().storage().to_vec(),
+        before,
+        "the refusal wrote"
+    );
+    let store = reopen_mem(store, false);
+    assert_eq!(store.load("good").unwrap().count(), 8);
+}
+
+/// A storage that counts the bytes read through it.
+#[derive(Debug)]
+struct Counting<S> {
+    inner: S,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl<S: Storage> Storage for Counting<S> {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+/// Defect 7: every commit re-read every kept table, so 50 in-use entries sharing one large
+/// table made `set_enabled` read the table 50 times. Now one walk reads each table once:
+/// the bytes read stay below twice the file's size, however many entries share it.
+#[test]
+fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
+    // 1 TiB at 512 B granularity with 4 KiB clusters: 65,536 table entries (512 KiB).
+    let disk = 1 << 40;
+    let mut store = BitmapStore::create(MemStorage::new(), disk, 4096).unwrap();
+    store.add("x", 64 << 10, true).unwrap();
+    store.add("s0", 512, true).unwrap();
+    let (mut entries, _) = directory(store.image().storage());
+    let shared = entries[1].clone();
+    assert_eq!(shared.table_size, 65_536);
+    for k in 1..50 {
+        let mut e = shared.clone();
+        e.name = format!("s{k}");
+        entries.push(e);
+    }
+    for e in entries.iter_mut().skip(1) {
+        e.in_use = true;
+    }
+    // A new directory at the end of the file (its clusters have no refcount: the image
+    // fails `qemu-img check` too, which is what the walk must find without re-reading).
+    let storage = store.image().storage();
+    let at = storage.len().unwrap();
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    storage
+        .set_len(at + (bytes.len() as u64).div_ceil(4096) * 4096)
+        .unwrap();
+    storage.write_all_at(&bytes, at).unwrap();
+    let mut area = store.image().area().clone();
+    let mut ext = area.bitmaps.unwrap();
+    ext.nb_bitmaps = entries.len() as u32;
+    ext.directory_offset = at;
+    ext.directory_size = bytes.len() as u64;
+    area.bitmaps = Some(ext);
+    storage.write_all_at(&area.encode().unwrap(), 0).unwrap();
+    let file = store.image().storage().to_vec();
+    let file_len = file.len() as u64;
+    drop(store);
+
+    let counting = Counting {
+        inner: MemStorage::from_bytes(file),
+        read: Default::default(),
+    };
+    let mut store = BitmapStore::open(counting, true).unwrap();
+    assert_eq!(store.list().len(), 51);
+    let opened = store
+        .image()
+        .storage()
+        .read
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let err = store.set_enabled("x", false).unwrap_err();
+    assert!(is_check_failed(&err), "{err:?}");
+    let read = store
+        .image()
+        .storage()
+        .read
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - opened;
+    assert!(
+        read < 2 * file_len,
+        "set_enabled read {read} bytes of a {file_len}-byte file (the shared table is {} bytes)",
+        shared.table_size * 8
+    );
+    let report = store.image().check().unwrap();
+    assert!(report.corruptions > 0);
+}
+
+/// Defect 8: `add` flushed the new clusters' refcounts before it found that the header no
+/// longer fits in cluster 0 (512 B clusters and a 351-byte backing file name), leaking
+/// two clusters. Now the refusal comes first and writes nothing.
+#[test]
+fn defect_08_add_refuses_a_header_that_outgrows_cluster_0_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.qcow2");
+    // A real 351-byte path (QEMU's check opens the backing file).
+    let sub = dir.path().join("a".repeat(200));
+    std::fs::create_dir(&sub).unwrap();
+    let prefix = sub.to_str().unwrap().len() + 1;
+    let backing = sub.join("b".repeat(351 - prefix));
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let backing = backing.to_str().unwrap().to_string();
+    assert_eq!(backing.len(), 351);
+    let path = img.to_str().unwrap();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            &backing,
+            "-F",
+            "raw",
+            path,
+            "1M",
+        ],
+    );
+    let before = std::fs::read(&img).unwrap();
+    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let err = store.add("b0", 65536, true).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    drop(store);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the refusal wrote");
+    // QEMU refuses too, and neither leaks.
+    let out = run("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    assert!(!out.status.success());
+    let out = run("qemu-img", &["check", "-f", "qcow2", "-U", path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Defect 10: a consistent entry whose table size does not fit the disk. QEMU refuses to
+/// open the image ("Could not read bitmap"); `dbm info` called it corrupt, `dbm check`
+/// exited 0. Now check judges the directory with open's rules and exits 2.
+#[test]
+fn defect_10_check_and_open_judge_the_table_size_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ts.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (mut entries, at) = directory(&storage);
+        entries[0].table_size += 1;
+        write_directory(&storage, &entries, at);
+    }
+    let out = run("qemu-img", &["check", "-f", "qcow2", path]);
+    assert_eq!(out.status.code(), Some(1), "QEMU cannot open it");
+    assert!(BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).is_err());
+    let image = Image::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let report = image.check().unwrap();
+    assert_eq!(report.exit_code(), 2, "{report:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(["check", path])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
