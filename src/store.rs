@@ -29,6 +29,7 @@ use crate::format::{
 use crate::image::check::References;
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
+use crate::tracker::TrackedSet;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
@@ -104,6 +105,9 @@ pub struct BitmapStore<S: Storage> {
     /// active it stays valid for deciding frees: since then only this handle wrote, and it
     /// only added clusters that nothing referenced (see `safe_frees`).
     walk: Option<References>,
+    /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
+    /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
+    tracked: TrackedSet,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -183,6 +187,7 @@ impl<S: Storage> BitmapStore<S> {
             active: false,
             poisoned: false,
             walk: None,
+            tracked: TrackedSet::default(),
         })
     }
 
@@ -199,6 +204,7 @@ impl<S: Storage> BitmapStore<S> {
             active: false,
             poisoned: false,
             walk: None,
+            tracked: TrackedSet::default(),
         })
     }
 
@@ -632,7 +638,20 @@ impl<S: Storage> BitmapStore<S> {
                 parked,
             })
             .collect();
+        self.publish();
         Ok(())
+    }
+
+    /// Publishes the in-memory bitmaps (active or parked) to every tracker taken from this
+    /// store. Called after every change of the slots, before the call that changed them
+    /// returns, so a mark that starts afterwards reaches every enabled bitmap.
+    fn publish(&self) {
+        let list: Vec<Arc<DirtyBitmap>> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
+            .collect();
+        self.tracked.store(Arc::new(list));
     }
 
     fn current_entries(&self) -> Vec<DirEntry> {
@@ -723,6 +742,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(slot) = self.slots.last_mut() {
             slot.mem = mem;
         }
+        self.publish();
         Ok(())
     }
 
@@ -1004,6 +1024,7 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.active = true;
+        self.publish();
         Ok(())
     }
 

@@ -496,3 +496,99 @@ fn defect_10_check_and_open_judge_the_table_size_alike() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Defect 4: a tracker taken before a bitmap was added never marked it, so the bitmap was
+/// stored consistent and clean over a write the tracker recorded (the documented path:
+/// activate, take the tracker, inactivate, add, activate, mark, close).
+#[test]
+fn defect_04_a_tracker_marks_bitmaps_added_after_it_was_taken() {
+    let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
+    store.add("old", 65536, true).unwrap();
+    store.activate().unwrap();
+    let tracker = store.tracker().unwrap();
+    store.inactivate().unwrap();
+    store.add("new", 65536, true).unwrap();
+    store.activate().unwrap();
+    tracker.mark(5 * MIB, 4096);
+    let image = store.close().unwrap();
+    let store = BitmapStore::open(image.into_storage(), false).unwrap();
+    for name in ["old", "new"] {
+        assert!(
+            store.load(name).unwrap().is_dirty(5 * MIB),
+            "{name} reads clean"
+        );
+    }
+}
+
+/// Defect 4's class: whatever the order of add, enable, activate and merge (and an
+/// inactivate/activate cycle anywhere), a bitmap that is enabled while the store is active
+/// receives every later mark from a tracker taken before any of them.
+#[test]
+fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Op {
+        Add,
+        Enable,
+        Activate,
+        Merge,
+    }
+    fn permutations(ops: Vec<Op>) -> Vec<Vec<Op>> {
+        if ops.len() <= 1 {
+            return vec![ops];
+        }
+        let mut out = Vec::new();
+        for i in 0..ops.len() {
+            let mut rest = ops.clone();
+            let first = rest.remove(i);
+            for mut p in permutations(rest) {
+                p.insert(0, first);
+                out.push(p);
+            }
+        }
+        out
+    }
+    let mut runs = 0;
+    for order in permutations(vec![Op::Add, Op::Enable, Op::Activate, Op::Merge]) {
+        for cycle_after in 0..=4 {
+            let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
+            store.add("a", 65536, true).unwrap();
+            store.activate().unwrap();
+            let tracker = store.tracker().unwrap();
+            store.inactivate().unwrap();
+            let mut added = false;
+            for (k, op) in order.iter().enumerate() {
+                match op {
+                    Op::Add => {
+                        store.add("n", 65536, false).unwrap();
+                        added = true;
+                    }
+                    // Enabling a bitmap that does not exist yet is refused; it is
+                    // enabled at the end instead.
+                    Op::Enable if added => store.set_enabled("n", true).unwrap(),
+                    Op::Enable => assert!(store.set_enabled("n", true).is_err()),
+                    Op::Activate => store.activate().unwrap(),
+                    Op::Merge if added => store.merge("a", "n").unwrap(),
+                    Op::Merge => assert!(store.merge("a", "n").is_err()),
+                }
+                if k + 1 == cycle_after && store.is_active() {
+                    store.inactivate().unwrap();
+                    store.activate().unwrap();
+                }
+            }
+            store.activate().unwrap();
+            store.set_enabled("n", true).unwrap();
+            let at = (runs % 60) * MIB;
+            tracker.mark(at, 4096);
+            let image = store.close().unwrap();
+            let store = BitmapStore::open(image.into_storage(), false).unwrap();
+            for name in ["a", "n"] {
+                assert!(
+                    store.load(name).unwrap().is_dirty(at),
+                    "{order:?}, cycle after {cycle_after}: {name} reads clean"
+                );
+            }
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 24 * 5);
+}
