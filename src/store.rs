@@ -1192,27 +1192,33 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
-            self.write_flags_in_place(entries.clone())?;
-            // A mark that arrived after step 1 took its region is in memory only, while
-            // the directory now says clean. Put `in_use` back and stay active, so the disk
-            // never claims a bit it lacks; the caller must stop the writers first.
-            if self
-                .slots
-                .iter()
-                .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
-            {
-                let mut back = entries;
-                for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
-                    if s.mem.is_some() {
-                        e.in_use = true;
-                    }
-                }
-                self.write_flags_in_place(back)?;
-                return Err(Error::MarksDuringInactivate);
-            }
+            self.write_flags_in_place(entries)?;
+            self.refuse_late_marks()?;
         }
         self.park();
         Ok(stats)
+    }
+
+    /// After an inactivation's commit wrote "clean": a mark that arrived after its region
+    /// was taken is in memory only, while the directory says clean. Put `in_use` back (in
+    /// place, one barrier) and stay active, so the disk never claims a bit it lacks; the
+    /// caller must stop the writers first. Both inactivation paths end with it.
+    fn refuse_late_marks(&mut self) -> Result<()> {
+        if !self
+            .slots
+            .iter()
+            .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
+        {
+            return Ok(());
+        }
+        let mut back = self.current_entries();
+        for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
+            if s.mem.is_some() {
+                e.in_use = true;
+            }
+        }
+        self.write_flags_in_place(back)?;
+        Err(Error::MarksDuringInactivate)
     }
 
     /// Keeps the in-memory bitmaps for a later [`activate`](Self::activate) and goes
@@ -1232,7 +1238,10 @@ impl<S: Storage> BitmapStore<S> {
     /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
     ///
     /// # Errors
-    /// I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    /// - [`Error::MarksDuringInactivate`] if a bitmap was marked while this ran (the guest
+    ///   was not stopped): `in_use` is set again in place and the store stays active, as
+    ///   with [`inactivate`](Self::inactivate).
+    /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
         if !self.active {
             return Ok(FlushStats::default());
@@ -1241,8 +1250,10 @@ impl<S: Storage> BitmapStore<S> {
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let mut stats = FlushStats::default();
-        let r = self.full_rewrite(&mut stats);
-        if r.is_err() {
+        let r = self
+            .full_rewrite(&mut stats)
+            .and_then(|()| self.refuse_late_marks());
+        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
         r?;

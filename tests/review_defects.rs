@@ -592,3 +592,78 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
     }
     assert_eq!(runs, 24 * 5);
 }
+
+/// A storage that runs a hook before every write, with the write's offset.
+struct Hooked<S> {
+    inner: S,
+    hook: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Hooked<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<S: Storage> Storage for Hooked<S> {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        (self.hook)(offset);
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+/// Defect 9, first window: `inactivate_full_rewrite` never looked at the change maps after
+/// its commit, so a mark made while it ran (here: while the header commit is written, after
+/// every data cluster) stayed in memory while the disk said clean. Now it returns
+/// `MarksDuringInactivate` with `in_use` back on disk, as the incremental path does.
+#[test]
+fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
+    use std::sync::{Arc, Mutex};
+    let slot: Arc<Mutex<Option<Arc<DirtyBitmap>>>> = Arc::default();
+    let hook_slot = Arc::clone(&slot);
+    let storage = Hooked {
+        inner: MemStorage::new(),
+        hook: Box::new(move |offset| {
+            if offset == 0 {
+                if let Some(b) = hook_slot.lock().unwrap().take() {
+                    b.mark_dirty(7 * MIB, 4096);
+                }
+            }
+        }),
+    };
+    let mut store = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
+    store.add("b", 65536, true).unwrap();
+    store.activate().unwrap();
+    let bm = store.bitmap("b").unwrap();
+    bm.mark_dirty(0, 4096);
+    *slot.lock().unwrap() = Some(Arc::clone(&bm));
+    let err = store.inactivate_full_rewrite().unwrap_err();
+    assert!(matches!(err, Error::MarksDuringInactivate), "{err:?}");
+    assert!(store.is_active());
+    // The disk says in_use again: a crash now leaves the bitmap inconsistent.
+    let crashed = BitmapStore::open(
+        MemStorage::from_bytes(store.image().storage().inner.to_vec()),
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        crashed.list()[0].state,
+        dirty_bitmap::BitmapState::Inconsistent
+    );
+    let image = store.close().unwrap();
+    let store = BitmapStore::open(image.into_storage().inner, false).unwrap();
+    let loaded = store.load("b").unwrap();
+    assert!(loaded.is_dirty(0) && loaded.is_dirty(7 * MIB));
+}
