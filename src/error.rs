@@ -488,9 +488,6 @@ pub enum EntryProblem {
         /// The name_size found.
         size: u16,
     },
-    /// The name is not UTF-8 or contains a NUL byte.
-    #[error("name is not UTF-8 without NUL bytes")]
-    NameNotUtf8,
     /// Another entry earlier in the directory has the same name.
     #[error("duplicate bitmap name {name:?}")]
     DuplicateName {

@@ -23,8 +23,8 @@ use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULAR
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{
-    decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapsExtension,
-    DirEntry, ImageGeometry, TableEntry,
+    decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapName,
+    BitmapsExtension, DirEntry, ImageGeometry, TableEntry,
 };
 use crate::image::check::References;
 use crate::image::{read_metadata, Image};
@@ -56,8 +56,8 @@ pub enum BitmapState {
 /// One bitmap as [`BitmapStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
-    /// The bitmap's name.
-    pub name: String,
+    /// The bitmap's name, as its bytes on disk (shown escaped; see [`BitmapName`]).
+    pub name: BitmapName,
     /// Disk bytes per bit.
     pub granularity: u64,
     /// The `auto` flag: the bitmap records every write (QEMU's "enabled").
@@ -259,18 +259,20 @@ impl<S: Storage> BitmapStore<S> {
         Ok(self.image.header().geometry()?)
     }
 
-    fn find(&self, name: &str) -> Result<usize> {
+    /// The slot of the bitmap named `name`, compared byte for byte.
+    fn find(&self, name: impl AsRef<[u8]>) -> Result<usize> {
+        let name = name.as_ref();
         self.slots
             .iter()
-            .position(|s| s.entry.name == name)
-            .ok_or_else(|| Error::NotFound(format!("bitmap {name:?}")))
+            .position(|s| s.entry.name.as_bytes() == name)
+            .ok_or_else(|| Error::NotFound(format!("bitmap {:?}", BitmapName::from(name))))
     }
 
-    fn find_consistent(&self, name: &str) -> Result<usize> {
+    fn find_consistent(&self, name: impl AsRef<[u8]>) -> Result<usize> {
         let i = self.find(name)?;
         if self.slots[i].inconsistent {
             return Err(Error::Inconsistent {
-                name: name.to_string(),
+                name: self.slots[i].entry.name.to_string(),
             });
         }
         Ok(i)
@@ -291,7 +293,7 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::InvalidInput`] if the store
     /// is not active.
-    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+    pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
         let i = self.find_consistent(name)?;
         self.slots[i]
             .mem
@@ -308,7 +310,7 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
     /// data past the end of the file, I/O errors.
-    pub fn load(&self, name: &str) -> Result<DirtyBitmap> {
+    pub fn load(&self, name: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let i = self.find_consistent(name)?;
         match self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
             Some(m) => Ok(m.snapshot()),
@@ -706,7 +708,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         let ts = table_size(disk, gbits, cs)?;
         let mut entry = DirEntry {
-            name: name.to_string(),
+            name: name.into(),
             table_offset: 0,
             table_size: ts,
             granularity_bits: gbits,
@@ -754,7 +756,7 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
     /// with a bad table, I/O.
-    pub fn remove(&mut self, name: &str) -> Result<()> {
+    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find(name)?;
         self.preflight()?;
@@ -796,15 +798,16 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
-    pub fn store(&mut self, name: &str, bitmap: &DirtyBitmap) -> Result<()> {
+    pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
         if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
             return Err(invalid_input!(
-                "bitmap of {} bytes at granularity {} does not fit {name:?} ({} bytes at {g})",
+                "bitmap of {} bytes at granularity {} does not fit {:?} ({} bytes at {g})",
                 bitmap.disk_size(),
                 bitmap.granularity(),
+                self.slots[i].entry.name,
                 self.disk_size()
             ));
         }
@@ -851,7 +854,7 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// As [`store`](Self::store).
-    pub fn clear(&mut self, name: &str) -> Result<()> {
+    pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         if let Some(m) = &self.slots[i].mem {
@@ -871,7 +874,7 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
-    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+    pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         if let Some(m) = &self.slots[i].mem {
@@ -896,7 +899,7 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// As [`merge_from`](Self::merge_from).
-    pub fn merge(&mut self, src_name: &str, dst_name: &str) -> Result<()> {
+    pub fn merge(&mut self, src_name: impl AsRef<[u8]>, dst_name: impl AsRef<[u8]>) -> Result<()> {
         let src = self.load(src_name)?;
         self.merge_bitmap(&src, dst_name)
     }
@@ -912,14 +915,14 @@ impl<S: Storage> BitmapStore<S> {
     pub fn merge_from<T: Storage>(
         &mut self,
         src: &BitmapStore<T>,
-        src_name: &str,
-        dst_name: &str,
+        src_name: impl AsRef<[u8]>,
+        dst_name: impl AsRef<[u8]>,
     ) -> Result<()> {
         let bm = src.load(src_name)?;
         self.merge_bitmap(&bm, dst_name)
     }
 
-    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: &str) -> Result<()> {
+    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {

@@ -357,7 +357,7 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     assert_eq!(shared.table_size, 65_536);
     for k in 1..50 {
         let mut e = shared.clone();
-        e.name = format!("s{k}");
+        e.name = format!("s{k}").into();
         entries.push(e);
     }
     for e in entries.iter_mut().skip(1) {
@@ -666,4 +666,77 @@ fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
     let store = BitmapStore::open(image.into_storage().inner, false).unwrap();
     let loaded = store.load("b").unwrap();
     assert!(loaded.is_dirty(0) && loaded.is_dirty(7 * MIB));
+}
+
+/// Defect 11: one flipped bit in a bitmap's name (no longer UTF-8) made `dbm` call the whole
+/// directory corrupt and its clusters leaked, while QEMU's check is clean and QEMU lists,
+/// writes and stores the bitmap. Names are now bytes: kept, compared exactly, shown
+/// escaped, and the escaped form names the bitmap on the command line.
+#[test]
+fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("name.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-f", "qcow2", path, "keep"],
+    );
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (_, at) = directory(&storage);
+        // The first entry's name starts at byte 24: 'b' (0x62) with bit 7 flipped.
+        let mut byte = [0u8; 1];
+        storage.read_exact_at(&mut byte, at + 24).unwrap();
+        assert_eq!(byte[0], b'b');
+        storage.write_all_at(&[0xe2], at + 24).unwrap();
+    }
+    assert_qemu_clean(&img);
+    let shown = "\\xe20";
+    let dbm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = dbm(&["check", path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = dbm(&["info", path]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(shown));
+    {
+        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        let names: Vec<Vec<u8>> = store
+            .list()
+            .iter()
+            .map(|b| b.name.as_bytes().to_vec())
+            .collect();
+        assert_eq!(names, vec![vec![0xe2, b'0'], b"keep".to_vec()]);
+        assert_eq!(store.list()[0].name.to_string(), shown);
+        assert_eq!(store.load([0xe2u8, b'0']).unwrap().count(), 0);
+        assert!(store.load("b0").is_err(), "names compare exactly");
+    }
+    // QEMU writes through the image and keeps the bitmap; we read its marks.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 1M 64k", path]);
+    {
+        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        assert!(store.load([0xe2u8, b'0']).unwrap().is_dirty(MIB));
+    }
+    // The escaped form removes it; the other bitmap and the image stay clean.
+    let out = dbm(&["bitmap", path, shown, "--remove"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_qemu_clean(&img);
+    let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    assert_eq!(store.list().len(), 1);
+    assert_eq!(store.list()[0].name, "keep");
 }

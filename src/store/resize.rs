@@ -80,7 +80,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         if let Some(s) = self.slots.iter().find(|s| s.inconsistent) {
             return Err(Error::Inconsistent {
-                name: s.entry.name.clone(),
+                name: s.entry.name.to_string(),
             });
         }
         let header = self.image.header().clone();

@@ -431,7 +431,7 @@ fn crash_points_for(cs: u64) {
                     continue;
                 }
                 let got = ext(&s.load(&info.name).unwrap());
-                let legit: &[Extents] = match info.name.as_str() {
+                let legit: &[Extents] = match info.name.to_str().unwrap() {
                     "a" => &legit_a,
                     "b" => &legit_b,
                     "c" => &legit_c,
@@ -610,7 +610,7 @@ fn flags_only_change_accepts_flags_and_nothing_else() {
     let geo = s.geometry().unwrap();
     let entry = |name: &str, in_use: bool, auto: bool| DirEntry {
         // Names long enough that the entries cross sector boundaries.
-        name: name.repeat(300),
+        name: name.repeat(300).into(),
         table_offset: 65536,
         table_size: 1,
         granularity_bits: 16,
