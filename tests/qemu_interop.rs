@@ -342,7 +342,7 @@ fn reftable_growth_is_accepted_by_qemu() {
     bm.mark_dirty(0, disk);
     for i in 0..6 {
         s.add(&format!("full{i}"), 4096, true).unwrap();
-        s.store(&format!("full{i}"), &bm).unwrap();
+        s.store(format!("full{i}"), &bm).unwrap();
     }
     s.close().unwrap();
     assert_qemu_clean(&img);

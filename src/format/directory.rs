@@ -193,29 +193,29 @@ impl BitmapName {
     /// backslash, `\xNN` (two hex digits) is that byte, anything else is itself. A
     /// backslash that starts neither is kept as it is.
     pub fn parse_escaped(text: &str) -> Self {
-        let b = text.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'\\' {
-                if b.get(i + 1) == Some(&b'\\') {
+        let mut rest = text.as_bytes();
+        let mut out = Vec::with_capacity(rest.len());
+        let hex = |h: &[u8]| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        loop {
+            rest = match rest {
+                [] => break,
+                [b'\\', b'\\', tail @ ..] => {
                     out.push(b'\\');
-                    i += 2;
-                    continue;
+                    tail
                 }
-                if b.get(i + 1) == Some(&b'x') {
-                    let hex = b
-                        .get(i + 2..i + 4)
-                        .and_then(|h| std::str::from_utf8(h).ok());
-                    if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        out.push(v);
-                        i += 4;
-                        continue;
-                    }
+                [b'\\', b'x', h1, h2, tail @ ..] if hex(&[*h1, *h2]).is_some() => {
+                    out.extend(hex(&[*h1, *h2]));
+                    tail
                 }
-            }
-            out.push(b[i]);
-            i += 1;
+                [b, tail @ ..] => {
+                    out.push(*b);
+                    tail
+                }
+            };
         }
         BitmapName(out)
     }

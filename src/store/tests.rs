@@ -361,7 +361,7 @@ fn many_bitmaps_and_directory_spanning_clusters() {
     }
     assert_clean(&s);
     for i in (0..100).step_by(3) {
-        s.remove(&format!("bitmap-{i:04}")).unwrap();
+        s.remove(format!("bitmap-{i:04}")).unwrap();
     }
     assert_clean(&s);
     let s = reopen(s, false);
