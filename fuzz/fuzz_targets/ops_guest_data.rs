@@ -1,0 +1,6 @@
+#![no_main]
+
+#[path = "../harness/ops.rs"]
+mod ops;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ops::ops_guest_data(data));

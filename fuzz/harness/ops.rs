@@ -1,0 +1,1198 @@
+//! The write-path fuzz harness: sequences of `BitmapStore` operations decoded from bytes.
+//!
+//! Shared by the fuzz targets `ops_crash` and `ops_guest_data` (`fuzz/fuzz_targets/`) and by
+//! the corpus replay `tests/fuzz_ops_corpus.rs`, each of which includes this file with
+//! `#[path]`, so the library itself carries no test harness. A panic is a finding: either
+//! the library panicked or it broke an invariant spelled out by an `assert!` below.
+//!
+//! - [`ops_crash`]: a small bitmap-only image on a `CrashStorage`, driven through a random
+//!   operation sequence and checked against a model after every operation, on the live
+//!   image and on a sample of the images a crash inside the operation could leave.
+//! - [`ops_guest_data`]: an arbitrary (fuzzed, seeded from QEMU-made) image with guest data,
+//!   opened writable, driven through a short operation sequence; no byte of a cluster that
+//!   holds guest data, an L1/L2 table or a snapshot table may change.
+//!
+//! See `docs/FUZZING.md` for the input formats.
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op as LogOp};
+use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap, Error};
+
+/// Bitmap names the operations pick from (by index).
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// Most operations decoded from one `ops_crash` input.
+const MAX_OPS: usize = 24;
+/// Most operations decoded from one `ops_guest_data` input.
+const MAX_GUEST_OPS: usize = 8;
+/// Crash images checked per operation (sampled among its crash points).
+const CRASH_SAMPLES: usize = 3;
+
+// ---------------------------------------------------------------------------------------
+// Input decoding
+// ---------------------------------------------------------------------------------------
+
+/// Reads bytes in order; every read past the end is 0.
+struct Bytes<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Bytes<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self { data, at: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at >= self.data.len()
+    }
+
+    fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at = self.at.saturating_add(1);
+        b
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.u8(), self.u8()])
+    }
+}
+
+/// One operation. Names are indexes into [`NAMES`] (or, for [`ops_guest_data`], into the
+/// image's own bitmaps followed by `NAMES`).
+#[derive(Debug, Clone)]
+enum Op {
+    Add {
+        name: usize,
+        granularity: u64,
+        enabled: bool,
+    },
+    Remove {
+        name: usize,
+    },
+    /// Marks `[offset, offset + len)` (offset taken modulo the disk size) in one bitmap: the
+    /// store's in-memory bitmap when active, the handle kept from the last activation when
+    /// inactive (a `Tracker` keeps marking parked bitmaps).
+    Mark {
+        name: usize,
+        offset: u64,
+        len: u64,
+    },
+    Flush,
+    Clear {
+        name: usize,
+    },
+    Merge {
+        src: usize,
+        dst: usize,
+    },
+    SetEnabled {
+        name: usize,
+        enabled: bool,
+    },
+    /// To `sectors · 512` bytes, plus one byte when `odd` (refused).
+    Resize {
+        sectors: u64,
+        odd: bool,
+    },
+    Activate,
+    Inactivate,
+    InactivateFullRewrite,
+    /// `close`, then `BitmapStore::open` writable again.
+    CloseReopen,
+    /// Drops the store without closing (the process died), then opens again.
+    AbandonReopen,
+    /// `store` of a bitmap with these marks (offsets modulo the disk size); at twice the
+    /// bitmap's granularity when `wrong_granularity` (refused).
+    Store {
+        name: usize,
+        wrong_granularity: bool,
+        marks: Vec<(u64, u64)>,
+    },
+}
+
+fn decode_op(r: &mut Bytes) -> Op {
+    let name = |r: &mut Bytes| usize::from(r.u8());
+    let range = |r: &mut Bytes| (u64::from(r.u16()) * 64, u64::from(r.u16()) + 1);
+    match r.u8() % 14 {
+        0 => {
+            let name = name(r);
+            let b = r.u8();
+            Op::Add {
+                name,
+                granularity: 512 << (b % 8),
+                enabled: b & 0x80 == 0,
+            }
+        }
+        1 => Op::Remove { name: name(r) },
+        2 => {
+            let name = name(r);
+            let (offset, len) = range(r);
+            Op::Mark { name, offset, len }
+        }
+        3 => Op::Flush,
+        4 => Op::Clear { name: name(r) },
+        5 => Op::Merge {
+            src: name(r),
+            dst: name(r),
+        },
+        6 => Op::SetEnabled {
+            name: name(r),
+            enabled: r.u8() & 1 == 1,
+        },
+        7 => {
+            let v = r.u16();
+            Op::Resize {
+                sectors: u64::from(v & 0x7fff) % 8193,
+                odd: v & 0x8000 != 0,
+            }
+        }
+        8 => Op::Activate,
+        9 => Op::Inactivate,
+        10 => Op::InactivateFullRewrite,
+        11 => Op::CloseReopen,
+        12 => Op::AbandonReopen,
+        _ => {
+            let name = name(r);
+            let b = r.u8();
+            let marks = (0..b % 5).map(|_| range(r)).collect();
+            Op::Store {
+                name,
+                wrong_granularity: b & 0x80 != 0,
+                marks,
+            }
+        }
+    }
+}
+
+fn decode_ops(r: &mut Bytes, max: usize) -> Vec<Op> {
+    let mut ops = Vec::new();
+    while !r.is_empty() && ops.len() < max {
+        ops.push(decode_op(r));
+    }
+    ops
+}
+
+/// `(offset modulo size, len)`, or `None` on a 0-byte disk.
+fn place(size: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
+    (size > 0).then(|| (offset % size, len))
+}
+
+/// The granules `[offset, offset + len)` touches on a disk of `size` bytes.
+fn granules(size: u64, g: u64, offset: u64, len: u64) -> impl Iterator<Item = u64> {
+    let end = offset.saturating_add(len).min(size);
+    let (first, last) = if offset < end {
+        (offset / g, (end - 1) / g + 1)
+    } else {
+        (0, 0)
+    };
+    first..last
+}
+
+// ---------------------------------------------------------------------------------------
+// The model of `ops_crash`
+// ---------------------------------------------------------------------------------------
+
+/// What the model knows of one bitmap.
+#[derive(Debug)]
+struct Bm {
+    name: String,
+    granularity: u64,
+    enabled: bool,
+    /// False once the bitmap was left `in_use` by a store dropped while active.
+    consistent: bool,
+    /// Granules `load` must report dirty (a superset is fine).
+    mem: BTreeSet<u64>,
+    /// Granules the image on disk must hold whenever the bitmap reads as consistent there:
+    /// every mark made before the last completed inactive copy-on-write operation, or before
+    /// the last inactivate that started (the stricter rule of `tests/crash.rs`).
+    req: BTreeSet<u64>,
+    /// The in-memory bitmap of the last activation: authoritative while active, parked by
+    /// an inactivate (marks through it still count), gone at reopen.
+    handle: Option<Arc<DirtyBitmap>>,
+}
+
+/// What a crash image (or the image on disk) must hold.
+#[derive(Debug, Clone)]
+struct Checkpoint {
+    size: u64,
+    /// `(name, granularity, granules)` of every bitmap with a requirement.
+    req: Vec<(String, u64, BTreeSet<u64>)>,
+}
+
+impl Checkpoint {
+    /// Whether the consistent bitmap `name`, loaded as `bm`, meets this checkpoint.
+    fn met_by(&self, name: &str, bm: &DirtyBitmap) -> bool {
+        match self.req.iter().find(|(n, _, _)| n == name) {
+            None => true,
+            Some((_, g, want)) => {
+                bm.granularity() == *g
+                    && want
+                        .iter()
+                        .all(|&i| i.saturating_mul(*g) >= bm.disk_size() || bm.is_dirty(i * g))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    size: u64,
+    active: bool,
+    /// In directory order.
+    bms: Vec<Bm>,
+}
+
+/// A typed error an operation is expected to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    InvalidInput,
+    NotFound,
+    Inconsistent,
+}
+
+impl Want {
+    fn matches(self, e: &Error) -> bool {
+        matches!(
+            (self, e),
+            (Want::InvalidInput, Error::InvalidInput(_))
+                | (Want::NotFound, Error::NotFound(_))
+                | (Want::Inconsistent, Error::Inconsistent { .. })
+        )
+    }
+}
+
+impl Model {
+    fn find(&self, name: &str) -> Option<usize> {
+        self.bms.iter().position(|b| b.name == name)
+    }
+
+    /// `NotFound` or `Inconsistent` for a bitmap that must exist and be consistent.
+    fn usable(&self, name: &str) -> Result<usize, Want> {
+        let i = self.find(name).ok_or(Want::NotFound)?;
+        if self.bms[i].consistent {
+            Ok(i)
+        } else {
+            Err(Want::Inconsistent)
+        }
+    }
+
+    fn parked(&self) -> bool {
+        !self.active && self.bms.iter().any(|b| b.handle.is_some())
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            size: self.size,
+            req: self
+                .bms
+                .iter()
+                .filter(|b| b.consistent)
+                .map(|b| (b.name.clone(), b.granularity, b.req.clone()))
+                .collect(),
+        }
+    }
+
+    /// From the start of an inactivate every mark made before it is required of a bitmap
+    /// that reads as consistent.
+    fn promote(&mut self) {
+        if self.active {
+            for b in self.bms.iter_mut().filter(|b| b.consistent) {
+                b.req = b.mem.clone();
+            }
+        }
+    }
+
+    /// A reopen: parked marks and handles are gone; bitmaps the dropped store held active
+    /// are `in_use` on disk, so inconsistent, when `abandoned`.
+    fn reopened(&mut self, abandoned: bool) {
+        for b in &mut self.bms {
+            if abandoned && self.active && b.consistent {
+                b.consistent = false;
+            }
+            b.handle = None;
+            if b.consistent {
+                b.mem = b.req.clone();
+            } else {
+                b.mem.clear();
+                b.req.clear();
+            }
+        }
+        self.active = false;
+    }
+}
+
+/// Which write opens an operation's leak window (`docs/CRASH-CONSISTENCY.md`, "Leak
+/// windows"; the same classification as `tests/crash.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opens {
+    Never,
+    RefcountWrite,
+    RefcountOrHeaderWrite,
+}
+
+fn leak_window(op: &Op) -> Opens {
+    match op {
+        Op::Activate | Op::Mark { .. } | Op::AbandonReopen => Opens::Never,
+        Op::Inactivate | Op::InactivateFullRewrite | Op::CloseReopen | Op::Resize { .. } => {
+            Opens::RefcountOrHeaderWrite
+        }
+        // Removing the last bitmap allocates no directory, so nothing is written before
+        // the commit's header write, after which the old table and data leak until they are
+        // freed (step 5 of the commit table). The leak-window table names only the refcount
+        // write; with bitmaps left a new directory's refcounts always come first, so this
+        // is the same window there. (Finding `remove-last-leaks-at-header-write`.)
+        Op::Remove { .. } => Opens::RefcountOrHeaderWrite,
+        _ => Opens::RefcountWrite,
+    }
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_be_bytes(s.try_into().unwrap_or([0; 4])))
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_be_bytes(s.try_into().unwrap_or([0; 2])))
+}
+
+/// Cluster indexes of the reftable and the refcount blocks an image names.
+fn refcount_clusters(image: &[u8]) -> HashSet<u64> {
+    let cb = be32(image, 20);
+    let mut out = HashSet::new();
+    if !(9..=21).contains(&cb) {
+        return out;
+    }
+    let (rt, n) = (be64(image, 48), u64::from(be32(image, 56)));
+    let first = rt >> cb;
+    out.extend(first..first + n);
+    for k in 0..(n << cb) / 8 {
+        let e = be64(image, (rt + 8 * k) as usize) & !511;
+        if e != 0 {
+            out.insert(e >> cb);
+        }
+    }
+    out
+}
+
+fn is_header_write(op: &LogOp) -> bool {
+    matches!(op, LogOp::Write { offset: 0, data } if data.len() >= 104)
+}
+
+fn is_refcount_write(op: &LogOp, cb: u32, clusters: &HashSet<u64>) -> bool {
+    let LogOp::Write { offset, data } = op else {
+        return false;
+    };
+    if *offset == 48 && data.len() == 12 {
+        return true;
+    }
+    let first = offset >> cb;
+    let last = (offset + data.len() as u64 - 1) >> cb;
+    (first..=last).any(|c| clusters.contains(&c))
+}
+
+struct Crash<'a> {
+    crash: &'a CrashStorage,
+    store: Option<BitmapStore<&'a CrashStorage>>,
+    model: Model,
+    cluster_bits: u32,
+    seed: u64,
+    /// Crash images refused for the known torn-header limit (`docs/CRASH-CONSISTENCY.md`).
+    torn_headers: usize,
+    /// Whether the current operation was refused with the expected typed error.
+    refused: bool,
+}
+
+/// Checks an operation's result against the model's expectation. `Ok(Some(value))` when
+/// both say it succeeds, `Ok(None)` when both agree on the error; a mismatch is a finding.
+fn expect<T>(ctx: &str, want: Result<(), Want>, got: dirty_bitmap::Result<T>) -> Option<T> {
+    match (want, got) {
+        (Ok(()), Ok(v)) => Some(v),
+        (Err(w), Err(e)) if w.matches(&e) => None,
+        (Ok(()), Err(e)) => panic!("{ctx}: unexpected error {e:?}"),
+        (Err(w), Err(e)) => panic!("{ctx}: expected {w:?}, got {e:?}"),
+        (Err(w), Ok(_)) => panic!("{ctx}: expected {w:?}, got success"),
+    }
+}
+
+impl<'a> Crash<'a> {
+    fn store(&mut self) -> &mut BitmapStore<&'a CrashStorage> {
+        self.store.as_mut().expect("the store is open")
+    }
+
+    fn name(i: usize) -> &'static str {
+        NAMES[i % NAMES.len()]
+    }
+
+    /// [`expect`], remembering a refusal (which must write nothing).
+    fn expect<T>(
+        &mut self,
+        ctx: &str,
+        want: Result<(), Want>,
+        got: dirty_bitmap::Result<T>,
+    ) -> Option<T> {
+        let r = expect(ctx, want, got);
+        self.refused |= r.is_none();
+        r
+    }
+
+    /// The model's bitmap `name`, which the caller knows exists.
+    fn bm(&mut self, name: &str) -> &mut Bm {
+        let i = self.model.find(name).expect("the bitmap is in the model");
+        &mut self.model.bms[i]
+    }
+
+    /// Runs `op`, checks its result against the model and updates the model.
+    fn run(&mut self, ctx: &str, op: &Op) {
+        let size = self.model.size;
+        let active = self.model.active;
+        match *op {
+            Op::Add {
+                name,
+                granularity,
+                enabled,
+            } => {
+                let n = Self::name(name);
+                let want = if self.model.find(n).is_some() || size == 0 {
+                    Err(Want::InvalidInput)
+                } else {
+                    Ok(())
+                };
+                let got = self.store().add(n, granularity, enabled);
+                if self.expect(ctx, want, got).is_some() {
+                    let handle = if active {
+                        Some(self.store().bitmap(n).expect("an added bitmap is active"))
+                    } else {
+                        None
+                    };
+                    self.model.bms.push(Bm {
+                        name: n.to_string(),
+                        granularity,
+                        enabled,
+                        consistent: true,
+                        mem: BTreeSet::new(),
+                        req: BTreeSet::new(),
+                        handle,
+                    });
+                }
+            }
+            Op::Remove { name } => {
+                let n = Self::name(name);
+                let want = self.model.find(n).map(|_| ()).ok_or(Want::NotFound);
+                let got = self.store().remove(n);
+                if self.expect(ctx, want, got).is_some() {
+                    self.model.bms.retain(|b| b.name != n);
+                }
+            }
+            Op::Mark { name, offset, len } => {
+                let n = Self::name(name);
+                let Some((offset, len)) = place(size, offset, len) else {
+                    return;
+                };
+                let usable = self.model.usable(n);
+                let kept = usable.ok().and_then(|i| self.model.bms[i].handle.clone());
+                let handle = if active {
+                    let got = self.store().bitmap(n);
+                    let Some(h) = self.expect(ctx, usable.map(|_| ()), got) else {
+                        return;
+                    };
+                    if let Some(kept) = &kept {
+                        assert!(
+                            Arc::ptr_eq(kept, &h),
+                            "{ctx}: the active bitmap is not the one activate handed out"
+                        );
+                    }
+                    h
+                } else if let Some(h) = kept {
+                    // Parked: a Tracker or handle from the last activation still marks it.
+                    h
+                } else {
+                    let want = Err(usable.err().unwrap_or(Want::InvalidInput));
+                    let got = self.store().bitmap(n);
+                    self.expect(ctx, want, got);
+                    return;
+                };
+                handle.mark_dirty(offset, len);
+                let b = self.bm(n);
+                if b.enabled {
+                    let g = b.granularity;
+                    b.mem.extend(granules(size, g, offset, len));
+                }
+            }
+            Op::Flush => {
+                let want = if active {
+                    Ok(())
+                } else {
+                    Err(Want::InvalidInput)
+                };
+                let got = self.store().flush();
+                self.expect(ctx, want, got);
+            }
+            Op::Clear { name } => {
+                let n = Self::name(name);
+                let want = self.model.usable(n).map(|_| ());
+                let got = self.store().clear(n);
+                if self.expect(ctx, want, got).is_some() {
+                    let b = self.bm(n);
+                    b.mem.clear();
+                    if !active {
+                        b.req.clear();
+                    }
+                }
+            }
+            Op::Merge { src, dst } => {
+                let (s, d) = (Self::name(src), Self::name(dst));
+                let want = self
+                    .model
+                    .usable(s)
+                    .and_then(|_| self.model.usable(d))
+                    .map(|_| ());
+                let got = self.store().merge(s, d);
+                if self.expect(ctx, want, got).is_some() {
+                    let (gs, src_bits) = {
+                        let b = self.bm(s);
+                        (b.granularity, b.mem.clone())
+                    };
+                    let b = self.bm(d);
+                    let gd = b.granularity;
+                    let conv: BTreeSet<u64> = src_bits
+                        .iter()
+                        .flat_map(|&i| granules(size, gd, i * gs, gs))
+                        .collect();
+                    b.mem.extend(&conv);
+                    if !active {
+                        b.req.extend(&conv);
+                    }
+                }
+            }
+            Op::SetEnabled { name, enabled } => {
+                let n = Self::name(name);
+                let want = self.model.usable(n).map(|_| ());
+                let got = self.store().set_enabled(n, enabled);
+                if self.expect(ctx, want, got).is_some() {
+                    self.bm(n).enabled = enabled;
+                }
+            }
+            Op::Resize { sectors, odd } => {
+                let new = sectors * 512 + u64::from(odd);
+                let m = &self.model;
+                let want = if active || m.parked() || odd {
+                    Err(Want::InvalidInput)
+                } else if m.bms.iter().any(|b| !b.consistent) {
+                    Err(Want::Inconsistent)
+                } else if new == 0 && new != size && !m.bms.is_empty() {
+                    Err(Want::InvalidInput)
+                } else {
+                    Ok(())
+                };
+                let got = self.store().resize(new);
+                if self.expect(ctx, want, got).is_some() {
+                    self.model.size = new;
+                    for b in &mut self.model.bms {
+                        let g = b.granularity;
+                        b.mem.retain(|&i| i * g < new);
+                        b.req.retain(|&i| i * g < new);
+                    }
+                }
+            }
+            Op::Activate => {
+                let got = self.store().activate();
+                self.expect(ctx, Ok(()), got);
+                if !active {
+                    self.model.active = true;
+                    for i in 0..self.model.bms.len() {
+                        if !self.model.bms[i].consistent {
+                            continue;
+                        }
+                        let n = self.model.bms[i].name.clone();
+                        let h = self
+                            .store()
+                            .bitmap(&n)
+                            .unwrap_or_else(|e| panic!("{ctx}: bitmap({n}) after activate: {e}"));
+                        if let Some(kept) = &self.model.bms[i].handle {
+                            assert!(
+                                Arc::ptr_eq(kept, &h),
+                                "{ctx}: activate did not resume the parked bitmap {n}"
+                            );
+                        }
+                        self.model.bms[i].handle = Some(h);
+                    }
+                }
+            }
+            Op::Inactivate => {
+                let got = self.store().inactivate();
+                self.expect(ctx, Ok(()), got);
+                self.model.active = false;
+            }
+            Op::InactivateFullRewrite => {
+                let got = self.store().inactivate_full_rewrite();
+                self.expect(ctx, Ok(()), got);
+                self.model.active = false;
+            }
+            Op::CloseReopen => {
+                let store = self.store.take().expect("the store is open");
+                let got = store.close();
+                self.expect(ctx, Ok(()), got);
+                self.store = Some(
+                    BitmapStore::open(self.crash, true)
+                        .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
+                );
+                self.model.reopened(false);
+            }
+            Op::AbandonReopen => {
+                drop(self.store.take());
+                self.store = Some(
+                    BitmapStore::open(self.crash, true)
+                        .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
+                );
+                self.model.reopened(true);
+            }
+            Op::Store {
+                name,
+                wrong_granularity,
+                ref marks,
+            } => {
+                let n = Self::name(name);
+                if size == 0 {
+                    return;
+                }
+                let usable = self.model.usable(n);
+                let g = usable
+                    .map_or(4096, |i| self.model.bms[i].granularity)
+                    .saturating_mul(if wrong_granularity { 2 } else { 1 });
+                let bm = DirtyBitmap::new(size, g).expect("a valid bitmap");
+                let mut bits = BTreeSet::new();
+                for &(o, l) in marks {
+                    let (o, l) = place(size, o, l).expect("a non-empty disk");
+                    bm.mark_dirty(o, l);
+                    bits.extend(granules(size, g, o, l));
+                }
+                let want = match usable {
+                    Err(w) => Err(w),
+                    Ok(_) if wrong_granularity => Err(Want::InvalidInput),
+                    Ok(_) => Ok(()),
+                };
+                let got = self.store().store(n, &bm);
+                if self.expect(ctx, want, got).is_some() {
+                    let b = self.bm(n);
+                    if active {
+                        b.mem.extend(bits);
+                    } else if b.handle.is_some() {
+                        // Parked: ORed into the parked copy, which is written whole.
+                        b.mem.extend(bits);
+                        b.req = b.mem.clone();
+                    } else {
+                        // Replaced: the disk holds exactly the stored bits.
+                        b.mem = bits.clone();
+                        b.req = bits;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step: the operation, its crash images, the live image.
+    fn step(&mut self, index: usize, op: &Op) {
+        let ctx = format!("op {index} {op:?}");
+        let start_live = self.crash.live_image();
+        if matches!(
+            op,
+            Op::Inactivate | Op::InactivateFullRewrite | Op::CloseReopen
+        ) {
+            self.model.promote();
+        }
+        let before = self.model.checkpoint();
+        let start = self.crash.op_count();
+        self.refused = false;
+        self.run(&ctx, op);
+        let end = self.crash.op_count();
+        if self.refused {
+            assert_eq!(start, end, "{ctx}: a refused operation wrote");
+        }
+        let after = self.model.checkpoint();
+        self.check_crash_points(&ctx, index, op, start, end, &start_live, &before, &after);
+        self.check_live(&ctx);
+    }
+
+    /// A sample of the crash points inside `[start, end]` of the log: each crash image must
+    /// open, have no corruption, leak only inside the operation's leak window, and every
+    /// consistent bitmap must meet `before`, or `after` once the operation's last header
+    /// write was issued.
+    #[allow(clippy::too_many_arguments)]
+    fn check_crash_points(
+        &mut self,
+        ctx: &str,
+        index: usize,
+        op: &Op,
+        start: usize,
+        end: usize,
+        start_live: &[u8],
+        before: &Checkpoint,
+        after: &Checkpoint,
+    ) {
+        if end == start {
+            return;
+        }
+        let ops = self.crash.ops();
+        let mut layout = refcount_clusters(start_live);
+        layout.extend(refcount_clusters(&self.crash.live_image()));
+        let cb = self.cluster_bits;
+        let first_refcount = (start..end).find(|&j| is_refcount_write(&ops[j], cb, &layout));
+        let headers: Vec<usize> = (start..end).filter(|&j| is_header_write(&ops[j])).collect();
+        let open = match leak_window(op) {
+            Opens::Never => None,
+            Opens::RefcountWrite => first_refcount,
+            Opens::RefcountOrHeaderWrite => match (first_refcount, headers.first().copied()) {
+                (Some(r), Some(h)) => Some(r.min(h)),
+                (r, h) => r.or(h),
+            },
+        };
+        let points: Vec<usize> = self
+            .crash
+            .crash_points()
+            .into_iter()
+            .filter(|&p| p > start && p <= end)
+            .collect();
+        let n = points.len();
+        let salt = self.seed.wrapping_add(index as u64);
+        let picks: Vec<usize> = if n <= CRASH_SAMPLES {
+            points
+        } else {
+            // Evenly spread, shifted by the seed, always including the last point.
+            (0..CRASH_SAMPLES)
+                .map(|k| points[(k * n / CRASH_SAMPLES + salt as usize) % n])
+                .chain(std::iter::once(points[n - 1]))
+                .collect()
+        };
+        for (k, &p) in picks.iter().enumerate() {
+            let mode = match (salt as usize + k) % 3 {
+                0 => CrashMode::Dropped,
+                1 => CrashMode::Kept,
+                _ => CrashMode::Torn {
+                    seed: salt ^ p as u64,
+                },
+            };
+            let cctx = format!("{ctx}: crash after log op {p} ({start}..{end}), {mode:?}");
+            let image = self
+                .crash
+                .crash_image(p, mode)
+                .expect("a valid crash point");
+            let s = match BitmapStore::open(MemStorage::from_bytes(image), false) {
+                Ok(s) => s,
+                // The known limit of docs/CRASH-CONSISTENCY.md ("a torn cluster-0 write"):
+                // refused as corrupt, never falsely clean; tests/crash.rs accepts it too.
+                Err(e)
+                    if matches!(mode, CrashMode::Torn { .. })
+                        && e.to_string().contains("nb_bitmaps 0") =>
+                {
+                    self.torn_headers += 1;
+                    continue;
+                }
+                Err(e) => panic!("{cctx}: the crash image does not open: {e}"),
+            };
+            let r = s.image().check().expect("check runs");
+            assert_eq!(r.corruptions, 0, "{cctx}: corrupt: {:?}", r.messages);
+            if r.leaks > 0 {
+                assert!(
+                    open.is_some_and(|o| o < p) && p < end,
+                    "{cctx}: {} leaked clusters outside the leak window (opens at {open:?}): {:?}",
+                    r.leaks,
+                    r.messages
+                );
+            }
+            let size = s.disk_size();
+            let committed = headers.first().is_some_and(|&h| h < p);
+            let trusted = headers.last().is_some_and(|&h| h < p);
+            assert!(
+                size == before.size || (committed && size == after.size),
+                "{cctx}: disk size {size}, expected {} or (after the commit) {}",
+                before.size,
+                after.size
+            );
+            for info in s.list() {
+                if info.state == BitmapState::Inconsistent {
+                    continue;
+                }
+                let bm = s
+                    .load(&info.name)
+                    .unwrap_or_else(|e| panic!("{cctx}: load {}: {e}", info.name));
+                let old = size == before.size && before.met_by(&info.name, &bm);
+                let new = trusted && size == after.size && after.met_by(&info.name, &bm);
+                assert!(
+                    old || new,
+                    "{cctx}: false clean: {} (granularity {}) lacks required bits; before {:?}, after {:?}, has {:?}",
+                    info.name,
+                    bm.granularity(),
+                    before.req.iter().find(|r| r.0 == info.name),
+                    after.req.iter().find(|r| r.0 == info.name),
+                    bm.dirty_extents().collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    /// After every operation: the live store agrees with the model and loads every bit the
+    /// model holds; the image on disk opens, is clean (no corruption, no leak), has the
+    /// model's size, holds every required bit in each consistent bitmap, and while active
+    /// shows every bitmap inconsistent.
+    fn check_live(&mut self, ctx: &str) {
+        let store = self.store.as_ref().expect("the store is open");
+        let list = store.list();
+        let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
+        let want: Vec<&str> = self.model.bms.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, want, "{ctx}: bitmaps");
+        assert_eq!(store.disk_size(), self.model.size, "{ctx}: disk size");
+        assert_eq!(store.is_active(), self.model.active, "{ctx}: active");
+        for (info, b) in list.iter().zip(&self.model.bms) {
+            let state = if b.consistent {
+                BitmapState::Consistent
+            } else {
+                BitmapState::Inconsistent
+            };
+            assert_eq!(info.state, state, "{ctx}: {}", b.name);
+            assert_eq!(info.granularity, b.granularity, "{ctx}: {}", b.name);
+            if !b.consistent {
+                assert!(
+                    matches!(store.load(&b.name), Err(Error::Inconsistent { .. })),
+                    "{ctx}: {} loads though inconsistent",
+                    b.name
+                );
+                continue;
+            }
+            assert_eq!(info.enabled, b.enabled, "{ctx}: {} enabled", b.name);
+            let bm = store
+                .load(&b.name)
+                .unwrap_or_else(|e| panic!("{ctx}: load {}: {e}", b.name));
+            let g = b.granularity;
+            if let Some(i) = b.mem.iter().find(|&&i| !bm.is_dirty(i * g)) {
+                panic!(
+                    "{ctx}: {} reads granule {i} (offset {}) clean; the model marked it",
+                    b.name,
+                    i * g
+                );
+            }
+        }
+        let disk = BitmapStore::open(MemStorage::from_bytes(self.crash.live_image()), false)
+            .unwrap_or_else(|e| panic!("{ctx}: the live image does not open: {e}"));
+        let r = disk.image().check().expect("check runs");
+        assert!(
+            r.is_clean(),
+            "{ctx}: live image not clean: {:?}",
+            r.messages
+        );
+        assert_eq!(
+            disk.disk_size(),
+            self.model.size,
+            "{ctx}: disk size on disk"
+        );
+        let required = self.model.checkpoint();
+        let on_disk = disk.list();
+        let names: Vec<&str> = on_disk.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, want, "{ctx}: bitmaps on disk");
+        for (info, b) in on_disk.iter().zip(&self.model.bms) {
+            // Active: every bitmap is `in_use` on disk. Inactive: exactly the model's
+            // consistent bitmaps read as consistent (what an inactivate or close promises).
+            let consistent = b.consistent && !self.model.active;
+            assert_eq!(
+                info.state == BitmapState::Consistent,
+                consistent,
+                "{ctx}: {} is {:?} on disk",
+                info.name,
+                info.state
+            );
+            if !consistent {
+                continue;
+            }
+            let bm = disk
+                .load(&info.name)
+                .unwrap_or_else(|e| panic!("{ctx}: load {} from disk: {e}", info.name));
+            assert!(
+                required.met_by(&info.name, &bm),
+                "{ctx}: false clean on disk: {} lacks required bits",
+                info.name
+            );
+        }
+    }
+}
+
+/// Fuzz target `ops_crash`. Input: cluster size `512 << (b0 % 4)`, disk size
+/// `(u16 BE % 8192 + 1) · 512` (up to 4 MiB), a sampling seed byte, then operations (see
+/// [`decode_op`]), at most [`MAX_OPS`].
+///
+/// The image is created on a `MemStorage` (create's own crash points are
+/// `tests/crash.rs`'s) and becomes the durable base of a `CrashStorage`. After every
+/// operation:
+/// - its result is the model's: success, or the typed refusal the API documents, which
+///   writes nothing;
+/// - the live store lists what the model lists and `load` holds every bit the model
+///   marked (`Crash::check_live`), and the image on disk is clean;
+/// - up to [`CRASH_SAMPLES`] + 1 crash images inside the operation (dropped, kept or torn)
+///   open read-only, show no corruption, leak only inside the operation's leak window, and
+///   every consistent bitmap in them holds every required bit: those of the last
+///   completed inactive operation or of the last inactivate that started, or, once the
+///   operation's header write was issued, its result (`Crash::check_crash_points`).
+pub fn ops_crash(data: &[u8]) {
+    let mut r = Bytes::new(data);
+    let cs = 512u64 << (r.u8() % 4);
+    let size = (u64::from(r.u16()) % 8192 + 1) * 512;
+    let seed = u64::from(r.u8());
+    let ops = decode_ops(&mut r, MAX_OPS);
+    let base = BitmapStore::create(MemStorage::new(), size, cs)
+        .expect("create")
+        .image()
+        .storage()
+        .to_vec();
+    let crash = CrashStorage::from_bytes(base);
+    let store = BitmapStore::open(&crash, true).expect("open the created image");
+    let mut h = Crash {
+        crash: &crash,
+        store: Some(store),
+        model: Model {
+            size,
+            ..Model::default()
+        },
+        cluster_bits: cs.trailing_zeros(),
+        seed,
+        torn_headers: 0,
+        refused: false,
+    };
+    for (i, op) in ops.iter().enumerate() {
+        h.step(i, op);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// ops_guest_data
+// ---------------------------------------------------------------------------------------
+
+/// Most bytes of bitmap the `ops_guest_data` harness lets an image make it hold in memory
+/// (libFuzzer's `-malloc_limit_mb=512` would otherwise report the library's documented
+/// 16 GiB activation limit as an out-of-memory).
+const GUEST_MEMORY_LIMIT: u64 = 64 << 20;
+
+/// Byte ranges of an image that belong to the guest: the active L1 table, every L2 table
+/// it names and every cluster (or compressed run) those name; the snapshot table, and each
+/// snapshot's L1 table, L2 tables and clusters. Walked from the raw bytes, independently of
+/// the library. Ranges are clipped to the file.
+fn guest_ranges(img: &[u8]) -> (u32, Vec<(u64, u64)>) {
+    let len = img.len() as u64;
+    let mut out = Vec::new();
+    if img.len() < 72 || img[..4] != *b"QFI\xfb" {
+        return (0, out);
+    }
+    let cb = be32(img, 20);
+    if !(9..=21).contains(&cb) {
+        return (0, out);
+    }
+    let cs = 1u64 << cb;
+    let version = be32(img, 4);
+    let incompat = if version >= 3 { be64(img, 72) } else { 0 };
+    let data_file = incompat & (1 << 2) != 0;
+    let extl2 = incompat & (1 << 4) != 0;
+    let clip = |off: u64, n: u64, out: &mut Vec<(u64, u64)>| {
+        if off < len && n > 0 {
+            out.push((off, n.min(len - off)));
+        }
+    };
+    let mut l2_seen = HashSet::new();
+    let mut walk_l1 = |l1_off: u64, l1_size: u64, out: &mut Vec<(u64, u64)>| {
+        let l1_len = l1_size.saturating_mul(8);
+        if l1_off >= len || l1_len > len {
+            return;
+        }
+        clip(l1_off, l1_len, out);
+        for k in 0..l1_size {
+            let l2 = be64(img, (l1_off + 8 * k) as usize) & 0x00ff_ffff_ffff_fe00;
+            if l2 == 0 || l2 >= len || !l2_seen.insert(l2) {
+                continue;
+            }
+            clip(l2, cs, out);
+            let entry_len = if extl2 { 16 } else { 8 };
+            for e in 0..cs / entry_len {
+                let at = l2 + e * entry_len;
+                if at + 8 > len {
+                    break;
+                }
+                let v = be64(img, at as usize);
+                if v & (1 << 62) != 0 {
+                    // Compressed: offset in the low x bits, then (sectors - 1).
+                    let x = 62 - (cb - 8);
+                    let off = v & ((1u64 << x) - 1);
+                    let sectors = ((v >> x) & ((1u64 << (cb - 8)) - 1)) + 1;
+                    let end = (off & !511).saturating_add(sectors * 512);
+                    clip(off, end.saturating_sub(off), out);
+                } else if !data_file {
+                    let off = v & 0x00ff_ffff_ffff_fe00;
+                    if off != 0 {
+                        clip(off, cs, out);
+                    }
+                }
+            }
+        }
+    };
+    walk_l1(be64(img, 40), u64::from(be32(img, 36)), &mut out);
+    let (nb, mut at) = (be32(img, 60), be64(img, 64));
+    for _ in 0..nb {
+        if at.saturating_add(40) > len {
+            break;
+        }
+        let a = at as usize;
+        let entry = 40
+            + u64::from(be32(img, a + 36))
+            + u64::from(be16(img, a + 12))
+            + u64::from(be16(img, a + 14));
+        let entry = entry.div_ceil(8) * 8;
+        clip(at, entry, &mut out);
+        walk_l1(be64(img, a), u64::from(be32(img, a + 8)), &mut out);
+        at = at.saturating_add(entry);
+    }
+    (cb, out)
+}
+
+/// Fuzz target `ops_guest_data`. Input: an image, then up to 255 operation bytes, then
+/// one byte giving how many operation bytes precede it (so the image is a prefix and the
+/// operations its tail).
+///
+/// The image is opened writable with `BitmapStore::open` on a `MemStorage` and driven
+/// through at most [`MAX_GUEST_OPS`] operations; names pick among the image's bitmaps and
+/// [`NAMES`]. Any error is allowed except `Error::Io` (every read is checked against the
+/// file length first). Afterwards no byte of [`guest_ranges`] may have changed, except in
+/// cluster 0 and the refcount structures the header names (the library rewrites those; a
+/// guest cluster that is also one of them is a corruption QEMU's overlap checks catch).
+pub fn ops_guest_data(data: &[u8]) {
+    let Some((&n, rest)) = data.split_last() else {
+        return;
+    };
+    let (image, op_bytes) = rest.split_at(rest.len() - usize::from(n).min(rest.len()));
+    let (cb, ranges) = guest_ranges(image);
+    let storage = MemStorage::from_bytes(image.to_vec());
+    let Ok(store) = BitmapStore::open(&storage, true) else {
+        return;
+    };
+    let mut store = Some(store);
+    let ops = decode_ops(&mut Bytes::new(op_bytes), MAX_GUEST_OPS);
+    for op in &ops {
+        let Some(s) = store.as_mut() else {
+            break;
+        };
+        if memory_needed(s) > GUEST_MEMORY_LIMIT {
+            break;
+        }
+        let r = guest_op(&mut store, &storage, op);
+        if let Err(e) = r {
+            assert!(!matches!(e, Error::Io(_)), "{op:?}: I/O error {e}");
+        }
+    }
+    drop(store);
+    let after = storage.to_vec();
+    let mut exempt = refcount_clusters(image);
+    exempt.insert(0);
+    for (off, len) in ranges {
+        let mut c = off >> cb;
+        while c << cb < off + len {
+            let s = (c << cb).max(off);
+            let e = ((c + 1) << cb).min(off + len);
+            if !exempt.contains(&c) {
+                let (s, e) = (s as usize, e as usize);
+                let now = after.get(s..e);
+                assert!(
+                    now == Some(&image[s..e]),
+                    "guest bytes {s:#x}..{e:#x} (cluster {c}) changed"
+                );
+            }
+            c += 1;
+        }
+    }
+}
+
+/// Bytes of bitmap the store could be made to hold: every listed bitmap and one more at
+/// the smallest granularity.
+fn memory_needed<S: dirty_bitmap::storage::Storage>(s: &BitmapStore<S>) -> u64 {
+    let size = s.disk_size();
+    s.list()
+        .iter()
+        .map(|i| size.div_ceil(i.granularity.max(512)).div_ceil(8))
+        .fold(size.div_ceil(512).div_ceil(8), u64::saturating_add)
+}
+
+/// One operation of [`ops_guest_data`]: any result but a panic is fine here.
+fn guest_op<'a>(
+    store: &mut Option<BitmapStore<&'a MemStorage>>,
+    storage: &'a MemStorage,
+    op: &Op,
+) -> dirty_bitmap::Result<()> {
+    let s = store.as_mut().expect("open");
+    let names: Vec<String> = s.list().into_iter().map(|i| i.name).collect();
+    let name = |i: usize| -> String {
+        let k = i % (names.len() + NAMES.len());
+        names
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| NAMES[k - names.len()].to_string())
+    };
+    let size = s.disk_size();
+    match *op {
+        Op::Add {
+            name: n,
+            granularity,
+            enabled,
+        } => s.add(&name(n), granularity, enabled),
+        Op::Remove { name: n } => s.remove(&name(n)),
+        Op::Mark {
+            name: n,
+            offset,
+            len,
+        } => {
+            if let Some((o, l)) = place(size, offset, len) {
+                s.bitmap(&name(n))?.mark_dirty(o, l);
+            }
+            Ok(())
+        }
+        Op::Flush => s.flush().map(drop),
+        Op::Clear { name: n } => s.clear(&name(n)),
+        Op::Merge { src, dst } => s.merge(&name(src), &name(dst)),
+        Op::SetEnabled { name: n, enabled } => s.set_enabled(&name(n), enabled),
+        Op::Resize { sectors, odd } => s.resize(sectors * 512 + u64::from(odd)),
+        Op::Activate => s.activate(),
+        Op::Inactivate => s.inactivate().map(drop),
+        Op::InactivateFullRewrite => s.inactivate_full_rewrite().map(drop),
+        Op::CloseReopen | Op::AbandonReopen => {
+            let s = store.take().expect("open");
+            if matches!(op, Op::CloseReopen) {
+                s.close()?;
+            }
+            *store = Some(BitmapStore::open(storage, true)?);
+            Ok(())
+        }
+        Op::Store {
+            name: n,
+            wrong_granularity,
+            ref marks,
+        } => {
+            let n = name(n);
+            let g = s
+                .list()
+                .iter()
+                .find(|i| i.name == n)
+                .map_or(65536, |i| i.granularity)
+                .saturating_mul(if wrong_granularity { 2 } else { 1 });
+            let Ok(bm) = DirtyBitmap::new(size, g) else {
+                return Ok(());
+            };
+            for &(o, l) in marks {
+                if let Some((o, l)) = place(size, o, l) {
+                    bm.mark_dirty(o, l);
+                }
+            }
+            s.store(&n, &bm)
+        }
+    }
+}
