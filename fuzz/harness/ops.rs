@@ -824,8 +824,11 @@ impl<'a> Crash<'a> {
                 let bm = s
                     .load(&info.name)
                     .unwrap_or_else(|e| panic!("{cctx}: load {}: {e}", info.name));
-                let old = size == before.size && before.met_by(&info.name, &bm);
-                let new = trusted && size == after.size && after.met_by(&info.name, &bm);
+                let old = size == before.size
+                    && before.met_by(info.name.to_str().unwrap_or_default(), &bm);
+                let new = trusted
+                    && size == after.size
+                    && after.met_by(info.name.to_str().unwrap_or_default(), &bm);
                 assert!(
                     old || new,
                     "{cctx}: false clean: {} (granularity {}) lacks required bits; before {:?}, after {:?}, has {:?}",
@@ -846,7 +849,10 @@ impl<'a> Crash<'a> {
     fn check_live(&mut self, ctx: &str) {
         let store = self.store.as_ref().expect("the store is open");
         let list = store.list();
-        let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = list
+            .iter()
+            .map(|i| i.name.to_str().unwrap_or_default())
+            .collect();
         let want: Vec<&str> = self.model.bms.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, want, "{ctx}: bitmaps");
         assert_eq!(store.disk_size(), self.model.size, "{ctx}: disk size");
@@ -895,7 +901,10 @@ impl<'a> Crash<'a> {
         );
         let required = self.model.checkpoint();
         let on_disk = disk.list();
-        let names: Vec<&str> = on_disk.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = on_disk
+            .iter()
+            .map(|i| i.name.to_str().unwrap_or_default())
+            .collect();
         assert_eq!(names, want, "{ctx}: bitmaps on disk");
         for (info, b) in on_disk.iter().zip(&self.model.bms) {
             // Active: every bitmap is `in_use` on disk. Inactive: exactly the model's
@@ -915,7 +924,7 @@ impl<'a> Crash<'a> {
                 .load(&info.name)
                 .unwrap_or_else(|e| panic!("{ctx}: load {} from disk: {e}", info.name));
             assert!(
-                required.met_by(&info.name, &bm),
+                required.met_by(info.name.to_str().unwrap_or_default(), &bm),
                 "{ctx}: false clean on disk: {} lacks required bits",
                 info.name
             );
@@ -1130,7 +1139,7 @@ fn guest_op<'a>(
     op: &Op,
 ) -> dirty_bitmap::Result<()> {
     let s = store.as_mut().expect("open");
-    let names: Vec<String> = s.list().into_iter().map(|i| i.name).collect();
+    let names: Vec<String> = s.list().into_iter().map(|i| i.name.to_string()).collect();
     let name = |i: usize| -> String {
         let k = i % (names.len() + NAMES.len());
         names

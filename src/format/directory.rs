@@ -299,6 +299,12 @@ impl PartialEq<String> for BitmapName {
     }
 }
 
+impl PartialEq<BitmapName> for String {
+    fn eq(&self, other: &BitmapName) -> bool {
+        self.as_bytes() == other.0
+    }
+}
+
 impl PartialEq<BitmapName> for &str {
     fn eq(&self, other: &BitmapName) -> bool {
         self.as_bytes() == other.0
