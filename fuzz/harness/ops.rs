@@ -1154,21 +1154,21 @@ fn guest_op<'a>(
             granularity,
             enabled,
         } => s.add(&name(n), granularity, enabled),
-        Op::Remove { name: n } => s.remove(&name(n)),
+        Op::Remove { name: n } => s.remove(name(n)),
         Op::Mark {
             name: n,
             offset,
             len,
         } => {
             if let Some((o, l)) = place(size, offset, len) {
-                s.bitmap(&name(n))?.mark_dirty(o, l);
+                s.bitmap(name(n))?.mark_dirty(o, l);
             }
             Ok(())
         }
         Op::Flush => s.flush().map(drop),
-        Op::Clear { name: n } => s.clear(&name(n)),
-        Op::Merge { src, dst } => s.merge(&name(src), &name(dst)),
-        Op::SetEnabled { name: n, enabled } => s.set_enabled(&name(n), enabled),
+        Op::Clear { name: n } => s.clear(name(n)),
+        Op::Merge { src, dst } => s.merge(name(src), name(dst)),
+        Op::SetEnabled { name: n, enabled } => s.set_enabled(name(n), enabled),
         Op::Resize { sectors, odd } => s.resize(sectors * 512 + u64::from(odd)),
         Op::Activate => s.activate(),
         Op::Inactivate => s.inactivate().map(drop),
