@@ -315,14 +315,35 @@ fn defect_06_resize_refuses_a_bad_table_before_writing() {
     assert_eq!(store.load("good").unwrap().count(), 8);
 }
 
-/// A storage that counts the bytes read through it.
-#[derive(Debug)]
-struct Counting<S> {
+/// A storage that counts the bytes read through it and runs a hook before every write,
+/// with the write's offset.
+struct Spy<S> {
     inner: S,
     read: std::sync::atomic::AtomicU64,
+    on_write: Box<dyn Fn(u64) + Send + Sync>,
 }
 
-impl<S: Storage> Storage for Counting<S> {
+impl<S> Spy<S> {
+    fn new(inner: S, on_write: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Spy {
+            inner,
+            read: Default::default(),
+            on_write: Box::new(on_write),
+        }
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Spy<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<S: Storage> Storage for Spy<S> {
     fn len(&self) -> dirty_bitmap::Result<u64> {
         self.inner.len()
     }
@@ -332,6 +353,7 @@ impl<S: Storage> Storage for Counting<S> {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        (self.on_write)(offset);
         self.inner.write_all_at(buf, offset)
     }
     fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
@@ -383,25 +405,13 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     let file_len = file.len() as u64;
     drop(store);
 
-    let counting = Counting {
-        inner: MemStorage::from_bytes(file),
-        read: Default::default(),
-    };
-    let mut store = BitmapStore::open(counting, true).unwrap();
+    let spy = Spy::new(MemStorage::from_bytes(file), |_| {});
+    let mut store = BitmapStore::open(spy, true).unwrap();
     assert_eq!(store.list().len(), 51);
-    let opened = store
-        .image()
-        .storage()
-        .read
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let opened = store.image().storage().bytes_read();
     let err = store.set_enabled("x", false).unwrap_err();
     assert!(is_check_failed(&err), "{err:?}");
-    let read = store
-        .image()
-        .storage()
-        .read
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - opened;
+    let read = store.image().storage().bytes_read() - opened;
     assert!(
         read < 2 * file_len,
         "set_enabled read {read} bytes of a {file_len}-byte file (the shared table is {} bytes)",
@@ -593,37 +603,6 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
     assert_eq!(runs, 24 * 5);
 }
 
-/// A storage that runs a hook before every write, with the write's offset.
-struct Hooked<S> {
-    inner: S,
-    hook: Box<dyn Fn(u64) + Send + Sync>,
-}
-
-impl<S: std::fmt::Debug> std::fmt::Debug for Hooked<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.inner.fmt(f)
-    }
-}
-
-impl<S: Storage> Storage for Hooked<S> {
-    fn len(&self) -> dirty_bitmap::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
-        (self.hook)(offset);
-        self.inner.write_all_at(buf, offset)
-    }
-    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
-        self.inner.set_len(new_len)
-    }
-    fn sync_data(&self) -> dirty_bitmap::Result<()> {
-        self.inner.sync_data()
-    }
-}
-
 /// Defect 9, first window: `inactivate_full_rewrite` never looked at the change maps after
 /// its commit, so a mark made while it ran (here: while the header commit is written, after
 /// every data cluster) stayed in memory while the disk said clean. Now it returns
@@ -633,16 +612,13 @@ fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
     use std::sync::{Arc, Mutex};
     let slot: Arc<Mutex<Option<Arc<DirtyBitmap>>>> = Arc::default();
     let hook_slot = Arc::clone(&slot);
-    let storage = Hooked {
-        inner: MemStorage::new(),
-        hook: Box::new(move |offset| {
-            if offset == 0 {
-                if let Some(b) = hook_slot.lock().unwrap().take() {
-                    b.mark_dirty(7 * MIB, 4096);
-                }
+    let storage = Spy::new(MemStorage::new(), move |offset| {
+        if offset == 0 {
+            if let Some(b) = hook_slot.lock().unwrap().take() {
+                b.mark_dirty(7 * MIB, 4096);
             }
-        }),
-    };
+        }
+    });
     let mut store = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
     store.add("b", 65536, true).unwrap();
     store.activate().unwrap();
@@ -739,4 +715,72 @@ fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
     let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
     assert_eq!(store.list().len(), 1);
     assert_eq!(store.list()[0].name, "keep");
+}
+
+/// The class of defect 6 and 8: every refusal writes nothing. Each operation that writes is
+/// fed each kind of bad image, and the file's bytes are compared after the refusal.
+#[test]
+fn every_writing_operation_refuses_a_bad_image_without_writing() {
+    type Bad = fn(&dyn Storage, u64);
+    let kinds: [(&str, Bad); 4] = [
+        ("two entries share a cluster", |s, t| {
+            let first = table_entry(s, t, 0);
+            s.write_u64_be_at(t + 8, first).unwrap();
+        }),
+        ("two entries share a cluster, refcount raised", |s, t| {
+            let first = table_entry(s, t, 0);
+            s.write_u64_be_at(t + 8, first).unwrap();
+            set_refcount_raw(s, first, 2);
+        }),
+        ("a reserved bit in a table entry", |s, t| {
+            let e = table_entry(s, t, 0);
+            s.write_u64_be_at(t, e | 2).unwrap();
+        }),
+        ("a data cluster past the end of the file", |s, t| {
+            s.write_u64_be_at(t, 1 << 40).unwrap();
+        }),
+    ];
+    type WriteOp = fn(&mut BitmapStore<MemStorage>) -> dirty_bitmap::Result<()>;
+    let ops: [(&str, WriteOp); 11] = [
+        ("add", |s| s.add("new", 512, true)),
+        ("remove", |s| s.remove("other")),
+        ("store", |s| {
+            let bm = DirtyBitmap::new(4 * MIB, 512).unwrap();
+            s.store("other", &bm)
+        }),
+        ("clear", |s| s.clear("other")),
+        ("set_enabled", |s| s.set_enabled("other", false)),
+        ("merge", |s| s.merge("other", "b")),
+        ("merge_from", |s| {
+            let mut src = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+            src.add("x", 512, true).unwrap();
+            s.merge_from(&src, "x", "other")
+        }),
+        ("resize", |s| s.resize(8 * MIB)),
+        ("activate", |s| s.activate()),
+        ("inactive add then activate", |s| {
+            s.add("late", 512, true)?;
+            s.activate()
+        }),
+        ("remove the bad bitmap", |s| s.remove("b")),
+    ];
+    for (kind, bad) in kinds {
+        for (op, run) in ops {
+            let (store, table) = two_cluster_bitmap();
+            let mut store = store;
+            store.add("other", 512, true).unwrap();
+            bad(store.image().storage(), table);
+            let mut store = reopen_mem(store, true);
+            let before = store.image().storage().to_vec();
+            let r = run(&mut store);
+            assert!(
+                matches!(r, Err(Error::Corrupt(_))),
+                "{kind}: {op} returned {r:?}"
+            );
+            assert!(
+                store.image().storage().to_vec() == before,
+                "{kind}: {op}'s refusal wrote"
+            );
+        }
+    }
 }
