@@ -328,7 +328,7 @@ impl DirtyBitmap {
         // This bitmap: the block's words went to zero (or lost bits).
         sc_point();
         self.count.add(moved.wrapping_neg());
-        self.any.clear(0, b, &|| !self.block_is_zero(b));
+        self.any.clear(b, &|| !self.block_is_zero(b));
         if was_full {
             self.full.clear(0, b);
         }
@@ -337,7 +337,7 @@ impl DirtyBitmap {
         out.count.add(moved);
         out.any.set(0, b);
         if out.block_is_full(b) {
-            out.full.set(0, b, &|| out.block_is_full(b));
+            out.full.set(b, &|| out.block_is_full(b));
         }
         out.changes.set(region);
     }
@@ -551,12 +551,12 @@ impl DirtyBitmap {
         if old == 0 {
             self.any.set(0, b);
         } else if new == 0 {
-            self.any.clear(0, b, &|| !self.block_is_zero(b));
+            self.any.clear(b, &|| !self.block_is_zero(b));
         }
         let valid = self.words.valid(w);
         if new == valid {
             if self.block_is_full(b) {
-                self.full.set(0, b, &|| self.block_is_full(b));
+                self.full.set(b, &|| self.block_is_full(b));
             }
         } else if old == valid {
             self.full.clear(0, b);
