@@ -288,6 +288,78 @@ fn take_dirty_racing_a_clear_takes_the_word_that_stays_dirty() {
 }
 
 #[test]
+fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded() {
+    // Thread A marks x. This thread marks x too, possibly returning on A's bit while A has
+    // not yet recorded the region; then it checks what a store's inactivate would: a mark
+    // in flight or a changed region, and after waiting for marks, x in the bytes taken.
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap());
+        let a = Arc::clone(&bm);
+        let t = thread::spawn(move || a.mark_dirty(100 * G, G));
+        switch_point(&bm);
+        bm.mark_dirty(100 * G, G);
+        assert!(
+            bm.marks_in_flight() || bm.changed_region_count() > 0,
+            "x is dirty, no mark is in flight, and no region changed"
+        );
+        bm.wait_for_marks();
+        let mut shadow = vec![0u8; bm.serialized_len() as usize];
+        for r in bm.take_changed().iter() {
+            let s = r as usize * 512;
+            let l = bm.region_len(r) as usize;
+            bm.serialize_region(r, &mut shadow[s..s + l]).unwrap();
+        }
+        assert_ne!(
+            shadow[100 / 8] & (1 << (100 % 8)),
+            0,
+            "x not in the bytes taken"
+        );
+        t.join().unwrap();
+    });
+}
+
+#[test]
+fn no_word_changes_after_disabling_returns_during_a_range_mark() {
+    model_bound(2, || {
+        let bm = Arc::new(DirtyBitmap::new(2 * BLOCK, G).unwrap());
+        let a = Arc::clone(&bm);
+        // Two words: the range path, which keeps setting words after reading the flag.
+        let t = thread::spawn(move || a.mark_dirty(WORD - G, 2 * G));
+        switch_point(&bm);
+        bm.set_enabled(false);
+        let after = serialize_all(&bm);
+        t.join().unwrap();
+        assert_eq!(
+            serialize_all(&bm),
+            after,
+            "a word changed after set_enabled(false)"
+        );
+    });
+}
+
+#[test]
+fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
+    // B comes first in the tracker: a fan-out can read B's flag before B is enabled and
+    // A's after A is disabled, unless disabling waits for fan-outs in flight.
+    model_bound(2, || {
+        // The tracker holds std's Arc; sharing is not what this model checks.
+        let a = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        let b = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        b.set_enabled(false);
+        let tracker = dirty_bitmap::Tracker::new(vec![b.clone(), a.clone()]);
+        let t = thread::spawn(move || tracker.mark(5 * G, G));
+        switch_point(&a);
+        b.set_enabled(true);
+        a.set_enabled(false);
+        t.join().unwrap();
+        assert!(
+            a.is_dirty(5 * G) || b.is_dirty(5 * G),
+            "the mark is in neither"
+        );
+    });
+}
+
+#[test]
 fn next_clean_finds_a_bit_cleared_before_it_while_its_block_fills() {
     // The full tower's mirror image: the filler (this thread) reads block 1 full before the
     // other thread's clear, whose full-tower clear finds the bit not yet set and returns;
