@@ -306,19 +306,27 @@ impl DirtyBitmap {
         self.words.load((bit / 64) as usize) & (1 << (bit % 64)) != 0
     }
 
-    /// Number of dirty bits, in O(1).
+    /// Number of dirty bits, in O(1), at most [`bit_count`](Self::bit_count).
+    ///
+    /// Exact when no mark or clear is running. While they race, the per-thread counters it
+    /// sums can be caught mid-update, so the figure can be off by the operations in
+    /// flight; a sum above the bit count (including one that went below zero and wrapped)
+    /// reads as the bit count: when in doubt, dirty.
     pub fn count(&self) -> u64 {
-        self.slots.count()
+        self.slots.count().min(self.geo.nbits)
     }
 
-    /// Disk bytes covered by dirty bits (the last partial granule counts its real size).
+    /// Disk bytes covered by dirty bits (the last partial granule counts its real size), at
+    /// most [`disk_size`](Self::disk_size). Inherits [`count`](Self::count)'s
+    /// imprecision while marks and clears run.
     pub fn dirty_bytes(&self) -> u64 {
+        // count() <= nbits <= 2^32 and granularity <= 2^31: no overflow.
         let mut bytes = self.count() << self.geo.granularity_bits;
         let overhang = (self.geo.nbits << self.geo.granularity_bits) - self.geo.disk_size;
         if overhang != 0 && self.is_dirty(self.geo.disk_size - 1) {
             bytes = bytes.saturating_sub(overhang);
         }
-        bytes
+        bytes.min(self.geo.disk_size)
     }
 
     /// Merged `(offset, length)` byte extents of dirty granules, in ascending order and
@@ -779,6 +787,28 @@ fn word_mask(first: u64, end: u64) -> u64 {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::DirtyBitmap;
+
+    #[test]
+    fn count_and_dirty_bytes_stay_in_range_while_the_slot_sum_is_off() {
+        // 11 bits, the last covering 100 bytes of a 4 KiB granule.
+        let bm = DirtyBitmap::new(10 * 4096 + 100, 4096).unwrap();
+        bm.mark_dirty(0, 4096);
+        // A clear's decrement read without the increment of the mark it undid: the sum of
+        // the slots goes below zero and wraps.
+        bm.slots.add(2u64.wrapping_neg());
+        assert_eq!(bm.count(), bm.bit_count());
+        assert_eq!(bm.dirty_bytes(), bm.disk_size());
+        // Increments read without their decrements: above the bit count, with the last
+        // (partial) bit clean, which the byte figure cannot subtract.
+        bm.slots.add(100);
+        assert_eq!(bm.count(), bm.bit_count());
+        assert!(!bm.is_dirty(bm.disk_size() - 1));
+        assert_eq!(bm.dirty_bytes(), bm.disk_size());
+        // Exact again once the operations "finish".
+        bm.slots.add(98u64.wrapping_neg());
+        assert_eq!(bm.count(), 1);
+        assert_eq!(bm.dirty_bytes(), 4096);
+    }
 
     #[test]
     fn marks_in_flight_is_false_at_rest_and_waiting_returns() {
