@@ -528,9 +528,10 @@ impl DirtyBitmap {
     /// Call [`take_changed`](Self::take_changed) first, then serialize its regions. A mark
     /// racing with that pair is either in the bytes serialized or leaves its region in the
     /// change map for the next take; it is never in neither. A mark that found its bits
-    /// already set returns at once; its region is then recorded by the mark that set them,
-    /// so once every mark has returned (for example with the guest stopped), one more
-    /// take-and-serialize captures everything.
+    /// already set returns at once; its region is recorded by the mark that set them, which
+    /// may still be running. So once every mark has returned (for example with the guest
+    /// stopped) and [`wait_for_marks`](Self::wait_for_marks) has returned after that, one
+    /// more take-and-serialize captures everything.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or an
