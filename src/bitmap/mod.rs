@@ -435,7 +435,7 @@ impl DirtyBitmap {
         out.slots.add(moved);
         out.any.set(0, b);
         if out.block_is_full(b) {
-            out.full.set(b, &|| out.block_is_full(b));
+            out.full.set_unshared(b, &|| out.block_is_full(b));
         }
         out.changes.set(region);
     }

@@ -339,6 +339,15 @@ impl FullTower {
         self.guard.close();
     }
 
+    /// [`set`](Self::set) for a tower no other thread can see yet (the bitmap
+    /// `take_dirty` is building): no search can overlap it, so no guard.
+    pub fn set_unshared(&self, block: u64, block_full: &dyn Fn() -> bool) {
+        let (w, b) = split(block);
+        if self.levels.0[0].words[w].load(SeqCst) & b == 0 {
+            self.set_level(0, block, block_full);
+        }
+    }
+
     /// One level of [`set`](Self::set), inside the guard.
     fn set_level(&self, level: usize, unit: u64, child_full: &dyn Fn() -> bool) {
         let lv = &self.levels.0[level];
