@@ -1,8 +1,10 @@
 //! Exhaustive interleaving checks of the lock-free protocols, with loom.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (scripts/test.sh does).
-//! Each model races two operations and then checks, single-threaded, that the summary
-//! towers, the counter and the change map agree with the leaf words.
+//! Each model races two operations and then checks what the race must not break: that the
+//! summary towers, the counter and the change map agree with the leaf words, that a search
+//! finds what stayed dirty throughout, that a mark is recorded or seen in flight, that a
+//! disabled bitmap stays as it was.
 #![cfg(loom)]
 
 use dirty_bitmap::DirtyBitmap;
@@ -13,15 +15,11 @@ const G: u64 = 512;
 const WORD: u64 = 64 * G;
 const BLOCK: u64 = 8 * WORD;
 
+/// Explores every interleaving with at most 3 preemptions, and prints how many executions
+/// that took (a model that stops finding interleavings shows up as a tiny count).
 fn model(f: impl Fn() + Sync + Send + 'static) {
-    model_bound(3, f);
-}
-
-/// Explores every interleaving with at most `bound` preemptions, and prints how many
-/// executions that took (a model that stops finding interleavings shows up as a tiny count).
-fn model_bound(bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(bound);
+    b.preemption_bound = Some(3);
     b.max_branches = 100_000;
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = std::sync::Arc::clone(&runs);
@@ -208,7 +206,7 @@ fn take_dirty_racing_marks_loses_nothing() {
 /// Block 1 holds words 1 and 3; another thread clears word 1 while `search` runs from
 /// offset 0. Word 3 is dirty the whole time, so the search must see it.
 fn search_races_emptying_a_neighbour(search: fn(&DirtyBitmap) -> bool) {
-    model_bound(2, move || {
+    model(move || {
         let bm = Arc::new(DirtyBitmap::new(3 * BLOCK, G).unwrap());
         bm.mark_dirty(BLOCK + WORD, G);
         bm.mark_dirty(BLOCK + 3 * WORD, G);
@@ -268,7 +266,7 @@ fn a_search_finds_a_word_marked_before_it_while_a_clear_empties_its_block() {
 
 #[test]
 fn take_dirty_racing_a_clear_takes_the_word_that_stays_dirty() {
-    model_bound(2, || {
+    model(|| {
         let bm = Arc::new(DirtyBitmap::new(3 * BLOCK, G).unwrap());
         bm.mark_dirty(BLOCK + WORD, G);
         bm.mark_dirty(BLOCK + 3 * WORD, G);
@@ -320,7 +318,7 @@ fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded
 
 #[test]
 fn no_word_changes_after_disabling_returns_during_a_range_mark() {
-    model_bound(2, || {
+    model(|| {
         let bm = Arc::new(DirtyBitmap::new(2 * BLOCK, G).unwrap());
         let a = Arc::clone(&bm);
         // Two words: the range path, which keeps setting words after reading the flag.
@@ -341,7 +339,7 @@ fn no_word_changes_after_disabling_returns_during_a_range_mark() {
 fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
     // B comes first in the tracker: a fan-out can read B's flag before B is enabled and
     // A's after A is disabled, unless disabling waits for fan-outs in flight.
-    model_bound(2, || {
+    model(|| {
         // The tracker holds std's Arc; sharing is not what this model checks.
         let a = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
         let b = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
