@@ -147,7 +147,9 @@ impl DirtyBitmap {
     /// Disabling waits for the marks in flight: once `set_enabled(false)` returns, no word
     /// of this bitmap gains a bit from any mark, however long a range it was marking. It
     /// waits only for marks already running, each a bounded amount of work (a range mark
-    /// for as long as its range takes).
+    /// for as long as its range takes): those of this bitmap, and the
+    /// [`Tracker::mark`](crate::Tracker::mark) fan-outs over several bitmaps anywhere in
+    /// the process (see below). Enabling does not wait.
     ///
     /// # Handing marking over to another bitmap
     /// To move recording from bitmap A to bitmap B (a new checkpoint) without losing a
@@ -245,7 +247,7 @@ impl DirtyBitmap {
     /// already-dirty check in [`mark_dirty`](Self::mark_dirty) inlines into its callers.
     #[inline(never)]
     fn mark_word(&self, w: usize, mask: u64) {
-        // A disabled bitmap costs one load, as before any of this.
+        // A disabled bitmap costs this one load and no announcement.
         if !self.enabled.load(SeqCst) {
             return;
         }
