@@ -219,28 +219,45 @@ impl DirtyBitmap {
     /// bitmap is disabled.
     #[inline(always)]
     pub fn mark_dirty(&self, offset: u64, len: u64) {
-        // Fast path: a non-empty range inside the disk that stays within one word. `last`
-        // is below `offset` only when `offset + len - 1` overflowed.
-        let last = offset.wrapping_add(len).wrapping_sub(1);
-        if len != 0 && last >= offset && last < self.geo.disk_size {
-            let first_bit = offset >> self.geo.granularity_bits;
-            let last_bit = last >> self.geo.granularity_bits;
-            let w = (first_bit / 64) as usize;
-            let mask = if first_bit == last_bit {
-                // A write inside one granule, the most common case.
-                1u64 << (first_bit % 64)
-            } else if w == (last_bit / 64) as usize {
-                word_mask(first_bit, last_bit + 1)
-            } else {
-                return self.mark_dirty_range(offset, len);
-            };
-            // Bits already set need nothing, enabled or not: one plain load.
-            if self.words.load(w) & mask != mask {
-                self.mark_word(w, mask);
+        match self.one_word(offset, len) {
+            Some((w, mask)) => {
+                // Bits already set need nothing, enabled or not: one plain load.
+                if self.words.load(w) & mask != mask {
+                    self.mark_word(w, mask);
+                }
             }
-            return;
+            None => self.mark_dirty_range(offset, len),
         }
-        self.mark_dirty_range(offset, len);
+    }
+
+    /// Whether [`mark_dirty`](Self::mark_dirty)`(offset, len)` would return on its fast
+    /// path: the range lies in one word whose bits are all set. One plain load.
+    #[inline(always)]
+    pub(crate) fn already_marked(&self, offset: u64, len: u64) -> bool {
+        self.one_word(offset, len)
+            .is_some_and(|(w, mask)| self.words.load(w) & mask == mask)
+    }
+
+    /// The fast path's case: a non-empty range inside the disk whose bits lie in one word,
+    /// as `(word, mask)`.
+    #[inline(always)]
+    fn one_word(&self, offset: u64, len: u64) -> Option<(usize, u64)> {
+        // `last` is below `offset` only when `offset + len - 1` overflowed.
+        let last = offset.wrapping_add(len).wrapping_sub(1);
+        if len == 0 || last < offset || last >= self.geo.disk_size {
+            return None;
+        }
+        let first_bit = offset >> self.geo.granularity_bits;
+        let last_bit = last >> self.geo.granularity_bits;
+        let w = (first_bit / 64) as usize;
+        if first_bit == last_bit {
+            // A write inside one granule, the most common case.
+            Some((w, 1u64 << (first_bit % 64)))
+        } else if w == (last_bit / 64) as usize {
+            Some((w, word_mask(first_bit, last_bit + 1)))
+        } else {
+            None
+        }
     }
 
     /// Sets `mask` in word `w` if the bitmap is enabled. Kept out of line so that the
