@@ -108,7 +108,8 @@ struct Levels(Vec<Level>);
 
 /// A tower's guard: windows open in the low 32 bits, generation in the high 32 (see the
 /// module docs), on its own cache line pair so that searches reading it never contend
-/// with the bitmap's other fields.
+/// with the bitmap's other fields. The generation wraps after 2^32 windows; a search
+/// would have to overlap exactly a multiple of that many to be fooled.
 #[derive(Debug)]
 #[repr(align(128))]
 struct Guard(AtomicU64);
