@@ -33,8 +33,9 @@ pub enum Error {
     /// writes until it is reopened.
     #[error("storage refused the operation after an earlier I/O error; reopen it")]
     Poisoned,
-    /// Marks arrived while [`BitmapStore::inactivate`](crate::BitmapStore::inactivate) was
-    /// writing the bitmaps out: the writers (the guest) were not stopped. The bitmaps were
+    /// A bitmap changed while [`BitmapStore::inactivate`](crate::BitmapStore::inactivate)
+    /// was writing the bitmaps out, other than through a mark (marks wait while the
+    /// bitmaps are sealed): for example a `merge_from` on a shared bitmap. The bitmaps were
     /// put back `in_use` and the store stays active, so the disk never claims a bit it
     /// lacks. Stop the writers and inactivate again.
     #[error("marks arrived while inactivating; stop the writers first (the store stays active)")]

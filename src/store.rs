@@ -374,7 +374,8 @@ impl<S: Storage> BitmapStore<S> {
         }
         // What was just loaded is what is on disk.
         let _ = bm.take_changed();
-        bm.set_enabled(entry.auto);
+        // Not shared yet: no mark can be in flight, so nothing to wait for.
+        bm.set_enabled_unshared(entry.auto);
         Ok(bm)
     }
 
@@ -726,7 +727,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         let mem = if self.active {
             let m = self.new_bitmap(granularity)?;
-            m.set_enabled(enabled);
+            m.set_enabled_unshared(enabled);
             Some(Arc::new(m))
         } else {
             None
@@ -1156,9 +1157,14 @@ impl<S: Storage> BitmapStore<S> {
     /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
     /// Does nothing if not active.
     ///
+    /// Call it with the guest stopped; if it is not, the bitmaps are sealed while this runs
+    /// (see [`DirtyBitmap::seal`]): a mark that would write waits until the outcome is on
+    /// disk and then lands in the parked bitmap, so no mark returns in between.
+    ///
     /// # Errors
-    /// - [`Error::MarksDuringInactivate`] if a bitmap was marked while this ran (the guest
-    ///   was not stopped): `in_use` is set again and the store stays active.
+    /// - [`Error::MarksDuringInactivate`] if a bitmap changed while this ran other than
+    ///   through a mark (for example a `merge_from` on its `Arc`): `in_use` is set again
+    ///   and the store stays active.
     /// - [`Error::Poisoned`] or I/O: the store is then poisoned and the memory keeps every
     ///   bit. The disk holds `in_use` set or autoclear bit 0 clear (every bitmap loads as
     ///   inconsistent) or, if the final header write reached the disk before the failure,
@@ -1170,7 +1176,7 @@ impl<S: Storage> BitmapStore<S> {
         self.ensure_writable()?;
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
-        let r = self.inactivate_incremental();
+        let r = self.sealed(Self::inactivate_incremental);
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
@@ -1202,16 +1208,36 @@ impl<S: Storage> BitmapStore<S> {
         Ok(stats)
     }
 
+    /// Runs an inactivation with every in-memory bitmap sealed ([`DirtyBitmap::seal`]):
+    /// sealing waits for the marks in flight, so the last take-and-serialize sees every bit
+    /// a returned mark relied on (one that found its bit already set may have returned on
+    /// another mark's unfinished work), and a mark that would write waits until the outcome
+    /// is on disk. So no mark returns, and no guest write it guards goes ahead, between the
+    /// last serialize and the durable "clean"; the waiting marks then land in the parked
+    /// bitmaps (or, if the inactivation failed, in the still active ones). Unsealed on every
+    /// path.
+    fn sealed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
+        for m in &mems {
+            m.seal();
+        }
+        let r = f(self);
+        for m in &mems {
+            m.unseal();
+        }
+        r
+    }
+
     /// After an inactivation's commit wrote "clean": a mark that arrived after its region
     /// was taken is in memory only, while the directory says clean. Put `in_use` back (in
     /// place, one barrier) and stay active, so the disk never claims a bit it lacks; the
     /// caller must stop the writers first. Both inactivation paths end with it.
     fn refuse_late_marks(&mut self) -> Result<()> {
-        if !self
-            .slots
-            .iter()
-            .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
-        {
+        if !self.slots.iter().any(|s| {
+            s.mem
+                .as_ref()
+                .is_some_and(|m| m.changed_region_count() > 0 || m.marks_in_flight())
+        }) {
             return Ok(());
         }
         let mut back = self.current_entries();
@@ -1241,9 +1267,8 @@ impl<S: Storage> BitmapStore<S> {
     /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
     ///
     /// # Errors
-    /// - [`Error::MarksDuringInactivate`] if a bitmap was marked while this ran (the guest
-    ///   was not stopped): `in_use` is set again in place and the store stays active, as
-    ///   with [`inactivate`](Self::inactivate).
+    /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
+    ///   seal this shares: `in_use` is set again in place and the store stays active.
     /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
         if !self.active {
@@ -1253,9 +1278,10 @@ impl<S: Storage> BitmapStore<S> {
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let mut stats = FlushStats::default();
-        let r = self
-            .full_rewrite(&mut stats)
-            .and_then(|()| self.refuse_late_marks());
+        let r = self.sealed(|s| {
+            s.full_rewrite(&mut stats)?;
+            s.refuse_late_marks()
+        });
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }

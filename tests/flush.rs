@@ -478,14 +478,20 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     assert_qemu_clean(&img);
 }
 
-/// A storage that marks a bitmap from inside its `write_all_at`, at the N-th write: a guest
-/// write that races with `inactivate`, placed deterministically.
+/// A storage that starts a guest write (a thread marking a bitmap) from inside its
+/// `write_all_at`, at the N-th write: a guest write that races with `inactivate`, placed
+/// deterministically. The hook then gives the mark up to 200 ms to return, and every later
+/// write records whether it had: a mark that returned while the store was still writing
+/// the bitmaps out could let its guest write go ahead before the outcome is durable.
 #[derive(Debug)]
 struct MarkOnWrite {
     inner: dirty_bitmap::storage::MemStorage,
     writes: std::sync::atomic::AtomicU64,
     at: std::sync::atomic::AtomicU64,
     target: std::sync::Mutex<Option<(Arc<DirtyBitmap>, u64)>>,
+    marked: Arc<std::sync::atomic::AtomicBool>,
+    written_after_the_mark_returned: std::sync::atomic::AtomicBool,
+    marker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl dirty_bitmap::storage::Storage for MarkOnWrite {
@@ -496,13 +502,21 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
-        let n = self
-            .writes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        if n == self.at.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Some((bm, off)) = self.target.lock().unwrap().as_ref() {
-                bm.mark_dirty(*off, 4096);
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.writes.fetch_add(1, SeqCst) + 1;
+        if self.marked.load(SeqCst) {
+            self.written_after_the_mark_returned.store(true, SeqCst);
+        }
+        if n == self.at.load(SeqCst) {
+            if let Some((bm, off)) = self.target.lock().unwrap().clone() {
+                let marked = Arc::clone(&self.marked);
+                let (tx, rx) = std::sync::mpsc::channel();
+                *self.marker.lock().unwrap() = Some(std::thread::spawn(move || {
+                    bm.mark_dirty(off, 4096);
+                    marked.store(true, SeqCst);
+                    let _ = tx.send(());
+                }));
+                let _ = rx.recv_timeout(std::time::Duration::from_millis(200));
             }
         }
         self.inner.write_all_at(buf, offset)
@@ -515,13 +529,22 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
     }
 }
 
+/// A guest write racing `inactivate` (its mark starts at the stop's first write) cannot
+/// return before the stop's outcome is durable: the bitmaps are sealed, so the mark waits,
+/// then lands in the parked bitmap, and the next activate and stop write it. Without the
+/// seal the mark returned at once while the stop went on to write "clean" (defect 9 of
+/// issue 9: a crash before `in_use` was put back lost it).
 #[test]
-fn a_mark_racing_inactivate_keeps_the_bitmap_in_use_instead_of_claiming_clean() {
+fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
+    use std::sync::atomic::Ordering::SeqCst;
     let storage = MarkOnWrite {
         inner: dirty_bitmap::storage::MemStorage::new(),
         writes: Default::default(),
         at: Default::default(),
         target: Default::default(),
+        marked: Default::default(),
+        written_after_the_mark_returned: Default::default(),
+        marker: Default::default(),
     };
     let mut s = BitmapStore::create(storage, 1 << 30, 65536).unwrap();
     s.add("b", 65536, true).unwrap();
@@ -529,30 +552,25 @@ fn a_mark_racing_inactivate_keeps_the_bitmap_in_use_instead_of_claiming_clean() 
     let bm = s.bitmap("b").unwrap();
     bm.mark_dirty(0, 4096);
     s.flush().unwrap();
-    // The first write of inactivate (nothing left to flush: the header with autoclear bit 0
-    // cleared) brings a guest write with it.
-    let written = s
-        .image()
-        .storage()
-        .writes
-        .load(std::sync::atomic::Ordering::SeqCst);
+    // The first write of inactivate (nothing left to flush: the directory's flags) brings a
+    // guest write with it.
+    let written = s.image().storage().writes.load(SeqCst);
     *s.image().storage().target.lock().unwrap() = Some((Arc::clone(&bm), 512 << 20));
-    s.image()
-        .storage()
-        .at
-        .store(written + 1, std::sync::atomic::Ordering::SeqCst);
-    let err = s.inactivate().unwrap_err();
-    assert!(
-        matches!(err, dirty_bitmap::Error::MarksDuringInactivate),
-        "{err:?}"
-    );
-    assert!(s.is_active(), "the store must stay active");
-    assert!(
-        s.list().iter().all(|b| b.in_use),
-        "in_use must be back on disk"
-    );
-    // With the writers stopped, a second inactivate writes the late mark and succeeds.
+    s.image().storage().at.store(written + 1, SeqCst);
     s.inactivate().unwrap();
+    assert!(!s.is_active());
+    let marker = s.image().storage().marker.lock().unwrap().take().unwrap();
+    marker.join().unwrap();
+    assert!(
+        !s.image()
+            .storage()
+            .written_after_the_mark_returned
+            .load(SeqCst),
+        "the racing mark returned while the stop was still writing"
+    );
+    // The mark waited and is in the parked bitmap: the next activate and stop write it.
+    assert!(s.load("b").unwrap().is_dirty(512 << 20));
+    s.activate().unwrap();
     let image = s.close().unwrap();
     let bytes = image.into_storage().inner.to_vec();
     let s = BitmapStore::open(dirty_bitmap::storage::MemStorage::from_bytes(bytes), false).unwrap();

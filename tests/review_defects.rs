@@ -1,6 +1,10 @@
 //! One test per defect of the adversarial review in issue 9 ("Nothing on disk is lost and no
 //! bit reads clean, on any image"). Each test is named after its defect number and fails on
-//! commit 0b31498, where the review found it.
+//! commit 0b31498, where the review found it. The races of defects 12 to 14 are proved in
+//! the loom models (`tests/loom.rs`) and the threaded stress tests (`tests/bitmap_races.rs`);
+//! the store's side of defect 12 (inactivate seals its bitmaps, which waits for the marks
+//! in flight) and the second window of defect 9 are in `tests/flush.rs`
+//! (`a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept`).
 
 mod common;
 
@@ -604,19 +608,41 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
 }
 
 /// Defect 9, first window: `inactivate_full_rewrite` never looked at the change maps after
-/// its commit, so a mark made while it ran (here: while the header commit is written, after
-/// every data cluster) stayed in memory while the disk said clean. Now it returns
-/// `MarksDuringInactivate` with `in_use` back on disk, as the incremental path does.
+/// its commit, so a mark made while it ran (here: started while the header commit is
+/// written, after every data cluster) returned while the disk went on to say clean. Now the
+/// bitmaps are sealed as by `inactivate`: the mark waits until the stop is durable, then
+/// lands in the parked bitmap, which the next activate and stop write.
 #[test]
-fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
+fn defect_09_full_rewrite_holds_marks_made_while_it_runs_until_it_is_durable() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
     let slot: Arc<Mutex<Option<Arc<DirtyBitmap>>>> = Arc::default();
-    let hook_slot = Arc::clone(&slot);
+    let returned = Arc::new(AtomicBool::new(false));
+    let wrote_after = Arc::new(AtomicBool::new(false));
+    let marker: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+    let (hook_slot, hook_returned, hook_after, hook_marker) = (
+        Arc::clone(&slot),
+        Arc::clone(&returned),
+        Arc::clone(&wrote_after),
+        Arc::clone(&marker),
+    );
     let storage = Spy::new(MemStorage::new(), move |offset| {
-        if offset == 0 {
-            if let Some(b) = hook_slot.lock().unwrap().take() {
+        if hook_returned.load(SeqCst) {
+            hook_after.store(true, SeqCst);
+        }
+        if offset != 0 {
+            return;
+        }
+        if let Some(b) = hook_slot.lock().unwrap().take() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let done = Arc::clone(&hook_returned);
+            *hook_marker.lock().unwrap() = Some(std::thread::spawn(move || {
                 b.mark_dirty(7 * MIB, 4096);
-            }
+                done.store(true, SeqCst);
+                let _ = tx.send(());
+            }));
+            // Give a mark that does not wait every chance to return now.
+            let _ = rx.recv_timeout(std::time::Duration::from_millis(200));
         }
     });
     let mut store = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
@@ -625,19 +651,17 @@ fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
     let bm = store.bitmap("b").unwrap();
     bm.mark_dirty(0, 4096);
     *slot.lock().unwrap() = Some(Arc::clone(&bm));
-    let err = store.inactivate_full_rewrite().unwrap_err();
-    assert!(matches!(err, Error::MarksDuringInactivate), "{err:?}");
-    assert!(store.is_active());
-    // The disk says in_use again: a crash now leaves the bitmap inconsistent.
-    let crashed = BitmapStore::open(
-        MemStorage::from_bytes(store.image().storage().inner.to_vec()),
-        false,
-    )
-    .unwrap();
-    assert_eq!(
-        crashed.list()[0].state,
-        dirty_bitmap::BitmapState::Inconsistent
+    store.inactivate_full_rewrite().unwrap();
+    marker.lock().unwrap().take().unwrap().join().unwrap();
+    assert!(
+        !wrote_after.load(SeqCst),
+        "the racing mark returned while the stop was still writing"
     );
+    assert!(
+        store.load("b").unwrap().is_dirty(7 * MIB),
+        "the mark was lost"
+    );
+    store.activate().unwrap();
     let image = store.close().unwrap();
     let store = BitmapStore::open(image.into_storage().inner, false).unwrap();
     let loaded = store.load("b").unwrap();

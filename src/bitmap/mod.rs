@@ -65,6 +65,9 @@ pub struct DirtyBitmap {
     changes: ChangeMap,
     slots: ThreadSlots,
     enabled: AtomicBool,
+    /// Set by [`seal`](Self::seal): a mark that would write waits until
+    /// [`unseal`](Self::unseal) instead of writing.
+    sealed: AtomicBool,
 }
 
 impl fmt::Debug for DirtyBitmap {
@@ -117,6 +120,7 @@ impl DirtyBitmap {
             changes: ChangeMap::new(geo.nregions()),
             slots: ThreadSlots::new(),
             enabled: AtomicBool::new(true),
+            sealed: AtomicBool::new(false),
             geo,
         }
     }
@@ -178,6 +182,12 @@ impl DirtyBitmap {
         // wait see that mark's slot odd, or the mark read the flag false.
         barrier::heavy();
         self.slots.wait_for_marks();
+    }
+
+    /// Sets the enabled flag of a bitmap no other thread can reach yet (just built or
+    /// loaded), without the waits of [`set_enabled`](Self::set_enabled).
+    pub(crate) fn set_enabled_unshared(&self, enabled: bool) {
+        self.enabled.store(enabled, SeqCst);
     }
 
     /// Whether a mark of this bitmap that may write is running now: one that found a bit of
@@ -268,7 +278,7 @@ impl DirtyBitmap {
         if !self.enabled.load(SeqCst) {
             return;
         }
-        let mark = self.begin_mark();
+        let mark = self.begin_unsealed_mark();
         if self.enabled.load(SeqCst) {
             // The caller's load just saw a bit of `mask` clear: go straight to the write.
             let old = self.words.get(w).fetch_or(mask, SeqCst);
@@ -288,7 +298,7 @@ impl DirtyBitmap {
         let Some((first, end)) = self.geo.touched_bits(offset, len) else {
             return;
         };
-        let mark = self.begin_mark();
+        let mark = self.begin_unsealed_mark();
         if self.enabled.load(SeqCst) {
             for_each_word(first, end, |w, mask| self.set_bits(w, mask));
         }
@@ -304,6 +314,56 @@ impl DirtyBitmap {
         let mark = self.slots.begin_mark();
         barrier::light();
         mark
+    }
+
+    /// [`begin_mark`](Self::begin_mark), waiting first while the bitmap is sealed: the
+    /// announcement is withdrawn during the wait, so a sealer's `wait_for_marks` never
+    /// waits for a mark that waits for it. After the announcement the seal is read again
+    /// behind the same light barrier as `enabled`, so a mark either is waited for by
+    /// [`seal`](Self::seal) or finds the seal and waits.
+    #[inline(always)]
+    fn begin_unsealed_mark(&self) -> InFlight {
+        loop {
+            let mut spins = 0;
+            while self.sealed.load(SeqCst) {
+                atomic::backoff(&mut spins);
+            }
+            let mark = self.begin_mark();
+            if !self.sealed.load(SeqCst) {
+                return mark;
+            }
+            self.slots.end_mark(mark);
+        }
+    }
+
+    /// Seals the bitmap: from now on a mark that would write a word waits until
+    /// [`unseal`](Self::unseal), and `seal` returns once every mark that was writing has
+    /// finished (its words and change-map regions visible to this thread). A mark whose
+    /// bits are already set still returns at once: every such bit was set by a mark that
+    /// finished before the seal, or that the seal waited for.
+    ///
+    /// A store seals its bitmaps while it writes them out as consistent, so that no mark
+    /// can complete (and no guest write it guards can go ahead) between the last
+    /// take-and-serialize and the moment the outcome is durable; see
+    /// `BitmapStore::inactivate`. Marks of a sealed bitmap block their threads: unseal
+    /// promptly, also on every error path.
+    pub fn seal(&self) {
+        self.sealed.store(true, SeqCst);
+        // The same pairing as disabling: a mark reads the seal after its announcement and
+        // a light barrier; the heavy barrier makes this wait see the announcement, or the
+        // mark see the seal.
+        barrier::heavy();
+        self.slots.wait_for_marks();
+    }
+
+    /// Lifts [`seal`](Self::seal): the marks waiting go on.
+    pub fn unseal(&self) {
+        self.sealed.store(false, SeqCst);
+    }
+
+    /// Whether the bitmap is sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(SeqCst)
     }
 
     /// Marks clean every granule that lies entirely inside disk bytes `[offset, offset + len)`.
