@@ -379,3 +379,28 @@ fn next_clean_finds_a_bit_cleared_before_it_while_its_block_fills() {
         assert_consistent(&bm);
     });
 }
+
+/// `seal` (what `BitmapStore::inactivate` runs under) against a mark of a clean bit: when
+/// `seal` returns, the mark has either finished (its word and its change-map region are
+/// visible) or not written at all, and it writes nothing until `unseal`; then it completes.
+#[test]
+fn a_mark_racing_a_seal_is_waited_for_or_waits_for_the_unseal() {
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        let b2 = Arc::clone(&bm);
+        let t = thread::spawn(move || b2.mark_dirty(WORD, G));
+        switch_point(&bm);
+        bm.seal();
+        let at_seal = bm.is_dirty(WORD);
+        assert!(
+            !at_seal || bm.changed_region_count() > 0,
+            "a word written without its region when the seal returned"
+        );
+        let _ = bm.count();
+        assert_eq!(bm.is_dirty(WORD), at_seal, "a mark wrote while sealed");
+        bm.unseal();
+        t.join().unwrap();
+        assert!(bm.is_dirty(WORD));
+        assert_consistent(&bm);
+    });
+}
