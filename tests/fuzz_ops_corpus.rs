@@ -42,7 +42,6 @@ fn replay_ops_corpus() {
 }
 
 /// Runs one minimised finding through its target.
-#[allow(dead_code)]
 fn regression(target: &str, name: &str) {
     let f = TARGETS.iter().find(|t| t.0 == target).expect("a target").1;
     let path = format!(
@@ -50,4 +49,44 @@ fn regression(target: &str, name: &str) {
         env!("CARGO_MANIFEST_DIR")
     );
     f(&fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")));
+}
+
+// Findings of `ops_guest_data` (docs/FUZZING.md, "Findings"): a cluster that an L2 entry names
+// as guest data is also one of a bitmap's own clusters (refcount 1, two references: a corrupt
+// image, which `qemu-img check` reports), and the library writes that bitmap cluster in
+// place without checking that nothing else references it. Built from a QEMU-made image by
+// `fuzz/make-ops-regressions.py`.
+
+/// Finding `flush-writes-bitmap-data-over-guest-cluster`: `flush` rewrites a changed region
+/// in place in the bitmap's data cluster (`src/flush.rs`, data step), which is also guest
+/// data.
+#[test]
+#[ignore = "open finding: in-place bitmap data write over a guest cluster (ops_guest_data)"]
+fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
+    regression(
+        "ops_guest_data",
+        "flush-writes-bitmap-data-over-guest-cluster",
+    );
+}
+
+/// Finding `flush-writes-table-entry-over-guest-cluster`: `flush` writes a fresh table entry
+/// in place in the bitmap table (`src/flush.rs`, table step), which is also guest data.
+#[test]
+#[ignore = "open finding: in-place bitmap table write over a guest cluster (ops_guest_data)"]
+fn ops_guest_data_flush_writes_table_entry_over_guest_cluster() {
+    regression(
+        "ops_guest_data",
+        "flush-writes-table-entry-over-guest-cluster",
+    );
+}
+
+/// Finding `activate-writes-directory-over-guest-cluster`: `activate` sets `in_use` in the
+/// directory in place (`write_flags_in_place` in `src/store.rs`), which is also guest data.
+#[test]
+#[ignore = "open finding: in-place directory write over a guest cluster (ops_guest_data)"]
+fn ops_guest_data_activate_writes_directory_over_guest_cluster() {
+    regression(
+        "ops_guest_data",
+        "activate-writes-directory-over-guest-cluster",
+    );
 }
