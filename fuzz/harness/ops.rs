@@ -27,8 +27,9 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const MAX_OPS: usize = 24;
 /// Most operations decoded from one `ops_guest_data` input.
 const MAX_GUEST_OPS: usize = 8;
-/// Crash images checked per operation (sampled among its crash points).
-const CRASH_SAMPLES: usize = 3;
+/// Crash points checked per operation besides its last (spread over its crash points), each
+/// in every crash mode.
+const CRASH_SAMPLES: usize = 2;
 
 // ---------------------------------------------------------------------------------------
 // Input decoding
@@ -772,14 +773,19 @@ impl<'a> Crash<'a> {
                 .chain(std::iter::once(points[n - 1]))
                 .collect()
         };
-        for (k, &p) in picks.iter().enumerate() {
-            let mode = match (salt as usize + k) % 3 {
-                0 => CrashMode::Dropped,
-                1 => CrashMode::Kept,
-                _ => CrashMode::Torn {
+        // Each point in every mode; right after a barrier the three are one image.
+        let modes = |p: usize| {
+            let synced = matches!(ops.get(p.wrapping_sub(1)), Some(LogOp::Sync));
+            let all = [
+                CrashMode::Dropped,
+                CrashMode::Kept,
+                CrashMode::Torn {
                     seed: salt ^ p as u64,
                 },
-            };
+            ];
+            all.into_iter().take(if synced { 1 } else { 3 })
+        };
+        for (p, mode) in picks.iter().flat_map(|&p| modes(p).map(move |m| (p, m))) {
             let cctx = format!("{ctx}: crash after log op {p} ({start}..{end}), {mode:?}");
             let image = self
                 .crash
@@ -934,8 +940,8 @@ impl<'a> Crash<'a> {
 ///   writes nothing;
 /// - the live store lists what the model lists and `load` holds every bit the model
 ///   marked (`Crash::check_live`), and the image on disk is clean;
-/// - up to [`CRASH_SAMPLES`] + 1 crash images inside the operation (dropped, kept or torn)
-///   open read-only, show no corruption, leak only inside the operation's leak window, and
+/// - at up to [`CRASH_SAMPLES`] + 1 crash points inside the operation, the crash images
+///   (unsynced writes dropped, kept, torn) open read-only, show no corruption, leak only inside the operation's leak window, and
 ///   every consistent bitmap in them holds every required bit: those of the last
 ///   completed inactive operation or of the last inactivate that started, or, once the
 ///   operation's header write was issued, its result (`Crash::check_crash_points`).
