@@ -23,6 +23,10 @@ b1_table, b1_data, directory = 0xC00, 0xA00, 0x6000
 assert be64(b1_table) == b1_data, "the seed's layout changed; update this script"
 
 ACTIVATE, FLUSH = b"\x08", b"\x03"
+def remove(name):
+    return bytes([1, name])
+def add(name, gbits):
+    return bytes([0, name, gbits - 9])
 def mark(name, off, ln):
     return bytes([2, name]) + struct.pack(">HH", off // 64, ln - 1)
 
@@ -49,3 +53,8 @@ write("flush-writes-table-entry-over-guest-cluster",
 write("activate-writes-directory-over-guest-cluster",
       [(l2 + 16, COPIED | directory)],
       [ACTIVATE])
+# Guest cluster 0 of the disk is b1's data cluster; removing b1 frees it (refcount 0) and
+# the next allocation (the new bitmap "a"'s table) reuses it. Names: 0 is b1, 2 is "a".
+write("remove-frees-guest-cluster-then-reuses-it",
+      [(l2, COPIED | b1_data)],
+      [remove(0), add(2, 9)])
