@@ -45,7 +45,7 @@ fn main() -> dirty_bitmap::Result<()> {
             // marks change nothing; clear some granules first so they count.
             for _ in 0..2000 {
                 let off = rng.random_range(0..disk / 4096) * 4096;
-                for b in t.bitmaps() {
+                for b in t.bitmaps().iter() {
                     b.clear(off & !65535, 65536);
                 }
                 t.mark(off, 4096);

@@ -369,6 +369,40 @@ pub enum Corruption {
         /// What was wrong.
         what: &'static str,
     },
+    /// The image's metadata and refcounts disagree the way `qemu-img check` calls
+    /// corruption (a cluster referenced more often than its refcount says, a structure past
+    /// the end of the file, a bad table entry, a directory QEMU would refuse). Reading goes
+    /// on; every write is refused before it starts, since the allocator could hand out a
+    /// cluster that something still references. `qemu-img check -r all` repairs it.
+    #[error(
+        "the image fails `qemu-img check` with {corruptions} error(s) (first: {first}); \
+         writes are refused until `qemu-img check -r all` repairs it"
+    )]
+    CheckFailed {
+        /// Corruptions found.
+        corruptions: u64,
+        /// The first finding, in `qemu-img check`'s wording.
+        first: String,
+    },
+    /// A cluster of the bitmap directory, a bitmap table or a consistent bitmap's data is
+    /// not owned by exactly one reference with refcount 1: two directory entries share a
+    /// table, two table entries share a data cluster, or a bitmap structure overlaps other
+    /// metadata or guest data. Bitmaps are written in place, so such a cluster would be
+    /// overwritten under its other owner; every write is refused before it starts.
+    #[error(
+        "{what} cluster {offset:#x} is referenced {references} time(s) with refcount \
+         {refcount}; a bitmap cluster must have exactly one reference and refcount 1"
+    )]
+    SharedCluster {
+        /// The cluster's byte offset.
+        offset: u64,
+        /// Which bitmap structure names it.
+        what: &'static str,
+        /// References to it that the image's metadata holds.
+        references: u64,
+        /// Its refcount.
+        refcount: u64,
+    },
     /// A metadata structure lies (partly) past the end of the image file.
     #[error("{what} at offset {offset:#x} ({len} bytes) lies past the end of the file ({file_len} bytes)")]
     PastEnd {
@@ -454,9 +488,6 @@ pub enum EntryProblem {
         /// The name_size found.
         size: u16,
     },
-    /// The name is not UTF-8 or contains a NUL byte.
-    #[error("name is not UTF-8 without NUL bytes")]
-    NameNotUtf8,
     /// Another entry earlier in the directory has the same name.
     #[error("duplicate bitmap name {name:?}")]
     DuplicateName {

@@ -166,7 +166,7 @@ pub fn directory(data: &[u8]) {
         return;
     };
     assert_eq!(entries.len() as u64, u64::from(nb_bitmaps), "entry count");
-    let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let mut names: Vec<&[u8]> = entries.iter().map(|e| e.name.as_bytes()).collect();
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), entries.len(), "names are unique");
@@ -327,7 +327,7 @@ pub fn open_image(data: &[u8]) {
     let file_len = data.len() as u64;
     let cs = store.image().cluster_size();
     let list = store.list();
-    let mut names: Vec<&str> = list.iter().map(|b| b.name.as_str()).collect();
+    let mut names: Vec<&[u8]> = list.iter().map(|b| b.name.as_bytes()).collect();
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), list.len(), "listed names are unique");
@@ -387,7 +387,12 @@ pub fn open_image(data: &[u8]) {
 /// The oracle for a loaded bitmap: re-reads its directory entry and table straight from
 /// `data` and checks that every serialized region equals what the table names (zeros,
 /// ones, or the data cluster), with the bits past the end of the disk cleared.
-fn compare_with_disk(data: &[u8], store: &BitmapStore<MemStorage>, name: &str, bm: &DirtyBitmap) {
+fn compare_with_disk(
+    data: &[u8],
+    store: &BitmapStore<MemStorage>,
+    name: &crate::format::BitmapName,
+    bm: &DirtyBitmap,
+) {
     let area = store.image().area();
     let ext = area
         .bitmaps
@@ -406,7 +411,7 @@ fn compare_with_disk(data: &[u8], store: &BitmapStore<MemStorage>, name: &str, b
     .expect("the directory decoded on open");
     let entry = entries
         .iter()
-        .find(|e| e.name == name)
+        .find(|e| &e.name == name)
         .expect("a listed bitmap is in the directory");
     let table = decode_table(
         at(entry.table_offset, u64::from(entry.table_size) * 8),

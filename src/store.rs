@@ -23,11 +23,13 @@ use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULAR
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{
-    decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapsExtension,
-    DirEntry, ImageGeometry, TableEntry,
+    decode_directory, decode_table, encode_directory, encode_table, table_size, BitmapName,
+    BitmapsExtension, DirEntry, ImageGeometry, TableEntry,
 };
+use crate::image::check::References;
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
+use crate::tracker::TrackedSet;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
@@ -54,8 +56,8 @@ pub enum BitmapState {
 /// One bitmap as [`BitmapStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
-    /// The bitmap's name.
-    pub name: String,
+    /// The bitmap's name, as its bytes on disk (shown escaped; see [`BitmapName`]).
+    pub name: BitmapName,
     /// Disk bytes per bit.
     pub granularity: u64,
     /// The `auto` flag: the bitmap records every write (QEMU's "enabled").
@@ -99,6 +101,13 @@ pub struct BitmapStore<S: Storage> {
     /// Set when a flush or an inactivation failed part-way: every later write is refused
     /// ([`Error::Poisoned`]) until the image is reopened.
     poisoned: bool,
+    /// The reference counts of the last [`preflight`](Self::preflight). While the store is
+    /// active it stays valid for deciding frees: since then only this handle wrote, and it
+    /// only added clusters that nothing referenced (see `safe_frees`).
+    walk: Option<References>,
+    /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
+    /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
+    tracked: TrackedSet,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -177,6 +186,8 @@ impl<S: Storage> BitmapStore<S> {
             dir,
             active: false,
             poisoned: false,
+            walk: None,
+            tracked: TrackedSet::default(),
         })
     }
 
@@ -192,6 +203,8 @@ impl<S: Storage> BitmapStore<S> {
             dir: None,
             active: false,
             poisoned: false,
+            walk: None,
+            tracked: TrackedSet::default(),
         })
     }
 
@@ -246,18 +259,20 @@ impl<S: Storage> BitmapStore<S> {
         Ok(self.image.header().geometry()?)
     }
 
-    fn find(&self, name: &str) -> Result<usize> {
+    /// The slot of the bitmap named `name`, compared byte for byte.
+    fn find(&self, name: impl AsRef<[u8]>) -> Result<usize> {
+        let name = name.as_ref();
         self.slots
             .iter()
-            .position(|s| s.entry.name == name)
-            .ok_or_else(|| Error::NotFound(format!("bitmap {name:?}")))
+            .position(|s| s.entry.name.as_bytes() == name)
+            .ok_or_else(|| Error::NotFound(format!("bitmap {:?}", BitmapName::from(name))))
     }
 
-    fn find_consistent(&self, name: &str) -> Result<usize> {
+    fn find_consistent(&self, name: impl AsRef<[u8]>) -> Result<usize> {
         let i = self.find(name)?;
         if self.slots[i].inconsistent {
             return Err(Error::Inconsistent {
-                name: name.to_string(),
+                name: self.slots[i].entry.name.to_string(),
             });
         }
         Ok(i)
@@ -278,7 +293,7 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::InvalidInput`] if the store
     /// is not active.
-    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+    pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
         let i = self.find_consistent(name)?;
         self.slots[i]
             .mem
@@ -295,7 +310,7 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
     /// data past the end of the file, I/O errors.
-    pub fn load(&self, name: &str) -> Result<DirtyBitmap> {
+    pub fn load(&self, name: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let i = self.find_consistent(name)?;
         match self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
             Some(m) => Ok(m.snapshot()),
@@ -364,40 +379,119 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The clusters of `frees` that are safe to release, as byte offsets: each cluster once,
-    /// none that the image's structures or a bitmap in `keep` still reference, and none
-    /// whose refcount is already 0.
+    /// only those that the walk of the last [`preflight`](Self::preflight) found referenced
+    /// at most once (by the owner being dropped, which named it), and none whose refcount
+    /// is already 0.
     ///
-    /// A corrupt image can share a cluster between two owners (for example one bitmap's
-    /// table entry naming another bitmap's table). Releasing such a cluster would let the
-    /// allocator hand out live metadata, and the other bitmap could later read back as
-    /// clean. A cluster dropped here stays allocated: at worst a leak, never a loss.
-    fn safe_frees(&mut self, keep: &[DirEntry], frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
+    /// The walk is `Image::check`'s: it counts the header, L1 and L2 tables, guest data,
+    /// snapshots, the LUKS header, the refcount structures and every bitmap structure. A
+    /// cluster that anything else also references stays allocated: at worst a leak, never a
+    /// loss. Clusters allocated since the walk had no reference and refcount 0 then (the
+    /// preflight found no corruption, so no referenced cluster has refcount 0), so only
+    /// this store references them.
+    fn safe_frees(&mut self, frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
         let cb = self.image.header().cluster_bits;
-        let mut live = self.image.structure_clusters();
-        for entry in keep {
-            // A table that cannot be read (an inconsistent bitmap) still owns its clusters.
-            let owned = match self.owned_clusters(entry) {
-                Ok(owned) => owned,
-                Err(_) => vec![(
-                    entry.table_offset,
-                    ceil_clusters(u64::from(entry.table_size) * 8, 1 << cb),
-                )],
-            };
-            for (off, n) in owned {
-                let first = off >> cb;
-                live.extend(first..first.saturating_add(n));
-            }
-        }
+        let walk = self
+            .walk
+            .take()
+            .ok_or_else(|| invalid_input!("a commit without a preflight"))?;
+        let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for (off, n) in frees {
-            let first = off >> cb;
-            for c in first..first.saturating_add(n) {
-                if live.insert(c) && self.image.refcount(c << cb)? > 0 {
-                    out.push(c << cb);
+        let r = (|| {
+            for (off, n) in frees {
+                let first = off >> cb;
+                for c in first..first.saturating_add(n) {
+                    if seen.insert(c) && walk.at(c << cb) <= 1 && self.image.refcount(c << cb)? > 0
+                    {
+                        out.push(c << cb);
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        self.walk = Some(walk);
+        r
+    }
+
+    /// What every operation that writes checks before its first write, so that a refusal
+    /// writes nothing:
+    /// - the image passes the walk `Image::check` does with no corruption, so every
+    ///   cluster anything references has a refcount at least as high, and the allocator
+    ///   (which hands out only refcount-0 clusters) can never hand out a referenced one;
+    /// - every cluster of the bitmap directory, of each bitmap table and of each consistent
+    ///   bitmap's data has exactly one reference and refcount 1: bitmaps are written in
+    ///   place, and a cluster shared with another table, another entry or other metadata
+    ///   would be overwritten under its other owner.
+    ///
+    /// One walk over the file's metadata: each table is read once however many entries
+    /// name it, so the cost is O(the file's metadata), never O(bitmaps × table). The walk's
+    /// counts are kept for the frees of the operation's commit.
+    ///
+    /// # Errors
+    /// [`Corruption::CheckFailed`], [`Corruption::SharedCluster`], I/O.
+    fn preflight(&mut self) -> Result<()> {
+        self.walk = None;
+        let (report, walk) = self.image.references()?;
+        if report.corruptions > 0 {
+            return Err(Corruption::CheckFailed {
+                corruptions: report.corruptions,
+                first: report.messages.first().cloned().unwrap_or_default(),
+            }
+            .into());
+        }
+        let cs = self.image.cluster_size();
+        let mut owned: Vec<(u64, u64, &'static str)> = Vec::new();
+        if let Some((off, size)) = self.dir {
+            owned.push((off, ceil_clusters(size, cs), "bitmap directory"));
+        }
+        for s in self.slots.iter().filter(|s| !s.stale) {
+            owned.push((
+                s.entry.table_offset,
+                ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
+                "bitmap table",
+            ));
+            if !s.inconsistent {
+                for t in self.read_table(&s.entry)? {
+                    if let TableEntry::Data(off) = t {
+                        owned.push((off, 1, "bitmap data"));
+                    }
                 }
             }
         }
-        Ok(out)
+        for (off, n, what) in owned {
+            for k in 0..n {
+                let at = off.saturating_add(k.saturating_mul(cs));
+                let references = walk.at(at);
+                let refcount = self.image.refcount(at)?;
+                if references != 1 || refcount != 1 {
+                    return Err(Corruption::SharedCluster {
+                        offset: at,
+                        what,
+                        references,
+                        refcount,
+                    }
+                    .into());
+                }
+            }
+        }
+        self.walk = Some(walk);
+        Ok(())
+    }
+
+    /// Whether cluster 0 still holds the header once the bitmaps extension is there (it
+    /// grows by the extension's 24 bytes when the first bitmap is added). Checked before
+    /// anything is allocated, so a refusal leaks nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the sizes.
+    fn ensure_header_fits(&self, nb_bitmaps: u32) -> Result<()> {
+        let mut area = self.image.area().clone();
+        area.bitmaps = (nb_bitmaps > 0).then_some(BitmapsExtension {
+            nb_bitmaps,
+            directory_size: 1,
+            directory_offset: self.image.cluster_size(),
+        });
+        area.encode().map(|_| ())
     }
 
     /// The clusters a bitmap owns: its data clusters, then its table.
@@ -487,7 +581,8 @@ impl<S: Storage> BitmapStore<S> {
         }
         // Decided before anything is allocated or written, so that nothing after the
         // commit point can fail on bad metadata.
-        let frees = self.safe_frees(&entries, frees)?;
+        self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
+        let frees = self.safe_frees(frees)?;
         let new_dir = if entries.is_empty() {
             None
         } else {
@@ -545,7 +640,20 @@ impl<S: Storage> BitmapStore<S> {
                 parked,
             })
             .collect();
+        self.publish();
         Ok(())
+    }
+
+    /// Publishes the in-memory bitmaps (active or parked) to every tracker taken from this
+    /// store. Called after every change of the slots, before the call that changed them
+    /// returns, so a mark that starts afterwards reaches every enabled bitmap.
+    fn publish(&self) {
+        let list: Vec<Arc<DirtyBitmap>> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
+            .collect();
+        self.tracked.store(Arc::new(list));
     }
 
     fn current_entries(&self) -> Vec<DirEntry> {
@@ -600,7 +708,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         let ts = table_size(disk, gbits, cs)?;
         let mut entry = DirEntry {
-            name: name.to_string(),
+            name: name.into(),
             table_offset: 0,
             table_size: ts,
             granularity_bits: gbits,
@@ -623,7 +731,9 @@ impl<S: Storage> BitmapStore<S> {
         } else {
             None
         };
-        // All input is valid: from here on, only I/O can fail.
+        self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
+        self.preflight()?;
+        // All input is valid and the image is sound: from here on, only I/O can fail.
         let table_bytes = u64::from(ts) * 8;
         let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
         self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
@@ -634,6 +744,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(slot) = self.slots.last_mut() {
             slot.mem = mem;
         }
+        self.publish();
         Ok(())
     }
 
@@ -645,9 +756,10 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
     /// with a bad table, I/O.
-    pub fn remove(&mut self, name: &str) -> Result<()> {
+    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find(name)?;
+        self.preflight()?;
         let slot = &self.slots[i];
         let frees = if slot.stale {
             Vec::new()
@@ -686,15 +798,16 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
-    pub fn store(&mut self, name: &str, bitmap: &DirtyBitmap) -> Result<()> {
+    pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
         if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
             return Err(invalid_input!(
-                "bitmap of {} bytes at granularity {} does not fit {name:?} ({} bytes at {g})",
+                "bitmap of {} bytes at granularity {} does not fit {:?} ({} bytes at {g})",
                 bitmap.disk_size(),
                 bitmap.granularity(),
+                self.slots[i].entry.name,
                 self.disk_size()
             ));
         }
@@ -711,6 +824,7 @@ impl<S: Storage> BitmapStore<S> {
             // Active: OR into the authoritative copy, write nothing (see above).
             return m.merge_from(bm);
         }
+        self.preflight()?;
         if let Some(kept) = self.slots[i].parked.clone() {
             // Inactive after an incremental inactivate: the kept copy takes `bitmap`'s bits
             // too (it may hold marks made while inactive), and the disk gets the copy whole,
@@ -722,6 +836,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Writes `bm` as slot `i`'s new data with the given in_use flag, and commits.
+    /// The caller ran [`preflight`](Self::preflight) before changing anything.
     fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
         let old = self.slots[i].entry.clone();
         let frees = self.owned_clusters(&old)?;
@@ -739,13 +854,14 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// As [`store`](Self::store).
-    pub fn clear(&mut self, name: &str) -> Result<()> {
+    pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         if let Some(m) = &self.slots[i].mem {
             m.clear(0, self.disk_size());
             return Ok(());
         }
+        self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
             p.clear(0, self.disk_size());
         }
@@ -758,12 +874,15 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
-    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+    pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         if let Some(m) = &self.slots[i].mem {
             m.set_enabled(enabled);
             return Ok(());
+        }
+        if self.slots[i].entry.auto != enabled {
+            self.preflight()?;
         }
         if let Some(p) = &self.slots[i].parked {
             p.set_enabled(enabled);
@@ -780,7 +899,7 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// As [`merge_from`](Self::merge_from).
-    pub fn merge(&mut self, src_name: &str, dst_name: &str) -> Result<()> {
+    pub fn merge(&mut self, src_name: impl AsRef<[u8]>, dst_name: impl AsRef<[u8]>) -> Result<()> {
         let src = self.load(src_name)?;
         self.merge_bitmap(&src, dst_name)
     }
@@ -796,14 +915,14 @@ impl<S: Storage> BitmapStore<S> {
     pub fn merge_from<T: Storage>(
         &mut self,
         src: &BitmapStore<T>,
-        src_name: &str,
-        dst_name: &str,
+        src_name: impl AsRef<[u8]>,
+        dst_name: impl AsRef<[u8]>,
     ) -> Result<()> {
         let bm = src.load(src_name)?;
         self.merge_bitmap(&bm, dst_name)
     }
 
-    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: &str) -> Result<()> {
+    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {
@@ -821,6 +940,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = &self.slots[i].mem {
             return m.merge_from(&converted);
         }
+        self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
             p.merge_from(&converted)?;
         }
@@ -880,6 +1000,9 @@ impl<S: Storage> BitmapStore<S> {
         if self.slots.iter().any(|s| s.parked.is_some()) {
             self.ensure_unchanged_since_inactivate()?;
         }
+        // From here on bitmaps are written in place: each of their clusters must be theirs
+        // alone (see `preflight`), or nothing is written.
+        self.preflight()?;
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             mems.push(if s.inconsistent {
@@ -904,6 +1027,7 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.active = true;
+        self.publish();
         Ok(())
     }
 
@@ -1071,27 +1195,33 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
-            self.write_flags_in_place(entries.clone())?;
-            // A mark that arrived after step 1 took its region is in memory only, while
-            // the directory now says clean. Put `in_use` back and stay active, so the disk
-            // never claims a bit it lacks; the caller must stop the writers first.
-            if self
-                .slots
-                .iter()
-                .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
-            {
-                let mut back = entries;
-                for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
-                    if s.mem.is_some() {
-                        e.in_use = true;
-                    }
-                }
-                self.write_flags_in_place(back)?;
-                return Err(Error::MarksDuringInactivate);
-            }
+            self.write_flags_in_place(entries)?;
+            self.refuse_late_marks()?;
         }
         self.park();
         Ok(stats)
+    }
+
+    /// After an inactivation's commit wrote "clean": a mark that arrived after its region
+    /// was taken is in memory only, while the directory says clean. Put `in_use` back (in
+    /// place, one barrier) and stay active, so the disk never claims a bit it lacks; the
+    /// caller must stop the writers first. Both inactivation paths end with it.
+    fn refuse_late_marks(&mut self) -> Result<()> {
+        if !self
+            .slots
+            .iter()
+            .any(|s| s.mem.as_ref().is_some_and(|m| m.changed_region_count() > 0))
+        {
+            return Ok(());
+        }
+        let mut back = self.current_entries();
+        for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
+            if s.mem.is_some() {
+                e.in_use = true;
+            }
+        }
+        self.write_flags_in_place(back)?;
+        Err(Error::MarksDuringInactivate)
     }
 
     /// Keeps the in-memory bitmaps for a later [`activate`](Self::activate) and goes
@@ -1111,7 +1241,10 @@ impl<S: Storage> BitmapStore<S> {
     /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
     ///
     /// # Errors
-    /// I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    /// - [`Error::MarksDuringInactivate`] if a bitmap was marked while this ran (the guest
+    ///   was not stopped): `in_use` is set again in place and the store stays active, as
+    ///   with [`inactivate`](Self::inactivate).
+    /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
         if !self.active {
             return Ok(FlushStats::default());
@@ -1120,8 +1253,10 @@ impl<S: Storage> BitmapStore<S> {
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let mut stats = FlushStats::default();
-        let r = self.full_rewrite(&mut stats);
-        if r.is_err() {
+        let r = self
+            .full_rewrite(&mut stats)
+            .and_then(|()| self.refuse_late_marks());
+        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
         r?;

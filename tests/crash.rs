@@ -656,7 +656,7 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
                         continue;
                     }
                     let bm = s.load(&info.name).unwrap();
-                    let name = info.name.as_str();
+                    let name = info.name.to_str().unwrap();
                     let verdict = |c: Option<&Checkpoint>| {
                         let c = c.filter(|c| c.size == size)?;
                         Some(c.required.get(name).map_or(Ok(()), |q| meets(&bm, q, size)))

@@ -408,7 +408,7 @@ proptest! {
     ) {
         let geometry = ImageGeometry::new(16, 1 << 30).unwrap();
         let e = DirEntry {
-            name,
+            name: name.into(),
             table_offset: table_cluster << 16,
             table_size: table_size(1 << 30, g, 65536).unwrap(),
             granularity_bits: g,

@@ -180,7 +180,9 @@ fn qemu_bitmap_commands_on_our_images() {
     let s = open(&img, false);
     let l = s.list();
     assert_eq!(
-        l.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        l.iter()
+            .map(|b| b.name.to_str().unwrap())
+            .collect::<Vec<_>>(),
         ["a", "b", "c"]
     );
     assert!(!l[1].enabled && l[0].enabled);
@@ -340,7 +342,7 @@ fn reftable_growth_is_accepted_by_qemu() {
     bm.mark_dirty(0, disk);
     for i in 0..6 {
         s.add(&format!("full{i}"), 4096, true).unwrap();
-        s.store(&format!("full{i}"), &bm).unwrap();
+        s.store(format!("full{i}"), &bm).unwrap();
     }
     s.close().unwrap();
     assert_qemu_clean(&img);
@@ -460,7 +462,7 @@ fn geometry_of(img: &Path) -> (u64, u32, Vec<(String, u32)>) {
         h.l1_size,
         s.list()
             .into_iter()
-            .map(|b| (b.name, b.table_size))
+            .map(|b| (b.name.to_string(), b.table_size))
             .collect(),
     )
 }

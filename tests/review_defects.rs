@@ -63,3 +63,724 @@ fn defect_05_reftable_growth_keeps_the_in_memory_header_true() {
     let loaded = reopened.load("b").unwrap();
     assert_eq!(loaded.count(), loaded.bit_count());
 }
+
+// ----- helpers that edit an image the way a hostile or damaged one would look -----
+
+use dirty_bitmap::format::{decode_directory, DirEntry, HeaderArea};
+use dirty_bitmap::storage::{Storage, StorageExt};
+use dirty_bitmap::{Corruption, DirtyBitmap, Error};
+
+/// The bitmap directory and its offset.
+fn directory(storage: &dyn Storage) -> (Vec<DirEntry>, u64) {
+    let cluster0 = storage
+        .read_vec_at(0, 512.min(storage.len().unwrap()))
+        .unwrap();
+    let header = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
+    let cs = header.cluster_size();
+    let cluster0 = storage.read_vec_at(0, cs).unwrap();
+    let area = HeaderArea::decode(&cluster0).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let bytes = storage
+        .read_vec_at(ext.directory_offset, ext.directory_size)
+        .unwrap();
+    let entries = decode_directory(&bytes, ext.nb_bitmaps, &header.geometry().unwrap()).unwrap();
+    (entries, ext.directory_offset)
+}
+
+/// Rewrites the directory in place (entries of the same encoded sizes).
+fn write_directory(storage: &dyn Storage, entries: &[DirEntry], at: u64) {
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    storage.write_all_at(&bytes, at).unwrap();
+}
+
+/// Sets the 16-bit refcount of the cluster at byte `offset` directly in its refblock.
+fn set_refcount_raw(storage: &dyn Storage, offset: u64, value: u16) {
+    let cluster0 = storage.read_vec_at(0, 512).unwrap();
+    let h = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
+    assert_eq!(h.refcount_order, 4);
+    let cs = h.cluster_size();
+    let per_block = cs / 2;
+    let c = offset / cs;
+    let block = storage
+        .read_u64_be_at(h.refcount_table_offset + (c / per_block) * 8)
+        .unwrap();
+    storage
+        .write_all_at(&value.to_be_bytes(), block + (c % per_block) * 2)
+        .unwrap();
+}
+
+fn table_entry(storage: &dyn Storage, table: u64, i: u64) -> u64 {
+    storage.read_u64_be_at(table + 8 * i).unwrap()
+}
+
+fn is_check_failed(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(Corruption::CheckFailed { .. }))
+}
+
+fn is_shared(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(Corruption::SharedCluster { .. }))
+}
+
+/// A consistent bitmap "b" with data in its first two table entries (512 B clusters).
+fn two_cluster_bitmap() -> (BitmapStore<MemStorage>, u64) {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("b", 512, true).unwrap();
+    let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
+    bits.mark_dirty(0, 512); // bit 0: cluster 0 of the bitmap data
+    bits.mark_dirty(2 * MIB + 512, 512); // bit 4097: byte 512, the second data cluster
+    store.store("b", &bits).unwrap();
+    let (entries, _) = directory(store.image().storage());
+    (store, entries[0].table_offset)
+}
+
+fn reopen_mem(store: BitmapStore<MemStorage>, writable: bool) -> BitmapStore<MemStorage> {
+    let bytes = store.image().storage().to_vec();
+    drop(store);
+    BitmapStore::open(MemStorage::from_bytes(bytes), writable).unwrap()
+}
+
+/// Defect 2: two entries of one consistent bitmap naming one cluster. The in-place flush
+/// wrote region 2 over region 1 and bit 0 read back clean from a consistent bitmap. Now
+/// activation (the first in-place write) refuses before writing, whether the refcount
+/// gives the sharing away (`qemu-img check` corruption) or was raised to match.
+#[test]
+fn defect_02_two_table_entries_naming_one_cluster_are_refused_before_any_write() {
+    for raise_refcount in [false, true] {
+        let (store, table) = two_cluster_bitmap();
+        let storage = store.image().storage();
+        let first = table_entry(storage, table, 0);
+        storage.write_u64_be_at(table + 8, first).unwrap();
+        if raise_refcount {
+            set_refcount_raw(storage, first, 2);
+        }
+        let mut store = reopen_mem(store, true);
+        let before = store.image().storage().to_vec();
+        let err = store.activate().unwrap_err();
+        if raise_refcount {
+            assert!(is_shared(&err), "{err:?}");
+        } else {
+            assert!(is_check_failed(&err), "{err:?}");
+        }
+        assert!(!store.is_active());
+        assert_eq!(
+            store.image().storage().to_vec(),
+            before,
+            "the refusal wrote"
+        );
+        // Read-only use goes on.
+        assert!(store.load("b").unwrap().is_dirty(0));
+    }
+}
+
+/// Defect 2, same family: a table entry naming a refcount block. `clear` + `flush` zeroed
+/// the refcounts of the header and the tables.
+#[test]
+fn defect_02_a_table_entry_naming_a_refcount_block_is_refused() {
+    for raise_refcount in [false, true] {
+        let (store, table) = two_cluster_bitmap();
+        let storage = store.image().storage();
+        let h = store.image().header().clone();
+        let block = storage.read_u64_be_at(h.refcount_table_offset).unwrap();
+        storage.write_u64_be_at(table, block).unwrap();
+        if raise_refcount {
+            set_refcount_raw(storage, block, 2);
+        }
+        let mut store = reopen_mem(store, true);
+        let before = store.image().storage().to_vec();
+        let err = store.activate().unwrap_err();
+        assert!(is_check_failed(&err) || is_shared(&err), "{err:?}");
+        let err = store.clear("b").unwrap_err();
+        assert!(is_check_failed(&err) || is_shared(&err), "{err:?}");
+        assert_eq!(
+            store.image().storage().to_vec(),
+            before,
+            "the refusal wrote"
+        );
+    }
+}
+
+/// Defect 2, same family: two directory entries sharing one table, with the refcount
+/// raised so that `qemu-img check` sees only the other table's leak. Every write is
+/// refused; listing and loading go on.
+#[test]
+fn defect_02_two_directory_entries_sharing_a_table_are_refused() {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("a", 512, true).unwrap();
+    store.add("b", 512, true).unwrap();
+    let storage = store.image().storage();
+    let (mut entries, at) = directory(storage);
+    entries[1].table_offset = entries[0].table_offset;
+    write_directory(storage, &entries, at);
+    set_refcount_raw(storage, entries[0].table_offset, 2);
+    let mut store = reopen_mem(store, true);
+    let before = store.image().storage().to_vec();
+    for r in [
+        store.activate(),
+        store.set_enabled("a", false),
+        store.remove("b"),
+        store.add("c", 512, true),
+    ] {
+        let err = r.unwrap_err();
+        assert!(is_shared(&err), "{err:?}");
+    }
+    assert_eq!(store.image().storage().to_vec(), before, "a refusal wrote");
+    assert_eq!(store.list().len(), 2);
+    assert_eq!(store.load("b").unwrap().count(), 0);
+}
+
+use common::qemu::{ok, run};
+use std::path::Path;
+
+/// Host offset of guest byte `guest` of a qcow2 image, from `qemu-img map`.
+fn host_offset(img: &Path, guest: u64) -> u64 {
+    let json = ok(
+        "qemu-img",
+        &["map", "-f", "qcow2", "--output=json", img.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for m in v.as_array().unwrap() {
+        let (start, len) = (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap());
+        if (start..start + len).contains(&guest) && m["data"].as_bool().unwrap() {
+            return m["offset"].as_u64().unwrap() + (guest - start);
+        }
+    }
+    panic!("guest byte {guest} is not allocated: {json}");
+}
+
+/// Defect 3: a bitmap table entry naming a guest data cluster. `remove` freed it, the next
+/// `add` put a zeroed table there, and the guest's 0xab bytes were gone. Now every write
+/// is refused before it starts (the image fails `qemu-img check`), and the data is intact.
+#[test]
+fn defect_03_no_operation_frees_a_cluster_holding_guest_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 0 1M", path],
+    );
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    let data = host_offset(&img, 0);
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (entries, _) = directory(&storage);
+        storage
+            .write_u64_be_at(entries[0].table_offset, data)
+            .unwrap();
+    }
+    let before = std::fs::read(&img).unwrap();
+    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    for r in [
+        store.remove("b0"),
+        store.clear("b0"),
+        store.add("b1", 65536, true),
+        store.activate(),
+    ] {
+        let err = r.unwrap_err();
+        assert!(is_check_failed(&err), "{err:?}");
+    }
+    drop(store);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "a refusal wrote");
+    ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0xab 0 1M", path]);
+}
+
+/// Defect 6: `resize` cleared autoclear bit 0 before it read the tables, so a reserved bit
+/// in the second bitmap's table left both bitmaps inconsistent on reopen, the good one
+/// included. Now the refusal writes nothing.
+#[test]
+fn defect_06_resize_refuses_a_bad_table_before_writing() {
+    let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+    store.add("good", 512, true).unwrap();
+    store.add("bad", 512, true).unwrap();
+    let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
+    bits.mark_dirty(0, 4096);
+    store.store("good", &bits).unwrap();
+    store.store("bad", &bits).unwrap();
+    let storage = store.image().storage();
+    let (entries, _) = directory(storage);
+    let t = entries[1].table_offset;
+    let e = table_entry(storage, t, 0);
+    storage.write_u64_be_at(t, e | 1).unwrap(); // bit 0 is reserved
+    let mut store = reopen_mem(store, true);
+    let before = store.image().storage().to_vec();
+    let err = store.resize(8 * MIB).unwrap_err();
+    assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    assert_eq!(
+        store.image().storage().to_vec(),
+        before,
+        "the refusal wrote"
+    );
+    let store = reopen_mem(store, false);
+    assert_eq!(store.load("good").unwrap().count(), 8);
+}
+
+/// A storage that counts the bytes read through it and runs a hook before every write,
+/// with the write's offset.
+struct Spy<S> {
+    inner: S,
+    read: std::sync::atomic::AtomicU64,
+    on_write: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl<S> Spy<S> {
+    fn new(inner: S, on_write: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Spy {
+            inner,
+            read: Default::default(),
+            on_write: Box::new(on_write),
+        }
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Spy<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<S: Storage> Storage for Spy<S> {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        (self.on_write)(offset);
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+/// Defect 7: every commit re-read every kept table, so 50 in-use entries sharing one large
+/// table made `set_enabled` read the table 50 times. Now one walk reads each table once:
+/// the bytes read stay below twice the file's size, however many entries share it.
+#[test]
+fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
+    // 1 TiB at 512 B granularity with 4 KiB clusters: 65,536 table entries (512 KiB).
+    let disk = 1 << 40;
+    let mut store = BitmapStore::create(MemStorage::new(), disk, 4096).unwrap();
+    store.add("x", 64 << 10, true).unwrap();
+    store.add("s0", 512, true).unwrap();
+    let (mut entries, _) = directory(store.image().storage());
+    let shared = entries[1].clone();
+    assert_eq!(shared.table_size, 65_536);
+    for k in 1..50 {
+        let mut e = shared.clone();
+        e.name = format!("s{k}").into();
+        entries.push(e);
+    }
+    for e in entries.iter_mut().skip(1) {
+        e.in_use = true;
+    }
+    // A new directory at the end of the file (its clusters have no refcount: the image
+    // fails `qemu-img check` too, which is what the walk must find without re-reading).
+    let storage = store.image().storage();
+    let at = storage.len().unwrap();
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    storage
+        .set_len(at + (bytes.len() as u64).div_ceil(4096) * 4096)
+        .unwrap();
+    storage.write_all_at(&bytes, at).unwrap();
+    let mut area = store.image().area().clone();
+    let mut ext = area.bitmaps.unwrap();
+    ext.nb_bitmaps = entries.len() as u32;
+    ext.directory_offset = at;
+    ext.directory_size = bytes.len() as u64;
+    area.bitmaps = Some(ext);
+    storage.write_all_at(&area.encode().unwrap(), 0).unwrap();
+    let file = store.image().storage().to_vec();
+    let file_len = file.len() as u64;
+    drop(store);
+
+    let spy = Spy::new(MemStorage::from_bytes(file), |_| {});
+    let mut store = BitmapStore::open(spy, true).unwrap();
+    assert_eq!(store.list().len(), 51);
+    let opened = store.image().storage().bytes_read();
+    let err = store.set_enabled("x", false).unwrap_err();
+    assert!(is_check_failed(&err), "{err:?}");
+    let read = store.image().storage().bytes_read() - opened;
+    assert!(
+        read < 2 * file_len,
+        "set_enabled read {read} bytes of a {file_len}-byte file (the shared table is {} bytes)",
+        shared.table_size * 8
+    );
+    let report = store.image().check().unwrap();
+    assert!(report.corruptions > 0);
+}
+
+/// Defect 8: `add` flushed the new clusters' refcounts before it found that the header no
+/// longer fits in cluster 0 (512 B clusters and a 351-byte backing file name), leaking
+/// two clusters. Now the refusal comes first and writes nothing.
+#[test]
+fn defect_08_add_refuses_a_header_that_outgrows_cluster_0_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.qcow2");
+    // A real 351-byte path (QEMU's check opens the backing file).
+    let sub = dir.path().join("a".repeat(200));
+    std::fs::create_dir(&sub).unwrap();
+    let prefix = sub.to_str().unwrap().len() + 1;
+    let backing = sub.join("b".repeat(351 - prefix));
+    std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+    let backing = backing.to_str().unwrap().to_string();
+    assert_eq!(backing.len(), 351);
+    let path = img.to_str().unwrap();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            &backing,
+            "-F",
+            "raw",
+            path,
+            "1M",
+        ],
+    );
+    let before = std::fs::read(&img).unwrap();
+    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let err = store.add("b0", 65536, true).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    drop(store);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the refusal wrote");
+    // QEMU refuses too, and neither leaks.
+    let out = run("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    assert!(!out.status.success());
+    let out = run("qemu-img", &["check", "-f", "qcow2", "-U", path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Defect 10: a consistent entry whose table size does not fit the disk. QEMU refuses to
+/// open the image ("Could not read bitmap"); `dbm info` called it corrupt, `dbm check`
+/// exited 0. Now check judges the directory with open's rules and exits 2.
+#[test]
+fn defect_10_check_and_open_judge_the_table_size_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ts.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (mut entries, at) = directory(&storage);
+        entries[0].table_size += 1;
+        write_directory(&storage, &entries, at);
+    }
+    let out = run("qemu-img", &["check", "-f", "qcow2", path]);
+    assert_eq!(out.status.code(), Some(1), "QEMU cannot open it");
+    assert!(BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).is_err());
+    let image = Image::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let report = image.check().unwrap();
+    assert_eq!(report.exit_code(), 2, "{report:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(["check", path])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Defect 4: a tracker taken before a bitmap was added never marked it, so the bitmap was
+/// stored consistent and clean over a write the tracker recorded (the documented path:
+/// activate, take the tracker, inactivate, add, activate, mark, close).
+#[test]
+fn defect_04_a_tracker_marks_bitmaps_added_after_it_was_taken() {
+    let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
+    store.add("old", 65536, true).unwrap();
+    store.activate().unwrap();
+    let tracker = store.tracker().unwrap();
+    store.inactivate().unwrap();
+    store.add("new", 65536, true).unwrap();
+    store.activate().unwrap();
+    tracker.mark(5 * MIB, 4096);
+    let image = store.close().unwrap();
+    let store = BitmapStore::open(image.into_storage(), false).unwrap();
+    for name in ["old", "new"] {
+        assert!(
+            store.load(name).unwrap().is_dirty(5 * MIB),
+            "{name} reads clean"
+        );
+    }
+}
+
+/// Defect 4's class: whatever the order of add, enable, activate and merge (and an
+/// inactivate/activate cycle anywhere), a bitmap that is enabled while the store is active
+/// receives every later mark from a tracker taken before any of them.
+#[test]
+fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Op {
+        Add,
+        Enable,
+        Activate,
+        Merge,
+    }
+    fn permutations(ops: Vec<Op>) -> Vec<Vec<Op>> {
+        if ops.len() <= 1 {
+            return vec![ops];
+        }
+        let mut out = Vec::new();
+        for i in 0..ops.len() {
+            let mut rest = ops.clone();
+            let first = rest.remove(i);
+            for mut p in permutations(rest) {
+                p.insert(0, first);
+                out.push(p);
+            }
+        }
+        out
+    }
+    let mut runs = 0;
+    for order in permutations(vec![Op::Add, Op::Enable, Op::Activate, Op::Merge]) {
+        for cycle_after in 0..=4 {
+            let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
+            store.add("a", 65536, true).unwrap();
+            store.activate().unwrap();
+            let tracker = store.tracker().unwrap();
+            store.inactivate().unwrap();
+            let mut added = false;
+            for (k, op) in order.iter().enumerate() {
+                match op {
+                    Op::Add => {
+                        store.add("n", 65536, false).unwrap();
+                        added = true;
+                    }
+                    // Enabling a bitmap that does not exist yet is refused; it is
+                    // enabled at the end instead.
+                    Op::Enable if added => store.set_enabled("n", true).unwrap(),
+                    Op::Enable => assert!(store.set_enabled("n", true).is_err()),
+                    Op::Activate => store.activate().unwrap(),
+                    Op::Merge if added => store.merge("a", "n").unwrap(),
+                    Op::Merge => assert!(store.merge("a", "n").is_err()),
+                }
+                if k + 1 == cycle_after && store.is_active() {
+                    store.inactivate().unwrap();
+                    store.activate().unwrap();
+                }
+            }
+            store.activate().unwrap();
+            store.set_enabled("n", true).unwrap();
+            let at = (runs % 60) * MIB;
+            tracker.mark(at, 4096);
+            let image = store.close().unwrap();
+            let store = BitmapStore::open(image.into_storage(), false).unwrap();
+            for name in ["a", "n"] {
+                assert!(
+                    store.load(name).unwrap().is_dirty(at),
+                    "{order:?}, cycle after {cycle_after}: {name} reads clean"
+                );
+            }
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 24 * 5);
+}
+
+/// Defect 9, first window: `inactivate_full_rewrite` never looked at the change maps after
+/// its commit, so a mark made while it ran (here: while the header commit is written, after
+/// every data cluster) stayed in memory while the disk said clean. Now it returns
+/// `MarksDuringInactivate` with `in_use` back on disk, as the incremental path does.
+#[test]
+fn defect_09_full_rewrite_refuses_marks_made_while_it_ran() {
+    use std::sync::{Arc, Mutex};
+    let slot: Arc<Mutex<Option<Arc<DirtyBitmap>>>> = Arc::default();
+    let hook_slot = Arc::clone(&slot);
+    let storage = Spy::new(MemStorage::new(), move |offset| {
+        if offset == 0 {
+            if let Some(b) = hook_slot.lock().unwrap().take() {
+                b.mark_dirty(7 * MIB, 4096);
+            }
+        }
+    });
+    let mut store = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
+    store.add("b", 65536, true).unwrap();
+    store.activate().unwrap();
+    let bm = store.bitmap("b").unwrap();
+    bm.mark_dirty(0, 4096);
+    *slot.lock().unwrap() = Some(Arc::clone(&bm));
+    let err = store.inactivate_full_rewrite().unwrap_err();
+    assert!(matches!(err, Error::MarksDuringInactivate), "{err:?}");
+    assert!(store.is_active());
+    // The disk says in_use again: a crash now leaves the bitmap inconsistent.
+    let crashed = BitmapStore::open(
+        MemStorage::from_bytes(store.image().storage().inner.to_vec()),
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        crashed.list()[0].state,
+        dirty_bitmap::BitmapState::Inconsistent
+    );
+    let image = store.close().unwrap();
+    let store = BitmapStore::open(image.into_storage().inner, false).unwrap();
+    let loaded = store.load("b").unwrap();
+    assert!(loaded.is_dirty(0) && loaded.is_dirty(7 * MIB));
+}
+
+/// Defect 11: one flipped bit in a bitmap's name (no longer UTF-8) made `dbm` call the whole
+/// directory corrupt and its clusters leaked, while QEMU's check is clean and QEMU lists,
+/// writes and stores the bitmap. Names are now bytes: kept, compared exactly, shown
+/// escaped, and the escaped form names the bitmap on the command line.
+#[test]
+fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("name.qcow2");
+    let path = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-f", "qcow2", path, "keep"],
+    );
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let (_, at) = directory(&storage);
+        // The first entry's name starts at byte 24: 'b' (0x62) with bit 7 flipped.
+        let mut byte = [0u8; 1];
+        storage.read_exact_at(&mut byte, at + 24).unwrap();
+        assert_eq!(byte[0], b'b');
+        storage.write_all_at(&[0xe2], at + 24).unwrap();
+    }
+    assert_qemu_clean(&img);
+    let shown = "\\xe20";
+    let dbm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = dbm(&["check", path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = dbm(&["info", path]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(shown));
+    {
+        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        let names: Vec<Vec<u8>> = store
+            .list()
+            .iter()
+            .map(|b| b.name.as_bytes().to_vec())
+            .collect();
+        assert_eq!(names, vec![vec![0xe2, b'0'], b"keep".to_vec()]);
+        assert_eq!(store.list()[0].name.to_string(), shown);
+        assert_eq!(store.load([0xe2u8, b'0']).unwrap().count(), 0);
+        assert!(store.load("b0").is_err(), "names compare exactly");
+    }
+    // QEMU writes through the image and keeps the bitmap; we read its marks.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 1M 64k", path]);
+    {
+        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        assert!(store.load([0xe2u8, b'0']).unwrap().is_dirty(MIB));
+    }
+    // The escaped form removes it; the other bitmap and the image stay clean.
+    let out = dbm(&["bitmap", path, shown, "--remove"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_qemu_clean(&img);
+    let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    assert_eq!(store.list().len(), 1);
+    assert_eq!(store.list()[0].name, "keep");
+}
+
+/// The class of defect 6 and 8: every refusal writes nothing. Each operation that writes is
+/// fed each kind of bad image, and the file's bytes are compared after the refusal.
+#[test]
+fn every_writing_operation_refuses_a_bad_image_without_writing() {
+    type Bad = fn(&dyn Storage, u64);
+    let kinds: [(&str, Bad); 4] = [
+        ("two entries share a cluster", |s, t| {
+            let first = table_entry(s, t, 0);
+            s.write_u64_be_at(t + 8, first).unwrap();
+        }),
+        ("two entries share a cluster, refcount raised", |s, t| {
+            let first = table_entry(s, t, 0);
+            s.write_u64_be_at(t + 8, first).unwrap();
+            set_refcount_raw(s, first, 2);
+        }),
+        ("a reserved bit in a table entry", |s, t| {
+            let e = table_entry(s, t, 0);
+            s.write_u64_be_at(t, e | 2).unwrap();
+        }),
+        ("a data cluster past the end of the file", |s, t| {
+            s.write_u64_be_at(t, 1 << 40).unwrap();
+        }),
+    ];
+    type WriteOp = fn(&mut BitmapStore<MemStorage>) -> dirty_bitmap::Result<()>;
+    let ops: [(&str, WriteOp); 11] = [
+        ("add", |s| s.add("new", 512, true)),
+        ("remove", |s| s.remove("other")),
+        ("store", |s| {
+            let bm = DirtyBitmap::new(4 * MIB, 512).unwrap();
+            s.store("other", &bm)
+        }),
+        ("clear", |s| s.clear("other")),
+        ("set_enabled", |s| s.set_enabled("other", false)),
+        ("merge", |s| s.merge("other", "b")),
+        ("merge_from", |s| {
+            let mut src = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+            src.add("x", 512, true).unwrap();
+            s.merge_from(&src, "x", "other")
+        }),
+        ("resize", |s| s.resize(8 * MIB)),
+        ("activate", |s| s.activate()),
+        ("inactive add then activate", |s| {
+            s.add("late", 512, true)?;
+            s.activate()
+        }),
+        ("remove the bad bitmap", |s| s.remove("b")),
+    ];
+    for (kind, bad) in kinds {
+        for (op, run) in ops {
+            let (store, table) = two_cluster_bitmap();
+            let mut store = store;
+            store.add("other", 512, true).unwrap();
+            bad(store.image().storage(), table);
+            let mut store = reopen_mem(store, true);
+            let before = store.image().storage().to_vec();
+            let r = run(&mut store);
+            assert!(
+                matches!(r, Err(Error::Corrupt(_))),
+                "{kind}: {op} returned {r:?}"
+            );
+            assert!(
+                store.image().storage().to_vec() == before,
+                "{kind}: {op}'s refusal wrote"
+            );
+        }
+    }
+}

@@ -830,8 +830,11 @@ impl<'a> Crash<'a> {
                 let bm = s
                     .load(&info.name)
                     .unwrap_or_else(|e| panic!("{cctx}: load {}: {e}", info.name));
-                let old = size == before.size && before.met_by(&info.name, &bm);
-                let new = trusted && size == after.size && after.met_by(&info.name, &bm);
+                let old = size == before.size
+                    && before.met_by(info.name.to_str().unwrap_or_default(), &bm);
+                let new = trusted
+                    && size == after.size
+                    && after.met_by(info.name.to_str().unwrap_or_default(), &bm);
                 assert!(
                     old || new,
                     "{cctx}: false clean: {} (granularity {}) lacks required bits; before {:?}, after {:?}, has {:?}",
@@ -852,7 +855,10 @@ impl<'a> Crash<'a> {
     fn check_live(&mut self, ctx: &str) {
         let store = self.store.as_ref().expect("the store is open");
         let list = store.list();
-        let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = list
+            .iter()
+            .map(|i| i.name.to_str().unwrap_or_default())
+            .collect();
         let want: Vec<&str> = self.model.bms.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, want, "{ctx}: bitmaps");
         assert_eq!(store.disk_size(), self.model.size, "{ctx}: disk size");
@@ -901,7 +907,10 @@ impl<'a> Crash<'a> {
         );
         let required = self.model.checkpoint();
         let on_disk = disk.list();
-        let names: Vec<&str> = on_disk.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = on_disk
+            .iter()
+            .map(|i| i.name.to_str().unwrap_or_default())
+            .collect();
         assert_eq!(names, want, "{ctx}: bitmaps on disk");
         for (info, b) in on_disk.iter().zip(&self.model.bms) {
             // Active: every bitmap is `in_use` on disk. Inactive: exactly the model's
@@ -921,7 +930,7 @@ impl<'a> Crash<'a> {
                 .load(&info.name)
                 .unwrap_or_else(|e| panic!("{ctx}: load {} from disk: {e}", info.name));
             assert!(
-                required.met_by(&info.name, &bm),
+                required.met_by(info.name.to_str().unwrap_or_default(), &bm),
                 "{ctx}: false clean on disk: {} lacks required bits",
                 info.name
             );
@@ -1222,7 +1231,7 @@ fn guest_op<'a>(
     op: &Op,
 ) -> dirty_bitmap::Result<()> {
     let s = store.as_mut().expect("open");
-    let names: Vec<String> = s.list().into_iter().map(|i| i.name).collect();
+    let names: Vec<String> = s.list().into_iter().map(|i| i.name.to_string()).collect();
     let name = |i: usize| -> String {
         let k = i % (names.len() + NAMES.len());
         names
@@ -1237,21 +1246,21 @@ fn guest_op<'a>(
             granularity,
             enabled,
         } => s.add(&name(n), granularity, enabled),
-        Op::Remove { name: n } => s.remove(&name(n)),
+        Op::Remove { name: n } => s.remove(name(n)),
         Op::Mark {
             name: n,
             offset,
             len,
         } => {
             if let Some((o, l)) = place(size, offset, len) {
-                s.bitmap(&name(n))?.mark_dirty(o, l);
+                s.bitmap(name(n))?.mark_dirty(o, l);
             }
             Ok(())
         }
         Op::Flush => s.flush().map(drop),
-        Op::Clear { name: n } => s.clear(&name(n)),
-        Op::Merge { src, dst } => s.merge(&name(src), &name(dst)),
-        Op::SetEnabled { name: n, enabled } => s.set_enabled(&name(n), enabled),
+        Op::Clear { name: n } => s.clear(name(n)),
+        Op::Merge { src, dst } => s.merge(name(src), name(dst)),
+        Op::SetEnabled { name: n, enabled } => s.set_enabled(name(n), enabled),
         Op::Resize { sectors, odd } => s.resize(sectors * 512 + u64::from(odd)),
         Op::Activate => s.activate(),
         Op::Inactivate => s.inactivate().map(drop),

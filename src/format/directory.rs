@@ -157,13 +157,167 @@ fn entry_len(name_len: u64, extra_len: u64) -> u64 {
     .unwrap_or(u64::MAX)
 }
 
+/// A bitmap's name as it is on disk: 1..=1023 bytes, compared byte for byte.
+///
+/// The spec asks for UTF-8, but QEMU neither checks it nor refuses an image for it: it lists,
+/// loads and stores back a name with any bytes. So a name is kept as its bytes, never
+/// refused and never rewritten, and shown escaped: [`Display`](std::fmt::Display) prints
+/// valid UTF-8 as it is, with `\` for a backslash and `\xNN` for every byte that is not
+/// part of valid UTF-8 or is a control character. [`parse_escaped`](Self::parse_escaped)
+/// reads that form back, so a name shown by `dbm info` can be typed on the command line.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BitmapName(Vec<u8>);
+
+impl BitmapName {
+    /// The name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The name as text, when it is valid UTF-8.
+    pub fn to_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+
+    /// Bytes in the name.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the name has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Reads the escaped form that [`Display`](std::fmt::Display) writes: `\\` is a
+    /// backslash, `\xNN` (two hex digits) is that byte, anything else is itself. A
+    /// backslash that starts neither is kept as it is.
+    pub fn parse_escaped(text: &str) -> Self {
+        let mut rest = text.as_bytes();
+        let mut out = Vec::with_capacity(rest.len());
+        let hex = |h: &[u8]| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        loop {
+            rest = match rest {
+                [] => break,
+                [b'\\', b'\\', tail @ ..] => {
+                    out.push(b'\\');
+                    tail
+                }
+                [b'\\', b'x', h1, h2, tail @ ..] if hex(&[*h1, *h2]).is_some() => {
+                    out.extend(hex(&[*h1, *h2]));
+                    tail
+                }
+                [b, tail @ ..] => {
+                    out.push(*b);
+                    tail
+                }
+            };
+        }
+        BitmapName(out)
+    }
+}
+
+impl std::fmt::Display for BitmapName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '\\' => f.write_str("\\\\")?,
+                    c if c.is_control() => {
+                        let mut buf = [0u8; 4];
+                        for byte in c.encode_utf8(&mut buf).bytes() {
+                            write!(f, "\\x{byte:02x}")?;
+                        }
+                    }
+                    c => f.write_char(c)?,
+                }
+            }
+            for byte in chunk.invalid() {
+                write!(f, "\\x{byte:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for BitmapName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl AsRef<[u8]> for BitmapName {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&str> for BitmapName {
+    fn from(s: &str) -> Self {
+        BitmapName(s.as_bytes().to_vec())
+    }
+}
+
+impl From<String> for BitmapName {
+    fn from(s: String) -> Self {
+        BitmapName(s.into_bytes())
+    }
+}
+
+impl From<Vec<u8>> for BitmapName {
+    fn from(b: Vec<u8>) -> Self {
+        BitmapName(b)
+    }
+}
+
+impl From<&[u8]> for BitmapName {
+    fn from(b: &[u8]) -> Self {
+        BitmapName(b.to_vec())
+    }
+}
+
+impl PartialEq<str> for BitmapName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for BitmapName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<String> for BitmapName {
+    fn eq(&self, other: &String) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<BitmapName> for String {
+    fn eq(&self, other: &BitmapName) -> bool {
+        self.as_bytes() == other.0
+    }
+}
+
+impl PartialEq<BitmapName> for &str {
+    fn eq(&self, other: &BitmapName) -> bool {
+        self.as_bytes() == other.0
+    }
+}
+
 /// A bitmap directory entry that satisfies QEMU's constraints.
 ///
 /// Type is always 1 and extra data always empty, since QEMU refuses anything else.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
-    /// The bitmap's name: 1..=1023 bytes of UTF-8 without NUL, unique in the directory.
-    pub name: String,
+    /// The bitmap's name: 1..=1023 bytes, unique in the directory (see [`BitmapName`]).
+    pub name: BitmapName,
     /// Cluster-aligned, non-zero offset of the bitmap table.
     pub table_offset: u64,
     /// Entries in the bitmap table, 1..=2^27.
@@ -223,7 +377,8 @@ impl DirEntry {
         self.to_raw().encode()
     }
 
-    /// Applies `check_dir_entry` (plus the spec's non-empty, UTF-8 name) to a raw entry.
+    /// Applies `check_dir_entry` (plus the spec's non-empty name) to a raw entry. The name's
+    /// bytes are kept as they are, as QEMU keeps them (see [`BitmapName`]).
     ///
     /// # Errors
     /// The first constraint broken, in QEMU's order.
@@ -285,12 +440,8 @@ impl DirEntry {
                 disk_size: geometry.disk_size(),
             });
         }
-        let name = String::from_utf8(raw.name.clone()).map_err(|_| EntryProblem::NameNotUtf8)?;
-        if name.contains('\0') {
-            return Err(EntryProblem::NameNotUtf8);
-        }
         Ok(Self {
-            name,
+            name: BitmapName(raw.name.clone()),
             table_offset: raw.table_offset,
             table_size: raw.table_size,
             granularity_bits: raw.granularity_bits,
@@ -435,7 +586,9 @@ pub fn decode_directory(
         };
         let entry = DirEntry::from_raw(&raw, geometry).map_err(bad)?;
         if !names.insert(entry.name.clone()) {
-            return Err(bad(EntryProblem::DuplicateName { name: entry.name }));
+            return Err(bad(EntryProblem::DuplicateName {
+                name: entry.name.to_string(),
+            }));
         }
         entries.push(entry);
         at = at.saturating_add(len);
@@ -549,7 +702,7 @@ mod tests {
     fn entry_size_is_24_plus_name_padded_to_8() {
         for (len, want) in [(1, 32), (8, 32), (9, 40), (16, 40), (1023, 1048)] {
             let mut e = b0();
-            e.name = "x".repeat(len);
+            e.name = "x".repeat(len).into();
             assert_eq!(e.encoded_len(), want);
             assert_eq!(e.encode().unwrap().len() as u64, want);
         }
@@ -724,13 +877,27 @@ mod tests {
     }
 
     #[test]
-    fn rejects_non_utf8_or_nul_names() {
-        let mut r = raw(&b0());
-        r.name = vec![0xff, 0xfe];
-        assert_eq!(reason_of(r), EntryProblem::NameNotUtf8);
-        let mut r = raw(&b0());
-        r.name = b"a\0b".to_vec();
-        assert_eq!(reason_of(r), EntryProblem::NameNotUtf8);
+    fn keeps_non_utf8_and_nul_names_as_their_bytes() {
+        // QEMU neither checks nor refuses them (issue 9, defect 11): they decode, compare
+        // byte for byte, re-encode unchanged and show escaped.
+        for name in [vec![0xff, 0xfe], b"a\0b".to_vec(), b"b\xe90".to_vec()] {
+            let mut r = raw(&b0());
+            r.name = name.clone();
+            let bytes = dir_of(&[r]);
+            let entries = decode_directory(&bytes, 1, &geometry()).unwrap();
+            assert_eq!(entries[0].name.as_bytes(), &name[..]);
+            assert_eq!(encode_directory(&entries, &geometry()).unwrap(), bytes);
+            let shown = entries[0].name.to_string();
+            assert!(shown.is_ascii(), "{shown}");
+            assert_eq!(BitmapName::parse_escaped(&shown), entries[0].name);
+        }
+        assert_eq!(BitmapName::from(&[0xff, b'a'][..]).to_string(), "\\xffa");
+        assert_eq!(BitmapName::from("back\\slash").to_string(), "back\\\\slash");
+        assert_eq!(BitmapName::from("naïve").to_string(), "naïve");
+        assert_eq!(
+            BitmapName::parse_escaped("naïve"),
+            BitmapName::from("naïve")
+        );
     }
 
     #[test]
@@ -848,7 +1015,7 @@ mod tests {
     #[test]
     fn encode_rejects_caller_mistakes() {
         let mut e = b0();
-        e.name = "n".repeat(1024);
+        e.name = "n".repeat(1024).into();
         assert!(matches!(e.encode(), Err(Error::InvalidInput(_))));
         assert!(matches!(
             encode_directory(&[e], &geometry()),

@@ -55,7 +55,8 @@ pub mod table;
 pub use crate::error::{EntryProblem, RefcountEntryProblem, TableEntryProblem};
 pub use area::HeaderArea;
 pub use directory::{
-    decode_directory, encode_directory, table_size, DirEntry, RawDirEntry, DIR_ENTRY_FIXED_LEN,
+    decode_directory, encode_directory, table_size, BitmapName, DirEntry, RawDirEntry,
+    DIR_ENTRY_FIXED_LEN,
 };
 pub use extension::{
     decode_extensions, encode_extensions, qemu_feature_table, BitmapsExtension,

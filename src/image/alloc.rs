@@ -122,18 +122,6 @@ impl Refcounts {
         1u64 << self.cluster_bits
     }
 
-    /// Cluster indexes of the refcount structures and of what the header names: cluster 0,
-    /// the L1 table, the reftable and every refblock. None of these may ever be freed.
-    pub(crate) fn structure_clusters(&self) -> HashSet<u64> {
-        let rt_start = self.reftable_offset >> self.cluster_bits;
-        let mut out = self.block_clusters.clone();
-        out.extend(rt_start..rt_start.saturating_add(self.reftable_clusters));
-        for &(s, e) in &self.reserved {
-            out.extend(s..e);
-        }
-        out
-    }
-
     /// Guards the L1 table at `offset` (`len` bytes) instead of the current one: from now on
     /// the old table is an ordinary cluster run that can be freed, and the new one is never
     /// handed out or freed.

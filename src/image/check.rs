@@ -14,15 +14,16 @@
 //! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
 //! for metadata entries that were really read from the file.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use byteorder::{BigEndian, ByteOrder};
 
 use super::alloc::read_metadata;
-use crate::error::{invalid_input, Result};
+use crate::error::{invalid_input, Corruption, Result};
 use crate::format::header::{INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
 use crate::format::refcount::{decode_reftable_entry, entries_per_block, get_refcount};
-use crate::format::{decode_directory, HeaderArea, TableEntry};
+use crate::format::{decode_directory, DirEntry, HeaderArea, TableEntry};
 use crate::storage::{Storage, StorageExt};
 
 /// L1 and L2 entries: bits 9-55 hold the offset.
@@ -53,8 +54,8 @@ impl RefCounts {
         Ok(RefCounts { len, pages })
     }
 
-    /// Adds one reference to cluster `c`; `false` if `c` is past the end.
-    fn inc(&mut self, c: u64) -> bool {
+    /// Adds `n` references to cluster `c`; `false` if `c` is past the end.
+    fn add(&mut self, c: u64, n: u32) -> bool {
         if c >= self.len {
             return false;
         }
@@ -63,7 +64,7 @@ impl RefCounts {
             (c % PAGE_CLUSTERS as u64) as usize,
         );
         let page = self.pages[p].get_or_insert_with(|| vec![0u32; PAGE_CLUSTERS].into());
-        page[i] = page[i].saturating_add(1);
+        page[i] = page[i].saturating_add(n);
         true
     }
 
@@ -147,13 +148,19 @@ struct Counter<'a, S: Storage + ?Sized> {
 impl<S: Storage + ?Sized> Counter<'_, S> {
     /// One reference to every cluster overlapping `[offset, offset + len)`.
     fn inc(&mut self, offset: u64, len: u64, what: &str) {
-        if len == 0 {
+        self.inc_n(offset, len, 1, what);
+    }
+
+    /// `n` references to every cluster overlapping `[offset, offset + len)`: what `n`
+    /// tables that name the same structure add, counted once.
+    fn inc_n(&mut self, offset: u64, len: u64, n: u32, what: &str) {
+        if len == 0 || n == 0 {
             return;
         }
         let first = offset >> self.cluster_bits;
         let last = offset.saturating_add(len - 1) >> self.cluster_bits;
         for c in first..=last {
-            if !self.refs.inc(c) {
+            if !self.refs.add(c, n) {
                 let at = c << self.cluster_bits;
                 self.report.corrupt(|| {
                     format!("ERROR {what} cluster {at:#x} is beyond the end of the image file")
@@ -173,62 +180,92 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         }
     }
 
-    /// An L1 table with its L2 tables and (unless they live in a data file) data clusters.
-    fn l1(&mut self, offset: u64, size: u32, data_file: bool, extl2: bool) {
-        let len = u64::from(size).saturating_mul(8);
-        self.inc(offset, len, "L1 table");
-        let Some(l1) = self.read("L1 table", offset, len) else {
-            return;
-        };
+    /// Every L1 table (the active one and each snapshot's) with its L2 tables and, unless
+    /// they live in a data file, their data clusters: QEMU's `check_refcounts_l1` and
+    /// `check_refcounts_l2` for each, with the same counts.
+    ///
+    /// The work is bounded by the file, not by how often a structure is named: each
+    /// distinct L1 table and each distinct L2 table is read once, and the references it
+    /// holds are added as many times as it is named. A snapshot legitimately shares L2
+    /// tables with the active L1 (and QEMU counts their data once per sharer), while a
+    /// hostile L1 whose entries all name one L2 table would otherwise cost a cluster read
+    /// per entry.
+    fn l1_tables(&mut self, l1s: &[(u64, u32)], data_file: bool, extl2: bool) {
+        let mut l1_mult: BTreeMap<(u64, u32), u32> = BTreeMap::new();
+        for &key in l1s {
+            let m = l1_mult.entry(key).or_insert(0);
+            *m = m.saturating_add(1);
+        }
         let cs = 1u64 << self.cluster_bits;
-        for (i, e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
-            let l2_off = e & L2_OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            if l2_off & (cs - 1) != 0 {
-                self.report
-                    .corrupt(|| format!("ERROR L1 entry {i}: L2 offset {l2_off:#x} unaligned"));
-                continue;
-            }
-            self.inc(l2_off, cs, "L2 table");
-            let Some(l2) = self.read("L2 table", l2_off, cs) else {
+        let mut l2_mult: BTreeMap<u64, u32> = BTreeMap::new();
+        for (&(offset, size), &m) in &l1_mult {
+            let len = u64::from(size).saturating_mul(8);
+            self.inc_n(offset, len, m, "L1 table");
+            let Some(l1) = self.read("L1 table", offset, len) else {
                 continue;
             };
-            let stride = if extl2 { 16 } else { 8 };
-            for (j, entry) in l2.chunks_exact(stride).map(BigEndian::read_u64).enumerate() {
-                if entry & L2_COMPRESSED != 0 {
-                    // qcow2_parse_compressed_l2_entry.
-                    let shift = 62 - (self.cluster_bits - 8);
-                    let coffset = entry & ((1u64 << shift) - 1);
-                    let mask = (1u64 << (self.cluster_bits - 8)) - 1;
-                    let sectors = ((entry >> shift) & mask) + 1;
-                    let csize = (sectors * 512).saturating_sub(coffset & 511);
-                    self.inc(coffset, csize, "compressed data");
+            for (i, e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+                let l2_off = e & L2_OFFSET_MASK;
+                if l2_off == 0 {
                     continue;
                 }
-                let data = entry & L2_OFFSET_MASK;
-                if data == 0 || data_file {
+                if l2_off & (cs - 1) != 0 {
+                    self.report
+                        .corrupt(|| format!("ERROR L1 entry {i}: L2 offset {l2_off:#x} unaligned"));
                     continue;
                 }
-                if data & (cs - 1) != 0 {
-                    self.report.corrupt(|| {
-                        format!("ERROR L2 {l2_off:#x} entry {j}: data offset {data:#x} unaligned")
-                    });
-                    continue;
-                }
-                self.inc(data, cs, "data");
+                self.inc_n(l2_off, cs, m, "L2 table");
+                let n = l2_mult.entry(l2_off).or_insert(0);
+                *n = n.saturating_add(m);
             }
+        }
+        for (&l2_off, &m) in &l2_mult {
+            self.l2(l2_off, m, data_file, extl2);
         }
     }
 
-    fn snapshots(&mut self, area: &HeaderArea, data_file: bool, extl2: bool) {
+    /// The data clusters of the L2 table at `l2_off`, each counted `m` times.
+    fn l2(&mut self, l2_off: u64, m: u32, data_file: bool, extl2: bool) {
+        let cs = 1u64 << self.cluster_bits;
+        let Some(l2) = self.read("L2 table", l2_off, cs) else {
+            return;
+        };
+        let stride = if extl2 { 16 } else { 8 };
+        for (j, entry) in l2.chunks_exact(stride).map(BigEndian::read_u64).enumerate() {
+            if entry & L2_COMPRESSED != 0 {
+                // qcow2_parse_compressed_l2_entry.
+                let shift = 62 - (self.cluster_bits - 8);
+                let coffset = entry & ((1u64 << shift) - 1);
+                let mask = (1u64 << (self.cluster_bits - 8)) - 1;
+                let sectors = ((entry >> shift) & mask) + 1;
+                let csize = (sectors * 512).saturating_sub(coffset & 511);
+                self.inc_n(coffset, csize, m, "compressed data");
+                continue;
+            }
+            let data = entry & L2_OFFSET_MASK;
+            if data == 0 || data_file {
+                continue;
+            }
+            if data & (cs - 1) != 0 {
+                self.report.corrupt(|| {
+                    format!("ERROR L2 {l2_off:#x} entry {j}: data offset {data:#x} unaligned")
+                });
+                continue;
+            }
+            self.inc_n(data, cs, m, "data");
+        }
+    }
+
+    /// The snapshot table (counted) and each snapshot's L1 table `(offset, entries)`, for
+    /// [`l1_tables`](Self::l1_tables).
+    fn snapshots(&mut self, area: &HeaderArea) -> Vec<(u64, u32)> {
         let h = &area.header;
         let mut at = h.snapshots_offset;
         let start = at;
+        let mut l1s = Vec::new();
         for i in 0..h.nb_snapshots {
             let Some(fixed) = self.read("snapshot header", at, 40) else {
-                return;
+                return l1s;
             };
             let l1_off = BigEndian::read_u64(&fixed[0..8]);
             let l1_size = BigEndian::read_u32(&fixed[8..12]);
@@ -244,18 +281,25 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 self.report
                     .corrupt(|| format!("ERROR snapshot {i}: L1 table of {l1_size} entries"));
             } else {
-                self.l1(l1_off, l1_size, data_file, extl2);
+                l1s.push((l1_off, l1_size));
             }
             at = at.saturating_add(len);
             if at > self.file_len {
                 self.report
                     .corrupt(|| "ERROR snapshot table past end of file".to_string());
-                return;
+                return l1s;
             }
         }
         self.inc(start, at - start, "snapshot table");
+        l1s
     }
 
+    /// The bitmap directory, each bitmap table and each data cluster a table names
+    /// (`qcow2_check_bitmaps_refcounts`), when autoclear bit 0 trusts the extension. The
+    /// directory is judged with the rules QEMU applies when it opens the image (a table
+    /// size that does not fit the disk makes QEMU refuse the image), so check and open
+    /// never disagree. Each distinct table is read once and its data counted once per
+    /// entry that names it, as QEMU counts them.
     fn bitmaps(&mut self, area: &HeaderArea) {
         let Some(ext) = area.bitmaps else {
             return;
@@ -266,30 +310,59 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         else {
             return;
         };
-        let entries =
-            match h.geometry().map_err(Into::into).and_then(|g| {
-                decode_directory(&dir, ext.nb_bitmaps, &g).map_err(crate::Error::from)
-            }) {
-                Ok(e) => e,
-                Err(e) => {
-                    self.report
-                        .corrupt(|| format!("ERROR bitmap directory: {e}"));
-                    return;
-                }
-            };
+        let geo = match h.geometry() {
+            Ok(g) => g,
+            Err(e) => {
+                self.report
+                    .corrupt(|| format!("ERROR bitmap directory: {e}"));
+                return;
+            }
+        };
+        let entries = match decode_directory(&dir, ext.nb_bitmaps, &geo) {
+            Ok(e) => e,
+            Err(e) => {
+                self.report
+                    .corrupt(|| format!("ERROR bitmap directory: {e}"));
+                return;
+            }
+        };
+        let mut at = 0u64;
+        for (index, e) in entries.iter().enumerate() {
+            if let Err(reason) = e.check_table_size(&geo) {
+                let err = Corruption::DirectoryEntry {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    offset: at,
+                    reason,
+                };
+                self.report.corrupt(|| {
+                    format!(
+                        "ERROR bitmap {}: {err} (QEMU refuses to open the image)",
+                        e.name
+                    )
+                });
+            }
+            at = at.saturating_add(e.encoded_len());
+        }
+        let mut tables: BTreeMap<(u64, u32), (u32, &DirEntry)> = BTreeMap::new();
+        for e in &entries {
+            let t = tables
+                .entry((e.table_offset, e.table_size))
+                .or_insert((0, e));
+            t.0 = t.0.saturating_add(1);
+        }
         let cs = h.cluster_size();
-        for e in entries {
-            let len = u64::from(e.table_size) * 8;
-            self.inc(e.table_offset, len, "bitmap table");
-            let Some(table) = self.read("bitmap table", e.table_offset, len) else {
+        for (&(offset, size), &(m, e)) in &tables {
+            let len = u64::from(size) * 8;
+            self.inc_n(offset, len, m, "bitmap table");
+            let Some(table) = self.read("bitmap table", offset, len) else {
                 continue;
             };
             for (i, raw) in table.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
                 match TableEntry::from_raw(raw, cs) {
-                    Ok(TableEntry::Data(off)) => self.inc(off, cs, "bitmap data"),
+                    Ok(TableEntry::Data(off)) => self.inc_n(off, cs, m, "bitmap data"),
                     Ok(_) => {}
                     Err(p) => self.report.corrupt(|| {
-                        format!("ERROR bitmap {:?} table entry {i} ({raw:#x}): {p}", e.name)
+                        format!("ERROR bitmap {} table entry {i} ({raw:#x}): {p}", e.name)
                     }),
                 }
             }
@@ -303,6 +376,43 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
 /// [`crate::Error::InvalidInput`] when the file has more than 2^31 clusters; I/O errors.
 /// Broken structures are reported as corruptions, not errors.
 pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
+    Ok(check_references(storage, area)?.0)
+}
+
+/// How many times the image's metadata references each cluster, as [`check`] counts them:
+/// the header, every L1 and L2 table and data cluster (the active ones and each
+/// snapshot's), the snapshot table, the refcount table and blocks, the LUKS header, the
+/// bitmap directory, every bitmap table and every bitmap data cluster. The store decides
+/// every free and every in-place write from it, so that what may be freed or overwritten
+/// is judged by the same walk as `qemu-img check`, never by a second, narrower one.
+pub(crate) struct References {
+    refs: RefCounts,
+    cluster_bits: u32,
+}
+
+impl std::fmt::Debug for References {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("References")
+            .field("clusters", &self.refs.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl References {
+    /// References to the cluster holding byte `offset` (0 past the end of the file).
+    pub(crate) fn at(&self, offset: u64) -> u64 {
+        self.refs.get(offset >> self.cluster_bits)
+    }
+}
+
+/// [`check`], also returning the reference counts it computed.
+///
+/// # Errors
+/// As [`check`].
+pub(crate) fn check_references<S: Storage + ?Sized>(
+    storage: &S,
+    area: &HeaderArea,
+) -> Result<(CheckReport, References)> {
     let h = &area.header;
     let cb = h.cluster_bits;
     let cs = h.cluster_size();
@@ -327,10 +437,11 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
     let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     ctr.inc(0, cs, "header");
-    ctr.l1(h.l1_table_offset, h.l1_size, data_file, extl2);
+    let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
     if h.nb_snapshots > 0 {
-        ctr.snapshots(area, data_file, extl2);
+        l1s.extend(ctr.snapshots(area));
     }
+    ctr.l1_tables(&l1s, data_file, extl2);
     let rt_len = u64::from(h.refcount_table_clusters) * cs;
     ctr.inc(h.refcount_table_offset, rt_len, "refcount table");
     if let Some(c) = area.crypto {
@@ -415,5 +526,11 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
         }
         c = end;
     }
-    Ok(report)
+    Ok((
+        report,
+        References {
+            refs,
+            cluster_bits: cb,
+        },
+    ))
 }

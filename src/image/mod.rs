@@ -233,6 +233,12 @@ impl<S: Storage> Image<S> {
         check::check(&self.storage, &self.area)
     }
 
+    /// [`check`](Self::check), also returning how often the metadata references each
+    /// cluster: the one walk that decides what the store may free or write in place.
+    pub(crate) fn references(&self) -> Result<(CheckReport, check::References)> {
+        check::check_references(&self.storage, &self.area)
+    }
+
     fn ensure_writable(&self) -> Result<()> {
         if self.poisoned {
             Err(Error::Poisoned)
@@ -293,12 +299,6 @@ impl<S: Storage> Image<S> {
     pub(crate) fn refcount(&mut self, offset: u64) -> Result<u64> {
         let c = offset >> self.area.header.cluster_bits;
         self.refcounts.get(&self.storage, c)
-    }
-
-    /// Cluster indexes that must never be freed: cluster 0, the L1 table, the reftable and
-    /// every refcount block.
-    pub(crate) fn structure_clusters(&self) -> std::collections::HashSet<u64> {
-        self.refcounts.structure_clusters()
     }
 
     /// Writes every changed refcount block and reftable entry, with barriers, and syncs.

@@ -40,15 +40,17 @@ impl<S: Storage> BitmapStore<S> {
         self.slots.iter().filter_map(|s| s.mem.clone()).collect()
     }
 
-    /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It keeps
-    /// working across [`inactivate`](Self::inactivate) and [`activate`](Self::activate),
-    /// which resume the same bitmaps.
+    /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It follows the
+    /// store: bitmaps added later, and those a later [`activate`](Self::activate) loads,
+    /// are marked too (every mark that starts after the call that made them returns), and
+    /// it keeps working across [`inactivate`](Self::inactivate) and
+    /// [`activate`](Self::activate), which resume the same bitmaps.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) if the store is not active.
     pub fn tracker(&self) -> Result<Tracker> {
         self.ensure_active()?;
-        Ok(Tracker::new(self.bitmaps()))
+        Ok(Tracker::following(&self.tracked))
     }
 
     /// The pending bytes, estimated for free: changed regions times the region size, summed

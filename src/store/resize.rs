@@ -80,7 +80,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         if let Some(s) = self.slots.iter().find(|s| s.inconsistent) {
             return Err(Error::Inconsistent {
-                name: s.entry.name.clone(),
+                name: s.entry.name.to_string(),
             });
         }
         let header = self.image.header().clone();
@@ -124,7 +124,11 @@ impl<S: Storage> BitmapStore<S> {
         for e in &mut entries {
             e.table_size = table_size(new_disk_size, e.granularity_bits, cs)?;
         }
-        // Every input is valid: from here on, only I/O or a corrupt table can fail, and the
+        // Every table decodes and every data cluster lies in the file (the preflight's walk
+        // reports anything else as corruption), so nothing below fails on bad metadata
+        // before its first write: a refusal writes nothing.
+        self.preflight()?;
+        // Every input is valid: from here on, only I/O can fail, and the
         // in-memory header may be ahead of the disk, so any failure poisons the store.
         let r = self.resize_commit(new_disk_size, entries, new_l1);
         if r.is_err() {

@@ -361,7 +361,7 @@ fn many_bitmaps_and_directory_spanning_clusters() {
     }
     assert_clean(&s);
     for i in (0..100).step_by(3) {
-        s.remove(&format!("bitmap-{i:04}")).unwrap();
+        s.remove(format!("bitmap-{i:04}")).unwrap();
     }
     assert_clean(&s);
     let s = reopen(s, false);
@@ -431,7 +431,7 @@ fn crash_points_for(cs: u64) {
                     continue;
                 }
                 let got = ext(&s.load(&info.name).unwrap());
-                let legit: &[Extents] = match info.name.as_str() {
+                let legit: &[Extents] = match info.name.to_str().unwrap() {
                     "a" => &legit_a,
                     "b" => &legit_b,
                     "c" => &legit_c,
@@ -465,8 +465,8 @@ fn table_offset(s: &BitmapStore<MemStorage>, name: &str) -> u64 {
 #[test]
 fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner() {
     // Bitmap a's table entry 0 is patched to name bitmap b's table cluster (the image is
-    // now corrupt: refcount 1, two references). Rewriting a must not free b's table, or b
-    // could later read back as clean.
+    // now corrupt: refcount 1, two references). Every write is refused before it starts,
+    // so b's table is neither freed nor overwritten, and b keeps its bits.
     let mut s = new_store(16 * MIB, 4096);
     s.add("a", 4096, true).unwrap();
     s.add("b", 4096, true).unwrap();
@@ -480,15 +480,16 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
         .write_u64_be_at(a_table, b_table)
         .unwrap();
     let mut s = reopen(s, true);
+    let before = s.image().storage().to_vec();
 
     let empty = DirtyBitmap::new(16 * MIB, 4096).unwrap();
-    s.store("a", &empty).unwrap();
-    s.remove("a").unwrap();
-    // b's table cluster is still allocated, and new allocations do not land on it.
-    assert!(s.image.refcount(b_table).unwrap() >= 1);
-    s.add("c", 4096, true).unwrap();
-    s.store("c", &bits).unwrap();
-    assert_ne!(table_offset(&s, "c"), b_table);
+    let refused = |e: Error| matches!(e, Error::Corrupt(Corruption::CheckFailed { .. }));
+    assert!(refused(s.store("a", &empty).unwrap_err()));
+    assert!(refused(s.remove("a").unwrap_err()));
+    assert!(refused(s.clear("b").unwrap_err()));
+    assert!(refused(s.add("c", 4096, true).unwrap_err()));
+    assert!(refused(s.activate().unwrap_err()));
+    assert_eq!(s.image().storage().to_vec(), before, "a refusal wrote");
     let s = reopen(s, false);
     assert_eq!(
         s.load("b").unwrap().dirty_extents().collect::<Vec<_>>(),
@@ -498,9 +499,10 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
 }
 
 #[test]
-fn removing_a_bitmap_whose_table_has_refcount_zero_commits_and_leaks_nothing_live() {
-    // The recovery path must work exactly when the metadata is bad: an in_use bitmap whose
-    // table cluster's refcount was zeroed by hand.
+fn removing_a_bitmap_whose_table_has_refcount_zero_is_refused_and_writes_nothing() {
+    // An in_use bitmap whose table cluster's refcount was zeroed by hand: `qemu-img check`
+    // calls the image corrupt, and the allocator could hand the referenced cluster out, so
+    // the removal is refused until `qemu-img check -r all` repairs the refcounts.
     let mut s = new_store(16 * MIB, 4096);
     s.add("x", 4096, true).unwrap();
     s.activate().unwrap();
@@ -511,10 +513,14 @@ fn removing_a_bitmap_whose_table_has_refcount_zero_commits_and_leaks_nothing_liv
     s.image.free_clusters(t, 1).unwrap();
     s.image.flush_refcounts().unwrap();
     assert_eq!(s.image.refcount(t).unwrap(), 0);
-    s.remove("x").unwrap();
-    assert!(s.list().is_empty());
-    let s = reopen(s, false);
-    assert!(s.list().is_empty());
+    let before = s.image().storage().to_vec();
+    let err = s.remove("x").unwrap_err();
+    assert!(
+        matches!(err, Error::Corrupt(Corruption::CheckFailed { .. })),
+        "{err:?}"
+    );
+    assert_eq!(s.image().storage().to_vec(), before);
+    assert_eq!(s.list().len(), 1);
 }
 
 #[test]
@@ -604,7 +610,7 @@ fn flags_only_change_accepts_flags_and_nothing_else() {
     let geo = s.geometry().unwrap();
     let entry = |name: &str, in_use: bool, auto: bool| DirEntry {
         // Names long enough that the entries cross sector boundaries.
-        name: name.repeat(300),
+        name: name.repeat(300).into(),
         table_offset: 65536,
         table_size: 1,
         granularity_bits: 16,

@@ -191,7 +191,7 @@ struct Writer {
 /// its region changed.
 fn churn(t: &Tracker, g: u64, granule: u64, len: u64) {
     let off = granule * g;
-    for b in t.bitmaps() {
+    for b in t.bitmaps().iter() {
         b.clear(off, g);
     }
     t.mark(off, len);

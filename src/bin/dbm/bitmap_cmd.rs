@@ -1,5 +1,6 @@
 //! `dbm bitmap`: `qemu-img bitmap`'s verbs on a qcow2 image.
 
+use dirty_bitmap::format::BitmapName;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -123,22 +124,24 @@ impl BitmapArgs {
 pub fn run(args: &BitmapArgs) -> CmdResult {
     let verb = args.verb()?;
     let mut st = store(&args.image, true)?;
-    let name = args.name.as_str();
+    // Existing bitmaps are named in the escaped form `dbm info` shows (`\xNN` for a byte
+    // that is not UTF-8), so every name on disk can be typed; a new one is taken as given.
+    let name = BitmapName::parse_escaped(&args.name);
     let r = match &verb {
         Verb::Add {
             granularity,
             enabled,
-        } => st.add(name, *granularity, *enabled),
-        Verb::Remove => st.remove(name),
-        Verb::Clear => st.clear(name),
-        Verb::SetEnabled(on) => st.set_enabled(name, *on),
-        Verb::Merge { src, image: None } => st.merge(src, name),
+        } => st.add(&args.name, *granularity, *enabled),
+        Verb::Remove => st.remove(&name),
+        Verb::Clear => st.clear(&name),
+        Verb::SetEnabled(on) => st.set_enabled(&name, *on),
+        Verb::Merge { src, image: None } => st.merge(BitmapName::parse_escaped(src), &name),
         Verb::Merge {
             src,
             image: Some(path),
         } => {
             let other = store(path, false)?;
-            st.merge_from(&other, src, name)
+            st.merge_from(&other, BitmapName::parse_escaped(src), &name)
                 .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?;
             Ok(())
         }

@@ -5,6 +5,7 @@
 //! JSON form is nbdinfo's `--json` array: one `{"description", "length", "offset", "type"}`
 //! object per row (keys sorted).
 
+use dirty_bitmap::format::BitmapName;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -100,17 +101,19 @@ pub fn json_rows(rows: &[Row]) -> String {
 /// Runs `dbm dump`.
 pub fn run(args: &DumpArgs) -> CmdResult {
     let st = reader(&args.image, args.force_share)?;
-    let bm = st.load(&args.name).map_err(|e| match e {
-        Error::Inconsistent { name } => at(
-            &args.image,
-            format!(
-                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
+    let bm = st
+        .load(BitmapName::parse_escaped(&args.name))
+        .map_err(|e| match e {
+            Error::Inconsistent { name } => at(
+                &args.image,
+                format!(
+                    "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
                  bitmap support changed the image): its bits cannot be trusted, so treat the \
                  whole disk as dirty; the only thing to do with it is `dbm bitmap --remove`"
+                ),
             ),
-        ),
-        e => at(&args.image, e),
-    })?;
+            e => at(&args.image, e),
+        })?;
     let rows = rows(bm.disk_size(), bm.dirty_extents());
     if args.json {
         emit(&format!("{}\n", json_rows(&rows)))?;

@@ -114,7 +114,7 @@ pub fn gather(
             None
         };
         bitmaps.push(BitmapReport {
-            name: b.name,
+            name: b.name.to_string(),
             granularity: b.granularity,
             enabled: b.enabled,
             in_use: b.in_use,

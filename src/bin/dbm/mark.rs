@@ -1,5 +1,6 @@
 //! `dbm mark`: mark a byte range dirty and store the bitmap (load, mark, store).
 
+use dirty_bitmap::format::BitmapName;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,10 +40,13 @@ pub fn check_range(offset: u64, len: u64, disk: u64) -> Result<(), String> {
 pub fn run(args: &MarkArgs) -> CmdResult {
     let mut st = store(&args.image, true)?;
     check_range(args.offset, args.len, st.disk_size()).map_err(|e| at(&args.image, e))?;
-    let bm = st.load(&args.name).map_err(|e| at(&args.image, e))?;
+    let bm = st
+        .load(BitmapName::parse_escaped(&args.name))
+        .map_err(|e| at(&args.image, e))?;
     bm.set_enabled(true);
     bm.mark_dirty(args.offset, args.len);
-    st.store(&args.name, &bm).map_err(|e| at(&args.image, e))?;
+    st.store(BitmapName::parse_escaped(&args.name), &bm)
+        .map_err(|e| at(&args.image, e))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -18,6 +18,7 @@
 //! Progress lines (`activated`, `stopping`, `inactivating`, `inactivated`) are printed at once, so a drill
 //! reading stdout can aim its kill at a phase.
 
+use dirty_bitmap::format::BitmapName;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -176,7 +177,7 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     let info = st
         .list()
         .into_iter()
-        .find(|b| b.name == args.bitmap)
+        .find(|b| b.name == BitmapName::parse_escaped(&args.bitmap))
         .ok_or_else(|| at(img, format!("no bitmap {:?}", args.bitmap)))?;
     if info.state == BitmapState::Inconsistent {
         return Err(at(
@@ -224,7 +225,9 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     ))?;
 
     st.activate().map_err(|e| at(img, e))?;
-    let bitmap = st.bitmap(&args.bitmap).map_err(|e| at(img, e))?;
+    let bitmap = st
+        .bitmap(BitmapName::parse_escaped(&args.bitmap))
+        .map_err(|e| at(img, e))?;
     let tracker = st.tracker().map_err(|e| at(img, e))?;
     let store = Arc::new(parking_lot::Mutex::new(st));
     let flusher = FlushPolicy::every(flush_every)
