@@ -112,12 +112,19 @@ enum Op {
         wrong_granularity: bool,
         marks: Vec<(u64, u64)>,
     },
+    /// Marks `[offset, offset + len)` through a `Tracker` (taken from the store at the first
+    /// such mark while active, kept until a reopen): every enabled in-memory bitmap, active
+    /// or parked, including bitmaps added or loaded after the tracker was taken.
+    TrackerMark {
+        offset: u64,
+        len: u64,
+    },
 }
 
 fn decode_op(r: &mut Bytes) -> Op {
     let name = |r: &mut Bytes| usize::from(r.u8());
     let range = |r: &mut Bytes| (u64::from(r.u16()) * 64, u64::from(r.u16()) + 1);
-    match r.u8() % 14 {
+    match r.u8() % 15 {
         0 => {
             let name = name(r);
             let b = r.u8();
@@ -155,7 +162,7 @@ fn decode_op(r: &mut Bytes) -> Op {
         10 => Op::InactivateFullRewrite,
         11 => Op::CloseReopen,
         12 => Op::AbandonReopen,
-        _ => {
+        13 => {
             let name = name(r);
             let b = r.u8();
             let marks = (0..b % 5).map(|_| range(r)).collect();
@@ -164,6 +171,10 @@ fn decode_op(r: &mut Bytes) -> Op {
                 wrong_granularity: b & 0x80 != 0,
                 marks,
             }
+        }
+        _ => {
+            let (offset, len) = range(r);
+            Op::TrackerMark { offset, len }
         }
     }
 }
@@ -336,7 +347,7 @@ enum Opens {
 
 fn leak_window(op: &Op) -> Opens {
     match op {
-        Op::Activate | Op::Mark { .. } | Op::AbandonReopen => Opens::Never,
+        Op::Activate | Op::Mark { .. } | Op::TrackerMark { .. } | Op::AbandonReopen => Opens::Never,
         Op::Inactivate | Op::InactivateFullRewrite | Op::CloseReopen | Op::Resize { .. } => {
             Opens::RefcountOrHeaderWrite
         }
@@ -410,6 +421,8 @@ struct Crash<'a> {
     torn_headers: usize,
     /// Whether the current operation was refused with the expected typed error.
     refused: bool,
+    /// The tracker taken by the first `TrackerMark` while active; dropped at a reopen.
+    tracker: Option<dirty_bitmap::Tracker>,
 }
 
 /// Checks an operation's result against the model's expectation. `Ok(Some(value))` when
@@ -647,6 +660,7 @@ impl<'a> Crash<'a> {
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(false);
+                self.tracker = None;
             }
             Op::AbandonReopen => {
                 drop(self.store.take());
@@ -655,6 +669,32 @@ impl<'a> Crash<'a> {
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(true);
+                self.tracker = None;
+            }
+            Op::TrackerMark { offset, len } => {
+                let Some((offset, len)) = place(size, offset, len) else {
+                    return;
+                };
+                if self.tracker.is_none() {
+                    let want = if active {
+                        Ok(())
+                    } else {
+                        Err(Want::InvalidInput)
+                    };
+                    let got = self.store().tracker();
+                    self.tracker = self.expect(ctx, want, got);
+                }
+                let Some(t) = &self.tracker else {
+                    return;
+                };
+                t.mark(offset, len);
+                // Every bitmap with an in-memory copy (active or parked) that is enabled.
+                for b in self.model.bms.iter_mut() {
+                    if b.handle.is_some() && b.enabled {
+                        let g = b.granularity;
+                        b.mem.extend(granules(size, g, offset, len));
+                    }
+                }
             }
             Op::Store {
                 name,
@@ -978,6 +1018,7 @@ pub fn ops_crash(data: &[u8]) {
         seed,
         torn_headers: 0,
         refused: false,
+        tracker: None,
     };
     for (i, op) in ops.iter().enumerate() {
         h.step(i, op);
@@ -1258,6 +1299,12 @@ fn guest_op<'a>(
             Ok(())
         }
         Op::Flush => s.flush().map(drop),
+        Op::TrackerMark { offset, len } => {
+            if let Some((o, l)) = place(size, offset, len) {
+                s.tracker()?.mark(o, l);
+            }
+            Ok(())
+        }
         Op::Clear { name: n } => s.clear(name(n)),
         Op::Merge { src, dst } => s.merge(name(src), name(dst)),
         Op::SetEnabled { name: n, enabled } => s.set_enabled(name(n), enabled),
