@@ -23,7 +23,15 @@ pub(crate) type TrackedSet = Arc<ArcSwap<Vec<Arc<DirtyBitmap>>>>;
 /// overlapped the bitmap's creation.)
 ///
 /// Whether a bitmap is enabled is read at every mark ([`DirtyBitmap::mark_dirty`] ignores a
-/// disabled bitmap), so a bitmap disabled later stays untouched from then on.
+/// disabled bitmap), and [`DirtyBitmap::set_enabled`]`(false)` waits for the marks in
+/// flight, so a bitmap stays untouched from the moment that call returns.
+///
+/// To hand recording over from bitmap A to bitmap B (a new checkpoint), enable B first,
+/// then disable A: a write marked between the two calls lands in both (a spurious dirty
+/// bit at worst), never in neither, whatever the order of A and B here. Disabling A first
+/// would lose a write marked between the two calls. Each [`mark`](Self::mark) over two or
+/// more bitmaps announces itself process-wide while it runs, and disabling waits for those
+/// announced before it, so a mark that found B still disabled also finds A still enabled.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     bitmaps: TrackedSet,
@@ -45,10 +53,42 @@ impl Tracker {
     }
 
     /// Records a guest write of `len` bytes at `offset` in every enabled bitmap.
+    ///
+    /// Over one bitmap this is [`DirtyBitmap::mark_dirty`]. Over several, a write already
+    /// dirty in all of them costs one load each, as there; otherwise the fan-out also
+    /// announces itself for the hand-over order above, at the cost of two plain stores.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) {
+        let list = self.bitmaps.load();
+        match list.as_slice() {
+            [] => {}
+            [only] => only.mark_dirty(offset, len),
+            several => {
+                // A write already in every bitmap reads no `enabled` flag: nothing to
+                // announce, and the hand-over cannot lose it.
+                if several.iter().all(|b| b.already_marked(offset, len)) {
+                    return;
+                }
+                let fan = crate::bitmap::begin_fan_out();
+                for b in several {
+                    b.mark_dirty(offset, len);
+                }
+                crate::bitmap::end_fan_out(fan);
+            }
+        }
+    }
+
+    /// Whether a mark of any of these bitmaps is in flight; see
+    /// [`DirtyBitmap::marks_in_flight`].
+    pub fn marks_in_flight(&self) -> bool {
+        self.bitmaps.load().iter().any(|b| b.marks_in_flight())
+    }
+
+    /// Waits until no mark of these bitmaps that was in flight when it was called still is;
+    /// see [`DirtyBitmap::wait_for_marks`]. It does not stop new marks.
+    pub fn wait_for_marks(&self) {
         for b in self.bitmaps.load().iter() {
-            b.mark_dirty(offset, len);
+            b.wait_for_marks();
         }
     }
 

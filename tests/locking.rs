@@ -128,6 +128,23 @@ fn qemu_nbd_writer(img: &Path, sock: &Path) -> Held {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The socket can appear before qemu-nbd has finished writing the image at open (it sets
+    // `in_use` on every bitmap): wait for that, so that callers comparing the image's bytes
+    // compare against what QEMU left, not against a half-opened image.
+    loop {
+        let in_use = FileStorage::open_shared(img)
+            .ok()
+            .and_then(|st| BitmapStore::open(st, false).ok())
+            .is_some_and(|s| s.list().iter().all(|b| b.in_use));
+        if in_use {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not mark the bitmaps in use"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     held
 }
 

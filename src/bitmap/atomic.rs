@@ -36,3 +36,23 @@ pub(crate) fn sc_point() {
     #[cfg(loom)]
     loom::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
+
+/// One step of a wait for another thread: a few spins, then yielding the CPU. Under loom,
+/// a yield, which tells loom's scheduler to run the thread being waited for.
+#[inline]
+pub(crate) fn backoff(spins: &mut u32) {
+    #[cfg(loom)]
+    {
+        let _ = spins;
+        loom::thread::yield_now();
+    }
+    #[cfg(not(loom))]
+    {
+        if *spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+        *spins = spins.saturating_add(1);
+    }
+}

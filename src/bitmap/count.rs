@@ -1,40 +1,81 @@
-//! The dirty-bit counter.
+//! Per-thread slots: the dirty-bit counter and the marks-in-flight sequence.
 //!
-//! Every change of a leaf word adjusts the counter by the popcount difference, so the hot
-//! path must not pay a locked instruction for it on top of the word's own `fetch_or`. Each
-//! thread therefore owns one of [`SLOTS`] slots, process-wide, and updates its slot in every
-//! bitmap with a plain load and store: a slot has exactly one writer at a time, so no
-//! update is lost. Threads beyond [`SLOTS`] share one extra slot through `fetch_add`.
+//! Every change of a leaf word adjusts the counter by the popcount difference, and every
+//! mark that may write announces itself while it runs, so the hot path must not pay a
+//! locked instruction for either on top of the word's own `fetch_or`. Each thread
+//! therefore owns one of [`SLOTS`] slots, process-wide, and updates its slot in every
+//! bitmap with plain loads and stores: a slot has exactly one writer at a time, so no
+//! update is lost. Threads beyond [`SLOTS`] share one extra slot through read-modify-writes.
 //!
-//! `get` sums the slots, O(1) in the bitmap size. Slot values wrap, and the wrapping sum
-//! is exact whenever no operation is in flight.
+//! # Counter
+//! `count` sums the slots, O(1) in the bitmap size. Slot values wrap, and the wrapping sum
+//! is exact whenever no operation is in flight; while marks and clears race it can be off
+//! in either direction (a clear's decrement seen without the mark's increment it undid).
+//!
+//! # Marks in flight
+//! A slot's `marks` word is a sequence number, odd while its thread has a mark in flight:
+//! [`begin_mark`](ThreadSlots::begin_mark) stores it odd before the mark's first access to
+//! the bitmap, [`end_mark`](ThreadSlots::end_mark) stores it even after the mark's last
+//! (its change-map bit). Both are release stores; readers load with acquire. Then:
+//! - if a thread observed a word value that a mark M wrote (its `fetch_or` is a release and
+//!   `SeqCst` loads acquire), M's `begin_mark` happens before that observation, so anyone
+//!   who synchronises with the observer afterwards reads M's slot at M's odd value or
+//!   later: "in flight", or an even value stored after M's change-map bit, which the
+//!   acquire load then makes visible;
+//! - a waiter that reads an odd value v waits until the slot differs from v; whatever it
+//!   then reads was stored by the owner after M's end (every store is a release), so M's
+//!   effects are visible, and a new mark on that thread cannot hold the waiter up.
+//!
+//! The shared slot counts marks in flight instead (`fetch_add` before, `fetch_sub` with
+//! release after); reading 0 there synchronises with every earlier `fetch_sub`, since each
+//! read-modify-write continues the release sequences before it.
 //!
 //! Slot hand-over: a thread gives its slot back when it exits (through a thread-local
 //! destructor) under the registry's mutex, and the next owner takes it under the same
 //! mutex, so the previous owner's last store happens before the new owner's first load.
 
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
-use super::atomic::AtomicU64;
+use super::atomic::{backoff, AtomicU64};
 
 /// Slots owned exclusively by one thread each.
+#[cfg(not(loom))]
 pub(crate) const SLOTS: usize = 32;
+/// Under loom, enough for the models' threads; loom's atomics are large, and a model's
+/// threads run on small coroutine stacks.
+#[cfg(loom)]
+pub(crate) const SLOTS: usize = 4;
 
-/// A counter on its own cache line pair (adjacent-line prefetch pulls lines in twos).
+/// One thread's words, on their own cache line pair (adjacent-line prefetch pulls lines
+/// in twos). A mark that changes a word writes both, so they share the line.
 #[derive(Debug)]
 #[repr(align(128))]
-struct Padded(AtomicU64);
-
-/// Dirty-bit counter with per-thread slots plus one shared slot.
-#[derive(Debug)]
-pub(crate) struct BitCount {
-    slots: [Padded; SLOTS + 1],
+struct Line {
+    count: AtomicU64,
+    marks: AtomicU64,
 }
 
-impl BitCount {
+/// Per-thread slots plus one shared slot.
+#[derive(Debug)]
+pub(crate) struct ThreadSlots {
+    lines: [Line; SLOTS + 1],
+}
+
+/// A mark in flight, from [`ThreadSlots::begin_mark`] to [`ThreadSlots::end_mark`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InFlight {
+    /// The owned slot and the sequence value stored at the begin (odd), or `None` for the
+    /// shared slot.
+    own: Option<(usize, u64)>,
+}
+
+impl ThreadSlots {
     pub fn new() -> Self {
-        BitCount {
-            slots: std::array::from_fn(|_| Padded(AtomicU64::new(0))),
+        ThreadSlots {
+            lines: std::array::from_fn(|_| Line {
+                count: AtomicU64::new(0),
+                marks: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -47,23 +88,79 @@ impl BitCount {
     /// Adds `delta` (wrapping, so a removal is a two's-complement negative).
     #[inline]
     pub fn add(&self, delta: u64) {
-        match thread_slot::current() {
+        match thread_slot::for_count() {
             Some(i) => {
                 // This thread is the slot's only writer: a plain read-modify-write is exact.
-                let slot = &self.slots[i].0;
+                let slot = &self.lines[i].count;
                 slot.store(slot.load(Relaxed).wrapping_add(delta), Relaxed);
             }
             None => {
-                self.slots[SLOTS].0.fetch_add(delta, Relaxed);
+                self.lines[SLOTS].count.fetch_add(delta, Relaxed);
             }
         }
     }
 
-    /// Sum of the slots.
-    pub fn get(&self) -> u64 {
-        self.slots
+    /// Wrapping sum of the counter slots.
+    pub fn count(&self) -> u64 {
+        self.lines
             .iter()
-            .fold(0u64, |acc, s| acc.wrapping_add(s.0.load(SeqCst)))
+            .fold(0u64, |acc, l| acc.wrapping_add(l.count.load(SeqCst)))
+    }
+
+    /// Announces a mark of this thread; pair with [`end_mark`](Self::end_mark). Two plain
+    /// stores' worth of cost on an owned slot. Marks of one thread do not nest.
+    #[inline]
+    pub fn begin_mark(&self) -> InFlight {
+        match thread_slot::current() {
+            Some(i) => {
+                let m = &self.lines[i].marks;
+                let v = m.load(Relaxed) | 1;
+                m.store(v, Release);
+                InFlight { own: Some((i, v)) }
+            }
+            None => {
+                self.lines[SLOTS].marks.fetch_add(1, Relaxed);
+                InFlight { own: None }
+            }
+        }
+    }
+
+    /// Ends the mark `begin_mark` announced; everything the mark did is visible to whoever
+    /// reads the slot afterwards with acquire.
+    #[inline]
+    pub fn end_mark(&self, mark: InFlight) {
+        match mark.own {
+            Some((i, v)) => self.lines[i].marks.store(v.wrapping_add(1), Release),
+            None => {
+                self.lines[SLOTS].marks.fetch_sub(1, Release);
+            }
+        }
+    }
+
+    /// Whether any thread has a mark in flight.
+    pub fn marks_in_flight(&self) -> bool {
+        self.lines[..SLOTS]
+            .iter()
+            .any(|l| l.marks.load(Acquire) & 1 != 0)
+            || self.lines[SLOTS].marks.load(Acquire) != 0
+    }
+
+    /// Returns once every mark that was in flight when this call read its slot has ended.
+    /// On an owned slot a later mark of the same thread does not hold it up; the shared
+    /// slot is a count, so there it waits for a moment with no mark in flight.
+    pub fn wait_for_marks(&self) {
+        let mut spins = 0;
+        for l in &self.lines[..SLOTS] {
+            let v = l.marks.load(Acquire);
+            if v & 1 != 0 {
+                while l.marks.load(Acquire) == v {
+                    backoff(&mut spins);
+                }
+            }
+        }
+        while self.lines[SLOTS].marks.load(Acquire) != 0 {
+            backoff(&mut spins);
+        }
     }
 }
 
@@ -117,6 +214,12 @@ mod thread_slot {
         static OWNED: RefCell<Option<Owned>> = const { RefCell::new(None) };
     }
 
+    /// The slot for the counter: the same as [`current`].
+    #[inline]
+    pub(super) fn for_count() -> Option<usize> {
+        current()
+    }
+
     /// `Some(slot)` owned by this thread, or `None` to use the shared slot.
     #[inline]
     pub(super) fn current() -> Option<usize> {
@@ -161,12 +264,69 @@ mod thread_slot {
     }
 }
 
-/// Under loom every thread uses the shared slot: the models check the bitmap protocols,
-/// not the slot registry.
+/// Under loom, marks use owned slots (one per model thread, in order of first use), so the
+/// models exercise the plain-store protocol of the in-flight sequence. The counter uses the
+/// shared slot: its `fetch_add`s are read-modify-writes that both threads of a model touch,
+/// and loom's exploration leans on such conflicts (with owned counter slots some models
+/// collapsed to a single execution). The owned counter slots are the plain single-writer
+/// argument above; `tests/concurrency.rs` checks them with real threads.
 #[cfg(loom)]
 mod thread_slot {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    use super::SLOTS;
+
+    loom::lazy_static! {
+        // Reset for every execution; a std atomic, so loom does not explore it.
+        static ref NEXT: AtomicUsize = AtomicUsize::new(0);
+    }
+    loom::thread_local! {
+        static INDEX: Cell<Option<usize>> = Cell::new(None);
+    }
+
     #[inline]
-    pub(super) fn current() -> Option<usize> {
+    pub(super) fn for_count() -> Option<usize> {
         None
     }
+
+    #[inline]
+    pub(super) fn current() -> Option<usize> {
+        INDEX.with(|c| {
+            let i = c.get().unwrap_or_else(|| {
+                let i = NEXT.fetch_add(1, Relaxed);
+                c.set(Some(i));
+                i
+            });
+            assert!(i < SLOTS, "a loom model with more than {SLOTS} threads");
+            Some(i)
+        })
+    }
+}
+
+/// Marks in flight through a fan-out over several bitmaps
+/// ([`Tracker::mark`](crate::Tracker::mark)), process-wide: only the `marks` words are used.
+/// [`DirtyBitmap::set_enabled`](super::DirtyBitmap::set_enabled) waits for these before it
+/// disables, so that a fan-out that read another bitmap as disabled also sees this one
+/// still enabled (see `docs/DESIGN.md`, "Handing marking over between bitmaps").
+#[cfg(not(loom))]
+pub(crate) fn fan_out() -> &'static ThreadSlots {
+    static FAN_OUT: ThreadSlots = ThreadSlots {
+        lines: [const {
+            Line {
+                count: AtomicU64::new(0),
+                marks: AtomicU64::new(0),
+            }
+        }; SLOTS + 1],
+    };
+    &FAN_OUT
+}
+
+/// As above; loom's atomics are not `const`, and its `lazy_static` is reset per execution.
+#[cfg(loom)]
+pub(crate) fn fan_out() -> &'static ThreadSlots {
+    loom::lazy_static! {
+        static ref FAN_OUT: ThreadSlots = ThreadSlots::new();
+    }
+    &FAN_OUT
 }

@@ -8,9 +8,13 @@
 //!    parts of the on-disk copy are stale ([`ChangedRegions`]).
 //!
 //! Every mutation of a leaf word is followed by the same bookkeeping, in this order: the
-//! counter, both towers, then the change map.
+//! counter, both towers, then the change map. A mark that may write a word announces
+//! itself in its thread's slot first and withdraws after the change map (`count.rs`), so
+//! that [`DirtyBitmap::wait_for_marks`] and [`DirtyBitmap::set_enabled`] know when no mark
+//! is half done.
 
 mod atomic;
+mod barrier;
 mod change_map;
 mod count;
 mod geometry;
@@ -31,7 +35,7 @@ pub use iter::DirtyExtents;
 use crate::error::{invalid_input, Result};
 use atomic::{sc_point, AtomicBool};
 use change_map::ChangeMap;
-use count::BitCount;
+use count::{InFlight, ThreadSlots};
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
 use words::Words;
@@ -59,7 +63,7 @@ pub struct DirtyBitmap {
     any: AnyTower,
     full: FullTower,
     changes: ChangeMap,
-    count: BitCount,
+    slots: ThreadSlots,
     enabled: AtomicBool,
 }
 
@@ -104,13 +108,14 @@ impl DirtyBitmap {
     }
 
     fn from_geometry(geo: Geometry) -> Self {
+        barrier::init();
         let nblocks = (geo.nwords() as u64).div_ceil(BLOCK_WORDS as u64);
         DirtyBitmap {
             words: Words::new(geo.nbits),
             any: AnyTower::new(nblocks),
             full: FullTower::new(nblocks),
             changes: ChangeMap::new(geo.nregions()),
-            count: BitCount::new(),
+            slots: ThreadSlots::new(),
             enabled: AtomicBool::new(true),
             geo,
         }
@@ -138,8 +143,72 @@ impl DirtyBitmap {
     }
 
     /// Enables or disables recording of marks.
+    ///
+    /// Disabling waits for the marks in flight: once `set_enabled(false)` returns, no word
+    /// of this bitmap gains a bit from any mark, however long a range it was marking. It
+    /// waits only for marks already running, each a bounded amount of work (a range mark
+    /// for as long as its range takes): those of this bitmap, and the
+    /// [`Tracker::mark`](crate::Tracker::mark) fan-outs over several bitmaps anywhere in
+    /// the process (see below). Enabling does not wait.
+    ///
+    /// # Handing marking over to another bitmap
+    /// To move recording from bitmap A to bitmap B (a new checkpoint) without losing a
+    /// write, enable B first, then disable A: a write marked in between lands in both,
+    /// which costs at most a spurious dirty bit. The reverse order loses a write marked
+    /// between the two calls. With both bitmaps in one [`Tracker`](crate::Tracker) this
+    /// holds whatever their order there: disabling first waits for every fan-out
+    /// ([`Tracker::mark`](crate::Tracker::mark)) in flight, so one that found B still
+    /// disabled also finds A still enabled. Make both calls from one thread, or order
+    /// them with your own synchronisation.
     pub fn set_enabled(&self, enabled: bool) {
-        self.enabled.store(enabled, SeqCst);
+        if enabled {
+            self.enabled.store(true, SeqCst);
+            return;
+        }
+        // A fan-out that read another bitmap as disabled before it was enabled must find
+        // this one enabled: wait for the fan-outs that started before this point. The heavy
+        // barrier pairs with the light one after `begin_fan_out`'s slot store: either the
+        // fan-out's reads of the flags come after everything before this call (the
+        // other bitmap's enable), or its slot store is visible to the wait below.
+        barrier::heavy();
+        count::fan_out().wait_for_marks();
+        self.enabled.store(false, SeqCst);
+        // A mark writes a word only after reading the flag true between its begin_mark
+        // and its first write, behind a light barrier. The pair of barriers makes the
+        // wait see that mark's slot odd, or the mark read the flag false.
+        barrier::heavy();
+        self.slots.wait_for_marks();
+    }
+
+    /// Whether a mark of this bitmap that may write is running now: one that found a bit of
+    /// its range clear and has not yet recorded its change-map region.
+    ///
+    /// Why it matters for a persistent copy: a mark that finds its bits already set returns
+    /// at once (one load), relying on the mark that set them to record the change-map
+    /// region, and that mark may still be running. Once the writers have returned (the
+    /// guest stopped, its writes acknowledged), a call that synchronises with them
+    /// afterwards (for example through the stop itself) returns true, or the region of
+    /// every bit they saw set is visible: in the change map, or taken by a
+    /// [`take_changed`](Self::take_changed) ordered after the record, whose serialization
+    /// then holds the bit. So a store that writes the bitmap out as consistent waits
+    /// ([`wait_for_marks`](Self::wait_for_marks)) before its last take-and-serialize, and
+    /// afterwards checks that this is false and that no region changed.
+    ///
+    /// A snapshot: new marks may start right after it returns.
+    pub fn marks_in_flight(&self) -> bool {
+        self.slots.marks_in_flight()
+    }
+
+    /// Waits until no mark that was in flight when it was called (see
+    /// [`marks_in_flight`](Self::marks_in_flight)) still is: afterwards, the words,
+    /// towers and change-map regions of every such mark are visible to this thread. Spins,
+    /// then yields.
+    ///
+    /// It does not stop new marks: one that starts during the call may or may not be
+    /// waited for, and marks may run again as soon as it returns. Stop the writers first
+    /// (or disable the bitmap with [`set_enabled`](Self::set_enabled)) when that matters.
+    pub fn wait_for_marks(&self) {
+        self.slots.wait_for_marks();
     }
 
     /// Marks every granule touched by disk bytes `[offset, offset + len)` dirty.
@@ -150,34 +219,56 @@ impl DirtyBitmap {
     /// bitmap is disabled.
     #[inline(always)]
     pub fn mark_dirty(&self, offset: u64, len: u64) {
-        // Fast path: a non-empty range inside the disk that stays within one word. `last`
-        // is below `offset` only when `offset + len - 1` overflowed.
-        let last = offset.wrapping_add(len).wrapping_sub(1);
-        if len != 0 && last >= offset && last < self.geo.disk_size {
-            let first_bit = offset >> self.geo.granularity_bits;
-            let last_bit = last >> self.geo.granularity_bits;
-            let w = (first_bit / 64) as usize;
-            let mask = if first_bit == last_bit {
-                // A write inside one granule, the most common case.
-                1u64 << (first_bit % 64)
-            } else if w == (last_bit / 64) as usize {
-                word_mask(first_bit, last_bit + 1)
-            } else {
-                return self.mark_dirty_range(offset, len);
-            };
-            // Bits already set need nothing, enabled or not: one plain load.
-            if self.words.load(w) & mask != mask {
-                self.mark_word(w, mask);
+        match self.one_word(offset, len) {
+            Some((w, mask)) => {
+                // Bits already set need nothing, enabled or not: one plain load.
+                if self.words.load(w) & mask != mask {
+                    self.mark_word(w, mask);
+                }
             }
-            return;
+            None => self.mark_dirty_range(offset, len),
         }
-        self.mark_dirty_range(offset, len);
+    }
+
+    /// Whether [`mark_dirty`](Self::mark_dirty)`(offset, len)` would return on its fast
+    /// path: the range lies in one word whose bits are all set. One plain load.
+    #[inline(always)]
+    pub(crate) fn already_marked(&self, offset: u64, len: u64) -> bool {
+        self.one_word(offset, len)
+            .is_some_and(|(w, mask)| self.words.load(w) & mask == mask)
+    }
+
+    /// The fast path's case: a non-empty range inside the disk whose bits lie in one word,
+    /// as `(word, mask)`.
+    #[inline(always)]
+    fn one_word(&self, offset: u64, len: u64) -> Option<(usize, u64)> {
+        // `last` is below `offset` only when `offset + len - 1` overflowed.
+        let last = offset.wrapping_add(len).wrapping_sub(1);
+        if len == 0 || last < offset || last >= self.geo.disk_size {
+            return None;
+        }
+        let first_bit = offset >> self.geo.granularity_bits;
+        let last_bit = last >> self.geo.granularity_bits;
+        let w = (first_bit / 64) as usize;
+        if first_bit == last_bit {
+            // A write inside one granule, the most common case.
+            Some((w, 1u64 << (first_bit % 64)))
+        } else if w == (last_bit / 64) as usize {
+            Some((w, word_mask(first_bit, last_bit + 1)))
+        } else {
+            None
+        }
     }
 
     /// Sets `mask` in word `w` if the bitmap is enabled. Kept out of line so that the
     /// already-dirty check in [`mark_dirty`](Self::mark_dirty) inlines into its callers.
     #[inline(never)]
     fn mark_word(&self, w: usize, mask: u64) {
+        // A disabled bitmap costs this one load and no announcement.
+        if !self.enabled.load(SeqCst) {
+            return;
+        }
+        let mark = self.begin_mark();
         if self.enabled.load(SeqCst) {
             // The caller's load just saw a bit of `mask` clear: go straight to the write.
             let old = self.words.get(w).fetch_or(mask, SeqCst);
@@ -185,6 +276,7 @@ impl DirtyBitmap {
                 self.after_change(w, old, old | mask);
             }
         }
+        self.slots.end_mark(mark);
     }
 
     /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words.
@@ -193,9 +285,25 @@ impl DirtyBitmap {
         if !self.enabled.load(SeqCst) {
             return;
         }
-        if let Some((first, end)) = self.geo.touched_bits(offset, len) {
+        let Some((first, end)) = self.geo.touched_bits(offset, len) else {
+            return;
+        };
+        let mark = self.begin_mark();
+        if self.enabled.load(SeqCst) {
             for_each_word(first, end, |w, mask| self.set_bits(w, mask));
         }
+        self.slots.end_mark(mark);
+    }
+
+    /// Announces a mark that may write (see [`ThreadSlots::begin_mark`]); the caller reads
+    /// `enabled` again after this and before its first write, and calls `end_mark` after
+    /// its last change-map bit. The light barrier orders the slot store before that read,
+    /// against the heavy barrier in [`set_enabled`](Self::set_enabled).
+    #[inline(always)]
+    fn begin_mark(&self) -> InFlight {
+        let mark = self.slots.begin_mark();
+        barrier::light();
+        mark
     }
 
     /// Marks clean every granule that lies entirely inside disk bytes `[offset, offset + len)`.
@@ -217,19 +325,27 @@ impl DirtyBitmap {
         self.words.load((bit / 64) as usize) & (1 << (bit % 64)) != 0
     }
 
-    /// Number of dirty bits, in O(1).
+    /// Number of dirty bits, in O(1), at most [`bit_count`](Self::bit_count).
+    ///
+    /// Exact when no mark or clear is running. While they race, the per-thread counters it
+    /// sums can be caught mid-update, so the figure can be off by the operations in
+    /// flight; a sum above the bit count (including one that went below zero and wrapped)
+    /// reads as the bit count: when in doubt, dirty.
     pub fn count(&self) -> u64 {
-        self.count.get()
+        self.slots.count().min(self.geo.nbits)
     }
 
-    /// Disk bytes covered by dirty bits (the last partial granule counts its real size).
+    /// Disk bytes covered by dirty bits (the last partial granule counts its real size), at
+    /// most [`disk_size`](Self::disk_size). Inherits [`count`](Self::count)'s
+    /// imprecision while marks and clears run.
     pub fn dirty_bytes(&self) -> u64 {
+        // count() <= nbits <= 2^32 and granularity <= 2^31: no overflow.
         let mut bytes = self.count() << self.geo.granularity_bits;
         let overhang = (self.geo.nbits << self.geo.granularity_bits) - self.geo.disk_size;
         if overhang != 0 && self.is_dirty(self.geo.disk_size - 1) {
             bytes = bytes.saturating_sub(overhang);
         }
-        bytes
+        bytes.min(self.geo.disk_size)
     }
 
     /// Merged `(offset, length)` byte extents of dirty granules, in ascending order and
@@ -284,7 +400,8 @@ impl DirtyBitmap {
         let mut copy = Self::from_geometry(self.geo);
         self.for_each_nonzero_word(|w, v| copy.set_bits(w, v));
         copy.changes = ChangeMap::from_regions(&self.changes.peek());
-        copy.set_enabled(self.is_enabled());
+        // Nobody else sees the copy yet: no mark to wait for.
+        copy.enabled.store(self.is_enabled(), SeqCst);
         copy
     }
 
@@ -327,17 +444,17 @@ impl DirtyBitmap {
         let region = self.region_of_block(b);
         // This bitmap: the block's words went to zero (or lost bits).
         sc_point();
-        self.count.add(moved.wrapping_neg());
-        self.any.clear(0, b, &|| !self.block_is_zero(b));
+        self.slots.add(moved.wrapping_neg());
+        self.any.clear(b, &|| !self.block_is_zero(b));
         if was_full {
             self.full.clear(0, b);
         }
         self.changes.set(region);
         // The returned bitmap: the same words went from zero to the bits taken.
-        out.count.add(moved);
+        out.slots.add(moved);
         out.any.set(0, b);
         if out.block_is_full(b) {
-            out.full.set(0, b, &|| out.block_is_full(b));
+            out.full.set_unshared(b, &|| out.block_is_full(b));
         }
         out.changes.set(region);
     }
@@ -361,7 +478,8 @@ impl DirtyBitmap {
             }
         });
         resized.changes.set_every();
-        resized.set_enabled(self.is_enabled());
+        // `&mut self`: no mark is running, and nobody else sees `resized` yet.
+        resized.enabled.store(self.is_enabled(), SeqCst);
         *self = resized;
         Ok(())
     }
@@ -429,9 +547,10 @@ impl DirtyBitmap {
     /// Call [`take_changed`](Self::take_changed) first, then serialize its regions. A mark
     /// racing with that pair is either in the bytes serialized or leaves its region in the
     /// change map for the next take; it is never in neither. A mark that found its bits
-    /// already set returns at once; its region is then recorded by the mark that set them,
-    /// so once every mark has returned (for example with the guest stopped), one more
-    /// take-and-serialize captures everything.
+    /// already set returns at once; its region is recorded by the mark that set them, which
+    /// may still be running. So once every mark has returned (for example with the guest
+    /// stopped) and [`wait_for_marks`](Self::wait_for_marks) has returned after that, one
+    /// more take-and-serialize captures everything.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or an
@@ -546,17 +665,17 @@ impl DirtyBitmap {
     fn update_summaries(&self, w: usize, old: u64, new: u64) {
         // The word changed; what follows reads the summaries and the change map.
         sc_point();
-        self.count.adjust(old, new);
+        self.slots.adjust(old, new);
         let b = (w / BLOCK_WORDS) as u64;
         if old == 0 {
             self.any.set(0, b);
         } else if new == 0 {
-            self.any.clear(0, b, &|| !self.block_is_zero(b));
+            self.any.clear(b, &|| !self.block_is_zero(b));
         }
         let valid = self.words.valid(w);
         if new == valid {
             if self.block_is_full(b) {
-                self.full.set(0, b, &|| self.block_is_full(b));
+                self.full.set(b, &|| self.block_is_full(b));
             }
         } else if old == valid {
             self.full.clear(0, b);
@@ -649,6 +768,24 @@ impl DirtyBitmap {
     }
 }
 
+/// Announces, process-wide, one mark being fanned out over several bitmaps (see
+/// [`DirtyBitmap::set_enabled`] on handing marking over); pair with [`end_fan_out`]. Costs
+/// two plain stores to the thread's own slot.
+#[inline]
+pub(crate) fn begin_fan_out() -> InFlight {
+    let fan = count::fan_out().begin_mark();
+    // Orders the slot store before the fan-out's reads of the `enabled` flags, against
+    // the heavy barrier in `set_enabled(false)`.
+    barrier::light();
+    fan
+}
+
+/// Ends a fan-out announced by [`begin_fan_out`].
+#[inline]
+pub(crate) fn end_fan_out(fan: InFlight) {
+    count::fan_out().end_mark(fan);
+}
+
 /// Calls `f(word, mask)` for each word overlapping bits `[first, end)`, `first < end`.
 #[inline]
 fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
@@ -665,4 +802,58 @@ fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
 #[inline]
 fn word_mask(first: u64, end: u64) -> u64 {
     (!0u64 >> (63 - (end - 1) % 64)) & (!0u64 << (first % 64))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::DirtyBitmap;
+
+    #[test]
+    fn count_and_dirty_bytes_stay_in_range_while_the_slot_sum_is_off() {
+        // 11 bits, the last covering 100 bytes of a 4 KiB granule.
+        let bm = DirtyBitmap::new(10 * 4096 + 100, 4096).unwrap();
+        bm.mark_dirty(0, 4096);
+        // A clear's decrement read without the increment of the mark it undid: the sum of
+        // the slots goes below zero and wraps.
+        bm.slots.add(2u64.wrapping_neg());
+        assert_eq!(bm.count(), bm.bit_count());
+        assert_eq!(bm.dirty_bytes(), bm.disk_size());
+        // Increments read without their decrements: above the bit count, with the last
+        // (partial) bit clean, which the byte figure cannot subtract.
+        bm.slots.add(100);
+        assert_eq!(bm.count(), bm.bit_count());
+        assert!(!bm.is_dirty(bm.disk_size() - 1));
+        assert_eq!(bm.dirty_bytes(), bm.disk_size());
+        // Exact again once the operations "finish".
+        bm.slots.add(98u64.wrapping_neg());
+        assert_eq!(bm.count(), 1);
+        assert_eq!(bm.dirty_bytes(), 4096);
+    }
+
+    #[test]
+    fn marks_in_flight_is_false_at_rest_and_waiting_returns() {
+        let bm = DirtyBitmap::new(1 << 30, 4096).unwrap();
+        assert!(!bm.marks_in_flight());
+        bm.mark_dirty(0, 1 << 20);
+        bm.mark_dirty(8192, 1);
+        assert!(!bm.marks_in_flight());
+        bm.wait_for_marks();
+        bm.set_enabled(false);
+        bm.mark_dirty(1 << 21, 1);
+        assert!(!bm.is_dirty(1 << 21));
+        assert!(!bm.marks_in_flight());
+        bm.set_enabled(true);
+        bm.mark_dirty(1 << 21, 1);
+        assert!(bm.is_dirty(1 << 21));
+        // A mark that only reads (its bit is set) and one in flight on another thread.
+        let slot = bm.slots.begin_mark();
+        assert!(bm.marks_in_flight());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(bm.marks_in_flight());
+            });
+        });
+        bm.slots.end_mark(slot);
+        assert!(!bm.marks_in_flight());
+    }
 }

@@ -20,24 +20,58 @@
 //! single cache line, so scanning one costs no more than reading one word.
 //!
 //! # Lock-free maintenance
-//! Every access is `SeqCst`, so all of them fall in one total order. The protocols:
+//! Every access to a tower word is `SeqCst`, so all of them fall in one total order. The
+//! protocols:
 //!
 //! - *any, set*: after a child goes from zero to non-zero, set the parent bit (skipping the
 //!   write if a load shows it set) and, if the parent word was zero, repeat one level up.
-//! - *any, clear*: after a child goes to zero, clear the parent bit, then re-read the
-//!   child. If it is non-zero again, set the parent bit back. If the parent word became
-//!   zero, repeat one level up. A setter that raced with us either wrote its child before
-//!   our re-read (we see it and restore the bit) or sets the parent after our clear.
-//! - *full, set*: after a child becomes full, set the parent bit, then re-read the child;
-//!   if it is no longer full, clear the bit again. If the parent word became full,
-//!   repeat one level up.
+//! - *any, clear*: after a child went to zero, first re-read it: if it is non-zero, leave
+//!   the parent bit alone. Otherwise open the tower's guard, clear the parent bit, then
+//!   re-read the child. If it is non-zero again, set the parent bit back. If the parent
+//!   word became zero, repeat one level up (again reading the child first). Close the
+//!   guard. A setter that raced with us either wrote its child before our re-read (we see
+//!   it and restore the bit) or sets the parent after our clear.
+//! - *full, set*: after a child became full (the caller checked it first), open the guard,
+//!   set the parent bit, then re-read the child; if it is no longer full, clear the bit
+//!   again. If the parent word became full, repeat one level up. Close the guard.
 //! - *full, clear*: after a child stops being full, clear the parent bit; if the parent
 //!   word was full, repeat one level up. A setter that raced with us re-reads the child
 //!   after its set, so it sees our change and clears its own bit.
-
+//!
+//! # Searches and the guard
+//! The protocols above leave the towers right once the operations have returned, but in
+//! between a tower bit can say the wrong thing in the direction searches trust: an any bit
+//! clear over a non-zero child, a full bit set over a child that is not full. Checking the
+//! child first removes the common case (a word emptied while its siblings stay dirty), but
+//! not all: a clearer can read the block empty, a mark can then set a word, see the summary
+//! bit still set and return, and the clearer's clear then hides that word until its re-read
+//! restores the bit. A search in that window would miss a word that was dirty, and whose
+//! mark had returned, before the search began.
+//!
+//! Each tower therefore has a *guard* word: open windows in its low 32 bits, a generation
+//! in the high 32. An any-clear or full-set increments both (`fetch_add`) before its first
+//! change to the tower and decrements the count after its last. A search reads the guard,
+//! searches, and reads it again; it trusts its result only if no window was open at the
+//! first read and the guard is unchanged at the second:
+//! - a tower read that saw a bit changed inside a window read a value written by a
+//!   read-modify-write sequenced after the window's `fetch_add` (all tower writes are
+//!   read-modify-writes, so they continue each other's release sequences): the second
+//!   guard read sees that `fetch_add` or later. If the first read came before it, the
+//!   generation differs; if after, the window is still open in it (its close is ordered
+//!   after the restoring write, which the tower read did not see).
+//! - a window closed before the first read is visible with its restore, and its re-read
+//!   leaves the bit right, as the protocols above argue.
+//!
+//! An untrusted search is retried a few times and then answers conservatively, "this block
+//! may hold what you look for", which costs the caller one block scan; so searches never
+//! wait for a clearer, and a clearer preempted inside its window slows searches down
+//! without stopping them. Marks never touch the guard.
 use std::sync::atomic::Ordering::SeqCst;
 
 use super::atomic::{sc_point, zeroed_words, AtomicU64};
+
+/// Search attempts before answering conservatively while windows keep opening.
+const SEARCH_TRIES: u32 = 3;
 
 /// Leaf words per block.
 pub(crate) const BLOCK_WORDS: usize = 8;
@@ -72,7 +106,58 @@ impl Level {
 #[derive(Debug)]
 struct Levels(Vec<Level>);
 
+/// A tower's guard: windows open in the low 32 bits, generation in the high 32 (see the
+/// module docs), on its own cache line pair so that searches reading it never contend
+/// with the bitmap's other fields. The generation wraps after 2^32 windows; a search
+/// would have to overlap exactly a multiple of that many to be fooled.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Guard(AtomicU64);
+
+impl Guard {
+    const OPEN: u64 = (1 << 32) + 1;
+    const COUNT: u64 = (1 << 32) - 1;
+
+    fn new() -> Self {
+        Guard(AtomicU64::new(0))
+    }
+
+    #[inline]
+    fn open(&self) {
+        self.0.fetch_add(Self::OPEN, SeqCst);
+    }
+
+    #[inline]
+    fn close(&self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+
+    /// `search()` if no window overlapped it; after [`SEARCH_TRIES`] overlapped attempts,
+    /// `conservative`.
+    #[inline]
+    fn search(&self, search: impl Fn() -> Option<u64>, conservative: Option<u64>) -> Option<u64> {
+        for _ in 0..SEARCH_TRIES {
+            let before = self.0.load(SeqCst);
+            if before & Self::COUNT == 0 {
+                let found = search();
+                if self.0.load(SeqCst) == before {
+                    return found;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        conservative
+    }
+}
+
 impl Levels {
+    /// Number of level-1 units (blocks).
+    fn units(&self) -> u64 {
+        let l1 = &self.0[0];
+        let full_words = l1.words.len() as u64 - 1;
+        full_words * 64 + u64::from(64 - l1.last_mask.leading_zeros())
+    }
+
     fn new(nblocks: u64) -> Self {
         let mut levels = vec![Level::new(nblocks)];
         let mut bits = nblocks;
@@ -147,32 +232,49 @@ fn split(unit: u64) -> (usize, u64) {
 
 /// The tower of "may be non-zero" bits.
 #[derive(Debug)]
-pub(crate) struct AnyTower(Levels);
+pub(crate) struct AnyTower {
+    levels: Levels,
+    guard: Guard,
+}
 
 impl AnyTower {
     pub fn new(nblocks: u64) -> Self {
-        AnyTower(Levels::new(nblocks))
+        AnyTower {
+            levels: Levels::new(nblocks),
+            guard: Guard::new(),
+        }
     }
 
     /// Records that block (level-0 unit) or level word `unit` below `level` may be non-zero.
     #[inline]
     pub fn set(&self, level: usize, unit: u64) {
-        let lv = &self.0 .0[level];
+        let lv = &self.levels.0[level];
         let (w, b) = split(unit);
         if lv.words[w].load(SeqCst) & b != 0 {
             return;
         }
         let old = lv.words[w].fetch_or(b, SeqCst);
-        if old == 0 && level + 1 < self.0 .0.len() {
+        if old == 0 && level + 1 < self.levels.0.len() {
             sc_point();
             self.set(level + 1, w as u64);
         }
     }
 
-    /// Records that child `unit` of `level` became zero. `child_nonzero` re-reads the child
-    /// after the clear, so that a concurrent setter is never lost.
-    pub fn clear(&self, level: usize, unit: u64, child_nonzero: &dyn Fn() -> bool) {
-        let lv = &self.0 .0[level];
+    /// Records that block `block` may have become zero. `block_nonzero` reads the block; it
+    /// is read before the clear (a block still holding a bit keeps its summary bit) and
+    /// again after it, so that a concurrent setter is never lost.
+    pub fn clear(&self, block: u64, block_nonzero: &dyn Fn() -> bool) {
+        if block_nonzero() {
+            return;
+        }
+        self.guard.open();
+        self.clear_level(0, block, block_nonzero);
+        self.guard.close();
+    }
+
+    /// One level of [`clear`](Self::clear), inside the guard; the child read zero just now.
+    fn clear_level(&self, level: usize, unit: u64, child_nonzero: &dyn Fn() -> bool) {
+        let lv = &self.levels.0[level];
         let (w, b) = split(unit);
         let old = lv.words[w].fetch_and(!b, SeqCst);
         if old & b == 0 {
@@ -184,40 +286,73 @@ impl AnyTower {
             self.set(level, unit);
             return;
         }
-        if old == b && level + 1 < self.0 .0.len() {
+        if old == b && level + 1 < self.levels.0.len() {
             let word = &lv.words[w];
-            self.clear(level + 1, w as u64, &|| word.load(SeqCst) != 0);
+            let nonzero = || word.load(SeqCst) != 0;
+            if !nonzero() {
+                self.clear_level(level + 1, w as u64, &nonzero);
+            }
         }
     }
 
-    /// First block at index >= `block` that may hold a set bit.
+    /// First block at index >= `block` that may hold a set bit. A block whose words were
+    /// non-zero, and whose marks had returned, before the call is not skipped while it
+    /// stays non-zero.
     #[inline]
     pub fn next_block(&self, block: u64) -> Option<u64> {
-        self.0.find(block, |_, _, v| v)
+        let units = self.levels.units();
+        self.guard.search(
+            || self.levels.find(block, |_, _, v| v),
+            (block < units).then_some(block),
+        )
     }
 
     pub fn memory_usage(&self) -> usize {
-        self.0.memory_usage()
+        self.levels.memory_usage()
     }
 }
 
 /// The tower of "certainly full" bits.
 #[derive(Debug)]
-pub(crate) struct FullTower(Levels);
+pub(crate) struct FullTower {
+    levels: Levels,
+    guard: Guard,
+}
 
 impl FullTower {
     pub fn new(nblocks: u64) -> Self {
-        FullTower(Levels::new(nblocks))
+        FullTower {
+            levels: Levels::new(nblocks),
+            guard: Guard::new(),
+        }
     }
 
-    /// Records that child `unit` of `level` became full. `child_full` re-reads the child
-    /// after the set; if it is no longer full the bit is cleared again.
-    pub fn set(&self, level: usize, unit: u64, child_full: &dyn Fn() -> bool) {
-        let lv = &self.0 .0[level];
-        let (w, b) = split(unit);
-        if lv.words[w].load(SeqCst) & b != 0 {
+    /// Records that block `block` became full; the caller read it full first.
+    /// `block_full` re-reads it after the set; if it is no longer full the bit is cleared
+    /// again.
+    pub fn set(&self, block: u64, block_full: &dyn Fn() -> bool) {
+        let (w, b) = split(block);
+        if self.levels.0[0].words[w].load(SeqCst) & b != 0 {
             return;
         }
+        self.guard.open();
+        self.set_level(0, block, block_full);
+        self.guard.close();
+    }
+
+    /// [`set`](Self::set) for a tower no other thread can see yet (the bitmap
+    /// `take_dirty` is building): no search can overlap it, so no guard.
+    pub fn set_unshared(&self, block: u64, block_full: &dyn Fn() -> bool) {
+        let (w, b) = split(block);
+        if self.levels.0[0].words[w].load(SeqCst) & b == 0 {
+            self.set_level(0, block, block_full);
+        }
+    }
+
+    /// One level of [`set`](Self::set), inside the guard.
+    fn set_level(&self, level: usize, unit: u64, child_full: &dyn Fn() -> bool) {
+        let lv = &self.levels.0[level];
+        let (w, b) = split(unit);
         let old = lv.words[w].fetch_or(b, SeqCst);
         if old & b != 0 {
             return;
@@ -228,35 +363,45 @@ impl FullTower {
             return;
         }
         let valid = lv.valid(w);
-        if old | b == valid && level + 1 < self.0 .0.len() {
+        if old | b == valid && level + 1 < self.levels.0.len() {
             let word = &lv.words[w];
-            self.set(level + 1, w as u64, &|| word.load(SeqCst) == valid);
+            let up = &self.levels.0[level + 1];
+            let (uw, ub) = split(w as u64);
+            if up.words[uw].load(SeqCst) & ub == 0 {
+                self.set_level(level + 1, w as u64, &|| word.load(SeqCst) == valid);
+            }
         }
     }
 
     /// Records that child `unit` of `level` is no longer full.
     #[inline]
     pub fn clear(&self, level: usize, unit: u64) {
-        let lv = &self.0 .0[level];
+        let lv = &self.levels.0[level];
         let (w, b) = split(unit);
         if lv.words[w].load(SeqCst) & b == 0 {
             return;
         }
         let old = lv.words[w].fetch_and(!b, SeqCst);
-        if old == lv.valid(w) && level + 1 < self.0 .0.len() {
+        if old == lv.valid(w) && level + 1 < self.levels.0.len() {
             sc_point();
             self.clear(level + 1, w as u64);
         }
     }
 
-    /// First block at index >= `block` that may hold a clear bit.
+    /// First block at index >= `block` that may hold a clear bit. A block with a bit that
+    /// was clear, and whose clear had returned, before the call is not skipped while the
+    /// bit stays clear.
     #[inline]
     pub fn next_block(&self, block: u64) -> Option<u64> {
-        let levels = &self.0 .0;
-        self.0.find(block, |l, w, v| !v & levels[l].valid(w))
+        let levels = &self.levels.0;
+        let units = self.levels.units();
+        self.guard.search(
+            || self.levels.find(block, |l, w, v| !v & levels[l].valid(w)),
+            (block < units).then_some(block),
+        )
     }
 
     pub fn memory_usage(&self) -> usize {
-        self.0.memory_usage()
+        self.levels.memory_usage()
     }
 }

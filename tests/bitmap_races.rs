@@ -1,0 +1,270 @@
+//! Threaded stress tests for the races `tests/loom.rs` models exhaustively on tiny
+//! bitmaps: a mark returning on another mark's unfinished work, a search overlapping a
+//! clear, disabling during a long range mark, the count while marks and clears race, and
+//! handing marking over between two bitmaps of one tracker. Each prints its seed.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{seeded_rng, serialize_all};
+use dirty_bitmap::{DirtyBitmap, Tracker};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+/// Spins for a random handful of iterations, so that two threads released by a barrier
+/// meet at varying points of each other's operations.
+fn jitter(rng: &mut SmallRng, max: u32) {
+    for _ in 0..rng.random_range(0..max) {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn a_mark_returning_on_a_running_marks_bit_sees_it_in_flight_or_recorded() {
+    // Two threads mark the same clean bit each round; whichever returns on the other's
+    // bit checks what a store's inactivate checks: a mark in flight, or a changed region.
+    let (_, seed) = seeded_rng("mark_returning_on_running_mark");
+    let g = 4096u64;
+    let bits = 200_000u64;
+    let bm = Arc::new(DirtyBitmap::with_region_size(bits * g, g, 512).unwrap());
+    let barrier = Arc::new(Barrier::new(3));
+    let misses = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawn = |t: u64| {
+        let bm = Arc::clone(&bm);
+        let barrier = Arc::clone(&barrier);
+        let misses = Arc::clone(&misses);
+        let stop = Arc::clone(&stop);
+        let mut rng = SmallRng::seed_from_u64(seed ^ (t + 1));
+        thread::spawn(move || {
+            for r in 0.. {
+                barrier.wait();
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                jitter(&mut rng, 40);
+                bm.mark_dirty(r * g, 1);
+                if !bm.marks_in_flight() && bm.changed_region_count() == 0 {
+                    misses.fetch_add(1, Ordering::Relaxed);
+                }
+                barrier.wait();
+            }
+        })
+    };
+    let workers = [spawn(0), spawn(1)];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut done = 0;
+    while done < bits && Instant::now() < deadline {
+        // Between rounds no mark runs: empty the change map for the next one.
+        let _ = bm.take_changed();
+        barrier.wait();
+        barrier.wait();
+        done += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    barrier.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    eprintln!("{done} rounds");
+    assert_eq!(
+        misses.load(Ordering::Relaxed),
+        0,
+        "a mark returned on a bit whose region was not recorded, with no mark in flight"
+    );
+}
+
+#[test]
+fn a_search_never_misses_a_word_that_stays_dirty_while_its_neighbour_is_cleared() {
+    // Block 1 holds words 1 and 3. One thread empties and refills word 1 over and over
+    // while this one searches from offset 0 (which scans block 0 itself, so block 1 is
+    // found through the towers); word 3 stays dirty throughout and must always be found.
+    let (_, seed) = seeded_rng("search_vs_clear");
+    let g = 512u64;
+    let word = 64 * g;
+    let block = 8 * word;
+    let bm = Arc::new(DirtyBitmap::new(3 * block, g).unwrap());
+    bm.mark_dirty(block + 3 * word, g);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clearer = {
+        let bm = Arc::clone(&bm);
+        let stop = Arc::clone(&stop);
+        let mut rng = SmallRng::seed_from_u64(seed);
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                bm.mark_dirty(block + word, g);
+                jitter(&mut rng, 20);
+                bm.clear(block + word, g);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut searches = 0u64;
+    while Instant::now() < deadline {
+        for _ in 0..100 {
+            let found = bm.next_dirty(0);
+            assert!(
+                found == Some(block + word) || found == Some(block + 3 * word),
+                "search {searches}: next_dirty found {found:?}"
+            );
+            assert!(
+                bm.dirty_extents().any(|e| e == (block + 3 * word, g)),
+                "search {searches}: the extents miss the word that stayed dirty"
+            );
+            assert!(
+                bm.snapshot().is_dirty(block + 3 * word),
+                "search {searches}: snapshot"
+            );
+            searches += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    clearer.join().unwrap();
+    eprintln!("{searches} searches");
+}
+
+#[test]
+fn no_word_changes_after_disabling_returns_during_long_range_marks() {
+    // A writer marks the whole disk over and over, each call a range of 32 Ki words;
+    // disabling must wait for the call in flight, after which the words stay as they are.
+    let (mut rng, _) = seeded_rng("disable_vs_range_mark");
+    let g = 4096u64;
+    let disk = 8u64 << 30;
+    let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let bm = Arc::clone(&bm);
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                bm.mark_dirty(0, disk);
+            }
+        })
+    };
+    for round in 0..20 {
+        bm.clear(0, disk);
+        bm.set_enabled(true);
+        thread::sleep(Duration::from_micros(rng.random_range(0..3000)));
+        bm.set_enabled(false);
+        let at_return = serialize_all(&bm);
+        thread::sleep(Duration::from_millis(2));
+        assert!(
+            serialize_all(&bm) == at_return,
+            "round {round}: words changed after set_enabled(false) returned"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+}
+
+#[test]
+fn count_and_dirty_bytes_stay_in_range_while_marks_and_clears_race() {
+    // Two threads flip the same few bits of an almost empty, then an almost full, bitmap
+    // whose last granule is partial; the reader's sums catch the slots mid-update.
+    let (_, seed) = seeded_rng("count_in_range");
+    let g = 4096u64;
+    let bits = 256u64;
+    let disk = bits * g - 100;
+    for full in [false, true] {
+        let bm = Arc::new(DirtyBitmap::new(disk, g).unwrap());
+        if full {
+            bm.mark_dirty(0, disk);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let bm = Arc::clone(&bm);
+                let stop = Arc::clone(&stop);
+                let mut rng = SmallRng::seed_from_u64(seed ^ (t + 1));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let off = (bits - 1 - rng.random_range(0..4)) * g;
+                        bm.mark_dirty(off, 1);
+                        bm.clear(off, g);
+                        if full {
+                            bm.mark_dirty(off, 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut reads = 0u64;
+        while Instant::now() < deadline {
+            let c = bm.count();
+            let b = bm.dirty_bytes();
+            assert!(c <= bm.bit_count(), "count {c} > {} bits", bm.bit_count());
+            assert!(b <= disk, "dirty_bytes {b} > disk size {disk}");
+            reads += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        eprintln!("full={full}: {reads} reads");
+    }
+}
+
+/// A writer marks granule after granule through a tracker over A and B while this thread
+/// enables B and then disables A; every mark the writer completed must be in A or B.
+fn hand_over(b_first: bool) {
+    let (mut rng, _) = seeded_rng(if b_first {
+        "hand_over_b_first"
+    } else {
+        "hand_over_a_first"
+    });
+    let g = 4096u64;
+    let bits = 1u64 << 18;
+    for round in 0..50 {
+        let a = Arc::new(DirtyBitmap::new(bits * g, g).unwrap());
+        let b = Arc::new(DirtyBitmap::new(bits * g, g).unwrap());
+        b.set_enabled(false);
+        let list = if b_first {
+            vec![Arc::clone(&b), Arc::clone(&a)]
+        } else {
+            vec![Arc::clone(&a), Arc::clone(&b)]
+        };
+        let tracker = Tracker::new(list);
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let done = Arc::clone(&done);
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut k = 0;
+                while k < bits && !stop.load(Ordering::Relaxed) {
+                    tracker.mark(k * g, 1);
+                    k += 1;
+                    done.store(k, Ordering::Release);
+                }
+            })
+        };
+        thread::sleep(Duration::from_micros(rng.random_range(0..500)));
+        b.set_enabled(true);
+        a.set_enabled(false);
+        thread::sleep(Duration::from_micros(200));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let n = done.load(Ordering::Acquire);
+        for k in 0..n {
+            assert!(
+                a.is_dirty(k * g) || b.is_dirty(k * g),
+                "round {round}: mark {k} of {n} is in neither bitmap"
+            );
+        }
+    }
+}
+
+#[test]
+fn enabling_b_then_disabling_a_loses_no_mark_with_a_first_in_the_tracker() {
+    hand_over(false);
+}
+
+#[test]
+fn enabling_b_then_disabling_a_loses_no_mark_with_b_first_in_the_tracker() {
+    hand_over(true);
+}
