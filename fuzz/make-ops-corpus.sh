@@ -4,7 +4,8 @@
 #   fuzz/make-ops-corpus.sh       # rewrites fuzz/corpus/ops_crash/seed-* and ops_guest_data/seed-*
 #
 # ops_crash gets hand-written operation sequences (every operation, the refusals, the
-# inactive marks on parked bitmaps, a reopen after an abandoned active store) for 512 B,
+# inactive marks on parked bitmaps, a reopen after an abandoned active store, marks through
+# a Tracker across add, inactivate, remove and activate) for 512 B,
 # 1 KiB and 4 KiB clusters. ops_guest_data gets images made by the real qemu-img and qemu-io
 # (QEMU 10) that hold guest data (plain, compressed and zeroed clusters, a snapshot, a
 # backing file, extended L2 entries, an in_use bitmap), each followed by an operation tail
@@ -85,6 +86,7 @@ def clear(n): return bytes([4, n])
 def merge(s, d): return bytes([5, s, d])
 def set_enabled(n, e): return bytes([6, n, 1 if e else 0])
 def resize(sectors, odd=False): return bytes([7]) + struct.pack(">H", sectors | (0x8000 if odd else 0))
+def tracker(off, ln): return bytes([14]) + struct.pack(">HH", off // 64, ln - 1)
 def store(n, ranges, wrong=False):
     out = bytes([13, n, len(ranges) | (0x80 if wrong else 0)])
     for off, ln in ranges:
@@ -110,6 +112,10 @@ sequences = {
     "parked": [add(0, 9), ACTIVATE, mark(0, 0, 1), INACTIVATE, mark(0, 100 * K, 1),
                store(0, [(200 * K, 1)]), clear(0), mark(0, 300 * K, 1), merge(0, 0),
                set_enabled(0, False), mark(0, 400 * K, 1), resize(1024), ACTIVATE, INACTIVATE],
+    "tracker": [add(0, 9), ACTIVATE, tracker(0, 4096), add(1, 12), tracker(64 * K, 1),
+                INACTIVATE, tracker(128 * K, 512), add(2, 9), tracker(192 * K, 1), remove(0),
+                ACTIVATE, tracker(256 * K, 1), set_enabled(1, False), tracker(320 * K, 1),
+                FULL, CLOSE, tracker(0, 1)],
 }
 # Cluster size byte, disk sectors - 1 (u16), sampling seed.
 for cs_byte, cs_name in [(0, "512"), (1, "1k"), (3, "4k")]:

@@ -2,7 +2,7 @@
 //! `ops_guest_data` through the harness they share (`fuzz/harness/ops.rs`, included here as
 //! it is in the fuzz targets), so `cargo test` checks them without nightly Rust or
 //! libFuzzer. The minimised findings in `fuzz/regressions/ops_*/` each have a named test
-//! below, `#[ignore]`d while the library defect it shows is open. See `docs/FUZZING.md`.
+//! below; a test whose finding is still open on main is `#[ignore]`d, with the finding named. See `docs/FUZZING.md`.
 
 #[path = "../fuzz/harness/ops.rs"]
 mod ops;
@@ -41,8 +41,31 @@ fn replay_ops_corpus() {
     }
 }
 
+/// Replays an `ops_guest_data` finding, then checks that the first write its tail asks for
+/// (`activate`, or `remove` of bitmap "b1") is refused with a typed corruption error: the
+/// image shares a cluster between the guest and a bitmap, and `qemu-img check` calls it
+/// corrupt too.
+fn guest_data_refused(name: &str, remove: bool) {
+    use dirty_bitmap::storage::MemStorage;
+    use dirty_bitmap::{BitmapStore, Corruption, Error};
+
+    regression("ops_guest_data", name);
+    let data = fs::read(format!(
+        "{}/fuzz/regressions/ops_guest_data/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let tail = usize::from(*data.last().unwrap());
+    let image = data[..data.len() - 1 - tail].to_vec();
+    let mut s = BitmapStore::open(MemStorage::from_bytes(image), true).unwrap();
+    let r = if remove { s.remove("b1") } else { s.activate() };
+    assert!(
+        matches!(r, Err(Error::Corrupt(Corruption::CheckFailed { .. }))),
+        "{r:?}"
+    );
+}
+
 /// Runs one minimised finding through its target.
-#[allow(dead_code)]
 fn regression(target: &str, name: &str) {
     let f = TARGETS.iter().find(|t| t.0 == target).expect("a target").1;
     let path = format!(
@@ -50,4 +73,84 @@ fn regression(target: &str, name: &str) {
         env!("CARGO_MANIFEST_DIR")
     );
     f(&fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")));
+}
+
+// Findings of `ops_guest_data` (docs/FUZZING.md, "Findings"): a cluster that an L2 entry names
+// as guest data is also one of a bitmap's own clusters (refcount 1, two references: a corrupt
+// image, which `qemu-img check` reports), and the library wrote that bitmap cluster in place,
+// or freed it, without checking that nothing else references it. Built from a QEMU-made
+// image by `fuzz/make-ops-regressions.py`. All four failed on the library of 2b4e2d0 and pass
+// since main's ec7a3f8 (every write operation is preflighted: the image must check clean
+// and every bitmap cluster be owned once before the first write).
+
+/// Finding `flush-writes-bitmap-data-over-guest-cluster`: `flush` rewrote a changed region
+/// in place in the bitmap's data cluster (`src/flush.rs`, data step), which is also guest
+/// data.
+#[test]
+fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
+    guest_data_refused("flush-writes-bitmap-data-over-guest-cluster", false);
+}
+
+/// Finding `flush-writes-table-entry-over-guest-cluster`: `flush` wrote a fresh table entry
+/// in place in the bitmap table (`src/flush.rs`, table step), which is also guest data.
+#[test]
+fn ops_guest_data_flush_writes_table_entry_over_guest_cluster() {
+    guest_data_refused("flush-writes-table-entry-over-guest-cluster", false);
+}
+
+/// Finding `activate-writes-directory-over-guest-cluster`: `activate` set `in_use` in the
+/// directory in place (`write_flags_in_place` in `src/store.rs`), which is also guest data.
+#[test]
+fn ops_guest_data_activate_writes_directory_over_guest_cluster() {
+    guest_data_refused("activate-writes-directory-over-guest-cluster", false);
+}
+
+/// Finding `remove-last-leaks-at-header-write` (a gap in `docs/CRASH-CONSISTENCY.md`, not in
+/// the library): removing the last bitmap allocates no directory, so the commit's header
+/// write comes before any refcount write, and a crash right after it leaves the removed
+/// bitmap's table and the old directory leaked. The "Leak windows" table opens the window for `remove` only at the
+/// first refcount write; the harness opens it at the header write too (as `tests/crash.rs`
+/// does for `inactivate` and `resize`). Input: 512 B clusters, 1 MiB, add "a", remove "a".
+#[test]
+fn ops_crash_remove_last_leaks_at_header_write() {
+    use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op};
+    use dirty_bitmap::BitmapStore;
+
+    regression("ops_crash", "remove-last-leaks-at-header-write");
+    let crash = CrashStorage::new();
+    let mut s = BitmapStore::create(&crash, 1 << 20, 512).unwrap();
+    s.add("a", 65536, true).unwrap();
+    let start = crash.op_count();
+    s.remove("a").unwrap();
+    let ops = crash.ops();
+    let header = (start..ops.len())
+        .find(|&i| matches!(&ops[i], Op::Write { offset: 0, data } if data.len() >= 104))
+        .expect("a header write");
+    // Nothing but the header write (and its barrier) precedes the frees.
+    assert!(
+        ops[start..header].is_empty(),
+        "writes before the header: {:?}",
+        &ops[start..header]
+    );
+    let image = crash
+        .crash_image(header + 2, CrashMode::Dropped)
+        .expect("a crash point after the header's barrier");
+    let report = BitmapStore::open(MemStorage::from_bytes(image), false)
+        .unwrap()
+        .image()
+        .check()
+        .unwrap();
+    assert_eq!(report.corruptions, 0);
+    // The removed bitmap's table and the old directory.
+    assert_eq!(report.leaks, 2, "{:?}", report.messages);
+}
+
+/// Finding `remove-frees-guest-cluster-then-reuses-it`: `remove` freed the bitmap's data
+/// cluster although an L2 entry still names it (`safe_frees` in `src/store.rs` kept only
+/// clusters that cluster 0, the L1 table, the refcount structures or a remaining bitmap
+/// referenced), so its refcount dropped to 0 and the next allocation (the table of a bitmap
+/// added next) wrote over the guest data.
+#[test]
+fn ops_guest_data_remove_frees_guest_cluster_then_reuses_it() {
+    guest_data_refused("remove-frees-guest-cluster-then-reuses-it", true);
 }

@@ -49,7 +49,7 @@
 //! The granularity is chosen per disk so that the bitmap stays at most 8 KiB, up to the
 //! 2 GiB granularity limit: disks above 128 TiB (the largest ones at 64 KiB clusters and
 //! up) get bitmaps of 128 KiB to 128 MiB in memory, of which only the marked clusters are
-//! written. Files are sparse; the whole sweep (74 images) takes under a minute in debug
+//! written. Files are sparse; the whole sweep (74 images) takes about a minute in debug
 //! mode, plus the build.
 
 mod common;

@@ -27,8 +27,9 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const MAX_OPS: usize = 24;
 /// Most operations decoded from one `ops_guest_data` input.
 const MAX_GUEST_OPS: usize = 8;
-/// Crash images checked per operation (sampled among its crash points).
-const CRASH_SAMPLES: usize = 3;
+/// Crash points checked per operation besides its last (spread over its crash points), each
+/// in every crash mode.
+const CRASH_SAMPLES: usize = 2;
 
 // ---------------------------------------------------------------------------------------
 // Input decoding
@@ -111,12 +112,19 @@ enum Op {
         wrong_granularity: bool,
         marks: Vec<(u64, u64)>,
     },
+    /// Marks `[offset, offset + len)` through a `Tracker` (taken from the store at the first
+    /// such mark while active, kept until a reopen): every enabled in-memory bitmap, active
+    /// or parked, including bitmaps added or loaded after the tracker was taken.
+    TrackerMark {
+        offset: u64,
+        len: u64,
+    },
 }
 
 fn decode_op(r: &mut Bytes) -> Op {
     let name = |r: &mut Bytes| usize::from(r.u8());
     let range = |r: &mut Bytes| (u64::from(r.u16()) * 64, u64::from(r.u16()) + 1);
-    match r.u8() % 14 {
+    match r.u8() % 15 {
         0 => {
             let name = name(r);
             let b = r.u8();
@@ -154,7 +162,7 @@ fn decode_op(r: &mut Bytes) -> Op {
         10 => Op::InactivateFullRewrite,
         11 => Op::CloseReopen,
         12 => Op::AbandonReopen,
-        _ => {
+        13 => {
             let name = name(r);
             let b = r.u8();
             let marks = (0..b % 5).map(|_| range(r)).collect();
@@ -163,6 +171,10 @@ fn decode_op(r: &mut Bytes) -> Op {
                 wrong_granularity: b & 0x80 != 0,
                 marks,
             }
+        }
+        _ => {
+            let (offset, len) = range(r);
+            Op::TrackerMark { offset, len }
         }
     }
 }
@@ -335,7 +347,7 @@ enum Opens {
 
 fn leak_window(op: &Op) -> Opens {
     match op {
-        Op::Activate | Op::Mark { .. } | Op::AbandonReopen => Opens::Never,
+        Op::Activate | Op::Mark { .. } | Op::TrackerMark { .. } | Op::AbandonReopen => Opens::Never,
         Op::Inactivate | Op::InactivateFullRewrite | Op::CloseReopen | Op::Resize { .. } => {
             Opens::RefcountOrHeaderWrite
         }
@@ -409,6 +421,8 @@ struct Crash<'a> {
     torn_headers: usize,
     /// Whether the current operation was refused with the expected typed error.
     refused: bool,
+    /// The tracker taken by the first `TrackerMark` while active; dropped at a reopen.
+    tracker: Option<dirty_bitmap::Tracker>,
 }
 
 /// Checks an operation's result against the model's expectation. `Ok(Some(value))` when
@@ -646,6 +660,7 @@ impl<'a> Crash<'a> {
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(false);
+                self.tracker = None;
             }
             Op::AbandonReopen => {
                 drop(self.store.take());
@@ -654,6 +669,32 @@ impl<'a> Crash<'a> {
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(true);
+                self.tracker = None;
+            }
+            Op::TrackerMark { offset, len } => {
+                let Some((offset, len)) = place(size, offset, len) else {
+                    return;
+                };
+                if self.tracker.is_none() {
+                    let want = if active {
+                        Ok(())
+                    } else {
+                        Err(Want::InvalidInput)
+                    };
+                    let got = self.store().tracker();
+                    self.tracker = self.expect(ctx, want, got);
+                }
+                let Some(t) = &self.tracker else {
+                    return;
+                };
+                t.mark(offset, len);
+                // Every bitmap with an in-memory copy (active or parked) that is enabled.
+                for b in self.model.bms.iter_mut() {
+                    if b.handle.is_some() && b.enabled {
+                        let g = b.granularity;
+                        b.mem.extend(granules(size, g, offset, len));
+                    }
+                }
             }
             Op::Store {
                 name,
@@ -772,14 +813,19 @@ impl<'a> Crash<'a> {
                 .chain(std::iter::once(points[n - 1]))
                 .collect()
         };
-        for (k, &p) in picks.iter().enumerate() {
-            let mode = match (salt as usize + k) % 3 {
-                0 => CrashMode::Dropped,
-                1 => CrashMode::Kept,
-                _ => CrashMode::Torn {
+        // Each point in every mode; right after a barrier the three are one image.
+        let modes = |p: usize| {
+            let synced = matches!(ops.get(p.wrapping_sub(1)), Some(LogOp::Sync));
+            let all = [
+                CrashMode::Dropped,
+                CrashMode::Kept,
+                CrashMode::Torn {
                     seed: salt ^ p as u64,
                 },
-            };
+            ];
+            all.into_iter().take(if synced { 1 } else { 3 })
+        };
+        for (p, mode) in picks.iter().flat_map(|&p| modes(p).map(move |m| (p, m))) {
             let cctx = format!("{ctx}: crash after log op {p} ({start}..{end}), {mode:?}");
             let image = self
                 .crash
@@ -943,8 +989,8 @@ impl<'a> Crash<'a> {
 ///   writes nothing;
 /// - the live store lists what the model lists and `load` holds every bit the model
 ///   marked (`Crash::check_live`), and the image on disk is clean;
-/// - up to [`CRASH_SAMPLES`] + 1 crash images inside the operation (dropped, kept or torn)
-///   open read-only, show no corruption, leak only inside the operation's leak window, and
+/// - at up to [`CRASH_SAMPLES`] + 1 crash points inside the operation, the crash images
+///   (unsynced writes dropped, kept, torn) open read-only, show no corruption, leak only inside the operation's leak window, and
 ///   every consistent bitmap in them holds every required bit: those of the last
 ///   completed inactive operation or of the last inactivate that started, or, once the
 ///   operation's header write was issued, its result (`Crash::check_crash_points`).
@@ -972,6 +1018,7 @@ pub fn ops_crash(data: &[u8]) {
         seed,
         torn_headers: 0,
         refused: false,
+        tracker: None,
     };
     for (i, op) in ops.iter().enumerate() {
         h.step(i, op);
@@ -989,9 +1036,9 @@ const GUEST_MEMORY_LIMIT: u64 = 64 << 20;
 
 /// Byte ranges of an image that belong to the guest: the active L1 table, every L2 table
 /// it names and every cluster (or compressed run) those name; the snapshot table, and each
-/// snapshot's L1 table, L2 tables and clusters. Walked from the raw bytes, independently of
-/// the library. Ranges are clipped to the file.
-fn guest_ranges(img: &[u8]) -> (u32, Vec<(u64, u64)>) {
+/// snapshot's L1 table, L2 tables and clusters, up to the first entry QEMU would refuse.
+/// Walked from the raw bytes, independently of the library. Ranges are clipped to the file.
+pub fn guest_ranges(img: &[u8]) -> (u32, Vec<(u64, u64)>) {
     let len = img.len() as u64;
     let mut out = Vec::new();
     if img.len() < 72 || img[..4] != *b"QFI\xfb" {
@@ -1054,16 +1101,98 @@ fn guest_ranges(img: &[u8]) -> (u32, Vec<(u64, u64)>) {
             break;
         }
         let a = at as usize;
-        let entry = 40
-            + u64::from(be32(img, a + 36))
-            + u64::from(be16(img, a + 12))
-            + u64::from(be16(img, a + 14));
+        let extra = u64::from(be32(img, a + 36));
+        let entry = 40 + extra + u64::from(be16(img, a + 12)) + u64::from(be16(img, a + 14));
         let entry = entry.div_ceil(8) * 8;
+        // QEMU refuses a snapshot table whose entry has more than 1 KiB of extra data
+        // (`QCOW_MAX_SNAPSHOT_EXTRA_DATA`) or runs off the file: the rest is not a table.
+        if extra > 1024 || at + entry > len {
+            break;
+        }
         clip(at, entry, &mut out);
         walk_l1(be64(img, a), u64::from(be32(img, a + 8)), &mut out);
         at = at.saturating_add(entry);
     }
     (cb, out)
+}
+
+/// What the bitmaps extension of `img` makes of cluster `c` (directory, a table, a data
+/// cluster), for the message of a finding.
+fn bitmap_owners(img: &[u8], c: u64) -> Vec<String> {
+    let cb = be32(img, 20);
+    let mut out = Vec::new();
+    let covers = |off: u64, len: u64| len > 0 && off >> cb <= c && c <= (off + len - 1) >> cb;
+    let mut at = be32(img, 100) as usize;
+    while at + 8 <= img.len().min(1 << cb) {
+        let (kind, len) = (be32(img, at), be32(img, at + 4) as usize);
+        if kind == 0 {
+            break;
+        }
+        if kind == 0x2385_2875 {
+            let (dsize, doff) = (be64(img, at + 16), be64(img, at + 24));
+            if covers(doff, dsize) {
+                out.push("the bitmap directory".to_string());
+            }
+            let mut p = doff as usize;
+            while (p as u64) < doff.saturating_add(dsize) && p + 24 <= img.len() {
+                let (toff, tsize) = (be64(img, p), u64::from(be32(img, p + 8)));
+                let (nsize, esize) = (usize::from(be16(img, p + 18)), be32(img, p + 20) as usize);
+                let name = img
+                    .get(p + 24 + esize..p + 24 + esize + nsize)
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                if covers(toff, tsize * 8) {
+                    out.push(format!("the table of bitmap {name:?}"));
+                }
+                for k in 0..tsize.min(img.len() as u64 / 8) {
+                    let e = be64(img, (toff + 8 * k) as usize) & !511;
+                    if e != 0 && covers(e, 1) {
+                        out.push(format!("data cluster {k} of bitmap {name:?}"));
+                    }
+                }
+                p += (24 + esize + nsize).div_ceil(8) * 8;
+            }
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    out
+}
+
+/// The refcount of cluster `c` as the image's own refcount table and blocks say (0 where
+/// none covers it), read independently of the library.
+fn refcount(img: &[u8], c: u64) -> u64 {
+    let cb = be32(img, 20);
+    let order = if be32(img, 4) >= 3 { be32(img, 96) } else { 4 };
+    if !(9..=21).contains(&cb) || order > 6 {
+        return 0;
+    }
+    let per_block = ((1u64 << cb) * 8) >> order;
+    let (rt, rt_clusters) = (be64(img, 48), u64::from(be32(img, 56)));
+    let index = c / per_block;
+    if index >= (rt_clusters << cb) / 8 {
+        return 0;
+    }
+    let block = be64(img, (rt + 8 * index) as usize) & !511;
+    if block == 0 {
+        return 0;
+    }
+    let slot = c % per_block;
+    let bits = 1u64 << order;
+    if bits < 8 {
+        let byte = img
+            .get((block + slot * bits / 8) as usize)
+            .copied()
+            .unwrap_or(0);
+        u64::from(byte >> (slot * bits % 8)) & ((1 << bits) - 1)
+    } else {
+        let at = (block + slot * bits / 8) as usize;
+        match bits {
+            8 => u64::from(img.get(at).copied().unwrap_or(0)),
+            16 => u64::from(be16(img, at)),
+            32 => u64::from(be32(img, at)),
+            _ => be64(img, at),
+        }
+    }
 }
 
 /// Fuzz target `ops_guest_data`. Input: an image, then up to 255 operation bytes, then
@@ -1075,7 +1204,9 @@ fn guest_ranges(img: &[u8]) -> (u32, Vec<(u64, u64)>) {
 /// [`NAMES`]. Any error is allowed except `Error::Io` (every read is checked against the
 /// file length first). Afterwards no byte of [`guest_ranges`] may have changed, except in
 /// cluster 0 and the refcount structures the header names (the library rewrites those; a
-/// guest cluster that is also one of them is a corruption QEMU's overlap checks catch).
+/// guest cluster that is also one of them is a corruption QEMU's overlap checks catch), and
+/// in clusters whose refcount is 0 (a reference without a refcount: any allocator, QEMU's
+/// included, may hand such a cluster out; `qemu-img check` reports it as corruption).
 pub fn ops_guest_data(data: &[u8]) {
     let Some((&n, rest)) = data.split_last() else {
         return;
@@ -1109,12 +1240,14 @@ pub fn ops_guest_data(data: &[u8]) {
         while c << cb < off + len {
             let s = (c << cb).max(off);
             let e = ((c + 1) << cb).min(off + len);
-            if !exempt.contains(&c) {
+            if !exempt.contains(&c) && refcount(image, c) > 0 {
                 let (s, e) = (s as usize, e as usize);
                 let now = after.get(s..e);
                 assert!(
                     now == Some(&image[s..e]),
-                    "guest bytes {s:#x}..{e:#x} (cluster {c}) changed"
+                    "guest bytes {s:#x}..{e:#x} (cluster {c}) changed; before the operations \
+                     the cluster was also {:?}",
+                    bitmap_owners(image, c)
                 );
             }
             c += 1;
@@ -1166,6 +1299,12 @@ fn guest_op<'a>(
             Ok(())
         }
         Op::Flush => s.flush().map(drop),
+        Op::TrackerMark { offset, len } => {
+            if let Some((o, l)) = place(size, offset, len) {
+                s.tracker()?.mark(o, l);
+            }
+            Ok(())
+        }
         Op::Clear { name: n } => s.clear(name(n)),
         Op::Merge { src, dst } => s.merge(name(src), name(dst)),
         Op::SetEnabled { name: n, enabled } => s.set_enabled(name(n), enabled),
