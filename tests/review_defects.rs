@@ -808,3 +808,47 @@ fn every_writing_operation_refuses_a_bad_image_without_writing() {
         }
     }
 }
+
+/// Defect 7's other shape: an L1 table whose entries all name one L2 table. The check (and
+/// every write's preflight, which walks with it) read that L2 table once per entry; now each
+/// distinct L2 table is read once and its references counted once per entry that names it,
+/// so `qemu-img check`'s verdict stays the same.
+#[test]
+fn defect_07_an_l1_whose_entries_share_one_l2_table_costs_one_read_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l1.qcow2");
+    let path = img.to_str().unwrap();
+    // 1 TiB at 64 KiB clusters: 2048 L1 entries.
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "1T"]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 0 64k", path],
+    );
+    {
+        let storage = FileStorage::open(&img, true).unwrap();
+        let cluster0 = storage.read_vec_at(0, 512).unwrap();
+        let h = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
+        assert_eq!(h.l1_size, 2048);
+        let first = storage.read_u64_be_at(h.l1_table_offset).unwrap();
+        assert_ne!(first, 0);
+        for i in 1..u64::from(h.l1_size) {
+            storage
+                .write_u64_be_at(h.l1_table_offset + 8 * i, first)
+                .unwrap();
+        }
+    }
+    let file_len = std::fs::metadata(&img).unwrap().len();
+    let spy = Spy::new(FileStorage::open(&img, false).unwrap(), |_| {});
+    let image = Image::open(spy, false).unwrap();
+    let opened = image.storage().bytes_read();
+    let report = image.check().unwrap();
+    let read = image.storage().bytes_read() - opened;
+    assert!(
+        read < 2 * file_len,
+        "check read {read} bytes of a {file_len}-byte file"
+    );
+    // The verdict QEMU gives: the shared L2 table and its data are referenced 2048 times.
+    assert_eq!(report.exit_code(), 2, "{report:?}");
+    let out = run("qemu-img", &["check", "-f", "qcow2", path]);
+    assert_eq!(out.status.code(), Some(2));
+}
