@@ -1235,6 +1235,14 @@ pub fn ops_guest_data(data: &[u8]) {
     let after = storage.to_vec();
     let mut exempt = refcount_clusters(image);
     exempt.insert(0);
+    // A resize that grew the L1 table moved it into fresh clusters and freed the old one
+    // (QEMU's `qcow2_grow_l1_table` does the same; resize only takes images whose L1 is all
+    // zeros): once the header names another L1, the old table's clusters are free space.
+    let (old_l1, l1_len) = (be64(image, 40), u64::from(be32(image, 36)) * 8);
+    if after.len() >= 48 && be64(&after, 40) != old_l1 && cb > 0 {
+        let first = old_l1 >> cb;
+        exempt.extend(first..(old_l1 + l1_len).div_ceil(1 << cb));
+    }
     for (off, len) in ranges {
         let mut c = off >> cb;
         while c << cb < off + len {
