@@ -1218,9 +1218,7 @@ impl<S: Storage> BitmapStore<S> {
     /// path.
     fn sealed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
-        for m in &mems {
-            m.seal();
-        }
+        DirtyBitmap::seal_all(&mems.iter().map(|m| &**m).collect::<Vec<_>>());
         let r = f(self);
         for m in &mems {
             m.unseal();

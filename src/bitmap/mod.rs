@@ -348,12 +348,22 @@ impl DirtyBitmap {
     /// `BitmapStore::inactivate`. Marks of a sealed bitmap block their threads: unseal
     /// promptly, also on every error path.
     pub fn seal(&self) {
-        self.sealed.store(true, SeqCst);
+        Self::seal_all(&[self]);
+    }
+
+    /// [`seal`](Self::seal)s every bitmap of `bitmaps` with one heavy barrier for all of
+    /// them, so that a stop sealing several bitmaps pays the barrier once.
+    pub fn seal_all(bitmaps: &[&DirtyBitmap]) {
+        for b in bitmaps {
+            b.sealed.store(true, SeqCst);
+        }
         // The same pairing as disabling: a mark reads the seal after its announcement and
-        // a light barrier; the heavy barrier makes this wait see the announcement, or the
-        // mark see the seal.
+        // a light barrier; the heavy barrier makes the waits below see the announcement,
+        // or the mark see the seal.
         barrier::heavy();
-        self.slots.wait_for_marks();
+        for b in bitmaps {
+            b.slots.wait_for_marks();
+        }
     }
 
     /// Lifts [`seal`](Self::seal): the marks waiting go on.

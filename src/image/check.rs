@@ -193,8 +193,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     fn l1_tables(&mut self, l1s: &[(u64, u32)], data_file: bool, extl2: bool) {
         let mut l1_mult: BTreeMap<(u64, u32), u32> = BTreeMap::new();
         for &key in l1s {
-            let m = l1_mult.entry(key).or_insert(0);
-            *m = m.saturating_add(1);
+            bump(&mut l1_mult, key, 1);
         }
         let cs = 1u64 << self.cluster_bits;
         let mut l2_mult: BTreeMap<u64, u32> = BTreeMap::new();
@@ -215,8 +214,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                     continue;
                 }
                 self.inc_n(l2_off, cs, m, "L2 table");
-                let n = l2_mult.entry(l2_off).or_insert(0);
-                *n = n.saturating_add(m);
+                bump(&mut l2_mult, l2_off, m);
             }
         }
         for (&l2_off, &m) in &l2_mult {
@@ -368,6 +366,12 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             }
         }
     }
+}
+
+/// Adds `n` to how often `key` is named (the multiplicity the walk reads it with).
+fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
+    let m = map.entry(key).or_insert(0);
+    *m = m.saturating_add(n);
 }
 
 /// Checks an image's refcounts against its metadata. See the module docs.
