@@ -50,6 +50,7 @@ pub mod migration;
 pub mod storage;
 pub mod store;
 pub mod tracker;
+pub mod units;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};

@@ -1003,7 +1003,7 @@ fn bandwidth_is_measured_over_windows_of_at_least_100_ms() {
             );
             assert_eq!(
                 r.threshold,
-                dirty_bitmap::migration::units::threshold(r.bandwidth, Millis(40))
+                dirty_bitmap::units::threshold(r.bandwidth, Millis(40))
             );
         }
     }

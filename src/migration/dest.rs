@@ -34,8 +34,8 @@ use memmap2::MmapMut;
 use super::error::{MigrationError, Result};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
 use super::stream::{Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_LEN, STREAM_VERSION};
-use super::units::Bytes;
 use super::StateId;
+use crate::units::Bytes;
 
 /// How a destination behaves.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ pub mod sim;
 pub mod state;
 pub mod stream;
 pub mod tcp;
-pub mod units;
+pub use crate::units;
 
 pub use clock::{Clock, RealClock};
 pub use error::{MigrationError, Result};

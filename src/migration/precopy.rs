@@ -47,8 +47,8 @@ use super::error::{MigrationError, Result};
 use super::guest::Vm;
 use super::state::{Control, DestMessage, Inbound, MigrationState, Pending};
 use super::stream::{Hello, StateInfo, STREAM_VERSION};
-use super::units::{fits, threshold, Bytes, BytesPerMs, Millis};
 use super::{Outbound, StateId};
+use crate::units::{fits, threshold, Bytes, BytesPerMs, Millis};
 
 /// Bandwidth is measured over windows at least this long (QEMU's `BUFFER_DELAY`); the rate
 /// limiter's window too.

@@ -41,8 +41,8 @@ use super::guest::{check_log, new_log, GuestRam, PAGE_SIZE};
 use super::ram_codec::{self, RAM_STATE_NAME};
 use super::state::{MigrationState, Pending};
 use super::stream::MAX_FRAME_LEN;
-use super::units::Bytes;
 use super::{Outbound, StateId};
+use crate::units::Bytes;
 use crate::DirtyBitmap;
 
 /// Most discard entries in one section (9 bytes each: far below the frame limit).

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::units::{Bytes, BytesPerMs, Millis};
+use crate::units::{Bytes, BytesPerMs, Millis};
 
 /// The window over which the limit is enforced (QEMU's `BUFFER_DELAY`).
 pub const RATE_WINDOW: Duration = Duration::from_millis(100);

@@ -30,8 +30,8 @@ use super::ram::{RamState, SetupMode};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
 use super::state::{Control, DestMessage, Inbound, MigrationState};
 use super::stream::{control_wire_len, SECTION_OVERHEAD};
-use super::units::{threshold, Bytes, BytesPerMs, Millis};
 use super::{Outbound, StateId};
+use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;
 
 /// The section id the simulation gives RAM.

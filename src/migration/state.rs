@@ -3,8 +3,8 @@
 
 use super::error::{MigrationError, Result};
 use super::stream::{Frame, Hello};
-use super::units::Bytes;
 use super::{Outbound, StateId};
+use crate::units::Bytes;
 
 /// Bytes a state still has to send, split as QEMU splits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

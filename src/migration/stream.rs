@@ -24,8 +24,8 @@ use std::io::{self, Read, Write};
 use super::error::{MigrationError, Result};
 use super::rate::RateLimiter;
 use super::state::Control;
-use super::units::{Bytes, BytesPerMs};
 use super::{Outbound, StateId};
+use crate::units::{Bytes, BytesPerMs};
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;

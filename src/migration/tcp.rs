@@ -36,8 +36,8 @@ use super::ram::{RamState, SetupMode};
 use super::rate::RateLimiter;
 use super::state::{DestMessage, Inbound, MigrationState};
 use super::stream::{Frame, FrameReader, FrameWriter, WriterStats};
-use super::units::{Bytes, BytesPerMs};
 use super::StateId;
+use crate::units::{Bytes, BytesPerMs};
 
 /// The default for every timeout here.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,4 +1,4 @@
-//! Units of the migration loop, as newtypes, so that the unit confusions of QEMU's history
+//! Units of the migration loop and of the stop budget, as newtypes, so that the unit confusions of QEMU's history
 //! (bits against bytes, per second against per millisecond) do not compile.
 //!
 //! - [`Bytes`] is an amount of data.
@@ -33,7 +33,7 @@
 //! nor a rate times a rate, or a span where a rate is wanted:
 //!
 //! ```compile_fail,E0308
-//! use dirty_bitmap::migration::units::{threshold, Millis};
+//! use dirty_bitmap::units::{threshold, Millis};
 //! let _ = threshold(Millis(300), Millis(300));
 //! ```
 //!
@@ -41,7 +41,7 @@
 //!
 //! ```
 //! use dirty_bitmap::migration::rate::RateLimiter;
-//! use dirty_bitmap::migration::units::threshold;
+//! use dirty_bitmap::units::threshold;
 //! use dirty_bitmap::migration::{Bytes, BytesPerMs, LoopConfig, Millis};
 //! let bw = BytesPerMs::from_bytes_per_sec(128 << 20);
 //! let _ = RateLimiter::new(bw);
