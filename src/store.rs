@@ -492,7 +492,7 @@ impl<S: Storage> BitmapStore<S> {
             directory_size: 1,
             directory_offset: self.image.cluster_size(),
         });
-        area.encode().map(|_| ())
+        Ok(area.encode().map(|_| ())?)
     }
 
     /// The clusters a bitmap owns: its data clusters, then its table.

@@ -236,25 +236,12 @@ fn qemu_accepts_cluster_0_written_by_us() {
 /// A valid 512-byte-cluster image header area with one bitmap, as a mutation base.
 fn small_cluster0() -> Vec<u8> {
     let header = Header {
-        version: 3,
-        backing_file_offset: 0,
-        backing_file_size: 0,
-        cluster_bits: 9,
-        size: 1 << 20,
-        crypt_method: 0,
         l1_size: 32,
         l1_table_offset: 0x600,
         refcount_table_offset: 0x200,
         refcount_table_clusters: 1,
-        nb_snapshots: 0,
-        snapshots_offset: 0,
-        incompatible_features: 0,
-        compatible_features: 0,
         autoclear_features: AUTOCLEAR_BITMAPS,
-        refcount_order: 4,
-        header_length: 112,
-        compression_type: 0,
-        unknown_fields: Vec::new(),
+        ..Header::v3(9, 1 << 20)
     };
     let mut area = HeaderArea::new(header);
     area.bitmaps = Some(BitmapsExtension {

@@ -5,13 +5,17 @@
 //! `docs/FORMAT.md`, "Layout QEMU writes".
 
 use super::bytes::{slice, to_u64, to_usize, truncated};
+use super::corruption::{invalid_input, Corruption, InvalidValue};
 use super::extension::{
-    decode_extensions, frame_into, qemu_feature_table, BitmapsExtension, CryptoHeaderPointer,
-    Extension, FeatureName, UnknownExtension, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO_HEADER,
-    EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, FEATURE_NAME_ENTRY_LEN, MAX_BACKING_FORMAT_LEN,
+    decode_extensions, BitmapsExtension, CryptoHeaderPointer, Extension, UnknownExtension,
+    MAX_BACKING_FORMAT_LEN,
+};
+use super::feature::{qemu_feature_table, FeatureName, FEATURE_NAME_ENTRY_LEN};
+use super::frame::{
+    frame_into, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DATA_FILE, EXT_END,
+    EXT_FEATURE_TABLE,
 };
 use super::header::{Header, INCOMPAT_DATA_FILE, MAX_BACKING_FILE_NAME};
-use crate::error::{invalid_input, Corruption, Error};
 
 /// Everything QEMU keeps in cluster 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,10 +109,10 @@ impl HeaderArea {
     /// 9. the backing file name, then zeros to the end of the cluster.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the header cannot be encoded, the backing format is 16
+    /// [`InvalidValue`] if the header cannot be encoded, the backing format is 16
     /// bytes or longer, the backing file name is longer than 1023 bytes, an unknown extension
     /// uses a known type code, or the result does not fit in one cluster.
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+    pub fn encode(&self) -> Result<Vec<u8>, InvalidValue> {
         let mut header = self.header.clone();
         header.backing_file_offset = 0;
         header.backing_file_size = 0;
@@ -311,22 +315,22 @@ mod tests {
     fn encode_rejects_caller_mistakes() {
         let mut a = HeaderArea::new(header(16));
         a.backing_file = Some(vec![b'a'; 1024]);
-        assert!(matches!(a.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(a.encode(), Err(InvalidValue(_))));
         let mut a = HeaderArea::new(header(16));
         a.backing_format = Some(vec![b'a'; 16]);
-        assert!(matches!(a.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(a.encode(), Err(InvalidValue(_))));
         let mut a = HeaderArea::new(header(9));
         a.unknown.push(UnknownExtension {
             kind: 0x1111_1111,
             data: vec![0; 400],
         });
-        assert!(matches!(a.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(a.encode(), Err(InvalidValue(_))));
         let mut a = HeaderArea::new(header(16));
         a.unknown.push(UnknownExtension {
             kind: EXT_BITMAPS,
             data: vec![],
         });
-        assert!(matches!(a.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(a.encode(), Err(InvalidValue(_))));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use crate::error::Corruption;
+use super::corruption::Corruption;
 
 /// `bytes[at..at + len]`, or `None` if that range is not inside `bytes`.
 pub(crate) fn slice(bytes: &[u8], at: usize, len: usize) -> Option<&[u8]> {

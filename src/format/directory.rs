@@ -9,9 +9,9 @@ use super::bytes::{
     be_u16, be_u32, be_u64, be_u8, pad8, put_u16, put_u32, put_u64, round_up8, slice, to_u64,
     to_usize,
 };
+use super::corruption::{invalid_input, Corruption, EntryProblem, InvalidValue};
 use super::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
 use super::header::{check_cluster_bits, ImageGeometry};
-use crate::error::{invalid_input, Corruption, EntryProblem, Error};
 
 /// The fixed part of a directory entry; extra data and the name follow it.
 pub const DIR_ENTRY_FIXED_LEN: usize = 24;
@@ -123,9 +123,9 @@ impl RawDirEntry {
     /// Encodes the entry as it is, with zero padding.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the name does not fit the u16 name_size or the extra data
+    /// [`InvalidValue`] if the name does not fit the u16 name_size or the extra data
     /// does not fit the u32 extra_data_size.
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+    pub fn encode(&self) -> Result<Vec<u8>, InvalidValue> {
         let name_size = u16::try_from(self.name.len()).map_err(|_| {
             invalid_input!("name of {} bytes does not fit name_size", self.name.len())
         })?;
@@ -366,8 +366,8 @@ impl DirEntry {
     /// Encodes the entry.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the name is empty or longer than 1023 bytes.
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+    /// [`InvalidValue`] if the name is empty or longer than 1023 bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, InvalidValue> {
         if self.name.is_empty() || self.name.len() > MAX_NAME_SIZE {
             return Err(invalid_input!(
                 "bitmap name of {} bytes is outside 1..=1023",
@@ -496,9 +496,13 @@ fn expected_table_size(disk_size: u64, granularity_bits: u8, cluster_bits: u32) 
 /// (`ceil(ceil(disk_size / g) / 8)` bytes) may not exceed 512 MiB or 2^27 clusters.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if granularity_bits is outside 9..=31, cluster_size is not a power
+/// [`InvalidValue`] if granularity_bits is outside 9..=31, cluster_size is not a power
 /// of two in 512..=2 MiB, or the bitmap would be too large ("use larger granularity").
-pub fn table_size(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> Result<u32, Error> {
+pub fn table_size(
+    disk_size: u64,
+    granularity_bits: u8,
+    cluster_size: u64,
+) -> Result<u32, InvalidValue> {
     if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
         return Err(invalid_input!(
             "granularity_bits {granularity_bits} is outside 9..=31"
@@ -606,10 +610,13 @@ pub fn decode_directory(
 /// `bitmap_list_store` checks plus the exact table size of every consistent entry.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if there are no entries or more than 65535, the directory would
+/// [`InvalidValue`] if there are no entries or more than 65535, the directory would
 /// exceed 67,107,840 bytes, two names repeat, or an entry breaks a constraint of
 /// [`DirEntry::from_raw`] or [`DirEntry::check_table_size`].
-pub fn encode_directory(entries: &[DirEntry], geometry: &ImageGeometry) -> Result<Vec<u8>, Error> {
+pub fn encode_directory(
+    entries: &[DirEntry],
+    geometry: &ImageGeometry,
+) -> Result<Vec<u8>, InvalidValue> {
     if entries.is_empty() || to_u64(entries.len()) > u64::from(MAX_BITMAPS) {
         return Err(invalid_input!(
             "a directory holds 1..=65535 bitmaps, not {}",
@@ -970,26 +977,14 @@ mod tests {
 
     #[test]
     fn table_size_rejects_bad_arguments() {
-        assert!(matches!(
-            table_size(1, 8, 65536),
-            Err(Error::InvalidInput(_))
-        ));
-        assert!(matches!(
-            table_size(1, 32, 65536),
-            Err(Error::InvalidInput(_))
-        ));
-        assert!(matches!(
-            table_size(1, 16, 65535),
-            Err(Error::InvalidInput(_))
-        ));
-        assert!(matches!(
-            table_size(1, 16, 1 << 22),
-            Err(Error::InvalidInput(_))
-        ));
+        assert!(matches!(table_size(1, 8, 65536), Err(InvalidValue(_))));
+        assert!(matches!(table_size(1, 32, 65536), Err(InvalidValue(_))));
+        assert!(matches!(table_size(1, 16, 65535), Err(InvalidValue(_))));
+        assert!(matches!(table_size(1, 16, 1 << 22), Err(InvalidValue(_))));
         // 2^42 bits of bitmap is far beyond 512 MiB.
         assert!(matches!(
             table_size(u64::MAX, 9, 65536),
-            Err(Error::InvalidInput(_))
+            Err(InvalidValue(_))
         ));
         // 512 MiB of bitmap exactly is accepted.
         assert_eq!(table_size(1 << 41, 9, 65536).unwrap(), 8192);
@@ -1016,25 +1011,25 @@ mod tests {
     fn encode_rejects_caller_mistakes() {
         let mut e = b0();
         e.name = "n".repeat(1024).into();
-        assert!(matches!(e.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(e.encode(), Err(InvalidValue(_))));
         assert!(matches!(
             encode_directory(&[e], &geometry()),
-            Err(Error::InvalidInput(_))
+            Err(InvalidValue(_))
         ));
         assert!(matches!(
             encode_directory(&[], &geometry()),
-            Err(Error::InvalidInput(_))
+            Err(InvalidValue(_))
         ));
         assert!(matches!(
             encode_directory(&[b0(), b0()], &geometry()),
-            Err(Error::InvalidInput(_))
+            Err(InvalidValue(_))
         ));
         let mut wrong = b0();
         wrong.in_use = false;
         wrong.table_size = 3;
         assert!(matches!(
             encode_directory(&[wrong], &geometry()),
-            Err(Error::InvalidInput(_))
+            Err(InvalidValue(_))
         ));
     }
 }

@@ -1,34 +1,18 @@
-//! Header extensions: framing, the known types, and byte-for-byte preservation of unknown ones.
+//! Header extensions: the known types, and byte-for-byte preservation of unknown ones. The
+//! framing is in [`frame`](super::frame), the feature name table in [`feature`](super::feature).
 //!
 //! Byte tables: `docs/FORMAT.md`, "Header extensions", "Feature name table" and
 //! "Bitmaps extension". Decoding follows QEMU's `qcow2_read_extensions`; encoding follows
 //! `header_ext_add`.
 
-use super::bytes::{
-    be_u32, be_u64, be_u8, pad8, put_u32, put_u64, round_up8, slice, to_u64, to_usize, truncated,
+use super::bytes::{be_u32, be_u64, put_u32, put_u64};
+use super::corruption::{invalid_input, Corruption, InvalidValue};
+use super::feature::{
+    decode_feature_table, FeatureName, AUTOCLEAR_BITMAPS, FEATURE_NAME_ENTRY_LEN,
 };
-use super::header::{Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS};
-use crate::error::{invalid_input, Corruption, Error};
+use super::frame::{frame_into, Frames};
+use super::header::{Header, CRYPT_LUKS};
 
-/// Type 0: end of the extension area.
-pub const EXT_END: u32 = 0x0000_0000;
-/// Backing file format name (string, no NUL).
-pub const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-/// Feature name table.
-pub const EXT_FEATURE_TABLE: u32 = 0x6803_F857;
-/// Bitmaps extension.
-pub const EXT_BITMAPS: u32 = 0x2385_2875;
-/// Full disk encryption header pointer (LUKS).
-pub const EXT_CRYPTO_HEADER: u32 = 0x0537_BE77;
-/// External data file name (string, no NUL).
-pub const EXT_DATA_FILE: u32 = 0x4441_5441;
-
-/// The frame before every extension's data: u32 type, u32 length.
-pub const EXTENSION_FRAME_LEN: usize = 8;
-/// One feature name table entry.
-pub const FEATURE_NAME_ENTRY_LEN: usize = 48;
-/// Bytes for the name in a feature name table entry (zero-padded, not NUL-terminated if full).
-pub const FEATURE_NAME_LEN: usize = 46;
 /// The bitmaps extension's data length; QEMU refuses any other.
 pub const BITMAPS_EXT_LEN: usize = 24;
 /// The full disk encryption pointer's data length; QEMU refuses any other.
@@ -40,13 +24,11 @@ pub const MAX_BITMAPS: u32 = 65535;
 /// `QCOW2_MAX_BITMAP_DIRECTORY_SIZE` = 1024 × 65535.
 pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * 65535;
 
-// Field offsets inside an extension frame.
-const OFF_EXT_TYPE: usize = 0;
-const OFF_EXT_LEN: usize = 4;
-// Field offsets inside a feature name table entry.
-const OFF_FEAT_TYPE: usize = 0;
-const OFF_FEAT_BIT: usize = 1;
-const OFF_FEAT_NAME: usize = 2;
+pub use super::frame::{
+    EXTENSION_FRAME_LEN, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DATA_FILE,
+    EXT_END, EXT_FEATURE_TABLE,
+};
+
 // Field offsets inside the bitmaps extension data.
 const OFF_BM_NB_BITMAPS: usize = 0;
 const OFF_BM_RESERVED: usize = 4;
@@ -55,136 +37,6 @@ const OFF_BM_DIR_OFFSET: usize = 16;
 // Field offsets inside the crypto header pointer data.
 const OFF_CRYPTO_OFFSET: usize = 0;
 const OFF_CRYPTO_LENGTH: usize = 8;
-
-/// Which feature bitmask a feature name table entry describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeatureKind {
-    /// Type 0: incompatible_features.
-    Incompatible,
-    /// Type 1: compatible_features.
-    Compatible,
-    /// Type 2: autoclear_features.
-    Autoclear,
-    /// Any other type byte, kept as found.
-    Other(u8),
-}
-
-impl FeatureKind {
-    fn from_byte(b: u8) -> Self {
-        match b {
-            0 => Self::Incompatible,
-            1 => Self::Compatible,
-            2 => Self::Autoclear,
-            other => Self::Other(other),
-        }
-    }
-
-    fn to_byte(self) -> u8 {
-        match self {
-            Self::Incompatible => 0,
-            Self::Compatible => 1,
-            Self::Autoclear => 2,
-            Self::Other(b) => b,
-        }
-    }
-}
-
-/// One 48-byte entry of the feature name table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FeatureName {
-    /// Which bitmask the bit belongs to.
-    pub kind: FeatureKind,
-    /// Bit number within that bitmask (0-63).
-    pub bit: u8,
-    /// The name, up to 46 bytes, without the zero padding.
-    pub name: Vec<u8>,
-}
-
-impl FeatureName {
-    /// Decodes one entry from the first 48 bytes of `bytes`; `None` if it is shorter.
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        let kind = FeatureKind::from_byte(be_u8(bytes, OFF_FEAT_TYPE)?);
-        let bit = be_u8(bytes, OFF_FEAT_BIT)?;
-        let raw = slice(bytes, OFF_FEAT_NAME, FEATURE_NAME_LEN)?;
-        // QEMU prints the name with "%.46s": it stops at the first NUL.
-        let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let name = raw.get(..len).unwrap_or_default().to_vec();
-        Some(Self { kind, bit, name })
-    }
-
-    /// Appends the 48-byte entry; names longer than 46 bytes are a caller mistake.
-    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), Error> {
-        if self.name.len() > FEATURE_NAME_LEN {
-            return Err(invalid_input!(
-                "feature name of {} bytes exceeds 46",
-                self.name.len()
-            ));
-        }
-        out.push(self.kind.to_byte());
-        out.push(self.bit);
-        out.extend_from_slice(&self.name);
-        out.resize(
-            out.len()
-                .saturating_add(FEATURE_NAME_LEN.saturating_sub(self.name.len())),
-            0,
-        );
-        Ok(())
-    }
-
-    /// The name as text, with invalid UTF-8 replaced.
-    pub fn name_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.name).into_owned()
-    }
-}
-
-/// QEMU's own feature name table: the 8 entries, in the order `qcow2_update_header`
-/// writes them (384 bytes of extension data).
-pub fn qemu_feature_table() -> Vec<FeatureName> {
-    let entry = |kind, bit, name: &str| FeatureName {
-        kind,
-        bit,
-        name: name.as_bytes().to_vec(),
-    };
-    vec![
-        entry(FeatureKind::Incompatible, 0, "dirty bit"),
-        entry(FeatureKind::Incompatible, 1, "corrupt bit"),
-        entry(FeatureKind::Incompatible, 2, "external data file"),
-        entry(FeatureKind::Incompatible, 3, "compression type"),
-        entry(FeatureKind::Incompatible, 4, "extended L2 entries"),
-        entry(FeatureKind::Compatible, 0, "lazy refcounts"),
-        entry(FeatureKind::Autoclear, 0, "bitmaps"),
-        entry(FeatureKind::Autoclear, 1, "raw external data"),
-    ]
-}
-
-/// Decodes feature name table data. A trailing partial entry is ignored, as QEMU ignores it.
-pub fn decode_feature_table(data: &[u8]) -> Vec<FeatureName> {
-    data.chunks_exact(FEATURE_NAME_ENTRY_LEN)
-        .filter_map(FeatureName::decode)
-        .collect()
-}
-
-/// Builds the error for unknown incompatible bits, naming them from `table` like QEMU's
-/// `report_unsupported_feature`.
-pub(crate) fn unsupported_features(bits: u64, table: &[FeatureName]) -> Corruption {
-    let mut unnamed = bits;
-    let mut named = Vec::new();
-    for f in table {
-        if f.kind != FeatureKind::Incompatible || f.bit > 63 {
-            continue;
-        }
-        let mask = 1u64 << f.bit;
-        if unnamed & mask != 0 {
-            named.push(f.name_lossy());
-            unnamed &= !mask;
-        }
-    }
-    Corruption::UnsupportedFeatures {
-        bits,
-        named,
-        unnamed,
-    }
-}
 
 /// The 24-byte bitmaps extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,8 +178,8 @@ impl Extension {
     /// The extension's data bytes, without frame or padding.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a feature name longer than 46 bytes.
-    pub fn data(&self) -> Result<Vec<u8>, Error> {
+    /// [`InvalidValue`] for a feature name longer than 46 bytes.
+    pub fn data(&self) -> Result<Vec<u8>, InvalidValue> {
         Ok(match self {
             Self::BackingFormat(d) | Self::DataFile(d) | Self::StaleBitmaps(d) => d.clone(),
             Self::FeatureTable(t) => {
@@ -346,9 +198,9 @@ impl Extension {
     /// The framed extension: type, length, data, zero padding to a multiple of 8.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the type is 0 (the end marker) or the data does not fit the
+    /// [`InvalidValue`] if the type is 0 (the end marker) or the data does not fit the
     /// u32 length field, or as for [`Extension::data`].
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+    pub fn encode(&self) -> Result<Vec<u8>, InvalidValue> {
         if self.kind() == EXT_END {
             return Err(invalid_input!("extension type 0 is the end marker"));
         }
@@ -358,23 +210,12 @@ impl Extension {
     }
 }
 
-/// Appends one framed extension (QEMU's `header_ext_add`).
-pub(crate) fn frame_into(out: &mut Vec<u8>, kind: u32, data: &[u8]) -> Result<(), Error> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| invalid_input!("extension data of {} bytes is too long", data.len()))?;
-    put_u32(out, kind);
-    put_u32(out, len);
-    out.extend_from_slice(data);
-    pad8(out);
-    Ok(())
-}
-
 /// Encodes `extensions` in the order given, then the end marker. Unknown extensions come
 /// out exactly as they were read.
 ///
 /// # Errors
 /// As for [`Extension::encode`].
-pub fn encode_extensions(extensions: &[Extension]) -> Result<Vec<u8>, Error> {
+pub fn encode_extensions(extensions: &[Extension]) -> Result<Vec<u8>, InvalidValue> {
     let mut out = Vec::new();
     for e in extensions {
         out.extend_from_slice(&e.encode()?);
@@ -399,76 +240,6 @@ fn check_len(
             len: u32::try_from(data.len()).unwrap_or(u32::MAX),
             expected,
         })
-    }
-}
-
-/// One framed extension found in the area.
-struct Frame<'a> {
-    offset: u64,
-    kind: u32,
-    data: &'a [u8],
-}
-
-/// Walks the frames of the extension area `[start, end)` of `bytes` the way
-/// `qcow2_read_extensions` does. `Ok(None)` means the end marker or the end of the area.
-struct Frames<'a> {
-    bytes: &'a [u8],
-    offset: u64,
-    end: u64,
-}
-
-impl<'a> Frames<'a> {
-    fn next_frame(&mut self) -> Result<Option<Frame<'a>>, Corruption> {
-        if self.offset >= self.end {
-            return Ok(None);
-        }
-        let at = to_usize(self.offset);
-        let avail = to_u64(self.bytes.len());
-        let short = || {
-            truncated(
-                "header extension",
-                self.offset,
-                8,
-                avail.saturating_sub(self.offset),
-            )
-        };
-        let kind = be_u32(self.bytes, at.saturating_add(OFF_EXT_TYPE)).ok_or_else(short)?;
-        let len = be_u32(self.bytes, at.saturating_add(OFF_EXT_LEN)).ok_or_else(short)?;
-        let data_start = self.offset.saturating_add(to_u64(EXTENSION_FRAME_LEN));
-        let room = self.end.checked_sub(data_start);
-        match room {
-            Some(room) if u64::from(len) <= room => {}
-            _ => {
-                return Err(Corruption::ExtensionTooLarge {
-                    offset: self.offset,
-                    len,
-                    room: room.unwrap_or(0),
-                })
-            }
-        }
-        if kind == EXT_END {
-            self.offset = self.end;
-            return Ok(None);
-        }
-        let data =
-            slice(self.bytes, to_usize(data_start), to_usize(u64::from(len))).ok_or_else(|| {
-                truncated(
-                    "header extension",
-                    self.offset,
-                    u64::from(len).saturating_add(8),
-                    avail.saturating_sub(self.offset),
-                )
-            })?;
-        let frame = Frame {
-            offset: self.offset,
-            kind,
-            data,
-        };
-        // Padding past the end of the area simply ends the walk, as in QEMU.
-        self.offset = round_up8(u64::from(len))
-            .and_then(|l| data_start.checked_add(l))
-            .unwrap_or(u64::MAX);
-        Ok(Some(frame))
     }
 }
 
@@ -545,25 +316,9 @@ pub fn decode_extensions(cluster0: &[u8], header: &Header) -> Result<Vec<Extensi
     Ok(out)
 }
 
-/// Best-effort read of the feature name table from the extension area, for naming unknown
-/// incompatible bits. Stops quietly at the first malformed frame.
-pub(crate) fn scan_feature_table(bytes: &[u8], start: u64, end: u64) -> Vec<FeatureName> {
-    let mut frames = Frames {
-        bytes,
-        offset: start,
-        end,
-    };
-    let mut table = Vec::new();
-    while let Ok(Some(f)) = frames.next_frame() {
-        if f.kind == EXT_FEATURE_TABLE {
-            table = decode_feature_table(f.data);
-        }
-    }
-    table
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::feature::{qemu_feature_table, FeatureKind};
     use super::*;
 
     fn header() -> Header {
@@ -967,12 +722,12 @@ mod tests {
             kind: EXT_END,
             data: vec![],
         });
-        assert!(matches!(e.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(e.encode(), Err(InvalidValue(_))));
         let t = Extension::FeatureTable(vec![FeatureName {
             kind: FeatureKind::Other(9),
             bit: 0,
             name: vec![b'x'; 47],
         }]);
-        assert!(matches!(t.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(t.encode(), Err(InvalidValue(_))));
     }
 }

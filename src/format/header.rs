@@ -5,8 +5,8 @@
 //! `qcow2_update_header` does (72 bytes for v2, 112 plus the preserved unknown fields for v3).
 
 use super::bytes::{be_u32, be_u64, be_u8, put_u32, put_u64, slice, to_u64, truncated};
-use super::extension;
-use crate::error::{invalid_input, Corruption, Error};
+use super::corruption::{invalid_input, Corruption, InvalidValue};
+use super::feature::{scan_feature_table, unsupported_features};
 
 /// `QFI\xfb`, the first four bytes of every qcow2 image.
 pub const MAGIC: u32 = 0x5146_49FB;
@@ -25,26 +25,11 @@ pub const MAX_REFCOUNT_ORDER: u32 = 6;
 /// Largest backing file name QEMU reads or writes.
 pub const MAX_BACKING_FILE_NAME: u32 = 1023;
 
-/// Incompatible bit 0: refcounts may be stale (lazy refcounts); repair before writing.
-pub const INCOMPAT_DIRTY: u64 = 1 << 0;
-/// Incompatible bit 1: the image is corrupt; open read-only except for repair.
-pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
-/// Incompatible bit 2: guest data lives in an external data file.
-pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-/// Incompatible bit 3: compression_type is not deflate.
-pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-/// Incompatible bit 4: extended L2 entries (subclusters).
-pub const INCOMPAT_EXTL2: u64 = 1 << 4;
-/// Every incompatible bit QEMU 10 knows (`QCOW2_INCOMPAT_MASK`).
-pub const INCOMPAT_MASK: u64 = 0x1F;
-/// Compatible bit 0: lazy refcounts.
-pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-/// Autoclear bit 0: the bitmaps extension is consistent.
-pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// Autoclear bit 1: the external data file is raw (valid without the qcow2 metadata).
-pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
-/// Every autoclear bit QEMU 10 knows (`QCOW2_AUTOCLEAR_MASK`).
-pub const AUTOCLEAR_MASK: u64 = 0x3;
+pub use super::feature::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+    INCOMPAT_MASK,
+};
 
 /// crypt_method 0: no encryption.
 pub const CRYPT_NONE: u32 = 0;
@@ -257,6 +242,43 @@ fn validate_table(
 }
 
 impl Header {
+    /// The version 3 header `qemu-img create -f qcow2` writes for a disk of `size` bytes with
+    /// 2^`cluster_bits`-byte clusters: 16-bit refcounts, a 112-byte header, deflate, no
+    /// feature bits, no backing file, no snapshots, no encryption. The table fields
+    /// (`l1_size`, `l1_table_offset`, `refcount_table_offset`, `refcount_table_clusters`)
+    /// are 0; the caller sets them where it lays the tables out:
+    ///
+    /// ```
+    /// use dirty_bitmap::format::Header;
+    /// let h = Header { l1_size: 2, l1_table_offset: 0x30000, refcount_table_offset: 0x10000,
+    ///                  refcount_table_clusters: 1, ..Header::v3(16, 1 << 30) };
+    /// assert_eq!(h.encode()?.len(), 112);
+    /// # Ok::<(), dirty_bitmap::format::InvalidValue>(())
+    /// ```
+    pub fn v3(cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits,
+            size,
+            crypt_method: CRYPT_NONE,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: HEADER_V3_LEN as u32,
+            compression_type: COMPRESSION_ZLIB,
+            unknown_fields: Vec::new(),
+        }
+    }
+
     /// Decodes and validates the header at the start of `bytes` (normally the whole first
     /// cluster).
     ///
@@ -351,8 +373,8 @@ impl Header {
         let unknown = h.incompatible_features & !INCOMPAT_MASK;
         if unknown != 0 {
             let (start, end) = h.extension_area();
-            let table = extension::scan_feature_table(bytes, start, end);
-            return Err(extension::unsupported_features(unknown, &table));
+            let table = scan_feature_table(bytes, start, end);
+            return Err(unsupported_features(unknown, &table));
         }
         if h.incompatible_features & INCOMPAT_EXTL2 != 0 && cluster_bits < MIN_CLUSTER_BITS + 5 {
             // 32 subclusters per cluster; each must be at least 512 bytes.
@@ -465,9 +487,9 @@ impl Header {
     /// Bytes 105..112 are written as zero.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the version is not 2 or 3, cluster_bits is outside 9..=21,
+    /// [`InvalidValue`] if the version is not 2 or 3, cluster_bits is outside 9..=21,
     /// the header would not fit in one cluster, or a v2 header carries v3-only values.
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+    pub fn encode(&self) -> Result<Vec<u8>, InvalidValue> {
         let cluster_size = check_cluster_bits(self.cluster_bits)
             .map_err(|_| invalid_input!("cluster_bits {} is outside 9..=21", self.cluster_bits))?;
         let v3 = match self.version {
@@ -577,25 +599,11 @@ pub(crate) mod tests {
     /// The header `qemu-img create -f qcow2 -o cluster_size=65536 IMG 1G` writes.
     pub(crate) fn sample() -> Header {
         Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 30,
-            crypt_method: 0,
             l1_size: 2,
             l1_table_offset: 0x30000,
             refcount_table_offset: 0x10000,
             refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
-            unknown_fields: Vec::new(),
+            ..Header::v3(16, 1 << 30)
         }
     }
 
@@ -954,18 +962,18 @@ pub(crate) mod tests {
     fn encode_rejects_caller_mistakes() {
         let mut h = sample();
         h.version = 4;
-        assert!(matches!(h.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(h.encode(), Err(InvalidValue(_))));
         let mut h = sample();
         h.cluster_bits = 22;
-        assert!(matches!(h.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(h.encode(), Err(InvalidValue(_))));
         let mut h = sample();
         h.cluster_bits = 9;
         h.unknown_fields = vec![0; 401];
-        assert!(matches!(h.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(h.encode(), Err(InvalidValue(_))));
         let mut h = sample();
         h.version = 2;
         h.autoclear_features = 1;
-        assert!(matches!(h.encode(), Err(Error::InvalidInput(_))));
+        assert!(matches!(h.encode(), Err(InvalidValue(_))));
     }
 
     #[test]

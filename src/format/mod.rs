@@ -3,12 +3,14 @@
 //! Nothing here does I/O. Decoders take byte slices and return `Result<_, Corruption>`;
 //! they never panic, whatever the input (every decoder has a proptest feeding it arbitrary
 //! bytes). Encoders produce exactly the bytes QEMU 10 writes and reject caller mistakes with
-//! [`Error::InvalidInput`](crate::Error::InvalidInput).
+//! [`InvalidValue`]. Nothing here uses the crate's [`Error`](crate::Error): it is built on
+//! these types, not the other way round.
 //!
 //! | structure | module | where it lives |
 //! |---|---|---|
 //! | image header | [`header`] | offset 0 of cluster 0 |
-//! | header extensions, feature name table, bitmaps extension | [`extension`] | after the header |
+//! | header extensions, bitmaps extension | [`extension`] | after the header |
+//! | feature bits and the feature name table | [`feature`] | header and extension |
 //! | cluster 0 as QEMU lays it out | [`area`] | all of cluster 0 |
 //! | bitmap directory entries | [`directory`] | `bitmap_directory_offset` |
 //! | bitmap table entries | [`table`] | each entry's `bitmap_table_offset` |
@@ -46,22 +48,28 @@
 
 pub mod area;
 mod bytes;
+mod corruption;
 pub mod directory;
 pub mod extension;
+pub mod feature;
+mod frame;
 pub mod header;
 pub mod refcount;
 pub mod table;
 
-pub use crate::error::{EntryProblem, RefcountEntryProblem, TableEntryProblem};
 pub use area::HeaderArea;
+pub use corruption::{
+    Corruption, EntryProblem, InvalidValue, RefcountEntryProblem, TableEntryProblem,
+};
 pub use directory::{
     decode_directory, encode_directory, table_size, BitmapName, DirEntry, RawDirEntry,
     DIR_ENTRY_FIXED_LEN,
 };
 pub use extension::{
-    decode_extensions, encode_extensions, qemu_feature_table, BitmapsExtension,
-    CryptoHeaderPointer, Extension, FeatureKind, FeatureName, UnknownExtension,
+    decode_extensions, encode_extensions, BitmapsExtension, CryptoHeaderPointer, Extension,
+    UnknownExtension,
 };
+pub use feature::{qemu_feature_table, FeatureKind, FeatureName};
 pub use header::{Header, ImageGeometry};
 pub use refcount::{
     decode_reftable, encode_reftable, entries_per_block, get_refcount, max_refcount, set_refcount,

@@ -7,8 +7,8 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::bytes::{be_u64, put_u64, slice, to_u64, to_usize, truncated};
+use super::corruption::{invalid_input, Corruption, InvalidValue, RefcountEntryProblem};
 use super::header::{check_cluster_bits, MAX_REFCOUNT_ORDER};
-use crate::error::{invalid_input, Corruption, Error, RefcountEntryProblem};
 
 /// Bytes per refcount table entry.
 pub const REFTABLE_ENTRY_LEN: usize = 8;
@@ -17,7 +17,7 @@ pub const REFTABLE_OFFSET_MASK: u64 = 0xFFFF_FFFF_FFFF_FE00;
 /// Bits 0-8: reserved, must be zero (`REFT_RESERVED_MASK`).
 pub const REFTABLE_RESERVED_MASK: u64 = 0x1FF;
 
-fn check_order(refcount_order: u32) -> Result<u32, Error> {
+fn check_order(refcount_order: u32) -> Result<u32, InvalidValue> {
     if refcount_order > MAX_REFCOUNT_ORDER {
         Err(invalid_input!("refcount_order {refcount_order} exceeds 6"))
     } else {
@@ -28,16 +28,16 @@ fn check_order(refcount_order: u32) -> Result<u32, Error> {
 /// Width of one refcount in bits: `1 << refcount_order`.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if refcount_order exceeds 6.
-pub fn refcount_bits(refcount_order: u32) -> Result<u32, Error> {
+/// [`InvalidValue`] if refcount_order exceeds 6.
+pub fn refcount_bits(refcount_order: u32) -> Result<u32, InvalidValue> {
     Ok(1u32 << check_order(refcount_order)?)
 }
 
 /// The largest refcount a block of this order can hold: `2^(1 << order) − 1`.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if refcount_order exceeds 6.
-pub fn max_refcount(refcount_order: u32) -> Result<u64, Error> {
+/// [`InvalidValue`] if refcount_order exceeds 6.
+pub fn max_refcount(refcount_order: u32) -> Result<u64, InvalidValue> {
     let bits = refcount_bits(refcount_order)?;
     Ok(u64::MAX >> 64u32.saturating_sub(bits))
 }
@@ -46,8 +46,8 @@ pub fn max_refcount(refcount_order: u32) -> Result<u64, Error> {
 /// (`1 << (cluster_bits + 3 − refcount_order)`).
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if cluster_bits is outside 9..=21 or refcount_order exceeds 6.
-pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> Result<u64, Error> {
+/// [`InvalidValue`] if cluster_bits is outside 9..=21 or refcount_order exceeds 6.
+pub fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> Result<u64, InvalidValue> {
     check_cluster_bits(cluster_bits)
         .map_err(|_| invalid_input!("cluster_bits {cluster_bits} is outside 9..=21"))?;
     let order = check_order(refcount_order)?;
@@ -63,7 +63,7 @@ pub fn refcount_location(
     cluster_index: u64,
     cluster_bits: u32,
     refcount_order: u32,
-) -> Result<(u64, u64), Error> {
+) -> Result<(u64, u64), InvalidValue> {
     let per_block = entries_per_block(cluster_bits, refcount_order)?;
     let shift = per_block.trailing_zeros();
     Ok((
@@ -82,7 +82,7 @@ struct Slot {
     sub_byte: bool,
 }
 
-fn slot(block_len: usize, refcount_order: u32, index: u64) -> Result<Slot, Error> {
+fn slot(block_len: usize, refcount_order: u32, index: u64) -> Result<Slot, InvalidValue> {
     let order = check_order(refcount_order)?;
     let bits = 1u64 << order;
     let bit_pos = index
@@ -107,8 +107,8 @@ fn slot(block_len: usize, refcount_order: u32, index: u64) -> Result<Slot, Error
 /// Reads refcount `index` from a refcount block of the given order.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if refcount_order exceeds 6 or the refcount lies beyond `block`.
-pub fn get_refcount(block: &[u8], refcount_order: u32, index: u64) -> Result<u64, Error> {
+/// [`InvalidValue`] if refcount_order exceeds 6 or the refcount lies beyond `block`.
+pub fn get_refcount(block: &[u8], refcount_order: u32, index: u64) -> Result<u64, InvalidValue> {
     let s = slot(block.len(), refcount_order, index)?;
     let field = slice(block, s.byte, s.len)
         .ok_or_else(|| invalid_input!("refcount index {index} lies beyond the block"))?;
@@ -126,14 +126,14 @@ pub fn get_refcount(block: &[u8], refcount_order: u32, index: u64) -> Result<u64
 /// every other refcount untouched.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if refcount_order exceeds 6, the refcount lies beyond `block`, or
+/// [`InvalidValue`] if refcount_order exceeds 6, the refcount lies beyond `block`, or
 /// `value` exceeds [`max_refcount`].
 pub fn set_refcount(
     block: &mut [u8],
     refcount_order: u32,
     index: u64,
     value: u64,
-) -> Result<(), Error> {
+) -> Result<(), InvalidValue> {
     let max = max_refcount(refcount_order)?;
     if value > max {
         return Err(invalid_input!(
@@ -211,9 +211,12 @@ pub fn decode_reftable(bytes: &[u8], cluster_bits: u32) -> Result<Vec<Option<u64
 /// Encodes a refcount table; `None` becomes 0.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for a bad cluster size or an offset that is 0 or not
+/// [`InvalidValue`] for a bad cluster size or an offset that is 0 or not
 /// cluster-aligned.
-pub fn encode_reftable(entries: &[Option<u64>], cluster_bits: u32) -> Result<Vec<u8>, Error> {
+pub fn encode_reftable(
+    entries: &[Option<u64>],
+    cluster_bits: u32,
+) -> Result<Vec<u8>, InvalidValue> {
     let cluster_size = check_cluster_bits(cluster_bits)
         .map_err(|_| invalid_input!("cluster_bits {cluster_bits} is outside 9..=21"))?;
     let mut out = Vec::with_capacity(entries.len().saturating_mul(REFTABLE_ENTRY_LEN));
@@ -244,7 +247,7 @@ mod tests {
             assert_eq!(max_refcount(order as u32).unwrap(), *max);
             assert_eq!(refcount_bits(order as u32).unwrap(), 1 << order);
         }
-        assert!(matches!(max_refcount(7), Err(Error::InvalidInput(_))));
+        assert!(matches!(max_refcount(7), Err(InvalidValue(_))));
     }
 
     #[test]
@@ -320,7 +323,7 @@ mod tests {
             assert!(set_refcount(&mut b, order, 0, max).is_ok());
             assert!(matches!(
                 set_refcount(&mut b, order, 0, max + 1),
-                Err(Error::InvalidInput(_))
+                Err(InvalidValue(_))
             ));
         }
     }

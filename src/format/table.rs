@@ -4,8 +4,8 @@
 //! `check_table_entry` to every entry, as `bitmap_table_load` does.
 
 use super::bytes::{be_u64, put_u64, to_u64, to_usize, truncated};
+use super::corruption::{invalid_input, Corruption, InvalidValue, TableEntryProblem};
 use super::header::check_cluster_bits;
-use crate::error::{invalid_input, Corruption, Error, TableEntryProblem};
 
 /// Bytes per bitmap table entry.
 pub const TABLE_ENTRY_LEN: usize = 8;
@@ -105,9 +105,9 @@ pub fn decode_table(
 /// Encodes `entries` as `entries.len() × 8` big-endian bytes, as QEMU writes them.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for a bad cluster size or a [`TableEntry::Data`] offset that is
+/// [`InvalidValue`] for a bad cluster size or a [`TableEntry::Data`] offset that is
 /// 0, unaligned, or outside bits 9-55.
-pub fn encode_table(entries: &[TableEntry], cluster_bits: u32) -> Result<Vec<u8>, Error> {
+pub fn encode_table(entries: &[TableEntry], cluster_bits: u32) -> Result<Vec<u8>, InvalidValue> {
     let cluster_size = check_cluster_bits(cluster_bits)
         .map_err(|_| invalid_input!("cluster_bits {cluster_bits} is outside 9..=21"))?;
     let mut out = Vec::with_capacity(entries.len().saturating_mul(TABLE_ENTRY_LEN));
@@ -242,7 +242,7 @@ mod tests {
         for off in [0, 0x50200, 1 << 56] {
             assert!(matches!(
                 encode_table(&[TableEntry::Data(off)], 16),
-                Err(Error::InvalidInput(_))
+                Err(InvalidValue(_))
             ));
         }
     }

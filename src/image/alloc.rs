@@ -182,7 +182,7 @@ impl Refcounts {
         let slot = cluster & ((1u64 << self.block_shift) - 1);
         let order = self.order;
         match self.block_for(storage, index)? {
-            Some(block) => get_refcount(block, order, slot),
+            Some(block) => Ok(get_refcount(block, order, slot)?),
             None => Ok(0),
         }
     }

@@ -130,25 +130,11 @@ impl<S: Storage> Image<S> {
                 invalid_input!("disk size {disk_size} needs an L1 table above 32 MiB")
             })?;
         let header = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits,
-            size: disk_size,
-            crypt_method: 0,
             l1_size,
             l1_table_offset: 3 * cluster_size,
             refcount_table_offset: cluster_size,
             refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 112,
-            compression_type: 0,
-            unknown_fields: Vec::new(),
+            ..Header::v3(cluster_bits, disk_size)
         };
         storage.set_len(3 * cluster_size)?;
         let reftable = encode_reftable(&[Some(2 * cluster_size)], cluster_bits)?;
