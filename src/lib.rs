@@ -37,17 +37,41 @@
 //! the change map for the next take (see `docs/DESIGN.md`). A flusher whose write fails
 //! must hand the regions back with [`DirtyBitmap::requeue_changed`]. Any doubt resolves to
 //! *dirty*: [`DirtyBitmap::clear`] clears only granules entirely inside its range.
+// The crate's lints, in one place. Every item is documented and no module uses `unsafe`
+// except the items that say so, each with a `// SAFETY:` comment; modules that decode bytes
+// from a file or a socket are declared with `parser_module!`, which adds the parser lints.
 #![deny(missing_docs, unsafe_code)]
+
+/// Declares a module that decodes untrusted bytes (an image file, a migration stream) under
+/// the parser lints: no indexing or slicing that can panic, no `unwrap`, `expect` or
+/// `panic!`, and no unchecked arithmetic, so that no input can make it panic. Its unit tests
+/// are exempt; every decoder also has a test feeding it arbitrary bytes.
+macro_rules! parser_module {
+    ($(#[$attr:meta])* $vis:vis mod $name:ident;) => {
+        $(#[$attr])*
+        #[cfg_attr(
+            not(test),
+            deny(
+                clippy::indexing_slicing,
+                clippy::unwrap_used,
+                clippy::expect_used,
+                clippy::panic,
+                clippy::arithmetic_side_effects
+            )
+        )]
+        $vis mod $name;
+    };
+}
 
 pub mod bitmap;
 pub mod error;
 pub mod flush;
-pub mod format;
+parser_module! { pub mod format; }
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
 pub mod migration;
-pub mod storage;
+parser_module! { pub mod storage; }
 pub mod store;
 pub mod tracker;
 pub mod units;

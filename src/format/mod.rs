@@ -35,16 +35,6 @@
 //! }
 //! # Ok(()) }
 //! ```
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::indexing_slicing,
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 pub mod area;
 mod bytes;
