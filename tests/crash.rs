@@ -1,4 +1,4 @@
-//! Crash consistency of every `BitmapStore` operation (issue 4 §3).
+//! Crash consistency of every `BitmapStore` operation.
 //!
 //! One run on a `CrashStorage` of: create, add ×3, activate, flushes with concurrent marks,
 //! inactivate, marks while inactive, activate, flush, inactivate, activate, remove,

@@ -1,4 +1,4 @@
-//! Faults during the incremental flush and the incremental inactivate (issue 4, first
+//! Faults during the incremental flush and the incremental inactivate (first
 //! version): `EIO` at each write (nothing landed, a torn prefix, or everything landed but
 //! reported failed) and at each sync, and `ENOSPC` when an allocation grows the file. In
 //! every case:

@@ -1,4 +1,4 @@
-//! Incremental flush (issue 4): only changed clusters are written, flushes race with marks
+//! Incremental flush: only changed clusters are written, flushes race with marks
 //! without losing bits, the incremental inactivate leaves what QEMU would hold, activate
 //! after inactivate keeps every bit, the stop loop never decides on a stale estimate, and
 //! the background policy starts and stops cleanly.
@@ -532,8 +532,8 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
 /// A guest write racing `inactivate` (its mark starts at the stop's first write) cannot
 /// return before the stop's outcome is durable: the bitmaps are sealed, so the mark waits,
 /// then lands in the parked bitmap, and the next activate and stop write it. Without the
-/// seal the mark returned at once while the stop went on to write "clean" (defect 9 of
-/// issue 9: a crash before `in_use` was put back lost it).
+/// seal the mark returned at once while the stop went on to write "clean" (defect 9 in
+/// `tests/review_defects.rs`: a crash before `in_use` was put back lost it).
 #[test]
 fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
     use std::sync::atomic::Ordering::SeqCst;

@@ -140,7 +140,7 @@ fn qemu_image_64k_clusters_round_trips_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let img = image_with_bitmap(dir.path(), "a.qcow2", &["-o", "cluster_size=65536"]);
     let area = check_b0(&img, 16, 16);
-    // Layout from reference §1.3: feature table at 0x70, bitmaps at 0x1F8, end at 0x218.
+    // Layout QEMU writes (`docs/FORMAT.md`, "Layout QEMU writes"): feature table at 0x70, bitmaps at 0x1F8, end at 0x218.
     let cluster0 = read_at(&img, 0, 0x220);
     assert_eq!(&cluster0[0x70..0x74], &EXT_FEATURE_TABLE.to_be_bytes());
     assert_eq!(&cluster0[0x74..0x78], &384u32.to_be_bytes());

@@ -1,4 +1,4 @@
-//! The geometry sweep (issue 9 §3): `BitmapStore::create` at every cluster size from 512 B
+//! The geometry sweep: `BitmapStore::create` at every cluster size from 512 B
 //! to 2 MiB, at disk sizes on both sides of every refcount boundary the size can reach and
 //! at the largest size each cluster size allows, judged by the real `qemu-img check` and
 //! `qemu-img info` after create, after a bitmap was added, marked and closed, and after it
@@ -33,7 +33,7 @@
 //! | 16 KiB … 2 MiB | | ≥ 8,192 | ≥ 8,189 | | ≤ 2,048 |
 //!
 //! So only 512 B clusters reach the reftable growth at create (past 34,221,326,336 bytes,
-//! 16,318 L1 clusters of 2 MiB each, just under 32 GiB: where defect 1 of issue 9 was); from 1 KiB up one reftable cluster covers
+//! 16,318 L1 clusters of 2 MiB each, just under 32 GiB: defect 1 of `tests/review_defects.rs`); from 1 KiB up one reftable cluster covers
 //! every image create can make, and the boundaries in reach are the refblock ones (the
 //! first three while they are below the largest size; from 16 KiB up none is). At 512 B the
 //! grown reftable has 50 % slack, so its *size* steps again further up; those steps are

@@ -1,4 +1,4 @@
-//! One test per defect of the adversarial review in issue 9 ("Nothing on disk is lost and no
+//! One test per defect of the adversarial review of the store ("Nothing on disk is lost and no
 //! bit reads clean, on any image"). Each test is named after its defect number and fails on
 //! commit 0b31498, where the review found it. The races of defects 12 to 14 are proved in
 //! the loom models (`tests/loom.rs`) and the threaded stress tests (`tests/bitmap_races.rs`);

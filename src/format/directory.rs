@@ -885,7 +885,7 @@ mod tests {
 
     #[test]
     fn keeps_non_utf8_and_nul_names_as_their_bytes() {
-        // QEMU neither checks nor refuses them (issue 9, defect 11): they decode, compare
+        // QEMU neither checks nor refuses them (`tests/review_defects.rs`, defect 11): they decode, compare
         // byte for byte, re-encode unchanged and show escaped.
         for name in [vec![0xff, 0xfe], b"a\0b".to_vec(), b"b\xe90".to_vec()] {
             let mut r = raw(&b0());
@@ -965,7 +965,7 @@ mod tests {
     fn table_size_matches_qemu() {
         // 1 GiB, 64 KiB granularity, 64 KiB clusters: 16384 bits, one cluster.
         assert_eq!(table_size(1 << 30, 16, 65536).unwrap(), 1);
-        // 16 GiB + 512 at 512-byte granularity: 65 clusters (reference §2.5).
+        // 16 GiB + 512 at 512-byte granularity: 65 clusters (`docs/FORMAT.md`, bitmap table size).
         assert_eq!(table_size((16 << 30) + 512, 9, 65536).unwrap(), 65);
         assert_eq!(table_size(4 << 20, 16, 65536).unwrap(), 1);
         assert_eq!(table_size(0, 16, 65536).unwrap(), 0);

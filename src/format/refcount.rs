@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn one_bit_refcounts_pack_lsb_first() {
-        // Clusters 0-3 and 6-10 in use give bytes cf 07 (reference §3.4).
+        // Clusters 0-3 and 6-10 in use give bytes cf 07 (`docs/FORMAT.md`, refcount blocks).
         let mut block = vec![0u8; 2];
         for c in [0, 1, 2, 3, 6, 7, 8, 9, 10] {
             set_refcount(&mut block, 0, c, 1).unwrap();

@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn bit_location_is_lsb_first() {
-        // Bits 0, 16 and 63 give bytes 01 00 01 00 00 00 00 80 (reference §2.4).
+        // Bits 0, 16 and 63 give bytes 01 00 01 00 00 00 00 80 (`docs/FORMAT.md`, bitmap data).
         let mut data = [0u8; 8];
         for n in [0, 16, 63] {
             let (byte, mask) = bit_location(n);

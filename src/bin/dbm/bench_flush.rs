@@ -1,4 +1,5 @@
-//! `dbm bench flush`: what stopping costs on a 16 TiB bitmap-only image (issue 4 §5).
+//! `dbm bench flush`: what stopping costs on a 16 TiB bitmap-only image, against QEMU's own
+//! store and the naive full rewrite (`docs/BENCHMARKS.md`).
 //!
 //! Setup, per bitmap count: a sparse bitmap-only qcow2 image (64 KiB clusters) with that
 //! many bitmaps at `--granularity`, activated, every bit marked (fully dirty) and flushed,
