@@ -67,6 +67,7 @@ pub mod bitmap;
 pub mod error;
 pub mod flush;
 parser_module! { pub mod format; }
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
