@@ -47,6 +47,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod image;
 pub mod migration;
+pub mod rng;
 pub mod storage;
 pub mod store;
 pub mod tracker;

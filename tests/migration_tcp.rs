@@ -25,7 +25,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::migration::dest::RetainedRam;
-use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::migration::precopy::{StallAction, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::stream::{Frame, FrameError, FrameReader};

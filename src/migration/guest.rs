@@ -41,6 +41,7 @@ use memmap2::MmapMut;
 use parking_lot::{Condvar, Mutex};
 
 use super::error::{MigrationError, Result};
+use crate::rng::SplitMix64;
 use crate::DirtyBitmap;
 
 /// Bytes per guest page.
@@ -274,41 +275,6 @@ impl Pattern {
             }
             Pattern::Sequential => n % pages,
         }
-    }
-}
-
-/// A tiny portable PRNG (SplitMix64), so simulated runs replay identically from a seed on
-/// every platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// From a seed.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when `n` is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-        }
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

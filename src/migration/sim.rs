@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use super::clock::Clock;
 use super::error::{MigrationError, Result};
-use super::guest::{new_log, GuestRam, Pattern, SplitMix64, Vm, PAGE_SIZE};
+use super::guest::{new_log, GuestRam, Pattern, Vm, PAGE_SIZE};
 use super::precopy::{
     run, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig, Outcome, Rule,
     StallAction, StallReport,
@@ -31,6 +31,7 @@ use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
 use super::state::{Control, DestMessage, Inbound, MigrationState};
 use super::stream::{control_wire_len, SECTION_OVERHEAD};
 use super::{Outbound, StateId};
+use crate::rng::SplitMix64;
 use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;
 

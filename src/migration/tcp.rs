@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::clock::RealClock;
 use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
 use super::error::{MigrationError, Result};
-use super::guest::{new_log, GuestRam, SplitMix64, Vm, Workload, WorkloadConfig, PAGE_SIZE};
+use super::guest::{new_log, GuestRam, Vm, Workload, WorkloadConfig, PAGE_SIZE};
 use super::precopy::{
     self, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
     Outcome, StallAction, StallReport,
@@ -37,6 +37,7 @@ use super::rate::RateLimiter;
 use super::state::{DestMessage, Inbound, MigrationState};
 use super::stream::{Frame, FrameReader, FrameWriter, WriterStats};
 use super::StateId;
+use crate::rng::SplitMix64;
 use crate::units::{Bytes, BytesPerMs};
 
 /// The default for every timeout here.

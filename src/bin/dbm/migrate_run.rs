@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::migration::tcp::{
     migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination, RAM_ID,
 };
