@@ -28,7 +28,9 @@
 //!
 //! Writing the page *after* marking would be wrong: a take between M and W would clear the
 //! bit, the copy could miss W, and nothing would mark the page again.
-#![allow(unsafe_code)]
+//!
+//! The only `unsafe` here is in the items marked `#[allow(unsafe_code)]`: the `Send` and
+//! `Sync` of [`GuestRam`] and its word access (`GuestRam::page_words`).
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -63,8 +65,10 @@ pub struct GuestRam {
 
 // SAFETY: the mapping is owned by the struct and only reached through `base` as
 // `AtomicU64`s, which are `Sync`; nothing is thread-local.
+#[allow(unsafe_code)]
 unsafe impl Send for GuestRam {}
 // SAFETY: as above; every access through `&self` is an atomic operation.
+#[allow(unsafe_code)]
 unsafe impl Sync for GuestRam {}
 
 impl std::fmt::Debug for GuestRam {
@@ -118,6 +122,7 @@ impl GuestRam {
     ///
     /// # Panics
     /// If `page` is out of range (a caller bug: pages come from the RAM's own bitmaps).
+    #[allow(unsafe_code)]
     fn page_words(&self, page: u64) -> &[AtomicU64] {
         assert!(page < self.pages, "page {page} out of {}", self.pages);
         // SAFETY: `base` points to `pages * WORDS_PER_PAGE` words of a live mapping owned

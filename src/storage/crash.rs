@@ -344,4 +344,3 @@ fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
 }
 
 const SECTOR_MASK: u64 = SECTOR_SIZE - 1;
-
