@@ -93,7 +93,7 @@ pub trait Inbound {
     /// Waits for the next message.
     ///
     /// # Errors
-    /// The channel's error, or [`MigrationError::PeerAborted`] when the destination is
+    /// The channel's error, or [`MigrationError::PeerAborted`](super::MigrationError::PeerAborted) when the destination is
     /// gone or silent for longer than the return path's timeout.
     fn recv(&mut self) -> Result<DestMessage>;
 }

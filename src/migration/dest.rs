@@ -120,7 +120,7 @@ impl Phase {
     }
 }
 
-/// Handles sections of states other than RAM (the next issue's bitmaps).
+/// Handles sections of states other than RAM (a dirty-bitmap state, say).
 pub type SectionHandler = Box<dyn FnMut(StateId, &str, &[u8]) -> Result<()> + Send>;
 
 /// The destination's RAM: a mapping and the set of pages it holds.

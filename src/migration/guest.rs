@@ -257,7 +257,8 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    /// The hot-set pattern of issue 5: 90 % of writes into 5 % of the pages.
+    /// The hot-set pattern `dbm simulate` and the benchmarks use: 90 % of writes into 5 % of
+    /// the pages.
     pub const HOT_90_5: Pattern = Pattern::HotSet {
         hot_fraction: 0.05,
         hot_share: 0.9,

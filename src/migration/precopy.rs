@@ -1,5 +1,5 @@
 //! The migration loop: precopy iterations, the switchover rule, the postcopy switch and the
-//! stall guard, modelled on QEMU's `migration_iteration_run` (reference §7).
+//! stall guard, modelled on QEMU's `migration_iteration_run` (`migration/migration.c`).
 //!
 //! One turn of the loop:
 //! 1. **Counters.** Once at least [`BUFFER_DELAY`] (100 ms) passed since the window

@@ -105,7 +105,7 @@ pub trait MigrationState {
     /// in this state's own format) now.
     ///
     /// # Errors
-    /// The channel's error; [`MigrationError::Frame`] or [`MigrationError::Stream`] for a
+    /// The channel's error; [`MigrationError::Frame`] or [`MigrationError::Protocol`] for a
     /// request that does not decode or lies outside the state; [`MigrationError::InvalidInput`]
     /// for a state that cannot postcopy.
     fn serve(&mut self, out: &mut dyn Outbound, request: &[u8]) -> Result<Bytes> {
