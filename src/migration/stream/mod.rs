@@ -10,6 +10,19 @@
 //! - sequence numbers start at 0 and go up by one per frame: a gap or a replay is an error;
 //! - after any error the reader (and the writer) stays failed: a torn stream cannot be
 //!   resynchronised, only restarted.
+//!
+//! The reader is fed untrusted bytes (the fuzz target `migration_stream` drives it), so it
+//! is under the same parser lints as the codec of `frame.rs`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::io::{self, Read, Write};
 
@@ -121,9 +134,9 @@ impl<W: Write> FrameWriter<W> {
         let n = Bytes(wire.len() as u64);
         self.limiter.record(n);
         self.header_sent = true;
-        self.next_seq += 1;
-        self.stats.bytes += n;
-        self.stats.frames += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
+        self.stats.bytes = add(self.stats.bytes, n);
+        self.stats.frames = self.stats.frames.saturating_add(1);
         Ok(n)
     }
 
@@ -165,7 +178,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
         self.check_failed()?;
         check_len(payload.len().saturating_add(4))?;
         let n = self.put(FrameKind::Section as u8, &[&state.to_be_bytes(), payload])?;
-        self.stats.section_bytes += Bytes(payload.len() as u64);
+        self.stats.section_bytes = add(self.stats.section_bytes, Bytes(payload.len() as u64));
         Ok(n)
     }
 
@@ -183,7 +196,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
         } else {
             STREAM_HEADER_LEN as u64
         };
-        SECTION_OVERHEAD + Bytes(header)
+        add(SECTION_OVERHEAD, Bytes(header))
     }
 
     fn control_cost(&self, msg: &Control) -> Bytes {
@@ -191,7 +204,7 @@ impl<W: Write> Outbound for FrameWriter<W> {
             (false, m) if !matches!(m, Control::Hello(_)) => STREAM_HEADER_LEN as u64,
             _ => 0,
         };
-        control_wire_len(msg).map_or(Bytes(u64::MAX), |n| n + Bytes(header))
+        control_wire_len(msg).map_or(Bytes(u64::MAX), |n| add(n, Bytes(header)))
     }
 
     fn bytes_sent(&self) -> Bytes {
@@ -265,13 +278,14 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads until `buf` is full or the stream ends.
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
-        let mut got = 0;
-        while got < buf.len() {
-            match self.inner.read(&mut buf[got..]) {
+        let mut got = 0usize;
+        // `got` stays below `buf.len()` inside the loop, so the rest is never empty.
+        while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
+            match self.inner.read(rest) {
                 Ok(0) => return Ok(Fill::Eof(got)),
                 Ok(n) => {
-                    got += n;
-                    self.offset += n as u64;
+                    got = got.saturating_add(n);
+                    self.offset = self.offset.saturating_add(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -322,7 +336,7 @@ impl<R: Read> FrameReader<R> {
                     FrameError::Truncated {
                         offset: self.offset,
                         what: "stream header",
-                        needed: (STREAM_HEADER_LEN - got) as u64,
+                        needed: STREAM_HEADER_LEN.saturating_sub(got) as u64,
                     }
                 }
                 .into());
@@ -342,7 +356,7 @@ impl<R: Read> FrameReader<R> {
                 FrameError::Truncated {
                     offset: self.offset,
                     what: "frame header",
-                    needed: (FRAME_HEADER_LEN - got) as u64,
+                    needed: FRAME_HEADER_LEN.saturating_sub(got) as u64,
                 }
             }
             .into());
@@ -370,13 +384,13 @@ impl<R: Read> FrameReader<R> {
         let len = u64::from(header.len);
         let mut payload = Vec::new();
         let got = (&mut self.inner).take(len).read_to_end(&mut payload);
-        self.offset += payload.len() as u64;
+        self.offset = self.offset.saturating_add(payload.len() as u64);
         got?;
         if (payload.len() as u64) < len {
             return Err(FrameError::Truncated {
                 offset: self.offset,
                 what: "frame payload",
-                needed: len - payload.len() as u64,
+                needed: len.saturating_sub(payload.len() as u64),
             }
             .into());
         }
@@ -385,7 +399,7 @@ impl<R: Read> FrameReader<R> {
             return Err(FrameError::Truncated {
                 offset: self.offset,
                 what: "frame trailer",
-                needed: (FRAME_TRAILER_LEN - got) as u64,
+                needed: FRAME_TRAILER_LEN.saturating_sub(got) as u64,
             }
             .into());
         }
@@ -401,7 +415,7 @@ impl<R: Read> FrameReader<R> {
             .into());
         }
         let frame = Frame::decode_payload(header.kind, &payload)?;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         Ok(frame)
     }
 
@@ -419,6 +433,11 @@ impl<R: Read> FrameReader<R> {
             other => Err(ProtocolError::NotAnAnswer { kind: other.kind() }.into()),
         }
     }
+}
+
+/// `a + b`, saturating as `Bytes`' own `+` is, spelled out for the parser lints above.
+fn add(a: Bytes, b: Bytes) -> Bytes {
+    Bytes(a.get().saturating_add(b.get()))
 }
 
 #[cfg(test)]
