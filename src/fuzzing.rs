@@ -19,11 +19,12 @@ use crate::format::{
     HeaderArea, ImageGeometry,
 };
 use crate::migration::dest::{Destination, DestinationConfig};
-use crate::migration::ram_codec::{self, PageEntry};
-use crate::migration::stream::{
+use crate::migration::frame::{
     encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
-    FrameReader, MAX_REASON_LEN, STREAM_HEADER_LEN, STREAM_VERSION,
+    MAX_REASON_LEN, STREAM_HEADER_LEN, STREAM_VERSION,
 };
+use crate::migration::ram_codec::{self, PageEntry};
+use crate::migration::stream::FrameReader;
 use crate::migration::MigrationError;
 use crate::storage::MemStorage;
 use crate::store::{BitmapState, BitmapStore};

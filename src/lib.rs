@@ -72,6 +72,7 @@ parser_module! { pub mod format; }
 pub mod fuzzing;
 pub mod image;
 pub mod migration;
+pub mod rng;
 parser_module! { pub mod storage; }
 pub mod store;
 pub mod tracker;

@@ -14,11 +14,11 @@ use std::time::Duration;
 use dirty_bitmap::migration::guest::{new_log, Pattern, Vm};
 use dirty_bitmap::migration::precopy::{checked_config, Rule, StallAction, StallKind, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
-use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim, RAM_ID};
+use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim};
 use dirty_bitmap::migration::{
     run, AutoConverge, Bytes, BytesPerMs, Clock, Controller, Directive, Endpoints, GuestRam,
     IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState, RealClock,
-    SetupMode, Workload, WorkloadConfig, PAGE_SIZE,
+    SetupMode, Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
 use dirty_bitmap::DirtyBitmap;
 

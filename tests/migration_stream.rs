@@ -13,19 +13,20 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use dirty_bitmap::migration::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest};
-use dirty_bitmap::migration::ram_codec::{encode_discards, encode_pages, RAM_STATE_NAME};
-use dirty_bitmap::migration::rate::{ManualClock, RateLimiter};
-use dirty_bitmap::migration::stream::{
-    encode_stream_header, Frame, FrameError, FrameReader, FrameWriter, Hello, StateInfo,
-    STREAM_VERSION,
+use dirty_bitmap::migration::frame::{
+    encode_stream_header, Frame, FrameError, Hello, StateInfo, STREAM_VERSION,
 };
-use dirty_bitmap::migration::{Bytes, BytesPerMs, MigrationError, Outbound, Result, StateId};
+use dirty_bitmap::migration::ram_codec::{encode_discards, encode_pages, RAM_STATE_NAME};
+use dirty_bitmap::migration::rate::RateLimiter;
+use dirty_bitmap::migration::stream::{FrameReader, FrameWriter};
+use dirty_bitmap::migration::{
+    Bytes, BytesPerMs, ManualClock, MigrationError, Outbound, ProtocolError, Result, RAM_ID,
+};
 use rand::rngs::SmallRng;
 use rand::RngExt;
 
 const PAGE: usize = 4096;
 const PAGES: usize = 300;
-const RAM_ID: StateId = 1;
 const BATCH: usize = 32;
 /// The migration id of the guest these tests migrate.
 const MIGRATION_ID: u64 = 0x5EED_0000_0000_0001;
@@ -410,7 +411,13 @@ fn page_out_of_range_and_missing_pages_are_errors() {
     w.send(RAM_ID, &encode_pages(PAGE, &[(4, &page)])).unwrap();
     let r = dest.join().unwrap();
     assert!(
-        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("outside")),
+        matches!(
+            r,
+            Err(MigrationError::Protocol(ProtocolError::PageOutOfRange {
+                page: 4,
+                ..
+            }))
+        ),
         "{r:?}"
     );
     assert_aborted(FrameReader::new(src).wait_started(), "outside");
@@ -429,7 +436,13 @@ fn page_out_of_range_and_missing_pages_are_errors() {
     w.write_frame(&Frame::End).unwrap();
     let r = dest.join().unwrap();
     assert!(
-        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("page 2")),
+        matches!(
+            r,
+            Err(MigrationError::Protocol(ProtocolError::PageNeverReceived {
+                page: 2,
+                ..
+            }))
+        ),
         "{r:?}"
     );
     assert_aborted(FrameReader::new(src).wait_started(), "page 2");
@@ -714,7 +727,11 @@ fn max_size_hello_is_checked_for_duplicates() {
         let r = d.step();
         if dup {
             assert!(
-                matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("\"state-1\" declared twice")),
+                matches!(
+                    r,
+                    Err(MigrationError::Protocol(ProtocolError::DuplicateStateName(ref s)))
+                        if s == "state-1"
+                ),
                 "{r:?}"
             );
         } else {
@@ -800,7 +817,12 @@ fn kept_ram_is_reused_only_for_the_same_migration_id() {
     assert_eq!(d.received_pages(), 0, "another guest's pages were dropped");
     let r = d.run();
     assert!(
-        matches!(r, Err(MigrationError::Stream(ref s)) if s.contains("never received")),
+        matches!(
+            r,
+            Err(MigrationError::Protocol(
+                ProtocolError::PageNeverReceived { .. }
+            ))
+        ),
         "{r:?}"
     );
     assert_aborted(

@@ -25,19 +25,21 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::migration::dest::RetainedRam;
-use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::frame::{Frame, FrameError};
+use dirty_bitmap::migration::guest::new_log;
 use dirty_bitmap::migration::precopy::{StallAction, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
-use dirty_bitmap::migration::stream::{Frame, FrameError, FrameReader};
+use dirty_bitmap::migration::stream::FrameReader;
 use dirty_bitmap::migration::tcp::{
     migrate_over_tcp, migrate_to, DestOptions, DestReport, SourceOptions, SourceReport,
-    TcpDestination, TcpMigration, RAM_ID,
+    TcpDestination, TcpMigration,
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
     MigrationError, MigrationState, Millis, Pattern, RamState, SetupMode, Vm, Workload,
-    WorkloadConfig, PAGE_SIZE,
+    WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
+use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::DirtyBitmap;
 
 /// The downtime test runs alone (write lock); the others share the machine (read lock),

@@ -23,7 +23,12 @@
 //!   may be the thing that failed), except an Abort from the source itself and a refusal,
 //!   which already sent Refused. After an error the destination stays failed.
 //!
-//! Every read blocks; give the channel a read timeout to bound a wait for a silent source.
+//! The frame handling is [`DestCore`], which does no I/O: [`Destination`] drives it from a
+//! [`FrameReader`] and answers through a [`FrameWriter`], and the virtual-clock simulation
+//! (`sim.rs`) drives the same core from its simulated link.
+//!
+//! Every read of a [`Destination`] blocks; give the channel a read timeout to bound a wait
+//! for a silent source.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -31,10 +36,10 @@ use std::io::{Read, Write};
 
 use memmap2::MmapMut;
 
-use super::error::{MigrationError, Result};
+use super::error::{MigrationError, ProtocolError, Result};
+use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
-use super::stream::{Frame, FrameReader, FrameWriter, Hello, MAX_FRAME_LEN, STREAM_VERSION};
-use super::StateId;
+use super::stream::{FrameReader, FrameWriter};
 use crate::units::Bytes;
 
 /// How a destination behaves.
@@ -101,7 +106,21 @@ enum Phase {
     Failed,
 }
 
-/// Handles sections of states other than RAM (the next issue's bitmaps).
+impl Phase {
+    /// Its name in error messages.
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitHello => "AwaitHello",
+            Phase::Precopy => "Precopy",
+            Phase::Stopped => "Stopped",
+            Phase::Postcopy => "Postcopy",
+            Phase::Done => "Done",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Handles sections of states other than RAM (a dirty-bitmap state, say).
 pub type SectionHandler = Box<dyn FnMut(StateId, &str, &[u8]) -> Result<()> + Send>;
 
 /// The destination's RAM: a mapping and the set of pages it holds.
@@ -170,10 +189,11 @@ impl DestRam {
         if page < self.pages {
             Ok(())
         } else {
-            Err(MigrationError::Stream(format!(
-                "page {page} is outside the guest's {} pages",
-                self.pages
-            )))
+            Err(ProtocolError::PageOutOfRange {
+                page,
+                pages: self.pages,
+            }
+            .into())
         }
     }
 
@@ -319,11 +339,14 @@ impl RetainedRam {
     }
 }
 
-/// The destination of one migration attempt over a channel split into a reader (from the
-/// source) and a writer (to it).
-pub struct Destination<R: Read, W: Write> {
-    reader: FrameReader<R>,
-    writer: FrameWriter<W>,
+/// The destination's side of the conversation, without I/O: it takes the source's frames
+/// one by one ([`DestCore::apply`]), keeps the RAM and the phase, and hands its answers
+/// (Started, Refused) to a callback. [`Destination`] runs it over a stream; the simulation
+/// (`sim.rs`) runs it over its simulated link, so both apply frames with the same code.
+///
+/// After an error the core is failed, and every later [`apply`](DestCore::apply) returns
+/// [`ProtocolError::Failed`].
+pub struct DestCore {
     config: DestinationConfig,
     phase: Phase,
     hello: Option<Hello>,
@@ -331,7 +354,6 @@ pub struct Destination<R: Read, W: Write> {
     ram_state: Option<StateId>,
     states: BTreeMap<StateId, String>,
     handler: Option<SectionHandler>,
-    page_requests: u64,
     postcopy: bool,
     failure: Option<String>,
     /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
@@ -344,9 +366,9 @@ pub struct Destination<R: Read, W: Write> {
     ram_sections: u64,
 }
 
-impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
+impl fmt::Debug for DestCore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Destination")
+        f.debug_struct("DestCore")
             .field("phase", &self.phase)
             .field("hello", &self.hello)
             .field("received", &self.received_pages())
@@ -354,13 +376,12 @@ impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
     }
 }
 
-impl<R: Read, W: Write> Destination<R, W> {
-    /// A destination reading the source's stream from `from` and answering on `to`.
-    /// Nothing is read or written yet.
-    pub fn new(from: R, to: W, config: DestinationConfig) -> Destination<R, W> {
-        Destination {
-            reader: FrameReader::with_max_frame_len(from, config.max_frame_len),
-            writer: FrameWriter::new(to),
+impl DestCore {
+    /// A destination that has seen nothing yet, starting from the RAM a failed attempt left
+    /// (`kept`) if the Hello's migration id and geometry match it; otherwise the RAM starts
+    /// empty and `kept` is dropped.
+    pub fn new(config: DestinationConfig, kept: Option<RetainedRam>) -> DestCore {
+        DestCore {
             config,
             phase: Phase::AwaitHello,
             hello: None,
@@ -368,28 +389,13 @@ impl<R: Read, W: Write> Destination<R, W> {
             ram_state: None,
             states: BTreeMap::new(),
             handler: None,
-            page_requests: 0,
             postcopy: false,
             failure: None,
             ran: false,
-            retained: None,
+            retained: kept,
             resumed: false,
             ram_sections: 0,
         }
-    }
-
-    /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`) if
-    /// the Hello's migration id and geometry match it; otherwise the RAM starts empty and
-    /// `kept` is dropped.
-    pub fn with_retained(
-        from: R,
-        to: W,
-        config: DestinationConfig,
-        kept: Option<RetainedRam>,
-    ) -> Destination<R, W> {
-        let mut d = Destination::new(from, to, config);
-        d.retained = kept;
-        d
     }
 
     /// After a failed attempt: the RAM to start the next attempt from, unless the guest ran
@@ -439,6 +445,19 @@ impl<R: Read, W: Write> Destination<R, W> {
         self.ram.as_ref().is_some_and(|r| r.has(page))
     }
 
+    /// The number of pages of the guest's RAM (0 before the Hello or without RAM).
+    pub fn pages(&self) -> u64 {
+        self.ram.as_ref().map_or(0, |r| r.pages)
+    }
+
+    /// The whole RAM (empty before the Hello or without RAM).
+    pub fn ram(&self) -> &[u8] {
+        match &self.ram {
+            Some(r) => &r.map[..r.pages as usize * r.page_size],
+            None => &[],
+        }
+    }
+
     /// Whether the guest runs here (postcopy after switchover, or the end).
     pub fn is_running(&self) -> bool {
         matches!(self.phase, Phase::Postcopy | Phase::Done)
@@ -449,64 +468,72 @@ impl<R: Read, W: Write> Destination<R, W> {
         self.phase == Phase::Done
     }
 
-    /// The reader (for its counters or its channel).
-    pub fn reader(&self) -> &FrameReader<R> {
-        &self.reader
+    /// Fails unless frames may still come: after an error, and after the end.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Failed`] with the earlier error, or [`ProtocolError::Complete`].
+    pub fn check_live(&self) -> Result<()> {
+        match self.phase {
+            Phase::Failed => {
+                Err(ProtocolError::Failed(self.failure.clone().unwrap_or_default()).into())
+            }
+            Phase::Done => Err(ProtocolError::Complete.into()),
+            _ => Ok(()),
+        }
     }
 
-    /// Reads and applies one frame.
+    /// Marks the core failed with `e` (an error of its channel, say).
+    pub fn fail(&mut self, e: &MigrationError) {
+        self.phase = Phase::Failed;
+        self.failure = Some(e.to_string());
+    }
+
+    /// Applies the source's frame number `seq` of a stream of version `stream_version`
+    /// (the stream header's; `None` before one was read). Started and Refused go to
+    /// `reply`: a refusal is sent best effort (the refusal is the error either way), a
+    /// failed Started is the error.
     ///
     /// # Errors
     /// [`MigrationError::PeerAborted`] when the source aborts,
     /// [`MigrationError::DestinationRefused`] when this destination refused to start,
-    /// [`MigrationError::Frame`] or [`MigrationError::Io`] from the stream,
-    /// [`MigrationError::Stream`] for a frame the protocol does not allow here,
-    /// [`MigrationError::InvalidInput`] for a Hello this destination cannot take. All but
-    /// the first two are also sent to the source as an Abort. After any error the
-    /// destination is failed and every later call returns [`MigrationError::Stream`].
-    pub fn step(&mut self) -> Result<DestEvent> {
-        match self.phase {
-            Phase::Failed => {
-                return Err(MigrationError::Stream(format!(
-                    "destination failed earlier: {}",
-                    self.failure.as_deref().unwrap_or("")
-                )))
-            }
-            Phase::Done => {
-                return Err(MigrationError::Stream(
-                    "the migration is complete; nothing more to read".into(),
-                ))
-            }
-            _ => {}
-        }
-        let res = self.step_inner();
+    /// [`MigrationError::Protocol`] for a frame the protocol does not allow here,
+    /// [`MigrationError::Frame`] for a RAM section that does not decode,
+    /// [`MigrationError::InvalidInput`] for a Hello this destination cannot take, and the
+    /// errors of `reply` and of the section handler. After any error the core is failed.
+    pub fn apply(
+        &mut self,
+        frame: Frame,
+        seq: u64,
+        stream_version: Option<u32>,
+        reply: &mut dyn FnMut(&Frame) -> Result<()>,
+    ) -> Result<DestEvent> {
+        self.check_live()?;
+        let res = self.apply_inner(frame, seq, stream_version, reply);
         if let Err(e) = &res {
             self.fail(e);
         }
         res
     }
 
-    fn fail(&mut self, e: &MigrationError) {
-        self.phase = Phase::Failed;
-        self.failure = Some(e.to_string());
-        match e {
-            MigrationError::PeerAborted(_) | MigrationError::DestinationRefused(_) => {}
-            other => self.writer.abort(&format!("destination: {other}")),
-        }
-    }
-
-    fn step_inner(&mut self) -> Result<DestEvent> {
-        let frame = self.reader.read_frame()?;
+    fn apply_inner(
+        &mut self,
+        frame: Frame,
+        seq: u64,
+        stream_version: Option<u32>,
+        reply: &mut dyn FnMut(&Frame) -> Result<()>,
+    ) -> Result<DestEvent> {
         match (self.phase, frame) {
             (_, Frame::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
-            (Phase::AwaitHello, Frame::Hello(h)) => self.accept(h),
+            (Phase::AwaitHello, Frame::Hello(h)) => {
+                self.accept(h, stream_version.unwrap_or(STREAM_VERSION))
+            }
             (
                 Phase::Precopy | Phase::Stopped | Phase::Postcopy,
                 Frame::Section { state, payload },
             ) => self.section(state, &payload),
             (Phase::Precopy, Frame::Switchover { postcopy }) => {
                 if postcopy {
-                    self.start()?;
+                    self.start(reply)?;
                     self.phase = Phase::Postcopy;
                     self.postcopy = true;
                 } else {
@@ -516,47 +543,49 @@ impl<R: Read, W: Write> Destination<R, W> {
             }
             (Phase::Stopped | Phase::Postcopy, Frame::End) => {
                 if let Some(p) = self.ram.as_ref().and_then(DestRam::first_missing) {
-                    return Err(MigrationError::Stream(format!(
-                        "End with page {p} never received ({} of {} pages here)",
-                        self.received_pages(),
-                        self.ram.as_ref().map_or(0, |r| r.pages)
-                    )));
+                    return Err(ProtocolError::PageNeverReceived {
+                        page: p,
+                        received: self.received_pages(),
+                        pages: self.pages(),
+                    }
+                    .into());
                 }
                 if self.phase == Phase::Stopped {
-                    self.start()?;
+                    self.start(reply)?;
                 }
                 self.phase = Phase::Done;
                 Ok(DestEvent::End)
             }
-            (phase, f) => Err(MigrationError::Stream(format!(
-                "unexpected {:?} frame {} while {phase:?}",
-                f.kind(),
-                self.reader.frames_read() - 1
-            ))),
+            (phase, f) => Err(ProtocolError::UnexpectedFrame {
+                kind: f.kind(),
+                seq,
+                phase: phase.name(),
+            }
+            .into()),
         }
     }
 
     /// Answers the switchover: Started, or Refused when configured to refuse.
-    fn start(&mut self) -> Result<()> {
+    fn start(&mut self, reply: &mut dyn FnMut(&Frame) -> Result<()>) -> Result<()> {
         if let Some(reason) = self.config.refuse_start.clone() {
             // Best effort, like Abort: the refusal is the error either way.
-            let _ = self.writer.write_frame(&Frame::Refused {
+            let _ = reply(&Frame::Refused {
                 reason: reason.clone(),
             });
             return Err(MigrationError::DestinationRefused(reason));
         }
-        self.writer.write_frame(&Frame::Started)?;
+        reply(&Frame::Started)?;
         self.ran = true;
         Ok(())
     }
 
-    fn accept(&mut self, h: Hello) -> Result<DestEvent> {
-        let stream_version = self.reader.version().unwrap_or(STREAM_VERSION);
+    fn accept(&mut self, h: Hello, stream_version: u32) -> Result<DestEvent> {
         if h.version != stream_version {
-            return Err(MigrationError::Stream(format!(
-                "Hello says version {} but the stream header says {stream_version}",
-                h.version
-            )));
+            return Err(ProtocolError::HelloVersion {
+                hello: h.version,
+                stream: stream_version,
+            }
+            .into());
         }
         let mut ram_state = None;
         let mut states = BTreeMap::new();
@@ -564,16 +593,10 @@ impl<R: Read, W: Write> Destination<R, W> {
         let mut names = HashSet::with_capacity(h.states.len());
         for s in &h.states {
             if !names.insert(s.name.as_str()) {
-                return Err(MigrationError::Stream(format!(
-                    "state {:?} declared twice",
-                    s.name
-                )));
+                return Err(ProtocolError::DuplicateStateName(s.name.clone()).into());
             }
             if states.insert(s.id, s.name.clone()).is_some() {
-                return Err(MigrationError::Stream(format!(
-                    "state id {} declared twice",
-                    s.id
-                )));
+                return Err(ProtocolError::DuplicateStateId(s.id).into());
             }
             if s.name == RAM_STATE_NAME {
                 ram_state = Some(s.id);
@@ -604,10 +627,11 @@ impl<R: Read, W: Write> Destination<R, W> {
                 });
             }
             None if h.ram_pages != 0 => {
-                return Err(MigrationError::Stream(format!(
-                    "Hello has {} RAM pages but no {RAM_STATE_NAME:?} state",
-                    h.ram_pages
-                )))
+                return Err(ProtocolError::RamWithoutState {
+                    pages: h.ram_pages,
+                    name: RAM_STATE_NAME,
+                }
+                .into())
             }
             None => {}
         }
@@ -621,31 +645,23 @@ impl<R: Read, W: Write> Destination<R, W> {
     fn section(&mut self, state: StateId, payload: &[u8]) -> Result<DestEvent> {
         if Some(state) != self.ram_state {
             let Some(name) = self.states.get(&state) else {
-                return Err(MigrationError::Stream(format!(
-                    "section of state {state}, which the Hello did not declare"
-                )));
+                return Err(ProtocolError::UndeclaredState(state).into());
             };
             let handler = self
                 .handler
                 .as_mut()
-                .ok_or_else(|| MigrationError::Stream(format!("no handler for {name:?}")))?;
+                .ok_or_else(|| ProtocolError::NoHandler(name.clone()))?;
             handler(state, name, payload)?;
             return Ok(DestEvent::Section { state });
         }
         let running = self.phase == Phase::Postcopy;
-        let ram = self
-            .ram
-            .as_mut()
-            .ok_or_else(|| MigrationError::Stream("RAM section without RAM".into()))?;
+        let ram = self.ram.as_mut().ok_or(ProtocolError::NoRam)?;
         let entries = ram_codec::decode_entries(ram.page_size, payload)?;
         // Check every index first, so a bad section changes nothing.
         for e in &entries {
             ram.check(e.page())?;
             if running && matches!(e, PageEntry::Discard(_)) {
-                return Err(MigrationError::Stream(format!(
-                    "discard of page {} after the guest started",
-                    e.page()
-                )));
+                return Err(ProtocolError::DiscardAfterStart { page: e.page() }.into());
             }
         }
         let (mut written, mut ignored, mut discarded) = (0, 0, 0);
@@ -675,21 +691,178 @@ impl<R: Read, W: Write> Destination<R, W> {
         })
     }
 
+    /// Page `page` of the RAM, mutably, if in range.
+    fn page_mut(&mut self, page: u64) -> Option<&mut [u8]> {
+        let ram = self.ram.as_mut()?;
+        (page < ram.pages).then(|| {
+            let r = ram.range(page);
+            &mut ram.map[r]
+        })
+    }
+
+    /// The guest this core handed over: its RAM and how it started.
+    fn into_guest(self, page_requests: u64) -> DestinationGuest {
+        DestinationGuest {
+            ram: self.ram,
+            postcopy: self.postcopy,
+            page_requests,
+        }
+    }
+}
+
+/// The destination of one migration attempt over a channel split into a reader (from the
+/// source) and a writer (to it): a [`DestCore`] fed by a [`FrameReader`], answering on a
+/// [`FrameWriter`].
+pub struct Destination<R: Read, W: Write> {
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    core: DestCore,
+    page_requests: u64,
+}
+
+impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Destination")
+            .field("phase", &self.core.phase)
+            .field("hello", &self.core.hello)
+            .field("received", &self.received_pages())
+            .finish()
+    }
+}
+
+impl<R: Read, W: Write> Destination<R, W> {
+    /// A destination reading the source's stream from `from` and answering on `to`.
+    /// Nothing is read or written yet.
+    pub fn new(from: R, to: W, config: DestinationConfig) -> Destination<R, W> {
+        Destination::with_retained(from, to, config, None)
+    }
+
+    /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`) if
+    /// the Hello's migration id and geometry match it; otherwise the RAM starts empty and
+    /// `kept` is dropped.
+    pub fn with_retained(
+        from: R,
+        to: W,
+        config: DestinationConfig,
+        kept: Option<RetainedRam>,
+    ) -> Destination<R, W> {
+        Destination {
+            reader: FrameReader::with_max_frame_len(from, config.max_frame_len),
+            writer: FrameWriter::new(to),
+            core: DestCore::new(config, kept),
+            page_requests: 0,
+        }
+    }
+
+    /// After a failed attempt: the RAM to start the next attempt from, unless the guest ran
+    /// here (postcopy: the RAM is the destination guest's now) or no Hello came.
+    pub fn into_retained(self) -> Option<RetainedRam> {
+        self.core.into_retained()
+    }
+
+    /// Whether this attempt started from RAM kept from a failed one (the Hello's migration
+    /// id and geometry matched it).
+    pub fn resumed_from_retained(&self) -> bool {
+        self.core.resumed_from_retained()
+    }
+
+    /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
+    /// a state is refused.
+    pub fn set_section_handler(&mut self, handler: SectionHandler) {
+        self.core.set_section_handler(handler);
+    }
+
+    /// The source's Hello, once read.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.core.hello()
+    }
+
+    /// Pages received (and not discarded).
+    pub fn received_pages(&self) -> u64 {
+        self.core.received_pages()
+    }
+
+    /// Whether page `page` is here.
+    pub fn has_page(&self, page: u64) -> bool {
+        self.core.has_page(page)
+    }
+
+    /// Whether the guest runs here (postcopy after switchover, or the end).
+    pub fn is_running(&self) -> bool {
+        self.core.is_running()
+    }
+
+    /// Whether the migration completed.
+    pub fn is_done(&self) -> bool {
+        self.core.is_done()
+    }
+
+    /// The reader (for its counters or its channel).
+    pub fn reader(&self) -> &FrameReader<R> {
+        &self.reader
+    }
+
+    /// Reads and applies one frame.
+    ///
+    /// # Errors
+    /// [`MigrationError::PeerAborted`] when the source aborts,
+    /// [`MigrationError::DestinationRefused`] when this destination refused to start,
+    /// [`MigrationError::Frame`] or [`MigrationError::Io`] from the stream,
+    /// [`MigrationError::Protocol`] for a frame the protocol does not allow here,
+    /// [`MigrationError::InvalidInput`] for a Hello this destination cannot take. All but
+    /// the first two are also sent to the source as an Abort. After any error the
+    /// destination is failed and every later call returns [`ProtocolError::Failed`].
+    pub fn step(&mut self) -> Result<DestEvent> {
+        self.core.check_live()?;
+        let frame = match self.reader.read_frame() {
+            Ok(f) => f,
+            Err(e) => {
+                self.fail(&e);
+                return Err(e);
+            }
+        };
+        let seq = self.reader.frames_read().saturating_sub(1);
+        let version = self.reader.version();
+        let writer = &mut self.writer;
+        let res = self.core.apply(frame, seq, version, &mut |f| {
+            writer.write_frame(f).map(drop)
+        });
+        if let Err(e) = &res {
+            self.abort_source(e);
+        }
+        res
+    }
+
+    /// Fails the destination, and tells the source.
+    fn fail(&mut self, e: &MigrationError) {
+        self.core.fail(e);
+        self.abort_source(e);
+    }
+
+    /// Sends the source an Abort for `e`, except for an Abort from the source itself and a
+    /// refusal, which already sent Refused.
+    fn abort_source(&mut self, e: &MigrationError) {
+        match e {
+            MigrationError::PeerAborted(_) | MigrationError::DestinationRefused(_) => {}
+            other => self.writer.abort(&format!("destination: {other}")),
+        }
+    }
+
     /// Postcopy: page `page` for the running guest. If it is missing, sends a PageRequest
     /// and applies incoming frames until it arrives.
     ///
     /// # Errors
     /// [`MigrationError::InvalidInput`] if the guest is not running here or `page` is out of
-    /// range; the errors of [`Destination::step`], and [`MigrationError::Stream`] if the
-    /// stream ends without the page.
+    /// range; the errors of [`Destination::step`], and [`ProtocolError::EndedWithoutPage`]
+    /// if the stream ends without the page.
     pub fn fetch_page(&mut self, page: u64) -> Result<&mut [u8]> {
         if !self.is_running() {
             return Err(MigrationError::InvalidInput(
                 "fetch_page before the guest runs here".into(),
             ));
         }
-        let (pages, ram_state) = match (&self.ram, self.ram_state) {
-            (Some(r), Some(id)) => (r.pages, id),
+        let (pages, ram_state) = match (self.core.pages(), self.core.ram_state) {
+            (pages, Some(id)) if self.core.ram.is_some() => (pages, id),
             _ => return Err(MigrationError::InvalidInput("no RAM".into())),
         };
         if page >= pages {
@@ -708,20 +881,15 @@ impl<R: Read, W: Write> Destination<R, W> {
             }
             self.page_requests += 1;
             while !self.has_page(page) {
-                if self.phase == Phase::Done {
-                    return Err(MigrationError::Stream(format!(
-                        "the stream ended without page {page}"
-                    )));
+                if self.core.phase == Phase::Done {
+                    return Err(ProtocolError::EndedWithoutPage { page }.into());
                 }
                 self.step()?;
             }
         }
-        let ram = self
-            .ram
-            .as_mut()
-            .ok_or_else(|| MigrationError::InvalidInput("no RAM".into()))?;
-        let r = ram.range(page);
-        Ok(&mut ram.map[r])
+        self.core
+            .page_mut(page)
+            .ok_or_else(|| MigrationError::InvalidInput("no RAM".into()))
     }
 
     /// Steps until the end and hands back the running guest.
@@ -729,13 +897,9 @@ impl<R: Read, W: Write> Destination<R, W> {
     /// # Errors
     /// The errors of [`Destination::step`].
     pub fn run(mut self) -> Result<DestinationGuest> {
-        while self.phase != Phase::Done {
+        while !self.core.is_done() {
             self.step()?;
         }
-        Ok(DestinationGuest {
-            ram: self.ram,
-            postcopy: self.postcopy,
-            page_requests: self.page_requests,
-        })
+        Ok(self.core.into_guest(self.page_requests))
     }
 }

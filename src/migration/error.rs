@@ -1,6 +1,9 @@
-//! The migration module's error type.
+//! The migration module's error type, and [`ProtocolError`]: what a well-framed stream or
+//! return path can say that the protocol does not allow.
 
 use std::io;
+
+use super::frame::{EncodeError, FrameError, FrameKind, StateId};
 
 /// Everything that can end a migration attempt. After any of them but
 /// [`MigrationError::OutcomeUnknown`] (and errors after a postcopy switch) the source
@@ -13,13 +16,13 @@ pub enum MigrationError {
     #[error("migration channel I/O error: {0}")]
     Io(#[from] io::Error),
     /// The stream is well framed but breaks the protocol: a frame its receiver does not
-    /// allow at that point, a state or page it did not declare. The message says which.
+    /// allow at that point, a state or page it did not declare. The variant says which.
     #[error("corrupt migration stream: {0}")]
-    Stream(String),
+    Protocol(#[from] ProtocolError),
     /// The stream's framing is broken, typed: bad magic or version, a checksum mismatch, an
     /// unknown kind, an oversized, truncated or out-of-order frame, a malformed payload.
     #[error("corrupt migration stream: {0}")]
-    Frame(#[from] super::stream::FrameError),
+    Frame(#[from] FrameError),
     /// The peer ended the stream early or aborted; the message gives its reason if it sent one.
     #[error("migration aborted by peer: {0}")]
     PeerAborted(String),
@@ -47,6 +50,161 @@ pub enum MigrationError {
     /// An error from the bitmap or store layer.
     #[error(transparent)]
     Bitmap(#[from] crate::Error),
+}
+
+/// A frame that does not encode is the caller's bad value.
+impl From<EncodeError> for MigrationError {
+    fn from(e: EncodeError) -> Self {
+        MigrationError::InvalidInput(e.to_string())
+    }
+}
+
+/// What a well-framed conversation does that the protocol does not allow, on either side.
+/// Each variant names the frame, state or page at fault.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The destination read a frame its phase does not allow (a Section before the Hello,
+    /// a second Switchover, a destination's frame from the source).
+    #[error("unexpected {kind:?} frame {seq} while {phase}")]
+    UnexpectedFrame {
+        /// The frame's kind.
+        kind: FrameKind,
+        /// Its sequence number.
+        seq: u64,
+        /// The destination's phase when it came.
+        phase: &'static str,
+    },
+    /// The source read a source's frame (Hello, Section, Switchover, End) on the return
+    /// path, where only the destination's frames belong.
+    #[error("the destination sent a {kind:?} frame")]
+    SourceFrameOnReturnPath {
+        /// The frame's kind.
+        kind: FrameKind,
+    },
+    /// The source waited for the destination's answer to the switchover (Started, Refused
+    /// or Abort) and read another frame.
+    #[error("expected Started, Refused or Abort, got {kind:?}")]
+    NotAnAnswer {
+        /// The frame's kind.
+        kind: FrameKind,
+    },
+    /// The loop received a destination message its phase does not allow.
+    #[error("destination sent {kind:?} {when}")]
+    UnexpectedMessage {
+        /// The kind of the frame that carried it.
+        kind: FrameKind,
+        /// When it came: "before the switchover", "instead of starting", "after it started".
+        when: &'static str,
+    },
+    /// The Hello's version is not the stream header's.
+    #[error("Hello says version {hello} but the stream header says {stream}")]
+    HelloVersion {
+        /// The version in the Hello.
+        hello: u32,
+        /// The version in the stream header.
+        stream: u32,
+    },
+    /// The Hello declares a state name twice.
+    #[error("state {0:?} declared twice")]
+    DuplicateStateName(String),
+    /// The Hello declares a state id twice.
+    #[error("state id {0} declared twice")]
+    DuplicateStateId(StateId),
+    /// The Hello gives RAM a size but declares no RAM state.
+    #[error("Hello has {pages} RAM pages but no {name:?} state")]
+    RamWithoutState {
+        /// The RAM pages in the Hello.
+        pages: u64,
+        /// The RAM state's name (`ram_codec::RAM_STATE_NAME`).
+        name: &'static str,
+    },
+    /// The Hello does not describe the guest this destination holds (the simulated
+    /// destination of `sim.rs` is built for one guest).
+    #[error(
+        "Hello for {pages} pages of {page_size} bytes in state {ram_state:?}, expected \
+         {expected_pages} of {expected_page_size} in state {expected_state}"
+    )]
+    WrongGuest {
+        /// RAM pages in the Hello.
+        pages: u64,
+        /// Page size in the Hello.
+        page_size: u32,
+        /// The Hello's RAM state id, if it declares one.
+        ram_state: Option<StateId>,
+        /// The destination's RAM pages.
+        expected_pages: u64,
+        /// The destination's page size.
+        expected_page_size: u32,
+        /// The destination's RAM state id.
+        expected_state: StateId,
+    },
+    /// A Section of a state the Hello did not declare.
+    #[error("section of state {0}, which the Hello did not declare")]
+    UndeclaredState(StateId),
+    /// A Section of a declared state that nothing on this destination handles.
+    #[error("no handler for {0:?}")]
+    NoHandler(String),
+    /// A RAM Section on a destination that has no RAM.
+    #[error("RAM section without RAM")]
+    NoRam,
+    /// A RAM Section names a page past the end of RAM.
+    #[error("page {page} is outside the guest's {pages} pages")]
+    PageOutOfRange {
+        /// The page.
+        page: u64,
+        /// The guest's pages.
+        pages: u64,
+    },
+    /// A discard arrived once the destination's guest ran (postcopy): a page it may have
+    /// written since cannot be dropped.
+    #[error("discard of page {page} after the guest started")]
+    DiscardAfterStart {
+        /// The page.
+        page: u64,
+    },
+    /// End came with a page missing.
+    #[error("End with page {page} never received ({received} of {pages} pages here)")]
+    PageNeverReceived {
+        /// The first missing page.
+        page: u64,
+        /// Pages received.
+        received: u64,
+        /// The guest's pages.
+        pages: u64,
+    },
+    /// The stream ended while the destination's guest waited for a page (postcopy).
+    #[error("the stream ended without page {page}")]
+    EndedWithoutPage {
+        /// The page.
+        page: u64,
+    },
+    /// A page request names pages past the end of RAM.
+    #[error("page request for {count} pages from {first}, outside RAM of {pages} pages")]
+    RequestOutOfRange {
+        /// The first page asked for.
+        first: u64,
+        /// How many.
+        count: u32,
+        /// The guest's pages.
+        pages: u64,
+    },
+    /// A page request for a state this migration does not carry.
+    #[error("page request for unknown state {0}")]
+    RequestForUnknownState(StateId),
+    /// Postcopy: the states say bytes are pending, but none of them sent any (a state
+    /// that breaks its [`super::MigrationState`] contract).
+    #[error("postcopy: bytes pending but no state sent any")]
+    NoProgress,
+    /// The destination failed earlier; its error.
+    #[error("destination failed earlier: {0}")]
+    Failed(String),
+    /// The destination completed; nothing more is read.
+    #[error("the migration is complete; nothing more to read")]
+    Complete,
+    /// The destination's thread is gone without a report (it panicked, or was joined).
+    #[error("the destination thread {0}")]
+    DestinationThread(&'static str),
 }
 
 /// The migration module's result.

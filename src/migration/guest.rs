@@ -28,7 +28,9 @@
 //!
 //! Writing the page *after* marking would be wrong: a take between M and W would clear the
 //! bit, the copy could miss W, and nothing would mark the page again.
-#![allow(unsafe_code)]
+//!
+//! The only `unsafe` here is in the items marked `#[allow(unsafe_code)]`: the `Send` and
+//! `Sync` of [`GuestRam`] and its word access (`GuestRam::page_words`).
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -41,6 +43,7 @@ use memmap2::MmapMut;
 use parking_lot::{Condvar, Mutex};
 
 use super::error::{MigrationError, Result};
+use crate::rng::SplitMix64;
 use crate::DirtyBitmap;
 
 /// Bytes per guest page.
@@ -62,8 +65,10 @@ pub struct GuestRam {
 
 // SAFETY: the mapping is owned by the struct and only reached through `base` as
 // `AtomicU64`s, which are `Sync`; nothing is thread-local.
+#[allow(unsafe_code)]
 unsafe impl Send for GuestRam {}
 // SAFETY: as above; every access through `&self` is an atomic operation.
+#[allow(unsafe_code)]
 unsafe impl Sync for GuestRam {}
 
 impl std::fmt::Debug for GuestRam {
@@ -117,6 +122,7 @@ impl GuestRam {
     ///
     /// # Panics
     /// If `page` is out of range (a caller bug: pages come from the RAM's own bitmaps).
+    #[allow(unsafe_code)]
     fn page_words(&self, page: u64) -> &[AtomicU64] {
         assert!(page < self.pages, "page {page} out of {}", self.pages);
         // SAFETY: `base` points to `pages * WORDS_PER_PAGE` words of a live mapping owned
@@ -251,7 +257,8 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    /// The hot-set pattern of issue 5: 90 % of writes into 5 % of the pages.
+    /// The hot-set pattern `dbm simulate` and the benchmarks use: 90 % of writes into 5 % of
+    /// the pages.
     pub const HOT_90_5: Pattern = Pattern::HotSet {
         hot_fraction: 0.05,
         hot_share: 0.9,
@@ -274,41 +281,6 @@ impl Pattern {
             }
             Pattern::Sequential => n % pages,
         }
-    }
-}
-
-/// A tiny portable PRNG (SplitMix64), so simulated runs replay identically from a seed on
-/// every platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// From a seed.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when `n` is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-        }
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -1,5 +1,5 @@
 //! The migration loop: precopy iterations, the switchover rule, the postcopy switch and the
-//! stall guard, modelled on QEMU's `migration_iteration_run` (reference §7).
+//! stall guard, modelled on QEMU's `migration_iteration_run` (`migration/migration.c`).
 //!
 //! One turn of the loop:
 //! 1. **Counters.** Once at least [`BUFFER_DELAY`] (100 ms) passed since the window
@@ -42,12 +42,12 @@
 
 use std::time::Duration;
 
+use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::Clock;
-use super::error::{MigrationError, Result};
+use super::error::{MigrationError, ProtocolError, Result};
+use super::frame::{Control, FrameKind, Hello, StateId, StateInfo, STREAM_VERSION};
 use super::guest::Vm;
-use super::state::{Control, DestMessage, Inbound, MigrationState, Pending};
-use super::stream::{Hello, StateInfo, STREAM_VERSION};
-use super::{Outbound, StateId};
+use super::state::{MigrationState, Pending};
 use crate::units::{fits, threshold, Bytes, BytesPerMs, Millis};
 
 /// Bandwidth is measured over windows at least this long (QEMU's `BUFFER_DELAY`); the rate
@@ -872,9 +872,11 @@ where
         match self.inbound.try_recv()? {
             None => Ok(()),
             Some(DestMessage::Aborted(why)) => Err(MigrationError::PeerAborted(why)),
-            Some(other) => Err(MigrationError::Stream(format!(
-                "destination sent {other:?} before the switchover"
-            ))),
+            Some(other) => Err(ProtocolError::UnexpectedMessage {
+                kind: other.kind(),
+                when: "before the switchover",
+            }
+            .into()),
         }
     }
 
@@ -990,9 +992,13 @@ where
             DestMessage::Started => Ok(()),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
             DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
-            other => Err(unknown(MigrationError::Stream(format!(
-                "expected the destination to start, got {other:?}"
-            )))),
+            other => Err(unknown(
+                ProtocolError::UnexpectedMessage {
+                    kind: other.kind(),
+                    when: "instead of starting",
+                }
+                .into(),
+            )),
         }
     }
 
@@ -1101,9 +1107,7 @@ where
                 sent += s.iterate(&mut self.out, self.config.iterate_chunk - sent)?;
             }
             if sent == Bytes(0) {
-                return Err(MigrationError::Stream(
-                    "postcopy: bytes pending but no state sent any".into(),
-                ));
+                return Err(ProtocolError::NoProgress.into());
             }
         }
         // Requests still in flight are for pages already pushed: the destination has
@@ -1119,14 +1123,19 @@ where
     ) -> Result<()> {
         match msg {
             DestMessage::PageRequest { state, payload } => {
-                let s = states.iter_mut().find(|s| s.id() == state).ok_or_else(|| {
-                    MigrationError::Stream(format!("page request for unknown state {state}"))
-                })?;
+                let s = states
+                    .iter_mut()
+                    .find(|s| s.id() == state)
+                    .ok_or(ProtocolError::RequestForUnknownState(state))?;
                 s.serve(&mut self.out, &payload)?;
                 self.requests_served += 1;
                 Ok(())
             }
-            DestMessage::Started => Err(MigrationError::Stream("destination started twice".into())),
+            DestMessage::Started => Err(ProtocolError::UnexpectedMessage {
+                kind: FrameKind::Started,
+                when: "after it started",
+            }
+            .into()),
             DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
             DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
         }

@@ -36,14 +36,19 @@
 use std::sync::atomic::{fence, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
-use super::error::{MigrationError, Result};
+use super::channel::Outbound;
+use super::error::{MigrationError, ProtocolError, Result};
+use super::frame::{StateId, MAX_FRAME_LEN};
 use super::guest::{check_log, new_log, GuestRam, PAGE_SIZE};
 use super::ram_codec::{self, RAM_STATE_NAME};
 use super::state::{MigrationState, Pending};
-use super::stream::MAX_FRAME_LEN;
-use super::{Outbound, StateId};
 use crate::units::Bytes;
 use crate::DirtyBitmap;
+
+/// The section id RAM takes in this crate's migrations (the simulation of `sim.rs`, both
+/// ends of `tcp.rs`, `dbm migrate`). Any id works on the wire: the Hello says which one
+/// is RAM, by its name [`RAM_STATE_NAME`].
+pub const RAM_ID: StateId = 1;
 
 /// Most discard entries in one section (9 bytes each: far below the frame limit).
 pub const DISCARDS_PER_SECTION: usize = 1 << 16;
@@ -430,11 +435,10 @@ impl MigrationState for RamState {
         let end = first
             .checked_add(u64::from(count))
             .filter(|&e| e <= self.ram.pages())
-            .ok_or_else(|| {
-                MigrationError::Stream(format!(
-                    "page request for {count} pages from {first}, outside RAM of {} pages",
-                    self.ram.pages()
-                ))
+            .ok_or(ProtocolError::RequestOutOfRange {
+                first,
+                count,
+                pages: self.ram.pages(),
             })?;
         let page = PAGE_SIZE as u64;
         // Sent whether or not it is still in to-send: the destination may have asked while
@@ -470,7 +474,8 @@ impl MigrationState for RamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::stream::{Frame, FrameWriter};
+    use crate::migration::frame::Frame;
+    use crate::migration::stream::FrameWriter;
 
     /// A writer past its stream header (the loop sends the Hello before any setup).
     fn started() -> FrameWriter<Vec<u8>> {
@@ -546,7 +551,7 @@ mod tests {
         assert!(s.serve(&mut w, &[0; 3]).is_err());
     }
 
-    const SECTION_FRAME: u64 = crate::migration::stream::SECTION_OVERHEAD.get();
+    const SECTION_FRAME: u64 = crate::migration::frame::SECTION_OVERHEAD.get();
 
     #[test]
     fn batch_size_is_bounded_by_the_frame_limit() {

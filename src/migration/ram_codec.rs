@@ -1,11 +1,23 @@
 //! The payload of a RAM Section: a batch of pages, with all-zero pages sent as a flag
 //! (as QEMU's `RAM_SAVE_FLAG_ZERO`), and the payload of a RAM PageRequest.
 //!
-//! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length.
-//! The byte layout is in `docs/FORMAT.md`, section "Migration stream".
+//! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length;
+//! the parser lints below (as in `src/format` and `src/storage`) hold the decoders to it, and
+//! every field is read through the checked readers of `frame.rs`. The byte layout is in
+//! `docs/FORMAT.md`, section "Migration stream".
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use super::error::Result;
-use super::stream::FrameError;
+use super::frame::{be_u32, be_u64, be_u8, field, FrameError};
 
 /// The name of the RAM state in a Hello frame.
 pub const RAM_STATE_NAME: &str = "ram";
@@ -63,8 +75,17 @@ pub fn encode_pages(page_size: usize, pages: &[(u64, &[u8])]) -> Vec<u8> {
         check_page_size(page_size).is_ok(),
         "encode_pages: bad page size {page_size}"
     );
-    let count = u32::try_from(pages.len()).expect("encode_pages: more than u32::MAX pages");
-    let mut out = Vec::with_capacity(PAGES_HEADER_LEN + pages.len() * (PAGE_ENTRY_LEN + page_size));
+    assert!(
+        u32::try_from(pages.len()).is_ok(),
+        "encode_pages: more than u32::MAX pages"
+    );
+    let count = u32::try_from(pages.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(
+        pages
+            .len()
+            .saturating_mul(PAGE_ENTRY_LEN.saturating_add(page_size))
+            .saturating_add(PAGES_HEADER_LEN),
+    );
     out.extend_from_slice(&(page_size as u32).to_be_bytes());
     out.extend_from_slice(&count.to_be_bytes());
     for &(index, data) in pages {
@@ -95,8 +116,17 @@ pub fn encode_discards(page_size: usize, pages: &[u64]) -> Vec<u8> {
         check_page_size(page_size).is_ok(),
         "encode_discards: bad page size {page_size}"
     );
-    let count = u32::try_from(pages.len()).expect("encode_discards: more than u32::MAX pages");
-    let mut out = Vec::with_capacity(PAGES_HEADER_LEN + pages.len() * PAGE_ENTRY_LEN);
+    assert!(
+        u32::try_from(pages.len()).is_ok(),
+        "encode_discards: more than u32::MAX pages"
+    );
+    let count = u32::try_from(pages.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(
+        pages
+            .len()
+            .saturating_mul(PAGE_ENTRY_LEN)
+            .saturating_add(PAGES_HEADER_LEN),
+    );
     out.extend_from_slice(&(page_size as u32).to_be_bytes());
     out.extend_from_slice(&count.to_be_bytes());
     for &index in pages {
@@ -134,18 +164,19 @@ impl PageEntry<'_> {
 /// has unknown flags, or bytes follow the last entry.
 pub fn decode_entries(page_size: usize, payload: &[u8]) -> Result<Vec<PageEntry<'_>>> {
     check_page_size(page_size)?;
-    let Some(head) = payload.get(..PAGES_HEADER_LEN) else {
+    // Checked above: a zero page is a prefix of ZERO_PAGE.
+    let zero_page = ZERO_PAGE.get(..page_size).unwrap_or_default();
+    let (Some(stored), Some(count)) = (be_u32(payload, 0), be_u32(payload, 4)) else {
         return Err(bad(format!("{} bytes, shorter than its header", payload.len())).into());
     };
-    let stored = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     if usize::try_from(stored).ok() != Some(page_size) {
         return Err(bad(format!(
             "page size {stored} in the payload, expected {page_size}"
         ))
         .into());
     }
-    let count = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
-    let mut rest = &payload[PAGES_HEADER_LEN..];
+    let count = count as usize;
+    let mut rest = payload.get(PAGES_HEADER_LEN..).unwrap_or_default();
     // The count bound: every entry takes at least PAGE_ENTRY_LEN bytes, so a count the
     // payload cannot hold is refused before anything is allocated for it.
     if count > rest.len() / PAGE_ENTRY_LEN {
@@ -153,19 +184,15 @@ pub fn decode_entries(page_size: usize, payload: &[u8]) -> Result<Vec<PageEntry<
     }
     let mut pages = Vec::with_capacity(count);
     for i in 0..count {
-        let Some(entry) = rest.get(..PAGE_ENTRY_LEN) else {
+        let (Some(index), Some(flags)) = (be_u64(rest, 0), be_u8(rest, 8)) else {
             return Err(bad(format!("entry {i} of {count} cut short")).into());
         };
-        let mut idx = [0u8; 8];
-        idx.copy_from_slice(&entry[..8]);
-        let index = u64::from_be_bytes(idx);
-        let flags = entry[8];
-        rest = &rest[PAGE_ENTRY_LEN..];
+        rest = rest.get(PAGE_ENTRY_LEN..).unwrap_or_default();
         match flags {
-            PAGE_FLAG_ZERO => pages.push(PageEntry::Data(index, &ZERO_PAGE[..page_size])),
+            PAGE_FLAG_ZERO => pages.push(PageEntry::Data(index, zero_page)),
             PAGE_FLAG_DISCARD => pages.push(PageEntry::Discard(index)),
             0 => {
-                let Some(data) = rest.get(..page_size) else {
+                let Some(data) = field(rest, 0, page_size) else {
                     return Err(bad(format!(
                         "page {index} (entry {i}) has {} of {page_size} bytes",
                         rest.len()
@@ -173,7 +200,7 @@ pub fn decode_entries(page_size: usize, payload: &[u8]) -> Result<Vec<PageEntry<
                     .into());
                 };
                 pages.push(PageEntry::Data(index, data));
-                rest = &rest[page_size..];
+                rest = rest.get(page_size..).unwrap_or_default();
             }
             f => {
                 return Err(bad(format!(
@@ -221,16 +248,15 @@ pub fn encode_page_request(first: u64, count: u32) -> Vec<u8> {
 /// [`FrameError::BadPayload`] unless the payload is exactly [`PAGE_REQUEST_LEN`] bytes with a
 /// non-zero count whose range does not overflow.
 pub fn decode_page_request(payload: &[u8]) -> Result<(u64, u32)> {
-    let p: &[u8; PAGE_REQUEST_LEN] = payload.try_into().map_err(|_| {
-        bad(format!(
+    let (Some(first), Some(count), PAGE_REQUEST_LEN) =
+        (be_u64(payload, 0), be_u32(payload, 8), payload.len())
+    else {
+        return Err(bad(format!(
             "page request of {} bytes, expected 12",
             payload.len()
         ))
-    })?;
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&p[..8]);
-    let first = u64::from_be_bytes(first);
-    let count = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
+        .into());
+    };
     if count == 0 || first.checked_add(u64::from(count)).is_none() {
         return Err(bad(format!("page request of {count} pages from {first}")).into());
     }
@@ -240,7 +266,7 @@ pub fn decode_page_request(payload: &[u8]) -> Result<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::MigrationError;
+    use crate::migration::error::MigrationError;
     use proptest::prelude::*;
 
     fn is_bad(r: Result<Vec<(u64, &[u8])>>) -> bool {

@@ -8,102 +8,41 @@
 //! the bytes sent stay within `max_bandwidth × elapsed` plus one window's budget and one
 //! frame. Idle windows earn no credit: a burst after a pause is still one budget per window.
 //!
-//! Time comes from a [`RateClock`]: [`SystemClock`] sleeps for real, [`ManualClock`] is a
-//! shared counter that a test advances (its `sleep` just advances it), so the limiter is
-//! tested without sleeping.
+//! Time comes from the module's one [`Clock`]: [`RealClock`] sleeps for real,
+//! [`ManualClock`](super::clock::ManualClock) is a shared counter that waiting advances, so the limiter is tested
+//! without sleeping.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::clock::{Clock, RealClock};
 use crate::units::{Bytes, BytesPerMs, Millis};
 
 /// The window over which the limit is enforced (QEMU's `BUFFER_DELAY`).
 pub const RATE_WINDOW: Duration = Duration::from_millis(100);
 
-/// A time source for the limiter.
-pub trait RateClock: Send + fmt::Debug {
-    /// Time since an arbitrary fixed origin; never goes backwards.
-    fn now(&self) -> Duration;
-    /// Blocks for `d` (or advances simulated time by `d`).
-    fn sleep(&self, d: Duration);
-}
-
-/// Real time: [`Instant`] and [`std::thread::sleep`].
-#[derive(Debug, Clone, Copy)]
-pub struct SystemClock {
-    origin: Instant,
-}
-
-impl SystemClock {
-    /// A clock whose origin is now.
-    pub fn new() -> SystemClock {
-        SystemClock {
-            origin: Instant::now(),
-        }
-    }
-}
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        SystemClock::new()
-    }
-}
-
-impl RateClock for SystemClock {
-    fn now(&self) -> Duration {
-        self.origin.elapsed()
-    }
-    fn sleep(&self, d: Duration) {
-        std::thread::sleep(d);
-    }
-}
-
-/// Simulated time in nanoseconds, shared by its clones. `sleep` advances it.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock {
-    nanos: Arc<AtomicU64>,
-}
-
-impl ManualClock {
-    /// A clock at time zero.
-    pub fn new() -> ManualClock {
-        ManualClock::default()
-    }
-
-    /// Moves time forward by `d` (a send that took `d` on a simulated link, say).
-    pub fn advance(&self, d: Duration) {
-        let n = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.nanos.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The current simulated time.
-    pub fn now(&self) -> Duration {
-        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
-    }
-}
-
-impl RateClock for ManualClock {
-    fn now(&self) -> Duration {
-        ManualClock::now(self)
-    }
-    fn sleep(&self, d: Duration) {
-        self.advance(d);
-    }
-}
-
 /// Holds a sender to `max_bandwidth`, per [`RATE_WINDOW`].
-#[derive(Debug)]
 pub struct RateLimiter {
     /// The limit; zero is no limit (QEMU's `RATE_LIMIT_DISABLED`).
     max_bandwidth: BytesPerMs,
-    clock: Box<dyn RateClock>,
+    clock: Box<dyn Clock + Send>,
     window_start: Duration,
     /// Bytes charged to the current window, including debt carried from earlier ones.
     used: u64,
     slept: Duration,
     sleeps: u64,
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("max_bandwidth", &self.max_bandwidth)
+            .field("window_start", &self.window_start)
+            .field("used", &self.used)
+            .field("slept", &self.slept)
+            .field("sleeps", &self.sleeps)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RateLimiter {
@@ -114,11 +53,11 @@ impl RateLimiter {
 
     /// At most `max_bandwidth` in real time; [`BytesPerMs::ZERO`] is no limit.
     pub fn new(max_bandwidth: BytesPerMs) -> RateLimiter {
-        RateLimiter::with_clock(max_bandwidth, Box::new(SystemClock::new()))
+        RateLimiter::with_clock(max_bandwidth, Box::new(RealClock::new()))
     }
 
     /// At most `max_bandwidth` on `clock`; [`BytesPerMs::ZERO`] is no limit.
-    pub fn with_clock(max_bandwidth: BytesPerMs, clock: Box<dyn RateClock>) -> RateLimiter {
+    pub fn with_clock(max_bandwidth: BytesPerMs, clock: Box<dyn Clock + Send>) -> RateLimiter {
         let window_start = clock.now();
         RateLimiter {
             max_bandwidth,
@@ -186,7 +125,7 @@ impl RateLimiter {
             let end =
                 self.window_start + RATE_WINDOW * u32::try_from(windows_owed).unwrap_or(u32::MAX);
             let d = end.saturating_sub(now).max(Duration::from_nanos(1));
-            self.clock.sleep(d);
+            self.clock.sleep_until(now + d);
             self.slept += d;
             self.sleeps += 1;
         }
@@ -218,6 +157,7 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
+    use super::super::clock::ManualClock;
     use super::*;
 
     /// A limiter of `bw` bytes per second on a manual clock.

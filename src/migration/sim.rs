@@ -19,23 +19,22 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::Clock;
-use super::error::{MigrationError, Result};
-use super::guest::{new_log, GuestRam, Pattern, SplitMix64, Vm, PAGE_SIZE};
+use super::dest::{DestCore, DestinationConfig};
+use super::error::{MigrationError, ProtocolError, Result};
+use super::frame::{control_wire_len, Control, Frame, StateId, SECTION_OVERHEAD, STREAM_VERSION};
+use super::guest::{new_log, GuestRam, Pattern, Vm, PAGE_SIZE};
 use super::precopy::{
     run, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig, Outcome, Rule,
     StallAction, StallReport,
 };
-use super::ram::{RamState, SetupMode};
-use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
-use super::state::{Control, DestMessage, Inbound, MigrationState};
-use super::stream::{control_wire_len, SECTION_OVERHEAD};
-use super::{Outbound, StateId};
+use super::ram::{RamState, SetupMode, RAM_ID};
+use super::ram_codec::{self, RAM_STATE_NAME};
+use super::state::MigrationState;
+use crate::rng::SplitMix64;
 use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;
-
-/// The section id the simulation gives RAM.
-pub const RAM_ID: StateId = 1;
 
 /// Percent of [`Scenario::random`] scenarios with a large RAM.
 pub const LARGE_RAM_PERCENT: u64 = 2;
@@ -43,22 +42,27 @@ pub const LARGE_RAM_PERCENT: u64 = 2;
 /// The largest RAM of a [`Scenario::random`] scenario, in pages.
 pub const LARGE_RAM_MAX_PAGES: u64 = 2048;
 
-/// A destination that decodes what the stream's destination decodes (the Hello, RAM
-/// sections as [`ram_codec`] payloads, Switchover, End, Abort), applies pages into its own
-/// memory and answers as [`super::dest::Destination`] does; it keeps its memory across
-/// attempts (a retry fills it incrementally). Unlike the real one it never blocks: in
-/// postcopy its guest touches pages as virtual time passes and queues a request for each
-/// missing one.
+/// The simulated destination: the real destination's frame handling ([`DestCore`], as
+/// [`super::dest::Destination`] runs it over a stream) fed straight from the simulated
+/// link, with its answers queued for the loop's [`Inbound`]. It keeps its RAM across
+/// attempts as a destination process does ([`DestCore::into_retained`]), so a retry fills
+/// it incrementally. Unlike the real one it never blocks: in postcopy its guest touches
+/// pages as virtual time passes and queues a request for each missing one.
+///
+/// It is built for one guest: a Hello for another geometry or RAM section id is refused
+/// ([`ProtocolError::WrongGuest`]). Sections of other states are refused when they come
+/// ([`ProtocolError::NoHandler`]). Errors are returned to the sender at once, where the
+/// real destination would send an Abort; a refusal and the source's Abort travel as on a
+/// real channel.
 #[derive(Debug)]
 pub struct DestModel {
     ram_id: StateId,
-    /// The migration id of the guest whose pages `ram` holds (from its Hello).
-    migration_id: Option<u64>,
-    ram: Vec<u8>,
-    present: Vec<bool>,
+    pages: u64,
+    /// The destination of the current attempt (and the RAM kept from earlier ones).
+    core: Option<DestCore>,
+    /// Frames the current attempt's core received (the next frame's sequence number).
+    frames: u64,
     requested: Vec<bool>,
-    /// Running in postcopy: touches pages and requests the missing ones.
-    postcopy_running: bool,
     touch_rng: SplitMix64,
     /// Pages the destination guest touches per ms in postcopy.
     pub touch_rate: f64,
@@ -75,11 +79,10 @@ impl DestModel {
     pub fn new(ram_id: StateId, pages: u64, seed: u64) -> Self {
         DestModel {
             ram_id,
-            migration_id: None,
-            ram: vec![0u8; pages as usize * PAGE_SIZE],
-            present: vec![false; pages as usize],
+            pages,
+            core: None,
+            frames: 0,
             requested: vec![false; pages as usize],
-            postcopy_running: false,
             touch_rng: SplitMix64::new(seed ^ 0xDE57),
             touch_rate: 0.0,
             touch_credit: 0.0,
@@ -89,136 +92,155 @@ impl DestModel {
         }
     }
 
-    /// The destination's RAM.
+    /// The destination's RAM (empty before the first Hello).
     pub fn ram(&self) -> &[u8] {
-        &self.ram
+        self.core.as_ref().map_or(&[], DestCore::ram)
     }
 
     /// Whether every page arrived (and none was discarded since).
     pub fn complete(&self) -> bool {
-        self.present.iter().all(|&p| p)
+        self.missing() == 0
     }
 
     /// Whether page `page` arrived (and was not discarded since).
     pub fn has_page(&self, page: u64) -> bool {
-        self.present.get(page as usize).copied().unwrap_or(false)
+        self.core.as_ref().is_some_and(|c| c.has_page(page))
     }
 
-    fn missing(&self) -> usize {
-        self.present.iter().filter(|&&p| !p).count()
+    fn missing(&self) -> u64 {
+        self.pages
+            - self
+                .core
+                .as_ref()
+                .filter(|c| c.pages() == self.pages)
+                .map_or(0, DestCore::received_pages)
+    }
+
+    /// Whether the destination guest runs and pulls what it lacks (postcopy).
+    fn postcopy_running(&self) -> bool {
+        self.core
+            .as_ref()
+            .is_some_and(|c| c.is_running() && !c.is_done())
+    }
+
+    /// Feeds `frame` to the current attempt's core; its answers go to the outbox.
+    fn apply(&mut self, frame: Frame) -> Result<()> {
+        let Some(core) = self.core.as_mut() else {
+            // Nothing before the first Hello: as a destination reading a stream that does
+            // not start with one.
+            return Err(ProtocolError::UnexpectedFrame {
+                kind: frame.kind(),
+                seq: 0,
+                phase: "AwaitHello",
+            }
+            .into());
+        };
+        let seq = self.frames;
+        self.frames += 1;
+        let outbox = &mut self.outbox;
+        let res = core.apply(frame, seq, Some(STREAM_VERSION), &mut |f| {
+            match f {
+                Frame::Started => outbox.push_back(DestMessage::Started),
+                Frame::Refused { reason } => {
+                    outbox.push_back(DestMessage::Refused(reason.clone()));
+                }
+                _ => {}
+            }
+            Ok(())
+        });
+        match res {
+            Ok(_) => Ok(()),
+            // The refusal went to the outbox, as Refused goes on the return path.
+            Err(MigrationError::DestinationRefused(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Applies a control frame.
     ///
     /// # Errors
-    /// [`MigrationError::Stream`] for a Hello that does not match this destination, and
-    /// for a postcopy End with pages missing.
+    /// [`ProtocolError::WrongGuest`] for a Hello that does not match this destination, and
+    /// the errors of [`DestCore::apply`] (a postcopy End with pages missing, say).
     pub fn control(&mut self, msg: &Control) -> Result<()> {
         match msg {
             Control::Hello(h) => {
-                let pages = self.present.len() as u64;
-                let ram_declared = h
+                let ram_state = h
                     .states
                     .iter()
-                    .any(|s| s.id == self.ram_id && s.name == RAM_STATE_NAME);
-                if h.page_size as usize != PAGE_SIZE || h.ram_pages != pages || !ram_declared {
-                    return Err(MigrationError::Stream(format!(
-                        "Hello for {} pages of {} bytes ({:?}), expected {pages} of {PAGE_SIZE} \
-                         in state {}",
-                        h.ram_pages, h.page_size, h.states, self.ram_id
-                    )));
+                    .find(|s| s.name == RAM_STATE_NAME)
+                    .map(|s| s.id);
+                if h.page_size as usize != PAGE_SIZE
+                    || h.ram_pages != self.pages
+                    || ram_state != Some(self.ram_id)
+                {
+                    return Err(ProtocolError::WrongGuest {
+                        pages: h.ram_pages,
+                        page_size: h.page_size,
+                        ram_state,
+                        expected_pages: self.pages,
+                        expected_page_size: PAGE_SIZE as u32,
+                        expected_state: self.ram_id,
+                    }
+                    .into());
                 }
-                // Kept pages are this guest's only if the id matches (as
-                // `Destination::with_retained`): another guest starts from empty RAM.
-                if self.migration_id != Some(h.migration_id) {
-                    self.ram.fill(0);
-                    self.present.fill(false);
-                    self.requested.fill(false);
-                    self.migration_id = Some(h.migration_id);
-                }
-                self.postcopy_running = false;
-            }
-            Control::Switchover { postcopy: false } => {}
-            Control::Switchover { postcopy: true } => {
-                if let Some(why) = &self.refuse {
-                    self.outbox.push_back(DestMessage::Refused(why.clone()));
-                } else {
-                    self.postcopy_running = true;
-                    self.outbox.push_back(DestMessage::Started);
-                }
-            }
-            Control::End if self.postcopy_running => {
-                self.postcopy_running = false;
-                if !self.complete() {
-                    return Err(MigrationError::Stream(format!(
-                        "postcopy End with {} pages missing",
-                        self.missing()
-                    )));
-                }
-            }
-            Control::End => {
-                let msg = if let Some(why) = &self.refuse {
-                    DestMessage::Refused(why.clone())
-                } else if !self.complete() {
-                    DestMessage::Refused(format!("{} pages missing", self.missing()))
-                } else {
-                    DestMessage::Started
+                // A new attempt: a new destination, from the RAM the last one kept. Kept
+                // pages are this guest's only if the id matches (`DestCore::new`); another
+                // guest starts from empty RAM.
+                let kept = self.core.take().and_then(DestCore::into_retained);
+                let config = DestinationConfig {
+                    refuse_start: self.refuse.clone(),
+                    max_ram_bytes: Bytes(u64::MAX),
+                    ..DestinationConfig::default()
                 };
-                self.outbox.push_back(msg);
+                let mut core = DestCore::new(config, kept);
+                core.set_section_handler(Box::new(|_, name, _| {
+                    Err(ProtocolError::NoHandler(name.to_owned()).into())
+                }));
+                self.core = Some(core);
+                self.frames = 0;
+                self.requested.fill(false);
+                self.apply(Frame::Hello(h.clone()))
             }
-            Control::Abort(_) => self.postcopy_running = false,
+            Control::Abort(_) => {
+                // The source gives up: the destination fails (and keeps its RAM for a
+                // retry); the sender has nothing to hear about it.
+                let _ = self.apply(msg.to_frame());
+                Ok(())
+            }
+            _ => self.apply(msg.to_frame()),
         }
-        Ok(())
     }
 
     /// Applies one payload of section `state`.
     ///
     /// # Errors
-    /// [`MigrationError::Frame`] for a payload that does not decode,
-    /// [`MigrationError::Stream`] for an unknown section or pages outside its RAM.
+    /// The errors of [`DestCore::apply`]: [`MigrationError::Frame`] for a payload that does
+    /// not decode, [`MigrationError::Protocol`] for a section of a state that is not RAM or
+    /// pages outside its RAM.
     pub fn receive(&mut self, state: StateId, payload: &[u8]) -> Result<()> {
-        if state != self.ram_id {
-            return Err(MigrationError::Stream(format!("unknown section {state}")));
-        }
-        let pages = self.present.len() as u64;
-        let entries = ram_codec::decode_entries(PAGE_SIZE, payload)?;
-        if let Some(e) = entries.iter().find(|e| e.page() >= pages) {
-            return Err(MigrationError::Stream(format!(
-                "page {} outside RAM of {pages} pages",
-                e.page()
-            )));
-        }
-        for e in entries {
-            match e {
-                PageEntry::Data(p, data) => {
-                    let at = p as usize * PAGE_SIZE;
-                    self.ram[at..at + PAGE_SIZE].copy_from_slice(data);
-                    self.present[p as usize] = true;
-                    self.requested[p as usize] = false;
-                }
-                PageEntry::Discard(p) => self.present[p as usize] = false,
-            }
-        }
-        Ok(())
+        self.apply(Frame::Section {
+            state,
+            payload: payload.to_vec(),
+        })
     }
 
     /// Lets the destination guest run for `ms` (postcopy only): it touches pages and
     /// requests each missing one once.
     fn run_for(&mut self, ms: f64) {
-        if !self.postcopy_running || self.touch_rate <= 0.0 {
+        if !self.postcopy_running() || self.touch_rate <= 0.0 {
             return;
         }
         self.touch_credit += ms * self.touch_rate;
-        let n = (self.touch_credit as u64).min(4 * self.present.len() as u64);
+        let n = (self.touch_credit as u64).min(4 * self.pages);
         self.touch_credit -= self.touch_credit.floor();
         for _ in 0..n {
-            let p = self.touch_rng.below(self.present.len() as u64) as usize;
-            if !self.present[p] && !self.requested[p] {
-                self.requested[p] = true;
+            let p = self.touch_rng.below(self.pages);
+            if !self.has_page(p) && !self.requested[p as usize] {
+                self.requested[p as usize] = true;
                 self.requests += 1;
                 self.outbox.push_back(DestMessage::PageRequest {
                     state: self.ram_id,
-                    payload: ram_codec::encode_page_request(p as u64, 1),
+                    payload: ram_codec::encode_page_request(p, 1),
                 });
             }
         }

@@ -1,9 +1,9 @@
-//! What the loop migrates: [`MigrationState`]s (QEMU's savevm handlers), and what it hears
-//! back from the destination ([`Inbound`], [`DestMessage`]).
+//! What the loop migrates: [`MigrationState`]s (QEMU's savevm handlers), and what each
+//! still has to send ([`Pending`]).
 
+use super::channel::Outbound;
 use super::error::{MigrationError, Result};
-use super::stream::{Frame, Hello};
-use super::{Outbound, StateId};
+use super::frame::StateId;
 use crate::units::Bytes;
 
 /// Bytes a state still has to send, split as QEMU splits them.
@@ -105,7 +105,7 @@ pub trait MigrationState {
     /// in this state's own format) now.
     ///
     /// # Errors
-    /// The channel's error; [`MigrationError::Frame`] or [`MigrationError::Stream`] for a
+    /// The channel's error; [`MigrationError::Frame`] or [`MigrationError::Protocol`] for a
     /// request that does not decode or lies outside the state; [`MigrationError::InvalidInput`]
     /// for a state that cannot postcopy.
     fn serve(&mut self, out: &mut dyn Outbound, request: &[u8]) -> Result<Bytes> {
@@ -136,77 +136,6 @@ pub trait MigrationState {
     /// The hand-over failed after [`complete`](Self::complete) (the destination did not
     /// start): as [`cancel`](Self::cancel), before the loop resumes the VM.
     fn resume_source(&mut self);
-}
-
-/// A message from the destination to the source: the stream's destination frames
-/// (Started, Refused, PageRequest, Abort), as the return path delivers them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DestMessage {
-    /// The destination resumed the guest (after a precopy End or a postcopy switchover).
-    /// The downtime ends here.
-    Started,
-    /// The destination will not start the guest; the reason.
-    Refused(String),
-    /// Postcopy: the destination's guest touched data it does not have. The payload is
-    /// the state's own request (for RAM, [`super::ram_codec::encode_page_request`]).
-    PageRequest {
-        /// The state (section) the request is for.
-        state: StateId,
-        /// The state's request.
-        payload: Vec<u8>,
-    },
-    /// The destination gave up; its reason (a corrupt stream, say).
-    Aborted(String),
-}
-
-/// The return path: messages from the destination. Over TCP it is a receiving thread
-/// feeding a channel; under the virtual clock, the simulated destination's queue.
-pub trait Inbound {
-    /// The next message if one has arrived, without waiting.
-    ///
-    /// # Errors
-    /// The channel's error (a corrupt or cut return stream).
-    fn try_recv(&mut self) -> Result<Option<DestMessage>>;
-
-    /// Waits for the next message.
-    ///
-    /// # Errors
-    /// The channel's error, or [`MigrationError::PeerAborted`] when the destination is
-    /// gone or silent for longer than the return path's timeout.
-    fn recv(&mut self) -> Result<DestMessage>;
-}
-
-/// A control message of the loop: the stream's source frames other than sections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Control {
-    /// The first frame of an attempt: what the sections that follow belong to.
-    Hello(Hello),
-    /// The source guest stopped. Precopy (`postcopy == false`): the last sections and End
-    /// follow, and the destination starts at End. Postcopy: the destination starts now.
-    Switchover {
-        /// Whether the rest is postcopy.
-        postcopy: bool,
-    },
-    /// Every state sent everything.
-    End,
-    /// The source gives up this attempt; the reason.
-    Abort(String),
-}
-
-impl Control {
-    /// The stream frame of this message.
-    pub fn to_frame(&self) -> Frame {
-        match self {
-            Control::Hello(h) => Frame::Hello(h.clone()),
-            Control::Switchover { postcopy } => Frame::Switchover {
-                postcopy: *postcopy,
-            },
-            Control::End => Frame::End,
-            Control::Abort(reason) => Frame::Abort {
-                reason: reason.clone(),
-            },
-        }
-    }
 }
 
 #[cfg(test)]

@@ -24,19 +24,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::channel::{DestMessage, Inbound};
 use super::clock::RealClock;
 use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
-use super::error::{MigrationError, Result};
-use super::guest::{new_log, GuestRam, SplitMix64, Vm, Workload, WorkloadConfig, PAGE_SIZE};
+use super::error::{MigrationError, ProtocolError, Result};
+use super::frame::Frame;
+use super::guest::{new_log, GuestRam, Vm, Workload, WorkloadConfig, PAGE_SIZE};
 use super::precopy::{
     self, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
     Outcome, StallAction, StallReport,
 };
-use super::ram::{RamState, SetupMode};
+use super::ram::{RamState, SetupMode, RAM_ID};
 use super::rate::RateLimiter;
-use super::state::{DestMessage, Inbound, MigrationState};
-use super::stream::{Frame, FrameReader, FrameWriter, WriterStats};
-use super::StateId;
+use super::state::MigrationState;
+use super::stream::{FrameReader, FrameWriter, WriterStats};
+use crate::rng::SplitMix64;
 use crate::units::{Bytes, BytesPerMs};
 
 /// The default for every timeout here.
@@ -45,9 +47,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
 const POLL: Duration = Duration::from_millis(20);
-
-/// The section id [`migrate_over_tcp`] gives RAM.
-pub const RAM_ID: StateId = 1;
 
 /// How a [`TcpDestination`] behaves.
 #[derive(Debug, Clone)]
@@ -159,15 +158,15 @@ impl TcpDestination {
     /// Stops accepting new attempts, waits for the one in progress and returns the report.
     ///
     /// # Errors
-    /// [`MigrationError::Stream`] if the destination thread panicked.
+    /// [`ProtocolError::DestinationThread`] if the destination thread panicked.
     pub fn join(mut self) -> Result<DestReport> {
         self.stop.store(true, Ordering::SeqCst);
         let t = self
             .thread
             .take()
-            .ok_or_else(|| MigrationError::Stream("destination already joined".into()))?;
+            .ok_or(ProtocolError::DestinationThread("was already joined"))?;
         t.join()
-            .map_err(|_| MigrationError::Stream("the destination thread panicked".into()))
+            .map_err(|_| ProtocolError::DestinationThread("panicked").into())
     }
 }
 
@@ -334,10 +333,7 @@ fn read_return_path(sock: TcpStream, tx: &mpsc::Sender<Result<DestMessage>>, sto
                 Ok(DestMessage::PageRequest { state, payload })
             }
             Ok(Frame::Abort { reason }) => Ok(DestMessage::Aborted(reason)),
-            Ok(other) => Err(MigrationError::Stream(format!(
-                "the destination sent a {:?} frame",
-                other.kind()
-            ))),
+            Ok(other) => Err(ProtocolError::SourceFrameOnReturnPath { kind: other.kind() }.into()),
             // A read timeout between frames: the reader is still usable; look at `stop`.
             Err(MigrationError::Io(e))
                 if matches!(

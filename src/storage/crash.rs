@@ -8,6 +8,7 @@ use parking_lot::RwLock;
 use super::memory::{read_slice, resize, write_clipped, write_slice};
 use super::Storage;
 use crate::error::{invalid_input, Result};
+use crate::rng::SplitMix64;
 
 /// The unit a [`CrashMode::Torn`] crash tears writes into: bytes within one aligned sector
 /// land together or not at all.
@@ -317,7 +318,7 @@ fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
         CrashMode::Kept => return apply_all(image, tail),
         CrashMode::Torn { seed } => seed,
     };
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     for op in tail {
         match op {
             Op::Write { offset, data } => {
@@ -343,21 +344,3 @@ fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
 }
 
 const SECTOR_MASK: u64 = SECTOR_SIZE - 1;
-
-/// SplitMix64: a tiny, fixed generator, so a seed means the same image in every version
-/// and on every platform (unlike `rand`'s `SmallRng`).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next_u64() >> 63 == 1
-    }
-}

@@ -17,15 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::migration::guest::{new_log, SplitMix64};
+use dirty_bitmap::migration::guest::new_log;
 use dirty_bitmap::migration::tcp::{
-    migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination, RAM_ID,
+    migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination,
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
     MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
-    Workload, WorkloadConfig, PAGE_SIZE,
+    Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
+use dirty_bitmap::rng::SplitMix64;
 
 use crate::size::human;
 
