@@ -26,9 +26,10 @@
 //! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
 //!   change map that tells a flusher what to write.
 //! - [`format`](mod@format): pure codecs for qcow2 structures. No I/O, and no panic on any input.
-//! - [`store`]: [`BitmapStore`], the bitmaps of one image: activate, inactivate, edit.
-//! - [`flush`]: the incremental flush engine, the pending queries, the stop loop and the
-//!   background [`FlushPolicy`]; [`tracker`]: the lock-free write path over all bitmaps.
+//! - [`flush`]: the incremental flush engine below the store, the pending estimate and the
+//!   stop loop; [`tracker`]: the lock-free write path over all bitmaps.
+//! - [`store`]: [`BitmapStore`], the bitmaps of one image: open, activate, inactivate,
+//!   edit; [`SharedStore`] and the background [`FlushPolicy`] that drives it.
 //!
 //! # Durability
 //! A [`DirtyBitmap`] lives in memory. Marks are durable only once a flusher has taken the
@@ -54,10 +55,10 @@ pub mod units;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
-pub use flush::policy::{FlushPolicy, FlushThread, PolicyStats};
 pub use flush::{FlushStats, StopReport};
 pub use image::{CheckReport, Image};
-pub use store::{BitmapInfo, BitmapState, BitmapStore};
+pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
+pub use store::{BitmapInfo, BitmapState, BitmapStore, SharedStore, StoreGuard};
 pub use tracker::Tracker;
 
 /// The README's Rust examples, compiled and run as doc tests.

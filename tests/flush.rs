@@ -18,7 +18,7 @@ use dirty_bitmap::storage::{
     FaultPlan, FaultStorage, FileStorage, Locking, MemStorage, StorageExt,
 };
 use dirty_bitmap::{
-    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, Tracker,
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, SharedStore, Tracker,
 };
 use parking_lot::Mutex;
 use rand::{RngExt, SeedableRng};
@@ -397,11 +397,11 @@ fn flush_policy_starts_and_stops() {
     s.add("a", G, true).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
-    let store = Arc::new(Mutex::new(s));
+    let store = SharedStore::new(s);
 
     // Timer.
     let th = FlushPolicy::every(Duration::from_millis(5))
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     for r in 0..4 {
         t.mark(r * REGION_DISK, 1);
@@ -421,7 +421,7 @@ fn flush_policy_starts_and_stops() {
     // The owner inactivates and reactivates under the lock while the thread runs: the
     // thread skips flushes while inactive, and nothing is lost.
     let th = FlushPolicy::every(Duration::from_millis(1))
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     store.lock().inactivate().unwrap();
     t.mark(G * 11, 1);
@@ -435,7 +435,7 @@ fn flush_policy_starts_and_stops() {
     // Threshold: flushes once more than 0 bytes changed.
     t.mark(G * 13, 1);
     let th = FlushPolicy::when_pending_above(0)
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     wait_until(|| store.lock().pending_estimate() == 0);
     let stats = th.stop().unwrap();
@@ -445,10 +445,10 @@ fn flush_policy_starts_and_stops() {
         max_pending_bytes: None,
         poll: Duration::from_millis(1)
     }
-    .spawn(Arc::clone(&store))
+    .spawn(store.clone())
     .is_err());
 
-    let s = Arc::try_unwrap(store).unwrap().into_inner();
+    let s = store.try_into_inner().unwrap();
     let s = reopen(s);
     assert_eq!(s.load("a").unwrap().count(), 7);
 }

@@ -11,7 +11,7 @@
 //! 4 KiB covers 2 GiB.
 //!
 //! This module knows the image and the bitmaps it is handed; it knows nothing of the
-//! directory or of [`BitmapStore`](crate::BitmapStore), which calls it.
+//! directory or of the bitmap store (`src/store/`), which sits above it and calls it.
 //!
 //! # Why in-place writes are safe
 //! The engine only runs while the store is active, and while active every bitmap it flushes
@@ -27,7 +27,7 @@
 //!    region of the cluster, changed or not: the old entry said 0 or all ones, and the
 //!    in-memory bitmap holds every bit of it), sorted by offset and coalesced;
 //! 3. then the table entries that point at the fresh clusters, in place;
-//! 4. then (for [`flush`](crate::BitmapStore::flush)) one barrier.
+//! 4. then (when the caller asks for `sync`, as a flush of its own does) one barrier.
 //!
 //! No durable table entry can point at a cluster whose durable refcount is 0, since the
 //! refcount was durable before the entry was written. A crash between 1 and 3 leaks the
@@ -39,8 +39,6 @@
 //! serialized (the order that makes a racing mark land in one or the other). If anything
 //! fails after the take, every taken region is handed back with
 //! [`DirtyBitmap::requeue_changed`], so the next flush (after a reopen) writes it again.
-
-pub mod policy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,7 +234,7 @@ fn plan_target(
 
 /// The changed-region count times the region size of every bitmap: a lock-free upper-bound
 /// style estimate that costs one counter read per bitmap. It does not know which regions
-/// need a fresh cluster; [`BitmapStore::pending_exact`](crate::BitmapStore::pending_exact) does.
+/// need a fresh cluster; the exact query of the store (`pending_exact`) does.
 pub fn pending_estimate(bitmaps: &[Arc<DirtyBitmap>]) -> u64 {
     bitmaps.iter().fold(0u64, |acc, b| {
         acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
@@ -484,8 +482,7 @@ pub trait StopSource {
     fn flush(&mut self) -> Result<FlushStats>;
 }
 
-/// What [`run_stop_loop`] (and [`BitmapStore::prepare_stop`](crate::BitmapStore::prepare_stop))
-/// ended with.
+/// What [`run_stop_loop`] (and the store's `prepare_stop`, which runs it) ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
     /// The byte budget.

@@ -110,6 +110,78 @@ pub struct BitmapStore<S: Storage> {
     tracked: TrackedSet,
 }
 
+/// A [`BitmapStore`] shared between threads: the owner, a background
+/// [`FlushPolicy`](background::FlushPolicy) and whoever else needs the store take turns
+/// through [`lock`](Self::lock). Cloning it clones the handle, not the store.
+///
+/// Marks never need it: they go to the in-memory bitmaps through a
+/// [`Tracker`](crate::Tracker) or [`BitmapStore::bitmap`], without a lock.
+#[derive(Debug)]
+pub struct SharedStore<S: Storage> {
+    inner: Arc<parking_lot::Mutex<BitmapStore<S>>>,
+}
+
+/// Exclusive access to the [`BitmapStore`] of a [`SharedStore`], until dropped. It
+/// dereferences to the store.
+#[derive(Debug)]
+#[must_use = "the store is unlocked as soon as the guard is dropped"]
+pub struct StoreGuard<'a, S: Storage> {
+    guard: parking_lot::MutexGuard<'a, BitmapStore<S>>,
+}
+
+impl<S: Storage> SharedStore<S> {
+    /// Shares `store`.
+    pub fn new(store: BitmapStore<S>) -> Self {
+        Self {
+            inner: Arc::new(parking_lot::Mutex::new(store)),
+        }
+    }
+
+    /// Waits for the store and locks it until the guard is dropped.
+    pub fn lock(&self) -> StoreGuard<'_, S> {
+        StoreGuard {
+            guard: self.inner.lock(),
+        }
+    }
+
+    /// The store itself, if this is the last handle; otherwise this handle back.
+    ///
+    /// # Errors
+    /// The handle, when other clones (a running flusher's among them) are still alive.
+    pub fn try_into_inner(self) -> std::result::Result<BitmapStore<S>, Self> {
+        Arc::try_unwrap(self.inner)
+            .map(parking_lot::Mutex::into_inner)
+            .map_err(|inner| Self { inner })
+    }
+}
+
+impl<S: Storage> Clone for SharedStore<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: Storage> From<BitmapStore<S>> for SharedStore<S> {
+    fn from(store: BitmapStore<S>) -> Self {
+        Self::new(store)
+    }
+}
+
+impl<S: Storage> std::ops::Deref for StoreGuard<'_, S> {
+    type Target = BitmapStore<S>;
+    fn deref(&self) -> &BitmapStore<S> {
+        &self.guard
+    }
+}
+
+impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
+    fn deref_mut(&mut self) -> &mut BitmapStore<S> {
+        &mut self.guard
+    }
+}
+
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
     bytes.div_ceil(cs)
 }
@@ -1372,6 +1444,7 @@ fn flags_only_change(
     true
 }
 
+pub mod background;
 mod live;
 mod resize;
 #[cfg(test)]

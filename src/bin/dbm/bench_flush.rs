@@ -41,7 +41,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::storage::{FileStorage, Storage, StorageExt};
-use dirty_bitmap::{BitmapStore, FlushPolicy, Tracker};
+use dirty_bitmap::{BitmapStore, FlushPolicy, SharedStore, Tracker};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -109,7 +109,7 @@ pub struct FlushArgs {
 }
 
 type Res<T> = Result<T, Box<dyn Error>>;
-type Shared = Arc<Mutex<BitmapStore<FileStorage>>>;
+type Shared = SharedStore<FileStorage>;
 
 /// Bytes, barriers and wall time of one stop strategy.
 #[derive(Debug, Clone, Copy, Default)]
@@ -306,7 +306,7 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
     floor.sync_data()?;
     Ok(Rig {
         n,
-        store: Arc::new(Mutex::new(s)),
+        store: SharedStore::new(s),
         tracker,
         floor,
         dir,
@@ -449,7 +449,7 @@ fn workload_stop(
         churn_writes,
         seed,
     );
-    let flusher = FlushPolicy::every(interval).spawn(Arc::clone(&rig.store))?;
+    let flusher = FlushPolicy::every(interval).spawn(rig.store.clone())?;
     let t0 = Instant::now();
     thread::sleep(run);
     let mut rounds = 0;

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{
-    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, PolicyStats, Tracker,
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, PolicyStats, SharedStore,
+    Tracker,
 };
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -247,8 +248,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         "round", "writes", "dirty", "flushes", "regions", "flushed", "flush ms"
     ))?;
 
-    let store = Arc::new(parking_lot::Mutex::new(store));
-    let flusher = FlushPolicy::every(flush_every).spawn(Arc::clone(&store))?;
+    let store = SharedStore::new(store);
+    let flusher = FlushPolicy::every(flush_every).spawn(store.clone())?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mark_nanos = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));

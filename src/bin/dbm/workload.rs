@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::{BitmapState, FlushPolicy, FlushStats, StopReport, Tracker};
+use dirty_bitmap::{BitmapState, FlushPolicy, FlushStats, SharedStore, StopReport, Tracker};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
@@ -229,9 +229,9 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
         .bitmap(BitmapName::parse_escaped(&args.bitmap))
         .map_err(|e| at(img, e))?;
     let tracker = st.tracker().map_err(|e| at(img, e))?;
-    let store = Arc::new(parking_lot::Mutex::new(st));
+    let store = SharedStore::new(st);
     let flusher = FlushPolicy::every(flush_every)
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .map_err(|e| at(img, e))?;
     say("activated")?;
 
