@@ -12,6 +12,21 @@ use crate::storage::Storage;
 use crate::tracker::Tracker;
 
 impl<S: Storage> BitmapStore<S> {
+    /// The flush targets of an active store: every in-memory bitmap with its table.
+    pub(super) fn flush_targets(&self) -> Result<Vec<flush::Target>> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let Some(m) = &s.mem {
+                out.push(flush::Target {
+                    bitmap: Arc::clone(m),
+                    table_offset: s.entry.table_offset,
+                    table: self.read_table(&s.entry)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes the change-map regions of every in-memory bitmap that changed since the last
     /// flush, in place, into their data clusters (fresh clusters for regions that had none:
     /// refcounts first, then data, then the table entry), then one barrier. `in_use` stays

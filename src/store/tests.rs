@@ -1,6 +1,9 @@
 //! Unit tests for the bitmap store on `MemStorage`.
 
+use super::commit::flags_only_change;
 use super::*;
+use crate::format::encode_directory;
+use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::storage::{MemStorage, StorageExt};
 
 const MIB: u64 = 1 << 20;
