@@ -10,6 +10,7 @@
 //!   every mark: never falsely clean.
 
 use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, MemStorage, Trigger};
+use dirty_bitmap::units::{BytesPerMs, Millis};
 use dirty_bitmap::{BitmapState, BitmapStore, Error};
 
 const MIB: u64 = 1 << 20;
@@ -92,7 +93,8 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
         s.flush().map(drop),
         s.add("new", 512, true),
         s.inactivate().map(drop),
-        s.prepare_stop(1, 1).map(drop),
+        s.prepare_stop(BytesPerMs::from_bytes_per_ms(1.0), Millis(1))
+            .map(drop),
     ] {
         assert!(matches!(r, Err(Error::Poisoned)), "{what}: {r:?}");
     }

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
 use common::seeded_rng;
-use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, within_budget, StopSource};
+use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, StopSource};
 use dirty_bitmap::storage::{
     FaultPlan, FaultStorage, FileStorage, Locking, MemStorage, StorageExt,
 };
+use dirty_bitmap::units::{fits, Bytes, BytesPerMs, Millis};
 use dirty_bitmap::{
     BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, SharedStore, Tracker,
 };
@@ -310,6 +311,11 @@ impl StopSource for StaleEstimate<'_> {
     }
 }
 
+/// The bandwidth whose budget over 1 ms is exactly `bytes` (exact in `f64` for these sizes).
+fn budget_bandwidth(bytes: u64) -> BytesPerMs {
+    BytesPerMs::from_bytes_per_ms(bytes as f64)
+}
+
 /// A store with regions 0..4 holding data clusters and region 0 changed again: the
 /// estimate is exactly one region, CS bytes, and the exact figure is CS too.
 fn stop_fixture() -> (BitmapStore<Counted>, Tracker) {
@@ -335,14 +341,16 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
         tracker: t,
         step: 0,
     };
-    let r = run_stop_loop(&mut src, threshold).unwrap();
+    // CS bytes/ms for 1 ms: a budget of exactly CS bytes.
+    let r = run_stop_loop(&mut src, budget_bandwidth(threshold), Millis(1)).unwrap();
+    assert_eq!(r.threshold, Bytes(threshold));
     assert!(r.converged);
     assert!(r.exact_queries >= 2, "{r:?}");
     assert!(
         r.flushed.regions >= 2,
         "the exact query saw 2 regions and flushed"
     );
-    assert!(within_budget(r.pending, threshold));
+    assert!(fits(r.pending, Bytes(threshold)));
     let left = s.pending_exact().unwrap();
     assert!(left <= threshold, "{left} pending after the decision");
     // The stop writes at most the budget.
@@ -356,9 +364,10 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
     s.activate().unwrap();
     s.tracker().unwrap().mark(0, 1);
     assert_eq!(s.pending_estimate(), CS);
-    let r = s.prepare_stop(CS, 1).unwrap();
+    let r = s.prepare_stop(budget_bandwidth(CS), Millis(1)).unwrap();
+    assert_eq!(r.threshold, Bytes(CS));
     assert!(r.converged && r.flushed.clusters_allocated == 1, "{r:?}");
-    assert_eq!(r.pending, 0);
+    assert_eq!(r.pending, Bytes(0));
 }
 
 #[test]
@@ -371,10 +380,18 @@ fn qemus_lt_gate_with_le_decision_stops_over_budget() {
         step: 0,
     };
     // QEMU 7aaa1fc072: exact query only if estimate < threshold; stop if pending <= it.
-    let r = run_stop_loop_with(&mut src, threshold, |a, b| a < b, |a, b| a <= b).unwrap();
+    let r = run_stop_loop_with(
+        &mut src,
+        budget_bandwidth(threshold),
+        Millis(1),
+        |a, b| a < b,
+        |a, b| a <= b,
+    )
+    .unwrap();
+    assert_eq!(r.threshold, Bytes(threshold));
     assert!(r.converged);
     assert_eq!(r.exact_queries, 0, "it decided on the estimate");
-    assert_eq!(r.pending, threshold);
+    assert_eq!(r.pending, Bytes(threshold));
     let left = s.pending_exact().unwrap();
     assert_eq!(left, 2 * CS);
     assert!(

@@ -41,6 +41,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::storage::{FileStorage, Storage, StorageExt};
+use dirty_bitmap::units::{BytesPerMs, Millis};
 use dirty_bitmap::{BitmapStore, FlushPolicy, SharedStore, Tracker};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -482,7 +483,12 @@ fn workload_stop(
             };
             dirty_bitmap::flush::StopSource::flush(&mut src)?;
             let before_idx = src.since;
-            let report = dirty_bitmap::flush::run_stop_loop(&mut src, budget * rig.n as u64)?;
+            // A budget of `budget` bytes per bitmap: that many bytes per ms, for 1 ms.
+            let report = dirty_bitmap::flush::run_stop_loop(
+                &mut src,
+                BytesPerMs::from_bytes_per_ms((budget * rig.n as u64) as f64),
+                Millis(1),
+            )?;
             let since = src.since.max(before_idx);
             // The VM stops now.
             w.stop.store(true, Ordering::SeqCst);

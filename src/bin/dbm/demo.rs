@@ -42,7 +42,7 @@ use dirty_bitmap::{
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use dirty_bitmap::migration::{Millis, Pattern as GuestPattern};
+use dirty_bitmap::migration::{BytesPerMs, Millis, Pattern as GuestPattern};
 
 use crate::migrate_run::{self, format_line, line_header, mib_s, End, Params};
 use crate::out::emit;
@@ -212,7 +212,7 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     let disk = store.disk_size();
     let flush_every = Duration::from_millis(args.flush_interval);
     // Stop budget: 1 MB, 100 kB/ms for 10 ms.
-    let (bandwidth, downtime_ms) = (100_000, 10);
+    let (bandwidth, downtime_limit) = (BytesPerMs::from_bytes_per_ms(100_000.0), Millis(10));
 
     let leaf = bm.bit_count().div_ceil(64) * 8;
     say(format!(
@@ -285,7 +285,7 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
             if let Some(f) = flusher.take() {
                 background = f.stop()?;
             }
-            prep = Some(store.lock().prepare_stop(bandwidth, downtime_ms)?);
+            prep = Some(store.lock().prepare_stop(bandwidth, downtime_limit)?);
             // The VM stops.
             stop.store(true, Ordering::Release);
         }
@@ -342,8 +342,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         prep.rounds,
         prep.exact_queries,
         cost(&prep.flushed),
-        prep.pending,
-        prep.threshold,
+        prep.pending.get(),
+        prep.threshold.get(),
         if prep.converged {
             "converged"
         } else {

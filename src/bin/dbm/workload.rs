@@ -19,6 +19,7 @@
 //! reading stdout can aim its kill at a phase.
 
 use dirty_bitmap::format::BitmapName;
+use dirty_bitmap::units::{BytesPerMs, Millis};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -261,9 +262,12 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     let background = flusher.stop();
     say("stopping")?;
     // After a failed background flush the store is poisoned: skip the stop, report below.
-    let prep = background
-        .is_ok()
-        .then(|| store.lock().prepare_stop(args.bandwidth, args.downtime_ms));
+    let prep = background.is_ok().then(|| {
+        store.lock().prepare_stop(
+            BytesPerMs::from_bytes_per_ms(args.bandwidth as f64),
+            Millis(args.downtime_ms),
+        )
+    });
     // The VM stops: no write after this.
     stop.store(true, Ordering::Release);
     let written = writer
@@ -304,8 +308,8 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
          flushed {}",
         prep.rounds,
         prep.exact_queries,
-        prep.pending,
-        prep.threshold,
+        prep.pending.get(),
+        prep.threshold.get(),
         if prep.converged {
             "converged"
         } else {
