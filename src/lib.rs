@@ -22,6 +22,21 @@
 //! # Ok::<(), dirty_bitmap::Error>(())
 //! ```
 //!
+//! Opening a store needs only the crate root: a storage ([`FileStorage`] for a file,
+//! [`MemStorage`] in memory), an [`OpenMode`], and for a new bitmap its [`Recording`] mode.
+//!
+//! ```
+//! use dirty_bitmap::{BitmapStore, MemStorage, OpenMode, Recording};
+//!
+//! let mut store = BitmapStore::create(MemStorage::new(), 1 << 30, 64 << 10)?;
+//! store.add("backup-1", 64 << 10, Recording::Enabled)?;
+//! let bytes = store.close()?.into_storage().into_vec();
+//!
+//! let store = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly)?;
+//! assert_eq!(store.list()[0].granularity, 64 << 10);
+//! # Ok::<(), dirty_bitmap::Error>(())
+//! ```
+//!
 //! # Layers
 //! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
 //!   change map that tells a flusher what to write.
@@ -57,8 +72,9 @@ pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
 pub use flush::{FlushStats, StopReport};
 pub use image::{CheckReport, Image};
+pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
-pub use store::{BitmapInfo, BitmapState, BitmapStore, SharedStore, StoreGuard};
+pub use store::{BitmapInfo, BitmapState, BitmapStore, Recording, SharedStore, StoreGuard};
 pub use tracker::Tracker;
 
 /// The README's Rust examples, compiled and run as doc tests.

@@ -7,6 +7,7 @@
 
 mod common;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,7 @@ fn writes(s: &BitmapStore<Counted>) -> u64 {
 
 fn reopen<S: dirty_bitmap::storage::Storage>(s: BitmapStore<S>) -> BitmapStore<S> {
     let img = s.close().unwrap();
-    BitmapStore::open(img.into_storage(), true).unwrap()
+    BitmapStore::open(img.into_storage(), OpenMode::ReadWrite).unwrap()
 }
 
 fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
@@ -59,7 +60,7 @@ fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
 #[test]
 fn flush_writes_only_changed_clusters() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     // Regions 0 and 2 change; both need fresh clusters.
@@ -124,8 +125,8 @@ fn flush_writes_only_changed_clusters() {
 fn flush_rounds_while_threads_mark() {
     let (mut rng, seed) = seeded_rng("flush_rounds_while_threads_mark");
     let mut s = BitmapStore::create(MemStorage::new(), DISK, CS).unwrap();
-    s.add("a", G, true).unwrap();
-    s.add("b", 4 * G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("b", 4 * G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let tracker = s.tracker().unwrap();
     let store = Arc::new(Mutex::new(s));
@@ -183,9 +184,9 @@ fn inactivate_matches_qemu_and_qemu_continues() {
     let img = dir.path().join("f.qcow2");
     let disk = 256 * MIB;
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
-    s.add("on", 65536, true).unwrap();
-    s.add("fine", 4096, true).unwrap();
-    s.add("off", 65536, false).unwrap();
+    s.add("on", 65536, Recording::Enabled).unwrap();
+    s.add("fine", 4096, Recording::Enabled).unwrap();
+    s.add("off", 65536, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(3 * MIB, 5 * MIB);
@@ -217,7 +218,11 @@ fn inactivate_matches_qemu_and_qemu_continues() {
     // QEMU opens it and continues: its write lands in the enabled bitmaps.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 128M 64k", p(&img)]);
     assert_qemu_clean(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     for (n, mem) in &mems {
         let want = mem.snapshot();
         if n != "off" {
@@ -234,8 +239,8 @@ fn inactivate_matches_qemu_and_qemu_continues() {
 #[test]
 fn activate_after_inactivate_keeps_every_bit() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
-    s.add("d", G, false).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("d", G, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     let a = s.bitmap("a").unwrap();
@@ -270,7 +275,7 @@ fn activate_after_inactivate_keeps_every_bit() {
 #[test]
 fn inactive_edits_keep_the_parked_bitmap_in_step() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(0, 1);
@@ -320,7 +325,7 @@ fn budget_bandwidth(bytes: u64) -> BytesPerMs {
 /// estimate is exactly one region, CS bytes, and the exact figure is CS too.
 fn stop_fixture() -> (BitmapStore<Counted>, Tracker) {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     for r in 0..4 {
@@ -360,7 +365,7 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
     // The public entry point, on the plain store: the estimate is CS, the exact figure
     // CS + 8 (a fresh cluster and its entry): must flush rather than stop.
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     s.tracker().unwrap().mark(0, 1);
     assert_eq!(s.pending_estimate(), CS);
@@ -411,7 +416,7 @@ fn wait_until(mut f: impl FnMut() -> bool) {
 #[test]
 fn flush_policy_starts_and_stops() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     let store = SharedStore::new(s);
@@ -478,7 +483,7 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     // locked writable handle keeps QEMU out altogether (tests/locking.rs).
     let storage = FileStorage::create_with(&img, Locking::Off).unwrap();
     let mut s = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     s.tracker().unwrap().mark(MIB, 1);
     s.inactivate().unwrap();
@@ -564,7 +569,7 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
         marker: Default::default(),
     };
     let mut s = BitmapStore::create(storage, 1 << 30, 65536).unwrap();
-    s.add("b", 65536, true).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let bm = s.bitmap("b").unwrap();
     bm.mark_dirty(0, 4096);
@@ -590,7 +595,11 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
     s.activate().unwrap();
     let image = s.close().unwrap();
     let bytes = image.into_storage().inner.to_vec();
-    let s = BitmapStore::open(dirty_bitmap::storage::MemStorage::from_bytes(bytes), false).unwrap();
+    let s = BitmapStore::open(
+        dirty_bitmap::storage::MemStorage::from_bytes(bytes),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let loaded = s.load("b").unwrap();
     assert!(
         loaded.is_dirty(0) && loaded.is_dirty(512 << 20),
@@ -604,7 +613,7 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
 #[test]
 fn inactivate_commits_with_two_barriers_and_no_header_write() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(0, 1);
@@ -650,8 +659,8 @@ fn inactivate_commits_with_two_barriers_and_no_header_write() {
 /// cluster leaks).
 fn patch_all_ones(img: &std::path::Path, name: &str) {
     use dirty_bitmap::storage::Storage;
-    let st = FileStorage::open(img, true).unwrap();
-    let image = dirty_bitmap::Image::open(&st, false).unwrap();
+    let st = FileStorage::open(img, OpenMode::ReadWrite).unwrap();
+    let image = dirty_bitmap::Image::open(&st, OpenMode::ReadOnly).unwrap();
     let ext = image.area().bitmaps.unwrap();
     let bytes = st
         .read_vec_at(ext.directory_offset, ext.directory_size)
@@ -682,13 +691,17 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
     let disk = 1024 * MIB;
     let cluster_disk = 256 * MIB;
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
-    s.add("b", G, true).unwrap();
+    s.add("b", G, Recording::Enabled).unwrap();
     drop(s);
     patch_all_ones(&img, "b");
     assert_qemu_clean(&img);
     // Before our writable open: qemu-nbd cannot open the image beside it (image locking).
     assert_eq!(nbd_dirty(&img, "b"), vec![(0, disk)]);
-    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     assert_eq!(s.region_size(), 4096);
     assert_eq!(extents(&s.load("b").unwrap()), vec![(0, disk)]);
 
@@ -719,14 +732,22 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
     drop(s);
     assert_qemu_clean(&img);
     assert_eq!(nbd_dirty(&img, "b"), extents(&mem));
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
     drop(s);
 
     // QEMU stores over it (open, write, store at close): still clean, and we read its store.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
     assert_qemu_clean(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     mem.mark_dirty(0, 4096);
     assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
 }

@@ -7,6 +7,7 @@
 #[path = "../fuzz/harness/ops.rs"]
 mod ops;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -57,7 +58,7 @@ fn guest_data_refused(name: &str, remove: bool) {
     .unwrap();
     let tail = usize::from(*data.last().unwrap());
     let image = data[..data.len() - 1 - tail].to_vec();
-    let mut s = BitmapStore::open(MemStorage::from_bytes(image), true).unwrap();
+    let mut s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadWrite).unwrap();
     let r = if remove { s.remove("b1") } else { s.activate() };
     assert!(
         matches!(r, Err(Error::Corrupt(Corruption::CheckFailed { .. }))),
@@ -119,7 +120,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
     regression("ops_crash", "remove-last-leaks-at-header-write");
     let crash = CrashStorage::new();
     let mut s = BitmapStore::create(&crash, 1 << 20, 512).unwrap();
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let start = crash.op_count();
     s.remove("a").unwrap();
     let ops = crash.ops();
@@ -135,7 +136,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
     let image = crash
         .crash_image(header + 2, CrashMode::Dropped)
         .expect("a crash point after the header's barrier");
-    let report = BitmapStore::open(MemStorage::from_bytes(image), false)
+    let report = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
         .unwrap()
         .image()
         .check()

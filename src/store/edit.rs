@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{ceil_clusters, BitmapStore};
+use super::{ceil_clusters, BitmapStore, Recording};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
 use crate::flush::FlushStats;
@@ -17,14 +17,15 @@ use crate::storage::Storage;
 
 impl<S: Storage> BitmapStore<S> {
     /// Adds an empty bitmap. `granularity` is a power of two from 512 B to 2 GiB;
-    /// `enabled` sets the `auto` flag. On an active store the bitmap is also created in
+    /// `recording` sets the `auto` flag. On an active store the bitmap is also created in
     /// memory and written with `in_use` set.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes, holds a
     /// NUL or is taken, a bad granularity, a bitmap above 512 MiB, the 65535-bitmap or the
     /// directory size limit; [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
-    pub fn add(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+    pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
+        let enabled = recording.is_enabled();
         self.ensure_writable()?;
         if !self.image.header().can_hold_bitmaps() {
             return Err(Error::Unsupported(

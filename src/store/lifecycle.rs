@@ -239,12 +239,17 @@ impl<S: Storage> BitmapStore<S> {
         self.active = false;
     }
 
+    /// **A benchmark baseline, not for production use: call [`inactivate`](Self::inactivate).**
+    ///
     /// QEMU's stop (`qcow2_store_persistent_dirty_bitmaps`): stores every in-memory bitmap
     /// whole into fresh clusters and commits one new directory with `in_use` cleared and
     /// `auto` from each bitmap's enabled state, then frees the old clusters. Inconsistent
-    /// entries are copied unchanged. Kept as the baseline that the incremental
-    /// [`inactivate`](Self::inactivate) is measured against; the result is equivalent. The
-    /// in-memory bitmaps are parked as by `inactivate`. Does nothing if not active.
+    /// entries are copied unchanged. It exists so that the benchmarks (`dbm bench flush`,
+    /// `dbm demo`), the fuzz harness and the tests can measure the incremental
+    /// [`inactivate`](Self::inactivate) against what QEMU writes at a stop; the result on
+    /// disk is equivalent, but it writes every bitmap whole and allocates fresh clusters
+    /// for all of them. The in-memory bitmaps are parked as by `inactivate`. Does nothing
+    /// if not active.
     ///
     /// # Errors
     /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose

@@ -37,7 +37,7 @@ use crate::format::{
 };
 use crate::image::check::References;
 use crate::image::{read_metadata, Image};
-use crate::storage::Storage;
+use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
@@ -60,6 +60,24 @@ pub enum BitmapState {
     /// modified the image (autoclear bit 0 clear). Treat it as all dirty; only removal is
     /// allowed.
     Inconsistent,
+}
+
+/// Whether a bitmap records the guest's writes: QEMU's "enabled", the `auto` flag on disk.
+/// [`BitmapStore::add`] takes it; [`BitmapStore::set_enabled`] changes it later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Recording {
+    /// Every write is recorded (`auto` set).
+    Enabled,
+    /// No write is recorded (`auto` clear): the bitmap keeps the bits it has.
+    Disabled,
+}
+
+impl Recording {
+    /// Whether writes are recorded.
+    #[must_use]
+    pub const fn is_enabled(self) -> bool {
+        matches!(self, Recording::Enabled)
+    }
 }
 
 /// One bitmap as [`BitmapStore::list`] reports it.
@@ -203,8 +221,8 @@ impl<S: Storage> BitmapStore<S> {
     /// As [`Image::open`]; [`Error::Corrupt`] when the trusted directory breaks one of QEMU's
     /// rules (QEMU refuses to open such an image too), including a consistent bitmap whose
     /// table size differs from the one the disk size needs.
-    pub fn open(storage: S, writable: bool) -> Result<Self> {
-        let image = Image::open(storage, writable)?;
+    pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
+        let image = Image::open(storage, mode)?;
         let geo = image.header().geometry()?;
         let mut slots = Vec::new();
         let mut dir = None;

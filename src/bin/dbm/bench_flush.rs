@@ -29,6 +29,7 @@
 //! dirty bitmap), `qemu-io -c 'write 0 4k'` (open, write, store at close) against
 //! `qemu-io -r -c 'read 0 4k'`.
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::fs::File;
 use std::io::Write as _;
@@ -275,7 +276,7 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
     let path = dir.join("image.qcow2");
     let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
     for i in 0..n {
-        s.add(&format!("b{i}"), g, true)?;
+        s.add(&format!("b{i}"), g, Recording::Enabled)?;
     }
     s.activate()?;
     let tracker = s.tracker()?;
@@ -529,8 +530,8 @@ fn fraction_stop(rig: &Rig, g: u64, k: u64) -> Res<Stop> {
 /// Sets every table entry of every bitmap in the image at `path` to 1, the spec's
 /// all-ones marker. The tables must be empty (all 0), so no data cluster leaks.
 fn patch_all_ones(path: &Path) -> Res<()> {
-    let st = FileStorage::open(path, true)?;
-    let image = dirty_bitmap::Image::open(&st, false)?;
+    let st = FileStorage::open(path, OpenMode::ReadWrite)?;
+    let image = dirty_bitmap::Image::open(&st, OpenMode::ReadOnly)?;
     let ext = image.area().bitmaps.ok_or("no bitmaps extension")?;
     let bytes = st.read_vec_at(ext.directory_offset, ext.directory_size)?;
     let geo = image.header().geometry()?;
@@ -572,7 +573,7 @@ fn qemu_store(dir: &Path, n: usize, disk: u64, g: u64, repeat: usize) -> Res<(f6
         let path = dir.join(format!("qemu-{n}-{rep}.qcow2"));
         let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
         for i in 0..n {
-            s.add(&format!("b{i}"), g, true)?;
+            s.add(&format!("b{i}"), g, Recording::Enabled)?;
         }
         drop(s);
         patch_all_ones(&path)?;

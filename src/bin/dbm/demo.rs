@@ -25,6 +25,7 @@
 //! bytes in the downtime than its threshold allowed, fails the demo; a wall-clock downtime
 //! over the limit with the bytes within it is reported with the machine's load.
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -205,7 +206,7 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         }
     }
     let mut store = BitmapStore::create(FileStorage::create(&path)?, args.disk_size, CLUSTER)?;
-    store.add(BITMAP, args.granularity, true)?;
+    store.add(BITMAP, args.granularity, Recording::Enabled)?;
     store.activate()?;
     let bm = store.bitmap(BITMAP)?;
     let tracker = store.tracker()?;
@@ -358,7 +359,10 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
 
     // What QEMU's whole-bitmap store costs on the same bitmap, measured on a copy.
     std::fs::copy(&path, &copy)?;
-    let mut full = BitmapStore::open(FileStorage::open(&copy, true)?, true)?;
+    let mut full = BitmapStore::open(
+        FileStorage::open(&copy, OpenMode::ReadWrite)?,
+        OpenMode::ReadWrite,
+    )?;
     full.activate()?;
     let full_stats = full.inactivate_full_rewrite()?;
     let full_check = full.image().check()?;
@@ -372,7 +376,10 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     ))?;
 
     // Reopen and check with our own reader.
-    let reopened = BitmapStore::open(FileStorage::open(&path, false)?, false)?;
+    let reopened = BitmapStore::open(
+        FileStorage::open(&path, OpenMode::ReadOnly)?,
+        OpenMode::ReadOnly,
+    )?;
     let listed = reopened.list();
     if listed.len() != 1 || listed[0].state != BitmapState::Consistent || listed[0].in_use {
         return Err(format!("reopened: expected one consistent bitmap, found {listed:?}").into());

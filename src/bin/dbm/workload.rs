@@ -20,6 +20,7 @@
 
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::units::{BytesPerMs, Millis};
+use dirty_bitmap::OpenMode;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -174,7 +175,7 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     let seed = args.seed.unwrap_or_else(rand::random);
     let img = &args.image;
 
-    let mut st = store(img, true)?;
+    let mut st = store(img, OpenMode::ReadWrite)?;
     let info = st
         .list()
         .into_iter()
