@@ -85,7 +85,7 @@ fn regression(target: &str, name: &str) {
 // and every bitmap cluster be owned once before the first write).
 
 /// Finding `flush-writes-bitmap-data-over-guest-cluster`: `flush` rewrote a changed region
-/// in place in the bitmap's data cluster (`src/flush.rs`, data step), which is also guest
+/// in place in the bitmap's data cluster (`src/flush/mod.rs`, data step), which is also guest
 /// data.
 #[test]
 fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
@@ -93,14 +93,15 @@ fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
 }
 
 /// Finding `flush-writes-table-entry-over-guest-cluster`: `flush` wrote a fresh table entry
-/// in place in the bitmap table (`src/flush.rs`, table step), which is also guest data.
+/// in place in the bitmap table (`src/flush/mod.rs`, table step), which is also guest data.
 #[test]
 fn ops_guest_data_flush_writes_table_entry_over_guest_cluster() {
     guest_data_refused("flush-writes-table-entry-over-guest-cluster", false);
 }
 
 /// Finding `activate-writes-directory-over-guest-cluster`: `activate` set `in_use` in the
-/// directory in place (`write_flags_in_place` in `src/store.rs`), which is also guest data.
+/// directory in place (`write_flags_in_place` in `src/store/commit.rs`), which is also
+/// guest data.
 #[test]
 fn ops_guest_data_activate_writes_directory_over_guest_cluster() {
     guest_data_refused("activate-writes-directory-over-guest-cluster", false);
@@ -147,7 +148,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
 }
 
 /// Finding `remove-frees-guest-cluster-then-reuses-it`: `remove` freed the bitmap's data
-/// cluster although an L2 entry still names it (`safe_frees` in `src/store.rs` kept only
+/// cluster although an L2 entry still names it (`safe_frees` in `src/store/commit.rs` kept only
 /// clusters that cluster 0, the L1 table, the refcount structures or a remaining bitmap
 /// referenced), so its refcount dropped to 0 and the next allocation (the table of a bitmap
 /// added next) wrote over the guest data.

@@ -23,11 +23,9 @@ impl OpenMode {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn only_read_write_writes() {
-        assert!(OpenMode::ReadWrite.is_writable());
-        assert!(!OpenMode::ReadOnly.is_writable());
+        assert!(super::OpenMode::ReadWrite.is_writable());
+        assert!(!super::OpenMode::ReadOnly.is_writable());
     }
 }

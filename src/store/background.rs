@@ -2,8 +2,9 @@
 //! has changed.
 //!
 //! The flusher drives the store from above: it takes the store's mutex only to call
-//! [`BitmapStore::flush`](super::BitmapStore::flush), which runs the engine of [`crate::flush`]. The size trigger reads
-//! [`flush::pending_estimate`] from the store's in-memory bitmaps without any lock.
+//! [`BitmapStore::flush`](super::BitmapStore::flush), which runs the engine of
+//! [`crate::flush`]. The size trigger reads [`flush::pending_estimate`] from the store's
+//! in-memory bitmaps without any lock.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -91,7 +92,8 @@ impl FlushPolicy {
     /// Starts a thread that flushes `store` by this policy. The thread takes the store's
     /// mutex only to flush; it reads the estimate from the store's in-memory bitmaps
     /// (taken once, now), without a lock. Marks never take the mutex either: they go to the
-    /// bitmaps through a [`Tracker`](crate::Tracker) or [`BitmapStore::bitmap`](super::BitmapStore::bitmap).
+    /// bitmaps through a [`Tracker`](crate::Tracker) or
+    /// [`BitmapStore::bitmap`](super::BitmapStore::bitmap).
     ///
     /// While the store is inactive the thread skips its flushes. The first flush error
     /// stops the thread; [`FlushThread::stop`] returns it (the store is then poisoned).

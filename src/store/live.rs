@@ -89,12 +89,13 @@ impl<S: Storage> BitmapStore<S> {
         flush::pending_exact(&targets, self.image.cluster_size())
     }
 
-    /// Flushes until the exact pending bytes fit [`units::threshold`](crate::units::threshold)`(bandwidth,
-    /// downtime_limit)` (`bandwidth × downtime_limit`, the migration loop's switchover
-    /// threshold), so that the stop-time [`inactivate`](Self::inactivate) writes at most
-    /// that. The same comparison ([`units::fits`](crate::units::fits), `≤`) gates the exact query on the estimate
-    /// and decides to stop, so a stale estimate equal to the budget can never end the loop
-    /// (QEMU's `<` / `<=` mismatch). Gives up after [`flush::MAX_STOP_ROUNDS`] rounds with
+    /// Flushes until the exact pending bytes fit the budget
+    /// [`threshold`](crate::units::threshold)`(bandwidth, downtime_limit)` (`bandwidth ×
+    /// downtime_limit`, the migration loop's switchover threshold), so that the stop-time
+    /// [`inactivate`](Self::inactivate) writes at most that. The same comparison
+    /// ([`fits`](crate::units::fits), `≤`) gates the exact query on the estimate and decides
+    /// to stop, so a stale estimate equal to the budget can never end the loop (QEMU's `<` /
+    /// `<=` mismatch). Gives up after [`flush::MAX_STOP_ROUNDS`] rounds with
     /// `converged == false` if marks outpace the flushes.
     ///
     /// # Errors
