@@ -6,6 +6,7 @@
 //!
 //! `cargo run --release --example flush_figures [DIR]` (default: a temp dir).
 
+use dirty_bitmap::Recording;
 use std::io::Write;
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ fn main() -> dirty_bitmap::Result<()> {
         let path = dir.path().join(format!("img{n}.qcow2"));
         let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, 65536)?;
         for i in 0..n {
-            s.add(&format!("b{i}"), 65536, true)?;
+            s.add(&format!("b{i}"), 65536, Recording::Enabled)?;
         }
         s.activate()?;
         let t = s.tracker()?;

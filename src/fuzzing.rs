@@ -27,6 +27,7 @@ use crate::migration::ram_codec::{self, PageEntry};
 use crate::migration::stream::FrameReader;
 use crate::migration::MigrationError;
 use crate::storage::MemStorage;
+use crate::storage::OpenMode;
 use crate::store::{BitmapState, BitmapStore};
 use crate::{DirtyBitmap, Image};
 
@@ -308,12 +309,14 @@ pub fn open_image(data: &[u8]) {
         assert!(!matches!(e, Error::Io(_)), "{what} gave an I/O error: {e}");
     };
     let storage = MemStorage::from_bytes(data.to_vec());
-    let store = match BitmapStore::open(storage, false) {
+    let store = match BitmapStore::open(storage, OpenMode::ReadOnly) {
         Ok(s) => s,
         Err(e) => {
             not_io("BitmapStore::open", &e);
             // The store refused it; the image layer may still open, and check it.
-            if let Ok(image) = Image::open(MemStorage::from_bytes(data.to_vec()), false) {
+            if let Ok(image) =
+                Image::open(MemStorage::from_bytes(data.to_vec()), OpenMode::ReadOnly)
+            {
                 if let Err(e) = image.check() {
                     not_io("Image::check", &e);
                 }

@@ -22,13 +22,29 @@
 //! # Ok::<(), dirty_bitmap::Error>(())
 //! ```
 //!
+//! Opening a store needs only the crate root: a storage ([`FileStorage`] for a file,
+//! [`MemStorage`] in memory), an [`OpenMode`], and for a new bitmap its [`Recording`] mode.
+//!
+//! ```
+//! use dirty_bitmap::{BitmapStore, MemStorage, OpenMode, Recording};
+//!
+//! let mut store = BitmapStore::create(MemStorage::new(), 1 << 30, 64 << 10)?;
+//! store.add("backup-1", 64 << 10, Recording::Enabled)?;
+//! let bytes = store.close()?.into_storage().into_vec();
+//!
+//! let store = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly)?;
+//! assert_eq!(store.list()[0].granularity, 64 << 10);
+//! # Ok::<(), dirty_bitmap::Error>(())
+//! ```
+//!
 //! # Layers
 //! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
 //!   change map that tells a flusher what to write.
 //! - [`format`](mod@format): pure codecs for qcow2 structures. No I/O, and no panic on any input.
-//! - [`store`]: [`BitmapStore`], the bitmaps of one image: activate, inactivate, edit.
-//! - [`flush`]: the incremental flush engine, the pending queries, the stop loop and the
-//!   background [`FlushPolicy`]; [`tracker`]: the lock-free write path over all bitmaps.
+//! - [`flush`]: the incremental flush engine below the store, the pending estimate and the
+//!   stop loop; [`tracker`]: the lock-free write path over all bitmaps.
+//! - [`store`]: [`BitmapStore`], the bitmaps of one image: open, activate, inactivate,
+//!   edit; [`SharedStore`] and the background [`FlushPolicy`] that drives it.
 //!
 //! # Durability
 //! A [`DirtyBitmap`] lives in memory. Marks are durable only once a flusher has taken the
@@ -80,10 +96,11 @@ pub mod units;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result};
-pub use flush::policy::{FlushPolicy, FlushThread, PolicyStats};
 pub use flush::{FlushStats, StopReport};
 pub use image::{CheckReport, Image};
-pub use store::{BitmapInfo, BitmapState, BitmapStore};
+pub use storage::{FileStorage, MemStorage, OpenMode};
+pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
+pub use store::{BitmapInfo, BitmapState, BitmapStore, Recording, SharedStore, StoreGuard};
 pub use tracker::Tracker;
 
 /// The README's Rust examples, compiled and run as doc tests.

@@ -97,9 +97,8 @@ impl Tracker {
         self.bitmaps.load_full()
     }
 
-    /// The lock-free pending estimate over these bitmaps, as
-    /// [`BitmapStore::pending_estimate`](crate::BitmapStore::pending_estimate) computes it.
+    /// The lock-free pending estimate over these bitmaps: [`crate::flush::pending_estimate`].
     pub fn pending_estimate(&self) -> u64 {
-        crate::flush::pending_estimate(&self.bitmaps.load())
+        crate::flush::pending_estimate(self.bitmaps.load().iter())
     }
 }

@@ -29,6 +29,7 @@
 
 mod common;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -192,7 +193,11 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     let mut s = op(c, &mut spans, Kind::Create, || {
         BitmapStore::create(c, DISK, cs).unwrap()
     });
-    for (name, g, on) in [("a", 512, true), ("b", 4096, true), ("d", 65536, false)] {
+    for (name, g, on) in [
+        ("a", 512, Recording::Enabled),
+        ("b", 4096, Recording::Enabled),
+        ("d", 65536, Recording::Disabled),
+    ] {
         op(c, &mut spans, Kind::Add, || s.add(name, g, on).unwrap());
     }
     op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
@@ -294,7 +299,7 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     // Resize needs a store without parked bitmaps: reopen (opening writes nothing).
     drop(s);
     let before = c.op_count();
-    let mut s = BitmapStore::open(c, true).unwrap();
+    let mut s = BitmapStore::open(c, OpenMode::ReadWrite).unwrap();
     assert_eq!(c.op_count(), before, "opening wrote");
     for size in [GROWN, SHRUNK] {
         op(c, &mut spans, Kind::Resize, || s.resize(size).unwrap());
@@ -307,7 +312,7 @@ fn run_workload(cs: u64, seed: u64) -> Run {
 
     let other = {
         let mut o = BitmapStore::create(MemStorage::new(), SHRUNK, 65536).unwrap();
-        o.add("src", 65536, true).unwrap();
+        o.add("src", 65536, Recording::Enabled).unwrap();
         let (bm, m) = random_bitmap(&mut rng, SHRUNK, 65536, 10);
         o.store("src", &bm).unwrap();
         if let Some(Req::Superset(d)) = req.get_mut("d") {
@@ -589,7 +594,10 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
                 let open = marks.open;
                 let issued = |at: Option<usize>| at.is_some_and(|h| h < point);
                 let ctx = format!("{ctx} in {span:?}");
-                let s = match BitmapStore::open(MemStorage::from_bytes(image.clone()), false) {
+                let s = match BitmapStore::open(
+                    MemStorage::from_bytes(image.clone()),
+                    OpenMode::ReadOnly,
+                ) {
                     Ok(s) => s,
                     // The known limit of docs/CRASH-CONSISTENCY.md: cluster 0 torn while the
                     // first bitmap is added (a new extension frame over old zero data).
@@ -689,7 +697,11 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
             *leaks_by_kind.entry(k).or_default() += n;
         }
         // The final image is clean, at the shrunk size.
-        let s = BitmapStore::open(MemStorage::from_bytes(w.crash.live_image()), false).unwrap();
+        let s = BitmapStore::open(
+            MemStorage::from_bytes(w.crash.live_image()),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
         assert!(s.image().check().unwrap().is_clean());
         assert_eq!(s.disk_size(), SHRUNK);
     }
@@ -727,7 +739,7 @@ fn torn_resize_header_is_never_falsely_clean() {
     for (from, to) in [(GROWN, SHRUNK), (SHRUNK, GROWN)] {
         let crash = CrashStorage::new();
         let mut s = BitmapStore::create(&crash, from, 65536).unwrap();
-        s.add("a", 512, true).unwrap();
+        s.add("a", 512, Recording::Enabled).unwrap();
         let bm = DirtyBitmap::new(from, 512).unwrap();
         let marks: Marks = (0..from / MIB).map(|m| (m * MIB + 4096, 512)).collect();
         for &(o, l) in &marks {
@@ -754,7 +766,7 @@ fn torn_resize_header_is_never_falsely_clean() {
             for seed in 0..seeds {
                 let image = crash.crash_image(point, CrashMode::Torn { seed }).unwrap();
                 let ctx = format!("{from} -> {to}, point {point} of {start}..{end}, tear {seed}");
-                let s = match BitmapStore::open(MemStorage::from_bytes(image), false) {
+                let s = match BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly) {
                     Ok(s) => s,
                     Err(e) => panic!("{ctx}: {e}"),
                 };

@@ -10,7 +10,9 @@
 //!   every mark: never falsely clean.
 
 use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, MemStorage, Trigger};
+use dirty_bitmap::units::{BytesPerMs, Millis};
 use dirty_bitmap::{BitmapState, BitmapStore, Error};
+use dirty_bitmap::{OpenMode, Recording};
 
 const MIB: u64 = 1 << 20;
 const CS: u64 = 4096;
@@ -35,9 +37,9 @@ fn setup() -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
         CS,
     )
     .unwrap();
-    s.add("a", 512, true).unwrap();
-    s.add("b", 1024, true).unwrap();
-    s.add("off", 512, false).unwrap();
+    s.add("a", 512, Recording::Enabled).unwrap();
+    s.add("b", 1024, Recording::Enabled).unwrap();
+    s.add("off", 512, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     let mut marks = vec![(0, 1), (REGION_DISK + 4096, 9000)];
@@ -90,9 +92,10 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
     s.image().storage().set_plan(FaultPlan::new());
     for r in [
         s.flush().map(drop),
-        s.add("new", 512, true),
+        s.add("new", 512, Recording::Enabled),
         s.inactivate().map(drop),
-        s.prepare_stop(1, 1).map(drop),
+        s.prepare_stop(BytesPerMs::from_bytes_per_ms(1.0), Millis(1))
+            .map(drop),
     ] {
         assert!(matches!(r, Err(Error::Poisoned)), "{what}: {r:?}");
     }
@@ -110,7 +113,7 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
     // The disk: no corruption, never falsely clean.
     let bytes = s.image().storage().inner().to_vec();
     drop(s);
-    let d = BitmapStore::open(MemStorage::from_bytes(bytes), false)
+    let d = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let r = d.image().check().unwrap();
     assert_eq!(r.corruptions, 0, "{what}: {:?}", r.messages);

@@ -7,18 +7,20 @@
 
 mod common;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
 use common::seeded_rng;
-use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, within_budget, StopSource};
+use dirty_bitmap::flush::{run_stop_loop, run_stop_loop_with, StopSource};
 use dirty_bitmap::storage::{
     FaultPlan, FaultStorage, FileStorage, Locking, MemStorage, StorageExt,
 };
+use dirty_bitmap::units::{fits, Bytes, BytesPerMs, Millis};
 use dirty_bitmap::{
-    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, Tracker,
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, Result, SharedStore, Tracker,
 };
 use parking_lot::Mutex;
 use rand::{RngExt, SeedableRng};
@@ -48,7 +50,7 @@ fn writes(s: &BitmapStore<Counted>) -> u64 {
 
 fn reopen<S: dirty_bitmap::storage::Storage>(s: BitmapStore<S>) -> BitmapStore<S> {
     let img = s.close().unwrap();
-    BitmapStore::open(img.into_storage(), true).unwrap()
+    BitmapStore::open(img.into_storage(), OpenMode::ReadWrite).unwrap()
 }
 
 fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
@@ -58,7 +60,7 @@ fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
 #[test]
 fn flush_writes_only_changed_clusters() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     // Regions 0 and 2 change; both need fresh clusters.
@@ -123,8 +125,8 @@ fn flush_writes_only_changed_clusters() {
 fn flush_rounds_while_threads_mark() {
     let (mut rng, seed) = seeded_rng("flush_rounds_while_threads_mark");
     let mut s = BitmapStore::create(MemStorage::new(), DISK, CS).unwrap();
-    s.add("a", G, true).unwrap();
-    s.add("b", 4 * G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("b", 4 * G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let tracker = s.tracker().unwrap();
     let store = Arc::new(Mutex::new(s));
@@ -182,9 +184,9 @@ fn inactivate_matches_qemu_and_qemu_continues() {
     let img = dir.path().join("f.qcow2");
     let disk = 256 * MIB;
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
-    s.add("on", 65536, true).unwrap();
-    s.add("fine", 4096, true).unwrap();
-    s.add("off", 65536, false).unwrap();
+    s.add("on", 65536, Recording::Enabled).unwrap();
+    s.add("fine", 4096, Recording::Enabled).unwrap();
+    s.add("off", 65536, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(3 * MIB, 5 * MIB);
@@ -216,7 +218,11 @@ fn inactivate_matches_qemu_and_qemu_continues() {
     // QEMU opens it and continues: its write lands in the enabled bitmaps.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 128M 64k", p(&img)]);
     assert_qemu_clean(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     for (n, mem) in &mems {
         let want = mem.snapshot();
         if n != "off" {
@@ -233,8 +239,8 @@ fn inactivate_matches_qemu_and_qemu_continues() {
 #[test]
 fn activate_after_inactivate_keeps_every_bit() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
-    s.add("d", G, false).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("d", G, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     let a = s.bitmap("a").unwrap();
@@ -269,7 +275,7 @@ fn activate_after_inactivate_keeps_every_bit() {
 #[test]
 fn inactive_edits_keep_the_parked_bitmap_in_step() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(0, 1);
@@ -310,11 +316,16 @@ impl StopSource for StaleEstimate<'_> {
     }
 }
 
+/// The bandwidth whose budget over 1 ms is exactly `bytes` (exact in `f64` for these sizes).
+fn budget_bandwidth(bytes: u64) -> BytesPerMs {
+    BytesPerMs::from_bytes_per_ms(bytes as f64)
+}
+
 /// A store with regions 0..4 holding data clusters and region 0 changed again: the
 /// estimate is exactly one region, CS bytes, and the exact figure is CS too.
 fn stop_fixture() -> (BitmapStore<Counted>, Tracker) {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     for r in 0..4 {
@@ -335,14 +346,16 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
         tracker: t,
         step: 0,
     };
-    let r = run_stop_loop(&mut src, threshold).unwrap();
+    // CS bytes/ms for 1 ms: a budget of exactly CS bytes.
+    let r = run_stop_loop(&mut src, budget_bandwidth(threshold), Millis(1)).unwrap();
+    assert_eq!(r.threshold, Bytes(threshold));
     assert!(r.converged);
     assert!(r.exact_queries >= 2, "{r:?}");
     assert!(
         r.flushed.regions >= 2,
         "the exact query saw 2 regions and flushed"
     );
-    assert!(within_budget(r.pending, threshold));
+    assert!(fits(r.pending, Bytes(threshold)));
     let left = s.pending_exact().unwrap();
     assert!(left <= threshold, "{left} pending after the decision");
     // The stop writes at most the budget.
@@ -352,13 +365,14 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
     // The public entry point, on the plain store: the estimate is CS, the exact figure
     // CS + 8 (a fresh cluster and its entry): must flush rather than stop.
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     s.tracker().unwrap().mark(0, 1);
     assert_eq!(s.pending_estimate(), CS);
-    let r = s.prepare_stop(CS, 1).unwrap();
+    let r = s.prepare_stop(budget_bandwidth(CS), Millis(1)).unwrap();
+    assert_eq!(r.threshold, Bytes(CS));
     assert!(r.converged && r.flushed.clusters_allocated == 1, "{r:?}");
-    assert_eq!(r.pending, 0);
+    assert_eq!(r.pending, Bytes(0));
 }
 
 #[test]
@@ -371,10 +385,18 @@ fn qemus_lt_gate_with_le_decision_stops_over_budget() {
         step: 0,
     };
     // QEMU 7aaa1fc072: exact query only if estimate < threshold; stop if pending <= it.
-    let r = run_stop_loop_with(&mut src, threshold, |a, b| a < b, |a, b| a <= b).unwrap();
+    let r = run_stop_loop_with(
+        &mut src,
+        budget_bandwidth(threshold),
+        Millis(1),
+        |a, b| a < b,
+        |a, b| a <= b,
+    )
+    .unwrap();
+    assert_eq!(r.threshold, Bytes(threshold));
     assert!(r.converged);
     assert_eq!(r.exact_queries, 0, "it decided on the estimate");
-    assert_eq!(r.pending, threshold);
+    assert_eq!(r.pending, Bytes(threshold));
     let left = s.pending_exact().unwrap();
     assert_eq!(left, 2 * CS);
     assert!(
@@ -394,14 +416,14 @@ fn wait_until(mut f: impl FnMut() -> bool) {
 #[test]
 fn flush_policy_starts_and_stops() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
-    let store = Arc::new(Mutex::new(s));
+    let store = SharedStore::new(s);
 
     // Timer.
     let th = FlushPolicy::every(Duration::from_millis(5))
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     for r in 0..4 {
         t.mark(r * REGION_DISK, 1);
@@ -421,7 +443,7 @@ fn flush_policy_starts_and_stops() {
     // The owner inactivates and reactivates under the lock while the thread runs: the
     // thread skips flushes while inactive, and nothing is lost.
     let th = FlushPolicy::every(Duration::from_millis(1))
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     store.lock().inactivate().unwrap();
     t.mark(G * 11, 1);
@@ -435,7 +457,7 @@ fn flush_policy_starts_and_stops() {
     // Threshold: flushes once more than 0 bytes changed.
     t.mark(G * 13, 1);
     let th = FlushPolicy::when_pending_above(0)
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .unwrap();
     wait_until(|| store.lock().pending_estimate() == 0);
     let stats = th.stop().unwrap();
@@ -445,10 +467,10 @@ fn flush_policy_starts_and_stops() {
         max_pending_bytes: None,
         poll: Duration::from_millis(1)
     }
-    .spawn(Arc::clone(&store))
+    .spawn(store.clone())
     .is_err());
 
-    let s = Arc::try_unwrap(store).unwrap().into_inner();
+    let s = store.try_into_inner().unwrap();
     let s = reopen(s);
     assert_eq!(s.load("a").unwrap().count(), 7);
 }
@@ -461,7 +483,7 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     // locked writable handle keeps QEMU out altogether (tests/locking.rs).
     let storage = FileStorage::create_with(&img, Locking::Off).unwrap();
     let mut s = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     s.tracker().unwrap().mark(MIB, 1);
     s.inactivate().unwrap();
@@ -547,7 +569,7 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
         marker: Default::default(),
     };
     let mut s = BitmapStore::create(storage, 1 << 30, 65536).unwrap();
-    s.add("b", 65536, true).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let bm = s.bitmap("b").unwrap();
     bm.mark_dirty(0, 4096);
@@ -573,7 +595,11 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
     s.activate().unwrap();
     let image = s.close().unwrap();
     let bytes = image.into_storage().inner.to_vec();
-    let s = BitmapStore::open(dirty_bitmap::storage::MemStorage::from_bytes(bytes), false).unwrap();
+    let s = BitmapStore::open(
+        dirty_bitmap::storage::MemStorage::from_bytes(bytes),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let loaded = s.load("b").unwrap();
     assert!(
         loaded.is_dirty(0) && loaded.is_dirty(512 << 20),
@@ -587,7 +613,7 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
 #[test]
 fn inactivate_commits_with_two_barriers_and_no_header_write() {
     let mut s = counted_store();
-    s.add("a", G, true).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(0, 1);
@@ -633,8 +659,8 @@ fn inactivate_commits_with_two_barriers_and_no_header_write() {
 /// cluster leaks).
 fn patch_all_ones(img: &std::path::Path, name: &str) {
     use dirty_bitmap::storage::Storage;
-    let st = FileStorage::open(img, true).unwrap();
-    let image = dirty_bitmap::Image::open(&st, false).unwrap();
+    let st = FileStorage::open(img, OpenMode::ReadWrite).unwrap();
+    let image = dirty_bitmap::Image::open(&st, OpenMode::ReadOnly).unwrap();
     let ext = image.area().bitmaps.unwrap();
     let bytes = st
         .read_vec_at(ext.directory_offset, ext.directory_size)
@@ -665,13 +691,17 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
     let disk = 1024 * MIB;
     let cluster_disk = 256 * MIB;
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
-    s.add("b", G, true).unwrap();
+    s.add("b", G, Recording::Enabled).unwrap();
     drop(s);
     patch_all_ones(&img, "b");
     assert_qemu_clean(&img);
     // Before our writable open: qemu-nbd cannot open the image beside it (image locking).
     assert_eq!(nbd_dirty(&img, "b"), vec![(0, disk)]);
-    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     assert_eq!(s.region_size(), 4096);
     assert_eq!(extents(&s.load("b").unwrap()), vec![(0, disk)]);
 
@@ -702,14 +732,22 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
     drop(s);
     assert_qemu_clean(&img);
     assert_eq!(nbd_dirty(&img, "b"), extents(&mem));
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
     drop(s);
 
     // QEMU stores over it (open, write, store at close): still clean, and we read its store.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
     assert_qemu_clean(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     mem.mark_dirty(0, 4096);
     assert_eq!(extents(&s.load("b").unwrap()), extents(&mem));
 }

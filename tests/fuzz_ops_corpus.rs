@@ -7,6 +7,7 @@
 #[path = "../fuzz/harness/ops.rs"]
 mod ops;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -57,7 +58,7 @@ fn guest_data_refused(name: &str, remove: bool) {
     .unwrap();
     let tail = usize::from(*data.last().unwrap());
     let image = data[..data.len() - 1 - tail].to_vec();
-    let mut s = BitmapStore::open(MemStorage::from_bytes(image), true).unwrap();
+    let mut s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadWrite).unwrap();
     let r = if remove { s.remove("b1") } else { s.activate() };
     assert!(
         matches!(r, Err(Error::Corrupt(Corruption::CheckFailed { .. }))),
@@ -84,7 +85,7 @@ fn regression(target: &str, name: &str) {
 // and every bitmap cluster be owned once before the first write).
 
 /// Finding `flush-writes-bitmap-data-over-guest-cluster`: `flush` rewrote a changed region
-/// in place in the bitmap's data cluster (`src/flush.rs`, data step), which is also guest
+/// in place in the bitmap's data cluster (`src/flush/mod.rs`, data step), which is also guest
 /// data.
 #[test]
 fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
@@ -92,14 +93,15 @@ fn ops_guest_data_flush_writes_bitmap_data_over_guest_cluster() {
 }
 
 /// Finding `flush-writes-table-entry-over-guest-cluster`: `flush` wrote a fresh table entry
-/// in place in the bitmap table (`src/flush.rs`, table step), which is also guest data.
+/// in place in the bitmap table (`src/flush/mod.rs`, table step), which is also guest data.
 #[test]
 fn ops_guest_data_flush_writes_table_entry_over_guest_cluster() {
     guest_data_refused("flush-writes-table-entry-over-guest-cluster", false);
 }
 
 /// Finding `activate-writes-directory-over-guest-cluster`: `activate` set `in_use` in the
-/// directory in place (`write_flags_in_place` in `src/store.rs`), which is also guest data.
+/// directory in place (`write_flags_in_place` in `src/store/commit.rs`), which is also
+/// guest data.
 #[test]
 fn ops_guest_data_activate_writes_directory_over_guest_cluster() {
     guest_data_refused("activate-writes-directory-over-guest-cluster", false);
@@ -119,7 +121,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
     regression("ops_crash", "remove-last-leaks-at-header-write");
     let crash = CrashStorage::new();
     let mut s = BitmapStore::create(&crash, 1 << 20, 512).unwrap();
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let start = crash.op_count();
     s.remove("a").unwrap();
     let ops = crash.ops();
@@ -135,7 +137,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
     let image = crash
         .crash_image(header + 2, CrashMode::Dropped)
         .expect("a crash point after the header's barrier");
-    let report = BitmapStore::open(MemStorage::from_bytes(image), false)
+    let report = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
         .unwrap()
         .image()
         .check()
@@ -146,7 +148,7 @@ fn ops_crash_remove_last_leaks_at_header_write() {
 }
 
 /// Finding `remove-frees-guest-cluster-then-reuses-it`: `remove` freed the bitmap's data
-/// cluster although an L2 entry still names it (`safe_frees` in `src/store.rs` kept only
+/// cluster although an L2 entry still names it (`safe_frees` in `src/store/commit.rs` kept only
 /// clusters that cluster 0, the L1 table, the refcount structures or a remaining bitmap
 /// referenced), so its refcount dropped to 0 and the next allocation (the table of a bitmap
 /// added next) wrote over the guest data.

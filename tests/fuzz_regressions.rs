@@ -8,6 +8,7 @@
 
 use dirty_bitmap::format::{decode_directory, decode_table, EntryProblem, ImageGeometry};
 use dirty_bitmap::storage::MemStorage;
+use dirty_bitmap::OpenMode;
 use dirty_bitmap::{fuzzing, BitmapState, BitmapStore, Corruption, Error, Image};
 
 fn regression(target: &str, name: &str) -> Vec<u8> {
@@ -19,7 +20,7 @@ fn regression(target: &str, name: &str) -> Vec<u8> {
 }
 
 fn open(data: &[u8]) -> dirty_bitmap::Result<BitmapStore<MemStorage>> {
-    BitmapStore::open(MemStorage::from_bytes(data.to_vec()), false)
+    BitmapStore::open(MemStorage::from_bytes(data.to_vec()), OpenMode::ReadOnly)
 }
 
 /// The bitmaps extension claims a 64 MiB directory (the most QEMU allows) in a 9 KiB file.
@@ -102,7 +103,8 @@ fn open_image_refcount_table_past_eof() {
 fn open_image_l1_table_32mib_past_eof() {
     let data = regression("open_image", "l1-table-32mib-past-eof");
     fuzzing::open_image(&data);
-    let image = Image::open(MemStorage::from_bytes(data.clone()), false).expect("opens");
+    let image =
+        Image::open(MemStorage::from_bytes(data.clone()), OpenMode::ReadOnly).expect("opens");
     let report = image.check().expect("check reports, it does not fail");
     assert!(!report.is_clean());
 }
@@ -112,7 +114,8 @@ fn open_image_l1_table_32mib_past_eof() {
 fn open_image_snapshots_65536_past_eof() {
     let data = regression("open_image", "snapshots-65536-past-eof");
     fuzzing::open_image(&data);
-    let image = Image::open(MemStorage::from_bytes(data.clone()), false).expect("opens");
+    let image =
+        Image::open(MemStorage::from_bytes(data.clone()), OpenMode::ReadOnly).expect("opens");
     let report = image.check().expect("check reports, it does not fail");
     assert!(!report.is_clean());
 }

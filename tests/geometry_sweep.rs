@@ -54,6 +54,7 @@
 
 mod common;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::path::Path;
 use std::time::Instant;
 
@@ -232,8 +233,12 @@ fn sweep_point(dir: &Path, geo: Geo, size: u64, what: &str) -> Row {
         (size - 512, 512),
         (size - 1, 1),
     ];
-    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
-    s.add("sweep", g, true)
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    s.add("sweep", g, Recording::Enabled)
         .unwrap_or_else(|e| panic!("{ctx}: add at granularity {g}: {e}"));
     let added = refcount_layout(s.image());
     s.activate()
@@ -262,7 +267,11 @@ fn sweep_point(dir: &Path, geo: Geo, size: u64, what: &str) -> Row {
     );
     assert_eq!(v["cluster-size"].as_u64(), Some(cs), "{ctx}: cluster size");
 
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let loaded = s.load("sweep").unwrap();
     assert_eq!(
         loaded.dirty_extents().collect::<Vec<_>>(),
@@ -271,7 +280,11 @@ fn sweep_point(dir: &Path, geo: Geo, size: u64, what: &str) -> Row {
     );
     drop((loaded, s));
 
-    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     s.remove("sweep")
         .unwrap_or_else(|e| panic!("{ctx}: remove: {e}"));
     drop(s);

@@ -8,6 +8,7 @@
 
 mod common;
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
@@ -36,7 +37,7 @@ impl Drop for Held {
 fn image(dir: &Path) -> PathBuf {
     let img = dir.join("l.qcow2");
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
-    s.add("b", 65536, true).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     s.close().unwrap();
     img
 }
@@ -134,7 +135,7 @@ fn qemu_nbd_writer(img: &Path, sock: &Path) -> Held {
     loop {
         let in_use = FileStorage::open_shared(img)
             .ok()
-            .and_then(|st| BitmapStore::open(st, false).ok())
+            .and_then(|st| BitmapStore::open(st, OpenMode::ReadOnly).ok())
             .is_some_and(|s| s.list().iter().all(|b| b.in_use));
         if in_use {
             break;
@@ -194,23 +195,23 @@ fn locked<T: std::fmt::Debug>(r: dirty_bitmap::Result<T>) -> (&'static str, bool
 fn our_lock_bytes_are_qemus() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let cases: [(&[&str], bool, Locking, Access); 3] = [
-        (&[], true, Locking::On, Access::Write),
-        (&["-r"], false, Locking::On, Access::Read),
+    let cases: [(&[&str], OpenMode, Locking, Access); 3] = [
+        (&[], OpenMode::ReadWrite, Locking::On, Access::Write),
+        (&["-r"], OpenMode::ReadOnly, Locking::On, Access::Read),
         (
             &["-r", "-U"],
-            false,
+            OpenMode::ReadOnly,
             Locking::ForceShare,
             Access::ReadForceShare,
         ),
     ];
-    for (qemu_args, writable, locking, access) in cases {
+    for (qemu_args, mode, locking, access) in cases {
         wait_unlocked(&img);
         let held = qemu_io_holding(qemu_args, &img);
         let theirs = settled_lock_bytes(&img);
         drop(held);
         wait_unlocked(&img);
-        let ours = FileStorage::open_with(&img, writable, locking).unwrap();
+        let ours = FileStorage::open_with(&img, mode, locking).unwrap();
         let mine = lock_bytes(&img);
         drop(ours);
         assert!(lock_bytes(&img).is_empty(), "{access:?}: drop left locks");
@@ -219,11 +220,11 @@ fn our_lock_bytes_are_qemus() {
         assert_eq!(mine, documented, "{access:?}");
     }
     // Unlocked opens and wrapped files take nothing.
-    let off = FileStorage::open_with(&img, true, Locking::Off).unwrap();
+    let off = FileStorage::open_with(&img, OpenMode::ReadWrite, Locking::Off).unwrap();
     assert!(lock_bytes(&img).is_empty());
     drop(off);
     let file = std::fs::File::open(&img).unwrap();
-    let wrapped = FileStorage::from_file(file, &img, false);
+    let wrapped = FileStorage::from_file(file, &img, OpenMode::ReadOnly);
     assert_eq!(wrapped.locking(), Locking::Off);
     assert!(lock_bytes(&img).is_empty());
 }
@@ -235,7 +236,11 @@ fn our_lock_bytes_are_qemus() {
 fn our_writer_keeps_qemu_out() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let mut s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     s.activate().unwrap();
 
     let info = run("qemu-img", &["info", "-f", "qcow2", p(&img)]);
@@ -267,7 +272,11 @@ fn our_writer_keeps_qemu_out() {
     s.close().unwrap();
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
     assert_qemu_clean(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_eq!(
         s.load("b").unwrap().dirty_extents().collect::<Vec<_>>(),
         vec![(0, 65536)],
@@ -287,9 +296,17 @@ fn a_qemu_writer_keeps_us_out() {
     let held = qemu_nbd_writer(&img, &sock);
     let before = std::fs::read(&img).unwrap();
 
-    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
-    assert_eq!(locked(FileStorage::open(&img, false)), ("write", true));
-    let err = FileStorage::open(&img, true).unwrap_err().to_string();
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadWrite)),
+        ("write", false)
+    );
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadOnly)),
+        ("write", true)
+    );
+    let err = FileStorage::open(&img, OpenMode::ReadWrite)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("failed to get \"write\" lock") && err.contains("another process"),
         "{err}"
@@ -309,7 +326,7 @@ fn a_qemu_writer_keeps_us_out() {
     // Force-share reads beside the writer; the bitmap QEMU holds is in use.
     let shared = FileStorage::open_shared(&img).unwrap();
     assert_eq!(shared.locking(), Locking::ForceShare);
-    let s = BitmapStore::open(shared, false).unwrap();
+    let s = BitmapStore::open(shared, OpenMode::ReadOnly).unwrap();
     assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
     drop(s);
     let json = dbm_succeeds(&["info", "-U", "--json", i]);
@@ -327,7 +344,11 @@ fn a_qemu_writer_keeps_us_out() {
     // Once QEMU is gone (killed: a crash, so `in_use` stays) our writer opens it.
     drop(held);
     wait_unlocked(&img);
-    let s = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
 }
 
@@ -339,9 +360,15 @@ fn our_opens_conflict_and_coexist() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
 
-    let w = FileStorage::open(&img, true).unwrap();
-    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
-    assert_eq!(locked(FileStorage::open(&img, false)), ("write", true));
+    let w = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadWrite)),
+        ("write", false)
+    );
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadOnly)),
+        ("write", true)
+    );
     let sh = FileStorage::open_shared(&img).unwrap();
     drop((w, sh));
     assert!(
@@ -349,18 +376,21 @@ fn our_opens_conflict_and_coexist() {
         "refused opens left locks behind"
     );
 
-    let r1 = FileStorage::open(&img, false).unwrap();
-    let r2 = FileStorage::open(&img, false).unwrap();
+    let r1 = FileStorage::open(&img, OpenMode::ReadOnly).unwrap();
+    let r2 = FileStorage::open(&img, OpenMode::ReadOnly).unwrap();
     ok("qemu-img", &["info", "-f", "qcow2", p(&img)]);
-    assert_eq!(locked(FileStorage::open(&img, true)), ("write", false));
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadWrite)),
+        ("write", false)
+    );
     let write = run("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
     assert!(!write.status.success(), "qemu-io wrote beside our readers");
     // The documented opt-out: no locks, no checks.
-    let off = FileStorage::open_with(&img, true, Locking::Off).unwrap();
+    let off = FileStorage::open_with(&img, OpenMode::ReadWrite, Locking::Off).unwrap();
     drop((r1, r2, off));
     assert!(lock_bytes(&img).is_empty());
 
-    let e = FileStorage::open_with(&img, true, Locking::ForceShare).unwrap_err();
+    let e = FileStorage::open_with(&img, OpenMode::ReadWrite, Locking::ForceShare).unwrap_err();
     assert!(matches!(e, Error::InvalidInput(_)), "{e}");
     let e = FileStorage::create_with(dir.path().join("new"), Locking::ForceShare).unwrap_err();
     assert!(matches!(e, Error::InvalidInput(_)), "{e}");
@@ -374,7 +404,7 @@ fn our_opens_conflict_and_coexist() {
 fn locks_release_while_a_forked_child_shares_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let w = FileStorage::open(&img, true).unwrap();
+    let w = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
     // SAFETY: the child calls only async-signal-safe functions (sleep, _exit) and never
     // returns into Rust code, so forking a multi-threaded process is sound.
     let pid = unsafe { libc::fork() };
@@ -400,7 +430,7 @@ fn locks_release_while_a_forked_child_shares_the_file() {
     let child = Reap(pid);
     drop(w);
     assert!(lock_bytes(&img).is_empty(), "the child kept our locks");
-    let again = FileStorage::open(&img, true).unwrap();
+    let again = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
     drop(again);
     drop(child);
 }

@@ -5,6 +5,7 @@
 //! allocates when it starts waiting for the test (its channel registers a waiter), at a
 //! moment that races the measurement. One `#[test]` runs both measurements in turn.
 
+use dirty_bitmap::OpenMode;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -122,7 +123,11 @@ fn checking_a_huge_sparse_image_allocates_little() {
         .unwrap()
         .set_len(512 << 30)
         .unwrap();
-    let image = Image::open(FileStorage::open(&path, false).unwrap(), false).unwrap();
+    let image = Image::open(
+        FileStorage::open(&path, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
     let report = image.check().unwrap();

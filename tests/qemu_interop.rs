@@ -11,7 +11,7 @@ use std::path::Path;
 
 use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps, qemu_bitmaps_shared};
 use dirty_bitmap::storage::FileStorage;
-use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
+use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap, OpenMode, Recording};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,8 +19,8 @@ fn extents(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
     bm.dirty_extents().collect()
 }
 
-fn open(img: &Path, writable: bool) -> BitmapStore<FileStorage> {
-    BitmapStore::open(FileStorage::open(img, writable).unwrap(), writable).unwrap()
+fn open(img: &Path, mode: OpenMode) -> BitmapStore<FileStorage> {
+    BitmapStore::open(FileStorage::open(img, mode).unwrap(), mode).unwrap()
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn created_images_pass_qemu_check_and_info() {
             assert_eq!(v["virtual-size"].as_u64(), Some(disk));
             assert_eq!(v["cluster-size"].as_u64(), Some(cs));
             // Our own check agrees.
-            let s = open(&img, false);
+            let s = open(&img, OpenMode::ReadOnly);
             assert!(s.image().check().unwrap().is_clean());
         }
     }
@@ -59,8 +59,8 @@ fn our_bitmaps_match_qemu_info_and_nbd() {
         let img = dir.path().join("a.qcow2");
         let disk = 64 * MIB + 512;
         let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, cs).unwrap();
-        s.add("marks", g, true).unwrap();
-        s.add("empty", 65536, false).unwrap();
+        s.add("marks", g, Recording::Enabled).unwrap();
+        s.add("empty", 65536, Recording::Disabled).unwrap();
         let bm = DirtyBitmap::new(disk, g).unwrap();
         bm.mark_dirty(0, 1);
         bm.mark_dirty(3 * MIB + 7, 5000);
@@ -88,7 +88,7 @@ fn activated_marks_survive_close_and_a_crash_shows_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 256 * MIB, 65536).unwrap();
-    s.add("live", 65536, true).unwrap();
+    s.add("live", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     // -U: our writable handle holds the image's locks.
     assert_eq!(qemu_bitmaps_shared(&img)[0].2, vec!["in-use", "auto"]);
@@ -99,12 +99,12 @@ fn activated_marks_survive_close_and_a_crash_shows_in_use() {
     assert_eq!(qemu_bitmaps(&img)[0].2, vec!["auto"]);
     assert_eq!(nbd_dirty(&img, "live"), vec![(100 * MIB, 3 * MIB)]);
     // Crash while active: in_use stays; QEMU and we both see it as inconsistent.
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     s.activate().unwrap();
     drop(s);
     assert_eq!(qemu_bitmaps(&img)[0].2, vec!["in-use", "auto"]);
     assert_qemu_clean(&img);
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
     s.remove("live").unwrap();
     drop(s);
@@ -149,7 +149,7 @@ fn qemu_made_bitmaps_load_to_what_nbd_shows() {
             }
             args.extend(["-f", "qcow2", p(&img)]);
             ok("qemu-io", &args);
-            let s = open(&img, false);
+            let s = open(&img, OpenMode::ReadOnly);
             let ours = extents(&s.load("b").unwrap());
             assert_eq!(ours, nbd_dirty(&img, "b"), "cs {cs} g {g}");
             assert!(!ours.is_empty());
@@ -166,7 +166,7 @@ fn qemu_bitmap_commands_on_our_images() {
     let disk = 32 * MIB;
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
     for (name, g) in [("a", 65536u64), ("b", 512), ("c", 1 << 20), ("d", 65536)] {
-        s.add(name, g, true).unwrap();
+        s.add(name, g, Recording::Enabled).unwrap();
         let bm = DirtyBitmap::new(disk, g).unwrap();
         bm.mark_dirty(g * 3, 1);
         s.store(name, &bm).unwrap();
@@ -177,7 +177,7 @@ fn qemu_bitmap_commands_on_our_images() {
     ok("qemu-img", &["bitmap", "--disable", p(&img), "b"]);
     ok("qemu-img", &["bitmap", "--merge", "b", p(&img), "c"]);
     assert_qemu_clean(&img);
-    let s = open(&img, false);
+    let s = open(&img, OpenMode::ReadOnly);
     let l = s.list();
     assert_eq!(
         l.iter()
@@ -195,7 +195,7 @@ fn qemu_bitmap_commands_on_our_images() {
     assert!(s.image().check().unwrap().is_clean());
     // Our remove, then QEMU's check.
     drop(s);
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     s.remove("b").unwrap();
     s.remove("a").unwrap();
     s.close().unwrap();
@@ -242,8 +242,8 @@ fn merge_across_images_like_qemu_img_merge_b() {
             "b",
         ],
     );
-    let s = open(&src, false);
-    let mut o = open(&ours, true);
+    let s = open(&src, OpenMode::ReadOnly);
+    let mut o = open(&ours, OpenMode::ReadWrite);
     o.merge_from(&s, "b", "b").unwrap();
     o.close().unwrap();
     assert_qemu_clean(&ours);
@@ -292,9 +292,9 @@ fn every_image_qemu_img_create_makes_opens_and_takes_bitmaps() {
             ],
         );
         {
-            let mut s = open(&img, true);
+            let mut s = open(&img, OpenMode::ReadWrite);
             assert!(s.image().check().unwrap().is_clean(), "{v:?}");
-            s.add("ours", 65536, true).unwrap();
+            s.add("ours", 65536, Recording::Enabled).unwrap();
             let bm = DirtyBitmap::new(16 * MIB, 65536).unwrap();
             bm.mark_dirty(2 * MIB, 1);
             s.store("ours", &bm).unwrap();
@@ -308,7 +308,7 @@ fn every_image_qemu_img_create_makes_opens_and_takes_bitmaps() {
             "qemu-img",
             &["compare", "-f", "qcow2", "-F", "qcow2", p(&img), p(&img)],
         );
-        let s = open(&img, false);
+        let s = open(&img, OpenMode::ReadOnly);
         assert!(s.image().check().unwrap().is_clean(), "{v:?}");
     }
 }
@@ -337,18 +337,19 @@ fn reftable_growth_is_accepted_by_qemu() {
         &["info", "-f", "qcow2", "--output=json", p(&img)],
     );
     let disk = 1u64 << 30;
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     let bm = DirtyBitmap::new(disk, 4096).unwrap();
     bm.mark_dirty(0, disk);
     for i in 0..6 {
-        s.add(&format!("full{i}"), 4096, true).unwrap();
+        s.add(&format!("full{i}"), 4096, Recording::Enabled)
+            .unwrap();
         s.store(format!("full{i}"), &bm).unwrap();
     }
     s.close().unwrap();
     assert_qemu_clean(&img);
     assert_eq!(nbd_dirty(&img, "full3"), vec![(0, disk)]);
     assert!(!before.is_empty());
-    let s = open(&img, false);
+    let s = open(&img, OpenMode::ReadOnly);
     assert!(s.image().check().unwrap().is_clean());
 }
 
@@ -365,8 +366,8 @@ fn unknown_extension_and_header_fields_survive() {
     bytes[end + 4..end + 8].copy_from_slice(&5u32.to_be_bytes());
     bytes[end + 8..end + 13].copy_from_slice(b"hello");
     std::fs::write(&img, &bytes).unwrap();
-    let mut s = open(&img, true);
-    s.add("b", 65536, true).unwrap();
+    let mut s = open(&img, OpenMode::ReadWrite);
+    s.add("b", 65536, Recording::Enabled).unwrap();
     s.close().unwrap();
     let after = std::fs::read(&img).unwrap();
     let pos = after
@@ -390,7 +391,7 @@ fn sixteen_tib_image_with_four_bitmaps_round_trips_both_ways() {
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
     let mut ours = Vec::new();
     for (i, (&name, &g)) in names.iter().zip(grans.iter()).enumerate() {
-        s.add(name, g, true).unwrap();
+        s.add(name, g, Recording::Enabled).unwrap();
         let bm = DirtyBitmap::new(disk, g).unwrap();
         for k in 0..64u64 {
             let off = k.wrapping_mul(0x9E37_79B9_7F4A_7C15u64.rotate_left(i as u32)) % disk;
@@ -429,7 +430,7 @@ fn sixteen_tib_image_with_four_bitmaps_round_trips_both_ways() {
     args.push(p(&img));
     ok("qemu-io", &args);
     assert_qemu_clean(&img);
-    let s = open(&img, false);
+    let s = open(&img, OpenMode::ReadOnly);
     for (i, (&name, &g)) in names.iter().zip(grans.iter()).enumerate() {
         let loaded = s.load(name).unwrap();
         let expect = DirtyBitmap::new(disk, g).unwrap();
@@ -455,7 +456,7 @@ fn sixteen_tib_image_with_four_bitmaps_round_trips_both_ways() {
 /// `(virtual size, l1_size)` of an image, and per bitmap `(name, table_size)`, read with our
 /// reader (QEMU's own images included).
 fn geometry_of(img: &Path) -> (u64, u32, Vec<(String, u32)>) {
-    let s = open(img, false);
+    let s = open(img, OpenMode::ReadOnly);
     let h = s.image().header();
     (
         h.size,
@@ -480,9 +481,9 @@ fn resize_matches_qemu_img_resize() {
             let dir = tempfile::tempdir().unwrap();
             let base = dir.path().join("base.qcow2");
             let mut s = BitmapStore::create(FileStorage::create(&base).unwrap(), old, cs).unwrap();
-            s.add("fine", 512, true).unwrap();
-            s.add("coarse", 65536, false).unwrap();
-            s.add("empty", 4096, true).unwrap();
+            s.add("fine", 512, Recording::Enabled).unwrap();
+            s.add("coarse", 65536, Recording::Disabled).unwrap();
+            s.add("empty", 4096, Recording::Enabled).unwrap();
             for (name, g) in [("fine", 512u64), ("coarse", 65536)] {
                 let bm = DirtyBitmap::new(old, g).unwrap();
                 bm.mark_dirty(0, 1);
@@ -506,7 +507,7 @@ fn resize_matches_qemu_img_resize() {
             } else {
                 ok("qemu-img", &["resize", "-f", "qcow2", p(&theirs), &size]);
             }
-            let mut s = open(&ours, true);
+            let mut s = open(&ours, OpenMode::ReadWrite);
             s.resize(new).unwrap();
             drop(s);
             let ctx = format!("cs {cs}: {old} -> {new}");
@@ -520,13 +521,20 @@ fn resize_matches_qemu_img_resize() {
                 assert_eq!(mine, nbd_dirty(&theirs, name), "{ctx} {name}");
                 // And what that is: the old bits clipped to the new size, nothing beyond.
                 let expect = DirtyBitmap::new(new, g).unwrap();
-                for (off, len) in open(&base, false).load(name).unwrap().dirty_extents() {
+                for (off, len) in open(&base, OpenMode::ReadOnly)
+                    .load(name)
+                    .unwrap()
+                    .dirty_extents()
+                {
                     if off < new {
                         expect.mark_dirty(off, len.min(new - off));
                     }
                 }
                 assert_eq!(mine, extents(&expect), "{ctx} {name}");
-                assert_eq!(extents(&open(&ours, false).load(name).unwrap()), mine);
+                assert_eq!(
+                    extents(&open(&ours, OpenMode::ReadOnly).load(name).unwrap()),
+                    mine
+                );
             }
             // QEMU takes the resized image on: a write through qemu-io marks the enabled
             // bitmap, and the image stays clean.
@@ -550,7 +558,7 @@ fn resize_refusals_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 8 * MIB, 65536).unwrap();
-    s.add("b", 65536, true).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     let before = std::fs::read(&img).unwrap();
     let unchanged = |why: &str| assert!(std::fs::read(&img).unwrap() == before, "{why} wrote");
     let e = s.resize(8 * MIB + 100).unwrap_err();
@@ -575,7 +583,7 @@ fn resize_refusals_write_nothing() {
     drop(s);
 
     // An inconsistent bitmap: QEMU refuses, and so do we.
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     s.activate().unwrap();
     drop(s); // a crash while active: `in_use` stays set
     let crashed = std::fs::read(&img).unwrap();
@@ -584,7 +592,7 @@ fn resize_refusals_write_nothing() {
         !out.status.success(),
         "qemu-img resized an inconsistent bitmap"
     );
-    let mut s = open(&img, true);
+    let mut s = open(&img, OpenMode::ReadWrite);
     let e = s.resize(16 * MIB).unwrap_err();
     assert!(
         matches!(e, dirty_bitmap::Error::Inconsistent { ref name } if name == "b"),
@@ -605,7 +613,9 @@ fn resize_refusals_write_nothing() {
     ok("qemu-img", &["create", "-f", "qcow2", p(&data), "8M"]);
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", p(&data)]);
     let before = std::fs::read(&data).unwrap();
-    let e = open(&data, true).resize(16 * MIB).unwrap_err();
+    let e = open(&data, OpenMode::ReadWrite)
+        .resize(16 * MIB)
+        .unwrap_err();
     assert!(matches!(e, dirty_bitmap::Error::Unsupported(_)), "{e}");
     assert!(
         std::fs::read(&data).unwrap() == before,

@@ -11,6 +11,7 @@ mod common;
 use common::qemu::assert_qemu_clean;
 use dirty_bitmap::storage::{FileStorage, MemStorage};
 use dirty_bitmap::{BitmapStore, Image};
+use dirty_bitmap::{OpenMode, Recording};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -28,7 +29,11 @@ fn defect_01_create_with_512_byte_clusters_across_the_reftable_growth() {
         assert!(report.is_clean(), "{size}: {report:?}");
         drop(store);
         assert_qemu_clean(&path);
-        let reopened = Image::open(FileStorage::open(&path, false).unwrap(), false).unwrap();
+        let reopened = Image::open(
+            FileStorage::open(&path, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
         assert!(reopened.check().unwrap().is_clean(), "{size} after reopen");
         std::fs::remove_file(&path).unwrap();
     }
@@ -40,7 +45,7 @@ fn defect_01_create_with_512_byte_clusters_across_the_reftable_growth() {
 #[test]
 fn defect_05_reftable_growth_keeps_the_in_memory_header_true() {
     let mut store = BitmapStore::create(MemStorage::new(), 16 * GIB, 512).unwrap();
-    store.add("b", 512, true).unwrap();
+    store.add("b", 512, Recording::Enabled).unwrap();
     let before = store.image().header().refcount_table_offset;
     store.activate().unwrap();
     let bm = store.bitmap("b").unwrap();
@@ -63,7 +68,7 @@ fn defect_05_reftable_growth_keeps_the_in_memory_header_true() {
     store.activate().expect("activate after inactivate");
     store.inactivate().unwrap();
     let image = store.close().unwrap();
-    let reopened = BitmapStore::open(image.into_storage(), false).unwrap();
+    let reopened = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
     let loaded = reopened.load("b").unwrap();
     assert_eq!(loaded.count(), loaded.bit_count());
 }
@@ -128,7 +133,7 @@ fn is_shared(e: &Error) -> bool {
 /// A consistent bitmap "b" with data in its first two table entries (512 B clusters).
 fn two_cluster_bitmap() -> (BitmapStore<MemStorage>, u64) {
     let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
-    store.add("b", 512, true).unwrap();
+    store.add("b", 512, Recording::Enabled).unwrap();
     let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
     bits.mark_dirty(0, 512); // bit 0: cluster 0 of the bitmap data
     bits.mark_dirty(2 * MIB + 512, 512); // bit 4097: byte 512, the second data cluster
@@ -137,10 +142,10 @@ fn two_cluster_bitmap() -> (BitmapStore<MemStorage>, u64) {
     (store, entries[0].table_offset)
 }
 
-fn reopen_mem(store: BitmapStore<MemStorage>, writable: bool) -> BitmapStore<MemStorage> {
+fn reopen_mem(store: BitmapStore<MemStorage>, mode: OpenMode) -> BitmapStore<MemStorage> {
     let bytes = store.image().storage().to_vec();
     drop(store);
-    BitmapStore::open(MemStorage::from_bytes(bytes), writable).unwrap()
+    BitmapStore::open(MemStorage::from_bytes(bytes), mode).unwrap()
 }
 
 /// Defect 2: two entries of one consistent bitmap naming one cluster. The in-place flush
@@ -157,7 +162,7 @@ fn defect_02_two_table_entries_naming_one_cluster_are_refused_before_any_write()
         if raise_refcount {
             set_refcount_raw(storage, first, 2);
         }
-        let mut store = reopen_mem(store, true);
+        let mut store = reopen_mem(store, OpenMode::ReadWrite);
         let before = store.image().storage().to_vec();
         let err = store.activate().unwrap_err();
         if raise_refcount {
@@ -189,7 +194,7 @@ fn defect_02_a_table_entry_naming_a_refcount_block_is_refused() {
         if raise_refcount {
             set_refcount_raw(storage, block, 2);
         }
-        let mut store = reopen_mem(store, true);
+        let mut store = reopen_mem(store, OpenMode::ReadWrite);
         let before = store.image().storage().to_vec();
         let err = store.activate().unwrap_err();
         assert!(is_check_failed(&err) || is_shared(&err), "{err:?}");
@@ -209,20 +214,20 @@ fn defect_02_a_table_entry_naming_a_refcount_block_is_refused() {
 #[test]
 fn defect_02_two_directory_entries_sharing_a_table_are_refused() {
     let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
-    store.add("a", 512, true).unwrap();
-    store.add("b", 512, true).unwrap();
+    store.add("a", 512, Recording::Enabled).unwrap();
+    store.add("b", 512, Recording::Enabled).unwrap();
     let storage = store.image().storage();
     let (mut entries, at) = directory(storage);
     entries[1].table_offset = entries[0].table_offset;
     write_directory(storage, &entries, at);
     set_refcount_raw(storage, entries[0].table_offset, 2);
-    let mut store = reopen_mem(store, true);
+    let mut store = reopen_mem(store, OpenMode::ReadWrite);
     let before = store.image().storage().to_vec();
     for r in [
         store.activate(),
         store.set_enabled("a", false),
         store.remove("b"),
-        store.add("c", 512, true),
+        store.add("c", 512, Recording::Enabled),
     ] {
         let err = r.unwrap_err();
         assert!(is_shared(&err), "{err:?}");
@@ -267,18 +272,22 @@ fn defect_03_no_operation_frees_a_cluster_holding_guest_data() {
     ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
     let data = host_offset(&img, 0);
     {
-        let storage = FileStorage::open(&img, true).unwrap();
+        let storage = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
         let (entries, _) = directory(&storage);
         storage
             .write_u64_be_at(entries[0].table_offset, data)
             .unwrap();
     }
     let before = std::fs::read(&img).unwrap();
-    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
+    let mut store = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
     for r in [
         store.remove("b0"),
         store.clear("b0"),
-        store.add("b1", 65536, true),
+        store.add("b1", 65536, Recording::Enabled),
         store.activate(),
     ] {
         let err = r.unwrap_err();
@@ -295,8 +304,8 @@ fn defect_03_no_operation_frees_a_cluster_holding_guest_data() {
 #[test]
 fn defect_06_resize_refuses_a_bad_table_before_writing() {
     let mut store = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
-    store.add("good", 512, true).unwrap();
-    store.add("bad", 512, true).unwrap();
+    store.add("good", 512, Recording::Enabled).unwrap();
+    store.add("bad", 512, Recording::Enabled).unwrap();
     let bits = DirtyBitmap::new(4 * MIB, 512).unwrap();
     bits.mark_dirty(0, 4096);
     store.store("good", &bits).unwrap();
@@ -306,7 +315,7 @@ fn defect_06_resize_refuses_a_bad_table_before_writing() {
     let t = entries[1].table_offset;
     let e = table_entry(storage, t, 0);
     storage.write_u64_be_at(t, e | 1).unwrap(); // bit 0 is reserved
-    let mut store = reopen_mem(store, true);
+    let mut store = reopen_mem(store, OpenMode::ReadWrite);
     let before = store.image().storage().to_vec();
     let err = store.resize(8 * MIB).unwrap_err();
     assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
@@ -315,7 +324,7 @@ fn defect_06_resize_refuses_a_bad_table_before_writing() {
         before,
         "the refusal wrote"
     );
-    let store = reopen_mem(store, false);
+    let store = reopen_mem(store, OpenMode::ReadOnly);
     assert_eq!(store.load("good").unwrap().count(), 8);
 }
 
@@ -376,8 +385,8 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     // 1 TiB at 512 B granularity with 4 KiB clusters: 65,536 table entries (512 KiB).
     let disk = 1 << 40;
     let mut store = BitmapStore::create(MemStorage::new(), disk, 4096).unwrap();
-    store.add("x", 64 << 10, true).unwrap();
-    store.add("s0", 512, true).unwrap();
+    store.add("x", 64 << 10, Recording::Enabled).unwrap();
+    store.add("s0", 512, Recording::Enabled).unwrap();
     let (mut entries, _) = directory(store.image().storage());
     let shared = entries[1].clone();
     assert_eq!(shared.table_size, 65_536);
@@ -410,7 +419,7 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     drop(store);
 
     let spy = Spy::new(MemStorage::from_bytes(file), |_| {});
-    let mut store = BitmapStore::open(spy, true).unwrap();
+    let mut store = BitmapStore::open(spy, OpenMode::ReadWrite).unwrap();
     assert_eq!(store.list().len(), 51);
     let opened = store.image().storage().bytes_read();
     let err = store.set_enabled("x", false).unwrap_err();
@@ -460,8 +469,12 @@ fn defect_08_add_refuses_a_header_that_outgrows_cluster_0_before_allocating() {
         ],
     );
     let before = std::fs::read(&img).unwrap();
-    let mut store = BitmapStore::open(FileStorage::open(&img, true).unwrap(), true).unwrap();
-    let err = store.add("b0", 65536, true).unwrap_err();
+    let mut store = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    let err = store.add("b0", 65536, Recording::Enabled).unwrap_err();
     assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
     drop(store);
     assert_eq!(std::fs::read(&img).unwrap(), before, "the refusal wrote");
@@ -488,15 +501,23 @@ fn defect_10_check_and_open_judge_the_table_size_alike() {
     ok("qemu-img", &["create", "-q", "-f", "qcow2", path, "64M"]);
     ok("qemu-img", &["bitmap", "--add", "-f", "qcow2", path, "b0"]);
     {
-        let storage = FileStorage::open(&img, true).unwrap();
+        let storage = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
         let (mut entries, at) = directory(&storage);
         entries[0].table_size += 1;
         write_directory(&storage, &entries, at);
     }
     let out = run("qemu-img", &["check", "-f", "qcow2", path]);
     assert_eq!(out.status.code(), Some(1), "QEMU cannot open it");
-    assert!(BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).is_err());
-    let image = Image::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    assert!(BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly
+    )
+    .is_err());
+    let image = Image::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let report = image.check().unwrap();
     assert_eq!(report.exit_code(), 2, "{report:?}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
@@ -517,15 +538,15 @@ fn defect_10_check_and_open_judge_the_table_size_alike() {
 #[test]
 fn defect_04_a_tracker_marks_bitmaps_added_after_it_was_taken() {
     let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
-    store.add("old", 65536, true).unwrap();
+    store.add("old", 65536, Recording::Enabled).unwrap();
     store.activate().unwrap();
     let tracker = store.tracker().unwrap();
     store.inactivate().unwrap();
-    store.add("new", 65536, true).unwrap();
+    store.add("new", 65536, Recording::Enabled).unwrap();
     store.activate().unwrap();
     tracker.mark(5 * MIB, 4096);
     let image = store.close().unwrap();
-    let store = BitmapStore::open(image.into_storage(), false).unwrap();
+    let store = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
     for name in ["old", "new"] {
         assert!(
             store.load(name).unwrap().is_dirty(5 * MIB),
@@ -565,7 +586,7 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
     for order in permutations(vec![Op::Add, Op::Enable, Op::Activate, Op::Merge]) {
         for cycle_after in 0..=4 {
             let mut store = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
-            store.add("a", 65536, true).unwrap();
+            store.add("a", 65536, Recording::Enabled).unwrap();
             store.activate().unwrap();
             let tracker = store.tracker().unwrap();
             store.inactivate().unwrap();
@@ -573,7 +594,7 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
             for (k, op) in order.iter().enumerate() {
                 match op {
                     Op::Add => {
-                        store.add("n", 65536, false).unwrap();
+                        store.add("n", 65536, Recording::Disabled).unwrap();
                         added = true;
                     }
                     // Enabling a bitmap that does not exist yet is refused; it is
@@ -594,7 +615,7 @@ fn defect_04_a_tracker_reaches_every_enabled_bitmap_in_every_order() {
             let at = (runs % 60) * MIB;
             tracker.mark(at, 4096);
             let image = store.close().unwrap();
-            let store = BitmapStore::open(image.into_storage(), false).unwrap();
+            let store = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
             for name in ["a", "n"] {
                 assert!(
                     store.load(name).unwrap().is_dirty(at),
@@ -646,7 +667,7 @@ fn defect_09_full_rewrite_holds_marks_made_while_it_runs_until_it_is_durable() {
         }
     });
     let mut store = BitmapStore::create(storage, 64 * MIB, 65536).unwrap();
-    store.add("b", 65536, true).unwrap();
+    store.add("b", 65536, Recording::Enabled).unwrap();
     store.activate().unwrap();
     let bm = store.bitmap("b").unwrap();
     bm.mark_dirty(0, 4096);
@@ -663,7 +684,7 @@ fn defect_09_full_rewrite_holds_marks_made_while_it_runs_until_it_is_durable() {
     );
     store.activate().unwrap();
     let image = store.close().unwrap();
-    let store = BitmapStore::open(image.into_storage().inner, false).unwrap();
+    let store = BitmapStore::open(image.into_storage().inner, OpenMode::ReadOnly).unwrap();
     let loaded = store.load("b").unwrap();
     assert!(loaded.is_dirty(0) && loaded.is_dirty(7 * MIB));
 }
@@ -684,7 +705,7 @@ fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
         &["bitmap", "--add", "-f", "qcow2", path, "keep"],
     );
     {
-        let storage = FileStorage::open(&img, true).unwrap();
+        let storage = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
         let (_, at) = directory(&storage);
         // The first entry's name starts at byte 24: 'b' (0x62) with bit 7 flipped.
         let mut byte = [0u8; 1];
@@ -711,7 +732,11 @@ fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(shown));
     {
-        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        let store = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
         let names: Vec<Vec<u8>> = store
             .list()
             .iter()
@@ -725,7 +750,11 @@ fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
     // QEMU writes through the image and keeps the bitmap; we read its marks.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 1M 64k", path]);
     {
-        let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+        let store = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
         assert!(store.load([0xe2u8, b'0']).unwrap().is_dirty(MIB));
     }
     // The escaped form removes it; the other bitmap and the image stay clean.
@@ -736,7 +765,11 @@ fn defect_11_a_name_that_is_not_utf8_is_kept_as_its_bytes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_qemu_clean(&img);
-    let store = BitmapStore::open(FileStorage::open(&img, false).unwrap(), false).unwrap();
+    let store = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_eq!(store.list().len(), 1);
     assert_eq!(store.list()[0].name, "keep");
 }
@@ -766,7 +799,7 @@ fn every_writing_operation_refuses_a_bad_image_without_writing() {
     ];
     type WriteOp = fn(&mut BitmapStore<MemStorage>) -> dirty_bitmap::Result<()>;
     let ops: [(&str, WriteOp); 11] = [
-        ("add", |s| s.add("new", 512, true)),
+        ("add", |s| s.add("new", 512, Recording::Enabled)),
         ("remove", |s| s.remove("other")),
         ("store", |s| {
             let bm = DirtyBitmap::new(4 * MIB, 512).unwrap();
@@ -777,13 +810,13 @@ fn every_writing_operation_refuses_a_bad_image_without_writing() {
         ("merge", |s| s.merge("other", "b")),
         ("merge_from", |s| {
             let mut src = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
-            src.add("x", 512, true).unwrap();
+            src.add("x", 512, Recording::Enabled).unwrap();
             s.merge_from(&src, "x", "other")
         }),
         ("resize", |s| s.resize(8 * MIB)),
         ("activate", |s| s.activate()),
         ("inactive add then activate", |s| {
-            s.add("late", 512, true)?;
+            s.add("late", 512, Recording::Enabled)?;
             s.activate()
         }),
         ("remove the bad bitmap", |s| s.remove("b")),
@@ -792,9 +825,9 @@ fn every_writing_operation_refuses_a_bad_image_without_writing() {
         for (op, run) in ops {
             let (store, table) = two_cluster_bitmap();
             let mut store = store;
-            store.add("other", 512, true).unwrap();
+            store.add("other", 512, Recording::Enabled).unwrap();
             bad(store.image().storage(), table);
-            let mut store = reopen_mem(store, true);
+            let mut store = reopen_mem(store, OpenMode::ReadWrite);
             let before = store.image().storage().to_vec();
             let r = run(&mut store);
             assert!(
@@ -825,7 +858,7 @@ fn defect_07_an_l1_whose_entries_share_one_l2_table_costs_one_read_of_it() {
         &["-f", "qcow2", "-c", "write -P 0xab 0 64k", path],
     );
     {
-        let storage = FileStorage::open(&img, true).unwrap();
+        let storage = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
         let cluster0 = storage.read_vec_at(0, 512).unwrap();
         let h = dirty_bitmap::format::Header::decode(&cluster0).unwrap();
         assert_eq!(h.l1_size, 2048);
@@ -838,8 +871,8 @@ fn defect_07_an_l1_whose_entries_share_one_l2_table_costs_one_read_of_it() {
         }
     }
     let file_len = std::fs::metadata(&img).unwrap().len();
-    let spy = Spy::new(FileStorage::open(&img, false).unwrap(), |_| {});
-    let image = Image::open(spy, false).unwrap();
+    let spy = Spy::new(FileStorage::open(&img, OpenMode::ReadOnly).unwrap(), |_| {});
+    let image = Image::open(spy, OpenMode::ReadOnly).unwrap();
     let opened = image.storage().bytes_read();
     let report = image.check().unwrap();
     let read = image.storage().bytes_read() - opened;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use dirty_bitmap::storage::{
     CrashMode, CrashStorage, FaultPlan, FaultStorage, FileStorage, Landed, LatchingStorage,
-    MemStorage, Op, Storage, StorageExt, Trigger, MAX_STORAGE_LEN, SECTOR_SIZE,
+    MemStorage, Op, OpenMode, Storage, StorageExt, Trigger, MAX_STORAGE_LEN, SECTOR_SIZE,
 };
 use dirty_bitmap::Error;
 
@@ -245,14 +245,14 @@ fn file_read_only_refuses_writes_and_reopen_sees_synced_data() {
         FileStorage::create(&path).is_err(),
         "create must not clobber"
     );
-    let ro = FileStorage::open(&path, false).unwrap();
+    let ro = FileStorage::open(&path, OpenMode::ReadOnly).unwrap();
     assert!(!ro.is_writable());
     assert_eq!(ro.len().unwrap(), 4096);
     assert_eq!(ro.read_vec_at(0, 4).unwrap(), b"QFI\xfb");
     assert!(is_invalid(ro.write_all_at(b"x", 0)));
     assert!(is_invalid(ro.set_len(0)));
     assert_eq!(ro.len().unwrap(), 4096);
-    assert!(FileStorage::open(maker.path(), true).is_err());
+    assert!(FileStorage::open(maker.path(), OpenMode::ReadWrite).is_err());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 
 mod common;
 
+use dirty_bitmap::OpenMode;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -233,7 +234,11 @@ fn check_after(img: &Path, log: &Path, run: &Run, what: &str) -> Option<Vec<(u64
         Some("inconsistent") => false,
         other => panic!("{ctx}: state {other:?}"),
     };
-    let store = BitmapStore::open(FileStorage::open(img, false).unwrap(), false).unwrap();
+    let store = BitmapStore::open(
+        FileStorage::open(img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     let list = store.list();
     assert_eq!(list.len(), 1, "{ctx}");
     let consistent = list[0].state == BitmapState::Consistent;

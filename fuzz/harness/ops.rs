@@ -19,7 +19,16 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op as LogOp};
-use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap, Error};
+use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap, Error, OpenMode, Recording};
+
+/// The recording mode an input's `enabled` bit asks for.
+fn recording(enabled: bool) -> Recording {
+    if enabled {
+        Recording::Enabled
+    } else {
+        Recording::Disabled
+    }
+}
 
 /// Bitmap names the operations pick from (by index).
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -480,7 +489,7 @@ impl<'a> Crash<'a> {
                 } else {
                     Ok(())
                 };
-                let got = self.store().add(n, granularity, enabled);
+                let got = self.store().add(n, granularity, recording(enabled));
                 if self.expect(ctx, want, got).is_some() {
                     let handle = if active {
                         Some(self.store().bitmap(n).expect("an added bitmap is active"))
@@ -656,7 +665,7 @@ impl<'a> Crash<'a> {
                 let got = store.close();
                 self.expect(ctx, Ok(()), got);
                 self.store = Some(
-                    BitmapStore::open(self.crash, true)
+                    BitmapStore::open(self.crash, OpenMode::ReadWrite)
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(false);
@@ -665,7 +674,7 @@ impl<'a> Crash<'a> {
             Op::AbandonReopen => {
                 drop(self.store.take());
                 self.store = Some(
-                    BitmapStore::open(self.crash, true)
+                    BitmapStore::open(self.crash, OpenMode::ReadWrite)
                         .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}")),
                 );
                 self.model.reopened(true);
@@ -831,7 +840,7 @@ impl<'a> Crash<'a> {
                 .crash
                 .crash_image(p, mode)
                 .expect("a valid crash point");
-            let s = match BitmapStore::open(MemStorage::from_bytes(image), false) {
+            let s = match BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly) {
                 Ok(s) => s,
                 // The known limit of docs/CRASH-CONSISTENCY.md ("a torn cluster-0 write"):
                 // refused as corrupt, never falsely clean; tests/crash.rs accepts it too.
@@ -932,8 +941,11 @@ impl<'a> Crash<'a> {
                 );
             }
         }
-        let disk = BitmapStore::open(MemStorage::from_bytes(self.crash.live_image()), false)
-            .unwrap_or_else(|e| panic!("{ctx}: the live image does not open: {e}"));
+        let disk = BitmapStore::open(
+            MemStorage::from_bytes(self.crash.live_image()),
+            OpenMode::ReadOnly,
+        )
+        .unwrap_or_else(|e| panic!("{ctx}: the live image does not open: {e}"));
         let r = disk.image().check().expect("check runs");
         assert!(
             r.is_clean(),
@@ -1006,7 +1018,7 @@ pub fn ops_crash(data: &[u8]) {
         .storage()
         .to_vec();
     let crash = CrashStorage::from_bytes(base);
-    let store = BitmapStore::open(&crash, true).expect("open the created image");
+    let store = BitmapStore::open(&crash, OpenMode::ReadWrite).expect("open the created image");
     let mut h = Crash {
         crash: &crash,
         store: Some(store),
@@ -1214,7 +1226,7 @@ pub fn ops_guest_data(data: &[u8]) {
     let (image, op_bytes) = rest.split_at(rest.len() - usize::from(n).min(rest.len()));
     let (cb, ranges) = guest_ranges(image);
     let storage = MemStorage::from_bytes(image.to_vec());
-    let Ok(store) = BitmapStore::open(&storage, true) else {
+    let Ok(store) = BitmapStore::open(&storage, OpenMode::ReadWrite) else {
         return;
     };
     let mut store = Some(store);
@@ -1294,7 +1306,7 @@ fn guest_op<'a>(
             name: n,
             granularity,
             enabled,
-        } => s.add(&name(n), granularity, enabled),
+        } => s.add(&name(n), granularity, recording(enabled)),
         Op::Remove { name: n } => s.remove(name(n)),
         Op::Mark {
             name: n,
@@ -1325,7 +1337,7 @@ fn guest_op<'a>(
             if matches!(op, Op::CloseReopen) {
                 s.close()?;
             }
-            *store = Some(BitmapStore::open(storage, true)?);
+            *store = Some(BitmapStore::open(storage, OpenMode::ReadWrite)?);
             Ok(())
         }
         Op::Store {

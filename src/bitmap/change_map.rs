@@ -159,18 +159,11 @@ impl ChangedRegions {
     }
 
     /// The region indices in ascending order.
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &w)| {
-            let mut bits = w;
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let b = bits.trailing_zeros();
-                bits &= bits - 1;
-                Some(i as u64 * 64 + u64::from(b))
-            })
-        })
+    pub fn iter(&self) -> Regions<'_> {
+        Regions {
+            words: &self.words,
+            cursor: Cursor::default(),
+        }
     }
 
     /// Adds every region of `other` to this set. Both must come from bitmaps with the
@@ -185,5 +178,160 @@ impl ChangedRegions {
     /// Total number of regions of the bitmap this set belongs to.
     pub fn region_count(&self) -> u64 {
         self.nregions
+    }
+}
+
+/// Where an iteration over a set's words stands: the next word to load, and the bits of the
+/// current word not yet returned.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    next_word: usize,
+    bits: u64,
+}
+
+impl Cursor {
+    /// The next set bit of `words` as a region index, in ascending order.
+    #[inline]
+    fn next(&mut self, words: &[u64]) -> Option<u64> {
+        while self.bits == 0 {
+            self.bits = *words.get(self.next_word)?;
+            self.next_word += 1;
+        }
+        let b = self.bits.trailing_zeros();
+        self.bits &= self.bits - 1;
+        // `next_word` was incremented past the word `bits` came from.
+        Some((self.next_word as u64 - 1) * 64 + u64::from(b))
+    }
+
+    /// At most the set bits left: those of the current word and of the words after it.
+    fn remaining(&self, words: &[u64]) -> usize {
+        let rest: u64 = words
+            .get(self.next_word..)
+            .unwrap_or_default()
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        usize::try_from(rest + u64::from(self.bits.count_ones())).unwrap_or(usize::MAX)
+    }
+}
+
+/// The region indices of a [`ChangedRegions`], in ascending order; from
+/// [`ChangedRegions::iter`] or `&ChangedRegions`'s [`IntoIterator`].
+#[derive(Debug, Clone)]
+pub struct Regions<'a> {
+    words: &'a [u64],
+    cursor: Cursor,
+}
+
+impl Iterator for Regions<'_> {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        self.cursor.next(self.words)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.cursor.remaining(self.words);
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Regions<'_> {}
+
+impl std::iter::FusedIterator for Regions<'_> {}
+
+impl<'a> IntoIterator for &'a ChangedRegions {
+    type Item = u64;
+    type IntoIter = Regions<'a>;
+
+    fn into_iter(self) -> Regions<'a> {
+        self.iter()
+    }
+}
+
+/// The region indices of a [`ChangedRegions`] taken by value, in ascending order; from
+/// `ChangedRegions`'s [`IntoIterator`].
+#[derive(Debug, Clone)]
+pub struct IntoRegions {
+    words: Vec<u64>,
+    cursor: Cursor,
+}
+
+impl Iterator for IntoRegions {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        self.cursor.next(&self.words)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.cursor.remaining(&self.words);
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for IntoRegions {}
+
+impl std::iter::FusedIterator for IntoRegions {}
+
+impl IntoIterator for ChangedRegions {
+    type Item = u64;
+    type IntoIter = IntoRegions;
+
+    fn into_iter(self) -> IntoRegions {
+        IntoRegions {
+            words: self.words,
+            cursor: Cursor::default(),
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Regions 0, 5, 63, 64 and 129 of 130.
+    fn sample() -> ChangedRegions {
+        let m = ChangeMap::new(130);
+        for r in [129, 0, 64, 5, 63] {
+            m.set(r);
+        }
+        m.take()
+    }
+
+    #[test]
+    fn a_reference_iterates_in_ascending_order() {
+        let set = sample();
+        let mut seen = Vec::new();
+        for r in &set {
+            seen.push(r);
+        }
+        assert_eq!(seen, vec![0, 5, 63, 64, 129]);
+        assert_eq!(seen, set.iter().collect::<Vec<_>>());
+        assert_eq!((&set).into_iter().len(), 5);
+        // Borrowed, so still whole.
+        assert_eq!(set.len(), 5);
+        let empty = ChangeMap::new(130).take();
+        assert_eq!((&empty).into_iter().next(), None);
+    }
+
+    #[test]
+    fn by_value_iterates_in_ascending_order() {
+        let set = sample();
+        let mut it = set.clone().into_iter();
+        assert_eq!(it.len(), 5);
+        assert_eq!(it.next(), Some(0));
+        assert_eq!(it.len(), 4);
+        assert_eq!(it.collect::<Vec<_>>(), vec![5, 63, 64, 129]);
+        let mut seen = Vec::new();
+        for r in set {
+            seen.push(r);
+        }
+        assert_eq!(seen, vec![0, 5, 63, 64, 129]);
+        let mut empty = ChangeMap::new(0).take().into_iter();
+        assert_eq!(empty.next(), None);
+        assert_eq!(empty.next(), None);
     }
 }

@@ -25,7 +25,7 @@ mod words;
 use std::fmt;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
-pub use change_map::ChangedRegions;
+pub use change_map::{ChangedRegions, IntoRegions, Regions};
 pub use geometry::{
     DEFAULT_REGION_SIZE, MAX_BITS, MAX_GRANULARITY, MAX_REGION_SIZE, MIN_GRANULARITY,
     MIN_REGION_SIZE,

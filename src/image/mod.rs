@@ -28,7 +28,7 @@ use crate::format::header::{
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
 use crate::format::{decode_extensions, Extension, Header, HeaderArea};
-use crate::storage::{Storage, StorageExt};
+use crate::storage::{OpenMode, Storage, StorageExt};
 pub(crate) use alloc::read_metadata;
 use alloc::Refcounts;
 pub use check::CheckReport;
@@ -53,14 +53,16 @@ pub struct Image<S: Storage> {
 }
 
 impl<S: Storage> Image<S> {
-    /// Opens an image, read-only or writable. Reads cluster 0 and the refcount table;
-    /// writes nothing.
+    /// Opens an image, read-only or writable as `mode` says. Reads cluster 0 and the
+    /// refcount table; writes nothing.
     ///
     /// # Errors
     /// [`Error::Corrupt`] for a header, extension or reftable QEMU would refuse (including
-    /// unknown incompatible features, named); [`Error::Unsupported`] when `writable` and the
-    /// dirty or corrupt bit is set; [`Error::Io`] from the storage.
-    pub fn open(storage: S, writable: bool) -> Result<Self> {
+    /// unknown incompatible features, named); [`Error::Unsupported`] when `mode` is
+    /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set; [`Error::Io`] from the
+    /// storage.
+    pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
+        let writable = mode.is_writable();
         let len = storage.len()?;
         let cluster0 = storage.read_vec_at(0, len.min(MAX_CLUSTER_SIZE))?;
         let header = Header::decode(&cluster0)?;

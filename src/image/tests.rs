@@ -14,7 +14,7 @@ fn created_image_is_clean_for_every_cluster_size() {
         let r = img.check().unwrap();
         assert!(r.is_clean(), "cluster bits {cb}: {r:?}");
         assert_eq!(img.header().refcount_table_offset, 1 << cb);
-        let reopened = Image::open(img.into_storage(), false).unwrap();
+        let reopened = Image::open(img.into_storage(), OpenMode::ReadOnly).unwrap();
         assert!(reopened.check().unwrap().is_clean());
     }
 }
@@ -111,7 +111,7 @@ fn allocator_grows_refblocks_and_the_reftable() {
     img.flush_refcounts().unwrap();
     let r = img.check().unwrap();
     assert!(r.is_clean(), "{:?}", &r.messages[..r.messages.len().min(5)]);
-    let reopened = Image::open(img.into_storage(), true).unwrap();
+    let reopened = Image::open(img.into_storage(), OpenMode::ReadWrite).unwrap();
     assert!(reopened.check().unwrap().is_clean());
 }
 
@@ -130,7 +130,7 @@ fn every_refcount_width_allocates_and_checks() {
         img.storage().write_all_at(&block, 2 * cs).unwrap();
         img.area_mut().header.refcount_order = order;
         img.write_header().unwrap();
-        let mut img = Image::open(img.into_storage(), true).unwrap();
+        let mut img = Image::open(img.into_storage(), OpenMode::ReadWrite).unwrap();
         assert!(img.check().unwrap().is_clean(), "order {order}");
         let mut runs = Vec::new();
         for _ in 0..40 {
@@ -150,7 +150,7 @@ fn every_refcount_width_allocates_and_checks() {
 fn read_only_image_refuses_writes() {
     let img = fresh(65536, 1 << 30);
     let before = img.storage().to_vec();
-    let mut ro = Image::open(img.into_storage(), false).unwrap();
+    let mut ro = Image::open(img.into_storage(), OpenMode::ReadOnly).unwrap();
     assert!(matches!(ro.alloc_clusters(1), Err(Error::ReadOnly)));
     assert!(matches!(ro.write_header(), Err(Error::ReadOnly)));
     assert_eq!(ro.storage().to_vec(), before);
@@ -164,10 +164,10 @@ fn dirty_or_corrupt_bit_refuses_writable_open() {
         img.write_header().unwrap();
         let bytes = img.into_storage().into_vec();
         assert!(matches!(
-            Image::open(MemStorage::from_bytes(bytes.clone()), true),
+            Image::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite),
             Err(Error::Unsupported(_))
         ));
-        assert!(Image::open(MemStorage::from_bytes(bytes), false).is_ok());
+        assert!(Image::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).is_ok());
     }
 }
 
@@ -176,7 +176,10 @@ fn unknown_incompatible_feature_is_refused() {
     let img = fresh(65536, 1 << 30);
     let s = img.into_storage();
     s.write_all_at(&(1u64 << 40).to_be_bytes(), 72).unwrap();
-    assert!(matches!(Image::open(s, false), Err(Error::Corrupt(_))));
+    assert!(matches!(
+        Image::open(s, OpenMode::ReadOnly),
+        Err(Error::Corrupt(_))
+    ));
 }
 
 #[test]
@@ -193,7 +196,7 @@ fn truncated_reftable_is_corrupt_not_panic() {
     let mut bytes = img.into_storage().into_vec();
     bytes.truncate(65536 + 100);
     assert!(matches!(
-        Image::open(MemStorage::from_bytes(bytes), false),
+        Image::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly),
         Err(Error::Corrupt(_))
     ));
 }

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::lock::{self, Access, Locking};
+use super::mode::OpenMode;
 use super::{check_new_len, checked_buf_end, read_past_end, write_past_end, Storage};
 use crate::error::{invalid_input, Result};
 
@@ -33,14 +34,14 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file, for reading and also writing when `writable`, with QEMU's
-    /// image locks ([`Locking::On`]).
+    /// Opens an existing file, for reading and also writing when `mode` is
+    /// [`OpenMode::ReadWrite`], with QEMU's image locks ([`Locking::On`]).
     ///
     /// # Errors
     ///
     /// As [`open_with`](Self::open_with).
-    pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self> {
-        Self::open_with(path, writable, Locking::On)
+    pub fn open(path: impl AsRef<Path>, mode: OpenMode) -> Result<Self> {
+        Self::open_with(path, mode, Locking::On)
     }
 
     /// Opens an existing file read-only with QEMU's force-share locking
@@ -51,11 +52,11 @@ impl FileStorage {
     ///
     /// As [`open_with`](Self::open_with).
     pub fn open_shared(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(path, false, Locking::ForceShare)
+        Self::open_with(path, OpenMode::ReadOnly, Locking::ForceShare)
     }
 
-    /// Opens an existing file, for reading and also writing when `writable`, locked as
-    /// `locking` says.
+    /// Opens an existing file, for reading and also writing when `mode` is
+    /// [`OpenMode::ReadWrite`], locked as `locking` says.
     ///
     /// # Errors
     ///
@@ -65,8 +66,9 @@ impl FileStorage {
     /// [`Error::Locked`](crate::Error::Locked) when another holder's locks conflict;
     /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) when the locks cannot be
     /// taken here. The file is closed again on every error.
-    pub fn open_with(path: impl AsRef<Path>, writable: bool, locking: Locking) -> Result<Self> {
+    pub fn open_with(path: impl AsRef<Path>, mode: OpenMode, locking: Locking) -> Result<Self> {
         let path = path.as_ref();
+        let writable = mode.is_writable();
         if writable && locking == Locking::ForceShare {
             return Err(invalid_input!(
                 "{}: force-share is for read-only opens only",
@@ -146,16 +148,16 @@ impl FileStorage {
         })
     }
 
-    /// Wraps an already open file. `writable` must say whether it was opened for writing.
+    /// Wraps an already open file. `mode` must say whether it was opened for writing.
     ///
     /// Takes no locks ([`locking`](Self::locking) is [`Locking::Off`]): the caller owns the
     /// file's locking.
     #[must_use]
-    pub fn from_file(file: File, path: impl Into<PathBuf>, writable: bool) -> Self {
+    pub fn from_file(file: File, path: impl Into<PathBuf>, mode: OpenMode) -> Self {
         Self {
             file,
             path: path.into(),
-            writable,
+            writable: mode.is_writable(),
             locking: Locking::Off,
         }
     }

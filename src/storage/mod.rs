@@ -64,6 +64,7 @@ mod file;
 mod latch;
 pub mod lock;
 mod memory;
+mod mode;
 
 use std::fmt::Debug;
 use std::io;
@@ -79,6 +80,7 @@ pub use file::FileStorage;
 pub use latch::LatchingStorage;
 pub use lock::Locking;
 pub use memory::MemStorage;
+pub use mode::OpenMode;
 
 /// The largest length, and the largest end of a range, that any backend accepts.
 ///

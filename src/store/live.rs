@@ -10,8 +10,24 @@ use crate::error::Result;
 use crate::flush::{self, FlushStats, StopReport, StopSource};
 use crate::storage::Storage;
 use crate::tracker::Tracker;
+use crate::units::{BytesPerMs, Millis};
 
 impl<S: Storage> BitmapStore<S> {
+    /// The flush targets of an active store: every in-memory bitmap with its table.
+    pub(super) fn flush_targets(&self) -> Result<Vec<flush::Target>> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let Some(m) = &s.mem {
+                out.push(flush::Target {
+                    bitmap: Arc::clone(m),
+                    table_offset: s.entry.table_offset,
+                    table: self.read_table(&s.entry)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes the change-map regions of every in-memory bitmap that changed since the last
     /// flush, in place, into their data clusters (fresh clusters for regions that had none:
     /// refcounts first, then data, then the table entry), then one barrier. `in_use` stays
@@ -53,16 +69,10 @@ impl<S: Storage> BitmapStore<S> {
         Ok(Tracker::following(&self.tracked))
     }
 
-    /// The pending bytes, estimated for free: changed regions times the region size, summed
-    /// over the in-memory bitmaps. A popcount of each change map (8 words for a 16 TiB
-    /// bitmap at 64 KiB granularity); no lock, no I/O. 0 when inactive.
+    /// The pending bytes, estimated for free: [`flush::pending_estimate`] over the in-memory
+    /// bitmaps (changed regions times the region size). No lock, no I/O. 0 when inactive.
     pub fn pending_estimate(&self) -> u64 {
-        self.slots
-            .iter()
-            .filter_map(|s| s.mem.as_ref())
-            .fold(0u64, |acc, b| {
-                acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
-            })
+        flush::pending_estimate(self.slots.iter().filter_map(|s| s.mem.as_ref()))
     }
 
     /// The exact bytes a flush would write now, allocations included (a whole cluster plus
@@ -79,25 +89,25 @@ impl<S: Storage> BitmapStore<S> {
         flush::pending_exact(&targets, self.image.cluster_size())
     }
 
-    /// Flushes until the exact pending bytes fit `bandwidth_bytes_per_ms ×
-    /// downtime_budget_ms`, so that the stop-time [`inactivate`](Self::inactivate) writes at
-    /// most that. The same comparison ([`flush::within_budget`], `≤`) gates the exact query
-    /// on the estimate and decides to stop, so a stale estimate equal to the budget can
-    /// never end the loop (QEMU's `<` / `<=` mismatch). Gives up after
-    /// [`flush::MAX_STOP_ROUNDS`] rounds with `converged == false` if marks outpace the
-    /// flushes.
+    /// Flushes until the exact pending bytes fit the budget
+    /// [`threshold`](crate::units::threshold)`(bandwidth, downtime_limit)` (`bandwidth ×
+    /// downtime_limit`, the migration loop's switchover threshold), so that the stop-time
+    /// [`inactivate`](Self::inactivate) writes at most that. The same comparison
+    /// ([`fits`](crate::units::fits), `≤`) gates the exact query on the estimate and decides
+    /// to stop, so a stale estimate equal to the budget can never end the loop (QEMU's `<` /
+    /// `<=` mismatch). Gives up after [`flush::MAX_STOP_ROUNDS`] rounds with
+    /// `converged == false` if marks outpace the flushes.
     ///
     /// # Errors
     /// As [`flush`](Self::flush) and [`pending_exact`](Self::pending_exact).
     pub fn prepare_stop(
         &mut self,
-        bandwidth_bytes_per_ms: u64,
-        downtime_budget_ms: u64,
+        bandwidth: BytesPerMs,
+        downtime_limit: Millis,
     ) -> Result<StopReport> {
         self.ensure_writable()?;
         self.ensure_active()?;
-        let threshold = flush::stop_threshold(bandwidth_bytes_per_ms, downtime_budget_ms);
-        flush::run_stop_loop(self, threshold)
+        flush::run_stop_loop(self, bandwidth, downtime_limit)
     }
 }
 

@@ -1,6 +1,9 @@
 //! Unit tests for the bitmap store on `MemStorage`.
 
+use super::commit::flags_only_change;
 use super::*;
+use crate::format::encode_directory;
+use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::storage::{MemStorage, StorageExt};
 
 const MIB: u64 = 1 << 20;
@@ -9,9 +12,9 @@ fn new_store(disk: u64, cs: u64) -> BitmapStore<MemStorage> {
     BitmapStore::create(MemStorage::new(), disk, cs).unwrap()
 }
 
-fn reopen(s: BitmapStore<MemStorage>, writable: bool) -> BitmapStore<MemStorage> {
+fn reopen(s: BitmapStore<MemStorage>, mode: OpenMode) -> BitmapStore<MemStorage> {
     let bytes = s.image.into_storage().into_vec();
-    BitmapStore::open(MemStorage::from_bytes(bytes), writable).unwrap()
+    BitmapStore::open(MemStorage::from_bytes(bytes), mode).unwrap()
 }
 
 fn assert_clean(s: &BitmapStore<MemStorage>) {
@@ -23,8 +26,8 @@ fn assert_clean(s: &BitmapStore<MemStorage>) {
 fn add_store_load_roundtrip_and_clean() {
     for cs in [512, 4096, 65536, 2 * MIB] {
         let mut s = new_store(64 * MIB + 512, cs);
-        s.add("a", 512, true).unwrap();
-        s.add("b", 65536, false).unwrap();
+        s.add("a", 512, Recording::Enabled).unwrap();
+        s.add("b", 65536, Recording::Disabled).unwrap();
         assert_clean(&s);
         let bm = DirtyBitmap::new(64 * MIB + 512, 512).unwrap();
         bm.mark_dirty(0, 1);
@@ -32,7 +35,7 @@ fn add_store_load_roundtrip_and_clean() {
         bm.mark_dirty(64 * MIB, 512);
         s.store("a", &bm).unwrap();
         assert_clean(&s);
-        let s = reopen(s, false);
+        let s = reopen(s, OpenMode::ReadOnly);
         let got = s.load("a").unwrap();
         assert_eq!(
             got.dirty_extents().collect::<Vec<_>>(),
@@ -53,7 +56,7 @@ fn add_store_load_roundtrip_and_clean() {
 fn remove_frees_everything_and_drops_the_extension() {
     let mut s = new_store(16 * MIB, 4096);
     let fresh = s.image().storage().to_vec();
-    s.add("x", 4096, true).unwrap();
+    s.add("x", 4096, Recording::Enabled).unwrap();
     let bm = DirtyBitmap::new(16 * MIB, 4096).unwrap();
     bm.mark_dirty(0, 16 * MIB);
     s.store("x", &bm).unwrap();
@@ -64,7 +67,7 @@ fn remove_frees_everything_and_drops_the_extension() {
     assert_eq!(s.image().header().autoclear_features & AUTOCLEAR_BITMAPS, 0);
     // Freed clusters are reused: the same store again lands on the same clusters.
     let len = s.image().storage().len().unwrap();
-    s.add("y", 4096, true).unwrap();
+    s.add("y", 4096, Recording::Enabled).unwrap();
     s.store("y", &bm).unwrap();
     assert_eq!(s.image().storage().len().unwrap(), len);
     assert!(fresh.len() as u64 <= len);
@@ -73,12 +76,12 @@ fn remove_frees_everything_and_drops_the_extension() {
 #[test]
 fn activate_sets_in_use_and_a_crash_leaves_it_inconsistent() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     s.activate().unwrap();
     assert!(s.list()[0].in_use);
     s.bitmap("a").unwrap().mark_dirty(MIB, 1);
     // Crash: drop without close.
-    let s = reopen(s, true);
+    let s = reopen(s, OpenMode::ReadWrite);
     let l = s.list();
     assert_eq!(l[0].state, BitmapState::Inconsistent);
     assert!(matches!(s.load("a"), Err(Error::Inconsistent { .. })));
@@ -101,16 +104,19 @@ fn activate_sets_in_use_and_a_crash_leaves_it_inconsistent() {
 #[test]
 fn activate_close_keeps_marks() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
-    s.add("d", 4096, false).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    s.add("d", 4096, Recording::Disabled).unwrap();
     s.activate().unwrap();
     s.bitmap("a").unwrap().mark_dirty(3 * MIB, 100);
     s.bitmap("d").unwrap().mark_dirty(3 * MIB, 100); // disabled: ignored
     s.set_enabled("d", true).unwrap();
     s.bitmap("d").unwrap().mark_dirty(MIB, 1);
     let img = s.close().unwrap();
-    let s =
-        BitmapStore::open(MemStorage::from_bytes(img.into_storage().into_vec()), false).unwrap();
+    let s = BitmapStore::open(
+        MemStorage::from_bytes(img.into_storage().into_vec()),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_clean(&s);
     let l = s.list();
     assert!(l
@@ -129,8 +135,8 @@ fn activate_close_keeps_marks() {
 #[test]
 fn merge_across_granularities() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("fine", 512, true).unwrap();
-    s.add("coarse", 1 << 20, true).unwrap();
+    s.add("fine", 512, Recording::Enabled).unwrap();
+    s.add("coarse", 1 << 20, Recording::Enabled).unwrap();
     let bm = DirtyBitmap::new(16 * MIB, 512).unwrap();
     bm.mark_dirty(MIB + 512, 512);
     s.store("fine", &bm).unwrap();
@@ -143,14 +149,14 @@ fn merge_across_granularities() {
         vec![(MIB, MIB)]
     );
     let mut other = new_store(16 * MIB, 4096);
-    other.add("t", 65536, true).unwrap();
+    other.add("t", 65536, Recording::Enabled).unwrap();
     other.merge_from(&s, "fine", "t").unwrap();
     assert_eq!(
         other.load("t").unwrap().dirty_extents().collect::<Vec<_>>(),
         vec![(MIB, 65536)]
     );
     let mut small = new_store(8 * MIB, 4096);
-    small.add("t", 65536, true).unwrap();
+    small.add("t", 65536, Recording::Enabled).unwrap();
     assert!(matches!(
         small.merge_from(&s, "fine", "t"),
         Err(Error::InvalidInput(_))
@@ -172,24 +178,28 @@ fn add_rejects_bad_input() {
         ("g", 3000),
     ] {
         assert!(
-            matches!(s.add(name, g, true), Err(Error::InvalidInput(_))),
+            matches!(
+                s.add(name, g, Recording::Enabled),
+                Err(Error::InvalidInput(_))
+            ),
             "{name:?} {g}"
         );
     }
-    s.add(&"y".repeat(1023), 1 << 31, true).unwrap();
-    s.add("dup", 512, true).unwrap();
+    s.add(&"y".repeat(1023), 1 << 31, Recording::Enabled)
+        .unwrap();
+    s.add("dup", 512, Recording::Enabled).unwrap();
     assert!(matches!(
-        s.add("dup", 512, true),
+        s.add("dup", 512, Recording::Enabled),
         Err(Error::InvalidInput(_))
     ));
     assert!(matches!(s.remove("nope"), Err(Error::NotFound(_))));
     // 512 MiB cap: 2^42 bytes at 512 B granularity needs 1 GiB of bitmap.
     let mut big = new_store(1 << 42, 2 * MIB);
     assert!(matches!(
-        big.add("b", 512, true),
+        big.add("b", 512, Recording::Enabled),
         Err(Error::InvalidInput(_))
     ));
-    big.add("b", 1024, true).unwrap();
+    big.add("b", 1024, Recording::Enabled).unwrap();
     let bm = DirtyBitmap::new(8 * MIB, 512).unwrap();
     assert!(matches!(s.store("dup", &bm), Err(Error::InvalidInput(_))));
 }
@@ -197,10 +207,14 @@ fn add_rejects_bad_input() {
 #[test]
 fn read_only_store_never_writes() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let bytes = s.image.into_storage().into_vec();
-    let mut ro = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), false).unwrap();
-    assert!(matches!(ro.add("b", 65536, true), Err(Error::ReadOnly)));
+    let mut ro =
+        BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadOnly).unwrap();
+    assert!(matches!(
+        ro.add("b", 65536, Recording::Enabled),
+        Err(Error::ReadOnly)
+    ));
     assert!(matches!(ro.remove("a"), Err(Error::ReadOnly)));
     assert!(matches!(ro.activate(), Err(Error::ReadOnly)));
     ro.load("a").unwrap();
@@ -210,12 +224,12 @@ fn read_only_store_never_writes() {
 #[test]
 fn stale_extension_makes_every_bitmap_inconsistent() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
-    s.add("b", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     let st = s.image.into_storage();
     // A program without bitmap support clears autoclear bit 0.
     st.write_u64_be_at(88, 0).unwrap();
-    let mut s = BitmapStore::open(st, true).unwrap();
+    let mut s = BitmapStore::open(st, OpenMode::ReadWrite).unwrap();
     assert!(s
         .list()
         .iter()
@@ -234,9 +248,9 @@ fn autoclear_bit_without_extension_means_no_bitmaps_and_is_cleared() {
     let st = s.image.into_storage();
     st.write_u64_be_at(88, AUTOCLEAR_BITMAPS | (1 << 40))
         .unwrap();
-    let mut s = BitmapStore::open(st, true).unwrap();
+    let mut s = BitmapStore::open(st, OpenMode::ReadWrite).unwrap();
     assert!(s.list().is_empty());
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     s.remove("a").unwrap();
     assert_eq!(s.image().header().autoclear_features, 0);
     assert_eq!(s.image().storage().read_u64_be_at(88).unwrap(), 0);
@@ -246,13 +260,13 @@ fn autoclear_bit_without_extension_means_no_bitmaps_and_is_cleared() {
 fn unknown_autoclear_bits_are_cleared_before_the_first_write() {
     use crate::storage::CrashStorage;
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let st = s.image.into_storage();
     st.write_u64_be_at(88, AUTOCLEAR_BITMAPS | (1 << 7))
         .unwrap();
     let crash = CrashStorage::from_bytes(st.into_vec());
-    let mut s = BitmapStore::open(&crash, true).unwrap();
-    s.add("b", 65536, true).unwrap();
+    let mut s = BitmapStore::open(&crash, OpenMode::ReadWrite).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
     let ops = crash.ops();
     match &ops[0] {
         crate::storage::Op::Write { offset: 0, data } => {
@@ -270,7 +284,7 @@ fn unknown_autoclear_bits_are_cleared_before_the_first_write() {
 fn all_ones_entry_loads_with_tail_masked() {
     let disk = MIB + 512;
     let mut s = new_store(disk, 65536);
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let e = s.slots[0].entry.clone();
     s.image
         .storage()
@@ -283,11 +297,11 @@ fn all_ones_entry_loads_with_tail_masked() {
 
 fn corrupt_entry(patch: impl Fn(&MemStorage, u64)) -> Result<BitmapStore<MemStorage>> {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("abc", 65536, true).unwrap();
+    s.add("abc", 65536, Recording::Enabled).unwrap();
     let dir = s.dir.unwrap().0;
     let st = s.image.into_storage();
     patch(&st, dir);
-    BitmapStore::open(st, false)
+    BitmapStore::open(st, OpenMode::ReadOnly)
 }
 
 #[test]
@@ -343,9 +357,9 @@ fn corrupt_directories_are_refused_without_panic() {
 #[test]
 fn nothing_is_written_without_a_change() {
     let mut s = new_store(16 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
     let before = s.image().storage().to_vec();
-    let mut s = reopen(s, true);
+    let mut s = reopen(s, OpenMode::ReadWrite);
     s.set_enabled("a", true).unwrap();
     s.inactivate().unwrap();
     s.load("a").unwrap();
@@ -357,14 +371,19 @@ fn nothing_is_written_without_a_change() {
 fn many_bitmaps_and_directory_spanning_clusters() {
     let mut s = new_store(MIB, 512);
     for i in 0..100 {
-        s.add(&format!("bitmap-{i:04}"), 512, i % 2 == 0).unwrap();
+        let recording = if i % 2 == 0 {
+            Recording::Enabled
+        } else {
+            Recording::Disabled
+        };
+        s.add(&format!("bitmap-{i:04}"), 512, recording).unwrap();
     }
     assert_clean(&s);
     for i in (0..100).step_by(3) {
         s.remove(format!("bitmap-{i:04}")).unwrap();
     }
     assert_clean(&s);
-    let s = reopen(s, false);
+    let s = reopen(s, OpenMode::ReadOnly);
     assert_eq!(s.list().len(), 66);
 }
 
@@ -384,8 +403,8 @@ fn crash_points_for(cs: u64) {
     use crate::storage::{CrashMode, CrashStorage};
     let disk = 8 * MIB;
     let mut s = new_store(disk, cs);
-    s.add("a", 4096, true).unwrap();
-    s.add("b", 65536, false).unwrap();
+    s.add("a", 4096, Recording::Enabled).unwrap();
+    s.add("b", 65536, Recording::Disabled).unwrap();
     let a0 = DirtyBitmap::new(disk, 4096).unwrap();
     a0.mark_dirty(MIB, 8192);
     s.store("a", &a0).unwrap();
@@ -400,9 +419,9 @@ fn crash_points_for(cs: u64) {
     a2.mark_dirty(7 * MIB, 1);
 
     let crash = CrashStorage::from_bytes(base);
-    let mut s = BitmapStore::open(&crash, true).unwrap();
+    let mut s = BitmapStore::open(&crash, OpenMode::ReadWrite).unwrap();
     s.store("a", &a1).unwrap();
-    s.add("c", 512, true).unwrap();
+    s.add("c", 512, Recording::Enabled).unwrap();
     s.remove("b").unwrap();
     s.activate().unwrap();
     s.bitmap("a").unwrap().mark_dirty(7 * MIB, 1);
@@ -422,7 +441,7 @@ fn crash_points_for(cs: u64) {
     ] {
         for (point, image) in crash.crash_images(mode) {
             points += 1;
-            let s = BitmapStore::open(MemStorage::from_bytes(image), false)
+            let s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
                 .unwrap_or_else(|e| panic!("{mode:?} point {point}: {e}"));
             let r = s.image().check().unwrap();
             assert_eq!(r.corruptions, 0, "{mode:?} point {point}: {:?}", r.messages);
@@ -447,7 +466,11 @@ fn crash_points_for(cs: u64) {
     }
     assert!(points > 40);
     // The final image is clean.
-    let s = BitmapStore::open(MemStorage::from_bytes(crash.live_image()), false).unwrap();
+    let s = BitmapStore::open(
+        MemStorage::from_bytes(crash.live_image()),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
     assert_clean(&s);
     assert_eq!(s.list().len(), 2);
 }
@@ -468,8 +491,8 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
     // now corrupt: refcount 1, two references). Every write is refused before it starts,
     // so b's table is neither freed nor overwritten, and b keeps its bits.
     let mut s = new_store(16 * MIB, 4096);
-    s.add("a", 4096, true).unwrap();
-    s.add("b", 4096, true).unwrap();
+    s.add("a", 4096, Recording::Enabled).unwrap();
+    s.add("b", 4096, Recording::Enabled).unwrap();
     let bits = DirtyBitmap::new(16 * MIB, 4096).unwrap();
     bits.mark_dirty(MIB, 8192);
     s.store("b", &bits).unwrap();
@@ -479,7 +502,7 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
         .storage()
         .write_u64_be_at(a_table, b_table)
         .unwrap();
-    let mut s = reopen(s, true);
+    let mut s = reopen(s, OpenMode::ReadWrite);
     let before = s.image().storage().to_vec();
 
     let empty = DirtyBitmap::new(16 * MIB, 4096).unwrap();
@@ -487,10 +510,10 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
     assert!(refused(s.store("a", &empty).unwrap_err()));
     assert!(refused(s.remove("a").unwrap_err()));
     assert!(refused(s.clear("b").unwrap_err()));
-    assert!(refused(s.add("c", 4096, true).unwrap_err()));
+    assert!(refused(s.add("c", 4096, Recording::Enabled).unwrap_err()));
     assert!(refused(s.activate().unwrap_err()));
     assert_eq!(s.image().storage().to_vec(), before, "a refusal wrote");
-    let s = reopen(s, false);
+    let s = reopen(s, OpenMode::ReadOnly);
     assert_eq!(
         s.load("b").unwrap().dirty_extents().collect::<Vec<_>>(),
         bits.dirty_extents().collect::<Vec<_>>(),
@@ -504,10 +527,10 @@ fn removing_a_bitmap_whose_table_has_refcount_zero_is_refused_and_writes_nothing
     // calls the image corrupt, and the allocator could hand the referenced cluster out, so
     // the removal is refused until `qemu-img check -r all` repairs the refcounts.
     let mut s = new_store(16 * MIB, 4096);
-    s.add("x", 4096, true).unwrap();
+    s.add("x", 4096, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let image = s.image.into_storage().into_vec();
-    let mut s = BitmapStore::open(MemStorage::from_bytes(image), true).unwrap();
+    let mut s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadWrite).unwrap();
     assert_eq!(s.list()[0].state, BitmapState::Inconsistent);
     let t = table_offset(&s, "x");
     s.image.free_clusters(t, 1).unwrap();
@@ -530,7 +553,7 @@ fn duplicate_refcount_table_entries_are_refused() {
     let first = s.image().storage().read_u64_be_at(rt).unwrap();
     s.image().storage().write_u64_be_at(rt + 8, first).unwrap();
     let bytes = s.image.into_storage().into_vec();
-    let err = BitmapStore::open(MemStorage::from_bytes(bytes), true).unwrap_err();
+    let err = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap_err();
     assert!(
         matches!(err, Error::Corrupt(Corruption::Refcount { .. })),
         "{err:?}"
@@ -549,9 +572,9 @@ fn allocation_past_a_refblock_that_claims_every_cluster_is_bounded_by_the_file()
         .write_all_at(&[0xFF; 512], block)
         .unwrap();
     let bytes = s.image.into_storage().into_vec();
-    s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), true).unwrap();
+    s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite).unwrap();
     let len = bytes.len() as u64;
-    s.add("x", 512, true).unwrap();
+    s.add("x", 512, Recording::Enabled).unwrap();
     // With 16-bit refcounts a 512-byte block covers 256 clusters. Without the bound the
     // scan would walk all of them and allocate at cluster 256 or later.
     let at = table_offset(&s, "x");
@@ -569,7 +592,8 @@ fn activate_refuses_more_bitmap_memory_than_the_limit() {
     let disk = 1u64 << 50;
     let mut s = new_store(disk, 65536);
     for i in 0..3 {
-        s.add(&format!("b{i}"), 1 << 24, true).unwrap();
+        s.add(&format!("b{i}"), 1 << 24, Recording::Enabled)
+            .unwrap();
     }
     for slot in &mut s.slots {
         slot.entry.granularity_bits = 9; // 2^41 bits each: 256 GiB
@@ -582,7 +606,7 @@ fn activate_refuses_more_bitmap_memory_than_the_limit() {
 fn store_on_an_active_store_keeps_concurrent_marks() {
     // An I/O thread's mark through the shared bitmap must survive a store() of other bits.
     let mut s = new_store(16 * MIB, 4096);
-    s.add("x", 4096, true).unwrap();
+    s.add("x", 4096, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let live = s.bitmap("x").unwrap();
     live.mark_dirty(MIB, 1);
@@ -593,7 +617,7 @@ fn store_on_an_active_store_keeps_concurrent_marks() {
     let image = s.close().unwrap();
     let s = BitmapStore::open(
         MemStorage::from_bytes(image.into_storage().into_vec()),
-        false,
+        OpenMode::ReadOnly,
     )
     .unwrap();
     let loaded = s.load("x").unwrap();
@@ -650,8 +674,8 @@ fn flags_only_change_accepts_flags_and_nothing_else() {
 #[test]
 fn merge_after_inactivate_carries_marks_made_since() {
     let mut s = new_store(64 * MIB, 65536);
-    s.add("a", 65536, true).unwrap();
-    s.add("b", 65536, false).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    s.add("b", 65536, Recording::Disabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     t.mark(0, 4096);
@@ -665,7 +689,7 @@ fn merge_after_inactivate_carries_marks_made_since() {
     // And on disk once the store is stopped again.
     s.activate().unwrap();
     s.inactivate().unwrap();
-    let s = reopen(s, false);
+    let s = reopen(s, OpenMode::ReadOnly);
     let b = s.load("b").unwrap();
     assert!(b.is_dirty(0) && b.is_dirty(10 * MIB));
     assert_clean(&s);

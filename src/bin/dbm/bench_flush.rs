@@ -30,6 +30,7 @@
 //! dirty bitmap), `qemu-io -c 'write 0 4k'` (open, write, store at close) against
 //! `qemu-io -r -c 'read 0 4k'`.
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::fs::File;
 use std::io::Write as _;
@@ -42,7 +43,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dirty_bitmap::storage::{FileStorage, Storage, StorageExt};
-use dirty_bitmap::{BitmapStore, FlushPolicy, Tracker};
+use dirty_bitmap::units::{BytesPerMs, Millis};
+use dirty_bitmap::{BitmapStore, FlushPolicy, SharedStore, Tracker};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -110,7 +112,7 @@ pub struct FlushArgs {
 }
 
 type Res<T> = Result<T, Box<dyn Error>>;
-type Shared = Arc<Mutex<BitmapStore<FileStorage>>>;
+type Shared = SharedStore<FileStorage>;
 
 /// Bytes, barriers and wall time of one stop strategy.
 #[derive(Debug, Clone, Copy, Default)]
@@ -275,7 +277,7 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
     let path = dir.join("image.qcow2");
     let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
     for i in 0..n {
-        s.add(&format!("b{i}"), g, true)?;
+        s.add(&format!("b{i}"), g, Recording::Enabled)?;
     }
     s.activate()?;
     let tracker = s.tracker()?;
@@ -307,7 +309,7 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
     floor.sync_data()?;
     Ok(Rig {
         n,
-        store: Arc::new(Mutex::new(s)),
+        store: SharedStore::new(s),
         tracker,
         floor,
         dir,
@@ -450,7 +452,7 @@ fn workload_stop(
         churn_writes,
         seed,
     );
-    let flusher = FlushPolicy::every(interval).spawn(Arc::clone(&rig.store))?;
+    let flusher = FlushPolicy::every(interval).spawn(rig.store.clone())?;
     let t0 = Instant::now();
     thread::sleep(run);
     let mut rounds = 0;
@@ -483,7 +485,12 @@ fn workload_stop(
             };
             dirty_bitmap::flush::StopSource::flush(&mut src)?;
             let before_idx = src.since;
-            let report = dirty_bitmap::flush::run_stop_loop(&mut src, budget * rig.n as u64)?;
+            // A budget of `budget` bytes per bitmap: that many bytes per ms, for 1 ms.
+            let report = dirty_bitmap::flush::run_stop_loop(
+                &mut src,
+                BytesPerMs::from_bytes_per_ms((budget * rig.n as u64) as f64),
+                Millis(1),
+            )?;
             let since = src.since.max(before_idx);
             // The VM stops now.
             w.stop.store(true, Ordering::SeqCst);
@@ -524,8 +531,8 @@ fn fraction_stop(rig: &Rig, g: u64, k: u64) -> Res<Stop> {
 /// Sets every table entry of every bitmap in the image at `path` to 1, the spec's
 /// all-ones marker. The tables must be empty (all 0), so no data cluster leaks.
 fn patch_all_ones(path: &Path) -> Res<()> {
-    let st = FileStorage::open(path, true)?;
-    let image = dirty_bitmap::Image::open(&st, false)?;
+    let st = FileStorage::open(path, OpenMode::ReadWrite)?;
+    let image = dirty_bitmap::Image::open(&st, OpenMode::ReadOnly)?;
     let ext = image.area().bitmaps.ok_or("no bitmaps extension")?;
     let bytes = st.read_vec_at(ext.directory_offset, ext.directory_size)?;
     let geo = image.header().geometry()?;
@@ -567,7 +574,7 @@ fn qemu_store(dir: &Path, n: usize, disk: u64, g: u64, repeat: usize) -> Res<(f6
         let path = dir.join(format!("qemu-{n}-{rep}.qcow2"));
         let mut s = BitmapStore::create(FileStorage::create(&path)?, disk, CLUSTER)?;
         for i in 0..n {
-            s.add(&format!("b{i}"), g, true)?;
+            s.add(&format!("b{i}"), g, Recording::Enabled)?;
         }
         drop(s);
         patch_all_ones(&path)?;

@@ -1,6 +1,7 @@
 //! `dbm bitmap`: `qemu-img bitmap`'s verbs on a qcow2 image.
 
 use dirty_bitmap::format::BitmapName;
+use dirty_bitmap::{OpenMode, Recording};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -123,7 +124,7 @@ impl BitmapArgs {
 /// Runs `dbm bitmap`.
 pub fn run(args: &BitmapArgs) -> CmdResult {
     let verb = args.verb()?;
-    let mut st = store(&args.image, true)?;
+    let mut st = store(&args.image, OpenMode::ReadWrite)?;
     // Existing bitmaps are named in the escaped form `dbm info` shows (`\xNN` for a byte
     // that is not UTF-8), so every name on disk can be typed; a new one is taken as given.
     let name = BitmapName::parse_escaped(&args.name);
@@ -131,7 +132,15 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
         Verb::Add {
             granularity,
             enabled,
-        } => st.add(&args.name, *granularity, *enabled),
+        } => st.add(
+            &args.name,
+            *granularity,
+            if *enabled {
+                Recording::Enabled
+            } else {
+                Recording::Disabled
+            },
+        ),
         Verb::Remove => st.remove(&name),
         Verb::Clear => st.clear(&name),
         Verb::SetEnabled(on) => st.set_enabled(&name, *on),
@@ -140,7 +149,7 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
             src,
             image: Some(path),
         } => {
-            let other = store(path, false)?;
+            let other = store(path, OpenMode::ReadOnly)?;
             st.merge_from(&other, BitmapName::parse_escaped(src), &name)
                 .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?;
             Ok(())

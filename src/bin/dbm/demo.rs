@@ -25,6 +25,7 @@
 //! bytes in the downtime than its threshold allowed, fails the demo; a wall-clock downtime
 //! over the limit with the bytes within it is reported with the machine's load.
 
+use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -36,12 +37,13 @@ use std::time::{Duration, Instant};
 
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{
-    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, PolicyStats, Tracker,
+    BitmapState, BitmapStore, DirtyBitmap, FlushPolicy, FlushStats, PolicyStats, SharedStore,
+    Tracker,
 };
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use dirty_bitmap::migration::{Millis, Pattern as GuestPattern};
+use dirty_bitmap::migration::{BytesPerMs, Millis, Pattern as GuestPattern};
 
 use crate::migrate_run::{self, format_line, line_header, mib_s, End, Params};
 use crate::out::emit;
@@ -204,14 +206,14 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         }
     }
     let mut store = BitmapStore::create(FileStorage::create(&path)?, args.disk_size, CLUSTER)?;
-    store.add(BITMAP, args.granularity, true)?;
+    store.add(BITMAP, args.granularity, Recording::Enabled)?;
     store.activate()?;
     let bm = store.bitmap(BITMAP)?;
     let tracker = store.tracker()?;
     let disk = store.disk_size();
     let flush_every = Duration::from_millis(args.flush_interval);
     // Stop budget: 1 MB, 100 kB/ms for 10 ms.
-    let (bandwidth, downtime_ms) = (100_000, 10);
+    let (bandwidth, downtime_limit) = (BytesPerMs::from_bytes_per_ms(100_000.0), Millis(10));
 
     let leaf = bm.bit_count().div_ceil(64) * 8;
     say(format!(
@@ -247,8 +249,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         "round", "writes", "dirty", "flushes", "regions", "flushed", "flush ms"
     ))?;
 
-    let store = Arc::new(parking_lot::Mutex::new(store));
-    let flusher = FlushPolicy::every(flush_every).spawn(Arc::clone(&store))?;
+    let store = SharedStore::new(store);
+    let flusher = FlushPolicy::every(flush_every).spawn(store.clone())?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mark_nanos = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -284,7 +286,7 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
             if let Some(f) = flusher.take() {
                 background = f.stop()?;
             }
-            prep = Some(store.lock().prepare_stop(bandwidth, downtime_ms)?);
+            prep = Some(store.lock().prepare_stop(bandwidth, downtime_limit)?);
             // The VM stops.
             stop.store(true, Ordering::Release);
         }
@@ -341,8 +343,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         prep.rounds,
         prep.exact_queries,
         cost(&prep.flushed),
-        prep.pending,
-        prep.threshold,
+        prep.pending.get(),
+        prep.threshold.get(),
         if prep.converged {
             "converged"
         } else {
@@ -357,7 +359,10 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
 
     // What QEMU's whole-bitmap store costs on the same bitmap, measured on a copy.
     std::fs::copy(&path, &copy)?;
-    let mut full = BitmapStore::open(FileStorage::open(&copy, true)?, true)?;
+    let mut full = BitmapStore::open(
+        FileStorage::open(&copy, OpenMode::ReadWrite)?,
+        OpenMode::ReadWrite,
+    )?;
     full.activate()?;
     let full_stats = full.inactivate_full_rewrite()?;
     let full_check = full.image().check()?;
@@ -371,7 +376,10 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     ))?;
 
     // Reopen and check with our own reader.
-    let reopened = BitmapStore::open(FileStorage::open(&path, false)?, false)?;
+    let reopened = BitmapStore::open(
+        FileStorage::open(&path, OpenMode::ReadOnly)?,
+        OpenMode::ReadOnly,
+    )?;
     let listed = reopened.list();
     if listed.len() != 1 || listed[0].state != BitmapState::Consistent || listed[0].in_use {
         return Err(format!("reopened: expected one consistent bitmap, found {listed:?}").into());

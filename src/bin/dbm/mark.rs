@@ -1,6 +1,7 @@
 //! `dbm mark`: mark a byte range dirty and store the bitmap (load, mark, store).
 
 use dirty_bitmap::format::BitmapName;
+use dirty_bitmap::OpenMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,7 +39,7 @@ pub fn check_range(offset: u64, len: u64, disk: u64) -> Result<(), String> {
 /// Runs `dbm mark`. A disabled bitmap is marked too: the mark is explicit, and the bitmap
 /// stays disabled.
 pub fn run(args: &MarkArgs) -> CmdResult {
-    let mut st = store(&args.image, true)?;
+    let mut st = store(&args.image, OpenMode::ReadWrite)?;
     check_range(args.offset, args.len, st.disk_size()).map_err(|e| at(&args.image, e))?;
     let bm = st
         .load(BitmapName::parse_escaped(&args.name))

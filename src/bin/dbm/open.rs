@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use dirty_bitmap::storage::{FileStorage, Locking};
-use dirty_bitmap::{BitmapStore, Image};
+use dirty_bitmap::{BitmapStore, Image, OpenMode};
 
 /// Prefixes an error with the image path.
 pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
@@ -20,22 +20,22 @@ fn read_locking(force_share: bool) -> Locking {
 }
 
 /// Opens the bitmaps of the image at `path`, holding QEMU's image locks for the access.
-pub fn store(path: &Path, writable: bool) -> Result<BitmapStore<FileStorage>, String> {
-    let storage = FileStorage::open(path, writable).map_err(|e| at(path, e))?;
-    BitmapStore::open(storage, writable).map_err(|e| at(path, e))
+pub fn store(path: &Path, mode: OpenMode) -> Result<BitmapStore<FileStorage>, String> {
+    let storage = FileStorage::open(path, mode).map_err(|e| at(path, e))?;
+    BitmapStore::open(storage, mode).map_err(|e| at(path, e))
 }
 
 /// Opens the bitmaps of the image at `path` read-only, force-sharing when asked (`-U`).
 pub fn reader(path: &Path, force_share: bool) -> Result<BitmapStore<FileStorage>, String> {
-    let storage =
-        FileStorage::open_with(path, false, read_locking(force_share)).map_err(|e| at(path, e))?;
-    BitmapStore::open(storage, false).map_err(|e| at(path, e))
+    let storage = FileStorage::open_with(path, OpenMode::ReadOnly, read_locking(force_share))
+        .map_err(|e| at(path, e))?;
+    BitmapStore::open(storage, OpenMode::ReadOnly).map_err(|e| at(path, e))
 }
 
 /// Opens the image at `path` read-only, without reading the bitmap directory,
 /// force-sharing when asked (`-U`).
 pub fn image(path: &Path, force_share: bool) -> Result<Image<FileStorage>, String> {
-    let storage =
-        FileStorage::open_with(path, false, read_locking(force_share)).map_err(|e| at(path, e))?;
-    Image::open(storage, false).map_err(|e| at(path, e))
+    let storage = FileStorage::open_with(path, OpenMode::ReadOnly, read_locking(force_share))
+        .map_err(|e| at(path, e))?;
+    Image::open(storage, OpenMode::ReadOnly).map_err(|e| at(path, e))
 }

@@ -19,6 +19,8 @@
 //! reading stdout can aim its kill at a phase.
 
 use dirty_bitmap::format::BitmapName;
+use dirty_bitmap::units::{BytesPerMs, Millis};
+use dirty_bitmap::OpenMode;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::{BitmapState, FlushPolicy, FlushStats, StopReport, Tracker};
+use dirty_bitmap::{BitmapState, FlushPolicy, FlushStats, SharedStore, StopReport, Tracker};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
@@ -173,7 +175,7 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     let seed = args.seed.unwrap_or_else(rand::random);
     let img = &args.image;
 
-    let mut st = store(img, true)?;
+    let mut st = store(img, OpenMode::ReadWrite)?;
     let info = st
         .list()
         .into_iter()
@@ -229,9 +231,9 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
         .bitmap(BitmapName::parse_escaped(&args.bitmap))
         .map_err(|e| at(img, e))?;
     let tracker = st.tracker().map_err(|e| at(img, e))?;
-    let store = Arc::new(parking_lot::Mutex::new(st));
+    let store = SharedStore::new(st);
     let flusher = FlushPolicy::every(flush_every)
-        .spawn(Arc::clone(&store))
+        .spawn(store.clone())
         .map_err(|e| at(img, e))?;
     say("activated")?;
 
@@ -261,9 +263,12 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
     let background = flusher.stop();
     say("stopping")?;
     // After a failed background flush the store is poisoned: skip the stop, report below.
-    let prep = background
-        .is_ok()
-        .then(|| store.lock().prepare_stop(args.bandwidth, args.downtime_ms));
+    let prep = background.is_ok().then(|| {
+        store.lock().prepare_stop(
+            BytesPerMs::from_bytes_per_ms(args.bandwidth as f64),
+            Millis(args.downtime_ms),
+        )
+    });
     // The VM stops: no write after this.
     stop.store(true, Ordering::Release);
     let written = writer
@@ -304,8 +309,8 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
          flushed {}",
         prep.rounds,
         prep.exact_queries,
-        prep.pending,
-        prep.threshold,
+        prep.pending.get(),
+        prep.threshold.get(),
         if prep.converged {
             "converged"
         } else {

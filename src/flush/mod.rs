@@ -11,7 +11,7 @@
 //! 4 KiB covers 2 GiB.
 //!
 //! This module knows the image and the bitmaps it is handed; it knows nothing of the
-//! directory or of [`BitmapStore`](crate::BitmapStore), which calls it.
+//! directory or of the bitmap store (`src/store/`), which sits above it and calls it.
 //!
 //! # Why in-place writes are safe
 //! The engine only runs while the store is active, and while active every bitmap it flushes
@@ -27,7 +27,7 @@
 //!    region of the cluster, changed or not: the old entry said 0 or all ones, and the
 //!    in-memory bitmap holds every bit of it), sorted by offset and coalesced;
 //! 3. then the table entries that point at the fresh clusters, in place;
-//! 4. then (for [`flush`](crate::BitmapStore::flush)) one barrier.
+//! 4. then (when the caller asks for `sync`, as a flush of its own does) one barrier.
 //!
 //! No durable table entry can point at a cluster whose durable refcount is 0, since the
 //! refcount was durable before the entry was written. A crash between 1 and 3 leaks the
@@ -40,8 +40,6 @@
 //! fails after the take, every taken region is handed back with
 //! [`DirtyBitmap::requeue_changed`], so the next flush (after a reopen) writes it again.
 
-pub mod policy;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +49,7 @@ use crate::format::table::TABLE_ENTRY_LEN;
 use crate::format::TableEntry;
 use crate::image::Image;
 use crate::storage::Storage;
+use crate::units::{self, Bytes, BytesPerMs, Millis};
 
 /// Coalesced writes are cut at this many bytes, to bound the copy buffers.
 const MAX_WRITE: usize = 8 << 20;
@@ -235,10 +234,14 @@ fn plan_target(
 }
 
 /// The changed-region count times the region size of every bitmap: a lock-free upper-bound
-/// style estimate that costs one counter read per bitmap. It does not know which regions
-/// need a fresh cluster; [`BitmapStore::pending_exact`](crate::BitmapStore::pending_exact) does.
-pub fn pending_estimate(bitmaps: &[Arc<DirtyBitmap>]) -> u64 {
-    bitmaps.iter().fold(0u64, |acc, b| {
+/// style estimate that costs one counter read per bitmap (a popcount of its change map: 8
+/// words for a 16 TiB bitmap at 64 KiB granularity), no lock, no I/O. It does not know which
+/// regions need a fresh cluster; the exact count (`pending_exact`) does.
+///
+/// The one implementation of the estimate: the store's, the tracker's and the background
+/// flusher's all call it.
+pub fn pending_estimate<'a>(bitmaps: impl IntoIterator<Item = &'a Arc<DirtyBitmap>>) -> u64 {
+    bitmaps.into_iter().fold(0u64, |acc, b| {
         acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
     })
 }
@@ -450,20 +453,6 @@ fn write_taken<S: Storage>(
     Ok(stats)
 }
 
-/// The one comparison that decides whether `pending` bytes fit the stop budget
-/// `threshold`. [`run_stop_loop`] uses it both to gate the exact query on the estimate and
-/// to decide to stop, so that the two can never disagree (QEMU's 7aaa1fc072 gated with `<`
-/// and decided with `<=`, and switched over on a stale estimate equal to the threshold;
-/// fixed by 455a6167f254).
-pub fn within_budget(pending: u64, threshold: u64) -> bool {
-    pending <= threshold
-}
-
-/// The byte budget of a stop: `bandwidth_bytes_per_ms × downtime_budget_ms`, saturating.
-pub fn stop_threshold(bandwidth_bytes_per_ms: u64, downtime_budget_ms: u64) -> u64 {
-    bandwidth_bytes_per_ms.saturating_mul(downtime_budget_ms)
-}
-
 /// How many estimate/exact/flush rounds [`run_stop_loop`] runs before it gives up and
 /// reports that it did not converge (marks outpacing the flushes).
 pub const MAX_STOP_ROUNDS: u32 = 1000;
@@ -484,15 +473,14 @@ pub trait StopSource {
     fn flush(&mut self) -> Result<FlushStats>;
 }
 
-/// What [`run_stop_loop`] (and [`BitmapStore::prepare_stop`](crate::BitmapStore::prepare_stop))
-/// ended with.
+/// What [`run_stop_loop`] (and the store's `prepare_stop`, which runs it) ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
-    /// The byte budget.
-    pub threshold: u64,
+    /// The byte budget: [`units::threshold`] of the bandwidth and the downtime limit.
+    pub threshold: Bytes,
     /// The pending bytes the decision was taken on. When `converged`, it came from the exact
-    /// query and is within the budget.
-    pub pending: u64,
+    /// query and [`units::fits`] the budget.
+    pub pending: Bytes,
     /// Whether the loop stopped because `pending` fit the budget (rather than after
     /// [`MAX_STOP_ROUNDS`]).
     pub converged: bool,
@@ -504,19 +492,27 @@ pub struct StopReport {
     pub flushed: FlushStats,
 }
 
-/// Flushes until the exact pending bytes fit `threshold`: each round reads the estimate,
-/// runs the exact query if the estimate is [`within_budget`], stops if the figure it has
-/// is within budget (which, with the same comparison on both sides, is always the exact
-/// one), and flushes otherwise.
+/// Flushes until the exact pending bytes fit the budget `threshold(bandwidth,
+/// downtime_limit)` (the bytes that can be sent within the limit at the bandwidth, as the
+/// migration loop computes its switchover threshold): each round reads the estimate, runs
+/// the exact query if the estimate [`units::fits`] the budget, stops if the figure it has
+/// fits (which, with the same comparison on both sides, is always the exact one), and
+/// flushes otherwise. The one comparison on both sides keeps the two from disagreeing
+/// (QEMU's 7aaa1fc072 gated with `<` and decided with `<=`, and switched over on a stale
+/// estimate equal to the threshold; fixed by 455a6167f254).
 ///
 /// # Errors
 /// The first error of the source.
-pub fn run_stop_loop<P: StopSource + ?Sized>(src: &mut P, threshold: u64) -> Result<StopReport> {
-    run_stop_loop_with(src, threshold, within_budget, within_budget)
+pub fn run_stop_loop<P: StopSource + ?Sized>(
+    src: &mut P,
+    bandwidth: BytesPerMs,
+    downtime_limit: Millis,
+) -> Result<StopReport> {
+    run_stop_loop_with(src, bandwidth, downtime_limit, units::fits, units::fits)
 }
 
 /// [`run_stop_loop`] with the gate (estimate → exact query) and the decision comparisons
-/// given separately. Production code always passes [`within_budget`] for both; the tests
+/// given separately. Production code always passes [`units::fits`] for both; the tests
 /// pass QEMU's buggy pair to show what it would have done.
 ///
 /// # Errors
@@ -524,13 +520,15 @@ pub fn run_stop_loop<P: StopSource + ?Sized>(src: &mut P, threshold: u64) -> Res
 #[doc(hidden)]
 pub fn run_stop_loop_with<P: StopSource + ?Sized>(
     src: &mut P,
-    threshold: u64,
-    gate: fn(u64, u64) -> bool,
-    decide: fn(u64, u64) -> bool,
+    bandwidth: BytesPerMs,
+    downtime_limit: Millis,
+    gate: fn(Bytes, Bytes) -> bool,
+    decide: fn(Bytes, Bytes) -> bool,
 ) -> Result<StopReport> {
+    let threshold = units::threshold(bandwidth, downtime_limit);
     let mut report = StopReport {
         threshold,
-        pending: 0,
+        pending: Bytes::ZERO,
         converged: false,
         rounds: 0,
         exact_queries: 0,
@@ -538,9 +536,9 @@ pub fn run_stop_loop_with<P: StopSource + ?Sized>(
     };
     while report.rounds < MAX_STOP_ROUNDS {
         report.rounds = report.rounds.saturating_add(1);
-        let mut pending = src.estimate();
+        let mut pending = Bytes(src.estimate());
         if gate(pending, threshold) {
-            pending = src.exact()?;
+            pending = Bytes(src.exact()?);
             report.exact_queries = report.exact_queries.saturating_add(1);
         }
         report.pending = pending;

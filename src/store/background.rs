@@ -1,4 +1,10 @@
-//! [`FlushPolicy`]: background flushes on a timer and/or when enough has changed.
+//! [`FlushPolicy`]: background flushes of a [`SharedStore`] on a timer and/or when enough
+//! has changed.
+//!
+//! The flusher drives the store from above: it takes the store's mutex only to call
+//! [`BitmapStore::flush`](super::BitmapStore::flush), which runs the engine of
+//! [`crate::flush`]. The size trigger reads [`flush::pending_estimate`] from the store's
+//! in-memory bitmaps without any lock.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -6,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{pending_estimate, FlushStats};
+use super::SharedStore;
+use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
+use crate::flush::{self, FlushStats};
 use crate::storage::Storage;
-use crate::store::BitmapStore;
 
 /// When a background thread flushes a shared store: every `interval`, and/or whenever the
-/// lock-free [`pending_estimate`](BitmapStore::pending_estimate) exceeds
+/// lock-free [`pending_estimate`](super::BitmapStore::pending_estimate) exceeds
 /// `max_pending_bytes` (checked every `poll`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushPolicy {
@@ -85,7 +92,8 @@ impl FlushPolicy {
     /// Starts a thread that flushes `store` by this policy. The thread takes the store's
     /// mutex only to flush; it reads the estimate from the store's in-memory bitmaps
     /// (taken once, now), without a lock. Marks never take the mutex either: they go to the
-    /// bitmaps through a [`Tracker`](crate::Tracker) or [`BitmapStore::bitmap`].
+    /// bitmaps through a [`Tracker`](crate::Tracker) or
+    /// [`BitmapStore::bitmap`](super::BitmapStore::bitmap).
     ///
     /// While the store is inactive the thread skips its flushes. The first flush error
     /// stops the thread; [`FlushThread::stop`] returns it (the store is then poisoned).
@@ -93,10 +101,7 @@ impl FlushPolicy {
     /// # Errors
     /// [`Error::InvalidInput`] for a policy with neither a timer nor a threshold, or a zero
     /// poll interval; an error spawning the thread.
-    pub fn spawn<S: Storage + 'static>(
-        self,
-        store: Arc<Mutex<BitmapStore<S>>>,
-    ) -> Result<FlushThread> {
+    pub fn spawn<S: Storage + 'static>(self, store: SharedStore<S>) -> Result<FlushThread> {
         if self.interval.is_none() && self.max_pending_bytes.is_none() {
             return Err(invalid_input!(
                 "a flush policy needs an interval or a threshold"
@@ -117,12 +122,7 @@ impl FlushPolicy {
         })
     }
 
-    fn run<S: Storage>(
-        self,
-        store: &Mutex<BitmapStore<S>>,
-        gauge: &[Arc<crate::DirtyBitmap>],
-        sh: &Shared,
-    ) {
+    fn run<S: Storage>(self, store: &SharedStore<S>, gauge: &[Arc<DirtyBitmap>], sh: &Shared) {
         let mut last = Instant::now();
         loop {
             let now = Instant::now();
@@ -150,7 +150,7 @@ impl FlushPolicy {
             let due_time = self.interval.is_some_and(|i| last.elapsed() >= i);
             let due_bytes = self
                 .max_pending_bytes
-                .is_some_and(|b| pending_estimate(gauge) > b);
+                .is_some_and(|b| flush::pending_estimate(gauge) > b);
             if !(due_time || due_bytes) {
                 continue;
             }

@@ -1,0 +1,389 @@
+//! The copy-on-write commit protocol of [`BitmapStore`], and what every write checks first.
+//!
+//! - [`preflight`](BitmapStore::preflight): before the first write of any operation, the
+//!   image passes the metadata walk with no corruption and every bitmap cluster has exactly
+//!   one owner, so a refusal writes nothing and nothing is overwritten under another owner.
+//! - [`commit`](BitmapStore::commit): a new directory into fresh clusters, refcounts flushed,
+//!   the header write (the commit point), then the old clusters freed, only those
+//!   [`safe_frees`](BitmapStore::safe_frees) proves this store alone referenced.
+//! - [`write_flags_in_place`](BitmapStore::write_flags_in_place): the `in_use`/`auto` flags
+//!   rewritten in place with one barrier when no torn sector can mix an entry, or QEMU's
+//!   three-barrier sequence otherwise.
+//!
+//! The crash table of each step is in `docs/CRASH-CONSISTENCY.md`.
+
+use super::{ceil_clusters, BitmapStore, Slot};
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Corruption, Result};
+use crate::flush::FlushStats;
+use crate::format::header::AUTOCLEAR_BITMAPS;
+use crate::format::{encode_directory, encode_table, BitmapsExtension, DirEntry, TableEntry};
+use crate::storage::Storage;
+
+impl<S: Storage> BitmapStore<S> {
+    /// The clusters of `frees` that are safe to release, as byte offsets: each cluster once,
+    /// only those that the walk of the last [`preflight`](Self::preflight) found referenced
+    /// at most once (by the owner being dropped, which named it), and none whose refcount
+    /// is already 0.
+    ///
+    /// The walk is `Image::check`'s: it counts the header, L1 and L2 tables, guest data,
+    /// snapshots, the LUKS header, the refcount structures and every bitmap structure. A
+    /// cluster that anything else also references stays allocated: at worst a leak, never a
+    /// loss. Clusters allocated since the walk had no reference and refcount 0 then (the
+    /// preflight found no corruption, so no referenced cluster has refcount 0), so only
+    /// this store references them.
+    fn safe_frees(&mut self, frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
+        let cb = self.image.header().cluster_bits;
+        let walk = self
+            .walk
+            .take()
+            .ok_or_else(|| invalid_input!("a commit without a preflight"))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let r = (|| {
+            for (off, n) in frees {
+                let first = off >> cb;
+                for c in first..first.saturating_add(n) {
+                    if seen.insert(c) && walk.at(c << cb) <= 1 && self.image.refcount(c << cb)? > 0
+                    {
+                        out.push(c << cb);
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        self.walk = Some(walk);
+        r
+    }
+
+    /// What every operation that writes checks before its first write, so that a refusal
+    /// writes nothing:
+    /// - the image passes the walk `Image::check` does with no corruption, so every
+    ///   cluster anything references has a refcount at least as high, and the allocator
+    ///   (which hands out only refcount-0 clusters) can never hand out a referenced one;
+    /// - every cluster of the bitmap directory, of each bitmap table and of each consistent
+    ///   bitmap's data has exactly one reference and refcount 1: bitmaps are written in
+    ///   place, and a cluster shared with another table, another entry or other metadata
+    ///   would be overwritten under its other owner.
+    ///
+    /// One walk over the file's metadata: each table is read once however many entries
+    /// name it, so the cost is O(the file's metadata), never O(bitmaps × table). The walk's
+    /// counts are kept for the frees of the operation's commit.
+    ///
+    /// # Errors
+    /// [`Corruption::CheckFailed`], [`Corruption::SharedCluster`], I/O.
+    pub(super) fn preflight(&mut self) -> Result<()> {
+        self.walk = None;
+        let (report, walk) = self.image.references()?;
+        if report.corruptions > 0 {
+            return Err(Corruption::CheckFailed {
+                corruptions: report.corruptions,
+                first: report.messages.first().cloned().unwrap_or_default(),
+            }
+            .into());
+        }
+        let cs = self.image.cluster_size();
+        let mut owned: Vec<(u64, u64, &'static str)> = Vec::new();
+        if let Some((off, size)) = self.dir {
+            owned.push((off, ceil_clusters(size, cs), "bitmap directory"));
+        }
+        for s in self.slots.iter().filter(|s| !s.stale) {
+            owned.push((
+                s.entry.table_offset,
+                ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
+                "bitmap table",
+            ));
+            if !s.inconsistent {
+                for t in self.read_table(&s.entry)? {
+                    if let TableEntry::Data(off) = t {
+                        owned.push((off, 1, "bitmap data"));
+                    }
+                }
+            }
+        }
+        for (off, n, what) in owned {
+            for k in 0..n {
+                let at = off.saturating_add(k.saturating_mul(cs));
+                let references = walk.at(at);
+                let refcount = self.image.refcount(at)?;
+                if references != 1 || refcount != 1 {
+                    return Err(Corruption::SharedCluster {
+                        offset: at,
+                        what,
+                        references,
+                        refcount,
+                    }
+                    .into());
+                }
+            }
+        }
+        self.walk = Some(walk);
+        Ok(())
+    }
+
+    /// Whether cluster 0 still holds the header once the bitmaps extension is there (it
+    /// grows by the extension's 24 bytes when the first bitmap is added). Checked before
+    /// anything is allocated, so a refusal leaks nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the sizes.
+    pub(super) fn ensure_header_fits(&self, nb_bitmaps: u32) -> Result<()> {
+        let mut area = self.image.area().clone();
+        area.bitmaps = (nb_bitmaps > 0).then_some(BitmapsExtension {
+            nb_bitmaps,
+            directory_size: 1,
+            directory_offset: self.image.cluster_size(),
+        });
+        Ok(area.encode().map(|_| ())?)
+    }
+
+    /// The clusters a bitmap owns: its data clusters, then its table.
+    pub(super) fn owned_clusters(&self, entry: &DirEntry) -> Result<Vec<(u64, u64)>> {
+        let cs = self.image.cluster_size();
+        let mut out: Vec<(u64, u64)> = self
+            .read_table(entry)?
+            .into_iter()
+            .filter_map(|t| match t {
+                TableEntry::Data(off) => Some((off, 1)),
+                _ => None,
+            })
+            .collect();
+        out.push((
+            entry.table_offset,
+            ceil_clusters(u64::from(entry.table_size) * 8, cs),
+        ));
+        Ok(out)
+    }
+
+    /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit
+    /// (zero-filled past the valid bytes), then the table. Returns the table offset. `bm`
+    /// has this store's region size.
+    pub(super) fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
+        let cs = self.image.cluster_size();
+        let cb = self.image.header().cluster_bits;
+        let per_cluster = cs / bm.region_size();
+        let clusters = bm.serialized_len().div_ceil(cs);
+        let mut entries = Vec::with_capacity(clusters as usize);
+        let mut buf = vec![0u8; cs as usize];
+        for c in 0..clusters {
+            buf.fill(0);
+            let first = c * per_cluster;
+            let mut at = 0usize;
+            for r in first..(first + per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.serialize_region(r, &mut buf[at..at + rl])?;
+                at += rl;
+            }
+            if buf.iter().all(|&b| b == 0) {
+                entries.push(TableEntry::Zeroes);
+            } else {
+                let off = self.image.alloc_clusters(1)?;
+                self.image.write_at(&buf, off)?;
+                entries.push(TableEntry::Data(off));
+                stats.clusters_allocated += 1;
+                stats.bytes_written += cs;
+            }
+        }
+        stats.regions += bm.region_count();
+        let table = encode_table(&entries, cb)?;
+        let off = self
+            .image
+            .alloc_clusters(ceil_clusters(table.len() as u64, cs))?;
+        self.image.write_at(&table, off)?;
+        stats.bytes_written += table.len() as u64;
+        Ok(off)
+    }
+
+    /// The directory commit every change goes through:
+    /// 1. the new directory into fresh clusters;
+    /// 2. refcounts flushed (new clusters durable as allocated);
+    /// 3. the header with the new extension (or none) and autoclear bit 0, then a barrier:
+    ///    the commit point;
+    /// 4. the old directory and `frees` released, refcounts flushed.
+    ///
+    /// A crash before 3 leaves the old image plus leaked new clusters; after 3, the new
+    /// image plus leaked old clusters until 4 is durable.
+    pub(super) fn commit(&mut self, entries: Vec<DirEntry>, frees: Vec<(u64, u64)>) -> Result<()> {
+        self.commit_as(entries, frees, true)
+    }
+
+    /// [`commit`](Self::commit), with autoclear bit 0 left clear in the header write when
+    /// `trusted` is false: the caller cleared it durably before and sets it afterwards
+    /// (`resize`, whose header write may tear between the sector holding the size and the
+    /// one holding the bitmaps extension).
+    pub(super) fn commit_as(
+        &mut self,
+        entries: Vec<DirEntry>,
+        mut frees: Vec<(u64, u64)>,
+        trusted: bool,
+    ) -> Result<()> {
+        let geo = self.geometry()?;
+        let cs = geo.cluster_size();
+        if let Some((off, size)) = self.dir {
+            frees.push((off, ceil_clusters(size, cs)));
+        }
+        // Decided before anything is allocated or written, so that nothing after the
+        // commit point can fail on bad metadata.
+        self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
+        let frees = self.safe_frees(frees)?;
+        let new_dir = if entries.is_empty() {
+            None
+        } else {
+            let bytes = encode_directory(&entries, &geo)?;
+            let off = self
+                .image
+                .alloc_clusters(ceil_clusters(bytes.len() as u64, cs))?;
+            self.image.write_at(&bytes, off)?;
+            Some((off, bytes.len() as u64))
+        };
+        self.image.flush_refcounts()?;
+        let area = self.image.area_mut();
+        match new_dir {
+            Some((off, size)) => {
+                area.bitmaps = Some(BitmapsExtension {
+                    nb_bitmaps: entries.len() as u32,
+                    directory_size: size,
+                    directory_offset: off,
+                });
+                if trusted {
+                    area.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+                }
+            }
+            None => {
+                area.bitmaps = None;
+                area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            }
+        }
+        self.image.write_header()?;
+        // Committed: the new directory is the one in force, whatever happens next.
+        self.dir = new_dir;
+        for off in frees {
+            self.image.free_clusters(off, 1)?;
+        }
+        self.image.flush_refcounts()?;
+        // Stale entries vanished with the header rewrite; the others match `entries`.
+        let mut carried = Vec::new();
+        for e in &entries {
+            let old = self
+                .slots
+                .iter_mut()
+                .find(|s| !s.stale && s.entry.name == e.name);
+            carried.push(old.map_or((None, None, false), |s| {
+                (s.mem.take(), s.parked.take(), s.inconsistent)
+            }));
+        }
+        self.slots = entries
+            .into_iter()
+            .zip(carried)
+            .map(|(entry, (mem, parked, inconsistent))| Slot {
+                entry,
+                inconsistent,
+                stale: false,
+                mem,
+                parked,
+            })
+            .collect();
+        self.publish();
+        Ok(())
+    }
+
+    /// Rewrites the directory in place with `entries` (same offset and size: only flags
+    /// differ), QEMU's `update_ext_header_and_dir_in_place`:
+    /// 1. autoclear bit 0 cleared in cluster 0, barrier: from here every bitmap is
+    ///    untrusted, so a torn or half-written directory is never read as clean;
+    /// 2. the directory in place, barrier;
+    /// 3. autoclear bit 0 set, barrier: the new flags are in force.
+    fn write_directory_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, dir_size) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let bytes = encode_directory(&entries, &geo)?;
+        if bytes.len() as u64 != dir_size {
+            return Err(invalid_input!("in-place directory changed size"));
+        }
+        self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        self.image.write_at(&bytes, dir_off)?;
+        self.image.sync()?;
+        self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
+        self.image.write_header()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+
+    /// Rewrites only the flags of directory entries in place, with one barrier, when a torn
+    /// write cannot mix an entry: `entries` must differ from the directory on disk only in
+    /// flags, and every entry's changed bytes must lie in one 512-byte sector of the file.
+    /// The flags word is 4 bytes at offset 12 of an entry, entries are 8-byte aligned and
+    /// the directory starts on a cluster, so the word never straddles a sector; a sector
+    /// lands whole or not at all (the crash model of `docs/CRASH-CONSISTENCY.md`, the same
+    /// one the header commit relies on). So after a crash every entry reads as wholly old or
+    /// wholly new, never a mix, and the caller need not clear autoclear bit 0 around it.
+    /// Falls back to [`write_directory_in_place`](Self::write_directory_in_place) (three
+    /// barriers) when the check fails.
+    ///
+    /// The caller must have made durable everything a new entry vouches for before this
+    /// (for clearing `in_use`: every data write), since this write may land at any moment.
+    pub(super) fn write_flags_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
+        let (dir_off, _) = self
+            .dir
+            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+        let geo = self.geometry()?;
+        let old_entries = self.current_entries();
+        let old = encode_directory(&old_entries, &geo)?;
+        let new = encode_directory(&entries, &geo)?;
+        if !flags_only_change(dir_off, &old_entries, &entries, &old, &new) {
+            return self.write_directory_in_place(entries);
+        }
+        self.image.write_at(&new, dir_off)?;
+        self.image.sync()?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.entry = e;
+        }
+        Ok(())
+    }
+}
+
+/// Whether replacing directory `old` (entries `old_e`) by `new` (entries `new_e`) at file
+/// offset `dir_off` changes only flags, with each entry's changed bytes inside one
+/// 512-byte sector, so that any sector-torn mix of the two reads every entry as wholly
+/// old or wholly new.
+pub(super) fn flags_only_change(
+    dir_off: u64,
+    old_e: &[DirEntry],
+    new_e: &[DirEntry],
+    old: &[u8],
+    new: &[u8],
+) -> bool {
+    const SECTOR: u64 = 512;
+    if old.len() != new.len() || old_e.len() != new_e.len() {
+        return false;
+    }
+    let same_but_flags = old_e.iter().zip(new_e).all(|(a, b)| {
+        a.name == b.name
+            && a.table_offset == b.table_offset
+            && a.table_size == b.table_size
+            && a.granularity_bits == b.granularity_bits
+    });
+    if !same_but_flags {
+        return false;
+    }
+    let mut at = 0u64;
+    for e in old_e {
+        let end = at.saturating_add(e.encoded_len());
+        let mut sector = None;
+        for i in at..end.min(old.len() as u64) {
+            if old[i as usize] != new[i as usize] {
+                let s = dir_off.saturating_add(i) / SECTOR;
+                if *sector.get_or_insert(s) != s {
+                    return false;
+                }
+            }
+        }
+        at = end;
+    }
+    true
+}

@@ -1,0 +1,304 @@
+//! The editing operations of [`BitmapStore`]: add, remove, store, clear, enable or disable,
+//! merge. On an inactive store each one is a [`preflight`](BitmapStore::preflight) and a
+//! copy-on-write [`commit`](BitmapStore::commit) (`src/store/commit.rs`); on an active one
+//! the in-memory bitmap is authoritative, so most of them change only memory, which the next
+//! flush or inactivation writes.
+
+use std::sync::Arc;
+
+use super::{ceil_clusters, BitmapStore, Recording};
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Error, Result};
+use crate::flush::FlushStats;
+use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
+use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
+use crate::format::{table_size, DirEntry};
+use crate::storage::Storage;
+
+impl<S: Storage> BitmapStore<S> {
+    /// Adds an empty bitmap. `granularity` is a power of two from 512 B to 2 GiB;
+    /// `recording` sets the `auto` flag. On an active store the bitmap is also created in
+    /// memory and written with `in_use` set.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes, holds a
+    /// NUL or is taken, a bad granularity, a bitmap above 512 MiB, the 65535-bitmap or the
+    /// directory size limit; [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
+    pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
+        let enabled = recording.is_enabled();
+        self.ensure_writable()?;
+        if !self.image.header().can_hold_bitmaps() {
+            return Err(Error::Unsupported(
+                "cannot store dirty bitmaps in qcow2 v2 files".to_string(),
+            ));
+        }
+        if name.is_empty() || name.len() > MAX_NAME_SIZE || name.contains('\0') {
+            return Err(invalid_input!(
+                "bitmap name of {} bytes must be 1..=1023 bytes without NUL",
+                name.len()
+            ));
+        }
+        let gbits = granularity.trailing_zeros();
+        if !granularity.is_power_of_two()
+            || !(u32::from(MIN_GRANULARITY_BITS)..=u32::from(MAX_GRANULARITY_BITS)).contains(&gbits)
+        {
+            return Err(invalid_input!(
+                "granularity {granularity} is not a power of two from 512 to 2^31"
+            ));
+        }
+        let gbits = gbits as u8;
+        let live: Vec<DirEntry> = self.current_entries();
+        if live.iter().any(|e| e.name == name) {
+            return Err(invalid_input!("bitmap {name:?} already exists"));
+        }
+        if live.len() as u64 >= u64::from(MAX_BITMAPS) {
+            return Err(invalid_input!("the image already holds 65535 bitmaps"));
+        }
+        let cs = self.image.cluster_size();
+        let disk = self.disk_size();
+        if disk == 0 {
+            return Err(invalid_input!("a 0-byte disk cannot hold a bitmap"));
+        }
+        let ts = table_size(disk, gbits, cs)?;
+        let mut entry = DirEntry {
+            name: name.into(),
+            table_offset: 0,
+            table_size: ts,
+            granularity_bits: gbits,
+            in_use: self.active,
+            auto: enabled,
+        };
+        let dir_size = live
+            .iter()
+            .chain(std::iter::once(&entry))
+            .fold(0u64, |a, e| a.saturating_add(e.encoded_len()));
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(invalid_input!(
+                "the directory would grow to {dir_size} bytes, above 67107840"
+            ));
+        }
+        let mem = if self.active {
+            let m = self.new_bitmap(granularity)?;
+            m.set_enabled_unshared(enabled);
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
+        self.preflight()?;
+        // All input is valid and the image is sound: from here on, only I/O can fail.
+        let table_bytes = u64::from(ts) * 8;
+        let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
+        self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
+        entry.table_offset = off;
+        let mut entries = live;
+        entries.push(entry);
+        self.commit(entries, Vec::new())?;
+        if let Some(slot) = self.slots.last_mut() {
+            slot.mem = mem;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Removes a bitmap, consistent or not, and frees its table and data clusters. The
+    /// clusters of a bitmap from an untrusted (stale) directory are never freed: removing
+    /// one drops every stale entry (as QEMU does on its first header write), leaking their
+    /// clusters until `qemu-img check -r leaks`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
+    /// with a bad table, I/O.
+    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find(name)?;
+        self.preflight()?;
+        let slot = &self.slots[i];
+        let frees = if slot.stale {
+            Vec::new()
+        } else {
+            match self.owned_clusters(&slot.entry) {
+                Ok(f) => f,
+                // An inconsistent bitmap's table may be garbage: free only the table.
+                Err(_) if slot.inconsistent => vec![(
+                    slot.entry.table_offset,
+                    ceil_clusters(
+                        u64::from(slot.entry.table_size) * 8,
+                        self.image.cluster_size(),
+                    ),
+                )],
+                Err(e) => return Err(e),
+            }
+        };
+        let mut entries = Vec::new();
+        for (j, s) in self.slots.iter().enumerate() {
+            if j != i && !s.stale {
+                entries.push(s.entry.clone());
+            }
+        }
+        self.commit(entries, frees)
+    }
+
+    /// Rewrites a bitmap whole, as QEMU stores one: fresh data clusters (only for table
+    /// entries with a set bit), a fresh table, a fresh directory, refcounts flushed, the
+    /// header commit, then the old clusters freed.
+    ///
+    /// On an active store the in-memory bitmap is authoritative and I/O threads may be
+    /// marking it, so `bitmap`'s bits are ORed into it and nothing is written: replacing it
+    /// could drop a concurrent mark, and the disk copy is untrusted (`in_use`) until the
+    /// next inactivate writes it. Use [`clear`](Self::clear) to reset a bitmap.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the disk size or granularity differ;
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        let g = 1u64 << self.slots[i].entry.granularity_bits;
+        if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
+            return Err(invalid_input!(
+                "bitmap of {} bytes at granularity {} does not fit {:?} ({} bytes at {g})",
+                bitmap.disk_size(),
+                bitmap.granularity(),
+                self.slots[i].entry.name,
+                self.disk_size()
+            ));
+        }
+        let owned;
+        let bm = if bitmap.region_size() == self.region_size() {
+            bitmap
+        } else {
+            let b = self.new_bitmap(g)?;
+            b.merge_from(bitmap)?;
+            owned = b;
+            &owned
+        };
+        if let Some(m) = &self.slots[i].mem {
+            // Active: OR into the authoritative copy, write nothing (see above).
+            return m.merge_from(bm);
+        }
+        self.preflight()?;
+        if let Some(kept) = self.slots[i].parked.clone() {
+            // Inactive after an incremental inactivate: the kept copy takes `bitmap`'s bits
+            // too (it may hold marks made while inactive), and the disk gets the copy whole,
+            // so the two keep matching.
+            kept.merge_from(bm)?;
+            return self.rewrite(i, &kept, self.slots[i].entry.in_use);
+        }
+        self.rewrite(i, bm, self.slots[i].entry.in_use)
+    }
+
+    /// Writes `bm` as slot `i`'s new data with the given in_use flag, and commits.
+    /// The caller ran [`preflight`](Self::preflight) before changing anything.
+    fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
+        let old = self.slots[i].entry.clone();
+        let frees = self.owned_clusters(&old)?;
+        let table = self.write_bitmap(bm, &mut FlushStats::default())?;
+        let mut entries = self.current_entries();
+        if let Some(e) = entries.iter_mut().find(|e| e.name == old.name) {
+            e.table_offset = table;
+            e.in_use = in_use;
+        }
+        self.commit(entries, frees)
+    }
+
+    /// Clears every bit. Active: in memory only (`in_use` protects the disk). Inactive:
+    /// stores an empty bitmap.
+    ///
+    /// # Errors
+    /// As [`store`](Self::store).
+    pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        if let Some(m) = &self.slots[i].mem {
+            m.clear(0, self.disk_size());
+            return Ok(());
+        }
+        self.preflight()?;
+        if let Some(p) = &self.slots[i].parked {
+            p.clear(0, self.disk_size());
+        }
+        let empty = self.new_bitmap(1u64 << self.slots[i].entry.granularity_bits)?;
+        self.rewrite(i, &empty, false)
+    }
+
+    /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation.
+    /// Inactive: a new directory is committed, unless the flag already has that value.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(name)?;
+        if let Some(m) = &self.slots[i].mem {
+            m.set_enabled(enabled);
+            return Ok(());
+        }
+        if self.slots[i].entry.auto != enabled {
+            self.preflight()?;
+        }
+        if let Some(p) = &self.slots[i].parked {
+            p.set_enabled(enabled);
+        }
+        if self.slots[i].entry.auto == enabled {
+            return Ok(());
+        }
+        let mut entries = self.current_entries();
+        entries[i].auto = enabled;
+        self.commit(entries, Vec::new())
+    }
+
+    /// ORs bitmap `src_name` into `dst_name`, both in this image.
+    ///
+    /// # Errors
+    /// As [`merge_from`](Self::merge_from).
+    pub fn merge(&mut self, src_name: impl AsRef<[u8]>, dst_name: impl AsRef<[u8]>) -> Result<()> {
+        let src = self.load(src_name)?;
+        self.merge_bitmap(&src, dst_name)
+    }
+
+    /// ORs bitmap `src_name` of another store into `dst_name` of this one, as
+    /// `qemu-img bitmap --merge SRC -b OTHER` does. The granularities may differ: every
+    /// dirty extent of the source dirties the granules it touches. The disk sizes must
+    /// match.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for different disk sizes; [`Error::NotFound`] or
+    /// [`Error::Inconsistent`] for either bitmap; [`Error::ReadOnly`]; I/O.
+    pub fn merge_from<T: Storage>(
+        &mut self,
+        src: &BitmapStore<T>,
+        src_name: impl AsRef<[u8]>,
+        dst_name: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        let bm = src.load(src_name)?;
+        self.merge_bitmap(&bm, dst_name)
+    }
+
+    fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
+        self.ensure_writable()?;
+        let i = self.find_consistent(dst_name)?;
+        if src.disk_size() != self.disk_size() {
+            return Err(invalid_input!(
+                "cannot merge a bitmap of a {}-byte disk into one of {} bytes",
+                src.disk_size(),
+                self.disk_size()
+            ));
+        }
+        let g = 1u64 << self.slots[i].entry.granularity_bits;
+        let converted = self.new_bitmap(g)?;
+        for (off, len) in src.dirty_extents() {
+            converted.mark_dirty(off, len);
+        }
+        if let Some(m) = &self.slots[i].mem {
+            return m.merge_from(&converted);
+        }
+        self.preflight()?;
+        if let Some(p) = &self.slots[i].parked {
+            p.merge_from(&converted)?;
+        }
+        let dst = self.load_disk(&self.slots[i].entry)?;
+        dst.merge_from(&converted)?;
+        self.rewrite(i, &dst, false)
+    }
+}

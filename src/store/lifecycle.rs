@@ -1,0 +1,319 @@
+//! The lifecycle of [`BitmapStore`]: [`activate`](BitmapStore::activate) (in-memory bitmaps
+//! authoritative, `in_use` set on disk), [`inactivate`](BitmapStore::inactivate) (the
+//! remainder flushed, then `in_use` cleared in place), the seal that keeps marks from
+//! returning between the last serialize and the durable "clean", and
+//! [`close`](BitmapStore::close).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{BitmapStore, ACTIVE_MEMORY_LIMIT};
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Error, Result};
+use crate::flush::{self, FlushStats};
+use crate::format::encode_directory;
+use crate::image::{read_metadata, Image};
+use crate::storage::Storage;
+
+impl<S: Storage> BitmapStore<S> {
+    /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
+    /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
+    /// clean. Only the directory's flags words change, in place, with one barrier: each
+    /// lies inside one sector, so a torn write leaves every entry old (clean, and no mark
+    /// was recorded yet) or new (`in_use`); see `docs/CRASH-CONSISTENCY.md`. (QEMU clears
+    /// autoclear bit 0 around the directory write, with three barriers; that sequence is
+    /// the fallback should the directory ever differ in more than the flags.) Inconsistent
+    /// bitmaps are left alone. Does nothing if already active.
+    ///
+    /// The in-memory copy is the one kept by the last incremental
+    /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
+    /// reloaded from disk, so every bit it holds survives, including marks made through a
+    /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
+    /// in its change map and reach the disk at the next flush or inactivation. Other
+    /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
+    ///
+    /// Resuming checks first that cluster 0 and the directory are still what this store
+    /// last wrote: if another program (a migration target that took the disk over) wrote
+    /// them meanwhile, the cached refcounts and tables are stale and the image must be
+    /// reopened.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::InvalidInput`] if the image
+    /// changed while inactive; load errors as [`load`](Self::load); I/O.
+    pub fn activate(&mut self) -> Result<()> {
+        self.ensure_writable()?;
+        if self.active {
+            return Ok(());
+        }
+        // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
+        // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
+        // sum is checked before anything is allocated.
+        let needed: u64 = self
+            .slots
+            .iter()
+            .filter(|s| !s.inconsistent)
+            .map(|s| {
+                self.disk_size()
+                    .div_ceil(1u64 << s.entry.granularity_bits)
+                    .div_ceil(8)
+            })
+            .fold(0u64, u64::saturating_add);
+        if needed > ACTIVE_MEMORY_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "activating would hold {needed} bytes of bitmaps in memory, more than the \
+                 limit of {ACTIVE_MEMORY_LIMIT}"
+            )));
+        }
+        if self.slots.iter().any(|s| s.parked.is_some()) {
+            self.ensure_unchanged_since_inactivate()?;
+        }
+        // From here on bitmaps are written in place: each of their clusters must be theirs
+        // alone (see `preflight`), or nothing is written.
+        self.preflight()?;
+        let mut mems = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            mems.push(if s.inconsistent {
+                None
+            } else if let Some(p) = &s.parked {
+                Some(Arc::clone(p))
+            } else {
+                Some(Arc::new(self.load_disk(&s.entry)?))
+            });
+        }
+        if mems.iter().any(Option::is_some) {
+            let mut entries = self.current_entries();
+            for (e, m) in entries.iter_mut().zip(&mems) {
+                if m.is_some() {
+                    e.in_use = true;
+                }
+            }
+            self.write_flags_in_place(entries)?;
+        }
+        for (s, m) in self.slots.iter_mut().zip(mems) {
+            s.mem = m;
+            s.parked = None;
+        }
+        self.active = true;
+        self.publish();
+        Ok(())
+    }
+
+    /// Resuming parked bitmaps is only safe if nobody else wrote the image's metadata
+    /// while it was inactive (another QEMU taking the disk over stores its bitmaps into new
+    /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0 and
+    /// the directory must still be byte for byte what this handle last wrote.
+    fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
+        let changed = || invalid_input!("the image changed while inactive; reopen it");
+        let area = self.image.area().encode()?;
+        let mut disk = vec![0u8; area.len()];
+        self.image.storage().read_exact_at(&mut disk, 0)?;
+        if disk != area {
+            return Err(changed());
+        }
+        if let Some((off, size)) = self.dir {
+            let ours = encode_directory(&self.current_entries(), &self.geometry()?)?;
+            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
+            if disk != ours {
+                return Err(changed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes only what changed since the last flush, then clears `in_use` in place: the
+    /// incremental stop. Call it with the guest stopped. Afterwards every bitmap is on disk,
+    /// clean, exactly as QEMU would read it, and the store is inactive.
+    ///
+    /// Write order (crash reasoning in `docs/CRASH-CONSISTENCY.md`):
+    /// 1. the remaining changed regions, as in [`flush`](Self::flush), then a barrier if
+    ///    anything was written (still `in_use`: a crash leaves the bitmaps inconsistent);
+    /// 2. the directory in place with `in_use` clear and `auto` from each bitmap's enabled
+    ///    state, barrier: the commit point. Only the 4-byte flags words change, each inside
+    ///    one sector, so a torn write leaves every entry old (`in_use`) or new (clean, its
+    ///    data durable since 1). If the directory ever changed otherwise, QEMU's dance
+    ///    (autoclear bit 0 cleared, directory, bit 0 set) is used instead.
+    ///
+    /// Two barriers (one if nothing remained), plus the refcount flush if the remainder
+    /// allocates.
+    ///
+    /// The in-memory bitmaps are kept (parked): [`activate`](Self::activate) resumes them.
+    /// Does nothing if not active.
+    ///
+    /// Call it with the guest stopped; if it is not, the bitmaps are sealed while this runs
+    /// (see [`DirtyBitmap::seal`]): a mark that would write waits until the outcome is on
+    /// disk and then lands in the parked bitmap, so no mark returns in between.
+    ///
+    /// # Errors
+    /// - [`Error::MarksDuringInactivate`] if a bitmap changed while this ran other than
+    ///   through a mark (for example a `merge_from` on its `Arc`): `in_use` is set again
+    ///   and the store stays active.
+    /// - [`Error::Poisoned`] or I/O: the store is then poisoned and the memory keeps every
+    ///   bit. The disk holds `in_use` set or autoclear bit 0 clear (every bitmap loads as
+    ///   inconsistent) or, if the final header write reached the disk before the failure,
+    ///   the completed state with every bit marked before the call. Never falsely clean.
+    pub fn inactivate(&mut self) -> Result<FlushStats> {
+        if !self.active {
+            return Ok(FlushStats::default());
+        }
+        self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let r = self.sealed(Self::inactivate_incremental);
+        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
+            self.poisoned = true;
+        }
+        let mut stats = r?;
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn inactivate_incremental(&mut self) -> Result<FlushStats> {
+        let mut targets = self.flush_targets()?;
+        // With its barrier: the data is durable before any entry says clean.
+        let stats = flush::flush(&mut self.image, &mut targets, true)?;
+        if self.slots.iter().any(|s| s.mem.is_some()) {
+            let mut entries = self.current_entries();
+            for (e, s) in entries
+                .iter_mut()
+                .zip(self.slots.iter().filter(|s| !s.stale))
+            {
+                if let Some(m) = &s.mem {
+                    e.in_use = false;
+                    e.auto = m.is_enabled();
+                }
+            }
+            self.write_flags_in_place(entries)?;
+            self.refuse_late_marks()?;
+        }
+        self.park();
+        Ok(stats)
+    }
+
+    /// Runs an inactivation with every in-memory bitmap sealed ([`DirtyBitmap::seal`]):
+    /// sealing waits for the marks in flight, so the last take-and-serialize sees every bit
+    /// a returned mark relied on (one that found its bit already set may have returned on
+    /// another mark's unfinished work), and a mark that would write waits until the outcome
+    /// is on disk. So no mark returns, and no guest write it guards goes ahead, between the
+    /// last serialize and the durable "clean"; the waiting marks then land in the parked
+    /// bitmaps (or, if the inactivation failed, in the still active ones). Unsealed on every
+    /// path.
+    fn sealed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
+        DirtyBitmap::seal_all(&mems.iter().map(|m| &**m).collect::<Vec<_>>());
+        let r = f(self);
+        for m in &mems {
+            m.unseal();
+        }
+        r
+    }
+
+    /// After an inactivation's commit wrote "clean": a mark that arrived after its region
+    /// was taken is in memory only, while the directory says clean. Put `in_use` back (in
+    /// place, one barrier) and stay active, so the disk never claims a bit it lacks; the
+    /// caller must stop the writers first. Both inactivation paths end with it.
+    fn refuse_late_marks(&mut self) -> Result<()> {
+        if !self.slots.iter().any(|s| {
+            s.mem
+                .as_ref()
+                .is_some_and(|m| m.changed_region_count() > 0 || m.marks_in_flight())
+        }) {
+            return Ok(());
+        }
+        let mut back = self.current_entries();
+        for (e, s) in back.iter_mut().zip(self.slots.iter().filter(|s| !s.stale)) {
+            if s.mem.is_some() {
+                e.in_use = true;
+            }
+        }
+        self.write_flags_in_place(back)?;
+        Err(Error::MarksDuringInactivate)
+    }
+
+    /// Keeps the in-memory bitmaps for a later [`activate`](Self::activate) and goes
+    /// inactive.
+    fn park(&mut self) {
+        for s in &mut self.slots {
+            s.parked = s.mem.take();
+        }
+        self.active = false;
+    }
+
+    /// **A benchmark baseline, not for production use: call [`inactivate`](Self::inactivate).**
+    ///
+    /// QEMU's stop (`qcow2_store_persistent_dirty_bitmaps`): stores every in-memory bitmap
+    /// whole into fresh clusters and commits one new directory with `in_use` cleared and
+    /// `auto` from each bitmap's enabled state, then frees the old clusters. Inconsistent
+    /// entries are copied unchanged. It exists so that the benchmarks (`dbm bench flush`,
+    /// `dbm demo`), the fuzz harness and the tests can measure the incremental
+    /// [`inactivate`](Self::inactivate) against what QEMU writes at a stop; the result on
+    /// disk is equivalent, but it writes every bitmap whole and allocates fresh clusters
+    /// for all of them. The in-memory bitmaps are parked as by `inactivate`. Does nothing
+    /// if not active.
+    ///
+    /// # Errors
+    /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
+    ///   seal this shares: `in_use` is set again in place and the store stays active.
+    /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
+        if !self.active {
+            return Ok(FlushStats::default());
+        }
+        self.ensure_writable()?;
+        let start = Instant::now();
+        let syncs0 = self.image.sync_count();
+        let mut stats = FlushStats::default();
+        let r = self.sealed(|s| {
+            s.full_rewrite(&mut stats)?;
+            s.refuse_late_marks()
+        });
+        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
+            self.poisoned = true;
+        }
+        r?;
+        self.park();
+        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.duration = start.elapsed();
+        Ok(stats)
+    }
+
+    fn full_rewrite(&mut self, stats: &mut FlushStats) -> Result<()> {
+        let mut entries = self.current_entries();
+        let mut frees = Vec::new();
+        let mems: Vec<Option<Arc<DirtyBitmap>>> =
+            self.slots.iter().map(|s| s.mem.clone()).collect();
+        let mut taken = Vec::new();
+        let r = (|| {
+            for (i, m) in mems.iter().enumerate() {
+                let Some(m) = m else { continue };
+                frees.extend(self.owned_clusters(&self.slots[i].entry)?);
+                // The whole bitmap is written, so the change map restarts empty; handed
+                // back below if anything fails.
+                taken.push((Arc::clone(m), m.take_changed()));
+                let table = self.write_bitmap(m, stats)?;
+                entries[i].table_offset = table;
+                entries[i].in_use = false;
+                entries[i].auto = m.is_enabled();
+            }
+            if mems.iter().any(Option::is_some) {
+                self.commit(entries, frees)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            for (m, t) in &taken {
+                m.requeue_changed(t);
+            }
+        }
+        r
+    }
+
+    /// [`inactivate`](Self::inactivate)s and hands the image back.
+    ///
+    /// # Errors
+    /// As [`inactivate`](Self::inactivate).
+    pub fn close(mut self) -> Result<Image<S>> {
+        self.inactivate()?;
+        Ok(self.image)
+    }
+}

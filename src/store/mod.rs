@@ -1,0 +1,519 @@
+//! [`BitmapStore`]: the persistent bitmaps of one qcow2 image.
+//!
+//! A store is opened *inactive*: it reads the directory, and every operation reads or
+//! rewrites bitmaps on disk, with QEMU's copy-on-write order (new clusters, refcounts
+//! flushed, header commit, old clusters freed). [`BitmapStore::activate`] loads every
+//! consistent bitmap into memory and sets `in_use` on disk; from then on the in-memory
+//! [`DirtyBitmap`]s are authoritative ([`BitmapStore::bitmap`] hands them out for marking)
+//! until [`BitmapStore::inactivate`] or [`BitmapStore::close`] stores them and clears
+//! `in_use`. A crash while active leaves `in_use` set: the bitmaps then load as
+//! [`BitmapState::Inconsistent`], never as falsely clean.
+//!
+//! The write order of every operation and what a crash after each step leaves are in
+//! `docs/CRASH-CONSISTENCY.md`.
+//!
+//! This file holds the types, [`open`](BitmapStore::open), [`list`](BitmapStore::list) and
+//! [`load`](BitmapStore::load); the rest of [`BitmapStore`] is split by concern, each file an
+//! `impl` block over the types here:
+//! - `commit.rs`: the copy-on-write directory commit, the preflight every write runs first,
+//!   the safe frees and the in-place flag writes;
+//! - `edit.rs`: add, remove, store, clear, set_enabled, merge;
+//! - `lifecycle.rs`: activate, inactivate (incremental, and the full-rewrite baseline), the
+//!   seal, close;
+//! - `live.rs`: flush, the pending queries, the stop loop and the tracker of an active store;
+//! - `resize.rs`: resize;
+//! - [`background`]: the background [`FlushPolicy`](background::FlushPolicy) over a
+//!   [`SharedStore`].
+//!
+//! The children use the types of this file; this file uses nothing of theirs.
+
+use std::sync::Arc;
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::format::{
+    decode_directory, decode_table, BitmapName, BitmapsExtension, DirEntry, ImageGeometry,
+    TableEntry,
+};
+use crate::image::check::References;
+use crate::image::{read_metadata, Image};
+use crate::storage::{OpenMode, Storage};
+use crate::tracker::TrackedSet;
+
+/// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
+/// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
+pub const ACTIVE_MEMORY_LIMIT: u64 = 16 << 30;
+
+/// Bytes of serialized bitmap per change-map region of the store's in-memory bitmaps, when
+/// the cluster is at least this large (otherwise the region is the cluster). One page: a
+/// region write is a whole page of the page cache (no read-modify-write) and a whole number
+/// of 512-byte sectors. At 64 KiB granularity a region covers 2 GiB of disk, so a scattered
+/// workload rewrites 4 KiB per region it touches rather than a 64 KiB cluster per 32 GiB.
+pub const STORE_REGION_SIZE: u64 = 4096;
+
+/// Whether a bitmap's on-disk data can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapState {
+    /// Saved cleanly (or owned by this activated store).
+    Consistent,
+    /// `in_use` was set when the image was opened, or a program without bitmap support
+    /// modified the image (autoclear bit 0 clear). Treat it as all dirty; only removal is
+    /// allowed.
+    Inconsistent,
+}
+
+/// Whether a bitmap records the guest's writes: QEMU's "enabled", the `auto` flag on disk.
+/// [`BitmapStore::add`] takes it; [`BitmapStore::set_enabled`] changes it later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Recording {
+    /// Every write is recorded (`auto` set).
+    Enabled,
+    /// No write is recorded (`auto` clear): the bitmap keeps the bits it has.
+    Disabled,
+}
+
+impl Recording {
+    /// Whether writes are recorded.
+    #[must_use]
+    pub const fn is_enabled(self) -> bool {
+        matches!(self, Recording::Enabled)
+    }
+}
+
+/// One bitmap as [`BitmapStore::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name, as its bytes on disk (shown escaped; see [`BitmapName`]).
+    pub name: BitmapName,
+    /// Disk bytes per bit.
+    pub granularity: u64,
+    /// The `auto` flag: the bitmap records every write (QEMU's "enabled").
+    pub enabled: bool,
+    /// The `in_use` flag as it is on disk now.
+    pub in_use: bool,
+    /// Whether its data can be trusted.
+    pub state: BitmapState,
+    /// Entries in its bitmap table.
+    pub table_size: u32,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// The entry as it is on disk.
+    entry: DirEntry,
+    inconsistent: bool,
+    /// Found in an untrusted (stale) directory: its clusters are never freed, since a
+    /// repair tool may have given them to other data.
+    stale: bool,
+    /// The authoritative bitmap while the store is active.
+    mem: Option<Arc<DirtyBitmap>>,
+    /// The in-memory bitmap kept across an incremental [`BitmapStore::inactivate`], so that
+    /// a later [`BitmapStore::activate`] resumes it instead of reloading the disk. It stays
+    /// authoritative: every region where it differs from the disk is in its change map.
+    parked: Option<Arc<DirtyBitmap>>,
+}
+
+/// The persistent bitmaps of one qcow2 image. See the module docs.
+///
+/// Call [`close`](Self::close) (or [`inactivate`](Self::inactivate)) on an activated store:
+/// dropping it leaves `in_use` set, and the bitmaps load as inconsistent next time.
+#[must_use = "an activated store must be closed to save its bitmaps"]
+#[derive(Debug)]
+pub struct BitmapStore<S: Storage> {
+    image: Image<S>,
+    slots: Vec<Slot>,
+    /// The trusted directory's `(offset, size)` on disk.
+    dir: Option<(u64, u64)>,
+    active: bool,
+    /// Set when a flush or an inactivation failed part-way: every later write is refused
+    /// ([`Error::Poisoned`]) until the image is reopened.
+    poisoned: bool,
+    /// The reference counts of the last [`preflight`](Self::preflight). While the store is
+    /// active it stays valid for deciding frees: since then only this handle wrote, and it
+    /// only added clusters that nothing referenced (see `safe_frees`).
+    walk: Option<References>,
+    /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
+    /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
+    tracked: TrackedSet,
+}
+
+/// A [`BitmapStore`] shared between threads: the owner, a background
+/// [`FlushPolicy`](background::FlushPolicy) and whoever else needs the store take turns
+/// through [`lock`](Self::lock). Cloning it clones the handle, not the store.
+///
+/// Marks never need it: they go to the in-memory bitmaps through a
+/// [`Tracker`](crate::Tracker) or [`BitmapStore::bitmap`], without a lock.
+#[derive(Debug)]
+pub struct SharedStore<S: Storage> {
+    inner: Arc<parking_lot::Mutex<BitmapStore<S>>>,
+}
+
+/// Exclusive access to the [`BitmapStore`] of a [`SharedStore`], until dropped. It
+/// dereferences to the store.
+#[derive(Debug)]
+#[must_use = "the store is unlocked as soon as the guard is dropped"]
+pub struct StoreGuard<'a, S: Storage> {
+    guard: parking_lot::MutexGuard<'a, BitmapStore<S>>,
+}
+
+impl<S: Storage> SharedStore<S> {
+    /// Shares `store`.
+    pub fn new(store: BitmapStore<S>) -> Self {
+        Self {
+            inner: Arc::new(parking_lot::Mutex::new(store)),
+        }
+    }
+
+    /// Waits for the store and locks it until the guard is dropped.
+    pub fn lock(&self) -> StoreGuard<'_, S> {
+        StoreGuard {
+            guard: self.inner.lock(),
+        }
+    }
+
+    /// The store itself, if this is the last handle; otherwise this handle back.
+    ///
+    /// # Errors
+    /// The handle, when other clones (a running flusher's among them) are still alive.
+    pub fn try_into_inner(self) -> std::result::Result<BitmapStore<S>, Self> {
+        Arc::try_unwrap(self.inner)
+            .map(parking_lot::Mutex::into_inner)
+            .map_err(|inner| Self { inner })
+    }
+}
+
+impl<S: Storage> Clone for SharedStore<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: Storage> From<BitmapStore<S>> for SharedStore<S> {
+    fn from(store: BitmapStore<S>) -> Self {
+        Self::new(store)
+    }
+}
+
+impl<S: Storage> std::ops::Deref for StoreGuard<'_, S> {
+    type Target = BitmapStore<S>;
+    fn deref(&self) -> &BitmapStore<S> {
+        &self.guard
+    }
+}
+
+impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
+    fn deref_mut(&mut self) -> &mut BitmapStore<S> {
+        &mut self.guard
+    }
+}
+
+fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
+    bytes.div_ceil(cs)
+}
+
+impl<S: Storage> BitmapStore<S> {
+    /// Opens the bitmaps of an image, inactive. Reads the header and the directory; writes
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Image::open`]; [`Error::Corrupt`] when the trusted directory breaks one of QEMU's
+    /// rules (QEMU refuses to open such an image too), including a consistent bitmap whose
+    /// table size differs from the one the disk size needs.
+    pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
+        let image = Image::open(storage, mode)?;
+        let geo = image.header().geometry()?;
+        let mut slots = Vec::new();
+        let mut dir = None;
+        if let Some(ext) = image.area().bitmaps {
+            let bytes = read_metadata(
+                image.storage(),
+                "bitmap directory",
+                ext.directory_offset,
+                ext.directory_size,
+            )?;
+            let entries = decode_directory(&bytes, ext.nb_bitmaps, &geo)?;
+            let mut at = 0u64;
+            for (index, entry) in entries.into_iter().enumerate() {
+                entry
+                    .check_table_size(&geo)
+                    .map_err(|reason| Corruption::DirectoryEntry {
+                        index: u32::try_from(index).unwrap_or(u32::MAX),
+                        offset: at,
+                        reason,
+                    })?;
+                at = at.saturating_add(entry.encoded_len());
+                slots.push(Slot {
+                    inconsistent: entry.in_use,
+                    entry,
+                    stale: false,
+                    mem: None,
+                    parked: None,
+                });
+            }
+            dir = Some((ext.directory_offset, ext.directory_size));
+        } else if let Some(data) = image.stale_bitmaps() {
+            // Untrusted: list what it names, all inconsistent; ignore it if it is broken.
+            let listed = BitmapsExtension::decode(data, 0, geo.cluster_size())
+                .ok()
+                .and_then(|ext| {
+                    let b = read_metadata(
+                        image.storage(),
+                        "bitmap directory",
+                        ext.directory_offset,
+                        ext.directory_size,
+                    )
+                    .ok()?;
+                    decode_directory(&b, ext.nb_bitmaps, &geo).ok()
+                })
+                .unwrap_or_default();
+            slots = listed
+                .into_iter()
+                .map(|entry| Slot {
+                    entry,
+                    inconsistent: true,
+                    stale: true,
+                    mem: None,
+                    parked: None,
+                })
+                .collect();
+        }
+        Ok(Self {
+            image,
+            slots,
+            dir,
+            active: false,
+            poisoned: false,
+            walk: None,
+            tracked: TrackedSet::default(),
+        })
+    }
+
+    /// Creates a bitmap-only image (see [`Image::create_bitmap_only`]) and opens it
+    /// writable, with no bitmaps.
+    ///
+    /// # Errors
+    /// As [`Image::create_bitmap_only`].
+    pub fn create(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
+        Ok(Self {
+            image: Image::create_bitmap_only(storage, disk_size, cluster_size)?,
+            slots: Vec::new(),
+            dir: None,
+            active: false,
+            poisoned: false,
+            walk: None,
+            tracked: TrackedSet::default(),
+        })
+    }
+
+    /// The image underneath.
+    pub fn image(&self) -> &Image<S> {
+        &self.image
+    }
+
+    /// Whether [`activate`](Self::activate) has run (and no inactivate since).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The disk length bitmaps cover: the virtual size rounded down to 512 bytes, as QEMU
+    /// uses it.
+    pub fn disk_size(&self) -> u64 {
+        self.image.header().disk_length()
+    }
+
+    /// Every bitmap, in directory order.
+    pub fn list(&self) -> Vec<BitmapInfo> {
+        self.slots
+            .iter()
+            .map(|s| BitmapInfo {
+                name: s.entry.name.clone(),
+                granularity: 1u64 << s.entry.granularity_bits,
+                enabled: s.mem.as_ref().map_or(s.entry.auto, |m| m.is_enabled()),
+                in_use: s.entry.in_use,
+                state: if s.inconsistent {
+                    BitmapState::Inconsistent
+                } else {
+                    BitmapState::Consistent
+                },
+                table_size: s.entry.table_size,
+            })
+            .collect()
+    }
+
+    /// The change-map region size of this store's in-memory bitmaps: [`STORE_REGION_SIZE`],
+    /// or the cluster size if that is smaller. Either way it divides the cluster size.
+    pub fn region_size(&self) -> u64 {
+        self.image.cluster_size().min(STORE_REGION_SIZE)
+    }
+
+    /// A clean in-memory bitmap of this store's disk at granularity `g`, with the store's
+    /// region size.
+    fn new_bitmap(&self, g: u64) -> Result<DirtyBitmap> {
+        DirtyBitmap::with_region_size(self.disk_size(), g, self.region_size())
+    }
+
+    fn geometry(&self) -> Result<ImageGeometry> {
+        Ok(self.image.header().geometry()?)
+    }
+
+    /// The slot of the bitmap named `name`, compared byte for byte.
+    fn find(&self, name: impl AsRef<[u8]>) -> Result<usize> {
+        let name = name.as_ref();
+        self.slots
+            .iter()
+            .position(|s| s.entry.name.as_bytes() == name)
+            .ok_or_else(|| Error::NotFound(format!("bitmap {:?}", BitmapName::from(name))))
+    }
+
+    fn find_consistent(&self, name: impl AsRef<[u8]>) -> Result<usize> {
+        let i = self.find(name)?;
+        if self.slots[i].inconsistent {
+            return Err(Error::Inconsistent {
+                name: self.slots[i].entry.name.to_string(),
+            });
+        }
+        Ok(i)
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
+        if self.poisoned || self.image.is_poisoned() {
+            Err(Error::Poisoned)
+        } else if self.image.is_writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
+    }
+
+    /// The in-memory bitmap of an activated store, shared with whoever marks it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::InvalidInput`] if the store
+    /// is not active.
+    pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
+        let i = self.find_consistent(name)?;
+        self.slots[i]
+            .mem
+            .clone()
+            .ok_or_else(|| invalid_input!("the store is not active; call activate() first"))
+    }
+
+    /// A copy of the bitmap: from memory when active or when an incremental
+    /// [`inactivate`](Self::inactivate) kept the in-memory copy (which may hold marks made
+    /// since, not yet on disk: reading the disk would drop them), otherwise read from disk.
+    /// All-zero and all-ones table entries are honoured, and tail bits past the disk are
+    /// masked.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
+    /// data past the end of the file, I/O errors.
+    pub fn load(&self, name: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
+        let i = self.find_consistent(name)?;
+        match self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
+            Some(m) => Ok(m.snapshot()),
+            None => self.load_disk(&self.slots[i].entry),
+        }
+    }
+
+    fn read_table(&self, entry: &DirEntry) -> Result<Vec<TableEntry>> {
+        let len = u64::from(entry.table_size).saturating_mul(8);
+        let bytes = read_metadata(
+            self.image.storage(),
+            "bitmap table",
+            entry.table_offset,
+            len,
+        )?;
+        Ok(decode_table(
+            &bytes,
+            entry.table_size,
+            self.image.header().cluster_bits,
+        )?)
+    }
+
+    fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
+        let cs = self.image.cluster_size();
+        let bm = self.new_bitmap(1u64 << entry.granularity_bits)?;
+        let table = self.read_table(entry)?;
+        let clusters = bm.serialized_len().div_ceil(cs);
+        if table.len() as u64 != clusters {
+            return Err(invalid_input!(
+                "bitmap {:?}: table of {} entries for {} clusters of data",
+                entry.name,
+                table.len(),
+                clusters
+            ));
+        }
+        let per_cluster = cs / bm.region_size();
+        let mut ones = Vec::new();
+        for (c, t) in table.iter().enumerate() {
+            let c = c as u64;
+            let len = bm
+                .serialized_len()
+                .saturating_sub(c.saturating_mul(cs))
+                .min(cs);
+            let data = match *t {
+                TableEntry::Zeroes => continue,
+                TableEntry::Ones => {
+                    ones.resize(len as usize, 0xFF);
+                    &ones[..len as usize]
+                }
+                TableEntry::Data(off) => {
+                    &read_metadata(self.image.storage(), "bitmap data", off, len)?[..]
+                }
+            };
+            let first = c.saturating_mul(per_cluster);
+            let mut at = 0usize;
+            for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
+                let rl = bm.region_len(r) as usize;
+                bm.load_region(r, &data[at..at + rl])?;
+                at += rl;
+            }
+        }
+        // What was just loaded is what is on disk.
+        let _ = bm.take_changed();
+        // Not shared yet: no mark can be in flight, so nothing to wait for.
+        bm.set_enabled_unshared(entry.auto);
+        Ok(bm)
+    }
+
+    /// Publishes the in-memory bitmaps (active or parked) to every tracker taken from this
+    /// store. Called after every change of the slots, before the call that changed them
+    /// returns, so a mark that starts afterwards reaches every enabled bitmap.
+    fn publish(&self) {
+        let list: Vec<Arc<DirtyBitmap>> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
+            .collect();
+        self.tracked.store(Arc::new(list));
+    }
+
+    fn current_entries(&self) -> Vec<DirEntry> {
+        self.slots
+            .iter()
+            .filter(|s| !s.stale)
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+
+    fn ensure_active(&self) -> Result<()> {
+        if self.active {
+            Ok(())
+        } else {
+            Err(invalid_input!(
+                "the store is not active; call activate() first"
+            ))
+        }
+    }
+}
+
+pub mod background;
+mod commit;
+mod edit;
+mod lifecycle;
+mod live;
+mod resize;
+#[cfg(test)]
+mod tests;
