@@ -11,10 +11,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dirty_bitmap::migration::guest::{new_log, Pattern, Vm};
+use dirty_bitmap::migration::guest::{new_log, Vm};
 use dirty_bitmap::migration::precopy::{checked_config, Rule, StallAction, StallKind, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim};
+use dirty_bitmap::migration::workload::Pattern;
 use dirty_bitmap::migration::{
     run, AutoConverge, Bytes, BytesPerMs, Clock, Controller, Directive, Endpoints, GuestRam,
     IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState, RealClock,

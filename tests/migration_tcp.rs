@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use dirty_bitmap::migration::dest::RetainedRam;
 use dirty_bitmap::migration::frame::{Frame, FrameError};
 use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::migration::harness::{migrate_over_tcp, TcpMigration};
 use dirty_bitmap::migration::precopy::{StallAction, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::stream::FrameReader;
 use dirty_bitmap::migration::tcp::{
-    migrate_over_tcp, migrate_to, DestOptions, DestReport, SourceOptions, SourceReport,
-    TcpDestination, TcpMigration,
+    migrate_to, DestOptions, DestReport, SourceOptions, SourceReport, TcpDestination,
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,

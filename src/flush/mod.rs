@@ -508,17 +508,28 @@ pub fn run_stop_loop<P: StopSource + ?Sized>(
     bandwidth: BytesPerMs,
     downtime_limit: Millis,
 ) -> Result<StopReport> {
-    run_stop_loop_with(src, bandwidth, downtime_limit, units::fits, units::fits)
+    stop_loop(src, bandwidth, downtime_limit, units::fits, units::fits)
 }
 
 /// [`run_stop_loop`] with the gate (estimate → exact query) and the decision comparisons
-/// given separately. Production code always passes [`units::fits`] for both; the tests
-/// pass QEMU's buggy pair to show what it would have done.
+/// given separately, for the tests (feature `testing`): they pass QEMU's buggy pair to show
+/// what it would have done. [`run_stop_loop`] passes [`units::fits`] for both.
 ///
 /// # Errors
 /// The first error of the source.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub fn run_stop_loop_with<P: StopSource + ?Sized>(
+    src: &mut P,
+    bandwidth: BytesPerMs,
+    downtime_limit: Millis,
+    gate: fn(Bytes, Bytes) -> bool,
+    decide: fn(Bytes, Bytes) -> bool,
+) -> Result<StopReport> {
+    stop_loop(src, bandwidth, downtime_limit, gate, decide)
+}
+
+fn stop_loop<P: StopSource + ?Sized>(
     src: &mut P,
     bandwidth: BytesPerMs,
     downtime_limit: Millis,

@@ -9,7 +9,7 @@
 //! (some words from before a write, some from after). That is harmless because of the
 //! order both sides follow:
 //!
-//! - writer ([`GuestRam::write_page`] callers, see [`Workload`]): (W) store the words, then
+//! - writer ([`GuestRam::write_page`] callers, see `Workload` in `migration/workload.rs`): (W) store the words, then
 //!   `fence(SeqCst)`, then (M) `mark_dirty` the page in the log;
 //! - migration thread ([`super::ram::RamState`]): (T) `take_dirty` the log, then
 //!   `fence(SeqCst)`, then (R) copy the pages it took.
@@ -34,16 +34,12 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{fence, AtomicU64};
+use std::time::Duration;
 
 use memmap2::MmapMut;
-use parking_lot::{Condvar, Mutex};
 
 use super::error::{MigrationError, Result};
-use crate::rng::SplitMix64;
 use crate::DirtyBitmap;
 
 /// Bytes per guest page.
@@ -239,173 +235,6 @@ pub trait Vm {
     }
 }
 
-/// Where the vCPUs write.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Pattern {
-    /// Every page equally likely.
-    Uniform,
-    /// `hot_share` of the writes (0..=1) go into the first `hot_fraction` (0..=1) of the
-    /// pages, the rest anywhere.
-    HotSet {
-        /// Fraction of pages that are hot, e.g. 0.05.
-        hot_fraction: f64,
-        /// Fraction of writes into the hot pages, e.g. 0.9.
-        hot_share: f64,
-    },
-    /// Page after page, wrapping around.
-    Sequential,
-}
-
-impl Pattern {
-    /// The hot-set pattern `dbm simulate` and the benchmarks use: 90 % of writes into 5 % of
-    /// the pages.
-    pub const HOT_90_5: Pattern = Pattern::HotSet {
-        hot_fraction: 0.05,
-        hot_share: 0.9,
-    };
-
-    /// The page of the `n`-th write, drawn with `rng`, in a RAM of `pages` pages.
-    pub fn pick(&self, rng: &mut SplitMix64, pages: u64, n: u64) -> u64 {
-        match *self {
-            Pattern::Uniform => rng.below(pages),
-            Pattern::HotSet {
-                hot_fraction,
-                hot_share,
-            } => {
-                let hot = ((pages as f64 * hot_fraction) as u64).clamp(1, pages);
-                if rng.unit() < hot_share {
-                    rng.below(hot)
-                } else {
-                    rng.below(pages)
-                }
-            }
-            Pattern::Sequential => n % pages,
-        }
-    }
-}
-
-/// Options of a [`Workload`].
-#[derive(Debug, Clone, Copy)]
-pub struct WorkloadConfig {
-    /// vCPU threads.
-    pub vcpus: usize,
-    /// Page writes per second over all vCPUs, before throttling.
-    pub writes_per_sec: u64,
-    /// Where they land.
-    pub pattern: Pattern,
-    /// Seed of the page choice.
-    pub seed: u64,
-}
-
-#[repr(align(64))]
-#[derive(Default)]
-struct Busy(AtomicBool);
-
-struct Shared {
-    ram: Arc<GuestRam>,
-    log: Arc<DirtyBitmap>,
-    paused: AtomicBool,
-    quit: AtomicBool,
-    throttle: AtomicU8,
-    /// One flag per vCPU: set while a write (store + mark) is in flight.
-    busy: Vec<Busy>,
-    wake: Mutex<()>,
-    resumed: Condvar,
-    writes: AtomicU64,
-}
-
-/// vCPU threads writing guest pages at a rate and pattern and marking the log; a [`Vm`].
-///
-/// Pause protocol (a Dekker pair, all `SeqCst`): a vCPU sets its busy flag, then reads
-/// `paused`; [`Vm::stop`] sets `paused`, then waits for every busy flag to clear. In the
-/// total order either the vCPU's flag comes first (stop waits for its write to finish) or
-/// stop's store does (the vCPU sees `paused` and parks before writing). So once `stop`
-/// returns no write is in flight, and each write completed happens-before the return.
-pub struct Workload {
-    shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Workload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workload")
-            .field("vcpus", &self.threads.len())
-            .field("writes", &self.writes())
-            .finish()
-    }
-}
-
-impl Workload {
-    /// Starts `config.vcpus` threads writing into `ram` and marking `log` (running).
-    ///
-    /// # Errors
-    /// [`MigrationError::InvalidInput`] for 0 vCPUs or a log that does not cover `ram` at
-    /// page granularity; [`MigrationError::Io`] when a thread cannot be spawned.
-    pub fn start(
-        ram: Arc<GuestRam>,
-        log: Arc<DirtyBitmap>,
-        config: WorkloadConfig,
-    ) -> Result<Workload> {
-        if config.vcpus == 0 {
-            return Err(MigrationError::InvalidInput(
-                "vcpus must be at least 1".into(),
-            ));
-        }
-        check_log(&ram, &log)?;
-        let shared = Arc::new(Shared {
-            ram,
-            log,
-            paused: AtomicBool::new(false),
-            quit: AtomicBool::new(false),
-            throttle: AtomicU8::new(0),
-            busy: (0..config.vcpus).map(|_| Busy::default()).collect(),
-            wake: Mutex::new(()),
-            resumed: Condvar::new(),
-            writes: AtomicU64::new(0),
-        });
-        let mut threads = Vec::with_capacity(config.vcpus);
-        for v in 0..config.vcpus {
-            let shared = Arc::clone(&shared);
-            let rate = config.writes_per_sec as f64 / config.vcpus as f64;
-            let pattern = config.pattern;
-            let seed = config.seed ^ (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("vcpu-{v}"))
-                    .spawn(move || vcpu(&shared, v, rate, pattern, seed))?,
-            );
-        }
-        Ok(Workload { shared, threads })
-    }
-
-    /// Page writes completed so far.
-    pub fn writes(&self) -> u64 {
-        self.shared.writes.load(SeqCst)
-    }
-
-    /// Stops the threads (pausing first) and joins them.
-    pub fn shutdown(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.shared.quit.store(true, SeqCst);
-        {
-            let _g = self.shared.wake.lock();
-            self.shared.resumed.notify_all();
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        self.join();
-    }
-}
-
 /// Checks that `log` tracks `ram` page by page.
 pub(crate) fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
     if log.disk_size() != ram.size() || log.granularity() != PAGE_SIZE as u64 {
@@ -418,71 +247,6 @@ pub(crate) fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn vcpu(shared: &Shared, me: usize, rate: f64, pattern: Pattern, seed: u64) {
-    let mut rng = SplitMix64::new(seed);
-    let pages = shared.ram.pages();
-    let mut n = 0u64;
-    let mut credit = 0.0f64;
-    let mut last = Instant::now();
-    while !shared.quit.load(SeqCst) {
-        // Dekker: flag first, then look at `paused`.
-        shared.busy[me].0.store(true, SeqCst);
-        if shared.paused.load(SeqCst) {
-            shared.busy[me].0.store(false, SeqCst);
-            let mut g = shared.wake.lock();
-            while shared.paused.load(SeqCst) && !shared.quit.load(SeqCst) {
-                shared.resumed.wait(&mut g);
-            }
-            last = Instant::now();
-            continue;
-        }
-        let now = Instant::now();
-        let throttle = f64::from(shared.throttle.load(Relaxed).min(99)) / 100.0;
-        credit += now.duration_since(last).as_secs_f64() * rate * (1.0 - throttle);
-        last = now;
-        // Bounded bursts, so that a pause never waits long.
-        let burst = (credit as u64).min(64);
-        for _ in 0..burst {
-            let page = pattern.pick(&mut rng, pages, n);
-            let value = (me as u64) << 56 | n;
-            shared
-                .ram
-                .write_and_mark(&shared.log, page, |ram| ram.fill_page(page, value));
-            n += 1;
-        }
-        credit -= burst as f64;
-        shared.writes.fetch_add(burst, Relaxed);
-        shared.busy[me].0.store(false, SeqCst);
-        if burst == 0 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    shared.busy[me].0.store(false, SeqCst);
-}
-
-impl Vm for Workload {
-    fn stop(&mut self) -> Result<()> {
-        self.shared.paused.store(true, SeqCst);
-        for b in &self.shared.busy {
-            while b.0.load(SeqCst) {
-                std::hint::spin_loop();
-            }
-        }
-        Ok(())
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        let _g = self.shared.wake.lock();
-        self.shared.paused.store(false, SeqCst);
-        self.shared.resumed.notify_all();
-        Ok(())
-    }
-
-    fn set_throttle(&mut self, percent: u8) {
-        self.shared.throttle.store(percent.min(99), Relaxed);
-    }
 }
 
 #[cfg(test)]
@@ -500,47 +264,5 @@ mod tests {
         ram.read_page(0, &mut out);
         assert!(out.iter().all(|&b| b == 0));
         assert!(GuestRam::new(0).is_err());
-    }
-
-    #[test]
-    fn stop_is_a_barrier_and_every_write_is_marked() {
-        let ram = Arc::new(GuestRam::new(64).unwrap());
-        let log = Arc::new(new_log(&ram).unwrap());
-        let mut w = Workload::start(
-            Arc::clone(&ram),
-            Arc::clone(&log),
-            WorkloadConfig {
-                vcpus: 2,
-                writes_per_sec: 200_000,
-                pattern: Pattern::Uniform,
-                seed: 1,
-            },
-        )
-        .unwrap();
-        for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(5));
-            let before = ram.snapshot();
-            let taken = log.take_dirty();
-            fence(SeqCst);
-            w.stop().unwrap();
-            let after = ram.snapshot();
-            let writes = w.writes();
-            std::thread::sleep(Duration::from_millis(5));
-            // Nothing moves while stopped.
-            assert_eq!(ram.snapshot(), after);
-            assert_eq!(w.writes(), writes);
-            // Every page that changed since the take is dirty in the log.
-            for p in 0..64u64 {
-                let r = p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE;
-                if before[r.clone()] != after[r] {
-                    assert!(
-                        log.is_dirty(p * PAGE_SIZE as u64) || taken.is_dirty(p * PAGE_SIZE as u64),
-                        "page {p} changed but is clean"
-                    );
-                }
-            }
-            w.resume().unwrap();
-        }
-        assert!(w.writes() > 0);
     }
 }

@@ -30,21 +30,26 @@ pub mod dest;
 pub mod error;
 parser_module! { pub mod frame; }
 pub mod guest;
+#[cfg(feature = "testing")]
+pub mod harness;
 pub mod precopy;
 pub mod ram;
 parser_module! { pub mod ram_codec; }
 pub mod rate;
+#[cfg(feature = "testing")]
 pub mod sim;
 pub mod state;
 parser_module! { pub mod stream; }
 pub mod tcp;
+#[cfg(feature = "testing")]
+pub mod workload;
 pub use crate::units;
 
 pub use channel::{DestMessage, Inbound, Outbound};
 pub use clock::{Clock, ManualClock, RealClock};
 pub use error::{MigrationError, ProtocolError, Result};
 pub use frame::{Control, StateId};
-pub use guest::{GuestRam, Pattern, Vm, Workload, WorkloadConfig, PAGE_SIZE};
+pub use guest::{GuestRam, Vm, PAGE_SIZE};
 pub use precopy::{
     run, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
     Outcome, StallAction, StallReport,
@@ -52,3 +57,5 @@ pub use precopy::{
 pub use ram::{RamState, SetupMode, RAM_ID};
 pub use state::{MigrationState, Pending};
 pub use units::{Bytes, BytesPerMs, Millis};
+#[cfg(feature = "testing")]
+pub use workload::{Pattern, Workload, WorkloadConfig};

@@ -68,7 +68,9 @@ pub enum Rule {
     /// exact figure.
     Fixed,
     /// QEMU 10.1 (7aaa1fc072, before 455a6167f254): gate with `<`, decide with `<=` on
-    /// whatever figure is at hand, estimate included. For the bug test only.
+    /// whatever figure is at hand, estimate included. For the bug test only (feature
+    /// `testing`).
+    #[cfg(feature = "testing")]
     Qemu101,
 }
 
@@ -608,6 +610,7 @@ where
         match self.config.rule {
             Rule::Fixed => fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr)),
             // QEMU 10.1: `pending_size < threshold_size`.
+            #[cfg(feature = "testing")]
             Rule::Qemu101 => p.total() < thr,
         }
     }
@@ -679,6 +682,7 @@ where
                 exact && postcopy && fits(p.must_precopy, thr),
                 exact && fits(p.total(), thr),
             ),
+            #[cfg(feature = "testing")]
             Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
         };
         if to_postcopy {

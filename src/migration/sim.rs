@@ -24,7 +24,7 @@ use super::clock::Clock;
 use super::dest::{DestCore, DestinationConfig};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{control_wire_len, Control, Frame, StateId, SECTION_OVERHEAD, STREAM_VERSION};
-use super::guest::{new_log, GuestRam, Pattern, Vm, PAGE_SIZE};
+use super::guest::{new_log, GuestRam, Vm, PAGE_SIZE};
 use super::precopy::{
     run, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig, Outcome, Rule,
     StallAction, StallReport,
@@ -32,6 +32,7 @@ use super::precopy::{
 use super::ram::{RamState, SetupMode, RAM_ID};
 use super::ram_codec::{self, RAM_STATE_NAME};
 use super::state::MigrationState;
+use super::workload::Pattern;
 use crate::rng::SplitMix64;
 use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;

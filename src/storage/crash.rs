@@ -6,13 +6,10 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use super::memory::{read_slice, resize, write_clipped, write_slice};
-use super::Storage;
+use super::{Storage, SECTOR_SIZE};
 use crate::error::{invalid_input, Result};
 use crate::rng::SplitMix64;
 
-/// The unit a [`CrashMode::Torn`] crash tears writes into: bytes within one aligned sector
-/// land together or not at all.
-pub const SECTOR_SIZE: u64 = 512;
 
 /// One logged mutating call of a [`CrashStorage`].
 #[derive(Debug, Clone, PartialEq, Eq)]

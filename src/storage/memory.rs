@@ -126,6 +126,7 @@ pub(super) fn resize(data: &mut Vec<u8>, new_len: u64) -> Result<()> {
 ///
 /// Crash replay uses this: a write that landed after a length change that did not is cut
 /// at the end of the image, so a crash image's length is always one its `set_len`s chose.
+#[cfg(any(test, feature = "testing"))]
 pub(super) fn write_clipped(image: &mut [u8], offset: u64, data: &[u8]) {
     let Ok(start) = usize::try_from(offset) else {
         return;

@@ -58,7 +58,9 @@
 //!   guarantees that the storage was not touched.** Any other error from a mutating method
 //!   leaves the storage in an unknown state; [`LatchingStorage`] relies on this distinction.
 
+#[cfg(any(test, feature = "testing"))]
 mod crash;
+#[cfg(any(test, feature = "testing"))]
 mod fault;
 mod file;
 mod latch;
@@ -74,13 +76,21 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::error::{invalid_input, Error, Result};
 
-pub use crash::{CrashImages, CrashMode, CrashStorage, Op, SECTOR_SIZE};
+#[cfg(any(test, feature = "testing"))]
+pub use crash::{CrashImages, CrashMode, CrashStorage, Op};
+#[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultPlan, FaultStorage, Landed, Trigger};
 pub use file::FileStorage;
 pub use latch::LatchingStorage;
 pub use lock::Locking;
 pub use memory::MemStorage;
 pub use mode::OpenMode;
+
+/// The crash model's unit of atomicity: the bytes of one aligned 512-byte sector reach the
+/// medium together or not at all (a torn write tears between sectors, never inside one).
+/// The in-place flags write and the header commit rely on it (`docs/CRASH-CONSISTENCY.md`);
+/// `CrashStorage`'s torn crashes tear at it.
+pub const SECTOR_SIZE: u64 = 512;
 
 /// The largest length, and the largest end of a range, that any backend accepts.
 ///
