@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing, then runs every check the project keeps:
-# formatting, clippy, all tests (unit, integration, doc, benches in test mode), the loom
-# models, and the docs. Exits non-zero on the first failure.
+# formatting, clippy, all tests (unit, integration, doc, benches in test mode), the library
+# without default features, the examples, the loom models, and the docs. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,16 @@ echo "==> cargo test --all-targets"
 cargo test --all-targets
 echo "==> cargo test --doc"
 cargo test --doc
+echo "==> the library alone: no default features, none of the CLI's crates"
+cargo clippy --lib --no-default-features -- -D warnings
+if cargo tree -e normal --no-default-features --prefix none | grep -E '^(clap|serde_json|tempfile|rand) '; then
+    echo "scripts/test.sh: the library without default features depends on a CLI crate" >&2
+    exit 1
+fi
+echo "==> examples"
+for example in examples/*.rs; do
+    cargo run --quiet --example "$(basename "$example" .rs)"
+done
 echo "==> loom models (tests/loom.rs)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
 echo "==> cargo doc"
