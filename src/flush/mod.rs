@@ -26,7 +26,9 @@
 //!    sector-aligned offset, except a shorter last region) and fresh clusters whole (every
 //!    region of the cluster, changed or not: the old entry said 0 or all ones, and the
 //!    in-memory bitmap holds every bit of it), sorted by offset and coalesced;
-//! 3. then the table entries that point at the fresh clusters, in place;
+//! 3. then the table entries that point at the fresh clusters, in place, and 0 for every
+//!    all-ones entry whose cluster no longer holds a set bit (it had no data cluster, so
+//!    nothing is freed);
 //! 4. then (when the caller asks for `sync`, as a flush of its own does) one barrier.
 //!
 //! No durable table entry can point at a cluster whose durable refcount is 0, since the

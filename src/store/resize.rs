@@ -19,8 +19,12 @@
 //!
 //! QEMU writes the new size into the header first and stores the bitmaps at close, with
 //! `in_use` protecting them in between. We commit the new size, the L1 table and the new
-//! directory in one header write instead, so a crash leaves either the old image or the new
-//! one, both clean (write order and crash table in `docs/CRASH-CONSISTENCY.md`).
+//! directory in one header write instead. When the bitmaps extension lies in the first
+//! sector of cluster 0 (clusters up to 4 KiB), a crash leaves the old image or the new one,
+//! both consistent. When it lies past the first sector, autoclear bit 0 is cleared durably
+//! around the commit, so a crash in between leaves every bitmap inconsistent (all dirty),
+//! never a torn mix that loads as clean (write order and crash table in
+//! `docs/CRASH-CONSISTENCY.md`, "`resize`").
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
@@ -44,7 +48,10 @@ impl<S: Storage> BitmapStore<S> {
     /// L1 table into fresh clusters when the new size needs one; a fresh directory;
     /// refcounts flushed; one header write with the new size, L1 table and directory (the
     /// commit point); then the old directory, tables, data and L1 table freed. A crash
-    /// leaves the old image or the new one, at worst with leaked clusters.
+    /// leaves the old image or the new one, at worst with leaked clusters; when the bitmaps
+    /// extension lies past the first sector of cluster 0, autoclear bit 0 is cleared
+    /// durably around the commit, and a crash in that window leaves every bitmap
+    /// inconsistent instead (never falsely clean).
     ///
     /// The store must be inactive and hold no in-memory bitmaps from an incremental
     /// [`inactivate`](Self::inactivate): a [`Tracker`](crate::Tracker) may still mark those
