@@ -38,13 +38,24 @@
 //! ```
 //!
 //! # Layers
+//! Bottom first; a module uses only the floors below it (`docs/DESIGN.md`, "Module map",
+//! kept by `tests/layers.rs`).
+//! - [`format`](mod@format): pure codecs for qcow2 structures, with their own errors. No
+//!   I/O, and no panic on any input. [`units`]: bytes, milliseconds, bandwidths and the one
+//!   budget rule. [`rng`]: the seeded generator.
+//! - [`error`]: the crate's [`Error`].
 //! - [`bitmap`]: the in-memory bitmap: leaf words, summary levels for fast search, and the
-//!   change map that tells a flusher what to write.
-//! - [`format`](mod@format): pure codecs for qcow2 structures. No I/O, and no panic on any input.
-//! - [`flush`]: the incremental flush engine below the store, the pending estimate and the
-//!   stop loop; [`tracker`]: the lock-free write path over all bitmaps.
+//!   change map that tells a flusher what to write. [`storage`]: positional I/O, files with
+//!   QEMU's locks, memory.
+//! - [`image`]: the qcow2 container: header, refcounts, allocation, `qemu-img check`'s walk.
+//! - [`flush`]: the incremental flush engine, the pending queries and the stop loop.
+//! - [`tracker`]: the lock-free write path over all bitmaps of a disk.
 //! - [`store`]: [`BitmapStore`], the bitmaps of one image: open, activate, inactivate,
 //!   edit; [`SharedStore`] and the background [`FlushPolicy`] that drives it.
+//! - [`migration`]: the page-level live-migration loop.
+//!
+//! Features: `cli` (default) builds `dbm`; `testing` adds the fault- and crash-injecting
+//! storages, the migration simulation and harnesses, and the fuzz entry points.
 //!
 //! # Durability
 //! A [`DirtyBitmap`] lives in memory. Marks are durable only once a flusher has taken the
