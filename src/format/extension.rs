@@ -1,5 +1,5 @@
 //! Header extensions: the known types, and byte-for-byte preservation of unknown ones. The
-//! framing is in [`frame`](super::frame), the feature name table in [`feature`](super::feature).
+//! framing is in `frame.rs`, the feature name table in [`feature`](super::feature).
 //!
 //! Byte tables: `docs/FORMAT.md`, "Header extensions", "Feature name table" and
 //! "Bitmaps extension". Decoding follows QEMU's `qcow2_read_extensions`; encoding follows

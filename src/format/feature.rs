@@ -2,7 +2,7 @@
 //!
 //! Both the header decoder (which names unknown incompatible bits in its error, as QEMU's
 //! `report_unsupported_feature` does) and the extension codec (which reads and writes the
-//! table) use this module; it uses only the extension framing in [`frame`](super::frame).
+//! table) use this module; it uses only the extension framing in `frame.rs`.
 
 use super::bytes::{be_u8, slice};
 use super::corruption::{invalid_input, Corruption, InvalidValue};

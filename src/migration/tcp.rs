@@ -3,7 +3,7 @@
 //! - [`TcpDestination`]: a listener on an ephemeral port and a thread running
 //!   [`Destination`] for each connection. An attempt that fails before the destination
 //!   guest runs leaves its RAM behind ([`RetainedRam`]) for the next connection, so a
-//!   retry from the source ([`SetupMode::Incremental`]) sends only what it re-dirtied.
+//!   retry from the source ([`SetupMode::Incremental`](super::ram::SetupMode::Incremental)) sends only what it re-dirtied.
 //! - [`migrate_to`]: the source side of one attempt: connects, wraps the socket in a
 //!   rate-limited [`FrameWriter`], runs a thread that turns the destination's frames into
 //!   [`DestMessage`]s (the loop's [`Inbound`]), and calls [`precopy::run`] with
