@@ -62,8 +62,8 @@ pub enum Error {
         name: BitmapName,
     },
     /// An invariant of this crate did not hold: never expected, a bug to report (debug builds
-    /// panic where it is detected). The operation was refused, as for an I/O error: a store
-    /// or image that returns it refuses further writes until it is reopened.
+    /// panic where it is detected; release builds return this rather than panic). Treat the
+    /// store as after an I/O error: drop it and reopen the image.
     #[error("internal error (a bug in dirty-bitmap, please report it): {0}")]
     Internal(String),
     /// An earlier I/O error left the store in an unknown state; it refuses all further
