@@ -7,11 +7,18 @@
 //!
 //! An inconsistent bitmap is a *state*, not an error: it loads as inconsistent and the caller
 //! treats every bit as dirty.
+//!
+//! The variants split by what the caller can do about them: a bad value it passed
+//! ([`Error::InvalidInput`]), a call the store's state does not allow yet or any more
+//! ([`Error::WrongState`], typed by [`StateProblem`]), a name that is missing or taken
+//! ([`Error::NotFound`], [`Error::Exists`]), a limit of the format, the crate or the machine
+//! ([`Error::Unsupported`]), and a broken invariant of the crate itself ([`Error::Internal`],
+//! never expected: a bug to report).
 
 use std::io;
 use std::path::PathBuf;
 
-use crate::format::InvalidValue;
+use crate::format::{BitmapName, InvalidValue};
 pub use crate::format::{Corruption, EntryProblem, RefcountEntryProblem, TableEntryProblem};
 
 /// Everything that can go wrong in this crate.
@@ -24,15 +31,41 @@ pub enum Error {
     /// On-disk bytes violate the format or one of QEMU's limits.
     #[error("corrupt image: {0}")]
     Corrupt(#[from] Corruption),
-    /// The image uses a feature this crate does not implement.
+    /// The image uses a feature this crate does not implement, or needs more than one of
+    /// its limits (or the machine's) allows: an image too large to check or to address, a
+    /// reftable above 8 MiB, bitmaps that would not fit the memory limit of
+    /// [`activate`](crate::BitmapStore::activate), an allocation that failed. The message
+    /// names the feature or the limit.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// A caller passed a value outside the documented range; the message names it.
+    /// A caller passed a value outside the documented range, or options that conflict (for
+    /// example force-share on a writable open); the message names it. Nothing was changed:
+    /// from a [`Storage`](crate::storage::Storage)'s `write_all_at` or `set_len` it
+    /// guarantees the storage was not touched.
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// A named object (for example a bitmap) does not exist.
-    #[error("not found: {0}")]
-    NotFound(String),
+    /// The call is valid, but not in the state the store or image is in; the payload says
+    /// which state, and so what to do first (activate, inactivate, reopen). Nothing was
+    /// changed.
+    #[error("wrong state: {0}")]
+    WrongState(StateProblem),
+    /// No bitmap of that name.
+    #[error("bitmap {name:?} not found")]
+    NotFound {
+        /// The name asked for, byte for byte.
+        name: BitmapName,
+    },
+    /// A bitmap of that name already exists.
+    #[error("bitmap {name:?} already exists")]
+    Exists {
+        /// The name asked for, byte for byte.
+        name: BitmapName,
+    },
+    /// An invariant of this crate did not hold: never expected, a bug to report (debug builds
+    /// panic where it is detected; release builds return this rather than panic). Treat the
+    /// store as after an I/O error: drop it and reopen the image.
+    #[error("internal error (a bug in dirty-bitmap, please report it): {0}")]
+    Internal(String),
     /// An earlier I/O error left the store in an unknown state; it refuses all further
     /// writes until it is reopened.
     #[error("storage refused the operation after an earlier I/O error; reopen it")]
@@ -89,6 +122,34 @@ pub enum Error {
     },
 }
 
+/// The state an operation needs and the store, image or migration destination is not in:
+/// the payload of [`Error::WrongState`] and
+/// [`MigrationError::WrongState`](crate::migration::MigrationError::WrongState).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateProblem {
+    /// The store is inactive and the call needs the in-memory bitmaps.
+    #[error("the store is not active; call activate() first")]
+    NotActive,
+    /// The store is active and the call needs it inactive.
+    #[error("the store is active; inactivate it first")]
+    Active,
+    /// Another program wrote the image while the store was inactive: its cached refcounts
+    /// and tables are stale.
+    #[error("the image changed while inactive; reopen it")]
+    ChangedWhileInactive,
+    /// An incremental inactivate kept bitmaps in memory for a later activate, and a
+    /// [`Tracker`](crate::Tracker) may still mark them.
+    #[error("bitmaps kept for activate() are in memory; reopen the image")]
+    ParkedBitmaps,
+    /// Creating an image needs empty storage.
+    #[error("the storage is not empty; an image is created only on empty storage")]
+    StorageNotEmpty,
+    /// The migration destination's guest is not running yet.
+    #[error("the guest does not run on this destination yet")]
+    GuestNotRunning,
+}
+
 impl From<InvalidValue> for Error {
     fn from(value: InvalidValue) -> Self {
         Error::InvalidInput(value.0)
@@ -105,3 +166,16 @@ macro_rules! invalid_input {
     };
 }
 pub(crate) use invalid_input;
+
+/// Builds an [`Error::Internal`] from format arguments, for an invariant that failed. Debug
+/// builds panic here (the `debug_assert!` of the invariant); release builds return the
+/// error.
+macro_rules! internal {
+    ($($arg:tt)*) => {{
+        if cfg!(debug_assertions) {
+            panic!("internal error: {}", format!($($arg)*));
+        }
+        $crate::error::Error::Internal(format!($($arg)*))
+    }};
+}
+pub(crate) use internal;

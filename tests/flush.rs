@@ -495,6 +495,15 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
     // clusters and freed ours. Resuming the parked bitmaps would write into freed clusters.
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", p(&img)]);
     let err = s.activate().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dirty_bitmap::Error::WrongState(
+                dirty_bitmap::error::StateProblem::ChangedWhileInactive
+            )
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("changed while inactive"), "{err}");
     drop(s);
     assert_qemu_clean(&img);

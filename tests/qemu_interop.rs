@@ -567,7 +567,13 @@ fn resize_refusals_write_nothing() {
     s.activate().unwrap();
     let active = std::fs::read(&img).unwrap();
     let e = s.resize(16 * MIB).unwrap_err();
-    assert!(matches!(e, dirty_bitmap::Error::InvalidInput(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            dirty_bitmap::Error::WrongState(dirty_bitmap::error::StateProblem::Active)
+        ),
+        "{e}"
+    );
     assert!(
         std::fs::read(&img).unwrap() == active,
         "active resize wrote"
@@ -575,7 +581,13 @@ fn resize_refusals_write_nothing() {
     s.inactivate().unwrap();
     let parked = std::fs::read(&img).unwrap();
     let e = s.resize(16 * MIB).unwrap_err();
-    assert!(matches!(e, dirty_bitmap::Error::InvalidInput(_)), "{e}");
+    assert!(
+        matches!(
+            e,
+            dirty_bitmap::Error::WrongState(dirty_bitmap::error::StateProblem::ParkedBitmaps)
+        ),
+        "{e}"
+    );
     assert!(
         std::fs::read(&img).unwrap() == parked,
         "parked resize wrote"

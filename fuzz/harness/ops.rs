@@ -270,7 +270,9 @@ struct Model {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
     InvalidInput,
+    WrongState,
     NotFound,
+    Exists,
     Inconsistent,
 }
 
@@ -279,7 +281,9 @@ impl Want {
         matches!(
             (self, e),
             (Want::InvalidInput, Error::InvalidInput(_))
-                | (Want::NotFound, Error::NotFound(_))
+                | (Want::WrongState, Error::WrongState(_))
+                | (Want::NotFound, Error::NotFound { .. })
+                | (Want::Exists, Error::Exists { .. })
                 | (Want::Inconsistent, Error::Inconsistent { .. })
         )
     }
@@ -484,7 +488,9 @@ impl<'a> Crash<'a> {
                 enabled,
             } => {
                 let n = Self::name(name);
-                let want = if self.model.find(n).is_some() || size == 0 {
+                let want = if self.model.find(n).is_some() {
+                    Err(Want::Exists)
+                } else if size == 0 {
                     Err(Want::InvalidInput)
                 } else {
                     Ok(())
@@ -538,7 +544,7 @@ impl<'a> Crash<'a> {
                     // Parked: a Tracker or handle from the last activation still marks it.
                     h
                 } else {
-                    let want = Err(usable.err().unwrap_or(Want::InvalidInput));
+                    let want = Err(usable.err().unwrap_or(Want::WrongState));
                     let got = self.store().bitmap(n);
                     self.expect(ctx, want, got);
                     return;
@@ -554,7 +560,7 @@ impl<'a> Crash<'a> {
                 let want = if active {
                     Ok(())
                 } else {
-                    Err(Want::InvalidInput)
+                    Err(Want::WrongState)
                 };
                 let got = self.store().flush();
                 self.expect(ctx, want, got);
@@ -607,7 +613,9 @@ impl<'a> Crash<'a> {
             Op::Resize { sectors, odd } => {
                 let new = sectors * 512 + u64::from(odd);
                 let m = &self.model;
-                let want = if active || m.parked() || odd {
+                let want = if active || m.parked() {
+                    Err(Want::WrongState)
+                } else if odd {
                     Err(Want::InvalidInput)
                 } else if m.bms.iter().any(|b| !b.consistent) {
                     Err(Want::Inconsistent)
@@ -688,7 +696,7 @@ impl<'a> Crash<'a> {
                     let want = if active {
                         Ok(())
                     } else {
-                        Err(Want::InvalidInput)
+                        Err(Want::WrongState)
                     };
                     let got = self.store().tracker();
                     self.tracker = self.expect(ctx, want, got);

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
-use crate::error::{invalid_input, Result};
+use crate::error::{internal, Error, Result};
 use crate::format::table::TABLE_ENTRY_LEN;
 use crate::format::TableEntry;
 use crate::image::Image;
@@ -140,11 +140,13 @@ impl Layout {
         let region_size = t.bitmap.region_size();
         // Both are powers of two, so a region no larger than a cluster divides it, and
         // every region starts at a multiple of its size (≥ 512) inside its cluster: every
-        // in-place write is sector-aligned.
+        // in-place write is sector-aligned. The store's bitmaps always fit (see
+        // `BitmapStore::region_size`); a unit test checks the refusal, so it does not panic
+        // in debug builds.
         if region_size > cluster_size || !cluster_size.is_multiple_of(region_size) {
-            return Err(invalid_input!(
+            return Err(Error::Internal(format!(
                 "change-map regions of {region_size} bytes do not divide {cluster_size}-byte clusters"
-            ));
+            )));
         }
         Ok(Self {
             cluster_size,
@@ -176,7 +178,7 @@ fn entry_of(t: &Target, c: u64) -> Result<TableEntry> {
         .ok()
         .and_then(|i| t.table.get(i))
         .copied()
-        .ok_or_else(|| invalid_input!("cluster {c} past a table of {} entries", t.table.len()))
+        .ok_or_else(|| internal!("cluster {c} past a table of {} entries", t.table.len()))
 }
 
 /// Serializes regions `regions` of `bm` back to back into `out`, which must be exactly
@@ -191,7 +193,7 @@ fn serialize_regions(
         let len = bm.region_len(r) as usize;
         let dst = out
             .get_mut(at..at.saturating_add(len))
-            .ok_or_else(|| invalid_input!("region {r} does not fit its buffer"))?;
+            .ok_or_else(|| internal!("region {r} does not fit its buffer"))?;
         bm.serialize_region(r, dst)?;
         at = at.saturating_add(len);
     }
@@ -420,7 +422,7 @@ fn write_taken<S: Storage>(
             let valid: u64 = it.regions.clone().map(|r| bm.region_len(r)).sum();
             let dst = buf
                 .get_mut(at..at.saturating_add(valid as usize))
-                .ok_or_else(|| invalid_input!("regions {:?} do not fit their write", it.regions))?;
+                .ok_or_else(|| internal!("regions {:?} do not fit their write", it.regions))?;
             serialize_regions(bm, it.regions.clone(), dst)?;
         }
         image.write_at(&buf, start)?;
@@ -645,6 +647,6 @@ mod tests {
             table_offset: 0,
             table: vec![TableEntry::Zeroes; 2],
         };
-        assert!(Layout::of(&big, cs).is_err());
+        assert!(matches!(Layout::of(&big, cs), Err(Error::Internal(_))));
     }
 }

@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::error::{internal, Corruption, Error, Result};
 use crate::format::refcount::{
     decode_reftable, encode_reftable, entries_per_block, get_refcount, set_refcount,
     REFTABLE_ENTRY_LEN,
@@ -232,7 +232,7 @@ impl Refcounts {
             }
             c = c
                 .checked_add(1)
-                .ok_or_else(|| invalid_input!("the image has no free clusters left"))?;
+                .ok_or_else(|| Error::Unsupported("the image has no free clusters left".into()))?;
         }
         Ok(start)
     }
@@ -255,8 +255,9 @@ impl Refcounts {
     /// and grows the file to cover them. Returns the byte offset of the first.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for `n == 0`, [`Error::Unsupported`] if the reftable would
-    /// exceed 8 MiB, corruption found in refcount blocks, or an I/O error.
+    /// [`Error::Internal`] for `n == 0` (no caller asks for it), [`Error::Unsupported`] if the
+    /// reftable would exceed 8 MiB or the image the 64-bit offsets, corruption found in
+    /// refcount blocks, or an I/O error.
     ///
     /// `header` is the image's in-memory header: when the reftable has to grow, the move is
     /// committed by rewriting its two reftable fields on disk, and `header` is updated in
@@ -268,7 +269,7 @@ impl Refcounts {
         n: u64,
     ) -> Result<u64> {
         if n == 0 {
-            return Err(invalid_input!("cannot allocate 0 clusters"));
+            return Err(internal!("cannot allocate 0 clusters"));
         }
         let mut k = 0u64;
         loop {
@@ -300,7 +301,7 @@ impl Refcounts {
             self.hint = end;
             storage.grow_to(
                 end.checked_mul(cs)
-                    .ok_or_else(|| invalid_input!("image too large"))?,
+                    .ok_or_else(|| Error::Unsupported("image too large".into()))?,
             )?;
             return Ok(s.saturating_add(m) << self.cluster_bits);
         }
@@ -395,7 +396,7 @@ impl Refcounts {
                 let at = index
                     .checked_mul(REFTABLE_ENTRY_LEN as u64)
                     .and_then(|o| o.checked_add(self.reftable_offset))
-                    .ok_or_else(|| invalid_input!("reftable index {index} out of range"))?;
+                    .ok_or_else(|| internal!("reftable index {index} out of range"))?;
                 storage.write_u64_be_at(at, entry)?;
             }
         }
@@ -467,14 +468,14 @@ impl Refcounts {
         //    from the in-memory header it updates (the header's one owner is `Image`, which
         //    handed it in), so a live handle's header is the disk's.
         let clusters32 = u32::try_from(table_clusters)
-            .map_err(|_| invalid_input!("refcount table of {table_clusters} clusters"))?;
+            .map_err(|_| internal!("refcount table of {table_clusters} clusters"))?;
         let mut updated = header.clone();
         updated.refcount_table_offset = new_offset;
         updated.refcount_table_clusters = clusters32;
         let encoded = updated.encode()?;
         let fields = encoded
             .get(HEADER_REFTABLE_FIELDS as usize..HEADER_REFTABLE_FIELDS as usize + 12)
-            .ok_or_else(|| invalid_input!("header too short for the reftable fields"))?;
+            .ok_or_else(|| internal!("header too short for the reftable fields"))?;
         storage.write_all_at(fields, HEADER_REFTABLE_FIELDS)?;
         storage.sync_data()?;
         self.syncs = self.syncs.saturating_add(1);

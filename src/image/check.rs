@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use byteorder::{BigEndian, ByteOrder};
 
 use super::alloc::read_metadata;
-use crate::error::{invalid_input, Corruption, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::format::header::{INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
 use crate::format::refcount::{decode_reftable_entry, entries_per_block, get_refcount};
 use crate::format::{decode_directory, DirEntry, HeaderArea, TableEntry};
@@ -44,12 +44,13 @@ struct RefCounts {
 
 impl RefCounts {
     fn new(len: u64) -> Result<Self> {
-        let n = usize::try_from(len.div_ceil(PAGE_CLUSTERS as u64))
-            .map_err(|_| invalid_input!("image of {len} clusters is too large to check"))?;
+        let n = usize::try_from(len.div_ceil(PAGE_CLUSTERS as u64)).map_err(|_| {
+            Error::Unsupported(format!("image of {len} clusters is too large to check"))
+        })?;
         let mut pages = Vec::new();
-        pages
-            .try_reserve_exact(n)
-            .map_err(|_| invalid_input!("cannot allocate counters for {len} clusters"))?;
+        pages.try_reserve_exact(n).map_err(|_| {
+            Error::Unsupported(format!("cannot allocate counters for {len} clusters"))
+        })?;
         pages.resize_with(n, || None);
         Ok(RefCounts { len, pages })
     }
@@ -377,7 +378,8 @@ fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
 /// Checks an image's refcounts against its metadata. See the module docs.
 ///
 /// # Errors
-/// [`crate::Error::InvalidInput`] when the file has more than 2^31 clusters; I/O errors.
+/// [`crate::Error::Unsupported`] when the file has more than 2^31 clusters or the counters
+/// cannot be allocated; I/O errors.
 /// Broken structures are reported as corruptions, not errors.
 pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
     Ok(check_references(storage, area)?.0)
@@ -423,9 +425,9 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     let file_len = storage.len()?;
     let nb_clusters = file_len.div_ceil(cs);
     if nb_clusters > MAX_CHECK_CLUSTERS {
-        return Err(invalid_input!(
+        return Err(Error::Unsupported(format!(
             "image of {nb_clusters} clusters is too large to check"
-        ));
+        )));
     }
     let refs = RefCounts::new(nb_clusters)?;
     let mut ctr = Counter {

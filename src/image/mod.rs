@@ -21,7 +21,7 @@
 mod alloc;
 pub mod check;
 
-use crate::error::{invalid_input, Error, Result};
+use crate::error::{internal, invalid_input, Error, Result, StateProblem};
 use crate::format::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
@@ -109,8 +109,11 @@ impl<S: Storage> Image<S> {
     /// and a barrier. Until the header is written the file is not a qcow2 image at all.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the storage is not empty or `cluster_size` is not a power
-    /// of two in 512..=2 MiB; [`Error::Io`] from the storage.
+    /// [`Error::WrongState`] ([`StateProblem::StorageNotEmpty`]) if the storage is not
+    /// empty; [`Error::InvalidInput`] if `cluster_size` is not a power of two in 512..=2 MiB
+    /// or the disk needs an L1 table above 32 MiB; [`Error::Io`] from the storage.
+    ///
+    /// [`StateProblem::StorageNotEmpty`]: crate::error::StateProblem::StorageNotEmpty
     pub fn create_bitmap_only(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
         let cluster_bits = cluster_size.trailing_zeros();
         if !cluster_size.is_power_of_two()
@@ -121,7 +124,7 @@ impl<S: Storage> Image<S> {
             ));
         }
         if !storage.is_empty()? {
-            return Err(invalid_input!("create_bitmap_only needs empty storage"));
+            return Err(Error::WrongState(StateProblem::StorageNotEmpty));
         }
         // One L1 entry maps cs/8 L2 entries of cs bytes each.
         let per_l1 = (cluster_size / 8).saturating_mul(cluster_size);
@@ -215,7 +218,7 @@ impl<S: Storage> Image<S> {
     /// on-disk refcounts, as `qemu-img check` does. Reads only.
     ///
     /// # Errors
-    /// [`Error::Io`] from the storage, or [`Error::InvalidInput`] if the image is too large
+    /// [`Error::Io`] from the storage, or [`Error::Unsupported`] if the image is too large
     /// to check in memory.
     pub fn check(&self) -> Result<CheckReport> {
         check::check(&self.storage, &self.area)
@@ -324,14 +327,14 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
-    /// longer fits in cluster 0.
+    /// longer fits in cluster 0; [`Error::Internal`] if the reftable outgrew its field.
     pub(crate) fn write_header(&mut self) -> Result<()> {
         self.guarded(|img| {
             let (offset, clusters) = img.refcounts.reftable_location();
             let h = &mut img.area.header;
             h.refcount_table_offset = offset;
             h.refcount_table_clusters = u32::try_from(clusters)
-                .map_err(|_| invalid_input!("refcount table of {clusters} clusters"))?;
+                .map_err(|_| internal!("refcount table of {clusters} clusters"))?;
             h.autoclear_features &= AUTOCLEAR_MASK;
             if img.area.bitmaps.is_none_or(|b| b.nb_bitmaps == 0) {
                 img.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;

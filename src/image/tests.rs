@@ -187,7 +187,12 @@ fn create_refuses_bad_input() {
     assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 1000).is_err());
     assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 256).is_err());
     assert!(Image::create_bitmap_only(MemStorage::new(), 1 << 20, 4 << 20).is_err());
-    assert!(Image::create_bitmap_only(MemStorage::from_bytes(vec![1]), 1 << 20, 65536).is_err());
+    assert!(matches!(
+        Image::create_bitmap_only(MemStorage::from_bytes(vec![1]), 1 << 20, 65536),
+        Err(Error::WrongState(
+            crate::error::StateProblem::StorageNotEmpty
+        ))
+    ));
 }
 
 #[test]

@@ -40,6 +40,7 @@ use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
 use super::stream::{FrameReader, FrameWriter};
+use crate::error::StateProblem;
 use crate::units::Bytes;
 
 /// How a destination behaves.
@@ -852,14 +853,13 @@ impl<R: Read, W: Write> Destination<R, W> {
     /// and applies incoming frames until it arrives.
     ///
     /// # Errors
-    /// [`MigrationError::InvalidInput`] if the guest is not running here or `page` is out of
-    /// range; the errors of [`Destination::step`], and [`ProtocolError::EndedWithoutPage`]
-    /// if the stream ends without the page.
+    /// [`MigrationError::WrongState`] ([`StateProblem::GuestNotRunning`]) if the guest is
+    /// not running here; [`MigrationError::InvalidInput`] if `page` is out of range (or the
+    /// guest has no RAM); the errors of [`Destination::step`], and
+    /// [`ProtocolError::EndedWithoutPage`] if the stream ends without the page.
     pub fn fetch_page(&mut self, page: u64) -> Result<&mut [u8]> {
         if !self.is_running() {
-            return Err(MigrationError::InvalidInput(
-                "fetch_page before the guest runs here".into(),
-            ));
+            return Err(MigrationError::WrongState(StateProblem::GuestNotRunning));
         }
         let (pages, ram_state) = match (self.core.pages(), self.core.ram_state) {
             (pages, Some(id)) if self.core.ram.is_some() => (pages, id),
@@ -889,7 +889,7 @@ impl<R: Read, W: Write> Destination<R, W> {
         }
         self.core
             .page_mut(page)
-            .ok_or_else(|| MigrationError::InvalidInput("no RAM".into()))
+            .ok_or_else(|| MigrationError::internal("a checked page is not in RAM"))
     }
 
     /// Steps until the end and hands back the running guest.

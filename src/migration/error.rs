@@ -4,6 +4,7 @@
 use std::io;
 
 use super::frame::{EncodeError, FrameError, FrameKind, StateId};
+use crate::error::StateProblem;
 
 /// Everything that can end a migration attempt. After any of them but
 /// [`MigrationError::OutcomeUnknown`] (and errors after a postcopy switch) the source
@@ -44,12 +45,33 @@ pub enum MigrationError {
     /// [`resume_source`]: super::MigrationState::resume_source
     #[error("migration outcome unknown: the destination may be running the guest ({0})")]
     OutcomeUnknown(#[source] Box<MigrationError>),
-    /// A parameter is outside its documented range; the message names it.
+    /// A parameter is outside its documented range, or options conflict (postcopy asked of
+    /// a state or loop set up without it, a Hello asking for more RAM than the destination's
+    /// limit); the message names it.
     #[error("invalid migration parameter: {0}")]
     InvalidInput(String),
+    /// The call is valid but not in the destination's current state (for example
+    /// [`StateProblem::GuestNotRunning`] from `Destination::fetch_page`).
+    #[error("wrong state: {0}")]
+    WrongState(StateProblem),
+    /// An invariant of this crate did not hold: never expected, a bug to report (debug builds
+    /// panic where it is detected).
+    #[error("internal error (a bug in dirty-bitmap, please report it): {0}")]
+    Internal(String),
     /// An error from the bitmap or store layer.
     #[error(transparent)]
     Bitmap(#[from] crate::Error),
+}
+
+impl MigrationError {
+    /// A [`MigrationError::Internal`] for an invariant that failed. Debug builds panic here
+    /// (the `debug_assert!` of the invariant); release builds return the error.
+    pub(crate) fn internal(what: &str) -> Self {
+        if cfg!(debug_assertions) {
+            panic!("internal error: {what}");
+        }
+        MigrationError::Internal(what.to_string())
+    }
 }
 
 /// A frame that does not encode is the caller's bad value.

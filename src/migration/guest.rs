@@ -89,7 +89,7 @@ impl GuestRam {
             .ok_or_else(|| MigrationError::InvalidInput(format!("guest RAM of {pages} pages")))?;
         let mut map = MmapMut::map_anon(len)?;
         let base = NonNull::new(map.as_mut_ptr().cast::<AtomicU64>())
-            .ok_or_else(|| MigrationError::InvalidInput("null mapping".into()))?;
+            .ok_or_else(|| MigrationError::internal("a mapping at address 0"))?;
         Ok(GuestRam {
             base,
             pages,

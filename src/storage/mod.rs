@@ -187,7 +187,8 @@ pub trait StorageExt: Storage {
     /// # Errors
     ///
     /// As [`Storage::read_exact_at`]; an `UnexpectedEof` [`Error::Io`] when the range ends
-    /// past the end, before any allocation.
+    /// past the end, before any allocation; [`Error::Unsupported`] when `len` does not fit
+    /// a `usize`.
     fn read_vec_at(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let end = checked_end(offset, len)?;
         let size = self.len()?;
@@ -195,7 +196,7 @@ pub trait StorageExt: Storage {
             return Err(read_past_end(offset, len, size));
         }
         let n = usize::try_from(len)
-            .map_err(|_| invalid_input!("read of {len} bytes does not fit in memory"))?;
+            .map_err(|_| Error::Unsupported(format!("read of {len} bytes does not fit in memory")))?;
         let mut buf = Vec::new();
         buf.try_reserve_exact(n)
             .map_err(|e| Error::Io(io::Error::new(io::ErrorKind::OutOfMemory, e)))?;

@@ -189,8 +189,8 @@ impl FlushThread {
     /// already started finishes first).
     ///
     /// # Errors
-    /// The flush error that stopped the thread early, if any; [`Error::InvalidInput`] if
-    /// the thread panicked.
+    /// The flush error that stopped the thread early, if any; [`Error::Internal`] if the
+    /// thread panicked (a bug here, or in the store's [`Storage`]).
     pub fn stop(mut self) -> Result<PolicyStats> {
         self.shutdown()?;
         if let Some(e) = self.shared.error.lock().take() {
@@ -209,7 +209,7 @@ impl FlushThread {
         self.shared.wake.notify_all();
         if let Some(h) = self.handle.take() {
             h.join()
-                .map_err(|_| invalid_input!("the flush thread panicked"))?;
+                .map_err(|_| Error::Internal("the flush thread panicked".into()))?;
         }
         Ok(())
     }

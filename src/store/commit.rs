@@ -14,7 +14,7 @@
 
 use super::{ceil_clusters, BitmapStore, Slot};
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Corruption, Result};
+use crate::error::{internal, Corruption, Result};
 use crate::flush::FlushStats;
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{encode_directory, encode_table, BitmapsExtension, DirEntry, TableEntry};
@@ -37,7 +37,7 @@ impl<S: Storage> BitmapStore<S> {
         let walk = self
             .walk
             .take()
-            .ok_or_else(|| invalid_input!("a commit without a preflight"))?;
+            .ok_or_else(|| internal!("a commit without a preflight"))?;
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         let r = (|| {
@@ -296,11 +296,11 @@ impl<S: Storage> BitmapStore<S> {
     fn write_directory_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
         let (dir_off, dir_size) = self
             .dir
-            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+            .ok_or_else(|| internal!("consistent bitmaps without a directory"))?;
         let geo = self.geometry()?;
         let bytes = encode_directory(&entries, &geo)?;
         if bytes.len() as u64 != dir_size {
-            return Err(invalid_input!("in-place directory changed size"));
+            return Err(internal!("in-place directory changed size"));
         }
         self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         self.image.write_header()?;
@@ -330,7 +330,7 @@ impl<S: Storage> BitmapStore<S> {
     pub(super) fn write_flags_in_place(&mut self, entries: Vec<DirEntry>) -> Result<()> {
         let (dir_off, _) = self
             .dir
-            .ok_or_else(|| invalid_input!("consistent bitmaps without a directory"))?;
+            .ok_or_else(|| internal!("consistent bitmaps without a directory"))?;
         let geo = self.geometry()?;
         let old_entries = self.current_entries();
         let old = encode_directory(&old_entries, &geo)?;

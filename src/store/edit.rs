@@ -21,9 +21,10 @@ impl<S: Storage> BitmapStore<S> {
     /// memory and written with `in_use` set.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes, holds a
-    /// NUL or is taken, a bad granularity, a bitmap above 512 MiB, the 65535-bitmap or the
-    /// directory size limit; [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
+    /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes or holds a
+    /// NUL, a bad granularity, a 0-byte disk, a bitmap above 512 MiB, the 65535-bitmap or
+    /// the directory size limit; [`Error::Exists`] for a name that is taken;
+    /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
@@ -49,7 +50,7 @@ impl<S: Storage> BitmapStore<S> {
         let gbits = gbits as u8;
         let live: Vec<DirEntry> = self.current_entries();
         if live.iter().any(|e| e.name == name) {
-            return Err(invalid_input!("bitmap {name:?} already exists"));
+            return Err(Error::Exists { name: name.into() });
         }
         if live.len() as u64 >= u64::from(MAX_BITMAPS) {
             return Err(invalid_input!("the image already holds 65535 bitmaps"));

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::{BitmapStore, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Error, Result};
+use crate::error::{Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::encode_directory;
 use crate::image::{read_metadata, Image};
@@ -38,8 +38,9 @@ impl<S: Storage> BitmapStore<S> {
     /// reopened.
     ///
     /// # Errors
-    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::InvalidInput`] if the image
-    /// changed while inactive; load errors as [`load`](Self::load); I/O.
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::WrongState`]
+    /// ([`StateProblem::ChangedWhileInactive`]) if the image changed while inactive; load
+    /// errors as [`load`](Self::load); I/O.
     pub fn activate(&mut self) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
@@ -103,7 +104,7 @@ impl<S: Storage> BitmapStore<S> {
     /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0 and
     /// the directory must still be byte for byte what this handle last wrote.
     fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
-        let changed = || invalid_input!("the image changed while inactive; reopen it");
+        let changed = || Error::WrongState(StateProblem::ChangedWhileInactive);
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
         self.image.storage().read_exact_at(&mut disk, 0)?;

@@ -35,7 +35,7 @@ impl<S: Storage> BitmapStore<S> {
     /// the next flush. The write order and its crash reasoning are in [`crate::flush`].
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) if the store is not active, [`Error::Poisoned`](crate::Error::Poisoned), a bad table,
+    /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active, [`Error::Poisoned`](crate::Error::Poisoned), a bad table,
     /// I/O. On an error every taken region is handed back to its bitmap and the store
     /// refuses further writes until it is reopened; the disk still says `in_use`.
     pub fn flush(&mut self) -> Result<FlushStats> {
@@ -63,7 +63,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`activate`](Self::activate), which resume the same bitmaps.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) if the store is not active.
+    /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active.
     pub fn tracker(&self) -> Result<Tracker> {
         self.ensure_active()?;
         Ok(Tracker::following(&self.tracked))

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Corruption, Error, Result};
+use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
     decode_directory, decode_table, BitmapName, BitmapsExtension, DirEntry, ImageGeometry,
     TableEntry,
@@ -364,7 +364,9 @@ impl<S: Storage> BitmapStore<S> {
         self.slots
             .iter()
             .position(|s| s.entry.name.as_bytes() == name)
-            .ok_or_else(|| Error::NotFound(format!("bitmap {:?}", BitmapName::from(name))))
+            .ok_or_else(|| Error::NotFound {
+                name: BitmapName::from(name),
+            })
     }
 
     fn find_consistent(&self, name: impl AsRef<[u8]>) -> Result<usize> {
@@ -390,14 +392,14 @@ impl<S: Storage> BitmapStore<S> {
     /// The in-memory bitmap of an activated store, shared with whoever marks it.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::InvalidInput`] if the store
-    /// is not active.
+    /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::WrongState`]
+    /// ([`StateProblem::NotActive`]) if the store is not active.
     pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
         let i = self.find_consistent(name)?;
         self.slots[i]
             .mem
             .clone()
-            .ok_or_else(|| invalid_input!("the store is not active; call activate() first"))
+            .ok_or(Error::WrongState(StateProblem::NotActive))
     }
 
     /// A copy of the bitmap: from memory when active or when an incremental
@@ -438,7 +440,7 @@ impl<S: Storage> BitmapStore<S> {
         let table = self.read_table(entry)?;
         let clusters = bm.serialized_len().div_ceil(cs);
         if table.len() as u64 != clusters {
-            return Err(invalid_input!(
+            return Err(internal!(
                 "bitmap {:?}: table of {} entries for {} clusters of data",
                 entry.name,
                 table.len(),
@@ -502,9 +504,7 @@ impl<S: Storage> BitmapStore<S> {
         if self.active {
             Ok(())
         } else {
-            Err(invalid_input!(
-                "the store is not active; call activate() first"
-            ))
+            Err(Error::WrongState(StateProblem::NotActive))
         }
     }
 }

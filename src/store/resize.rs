@@ -27,7 +27,7 @@
 //! `docs/CRASH-CONSISTENCY.md`, "`resize`").
 
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Error, Result};
+use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::flush::FlushStats;
 use crate::format::extension::{EXT_BITMAPS, EXT_END};
 use crate::format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_L1_BYTES};
@@ -59,9 +59,11 @@ impl<S: Storage> BitmapStore<S> {
     /// first. The same size writes nothing.
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`]: the store is active or keeps parked bitmaps; the size is
-    ///   not a multiple of 512, is 0 while bitmaps exist, needs an L1 table above 32 MiB, or
-    ///   makes a bitmap exceed QEMU's limits. Nothing is written.
+    /// - [`Error::WrongState`]: the store is active ([`StateProblem::Active`]) or keeps
+    ///   parked bitmaps ([`StateProblem::ParkedBitmaps`]). Nothing is written.
+    /// - [`Error::InvalidInput`]: the size is not a multiple of 512, is 0 while bitmaps
+    ///   exist, needs an L1 table above 32 MiB, or makes a bitmap exceed QEMU's limits.
+    ///   Nothing is written.
     /// - [`Error::Inconsistent`]: a bitmap is inconsistent (QEMU refuses too); remove it
     ///   first. Nothing is written.
     /// - [`Error::Unsupported`]: the image has guest data, snapshots or an external data
@@ -71,14 +73,10 @@ impl<S: Storage> BitmapStore<S> {
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
-            return Err(invalid_input!(
-                "cannot resize while the store is active; inactivate it first"
-            ));
+            return Err(Error::WrongState(StateProblem::Active));
         }
         if self.slots.iter().any(|s| s.parked.is_some()) {
-            return Err(invalid_input!(
-                "cannot resize while bitmaps kept for activate() are in memory; reopen the image"
-            ));
+            return Err(Error::WrongState(StateProblem::ParkedBitmaps));
         }
         if !new_disk_size.is_multiple_of(512) {
             return Err(invalid_input!(

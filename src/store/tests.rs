@@ -190,9 +190,12 @@ fn add_rejects_bad_input() {
     s.add("dup", 512, Recording::Enabled).unwrap();
     assert!(matches!(
         s.add("dup", 512, Recording::Enabled),
-        Err(Error::InvalidInput(_))
+        Err(Error::Exists { ref name }) if name == "dup"
     ));
-    assert!(matches!(s.remove("nope"), Err(Error::NotFound(_))));
+    assert!(matches!(
+        s.remove("nope"),
+        Err(Error::NotFound { ref name }) if name == "nope"
+    ));
     // 512 MiB cap: 2^42 bytes at 512 B granularity needs 1 GiB of bitmap.
     let mut big = new_store(1 << 42, 2 * MIB);
     assert!(matches!(
