@@ -106,7 +106,8 @@ pub mod tracker;
 pub mod units;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
-pub use error::{Corruption, Error, Result};
+pub use error::{Corruption, Error, Result, StateProblem};
+pub use format::BitmapName;
 pub use flush::{FlushStats, StopReport};
 pub use image::{CheckReport, Image};
 pub use storage::{FileStorage, MemStorage, OpenMode};
