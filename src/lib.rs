@@ -107,8 +107,8 @@ pub mod units;
 
 pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result, StateProblem};
-pub use format::BitmapName;
 pub use flush::{FlushStats, StopReport};
+pub use format::BitmapName;
 pub use image::{CheckReport, Image};
 pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
