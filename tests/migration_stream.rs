@@ -830,3 +830,127 @@ fn kept_ram_is_reused_only_for_the_same_migration_id() {
         "never received",
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// RAM sections that cost more than they carry
+// ---------------------------------------------------------------------------------------
+
+/// A destination core that has taken the Hello for `pages` pages.
+fn core_after_hello(pages: usize) -> dirty_bitmap::migration::dest::DestCore {
+    let mut core = dirty_bitmap::migration::dest::DestCore::new(DestinationConfig::default(), None);
+    core.apply(hello(pages), 0, Some(STREAM_VERSION), &mut |_| Ok(()))
+        .unwrap();
+    core
+}
+
+fn ram_section(payload: Vec<u8>) -> Frame {
+    Frame::Section {
+        state: RAM_ID,
+        payload,
+    }
+}
+
+#[test]
+fn a_page_repeated_in_one_section_is_refused_before_any_byte_lands() {
+    let mut core = core_after_hello(4);
+    let (a, b) = (vec![0xAAu8; PAGE], vec![0xBBu8; PAGE]);
+    let section = encode_pages(PAGE, &[(1, &a), (2, &b), (1, &b)]);
+    let r = core.apply(ram_section(section), 1, None, &mut |_| Ok(()));
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Protocol(ProtocolError::RepeatedPage {
+                page: 1
+            }))
+        ),
+        "{r:?}"
+    );
+    // Nothing of the section was applied.
+    assert!(core.ram().iter().all(|&x| x == 0));
+    assert_eq!(core.received_pages(), 0);
+
+    // The same for repeated zero-page entries (9 bytes of stream each).
+    let mut core = core_after_hello(4);
+    let zero = vec![0u8; PAGE];
+    let section = encode_pages(PAGE, &[(3, &zero), (3, &zero)]);
+    assert!(section.len() < 2 * PAGE, "zero pages travel as flags");
+    let r = core.apply(ram_section(section), 1, None, &mut |_| Ok(()));
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Protocol(ProtocolError::RepeatedPage {
+                page: 3
+            }))
+        ),
+        "{r:?}"
+    );
+}
+
+/// Kilobytes of anonymous memory the kernel backs in the mapping that holds `addr`
+/// (`/proc/self/smaps`, "Anonymous:"): pages written, not pages only read.
+fn anonymous_kib_of_mapping(addr: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = lo <= addr && addr < hi;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(kib) = line.strip_prefix("Anonymous:") {
+                return kib.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no mapping holds {addr:#x}");
+}
+
+#[test]
+fn zero_pages_over_untouched_memory_write_nothing_and_still_zero_a_written_page() {
+    const PAGES: usize = 2048;
+    let mut core = core_after_hello(PAGES);
+    let base = core.ram().as_ptr() as usize;
+    let before = anonymous_kib_of_mapping(base);
+    // 2048 zero-page entries, 18 KiB of stream: the destination's RAM was never written,
+    // so they must not make the kernel back 8 MiB of it.
+    let zero = vec![0u8; PAGE];
+    let batch: Vec<(u64, &[u8])> = (0..PAGES as u64).map(|p| (p, &zero[..])).collect();
+    core.apply(
+        ram_section(encode_pages(PAGE, &batch)),
+        1,
+        None,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(core.received_pages(), PAGES as u64);
+    let after = anonymous_kib_of_mapping(base);
+    assert!(
+        after <= before + 64,
+        "zero pages backed {} KiB of untouched memory",
+        after - before
+    );
+    // A zero page over a page that holds data still zeroes it.
+    let mut core = core_after_hello(4);
+    let data = vec![0x5Au8; PAGE];
+    core.apply(
+        ram_section(encode_pages(PAGE, &[(2, &data)])),
+        1,
+        None,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    core.apply(
+        ram_section(encode_pages(PAGE, &[(2, &zero)])),
+        2,
+        None,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    assert!(core.ram()[2 * PAGE..3 * PAGE].iter().all(|&x| x == 0));
+}

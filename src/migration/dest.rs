@@ -665,6 +665,11 @@ impl DestCore {
                 return Err(ProtocolError::DiscardAfterStart { page: e.page() }.into());
             }
         }
+        let mut pages: Vec<u64> = entries.iter().map(PageEntry::page).collect();
+        pages.sort_unstable();
+        if let Some(&[page, _]) = pages.windows(2).find(|w| w.first() == w.last()) {
+            return Err(ProtocolError::RepeatedPage { page }.into());
+        }
         let (mut written, mut ignored, mut discarded) = (0, 0, 0);
         for e in entries {
             match e {
@@ -674,7 +679,14 @@ impl DestCore {
                         continue;
                     }
                     let r = ram.range(page);
-                    ram.map[r].copy_from_slice(data);
+                    // A zero page over a page that is already zero (never written, or
+                    // zeroed before) writes nothing, as QEMU's `ram_handle_zero` checks
+                    // `buffer_is_zero` first: reading a never-touched page of the anonymous
+                    // mapping costs no memory, writing it would allocate one.
+                    let dst = &mut ram.map[r];
+                    if !(ram_codec::is_zero(data) && ram_codec::is_zero(dst)) {
+                        dst.copy_from_slice(data);
+                    }
                     ram.set(page, true);
                     written += 1;
                 }

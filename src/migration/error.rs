@@ -178,6 +178,14 @@ pub enum ProtocolError {
         /// The guest's pages.
         pages: u64,
     },
+    /// A RAM Section names one page twice. Refused before any byte of the section is
+    /// applied: a repeat has no meaning, and repeated zero-page entries would let 9 bytes
+    /// of stream cost a page-sized write each.
+    #[error("page {page} appears twice in one RAM section")]
+    RepeatedPage {
+        /// The page.
+        page: u64,
+    },
     /// A discard arrived once the destination's guest ran (postcopy): a page it may have
     /// written since cannot be dropped.
     #[error("discard of page {page} after the guest started")]

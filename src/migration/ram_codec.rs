@@ -50,7 +50,7 @@ pub fn check_page_size(page_size: usize) -> Result<()> {
 }
 
 /// Whether a page is all zeros. The inner fold over fixed chunks vectorises.
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     page.chunks(64)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
