@@ -846,6 +846,102 @@ fn real_threads_migrate_byte_for_byte() {
     vm.shutdown();
 }
 
+/// The destination's answers, until `Started`; after it, the return path breaks.
+struct BreaksAfterStart<'a, 'b> {
+    link: LinkIn<'a, 'b>,
+    started: bool,
+}
+
+impl dirty_bitmap::migration::Inbound for BreaksAfterStart<'_, '_> {
+    fn try_recv(
+        &mut self,
+    ) -> dirty_bitmap::migration::Result<Option<dirty_bitmap::migration::DestMessage>> {
+        if self.started {
+            return Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "return path cut after Started",
+            )));
+        }
+        self.link.try_recv()
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::DestMessage> {
+        let m = self.link.recv()?;
+        self.started |= matches!(m, dirty_bitmap::migration::DestMessage::Started);
+        Ok(m)
+    }
+}
+
+#[test]
+fn a_failure_after_a_postcopy_start_says_the_source_must_not_resume() {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 1_000,
+            pattern: Pattern::Uniform,
+            seed: 9,
+        },
+    )
+    .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        true,
+        4,
+    )
+    .unwrap();
+    let mut link = Loopback::new(DestModel::new(RAM_ID, pages, 1));
+    let mut clock = RealClock::new();
+    // Postcopy from the start: the destination starts at the switchover, with pages still
+    // to push and pull.
+    let cfg = LoopConfig {
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    };
+    let link = std::cell::RefCell::new(&mut link);
+    let mut out = LinkOut(&link);
+    let mut inb = BreaksAfterStart {
+        link: LinkIn(&link),
+        started: false,
+    };
+    let e = run(
+        &cfg,
+        Endpoints {
+            clock: &mut clock,
+            vm: &mut vm,
+            out: &mut out,
+            inbound: &mut inb,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap_err();
+    assert!(inb.started, "the destination never started: {e}");
+    // The type says the guest runs elsewhere now; the cause is inside.
+    match e {
+        MigrationError::AfterStart(cause) => {
+            assert!(matches!(*cause, MigrationError::Io(_)), "{cause}")
+        }
+        other => panic!("a failure after Started must be AfterStart, got {other}"),
+    }
+    assert!(source_stopped(&vm));
+    vm.shutdown();
+}
+
+/// The source guest is stopped: no write lands while we look.
+fn source_stopped(vm: &Workload) -> bool {
+    let before = vm.writes();
+    std::thread::sleep(Duration::from_millis(20));
+    vm.writes() == before
+}
+
 struct LinkOut<'a, 'b>(&'a std::cell::RefCell<&'b mut Loopback>);
 struct LinkIn<'a, 'b>(&'a std::cell::RefCell<&'b mut Loopback>);
 

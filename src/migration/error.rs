@@ -7,7 +7,7 @@ use super::frame::{EncodeError, FrameError, FrameKind, StateId};
 use crate::error::StateProblem;
 
 /// Everything that can end a migration attempt. After any of them but
-/// [`MigrationError::OutcomeUnknown`] (and errors after a postcopy switch) the source
+/// [`MigrationError::OutcomeUnknown`] and [`MigrationError::AfterStart`] the source
 /// resumes its guest and keeps (or re-dirties) every page it had not confirmed as
 /// delivered.
 #[non_exhaustive]
@@ -45,6 +45,12 @@ pub enum MigrationError {
     /// [`resume_source`]: super::MigrationState::resume_source
     #[error("migration outcome unknown: the destination may be running the guest ({0})")]
     OutcomeUnknown(#[source] Box<MigrationError>),
+    /// The attempt failed after the destination started the guest (postcopy: `Started`
+    /// came, then the channel, the destination or a state failed while pages were still
+    /// being pulled and pushed). The guest runs on the destination now: **the source must
+    /// not resume it**, and cannot migrate it again. The cause is inside.
+    #[error("migration failed after the destination started the guest; the source must not resume it ({0})")]
+    AfterStart(#[source] Box<MigrationError>),
     /// A parameter is outside its documented range, or options conflict (postcopy asked of
     /// a state or loop set up without it, a Hello asking for more RAM than the destination's
     /// limit); the message names it.

@@ -1083,10 +1083,11 @@ where
         let downtime = self.clock.now().saturating_sub(t_stop);
         let in_downtime = self.out.bytes_sent() - b_stop;
 
-        // The destination runs the guest: from here on the source cannot resume.
+        // The destination runs the guest: from here on the source cannot resume, and every
+        // error says so in its type.
         let served = self.serve_postcopy(states);
         self.report_switch(t_stop, turn);
-        served?;
+        served.map_err(|e| MigrationError::AfterStart(Box::new(e)))?;
         Ok(self.outcome(Kind::Postcopy, turn, at_stop, downtime, in_downtime))
     }
 
