@@ -783,51 +783,21 @@ fn the_vm_stops_right_after_the_decision_and_the_downtime_counts_the_stop() {
 #[test]
 fn real_threads_migrate_byte_for_byte() {
     let pages = 256;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let mut vm = Workload::start(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        WorkloadConfig {
-            vcpus: 2,
-            writes_per_sec: 20_000,
-            pattern: Pattern::HOT_90_5,
-            seed: 5,
-        },
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let mut state = RamState::new(
-        RAM_ID,
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        SetupMode::Full,
-        false,
-        16,
-    )
-    .unwrap();
+    let workload = WorkloadConfig {
+        vcpus: 2,
+        writes_per_sec: 20_000,
+        pattern: Pattern::HOT_90_5,
+        seed: 5,
+    };
+    let (ram, mut vm, mut state) = real_guest(pages, workload, false, 16);
     let mut link = Loopback::new(DestModel::new(RAM_ID, pages, 1));
-    let mut clock = RealClock::new();
     let cfg = LoopConfig {
         max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
         ..LoopConfig::default()
     };
     // Outbound and Inbound are the same loopback; split the borrow through a cell.
     let link = std::cell::RefCell::new(&mut link);
-    let mut out = LinkOut(&link);
-    let mut inb = LinkIn(&link);
-    let o = run(
-        &cfg,
-        Endpoints {
-            clock: &mut clock,
-            vm: &mut vm,
-            out: &mut out,
-            inbound: &mut inb,
-        },
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut AutoConverge::default(),
-    )
-    .unwrap();
+    let o = run_real(&cfg, &mut vm, &mut state, &link, &mut LinkIn(&link)).unwrap();
     assert_eq!(o.kind, Kind::Completed);
     assert!(vm.writes() > 0);
     // The source is still stopped: its RAM is the RAM at stop.
@@ -844,6 +814,52 @@ fn real_threads_migrate_byte_for_byte() {
     assert!(src == dst);
     vm.resume().unwrap();
     vm.shutdown();
+}
+
+/// Real vCPU threads writing a guest of `pages` pages (given 20 ms to start), and the RAM
+/// state that migrates it in sections of `batch` pages.
+fn real_guest(
+    pages: u64,
+    workload: WorkloadConfig,
+    postcopy: bool,
+    batch: usize,
+) -> (Arc<GuestRam>, Workload, RamState) {
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let vm = Workload::start(Arc::clone(&ram), Arc::clone(&log), workload).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        log,
+        SetupMode::Full,
+        postcopy,
+        batch,
+    )
+    .unwrap();
+    (ram, vm, state)
+}
+
+/// One attempt with the real clock: frames out through `link`, answers in through
+/// `inbound`.
+fn run_real(
+    cfg: &LoopConfig,
+    vm: &mut Workload,
+    state: &mut RamState,
+    link: &std::cell::RefCell<&mut Loopback>,
+    inbound: &mut dyn dirty_bitmap::migration::Inbound,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    run(
+        cfg,
+        Endpoints {
+            clock: &mut RealClock::new(),
+            vm,
+            out: &mut LinkOut(link),
+            inbound,
+        },
+        &mut [state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
 }
 
 /// The destination's answers, until `Started`; after it, the return path breaks.
@@ -874,30 +890,14 @@ impl dirty_bitmap::migration::Inbound for BreaksAfterStart<'_, '_> {
 #[test]
 fn a_failure_after_a_postcopy_start_says_the_source_must_not_resume() {
     let pages = 64;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let mut vm = Workload::start(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        WorkloadConfig {
-            vcpus: 1,
-            writes_per_sec: 1_000,
-            pattern: Pattern::Uniform,
-            seed: 9,
-        },
-    )
-    .unwrap();
-    let mut state = RamState::new(
-        RAM_ID,
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        SetupMode::Full,
-        true,
-        4,
-    )
-    .unwrap();
+    let workload = WorkloadConfig {
+        vcpus: 1,
+        writes_per_sec: 1_000,
+        pattern: Pattern::Uniform,
+        seed: 9,
+    };
+    let (_ram, mut vm, mut state) = real_guest(pages, workload, true, 4);
     let mut link = Loopback::new(DestModel::new(RAM_ID, pages, 1));
-    let mut clock = RealClock::new();
     // Postcopy from the start: the destination starts at the switchover, with pages still
     // to push and pull.
     let cfg = LoopConfig {
@@ -906,23 +906,11 @@ fn a_failure_after_a_postcopy_start_says_the_source_must_not_resume() {
         ..LoopConfig::default()
     };
     let link = std::cell::RefCell::new(&mut link);
-    let mut out = LinkOut(&link);
     let mut inb = BreaksAfterStart {
         link: LinkIn(&link),
         started: false,
     };
-    let e = run(
-        &cfg,
-        Endpoints {
-            clock: &mut clock,
-            vm: &mut vm,
-            out: &mut out,
-            inbound: &mut inb,
-        },
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut AutoConverge::default(),
-    )
-    .unwrap_err();
+    let e = run_real(&cfg, &mut vm, &mut state, &link, &mut inb).unwrap_err();
     assert!(inb.started, "the destination never started: {e}");
     // The type says the guest runs elsewhere now; the cause is inside.
     match e {
