@@ -153,13 +153,24 @@ impl<S: Storage> BitmapStore<S> {
     ///   inconsistent) or, if the final header write reached the disk before the failure,
     ///   the completed state with every bit marked before the call. Never falsely clean.
     pub fn inactivate(&mut self) -> Result<FlushStats> {
+        self.stop_with(Self::inactivate_incremental)
+    }
+
+    /// What both inactivations share: nothing to do unless active; `stop` runs with the
+    /// bitmaps sealed ([`sealed`](Self::sealed)); any failure but
+    /// [`Error::MarksDuringInactivate`] poisons the store; the barriers and the time are
+    /// measured around it.
+    fn stop_with(
+        &mut self,
+        stop: impl FnOnce(&mut Self) -> Result<FlushStats>,
+    ) -> Result<FlushStats> {
         if !self.active {
             return Ok(FlushStats::default());
         }
         self.ensure_writable()?;
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
-        let r = self.sealed(Self::inactivate_incremental);
+        let r = self.sealed(stop);
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
@@ -257,25 +268,13 @@ impl<S: Storage> BitmapStore<S> {
     ///   seal this shares: `in_use` is set again in place and the store stays active.
     /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
-        if !self.active {
-            return Ok(FlushStats::default());
-        }
-        self.ensure_writable()?;
-        let start = Instant::now();
-        let syncs0 = self.image.sync_count();
-        let mut stats = FlushStats::default();
-        let r = self.sealed(|s| {
+        self.stop_with(|s| {
+            let mut stats = FlushStats::default();
             s.full_rewrite(&mut stats)?;
-            s.refuse_late_marks()
-        });
-        if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
-            self.poisoned = true;
-        }
-        r?;
-        self.park();
-        stats.syncs = self.image.sync_count().saturating_sub(syncs0);
-        stats.duration = start.elapsed();
-        Ok(stats)
+            s.refuse_late_marks()?;
+            s.park();
+            Ok(stats)
+        })
     }
 
     fn full_rewrite(&mut self, stats: &mut FlushStats) -> Result<()> {
