@@ -563,7 +563,7 @@ impl MigrationState for Stuck {
     fn pending(&mut self, _: bool) -> dirty_bitmap::migration::Pending {
         dirty_bitmap::migration::Pending {
             must_precopy: Bytes(1 << 20),
-            can_postcopy: Bytes(0),
+            ..Default::default()
         }
     }
     fn iterate(

@@ -42,7 +42,10 @@
 //! fails after the take, every taken region is handed back with
 //! [`DirtyBitmap::requeue_changed`], so the next flush (after a reopen) writes it again.
 
+mod cost;
 mod stop;
+
+pub use cost::{DiskRate, StopWork};
 
 #[cfg(feature = "testing")]
 #[doc(hidden)]
@@ -74,6 +77,9 @@ pub struct FlushStats {
     pub clusters_allocated: u64,
     /// Barriers (`sync_data`) issued, including the refcount flush's.
     pub syncs: u64,
+    /// Of `duration`, the time spent in those barriers: what the stop-cost model
+    /// ([`DiskRate`]) tells apart from the time spent writing.
+    pub sync_time: Duration,
     /// Wall-clock time spent.
     pub duration: Duration,
 }
@@ -87,6 +93,7 @@ impl FlushStats {
             .clusters_allocated
             .saturating_add(other.clusters_allocated);
         self.syncs = self.syncs.saturating_add(other.syncs);
+        self.sync_time = self.sync_time.saturating_add(other.sync_time);
         self.duration = self.duration.saturating_add(other.duration);
     }
 }
@@ -264,9 +271,16 @@ pub fn pending_estimate<'a>(bitmaps: impl IntoIterator<Item = &'a Arc<DirtyBitma
 /// It takes each change map and hands every region back (with
 /// [`DirtyBitmap::requeue_changed`]) before returning, error or not, so nothing is lost.
 pub(crate) fn pending_exact(targets: &[Target], cluster_size: u64) -> Result<u64> {
+    pending_exact_work(targets, cluster_size).map(|(bytes, _)| bytes)
+}
+
+/// [`pending_exact`], and how many clusters the flush would allocate (each one means a
+/// refcount flush, with its barriers, before the data).
+pub(crate) fn pending_exact_work(targets: &[Target], cluster_size: u64) -> Result<(u64, u64)> {
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
-    let count = || -> Result<u64> {
+    let count = || -> Result<(u64, u64)> {
         let mut total = 0u64;
+        let mut fresh = 0u64;
         let mut scratch = Vec::new();
         for (t, regions) in targets.iter().zip(&taken) {
             let layout = Layout::of(t, cluster_size)?;
@@ -275,14 +289,17 @@ pub(crate) fn pending_exact(targets: &[Target], cluster_size: u64) -> Result<u64
                     Step::InPlace { r, .. } => t.bitmap.region_len(r),
                     Step::Cluster { action, .. } => match action {
                         Action::Nothing => 0,
-                        Action::Fresh => cluster_size.saturating_add(TABLE_ENTRY_LEN as u64),
+                        Action::Fresh => {
+                            fresh = fresh.saturating_add(1);
+                            cluster_size.saturating_add(TABLE_ENTRY_LEN as u64)
+                        }
                         Action::ZeroEntry => TABLE_ENTRY_LEN as u64,
                     },
                 };
                 total = total.saturating_add(n);
             }
         }
-        Ok(total)
+        Ok((total, fresh))
     };
     let r = count();
     for (t, regions) in targets.iter().zip(&taken) {
@@ -321,11 +338,13 @@ pub(crate) fn flush<S: Storage>(
 ) -> Result<FlushStats> {
     let start = Instant::now();
     let syncs0 = image.sync_count();
+    let sync_time0 = image.sync_time();
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     match write_taken(image, targets, &taken, sync) {
         Ok(mut stats) => {
             stats.regions = taken.iter().map(ChangedRegions::len).sum();
             stats.syncs = image.sync_count().saturating_sub(syncs0);
+            stats.sync_time = image.sync_time().saturating_sub(sync_time0);
             stats.duration = start.elapsed();
             Ok(stats)
         }

@@ -56,7 +56,7 @@ pub(crate) struct Refcounts {
     /// Lowest cluster that may be free.
     hint: u64,
     /// Barriers issued so far (for flush statistics).
-    pub(crate) syncs: u64,
+    pub(crate) syncs: super::Barriers,
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
@@ -114,7 +114,7 @@ impl Refcounts {
             block_clusters,
             reserved,
             hint: 0,
-            syncs: 0,
+            syncs: super::Barriers::default(),
         })
     }
 
@@ -384,8 +384,7 @@ impl Refcounts {
         self.write_dirty_blocks(storage)?;
         if !self.dirty_entries.is_empty() {
             // The blocks must be durable before a reftable entry points at them.
-            storage.sync_data()?;
-            self.syncs = self.syncs.saturating_add(1);
+            self.syncs.sync(storage)?;
             for &index in &self.dirty_entries {
                 let entry = usize::try_from(index)
                     .ok()
@@ -400,8 +399,7 @@ impl Refcounts {
                 storage.write_u64_be_at(at, entry)?;
             }
         }
-        storage.sync_data()?;
-        self.syncs = self.syncs.saturating_add(1);
+        self.syncs.sync(storage)?;
         self.dirty_blocks.clear();
         self.dirty_entries.clear();
         Ok(())
@@ -462,8 +460,7 @@ impl Refcounts {
         let new_offset = table_start << self.cluster_bits;
         let table = encode_reftable(&self.reftable, self.cluster_bits)?;
         storage.write_all_at(&table, new_offset)?;
-        storage.sync_data()?;
-        self.syncs = self.syncs.saturating_add(1);
+        self.syncs.sync(storage)?;
         // 3. The commit: one 12-byte write inside the first sector of the header, encoded
         //    from the in-memory header it updates (the header's one owner is `Image`, which
         //    handed it in), so a live handle's header is the disk's.
@@ -477,8 +474,7 @@ impl Refcounts {
             .get(HEADER_REFTABLE_FIELDS as usize..HEADER_REFTABLE_FIELDS as usize + 12)
             .ok_or_else(|| internal!("header too short for the reftable fields"))?;
         storage.write_all_at(fields, HEADER_REFTABLE_FIELDS)?;
-        storage.sync_data()?;
-        self.syncs = self.syncs.saturating_add(1);
+        self.syncs.sync(storage)?;
         self.dirty_blocks.clear();
         self.dirty_entries.clear();
         self.reftable_offset = new_offset;

@@ -49,7 +49,26 @@ pub struct Image<S: Storage> {
     poisoned: bool,
     /// Barriers this image issued itself (header writes, [`Image::sync`]); the refcount
     /// layer counts its own.
-    syncs: u64,
+    syncs: Barriers,
+}
+
+/// Barriers (`sync_data` calls) issued, and the time they took: the stop-cost model of the
+/// migration loop (`crate::flush::DiskRate`) tells write time from barrier latency with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Barriers {
+    pub(crate) count: u64,
+    pub(crate) time: std::time::Duration,
+}
+
+impl Barriers {
+    /// One barrier on `storage`, counted and timed (also when it fails: the time was spent).
+    pub(crate) fn sync(&mut self, storage: &(impl Storage + ?Sized)) -> Result<()> {
+        let start = std::time::Instant::now();
+        let r = storage.sync_data();
+        self.count = self.count.saturating_add(1);
+        self.time = self.time.saturating_add(start.elapsed());
+        r
+    }
 }
 
 impl<S: Storage> Image<S> {
@@ -96,7 +115,7 @@ impl<S: Storage> Image<S> {
             stale_bitmaps,
             refcounts,
             poisoned: false,
-            syncs: 0,
+            syncs: Barriers::default(),
         })
     }
 
@@ -174,7 +193,7 @@ impl<S: Storage> Image<S> {
             stale_bitmaps: None,
             refcounts,
             poisoned: false,
-            syncs: 0,
+            syncs: Barriers::default(),
         })
     }
 
@@ -342,8 +361,7 @@ impl<S: Storage> Image<S> {
             let bytes = img.area.encode()?;
             img.storage.grow_to(bytes.len() as u64)?;
             img.storage.write_all_at(&bytes, 0)?;
-            img.storage.sync_data()?;
-            img.syncs = img.syncs.saturating_add(1);
+            img.syncs.sync(&img.storage)?;
             // The stale extension is gone from disk once cluster 0 is rewritten.
             img.area.stale_bitmaps = false;
             img.stale_bitmaps = None;
@@ -365,8 +383,7 @@ impl<S: Storage> Image<S> {
     /// As [`alloc_clusters`](Self::alloc_clusters).
     pub(crate) fn sync(&mut self) -> Result<()> {
         self.guarded(|img| {
-            img.storage.sync_data()?;
-            img.syncs = img.syncs.saturating_add(1);
+            img.syncs.sync(&img.storage)?;
             Ok(())
         })
     }
@@ -374,7 +391,12 @@ impl<S: Storage> Image<S> {
     /// Barriers (`sync_data` calls) this handle has issued since it was opened, counting
     /// header writes, explicit barriers and refcount flushes.
     pub fn sync_count(&self) -> u64 {
-        self.syncs.saturating_add(self.refcounts.syncs)
+        self.syncs.count.saturating_add(self.refcounts.syncs.count)
+    }
+
+    /// Time spent in those barriers since the handle was opened.
+    pub fn sync_time(&self) -> std::time::Duration {
+        self.syncs.time.saturating_add(self.refcounts.syncs.time)
     }
 
     /// Whether a failed write poisoned this handle: every later write returns

@@ -7,7 +7,8 @@ use super::frame::{EncodeError, FrameError, FrameKind, StateId};
 use crate::error::StateProblem;
 
 /// Everything that can end a migration attempt. After any of them but
-/// [`MigrationError::OutcomeUnknown`] and [`MigrationError::AfterStart`] the source
+/// [`MigrationError::OutcomeUnknown`], [`MigrationError::AfterStart`] and
+/// [`MigrationError::SourceNotResumed`] the source
 /// resumes its guest and keeps (or re-dirties) every page it had not confirmed as
 /// delivered.
 #[non_exhaustive]
@@ -51,6 +52,21 @@ pub enum MigrationError {
     /// not resume it**, and cannot migrate it again. The cause is inside.
     #[error("migration failed after the destination started the guest; the source must not resume it ({0})")]
     AfterStart(#[source] Box<MigrationError>),
+    /// The hand-over failed and the destination did not start, but the source could not
+    /// take back what it handed over at the stop (a state's
+    /// [`reactivate`](super::MigrationState::reactivate) failed, say because another
+    /// process holds the image's write locks or changed its bitmaps), or the VM would not
+    /// resume: **the source VM is left stopped**. Its disk bitmaps keep every mark in
+    /// memory; on disk they read clean only if nothing wrote since the stop, and the guest
+    /// must not write before they are active again. `cause` is why the hand-over failed,
+    /// `resume` why the source could not take over again.
+    #[error("migration failed ({cause}) and the source could not take over again ({resume}); the source VM is stopped")]
+    SourceNotResumed {
+        /// Why the hand-over failed.
+        cause: Box<MigrationError>,
+        /// Why the source could not take over again.
+        resume: Box<MigrationError>,
+    },
     /// A parameter is outside its documented range, or options conflict (postcopy asked of
     /// a state or loop set up without it, a Hello asking for more RAM than the destination's
     /// limit); the message names it.

@@ -18,15 +18,19 @@
 //! - [`dest`]: the destination: its frame handling ([`dest::DestCore`]) and the one over a
 //!   stream ([`dest::Destination`]).
 //! - [`ram`]: RAM as a [`MigrationState`].
+//! - [`disk`]: disk bitmaps on shared storage as a [`MigrationState`]
+//!   ([`SharedDiskState`]): flushed during precopy, their stop time in the downtime.
 //! - [`precopy`]: the loop ([`run`]).
 //! - [`sim`]: the virtual-clock simulation and its sweep; [`tcp`]: both ends over TCP on
 //!   127.0.0.1.
 //!
-//! Nothing below [`crate::store`] knows about this module; it only uses the bitmaps.
+//! Nothing below [`crate::store`] knows about this module; it uses the bitmaps and, for
+//! [`disk`], the store.
 
 pub mod channel;
 pub mod clock;
 pub mod dest;
+pub mod disk;
 pub mod error;
 parser_module! { pub mod frame; }
 pub mod guest;
@@ -47,6 +51,7 @@ pub use crate::units;
 
 pub use channel::{DestMessage, Inbound, Outbound};
 pub use clock::{Clock, ManualClock, RealClock};
+pub use disk::SharedDiskState;
 pub use error::{MigrationError, ProtocolError, Result};
 pub use frame::{Control, StateId};
 pub use guest::{GuestRam, Vm, PAGE_SIZE};

@@ -4,13 +4,18 @@
 //! One turn of the loop:
 //! 1. **Counters.** Once at least [`BUFFER_DELAY`] (100 ms) passed since the window
 //!    started: bandwidth = bytes sent in the window / its length (or
-//!    `avail_switchover_bandwidth` if set); `threshold = bandwidth × (downtime_limit −
-//!    switchover_cost)`. A window with no bytes sent gives a threshold of 0. Before the
-//!    first window closes the threshold is 0.
+//!    `avail_switchover_bandwidth` if set). A window with no bytes sent measures 0.
+//!    Before the first window closes the bandwidth is 0. Each closed window also runs
+//!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
+//!    regions, and measures the disk's rate and barrier latency as it does).
 //! 2. **Estimate** every state's pending (cheap, stale), plus the control message the
-//!    switchover sends.
-//! 3. **Gate**: if [`fits`]`(estimate, threshold)` (or, with postcopy requested, the
-//!    estimate's `must_precopy` fits), run the **exact** query (syncs the dirty logs).
+//!    switchover sends. A figure ([`Pending`]) has bytes for the wire and `disk_time`,
+//!    the time the states' stops spend on their own storage.
+//! 3. **Gate**: the figure's threshold is `bandwidth × (downtime_limit − switchover_cost
+//!    − disk_time)` (0 when the disk alone takes the rest of the limit); if
+//!    [`fits`]`(estimate, threshold)` (or, with postcopy requested, the estimate's
+//!    `must_precopy` fits), run the **exact** query (syncs the dirty logs, and counts a
+//!    disk state's remaining regions exactly).
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -21,7 +26,9 @@
 //!    the downtime, and [`Outcome::pending_at_stop`] bounds what the downtime sends.
 //! 5. Otherwise the [`Controller`] hears of the turn; then the **stall guard** after an
 //!    exact figure that did not fit, or the **no-progress guard** after turns that
-//!    neither synced nor sent ([`StallKind`]).
+//!    neither synced, sent nor flushed ([`StallKind`]). The stall guard measures a figure
+//!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
+//!    as progress, and a disk-only migration that sends nothing is not stuck.
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
@@ -310,6 +317,12 @@ pub struct Outcome {
     pub requests_served: u64,
     /// Measurement windows closed with no bytes sent (each measured a threshold of 0).
     pub empty_windows: u64,
+    /// What the states wrote to their own storage inside the downtime (a disk state's
+    /// final flush and commit): bytes, barriers and time, summed. Its time is part of
+    /// `downtime`.
+    pub disk_stop: crate::flush::FlushStats,
+    /// Bytes the states' [`flush`](MigrationState::flush) wrote while the VM ran.
+    pub disk_flushed: Bytes,
 }
 
 /// The loop's view of the [`Outbound`]: a sized wrapper, so that states get it as
@@ -408,6 +421,7 @@ where
         window_bytes: Bytes(0),
         carry: Bytes(0),
         bandwidth: BytesPerMs::ZERO,
+        expected: BytesPerMs::ZERO,
         threshold: Bytes(0),
         postcopy_requested: config.start_postcopy,
         throttle: 0,
@@ -420,6 +434,7 @@ where
         empty_windows: 0,
         idle_turns: 0,
         idle_since: Duration::ZERO,
+        disk_flushed: Bytes(0),
     };
     l.start = l.clock.now();
     l.bytes_start = l.out.bytes_sent();
@@ -553,6 +568,11 @@ struct Loop<'a, C: ?Sized, V: ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// Bytes sent beyond the previous window's allowance, charged to this one.
     carry: Bytes,
     bandwidth: BytesPerMs,
+    /// The bandwidth the switchover is computed with: `avail_switchover_bandwidth`, or
+    /// the measured one.
+    expected: BytesPerMs,
+    /// `expected × (downtime_limit − switchover_cost)`: the threshold of a figure without
+    /// disk time.
     threshold: Bytes,
     postcopy_requested: bool,
     throttle: u8,
@@ -568,6 +588,7 @@ struct Loop<'a, C: ?Sized, V: ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// limiter allowed it), and the clock time of the first of them.
     idle_turns: u32,
     idle_since: Duration,
+    disk_flushed: Bytes,
 }
 
 /// The figures a turn decided on.
@@ -576,6 +597,8 @@ struct Turn {
     estimate: Bytes,
     p: Pending,
     exact: bool,
+    /// The threshold `p` was compared with.
+    threshold: Bytes,
 }
 
 /// Whether an attempt that failed with `e` may have lost data in flight: anything but a
@@ -591,6 +614,15 @@ fn in_doubt(e: &MigrationError) -> bool {
     )
 }
 
+/// What the states wrote to their own storage inside the downtime, summed.
+fn disk_stop(states: &[&mut dyn MigrationState]) -> crate::flush::FlushStats {
+    let mut total = crate::flush::FlushStats::default();
+    for s in states {
+        total.accumulate(&s.disk_stop());
+    }
+    total
+}
+
 /// Whether the stall guard counts `now` as progress over `best`.
 fn improved(now: Bytes, best: Bytes) -> bool {
     // now < 0.9 × best, in integers.
@@ -604,8 +636,23 @@ where
     O: Outbound + ?Sized,
     I: Inbound + ?Sized,
 {
+    /// The byte threshold of figure `p`: what the wire can carry in the downtime limit
+    /// once the fixed switchover cost and the states' disk time are taken off it.
+    fn threshold_of(&self, p: Pending) -> Bytes {
+        threshold(
+            self.expected,
+            self.config.downtime_limit - self.config.switchover_cost - p.disk_time,
+        )
+    }
+
+    /// The stall guard's measure of a figure: its bytes, plus its disk time at the
+    /// switchover bandwidth, so that progress on either side counts.
+    fn stall_measure(&self, p: Pending) -> Bytes {
+        p.total() + self.expected * p.disk_time
+    }
+
     fn gate(&self, p: Pending) -> bool {
-        let thr = self.threshold;
+        let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
         match self.config.rule {
             Rule::Fixed => fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr)),
@@ -623,6 +670,7 @@ where
                 .out
                 .control_cost(&Control::Switchover { postcopy: true }),
             can_postcopy: self.out.control_cost(&Control::End),
+            disk_time: Millis(0),
         }
     }
 
@@ -645,12 +693,12 @@ where
         self.empty_windows += u64::from(sent == Bytes(0));
         let ms = elapsed.as_nanos() as f64 / 1e6;
         self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
-        let expected = self
+        self.expected = self
             .config
             .avail_switchover_bandwidth
             .unwrap_or(self.bandwidth);
         self.threshold = threshold(
-            expected,
+            self.expected,
             self.config.downtime_limit - self.config.switchover_cost,
         );
         // Overshoot beyond this window's allowance is charged to the next.
@@ -675,7 +723,7 @@ where
     /// The switchover this figure decides, if any: `Some(true)` for postcopy,
     /// `Some(false)` for a precopy completion.
     fn decide(&self, p: Pending, exact: bool) -> Option<bool> {
-        let thr = self.threshold;
+        let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
         let (to_postcopy, complete) = match self.config.rule {
             Rule::Fixed => (
@@ -722,7 +770,7 @@ where
             estimate,
             pending: p,
             exact,
-            threshold: self.threshold,
+            threshold: self.threshold_of(p),
             bandwidth: self.bandwidth,
             dirty_rate,
             bytes_sent: self.out.bytes_sent() - self.bytes_start,
@@ -743,7 +791,18 @@ where
             if let Err(e) = self.poll_precopy() {
                 return Err(self.fail_running(states, e));
             }
+            let windows = self.windows;
             self.update_counters();
+            let mut flushed = Bytes(0);
+            if self.windows != windows {
+                for i in 0..states.len() {
+                    match states[i].flush() {
+                        Ok(n) => flushed += n,
+                        Err(e) => return Err(self.fail_running(states, e)),
+                    }
+                }
+                self.disk_flushed += flushed;
+            }
             let mut p = self.pending(states, false);
             let mut exact = false;
             let estimate = p.total();
@@ -759,7 +818,12 @@ where
             // guest keeps writing until `stop`, and whatever it writes goes out in the
             // downtime.
             if let Some(postcopy) = self.decide(p, exact) {
-                let turn = Turn { estimate, p, exact };
+                let turn = Turn {
+                    estimate,
+                    p,
+                    exact,
+                    threshold: self.threshold_of(p),
+                };
                 return if postcopy {
                     self.postcopy(states, turn)
                 } else {
@@ -777,13 +841,14 @@ where
                 }
             }
 
-            let thr = self.threshold;
+            let thr = self.threshold_of(p);
+            let measure = self.stall_measure(p);
             let mut stall = None;
             if exact {
                 match best {
-                    Some(b) if !improved(p.total(), b) => rounds += 1,
+                    Some(b) if !improved(measure, b) => rounds += 1,
                     _ => {
-                        best = Some(p.total());
+                        best = Some(measure);
                         rounds = 0;
                     }
                 }
@@ -791,13 +856,13 @@ where
                     stall = Some(StallReport {
                         kind: StallKind::NoImprovement,
                         rounds,
-                        best: best.unwrap_or(p.total()),
-                        last: p.total(),
+                        best: best.unwrap_or(measure),
+                        last: measure,
                         threshold: thr,
                         throttle: self.throttle,
                     });
                     rounds = 0;
-                    best = Some(p.total());
+                    best = Some(measure);
                 }
             } else if self.idle_turns >= self.config.stall_rounds
                 && now.saturating_sub(self.idle_since)
@@ -828,10 +893,16 @@ where
                         let _ = self.fail_running(states, MigrationError::Cancelled);
                         return Ok(self.outcome(
                             Kind::NotConverging,
-                            Turn { estimate, p, exact },
+                            Turn {
+                                estimate,
+                                p,
+                                exact,
+                                threshold: thr,
+                            },
                             Pending::default(),
                             Duration::ZERO,
                             Bytes(0),
+                            crate::flush::FlushStats::default(),
                         ));
                     }
                 }
@@ -852,7 +923,7 @@ where
             }
             // Progress: a sync or bytes out. A turn the rate limiter held back is neither
             // progress nor idleness (every window allows at least one byte, so it ends).
-            if exact || sent > Bytes(0) {
+            if exact || sent > Bytes(0) || flushed > Bytes(0) {
                 self.idle_turns = 0;
             } else if budget > Bytes(0) {
                 if self.idle_turns == 0 {
@@ -930,19 +1001,29 @@ where
     /// Failure with the VM stopped, when the destination certainly did not start (the
     /// frame that starts it was never written, or it answered Refused or Abort):
     /// re-dirty, then resume.
+    ///
+    /// Every state takes back what its stop handed over
+    /// ([`MigrationState::reactivate`]) before the VM resumes; if one cannot, or the VM
+    /// does not resume, the VM stays stopped: [`MigrationError::SourceNotResumed`].
     fn fail_stopped(
         &mut self,
         states: &mut [&mut dyn MigrationState],
         e: MigrationError,
     ) -> MigrationError {
         self.abort_and_redirty(states, &e, |s| s.resume_source());
-        match self.vm.resume() {
-            Ok(()) => e,
-            // The original error is the one that matters; the resume failure is reported
-            // in its text.
-            Err(r) => {
-                MigrationError::PeerAborted(format!("{e}; and resuming the source failed: {r}"))
+        let mut taken_back = Ok(());
+        for s in states.iter_mut() {
+            if let Err(r) = s.reactivate() {
+                taken_back = Err(r);
+                break;
             }
+        }
+        match taken_back.and_then(|()| self.vm.resume()) {
+            Ok(()) => e,
+            Err(r) => MigrationError::SourceNotResumed {
+                cause: Box::new(e),
+                resume: Box::new(r),
+            },
         }
     }
 
@@ -966,6 +1047,7 @@ where
         at_stop: Pending,
         downtime: Duration,
         in_downtime: Bytes,
+        disk_stop: crate::flush::FlushStats,
     ) -> Outcome {
         Outcome {
             kind,
@@ -974,7 +1056,7 @@ where
             pending_at_switch: turn.p,
             pending_at_stop: at_stop,
             exact_at_switch: turn.exact,
-            threshold_at_switch: self.threshold,
+            threshold_at_switch: turn.threshold,
             total_bytes: self.out.bytes_sent() - self.bytes_start,
             total_time: self.clock.now().saturating_sub(self.start),
             iterations: self.iterations,
@@ -983,6 +1065,8 @@ where
             throttle: self.throttle,
             requests_served: self.requests_served,
             empty_windows: self.empty_windows,
+            disk_stop,
+            disk_flushed: self.disk_flushed,
         }
     }
 
@@ -1056,7 +1140,8 @@ where
             return Err(e);
         }
         self.report_switch(t_stop, turn);
-        Ok(self.outcome(Kind::Completed, turn, at_stop, downtime, in_downtime))
+        let disk = disk_stop(states);
+        Ok(self.outcome(Kind::Completed, turn, at_stop, downtime, in_downtime, disk))
     }
 
     fn postcopy(mut self, states: &mut [&mut dyn MigrationState], turn: Turn) -> Result<Outcome> {
@@ -1088,7 +1173,8 @@ where
         let served = self.serve_postcopy(states);
         self.report_switch(t_stop, turn);
         served.map_err(|e| MigrationError::AfterStart(Box::new(e)))?;
-        Ok(self.outcome(Kind::Postcopy, turn, at_stop, downtime, in_downtime))
+        let disk = disk_stop(states);
+        Ok(self.outcome(Kind::Postcopy, turn, at_stop, downtime, in_downtime, disk))
     }
 
     /// After a postcopy switch: serves page requests ahead of the background push, then

@@ -380,11 +380,13 @@ impl MigrationState for RamState {
                     self.discard_bound(k)
                 },
                 can_postcopy: self.wire(k),
+                ..Pending::default()
             }
         } else {
             Pending {
                 must_precopy: self.wire(k),
                 can_postcopy: Bytes(0),
+                ..Pending::default()
             }
         }
     }

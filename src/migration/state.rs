@@ -4,9 +4,11 @@
 use super::channel::Outbound;
 use super::error::{MigrationError, Result};
 use super::frame::StateId;
-use crate::units::Bytes;
+use crate::flush::FlushStats;
+use crate::units::{Bytes, Millis};
 
-/// Bytes a state still has to send, split as QEMU splits them.
+/// What a state still has to do before the destination can run: bytes to send, split as
+/// QEMU splits them, and time the stop spends off the wire (a disk bitmap's final flush).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pending {
     /// Bytes that must reach the destination before it can run (with the VM stopped, they
@@ -14,10 +16,17 @@ pub struct Pending {
     pub must_precopy: Bytes,
     /// Bytes the destination can pull after it started (postcopy).
     pub can_postcopy: Bytes,
+    /// Time the stop spends on the state's own storage before the destination may start
+    /// (for a [`super::disk::SharedDiskState`], the incremental inactivate: its remaining
+    /// regions and the flags commit at the measured disk rate and barrier latency). It is
+    /// downtime in both modes, and the loop takes it off the downtime limit before it
+    /// turns the rest into a byte threshold. [`Millis::MAX`] while the state cannot tell
+    /// (no disk measurement yet): no switchover then.
+    pub disk_time: Millis,
 }
 
 impl Pending {
-    /// Everything: what a precopy switchover would send with the VM stopped.
+    /// Every byte: what a precopy switchover would send with the VM stopped.
     pub fn total(self) -> Bytes {
         self.must_precopy + self.can_postcopy
     }
@@ -29,6 +38,8 @@ impl std::ops::Add for Pending {
         Pending {
             must_precopy: self.must_precopy + rhs.must_precopy,
             can_postcopy: self.can_postcopy + rhs.can_postcopy,
+            // The states' stops run one after the other.
+            disk_time: self.disk_time + rhs.disk_time,
         }
     }
 }
@@ -81,11 +92,32 @@ pub trait MigrationState {
     /// The channel's error.
     fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes>;
 
-    /// Sends everything left, with the VM stopped.
+    /// Work off the wire while the VM runs: a disk state writes its changed regions here,
+    /// so that the stop only writes what changed since. The loop calls it once per
+    /// measurement window, whatever the rate limiter allows, and counts the bytes it
+    /// returns (written to the state's storage) as progress for the stall guards. The
+    /// default does nothing.
+    ///
+    /// # Errors
+    /// The storage's error; the attempt then fails before the switchover.
+    fn flush(&mut self) -> Result<Bytes> {
+        Ok(Bytes(0))
+    }
+
+    /// Sends everything left, with the VM stopped (and its disk I/O drained: see
+    /// [`super::Vm::stop`]). A disk state writes its remainder and hands its storage over
+    /// here; the time counts in the downtime.
     ///
     /// # Errors
     /// The channel's error.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes>;
+
+    /// What the state wrote to its own storage inside the downtime (in
+    /// [`complete`](Self::complete) or [`postcopy_start`](Self::postcopy_start)): bytes,
+    /// barriers and time, for [`super::Outcome::disk_stop`]. The default: nothing.
+    fn disk_stop(&self) -> FlushStats {
+        FlushStats::default()
+    }
 
     /// Postcopy switch, with the VM stopped: sends what the destination needs before it
     /// can run (for RAM, which of its pages are stale or missing). Afterwards
@@ -136,6 +168,19 @@ pub trait MigrationState {
     /// The hand-over failed after [`complete`](Self::complete) (the destination did not
     /// start): as [`cancel`](Self::cancel), before the loop resumes the VM.
     fn resume_source(&mut self);
+
+    /// After [`resume_source`](Self::resume_source), before the VM resumes: take back
+    /// what the stop handed over (a disk state activates its store again, so that the
+    /// guest's next writes are marked on an `in_use` bitmap, not on one the disk says is
+    /// clean). The default does nothing.
+    ///
+    /// # Errors
+    /// The state cannot take its storage back (another process holds it, or it changed
+    /// in a way that cannot be reconciled): the loop then leaves the VM stopped and
+    /// returns [`MigrationError::SourceNotResumed`].
+    fn reactivate(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -147,7 +192,10 @@ mod tests {
         let a = Pending {
             must_precopy: Bytes(1),
             can_postcopy: Bytes(2),
+            disk_time: Millis(3),
         };
         assert_eq!((a + a).total(), Bytes(6));
+        // Two states' stops run one after the other.
+        assert_eq!((a + a).disk_time, Millis(6));
     }
 }

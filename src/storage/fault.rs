@@ -253,4 +253,8 @@ impl<S: Storage> Storage for FaultStorage<S> {
         }
         self.inner.sync_data()
     }
+
+    fn set_writer_locks(&self, held: bool) -> Result<()> {
+        self.inner.set_writer_locks(held)
+    }
 }

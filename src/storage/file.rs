@@ -242,4 +242,20 @@ impl Storage for FileStorage {
         // goes to the caller, who must not call this again (LatchingStorage enforces it).
         Ok(self.file.sync_data()?)
     }
+
+    /// With [`Locking::On`] on a writable handle: releases the writer's lock bytes (the
+    /// consistent-read byte stays, as a force-share reader's), or takes them back and
+    /// tests for a conflicting holder. Otherwise nothing: a read-only handle holds no
+    /// writer's locks, and [`Locking::Off`] none at all.
+    fn set_writer_locks(&self, held: bool) -> Result<()> {
+        if self.locking != Locking::On || !self.writable {
+            return Ok(());
+        }
+        if held {
+            lock::take_writer(&self.file, &self.path)
+        } else {
+            lock::release_writer(&self.file);
+            Ok(())
+        }
+    }
 }

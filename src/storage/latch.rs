@@ -100,4 +100,8 @@ impl<S: Storage> Storage for LatchingStorage<S> {
     fn sync_data(&self) -> Result<()> {
         self.guarded(|s| s.sync_data())
     }
+
+    fn set_writer_locks(&self, held: bool) -> Result<()> {
+        self.inner.set_writer_locks(held)
+    }
 }

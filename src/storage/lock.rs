@@ -210,6 +210,29 @@ fn take_and_test(file: &File, path: &Path, access: Access) -> Result<()> {
     Ok(())
 }
 
+/// Takes a writer's locks on a file that holds at least a force-share reader's (byte 100),
+/// then tests for conflicting holders; on a conflict, releases what it took
+/// ([`release_writer`]), so the file keeps only the reader's lock.
+///
+/// # Errors
+///
+/// As [`lock`].
+pub(crate) fn take_writer(file: &File, path: &Path) -> Result<()> {
+    let r = take_and_test(file, path, Access::Write);
+    if r.is_err() {
+        release_writer(file);
+    }
+    r
+}
+
+/// Releases every lock byte but the consistent-read one (100): what a writer holds beyond
+/// a force-share reader (101 to 103 and 201 to 203). Errors are ignored: a lock that
+/// stays only makes another opener fail with [`Error::Locked`].
+pub(crate) fn release_writer(file: &File) {
+    let _ = sys::unlock_range(file, PERM_BASE.saturating_add(1), PERM_BASE.saturating_add(4));
+    let _ = sys::unlock_range(file, SHARED_BASE, SHARED_BASE.saturating_add(4));
+}
+
 /// Releases every lock byte (100 to 203) this file's open file description holds.
 ///
 /// Closing the file releases them too, but only once the *last* descriptor of the

@@ -163,6 +163,22 @@ pub trait Storage: Send + Sync + Debug {
     /// can succeed without the data being on disk. Wrap the storage in a
     /// [`LatchingStorage`] to enforce this.
     fn sync_data(&self) -> Result<()>;
+
+    /// Takes (`true`) or releases (`false`) a writer's image locks while the handle stays
+    /// open, as QEMU does when it activates or inactivates an image around a migration:
+    /// released, the handle keeps only a force-share reader's lock (see
+    /// [`lock`](self::lock)), so another process may open the image writable; taken again,
+    /// it fails with [`Error::Locked`] while such a process holds it, and then keeps only
+    /// the reader's lock. Storage without locks, and the default, do nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Locked`] when another holder conflicts; [`Error::LockUnsupported`] when
+    /// the locks cannot be taken.
+    fn set_writer_locks(&self, held: bool) -> Result<()> {
+        let _ = held;
+        Ok(())
+    }
 }
 
 /// Conveniences for every [`Storage`]; implemented for all of them.
@@ -305,6 +321,9 @@ macro_rules! forward_storage {
         }
         fn sync_data(&self) -> Result<()> {
             (**self).sync_data()
+        }
+        fn set_writer_locks(&self, held: bool) -> Result<()> {
+            (**self).set_writer_locks(held)
         }
     };
 }

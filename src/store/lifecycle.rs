@@ -46,6 +46,20 @@ impl<S: Storage> BitmapStore<S> {
         if self.active {
             return Ok(());
         }
+        let resuming = self.slots.iter().any(|s| s.parked.is_some());
+        // A resumed hand-over takes the writer's locks back first: while another process
+        // (the destination) holds the image writable, this fails and nothing is read or
+        // written.
+        self.image.storage().set_writer_locks(true)?;
+        let r = self.activate_locked();
+        if r.is_err() && resuming {
+            // Still inactive: hold what an inactive node holds.
+            let _ = self.image.storage().set_writer_locks(false);
+        }
+        r
+    }
+
+    fn activate_locked(&mut self) -> Result<()> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
         // sum is checked before anything is allocated.
@@ -101,8 +115,14 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Resuming parked bitmaps is only safe if nobody else wrote the image's metadata
     /// while it was inactive (another QEMU taking the disk over stores its bitmaps into new
-    /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0 and
-    /// the directory must still be byte for byte what this handle last wrote.
+    /// clusters and frees ours, and changes the refcounts this handle caches). Cluster 0
+    /// must still be byte for byte what this handle last wrote, and so must the directory,
+    /// except for the `in_use` flag bits: a destination that activated the image (set
+    /// `in_use` on its bitmaps, in place) and then died before it started the guest wrote
+    /// nothing else, and this handle's parked bitmaps hold every bit the disk does and
+    /// every mark since. The activation then writes its own flags over them. Any other
+    /// difference is refused, and the bitmaps stay as the disk says (`in_use`, so
+    /// inconsistent, if the destination set it; never falsely clean).
     fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
         let changed = || Error::WrongState(StateProblem::ChangedWhileInactive);
         let area = self.image.area().encode()?;
@@ -112,9 +132,10 @@ impl<S: Storage> BitmapStore<S> {
             return Err(changed());
         }
         if let Some((off, size)) = self.dir {
-            let ours = encode_directory(&self.current_entries(), &self.geometry()?)?;
+            let entries = self.current_entries();
+            let ours = encode_directory(&entries, &self.geometry()?)?;
             let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
-            if disk != ours {
+            if !same_but_in_use(&entries, &ours, &disk) {
                 return Err(changed());
             }
         }
@@ -170,12 +191,19 @@ impl<S: Storage> BitmapStore<S> {
         self.ensure_writable()?;
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
+        let sync_time0 = self.image.sync_time();
         let r = self.sealed(stop);
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
         }
         let mut stats = r?;
+        if !self.active {
+            // Inactive: hold only what QEMU's inactive node holds, so that the destination
+            // can open the image writable. Failing to release only makes it fail to open.
+            let _ = self.image.storage().set_writer_locks(false);
+        }
         stats.syncs = self.image.sync_count().saturating_sub(syncs0);
+        stats.sync_time = self.image.sync_time().saturating_sub(sync_time0);
         stats.duration = start.elapsed();
         Ok(stats)
     }
@@ -316,4 +344,28 @@ impl<S: Storage> BitmapStore<S> {
         self.inactivate()?;
         Ok(self.image)
     }
+}
+
+/// Whether directory `disk` equals `ours` (the encoding of `entries`) in every byte but the
+/// `in_use` bit of each entry's flags word (bit 0 of the big-endian word at bytes 12..16 of
+/// the entry).
+fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]) -> bool {
+    const IN_USE_BYTE: u64 = 15;
+    if ours.len() != disk.len() {
+        return false;
+    }
+    let mut in_use_at = std::collections::HashSet::new();
+    let mut at = 0u64;
+    for e in entries {
+        in_use_at.insert(at.saturating_add(IN_USE_BYTE));
+        at = at.saturating_add(e.encoded_len());
+    }
+    ours.iter().zip(disk).enumerate().all(|(i, (&a, &b))| {
+        let mask = if in_use_at.contains(&(i as u64)) {
+            !1u8
+        } else {
+            !0u8
+        };
+        a & mask == b & mask
+    })
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use super::BitmapStore;
 use crate::bitmap::DirtyBitmap;
 use crate::error::Result;
-use crate::flush::{self, FlushStats, StopReport, StopSource};
+use crate::flush::{self, FlushStats, StopReport, StopSource, StopWork};
 use crate::storage::Storage;
 use crate::tracker::Tracker;
-use crate::units::{BytesPerMs, Millis};
+use crate::units::{Bytes, BytesPerMs, Millis};
 
 impl<S: Storage> BitmapStore<S> {
     /// The flush targets of an active store: every in-memory bitmap with its table.
@@ -87,6 +87,67 @@ impl<S: Storage> BitmapStore<S> {
         }
         let targets = self.flush_targets()?;
         flush::pending_exact(&targets, self.image.cluster_size())
+    }
+
+    /// What [`inactivate`](Self::inactivate) would write now, estimated for free: the
+    /// [`pending_estimate`](Self::pending_estimate), the directory (the commit rewrites it
+    /// in place), a barrier after the data if there is any and one for the commit. It
+    /// assumes no allocation (the flushes before a stop allocate; see
+    /// [`stop_work_exact`](Self::stop_work_exact)). Nothing when inactive.
+    pub fn stop_work_estimate(&self) -> StopWork {
+        if !self.active {
+            return StopWork::default();
+        }
+        self.stop_work(self.pending_estimate(), 0)
+    }
+
+    /// What [`inactivate`](Self::inactivate) would write now, exactly: the
+    /// [`pending_exact`](Self::pending_exact) bytes, the directory, and the barriers: one
+    /// after the data, one for the commit, and the refcount flush's two if a region needs
+    /// a fresh cluster. No region is lost (as `pending_exact`). Nothing when inactive.
+    ///
+    /// # Errors
+    /// As [`pending_exact`](Self::pending_exact).
+    pub fn stop_work_exact(&self) -> Result<StopWork> {
+        if !self.active {
+            return Ok(StopWork::default());
+        }
+        let targets = self.flush_targets()?;
+        let (bytes, fresh) = flush::pending_exact_work(&targets, self.image.cluster_size())?;
+        Ok(self.stop_work(bytes, fresh))
+    }
+
+    fn stop_work(&self, data: u64, fresh_clusters: u64) -> StopWork {
+        let commit = if self.slots.iter().any(|s| s.mem.is_some()) {
+            self.dir.map_or(0, |(_, size)| size)
+        } else {
+            0
+        };
+        StopWork {
+            bytes: Bytes(data.saturating_add(commit)),
+            barriers: u64::from(data > 0)
+                + u64::from(commit > 0)
+                + if fresh_clusters > 0 { 2 } else { 0 },
+        }
+    }
+
+    /// Issues one barrier and reports it (its time in
+    /// [`FlushStats::sync_time`]): a measurement of the disk's barrier latency for
+    /// [`DiskRate`](flush::DiskRate) when no flush had anything to write.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly), [`Error::Poisoned`](crate::Error::Poisoned), I/O.
+    pub fn barrier(&mut self) -> Result<FlushStats> {
+        self.ensure_writable()?;
+        let start = std::time::Instant::now();
+        let t0 = self.image.sync_time();
+        self.image.sync()?;
+        Ok(FlushStats {
+            syncs: 1,
+            sync_time: self.image.sync_time().saturating_sub(t0),
+            duration: start.elapsed(),
+            ..FlushStats::default()
+        })
     }
 
     /// Flushes until the exact pending bytes fit the budget

@@ -1,0 +1,206 @@
+//! Disk bitmaps as a [`MigrationState`] on shared storage: both hosts see one image, the
+//! source hands its bitmaps over at the stop ([`BitmapStore::inactivate`]) and the
+//! destination takes them at its start ([`BitmapStore::activate`]).
+//!
+//! [`SharedDiskState`] sends nothing on the wire. While the VM runs, the loop calls its
+//! [`flush`](MigrationState::flush) once per measurement window: the store's changed
+//! regions go to disk, and the state measures the disk's write rate and barrier latency
+//! from those flushes ([`DiskRate`]). Its pending figure is [`Pending::disk_time`]: what
+//! the stop will write ([`BitmapStore::stop_work_estimate`], or
+//! [`stop_work_exact`](BitmapStore::stop_work_exact) on the exact query) at those figures.
+//! The loop takes it off the downtime limit before it compares the network pending with
+//! the rest, so the stop's disk time is inside the downtime budget.
+//!
+//! The hooks, as QEMU's shared-storage migration runs them:
+//! - [`complete`](MigrationState::complete) (VM stopped, its disk I/O drained) runs the
+//!   incremental inactivate: the remaining regions, then `in_use` cleared; the store then
+//!   holds only a reader's image lock, so the destination can open the image writable.
+//! - Before the switchover a failure leaves the store active: nothing to undo, every mark
+//!   is in memory and reaches the disk at the next flush.
+//! - After a failed hand-over (the destination did not start),
+//!   [`reactivate`](MigrationState::reactivate) activates the store again before the VM
+//!   resumes: it takes the writer's locks back (refused while the destination holds them)
+//!   and resumes the parked bitmaps with every mark. The destination may have set `in_use`
+//!   (it activated, then died before it started the guest); that is the only difference
+//!   accepted.
+//! - On [`MigrationError::OutcomeUnknown`] the loop calls nothing: the store stays
+//!   inactive and the source stays stopped.
+
+use super::channel::Outbound;
+use super::error::{MigrationError, Result};
+use super::frame::StateId;
+use super::state::{MigrationState, Pending};
+use crate::flush::{DiskRate, FlushStats};
+use crate::storage::Storage;
+use crate::store::SharedStore;
+use crate::units::{Bytes, Millis};
+
+/// A [`BitmapStore`](crate::BitmapStore) on an image both hosts share, as a migration
+/// state: flushed during precopy, its stop time counted in the downtime, handed over at the
+/// stop and taken back when the hand-over fails. See the [module documentation](self).
+///
+/// The store must be active when the migration starts; marks go to it through a
+/// [`Tracker`](crate::Tracker) or its bitmaps, without its lock, throughout.
+#[derive(Debug)]
+pub struct SharedDiskState<S: Storage> {
+    id: StateId,
+    name: String,
+    store: SharedStore<S>,
+    rate: DiskRate,
+    flushed: FlushStats,
+    stop: FlushStats,
+    handed_over: bool,
+    /// A store error met where the trait cannot return one (the pending query): the next
+    /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
+    /// stop cannot be timed.
+    error: Option<crate::Error>,
+}
+
+impl<S: Storage> SharedDiskState<S> {
+    /// The state for `store`, with section id `id` and name `name` (unique among the
+    /// migration's states).
+    pub fn new(id: StateId, name: impl Into<String>, store: SharedStore<S>) -> Self {
+        SharedDiskState {
+            id,
+            name: name.into(),
+            store,
+            rate: DiskRate::new(),
+            flushed: FlushStats::default(),
+            stop: FlushStats::default(),
+            handed_over: false,
+            error: None,
+        }
+    }
+
+    /// The disk's figures measured so far.
+    pub fn disk_rate(&self) -> DiskRate {
+        self.rate
+    }
+
+    /// The flushes run while the VM ran (setup included), summed.
+    pub fn flushed(&self) -> FlushStats {
+        self.flushed
+    }
+
+    /// Whether the store is handed over (inactivated by the stop and not taken back).
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// The store.
+    pub fn store(&self) -> &SharedStore<S> {
+        &self.store
+    }
+
+    fn observe(&mut self, s: &FlushStats) {
+        self.rate.observe(s);
+        self.flushed.accumulate(s);
+    }
+}
+
+impl<S: Storage> MigrationState for SharedDiskState<S> {
+    fn id(&self) -> StateId {
+        self.id
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Flushes what changed so far (the first measurement of the disk), and times one
+    /// barrier if that flush had nothing to write.
+    fn setup(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
+        let (flushed, barrier) = {
+            let mut st = self.store.lock();
+            if !st.is_active() {
+                return Err(MigrationError::Bitmap(crate::Error::WrongState(
+                    crate::StateProblem::NotActive,
+                )));
+            }
+            let f = st.flush()?;
+            let b = if f.syncs == 0 {
+                Some(st.barrier()?)
+            } else {
+                None
+            };
+            (f, b)
+        };
+        self.observe(&flushed);
+        if let Some(b) = barrier {
+            self.rate.observe(&b);
+        }
+        self.handed_over = false;
+        self.stop = FlushStats::default();
+        Ok(Bytes(0))
+    }
+
+    fn pending(&mut self, exact: bool) -> Pending {
+        let work = {
+            let st = self.store.lock();
+            if exact {
+                st.stop_work_exact()
+            } else {
+                Ok(st.stop_work_estimate())
+            }
+        };
+        let disk_time = match work {
+            Ok(w) => self.rate.time(w),
+            Err(e) => {
+                self.error = Some(e);
+                Millis::MAX
+            }
+        };
+        Pending {
+            disk_time,
+            ..Pending::default()
+        }
+    }
+
+    fn iterate(&mut self, _out: &mut dyn Outbound, _budget: Bytes) -> Result<Bytes> {
+        Ok(Bytes(0))
+    }
+
+    /// Writes the changed regions, if any, and measures the disk with them.
+    fn flush(&mut self) -> Result<Bytes> {
+        if let Some(e) = self.error.take() {
+            return Err(e.into());
+        }
+        let s = {
+            let mut st = self.store.lock();
+            if st.pending_estimate() == 0 {
+                return Ok(Bytes(0));
+            }
+            st.flush()?
+        };
+        self.observe(&s);
+        Ok(Bytes(s.bytes_written))
+    }
+
+    /// The incremental inactivate, with the VM stopped.
+    fn complete(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
+        let s = self.store.lock().inactivate()?;
+        self.rate.observe(&s);
+        self.stop = s;
+        self.handed_over = true;
+        Ok(Bytes(0))
+    }
+
+    fn disk_stop(&self) -> FlushStats {
+        self.stop
+    }
+
+    /// Nothing to undo: the store is still active and holds every mark.
+    fn cancel(&mut self) {}
+
+    /// Nothing to re-dirty: nothing went on the wire.
+    fn resume_source(&mut self) {}
+
+    /// Activates the store again if the stop had handed it over.
+    fn reactivate(&mut self) -> Result<()> {
+        if self.handed_over {
+            self.store.lock().activate()?;
+            self.handed_over = false;
+        }
+        Ok(())
+    }
+}

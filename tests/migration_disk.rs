@@ -1,0 +1,721 @@
+//! Disk bitmaps inside the migration loop, shared-storage mode: the store is flushed during
+//! precopy, its stop time is counted in the downtime, and no mark is lost when a hand-over
+//! fails. Judged with QEMU's tools where the disk is concerned.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::qemu::{assert_qemu_clean, qemu_bitmaps};
+use dirty_bitmap::migration::guest::{new_log, Vm};
+use dirty_bitmap::migration::sim::{DestModel, Loopback, Sim};
+use dirty_bitmap::migration::{
+    run, AutoConverge, Bytes, BytesPerMs, Clock, Control, Controller, DestMessage, Endpoints,
+    GuestRam, Inbound, Kind, LoopConfig, MigrationError, MigrationState, Millis, Outbound, Pattern,
+    Pending, RamState, RealClock, SetupMode, SharedDiskState, StallAction, StallReport, StateId,
+    Workload, WorkloadConfig, RAM_ID,
+};
+use dirty_bitmap::rng::SplitMix64;
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore, Tracker};
+
+const GIB: u64 = 1 << 30;
+const DISK: u64 = 64 * GIB;
+const DISK_ID: StateId = 2;
+
+// ---------------------------------------------------------------------------------------
+// The switchover rule with a disk stop time, under the virtual clock.
+
+/// A disk state whose stop takes `stop` of virtual time and sends nothing: what the loop
+/// sees of a [`SharedDiskState`], with the disk under the simulation's clock.
+struct VirtualDisk {
+    sim: Sim,
+    stop: Millis,
+    completed: bool,
+}
+
+impl MigrationState for VirtualDisk {
+    fn id(&self) -> StateId {
+        DISK_ID
+    }
+    fn name(&self) -> &str {
+        "disk"
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _exact: bool) -> Pending {
+        Pending {
+            disk_time: if self.completed { Millis(0) } else { self.stop },
+            ..Pending::default()
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        let until = self.sim.now() + self.stop.as_duration();
+        self.sim.sleep_until(until);
+        self.completed = true;
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+struct GiveUpAfter(u32);
+
+impl Controller for GiveUpAfter {
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        self.0 = self.0.saturating_sub(1);
+        if self.0 == 0 {
+            StallAction::Cancel
+        } else {
+            StallAction::KeepGoing
+        }
+    }
+}
+
+/// One simulated migration of a 256-page guest dirtying `rate` pages per ms over a link of
+/// 1 MB/s-ish, with a disk state whose stop takes `stop`.
+fn simulate(
+    stop: Millis,
+    rate: f64,
+) -> (
+    dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>,
+    Sim,
+) {
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let link = BytesPerMs::from_bytes_per_ms(2000.0);
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        rate,
+        Pattern::Uniform,
+        link,
+        7,
+    );
+    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+    let mut disk = VirtualDisk {
+        sim: sim.clone(),
+        stop,
+        completed: false,
+    };
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState, &mut disk],
+        &mut GiveUpAfter(3),
+    );
+    (r, sim)
+}
+
+#[test]
+fn the_disk_stop_time_comes_off_the_limit_and_the_downtime_includes_it() {
+    for stop in [0u64, 50, 150, 250] {
+        let (r, sim) = simulate(Millis(stop), 0.05);
+        let o = r.unwrap();
+        assert_eq!(o.kind, Kind::Completed, "stop {stop} ms");
+        assert_eq!(o.pending_at_switch.disk_time, Millis(stop));
+        assert!(o.exact_at_switch);
+        // The threshold the network pending was held to is the link's bytes in what is
+        // left of the limit once the disk took its part.
+        let link = sim.link_bw().get();
+        let left = (300 - stop) as f64;
+        assert!(
+            o.threshold_at_switch.get() as f64 <= link * left,
+            "stop {stop}: threshold {} over {link} B/ms × {left} ms",
+            o.threshold_at_switch
+        );
+        assert!(o.pending_at_switch.total() <= o.threshold_at_switch);
+        // The downtime counts the disk's stop and stays within the limit.
+        assert!(
+            o.downtime >= Duration::from_millis(stop),
+            "stop {stop}: {o:?}"
+        );
+        assert!(
+            o.downtime <= Duration::from_millis(300),
+            "stop {stop}: {o:?}"
+        );
+    }
+}
+
+#[test]
+fn a_disk_stop_that_takes_the_whole_limit_never_switches_over() {
+    // Equal to the limit: nothing is left for the network, not even the control frames.
+    // Above it: the same. The loop reports stalls and the controller gives up.
+    for stop in [300u64, 301, 10_000] {
+        let (r, sim) = simulate(Millis(stop), 0.05);
+        let o = r.unwrap();
+        assert_eq!(o.kind, Kind::NotConverging, "stop {stop} ms");
+        assert!(sim.guest_running(), "the source must keep running");
+        assert_eq!(o.downtime, Duration::ZERO);
+    }
+}
+
+/// A state that claims `claim` bytes pending for the wire and sends none (the sim's
+/// destination has no handler for its sections): the decision alone is under test.
+struct Claims(Bytes);
+
+impl MigrationState for Claims {
+    fn id(&self) -> StateId {
+        3
+    }
+    fn name(&self) -> &str {
+        "claims"
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> Pending {
+        Pending {
+            must_precopy: self.0,
+            ..Pending::default()
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// The edge: network pending exactly `bandwidth × (limit − switchover cost − disk time)`
+/// switches over (the one `≤`), one byte more does not, on the gate and the decision alike.
+#[test]
+fn network_pending_equal_to_what_the_disk_leaves_switches_one_byte_more_does_not() {
+    let bw = 1000u64; // bytes per ms
+    let limit = 300u64;
+    let cost = 20u64;
+    for disk in [0u64, 1, 100, 279] {
+        for extra in [0u64, 1] {
+            let pages = 4;
+            let ram = Arc::new(GuestRam::new(pages).unwrap());
+            let log = Arc::new(new_log(&ram).unwrap());
+            let link = BytesPerMs::from_bytes_per_ms(bw as f64);
+            let sim = Sim::new(
+                Arc::clone(&ram),
+                Arc::clone(&log),
+                0.0,
+                Pattern::Uniform,
+                link,
+                3,
+            );
+            // RAM that nobody writes: after its first pass it has nothing pending.
+            let mut ram = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+            let control = sim.control_cost(&Control::Switchover { postcopy: true })
+                + sim.control_cost(&Control::End);
+            let budget = bw * (limit - cost - disk);
+            let claim = Bytes(budget + extra).saturating_sub(control);
+            let mut net = Claims(claim);
+            let mut d = VirtualDisk {
+                sim: sim.clone(),
+                stop: Millis(disk),
+                completed: false,
+            };
+            let cfg = LoopConfig {
+                downtime_limit: Millis(limit),
+                switchover_cost: Millis(cost),
+                avail_switchover_bandwidth: Some(link),
+                max_bandwidth: None,
+                ..LoopConfig::default()
+            };
+            let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+            let r = run(
+                &cfg,
+                Endpoints {
+                    clock: &mut c,
+                    vm: &mut v,
+                    out: &mut o,
+                    inbound: &mut i,
+                },
+                &mut [&mut ram as &mut dyn MigrationState, &mut net, &mut d],
+                &mut GiveUpAfter(2),
+            )
+            .unwrap();
+            let want = if extra == 0 {
+                Kind::Completed
+            } else {
+                Kind::NotConverging
+            };
+            assert_eq!(r.kind, want, "disk {disk} ms, pending budget + {extra}");
+            if extra == 0 {
+                assert_eq!(r.threshold_at_switch, Bytes(budget));
+                assert_eq!(r.pending_at_switch.total(), Bytes(budget));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A real store on a file, real vCPU threads and a disk writer marking throughout.
+
+/// Writes to the disk: random 4 KiB writes, each marked through a [`Tracker`] and logged,
+/// until paused. A pause waits for the write in flight (the VM's disk I/O drains at stop).
+struct DiskWriter {
+    paused: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    in_flight: Arc<Mutex<()>>,
+    log: Arc<Mutex<Vec<u64>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiskWriter {
+    fn start(tracker: Tracker, seed: u64) -> DiskWriter {
+        let paused = Arc::new(AtomicBool::new(false));
+        let quit = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(Mutex::new(()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (p, q, f, l) = (
+            Arc::clone(&paused),
+            Arc::clone(&quit),
+            Arc::clone(&in_flight),
+            Arc::clone(&log),
+        );
+        let handle = std::thread::spawn(move || {
+            let mut rng = SplitMix64::new(seed);
+            while !q.load(Ordering::SeqCst) {
+                {
+                    let _g = f.lock().unwrap();
+                    if !p.load(Ordering::SeqCst) {
+                        let off = rng.below(DISK / 4096) * 4096;
+                        tracker.mark(off, 4096);
+                        l.lock().unwrap().push(off);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        DiskWriter {
+            paused,
+            quit,
+            in_flight,
+            log,
+            handle: Some(handle),
+        }
+    }
+
+    fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        drop(self.in_flight.lock().unwrap());
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    fn marks(&self) -> Vec<u64> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn shutdown(mut self) -> Vec<u64> {
+        self.quit.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        self.marks()
+    }
+}
+
+/// The guest: vCPUs writing RAM and a disk writer; stopping it stops both and drains the
+/// disk write in flight, as the `Vm` contract asks.
+struct Guest {
+    vcpus: Workload,
+    disk: DiskWriter,
+}
+
+impl Vm for Guest {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.vcpus.stop()?;
+        self.disk.pause();
+        Ok(())
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.disk.resume();
+        self.vcpus.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vcpus.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.vcpus.run_until(now);
+    }
+}
+
+struct LinkOut<'a, 'b>(&'a RefCell<&'b mut Loopback>);
+struct LinkIn<'a, 'b>(&'a RefCell<&'b mut Loopback>);
+
+impl Outbound for LinkOut<'_, '_> {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> dirty_bitmap::migration::Result<Bytes> {
+        self.0.borrow_mut().send(state, payload)
+    }
+    fn control(&mut self, msg: &Control) -> dirty_bitmap::migration::Result<Bytes> {
+        self.0.borrow_mut().control(msg)
+    }
+    fn lift_rate_limit(&mut self) {
+        self.0.borrow_mut().lift_rate_limit();
+    }
+    fn section_overhead(&self) -> Bytes {
+        self.0.borrow().section_overhead()
+    }
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        self.0.borrow().control_cost(msg)
+    }
+    fn bytes_sent(&self) -> Bytes {
+        self.0.borrow().bytes_sent()
+    }
+}
+
+impl Inbound for LinkIn<'_, '_> {
+    fn try_recv(&mut self) -> dirty_bitmap::migration::Result<Option<DestMessage>> {
+        self.0.borrow_mut().try_recv()
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<DestMessage> {
+        self.0.borrow_mut().recv()
+    }
+}
+
+/// A fresh image of a 64 GiB disk with bitmap `b` (64 KiB granularity), active.
+fn new_store(dir: &Path) -> (PathBuf, SharedStore<FileStorage>) {
+    let img = dir.join("disk.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    (img, SharedStore::new(s))
+}
+
+struct Rig {
+    guest: Guest,
+    ram: RamState,
+    disk: SharedDiskState<FileStorage>,
+    link: Loopback,
+    pages: u64,
+}
+
+fn rig(store: &SharedStore<FileStorage>, seed: u64) -> Rig {
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let workload = WorkloadConfig {
+        vcpus: 1,
+        writes_per_sec: 5_000,
+        pattern: Pattern::HOT_90_5,
+        seed,
+    };
+    let vcpus = Workload::start(Arc::clone(&ram), Arc::clone(&log), workload).unwrap();
+    let tracker = store.lock().tracker().unwrap();
+    let disk = DiskWriter::start(tracker, seed);
+    std::thread::sleep(Duration::from_millis(20));
+    let state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 16).unwrap();
+    Rig {
+        guest: Guest { vcpus, disk },
+        ram: state,
+        disk: SharedDiskState::new(DISK_ID, "disk-bitmaps", store.clone()),
+        link: Loopback::new(DestModel::new(RAM_ID, pages, seed)),
+        pages,
+    }
+}
+
+fn cfg() -> LoopConfig {
+    LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(4 << 20)),
+        ..LoopConfig::default()
+    }
+}
+
+fn attempt(
+    r: &mut Rig,
+    inbound: Option<&mut dyn Inbound>,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    let link = RefCell::new(&mut r.link);
+    let mut default_in = LinkIn(&link);
+    let inbound: &mut dyn Inbound = match inbound {
+        Some(i) => i,
+        None => &mut default_in,
+    };
+    run(
+        &cfg(),
+        Endpoints {
+            clock: &mut RealClock::new(),
+            vm: &mut r.guest,
+            out: &mut LinkOut(&link),
+            inbound,
+        },
+        &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
+        &mut AutoConverge::default(),
+    )
+}
+
+/// Every logged mark is dirty in bitmap `b` of `img` as read from disk, which QEMU sees
+/// without `in_use`, and `qemu-img check` is clean.
+fn assert_on_disk(img: &Path, marks: &[u64]) {
+    let s = BitmapStore::open(
+        FileStorage::open(img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let b = s.load("b").unwrap();
+    let lost: Vec<u64> = marks.iter().copied().filter(|&o| !b.is_dirty(o)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} marks lost on disk, first {:?}",
+        lost.len(),
+        marks.len(),
+        lost.first()
+    );
+    drop(s);
+    let q = qemu_bitmaps(img);
+    assert_eq!(q.len(), 1);
+    assert!(!q[0].2.iter().any(|f| f == "in-use"), "{q:?}");
+    assert_qemu_clean(img);
+}
+
+#[test]
+fn a_hand_over_flushes_during_precopy_and_the_downtime_holds_the_inactivate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 11);
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    // Precopy flushed the disk bitmap; the stop wrote only the remainder and the commit.
+    assert!(o.disk_flushed > Bytes(0), "{o:?}");
+    assert!(o.disk_stop.syncs >= 1, "{o:?}");
+    assert!(o.disk_stop.duration <= o.downtime, "{o:?}");
+    assert!(o.pending_at_switch.disk_time < Millis::MAX);
+    assert!(r.disk.handed_over());
+    assert!(!store.lock().is_active());
+    // The guest is stopped, its disk writes drained: every mark made is on disk.
+    let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
+    let dst = r.link.dest.ram().to_vec();
+    assert_eq!(dst.len() as u64, r.pages * 4096);
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+#[test]
+fn a_refused_hand_over_activates_the_store_again_before_the_guest_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 12);
+    r.link.dest.refuse = Some("no".into());
+    let e = attempt(&mut r, None).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    // Active again, holding every mark; the guest runs and marks on.
+    assert!(store.lock().is_active());
+    assert!(!r.disk.handed_over());
+    let before = r.guest.disk.marks().len();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        r.guest.disk.marks().len() > before,
+        "the guest did not resume its disk writes"
+    );
+    // A retry hands over.
+    r.link.dest.refuse = None;
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    let marks = r.guest.disk.marks();
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+/// The destination's answers, but when asked to start it opens the image writable (a
+/// destination taking the disk over) and then refuses, keeping it open.
+struct TakesTheImage<'a, 'b> {
+    link: LinkIn<'a, 'b>,
+    img: PathBuf,
+    held: Option<FileStorage>,
+}
+
+impl Inbound for TakesTheImage<'_, '_> {
+    fn try_recv(&mut self) -> dirty_bitmap::migration::Result<Option<DestMessage>> {
+        self.link.try_recv()
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<DestMessage> {
+        // The source inactivated: its writer locks are released, so this open succeeds.
+        self.held = Some(FileStorage::open(&self.img, OpenMode::ReadWrite).unwrap());
+        let _ = self.link.recv()?;
+        Ok(DestMessage::Refused("changed my mind".into()))
+    }
+}
+
+#[test]
+fn the_source_cannot_take_back_an_image_the_destination_holds_and_stays_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 13);
+    let e = {
+        let link = RefCell::new(&mut r.link);
+        let mut inb = TakesTheImage {
+            link: LinkIn(&link),
+            img: img.clone(),
+            held: None,
+        };
+        let e = run(
+            &cfg(),
+            Endpoints {
+                clock: &mut RealClock::new(),
+                vm: &mut r.guest,
+                out: &mut LinkOut(&link),
+                inbound: &mut inb,
+            },
+            &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
+            &mut AutoConverge::default(),
+        )
+        .unwrap_err();
+        assert!(inb.held.is_some());
+        // While the destination holds the image, the source cannot activate.
+        match &e {
+            MigrationError::SourceNotResumed { cause, resume } => {
+                assert!(
+                    matches!(**cause, MigrationError::DestinationRefused(_)),
+                    "{cause}"
+                );
+                assert!(
+                    matches!(
+                        **resume,
+                        MigrationError::Bitmap(dirty_bitmap::Error::Locked { .. })
+                    ),
+                    "{resume}"
+                );
+            }
+            other => panic!("expected SourceNotResumed, got {other}"),
+        }
+        e
+    };
+    let _ = e;
+    // The source stays stopped: neither its vCPUs nor its disk writer run.
+    let before = r.guest.disk.marks().len();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(r.guest.disk.marks().len(), before);
+    assert!(!store.lock().is_active());
+    // Once the destination let go, the source takes the image back and resumes.
+    r.disk.reactivate().unwrap();
+    assert!(store.lock().is_active());
+    r.guest.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert_on_disk(&img, &r.guest.disk.marks());
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------
+// The store's side of a hand-over: locks, and a destination that died after activating.
+
+#[test]
+fn inactivate_releases_the_write_locks_and_activate_takes_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    // Active: nobody else opens it writable, nor does qemu-img read it without -U.
+    assert!(matches!(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap_err(),
+        dirty_bitmap::Error::Locked { .. }
+    ));
+    store.lock().inactivate().unwrap();
+    // Inactive: a destination opens it writable, and QEMU reads it.
+    let dest = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
+    assert!(matches!(
+        store.lock().activate().unwrap_err(),
+        dirty_bitmap::Error::Locked { .. }
+    ));
+    assert!(!store.lock().is_active());
+    drop(dest);
+    common::qemu::ok("qemu-img", &["info", common::qemu::p(&img)]);
+    store.lock().activate().unwrap();
+    assert!(store.lock().is_active());
+    assert!(matches!(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap_err(),
+        dirty_bitmap::Error::Locked { .. }
+    ));
+}
+
+#[test]
+fn a_destination_that_died_after_activating_leaves_an_image_the_source_reclaims_with_every_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let tracker = store.lock().tracker().unwrap();
+    tracker.mark(0, 4096);
+    store.lock().inactivate().unwrap();
+    // A mark while handed over (the guest must not write then, but the bitmap keeps it).
+    tracker.mark(7 * GIB, 4096);
+    {
+        // The destination opens and activates (sets in_use), then dies without a word.
+        let mut d = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        d.activate().unwrap();
+    }
+    // Meanwhile the disk says in_use: inconsistent, never clean.
+    assert!(qemu_bitmaps(&img)[0].2.iter().any(|f| f == "in-use"));
+    store.lock().activate().unwrap();
+    tracker.mark(9 * GIB, 4096);
+    store.lock().inactivate().unwrap();
+    assert_on_disk(&img, &[0, 7 * GIB, 9 * GIB]);
+}
+
+#[test]
+fn a_destination_that_changed_more_than_the_flags_is_refused_and_the_bitmap_reads_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    store.lock().bitmap("b").unwrap().mark_dirty(0, 4096);
+    store.lock().inactivate().unwrap();
+    {
+        let mut d = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        d.activate().unwrap();
+        d.add("theirs", 65536, Recording::Enabled).unwrap();
+    }
+    let e = store.lock().activate().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            dirty_bitmap::Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+        ),
+        "{e}"
+    );
+    assert!(!store.lock().is_active());
+    // The disk's copy of `b` is in_use (the destination activated it): never clean.
+    let q = qemu_bitmaps(&img);
+    let b = q.iter().find(|(n, ..)| n == "b").unwrap();
+    assert!(b.2.iter().any(|f| f == "in-use"), "{q:?}");
+}
