@@ -61,6 +61,16 @@ fn sweep_never_exceeds_the_downtime_limit() {
         assert!(r.large_ram >= n / 100, "{r:?}");
         assert!(r.large_ram_switchovers > 0, "{r:?}");
         assert!(r.largest_ram_pages > 1000, "{r:?}");
+        // Disk bitmaps on shared storage in about half the scenarios, switching over with
+        // their stop inside the downtime; and the edges: a disk stop equal to what the
+        // limit leaves, and one beyond it, never switch over (no time left for the wire).
+        assert!(r.disk_scenarios > n / 3, "{r:?}");
+        assert!(r.disk_switchovers > n / 10, "{r:?}");
+        assert!(
+            r.disk_fills_budget > 0 && r.disk_exceeds_budget > 0,
+            "{r:?}"
+        );
+        assert_eq!(r.disk_edge_switchovers, 0, "{r:?}");
     }
 }
 

@@ -12,10 +12,13 @@ use crate::units::{Bytes, Millis};
 /// would write if it ran now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StopWork {
-    /// Bitmap data, table entries and the flags words of the commit.
+    /// Bitmap data and table entries.
     pub bytes: Bytes,
     /// Barriers: one after the data (if any), one for the commit, and the refcount flush's
-    /// two when a region needs a fresh cluster.
+    /// two when a region needs a fresh cluster. The commit's own write (the directory,
+    /// rewritten in place with its flags words changed) is a few sectors, and its time is
+    /// counted in its barrier's: a disk that never had data to flush has no measured rate,
+    /// and the commit must still be timed.
     pub barriers: u64,
 }
 

@@ -12,6 +12,14 @@
 //! limit iff `bytes_in_downtime > link_bw × (downtime_limit − switchover_cost)`, with
 //! `link_bw` in bytes per ms. The link's own virtual clock rounds each send up to the next
 //! nanosecond, so a measured bandwidth is never above the link's.
+//!
+//! A scenario may also have a disk bitmap on shared storage ([`DiskSim`], run by
+//! [`SimDiskState`]): the guest's disk writes mark its regions as virtual time passes, its
+//! flushes take virtual time at the disk's rate and barrier latency (the state measures them
+//! as [`SharedDiskState`](super::SharedDiskState) measures a real disk), and its stop
+//! writes the remainder inside the downtime. Then the bound is on time: a switchover
+//! violates the limit iff `bytes_in_downtime / link_bw + disk stop time + switchover_cost >
+//! downtime_limit`, computed exactly in nanoseconds.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -31,8 +39,9 @@ use super::precopy::{
 };
 use super::ram::{RamState, SetupMode, RAM_ID};
 use super::ram_codec::{self, RAM_STATE_NAME};
-use super::state::MigrationState;
+use super::state::{MigrationState, Pending};
 use super::workload::Pattern;
+use crate::flush::{DiskRate, FlushStats, StopWork};
 use crate::rng::SplitMix64;
 use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;
@@ -579,6 +588,229 @@ pub struct Scenario {
     /// Cancel the attempt after this many exact queries (the observation run of an
     /// equality scenario).
     pub cancel_after_exact: Option<u64>,
+    /// A disk bitmap on shared storage, if any.
+    pub disk: Option<DiskSim>,
+}
+
+/// A simulated disk bitmap: its size in regions, how the guest's writes mark it, and the
+/// disk under it.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSim {
+    /// Change-map regions (of [`DiskSim::REGION`] bytes each).
+    pub regions: u64,
+    /// Disk writes per guest RAM page write, each marking one random region.
+    pub writes_per_page_write: f64,
+    /// The disk's write rate, bytes per ms.
+    pub write_rate: u64,
+    /// One barrier, in µs.
+    pub barrier_us: u64,
+}
+
+impl DiskSim {
+    /// The region size.
+    pub const REGION: u64 = 4096;
+
+    /// The disk of scenario `seed` (limit and cost in ms), drawn from a stream of its own so
+    /// that the other parameters of a seed do not move: half the scenarios have none. Of
+    /// those with one, one in ten is an edge whose stop takes exactly what the limit leaves
+    /// after the fixed cost (a guest that never writes the disk, a barrier that long: the
+    /// network gets a threshold of 0), and one in ten a disk whose barrier alone exceeds
+    /// it; the rest spread rates, latencies and write loads.
+    pub fn random(seed: u64, limit: u64, cost: u64) -> Option<DiskSim> {
+        let mut r = SplitMix64::new(seed ^ 0xD15C_5EED);
+        if r.coin() {
+            return None;
+        }
+        let left_us = limit.saturating_sub(cost) * 1000;
+        let regions = 16 + r.below(4081);
+        match r.below(10) {
+            0 => Some(DiskSim {
+                regions,
+                writes_per_page_write: 0.0,
+                write_rate: 1 << 20,
+                barrier_us: left_us,
+            }),
+            1 => Some(DiskSim {
+                regions,
+                writes_per_page_write: r.unit() * 2.0,
+                write_rate: 1 << 20,
+                barrier_us: left_us + 1 + r.below(1000),
+            }),
+            _ => {
+                let (lo, hi) = (200f64.ln(), 2e6f64.ln());
+                Some(DiskSim {
+                    regions,
+                    writes_per_page_write: r.unit() * 4.0,
+                    write_rate: (lo + r.unit() * (hi - lo)).exp() as u64,
+                    barrier_us: 20 + r.below(left_us.clamp(1, 20_000)),
+                })
+            }
+        }
+    }
+
+    /// The virtual time `work` takes on this disk, in ns, rounded up.
+    pub fn time_ns(&self, work: StopWork) -> u64 {
+        let data =
+            (u128::from(work.bytes.get()) * 1_000_000).div_ceil(u128::from(self.write_rate.max(1)));
+        let barriers = u128::from(work.barriers) * u128::from(self.barrier_us) * 1000;
+        u64::try_from(data + barriers).unwrap_or(u64::MAX)
+    }
+}
+
+/// A [`DiskSim`] as a migration state under the virtual clock: the simulated counterpart of
+/// [`SharedDiskState`](super::SharedDiskState), with the same figures (a [`DiskRate`]
+/// measured from its flushes, [`StopWork`] of the remaining regions, the directory and the
+/// barriers) and the same hooks.
+#[derive(Debug)]
+pub struct SimDiskState {
+    sim: Sim,
+    disk: DiskSim,
+    changed: Vec<bool>,
+    count: u64,
+    /// Regions changed as of the last exact query (the estimate's stale view).
+    seen: u64,
+    rng: SplitMix64,
+    credit: f64,
+    guest_writes: u64,
+    rate: DiskRate,
+    stop: FlushStats,
+    /// Nanoseconds the stop took.
+    pub stop_ns: u64,
+}
+
+/// The simulated disk's section id.
+pub const DISK_ID: StateId = 2;
+
+impl SimDiskState {
+    /// The state of `disk`, marked by the guest of `sim`.
+    pub fn new(sim: Sim, disk: DiskSim, seed: u64) -> SimDiskState {
+        let guest_writes = sim.guest_writes();
+        SimDiskState {
+            sim,
+            disk,
+            changed: vec![false; usize::try_from(disk.regions).unwrap_or(0)],
+            count: 0,
+            seen: 0,
+            rng: SplitMix64::new(seed ^ 0xD15C),
+            credit: 0.0,
+            guest_writes,
+            rate: DiskRate::new(),
+            stop: FlushStats::default(),
+            stop_ns: 0,
+        }
+    }
+
+    /// Marks the regions the guest's disk writes since the last call touched.
+    fn accrue(&mut self) {
+        let w = self.sim.guest_writes();
+        let new = w.saturating_sub(self.guest_writes);
+        self.guest_writes = w;
+        self.credit += new as f64 * self.disk.writes_per_page_write;
+        while self.credit >= 1.0 {
+            self.credit -= 1.0;
+            let r = self.rng.below(self.disk.regions.max(1)) as usize;
+            if let Some(c) = self.changed.get_mut(r) {
+                if !*c {
+                    *c = true;
+                    self.count += 1;
+                }
+            }
+        }
+    }
+
+    fn work(&self, regions: u64) -> StopWork {
+        StopWork {
+            bytes: Bytes(regions * DiskSim::REGION),
+            barriers: u64::from(regions > 0) + 1,
+        }
+    }
+
+    /// Writes every changed region (and a barrier), taking the virtual time it costs;
+    /// returns what it did.
+    fn write_out(&mut self, commit: bool) -> FlushStats {
+        let regions = self.count;
+        let mut work = StopWork {
+            bytes: Bytes(regions * DiskSim::REGION),
+            barriers: u64::from(regions > 0),
+        };
+        if commit {
+            work = self.work(regions);
+        }
+        let ns = self.disk.time_ns(work);
+        let sync_ns = work.barriers * self.disk.barrier_us * 1000;
+        let until = self.sim.now() + Duration::from_nanos(ns);
+        self.sim.clone().sleep_until(until);
+        self.changed.iter_mut().for_each(|c| *c = false);
+        self.count = 0;
+        FlushStats {
+            regions,
+            bytes_written: work.bytes.get(),
+            clusters_allocated: 0,
+            syncs: work.barriers,
+            sync_time: Duration::from_nanos(sync_ns),
+            duration: Duration::from_nanos(ns),
+        }
+    }
+}
+
+impl MigrationState for SimDiskState {
+    fn id(&self) -> StateId {
+        DISK_ID
+    }
+    fn name(&self) -> &str {
+        "disk-bitmaps"
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> Result<Bytes> {
+        self.accrue();
+        let mut f = self.write_out(false);
+        if f.syncs == 0 {
+            // Nothing to write: time one barrier, as SharedDiskState does.
+            let lat = Duration::from_micros(self.disk.barrier_us);
+            let until = self.sim.now() + lat;
+            self.sim.clone().sleep_until(until);
+            f.syncs = 1;
+            f.sync_time = lat;
+            f.duration = lat;
+        }
+        self.rate.observe(&f);
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, exact: bool) -> Pending {
+        if exact {
+            self.accrue();
+            self.seen = self.count;
+        }
+        Pending {
+            disk_time: self.rate.time(self.work(self.seen)),
+            ..Pending::default()
+        }
+    }
+    fn iterate(&mut self, _: &mut dyn Outbound, _: Bytes) -> Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn flush(&mut self) -> Result<Bytes> {
+        self.accrue();
+        if self.count == 0 {
+            return Ok(Bytes(0));
+        }
+        let f = self.write_out(false);
+        self.rate.observe(&f);
+        self.seen = self.count;
+        Ok(Bytes(f.bytes_written))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> Result<Bytes> {
+        self.accrue();
+        let t0 = self.sim.now();
+        self.stop = self.write_out(true);
+        self.stop_ns =
+            u64::try_from(self.sim.now().saturating_sub(t0).as_nanos()).unwrap_or(u64::MAX);
+        Ok(Bytes(0))
+    }
+    fn disk_stop(&self) -> FlushStats {
+        self.stop
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
 }
 
 /// What one scenario did.
@@ -608,6 +840,8 @@ pub struct ScenarioResult {
     /// The estimates the loop saw after the first measurement window and before its first
     /// exact query.
     pub first_pass_estimates: Vec<Bytes>,
+    /// For a switchover with a disk: the virtual time its stop took, in ns.
+    pub disk_stop_ns: u64,
 }
 
 /// The sim's controller: postcopy per scenario, auto-converge on stalls, cancel at the end.
@@ -735,7 +969,13 @@ impl Scenario {
             postcopy,
             rule: Rule::Fixed,
             cancel_after_exact: None,
+            disk: DiskSim::random(seed, downtime_limit, switchover_cost),
         }
+    }
+
+    /// The same scenario without its disk.
+    pub fn without_disk(self) -> Scenario {
+        Scenario { disk: None, ..self }
     }
 
     /// The loop parameters of this scenario.
@@ -792,8 +1032,15 @@ impl Scenario {
             empty_window_seen: false,
             estimates: Vec::new(),
         };
+        let mut disk = self
+            .disk
+            .map(|d| SimDiskState::new(sim.clone(), d, self.seed));
         let (mut clock, mut vm, mut out, mut inbound) =
             (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+        let mut states: Vec<&mut dyn MigrationState> = vec![&mut state];
+        if let Some(d) = disk.as_mut() {
+            states.push(d);
+        }
         let outcome = run(
             &self.config(),
             Endpoints {
@@ -802,9 +1049,11 @@ impl Scenario {
                 out: &mut out,
                 inbound: &mut inbound,
             },
-            &mut [&mut state as &mut dyn MigrationState],
+            &mut states,
             &mut control,
         );
+        drop(states);
+        let disk_ns = disk.as_ref().map_or(0, |d| d.stop_ns);
         // The link's own figure (whole bytes per ms), so that `allowed` is exact.
         let link_bw = sim.link_bw();
         let allowed = link_bw * (self.downtime_limit - self.switchover_cost);
@@ -820,13 +1069,23 @@ impl Scenario {
             zero_threshold_seen: control.zero_threshold_seen,
             empty_window_seen: control.empty_window_seen,
             first_pass_estimates: control.estimates,
+            disk_stop_ns: 0,
         };
         if let Ok(o) = outcome {
             if matches!(o.kind, Kind::Completed | Kind::Postcopy) {
                 let b = o.bytes_in_downtime.get();
-                result.violation = o.bytes_in_downtime > allowed;
+                // In ns × link bytes per ms, exactly: wire time + disk time ≤ the limit
+                // less the fixed cost.
+                let link = u128::from(link_bw.get() as u64);
+                let left_ns =
+                    u128::from((self.downtime_limit - self.switchover_cost).get()) * 1_000_000;
+                result.violation =
+                    u128::from(b) * 1_000_000 + u128::from(disk_ns) * link > left_ns * link;
+                result.disk_stop_ns = disk_ns;
                 result.overshoot_ms = Some(
-                    b as f64 / link_bw.get() + self.switchover_cost.get() as f64
+                    b as f64 / link_bw.get()
+                        + disk_ns as f64 / 1e6
+                        + self.switchover_cost.get() as f64
                         - self.downtime_limit.get() as f64,
                 );
                 let compared = if o.kind == Kind::Completed {
@@ -856,6 +1115,7 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
     let mut base = Scenario::random(seed);
     let mut r = SplitMix64::new(seed ^ 0xE0);
     base.postcopy = None;
+    base.disk = None;
     base.max_bandwidth = None;
     base.switchover_cost = Millis(0);
     // A first pass of 200 to 900 ms, so that the threshold exists before it ends.
@@ -930,6 +1190,19 @@ pub struct SweepReport {
     pub large_ram_switchovers: u64,
     /// The largest RAM of the sweep, in pages.
     pub largest_ram_pages: u64,
+    /// Scenarios with a disk bitmap on shared storage.
+    pub disk_scenarios: u64,
+    /// Of which switched over (the stop's disk time inside the downtime).
+    pub disk_switchovers: u64,
+    /// The longest disk stop of a switchover, in ms.
+    pub largest_disk_stop_ms: f64,
+    /// Disk scenarios whose stop takes exactly what the limit leaves after the fixed cost.
+    pub disk_fills_budget: u64,
+    /// Disk scenarios whose stop alone exceeds it.
+    pub disk_exceeds_budget: u64,
+    /// Of those two kinds, switchovers (each would leave the network no time: none is
+    /// right).
+    pub disk_edge_switchovers: u64,
     /// Seeds of the scenarios that violated the limit, mismatched or failed (first 20).
     pub failing_seeds: Vec<u64>,
 }
@@ -941,6 +1214,17 @@ impl SweepReport {
         self.large_ram += u64::from(large);
         self.large_ram_switchovers += u64::from(large && r.content_ok.is_some());
         self.largest_ram_pages = self.largest_ram_pages.max(r.scenario.pages);
+        if let Some(d) = r.scenario.disk {
+            let left_us = (r.scenario.downtime_limit - r.scenario.switchover_cost).get() * 1000;
+            let fills = d.barrier_us == left_us && d.writes_per_page_write == 0.0;
+            let exceeds = d.barrier_us > left_us;
+            self.disk_fills_budget += u64::from(fills);
+            self.disk_exceeds_budget += u64::from(exceeds);
+            self.disk_edge_switchovers += u64::from((fills || exceeds) && r.content_ok.is_some());
+            self.disk_scenarios += 1;
+            self.disk_switchovers += u64::from(r.content_ok.is_some());
+            self.largest_disk_stop_ms = self.largest_disk_stop_ms.max(r.disk_stop_ns as f64 / 1e6);
+        }
         let bad = r.violation || r.content_ok == Some(false) || r.outcome.is_err();
         match &r.outcome {
             Ok(o) => match o.kind {

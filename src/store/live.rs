@@ -90,8 +90,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// What [`inactivate`](Self::inactivate) would write now, estimated for free: the
-    /// [`pending_estimate`](Self::pending_estimate), the directory (the commit rewrites it
-    /// in place), a barrier after the data if there is any and one for the commit. It
+    /// [`pending_estimate`](Self::pending_estimate), a barrier after the data if there is
+    /// any and one for the commit (whose small in-place directory write
+    /// [`StopWork`] counts in its barrier). It
     /// assumes no allocation (the flushes before a stop allocate; see
     /// [`stop_work_exact`](Self::stop_work_exact)). Nothing when inactive.
     pub fn stop_work_estimate(&self) -> StopWork {
@@ -102,7 +103,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// What [`inactivate`](Self::inactivate) would write now, exactly: the
-    /// [`pending_exact`](Self::pending_exact) bytes, the directory, and the barriers: one
+    /// [`pending_exact`](Self::pending_exact) bytes and the barriers: one
     /// after the data, one for the commit, and the refcount flush's two if a region needs
     /// a fresh cluster. No region is lost (as `pending_exact`). Nothing when inactive.
     ///
@@ -118,15 +119,11 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn stop_work(&self, data: u64, fresh_clusters: u64) -> StopWork {
-        let commit = if self.slots.iter().any(|s| s.mem.is_some()) {
-            self.dir.map_or(0, |(_, size)| size)
-        } else {
-            0
-        };
+        let commit = self.slots.iter().any(|s| s.mem.is_some());
         StopWork {
-            bytes: Bytes(data.saturating_add(commit)),
+            bytes: Bytes(data),
             barriers: u64::from(data > 0)
-                + u64::from(commit > 0)
+                + u64::from(commit)
                 + if fresh_clusters > 0 { 2 } else { 0 },
         }
     }

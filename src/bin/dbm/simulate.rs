@@ -59,6 +59,9 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
     let text = if args.json {
         let v = json!({
             "content-mismatches": r.content_mismatches,
+            "disk-scenarios": r.disk_scenarios,
+            "disk-switchovers": r.disk_switchovers,
+            "largest-disk-stop-ms": r.largest_disk_stop_ms,
             "empty-window-runs": r.empty_window_seen,
             "equal-at-switch": r.equal_at_switch,
             "equal-estimate-runs": r.equal_estimate_seen,
@@ -85,6 +88,12 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
             r.scenarios, r.equality_scenarios
         );
         let _ = writeln!(s, "switchovers {} ({} postcopy)", r.switchovers, r.postcopy);
+        let _ = writeln!(
+            s,
+            "with a disk bitmap on shared storage {} ({} switched over, longest disk stop \
+             {:.3} ms, inside the downtime)",
+            r.disk_scenarios, r.disk_switchovers, r.largest_disk_stop_ms
+        );
         let _ = writeln!(s, "downtime-limit violations {}", r.violations);
         match r.largest_overshoot_ms {
             Some(o) => {
