@@ -858,8 +858,36 @@ fn assert_migration_part(out: &str, pages: u64) {
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no downtime figure in {down:?}"));
     let limit = demo_figure(down, "(limit ") as f64;
+    // The disk bitmap's stop is inside the downtime.
+    let inactivate_ms: f64 = down
+        .split(", ")
+        .last()
+        .and_then(|w| w.strip_suffix(" ms"))
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no inactivate time in {down:?}"));
+    assert!(
+        down.contains("of which the disk bitmap's inactivate: ") && inactivate_ms <= ms,
+        "{down}"
+    );
+    // The switchover rule with the disk: the network pending against what the limit
+    // leaves once the disk's stop time is taken off.
+    let rule = line_starting(part, "the switchover rule: ");
+    assert_eq!(demo_figure(rule, "network pending "), pending, "{rule}");
+    assert_eq!(demo_figure(rule, "(limit ") as f64, limit, "{rule}");
+    let disk_ms = demo_figure(rule, "disk stop time ");
+    assert!((disk_ms as f64) < limit, "{rule}");
+    assert_eq!(demo_figure(rule, ") = "), threshold, "{rule}");
+    let found = line_starting(part, "the destination opened the image writable");
+    assert!(demo_figure(found, "found all ") > 0, "{found}");
+    assert!(
+        found.contains("disk writes dirty; qemu-img check: "),
+        "{found}"
+    );
+    let failed = line_starting(part, "the destination refused; the source activated");
+    assert!(demo_figure(failed, "resumed: ") > 0, "{failed}");
+    assert!(failed.contains("disk writes marked, 0 lost"), "{failed}");
     if ms <= limit {
-        assert!(down.ends_with("within the limit"), "{down}");
+        assert!(down.contains("within the limit"), "{down}");
     } else {
         assert!(
             down.contains("over the limit by") && down.contains("load average"),

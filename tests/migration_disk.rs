@@ -719,3 +719,152 @@ fn a_destination_that_changed_more_than_the_flags_is_refused_and_the_bitmap_read
     let b = q.iter().find(|(n, ..)| n == "b").unwrap();
     assert!(b.2.iter().any(|f| f == "in-use"), "{q:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Over TCP, with the destination's side of the disk state.
+
+use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::{DestState, SharedDestState, SharedDiskDest};
+
+/// A destination-side state that cannot take over.
+#[derive(Debug)]
+struct CannotTakeOver;
+
+impl DestState for CannotTakeOver {
+    fn name(&self) -> &str {
+        "other"
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        Err(MigrationError::InvalidInput("no room for it here".into()))
+    }
+}
+
+/// A source state that only declares itself (its destination side is `CannotTakeOver`).
+struct Declared;
+
+impl MigrationState for Declared {
+    fn id(&self) -> StateId {
+        9
+    }
+    fn name(&self) -> &str {
+        "other"
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> Pending {
+        Pending::default()
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+fn tcp_attempt(
+    r: &mut Rig,
+    dest_states: Vec<SharedDestState>,
+    extra: Option<&mut dyn MigrationState>,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    let dest = TcpDestination::spawn(DestOptions {
+        states: dest_states,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut states: Vec<&mut dyn MigrationState> = vec![&mut r.ram, &mut r.disk];
+    if let Some(e) = extra {
+        states.push(e);
+    }
+    let res = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: cfg(),
+            ..SourceOptions::default()
+        },
+        &mut r.guest,
+        &mut states,
+        &mut AutoConverge::default(),
+    );
+    let _ = dest.join();
+    res.map(|s| s.outcome)
+}
+
+#[test]
+fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 21);
+    let dest = Arc::new(Mutex::new(SharedDiskDest::file(
+        "disk-bitmaps",
+        img.clone(),
+    )));
+    let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(!store.lock().is_active());
+    // The destination holds the image now, active: every mark the source made is dirty.
+    let mut d = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the destination took over");
+    assert!(d.is_active());
+    let marks = r.guest.disk.marks();
+    let b = d.bitmap("b").unwrap();
+    assert!(marks.iter().all(|&m| b.is_dirty(m)));
+    // And the source cannot take it back while it does.
+    assert!(matches!(
+        store.lock().activate().unwrap_err(),
+        dirty_bitmap::Error::Locked { .. }
+    ));
+    d.inactivate().unwrap();
+    drop(d);
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+#[test]
+fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_source_left_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 22);
+    // The disk's destination side takes over first (activates: in_use set), then the other
+    // state cannot: the destination refuses, and the disk side puts its flags back.
+    let dest = Arc::new(Mutex::new(SharedDiskDest::file(
+        "disk-bitmaps",
+        img.clone(),
+    )));
+    let other: SharedDestState = Arc::new(Mutex::new(CannotTakeOver));
+    let mut declared = Declared;
+    let e = tcp_attempt(
+        &mut r,
+        vec![dest.clone() as SharedDestState, other],
+        Some(&mut declared),
+    )
+    .unwrap_err();
+    match &e {
+        MigrationError::DestinationRefused(why) => assert!(why.contains("no room"), "{why}"),
+        other => panic!("expected a refusal, got {other}"),
+    }
+    assert!(dest.lock().unwrap().take_store().is_none());
+    // The source took its bitmaps back (the directory was as it left it) and runs on.
+    assert!(store.lock().is_active());
+    let before = r.guest.disk.marks().len();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(r.guest.disk.marks().len() > before);
+    store.lock().inactivate().unwrap();
+    let marks = r.guest.disk.shutdown();
+    store.lock().activate().unwrap();
+    store.lock().inactivate().unwrap();
+    assert_on_disk(&img, &marks);
+    r.guest.vcpus.shutdown();
+}

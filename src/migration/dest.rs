@@ -36,6 +36,7 @@ use std::io::{Read, Write};
 
 use memmap2::MmapMut;
 
+use super::dest_state::{self, SharedDestState};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
@@ -355,6 +356,9 @@ pub struct DestCore {
     ram_state: Option<StateId>,
     states: BTreeMap<StateId, String>,
     handler: Option<SectionHandler>,
+    /// Destination-side states, by name, and the ids this attempt's Hello gave them.
+    dest_states: Vec<SharedDestState>,
+    declared: BTreeMap<StateId, usize>,
     postcopy: bool,
     failure: Option<String>,
     /// The guest ran here (Started was sent): the RAM is no longer the source's alone.
@@ -390,6 +394,8 @@ impl DestCore {
             ram_state: None,
             states: BTreeMap::new(),
             handler: None,
+            dest_states: Vec::new(),
+            declared: BTreeMap::new(),
             postcopy: false,
             failure: None,
             ran: false,
@@ -429,6 +435,12 @@ impl DestCore {
     /// a state is refused.
     pub fn set_section_handler(&mut self, handler: SectionHandler) {
         self.handler = Some(handler);
+    }
+
+    /// Takes the state of that name: a Hello that declares it calls its hooks (see
+    /// [`DestState`]) instead of the section handler.
+    pub fn add_state(&mut self, state: SharedDestState) {
+        self.dest_states.push(state);
     }
 
     /// The source's Hello, once read.
@@ -483,8 +495,12 @@ impl DestCore {
         }
     }
 
-    /// Marks the core failed with `e` (an error of its channel, say).
+    /// Marks the core failed with `e` (an error of its channel, say). Unless the guest
+    /// started here, every declared [`DestState`] hears of it ([`DestState::failed`]).
     pub fn fail(&mut self, e: &MigrationError) {
+        if self.phase != Phase::Failed && !self.ran {
+            self.undo_states();
+        }
         self.phase = Phase::Failed;
         self.failure = Some(e.to_string());
     }
@@ -567,8 +583,33 @@ impl DestCore {
     }
 
     /// Answers the switchover: Started, or Refused when configured to refuse.
+    /// Every declared [`DestState`] hears that the attempt failed, once.
+    fn undo_states(&mut self) {
+        for &i in self.declared.values() {
+            if let Some(s) = self.dest_states.get(i) {
+                dest_state::lock(s).failed();
+            }
+        }
+        self.declared.clear();
+    }
+
     fn start(&mut self, reply: &mut dyn FnMut(&Frame) -> Result<()>) -> Result<()> {
-        if let Some(reason) = self.config.refuse_start.clone() {
+        let mut refuse = self.config.refuse_start.clone();
+        if refuse.is_none() {
+            for &i in self.declared.values() {
+                if let Some(s) = self.dest_states.get(i) {
+                    let mut s = dest_state::lock(s);
+                    if let Err(e) = s.before_start() {
+                        refuse = Some(format!("state {}: {e}", s.name()));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(reason) = refuse {
+            // Undone before the source hears the refusal: it takes its state back as soon
+            // as it does (a disk image's write locks, say).
+            self.undo_states();
             // Best effort, like Abort: the refusal is the error either way.
             let _ = reply(&Frame::Refused {
                 reason: reason.clone(),
@@ -589,6 +630,7 @@ impl DestCore {
             .into());
         }
         let mut ram_state = None;
+        let mut declared = BTreeMap::new();
         let mut states = BTreeMap::new();
         // Up to 65,535 states: one hash lookup each, not a scan of the ones before.
         let mut names = HashSet::with_capacity(h.states.len());
@@ -601,6 +643,12 @@ impl DestCore {
             }
             if s.name == RAM_STATE_NAME {
                 ram_state = Some(s.id);
+            } else if let Some(i) = self
+                .dest_states
+                .iter()
+                .position(|d| dest_state::lock(d).name() == s.name)
+            {
+                declared.insert(s.id, i);
             } else if self.handler.is_none() {
                 return Err(MigrationError::InvalidInput(format!(
                     "this destination has no handler for state {:?}",
@@ -636,6 +684,12 @@ impl DestCore {
             }
             None => {}
         }
+        for (&id, &i) in &declared {
+            if let Some(s) = self.dest_states.get(i) {
+                dest_state::lock(s).hello(id)?;
+            }
+        }
+        self.declared = declared;
         self.ram_state = ram_state;
         self.states = states;
         self.hello = Some(h.clone());
@@ -648,6 +702,14 @@ impl DestCore {
             let Some(name) = self.states.get(&state) else {
                 return Err(ProtocolError::UndeclaredState(state).into());
             };
+            if let Some(s) = self
+                .declared
+                .get(&state)
+                .and_then(|&i| self.dest_states.get(i))
+            {
+                dest_state::lock(s).section(payload)?;
+                return Ok(DestEvent::Section { state });
+            }
             let handler = self
                 .handler
                 .as_mut()
@@ -783,6 +845,11 @@ impl<R: Read, W: Write> Destination<R, W> {
     /// a state is refused.
     pub fn set_section_handler(&mut self, handler: SectionHandler) {
         self.core.set_section_handler(handler);
+    }
+
+    /// Takes the state of that name ([`DestCore::add_state`]).
+    pub fn add_state(&mut self, state: SharedDestState) {
+        self.core.add_state(state);
     }
 
     /// The source's Hello, once read.

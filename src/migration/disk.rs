@@ -27,6 +27,7 @@
 //!   inactive and the source stays stopped.
 
 use super::channel::Outbound;
+use super::dest_state::DestState;
 use super::error::{MigrationError, Result};
 use super::frame::StateId;
 use super::state::{MigrationState, Pending};
@@ -50,6 +51,9 @@ pub struct SharedDiskState<S: Storage> {
     flushed: FlushStats,
     stop: FlushStats,
     handed_over: bool,
+    /// QEMU's way, for benchmarks: no flush before the stop, no disk time in the figure,
+    /// the whole bitmaps rewritten inside the downtime.
+    qemu_baseline: bool,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -68,7 +72,21 @@ impl<S: Storage> SharedDiskState<S> {
             flushed: FlushStats::default(),
             stop: FlushStats::default(),
             handed_over: false,
+            qemu_baseline: false,
             error: None,
+        }
+    }
+
+    /// **A benchmark baseline, not for production use.** QEMU's shared-storage migration
+    /// of persistent bitmaps: nothing is flushed while the VM runs, the loop is told of no
+    /// disk time, and the stop stores every bitmap whole
+    /// ([`BitmapStore::inactivate_full_rewrite`](crate::BitmapStore::inactivate_full_rewrite))
+    /// inside the downtime. The result on disk is the same; the downtime is not. For
+    /// `dbm bench migrate`, which compares the two.
+    pub fn qemu_baseline(id: StateId, name: impl Into<String>, store: SharedStore<S>) -> Self {
+        SharedDiskState {
+            qemu_baseline: true,
+            ..Self::new(id, name, store)
         }
     }
 
@@ -110,6 +128,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// Flushes what changed so far (the first measurement of the disk), and times one
     /// barrier if that flush had nothing to write.
     fn setup(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
+        self.handed_over = false;
+        self.stop = FlushStats::default();
+        if self.qemu_baseline {
+            return Ok(Bytes(0));
+        }
         let (flushed, barrier) = {
             let mut st = self.store.lock();
             if !st.is_active() {
@@ -129,12 +152,13 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if let Some(b) = barrier {
             self.rate.observe(&b);
         }
-        self.handed_over = false;
-        self.stop = FlushStats::default();
         Ok(Bytes(0))
     }
 
     fn pending(&mut self, exact: bool) -> Pending {
+        if self.qemu_baseline {
+            return Pending::default();
+        }
         let work = {
             let st = self.store.lock();
             if exact {
@@ -165,6 +189,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if let Some(e) = self.error.take() {
             return Err(e.into());
         }
+        if self.qemu_baseline {
+            return Ok(Bytes(0));
+        }
         let s = {
             let mut st = self.store.lock();
             if st.pending_estimate() == 0 {
@@ -178,7 +205,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
 
     /// The incremental inactivate, with the VM stopped.
     fn complete(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
-        let s = self.store.lock().inactivate()?;
+        let s = if self.qemu_baseline {
+            self.store.lock().inactivate_full_rewrite()?
+        } else {
+            self.store.lock().inactivate()?
+        };
         self.rate.observe(&s);
         self.stop = s;
         self.handed_over = true;
@@ -202,5 +233,87 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             self.handed_over = false;
         }
         Ok(())
+    }
+}
+
+/// The destination's side of a [`SharedDiskState`] ([`DestState`]): on the same image the
+/// source hands over, it opens and activates the store only after the source's End (or
+/// postcopy Switchover) and before it answers Started, so it takes the bitmaps only once
+/// the source's inactivate made them clean on disk; and if the attempt fails after that,
+/// it inactivates again, which puts the flags back as the source left them (the source's
+/// [`BitmapStore::activate`](crate::BitmapStore::activate) accepts exactly that).
+pub struct SharedDiskDest<S: Storage> {
+    name: String,
+    open: Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>,
+    store: Option<crate::BitmapStore<S>>,
+}
+
+impl<S: Storage> std::fmt::Debug for SharedDiskDest<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDiskDest")
+            .field("name", &self.name)
+            .field("active", &self.store.is_some())
+            .finish()
+    }
+}
+
+impl<S: Storage + 'static> SharedDiskDest<S> {
+    /// The state named `name` (as the source's [`SharedDiskState`]), opening its store with
+    /// `open` when it takes over.
+    pub fn new(
+        name: impl Into<String>,
+        open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
+    ) -> Self {
+        SharedDiskDest {
+            name: name.into(),
+            open: Box::new(open),
+            store: None,
+        }
+    }
+
+    /// The active store, once the destination started; it is the caller's from here on.
+    pub fn take_store(&mut self) -> Option<crate::BitmapStore<S>> {
+        self.store.take()
+    }
+}
+
+impl SharedDiskDest<crate::storage::FileStorage> {
+    /// The state named `name` over the image file at `path`, opened writable with QEMU's
+    /// locks (which the source released when it inactivated).
+    pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
+        let path = path.into();
+        Self::new(name, move || {
+            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
+            crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
+        })
+    }
+}
+
+impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn hello(&mut self, _id: StateId) -> Result<()> {
+        // A store still held from an earlier attempt that failed after taking over was
+        // given back in `failed`; nothing is open here before the start.
+        self.store = None;
+        Ok(())
+    }
+
+    fn before_start(&mut self) -> Result<()> {
+        let mut st = (self.open)()?;
+        st.activate()?;
+        self.store = Some(st);
+        Ok(())
+    }
+
+    fn failed(&mut self) {
+        if let Some(mut st) = self.store.take() {
+            // Clears the in_use flags it set, in place: the image is again as the source
+            // left it. If this fails, the flags stay in_use (inconsistent, never clean)
+            // and the source's activate refuses nothing it should not.
+            let _ = st.inactivate();
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`stream`]: the frames over a byte channel ([`stream::FrameWriter`],
 //!   [`stream::FrameReader`]).
 //! - [`guest`]: guest RAM (an anonymous mapping), its dirty log, vCPU workloads, [`Vm`].
+//! - [`dest_state`]: the destination's side of a state other than RAM ([`DestState`]).
 //! - [`dest`]: the destination: its frame handling ([`dest::DestCore`]) and the one over a
 //!   stream ([`dest::Destination`]).
 //! - [`ram`]: RAM as a [`MigrationState`].
@@ -30,6 +31,7 @@
 pub mod channel;
 pub mod clock;
 pub mod dest;
+pub mod dest_state;
 pub mod disk;
 pub mod error;
 parser_module! { pub mod frame; }
@@ -51,7 +53,8 @@ pub use crate::units;
 
 pub use channel::{DestMessage, Inbound, Outbound};
 pub use clock::{Clock, ManualClock, RealClock};
-pub use disk::SharedDiskState;
+pub use dest_state::{DestState, SharedDestState};
+pub use disk::{SharedDiskDest, SharedDiskState};
 pub use error::{MigrationError, ProtocolError, Result};
 pub use frame::{Control, StateId};
 pub use guest::{GuestRam, Vm, PAGE_SIZE};

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use super::channel::{DestMessage, Inbound};
 use super::clock::RealClock;
 use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
+use super::dest_state::SharedDestState;
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::Frame;
 use super::guest::Vm;
@@ -61,6 +62,10 @@ pub struct DestOptions {
     pub max_ram_bytes: Bytes,
     /// Seed of the postcopy touches.
     pub seed: u64,
+    /// The destination-side states besides RAM ([`DestState`]), given to every attempt.
+    pub states: Vec<SharedDestState>,
+    /// Where to listen: 127.0.0.1 on a free port by default.
+    pub bind: SocketAddr,
 }
 
 impl Default for DestOptions {
@@ -72,6 +77,8 @@ impl Default for DestOptions {
             timeout: DEFAULT_TIMEOUT,
             max_ram_bytes: DestinationConfig::default().max_ram_bytes,
             seed: 0,
+            states: Vec::new(),
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -101,8 +108,8 @@ pub struct DestReport {
     pub retained: Option<RetainedRam>,
 }
 
-/// A destination listening on 127.0.0.1, serving attempts in a thread until one completes
-/// (or `max_attempts`, or no connection for `timeout`).
+/// A destination listening on [`DestOptions::bind`] (127.0.0.1 by default), serving attempts
+/// in a thread until one completes (or `max_attempts`, or no connection for `timeout`).
 #[derive(Debug)]
 pub struct TcpDestination {
     addr: SocketAddr,
@@ -111,7 +118,8 @@ pub struct TcpDestination {
 }
 
 impl TcpDestination {
-    /// Binds 127.0.0.1 on an ephemeral port and starts serving.
+    /// Binds [`DestOptions::bind`] (by default 127.0.0.1 on an ephemeral port) and starts
+    /// serving.
     ///
     /// # Errors
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
@@ -131,7 +139,7 @@ impl TcpDestination {
                 "max_attempts must be at least 1".into(),
             ));
         }
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = TcpListener::bind(options.bind)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -223,6 +231,9 @@ fn serve(
             Err(e) => a.error = Some(e),
             Ok((from, to)) => {
                 let mut d = Destination::with_retained(from, to, config, kept.take());
+                for st in &o.states {
+                    d.add_state(std::sync::Arc::clone(st));
+                }
                 match drive(&mut d, o, &mut rng, &mut a.pages_written) {
                     Ok(()) => {
                         a.pages_held_at_end = d.received_pages();

@@ -248,7 +248,7 @@ pub fn run(args: &MigrateArgs) -> CmdResult {
                 say(line_header())?;
             }
             let mut failed = None;
-            let run = migrate_run::migrate(&params, &mut |l| {
+            let run = migrate_run::migrate(&params, None, &mut |l| {
                 if args.lines {
                     if let Err(e) = say(format_line(l)) {
                         failed.get_or_insert(e);

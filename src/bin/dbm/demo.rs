@@ -16,14 +16,20 @@
 //!    `Image::check` is clean, and `qemu-img check` is clean when it is installed.
 //!
 //! The migration part ([`run_migration_part`]) live-migrates a guest (1 GiB by default)
-//! whose vCPU threads keep writing pages (90 % of the writes into 5 % of the pages) with
-//! QEMU's defaults (`max-bandwidth` 128 MiB/s, `downtime-limit` 300 ms) and auto-converge:
-//! one line per dirty-log sync and a progress line every second, as polling QEMU's
-//! `info migrate` shows; then the switchover figures, the downtime against the limit, the
-//! total time, and the destination RAM compared with the source RAM at the stop (CRC32 per
-//! page and byte for byte). A destination that differs, or a switchover that sent more
-//! bytes in the downtime than its threshold allowed, fails the demo; a wall-clock downtime
-//! over the limit with the bytes within it is reported with the machine's load.
+//! whose vCPU threads keep writing pages (90 % of the writes into 5 % of the pages) and
+//! whose disk keeps being written (100,000 writes of 4 KiB per second, marked on the disk
+//! bitmap of a 16 TiB image both hosts share), with QEMU's defaults (`max-bandwidth`
+//! 128 MiB/s, `downtime-limit` 300 ms) and auto-converge: one line per dirty-log sync and
+//! a progress line every second, as polling QEMU's `info migrate` shows; then the
+//! switchover figures (network pending against what the limit leaves once the disk stop
+//! time is taken off), the downtime against the limit with the inactivate inside it, the
+//! total time, the destination RAM compared with the source RAM at the stop (CRC32 per
+//! page and byte for byte), and the image opened by the destination: every logged disk
+//! write dirty, and `qemu-img check` clean. Then the same with the destination refusing
+//! to start: the source takes its bitmaps back, resumes, and holds every mark. A
+//! destination that differs, a lost mark, or a switchover that sent more bytes in the
+//! downtime than its threshold allowed, fails the demo; a wall-clock downtime over the
+//! limit with the bytes within it is reported with the machine's load.
 
 use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
@@ -45,7 +51,7 @@ use rand::{RngExt, SeedableRng};
 
 use dirty_bitmap::migration::{BytesPerMs, Millis, Pattern as GuestPattern};
 
-use crate::migrate_run::{self, format_line, line_header, mib_s, End, Params};
+use crate::migrate_run::{self, format_line, line_header, mib_s, DiskParams, End, Params};
 use crate::out::emit;
 use crate::size::human;
 use crate::DemoArgs;
@@ -118,7 +124,9 @@ pub fn run(args: &DemoArgs) -> Res<()> {
     let mut parts = vec![run_disk_part(args, seed, &dir)?];
     if !args.no_migration {
         say("")?;
-        parts.push(run_migration_part(args, seed)?);
+        parts.push(run_migration_part(args, seed, &dir)?);
+        say("")?;
+        parts.push(run_failed_hand_over(args, seed, &dir)?);
     }
     print_summary(&parts)
 }
@@ -482,7 +490,75 @@ fn qemu_check(path: &Path) -> Res<String> {
 }
 
 /// The migration part: see the module docs.
-pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
+/// The image the migration part's disk bitmap lives in, in the demo directory.
+pub const MIGRATE_IMAGE_FILE: &str = "demo-migrate.qcow2";
+
+/// 4 KiB disk writes per second during the migration part.
+const DISK_WRITES_PER_SEC: u64 = 100_000;
+
+fn disk_params(args: &DemoArgs, dir: &Path, refuse: bool) -> DiskParams {
+    DiskParams {
+        image: dir.join(MIGRATE_IMAGE_FILE),
+        disk_size: args.disk_size,
+        granularity: args.granularity,
+        bitmaps: 1,
+        writes_per_sec: DISK_WRITES_PER_SEC,
+        qemu_baseline: false,
+        refuse,
+    }
+}
+
+/// The same migration, with the destination refusing to start: the source must take its
+/// bitmaps back before it resumes, and hold every mark.
+pub fn run_failed_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
+    let params = Params {
+        ram_bytes: args.guest_ram.min(256 << 20),
+        vcpus: args.vcpus,
+        writes_per_sec: args.dirty_rate / migrate_run::PAGE,
+        pattern: GuestPattern::HOT_90_5,
+        max_bandwidth: args.max_bandwidth,
+        downtime_limit: Millis(args.downtime_limit),
+        batch_pages: 64,
+        auto_converge: true,
+        time_cap: Some(Duration::from_secs(120)),
+        progress: None,
+        seed: seed ^ 1,
+    };
+    let disk = disk_params(args, dir, true);
+    say(format!(
+        "dbm demo, a failed hand-over: the same with a {} guest, and the destination refuses \
+         to start after the source inactivated its bitmaps",
+        human(params.ram_bytes)
+    ))?;
+    let run = migrate_run::migrate(&params, Some(&disk), &mut |_| {})?;
+    let d = run.disk.as_ref().ok_or("a disk run without its figures")?;
+    match &run.end {
+        End::Failed(e) if e.contains("refused") => {}
+        other => return Err(format!("expected a refused hand-over, got {other:?}").into()),
+    }
+    if !d.source_active_after {
+        return Err("the source did not take its bitmaps back before resuming".into());
+    }
+    if d.marks_lost > 0 {
+        return Err(format!("{} of {} marks lost", d.marks_lost, d.marks).into());
+    }
+    let verdict = format!(
+        "the destination refused; the source activated its bitmaps again (write locks taken \
+         back) and resumed: {} disk writes marked, 0 lost (in memory, and on disk after its \
+         own stop); qemu-img check: {}",
+        d.marks, d.qemu_check
+    );
+    say(&verdict)?;
+    if d.qemu_check != "clean" && !d.qemu_check.starts_with("not run") {
+        return Err(format!("qemu-img check: {}", d.qemu_check).into());
+    }
+    Ok(Part {
+        title: "a failed hand-over".into(),
+        rows: vec![("outcome".into(), verdict)],
+    })
+}
+
+pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     if args.vcpus == 0 {
         return Err("--vcpus must be at least 1".into());
     }
@@ -499,22 +575,26 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
         progress: Some(Duration::from_secs(1)),
         seed,
     };
+    let disk = disk_params(args, dir, false);
     say(format!(
         "dbm demo, migration part: a {} guest ({} pages of 4 KiB), {} vCPU threads writing {} \
-         pages/s ({}/s, 90 % of them into 5 % of the pages); max-bandwidth {}/s, downtime \
-         limit {} ms, auto-converge; seed {seed}",
+         pages/s ({}/s, 90 % of them into 5 % of the pages), and its {} disk written {} \
+         times a second (4 KiB each), marked on a bitmap in an image both hosts share; \
+         max-bandwidth {}/s, downtime limit {} ms, auto-converge; seed {seed}",
         human(params.ram_bytes),
         params.pages(),
         params.vcpus,
         params.writes_per_sec,
         human(params.writes_per_sec * migrate_run::PAGE),
+        human(disk.disk_size),
+        disk.writes_per_sec,
         human(params.max_bandwidth),
         args.downtime_limit,
     ))?;
     say("")?;
     say(line_header())?;
     let mut failed = None;
-    let run = migrate_run::migrate(&params, &mut |l| {
+    let run = migrate_run::migrate(&params, Some(&disk), &mut |l| {
         if let Err(e) = say(format_line(l)) {
             failed.get_or_insert(e);
         }
@@ -556,6 +636,17 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
         at_stop.total().get().saturating_sub(pending.total().get()),
         in_downtime.get()
     ))?;
+    let d = run.disk.clone().ok_or("a disk run without its figures")?;
+    let disk_ms = d.disk_time_at_switch.map_or(0, |m| m.get());
+    say(format!(
+        "the switchover rule: network pending {} bytes ≤ bandwidth × (limit {} ms − disk stop \
+         time {disk_ms} ms) = {} bytes; the disk stop was timed from the precopy flushes \
+         ({} written while the guest ran)",
+        pending.total().get(),
+        args.downtime_limit,
+        threshold.get(),
+        human(d.flushed.get()),
+    ))?;
     if in_downtime > at_stop.total() {
         return Err(format!(
             "the switchover sent {} bytes in the downtime, over the {} bytes pending at the stop",
@@ -582,10 +673,28 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
         )
     };
     say(format!(
-        "downtime: {:.1} ms (limit {} ms): {verdict}",
+        "downtime: {:.1} ms (limit {} ms): {verdict}; of which the disk bitmap's inactivate: \
+         {}",
         ms(downtime),
-        args.downtime_limit
+        args.downtime_limit,
+        cost(&d.stop),
     ))?;
+    if d.marks_lost > 0 || !d.destination_opened {
+        return Err(format!(
+            "the destination's bitmap lacks {} of {} disk writes",
+            d.marks_lost, d.marks
+        )
+        .into());
+    }
+    let disk_check = format!(
+        "the destination opened the image writable (the source had released its write \
+         locks), activated it and found all {} disk writes dirty; qemu-img check: {}",
+        d.marks, d.qemu_check
+    );
+    say(&disk_check)?;
+    if d.qemu_check != "clean" && !d.qemu_check.starts_with("not run") {
+        return Err(format!("qemu-img check: {}", d.qemu_check).into());
+    }
     say(format!(
         "total time: {:.0} ms; {} sent ({} bytes), {} pages of which {} resent, {} loop \
          turns; the guest wrote {} pages meanwhile, vCPU throttle at the end {} %",
@@ -648,8 +757,17 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64) -> Res<Part> {
             ),
             ("total time".into(), format!("{:.0} ms", ms(run.total_time))),
             (
+                "disk bitmap".into(),
+                format!(
+                    "{} disk writes marked; stop time {disk_ms} ms counted \
+                     against the limit; inactivate in the downtime: {}",
+                    d.marks,
+                    cost(&d.stop)
+                ),
+            ),
+            (
                 "checks".into(),
-                "destination RAM equals the source RAM at stop".into(),
+                format!("destination RAM equals the source RAM at stop; {disk_check}"),
             ),
         ],
     })

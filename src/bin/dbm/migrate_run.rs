@@ -13,10 +13,12 @@
 //! every `progress` in between, as polling QEMU's `info migrate` would show.
 
 use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dirty_bitmap::flush::FlushStats;
 use dirty_bitmap::migration::guest::new_log;
 use dirty_bitmap::migration::tcp::{
     migrate_to, DestOptions, SourceOptions, SourceReport, TcpDestination,
@@ -26,7 +28,10 @@ use dirty_bitmap::migration::{
     MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
     Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
+use dirty_bitmap::migration::{SharedDestState, SharedDiskDest, SharedDiskState};
 use dirty_bitmap::rng::SplitMix64;
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapStore, Recording, SharedStore, Tracker};
 
 use crate::size::human;
 
@@ -61,6 +66,219 @@ pub struct Params {
     pub progress: Option<Duration>,
     /// Seed of the RAM contents and the vCPUs' page choice.
     pub seed: u64,
+}
+
+/// A disk whose bitmaps live in a qcow2 image both hosts share, migrated beside the RAM
+/// ([`SharedDiskState`]), with a writer marking it throughout.
+#[derive(Debug, Clone)]
+pub struct DiskParams {
+    /// The image to create (replaced if it exists).
+    pub image: PathBuf,
+    /// Virtual disk size.
+    pub disk_size: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Bitmaps, all enabled (every write marks each).
+    pub bitmaps: usize,
+    /// 4 KiB disk writes per second (each marked, then logged).
+    pub writes_per_sec: u64,
+    /// QEMU's way, as the benchmark's baseline: no flush before the stop, the whole
+    /// bitmaps rewritten inside the downtime ([`SharedDiskState::qemu_baseline`]).
+    pub qemu_baseline: bool,
+    /// The destination refuses to start: a failed hand-over, after which the source must
+    /// resume with every mark.
+    pub refuse: bool,
+}
+
+/// What the disk part of a run did.
+#[derive(Debug, Clone, Default)]
+pub struct DiskRun {
+    /// Disk writes marked during the migration.
+    pub marks: u64,
+    /// Of which not dirty where they must be: on disk as the destination opens the image
+    /// (hand-over), or in the source's bitmaps and then on disk (failure). Must be 0.
+    pub marks_lost: u64,
+    /// Bytes the precopy flushes wrote.
+    pub flushed: Bytes,
+    /// The stop's disk work inside the downtime.
+    pub stop: FlushStats,
+    /// The disk stop time the switchover was decided with.
+    pub disk_time_at_switch: Option<Millis>,
+    /// Whether the source store was active again after the run (a failed hand-over).
+    pub source_active_after: bool,
+    /// Whether the destination opened the image writable after the hand-over (the source
+    /// released its write locks).
+    pub destination_opened: bool,
+    /// `qemu-img check` on the image afterwards.
+    pub qemu_check: String,
+}
+
+/// Marks 4 KiB disk writes at a steady rate (90 % into a 64 GiB hot spot, the rest
+/// anywhere) through a [`Tracker`], logging each after its mark returned, until paused. A
+/// pause waits for the write in flight: the VM's disk I/O drained, as the `Vm` contract
+/// asks before the final inactivate.
+pub struct DiskWriter {
+    paused: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    in_flight: Arc<Mutex<()>>,
+    log: Arc<Mutex<Vec<u64>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiskWriter {
+    /// Starts the writer.
+    pub fn start(tracker: Tracker, disk_size: u64, writes_per_sec: u64, seed: u64) -> Self {
+        let paused = Arc::new(AtomicBool::new(false));
+        let quit = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(Mutex::new(()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (p, q, f, l) = (
+            Arc::clone(&paused),
+            Arc::clone(&quit),
+            Arc::clone(&in_flight),
+            Arc::clone(&log),
+        );
+        let handle = std::thread::spawn(move || {
+            let mut rng = SplitMix64::new(seed ^ 0xD15C);
+            let blocks = (disk_size / 4096).max(1);
+            let hot = (64u64 << 30) / 4096;
+            let hot_start = rng.below(blocks.saturating_sub(hot).max(1));
+            let start = Instant::now();
+            let mut done = 0u64;
+            while !q.load(Ordering::SeqCst) {
+                // Pace: writes_per_sec on average, in batches of 64.
+                let due = (start.elapsed().as_secs_f64() * writes_per_sec as f64) as u64;
+                if done >= due {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                let _g = f.lock().unwrap_or_else(|e| e.into_inner());
+                if p.load(Ordering::SeqCst) {
+                    drop(_g);
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                let mut batch = Vec::with_capacity(64);
+                for _ in 0..64 {
+                    let b = if rng.below(10) == 0 {
+                        rng.below(blocks)
+                    } else {
+                        (hot_start + rng.below(hot)).min(blocks - 1)
+                    };
+                    tracker.mark(b * 4096, 4096);
+                    batch.push(b * 4096);
+                }
+                done += 64;
+                l.lock().unwrap_or_else(|e| e.into_inner()).extend(batch);
+            }
+        });
+        DiskWriter {
+            paused,
+            quit,
+            in_flight,
+            log,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops writing, after the write in flight.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        drop(self.in_flight.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Writes again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// The offsets written so far.
+    pub fn marks(&self) -> Vec<u64> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ends the thread; returns every offset written.
+    pub fn shutdown(mut self) -> Vec<u64> {
+        self.quit.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.marks()
+    }
+}
+
+/// The guest as the loop sees it: the vCPUs, and the disk writer that stops with them.
+struct Guest<'a> {
+    vcpus: &'a mut Workload,
+    disk: Option<&'a DiskWriter>,
+}
+
+impl Vm for Guest<'_> {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.vcpus.stop()?;
+        if let Some(d) = self.disk {
+            d.pause();
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        if let Some(d) = self.disk {
+            d.resume();
+        }
+        self.vcpus.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vcpus.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.vcpus.run_until(now);
+    }
+}
+
+/// A fresh image for `d`: its bitmaps added and active.
+fn disk_store(d: &DiskParams) -> Res<SharedStore<FileStorage>> {
+    let _ = std::fs::remove_file(&d.image);
+    let mut s = BitmapStore::create(FileStorage::create(&d.image)?, d.disk_size, 65536)?;
+    for i in 0..d.bitmaps {
+        s.add(&format!("b{i}"), d.granularity, Recording::Enabled)?;
+    }
+    s.activate()?;
+    Ok(SharedStore::new(s))
+}
+
+/// Marks of `marks` not dirty in every bitmap of `store` (in memory).
+fn lost_marks<S: dirty_bitmap::storage::Storage>(
+    store: &BitmapStore<S>,
+    marks: &[u64],
+) -> Res<u64> {
+    let mut lost = 0;
+    for info in store.list() {
+        let b = if store.is_active() {
+            store.bitmap(&info.name)?.snapshot()
+        } else {
+            store.load(&info.name)?
+        };
+        lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
+    }
+    Ok(lost)
+}
+
+/// `qemu-img check` on `path`: "clean" or what it said; "not run" without qemu-img.
+pub fn qemu_check(path: &std::path::Path) -> String {
+    match std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+    {
+        Ok(out) if out.status.code() == Some(0) => "clean".into(),
+        Ok(out) => format!(
+            "exit {:?}: {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => format!("not run: {e}"),
+    }
 }
 
 impl Params {
@@ -154,6 +372,8 @@ pub struct Run {
     pub verified: Option<(u64, bool)>,
     /// The transport: what carried the stream.
     pub transport: &'static str,
+    /// The disk part, if the run had one.
+    pub disk: Option<DiskRun>,
 }
 
 impl Run {
@@ -247,7 +467,11 @@ impl Controller for Watch<'_> {
 /// # Errors
 /// Bad parameters (RAM size, vCPUs, batch), a mapping or thread that cannot be created.
 /// A migration that fails or gives up is not an error: see [`Run::end`].
-pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
+pub fn migrate(
+    params: &Params,
+    disk: Option<&DiskParams>,
+    on_line: &mut dyn FnMut(&Line),
+) -> Res<Run> {
     if params.ram_bytes == 0 || !params.ram_bytes.is_multiple_of(PAGE) {
         return Err(format!(
             "guest RAM of {} bytes is not a positive multiple of 4 KiB",
@@ -306,24 +530,62 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         bytes_sent: 0,
     };
     let writes_before = vm.writes();
+    let store = disk.map(disk_store).transpose()?;
+    let writer = match (disk, &store) {
+        (Some(d), Some(s)) => Some(DiskWriter::start(
+            s.lock().tracker()?,
+            d.disk_size,
+            d.writes_per_sec,
+            params.seed,
+        )),
+        _ => None,
+    };
+    let mut disk_state = match (disk, &store) {
+        (Some(d), Some(s)) if d.qemu_baseline => {
+            Some(SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()))
+        }
+        (Some(_), Some(s)) => Some(SharedDiskState::new(2, "disk-bitmaps", s.clone())),
+        _ => None,
+    };
 
     // The transport: a destination thread behind a TCP listener on 127.0.0.1, the loop
     // over a rate-limited frame writer on the socket.
+    // On shared storage the destination opens the same image, after End and before it
+    // answers Started.
+    let disk_dest = disk.map(|d| {
+        Arc::new(Mutex::new(SharedDiskDest::file(
+            "disk-bitmaps",
+            d.image.clone(),
+        )))
+    });
     let dest = TcpDestination::spawn(DestOptions {
         max_ram_bytes: Bytes(params.ram_bytes),
         seed: params.seed,
+        refuse_attempts: u32::from(disk.is_some_and(|d| d.refuse)),
+        states: disk_dest
+            .iter()
+            .map(|d| Arc::clone(d) as SharedDestState)
+            .collect(),
         ..DestOptions::default()
     })?;
+    let mut states: Vec<&mut dyn MigrationState> = vec![&mut state];
+    if let Some(d) = disk_state.as_mut() {
+        states.push(d);
+    }
     let result = migrate_to(
         dest.addr(),
         &SourceOptions {
             loop_config: config,
             ..SourceOptions::default()
         },
-        &mut vm,
-        &mut [&mut state as &mut dyn MigrationState],
+        &mut Guest {
+            vcpus: &mut vm,
+            disk: writer.as_ref(),
+        },
+        &mut states,
         &mut watch,
     );
+    drop(states);
     let guest_writes = vm.writes() - writes_before;
     let report = dest.join()?;
     let mut run = Run {
@@ -343,7 +605,45 @@ pub fn migrate(params: &Params, on_line: &mut dyn FnMut(&Line)) -> Res<Run> {
         throttle: 0,
         verified: None,
         transport: "TCP on 127.0.0.1",
+        disk: None,
     };
+    if let (Some(d), Some(store), Some(writer), Some(ds)) = (disk, &store, writer, &disk_state) {
+        let mut dr = DiskRun {
+            flushed: Bytes(ds.flushed().bytes_written),
+            stop: ds.disk_stop(),
+            ..DiskRun::default()
+        };
+        if let Ok(SourceReport { outcome, .. }) = &result {
+            dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
+        }
+        dr.source_active_after = store.lock().is_active();
+        if ds.handed_over() {
+            // The guest is stopped and its disk writes drained: the destination opens the
+            // image writable (the source released its write locks), activates, and finds
+            // every mark; then it hands the image back clean.
+            let marks = writer.shutdown();
+            dr.marks = marks.len() as u64;
+            let taken = disk_dest
+                .as_ref()
+                .and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).take_store());
+            if let Some(mut dst) = taken {
+                dr.destination_opened = true;
+                dr.marks_lost = lost_marks(&dst, &marks)?;
+                dst.inactivate()?;
+            }
+        } else {
+            // The source kept (or took back) its bitmaps and resumed: every mark is in
+            // its memory, and on disk once it stops.
+            let marks = writer.shutdown();
+            dr.marks = marks.len() as u64;
+            let mut st = store.lock();
+            dr.marks_lost = lost_marks(&st, &marks)?;
+            st.inactivate()?;
+            dr.marks_lost += lost_marks(&st, &marks)?;
+        }
+        dr.qemu_check = qemu_check(&d.image);
+        run.disk = Some(dr);
+    }
     match result {
         Ok(SourceReport { outcome: o, wire }) => {
             run.iterations = o.iterations;

@@ -1,0 +1,71 @@
+//! The destination's side of a migrated state other than RAM ([`DestState`]): what a
+//! destination does when the Hello declares the state, when its sections arrive, just
+//! before it starts the guest, and when the attempt fails.
+
+use std::sync::{Arc, Mutex};
+
+use super::error::{MigrationError, Result};
+use super::frame::StateId;
+
+/// A destination-side state, registered with the destination by the name its source
+/// counterpart ([`super::MigrationState::name`]) declares in the Hello.
+///
+/// The order of the calls within one attempt: [`hello`](Self::hello) once; then
+/// [`section`](Self::section) for each of its sections; then
+/// [`before_start`](Self::before_start), after the source's End (precopy) or postcopy
+/// Switchover and before the destination answers Started; or [`failed`](Self::failed) if
+/// the attempt ends otherwise (a refusal included), never after Started. A later attempt
+/// starts again with `hello`.
+///
+/// A shared-storage disk state ([`super::disk::SharedDiskDest`]) opens and activates its
+/// image in `before_start`, and puts it back as the source left it in `failed`.
+pub trait DestState: Send + std::fmt::Debug {
+    /// The state's name, as the source declares it.
+    fn name(&self) -> &str;
+
+    /// The Hello declared this state with section id `id`.
+    ///
+    /// # Errors
+    /// The destination cannot take this state: the Hello is refused.
+    fn hello(&mut self, id: StateId) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
+
+    /// A section of this state, in the state's own format.
+    ///
+    /// # Errors
+    /// A payload that does not decode or that this state refuses; the attempt fails.
+    fn section(&mut self, payload: &[u8]) -> Result<()> {
+        let _ = payload;
+        Err(MigrationError::InvalidInput(format!(
+            "state {} takes no sections",
+            self.name()
+        )))
+    }
+
+    /// Everything of the attempt arrived (End, or the postcopy Switchover), and the
+    /// destination is about to answer Started: take over (a disk state activates its
+    /// image here, so it holds the bitmaps only once the source has handed them over).
+    ///
+    /// # Errors
+    /// The state cannot take over: the destination refuses to start, with this error's
+    /// text as the reason, and calls [`failed`](Self::failed).
+    fn before_start(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The attempt failed before the guest started here: undo what
+    /// [`before_start`](Self::before_start) did, if it ran, so that the source can take
+    /// its state back as it left it.
+    fn failed(&mut self) {}
+}
+
+/// A [`DestState`] shared between the destination and its owner (who reads what it
+/// received once the migration is over), and across attempts.
+pub type SharedDestState = Arc<Mutex<dyn DestState>>;
+
+/// Locks `s`, also after a panic elsewhere (the state's own methods keep it consistent).
+pub(crate) fn lock(s: &SharedDestState) -> std::sync::MutexGuard<'_, dyn DestState + 'static> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
