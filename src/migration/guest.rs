@@ -287,20 +287,6 @@ pub trait Vm {
     }
 }
 
-/// Checks that `log` tracks `ram` page by page.
-pub(crate) fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
-    if log.disk_size() != ram.size() || log.granularity() != PAGE_SIZE as u64 {
-        return Err(MigrationError::InvalidInput(format!(
-            "dirty log covers {} bytes at granularity {}, guest RAM is {} bytes of {}-byte pages",
-            log.disk_size(),
-            log.granularity(),
-            ram.size(),
-            PAGE_SIZE
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
