@@ -627,6 +627,58 @@ mod tests {
         }
     }
 
+    /// Memory of any page size, every page filled but page 0 (zero).
+    struct Filled {
+        page_size: usize,
+        pages: u64,
+    }
+
+    impl GuestMemory for Filled {
+        fn page_size(&self) -> usize {
+            self.page_size
+        }
+        fn pages(&self) -> u64 {
+            self.pages
+        }
+        fn read_page(&self, page: u64, out: &mut [u8]) {
+            out.fill(page as u8);
+        }
+        fn migration_id(&self) -> u64 {
+            1
+        }
+    }
+
+    #[test]
+    fn exact_pending_bounds_what_complete_sends_at_any_page_size() {
+        for page_size in [512, 16 << 10, 64 << 10] {
+            let (pages, batch) = (9, 4);
+            let ram = Arc::new(Filled { page_size, pages });
+            let log =
+                Arc::new(DirtyBitmap::new(pages * page_size as u64, page_size as u64).unwrap());
+            let mut s = RamState::new(1, ram, log, SetupMode::Full, false, batch).unwrap();
+            assert_eq!(s.ram_geometry(), Some((page_size as u32, pages)));
+            let mut w = started();
+            s.setup(&mut w).unwrap();
+            let before = w.bytes_sent();
+            let p = s.pending(true);
+            let sent = s.complete(&mut w).unwrap();
+            assert_eq!(w.bytes_sent() - before, sent);
+            // Page 0 is zero: its data is the whole slack.
+            assert_eq!(
+                p.total().get() - sent.get(),
+                page_size as u64,
+                "{page_size}"
+            );
+        }
+        let big = Arc::new(Filled {
+            page_size: 64 << 10,
+            pages: 1,
+        });
+        let log = Arc::new(DirtyBitmap::new(64 << 10, 64 << 10).unwrap());
+        let too_many = max_batch_pages(64 << 10) + 1;
+        assert!(RamState::new(1, big, log, SetupMode::Full, false, too_many).is_err());
+    }
+
     #[test]
     fn discards_and_page_requests() {
         let (_, mut s) = rig(6, 4, true);
