@@ -25,9 +25,10 @@
 //!   writer stores into the page, then `fence(SeqCst)`, then marks; H atomically takes and
 //!   clears the bits; F is `fence(SeqCst)` (the default). Either the writer's fence comes
 //!   first in the single order of `SeqCst` fences, and R sees the store, or the reader's
-//!   does, and the mark comes after H, so the bit is set for the next harvest. Marking
-//!   before the store would be wrong: an H between the mark and the store clears the bit,
-//!   R misses the store, and nothing marks the page again. The proof in full is in
+//!   does, and then the mark reads the log as H left it or later: it finds the bit clear
+//!   and sets it, or set by a mark after H; either way the next harvest has the page.
+//!   Marking before the store would be wrong: an H between the mark and the store clears
+//!   the bit, R misses the store, and nothing marks the page again. The proof in full is in
 //!   `guest.rs`.
 //! - **KVM's `KVM_GET_DIRTY_LOG`**: the ioctl fetches and clears the bitmap and
 //!   write-protects the reported pages before it returns, so a later guest write faults and
