@@ -1,6 +1,10 @@
 //! The source guest: RAM in an anonymous mapping, its dirty log, and the [`Vm`] trait the
 //! loop uses to stop, resume and throttle it.
 //!
+//! [`GuestRam`] is this crate's [`GuestMemory`]; its dirty log is a [`DirtyBitmap`] at page
+//! granularity (a [`super::memory::DirtyLog`]). A VMM brings its own of both; the contract
+//! they meet is in `memory.rs`.
+//!
 //! # Why a concurrently written page can be read safely, and why no write is lost
 //!
 //! Guest RAM is only ever accessed as `AtomicU64` words, never as `&[u8]`, so a vCPU
@@ -11,8 +15,10 @@
 //!
 //! - writer ([`GuestRam::write_page`] callers, see `Workload` in `migration/workload.rs`): (W) store the words, then
 //!   `fence(SeqCst)`, then (M) `mark_dirty` the page in the log;
-//! - migration thread ([`super::ram::RamState`]): (T) `take_dirty` the log, then
-//!   `fence(SeqCst)`, then (R) copy the pages it took.
+//! - migration thread ([`super::ram::RamState`]): (T) harvest the log (`take_dirty`), then
+//!   `fence(SeqCst)` ([`super::memory::DirtyLog::fence`]), then (R) copy the pages it took.
+//!   Every take is followed by that fence before any copy, the one that discards the log
+//!   at a full setup included.
 //!
 //! Take a write W to page p and the copy R of p that follows some take T. Both fences are
 //! in the single total order S of `SeqCst` operations. If the writer's fence precedes the
@@ -40,6 +46,7 @@ use std::time::Duration;
 use memmap2::MmapMut;
 
 use super::error::{MigrationError, Result};
+use super::memory::GuestMemory;
 use crate::DirtyBitmap;
 
 /// Bytes per guest page.
@@ -202,6 +209,24 @@ impl GuestRam {
     }
 }
 
+impl GuestMemory for GuestRam {
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        GuestRam::read_page(self, page, out);
+    }
+
+    fn migration_id(&self) -> u64 {
+        self.migration_id
+    }
+}
+
 /// A fresh dirty log for `ram`: a [`DirtyBitmap`] at page granularity.
 ///
 /// # Errors
@@ -210,10 +235,37 @@ pub fn new_log(ram: &GuestRam) -> Result<DirtyBitmap> {
     Ok(DirtyBitmap::new(ram.size(), PAGE_SIZE as u64)?)
 }
 
-/// What the loop needs from the guest's vCPUs.
+/// What the loop needs from the guest: its vCPUs and its devices.
+///
+/// # What "stopped" means
+///
+/// The loop takes the final dirty-log harvest, and a disk-bitmap state its final
+/// inactivation, right after [`stop`](Self::stop) returns, and counts on both seeing every
+/// write the guest made. So when `stop` returns:
+///
+/// - **RAM**: no vCPU runs guest code, and none will until [`resume`](Self::resume); every
+///   store into guest memory made so far (by a vCPU, or by the VMM on the guest's behalf:
+///   device emulation, the data of a completed disk read) is marked in the RAM dirty log
+///   where the next harvest finds it (for KVM: the vCPUs have left `KVM_RUN`, and the VMM's
+///   own stores are marked).
+/// - **Disk**: every disk write the guest issued has *completed or been cancelled*, and its
+///   mark is made in every enabled disk bitmap (a cancelled write may have reached the
+///   disk, so it is marked as well); no new disk request starts until `resume` (the device
+///   queues are stopped and the block layer drained, as QEMU's `bdrv_drain_all_begin`).
+///   A write still in flight at the final inactivation would complete afterwards and mark
+///   a bitmap whose stored copy says it holds every write: that write would be lost to
+///   the next incremental backup.
+///
+/// Where a disk write's mark goes, relative to the write (the rule the storage stack
+/// follows while the guest runs; `docs/DESIGN.md`, "Disk marks and VM stop"): always
+/// before the write's completion is reported to the guest. Marking after the data write
+/// completes is right for every consumer; marking earlier (when the request is issued, or
+/// batched before the completion is reported) is right only when every consumer that takes
+/// the bitmap and then reads the disk drains in-flight writes before its take.
 pub trait Vm {
-    /// VM stop: returns once no guest write is in flight and none will start until
-    /// [`resume`](Self::resume). Every write made before is marked in the log.
+    /// VM stop: returns once no guest write (to RAM or to a disk) is in flight and none
+    /// will start until [`resume`](Self::resume), every write made before marked in its
+    /// log or bitmap (the trait docs say exactly what that covers).
     ///
     /// # Errors
     /// The VM could not be stopped; the migration attempt ends.
@@ -233,20 +285,6 @@ pub trait Vm {
     fn run_until(&mut self, now: Duration) {
         let _ = now;
     }
-}
-
-/// Checks that `log` tracks `ram` page by page.
-pub(crate) fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
-    if log.disk_size() != ram.size() || log.granularity() != PAGE_SIZE as u64 {
-        return Err(MigrationError::InvalidInput(format!(
-            "dirty log covers {} bytes at granularity {}, guest RAM is {} bytes of {}-byte pages",
-            log.disk_size(),
-            log.granularity(),
-            ram.size(),
-            PAGE_SIZE
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //! - [`rate`]: the stream's rate limiter.
 //! - [`stream`]: the frames over a byte channel ([`stream::FrameWriter`],
 //!   [`stream::FrameReader`]).
+//! - [`memory`]: what RAM migration needs from a VMM: [`GuestMemory`] and [`DirtyLog`],
+//!   and the order (harvest, fence, read) that loses no write.
 //! - [`guest`]: guest RAM (an anonymous mapping), its dirty log, vCPU workloads, [`Vm`].
 //! - [`dest_state`]: the destination's side of a state other than RAM ([`DestState`]).
 //! - [`dest`]: the destination: its frame handling ([`dest::DestCore`]) and the one over a
@@ -38,6 +40,7 @@ parser_module! { pub mod frame; }
 pub mod guest;
 #[cfg(feature = "testing")]
 pub mod harness;
+pub mod memory;
 pub mod precopy;
 pub mod ram;
 parser_module! { pub mod ram_codec; }
@@ -58,6 +61,7 @@ pub use disk::{SharedDiskDest, SharedDiskState};
 pub use error::{MigrationError, ProtocolError, Result};
 pub use frame::{Control, StateId};
 pub use guest::{GuestRam, Vm, PAGE_SIZE};
+pub use memory::{DirtyLog, DirtyPages, GuestMemory};
 pub use precopy::{
     run, AutoConverge, Controller, Directive, Endpoints, IterationReport, Kind, LoopConfig,
     Outcome, StallAction, StallReport,

@@ -1,10 +1,16 @@
 //! The RAM state: guest pages, sent in bounded batches, re-sent when the guest dirties them.
 //!
-//! Two bitmaps at page granularity:
-//! - the guest's dirty **log** (shared with the vCPUs, which mark it after each write);
+//! It reads the guest's pages through a [`GuestMemory`] and learns which changed from a
+//! [`DirtyLog`] (`memory.rs`, with the ordering contract both follow); [`GuestRam`] and a
+//! [`DirtyBitmap`] are the defaults, a VMM brings its own.
+//!
+//! Two page sets:
+//! - the guest's dirty **log** (the VMM's, or a bitmap the vCPUs mark after each write);
 //! - this state's **to-send** bitmap, the pages dirty as of the last sync. A sync
-//!   ([`DirtyBitmap::take_dirty`] on the log, merged into to-send) is what the exact
-//!   pending query and the completion do; the estimate only counts to-send.
+//!   ([`DirtyLog::harvest`], then [`DirtyLog::fence`], merged into to-send) is what the
+//!   exact pending query and the completion do; the estimate only counts to-send. Every
+//!   harvest is followed by the fence before any page is read, the one a full setup makes
+//!   to discard what the log held included.
 //!
 //! A third, **sent-since-sync**, records every page put on the wire since the last sync
 //! before the VM stopped. On [`cancel`](MigrationState::cancel) and
@@ -25,7 +31,7 @@
 //!
 //! # Pending, in wire bytes
 //! `pending` counts what the pages will cost on the wire, not just their 4 KiB each: a
-//! batch of k pages costs `k × (PAGE_ENTRY_LEN + PAGE_SIZE) + PAGES_HEADER_LEN + frame`,
+//! batch of k pages costs `k × (PAGE_ENTRY_LEN + page size) + PAGES_HEADER_LEN + frame`,
 //! where `frame` is the channel's Section overhead ([`Outbound::section_overhead`], learnt
 //! at setup, and raised if a send ever reports more). A zero page costs less than it is
 //! counted for. So the bytes [`complete`] sends never exceed the last exact pending, and
@@ -33,13 +39,15 @@
 //!
 //! [`complete`]: MigrationState::complete
 
-use std::sync::atomic::{fence, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::channel::Outbound;
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{StateId, MAX_FRAME_LEN};
-use super::guest::{check_log, new_log, GuestRam, PAGE_SIZE};
+use super::guest::{GuestRam, PAGE_SIZE};
+use super::memory::{DirtyLog, DirtyPages, GuestMemory};
 use super::ram_codec::{self, RAM_STATE_NAME};
 use super::state::{MigrationState, Pending};
 use crate::units::Bytes;
@@ -53,17 +61,22 @@ pub const RAM_ID: StateId = 1;
 /// Most discard entries in one section (9 bytes each: far below the frame limit).
 pub const DISCARDS_PER_SECTION: usize = 1 << 16;
 
-/// Wire bytes of one page entry with its data.
-const PER_PAGE: u64 = (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE) as u64;
+/// The largest `batch_pages` whose section fits the stream's frame limit, for pages of
+/// [`PAGE_SIZE`] bytes ([`max_batch_pages`] for others).
+pub const MAX_BATCH_PAGES: usize = max_batch_pages(PAGE_SIZE);
 
-/// The largest `batch_pages` whose section fits the stream's frame limit.
-pub const MAX_BATCH_PAGES: usize = (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN)
-    / (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
+/// The largest `batch_pages` whose section fits the stream's frame limit, for pages of
+/// `page_size` bytes.
+pub const fn max_batch_pages(page_size: usize) -> usize {
+    (MAX_FRAME_LEN as usize - 4 - ram_codec::PAGES_HEADER_LEN)
+        / (ram_codec::PAGE_ENTRY_LEN + page_size)
+}
 
 /// How [`RamState::setup`](MigrationState::setup) chooses the first pages to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetupMode {
-    /// To a fresh destination: every page (the log is cleared; the full pass covers it).
+    /// To a fresh destination: every page (the log is harvested and what it held dropped:
+    /// the full pass covers it).
     Full,
     /// A retry to a destination that kept what it received: only the pages dirty in the
     /// log (which a failed attempt re-dirtied).
@@ -104,12 +117,18 @@ pub struct RamStats {
     pub pages_at_setup: u64,
 }
 
-/// Guest RAM as a [`MigrationState`].
-#[derive(Debug)]
-pub struct RamState {
+/// Guest RAM as a [`MigrationState`]: the pages of a [`GuestMemory`] `M`, dirty as a
+/// [`DirtyLog`] `L` reports them. The defaults are this crate's [`GuestRam`] and a
+/// [`DirtyBitmap`] log.
+pub struct RamState<M = GuestRam, L = DirtyBitmap> {
     id: StateId,
-    ram: Arc<GuestRam>,
-    log: Arc<DirtyBitmap>,
+    ram: Arc<M>,
+    log: Arc<L>,
+    page_size: usize,
+    pages: u64,
+    migration_id: u64,
+    /// Where a harvest puts its pages before they join to-send; clean between syncs.
+    harvested: DirtyBitmap,
     to_send: DirtyBitmap,
     sent_since_sync: DirtyBitmap,
     mode: SetupMode,
@@ -130,33 +149,77 @@ pub struct RamState {
     on_loss: ChannelLoss,
 }
 
-impl RamState {
-    /// The RAM state of section `id` for `ram`, whose vCPUs mark `log`, sending batches
-    /// of up to `batch_pages` pages. With `postcopy` (QEMU's postcopy-ram capability) its
-    /// pages count as `can_postcopy`.
+impl<M, L> fmt::Debug for RamState<M, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamState")
+            .field("id", &self.id)
+            .field("page_size", &self.page_size)
+            .field("pages", &self.pages)
+            .field("mode", &self.mode)
+            .field("postcopy", &self.postcopy)
+            .field("in_postcopy", &self.in_postcopy)
+            .field("stopped", &self.stopped)
+            .field("batch_pages", &self.batch_pages)
+            .field("to_send", &self.to_send.count())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
+    /// The RAM state of section `id` for `ram`, whose writes `log` reports, sending
+    /// batches of up to `batch_pages` pages. With `postcopy` (QEMU's postcopy-ram
+    /// capability) its pages count as `can_postcopy`.
     ///
     /// # Errors
-    /// [`MigrationError::InvalidInput`] when `log` does not cover `ram` at page
-    /// granularity or `batch_pages` is 0 or above [`MAX_BATCH_PAGES`].
+    /// [`MigrationError::InvalidInput`] when the page size is not one the stream carries
+    /// ([`ram_codec::check_page_size`]), `ram` has no pages or more than a page-granular
+    /// [`DirtyBitmap`] holds, `log` tracks another page size or page count, or
+    /// `batch_pages` is 0 or above [`max_batch_pages`] for the page size.
     pub fn new(
         id: StateId,
-        ram: Arc<GuestRam>,
-        log: Arc<DirtyBitmap>,
+        ram: Arc<M>,
+        log: Arc<L>,
         mode: SetupMode,
         postcopy: bool,
         batch_pages: usize,
     ) -> Result<Self> {
-        check_log(&ram, &log)?;
-        let pages = ram.pages();
-        if batch_pages == 0 || batch_pages > MAX_BATCH_PAGES {
+        let (page_size, pages) = (ram.page_size(), ram.pages());
+        ram_codec::check_page_size(page_size)
+            .map_err(|e| MigrationError::InvalidInput(format!("guest memory: {e}")))?;
+        if log.page_size() != page_size || log.pages() != pages {
             return Err(MigrationError::InvalidInput(format!(
-                "batch_pages {batch_pages} is not in 1..={MAX_BATCH_PAGES}"
+                "dirty log tracks {} pages of {} bytes, guest memory is {pages} pages of \
+                 {page_size} bytes",
+                log.pages(),
+                log.page_size()
             )));
         }
+        let max = max_batch_pages(page_size);
+        if batch_pages == 0 || batch_pages > max {
+            return Err(MigrationError::InvalidInput(format!(
+                "batch_pages {batch_pages} is not in 1..={max}"
+            )));
+        }
+        let set = || -> Result<DirtyBitmap> {
+            let size = pages
+                .checked_mul(page_size as u64)
+                .filter(|_| pages > 0)
+                .ok_or_else(|| {
+                    MigrationError::InvalidInput(format!(
+                        "guest memory of {pages} pages of {page_size} bytes"
+                    ))
+                })?;
+            Ok(DirtyBitmap::new(size, page_size as u64)?)
+        };
         Ok(RamState {
             id,
-            to_send: new_log(&ram)?,
-            sent_since_sync: new_log(&ram)?,
+            migration_id: ram.migration_id(),
+            page_size,
+            pages,
+            harvested: set()?,
+            to_send: set()?,
+            sent_since_sync: set()?,
             ram,
             log,
             mode,
@@ -166,7 +229,7 @@ impl RamState {
             batch_pages,
             cursor: 0,
             frame: 0,
-            buf: vec![0u8; batch_pages * PAGE_SIZE],
+            buf: vec![0u8; batch_pages * page_size],
             stats: RamStats::default(),
             pages_sent: Arc::new(AtomicU64::new(0)),
             last_section: vec![0; usize::try_from(pages).unwrap_or(usize::MAX)],
@@ -202,7 +265,8 @@ impl RamState {
     /// Wire bytes of `k` pages in batches, each page counted with its data.
     fn wire(&self, k: u64) -> Bytes {
         let batches = k.div_ceil(self.batch_pages as u64);
-        Bytes(k * PER_PAGE + batches * (ram_codec::PAGES_HEADER_LEN as u64 + self.frame))
+        let per_page = (ram_codec::PAGE_ENTRY_LEN + self.page_size) as u64;
+        Bytes(k * per_page + batches * (ram_codec::PAGES_HEADER_LEN as u64 + self.frame))
     }
 
     /// Wire bytes of the discard sections for `k` dirty pages; 0 when there is nothing to
@@ -222,15 +286,25 @@ impl RamState {
         Ok(n)
     }
 
-    /// Moves the log into to-send. The fence pairs with the one in
-    /// [`GuestRam::write_and_mark`]: see `guest.rs` for why no write is lost.
+    /// Harvests the log into `harvested`, then fences: the only way this state takes the
+    /// log, so every page read that follows is ordered after the harvest (the contract in
+    /// `memory.rs`; for the default log, the fence pairs with the one in
+    /// [`GuestRam::write_and_mark`]). Returns how many pages the harvest handed over.
+    fn harvest(&mut self) -> u64 {
+        let _ = self.harvested.take_dirty();
+        self.log
+            .harvest(&mut DirtyPages::new(&self.harvested, self.pages));
+        self.log.fence();
+        self.harvested.count()
+    }
+
+    /// Moves the log into to-send.
     fn sync(&mut self) {
-        let taken = self.log.take_dirty();
-        fence(SeqCst);
+        let dirty = self.harvest();
         self.stats.syncs += 1;
-        self.stats.dirty_at_last_sync = taken.count();
+        self.stats.dirty_at_last_sync = dirty;
         // Same geometry by construction.
-        let _ = self.to_send.merge_from(&taken);
+        let _ = self.to_send.merge_from(&self.harvested);
         if !self.stopped {
             let _ = self.sent_since_sync.take_dirty();
         }
@@ -239,7 +313,7 @@ impl RamState {
     /// Takes up to one batch of pages from to-send, from the cursor on, wrapping once.
     fn next_batch(&mut self) -> Vec<u64> {
         let mut pages = Vec::with_capacity(self.batch_pages);
-        let page = PAGE_SIZE as u64;
+        let page = self.page_size as u64;
         let mut from = self.cursor * page;
         let mut wrapped = false;
         while pages.len() < self.batch_pages {
@@ -258,7 +332,7 @@ impl RamState {
             }
         }
         if let Some(&last) = pages.last() {
-            self.cursor = (last + 1) % self.ram.pages();
+            self.cursor = (last + 1) % self.pages;
         }
         pages
     }
@@ -266,7 +340,8 @@ impl RamState {
     /// Copies and sends `pages`, after recording them as sent (so that a failed send
     /// leaves them to be re-dirtied by `cancel`).
     fn send_pages(&mut self, out: &mut dyn Outbound, pages: &[u64]) -> Result<Bytes> {
-        let page = PAGE_SIZE as u64;
+        let ps = self.page_size;
+        let page = ps as u64;
         // The section about to go out is number `self.sections` (from 0).
         let tag = self.sections.saturating_add(1);
         for &p in pages {
@@ -274,19 +349,18 @@ impl RamState {
             self.last_section[p as usize] = tag;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        if buf.len() < pages.len() * PAGE_SIZE {
-            buf.resize(pages.len() * PAGE_SIZE, 0);
+        if buf.len() < pages.len() * ps {
+            buf.resize(pages.len() * ps, 0);
         }
         for (i, &p) in pages.iter().enumerate() {
-            self.ram
-                .read_page(p, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+            self.ram.read_page(p, &mut buf[i * ps..(i + 1) * ps]);
         }
         let entries: Vec<(u64, &[u8])> = pages
             .iter()
             .enumerate()
-            .map(|(i, &p)| (p, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+            .map(|(i, &p)| (p, &buf[i * ps..(i + 1) * ps]))
             .collect();
-        let payload = ram_codec::encode_pages(PAGE_SIZE, &entries);
+        let payload = ram_codec::encode_pages(ps, &entries);
         drop(entries);
         self.buf = buf;
         let n = self.send(out, &payload)?;
@@ -315,24 +389,43 @@ impl RamState {
     /// figure is unknown; what [`MigrationState::channel_failed`] does by default, see
     /// [`ChannelLoss`]). Marking more is always safe; it only costs a resend.
     pub fn redirty_undelivered(&self, applied: u64) {
-        let page = PAGE_SIZE as u64;
+        let mut run: Option<(u64, u64)> = None;
         for (p, &tag) in self.last_section.iter().enumerate() {
-            if u64::from(tag) > applied {
-                self.log.mark_dirty(p as u64 * page, page);
+            let p = p as u64;
+            if u64::from(tag) <= applied {
+                continue;
             }
+            run = match run {
+                Some((first, n)) if first + n == p => Some((first, n + 1)),
+                Some((first, n)) => {
+                    self.log.redirty(first, n);
+                    Some((p, 1))
+                }
+                None => Some((p, 1)),
+            };
+        }
+        if let Some((first, n)) = run {
+            self.log.redirty(first, n);
+        }
+    }
+
+    /// Gives every page of `set` back to the log, and clears `set`.
+    fn give_back(log: &L, set: &DirtyBitmap) {
+        let page = set.granularity();
+        for (off, len) in set.take_dirty().dirty_extents() {
+            log.redirty(off / page, len.div_ceil(page));
         }
     }
 
     fn redirty(&mut self) {
-        // Same geometry by construction.
-        let _ = self.log.merge_from(&self.to_send.take_dirty());
-        let _ = self.log.merge_from(&self.sent_since_sync.take_dirty());
+        Self::give_back(&self.log, &self.to_send);
+        Self::give_back(&self.log, &self.sent_since_sync);
         self.stopped = false;
         self.in_postcopy = false;
     }
 }
 
-impl MigrationState for RamState {
+impl<M: GuestMemory, L: DirtyLog> MigrationState for RamState<M, L> {
     fn id(&self) -> StateId {
         self.id
     }
@@ -342,19 +435,21 @@ impl MigrationState for RamState {
     }
 
     fn ram_geometry(&self) -> Option<(u32, u64)> {
-        Some((PAGE_SIZE as u32, self.ram.pages()))
+        Some((self.page_size as u32, self.pages))
     }
 
     fn migration_id(&self) -> Option<u64> {
-        Some(self.ram.migration_id())
+        Some(self.migration_id)
     }
 
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         match self.mode {
             SetupMode::Full => {
-                // Everything goes out once; what the log held is covered by that pass.
-                let _ = self.log.take_dirty();
-                self.to_send.mark_dirty(0, self.ram.size());
+                // Everything goes out once; what the log held is covered by that pass,
+                // whose copies all follow this harvest and its fence.
+                self.harvest();
+                self.to_send
+                    .mark_dirty(0, self.pages * self.page_size as u64);
             }
             SetupMode::Incremental => self.sync(),
         }
@@ -420,14 +515,14 @@ impl MigrationState for RamState {
         self.stopped = true;
         self.sync();
         self.in_postcopy = true;
-        let page = PAGE_SIZE as u64;
+        let page = self.page_size as u64;
         let mut stale = Vec::with_capacity(self.to_send.count() as usize);
         for (off, len) in self.to_send.dirty_extents() {
             stale.extend(off / page..(off + len).div_ceil(page));
         }
         let mut sent = Bytes(0);
         for chunk in stale.chunks(DISCARDS_PER_SECTION) {
-            sent += self.send(out, &ram_codec::encode_discards(PAGE_SIZE, chunk))?;
+            sent += self.send(out, &ram_codec::encode_discards(self.page_size, chunk))?;
         }
         Ok(sent)
     }
@@ -436,13 +531,13 @@ impl MigrationState for RamState {
         let (first, count) = ram_codec::decode_page_request(request)?;
         let end = first
             .checked_add(u64::from(count))
-            .filter(|&e| e <= self.ram.pages())
+            .filter(|&e| e <= self.pages)
             .ok_or(ProtocolError::RequestOutOfRange {
                 first,
                 count,
-                pages: self.ram.pages(),
+                pages: self.pages,
             })?;
-        let page = PAGE_SIZE as u64;
+        let page = self.page_size as u64;
         // Sent whether or not it is still in to-send: the destination may have asked while
         // a background copy was on its way; a duplicate of a frozen page is harmless (the
         // destination never overwrites a page it holds once its guest runs).
@@ -477,6 +572,7 @@ impl MigrationState for RamState {
 mod tests {
     use super::*;
     use crate::migration::frame::Frame;
+    use crate::migration::guest::new_log;
     use crate::migration::stream::FrameWriter;
 
     /// A writer past its stream header (the loop sends the Hello before any setup).
@@ -533,6 +629,58 @@ mod tests {
         }
     }
 
+    /// Memory of any page size, every page filled but page 0 (zero).
+    struct Filled {
+        page_size: usize,
+        pages: u64,
+    }
+
+    impl GuestMemory for Filled {
+        fn page_size(&self) -> usize {
+            self.page_size
+        }
+        fn pages(&self) -> u64 {
+            self.pages
+        }
+        fn read_page(&self, page: u64, out: &mut [u8]) {
+            out.fill(page as u8);
+        }
+        fn migration_id(&self) -> u64 {
+            1
+        }
+    }
+
+    #[test]
+    fn exact_pending_bounds_what_complete_sends_at_any_page_size() {
+        for page_size in [512, 16 << 10, 64 << 10] {
+            let (pages, batch) = (9, 4);
+            let ram = Arc::new(Filled { page_size, pages });
+            let log =
+                Arc::new(DirtyBitmap::new(pages * page_size as u64, page_size as u64).unwrap());
+            let mut s = RamState::new(1, ram, log, SetupMode::Full, false, batch).unwrap();
+            assert_eq!(s.ram_geometry(), Some((page_size as u32, pages)));
+            let mut w = started();
+            s.setup(&mut w).unwrap();
+            let before = w.bytes_sent();
+            let p = s.pending(true);
+            let sent = s.complete(&mut w).unwrap();
+            assert_eq!(w.bytes_sent() - before, sent);
+            // Page 0 is zero: its data is the whole slack.
+            assert_eq!(
+                p.total().get() - sent.get(),
+                page_size as u64,
+                "{page_size}"
+            );
+        }
+        let big = Arc::new(Filled {
+            page_size: 64 << 10,
+            pages: 1,
+        });
+        let log = Arc::new(DirtyBitmap::new(64 << 10, 64 << 10).unwrap());
+        let too_many = max_batch_pages(64 << 10) + 1;
+        assert!(RamState::new(1, big, log, SetupMode::Full, false, too_many).is_err());
+    }
+
     #[test]
     fn discards_and_page_requests() {
         let (_, mut s) = rig(6, 4, true);
@@ -570,7 +718,9 @@ mod tests {
             )
             .is_err());
         }
-        let payload = 4 + ram_codec::PAGES_HEADER_LEN + MAX_BATCH_PAGES * PER_PAGE as usize;
+        let payload = 4
+            + ram_codec::PAGES_HEADER_LEN
+            + MAX_BATCH_PAGES * (ram_codec::PAGE_ENTRY_LEN + PAGE_SIZE);
         assert!(payload <= MAX_FRAME_LEN as usize);
     }
 }

@@ -68,6 +68,7 @@ pub const LARGE_RAM_MAX_PAGES: u64 = 2048;
 pub struct DestModel {
     ram_id: StateId,
     pages: u64,
+    page_size: usize,
     /// The destination of the current attempt (and the RAM kept from earlier ones).
     core: Option<DestCore>,
     /// Frames the current attempt's core received (the next frame's sequence number).
@@ -85,11 +86,13 @@ pub struct DestModel {
 }
 
 impl DestModel {
-    /// An empty destination for `pages` pages of RAM in section `ram_id`.
+    /// An empty destination for `pages` pages of [`PAGE_SIZE`] bytes of RAM in section
+    /// `ram_id`.
     pub fn new(ram_id: StateId, pages: u64, seed: u64) -> Self {
         DestModel {
             ram_id,
             pages,
+            page_size: PAGE_SIZE,
             core: None,
             frames: 0,
             requested: vec![false; pages as usize],
@@ -100,6 +103,13 @@ impl DestModel {
             requests: 0,
             outbox: VecDeque::new(),
         }
+    }
+
+    /// This destination, for pages of `page_size` bytes.
+    #[must_use]
+    pub fn with_page_size(mut self, page_size: usize) -> Self {
+        self.page_size = page_size;
+        self
     }
 
     /// The destination's RAM (empty before the first Hello).
@@ -179,7 +189,7 @@ impl DestModel {
                     .iter()
                     .find(|s| s.name == RAM_STATE_NAME)
                     .map(|s| s.id);
-                if h.page_size as usize != PAGE_SIZE
+                if h.page_size as usize != self.page_size
                     || h.ram_pages != self.pages
                     || ram_state != Some(self.ram_id)
                 {
@@ -188,7 +198,7 @@ impl DestModel {
                         page_size: h.page_size,
                         ram_state,
                         expected_pages: self.pages,
-                        expected_page_size: PAGE_SIZE as u32,
+                        expected_page_size: self.page_size as u32,
                         expected_state: self.ram_id,
                     }
                     .into());

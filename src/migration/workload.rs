@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::error::{MigrationError, Result};
-use super::guest::{check_log, GuestRam, Vm};
+use super::guest::{GuestRam, Vm, PAGE_SIZE};
 use crate::rng::SplitMix64;
 use crate::DirtyBitmap;
 
@@ -246,6 +246,20 @@ impl Vm for Workload {
     fn set_throttle(&mut self, percent: u8) {
         self.shared.throttle.store(percent.min(99), Relaxed);
     }
+}
+
+/// Checks that `log` tracks `ram` page by page.
+fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
+    if log.disk_size() != ram.size() || log.granularity() != PAGE_SIZE as u64 {
+        return Err(MigrationError::InvalidInput(format!(
+            "dirty log covers {} bytes at granularity {}, guest RAM is {} bytes of {}-byte pages",
+            log.disk_size(),
+            log.granularity(),
+            ram.size(),
+            PAGE_SIZE
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
