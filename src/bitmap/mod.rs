@@ -6,7 +6,8 @@
 //!    clean bits, each skipping 512 bits per level-1 bit and 64× more per level above;
 //! 3. the change maps: one bit per region of the serialized bitmap. The primary map tells
 //!    the flusher which parts of the on-disk copy are stale ([`ChangedRegions`]); each
-//!    [`ChangeConsumer`] has a map of its own, set by the same changes (`consumers.rs`).
+//!    [`ChangeConsumer`] has a map of its own, set by the same changes (`consumer_maps.rs`,
+//!    `consumers.rs`).
 //!
 //! Every mutation of a leaf word is followed by the same bookkeeping, in this order: the
 //! counter, both towers, then the change maps (the primary one, then each consumer's). A mark that may write a word announces
@@ -17,6 +18,7 @@
 mod atomic;
 mod barrier;
 mod change_map;
+mod consumer_maps;
 mod consumers;
 mod count;
 mod geometry;
@@ -28,7 +30,8 @@ use std::fmt;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 pub use change_map::{ChangedRegions, IntoRegions, Regions};
-pub use consumers::{ChangeConsumer, ConsumerStart, MAX_CONSUMERS};
+pub use consumer_maps::{ConsumerStart, MAX_CONSUMERS};
+pub use consumers::ChangeConsumer;
 pub use geometry::{
     DEFAULT_REGION_SIZE, MAX_BITS, MAX_GRANULARITY, MAX_REGION_SIZE, MIN_GRANULARITY,
     MIN_REGION_SIZE,
@@ -38,7 +41,7 @@ pub use iter::DirtyExtents;
 use crate::error::{invalid_input, Result};
 use atomic::{sc_point, AtomicBool};
 use change_map::ChangeMap;
-use consumers::Consumers;
+use consumer_maps::ConsumerMaps;
 use count::{InFlight, ThreadSlots};
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
@@ -69,7 +72,7 @@ pub struct DirtyBitmap {
     /// The primary change map: the flusher's ([`take_changed`](Self::take_changed)).
     changes: ChangeMap,
     /// The extra consumers' change maps ([`add_consumer`](Self::add_consumer)).
-    consumers: Consumers,
+    consumers: ConsumerMaps,
     slots: ThreadSlots,
     enabled: AtomicBool,
     /// Set by [`seal`](Self::seal): a mark that would write waits until
@@ -126,7 +129,7 @@ impl DirtyBitmap {
             any: AnyTower::new(nblocks),
             full: FullTower::new(nblocks),
             changes: ChangeMap::new(geo.nregions()),
-            consumers: Consumers::new(),
+            consumers: ConsumerMaps::new(),
             slots: ThreadSlots::new(),
             enabled: AtomicBool::new(true),
             sealed: AtomicBool::new(false),
