@@ -105,7 +105,7 @@ pub mod store;
 pub mod tracker;
 pub mod units;
 
-pub use bitmap::{ChangedRegions, DirtyBitmap, DirtyExtents};
+pub use bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap, DirtyExtents};
 pub use error::{Corruption, Error, Result, StateProblem};
 pub use flush::{FlushStats, StopReport};
 pub use format::BitmapName;

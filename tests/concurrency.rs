@@ -346,3 +346,181 @@ fn count_stays_exact_with_more_threads_than_counter_slots_and_thread_churn() {
     assert_eq!(taken.count(), ones);
     assert_eq!(bm.count(), 0);
 }
+
+/// What one consumer of `consumers_and_the_flusher_each_see_every_change` saw.
+struct ConsumerRun {
+    /// The union of its takes.
+    taken: dirty_bitmap::ChangedRegions,
+    /// Its copy of the bitmap: for `AllRegions` built from its takes alone, for `Empty`
+    /// from a whole read right after `add_consumer` plus its takes.
+    copy: Vec<u8>,
+    takes: u64,
+}
+
+/// Serializes the regions of `set` into their places in `copy`.
+fn serialize_regions(bm: &DirtyBitmap, set: &dirty_bitmap::ChangedRegions, copy: &mut [u8]) {
+    let rs = bm.region_size() as usize;
+    for r in set {
+        let s = r as usize * rs;
+        let l = bm.region_len(r) as usize;
+        bm.serialize_region(r, &mut copy[s..s + l]).unwrap();
+    }
+}
+
+/// One consumer's thread: waits until writer 0 has made `start_after` operations, adds a
+/// consumer with `start`, then takes at random moments until `done`, and once more after.
+fn run_consumer(
+    bm: &Arc<DirtyBitmap>,
+    start: dirty_bitmap::ConsumerStart,
+    start_after: u64,
+    progress: &std::sync::atomic::AtomicU64,
+    added: &AtomicBool,
+    done: &AtomicBool,
+    rng: &mut rand::rngs::SmallRng,
+) -> ConsumerRun {
+    while progress.load(Ordering::SeqCst) < start_after && !done.load(Ordering::SeqCst) {
+        thread::yield_now();
+    }
+    let c = bm.add_consumer(start).unwrap();
+    added.store(true, Ordering::SeqCst);
+    let mut copy = match start {
+        dirty_bitmap::ConsumerStart::Empty => serialize_all(bm),
+        _ => vec![0u8; bm.serialized_len() as usize],
+    };
+    let mut taken = c.take_changed();
+    let mut takes = 1;
+    serialize_regions(bm, &taken, &mut copy);
+    loop {
+        let last = done.load(Ordering::SeqCst);
+        for _ in 0..rng.random_range(0..20_000) {
+            std::hint::spin_loop();
+        }
+        let set = c.take_changed();
+        serialize_regions(bm, &set, &mut copy);
+        taken.union_with(&set);
+        takes += 1;
+        if last {
+            break;
+        }
+    }
+    ConsumerRun { taken, copy, takes }
+}
+
+#[test]
+fn consumers_and_the_flusher_each_see_every_change() {
+    // Writers flip bits (each owns the bits of its residue, clearing a dirty one before
+    // marking it, so every mark is a change) over 64 regions. One consumer is added with
+    // every region and one empty, each at a random point of the run, and each takes at
+    // random moments; the flusher takes throughout. At the end, each consumer's takes
+    // cover every region a mark touched after it was added, each consumer's copy and the
+    // flusher's equal the bitmap: no take stole another's regions.
+    use dirty_bitmap::ConsumerStart;
+    use rand::SeedableRng;
+    use std::sync::atomic::AtomicU64;
+
+    let (mut rng, seed) = seeded_rng("consumers_take_at_random");
+    let g = 4096u64;
+    let region_bits = 512 * 8;
+    let nregions = 64u64;
+    let nbits = nregions * region_bits;
+    let ops = 60_000u64;
+    let bm = Arc::new(DirtyBitmap::with_region_size(nbits * g, g, 512).unwrap());
+    let progress = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let added = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+    let starts = [ConsumerStart::AllRegions, ConsumerStart::Empty];
+
+    let writers: Vec<_> = (0..WRITERS as u64)
+        .map(|t| {
+            let bm = Arc::clone(&bm);
+            let progress = Arc::clone(&progress);
+            let added = Arc::clone(&added);
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (t + 1));
+            thread::spawn(move || {
+                // Regions each consumer must see: touched by a mark begun after it was added.
+                let mut owed = [
+                    vec![false; nregions as usize],
+                    vec![false; nregions as usize],
+                ];
+                for _ in 0..ops {
+                    let bit = rng.random_range(0..nbits / WRITERS as u64) * WRITERS as u64 + t;
+                    let after = [
+                        added[0].load(Ordering::SeqCst),
+                        added[1].load(Ordering::SeqCst),
+                    ];
+                    if bm.is_dirty(bit * g) {
+                        bm.clear(bit * g, g);
+                    }
+                    bm.mark_dirty(bit * g, g);
+                    for (owed, after) in owed.iter_mut().zip(after) {
+                        if after {
+                            owed[(bit / region_bits) as usize] = true;
+                        }
+                    }
+                    if t == 0 {
+                        progress.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                owed
+            })
+        })
+        .collect();
+    let consumers: Vec<_> = (0..2)
+        .map(|k| {
+            let bm = Arc::clone(&bm);
+            let progress = Arc::clone(&progress);
+            let added = Arc::clone(&added);
+            let done = Arc::clone(&done);
+            let start_after = rng.random_range(0..ops / 2);
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (k + 100));
+            thread::spawn(move || {
+                run_consumer(
+                    &bm,
+                    starts[k as usize],
+                    start_after,
+                    &progress,
+                    &added[k as usize],
+                    &done,
+                    &mut rng,
+                )
+            })
+        })
+        .collect();
+
+    let mut shadow = vec![0u8; bm.serialized_len() as usize];
+    let mut flushes = 0u64;
+    while writers.iter().any(|w| !w.is_finished()) {
+        flush_changed(&bm, &mut shadow);
+        flushes += 1;
+    }
+    let owed: Vec<[Vec<bool>; 2]> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    done.store(true, Ordering::SeqCst);
+    let runs: Vec<ConsumerRun> = consumers.into_iter().map(|c| c.join().unwrap()).collect();
+    flush_changed(&bm, &mut shadow);
+
+    let now = serialize_all(&bm);
+    assert_eq!(shadow, now, "seed {seed}: the flusher missed a change");
+    for (k, run) in runs.iter().enumerate() {
+        let owed_regions: Vec<u64> = (0..nregions)
+            .filter(|&r| owed.iter().any(|w| w[k][r as usize]))
+            .collect();
+        eprintln!(
+            "consumer {k} ({:?}): {} takes, {} regions taken, {} owed; flusher: {flushes} takes",
+            starts[k],
+            run.takes,
+            run.taken.len(),
+            owed_regions.len()
+        );
+        for r in owed_regions {
+            assert!(
+                run.taken.contains(r),
+                "seed {seed}: consumer {k} never took region {r}, marked after it was added"
+            );
+        }
+        assert_eq!(
+            run.copy, now,
+            "seed {seed}: consumer {k}'s copy misses a change"
+        );
+    }
+    assert_eq!(bm.consumer_count(), 0);
+}

@@ -7,7 +7,7 @@
 //! disabled bitmap stays as it was.
 #![cfg(loom)]
 
-use dirty_bitmap::DirtyBitmap;
+use dirty_bitmap::{ChangedRegions, ConsumerStart, DirtyBitmap};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -402,5 +402,110 @@ fn a_mark_racing_a_seal_is_waited_for_or_waits_for_the_unseal() {
         t.join().unwrap();
         assert!(bm.is_dirty(WORD));
         assert_consistent(&bm);
+    });
+}
+
+/// Serializes the regions of `taken` into `shadow`, as a consumer does after its take.
+fn serialize_taken(bm: &DirtyBitmap, taken: &ChangedRegions, shadow: &mut [u8]) {
+    let rs = bm.region_size() as usize;
+    for r in taken {
+        let s = r as usize * rs;
+        let l = bm.region_len(r) as usize;
+        bm.serialize_region(r, &mut shadow[s..s + l]).unwrap();
+    }
+}
+
+/// Two regions of 512 bytes; marks at bits 100 (region 0) and 5000 (region 1).
+fn two_region_bitmap() -> std::sync::Arc<DirtyBitmap> {
+    std::sync::Arc::new(DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap())
+}
+
+#[test]
+fn two_consumers_taking_during_marks_each_see_every_change_since_their_own_take() {
+    // Consumer A takes on this thread, consumer B on another, while a third thread marks
+    // one bit in each region. Each serializes what it took into its own shadow, then takes
+    // once more after the marks: each shadow must equal the bitmap, whatever the other
+    // took. The primary map, taken only at the end, must hold both regions too.
+    model(|| {
+        // `add_consumer` takes std's Arc; sharing is not what this model checks.
+        let bm = two_region_bitmap();
+        let a = bm.add_consumer(ConsumerStart::Empty).unwrap();
+        let b = bm.add_consumer(ConsumerStart::Empty).unwrap();
+        let marker = {
+            let bm = std::sync::Arc::clone(&bm);
+            thread::spawn(move || {
+                bm.mark_dirty(100 * G, G);
+                bm.mark_dirty(5000 * G, G);
+            })
+        };
+        let taker = thread::spawn(move || {
+            let mut shadow = vec![0u8; 1024];
+            serialize_taken(b.bitmap(), &b.take_changed(), &mut shadow);
+            (b, shadow)
+        });
+        let mut shadow_a = vec![0u8; 1024];
+        serialize_taken(&bm, &a.take_changed(), &mut shadow_a);
+        marker.join().unwrap();
+        let (b, mut shadow_b) = taker.join().unwrap();
+        serialize_taken(&bm, &a.take_changed(), &mut shadow_a);
+        serialize_taken(&bm, &b.take_changed(), &mut shadow_b);
+        let now = serialize_all(&bm);
+        assert_ne!(now[100 / 8] & (1 << (100 % 8)), 0);
+        assert_ne!(now[5000 / 8] & (1 << (5000 % 8)), 0);
+        assert_eq!(shadow_a, now, "consumer A missed a change");
+        assert_eq!(shadow_b, now, "consumer B missed a change");
+        let primary: Vec<u64> = bm.take_changed().iter().collect();
+        assert_eq!(primary, vec![0, 1], "the primary map lost a region");
+    });
+}
+
+#[test]
+fn a_consumer_added_empty_during_a_mark_has_it_in_its_map_or_in_the_bytes_read_after() {
+    // The precise promise of `ConsumerStart::Empty`: a change racing the registration is in
+    // the consumer's first take, or visible to every read made after `add_consumer`
+    // returns. So reading the whole bitmap after the registration, then taking and
+    // serializing once the mark is done, misses nothing.
+    model(|| {
+        let bm = two_region_bitmap();
+        let marker = {
+            let bm = std::sync::Arc::clone(&bm);
+            thread::spawn(move || bm.mark_dirty(5000 * G, G))
+        };
+        switch_point(&bm);
+        let c = bm.add_consumer(ConsumerStart::Empty).unwrap();
+        let mut shadow = serialize_all(&bm);
+        marker.join().unwrap();
+        serialize_taken(&bm, &c.take_changed(), &mut shadow);
+        assert_ne!(
+            shadow[5000 / 8] & (1 << (5000 % 8)),
+            0,
+            "the mark is neither in the bytes read after add_consumer nor in its first take"
+        );
+    });
+}
+
+#[test]
+fn a_consumer_added_with_all_regions_during_a_mark_copies_it_in_its_first_passes() {
+    // A stream's start: every region in the first take, then the changes since.
+    model(|| {
+        let bm = two_region_bitmap();
+        bm.mark_dirty(100 * G, G);
+        let marker = {
+            let bm = std::sync::Arc::clone(&bm);
+            thread::spawn(move || bm.mark_dirty(5000 * G, G))
+        };
+        switch_point(&bm);
+        let c = bm.add_consumer(ConsumerStart::AllRegions).unwrap();
+        let mut shadow = vec![0u8; 1024];
+        let first = c.take_changed();
+        assert_eq!(first.len(), 2, "the first take lacks a region");
+        serialize_taken(&bm, &first, &mut shadow);
+        marker.join().unwrap();
+        serialize_taken(&bm, &c.take_changed(), &mut shadow);
+        assert_eq!(
+            shadow,
+            serialize_all(&bm),
+            "the consumer's copy missed a change"
+        );
     });
 }

@@ -4,11 +4,13 @@
 //! 1. leaf words: one bit per granule, set lock-free by any number of threads;
 //! 2. summary levels: an *any* tower for finding dirty bits and a *full* tower for finding
 //!    clean bits, each skipping 512 bits per level-1 bit and 64× more per level above;
-//! 3. the change map: one bit per region of the serialized bitmap, telling a flusher which
-//!    parts of the on-disk copy are stale ([`ChangedRegions`]).
+//! 3. the change maps: one bit per region of the serialized bitmap. The primary map tells
+//!    the flusher which parts of the on-disk copy are stale ([`ChangedRegions`]); each
+//!    [`ChangeConsumer`] has a map of its own, set by the same changes (`consumer_maps.rs`,
+//!    `consumers.rs`).
 //!
 //! Every mutation of a leaf word is followed by the same bookkeeping, in this order: the
-//! counter, both towers, then the change map. A mark that may write a word announces
+//! counter, both towers, then the change maps (the primary one, then each consumer's). A mark that may write a word announces
 //! itself in its thread's slot first and withdraws after the change map (`count.rs`), so
 //! that [`DirtyBitmap::wait_for_marks`] and [`DirtyBitmap::set_enabled`] know when no mark
 //! is half done.
@@ -16,6 +18,8 @@
 mod atomic;
 mod barrier;
 mod change_map;
+mod consumer_maps;
+mod consumers;
 mod count;
 mod geometry;
 mod iter;
@@ -26,6 +30,8 @@ use std::fmt;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 pub use change_map::{ChangedRegions, IntoRegions, Regions};
+pub use consumer_maps::{ConsumerStart, MAX_CONSUMERS};
+pub use consumers::ChangeConsumer;
 pub use geometry::{
     DEFAULT_REGION_SIZE, MAX_BITS, MAX_GRANULARITY, MAX_REGION_SIZE, MIN_GRANULARITY,
     MIN_REGION_SIZE,
@@ -35,6 +41,7 @@ pub use iter::DirtyExtents;
 use crate::error::{invalid_input, Result};
 use atomic::{sc_point, AtomicBool};
 use change_map::ChangeMap;
+use consumer_maps::ConsumerMaps;
 use count::{InFlight, ThreadSlots};
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
@@ -62,7 +69,10 @@ pub struct DirtyBitmap {
     words: Words,
     any: AnyTower,
     full: FullTower,
+    /// The primary change map: the flusher's ([`take_changed`](Self::take_changed)).
     changes: ChangeMap,
+    /// The extra consumers' change maps ([`add_consumer`](Self::add_consumer)).
+    consumers: ConsumerMaps,
     slots: ThreadSlots,
     enabled: AtomicBool,
     /// Set by [`seal`](Self::seal): a mark that would write waits until
@@ -79,6 +89,7 @@ impl fmt::Debug for DirtyBitmap {
             .field("dirty_bits", &self.count())
             .field("region_size", &self.geo.region_size)
             .field("changed_regions", &self.changes.count())
+            .field("consumers", &self.consumers.count())
             .field("enabled", &self.is_enabled())
             .finish()
     }
@@ -118,6 +129,7 @@ impl DirtyBitmap {
             any: AnyTower::new(nblocks),
             full: FullTower::new(nblocks),
             changes: ChangeMap::new(geo.nregions()),
+            consumers: ConsumerMaps::new(),
             slots: ThreadSlots::new(),
             enabled: AtomicBool::new(true),
             sealed: AtomicBool::new(false),
@@ -465,7 +477,8 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// A copy: same geometry, bits, change map and enabled state.
+    /// A copy: same geometry, bits, primary change map and enabled state, and no
+    /// [`ChangeConsumer`]s.
     pub fn snapshot(&self) -> DirtyBitmap {
         let mut copy = Self::from_geometry(self.geo);
         self.for_each_nonzero_word(|w, v| copy.set_bits(w, v));
@@ -519,7 +532,7 @@ impl DirtyBitmap {
         if was_full {
             self.full.clear(0, b);
         }
-        self.changes.set(region);
+        self.record_change(region);
         // The returned bitmap: the same words went from zero to the bits taken.
         out.slots.add(moved);
         out.any.set(0, b);
@@ -531,7 +544,8 @@ impl DirtyBitmap {
 
     /// Changes the disk size. Shrinking drops the bits past the new end; growing adds
     /// clean bits. Every change-map region is marked changed, since the serialized form
-    /// (and on disk, the table size) changes with the size.
+    /// (and on disk, the table size) changes with the size. The bitmap has no
+    /// [`ChangeConsumer`] then: each holds the bitmap's `Arc`, which `&mut` excludes.
     ///
     /// # Errors
     /// As [`new`](Self::new) for the new size; the bitmap is unchanged then.
@@ -548,7 +562,9 @@ impl DirtyBitmap {
             }
         });
         resized.changes.set_every();
-        // `&mut self`: no mark is running, and nobody else sees `resized` yet.
+        // `&mut self`: no mark is running, nobody else sees `resized` yet, and no
+        // `ChangeConsumer` exists (each holds an `Arc` of its bitmap).
+        debug_assert_eq!(self.consumers.count(), 0);
         resized.enabled.store(self.is_enabled(), SeqCst);
         *self = resized;
         Ok(())
@@ -592,6 +608,11 @@ impl DirtyBitmap {
     /// Takes the set of regions whose serialized bytes changed since the last take, and
     /// clears it. See [`serialize_region`](Self::serialize_region) for the ordering that
     /// makes this safe against concurrent marks.
+    ///
+    /// This is the primary consumer's map, the flusher's: [`load_region`](Self::load_region)
+    /// leaves it alone (the bytes loaded are what is on disk). Other consumers, such as a
+    /// migration stream, have maps of their own ([`add_consumer`](Self::add_consumer)),
+    /// which this take leaves alone.
     pub fn take_changed(&self) -> ChangedRegions {
         let taken = self.changes.take();
         // The change bits are cleared; the caller reads the words next.
@@ -599,12 +620,14 @@ impl DirtyBitmap {
         taken
     }
 
-    /// Marks the regions of `regions` changed again, for a flusher whose write failed.
+    /// Marks the regions of `regions` changed again in the primary map, for a flusher whose
+    /// write failed.
     pub fn requeue_changed(&self, regions: &ChangedRegions) {
         self.changes.set_all_of(regions);
     }
 
-    /// Number of regions changed since the last take, read without taking them.
+    /// Number of regions changed since the last [`take_changed`](Self::take_changed), read
+    /// without taking them.
     pub fn changed_region_count(&self) -> u64 {
         self.changes.count()
     }
@@ -643,15 +666,17 @@ impl DirtyBitmap {
     }
 
     /// Replaces region `region` with `bytes` in qcow2's layout, masking any tail bits past
-    /// the last valid bit. The change map is left as it is: the loaded bytes are what is on
-    /// disk. Meant for loading a bitmap before it is shared; a mark racing with the load
-    /// of its region may be overwritten.
+    /// the last valid bit. The primary change map is left as it is: the loaded bytes are
+    /// what is on disk. Each [`ChangeConsumer`] gets the region if a word of it changed.
+    /// Meant for loading a bitmap before it is shared; a mark racing with the load of its
+    /// region may be overwritten.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or
     /// `bytes` of the wrong length.
     pub fn load_region(&self, region: u64, bytes: &[u8]) -> Result<()> {
         let w0 = self.check_region(region, bytes.len())?;
+        let mut changed = false;
         for (i, chunk) in bytes.chunks(8).enumerate() {
             let w = w0 + i;
             let mut le = [0u8; 8];
@@ -662,20 +687,26 @@ impl DirtyBitmap {
                 let old = word.swap(new, SeqCst);
                 if old != new {
                     self.update_summaries(w, old, new);
+                    changed = true;
                 }
             }
+        }
+        if changed {
+            self.consumers.record(region);
         }
         Ok(())
     }
 
     /// Bytes of memory this bitmap holds: the struct itself (which holds the counter
-    /// shards inline) plus its heap: leaf words, both summary towers and the change map.
+    /// shards inline) plus its heap: leaf words, both summary towers and the change maps
+    /// (the primary one, and those allocated for consumers).
     pub fn memory_usage(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.words.memory_usage()
             + self.any.memory_usage()
             + self.full.memory_usage()
             + self.changes.memory_usage()
+            + self.consumers.memory_usage()
     }
 
     // ----- internals -----
@@ -723,12 +754,20 @@ impl DirtyBitmap {
     }
 
     /// Bookkeeping after word `w` changed from `old` to `new` (`old != new`): counter,
-    /// summaries, then the change map. The change map comes last so that a flusher that
+    /// summaries, then the change maps. The change maps come last so that a consumer that
     /// sees the change bit also sees the word (see `change_map`).
     #[inline]
     fn after_change(&self, w: usize, old: u64, new: u64) {
         self.update_summaries(w, old, new);
-        self.changes.set((w >> self.geo.region_word_shift()) as u64);
+        self.record_change((w >> self.geo.region_word_shift()) as u64);
+    }
+
+    /// Sets region `r` in the primary change map and in every consumer's. Called after the
+    /// word change and the `sc_point` behind it.
+    #[inline(always)]
+    fn record_change(&self, r: u64) {
+        self.changes.set(r);
+        self.consumers.record(r);
     }
 
     #[inline]
