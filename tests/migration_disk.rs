@@ -868,3 +868,197 @@ fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_sourc
     assert_on_disk(&img, &marks);
     r.guest.vcpus.shutdown();
 }
+
+// ---------------------------------------------------------------------------------------
+// Stream mode: the destination has its own image; the bitmap travels as deltas.
+
+use dirty_bitmap::migration::{StreamDiskDest, StreamDiskState};
+use dirty_bitmap::FlushPolicy;
+
+fn extents(b: &dirty_bitmap::DirtyBitmap) -> Vec<(u64, u64)> {
+    b.dirty_extents().collect()
+}
+
+/// Panics with the first difference of two extent lists.
+fn assert_same(a: &[(u64, u64)], b: &[(u64, u64)], what: &str) {
+    if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
+        panic!(
+            "{what}: {} against {} extents, first difference at {i}: {:?} against {:?}",
+            a.len(),
+            b.len(),
+            a.get(i),
+            b.get(i)
+        );
+    }
+}
+
+/// Auto-converge, and a `clear` of the first half of the disk on the first turn after the
+/// stream's first pass went out (the 64 GiB disk's bitmap is 128 KiB): a change that
+/// removes bits the destination already has.
+struct ClearsOnce {
+    bitmap: Arc<dirty_bitmap::DirtyBitmap>,
+    done: bool,
+    inner: AutoConverge,
+}
+
+impl Controller for ClearsOnce {
+    fn on_iteration(
+        &mut self,
+        r: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        if !self.done && r.bytes_sent > Bytes(256 << 10) {
+            self.bitmap.clear(0, DISK / 2);
+            self.done = true;
+        }
+        dirty_bitmap::migration::Directive::Continue
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        self.inner.on_stall(r)
+    }
+}
+
+/// An empty image of the same disk for the destination, and its side of the stream.
+fn stream_dest(dir: &Path) -> (PathBuf, Arc<Mutex<StreamDiskDest<FileStorage>>>) {
+    let img = dir.join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
+    let path = img.clone();
+    let d = StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    });
+    (img, Arc::new(Mutex::new(d)))
+}
+
+/// One attempt over TCP with RAM and `stream`, the destination taking `dest`.
+fn stream_attempt(
+    r: &mut Rig,
+    stream: &mut StreamDiskState,
+    dest: &Arc<Mutex<StreamDiskDest<FileStorage>>>,
+    refuse: bool,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    stream_attempt_with(r, stream, dest, refuse, &mut AutoConverge::default())
+}
+
+fn stream_attempt_with(
+    r: &mut Rig,
+    stream: &mut StreamDiskState,
+    dest: &Arc<Mutex<StreamDiskDest<FileStorage>>>,
+    refuse: bool,
+    control: &mut dyn Controller,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(dest) as SharedDestState],
+        refuse_attempts: u32::from(refuse),
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let res = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: cfg(),
+            ..SourceOptions::default()
+        },
+        &mut r.guest,
+        // The stream first: its first pass goes out before RAM's.
+        &mut [stream as &mut dyn MigrationState, &mut r.ram],
+        control,
+    );
+    let _ = d.join();
+    res.map(|s| s.outcome)
+}
+
+#[test]
+fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 31);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    // The source's own flusher keeps writing the same bitmap to the source's image.
+    let flusher = FlushPolicy::every(Duration::from_millis(20))
+        .spawn(store.clone())
+        .unwrap();
+    // A clear while the stream runs: its regions go again, replacing what was sent.
+    let mut control = ClearsOnce {
+        bitmap: Arc::clone(&bitmap),
+        done: false,
+        inner: AutoConverge::default(),
+    };
+    let (dest_img, dest) = stream_dest(dir.path());
+    let o = stream_attempt_with(&mut r, &mut stream, &dest, false, &mut control).unwrap();
+    assert!(control.done);
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(stream.regions_sent() > 0);
+    // The guest is stopped and its disk writes drained: the destination's bitmap is the
+    // source's, bit for bit (the clear included).
+    let mut d = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the destination took over");
+    assert!(d.is_active());
+    let at_dest = extents(&d.bitmap("b").unwrap());
+    assert_same(&at_dest, &extents(&bitmap), "destination against source");
+    assert!(!at_dest.is_empty());
+    d.inactivate().unwrap();
+    drop(d);
+    assert_qemu_clean(&dest_img);
+    // The flusher saw every change too: the source's image holds the same bits.
+    flusher.stop().unwrap();
+    store.lock().inactivate().unwrap();
+    let src = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert_same(
+        &extents(&src.load("b").unwrap()),
+        &extents(&bitmap),
+        "source image against source memory",
+    );
+    drop(src);
+    assert_qemu_clean(&img);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+#[test]
+fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, store) = new_store(dir.path());
+    let mut r = rig(&store, 32);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    let regions = bitmap.region_count();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    let (_dest_img, dest) = stream_dest(dir.path());
+    let e = stream_attempt(&mut r, &mut stream, &dest, true).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let sent_first = stream.regions_sent();
+    assert!(
+        sent_first >= regions,
+        "the first attempt sent {sent_first} of {regions}"
+    );
+    // Sending cleared no source bit, and every region is queued again.
+    assert!(dest.lock().unwrap().take_store().is_none());
+    let p = stream.pending(true);
+    assert!(
+        p.must_precopy.get() >= regions * bitmap.region_size(),
+        "after a failure every region sent must be pending again: {p:?}"
+    );
+    let o = stream_attempt(&mut r, &mut stream, &dest, false).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    let d = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&d.bitmap("b").unwrap()),
+        &extents(&bitmap),
+        "destination against source",
+    );
+    let marks = r.guest.disk.marks();
+    assert!(marks.iter().all(|&m| bitmap.is_dirty(m)));
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}

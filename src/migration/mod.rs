@@ -23,6 +23,9 @@
 //! - [`ram`]: RAM as a [`MigrationState`].
 //! - [`disk`]: disk bitmaps on shared storage as a [`MigrationState`]
 //!   ([`SharedDiskState`]): flushed during precopy, their stop time in the downtime.
+//! - [`bitmap_codec`]: the payloads of a bitmap's sections in stream mode; pure.
+//! - [`disk_stream`]: disk bitmaps in the stream, as deltas ([`StreamDiskState`],
+//!   [`StreamDiskDest`]), for a destination with an image of its own.
 //! - [`precopy`]: the loop ([`run`]).
 //! - [`sim`]: the virtual-clock simulation and its sweep; [`tcp`]: both ends over TCP on
 //!   127.0.0.1.
@@ -35,7 +38,9 @@ pub mod clock;
 pub mod dest;
 pub mod dest_state;
 pub mod disk;
+pub mod disk_stream;
 pub mod error;
+parser_module! { pub mod bitmap_codec; }
 parser_module! { pub mod frame; }
 pub mod guest;
 #[cfg(feature = "testing")]
@@ -58,6 +63,7 @@ pub use channel::{DestMessage, Inbound, Outbound};
 pub use clock::{Clock, ManualClock, RealClock};
 pub use dest_state::{DestState, SharedDestState};
 pub use disk::{SharedDiskDest, SharedDiskState};
+pub use disk_stream::{StreamDiskDest, StreamDiskState};
 pub use error::{MigrationError, ProtocolError, Result};
 pub use frame::{Control, StateId};
 pub use guest::{GuestRam, Vm, PAGE_SIZE};

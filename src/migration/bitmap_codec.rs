@@ -1,0 +1,281 @@
+//! The payloads of a disk bitmap's sections in the migration stream (stream mode: the
+//! destination has its own image, and the bitmap's changed regions travel as RAM pages do).
+//!
+//! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length;
+//! every field is read through the checked readers of `frame.rs`. The byte layout
+//! (big-endian) is in `docs/FORMAT.md`, section "Migration stream":
+//!
+//! | kind (1) | bitmap index (2) | body |
+//! |---|---|---|
+//! | 1 START | index | granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
+//! | 2 REGIONS | index | count (4), then per region: region number (8), length (4), bytes |
+//! | 3 COMPLETE | index | nothing |
+//!
+//! A REGIONS entry *replaces* the destination's copy of the region (a `clear` on the
+//! source removes bits, so an OR would keep them).
+
+use super::error::Result;
+use super::frame::{be_u16, be_u32, be_u64, be_u8, field, FrameError};
+
+/// The kind byte of a START section.
+pub const KIND_START: u8 = 1;
+/// The kind byte of a REGIONS section.
+pub const KIND_REGIONS: u8 = 2;
+/// The kind byte of a COMPLETE section.
+pub const KIND_COMPLETE: u8 = 3;
+/// Bytes of every section before its body: kind (1), index (2).
+pub const HEADER_LEN: usize = 3;
+/// Bytes of a START body before the name.
+pub const START_LEN: usize = 16;
+/// Bytes of a REGIONS body before the first entry: the count.
+pub const REGIONS_HEADER_LEN: usize = 4;
+/// Bytes of a region entry before its bytes: region number (8), length (4).
+pub const REGION_ENTRY_LEN: usize = 12;
+/// The longest bitmap name (qcow2's limit).
+pub const MAX_NAME_LEN: usize = 1023;
+/// Flag bit of a START: the bitmap records writes (qcow2's `auto`).
+pub const FLAG_ENABLED: u8 = 0x01;
+
+/// A bitmap's identity, sent before any of its regions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    /// Its index among the state's bitmaps.
+    pub index: u16,
+    /// Its name (1..=1023 bytes).
+    pub name: String,
+    /// log2 of its granularity.
+    pub granularity_bits: u8,
+    /// Whether it records writes.
+    pub enabled: bool,
+    /// The disk size it covers.
+    pub disk_size: u64,
+    /// Its change-map region size in bytes of serialized bitmap.
+    pub region_size: u32,
+}
+
+/// One decoded section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapSection<'a> {
+    /// A bitmap's identity.
+    Start(Start),
+    /// Regions of bitmap `index`, each `(region number, serialized bytes)`.
+    Regions {
+        /// The bitmap.
+        index: u16,
+        /// The regions, in the order sent.
+        regions: Vec<(u64, &'a [u8])>,
+    },
+    /// Every region of bitmap `index` was sent.
+    Complete {
+        /// The bitmap.
+        index: u16,
+    },
+}
+
+fn bad(reason: impl Into<String>) -> FrameError {
+    FrameError::payload("bitmap", reason)
+}
+
+/// Encodes a START section.
+///
+/// # Panics
+/// Never for a name of at most [`MAX_NAME_LEN`] bytes; a longer one is cut (the caller
+/// checked it: qcow2 names are never longer).
+pub fn encode_start(s: &Start) -> Vec<u8> {
+    let name = s.name.as_bytes();
+    let name = name.get(..name.len().min(MAX_NAME_LEN)).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(START_LEN).saturating_add(name.len()));
+    out.push(KIND_START);
+    out.extend_from_slice(&s.index.to_be_bytes());
+    out.push(s.granularity_bits);
+    out.push(if s.enabled { FLAG_ENABLED } else { 0 });
+    out.extend_from_slice(&s.disk_size.to_be_bytes());
+    out.extend_from_slice(&s.region_size.to_be_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    out.extend_from_slice(name);
+    out
+}
+
+/// A REGIONS section for bitmap `index`, to be filled with [`push_region`] and closed with
+/// [`finish_regions`].
+pub fn begin_regions(index: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(REGIONS_HEADER_LEN));
+    out.push(KIND_REGIONS);
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out
+}
+
+/// Appends region `region`'s `bytes` to a section from [`begin_regions`].
+pub fn push_region(section: &mut Vec<u8>, region: u64, bytes: &[u8]) {
+    section.extend_from_slice(&region.to_be_bytes());
+    section.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    section.extend_from_slice(bytes);
+}
+
+/// Writes the count of `n` regions into a section from [`begin_regions`].
+pub fn finish_regions(section: &mut [u8], n: u32) {
+    if let Some(c) = section.get_mut(HEADER_LEN..HEADER_LEN.saturating_add(REGIONS_HEADER_LEN)) {
+        c.copy_from_slice(&n.to_be_bytes());
+    }
+}
+
+/// Encodes a COMPLETE section.
+pub fn encode_complete(index: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.push(KIND_COMPLETE);
+    out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+/// Decodes one section. Checks the framing only; whether a region fits its bitmap is the
+/// receiver's check.
+///
+/// # Errors
+/// [`FrameError::BadPayload`] for a truncated or over-long payload, an unknown kind, an
+/// empty, over-long or non-UTF-8 name, a granularity outside 9..=31, a zero region size,
+/// or a region entry whose length runs past the payload.
+pub fn decode(payload: &[u8]) -> Result<BitmapSection<'_>> {
+    let kind = be_u8(payload, 0).ok_or_else(|| bad("empty payload"))?;
+    let index = be_u16(payload, 1).ok_or_else(|| bad("truncated header"))?;
+    let body = payload.get(HEADER_LEN..).unwrap_or_default();
+    match kind {
+        KIND_START => decode_start(index, body).map(BitmapSection::Start),
+        KIND_REGIONS => decode_regions(index, body),
+        KIND_COMPLETE if body.is_empty() => Ok(BitmapSection::Complete { index }),
+        KIND_COMPLETE => Err(bad(format!("{} bytes after COMPLETE", body.len())).into()),
+        k => Err(bad(format!("unknown bitmap section kind {k}")).into()),
+    }
+}
+
+fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
+    let short = || bad("truncated START");
+    let granularity_bits = be_u8(body, 0).ok_or_else(short)?;
+    let flags = be_u8(body, 1).ok_or_else(short)?;
+    let disk_size = be_u64(body, 2).ok_or_else(short)?;
+    let region_size = be_u32(body, 10).ok_or_else(short)?;
+    let name_len = usize::from(be_u16(body, 14).ok_or_else(short)?);
+    if !(9..=31).contains(&granularity_bits) {
+        return Err(bad(format!("granularity bits {granularity_bits} not in 9..=31")).into());
+    }
+    if flags & !FLAG_ENABLED != 0 {
+        return Err(bad(format!("reserved START flags {flags:#04x}")).into());
+    }
+    if region_size == 0 {
+        return Err(bad("region size 0").into());
+    }
+    if name_len == 0 || name_len > MAX_NAME_LEN {
+        return Err(bad(format!("name length {name_len} not in 1..={MAX_NAME_LEN}")).into());
+    }
+    let name = field(body, START_LEN, name_len).ok_or_else(short)?;
+    if body.len() != START_LEN.saturating_add(name_len) {
+        return Err(bad("bytes after the START name").into());
+    }
+    let name = std::str::from_utf8(name)
+        .map_err(|_| bad("name is not UTF-8"))?
+        .to_owned();
+    Ok(Start {
+        index,
+        name,
+        granularity_bits,
+        enabled: flags & FLAG_ENABLED != 0,
+        disk_size,
+        region_size,
+    })
+}
+
+fn decode_regions(index: u16, body: &[u8]) -> Result<BitmapSection<'_>> {
+    let count = be_u32(body, 0).ok_or_else(|| bad("truncated REGIONS"))?;
+    let mut at = REGIONS_HEADER_LEN;
+    // Each entry takes at least its 12 header bytes, so the count cannot ask for more
+    // entries than the payload can hold.
+    let room = body.len().saturating_sub(at) / REGION_ENTRY_LEN;
+    if usize::try_from(count).map_or(true, |c| c > room) {
+        return Err(bad(format!("{count} regions do not fit {} bytes", body.len())).into());
+    }
+    let mut regions = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for _ in 0..count {
+        let short = || bad("truncated region entry");
+        let region = be_u64(body, at).ok_or_else(short)?;
+        let len = usize::try_from(be_u32(body, at.saturating_add(8)).ok_or_else(short)?)
+            .map_err(|_| short())?;
+        let start = at.saturating_add(REGION_ENTRY_LEN);
+        let bytes = field(body, start, len).ok_or_else(short)?;
+        regions.push((region, bytes));
+        at = start.saturating_add(len);
+    }
+    if at != body.len() {
+        return Err(bad("bytes after the last region").into());
+    }
+    Ok(BitmapSection::Regions { index, regions })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start() -> Start {
+        Start {
+            index: 3,
+            name: "backup-1".into(),
+            granularity_bits: 16,
+            enabled: true,
+            disk_size: 16 << 40,
+            region_size: 4096,
+        }
+    }
+
+    #[test]
+    fn sections_round_trip() {
+        let s = start();
+        assert_eq!(
+            decode(&encode_start(&s)).unwrap(),
+            BitmapSection::Start(s.clone())
+        );
+        let mut r = begin_regions(3);
+        push_region(&mut r, 7, &[1, 2, 3]);
+        push_region(&mut r, 9, &[]);
+        finish_regions(&mut r, 2);
+        assert_eq!(
+            decode(&r).unwrap(),
+            BitmapSection::Regions {
+                index: 3,
+                regions: vec![(7, &[1u8, 2, 3][..]), (9, &[][..])]
+            }
+        );
+        assert_eq!(
+            decode(&encode_complete(3)).unwrap(),
+            BitmapSection::Complete { index: 3 }
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_refused_without_panic() {
+        let good = encode_start(&start());
+        // Every truncation of a START fails.
+        for n in 0..good.len() {
+            assert!(decode(&good[..n]).is_err(), "{n}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(decode(&long).is_err());
+        // A count that asks for more entries than the payload holds.
+        let mut r = begin_regions(0);
+        finish_regions(&mut r, u32::MAX);
+        assert!(decode(&r).is_err());
+        // A region length past the end.
+        let mut r = begin_regions(0);
+        push_region(&mut r, 0, &[0; 8]);
+        finish_regions(&mut r, 1);
+        r.truncate(r.len() - 1);
+        assert!(decode(&r).is_err());
+        // Unknown kind, granularity out of range, reserved flags.
+        assert!(decode(&[9, 0, 0]).is_err());
+        let mut g = good.clone();
+        g[3] = 8;
+        assert!(decode(&g).is_err());
+        let mut f = good;
+        f[4] = 2;
+        assert!(decode(&f).is_err());
+    }
+}
