@@ -1219,3 +1219,52 @@ fn bench_migrate_quick_prints_every_point_and_a_well_formed_plot() {
         "converged, and gave up if any: {lines}"
     );
 }
+
+/// `dbm drill migrate`: the failure matrix in both modes over TCP, one line per case, no
+/// mark lost, `qemu-img check` clean in every case, a retry that hands over wherever the
+/// source kept the guest, and the outcome each failure must give.
+#[test]
+fn drill_migrate_runs_the_failure_matrix_without_losing_a_mark() {
+    let (_, seed) = common::seeded_rng("drill_migrate_runs_the_failure_matrix");
+    let seed = seed.to_string();
+    let out = dbm_ok(&["drill", "migrate", "--seed", seed.as_str()]);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("shared ") || l.starts_with("stream "))
+        .collect();
+    assert_eq!(rows.len(), 12, "{out}");
+    for mode in ["shared", "stream"] {
+        for (failure, outcome) in [
+            ("cancel", "Cancelled"),
+            ("cut-before-end", "Io (link cut)"),
+            ("cut-after-end", "OutcomeUnknown (source stopped)"),
+            ("refuse", "DestinationRefused"),
+            ("dest-crash", "OutcomeUnknown (source stopped)"),
+            ("after-start", "AfterStart (source stopped)"),
+        ] {
+            let row = rows
+                .iter()
+                .find(|r| {
+                    let w: Vec<&str> = r.split_whitespace().collect();
+                    w[0] == mode && w[1] == failure
+                })
+                .unwrap_or_else(|| panic!("no {mode} {failure} row in:\n{out}"));
+            assert!(row.contains(outcome), "{row}");
+            assert!(row.contains(" clean "), "{row}");
+            let marks_lost: Vec<u64> = row
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .take(2)
+                .collect();
+            assert!(marks_lost[0] > 0, "no mark made: {row}");
+            assert_eq!(marks_lost[1], 0, "marks lost: {row}");
+            if failure == "cut-after-end" || failure == "after-start" {
+                assert!(row.contains("at the destination"), "{row}");
+            } else {
+                assert!(row.contains("source active, every mark in memory"), "{row}");
+                assert!(row.contains("handed over, downtime"), "{row}");
+            }
+        }
+    }
+    assert!(out.contains("every case: no mark lost"), "{out}");
+}

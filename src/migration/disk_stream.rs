@@ -528,11 +528,20 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                     st.disk_size()
                 )));
             }
-            if !st
+            let existing = st
                 .list()
-                .iter()
-                .any(|b| b.name.as_bytes() == s.name.as_bytes())
-            {
+                .into_iter()
+                .find(|b| b.name.as_bytes() == s.name.as_bytes());
+            // A bitmap of that name that is inconsistent (an earlier attempt that took
+            // over and died left it in_use) or of another granularity is replaced: the
+            // source sent this one whole.
+            let stale = existing
+                .as_ref()
+                .is_some_and(|b| b.in_use || b.granularity != 1u64 << s.granularity_bits);
+            if stale {
+                st.remove(s.name.as_bytes())?;
+            }
+            if existing.is_none() || stale {
                 let rec = if s.enabled {
                     Recording::Enabled
                 } else {

@@ -9,6 +9,7 @@ mod bitmap_cmd;
 mod check;
 mod create;
 mod demo;
+mod drill;
 mod dump;
 mod info;
 mod mark;
@@ -65,6 +66,24 @@ enum Command {
     /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
     /// switchover exceeded its downtime limit or any destination RAM differed.
     Simulate(simulate::SimulateArgs),
+    /// Failure drills (`dbm drill migrate`): the migration failure matrix over TCP with the
+    /// disk bitmaps written throughout; exit 2 on any lost mark or corruption.
+    Drill(DrillArgs),
+}
+
+/// `dbm drill`'s drills.
+#[derive(Debug, clap::Args)]
+pub struct DrillArgs {
+    #[command(subcommand)]
+    which: Drill,
+}
+
+#[derive(Debug, Subcommand)]
+enum Drill {
+    /// The failure matrix of a migration whose RAM and disk bitmap are written throughout,
+    /// in shared-storage and stream modes: one line per case (mode, failure, outcome,
+    /// marks made, marks lost, where the bitmap is, qemu-img check, retry).
+    Migrate(drill::DrillArgs),
 }
 
 /// Options of `dbm demo`.
@@ -149,6 +168,9 @@ fn main() -> ExitCode {
         Command::Workload(args) => workload::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Simulate(args) => simulate::run(&args),
+        Command::Drill(args) => match &args.which {
+            Drill::Migrate(a) => drill::run(a),
+        },
     };
     match result {
         Ok(code) => code,

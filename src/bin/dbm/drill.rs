@@ -1,0 +1,712 @@
+//! `dbm drill migrate`: the failure matrix of a migration whose disk bitmaps are written
+//! throughout, over TCP, in both modes (shared storage: [`SharedDiskState`] and
+//! [`SharedDiskDest`] on one image; stream: [`StreamDiskState`] to a destination with its
+//! own image, [`StreamDiskDest`]).
+//!
+//! Each case runs a guest (vCPU threads writing RAM, a disk writer marking the source
+//! image's bitmap and logging each write after its mark returned, both stopping at VM
+//! stop) through a TCP proxy that can cut the link, with a fault state in the stream that
+//! injects the failure at its point of the protocol:
+//!
+//! | failure | how |
+//! |---|---|
+//! | `cancel` | the controller cancels before the switchover |
+//! | `cut-before-end` | in the downtime, before End: the proxy cuts both ways, the source's send fails |
+//! | `cut-after-end` | End goes through; the proxy swallows the answer and closes: [`MigrationError::OutcomeUnknown`], the source stays stopped |
+//! | `refuse` | the destination refuses to start |
+//! | `dest-crash` | the destination takes over (activates), then dies before Started: the source learns it is gone, re-dirties, takes its bitmaps back and resumes |
+//! | `after-start` | postcopy: after Started the proxy cuts: [`MigrationError::AfterStart`], the source never takes its bitmaps back |
+//!
+//! After each: every logged disk write must be dirty where the bitmap now lives (the source's
+//! memory, then its image after its own stop; or the destination's image), `qemu-img check`
+//! must be clean, and where the source kept the guest a retry (no faults) must hand over.
+//! One line per case; the exit status is 2 on any lost mark, corruption or failed retry.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::{
+    AutoConverge, Bytes, BytesPerMs, Controller, DestState, Directive, GuestRam, IterationReport,
+    Kind, LoopConfig, MigrationError, MigrationState, Outbound, Pattern, Pending, RamState,
+    SetupMode, SharedDestState, SharedDiskDest, SharedDiskState, StallAction, StallReport, StateId,
+    StreamDiskDest, StreamDiskState, Vm, Workload, WorkloadConfig, RAM_ID,
+};
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
+
+use crate::migrate_run::{qemu_check, DiskWriter};
+use crate::CmdResult;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const DISK: u64 = 64 << 30;
+const PAGES: u64 = 512;
+
+/// Which disk-bitmap modes to drill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// One image both hosts see.
+    Shared,
+    /// The bitmap in the stream, to the destination's own image.
+    Stream,
+    /// Both.
+    Both,
+}
+
+/// Options of `dbm drill migrate`.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// Seed of the guest workloads (random if not given; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Which modes.
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: ModeArg,
+    /// Directory for the images (default: a temporary directory, removed after).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Shared,
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Cancel,
+    CutBeforeEnd,
+    CutAfterEnd,
+    Refuse,
+    DestCrash,
+    AfterStart,
+}
+
+impl Failure {
+    const ALL: [Failure; 6] = [
+        Failure::Cancel,
+        Failure::CutBeforeEnd,
+        Failure::CutAfterEnd,
+        Failure::Refuse,
+        Failure::DestCrash,
+        Failure::AfterStart,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Failure::Cancel => "cancel",
+            Failure::CutBeforeEnd => "cut-before-end",
+            Failure::CutAfterEnd => "cut-after-end",
+            Failure::Refuse => "refuse",
+            Failure::DestCrash => "dest-crash",
+            Failure::AfterStart => "after-start",
+        }
+    }
+}
+
+/// A TCP proxy between source and destination that can cut the link, or swallow the
+/// destination's answers and close the source's side.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    swallow: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(to: SocketAddr) -> Res<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (c, s) = (Arc::clone(&cut), Arc::clone(&swallow));
+        std::thread::spawn(move || {
+            let Ok((src, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(dst) = TcpStream::connect(to) else {
+                return;
+            };
+            let _ = src.set_nodelay(true);
+            let _ = dst.set_nodelay(true);
+            let pump = |mut from: TcpStream, mut to: TcpStream, answers: bool| {
+                let (c, s) = (Arc::clone(&c), Arc::clone(&s));
+                std::thread::spawn(move || {
+                    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        if c.load(Ordering::SeqCst) || (answers && s.load(Ordering::SeqCst)) {
+                            break;
+                        }
+                        match from.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if answers && s.load(Ordering::SeqCst) {
+                                    break;
+                                }
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                })
+            };
+            let (Ok(src2), Ok(dst2)) = (src.try_clone(), dst.try_clone()) else {
+                return;
+            };
+            let a = pump(src, dst, false);
+            let b = pump(dst2, src2, true);
+            let _ = a.join();
+            let _ = b.join();
+        });
+        Ok(Proxy { addr, cut, swallow })
+    }
+}
+
+/// The fault, as a state of the stream: it acts at its point of the protocol.
+struct Fault {
+    failure: Failure,
+    cut: Arc<AtomicBool>,
+    swallow: Arc<AtomicBool>,
+    /// Postcopy switched (the destination starts next).
+    switched: bool,
+}
+
+const FAULT_ID: StateId = 99;
+const FAULT_NAME: &str = "drill-fault";
+
+fn cut_error() -> MigrationError {
+    MigrationError::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "drill: link cut",
+    ))
+}
+
+impl MigrationState for Fault {
+    fn id(&self) -> StateId {
+        FAULT_ID
+    }
+    fn name(&self) -> &str {
+        FAULT_NAME
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> Pending {
+        Pending {
+            // After-start: one byte the destination may pull keeps the loop pushing after
+            // Started, where this state cuts the link.
+            can_postcopy: Bytes(u64::from(self.failure == Failure::AfterStart)),
+            ..Pending::default()
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        if self.switched {
+            self.cut.store(true, Ordering::SeqCst);
+            return Err(cut_error());
+        }
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        match self.failure {
+            Failure::CutBeforeEnd => {
+                self.cut.store(true, Ordering::SeqCst);
+                Err(cut_error())
+            }
+            Failure::CutAfterEnd | Failure::DestCrash => {
+                self.swallow.store(true, Ordering::SeqCst);
+                Ok(Bytes(0))
+            }
+            _ => Ok(Bytes(0)),
+        }
+    }
+    fn postcopy_start(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        if self.failure == Failure::AfterStart {
+            self.switched = true;
+            return Ok(Bytes(0));
+        }
+        self.complete(out)
+    }
+    fn serve(&mut self, _: &mut dyn Outbound, _: &[u8]) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// The fault's destination side: nothing to do.
+#[derive(Debug)]
+struct FaultDest;
+
+impl DestState for FaultDest {
+    fn name(&self) -> &str {
+        FAULT_NAME
+    }
+}
+
+/// Cancels on the first turn (the `cancel` case: the first measurement window is not
+/// closed yet, so the loop cannot have switched over); otherwise auto-converges.
+struct Control {
+    cancel: bool,
+    turns: u32,
+    inner: AutoConverge,
+}
+
+impl Controller for Control {
+    fn on_iteration(&mut self, _: &IterationReport) -> Directive {
+        self.turns += 1;
+        if self.cancel && self.turns == 1 {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        self.inner.on_stall(r)
+    }
+}
+
+/// The guest: vCPUs and the disk writer, stopping together.
+struct Guest {
+    vcpus: Workload,
+    disk: DiskWriter,
+}
+
+impl Vm for Guest {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.vcpus.stop()?;
+        self.disk.pause();
+        Ok(())
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.disk.resume();
+        self.vcpus.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vcpus.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.vcpus.run_until(now);
+    }
+}
+
+/// What a case found.
+struct CaseResult {
+    outcome: String,
+    marks: usize,
+    lost: usize,
+    state: String,
+    qemu: String,
+    retry: String,
+    ok: bool,
+}
+
+/// The destination side of a mode, with its store once it took over.
+enum DestSide {
+    Shared(Arc<Mutex<SharedDiskDest<FileStorage>>>),
+    Stream(Arc<Mutex<StreamDiskDest<FileStorage>>>, PathBuf),
+}
+
+impl DestSide {
+    fn shared(&self) -> SharedDestState {
+        match self {
+            DestSide::Shared(d) => Arc::clone(d) as SharedDestState,
+            DestSide::Stream(d, _) => Arc::clone(d) as SharedDestState,
+        }
+    }
+
+    fn take_store(&self) -> Option<BitmapStore<FileStorage>> {
+        match self {
+            DestSide::Shared(d) => d.lock().ok()?.take_store(),
+            DestSide::Stream(d, _) => d.lock().ok()?.take_store(),
+        }
+    }
+}
+
+fn new_image(path: &Path, bitmap: bool) -> Res<()> {
+    let _ = std::fs::remove_file(path);
+    let mut s = BitmapStore::create(FileStorage::create(path)?, DISK, 65536)?;
+    if bitmap {
+        s.add("b", 65536, Recording::Enabled)?;
+    }
+    Ok(())
+}
+
+fn open_rw(path: &Path) -> dirty_bitmap::Result<BitmapStore<FileStorage>> {
+    BitmapStore::open(
+        FileStorage::open(path, OpenMode::ReadWrite)?,
+        OpenMode::ReadWrite,
+    )
+}
+
+/// Logged marks not dirty in bitmap `b` of `store` (in memory when active, else on disk).
+fn lost(store: &BitmapStore<FileStorage>, marks: &[u64]) -> Res<usize> {
+    let b = if store.is_active() {
+        store.bitmap("b")?.snapshot()
+    } else {
+        store.load("b")?
+    };
+    Ok(marks.iter().filter(|&&m| !b.is_dirty(m)).count())
+}
+
+/// Logged marks not dirty in bitmap `b` of the image at `path`, read from disk.
+fn lost_on_disk(path: &Path, marks: &[u64]) -> Res<usize> {
+    let s = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
+    let n = lost(&s, marks)?;
+    if s.list().iter().any(|i| i.in_use) {
+        return Err("the bitmap is in_use on disk".into());
+    }
+    Ok(n)
+}
+
+fn config(postcopy: bool) -> LoopConfig {
+    LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
+        postcopy,
+        start_postcopy: postcopy,
+        ..LoopConfig::default()
+    }
+}
+
+/// One attempt through a proxy with `failure` (or none), the destination taking `side`.
+fn attempt(
+    guest: &mut Guest,
+    ram: &mut RamState,
+    disk: &mut dyn MigrationState,
+    side: &DestSide,
+    failure: Option<Failure>,
+) -> Res<dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>> {
+    let dest = TcpDestination::spawn(DestOptions {
+        states: vec![
+            side.shared(),
+            Arc::new(Mutex::new(FaultDest)) as SharedDestState,
+        ],
+        refuse_attempts: u32::from(failure == Some(Failure::Refuse)),
+        timeout: Duration::from_secs(5),
+        ..DestOptions::default()
+    })?;
+    let proxy = Proxy::start(dest.addr())?;
+    let mut fault = Fault {
+        failure: failure.unwrap_or(Failure::Refuse),
+        cut: Arc::clone(&proxy.cut),
+        swallow: Arc::clone(&proxy.swallow),
+        switched: false,
+    };
+    let postcopy = failure == Some(Failure::AfterStart);
+    let mut control = Control {
+        cancel: failure == Some(Failure::Cancel),
+        turns: 0,
+        inner: AutoConverge::default(),
+    };
+    let mut states: Vec<&mut dyn MigrationState> = vec![ram, disk];
+    if failure.is_some() {
+        states.push(&mut fault);
+    }
+    let r = migrate_to(
+        proxy.addr,
+        &SourceOptions {
+            loop_config: config(postcopy),
+            timeout: Duration::from_secs(5),
+        },
+        guest,
+        &mut states,
+        &mut control,
+    );
+    proxy.cut.store(true, Ordering::SeqCst);
+    let _ = dest.join();
+    Ok(r.map(|s| s.outcome))
+}
+
+/// Runs the matrix.
+pub fn run(args: &DrillArgs) -> CmdResult {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let tmp;
+    let dir: PathBuf = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let modes: &[Mode] = match args.mode {
+        ModeArg::Shared => &[Mode::Shared],
+        ModeArg::Stream => &[Mode::Stream],
+        ModeArg::Both => &[Mode::Shared, Mode::Stream],
+    };
+    println!(
+        "dbm drill migrate: seed {seed}; a guest of {PAGES} pages written by a vCPU thread, \
+         its {} GiB disk written {DISK_WRITES} times a second (each write marked on bitmap \
+         `b`, then logged); over TCP through a proxy that injects each failure",
+        DISK >> 30
+    );
+    println!(
+        "{:<7} {:<15} {:<40} {:>7} {:>5} {:<44} {:<10} retry",
+        "mode", "failure", "outcome", "marks", "lost", "bitmap", "qemu-img"
+    );
+    let mut bad = 0;
+    for &mode in modes {
+        for f in Failure::ALL {
+            let r = case(&dir, mode, f, seed)?;
+            println!(
+                "{:<7} {:<15} {:<40} {:>7} {:>5} {:<44} {:<10} {}",
+                match mode {
+                    Mode::Shared => "shared",
+                    Mode::Stream => "stream",
+                },
+                f.name(),
+                r.outcome,
+                r.marks,
+                r.lost,
+                r.state,
+                r.qemu,
+                r.retry
+            );
+            bad += usize::from(!r.ok);
+        }
+    }
+    if bad > 0 {
+        println!("{bad} case(s) lost marks, left corruption or could not hand over on retry");
+        return Ok(ExitCode::from(2));
+    }
+    println!("every case: no mark lost, qemu-img check clean, and a retry handed over where the source kept the guest");
+    Ok(ExitCode::SUCCESS)
+}
+
+const DISK_WRITES: u64 = 20_000;
+
+fn outcome_name(r: &dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>) -> String {
+    match r {
+        Ok(o) => format!("{:?}", o.kind),
+        Err(MigrationError::Cancelled) => "Cancelled".into(),
+        Err(MigrationError::OutcomeUnknown(_)) => "OutcomeUnknown (source stopped)".into(),
+        Err(MigrationError::AfterStart(_)) => "AfterStart (source stopped)".into(),
+        Err(MigrationError::DestinationRefused(_)) => "DestinationRefused".into(),
+        Err(MigrationError::SourceNotResumed { .. }) => "SourceNotResumed".into(),
+        Err(MigrationError::Io(_)) => "Io (link cut)".into(),
+        Err(MigrationError::PeerAborted(_)) => "PeerAborted".into(),
+        Err(e) => {
+            let t = e.to_string();
+            t.chars().take(40).collect()
+        }
+    }
+}
+
+fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> {
+    let tag = format!(
+        "{}-{}",
+        if mode == Mode::Shared {
+            "shared"
+        } else {
+            "stream"
+        },
+        failure.name()
+    );
+    let src_img = dir.join(format!("{tag}.qcow2"));
+    new_image(&src_img, true)?;
+    let mut st = open_rw(&src_img)?;
+    st.activate()?;
+    let store = SharedStore::new(st);
+    let side = match mode {
+        Mode::Shared => DestSide::Shared(Arc::new(Mutex::new(SharedDiskDest::file(
+            "disk-bitmaps",
+            src_img.clone(),
+        )))),
+        Mode::Stream => {
+            let d = dir.join(format!("{tag}-dest.qcow2"));
+            new_image(&d, false)?;
+            let p = d.clone();
+            DestSide::Stream(
+                Arc::new(Mutex::new(StreamDiskDest::new("disk-bitmaps", move || {
+                    open_rw(&p)
+                }))),
+                d,
+            )
+        }
+    };
+    let ram = Arc::new(GuestRam::new(PAGES)?);
+    let log = Arc::new(new_log(&ram)?);
+    let vcpus = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 2_000,
+            pattern: Pattern::HOT_90_5,
+            seed,
+        },
+    )?;
+    let disk_writer = DiskWriter::start(store.lock().tracker()?, DISK, DISK_WRITES, seed);
+    let mut guest = Guest {
+        vcpus,
+        disk: disk_writer,
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16)?;
+    let mut shared_state;
+    let mut stream_state;
+    let disk: &mut dyn MigrationState = match mode {
+        Mode::Shared => {
+            shared_state = SharedDiskState::new(2, "disk-bitmaps", store.clone());
+            &mut shared_state
+        }
+        Mode::Stream => {
+            stream_state = StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?;
+            &mut stream_state
+        }
+    };
+
+    let r = attempt(&mut guest, &mut ram_state, disk, &side, Some(failure))?;
+    let outcome = outcome_name(&r);
+    let mut res = CaseResult {
+        outcome,
+        marks: 0,
+        lost: 0,
+        state: String::new(),
+        qemu: String::new(),
+        retry: "-".into(),
+        ok: true,
+    };
+    let expected = match failure {
+        Failure::Cancel => matches!(r, Err(MigrationError::Cancelled)),
+        Failure::CutBeforeEnd => matches!(
+            r,
+            Err(MigrationError::Io(_) | MigrationError::PeerAborted(_))
+        ),
+        Failure::CutAfterEnd | Failure::DestCrash => {
+            matches!(r, Err(MigrationError::OutcomeUnknown(_)))
+        }
+        Failure::Refuse => matches!(r, Err(MigrationError::DestinationRefused(_))),
+        Failure::AfterStart => matches!(r, Err(MigrationError::AfterStart(_))),
+    };
+    if !expected {
+        res.ok = false;
+        res.outcome = format!("UNEXPECTED {}", res.outcome);
+    }
+    let dest_img = match &side {
+        DestSide::Shared(_) => src_img.clone(),
+        DestSide::Stream(_, p) => p.clone(),
+    };
+    match failure {
+        Failure::CutAfterEnd | Failure::AfterStart => {
+            // The destination runs the guest: it holds the bitmap now, with every mark.
+            let marks = guest.disk.marks();
+            res.marks = marks.len();
+            let held = side.take_store();
+            let Some(mut d) = held else {
+                res.ok = false;
+                res.state = "the destination did not take over".into();
+                return finish(guest, res);
+            };
+            res.lost = lost(&d, &marks)?;
+            d.inactivate()?;
+            drop(d);
+            res.lost += lost_on_disk(&dest_img, &marks)?;
+            res.state = match (mode, store.lock().is_active()) {
+                (Mode::Shared, false) => "at the destination; source handed over".into(),
+                (Mode::Shared, true) => "at the destination; source ACTIVE".into(),
+                (Mode::Stream, _) => "at the destination (its own image)".into(),
+            };
+            if mode == Mode::Shared && store.lock().is_active() {
+                res.ok = false;
+            }
+            res.qemu = qemu_check(&dest_img);
+            res.retry = "n/a: the guest runs on the destination".into();
+        }
+        _ => {
+            if failure == Failure::DestCrash {
+                // The destination died after it took over: its store goes without a word
+                // (in_use stays set on its image). The source learns it is gone, so it
+                // re-dirties, takes its bitmaps back, and resumes.
+                drop(side.take_store());
+                ram_state.channel_failed();
+                ram_state.resume_source();
+                disk.channel_failed();
+                disk.resume_source();
+                disk.reactivate()?;
+                guest.resume()?;
+            }
+            // The source kept (or took back) the guest: every mark so far is in its bitmap.
+            std::thread::sleep(Duration::from_millis(100));
+            let before = guest.disk.marks();
+            res.marks = before.len();
+            res.lost = lost(&store.lock(), &before)?;
+            res.state = if store.lock().is_active() {
+                "source active, every mark in memory".into()
+            } else {
+                res.ok = false;
+                "source NOT active".into()
+            };
+            // A retry, without faults, hands over.
+            let retry = attempt(&mut guest, &mut ram_state, disk, &side, None)?;
+            match retry {
+                Ok(o) if o.kind == Kind::Completed => {
+                    let marks = guest.disk.marks();
+                    res.marks = marks.len();
+                    let Some(mut d) = side.take_store() else {
+                        res.ok = false;
+                        res.retry = "completed, but the destination holds nothing".into();
+                        return finish(guest, res);
+                    };
+                    res.lost += lost(&d, &marks)?;
+                    d.inactivate()?;
+                    drop(d);
+                    res.lost += lost_on_disk(&dest_img, &marks)?;
+                    res.qemu = qemu_check(&dest_img);
+                    res.retry = format!(
+                        "handed over, downtime {:.1} ms",
+                        o.downtime.as_secs_f64() * 1e3
+                    );
+                    if mode == Mode::Stream {
+                        // The source's own image, after its own stop, holds every mark too.
+                        store.lock().inactivate()?;
+                        res.lost += lost_on_disk(&src_img, &marks)?;
+                        let q = qemu_check(&src_img);
+                        if q != "clean" {
+                            res.qemu = format!("source: {q}");
+                        }
+                    }
+                }
+                other => {
+                    res.ok = false;
+                    res.retry = format!("FAILED: {}", outcome_name(&other));
+                }
+            }
+        }
+    }
+    if res.lost > 0 || res.qemu != "clean" {
+        res.ok = false;
+    }
+    finish(guest, res)
+}
+
+fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {
+    let Guest { mut vcpus, disk } = guest;
+    let _ = disk.shutdown();
+    let _ = vcpus.resume();
+    vcpus.shutdown();
+    Ok(res)
+}
