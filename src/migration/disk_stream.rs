@@ -284,10 +284,12 @@ impl MigrationState for StreamDiskState {
         Ok(Bytes(0))
     }
 
-    /// Wire bytes of every region queued or changed (the estimate uses the changed count
-    /// of the last exact query or take), each bitmap's START if not sent yet and its
-    /// COMPLETE. The change maps are current (marks set them as they happen): the exact
-    /// figure only reads their counters.
+    /// Exact: wire bytes of every region queued or changed, each bitmap's START if not
+    /// sent yet and its COMPLETE. The change maps are current (marks set them as they
+    /// happen): the exact figure only reads their counters. The estimate counts only the
+    /// regions queued or changed as of the last exact query or take, so that once
+    /// everything was sent it falls to zero, as a drained RAM's does, and the loop runs
+    /// the exact query that finds what changed since.
     fn pending(&mut self, exact: bool) -> Pending {
         let mut total = Bytes(0);
         for i in 0..self.bitmaps.len() {
@@ -299,7 +301,13 @@ impl MigrationState for StreamDiskState {
             }
             let left = b.queued() + b.seen;
             if let Some(b) = self.bitmaps.get(i) {
-                total += self.wire(b, left);
+                total += if exact {
+                    self.wire(b, left)
+                } else if left == 0 {
+                    Bytes(0)
+                } else {
+                    Bytes(left.saturating_mul(Self::region_wire(b)))
+                };
             }
         }
         Pending {

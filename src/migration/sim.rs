@@ -30,6 +30,8 @@ use std::time::Duration;
 use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::Clock;
 use super::dest::{DestCore, DestinationConfig};
+use super::dest_state::SharedDestState;
+use super::disk_stream::{StreamDiskDest, StreamDiskState};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{control_wire_len, Control, Frame, StateId, SECTION_OVERHEAD, STREAM_VERSION};
 use super::guest::{new_log, GuestRam, Vm, PAGE_SIZE};
@@ -43,6 +45,8 @@ use super::state::{MigrationState, Pending};
 use super::workload::Pattern;
 use crate::flush::{DiskRate, FlushStats, StopWork};
 use crate::rng::SplitMix64;
+use crate::storage::MemStorage;
+use crate::store::BitmapStore;
 use crate::units::{threshold, Bytes, BytesPerMs, Millis};
 use crate::DirtyBitmap;
 
@@ -82,6 +86,8 @@ pub struct DestModel {
     pub refuse: Option<String>,
     /// Page requests sent.
     pub requests: u64,
+    /// Destination-side states every attempt takes (a stream-mode disk bitmap).
+    pub states: Vec<SharedDestState>,
     outbox: VecDeque<DestMessage>,
 }
 
@@ -101,6 +107,7 @@ impl DestModel {
             touch_credit: 0.0,
             refuse: None,
             requests: 0,
+            states: Vec::new(),
             outbox: VecDeque::new(),
         }
     }
@@ -216,6 +223,9 @@ impl DestModel {
                 core.set_section_handler(Box::new(|_, name, _| {
                     Err(ProtocolError::NoHandler(name.to_owned()).into())
                 }));
+                for st in &self.states {
+                    core.add_state(Arc::clone(st));
+                }
                 self.core = Some(core);
                 self.frames = 0;
                 self.requested.fill(false);
@@ -600,6 +610,144 @@ pub struct Scenario {
     pub cancel_after_exact: Option<u64>,
     /// A disk bitmap on shared storage, if any.
     pub disk: Option<DiskSim>,
+    /// A disk bitmap streamed to the destination's own image, if any.
+    pub stream: Option<StreamSim>,
+}
+
+/// A simulated stream-mode disk bitmap: a real [`DirtyBitmap`] the guest's disk writes
+/// mark (and now and then clear a range of, as a backup tool does), streamed by a real
+/// [`StreamDiskState`] to a real [`StreamDiskDest`] over an in-memory image.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSim {
+    /// Change-map regions of 512 bytes (each covers 256 MiB of disk at 64 KiB).
+    pub regions: u64,
+    /// Disk writes per guest RAM page write.
+    pub writes_per_page_write: f64,
+}
+
+impl StreamSim {
+    /// The granularity.
+    pub const GRANULARITY: u64 = 64 << 10;
+    /// The region size.
+    pub const REGION: u64 = 512;
+
+    /// The stream of scenario `seed`, from a stream of its own: a third of the scenarios.
+    pub fn random(seed: u64) -> Option<StreamSim> {
+        let mut r = SplitMix64::new(seed ^ 0x57AE_A4);
+        (r.below(3) == 0).then(|| StreamSim {
+            regions: 1 + r.below(64),
+            writes_per_page_write: r.unit() * 4.0,
+        })
+    }
+
+    /// The disk size.
+    pub fn disk_size(&self) -> u64 {
+        self.regions * Self::REGION * 8 * Self::GRANULARITY
+    }
+}
+
+/// A [`StreamDiskState`] whose bitmap the simulated guest's disk writes mark as virtual
+/// time passes (lazily, before each call: marks happen only while the guest runs).
+#[derive(Debug)]
+pub struct SimStreamState {
+    sim: Sim,
+    stream: StreamDiskState,
+    bitmap: Arc<DirtyBitmap>,
+    params: StreamSim,
+    rng: SplitMix64,
+    credit: f64,
+    guest_writes: u64,
+}
+
+impl SimStreamState {
+    /// The state for `params`, marked by the guest of `sim`.
+    ///
+    /// # Errors
+    /// A bitmap that cannot be built.
+    pub fn new(sim: Sim, params: StreamSim, seed: u64) -> Result<SimStreamState> {
+        let bitmap = Arc::new(DirtyBitmap::with_region_size(
+            params.disk_size(),
+            StreamSim::GRANULARITY,
+            StreamSim::REGION,
+        )?);
+        let stream = StreamDiskState::new(
+            STREAM_ID,
+            "disk-stream",
+            vec![("b".to_string(), Arc::clone(&bitmap))],
+        )?;
+        let guest_writes = sim.guest_writes();
+        Ok(SimStreamState {
+            sim,
+            stream,
+            bitmap,
+            params,
+            rng: SplitMix64::new(seed ^ 0x57),
+            credit: 0.0,
+            guest_writes,
+        })
+    }
+
+    /// The source's bitmap.
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    fn accrue(&mut self) {
+        let w = self.sim.guest_writes();
+        let new = w.saturating_sub(self.guest_writes);
+        self.guest_writes = w;
+        self.credit += new as f64 * self.params.writes_per_page_write;
+        let disk = self.params.disk_size();
+        while self.credit >= 1.0 {
+            self.credit -= 1.0;
+            let off = self.rng.below(disk / 4096) * 4096;
+            if self.rng.below(200) == 0 {
+                // A backup took a range: its bits go, and the stream must replace them.
+                self.bitmap.clear(off, (64 << 20).min(disk - off));
+            } else {
+                self.bitmap.mark_dirty(off, 4096);
+            }
+        }
+    }
+}
+
+/// The stream-mode disk state's section id.
+pub const STREAM_ID: StateId = 3;
+
+impl MigrationState for SimStreamState {
+    fn id(&self) -> StateId {
+        self.stream.id()
+    }
+    fn name(&self) -> &str {
+        self.stream.name()
+    }
+    fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.accrue();
+        self.stream.setup(out)
+    }
+    fn pending(&mut self, exact: bool) -> Pending {
+        if exact {
+            self.accrue();
+        }
+        self.stream.pending(exact)
+    }
+    fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
+        self.accrue();
+        self.stream.iterate(out, budget)
+    }
+    fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.accrue();
+        self.stream.complete(out)
+    }
+    fn channel_failed(&mut self) {
+        self.stream.channel_failed();
+    }
+    fn cancel(&mut self) {
+        self.stream.cancel();
+    }
+    fn resume_source(&mut self) {
+        self.stream.resume_source();
+    }
 }
 
 /// A simulated disk bitmap: its size in regions, how the guest's writes mark it, and the
@@ -852,6 +1000,9 @@ pub struct ScenarioResult {
     pub first_pass_estimates: Vec<Bytes>,
     /// For a switchover with a disk: the virtual time its stop took, in ns.
     pub disk_stop_ns: u64,
+    /// For a switchover with a streamed bitmap: whether the destination's equals the
+    /// source's at the stop.
+    pub stream_ok: Option<bool>,
 }
 
 /// The sim's controller: postcopy per scenario, auto-converge on stalls, cancel at the end.
@@ -980,12 +1131,17 @@ impl Scenario {
             rule: Rule::Fixed,
             cancel_after_exact: None,
             disk: DiskSim::random(seed, downtime_limit, switchover_cost),
+            stream: StreamSim::random(seed),
         }
     }
 
-    /// The same scenario without its disk.
+    /// The same scenario without its disk bitmaps.
     pub fn without_disk(self) -> Scenario {
-        Scenario { disk: None, ..self }
+        Scenario {
+            disk: None,
+            stream: None,
+            ..self
+        }
     }
 
     /// The loop parameters of this scenario.
@@ -1045,11 +1201,31 @@ impl Scenario {
         let mut disk = self
             .disk
             .map(|d| SimDiskState::new(sim.clone(), d, self.seed));
+        let mut stream = self
+            .stream
+            .map(|p| SimStreamState::new(sim.clone(), p, self.seed))
+            .transpose()?;
+        let stream_dest = self.stream.map(|p| {
+            let disk = p.disk_size();
+            Arc::new(std::sync::Mutex::new(StreamDiskDest::new(
+                "disk-stream",
+                move || BitmapStore::create(MemStorage::new(), disk, 65536),
+            )))
+        });
+        if let Some(d) = &stream_dest {
+            sim.world()
+                .dest
+                .states
+                .push(Arc::clone(d) as SharedDestState);
+        }
         let (mut clock, mut vm, mut out, mut inbound) =
             (sim.clone(), sim.clone(), sim.clone(), sim.clone());
         let mut states: Vec<&mut dyn MigrationState> = vec![&mut state];
         if let Some(d) = disk.as_mut() {
             states.push(d);
+        }
+        if let Some(s) = stream.as_mut() {
+            states.push(s);
         }
         let outcome = run(
             &self.config(),
@@ -1080,6 +1256,7 @@ impl Scenario {
             empty_window_seen: control.empty_window_seen,
             first_pass_estimates: control.estimates,
             disk_stop_ns: 0,
+            stream_ok: None,
         };
         if let Ok(o) = outcome {
             if matches!(o.kind, Kind::Completed | Kind::Postcopy) {
@@ -1107,7 +1284,21 @@ impl Scenario {
                 let src = ram.snapshot();
                 let w = sim.world();
                 let dst = w.dest.ram();
-                result.content_ok = Some(crc_pages(&src) == crc_pages(dst) && src == dst);
+                let mut same = crc_pages(&src) == crc_pages(dst) && src == dst;
+                // The streamed bitmap: the destination's image holds the source's bits at
+                // the stop, exactly (clears included).
+                if let (Some(s), Some(d)) = (&stream, &stream_dest) {
+                    let held = d
+                        .lock()
+                        .ok()
+                        .and_then(|mut d| d.take_store())
+                        .and_then(|st| st.bitmap("b").ok());
+                    let equal =
+                        held.is_some_and(|b| b.dirty_extents().eq(s.bitmap().dirty_extents()));
+                    result.stream_ok = Some(equal);
+                    same &= equal;
+                }
+                result.content_ok = Some(same);
             }
         }
         Ok(result)
@@ -1126,6 +1317,7 @@ pub fn equality_scenario(seed: u64, rule: Rule) -> Result<Option<Scenario>> {
     let mut r = SplitMix64::new(seed ^ 0xE0);
     base.postcopy = None;
     base.disk = None;
+    base.stream = None;
     base.max_bandwidth = None;
     base.switchover_cost = Millis(0);
     // A first pass of 200 to 900 ms, so that the threshold exists before it ends.
@@ -1213,6 +1405,10 @@ pub struct SweepReport {
     /// Of those two kinds, switchovers (each would leave the network no time: none is
     /// right).
     pub disk_edge_switchovers: u64,
+    /// Scenarios with a bitmap streamed to the destination's own image.
+    pub stream_scenarios: u64,
+    /// Of which switched over with the destination's bitmap equal to the source's.
+    pub stream_equal: u64,
     /// Seeds of the scenarios that violated the limit, mismatched or failed (first 20).
     pub failing_seeds: Vec<u64>,
 }
@@ -1224,6 +1420,10 @@ impl SweepReport {
         self.large_ram += u64::from(large);
         self.large_ram_switchovers += u64::from(large && r.content_ok.is_some());
         self.largest_ram_pages = self.largest_ram_pages.max(r.scenario.pages);
+        if r.scenario.stream.is_some() {
+            self.stream_scenarios += 1;
+            self.stream_equal += u64::from(r.stream_ok == Some(true));
+        }
         if let Some(d) = r.scenario.disk {
             let left_us = (r.scenario.downtime_limit - r.scenario.switchover_cost).get() * 1000;
             let fills = d.barrier_us == left_us && d.writes_per_page_write == 0.0;

@@ -60,6 +60,8 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
         let v = json!({
             "content-mismatches": r.content_mismatches,
             "disk-scenarios": r.disk_scenarios,
+            "stream-scenarios": r.stream_scenarios,
+            "stream-equal": r.stream_equal,
             "disk-switchovers": r.disk_switchovers,
             "largest-disk-stop-ms": r.largest_disk_stop_ms,
             "empty-window-runs": r.empty_window_seen,
@@ -93,6 +95,12 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
             "with a disk bitmap on shared storage {} ({} switched over, longest disk stop \
              {:.3} ms, inside the downtime)",
             r.disk_scenarios, r.disk_switchovers, r.largest_disk_stop_ms
+        );
+        let _ = writeln!(
+            s,
+            "with a disk bitmap streamed to the destination's own image {} ({} switched over \
+             with the destination's bitmap equal to the source's at the stop)",
+            r.stream_scenarios, r.stream_equal
         );
         let _ = writeln!(s, "downtime-limit violations {}", r.violations);
         match r.largest_overshoot_ms {
