@@ -633,7 +633,7 @@ impl StreamSim {
 
     /// The stream of scenario `seed`, from a stream of its own: a third of the scenarios.
     pub fn random(seed: u64) -> Option<StreamSim> {
-        let mut r = SplitMix64::new(seed ^ 0x57AE_A4);
+        let mut r = SplitMix64::new(seed ^ 0x0057_AEA4);
         (r.below(3) == 0).then(|| StreamSim {
             regions: 1 + r.below(64),
             writes_per_page_write: r.unit() * 4.0,
