@@ -1,12 +1,14 @@
 //! Model test: random sequences of every `DirtyBitmap` operation, checked against a
-//! `BTreeSet` of dirty bits and a `BTreeSet` of changed regions.
+//! `BTreeSet` of dirty bits, a `BTreeSet` of changed regions for the primary change map,
+//! and one for a `ChangeConsumer`'s map.
 //!
 //! proptest prints the failing case (and keeps it in `proptest-regressions/`), so a failure
 //! reproduces without a seed.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use dirty_bitmap::DirtyBitmap;
+use dirty_bitmap::{ConsumerStart, DirtyBitmap};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -36,13 +38,17 @@ enum Op {
     RoundTrip(u64),
     Load(u64, Vec<u8>),
     Query(u64),
+    TakeConsumer,
+    /// Drops the consumer and adds a new one, with every region (true) or none.
+    ReplaceConsumer(bool),
 }
 
-/// The model: exact bits, exact changed regions.
+/// The model: exact bits, exact changed regions of the primary map and of the consumer's.
 struct Model {
     geo: Geo,
     bits: BTreeSet<u64>,
     changed: BTreeSet<u64>,
+    consumed: BTreeSet<u64>,
     enabled: bool,
 }
 
@@ -55,12 +61,17 @@ impl Model {
     }
     fn set(&mut self, bit: u64) {
         if self.bits.insert(bit) {
-            self.changed.insert(self.region_of(bit));
+            self.changed(self.region_of(bit));
         }
+    }
+    /// A change of region `r`: in the primary map and in the consumer's.
+    fn changed(&mut self, r: u64) {
+        self.changed.insert(r);
+        self.consumed.insert(r);
     }
     fn unset(&mut self, bit: u64) {
         if self.bits.remove(&bit) {
-            self.changed.insert(self.region_of(bit));
+            self.changed(self.region_of(bit));
         }
     }
     /// Touched bits of a byte range (outward rounding, clamped).
@@ -171,6 +182,8 @@ fn ops_strategy(geo: Geo) -> impl Strategy<Value = (Geo, Vec<Op>)> {
         2 => (0..nregions).prop_map(Op::RoundTrip),
         1 => (0..nregions, prop::collection::vec(any::<u8>(), rs)).prop_map(|(r, b)| Op::Load(r, b)),
         3 => (0..disk + 2 * g).prop_map(Op::Query),
+        2 => Just(Op::TakeConsumer),
+        1 => any::<bool>().prop_map(Op::ReplaceConsumer),
     ];
     (Just(geo), prop::collection::vec(op, 1..30))
 }
@@ -222,12 +235,15 @@ fn bits_of(bm: &DirtyBitmap) -> BTreeSet<u64> {
 }
 
 fn run(geo: Geo, ops: Vec<Op>) {
-    let mut bm =
-        DirtyBitmap::with_region_size(geo.disk_size, geo.granularity, geo.region_size).unwrap();
+    let mut bm = Arc::new(
+        DirtyBitmap::with_region_size(geo.disk_size, geo.granularity, geo.region_size).unwrap(),
+    );
+    let mut consumer = Some(bm.add_consumer(ConsumerStart::Empty).unwrap());
     let mut m = Model {
         geo: geo.clone(),
         bits: BTreeSet::new(),
         changed: BTreeSet::new(),
+        consumed: BTreeSet::new(),
         enabled: true,
     };
     for op in ops {
@@ -271,7 +287,7 @@ fn run(geo: Geo, ops: Vec<Op>) {
                 let exp: BTreeSet<u64> = m.bits.iter().map(|&b| m.region_of(b)).collect();
                 assert_eq!(taken_regions, exp, "take_dirty result's change map");
                 for b in std::mem::take(&mut m.bits) {
-                    m.changed.insert(m.region_of(b));
+                    m.changed(m.region_of(b));
                 }
             }
             Op::Merge(ranges) => {
@@ -306,11 +322,18 @@ fn run(geo: Geo, ops: Vec<Op>) {
                 assert_eq!(bm.count(), m.bits.len() as u64);
             }
             Op::Resize(new_size) => {
-                bm.resize(new_size).unwrap();
+                // A consumer holds the bitmap's Arc: resizing needs it gone.
+                drop(consumer.take());
+                Arc::get_mut(&mut bm)
+                    .expect("no consumer holds the bitmap")
+                    .resize(new_size)
+                    .unwrap();
+                consumer = Some(bm.add_consumer(ConsumerStart::AllRegions).unwrap());
                 m.geo.disk_size = new_size;
                 let nbits = m.geo.nbits();
                 m.bits.retain(|&b| b < nbits);
                 m.changed = (0..m.nregions()).collect();
+                m.consumed = (0..m.nregions()).collect();
                 assert_eq!(bm.disk_size(), new_size);
                 assert_eq!(bm.bit_count(), nbits);
             }
@@ -350,21 +373,55 @@ fn run(geo: Geo, ops: Vec<Op>) {
                     .range(first..first + len as u64 * 8)
                     .copied()
                     .collect();
-                for b in stale {
-                    m.bits.remove(&b);
-                }
+                let mut loaded = Vec::new();
                 for (i, byte) in bytes[..len].iter().enumerate() {
                     for k in 0..8 {
                         let b = first + i as u64 * 8 + k;
                         if byte & (1 << k) != 0 && b < nbits {
-                            m.bits.insert(b);
+                            loaded.push(b);
                         }
                     }
                 }
+                // The primary map is left alone (the bytes are what is on disk); for the
+                // consumer a load that changes a bit is a change.
+                if stale != loaded {
+                    m.consumed.insert(r);
+                }
+                for b in stale {
+                    m.bits.remove(&b);
+                }
+                m.bits.extend(loaded);
             }
             Op::Query(p) => probe = p,
+            Op::TakeConsumer => {
+                let c = consumer.as_ref().unwrap();
+                let got: BTreeSet<u64> = c.take_changed().iter().collect();
+                assert_eq!(got, m.consumed, "the consumer's take");
+                m.consumed.clear();
+            }
+            Op::ReplaceConsumer(all) => {
+                drop(consumer.take());
+                assert_eq!(bm.consumer_count(), 0);
+                let start = if all {
+                    ConsumerStart::AllRegions
+                } else {
+                    ConsumerStart::Empty
+                };
+                consumer = Some(bm.add_consumer(start).unwrap());
+                m.consumed = if all {
+                    (0..m.nregions()).collect()
+                } else {
+                    BTreeSet::new()
+                };
+            }
         }
         check_queries(&bm, &m, probe);
+        assert_eq!(bm.changed_region_count(), m.changed.len() as u64);
+        assert_eq!(
+            consumer.as_ref().unwrap().changed_region_count(),
+            m.consumed.len() as u64,
+            "the consumer's count"
+        );
     }
 }
 

@@ -10,10 +10,10 @@
 //!    `consumers.rs`).
 //!
 //! Every mutation of a leaf word is followed by the same bookkeeping, in this order: the
-//! counter, both towers, then the change maps (the primary one, then each consumer's). A mark that may write a word announces
-//! itself in its thread's slot first and withdraws after the change map (`count.rs`), so
-//! that [`DirtyBitmap::wait_for_marks`] and [`DirtyBitmap::set_enabled`] know when no mark
-//! is half done.
+//! counter, both towers, then the change maps (the primary one, then each consumer's). A
+//! mark that may write a word announces itself in its thread's slot first and withdraws
+//! after the change maps (`count.rs`), so that [`DirtyBitmap::wait_for_marks`] and
+//! [`DirtyBitmap::set_enabled`] know when no mark is half done.
 
 mod atomic;
 mod barrier;
