@@ -425,6 +425,11 @@ impl DestCore {
         self.resumed
     }
 
+    /// RAM sections applied in this attempt, in stream order.
+    pub fn sections_applied(&self) -> u64 {
+        self.ram_sections
+    }
+
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
     /// a state is refused.
     pub fn set_section_handler(&mut self, handler: SectionHandler) {

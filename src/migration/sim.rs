@@ -98,6 +98,11 @@ impl DestModel {
         self.core.as_ref().map_or(&[], DestCore::ram)
     }
 
+    /// RAM sections the current attempt applied (0 before the first Hello).
+    pub fn sections_applied(&self) -> u64 {
+        self.core.as_ref().map_or(0, DestCore::sections_applied)
+    }
+
     /// Whether every page arrived (and none was discarded since).
     pub fn complete(&self) -> bool {
         self.missing() == 0
