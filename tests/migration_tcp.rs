@@ -847,3 +847,67 @@ fn the_rule_for_short_sets() {
     assert_eq!(allowed_over(10), 1);
     assert_eq!(allowed_over(1), 1);
 }
+
+/// A legal low `max_bandwidth` with large batches: each RAM section (64 pages, 260 KiB) takes
+/// half a second at 512 KiB/s, longer than the destination's timeout. The writer sends each
+/// frame as it is paid for, a window's budget at a time, so the destination never waits
+/// longer than about a window for a byte and the migration completes. (A frame written
+/// whole and paid for by the pauses after it leaves the destination idle for half a
+/// second: it times out.)
+#[test]
+fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
+    let _g = shared();
+    let pages = 384;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p * 31 + 1);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 10,
+            pattern: Pattern::HOT_90_5,
+            seed: 11,
+        },
+    )
+    .unwrap();
+    let timeout = Duration::from_millis(300);
+    let dest = TcpDestination::spawn(DestOptions {
+        timeout,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        64,
+    )
+    .unwrap();
+    let config = LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(512 << 10)),
+        ..LoopConfig::default()
+    };
+    let r = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            timeout: TIMEOUT,
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    );
+    let report = dest.join().unwrap();
+    let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
+    let guest = report.guest.as_ref().unwrap();
+    assert_eq!(guest.ram(), &ram.snapshot()[..]);
+    vm.shutdown();
+}

@@ -38,7 +38,9 @@ pub struct WriterStats {
 }
 
 /// Writes a migration stream: the stream header before the first frame, then frames with
-/// consecutive sequence numbers, each held back by the rate limiter and flushed at once.
+/// consecutive sequence numbers, each held back by the rate limiter and flushed at once; a
+/// frame larger than the limiter's window budget goes out in pieces of that budget, each
+/// held back and flushed in turn.
 ///
 /// Once the source sends [`Frame::Switchover`] the VM is stopped and the limiter is lifted,
 /// as QEMU lifts its rate limit for the completion phase: downtime is not throttled.
@@ -112,17 +114,28 @@ impl<W: Write> FrameWriter<W> {
         }
         let frame = encode_raw(kind, self.next_seq, parts);
         wire.extend_from_slice(&frame);
-        self.limiter.wait();
-        let res = self
-            .inner
-            .write_all(&wire)
-            .and_then(|()| self.inner.flush());
-        if let Err(e) = res {
-            self.failed = Some(format!("write of frame {} failed: {e}", self.next_seq));
-            return Err(e.into());
+        // Under a rate limit the frame goes out in pieces of at most one window's budget,
+        // each after its own wait: the bytes of a frame larger than a window keep coming
+        // at the limit, so the reader never waits longer than about one window between
+        // two of them (a frame written whole and then paid for by the following pauses
+        // would leave the reader idle for `len / rate`, longer than its timeout at a low
+        // legal rate).
+        let piece = self.limiter.window_budget().map_or(wire.len(), |b| {
+            usize::try_from(b.get()).unwrap_or(usize::MAX).max(1)
+        });
+        for chunk in wire.chunks(piece.max(1)) {
+            self.limiter.wait();
+            let res = self
+                .inner
+                .write_all(chunk)
+                .and_then(|()| self.inner.flush());
+            if let Err(e) = res {
+                self.failed = Some(format!("write of frame {} failed: {e}", self.next_seq));
+                return Err(e.into());
+            }
+            self.limiter.record(Bytes(chunk.len() as u64));
         }
         let n = Bytes(wire.len() as u64);
-        self.limiter.record(n);
         self.header_sent = true;
         self.next_seq = self.next_seq.saturating_add(1);
         self.stats.bytes = add(self.stats.bytes, n);

@@ -438,6 +438,57 @@ fn switchover_lifts_the_rate_limit() {
     assert_eq!(w.limiter().max_bandwidth(), BytesPerMs::ZERO);
 }
 
+/// Records when each write reached it, on the limiter's clock.
+struct Timed {
+    clock: ManualClock,
+    writes: Vec<(std::time::Duration, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl std::io::Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writes.push((self.clock.now(), buf.len()));
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A frame ten windows long at the limit arrives as it is paid for, one window's budget at
+/// a time: the reader never waits more than one window between two pieces, and the stream
+/// is the same bytes as unlimited.
+#[test]
+fn a_frame_larger_than_a_window_goes_out_at_the_rate() {
+    let clock = ManualClock::new();
+    // 100 bytes per 100 ms window.
+    let limiter = RateLimiter::with_clock(
+        BytesPerMs::from_bytes_per_sec(1000),
+        Box::new(clock.clone()),
+    );
+    let inner = Timed {
+        clock: clock.clone(),
+        writes: Vec::new(),
+        bytes: Vec::new(),
+    };
+    let mut w = FrameWriter::with_limiter(inner, limiter);
+    w.send(1, &[7; 1000]).unwrap();
+    w.send(1, &[8; 1000]).unwrap();
+    let window = std::time::Duration::from_millis(100);
+    let t = w.get_ref();
+    assert!(t.writes.iter().all(|&(_, n)| n <= 100), "{:?}", t.writes);
+    for pair in t.writes.windows(2) {
+        assert!(pair[1].0 - pair[0].0 <= window, "{:?}", t.writes);
+    }
+    // Paid as it goes: about 2,072 bytes at 1,000 bytes/s.
+    assert!(clock.now() >= std::time::Duration::from_secs(2), "{:?}", clock.now());
+    let mut plain = FrameWriter::new(Vec::new());
+    plain.send(1, &[7; 1000]).unwrap();
+    plain.send(1, &[8; 1000]).unwrap();
+    assert_eq!(w.into_inner().bytes, plain.into_inner());
+}
+
 #[test]
 fn wait_started_maps_answers() {
     let ok = encode_all(&[Frame::Started]);
