@@ -17,7 +17,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 2
+MAGIC, VERSION = 0x4442_4D4D, 3
 HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT = range(1, 9)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
@@ -31,7 +31,8 @@ def frame(kind, seq, payload):
 
 def hello(pages=PAGES, ps=PS):
     name = b"ram"
-    return (struct.pack(">IIQQH", VERSION, ps, pages, MIGRATION_ID, 1)
+    max_bandwidth = 0
+    return (struct.pack(">IIQQQH", VERSION, ps, pages, MIGRATION_ID, max_bandwidth, 1)
             + struct.pack(">IB", RAM_ID, len(name)) + name)
 
 

@@ -39,6 +39,7 @@ fn hello(pages: usize) -> Frame {
         page_size: PAGE as u32,
         ram_pages: pages as u64,
         migration_id: MIGRATION_ID,
+        max_bandwidth: 0,
         states: vec![StateInfo {
             id: RAM_ID,
             name: RAM_STATE_NAME.into(),

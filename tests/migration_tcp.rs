@@ -911,3 +911,112 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     assert_eq!(guest.ram(), &ram.snapshot()[..]);
     vm.shutdown();
 }
+
+/// Connects to `addr` and feeds it `chunks`, `gap` apart, for at most `max`. Returns how
+/// long after the first chunk the destination cut the connection, if it did.
+fn trickle(
+    addr: SocketAddr,
+    chunks: Vec<Vec<u8>>,
+    gap: Duration,
+    max: Duration,
+) -> Option<Duration> {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_nodelay(true).unwrap();
+    sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let start = Instant::now();
+    for c in chunks.iter().cycle() {
+        if start.elapsed() > max {
+            return None;
+        }
+        if sock.write_all(c).is_err() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(gap);
+    }
+    None
+}
+
+/// The frames of a 4-page guest's attempt, each whole: a Hello, then sections of one page.
+fn small_attempt(sections: usize) -> Vec<Vec<u8>> {
+    let hello = Frame::Hello(dirty_bitmap::migration::frame::Hello {
+        version: dirty_bitmap::migration::frame::STREAM_VERSION,
+        page_size: PAGE_SIZE as u32,
+        ram_pages: 4,
+        migration_id: 77,
+        states: vec![dirty_bitmap::migration::frame::StateInfo {
+            id: RAM_ID,
+            name: dirty_bitmap::migration::ram_codec::RAM_STATE_NAME.into(),
+        }],
+        ..Default::default()
+    });
+    let page = vec![5u8; PAGE_SIZE];
+    let mut w = dirty_bitmap::migration::stream::FrameWriter::new(Vec::new());
+    let mut frames = Vec::new();
+    w.write_frame(&hello).unwrap();
+    frames.push(std::mem::take(w.get_mut()));
+    for i in 0..sections {
+        let payload = dirty_bitmap::migration::ram_codec::encode_pages(
+            PAGE_SIZE,
+            &[((i % 4) as u64, &page[..])],
+        );
+        dirty_bitmap::migration::Outbound::send(&mut w, RAM_ID, &payload).unwrap();
+        frames.push(std::mem::take(w.get_mut()));
+    }
+    frames
+}
+
+/// The destination's one attempt failed on a deadline: the error says which.
+fn timed_out_on(report: &DestReport, what: &str) {
+    assert_eq!(report.attempts.len(), 1, "{:?}", report.attempts);
+    match &report.attempts[0].error {
+        Some(MigrationError::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        other => panic!("expected a deadline, got {other:?}"),
+    }
+}
+
+/// One slow peer cannot hold the destination: every byte comes well within the read
+/// timeout, but a frame must be whole within the read timeout plus its length at the
+/// slowest allowed rate, counted from its first byte, and an attempt ends at
+/// `attempt_timeout`. Byte by byte, the first frame's header is cut off at its deadline;
+/// whole frames sent slowly are cut off at the attempt's.
+#[test]
+fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
+    let _g = shared();
+    let options = DestOptions {
+        timeout: Duration::from_millis(300),
+        attempt_timeout: Duration::from_secs(1),
+        ..DestOptions::default()
+    };
+    // One byte every 20 ms: the 28 bytes of stream and frame header alone take 560 ms.
+    let dest = TcpDestination::spawn(options.clone()).unwrap();
+    let bytes: Vec<Vec<u8>> = small_attempt(8)
+        .concat()
+        .into_iter()
+        .map(|b| vec![b])
+        .collect();
+    let cut = trickle(
+        dest.addr(),
+        bytes,
+        Duration::from_millis(20),
+        Duration::from_secs(4),
+    );
+    let report = dest.join().unwrap();
+    let cut = cut.expect("the destination served a byte-by-byte peer for 4 s");
+    assert!(cut < Duration::from_millis(1500), "cut after {cut:?}");
+    timed_out_on(&report, "frame header");
+    // Whole frames, 100 ms apart, forever: the attempt ends at 1 s.
+    let dest = TcpDestination::spawn(options).unwrap();
+    let cut = trickle(
+        dest.addr(),
+        small_attempt(1000),
+        Duration::from_millis(100),
+        Duration::from_secs(4),
+    );
+    let report = dest.join().unwrap();
+    let cut = cut.expect("the destination served a slow peer for 4 s");
+    assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
+    timed_out_on(&report, "attempt");
+}

@@ -39,7 +39,7 @@ use memmap2::MmapMut;
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
-use super::stream::{FrameReader, FrameWriter};
+use super::stream::{FrameReader, FrameWriter, HeaderHook};
 use crate::error::StateProblem;
 use crate::units::Bytes;
 
@@ -818,6 +818,12 @@ impl<R: Read, W: Write> Destination<R, W> {
     /// The reader (for its counters or its channel).
     pub fn reader(&self) -> &FrameReader<R> {
         &self.reader
+    }
+
+    /// Tells `hook` each frame's payload length before the payload is read
+    /// ([`FrameReader::set_header_hook`]): a channel that bounds a frame's time uses it.
+    pub fn set_header_hook(&mut self, hook: HeaderHook) {
+        self.reader.set_header_hook(hook);
     }
 
     /// Reads and applies one frame.

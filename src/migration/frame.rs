@@ -24,14 +24,14 @@ pub type StateId = u32;
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes (2: the Hello carries a migration id).
-pub const STREAM_VERSION: u32 = 2;
-/// The oldest stream version this crate reads. Version 1's Hello had no migration id, so a
-/// destination could not tell whose RAM it kept; it is refused.
-pub const MIN_STREAM_VERSION: u32 = 2;
+/// The stream version this crate writes (3: the Hello carries the source's rate limit).
+pub const STREAM_VERSION: u32 = 3;
+/// The oldest stream version this crate reads. Version 2's Hello did not say at what rate
+/// the source sends, so a destination could not bound a frame's time; it is refused.
+pub const MIN_STREAM_VERSION: u32 = 3;
 /// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
-/// migration id (8), state count (2).
-pub const HELLO_FIXED_LEN: usize = 26;
+/// migration id (8), max bandwidth (8), state count (2).
+pub const HELLO_FIXED_LEN: usize = 34;
 /// Length of the stream header: magic (4), version (4).
 pub const STREAM_HEADER_LEN: usize = 8;
 /// Length of a frame header.
@@ -251,7 +251,7 @@ pub struct StateInfo {
 }
 
 /// The Hello frame: what the source is about to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     /// The stream version the source speaks (equal to the stream header's).
     pub version: u32,
@@ -263,6 +263,11 @@ pub struct Hello {
     /// migration. A destination reuses the RAM a failed attempt left only for a Hello with
     /// the same id (and geometry), so a retry never completes onto another guest's pages.
     pub migration_id: u64,
+    /// The rate limit of the source's writer while its guest runs, in bytes per second;
+    /// 0 for none. A destination that bounds the time a frame may take allows a frame its
+    /// length at this rate (if below its own floor), so a legal low limit with large
+    /// sections is not mistaken for a stalled peer.
+    pub max_bandwidth: u64,
     /// The states whose sections follow, with unique ids and names.
     pub states: Vec<StateInfo>,
 }
@@ -545,6 +550,7 @@ impl Frame {
                 p.extend_from_slice(&h.page_size.to_be_bytes());
                 p.extend_from_slice(&h.ram_pages.to_be_bytes());
                 p.extend_from_slice(&h.migration_id.to_be_bytes());
+                p.extend_from_slice(&h.max_bandwidth.to_be_bytes());
                 p.extend_from_slice(&n.to_be_bytes());
                 for s in &h.states {
                     let len = u8::try_from(s.name.len())
@@ -638,7 +644,7 @@ impl Frame {
 /// and name, and nothing after them.
 fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     let bad = |reason: &str| FrameError::payload("Hello", reason);
-    let short = || bad("shorter than 26 bytes");
+    let short = || bad("shorter than its fixed part");
     if p.len() < HELLO_FIXED_LEN {
         return Err(short());
     }
@@ -646,7 +652,8 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     let page_size = be_u32(p, 4).ok_or_else(short)?;
     let ram_pages = be_u64(p, 8).ok_or_else(short)?;
     let migration_id = be_u64(p, 16).ok_or_else(short)?;
-    let n = usize::from(be_u16(p, 24).ok_or_else(short)?);
+    let max_bandwidth = be_u64(p, 24).ok_or_else(short)?;
+    let n = usize::from(be_u16(p, 32).ok_or_else(short)?);
     // Each state takes at least 6 bytes: bound the allocation by the payload.
     if n > p.len().saturating_sub(HELLO_FIXED_LEN) / 6 {
         return Err(bad("more states than the payload can hold"));
@@ -684,6 +691,7 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
         page_size,
         ram_pages,
         migration_id,
+        max_bandwidth,
         states,
     })
 }

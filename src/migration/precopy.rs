@@ -464,6 +464,7 @@ fn hello(states: &[&mut dyn MigrationState]) -> Hello {
                 name: s.name().to_owned(),
             })
             .collect(),
+        ..Hello::default()
     }
 }
 

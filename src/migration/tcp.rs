@@ -14,9 +14,13 @@
 //!
 //! No wait is unbounded: the sockets have read and write timeouts, the destination stops
 //! waiting for a connection after its timeout, and the return path's `recv` gives up after
-//! the source's timeout.
+//! the source's timeout. The destination also bounds what a peer that keeps sending, but
+//! slowly, can hold it for: each frame must arrive within the read timeout plus its length
+//! at the slowest rate allowed ([`DestOptions::min_frame_rate`], or the Hello's lower
+//! `max_bandwidth`), counted from its first byte, and each attempt ends by
+//! [`DestOptions::attempt_timeout`].
 
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
@@ -24,11 +28,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::channel::{DestMessage, Inbound};
+use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::RealClock;
 use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
 use super::error::{MigrationError, ProtocolError, Result};
-use super::frame::Frame;
+use super::frame::{Control, Frame, Hello, StateId, FRAME_OVERHEAD, STREAM_HEADER_LEN};
 use super::guest::Vm;
 use super::precopy::{self, Controller, Endpoints, LoopConfig, Outcome};
 use super::rate::RateLimiter;
@@ -39,6 +43,13 @@ use crate::units::{Bytes, BytesPerMs};
 
 /// The default for every timeout here.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default for the longest attempt a destination serves ([`DestOptions::attempt_timeout`]).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The default slowest rate a frame may arrive at ([`DestOptions::min_frame_rate`]), in bytes
+/// per second: 1 MiB/s, a 16 MiB frame in 16 s.
+pub const DEFAULT_MIN_FRAME_RATE: u64 = 1 << 20;
 
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
@@ -55,8 +66,16 @@ pub struct DestOptions {
     /// Postcopy: pages the destination guest reads right after it starts, at random; each
     /// missing one becomes a PageRequest.
     pub postcopy_touches: u32,
-    /// Read and write timeout of each connection, and the longest wait for one.
+    /// Read and write timeout of each connection (the longest wait for a byte), and the
+    /// longest wait for a connection.
     pub timeout: Duration,
+    /// The longest one attempt may last, from its connection to its end.
+    pub attempt_timeout: Duration,
+    /// The slowest rate, in bytes per second, at which a frame may arrive: a frame of `n`
+    /// bytes must be whole within `timeout + n / rate` of its first byte. A Hello that
+    /// declares a lower `max_bandwidth` lowers it to that for the rest of the attempt (the
+    /// source's writer sends no faster; `attempt_timeout` still bounds the whole).
+    pub min_frame_rate: u64,
     /// The largest guest RAM a Hello may ask for.
     pub max_ram_bytes: Bytes,
     /// Seed of the postcopy touches.
@@ -70,6 +89,8 @@ impl Default for DestOptions {
             refuse_attempts: 0,
             postcopy_touches: 0,
             timeout: DEFAULT_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            min_frame_rate: DEFAULT_MIN_FRAME_RATE,
             max_ram_bytes: DestinationConfig::default().max_ram_bytes,
             seed: 0,
         }
@@ -115,7 +136,8 @@ impl TcpDestination {
     ///
     /// # Errors
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
-    /// [`MigrationError::InvalidInput`] for `max_attempts` 0.
+    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or a
+    /// `min_frame_rate` of 0.
     pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
         TcpDestination::spawn_with(options, None)
     }
@@ -129,6 +151,14 @@ impl TcpDestination {
         if options.max_attempts == 0 {
             return Err(MigrationError::InvalidInput(
                 "max_attempts must be at least 1".into(),
+            ));
+        }
+        if options.timeout.is_zero()
+            || options.attempt_timeout.is_zero()
+            || options.min_frame_rate == 0
+        {
+            return Err(MigrationError::InvalidInput(
+                "timeout, attempt_timeout and min_frame_rate must be positive".into(),
             ));
         }
         let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -219,11 +249,13 @@ fn serve(
             max_ram_bytes: o.max_ram_bytes,
             ..DestinationConfig::default()
         };
-        match prepare(sock, o.timeout) {
+        match prepare(sock, o) {
             Err(e) => a.error = Some(e),
             Ok((from, to)) => {
+                let timing = from.timing();
                 let mut d = Destination::with_retained(from, to, config, kept.take());
-                match drive(&mut d, o, &mut rng, &mut a.pages_written) {
+                d.set_header_hook(Paced::header_hook(&timing));
+                match drive(&mut d, &timing, o, &mut rng, &mut a.pages_written) {
                     Ok(()) => {
                         a.pages_held_at_end = d.received_pages();
                         // Done: `run` returns at once with the guest.
@@ -252,25 +284,173 @@ fn serve(
     report
 }
 
-/// An accepted connection, blocking with timeouts, split into its two directions.
-fn prepare(sock: TcpStream, timeout: Duration) -> Result<(TcpStream, TcpStream)> {
+/// An accepted connection, blocking with timeouts, split into its two directions; the
+/// reading one bounded in time ([`Paced`]) from now on.
+fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, TcpStream)> {
     sock.set_nonblocking(false)?;
     sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.set_write_timeout(Some(timeout))?;
+    sock.set_read_timeout(Some(o.timeout))?;
+    sock.set_write_timeout(Some(o.timeout))?;
     let back = sock.try_clone()?;
-    Ok((sock, back))
+    Ok((Paced::new(sock, o), back))
 }
 
-/// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts.
+/// Where the destination's reader is in the frame it reads, for the frame's deadline.
+#[derive(Debug, Clone, Copy)]
+enum FrameTime {
+    /// Between frames: only the read timeout and the attempt's end bound a read.
+    Between,
+    /// The first bytes of a frame (its header, after the stream header for the first one)
+    /// came; the first at `start`.
+    Header { start: Instant },
+    /// The header said how long the frame is: `left` bytes of payload and trailer are due
+    /// by `due`.
+    Body { due: Instant, left: u64 },
+}
+
+/// The time bounds of one attempt's reads.
+#[derive(Debug)]
+struct Timing {
+    /// The longest wait for a byte.
+    idle: Duration,
+    /// The slowest rate a frame may arrive at, in bytes per second (at least 1).
+    rate: u64,
+    /// When the attempt must be over.
+    attempt_end: Instant,
+    frame: FrameTime,
+}
+
+impl Timing {
+    /// When a frame whose first byte came at `start` and whose payload is `len` bytes must
+    /// be whole: the read timeout, plus the whole frame (framing included) at `rate`.
+    fn frame_due(&self, start: Instant, len: u32) -> Instant {
+        let bytes = u64::from(len) + (FRAME_OVERHEAD + STREAM_HEADER_LEN) as u64;
+        start + self.idle + Duration::from_secs_f64(bytes as f64 / self.rate.max(1) as f64)
+    }
+}
+
+/// The destination's reading side of a connection. A read waits at most the read timeout,
+/// and never past the attempt's end nor past the current frame's deadline (the read
+/// timeout after the frame's first byte for its header, then [`Timing::frame_due`]). A
+/// bound that passed is a [`io::ErrorKind::TimedOut`] error naming it.
+#[derive(Debug)]
+struct Paced {
+    sock: TcpStream,
+    timing: Arc<parking_lot::Mutex<Timing>>,
+    /// The socket's read timeout as last set.
+    set: Duration,
+}
+
+impl Paced {
+    fn new(sock: TcpStream, o: &DestOptions) -> Paced {
+        let now = Instant::now();
+        Paced {
+            sock,
+            set: o.timeout,
+            timing: Arc::new(parking_lot::Mutex::new(Timing {
+                idle: o.timeout,
+                rate: o.min_frame_rate.max(1),
+                attempt_end: now + o.attempt_timeout,
+                frame: FrameTime::Between,
+            })),
+        }
+    }
+
+    fn timing(&self) -> Arc<parking_lot::Mutex<Timing>> {
+        Arc::clone(&self.timing)
+    }
+
+    /// The [`FrameReader`]'s hook: a verified header sets its frame's deadline.
+    fn header_hook(timing: &Arc<parking_lot::Mutex<Timing>>) -> super::stream::HeaderHook {
+        let timing = Arc::clone(timing);
+        Box::new(move |len| {
+            let mut t = timing.lock();
+            if let FrameTime::Header { start } = t.frame {
+                let due = t.frame_due(start, len);
+                t.frame = FrameTime::Body {
+                    due,
+                    left: u64::from(len) + 4,
+                };
+            }
+        })
+    }
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let now = Instant::now();
+        let mut t = self.timing.lock();
+        let (limit, what) = match t.frame {
+            FrameTime::Between => (now + t.idle, "no byte came"),
+            FrameTime::Header { start } => (start + t.idle, "a frame header did not come whole"),
+            FrameTime::Body { due, .. } => (due, "a frame did not come whole"),
+        };
+        let (limit, what) = if t.attempt_end < limit {
+            (t.attempt_end, "the attempt lasted too long")
+        } else {
+            (limit, what)
+        };
+        let timed_out = |t: &Timing| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{what} in time (read timeout {:?}, frames at {} bytes/s at least)",
+                    t.idle, t.rate
+                ),
+            )
+        };
+        let Some(wait) = limit.checked_duration_since(now).filter(|w| !w.is_zero()) else {
+            return Err(timed_out(&t));
+        };
+        // At most the read timeout (a far deadline leaves the socket as it is, with no
+        // system call per read).
+        let wait = wait.min(t.idle);
+        if wait != self.set {
+            self.sock.set_read_timeout(Some(wait))?;
+            self.set = wait;
+        }
+        match self.sock.read(buf) {
+            Ok(n) => {
+                t.frame = match t.frame {
+                    FrameTime::Between if n > 0 => FrameTime::Header {
+                        start: Instant::now(),
+                    },
+                    FrameTime::Body { due, left } => match left.saturating_sub(n as u64) {
+                        0 => FrameTime::Between,
+                        left => FrameTime::Body { due, left },
+                    },
+                    other => other,
+                };
+                Ok(n)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out(&t))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts. A
+/// Hello that declares a rate limit below the floor lowers the floor to it.
 fn drive(
-    d: &mut Destination<TcpStream, TcpStream>,
+    d: &mut Destination<Paced, TcpStream>,
+    timing: &parking_lot::Mutex<Timing>,
     o: &DestOptions,
     rng: &mut SplitMix64,
     written: &mut u64,
 ) -> Result<()> {
     loop {
         match d.step()? {
+            DestEvent::Hello(h) if h.max_bandwidth > 0 => {
+                let mut t = timing.lock();
+                t.rate = t.rate.min(h.max_bandwidth);
+            }
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
                 let pages = d.hello().map_or(0, |h| h.ram_pages);
@@ -284,6 +464,45 @@ fn drive(
             DestEvent::End => return Ok(()),
             _ => {}
         }
+    }
+}
+
+/// The source's stream: its [`FrameWriter`], and what its Hello declares beyond the loop's.
+struct SourceOut {
+    w: FrameWriter<TcpStream>,
+    /// The writer's rate limit in bytes per second (0: none), for the Hello.
+    max_bandwidth: u64,
+}
+
+impl Outbound for SourceOut {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        self.w.send(state, payload)
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        match msg {
+            Control::Hello(h) => self.w.control(&Control::Hello(Hello {
+                max_bandwidth: self.max_bandwidth,
+                ..h.clone()
+            })),
+            other => self.w.control(other),
+        }
+    }
+
+    fn lift_rate_limit(&mut self) {
+        self.w.lift_rate_limit();
+    }
+
+    fn section_overhead(&self) -> Bytes {
+        self.w.section_overhead()
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        self.w.control_cost(msg)
+    }
+
+    fn bytes_sent(&self) -> Bytes {
+        self.w.bytes_sent()
     }
 }
 
@@ -430,7 +649,10 @@ pub fn migrate_to(
     // ZERO is "no limit" to the writer; a checked limit is at least 1 byte per 100 ms
     // window, and the limiter's budget never rounds a non-zero rate down to none.
     let limit = loop_config.max_bandwidth.unwrap_or(BytesPerMs::ZERO);
-    let mut writer = FrameWriter::with_limiter(sock, RateLimiter::new(limit));
+    let mut writer = SourceOut {
+        w: FrameWriter::with_limiter(sock, RateLimiter::new(limit)),
+        max_bandwidth: limit.bytes_per_sec(),
+    };
     let mut inbound = ReturnPath {
         rx,
         timeout: options.timeout,
@@ -453,7 +675,7 @@ pub fn migrate_to(
         Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
         r => r,
     };
-    let wire = writer.stats();
+    let wire = writer.w.stats();
     // The attempt is over. After a success, close only our direction and let the reader
     // drain until the destination closes (closing a socket with unread bytes, say a late
     // PageRequest, resets the connection and could cut the destination's last frames);
@@ -464,7 +686,7 @@ pub fn migrate_to(
     } else {
         Shutdown::Both
     };
-    let _ = writer.get_ref().shutdown(how);
+    let _ = writer.w.get_ref().shutdown(how);
     if result.is_ok() {
         let deadline = Instant::now() + options.timeout;
         while !reader.is_finished() && Instant::now() < deadline {

@@ -215,11 +215,15 @@ impl<W: Write> Outbound for FrameWriter<W> {
     }
 }
 
+/// Told each frame's payload length once its header is verified, before the payload is
+/// read: a channel that bounds a frame's time sets the frame's deadline from it.
+pub type HeaderHook = Box<dyn FnMut(u32) + Send>;
+
 /// Reads a migration stream written by [`FrameWriter`], verifying everything the module
 /// documentation lists.
-#[derive(Debug)]
 pub struct FrameReader<R: Read> {
     inner: R,
+    on_header: Option<HeaderHook>,
     max_len: u32,
     version: Option<u32>,
     next_seq: u64,
@@ -235,6 +239,19 @@ enum Fill {
     Eof(usize),
 }
 
+impl<R: Read + std::fmt::Debug> std::fmt::Debug for FrameReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("inner", &self.inner)
+            .field("max_len", &self.max_len)
+            .field("version", &self.version)
+            .field("next_seq", &self.next_seq)
+            .field("offset", &self.offset)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<R: Read> FrameReader<R> {
     /// A reader accepting payloads up to [`MAX_FRAME_LEN`].
     pub fn new(inner: R) -> FrameReader<R> {
@@ -245,6 +262,7 @@ impl<R: Read> FrameReader<R> {
     pub fn with_max_frame_len(inner: R, max_len: u32) -> FrameReader<R> {
         FrameReader {
             inner,
+            on_header: None,
             max_len: max_len.min(MAX_FRAME_LEN),
             version: None,
             next_seq: 0,
@@ -252,6 +270,12 @@ impl<R: Read> FrameReader<R> {
             unit_start: 0,
             failed: None,
         }
+    }
+
+    /// Calls `hook` with each frame's payload length once the frame's header is verified,
+    /// before its payload is read.
+    pub fn set_header_hook(&mut self, hook: HeaderHook) {
+        self.on_header = Some(hook);
     }
 
     /// The stream's version, once its header has been read.
@@ -381,6 +405,9 @@ impl<R: Read> FrameReader<R> {
                 }
             }
             .into());
+        }
+        if let Some(hook) = &mut self.on_header {
+            hook(header.len);
         }
         // The length is checksummed and bounded; still, the buffer grows only as bytes
         // arrive, so a sender that stops early costs no more memory than it sent.

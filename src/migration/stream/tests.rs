@@ -12,6 +12,7 @@ fn hello() -> Frame {
         page_size: 4096,
         ram_pages: 1 << 20,
         migration_id: 0x0123_4567_89AB_CDEF,
+        max_bandwidth: 64 << 20,
         states: vec![
             StateInfo {
                 id: 1,
@@ -94,8 +95,8 @@ fn encoded_sizes_match_the_format() {
             .len(),
         25
     );
-    // Hello: 26 fixed + (4 + 1 + 3) + (4 + 1 + 13).
-    assert_eq!(hello().encode_payload().unwrap().len(), 26 + 8 + 18);
+    // Hello: 34 fixed + (4 + 1 + 3) + (4 + 1 + 13).
+    assert_eq!(hello().encode_payload().unwrap().len(), 34 + 8 + 18);
     // The exact bytes of an End frame with seq 5.
     let f = encode_frame(5, &Frame::End).unwrap();
     assert_eq!(&f[..16], &[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0]);
@@ -326,8 +327,8 @@ fn bad_payloads() {
     }
     // A Hello claiming 65535 states in a short payload.
     let mut p = hello().encode_payload().unwrap();
-    p[24] = 0xFF;
-    p[25] = 0xFF;
+    p[HELLO_FIXED_LEN - 2] = 0xFF;
+    p[HELLO_FIXED_LEN - 1] = 0xFF;
     assert!(Frame::decode_payload(FrameKind::Hello, &p).is_err());
     let mut p = hello().encode_payload().unwrap();
     p.push(0);
@@ -534,14 +535,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<u32>(),
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             proptest::collection::vec((any::<u32>(), "[a-z]{1,12}"), 0..4)
         )
-            .prop_map(|(version, page_size, ram_pages, migration_id, s)| {
+            .prop_map(|(version, page_size, ram_pages, migration_id, max_bandwidth, s)| {
                 Frame::Hello(Hello {
                     version,
                     page_size,
                     ram_pages,
                     migration_id,
+                    max_bandwidth,
                     states: s
                         .into_iter()
                         .map(|(id, name)| StateInfo { id, name })
