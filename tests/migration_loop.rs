@@ -1371,3 +1371,73 @@ fn a_cancel_with_a_resent_page_in_flight_is_fixed_by_the_retry() {
         "the destination guest would run on stale memory"
     );
 }
+
+/// The simulated destination's answers; once it started, a request for page 0 at every
+/// look, `left` more times.
+struct Flood {
+    sim: Sim,
+    started: bool,
+    left: u64,
+}
+
+impl dirty_bitmap::migration::Inbound for Flood {
+    fn try_recv(
+        &mut self,
+    ) -> dirty_bitmap::migration::Result<Option<dirty_bitmap::migration::DestMessage>> {
+        if self.started && self.left > 0 {
+            self.left -= 1;
+            return Ok(Some(dirty_bitmap::migration::DestMessage::PageRequest {
+                state: RAM_ID,
+                payload: ram_codec::encode_page_request(0, 1),
+            }));
+        }
+        dirty_bitmap::migration::Inbound::try_recv(&mut self.sim)
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::DestMessage> {
+        let m = dirty_bitmap::migration::Inbound::recv(&mut self.sim)?;
+        self.started |= matches!(m, dirty_bitmap::migration::DestMessage::Started);
+        Ok(m)
+    }
+}
+
+/// A destination that asks for pages without pause cannot starve the background push:
+/// each turn serves at most a chunk's worth of requests, then pushes, so the push ends the
+/// migration while requests are still coming.
+#[test]
+fn page_requests_do_not_starve_the_background_push() {
+    let rig = Rig::new(64, 0.2, per_ms(2000.0));
+    let mut state = rig.state(SetupMode::Full, true);
+    let cfg = LoopConfig {
+        postcopy: true,
+        start_postcopy: true,
+        ..config(300)
+    };
+    let cap = 5000;
+    let mut inbound = Flood {
+        sim: rig.sim.clone(),
+        started: false,
+        left: cap,
+    };
+    let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
+    let outcome = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut inbound,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(outcome.kind, Kind::Postcopy);
+    assert!(inbound.started);
+    assert!(
+        outcome.requests_served < cap / 10,
+        "{} requests served before the push ended",
+        outcome.requests_served
+    );
+    assert!(outcome.requests_served > 0);
+    rig.assert_same_ram();
+}

@@ -1105,11 +1105,17 @@ where
     }
 
     /// After a postcopy switch: serves page requests ahead of the background push, then
-    /// sends End.
+    /// sends End. Each turn serves at most `iterate_chunk` bytes of requests before it
+    /// pushes: a destination that keeps asking cannot starve the push, which alone ends the
+    /// migration.
     fn serve_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         loop {
-            while let Some(msg) = self.inbound.try_recv()? {
-                self.handle_postcopy_message(states, msg)?;
+            let mut served = Bytes(0);
+            while served < self.config.iterate_chunk {
+                let Some(msg) = self.inbound.try_recv()? else {
+                    break;
+                };
+                served += self.handle_postcopy_message(states, msg)?;
             }
             let left = states
                 .iter_mut()
@@ -1134,20 +1140,21 @@ where
         Ok(())
     }
 
+    /// Answers one message of the destination after a postcopy switch; the bytes sent.
     fn handle_postcopy_message(
         &mut self,
         states: &mut [&mut dyn MigrationState],
         msg: DestMessage,
-    ) -> Result<()> {
+    ) -> Result<Bytes> {
         match msg {
             DestMessage::PageRequest { state, payload } => {
                 let s = states
                     .iter_mut()
                     .find(|s| s.id() == state)
                     .ok_or(ProtocolError::RequestForUnknownState(state))?;
-                s.serve(&mut self.out, &payload)?;
+                let sent = s.serve(&mut self.out, &payload)?;
                 self.requests_served += 1;
-                Ok(())
+                Ok(sent)
             }
             DestMessage::Started => Err(ProtocolError::UnexpectedMessage {
                 kind: FrameKind::Started,

@@ -537,9 +537,26 @@ impl Inbound for ReturnPath {
     }
 }
 
-/// The reader thread: frames → messages, until an error, the end of the stream or `stop`.
-fn read_return_path(sock: TcpStream, tx: &mpsc::Sender<Result<DestMessage>>, stop: &AtomicBool) {
-    let mut r = FrameReader::new(sock);
+/// Messages the return path holds for the loop at most. When they are all unread the reader
+/// thread stops reading, and TCP's flow control holds the destination back: what the
+/// source keeps for the loop is bounded by this many frames of at most
+/// [`MAX_RETURN_FRAME_LEN`] bytes.
+pub const RETURN_QUEUE: usize = 64;
+
+/// The largest frame the source reads on the return path: the destination's frames are
+/// Started (empty), Refused and Abort (a reason of at most
+/// [`MAX_REASON_LEN`](super::frame::MAX_REASON_LEN) bytes) and PageRequest (a state's request: 16 bytes
+/// for RAM).
+pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
+
+/// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or
+/// the loop's end (the receiver dropped). It blocks while [`RETURN_QUEUE`] messages wait.
+fn read_return_path(
+    sock: TcpStream,
+    tx: &mpsc::SyncSender<Result<DestMessage>>,
+    stop: &AtomicBool,
+) {
+    let mut r = FrameReader::with_max_frame_len(sock, MAX_RETURN_FRAME_LEN);
     while !stop.load(Ordering::SeqCst) {
         let msg = match r.read_frame() {
             Ok(Frame::Started) => Ok(DestMessage::Started),
@@ -641,7 +658,7 @@ pub fn migrate_to(
     let back = sock.try_clone()?;
     back.set_read_timeout(Some(POLL))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     let flag = Arc::clone(&stop);
     let reader = std::thread::Builder::new()
         .name("migration-return".into())
@@ -695,6 +712,86 @@ pub fn migrate_to(
         }
     }
     stop.store(true, Ordering::SeqCst);
+    // A reader blocked on a full queue ends when the receiver goes.
+    drop(inbound);
     let _ = reader.join();
     result.map(|outcome| SourceReport { outcome, wire })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::frame::FrameKind;
+    use std::io::Write;
+
+    /// A destination that floods the return path while the loop reads nothing: the reader
+    /// thread stops at [`RETURN_QUEUE`] messages, TCP holds the destination back, and its
+    /// writes time out long before the flood is through.
+    #[test]
+    fn the_return_path_holds_a_bounded_number_of_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (src, _) = listener.accept().unwrap();
+        src.set_read_timeout(Some(POLL)).unwrap();
+        let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let reader = std::thread::spawn(move || read_return_path(src, &tx, &flag));
+        dest.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut w = FrameWriter::new(dest);
+        let request = Frame::PageRequest {
+            state: 1,
+            payload: vec![0; 4096],
+        };
+        let flood: u64 = 256 << 20;
+        let mut written = 0;
+        while written < flood {
+            match w.write_frame(&request) {
+                Ok(n) => written += n.get(),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            written < 64 << 20,
+            "the destination wrote {written} bytes into a return path nobody read"
+        );
+        stop.store(true, Ordering::SeqCst);
+        drop(rx);
+        drop(w);
+        reader.join().unwrap();
+    }
+
+    /// A return frame larger than any the destination sends is refused before its payload
+    /// is read.
+    #[test]
+    fn the_return_path_refuses_an_oversized_frame() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut dest = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (src, _) = listener.accept().unwrap();
+        src.set_read_timeout(Some(POLL)).unwrap();
+        let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
+        let stop = AtomicBool::new(false);
+        let mut stream =
+            crate::migration::frame::encode_stream_header(crate::migration::frame::STREAM_VERSION)
+                .to_vec();
+        let payload = vec![0u8; MAX_RETURN_FRAME_LEN as usize + 1];
+        stream.extend(crate::migration::frame::encode_raw_frame(
+            FrameKind::PageRequest as u8,
+            0,
+            &payload,
+        ));
+        // Then gone: the reader ends at the end of the stream whatever it made of it.
+        let writer = std::thread::spawn(move || {
+            let _ = dest.write_all(&stream);
+        });
+        read_return_path(src, &tx, &stop);
+        match rx.try_recv().unwrap() {
+            Err(MigrationError::Frame(crate::migration::frame::FrameError::Oversized {
+                ..
+            })) => {}
+            other => panic!("{:?}", other.map(|m| m.kind())),
+        }
+        writer.join().unwrap();
+    }
 }
