@@ -32,7 +32,8 @@ use dirty_bitmap::migration::precopy::{StallAction, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::stream::FrameReader;
 use dirty_bitmap::migration::tcp::{
-    migrate_to, DestOptions, DestReport, SourceOptions, SourceReport, TcpDestination,
+    migrate_in_session, migrate_to, DestOptions, DestReport, Session, SourceOptions, SourceReport,
+    TcpDestination,
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
@@ -54,11 +55,13 @@ fn shared() -> RwLockReadGuard<'static, ()> {
 const PAGES: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The source: guest RAM with content, its log, and running vCPUs.
+/// The source: guest RAM with content, its log, and running vCPUs; and the session that
+/// binds its attempts to the RAM a destination kept.
 struct Source {
     ram: Arc<GuestRam>,
     log: Arc<DirtyBitmap>,
     vm: Workload,
+    session: Session,
 }
 
 /// vCPU threads of the source guest.
@@ -133,7 +136,12 @@ impl Source {
         )
         .unwrap();
         thread::sleep(Duration::from_millis(10));
-        Source { ram, log, vm }
+        Source {
+            ram,
+            log,
+            vm,
+            session: Session::new(),
+        }
     }
 
     fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
@@ -155,12 +163,13 @@ impl Source {
         state: &mut RamState,
         control: &mut dyn Controller,
     ) -> dirty_bitmap::migration::Result<SourceReport> {
-        migrate_to(
+        migrate_in_session(
             addr,
             &SourceOptions {
                 loop_config: config,
                 timeout: TIMEOUT,
             },
+            &mut self.session,
             &mut self.vm,
             &mut [state as &mut dyn MigrationState],
             control,
@@ -616,6 +625,10 @@ fn no_answer_after_end_leaves_the_source_stopped() {
         let silent = thread::spawn(move || {
             let (sock, _) = listener.accept().unwrap();
             sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+            // The destination speaks first; then it only reads.
+            dirty_bitmap::migration::stream::FrameWriter::new(&sock)
+                .write_frame(&Frame::Nonce { nonce: 7 })
+                .unwrap();
             let mut r = FrameReader::new(sock.try_clone().unwrap());
             loop {
                 match r.read_frame().unwrap() {
@@ -912,17 +925,24 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     vm.shutdown();
 }
 
-/// Connects to `addr` and feeds it `chunks`, `gap` apart, for at most `max`. Returns how
-/// long after the first chunk the destination cut the connection, if it did.
+/// Connects to `addr`, reads the destination's nonce, and feeds it `chunks(nonce)`, `gap`
+/// apart, for at most `max`. Returns how long after the first chunk the destination cut
+/// the connection, if it did.
 fn trickle(
     addr: SocketAddr,
-    chunks: Vec<Vec<u8>>,
+    chunks: impl FnOnce(u128) -> Vec<Vec<u8>>,
     gap: Duration,
     max: Duration,
 ) -> Option<Duration> {
     let mut sock = TcpStream::connect(addr).unwrap();
     sock.set_nodelay(true).unwrap();
     sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let nonce = match FrameReader::new(sock.try_clone().unwrap()).read_frame() {
+        Ok(Frame::Nonce { nonce }) => nonce,
+        other => panic!("expected the destination's nonce, got {other:?}"),
+    };
+    let chunks = chunks(nonce);
     let start = Instant::now();
     for c in chunks.iter().cycle() {
         if start.elapsed() > max {
@@ -936,13 +956,15 @@ fn trickle(
     None
 }
 
-/// The frames of a 4-page guest's attempt, each whole: a Hello, then sections of one page.
-fn small_attempt(sections: usize) -> Vec<Vec<u8>> {
+/// The frames of a 4-page guest's attempt, each whole: a Hello echoing `nonce`, then
+/// sections of one page.
+fn small_attempt(sections: usize, nonce: u128) -> Vec<Vec<u8>> {
     let hello = Frame::Hello(dirty_bitmap::migration::frame::Hello {
         version: dirty_bitmap::migration::frame::STREAM_VERSION,
         page_size: PAGE_SIZE as u32,
         ram_pages: 4,
         migration_id: 77,
+        nonce,
         states: vec![dirty_bitmap::migration::frame::StateInfo {
             id: RAM_ID,
             name: dirty_bitmap::migration::ram_codec::RAM_STATE_NAME.into(),
@@ -992,11 +1014,13 @@ fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
     };
     // One byte every 20 ms: the 28 bytes of stream and frame header alone take 560 ms.
     let dest = TcpDestination::spawn(options.clone()).unwrap();
-    let bytes: Vec<Vec<u8>> = small_attempt(8)
-        .concat()
-        .into_iter()
-        .map(|b| vec![b])
-        .collect();
+    let bytes = |nonce| {
+        small_attempt(8, nonce)
+            .concat()
+            .into_iter()
+            .map(|b| vec![b])
+            .collect()
+    };
     let cut = trickle(
         dest.addr(),
         bytes,
@@ -1011,7 +1035,7 @@ fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
     let dest = TcpDestination::spawn(options).unwrap();
     let cut = trickle(
         dest.addr(),
-        small_attempt(1000),
+        |nonce| small_attempt(1000, nonce),
         Duration::from_millis(100),
         Duration::from_secs(4),
     );
@@ -1019,4 +1043,174 @@ fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
     let cut = cut.expect("the destination served a slow peer for 4 s");
     assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
     timed_out_on(&report, "attempt");
+}
+
+/// A proxy that forwards both directions untouched and records what the source sent.
+fn recording_proxy(upstream: SocketAddr) -> (SocketAddr, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let server = TcpStream::connect(upstream).unwrap();
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(Shutdown::Write);
+        });
+        let (mut from, mut to) = (&client, &server);
+        let mut recorded = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            recorded.extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(Shutdown::Write);
+        let _ = back.join();
+        recorded
+    });
+    (addr, t)
+}
+
+/// The destination's reason for the Abort that answers `stream` sent on a new connection
+/// to `addr` (after its nonce).
+fn replay(addr: SocketAddr, stream: &[u8]) -> String {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut r = FrameReader::new(sock.try_clone().unwrap());
+    assert!(matches!(r.read_frame(), Ok(Frame::Nonce { .. })));
+    let _ = sock.write_all(stream);
+    loop {
+        match r.read_frame() {
+            Ok(Frame::Abort { reason }) => return reason,
+            Ok(_) => {}
+            Err(e) => panic!("no Abort: {e}"),
+        }
+    }
+}
+
+/// Kept RAM is bound to the migration that left it. A destination keeps the RAM of a
+/// refused attempt; then a replay of that attempt (recorded on the wire) is refused (its
+/// Hello echoes an old nonce), and so is a second source of the same guest that is not that
+/// migration (a fresh session: its Hello does not name the kept RAM); neither touches the
+/// kept RAM, and the migration's own retry then resumes it and completes.
+#[test]
+fn kept_ram_is_resumed_only_by_the_migration_that_left_it() {
+    let _g = shared();
+    let mut src = Source::new(12, 20_000);
+    let dest = TcpDestination::spawn(DestOptions {
+        refuse_attempts: 1,
+        ..dest_options()
+    })
+    .unwrap();
+    let (addr, recorder) = recording_proxy(dest.addr());
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(addr, converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let recorded = recorder.join().unwrap();
+    let (_, kept) = failed(dest);
+    assert_eq!(kept.received_pages(), PAGES);
+    assert_eq!(Some(kept.token()), src.session.token());
+    src.assert_running();
+
+    let dest = TcpDestination::spawn_with(
+        DestOptions {
+            max_attempts: 3,
+            ..dest_options()
+        },
+        Some(kept),
+    )
+    .unwrap();
+    // The recorded attempt, replayed.
+    let why = replay(dest.addr(), &recorded);
+    assert!(why.contains("nonce"), "{why}");
+    // Another source of the same guest, not this migration.
+    let mut other = src.state(SetupMode::Incremental, false);
+    let e = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: converging(),
+            timeout: TIMEOUT,
+        },
+        &mut src.vm,
+        &mut [&mut other as &mut dyn MigrationState],
+        &mut NoStall,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::PeerAborted(r) if r.contains("does not resume it")),
+        "{e}"
+    );
+    src.assert_running();
+    // The migration's own retry.
+    let mut again = src.state(SetupMode::Incremental, false);
+    let r = src
+        .migrate(dest.addr(), converging(), &mut again, &mut NoStall)
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 3, "{:?}", report.attempts);
+    for a in &report.attempts[..2] {
+        assert!(
+            matches!(a.error, Some(MigrationError::Protocol(_))),
+            "{:?}",
+            a.error
+        );
+        assert_eq!(a.pages_held_at_end, PAGES, "the kept RAM was touched");
+    }
+    assert!(report.attempts[2].error.is_none());
+    assert_eq!(report.attempts[2].pages_held_at_start, PAGES);
+    assert!(again.stats().pages_at_setup < PAGES);
+    src.assert_same_ram(&report);
+}
+
+/// One source at a time: while a destination serves one, a second one is refused at once
+/// (before its Hello: its guest is not touched) instead of queued behind it.
+#[test]
+fn a_second_source_is_turned_away_while_one_is_served() {
+    let _g = shared();
+    let dest = TcpDestination::spawn(DestOptions {
+        timeout: Duration::from_millis(500),
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let addr = dest.addr();
+    // The first source: a Hello, then a page every 50 ms for two seconds.
+    let first = thread::spawn(move || {
+        trickle(
+            addr,
+            |nonce| small_attempt(40, nonce),
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+        )
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut src = Source::new(13, 20_000);
+    let mut state = src.state(SetupMode::Full, false);
+    let t = Instant::now();
+    let e = src
+        .migrate(addr, converging(), &mut state, &mut NoStall)
+        .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::DestinationRefused(r) if r == dirty_bitmap::migration::tcp::BUSY),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(state.stats().pages_sent, 0);
+    assert_eq!(src.session.token(), None);
+    src.assert_running();
+    first.join().unwrap();
+    let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 1);
 }

@@ -1,10 +1,16 @@
 //! Both ends of a migration over TCP on 127.0.0.1, with real time and real vCPU threads.
 //!
 //! - [`TcpDestination`]: a listener on an ephemeral port and a thread running
-//!   [`Destination`] for each connection. An attempt that fails before the destination
-//!   guest runs leaves its RAM behind ([`RetainedRam`]) for the next connection, so a
-//!   retry from the source ([`SetupMode::Incremental`](super::ram::SetupMode::Incremental)) sends only what it re-dirtied.
-//! - [`migrate_to`]: the source side of one attempt: connects, wraps the socket in a
+//!   [`Destination`] for each connection, one source at a time (a source that connects
+//!   meanwhile is refused: [`BUSY`]). Each connection gets a fresh nonce, the
+//!   destination's first frame, which the Hello must echo. An attempt that fails before
+//!   the destination guest runs leaves its RAM behind ([`RetainedRam`]) for the next
+//!   connection of the same migration (its Hello names the migration's token: [`Session`]),
+//!   so a retry from the source
+//!   ([`SetupMode::Incremental`](super::ram::SetupMode::Incremental)) sends only what it
+//!   re-dirtied; any other Hello is refused and the RAM stays.
+//! - [`migrate_in_session`] ([`migrate_to`] for a first attempt): the source side of one
+//!   attempt: connects, reads the destination's nonce, wraps the socket in a
 //!   rate-limited [`FrameWriter`], runs a thread that turns the destination's frames into
 //!   [`DestMessage`]s (the loop's [`Inbound`]), and calls [`precopy::run`] with
 //!   [`RealClock`].
@@ -30,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::RealClock;
-use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
+use super::dest::{
+    new_nonce, DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam,
+};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Control, Frame, Hello, StateId, FRAME_OVERHEAD, STREAM_HEADER_LEN};
 use super::guest::Vm;
@@ -247,6 +255,7 @@ fn serve(
             refuse_start: (attempt < o.refuse_attempts)
                 .then(|| format!("destination told to refuse attempt {attempt}")),
             max_ram_bytes: o.max_ram_bytes,
+            nonce: Some(new_nonce()),
             ..DestinationConfig::default()
         };
         match prepare(sock, o) {
@@ -255,7 +264,7 @@ fn serve(
                 let timing = from.timing();
                 let mut d = Destination::with_retained(from, to, config, kept.take());
                 d.set_header_hook(Paced::header_hook(&timing));
-                match drive(&mut d, &timing, o, &mut rng, &mut a.pages_written) {
+                match drive(&mut d, listener, &timing, o, &mut rng, &mut a.pages_written) {
                     Ok(()) => {
                         a.pages_held_at_end = d.received_pages();
                         // Done: `run` returns at once with the guest.
@@ -265,9 +274,9 @@ fn serve(
                         }
                     }
                     Err(e) => {
-                        a.pages_held_at_end = d.received_pages();
                         a.error = Some(e);
                         kept = d.into_retained();
+                        a.pages_held_at_end = kept.as_ref().map_or(0, RetainedRam::received_pages);
                     }
                 }
             }
@@ -440,12 +449,14 @@ impl Read for Paced {
 /// Hello that declares a rate limit below the floor lowers the floor to it.
 fn drive(
     d: &mut Destination<Paced, TcpStream>,
+    listener: &TcpListener,
     timing: &parking_lot::Mutex<Timing>,
     o: &DestOptions,
     rng: &mut SplitMix64,
     written: &mut u64,
 ) -> Result<()> {
     loop {
+        turn_away(listener, o.timeout);
         match d.step()? {
             DestEvent::Hello(h) if h.max_bandwidth > 0 => {
                 let mut t = timing.lock();
@@ -467,11 +478,34 @@ fn drive(
     }
 }
 
+/// The reason a destination gives a source that connects while it serves another.
+pub const BUSY: &str = "the destination is serving another source";
+
+/// Refuses every connection waiting on `listener` ([`BUSY`]): a destination serves one
+/// source at a time, and a second one is told so at once rather than queued behind it.
+fn turn_away(listener: &TcpListener, timeout: Duration) {
+    while let Ok((sock, _)) = listener.accept() {
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_write_timeout(Some(timeout));
+        let mut w = FrameWriter::new(&sock);
+        let _ = w.write_frame(&Frame::Refused {
+            reason: BUSY.to_owned(),
+        });
+        let _ = sock.shutdown(Shutdown::Write);
+    }
+}
+
 /// The source's stream: its [`FrameWriter`], and what its Hello declares beyond the loop's.
 struct SourceOut {
     w: FrameWriter<TcpStream>,
     /// The writer's rate limit in bytes per second (0: none), for the Hello.
     max_bandwidth: u64,
+    /// The destination's nonce for this connection, echoed by the Hello.
+    nonce: u128,
+    /// The kept RAM the Hello resumes ([`Session`]); 0 to start afresh.
+    resume: u128,
+    /// Whether the Hello was written.
+    hello_sent: bool,
 }
 
 impl Outbound for SourceOut {
@@ -481,10 +515,16 @@ impl Outbound for SourceOut {
 
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
         match msg {
-            Control::Hello(h) => self.w.control(&Control::Hello(Hello {
-                max_bandwidth: self.max_bandwidth,
-                ..h.clone()
-            })),
+            Control::Hello(h) => {
+                let n = self.w.control(&Control::Hello(Hello {
+                    max_bandwidth: self.max_bandwidth,
+                    nonce: self.nonce,
+                    resume: self.resume,
+                    ..h.clone()
+                }))?;
+                self.hello_sent = true;
+                Ok(n)
+            }
             other => self.w.control(other),
         }
     }
@@ -552,11 +592,10 @@ pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
 /// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or
 /// the loop's end (the receiver dropped). It blocks while [`RETURN_QUEUE`] messages wait.
 fn read_return_path(
-    sock: TcpStream,
+    mut r: FrameReader<TcpStream>,
     tx: &mpsc::SyncSender<Result<DestMessage>>,
     stop: &AtomicBool,
 ) {
-    let mut r = FrameReader::with_max_frame_len(sock, MAX_RETURN_FRAME_LEN);
     while !stop.load(Ordering::SeqCst) {
         let msg = match r.read_frame() {
             Ok(Frame::Started) => Ok(DestMessage::Started),
@@ -629,8 +668,69 @@ pub struct SourceReport {
     pub wire: WriterStats,
 }
 
-/// The source side of one attempt to the destination at `addr`: [`precopy::run`] over a
-/// [`FrameWriter`] on the socket, with a reader thread as the return path.
+/// The source's side of the attempts of one migration to one destination: what binds them.
+/// The destination issues a nonce on every connection; the first attempt that sends its
+/// Hello makes that nonce the migration's token, and every later attempt names it in its
+/// Hello (`resume`), so that the destination reuses the RAM an earlier attempt left only
+/// for this migration. Keep one for all the attempts of a migration
+/// ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Session {
+    token: Option<u128>,
+}
+
+impl Session {
+    /// A migration that has not reached a destination yet.
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// The migration's token, once an attempt sent its Hello.
+    pub fn token(&self) -> Option<u128> {
+        self.token
+    }
+}
+
+/// Reads the destination's first frame, its Nonce, waiting at most `timeout`.
+fn read_nonce(r: &mut FrameReader<TcpStream>, timeout: Duration) -> Result<u128> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match r.read_frame() {
+            Ok(Frame::Nonce { nonce }) => return Ok(nonce),
+            Ok(Frame::Refused { reason }) => {
+                return Err(MigrationError::DestinationRefused(reason))
+            }
+            Ok(Frame::Abort { reason }) => return Err(MigrationError::PeerAborted(reason)),
+            Ok(other) => return Err(ProtocolError::NoNonce { kind: other.kind() }.into()),
+            Err(MigrationError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The source side of one attempt to the destination at `addr`, as the first of its
+/// migration ([`migrate_in_session`] with a new [`Session`]).
+///
+/// # Errors
+/// As [`migrate_in_session`].
+pub fn migrate_to(
+    addr: SocketAddr,
+    options: &SourceOptions,
+    vm: &mut dyn Vm,
+    states: &mut [&mut dyn MigrationState],
+    controller: &mut dyn Controller,
+) -> Result<SourceReport> {
+    migrate_in_session(addr, options, &mut Session::new(), vm, states, controller)
+}
+
+/// The source side of one attempt of the migration `session` to the destination at
+/// `addr`: reads the destination's Nonce, then runs [`precopy::run`] over a
+/// [`FrameWriter`] on the socket, with a reader thread as the return path; the Hello
+/// echoes the nonce and names the session's token.
 ///
 /// On a cut, a timeout, a corrupt stream or an Abort from the destination the loop
 /// runs every state's [`MigrationState::channel_failed`]: RAM re-dirties every page
@@ -639,14 +739,17 @@ pub struct SourceReport {
 ///
 /// # Errors
 /// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`];
-/// nothing is connected then); the errors of [`precopy::run`], among them
-/// [`MigrationError::OutcomeUnknown`] (the VM is left stopped); [`MigrationError::Io`]
-/// if the connection cannot be made (the guest was not touched then). As with
-/// [`precopy::run`], on every other error the guest runs and the states re-dirtied what
-/// the destination may lack.
-pub fn migrate_to(
+/// nothing is connected then); [`MigrationError::Io`] if the connection cannot be made
+/// or no Nonce comes within the timeout, [`MigrationError::DestinationRefused`] if the
+/// destination refuses the connection (it serves another source: [`BUSY`]) and
+/// [`ProtocolError::NoNonce`] for another first frame (the guest was not touched then);
+/// the errors of [`precopy::run`], among them [`MigrationError::OutcomeUnknown`] (the VM
+/// is left stopped). As with [`precopy::run`], on every other error the guest runs and
+/// the states re-dirtied what the destination may lack.
+pub fn migrate_in_session(
     addr: SocketAddr,
     options: &SourceOptions,
+    session: &mut Session,
     vm: &mut dyn Vm,
     states: &mut [&mut dyn MigrationState],
     controller: &mut dyn Controller,
@@ -657,6 +760,8 @@ pub fn migrate_to(
     sock.set_write_timeout(Some(options.timeout))?;
     let back = sock.try_clone()?;
     back.set_read_timeout(Some(POLL))?;
+    let mut back = FrameReader::with_max_frame_len(back, MAX_RETURN_FRAME_LEN);
+    let nonce = read_nonce(&mut back, options.timeout)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     let flag = Arc::clone(&stop);
@@ -669,6 +774,9 @@ pub fn migrate_to(
     let mut writer = SourceOut {
         w: FrameWriter::with_limiter(sock, RateLimiter::new(limit)),
         max_bandwidth: limit.bytes_per_sec(),
+        nonce,
+        resume: session.token.unwrap_or(0),
+        hello_sent: false,
     };
     let mut inbound = ReturnPath {
         rx,
@@ -692,6 +800,9 @@ pub fn migrate_to(
         Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
         r => r,
     };
+    if writer.hello_sent && session.token.is_none() {
+        session.token = Some(nonce);
+    }
     let wire = writer.w.stats();
     // The attempt is over. After a success, close only our direction and let the reader
     // drain until the destination closes (closing a socket with unread bytes, say a late
@@ -736,6 +847,7 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let src = FrameReader::with_max_frame_len(src, MAX_RETURN_FRAME_LEN);
         let reader = std::thread::spawn(move || read_return_path(src, &tx, &flag));
         dest.set_write_timeout(Some(Duration::from_millis(500)))
             .unwrap();
@@ -785,7 +897,11 @@ mod tests {
         let writer = std::thread::spawn(move || {
             let _ = dest.write_all(&stream);
         });
-        read_return_path(src, &tx, &stop);
+        read_return_path(
+            FrameReader::with_max_frame_len(src, MAX_RETURN_FRAME_LEN),
+            &tx,
+            &stop,
+        );
         match rx.try_recv().unwrap() {
             Err(MigrationError::Frame(crate::migration::frame::FrameError::Oversized {
                 ..

@@ -13,6 +13,8 @@ fn hello() -> Frame {
         ram_pages: 1 << 20,
         migration_id: 0x0123_4567_89AB_CDEF,
         max_bandwidth: 64 << 20,
+        nonce: 0x0011_2233_4455_6677_8899_AABB_CCDD_EEFF,
+        resume: 7,
         states: vec![
             StateInfo {
                 id: 1,
@@ -29,6 +31,8 @@ fn hello() -> Frame {
 fn all_kinds() -> Vec<Frame> {
     vec![
         hello(),
+        Frame::Nonce { nonce: u128::MAX },
+        Frame::Nonce { nonce: 1 },
         Frame::Section {
             state: 1,
             payload: vec![1, 2, 3],
@@ -81,7 +85,7 @@ fn every_kind_round_trips() {
     assert_eq!(r.bytes_read(), Bytes(bytes.len() as u64));
     assert!(matches!(
         frame_err(r.read_frame()),
-        FrameError::Closed { frames: 10, .. }
+        FrameError::Closed { frames: 12, .. }
     ));
 }
 
@@ -95,8 +99,12 @@ fn encoded_sizes_match_the_format() {
             .len(),
         25
     );
-    // Hello: 34 fixed + (4 + 1 + 3) + (4 + 1 + 13).
-    assert_eq!(hello().encode_payload().unwrap().len(), 34 + 8 + 18);
+    // Hello: 66 fixed + (4 + 1 + 3) + (4 + 1 + 13).
+    assert_eq!(hello().encode_payload().unwrap().len(), 66 + 8 + 18);
+    assert_eq!(
+        encode_frame(0, &Frame::Nonce { nonce: 1 }).unwrap().len(),
+        24 + NONCE_LEN
+    );
     // The exact bytes of an End frame with seq 5.
     let f = encode_frame(5, &Frame::End).unwrap();
     assert_eq!(&f[..16], &[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0]);
@@ -173,9 +181,9 @@ fn payload_checksum() {
 #[test]
 fn unknown_kind_and_reserved_bits() {
     let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
-    bytes.extend(encode_raw_frame(9, 0, &[]));
+    bytes.extend(encode_raw_frame(10, 0, &[]));
     let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
-    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 9 });
+    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 10 });
 
     let mut h = raw_header(4, 0, 0);
     h[OFF_RESERVED + 1] = 1;
@@ -318,6 +326,8 @@ fn bad_payloads() {
         (FrameKind::Section, &[0u8, 0, 0][..]),
         (FrameKind::Abort, &[0xFFu8][..]),
         (FrameKind::Hello, &[0u8; HELLO_FIXED_LEN - 1][..]),
+        (FrameKind::Nonce, &[0u8; NONCE_LEN - 1][..]),
+        (FrameKind::Nonce, &[0u8; NONCE_LEN + 1][..]),
     ] {
         let e = Frame::decode_payload(kind, p).unwrap_err();
         assert!(
@@ -545,6 +555,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     ram_pages,
                     migration_id,
                     max_bandwidth,
+                    nonce: u128::from(migration_id) << 3,
+                    resume: u128::from(ram_pages),
                     states: s
                         .into_iter()
                         .map(|(id, name)| StateInfo { id, name })
@@ -558,6 +570,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         ".{0,20}".prop_map(|reason| Frame::Refused { reason }),
         (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::PageRequest { state, payload }),
         ".{0,20}".prop_map(|reason| Frame::Abort { reason }),
+        any::<u128>().prop_map(|nonce| Frame::Nonce { nonce }),
     ]
 }
 
