@@ -302,17 +302,19 @@ impl DestinationGuest {
 /// set of pages it holds, and the migration id of the guest they belong to. A new
 /// [`Destination`] built with it ([`Destination::with_retained`]) starts from there when
 /// the next Hello carries the same migration id and geometry, so the source's retry
-/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied. A Hello with
-/// another id (another guest of the same size) starts from empty RAM and the kept pages are
-/// dropped: an incremental retry that did not come from the same guest then fails at End
-/// with pages missing, and never completes onto another guest's pages.
+/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied. With nonces
+/// ([`DestinationConfig::nonce`]) the Hello must also name the migration that left the RAM
+/// (its `resume` equal to [`RetainedRam::token`]). Any other Hello (another guest, another
+/// geometry, another migration of the same guest) is refused and the kept pages stay, for
+/// the retry of the migration they belong to.
 ///
 /// Why that is safe: a section is applied whole or not at all (every check comes before
 /// the first byte is written, and a frame cut or corrupted in transit fails its checksum
 /// before it is applied), so each page held is the source's page as of some send; the
-/// source re-dirties every page it sent since its last sync and every page still to send,
-/// and its log holds every page written since, so any page held here that is stale is
-/// dirty at the source.
+/// source re-dirties every page it sent in the attempt unless the failure proves that every
+/// section sent was applied (a refusal, or a cancel before the first section; then every
+/// page sent since its last sync and every page still to send suffice), and its log holds
+/// every page written since, so any page held here that is stale is dirty at the source.
 pub struct RetainedRam {
     ram: DestRam,
     migration_id: u64,
@@ -413,8 +415,8 @@ impl fmt::Debug for DestCore {
 
 impl DestCore {
     /// A destination that has seen nothing yet, starting from the RAM a failed attempt left
-    /// (`kept`) if the Hello's migration id and geometry match it; otherwise the RAM starts
-    /// empty and `kept` is dropped.
+    /// (`kept`) if the Hello resumes it ([`RetainedRam`]); a Hello that does not is refused
+    /// and `kept` stays ([`DestCore::into_retained`]).
     pub fn new(config: DestinationConfig, kept: Option<RetainedRam>) -> DestCore {
         DestCore {
             config,
@@ -819,8 +821,8 @@ impl<R: Read, W: Write> Destination<R, W> {
     }
 
     /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`) if
-    /// the Hello's migration id and geometry match it; otherwise the RAM starts empty and
-    /// `kept` is dropped.
+    /// the Hello resumes it ([`RetainedRam`]); a Hello that does not is refused and `kept`
+    /// stays ([`Destination::into_retained`]).
     pub fn with_retained(
         from: R,
         to: W,

@@ -190,8 +190,8 @@ impl DestModel {
                     .into());
                 }
                 // A new attempt: a new destination, from the RAM the last one kept. Kept
-                // pages are this guest's only if the id matches (`DestCore::new`); another
-                // guest starts from empty RAM.
+                // pages serve only a Hello of the same guest (`DestCore::new`); another
+                // guest's Hello is refused and they stay.
                 let kept = self.core.take().and_then(DestCore::into_retained);
                 let config = DestinationConfig {
                     refuse_start: self.refuse.clone(),
