@@ -17,8 +17,8 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 2
-HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT = range(1, 9)
+MAGIC, VERSION = 0x4442_4D4D, 3
+HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE = range(1, 10)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
 
@@ -31,7 +31,9 @@ def frame(kind, seq, payload):
 
 def hello(pages=PAGES, ps=PS):
     name = b"ram"
-    return (struct.pack(">IIQQH", VERSION, ps, pages, MIGRATION_ID, 1)
+    max_bandwidth, nonce, resume = 0, 0, 0
+    return (struct.pack(">IIQQQ", VERSION, ps, pages, MIGRATION_ID, max_bandwidth)
+            + nonce.to_bytes(16, "big") + resume.to_bytes(16, "big") + struct.pack(">H", 1)
             + struct.pack(">IB", RAM_ID, len(name)) + name)
 
 
@@ -91,7 +93,7 @@ def records(frames):
 seeds = {
     "reader-precopy": b"\x00" + stream(precopy_frames()),
     "reader-postcopy": b"\x00" + stream(postcopy_frames()),
-    "reader-replies": b"\x00" + stream([(STARTED, b""), (PAGE_REQUEST, struct.pack(">IQI", RAM_ID, 3, 1)),
+    "reader-replies": b"\x00" + stream([(NONCE, (7).to_bytes(16, "big")), (STARTED, b""), (PAGE_REQUEST, struct.pack(">IQI", RAM_ID, 3, 1)),
                                         (REFUSED, b"no room"), (ABORT, b"gone")]),
     "ram-pages": b"\x01\x00" + ram([(i, page(i)) for i in range(3)]),
     "ram-pages-4k": b"\x01\x03" + ram([(7, page(7, 4096)), (9, bytes(4096))], ps=4096),

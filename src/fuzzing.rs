@@ -490,7 +490,7 @@ pub fn migration_stream(data: &[u8]) {
             let Some((&k, payload)) = rest.split_first() else {
                 return;
             };
-            let Some(kind) = FrameKind::from_u8(k % 9) else {
+            let Some(kind) = FrameKind::from_u8(k % 10) else {
                 return;
             };
             let Ok(frame) = Frame::decode_payload(kind, payload) else {
@@ -646,6 +646,7 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
         refuse_start: refuse.then(|| "fuzz".to_owned()),
         max_ram_bytes: crate::migration::Bytes(1 << 20),
         max_frame_len: 1 << 16,
+        nonce: None,
     };
     let mut answers = Vec::new();
     let result = Destination::new(&stream[..], &mut answers, config).run();

@@ -11,15 +11,20 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dirty_bitmap::migration::dest::{DestCore, DestinationConfig};
+use dirty_bitmap::migration::frame::{
+    control_wire_len, Frame, FrameError, SECTION_OVERHEAD, STREAM_VERSION,
+};
 use dirty_bitmap::migration::guest::{new_log, Vm};
 use dirty_bitmap::migration::precopy::{checked_config, Rule, StallAction, StallKind, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
+use dirty_bitmap::migration::ram_codec;
 use dirty_bitmap::migration::sim::{self, DestModel, Loopback, Scenario, Sim};
 use dirty_bitmap::migration::workload::Pattern;
 use dirty_bitmap::migration::{
     run, AutoConverge, Bytes, BytesPerMs, Clock, Controller, Directive, Endpoints, GuestRam,
-    IterationReport, Kind, LoopConfig, MigrationError, MigrationState, Millis, RamState, RealClock,
-    SetupMode, Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
+    IterationReport, Kind, LoopConfig, ManualClock, MigrationError, MigrationState, Millis,
+    RamState, RealClock, SetupMode, Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
 use dirty_bitmap::DirtyBitmap;
 
@@ -326,7 +331,12 @@ fn cancel_during_iteration_redirties_and_a_retry_sends_less() {
     // A 5 ms limit: about two pages, far less than the guest dirties during a pass, so
     // the sync finds more than one turn sends and the gate stays shut the turn after.
     let rig = Rig::new(64, 0.2, per_ms(2000.0));
-    let mut first = rig.state(SetupMode::Full, false);
+    // A cancel after sections went out cannot prove they were applied; by default RAM
+    // then re-dirties everything it sent. Here the caller reconciles with the count the
+    // destination applied (the simulated link delivers each section as it is sent).
+    let mut first = rig
+        .state(SetupMode::Full, false)
+        .with_channel_loss(ChannelLoss::CallerReconciles);
     let mut observed = Observed {
         inner: &mut first,
         sent_at_sync: None,
@@ -356,6 +366,8 @@ fn cancel_during_iteration_redirties_and_a_retry_sends_less() {
     .unwrap_err();
     assert!(matches!(e, MigrationError::Cancelled), "{e}");
     let (left, sent_since_sync) = observed.at_cancel.expect("the state was cancelled");
+    let applied = rig.sim.world().dest.sections_applied();
+    first.redirty_undelivered(applied);
     let sent_before = first.stats().pages_sent;
     assert!(
         sent_before > 32,
@@ -434,7 +446,7 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
 #[test]
 fn postcopy_pulls_missing_pages_and_ends_equal() {
     // The guest dirties faster than the link: precopy alone cannot converge.
-    let mut s = Scenario::random(3);
+    let mut s = Scenario::random(3).without_disk();
     s.pages = 48;
     s.batch_pages = 4;
     s.link_bw = BytesPerMs::from_bytes_per_ms(4096.0);
@@ -1143,4 +1155,304 @@ fn avail_switchover_bandwidth_overrides_the_measured_one() {
         .iter()
         .filter(|r| r.windows > 0)
         .all(|r| r.threshold > Bytes(20_000)));
+}
+
+/// A channel that keeps its last `lag` frames in flight (as a socket buffer does) and
+/// hands the older ones, in order, to a destination core, whose answers come back on it.
+struct Laggy {
+    core: DestCore,
+    lag: usize,
+    in_flight: std::collections::VecDeque<Frame>,
+    seq: u64,
+    bytes: Bytes,
+    answers: std::collections::VecDeque<dirty_bitmap::migration::DestMessage>,
+}
+
+impl Laggy {
+    fn new(core: DestCore, lag: usize) -> std::cell::RefCell<Laggy> {
+        std::cell::RefCell::new(Laggy {
+            core,
+            lag,
+            in_flight: std::collections::VecDeque::new(),
+            seq: 0,
+            bytes: Bytes(0),
+            answers: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Queues `frame`, then delivers what is older than the last `lag` frames. The
+    /// destination's errors stay with it (the source learns nothing on this link).
+    fn push(&mut self, frame: Frame, wire: Bytes) {
+        self.bytes += wire;
+        self.in_flight.push_back(frame);
+        while self.in_flight.len() > self.lag {
+            let Some(f) = self.in_flight.pop_front() else {
+                break;
+            };
+            let seq = self.seq;
+            self.seq += 1;
+            let answers = &mut self.answers;
+            let _ = self.core.apply(f, seq, Some(STREAM_VERSION), &mut |f| {
+                if matches!(f, Frame::Started) {
+                    answers.push_back(dirty_bitmap::migration::DestMessage::Started);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+struct LaggyOut<'a>(&'a std::cell::RefCell<Laggy>);
+struct LaggyIn<'a>(&'a std::cell::RefCell<Laggy>);
+
+impl dirty_bitmap::migration::Outbound for LaggyOut<'_> {
+    fn send(
+        &mut self,
+        state: dirty_bitmap::migration::StateId,
+        payload: &[u8],
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let wire = SECTION_OVERHEAD + Bytes(payload.len() as u64);
+        let payload = payload.to_vec();
+        self.0
+            .borrow_mut()
+            .push(Frame::Section { state, payload }, wire);
+        Ok(wire)
+    }
+    fn control(
+        &mut self,
+        msg: &dirty_bitmap::migration::Control,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let wire = control_wire_len(msg).unwrap();
+        self.0.borrow_mut().push(msg.to_frame(), wire);
+        Ok(wire)
+    }
+    fn bytes_sent(&self) -> Bytes {
+        self.0.borrow().bytes
+    }
+}
+
+impl dirty_bitmap::migration::Inbound for LaggyIn<'_> {
+    fn try_recv(
+        &mut self,
+    ) -> dirty_bitmap::migration::Result<Option<dirty_bitmap::migration::DestMessage>> {
+        Ok(self.0.borrow_mut().answers.pop_front())
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::DestMessage> {
+        self.try_recv()?
+            .ok_or_else(|| MigrationError::PeerAborted("no answer".into()))
+    }
+}
+
+/// A guest whose vCPUs never run: the test writes its pages itself.
+struct Parked;
+
+impl Vm for Parked {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        Ok(())
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        Ok(())
+    }
+    fn set_throttle(&mut self, _: u8) {}
+}
+
+/// Rewrites page 0 at turn 1 (after its first copy went out), and cancels at the second
+/// exact query: by then page 0 was resent after the first sync, and the second sync
+/// cleared it from the pages sent since the last sync.
+struct RewriteThenCancel {
+    ram: Arc<GuestRam>,
+    log: Arc<DirtyBitmap>,
+    exact: u32,
+}
+
+impl Controller for RewriteThenCancel {
+    fn on_iteration(&mut self, r: &IterationReport) -> Directive {
+        if r.iteration == 1 {
+            self.ram
+                .write_and_mark(&self.log, 0, |ram| ram.fill_page(0, 0xABCD));
+        }
+        self.exact += u32::from(r.exact);
+        if self.exact >= 2 {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::KeepGoing
+    }
+}
+
+/// A cancel on a channel that looks healthy, with a resent page still in flight: the
+/// destination then fails on that frame (a checksum error, say), after the source's
+/// Abort was accepted by the channel. The destination keeps the page's first copy; the
+/// second sync cleared the page from the pages sent since the last sync, and the guest
+/// did not write it again. Unless the cancel re-dirties everything the attempt sent, the
+/// incremental retry never resends it and the destination guest runs on stale memory.
+#[test]
+fn a_cancel_with_a_resent_page_in_flight_is_fixed_by_the_retry() {
+    let pages = 4;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p + 1);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let state =
+        |mode| RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, false, 1).unwrap();
+    // One page per turn, and no switchover (a limit of 0): exact queries only when
+    // everything went out.
+    let never = LoopConfig {
+        downtime_limit: Millis(0),
+        max_bandwidth: None,
+        iterate_chunk: Bytes(1),
+        ..LoopConfig::default()
+    };
+    // Two frames in flight: when the Abort goes out, the resend of page 0 is still ahead
+    // of it.
+    let link = Laggy::new(DestCore::new(DestinationConfig::default(), None), 2);
+    let mut first = state(SetupMode::Full);
+    let mut clock = ManualClock::new();
+    let e = run(
+        &never,
+        Endpoints {
+            clock: &mut clock,
+            vm: &mut Parked,
+            out: &mut LaggyOut(&link),
+            inbound: &mut LaggyIn(&link),
+        },
+        &mut [&mut first as &mut dyn MigrationState],
+        &mut RewriteThenCancel {
+            ram: Arc::clone(&ram),
+            log: Arc::clone(&log),
+            exact: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    assert_eq!(first.stats().syncs, 2, "{:?}", first.stats());
+    let Laggy {
+        mut core,
+        in_flight,
+        ..
+    } = link.into_inner();
+    // Still in flight: the resend of page 0 and the Abort.
+    let resend = match in_flight.front() {
+        Some(Frame::Section { payload, .. }) => ram_codec::decode_pages(PAGE_SIZE, payload)
+            .unwrap()
+            .iter()
+            .map(|&(p, _)| p)
+            .collect::<Vec<_>>(),
+        other => panic!("expected the resend in flight, got {other:?}"),
+    };
+    assert_eq!(resend, [0]);
+    assert!(matches!(in_flight.back(), Some(Frame::Abort { .. })));
+    // The destination fails on the resend.
+    core.fail(&MigrationError::Frame(FrameError::Failed(
+        "checksum mismatch".into(),
+    )));
+    let kept = core.into_retained().expect("the destination kept its RAM");
+    assert_eq!(kept.received_pages(), pages);
+    let mut now = vec![0u8; PAGE_SIZE];
+    ram.read_page(0, &mut now);
+    assert_ne!(kept.page(0), Some(&now[..]), "page 0 is not stale");
+
+    // The retry, to the destination that kept its RAM; the channel delivers at once.
+    let link = Laggy::new(DestCore::new(DestinationConfig::default(), Some(kept)), 0);
+    let mut again = state(SetupMode::Incremental);
+    let converging = LoopConfig {
+        max_bandwidth: None,
+        avail_switchover_bandwidth: Some(per_ms(1e6)),
+        ..LoopConfig::default()
+    };
+    let o = run(
+        &converging,
+        Endpoints {
+            clock: &mut clock,
+            vm: &mut Parked,
+            out: &mut LaggyOut(&link),
+            inbound: &mut LaggyIn(&link),
+        },
+        &mut [&mut again as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    let link = link.into_inner();
+    assert!(link.core.is_done());
+    assert!(link.core.resumed_from_retained());
+    assert_eq!(
+        link.core.ram(),
+        &ram.snapshot()[..],
+        "the destination guest would run on stale memory"
+    );
+}
+
+/// The simulated destination's answers; once it started, a request for page 0 at every
+/// look, `left` more times.
+struct Flood {
+    sim: Sim,
+    started: bool,
+    left: u64,
+}
+
+impl dirty_bitmap::migration::Inbound for Flood {
+    fn try_recv(
+        &mut self,
+    ) -> dirty_bitmap::migration::Result<Option<dirty_bitmap::migration::DestMessage>> {
+        if self.started && self.left > 0 {
+            self.left -= 1;
+            return Ok(Some(dirty_bitmap::migration::DestMessage::PageRequest {
+                state: RAM_ID,
+                payload: ram_codec::encode_page_request(0, 1),
+            }));
+        }
+        dirty_bitmap::migration::Inbound::try_recv(&mut self.sim)
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::DestMessage> {
+        let m = dirty_bitmap::migration::Inbound::recv(&mut self.sim)?;
+        self.started |= matches!(m, dirty_bitmap::migration::DestMessage::Started);
+        Ok(m)
+    }
+}
+
+/// A destination that asks for pages without pause cannot starve the background push:
+/// each turn serves at most a chunk's worth of requests, then pushes, so the push ends the
+/// migration while requests are still coming.
+#[test]
+fn page_requests_do_not_starve_the_background_push() {
+    let rig = Rig::new(64, 0.2, per_ms(2000.0));
+    let mut state = rig.state(SetupMode::Full, true);
+    let cfg = LoopConfig {
+        postcopy: true,
+        start_postcopy: true,
+        ..config(300)
+    };
+    let cap = 5000;
+    let mut inbound = Flood {
+        sim: rig.sim.clone(),
+        started: false,
+        left: cap,
+    };
+    let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
+    let outcome = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut inbound,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(outcome.kind, Kind::Postcopy);
+    assert!(inbound.started);
+    assert!(
+        outcome.requests_served < cap / 10,
+        "{} requests served before the push ended",
+        outcome.requests_served
+    );
+    assert!(outcome.requests_served > 0);
+    rig.assert_same_ram();
 }

@@ -39,6 +39,9 @@ fn hello(pages: usize) -> Frame {
         page_size: PAGE as u32,
         ram_pages: pages as u64,
         migration_id: MIGRATION_ID,
+        max_bandwidth: 0,
+        nonce: 0,
+        resume: 0,
         states: vec![StateInfo {
             id: RAM_ID,
             name: RAM_STATE_NAME.into(),
@@ -772,9 +775,9 @@ fn kept_after_cut(id: u64, ram: &[u8]) -> dirty_bitmap::migration::dest::Retaine
 }
 
 /// Kept RAM serves only a retry of the same guest: the same migration id completes from
-/// it with nothing resent; another guest of the same size starts from empty RAM, so its
-/// incremental retry (which sends nothing it thinks the destination has) is refused at
-/// End instead of completing onto the first guest's pages.
+/// it with nothing resent. A Hello of another guest of the same size, or one whose RAM the
+/// destination cannot map, is refused at the Hello, and the kept RAM stays as it was for
+/// the retry of the guest it belongs to.
 #[test]
 fn kept_ram_is_reused_only_for_the_same_migration_id() {
     let (mut rng, _) = common::seeded_rng("kept_ram_is_reused_only_for_the_same_migration_id");
@@ -804,31 +807,141 @@ fn kept_ram_is_reused_only_for_the_same_migration_id() {
     assert_eq!(guest.ram(), &ram[..]);
     FrameReader::new(&answers[..]).wait_started().unwrap();
 
-    let bytes = retry(b);
+    // Another guest; and another guest asking for more RAM than the destination maps.
+    let huge = {
+        let Frame::Hello(h) = hello_for(b) else {
+            unreachable!()
+        };
+        stream_of(&[Frame::Hello(Hello {
+            ram_pages: 1 << 40,
+            ..h
+        })])
+    };
+    for bytes in [retry(b), huge] {
+        let mut answers = Vec::new();
+        let mut d = Destination::with_retained(
+            &bytes[..],
+            &mut answers,
+            DestinationConfig::default(),
+            Some(kept_after_cut(a, &ram)),
+        );
+        let r = d.step();
+        assert!(
+            matches!(
+                r,
+                Err(MigrationError::Protocol(
+                    ProtocolError::KeptRamNotResumed { .. }
+                ))
+            ),
+            "{r:?}"
+        );
+        assert!(!d.resumed_from_retained());
+        let kept = d.into_retained().expect("the kept RAM was dropped");
+        assert_eq!((kept.received_pages(), kept.migration_id()), (4, a));
+        for p in 0..4 {
+            assert_eq!(kept.page(p as u64), Some(page_of(&ram, p)));
+        }
+    }
+}
+
+/// A Hello for guest `id` that echoes `nonce` and resumes `resume`.
+fn hello_with(id: u64, nonce: u128, resume: u128) -> Frame {
+    let Frame::Hello(h) = hello_for(id) else {
+        unreachable!()
+    };
+    Frame::Hello(Hello { nonce, resume, ..h })
+}
+
+/// A destination that issues nonces: it speaks first (a Nonce frame), refuses a Hello
+/// that does not echo its nonce (a recorded attempt replayed), and binds the RAM a failed
+/// attempt leaves to that migration's token: a Hello that does not resume it by that token
+/// is refused, the RAM kept as it was; the one that does resumes it.
+#[test]
+fn kept_ram_is_bound_to_the_nonce_of_the_migration_that_left_it() {
+    let (mut rng, _) = common::seeded_rng("kept_ram_is_bound_to_the_nonce");
+    let ram = random_ram(&mut rng, 4);
+    let id = 0xD1;
+    let (n1, n2) = (0x1111_u128 << 64, 0x2222_u128 << 64);
+    let config = |nonce| DestinationConfig {
+        nonce: Some(nonce),
+        ..DestinationConfig::default()
+    };
+    // The first attempt, fresh: all four pages, then cut. Its RAM belongs to token n1.
+    let pages: Vec<(u64, &[u8])> = (0..4).map(|p| (p as u64, page_of(&ram, p))).collect();
+    let first = stream_of(&[
+        hello_with(id, n1, 0),
+        Frame::Section {
+            state: RAM_ID,
+            payload: encode_pages(PAGE, &pages),
+        },
+    ]);
     let mut answers = Vec::new();
-    let mut d = Destination::with_retained(
-        &bytes[..],
-        &mut answers,
-        DestinationConfig::default(),
-        Some(kept_after_cut(a, &ram)),
+    let mut d = Destination::new(&first[..], &mut answers, config(n1));
+    d.step().unwrap();
+    d.step().unwrap();
+    assert!(d.step().is_err(), "the stream was cut");
+    let kept = d.into_retained().unwrap();
+    assert_eq!((kept.received_pages(), kept.token()), (4, n1));
+    // It spoke first.
+    assert_eq!(
+        FrameReader::new(&answers[..]).read_frame().unwrap(),
+        Frame::Nonce { nonce: n1 }
     );
-    assert!(matches!(d.step(), Ok(DestEvent::Hello(_))));
-    assert!(!d.resumed_from_retained());
-    assert_eq!(d.received_pages(), 0, "another guest's pages were dropped");
-    let r = d.run();
-    assert!(
-        matches!(
-            r,
-            Err(MigrationError::Protocol(
-                ProtocolError::PageNeverReceived { .. }
-            ))
-        ),
-        "{r:?}"
-    );
-    assert_aborted(
-        FrameReader::new(&answers[..]).wait_started(),
-        "never received",
-    );
+
+    let end = [Frame::Switchover { postcopy: false }, Frame::End];
+    let attempt = |hello: Frame, nonce: u128, kept| {
+        let mut frames = vec![hello];
+        frames.extend(end.iter().cloned());
+        let bytes = std::io::Cursor::new(stream_of(&frames));
+        let mut d = Destination::with_retained(bytes, Vec::new(), config(nonce), Some(kept));
+        let r = d.step();
+        (r, d)
+    };
+    // Replayed: the first attempt's Hello (nonce n1), and a retry's (nonce n3, resuming
+    // n1), to a connection that issued n2. The retry's would resume the kept RAM but for
+    // the nonce.
+    let mut kept = kept;
+    for replayed in [hello_with(id, n1, 0), hello_with(id, n1 + 3, n1)] {
+        let (r, d) = attempt(replayed, n2, kept);
+        assert!(
+            matches!(
+                r,
+                Err(MigrationError::Protocol(ProtocolError::WrongNonce { .. }))
+            ),
+            "{r:?}"
+        );
+        kept = d.into_retained().unwrap();
+    }
+    return_kept(&kept, &ram);
+    // Another source with the guest's id, fresh or naming a token it does not have.
+    for resume in [0, n2, n1 + 1] {
+        let (r, d) = attempt(hello_with(id, n2, resume), n2, kept);
+        assert!(
+            matches!(
+                r,
+                Err(MigrationError::Protocol(
+                    ProtocolError::KeptRamNotResumed { .. }
+                ))
+            ),
+            "resume {resume:#x}: {r:?}"
+        );
+        kept = d.into_retained().expect("the kept RAM was dropped");
+        assert_eq!((kept.received_pages(), kept.token()), (4, n1));
+        return_kept(&kept, &ram);
+    }
+    // The migration's own retry resumes it and completes with nothing resent.
+    let (r, d) = attempt(hello_with(id, n2, n1), n2, kept);
+    assert!(matches!(r, Ok(DestEvent::Hello(_))), "{r:?}");
+    assert!(d.resumed_from_retained());
+    let guest = d.run().unwrap();
+    assert_eq!(guest.ram(), &ram[..]);
+}
+
+/// Checks that `kept` still holds `ram`.
+fn return_kept(kept: &dirty_bitmap::migration::dest::RetainedRam, ram: &[u8]) {
+    for p in 0..4 {
+        assert_eq!(kept.page(p as u64), Some(page_of(ram, p)));
+    }
 }
 
 // ---------------------------------------------------------------------------------------

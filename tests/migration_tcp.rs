@@ -32,7 +32,8 @@ use dirty_bitmap::migration::precopy::{StallAction, StallReport};
 use dirty_bitmap::migration::ram::ChannelLoss;
 use dirty_bitmap::migration::stream::FrameReader;
 use dirty_bitmap::migration::tcp::{
-    migrate_to, DestOptions, DestReport, SourceOptions, SourceReport, TcpDestination,
+    migrate_in_session, migrate_to, DestOptions, DestReport, Session, SourceOptions, SourceReport,
+    TcpDestination,
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
@@ -54,11 +55,13 @@ fn shared() -> RwLockReadGuard<'static, ()> {
 const PAGES: u64 = 1024;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The source: guest RAM with content, its log, and running vCPUs.
+/// The source: guest RAM with content, its log, and running vCPUs; and the session that
+/// binds its attempts to the RAM a destination kept.
 struct Source {
     ram: Arc<GuestRam>,
     log: Arc<DirtyBitmap>,
     vm: Workload,
+    session: Session,
 }
 
 /// vCPU threads of the source guest.
@@ -133,7 +136,12 @@ impl Source {
         )
         .unwrap();
         thread::sleep(Duration::from_millis(10));
-        Source { ram, log, vm }
+        Source {
+            ram,
+            log,
+            vm,
+            session: Session::new(),
+        }
     }
 
     fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
@@ -155,12 +163,13 @@ impl Source {
         state: &mut RamState,
         control: &mut dyn Controller,
     ) -> dirty_bitmap::migration::Result<SourceReport> {
-        migrate_to(
+        migrate_in_session(
             addr,
             &SourceOptions {
                 loop_config: config,
                 timeout: TIMEOUT,
             },
+            &mut self.session,
             &mut self.vm,
             &mut [state as &mut dyn MigrationState],
             control,
@@ -472,7 +481,12 @@ fn cancel_during_iteration_resumes_and_a_retry_sends_less() {
     let _g = shared();
     let mut src = Source::new(3, 20_000);
     let dest = TcpDestination::spawn(dest_options()).unwrap();
-    let mut first = src.state(SetupMode::Full, false);
+    // A cancel cannot prove that the destination applied what was in flight: by default
+    // RAM re-dirties everything it sent. Here the caller reconciles with the count the
+    // destination applied, so the retry sends less than all of RAM.
+    let mut first = src
+        .state(SetupMode::Full, false)
+        .with_channel_loss(ChannelLoss::CallerReconciles);
     let e = src
         .migrate(
             dest.addr(),
@@ -484,8 +498,7 @@ fn cancel_during_iteration_resumes_and_a_retry_sends_less() {
     assert!(matches!(e, MigrationError::Cancelled), "{e}");
     src.assert_running();
     let (err, kept) = failed(dest);
-    // The channel was healthy: the destination applied every section before the Abort, so
-    // the re-dirtying of `cancel` alone covers what it lacks.
+    first.redirty_undelivered(kept.sections_applied());
     // The source told the destination why.
     assert!(
         matches!(&err, MigrationError::PeerAborted(r) if r.contains("cancelled")),
@@ -612,6 +625,10 @@ fn no_answer_after_end_leaves_the_source_stopped() {
         let silent = thread::spawn(move || {
             let (sock, _) = listener.accept().unwrap();
             sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+            // The destination speaks first; then it only reads.
+            dirty_bitmap::migration::stream::FrameWriter::new(&sock)
+                .write_frame(&Frame::Nonce { nonce: 7 })
+                .unwrap();
             let mut r = FrameReader::new(sock.try_clone().unwrap());
             loop {
                 match r.read_frame().unwrap() {
@@ -842,4 +859,358 @@ fn the_rule_for_short_sets() {
     assert_eq!(allowed_over(100), 5);
     assert_eq!(allowed_over(10), 1);
     assert_eq!(allowed_over(1), 1);
+}
+
+/// A legal low `max_bandwidth` with large batches: each RAM section (64 pages, 260 KiB) takes
+/// half a second at 512 KiB/s, longer than the destination's timeout. The writer sends each
+/// frame as it is paid for, a window's budget at a time, so the destination never waits
+/// longer than about a window for a byte and the migration completes. (A frame written
+/// whole and paid for by the pauses after it leaves the destination idle for half a
+/// second: it times out.)
+#[test]
+fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
+    let _g = shared();
+    let pages = 384;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p * 31 + 1);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 10,
+            pattern: Pattern::HOT_90_5,
+            seed: 11,
+        },
+    )
+    .unwrap();
+    let timeout = Duration::from_millis(300);
+    let dest = TcpDestination::spawn(DestOptions {
+        timeout,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        64,
+    )
+    .unwrap();
+    let config = LoopConfig {
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(512 << 10)),
+        ..LoopConfig::default()
+    };
+    let r = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            timeout: TIMEOUT,
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    );
+    let report = dest.join().unwrap();
+    let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
+    let guest = report.guest.as_ref().unwrap();
+    assert_eq!(guest.ram(), &ram.snapshot()[..]);
+    vm.shutdown();
+}
+
+/// Connects to `addr`, reads the destination's nonce, and feeds it `chunks(nonce)`, `gap`
+/// apart, for at most `max`. Returns how long after the first chunk the destination cut
+/// the connection, if it did.
+fn trickle(
+    addr: SocketAddr,
+    chunks: impl FnOnce(u128) -> Vec<Vec<u8>>,
+    gap: Duration,
+    max: Duration,
+) -> Option<Duration> {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_nodelay(true).unwrap();
+    sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let nonce = match FrameReader::new(sock.try_clone().unwrap()).read_frame() {
+        Ok(Frame::Nonce { nonce }) => nonce,
+        other => panic!("expected the destination's nonce, got {other:?}"),
+    };
+    let chunks = chunks(nonce);
+    let start = Instant::now();
+    for c in chunks.iter().cycle() {
+        if start.elapsed() > max {
+            return None;
+        }
+        if sock.write_all(c).is_err() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(gap);
+    }
+    None
+}
+
+/// The frames of a 4-page guest's attempt, each whole: a Hello echoing `nonce`, then
+/// sections of one page.
+fn small_attempt(sections: usize, nonce: u128) -> Vec<Vec<u8>> {
+    let hello = Frame::Hello(dirty_bitmap::migration::frame::Hello {
+        version: dirty_bitmap::migration::frame::STREAM_VERSION,
+        page_size: PAGE_SIZE as u32,
+        ram_pages: 4,
+        migration_id: 77,
+        nonce,
+        states: vec![dirty_bitmap::migration::frame::StateInfo {
+            id: RAM_ID,
+            name: dirty_bitmap::migration::ram_codec::RAM_STATE_NAME.into(),
+        }],
+        ..Default::default()
+    });
+    let page = vec![5u8; PAGE_SIZE];
+    let mut w = dirty_bitmap::migration::stream::FrameWriter::new(Vec::new());
+    let mut frames = Vec::new();
+    w.write_frame(&hello).unwrap();
+    frames.push(std::mem::take(w.get_mut()));
+    for i in 0..sections {
+        let payload = dirty_bitmap::migration::ram_codec::encode_pages(
+            PAGE_SIZE,
+            &[((i % 4) as u64, &page[..])],
+        );
+        dirty_bitmap::migration::Outbound::send(&mut w, RAM_ID, &payload).unwrap();
+        frames.push(std::mem::take(w.get_mut()));
+    }
+    frames
+}
+
+/// The destination's one attempt failed on a deadline: the error says which.
+fn timed_out_on(report: &DestReport, what: &str) {
+    assert_eq!(report.attempts.len(), 1, "{:?}", report.attempts);
+    match &report.attempts[0].error {
+        Some(MigrationError::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        other => panic!("expected a deadline, got {other:?}"),
+    }
+}
+
+/// One slow peer cannot hold the destination: every byte comes well within the read
+/// timeout, but a frame must be whole within the read timeout plus its length at the
+/// slowest allowed rate, counted from its first byte, and an attempt ends at
+/// `attempt_timeout`. Byte by byte, the first frame's header is cut off at its deadline;
+/// whole frames sent slowly are cut off at the attempt's.
+#[test]
+fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
+    let _g = shared();
+    let options = DestOptions {
+        timeout: Duration::from_millis(300),
+        attempt_timeout: Duration::from_secs(1),
+        ..DestOptions::default()
+    };
+    // One byte every 20 ms: the 28 bytes of stream and frame header alone take 560 ms.
+    let dest = TcpDestination::spawn(options.clone()).unwrap();
+    let bytes = |nonce| {
+        small_attempt(8, nonce)
+            .concat()
+            .into_iter()
+            .map(|b| vec![b])
+            .collect()
+    };
+    let cut = trickle(
+        dest.addr(),
+        bytes,
+        Duration::from_millis(20),
+        Duration::from_secs(4),
+    );
+    let report = dest.join().unwrap();
+    let cut = cut.expect("the destination served a byte-by-byte peer for 4 s");
+    assert!(cut < Duration::from_millis(1500), "cut after {cut:?}");
+    timed_out_on(&report, "frame header");
+    // Whole frames, 100 ms apart, forever: the attempt ends at 1 s.
+    let dest = TcpDestination::spawn(options).unwrap();
+    let cut = trickle(
+        dest.addr(),
+        |nonce| small_attempt(1000, nonce),
+        Duration::from_millis(100),
+        Duration::from_secs(4),
+    );
+    let report = dest.join().unwrap();
+    let cut = cut.expect("the destination served a slow peer for 4 s");
+    assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
+    timed_out_on(&report, "attempt");
+}
+
+/// A proxy that forwards both directions untouched and records what the source sent.
+fn recording_proxy(upstream: SocketAddr) -> (SocketAddr, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let server = TcpStream::connect(upstream).unwrap();
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(Shutdown::Write);
+        });
+        let (mut from, mut to) = (&client, &server);
+        let mut recorded = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            recorded.extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(Shutdown::Write);
+        let _ = back.join();
+        recorded
+    });
+    (addr, t)
+}
+
+/// The destination's reason for the Abort that answers `stream` sent on a new connection
+/// to `addr` (after its nonce).
+fn replay(addr: SocketAddr, stream: &[u8]) -> String {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut r = FrameReader::new(sock.try_clone().unwrap());
+    assert!(matches!(r.read_frame(), Ok(Frame::Nonce { .. })));
+    let _ = sock.write_all(stream);
+    loop {
+        match r.read_frame() {
+            Ok(Frame::Abort { reason }) => return reason,
+            Ok(_) => {}
+            Err(e) => panic!("no Abort: {e}"),
+        }
+    }
+}
+
+/// Kept RAM is bound to the migration that left it. A destination keeps the RAM of a
+/// refused attempt; then a replay of that attempt (recorded on the wire) is refused (its
+/// Hello echoes an old nonce), and so is a second source of the same guest that is not that
+/// migration (a fresh session: its Hello does not name the kept RAM); neither touches the
+/// kept RAM, and the migration's own retry then resumes it and completes.
+#[test]
+fn kept_ram_is_resumed_only_by_the_migration_that_left_it() {
+    let _g = shared();
+    let mut src = Source::new(12, 20_000);
+    let dest = TcpDestination::spawn(DestOptions {
+        refuse_attempts: 1,
+        ..dest_options()
+    })
+    .unwrap();
+    let (addr, recorder) = recording_proxy(dest.addr());
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(addr, converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let recorded = recorder.join().unwrap();
+    let (_, kept) = failed(dest);
+    assert_eq!(kept.received_pages(), PAGES);
+    assert_eq!(Some(kept.token()), src.session.token());
+    src.assert_running();
+
+    let dest = TcpDestination::spawn_with(
+        DestOptions {
+            max_attempts: 3,
+            ..dest_options()
+        },
+        Some(kept),
+    )
+    .unwrap();
+    // The recorded attempt, replayed.
+    let why = replay(dest.addr(), &recorded);
+    assert!(why.contains("nonce"), "{why}");
+    // Another source of the same guest, not this migration.
+    let mut other = src.state(SetupMode::Incremental, false);
+    let e = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: converging(),
+            timeout: TIMEOUT,
+        },
+        &mut src.vm,
+        &mut [&mut other as &mut dyn MigrationState],
+        &mut NoStall,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::PeerAborted(r) if r.contains("does not resume it")),
+        "{e}"
+    );
+    src.assert_running();
+    // The migration's own retry.
+    let mut again = src.state(SetupMode::Incremental, false);
+    let r = src
+        .migrate(dest.addr(), converging(), &mut again, &mut NoStall)
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 3, "{:?}", report.attempts);
+    for a in &report.attempts[..2] {
+        assert!(
+            matches!(a.error, Some(MigrationError::Protocol(_))),
+            "{:?}",
+            a.error
+        );
+        assert_eq!(a.pages_held_at_end, PAGES, "the kept RAM was touched");
+    }
+    assert!(report.attempts[2].error.is_none());
+    assert_eq!(report.attempts[2].pages_held_at_start, PAGES);
+    assert!(again.stats().pages_at_setup < PAGES);
+    src.assert_same_ram(&report);
+}
+
+/// One source at a time: while a destination serves one, a second one is refused at once
+/// (before its Hello: its guest is not touched) instead of queued behind it.
+#[test]
+fn a_second_source_is_turned_away_while_one_is_served() {
+    let _g = shared();
+    let dest = TcpDestination::spawn(DestOptions {
+        timeout: Duration::from_millis(500),
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let addr = dest.addr();
+    // The first source: a Hello, then a page every 50 ms for two seconds.
+    let first = thread::spawn(move || {
+        trickle(
+            addr,
+            |nonce| small_attempt(40, nonce),
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+        )
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut src = Source::new(13, 20_000);
+    let mut state = src.state(SetupMode::Full, false);
+    let t = Instant::now();
+    let e = src
+        .migrate(addr, converging(), &mut state, &mut NoStall)
+        .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::DestinationRefused(r) if r == dirty_bitmap::migration::tcp::BUSY),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(state.stats().pages_sent, 0);
+    assert_eq!(src.session.token(), None);
+    src.assert_running();
+    first.join().unwrap();
+    let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 1);
 }

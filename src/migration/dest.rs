@@ -5,10 +5,16 @@
 //! The conversation (source → destination unless marked ←):
 //!
 //! ```text
-//! precopy:  Hello, Section*, Switchover{postcopy: false}, Section*, End, ← Started | Refused
-//! postcopy: Hello, Section*, [RAM discards], Switchover{postcopy: true}, ← Started | Refused,
-//!           (Section | ← PageRequest)*, End
+//! precopy:  [← Nonce], Hello, Section*, Switchover{postcopy: false}, Section*, End,
+//!           ← Started | Refused
+//! postcopy: [← Nonce], Hello, Section*, [RAM discards], Switchover{postcopy: true},
+//!           ← Started | Refused, (Section | ← PageRequest)*, End
 //! ```
+//!
+//! With [`DestinationConfig::nonce`] the destination speaks first: a Nonce the Hello must
+//! echo, so that a recorded attempt cannot be replayed, and RAM kept from a failed attempt
+//! is reused only by a Hello that resumes that migration by name (`Hello::resume`); any
+//! other Hello is refused and the kept RAM stays.
 //!
 //! Invariants:
 //! - a page index is checked against the RAM size before any byte is written;
@@ -40,7 +46,7 @@ use super::dest_state::{self, SharedDestState};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
-use super::stream::{FrameReader, FrameWriter};
+use super::stream::{FrameReader, FrameWriter, HeaderHook};
 use crate::error::StateProblem;
 use crate::units::Bytes;
 
@@ -54,6 +60,13 @@ pub struct DestinationConfig {
     pub max_ram_bytes: Bytes,
     /// The largest frame payload the reader accepts.
     pub max_frame_len: u32,
+    /// The nonce this destination issues for the connection: [`Destination`] sends it as
+    /// its first frame ([`Frame::Nonce`]), and the Hello must echo it
+    /// ([`ProtocolError::WrongNonce`] otherwise). Kept RAM is then bound to the migration
+    /// that left it: reused only by a Hello whose `resume` names it. `None` (an in-process
+    /// channel, the simulation): no nonce, and kept RAM is bound to the migration id and
+    /// geometry alone.
+    pub nonce: Option<u128>,
 }
 
 impl Default for DestinationConfig {
@@ -62,6 +75,17 @@ impl Default for DestinationConfig {
             refuse_start: None,
             max_ram_bytes: Bytes(64 << 30),
             max_frame_len: MAX_FRAME_LEN,
+            nonce: None,
+        }
+    }
+}
+
+/// A fresh nonce for [`DestinationConfig::nonce`]: random, never 0.
+pub fn new_nonce() -> u128 {
+    loop {
+        let n = (u128::from(crate::rng::unique_u64()) << 64) | u128::from(crate::rng::unique_u64());
+        if n != 0 {
+            return n;
         }
     }
 }
@@ -279,20 +303,24 @@ impl DestinationGuest {
 /// set of pages it holds, and the migration id of the guest they belong to. A new
 /// [`Destination`] built with it ([`Destination::with_retained`]) starts from there when
 /// the next Hello carries the same migration id and geometry, so the source's retry
-/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied. A Hello with
-/// another id (another guest of the same size) starts from empty RAM and the kept pages are
-/// dropped: an incremental retry that did not come from the same guest then fails at End
-/// with pages missing, and never completes onto another guest's pages.
+/// ([`super::SetupMode::Incremental`]) sends only the pages it re-dirtied. With nonces
+/// ([`DestinationConfig::nonce`]) the Hello must also name the migration that left the RAM
+/// (its `resume` equal to [`RetainedRam::token`]). Any other Hello (another guest, another
+/// geometry, another migration of the same guest) is refused and the kept pages stay, for
+/// the retry of the migration they belong to.
 ///
 /// Why that is safe: a section is applied whole or not at all (every check comes before
 /// the first byte is written, and a frame cut or corrupted in transit fails its checksum
 /// before it is applied), so each page held is the source's page as of some send; the
-/// source re-dirties every page it sent since its last sync and every page still to send,
-/// and its log holds every page written since, so any page held here that is stale is
-/// dirty at the source.
+/// source re-dirties every page it sent in the attempt unless the failure proves that every
+/// section sent was applied (a refusal, or a cancel before the first section; then every
+/// page sent since its last sync and every page still to send suffice), and its log holds
+/// every page written since, so any page held here that is stale is dirty at the source.
 pub struct RetainedRam {
     ram: DestRam,
     migration_id: u64,
+    /// The migration it belongs to: the nonce of its first attempt here (0 without nonces).
+    token: u128,
     sections_applied: u64,
 }
 
@@ -315,6 +343,12 @@ impl RetainedRam {
     /// The migration id of the guest whose pages these are (from its Hello).
     pub fn migration_id(&self) -> u64 {
         self.migration_id
+    }
+
+    /// The migration these pages belong to: the nonce of its first attempt here, which
+    /// every Hello resuming them names in `resume` (0 for RAM kept without nonces).
+    pub fn token(&self) -> u128 {
+        self.token
     }
 
     /// RAM sections the failed attempt applied, in stream order: everything the source
@@ -369,6 +403,8 @@ pub struct DestCore {
     resumed: bool,
     /// RAM sections applied in this attempt.
     ram_sections: u64,
+    /// The migration the RAM of this attempt belongs to (see [`RetainedRam::token`]).
+    token: u128,
 }
 
 impl fmt::Debug for DestCore {
@@ -383,8 +419,8 @@ impl fmt::Debug for DestCore {
 
 impl DestCore {
     /// A destination that has seen nothing yet, starting from the RAM a failed attempt left
-    /// (`kept`) if the Hello's migration id and geometry match it; otherwise the RAM starts
-    /// empty and `kept` is dropped.
+    /// (`kept`) if the Hello resumes it ([`RetainedRam`]); a Hello that does not is refused
+    /// and `kept` stays ([`DestCore::into_retained`]).
     pub fn new(config: DestinationConfig, kept: Option<RetainedRam>) -> DestCore {
         DestCore {
             config,
@@ -402,6 +438,7 @@ impl DestCore {
             retained: kept,
             resumed: false,
             ram_sections: 0,
+            token: 0,
         }
     }
 
@@ -415,6 +452,7 @@ impl DestCore {
             (Some(ram), Some(h)) => Some(RetainedRam {
                 ram,
                 migration_id: h.migration_id,
+                token: self.token,
                 sections_applied: self.ram_sections,
             }),
             // No Hello (or no RAM in it): what was kept is still the old guest's.
@@ -429,6 +467,11 @@ impl DestCore {
     /// id and geometry matched it).
     pub fn resumed_from_retained(&self) -> bool {
         self.resumed
+    }
+
+    /// RAM sections applied in this attempt, in stream order.
+    pub fn sections_applied(&self) -> u64 {
+        self.ram_sections
     }
 
     /// Accepts sections of states other than RAM. Without a handler, a Hello declaring such
@@ -629,6 +672,9 @@ impl DestCore {
             }
             .into());
         }
+        if self.config.nonce.is_some_and(|n| n != h.nonce) {
+            return Err(ProtocolError::WrongNonce { found: h.nonce }.into());
+        }
         let mut ram_state = None;
         let mut declared = BTreeMap::new();
         let mut states = BTreeMap::new();
@@ -656,23 +702,44 @@ impl DestCore {
                 )));
             }
         }
+        // With nonces, the RAM of this attempt belongs to the migration the Hello resumes,
+        // or, starting afresh, to this attempt.
+        let token = match self.config.nonce {
+            Some(n) if h.resume == 0 => n,
+            Some(_) => h.resume,
+            None => 0,
+        };
         match ram_state {
             Some(_) => {
                 let ps = h.page_size as usize;
                 ram_codec::check_page_size(ps)?;
-                // Kept RAM is reused only for the same guest: same migration id, same
-                // geometry. Otherwise it is dropped (it belongs to a guest that is not
-                // coming back on this destination).
-                self.ram = Some(match self.retained.take() {
+                // Kept RAM is reused only by the migration that left it: same migration id,
+                // same geometry, and (with nonces) a Hello that resumes it by its token.
+                // Any other Hello is refused and the kept RAM stays, untouched, for that
+                // migration's retry: it is taken only once every check passed.
+                self.ram = Some(match &self.retained {
                     Some(kept)
                         if kept.migration_id == h.migration_id
                             && kept.ram.page_size == ps
-                            && kept.ram.pages == h.ram_pages =>
+                            && kept.ram.pages == h.ram_pages
+                            && (self.config.nonce.is_none() || kept.token == h.resume) =>
                     {
                         self.resumed = true;
-                        kept.ram
+                        self.retained
+                            .take()
+                            .map(|k| k.ram)
+                            .ok_or_else(|| MigrationError::internal("kept RAM vanished"))?
                     }
-                    _ => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes.get())?,
+                    Some(kept) => {
+                        return Err(ProtocolError::KeptRamNotResumed {
+                            migration_id: h.migration_id,
+                            pages: h.ram_pages,
+                            kept_id: kept.migration_id,
+                            kept_pages: kept.ram.pages,
+                        }
+                        .into())
+                    }
+                    None => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes.get())?,
                 });
             }
             None if h.ram_pages != 0 => {
@@ -692,6 +759,7 @@ impl DestCore {
         self.declared = declared;
         self.ram_state = ram_state;
         self.states = states;
+        self.token = token;
         self.hello = Some(h.clone());
         self.phase = Phase::Precopy;
         Ok(DestEvent::Hello(h))
@@ -793,6 +861,8 @@ pub struct Destination<R: Read, W: Write> {
     writer: FrameWriter<W>,
     core: DestCore,
     page_requests: u64,
+    /// The nonce to send before the first read ([`DestinationConfig::nonce`]).
+    nonce_to_send: Option<u128>,
 }
 
 impl<R: Read, W: Write> fmt::Debug for Destination<R, W> {
@@ -813,8 +883,8 @@ impl<R: Read, W: Write> Destination<R, W> {
     }
 
     /// As [`Destination::new`], starting from the RAM a failed attempt left (`kept`) if
-    /// the Hello's migration id and geometry match it; otherwise the RAM starts empty and
-    /// `kept` is dropped.
+    /// the Hello resumes it ([`RetainedRam`]); a Hello that does not is refused and `kept`
+    /// stays ([`Destination::into_retained`]).
     pub fn with_retained(
         from: R,
         to: W,
@@ -824,6 +894,7 @@ impl<R: Read, W: Write> Destination<R, W> {
         Destination {
             reader: FrameReader::with_max_frame_len(from, config.max_frame_len),
             writer: FrameWriter::new(to),
+            nonce_to_send: config.nonce,
             core: DestCore::new(config, kept),
             page_requests: 0,
         }
@@ -882,6 +953,12 @@ impl<R: Read, W: Write> Destination<R, W> {
         &self.reader
     }
 
+    /// Tells `hook` each frame's payload length before the payload is read
+    /// ([`FrameReader::set_header_hook`]): a channel that bounds a frame's time uses it.
+    pub fn set_header_hook(&mut self, hook: HeaderHook) {
+        self.reader.set_header_hook(hook);
+    }
+
     /// Reads and applies one frame.
     ///
     /// # Errors
@@ -894,6 +971,12 @@ impl<R: Read, W: Write> Destination<R, W> {
     /// destination is failed and every later call returns [`ProtocolError::Failed`].
     pub fn step(&mut self) -> Result<DestEvent> {
         self.core.check_live()?;
+        if let Some(nonce) = self.nonce_to_send.take() {
+            if let Err(e) = self.writer.write_frame(&Frame::Nonce { nonce }) {
+                self.fail(&e);
+                return Err(e);
+            }
+        }
         let frame = match self.reader.read_frame() {
             Ok(f) => f,
             Err(e) => {

@@ -119,6 +119,39 @@ pub enum ProtocolError {
         /// The destination's phase when it came.
         phase: &'static str,
     },
+    /// The Hello does not echo the nonce the destination issued for this connection: a
+    /// recorded attempt replayed, or a Hello meant for another connection.
+    #[error(
+        "the Hello echoes nonce {found:#x}, not the one this destination issued for the connection"
+    )]
+    WrongNonce {
+        /// The nonce in the Hello.
+        found: u128,
+    },
+    /// The destination keeps RAM from a failed attempt and the Hello does not resume it
+    /// (another guest, another geometry, or not the migration that left it: its `resume`
+    /// does not name that RAM). The kept RAM stays; only the Hello is refused.
+    #[error(
+        "this destination keeps the RAM of guest {kept_id:#x} ({kept_pages} pages) for the \
+         migration that left it; a Hello of guest {migration_id:#x} ({pages} pages) that does \
+         not resume it is refused"
+    )]
+    KeptRamNotResumed {
+        /// The Hello's migration id.
+        migration_id: u64,
+        /// The Hello's RAM pages.
+        pages: u64,
+        /// The migration id of the kept RAM.
+        kept_id: u64,
+        /// Its pages.
+        kept_pages: u64,
+    },
+    /// The source expected the destination's Nonce as its first frame.
+    #[error("expected the destination's Nonce first, got {kind:?}")]
+    NoNonce {
+        /// The frame's kind.
+        kind: FrameKind,
+    },
     /// The source read a source's frame (Hello, Section, Switchover, End) on the return
     /// path, where only the destination's frames belong.
     #[error("the destination sent a {kind:?} frame")]

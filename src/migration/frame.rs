@@ -24,14 +24,17 @@ pub type StateId = u32;
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes (2: the Hello carries a migration id).
-pub const STREAM_VERSION: u32 = 2;
-/// The oldest stream version this crate reads. Version 1's Hello had no migration id, so a
-/// destination could not tell whose RAM it kept; it is refused.
-pub const MIN_STREAM_VERSION: u32 = 2;
+/// The stream version this crate writes (3: the destination issues a nonce, and the Hello
+/// echoes it, names the kept RAM it resumes, and carries the source's rate limit).
+pub const STREAM_VERSION: u32 = 3;
+/// The oldest stream version this crate reads. Version 2's Hello was bound to nothing but a
+/// per-guest id sent in clear, and did not say at what rate the source sends; it is refused.
+pub const MIN_STREAM_VERSION: u32 = 3;
 /// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
-/// migration id (8), state count (2).
-pub const HELLO_FIXED_LEN: usize = 26;
+/// migration id (8), max bandwidth (8), nonce (16), resume (16), state count (2).
+pub const HELLO_FIXED_LEN: usize = 66;
+/// Length of a Nonce payload.
+pub const NONCE_LEN: usize = 16;
 /// Length of the stream header: magic (4), version (4).
 pub const STREAM_HEADER_LEN: usize = 8;
 /// Length of a frame header.
@@ -222,6 +225,8 @@ pub enum FrameKind {
     PageRequest = 7,
     /// Either direction: the sender gives up; carries the reason.
     Abort = 8,
+    /// Destination → source, its first frame: the nonce this connection's Hello must echo.
+    Nonce = 9,
 }
 
 impl FrameKind {
@@ -236,6 +241,7 @@ impl FrameKind {
             6 => FrameKind::Refused,
             7 => FrameKind::PageRequest,
             8 => FrameKind::Abort,
+            9 => FrameKind::Nonce,
             _ => return None,
         })
     }
@@ -251,7 +257,7 @@ pub struct StateInfo {
 }
 
 /// The Hello frame: what the source is about to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     /// The stream version the source speaks (equal to the stream header's).
     pub version: u32,
@@ -263,6 +269,20 @@ pub struct Hello {
     /// migration. A destination reuses the RAM a failed attempt left only for a Hello with
     /// the same id (and geometry), so a retry never completes onto another guest's pages.
     pub migration_id: u64,
+    /// The rate limit of the source's writer while its guest runs, in bytes per second;
+    /// 0 for none. A destination that bounds the time a frame may take allows a frame its
+    /// length at this rate (if below its own floor), so a legal low limit with large
+    /// sections is not mistaken for a stalled peer.
+    pub max_bandwidth: u64,
+    /// The nonce the destination issued for this connection ([`Frame::Nonce`]), echoed; 0
+    /// on a channel whose destination issues none. A destination that issued one refuses
+    /// a Hello that does not echo it, so a recorded attempt cannot be replayed.
+    pub nonce: u128,
+    /// The kept RAM this attempt continues: the nonce of the first attempt of this
+    /// migration to reach this destination (every later attempt names it); 0 to start
+    /// afresh. A destination that keeps RAM from a failed attempt reuses it only for a
+    /// Hello that names it, and refuses any other Hello without dropping it.
+    pub resume: u128,
     /// The states whose sections follow, with unique ids and names.
     pub states: Vec<StateInfo>,
 }
@@ -305,6 +325,11 @@ pub enum Frame {
     Abort {
         /// Why.
         reason: String,
+    },
+    /// The destination's first frame on a connection: the nonce the Hello must echo.
+    Nonce {
+        /// Random, never 0, never reused by the destination.
+        nonce: u128,
     },
 }
 
@@ -525,6 +550,7 @@ impl Frame {
             Frame::Refused { .. } => FrameKind::Refused,
             Frame::PageRequest { .. } => FrameKind::PageRequest,
             Frame::Abort { .. } => FrameKind::Abort,
+            Frame::Nonce { .. } => FrameKind::Nonce,
         }
     }
 
@@ -545,6 +571,9 @@ impl Frame {
                 p.extend_from_slice(&h.page_size.to_be_bytes());
                 p.extend_from_slice(&h.ram_pages.to_be_bytes());
                 p.extend_from_slice(&h.migration_id.to_be_bytes());
+                p.extend_from_slice(&h.max_bandwidth.to_be_bytes());
+                p.extend_from_slice(&h.nonce.to_be_bytes());
+                p.extend_from_slice(&h.resume.to_be_bytes());
                 p.extend_from_slice(&n.to_be_bytes());
                 for s in &h.states {
                     let len = u8::try_from(s.name.len())
@@ -568,6 +597,7 @@ impl Frame {
             Frame::Refused { reason } | Frame::Abort { reason } => {
                 cut_reason(reason).as_bytes().to_vec()
             }
+            Frame::Nonce { nonce } => nonce.to_be_bytes().to_vec(),
         })
     }
 
@@ -630,6 +660,11 @@ impl Frame {
             FrameKind::Abort => Frame::Abort {
                 reason: text("Abort")?,
             },
+            FrameKind::Nonce => Frame::Nonce {
+                nonce: be_u128(p, 0)
+                    .filter(|_| p.len() == NONCE_LEN)
+                    .ok_or_else(|| bad("Nonce", "not exactly 16 bytes"))?,
+            },
         })
     }
 }
@@ -638,7 +673,7 @@ impl Frame {
 /// and name, and nothing after them.
 fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     let bad = |reason: &str| FrameError::payload("Hello", reason);
-    let short = || bad("shorter than 26 bytes");
+    let short = || bad("shorter than its fixed part");
     if p.len() < HELLO_FIXED_LEN {
         return Err(short());
     }
@@ -646,7 +681,10 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     let page_size = be_u32(p, 4).ok_or_else(short)?;
     let ram_pages = be_u64(p, 8).ok_or_else(short)?;
     let migration_id = be_u64(p, 16).ok_or_else(short)?;
-    let n = usize::from(be_u16(p, 24).ok_or_else(short)?);
+    let max_bandwidth = be_u64(p, 24).ok_or_else(short)?;
+    let nonce = be_u128(p, 32).ok_or_else(short)?;
+    let resume = be_u128(p, 48).ok_or_else(short)?;
+    let n = usize::from(be_u16(p, 64).ok_or_else(short)?);
     // Each state takes at least 6 bytes: bound the allocation by the payload.
     if n > p.len().saturating_sub(HELLO_FIXED_LEN) / 6 {
         return Err(bad("more states than the payload can hold"));
@@ -684,6 +722,9 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
         page_size,
         ram_pages,
         migration_id,
+        max_bandwidth,
+        nonce,
+        resume,
         states,
     })
 }
@@ -730,4 +771,9 @@ pub(crate) fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
 /// The big-endian u64 at `at`.
 pub(crate) fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(field(bytes, at, 8)?.try_into().ok()?))
+}
+
+/// The big-endian u128 at `at`.
+pub(crate) fn be_u128(bytes: &[u8], at: usize) -> Option<u128> {
+    Some(u128::from_be_bytes(field(bytes, at, 16)?.try_into().ok()?))
 }

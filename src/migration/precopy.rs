@@ -38,11 +38,12 @@
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
 //! served ahead of the background push, and End. A failure sends an Abort (best effort);
-//! if the channel or the peer may have lost data in flight, every state's
-//! `channel_failed` runs; then `cancel` (VM running) or `resume_source` (VM stopped), and
-//! the VM resumes, unless the frame that starts the destination was written and no
-//! definite answer came ([`MigrationError::OutcomeUnknown`]: the VM stays stopped). An
-//! Abort from the destination during precopy ends the attempt at the next turn.
+//! unless the failure proves that the destination applied every section sent (a refusal,
+//! or a cancel before the first section), every state's `channel_failed` runs; then
+//! `cancel` (VM running) or `resume_source` (VM stopped), and the VM resumes, unless the
+//! frame that starts the destination was written and no definite answer came
+//! ([`MigrationError::OutcomeUnknown`]: the VM stays stopped). An Abort from the
+//! destination during precopy ends the attempt at the next turn.
 //!
 //! The loop is generic over [`Clock`], [`Vm`], [`Outbound`] and [`Inbound`]: the same code
 //! runs under the virtual clock ([`super::sim`]) and over a real channel.
@@ -326,13 +327,16 @@ pub struct Outcome {
 }
 
 /// The loop's view of the [`Outbound`]: a sized wrapper, so that states get it as
-/// `&mut dyn Outbound` whatever the caller's type.
+/// `&mut dyn Outbound` whatever the caller's type. `sections` counts the Section frames
+/// handed to the channel in this attempt (sent or not).
 struct Meter<'a, O: Outbound + ?Sized> {
     inner: &'a mut O,
+    sections: u64,
 }
 
 impl<O: Outbound + ?Sized> Outbound for Meter<'_, O> {
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        self.sections = self.sections.saturating_add(1);
         self.inner.send(state, payload)
     }
 
@@ -382,12 +386,13 @@ pub struct Endpoints<'a, C: ?Sized, V: ?Sized, O: ?Sized, I: ?Sized> {
 /// [`Directive::Cancel`]. Before the frame that starts the destination (End, or the
 /// postcopy Switchover) is written, and after a definite refusal or Abort from the
 /// destination, every error leaves the source VM running and each state's unconfirmed
-/// data re-dirtied; when the channel or the peer failed (anything but a cancel, a
-/// refusal or bad input), each state's [`MigrationState::channel_failed`] runs first,
-/// since data sent before the last sync may have been lost in flight. Once that frame
-/// is written, a missing or unreadable answer is [`MigrationError::OutcomeUnknown`]
-/// with the source VM still stopped: the destination may be running the guest, so the
-/// source must not (QEMU's postcopy-paused). Likewise any error after a postcopy switch.
+/// data re-dirtied; unless the failure proves nothing was lost in flight (a refusal, or
+/// a cancel or bad input before any Section frame went out), each state's
+/// [`MigrationState::channel_failed`] runs first, since data sent before the last sync
+/// may not have been applied. Once that frame is written, a missing or unreadable answer
+/// is [`MigrationError::OutcomeUnknown`] with the source VM still stopped: the
+/// destination may be running the guest, so the source must not (QEMU's
+/// postcopy-paused). Likewise any error after a postcopy switch.
 pub fn run<C, V, O, I>(
     config: &LoopConfig,
     ends: Endpoints<'_, C, V, O, I>,
@@ -412,7 +417,10 @@ where
         config,
         clock,
         vm,
-        out: Meter { inner: out },
+        out: Meter {
+            inner: out,
+            sections: 0,
+        },
         inbound,
         control,
         start: Duration::ZERO,
@@ -471,6 +479,7 @@ fn hello(states: &[&mut dyn MigrationState]) -> Hello {
                 name: s.name().to_owned(),
             })
             .collect(),
+        ..Hello::default()
     }
 }
 
@@ -601,17 +610,21 @@ struct Turn {
     threshold: Bytes,
 }
 
-/// Whether an attempt that failed with `e` may have lost data in flight: anything but a
-/// cancel on a healthy channel, a definite refusal (the destination read up to End) or a
-/// bad parameter. A cut, a timeout, a corrupt stream or an Abort from the destination
-/// may leave sections sent before the last sync unapplied.
-fn in_doubt(e: &MigrationError) -> bool {
-    !matches!(
-        e,
-        MigrationError::Cancelled
-            | MigrationError::DestinationRefused(_)
-            | MigrationError::InvalidInput(_)
-    )
+/// Whether an attempt that failed with `e`, after `sections` Section frames went to the
+/// channel, may have lost data in flight. Only two failures prove that nothing was: a
+/// definite refusal (the destination applied every section up to End before it refused),
+/// and a source-side failure (a cancel, a bad parameter) before any section went out. A
+/// source-side failure after that proves nothing: a section may still be in a socket
+/// buffer when the destination fails on it (or on an earlier one) for its own reasons,
+/// while the source's Abort is still accepted by the channel; so may a page resent in that
+/// section and since cleared from the pages sent since the last sync. A cut, a timeout, a
+/// corrupt stream or an Abort from the destination are in doubt too.
+fn in_doubt(e: &MigrationError, sections: u64) -> bool {
+    match e {
+        MigrationError::DestinationRefused(_) => false,
+        MigrationError::Cancelled | MigrationError::InvalidInput(_) => sections > 0,
+        _ => true,
+    }
 }
 
 /// What the states wrote to their own storage inside the downtime, summed.
@@ -989,7 +1002,7 @@ where
             .out
             .control(&Control::Abort(format!("source: {e}")))
             .is_ok();
-        let lost = !told || in_doubt(e);
+        let lost = !told || in_doubt(e, self.out.sections);
         for s in states.iter_mut() {
             if lost {
                 s.channel_failed();
@@ -1178,11 +1191,17 @@ where
     }
 
     /// After a postcopy switch: serves page requests ahead of the background push, then
-    /// sends End.
+    /// sends End. Each turn serves at most `iterate_chunk` bytes of requests before it
+    /// pushes: a destination that keeps asking cannot starve the push, which alone ends the
+    /// migration.
     fn serve_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         loop {
-            while let Some(msg) = self.inbound.try_recv()? {
-                self.handle_postcopy_message(states, msg)?;
+            let mut served = Bytes(0);
+            while served < self.config.iterate_chunk {
+                let Some(msg) = self.inbound.try_recv()? else {
+                    break;
+                };
+                served += self.handle_postcopy_message(states, msg)?;
             }
             let left = states
                 .iter_mut()
@@ -1207,20 +1226,21 @@ where
         Ok(())
     }
 
+    /// Answers one message of the destination after a postcopy switch; the bytes sent.
     fn handle_postcopy_message(
         &mut self,
         states: &mut [&mut dyn MigrationState],
         msg: DestMessage,
-    ) -> Result<()> {
+    ) -> Result<Bytes> {
         match msg {
             DestMessage::PageRequest { state, payload } => {
                 let s = states
                     .iter_mut()
                     .find(|s| s.id() == state)
                     .ok_or(ProtocolError::RequestForUnknownState(state))?;
-                s.serve(&mut self.out, &payload)?;
+                let sent = s.serve(&mut self.out, &payload)?;
                 self.requests_served += 1;
-                Ok(())
+                Ok(sent)
             }
             DestMessage::Started => Err(ProtocolError::UnexpectedMessage {
                 kind: FrameKind::Started,

@@ -16,9 +16,10 @@
 //! before the VM stopped. On [`cancel`](MigrationState::cancel) and
 //! [`resume_source`](MigrationState::resume_source) both to-send and sent-since-sync go
 //! back into the log: a retry ([`SetupMode::Incremental`]) to the same destination then
-//! sends those pages and nothing else. That covers a cancel or a refusal on a healthy
-//! channel. When the channel or the peer failed, a page sent *before* the last sync may
-//! have been lost in flight: [`channel_failed`](MigrationState::channel_failed) then
+//! sends those pages and nothing else. That covers a refusal, and a cancel before any
+//! section went out. Otherwise (the channel or the peer failed, or a cancel with sections
+//! possibly in flight) a page sent *before* the last sync may never have been applied:
+//! [`channel_failed`](MigrationState::channel_failed) then
 //! re-dirties every page sent in the attempt (or, with
 //! [`ChannelLoss::CallerReconciles`], leaves the exact reconciliation to the caller).
 //!

@@ -124,6 +124,11 @@ impl DestModel {
         self.core.as_ref().map_or(&[], DestCore::ram)
     }
 
+    /// RAM sections the current attempt applied (0 before the first Hello).
+    pub fn sections_applied(&self) -> u64 {
+        self.core.as_ref().map_or(0, DestCore::sections_applied)
+    }
+
     /// Whether every page arrived (and none was discarded since).
     pub fn complete(&self) -> bool {
         self.missing() == 0
@@ -211,8 +216,8 @@ impl DestModel {
                     .into());
                 }
                 // A new attempt: a new destination, from the RAM the last one kept. Kept
-                // pages are this guest's only if the id matches (`DestCore::new`); another
-                // guest starts from empty RAM.
+                // pages serve only a Hello of the same guest (`DestCore::new`); another
+                // guest's Hello is refused and they stay.
                 let kept = self.core.take().and_then(DestCore::into_retained);
                 let config = DestinationConfig {
                     refuse_start: self.refuse.clone(),

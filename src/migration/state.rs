@@ -148,12 +148,13 @@ pub trait MigrationState {
         )))
     }
 
-    /// The channel or the peer failed (a cut, a timeout, a corrupt stream, an Abort from
-    /// the destination): what was sent before the last sync may have been lost in flight
-    /// (in a socket buffer when the channel died), so it must go back as dirty too. The
-    /// loop calls this before [`cancel`](Self::cancel) or
-    /// [`resume_source`](Self::resume_source), and not after a cancel or a refusal on a
-    /// healthy channel (the destination read everything up to the Abort or End).
+    /// The attempt failed in a way that does not prove the destination applied everything
+    /// sent (a cut, a timeout, a corrupt stream, an Abort from the destination, and also a
+    /// cancel once any section went out: the destination may fail on a section still in
+    /// flight): what was sent before the last sync may never have been applied, so it must
+    /// go back as dirty too. The loop calls this before [`cancel`](Self::cancel) or
+    /// [`resume_source`](Self::resume_source); not after a refusal (the destination
+    /// applied everything up to End) nor after a cancel before any section.
     ///
     /// The default does nothing, which is right only for a state whose `cancel` already
     /// re-dirties everything it sent in the attempt. RAM re-dirties every page sent in

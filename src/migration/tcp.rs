@@ -1,10 +1,16 @@
 //! Both ends of a migration over TCP on 127.0.0.1, with real time and real vCPU threads.
 //!
 //! - [`TcpDestination`]: a listener on an ephemeral port and a thread running
-//!   [`Destination`] for each connection. An attempt that fails before the destination
-//!   guest runs leaves its RAM behind ([`RetainedRam`]) for the next connection, so a
-//!   retry from the source ([`SetupMode::Incremental`](super::ram::SetupMode::Incremental)) sends only what it re-dirtied.
-//! - [`migrate_to`]: the source side of one attempt: connects, wraps the socket in a
+//!   [`Destination`] for each connection, one source at a time (a source that connects
+//!   meanwhile is refused: [`BUSY`]). Each connection gets a fresh nonce, the
+//!   destination's first frame, which the Hello must echo. An attempt that fails before
+//!   the destination guest runs leaves its RAM behind ([`RetainedRam`]) for the next
+//!   connection of the same migration (its Hello names the migration's token: [`Session`]),
+//!   so a retry from the source
+//!   ([`SetupMode::Incremental`](super::ram::SetupMode::Incremental)) sends only what it
+//!   re-dirtied; any other Hello is refused and the RAM stays.
+//! - [`migrate_in_session`] ([`migrate_to`] for a first attempt): the source side of one
+//!   attempt: connects, reads the destination's nonce, wraps the socket in a
 //!   rate-limited [`FrameWriter`], runs a thread that turns the destination's frames into
 //!   [`DestMessage`]s (the loop's [`Inbound`]), and calls [`precopy::run`] with
 //!   [`RealClock`].
@@ -14,9 +20,13 @@
 //!
 //! No wait is unbounded: the sockets have read and write timeouts, the destination stops
 //! waiting for a connection after its timeout, and the return path's `recv` gives up after
-//! the source's timeout.
+//! the source's timeout. The destination also bounds what a peer that keeps sending, but
+//! slowly, can hold it for: each frame must arrive within the read timeout plus its length
+//! at the slowest rate allowed ([`DestOptions::min_frame_rate`], or the Hello's lower
+//! `max_bandwidth`), counted from its first byte, and each attempt ends by
+//! [`DestOptions::attempt_timeout`].
 
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
@@ -24,12 +34,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::channel::{DestMessage, Inbound};
+use super::channel::{DestMessage, Inbound, Outbound};
 use super::clock::RealClock;
-use super::dest::{DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam};
+use super::dest::{
+    new_nonce, DestEvent, Destination, DestinationConfig, DestinationGuest, RetainedRam,
+};
 use super::dest_state::SharedDestState;
 use super::error::{MigrationError, ProtocolError, Result};
-use super::frame::Frame;
+use super::frame::{Control, Frame, Hello, StateId, FRAME_OVERHEAD, STREAM_HEADER_LEN};
 use super::guest::Vm;
 use super::precopy::{self, Controller, Endpoints, LoopConfig, Outcome};
 use super::rate::RateLimiter;
@@ -40,6 +52,13 @@ use crate::units::{Bytes, BytesPerMs};
 
 /// The default for every timeout here.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default for the longest attempt a destination serves ([`DestOptions::attempt_timeout`]).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The default slowest rate a frame may arrive at ([`DestOptions::min_frame_rate`]), in bytes
+/// per second: 1 MiB/s, a 16 MiB frame in 16 s.
+pub const DEFAULT_MIN_FRAME_RATE: u64 = 1 << 20;
 
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
@@ -56,8 +75,16 @@ pub struct DestOptions {
     /// Postcopy: pages the destination guest reads right after it starts, at random; each
     /// missing one becomes a PageRequest.
     pub postcopy_touches: u32,
-    /// Read and write timeout of each connection, and the longest wait for one.
+    /// Read and write timeout of each connection (the longest wait for a byte), and the
+    /// longest wait for a connection.
     pub timeout: Duration,
+    /// The longest one attempt may last, from its connection to its end.
+    pub attempt_timeout: Duration,
+    /// The slowest rate, in bytes per second, at which a frame may arrive: a frame of `n`
+    /// bytes must be whole within `timeout + n / rate` of its first byte. A Hello that
+    /// declares a lower `max_bandwidth` lowers it to that for the rest of the attempt (the
+    /// source's writer sends no faster; `attempt_timeout` still bounds the whole).
+    pub min_frame_rate: u64,
     /// The largest guest RAM a Hello may ask for.
     pub max_ram_bytes: Bytes,
     /// Seed of the postcopy touches.
@@ -75,6 +102,8 @@ impl Default for DestOptions {
             refuse_attempts: 0,
             postcopy_touches: 0,
             timeout: DEFAULT_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            min_frame_rate: DEFAULT_MIN_FRAME_RATE,
             max_ram_bytes: DestinationConfig::default().max_ram_bytes,
             seed: 0,
             states: Vec::new(),
@@ -123,7 +152,8 @@ impl TcpDestination {
     ///
     /// # Errors
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
-    /// [`MigrationError::InvalidInput`] for `max_attempts` 0.
+    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or a
+    /// `min_frame_rate` of 0.
     pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
         TcpDestination::spawn_with(options, None)
     }
@@ -137,6 +167,14 @@ impl TcpDestination {
         if options.max_attempts == 0 {
             return Err(MigrationError::InvalidInput(
                 "max_attempts must be at least 1".into(),
+            ));
+        }
+        if options.timeout.is_zero()
+            || options.attempt_timeout.is_zero()
+            || options.min_frame_rate == 0
+        {
+            return Err(MigrationError::InvalidInput(
+                "timeout, attempt_timeout and min_frame_rate must be positive".into(),
             ));
         }
         let listener = TcpListener::bind(options.bind)?;
@@ -225,16 +263,19 @@ fn serve(
             refuse_start: (attempt < o.refuse_attempts)
                 .then(|| format!("destination told to refuse attempt {attempt}")),
             max_ram_bytes: o.max_ram_bytes,
+            nonce: Some(new_nonce()),
             ..DestinationConfig::default()
         };
-        match prepare(sock, o.timeout) {
+        match prepare(sock, o) {
             Err(e) => a.error = Some(e),
             Ok((from, to)) => {
+                let timing = from.timing();
                 let mut d = Destination::with_retained(from, to, config, kept.take());
                 for st in &o.states {
                     d.add_state(std::sync::Arc::clone(st));
                 }
-                match drive(&mut d, o, &mut rng, &mut a.pages_written) {
+                d.set_header_hook(Paced::header_hook(&timing));
+                match drive(&mut d, listener, &timing, o, &mut rng, &mut a.pages_written) {
                     Ok(()) => {
                         a.pages_held_at_end = d.received_pages();
                         // Done: `run` returns at once with the guest.
@@ -244,9 +285,9 @@ fn serve(
                         }
                     }
                     Err(e) => {
-                        a.pages_held_at_end = d.received_pages();
                         a.error = Some(e);
                         kept = d.into_retained();
+                        a.pages_held_at_end = kept.as_ref().map_or(0, RetainedRam::received_pages);
                     }
                 }
             }
@@ -263,25 +304,175 @@ fn serve(
     report
 }
 
-/// An accepted connection, blocking with timeouts, split into its two directions.
-fn prepare(sock: TcpStream, timeout: Duration) -> Result<(TcpStream, TcpStream)> {
+/// An accepted connection, blocking with timeouts, split into its two directions; the
+/// reading one bounded in time ([`Paced`]) from now on.
+fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, TcpStream)> {
     sock.set_nonblocking(false)?;
     sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.set_write_timeout(Some(timeout))?;
+    sock.set_read_timeout(Some(o.timeout))?;
+    sock.set_write_timeout(Some(o.timeout))?;
     let back = sock.try_clone()?;
-    Ok((sock, back))
+    Ok((Paced::new(sock, o), back))
 }
 
-/// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts.
+/// Where the destination's reader is in the frame it reads, for the frame's deadline.
+#[derive(Debug, Clone, Copy)]
+enum FrameTime {
+    /// Between frames: only the read timeout and the attempt's end bound a read.
+    Between,
+    /// The first bytes of a frame (its header, after the stream header for the first one)
+    /// came; the first at `start`.
+    Header { start: Instant },
+    /// The header said how long the frame is: `left` bytes of payload and trailer are due
+    /// by `due`.
+    Body { due: Instant, left: u64 },
+}
+
+/// The time bounds of one attempt's reads.
+#[derive(Debug)]
+struct Timing {
+    /// The longest wait for a byte.
+    idle: Duration,
+    /// The slowest rate a frame may arrive at, in bytes per second (at least 1).
+    rate: u64,
+    /// When the attempt must be over.
+    attempt_end: Instant,
+    frame: FrameTime,
+}
+
+impl Timing {
+    /// When a frame whose first byte came at `start` and whose payload is `len` bytes must
+    /// be whole: the read timeout, plus the whole frame (framing included) at `rate`.
+    fn frame_due(&self, start: Instant, len: u32) -> Instant {
+        let bytes = u64::from(len) + (FRAME_OVERHEAD + STREAM_HEADER_LEN) as u64;
+        start + self.idle + Duration::from_secs_f64(bytes as f64 / self.rate.max(1) as f64)
+    }
+}
+
+/// The destination's reading side of a connection. A read waits at most the read timeout,
+/// and never past the attempt's end nor past the current frame's deadline (the read
+/// timeout after the frame's first byte for its header, then [`Timing::frame_due`]). A
+/// bound that passed is a [`io::ErrorKind::TimedOut`] error naming it.
+#[derive(Debug)]
+struct Paced {
+    sock: TcpStream,
+    timing: Arc<parking_lot::Mutex<Timing>>,
+    /// The socket's read timeout as last set.
+    set: Duration,
+}
+
+impl Paced {
+    fn new(sock: TcpStream, o: &DestOptions) -> Paced {
+        let now = Instant::now();
+        Paced {
+            sock,
+            set: o.timeout,
+            timing: Arc::new(parking_lot::Mutex::new(Timing {
+                idle: o.timeout,
+                rate: o.min_frame_rate.max(1),
+                attempt_end: now + o.attempt_timeout,
+                frame: FrameTime::Between,
+            })),
+        }
+    }
+
+    fn timing(&self) -> Arc<parking_lot::Mutex<Timing>> {
+        Arc::clone(&self.timing)
+    }
+
+    /// The [`FrameReader`]'s hook: a verified header sets its frame's deadline.
+    fn header_hook(timing: &Arc<parking_lot::Mutex<Timing>>) -> super::stream::HeaderHook {
+        let timing = Arc::clone(timing);
+        Box::new(move |len| {
+            let mut t = timing.lock();
+            if let FrameTime::Header { start } = t.frame {
+                let due = t.frame_due(start, len);
+                t.frame = FrameTime::Body {
+                    due,
+                    left: u64::from(len) + 4,
+                };
+            }
+        })
+    }
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let now = Instant::now();
+        let mut t = self.timing.lock();
+        let (limit, what) = match t.frame {
+            FrameTime::Between => (now + t.idle, "no byte came"),
+            FrameTime::Header { start } => (start + t.idle, "a frame header did not come whole"),
+            FrameTime::Body { due, .. } => (due, "a frame did not come whole"),
+        };
+        let (limit, what) = if t.attempt_end < limit {
+            (t.attempt_end, "the attempt lasted too long")
+        } else {
+            (limit, what)
+        };
+        let timed_out = |t: &Timing| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{what} in time (read timeout {:?}, frames at {} bytes/s at least)",
+                    t.idle, t.rate
+                ),
+            )
+        };
+        let Some(wait) = limit.checked_duration_since(now).filter(|w| !w.is_zero()) else {
+            return Err(timed_out(&t));
+        };
+        // At most the read timeout (a far deadline leaves the socket as it is, with no
+        // system call per read).
+        let wait = wait.min(t.idle);
+        if wait != self.set {
+            self.sock.set_read_timeout(Some(wait))?;
+            self.set = wait;
+        }
+        match self.sock.read(buf) {
+            Ok(n) => {
+                t.frame = match t.frame {
+                    FrameTime::Between if n > 0 => FrameTime::Header {
+                        start: Instant::now(),
+                    },
+                    FrameTime::Body { due, left } => match left.saturating_sub(n as u64) {
+                        0 => FrameTime::Between,
+                        left => FrameTime::Body { due, left },
+                    },
+                    other => other,
+                };
+                Ok(n)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out(&t))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts. A
+/// Hello that declares a rate limit below the floor lowers the floor to it.
 fn drive(
-    d: &mut Destination<TcpStream, TcpStream>,
+    d: &mut Destination<Paced, TcpStream>,
+    listener: &TcpListener,
+    timing: &parking_lot::Mutex<Timing>,
     o: &DestOptions,
     rng: &mut SplitMix64,
     written: &mut u64,
 ) -> Result<()> {
     loop {
+        turn_away(listener, o.timeout);
         match d.step()? {
+            DestEvent::Hello(h) if h.max_bandwidth > 0 => {
+                let mut t = timing.lock();
+                t.rate = t.rate.min(h.max_bandwidth);
+            }
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
                 let pages = d.hello().map_or(0, |h| h.ram_pages);
@@ -295,6 +486,74 @@ fn drive(
             DestEvent::End => return Ok(()),
             _ => {}
         }
+    }
+}
+
+/// The reason a destination gives a source that connects while it serves another.
+pub const BUSY: &str = "the destination is serving another source";
+
+/// Refuses every connection waiting on `listener` ([`BUSY`]): a destination serves one
+/// source at a time, and a second one is told so at once rather than queued behind it.
+fn turn_away(listener: &TcpListener, timeout: Duration) {
+    while let Ok((sock, _)) = listener.accept() {
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_write_timeout(Some(timeout));
+        let mut w = FrameWriter::new(&sock);
+        let _ = w.write_frame(&Frame::Refused {
+            reason: BUSY.to_owned(),
+        });
+        let _ = sock.shutdown(Shutdown::Write);
+    }
+}
+
+/// The source's stream: its [`FrameWriter`], and what its Hello declares beyond the loop's.
+struct SourceOut {
+    w: FrameWriter<TcpStream>,
+    /// The writer's rate limit in bytes per second (0: none), for the Hello.
+    max_bandwidth: u64,
+    /// The destination's nonce for this connection, echoed by the Hello.
+    nonce: u128,
+    /// The kept RAM the Hello resumes ([`Session`]); 0 to start afresh.
+    resume: u128,
+    /// Whether the Hello was written.
+    hello_sent: bool,
+}
+
+impl Outbound for SourceOut {
+    fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
+        self.w.send(state, payload)
+    }
+
+    fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        match msg {
+            Control::Hello(h) => {
+                let n = self.w.control(&Control::Hello(Hello {
+                    max_bandwidth: self.max_bandwidth,
+                    nonce: self.nonce,
+                    resume: self.resume,
+                    ..h.clone()
+                }))?;
+                self.hello_sent = true;
+                Ok(n)
+            }
+            other => self.w.control(other),
+        }
+    }
+
+    fn lift_rate_limit(&mut self) {
+        self.w.lift_rate_limit();
+    }
+
+    fn section_overhead(&self) -> Bytes {
+        self.w.section_overhead()
+    }
+
+    fn control_cost(&self, msg: &Control) -> Bytes {
+        self.w.control_cost(msg)
+    }
+
+    fn bytes_sent(&self) -> Bytes {
+        self.w.bytes_sent()
     }
 }
 
@@ -329,9 +588,25 @@ impl Inbound for ReturnPath {
     }
 }
 
-/// The reader thread: frames → messages, until an error, the end of the stream or `stop`.
-fn read_return_path(sock: TcpStream, tx: &mpsc::Sender<Result<DestMessage>>, stop: &AtomicBool) {
-    let mut r = FrameReader::new(sock);
+/// Messages the return path holds for the loop at most. When they are all unread the reader
+/// thread stops reading, and TCP's flow control holds the destination back: what the
+/// source keeps for the loop is bounded by this many frames of at most
+/// [`MAX_RETURN_FRAME_LEN`] bytes.
+pub const RETURN_QUEUE: usize = 64;
+
+/// The largest frame the source reads on the return path: the destination's frames are
+/// Started (empty), Refused and Abort (a reason of at most
+/// [`MAX_REASON_LEN`](super::frame::MAX_REASON_LEN) bytes) and PageRequest (a state's request: 16 bytes
+/// for RAM).
+pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
+
+/// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or
+/// the loop's end (the receiver dropped). It blocks while [`RETURN_QUEUE`] messages wait.
+fn read_return_path(
+    mut r: FrameReader<TcpStream>,
+    tx: &mpsc::SyncSender<Result<DestMessage>>,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::SeqCst) {
         let msg = match r.read_frame() {
             Ok(Frame::Started) => Ok(DestMessage::Started),
@@ -404,8 +679,69 @@ pub struct SourceReport {
     pub wire: WriterStats,
 }
 
-/// The source side of one attempt to the destination at `addr`: [`precopy::run`] over a
-/// [`FrameWriter`] on the socket, with a reader thread as the return path.
+/// The source's side of the attempts of one migration to one destination: what binds them.
+/// The destination issues a nonce on every connection; the first attempt that sends its
+/// Hello makes that nonce the migration's token, and every later attempt names it in its
+/// Hello (`resume`), so that the destination reuses the RAM an earlier attempt left only
+/// for this migration. Keep one for all the attempts of a migration
+/// ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Session {
+    token: Option<u128>,
+}
+
+impl Session {
+    /// A migration that has not reached a destination yet.
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// The migration's token, once an attempt sent its Hello.
+    pub fn token(&self) -> Option<u128> {
+        self.token
+    }
+}
+
+/// Reads the destination's first frame, its Nonce, waiting at most `timeout`.
+fn read_nonce(r: &mut FrameReader<TcpStream>, timeout: Duration) -> Result<u128> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match r.read_frame() {
+            Ok(Frame::Nonce { nonce }) => return Ok(nonce),
+            Ok(Frame::Refused { reason }) => {
+                return Err(MigrationError::DestinationRefused(reason))
+            }
+            Ok(Frame::Abort { reason }) => return Err(MigrationError::PeerAborted(reason)),
+            Ok(other) => return Err(ProtocolError::NoNonce { kind: other.kind() }.into()),
+            Err(MigrationError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The source side of one attempt to the destination at `addr`, as the first of its
+/// migration ([`migrate_in_session`] with a new [`Session`]).
+///
+/// # Errors
+/// As [`migrate_in_session`].
+pub fn migrate_to(
+    addr: SocketAddr,
+    options: &SourceOptions,
+    vm: &mut dyn Vm,
+    states: &mut [&mut dyn MigrationState],
+    controller: &mut dyn Controller,
+) -> Result<SourceReport> {
+    migrate_in_session(addr, options, &mut Session::new(), vm, states, controller)
+}
+
+/// The source side of one attempt of the migration `session` to the destination at
+/// `addr`: reads the destination's Nonce, then runs [`precopy::run`] over a
+/// [`FrameWriter`] on the socket, with a reader thread as the return path; the Hello
+/// echoes the nonce and names the session's token.
 ///
 /// On a cut, a timeout, a corrupt stream or an Abort from the destination the loop
 /// runs every state's [`MigrationState::channel_failed`]: RAM re-dirties every page
@@ -414,14 +750,17 @@ pub struct SourceReport {
 ///
 /// # Errors
 /// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`];
-/// nothing is connected then); the errors of [`precopy::run`], among them
-/// [`MigrationError::OutcomeUnknown`] (the VM is left stopped); [`MigrationError::Io`]
-/// if the connection cannot be made (the guest was not touched then). As with
-/// [`precopy::run`], on every other error the guest runs and the states re-dirtied what
-/// the destination may lack.
-pub fn migrate_to(
+/// nothing is connected then); [`MigrationError::Io`] if the connection cannot be made
+/// or no Nonce comes within the timeout, [`MigrationError::DestinationRefused`] if the
+/// destination refuses the connection (it serves another source: [`BUSY`]) and
+/// [`ProtocolError::NoNonce`] for another first frame (the guest was not touched then);
+/// the errors of [`precopy::run`], among them [`MigrationError::OutcomeUnknown`] (the VM
+/// is left stopped). As with [`precopy::run`], on every other error the guest runs and
+/// the states re-dirtied what the destination may lack.
+pub fn migrate_in_session(
     addr: SocketAddr,
     options: &SourceOptions,
+    session: &mut Session,
     vm: &mut dyn Vm,
     states: &mut [&mut dyn MigrationState],
     controller: &mut dyn Controller,
@@ -432,8 +771,10 @@ pub fn migrate_to(
     sock.set_write_timeout(Some(options.timeout))?;
     let back = sock.try_clone()?;
     back.set_read_timeout(Some(POLL))?;
+    let mut back = FrameReader::with_max_frame_len(back, MAX_RETURN_FRAME_LEN);
+    let nonce = read_nonce(&mut back, options.timeout)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     let flag = Arc::clone(&stop);
     let reader = std::thread::Builder::new()
         .name("migration-return".into())
@@ -441,7 +782,13 @@ pub fn migrate_to(
     // ZERO is "no limit" to the writer; a checked limit is at least 1 byte per 100 ms
     // window, and the limiter's budget never rounds a non-zero rate down to none.
     let limit = loop_config.max_bandwidth.unwrap_or(BytesPerMs::ZERO);
-    let mut writer = FrameWriter::with_limiter(sock, RateLimiter::new(limit));
+    let mut writer = SourceOut {
+        w: FrameWriter::with_limiter(sock, RateLimiter::new(limit)),
+        max_bandwidth: limit.bytes_per_sec(),
+        nonce,
+        resume: session.token.unwrap_or(0),
+        hello_sent: false,
+    };
     let mut inbound = ReturnPath {
         rx,
         timeout: options.timeout,
@@ -464,7 +811,10 @@ pub fn migrate_to(
         Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
         r => r,
     };
-    let wire = writer.stats();
+    if writer.hello_sent && session.token.is_none() {
+        session.token = Some(nonce);
+    }
+    let wire = writer.w.stats();
     // The attempt is over. After a success, close only our direction and let the reader
     // drain until the destination closes (closing a socket with unread bytes, say a late
     // PageRequest, resets the connection and could cut the destination's last frames);
@@ -475,7 +825,7 @@ pub fn migrate_to(
     } else {
         Shutdown::Both
     };
-    let _ = writer.get_ref().shutdown(how);
+    let _ = writer.w.get_ref().shutdown(how);
     if result.is_ok() {
         let deadline = Instant::now() + options.timeout;
         while !reader.is_finished() && Instant::now() < deadline {
@@ -484,6 +834,91 @@ pub fn migrate_to(
         }
     }
     stop.store(true, Ordering::SeqCst);
+    // A reader blocked on a full queue ends when the receiver goes.
+    drop(inbound);
     let _ = reader.join();
     result.map(|outcome| SourceReport { outcome, wire })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::frame::FrameKind;
+    use std::io::Write;
+
+    /// A destination that floods the return path while the loop reads nothing: the reader
+    /// thread stops at [`RETURN_QUEUE`] messages, TCP holds the destination back, and its
+    /// writes time out long before the flood is through.
+    #[test]
+    fn the_return_path_holds_a_bounded_number_of_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (src, _) = listener.accept().unwrap();
+        src.set_read_timeout(Some(POLL)).unwrap();
+        let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let src = FrameReader::with_max_frame_len(src, MAX_RETURN_FRAME_LEN);
+        let reader = std::thread::spawn(move || read_return_path(src, &tx, &flag));
+        dest.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut w = FrameWriter::new(dest);
+        let request = Frame::PageRequest {
+            state: 1,
+            payload: vec![0; 4096],
+        };
+        let flood: u64 = 256 << 20;
+        let mut written = 0;
+        while written < flood {
+            match w.write_frame(&request) {
+                Ok(n) => written += n.get(),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            written < 64 << 20,
+            "the destination wrote {written} bytes into a return path nobody read"
+        );
+        stop.store(true, Ordering::SeqCst);
+        drop(rx);
+        drop(w);
+        reader.join().unwrap();
+    }
+
+    /// A return frame larger than any the destination sends is refused before its payload
+    /// is read.
+    #[test]
+    fn the_return_path_refuses_an_oversized_frame() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut dest = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (src, _) = listener.accept().unwrap();
+        src.set_read_timeout(Some(POLL)).unwrap();
+        let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
+        let stop = AtomicBool::new(false);
+        let mut stream =
+            crate::migration::frame::encode_stream_header(crate::migration::frame::STREAM_VERSION)
+                .to_vec();
+        let payload = vec![0u8; MAX_RETURN_FRAME_LEN as usize + 1];
+        stream.extend(crate::migration::frame::encode_raw_frame(
+            FrameKind::PageRequest as u8,
+            0,
+            &payload,
+        ));
+        // Then gone: the reader ends at the end of the stream whatever it made of it.
+        let writer = std::thread::spawn(move || {
+            let _ = dest.write_all(&stream);
+        });
+        read_return_path(
+            FrameReader::with_max_frame_len(src, MAX_RETURN_FRAME_LEN),
+            &tx,
+            &stop,
+        );
+        match rx.try_recv().unwrap() {
+            Err(MigrationError::Frame(crate::migration::frame::FrameError::Oversized {
+                ..
+            })) => {}
+            other => panic!("{:?}", other.map(|m| m.kind())),
+        }
+        writer.join().unwrap();
+    }
 }

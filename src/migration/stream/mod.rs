@@ -38,7 +38,9 @@ pub struct WriterStats {
 }
 
 /// Writes a migration stream: the stream header before the first frame, then frames with
-/// consecutive sequence numbers, each held back by the rate limiter and flushed at once.
+/// consecutive sequence numbers, each held back by the rate limiter and flushed at once; a
+/// frame larger than the limiter's window budget goes out in pieces of that budget, each
+/// held back and flushed in turn.
 ///
 /// Once the source sends [`Frame::Switchover`] the VM is stopped and the limiter is lifted,
 /// as QEMU lifts its rate limit for the completion phase: downtime is not throttled.
@@ -112,17 +114,28 @@ impl<W: Write> FrameWriter<W> {
         }
         let frame = encode_raw(kind, self.next_seq, parts);
         wire.extend_from_slice(&frame);
-        self.limiter.wait();
-        let res = self
-            .inner
-            .write_all(&wire)
-            .and_then(|()| self.inner.flush());
-        if let Err(e) = res {
-            self.failed = Some(format!("write of frame {} failed: {e}", self.next_seq));
-            return Err(e.into());
+        // Under a rate limit the frame goes out in pieces of at most one window's budget,
+        // each after its own wait: the bytes of a frame larger than a window keep coming
+        // at the limit, so the reader never waits longer than about one window between
+        // two of them (a frame written whole and then paid for by the following pauses
+        // would leave the reader idle for `len / rate`, longer than its timeout at a low
+        // legal rate).
+        let piece = self.limiter.window_budget().map_or(wire.len(), |b| {
+            usize::try_from(b.get()).unwrap_or(usize::MAX).max(1)
+        });
+        for chunk in wire.chunks(piece.max(1)) {
+            self.limiter.wait();
+            let res = self
+                .inner
+                .write_all(chunk)
+                .and_then(|()| self.inner.flush());
+            if let Err(e) = res {
+                self.failed = Some(format!("write of frame {} failed: {e}", self.next_seq));
+                return Err(e.into());
+            }
+            self.limiter.record(Bytes(chunk.len() as u64));
         }
         let n = Bytes(wire.len() as u64);
-        self.limiter.record(n);
         self.header_sent = true;
         self.next_seq = self.next_seq.saturating_add(1);
         self.stats.bytes = add(self.stats.bytes, n);
@@ -202,11 +215,15 @@ impl<W: Write> Outbound for FrameWriter<W> {
     }
 }
 
+/// Told each frame's payload length once its header is verified, before the payload is
+/// read: a channel that bounds a frame's time sets the frame's deadline from it.
+pub type HeaderHook = Box<dyn FnMut(u32) + Send>;
+
 /// Reads a migration stream written by [`FrameWriter`], verifying everything the module
 /// documentation lists.
-#[derive(Debug)]
 pub struct FrameReader<R: Read> {
     inner: R,
+    on_header: Option<HeaderHook>,
     max_len: u32,
     version: Option<u32>,
     next_seq: u64,
@@ -222,6 +239,19 @@ enum Fill {
     Eof(usize),
 }
 
+impl<R: Read + std::fmt::Debug> std::fmt::Debug for FrameReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("inner", &self.inner)
+            .field("max_len", &self.max_len)
+            .field("version", &self.version)
+            .field("next_seq", &self.next_seq)
+            .field("offset", &self.offset)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<R: Read> FrameReader<R> {
     /// A reader accepting payloads up to [`MAX_FRAME_LEN`].
     pub fn new(inner: R) -> FrameReader<R> {
@@ -232,6 +262,7 @@ impl<R: Read> FrameReader<R> {
     pub fn with_max_frame_len(inner: R, max_len: u32) -> FrameReader<R> {
         FrameReader {
             inner,
+            on_header: None,
             max_len: max_len.min(MAX_FRAME_LEN),
             version: None,
             next_seq: 0,
@@ -239,6 +270,12 @@ impl<R: Read> FrameReader<R> {
             unit_start: 0,
             failed: None,
         }
+    }
+
+    /// Calls `hook` with each frame's payload length once the frame's header is verified,
+    /// before its payload is read.
+    pub fn set_header_hook(&mut self, hook: HeaderHook) {
+        self.on_header = Some(hook);
     }
 
     /// The stream's version, once its header has been read.
@@ -368,6 +405,9 @@ impl<R: Read> FrameReader<R> {
                 }
             }
             .into());
+        }
+        if let Some(hook) = &mut self.on_header {
+            hook(header.len);
         }
         // The length is checksummed and bounded; still, the buffer grows only as bytes
         // arrive, so a sender that stops early costs no more memory than it sent.

@@ -12,6 +12,9 @@ fn hello() -> Frame {
         page_size: 4096,
         ram_pages: 1 << 20,
         migration_id: 0x0123_4567_89AB_CDEF,
+        max_bandwidth: 64 << 20,
+        nonce: 0x0011_2233_4455_6677_8899_AABB_CCDD_EEFF,
+        resume: 7,
         states: vec![
             StateInfo {
                 id: 1,
@@ -28,6 +31,8 @@ fn hello() -> Frame {
 fn all_kinds() -> Vec<Frame> {
     vec![
         hello(),
+        Frame::Nonce { nonce: u128::MAX },
+        Frame::Nonce { nonce: 1 },
         Frame::Section {
             state: 1,
             payload: vec![1, 2, 3],
@@ -80,7 +85,7 @@ fn every_kind_round_trips() {
     assert_eq!(r.bytes_read(), Bytes(bytes.len() as u64));
     assert!(matches!(
         frame_err(r.read_frame()),
-        FrameError::Closed { frames: 10, .. }
+        FrameError::Closed { frames: 12, .. }
     ));
 }
 
@@ -94,8 +99,12 @@ fn encoded_sizes_match_the_format() {
             .len(),
         25
     );
-    // Hello: 26 fixed + (4 + 1 + 3) + (4 + 1 + 13).
-    assert_eq!(hello().encode_payload().unwrap().len(), 26 + 8 + 18);
+    // Hello: 66 fixed + (4 + 1 + 3) + (4 + 1 + 13).
+    assert_eq!(hello().encode_payload().unwrap().len(), 66 + 8 + 18);
+    assert_eq!(
+        encode_frame(0, &Frame::Nonce { nonce: 1 }).unwrap().len(),
+        24 + NONCE_LEN
+    );
     // The exact bytes of an End frame with seq 5.
     let f = encode_frame(5, &Frame::End).unwrap();
     assert_eq!(&f[..16], &[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0]);
@@ -172,9 +181,9 @@ fn payload_checksum() {
 #[test]
 fn unknown_kind_and_reserved_bits() {
     let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
-    bytes.extend(encode_raw_frame(9, 0, &[]));
+    bytes.extend(encode_raw_frame(10, 0, &[]));
     let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
-    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 9 });
+    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 10 });
 
     let mut h = raw_header(4, 0, 0);
     h[OFF_RESERVED + 1] = 1;
@@ -317,6 +326,8 @@ fn bad_payloads() {
         (FrameKind::Section, &[0u8, 0, 0][..]),
         (FrameKind::Abort, &[0xFFu8][..]),
         (FrameKind::Hello, &[0u8; HELLO_FIXED_LEN - 1][..]),
+        (FrameKind::Nonce, &[0u8; NONCE_LEN - 1][..]),
+        (FrameKind::Nonce, &[0u8; NONCE_LEN + 1][..]),
     ] {
         let e = Frame::decode_payload(kind, p).unwrap_err();
         assert!(
@@ -326,8 +337,8 @@ fn bad_payloads() {
     }
     // A Hello claiming 65535 states in a short payload.
     let mut p = hello().encode_payload().unwrap();
-    p[24] = 0xFF;
-    p[25] = 0xFF;
+    p[HELLO_FIXED_LEN - 2] = 0xFF;
+    p[HELLO_FIXED_LEN - 1] = 0xFF;
     assert!(Frame::decode_payload(FrameKind::Hello, &p).is_err());
     let mut p = hello().encode_payload().unwrap();
     p.push(0);
@@ -438,6 +449,57 @@ fn switchover_lifts_the_rate_limit() {
     assert_eq!(w.limiter().max_bandwidth(), BytesPerMs::ZERO);
 }
 
+/// Records when each write reached it, on the limiter's clock.
+struct Timed {
+    clock: ManualClock,
+    writes: Vec<(std::time::Duration, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl std::io::Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writes.push((self.clock.now(), buf.len()));
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A frame ten windows long at the limit arrives as it is paid for, one window's budget at
+/// a time: the reader never waits more than one window between two pieces, and the stream
+/// is the same bytes as unlimited.
+#[test]
+fn a_frame_larger_than_a_window_goes_out_at_the_rate() {
+    let clock = ManualClock::new();
+    // 100 bytes per 100 ms window.
+    let limiter = RateLimiter::with_clock(
+        BytesPerMs::from_bytes_per_sec(1000),
+        Box::new(clock.clone()),
+    );
+    let inner = Timed {
+        clock: clock.clone(),
+        writes: Vec::new(),
+        bytes: Vec::new(),
+    };
+    let mut w = FrameWriter::with_limiter(inner, limiter);
+    w.send(1, &[7; 1000]).unwrap();
+    w.send(1, &[8; 1000]).unwrap();
+    let window = std::time::Duration::from_millis(100);
+    let t = w.get_ref();
+    assert!(t.writes.iter().all(|&(_, n)| n <= 100), "{:?}", t.writes);
+    for pair in t.writes.windows(2) {
+        assert!(pair[1].0 - pair[0].0 <= window, "{:?}", t.writes);
+    }
+    // Paid as it goes: about 2,072 bytes at 1,000 bytes/s.
+    assert!(clock.now() >= std::time::Duration::from_secs(2), "{:?}", clock.now());
+    let mut plain = FrameWriter::new(Vec::new());
+    plain.send(1, &[7; 1000]).unwrap();
+    plain.send(1, &[8; 1000]).unwrap();
+    assert_eq!(w.into_inner().bytes, plain.into_inner());
+}
+
 #[test]
 fn wait_started_maps_answers() {
     let ok = encode_all(&[Frame::Started]);
@@ -483,14 +545,18 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<u32>(),
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             proptest::collection::vec((any::<u32>(), "[a-z]{1,12}"), 0..4)
         )
-            .prop_map(|(version, page_size, ram_pages, migration_id, s)| {
+            .prop_map(|(version, page_size, ram_pages, migration_id, max_bandwidth, s)| {
                 Frame::Hello(Hello {
                     version,
                     page_size,
                     ram_pages,
                     migration_id,
+                    max_bandwidth,
+                    nonce: u128::from(migration_id) << 3,
+                    resume: u128::from(ram_pages),
                     states: s
                         .into_iter()
                         .map(|(id, name)| StateInfo { id, name })
@@ -504,6 +570,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         ".{0,20}".prop_map(|reason| Frame::Refused { reason }),
         (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::PageRequest { state, payload }),
         ".{0,20}".prop_map(|reason| Frame::Abort { reason }),
+        any::<u128>().prop_map(|nonce| Frame::Nonce { nonce }),
     ]
 }
 
