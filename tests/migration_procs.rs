@@ -449,3 +449,67 @@ fn two_processes_a_refused_hand_over_fails_back_to_the_source_with_every_mark() 
     assert!(last.ends_with(" 0 missing on disk"), "{last}");
     assert_every_mark_on_disk(&img, &logged);
 }
+
+#[test]
+fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
+    let (_, seed) = common::seeded_rng("procs_retry");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let marks = dir.path().join("marks.log");
+    let mut dest = Proc::spawn(
+        "listen",
+        &[
+            "migrate",
+            "listen",
+            p(&img),
+            "--refuse",
+            "1",
+            "--attempts",
+            "2",
+            "--check-log",
+            p(&marks),
+            "--timeout",
+            "60",
+        ],
+    );
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let mut args = send_args(p(&img), &addr, p(&marks), &seed);
+    args.extend(["--attempts", "2", "--retry-after", "0.5"]);
+    let src = Proc::spawn("send", &args);
+    let (code, out, err) = src.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "send:\n{text}\n{err}");
+    let took_back = out
+        .iter()
+        .position(|l| l.starts_with("source: took its bitmaps back"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let handed = out
+        .iter()
+        .position(|l| l.starts_with("source: bitmaps handed over"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(took_back < handed, "{text}");
+    let at_stop = out.iter().find(|l| l.contains("RAM at stop")).unwrap();
+    let logged = read_marks(&marks);
+    let made = number_after(
+        out.iter().find(|l| l.starts_with("marks: ")).unwrap(),
+        "marks:",
+    );
+    assert_eq!(logged.len() as u64, made, "{text}");
+
+    let (code, out, err) = dest.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "listen:\n{text}\n{err}");
+    assert!(text.contains("attempt 1: failed"), "{text}");
+    assert!(text.contains("attempt 2: completed"), "{text}");
+    let started = out
+        .iter()
+        .find(|l| l.starts_with("guest started here"))
+        .unwrap();
+    assert_eq!(crc_in(started), crc_in(at_stop), "{text}");
+    let checked = out.iter().find(|l| l.starts_with("source marks:")).unwrap();
+    assert_eq!(number_after(checked, "source marks:"), made, "{checked}");
+    assert!(checked.ends_with(", 0 missing"), "{checked}");
+    assert!(text.contains("marks missing on disk: 0"), "{text}");
+    assert_every_mark_on_disk(&img, &logged);
+}

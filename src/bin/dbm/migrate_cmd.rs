@@ -152,7 +152,14 @@ pub struct SendArgs {
     /// Seconds the guest runs before the migration starts.
     #[arg(long, default_value_t = 0.5)]
     pub warm_up: f64,
-    /// After a failed hand-over: seconds the guest runs on here, or until SIGINT or
+    /// Attempts: after one that fails with the guest resumed here, the next starts
+    /// `--retry-after` seconds later, sending the whole RAM again.
+    #[arg(long, default_value_t = 1)]
+    pub attempts: u32,
+    /// Seconds between attempts.
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_after: f64,
+    /// After the last attempt failed: seconds the guest runs on here, or until SIGINT or
     /// SIGTERM; then it stops and the image is inactivated.
     #[arg(long, default_value_t = 0.0)]
     pub run_for: f64,
@@ -494,6 +501,10 @@ fn send(a: &SendArgs) -> CmdResult {
     let timeout = seconds("timeout", a.timeout)?;
     let warm_up = seconds("warm-up", a.warm_up)?;
     let run_for = seconds("run-for", a.run_for)?;
+    let retry_after = seconds("retry-after", a.retry_after)?;
+    if a.attempts == 0 {
+        return Err("--attempts must be at least 1".into());
+    }
     if a.guest_ram == 0 || !a.guest_ram.is_multiple_of(PAGE) {
         return Err(format!(
             "--guest-ram {}: not a positive multiple of 4 KiB",
@@ -534,7 +545,7 @@ fn send(a: &SendArgs) -> CmdResult {
     let file = a.log.as_deref().map(open_log).transpose()?;
     let tracker = store.lock().tracker().map_err(|e| at(&a.image, e))?;
     let writer = DiskWriter::start(tracker, disk_size, a.bitmap_writes_per_sec, seed, file);
-    let mut vcpus = Workload::start(
+    let vcpus = Workload::start(
         Arc::clone(&ram),
         Arc::clone(&log),
         WorkloadConfig {
@@ -569,96 +580,105 @@ fn send(a: &SendArgs) -> CmdResult {
         batch_pages as usize,
     )?;
     let mut disk_state = SharedDiskState::new(DISK_ID, DISK_STATE, store.clone());
-    say(format!("migrating to {}", a.to));
-    let result = {
-        let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
-        migrate_to(
-            a.to,
-            &SourceOptions {
-                loop_config: config,
-                timeout,
-            },
-            &mut Guest {
-                vcpus: &mut vcpus,
-                disk: Some(&writer),
-            },
-            &mut states,
-            &mut AutoConverge::default(),
-        )
-    };
-    let source = Source {
+    let mut source = Source {
         store,
         vcpus,
         writer,
         image: a.image.clone(),
     };
-    match result {
-        Ok(r) if r.outcome.kind != Kind::NotConverging => {
-            let o = r.outcome;
-            // The guest is stopped here and its disk writes drained: the log is complete.
-            let crc = ram_crc(&ram);
-            let marks = source.writer.shutdown();
-            source.vcpus.shutdown();
-            let active = source.store.lock().is_active();
-            say(format!(
-                "handed over: downtime {:.1} ms (limit {} ms); switchover on network pending {} bytes and disk stop time {} ms",
-                o.downtime.as_secs_f64() * 1000.0,
-                a.downtime_limit,
-                o.pending_at_switch.must_precopy.get() + o.pending_at_switch.can_postcopy.get(),
-                o.pending_at_switch.disk_time.0,
-            ));
-            say(format!(
-                "disk: flushed during precopy {} bytes; stop (inside the downtime): {}",
-                o.disk_flushed.get(),
-                flush_line(&o.disk_stop)
-            ));
-            say(format!(
-                "sent {} bytes in {:.1} s, {} syncs; RAM at stop {} pages, crc32 {crc:08x}",
-                r.wire.bytes.get(),
-                o.total_time.as_secs_f64(),
-                o.exact_queries,
-                pages
-            ));
-            say(format!(
-                "marks: {} made{}",
-                marks.len(),
-                a.log
-                    .as_ref()
-                    .map_or_else(String::new, |l| format!(", logged to {}", l.display()))
-            ));
-            if active || !disk_state.handed_over() {
-                return Err("the hand-over completed but the source store is still active".into());
+    for attempt in 1..=a.attempts {
+        say(format!(
+            "migrating to {} (attempt {attempt} of {})",
+            a.to, a.attempts
+        ));
+        let result = {
+            let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
+            migrate_to(
+                a.to,
+                &SourceOptions {
+                    loop_config: config,
+                    timeout,
+                },
+                &mut Guest {
+                    vcpus: &mut source.vcpus,
+                    disk: Some(&source.writer),
+                },
+                &mut states,
+                &mut AutoConverge::default(),
+            )
+        };
+        match result {
+            Ok(r) if r.outcome.kind != Kind::NotConverging => {
+                let o = r.outcome;
+                // The guest is stopped here and its disk writes drained: the log is
+                // complete.
+                let crc = ram_crc(&ram);
+                let marks = source.writer.shutdown();
+                source.vcpus.shutdown();
+                let active = source.store.lock().is_active();
+                say(format!(
+                    "handed over: downtime {:.1} ms (limit {} ms); switchover on network pending {} bytes and disk stop time {} ms",
+                    o.downtime.as_secs_f64() * 1000.0,
+                    a.downtime_limit,
+                    o.pending_at_switch.must_precopy.get() + o.pending_at_switch.can_postcopy.get(),
+                    o.pending_at_switch.disk_time.0,
+                ));
+                say(format!(
+                    "disk: flushed during precopy {} bytes; stop (inside the downtime): {}",
+                    o.disk_flushed.get(),
+                    flush_line(&o.disk_stop)
+                ));
+                say(format!(
+                    "sent {} bytes in {:.1} s, {} syncs; RAM at stop {} pages, crc32 {crc:08x}",
+                    r.wire.bytes.get(),
+                    o.total_time.as_secs_f64(),
+                    o.exact_queries,
+                    pages
+                ));
+                say(format!(
+                    "marks: {} made{}",
+                    marks.len(),
+                    a.log
+                        .as_ref()
+                        .map_or_else(String::new, |l| format!(", logged to {}", l.display()))
+                ));
+                if active || !disk_state.handed_over() {
+                    return Err(
+                        "the hand-over completed but the source store is still active".into(),
+                    );
+                }
+                say("source: bitmaps handed over (store inactive, write locks released)");
+                return Ok(ExitCode::SUCCESS);
             }
-            say("source: bitmaps handed over (store inactive, write locks released)");
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(_) => {
-            say("did not converge: the migration was cancelled and the guest runs on here");
-            source.run_on_and_stop(run_for)
-        }
-        Err(
-            e @ (MigrationError::OutcomeUnknown(_)
-            | MigrationError::AfterStart(_)
-            | MigrationError::SourceNotResumed { .. }),
-        ) => {
-            // The guest must not run here: stop the threads, leave the image as it is.
-            say(format!(
-                "hand-over failed and the source stays stopped: {e}"
-            ));
-            let _ = source.writer.shutdown();
-            source.vcpus.shutdown();
-            Err(e.into())
-        }
-        Err(e) => {
-            say(format!("hand-over failed: {e}"));
-            let active = source.store.lock().is_active();
-            if !active || disk_state.handed_over() {
-                return Err("the guest resumed but the source store is not active".into());
+            Ok(_) => {
+                say("did not converge: the migration was cancelled and the guest runs on here");
             }
-            say(
-                "source: took its bitmaps back (store active, write locks held); the guest resumed",
-            );
-            source.run_on_and_stop(run_for)
+            Err(
+                e @ (MigrationError::OutcomeUnknown(_)
+                | MigrationError::AfterStart(_)
+                | MigrationError::SourceNotResumed { .. }),
+            ) => {
+                // The guest must not run here: stop the threads, leave the image as it is.
+                say(format!(
+                    "hand-over failed and the source stays stopped: {e}"
+                ));
+                let _ = source.writer.shutdown();
+                source.vcpus.shutdown();
+                return Err(e.into());
+            }
+            Err(e) => {
+                say(format!("hand-over failed: {e}"));
+                let active = source.store.lock().is_active();
+                if !active || disk_state.handed_over() {
+                    return Err("the guest resumed but the source store is not active".into());
+                }
+                say("source: took its bitmaps back (store active, write locks held); the guest resumed");
+            }
+        }
+        if attempt < a.attempts {
+            say(format!("retrying in {} s", retry_after.as_secs_f64()));
+            std::thread::sleep(retry_after);
         }
     }
+    source.run_on_and_stop(run_for)
 }
