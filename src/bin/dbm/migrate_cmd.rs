@@ -37,7 +37,7 @@ use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDe
 use dirty_bitmap::migration::{
     AutoConverge, Bytes, BytesPerMs, DestState, GuestRam, Kind, LoopConfig, MigrationError,
     MigrationState, Millis, Pattern, RamState, SetupMode, SharedDestState, SharedDiskDest,
-    SharedDiskState, StateId, Workload, WorkloadConfig, RAM_ID,
+    SharedDiskState, StateId, Vm, Workload, WorkloadConfig, RAM_ID,
 };
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::{FileStorage, Storage};
@@ -497,6 +497,28 @@ impl Source {
     }
 }
 
+/// The guest, noting whether the loop stopped it (the hand-over began).
+struct Stops<'a> {
+    guest: Guest<'a>,
+    stopped: bool,
+}
+
+impl Vm for Stops<'_> {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.stopped = true;
+        self.guest.stop()
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.guest.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.guest.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.guest.run_until(now);
+    }
+}
+
 fn send(a: &SendArgs) -> CmdResult {
     let timeout = seconds("timeout", a.timeout)?;
     let warm_up = seconds("warm-up", a.warm_up)?;
@@ -591,6 +613,13 @@ fn send(a: &SendArgs) -> CmdResult {
             "migrating to {} (attempt {attempt} of {})",
             a.to, a.attempts
         ));
+        let mut guest = Stops {
+            guest: Guest {
+                vcpus: &mut source.vcpus,
+                disk: Some(&source.writer),
+            },
+            stopped: false,
+        };
         let result = {
             let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
             migrate_to(
@@ -599,14 +628,12 @@ fn send(a: &SendArgs) -> CmdResult {
                     loop_config: config,
                     timeout,
                 },
-                &mut Guest {
-                    vcpus: &mut source.vcpus,
-                    disk: Some(&source.writer),
-                },
+                &mut guest,
                 &mut states,
                 &mut AutoConverge::default(),
             )
         };
+        let stopped = guest.stopped;
         match result {
             Ok(r) if r.outcome.kind != Kind::NotConverging => {
                 let o = r.outcome;
@@ -672,7 +699,13 @@ fn send(a: &SendArgs) -> CmdResult {
                 if !active || disk_state.handed_over() {
                     return Err("the guest resumed but the source store is not active".into());
                 }
-                say("source: took its bitmaps back (store active, write locks held); the guest resumed");
+                // The stop's inactivate ran in this attempt (its figures are reset at each
+                // setup) only if the VM stopped.
+                if stopped && disk_state.disk_stop().syncs > 0 {
+                    say("source: took its bitmaps back (store active, write locks held); the guest resumed");
+                } else {
+                    say("source: kept its bitmaps (the hand-over never began; store active, write locks held); the guest runs on");
+                }
             }
         }
         if attempt < a.attempts {
