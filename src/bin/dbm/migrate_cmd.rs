@@ -388,32 +388,43 @@ fn listen(a: &ListenArgs) -> CmdResult {
         a.image.display(),
         enabled_bitmaps(&store).join(", ")
     ));
-    let mut lost = 0;
-    let source_marks = match &a.check_log {
-        Some(log) => {
-            let marks = read_log(log)?;
-            lost += missing(&store, &marks)?;
-            say(format!(
-                "source marks: {} logged in {}, {} missing",
-                marks.len(),
-                log.display(),
-                lost
-            ));
-            marks
+    // Until the guest stops here the image is active; an error on the way inactivates it
+    // first, so that it is never left `in_use`.
+    let started = (|| -> Result<_, String> {
+        let mut lost = 0;
+        let marks = match &a.check_log {
+            Some(log) => {
+                let marks = read_log(log)?;
+                lost += missing(&store, &marks)?;
+                say(format!(
+                    "source marks: {} logged in {}, {lost} missing",
+                    marks.len(),
+                    log.display(),
+                ));
+                marks
+            }
+            None => Vec::new(),
+        };
+        let writer = if a.bitmap_writes_per_sec > 0 {
+            let file = a.log.as_deref().map(open_log).transpose()?;
+            Some(DiskWriter::start(
+                store.tracker().map_err(|e| at(&a.image, e))?,
+                disk_size,
+                a.bitmap_writes_per_sec,
+                seed,
+                file,
+            ))
+        } else {
+            None
+        };
+        Ok((lost, marks, writer))
+    })();
+    let (mut lost, source_marks, writer) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = store.inactivate();
+            return Err(e.into());
         }
-        None => Vec::new(),
-    };
-    let writer = if a.bitmap_writes_per_sec > 0 {
-        let file = a.log.as_deref().map(open_log).transpose()?;
-        Some(DiskWriter::start(
-            store.tracker().map_err(|e| at(&a.image, e))?,
-            disk_size,
-            a.bitmap_writes_per_sec,
-            seed,
-            file,
-        ))
-    } else {
-        None
     };
     say(format!(
         "running: {} disk writes/s, seed {seed}, for {} s (SIGINT or SIGTERM stops it sooner)",
@@ -547,15 +558,6 @@ fn send(a: &SendArgs) -> CmdResult {
     if bitmaps.is_empty() {
         return Err(at(&a.image, "no enabled bitmap records the guest's writes").into());
     }
-    st.activate().map_err(|e| at(&a.image, e))?;
-    let disk_size = st.disk_size();
-    let store = SharedStore::new(st);
-    say(format!(
-        "activated {} (write locks held); bitmaps recording: {}",
-        a.image.display(),
-        bitmaps.join(", ")
-    ));
-
     let pages = a.guest_ram / PAGE;
     let ram = Arc::new(GuestRam::new(pages)?);
     let log = Arc::new(new_log(&ram)?);
@@ -564,28 +566,6 @@ fn send(a: &SendArgs) -> CmdResult {
     for p in 0..pages {
         ram.fill_page(p, init.next_u64());
     }
-    let file = a.log.as_deref().map(open_log).transpose()?;
-    let tracker = store.lock().tracker().map_err(|e| at(&a.image, e))?;
-    let writer = DiskWriter::start(tracker, disk_size, a.bitmap_writes_per_sec, seed, file);
-    let vcpus = Workload::start(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        WorkloadConfig {
-            vcpus: a.vcpus,
-            writes_per_sec: a.dirty_rate / PAGE,
-            pattern: Pattern::HOT_90_5,
-            seed,
-        },
-    )?;
-    say(format!(
-        "guest: RAM {}, vCPUs {} writing {}/s; disk writes {}/s; seed {seed}",
-        human(a.guest_ram),
-        a.vcpus,
-        human(a.dirty_rate / PAGE * PAGE),
-        a.bitmap_writes_per_sec
-    ));
-    std::thread::sleep(warm_up);
-
     let batch_pages = 64u64;
     let config = LoopConfig {
         downtime_limit: Millis(a.downtime_limit),
@@ -601,6 +581,53 @@ fn send(a: &SendArgs) -> CmdResult {
         false,
         batch_pages as usize,
     )?;
+    let file = a.log.as_deref().map(open_log).transpose()?;
+    st.activate().map_err(|e| at(&a.image, e))?;
+    let disk_size = st.disk_size();
+    let store = SharedStore::new(st);
+    say(format!(
+        "activated {} (write locks held); bitmaps recording: {}",
+        a.image.display(),
+        bitmaps.join(", ")
+    ));
+
+    // From here until the guest stops the image is active: an error inactivates it first,
+    // so that it is never left `in_use`.
+    let tracker = match store.lock().tracker() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = store.lock().inactivate();
+            return Err(at(&a.image, e).into());
+        }
+    };
+    let writer = DiskWriter::start(tracker, disk_size, a.bitmap_writes_per_sec, seed, file);
+    let vcpus = match Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: a.vcpus,
+            writes_per_sec: a.dirty_rate / PAGE,
+            pattern: Pattern::HOT_90_5,
+            seed,
+        },
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            writer.pause();
+            writer.shutdown();
+            let _ = store.lock().inactivate();
+            return Err(e.into());
+        }
+    };
+    say(format!(
+        "guest: RAM {}, vCPUs {} writing {}/s; disk writes {}/s; seed {seed}",
+        human(a.guest_ram),
+        a.vcpus,
+        human(a.dirty_rate / PAGE * PAGE),
+        a.bitmap_writes_per_sec
+    ));
+    std::thread::sleep(warm_up);
+
     let mut disk_state = SharedDiskState::new(DISK_ID, DISK_STATE, store.clone());
     let mut source = Source {
         store,
