@@ -286,7 +286,10 @@ struct ListenDisk {
     inner: SharedDiskDest<FileStorage>,
     image: PathBuf,
     refuse_left: u32,
+    /// Attempts that reached the Hello, this one included.
     attempt: u32,
+    /// Whether this attempt opened and activated the image.
+    activated: bool,
 }
 
 impl DestState for ListenDisk {
@@ -296,6 +299,7 @@ impl DestState for ListenDisk {
 
     fn hello(&mut self, id: StateId) -> dirty_bitmap::migration::Result<()> {
         self.attempt += 1;
+        self.activated = false;
         say(format!(
             "attempt {}: the source declared {DISK_STATE}",
             self.attempt
@@ -305,6 +309,7 @@ impl DestState for ListenDisk {
 
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.inner.before_start()?;
+        self.activated = true;
         say(format!(
             "attempt {}: opened {} writable and activated it",
             self.attempt,
@@ -323,8 +328,13 @@ impl DestState for ListenDisk {
     fn failed(&mut self) {
         self.inner.failed();
         say(format!(
-            "attempt {}: failed; the image is inactive again, as the source left it",
-            self.attempt
+            "attempt {}: failed; {}",
+            self.attempt,
+            if std::mem::take(&mut self.activated) {
+                "the image is inactive again, as the source left it"
+            } else {
+                "the image was not opened"
+            }
         ));
     }
 }
@@ -344,6 +354,7 @@ fn listen(a: &ListenArgs) -> CmdResult {
         image: a.image.clone(),
         refuse_left: a.refuse,
         attempt: 0,
+        activated: false,
     }));
     let dest = TcpDestination::spawn(DestOptions {
         max_attempts: a.attempts,
