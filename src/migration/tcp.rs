@@ -201,8 +201,19 @@ impl TcpDestination {
     ///
     /// # Errors
     /// [`ProtocolError::DestinationThread`] if the destination thread panicked.
-    pub fn join(mut self) -> Result<DestReport> {
+    pub fn join(self) -> Result<DestReport> {
         self.stop.store(true, Ordering::SeqCst);
+        self.wait()
+    }
+
+    /// Waits until the destination is done on its own terms: an attempt completed (the
+    /// guest started here), [`DestOptions::max_attempts`] were served, or no connection came
+    /// within [`DestOptions::timeout`]; then returns the report. For a destination that
+    /// runs as its own process and has nothing else to wait for.
+    ///
+    /// # Errors
+    /// [`ProtocolError::DestinationThread`] if the destination thread panicked.
+    pub fn wait(mut self) -> Result<DestReport> {
         let t = self
             .thread
             .take()

@@ -559,7 +559,7 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
             seed,
         },
     )?;
-    let disk_writer = DiskWriter::start(store.lock().tracker()?, DISK, DISK_WRITES, seed);
+    let disk_writer = DiskWriter::start(store.lock().tracker()?, DISK, DISK_WRITES, seed, None);
     let mut guest = Guest {
         vcpus,
         disk: disk_writer,

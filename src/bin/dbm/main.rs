@@ -1,8 +1,9 @@
 //! `dbm`: the dirty-bitmap command line.
 //!
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
-//! exits 2 (corrupt) or 3 (leaks only), and `simulate` exits 2 on a downtime-limit violation
-//! or a content mismatch. Nothing here panics on bad input.
+//! exits 2 (corrupt) or 3 (leaks only), `simulate` exits 2 on a downtime-limit violation
+//! or a content mismatch, and `migrate` exits 2 on a missing mark and 3 when the guest did
+//! not move. Nothing here panics on bad input.
 
 mod bench;
 mod bitmap_cmd;
@@ -13,9 +14,11 @@ mod drill;
 mod dump;
 mod info;
 mod mark;
+mod migrate_cmd;
 mod migrate_run;
 mod open;
 mod out;
+mod signals;
 mod simulate;
 mod size;
 mod workload;
@@ -66,6 +69,11 @@ enum Command {
     /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
     /// switchover exceeded its downtime limit or any destination RAM differed.
     Simulate(simulate::SimulateArgs),
+    /// Live-migrate a guest between two processes over TCP, on one image both open:
+    /// `dbm migrate listen IMAGE` on the destination, `dbm migrate send IMAGE --to ADDR` on
+    /// the source. Exit 0 migrated, 2 marks missing, 3 not migrated (the guest did not
+    /// start at the destination, or runs on at the source with every mark).
+    Migrate(migrate_cmd::MigrateArgs),
     /// Failure drills (`dbm drill migrate`): the migration failure matrix over TCP with the
     /// disk bitmaps written throughout; exit 2 on any lost mark or corruption.
     Drill(DrillArgs),
@@ -171,6 +179,7 @@ fn main() -> ExitCode {
         Command::Drill(args) => match &args.which {
             Drill::Migrate(a) => drill::run(a),
         },
+        Command::Migrate(args) => migrate_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -117,6 +117,10 @@ pub struct DiskRun {
 /// anywhere) through a [`Tracker`], logging each after its mark returned, until paused. A
 /// pause waits for the write in flight: the VM's disk I/O drained, as the `Vm` contract
 /// asks before the final inactivate.
+///
+/// With a log file, each batch of marks is appended to it as `offset length` lines, after
+/// the marks returned and before the batch counts as done: once [`pause`](Self::pause)
+/// returns, the file lists every mark made, and only marks made.
 pub struct DiskWriter {
     paused: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
@@ -126,8 +130,14 @@ pub struct DiskWriter {
 }
 
 impl DiskWriter {
-    /// Starts the writer.
-    pub fn start(tracker: Tracker, disk_size: u64, writes_per_sec: u64, seed: u64) -> Self {
+    /// Starts the writer; `file`, when given, receives the log as it grows.
+    pub fn start(
+        tracker: Tracker,
+        disk_size: u64,
+        writes_per_sec: u64,
+        seed: u64,
+        mut file: Option<std::fs::File>,
+    ) -> Self {
         let paused = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(Mutex::new(()));
@@ -169,6 +179,19 @@ impl DiskWriter {
                     batch.push(b * 4096);
                 }
                 done += 64;
+                if let Some(out) = file.as_mut() {
+                    use std::fmt::Write as _;
+                    let mut text = String::with_capacity(batch.len() * 20);
+                    for o in &batch {
+                        let _ = writeln!(text, "{o} 4096");
+                    }
+                    if let Err(e) = std::io::Write::write_all(out, text.as_bytes()) {
+                        // A log that cannot be written would make the check that reads it
+                        // meaningless: stop writing (and marking) altogether.
+                        eprintln!("dbm: the log of marks cannot be written: {e}");
+                        q.store(true, Ordering::SeqCst);
+                    }
+                }
                 l.lock().unwrap_or_else(|e| e.into_inner()).extend(batch);
             }
         });
@@ -208,9 +231,11 @@ impl DiskWriter {
 }
 
 /// The guest as the loop sees it: the vCPUs, and the disk writer that stops with them.
-struct Guest<'a> {
-    vcpus: &'a mut Workload,
-    disk: Option<&'a DiskWriter>,
+pub struct Guest<'a> {
+    /// The vCPU threads.
+    pub vcpus: &'a mut Workload,
+    /// The disk writer, paused with the vCPUs and resumed with them.
+    pub disk: Option<&'a DiskWriter>,
 }
 
 impl Vm for Guest<'_> {
@@ -246,7 +271,8 @@ fn disk_store(d: &DiskParams) -> Res<SharedStore<FileStorage>> {
     Ok(SharedStore::new(s))
 }
 
-/// Marks of `marks` not dirty in every bitmap of `store` (in memory).
+/// Marks of `marks` not dirty in every bitmap of `store`: in memory while it is active,
+/// as stored on disk while it is not.
 fn lost_marks<S: dirty_bitmap::storage::Storage>(
     store: &BitmapStore<S>,
     marks: &[u64],
@@ -537,6 +563,7 @@ pub fn migrate(
             d.disk_size,
             d.writes_per_sec,
             params.seed,
+            None,
         )),
         _ => None,
     };

@@ -1,0 +1,755 @@
+//! `dbm migrate listen` and `dbm migrate send`: the two ends of a live migration, each its
+//! own process, over TCP, on one qcow2 image both of them open (shared storage).
+//!
+//! Each side opens the image itself, writable, with QEMU's image locks
+//! (`FileStorage::open(path, OpenMode::ReadWrite)`); the processes share nothing but the
+//! file and the socket. The source holds the writer's locks while its bitmaps are active;
+//! its stop (`SharedDiskState::complete`, the incremental inactivate) releases them, so
+//! the destination can open the image writable after the source's End and activate it
+//! before it answers Started (`SharedDiskDest`). After a failed hand-over the source takes
+//! the locks and its bitmaps back before its guest resumes.
+//!
+//! - `listen`: binds, prints the address, serves attempts until the guest starts here (or
+//!   the attempts or the wait run out); `--refuse N` refuses the first N attempts *after*
+//!   opening and activating the image, which it puts back as the source left it before the
+//!   refusal is sent. Once the guest started here it checks the source's log of marks
+//!   against its bitmaps, runs its own disk writes for `--run-for`, and inactivates.
+//! - `send`: activates the image, starts the guest (vCPU threads writing RAM, a disk
+//!   writer marking every enabled bitmap through the store's `Tracker`, paused when the VM
+//!   stops), migrates it, and prints the outcome. After a failure the guest runs on here
+//!   for `--run-for`, then stops: every logged mark must be dirty in memory and on disk.
+//!
+//! The log of marks (`--log`) holds one `offset length` line per 4 KiB disk write, written
+//! after the mark returned and before the writer pauses, so when the source's VM has
+//! stopped it lists every mark made and only marks made.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Subcommand;
+use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::{
+    AutoConverge, Bytes, BytesPerMs, DestState, GuestRam, Kind, LoopConfig, MigrationError,
+    MigrationState, Millis, Pattern, RamState, SetupMode, SharedDestState, SharedDiskDest,
+    SharedDiskState, StateId, Vm, Workload, WorkloadConfig, RAM_ID,
+};
+use dirty_bitmap::rng::SplitMix64;
+use dirty_bitmap::storage::{FileStorage, Storage};
+use dirty_bitmap::{BitmapStore, FlushStats, OpenMode, SharedStore};
+
+use crate::migrate_run::{DiskWriter, Guest, PAGE};
+use crate::open::at;
+use crate::out::emit;
+use crate::signals::{self, Ended};
+use crate::size::{self, human};
+use crate::CmdResult;
+
+/// The name both ends give the disk state (`SharedDiskState` and `SharedDiskDest`).
+const DISK_STATE: &str = "disk-bitmaps";
+/// The disk state's section id on the source.
+const DISK_ID: StateId = 2;
+
+/// Exit status: logged marks missing from the bitmaps.
+const EXIT_LOST: u8 = 2;
+/// Exit status: no hand-over (listen: the guest did not start here; send: the guest runs
+/// on at the source).
+const EXIT_NOT_MIGRATED: u8 = 3;
+
+/// Options of `dbm migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    pub side: Side,
+}
+
+/// The two ends.
+#[derive(Debug, Subcommand)]
+pub enum Side {
+    /// The destination: listen for the source, open and activate the shared image after
+    /// its End, start the guest here; print the address and what it received.
+    Listen(ListenArgs),
+    /// The source: run a guest on the image (RAM writes, disk writes marking its bitmaps)
+    /// and migrate it to a `listen`ing destination; print the outcome.
+    Send(SendArgs),
+}
+
+/// Options of `dbm migrate listen`.
+#[derive(Debug, clap::Args)]
+pub struct ListenArgs {
+    /// The qcow2 image, on storage the source shares.
+    pub image: PathBuf,
+    /// Address to listen on; port 0 picks a free one (printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub bind: SocketAddr,
+    /// Refuse to start the guest in the first N attempts, after opening and activating the
+    /// image (which goes back as the source left it before the refusal is sent).
+    #[arg(long, default_value_t = 0)]
+    pub refuse: u32,
+    /// Attempts (connections) to serve before giving up.
+    #[arg(long, default_value_t = 1)]
+    pub attempts: u32,
+    /// Seconds to wait for each connection, and for each read or write on it.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// The largest guest RAM a source may send (suffixes K, M, G, T).
+    #[arg(long, default_value = "64G", value_parser = size::parse_size)]
+    pub max_ram: u64,
+    /// The source's log of marks (`send --log`): once the guest started here, every mark
+    /// in it must be dirty in every enabled bitmap (exit 2 otherwise).
+    #[arg(long)]
+    pub check_log: Option<PathBuf>,
+    /// Seconds the guest runs here after it started, or until SIGINT or SIGTERM; then it
+    /// stops and the image is inactivated.
+    #[arg(long, default_value_t = 0.0)]
+    pub run_for: f64,
+    /// 4 KiB disk writes per second the guest makes here while it runs, each marked in
+    /// every enabled bitmap.
+    #[arg(long, default_value_t = 0)]
+    pub bitmap_writes_per_sec: u64,
+    /// Append the marks made here to this file, as `send --log` does.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Random seed of the disk writes here (default: random; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Options of `dbm migrate send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// The qcow2 image, on storage the destination shares; its enabled bitmaps record the
+    /// guest's disk writes.
+    pub image: PathBuf,
+    /// The destination's address (`listen` prints it).
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
+    #[arg(long, default_value = "64M", value_parser = size::parse_size)]
+    pub guest_ram: u64,
+    /// vCPU threads writing guest pages.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
+    /// Bytes per second the vCPUs write, in whole 4 KiB pages (suffixes K, M, G); 90 % of
+    /// the writes go into 5 % of the pages.
+    #[arg(long, default_value = "8M", value_parser = size::parse_size)]
+    pub dirty_rate: u64,
+    /// 4 KiB disk writes per second, each marked in every enabled bitmap; 90 % of them go
+    /// into a 64 GiB hot spot.
+    #[arg(long, default_value_t = 10_000)]
+    pub bitmap_writes_per_sec: u64,
+    /// The rate limit (QEMU `max-bandwidth`), bytes per second (suffixes K, M, G).
+    #[arg(long, default_value = "128M", value_parser = size::parse_size)]
+    pub max_bandwidth: u64,
+    /// The downtime limit in ms (QEMU `downtime-limit`); the disk's stop time counts in it.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Seconds the guest runs before the migration starts.
+    #[arg(long, default_value_t = 0.5)]
+    pub warm_up: f64,
+    /// Attempts: after one that fails with the guest resumed here, the next starts
+    /// `--retry-after` seconds later, sending the whole RAM again.
+    #[arg(long, default_value_t = 1)]
+    pub attempts: u32,
+    /// Seconds between attempts.
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_after: f64,
+    /// After the last attempt failed: seconds the guest runs on here, or until SIGINT or
+    /// SIGTERM; then it stops and the image is inactivated.
+    #[arg(long, default_value_t = 0.0)]
+    pub run_for: f64,
+    /// Append one `offset length` line per disk write to this file, after its mark.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Seconds to wait for the connection, each write, and each answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Random seed of the RAM contents and of the writes (default: random; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Runs `dbm migrate listen` or `dbm migrate send`.
+pub fn run(args: &MigrateArgs) -> CmdResult {
+    match &args.side {
+        Side::Listen(a) => listen(a),
+        Side::Send(a) => send(a),
+    }
+}
+
+/// Prints one progress line at once; a closed stdout does not stop the migration.
+fn say(line: impl AsRef<str>) {
+    let _ = emit(&format!("{}\n", line.as_ref()));
+}
+
+/// Seconds as a duration, refusing what is negative or not a number.
+fn seconds(what: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
+}
+
+fn seed_or_random(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(rand::random::<u64>)
+}
+
+fn open_log(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| at(path, e))
+}
+
+/// The `offset length` lines of a log of marks. A last line without its newline was cut
+/// short and is skipped.
+fn read_log(path: &Path) -> Result<Vec<(u64, u64)>, String> {
+    let f = File::open(path).map_err(|e| at(path, e))?;
+    let mut r = BufReader::new(f);
+    let mut out = Vec::new();
+    let mut line = String::new();
+    for n in 1.. {
+        line.clear();
+        if r.read_line(&mut line).map_err(|e| at(path, e))? == 0 || !line.ends_with('\n') {
+            break;
+        }
+        let mut it = line.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next(), it.next()) {
+            (Some(Ok(o)), Some(Ok(l)), None) if l > 0 => out.push((o, l)),
+            _ => return Err(at(path, format!("line {n} is not `offset length`"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Names of the bitmaps that record writes (enabled).
+fn enabled_bitmaps<S: Storage>(store: &BitmapStore<S>) -> Vec<String> {
+    store
+        .list()
+        .into_iter()
+        .filter(|b| b.enabled)
+        .map(|b| b.name.to_string())
+        .collect()
+}
+
+/// Marks of `marks` not dirty (first or last byte) in some enabled bitmap of `store`: in
+/// memory while it is active, as stored on disk while it is not. Counted once per mark.
+fn missing<S: Storage>(store: &BitmapStore<S>, marks: &[(u64, u64)]) -> Result<u64, String> {
+    let mut bitmaps = Vec::new();
+    for info in store.list().into_iter().filter(|b| b.enabled) {
+        let b = if store.is_active() {
+            store.bitmap(&info.name).map(|b| b.snapshot())
+        } else {
+            store.load(&info.name)
+        };
+        bitmaps.push(b.map_err(|e| format!("bitmap {}: {e}", info.name))?);
+    }
+    Ok(marks
+        .iter()
+        .filter(|&&(o, l)| {
+            bitmaps
+                .iter()
+                .any(|b| !b.is_dirty(o) || !b.is_dirty(o + l - 1))
+        })
+        .count() as u64)
+}
+
+fn flush_line(s: &FlushStats) -> String {
+    format!(
+        "{} bytes, {} syncs, {:.1} ms",
+        s.bytes_written,
+        s.syncs,
+        s.duration.as_secs_f64() * 1000.0
+    )
+}
+
+/// CRC32 of the guest RAM, page by page in order (the same bytes as the destination's).
+fn ram_crc(ram: &GuestRam) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let mut page = vec![0u8; PAGE as usize];
+    for p in 0..ram.pages() {
+        ram.read_page(p, &mut page);
+        h.update(&page);
+    }
+    h.finalize()
+}
+
+// ---- listen ----
+
+/// The destination's disk state: [`SharedDiskDest`] on the image, refusing the first
+/// attempts after it activated, and saying what it does as it does it.
+#[derive(Debug)]
+struct ListenDisk {
+    inner: SharedDiskDest<FileStorage>,
+    image: PathBuf,
+    refuse_left: u32,
+    /// Attempts that reached the Hello, this one included.
+    attempt: u32,
+    /// Whether this attempt opened and activated the image.
+    activated: bool,
+}
+
+impl DestState for ListenDisk {
+    fn name(&self) -> &str {
+        DISK_STATE
+    }
+
+    fn hello(&mut self, id: StateId) -> dirty_bitmap::migration::Result<()> {
+        self.attempt += 1;
+        self.activated = false;
+        say(format!(
+            "attempt {}: the source declared {DISK_STATE}",
+            self.attempt
+        ));
+        self.inner.hello(id)
+    }
+
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.inner.before_start()?;
+        self.activated = true;
+        say(format!(
+            "attempt {}: opened {} writable and activated it",
+            self.attempt,
+            self.image.display()
+        ));
+        if self.refuse_left > 0 {
+            self.refuse_left -= 1;
+            return Err(MigrationError::DestinationRefused(format!(
+                "as told (--refuse), attempt {}, after activating the image",
+                self.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self) {
+        self.inner.failed();
+        say(format!(
+            "attempt {}: failed; {}",
+            self.attempt,
+            if std::mem::take(&mut self.activated) {
+                "the image is inactive again, as the source left it"
+            } else {
+                "the image was not opened"
+            }
+        ));
+    }
+}
+
+fn listen(a: &ListenArgs) -> CmdResult {
+    let timeout = seconds("timeout", a.timeout)?;
+    let run_for = seconds("run-for", a.run_for)?;
+    if a.attempts == 0 {
+        return Err("--attempts must be at least 1".into());
+    }
+    // The image must be one now (read beside the source's writer, force-sharing); it is
+    // opened writable only once the source handed it over.
+    let disk_size = crate::open::reader(&a.image, true)?.disk_size();
+    let seed = seed_or_random(a.seed);
+    let disk = Arc::new(Mutex::new(ListenDisk {
+        inner: SharedDiskDest::file(DISK_STATE, a.image.clone()),
+        image: a.image.clone(),
+        refuse_left: a.refuse,
+        attempt: 0,
+        activated: false,
+    }));
+    let dest = TcpDestination::spawn(DestOptions {
+        max_attempts: a.attempts,
+        timeout,
+        max_ram_bytes: Bytes(a.max_ram),
+        seed,
+        states: vec![Arc::clone(&disk) as SharedDestState],
+        bind: a.bind,
+        ..DestOptions::default()
+    })?;
+    say(format!("listening on {}", dest.addr()));
+    let report = dest.wait()?;
+    for (i, t) in report.attempts.iter().enumerate() {
+        say(format!(
+            "attempt {}: {}; pages held at start {}, written {}, held at end {}",
+            i + 1,
+            t.error
+                .as_ref()
+                .map_or_else(|| "completed".to_string(), |e| format!("failed: {e}")),
+            t.pages_held_at_start,
+            t.pages_written,
+            t.pages_held_at_end
+        ));
+    }
+    let Some(guest) = report.guest else {
+        say("the guest did not start here");
+        return Ok(ExitCode::from(EXIT_NOT_MIGRATED));
+    };
+    say(format!(
+        "guest started here: RAM {} pages, crc32 {:08x}",
+        guest.pages(),
+        crc32fast::hash(guest.ram())
+    ));
+    let mut store = disk
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .inner
+        .take_store()
+        .ok_or("the guest started but the disk state holds no image")?;
+    say(format!(
+        "holding {} (active, write locks held); bitmaps recording: {}",
+        a.image.display(),
+        enabled_bitmaps(&store).join(", ")
+    ));
+    // Until the guest stops here the image is active; an error on the way inactivates it
+    // first, so that it is never left `in_use`.
+    let started = (|| -> Result<_, String> {
+        let mut lost = 0;
+        let marks = match &a.check_log {
+            Some(log) => {
+                let marks = read_log(log)?;
+                lost += missing(&store, &marks)?;
+                say(format!(
+                    "source marks: {} logged in {}, {lost} missing",
+                    marks.len(),
+                    log.display(),
+                ));
+                marks
+            }
+            None => Vec::new(),
+        };
+        let writer = if a.bitmap_writes_per_sec > 0 {
+            let file = a.log.as_deref().map(open_log).transpose()?;
+            Some(DiskWriter::start(
+                store.tracker().map_err(|e| at(&a.image, e))?,
+                disk_size,
+                a.bitmap_writes_per_sec,
+                seed,
+                file,
+            ))
+        } else {
+            None
+        };
+        Ok((lost, marks, writer))
+    })();
+    let (mut lost, source_marks, writer) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = store.inactivate();
+            return Err(e.into());
+        }
+    };
+    say(format!(
+        "running: {} disk writes/s, seed {seed}, for {} s (SIGINT or SIGTERM stops it sooner)",
+        a.bitmap_writes_per_sec,
+        run_for.as_secs_f64()
+    ));
+    let (ended, ran) = signals::run_for(run_for);
+    let own: Vec<(u64, u64)> = writer.map_or_else(Vec::new, |w| {
+        w.pause();
+        w.shutdown().into_iter().map(|o| (o, PAGE)).collect()
+    });
+    say(format!(
+        "stopped after {:.2} s{}: {} marks made here",
+        ran.as_secs_f64(),
+        if ended == Ended::Signal {
+            " (signal)"
+        } else {
+            ""
+        },
+        own.len()
+    ));
+    let stop = store.inactivate().map_err(|e| at(&a.image, e))?;
+    let on_disk = missing(&store, &source_marks)? + missing(&store, &own)?;
+    lost += on_disk;
+    say(format!(
+        "inactivated: {}; marks missing on disk: {on_disk}",
+        flush_line(&stop)
+    ));
+    drop(store);
+    Ok(if lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_LOST)
+    })
+}
+
+// ---- send ----
+
+/// What a `send` run has to stop at the end.
+struct Source {
+    store: SharedStore<FileStorage>,
+    vcpus: Workload,
+    writer: DiskWriter,
+    image: PathBuf,
+}
+
+impl Source {
+    /// The guest runs on here for `d` (or until a signal), then stops: its disk writes
+    /// drained, every logged mark checked in memory, the image inactivated, every mark
+    /// checked on disk.
+    fn run_on_and_stop(self, d: Duration) -> CmdResult {
+        say(format!(
+            "running here for {} s (SIGINT or SIGTERM stops it sooner)",
+            d.as_secs_f64()
+        ));
+        let (ended, ran) = signals::run_for(d);
+        self.writer.pause();
+        let marks: Vec<(u64, u64)> = self
+            .writer
+            .shutdown()
+            .into_iter()
+            .map(|o| (o, PAGE))
+            .collect();
+        self.vcpus.shutdown();
+        let mut st = self.store.lock();
+        let in_memory = missing(&st, &marks)?;
+        let stop = st.inactivate().map_err(|e| at(&self.image, e))?;
+        let on_disk = missing(&st, &marks)?;
+        say(format!(
+            "stopped after {:.2} s{}: marks {} made, {in_memory} missing in memory; inactivated: {}; {on_disk} missing on disk",
+            ran.as_secs_f64(),
+            if ended == Ended::Signal { " (signal)" } else { "" },
+            marks.len(),
+            flush_line(&stop)
+        ));
+        Ok(ExitCode::from(if in_memory + on_disk == 0 {
+            EXIT_NOT_MIGRATED
+        } else {
+            EXIT_LOST
+        }))
+    }
+}
+
+/// The guest, noting whether the loop stopped it (the hand-over began).
+struct Stops<'a> {
+    guest: Guest<'a>,
+    stopped: bool,
+}
+
+impl Vm for Stops<'_> {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.stopped = true;
+        self.guest.stop()
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.guest.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.guest.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.guest.run_until(now);
+    }
+}
+
+fn send(a: &SendArgs) -> CmdResult {
+    let timeout = seconds("timeout", a.timeout)?;
+    let warm_up = seconds("warm-up", a.warm_up)?;
+    let run_for = seconds("run-for", a.run_for)?;
+    let retry_after = seconds("retry-after", a.retry_after)?;
+    if a.attempts == 0 {
+        return Err("--attempts must be at least 1".into());
+    }
+    if a.guest_ram == 0 || !a.guest_ram.is_multiple_of(PAGE) {
+        return Err(format!(
+            "--guest-ram {}: not a positive multiple of 4 KiB",
+            a.guest_ram
+        )
+        .into());
+    }
+    if a.vcpus == 0 {
+        return Err("--vcpus must be at least 1".into());
+    }
+    // The loop's window is 100 ms: a lower rate could never send a byte.
+    if a.max_bandwidth < 10 {
+        return Err("--max-bandwidth must be at least 10 bytes/s (1 byte per 100 ms)".into());
+    }
+    let seed = seed_or_random(a.seed);
+    let mut st = crate::open::store(&a.image, OpenMode::ReadWrite)?;
+    let bitmaps = enabled_bitmaps(&st);
+    if bitmaps.is_empty() {
+        return Err(at(&a.image, "no enabled bitmap records the guest's writes").into());
+    }
+    let pages = a.guest_ram / PAGE;
+    let ram = Arc::new(GuestRam::new(pages)?);
+    let log = Arc::new(new_log(&ram)?);
+    // Distinct contents, so that a page the destination missed shows in its CRC.
+    let mut init = SplitMix64::new(seed ^ 0x1417);
+    for p in 0..pages {
+        ram.fill_page(p, init.next_u64());
+    }
+    let batch_pages = 64u64;
+    let config = LoopConfig {
+        downtime_limit: Millis(a.downtime_limit),
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(a.max_bandwidth)),
+        iterate_chunk: Bytes((batch_pages * PAGE * 4).max(1 << 20)),
+        ..LoopConfig::default()
+    };
+    let mut ram_state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        batch_pages as usize,
+    )?;
+    let file = a.log.as_deref().map(open_log).transpose()?;
+    st.activate().map_err(|e| at(&a.image, e))?;
+    let disk_size = st.disk_size();
+    let store = SharedStore::new(st);
+    say(format!(
+        "activated {} (write locks held); bitmaps recording: {}",
+        a.image.display(),
+        bitmaps.join(", ")
+    ));
+
+    // From here until the guest stops the image is active: an error inactivates it first,
+    // so that it is never left `in_use`.
+    let tracker = match store.lock().tracker() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = store.lock().inactivate();
+            return Err(at(&a.image, e).into());
+        }
+    };
+    let writer = DiskWriter::start(tracker, disk_size, a.bitmap_writes_per_sec, seed, file);
+    let vcpus = match Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: a.vcpus,
+            writes_per_sec: a.dirty_rate / PAGE,
+            pattern: Pattern::HOT_90_5,
+            seed,
+        },
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            writer.pause();
+            writer.shutdown();
+            let _ = store.lock().inactivate();
+            return Err(e.into());
+        }
+    };
+    say(format!(
+        "guest: RAM {}, vCPUs {} writing {}/s; disk writes {}/s; seed {seed}",
+        human(a.guest_ram),
+        a.vcpus,
+        human(a.dirty_rate / PAGE * PAGE),
+        a.bitmap_writes_per_sec
+    ));
+    std::thread::sleep(warm_up);
+
+    let mut disk_state = SharedDiskState::new(DISK_ID, DISK_STATE, store.clone());
+    let mut source = Source {
+        store,
+        vcpus,
+        writer,
+        image: a.image.clone(),
+    };
+    for attempt in 1..=a.attempts {
+        say(format!(
+            "migrating to {} (attempt {attempt} of {})",
+            a.to, a.attempts
+        ));
+        let mut guest = Stops {
+            guest: Guest {
+                vcpus: &mut source.vcpus,
+                disk: Some(&source.writer),
+            },
+            stopped: false,
+        };
+        let result = {
+            let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
+            migrate_to(
+                a.to,
+                &SourceOptions {
+                    loop_config: config,
+                    timeout,
+                },
+                &mut guest,
+                &mut states,
+                &mut AutoConverge::default(),
+            )
+        };
+        let stopped = guest.stopped;
+        match result {
+            Ok(r) if r.outcome.kind != Kind::NotConverging => {
+                let o = r.outcome;
+                // The guest is stopped here and its disk writes drained: the log is
+                // complete.
+                let crc = ram_crc(&ram);
+                let marks = source.writer.shutdown();
+                source.vcpus.shutdown();
+                let active = source.store.lock().is_active();
+                say(format!(
+                    "handed over: downtime {:.1} ms (limit {} ms); switchover on network pending {} bytes and disk stop time {} ms",
+                    o.downtime.as_secs_f64() * 1000.0,
+                    a.downtime_limit,
+                    o.pending_at_switch.must_precopy.get() + o.pending_at_switch.can_postcopy.get(),
+                    o.pending_at_switch.disk_time.0,
+                ));
+                say(format!(
+                    "disk: flushed during precopy {} bytes; stop (inside the downtime): {}",
+                    o.disk_flushed.get(),
+                    flush_line(&o.disk_stop)
+                ));
+                say(format!(
+                    "sent {} bytes in {:.1} s, {} syncs; RAM at stop {} pages, crc32 {crc:08x}",
+                    r.wire.bytes.get(),
+                    o.total_time.as_secs_f64(),
+                    o.exact_queries,
+                    pages
+                ));
+                say(format!(
+                    "marks: {} made{}",
+                    marks.len(),
+                    a.log
+                        .as_ref()
+                        .map_or_else(String::new, |l| format!(", logged to {}", l.display()))
+                ));
+                if active || !disk_state.handed_over() {
+                    return Err(
+                        "the hand-over completed but the source store is still active".into(),
+                    );
+                }
+                say("source: bitmaps handed over (store inactive, write locks released)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(_) => {
+                say("did not converge: the migration was cancelled and the guest runs on here");
+            }
+            Err(
+                e @ (MigrationError::OutcomeUnknown(_)
+                | MigrationError::AfterStart(_)
+                | MigrationError::SourceNotResumed { .. }),
+            ) => {
+                // The guest must not run here: stop the threads, leave the image as it is.
+                say(format!(
+                    "hand-over failed and the source stays stopped: {e}"
+                ));
+                let _ = source.writer.shutdown();
+                source.vcpus.shutdown();
+                return Err(e.into());
+            }
+            Err(e) => {
+                say(format!("hand-over failed: {e}"));
+                let active = source.store.lock().is_active();
+                if !active || disk_state.handed_over() {
+                    return Err("the guest resumed but the source store is not active".into());
+                }
+                // The stop's inactivate ran in this attempt (its figures are reset at each
+                // setup) only if the VM stopped.
+                if stopped && disk_state.disk_stop().syncs > 0 {
+                    say("source: took its bitmaps back (store active, write locks held); the guest resumed");
+                } else {
+                    say("source: kept its bitmaps (the hand-over never began; store active, write locks held); the guest runs on");
+                }
+            }
+        }
+        if attempt < a.attempts {
+            say(format!("retrying in {} s", retry_after.as_secs_f64()));
+            std::thread::sleep(retry_after);
+        }
+    }
+    source.run_on_and_stop(run_for)
+}
