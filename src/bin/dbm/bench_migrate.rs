@@ -120,7 +120,7 @@ fn mib(bytes_per_sec: u64) -> String {
 }
 
 /// `1,234,567`.
-fn grouped(n: u64) -> String {
+pub(super) fn grouped(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -132,7 +132,7 @@ fn grouped(n: u64) -> String {
     out
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -413,8 +413,8 @@ fn reproduce(args: &MigrateArgs, seed: u64) -> String {
 }
 
 /// A size as the shortest `parse_size` spelling.
-fn mib_arg(b: u64) -> String {
-    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+pub(super) fn mib_arg(b: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
         if b != 0 && b.is_multiple_of(1 << shift) {
             return format!("{}{suffix}", b >> shift);
         }

@@ -494,7 +494,7 @@ fn qemu_check(path: &Path) -> Res<String> {
 pub const MIGRATE_IMAGE_FILE: &str = "demo-migrate.qcow2";
 
 /// 4 KiB disk writes per second during the migration part.
-const DISK_WRITES_PER_SEC: u64 = 100_000;
+pub const DISK_WRITES_PER_SEC: u64 = 100_000;
 
 fn disk_params(args: &DemoArgs, dir: &Path, refuse: bool) -> DiskParams {
     DiskParams {

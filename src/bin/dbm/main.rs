@@ -64,7 +64,8 @@ enum Command {
     /// Activate an image and mark random 4 KiB writes at a steady rate with background
     /// flushes, then prepare_stop and inactivate; print the flush statistics.
     Workload(workload::WorkloadArgs),
-    /// Run a benchmark and print its table (`dbm bench flush`, `dbm bench migrate`).
+    /// Run a benchmark and print its table (`dbm bench flush`, `dbm bench migrate`, `dbm bench
+    /// migrate-disk`).
     Bench(bench::BenchArgs),
     /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
     /// switchover exceeded its downtime limit or any destination RAM differed.

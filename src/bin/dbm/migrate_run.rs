@@ -28,7 +28,7 @@ use dirty_bitmap::migration::{
     MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
     Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
-use dirty_bitmap::migration::{SharedDestState, SharedDiskDest, SharedDiskState};
+use dirty_bitmap::migration::{DestState, SharedDestState, SharedDiskDest, SharedDiskState};
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, Recording, SharedStore, Tracker};
@@ -111,6 +111,47 @@ pub struct DiskRun {
     pub destination_opened: bool,
     /// `qemu-img check` on the image afterwards.
     pub qemu_check: String,
+    /// The destination's open and activate of the image (after End, before Started: inside
+    /// the downtime), when it ran.
+    pub dest_activate: Option<Duration>,
+}
+
+/// The destination's disk state, timing its take-over ([`DestState::before_start`]: open
+/// and activate the image), which falls inside the downtime.
+#[derive(Debug)]
+struct TimedDest {
+    inner: Arc<Mutex<SharedDiskDest<FileStorage>>>,
+    took: Arc<Mutex<Option<Duration>>>,
+}
+
+impl TimedDest {
+    fn inner(&self) -> std::sync::MutexGuard<'_, SharedDiskDest<FileStorage>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DestState for TimedDest {
+    fn name(&self) -> &str {
+        "disk-bitmaps"
+    }
+    fn hello(
+        &mut self,
+        id: dirty_bitmap::migration::StateId,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.inner().hello(id)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+        self.inner().section(payload)
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        let t = Instant::now();
+        let r = self.inner().before_start();
+        *self.took.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.elapsed());
+        r
+    }
+    fn failed(&mut self) {
+        self.inner().failed();
+    }
 }
 
 /// Marks 4 KiB disk writes at a steady rate (90 % into a 64 GiB hot spot, the rest
@@ -585,13 +626,19 @@ pub fn migrate(
             d.image.clone(),
         )))
     });
+    let dest_activate = Arc::new(Mutex::new(None));
     let dest = TcpDestination::spawn(DestOptions {
         max_ram_bytes: Bytes(params.ram_bytes),
         seed: params.seed,
         refuse_attempts: u32::from(disk.is_some_and(|d| d.refuse)),
         states: disk_dest
             .iter()
-            .map(|d| Arc::clone(d) as SharedDestState)
+            .map(|d| {
+                Arc::new(Mutex::new(TimedDest {
+                    inner: Arc::clone(d),
+                    took: Arc::clone(&dest_activate),
+                })) as SharedDestState
+            })
             .collect(),
         ..DestOptions::default()
     })?;
@@ -638,6 +685,7 @@ pub fn migrate(
         let mut dr = DiskRun {
             flushed: Bytes(ds.flushed().bytes_written),
             stop: ds.disk_stop(),
+            dest_activate: *dest_activate.lock().unwrap_or_else(|e| e.into_inner()),
             ..DiskRun::default()
         };
         if let Ok(SourceReport { outcome, .. }) = &result {

@@ -1,0 +1,571 @@
+//! `dbm bench migrate-disk`: the disk part of a live migration's downtime, ours against
+//! QEMU's approach, on the demo's workload (issue 11, section 6, "Benchmark").
+//!
+//! For each bitmap count (1 and 4 by default) and each mode, the same migration runs with
+//! two approaches, alternating (ours first in odd runs, QEMU's first in even ones), each
+//! `--repeat` times:
+//! - **ours**: [`SharedDiskState`](dirty_bitmap::migration::SharedDiskState): the changed
+//!   regions flushed once per measurement window during precopy, the stop's disk time
+//!   counted against the downtime limit, the incremental `inactivate` inside the downtime;
+//! - **QEMU's**: [`SharedDiskState::qemu_baseline`](dirty_bitmap::migration::SharedDiskState::qemu_baseline):
+//!   nothing flushed during precopy, no disk time in the switchover rule, every bitmap
+//!   stored whole (`inactivate_full_rewrite`) inside the downtime.
+//!
+//! Modes: **shared** storage (both hosts see one image) is measured. **stream** (separate
+//! storage: the bitmap in the migration stream, against QEMU's whole bitmap in the stream)
+//! has no migration state yet; the output says so, and has no row for it.
+//!
+//! Every run is [`migrate_run::migrate`] with a disk ([`DiskParams`]): a fresh guest, a
+//! fresh sparse image with the bitmaps, a disk writer marking throughout, the destination
+//! behind a TCP listener on 127.0.0.1 that opens the image after the hand-over and counts
+//! the marks it lacks. A run that does not converge, or whose destination RAM differs,
+//! is an error; lost marks or a `qemu-img check` that is not clean are printed, then make
+//! the command fail.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dirty_bitmap::migration::{Millis, Pattern};
+
+use super::migrate::{grouped, mib_arg, ms};
+use crate::demo::DISK_WRITES_PER_SEC;
+use crate::migrate_run::{self, DiskParams, DiskRun, End, Params, Run, PAGE};
+use crate::out::emit;
+use crate::size::{human, parse_size};
+use crate::CmdResult;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// The target: ours' disk part at most this share of QEMU's.
+const TARGET: f64 = 1.0 / 20.0;
+
+/// Options of `dbm bench migrate-disk`. The defaults are `dbm demo`'s migration part.
+#[derive(Debug, clap::Args)]
+pub struct MigrateDiskArgs {
+    /// Directory for the images (a temporary directory inside it, removed at the end;
+    /// default: the system's).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub guest_ram: u64,
+    /// vCPU threads writing guest pages.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Bytes per second the vCPUs write, in whole 4 KiB pages (suffixes K, M, G); 90 % of
+    /// the writes go into 5 % of the pages.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub dirty_rate: u64,
+    /// The rate limit (QEMU `max-bandwidth`), bytes per second (suffixes K, M, G).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub max_bandwidth: u64,
+    /// Downtime limit in ms (QEMU `downtime-limit`).
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Virtual disk size (suffixes K, M, G, T).
+    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// Bytes of disk per bit (suffixes K, M, G).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub granularity: u64,
+    /// Bitmap counts to measure (comma-separated); every bitmap is enabled, so every disk
+    /// write marks each.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "4"])]
+    pub bitmaps: Vec<usize>,
+    /// 4 KiB disk writes per second (90 % into a 64 GiB hot spot, the rest anywhere).
+    #[arg(long, default_value_t = DISK_WRITES_PER_SEC)]
+    pub disk_writes: u64,
+    /// Runs per approach and bitmap count; every figure is the median.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// A short run: a 64 MiB guest, a 1 TiB disk written 6,250 times a second (the same
+    /// share of each bitmap changed per second as 16 TiB at 100,000), one run per approach
+    /// (overrides --guest-ram, --disk-size, --disk-writes and --repeat).
+    #[arg(long)]
+    pub quick: bool,
+    /// Random seed (default: random; printed either way). Run r of both approaches uses
+    /// seed + r.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Where the bitmaps migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Both hosts see one image.
+    Shared,
+    /// The destination has its own image; the bitmaps go in the migration stream.
+    Stream,
+}
+
+impl Mode {
+    const ALL: [Mode; 2] = [Mode::Shared, Mode::Stream];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::Stream => "stream",
+        }
+    }
+
+    /// Whether this build can measure the mode.
+    fn measured(self) -> bool {
+        self == Mode::Shared
+    }
+}
+
+/// One run's figures.
+struct Sample {
+    bitmaps: usize,
+    mode: Mode,
+    qemu: bool,
+    rep: usize,
+    run: Run,
+    disk: DiskRun,
+}
+
+impl Sample {
+    fn approach(&self) -> &'static str {
+        if self.qemu {
+            "QEMU's"
+        } else {
+            "ours"
+        }
+    }
+
+    fn downtime(&self) -> Duration {
+        self.run.downtime.unwrap_or_default()
+    }
+
+    fn within(&self) -> bool {
+        self.downtime() <= Duration::from_millis(self.run.params.downtime_limit.get())
+    }
+}
+
+fn say(s: impl AsRef<str>) -> Res<()> {
+    emit(&format!("{}\n", s.as_ref()))?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Medians of one approach's runs.
+struct Medians {
+    disk_ms: f64,
+    bytes: u64,
+    syncs: u64,
+    downtime_ms: f64,
+    total_ms: f64,
+    /// Runs over the limit, of `runs`.
+    over: usize,
+    runs: usize,
+}
+
+impl Medians {
+    fn of(samples: &[&Sample]) -> Medians {
+        let m = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(|s| f(s)).collect());
+        Medians {
+            disk_ms: m(&|s| ms(s.disk.stop.duration)),
+            bytes: m(&|s| s.disk.stop.bytes_written as f64).round() as u64,
+            syncs: m(&|s| s.disk.stop.syncs as f64).round() as u64,
+            downtime_ms: m(&|s| ms(s.downtime())),
+            total_ms: m(&|s| ms(s.run.total_time)),
+            over: samples.iter().filter(|s| !s.within()).count(),
+            runs: samples.len(),
+        }
+    }
+
+    fn within_cell(&self) -> String {
+        if self.over == 0 {
+            format!("yes ({} of {})", self.runs, self.runs)
+        } else {
+            format!("**no** ({} of {} over)", self.over, self.runs)
+        }
+    }
+}
+
+/// `1/12.3`, or `-` for a ratio that cannot be formed.
+fn one_in(r: f64) -> String {
+    if r.is_finite() && r > 0.0 {
+        format!("1/{:.1}", 1.0 / r)
+    } else if r == 0.0 {
+        "0".into()
+    } else {
+        "-".into()
+    }
+}
+
+/// Runs `dbm bench migrate-disk`.
+pub fn run(args: &MigrateDiskArgs) -> CmdResult {
+    // The quick form keeps the share of each bitmap the disk writes change per second: a
+    // 16th of the disk, a 16th of the writes.
+    let (guest_ram, repeat, disk_size, disk_writes) = if args.quick {
+        (64 << 20, 1, 1 << 40, DISK_WRITES_PER_SEC / 16)
+    } else {
+        (
+            args.guest_ram,
+            args.repeat,
+            args.disk_size,
+            args.disk_writes,
+        )
+    };
+    if guest_ram == 0 || !guest_ram.is_multiple_of(PAGE) {
+        return Err(format!("--guest-ram {guest_ram} is not a positive multiple of 4 KiB").into());
+    }
+    if args.vcpus == 0 || repeat == 0 {
+        return Err("--vcpus and --repeat must be at least 1".into());
+    }
+    if args.bitmaps.is_empty() || args.bitmaps.iter().any(|&n| n == 0 || n > 64) {
+        return Err("--bitmaps takes counts from 1 to 64".into());
+    }
+    if args.max_bandwidth < 10 {
+        return Err("--max-bandwidth must be at least 10 bytes/s".into());
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let tmp = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+
+    say("# dbm bench migrate-disk")?;
+    say("")?;
+    say(format!("- machine: {}", migrate_run::machine()))?;
+    say(format!(
+        "- load average (1, 5, 15 min) at the start: {}",
+        migrate_run::loadavg()
+    ))?;
+    say(format!(
+        "- guest: {} ({} pages of 4 KiB), {} vCPU threads writing {}/s of 4 KiB pages (90 % \
+         of the writes into 5 % of the pages); max-bandwidth {}/s, downtime limit {} ms, \
+         auto-converge; over TCP on 127.0.0.1; seed {seed} (run r: seed + r, the same for \
+         both approaches)",
+        human(guest_ram),
+        guest_ram / PAGE,
+        args.vcpus,
+        human(args.dirty_rate / PAGE * PAGE),
+        human(args.max_bandwidth),
+        args.downtime_limit,
+    ))?;
+    say(format!(
+        "- disk: {} at {} granularity ({} of bitmap each), {} writes of 4 KiB per second (90 % \
+         into a 64 GiB hot spot, the rest anywhere), marked on every bitmap throughout; a fresh \
+         image per run in {}",
+        human(disk_size),
+        human(args.granularity),
+        human(disk_size.div_ceil(args.granularity).div_ceil(8)),
+        grouped(disk_writes),
+        tmp.path().display()
+    ))?;
+    say(
+        "- ours: the bitmaps' changed regions flushed during precopy, the stop's disk time \
+         counted against the limit, the incremental `inactivate` inside the downtime; \
+         QEMU's: nothing flushed before the stop, no disk time in the switchover rule, \
+         `inactivate_full_rewrite` (every bitmap stored whole) inside the downtime",
+    )?;
+    say(format!(
+        "- every figure is the median of {repeat} run(s) per approach, ours and QEMU's \
+         alternating; the disk part of the downtime is the stop's own `FlushStats` (bitmap \
+         data and table bytes, barriers, wall time)"
+    ))?;
+    say(format!(
+        "- reproduce: `cargo run --release -- bench migrate-disk{}`",
+        reproduce(args, seed)
+    ))?;
+    say("")?;
+
+    let limit = Millis(args.downtime_limit);
+    let mut samples: Vec<Sample> = Vec::new();
+    let modes: Vec<Mode> = Mode::ALL.into_iter().filter(|m| m.measured()).collect();
+    let total = modes.len() * args.bitmaps.len() * repeat * 2;
+    for &mode in &modes {
+        for &n in &args.bitmaps {
+            for rep in 0..repeat {
+                let order = if rep % 2 == 0 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
+                for qemu in order {
+                    eprintln!(
+                        "dbm bench migrate-disk: run {} of {total}: {n} bitmap(s), {}, {}, \
+                         repetition {}",
+                        samples.len() + 1,
+                        mode.name(),
+                        if qemu { "QEMU's" } else { "ours" },
+                        rep + 1
+                    );
+                    let params = Params {
+                        ram_bytes: guest_ram,
+                        vcpus: args.vcpus,
+                        writes_per_sec: args.dirty_rate / PAGE,
+                        pattern: Pattern::HOT_90_5,
+                        max_bandwidth: args.max_bandwidth,
+                        downtime_limit: limit,
+                        batch_pages: 64,
+                        auto_converge: true,
+                        time_cap: Some(Duration::from_secs(120)),
+                        progress: None,
+                        seed: seed.wrapping_add(rep as u64),
+                    };
+                    let disk = DiskParams {
+                        image: tmp.path().join(format!("bitmaps-{n}.qcow2")),
+                        disk_size,
+                        granularity: args.granularity,
+                        bitmaps: n,
+                        writes_per_sec: disk_writes,
+                        qemu_baseline: qemu,
+                        refuse: false,
+                    };
+                    let run = migrate_run::migrate(&params, Some(&disk), &mut |_| {})?;
+                    let what = format!(
+                        "{n} bitmap(s), {}, {} run {}",
+                        mode.name(),
+                        if qemu { "QEMU's" } else { "our" },
+                        rep + 1
+                    );
+                    match &run.end {
+                        End::Converged => {}
+                        End::Stalled => {
+                            return Err(format!(
+                                "{what}: the migration did not converge, even fully throttled"
+                            )
+                            .into())
+                        }
+                        End::TimeCap => {
+                            return Err(
+                                format!("{what}: the migration did not converge in 120 s").into()
+                            )
+                        }
+                        End::Failed(e) => {
+                            return Err(format!("{what}: the migration failed: {e}").into())
+                        }
+                    }
+                    if !matches!(run.verified, Some((_, true))) {
+                        return Err(format!(
+                            "{what}: the destination RAM differs from the source RAM at stop"
+                        )
+                        .into());
+                    }
+                    let d = run.disk.clone().ok_or("a disk run without its figures")?;
+                    samples.push(Sample {
+                        bitmaps: n,
+                        mode,
+                        qemu,
+                        rep,
+                        run,
+                        disk: d,
+                    });
+                }
+            }
+        }
+    }
+    drop(tmp);
+
+    say(format!(
+        "## Every run ({} guest, limit {} ms, {} disk, {} writes/s)",
+        human(guest_ram),
+        args.downtime_limit,
+        human(disk_size),
+        grouped(disk_writes)
+    ))?;
+    say("")?;
+    say(
+        "| bitmaps | mode | approach | run | downtime ms | within limit | disk ms | disk bytes | \
+         disk syncs | disk time at switch ms | destination activate ms | flushed in precopy | \
+         total ms | disk writes | marks lost | qemu-img check |",
+    )?;
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for s in &samples {
+        say(format!(
+            "| {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            s.bitmaps,
+            s.mode.name(),
+            s.approach(),
+            s.rep + 1,
+            ms(s.downtime()),
+            if s.within() { "yes" } else { "**no**" },
+            ms(s.disk.stop.duration),
+            grouped(s.disk.stop.bytes_written),
+            s.disk.stop.syncs,
+            s.disk
+                .disk_time_at_switch
+                .map_or_else(|| "-".into(), |m| m.get().to_string()),
+            s.disk
+                .dest_activate
+                .map_or_else(|| "-".into(), |d| format!("{:.1}", ms(d))),
+            grouped(s.disk.flushed.get()),
+            ms(s.run.total_time),
+            grouped(s.disk.marks),
+            s.disk.marks_lost,
+            s.disk.qemu_check.replace('|', "/").replace('\n', " "),
+        ))?;
+    }
+    say("")?;
+
+    say(format!(
+        "## The disk part of the downtime: ours against QEMU's (target: ≤ 1/{:.0} of it, and \
+         no downtime over the limit)",
+        1.0 / TARGET
+    ))?;
+    say("")?;
+    say(
+        "| bitmaps | mode | ours: disk ms | ours: disk bytes | ours: disk syncs | ours: downtime ms \
+         | ours: within limit | ours: total ms | QEMU's: disk ms | QEMU's: disk bytes | QEMU's: \
+         disk syncs | QEMU's: downtime ms | QEMU's: within limit | QEMU's: total ms | ours / \
+         QEMU's, disk ms | ours / QEMU's, disk bytes | target |",
+    )?;
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let mut met_all = true;
+    for &mode in &modes {
+        for &n in &args.bitmaps {
+            let pick = |q: bool| -> Vec<&Sample> {
+                samples
+                    .iter()
+                    .filter(|s| s.bitmaps == n && s.mode == mode && s.qemu == q)
+                    .collect()
+            };
+            let (ours, qemu) = (Medians::of(&pick(false)), Medians::of(&pick(true)));
+            let ratio = ours.disk_ms / qemu.disk_ms;
+            let ratio_bytes = ours.bytes as f64 / qemu.bytes as f64;
+            let met = ratio <= TARGET && ours.over == 0;
+            met_all &= met;
+            let verdict = if met {
+                "**met**".to_string()
+            } else {
+                let mut why = Vec::new();
+                if ratio.is_nan() || ratio > TARGET {
+                    why.push(one_in(ratio));
+                }
+                if ours.over > 0 {
+                    why.push(format!("{} downtime(s) over the limit", ours.over));
+                }
+                format!("**not met**: {}", why.join(", "))
+            };
+            say(format!(
+                "| {n} | {} | {:.2} | {} | {} | {:.1} | {} | {:.0} | {:.2} | {} | {} | {:.1} | {} | \
+                 {:.0} | {} | {} | {verdict} |",
+                mode.name(),
+                ours.disk_ms,
+                grouped(ours.bytes),
+                ours.syncs,
+                ours.downtime_ms,
+                ours.within_cell(),
+                ours.total_ms,
+                qemu.disk_ms,
+                grouped(qemu.bytes),
+                qemu.syncs,
+                qemu.downtime_ms,
+                qemu.within_cell(),
+                qemu.total_ms,
+                one_in(ratio),
+                one_in(ratio_bytes),
+            ))?;
+        }
+    }
+    say("")?;
+    for mode in Mode::ALL.into_iter().filter(|m| !m.measured()) {
+        say(format!(
+            "- mode {}: not yet measured. The bitmaps in the migration stream (separate \
+             storage, against QEMU's whole bitmaps in the stream) have no migration state in \
+             this build; their rows come with it.",
+            mode.name()
+        ))?;
+    }
+    let lost: u64 = samples.iter().map(|s| s.disk.marks_lost).sum();
+    let marks: u64 = samples.iter().map(|s| s.disk.marks).sum();
+    let unclean: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.disk.qemu_check != "clean" && !s.disk.qemu_check.starts_with("not run"))
+        .collect();
+    let over = |q: bool| {
+        samples
+            .iter()
+            .filter(|s| s.qemu == q && !s.within())
+            .count()
+    };
+    say(format!(
+        "- {} runs, all converged, every destination RAM equal to the source RAM at stop; \
+         marks lost: {lost} of {} disk writes; downtime over the limit: ours {} of {}, QEMU's \
+         {} of {}; target {}",
+        samples.len(),
+        grouped(marks),
+        over(false),
+        samples.len() / 2,
+        over(true),
+        samples.len() / 2,
+        if met_all {
+            "met in every row"
+        } else {
+            "not met in every row"
+        }
+    ))?;
+    say(format!(
+        "- qemu-img check: {}",
+        match samples.first().map(|s| s.disk.qemu_check.as_str()) {
+            Some(c) if c.starts_with("not run") => "not run (qemu-img is not installed)".into(),
+            _ if unclean.is_empty() => "clean after every run".to_string(),
+            _ => format!("**not clean** after {} run(s)", unclean.len()),
+        }
+    ))?;
+    say(format!(
+        "- load average at the end: {}",
+        migrate_run::loadavg()
+    ))?;
+    if lost > 0 {
+        return Err(format!("{lost} disk writes were not dirty on the destination").into());
+    }
+    if let Some(s) = unclean.first() {
+        return Err(format!(
+            "qemu-img check after {} bitmap(s), {} run {}: {}",
+            s.bitmaps,
+            s.approach(),
+            s.rep + 1,
+            s.disk.qemu_check
+        )
+        .into());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The options that reproduce this run, seed included.
+fn reproduce(args: &MigrateDiskArgs, seed: u64) -> String {
+    let mut s = String::new();
+    if args.quick {
+        s.push_str(" --quick");
+    } else {
+        s.push_str(&format!(
+            " --guest-ram {} --disk-size {} --disk-writes {} --repeat {}",
+            mib_arg(args.guest_ram),
+            mib_arg(args.disk_size),
+            args.disk_writes,
+            args.repeat
+        ));
+    }
+    s.push_str(&format!(
+        " --vcpus {} --dirty-rate {} --max-bandwidth {} --downtime-limit {} --granularity {} \
+         --bitmaps {}",
+        args.vcpus,
+        mib_arg(args.dirty_rate),
+        mib_arg(args.max_bandwidth),
+        args.downtime_limit,
+        mib_arg(args.granularity),
+        args.bitmaps
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    ));
+    if let Some(d) = &args.dir {
+        s.push_str(&format!(" --dir {}", d.display()));
+    }
+    s.push_str(&format!(" --seed {seed}"));
+    s
+}
