@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::tcp::{
+    migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination,
+};
 use dirty_bitmap::migration::{
     AutoConverge, Bytes, BytesPerMs, DestState, GuestRam, Kind, LoopConfig, MigrationError,
     MigrationState, Millis, Pattern, RamState, SetupMode, SharedDestState, SharedDiskDest,
@@ -646,6 +648,8 @@ fn send(a: &SendArgs) -> CmdResult {
         writer,
         image: a.image.clone(),
     };
+    // One migration over every attempt: a retry resumes the RAM the destination kept.
+    let mut session = Session::new();
     for attempt in 1..=a.attempts {
         say(format!(
             "migrating to {} (attempt {attempt} of {})",
@@ -660,12 +664,13 @@ fn send(a: &SendArgs) -> CmdResult {
         };
         let result = {
             let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
-            migrate_to(
+            migrate_in_session(
                 a.to,
                 &SourceOptions {
                     loop_config: config,
                     timeout,
                 },
+                &mut session,
                 &mut guest,
                 &mut states,
                 &mut AutoConverge::default(),
