@@ -155,7 +155,8 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 0.5)]
     pub warm_up: f64,
     /// Attempts: after one that fails with the guest resumed here, the next starts
-    /// `--retry-after` seconds later, sending the whole RAM again.
+    /// `--retry-after` seconds later, in the same migration: the destination resumes the
+    /// RAM it kept.
     #[arg(long, default_value_t = 1)]
     pub attempts: u32,
     /// Seconds between attempts.
