@@ -6,7 +6,6 @@ mod common;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,9 +18,8 @@ use dirty_bitmap::migration::{
     Pending, RamState, RealClock, SetupMode, SharedDiskState, StallAction, StallReport, StateId,
     Workload, WorkloadConfig, RAM_ID,
 };
-use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::FileStorage;
-use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore, Tracker};
+use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
 const GIB: u64 = 1 << 30;
 const DISK: u64 = 64 * GIB;
@@ -278,75 +276,9 @@ fn network_pending_equal_to_what_the_disk_leaves_switches_one_byte_more_does_not
 // ---------------------------------------------------------------------------------------
 // A real store on a file, real vCPU threads and a disk writer marking throughout.
 
-/// Writes to the disk: random 4 KiB writes, each marked through a [`Tracker`] and logged,
-/// until paused. A pause waits for the write in flight (the VM's disk I/O drains at stop).
-struct DiskWriter {
-    paused: Arc<AtomicBool>,
-    quit: Arc<AtomicBool>,
-    in_flight: Arc<Mutex<()>>,
-    log: Arc<Mutex<Vec<u64>>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl DiskWriter {
-    fn start(tracker: Tracker, seed: u64) -> DiskWriter {
-        let paused = Arc::new(AtomicBool::new(false));
-        let quit = Arc::new(AtomicBool::new(false));
-        let in_flight = Arc::new(Mutex::new(()));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (p, q, f, l) = (
-            Arc::clone(&paused),
-            Arc::clone(&quit),
-            Arc::clone(&in_flight),
-            Arc::clone(&log),
-        );
-        let handle = std::thread::spawn(move || {
-            let mut rng = SplitMix64::new(seed);
-            while !q.load(Ordering::SeqCst) {
-                {
-                    let _g = f.lock().unwrap();
-                    if !p.load(Ordering::SeqCst) {
-                        let off = rng.below(DISK / 4096) * 4096;
-                        tracker.mark(off, 4096);
-                        l.lock().unwrap().push(off);
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        });
-        DiskWriter {
-            paused,
-            quit,
-            in_flight,
-            log,
-            handle: Some(handle),
-        }
-    }
-
-    fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-        drop(self.in_flight.lock().unwrap());
-    }
-
-    fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-
-    fn marks(&self) -> Vec<u64> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn shutdown(mut self) -> Vec<u64> {
-        self.quit.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            h.join().unwrap();
-        }
-        self.marks()
-    }
-}
-
-/// The guest: vCPUs writing RAM and a disk writer; stopping it stops both and drains the
-/// disk write in flight, as the `Vm` contract asks.
+/// The guest: vCPUs writing RAM and a disk writer ([`DiskWriter`]) marking the image's
+/// bitmaps, 20,000 writes a second; stopping it stops both and drains the disk write in
+/// flight, as the `Vm` contract asks.
 struct Guest {
     vcpus: Workload,
     disk: DiskWriter,
@@ -354,13 +286,18 @@ struct Guest {
 
 impl Vm for Guest {
     fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
-        self.vcpus.stop()?;
-        self.disk.pause();
-        Ok(())
+        DiskGuest {
+            vcpus: &mut self.vcpus,
+            disk: Some(&self.disk),
+        }
+        .stop()
     }
     fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
-        self.disk.resume();
-        self.vcpus.resume()
+        DiskGuest {
+            vcpus: &mut self.vcpus,
+            disk: Some(&self.disk),
+        }
+        .resume()
     }
     fn set_throttle(&mut self, percent: u8) {
         self.vcpus.set_throttle(percent);
@@ -432,7 +369,7 @@ fn rig(store: &SharedStore<FileStorage>, seed: u64) -> Rig {
     };
     let vcpus = Workload::start(Arc::clone(&ram), Arc::clone(&log), workload).unwrap();
     let tracker = store.lock().tracker().unwrap();
-    let disk = DiskWriter::start(tracker, seed);
+    let disk = DiskWriter::start(tracker, DISK, 20_000, seed, None);
     std::thread::sleep(Duration::from_millis(20));
     let state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 16).unwrap();
     Rig {
@@ -724,7 +661,7 @@ fn a_destination_that_changed_more_than_the_flags_is_refused_and_the_bitmap_read
 // Over TCP, with the destination's side of the disk state.
 
 use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
-use dirty_bitmap::migration::{DestState, SharedDestState, SharedDiskDest};
+use dirty_bitmap::migration::{DestState, DiskGuest, DiskWriter, SharedDestState, SharedDiskDest};
 
 /// A destination-side state that cannot take over.
 #[derive(Debug)]

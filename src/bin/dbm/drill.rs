@@ -42,8 +42,9 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
-use crate::migrate_run::{qemu_check, DiskWriter};
+use crate::migrate_run::qemu_check;
 use crate::CmdResult;
+use dirty_bitmap::migration::DiskWriter;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

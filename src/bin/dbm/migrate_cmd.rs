@@ -45,12 +45,13 @@ use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::{FileStorage, Storage};
 use dirty_bitmap::{BitmapStore, FlushStats, OpenMode, SharedStore};
 
-use crate::migrate_run::{DiskWriter, Guest, PAGE};
+use crate::migrate_run::PAGE;
 use crate::open::at;
 use crate::out::emit;
 use crate::signals::{self, Ended};
 use crate::size::{self, human};
 use crate::CmdResult;
+use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
 
 /// The name both ends give the disk state (`SharedDiskState` and `SharedDiskDest`).
 const DISK_STATE: &str = "disk-bitmaps";
