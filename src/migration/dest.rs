@@ -481,7 +481,7 @@ impl DestCore {
     }
 
     /// Takes the state of that name: a Hello that declares it calls its hooks (see
-    /// [`DestState`]) instead of the section handler.
+    /// [`DestState`](super::dest_state::DestState)) instead of the section handler.
     pub fn add_state(&mut self, state: SharedDestState) {
         self.dest_states.push(state);
     }
@@ -539,7 +539,7 @@ impl DestCore {
     }
 
     /// Marks the core failed with `e` (an error of its channel, say). Unless the guest
-    /// started here, every declared [`DestState`] hears of it ([`DestState::failed`]).
+    /// started here, every declared [`DestState`](super::dest_state::DestState) hears of it ([`DestState::failed`](super::dest_state::DestState::failed)).
     pub fn fail(&mut self, e: &MigrationError) {
         if self.phase != Phase::Failed && !self.ran {
             self.undo_states();
@@ -626,7 +626,7 @@ impl DestCore {
     }
 
     /// Answers the switchover: Started, or Refused when configured to refuse.
-    /// Every declared [`DestState`] hears that the attempt failed, once.
+    /// Every declared [`DestState`](super::dest_state::DestState) hears that the attempt failed, once.
     fn undo_states(&mut self) {
         for &i in self.declared.values() {
             if let Some(s) = self.dest_states.get(i) {

@@ -1,13 +1,13 @@
 //! Disk bitmaps as a [`MigrationState`] on shared storage: both hosts see one image, the
-//! source hands its bitmaps over at the stop ([`BitmapStore::inactivate`]) and the
-//! destination takes them at its start ([`BitmapStore::activate`]).
+//! source hands its bitmaps over at the stop ([`BitmapStore::inactivate`](crate::BitmapStore::inactivate)) and the
+//! destination takes them at its start ([`BitmapStore::activate`](crate::BitmapStore::activate)).
 //!
 //! [`SharedDiskState`] sends nothing on the wire. While the VM runs, the loop calls its
 //! [`flush`](MigrationState::flush) once per measurement window: the store's changed
 //! regions go to disk, and the state measures the disk's write rate and barrier latency
 //! from those flushes ([`DiskRate`]). Its pending figure is [`Pending::disk_time`]: what
-//! the stop will write ([`BitmapStore::stop_work_estimate`], or
-//! [`stop_work_exact`](BitmapStore::stop_work_exact) on the exact query) at those figures.
+//! the stop will write ([`BitmapStore::stop_work_estimate`](crate::BitmapStore::stop_work_estimate), or
+//! [`stop_work_exact`](crate::BitmapStore::stop_work_exact) on the exact query) at those figures.
 //! The loop takes it off the downtime limit before it compares the network pending with
 //! the rest, so the stop's disk time is inside the downtime budget.
 //!

@@ -89,7 +89,7 @@ pub struct DestOptions {
     pub max_ram_bytes: Bytes,
     /// Seed of the postcopy touches.
     pub seed: u64,
-    /// The destination-side states besides RAM ([`DestState`]), given to every attempt.
+    /// The destination-side states besides RAM ([`DestState`](super::dest_state::DestState)), given to every attempt.
     pub states: Vec<SharedDestState>,
     /// Where to listen: 127.0.0.1 on a free port by default.
     pub bind: SocketAddr,

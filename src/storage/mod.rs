@@ -167,7 +167,7 @@ pub trait Storage: Send + Sync + Debug {
     /// Takes (`true`) or releases (`false`) a writer's image locks while the handle stays
     /// open, as QEMU does when it activates or inactivates an image around a migration:
     /// released, the handle keeps only a force-share reader's lock (see
-    /// [`lock`](self::lock)), so another process may open the image writable; taken again,
+    /// [`lock`]), so another process may open the image writable; taken again,
     /// it fails with [`Error::Locked`] while such a process holds it, and then keeps only
     /// the reader's lock. Storage without locks, and the default, do nothing.
     ///
