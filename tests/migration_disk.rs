@@ -999,3 +999,132 @@ fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() 
     r.guest.vcpus.resume().unwrap();
     r.guest.vcpus.shutdown();
 }
+
+// ---------------------------------------------------------------------------------------
+// Stream mode under the virtual clock: failures, then a retry.
+
+use dirty_bitmap::migration::sim::{SimStreamState, StreamSim};
+use dirty_bitmap::storage::MemStorage;
+
+#[derive(Clone, Copy, Debug)]
+enum SimFailure {
+    Cancel,
+    Cut,
+    Refuse,
+}
+
+/// Cancels on the second turn.
+struct CancelSoon(u32);
+
+impl Controller for CancelSoon {
+    fn on_iteration(
+        &mut self,
+        _: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        self.0 += 1;
+        if self.0 == 2 {
+            dirty_bitmap::migration::Directive::Cancel
+        } else {
+            dirty_bitmap::migration::Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        AutoConverge::default().on_stall(r)
+    }
+}
+
+/// A guest whose RAM and streamed disk bitmap are written as virtual time passes, a failure
+/// in the first attempt, then a retry: the source keeps its bits, every region the attempt
+/// sent is pending again, and the destination's image ends with the source's bitmap
+/// exactly.
+#[test]
+fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_exactly() {
+    for failure in [SimFailure::Cancel, SimFailure::Cut, SimFailure::Refuse] {
+        let pages = 64;
+        let ram = Arc::new(GuestRam::new(pages).unwrap());
+        let log = Arc::new(new_log(&ram).unwrap());
+        let link = BytesPerMs::from_bytes_per_ms(20_000.0);
+        let sim = Sim::new(
+            Arc::clone(&ram),
+            Arc::clone(&log),
+            0.2,
+            Pattern::Uniform,
+            link,
+            9,
+        );
+        // Many regions and few disk writes: most regions hold only the history marked
+        // before the migration, so a retry that did not resend them would miss them.
+        let params = StreamSim {
+            regions: 512,
+            writes_per_page_write: 0.05,
+        };
+        let disk = params.disk_size();
+        let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+            BitmapStore::create(MemStorage::new(), disk, 65536)
+        })));
+        sim.world()
+            .dest
+            .states
+            .push(Arc::clone(&dest) as SharedDestState);
+        let mut stream = SimStreamState::new(sim.clone(), params, 9).unwrap();
+        // The bitmap has history before the migration starts.
+        for k in 0..200u64 {
+            stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
+        }
+        let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+        let cfg = LoopConfig {
+            max_bandwidth: None,
+            ..LoopConfig::default()
+        };
+        match failure {
+            SimFailure::Cut => sim.world().fail_at_send = Some(3),
+            SimFailure::Refuse => sim.world().dest.refuse = Some("no".into()),
+            SimFailure::Cancel => {}
+        }
+        let run_once = |ram_state: &mut RamState,
+                        stream: &mut SimStreamState,
+                        control: &mut dyn Controller| {
+            let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+            run(
+                &cfg,
+                Endpoints {
+                    clock: &mut c,
+                    vm: &mut v,
+                    out: &mut o,
+                    inbound: &mut i,
+                },
+                &mut [ram_state as &mut dyn MigrationState, stream],
+                control,
+            )
+        };
+        let first = match failure {
+            SimFailure::Cancel => run_once(&mut ram_state, &mut stream, &mut CancelSoon(0)),
+            _ => run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()),
+        };
+        assert!(
+            first.is_err(),
+            "{failure:?}: the first attempt must fail: {first:?}"
+        );
+        assert!(sim.guest_running(), "{failure:?}: the source must run on");
+        let bits_before = stream.bitmap().count();
+        assert!(bits_before > 0, "{failure:?}");
+        // Everything the attempt sent is pending again.
+        let p = stream.pending(true);
+        assert!(p.must_precopy > Bytes(0), "{failure:?}: {p:?}");
+        assert!(dest.lock().unwrap().take_store().is_none());
+        sim.world().fail_at_send = None;
+        sim.world().dest.refuse = None;
+        let o = run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()).unwrap();
+        assert_eq!(o.kind, Kind::Completed, "{failure:?}");
+        let held = dest
+            .lock()
+            .unwrap()
+            .take_store()
+            .expect("the destination took over");
+        assert_same(
+            &extents(&held.bitmap("b").unwrap()),
+            &extents(stream.bitmap()),
+            &format!("{failure:?}: destination against source"),
+        );
+    }
+}
