@@ -638,7 +638,9 @@ pub fn migrate(
             };
             if let Ok(SourceReport { outcome, .. }) = &result {
                 dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
-                dr.stream_bytes_in_downtime = Some(ds.complete_bytes());
+                if matches!(outcome.kind, Kind::Completed | Kind::Postcopy) {
+                    dr.stream_bytes_in_downtime = Some(ds.complete_bytes());
+                }
             }
             let taken = match side {
                 DestSide::Stream(dd, _) => {
