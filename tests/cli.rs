@@ -1290,7 +1290,8 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
         "- reproduce: `cargo run --release -- bench migrate-disk --quick ",
         " --bitmaps 1,4 ",
         "- disk: 1.0 TiB at 64.0 KiB granularity (2.0 MiB of bitmap each), 6,250 writes",
-        "- mode stream: not yet measured.",
+        " --modes shared,stream ",
+        "## Every run, bitmaps in the stream ",
         "- qemu-img check: clean after every run",
         "- load average at the end: ",
     ] {
@@ -1351,6 +1352,59 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
         let met = 1.0 / ratio <= 1.0 / 20.0 && s[6].starts_with("yes");
         assert_eq!(s[16].starts_with("**met**"), met, "{s:?}");
         assert!(met || s[16].starts_with("**not met**: "), "{s:?}");
+
+        // Stream mode: every run (15 cells), then the summary (13 cells).
+        let runs: Vec<_> = rows.iter().filter(|r| r.len() == 15).collect();
+        assert_eq!(runs.len(), 2, "{n} bitmap(s), stream:\n{out}");
+        for r in &runs {
+            assert_eq!((r[2], r[3]), ("1", "yes"), "{r:?}");
+            let within = if float(r[4]) <= 300.0 {
+                "yes"
+            } else {
+                "**no**"
+            };
+            assert_eq!(r[5], within, "{r:?}");
+            assert!(
+                num(r[6]) <= num(r[7]),
+                "bitmap bytes are part of all: {r:?}"
+            );
+            assert!(num(r[12]) > 0, "the disk was written: {r:?}");
+            assert_eq!(r[13], "0", "a mark was lost: {r:?}");
+            assert_eq!(r[14], "clean", "{r:?}");
+            assert!(
+                float(r[9]) > 0.0,
+                "the destination stored and activated: {r:?}"
+            );
+        }
+        let ours = runs
+            .iter()
+            .find(|r| r[1] == "ours")
+            .expect("our stream run");
+        let qemu = runs
+            .iter()
+            .find(|r| r[1] == "QEMU's")
+            .expect("QEMU's stream run");
+        // A 2 MiB bitmap is 512 regions of 4 KiB: QEMU's sends each once, at the stop.
+        assert_eq!(num(qemu[8]), bitmaps * 512, "{qemu:?}");
+        assert!(
+            num(qemu[6]) >= bitmaps * 2 * MIB,
+            "QEMU's stop sends the bitmaps whole: {qemu:?}"
+        );
+        assert!(num(ours[8]) >= bitmaps * 512, "ours' first pass: {ours:?}");
+        let sum: Vec<_> = rows.iter().filter(|r| r.len() == 13).collect();
+        assert_eq!(sum.len(), 1, "{n} bitmap(s), stream:\n{out}");
+        let s = sum[0];
+        assert_eq!((s[1], s[2], s[3]), (ours[6], ours[7], ours[4]), "{s:?}");
+        assert_eq!((s[6], s[7], s[8]), (qemu[6], qemu[7], qemu[4]), "{s:?}");
+        let (ours_b, qemu_b) = (num(s[1]), num(s[6]));
+        assert!(
+            ours_b < qemu_b,
+            "ours sent fewer bitmap bytes in the downtime: {s:?}\n{out}"
+        );
+        let ratio = ours_b as f64 / qemu_b as f64;
+        let met = ratio <= 1.0 / 20.0 && s[4].starts_with("yes");
+        assert_eq!(s[12].starts_with("**met**"), met, "{s:?}");
+        assert!(met || s[12].starts_with("**not met**: "), "{s:?}");
     }
     // In time, over both rows: with one bitmap ours' stop may write only a few pages, and
     // then it compares two barriers with QEMU's three and 2 MiB, which one slow fsync on a

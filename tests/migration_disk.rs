@@ -1128,3 +1128,121 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         );
     }
 }
+
+/// A state that passes everything to a [`StreamDiskState`] and sums what its precopy
+/// turns (`iterate`) and its stop (`complete`) put on the wire.
+struct Counted<'a> {
+    inner: &'a mut StreamDiskState,
+    iterated: Bytes,
+    completed: Bytes,
+    /// The smallest exact pending figure the loop saw.
+    min_exact: Option<Bytes>,
+}
+
+impl MigrationState for Counted<'_> {
+    fn id(&self) -> StateId {
+        self.inner.id()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn setup(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        self.inner.setup(out)
+    }
+    fn pending(&mut self, exact: bool) -> Pending {
+        let p = self.inner.pending(exact);
+        if exact {
+            self.min_exact = Some(self.min_exact.map_or(p.total(), |m| m.min(p.total())));
+        }
+        p
+    }
+    fn iterate(
+        &mut self,
+        out: &mut dyn Outbound,
+        budget: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let n = self.inner.iterate(out, budget)?;
+        self.iterated += n;
+        Ok(n)
+    }
+    fn complete(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        let n = self.inner.complete(out)?;
+        self.completed += n;
+        Ok(n)
+    }
+    fn channel_failed(&mut self) {
+        self.inner.channel_failed();
+    }
+    fn cancel(&mut self) {
+        self.inner.cancel();
+    }
+    fn resume_source(&mut self) {
+        self.inner.resume_source();
+    }
+}
+
+#[test]
+fn stream_mode_qemus_baseline_sends_nothing_before_the_stop_and_every_bitmap_whole_at_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 33);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    let regions = bitmap.region_count();
+    let mut stream =
+        StreamDiskState::qemu_baseline_from_store(5, "disk-stream", &store.lock()).unwrap();
+    let (dest_img, dest) = stream_dest(dir.path());
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(&dest) as SharedDestState],
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut counted = Counted {
+        inner: &mut stream,
+        iterated: Bytes(0),
+        completed: Bytes(0),
+        min_exact: None,
+    };
+    let o = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: cfg(),
+            ..SourceOptions::default()
+        },
+        &mut r.guest,
+        &mut [&mut counted as &mut dyn MigrationState, &mut r.ram],
+        &mut AutoConverge::default(),
+    )
+    .unwrap()
+    .outcome;
+    let _ = d.join();
+    let (iterated, completed, min_exact) = (counted.iterated, counted.completed, counted.min_exact);
+    assert_eq!(o.kind, Kind::Completed);
+    // Nothing before the stop; at it, every region of the bitmap, once.
+    assert_eq!(iterated, Bytes(0));
+    let whole = regions * bitmap.region_size();
+    assert!(
+        completed.get() > whole,
+        "the stop sent {completed:?}, the bitmap is {whole} bytes"
+    );
+    assert!(o.bytes_in_downtime >= completed);
+    // The pending figure never fell below the whole bitmap: the threshold accounts for it.
+    assert!(min_exact.unwrap().get() > whole);
+    assert_eq!(stream.regions_sent(), regions);
+    assert_eq!(stream.complete_bytes(), completed);
+    // The destination's bitmap is the source's, bit for bit.
+    let mut dst = dest.lock().unwrap().take_store().unwrap();
+    let at_dest = extents(&dst.bitmap("b").unwrap());
+    assert_same(&at_dest, &extents(&bitmap), "destination against source");
+    assert!(!at_dest.is_empty());
+    let marks = r.guest.disk.marks();
+    let b = dst.bitmap("b").unwrap();
+    assert!(marks.iter().all(|&m| b.is_dirty(m)));
+    dst.inactivate().unwrap();
+    drop(dst);
+    assert_qemu_clean(&dest_img);
+    r.guest.disk.shutdown();
+    store.lock().inactivate().unwrap();
+    assert_qemu_clean(&img);
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}

@@ -81,6 +81,10 @@ pub struct StreamDiskState {
     overhead: Bytes,
     regions_sent: u64,
     sections_sent: u64,
+    /// Wire bytes the last [`complete`](MigrationState::complete) put on the wire.
+    complete_bytes: Bytes,
+    /// QEMU's way, for benchmarks: nothing during precopy, every bitmap whole at the stop.
+    qemu_baseline: bool,
 }
 
 impl StreamDiskState {
@@ -129,7 +133,53 @@ impl StreamDiskState {
             overhead: Bytes(0),
             regions_sent: 0,
             sections_sent: 0,
+            complete_bytes: Bytes(0),
+            qemu_baseline: false,
         })
+    }
+
+    /// **A benchmark baseline, not for production use.** QEMU's `dirty-bitmaps` capability
+    /// (`migration/block-dirty-bitmap.c`): nothing is sent while the VM runs (its iterate
+    /// sends nothing outside postcopy), the pending figure is every region of every bitmap
+    /// plus each START and COMPLETE, in wire bytes (so the loop's threshold accounts for
+    /// it, as QEMU's pending does), and the stop sends every bitmap whole. The destination
+    /// ends with the same bitmaps; the downtime does not. QEMU sends an all-zero chunk as a
+    /// flag without its bytes; this baseline sends every region's bytes. For
+    /// `dbm bench migrate-disk`, which compares the two. Arguments as [`new`](Self::new).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn qemu_baseline(
+        id: StateId,
+        name: impl Into<String>,
+        bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
+    ) -> Result<Self> {
+        Ok(StreamDiskState {
+            qemu_baseline: true,
+            ..Self::new(id, name, bitmaps)?
+        })
+    }
+
+    /// [`qemu_baseline`](Self::qemu_baseline) over every in-memory bitmap of an active
+    /// `store`, as [`from_store`](Self::from_store).
+    ///
+    /// # Errors
+    /// As [`from_store`](Self::from_store).
+    pub fn qemu_baseline_from_store<S: Storage>(
+        id: StateId,
+        name: impl Into<String>,
+        store: &BitmapStore<S>,
+    ) -> Result<Self> {
+        Ok(StreamDiskState {
+            qemu_baseline: true,
+            ..Self::from_store(id, name, store)?
+        })
+    }
+
+    /// Wire bytes the last [`complete`](MigrationState::complete) (the stop) put on the
+    /// wire: the bitmaps' part of the bytes sent inside the downtime.
+    pub fn complete_bytes(&self) -> Bytes {
+        self.complete_bytes
     }
 
     /// Every in-memory bitmap of an active `store`, by its name.
@@ -277,6 +327,7 @@ impl MigrationState for StreamDiskState {
 
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.overhead = out.section_overhead();
+        self.complete_bytes = Bytes(0);
         for b in &mut self.bitmaps {
             b.start_sent = false;
             b.taken = None;
@@ -292,6 +343,16 @@ impl MigrationState for StreamDiskState {
     /// the exact query that finds what changed since.
     fn pending(&mut self, exact: bool) -> Pending {
         let mut total = Bytes(0);
+        if self.qemu_baseline {
+            // Whole bitmaps, every time: nothing goes before the stop.
+            for b in &self.bitmaps {
+                total += self.wire(b, b.bitmap.region_count());
+            }
+            return Pending {
+                must_precopy: total,
+                ..Pending::default()
+            };
+        }
         for i in 0..self.bitmaps.len() {
             let Some(b) = self.bitmaps.get_mut(i) else {
                 continue;
@@ -318,6 +379,9 @@ impl MigrationState for StreamDiskState {
 
     fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
         let mut sent = Bytes(0);
+        if self.qemu_baseline {
+            return Ok(sent);
+        }
         for i in 0..self.bitmaps.len() {
             if sent >= budget {
                 break;
@@ -338,6 +402,7 @@ impl MigrationState for StreamDiskState {
             sent += self.send(out, i, None)?;
             sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16))?;
         }
+        self.complete_bytes = sent;
         Ok(sent)
     }
 

@@ -504,6 +504,7 @@ fn disk_params(args: &DemoArgs, dir: &Path, refuse: bool) -> DiskParams {
         bitmaps: 1,
         writes_per_sec: DISK_WRITES_PER_SEC,
         qemu_baseline: false,
+        mode: crate::migrate_run::DiskMode::Shared,
         refuse,
     }
 }

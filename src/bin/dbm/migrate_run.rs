@@ -28,11 +28,13 @@ use dirty_bitmap::migration::{
     MigrationState, Millis, Pattern, Pending, RamState, SetupMode, StallAction, StallReport, Vm,
     Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
-use dirty_bitmap::migration::{DestState, SharedDestState, SharedDiskDest, SharedDiskState};
+use dirty_bitmap::migration::{
+    DestState, SharedDestState, SharedDiskDest, SharedDiskState, StreamDiskDest, StreamDiskState,
+};
 use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::FileStorage;
-use dirty_bitmap::{BitmapStore, Recording, SharedStore};
+use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
 use crate::size::human;
 
@@ -69,12 +71,36 @@ pub struct Params {
     pub seed: u64,
 }
 
-/// A disk whose bitmaps live in a qcow2 image both hosts share, migrated beside the RAM
-/// ([`SharedDiskState`]), with a writer marking it throughout.
+/// Where the disk's bitmaps migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DiskMode {
+    /// Both hosts see one image ([`SharedDiskState`], [`SharedDiskDest`]).
+    #[default]
+    Shared,
+    /// The destination has an image of its own (`<image>-dest.qcow2`, created empty, the
+    /// same disk size); the bitmaps travel in the migration stream ([`StreamDiskState`],
+    /// [`StreamDiskDest`]).
+    Stream,
+}
+
+impl DiskMode {
+    /// `shared` or `stream`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskMode::Shared => "shared",
+            DiskMode::Stream => "stream",
+        }
+    }
+}
+
+/// A disk whose bitmaps live in a qcow2 image, migrated beside the RAM (on storage both
+/// hosts share, or in the stream: [`DiskMode`]), with a writer marking it throughout.
 #[derive(Debug, Clone)]
 pub struct DiskParams {
     /// The image to create (replaced if it exists).
     pub image: PathBuf,
+    /// Shared storage or the bitmaps in the stream.
+    pub mode: DiskMode,
     /// Virtual disk size.
     pub disk_size: u64,
     /// Bytes per bit.
@@ -83,8 +109,10 @@ pub struct DiskParams {
     pub bitmaps: usize,
     /// 4 KiB disk writes per second (each marked, then logged).
     pub writes_per_sec: u64,
-    /// QEMU's way, as the benchmark's baseline: no flush before the stop, the whole
-    /// bitmaps rewritten inside the downtime ([`SharedDiskState::qemu_baseline`]).
+    /// QEMU's way, as the benchmark's baseline. Shared: no flush before the stop, the whole
+    /// bitmaps rewritten inside the downtime ([`SharedDiskState::qemu_baseline`]). Stream:
+    /// nothing sent before the stop, every bitmap whole at it
+    /// ([`StreamDiskState::qemu_baseline`]).
     pub qemu_baseline: bool,
     /// The destination refuses to start: a failed hand-over, after which the source must
     /// resume with every mark.
@@ -113,25 +141,29 @@ pub struct DiskRun {
     /// `qemu-img check` on the image afterwards.
     pub qemu_check: String,
     /// The destination's open and activate of the image (after End, before Started: inside
-    /// the downtime), when it ran.
+    /// the downtime), when it ran. In stream mode it stores the received bitmaps too.
     pub dest_activate: Option<Duration>,
+    /// Stream mode: the bitmap sections' wire bytes at the stop (inside the downtime).
+    pub stream_bytes_in_downtime: Option<Bytes>,
+    /// Stream mode: regions sent, over the whole migration (resends included).
+    pub stream_regions_sent: u64,
 }
 
 /// The destination's disk state, timing its take-over ([`DestState::before_start`]: open
 /// and activate the image), which falls inside the downtime.
 #[derive(Debug)]
-struct TimedDest {
-    inner: Arc<Mutex<SharedDiskDest<FileStorage>>>,
+struct TimedDest<D> {
+    inner: Arc<Mutex<D>>,
     took: Arc<Mutex<Option<Duration>>>,
 }
 
-impl TimedDest {
-    fn inner(&self) -> std::sync::MutexGuard<'_, SharedDiskDest<FileStorage>> {
+impl<D> TimedDest<D> {
+    fn inner(&self) -> std::sync::MutexGuard<'_, D> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl DestState for TimedDest {
+impl<D: DestState> DestState for TimedDest<D> {
     fn name(&self) -> &str {
         "disk-bitmaps"
     }
@@ -164,6 +196,53 @@ fn disk_store(d: &DiskParams) -> Res<SharedStore<FileStorage>> {
     }
     s.activate()?;
     Ok(SharedStore::new(s))
+}
+
+/// The source's disk state.
+enum DiskSource {
+    Shared(SharedDiskState<FileStorage>),
+    Stream(StreamDiskState),
+}
+
+/// The destination's disk state: the shared image's, or (stream mode) one over an image of
+/// its own, and that image.
+enum DestSide {
+    Shared(Arc<Mutex<SharedDiskDest<FileStorage>>>),
+    Stream(Arc<Mutex<StreamDiskDest<FileStorage>>>, PathBuf),
+}
+
+/// The destination's side for `d`; in stream mode a fresh empty image of the same disk
+/// size next to the source's (`<image stem>-dest.qcow2`).
+fn dest_side(d: &DiskParams) -> Res<DestSide> {
+    Ok(match d.mode {
+        DiskMode::Shared => DestSide::Shared(Arc::new(Mutex::new(SharedDiskDest::file(
+            "disk-bitmaps",
+            d.image.clone(),
+        )))),
+        DiskMode::Stream => {
+            let stem = d
+                .image
+                .file_stem()
+                .map_or_else(|| "disk".into(), |s| s.to_string_lossy().into_owned());
+            let img = d.image.with_file_name(format!("{stem}-dest.qcow2"));
+            let _ = std::fs::remove_file(&img);
+            drop(BitmapStore::create(
+                FileStorage::create(&img)?,
+                d.disk_size,
+                65536,
+            )?);
+            let path = img.clone();
+            DestSide::Stream(
+                Arc::new(Mutex::new(StreamDiskDest::new("disk-bitmaps", move || {
+                    BitmapStore::open(
+                        FileStorage::open(&path, OpenMode::ReadWrite)?,
+                        OpenMode::ReadWrite,
+                    )
+                }))),
+                img,
+            )
+        }
+    })
 }
 
 /// Marks of `marks` not dirty in every bitmap of `store`: in memory while it is active,
@@ -463,42 +542,57 @@ pub fn migrate(
         _ => None,
     };
     let mut disk_state = match (disk, &store) {
-        (Some(d), Some(s)) if d.qemu_baseline => {
-            Some(SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()))
-        }
-        (Some(_), Some(s)) => Some(SharedDiskState::new(2, "disk-bitmaps", s.clone())),
+        (Some(d), Some(s)) => Some(match (d.mode, d.qemu_baseline) {
+            (DiskMode::Shared, true) => {
+                DiskSource::Shared(SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()))
+            }
+            (DiskMode::Shared, false) => {
+                DiskSource::Shared(SharedDiskState::new(2, "disk-bitmaps", s.clone()))
+            }
+            (DiskMode::Stream, true) => DiskSource::Stream(
+                StreamDiskState::qemu_baseline_from_store(2, "disk-bitmaps", &s.lock())?,
+            ),
+            (DiskMode::Stream, false) => {
+                DiskSource::Stream(StreamDiskState::from_store(2, "disk-bitmaps", &s.lock())?)
+            }
+        }),
         _ => None,
     };
 
     // The transport: a destination thread behind a TCP listener on 127.0.0.1, the loop
     // over a rate-limited frame writer on the socket.
     // On shared storage the destination opens the same image, after End and before it
-    // answers Started.
-    let disk_dest = disk.map(|d| {
-        Arc::new(Mutex::new(SharedDiskDest::file(
-            "disk-bitmaps",
-            d.image.clone(),
-        )))
-    });
+    // answers Started; in stream mode it opens an image of its own then and stores the
+    // bitmaps it received into it.
+    let disk_dest = disk.map(dest_side).transpose()?;
     let dest_activate = Arc::new(Mutex::new(None));
+    let took = Arc::clone(&dest_activate);
     let dest = TcpDestination::spawn(DestOptions {
         max_ram_bytes: Bytes(params.ram_bytes),
         seed: params.seed,
         refuse_attempts: u32::from(disk.is_some_and(|d| d.refuse)),
         states: disk_dest
             .iter()
-            .map(|d| {
-                Arc::new(Mutex::new(TimedDest {
+            .map(|d| match d {
+                DestSide::Shared(d) => Arc::new(Mutex::new(TimedDest {
                     inner: Arc::clone(d),
-                    took: Arc::clone(&dest_activate),
-                })) as SharedDestState
+                    took: Arc::clone(&took),
+                })) as SharedDestState,
+                DestSide::Stream(d, _) => Arc::new(Mutex::new(TimedDest {
+                    inner: Arc::clone(d),
+                    took: Arc::clone(&took),
+                })) as SharedDestState,
             })
             .collect(),
         ..DestOptions::default()
     })?;
     let mut states: Vec<&mut dyn MigrationState> = vec![&mut state];
-    if let Some(d) = disk_state.as_mut() {
-        states.push(d);
+    match disk_state.as_mut() {
+        Some(DiskSource::Shared(d)) => states.push(d),
+        // The stream first: its first pass goes out before RAM's, as QEMU's block states
+        // come before RAM.
+        Some(DiskSource::Stream(d)) => states.insert(0, d),
+        None => {}
     }
     let result = migrate_to(
         dest.addr(),
@@ -535,43 +629,96 @@ pub fn migrate(
         transport: "TCP on 127.0.0.1",
         disk: None,
     };
-    if let (Some(d), Some(store), Some(writer), Some(ds)) = (disk, &store, writer, &disk_state) {
-        let mut dr = DiskRun {
-            flushed: Bytes(ds.flushed().bytes_written),
-            stop: ds.disk_stop(),
-            dest_activate: *dest_activate.lock().unwrap_or_else(|e| e.into_inner()),
-            ..DiskRun::default()
-        };
-        if let Ok(SourceReport { outcome, .. }) = &result {
-            dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
-        }
-        dr.source_active_after = store.lock().is_active();
-        if ds.handed_over() {
-            // The guest is stopped and its disk writes drained: the destination opens the
-            // image writable (the source released its write locks), activates, and finds
-            // every mark; then it hands the image back clean.
-            let marks = writer.shutdown();
-            dr.marks = marks.len() as u64;
-            let taken = disk_dest
-                .as_ref()
-                .and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).take_store());
-            if let Some(mut dst) = taken {
-                dr.destination_opened = true;
-                dr.marks_lost = lost_marks(&dst, &marks)?;
-                dst.inactivate()?;
+    match (disk, &store, writer, &disk_state, &disk_dest) {
+        (Some(d), Some(store), Some(writer), Some(DiskSource::Stream(ds)), Some(side)) => {
+            let mut dr = DiskRun {
+                dest_activate: *dest_activate.lock().unwrap_or_else(|e| e.into_inner()),
+                stream_regions_sent: ds.regions_sent(),
+                ..DiskRun::default()
+            };
+            if let Ok(SourceReport { outcome, .. }) = &result {
+                dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
+                if matches!(outcome.kind, Kind::Completed | Kind::Postcopy) {
+                    dr.stream_bytes_in_downtime = Some(ds.complete_bytes());
+                }
             }
-        } else {
-            // The source kept (or took back) its bitmaps and resumed: every mark is in
-            // its memory, and on disk once it stops.
+            let taken = match side {
+                DestSide::Stream(dd, _) => {
+                    dd.lock().unwrap_or_else(|e| e.into_inner()).take_store()
+                }
+                DestSide::Shared(_) => None,
+            };
+            // The guest is stopped (or, after a failure, resumed; its writer stops here) and
+            // its disk writes drained.
             let marks = writer.shutdown();
             dr.marks = marks.len() as u64;
+            match taken {
+                Some(mut dst) => {
+                    // The destination took over: its own image holds every mark.
+                    dr.destination_opened = true;
+                    dr.marks_lost = lost_marks(&dst, &marks)?;
+                    dst.inactivate()?;
+                }
+                None => {
+                    // The source kept its bitmaps: every mark is in its memory.
+                    dr.marks_lost = lost_marks(&store.lock(), &marks)?;
+                }
+            }
+            // The source's image is its own in stream mode: it stays active until here.
             let mut st = store.lock();
-            dr.marks_lost = lost_marks(&st, &marks)?;
-            st.inactivate()?;
-            dr.marks_lost += lost_marks(&st, &marks)?;
+            dr.source_active_after = st.is_active();
+            if st.is_active() {
+                st.inactivate()?;
+            }
+            drop(st);
+            dr.qemu_check = match side {
+                DestSide::Stream(_, img) if dr.destination_opened => qemu_check(img),
+                _ => qemu_check(&d.image),
+            };
+            run.disk = Some(dr);
         }
-        dr.qemu_check = qemu_check(&d.image);
-        run.disk = Some(dr);
+        (Some(d), Some(store), Some(writer), Some(DiskSource::Shared(ds)), _) => {
+            let mut dr = DiskRun {
+                flushed: Bytes(ds.flushed().bytes_written),
+                stop: ds.disk_stop(),
+                dest_activate: *dest_activate.lock().unwrap_or_else(|e| e.into_inner()),
+                ..DiskRun::default()
+            };
+            if let Ok(SourceReport { outcome, .. }) = &result {
+                dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
+            }
+            dr.source_active_after = store.lock().is_active();
+            if ds.handed_over() {
+                // The guest is stopped and its disk writes drained: the destination opens the
+                // image writable (the source released its write locks), activates, and finds
+                // every mark; then it hands the image back clean.
+                let marks = writer.shutdown();
+                dr.marks = marks.len() as u64;
+                let taken = match &disk_dest {
+                    Some(DestSide::Shared(d)) => {
+                        d.lock().unwrap_or_else(|e| e.into_inner()).take_store()
+                    }
+                    _ => None,
+                };
+                if let Some(mut dst) = taken {
+                    dr.destination_opened = true;
+                    dr.marks_lost = lost_marks(&dst, &marks)?;
+                    dst.inactivate()?;
+                }
+            } else {
+                // The source kept (or took back) its bitmaps and resumed: every mark is in
+                // its memory, and on disk once it stops.
+                let marks = writer.shutdown();
+                dr.marks = marks.len() as u64;
+                let mut st = store.lock();
+                dr.marks_lost = lost_marks(&st, &marks)?;
+                st.inactivate()?;
+                dr.marks_lost += lost_marks(&st, &marks)?;
+            }
+            dr.qemu_check = qemu_check(&d.image);
+            run.disk = Some(dr);
+        }
+        _ => {}
     }
     match result {
         Ok(SourceReport { outcome: o, wire }) => {
