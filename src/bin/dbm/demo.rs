@@ -35,7 +35,6 @@ use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -404,7 +403,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         "verified: reopened, {} dirty bits equal the in-memory bitmap; Image::check clean",
         loaded.count()
     ))?;
-    let qemu = qemu_check(&path)?;
+    let qemu = migrate_run::qemu_check(&path);
+    migrate_run::require_clean(&qemu, &path)?;
     say(format!("qemu-img check: {qemu}"))?;
 
     // Percent of the full store's figure; 0 when the full store itself was 0.
@@ -461,35 +461,6 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     })
 }
 
-/// `qemu-img check` on `path`, when qemu-img is installed: "clean", or an error. Says so
-/// when it is not installed: the demo needs nothing but itself.
-fn qemu_check(path: &Path) -> Res<String> {
-    let out = match Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(path)
-        .output()
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Ok("not run: qemu-img is not installed (package qemu-utils)".into())
-        }
-        Err(e) => return Err(format!("running qemu-img: {e}").into()),
-    };
-    if out.status.code() == Some(0) {
-        Ok("clean".into())
-    } else {
-        Err(format!(
-            "qemu-img check {} exited {:?}: {}{}",
-            path.display(),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into())
-    }
-}
-
-/// The migration part: see the module docs.
 /// The image the migration part's disk bitmap lives in, in the demo directory.
 pub const MIGRATE_IMAGE_FILE: &str = "demo-migrate.qcow2";
 
@@ -550,15 +521,14 @@ pub fn run_failed_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part>
         d.marks, d.qemu_check
     );
     say(&verdict)?;
-    if d.qemu_check != "clean" && !d.qemu_check.starts_with("not run") {
-        return Err(format!("qemu-img check: {}", d.qemu_check).into());
-    }
+    migrate_run::require_clean(&d.qemu_check, &disk.image)?;
     Ok(Part {
         title: "a failed hand-over".into(),
         rows: vec![("outcome".into(), verdict)],
     })
 }
 
+/// The migration part: see the module docs.
 pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     if args.vcpus == 0 {
         return Err("--vcpus must be at least 1".into());
@@ -693,9 +663,7 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         d.marks, d.qemu_check
     );
     say(&disk_check)?;
-    if d.qemu_check != "clean" && !d.qemu_check.starts_with("not run") {
-        return Err(format!("qemu-img check: {}", d.qemu_check).into());
-    }
+    migrate_run::require_clean(&d.qemu_check, &disk.image)?;
     say(format!(
         "total time: {:.0} ms; {} sent ({} bytes), {} pages of which {} resent, {} loop \
          turns; the guest wrote {} pages meanwhile, vCPU throttle at the end {} %",

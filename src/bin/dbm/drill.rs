@@ -42,9 +42,9 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
-use crate::migrate_run::qemu_check;
+use crate::migrate_run::{lost_marks, qemu_check};
 use crate::CmdResult;
-use dirty_bitmap::migration::DiskWriter;
+use dirty_bitmap::migration::{DiskGuest, DiskWriter};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -288,27 +288,19 @@ impl Controller for Control {
     }
 }
 
-/// The guest: vCPUs and the disk writer, stopping together.
+/// The guest: vCPUs and the disk writer, which stop together as a [`DiskGuest`].
 struct Guest {
     vcpus: Workload,
     disk: DiskWriter,
 }
 
-impl Vm for Guest {
-    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
-        self.vcpus.stop()?;
-        self.disk.pause();
-        Ok(())
-    }
-    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
-        self.disk.resume();
-        self.vcpus.resume()
-    }
-    fn set_throttle(&mut self, percent: u8) {
-        self.vcpus.set_throttle(percent);
-    }
-    fn run_until(&mut self, now: Duration) {
-        self.vcpus.run_until(now);
+impl Guest {
+    /// The guest as the loop drives it.
+    fn vm(&mut self) -> DiskGuest<'_> {
+        DiskGuest {
+            vcpus: &mut self.vcpus,
+            disk: Some(&self.disk),
+        }
     }
 }
 
@@ -361,14 +353,10 @@ fn open_rw(path: &Path) -> dirty_bitmap::Result<BitmapStore<FileStorage>> {
     )
 }
 
-/// Logged marks not dirty in bitmap `b` of `store` (in memory when active, else on disk).
+/// Logged marks not dirty in the bitmaps of `store` (only `b` here; in memory when active,
+/// else on disk).
 fn lost(store: &BitmapStore<FileStorage>, marks: &[u64]) -> Res<usize> {
-    let b = if store.is_active() {
-        store.bitmap("b")?.snapshot()
-    } else {
-        store.load("b")?
-    };
-    Ok(marks.iter().filter(|&&m| !b.is_dirty(m)).count())
+    Ok(usize::try_from(lost_marks(store, marks)?)?)
 }
 
 /// Logged marks not dirty in bitmap `b` of the image at `path`, read from disk.
@@ -430,7 +418,7 @@ fn attempt(
             loop_config: config(postcopy),
             timeout: Duration::from_secs(5),
         },
-        guest,
+        &mut guest.vm(),
         &mut states,
         &mut control,
     );
@@ -648,7 +636,7 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 disk.channel_failed();
                 disk.resume_source();
                 disk.reactivate()?;
-                guest.resume()?;
+                guest.vm().resume()?;
             }
             // The source kept (or took back) the guest: every mark so far is in its bitmap.
             std::thread::sleep(Duration::from_millis(100));

@@ -247,7 +247,7 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
 
 /// Marks of `marks` not dirty in every bitmap of `store`: in memory while it is active,
 /// as stored on disk while it is not.
-fn lost_marks<S: dirty_bitmap::storage::Storage>(
+pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
     store: &BitmapStore<S>,
     marks: &[u64],
 ) -> Res<u64> {
@@ -263,7 +263,12 @@ fn lost_marks<S: dirty_bitmap::storage::Storage>(
     Ok(lost)
 }
 
-/// `qemu-img check` on `path`: "clean" or what it said; "not run" without qemu-img.
+/// What [`qemu_check`] says on a machine without `qemu-img`: the demo needs nothing but
+/// itself.
+pub const QEMU_IMG_MISSING: &str = "not run: qemu-img is not installed (package qemu-utils)";
+
+/// `qemu-img check` on `path`: "clean", what it said otherwise, [`QEMU_IMG_MISSING`]
+/// without qemu-img, or "not run" and why.
 pub fn qemu_check(path: &std::path::Path) -> String {
     match std::process::Command::new("qemu-img")
         .args(["check", "-f", "qcow2"])
@@ -277,7 +282,21 @@ pub fn qemu_check(path: &std::path::Path) -> String {
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => QEMU_IMG_MISSING.into(),
         Err(e) => format!("not run: {e}"),
+    }
+}
+
+/// A [`qemu_check`] result as a verdict: clean, or qemu-img not installed, passes; anything
+/// else (a corruption, a leak, qemu-img failing to run) is an error naming `path`.
+///
+/// # Errors
+/// As above.
+pub fn require_clean(q: &str, path: &std::path::Path) -> Res<()> {
+    if q == "clean" || q == QEMU_IMG_MISSING {
+        Ok(())
+    } else {
+        Err(format!("qemu-img check {}: {q}", path.display()).into())
     }
 }
 
