@@ -697,6 +697,36 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// [`load_region`](Self::load_region) for a bitmap that is not shared yet and whose
+    /// region `region` is all clean (a bitmap just made, being filled from disk): a zero
+    /// word in `bytes` is skipped without touching its leaf word, so the pages of leaf
+    /// words that stay clean are never faulted in, and a page that gets bits is faulted in
+    /// once, by its first write. With the precondition broken, a bit set in the region
+    /// whose word is zero in `bytes` would stay set (dirty, never falsely clean).
+    pub(crate) fn load_region_fresh(&self, region: u64, bytes: &[u8]) -> Result<()> {
+        let w0 = self.check_region(region, bytes.len())?;
+        let mut changed = false;
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let raw = u64::from_le_bytes(le);
+            if raw == 0 {
+                continue;
+            }
+            let w = w0 + i;
+            let new = raw & self.words.valid(w);
+            let old = self.words.get(w).swap(new, SeqCst);
+            if old != new {
+                self.update_summaries(w, old, new);
+                changed = true;
+            }
+        }
+        if changed {
+            self.consumers.record(region);
+        }
+        Ok(())
+    }
+
     /// Bytes of memory this bitmap holds: the struct itself (which holds the counter
     /// shards inline) plus its heap: leaf words, both summary towers and the change maps
     /// (the primary one, and those allocated for consumers).

@@ -9,7 +9,12 @@
 //! the stop will write ([`BitmapStore::stop_work_estimate`](crate::BitmapStore::stop_work_estimate), or
 //! [`stop_work_exact`](crate::BitmapStore::stop_work_exact) on the exact query) at those figures.
 //! The loop takes it off the downtime limit before it compares the network pending with
-//! the rest, so the stop's disk time is inside the downtime budget.
+//! the rest, so the stop's disk time is inside the downtime budget. The figure also holds
+//! the destination's activate of the shared image ([`SharedDiskState::dest_time`]): at
+//! setup the state loads every bitmap from disk as the destination will
+//! ([`BitmapStore::time_load`](crate::BitmapStore::time_load)) and times it, and one
+//! barrier stands for the destination's flags commit. That load happens after End and
+//! before Started, so it is downtime as much as the source's stop is.
 //!
 //! The hooks, as QEMU's shared-storage migration runs them:
 //! - [`complete`](MigrationState::complete) (VM stopped, its disk I/O drained) runs the
@@ -54,6 +59,10 @@ pub struct SharedDiskState<S: Storage> {
     /// QEMU's way, for benchmarks: no flush before the stop, no disk time in the figure,
     /// the whole bitmaps rewritten inside the downtime.
     qemu_baseline: bool,
+    /// The destination's activate of the shared image, timed at setup by loading the
+    /// bitmaps as it will ([`BitmapStore::time_load`](crate::BitmapStore::time_load)), plus
+    /// its commit of the `in_use` flags (one barrier): downtime the stop does not see.
+    dest_load: Option<std::time::Duration>,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -73,6 +82,7 @@ impl<S: Storage> SharedDiskState<S> {
             stop: FlushStats::default(),
             handed_over: false,
             qemu_baseline: false,
+            dest_load: None,
             error: None,
         }
     }
@@ -110,6 +120,23 @@ impl<S: Storage> SharedDiskState<S> {
         &self.store
     }
 
+    /// The destination's part of the downtime: its load of the bitmaps and the barrier of
+    /// its flags commit, at the figures measured so far ([`Millis::MAX`] before setup).
+    pub fn dest_time(&self) -> Millis {
+        match self.dest_load {
+            Some(load) => {
+                let commit = self.rate.time(crate::flush::StopWork {
+                    bytes: Bytes(0),
+                    barriers: 1,
+                });
+                // Rounded up, as the stop's own time is.
+                let ms = u64::try_from(load.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+                Millis(ms) + commit
+            }
+            None => Millis::MAX,
+        }
+    }
+
     fn observe(&mut self, s: &FlushStats) {
         self.rate.observe(s);
         self.flushed.accumulate(s);
@@ -125,8 +152,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         &self.name
     }
 
-    /// Flushes what changed so far (the first measurement of the disk), and times one
-    /// barrier if that flush had nothing to write.
+    /// Flushes what changed so far (the first measurement of the disk), times one
+    /// barrier if that flush had nothing to write, and times a load of the bitmaps (the
+    /// destination's activate).
     fn setup(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
         self.handed_over = false;
         self.stop = FlushStats::default();
@@ -152,6 +180,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if let Some(b) = barrier {
             self.rate.observe(&b);
         }
+        self.dest_load = Some(self.store.lock().time_load()?);
         Ok(Bytes(0))
     }
 
@@ -168,7 +197,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             }
         };
         let disk_time = match work {
-            Ok(w) => self.rate.time(w),
+            Ok(w) => self.rate.time(w) + self.dest_time(),
             Err(e) => {
                 self.error = Some(e);
                 Millis::MAX

@@ -14,8 +14,10 @@
 //! 3. **Gate**: the figure's threshold is `bandwidth × (downtime_limit − switchover_cost
 //!    − disk_time)` (0 when the disk alone takes the rest of the limit); if
 //!    [`fits`]`(estimate, threshold)` (or, with postcopy requested, the estimate's
-//!    `must_precopy` fits), run the **exact** query (syncs the dirty logs, and counts a
-//!    disk state's remaining regions exactly).
+//!    `must_precopy` fits), flush every state again (a disk state's stop then holds only
+//!    what changes from here until the VM stops), then run the
+//!    **exact** query (syncs the dirty logs, and counts a disk state's remaining regions
+//!    exactly).
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -824,6 +826,19 @@ where
             // may be too small for even the control message.
             let drained = p.total() == self.control_cost().total();
             if self.gate(p) || drained {
+                // A disk state's stop writes what changed since its last flush: flushing
+                // here leaves the exact figure (and the stop, if it follows) only what
+                // changes from now until the VM stops. (A state with nothing changed
+                // since its last flush writes nothing.)
+                let mut n = Bytes(0);
+                for i in 0..states.len() {
+                    match states[i].flush() {
+                        Ok(b) => n += b,
+                        Err(e) => return Err(self.fail_running(states, e)),
+                    }
+                }
+                flushed += n;
+                self.disk_flushed += n;
                 p = self.pending(states, true);
                 exact = true;
             }

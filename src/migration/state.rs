@@ -16,12 +16,14 @@ pub struct Pending {
     pub must_precopy: Bytes,
     /// Bytes the destination can pull after it started (postcopy).
     pub can_postcopy: Bytes,
-    /// Time the stop spends on the state's own storage before the destination may start
-    /// (for a [`super::disk::SharedDiskState`], the incremental inactivate: its remaining
-    /// regions and the flags commit at the measured disk rate and barrier latency). It is
-    /// downtime in both modes, and the loop takes it off the downtime limit before it
-    /// turns the rest into a byte threshold. [`Millis::MAX`] while the state cannot tell
-    /// (no disk measurement yet): no switchover then.
+    /// Time spent on storage between the stop and the destination's start (for a
+    /// [`super::disk::SharedDiskState`], the source's incremental inactivate: its
+    /// remaining regions and the flags commit at the measured disk rate and barrier
+    /// latency; and the destination's activate of the same image: its load of the
+    /// bitmaps, timed at setup, and its flags commit). It is downtime in both modes, and
+    /// the loop takes it off the downtime limit before it turns the rest into a byte
+    /// threshold. [`Millis::MAX`] while the state cannot tell (no disk measurement yet):
+    /// no switchover then.
     pub disk_time: Millis,
 }
 
@@ -94,7 +96,8 @@ pub trait MigrationState {
 
     /// Work off the wire while the VM runs: a disk state writes its changed regions here,
     /// so that the stop only writes what changed since. The loop calls it once per
-    /// measurement window, whatever the rate limiter allows, and counts the bytes it
+    /// measurement window, whatever the rate limiter allows, and again right before each
+    /// exact query (the figure that may decide the switchover), and counts the bytes it
     /// returns (written to the state's storage) as progress for the stall guards. The
     /// default does nothing.
     ///

@@ -469,7 +469,7 @@ impl<S: Storage> BitmapStore<S> {
             let mut at = 0usize;
             for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
                 let rl = bm.region_len(r) as usize;
-                bm.load_region(r, &data[at..at + rl])?;
+                bm.load_region_fresh(r, &data[at..at + rl])?;
                 at += rl;
             }
         }
@@ -478,6 +478,29 @@ impl<S: Storage> BitmapStore<S> {
         // Not shared yet: no mark can be in flight, so nothing to wait for.
         bm.set_enabled_unshared(entry.auto);
         Ok(bm)
+    }
+
+    /// Times what loading this image's bitmaps from disk costs, as another process's
+    /// [`activate`](Self::activate) of the same image (a migration destination on shared
+    /// storage) would load them: the reference walk of its preflight, then every bitmap
+    /// that is held in memory or consistent on disk is read and decoded from its table into
+    /// a bitmap that is dropped at once, one at a time. Writes nothing and changes nothing in this store. On an active store the
+    /// tables and clusters are those the flushes write in place, so the work is the same
+    /// as after its inactivate. A migration's switchover rule counts the result as part
+    /// of the downtime (see [`SharedDiskState`](crate::migration::SharedDiskState)).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load) from disk.
+    pub fn time_load(&self) -> Result<std::time::Duration> {
+        let start = std::time::Instant::now();
+        // The activate's preflight walks every reference in the image first.
+        let _ = self.image.references()?;
+        for s in &self.slots {
+            if !s.stale && (s.mem.is_some() || s.parked.is_some() || !s.inconsistent) {
+                drop(self.load_disk(&s.entry)?);
+            }
+        }
+        Ok(start.elapsed())
     }
 
     /// Publishes the in-memory bitmaps (active or parked) to every tracker taken from this

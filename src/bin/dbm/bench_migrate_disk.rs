@@ -420,13 +420,14 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         say("")?;
         say(
         "| bitmaps | mode | approach | run | downtime ms | within limit | disk ms | disk bytes | \
-         disk syncs | disk time at switch ms | destination activate ms | flushed in precopy | \
-         total ms | disk writes | marks lost | qemu-img check |",
+         disk syncs | disk time at switch ms | of which destination, estimated ms | \
+         destination activate ms | flushed in precopy | total ms | disk writes | marks lost | \
+         qemu-img check |",
     )?;
-        say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for s in &shared {
             say(format!(
-            "| {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
             s.bitmaps,
             s.mode.name(),
             s.approach(),
@@ -438,6 +439,9 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             s.disk.stop.syncs,
             s.disk
                 .disk_time_at_switch
+                .map_or_else(|| "-".into(), |m| m.get().to_string()),
+            s.disk
+                .dest_time_estimate
                 .map_or_else(|| "-".into(), |m| m.get().to_string()),
             s.disk
                 .dest_activate

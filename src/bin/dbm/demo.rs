@@ -609,10 +609,12 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     ))?;
     let d = run.disk.clone().ok_or("a disk run without its figures")?;
     let disk_ms = d.disk_time_at_switch.map_or(0, |m| m.get());
+    let dest_ms = d.dest_time_estimate.map_or(0, |m| m.get());
     say(format!(
         "the switchover rule: network pending {} bytes ≤ bandwidth × (limit {} ms − disk stop \
-         time {disk_ms} ms) = {} bytes; the disk stop was timed from the precopy flushes \
-         ({} written while the guest ran)",
+         time {disk_ms} ms) = {} bytes; the disk stop time is the source's inactivate, timed \
+         from the precopy flushes ({} written while the guest ran), and the destination's \
+         activate, {dest_ms} ms as a load of the bitmaps timed at setup",
         pending.total().get(),
         args.downtime_limit,
         threshold.get(),

@@ -133,6 +133,9 @@ pub struct DiskRun {
     pub stop: FlushStats,
     /// The disk stop time the switchover was decided with.
     pub disk_time_at_switch: Option<Millis>,
+    /// Shared storage: of that, the destination's activate as the source timed it
+    /// (`SharedDiskState::dest_time`).
+    pub dest_time_estimate: Option<Millis>,
     /// Whether the source store was active again after the run (a failed hand-over).
     pub source_active_after: bool,
     /// Whether the destination opened the image writable after the hand-over (the source
@@ -200,7 +203,7 @@ fn disk_store(d: &DiskParams) -> Res<SharedStore<FileStorage>> {
 
 /// The source's disk state.
 enum DiskSource {
-    Shared(SharedDiskState<FileStorage>),
+    Shared(Box<SharedDiskState<FileStorage>>),
     Stream(StreamDiskState),
 }
 
@@ -562,11 +565,11 @@ pub fn migrate(
     };
     let mut disk_state = match (disk, &store) {
         (Some(d), Some(s)) => Some(match (d.mode, d.qemu_baseline) {
-            (DiskMode::Shared, true) => {
-                DiskSource::Shared(SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()))
-            }
+            (DiskMode::Shared, true) => DiskSource::Shared(Box::new(
+                SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()),
+            )),
             (DiskMode::Shared, false) => {
-                DiskSource::Shared(SharedDiskState::new(2, "disk-bitmaps", s.clone()))
+                DiskSource::Shared(Box::new(SharedDiskState::new(2, "disk-bitmaps", s.clone())))
             }
             (DiskMode::Stream, true) => DiskSource::Stream(
                 StreamDiskState::qemu_baseline_from_store(2, "disk-bitmaps", &s.lock())?,
@@ -607,7 +610,7 @@ pub fn migrate(
     })?;
     let mut states: Vec<&mut dyn MigrationState> = vec![&mut state];
     match disk_state.as_mut() {
-        Some(DiskSource::Shared(d)) => states.push(d),
+        Some(DiskSource::Shared(d)) => states.push(d.as_mut()),
         // The stream first: its first pass goes out before RAM's, as QEMU's block states
         // come before RAM.
         Some(DiskSource::Stream(d)) => states.insert(0, d),
@@ -706,6 +709,7 @@ pub fn migrate(
             if let Ok(SourceReport { outcome, .. }) = &result {
                 dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
             }
+            dr.dest_time_estimate = Some(ds.dest_time()).filter(|t| *t < Millis::MAX);
             dr.source_active_after = store.lock().is_active();
             if ds.handed_over() {
                 // The guest is stopped and its disk writes drained: the destination opens the
