@@ -112,7 +112,9 @@ pub use format::BitmapName;
 pub use image::{CheckReport, Image};
 pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
-pub use store::{BitmapInfo, BitmapState, BitmapStore, Recording, SharedStore, StoreGuard};
+pub use store::{
+    BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard,
+};
 pub use tracker::Tracker;
 
 /// The README's Rust examples, compiled and run as doc tests.

@@ -751,6 +751,9 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
     let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
     assert_eq!(o.kind, Kind::Completed);
     assert!(!store.lock().is_active());
+    // It read the bitmaps at the Hello, beside the running source, and refreshed them
+    // from the disk at its activate: the marks made after that read are there too.
+    assert!(dest.lock().unwrap().activated_from_preload());
     // The destination holds the image now, active: every mark the source made is dirty.
     let mut d = dest
         .lock()

@@ -697,6 +697,22 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// Whether region `region` holds exactly `bytes` (its serialized form, as
+    /// [`load_region`](Self::load_region) takes it), compared word by word without
+    /// writing: what a [`load_region`](Self::load_region) into a bitmap that already
+    /// holds about this content costs, less the few words it writes.
+    pub(crate) fn region_equals(&self, region: u64, bytes: &[u8]) -> Result<bool> {
+        let w0 = self.check_region(region, bytes.len())?;
+        let mut same = true;
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let w = w0 + i;
+            same &= self.words.load(w) == u64::from_le_bytes(le) & self.words.valid(w);
+        }
+        Ok(same)
+    }
+
     /// [`load_region`](Self::load_region) for a bitmap that is not shared yet and whose
     /// region `region` is all clean (a bitmap just made, being filled from disk): a zero
     /// word in `bytes` is skipped without touching its leaf word, so the pages of leaf

@@ -271,11 +271,23 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
 /// the source's inactivate made them clean on disk; and if the attempt fails after that,
 /// it inactivates again, which puts the flags back as the source left them (the source's
 /// [`BitmapStore::activate`](crate::BitmapStore::activate) accepts exactly that).
+///
+/// With [`with_preload`](Self::with_preload) (as [`file`](Self::file) sets it up) it reads
+/// the bitmaps at the Hello, while the source still runs
+/// ([`BitmapStore::preload`](crate::BitmapStore::preload)), and its activate refreshes them
+/// from the disk ([`BitmapStore::activate_preloaded`](crate::BitmapStore::activate_preloaded))
+/// instead of loading them into fresh memory: the same bitmaps, in a fraction of the
+/// downtime.
 pub struct SharedDiskDest<S: Storage> {
     name: String,
-    open: Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>,
+    open: Opener<S>,
+    preload: Option<Opener<S>>,
+    preloaded: Option<crate::Preloaded>,
+    from_preload: bool,
     store: Option<crate::BitmapStore<S>>,
 }
+
+type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
 
 impl<S: Storage> std::fmt::Debug for SharedDiskDest<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,8 +308,36 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         SharedDiskDest {
             name: name.into(),
             open: Box::new(open),
+            preload: None,
+            preloaded: None,
+            from_preload: false,
             store: None,
         }
+    }
+
+    /// Preloads at every Hello: `open` opens the image read-only beside the running
+    /// source (for a file, [`FileStorage::open_shared`](crate::FileStorage::open_shared)).
+    /// A preload that fails is skipped: the activate then loads the bitmaps whole.
+    #[must_use]
+    pub fn with_preload(
+        mut self,
+        open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
+    ) -> Self {
+        self.preload = Some(Box::new(open));
+        self
+    }
+
+    /// Whether the last activate started from bitmaps preloaded at the Hello.
+    pub fn activated_from_preload(&self) -> bool {
+        self.from_preload
+    }
+
+    /// No preload: the activate loads the bitmaps whole inside the downtime, as QEMU's
+    /// destination does (the benchmarks' baseline).
+    #[must_use]
+    pub fn without_preload(mut self) -> Self {
+        self.preload = None;
+        self
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
@@ -308,12 +348,18 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
 
 impl SharedDiskDest<crate::storage::FileStorage> {
     /// The state named `name` over the image file at `path`, opened writable with QEMU's
-    /// locks (which the source released when it inactivated).
+    /// locks (which the source released when it inactivated), and preloaded at the Hello
+    /// through a read-only force-share open.
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
+        let shared = path.clone();
         Self::new(name, move || {
             let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
             crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
+        })
+        .with_preload(move || {
+            let f = crate::storage::FileStorage::open_shared(&shared)?;
+            crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)
         })
     }
 }
@@ -325,19 +371,33 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
 
     fn hello(&mut self, _id: StateId) -> Result<()> {
         // A store still held from an earlier attempt that failed after taking over was
-        // given back in `failed`; nothing is open here before the start.
+        // given back in `failed`; nothing is open writable here before the start. The
+        // preload only reads, beside the running source, and is never trusted as is.
         self.store = None;
+        self.preloaded = self
+            .preload
+            .as_mut()
+            .and_then(|open| open().ok())
+            .and_then(|st| st.preload().ok());
         Ok(())
     }
 
     fn before_start(&mut self) -> Result<()> {
         let mut st = (self.open)()?;
-        st.activate()?;
+        self.from_preload = false;
+        match self.preloaded.take() {
+            Some(pre) => {
+                st.activate_preloaded(pre)?;
+                self.from_preload = true;
+            }
+            None => st.activate()?,
+        }
         self.store = Some(st);
         Ok(())
     }
 
     fn failed(&mut self) {
+        self.preloaded = None;
         if let Some(mut st) = self.store.take() {
             // Clears the in_use flags it set, in place: the image is again as the source
             // left it. If this fails, the flags stay in_use (inconsistent, never clean)

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BitmapStore, ACTIVE_MEMORY_LIMIT};
+use super::{BitmapStore, Preloaded, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
@@ -42,6 +42,21 @@ impl<S: Storage> BitmapStore<S> {
     /// ([`StateProblem::ChangedWhileInactive`]) if the image changed while inactive; load
     /// errors as [`load`](Self::load); I/O.
     pub fn activate(&mut self) -> Result<()> {
+        self.activate_preloaded(Preloaded::default())
+    }
+
+    /// [`activate`](Self::activate), starting from bitmaps [`preload`](Self::preload)ed
+    /// from this image earlier (by another handle, while another process still wrote it):
+    /// a bitmap loaded from disk is refreshed from its preloaded copy instead of read into
+    /// fresh memory. Every cluster is still read and every word set from it, so the result
+    /// is the same as `activate`'s, whatever the preloaded copy held; what is saved is the
+    /// allocation of the bitmaps and building them up, which is most of a load when many
+    /// clusters hold bits. A preloaded bitmap that matches no bitmap of the directory by
+    /// name, granularity and size is dropped.
+    ///
+    /// # Errors
+    /// As [`activate`](Self::activate).
+    pub fn activate_preloaded(&mut self, mut pre: Preloaded) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
             return Ok(());
@@ -51,7 +66,7 @@ impl<S: Storage> BitmapStore<S> {
         // (the destination) holds the image writable, this fails and nothing is read or
         // written.
         self.image.storage().set_writer_locks(true)?;
-        let r = self.activate_locked();
+        let r = self.activate_locked(&mut pre);
         if r.is_err() && resuming {
             // Still inactive: hold what an inactive node holds.
             let _ = self.image.storage().set_writer_locks(false);
@@ -59,7 +74,7 @@ impl<S: Storage> BitmapStore<S> {
         r
     }
 
-    fn activate_locked(&mut self) -> Result<()> {
+    fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
         // sum is checked before anything is allocated.
@@ -92,7 +107,15 @@ impl<S: Storage> BitmapStore<S> {
             } else if let Some(p) = &s.parked {
                 Some(Arc::clone(p))
             } else {
-                Some(Arc::new(self.load_disk(&s.entry)?))
+                let shape = (
+                    self.disk_size(),
+                    1u64 << s.entry.granularity_bits,
+                    self.region_size(),
+                );
+                Some(Arc::new(match pre.take(&s.entry.name, shape) {
+                    Some(held) => self.refresh_disk(&s.entry, held)?,
+                    None => self.load_disk(&s.entry)?,
+                }))
             });
         }
         if mems.iter().any(Option::is_some) {

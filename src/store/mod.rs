@@ -209,6 +209,44 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     }
 }
 
+/// Bitmaps read from an image that another process may still be writing (a migration
+/// destination on shared storage, during precopy): a head start for
+/// [`BitmapStore::activate_preloaded`], which reads every cluster again and keeps only what
+/// the disk says then. Never trusted as is: it was read without the image's locks and may
+/// hold bitmaps the writer had `in_use`.
+#[derive(Debug, Default)]
+pub struct Preloaded {
+    bitmaps: Vec<(BitmapName, DirtyBitmap)>,
+}
+
+impl Preloaded {
+    /// Bitmaps held.
+    pub fn len(&self) -> usize {
+        self.bitmaps.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.bitmaps.is_empty()
+    }
+
+    /// Takes the bitmap named `name` if it is held with this disk size, granularity and
+    /// region size.
+    fn take(
+        &mut self,
+        name: &BitmapName,
+        (disk_size, granularity, region_size): (u64, u64, u64),
+    ) -> Option<DirtyBitmap> {
+        let i = self.bitmaps.iter().position(|(n, b)| {
+            n == name
+                && b.disk_size() == disk_size
+                && b.granularity() == granularity
+                && b.region_size() == region_size
+        })?;
+        Some(self.bitmaps.swap_remove(i).1)
+    }
+}
+
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
     bytes.div_ceil(cs)
 }
@@ -480,24 +518,148 @@ impl<S: Storage> BitmapStore<S> {
         Ok(bm)
     }
 
-    /// Times what loading this image's bitmaps from disk costs, as another process's
-    /// [`activate`](Self::activate) of the same image (a migration destination on shared
-    /// storage) would load them: the reference walk of its preflight, then every bitmap
-    /// that is held in memory or consistent on disk is read and decoded from its table into
-    /// a bitmap that is dropped at once, one at a time. Writes nothing and changes nothing in this store. On an active store the
-    /// tables and clusters are those the flushes write in place, so the work is the same
-    /// as after its inactivate. A migration's switchover rule counts the result as part
-    /// of the downtime (see [`SharedDiskState`](crate::migration::SharedDiskState)).
+    /// Reads every bitmap of the directory, `in_use` or not, as it is on disk now, for a
+    /// later [`activate_preloaded`](Self::activate_preloaded) of the same image by a store
+    /// opened writable (a migration destination reads here while the source still runs
+    /// and writes the image: open this store with
+    /// [`FileStorage::open_shared`](crate::FileStorage::open_shared)). A bitmap whose table
+    /// does not read is left out; the activate then loads it whole. Writes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the bitmaps would take more memory than an activate
+    /// allows (the same limit).
+    pub fn preload(&self) -> Result<Preloaded> {
+        let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.stale).collect();
+        let needed: u64 = live
+            .iter()
+            .map(|s| {
+                self.disk_size()
+                    .div_ceil(1u64 << s.entry.granularity_bits)
+                    .div_ceil(8)
+            })
+            .fold(0u64, u64::saturating_add);
+        if needed > ACTIVE_MEMORY_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "preloading would hold {needed} bytes of bitmaps in memory, more than the \
+                 limit of {ACTIVE_MEMORY_LIMIT}"
+            )));
+        }
+        let mut pre = Preloaded::default();
+        for s in live {
+            if let Ok(bm) = self.load_disk(&s.entry) {
+                pre.bitmaps.push((s.entry.name.clone(), bm));
+            }
+        }
+        Ok(pre)
+    }
+
+    /// Loads `entry` into `held` (a preloaded bitmap of the same geometry, not shared):
+    /// every region is set from the disk as it is now, word for word, so the result is
+    /// what [`load_disk`](Self::load_disk) would return; only the words that differ are
+    /// written, and no memory is allocated or faulted in.
+    fn refresh_disk(&self, entry: &DirEntry, held: DirtyBitmap) -> Result<DirtyBitmap> {
+        let cs = self.image.cluster_size();
+        let table = self.read_table(entry)?;
+        let clusters = held.serialized_len().div_ceil(cs);
+        if table.len() as u64 != clusters {
+            return Err(internal!(
+                "bitmap {:?}: table of {} entries for {} clusters of data",
+                entry.name,
+                table.len(),
+                clusters
+            ));
+        }
+        let per_cluster = cs / held.region_size();
+        let fill = |byte: u8, len: u64| vec![byte; usize::try_from(len).unwrap_or(usize::MAX)];
+        for (c, t) in table.iter().enumerate() {
+            let c = c as u64;
+            let len = held
+                .serialized_len()
+                .saturating_sub(c.saturating_mul(cs))
+                .min(cs);
+            let data = match *t {
+                TableEntry::Zeroes => fill(0, len),
+                TableEntry::Ones => fill(0xFF, len),
+                TableEntry::Data(off) => {
+                    read_metadata(self.image.storage(), "bitmap data", off, len)?
+                }
+            };
+            let first = c.saturating_mul(per_cluster);
+            let mut at = 0usize;
+            for r in first..first.saturating_add(per_cluster).min(held.region_count()) {
+                let rl = held.region_len(r) as usize;
+                held.load_region(r, &data[at..at + rl])?;
+                at += rl;
+            }
+        }
+        let _ = held.take_changed();
+        held.set_enabled_unshared(entry.auto);
+        Ok(held)
+    }
+
+    /// Times what loading this image's bitmaps costs another process's activate of the
+    /// same image (a migration destination on shared storage, which
+    /// [`preload`](Self::preload)s them during precopy and then
+    /// [`activate_preloaded`](Self::activate_preloaded)s): the reference walk of its
+    /// preflight, then every cluster of every bitmap held in memory or consistent on disk
+    /// read and compared, region by region, with a bitmap that holds about the same
+    /// content (this store's own in-memory bitmap, read only; the words that differ are
+    /// what the refresh writes, a few against the many it compares). A bitmap not in
+    /// memory here is timed as a whole load into fresh memory. A table entry that is not a
+    /// data cluster now may be one by the time the other process loads (a guest writing
+    /// meanwhile), so it is timed as a cluster-sized read (of the header cluster, which
+    /// always exists) of all ones. Writes nothing and changes nothing in this store. A
+    /// migration's switchover rule counts the result as downtime (see
+    /// [`SharedDiskState`](crate::migration::SharedDiskState)).
     ///
     /// # Errors
     /// As [`load`](Self::load) from disk.
     pub fn time_load(&self) -> Result<std::time::Duration> {
         let start = std::time::Instant::now();
-        // The activate's preflight walks every reference in the image first.
         let _ = self.image.references()?;
+        let cs = self.image.cluster_size();
+        let ones = vec![0xFFu8; usize::try_from(cs).unwrap_or(usize::MAX)];
         for s in &self.slots {
-            if !s.stale && (s.mem.is_some() || s.parked.is_some() || !s.inconsistent) {
-                drop(self.load_disk(&s.entry)?);
+            if s.stale || (s.mem.is_none() && s.parked.is_none() && s.inconsistent) {
+                continue;
+            }
+            let fresh;
+            let (bm, into_fresh) = match s.mem.as_ref().or(s.parked.as_ref()) {
+                Some(m) => (&**m, false),
+                None => {
+                    fresh = self.new_bitmap(1u64 << s.entry.granularity_bits)?;
+                    (&fresh, true)
+                }
+            };
+            let table = self.read_table(&s.entry)?;
+            let per_cluster = cs / bm.region_size();
+            for (c, t) in table.iter().enumerate() {
+                let c = c as u64;
+                let len = bm
+                    .serialized_len()
+                    .saturating_sub(c.saturating_mul(cs))
+                    .min(cs);
+                let read = match *t {
+                    TableEntry::Data(off) => {
+                        read_metadata(self.image.storage(), "bitmap data", off, len)?
+                    }
+                    _ => {
+                        let _ = read_metadata(self.image.storage(), "image header", 0, len)?;
+                        ones[..len as usize].to_vec()
+                    }
+                };
+                let first = c.saturating_mul(per_cluster);
+                let mut at = 0usize;
+                for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
+                    let rl = bm.region_len(r) as usize;
+                    let bytes = &read[at..at + rl];
+                    if into_fresh {
+                        bm.load_region_fresh(r, bytes)?;
+                    } else {
+                        std::hint::black_box(bm.region_equals(r, bytes)?);
+                    }
+                    at += rl;
+                }
             }
         }
         Ok(start.elapsed())

@@ -218,10 +218,15 @@ enum DestSide {
 /// size next to the source's (`<image stem>-dest.qcow2`).
 fn dest_side(d: &DiskParams) -> Res<DestSide> {
     Ok(match d.mode {
-        DiskMode::Shared => DestSide::Shared(Arc::new(Mutex::new(SharedDiskDest::file(
-            "disk-bitmaps",
-            d.image.clone(),
-        )))),
+        DiskMode::Shared => {
+            let dest = SharedDiskDest::file("disk-bitmaps", d.image.clone());
+            // QEMU's destination loads the bitmaps whole at its activate.
+            DestSide::Shared(Arc::new(Mutex::new(if d.qemu_baseline {
+                dest.without_preload()
+            } else {
+                dest
+            })))
+        }
         DiskMode::Stream => {
             let stem = d
                 .image
