@@ -265,7 +265,10 @@ fn shared_rig(seed: u64) -> SharedRig {
         state: SharedDiskState::new(DISK_ID, "disk-bitmaps", store.clone()),
         writer,
     };
-    let dest = Arc::new(Mutex::new(SharedDiskDest::file("disk-bitmaps", img.clone())));
+    let dest = Arc::new(Mutex::new(SharedDiskDest::file(
+        "disk-bitmaps",
+        img.clone(),
+    )));
     sim.world()
         .dest
         .states
@@ -302,7 +305,11 @@ fn destination_holds_every_mark(r: &mut SharedRig, what: &str) {
     assert!(q[0].2.iter().any(|f| f == "in-use"), "{what}: {q:?}");
     d.inactivate().unwrap();
     drop(d);
-    assert_on_disk(&r.img, &marks, &format!("{what}, handed back by the destination"));
+    assert_on_disk(
+        &r.img,
+        &marks,
+        &format!("{what}, handed back by the destination"),
+    );
 }
 
 fn shared_case(failure: Failure, seed: u64) {
@@ -314,7 +321,11 @@ fn shared_case(failure: Failure, seed: u64) {
     let marks = r.disk.writer.marks().to_vec();
     assert!(marks.len() >= 100, "{what}: only {} marks", marks.len());
     // Every mark made before the failure is in the source's bitmap in memory.
-    assert_covers(&source_bitmap(&r.store), &marks, &format!("{what}, source memory"));
+    assert_covers(
+        &source_bitmap(&r.store),
+        &marks,
+        &format!("{what}, source memory"),
+    );
     match failure {
         Failure::Cancel | Failure::CutBeforeEnd | Failure::Refuse => {
             // The source kept the guest, or took it back: active, running, nothing handed
@@ -395,7 +406,10 @@ fn shared_storage_a_crashed_destination_that_changed_more_than_the_flags_is_refu
     println!("{what}");
     let mut r = shared_rig(seed);
     let res = attempt(&r.sim, &mut r.ram, &mut r.disk, Some(Failure::DestCrash));
-    assert!(matches!(res, Err(MigrationError::OutcomeUnknown(_))), "{what}: {res:?}");
+    assert!(
+        matches!(res, Err(MigrationError::OutcomeUnknown(_))),
+        "{what}: {res:?}"
+    );
     let marks = r.disk.writer.marks().to_vec();
     let mut held = r.dest.lock().unwrap().take_store().unwrap();
     held.add("theirs", 65536, Recording::Enabled).unwrap();
@@ -416,7 +430,11 @@ fn shared_storage_a_crashed_destination_that_changed_more_than_the_flags_is_refu
     );
     assert!(!r.store.lock().is_active(), "{what}");
     assert!(!r.sim.guest_running(), "{what}");
-    assert_covers(&source_bitmap(&r.store), &marks, &format!("{what}, source memory"));
+    assert_covers(
+        &source_bitmap(&r.store),
+        &marks,
+        &format!("{what}, source memory"),
+    );
     let q = qemu_bitmaps(&r.img);
     let b = q.iter().find(|(n, ..)| n == "b").unwrap();
     assert!(b.2.iter().any(|f| f == "in-use"), "{what}: {q:?}");
@@ -468,10 +486,7 @@ fn stream_rig(seed: u64) -> StreamRig {
         sim,
         ram,
         store,
-        disk: SimMarked {
-            state,
-            writer,
-        },
+        disk: SimMarked { state, writer },
         dest,
     }
 }
@@ -502,7 +517,11 @@ fn stream_case(failure: Failure, seed: u64) {
     let marks = r.disk.writer.marks().to_vec();
     assert!(marks.len() >= 100, "{what}: only {} marks", marks.len());
     // Sending never clears a source bit: every mark is in the source's bitmap.
-    assert_covers(&source_bitmap(&r.store), &marks, &format!("{what}, source memory"));
+    assert_covers(
+        &source_bitmap(&r.store),
+        &marks,
+        &format!("{what}, source memory"),
+    );
     assert!(r.store.lock().is_active(), "{what}");
     match failure {
         Failure::Cancel | Failure::CutBeforeEnd | Failure::Refuse => {
@@ -549,7 +568,11 @@ fn stream_case(failure: Failure, seed: u64) {
     drop(d);
     assert_eq!(src, at_dest, "{what}: destination against source");
     let marks = r.disk.writer.marks().to_vec();
-    assert_on_disk(&r.dest_img, &marks, &format!("{what}, retry, destination image"));
+    assert_on_disk(
+        &r.dest_img,
+        &marks,
+        &format!("{what}, retry, destination image"),
+    );
     r.store.lock().inactivate().unwrap();
     assert_on_disk(&r.src_img, &marks, &format!("{what}, retry, source image"));
 }

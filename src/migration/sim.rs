@@ -20,6 +20,15 @@
 //! writes the remainder inside the downtime. Then the bound is on time: a switchover
 //! violates the limit iff `bytes_in_downtime / link_bw + disk stop time + switchover_cost >
 //! downtime_limit`, computed exactly in nanoseconds.
+//!
+//! # The failure matrix
+//! Faults at points of the protocol: [`World::fail_at_send`] (the n-th send),
+//! [`World::link_fault`] ([`LinkFault`]: the link cut inside the downtime before End, right
+//! after End, or right after Started), [`DestModel::refuse`] and
+//! [`DestModel::crash_before_started`] (a destination that took over and died before it
+//! answered). Real disk states run under the clock with [`SimMarked`]: the guest's disk
+//! writes ([`SimDiskWriter`]) mark the store's bitmaps as virtual time passes and are logged,
+//! so a test checks that no mark is lost (`tests/migration_matrix.rs`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
