@@ -662,7 +662,11 @@ fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_re
     assert!(refused.contains("the guest stays stopped"), "{refused}");
     let logged = read_marks(&marks);
     assert!(!logged.is_empty());
-    assert_eq!(number_after(&refused, "marks"), logged.len() as u64, "{refused}");
+    assert_eq!(
+        number_after(&refused, "marks"),
+        logged.len() as u64,
+        "{refused}"
+    );
     assert!(refused.ends_with(" 0 missing in memory"), "{refused}");
     let (code, out, err) = src.finish();
     assert_eq!(code, 1, "send:\n{}\n{err}", out.join("\n"));

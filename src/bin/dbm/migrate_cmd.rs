@@ -18,6 +18,12 @@
 //!   writer marking every enabled bitmap through the store's `Tracker`, paused when the VM
 //!   stops), migrates it, and prints the outcome. After a failure the guest runs on here
 //!   for `--run-for`, then stops: every logged mark must be dirty in memory and on disk.
+//!   On an unknown outcome (End sent, no answer) it exits with the guest stopped, or with
+//!   `--fail-back-on-signal` waits for the operator's word that the destination is gone
+//!   (SIGUSR1), then re-dirties, takes the image back (only if the destination changed
+//!   nothing but the `in_use` flags) and resumes.
+//! - `listen --test-crash-after-activate` (hidden, a test hook): each attempt, once it
+//!   activated the image, waits to be killed without answering Started.
 //!
 //! The log of marks (`--log`) holds one `offset length` line per 4 KiB disk write, written
 //! after the mark returned and before the writer pauses, so when the source's VM has
