@@ -104,6 +104,21 @@ impl Proc {
         }
     }
 
+    /// Sends `sig`.
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: a plain kill(2) of our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Kills it with SIGKILL (no handler, no clean-up: a crash) and waits until it is gone.
+    fn kill_hard(mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", self.describe());
+    }
+
     /// Sends SIGTERM.
     fn terminate(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
@@ -512,4 +527,166 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     assert!(checked.ends_with(", 0 missing"), "{checked}");
     assert!(text.contains("marks missing on disk: 0"), "{text}");
     assert_every_mark_on_disk(&img, &logged);
+}
+
+/// A destination process that activated the image and is killed (SIGKILL) before it
+/// answers Started, the source waiting with `--fail-back-on-signal`: started with the test
+/// hook of `listen`, killed once it says it activated; the source told (SIGUSR1) that it
+/// died. Returns the two processes' state: the source, waiting for its reclaim to be judged.
+fn crash_the_destination_after_it_activated(img: &Path, marks: &Path, seed: &str) -> Proc {
+    let mut dest = Proc::spawn(
+        "listen",
+        &[
+            "migrate",
+            "listen",
+            p(img),
+            "--test-crash-after-activate",
+            "--timeout",
+            "60",
+        ],
+    );
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let mut args = send_args(p(img), &addr, p(marks), seed);
+    args.extend(["--fail-back-on-signal", "--run-for", "600"]);
+    let mut src = Proc::spawn("send", &args);
+    dest.wait_for("attempt 1: opened");
+    dest.wait_for("attempt 1: test hook: activated");
+    // The destination holds the image, activated: its write locks, the bitmap in use.
+    assert_held_by_a_writer(img);
+    dest.kill_hard();
+    // It died without a word: the in_use flags it set stay on disk, its locks went with it.
+    let q = qemu_bitmaps(img);
+    assert!(q[0].2.iter().any(|f| f == "in-use"), "{q:?}");
+    let unknown = src.wait_for("hand-over outcome unknown");
+    assert!(unknown.contains("waiting for the verdict"), "{unknown}");
+    // The source waits stopped: its guest makes no marks.
+    let n = read_marks(marks).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_marks(marks).len(), n, "the source's guest ran on");
+    src
+}
+
+#[test]
+fn two_processes_a_destination_killed_after_activating_fails_back_then_a_new_pair_hands_over() {
+    let (_, seed) = common::seeded_rng("procs_dest_crash");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let marks = dir.path().join("marks.log");
+    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed);
+    // The operator's word: the destination is gone. The only difference on disk is the
+    // in_use flags: the source takes the image back and resumes with every mark.
+    src.signal(libc::SIGUSR1);
+    src.wait_for("verdict: the destination is gone");
+    src.wait_for("source: took its bitmaps back from the dead destination");
+    src.wait_for("running here");
+    assert_held_by_a_writer(&img);
+    let before = read_marks(&marks).len();
+    let deadline = Instant::now() + WAIT;
+    while read_marks(&marks).len() < before + 256 {
+        assert!(
+            Instant::now() < deadline,
+            "the source made no marks after it resumed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.terminate();
+    let (code, out, err) = src.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 3, "send:\n{text}\n{err}");
+    let last = out
+        .iter()
+        .find(|l| l.starts_with("stopped after"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let logged = read_marks(&marks);
+    assert_eq!(number_after(last, "marks"), logged.len() as u64, "{last}");
+    assert!(last.contains(" 0 missing in memory"), "{last}");
+    assert!(last.ends_with(" 0 missing on disk"), "{last}");
+    // Not left locked: a writer opens it, and QEMU's tools read it without force-sharing.
+    drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
+    assert_every_mark_on_disk(&img, &logged);
+
+    // A new pair hands over, and the destination finds every mark of both runs.
+    let marks2 = dir.path().join("marks2.log");
+    let mut dest = Proc::spawn(
+        "listen",
+        &[
+            "migrate",
+            "listen",
+            p(&img),
+            "--check-log",
+            p(&marks2),
+            "--timeout",
+            "60",
+        ],
+    );
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let src = Proc::spawn("send", &send_args(p(&img), &addr, p(&marks2), &seed));
+    let (code, out, err) = src.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "send:\n{text}\n{err}");
+    assert!(text.contains("source: bitmaps handed over"), "{text}");
+    let (code, out, err) = dest.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "listen:\n{text}\n{err}");
+    let checked = out.iter().find(|l| l.starts_with("source marks:")).unwrap();
+    assert!(checked.ends_with(", 0 missing"), "{checked}");
+    assert!(text.contains("marks missing on disk: 0"), "{text}");
+    let mut all = logged;
+    all.extend(read_marks(&marks2));
+    assert_every_mark_on_disk(&img, &all);
+}
+
+#[test]
+fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_reclaimed() {
+    let (_, seed) = common::seeded_rng("procs_dest_crash_changed");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let marks = dir.path().join("marks.log");
+    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed);
+    // What the dead destination wrote besides the flags: a bitmap of its own.
+    {
+        let mut d = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        d.add("theirs", 65536, dirty_bitmap::Recording::Enabled)
+            .unwrap();
+    }
+    src.signal(libc::SIGUSR1);
+    src.wait_for("verdict: the destination is gone");
+    let refused = src.wait_for("source: cannot take its bitmaps back");
+    assert!(refused.contains("changed while inactive"), "{refused}");
+    assert!(refused.contains("the guest stays stopped"), "{refused}");
+    let logged = read_marks(&marks);
+    assert!(!logged.is_empty());
+    assert_eq!(
+        number_after(&refused, "marks"),
+        logged.len() as u64,
+        "{refused}"
+    );
+    assert!(refused.ends_with(" 0 missing in memory"), "{refused}");
+    let (code, out, err) = src.finish();
+    assert_eq!(code, 1, "send:\n{}\n{err}", out.join("\n"));
+    // Never clean: the disk says b is in use (inconsistent), and the library refuses to
+    // read it as a bitmap.
+    let q = qemu_bitmaps(&img);
+    let b = q.iter().find(|(n, ..)| n == "b").unwrap();
+    assert!(b.2.iter().any(|f| f == "in-use"), "{q:?}");
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(
+        matches!(s.load("b"), Err(dirty_bitmap::Error::Inconsistent { .. })),
+        "{:?}",
+        s.load("b").map(|b| b.count())
+    );
+    drop(s);
+    assert_qemu_clean(&img);
+    // Not left locked.
+    drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
 }

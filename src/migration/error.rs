@@ -40,10 +40,14 @@ pub enum MigrationError {
     /// source VM is left **stopped** and the states untouched (QEMU's postcopy-paused).
     /// Only a caller that learns the destination did not start (it is gone, or says so)
     /// may resume the source; it must first run [`channel_failed`] and
-    /// [`resume_source`] on every state, so that nothing in flight is lost.
+    /// [`resume_source`] on every state, so that nothing in flight is lost, then
+    /// [`reactivate`] on every state (a shared-storage disk state takes its image back; it
+    /// refuses an image the destination changed beyond the `in_use` flags, and the VM must
+    /// then stay stopped), and only then resume the VM.
     ///
     /// [`channel_failed`]: super::MigrationState::channel_failed
     /// [`resume_source`]: super::MigrationState::resume_source
+    /// [`reactivate`]: super::MigrationState::reactivate
     #[error("migration outcome unknown: the destination may be running the guest ({0})")]
     OutcomeUnknown(#[source] Box<MigrationError>),
     /// The attempt failed after the destination started the guest (postcopy: `Started`

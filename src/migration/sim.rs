@@ -20,6 +20,15 @@
 //! writes the remainder inside the downtime. Then the bound is on time: a switchover
 //! violates the limit iff `bytes_in_downtime / link_bw + disk stop time + switchover_cost >
 //! downtime_limit`, computed exactly in nanoseconds.
+//!
+//! # The failure matrix
+//! Faults at points of the protocol: [`World::fail_at_send`] (the n-th send),
+//! [`World::link_fault`] ([`LinkFault`]: the link cut inside the downtime before End, right
+//! after End, or right after Started), [`DestModel::refuse`] and
+//! [`DestModel::crash_before_started`] (a destination that took over and died before it
+//! answered). Real disk states run under the clock with [`SimMarked`]: the guest's disk
+//! writes ([`SimDiskWriter`]) mark the store's bitmaps as virtual time passes and are logged,
+//! so a test checks that no mark is lost (`tests/migration_matrix.rs`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -88,6 +97,13 @@ pub struct DestModel {
     pub requests: u64,
     /// Destination-side states every attempt takes (a stream-mode disk bitmap).
     pub states: Vec<SharedDestState>,
+    /// Die after the states' `before_start` ran and before Started is written (failure
+    /// tests): the answer is never sent, no state hears `failed` (a killed process undoes
+    /// nothing: a disk state's store stays as its activation left it, in the state, for the
+    /// test to drop as the process's exit would), the kept RAM is gone, and every later
+    /// frame fails as on a reset connection until [`restart`](Self::restart). It fires once.
+    pub crash_before_started: bool,
+    dead: bool,
     outbox: VecDeque<DestMessage>,
 }
 
@@ -108,7 +124,39 @@ impl DestModel {
             refuse: None,
             requests: 0,
             states: Vec::new(),
+            crash_before_started: false,
+            dead: false,
             outbox: VecDeque::new(),
+        }
+    }
+
+    /// Whether the destination died ([`crash_before_started`](Self::crash_before_started))
+    /// and was not restarted.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// A new destination process after a crash: nothing kept, ready for a Hello.
+    pub fn restart(&mut self) {
+        self.dead = false;
+        self.core = None;
+        self.frames = 0;
+        self.outbox.clear();
+    }
+
+    /// The connection closed under the destination (the link was cut): an attempt that
+    /// has not started the guest fails, and its states hear `failed`, as a destination
+    /// reading a closed stream does; one that started keeps running. Answers not yet read
+    /// are lost with the connection.
+    fn disconnect(&mut self) {
+        self.outbox.clear();
+        if let Some(core) = self.core.as_mut() {
+            if !core.is_running() && core.check_live().is_ok() {
+                core.fail(&MigrationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "simulated link cut",
+                )));
+            }
         }
     }
 
@@ -157,6 +205,12 @@ impl DestModel {
 
     /// Feeds `frame` to the current attempt's core; its answers go to the outbox.
     fn apply(&mut self, frame: Frame) -> Result<()> {
+        if self.dead {
+            return Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "simulated destination died",
+            )));
+        }
         let Some(core) = self.core.as_mut() else {
             // Nothing before the first Hello: as a destination reading a stream that does
             // not start with one.
@@ -180,6 +234,16 @@ impl DestModel {
             }
             Ok(())
         });
+        if self.crash_before_started && self.outbox.back() == Some(&DestMessage::Started) {
+            // The states took over (`before_start` ran), then the process died before its
+            // answer went out: no Started, no `failed`, nothing kept. The frame that
+            // started it was delivered: its sender saw no error.
+            self.outbox.pop_back();
+            self.crash_before_started = false;
+            self.dead = true;
+            self.core = None;
+            return Ok(());
+        }
         match res {
             Ok(_) => Ok(()),
             // The refusal went to the outbox, as Refused goes on the return path.
@@ -398,6 +462,11 @@ pub struct World {
     sends: u64,
     /// Fail the send with this index (0-based) with a connection reset (failure tests).
     pub fail_at_send: Option<u64>,
+    /// Cut the link at this point of the protocol (failure tests); it fires once.
+    pub link_fault: Option<LinkFault>,
+    /// The link is cut: every send and receive fails until the next Hello, which opens a
+    /// new connection.
+    cut: bool,
     guest: SimGuest,
     /// The destination.
     pub dest: DestModel,
@@ -438,6 +507,8 @@ impl Sim {
             bytes: Bytes::ZERO,
             sends: 0,
             fail_at_send: None,
+            link_fault: None,
+            cut: false,
             guest: SimGuest {
                 ram,
                 log,
@@ -502,9 +573,46 @@ impl Clock for Sim {
     }
 }
 
+/// A cut of the simulated link at a point of the protocol ([`World::link_fault`]), for the
+/// failure matrix. Each leaves the link cut (every later send and receive of the attempt
+/// fails as on a reset connection) until the next attempt's Hello, a new connection; the
+/// destination sees the connection close ([`DestModel`]: an attempt that has not started
+/// fails and its states hear `failed`; one that started runs on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkFault {
+    /// Inside the downtime, before End: the states' stop work is done, End is never
+    /// delivered. The destination cannot have started; the source hears the cut and
+    /// takes its guest back.
+    BeforeEnd,
+    /// Right after End reached the destination: it starts the guest, and its Started is
+    /// lost with the connection. The source cannot tell
+    /// ([`MigrationError::OutcomeUnknown`]).
+    AfterEnd,
+    /// Right after the source read Started (postcopy: the destination runs the guest and
+    /// pulls what it lacks): the source's next send or receive fails
+    /// ([`MigrationError::AfterStart`]).
+    AfterStarted,
+}
+
+fn link_cut() -> MigrationError {
+    MigrationError::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "simulated link cut",
+    ))
+}
+
 impl World {
+    /// Cuts the link now; the destination sees its connection close.
+    fn cut_link(&mut self) {
+        self.cut = true;
+        self.dest.disconnect();
+    }
+
     /// Puts `wire` bytes on the link (advancing time), or fails the send when told to.
     fn transmit(&mut self, wire: Bytes) -> Result<()> {
+        if self.cut {
+            return Err(link_cut());
+        }
         if self.fail_at_send == Some(self.sends) {
             self.sends += 1;
             return Err(MigrationError::Io(std::io::Error::new(
@@ -536,8 +644,23 @@ impl Outbound for Sim {
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
         let mut w = self.0.borrow_mut();
         let wire = control_wire(msg)?;
+        let end = matches!(msg, Control::End);
+        if matches!(msg, Control::Hello(_)) {
+            // A new attempt connects anew.
+            w.cut = false;
+        }
+        if end && !w.cut && w.link_fault == Some(LinkFault::BeforeEnd) {
+            w.link_fault = None;
+            w.cut_link();
+            return Err(link_cut());
+        }
         w.transmit(wire)?;
         w.dest.control(msg)?;
+        if end && w.link_fault == Some(LinkFault::AfterEnd) {
+            // Delivered; the answer is lost with the connection.
+            w.link_fault = None;
+            w.cut_link();
+        }
         Ok(wire)
     }
 
@@ -552,10 +675,25 @@ impl Outbound for Sim {
 
 impl Inbound for Sim {
     fn try_recv(&mut self) -> Result<Option<DestMessage>> {
-        Ok(self.0.borrow_mut().dest.outbox.pop_front())
+        let mut w = self.0.borrow_mut();
+        if w.cut {
+            return Err(link_cut());
+        }
+        let msg = w.dest.outbox.pop_front();
+        if msg == Some(DestMessage::Started) && w.link_fault == Some(LinkFault::AfterStarted) {
+            w.link_fault = None;
+            w.cut_link();
+        }
+        Ok(msg)
     }
 
     fn recv(&mut self) -> Result<DestMessage> {
+        if self.0.borrow().dest.is_dead() {
+            return Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "simulated destination died",
+            )));
+        }
         self.try_recv()?.ok_or_else(|| {
             MigrationError::PeerAborted("simulated destination has nothing to say".into())
         })
@@ -752,6 +890,140 @@ impl MigrationState for SimStreamState {
     }
     fn resume_source(&mut self) {
         self.stream.resume_source();
+    }
+}
+
+/// The simulated guest's disk writes, made as virtual time passes: a number of writes per
+/// guest RAM page write, each of 4 KiB at a random offset (deterministic from the seed),
+/// marked through a [`Tracker`](crate::Tracker) (so on every bitmap of a store) and then
+/// logged. The log is what a test checks the bitmaps against: every mark in it was made.
+///
+/// Like [`SimStreamState`]'s, the marks are made lazily, by [`accrue`](Self::accrue), for
+/// the guest's writes since the last call; the guest writes only while it runs, so nothing
+/// is marked for a stopped guest, and a hook that accrues first (as [`SimMarked`]'s do)
+/// sees every write made before the VM stopped: the `Vm` contract's drained disk I/O.
+#[derive(Debug)]
+pub struct SimDiskWriter {
+    sim: Sim,
+    tracker: crate::Tracker,
+    disk_size: u64,
+    writes_per_page_write: f64,
+    rng: SplitMix64,
+    credit: f64,
+    guest_writes: u64,
+    log: Vec<u64>,
+}
+
+impl SimDiskWriter {
+    /// Disk writes of the guest of `sim` to a disk of `disk_size` bytes (at least 4 KiB),
+    /// `writes_per_page_write` per guest page write, marked through `tracker`.
+    pub fn new(
+        sim: Sim,
+        tracker: crate::Tracker,
+        disk_size: u64,
+        writes_per_page_write: f64,
+        seed: u64,
+    ) -> SimDiskWriter {
+        let guest_writes = sim.guest_writes();
+        SimDiskWriter {
+            sim,
+            tracker,
+            disk_size,
+            writes_per_page_write,
+            rng: SplitMix64::new(seed ^ 0xD15C_3A7E),
+            credit: 0.0,
+            guest_writes,
+            log: Vec::new(),
+        }
+    }
+
+    /// Marks (then logs) the disk writes of the guest's page writes since the last call.
+    pub fn accrue(&mut self) {
+        let w = self.sim.guest_writes();
+        let new = w.saturating_sub(self.guest_writes);
+        self.guest_writes = w;
+        self.credit += new as f64 * self.writes_per_page_write;
+        let blocks = (self.disk_size / 4096).max(1);
+        while self.credit >= 1.0 {
+            self.credit -= 1.0;
+            let off = self.rng.below(blocks) * 4096;
+            self.tracker.mark(off, 4096);
+            self.log.push(off);
+        }
+    }
+
+    /// The offset of every write marked so far, in order.
+    pub fn marks(&self) -> &[u64] {
+        &self.log
+    }
+}
+
+/// A migration state whose disk bitmaps the simulated guest writes as virtual time passes:
+/// each hook of `state` (a [`SharedDiskState`](super::SharedDiskState) or a
+/// [`StreamDiskState`] over the bitmaps `writer` marks) runs after
+/// [`SimDiskWriter::accrue`], so the state sees the marks as it would see a guest's
+/// concurrent writes at that instant.
+#[derive(Debug)]
+pub struct SimMarked<M> {
+    /// The state.
+    pub state: M,
+    /// The guest's disk writes.
+    pub writer: SimDiskWriter,
+}
+
+impl<M: MigrationState> MigrationState for SimMarked<M> {
+    fn id(&self) -> StateId {
+        self.state.id()
+    }
+    fn name(&self) -> &str {
+        self.state.name()
+    }
+    fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.setup(out)
+    }
+    fn pending(&mut self, exact: bool) -> Pending {
+        self.writer.accrue();
+        self.state.pending(exact)
+    }
+    fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.iterate(out, budget)
+    }
+    fn flush(&mut self) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.flush()
+    }
+    fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.complete(out)
+    }
+    fn disk_stop(&self) -> FlushStats {
+        self.state.disk_stop()
+    }
+    fn postcopy_start(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.postcopy_start(out)
+    }
+    fn serve(&mut self, out: &mut dyn Outbound, request: &[u8]) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.serve(out, request)
+    }
+    fn channel_failed(&mut self) {
+        self.writer.accrue();
+        self.state.channel_failed();
+    }
+    fn cancel(&mut self) {
+        self.writer.accrue();
+        self.state.cancel();
+    }
+    fn resume_source(&mut self) {
+        self.writer.accrue();
+        self.state.resume_source();
+    }
+    fn reactivate(&mut self) -> Result<()> {
+        self.writer.accrue();
+        self.state.reactivate()
     }
 }
 

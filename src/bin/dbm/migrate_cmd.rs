@@ -18,6 +18,12 @@
 //!   writer marking every enabled bitmap through the store's `Tracker`, paused when the VM
 //!   stops), migrates it, and prints the outcome. After a failure the guest runs on here
 //!   for `--run-for`, then stops: every logged mark must be dirty in memory and on disk.
+//!   On an unknown outcome (End sent, no answer) it exits with the guest stopped, or with
+//!   `--fail-back-on-signal` waits for the operator's word that the destination is gone
+//!   (SIGUSR1), then re-dirties, takes the image back (only if the destination changed
+//!   nothing but the `in_use` flags) and resumes.
+//! - `listen --test-crash-after-activate` (hidden, a test hook): each attempt, once it
+//!   activated the image, waits to be killed without answering Started.
 //!
 //! The log of marks (`--log`) holds one `offset length` line per 4 KiB disk write, written
 //! after the mark returned and before the writer pauses, so when the source's VM has
@@ -121,6 +127,12 @@ pub struct ListenArgs {
     /// Random seed of the disk writes here (default: random; printed either way).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Test hook: once an attempt opened and activated the image (its bitmaps `in_use`),
+    /// print `test hook: ...` and wait to be killed, never answering Started: a destination
+    /// that crashes after it took the image over. After 10 minutes it exits with status
+    /// 137, as a SIGKILL would.
+    #[arg(long, hide = true)]
+    pub test_crash_after_activate: bool,
 }
 
 /// Options of `dbm migrate send`.
@@ -170,6 +182,13 @@ pub struct SendArgs {
     /// Append one `offset length` line per disk write to this file, after its mark.
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// When the outcome is unknown (End was sent, no answer came: the destination may run
+    /// the guest), wait with the guest stopped for the operator's word instead of exiting:
+    /// SIGUSR1 says the destination is gone without having started the guest, and the
+    /// source takes its image back (only if the destination changed nothing but the
+    /// `in_use` flags) and resumes; SIGINT or SIGTERM leave it stopped (exit 1).
+    #[arg(long)]
+    pub fail_back_on_signal: bool,
     /// Seconds to wait for the connection, each write, and each answer.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
@@ -294,6 +313,8 @@ struct ListenDisk {
     attempt: u32,
     /// Whether this attempt opened and activated the image.
     activated: bool,
+    /// The test hook `--test-crash-after-activate`.
+    crash_after_activate: bool,
 }
 
 impl DestState for ListenDisk {
@@ -319,6 +340,16 @@ impl DestState for ListenDisk {
             self.attempt,
             self.image.display()
         ));
+        if self.crash_after_activate {
+            // A crash between the activation and Started: the image stays as the
+            // activation left it (`in_use` set, in place) and the source hears nothing.
+            say(format!(
+                "attempt {}: test hook: activated, waiting to be killed before Started",
+                self.attempt
+            ));
+            std::thread::sleep(Duration::from_secs(600));
+            std::process::exit(137);
+        }
         if self.refuse_left > 0 {
             self.refuse_left -= 1;
             return Err(MigrationError::DestinationRefused(format!(
@@ -359,6 +390,7 @@ fn listen(a: &ListenArgs) -> CmdResult {
         refuse_left: a.refuse,
         attempt: 0,
         activated: false,
+        crash_after_activate: a.test_crash_after_activate,
     }));
     let dest = TcpDestination::spawn(DestOptions {
         max_attempts: a.attempts,
@@ -477,6 +509,30 @@ fn listen(a: &ListenArgs) -> CmdResult {
 }
 
 // ---- send ----
+
+/// After an unknown outcome, once the operator says the destination is gone without having
+/// started the guest: what the loop does after a failure with the VM stopped. Every state
+/// re-dirties what may have been lost in flight, then takes back what its stop handed over
+/// (the disk state activates the image again: refused if another process holds its write
+/// locks or changed more than the `in_use` flags), then the guest resumes. On an error the
+/// guest stays stopped.
+fn fail_back(
+    states: &mut [&mut dyn MigrationState],
+    source: &mut Source,
+) -> dirty_bitmap::migration::Result<()> {
+    for s in states.iter_mut() {
+        s.channel_failed();
+        s.resume_source();
+    }
+    for s in states.iter_mut() {
+        s.reactivate()?;
+    }
+    Guest {
+        vcpus: &mut source.vcpus,
+        disk: Some(&source.writer),
+    }
+    .resume()
+}
 
 /// What a `send` run has to stop at the end.
 struct Source {
@@ -724,6 +780,44 @@ fn send(a: &SendArgs) -> CmdResult {
             }
             Ok(_) => {
                 say("did not converge: the migration was cancelled and the guest runs on here");
+            }
+            Err(e @ MigrationError::OutcomeUnknown(_)) if a.fail_back_on_signal => {
+                let verdict = signals::await_verdict(|| {
+                    say(format!(
+                        "hand-over outcome unknown: {e}; the guest stays stopped, waiting for \
+                         the verdict (SIGUSR1: the destination is gone, fail back; SIGINT or \
+                         SIGTERM: stay stopped)"
+                    ));
+                });
+                if verdict == signals::Verdict::Stop {
+                    say("no verdict: the source stays stopped");
+                    let _ = source.writer.shutdown();
+                    source.vcpus.shutdown();
+                    return Err(e.into());
+                }
+                say("verdict: the destination is gone; failing back");
+                let mut states: [&mut dyn MigrationState; 2] = [&mut ram_state, &mut disk_state];
+                if let Err(r) = fail_back(&mut states, &mut source) {
+                    // The image stays as it is (inactive here; in_use on disk if the
+                    // destination set it): never clean, and the guest must not write.
+                    let marks: Vec<(u64, u64)> = source
+                        .writer
+                        .shutdown()
+                        .into_iter()
+                        .map(|o| (o, PAGE))
+                        .collect();
+                    source.vcpus.shutdown();
+                    let in_memory = missing(&source.store.lock(), &marks)?;
+                    say(format!(
+                        "source: cannot take its bitmaps back: {r}; the guest stays stopped; \
+                         marks {} made, {in_memory} missing in memory",
+                        marks.len()
+                    ));
+                    return Err(r.into());
+                }
+                say("source: took its bitmaps back from the dead destination (store active, write locks held); the guest resumed");
+                // The dead destination kept nothing: the next attempt starts afresh.
+                session = Session::new();
             }
             Err(
                 e @ (MigrationError::OutcomeUnknown(_)

@@ -50,3 +50,42 @@ pub fn run_for(d: Duration) -> (Ended, Duration) {
         std::thread::sleep((d - waited).min(Duration::from_millis(20)));
     }
 }
+
+/// Set by the SIGUSR1 handler; read by [`await_verdict`].
+static GONE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    GONE.store(true, Ordering::SeqCst);
+}
+
+/// The operator's word on a destination that never answered ([`await_verdict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// SIGUSR1: the destination is gone and did not start the guest; the source may take
+    /// it back.
+    DestinationGone,
+    /// SIGINT or SIGTERM: no such word; the source stays stopped.
+    Stop,
+}
+
+/// Installs the handlers (SIGUSR1, and SIGINT and SIGTERM as in [`run_for`]), then calls
+/// `armed` (which says what the process waits for: a signal sent after it is caught),
+/// then waits for one of them.
+pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
+    install();
+    let handler = on_usr1 as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
+    // SAFETY: `on_usr1` only stores to an atomic; nothing else in `dbm` handles SIGUSR1.
+    unsafe {
+        libc::signal(libc::SIGUSR1, handler);
+    }
+    armed();
+    loop {
+        if GONE.load(Ordering::SeqCst) {
+            return Verdict::DestinationGone;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            return Verdict::Stop;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
