@@ -671,6 +671,7 @@ fn send(a: &SendArgs) -> CmdResult {
                 &SourceOptions {
                     loop_config: config,
                     timeout,
+                    ..SourceOptions::default()
                 },
                 &mut session,
                 &mut guest,
