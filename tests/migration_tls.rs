@@ -7,7 +7,7 @@
 //! - Refusals are typed and leave the source's guest running: a source whose certificate
 //!   another CA signed, a destination whose certificate does not name the server, a plain
 //!   source against a TLS destination (within the timeout, no hang), a TLS source against a
-//!   plain destination. A retry after a refused attempt, and after one cut mid-stream (the
+//!   plain destination, a second source while one is served. A retry after a refused attempt, and after one cut mid-stream (the
 //!   destination resumes the RAM it kept), completes.
 //! - The destination's deadlines hold over TLS: a peer that drips raw bytes that never
 //!   make a record is cut off at the read timeout.
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::pki::Ca;
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::precopy::{StallAction, StallReport};
+use dirty_bitmap::migration::precopy::{Directive, StallAction, StallReport};
 use dirty_bitmap::migration::tcp::{
     migrate_in_session, DestOptions, DestReport, Session, SourceOptions, SourceReport,
     TcpDestination,
@@ -423,34 +423,57 @@ fn a_wrong_server_name_is_refused_and_the_right_one_completes() {
 }
 
 /// A plain-TCP source against a TLS destination: the destination waits for a
-/// ClientHello, the source for a Nonce; both give up at their timeout, typed, and the
-/// source's guest runs on.
+/// ClientHello, the source for a Nonce. The destination gives up at its timeout (typed) and
+/// closes; the source, whose timeout is longer, hears the close at once; and a source whose
+/// timeout is the shorter gives up at its own, typed. Neither hangs, and the source's guest
+/// runs on.
 #[test]
 fn a_plain_source_against_a_tls_destination_fails_within_the_timeout() {
     let pki = Pki::new("ca");
     let short = Duration::from_millis(800);
-    let dest = tls_dest(&pki, 1, short);
+    let dest = tls_dest(&pki, 2, short);
     let mut src = Source::new(5);
     let mut state = src.state(SetupMode::Full);
     let t = Instant::now();
     let e = src
-        .migrate(dest.addr(), None, short, &mut state)
+        .migrate(dest.addr(), None, short * 4, &mut state)
         .unwrap_err();
     let took = t.elapsed();
-    assert!(took < short * 4, "the plain source waited {took:?}");
+    assert!(took < short * 3, "the plain source waited {took:?}");
+    assert!(
+        matches!(
+            e,
+            MigrationError::Frame(dirty_bitmap::migration::frame::FrameError::Closed { .. })
+        ),
+        "{e}"
+    );
+    // The source gives up first.
+    let t = Instant::now();
+    let e = src
+        .migrate(dest.addr(), None, short / 2, &mut state)
+        .unwrap_err();
+    let took = t.elapsed();
+    assert!(took < short, "the plain source waited {took:?}");
     match &e {
         MigrationError::Io(io) => {
             assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{io}");
             assert!(io.to_string().contains("TLS"), "{io}");
         }
-        // The destination's close may come first.
-        MigrationError::Frame(_) | MigrationError::PeerAborted(_) => {}
         other => panic!("{other}"),
     }
     assert_eq!(state.stats().pages_sent, 0);
     let report = dest.join().unwrap();
+    assert_eq!(report.attempts.len(), 2, "{:?}", report.attempts);
     assert!(
-        matches!(only_error(&report), MigrationError::Tls(TlsError::Timeout(d)) if *d == short),
+        matches!(&report.attempts[0].error, Some(MigrationError::Tls(TlsError::Timeout(d))) if *d == short),
+        "{:?}",
+        report.attempts
+    );
+    assert!(
+        matches!(
+            &report.attempts[1].error,
+            Some(MigrationError::Tls(TlsError::Closed))
+        ),
         "{:?}",
         report.attempts
     );
@@ -642,4 +665,76 @@ fn postcopy_over_tls_pulls_pages_and_arrives_byte_for_byte() {
     assert!(guest.page_requests() > 0, "no page was requested");
     assert!(r.outcome.requests_served > 0);
     src.assert_same_ram(&report);
+}
+
+/// Cancels the migration once it ran for `after`.
+struct CancelAfter {
+    start: Instant,
+    after: Duration,
+}
+
+impl Controller for CancelAfter {
+    fn on_iteration(&mut self, _: &dirty_bitmap::migration::IterationReport) -> Directive {
+        if self.start.elapsed() >= self.after {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::KeepGoing
+    }
+}
+
+/// One source at a time over TLS too: while a destination serves one, a second TLS source
+/// is refused at once with [`BUSY`](dirty_bitmap::migration::tcp::BUSY) (the destination
+/// answers its ClientHello with a plain Refused, which the source reads as such), its guest
+/// untouched.
+#[test]
+fn a_second_tls_source_is_turned_away_while_one_is_served() {
+    let pki = Pki::new("ca");
+    let dest = tls_dest(&pki, 1, TIMEOUT);
+    let addr = dest.addr();
+    let client = pki.client();
+    let first = thread::spawn(move || {
+        let mut src = Source::new(10);
+        let mut state = src.state(SetupMode::Full);
+        // Never switches over (nothing fits a limit of 0); cancelled after 2 s.
+        migrate_in_session(
+            addr,
+            &SourceOptions {
+                loop_config: LoopConfig {
+                    downtime_limit: dirty_bitmap::migration::Millis(0),
+                    max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(4 << 20)),
+                    ..LoopConfig::default()
+                },
+                timeout: TIMEOUT,
+                tls: Some(client),
+            },
+            &mut src.session,
+            &mut src.vm,
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut CancelAfter {
+                start: Instant::now(),
+                after: Duration::from_secs(2),
+            },
+        )
+    });
+    thread::sleep(Duration::from_millis(500));
+    let mut src = Source::new(11);
+    let mut state = src.state(SetupMode::Full);
+    let t = Instant::now();
+    let e = src
+        .migrate(addr, Some(pki.client()), TIMEOUT, &mut state)
+        .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::DestinationRefused(r) if r == dirty_bitmap::migration::tcp::BUSY),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(state.stats().pages_sent, 0);
+    src.assert_running();
+    let e = first.join().unwrap().unwrap_err();
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    let _ = dest.join().unwrap();
 }

@@ -27,8 +27,9 @@
 //! - [`disk_stream`]: disk bitmaps in the stream, as deltas ([`StreamDiskState`],
 //!   [`StreamDiskDest`]), for a destination with an image of its own.
 //! - [`precopy`]: the loop ([`run`]).
-//! - [`sim`]: the virtual-clock simulation and its sweep; [`tcp`]: both ends over TCP on
-//!   127.0.0.1 by default; [`tls`] (feature `tls`): TLS with certificates under it.
+//! - [`sim`]: the virtual-clock simulation and its sweep; `tls` (feature `tls`): TLS with
+//!   certificates, both ends authenticated, under the TCP transport; [`tcp`]: both ends over
+//!   TCP on 127.0.0.1 by default, plain or over `tls`.
 //!
 //! Nothing below [`crate::store`] knows about this module; it uses the bitmaps and, for
 //! [`disk`], the store.
