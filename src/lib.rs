@@ -54,7 +54,8 @@
 //!   edit; [`SharedStore`] and the background [`FlushPolicy`] that drives it.
 //! - [`migration`]: the page-level live-migration loop.
 //!
-//! Features: `cli` (default) builds `dbm`; `testing` adds the fault- and crash-injecting
+//! Features: `cli` (default) builds `dbm`; `tls` (default) adds TLS with certificates to the
+//! migration's TCP transport (`migration::tls`); `testing` adds the fault- and crash-injecting
 //! storages, the migration simulation and harnesses, and the fuzz entry points.
 //!
 //! # Durability

@@ -690,3 +690,80 @@ fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_re
     // Not left locked.
     drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
 }
+
+/// Both processes with `--tls-creds` (QEMU's layout, made at run time): a source that asks
+/// for a server name the destination's certificate does not carry is refused at the
+/// handshake, before the hand-over begins, and its guest runs on; a second source with
+/// the right `--tls-hostname` hands the guest over to the same destination, every mark
+/// with it.
+#[test]
+fn two_processes_over_tls_refuse_a_wrong_server_name_then_hand_over() {
+    let (_, seed) = common::seeded_rng("procs_tls");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let creds = dir.path().join("tls");
+    common::pki::Ca::new("migration ca").write_dir(&creds, &["localhost", "127.0.0.1"]);
+    let marks = dir.path().join("marks.log");
+    let mut dest = Proc::spawn(
+        "listen",
+        &[
+            "migrate",
+            "listen",
+            p(&img),
+            "--tls-creds",
+            p(&creds),
+            "--attempts",
+            "2",
+            "--check-log",
+            p(&marks),
+            "--timeout",
+            "60",
+        ],
+    );
+    dest.wait_for("TLS: certificates in");
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+
+    let wrong_log = dir.path().join("wrong-marks.log");
+    let mut args = send_args(p(&img), &addr, p(&wrong_log), &seed);
+    args.extend(["--tls-creds", p(&creds), "--tls-hostname", "db.example.org"]);
+    let (code, out, err) = Proc::spawn("send (wrong name)", &args).finish();
+    let text = out.join("\n");
+    assert_eq!(code, 3, "send:\n{text}\n{err}");
+    assert!(
+        text.contains("over TLS, verifying the certificate of db.example.org"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "hand-over failed: TLS: the destination's certificate does not name the server"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("the hand-over never began"), "{text}");
+
+    let mut args = send_args(p(&img), &addr, p(&marks), &seed);
+    args.extend(["--tls-creds", p(&creds), "--tls-hostname", "localhost"]);
+    let (code, out, err) = Proc::spawn("send", &args).finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "send:\n{text}\n{err}");
+    assert!(text.contains("handed over: downtime"), "{text}");
+    let at_stop = out.iter().find(|l| l.contains("RAM at stop")).unwrap();
+
+    let (code, out, err) = dest.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "listen:\n{text}\n{err}");
+    assert!(
+        text.contains("attempt 1: failed: TLS: the peer refused the TLS handshake"),
+        "{text}"
+    );
+    assert!(text.contains("attempt 2: completed"), "{text}");
+    let started = out
+        .iter()
+        .find(|l| l.starts_with("guest started here"))
+        .unwrap();
+    assert_eq!(crc_in(started), crc_in(at_stop), "{started} / {at_stop}");
+    assert!(text.contains(", 0 missing"), "{text}");
+    assert!(text.contains("marks missing on disk: 0"), "{text}");
+    assert_every_mark_on_disk(&img, &read_marks(&marks));
+}

@@ -168,6 +168,7 @@ impl Source {
             &SourceOptions {
                 loop_config: config,
                 timeout: TIMEOUT,
+                ..SourceOptions::default()
             },
             &mut self.session,
             &mut self.vm,
@@ -651,6 +652,7 @@ fn no_answer_after_end_leaves_the_source_stopped() {
             &SourceOptions {
                 loop_config: converging(),
                 timeout: Duration::from_millis(500),
+                ..SourceOptions::default()
             },
             &mut src.vm,
             &mut [&mut state as &mut dyn MigrationState],
@@ -911,6 +913,7 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
         &SourceOptions {
             loop_config: config,
             timeout: TIMEOUT,
+            ..SourceOptions::default()
         },
         &mut vm,
         &mut [&mut state as &mut dyn MigrationState],
@@ -1142,6 +1145,7 @@ fn kept_ram_is_resumed_only_by_the_migration_that_left_it() {
         &SourceOptions {
             loop_config: converging(),
             timeout: TIMEOUT,
+            ..SourceOptions::default()
         },
         &mut src.vm,
         &mut [&mut other as &mut dyn MigrationState],

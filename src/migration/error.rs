@@ -2,6 +2,8 @@
 //! return path can say that the protocol does not allow.
 
 use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use super::frame::{EncodeError, FrameError, FrameKind, StateId};
 use crate::error::StateProblem;
@@ -87,6 +89,99 @@ pub enum MigrationError {
     /// An error from the bitmap or store layer.
     #[error(transparent)]
     Bitmap(#[from] crate::Error),
+    /// TLS on the connection failed: credentials that do not load, a handshake that does
+    /// not complete, a peer whose certificate is refused or that refuses ours
+    /// ([`super::tls`], feature `tls`). Nothing was sent over the connection then: the
+    /// source's guest was not touched.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+impl MigrationError {
+    /// The [`TlsError`] inside an I/O error, raised to [`MigrationError::Tls`]: the TLS
+    /// layer under a [`FrameReader`](super::stream::FrameReader) reports through
+    /// [`io::Error`], which the reader passes on as [`MigrationError::Io`]. Any other error
+    /// is returned as it is.
+    pub fn lift_tls(self) -> MigrationError {
+        match self {
+            MigrationError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) => {
+                match e.into_inner().map(|inner| inner.downcast::<TlsError>()) {
+                    Some(Ok(t)) => MigrationError::Tls(*t),
+                    // Unreachable: the guard checked the type.
+                    Some(Err(other)) => MigrationError::Io(io::Error::other(other)),
+                    None => MigrationError::Internal("an I/O error lost its TLS error".into()),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Why TLS on a migration connection failed, typed: what to fix is in the variant
+/// (credentials, the CA, the server name, the peer's configuration).
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A credentials file could not be read (missing, unreadable).
+    #[error("cannot read {}: {source}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A credentials file holds no PEM item of the kind needed (a certificate, a private
+    /// key), or a malformed one.
+    #[error("{}: {what}", path.display())]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The credentials load but do not make a TLS configuration: a key that does not match
+    /// its certificate, a key type not supported, a CA certificate that cannot be a trust
+    /// anchor.
+    #[error("unusable TLS credentials: {0}")]
+    BadCredentials(String),
+    /// The server name to verify the destination's certificate against is neither a DNS
+    /// name nor an IP address.
+    #[error("invalid TLS server name {0:?}")]
+    BadServerName(String),
+    /// The handshake did not complete within the connection's timeout (a peer that does
+    /// not speak TLS and waits for the other side, say: a plain-TCP source).
+    #[error("no TLS handshake within {0:?}")]
+    Timeout(Duration),
+    /// The peer closed the connection during the handshake.
+    #[error("the peer closed the connection during the TLS handshake")]
+    Closed,
+    /// The peer does not speak TLS: its first bytes are no TLS record (a destination
+    /// without TLS sends a plain migration stream).
+    #[error("the peer does not speak TLS: {0}")]
+    NotTls(String),
+    /// The peer's certificate is not signed by the configured CA.
+    #[error("the peer's certificate is not signed by the configured CA")]
+    UnknownIssuer,
+    /// The destination's certificate is signed by the CA but not valid for the server name
+    /// the source asked for (`--tls-hostname`).
+    #[error("the destination's certificate does not name the server: {0}")]
+    WrongName(String),
+    /// The peer's certificate was refused for another reason: expired or not yet valid,
+    /// a bad signature, not meant for this use (a client certificate on the server).
+    #[error("the peer's certificate was refused: {0}")]
+    BadCertificate(String),
+    /// The peer presented no certificate (a source without a client certificate).
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    /// The peer refused the handshake with a TLS alert: most often it did not accept our
+    /// certificate (`UnknownCA`: another CA signed it; `BadCertificate`: the name or use
+    /// does not fit). The alert's name is given.
+    #[error("the peer refused the TLS handshake (alert {0})")]
+    RefusedByPeer(String),
+    /// Any other TLS failure, during the handshake or on a record after it.
+    #[error("{0}")]
+    Protocol(String),
 }
 
 impl MigrationError {

@@ -249,6 +249,7 @@ pub fn migrate_over_tcp_with(
         &SourceOptions {
             loop_config: cfg.loop_config,
             timeout: cfg.timeout,
+            ..SourceOptions::default()
         },
         &mut vm,
         &mut [&mut state as &mut dyn MigrationState],

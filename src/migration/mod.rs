@@ -27,8 +27,9 @@
 //! - [`disk_stream`]: disk bitmaps in the stream, as deltas ([`StreamDiskState`],
 //!   [`StreamDiskDest`]), for a destination with an image of its own.
 //! - [`precopy`]: the loop ([`run`]).
-//! - [`sim`]: the virtual-clock simulation and its sweep; [`tcp`]: both ends over TCP on
-//!   127.0.0.1.
+//! - [`sim`]: the virtual-clock simulation and its sweep; `tls` (feature `tls`): TLS with
+//!   certificates, both ends authenticated, under the TCP transport; [`tcp`]: both ends over
+//!   TCP on 127.0.0.1 by default, plain or over `tls`.
 //!
 //! Nothing below [`crate::store`] knows about this module; it uses the bitmaps and, for
 //! [`disk`], the store.
@@ -55,6 +56,8 @@ pub mod sim;
 pub mod state;
 parser_module! { pub mod stream; }
 pub mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "testing")]
 pub mod workload;
 pub use crate::units;
@@ -64,7 +67,7 @@ pub use clock::{Clock, ManualClock, RealClock};
 pub use dest_state::{DestState, SharedDestState};
 pub use disk::{SharedDiskDest, SharedDiskState};
 pub use disk_stream::{StreamDiskDest, StreamDiskState};
-pub use error::{MigrationError, ProtocolError, Result};
+pub use error::{MigrationError, ProtocolError, Result, TlsError};
 pub use frame::{Control, StateId};
 pub use guest::{GuestRam, Vm, PAGE_SIZE};
 pub use memory::{DirtyLog, DirtyPages, GuestMemory};

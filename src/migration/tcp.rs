@@ -18,6 +18,12 @@
 //! `migration/harness.rs` (feature `testing`) runs both ends in one process for the demo,
 //! the benchmark and the tests.
 //!
+//! With [`DestOptions::tls`] and [`SourceOptions::tls`] the connection runs TLS with
+//! certificates, both ends authenticated ([`super::tls`], feature `tls`): the handshake
+//! completes within the timeout before the destination's nonce, and every bound below holds
+//! over it (a read's wait counts the records it takes to deliver a byte). Without them it is
+//! plain TCP.
+//!
 //! No wait is unbounded: the sockets have read and write timeouts, the destination stops
 //! waiting for a connection after its timeout, and the return path's `recv` gives up after
 //! the source's timeout. The destination also bounds what a peer that keeps sending, but
@@ -26,7 +32,7 @@
 //! `max_bandwidth`), counted from its first byte, and each attempt ends by
 //! [`DestOptions::attempt_timeout`].
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
@@ -47,6 +53,8 @@ use super::precopy::{self, Controller, Endpoints, LoopConfig, Outcome};
 use super::rate::RateLimiter;
 use super::state::MigrationState;
 use super::stream::{FrameReader, FrameWriter, WriterStats};
+#[cfg(feature = "tls")]
+use super::tls::{self, TlsClient, TlsReader, TlsServer, TlsWriter};
 use crate::rng::SplitMix64;
 use crate::units::{Bytes, BytesPerMs};
 
@@ -93,6 +101,11 @@ pub struct DestOptions {
     pub states: Vec<SharedDestState>,
     /// Where to listen: 127.0.0.1 on a free port by default.
     pub bind: SocketAddr,
+    /// TLS with certificates on every connection (none by default: plain TCP). The
+    /// handshake must complete within `timeout`; a connection that fails it is a failed
+    /// attempt ([`MigrationError::Tls`]).
+    #[cfg(feature = "tls")]
+    pub tls: Option<TlsServer>,
 }
 
 impl Default for DestOptions {
@@ -108,6 +121,8 @@ impl Default for DestOptions {
             seed: 0,
             states: Vec::new(),
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -278,7 +293,7 @@ fn serve(
             ..DestinationConfig::default()
         };
         match prepare(sock, o) {
-            Err(e) => a.error = Some(e),
+            Err(e) => a.error = Some(e.lift_tls()),
             Ok((from, to)) => {
                 let timing = from.timing();
                 let mut d = Destination::with_retained(from, to, config, kept.take());
@@ -296,7 +311,7 @@ fn serve(
                         }
                     }
                     Err(e) => {
-                        a.error = Some(e);
+                        a.error = Some(e.lift_tls());
                         kept = d.into_retained();
                         a.pages_held_at_end = kept.as_ref().map_or(0, RetainedRam::received_pages);
                     }
@@ -315,15 +330,101 @@ fn serve(
     report
 }
 
-/// An accepted connection, blocking with timeouts, split into its two directions; the
-/// reading one bounded in time ([`Paced`]) from now on.
-fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, TcpStream)> {
+/// An accepted connection, blocking with timeouts, past its TLS handshake if
+/// [`DestOptions::tls`] (within the timeout), split into its two directions; the reading one
+/// bounded in time ([`Paced`]) from now on.
+fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, WireWriter)> {
     sock.set_nonblocking(false)?;
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(o.timeout))?;
     sock.set_write_timeout(Some(o.timeout))?;
+    #[cfg(feature = "tls")]
+    if let Some(server) = &o.tls {
+        let deadline = Instant::now() + o.timeout.min(o.attempt_timeout);
+        let (r, w) = tls::accept(server, sock, deadline, o.timeout)?;
+        return Ok((Paced::new(WireReader::Tls(r), o), WireWriter::Tls(w)));
+    }
     let back = sock.try_clone()?;
-    Ok((Paced::new(sock, o), back))
+    Ok((
+        Paced::new(WireReader::Plain(sock), o),
+        WireWriter::Plain(back),
+    ))
+}
+
+/// The reading direction of a connection: the socket, or TLS over it.
+#[derive(Debug)]
+enum WireReader {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(TlsReader),
+}
+
+impl WireReader {
+    /// The longest one read waits (over TLS: in all, whatever the records it takes).
+    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        match self {
+            WireReader::Plain(s) => s.set_read_timeout(Some(timeout)),
+            #[cfg(feature = "tls")]
+            WireReader::Tls(r) => {
+                r.set_read_timeout(Some(timeout));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Read for WireReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            WireReader::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            WireReader::Tls(r) => r.read(buf),
+        }
+    }
+}
+
+/// The writing direction of a connection: the socket, or TLS over it.
+#[derive(Debug)]
+enum WireWriter {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(TlsWriter),
+}
+
+impl WireWriter {
+    /// Shuts the socket down (`how`); over TLS, a `close_notify` first if only our
+    /// direction closes.
+    fn shutdown(&mut self, how: Shutdown) {
+        let sock = match self {
+            WireWriter::Plain(s) => &*s,
+            #[cfg(feature = "tls")]
+            WireWriter::Tls(w) => {
+                if how == Shutdown::Write {
+                    w.close_notify();
+                }
+                w.socket()
+            }
+        };
+        let _ = sock.shutdown(how);
+    }
+}
+
+impl Write for WireWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WireWriter::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            WireWriter::Tls(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            WireWriter::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            WireWriter::Tls(w) => w.flush(),
+        }
+    }
 }
 
 /// Where the destination's reader is in the frame it reads, for the frame's deadline.
@@ -366,14 +467,14 @@ impl Timing {
 /// bound that passed is a [`io::ErrorKind::TimedOut`] error naming it.
 #[derive(Debug)]
 struct Paced {
-    sock: TcpStream,
+    sock: WireReader,
     timing: Arc<parking_lot::Mutex<Timing>>,
     /// The socket's read timeout as last set.
     set: Duration,
 }
 
 impl Paced {
-    fn new(sock: TcpStream, o: &DestOptions) -> Paced {
+    fn new(sock: WireReader, o: &DestOptions) -> Paced {
         let now = Instant::now();
         Paced {
             sock,
@@ -437,7 +538,7 @@ impl Read for Paced {
         // system call per read).
         let wait = wait.min(t.idle);
         if wait != self.set {
-            self.sock.set_read_timeout(Some(wait))?;
+            self.sock.set_read_timeout(wait)?;
             self.set = wait;
         }
         match self.sock.read(buf) {
@@ -470,7 +571,7 @@ impl Read for Paced {
 /// Steps `d` to the end of the stream; in postcopy the guest touches pages as it starts. A
 /// Hello that declares a rate limit below the floor lowers the floor to it.
 fn drive(
-    d: &mut Destination<Paced, TcpStream>,
+    d: &mut Destination<Paced, WireWriter>,
     listener: &TcpListener,
     timing: &parking_lot::Mutex<Timing>,
     o: &DestOptions,
@@ -519,7 +620,7 @@ fn turn_away(listener: &TcpListener, timeout: Duration) {
 
 /// The source's stream: its [`FrameWriter`], and what its Hello declares beyond the loop's.
 struct SourceOut {
-    w: FrameWriter<TcpStream>,
+    w: FrameWriter<WireWriter>,
     /// The writer's rate limit in bytes per second (0: none), for the Hello.
     max_bandwidth: u64,
     /// The destination's nonce for this connection, echoed by the Hello.
@@ -613,8 +714,8 @@ pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
 
 /// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or
 /// the loop's end (the receiver dropped). It blocks while [`RETURN_QUEUE`] messages wait.
-fn read_return_path(
-    mut r: FrameReader<TcpStream>,
+fn read_return_path<R: Read>(
+    mut r: FrameReader<R>,
     tx: &mpsc::SyncSender<Result<DestMessage>>,
     stop: &AtomicBool,
 ) {
@@ -663,12 +764,16 @@ fn peer_reason(inbound: &ReturnPath) -> Option<MigrationError> {
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 
 /// Parameters of the source side of an attempt.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SourceOptions {
     /// The loop's parameters; `max_bandwidth` also sets the [`FrameWriter`]'s rate limit.
     pub loop_config: LoopConfig,
-    /// Connect, write and answer timeout.
+    /// Connect, write and answer timeout; the TLS handshake's too.
     pub timeout: Duration,
+    /// TLS with certificates (none by default: plain TCP). The destination's certificate
+    /// must name its IP address, or the name set with [`TlsClient::with_server_name`].
+    #[cfg(feature = "tls")]
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for SourceOptions {
@@ -676,6 +781,8 @@ impl Default for SourceOptions {
         SourceOptions {
             loop_config: LoopConfig::default(),
             timeout: DEFAULT_TIMEOUT,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -713,8 +820,9 @@ impl Session {
     }
 }
 
-/// Reads the destination's first frame, its Nonce, waiting at most `timeout`.
-fn read_nonce(r: &mut FrameReader<TcpStream>, timeout: Duration) -> Result<u128> {
+/// Reads the destination's first frame, its Nonce, waiting at most `timeout`; then an
+/// [`io::ErrorKind::TimedOut`] error.
+fn read_nonce<R: Read>(r: &mut FrameReader<R>, timeout: Duration) -> Result<u128> {
     let deadline = Instant::now() + timeout;
     loop {
         match r.read_frame() {
@@ -728,7 +836,18 @@ fn read_nonce(r: &mut FrameReader<TcpStream>, timeout: Duration) -> Result<u128>
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) && Instant::now() < deadline => {}
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(MigrationError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no Nonce from the destination within {timeout:?} (a destination \
+                             that requires TLS waits for a handshake)"
+                        ),
+                    )));
+                }
+            }
             Err(e) => return Err(e),
         }
     }
@@ -762,7 +881,9 @@ pub fn migrate_to(
 /// # Errors
 /// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`];
 /// nothing is connected then); [`MigrationError::Io`] if the connection cannot be made
-/// or no Nonce comes within the timeout, [`MigrationError::DestinationRefused`] if the
+/// or no Nonce comes within the timeout, [`MigrationError::Tls`] if TLS fails (the
+/// handshake, a certificate either end refuses, a destination without TLS),
+/// [`MigrationError::DestinationRefused`] if the
 /// destination refuses the connection (it serves another source: [`BUSY`]) and
 /// [`ProtocolError::NoNonce`] for another first frame (the guest was not touched then);
 /// the errors of [`precopy::run`], among them [`MigrationError::OutcomeUnknown`] (the VM
@@ -780,10 +901,10 @@ pub fn migrate_in_session(
     let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
     sock.set_nodelay(true)?;
     sock.set_write_timeout(Some(options.timeout))?;
-    let back = sock.try_clone()?;
-    back.set_read_timeout(Some(POLL))?;
+    let (mut back, sock) = source_wire(sock, addr, options)?;
+    back.set_read_timeout(POLL)?;
     let mut back = FrameReader::with_max_frame_len(back, MAX_RETURN_FRAME_LEN);
-    let nonce = read_nonce(&mut back, options.timeout)?;
+    let nonce = read_nonce(&mut back, options.timeout).map_err(MigrationError::lift_tls)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     let flag = Arc::clone(&stop);
@@ -819,7 +940,7 @@ pub fn migrate_in_session(
     // A write that failed because the destination gave up and closed: its Abort, if it
     // sent one, says why (a checksum mismatch, say), which the broken pipe does not.
     let result = match result {
-        Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e)),
+        Err(e @ MigrationError::Io(_)) => Err(peer_reason(&inbound).unwrap_or(e).lift_tls()),
         r => r,
     };
     if writer.hello_sent && session.token.is_none() {
@@ -836,7 +957,7 @@ pub fn migrate_in_session(
     } else {
         Shutdown::Both
     };
-    let _ = writer.w.get_ref().shutdown(how);
+    writer.w.get_mut().shutdown(how);
     if result.is_ok() {
         let deadline = Instant::now() + options.timeout;
         while !reader.is_finished() && Instant::now() < deadline {
@@ -849,6 +970,24 @@ pub fn migrate_in_session(
     drop(inbound);
     let _ = reader.join();
     result.map(|outcome| SourceReport { outcome, wire })
+}
+
+/// The source's two directions of a new connection: the socket's, or TLS's after its
+/// handshake (by the timeout) if [`SourceOptions::tls`].
+fn source_wire(
+    sock: TcpStream,
+    addr: SocketAddr,
+    options: &SourceOptions,
+) -> Result<(WireReader, WireWriter)> {
+    #[cfg(feature = "tls")]
+    if let Some(client) = &options.tls {
+        let deadline = Instant::now() + options.timeout;
+        let (r, w) = tls::connect(client, addr.ip(), sock, deadline, options.timeout)?;
+        return Ok((WireReader::Tls(r), WireWriter::Tls(w)));
+    }
+    let _ = (addr, options);
+    let back = sock.try_clone()?;
+    Ok((WireReader::Plain(back), WireWriter::Plain(sock)))
 }
 
 #[cfg(test)]

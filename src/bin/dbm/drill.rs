@@ -417,6 +417,7 @@ fn attempt(
         &SourceOptions {
             loop_config: config(postcopy),
             timeout: Duration::from_secs(5),
+            ..SourceOptions::default()
         },
         &mut guest.vm(),
         &mut states,

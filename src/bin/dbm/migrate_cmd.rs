@@ -25,6 +25,11 @@
 //! - `listen --test-crash-after-activate` (hidden, a test hook): each attempt, once it
 //!   activated the image, waits to be killed without answering Started.
 //!
+//! With `--tls-creds DIR` on both sides the connection runs TLS with certificates, both
+//! ends authenticated against DIR/ca-cert.pem (QEMU's `tls-creds-x509` layout and
+//! `verify-peer=on`); `send --tls-hostname` names the server the destination's certificate
+//! must carry (by default the IP address of `--to`).
+//!
 //! The log of marks (`--log`) holds one `offset length` line per 4 KiB disk write, written
 //! after the mark returned and before the writer pauses, so when the source's VM has
 //! stopped it lists every mark made and only marks made.
@@ -42,6 +47,7 @@ use dirty_bitmap::migration::guest::new_log;
 use dirty_bitmap::migration::tcp::{
     migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination,
 };
+use dirty_bitmap::migration::tls::{TlsClient, TlsCreds, TlsServer};
 use dirty_bitmap::migration::{
     AutoConverge, Bytes, BytesPerMs, DestState, GuestRam, Kind, LoopConfig, MigrationError,
     MigrationState, Millis, Pattern, RamState, SetupMode, SharedDestState, SharedDiskDest,
@@ -133,6 +139,11 @@ pub struct ListenArgs {
     /// 137, as a SIGKILL would.
     #[arg(long, hide = true)]
     pub test_crash_after_activate: bool,
+    /// TLS with certificates (QEMU's `tls-creds-x509` layout): DIR/ca-cert.pem,
+    /// DIR/server-cert.pem, DIR/server-key.pem. The source must present a certificate
+    /// signed by the CA; a source without TLS is refused at the handshake.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// Options of `dbm migrate send`.
@@ -195,6 +206,15 @@ pub struct SendArgs {
     /// Random seed of the RAM contents and of the writes (default: random; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// TLS with certificates (QEMU's `tls-creds-x509` layout): DIR/ca-cert.pem,
+    /// DIR/client-cert.pem, DIR/client-key.pem. The destination's certificate must be
+    /// signed by the CA and name `--tls-hostname`.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// The name the destination's certificate must carry (QEMU's `tls-hostname`): a DNS
+    /// name or an IP address; by default the IP address of `--to`.
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
 }
 
 /// Runs `dbm migrate listen` or `dbm migrate send`.
@@ -392,7 +412,13 @@ fn listen(a: &ListenArgs) -> CmdResult {
         activated: false,
         crash_after_activate: a.test_crash_after_activate,
     }));
+    let tls = a
+        .tls_creds
+        .as_deref()
+        .map(|dir| TlsServer::new(&TlsCreds::server_dir(dir)))
+        .transpose()?;
     let dest = TcpDestination::spawn(DestOptions {
+        tls,
         max_attempts: a.attempts,
         timeout,
         max_ram_bytes: Bytes(a.max_ram),
@@ -401,6 +427,12 @@ fn listen(a: &ListenArgs) -> CmdResult {
         bind: a.bind,
         ..DestOptions::default()
     })?;
+    if let Some(dir) = &a.tls_creds {
+        say(format!(
+            "TLS: certificates in {}; a source must present one signed by its CA",
+            dir.display()
+        ));
+    }
     say(format!("listening on {}", dest.addr()));
     let report = dest.wait()?;
     for (i, t) in report.attempts.iter().enumerate() {
@@ -624,6 +656,17 @@ fn send(a: &SendArgs) -> CmdResult {
         return Err("--max-bandwidth must be at least 10 bytes/s (1 byte per 100 ms)".into());
     }
     let seed = seed_or_random(a.seed);
+    // Credentials that do not load are refused before the image is touched.
+    let tls = match &a.tls_creds {
+        Some(dir) => {
+            let client = TlsClient::new(&TlsCreds::client_dir(dir))?;
+            Some(match &a.tls_hostname {
+                Some(name) => client.with_server_name(name)?,
+                None => client,
+            })
+        }
+        None => None,
+    };
     let mut st = crate::open::store(&a.image, OpenMode::ReadWrite)?;
     let bitmaps = enabled_bitmaps(&st);
     if bitmaps.is_empty() {
@@ -710,8 +753,18 @@ fn send(a: &SendArgs) -> CmdResult {
     let mut session = Session::new();
     for attempt in 1..=a.attempts {
         say(format!(
-            "migrating to {} (attempt {attempt} of {})",
-            a.to, a.attempts
+            "migrating to {}{} (attempt {attempt} of {})",
+            a.to,
+            match &a.tls_creds {
+                Some(_) => format!(
+                    " over TLS, verifying the certificate of {}",
+                    a.tls_hostname
+                        .clone()
+                        .unwrap_or_else(|| a.to.ip().to_string())
+                ),
+                None => String::new(),
+            },
+            a.attempts
         ));
         let mut guest = Stops {
             guest: Guest {
@@ -727,6 +780,7 @@ fn send(a: &SendArgs) -> CmdResult {
                 &SourceOptions {
                     loop_config: config,
                     timeout,
+                    tls: tls.clone(),
                 },
                 &mut session,
                 &mut guest,
