@@ -272,6 +272,8 @@ fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
 /// returns, the file lists every mark made, and only marks made.
 pub struct DiskWriter {
     paused: Arc<AtomicBool>,
+    /// Percent of the rate withheld ([`set_throttle`](Self::set_throttle)).
+    throttle: Arc<std::sync::atomic::AtomicU8>,
     quit: Arc<AtomicBool>,
     in_flight: Arc<std::sync::Mutex<()>>,
     log: Arc<std::sync::Mutex<Vec<u64>>>,
@@ -288,11 +290,13 @@ impl DiskWriter {
         mut file: Option<std::fs::File>,
     ) -> Self {
         let paused = Arc::new(AtomicBool::new(false));
+        let throttle = Arc::new(std::sync::atomic::AtomicU8::new(0));
         let quit = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(std::sync::Mutex::new(()));
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (p, q, f, l) = (
+        let (p, t, q, f, l) = (
             Arc::clone(&paused),
+            Arc::clone(&throttle),
             Arc::clone(&quit),
             Arc::clone(&in_flight),
             Arc::clone(&log),
@@ -302,12 +306,16 @@ impl DiskWriter {
             let blocks = (disk_size / 4096).max(1);
             let hot = (64u64 << 30) / 4096;
             let hot_start = rng.below(blocks.saturating_sub(hot).max(1));
-            let start = Instant::now();
-            let mut done = 0u64;
+            let mut last = Instant::now();
+            // Writes due and not made yet.
+            let mut credit = 0f64;
             while !q.load(SeqCst) {
-                // Pace: writes_per_sec on average, in batches of 64.
-                let due = (start.elapsed().as_secs_f64() * writes_per_sec as f64) as u64;
-                if done >= due {
+                // Pace: writes_per_sec on average, less the throttle, in batches of 64.
+                let now = Instant::now();
+                let share = f64::from(100 - t.load(Relaxed).min(99)) / 100.0;
+                credit += now.duration_since(last).as_secs_f64() * writes_per_sec as f64 * share;
+                last = now;
+                if credit < 64.0 {
                     std::thread::sleep(Duration::from_micros(200));
                     continue;
                 }
@@ -327,7 +335,7 @@ impl DiskWriter {
                     tracker.mark(b * 4096, 4096);
                     batch.push(b * 4096);
                 }
-                done += 64;
+                credit -= 64.0;
                 if let Some(out) = file.as_mut() {
                     use std::fmt::Write as _;
                     let mut text = String::with_capacity(batch.len() * 20);
@@ -346,6 +354,7 @@ impl DiskWriter {
         });
         DiskWriter {
             paused,
+            throttle,
             quit,
             in_flight,
             log,
@@ -362,6 +371,12 @@ impl DiskWriter {
     /// Writes again.
     pub fn resume(&self) {
         self.paused.store(false, SeqCst);
+    }
+
+    /// Withholds `percent` (at most 99) of the write rate: a guest whose vCPUs are
+    /// throttled submits its disk writes slower too.
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent.min(99), Relaxed);
     }
 
     /// The offsets written so far.
@@ -401,8 +416,12 @@ impl Vm for DiskGuest<'_> {
         }
         self.vcpus.resume()
     }
+    /// Throttles the vCPUs and, as the vCPUs issue them, the disk writes.
     fn set_throttle(&mut self, percent: u8) {
         self.vcpus.set_throttle(percent);
+        if let Some(d) = self.disk {
+            d.set_throttle(percent);
+        }
     }
     fn run_until(&mut self, now: Duration) {
         self.vcpus.run_until(now);
@@ -414,6 +433,26 @@ mod tests {
     use super::super::guest::{new_log, PAGE_SIZE};
     use super::*;
     use std::sync::atomic::fence;
+
+    /// A throttled guest issues its disk writes slower: at 99 % the writer makes a small
+    /// fraction of what it makes unthrottled in the same time.
+    #[test]
+    fn the_disk_writer_follows_the_throttle() {
+        let disk = 1u64 << 40;
+        let count = |throttle: u8| {
+            let bm = Arc::new(DirtyBitmap::new(disk, 65536).unwrap());
+            let w = DiskWriter::start(Tracker::new(vec![bm]), disk, 100_000, 3, None);
+            w.set_throttle(throttle);
+            std::thread::sleep(Duration::from_millis(300));
+            w.shutdown().len()
+        };
+        let (free, throttled) = (count(0), count(99));
+        assert!(free >= 3000, "unthrottled: {free} writes in 300 ms");
+        assert!(
+            throttled * 10 <= free,
+            "99 %: {throttled}, unthrottled: {free}"
+        );
+    }
 
     #[test]
     fn stop_is_a_barrier_and_every_write_is_marked() {

@@ -365,8 +365,10 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
                     // In the stream the bitmaps count against the threshold: QEMU's whole
                     // bitmaps can alone exceed it, and ours' changed regions can come back
                     // faster than the link sends them (uniform writes over many regions).
-                    // Either approach can then not switch over; its row says so.
-                    let baseline_stuck = mode == Mode::Stream;
+                    // On shared storage ours' disk time (the stop's remainder and the
+                    // destination's load) can alone take the limit. Either approach can
+                    // then not switch over; its row says so.
+                    let baseline_stuck = true;
                     match &run.end {
                         End::Converged => {}
                         End::Stalled | End::TimeCap if baseline_stuck => {}
@@ -433,7 +435,16 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             s.approach(),
             s.rep + 1,
             ms(s.downtime()),
-            if s.within() { "yes" } else { "**no**" },
+            if s.within() {
+                "yes"
+            } else if s.run.converged() {
+                "**no**"
+            } else {
+                match s.run.end {
+                    End::TimeCap => "**no**: never switched over (120 s cap)",
+                    _ => "**no**: never switched over (stalled, fully throttled)",
+                }
+            },
             ms(s.disk.stop.duration),
             grouped(s.disk.stop.bytes_written),
             s.disk.stop.syncs,
