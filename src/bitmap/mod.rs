@@ -697,6 +697,19 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// Makes every page of the leaf words resident by storing each page's first word back
+    /// (one store per 4 KiB page; no bit changes), so that later writes into this bitmap
+    /// take no page fault. For a bitmap that is not shared yet (a store writes it back
+    /// unchanged; a mark racing it could be lost). A [`Preloaded`](crate::Preloaded) bitmap
+    /// is made resident so that its refresh inside a migration's downtime does not fault.
+    pub(crate) fn prefault_unshared(&self) {
+        const WORDS_PER_PAGE: usize = 4096 / 8;
+        for w in (0..self.words.len()).step_by(WORDS_PER_PAGE) {
+            let word = self.words.get(w);
+            word.store(word.load(SeqCst), SeqCst);
+        }
+    }
+
     /// Whether region `region` holds exactly `bytes` (its serialized form, as
     /// [`load_region`](Self::load_region) takes it), compared word by word without
     /// writing: what a [`load_region`](Self::load_region) into a bitmap that already

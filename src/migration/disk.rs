@@ -63,6 +63,8 @@ pub struct SharedDiskState<S: Storage> {
     /// bitmaps as it will ([`BitmapStore::time_load`](crate::BitmapStore::time_load)), plus
     /// its commit of the `in_use` flags (one barrier): downtime the stop does not see.
     dest_load: Option<std::time::Duration>,
+    /// One barrier with nothing to write back, timed at setup: the destination's commit.
+    dest_barrier: Option<std::time::Duration>,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -83,6 +85,7 @@ impl<S: Storage> SharedDiskState<S> {
             handed_over: false,
             qemu_baseline: false,
             dest_load: None,
+            dest_barrier: None,
             error: None,
         }
     }
@@ -121,19 +124,15 @@ impl<S: Storage> SharedDiskState<S> {
     }
 
     /// The destination's part of the downtime: its load of the bitmaps and the barrier of
-    /// its flags commit, at the figures measured so far ([`Millis::MAX`] before setup).
+    /// its flags commit, both timed at setup ([`Millis::MAX`] before).
     pub fn dest_time(&self) -> Millis {
-        match self.dest_load {
-            Some(load) => {
-                let commit = self.rate.time(crate::flush::StopWork {
-                    bytes: Bytes(0),
-                    barriers: 1,
-                });
+        match (self.dest_load, self.dest_barrier) {
+            (Some(load), Some(barrier)) => {
                 // Rounded up, as the stop's own time is.
-                let ms = u64::try_from(load.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
-                Millis(ms) + commit
+                let t = load.saturating_add(barrier);
+                Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
             }
-            None => Millis::MAX,
+            _ => Millis::MAX,
         }
     }
 
@@ -153,8 +152,8 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     }
 
     /// Flushes what changed so far (the first measurement of the disk), times one
-    /// barrier if that flush had nothing to write, and times a load of the bitmaps (the
-    /// destination's activate).
+    /// barrier if that flush had nothing to write, and times a load of the bitmaps and one
+    /// barrier with nothing to write back (the destination's activate).
     fn setup(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
         self.handed_over = false;
         self.stop = FlushStats::default();
@@ -180,7 +179,12 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if let Some(b) = barrier {
             self.rate.observe(&b);
         }
-        self.dest_load = Some(self.store.lock().time_load()?);
+        let mut st = self.store.lock();
+        self.dest_load = Some(st.time_load()?);
+        // The destination's commit is a few sectors and one barrier, on a disk the flush
+        // above just synced: time one such barrier (the flushes' barriers carry their
+        // data's write-back and would overstate it).
+        self.dest_barrier = Some(st.barrier()?.sync_time);
         Ok(Bytes(0))
     }
 

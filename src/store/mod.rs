@@ -209,6 +209,14 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     }
 }
 
+/// Time the calling thread has spent waiting on a run queue for a CPU since it started
+/// (`/proc/thread-self/schedstat`, second field, in ns), where the kernel reports it.
+fn runqueue_wait() -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(ns))
+}
+
 /// Bitmaps read from an image that another process may still be writing (a migration
 /// destination on shared storage, during precopy): a head start for
 /// [`BitmapStore::activate_preloaded`], which reads every cluster again and keeps only what
@@ -547,6 +555,9 @@ impl<S: Storage> BitmapStore<S> {
         let mut pre = Preloaded::default();
         for s in live {
             if let Ok(bm) = self.load_disk(&s.entry) {
+                // The disk may still be mostly clean (a migration that starts soon after
+                // the bitmaps did): fault the pages in now, not in the refresh.
+                bm.prefault_unshared();
                 pre.bitmaps.push((s.entry.name.clone(), bm));
             }
         }
@@ -598,10 +609,14 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Times what loading this image's bitmaps costs another process's activate of the
-    /// same image (a migration destination on shared storage, which
+    /// same image, on a CPU of its own: the wall time less the time this thread waited for
+    /// a CPU meanwhile (Linux's per-thread scheduler statistics; elsewhere the wall time),
+    /// since the source that asks shares its CPUs with its running guest and the
+    /// destination loads while that guest is stopped. The other process is a migration
+    /// destination on shared storage, which
     /// [`preload`](Self::preload)s them during precopy and then
-    /// [`activate_preloaded`](Self::activate_preloaded)s): the reference walk of its
-    /// preflight, then every cluster of every bitmap held in memory or consistent on disk
+    /// [`activate_preloaded`](Self::activate_preloaded)s; what is timed: the reference
+    /// walk of its preflight, then every cluster of every bitmap held in memory or consistent on disk
     /// read and compared, region by region, with a bitmap that holds about the same
     /// content (this store's own in-memory bitmap, read only; the words that differ are
     /// what the refresh writes, a few against the many it compares). A bitmap not in
@@ -616,6 +631,7 @@ impl<S: Storage> BitmapStore<S> {
     /// As [`load`](Self::load) from disk.
     pub fn time_load(&self) -> Result<std::time::Duration> {
         let start = std::time::Instant::now();
+        let waited = runqueue_wait();
         let _ = self.image.references()?;
         let cs = self.image.cluster_size();
         let ones = vec![0xFFu8; usize::try_from(cs).unwrap_or(usize::MAX)];
@@ -662,7 +678,11 @@ impl<S: Storage> BitmapStore<S> {
                 }
             }
         }
-        Ok(start.elapsed())
+        let wall = start.elapsed();
+        Ok(match (waited, runqueue_wait()) {
+            (Some(a), Some(b)) => wall.saturating_sub(b.saturating_sub(a)),
+            _ => wall,
+        })
     }
 
     /// Publishes the in-memory bitmaps (active or parked) to every tracker taken from this
