@@ -664,6 +664,12 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             .count()
     };
     let stuck = samples.iter().filter(|s| !s.run.converged()).count();
+    let stuck_in = |m: Mode| {
+        samples
+            .iter()
+            .filter(|s| s.mode == m && !s.run.converged())
+            .count()
+    };
     say(format!(
         "- {} runs, {}, every destination RAM equal to the source RAM at stop; \
          marks lost: {lost} of {} disk writes; downtime over the limit: ours {} of {}, QEMU's \
@@ -673,8 +679,11 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             "all converged".to_string()
         } else {
             format!(
-                "all converged but {stuck} in stream mode (listed as never switched over: the \
-                 bitmaps left to send stayed over the threshold)"
+                "all converged but {stuck} ({} on shared storage, {} in stream mode; listed \
+                 as never switched over: what the disk or the bitmaps left to send took of \
+                 the limit stayed over it)",
+                stuck_in(Mode::Shared),
+                stuck_in(Mode::Stream)
             )
         },
         grouped(marks),
