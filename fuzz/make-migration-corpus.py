@@ -17,8 +17,8 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 3
-HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE = range(1, 10)
+MAGIC, VERSION = 0x4442_4D4D, 4
+HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE, REPORT = range(1, 11)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
 
@@ -94,7 +94,8 @@ seeds = {
     "reader-precopy": b"\x00" + stream(precopy_frames()),
     "reader-postcopy": b"\x00" + stream(postcopy_frames()),
     "reader-replies": b"\x00" + stream([(NONCE, (7).to_bytes(16, "big")), (STARTED, b""), (PAGE_REQUEST, struct.pack(">IQI", RAM_ID, 3, 1)),
-                                        (REFUSED, b"no room"), (ABORT, b"gone")]),
+                                        (REFUSED, b"no room"), (ABORT, b"gone"),
+                                        (REPORT, struct.pack(">IQ", 3, 17))]),
     "ram-pages": b"\x01\x00" + ram([(i, page(i)) for i in range(3)]),
     "ram-pages-4k": b"\x01\x03" + ram([(7, page(7, 4096)), (9, bytes(4096))], ps=4096),
     "ram-discards": b"\x01\x00" + ram([(0, None), (1 << 40, None)]),
@@ -103,6 +104,7 @@ seeds = {
     "payload-section": b"\x02" + bytes([SECTION]) + section(ram([(0, page(0))])),
     "payload-switchover": b"\x02" + bytes([SWITCHOVER]) + b"\x01",
     "payload-abort": b"\x02" + bytes([ABORT]) + b"cancelled",
+    "payload-report": b"\x02" + bytes([REPORT]) + struct.pack(">IQ", 3, 17),
     "dest-precopy": b"\x03" + records(precopy_frames()),
     "dest-postcopy": b"\x03" + records(postcopy_frames()),
     "dest-refuse": b"\x83" + records(precopy_frames()),

@@ -460,7 +460,7 @@ fn compare_with_disk(
 ///   and as a page request. Invariants: `decode_pages` succeeds exactly when
 ///   `decode_entries` does and finds no discard; data slices are one page long; entries
 ///   re-encode and decode to themselves.
-/// - 2, the payload decoders: `data[2..]` as the payload of frame kind `data[1] % 9`
+/// - 2, the payload decoders: `data[2..]` as the payload of frame kind `data[1] % 11`
 ///   (0 is not a kind). Invariant: a decoded payload re-encodes to the input (reasons
 ///   longer than [`MAX_REASON_LEN`] to their cut prefix).
 /// - 3, the destination: `data[1..]` as records `kind (u8), len (u16 BE), payload`, framed
@@ -490,7 +490,7 @@ pub fn migration_stream(data: &[u8]) {
             let Some((&k, payload)) = rest.split_first() else {
                 return;
             };
-            let Some(kind) = FrameKind::from_u8(k % 10) else {
+            let Some(kind) = FrameKind::from_u8(k % 11) else {
                 return;
             };
             let Ok(frame) = Frame::decode_payload(kind, payload) else {

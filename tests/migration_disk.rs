@@ -660,7 +660,9 @@ fn a_destination_that_changed_more_than_the_flags_is_refused_and_the_bitmap_read
 // ---------------------------------------------------------------------------------------
 // Over TCP, with the destination's side of the disk state.
 
-use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::tcp::{
+    migrate_in_session, migrate_to, DestOptions, Session, SourceOptions, TcpDestination,
+};
 use dirty_bitmap::migration::{DestState, DiskGuest, DiskWriter, SharedDestState, SharedDiskDest};
 
 /// A destination-side state that cannot take over.
@@ -1000,16 +1002,133 @@ fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() 
     r.guest.vcpus.shutdown();
 }
 
+/// Over TCP, a refused attempt and a retry of the same migration (one [`Session`], so the
+/// retry's Hello names the first attempt's token): the destination kept what it applied and
+/// reports it, and the retry sends only what changed since, while a disk writer marks
+/// throughout; the destination ends with the source's bitmap exactly.
+#[test]
+fn stream_mode_over_tcp_a_retry_of_the_same_migration_sends_only_what_changed_since() {
+    const BIG: u64 = 1 << 40;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), BIG, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let store = SharedStore::new(s);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    let regions = bitmap.region_count();
+    // History in every region: a retry that skipped a region would miss its bit.
+    for r in 0..regions {
+        bitmap.mark_dirty(bitmap.region_disk_range(r).0, 4096);
+    }
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let vcpus = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 5_000,
+            pattern: Pattern::HOT_90_5,
+            seed: 41,
+        },
+    )
+    .unwrap();
+    // Few writes a second, most of them in a hot 64 GiB (32 of the 512 regions).
+    let tracker = store.lock().tracker().unwrap();
+    let mut guest = Guest {
+        vcpus,
+        disk: DiskWriter::start(tracker, BIG, 500, 41, None),
+    };
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 16).unwrap();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    let dest_img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&dest_img).unwrap(), BIG, 65536).unwrap());
+    let path = dest_img.clone();
+    let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    })));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(&dest) as SharedDestState],
+        max_attempts: 2,
+        refuse_attempts: 1,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut session = Session::new();
+    let source = SourceOptions {
+        loop_config: cfg(),
+        ..SourceOptions::default()
+    };
+    let mut attempt = |stream: &mut StreamDiskState, ram_state: &mut RamState| {
+        migrate_in_session(
+            d.addr(),
+            &source,
+            &mut session,
+            &mut guest,
+            &mut [stream as &mut dyn MigrationState, ram_state],
+            &mut AutoConverge::default(),
+        )
+    };
+    let e = attempt(&mut stream, &mut ram_state).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let first = stream.regions_sent();
+    assert!(
+        first >= regions,
+        "the first attempt sent {first} of {regions}"
+    );
+    let o = attempt(&mut stream, &mut ram_state).unwrap().outcome;
+    assert_eq!(o.kind, Kind::Completed);
+    let _ = d.join();
+    let retry = stream.regions_sent() - first;
+    println!("first attempt {first} regions, retry {retry}");
+    assert!(
+        dest.lock().unwrap().resumed(),
+        "the retry resumed what was kept"
+    );
+    assert!(
+        retry * 4 < first,
+        "the retry sent {retry} regions, the first attempt {first}"
+    );
+    let mut held = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&held.bitmap("b").unwrap()),
+        &extents(&bitmap),
+        "destination against source",
+    );
+    let marks = guest.disk.marks();
+    assert!(!marks.is_empty());
+    let b = held.bitmap("b").unwrap();
+    assert!(marks.iter().all(|&m| b.is_dirty(m)));
+    held.inactivate().unwrap();
+    drop(held);
+    assert_qemu_clean(&dest_img);
+    guest.disk.shutdown();
+    guest.vcpus.resume().unwrap();
+    guest.vcpus.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // Stream mode under the virtual clock: failures, then a retry.
 
+use dirty_bitmap::migration::bitmap_codec;
 use dirty_bitmap::migration::sim::{SimStreamState, StreamSim};
+use dirty_bitmap::migration::ProtocolError;
 use dirty_bitmap::storage::MemStorage;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SimFailure {
     Cancel,
+    /// The link cut early (the third send).
     Cut,
+    /// The link cut once the destination applied the stream's whole first pass.
+    CutLate,
+    /// As `CutLate`, then the destination is a new process: it kept nothing.
+    CutLateFreshDest,
     Refuse,
 }
 
@@ -1033,13 +1152,53 @@ impl Controller for CancelSoon {
     }
 }
 
+/// Cuts the link at the next send once the destination applied the stream's section
+/// `at` (the first pass), so that the cut comes late in precopy.
+struct CutWhenApplied {
+    sim: Sim,
+    dest: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    at: u64,
+    cut: bool,
+}
+
+impl Controller for CutWhenApplied {
+    fn on_iteration(
+        &mut self,
+        _: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        if !self.cut && self.dest.lock().unwrap().applied() >= self.at {
+            self.cut = true;
+            let next = self.sim.sends();
+            self.sim.world().fail_at_send = Some(next);
+        }
+        dirty_bitmap::migration::Directive::Continue
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        AutoConverge::default().on_stall(r)
+    }
+}
+
+fn stream_sim_dest(disk: u64) -> Arc<Mutex<StreamDiskDest<MemStorage>>> {
+    Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::create(MemStorage::new(), disk, 65536)
+    })))
+}
+
 /// A guest whose RAM and streamed disk bitmap are written as virtual time passes, a failure
 /// in the first attempt, then a retry: the source keeps its bits, every region the attempt
-/// sent is pending again, and the destination's image ends with the source's bitmap
-/// exactly.
+/// sent is pending again until the destination says what it holds, the retry sends only
+/// what the destination does not provably hold (measurably less than the first attempt
+/// when it kept the first pass; everything when it kept nothing), and the destination's
+/// image ends with the source's bitmap exactly.
 #[test]
 fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_exactly() {
-    for failure in [SimFailure::Cancel, SimFailure::Cut, SimFailure::Refuse] {
+    for failure in [
+        SimFailure::Cancel,
+        SimFailure::Cut,
+        SimFailure::CutLate,
+        SimFailure::CutLateFreshDest,
+        SimFailure::Refuse,
+    ] {
         let pages = 64;
         let ram = Arc::new(GuestRam::new(pages).unwrap());
         let log = Arc::new(new_log(&ram).unwrap());
@@ -1059,9 +1218,7 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             writes_per_page_write: 0.05,
         };
         let disk = params.disk_size();
-        let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
-            BitmapStore::create(MemStorage::new(), disk, 65536)
-        })));
+        let dest = stream_sim_dest(disk);
         sim.world()
             .dest
             .states
@@ -1079,7 +1236,7 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         match failure {
             SimFailure::Cut => sim.world().fail_at_send = Some(3),
             SimFailure::Refuse => sim.world().dest.refuse = Some("no".into()),
-            SimFailure::Cancel => {}
+            _ => {}
         }
         let run_once = |ram_state: &mut RamState,
                         stream: &mut SimStreamState,
@@ -1097,8 +1254,20 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
                 control,
             )
         };
+        // START and the 8 REGIONS sections of the first pass (512 regions, 64 a section).
+        let first_pass = 1 + 512 / 64;
         let first = match failure {
             SimFailure::Cancel => run_once(&mut ram_state, &mut stream, &mut CancelSoon(0)),
+            SimFailure::CutLate | SimFailure::CutLateFreshDest => run_once(
+                &mut ram_state,
+                &mut stream,
+                &mut CutWhenApplied {
+                    sim: sim.clone(),
+                    dest: Arc::clone(&dest),
+                    at: first_pass,
+                    cut: false,
+                },
+            ),
             _ => run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()),
         };
         assert!(
@@ -1106,16 +1275,62 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             "{failure:?}: the first attempt must fail: {first:?}"
         );
         assert!(sim.guest_running(), "{failure:?}: the source must run on");
+        let sent_first = stream.inner().regions_sent();
         let bits_before = stream.bitmap().count();
         assert!(bits_before > 0, "{failure:?}");
-        // Everything the attempt sent is pending again.
+        // Until the destination says what it holds, the whole bitmap is pending.
         let p = stream.pending(true);
-        assert!(p.must_precopy > Bytes(0), "{failure:?}: {p:?}");
+        assert!(
+            p.must_precopy.get() >= 512 * StreamSim::REGION,
+            "{failure:?}: {p:?}"
+        );
         assert!(dest.lock().unwrap().take_store().is_none());
+        let kept = dest.lock().unwrap().kept_applied();
+        if matches!(
+            failure,
+            SimFailure::CutLate | SimFailure::CutLateFreshDest | SimFailure::Refuse
+        ) {
+            assert!(
+                kept.is_some_and(|n| n >= first_pass),
+                "{failure:?}: the destination keeps the first pass: {kept:?}"
+            );
+        }
+        let dest = if failure == SimFailure::CutLateFreshDest {
+            // A new destination process: nothing kept.
+            let fresh = stream_sim_dest(disk);
+            sim.world().dest.states = vec![Arc::clone(&fresh) as SharedDestState];
+            fresh
+        } else {
+            dest
+        };
         sim.world().fail_at_send = None;
         sim.world().dest.refuse = None;
         let o = run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()).unwrap();
         assert_eq!(o.kind, Kind::Completed, "{failure:?}");
+        let retry = stream.inner().regions_sent() - sent_first;
+        println!("{failure:?}: first attempt {sent_first} regions, retry {retry}");
+        match failure {
+            // It held the first pass: only what changed since, and the cut section.
+            SimFailure::CutLate | SimFailure::Refuse => {
+                assert!(dest.lock().unwrap().resumed(), "{failure:?}");
+                assert!(
+                    retry * 4 < sent_first,
+                    "{failure:?}: the retry sent {retry} regions, the first attempt {sent_first}"
+                );
+            }
+            // It held nothing: everything again.
+            SimFailure::CutLateFreshDest => {
+                assert!(!dest.lock().unwrap().resumed());
+                assert!(retry >= 512, "{failure:?}: the retry sent {retry} regions");
+            }
+            // What the first attempt did not send, at least.
+            SimFailure::Cancel | SimFailure::Cut => {
+                assert!(
+                    retry + sent_first >= 512,
+                    "{failure:?}: {sent_first} + {retry}"
+                );
+            }
+        }
         let held = dest
             .lock()
             .unwrap()
@@ -1127,6 +1342,114 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             &format!("{failure:?}: destination against source"),
         );
     }
+}
+
+/// A destination that reports more than it was ever sent: the source refuses the report
+/// (a typed error, the guest running on, nothing trusted of it), and a later attempt to
+/// an honest destination hands the bitmap over exactly.
+#[derive(Debug)]
+struct Liar(Arc<Mutex<StreamDiskDest<MemStorage>>>);
+
+impl DestState for Liar {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.0.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        let answer = self.0.lock().unwrap().section(payload)?;
+        Ok(answer.map(|_| bitmap_codec::encode_report(1 << 40)))
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.0.lock().unwrap().before_start()
+    }
+    fn failed(&mut self) {
+        self.0.lock().unwrap().failed();
+    }
+}
+
+#[test]
+fn stream_mode_a_report_of_sections_never_sent_is_refused() {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.2,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(20_000.0),
+        11,
+    );
+    let params = StreamSim {
+        regions: 64,
+        writes_per_page_write: 0.05,
+    };
+    let disk = params.disk_size();
+    let dest = stream_sim_dest(disk);
+    let mut stream = SimStreamState::new(sim.clone(), params, 11).unwrap();
+    for k in 0..50u64 {
+        stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
+    }
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    };
+    let run_once = |ram_state: &mut RamState, stream: &mut SimStreamState| {
+        let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+        run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [ram_state as &mut dyn MigrationState, stream],
+            &mut AutoConverge::default(),
+        )
+    };
+    // A refused first attempt: the destination holds every section it was sent.
+    sim.world().dest.refuse = Some("no".into());
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(Mutex::new(Liar(Arc::clone(&dest)))) as SharedDestState);
+    assert!(run_once(&mut ram_state, &mut stream).is_err());
+    sim.world().dest.refuse = None;
+    let sent = stream.inner().last_seq();
+    assert!(sent > 0);
+    // The retry hears a report of section 2^40: refused, typed, the guest runs on.
+    let e = run_once(&mut ram_state, &mut stream).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Protocol(ProtocolError::ReportBeyondSent { reported, sent: s, .. })
+                if reported == 1 << 40 && s == sent
+        ),
+        "{e}"
+    );
+    assert!(sim.guest_running());
+    assert!(dest.lock().unwrap().take_store().is_none());
+    // Nothing of the lie was trusted: the whole bitmap is still pending.
+    assert!(stream.pending(true).must_precopy.get() >= 64 * StreamSim::REGION);
+    // An honest destination: the retry resumes and hands over exactly.
+    sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
+    let o = run_once(&mut ram_state, &mut stream).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(dest.lock().unwrap().resumed());
+    let held = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&held.bitmap("b").unwrap()),
+        &extents(stream.bitmap()),
+        "destination against source",
+    );
 }
 
 /// A state that passes everything to a [`StreamDiskState`] and sums what its precopy
@@ -1169,6 +1492,12 @@ impl MigrationState for Counted<'_> {
         let n = self.inner.complete(out)?;
         self.completed += n;
         Ok(n)
+    }
+    fn awaits_report(&self) -> bool {
+        self.inner.awaits_report()
+    }
+    fn report(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+        self.inner.report(payload)
     }
     fn channel_failed(&mut self) {
         self.inner.channel_failed();

@@ -7,6 +7,19 @@ use std::sync::{Arc, Mutex};
 use super::error::{MigrationError, Result};
 use super::frame::StateId;
 
+/// What binds a destination state's data to one migration, so that a later attempt
+/// resumes it only if it belongs to the same one: the Hello's migration id, and the
+/// migration's token when the destination issues nonces (the nonce of its first attempt,
+/// which every later attempt names in its Hello's `resume`; 0 without nonces). This is how
+/// kept RAM is bound ([`super::dest::RetainedRam`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Binding {
+    /// The Hello's migration id.
+    pub migration_id: u64,
+    /// The migration's token (0 without nonces).
+    pub token: u128,
+}
+
 /// A destination-side state, registered with the destination by the name its source
 /// counterpart ([`super::MigrationState::name`]) declares in the Hello.
 ///
@@ -23,20 +36,24 @@ pub trait DestState: Send + std::fmt::Debug {
     /// The state's name, as the source declares it.
     fn name(&self) -> &str;
 
-    /// The Hello declared this state with section id `id`.
+    /// The Hello of an attempt of the migration `binding` declared this state with section
+    /// id `id`. A state that keeps data across attempts resumes it only for the same
+    /// binding, and must not drop it here: the Hello may still be refused.
     ///
     /// # Errors
     /// The destination cannot take this state: the Hello is refused.
-    fn hello(&mut self, id: StateId) -> Result<()> {
-        let _ = id;
+    fn hello(&mut self, id: StateId, binding: Binding) -> Result<()> {
+        let _ = (id, binding);
         Ok(())
     }
 
-    /// A section of this state, in the state's own format.
+    /// A section of this state, in the state's own format. A returned payload goes back to
+    /// the source at once as a Report frame ([`super::frame::Frame::Report`]): the answer
+    /// to a query of the source's state ([`super::MigrationState::awaits_report`]).
     ///
     /// # Errors
     /// A payload that does not decode or that this state refuses; the attempt fails.
-    fn section(&mut self, payload: &[u8]) -> Result<()> {
+    fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
         let _ = payload;
         Err(MigrationError::InvalidInput(format!(
             "state {} takes no sections",

@@ -8,30 +8,45 @@
 //! so the disk flusher's takes and the stream's never steal each other's regions. Per
 //! bitmap it sends a START section (name, granularity, disk size, flags), REGIONS
 //! sections whose entries *replace* the destination's copy of a region (a `clear` removes
-//! bits), and at the stop a COMPLETE section (payloads in [`super::bitmap_codec`]).
-//! Sending never clears a source bit. A failed attempt re-queues every region it sent (the
-//! source cannot know what the destination kept), so the retry sends them again with
-//! everything changed since.
+//! bits), and at the stop a COMPLETE section (payloads in [`super::bitmap_codec`]). Every
+//! section carries the state's next sequence number, never reused within a migration.
+//! Sending never clears a source bit.
+//!
+//! **A retry sends only what changed since.** The source remembers, per region, the
+//! sequence number of the section that last carried it since the destination last
+//! reported. A failed attempt leaves those in doubt. The next attempt's setup sends a
+//! QUERY; the destination answers (a Report frame) with the last sequence number it
+//! applied, `n`, of the data it kept for this migration (0 if it kept nothing). The
+//! destination applies sections whole and in stream order, so it holds every section up to
+//! `n` and none after: the source re-queues only the regions last carried after `n`
+//! (every region changed since its send is in the change consumer already). A report of
+//! 0 (a new destination process, another migration, kept data dropped) or one below an
+//! earlier report re-queues every region and resends every START, which resets the
+//! destination's copy: any doubt resends. A report above the last number sent is refused
+//! ([`ProtocolError::ReportBeyondSent`]): the destination claims data it was never sent.
 //!
 //! Destination: [`StreamDiskDest`] (a [`DestState`]) builds each bitmap in memory as the
 //! regions arrive; after End (or the postcopy Switchover) and before Started it opens its
-//! own image, stores every bitmap into it and activates it. Regions that arrive after the
-//! start (none with this source, whose postcopy switch sends everything first) are ORed
-//! into the running bitmap, so the destination guest's marks are never overwritten.
+//! own image, stores every bitmap into it and activates it. A failed attempt's bitmaps are
+//! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
+//! issues nonces), and resumed only by a QUERY in an attempt of the same migration.
+//! Regions that arrive after the start (postcopy) are ORed into the running bitmap, so
+//! the destination guest's marks are never overwritten.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::bitmap_codec::{self, BitmapSection, Start};
 use super::channel::Outbound;
-use super::dest_state::DestState;
-use super::error::{MigrationError, Result};
+use super::dest_state::{Binding, DestState};
+use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::StateId;
 use super::state::{MigrationState, Pending};
 use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
 use crate::storage::Storage;
 use crate::store::{BitmapStore, Recording};
 use crate::units::Bytes;
+use std::collections::BTreeSet;
 
 /// Regions per REGIONS section.
 pub const REGIONS_PER_SECTION: u64 = 64;
@@ -45,10 +60,12 @@ struct Streamed {
     /// Regions taken from the consumer and not all sent yet, and the next region of it to
     /// send (regions below it are sent).
     queue: Option<(ChangedRegions, u64)>,
-    /// Every region taken in this attempt (sent, or in the queue): what a failure
-    /// re-queues.
-    taken: Option<ChangedRegions>,
-    start_sent: bool,
+    /// The sequence number of the START the destination holds, or may hold if the attempt
+    /// that sent it is in doubt; `None`: it must be sent (again).
+    start_seq: Option<u64>,
+    /// Per region, the sequence number of the section that last carried it since the
+    /// destination's last report (0: none). Empty until the first send.
+    sent_seq: Vec<u64>,
     /// The consumer's changed regions as of the last exact query or take: the estimate's
     /// stale view of them.
     seen: u64,
@@ -61,13 +78,45 @@ impl Streamed {
         })
     }
 
-    /// Puts back every region taken in this attempt.
-    fn requeue(&mut self) {
-        if let Some(t) = self.taken.take() {
-            self.consumer.requeue_changed(&t);
+    /// Hands the regions taken but not sent back to the consumer.
+    fn requeue_unsent(&mut self) {
+        if let Some((q, next)) = self.queue.take() {
+            let mut unsent = ChangedRegions::empty(q.region_count());
+            for r in q.iter().filter(|&r| r >= next) {
+                unsent.insert(r);
+            }
+            if !unsent.is_empty() {
+                self.consumer.requeue_changed(&unsent);
+            }
         }
+    }
+
+    /// The destination holds nothing of this bitmap: every region and the START again.
+    fn resend_all(&mut self) {
         self.queue = None;
-        self.start_sent = false;
+        self.consumer
+            .requeue_changed(&ChangedRegions::all(self.bitmap.region_count()));
+        self.start_seq = None;
+        self.sent_seq.clear();
+    }
+
+    /// The destination holds every section up to `applied` and none after: re-queues the
+    /// regions last carried after it (a START after it: the whole bitmap).
+    fn resolve(&mut self, applied: u64) {
+        if self.start_seq.is_none_or(|s| s > applied) {
+            self.resend_all();
+            return;
+        }
+        let mut lost = ChangedRegions::empty(self.bitmap.region_count());
+        for (r, &seq) in self.sent_seq.iter().enumerate() {
+            if seq > applied {
+                lost.insert(r as u64);
+            }
+        }
+        if !lost.is_empty() {
+            self.consumer.requeue_changed(&lost);
+        }
+        self.sent_seq.clear();
     }
 }
 
@@ -81,6 +130,14 @@ pub struct StreamDiskState {
     overhead: Bytes,
     regions_sent: u64,
     sections_sent: u64,
+    /// The next section's sequence number (the first is 1; never reused).
+    next_seq: u64,
+    /// The destination's last accepted report (0: none, or it held nothing).
+    confirmed: u64,
+    /// The setup sent a QUERY and its Report has not come.
+    awaiting: bool,
+    /// An attempt failed and no report since says what the destination holds.
+    unresolved: bool,
     /// Wire bytes the last [`complete`](MigrationState::complete) put on the wire.
     complete_bytes: Bytes,
     /// QEMU's way, for benchmarks: nothing during precopy, every bitmap whole at the stop.
@@ -121,8 +178,8 @@ impl StreamDiskState {
                 bitmap: b,
                 consumer,
                 queue: None,
-                taken: None,
-                start_sent: false,
+                start_seq: None,
+                sent_seq: Vec::new(),
                 seen,
             });
         }
@@ -133,6 +190,10 @@ impl StreamDiskState {
             overhead: Bytes(0),
             regions_sent: 0,
             sections_sent: 0,
+            next_seq: 1,
+            confirmed: 0,
+            awaiting: false,
+            unresolved: false,
             complete_bytes: Bytes(0),
             qemu_baseline: false,
         })
@@ -233,11 +294,27 @@ impl StreamDiskState {
         let mut n = regions.saturating_mul(Self::region_wire(b)).saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
-        if !b.start_sent {
+        if b.start_seq.is_none() {
             n = n.saturating_add(section + (bitmap_codec::START_LEN + b.name.len()) as u64);
         }
         // COMPLETE.
         Bytes(n.saturating_add(section))
+    }
+
+    /// Wire bytes of sending every region of bitmap `b`, its START and its COMPLETE.
+    fn wire_all(&self, b: &Streamed) -> Bytes {
+        let section = self
+            .overhead
+            .get()
+            .saturating_add(bitmap_codec::HEADER_LEN as u64);
+        let start = section + (bitmap_codec::START_LEN + b.name.len()) as u64;
+        let regions = b.bitmap.region_count();
+        let body = regions.saturating_mul(Self::region_wire(b)).saturating_add(
+            regions
+                .div_ceil(REGIONS_PER_SECTION)
+                .saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
+        );
+        Bytes(body.saturating_add(start).saturating_add(section))
     }
 
     fn start_of(i: usize, b: &Streamed) -> Start {
@@ -251,23 +328,42 @@ impl StreamDiskState {
         }
     }
 
+    /// The next section's sequence number.
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq = s.saturating_add(1);
+        s
+    }
+
     /// Sends bitmap `i`'s START if needed, then its queued regions, taking more from its
     /// consumer when the queue runs out, until `budget` (or everything, if `None`).
+    ///
+    /// Each region's section number is recorded before the section goes to the channel: a
+    /// send that fails may still have put it on the wire, so it is in doubt like the rest.
     fn send(&mut self, out: &mut dyn Outbound, i: usize, budget: Option<Bytes>) -> Result<Bytes> {
         let mut sent = Bytes(0);
-        let Some(b) = self.bitmaps.get_mut(i) else {
+        if i >= self.bitmaps.len() {
             return Ok(sent);
-        };
-        if !b.start_sent {
-            sent += out.send(self.id, &bitmap_codec::encode_start(&Self::start_of(i, b)))?;
-            b.start_sent = true;
+        }
+        let id = self.id;
+        if self.bitmaps.get(i).is_some_and(|b| b.start_seq.is_none()) {
+            let seq = self.seq();
+            let Some(b) = self.bitmaps.get_mut(i) else {
+                return Ok(sent);
+            };
+            b.start_seq = Some(seq);
+            sent += out.send(id, &bitmap_codec::encode_start(&Self::start_of(i, b), seq))?;
         }
         let mut buf = Vec::new();
-        b.seen = 0;
         loop {
             if budget.is_some_and(|bud| sent >= bud) {
                 break;
             }
+            let seq = self.next_seq;
+            let Some(b) = self.bitmaps.get_mut(i) else {
+                break;
+            };
+            b.seen = 0;
             if b.queue
                 .as_ref()
                 .is_none_or(|(q, next)| q.iter().all(|r| r < *next))
@@ -277,16 +373,15 @@ impl StreamDiskState {
                     b.queue = None;
                     break;
                 }
-                match &mut b.taken {
-                    Some(all) => all.union_with(&t),
-                    None => b.taken = Some(t.clone()),
-                }
                 b.queue = Some((t, 0));
             }
             let Some((q, next)) = b.queue.as_mut() else {
                 break;
             };
-            let mut section = bitmap_codec::begin_regions(i as u16);
+            if b.sent_seq.is_empty() {
+                b.sent_seq = vec![0; usize::try_from(b.bitmap.region_count()).unwrap_or(0)];
+            }
+            let mut section = bitmap_codec::begin_regions(i as u16, seq);
             let from = *next;
             let batch: Vec<u64> = q
                 .iter()
@@ -298,21 +393,49 @@ impl StreamDiskState {
                 buf.resize(usize::try_from(b.bitmap.region_len(r)).unwrap_or(0), 0);
                 b.bitmap.serialize_region(r, &mut buf)?;
                 bitmap_codec::push_region(&mut section, r, &buf);
+                if let Some(s) = b.sent_seq.get_mut(r as usize) {
+                    *s = seq;
+                }
                 n += 1;
                 *next = r + 1;
             }
             bitmap_codec::finish_regions(&mut section, n);
-            sent += out.send(self.id, &section)?;
+            self.next_seq = seq.saturating_add(1);
             self.regions_sent += u64::from(n);
             self.sections_sent += 1;
+            sent += out.send(id, &section)?;
         }
         Ok(sent)
     }
 
-    fn requeue_all(&mut self) {
+    /// Every bitmap's every region and START again: the destination holds nothing sure.
+    fn resend_all(&mut self) {
         for b in &mut self.bitmaps {
-            b.requeue();
+            b.resend_all();
         }
+        self.confirmed = 0;
+        self.unresolved = false;
+        self.awaiting = false;
+    }
+
+    /// The attempt failed: what was taken and not sent goes back to the consumers; what
+    /// was sent stays in doubt until the next attempt's report.
+    fn failed(&mut self) {
+        for b in &mut self.bitmaps {
+            b.requeue_unsent();
+        }
+        self.awaiting = false;
+        if self.qemu_baseline {
+            // QEMU's way sends whole bitmaps at every stop.
+            self.resend_all();
+        } else if self.next_seq > 1 {
+            self.unresolved = true;
+        }
+    }
+
+    /// Sections numbered so far (the last sequence number used).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
     }
 }
 
@@ -325,14 +448,61 @@ impl MigrationState for StreamDiskState {
         &self.name
     }
 
+    /// Learns the framing; after an attempt that sent anything, asks the destination what
+    /// it kept (a QUERY: the loop waits for the Report before the first turn).
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.overhead = out.section_overhead();
         self.complete_bytes = Bytes(0);
-        for b in &mut self.bitmaps {
-            b.start_sent = false;
-            b.taken = None;
+        self.awaiting = false;
+        if self.next_seq > 1 && !self.qemu_baseline {
+            // Waiting before anything is sent: whatever the answer, nothing of this
+            // attempt is lost to it.
+            self.awaiting = true;
+            return out.send(self.id, &bitmap_codec::encode_query());
         }
         Ok(Bytes(0))
+    }
+
+    fn awaits_report(&self) -> bool {
+        self.awaiting
+    }
+
+    /// The destination's Report: it holds every section up to `n` and none after. Regions
+    /// last carried after `n` go back to the queue; `n` = 0 (it holds nothing) or below an
+    /// earlier report (it lost what it said it held) resends everything.
+    ///
+    /// # Errors
+    /// [`ProtocolError::ReportBeyondSent`] when `n` is above the last section sent, a
+    /// Report that does not decode, or one that was not asked for; nothing changes then.
+    fn report(&mut self, payload: &[u8]) -> Result<()> {
+        let n = bitmap_codec::decode_report(payload)?;
+        if !self.awaiting {
+            return Err(ProtocolError::UnexpectedMessage {
+                kind: super::frame::FrameKind::Report,
+                when: "to a state that asked nothing",
+            }
+            .into());
+        }
+        let sent = self.last_seq();
+        if n > sent {
+            return Err(ProtocolError::ReportBeyondSent {
+                state: self.id,
+                reported: n,
+                sent,
+            }
+            .into());
+        }
+        self.awaiting = false;
+        if n == 0 || n < self.confirmed {
+            self.resend_all();
+            return Ok(());
+        }
+        for b in &mut self.bitmaps {
+            b.resolve(n);
+        }
+        self.confirmed = n;
+        self.unresolved = false;
+        Ok(())
     }
 
     /// Exact: wire bytes of every region queued or changed, each bitmap's START if not
@@ -340,13 +510,15 @@ impl MigrationState for StreamDiskState {
     /// happen): the exact figure only reads their counters. The estimate counts only the
     /// regions queued or changed as of the last exact query or take, so that once
     /// everything was sent it falls to zero, as a drained RAM's does, and the loop runs
-    /// the exact query that finds what changed since.
+    /// the exact query that finds what changed since. After a failure, until the
+    /// destination's report says what it holds, every region counts (it may hold nothing).
     fn pending(&mut self, exact: bool) -> Pending {
         let mut total = Bytes(0);
-        if self.qemu_baseline {
-            // Whole bitmaps, every time: nothing goes before the stop.
+        if self.qemu_baseline || self.unresolved || self.awaiting {
+            // Whole bitmaps: QEMU's way every time; ours while the destination's copy is
+            // unknown.
             for b in &self.bitmaps {
-                total += self.wire(b, b.bitmap.region_count());
+                total += self.wire_all(b);
             }
             return Pending {
                 must_precopy: total,
@@ -379,7 +551,7 @@ impl MigrationState for StreamDiskState {
 
     fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
         let mut sent = Bytes(0);
-        if self.qemu_baseline {
+        if self.qemu_baseline || self.awaiting {
             return Ok(sent);
         }
         for i in 0..self.bitmaps.len() {
@@ -394,28 +566,34 @@ impl MigrationState for StreamDiskState {
     /// Everything left, then each bitmap's COMPLETE. The VM is stopped and its disk I/O
     /// drained; the marks still in flight are waited for before the last take.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        if self.awaiting {
+            // No report came (a loop that did not wait for it): the destination's copy is
+            // unknown, so every START and region goes again, and the STARTs reset it.
+            self.resend_all();
+        }
         let mut sent = Bytes(0);
         for i in 0..self.bitmaps.len() {
             if let Some(b) = self.bitmaps.get(i) {
                 b.bitmap.wait_for_marks();
             }
             sent += self.send(out, i, None)?;
-            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16))?;
+            let seq = self.seq();
+            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq))?;
         }
         self.complete_bytes = sent;
         Ok(sent)
     }
 
     fn channel_failed(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 
     fn cancel(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 
     fn resume_source(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 }
 
@@ -427,12 +605,32 @@ struct Incoming {
     complete: bool,
 }
 
+/// The bitmaps of one migration as this destination holds them, and the last section
+/// number it applied to them (0: none). Sections are applied whole and in order, so this
+/// holds exactly every section up to `applied` the source sent.
+#[derive(Debug, Default)]
+struct Held {
+    incoming: BTreeMap<u16, Incoming>,
+    applied: u64,
+}
+
 /// The destination's side of a [`StreamDiskState`]: see the [module documentation](self).
 pub struct StreamDiskDest<S: Storage> {
     name: String,
     open: Box<dyn FnMut() -> crate::Result<BitmapStore<S>> + Send>,
     max_bytes: u64,
-    incoming: BTreeMap<u16, Incoming>,
+    /// The migration of the current attempt.
+    binding: Binding,
+    /// What the current attempt holds.
+    current: Held,
+    /// Bitmaps whose START came in the current attempt (a kept one's may be replaced).
+    started_now: BTreeSet<u16>,
+    /// Sections of the current attempt so far.
+    sections: u64,
+    /// The current attempt resumed the kept bitmaps.
+    resumed: bool,
+    /// What a failed attempt left, and the migration it belongs to.
+    kept: Option<(Binding, Held)>,
     store: Option<BitmapStore<S>>,
     started: bool,
 }
@@ -441,7 +639,9 @@ impl<S: Storage> std::fmt::Debug for StreamDiskDest<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamDiskDest")
             .field("name", &self.name)
-            .field("bitmaps", &self.incoming.len())
+            .field("bitmaps", &self.current.incoming.len())
+            .field("applied", &self.current.applied)
+            .field("kept", &self.kept.as_ref().map(|(_, h)| h.applied))
             .field("started", &self.started)
             .finish()
     }
@@ -463,7 +663,12 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             name: name.into(),
             open: Box::new(open),
             max_bytes: DEFAULT_MAX_BYTES,
-            incoming: BTreeMap::new(),
+            binding: Binding::default(),
+            current: Held::default(),
+            started_now: BTreeSet::new(),
+            sections: 0,
+            resumed: false,
+            kept: None,
             store: None,
             started: false,
         }
@@ -474,13 +679,52 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         self.store.take()
     }
 
+    /// The last section number the current attempt holds (0: none).
+    pub fn applied(&self) -> u64 {
+        self.current.applied
+    }
+
+    /// The last section number of what a failed attempt left (`None`: nothing kept).
+    pub fn kept_applied(&self) -> Option<u64> {
+        self.kept.as_ref().map(|(_, h)| h.applied)
+    }
+
+    /// Whether the current attempt resumed what a failed one left.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The source asks what this destination holds of its migration: the kept bitmaps if
+    /// they belong to the same migration (they become this attempt's), else nothing. The
+    /// answer is the last section number held.
+    fn query(&mut self) -> Result<Vec<u8>> {
+        if self.sections != 0 {
+            return Err(bad("a QUERY after other sections of the attempt".into()));
+        }
+        match self.kept.take() {
+            Some((b, mut held)) if b == self.binding => {
+                // COMPLETE is per attempt: the stop sends it again.
+                for inc in held.incoming.values_mut() {
+                    inc.complete = false;
+                }
+                self.current = held;
+                self.resumed = true;
+            }
+            other => self.kept = other,
+        }
+        Ok(bitmap_codec::encode_report(self.current.applied))
+    }
+
     fn start(&mut self, s: Start) -> Result<()> {
-        if self.incoming.contains_key(&s.index) {
+        if !self.started_now.insert(s.index) {
             return Err(bad(format!("bitmap {} started twice", s.index)));
         }
+        // A START for a kept bitmap replaces it: the source resends it whole.
+        self.current.incoming.remove(&s.index);
         let granularity = 1u64 << s.granularity_bits;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
         let held: u64 = self
+            .current
             .incoming
             .values()
             .map(|i| i.bitmap.serialized_len())
@@ -494,7 +738,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let bitmap =
             DirtyBitmap::with_region_size(s.disk_size, granularity, u64::from(s.region_size))?;
         bitmap.set_enabled(s.enabled);
-        self.incoming.insert(
+        self.current.incoming.insert(
             s.index,
             Incoming {
                 start: s,
@@ -506,7 +750,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 
     fn regions(&mut self, index: u16, regions: &[(u64, &[u8])]) -> Result<()> {
-        let Some(inc) = self.incoming.get_mut(&index) else {
+        let Some(inc) = self.current.incoming.get_mut(&index) else {
             return Err(bad(format!("regions of bitmap {index} before its START")));
         };
         if inc.complete {
@@ -562,36 +806,57 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         &self.name
     }
 
-    fn hello(&mut self, _id: StateId) -> Result<()> {
-        // Every region comes again in this attempt: the source re-queued all it sent.
-        self.incoming.clear();
+    /// A new attempt of migration `binding` starts empty; what a failed attempt left stays
+    /// kept (the Hello may still be refused) until a QUERY of the same migration resumes
+    /// it.
+    fn hello(&mut self, _id: StateId, binding: Binding) -> Result<()> {
+        self.binding = binding;
+        self.current = Held::default();
+        self.started_now.clear();
+        self.sections = 0;
+        self.resumed = false;
         self.store = None;
         self.started = false;
         Ok(())
     }
 
-    fn section(&mut self, payload: &[u8]) -> Result<()> {
-        match bitmap_codec::decode(payload)? {
-            BitmapSection::Start(s) => self.start(s),
-            BitmapSection::Regions { index, regions } => self.regions(index, &regions),
-            BitmapSection::Complete { index } => match self.incoming.get_mut(&index) {
-                Some(i) => {
-                    i.complete = true;
-                    Ok(())
-                }
-                None => Err(bad(format!("COMPLETE of bitmap {index} before its START"))),
-            },
+    /// Applies one section whole, or refuses it changing nothing. Numbers must rise within
+    /// the attempt and above what it resumed: the count of what is held stays exact.
+    fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+        let sec = bitmap_codec::decode(payload)?;
+        if sec.body == BitmapSection::Query {
+            let answer = self.query()?;
+            self.sections += 1;
+            return Ok(Some(answer));
         }
+        if sec.seq <= self.current.applied {
+            return Err(bad(format!(
+                "section {} after section {}",
+                sec.seq, self.current.applied
+            )));
+        }
+        match sec.body {
+            BitmapSection::Start(s) => self.start(s)?,
+            BitmapSection::Regions { index, regions } => self.regions(index, &regions)?,
+            BitmapSection::Complete { index } => match self.current.incoming.get_mut(&index) {
+                Some(i) => i.complete = true,
+                None => return Err(bad(format!("COMPLETE of bitmap {index} before its START"))),
+            },
+            BitmapSection::Query => {}
+        }
+        self.current.applied = sec.seq;
+        self.sections += 1;
+        Ok(None)
     }
 
     /// Every bitmap complete, the image opened, each bitmap stored into it (added if
     /// missing, with the source's granularity and recording), then activated.
     fn before_start(&mut self) -> Result<()> {
-        if let Some((i, _)) = self.incoming.iter().find(|(_, inc)| !inc.complete) {
+        if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| !inc.complete) {
             return Err(bad(format!("bitmap {i} never completed")));
         }
         let mut st = (self.open)()?;
-        for inc in self.incoming.values() {
+        for inc in self.current.incoming.values() {
             let s = &inc.start;
             if st.disk_size() != s.disk_size {
                 return Err(MigrationError::InvalidInput(format!(
@@ -627,13 +892,22 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         st.activate()?;
         self.store = Some(st);
         self.started = true;
+        // The guest runs here from now on: nothing of this migration is resumed again.
+        self.kept = None;
         Ok(())
     }
 
+    /// Undoes the activation, if any, and keeps what this attempt holds for the next
+    /// attempt of the same migration, unless it holds nothing of its own (then what an
+    /// earlier attempt left stays kept).
     fn failed(&mut self) {
         if let Some(mut st) = self.store.take() {
             let _ = st.inactivate();
         }
         self.started = false;
+        if self.resumed || self.current.applied > 0 {
+            self.kept = Some((self.binding, std::mem::take(&mut self.current)));
+        }
+        self.resumed = false;
     }
 }

@@ -176,6 +176,12 @@ impl DestModel {
                 Frame::Refused { reason } => {
                     outbox.push_back(DestMessage::Refused(reason.clone()));
                 }
+                Frame::Report { state, payload } => {
+                    outbox.push_back(DestMessage::Report {
+                        state: *state,
+                        payload: payload.clone(),
+                    });
+                }
                 _ => {}
             }
             Ok(())
@@ -458,6 +464,12 @@ impl Sim {
         self.0.borrow_mut()
     }
 
+    /// Sends (sections and control frames) the link carried or failed so far: the index
+    /// the next one gets ([`World::fail_at_send`]).
+    pub fn sends(&self) -> u64 {
+        self.0.borrow().sends
+    }
+
     /// Guest page writes so far.
     pub fn guest_writes(&self) -> u64 {
         self.0.borrow().guest.writes
@@ -697,6 +709,11 @@ impl SimStreamState {
         &self.bitmap
     }
 
+    /// The streaming state (its counters).
+    pub fn inner(&self) -> &StreamDiskState {
+        &self.stream
+    }
+
     fn accrue(&mut self) {
         let w = self.sim.guest_writes();
         let new = w.saturating_sub(self.guest_writes);
@@ -743,6 +760,12 @@ impl MigrationState for SimStreamState {
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.accrue();
         self.stream.complete(out)
+    }
+    fn awaits_report(&self) -> bool {
+        self.stream.awaits_report()
+    }
+    fn report(&mut self, payload: &[u8]) -> Result<()> {
+        self.stream.report(payload)
     }
     fn channel_failed(&mut self) {
         self.stream.channel_failed();

@@ -626,6 +626,7 @@ fn read_return_path(
                 Ok(DestMessage::PageRequest { state, payload })
             }
             Ok(Frame::Abort { reason }) => Ok(DestMessage::Aborted(reason)),
+            Ok(Frame::Report { state, payload }) => Ok(DestMessage::Report { state, payload }),
             Ok(other) => Err(ProtocolError::SourceFrameOnReturnPath { kind: other.kind() }.into()),
             // A read timeout between frames: the reader is still usable; look at `stop`.
             Err(MigrationError::Io(e))
