@@ -1129,7 +1129,42 @@ enum SimFailure {
     CutLate,
     /// As `CutLate`, then the destination is a new process: it kept nothing.
     CutLateFreshDest,
+    /// The destination fails on the stream's fourth section (START and two REGIONS
+    /// applied): a section sent and lost, as one in flight when a channel fails.
+    DestFailsMidStream,
     Refuse,
+}
+
+/// A destination state that fails on its section number `at` and passes the rest on.
+#[derive(Debug)]
+struct FailAtSeq {
+    inner: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    at: u64,
+}
+
+impl DestState for FailAtSeq {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        if bitmap_codec::decode(payload)?.seq == self.at {
+            return Err(MigrationError::InvalidInput("lost in flight".into()));
+        }
+        self.inner.lock().unwrap().section(payload)
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().before_start()
+    }
+    fn failed(&mut self) {
+        self.inner.lock().unwrap().failed();
+    }
 }
 
 /// Cancels on the second turn.
@@ -1197,6 +1232,7 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         SimFailure::Cut,
         SimFailure::CutLate,
         SimFailure::CutLateFreshDest,
+        SimFailure::DestFailsMidStream,
         SimFailure::Refuse,
     ] {
         let pages = 64;
@@ -1219,10 +1255,15 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         };
         let disk = params.disk_size();
         let dest = stream_sim_dest(disk);
-        sim.world()
-            .dest
-            .states
-            .push(Arc::clone(&dest) as SharedDestState);
+        let first_dest: SharedDestState = if failure == SimFailure::DestFailsMidStream {
+            Arc::new(Mutex::new(FailAtSeq {
+                inner: Arc::clone(&dest),
+                at: 4,
+            }))
+        } else {
+            Arc::clone(&dest) as SharedDestState
+        };
+        sim.world().dest.states.push(first_dest);
         let mut stream = SimStreamState::new(sim.clone(), params, 9).unwrap();
         // The bitmap has history before the migration starts.
         for k in 0..200u64 {
@@ -1295,12 +1336,16 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
                 "{failure:?}: the destination keeps the first pass: {kept:?}"
             );
         }
+        if failure == SimFailure::DestFailsMidStream {
+            assert_eq!(kept, Some(3), "START and two REGIONS sections applied");
+        }
         let dest = if failure == SimFailure::CutLateFreshDest {
             // A new destination process: nothing kept.
             let fresh = stream_sim_dest(disk);
             sim.world().dest.states = vec![Arc::clone(&fresh) as SharedDestState];
             fresh
         } else {
+            sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
             dest
         };
         sim.world().fail_at_send = None;
@@ -1322,6 +1367,12 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             SimFailure::CutLateFreshDest => {
                 assert!(!dest.lock().unwrap().resumed());
                 assert!(retry >= 512, "{failure:?}: the retry sent {retry} regions");
+            }
+            // Everything but the two sections it applied (128 regions), and not those.
+            SimFailure::DestFailsMidStream => {
+                assert!(dest.lock().unwrap().resumed());
+                assert!(retry >= 512 - 128, "{failure:?}: the retry sent {retry}");
+                assert!(retry < 512, "{failure:?}: the retry sent {retry}");
             }
             // What the first attempt did not send, at least.
             SimFailure::Cancel | SimFailure::Cut => {
