@@ -33,7 +33,9 @@
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
 //! The loop speaks the stream's protocol (`docs/FORMAT.md`, "Migration stream") through
-//! [`Outbound`]: a Hello before the states' setup; precopy completion is VM stop, a
+//! [`Outbound`]: a Hello before the states' setup, then the destination's
+//! [`DestMessage::Report`] to each state whose setup asked what was kept
+//! ([`MigrationState::awaits_report`]), waited for before the first turn; precopy completion is VM stop, a
 //! Switchover frame, every state's `complete`, End, and the destination's
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::tcp::{
+    migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination,
+};
 use dirty_bitmap::migration::{
     AutoConverge, Bytes, BytesPerMs, Controller, DestState, Directive, GuestRam, IterationReport,
     Kind, LoopConfig, MigrationError, MigrationState, Outbound, Pattern, Pending, RamState,
@@ -378,12 +380,14 @@ fn config(postcopy: bool) -> LoopConfig {
     }
 }
 
-/// One attempt through a proxy with `failure` (or none), the destination taking `side`.
+/// One attempt of the migration `session` through a proxy with `failure` (or none), the
+/// destination taking `side`.
 fn attempt(
     guest: &mut Guest,
     ram: &mut RamState,
     disk: &mut dyn MigrationState,
     side: &DestSide,
+    session: &mut Session,
     failure: Option<Failure>,
 ) -> Res<dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>> {
     let dest = TcpDestination::spawn(DestOptions {
@@ -412,12 +416,13 @@ fn attempt(
     if failure.is_some() {
         states.push(&mut fault);
     }
-    let r = migrate_to(
+    let r = migrate_in_session(
         proxy.addr,
         &SourceOptions {
             loop_config: config(postcopy),
             timeout: Duration::from_secs(5),
         },
+        session,
         &mut guest.vm(),
         &mut states,
         &mut control,
@@ -555,20 +560,26 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
     };
     std::thread::sleep(Duration::from_millis(30));
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16)?;
-    let mut shared_state;
-    let mut stream_state;
-    let disk: &mut dyn MigrationState = match mode {
-        Mode::Shared => {
-            shared_state = SharedDiskState::new(2, "disk-bitmaps", store.clone());
-            &mut shared_state
-        }
-        Mode::Stream => {
-            stream_state = StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?;
-            &mut stream_state
-        }
+    let mut disk = match mode {
+        Mode::Shared => Disk::Shared(SharedDiskState::new(2, "disk-bitmaps", store.clone())),
+        Mode::Stream => Disk::Stream(StreamDiskState::from_store(
+            2,
+            "disk-bitmaps",
+            &store.lock(),
+        )?),
     };
-
-    let r = attempt(&mut guest, &mut ram_state, disk, &side, Some(failure))?;
+    // One migration: the retry names the first attempt's token, so the destination's
+    // kept bitmaps serve it.
+    let mut session = Session::new();
+    let r = attempt(
+        &mut guest,
+        &mut ram_state,
+        disk.state(),
+        &side,
+        &mut session,
+        Some(failure),
+    )?;
+    let first_regions = disk.regions_sent();
     let outcome = outcome_name(&r);
     let mut res = CaseResult {
         outcome,
@@ -633,9 +644,9 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 drop(side.take_store());
                 ram_state.channel_failed();
                 ram_state.resume_source();
-                disk.channel_failed();
-                disk.resume_source();
-                disk.reactivate()?;
+                disk.state().channel_failed();
+                disk.state().resume_source();
+                disk.state().reactivate()?;
                 guest.vm().resume()?;
             }
             // The source kept (or took back) the guest: every mark so far is in its bitmap.
@@ -650,7 +661,14 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 "source NOT active".into()
             };
             // A retry, without faults, hands over.
-            let retry = attempt(&mut guest, &mut ram_state, disk, &side, None)?;
+            let retry = attempt(
+                &mut guest,
+                &mut ram_state,
+                disk.state(),
+                &side,
+                &mut session,
+                None,
+            )?;
             match retry {
                 Ok(o) if o.kind == Kind::Completed => {
                     let marks = guest.disk.marks();
@@ -669,6 +687,12 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                         "handed over, downtime {:.1} ms",
                         o.downtime.as_secs_f64() * 1e3
                     );
+                    if mode == Mode::Stream {
+                        res.retry.push_str(&format!(
+                            ", {} regions (first attempt {first_regions})",
+                            disk.regions_sent() - first_regions
+                        ));
+                    }
                     if mode == Mode::Stream {
                         // The source's own image, after its own stop, holds every mark too.
                         store.lock().inactivate()?;
@@ -690,6 +714,29 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
         res.ok = false;
     }
     finish(guest, res)
+}
+
+/// The disk state of a mode.
+enum Disk {
+    Shared(SharedDiskState<FileStorage>),
+    Stream(StreamDiskState),
+}
+
+impl Disk {
+    fn state(&mut self) -> &mut dyn MigrationState {
+        match self {
+            Disk::Shared(s) => s,
+            Disk::Stream(s) => s,
+        }
+    }
+
+    /// Regions the stream sent so far (0 for shared storage).
+    fn regions_sent(&self) -> u64 {
+        match self {
+            Disk::Shared(_) => 0,
+            Disk::Stream(s) => s.regions_sent(),
+        }
+    }
 }
 
 fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {
