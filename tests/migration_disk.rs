@@ -1118,6 +1118,7 @@ fn stream_mode_over_tcp_a_retry_of_the_same_migration_sends_only_what_changed_si
 use dirty_bitmap::migration::bitmap_codec;
 use dirty_bitmap::migration::sim::{SimStreamState, StreamSim};
 use dirty_bitmap::migration::ProtocolError;
+use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::MemStorage;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1500,6 +1501,221 @@ fn stream_mode_a_report_of_sections_never_sent_is_refused() {
         &extents(&held.bitmap("b").unwrap()),
         &extents(stream.bitmap()),
         "destination against source",
+    );
+}
+
+/// What the destination side saw after Started, in order.
+#[derive(Debug, Clone, Copy)]
+enum AfterStart {
+    /// Its guest marked the granule at this offset.
+    Mark(u64),
+    /// A region of the source's arrived (ORed into the running bitmap).
+    Late(u64),
+}
+
+/// The destination's guest in postcopy: at the start and before each section that arrives
+/// after it, it marks a few granules on the running bitmap (through the destination
+/// store), and logs them with the regions that arrive.
+#[derive(Debug)]
+struct GuestAfterStart {
+    inner: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    rng: SplitMix64,
+    disk: u64,
+    started: bool,
+    log: Arc<Mutex<Vec<AfterStart>>>,
+}
+
+impl GuestAfterStart {
+    fn mark(&mut self, n: u64) {
+        let live = self
+            .inner
+            .lock()
+            .unwrap()
+            .store()
+            .expect("the guest runs here")
+            .bitmap("b")
+            .unwrap();
+        for _ in 0..n {
+            let off = self.rng.below(self.disk / 65536) * 65536;
+            live.mark_dirty(off, 4096);
+            self.log.lock().unwrap().push(AfterStart::Mark(off));
+        }
+    }
+}
+
+impl DestState for GuestAfterStart {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.started = false;
+        self.inner.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        if self.started {
+            self.mark(3);
+            if let bitmap_codec::BitmapSection::Regions { regions, .. } =
+                bitmap_codec::decode(payload)?.body
+            {
+                let mut log = self.log.lock().unwrap();
+                log.extend(regions.iter().map(|&(r, _)| AfterStart::Late(r)));
+            }
+        }
+        self.inner.lock().unwrap().section(payload)
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().before_start()?;
+        self.started = true;
+        self.mark(8);
+        Ok(())
+    }
+    fn failed(&mut self) {
+        self.inner.lock().unwrap().failed();
+    }
+}
+
+/// Postcopy with the stream's regions deferred past the switch: the destination's guest
+/// marks granules after Started, the source's late regions arrive afterwards (ORed), and
+/// the destination's final bitmap is exactly the union of the source's and the guest's
+/// marks: no destination mark lost to a late region, no source mark missing.
+#[test]
+fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_regions() {
+    let seed = 0x5EED_0B;
+    println!("seed {seed:#x}");
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    // A slow link: the switch comes long before the bitmap's first pass is through.
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.2,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2_000.0),
+        seed,
+    );
+    let regions = 4096u64;
+    let disk = regions * 512 * 8 * 65536;
+    let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap());
+    // The source's marks, logged: one in every region and more at random.
+    let mut rng = SplitMix64::new(seed);
+    let mut source_marks = Vec::new();
+    for r in 0..regions {
+        source_marks.push(bitmap.region_disk_range(r).0);
+    }
+    for _ in 0..2000 {
+        source_marks.push(rng.below(disk / 65536) * 65536);
+    }
+    for &m in &source_marks {
+        bitmap.mark_dirty(m, 4096);
+    }
+    let mut stream = StreamDiskState::new(
+        5,
+        "disk-stream",
+        vec![("b".to_string(), Arc::clone(&bitmap))],
+    )
+    .unwrap()
+    .defer_to_postcopy(true);
+    let dest = stream_sim_dest(disk);
+    let after = Arc::new(Mutex::new(Vec::new()));
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(Mutex::new(GuestAfterStart {
+            inner: Arc::clone(&dest),
+            rng: SplitMix64::new(seed ^ 0xD0),
+            disk,
+            started: false,
+            log: Arc::clone(&after),
+        })) as SharedDestState);
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let out = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(out.kind, Kind::Postcopy);
+    let after = after.lock().unwrap().clone();
+    let late: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Late(r) => Some(*r),
+            AfterStart::Mark(_) => None,
+        })
+        .collect();
+    let dest_marks: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Mark(m) => Some(*m),
+            AfterStart::Late(_) => None,
+        })
+        .collect();
+    println!(
+        "{} regions after Started, {} destination marks",
+        late.len(),
+        dest_marks.len()
+    );
+    assert!(
+        late.len() as u64 > regions / 4,
+        "{} late regions",
+        late.len()
+    );
+    // Some destination mark fell in a region whose source copy arrived after it: the
+    // case a replace would lose.
+    let span = bitmap.region_disk_range(0).1;
+    let overwritten_by_a_replace = after.iter().enumerate().any(|(i, e)| match e {
+        AfterStart::Mark(m) => after[i + 1..]
+            .iter()
+            .any(|l| matches!(l, AfterStart::Late(r) if *r == m / span)),
+        AfterStart::Late(_) => false,
+    });
+    assert!(overwritten_by_a_replace);
+    let held = dest.lock().unwrap().take_store().unwrap();
+    let at_dest = held.bitmap("b").unwrap();
+    let lost_dest: Vec<&u64> = dest_marks
+        .iter()
+        .filter(|&&m| !at_dest.is_dirty(m))
+        .collect();
+    assert!(
+        lost_dest.is_empty(),
+        "destination marks lost: {lost_dest:?}"
+    );
+    let missing: Vec<&u64> = source_marks
+        .iter()
+        .filter(|&&m| !at_dest.is_dirty(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "source marks missing: {}",
+        missing.len()
+    );
+    // Exactly the union: nothing but the two logs.
+    let expected = dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap();
+    for &m in source_marks.iter().chain(&dest_marks) {
+        expected.mark_dirty(m, 4096);
+    }
+    assert_same(
+        &extents(&at_dest),
+        &extents(&expected),
+        "destination against the union",
     );
 }
 

@@ -142,6 +142,10 @@ pub struct StreamDiskState {
     complete_bytes: Bytes,
     /// QEMU's way, for benchmarks: nothing during precopy, every bitmap whole at the stop.
     qemu_baseline: bool,
+    /// Regions may go after a postcopy switch ([`defer_to_postcopy`](Self::defer_to_postcopy)).
+    postcopy: bool,
+    /// The postcopy switch happened: what is left is pushed to a running destination.
+    switched: bool,
 }
 
 impl StreamDiskState {
@@ -196,6 +200,8 @@ impl StreamDiskState {
             unresolved: false,
             complete_bytes: Bytes(0),
             qemu_baseline: false,
+            postcopy: false,
+            switched: false,
         })
     }
 
@@ -235,6 +241,20 @@ impl StreamDiskState {
             qemu_baseline: true,
             ..Self::from_store(id, name, store)?
         })
+    }
+
+    /// With `on`, regions still to send at a postcopy switch go after it, as RAM's pages
+    /// do: they count as `can_postcopy`, the switch sends only each bitmap's START (if not
+    /// sent) and its COMPLETE, and the loop's background push sends the rest to the running
+    /// destination, which ORs them into its live bitmap, never over the marks its guest
+    /// made since it started. The destination's bitmap is then a superset of the source's
+    /// at the stop (a bit the source cleared after sending it stays until the next
+    /// backup), never missing a mark of either side. A precopy switchover still sends
+    /// everything before the start.
+    #[must_use]
+    pub fn defer_to_postcopy(mut self, on: bool) -> Self {
+        self.postcopy = on;
+        self
     }
 
     /// Wire bytes the last [`complete`](MigrationState::complete) (the stop) put on the
@@ -454,6 +474,7 @@ impl MigrationState for StreamDiskState {
         self.overhead = out.section_overhead();
         self.complete_bytes = Bytes(0);
         self.awaiting = false;
+        self.switched = false;
         if self.next_seq > 1 && !self.qemu_baseline {
             // Waiting before anything is sent: whatever the answer, nothing of this
             // attempt is lost to it.
@@ -525,6 +546,7 @@ impl MigrationState for StreamDiskState {
                 ..Pending::default()
             };
         }
+        let mut late = Bytes(0);
         for i in 0..self.bitmaps.len() {
             let Some(b) = self.bitmaps.get_mut(i) else {
                 continue;
@@ -534,17 +556,30 @@ impl MigrationState for StreamDiskState {
             }
             let left = b.queued() + b.seen;
             if let Some(b) = self.bitmaps.get(i) {
-                total += if exact {
-                    self.wire(b, left)
-                } else if left == 0 {
-                    Bytes(0)
+                // Only regions, so that it reaches 0 once they are all sent.
+                let estimate = Bytes(left.saturating_mul(Self::region_wire(b)));
+                if self.switched {
+                    // Pushed to the running destination.
+                    late += estimate;
+                } else if self.postcopy {
+                    // START and COMPLETE go at the switch; the regions may follow it.
+                    if exact {
+                        let fixed = self.wire(b, 0);
+                        total += fixed;
+                        late += self.wire(b, left) - fixed;
+                    } else {
+                        late += estimate;
+                    }
+                } else if exact {
+                    total += self.wire(b, left);
                 } else {
-                    Bytes(left.saturating_mul(Self::region_wire(b)))
-                };
+                    total += estimate;
+                }
             }
         }
         Pending {
             must_precopy: total,
+            can_postcopy: late,
             ..Pending::default()
         }
     }
@@ -580,6 +615,31 @@ impl MigrationState for StreamDiskState {
             let seq = self.seq();
             sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq))?;
         }
+        self.complete_bytes = sent;
+        Ok(sent)
+    }
+
+    /// With [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy): each bitmap's START
+    /// if not sent, and its COMPLETE; the regions follow in the background push. Without:
+    /// everything now ([`complete`](MigrationState::complete)).
+    fn postcopy_start(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        if !self.postcopy || self.qemu_baseline {
+            return self.complete(out);
+        }
+        if self.awaiting {
+            self.resend_all();
+        }
+        let mut sent = Bytes(0);
+        for i in 0..self.bitmaps.len() {
+            if let Some(b) = self.bitmaps.get(i) {
+                b.bitmap.wait_for_marks();
+            }
+            // A zero budget sends the START, if needed, and no region.
+            sent += self.send(out, i, Some(Bytes(0)))?;
+            let seq = self.seq();
+            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq))?;
+        }
+        self.switched = true;
         self.complete_bytes = sent;
         Ok(sent)
     }
@@ -679,6 +739,13 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         self.store.take()
     }
 
+    /// The active store while the guest runs here and before [`take_store`](Self::take_store):
+    /// the destination guest marks its writes on its bitmaps (postcopy regions that arrive
+    /// later are ORed into them).
+    pub fn store(&self) -> Option<&BitmapStore<S>> {
+        self.store.as_ref()
+    }
+
     /// The last section number the current attempt holds (0: none).
     pub fn applied(&self) -> u64 {
         self.current.applied
@@ -753,7 +820,8 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let Some(inc) = self.current.incoming.get_mut(&index) else {
             return Err(bad(format!("regions of bitmap {index} before its START")));
         };
-        if inc.complete {
+        // After COMPLETE only once the guest runs here (a postcopy push, ORed below).
+        if inc.complete && !self.started {
             return Err(bad(format!("regions of bitmap {index} after its COMPLETE")));
         }
         // Check every entry first, so a bad section changes nothing.
@@ -771,8 +839,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             .and_then(|st| st.bitmap(inc.start.name.as_bytes()).ok());
         for &(r, bytes) in regions {
             match &running {
-                // After the start: OR into the running bitmap, never over its marks.
-                Some(live) => or_region(live, r, bytes)?,
+                // After the start: OR into the running bitmap, never over its marks. The
+                // region is numbered in the source's geometry (the START's region size,
+                // which `inc.bitmap` has), not in the store's.
+                Some(live) => or_region(live, inc.bitmap.region_disk_range(r).0, bytes),
                 None => inc.bitmap.load_region(r, bytes)?,
             }
         }
@@ -784,9 +854,9 @@ fn bad(reason: String) -> MigrationError {
     super::frame::FrameError::payload("bitmap", reason).into()
 }
 
-/// Marks in `live` every bit set in `bytes`, region `r` of a bitmap of `live`'s geometry.
-fn or_region(live: &DirtyBitmap, r: u64, bytes: &[u8]) -> Result<()> {
-    let (start, _) = live.region_disk_range(r);
+/// Marks in `live` every bit set in `bytes`: serialized bitmap (qcow2's layout, bit `k` of
+/// byte `i` is granule `8i + k`) of `live`'s granularity, starting at disk offset `start`.
+fn or_region(live: &DirtyBitmap, start: u64, bytes: &[u8]) {
     let g = live.granularity();
     for (i, &byte) in bytes.iter().enumerate() {
         for bit in 0..8u64 {
@@ -798,7 +868,6 @@ fn or_region(live: &DirtyBitmap, r: u64, bytes: &[u8]) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
