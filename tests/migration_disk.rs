@@ -1584,7 +1584,7 @@ impl DestState for GuestAfterStart {
 /// marks: no destination mark lost to a late region, no source mark missing.
 #[test]
 fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_regions() {
-    let seed = 0x5EED_0B;
+    let seed = 0x005E_ED0B;
     println!("seed {seed:#x}");
     let pages = 64;
     let ram = Arc::new(GuestRam::new(pages).unwrap());

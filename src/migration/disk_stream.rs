@@ -30,7 +30,8 @@
 //! own image, stores every bitmap into it and activates it. A failed attempt's bitmaps are
 //! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
 //! issues nonces), and resumed only by a QUERY in an attempt of the same migration.
-//! Regions that arrive after the start (postcopy) are ORed into the running bitmap, so
+//! Regions that arrive after the start (postcopy, with
+//! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running bitmap, so
 //! the destination guest's marks are never overwritten.
 
 use std::collections::BTreeMap;
