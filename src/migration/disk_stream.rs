@@ -981,3 +981,204 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.resumed = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const DISK: u64 = 1 << 30;
+
+    fn dest() -> StreamDiskDest<MemStorage> {
+        StreamDiskDest::new("s", || BitmapStore::create(MemStorage::new(), DISK, 65536))
+    }
+
+    fn start_of(index: u16, seq: u64) -> Vec<u8> {
+        bitmap_codec::encode_start(
+            &Start {
+                index,
+                name: format!("b{index}"),
+                granularity_bits: 16,
+                enabled: true,
+                disk_size: DISK,
+                region_size: 512,
+            },
+            seq,
+        )
+    }
+
+    /// Region `r` of bitmap `index`, every bit set, as section `seq`.
+    fn full_region(index: u16, r: u64, seq: u64) -> Vec<u8> {
+        let mut s = bitmap_codec::begin_regions(index, seq);
+        bitmap_codec::push_region(&mut s, r, &[0xFF; 512]);
+        bitmap_codec::finish_regions(&mut s, 1);
+        s
+    }
+
+    fn report(d: &mut StreamDiskDest<MemStorage>) -> u64 {
+        let answer = d.section(&bitmap_codec::encode_query()).unwrap().unwrap();
+        bitmap_codec::decode_report(&answer).unwrap()
+    }
+
+    const M1: Binding = Binding {
+        migration_id: 1,
+        token: 7,
+    };
+
+    #[test]
+    fn kept_bitmaps_serve_only_a_query_of_the_same_migration() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 0);
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 2, 2)).unwrap();
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        // Another migration (another token): nothing reported, the kept bitmaps stay.
+        d.hello(3, Binding { token: 8, ..M1 }).unwrap();
+        assert_eq!(report(&mut d), 0);
+        assert!(!d.resumed());
+        assert_eq!(d.kept_applied(), Some(2));
+        // It applies nothing and fails: what was kept is not replaced by nothing.
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        // An attempt of the same migration that sends no QUERY starts empty.
+        d.hello(3, M1).unwrap();
+        assert!(
+            d.section(&full_region(0, 2, 3)).is_err(),
+            "no START in this attempt"
+        );
+        // The same migration's QUERY resumes them.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 2);
+        assert!(d.resumed());
+        assert_eq!(d.kept_applied(), None);
+    }
+
+    #[test]
+    fn numbers_must_rise_and_a_query_comes_first() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 5)).unwrap();
+        assert!(d.section(&bitmap_codec::encode_query()).is_err());
+        assert!(
+            d.section(&full_region(0, 1, 5)).is_err(),
+            "a repeated number"
+        );
+        assert!(d.section(&full_region(0, 1, 4)).is_err(), "a lower number");
+        d.section(&full_region(0, 1, 9)).unwrap();
+        assert_eq!(d.applied(), 9);
+        // After a resume, numbers continue above what was kept.
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 9);
+        assert!(d.section(&full_region(0, 1, 9)).is_err());
+        d.section(&full_region(0, 1, 12)).unwrap();
+    }
+
+    #[test]
+    fn a_start_replaces_a_resumed_bitmap_but_not_one_of_its_own_attempt() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 3, 2)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3)).unwrap();
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        // COMPLETE is per attempt: not complete until this attempt's.
+        assert!(d.before_start().is_err());
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        // The source resends it whole: the old copy's region 3 is gone.
+        d.section(&start_of(0, 4)).unwrap();
+        assert!(
+            d.section(&start_of(0, 5)).is_err(),
+            "started twice in one attempt"
+        );
+        let held = &d.current.incoming[&0].bitmap;
+        assert_eq!(held.count(), 0);
+        d.section(&bitmap_codec::encode_complete(0, 6)).unwrap();
+        d.before_start().unwrap();
+        let st = d.take_store().unwrap();
+        assert_eq!(st.bitmap("b0").unwrap().count(), 0);
+    }
+
+    /// The source's side, against a destination that reports: only what the report does
+    /// not cover goes again; a report of 0 sends everything; one of sections never sent
+    /// is refused and changes nothing.
+    #[test]
+    fn the_source_requeues_only_what_the_report_does_not_cover() {
+        struct Wire(Vec<Vec<u8>>);
+        impl Outbound for Wire {
+            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+                self.0.push(payload.to_vec());
+                Ok(Bytes(payload.len() as u64))
+            }
+            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
+                Ok(Bytes(0))
+            }
+            fn bytes_sent(&self) -> Bytes {
+                Bytes(0)
+            }
+        }
+        let b = Arc::new(DirtyBitmap::with_region_size(DISK, 65536, 512).unwrap());
+        let regions = b.region_count();
+        assert_eq!(regions, 4);
+        let mut s = StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))]).unwrap();
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        assert!(!s.awaits_report());
+        // START (1) and one REGIONS section (2) with the 4 regions.
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        assert_eq!((s.last_seq(), s.regions_sent()), (2, 4));
+        s.channel_failed();
+        s.cancel();
+        let retry = |s: &mut StreamDiskState, report: u64| -> Result<u64> {
+            let mut w = Wire(Vec::new());
+            s.setup(&mut w)?;
+            assert!(s.awaits_report());
+            assert_eq!(w.0, vec![bitmap_codec::encode_query()]);
+            s.report(&bitmap_codec::encode_report(report))?;
+            let before = s.regions_sent();
+            s.iterate(&mut w, Bytes(u64::MAX))?;
+            let n = s.regions_sent() - before;
+            s.cancel();
+            Ok(n)
+        };
+        // Sections never sent: refused, nothing resolved (still waiting).
+        assert!(matches!(
+            retry(&mut s, 3),
+            Err(MigrationError::Protocol(ProtocolError::ReportBeyondSent {
+                reported: 3,
+                sent: 2,
+                ..
+            }))
+        ));
+        s.cancel();
+        // Everything held: nothing again.
+        assert_eq!(retry(&mut s, 2).unwrap(), 0);
+        // A change since: that region only.
+        b.mark_dirty(0, 1);
+        assert_eq!(retry(&mut s, 2).unwrap(), 1);
+        // The START held, the regions' section lost: the regions again.
+        // (Sections so far: 1 START, 2 REGIONS ×4, 3 REGIONS ×1.)
+        assert_eq!(retry(&mut s, 1).unwrap(), 4);
+        // Nothing held: START and every region.
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.report(&bitmap_codec::encode_report(0)).unwrap();
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        // The QUERY, the START, the 4 regions.
+        assert_eq!(w.0.len(), 3);
+        assert!(matches!(
+            bitmap_codec::decode(&w.0[1]).unwrap().body,
+            BitmapSection::Start(_)
+        ));
+        assert!(matches!(
+            bitmap_codec::decode(&w.0[2]).unwrap().body,
+            BitmapSection::Regions { ref regions, .. } if regions.len() == 4
+        ));
+    }
+}
