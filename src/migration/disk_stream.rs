@@ -714,8 +714,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 impl<S: Storage + 'static> StreamDiskDest<S> {
     /// The state named `name` (as the source's [`StreamDiskState`]), opening its own image
     /// with `open` (writable) when it takes over. It holds at most [`DEFAULT_MAX_BYTES`] of
-    /// bitmaps in memory; a START that would exceed it is refused before anything is
-    /// allocated.
+    /// bitmaps in memory, those a failed attempt left included; a START that would exceed
+    /// it is refused before anything is allocated.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<BitmapStore<S>> + Send + 'static,
@@ -738,6 +738,13 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     /// The active store, once the destination started; it is the caller's from here on.
     pub fn take_store(&mut self) -> Option<BitmapStore<S>> {
         self.store.take()
+    }
+
+    /// This destination, holding at most `max_bytes` of bitmaps in memory.
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// The active store while the guest runs here and before [`take_store`](Self::take_store):
@@ -787,14 +794,21 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         if !self.started_now.insert(s.index) {
             return Err(bad(format!("bitmap {} started twice", s.index)));
         }
-        // A START for a kept bitmap replaces it: the source resends it whole.
-        self.current.incoming.remove(&s.index);
+        // A START for a resumed bitmap replaces it (the source resends it whole), but only
+        // once every check passed: a failed section leaves what is held as it was, so
+        // that the count of sections held stays true.
         let granularity = 1u64 << s.granularity_bits;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
+        // What a failed attempt left counts too: it stays until this migration resumes
+        // it or another attempt holding something of its own fails or succeeds.
+        let kept = self.kept.iter().flat_map(|(_, h)| h.incoming.values());
         let held: u64 = self
             .current
             .incoming
-            .values()
+            .iter()
+            .filter(|&(&i, _)| i != s.index)
+            .map(|(_, inc)| inc)
+            .chain(kept)
             .map(|i| i.bitmap.serialized_len())
             .sum();
         if held.saturating_add(bytes) > self.max_bytes {
@@ -1053,6 +1067,41 @@ mod tests {
         assert_eq!(report(&mut d), 2);
         assert!(d.resumed());
         assert_eq!(d.kept_applied(), None);
+    }
+
+    #[test]
+    fn kept_bitmaps_count_in_the_memory_bound() {
+        // Room for one bitmap of 1 GiB at 64 KiB (2 KiB).
+        let mut d = dest().with_max_bytes(2048);
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.failed();
+        // Another migration: its bitmap would make two.
+        d.hello(3, Binding { token: 8, ..M1 }).unwrap();
+        let e = d.section(&start_of(0, 1)).unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
+        // The same migration resumes and replaces it within the bound.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 1);
+        d.section(&start_of(0, 2)).unwrap();
+        d.section(&full_region(0, 1, 3)).unwrap();
+        d.failed();
+        // A START refused for the bound leaves the resumed bitmap as it was: what the
+        // report counts is still held.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        let mut big = start_of(0, 4);
+        big[bitmap_codec::HEADER_LEN + 2..bitmap_codec::HEADER_LEN + 10]
+            .copy_from_slice(&(DISK * 2).to_be_bytes());
+        assert!(d.section(&big).is_err());
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        assert_eq!(
+            d.current.incoming.get(&0).map(|i| i.bitmap.count()),
+            Some(512 * 8),
+            "the bitmap the report counts is held, with its region"
+        );
     }
 
     #[test]
