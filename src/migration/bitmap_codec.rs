@@ -8,16 +8,18 @@
 //!
 //! | kind (1) | bitmap index (2) | sequence (8) | body |
 //! |---|---|---|---|
-//! | 1 START | index | seq | granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
+//! | 1 START | index | seq | stream id (8), granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
 //! | 2 REGIONS | index | seq | count (4), then per region: region number (8), length (4), bytes |
 //! | 3 COMPLETE | index | seq | nothing |
-//! | 4 QUERY | 0 | 0 | nothing |
+//! | 4 QUERY | 0 | 0 | stream id (8) |
 //!
 //! A REGIONS entry *replaces* the destination's copy of the region (a `clear` on the
 //! source removes bits, so an OR would keep them). The sequence number counts the state's
 //! sections (1, 2, ... across every attempt of a migration, never reused): the destination
 //! applies sections whole and in order, so "every section up to `n`" names exactly what it
-//! holds. QUERY asks the destination for that `n` (its Report: [`encode_report`]).
+//! holds. The stream id is random per source state: numbers mean something only between
+//! the source that chose them and what the destination kept of that source's sections.
+//! QUERY asks the destination for that `n` (its Report: [`encode_report`]).
 
 use super::error::Result;
 use super::frame::{be_u16, be_u32, be_u64, be_u8, field, FrameError};
@@ -35,7 +37,9 @@ pub const HEADER_LEN: usize = 11;
 /// Bytes of a Report payload: the last sequence number applied.
 pub const REPORT_LEN: usize = 8;
 /// Bytes of a START body before the name.
-pub const START_LEN: usize = 16;
+pub const START_LEN: usize = 24;
+/// Bytes of a QUERY body: the stream id.
+pub const QUERY_LEN: usize = 8;
 /// Bytes of a REGIONS body before the first entry: the count.
 pub const REGIONS_HEADER_LEN: usize = 4;
 /// Bytes of a region entry before its bytes: region number (8), length (4).
@@ -50,6 +54,9 @@ pub const FLAG_ENABLED: u8 = 0x01;
 pub struct Start {
     /// Its index among the state's bitmaps.
     pub index: u16,
+    /// The source stream's id (random per source state, never 0): what the destination
+    /// keeps of this bitmap is resumed only by a QUERY of the same stream.
+    pub stream: u64,
     /// Its name (1..=1023 bytes).
     pub name: String,
     /// log2 of its granularity.
@@ -89,7 +96,10 @@ pub enum BitmapSection<'a> {
         index: u16,
     },
     /// The source asks what the destination kept of this migration's earlier attempts.
-    Query,
+    Query {
+        /// The source stream's id (as its STARTs carry).
+        stream: u64,
+    },
 }
 
 fn bad(reason: impl Into<String>) -> FrameError {
@@ -114,6 +124,7 @@ pub fn encode_start(s: &Start, seq: u64) -> Vec<u8> {
     let name = s.name.as_bytes();
     let name = name.get(..name.len().min(MAX_NAME_LEN)).unwrap_or_default();
     let mut out = header(KIND_START, s.index, seq, START_LEN.saturating_add(name.len()));
+    out.extend_from_slice(&s.stream.to_be_bytes());
     out.push(s.granularity_bits);
     out.push(if s.enabled { FLAG_ENABLED } else { 0 });
     out.extend_from_slice(&s.disk_size.to_be_bytes());
@@ -150,9 +161,11 @@ pub fn encode_complete(index: u16, seq: u64) -> Vec<u8> {
     header(KIND_COMPLETE, index, seq, 0)
 }
 
-/// Encodes a QUERY section.
-pub fn encode_query() -> Vec<u8> {
-    header(KIND_QUERY, 0, 0, 0)
+/// Encodes a QUERY section of stream `stream`.
+pub fn encode_query(stream: u64) -> Vec<u8> {
+    let mut out = header(KIND_QUERY, 0, 0, QUERY_LEN);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out
 }
 
 /// Encodes the destination's Report: every section of the state up to number `applied`
@@ -178,19 +191,22 @@ pub fn decode_report(payload: &[u8]) -> Result<u64> {
 /// [`FrameError::BadPayload`] for a truncated or over-long payload, an unknown kind, an
 /// empty, over-long or non-UTF-8 name, a granularity outside 9..=31, a zero region size,
 /// a region entry whose length runs past the payload, a sequence number of 0 on a START,
-/// REGIONS or COMPLETE, or a QUERY with an index or sequence number.
+/// REGIONS or COMPLETE, a QUERY with an index or sequence number, or a stream id of 0.
 pub fn decode(payload: &[u8]) -> Result<Section<'_>> {
     let kind = be_u8(payload, 0).ok_or_else(|| bad("empty payload"))?;
     let index = be_u16(payload, 1).ok_or_else(|| bad("truncated header"))?;
     let seq = be_u64(payload, 3).ok_or_else(|| bad("truncated header"))?;
     let body = payload.get(HEADER_LEN..).unwrap_or_default();
     if kind == KIND_QUERY {
-        if index != 0 || seq != 0 || !body.is_empty() {
-            return Err(bad("a QUERY has no index, sequence number or body").into());
+        let stream = be_u64(body, 0)
+            .filter(|&s| s != 0 && body.len() == QUERY_LEN)
+            .ok_or_else(|| bad("a QUERY body is a stream id (8 bytes, not 0)"))?;
+        if index != 0 || seq != 0 {
+            return Err(bad("a QUERY has no index or sequence number").into());
         }
         return Ok(Section {
             seq,
-            body: BitmapSection::Query,
+            body: BitmapSection::Query { stream },
         });
     }
     if seq == 0 {
@@ -208,11 +224,15 @@ pub fn decode(payload: &[u8]) -> Result<Section<'_>> {
 
 fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
     let short = || bad("truncated START");
-    let granularity_bits = be_u8(body, 0).ok_or_else(short)?;
-    let flags = be_u8(body, 1).ok_or_else(short)?;
-    let disk_size = be_u64(body, 2).ok_or_else(short)?;
-    let region_size = be_u32(body, 10).ok_or_else(short)?;
-    let name_len = usize::from(be_u16(body, 14).ok_or_else(short)?);
+    let stream = be_u64(body, 0).ok_or_else(short)?;
+    let granularity_bits = be_u8(body, 8).ok_or_else(short)?;
+    let flags = be_u8(body, 9).ok_or_else(short)?;
+    let disk_size = be_u64(body, 10).ok_or_else(short)?;
+    let region_size = be_u32(body, 18).ok_or_else(short)?;
+    let name_len = usize::from(be_u16(body, 22).ok_or_else(short)?);
+    if stream == 0 {
+        return Err(bad("stream id 0").into());
+    }
     if !(9..=31).contains(&granularity_bits) {
         return Err(bad(format!("granularity bits {granularity_bits} not in 9..=31")).into());
     }
@@ -234,6 +254,7 @@ fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
         .to_owned();
     Ok(Start {
         index,
+        stream,
         name,
         granularity_bits,
         enabled: flags & FLAG_ENABLED != 0,
@@ -275,6 +296,7 @@ mod tests {
     fn start() -> Start {
         Start {
             index: 3,
+            stream: 0xABCD,
             name: "backup-1".into(),
             granularity_bits: 16,
             enabled: true,
@@ -315,10 +337,10 @@ mod tests {
             }
         );
         assert_eq!(
-            decode(&encode_query()).unwrap(),
+            decode(&encode_query(u64::MAX)).unwrap(),
             Section {
                 seq: 0,
-                body: BitmapSection::Query
+                body: BitmapSection::Query { stream: u64::MAX }
             }
         );
         for n in [0, 1, 1 << 40, u64::MAX] {
@@ -349,23 +371,29 @@ mod tests {
         // Unknown kind, granularity out of range, reserved flags.
         assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
         let mut g = good.clone();
-        g[HEADER_LEN] = 8;
+        g[HEADER_LEN + 8] = 8;
         assert!(decode(&g).is_err());
-        let mut f = good;
-        f[HEADER_LEN + 1] = 2;
+        let mut f = good.clone();
+        f[HEADER_LEN + 9] = 2;
         assert!(decode(&f).is_err());
+        let mut z = good;
+        z[HEADER_LEN..HEADER_LEN + 8].fill(0);
+        assert!(decode(&z).is_err(), "stream id 0");
         // Sequence number 0 outside a QUERY; a QUERY with an index, a number or a body.
         assert!(decode(&encode_complete(0, 0)).is_err());
         assert!(decode(&begin_regions(0, 0)).is_err());
-        let mut q = encode_query();
+        let mut q = encode_query(1);
         q[2] = 1;
         assert!(decode(&q).is_err());
-        let mut q = encode_query();
+        let mut q = encode_query(1);
         q[10] = 1;
         assert!(decode(&q).is_err());
-        let mut q = encode_query();
+        let mut q = encode_query(1);
         q.push(0);
         assert!(decode(&q).is_err());
+        assert!(decode(&encode_query(0)).is_err());
+        let q = encode_query(1);
+        assert!(decode(&q[..q.len() - 1]).is_err());
         // A Report of any length but 8.
         for n in [0, 7, 9] {
             assert!(decode_report(&vec![0; n]).is_err(), "{n}");

@@ -52,6 +52,16 @@ use std::collections::BTreeSet;
 /// Regions per REGIONS section.
 pub const REGIONS_PER_SECTION: u64 = 64;
 
+/// A fresh stream id: random, never 0.
+fn new_stream_id() -> u64 {
+    loop {
+        let id = crate::rng::unique_u64();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// One bitmap the source streams.
 #[derive(Debug)]
 struct Streamed {
@@ -131,6 +141,9 @@ pub struct StreamDiskState {
     overhead: Bytes,
     regions_sent: u64,
     sections_sent: u64,
+    /// This source stream's id (random, never 0), in its STARTs and QUERYs: the
+    /// destination resumes only what this stream sent, whose numbers it knows.
+    stream_id: u64,
     /// The next section's sequence number (the first is 1; never reused).
     next_seq: u64,
     /// The destination's last accepted report (0: none, or it held nothing).
@@ -195,6 +208,7 @@ impl StreamDiskState {
             overhead: Bytes(0),
             regions_sent: 0,
             sections_sent: 0,
+            stream_id: new_stream_id(),
             next_seq: 1,
             confirmed: 0,
             awaiting: false,
@@ -338,9 +352,10 @@ impl StreamDiskState {
         Bytes(body.saturating_add(start).saturating_add(section))
     }
 
-    fn start_of(i: usize, b: &Streamed) -> Start {
+    fn start_of(i: usize, b: &Streamed, stream: u64) -> Start {
         Start {
             index: i as u16,
+            stream,
             name: b.name.clone(),
             granularity_bits: b.bitmap.granularity().trailing_zeros() as u8,
             enabled: b.bitmap.is_enabled(),
@@ -373,7 +388,8 @@ impl StreamDiskState {
                 return Ok(sent);
             };
             b.start_seq = Some(seq);
-            sent += out.send(id, &bitmap_codec::encode_start(&Self::start_of(i, b), seq))?;
+            let start = Self::start_of(i, b, self.stream_id);
+            sent += out.send(id, &bitmap_codec::encode_start(&start, seq))?;
         }
         let mut buf = Vec::new();
         loop {
@@ -480,7 +496,7 @@ impl MigrationState for StreamDiskState {
             // Waiting before anything is sent: whatever the answer, nothing of this
             // attempt is lost to it.
             self.awaiting = true;
-            return out.send(self.id, &bitmap_codec::encode_query());
+            return out.send(self.id, &bitmap_codec::encode_query(self.stream_id));
         }
         Ok(Bytes(0))
     }
@@ -673,6 +689,8 @@ struct Incoming {
 struct Held {
     incoming: BTreeMap<u16, Incoming>,
     applied: u64,
+    /// The source stream whose sections these are (its QUERY or first START says).
+    stream: Option<u64>,
 }
 
 /// The destination's side of a [`StreamDiskState`]: see the [module documentation](self).
@@ -772,12 +790,15 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     /// The source asks what this destination holds of its migration: the kept bitmaps if
     /// they belong to the same migration (they become this attempt's), else nothing. The
     /// answer is the last section number held.
-    fn query(&mut self) -> Result<Vec<u8>> {
+    fn query(&mut self, stream: u64) -> Result<Vec<u8>> {
         if self.sections != 0 {
             return Err(bad("a QUERY after other sections of the attempt".into()));
         }
+        self.current.stream = Some(stream);
         match self.kept.take() {
-            Some((b, mut held)) if b == self.binding => {
+            // The same migration, and the same source stream: its numbers are the ones
+            // this destination counted.
+            Some((b, mut held)) if b == self.binding && held.stream == Some(stream) => {
                 // COMPLETE is per attempt: the stop sends it again.
                 for inc in held.incoming.values_mut() {
                     inc.complete = false;
@@ -791,6 +812,14 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 
     fn start(&mut self, s: Start) -> Result<()> {
+        if self.current.stream.is_some_and(|id| id != s.stream) {
+            return Err(bad(format!(
+                "bitmap {} of stream {:#x} in an attempt of stream {:#x}",
+                s.index,
+                s.stream,
+                self.current.stream.unwrap_or(0)
+            )));
+        }
         if !self.started_now.insert(s.index) {
             return Err(bad(format!("bitmap {} started twice", s.index)));
         }
@@ -820,6 +849,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let bitmap =
             DirtyBitmap::with_region_size(s.disk_size, granularity, u64::from(s.region_size))?;
         bitmap.set_enabled(s.enabled);
+        self.current.stream = Some(s.stream);
         self.current.incoming.insert(
             s.index,
             Incoming {
@@ -908,8 +938,8 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// the attempt and above what it resumed: the count of what is held stays exact.
     fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
         let sec = bitmap_codec::decode(payload)?;
-        if sec.body == BitmapSection::Query {
-            let answer = self.query()?;
+        if let BitmapSection::Query { stream } = sec.body {
+            let answer = self.query(stream)?;
             self.sections += 1;
             return Ok(Some(answer));
         }
@@ -926,7 +956,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                 Some(i) => i.complete = true,
                 None => return Err(bad(format!("COMPLETE of bitmap {index} before its START"))),
             },
-            BitmapSection::Query => {}
+            BitmapSection::Query { .. } => {}
         }
         self.current.applied = sec.seq;
         self.sections += 1;
@@ -1011,6 +1041,7 @@ mod tests {
         bitmap_codec::encode_start(
             &Start {
                 index,
+                stream: S1,
                 name: format!("b{index}"),
                 granularity_bits: 16,
                 enabled: true,
@@ -1029,8 +1060,11 @@ mod tests {
         s
     }
 
+    /// The source stream of these tests.
+    const S1: u64 = 0x51;
+
     fn report(d: &mut StreamDiskDest<MemStorage>) -> u64 {
-        let answer = d.section(&bitmap_codec::encode_query()).unwrap().unwrap();
+        let answer = d.section(&bitmap_codec::encode_query(S1)).unwrap().unwrap();
         bitmap_codec::decode_report(&answer).unwrap()
     }
 
@@ -1067,6 +1101,33 @@ mod tests {
         assert_eq!(report(&mut d), 2);
         assert!(d.resumed());
         assert_eq!(d.kept_applied(), None);
+    }
+
+    /// Numbers mean something only to the stream that chose them: a new source of the
+    /// same migration (a new `StreamDiskState`, whose numbers start again at 1) never
+    /// resumes what another stream left, even when it sent as many sections.
+    #[test]
+    fn kept_bitmaps_serve_only_the_stream_that_sent_them() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 2, 2)).unwrap();
+        d.failed();
+        // Another stream of the same migration asks: nothing for it, the kept data stays.
+        d.hello(3, M1).unwrap();
+        let other = d
+            .section(&bitmap_codec::encode_query(S1 + 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bitmap_codec::decode_report(&other).unwrap(), 0);
+        assert!(!d.resumed());
+        // A START of a stream other than the attempt's is refused.
+        assert!(d.section(&start_of(0, 1)).is_err());
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 2);
+        assert!(d.resumed());
     }
 
     #[test]
@@ -1109,7 +1170,7 @@ mod tests {
         let mut d = dest();
         d.hello(3, M1).unwrap();
         d.section(&start_of(0, 5)).unwrap();
-        assert!(d.section(&bitmap_codec::encode_query()).is_err());
+        assert!(d.section(&bitmap_codec::encode_query(S1)).is_err());
         assert!(
             d.section(&full_region(0, 1, 5)).is_err(),
             "a repeated number"
@@ -1188,7 +1249,7 @@ mod tests {
             let mut w = Wire(Vec::new());
             s.setup(&mut w)?;
             assert!(s.awaits_report());
-            assert_eq!(w.0, vec![bitmap_codec::encode_query()]);
+            assert_eq!(w.0, vec![bitmap_codec::encode_query(s.stream_id)]);
             s.report(&bitmap_codec::encode_report(report))?;
             let before = s.regions_sent();
             s.iterate(&mut w, Bytes(u64::MAX))?;
