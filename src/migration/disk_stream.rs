@@ -29,10 +29,11 @@
 //! regions arrive; after End (or the postcopy Switchover) and before Started it opens its
 //! own image, stores every bitmap into it and activates it. A failed attempt's bitmaps are
 //! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
-//! issues nonces), and resumed only by a QUERY in an attempt of the same migration.
-//! Regions that arrive after the start (postcopy, with
-//! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running bitmap, so
-//! the destination guest's marks are never overwritten.
+//! issues nonces) and to the source stream that sent them (a random id in its STARTs and
+//! QUERYs: a new source numbers from 1 again), and resumed only by a QUERY of that stream
+//! in an attempt of the same migration. Regions that arrive after the start (postcopy, with
+//! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running
+//! bitmap, so the destination guest's marks are never overwritten.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
