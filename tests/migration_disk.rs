@@ -1523,6 +1523,9 @@ struct GuestAfterStart {
     disk: u64,
     started: bool,
     log: Arc<Mutex<Vec<AfterStart>>>,
+    /// Fail on this many-th section after the start (the push breaks off).
+    fail_late: Option<usize>,
+    late_sections: usize,
 }
 
 impl GuestAfterStart {
@@ -1557,6 +1560,10 @@ impl DestState for GuestAfterStart {
     }
     fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
         if self.started {
+            self.late_sections += 1;
+            if self.fail_late == Some(self.late_sections) {
+                return Err(MigrationError::InvalidInput("the push breaks off".into()));
+            }
             self.mark(3);
             if let bitmap_codec::BitmapSection::Regions { regions, .. } =
                 bitmap_codec::decode(payload)?.body
@@ -1576,16 +1583,26 @@ impl DestState for GuestAfterStart {
     fn failed(&mut self) {
         self.inner.lock().unwrap().failed();
     }
+    fn failed_after_start(&mut self) {
+        self.inner.lock().unwrap().failed_after_start();
+    }
 }
 
-/// Postcopy with the stream's regions deferred past the switch: the destination's guest
-/// marks granules after Started, the source's late regions arrive afterwards (ORed), and
-/// the destination's final bitmap is exactly the union of the source's and the guest's
-/// marks: no destination mark lost to a late region, no source mark missing.
-#[test]
-fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_regions() {
-    let seed = 0x005E_ED0B;
-    println!("seed {seed:#x}");
+/// A postcopy migration with the stream's regions deferred past the switch, the
+/// destination's guest marking after Started (failing the push on its `fail_late`-th late
+/// section, if set): the loop's result, what the destination saw after the start, the
+/// destination, the source's bitmap and its logged marks.
+#[allow(clippy::type_complexity)]
+fn deferred_postcopy(
+    seed: u64,
+    fail_late: Option<usize>,
+) -> (
+    dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>,
+    Vec<AfterStart>,
+    Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    Arc<dirty_bitmap::DirtyBitmap>,
+    Vec<u64>,
+) {
     let pages = 64;
     let ram = Arc::new(GuestRam::new(pages).unwrap());
     let log = Arc::new(new_log(&ram).unwrap());
@@ -1631,6 +1648,8 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
             disk,
             started: false,
             log: Arc::clone(&after),
+            fail_late,
+            late_sections: 0,
         })) as SharedDestState);
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
     let cfg = LoopConfig {
@@ -1650,10 +1669,23 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
         },
         &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
         &mut AutoConverge::default(),
-    )
-    .unwrap();
-    assert_eq!(out.kind, Kind::Postcopy);
+    );
     let after = after.lock().unwrap().clone();
+    (out, after, dest, bitmap, source_marks)
+}
+
+/// Postcopy with the stream's regions deferred past the switch: the destination's guest
+/// marks granules after Started, the source's late regions arrive afterwards (ORed), and
+/// the destination's final bitmap is exactly the union of the source's and the guest's
+/// marks: no destination mark lost to a late region, no source mark missing.
+#[test]
+fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_regions() {
+    let seed = 0x005E_ED0B;
+    println!("seed {seed:#x}");
+    let (out, after, dest, bitmap, source_marks) = deferred_postcopy(seed, None);
+    assert_eq!(out.unwrap().kind, Kind::Postcopy);
+    let regions = bitmap.region_count();
+    let disk = bitmap.disk_size();
     let late: Vec<u64> = after
         .iter()
         .filter_map(|e| match e {
@@ -1717,6 +1749,28 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
         &extents(&expected),
         "destination against the union",
     );
+}
+
+/// The push after the start breaks off (the destination fails on a late section): the
+/// source reports `AfterStart` and stays stopped, and the destination, whose guest runs
+/// on, never holds a bitmap that reads clean where a mark may be missing: it is dirty
+/// everywhere.
+#[test]
+fn stream_mode_a_postcopy_push_that_breaks_off_leaves_the_destination_bitmap_all_dirty() {
+    let seed = 0x005E_ED0C;
+    println!("seed {seed:#x}");
+    let (out, after, dest, bitmap, source_marks) = deferred_postcopy(seed, Some(5));
+    let e = out.unwrap_err();
+    assert!(matches!(e, MigrationError::AfterStart(_)), "{e}");
+    assert!(after.iter().any(|e| matches!(e, AfterStart::Late(_))));
+    let held = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the guest runs there");
+    let at_dest = held.bitmap("b").unwrap();
+    assert!(source_marks.iter().all(|&m| at_dest.is_dirty(m)));
+    assert_eq!(at_dest.count(), bitmap.bit_count(), "every granule dirty");
 }
 
 /// A state that passes everything to a [`StreamDiskState`] and sums what its precopy

@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | 1 START | index | seq | stream id (8), granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
 //! | 2 REGIONS | index | seq | count (4), then per region: region number (8), length (4), bytes |
-//! | 3 COMPLETE | index | seq | nothing |
+//! | 3 COMPLETE | index | seq | flags (1: bit 0, regions may follow the start) |
 //! | 4 QUERY | 0 | 0 | stream id (8) |
 //!
 //! A REGIONS entry *replaces* the destination's copy of the region (a `clear` on the
@@ -48,6 +48,9 @@ pub const REGION_ENTRY_LEN: usize = 12;
 pub const MAX_NAME_LEN: usize = 1023;
 /// Flag bit of a START: the bitmap records writes (qcow2's `auto`).
 pub const FLAG_ENABLED: u8 = 0x01;
+/// Flag bit of a COMPLETE: regions of the bitmap may still follow, after the destination
+/// started (a postcopy push).
+pub const FLAG_MORE: u8 = 0x01;
 
 /// A bitmap's identity, sent before any of its regions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +93,13 @@ pub enum BitmapSection<'a> {
         /// The regions, in the order sent.
         regions: Vec<(u64, &'a [u8])>,
     },
-    /// Every region of bitmap `index` was sent.
+    /// Every region of bitmap `index` was sent, or with `more`, every region that must
+    /// precede the destination's start (the rest follows it).
     Complete {
         /// The bitmap.
         index: u16,
+        /// Regions may follow the start.
+        more: bool,
     },
     /// The source asks what the destination kept of this migration's earlier attempts.
     Query {
@@ -156,9 +162,11 @@ pub fn finish_regions(section: &mut [u8], n: u32) {
     }
 }
 
-/// Encodes a COMPLETE section, number `seq`.
-pub fn encode_complete(index: u16, seq: u64) -> Vec<u8> {
-    header(KIND_COMPLETE, index, seq, 0)
+/// Encodes a COMPLETE section, number `seq`; with `more`, regions may follow the start.
+pub fn encode_complete(index: u16, seq: u64, more: bool) -> Vec<u8> {
+    let mut out = header(KIND_COMPLETE, index, seq, 1);
+    out.push(if more { FLAG_MORE } else { 0 });
+    out
 }
 
 /// Encodes a QUERY section of stream `stream`.
@@ -215,8 +223,13 @@ pub fn decode(payload: &[u8]) -> Result<Section<'_>> {
     let body = match kind {
         KIND_START => decode_start(index, body).map(BitmapSection::Start)?,
         KIND_REGIONS => decode_regions(index, body)?,
-        KIND_COMPLETE if body.is_empty() => BitmapSection::Complete { index },
-        KIND_COMPLETE => return Err(bad(format!("{} bytes after COMPLETE", body.len())).into()),
+        KIND_COMPLETE => match body {
+            [flags] if flags & !FLAG_MORE == 0 => BitmapSection::Complete {
+                index,
+                more: flags & FLAG_MORE != 0,
+            },
+            _ => return Err(bad("a COMPLETE body is one flags byte, bit 0 at most").into()),
+        },
         k => return Err(bad(format!("unknown bitmap section kind {k}")).into()),
     };
     Ok(Section { seq, body })
@@ -329,13 +342,15 @@ mod tests {
                 }
             }
         );
-        assert_eq!(
-            decode(&encode_complete(3, u64::MAX)).unwrap(),
-            Section {
-                seq: u64::MAX,
-                body: BitmapSection::Complete { index: 3 }
-            }
-        );
+        for more in [false, true] {
+            assert_eq!(
+                decode(&encode_complete(3, u64::MAX, more)).unwrap(),
+                Section {
+                    seq: u64::MAX,
+                    body: BitmapSection::Complete { index: 3, more }
+                }
+            );
+        }
         assert_eq!(
             decode(&encode_query(u64::MAX)).unwrap(),
             Section {
@@ -380,7 +395,14 @@ mod tests {
         z[HEADER_LEN..HEADER_LEN + 8].fill(0);
         assert!(decode(&z).is_err(), "stream id 0");
         // Sequence number 0 outside a QUERY; a QUERY with an index, a number or a body.
-        assert!(decode(&encode_complete(0, 0)).is_err());
+        assert!(decode(&encode_complete(0, 0, false)).is_err());
+        let c = encode_complete(0, 1, false);
+        assert!(decode(&c[..c.len() - 1]).is_err(), "COMPLETE without flags");
+        let mut c = encode_complete(0, 1, true);
+        c[HEADER_LEN] = 2;
+        assert!(decode(&c).is_err(), "reserved COMPLETE flag");
+        c.push(0);
+        assert!(decode(&c).is_err());
         assert!(decode(&begin_regions(0, 0)).is_err());
         let mut q = encode_query(1);
         q[2] = 1;

@@ -539,10 +539,20 @@ impl DestCore {
     }
 
     /// Marks the core failed with `e` (an error of its channel, say). Unless the guest
-    /// started here, every declared [`DestState`](super::dest_state::DestState) hears of it ([`DestState::failed`](super::dest_state::DestState::failed)).
+    /// started here, every declared [`DestState`](super::dest_state::DestState) hears of it
+    /// ([`DestState::failed`](super::dest_state::DestState::failed)); if it runs here and the
+    /// stream had not ended (postcopy), each hears that the rest will not come
+    /// ([`DestState::failed_after_start`](super::dest_state::DestState::failed_after_start)).
     pub fn fail(&mut self, e: &MigrationError) {
         if self.phase != Phase::Failed && !self.ran {
             self.undo_states();
+        } else if self.phase == Phase::Postcopy {
+            // The guest runs here and the rest will not come.
+            for &i in self.declared.values() {
+                if let Some(s) = self.dest_states.get(i) {
+                    dest_state::lock(s).failed_after_start();
+                }
+            }
         }
         self.phase = Phase::Failed;
         self.failure = Some(e.to_string());

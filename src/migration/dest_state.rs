@@ -27,8 +27,9 @@ pub struct Binding {
 /// [`section`](Self::section) for each of its sections; then
 /// [`before_start`](Self::before_start), after the source's End (precopy) or postcopy
 /// Switchover and before the destination answers Started; or [`failed`](Self::failed) if
-/// the attempt ends otherwise (a refusal included), never after Started. A later attempt
-/// starts again with `hello`.
+/// the attempt ends otherwise (a refusal included), never after Started; after Started, a
+/// stream that fails before its End calls [`failed_after_start`](Self::failed_after_start).
+/// A later attempt starts again with `hello`.
 ///
 /// A shared-storage disk state ([`super::disk::SharedDiskDest`]) opens and activates its
 /// image in `before_start`, and puts it back as the source left it in `failed`.
@@ -76,6 +77,13 @@ pub trait DestState: Send + std::fmt::Debug {
     /// [`before_start`](Self::before_start) did, if it ran, so that the source can take
     /// its state back as it left it.
     fn failed(&mut self) {}
+
+    /// The stream failed after the guest started here (postcopy) and before its End: what
+    /// the source still had to push will not come. The guest runs on here (the source
+    /// stays stopped), so a state that expected more must make what it holds read as
+    /// needing everything, never as complete (a disk bitmap: every granule dirty). The
+    /// default does nothing: a state that has all it needs once the guest starts.
+    fn failed_after_start(&mut self) {}
 }
 
 /// A [`DestState`] shared between the destination and its owner (who reads what it

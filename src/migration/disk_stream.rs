@@ -631,7 +631,10 @@ impl MigrationState for StreamDiskState {
             }
             sent += self.send(out, i, None)?;
             let seq = self.seq();
-            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq))?;
+            sent += out.send(
+                self.id,
+                &bitmap_codec::encode_complete(i as u16, seq, false),
+            )?;
         }
         self.complete_bytes = sent;
         Ok(sent)
@@ -655,7 +658,7 @@ impl MigrationState for StreamDiskState {
             // A zero budget sends the START, if needed, and no region.
             sent += self.send(out, i, Some(Bytes(0)))?;
             let seq = self.seq();
-            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq))?;
+            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq, true))?;
         }
         self.switched = true;
         self.complete_bytes = sent;
@@ -681,6 +684,8 @@ struct Incoming {
     start: Start,
     bitmap: DirtyBitmap,
     complete: bool,
+    /// Its COMPLETE said regions may follow the start (a postcopy push).
+    more: bool,
 }
 
 /// The bitmaps of one migration as this destination holds them, and the last section
@@ -857,6 +862,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 start: s,
                 bitmap,
                 complete: false,
+                more: false,
             },
         );
         Ok(())
@@ -866,8 +872,9 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let Some(inc) = self.current.incoming.get_mut(&index) else {
             return Err(bad(format!("regions of bitmap {index} before its START")));
         };
-        // After COMPLETE only once the guest runs here (a postcopy push, ORed below).
-        if inc.complete && !self.started {
+        // After COMPLETE only once the guest runs here, and only if the COMPLETE said more
+        // may follow (a postcopy push, ORed below).
+        if inc.complete && !(self.started && inc.more) {
             return Err(bad(format!("regions of bitmap {index} after its COMPLETE")));
         }
         // Check every entry first, so a bad section changes nothing.
@@ -953,10 +960,17 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         match sec.body {
             BitmapSection::Start(s) => self.start(s)?,
             BitmapSection::Regions { index, regions } => self.regions(index, &regions)?,
-            BitmapSection::Complete { index } => match self.current.incoming.get_mut(&index) {
-                Some(i) => i.complete = true,
-                None => return Err(bad(format!("COMPLETE of bitmap {index} before its START"))),
-            },
+            BitmapSection::Complete { index, more } => {
+                match self.current.incoming.get_mut(&index) {
+                    Some(i) => {
+                        i.complete = true;
+                        i.more = more;
+                    }
+                    None => {
+                        return Err(bad(format!("COMPLETE of bitmap {index} before its START")))
+                    }
+                }
+            }
             BitmapSection::Query { .. } => {}
         }
         self.current.applied = sec.seq;
@@ -1010,6 +1024,20 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         // The guest runs here from now on: nothing of this migration is resumed again.
         self.kept = None;
         Ok(())
+    }
+
+    /// The push after the start broke off: a bitmap whose regions could still follow is
+    /// missing some, and the guest runs here on it, so every granule of it is marked dirty
+    /// (the next backup copies everything; a clean bit here could be a lost mark).
+    fn failed_after_start(&mut self) {
+        let Some(st) = self.store.as_ref() else {
+            return;
+        };
+        for inc in self.current.incoming.values().filter(|i| i.more) {
+            if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
+                live.mark_dirty(0, live.disk_size());
+            }
+        }
     }
 
     /// Undoes the activation, if any, and keeps what this attempt holds for the next
@@ -1193,7 +1221,8 @@ mod tests {
         d.hello(3, M1).unwrap();
         d.section(&start_of(0, 1)).unwrap();
         d.section(&full_region(0, 3, 2)).unwrap();
-        d.section(&bitmap_codec::encode_complete(0, 3)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3, false))
+            .unwrap();
         d.failed();
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 3);
@@ -1210,7 +1239,8 @@ mod tests {
         );
         let held = &d.current.incoming[&0].bitmap;
         assert_eq!(held.count(), 0);
-        d.section(&bitmap_codec::encode_complete(0, 6)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 6, false))
+            .unwrap();
         d.before_start().unwrap();
         let st = d.take_store().unwrap();
         assert_eq!(st.bitmap("b0").unwrap().count(), 0);

@@ -345,6 +345,10 @@ impl DestState for ListenDisk {
             }
         ));
     }
+
+    fn failed_after_start(&mut self) {
+        self.inner.failed_after_start();
+    }
 }
 
 fn listen(a: &ListenArgs) -> CmdResult {

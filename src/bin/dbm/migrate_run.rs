@@ -186,6 +186,9 @@ impl<D: DestState> DestState for TimedDest<D> {
     fn failed(&mut self) {
         self.inner().failed();
     }
+    fn failed_after_start(&mut self) {
+        self.inner().failed_after_start();
+    }
 }
 
 /// A fresh image for `d`: its bitmaps added and active.
