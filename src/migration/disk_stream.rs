@@ -153,6 +153,9 @@ pub struct StreamDiskState {
     awaiting: bool,
     /// An attempt failed and no report since says what the destination holds.
     unresolved: bool,
+    /// Regions due when the last report was taken (everything changed since its send, or
+    /// not held), over every bitmap.
+    due_after_report: Option<u64>,
     /// Wire bytes the last [`complete`](MigrationState::complete) put on the wire.
     complete_bytes: Bytes,
     /// QEMU's way, for benchmarks: nothing during precopy, every bitmap whole at the stop.
@@ -214,6 +217,7 @@ impl StreamDiskState {
             confirmed: 0,
             awaiting: false,
             unresolved: false,
+            due_after_report: None,
             complete_bytes: Bytes(0),
             qemu_baseline: false,
             postcopy: false,
@@ -471,6 +475,18 @@ impl StreamDiskState {
         }
     }
 
+    /// Regions of every bitmap due when the destination's last report was taken: those it
+    /// did not hold or that changed since their send (`None` before any report). Against
+    /// [`region_count`](Self::region_count), what a retry saved.
+    pub fn due_after_report(&self) -> Option<u64> {
+        self.due_after_report
+    }
+
+    /// Regions of every bitmap.
+    pub fn region_count(&self) -> u64 {
+        self.bitmaps.iter().map(|b| b.bitmap.region_count()).sum()
+    }
+
     /// Sections numbered so far (the last sequence number used).
     pub fn last_seq(&self) -> u64 {
         self.next_seq.saturating_sub(1)
@@ -534,13 +550,19 @@ impl MigrationState for StreamDiskState {
         self.awaiting = false;
         if n == 0 || n < self.confirmed {
             self.resend_all();
-            return Ok(());
+        } else {
+            for b in &mut self.bitmaps {
+                b.resolve(n);
+            }
+            self.confirmed = n;
+            self.unresolved = false;
         }
-        for b in &mut self.bitmaps {
-            b.resolve(n);
-        }
-        self.confirmed = n;
-        self.unresolved = false;
+        self.due_after_report = Some(
+            self.bitmaps
+                .iter()
+                .map(|b| b.consumer.changed_region_count())
+                .sum(),
+        );
         Ok(())
     }
 

@@ -562,11 +562,10 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16)?;
     let mut disk = match mode {
         Mode::Shared => Disk::Shared(SharedDiskState::new(2, "disk-bitmaps", store.clone())),
-        Mode::Stream => Disk::Stream(StreamDiskState::from_store(
-            2,
-            "disk-bitmaps",
-            &store.lock(),
-        )?),
+        // In postcopy (the after-start case) its regions may follow the switch.
+        Mode::Stream => Disk::Stream(
+            StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?.defer_to_postcopy(true),
+        ),
     };
     // One migration: the retry names the first attempt's token, so the destination's
     // kept bitmaps serve it.
@@ -579,7 +578,6 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
         &mut session,
         Some(failure),
     )?;
-    let first_regions = disk.regions_sent();
     let outcome = outcome_name(&r);
     let mut res = CaseResult {
         outcome,
@@ -622,12 +620,15 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 return finish(guest, res);
             };
             res.lost = lost(&d, &marks)?;
+            // A postcopy push that broke off leaves the bitmap dirty everywhere.
+            let all_dirty = d.bitmap("b").is_ok_and(|b| b.count() == b.bit_count());
             d.inactivate()?;
             drop(d);
             res.lost += lost_on_disk(&dest_img, &marks)?;
             res.state = match (mode, store.lock().is_active()) {
                 (Mode::Shared, false) => "at the destination; source handed over".into(),
                 (Mode::Shared, true) => "at the destination; source ACTIVE".into(),
+                (Mode::Stream, _) if all_dirty => "at the destination, all dirty (push cut)".into(),
                 (Mode::Stream, _) => "at the destination (its own image)".into(),
             };
             if mode == Mode::Shared && store.lock().is_active() {
@@ -687,11 +688,12 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                         "handed over, downtime {:.1} ms",
                         o.downtime.as_secs_f64() * 1e3
                     );
-                    if mode == Mode::Stream {
-                        res.retry.push_str(&format!(
-                            ", {} regions (first attempt {first_regions})",
-                            disk.regions_sent() - first_regions
-                        ));
+                    if let Disk::Stream(st) = &disk {
+                        // What the destination's report left due, of the whole bitmap.
+                        res.retry.push_str(&match st.due_after_report() {
+                            Some(due) => format!(", {due} of {} regions due", st.region_count()),
+                            None => ", no report".into(),
+                        });
                     }
                     if mode == Mode::Stream {
                         // The source's own image, after its own stop, holds every mark too.
@@ -727,14 +729,6 @@ impl Disk {
         match self {
             Disk::Shared(s) => s,
             Disk::Stream(s) => s,
-        }
-    }
-
-    /// Regions the stream sent so far (0 for shared storage).
-    fn regions_sent(&self) -> u64 {
-        match self {
-            Disk::Shared(_) => 0,
-            Disk::Stream(s) => s.regions_sent(),
         }
     }
 }
