@@ -1517,8 +1517,8 @@ enum AfterStart {
 /// after it, it marks a few granules on the running bitmap (through the destination
 /// store), and logs them with the regions that arrive.
 #[derive(Debug)]
-struct GuestAfterStart {
-    inner: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+struct GuestAfterStart<S: dirty_bitmap::storage::Storage> {
+    inner: Arc<Mutex<StreamDiskDest<S>>>,
     rng: SplitMix64,
     disk: u64,
     started: bool,
@@ -1528,7 +1528,7 @@ struct GuestAfterStart {
     late_sections: usize,
 }
 
-impl GuestAfterStart {
+impl<S: dirty_bitmap::storage::Storage + 'static> GuestAfterStart<S> {
     fn mark(&mut self, n: u64) {
         let live = self
             .inner
@@ -1546,7 +1546,7 @@ impl GuestAfterStart {
     }
 }
 
-impl DestState for GuestAfterStart {
+impl<S: dirty_bitmap::storage::Storage + 'static> DestState for GuestAfterStart<S> {
     fn name(&self) -> &str {
         "disk-stream"
     }
@@ -1771,6 +1771,135 @@ fn stream_mode_a_postcopy_push_that_breaks_off_leaves_the_destination_bitmap_all
     let at_dest = held.bitmap("b").unwrap();
     assert!(source_marks.iter().all(|&m| at_dest.is_dirty(m)));
     assert_eq!(at_dest.count(), bitmap.bit_count(), "every granule dirty");
+}
+
+/// Over TCP: a postcopy migration whose stream defers its regions past the switch, a disk
+/// writer marking the source's bitmap until the stop and the destination's guest marking
+/// its own after Started: the destination's bitmap ends as exactly the union of the
+/// source's bitmap at the stop and the destination guest's logged marks.
+#[test]
+fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_marks() {
+    const BIG: u64 = 1 << 40;
+    let seed = 43;
+    println!("seed {seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), BIG, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let store = SharedStore::new(s);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    for r in 0..bitmap.region_count() {
+        bitmap.mark_dirty(bitmap.region_disk_range(r).0, 4096);
+    }
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let vcpus = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 5_000,
+            pattern: Pattern::HOT_90_5,
+            seed,
+        },
+    )
+    .unwrap();
+    let tracker = store.lock().tracker().unwrap();
+    let mut guest = Guest {
+        vcpus,
+        disk: DiskWriter::start(tracker, BIG, 500, seed, None),
+    };
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16).unwrap();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock())
+        .unwrap()
+        .defer_to_postcopy(true);
+    let dest_img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&dest_img).unwrap(), BIG, 65536).unwrap());
+    let path = dest_img.clone();
+    let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    })));
+    let after = Arc::new(Mutex::new(Vec::new()));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::new(Mutex::new(GuestAfterStart {
+            inner: Arc::clone(&dest),
+            rng: SplitMix64::new(seed),
+            disk: BIG,
+            started: false,
+            log: Arc::clone(&after),
+            fail_late: None,
+            late_sections: 0,
+        })) as SharedDestState],
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let o = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: LoopConfig {
+                postcopy: true,
+                start_postcopy: true,
+                ..cfg()
+            },
+            ..SourceOptions::default()
+        },
+        &mut guest,
+        &mut [&mut stream as &mut dyn MigrationState, &mut ram_state],
+        &mut AutoConverge::default(),
+    )
+    .unwrap()
+    .outcome;
+    let _ = d.join();
+    assert_eq!(o.kind, Kind::Postcopy);
+    let after = after.lock().unwrap().clone();
+    let late = after
+        .iter()
+        .filter(|e| matches!(e, AfterStart::Late(_)))
+        .count();
+    let dest_marks: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Mark(m) => Some(*m),
+            AfterStart::Late(_) => None,
+        })
+        .collect();
+    println!(
+        "{late} regions after Started, {} destination marks",
+        dest_marks.len()
+    );
+    assert!(late > 0, "no region came after Started");
+    // The source is stopped: its bitmap is as it was at the stop.
+    let marks = guest.disk.marks();
+    let mut held = dest.lock().unwrap().take_store().unwrap();
+    let at_dest = held.bitmap("b").unwrap();
+    assert!(
+        marks.iter().all(|&m| at_dest.is_dirty(m)),
+        "a source mark lost"
+    );
+    assert!(
+        dest_marks.iter().all(|&m| at_dest.is_dirty(m)),
+        "a destination mark lost"
+    );
+    let expected = dirty_bitmap::DirtyBitmap::new(BIG, 65536).unwrap();
+    expected.merge_from(&bitmap).unwrap();
+    for &m in &dest_marks {
+        expected.mark_dirty(m, 4096);
+    }
+    assert_same(
+        &extents(&at_dest),
+        &extents(&expected),
+        "destination against the union",
+    );
+    held.inactivate().unwrap();
+    drop(held);
+    assert_qemu_clean(&dest_img);
+    guest.disk.shutdown();
+    guest.vcpus.shutdown();
 }
 
 /// A state that passes everything to a [`StreamDiskState`] and sums what its precopy
