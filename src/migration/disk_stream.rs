@@ -35,7 +35,7 @@
 //! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running
 //! bitmap, so the destination guest's marks are never overwritten.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::bitmap_codec::{self, BitmapSection, Start};
@@ -48,7 +48,6 @@ use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
 use crate::storage::Storage;
 use crate::store::{BitmapStore, Recording};
 use crate::units::Bytes;
-use std::collections::BTreeSet;
 
 /// Regions per REGIONS section.
 pub const REGIONS_PER_SECTION: u64 = 64;
@@ -430,17 +429,22 @@ impl StreamDiskState {
                 .filter(|&r| r >= from)
                 .take(REGIONS_PER_SECTION as usize)
                 .collect();
-            let mut n = 0u32;
-            for r in batch {
+            for &r in &batch {
                 buf.resize(usize::try_from(b.bitmap.region_len(r)).unwrap_or(0), 0);
                 b.bitmap.serialize_region(r, &mut buf)?;
                 bitmap_codec::push_region(&mut section, r, &buf);
+            }
+            // The section is whole: from here it counts as sent (in doubt until a report),
+            // so that no number is recorded for a section that never went.
+            for &r in &batch {
                 if let Some(s) = b.sent_seq.get_mut(r as usize) {
                     *s = seq;
                 }
-                n += 1;
-                *next = r + 1;
             }
+            if let Some(&last) = batch.last() {
+                *next = last + 1;
+            }
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             bitmap_codec::finish_regions(&mut section, n);
             self.next_seq = seq.saturating_add(1);
             self.regions_sent += u64::from(n);
