@@ -50,8 +50,33 @@ def ram(entries, ps=PS):
     return out
 
 
-def section(payload):
-    return struct.pack(">I", RAM_ID) + payload
+def section(payload, state=RAM_ID):
+    return struct.pack(">I", state) + payload
+
+
+# Disk bitmap sections (stream mode), docs/FORMAT.md "Disk bitmap section payloads".
+BITMAP_ID, STREAM = 3, 0x5EED_5EED_0000_0001
+START, REGIONS, COMPLETE, QUERY = range(1, 5)
+
+
+def bitmap_start(index, seq, name=b"b", granularity_bits=16, disk_size=1 << 30, region_size=512):
+    return (struct.pack(">BHQ", START, index, seq) + struct.pack(">QBBQIH", STREAM, granularity_bits, 1, disk_size,
+                                                                  region_size, len(name)) + name)
+
+
+def bitmap_regions(index, seq, regions):
+    out = struct.pack(">BHQI", REGIONS, index, seq, len(regions))
+    for r, data in regions:
+        out += struct.pack(">QI", r, len(data)) + data
+    return out
+
+
+def bitmap_complete(index, seq, more):
+    return struct.pack(">BHQB", COMPLETE, index, seq, 1 if more else 0)
+
+
+def bitmap_query():
+    return struct.pack(">BHQQ", QUERY, 0, 0, STREAM)
 
 
 def page(i, ps=PS):
@@ -105,6 +130,11 @@ seeds = {
     "payload-switchover": b"\x02" + bytes([SWITCHOVER]) + b"\x01",
     "payload-abort": b"\x02" + bytes([ABORT]) + b"cancelled",
     "payload-report": b"\x02" + bytes([REPORT]) + struct.pack(">IQ", 3, 17),
+    "payload-bitmap-start": b"\x02" + bytes([SECTION]) + section(bitmap_start(0, 1), BITMAP_ID),
+    "payload-bitmap-regions": b"\x02" + bytes([SECTION])
+    + section(bitmap_regions(0, 2, [(0, bytes([0xA5]) * 512), (3, bytes(512))]), BITMAP_ID),
+    "payload-bitmap-complete": b"\x02" + bytes([SECTION]) + section(bitmap_complete(0, 3, True), BITMAP_ID),
+    "payload-bitmap-query": b"\x02" + bytes([SECTION]) + section(bitmap_query(), BITMAP_ID),
     "dest-precopy": b"\x03" + records(precopy_frames()),
     "dest-postcopy": b"\x03" + records(postcopy_frames()),
     "dest-refuse": b"\x83" + records(precopy_frames()),
