@@ -17,8 +17,8 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 3
-HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE = range(1, 10)
+MAGIC, VERSION = 0x4442_4D4D, 4
+HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE, REPORT = range(1, 11)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
 
@@ -50,8 +50,33 @@ def ram(entries, ps=PS):
     return out
 
 
-def section(payload):
-    return struct.pack(">I", RAM_ID) + payload
+def section(payload, state=RAM_ID):
+    return struct.pack(">I", state) + payload
+
+
+# Disk bitmap sections (stream mode), docs/FORMAT.md "Disk bitmap section payloads".
+BITMAP_ID, STREAM = 3, 0x5EED_5EED_0000_0001
+START, REGIONS, COMPLETE, QUERY = range(1, 5)
+
+
+def bitmap_start(index, seq, name=b"b", granularity_bits=16, disk_size=1 << 30, region_size=512):
+    return (struct.pack(">BHQ", START, index, seq) + struct.pack(">QBBQIH", STREAM, granularity_bits, 1, disk_size,
+                                                                  region_size, len(name)) + name)
+
+
+def bitmap_regions(index, seq, regions):
+    out = struct.pack(">BHQI", REGIONS, index, seq, len(regions))
+    for r, data in regions:
+        out += struct.pack(">QI", r, len(data)) + data
+    return out
+
+
+def bitmap_complete(index, seq, more):
+    return struct.pack(">BHQB", COMPLETE, index, seq, 1 if more else 0)
+
+
+def bitmap_query():
+    return struct.pack(">BHQQ", QUERY, 0, 0, STREAM)
 
 
 def page(i, ps=PS):
@@ -94,7 +119,8 @@ seeds = {
     "reader-precopy": b"\x00" + stream(precopy_frames()),
     "reader-postcopy": b"\x00" + stream(postcopy_frames()),
     "reader-replies": b"\x00" + stream([(NONCE, (7).to_bytes(16, "big")), (STARTED, b""), (PAGE_REQUEST, struct.pack(">IQI", RAM_ID, 3, 1)),
-                                        (REFUSED, b"no room"), (ABORT, b"gone")]),
+                                        (REFUSED, b"no room"), (ABORT, b"gone"),
+                                        (REPORT, struct.pack(">IQ", 3, 17))]),
     "ram-pages": b"\x01\x00" + ram([(i, page(i)) for i in range(3)]),
     "ram-pages-4k": b"\x01\x03" + ram([(7, page(7, 4096)), (9, bytes(4096))], ps=4096),
     "ram-discards": b"\x01\x00" + ram([(0, None), (1 << 40, None)]),
@@ -103,6 +129,12 @@ seeds = {
     "payload-section": b"\x02" + bytes([SECTION]) + section(ram([(0, page(0))])),
     "payload-switchover": b"\x02" + bytes([SWITCHOVER]) + b"\x01",
     "payload-abort": b"\x02" + bytes([ABORT]) + b"cancelled",
+    "payload-report": b"\x02" + bytes([REPORT]) + struct.pack(">IQ", 3, 17),
+    "payload-bitmap-start": b"\x02" + bytes([SECTION]) + section(bitmap_start(0, 1), BITMAP_ID),
+    "payload-bitmap-regions": b"\x02" + bytes([SECTION])
+    + section(bitmap_regions(0, 2, [(0, bytes([0xA5]) * 512), (3, bytes(512))]), BITMAP_ID),
+    "payload-bitmap-complete": b"\x02" + bytes([SECTION]) + section(bitmap_complete(0, 3, True), BITMAP_ID),
+    "payload-bitmap-query": b"\x02" + bytes([SECTION]) + section(bitmap_query(), BITMAP_ID),
     "dest-precopy": b"\x03" + records(precopy_frames()),
     "dest-postcopy": b"\x03" + records(postcopy_frames()),
     "dest-refuse": b"\x83" + records(precopy_frames()),

@@ -18,6 +18,7 @@ use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
     HeaderArea, ImageGeometry,
 };
+use crate::migration::bitmap_codec::{self, BitmapSection};
 use crate::migration::dest::{Destination, DestinationConfig};
 use crate::migration::frame::{
     encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
@@ -460,9 +461,11 @@ fn compare_with_disk(
 ///   and as a page request. Invariants: `decode_pages` succeeds exactly when
 ///   `decode_entries` does and finds no discard; data slices are one page long; entries
 ///   re-encode and decode to themselves.
-/// - 2, the payload decoders: `data[2..]` as the payload of frame kind `data[1] % 9`
+/// - 2, the payload decoders: `data[2..]` as the payload of frame kind `data[1] % 11`
 ///   (0 is not a kind). Invariant: a decoded payload re-encodes to the input (reasons
-///   longer than [`MAX_REASON_LEN`] to their cut prefix).
+///   longer than [`MAX_REASON_LEN`] to their cut prefix); a Section's state payload that
+///   decodes as a disk bitmap section ([`bitmap_codec::decode`]), and a Report's as a
+///   disk bitmap report, re-encode to it too.
 /// - 3, the destination: `data[1..]` as records `kind (u8), len (u16 BE), payload`, framed
 ///   with valid checksums and consecutive sequence numbers, so the fuzzer reaches past the
 ///   CRCs into the protocol; bit 7 of `data[0]` makes the destination refuse to start.
@@ -490,7 +493,7 @@ pub fn migration_stream(data: &[u8]) {
             let Some((&k, payload)) = rest.split_first() else {
                 return;
             };
-            let Some(kind) = FrameKind::from_u8(k % 10) else {
+            let Some(kind) = FrameKind::from_u8(k % 11) else {
                 return;
             };
             let Ok(frame) = Frame::decode_payload(kind, payload) else {
@@ -505,6 +508,19 @@ pub fn migration_stream(data: &[u8]) {
                     assert!(payload.starts_with(&enc), "a cut reason is a prefix");
                 }
                 _ => assert_eq!(enc, payload, "payload round trip"),
+            }
+            match &frame {
+                Frame::Section { payload, .. } => bitmap_round_trip(payload),
+                Frame::Report { payload, .. } => {
+                    if let Ok(n) = bitmap_codec::decode_report(payload) {
+                        assert_eq!(
+                            &bitmap_codec::encode_report(n),
+                            payload,
+                            "report round trip"
+                        );
+                    }
+                }
+                _ => {}
             }
         }
         _ => fuzz_destination(mode & 0x80 != 0, rest),
@@ -626,6 +642,30 @@ fn fuzz_reader(data: &[u8]) {
         ),
         "the reader did not stay failed"
     );
+}
+
+/// A disk bitmap section that decodes re-encodes to the same bytes.
+fn bitmap_round_trip(payload: &[u8]) {
+    let Ok(section) = bitmap_codec::decode(payload) else {
+        return;
+    };
+    let enc = match &section.body {
+        BitmapSection::Start(s) => bitmap_codec::encode_start(s, section.seq),
+        BitmapSection::Regions { index, regions } => {
+            let mut out = bitmap_codec::begin_regions(*index, section.seq);
+            for (r, bytes) in regions {
+                bitmap_codec::push_region(&mut out, *r, bytes);
+            }
+            let n = u32::try_from(regions.len()).expect("a decoded count fits u32");
+            bitmap_codec::finish_regions(&mut out, n);
+            out
+        }
+        BitmapSection::Complete { index, more } => {
+            bitmap_codec::encode_complete(*index, section.seq, *more)
+        }
+        BitmapSection::Query { stream } => bitmap_codec::encode_query(*stream),
+    };
+    assert_eq!(enc, payload, "bitmap section round trip");
 }
 
 /// The destination checks of [`migration_stream`].

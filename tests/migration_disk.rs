@@ -665,7 +665,9 @@ fn a_destination_that_changed_more_than_the_flags_is_refused_and_the_bitmap_read
 // ---------------------------------------------------------------------------------------
 // Over TCP, with the destination's side of the disk state.
 
-use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::tcp::{
+    migrate_in_session, migrate_to, DestOptions, Session, SourceOptions, TcpDestination,
+};
 use dirty_bitmap::migration::{DestState, DiskGuest, DiskWriter, SharedDestState, SharedDiskDest};
 
 /// A destination-side state that cannot take over.
@@ -1008,17 +1010,170 @@ fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() 
     r.guest.vcpus.shutdown();
 }
 
+/// Over TCP, a refused attempt and a retry of the same migration (one [`Session`], so the
+/// retry's Hello names the first attempt's token): the destination kept what it applied and
+/// reports it, and the retry sends only what changed since, while a disk writer marks
+/// throughout; the destination ends with the source's bitmap exactly.
+#[test]
+fn stream_mode_over_tcp_a_retry_of_the_same_migration_sends_only_what_changed_since() {
+    const BIG: u64 = 1 << 40;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), BIG, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let store = SharedStore::new(s);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    let regions = bitmap.region_count();
+    // History in every region: a retry that skipped a region would miss its bit.
+    for r in 0..regions {
+        bitmap.mark_dirty(bitmap.region_disk_range(r).0, 4096);
+    }
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let vcpus = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 5_000,
+            pattern: Pattern::HOT_90_5,
+            seed: 41,
+        },
+    )
+    .unwrap();
+    // Few writes a second, most of them in a hot 64 GiB (32 of the 512 regions).
+    let tracker = store.lock().tracker().unwrap();
+    let mut guest = Guest {
+        vcpus,
+        disk: DiskWriter::start(tracker, BIG, 500, 41, None),
+    };
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 16).unwrap();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    let dest_img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&dest_img).unwrap(), BIG, 65536).unwrap());
+    let path = dest_img.clone();
+    let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    })));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(&dest) as SharedDestState],
+        max_attempts: 2,
+        refuse_attempts: 1,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut session = Session::new();
+    let source = SourceOptions {
+        loop_config: cfg(),
+        ..SourceOptions::default()
+    };
+    let mut attempt = |stream: &mut StreamDiskState, ram_state: &mut RamState| {
+        migrate_in_session(
+            d.addr(),
+            &source,
+            &mut session,
+            &mut guest,
+            &mut [stream as &mut dyn MigrationState, ram_state],
+            &mut AutoConverge::default(),
+        )
+    };
+    let e = attempt(&mut stream, &mut ram_state).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let first = stream.regions_sent();
+    assert!(
+        first >= regions,
+        "the first attempt sent {first} of {regions}"
+    );
+    let o = attempt(&mut stream, &mut ram_state).unwrap().outcome;
+    assert_eq!(o.kind, Kind::Completed);
+    let _ = d.join();
+    let retry = stream.regions_sent() - first;
+    println!("first attempt {first} regions, retry {retry}");
+    assert!(
+        dest.lock().unwrap().resumed(),
+        "the retry resumed what was kept"
+    );
+    assert!(
+        retry * 4 < first,
+        "the retry sent {retry} regions, the first attempt {first}"
+    );
+    let mut held = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&held.bitmap("b").unwrap()),
+        &extents(&bitmap),
+        "destination against source",
+    );
+    let marks = guest.disk.marks();
+    assert!(!marks.is_empty());
+    let b = held.bitmap("b").unwrap();
+    assert!(marks.iter().all(|&m| b.is_dirty(m)));
+    held.inactivate().unwrap();
+    drop(held);
+    assert_qemu_clean(&dest_img);
+    guest.disk.shutdown();
+    guest.vcpus.resume().unwrap();
+    guest.vcpus.shutdown();
+}
+
 // ---------------------------------------------------------------------------------------
 // Stream mode under the virtual clock: failures, then a retry.
 
+use dirty_bitmap::migration::bitmap_codec;
 use dirty_bitmap::migration::sim::{SimStreamState, StreamSim};
+use dirty_bitmap::migration::ProtocolError;
+use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::MemStorage;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SimFailure {
     Cancel,
+    /// The link cut early (the third send).
     Cut,
+    /// The link cut once the destination applied the stream's whole first pass.
+    CutLate,
+    /// As `CutLate`, then the destination is a new process: it kept nothing.
+    CutLateFreshDest,
+    /// The destination fails on the stream's fourth section (START and two REGIONS
+    /// applied): a section sent and lost, as one in flight when a channel fails.
+    DestFailsMidStream,
     Refuse,
+}
+
+/// A destination state that fails on its section number `at` and passes the rest on.
+#[derive(Debug)]
+struct FailAtSeq {
+    inner: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    at: u64,
+}
+
+impl DestState for FailAtSeq {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        if bitmap_codec::decode(payload)?.seq == self.at {
+            return Err(MigrationError::InvalidInput("lost in flight".into()));
+        }
+        self.inner.lock().unwrap().section(payload)
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().before_start()
+    }
+    fn failed(&mut self) {
+        self.inner.lock().unwrap().failed();
+    }
 }
 
 /// Cancels on the second turn.
@@ -1041,13 +1196,54 @@ impl Controller for CancelSoon {
     }
 }
 
+/// Cuts the link at the next send once the destination applied the stream's section
+/// `at` (the first pass), so that the cut comes late in precopy.
+struct CutWhenApplied {
+    sim: Sim,
+    dest: Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    at: u64,
+    cut: bool,
+}
+
+impl Controller for CutWhenApplied {
+    fn on_iteration(
+        &mut self,
+        _: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        if !self.cut && self.dest.lock().unwrap().applied() >= self.at {
+            self.cut = true;
+            let next = self.sim.sends();
+            self.sim.world().fail_at_send = Some(next);
+        }
+        dirty_bitmap::migration::Directive::Continue
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        AutoConverge::default().on_stall(r)
+    }
+}
+
+fn stream_sim_dest(disk: u64) -> Arc<Mutex<StreamDiskDest<MemStorage>>> {
+    Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::create(MemStorage::new(), disk, 65536)
+    })))
+}
+
 /// A guest whose RAM and streamed disk bitmap are written as virtual time passes, a failure
 /// in the first attempt, then a retry: the source keeps its bits, every region the attempt
-/// sent is pending again, and the destination's image ends with the source's bitmap
-/// exactly.
+/// sent is pending again until the destination says what it holds, the retry sends only
+/// what the destination does not provably hold (measurably less than the first attempt
+/// when it kept the first pass; everything when it kept nothing), and the destination's
+/// image ends with the source's bitmap exactly.
 #[test]
 fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_exactly() {
-    for failure in [SimFailure::Cancel, SimFailure::Cut, SimFailure::Refuse] {
+    for failure in [
+        SimFailure::Cancel,
+        SimFailure::Cut,
+        SimFailure::CutLate,
+        SimFailure::CutLateFreshDest,
+        SimFailure::DestFailsMidStream,
+        SimFailure::Refuse,
+    ] {
         let pages = 64;
         let ram = Arc::new(GuestRam::new(pages).unwrap());
         let log = Arc::new(new_log(&ram).unwrap());
@@ -1067,13 +1263,16 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             writes_per_page_write: 0.05,
         };
         let disk = params.disk_size();
-        let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
-            BitmapStore::create(MemStorage::new(), disk, 65536)
-        })));
-        sim.world()
-            .dest
-            .states
-            .push(Arc::clone(&dest) as SharedDestState);
+        let dest = stream_sim_dest(disk);
+        let first_dest: SharedDestState = if failure == SimFailure::DestFailsMidStream {
+            Arc::new(Mutex::new(FailAtSeq {
+                inner: Arc::clone(&dest),
+                at: 4,
+            }))
+        } else {
+            Arc::clone(&dest) as SharedDestState
+        };
+        sim.world().dest.states.push(first_dest);
         let mut stream = SimStreamState::new(sim.clone(), params, 9).unwrap();
         // The bitmap has history before the migration starts.
         for k in 0..200u64 {
@@ -1087,7 +1286,7 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         match failure {
             SimFailure::Cut => sim.world().fail_at_send = Some(3),
             SimFailure::Refuse => sim.world().dest.refuse = Some("no".into()),
-            SimFailure::Cancel => {}
+            _ => {}
         }
         let run_once = |ram_state: &mut RamState,
                         stream: &mut SimStreamState,
@@ -1105,8 +1304,20 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
                 control,
             )
         };
+        // START and the 8 REGIONS sections of the first pass (512 regions, 64 a section).
+        let first_pass = 1 + 512 / 64;
         let first = match failure {
             SimFailure::Cancel => run_once(&mut ram_state, &mut stream, &mut CancelSoon(0)),
+            SimFailure::CutLate | SimFailure::CutLateFreshDest => run_once(
+                &mut ram_state,
+                &mut stream,
+                &mut CutWhenApplied {
+                    sim: sim.clone(),
+                    dest: Arc::clone(&dest),
+                    at: first_pass,
+                    cut: false,
+                },
+            ),
             _ => run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()),
         };
         assert!(
@@ -1114,16 +1325,72 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             "{failure:?}: the first attempt must fail: {first:?}"
         );
         assert!(sim.guest_running(), "{failure:?}: the source must run on");
+        let sent_first = stream.inner().regions_sent();
         let bits_before = stream.bitmap().count();
         assert!(bits_before > 0, "{failure:?}");
-        // Everything the attempt sent is pending again.
+        // Until the destination says what it holds, the whole bitmap is pending.
         let p = stream.pending(true);
-        assert!(p.must_precopy > Bytes(0), "{failure:?}: {p:?}");
+        assert!(
+            p.must_precopy.get() >= 512 * StreamSim::REGION,
+            "{failure:?}: {p:?}"
+        );
         assert!(dest.lock().unwrap().take_store().is_none());
+        let kept = dest.lock().unwrap().kept_applied();
+        if matches!(
+            failure,
+            SimFailure::CutLate | SimFailure::CutLateFreshDest | SimFailure::Refuse
+        ) {
+            assert!(
+                kept.is_some_and(|n| n >= first_pass),
+                "{failure:?}: the destination keeps the first pass: {kept:?}"
+            );
+        }
+        if failure == SimFailure::DestFailsMidStream {
+            assert_eq!(kept, Some(3), "START and two REGIONS sections applied");
+        }
+        let dest = if failure == SimFailure::CutLateFreshDest {
+            // A new destination process: nothing kept.
+            let fresh = stream_sim_dest(disk);
+            sim.world().dest.states = vec![Arc::clone(&fresh) as SharedDestState];
+            fresh
+        } else {
+            sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
+            dest
+        };
         sim.world().fail_at_send = None;
         sim.world().dest.refuse = None;
         let o = run_once(&mut ram_state, &mut stream, &mut AutoConverge::default()).unwrap();
         assert_eq!(o.kind, Kind::Completed, "{failure:?}");
+        let retry = stream.inner().regions_sent() - sent_first;
+        println!("{failure:?}: first attempt {sent_first} regions, retry {retry}");
+        match failure {
+            // It held the first pass: only what changed since, and the cut section.
+            SimFailure::CutLate | SimFailure::Refuse => {
+                assert!(dest.lock().unwrap().resumed(), "{failure:?}");
+                assert!(
+                    retry * 4 < sent_first,
+                    "{failure:?}: the retry sent {retry} regions, the first attempt {sent_first}"
+                );
+            }
+            // It held nothing: everything again.
+            SimFailure::CutLateFreshDest => {
+                assert!(!dest.lock().unwrap().resumed());
+                assert!(retry >= 512, "{failure:?}: the retry sent {retry} regions");
+            }
+            // Everything but the two sections it applied (128 regions), and not those.
+            SimFailure::DestFailsMidStream => {
+                assert!(dest.lock().unwrap().resumed());
+                assert!(retry >= 512 - 128, "{failure:?}: the retry sent {retry}");
+                assert!(retry < 512, "{failure:?}: the retry sent {retry}");
+            }
+            // What the first attempt did not send, at least.
+            SimFailure::Cancel | SimFailure::Cut => {
+                assert!(
+                    retry + sent_first >= 512,
+                    "{failure:?}: {sent_first} + {retry}"
+                );
+            }
+        }
         let held = dest
             .lock()
             .unwrap()
@@ -1135,6 +1402,512 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
             &format!("{failure:?}: destination against source"),
         );
     }
+}
+
+/// A destination that reports more than it was ever sent: the source refuses the report
+/// (a typed error, the guest running on, nothing trusted of it), and a later attempt to
+/// an honest destination hands the bitmap over exactly.
+#[derive(Debug)]
+struct Liar(Arc<Mutex<StreamDiskDest<MemStorage>>>);
+
+impl DestState for Liar {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.0.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        let answer = self.0.lock().unwrap().section(payload)?;
+        Ok(answer.map(|_| bitmap_codec::encode_report(1 << 40)))
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.0.lock().unwrap().before_start()
+    }
+    fn failed(&mut self) {
+        self.0.lock().unwrap().failed();
+    }
+}
+
+#[test]
+fn stream_mode_a_report_of_sections_never_sent_is_refused() {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.2,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(20_000.0),
+        11,
+    );
+    let params = StreamSim {
+        regions: 64,
+        writes_per_page_write: 0.05,
+    };
+    let disk = params.disk_size();
+    let dest = stream_sim_dest(disk);
+    let mut stream = SimStreamState::new(sim.clone(), params, 11).unwrap();
+    for k in 0..50u64 {
+        stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
+    }
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    };
+    let run_once = |ram_state: &mut RamState, stream: &mut SimStreamState| {
+        let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+        run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [ram_state as &mut dyn MigrationState, stream],
+            &mut AutoConverge::default(),
+        )
+    };
+    // A refused first attempt: the destination holds every section it was sent.
+    sim.world().dest.refuse = Some("no".into());
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(Mutex::new(Liar(Arc::clone(&dest)))) as SharedDestState);
+    assert!(run_once(&mut ram_state, &mut stream).is_err());
+    sim.world().dest.refuse = None;
+    let sent = stream.inner().last_seq();
+    assert!(sent > 0);
+    // The retry hears a report of section 2^40: refused, typed, the guest runs on.
+    let e = run_once(&mut ram_state, &mut stream).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Protocol(ProtocolError::ReportBeyondSent { reported, sent: s, .. })
+                if reported == 1 << 40 && s == sent
+        ),
+        "{e}"
+    );
+    assert!(sim.guest_running());
+    assert!(dest.lock().unwrap().take_store().is_none());
+    // Nothing of the lie was trusted: the whole bitmap is still pending.
+    assert!(stream.pending(true).must_precopy.get() >= 64 * StreamSim::REGION);
+    // An honest destination: the retry resumes and hands over exactly.
+    sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
+    let o = run_once(&mut ram_state, &mut stream).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(dest.lock().unwrap().resumed());
+    let held = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&held.bitmap("b").unwrap()),
+        &extents(stream.bitmap()),
+        "destination against source",
+    );
+}
+
+/// What the destination side saw after Started, in order.
+#[derive(Debug, Clone, Copy)]
+enum AfterStart {
+    /// Its guest marked the granule at this offset.
+    Mark(u64),
+    /// A region of the source's arrived (ORed into the running bitmap).
+    Late(u64),
+}
+
+/// The destination's guest in postcopy: at the start and before each section that arrives
+/// after it, it marks a few granules on the running bitmap (through the destination
+/// store), and logs them with the regions that arrive.
+#[derive(Debug)]
+struct GuestAfterStart<S: dirty_bitmap::storage::Storage> {
+    inner: Arc<Mutex<StreamDiskDest<S>>>,
+    rng: SplitMix64,
+    disk: u64,
+    started: bool,
+    log: Arc<Mutex<Vec<AfterStart>>>,
+    /// Fail on this many-th section after the start (the push breaks off).
+    fail_late: Option<usize>,
+    late_sections: usize,
+}
+
+impl<S: dirty_bitmap::storage::Storage + 'static> GuestAfterStart<S> {
+    fn mark(&mut self, n: u64) {
+        let live = self
+            .inner
+            .lock()
+            .unwrap()
+            .store()
+            .expect("the guest runs here")
+            .bitmap("b")
+            .unwrap();
+        for _ in 0..n {
+            let off = self.rng.below(self.disk / 65536) * 65536;
+            live.mark_dirty(off, 4096);
+            self.log.lock().unwrap().push(AfterStart::Mark(off));
+        }
+    }
+}
+
+impl<S: dirty_bitmap::storage::Storage + 'static> DestState for GuestAfterStart<S> {
+    fn name(&self) -> &str {
+        "disk-stream"
+    }
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
+        self.started = false;
+        self.inner.lock().unwrap().hello(id, binding)
+    }
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        if self.started {
+            self.late_sections += 1;
+            if self.fail_late == Some(self.late_sections) {
+                return Err(MigrationError::InvalidInput("the push breaks off".into()));
+            }
+            self.mark(3);
+            if let bitmap_codec::BitmapSection::Regions { regions, .. } =
+                bitmap_codec::decode(payload)?.body
+            {
+                let mut log = self.log.lock().unwrap();
+                log.extend(regions.iter().map(|&(r, _)| AfterStart::Late(r)));
+            }
+        }
+        self.inner.lock().unwrap().section(payload)
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.inner.lock().unwrap().before_start()?;
+        self.started = true;
+        self.mark(8);
+        Ok(())
+    }
+    fn failed(&mut self) {
+        self.inner.lock().unwrap().failed();
+    }
+    fn failed_after_start(&mut self) {
+        self.inner.lock().unwrap().failed_after_start();
+    }
+}
+
+/// A postcopy migration with the stream's regions deferred past the switch, the
+/// destination's guest marking after Started (failing the push on its `fail_late`-th late
+/// section, if set): the loop's result, what the destination saw after the start, the
+/// destination, the source's bitmap and its logged marks.
+#[allow(clippy::type_complexity)]
+fn deferred_postcopy(
+    seed: u64,
+    fail_late: Option<usize>,
+) -> (
+    dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>,
+    Vec<AfterStart>,
+    Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    Arc<dirty_bitmap::DirtyBitmap>,
+    Vec<u64>,
+) {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    // A slow link: the switch comes long before the bitmap's first pass is through.
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.2,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2_000.0),
+        seed,
+    );
+    let regions = 4096u64;
+    let disk = regions * 512 * 8 * 65536;
+    let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap());
+    // The source's marks, logged: one in every region and more at random.
+    let mut rng = SplitMix64::new(seed);
+    let mut source_marks = Vec::new();
+    for r in 0..regions {
+        source_marks.push(bitmap.region_disk_range(r).0);
+    }
+    for _ in 0..2000 {
+        source_marks.push(rng.below(disk / 65536) * 65536);
+    }
+    for &m in &source_marks {
+        bitmap.mark_dirty(m, 4096);
+    }
+    let mut stream = StreamDiskState::new(
+        5,
+        "disk-stream",
+        vec![("b".to_string(), Arc::clone(&bitmap))],
+    )
+    .unwrap()
+    .defer_to_postcopy(true);
+    let dest = stream_sim_dest(disk);
+    let after = Arc::new(Mutex::new(Vec::new()));
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(Mutex::new(GuestAfterStart {
+            inner: Arc::clone(&dest),
+            rng: SplitMix64::new(seed ^ 0xD0),
+            disk,
+            started: false,
+            log: Arc::clone(&after),
+            fail_late,
+            late_sections: 0,
+        })) as SharedDestState);
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let out = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
+        &mut AutoConverge::default(),
+    );
+    let after = after.lock().unwrap().clone();
+    (out, after, dest, bitmap, source_marks)
+}
+
+/// Postcopy with the stream's regions deferred past the switch: the destination's guest
+/// marks granules after Started, the source's late regions arrive afterwards (ORed), and
+/// the destination's final bitmap is exactly the union of the source's and the guest's
+/// marks: no destination mark lost to a late region, no source mark missing.
+#[test]
+fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_regions() {
+    let seed = 0x005E_ED0B;
+    println!("seed {seed:#x}");
+    let (out, after, dest, bitmap, source_marks) = deferred_postcopy(seed, None);
+    assert_eq!(out.unwrap().kind, Kind::Postcopy);
+    let regions = bitmap.region_count();
+    let disk = bitmap.disk_size();
+    let late: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Late(r) => Some(*r),
+            AfterStart::Mark(_) => None,
+        })
+        .collect();
+    let dest_marks: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Mark(m) => Some(*m),
+            AfterStart::Late(_) => None,
+        })
+        .collect();
+    println!(
+        "{} regions after Started, {} destination marks",
+        late.len(),
+        dest_marks.len()
+    );
+    assert!(
+        late.len() as u64 > regions / 4,
+        "{} late regions",
+        late.len()
+    );
+    // Some destination mark fell in a region whose source copy arrived after it: the
+    // case a replace would lose.
+    let span = bitmap.region_disk_range(0).1;
+    let overwritten_by_a_replace = after.iter().enumerate().any(|(i, e)| match e {
+        AfterStart::Mark(m) => after[i + 1..]
+            .iter()
+            .any(|l| matches!(l, AfterStart::Late(r) if *r == m / span)),
+        AfterStart::Late(_) => false,
+    });
+    assert!(overwritten_by_a_replace);
+    let held = dest.lock().unwrap().take_store().unwrap();
+    let at_dest = held.bitmap("b").unwrap();
+    let lost_dest: Vec<&u64> = dest_marks
+        .iter()
+        .filter(|&&m| !at_dest.is_dirty(m))
+        .collect();
+    assert!(
+        lost_dest.is_empty(),
+        "destination marks lost: {lost_dest:?}"
+    );
+    let missing: Vec<&u64> = source_marks
+        .iter()
+        .filter(|&&m| !at_dest.is_dirty(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "source marks missing: {}",
+        missing.len()
+    );
+    // Exactly the union: nothing but the two logs.
+    let expected = dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap();
+    for &m in source_marks.iter().chain(&dest_marks) {
+        expected.mark_dirty(m, 4096);
+    }
+    assert_same(
+        &extents(&at_dest),
+        &extents(&expected),
+        "destination against the union",
+    );
+}
+
+/// The push after the start breaks off (the destination fails on a late section): the
+/// source reports `AfterStart` and stays stopped, and the destination, whose guest runs
+/// on, never holds a bitmap that reads clean where a mark may be missing: it is dirty
+/// everywhere.
+#[test]
+fn stream_mode_a_postcopy_push_that_breaks_off_leaves_the_destination_bitmap_all_dirty() {
+    let seed = 0x005E_ED0C;
+    println!("seed {seed:#x}");
+    let (out, after, dest, bitmap, source_marks) = deferred_postcopy(seed, Some(5));
+    let e = out.unwrap_err();
+    assert!(matches!(e, MigrationError::AfterStart(_)), "{e}");
+    assert!(after.iter().any(|e| matches!(e, AfterStart::Late(_))));
+    let held = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the guest runs there");
+    let at_dest = held.bitmap("b").unwrap();
+    assert!(source_marks.iter().all(|&m| at_dest.is_dirty(m)));
+    assert_eq!(at_dest.count(), bitmap.bit_count(), "every granule dirty");
+}
+
+/// Over TCP: a postcopy migration whose stream defers its regions past the switch, a disk
+/// writer marking the source's bitmap until the stop and the destination's guest marking
+/// its own after Started: the destination's bitmap ends as exactly the union of the
+/// source's bitmap at the stop and the destination guest's logged marks.
+#[test]
+fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_marks() {
+    const BIG: u64 = 1 << 40;
+    let seed = 43;
+    println!("seed {seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), BIG, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let store = SharedStore::new(s);
+    let bitmap = store.lock().bitmap("b").unwrap();
+    for r in 0..bitmap.region_count() {
+        bitmap.mark_dirty(bitmap.region_disk_range(r).0, 4096);
+    }
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let vcpus = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 5_000,
+            pattern: Pattern::HOT_90_5,
+            seed,
+        },
+    )
+    .unwrap();
+    let tracker = store.lock().tracker().unwrap();
+    let mut guest = Guest {
+        vcpus,
+        disk: DiskWriter::start(tracker, BIG, 500, seed, None),
+    };
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16).unwrap();
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock())
+        .unwrap()
+        .defer_to_postcopy(true);
+    let dest_img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&dest_img).unwrap(), BIG, 65536).unwrap());
+    let path = dest_img.clone();
+    let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    })));
+    let after = Arc::new(Mutex::new(Vec::new()));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::new(Mutex::new(GuestAfterStart {
+            inner: Arc::clone(&dest),
+            rng: SplitMix64::new(seed),
+            disk: BIG,
+            started: false,
+            log: Arc::clone(&after),
+            fail_late: None,
+            late_sections: 0,
+        })) as SharedDestState],
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let o = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: LoopConfig {
+                postcopy: true,
+                start_postcopy: true,
+                ..cfg()
+            },
+            ..SourceOptions::default()
+        },
+        &mut guest,
+        &mut [&mut stream as &mut dyn MigrationState, &mut ram_state],
+        &mut AutoConverge::default(),
+    )
+    .unwrap()
+    .outcome;
+    let _ = d.join();
+    assert_eq!(o.kind, Kind::Postcopy);
+    let after = after.lock().unwrap().clone();
+    let late = after
+        .iter()
+        .filter(|e| matches!(e, AfterStart::Late(_)))
+        .count();
+    let dest_marks: Vec<u64> = after
+        .iter()
+        .filter_map(|e| match e {
+            AfterStart::Mark(m) => Some(*m),
+            AfterStart::Late(_) => None,
+        })
+        .collect();
+    println!(
+        "{late} regions after Started, {} destination marks",
+        dest_marks.len()
+    );
+    assert!(late > 0, "no region came after Started");
+    // The source is stopped: its bitmap is as it was at the stop.
+    let marks = guest.disk.marks();
+    let mut held = dest.lock().unwrap().take_store().unwrap();
+    let at_dest = held.bitmap("b").unwrap();
+    assert!(
+        marks.iter().all(|&m| at_dest.is_dirty(m)),
+        "a source mark lost"
+    );
+    assert!(
+        dest_marks.iter().all(|&m| at_dest.is_dirty(m)),
+        "a destination mark lost"
+    );
+    let expected = dirty_bitmap::DirtyBitmap::new(BIG, 65536).unwrap();
+    expected.merge_from(&bitmap).unwrap();
+    for &m in &dest_marks {
+        expected.mark_dirty(m, 4096);
+    }
+    assert_same(
+        &extents(&at_dest),
+        &extents(&expected),
+        "destination against the union",
+    );
+    held.inactivate().unwrap();
+    drop(held);
+    assert_qemu_clean(&dest_img);
+    guest.disk.shutdown();
+    guest.vcpus.shutdown();
 }
 
 /// A state that passes everything to a [`StreamDiskState`] and sums what its precopy
@@ -1177,6 +1950,12 @@ impl MigrationState for Counted<'_> {
         let n = self.inner.complete(out)?;
         self.completed += n;
         Ok(n)
+    }
+    fn awaits_report(&self) -> bool {
+        self.inner.awaits_report()
+    }
+    fn report(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+        self.inner.report(payload)
     }
     fn channel_failed(&mut self) {
         self.inner.channel_failed();

@@ -139,6 +139,46 @@ pub struct ChangedRegions {
 }
 
 impl ChangedRegions {
+    /// An empty set for a bitmap of `nregions` regions (to fill with
+    /// [`insert`](Self::insert), say, and hand back with a requeue).
+    pub fn empty(nregions: u64) -> Self {
+        ChangedRegions {
+            words: vec![0; usize::try_from(nregions.div_ceil(64)).unwrap_or(usize::MAX)],
+            nregions,
+            count: 0,
+        }
+    }
+
+    /// Every region of a bitmap of `nregions` regions.
+    pub fn all(nregions: u64) -> Self {
+        let mut s = Self::empty(nregions);
+        let tail = nregions % 64;
+        let n = s.words.len();
+        for (i, w) in s.words.iter_mut().enumerate() {
+            *w = if i + 1 == n && tail != 0 {
+                (1 << tail) - 1
+            } else {
+                !0
+            };
+        }
+        s.count = nregions;
+        s
+    }
+
+    /// Adds region `r`; one past the set's bitmap is ignored.
+    pub fn insert(&mut self, r: u64) {
+        if r >= self.nregions {
+            return;
+        }
+        if let Some(w) = self.words.get_mut((r / 64) as usize) {
+            let b = 1u64 << (r % 64);
+            if *w & b == 0 {
+                *w |= b;
+                self.count += 1;
+            }
+        }
+    }
+
     /// Number of regions in the set.
     pub fn len(&self) -> u64 {
         self.count
@@ -299,6 +339,21 @@ mod tests {
             m.set(r);
         }
         m.take()
+    }
+
+    #[test]
+    fn built_sets_equal_taken_ones() {
+        let mut built = ChangedRegions::empty(130);
+        for r in [129, 0, 64, 5, 63, 5, 130] {
+            built.insert(r);
+        }
+        assert_eq!(built, sample());
+        let every = ChangeMap::new(130);
+        every.set_every();
+        assert_eq!(ChangedRegions::all(130), every.take());
+        assert_eq!(ChangedRegions::all(128).len(), 128);
+        assert_eq!(ChangedRegions::all(128).iter().last(), Some(127));
+        assert!(ChangedRegions::empty(0).is_empty());
     }
 
     #[test]

@@ -1,18 +1,25 @@
 //! The payloads of a disk bitmap's sections in the migration stream (stream mode: the
-//! destination has its own image, and the bitmap's changed regions travel as RAM pages do).
+//! destination has its own image, and the bitmap's changed regions travel as RAM pages do),
+//! and of the destination's Report.
 //!
 //! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length;
 //! every field is read through the checked readers of `frame.rs`. The byte layout
 //! (big-endian) is in `docs/FORMAT.md`, section "Migration stream":
 //!
-//! | kind (1) | bitmap index (2) | body |
-//! |---|---|---|
-//! | 1 START | index | granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
-//! | 2 REGIONS | index | count (4), then per region: region number (8), length (4), bytes |
-//! | 3 COMPLETE | index | nothing |
+//! | kind (1) | bitmap index (2) | sequence (8) | body |
+//! |---|---|---|---|
+//! | 1 START | index | seq | stream id (8), granularity bits (1), flags (1: bit 0 enabled), disk size (8), region size (4), name length (2), name |
+//! | 2 REGIONS | index | seq | count (4), then per region: region number (8), length (4), bytes |
+//! | 3 COMPLETE | index | seq | flags (1: bit 0, regions may follow the start) |
+//! | 4 QUERY | 0 | 0 | stream id (8) |
 //!
 //! A REGIONS entry *replaces* the destination's copy of the region (a `clear` on the
-//! source removes bits, so an OR would keep them).
+//! source removes bits, so an OR would keep them). The sequence number counts the state's
+//! sections (1, 2, ... across every attempt of a migration, never reused): the destination
+//! applies sections whole and in order, so "every section up to `n`" names exactly what it
+//! holds. The stream id is random per source state: numbers mean something only between
+//! the source that chose them and what the destination kept of that source's sections.
+//! QUERY asks the destination for that `n` (its Report: [`encode_report`]).
 
 use super::error::Result;
 use super::frame::{be_u16, be_u32, be_u64, be_u8, field, FrameError};
@@ -23,10 +30,16 @@ pub const KIND_START: u8 = 1;
 pub const KIND_REGIONS: u8 = 2;
 /// The kind byte of a COMPLETE section.
 pub const KIND_COMPLETE: u8 = 3;
-/// Bytes of every section before its body: kind (1), index (2).
-pub const HEADER_LEN: usize = 3;
+/// The kind byte of a QUERY section: the source asks what the destination kept.
+pub const KIND_QUERY: u8 = 4;
+/// Bytes of every section before its body: kind (1), index (2), sequence (8).
+pub const HEADER_LEN: usize = 11;
+/// Bytes of a Report payload: the last sequence number applied.
+pub const REPORT_LEN: usize = 8;
 /// Bytes of a START body before the name.
-pub const START_LEN: usize = 16;
+pub const START_LEN: usize = 24;
+/// Bytes of a QUERY body: the stream id.
+pub const QUERY_LEN: usize = 8;
 /// Bytes of a REGIONS body before the first entry: the count.
 pub const REGIONS_HEADER_LEN: usize = 4;
 /// Bytes of a region entry before its bytes: region number (8), length (4).
@@ -35,12 +48,18 @@ pub const REGION_ENTRY_LEN: usize = 12;
 pub const MAX_NAME_LEN: usize = 1023;
 /// Flag bit of a START: the bitmap records writes (qcow2's `auto`).
 pub const FLAG_ENABLED: u8 = 0x01;
+/// Flag bit of a COMPLETE: regions of the bitmap may still follow, after the destination
+/// started (a postcopy push).
+pub const FLAG_MORE: u8 = 0x01;
 
 /// A bitmap's identity, sent before any of its regions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Start {
     /// Its index among the state's bitmaps.
     pub index: u16,
+    /// The source stream's id (random per source state, never 0): what the destination
+    /// keeps of this bitmap is resumed only by a QUERY of the same stream.
+    pub stream: u64,
     /// Its name (1..=1023 bytes).
     pub name: String,
     /// log2 of its granularity.
@@ -53,7 +72,16 @@ pub struct Start {
     pub region_size: u32,
 }
 
-/// One decoded section.
+/// One decoded section: its sequence number and what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section<'a> {
+    /// Its sequence number among the state's sections (0 for a QUERY).
+    pub seq: u64,
+    /// What it says.
+    pub body: BitmapSection<'a>,
+}
+
+/// What one section says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BitmapSection<'a> {
     /// A bitmap's identity.
@@ -65,10 +93,18 @@ pub enum BitmapSection<'a> {
         /// The regions, in the order sent.
         regions: Vec<(u64, &'a [u8])>,
     },
-    /// Every region of bitmap `index` was sent.
+    /// Every region of bitmap `index` was sent, or with `more`, every region that must
+    /// precede the destination's start (the rest follows it).
     Complete {
         /// The bitmap.
         index: u16,
+        /// Regions may follow the start.
+        more: bool,
+    },
+    /// The source asks what the destination kept of this migration's earlier attempts.
+    Query {
+        /// The source stream's id (as its STARTs carry).
+        stream: u64,
     },
 }
 
@@ -76,17 +112,25 @@ fn bad(reason: impl Into<String>) -> FrameError {
     FrameError::payload("bitmap", reason)
 }
 
-/// Encodes a START section.
+/// The header of a section: kind, index, sequence number.
+fn header(kind: u8, index: u16, seq: u64, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(body));
+    out.push(kind);
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// Encodes a START section, number `seq`.
 ///
 /// # Panics
 /// Never for a name of at most [`MAX_NAME_LEN`] bytes; a longer one is cut (the caller
 /// checked it: qcow2 names are never longer).
-pub fn encode_start(s: &Start) -> Vec<u8> {
+pub fn encode_start(s: &Start, seq: u64) -> Vec<u8> {
     let name = s.name.as_bytes();
     let name = name.get(..name.len().min(MAX_NAME_LEN)).unwrap_or_default();
-    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(START_LEN).saturating_add(name.len()));
-    out.push(KIND_START);
-    out.extend_from_slice(&s.index.to_be_bytes());
+    let mut out = header(KIND_START, s.index, seq, START_LEN.saturating_add(name.len()));
+    out.extend_from_slice(&s.stream.to_be_bytes());
     out.push(s.granularity_bits);
     out.push(if s.enabled { FLAG_ENABLED } else { 0 });
     out.extend_from_slice(&s.disk_size.to_be_bytes());
@@ -96,12 +140,10 @@ pub fn encode_start(s: &Start) -> Vec<u8> {
     out
 }
 
-/// A REGIONS section for bitmap `index`, to be filled with [`push_region`] and closed with
-/// [`finish_regions`].
-pub fn begin_regions(index: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(REGIONS_HEADER_LEN));
-    out.push(KIND_REGIONS);
-    out.extend_from_slice(&index.to_be_bytes());
+/// A REGIONS section for bitmap `index`, number `seq`, to be filled with [`push_region`]
+/// and closed with [`finish_regions`].
+pub fn begin_regions(index: u16, seq: u64) -> Vec<u8> {
+    let mut out = header(KIND_REGIONS, index, seq, REGIONS_HEADER_LEN);
     out.extend_from_slice(&0u32.to_be_bytes());
     out
 }
@@ -120,12 +162,34 @@ pub fn finish_regions(section: &mut [u8], n: u32) {
     }
 }
 
-/// Encodes a COMPLETE section.
-pub fn encode_complete(index: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN);
-    out.push(KIND_COMPLETE);
-    out.extend_from_slice(&index.to_be_bytes());
+/// Encodes a COMPLETE section, number `seq`; with `more`, regions may follow the start.
+pub fn encode_complete(index: u16, seq: u64, more: bool) -> Vec<u8> {
+    let mut out = header(KIND_COMPLETE, index, seq, 1);
+    out.push(if more { FLAG_MORE } else { 0 });
     out
+}
+
+/// Encodes a QUERY section of stream `stream`.
+pub fn encode_query(stream: u64) -> Vec<u8> {
+    let mut out = header(KIND_QUERY, 0, 0, QUERY_LEN);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out
+}
+
+/// Encodes the destination's Report: every section of the state up to number `applied`
+/// that the source sent is applied here (0: it holds nothing of the migration).
+pub fn encode_report(applied: u64) -> Vec<u8> {
+    applied.to_be_bytes().to_vec()
+}
+
+/// Decodes a Report.
+///
+/// # Errors
+/// [`FrameError::BadPayload`] unless it is exactly [`REPORT_LEN`] bytes.
+pub fn decode_report(payload: &[u8]) -> Result<u64> {
+    be_u64(payload, 0)
+        .filter(|_| payload.len() == REPORT_LEN)
+        .ok_or_else(|| bad(format!("a Report of {} bytes, not {REPORT_LEN}", payload.len())).into())
 }
 
 /// Decodes one section. Checks the framing only; whether a region fits its bitmap is the
@@ -134,27 +198,54 @@ pub fn encode_complete(index: u16) -> Vec<u8> {
 /// # Errors
 /// [`FrameError::BadPayload`] for a truncated or over-long payload, an unknown kind, an
 /// empty, over-long or non-UTF-8 name, a granularity outside 9..=31, a zero region size,
-/// or a region entry whose length runs past the payload.
-pub fn decode(payload: &[u8]) -> Result<BitmapSection<'_>> {
+/// a region entry whose length runs past the payload, a sequence number of 0 on a START,
+/// REGIONS or COMPLETE, a QUERY with an index or sequence number, or a stream id of 0.
+pub fn decode(payload: &[u8]) -> Result<Section<'_>> {
     let kind = be_u8(payload, 0).ok_or_else(|| bad("empty payload"))?;
     let index = be_u16(payload, 1).ok_or_else(|| bad("truncated header"))?;
+    let seq = be_u64(payload, 3).ok_or_else(|| bad("truncated header"))?;
     let body = payload.get(HEADER_LEN..).unwrap_or_default();
-    match kind {
-        KIND_START => decode_start(index, body).map(BitmapSection::Start),
-        KIND_REGIONS => decode_regions(index, body),
-        KIND_COMPLETE if body.is_empty() => Ok(BitmapSection::Complete { index }),
-        KIND_COMPLETE => Err(bad(format!("{} bytes after COMPLETE", body.len())).into()),
-        k => Err(bad(format!("unknown bitmap section kind {k}")).into()),
+    if kind == KIND_QUERY {
+        let stream = be_u64(body, 0)
+            .filter(|&s| s != 0 && body.len() == QUERY_LEN)
+            .ok_or_else(|| bad("a QUERY body is a stream id (8 bytes, not 0)"))?;
+        if index != 0 || seq != 0 {
+            return Err(bad("a QUERY has no index or sequence number").into());
+        }
+        return Ok(Section {
+            seq,
+            body: BitmapSection::Query { stream },
+        });
     }
+    if seq == 0 {
+        return Err(bad(format!("section kind {kind} numbered 0")).into());
+    }
+    let body = match kind {
+        KIND_START => decode_start(index, body).map(BitmapSection::Start)?,
+        KIND_REGIONS => decode_regions(index, body)?,
+        KIND_COMPLETE => match body {
+            [flags] if flags & !FLAG_MORE == 0 => BitmapSection::Complete {
+                index,
+                more: flags & FLAG_MORE != 0,
+            },
+            _ => return Err(bad("a COMPLETE body is one flags byte, bit 0 at most").into()),
+        },
+        k => return Err(bad(format!("unknown bitmap section kind {k}")).into()),
+    };
+    Ok(Section { seq, body })
 }
 
 fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
     let short = || bad("truncated START");
-    let granularity_bits = be_u8(body, 0).ok_or_else(short)?;
-    let flags = be_u8(body, 1).ok_or_else(short)?;
-    let disk_size = be_u64(body, 2).ok_or_else(short)?;
-    let region_size = be_u32(body, 10).ok_or_else(short)?;
-    let name_len = usize::from(be_u16(body, 14).ok_or_else(short)?);
+    let stream = be_u64(body, 0).ok_or_else(short)?;
+    let granularity_bits = be_u8(body, 8).ok_or_else(short)?;
+    let flags = be_u8(body, 9).ok_or_else(short)?;
+    let disk_size = be_u64(body, 10).ok_or_else(short)?;
+    let region_size = be_u32(body, 18).ok_or_else(short)?;
+    let name_len = usize::from(be_u16(body, 22).ok_or_else(short)?);
+    if stream == 0 {
+        return Err(bad("stream id 0").into());
+    }
     if !(9..=31).contains(&granularity_bits) {
         return Err(bad(format!("granularity bits {granularity_bits} not in 9..=31")).into());
     }
@@ -176,6 +267,7 @@ fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
         .to_owned();
     Ok(Start {
         index,
+        stream,
         name,
         granularity_bits,
         enabled: flags & FLAG_ENABLED != 0,
@@ -217,6 +309,7 @@ mod tests {
     fn start() -> Start {
         Start {
             index: 3,
+            stream: 0xABCD,
             name: "backup-1".into(),
             granularity_bits: 16,
             enabled: true,
@@ -229,29 +322,50 @@ mod tests {
     fn sections_round_trip() {
         let s = start();
         assert_eq!(
-            decode(&encode_start(&s)).unwrap(),
-            BitmapSection::Start(s.clone())
+            decode(&encode_start(&s, 1)).unwrap(),
+            Section {
+                seq: 1,
+                body: BitmapSection::Start(s.clone())
+            }
         );
-        let mut r = begin_regions(3);
+        let mut r = begin_regions(3, 2);
         push_region(&mut r, 7, &[1, 2, 3]);
         push_region(&mut r, 9, &[]);
         finish_regions(&mut r, 2);
         assert_eq!(
             decode(&r).unwrap(),
-            BitmapSection::Regions {
-                index: 3,
-                regions: vec![(7, &[1u8, 2, 3][..]), (9, &[][..])]
+            Section {
+                seq: 2,
+                body: BitmapSection::Regions {
+                    index: 3,
+                    regions: vec![(7, &[1u8, 2, 3][..]), (9, &[][..])]
+                }
             }
         );
+        for more in [false, true] {
+            assert_eq!(
+                decode(&encode_complete(3, u64::MAX, more)).unwrap(),
+                Section {
+                    seq: u64::MAX,
+                    body: BitmapSection::Complete { index: 3, more }
+                }
+            );
+        }
         assert_eq!(
-            decode(&encode_complete(3)).unwrap(),
-            BitmapSection::Complete { index: 3 }
+            decode(&encode_query(u64::MAX)).unwrap(),
+            Section {
+                seq: 0,
+                body: BitmapSection::Query { stream: u64::MAX }
+            }
         );
+        for n in [0, 1, 1 << 40, u64::MAX] {
+            assert_eq!(decode_report(&encode_report(n)).unwrap(), n);
+        }
     }
 
     #[test]
     fn bad_payloads_are_refused_without_panic() {
-        let good = encode_start(&start());
+        let good = encode_start(&start(), 5);
         // Every truncation of a START fails.
         for n in 0..good.len() {
             assert!(decode(&good[..n]).is_err(), "{n}");
@@ -260,22 +374,51 @@ mod tests {
         long.push(0);
         assert!(decode(&long).is_err());
         // A count that asks for more entries than the payload holds.
-        let mut r = begin_regions(0);
+        let mut r = begin_regions(0, 1);
         finish_regions(&mut r, u32::MAX);
         assert!(decode(&r).is_err());
         // A region length past the end.
-        let mut r = begin_regions(0);
+        let mut r = begin_regions(0, 1);
         push_region(&mut r, 0, &[0; 8]);
         finish_regions(&mut r, 1);
         r.truncate(r.len() - 1);
         assert!(decode(&r).is_err());
         // Unknown kind, granularity out of range, reserved flags.
-        assert!(decode(&[9, 0, 0]).is_err());
+        assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
         let mut g = good.clone();
-        g[3] = 8;
+        g[HEADER_LEN + 8] = 8;
         assert!(decode(&g).is_err());
-        let mut f = good;
-        f[4] = 2;
+        let mut f = good.clone();
+        f[HEADER_LEN + 9] = 2;
         assert!(decode(&f).is_err());
+        let mut z = good;
+        z[HEADER_LEN..HEADER_LEN + 8].fill(0);
+        assert!(decode(&z).is_err(), "stream id 0");
+        // Sequence number 0 outside a QUERY; a QUERY with an index, a number or a body.
+        assert!(decode(&encode_complete(0, 0, false)).is_err());
+        let c = encode_complete(0, 1, false);
+        assert!(decode(&c[..c.len() - 1]).is_err(), "COMPLETE without flags");
+        let mut c = encode_complete(0, 1, true);
+        c[HEADER_LEN] = 2;
+        assert!(decode(&c).is_err(), "reserved COMPLETE flag");
+        c.push(0);
+        assert!(decode(&c).is_err());
+        assert!(decode(&begin_regions(0, 0)).is_err());
+        let mut q = encode_query(1);
+        q[2] = 1;
+        assert!(decode(&q).is_err());
+        let mut q = encode_query(1);
+        q[10] = 1;
+        assert!(decode(&q).is_err());
+        let mut q = encode_query(1);
+        q.push(0);
+        assert!(decode(&q).is_err());
+        assert!(decode(&encode_query(0)).is_err());
+        let q = encode_query(1);
+        assert!(decode(&q[..q.len() - 1]).is_err());
+        // A Report of any length but 8.
+        for n in [0, 7, 9] {
+            assert!(decode_report(&vec![0; n]).is_err(), "{n}");
+        }
     }
 }

@@ -49,7 +49,7 @@ pub trait Outbound {
 }
 
 /// A message from the destination to the source: the stream's destination frames
-/// (Started, Refused, PageRequest, Abort), as the return path delivers them.
+/// (Started, Refused, PageRequest, Abort, Report), as the return path delivers them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DestMessage {
     /// The destination resumed the guest (after a precopy End or a postcopy switchover).
@@ -67,6 +67,14 @@ pub enum DestMessage {
     },
     /// The destination gave up; its reason (a corrupt stream, say).
     Aborted(String),
+    /// A state's answer to its source's query (see [`super::MigrationState::awaits_report`]):
+    /// what the destination kept of it from a failed attempt of the same migration.
+    Report {
+        /// The state (section) it is for.
+        state: StateId,
+        /// The state's answer.
+        payload: Vec<u8>,
+    },
 }
 
 impl DestMessage {
@@ -77,6 +85,7 @@ impl DestMessage {
             DestMessage::Refused(_) => FrameKind::Refused,
             DestMessage::PageRequest { .. } => FrameKind::PageRequest,
             DestMessage::Aborted(_) => FrameKind::Abort,
+            DestMessage::Report { .. } => FrameKind::Report,
         }
     }
 }

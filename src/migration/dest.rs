@@ -42,7 +42,7 @@ use std::io::{Read, Write};
 
 use memmap2::MmapMut;
 
-use super::dest_state::{self, SharedDestState};
+use super::dest_state::{self, Binding, SharedDestState};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Frame, Hello, StateId, MAX_FRAME_LEN, STREAM_VERSION};
 use super::ram_codec::{self, PageEntry, RAM_STATE_NAME};
@@ -539,10 +539,20 @@ impl DestCore {
     }
 
     /// Marks the core failed with `e` (an error of its channel, say). Unless the guest
-    /// started here, every declared [`DestState`](super::dest_state::DestState) hears of it ([`DestState::failed`](super::dest_state::DestState::failed)).
+    /// started here, every declared [`DestState`](super::dest_state::DestState) hears of it
+    /// ([`DestState::failed`](super::dest_state::DestState::failed)); if it runs here and the
+    /// stream had not ended (postcopy), each hears that the rest will not come
+    /// ([`DestState::failed_after_start`](super::dest_state::DestState::failed_after_start)).
     pub fn fail(&mut self, e: &MigrationError) {
         if self.phase != Phase::Failed && !self.ran {
             self.undo_states();
+        } else if self.phase == Phase::Postcopy {
+            // The guest runs here and the rest will not come.
+            for &i in self.declared.values() {
+                if let Some(s) = self.dest_states.get(i) {
+                    dest_state::lock(s).failed_after_start();
+                }
+            }
         }
         self.phase = Phase::Failed;
         self.failure = Some(e.to_string());
@@ -590,7 +600,7 @@ impl DestCore {
             (
                 Phase::Precopy | Phase::Stopped | Phase::Postcopy,
                 Frame::Section { state, payload },
-            ) => self.section(state, &payload),
+            ) => self.section(state, &payload, reply),
             (Phase::Precopy, Frame::Switchover { postcopy }) => {
                 if postcopy {
                     self.start(reply)?;
@@ -751,9 +761,13 @@ impl DestCore {
             }
             None => {}
         }
+        let binding = Binding {
+            migration_id: h.migration_id,
+            token,
+        };
         for (&id, &i) in &declared {
             if let Some(s) = self.dest_states.get(i) {
-                dest_state::lock(s).hello(id)?;
+                dest_state::lock(s).hello(id, binding)?;
             }
         }
         self.declared = declared;
@@ -765,7 +779,12 @@ impl DestCore {
         Ok(DestEvent::Hello(h))
     }
 
-    fn section(&mut self, state: StateId, payload: &[u8]) -> Result<DestEvent> {
+    fn section(
+        &mut self,
+        state: StateId,
+        payload: &[u8],
+        reply: &mut dyn FnMut(&Frame) -> Result<()>,
+    ) -> Result<DestEvent> {
         if Some(state) != self.ram_state {
             let Some(name) = self.states.get(&state) else {
                 return Err(ProtocolError::UndeclaredState(state).into());
@@ -775,7 +794,10 @@ impl DestCore {
                 .get(&state)
                 .and_then(|&i| self.dest_states.get(i))
             {
-                dest_state::lock(s).section(payload)?;
+                let answer = dest_state::lock(s).section(payload)?;
+                if let Some(payload) = answer {
+                    reply(&Frame::Report { state, payload })?;
+                }
                 return Ok(DestEvent::Section { state });
             }
             let handler = self

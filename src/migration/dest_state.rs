@@ -7,6 +7,19 @@ use std::sync::{Arc, Mutex};
 use super::error::{MigrationError, Result};
 use super::frame::StateId;
 
+/// What binds a destination state's data to one migration, so that a later attempt
+/// resumes it only if it belongs to the same one: the Hello's migration id, and the
+/// migration's token when the destination issues nonces (the nonce of its first attempt,
+/// which every later attempt names in its Hello's `resume`; 0 without nonces). This is how
+/// kept RAM is bound ([`super::dest::RetainedRam`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Binding {
+    /// The Hello's migration id.
+    pub migration_id: u64,
+    /// The migration's token (0 without nonces).
+    pub token: u128,
+}
+
 /// A destination-side state, registered with the destination by the name its source
 /// counterpart ([`super::MigrationState::name`]) declares in the Hello.
 ///
@@ -14,8 +27,9 @@ use super::frame::StateId;
 /// [`section`](Self::section) for each of its sections; then
 /// [`before_start`](Self::before_start), after the source's End (precopy) or postcopy
 /// Switchover and before the destination answers Started; or [`failed`](Self::failed) if
-/// the attempt ends otherwise (a refusal included), never after Started. A later attempt
-/// starts again with `hello`.
+/// the attempt ends otherwise (a refusal included), never after Started; after Started, a
+/// stream that fails before its End calls [`failed_after_start`](Self::failed_after_start).
+/// A later attempt starts again with `hello`.
 ///
 /// A shared-storage disk state ([`super::disk::SharedDiskDest`]) opens and activates its
 /// image in `before_start`, and puts it back as the source left it in `failed`.
@@ -23,20 +37,24 @@ pub trait DestState: Send + std::fmt::Debug {
     /// The state's name, as the source declares it.
     fn name(&self) -> &str;
 
-    /// The Hello declared this state with section id `id`.
+    /// The Hello of an attempt of the migration `binding` declared this state with section
+    /// id `id`. A state that keeps data across attempts resumes it only for the same
+    /// binding, and must not drop it here: the Hello may still be refused.
     ///
     /// # Errors
     /// The destination cannot take this state: the Hello is refused.
-    fn hello(&mut self, id: StateId) -> Result<()> {
-        let _ = id;
+    fn hello(&mut self, id: StateId, binding: Binding) -> Result<()> {
+        let _ = (id, binding);
         Ok(())
     }
 
-    /// A section of this state, in the state's own format.
+    /// A section of this state, in the state's own format. A returned payload goes back to
+    /// the source at once as a Report frame ([`super::frame::Frame::Report`]): the answer
+    /// to a query of the source's state ([`super::MigrationState::awaits_report`]).
     ///
     /// # Errors
     /// A payload that does not decode or that this state refuses; the attempt fails.
-    fn section(&mut self, payload: &[u8]) -> Result<()> {
+    fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
         let _ = payload;
         Err(MigrationError::InvalidInput(format!(
             "state {} takes no sections",
@@ -59,6 +77,13 @@ pub trait DestState: Send + std::fmt::Debug {
     /// [`before_start`](Self::before_start) did, if it ran, so that the source can take
     /// its state back as it left it.
     fn failed(&mut self) {}
+
+    /// The stream failed after the guest started here (postcopy) and before its End: what
+    /// the source still had to push will not come. The guest runs on here (the source
+    /// stays stopped), so a state that expected more must make what it holds read as
+    /// needing everything, never as complete (a disk bitmap: every granule dirty). The
+    /// default does nothing: a state that has all it needs once the guest starts.
+    fn failed_after_start(&mut self) {}
 }
 
 /// A [`DestState`] shared between the destination and its owner (who reads what it

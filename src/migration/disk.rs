@@ -32,7 +32,7 @@
 //!   inactive and the source stays stopped.
 
 use super::channel::Outbound;
-use super::dest_state::DestState;
+use super::dest_state::{Binding, DestState};
 use super::error::{MigrationError, Result};
 use super::frame::StateId;
 use super::state::{MigrationState, Pending};
@@ -373,7 +373,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         &self.name
     }
 
-    fn hello(&mut self, _id: StateId) -> Result<()> {
+    fn hello(&mut self, _id: StateId, _binding: Binding) -> Result<()> {
         // A store still held from an earlier attempt that failed after taking over was
         // given back in `failed`; nothing is open writable here before the start. The
         // preload only reads, beside the running source, and is never trusted as is.

@@ -8,24 +8,40 @@
 //! so the disk flusher's takes and the stream's never steal each other's regions. Per
 //! bitmap it sends a START section (name, granularity, disk size, flags), REGIONS
 //! sections whose entries *replace* the destination's copy of a region (a `clear` removes
-//! bits), and at the stop a COMPLETE section (payloads in [`super::bitmap_codec`]).
-//! Sending never clears a source bit. A failed attempt re-queues every region it sent (the
-//! source cannot know what the destination kept), so the retry sends them again with
-//! everything changed since.
+//! bits), and at the stop a COMPLETE section (payloads in [`super::bitmap_codec`]). Every
+//! section carries the state's next sequence number, never reused within a migration.
+//! Sending never clears a source bit.
+//!
+//! **A retry sends only what changed since.** The source remembers, per region, the
+//! sequence number of the section that last carried it since the destination last
+//! reported. A failed attempt leaves those in doubt. The next attempt's setup sends a
+//! QUERY; the destination answers (a Report frame) with the last sequence number it
+//! applied, `n`, of the data it kept for this migration (0 if it kept nothing). The
+//! destination applies sections whole and in stream order, so it holds every section up to
+//! `n` and none after: the source re-queues only the regions last carried after `n`
+//! (every region changed since its send is in the change consumer already). A report of
+//! 0 (a new destination process, another migration, kept data dropped) or one below an
+//! earlier report re-queues every region and resends every START, which resets the
+//! destination's copy: any doubt resends. A report above the last number sent is refused
+//! ([`ProtocolError::ReportBeyondSent`]): the destination claims data it was never sent.
 //!
 //! Destination: [`StreamDiskDest`] (a [`DestState`]) builds each bitmap in memory as the
 //! regions arrive; after End (or the postcopy Switchover) and before Started it opens its
-//! own image, stores every bitmap into it and activates it. Regions that arrive after the
-//! start (none with this source, whose postcopy switch sends everything first) are ORed
-//! into the running bitmap, so the destination guest's marks are never overwritten.
+//! own image, stores every bitmap into it and activates it. A failed attempt's bitmaps are
+//! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
+//! issues nonces) and to the source stream that sent them (a random id in its STARTs and
+//! QUERYs: a new source numbers from 1 again), and resumed only by a QUERY of that stream
+//! in an attempt of the same migration. Regions that arrive after the start (postcopy, with
+//! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running
+//! bitmap, so the destination guest's marks are never overwritten.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::bitmap_codec::{self, BitmapSection, Start};
 use super::channel::Outbound;
-use super::dest_state::DestState;
-use super::error::{MigrationError, Result};
+use super::dest_state::{Binding, DestState};
+use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::StateId;
 use super::state::{MigrationState, Pending};
 use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
@@ -36,6 +52,16 @@ use crate::units::Bytes;
 /// Regions per REGIONS section.
 pub const REGIONS_PER_SECTION: u64 = 64;
 
+/// A fresh stream id: random, never 0.
+fn new_stream_id() -> u64 {
+    loop {
+        let id = crate::rng::unique_u64();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// One bitmap the source streams.
 #[derive(Debug)]
 struct Streamed {
@@ -45,10 +71,12 @@ struct Streamed {
     /// Regions taken from the consumer and not all sent yet, and the next region of it to
     /// send (regions below it are sent).
     queue: Option<(ChangedRegions, u64)>,
-    /// Every region taken in this attempt (sent, or in the queue): what a failure
-    /// re-queues.
-    taken: Option<ChangedRegions>,
-    start_sent: bool,
+    /// The sequence number of the START the destination holds, or may hold if the attempt
+    /// that sent it is in doubt; `None`: it must be sent (again).
+    start_seq: Option<u64>,
+    /// Per region, the sequence number of the section that last carried it since the
+    /// destination's last report (0: none). Empty until the first send.
+    sent_seq: Vec<u64>,
     /// The consumer's changed regions as of the last exact query or take: the estimate's
     /// stale view of them.
     seen: u64,
@@ -61,13 +89,45 @@ impl Streamed {
         })
     }
 
-    /// Puts back every region taken in this attempt.
-    fn requeue(&mut self) {
-        if let Some(t) = self.taken.take() {
-            self.consumer.requeue_changed(&t);
+    /// Hands the regions taken but not sent back to the consumer.
+    fn requeue_unsent(&mut self) {
+        if let Some((q, next)) = self.queue.take() {
+            let mut unsent = ChangedRegions::empty(q.region_count());
+            for r in q.iter().filter(|&r| r >= next) {
+                unsent.insert(r);
+            }
+            if !unsent.is_empty() {
+                self.consumer.requeue_changed(&unsent);
+            }
         }
+    }
+
+    /// The destination holds nothing of this bitmap: every region and the START again.
+    fn resend_all(&mut self) {
         self.queue = None;
-        self.start_sent = false;
+        self.consumer
+            .requeue_changed(&ChangedRegions::all(self.bitmap.region_count()));
+        self.start_seq = None;
+        self.sent_seq.clear();
+    }
+
+    /// The destination holds every section up to `applied` and none after: re-queues the
+    /// regions last carried after it (a START after it: the whole bitmap).
+    fn resolve(&mut self, applied: u64) {
+        if self.start_seq.is_none_or(|s| s > applied) {
+            self.resend_all();
+            return;
+        }
+        let mut lost = ChangedRegions::empty(self.bitmap.region_count());
+        for (r, &seq) in self.sent_seq.iter().enumerate() {
+            if seq > applied {
+                lost.insert(r as u64);
+            }
+        }
+        if !lost.is_empty() {
+            self.consumer.requeue_changed(&lost);
+        }
+        self.sent_seq.clear();
     }
 }
 
@@ -81,10 +141,28 @@ pub struct StreamDiskState {
     overhead: Bytes,
     regions_sent: u64,
     sections_sent: u64,
+    /// This source stream's id (random, never 0), in its STARTs and QUERYs: the
+    /// destination resumes only what this stream sent, whose numbers it knows.
+    stream_id: u64,
+    /// The next section's sequence number (the first is 1; never reused).
+    next_seq: u64,
+    /// The destination's last accepted report (0: none, or it held nothing).
+    confirmed: u64,
+    /// The setup sent a QUERY and its Report has not come.
+    awaiting: bool,
+    /// An attempt failed and no report since says what the destination holds.
+    unresolved: bool,
+    /// Regions due when the last report was taken (everything changed since its send, or
+    /// not held), over every bitmap.
+    due_after_report: Option<u64>,
     /// Wire bytes the last [`complete`](MigrationState::complete) put on the wire.
     complete_bytes: Bytes,
     /// QEMU's way, for benchmarks: nothing during precopy, every bitmap whole at the stop.
     qemu_baseline: bool,
+    /// Regions may go after a postcopy switch ([`defer_to_postcopy`](Self::defer_to_postcopy)).
+    postcopy: bool,
+    /// The postcopy switch happened: what is left is pushed to a running destination.
+    switched: bool,
 }
 
 impl StreamDiskState {
@@ -121,8 +199,8 @@ impl StreamDiskState {
                 bitmap: b,
                 consumer,
                 queue: None,
-                taken: None,
-                start_sent: false,
+                start_seq: None,
+                sent_seq: Vec::new(),
                 seen,
             });
         }
@@ -133,8 +211,16 @@ impl StreamDiskState {
             overhead: Bytes(0),
             regions_sent: 0,
             sections_sent: 0,
+            stream_id: new_stream_id(),
+            next_seq: 1,
+            confirmed: 0,
+            awaiting: false,
+            unresolved: false,
+            due_after_report: None,
             complete_bytes: Bytes(0),
             qemu_baseline: false,
+            postcopy: false,
+            switched: false,
         })
     }
 
@@ -174,6 +260,20 @@ impl StreamDiskState {
             qemu_baseline: true,
             ..Self::from_store(id, name, store)?
         })
+    }
+
+    /// With `on`, regions still to send at a postcopy switch go after it, as RAM's pages
+    /// do: they count as `can_postcopy`, the switch sends only each bitmap's START (if not
+    /// sent) and its COMPLETE, and the loop's background push sends the rest to the running
+    /// destination, which ORs them into its live bitmap, never over the marks its guest
+    /// made since it started. The destination's bitmap is then a superset of the source's
+    /// at the stop (a bit the source cleared after sending it stays until the next
+    /// backup), never missing a mark of either side. A precopy switchover still sends
+    /// everything before the start.
+    #[must_use]
+    pub fn defer_to_postcopy(mut self, on: bool) -> Self {
+        self.postcopy = on;
+        self
     }
 
     /// Wire bytes the last [`complete`](MigrationState::complete) (the stop) put on the
@@ -233,16 +333,33 @@ impl StreamDiskState {
         let mut n = regions.saturating_mul(Self::region_wire(b)).saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
-        if !b.start_sent {
+        if b.start_seq.is_none() {
             n = n.saturating_add(section + (bitmap_codec::START_LEN + b.name.len()) as u64);
         }
         // COMPLETE.
         Bytes(n.saturating_add(section))
     }
 
-    fn start_of(i: usize, b: &Streamed) -> Start {
+    /// Wire bytes of sending every region of bitmap `b`, its START and its COMPLETE.
+    fn wire_all(&self, b: &Streamed) -> Bytes {
+        let section = self
+            .overhead
+            .get()
+            .saturating_add(bitmap_codec::HEADER_LEN as u64);
+        let start = section + (bitmap_codec::START_LEN + b.name.len()) as u64;
+        let regions = b.bitmap.region_count();
+        let body = regions.saturating_mul(Self::region_wire(b)).saturating_add(
+            regions
+                .div_ceil(REGIONS_PER_SECTION)
+                .saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
+        );
+        Bytes(body.saturating_add(start).saturating_add(section))
+    }
+
+    fn start_of(i: usize, b: &Streamed, stream: u64) -> Start {
         Start {
             index: i as u16,
+            stream,
             name: b.name.clone(),
             granularity_bits: b.bitmap.granularity().trailing_zeros() as u8,
             enabled: b.bitmap.is_enabled(),
@@ -251,23 +368,43 @@ impl StreamDiskState {
         }
     }
 
+    /// The next section's sequence number.
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq = s.saturating_add(1);
+        s
+    }
+
     /// Sends bitmap `i`'s START if needed, then its queued regions, taking more from its
     /// consumer when the queue runs out, until `budget` (or everything, if `None`).
+    ///
+    /// Each region's section number is recorded before the section goes to the channel: a
+    /// send that fails may still have put it on the wire, so it is in doubt like the rest.
     fn send(&mut self, out: &mut dyn Outbound, i: usize, budget: Option<Bytes>) -> Result<Bytes> {
         let mut sent = Bytes(0);
-        let Some(b) = self.bitmaps.get_mut(i) else {
+        if i >= self.bitmaps.len() {
             return Ok(sent);
-        };
-        if !b.start_sent {
-            sent += out.send(self.id, &bitmap_codec::encode_start(&Self::start_of(i, b)))?;
-            b.start_sent = true;
+        }
+        let id = self.id;
+        if self.bitmaps.get(i).is_some_and(|b| b.start_seq.is_none()) {
+            let seq = self.seq();
+            let Some(b) = self.bitmaps.get_mut(i) else {
+                return Ok(sent);
+            };
+            b.start_seq = Some(seq);
+            let start = Self::start_of(i, b, self.stream_id);
+            sent += out.send(id, &bitmap_codec::encode_start(&start, seq))?;
         }
         let mut buf = Vec::new();
-        b.seen = 0;
         loop {
             if budget.is_some_and(|bud| sent >= bud) {
                 break;
             }
+            let seq = self.next_seq;
+            let Some(b) = self.bitmaps.get_mut(i) else {
+                break;
+            };
+            b.seen = 0;
             if b.queue
                 .as_ref()
                 .is_none_or(|(q, next)| q.iter().all(|r| r < *next))
@@ -277,42 +414,86 @@ impl StreamDiskState {
                     b.queue = None;
                     break;
                 }
-                match &mut b.taken {
-                    Some(all) => all.union_with(&t),
-                    None => b.taken = Some(t.clone()),
-                }
                 b.queue = Some((t, 0));
             }
             let Some((q, next)) = b.queue.as_mut() else {
                 break;
             };
-            let mut section = bitmap_codec::begin_regions(i as u16);
+            if b.sent_seq.is_empty() {
+                b.sent_seq = vec![0; usize::try_from(b.bitmap.region_count()).unwrap_or(0)];
+            }
+            let mut section = bitmap_codec::begin_regions(i as u16, seq);
             let from = *next;
             let batch: Vec<u64> = q
                 .iter()
                 .filter(|&r| r >= from)
                 .take(REGIONS_PER_SECTION as usize)
                 .collect();
-            let mut n = 0u32;
-            for r in batch {
+            for &r in &batch {
                 buf.resize(usize::try_from(b.bitmap.region_len(r)).unwrap_or(0), 0);
                 b.bitmap.serialize_region(r, &mut buf)?;
                 bitmap_codec::push_region(&mut section, r, &buf);
-                n += 1;
-                *next = r + 1;
             }
+            // The section is whole: from here it counts as sent (in doubt until a report),
+            // so that no number is recorded for a section that never went.
+            for &r in &batch {
+                if let Some(s) = b.sent_seq.get_mut(r as usize) {
+                    *s = seq;
+                }
+            }
+            if let Some(&last) = batch.last() {
+                *next = last + 1;
+            }
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             bitmap_codec::finish_regions(&mut section, n);
-            sent += out.send(self.id, &section)?;
+            self.next_seq = seq.saturating_add(1);
             self.regions_sent += u64::from(n);
             self.sections_sent += 1;
+            sent += out.send(id, &section)?;
         }
         Ok(sent)
     }
 
-    fn requeue_all(&mut self) {
+    /// Every bitmap's every region and START again: the destination holds nothing sure.
+    fn resend_all(&mut self) {
         for b in &mut self.bitmaps {
-            b.requeue();
+            b.resend_all();
         }
+        self.confirmed = 0;
+        self.unresolved = false;
+        self.awaiting = false;
+    }
+
+    /// The attempt failed: what was taken and not sent goes back to the consumers; what
+    /// was sent stays in doubt until the next attempt's report.
+    fn failed(&mut self) {
+        for b in &mut self.bitmaps {
+            b.requeue_unsent();
+        }
+        self.awaiting = false;
+        if self.qemu_baseline {
+            // QEMU's way sends whole bitmaps at every stop.
+            self.resend_all();
+        } else if self.next_seq > 1 {
+            self.unresolved = true;
+        }
+    }
+
+    /// Regions of every bitmap due when the destination's last report was taken: those it
+    /// did not hold or that changed since their send (`None` before any report). Against
+    /// [`region_count`](Self::region_count), what a retry saved.
+    pub fn due_after_report(&self) -> Option<u64> {
+        self.due_after_report
+    }
+
+    /// Regions of every bitmap.
+    pub fn region_count(&self) -> u64 {
+        self.bitmaps.iter().map(|b| b.bitmap.region_count()).sum()
+    }
+
+    /// Sections numbered so far (the last sequence number used).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
     }
 }
 
@@ -325,14 +506,68 @@ impl MigrationState for StreamDiskState {
         &self.name
     }
 
+    /// Learns the framing; after an attempt that sent anything, asks the destination what
+    /// it kept (a QUERY: the loop waits for the Report before the first turn).
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.overhead = out.section_overhead();
         self.complete_bytes = Bytes(0);
-        for b in &mut self.bitmaps {
-            b.start_sent = false;
-            b.taken = None;
+        self.awaiting = false;
+        self.switched = false;
+        if self.next_seq > 1 && !self.qemu_baseline {
+            // Waiting before anything is sent: whatever the answer, nothing of this
+            // attempt is lost to it.
+            self.awaiting = true;
+            return out.send(self.id, &bitmap_codec::encode_query(self.stream_id));
         }
         Ok(Bytes(0))
+    }
+
+    fn awaits_report(&self) -> bool {
+        self.awaiting
+    }
+
+    /// The destination's Report: it holds every section up to `n` and none after. Regions
+    /// last carried after `n` go back to the queue; `n` = 0 (it holds nothing) or below an
+    /// earlier report (it lost what it said it held) resends everything.
+    ///
+    /// # Errors
+    /// [`ProtocolError::ReportBeyondSent`] when `n` is above the last section sent, a
+    /// Report that does not decode, or one that was not asked for; nothing changes then.
+    fn report(&mut self, payload: &[u8]) -> Result<()> {
+        let n = bitmap_codec::decode_report(payload)?;
+        if !self.awaiting {
+            return Err(ProtocolError::UnexpectedMessage {
+                kind: super::frame::FrameKind::Report,
+                when: "to a state that asked nothing",
+            }
+            .into());
+        }
+        let sent = self.last_seq();
+        if n > sent {
+            return Err(ProtocolError::ReportBeyondSent {
+                state: self.id,
+                reported: n,
+                sent,
+            }
+            .into());
+        }
+        self.awaiting = false;
+        if n == 0 || n < self.confirmed {
+            self.resend_all();
+        } else {
+            for b in &mut self.bitmaps {
+                b.resolve(n);
+            }
+            self.confirmed = n;
+            self.unresolved = false;
+        }
+        self.due_after_report = Some(
+            self.bitmaps
+                .iter()
+                .map(|b| b.consumer.changed_region_count())
+                .sum(),
+        );
+        Ok(())
     }
 
     /// Exact: wire bytes of every region queued or changed, each bitmap's START if not
@@ -340,19 +575,22 @@ impl MigrationState for StreamDiskState {
     /// happen): the exact figure only reads their counters. The estimate counts only the
     /// regions queued or changed as of the last exact query or take, so that once
     /// everything was sent it falls to zero, as a drained RAM's does, and the loop runs
-    /// the exact query that finds what changed since.
+    /// the exact query that finds what changed since. After a failure, until the
+    /// destination's report says what it holds, every region counts (it may hold nothing).
     fn pending(&mut self, exact: bool) -> Pending {
         let mut total = Bytes(0);
-        if self.qemu_baseline {
-            // Whole bitmaps, every time: nothing goes before the stop.
+        if self.qemu_baseline || self.unresolved || self.awaiting {
+            // Whole bitmaps: QEMU's way every time; ours while the destination's copy is
+            // unknown.
             for b in &self.bitmaps {
-                total += self.wire(b, b.bitmap.region_count());
+                total += self.wire_all(b);
             }
             return Pending {
                 must_precopy: total,
                 ..Pending::default()
             };
         }
+        let mut late = Bytes(0);
         for i in 0..self.bitmaps.len() {
             let Some(b) = self.bitmaps.get_mut(i) else {
                 continue;
@@ -362,24 +600,37 @@ impl MigrationState for StreamDiskState {
             }
             let left = b.queued() + b.seen;
             if let Some(b) = self.bitmaps.get(i) {
-                total += if exact {
-                    self.wire(b, left)
-                } else if left == 0 {
-                    Bytes(0)
+                // Only regions, so that it reaches 0 once they are all sent.
+                let estimate = Bytes(left.saturating_mul(Self::region_wire(b)));
+                if self.switched {
+                    // Pushed to the running destination.
+                    late += estimate;
+                } else if self.postcopy {
+                    // START and COMPLETE go at the switch; the regions may follow it.
+                    if exact {
+                        let fixed = self.wire(b, 0);
+                        total += fixed;
+                        late += self.wire(b, left) - fixed;
+                    } else {
+                        late += estimate;
+                    }
+                } else if exact {
+                    total += self.wire(b, left);
                 } else {
-                    Bytes(left.saturating_mul(Self::region_wire(b)))
-                };
+                    total += estimate;
+                }
             }
         }
         Pending {
             must_precopy: total,
+            can_postcopy: late,
             ..Pending::default()
         }
     }
 
     fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
         let mut sent = Bytes(0);
-        if self.qemu_baseline {
+        if self.qemu_baseline || self.awaiting {
             return Ok(sent);
         }
         for i in 0..self.bitmaps.len() {
@@ -394,28 +645,62 @@ impl MigrationState for StreamDiskState {
     /// Everything left, then each bitmap's COMPLETE. The VM is stopped and its disk I/O
     /// drained; the marks still in flight are waited for before the last take.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        if self.awaiting {
+            // No report came (a loop that did not wait for it): the destination's copy is
+            // unknown, so every START and region goes again, and the STARTs reset it.
+            self.resend_all();
+        }
         let mut sent = Bytes(0);
         for i in 0..self.bitmaps.len() {
             if let Some(b) = self.bitmaps.get(i) {
                 b.bitmap.wait_for_marks();
             }
             sent += self.send(out, i, None)?;
-            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16))?;
+            let seq = self.seq();
+            sent += out.send(
+                self.id,
+                &bitmap_codec::encode_complete(i as u16, seq, false),
+            )?;
         }
         self.complete_bytes = sent;
         Ok(sent)
     }
 
+    /// With [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy): each bitmap's START
+    /// if not sent, and its COMPLETE; the regions follow in the background push. Without:
+    /// everything now ([`complete`](MigrationState::complete)).
+    fn postcopy_start(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        if !self.postcopy || self.qemu_baseline {
+            return self.complete(out);
+        }
+        if self.awaiting {
+            self.resend_all();
+        }
+        let mut sent = Bytes(0);
+        for i in 0..self.bitmaps.len() {
+            if let Some(b) = self.bitmaps.get(i) {
+                b.bitmap.wait_for_marks();
+            }
+            // A zero budget sends the START, if needed, and no region.
+            sent += self.send(out, i, Some(Bytes(0)))?;
+            let seq = self.seq();
+            sent += out.send(self.id, &bitmap_codec::encode_complete(i as u16, seq, true))?;
+        }
+        self.switched = true;
+        self.complete_bytes = sent;
+        Ok(sent)
+    }
+
     fn channel_failed(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 
     fn cancel(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 
     fn resume_source(&mut self) {
-        self.requeue_all();
+        self.failed();
     }
 }
 
@@ -425,6 +710,19 @@ struct Incoming {
     start: Start,
     bitmap: DirtyBitmap,
     complete: bool,
+    /// Its COMPLETE said regions may follow the start (a postcopy push).
+    more: bool,
+}
+
+/// The bitmaps of one migration as this destination holds them, and the last section
+/// number it applied to them (0: none). Sections are applied whole and in order, so this
+/// holds exactly every section up to `applied` the source sent.
+#[derive(Debug, Default)]
+struct Held {
+    incoming: BTreeMap<u16, Incoming>,
+    applied: u64,
+    /// The source stream whose sections these are (its QUERY or first START says).
+    stream: Option<u64>,
 }
 
 /// The destination's side of a [`StreamDiskState`]: see the [module documentation](self).
@@ -432,7 +730,18 @@ pub struct StreamDiskDest<S: Storage> {
     name: String,
     open: Box<dyn FnMut() -> crate::Result<BitmapStore<S>> + Send>,
     max_bytes: u64,
-    incoming: BTreeMap<u16, Incoming>,
+    /// The migration of the current attempt.
+    binding: Binding,
+    /// What the current attempt holds.
+    current: Held,
+    /// Bitmaps whose START came in the current attempt (a kept one's may be replaced).
+    started_now: BTreeSet<u16>,
+    /// Sections of the current attempt so far.
+    sections: u64,
+    /// The current attempt resumed the kept bitmaps.
+    resumed: bool,
+    /// What a failed attempt left, and the migration it belongs to.
+    kept: Option<(Binding, Held)>,
     store: Option<BitmapStore<S>>,
     started: bool,
 }
@@ -441,7 +750,9 @@ impl<S: Storage> std::fmt::Debug for StreamDiskDest<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamDiskDest")
             .field("name", &self.name)
-            .field("bitmaps", &self.incoming.len())
+            .field("bitmaps", &self.current.incoming.len())
+            .field("applied", &self.current.applied)
+            .field("kept", &self.kept.as_ref().map(|(_, h)| h.applied))
             .field("started", &self.started)
             .finish()
     }
@@ -453,8 +764,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 impl<S: Storage + 'static> StreamDiskDest<S> {
     /// The state named `name` (as the source's [`StreamDiskState`]), opening its own image
     /// with `open` (writable) when it takes over. It holds at most [`DEFAULT_MAX_BYTES`] of
-    /// bitmaps in memory; a START that would exceed it is refused before anything is
-    /// allocated.
+    /// bitmaps in memory, those a failed attempt left included; a START that would exceed
+    /// it is refused before anything is allocated.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<BitmapStore<S>> + Send + 'static,
@@ -463,7 +774,12 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             name: name.into(),
             open: Box::new(open),
             max_bytes: DEFAULT_MAX_BYTES,
-            incoming: BTreeMap::new(),
+            binding: Binding::default(),
+            current: Held::default(),
+            started_now: BTreeSet::new(),
+            sections: 0,
+            resumed: false,
+            kept: None,
             store: None,
             started: false,
         }
@@ -474,15 +790,86 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         self.store.take()
     }
 
+    /// This destination, holding at most `max_bytes` of bitmaps in memory.
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The active store while the guest runs here and before [`take_store`](Self::take_store):
+    /// the destination guest marks its writes on its bitmaps (postcopy regions that arrive
+    /// later are ORed into them).
+    pub fn store(&self) -> Option<&BitmapStore<S>> {
+        self.store.as_ref()
+    }
+
+    /// The last section number the current attempt holds (0: none).
+    pub fn applied(&self) -> u64 {
+        self.current.applied
+    }
+
+    /// The last section number of what a failed attempt left (`None`: nothing kept).
+    pub fn kept_applied(&self) -> Option<u64> {
+        self.kept.as_ref().map(|(_, h)| h.applied)
+    }
+
+    /// Whether the current attempt resumed what a failed one left.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The source asks what this destination holds of its migration: the kept bitmaps if
+    /// they belong to the same migration (they become this attempt's), else nothing. The
+    /// answer is the last section number held.
+    fn query(&mut self, stream: u64) -> Result<Vec<u8>> {
+        if self.sections != 0 {
+            return Err(bad("a QUERY after other sections of the attempt".into()));
+        }
+        self.current.stream = Some(stream);
+        match self.kept.take() {
+            // The same migration, and the same source stream: its numbers are the ones
+            // this destination counted.
+            Some((b, mut held)) if b == self.binding && held.stream == Some(stream) => {
+                // COMPLETE is per attempt: the stop sends it again.
+                for inc in held.incoming.values_mut() {
+                    inc.complete = false;
+                }
+                self.current = held;
+                self.resumed = true;
+            }
+            other => self.kept = other,
+        }
+        Ok(bitmap_codec::encode_report(self.current.applied))
+    }
+
     fn start(&mut self, s: Start) -> Result<()> {
-        if self.incoming.contains_key(&s.index) {
+        if self.current.stream.is_some_and(|id| id != s.stream) {
+            return Err(bad(format!(
+                "bitmap {} of stream {:#x} in an attempt of stream {:#x}",
+                s.index,
+                s.stream,
+                self.current.stream.unwrap_or(0)
+            )));
+        }
+        if !self.started_now.insert(s.index) {
             return Err(bad(format!("bitmap {} started twice", s.index)));
         }
+        // A START for a resumed bitmap replaces it (the source resends it whole), but only
+        // once every check passed: a failed section leaves what is held as it was, so
+        // that the count of sections held stays true.
         let granularity = 1u64 << s.granularity_bits;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
+        // What a failed attempt left counts too: it stays until this migration resumes
+        // it or another attempt holding something of its own fails or succeeds.
+        let kept = self.kept.iter().flat_map(|(_, h)| h.incoming.values());
         let held: u64 = self
+            .current
             .incoming
-            .values()
+            .iter()
+            .filter(|&(&i, _)| i != s.index)
+            .map(|(_, inc)| inc)
+            .chain(kept)
             .map(|i| i.bitmap.serialized_len())
             .sum();
         if held.saturating_add(bytes) > self.max_bytes {
@@ -494,22 +881,26 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let bitmap =
             DirtyBitmap::with_region_size(s.disk_size, granularity, u64::from(s.region_size))?;
         bitmap.set_enabled(s.enabled);
-        self.incoming.insert(
+        self.current.stream = Some(s.stream);
+        self.current.incoming.insert(
             s.index,
             Incoming {
                 start: s,
                 bitmap,
                 complete: false,
+                more: false,
             },
         );
         Ok(())
     }
 
     fn regions(&mut self, index: u16, regions: &[(u64, &[u8])]) -> Result<()> {
-        let Some(inc) = self.incoming.get_mut(&index) else {
+        let Some(inc) = self.current.incoming.get_mut(&index) else {
             return Err(bad(format!("regions of bitmap {index} before its START")));
         };
-        if inc.complete {
+        // After COMPLETE only once the guest runs here, and only if the COMPLETE said more
+        // may follow (a postcopy push, ORed below).
+        if inc.complete && !(self.started && inc.more) {
             return Err(bad(format!("regions of bitmap {index} after its COMPLETE")));
         }
         // Check every entry first, so a bad section changes nothing.
@@ -527,8 +918,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             .and_then(|st| st.bitmap(inc.start.name.as_bytes()).ok());
         for &(r, bytes) in regions {
             match &running {
-                // After the start: OR into the running bitmap, never over its marks.
-                Some(live) => or_region(live, r, bytes)?,
+                // After the start: OR into the running bitmap, never over its marks. The
+                // region is numbered in the source's geometry (the START's region size,
+                // which `inc.bitmap` has), not in the store's.
+                Some(live) => or_region(live, inc.bitmap.region_disk_range(r).0, bytes),
                 None => inc.bitmap.load_region(r, bytes)?,
             }
         }
@@ -540,9 +933,9 @@ fn bad(reason: String) -> MigrationError {
     super::frame::FrameError::payload("bitmap", reason).into()
 }
 
-/// Marks in `live` every bit set in `bytes`, region `r` of a bitmap of `live`'s geometry.
-fn or_region(live: &DirtyBitmap, r: u64, bytes: &[u8]) -> Result<()> {
-    let (start, _) = live.region_disk_range(r);
+/// Marks in `live` every bit set in `bytes`: serialized bitmap (qcow2's layout, bit `k` of
+/// byte `i` is granule `8i + k`) of `live`'s granularity, starting at disk offset `start`.
+fn or_region(live: &DirtyBitmap, start: u64, bytes: &[u8]) {
     let g = live.granularity();
     for (i, &byte) in bytes.iter().enumerate() {
         for bit in 0..8u64 {
@@ -554,7 +947,6 @@ fn or_region(live: &DirtyBitmap, r: u64, bytes: &[u8]) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
@@ -562,36 +954,64 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         &self.name
     }
 
-    fn hello(&mut self, _id: StateId) -> Result<()> {
-        // Every region comes again in this attempt: the source re-queued all it sent.
-        self.incoming.clear();
+    /// A new attempt of migration `binding` starts empty; what a failed attempt left stays
+    /// kept (the Hello may still be refused) until a QUERY of the same migration resumes
+    /// it.
+    fn hello(&mut self, _id: StateId, binding: Binding) -> Result<()> {
+        self.binding = binding;
+        self.current = Held::default();
+        self.started_now.clear();
+        self.sections = 0;
+        self.resumed = false;
         self.store = None;
         self.started = false;
         Ok(())
     }
 
-    fn section(&mut self, payload: &[u8]) -> Result<()> {
-        match bitmap_codec::decode(payload)? {
-            BitmapSection::Start(s) => self.start(s),
-            BitmapSection::Regions { index, regions } => self.regions(index, &regions),
-            BitmapSection::Complete { index } => match self.incoming.get_mut(&index) {
-                Some(i) => {
-                    i.complete = true;
-                    Ok(())
-                }
-                None => Err(bad(format!("COMPLETE of bitmap {index} before its START"))),
-            },
+    /// Applies one section whole, or refuses it changing nothing. Numbers must rise within
+    /// the attempt and above what it resumed: the count of what is held stays exact.
+    fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+        let sec = bitmap_codec::decode(payload)?;
+        if let BitmapSection::Query { stream } = sec.body {
+            let answer = self.query(stream)?;
+            self.sections += 1;
+            return Ok(Some(answer));
         }
+        if sec.seq <= self.current.applied {
+            return Err(bad(format!(
+                "section {} after section {}",
+                sec.seq, self.current.applied
+            )));
+        }
+        match sec.body {
+            BitmapSection::Start(s) => self.start(s)?,
+            BitmapSection::Regions { index, regions } => self.regions(index, &regions)?,
+            BitmapSection::Complete { index, more } => {
+                match self.current.incoming.get_mut(&index) {
+                    Some(i) => {
+                        i.complete = true;
+                        i.more = more;
+                    }
+                    None => {
+                        return Err(bad(format!("COMPLETE of bitmap {index} before its START")))
+                    }
+                }
+            }
+            BitmapSection::Query { .. } => {}
+        }
+        self.current.applied = sec.seq;
+        self.sections += 1;
+        Ok(None)
     }
 
     /// Every bitmap complete, the image opened, each bitmap stored into it (added if
     /// missing, with the source's granularity and recording), then activated.
     fn before_start(&mut self) -> Result<()> {
-        if let Some((i, _)) = self.incoming.iter().find(|(_, inc)| !inc.complete) {
+        if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| !inc.complete) {
             return Err(bad(format!("bitmap {i} never completed")));
         }
         let mut st = (self.open)()?;
-        for inc in self.incoming.values() {
+        for inc in self.current.incoming.values() {
             let s = &inc.start;
             if st.disk_size() != s.disk_size {
                 return Err(MigrationError::InvalidInput(format!(
@@ -627,13 +1047,305 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         st.activate()?;
         self.store = Some(st);
         self.started = true;
+        // The guest runs here from now on: nothing of this migration is resumed again.
+        self.kept = None;
         Ok(())
     }
 
+    /// The push after the start broke off: a bitmap whose regions could still follow is
+    /// missing some, and the guest runs here on it, so every granule of it is marked dirty
+    /// (the next backup copies everything; a clean bit here could be a lost mark).
+    fn failed_after_start(&mut self) {
+        let Some(st) = self.store.as_ref() else {
+            return;
+        };
+        for inc in self.current.incoming.values().filter(|i| i.more) {
+            if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
+                live.mark_dirty(0, live.disk_size());
+            }
+        }
+    }
+
+    /// Undoes the activation, if any, and keeps what this attempt holds for the next
+    /// attempt of the same migration, unless it holds nothing of its own (then what an
+    /// earlier attempt left stays kept).
     fn failed(&mut self) {
         if let Some(mut st) = self.store.take() {
             let _ = st.inactivate();
         }
         self.started = false;
+        if self.resumed || self.current.applied > 0 {
+            self.kept = Some((self.binding, std::mem::take(&mut self.current)));
+        }
+        self.resumed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const DISK: u64 = 1 << 30;
+
+    fn dest() -> StreamDiskDest<MemStorage> {
+        StreamDiskDest::new("s", || BitmapStore::create(MemStorage::new(), DISK, 65536))
+    }
+
+    fn start_of(index: u16, seq: u64) -> Vec<u8> {
+        bitmap_codec::encode_start(
+            &Start {
+                index,
+                stream: S1,
+                name: format!("b{index}"),
+                granularity_bits: 16,
+                enabled: true,
+                disk_size: DISK,
+                region_size: 512,
+            },
+            seq,
+        )
+    }
+
+    /// Region `r` of bitmap `index`, every bit set, as section `seq`.
+    fn full_region(index: u16, r: u64, seq: u64) -> Vec<u8> {
+        let mut s = bitmap_codec::begin_regions(index, seq);
+        bitmap_codec::push_region(&mut s, r, &[0xFF; 512]);
+        bitmap_codec::finish_regions(&mut s, 1);
+        s
+    }
+
+    /// The source stream of these tests.
+    const S1: u64 = 0x51;
+
+    fn report(d: &mut StreamDiskDest<MemStorage>) -> u64 {
+        let answer = d.section(&bitmap_codec::encode_query(S1)).unwrap().unwrap();
+        bitmap_codec::decode_report(&answer).unwrap()
+    }
+
+    const M1: Binding = Binding {
+        migration_id: 1,
+        token: 7,
+    };
+
+    #[test]
+    fn kept_bitmaps_serve_only_a_query_of_the_same_migration() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 0);
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 2, 2)).unwrap();
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        // Another migration (another token): nothing reported, the kept bitmaps stay.
+        d.hello(3, Binding { token: 8, ..M1 }).unwrap();
+        assert_eq!(report(&mut d), 0);
+        assert!(!d.resumed());
+        assert_eq!(d.kept_applied(), Some(2));
+        // It applies nothing and fails: what was kept is not replaced by nothing.
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        // An attempt of the same migration that sends no QUERY starts empty.
+        d.hello(3, M1).unwrap();
+        assert!(
+            d.section(&full_region(0, 2, 3)).is_err(),
+            "no START in this attempt"
+        );
+        // The same migration's QUERY resumes them.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 2);
+        assert!(d.resumed());
+        assert_eq!(d.kept_applied(), None);
+    }
+
+    /// Numbers mean something only to the stream that chose them: a new source of the
+    /// same migration (a new `StreamDiskState`, whose numbers start again at 1) never
+    /// resumes what another stream left, even when it sent as many sections.
+    #[test]
+    fn kept_bitmaps_serve_only_the_stream_that_sent_them() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 2, 2)).unwrap();
+        d.failed();
+        // Another stream of the same migration asks: nothing for it, the kept data stays.
+        d.hello(3, M1).unwrap();
+        let other = d
+            .section(&bitmap_codec::encode_query(S1 + 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bitmap_codec::decode_report(&other).unwrap(), 0);
+        assert!(!d.resumed());
+        // A START of a stream other than the attempt's is refused.
+        assert!(d.section(&start_of(0, 1)).is_err());
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 2);
+        assert!(d.resumed());
+    }
+
+    #[test]
+    fn kept_bitmaps_count_in_the_memory_bound() {
+        // Room for one bitmap of 1 GiB at 64 KiB (2 KiB).
+        let mut d = dest().with_max_bytes(2048);
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.failed();
+        // Another migration: its bitmap would make two.
+        d.hello(3, Binding { token: 8, ..M1 }).unwrap();
+        let e = d.section(&start_of(0, 1)).unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
+        // The same migration resumes and replaces it within the bound.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 1);
+        d.section(&start_of(0, 2)).unwrap();
+        d.section(&full_region(0, 1, 3)).unwrap();
+        d.failed();
+        // A START refused for the bound leaves the resumed bitmap as it was: what the
+        // report counts is still held.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        let mut big = start_of(0, 4);
+        big[bitmap_codec::HEADER_LEN + 2..bitmap_codec::HEADER_LEN + 10]
+            .copy_from_slice(&(DISK * 2).to_be_bytes());
+        assert!(d.section(&big).is_err());
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        assert_eq!(
+            d.current.incoming.get(&0).map(|i| i.bitmap.count()),
+            Some(512 * 8),
+            "the bitmap the report counts is held, with its region"
+        );
+    }
+
+    #[test]
+    fn numbers_must_rise_and_a_query_comes_first() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 5)).unwrap();
+        assert!(d.section(&bitmap_codec::encode_query(S1)).is_err());
+        assert!(
+            d.section(&full_region(0, 1, 5)).is_err(),
+            "a repeated number"
+        );
+        assert!(d.section(&full_region(0, 1, 4)).is_err(), "a lower number");
+        d.section(&full_region(0, 1, 9)).unwrap();
+        assert_eq!(d.applied(), 9);
+        // After a resume, numbers continue above what was kept.
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 9);
+        assert!(d.section(&full_region(0, 1, 9)).is_err());
+        d.section(&full_region(0, 1, 12)).unwrap();
+    }
+
+    #[test]
+    fn a_start_replaces_a_resumed_bitmap_but_not_one_of_its_own_attempt() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 3, 2)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3, false))
+            .unwrap();
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        // COMPLETE is per attempt: not complete until this attempt's.
+        assert!(d.before_start().is_err());
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 3);
+        // The source resends it whole: the old copy's region 3 is gone.
+        d.section(&start_of(0, 4)).unwrap();
+        assert!(
+            d.section(&start_of(0, 5)).is_err(),
+            "started twice in one attempt"
+        );
+        let held = &d.current.incoming[&0].bitmap;
+        assert_eq!(held.count(), 0);
+        d.section(&bitmap_codec::encode_complete(0, 6, false))
+            .unwrap();
+        d.before_start().unwrap();
+        let st = d.take_store().unwrap();
+        assert_eq!(st.bitmap("b0").unwrap().count(), 0);
+    }
+
+    /// The source's side, against a destination that reports: only what the report does
+    /// not cover goes again; a report of 0 sends everything; one of sections never sent
+    /// is refused and changes nothing.
+    #[test]
+    fn the_source_requeues_only_what_the_report_does_not_cover() {
+        struct Wire(Vec<Vec<u8>>);
+        impl Outbound for Wire {
+            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+                self.0.push(payload.to_vec());
+                Ok(Bytes(payload.len() as u64))
+            }
+            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
+                Ok(Bytes(0))
+            }
+            fn bytes_sent(&self) -> Bytes {
+                Bytes(0)
+            }
+        }
+        let b = Arc::new(DirtyBitmap::with_region_size(DISK, 65536, 512).unwrap());
+        let regions = b.region_count();
+        assert_eq!(regions, 4);
+        let mut s = StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))]).unwrap();
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        assert!(!s.awaits_report());
+        // START (1) and one REGIONS section (2) with the 4 regions.
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        assert_eq!((s.last_seq(), s.regions_sent()), (2, 4));
+        s.channel_failed();
+        s.cancel();
+        let retry = |s: &mut StreamDiskState, report: u64| -> Result<u64> {
+            let mut w = Wire(Vec::new());
+            s.setup(&mut w)?;
+            assert!(s.awaits_report());
+            assert_eq!(w.0, vec![bitmap_codec::encode_query(s.stream_id)]);
+            s.report(&bitmap_codec::encode_report(report))?;
+            let before = s.regions_sent();
+            s.iterate(&mut w, Bytes(u64::MAX))?;
+            let n = s.regions_sent() - before;
+            s.cancel();
+            Ok(n)
+        };
+        // Sections never sent: refused, nothing resolved (still waiting).
+        assert!(matches!(
+            retry(&mut s, 3),
+            Err(MigrationError::Protocol(ProtocolError::ReportBeyondSent {
+                reported: 3,
+                sent: 2,
+                ..
+            }))
+        ));
+        s.cancel();
+        // Everything held: nothing again.
+        assert_eq!(retry(&mut s, 2).unwrap(), 0);
+        // A change since: that region only.
+        b.mark_dirty(0, 1);
+        assert_eq!(retry(&mut s, 2).unwrap(), 1);
+        // The START held, the regions' section lost: the regions again.
+        // (Sections so far: 1 START, 2 REGIONS ×4, 3 REGIONS ×1.)
+        assert_eq!(retry(&mut s, 1).unwrap(), 4);
+        // Nothing held: START and every region.
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.report(&bitmap_codec::encode_report(0)).unwrap();
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        // The QUERY, the START, the 4 regions.
+        assert_eq!(w.0.len(), 3);
+        assert!(matches!(
+            bitmap_codec::decode(&w.0[1]).unwrap().body,
+            BitmapSection::Start(_)
+        ));
+        assert!(matches!(
+            bitmap_codec::decode(&w.0[2]).unwrap().body,
+            BitmapSection::Regions { ref regions, .. } if regions.len() == 4
+        ));
     }
 }

@@ -373,6 +373,18 @@ pub enum ProtocolError {
         /// The guest's pages.
         pages: u64,
     },
+    /// The destination reports it applied sections of a state up to a number the source
+    /// never reached: it claims data it was never sent (a hostile or confused peer). The
+    /// source trusts nothing of the report.
+    #[error("the destination reports state {state}'s sections applied up to {reported}, but only {sent} were sent")]
+    ReportBeyondSent {
+        /// The state.
+        state: StateId,
+        /// The number it reports.
+        reported: u64,
+        /// The last number the source sent.
+        sent: u64,
+    },
     /// A page request for a state this migration does not carry.
     #[error("page request for unknown state {0}")]
     RequestForUnknownState(StateId),

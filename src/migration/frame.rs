@@ -24,12 +24,14 @@ pub type StateId = u32;
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes (3: the destination issues a nonce, and the Hello
-/// echoes it, names the kept RAM it resumes, and carries the source's rate limit).
-pub const STREAM_VERSION: u32 = 3;
-/// The oldest stream version this crate reads. Version 2's Hello was bound to nothing but a
-/// per-guest id sent in clear, and did not say at what rate the source sends; it is refused.
-pub const MIN_STREAM_VERSION: u32 = 3;
+/// The stream version this crate writes (4: a state's sections may carry a sequence
+/// number, and the destination reports on the return path ([`Frame::Report`]) what it
+/// kept of them from a failed attempt of the same migration).
+pub const STREAM_VERSION: u32 = 4;
+/// The oldest stream version this crate reads. Version 3's disk bitmap sections had no
+/// sequence number and its destinations no Report; version 2's Hello was bound to nothing
+/// but a per-guest id sent in clear. Both are refused.
+pub const MIN_STREAM_VERSION: u32 = 4;
 /// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
 /// migration id (8), max bandwidth (8), nonce (16), resume (16), state count (2).
 pub const HELLO_FIXED_LEN: usize = 66;
@@ -227,6 +229,8 @@ pub enum FrameKind {
     Abort = 8,
     /// Destination → source, its first frame: the nonce this connection's Hello must echo.
     Nonce = 9,
+    /// Destination → source: a state's answer to its source's query (what it kept).
+    Report = 10,
 }
 
 impl FrameKind {
@@ -242,6 +246,7 @@ impl FrameKind {
             7 => FrameKind::PageRequest,
             8 => FrameKind::Abort,
             9 => FrameKind::Nonce,
+            10 => FrameKind::Report,
             _ => return None,
         })
     }
@@ -330,6 +335,14 @@ pub enum Frame {
     Nonce {
         /// Random, never 0, never reused by the destination.
         nonce: u128,
+    },
+    /// A state's answer to its source's query, in the state's own format (a stream-mode
+    /// disk bitmap: [`super::bitmap_codec::encode_report`]).
+    Report {
+        /// The state.
+        state: StateId,
+        /// The state's answer.
+        payload: Vec<u8>,
     },
 }
 
@@ -551,6 +564,7 @@ impl Frame {
             Frame::PageRequest { .. } => FrameKind::PageRequest,
             Frame::Abort { .. } => FrameKind::Abort,
             Frame::Nonce { .. } => FrameKind::Nonce,
+            Frame::Report { .. } => FrameKind::Report,
         }
     }
 
@@ -586,7 +600,9 @@ impl Frame {
                 }
                 p
             }
-            Frame::Section { state, payload } | Frame::PageRequest { state, payload } => {
+            Frame::Section { state, payload }
+            | Frame::PageRequest { state, payload }
+            | Frame::Report { state, payload } => {
                 let mut p = Vec::with_capacity(payload.len().saturating_add(4));
                 p.extend_from_slice(&state.to_be_bytes());
                 p.extend_from_slice(payload);
@@ -624,21 +640,21 @@ impl Frame {
         };
         Ok(match kind {
             FrameKind::Hello => Frame::Hello(decode_hello(p)?),
-            FrameKind::Section | FrameKind::PageRequest => {
-                let what = if kind == FrameKind::Section {
-                    "Section"
-                } else {
-                    "PageRequest"
+            FrameKind::Section | FrameKind::PageRequest | FrameKind::Report => {
+                let what = match kind {
+                    FrameKind::Section => "Section",
+                    FrameKind::PageRequest => "PageRequest",
+                    _ => "Report",
                 };
                 let Some((state, payload)) = p.split_first_chunk::<4>() else {
                     return Err(bad(what, "shorter than its 4-byte state id"));
                 };
                 let state = u32::from_be_bytes(*state);
                 let payload = payload.to_vec();
-                if kind == FrameKind::Section {
-                    Frame::Section { state, payload }
-                } else {
-                    Frame::PageRequest { state, payload }
+                match kind {
+                    FrameKind::Section => Frame::Section { state, payload },
+                    FrameKind::PageRequest => Frame::PageRequest { state, payload },
+                    _ => Frame::Report { state, payload },
                 }
             }
             FrameKind::Switchover => match p {

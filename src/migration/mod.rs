@@ -64,7 +64,7 @@ pub use crate::units;
 
 pub use channel::{DestMessage, Inbound, Outbound};
 pub use clock::{Clock, ManualClock, RealClock};
-pub use dest_state::{DestState, SharedDestState};
+pub use dest_state::{Binding, DestState, SharedDestState};
 pub use disk::{SharedDiskDest, SharedDiskState};
 pub use disk_stream::{StreamDiskDest, StreamDiskState};
 pub use error::{MigrationError, ProtocolError, Result, TlsError};

@@ -35,7 +35,9 @@
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
 //! The loop speaks the stream's protocol (`docs/FORMAT.md`, "Migration stream") through
-//! [`Outbound`]: a Hello before the states' setup; precopy completion is VM stop, a
+//! [`Outbound`]: a Hello before the states' setup, then the destination's
+//! [`DestMessage::Report`] to each state whose setup asked what was kept
+//! ([`MigrationState::awaits_report`]), waited for before the first turn; precopy completion is VM stop, a
 //! Switchover frame, every state's `complete`, End, and the destination's
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
@@ -456,6 +458,9 @@ where
         if let Err(e) = states[i].setup(&mut l.out) {
             return Err(l.fail_running(states, e));
         }
+    }
+    if let Err(e) = l.await_reports(states) {
+        return Err(l.fail_running(states, e));
     }
     l.window_start = l.clock.now();
     l.window_bytes = l.out.bytes_sent();
@@ -970,6 +975,43 @@ where
         }
     }
 
+    /// Waits for the destination's report to every state that asked for one in its setup
+    /// ([`MigrationState::awaits_report`]) and hands it over, before anything else is sent.
+    fn await_reports(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
+        let mut want: Vec<StateId> = states
+            .iter()
+            .filter(|s| s.awaits_report())
+            .map(|s| s.id())
+            .collect();
+        while !want.is_empty() {
+            match self.inbound.recv()? {
+                DestMessage::Report { state, payload } => {
+                    let Some(at) = want.iter().position(|&w| w == state) else {
+                        return Err(ProtocolError::UnexpectedMessage {
+                            kind: FrameKind::Report,
+                            when: "for a state that asked nothing or was answered",
+                        }
+                        .into());
+                    };
+                    want.swap_remove(at);
+                    if let Some(s) = states.iter_mut().find(|s| s.id() == state) {
+                        s.report(&payload)?;
+                    }
+                }
+                DestMessage::Refused(why) => return Err(MigrationError::DestinationRefused(why)),
+                DestMessage::Aborted(why) => return Err(MigrationError::PeerAborted(why)),
+                other => {
+                    return Err(ProtocolError::UnexpectedMessage {
+                        kind: other.kind(),
+                        when: "before the switchover",
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what the destination said during precopy: nothing is expected but an Abort.
     fn poll_precopy(&mut self) -> Result<()> {
         match self.inbound.try_recv()? {
@@ -1259,6 +1301,11 @@ where
             }
             DestMessage::Started => Err(ProtocolError::UnexpectedMessage {
                 kind: FrameKind::Started,
+                when: "after it started",
+            }
+            .into()),
+            DestMessage::Report { .. } => Err(ProtocolError::UnexpectedMessage {
+                kind: FrameKind::Report,
                 when: "after it started",
             }
             .into()),

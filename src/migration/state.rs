@@ -87,6 +87,29 @@ pub trait MigrationState {
     /// first collects those changes.
     fn pending(&mut self, exact: bool) -> Pending;
 
+    /// Whether the state's [`setup`](Self::setup) asked its destination counterpart what it
+    /// kept from an earlier attempt of the same migration, and the state sends nothing more
+    /// until it hears ([`report`](Self::report)). After every state's setup and before the
+    /// first precopy turn, the loop waits for one [`super::DestMessage::Report`] per state
+    /// that says so. The default: no.
+    fn awaits_report(&self) -> bool {
+        false
+    }
+
+    /// The destination's answer to the query of [`setup`](Self::setup), in the state's own
+    /// format.
+    ///
+    /// # Errors
+    /// A report the state refuses (one that names data it never sent: hostile or corrupt);
+    /// the attempt fails. The default refuses every report: the state asked nothing.
+    fn report(&mut self, payload: &[u8]) -> Result<()> {
+        let _ = payload;
+        Err(MigrationError::InvalidInput(format!(
+            "state {} asked its destination nothing",
+            self.name()
+        )))
+    }
+
     /// Sends up to about `budget` bytes (a state may overshoot by one batch) while the VM
     /// runs, and returns the bytes put on the wire.
     ///

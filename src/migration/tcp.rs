@@ -708,8 +708,8 @@ pub const RETURN_QUEUE: usize = 64;
 
 /// The largest frame the source reads on the return path: the destination's frames are
 /// Started (empty), Refused and Abort (a reason of at most
-/// [`MAX_REASON_LEN`](super::frame::MAX_REASON_LEN) bytes) and PageRequest (a state's request: 16 bytes
-/// for RAM).
+/// [`MAX_REASON_LEN`](super::frame::MAX_REASON_LEN) bytes), PageRequest (a state's request: 16 bytes
+/// for RAM) and Report (a state's answer: 12 bytes for disk bitmaps).
 pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
 
 /// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or
@@ -727,6 +727,7 @@ fn read_return_path<R: Read>(
                 Ok(DestMessage::PageRequest { state, payload })
             }
             Ok(Frame::Abort { reason }) => Ok(DestMessage::Aborted(reason)),
+            Ok(Frame::Report { state, payload }) => Ok(DestMessage::Report { state, payload }),
             Ok(other) => Err(ProtocolError::SourceFrameOnReturnPath { kind: other.kind() }.into()),
             // A read timeout between frames: the reader is still usable; look at `stop`.
             Err(MigrationError::Io(e))

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::tcp::{migrate_to, DestOptions, SourceOptions, TcpDestination};
+use dirty_bitmap::migration::tcp::{
+    migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination,
+};
 use dirty_bitmap::migration::{
     AutoConverge, Bytes, BytesPerMs, Controller, DestState, Directive, GuestRam, IterationReport,
     Kind, LoopConfig, MigrationError, MigrationState, Outbound, Pattern, Pending, RamState,
@@ -378,12 +380,14 @@ fn config(postcopy: bool) -> LoopConfig {
     }
 }
 
-/// One attempt through a proxy with `failure` (or none), the destination taking `side`.
+/// One attempt of the migration `session` through a proxy with `failure` (or none), the
+/// destination taking `side`.
 fn attempt(
     guest: &mut Guest,
     ram: &mut RamState,
     disk: &mut dyn MigrationState,
     side: &DestSide,
+    session: &mut Session,
     failure: Option<Failure>,
 ) -> Res<dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>> {
     let dest = TcpDestination::spawn(DestOptions {
@@ -412,13 +416,14 @@ fn attempt(
     if failure.is_some() {
         states.push(&mut fault);
     }
-    let r = migrate_to(
+    let r = migrate_in_session(
         proxy.addr,
         &SourceOptions {
             loop_config: config(postcopy),
             timeout: Duration::from_secs(5),
             ..SourceOptions::default()
         },
+        session,
         &mut guest.vm(),
         &mut states,
         &mut control,
@@ -556,20 +561,24 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
     };
     std::thread::sleep(Duration::from_millis(30));
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16)?;
-    let mut shared_state;
-    let mut stream_state;
-    let disk: &mut dyn MigrationState = match mode {
-        Mode::Shared => {
-            shared_state = SharedDiskState::new(2, "disk-bitmaps", store.clone());
-            &mut shared_state
-        }
-        Mode::Stream => {
-            stream_state = StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?;
-            &mut stream_state
-        }
+    let mut disk = match mode {
+        Mode::Shared => Disk::Shared(SharedDiskState::new(2, "disk-bitmaps", store.clone())),
+        // In postcopy (the after-start case) its regions may follow the switch.
+        Mode::Stream => Disk::Stream(
+            StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?.defer_to_postcopy(true),
+        ),
     };
-
-    let r = attempt(&mut guest, &mut ram_state, disk, &side, Some(failure))?;
+    // One migration: the retry names the first attempt's token, so the destination's
+    // kept bitmaps serve it.
+    let mut session = Session::new();
+    let r = attempt(
+        &mut guest,
+        &mut ram_state,
+        disk.state(),
+        &side,
+        &mut session,
+        Some(failure),
+    )?;
     let outcome = outcome_name(&r);
     let mut res = CaseResult {
         outcome,
@@ -612,12 +621,15 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 return finish(guest, res);
             };
             res.lost = lost(&d, &marks)?;
+            // A postcopy push that broke off leaves the bitmap dirty everywhere.
+            let all_dirty = d.bitmap("b").is_ok_and(|b| b.count() == b.bit_count());
             d.inactivate()?;
             drop(d);
             res.lost += lost_on_disk(&dest_img, &marks)?;
             res.state = match (mode, store.lock().is_active()) {
                 (Mode::Shared, false) => "at the destination; source handed over".into(),
                 (Mode::Shared, true) => "at the destination; source ACTIVE".into(),
+                (Mode::Stream, _) if all_dirty => "at the destination, all dirty (push cut)".into(),
                 (Mode::Stream, _) => "at the destination (its own image)".into(),
             };
             if mode == Mode::Shared && store.lock().is_active() {
@@ -634,9 +646,9 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 drop(side.take_store());
                 ram_state.channel_failed();
                 ram_state.resume_source();
-                disk.channel_failed();
-                disk.resume_source();
-                disk.reactivate()?;
+                disk.state().channel_failed();
+                disk.state().resume_source();
+                disk.state().reactivate()?;
                 guest.vm().resume()?;
             }
             // The source kept (or took back) the guest: every mark so far is in its bitmap.
@@ -651,7 +663,14 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 "source NOT active".into()
             };
             // A retry, without faults, hands over.
-            let retry = attempt(&mut guest, &mut ram_state, disk, &side, None)?;
+            let retry = attempt(
+                &mut guest,
+                &mut ram_state,
+                disk.state(),
+                &side,
+                &mut session,
+                None,
+            )?;
             match retry {
                 Ok(o) if o.kind == Kind::Completed => {
                     let marks = guest.disk.marks();
@@ -670,6 +689,13 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                         "handed over, downtime {:.1} ms",
                         o.downtime.as_secs_f64() * 1e3
                     );
+                    if let Disk::Stream(st) = &disk {
+                        // What the destination's report left due, of the whole bitmap.
+                        res.retry.push_str(&match st.due_after_report() {
+                            Some(due) => format!(", {due} of {} regions due", st.region_count()),
+                            None => ", no report".into(),
+                        });
+                    }
                     if mode == Mode::Stream {
                         // The source's own image, after its own stop, holds every mark too.
                         store.lock().inactivate()?;
@@ -691,6 +717,21 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
         res.ok = false;
     }
     finish(guest, res)
+}
+
+/// The disk state of a mode.
+enum Disk {
+    Shared(SharedDiskState<FileStorage>),
+    Stream(StreamDiskState),
+}
+
+impl Disk {
+    fn state(&mut self) -> &mut dyn MigrationState {
+        match self {
+            Disk::Shared(s) => s,
+            Disk::Stream(s) => s,
+        }
+    }
 }
 
 fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {

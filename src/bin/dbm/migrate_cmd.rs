@@ -342,14 +342,18 @@ impl DestState for ListenDisk {
         DISK_STATE
     }
 
-    fn hello(&mut self, id: StateId) -> dirty_bitmap::migration::Result<()> {
+    fn hello(
+        &mut self,
+        id: StateId,
+        binding: dirty_bitmap::migration::Binding,
+    ) -> dirty_bitmap::migration::Result<()> {
         self.attempt += 1;
         self.activated = false;
         say(format!(
             "attempt {}: the source declared {DISK_STATE}",
             self.attempt
         ));
-        self.inner.hello(id)
+        self.inner.hello(id, binding)
     }
 
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
@@ -391,6 +395,10 @@ impl DestState for ListenDisk {
                 "the image was not opened"
             }
         ));
+    }
+
+    fn failed_after_start(&mut self) {
+        self.inner.failed_after_start();
     }
 }
 

@@ -173,10 +173,11 @@ impl<D: DestState> DestState for TimedDest<D> {
     fn hello(
         &mut self,
         id: dirty_bitmap::migration::StateId,
+        binding: dirty_bitmap::migration::Binding,
     ) -> dirty_bitmap::migration::Result<()> {
-        self.inner().hello(id)
+        self.inner().hello(id, binding)
     }
-    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
         self.inner().section(payload)
     }
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
@@ -187,6 +188,9 @@ impl<D: DestState> DestState for TimedDest<D> {
     }
     fn failed(&mut self) {
         self.inner().failed();
+    }
+    fn failed_after_start(&mut self) {
+        self.inner().failed_after_start();
     }
 }
 

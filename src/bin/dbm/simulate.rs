@@ -99,7 +99,8 @@ pub fn run(args: &SimulateArgs) -> CmdResult {
         let _ = writeln!(
             s,
             "with a disk bitmap streamed to the destination's own image {} ({} switched over \
-             with the destination's bitmap equal to the source's at the stop)",
+             with the destination's bitmap equal to the source's at the stop, or after a \
+             postcopy switch holding all of it)",
             r.stream_scenarios, r.stream_equal
         );
         let _ = writeln!(s, "downtime-limit violations {}", r.violations);

@@ -55,6 +55,10 @@ fn all_kinds() -> Vec<Frame> {
         Frame::Abort {
             reason: "ünicode".into(),
         },
+        Frame::Report {
+            state: 3,
+            payload: vec![0, 0, 0, 0, 0, 0, 0, 17],
+        },
     ]
 }
 
@@ -85,7 +89,7 @@ fn every_kind_round_trips() {
     assert_eq!(r.bytes_read(), Bytes(bytes.len() as u64));
     assert!(matches!(
         frame_err(r.read_frame()),
-        FrameError::Closed { frames: 12, .. }
+        FrameError::Closed { frames: 13, .. }
     ));
 }
 
@@ -181,9 +185,9 @@ fn payload_checksum() {
 #[test]
 fn unknown_kind_and_reserved_bits() {
     let mut bytes = encode_stream_header(STREAM_VERSION).to_vec();
-    bytes.extend(encode_raw_frame(10, 0, &[]));
+    bytes.extend(encode_raw_frame(11, 0, &[]));
     let e = frame_err(FrameReader::new(&bytes[..]).read_frame());
-    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 10 });
+    assert_eq!(e, FrameError::UnknownKind { offset: 8, kind: 11 });
 
     let mut h = raw_header(4, 0, 0);
     h[OFF_RESERVED + 1] = 1;
@@ -571,6 +575,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::PageRequest { state, payload }),
         ".{0,20}".prop_map(|reason| Frame::Abort { reason }),
         any::<u128>().prop_map(|nonce| Frame::Nonce { nonce }),
+        (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::Report { state, payload }),
     ]
 }
 
