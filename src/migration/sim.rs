@@ -1014,12 +1014,28 @@ pub struct SimMarked<M> {
     pub writer: SimDiskWriter,
 }
 
+// Every hook is forwarded, the defaulted ones too: a wrapper that let one fall back to the
+// default would change what the loop does with the state (a stream state that awaits the
+// destination's report would not be waited for).
 impl<M: MigrationState> MigrationState for SimMarked<M> {
     fn id(&self) -> StateId {
         self.state.id()
     }
     fn name(&self) -> &str {
         self.state.name()
+    }
+    fn ram_geometry(&self) -> Option<(u32, u64)> {
+        self.state.ram_geometry()
+    }
+    fn migration_id(&self) -> Option<u64> {
+        self.state.migration_id()
+    }
+    fn awaits_report(&self) -> bool {
+        self.state.awaits_report()
+    }
+    fn report(&mut self, payload: &[u8]) -> Result<()> {
+        self.writer.accrue();
+        self.state.report(payload)
     }
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.writer.accrue();
