@@ -78,16 +78,7 @@ impl<S: Storage> BitmapStore<S> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
         // sum is checked before anything is allocated.
-        let needed: u64 = self
-            .slots
-            .iter()
-            .filter(|s| !s.inconsistent)
-            .map(|s| {
-                self.disk_size()
-                    .div_ceil(1u64 << s.entry.granularity_bits)
-                    .div_ceil(8)
-            })
-            .fold(0u64, u64::saturating_add);
+        let needed = self.memory_needed(self.slots.iter().filter(|s| !s.inconsistent));
         if needed > ACTIVE_MEMORY_LIMIT {
             return Err(Error::Unsupported(format!(
                 "activating would hold {needed} bytes of bitmaps in memory, more than the \

@@ -209,6 +209,18 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     }
 }
 
+/// What [`BitmapStore::walk_regions`] makes of a table entry that is not a data cluster.
+#[derive(Debug, Clone, Copy)]
+enum NotData {
+    /// All zeros: skipped (a fresh bitmap is clean already); all ones: ones.
+    Skip,
+    /// Zeros as zeros, ones as ones.
+    AsIs,
+    /// Timed as the worst case, a data cluster of all ones (see
+    /// [`BitmapStore::time_load`]).
+    WorstCase,
+}
+
 /// Time the calling thread has spent waiting on a run queue for a CPU since it started
 /// (`/proc/thread-self/schedstat`, second field, in ns), where the kernel reports it.
 fn runqueue_wait() -> Option<std::time::Duration> {
@@ -481,8 +493,28 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
-        let cs = self.image.cluster_size();
         let bm = self.new_bitmap(1u64 << entry.granularity_bits)?;
+        self.walk_regions(entry, &bm, NotData::Skip, |r, bytes| {
+            bm.load_region_fresh(r, bytes)
+        })?;
+        // What was just loaded is what is on disk.
+        let _ = bm.take_changed();
+        // Not shared yet: no mark can be in flight, so nothing to wait for.
+        bm.set_enabled_unshared(entry.auto);
+        Ok(bm)
+    }
+
+    /// Calls `f(region, bytes)` for the regions of `entry`'s bitmap (`bm` has its
+    /// geometry), cluster by cluster from its table: a data cluster as read from disk, and
+    /// a cluster that is not data as `not_data` says.
+    fn walk_regions(
+        &self,
+        entry: &DirEntry,
+        bm: &DirtyBitmap,
+        not_data: NotData,
+        mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let cs = self.image.cluster_size();
         let table = self.read_table(entry)?;
         let clusters = bm.serialized_len().div_ceil(cs);
         if table.len() as u64 != clusters {
@@ -494,36 +526,59 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let per_cluster = cs / bm.region_size();
-        let mut ones = Vec::new();
+        let mut fill = Vec::new();
         for (c, t) in table.iter().enumerate() {
             let c = c as u64;
             let len = bm
                 .serialized_len()
                 .saturating_sub(c.saturating_mul(cs))
                 .min(cs);
-            let data = match *t {
-                TableEntry::Zeroes => continue,
-                TableEntry::Ones => {
-                    ones.resize(len as usize, 0xFF);
-                    &ones[..len as usize]
+            let read;
+            let data = match (*t, not_data) {
+                (TableEntry::Data(off), _) => {
+                    read = read_metadata(self.image.storage(), "bitmap data", off, len)?;
+                    &read[..]
                 }
-                TableEntry::Data(off) => {
-                    &read_metadata(self.image.storage(), "bitmap data", off, len)?[..]
+                (TableEntry::Zeroes, NotData::Skip) => continue,
+                (TableEntry::Zeroes, NotData::AsIs) => {
+                    fill.clear();
+                    fill.resize(len as usize, 0);
+                    &fill[..]
+                }
+                (TableEntry::Ones, NotData::Skip | NotData::AsIs) => {
+                    fill.clear();
+                    fill.resize(len as usize, 0xFF);
+                    &fill[..]
+                }
+                (_, NotData::WorstCase) => {
+                    // A cluster-sized read (of the header cluster, which always exists)
+                    // and a cluster of all ones.
+                    let _ = read_metadata(self.image.storage(), "image header", 0, len)?;
+                    fill.clear();
+                    fill.resize(len as usize, 0xFF);
+                    &fill[..]
                 }
             };
             let first = c.saturating_mul(per_cluster);
             let mut at = 0usize;
             for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
                 let rl = bm.region_len(r) as usize;
-                bm.load_region_fresh(r, &data[at..at + rl])?;
+                f(r, &data[at..at + rl])?;
                 at += rl;
             }
         }
-        // What was just loaded is what is on disk.
-        let _ = bm.take_changed();
-        // Not shared yet: no mark can be in flight, so nothing to wait for.
-        bm.set_enabled_unshared(entry.auto);
-        Ok(bm)
+        Ok(())
+    }
+
+    /// Bytes of memory the bitmaps of `slots` take when held.
+    fn memory_needed<'a>(&self, slots: impl Iterator<Item = &'a Slot>) -> u64 {
+        slots
+            .map(|s| {
+                self.disk_size()
+                    .div_ceil(1u64 << s.entry.granularity_bits)
+                    .div_ceil(8)
+            })
+            .fold(0u64, u64::saturating_add)
     }
 
     /// Reads every bitmap of the directory, `in_use` or not, as it is on disk now, for a
@@ -538,14 +593,7 @@ impl<S: Storage> BitmapStore<S> {
     /// allows (the same limit).
     pub fn preload(&self) -> Result<Preloaded> {
         let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.stale).collect();
-        let needed: u64 = live
-            .iter()
-            .map(|s| {
-                self.disk_size()
-                    .div_ceil(1u64 << s.entry.granularity_bits)
-                    .div_ceil(8)
-            })
-            .fold(0u64, u64::saturating_add);
+        let needed = self.memory_needed(live.iter().copied());
         if needed > ACTIVE_MEMORY_LIMIT {
             return Err(Error::Unsupported(format!(
                 "preloading would hold {needed} bytes of bitmaps in memory, more than the \
@@ -569,40 +617,9 @@ impl<S: Storage> BitmapStore<S> {
     /// what [`load_disk`](Self::load_disk) would return; only the words that differ are
     /// written, and no memory is allocated or faulted in.
     fn refresh_disk(&self, entry: &DirEntry, held: DirtyBitmap) -> Result<DirtyBitmap> {
-        let cs = self.image.cluster_size();
-        let table = self.read_table(entry)?;
-        let clusters = held.serialized_len().div_ceil(cs);
-        if table.len() as u64 != clusters {
-            return Err(internal!(
-                "bitmap {:?}: table of {} entries for {} clusters of data",
-                entry.name,
-                table.len(),
-                clusters
-            ));
-        }
-        let per_cluster = cs / held.region_size();
-        let fill = |byte: u8, len: u64| vec![byte; usize::try_from(len).unwrap_or(usize::MAX)];
-        for (c, t) in table.iter().enumerate() {
-            let c = c as u64;
-            let len = held
-                .serialized_len()
-                .saturating_sub(c.saturating_mul(cs))
-                .min(cs);
-            let data = match *t {
-                TableEntry::Zeroes => fill(0, len),
-                TableEntry::Ones => fill(0xFF, len),
-                TableEntry::Data(off) => {
-                    read_metadata(self.image.storage(), "bitmap data", off, len)?
-                }
-            };
-            let first = c.saturating_mul(per_cluster);
-            let mut at = 0usize;
-            for r in first..first.saturating_add(per_cluster).min(held.region_count()) {
-                let rl = held.region_len(r) as usize;
-                held.load_region(r, &data[at..at + rl])?;
-                at += rl;
-            }
-        }
+        self.walk_regions(entry, &held, NotData::AsIs, |r, bytes| {
+            held.load_region(r, bytes)
+        })?;
         let _ = held.take_changed();
         held.set_enabled_unshared(entry.auto);
         Ok(held)
@@ -633,48 +650,20 @@ impl<S: Storage> BitmapStore<S> {
         let start = std::time::Instant::now();
         let waited = runqueue_wait();
         let _ = self.image.references()?;
-        let cs = self.image.cluster_size();
-        let ones = vec![0xFFu8; usize::try_from(cs).unwrap_or(usize::MAX)];
         for s in &self.slots {
             if s.stale || (s.mem.is_none() && s.parked.is_none() && s.inconsistent) {
                 continue;
             }
-            let fresh;
-            let (bm, into_fresh) = match s.mem.as_ref().or(s.parked.as_ref()) {
-                Some(m) => (&**m, false),
+            match s.mem.as_ref().or(s.parked.as_ref()) {
+                Some(m) => self.walk_regions(&s.entry, m, NotData::WorstCase, |r, bytes| {
+                    std::hint::black_box(m.region_equals(r, bytes)?);
+                    Ok(())
+                })?,
                 None => {
-                    fresh = self.new_bitmap(1u64 << s.entry.granularity_bits)?;
-                    (&fresh, true)
-                }
-            };
-            let table = self.read_table(&s.entry)?;
-            let per_cluster = cs / bm.region_size();
-            for (c, t) in table.iter().enumerate() {
-                let c = c as u64;
-                let len = bm
-                    .serialized_len()
-                    .saturating_sub(c.saturating_mul(cs))
-                    .min(cs);
-                let read = match *t {
-                    TableEntry::Data(off) => {
-                        read_metadata(self.image.storage(), "bitmap data", off, len)?
-                    }
-                    _ => {
-                        let _ = read_metadata(self.image.storage(), "image header", 0, len)?;
-                        ones[..len as usize].to_vec()
-                    }
-                };
-                let first = c.saturating_mul(per_cluster);
-                let mut at = 0usize;
-                for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
-                    let rl = bm.region_len(r) as usize;
-                    let bytes = &read[at..at + rl];
-                    if into_fresh {
-                        bm.load_region_fresh(r, bytes)?;
-                    } else {
-                        std::hint::black_box(bm.region_equals(r, bytes)?);
-                    }
-                    at += rl;
+                    let fresh = self.new_bitmap(1u64 << s.entry.granularity_bits)?;
+                    self.walk_regions(&s.entry, &fresh, NotData::WorstCase, |r, bytes| {
+                        fresh.load_region_fresh(r, bytes)
+                    })?;
                 }
             }
         }
