@@ -677,11 +677,9 @@ impl DirtyBitmap {
     pub fn load_region(&self, region: u64, bytes: &[u8]) -> Result<()> {
         let w0 = self.check_region(region, bytes.len())?;
         let mut changed = false;
-        for (i, chunk) in bytes.chunks(8).enumerate() {
+        for (i, raw) in region_words(bytes).enumerate() {
             let w = w0 + i;
-            let mut le = [0u8; 8];
-            le[..chunk.len()].copy_from_slice(chunk);
-            let new = u64::from_le_bytes(le) & self.words.valid(w);
+            let new = raw & self.words.valid(w);
             let word = self.words.get(w);
             if word.load(SeqCst) != new {
                 let old = word.swap(new, SeqCst);
@@ -717,11 +715,9 @@ impl DirtyBitmap {
     pub(crate) fn region_equals(&self, region: u64, bytes: &[u8]) -> Result<bool> {
         let w0 = self.check_region(region, bytes.len())?;
         let mut same = true;
-        for (i, chunk) in bytes.chunks(8).enumerate() {
-            let mut le = [0u8; 8];
-            le[..chunk.len()].copy_from_slice(chunk);
+        for (i, raw) in region_words(bytes).enumerate() {
             let w = w0 + i;
-            same &= self.words.load(w) == u64::from_le_bytes(le) & self.words.valid(w);
+            same &= self.words.load(w) == raw & self.words.valid(w);
         }
         Ok(same)
     }
@@ -735,10 +731,7 @@ impl DirtyBitmap {
     pub(crate) fn load_region_fresh(&self, region: u64, bytes: &[u8]) -> Result<()> {
         let w0 = self.check_region(region, bytes.len())?;
         let mut changed = false;
-        for (i, chunk) in bytes.chunks(8).enumerate() {
-            let mut le = [0u8; 8];
-            le[..chunk.len()].copy_from_slice(chunk);
-            let raw = u64::from_le_bytes(le);
+        for (i, raw) in region_words(bytes).enumerate() {
             if raw == 0 {
                 continue;
             }
@@ -955,6 +948,17 @@ pub(crate) fn end_fan_out(fan: InFlight) {
 }
 
 /// Calls `f(word, mask)` for each word overlapping bits `[first, end)`, `first < end`.
+/// The words of a region's serialized bytes (qcow2's layout: little-endian `u64`s), the
+/// last one zero-padded if `bytes` ends mid-word.
+#[inline]
+fn region_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks(8).map(|chunk| {
+        let mut le = [0u8; 8];
+        le[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(le)
+    })
+}
+
 #[inline]
 fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
     let w0 = first / 64;

@@ -59,12 +59,11 @@ pub struct SharedDiskState<S: Storage> {
     /// QEMU's way, for benchmarks: no flush before the stop, no disk time in the figure,
     /// the whole bitmaps rewritten inside the downtime.
     qemu_baseline: bool,
-    /// The destination's activate of the shared image, timed at setup by loading the
-    /// bitmaps as it will ([`BitmapStore::time_load`](crate::BitmapStore::time_load)), plus
-    /// its commit of the `in_use` flags (one barrier): downtime the stop does not see.
-    dest_load: Option<std::time::Duration>,
-    /// One barrier with nothing to write back, timed at setup: the destination's commit.
-    dest_barrier: Option<std::time::Duration>,
+    /// The destination's activate of the shared image, timed at setup: a load of the
+    /// bitmaps as it will do it ([`BitmapStore::time_load`](crate::BitmapStore::time_load))
+    /// plus one barrier with nothing to write back (its commit of the `in_use` flags).
+    /// Downtime the stop does not see.
+    dest_activate: Option<std::time::Duration>,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -84,8 +83,7 @@ impl<S: Storage> SharedDiskState<S> {
             stop: FlushStats::default(),
             handed_over: false,
             qemu_baseline: false,
-            dest_load: None,
-            dest_barrier: None,
+            dest_activate: None,
             error: None,
         }
     }
@@ -126,14 +124,10 @@ impl<S: Storage> SharedDiskState<S> {
     /// The destination's part of the downtime: its load of the bitmaps and the barrier of
     /// its flags commit, both timed at setup ([`Millis::MAX`] before).
     pub fn dest_time(&self) -> Millis {
-        match (self.dest_load, self.dest_barrier) {
-            (Some(load), Some(barrier)) => {
-                // Rounded up, as the stop's own time is.
-                let t = load.saturating_add(barrier);
-                Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
-            }
-            _ => Millis::MAX,
-        }
+        // Rounded up, as the stop's own time is.
+        self.dest_activate.map_or(Millis::MAX, |t| {
+            Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+        })
     }
 
     fn observe(&mut self, s: &FlushStats) {
@@ -180,11 +174,12 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             self.rate.observe(&b);
         }
         let mut st = self.store.lock();
-        self.dest_load = Some(st.time_load()?);
+        let load = st.time_load()?;
         // The destination's commit is a few sectors and one barrier, on a disk the flush
         // above just synced: time one such barrier (the flushes' barriers carry their
         // data's write-back and would overstate it).
-        self.dest_barrier = Some(st.barrier()?.sync_time);
+        let commit = st.barrier()?.sync_time;
+        self.dest_activate = Some(load.saturating_add(commit));
         Ok(Bytes(0))
     }
 

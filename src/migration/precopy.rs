@@ -815,13 +815,7 @@ where
             self.update_counters();
             let mut flushed = Bytes(0);
             if self.windows != windows {
-                for i in 0..states.len() {
-                    match states[i].flush() {
-                        Ok(n) => flushed += n,
-                        Err(e) => return Err(self.fail_running(states, e)),
-                    }
-                }
-                self.disk_flushed += flushed;
+                flushed += self.flush_states(states)?;
             }
             let mut p = self.pending(states, false);
             let mut exact = false;
@@ -835,15 +829,7 @@ where
                 // here leaves the exact figure (and the stop, if it follows) only what
                 // changes from now until the VM stops. (A state with nothing changed
                 // since its last flush writes nothing.)
-                let mut n = Bytes(0);
-                for i in 0..states.len() {
-                    match states[i].flush() {
-                        Ok(b) => n += b,
-                        Err(e) => return Err(self.fail_running(states, e)),
-                    }
-                }
-                flushed += n;
-                self.disk_flushed += n;
+                flushed += self.flush_states(states)?;
                 p = self.pending(states, true);
                 exact = true;
             }
@@ -973,6 +959,20 @@ where
             }
             self.vm.run_until(self.clock.now());
         }
+    }
+
+    /// Runs every state's [`flush`](MigrationState::flush) while the VM runs and counts
+    /// what they wrote; a flush that fails fails the attempt (the VM still running).
+    fn flush_states(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<Bytes> {
+        let mut flushed = Bytes(0);
+        for i in 0..states.len() {
+            match states[i].flush() {
+                Ok(n) => flushed += n,
+                Err(e) => return Err(self.fail_running(states, e)),
+            }
+        }
+        self.disk_flushed += flushed;
+        Ok(flushed)
     }
 
     /// Waits for the destination's report to every state that asked for one in its setup

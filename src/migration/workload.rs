@@ -273,7 +273,7 @@ fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
 pub struct DiskWriter {
     paused: Arc<AtomicBool>,
     /// Percent of the rate withheld ([`set_throttle`](Self::set_throttle)).
-    throttle: Arc<std::sync::atomic::AtomicU8>,
+    throttle: Arc<AtomicU8>,
     quit: Arc<AtomicBool>,
     in_flight: Arc<std::sync::Mutex<()>>,
     log: Arc<std::sync::Mutex<Vec<u64>>>,
@@ -290,7 +290,7 @@ impl DiskWriter {
         mut file: Option<std::fs::File>,
     ) -> Self {
         let paused = Arc::new(AtomicBool::new(false));
-        let throttle = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let throttle = Arc::new(AtomicU8::new(0));
         let quit = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(std::sync::Mutex::new(()));
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
