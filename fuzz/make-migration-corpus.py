@@ -17,7 +17,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 4
+MAGIC, VERSION = 0x4442_4D4D, 5
 HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE, REPORT = range(1, 11)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
@@ -64,10 +64,30 @@ def bitmap_start(index, seq, name=b"b", granularity_bits=16, disk_size=1 << 30, 
                                                                   region_size, len(name)) + name)
 
 
+def varint(v):
+    out = b""
+    while v >= 0x80:
+        out += bytes([(v & 0x7F) | 0x80])
+        v >>= 7
+    return out + bytes([v])
+
+
+def sparse(data):
+    """A region's non-zero bytes, each after the count of zero bytes before it (LEB128)."""
+    out, nxt = b"", 0
+    for at, b in enumerate(data):
+        if b:
+            out += varint(at - nxt) + bytes([b])
+            nxt = at + 1
+    return out
+
+
 def bitmap_regions(index, seq, regions):
+    """Entries (region, bytes) go raw (encoding 0), (region, bytes, "sparse") sparse (1)."""
     out = struct.pack(">BHQI", REGIONS, index, seq, len(regions))
-    for r, data in regions:
-        out += struct.pack(">QI", r, len(data)) + data
+    for r, data, *enc in regions:
+        body, code = (sparse(data), 1) if enc == ["sparse"] else (data, 0)
+        out += struct.pack(">QBI", r, code, len(body)) + body
     return out
 
 
@@ -132,7 +152,9 @@ seeds = {
     "payload-report": b"\x02" + bytes([REPORT]) + struct.pack(">IQ", 3, 17),
     "payload-bitmap-start": b"\x02" + bytes([SECTION]) + section(bitmap_start(0, 1), BITMAP_ID),
     "payload-bitmap-regions": b"\x02" + bytes([SECTION])
-    + section(bitmap_regions(0, 2, [(0, bytes([0xA5]) * 512), (3, bytes(512))]), BITMAP_ID),
+    + section(bitmap_regions(0, 2, [(0, bytes([0xA5]) * 512), (3, bytes(512)),
+                                    (5, bytes(7) + b"\x01" + bytes(292) + b"\x80" + bytes(211), "sparse")]),
+              BITMAP_ID),
     "payload-bitmap-complete": b"\x02" + bytes([SECTION]) + section(bitmap_complete(0, 3, True), BITMAP_ID),
     "payload-bitmap-query": b"\x02" + bytes([SECTION]) + section(bitmap_query(), BITMAP_ID),
     "dest-precopy": b"\x03" + records(precopy_frames()),

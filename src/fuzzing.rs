@@ -18,7 +18,7 @@ use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
     HeaderArea, ImageGeometry,
 };
-use crate::migration::bitmap_codec::{self, BitmapSection};
+use crate::migration::bitmap_codec::{self, BitmapSection, Section};
 use crate::migration::dest::{Destination, DestinationConfig};
 use crate::migration::frame::{
     encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
@@ -653,8 +653,30 @@ fn bitmap_round_trip(payload: &[u8]) {
         BitmapSection::Start(s) => bitmap_codec::encode_start(s, section.seq),
         BitmapSection::Regions { index, regions } => {
             let mut out = bitmap_codec::begin_regions(*index, section.seq);
-            for (r, bytes) in regions {
-                bitmap_codec::push_region(&mut out, *r, bytes);
+            for (r, body) in regions {
+                bitmap_codec::push_region_body(&mut out, *r, *body);
+                // A body that holds a region of 4 KiB expands to one the encoder writes
+                // back no longer, and to the same bytes.
+                let mut region = vec![0u8; 4096];
+                if body.expand(&mut region).is_ok() {
+                    let mut scratch = Vec::new();
+                    let mut again = bitmap_codec::begin_regions(0, 1);
+                    bitmap_codec::push_region(&mut again, *r, &region, &mut scratch);
+                    bitmap_codec::finish_regions(&mut again, 1);
+                    let Ok(Section {
+                        body: BitmapSection::Regions { regions: back, .. },
+                        ..
+                    }) = bitmap_codec::decode(&again)
+                    else {
+                        panic!("an encoded entry does not decode");
+                    };
+                    let mut twice = vec![0u8; 4096];
+                    back[0]
+                        .1
+                        .expand(&mut twice)
+                        .expect("an encoded entry expands");
+                    assert_eq!(region, twice, "sparse round trip");
+                }
             }
             let n = u32::try_from(regions.len()).expect("a decoded count fits u32");
             bitmap_codec::finish_regions(&mut out, n);

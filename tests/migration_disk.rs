@@ -839,12 +839,15 @@ fn assert_same(a: &[(u64, u64)], b: &[(u64, u64)], what: &str) {
     }
 }
 
-/// Auto-converge, and a `clear` of the first half of the disk on the first turn after the
-/// stream's first pass went out (the 64 GiB disk's bitmap is 128 KiB): a change that
-/// removes bits the destination already has.
+/// Auto-converge, and a `clear` of the first half of the disk on the second turn's report,
+/// after the stream's first pass went out in the first turn (the stream goes first): a
+/// change that removes bits the destination already has. The switchover's own report comes
+/// after the hand-over, so a clear there would change only the source: `reports_after`
+/// tells that the clear came on an earlier turn.
 struct ClearsOnce {
     bitmap: Arc<dirty_bitmap::DirtyBitmap>,
     done: bool,
+    reports_after: u32,
     inner: AutoConverge,
 }
 
@@ -853,7 +856,9 @@ impl Controller for ClearsOnce {
         &mut self,
         r: &dirty_bitmap::migration::IterationReport,
     ) -> dirty_bitmap::migration::Directive {
-        if !self.done && r.bytes_sent > Bytes(256 << 10) {
+        if self.done {
+            self.reports_after += 1;
+        } else if r.iteration >= 1 {
             self.bitmap.clear(0, DISK / 2);
             self.done = true;
         }
@@ -931,11 +936,16 @@ fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_reg
     let mut control = ClearsOnce {
         bitmap: Arc::clone(&bitmap),
         done: false,
+        reports_after: 0,
         inner: AutoConverge::default(),
     };
     let (dest_img, dest) = stream_dest(dir.path());
     let o = stream_attempt_with(&mut r, &mut stream, &dest, false, &mut control).unwrap();
     assert!(control.done);
+    assert!(
+        control.reports_after > 0,
+        "the clear came with the switchover's report, after the hand-over"
+    );
     assert_eq!(o.kind, Kind::Completed);
     assert!(stream.regions_sent() > 0);
     // The guest is stopped and its disk writes drained: the destination's bitmap is the
@@ -1331,7 +1341,7 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         // Until the destination says what it holds, the whole bitmap is pending.
         let p = stream.pending(true);
         assert!(
-            p.must_precopy.get() >= 512 * StreamSim::REGION,
+            p.must_precopy.get() >= 512 * bitmap_codec::REGION_ENTRY_LEN as u64,
             "{failure:?}: {p:?}"
         );
         assert!(dest.lock().unwrap().take_store().is_none());
@@ -1498,7 +1508,7 @@ fn stream_mode_a_report_of_sections_never_sent_is_refused() {
     assert!(sim.guest_running());
     assert!(dest.lock().unwrap().take_store().is_none());
     // Nothing of the lie was trusted: the whole bitmap is still pending.
-    assert!(stream.pending(true).must_precopy.get() >= 64 * StreamSim::REGION);
+    assert!(stream.pending(true).must_precopy.get() >= 64 * bitmap_codec::REGION_ENTRY_LEN as u64);
     // An honest destination: the retry resumes and hands over exactly.
     sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
     let o = run_once(&mut ram_state, &mut stream).unwrap();
@@ -1626,11 +1636,14 @@ fn deferred_postcopy(
     let regions = 4096u64;
     let disk = regions * 512 * 8 * 65536;
     let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap());
-    // The source's marks, logged: one in every region and more at random.
+    // The source's marks, logged: one granule in 16 (a bit in every other byte, so that no
+    // region's entry is shorter sparse than raw: the first pass is the whole 2 MiB) and
+    // more at random.
     let mut rng = SplitMix64::new(seed);
     let mut source_marks = Vec::new();
     for r in 0..regions {
-        source_marks.push(bitmap.region_disk_range(r).0);
+        let first = bitmap.region_disk_range(r).0;
+        source_marks.extend((0..256).map(|k| first + k * 16 * 65536));
     }
     for _ in 0..2000 {
         source_marks.push(rng.below(disk / 65536) * 65536);
@@ -1797,8 +1810,13 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
     s.activate().unwrap();
     let store = SharedStore::new(s);
     let bitmap = store.lock().bitmap("b").unwrap();
+    // One granule in 16 (a bit in every other byte): no region's entry is shorter sparse
+    // than raw, so the first pass is the whole bitmap and still under way at the switch.
     for r in 0..bitmap.region_count() {
-        bitmap.mark_dirty(bitmap.region_disk_range(r).0, 4096);
+        let (first, len) = bitmap.region_disk_range(r);
+        for off in (first..first + len).step_by(16 * 65536) {
+            bitmap.mark_dirty(off, 4096);
+        }
     }
     let pages = 256;
     let ram = Arc::new(GuestRam::new(pages).unwrap());
@@ -2083,6 +2101,9 @@ impl MigrationState for MarkingDisk {
     }
     fn flush(&mut self) -> dirty_bitmap::migration::Result<Bytes> {
         self.inner.flush()
+    }
+    fn flush_before_exact(&mut self) -> dirty_bitmap::migration::Result<Bytes> {
+        self.inner.flush_before_exact()
     }
     fn complete(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
         self.inner.complete(out)

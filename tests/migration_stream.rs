@@ -692,7 +692,7 @@ fn python_encoded_streams_migrate() {
 /// decode with the Rust codec to what the Python encoder meant, and the Report seed too.
 #[test]
 fn python_encoded_bitmap_sections_decode() {
-    use dirty_bitmap::migration::bitmap_codec::{self, BitmapSection};
+    use dirty_bitmap::migration::bitmap_codec::{self, BitmapSection, RegionBody};
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/migration_stream");
     let section = |name: &str| -> Vec<u8> {
         let bytes = std::fs::read(dir.join(name)).unwrap();
@@ -721,13 +721,28 @@ fn python_encoded_bitmap_sections_decode() {
     let s = section("seed-payload-bitmap-regions");
     let d = bitmap_codec::decode(&s).unwrap();
     assert_eq!(d.seq, 2);
+    let BitmapSection::Regions { index: 0, regions } = d.body else {
+        panic!("{d:?}")
+    };
     assert_eq!(
-        d.body,
-        BitmapSection::Regions {
-            index: 0,
-            regions: vec![(0, &[0xA5u8; 512][..]), (3, &[0u8; 512][..])]
-        }
+        regions[..2],
+        [
+            (0, RegionBody::Raw(&[0xA5u8; 512][..])),
+            (3, RegionBody::Raw(&[0u8; 512][..]))
+        ]
     );
+    // The third, sparse: 0x01 at byte 7, 0x80 at byte 300.
+    assert_eq!(
+        regions[2],
+        (5, RegionBody::Sparse(&[7, 0x01, 0xA4, 0x02, 0x80][..]))
+    );
+    let mut region = [0xEEu8; 512];
+    regions[2].1.expand(&mut region).unwrap();
+    let mut want = [0u8; 512];
+    want[7] = 0x01;
+    want[300] = 0x80;
+    assert_eq!(region, want);
+    assert_eq!(regions.len(), 3);
     let s = section("seed-payload-bitmap-complete");
     let d = bitmap_codec::decode(&s).unwrap();
     assert_eq!(

@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::bitmap_codec::{self, BitmapSection, Start};
+use super::bitmap_codec::{self, BitmapSection, RegionBody, Start};
 use super::channel::Outbound;
 use super::dest_state::{Binding, DestState};
 use super::error::{MigrationError, ProtocolError, Result};
@@ -80,9 +80,50 @@ struct Streamed {
     /// The consumer's changed regions as of the last exact query or take: the estimate's
     /// stale view of them.
     seen: u64,
+    /// Wire bytes of the entries of the regions queued and changed, as the last exact
+    /// query counted them (each as [`bitmap_codec::push_region`] will encode it).
+    seen_bytes: u64,
+    /// A running average of the wire bytes of one region entry as sent (the raw size
+    /// until the first section): the estimate's cost per region.
+    entry_avg: u64,
 }
 
 impl Streamed {
+    /// Wire bytes of one region entry sent raw: the most any entry takes.
+    fn entry_max(&self) -> u64 {
+        self.bitmap
+            .region_size()
+            .saturating_add(bitmap_codec::REGION_ENTRY_LEN as u64)
+    }
+
+    /// Counts, exactly, the regions queued and not sent and those changed since the last
+    /// take, and the wire bytes of their entries as they are now; hands the changed ones
+    /// back to the consumer. A region in both is counted twice (an upper bound).
+    fn count_exact(&mut self) {
+        let taken = self.consumer.take_changed();
+        let mut buf = Vec::new();
+        let mut scratch = Vec::new();
+        let mut bytes = 0u64;
+        let queued = self
+            .queue
+            .as_ref()
+            .map(|(q, next)| (q, *next))
+            .into_iter()
+            .flat_map(|(q, next)| q.iter().filter(move |&r| r >= next));
+        for r in taken.iter().chain(queued) {
+            buf.resize(usize::try_from(self.bitmap.region_len(r)).unwrap_or(0), 0);
+            bytes = bytes.saturating_add(match self.bitmap.serialize_region(r, &mut buf) {
+                Ok(()) => bitmap_codec::region_entry_len(&buf, &mut scratch),
+                Err(_) => self.entry_max(),
+            });
+        }
+        if !taken.is_empty() {
+            self.consumer.requeue_changed(&taken);
+        }
+        self.seen = taken.len();
+        self.seen_bytes = bytes;
+    }
+
     fn queued(&self) -> u64 {
         self.queue.as_ref().map_or(0, |(q, next)| {
             q.iter().filter(|&r| r >= *next).count() as u64
@@ -194,6 +235,9 @@ impl StreamDiskState {
             }
             let consumer = b.add_consumer(ConsumerStart::AllRegions)?;
             let seen = b.region_count();
+            let entry_max = b
+                .region_size()
+                .saturating_add(bitmap_codec::REGION_ENTRY_LEN as u64);
             out.push(Streamed {
                 name: n,
                 bitmap: b,
@@ -202,6 +246,8 @@ impl StreamDiskState {
                 start_seq: None,
                 sent_seq: Vec::new(),
                 seen,
+                seen_bytes: seen.saturating_mul(entry_max),
+                entry_avg: entry_max,
             });
         }
         Ok(StreamDiskState {
@@ -316,21 +362,15 @@ impl StreamDiskState {
         self.sections_sent
     }
 
-    fn region_wire(b: &Streamed) -> u64 {
-        b.bitmap
-            .region_size()
-            .saturating_add(bitmap_codec::REGION_ENTRY_LEN as u64)
-    }
-
-    /// Wire bytes of sending `regions` of bitmap `b`, plus its START if not sent and its
-    /// COMPLETE: an upper bound (every region counted at the full region size).
-    fn wire(&self, b: &Streamed, regions: u64) -> Bytes {
+    /// Wire bytes of sending `regions` region entries of `entries` bytes in all, of
+    /// bitmap `b`, plus its START if not sent and its COMPLETE.
+    fn wire(&self, b: &Streamed, regions: u64, entries: u64) -> Bytes {
         let section = self
             .overhead
             .get()
             .saturating_add(bitmap_codec::HEADER_LEN as u64);
         let sections = regions.div_ceil(REGIONS_PER_SECTION);
-        let mut n = regions.saturating_mul(Self::region_wire(b)).saturating_add(
+        let mut n = entries.saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
         if b.start_seq.is_none() {
@@ -340,15 +380,16 @@ impl StreamDiskState {
         Bytes(n.saturating_add(section))
     }
 
-    /// Wire bytes of sending every region of bitmap `b`, its START and its COMPLETE.
+    /// Wire bytes of sending every region of bitmap `b` raw, its START and its COMPLETE
+    /// (QEMU's whole bitmap; ours while the destination's copy is unknown, an upper bound).
     fn wire_all(&self, b: &Streamed) -> Bytes {
+        let regions = b.bitmap.region_count();
         let section = self
             .overhead
             .get()
             .saturating_add(bitmap_codec::HEADER_LEN as u64);
         let start = section + (bitmap_codec::START_LEN + b.name.len()) as u64;
-        let regions = b.bitmap.region_count();
-        let body = regions.saturating_mul(Self::region_wire(b)).saturating_add(
+        let body = regions.saturating_mul(b.entry_max()).saturating_add(
             regions
                 .div_ceil(REGIONS_PER_SECTION)
                 .saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
@@ -396,6 +437,9 @@ impl StreamDiskState {
             sent += out.send(id, &bitmap_codec::encode_start(&start, seq))?;
         }
         let mut buf = Vec::new();
+        let mut scratch = Vec::new();
+        // QEMU's sections carry every region's bytes.
+        let raw = self.qemu_baseline;
         loop {
             if budget.is_some_and(|bud| sent >= bud) {
                 break;
@@ -429,10 +473,19 @@ impl StreamDiskState {
                 .filter(|&r| r >= from)
                 .take(REGIONS_PER_SECTION as usize)
                 .collect();
+            let mut entries = 0u64;
             for &r in &batch {
                 buf.resize(usize::try_from(b.bitmap.region_len(r)).unwrap_or(0), 0);
                 b.bitmap.serialize_region(r, &mut buf)?;
-                bitmap_codec::push_region(&mut section, r, &buf);
+                entries += if raw {
+                    bitmap_codec::push_region_raw(&mut section, r, &buf)
+                } else {
+                    bitmap_codec::push_region(&mut section, r, &buf, &mut scratch)
+                };
+            }
+            if let Some(n) = u64::try_from(batch.len()).ok().filter(|&n| n > 0) {
+                // Three parts the old average, one part this section's.
+                b.entry_avg = (b.entry_avg.saturating_mul(3) + entries.div_ceil(n)).div_ceil(4);
             }
             // The section is whole: from here it counts as sent (in doubt until a report),
             // so that no number is recorded for a section that never went.
@@ -596,26 +649,32 @@ impl MigrationState for StreamDiskState {
                 continue;
             };
             if exact {
-                b.seen = b.consumer.changed_region_count();
+                b.count_exact();
             }
             let left = b.queued() + b.seen;
+            // The entries as the exact query encoded them; the estimate at the average.
+            let entries = if exact {
+                b.seen_bytes
+            } else {
+                left.saturating_mul(b.entry_avg)
+            };
             if let Some(b) = self.bitmaps.get(i) {
                 // Only regions, so that it reaches 0 once they are all sent.
-                let estimate = Bytes(left.saturating_mul(Self::region_wire(b)));
+                let estimate = Bytes(entries);
                 if self.switched {
                     // Pushed to the running destination.
                     late += estimate;
                 } else if self.postcopy {
                     // START and COMPLETE go at the switch; the regions may follow it.
                     if exact {
-                        let fixed = self.wire(b, 0);
+                        let fixed = self.wire(b, 0, 0);
                         total += fixed;
-                        late += self.wire(b, left) - fixed;
+                        late += self.wire(b, left, entries) - fixed;
                     } else {
                         late += estimate;
                     }
                 } else if exact {
-                    total += self.wire(b, left);
+                    total += self.wire(b, left, entries);
                 } else {
                     total += estimate;
                 }
@@ -708,7 +767,8 @@ impl MigrationState for StreamDiskState {
 #[derive(Debug)]
 struct Incoming {
     start: Start,
-    bitmap: DirtyBitmap,
+    /// Shared with the store once it is activated with it (`before_start`).
+    bitmap: Arc<DirtyBitmap>,
     complete: bool,
     /// Its COMPLETE said regions may follow the start (a postcopy push).
     more: bool,
@@ -886,7 +946,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             s.index,
             Incoming {
                 start: s,
-                bitmap,
+                bitmap: Arc::new(bitmap),
                 complete: false,
                 more: false,
             },
@@ -894,7 +954,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         Ok(())
     }
 
-    fn regions(&mut self, index: u16, regions: &[(u64, &[u8])]) -> Result<()> {
+    fn regions(&mut self, index: u16, regions: &[(u64, RegionBody<'_>)]) -> Result<()> {
         let Some(inc) = self.current.incoming.get_mut(&index) else {
             return Err(bad(format!("regions of bitmap {index} before its START")));
         };
@@ -904,19 +964,28 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             return Err(bad(format!("regions of bitmap {index} after its COMPLETE")));
         }
         // Check every entry first, so a bad section changes nothing.
-        for &(r, bytes) in regions {
-            if r >= inc.bitmap.region_count() || bytes.len() as u64 != inc.bitmap.region_len(r) {
+        for &(r, body) in regions {
+            if r >= inc.bitmap.region_count() {
                 return Err(bad(format!(
-                    "region {r} of {} bytes does not fit bitmap {index}",
-                    bytes.len()
+                    "region {r} is past bitmap {index}'s {} regions",
+                    inc.bitmap.region_count()
                 )));
             }
+            let len = usize::try_from(inc.bitmap.region_len(r)).unwrap_or(usize::MAX);
+            body.check(len)
+                .map_err(|e| bad(format!("region {r} of bitmap {index}: {e}")))?;
         }
         let running = self
             .store
             .as_ref()
             .and_then(|st| st.bitmap(inc.start.name.as_bytes()).ok());
-        for &(r, bytes) in regions {
+        // One region's bytes at a time (checked above, so no write below fails): a sparse
+        // section expands to at most one region's length here, however many it names.
+        let mut buf = Vec::new();
+        for &(r, body) in regions {
+            buf.resize(usize::try_from(inc.bitmap.region_len(r)).unwrap_or(0), 0);
+            body.expand(&mut buf)?;
+            let bytes = &buf[..];
             match &running {
                 // After the start: OR into the running bitmap, never over its marks. The
                 // region is numbered in the source's geometry (the START's region size,
@@ -1004,8 +1073,11 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         Ok(None)
     }
 
-    /// Every bitmap complete, the image opened, each bitmap stored into it (added if
-    /// missing, with the source's granularity and recording), then activated.
+    /// Every bitmap complete, the image opened, each bitmap added to it if missing (with
+    /// the source's granularity and recording), then the image activated with the
+    /// bitmaps as they came ([`BitmapStore::activate_with`]): their content is written by
+    /// the store's next flush, after the guest started here, not in the downtime. Until
+    /// then the disk marks them `in_use`: a crash leaves them inconsistent, never clean.
     fn before_start(&mut self) -> Result<()> {
         if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| !inc.complete) {
             return Err(bad(format!("bitmap {i} never completed")));
@@ -1042,9 +1114,14 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                 };
                 st.add(&s.name, 1u64 << s.granularity_bits, rec)?;
             }
-            st.store(s.name.as_bytes(), &inc.bitmap)?;
         }
-        st.activate()?;
+        let content = self
+            .current
+            .incoming
+            .values()
+            .map(|inc| (inc.start.name.clone(), Arc::clone(&inc.bitmap)))
+            .collect();
+        st.activate_with(content)?;
         self.store = Some(st);
         self.started = true;
         // The guest runs here from now on: nothing of this migration is resumed again.
@@ -1110,7 +1187,7 @@ mod tests {
     /// Region `r` of bitmap `index`, every bit set, as section `seq`.
     fn full_region(index: u16, r: u64, seq: u64) -> Vec<u8> {
         let mut s = bitmap_codec::begin_regions(index, seq);
-        bitmap_codec::push_region(&mut s, r, &[0xFF; 512]);
+        bitmap_codec::push_region(&mut s, r, &[0xFF; 512], &mut Vec::new());
         bitmap_codec::finish_regions(&mut s, 1);
         s
     }

@@ -24,14 +24,15 @@ pub type StateId = u32;
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes (4: a state's sections may carry a sequence
-/// number, and the destination reports on the return path ([`Frame::Report`]) what it
-/// kept of them from a failed attempt of the same migration).
-pub const STREAM_VERSION: u32 = 4;
-/// The oldest stream version this crate reads. Version 3's disk bitmap sections had no
-/// sequence number and its destinations no Report; version 2's Hello was bound to nothing
-/// but a per-guest id sent in clear. Both are refused.
-pub const MIN_STREAM_VERSION: u32 = 4;
+/// The stream version this crate writes (5: a disk bitmap's region entries carry an
+/// encoding, raw or sparse; 4 gave sections sequence numbers and destinations the Report
+/// ([`Frame::Report`]) of what they kept from a failed attempt of the same migration).
+pub const STREAM_VERSION: u32 = 5;
+/// The oldest stream version this crate reads. Version 4's region entries had no encoding
+/// byte; version 3's disk bitmap sections had no sequence number and its destinations no
+/// Report; version 2's Hello was bound to nothing but a per-guest id sent in clear. All
+/// are refused.
+pub const MIN_STREAM_VERSION: u32 = 5;
 /// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
 /// migration id (8), max bandwidth (8), nonce (16), resume (16), state count (2).
 pub const HELLO_FIXED_LEN: usize = 66;

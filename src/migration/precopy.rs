@@ -815,7 +815,7 @@ where
             self.update_counters();
             let mut flushed = Bytes(0);
             if self.windows != windows {
-                flushed += self.flush_states(states)?;
+                flushed += self.flush_states(states, false)?;
             }
             let mut p = self.pending(states, false);
             let mut exact = false;
@@ -829,7 +829,7 @@ where
                 // here leaves the exact figure (and the stop, if it follows) only what
                 // changes from now until the VM stops. (A state with nothing changed
                 // since its last flush writes nothing.)
-                flushed += self.flush_states(states)?;
+                flushed += self.flush_states(states, true)?;
                 p = self.pending(states, true);
                 exact = true;
             }
@@ -961,12 +961,23 @@ where
         }
     }
 
-    /// Runs every state's [`flush`](MigrationState::flush) while the VM runs and counts
-    /// what they wrote; a flush that fails fails the attempt (the VM still running).
-    fn flush_states(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<Bytes> {
+    /// Runs every state's [`flush`](MigrationState::flush) (or, right before an exact
+    /// query, its [`flush_before_exact`](MigrationState::flush_before_exact)) while the VM
+    /// runs and counts what they wrote; a flush that fails fails the attempt (the VM still
+    /// running).
+    fn flush_states(
+        &mut self,
+        states: &mut [&mut dyn MigrationState],
+        before_exact: bool,
+    ) -> Result<Bytes> {
         let mut flushed = Bytes(0);
         for i in 0..states.len() {
-            match states[i].flush() {
+            let r = if before_exact {
+                states[i].flush_before_exact()
+            } else {
+                states[i].flush()
+            };
+            match r {
                 Ok(n) => flushed += n,
                 Err(e) => return Err(self.fail_running(states, e)),
             }

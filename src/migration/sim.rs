@@ -1053,6 +1053,10 @@ impl<M: MigrationState> MigrationState for SimMarked<M> {
         self.writer.accrue();
         self.state.flush()
     }
+    fn flush_before_exact(&mut self) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.flush_before_exact()
+    }
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.writer.accrue();
         self.state.complete(out)

@@ -130,6 +130,19 @@ pub trait MigrationState {
         Ok(Bytes(0))
     }
 
+    /// The [`flush`](Self::flush) right before an exact query. The guest keeps writing
+    /// while a flush runs, so what it writes meanwhile is left for the stop; a state may
+    /// therefore flush again here while each round leaves less than the one before, so
+    /// that the exact figure (and the stop, if it follows) holds only what changes during
+    /// the last, shortest round. Counted as [`flush`](Self::flush) is. The default is one
+    /// [`flush`](Self::flush).
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush).
+    fn flush_before_exact(&mut self) -> Result<Bytes> {
+        self.flush()
+    }
+
     /// Sends everything left, with the VM stopped (and its disk I/O drained: see
     /// [`super::Vm::stop`]). A disk state writes its remainder and hands its storage over
     /// here; the time counts in the downtime.

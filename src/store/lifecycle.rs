@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{BitmapStore, Preloaded, ACTIVE_MEMORY_LIMIT};
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
-use crate::format::encode_directory;
+use crate::format::{encode_directory, BitmapName, DirEntry};
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
 
@@ -74,6 +74,72 @@ impl<S: Storage> BitmapStore<S> {
         r
     }
 
+    /// [`activate`](Self::activate), with `content` standing for the named bitmaps in
+    /// place of what the disk holds of them (a migration destination whose bitmaps came
+    /// over the stream). Each named bitmap is held in memory as given (shared with the
+    /// caller; copied only if its change-map region size is not this store's), with every
+    /// region counted as changed: the next [`flush`](Self::flush) or
+    /// [`inactivate`](Self::inactivate) writes it whole, and the disk then holds it. Its
+    /// recording follows the directory's `auto` flag. Nothing of these bitmaps is read
+    /// from the disk, and nothing but the `in_use` flags is written here, so the call
+    /// costs what an activate of empty bitmaps costs, whatever they hold.
+    ///
+    /// Crash reasoning: the activate's commit sets `in_use` before this returns; until a
+    /// flush has written the content, the disk holds the old bitmap marked `in_use`, which
+    /// QEMU and this crate read as inconsistent, never as clean.
+    ///
+    /// # Errors
+    /// Checked before anything is written: [`Error::NotFound`] for a name the directory
+    /// lacks; [`Error::Inconsistent`] for a bitmap `in_use` on disk;
+    /// [`Error::InvalidInput`] for a bitmap whose disk size or granularity is not the
+    /// directory's, or a name given twice; [`Error::WrongState`] if active. Then as
+    /// [`activate`](Self::activate).
+    pub fn activate_with(&mut self, content: Vec<(String, Arc<DirtyBitmap>)>) -> Result<()> {
+        self.ensure_writable()?;
+        if self.active {
+            return Err(Error::WrongState(StateProblem::Active));
+        }
+        let mut adopted: Vec<(BitmapName, Arc<DirtyBitmap>)> = Vec::with_capacity(content.len());
+        for (name, bm) in content {
+            let i = self.find_consistent(name.as_bytes())?;
+            let e = &self.slots[i].entry;
+            if bm.disk_size() != self.disk_size() || bm.granularity() != 1u64 << e.granularity_bits
+            {
+                return Err(Error::InvalidInput(format!(
+                    "bitmap {name:?} covers {} bytes at granularity {}; the image's covers {} \
+                     at {}",
+                    bm.disk_size(),
+                    bm.granularity(),
+                    self.disk_size(),
+                    1u64 << e.granularity_bits
+                )));
+            }
+            if adopted.iter().any(|(n, _)| *n == e.name) {
+                return Err(Error::InvalidInput(format!("bitmap {name:?} given twice")));
+            }
+            adopted.push((e.name.clone(), bm));
+        }
+        self.activate_preloaded(Preloaded {
+            bitmaps: Vec::new(),
+            adopted,
+        })
+    }
+
+    /// `bm` as this store holds an adopted bitmap of `entry`: its own geometry (a copy
+    /// if the region size differs), recording as `entry` says, every region changed.
+    fn adopt(&self, entry: &DirEntry, bm: Arc<DirtyBitmap>) -> Result<Arc<DirtyBitmap>> {
+        let held = if bm.region_size() == self.region_size() {
+            bm
+        } else {
+            let copy = self.new_bitmap(1u64 << entry.granularity_bits)?;
+            copy.merge_from(&bm)?;
+            Arc::new(copy)
+        };
+        held.set_enabled(entry.auto);
+        held.requeue_changed(&ChangedRegions::all(held.region_count()));
+        Ok(held)
+    }
+
     fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
@@ -95,6 +161,8 @@ impl<S: Storage> BitmapStore<S> {
         for s in &self.slots {
             mems.push(if s.inconsistent {
                 None
+            } else if let Some(bm) = pre.take_adopted(&s.entry.name) {
+                Some(self.adopt(&s.entry, bm)?)
             } else if let Some(p) = &s.parked {
                 Some(Arc::clone(p))
             } else {

@@ -237,6 +237,8 @@ fn runqueue_wait() -> Option<std::time::Duration> {
 #[derive(Debug, Default)]
 pub struct Preloaded {
     bitmaps: Vec<(BitmapName, DirtyBitmap)>,
+    /// Bitmaps whose content replaces the disk's ([`BitmapStore::activate_with`]).
+    adopted: Vec<(BitmapName, Arc<DirtyBitmap>)>,
 }
 
 impl Preloaded {
@@ -264,6 +266,12 @@ impl Preloaded {
                 && b.region_size() == region_size
         })?;
         Some(self.bitmaps.swap_remove(i).1)
+    }
+
+    /// Takes the bitmap named `name` whose content replaces the disk's, if any.
+    fn take_adopted(&mut self, name: &BitmapName) -> Option<Arc<DirtyBitmap>> {
+        let i = self.adopted.iter().position(|(n, _)| n == name)?;
+        Some(self.adopted.swap_remove(i).1)
     }
 }
 

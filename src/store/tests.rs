@@ -760,3 +760,92 @@ fn activate_preloaded_equals_activate_whatever_the_preload_held() {
     );
     assert_clean(&from_pre);
 }
+
+/// `activate_with`: the given content replaces the disk's, in memory at once and on disk
+/// at the next flush; until then the disk says `in_use` (a crash reads inconsistent, not
+/// clean); a refusal writes nothing.
+#[test]
+fn activate_with_replaces_the_disk_content_at_the_next_flush() {
+    let disk = 256 * MIB;
+    let mut s = new_store(disk, 4096);
+    s.add("a", 4096, Recording::Enabled).unwrap();
+    s.add("b", 65536, Recording::Disabled).unwrap();
+    // On disk: "a" holds bits the content does not (a replace must clear them).
+    let old = DirtyBitmap::new(disk, 4096).unwrap();
+    old.mark_dirty(0, 8 * MIB);
+    old.mark_dirty(200 * MIB, 4096);
+    s.store("a", &old).unwrap();
+    let stored = s.image().storage().to_vec();
+    // The content: another pattern; "b" with another change-map region size.
+    let a = Arc::new(DirtyBitmap::new(disk, 4096).unwrap());
+    a.mark_dirty(4 * MIB, 4096);
+    a.mark_dirty(100 * MIB, 3 * MIB);
+    let b = Arc::new(DirtyBitmap::with_region_size(disk, 65536, 512).unwrap());
+    b.mark_dirty(7 * MIB, 65536);
+    // Refusals, each before any write.
+    let wrong_granularity = Arc::new(DirtyBitmap::new(disk, 65536).unwrap());
+    for (content, what) in [
+        (vec![("x".to_string(), Arc::clone(&a))], "unknown name"),
+        (vec![("a".to_string(), wrong_granularity)], "granularity"),
+        (
+            vec![
+                ("a".to_string(), Arc::clone(&a)),
+                ("a".to_string(), Arc::clone(&a)),
+            ],
+            "twice",
+        ),
+    ] {
+        assert!(s.activate_with(content).is_err(), "{what}");
+        assert!(!s.is_active(), "{what}");
+        assert_eq!(
+            s.image().storage().to_vec(),
+            stored,
+            "{what}: wrote before refusing"
+        );
+    }
+    s.activate_with(vec![
+        ("a".to_string(), Arc::clone(&a)),
+        ("b".to_string(), Arc::clone(&b)),
+    ])
+    .unwrap();
+    // Held as given: "a" shared, "b" copied into the store's geometry; recording as the
+    // directory says.
+    assert!(Arc::ptr_eq(&s.bitmap("a").unwrap(), &a));
+    let held_b = s.bitmap("b").unwrap();
+    assert_eq!(
+        held_b.dirty_extents().collect::<Vec<_>>(),
+        b.dirty_extents().collect::<Vec<_>>()
+    );
+    assert!(!held_b.is_enabled());
+    // A crash now: the disk still holds the old "a", marked in_use, so inconsistent.
+    let crashed = BitmapStore::open(
+        MemStorage::from_bytes(s.image().storage().to_vec()),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(crashed.list().iter().all(|i| i.in_use));
+    assert!(crashed.load("a").is_err());
+    // The stop writes the content whole: the disk then holds exactly it.
+    s.inactivate().unwrap();
+    assert_clean(&s);
+    let s = reopen(s, OpenMode::ReadOnly);
+    for (name, want) in [("a", &a), ("b", &b)] {
+        assert_eq!(
+            s.load(name).unwrap().dirty_extents().collect::<Vec<_>>(),
+            want.dirty_extents().collect::<Vec<_>>(),
+            "{name}"
+        );
+    }
+    // An in_use bitmap is refused too.
+    let mut c = BitmapStore::open(
+        MemStorage::from_bytes(crashed.image().storage().to_vec()),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    let before = c.image().storage().to_vec();
+    assert!(matches!(
+        c.activate_with(vec![("a".to_string(), a)]),
+        Err(Error::Inconsistent { .. })
+    ));
+    assert_eq!(c.image().storage().to_vec(), before);
+}
