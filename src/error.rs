@@ -145,6 +145,13 @@ pub enum StateProblem {
     /// Creating an image needs empty storage.
     #[error("the storage is not empty; an image is created only on empty storage")]
     StorageNotEmpty,
+    /// The store is not active in durable mode and the call needs it.
+    #[error("the store is not active in durable mode; call activate_durable() first")]
+    NotDurable,
+    /// The store is active in durable mode: marks go through its durable tracker, and
+    /// directory changes wait for the inactivation.
+    #[error("the store is active in durable mode: mark through SharedStore::durable_tracker, and inactivate before changing the directory")]
+    Durable,
     /// The migration destination's guest is not running yet.
     #[error("the guest does not run on this destination yet")]
     GuestNotRunning,

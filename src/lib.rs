@@ -113,6 +113,7 @@ pub use format::BitmapName;
 pub use image::{CheckReport, Image};
 pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
+pub use store::durable::{DurableTracker, Intent};
 pub use store::{
     BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard,
 };

@@ -137,6 +137,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// Word `w` of the bitmap (bit `j` is granule `64 w + j`); bits past the end read 0.
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.words.load_masked(w)
+    }
+
+    /// Words of the bitmap.
+    pub(crate) fn word_count(&self) -> usize {
+        self.words.len()
+    }
+
     /// Disk bytes covered.
     pub fn disk_size(&self) -> u64 {
         self.geo.disk_size

@@ -217,11 +217,14 @@ fn serialize_regions(
 /// each changed region inside a data cluster is written in place; each cluster whose entry
 /// is 0 or the all-ones marker and that holds a changed region is planned once, from all
 /// of its bytes (serialized into `scratch`), because a fresh cluster must be written whole.
+///
+/// With `allocate`, every such cluster gets a fresh one, all zero or not.
 fn plan_target(
     t: &Target,
     regions: &ChangedRegions,
     layout: Layout,
     scratch: &mut Vec<u8>,
+    allocate: bool,
 ) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
     let mut last_cluster = None;
@@ -241,7 +244,11 @@ fn plan_target(
                 serialize_regions(&t.bitmap, layout.regions_of(t, c), scratch)?;
                 steps.push(Step::Cluster {
                     c,
-                    action: plan(e, scratch),
+                    action: if allocate {
+                        Action::Fresh
+                    } else {
+                        plan(e, scratch)
+                    },
                 });
             }
             _ => {}
@@ -284,7 +291,7 @@ pub(crate) fn pending_exact_work(targets: &[Target], cluster_size: u64) -> Resul
         let mut scratch = Vec::new();
         for (t, regions) in targets.iter().zip(&taken) {
             let layout = Layout::of(t, cluster_size)?;
-            for step in plan_target(t, regions, layout, &mut scratch)? {
+            for step in plan_target(t, regions, layout, &mut scratch, false)? {
                 let n = match step {
                     Step::InPlace { r, .. } => t.bitmap.region_len(r),
                     Step::Cluster { action, .. } => match action {
@@ -340,7 +347,7 @@ pub(crate) fn flush<S: Storage>(
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
-    match write_taken(image, targets, &taken, sync) {
+    match write_taken(image, targets, &taken, sync, false) {
         Ok(mut stats) => {
             stats.regions = taken.iter().map(ChangedRegions::len).sum();
             stats.syncs = image.sync_count().saturating_sub(syncs0);
@@ -368,11 +375,116 @@ struct Item {
     len: u64,
 }
 
+/// Gives every cluster of `targets` whose table entry is not a data cluster a fresh one,
+/// written whole from the in-memory bitmap (an all-zero cluster too), in the order of a
+/// flush: refcounts first, then the data, then the table entries, then one barrier. Every
+/// step leaves the bitmap reading as before (an entry points at its cluster only once the
+/// cluster holds what the entry meant), so a bitmap that is not `in_use` stays consistent
+/// at every crash point. Afterwards every region can be written in place
+/// ([`commit_in_place`]). Nothing is taken from the change maps.
+///
+/// # Errors
+/// As [`flush`].
+pub(crate) fn allocate_all<S: Storage>(
+    image: &mut Image<S>,
+    targets: &mut [Target],
+) -> Result<FlushStats> {
+    let cs = image.cluster_size();
+    let mut all = Vec::with_capacity(targets.len());
+    for t in targets.iter() {
+        let layout = Layout::of(t, cs)?;
+        let mut regions = ChangedRegions::empty(t.bitmap.region_count());
+        for (c, e) in t.table.iter().enumerate() {
+            if !matches!(e, TableEntry::Data(_)) {
+                for r in layout.regions_of(t, c as u64) {
+                    regions.insert(r);
+                }
+            }
+        }
+        all.push(regions);
+    }
+    let start = Instant::now();
+    let mut stats = write_taken(image, targets, &all, true, true)?;
+    stats.regions = all.iter().map(ChangedRegions::len).sum();
+    stats.duration = start.elapsed();
+    Ok(stats)
+}
+
+/// A durable store's commit: every changed region of `targets` (whose clusters are all data
+/// clusters, see [`allocate_all`]) written in place, adjacent ones coalesced, then one
+/// barrier; then `confirm(target, region, bytes)` for every region, with the bytes that
+/// reached the disk. A region is serialized after its take, so a mark that returned before
+/// the take is in those bytes (one racing with it is there or in the change map again).
+///
+/// # Errors
+/// A region whose cluster is not a data cluster ([`Error::Internal`]); I/O. Every taken
+/// region is then handed back to its bitmap and nothing is confirmed.
+pub(crate) fn commit_in_place<S: Storage>(
+    image: &mut Image<S>,
+    targets: &[Target],
+    mut confirm: impl FnMut(usize, u64, &[u8]),
+) -> Result<FlushStats> {
+    let start = Instant::now();
+    let syncs0 = image.sync_count();
+    let sync_time0 = image.sync_time();
+    let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let mut written: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let r = (|| -> Result<FlushStats> {
+        let cs = image.cluster_size();
+        let mut writes = Vec::new();
+        for (ti, (t, regions)) in targets.iter().zip(&taken).enumerate() {
+            let layout = Layout::of(t, cs)?;
+            for r in regions.iter() {
+                let c = r / layout.per_cluster;
+                let TableEntry::Data(off) = entry_of(t, c)? else {
+                    return Err(internal!(
+                        "region {r} of a durable bitmap has no data cluster"
+                    ));
+                };
+                let at =
+                    off.saturating_add((r % layout.per_cluster).saturating_mul(layout.region_size));
+                let mut bytes = vec![0u8; t.bitmap.region_len(r) as usize];
+                t.bitmap.serialize_region(r, &mut bytes)?;
+                writes.push((at, bytes.clone()));
+                written.push((ti, r, bytes));
+            }
+        }
+        let mut stats = FlushStats::default();
+        for (off, bytes) in coalesce(writes) {
+            image.write_at(&bytes, off)?;
+            stats.bytes_written = stats.bytes_written.saturating_add(bytes.len() as u64);
+        }
+        if stats.bytes_written > 0 {
+            image.sync()?;
+        }
+        stats.regions = taken.iter().map(ChangedRegions::len).sum();
+        Ok(stats)
+    })();
+    match r {
+        Ok(mut stats) => {
+            for (ti, r, bytes) in &written {
+                confirm(*ti, *r, bytes);
+            }
+            stats.syncs = image.sync_count().saturating_sub(syncs0);
+            stats.sync_time = image.sync_time().saturating_sub(sync_time0);
+            stats.duration = start.elapsed();
+            Ok(stats)
+        }
+        Err(e) => {
+            for (t, regions) in targets.iter().zip(&taken) {
+                t.bitmap.requeue_changed(regions);
+            }
+            Err(e)
+        }
+    }
+}
+
 fn write_taken<S: Storage>(
     image: &mut Image<S>,
     targets: &mut [Target],
     taken: &[ChangedRegions],
     sync: bool,
+    allocate: bool,
 ) -> Result<FlushStats> {
     let cs = image.cluster_size();
     let mut items: Vec<Item> = Vec::new();
@@ -385,7 +497,7 @@ fn write_taken<S: Storage>(
     for (ti, (t, regions)) in targets.iter().zip(taken).enumerate() {
         let layout = Layout::of(t, cs)?;
         layouts.push(layout);
-        for step in plan_target(t, regions, layout, &mut scratch)? {
+        for step in plan_target(t, regions, layout, &mut scratch, allocate)? {
             match step {
                 Step::InPlace { r, off } => items.push(Item {
                     off,
@@ -538,7 +650,7 @@ mod tests {
         bm.mark_dirty(16 * region_disk, 1);
         bm.clear(16 * region_disk, region_disk);
         let taken = bm.take_changed();
-        let steps = plan_target(&t, &taken, layout, &mut Vec::new()).unwrap();
+        let steps = plan_target(&t, &taken, layout, &mut Vec::new(), false).unwrap();
         assert_eq!(
             steps,
             vec![

@@ -26,6 +26,7 @@ impl<S: Storage> BitmapStore<S> {
     /// the directory size limit; [`Error::Exists`] for a name that is taken;
     /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
+        self.ensure_not_durable()?;
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
         if !self.image.header().can_hold_bitmaps() {
@@ -111,6 +112,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
     /// with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
+        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find(name)?;
         self.preflight()?;
@@ -153,6 +155,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
+        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
@@ -203,14 +206,19 @@ impl<S: Storage> BitmapStore<S> {
         self.commit(entries, frees)
     }
 
-    /// Clears every bit. Active: in memory only (`in_use` protects the disk). Inactive:
-    /// stores an empty bitmap.
+    /// Clears every bit. Active: in memory only (`in_use` protects the disk); active in
+    /// durable mode, on disk too before it returns (the durable bits first, then memory,
+    /// then the regions in place and a barrier: see [`super::durable`]). Inactive: stores
+    /// an empty bitmap.
     ///
     /// # Errors
     /// As [`store`](Self::store).
     pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
+        if self.durable.is_some() {
+            return self.clear_durable(i);
+        }
         if let Some(m) = &self.slots[i].mem {
             m.clear(0, self.disk_size());
             return Ok(());
@@ -277,6 +285,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
+        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {

@@ -141,6 +141,39 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
+        let mems = self.load_mems(pre)?;
+        if mems.iter().any(Option::is_some) {
+            let mut entries = self.current_entries();
+            for (e, m) in entries.iter_mut().zip(&mems) {
+                if m.is_some() {
+                    e.in_use = true;
+                }
+            }
+            self.write_flags_in_place(entries)?;
+        }
+        for (s, m) in self.slots.iter_mut().zip(mems) {
+            s.mem = m;
+            s.parked = None;
+        }
+        self.active = true;
+        self.publish();
+        Ok(())
+    }
+
+    /// The bitmaps an activation holds, and their slots' `mem` set to them (not yet
+    /// published, nothing written): durable mode's first step.
+    pub(super) fn load_for_activation(&mut self, pre: &mut Preloaded) -> Result<()> {
+        let mems = self.load_mems(pre)?;
+        for (s, m) in self.slots.iter_mut().zip(mems) {
+            s.mem = m;
+            s.parked = None;
+        }
+        Ok(())
+    }
+
+    /// The checks of an activation, then each slot's bitmap as it will hold it (`None` for
+    /// an inconsistent one). Writes nothing.
+    fn load_mems(&mut self, pre: &mut Preloaded) -> Result<Vec<Option<Arc<DirtyBitmap>>>> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
         // sum is checked before anything is allocated.
@@ -177,22 +210,7 @@ impl<S: Storage> BitmapStore<S> {
                 }))
             });
         }
-        if mems.iter().any(Option::is_some) {
-            let mut entries = self.current_entries();
-            for (e, m) in entries.iter_mut().zip(&mems) {
-                if m.is_some() {
-                    e.in_use = true;
-                }
-            }
-            self.write_flags_in_place(entries)?;
-        }
-        for (s, m) in self.slots.iter_mut().zip(mems) {
-            s.mem = m;
-            s.parked = None;
-        }
-        self.active = true;
-        self.publish();
-        Ok(())
+        Ok(mems)
     }
 
     /// Resuming parked bitmaps is only safe if nobody else wrote the image's metadata
@@ -256,6 +274,13 @@ impl<S: Storage> BitmapStore<S> {
     ///   inconsistent) or, if the final header write reached the disk before the failure,
     ///   the completed state with every bit marked before the call. Never falsely clean.
     pub fn inactivate(&mut self) -> Result<FlushStats> {
+        if self.durable.is_some() {
+            return self.stop_with(|s| {
+                let stats = s.inactivate_durable()?;
+                s.park();
+                Ok(stats)
+            });
+        }
         self.stop_with(Self::inactivate_incremental)
     }
 

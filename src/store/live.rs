@@ -41,6 +41,9 @@ impl<S: Storage> BitmapStore<S> {
     pub fn flush(&mut self) -> Result<FlushStats> {
         self.ensure_writable()?;
         self.ensure_active()?;
+        if self.durable.is_some() {
+            return self.commit_durable();
+        }
         let r = self
             .flush_targets()
             .and_then(|mut t| flush::flush(&mut self.image, &mut t, true));
@@ -66,6 +69,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active.
     pub fn tracker(&self) -> Result<Tracker> {
         self.ensure_active()?;
+        self.ensure_not_durable()?;
         Ok(Tracker::following(&self.tracked))
     }
 

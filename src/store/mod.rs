@@ -135,6 +135,8 @@ pub struct BitmapStore<S: Storage> {
     /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
     /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
     tracked: TrackedSet,
+    /// Active in durable mode: the bitmaps' tables and durable bits (`durable.rs`).
+    durable: Option<durable_bits::Durable>,
 }
 
 /// A [`BitmapStore`] shared between threads: the owner, a background
@@ -353,6 +355,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             walk: None,
             tracked: TrackedSet::default(),
+            durable: None,
         })
     }
 
@@ -370,6 +373,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             walk: None,
             tracked: TrackedSet::default(),
+            durable: None,
         })
     }
 
@@ -702,6 +706,15 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
+    /// Refuses a directory change while active in durable mode.
+    fn ensure_not_durable(&self) -> Result<()> {
+        if self.durable.is_some() {
+            Err(Error::WrongState(StateProblem::Durable))
+        } else {
+            Ok(())
+        }
+    }
+
     fn ensure_active(&self) -> Result<()> {
         if self.active {
             Ok(())
@@ -713,6 +726,8 @@ impl<S: Storage> BitmapStore<S> {
 
 pub mod background;
 mod commit;
+pub mod durable;
+mod durable_bits;
 mod edit;
 mod lifecycle;
 mod live;
