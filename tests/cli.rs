@@ -1427,3 +1427,51 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
     );
     assert!(out.contains("marks lost: 0 of "), "{out}");
 }
+
+/// `dbm bench durable` on a small run: a row per mode and thread count, durable intents on
+/// dirty granules issue no barrier, naive ones issue one per first write.
+#[test]
+fn bench_durable_prints_a_row_per_mode_and_thread_count() {
+    let out = dbm_ok(&[
+        "bench",
+        "durable",
+        "--disk-size",
+        "1T",
+        "--intents",
+        "20",
+        "--threads",
+        "1,2",
+        "--modes",
+        "none,durable,naive",
+    ]);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| {
+            l.starts_with("| none") || l.starts_with("| durable") || l.starts_with("| naive")
+        })
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 6, "{out}");
+    for r in &rows {
+        // | mode | threads | p50 | p99 | p99.9 | intents/s | barriers/s | ns | barriers |
+        let barriers_second: u64 = r[9].parse().unwrap();
+        assert_eq!(barriers_second, 0, "a dirty granule cost a barrier: {r:?}");
+        let barriers_per_s: f64 = r[7].parse().unwrap();
+        if r[1] == "none" {
+            assert_eq!(barriers_per_s, 0.0, "{r:?}");
+        } else {
+            assert!(
+                barriers_per_s > 0.0,
+                "first writes without a barrier: {r:?}"
+            );
+        }
+    }
+    assert!(
+        out.contains("group commit against one barrier per intent at 2 threads"),
+        "{out}"
+    );
+    assert!(
+        out.contains("reproduce: `cargo run --release -- bench durable"),
+        "{out}"
+    );
+}

@@ -509,3 +509,65 @@ fn a_consumer_added_with_all_regions_during_a_mark_copies_it_in_its_first_passes
         );
     });
 }
+
+/// The durable mode's race (`src/store/durable.rs`), as its protocol: a commit takes the
+/// change map, serializes the regions taken, writes them to "the disk" (one word here) and
+/// only then sets the durable bits from the bytes it wrote; an intent returns when the
+/// durable bits cover its granule, else it runs a commit itself (under the commit lock) and
+/// looks again. Thread A marks granule x (clean → dirty) and waits; this thread marks x too
+/// and may find the bit already set by A, possibly before A recorded its region. Whenever
+/// either returns, x must be on the disk: a fast path on the live bit would fail here.
+#[test]
+fn a_durable_intent_that_finds_its_bit_set_returns_only_once_it_is_on_disk() {
+    use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use loom::sync::Mutex;
+    struct Durable {
+        bm: Arc<DirtyBitmap>,
+        disk: AtomicU64,
+        durable: AtomicU64,
+        commit: Mutex<()>,
+    }
+    impl Durable {
+        fn commit(&self) {
+            let _g = self.commit.lock().unwrap();
+            let taken = self.bm.take_changed();
+            if taken.is_empty() {
+                return;
+            }
+            let mut bytes = [0u8; 512];
+            self.bm.serialize_region(0, &mut bytes).unwrap();
+            let word = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+            // Write, barrier: on disk. Then, and only then, durable.
+            self.disk.fetch_or(word, SeqCst);
+            self.durable.fetch_or(word, SeqCst);
+        }
+        /// The intent for granule `g` (< 64): mark, then wait until durable, committing.
+        fn intent(&self, g: u64) {
+            let bit = 1u64 << g;
+            self.bm.mark_dirty(g * G, G);
+            while self.durable.load(SeqCst) & bit == 0 {
+                self.commit();
+                thread::yield_now();
+            }
+            assert_ne!(
+                self.disk.load(SeqCst) & bit,
+                0,
+                "acknowledged before the bit was on disk"
+            );
+        }
+    }
+    model(|| {
+        let d = Arc::new(Durable {
+            bm: Arc::new(DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap()),
+            disk: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            commit: Mutex::new(()),
+        });
+        let a = Arc::clone(&d);
+        let t = thread::spawn(move || a.intent(5));
+        switch_point(&d.bm);
+        d.intent(5);
+        t.join().unwrap();
+        assert_ne!(d.disk.load(SeqCst) & (1 << 5), 0);
+    });
+}

@@ -239,7 +239,7 @@ impl<S: Storage> DurableTracker<S> {
     /// error (the store is then poisoned, and every later intent fails: the write must not
     /// be issued, since its mark may not be on disk).
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
-        if self.is_durable(offset, len) && len > 0 {
+        if len > 0 && self.is_durable(offset, len) {
             return Ok(());
         }
         self.intent(offset, len)?.wait()

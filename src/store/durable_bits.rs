@@ -30,26 +30,28 @@ impl DurableBits {
     }
 
     /// Whether every granule of `[offset, offset + len)` is durable (false for a range
-    /// past the disk). One load for a range inside one word.
+    /// past the disk, true for an empty one). One load for a range inside one word.
     #[inline]
     pub(super) fn covers(&self, offset: u64, len: u64) -> bool {
-        let Some(last) = offset.checked_add(len).and_then(|e| e.checked_sub(1)) else {
+        // `last` is below `offset` only when `offset + len - 1` overflowed.
+        let last = offset.wrapping_add(len).wrapping_sub(1);
+        if len == 0 || last < offset || last >= self.disk_size {
             return len == 0;
-        };
-        if last >= self.disk_size {
-            return false;
         }
         let first_bit = offset >> self.granularity_bits;
         let last_bit = last >> self.granularity_bits;
-        let (fw, lw) = ((first_bit / 64) as usize, (last_bit / 64) as usize);
-        (fw..=lw).all(|w| {
-            let lo = if w == fw { first_bit % 64 } else { 0 };
-            let hi = if w == lw { last_bit % 64 } else { 63 };
-            let mask = (u64::MAX >> (63 - (hi - lo))) << lo;
-            self.words
-                .get(w)
-                .is_some_and(|x| x.load(SeqCst) & mask == mask)
-        })
+        let word = |w: u64| self.words.get(w as usize).map_or(0, |x| x.load(SeqCst));
+        if first_bit / 64 == last_bit / 64 {
+            // The common case: a write inside one word's granules.
+            let mask = (u64::MAX >> (63 - (last_bit - first_bit))) << (first_bit % 64);
+            return word(first_bit / 64) & mask == mask;
+        }
+        let (fw, lw) = (first_bit / 64, last_bit / 64);
+        let head = u64::MAX << (first_bit % 64);
+        let tail = u64::MAX >> (63 - last_bit % 64);
+        word(fw) & head == head
+            && (fw + 1..lw).all(|w| word(w) == u64::MAX)
+            && word(lw) & tail == tail
     }
 
     /// ORs in the serialized bytes of region `region` (of `region_size` bytes) as a commit
@@ -83,4 +85,42 @@ impl DurableBits {
 pub(crate) struct Durable {
     pub(super) targets: Vec<flush::Target>,
     pub(super) bits: Vec<Arc<DurableBits>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// `covers` says what a granule-by-granule check says, for ranges inside one word,
+    /// across words, at the disk's end and past it.
+    #[test]
+    fn covers_agrees_with_the_granules() {
+        let g = 512u64;
+        let disk = 300 * 64 * g + 3 * g;
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        let mut rng = SplitMix64::new(7);
+        // Dense runs, so that long ranges are sometimes covered.
+        for _ in 0..40 {
+            let at = rng.below(disk / g) * g;
+            bm.mark_dirty(at, (rng.below(200) + 1) * g);
+        }
+        let d = DurableBits::of(&bm);
+        let mut long_covered = 0;
+        for _ in 0..20_000 {
+            let off = rng.below(disk + 2 * g);
+            let len = match rng.below(3) {
+                0 => rng.below(g) + 1,
+                1 => rng.below(64 * g) + 1,
+                _ => rng.below(300 * g) + 1,
+            };
+            let want = off.checked_add(len).is_some_and(|e| e <= disk)
+                && (off / g..=(off + len - 1) / g).all(|k| bm.is_dirty(k * g));
+            assert_eq!(d.covers(off, len), want, "{off} + {len}");
+            long_covered += usize::from(want && len > 64 * g);
+        }
+        assert!(long_covered > 0, "no range across words was covered");
+        assert!(d.covers(0, 0));
+        assert!(!d.covers(u64::MAX, 2));
+    }
 }

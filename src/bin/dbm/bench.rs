@@ -1,6 +1,8 @@
 //! `dbm bench`: measurements that print a table (and draw a plot) in one run, for
 //! `docs/BENCHMARKS.md`. One subcommand per benchmark.
 
+#[path = "bench_durable.rs"]
+mod durable;
 #[path = "bench_flush.rs"]
 mod flush;
 #[path = "bench_migrate.rs"]
@@ -36,6 +38,10 @@ pub enum Bench {
     /// demo's workload with 1 and 4 bitmaps of 16 TiB: disk ms, bytes and barriers in the
     /// downtime, the downtime against the limit, the ratio and the 1/20 target.
     MigrateDisk(migrate_disk::MigrateDiskArgs),
+    /// What the durable mode's intents cost: latency and throughput of intents on clean
+    /// granules, and the cost of one on a granule already durable, against no tracking,
+    /// the deferred mode and one barrier per intent, at 1, 4 and 16 threads.
+    Durable(durable::DurableArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -44,5 +50,6 @@ pub fn run(args: &BenchArgs) -> CmdResult {
         Bench::Flush(a) => flush::run(a),
         Bench::Migrate(a) => migrate::run(a),
         Bench::MigrateDisk(a) => migrate_disk::run(a),
+        Bench::Durable(a) => durable::run(a),
     }
 }

@@ -17,6 +17,12 @@
 //!
 //! Progress lines (`activated`, `stopping`, `inactivating`, `inactivated`) are printed at once, so a drill
 //! reading stdout can aim its kill at a phase.
+//!
+//! With `--durable` the image is activated in durable mode instead (never `in_use`): each
+//! write waits for its intent ([`DurableTracker::mark`]) and is logged only after it, so
+//! after a kill at any moment the bitmap is consistent and covers every logged write. No
+//! background flusher and no `prepare_stop` (there is nothing to prepare): `activated`,
+//! `inactivating`, `inactivated`.
 
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::units::{BytesPerMs, Millis};
@@ -30,7 +36,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirty_bitmap::{BitmapState, FlushPolicy, FlushStats, SharedStore, StopReport, Tracker};
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{
+    BitmapState, BitmapStore, DurableTracker, FlushPolicy, FlushStats, SharedStore, StopReport,
+    Tracker,
+};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
@@ -72,6 +82,11 @@ pub struct WorkloadArgs {
     /// bandwidth × downtime bytes are left for `inactivate`.
     #[arg(long, default_value_t = 10)]
     pub downtime_ms: u64,
+    /// Durable mode: the image is activated with `activate_durable` (never `in_use`), each
+    /// write waits for its intent to be on disk (a group commit) and is logged only after
+    /// that; no background flusher, no `prepare_stop`.
+    #[arg(long)]
+    pub durable: bool,
 }
 
 /// The writer's side: how many writes it made.
@@ -158,6 +173,92 @@ fn say(s: &str) -> Result<(), String> {
     emit(&format!("{s}\n"))
 }
 
+/// Durable mode's writer: marks `rate` random 4 KiB writes per second, each through a
+/// waiting intent, and logs each only once the intent returned (its bit is on disk).
+fn durable_write_loop(
+    tracker: &DurableTracker<FileStorage>,
+    disk: u64,
+    rate: u64,
+    deadline: Instant,
+    mut log: Option<File>,
+    rng: &mut SmallRng,
+) -> Result<Writer, String> {
+    let start = Instant::now();
+    let slots = disk.div_ceil(WRITE);
+    let mut marks = 0u64;
+    let mut line = String::with_capacity(48);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Writer {
+                marks,
+                elapsed: now.duration_since(start),
+            });
+        }
+        let due =
+            u64::try_from(u128::from(rate) * now.duration_since(start).as_nanos() / 1_000_000_000)
+                .unwrap_or(u64::MAX);
+        while marks < due && Instant::now() < deadline {
+            let offset = rng.random_range(0..slots) * WRITE;
+            let len = WRITE.min(disk - offset);
+            tracker
+                .mark(offset, len)
+                .map_err(|e| format!("intent at {offset}: {e}"))?;
+            if let Some(f) = log.as_mut() {
+                use std::fmt::Write as _;
+                line.clear();
+                let _ = writeln!(line, "{offset} {len}");
+                // After the intent: every logged write's bit is on disk.
+                f.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+            }
+            marks += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `dbm workload --durable`: activate_durable, waiting intents, inactivate.
+fn run_durable(
+    args: &WorkloadArgs,
+    mut st: BitmapStore<FileStorage>,
+    log: Option<File>,
+    seed: u64,
+) -> CmdResult {
+    let img = &args.image;
+    let disk = st.disk_size();
+    st.activate_durable().map_err(|e| at(img, e))?;
+    let bitmap = st
+        .bitmap(BitmapName::parse_escaped(&args.bitmap))
+        .map_err(|e| at(img, e))?;
+    let store = SharedStore::new(st);
+    let tracker = store.durable_tracker().map_err(|e| at(img, e))?;
+    say("activated")?;
+    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let written = durable_write_loop(&tracker, disk, args.rate, deadline, log, &mut rng)
+        .map_err(|e| at(img, e))?;
+    drop(tracker);
+    say("inactivating")?;
+    let fin = store
+        .lock()
+        .inactivate()
+        .map_err(|e| at(img, format!("inactivate: {e}")))?;
+    say("inactivated")?;
+    let elapsed = written.elapsed.as_secs_f64();
+    say(&format!(
+        "marks: {} in {elapsed:.2} s ({:.0}/s), each durable before it was logged",
+        written.marks,
+        written.marks as f64 / elapsed.max(1e-9),
+    ))?;
+    say(&format!("inactivate: {}", stats_line(&fin)))?;
+    say(&format!(
+        "bitmap {:?}: {} dirty bytes, never in_use",
+        args.bitmap,
+        bitmap.dirty_bytes()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `dbm workload`.
 pub fn run(args: &WorkloadArgs) -> CmdResult {
     if !(args.duration.is_finite() && args.duration >= 0.0 && args.duration <= 1e9) {
@@ -213,6 +314,18 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
         None => None,
     };
     let disk = st.disk_size();
+    if args.durable {
+        say(&format!(
+            "dbm workload: {}: bitmap {:?}, {disk}-byte disk at {}-byte granularity; {} writes/s \
+             of 4 KiB for {} s, durable (each write waits for its intent); seed {seed}",
+            img.display(),
+            args.bitmap,
+            info.granularity,
+            args.rate,
+            args.duration,
+        ))?;
+        return run_durable(args, st, log, seed);
+    }
     say(&format!(
         "dbm workload: {}: bitmap {:?}, {disk}-byte disk at {}-byte granularity; {} writes/s of \
          4 KiB for {} s, background flush every {} ms, stop budget {} bytes/ms x {} ms; seed {seed}",

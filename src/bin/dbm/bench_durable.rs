@@ -1,0 +1,358 @@
+//! `dbm bench durable`: what the durable mode's intents cost, side by side in one run.
+//!
+//! On a bitmap-only image of `--disk-size` in a file under `--dir`, `--threads` writer
+//! threads each mark `--intents` random 4 KiB writes (4 KiB-aligned, uniform over the disk,
+//! so nearly every one dirties a clean granule), once per mode:
+//!
+//! - `none`: no tracking (the loop and the clock alone);
+//! - `deferred`: `Tracker::mark` on an active store (today's default: in memory, flushed
+//!   later);
+//! - `durable`: `DurableTracker::mark`, group commit (each waits until its bit is on disk);
+//! - `naive`: a durable mark that syncs once per intent (the store locked, the bit set, a
+//!   commit: md's classic write-intent without batching).
+//!
+//! Per mode and thread count: the intent latency of the first pass (p50, p99, p99.9, timed
+//! one by one), its throughput and barriers per second; then a second pass over the same
+//! offsets (every granule dirty and, in durable mode, durable), 200 times over, timed in
+//! bulk by each thread: the slowest thread's cost per intent (its loop and the offsets'
+//! reads included) and the barriers it issued (0 expected).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapStore, Recording, SharedStore};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::migrate_run::{loadavg, machine};
+use crate::out::emit;
+use crate::size::{human, parse_size};
+use crate::CmdResult;
+
+/// Bytes per write.
+const WRITE: u64 = 4096;
+/// Times the second pass (every granule dirty) runs over its offsets, so that its loop
+/// is long enough to time in bulk.
+const SECOND_REPS: usize = 200;
+
+/// How intents are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// No tracking.
+    None,
+    /// `Tracker::mark` (in memory; flushed later).
+    Deferred,
+    /// `DurableTracker::mark`, group commit.
+    Durable,
+    /// One commit (and barrier) per intent.
+    Naive,
+}
+
+/// Options of `dbm bench durable`.
+#[derive(Debug, clap::Args)]
+pub struct DurableArgs {
+    /// Directory for the images (default: a temporary directory under /tmp).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Disk size the bitmap covers (suffixes K, M, G, T).
+    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// Granularity (suffixes K, M).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub granularity: u64,
+    /// Writer thread counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    pub threads: Vec<usize>,
+    /// Intents per thread in each pass.
+    #[arg(long, default_value_t = 500)]
+    pub intents: usize,
+    /// Modes (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::None, Mode::Deferred, Mode::Durable, Mode::Naive])]
+    pub modes: Vec<Mode>,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// One mode at one thread count.
+struct Row {
+    mode: Mode,
+    threads: usize,
+    first: Vec<Duration>,
+    first_elapsed: Duration,
+    first_syncs: u64,
+    second_ns: f64,
+    second_syncs: u64,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+fn offsets(disk: u64, n: usize, seed: u64) -> Vec<u64> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| rng.random_range(0..disk / WRITE) * WRITE)
+        .collect()
+}
+
+/// Runs one mode with `threads` writers on a fresh image at `path`.
+fn one(
+    args: &DurableArgs,
+    mode: Mode,
+    threads: usize,
+    path: &std::path::Path,
+) -> Result<Row, String> {
+    let _ = std::fs::remove_file(path);
+    let mut st = BitmapStore::create(
+        FileStorage::create(path).map_err(|e| e.to_string())?,
+        args.disk_size,
+        65536,
+    )
+    .map_err(|e| e.to_string())?;
+    st.add("b", args.granularity, Recording::Enabled)
+        .map_err(|e| e.to_string())?;
+    match mode {
+        Mode::Durable | Mode::Naive => st.activate_durable(),
+        Mode::None | Mode::Deferred => st.activate(),
+    }
+    .map_err(|e| e.to_string())?;
+    let bitmap = st.bitmap("b").map_err(|e| e.to_string())?;
+    let store = SharedStore::new(st);
+    let deferred = match mode {
+        Mode::Deferred => Some(store.lock().tracker().map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let durable = match mode {
+        Mode::Durable => Some(store.durable_tracker().map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let per_thread: Vec<Vec<u64>> = (0..threads)
+        .map(|t| {
+            offsets(
+                args.disk_size,
+                args.intents,
+                args.seed ^ ((t as u64 + 1) * 0x9E37),
+            )
+        })
+        .collect();
+    let syncs = || store.lock().image().sync_count();
+    let intent = |off: u64| -> Result<(), String> {
+        match mode {
+            Mode::None => {
+                std::hint::black_box(off);
+            }
+            Mode::Deferred => {
+                if let Some(t) = &deferred {
+                    t.mark(off, WRITE);
+                }
+            }
+            Mode::Durable => {
+                if let Some(t) = &durable {
+                    t.mark(off, WRITE).map_err(|e| e.to_string())?;
+                }
+            }
+            Mode::Naive => {
+                let mut g = store.lock();
+                bitmap.mark_dirty(off, WRITE);
+                g.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    };
+    // First pass: every intent timed.
+    let s0 = syncs();
+    let start = Instant::now();
+    let lat: Vec<Result<Vec<Duration>, String>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = per_thread
+            .iter()
+            .map(|offs| {
+                let intent = &intent;
+                sc.spawn(move || {
+                    let mut out = Vec::with_capacity(offs.len());
+                    for &o in offs {
+                        let t = Instant::now();
+                        intent(o)?;
+                        out.push(t.elapsed());
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a writer panicked".into())))
+            .collect()
+    });
+    let first_elapsed = start.elapsed();
+    let first_syncs = syncs() - s0;
+    let mut first = Vec::new();
+    for l in lat {
+        first.extend(l?);
+    }
+    first.sort();
+    // Second pass over the same offsets, SECOND_REPS times: dirty (and durable) already;
+    // each thread times its own loop (no spawn in the figure), the slowest one counts.
+    let s1 = syncs();
+    let r: Vec<Result<Duration, String>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = per_thread
+            .iter()
+            .map(|offs| {
+                let intent = &intent;
+                sc.spawn(move || {
+                    let start = Instant::now();
+                    for _ in 0..SECOND_REPS {
+                        for &o in offs {
+                            intent(o)?;
+                        }
+                    }
+                    Ok(start.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a writer panicked".into())))
+            .collect()
+    });
+    let mut second = Duration::ZERO;
+    for x in r {
+        second = second.max(x?);
+    }
+    let second_syncs = syncs() - s1;
+    drop(durable);
+    drop(deferred);
+    let st = store
+        .try_into_inner()
+        .map_err(|_| "the store is still shared".to_string())?;
+    let mut st = st;
+    st.inactivate().map_err(|e| e.to_string())?;
+    drop(st);
+    let _ = std::fs::remove_file(path);
+    let n = (threads * args.intents).max(1) as f64;
+    Ok(Row {
+        mode,
+        threads,
+        first,
+        first_elapsed,
+        first_syncs,
+        // The slowest thread's time per intent.
+        second_ns: second.as_nanos() as f64 / (n / threads as f64 * SECOND_REPS as f64),
+        second_syncs,
+    })
+}
+
+/// Runs `dbm bench durable`.
+pub fn run(args: &DurableArgs) -> CmdResult {
+    if args.intents == 0 || args.threads.contains(&0) {
+        return Err("--intents and every --threads must be at least 1".into());
+    }
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let path = dir.join("bench-durable.qcow2");
+    let threads: Vec<String> = args.threads.iter().map(ToString::to_string).collect();
+    let modes: Vec<String> = args
+        .modes
+        .iter()
+        .map(|m| format!("{m:?}").to_lowercase())
+        .collect();
+    emit(&format!(
+        "# dbm bench durable\n\n- machine: {}\n- load average (1, 5, 15 min) at the start: {}\n\
+         - a bitmap-only image of {} at {} granularity in {} (a file on this machine's disk); \
+         {} random 4 KiB writes per thread per pass, uniform over the disk\n\
+         - reproduce: `cargo run --release -- bench durable --disk-size {} --granularity {} \
+         --threads {} --intents {} --modes {} --seed {}`\n\n",
+        machine(),
+        loadavg(),
+        human(args.disk_size),
+        human(args.granularity),
+        dir.display(),
+        args.intents,
+        args.disk_size,
+        args.granularity,
+        threads.join(","),
+        args.intents,
+        modes.join(","),
+        args.seed,
+    ))?;
+    emit(
+        "| mode | threads | first pass: p50 µs | p99 µs | p99.9 µs | intents/s | barriers/s | \
+         second pass (dirty): ns per intent | second pass barriers |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    )?;
+    let mut rows = Vec::new();
+    for &t in &args.threads {
+        for &m in &args.modes {
+            eprintln!("dbm bench durable: {m:?}, {t} thread(s)");
+            let r = one(args, m, t, &path).map_err(|e| format!("{m:?} with {t} threads: {e}"))?;
+            let secs = r.first_elapsed.as_secs_f64().max(1e-9);
+            emit(&format!(
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} |\n",
+                format!("{:?}", r.mode).to_lowercase(),
+                r.threads,
+                us(pct(&r.first, 0.5)),
+                us(pct(&r.first, 0.99)),
+                us(pct(&r.first, 0.999)),
+                r.first.len() as f64 / secs,
+                r.first_syncs as f64 / secs,
+                r.second_ns,
+                r.second_syncs,
+            ))?;
+            rows.push(r);
+        }
+    }
+    // The targets the issue sets that this run measures.
+    let thr = |m: Mode, t: usize| {
+        rows.iter()
+            .find(|r| r.mode == m && r.threads == t)
+            .map(|r| r.first.len() as f64 / r.first_elapsed.as_secs_f64().max(1e-9))
+    };
+    emit("\n")?;
+    // The fast path's cost on one thread (more threads than CPUs time the scheduler), net
+    // of the same loop without tracking.
+    let fewest = args.threads.iter().copied().min().unwrap_or(1);
+    let second = |m: Mode| {
+        rows.iter()
+            .find(|r| r.mode == m && r.threads == fewest)
+            .map(|r| (r.second_ns, r.second_syncs))
+    };
+    if let Some((ns, syncs)) = second(Mode::Durable) {
+        let base = second(Mode::None).map_or(0.0, |(b, _)| b);
+        let net = (ns - base).max(0.0);
+        emit(&format!(
+            "- an intent on a granule already dirty and durable, {fewest} thread(s): {ns:.1} ns \
+             ({net:.1} ns more than the loop without tracking), {syncs} barriers (target ≤ 5 \
+             ns, no barrier): **{}**\n",
+            if net <= 5.0 && syncs == 0 {
+                "met"
+            } else {
+                "not met"
+            }
+        ))?;
+    }
+    let most = args.threads.iter().copied().max().unwrap_or(1);
+    if let (Some(g), Some(n)) = (thr(Mode::Durable, most), thr(Mode::Naive, most)) {
+        emit(&format!(
+            "- group commit against one barrier per intent at {most} threads: {:.1}× the \
+             throughput (target ≥ 5×): **{}**\n",
+            g / n.max(1e-9),
+            if g >= 5.0 * n { "met" } else { "not met" }
+        ))?;
+    }
+    emit(&format!("- load average at the end: {}\n", loadavg()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
