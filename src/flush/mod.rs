@@ -347,17 +347,32 @@ pub(crate) fn flush<S: Storage>(
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
-    match write_taken(image, targets, &taken, sync, false) {
+    let r = write_taken(image, targets, &taken, sync, false).map(|mut stats| {
+        stats.regions = taken.iter().map(ChangedRegions::len).sum();
+        stats
+    });
+    finish(image, targets, &taken, r, (start, syncs0, sync_time0))
+}
+
+/// What a flush that took `taken` ends with: on success its barriers and time since
+/// `(start, syncs, sync time)`; on failure every taken region handed back (nothing taken
+/// may be forgotten: the next flush writes it again) and the error.
+fn finish<S: Storage>(
+    image: &Image<S>,
+    targets: &[Target],
+    taken: &[ChangedRegions],
+    r: Result<FlushStats>,
+    (start, syncs0, sync_time0): (Instant, u64, Duration),
+) -> Result<FlushStats> {
+    match r {
         Ok(mut stats) => {
-            stats.regions = taken.iter().map(ChangedRegions::len).sum();
             stats.syncs = image.sync_count().saturating_sub(syncs0);
             stats.sync_time = image.sync_time().saturating_sub(sync_time0);
             stats.duration = start.elapsed();
             Ok(stats)
         }
         Err(e) => {
-            // Nothing taken may be forgotten: the next flush writes these again.
-            for (t, regions) in targets.iter().zip(&taken) {
+            for (t, regions) in targets.iter().zip(taken) {
                 t.bitmap.requeue_changed(regions);
             }
             Err(e)
@@ -460,23 +475,13 @@ pub(crate) fn commit_in_place<S: Storage>(
         stats.regions = taken.iter().map(ChangedRegions::len).sum();
         Ok(stats)
     })();
-    match r {
-        Ok(mut stats) => {
-            for (ti, r, bytes) in &written {
-                confirm(*ti, *r, bytes);
-            }
-            stats.syncs = image.sync_count().saturating_sub(syncs0);
-            stats.sync_time = image.sync_time().saturating_sub(sync_time0);
-            stats.duration = start.elapsed();
-            Ok(stats)
-        }
-        Err(e) => {
-            for (t, regions) in targets.iter().zip(&taken) {
-                t.bitmap.requeue_changed(regions);
-            }
-            Err(e)
+    if r.is_ok() {
+        // After the barrier: these bytes are on disk.
+        for (ti, r, bytes) in &written {
+            confirm(*ti, *r, bytes);
         }
     }
+    finish(image, targets, &taken, r, (start, syncs0, sync_time0))
 }
 
 fn write_taken<S: Storage>(

@@ -238,22 +238,29 @@ impl<S: Storage> DurableTracker<S> {
     /// [`Error::InvalidInput`] for a range past the disk or of length 0; the commit's
     /// error (the store is then poisoned, and every later intent fails: the write must not
     /// be issued, since its mark may not be on disk).
+    #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
         if len > 0 && self.is_durable(offset, len) {
             return Ok(());
         }
+        self.mark_slow(offset, len)
+    }
+
+    /// [`mark`](Self::mark) past its fast path, out of line.
+    #[inline(never)]
+    fn mark_slow(&self, offset: u64, len: u64) -> Result<()> {
         self.intent(offset, len)?.wait()
     }
 
     /// Whether every recording bitmap has every granule of `[offset, offset + len)` set on
     /// disk: the fast path of [`mark`](Self::mark), one load per bitmap for a range inside
     /// one word.
-    #[inline]
+    #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
         self.inner
             .marks
             .iter()
-            .all(|(bm, d)| !bm.is_enabled() || d.covers(offset, len))
+            .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
     }
 
     /// Sets the bits of a write of `len` bytes at `offset` in memory and returns a ticket

@@ -31,7 +31,7 @@ impl DurableBits {
 
     /// Whether every granule of `[offset, offset + len)` is durable (false for a range
     /// past the disk, true for an empty one). One load for a range inside one word.
-    #[inline]
+    #[inline(always)]
     pub(super) fn covers(&self, offset: u64, len: u64) -> bool {
         // `last` is below `offset` only when `offset + len - 1` overflowed.
         let last = offset.wrapping_add(len).wrapping_sub(1);

@@ -95,6 +95,49 @@ struct Writer {
     elapsed: Duration,
 }
 
+/// Paces `rate` random 4 KiB writes per second on `[0, disk)`, millisecond by millisecond,
+/// calling `write(offset, len)` for each, until `stop()` says so or `deadline` passes.
+fn paced<E>(
+    disk: u64,
+    rate: u64,
+    deadline: Instant,
+    rng: &mut SmallRng,
+    mut stop: impl FnMut() -> bool,
+    mut write: impl FnMut(u64, u64) -> Result<(), E>,
+) -> Result<Writer, E> {
+    let start = Instant::now();
+    let slots = disk.div_ceil(WRITE);
+    let mut marks = 0u64;
+    loop {
+        let now = Instant::now();
+        if stop() || now >= deadline {
+            return Ok(Writer {
+                marks,
+                elapsed: now.duration_since(start),
+            });
+        }
+        // Pace by elapsed time, so a late wake-up catches up in the next millisecond
+        // instead of drifting.
+        let due =
+            u64::try_from(u128::from(rate) * now.duration_since(start).as_nanos() / 1_000_000_000)
+                .unwrap_or(u64::MAX);
+        while marks < due && !stop() {
+            let offset = rng.random_range(0..slots) * WRITE;
+            write(offset, WRITE.min(disk - offset))?;
+            marks += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Appends `offset len` as one line with one write(2).
+fn log_line(f: &mut File, line: &mut String, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    line.clear();
+    let _ = writeln!(line, "{offset} {len}");
+    f.write_all(line.as_bytes())
+}
+
 /// Marks `rate` random 4 KiB writes per second on `[0, disk)` until `stop` is set or
 /// `deadline` passes, each logged to `log` (when given) before it is marked.
 fn write_loop(
@@ -106,38 +149,22 @@ fn write_loop(
     mut log: Option<File>,
     rng: &mut SmallRng,
 ) -> std::io::Result<Writer> {
-    let start = Instant::now();
-    let slots = disk.div_ceil(WRITE);
-    let mut marks = 0u64;
     let mut line = String::with_capacity(48);
-    loop {
-        let now = Instant::now();
-        if stop.load(Ordering::Acquire) || now >= deadline {
-            return Ok(Writer {
-                marks,
-                elapsed: now.duration_since(start),
-            });
-        }
-        // Pace by elapsed time, so a late wake-up catches up in the next millisecond
-        // instead of drifting.
-        let due =
-            u64::try_from(u128::from(rate) * now.duration_since(start).as_nanos() / 1_000_000_000)
-                .unwrap_or(u64::MAX);
-        while marks < due && !stop.load(Ordering::Acquire) {
-            let offset = rng.random_range(0..slots) * WRITE;
-            let len = WRITE.min(disk - offset);
+    paced(
+        disk,
+        rate,
+        deadline,
+        rng,
+        || stop.load(Ordering::Acquire),
+        |offset, len| {
             if let Some(f) = log.as_mut() {
-                use std::fmt::Write as _;
-                line.clear();
-                let _ = writeln!(line, "{offset} {len}");
                 // One write(2): durable against SIGKILL once it returns (page cache).
-                f.write_all(line.as_bytes())?;
+                log_line(f, &mut line, offset, len)?;
             }
             tracker.mark(offset, len);
-            marks += 1;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
+            Ok(())
+        },
+    )
 }
 
 fn ms(d: Duration) -> String {
@@ -183,38 +210,24 @@ fn durable_write_loop(
     mut log: Option<File>,
     rng: &mut SmallRng,
 ) -> Result<Writer, String> {
-    let start = Instant::now();
-    let slots = disk.div_ceil(WRITE);
-    let mut marks = 0u64;
     let mut line = String::with_capacity(48);
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(Writer {
-                marks,
-                elapsed: now.duration_since(start),
-            });
-        }
-        let due =
-            u64::try_from(u128::from(rate) * now.duration_since(start).as_nanos() / 1_000_000_000)
-                .unwrap_or(u64::MAX);
-        while marks < due && Instant::now() < deadline {
-            let offset = rng.random_range(0..slots) * WRITE;
-            let len = WRITE.min(disk - offset);
+    paced(
+        disk,
+        rate,
+        deadline,
+        rng,
+        || Instant::now() >= deadline,
+        |offset, len| {
             tracker
                 .mark(offset, len)
                 .map_err(|e| format!("intent at {offset}: {e}"))?;
             if let Some(f) = log.as_mut() {
-                use std::fmt::Write as _;
-                line.clear();
-                let _ = writeln!(line, "{offset} {len}");
                 // After the intent: every logged write's bit is on disk.
-                f.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+                log_line(f, &mut line, offset, len).map_err(|e| e.to_string())?;
             }
-            marks += 1;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
+            Ok(())
+        },
+    )
 }
 
 /// `dbm workload --durable`: activate_durable, waiting intents, inactivate.
