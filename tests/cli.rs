@@ -1443,11 +1443,15 @@ fn bench_durable_prints_a_row_per_mode_and_thread_count() {
         "1,2",
         "--modes",
         "none,durable,naive",
+        "--write-through",
+        "20",
     ]);
     let rows: Vec<Vec<&str>> = out
         .lines()
         .filter(|l| {
-            l.starts_with("| none") || l.starts_with("| durable") || l.starts_with("| naive")
+            ["| none |", "| durable |", "| naive |"]
+                .iter()
+                .any(|m| l.starts_with(m))
         })
         .map(|l| l.split('|').map(str::trim).collect())
         .collect();
@@ -1469,6 +1473,20 @@ fn bench_durable_prints_a_row_per_mode_and_thread_count() {
     assert!(
         out.contains("group commit against one barrier per intent at 2 threads"),
         "{out}"
+    );
+    // The write-through part: five rows, and both of its targets reported.
+    let wt = out
+        .split("## Write-through")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{out}"));
+    let wt_rows = wt
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| row"))
+        .count();
+    assert_eq!(wt_rows, 5, "{wt}");
+    assert!(
+        wt.contains("against its floor") && wt.contains("against untracked"),
+        "{wt}"
     );
     assert!(
         out.contains("reproduce: `cargo run --release -- bench durable"),

@@ -839,33 +839,59 @@ fn assert_same(a: &[(u64, u64)], b: &[(u64, u64)], what: &str) {
     }
 }
 
-/// Auto-converge, and a `clear` of the first half of the disk on the second turn's report,
-/// after the stream's first pass went out in the first turn (the stream goes first): a
-/// change that removes bits the destination already has. The switchover's own report comes
-/// after the hand-over, so a clear there would change only the source: `reports_after`
-/// tells that the clear came on an earlier turn.
-struct ClearsOnce {
+/// The stream, and a `clear` of the first half of the disk (the 64 GiB disk's bitmap is
+/// 128 KiB) as soon as the stream's first pass went out: a change that removes bits the
+/// destination already has. It happens inside a precopy turn, while the guest runs, so a
+/// later turn's exact figure (and the stop, if it follows) sees its regions; a clear from
+/// the controller could come with the switchover's own report, after the hand-over.
+struct ClearsAfterFirstPass<'a> {
+    inner: &'a mut StreamDiskState,
     bitmap: Arc<dirty_bitmap::DirtyBitmap>,
     done: bool,
-    reports_after: u32,
-    inner: AutoConverge,
 }
 
-impl Controller for ClearsOnce {
-    fn on_iteration(
+impl MigrationState for ClearsAfterFirstPass<'_> {
+    fn id(&self) -> StateId {
+        self.inner.id()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn setup(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        self.inner.setup(out)
+    }
+    fn pending(&mut self, exact: bool) -> Pending {
+        self.inner.pending(exact)
+    }
+    fn iterate(
         &mut self,
-        r: &dirty_bitmap::migration::IterationReport,
-    ) -> dirty_bitmap::migration::Directive {
-        if self.done {
-            self.reports_after += 1;
-        } else if r.iteration >= 1 {
+        out: &mut dyn Outbound,
+        budget: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let n = self.inner.iterate(out, budget)?;
+        if !self.done && self.inner.regions_sent() >= self.inner.region_count() {
             self.bitmap.clear(0, DISK / 2);
             self.done = true;
         }
-        dirty_bitmap::migration::Directive::Continue
+        Ok(n)
     }
-    fn on_stall(&mut self, r: &StallReport) -> StallAction {
-        self.inner.on_stall(r)
+    fn complete(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        self.inner.complete(out)
+    }
+    fn awaits_report(&self) -> bool {
+        self.inner.awaits_report()
+    }
+    fn report(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+        self.inner.report(payload)
+    }
+    fn channel_failed(&mut self) {
+        self.inner.channel_failed();
+    }
+    fn cancel(&mut self) {
+        self.inner.cancel();
+    }
+    fn resume_source(&mut self) {
+        self.inner.resume_source();
     }
 }
 
@@ -895,7 +921,7 @@ fn stream_attempt(
 
 fn stream_attempt_with(
     r: &mut Rig,
-    stream: &mut StreamDiskState,
+    stream: &mut dyn MigrationState,
     dest: &Arc<Mutex<StreamDiskDest<FileStorage>>>,
     refuse: bool,
     control: &mut dyn Controller,
@@ -914,7 +940,7 @@ fn stream_attempt_with(
         },
         &mut r.guest,
         // The stream first: its first pass goes out before RAM's.
-        &mut [stream as &mut dyn MigrationState, &mut r.ram],
+        &mut [stream, &mut r.ram],
         control,
     );
     let _ = d.join();
@@ -933,18 +959,23 @@ fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_reg
         .spawn(store.clone())
         .unwrap();
     // A clear while the stream runs: its regions go again, replacing what was sent.
-    let mut control = ClearsOnce {
+    let (dest_img, dest) = stream_dest(dir.path());
+    let mut clearing = ClearsAfterFirstPass {
+        inner: &mut stream,
         bitmap: Arc::clone(&bitmap),
         done: false,
-        reports_after: 0,
-        inner: AutoConverge::default(),
     };
-    let (dest_img, dest) = stream_dest(dir.path());
-    let o = stream_attempt_with(&mut r, &mut stream, &dest, false, &mut control).unwrap();
-    assert!(control.done);
+    let o = stream_attempt_with(
+        &mut r,
+        &mut clearing,
+        &dest,
+        false,
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
     assert!(
-        control.reports_after > 0,
-        "the clear came with the switchover's report, after the hand-over"
+        clearing.done,
+        "the first pass never went out before the stop"
     );
     assert_eq!(o.kind, Kind::Completed);
     assert!(stream.regions_sent() > 0);
