@@ -148,9 +148,9 @@ pub enum StateProblem {
     /// The store is not active in durable mode and the call needs it.
     #[error("the store is not active in durable mode; call activate_durable() first")]
     NotDurable,
-    /// The store is active in durable mode: marks go through its durable tracker, and
-    /// directory changes wait for the inactivation.
-    #[error("the store is active in durable mode: mark through SharedStore::durable_tracker, and inactivate before changing the directory")]
+    /// The store is active in durable mode: marks go through its durable tracker, never a
+    /// deferred one.
+    #[error("the store is active in durable mode: mark through SharedStore::durable_tracker")]
     Durable,
     /// The migration destination's guest is not running yet.
     #[error("the guest does not run on this destination yet")]

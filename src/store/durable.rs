@@ -31,11 +31,12 @@
 //!
 //! Crash reasoning, step by step, is in `docs/CRASH-CONSISTENCY.md`, "Durable mode".
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::durable_bits::{Durable, DurableBits};
+use super::durable_bits::{Durable, DurableBits, DurableSet, Marks};
 use super::{BitmapStore, SharedStore};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result, StateProblem};
@@ -52,8 +53,12 @@ impl<S: Storage> BitmapStore<S> {
     /// [`flush`](Self::flush) is then a commit (changed regions in place, one barrier), and
     /// [`inactivate`](Self::inactivate) commits what is left and writes nothing else.
     ///
-    /// In this mode [`add`](Self::add), [`remove`](Self::remove), [`store`](Self::store),
-    /// [`merge`](Self::merge) and resizing are refused while active (inactivate first).
+    /// The directory changes keep the invariant at every crash point: [`add`](Self::add)
+    /// allocates the new bitmap's clusters before the directory names it, and trackers mark
+    /// it from their next intent; [`remove`](Self::remove) commits the directory, then
+    /// frees; [`store`](Self::store) and [`merge`](Self::merge) OR into memory and commit
+    /// before they return; [`set_enabled`](Self::set_enabled) writes the flags in place.
+    /// [`resize`](Self::resize) needs an inactive store, as in the deferred mode.
     ///
     /// # Errors
     /// [`Error::WrongState`] if active, or if bitmaps of an earlier activation are parked
@@ -90,11 +95,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         // Nothing marks the bitmaps yet (they are published below), and what each holds
         // is what its clusters now hold.
-        let bits = targets
-            .iter()
-            .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
-            .collect();
-        self.durable = Some(Durable { targets, bits });
+        self.durable = Some(Durable::new(targets));
         self.active = true;
         self.publish();
         Ok(())
@@ -160,18 +161,14 @@ impl<S: Storage> BitmapStore<S> {
         Ok(stats)
     }
 
-    /// The marking handles for [`DurableTracker`]: each in-memory bitmap with its durable
-    /// bits.
-    fn durable_marks(&self) -> Result<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>> {
+    /// The list a [`DurableTracker`] marks: each in-memory bitmap with its durable bits,
+    /// replaced by `add` and `remove`.
+    fn durable_marks(&self) -> Result<DurableSet> {
         let d = self
             .durable
             .as_ref()
             .ok_or(Error::WrongState(StateProblem::NotDurable))?;
-        Ok(d.targets
-            .iter()
-            .zip(&d.bits)
-            .map(|(t, b)| (Arc::clone(&t.bitmap), Arc::clone(b)))
-            .collect())
+        Ok(Arc::clone(&d.set))
     }
 }
 
@@ -183,15 +180,17 @@ impl<S: Storage> SharedStore<S> {
     /// [`Error::WrongState`] ([`StateProblem::NotDurable`]) if the store is not active in
     /// durable mode.
     pub fn durable_tracker(&self) -> Result<DurableTracker<S>> {
-        let marks = self.lock().durable_marks()?;
-        Ok(DurableTracker {
-            inner: Arc::new(Inner {
-                store: self.clone(),
-                marks,
-                commit: Mutex::new(CommitState::default()),
-                done: Condvar::new(),
-            }),
-        })
+        let (marks, disk_size) = {
+            let s = self.lock();
+            (s.durable_marks()?, s.disk_size())
+        };
+        Ok(DurableTracker::current(Arc::new(Inner {
+            store: self.clone(),
+            marks,
+            disk_size,
+            commit: Mutex::new(CommitState::default()),
+            done: Condvar::new(),
+        })))
     }
 }
 
@@ -208,27 +207,67 @@ struct CommitState {
 #[derive(Debug)]
 struct Inner<S: Storage> {
     store: SharedStore<S>,
-    marks: Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>,
+    marks: DurableSet,
+    /// The disk's size: fixed while the store is active (a resize needs it inactive).
+    disk_size: u64,
     commit: Mutex<CommitState>,
     done: Condvar,
 }
 
 /// Marks writes on a store active in durable mode, acknowledging a mark only once it is on
 /// disk. See the [module documentation](self). Clones share one group commit.
+///
+/// A tracker follows its store: a bitmap [`add`](BitmapStore::add)ed later receives every
+/// intent that starts after the call returned, and a removed one none. Each handle keeps
+/// the list of bitmaps it last saw; after an `add` or `remove` its fast path reads the
+/// store's current list instead (one lock-free load more), until the handle is cloned or
+/// [`refresh`](Self::refresh)ed.
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
+    /// The list at `epoch`: the current one while the store's epoch is still `epoch`.
+    cached: Marks,
+    epoch: u64,
 }
 
 impl<S: Storage> Clone for DurableTracker<S> {
+    /// A handle on the same group commit, with the store's current list.
     fn clone(&self) -> Self {
-        DurableTracker {
-            inner: Arc::clone(&self.inner),
-        }
+        Self::current(Arc::clone(&self.inner))
     }
 }
 
 impl<S: Storage> DurableTracker<S> {
+    /// A handle with the current list: the epoch read first, so a list published after
+    /// it only makes the copy look stale.
+    fn current(inner: Arc<Inner<S>>) -> Self {
+        let epoch = inner.marks.epoch.load(SeqCst);
+        let cached = inner.marks.list.load_full();
+        DurableTracker {
+            inner,
+            cached,
+            epoch,
+        }
+    }
+
+    /// Takes the store's current list of bitmaps as this handle's own, so that its fast
+    /// path reads no shared list after an [`add`](BitmapStore::add) or
+    /// [`remove`](BitmapStore::remove).
+    pub fn refresh(&mut self) {
+        *self = Self::current(Arc::clone(&self.inner));
+    }
+
+    /// Runs `f` on the current list: this handle's copy while it is current, else the
+    /// store's.
+    #[inline(always)]
+    fn with_marks<R>(&self, f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)]) -> R) -> R {
+        if self.inner.marks.epoch.load(SeqCst) == self.epoch {
+            f(&self.cached)
+        } else {
+            f(&self.inner.marks.list.load())
+        }
+    }
+
     /// The intent for a write of `len` bytes at `offset`: returns once every recording
     /// bitmap has every granule of it set **on disk**, and only then may the caller issue
     /// the write. At once, with no barrier, when that already holds; otherwise after the
@@ -257,10 +296,11 @@ impl<S: Storage> DurableTracker<S> {
     /// one word.
     #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
-        self.inner
-            .marks
-            .iter()
-            .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
+        self.with_marks(|marks| {
+            marks
+                .iter()
+                .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
+        })
     }
 
     /// Sets the bits of a write of `len` bytes at `offset` in memory and returns a ticket
@@ -272,7 +312,7 @@ impl<S: Storage> DurableTracker<S> {
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0.
     pub fn intent(&self, offset: u64, len: u64) -> Result<Intent<S>> {
-        let disk = self.inner.marks.first().map_or(0, |(b, _)| b.disk_size());
+        let disk = self.inner.disk_size;
         if len == 0 || offset.checked_add(len).is_none_or(|e| e > disk) {
             return Err(Error::InvalidInput(format!(
                 "an intent for {len} bytes at {offset} on a disk of {disk} bytes"
@@ -286,10 +326,21 @@ impl<S: Storage> DurableTracker<S> {
         })
     }
 
+    /// Sets the bits in memory. Over several bitmaps the fan-out announces itself, as
+    /// [`crate::Tracker::mark`]'s does, so that handing recording over (enable B, then
+    /// disable A) never leaves a write in neither.
     fn set(&self, offset: u64, len: u64) {
-        for (bm, _) in &self.inner.marks {
-            bm.mark_dirty(offset, len);
-        }
+        self.with_marks(|marks| match marks {
+            [] => {}
+            [(only, _)] => only.mark_dirty(offset, len),
+            several => {
+                let fan = crate::bitmap::begin_fan_out();
+                for (bm, _) in several {
+                    bm.mark_dirty(offset, len);
+                }
+                crate::bitmap::end_fan_out(fan);
+            }
+        })
     }
 
     /// Runs one group commit, or waits for the one running, and returns when it finished.

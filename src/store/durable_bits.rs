@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::bitmap::DirtyBitmap;
 use crate::flush;
 
@@ -79,12 +81,85 @@ impl DurableBits {
     }
 }
 
+/// Each bitmap a [`DurableTracker`](super::durable::DurableTracker) marks, with its durable
+/// bits.
+pub(super) type Marks = Arc<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>;
+
+/// The list a durable store's trackers mark: replaced as a whole when a bitmap is added or
+/// removed, with `epoch` bumped after each replacement. A tracker keeps the list it last
+/// saw with its epoch, and its fast path reads the shared epoch (one load of a word written
+/// only by `add` and `remove`) instead of the list: while they match, its own copy is the
+/// current list. A mark that reads the epoch before a bump uses the old list: it was in
+/// flight during the `add` or `remove` (as for [`crate::Tracker`]).
+#[derive(Debug)]
+pub(super) struct Published {
+    pub(super) list: ArcSwap<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>,
+    pub(super) epoch: AtomicU64,
+}
+
+/// [`Published`], shared by the store and its trackers.
+pub(super) type DurableSet = Arc<Published>;
+
 /// What a durable store holds beside its slots: each in-memory bitmap with its table (every
-/// entry a data cluster since the activation) and its durable bits.
+/// entry a data cluster since the activation or its `add`) and its durable bits, and the
+/// list its trackers read.
 #[derive(Debug)]
 pub(crate) struct Durable {
     pub(super) targets: Vec<flush::Target>,
     pub(super) bits: Vec<Arc<DurableBits>>,
+    pub(super) set: DurableSet,
+}
+
+impl Durable {
+    /// The state of `targets`, each equal to its disk copy and unmarked.
+    pub(super) fn new(targets: Vec<flush::Target>) -> Self {
+        let bits = targets
+            .iter()
+            .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
+            .collect();
+        let d = Durable {
+            targets,
+            bits,
+            set: Arc::new(Published {
+                list: ArcSwap::from_pointee(Vec::new()),
+                epoch: AtomicU64::new(0),
+            }),
+        };
+        d.publish();
+        d
+    }
+
+    /// Makes the current bitmaps the ones every tracker marks from its next intent on.
+    pub(super) fn publish(&self) {
+        let list = self
+            .targets
+            .iter()
+            .zip(&self.bits)
+            .map(|(t, b)| (Arc::clone(&t.bitmap), Arc::clone(b)))
+            .collect();
+        self.set.list.store(Arc::new(list));
+        self.set.epoch.fetch_add(1, SeqCst);
+    }
+
+    /// Adds `target` (equal to its disk copy, not yet marked by anyone) and publishes it.
+    pub(super) fn push(&mut self, target: flush::Target) {
+        self.bits.push(Arc::new(DurableBits::of(&target.bitmap)));
+        self.targets.push(target);
+        self.publish();
+    }
+
+    /// Drops the target of `bitmap`, if any, and publishes the rest.
+    pub(super) fn drop_bitmap(&mut self, bitmap: &Arc<DirtyBitmap>) {
+        if let Some(k) = self
+            .targets
+            .iter()
+            .position(|t| Arc::ptr_eq(&t.bitmap, bitmap))
+        {
+            self.targets.remove(k);
+            self.bits.remove(k);
+            self.publish();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,16 +9,19 @@ use std::sync::Arc;
 use super::{ceil_clusters, BitmapStore, Recording};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
-use crate::flush::FlushStats;
+use crate::flush::{self, FlushStats};
 use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
-use crate::format::{table_size, DirEntry};
+use crate::format::{table_size, DirEntry, TableEntry};
 use crate::storage::Storage;
 
 impl<S: Storage> BitmapStore<S> {
     /// Adds an empty bitmap. `granularity` is a power of two from 512 B to 2 GiB;
     /// `recording` sets the `auto` flag. On an active store the bitmap is also created in
-    /// memory and written with `in_use` set.
+    /// memory and written with `in_use` set. On a store active in durable mode it is written
+    /// without `in_use`, with every data cluster allocated before the directory names it,
+    /// and every [`DurableTracker`](super::durable::DurableTracker) marks it from the next
+    /// intent on.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes or holds a
@@ -26,7 +29,6 @@ impl<S: Storage> BitmapStore<S> {
     /// the directory size limit; [`Error::Exists`] for a name that is taken;
     /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
-        self.ensure_not_durable()?;
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
         if !self.image.header().can_hold_bitmaps() {
@@ -67,7 +69,7 @@ impl<S: Storage> BitmapStore<S> {
             table_offset: 0,
             table_size: ts,
             granularity_bits: gbits,
-            in_use: self.active,
+            in_use: self.active && self.durable.is_none(),
             auto: enabled,
         };
         let dir_size = live
@@ -92,6 +94,10 @@ impl<S: Storage> BitmapStore<S> {
         let table_bytes = u64::from(ts) * 8;
         let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
         self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
+        let target = match (&self.durable, &mem) {
+            (Some(_), Some(m)) => Some(self.allocate_new_durable(m, off, ts)?),
+            _ => None,
+        };
         entry.table_offset = off;
         let mut entries = live;
         entries.push(entry);
@@ -99,11 +105,38 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(slot) = self.slots.last_mut() {
             slot.mem = mem;
         }
+        if let (Some(d), Some(t)) = (&mut self.durable, target) {
+            d.push(t);
+        }
         self.publish();
         Ok(())
     }
 
-    /// Removes a bitmap, consistent or not, and frees its table and data clusters. The
+    /// A durable store's new bitmap `m`, whose all-zero table of `ts` entries is at `off`:
+    /// every entry gets a zero data cluster (refcounts, clusters, entries, barrier) before
+    /// the directory names the table, so the bitmap is consistent and in place from its
+    /// first commit on. A crash before the directory commit leaves only leaked clusters.
+    /// Poisons the store on failure.
+    fn allocate_new_durable(
+        &mut self,
+        m: &Arc<DirtyBitmap>,
+        off: u64,
+        ts: u32,
+    ) -> Result<flush::Target> {
+        let mut t = flush::Target {
+            bitmap: Arc::clone(m),
+            table_offset: off,
+            table: vec![TableEntry::Zeroes; ts as usize],
+        };
+        if let Err(e) = flush::allocate_all(&mut self.image, std::slice::from_mut(&mut t)) {
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(t)
+    }
+
+    /// Removes a bitmap, consistent or not, and frees its table and data clusters (on a
+    /// store active in durable mode too: its trackers stop marking it). The
     /// clusters of a bitmap from an untrusted (stale) directory are never freed: removing
     /// one drops every stale entry (as QEMU does on its first header write), leaking their
     /// clusters until `qemu-img check -r leaks`.
@@ -112,7 +145,6 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
     /// with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
-        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find(name)?;
         self.preflight()?;
@@ -139,7 +171,14 @@ impl<S: Storage> BitmapStore<S> {
                 entries.push(s.entry.clone());
             }
         }
-        self.commit(entries, frees)
+        let gone = self.slots[i].mem.clone();
+        self.commit(entries, frees)?;
+        // No commit ran since the directory commit freed the clusters (this call holds the
+        // store), and none writes them from here on.
+        if let (Some(d), Some(m)) = (&mut self.durable, gone) {
+            d.drop_bitmap(&m);
+        }
+        Ok(())
     }
 
     /// Rewrites a bitmap whole, as QEMU stores one: fresh data clusters (only for table
@@ -149,13 +188,14 @@ impl<S: Storage> BitmapStore<S> {
     /// On an active store the in-memory bitmap is authoritative and I/O threads may be
     /// marking it, so `bitmap`'s bits are ORed into it and nothing is written: replacing it
     /// could drop a concurrent mark, and the disk copy is untrusted (`in_use`) until the
-    /// next inactivate writes it. Use [`clear`](Self::clear) to reset a bitmap.
+    /// next inactivate writes it. Active in durable mode, the bits are ORed in the same way
+    /// and are on disk, in place, when the call returns. Use [`clear`](Self::clear) to
+    /// reset a bitmap.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
-        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
@@ -178,8 +218,10 @@ impl<S: Storage> BitmapStore<S> {
             &owned
         };
         if let Some(m) = &self.slots[i].mem {
-            // Active: OR into the authoritative copy, write nothing (see above).
-            return m.merge_from(bm);
+            // Active: OR into the authoritative copy, write nothing (see above), unless
+            // durable.
+            m.merge_from(bm)?;
+            return self.commit_if_durable();
         }
         self.preflight()?;
         if let Some(kept) = self.slots[i].parked.clone() {
@@ -231,8 +273,10 @@ impl<S: Storage> BitmapStore<S> {
         self.rewrite(i, &empty, false)
     }
 
-    /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation.
-    /// Inactive: a new directory is committed, unless the flag already has that value.
+    /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation;
+    /// active in durable mode, also written in place (the entry's flags, one barrier)
+    /// before it returns. Inactive: a new directory is committed, unless the flag already
+    /// has that value.
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
@@ -241,7 +285,19 @@ impl<S: Storage> BitmapStore<S> {
         let i = self.find_consistent(name)?;
         if let Some(m) = &self.slots[i].mem {
             m.set_enabled(enabled);
-            return Ok(());
+            if self.durable.is_none() || self.slots[i].entry.auto == enabled {
+                return Ok(());
+            }
+            let name = self.slots[i].entry.name.clone();
+            let mut entries = self.current_entries();
+            if let Some(e) = entries.iter_mut().find(|e| e.name == name) {
+                e.auto = enabled;
+            }
+            let r = self.write_flags_in_place(entries);
+            if r.is_err() {
+                self.poisoned = true;
+            }
+            return r;
         }
         if self.slots[i].entry.auto != enabled {
             self.preflight()?;
@@ -257,7 +313,17 @@ impl<S: Storage> BitmapStore<S> {
         self.commit(entries, Vec::new())
     }
 
-    /// ORs bitmap `src_name` into `dst_name`, both in this image.
+    /// In durable mode, a commit: what `store` or `merge` ORed into memory is on disk when
+    /// they return.
+    fn commit_if_durable(&mut self) -> Result<()> {
+        if self.durable.is_some() {
+            self.commit_durable()?;
+        }
+        Ok(())
+    }
+
+    /// ORs bitmap `src_name` into `dst_name`, both in this image (active in durable mode:
+    /// on disk when it returns).
     ///
     /// # Errors
     /// As [`merge_from`](Self::merge_from).
@@ -285,7 +351,6 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
-        self.ensure_not_durable()?;
         self.ensure_writable()?;
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {
@@ -301,7 +366,8 @@ impl<S: Storage> BitmapStore<S> {
             converted.mark_dirty(off, len);
         }
         if let Some(m) = &self.slots[i].mem {
-            return m.merge_from(&converted);
+            m.merge_from(&converted)?;
+            return self.commit_if_durable();
         }
         self.preflight()?;
         if let Some(p) = &self.slots[i].parked {

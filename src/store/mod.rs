@@ -706,7 +706,7 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
-    /// Refuses a directory change while active in durable mode.
+    /// Refuses a deferred marking handle while active in durable mode.
     fn ensure_not_durable(&self) -> Result<()> {
         if self.durable.is_some() {
             Err(Error::WrongState(StateProblem::Durable))

@@ -71,7 +71,6 @@ impl<S: Storage> BitmapStore<S> {
     /// - [`Error::ReadOnly`], [`Error::Poisoned`], [`Error::Corrupt`] for a bad table, I/O.
     ///   An I/O error poisons the store; the disk then holds the old or the new image.
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
-        self.ensure_not_durable()?;
         self.ensure_writable()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
