@@ -432,3 +432,31 @@ fn directory_changes_keep_every_acknowledged_mark_at_every_crash_point() {
     }
     assert!(checked_by_qemu > 0);
 }
+
+/// A durable tracker follows its store: after `inactivate` every intent fails, even on a
+/// granule that was durable (the write must not be issued: nothing keeps its bit any
+/// more); after a durable activation it marks the new bitmaps, and a clear there is not
+/// undone by the handle's copy of the earlier activation's durable bits.
+#[test]
+fn a_tracker_fails_while_inactive_and_marks_the_next_durable_activation() {
+    let crash = Arc::new(CrashStorage::new());
+    let shared = durable_store(Arc::clone(&crash));
+    let t = shared.durable_tracker().unwrap();
+    t.mark(5 * G, 4096).unwrap();
+    assert!(t.is_durable(5 * G, 4096));
+    let st = shared.lock().inactivate().unwrap();
+    assert_eq!(st.bytes_written, 0);
+    assert!(!t.is_durable(5 * G, 4096));
+    assert!(t.mark(5 * G, 4096).is_err());
+    assert!(t.mark(7 * G, 4096).is_err());
+    assert!(shared.durable_tracker().is_err());
+    shared.lock().activate_durable().unwrap();
+    assert!(on_disk(crash.durable_image(), 5 * G));
+    shared.lock().clear("a").unwrap();
+    assert!(!on_disk(crash.durable_image(), 5 * G));
+    assert!(!t.is_durable(5 * G, 4096), "a cleared granule reads durable");
+    t.mark(5 * G, 4096).unwrap();
+    assert!(on_disk(crash.durable_image(), 5 * G));
+    drop(t);
+    let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
+}

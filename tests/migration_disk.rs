@@ -357,7 +357,17 @@ struct Rig {
     pages: u64,
 }
 
+/// [`new_store`], active in durable mode.
+fn new_durable_store(dir: &Path) -> (PathBuf, SharedStore<FileStorage>) {
+    let img = dir.join("disk.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate_durable().unwrap();
+    (img, SharedStore::new(s))
+}
+
 fn rig(store: &SharedStore<FileStorage>, seed: u64) -> Rig {
+    let durable = store.lock().is_durable();
     let pages = 256;
     let ram = Arc::new(GuestRam::new(pages).unwrap());
     let log = Arc::new(new_log(&ram).unwrap());
@@ -368,8 +378,11 @@ fn rig(store: &SharedStore<FileStorage>, seed: u64) -> Rig {
         seed,
     };
     let vcpus = Workload::start(Arc::clone(&ram), Arc::clone(&log), workload).unwrap();
-    let tracker = store.lock().tracker().unwrap();
-    let disk = DiskWriter::start(tracker, DISK, 20_000, seed, None);
+    let disk = if durable {
+        DiskWriter::start_durable(store.durable_tracker().unwrap(), DISK, 20_000, seed, None)
+    } else {
+        DiskWriter::start(store.lock().tracker().unwrap(), DISK, 20_000, seed, None)
+    };
     std::thread::sleep(Duration::from_millis(20));
     let state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 16).unwrap();
     Rig {
@@ -486,6 +499,56 @@ fn a_refused_hand_over_activates_the_store_again_before_the_guest_resumes() {
     r.link.dest.refuse = None;
     let o = attempt(&mut r, None).unwrap();
     assert_eq!(o.kind, Kind::Completed);
+    let marks = r.guest.disk.marks();
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+/// In durable mode every mark is on disk when it returns: the stop has nothing left to
+/// write (0 bytes, no allocation), and the image the destination takes holds every mark.
+#[test]
+fn in_durable_mode_the_stop_writes_nothing_and_every_mark_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_durable_store(dir.path());
+    let mut r = rig(&store, 21);
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert_eq!(o.disk_stop.bytes_written, 0, "{o:?}");
+    assert!(o.disk_stop.duration <= o.downtime, "{o:?}");
+    assert!(r.disk.handed_over());
+    assert!(!store.lock().is_active());
+    let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
+/// A refused hand-over in durable mode takes the store back in durable mode before the
+/// guest resumes: the writer's durable tracker, taken before the attempt, marks on through
+/// the new activation, and a retry's stop again writes nothing.
+#[test]
+fn in_durable_mode_a_refused_hand_over_takes_the_store_back_durable_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_durable_store(dir.path());
+    let mut r = rig(&store, 22);
+    r.link.dest.refuse = Some("no".into());
+    let e = attempt(&mut r, None).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    assert!(store.lock().is_durable(), "not taken back in durable mode");
+    let before = r.guest.disk.marks().len();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        r.guest.disk.marks().len() > before,
+        "the guest's durable marks did not go on"
+    );
+    r.link.dest.refuse = None;
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert_eq!(o.disk_stop.bytes_written, 0, "{o:?}");
     let marks = r.guest.disk.marks();
     assert_on_disk(&img, &marks);
     r.guest.disk.shutdown();

@@ -72,6 +72,9 @@ pub struct SharedDiskState<S: Storage> {
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
     error: Option<crate::Error>,
+    /// The store was active in durable mode when the stop inactivated it: taking it back
+    /// activates it in durable mode again.
+    durable: bool,
 }
 
 impl<S: Storage> SharedDiskState<S> {
@@ -89,6 +92,7 @@ impl<S: Storage> SharedDiskState<S> {
             qemu_baseline: false,
             dest_activate: None,
             error: None,
+            durable: false,
         }
     }
 
@@ -265,12 +269,15 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         Ok(written)
     }
 
-    /// The incremental inactivate, with the VM stopped.
+    /// The incremental inactivate, with the VM stopped. In durable mode every mark is on
+    /// disk already, and it writes nothing.
     fn complete(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
         let s = if self.qemu_baseline {
             self.store.lock().inactivate_full_rewrite()?
         } else {
-            self.store.lock().inactivate()?
+            let mut st = self.store.lock();
+            self.durable = st.is_durable();
+            st.inactivate()?
         };
         self.rate.observe(&s);
         self.stop = s;
@@ -288,10 +295,15 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// Nothing to re-dirty: nothing went on the wire.
     fn resume_source(&mut self) {}
 
-    /// Activates the store again if the stop had handed it over.
+    /// Activates the store again if the stop had handed it over, in durable mode if it
+    /// was (its durable trackers are then new: take them again).
     fn reactivate(&mut self) -> Result<()> {
         if self.handed_over {
-            self.store.lock().activate()?;
+            if self.durable {
+                self.store.lock().activate_durable()?;
+            } else {
+                self.store.lock().activate()?;
+            }
             self.handed_over = false;
         }
         Ok(())
@@ -318,6 +330,7 @@ pub struct SharedDiskDest<S: Storage> {
     preloaded: Option<crate::Preloaded>,
     from_preload: bool,
     store: Option<crate::BitmapStore<S>>,
+    durable: bool,
 }
 
 type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
@@ -345,7 +358,18 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             preloaded: None,
             from_preload: false,
             store: None,
+            durable: false,
         }
+    }
+
+    /// Activates the store in durable mode
+    /// ([`BitmapStore::activate_durable_preloaded`](crate::BitmapStore::activate_durable_preloaded)):
+    /// nothing is written at the start when the source kept it durable too (every cluster
+    /// is allocated and no flag changes).
+    #[must_use]
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
     }
 
     /// Preloads at every Hello: `open` opens the image read-only beside the running
@@ -418,12 +442,17 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     fn before_start(&mut self) -> Result<()> {
         let mut st = (self.open)()?;
         self.from_preload = false;
-        match self.preloaded.take() {
-            Some(pre) => {
+        match (self.preloaded.take(), self.durable) {
+            (Some(pre), false) => {
                 st.activate_preloaded(pre)?;
                 self.from_preload = true;
             }
-            None => st.activate()?,
+            (Some(pre), true) => {
+                st.activate_durable_preloaded(pre)?;
+                self.from_preload = true;
+            }
+            (None, false) => st.activate()?,
+            (None, true) => st.activate_durable()?,
         }
         self.store = Some(st);
         Ok(())

@@ -287,6 +287,34 @@ impl DiskWriter {
         disk_size: u64,
         writes_per_sec: u64,
         seed: u64,
+        file: Option<std::fs::File>,
+    ) -> Self {
+        let mark = move |offset, len| {
+            tracker.mark(offset, len);
+            Ok(())
+        };
+        Self::start_marking(mark, disk_size, writes_per_sec, seed, file)
+    }
+
+    /// Starts a writer whose marks wait until they are on disk (a store active in durable
+    /// mode). A mark that fails ends the writer, and its write is not logged: a write is
+    /// issued only once its intent was acknowledged.
+    pub fn start_durable<S: crate::storage::Storage + 'static>(
+        tracker: crate::DurableTracker<S>,
+        disk_size: u64,
+        writes_per_sec: u64,
+        seed: u64,
+        file: Option<std::fs::File>,
+    ) -> Self {
+        let mark = move |offset, len| tracker.mark(offset, len);
+        Self::start_marking(mark, disk_size, writes_per_sec, seed, file)
+    }
+
+    fn start_marking(
+        mark: impl Fn(u64, u64) -> crate::Result<()> + Send + 'static,
+        disk_size: u64,
+        writes_per_sec: u64,
+        seed: u64,
         mut file: Option<std::fs::File>,
     ) -> Self {
         let paused = Arc::new(AtomicBool::new(false));
@@ -332,7 +360,11 @@ impl DiskWriter {
                     } else {
                         (hot_start + rng.below(hot)).min(blocks - 1)
                     };
-                    tracker.mark(b * 4096, 4096);
+                    if let Err(e) = mark(b * 4096, 4096) {
+                        eprintln!("dbm: a mark failed, the disk writer stops: {e}");
+                        q.store(true, SeqCst);
+                        break;
+                    }
                     batch.push(b * 4096);
                 }
                 credit -= 64.0;

@@ -60,21 +60,43 @@ impl<S: Storage> BitmapStore<S> {
     /// before they return; [`set_enabled`](Self::set_enabled) writes the flags in place.
     /// [`resize`](Self::resize) needs an inactive store, as in the deferred mode.
     ///
+    /// After a durable [`inactivate`](Self::inactivate) (a migration that failed after
+    /// its stop) it activates again from the disk, which holds every acknowledged mark.
+    /// Durable trackers follow the store: their intents fail between the inactivation and
+    /// this call, and mark the bitmaps of this activation after it.
+    ///
     /// # Errors
-    /// [`Error::WrongState`] if active, or if bitmaps of an earlier activation are parked
-    /// (reopen the image: their marks since are not on disk); [`Error::ReadOnly`]; as
+    /// [`Error::WrongState`] if active, if bitmaps of an earlier deferred activation are
+    /// parked (reopen the image: their marks since are not on disk), or if the image
+    /// changed since a durable inactivation ([`StateProblem::ChangedWhileInactive`]);
+    /// [`Error::ReadOnly`]; as
     /// [`activate`](Self::activate); I/O while allocating, which poisons the store (the
     /// disk stays consistent: see `docs/CRASH-CONSISTENCY.md`).
     pub fn activate_durable(&mut self) -> Result<()> {
+        self.activate_durable_preloaded(super::Preloaded::default())
+    }
+
+    /// [`activate_durable`](Self::activate_durable) starting from bitmaps read at
+    /// [`preload`](Self::preload) time, refreshed from the disk as
+    /// [`activate_preloaded`](Self::activate_preloaded) does (a migration destination's
+    /// way to keep the load out of the downtime).
+    ///
+    /// # Errors
+    /// As [`activate_durable`](Self::activate_durable).
+    pub fn activate_durable_preloaded(&mut self, mut pre: super::Preloaded) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
         }
-        if self.slots.iter().any(|s| s.parked.is_some()) {
+        if self.slots.iter().any(|s| s.parked.is_some()) && !self.parked_durable {
             return Err(Error::WrongState(StateProblem::ParkedBitmaps));
         }
+        // While another process (a migration destination) holds the image writable, this
+        // fails and nothing is read or written.
         self.image.storage().set_writer_locks(true)?;
-        let r = self.activate_durable_locked();
+        let r = self
+            .resume_durable_parked()
+            .and_then(|()| self.activate_durable_locked(&mut pre));
         if r.is_err() {
             for s in &mut self.slots {
                 s.mem = None;
@@ -86,8 +108,27 @@ impl<S: Storage> BitmapStore<S> {
         r
     }
 
-    fn activate_durable_locked(&mut self) -> Result<()> {
-        self.load_for_activation(&mut super::Preloaded::default())?;
+    /// Bitmaps parked by a durable inactivation are dropped, and the activation loads the
+    /// disk: it holds every acknowledged mark, while the parked copies may hold bits of
+    /// intents that failed after the inactivation (never acknowledged, their writes never
+    /// issued), bits no durable-bit copy may vouch for. Only if nobody else wrote the image
+    /// since ([`StateProblem::ChangedWhileInactive`] otherwise: this handle's metadata
+    /// would be stale); the parked copies then stay.
+    fn resume_durable_parked(&mut self) -> Result<()> {
+        if self.slots.iter().all(|s| s.parked.is_none()) {
+            return Ok(());
+        }
+        self.ensure_unchanged_since_inactivate()?;
+        for s in &mut self.slots {
+            s.parked = None;
+        }
+        self.parked_durable = false;
+        self.publish();
+        Ok(())
+    }
+
+    fn activate_durable_locked(&mut self, pre: &mut super::Preloaded) -> Result<()> {
+        self.load_for_activation(pre)?;
         let mut targets = self.flush_targets()?;
         if let Err(e) = flush::allocate_all(&mut self.image, &mut targets) {
             self.poisoned = true;
@@ -95,7 +136,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         // Nothing marks the bitmaps yet (they are published below), and what each holds
         // is what its clusters now hold.
-        self.durable = Some(Durable::new(targets));
+        self.durable = Some(Durable::new(targets, &self.durable_set));
         self.active = true;
         self.publish();
         Ok(())
@@ -157,18 +198,19 @@ impl<S: Storage> BitmapStore<S> {
         if changed {
             self.write_flags_in_place(new)?;
         }
-        self.durable = None;
+        if let Some(d) = self.durable.take() {
+            d.close();
+        }
         Ok(stats)
     }
 
     /// The list a [`DurableTracker`] marks: each in-memory bitmap with its durable bits,
-    /// replaced by `add` and `remove`.
+    /// replaced by `add`, `remove` and each durable activation and inactivation.
     fn durable_marks(&self) -> Result<DurableSet> {
-        let d = self
-            .durable
-            .as_ref()
-            .ok_or(Error::WrongState(StateProblem::NotDurable))?;
-        Ok(Arc::clone(&d.set))
+        if self.durable.is_none() {
+            return Err(Error::WrongState(StateProblem::NotDurable));
+        }
+        Ok(Arc::clone(&self.durable_set))
     }
 }
 
@@ -218,7 +260,9 @@ struct Inner<S: Storage> {
 /// disk. See the [module documentation](self). Clones share one group commit.
 ///
 /// A tracker follows its store: a bitmap [`add`](BitmapStore::add)ed later receives every
-/// intent that starts after the call returned, and a removed one none. Each handle keeps
+/// intent that starts after the call returned, and a removed one none; after an
+/// [`inactivate`](BitmapStore::inactivate) its intents fail until the store is activated
+/// in durable mode again, and then mark that activation's bitmaps. Each handle keeps
 /// the list of bitmaps it last saw; after an `add` or `remove` its fast path reads the
 /// store's current list instead (one lock-free load more), until the handle is cloned or
 /// [`refresh`](Self::refresh)ed.
@@ -239,10 +283,17 @@ impl<S: Storage> Clone for DurableTracker<S> {
 
 impl<S: Storage> DurableTracker<S> {
     /// A handle with the current list: the epoch read first, so a list published after
-    /// it only makes the copy look stale.
+    /// it only makes the copy look stale. While the store is closed the copy (an empty
+    /// list, which would vouch for every range) is never current: its epoch is one no
+    /// store reaches.
     fn current(inner: Arc<Inner<S>>) -> Self {
         let epoch = inner.marks.epoch.load(SeqCst);
         let cached = inner.marks.list.load_full();
+        let epoch = if inner.marks.closed.load(SeqCst) {
+            u64::MAX
+        } else {
+            epoch
+        };
         DurableTracker {
             inner,
             cached,
@@ -258,14 +309,22 @@ impl<S: Storage> DurableTracker<S> {
     }
 
     /// Runs `f` on the current list: this handle's copy while it is current, else the
-    /// store's.
+    /// store's; `closed` while the store is not active in durable mode (its
+    /// inactivation changed the epoch, so no handle's copy is current then).
     #[inline(always)]
-    fn with_marks<R>(&self, f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)]) -> R) -> R {
+    fn with_marks<R>(
+        &self,
+        closed: R,
+        f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)]) -> R,
+    ) -> R {
         if self.inner.marks.epoch.load(SeqCst) == self.epoch {
-            f(&self.cached)
-        } else {
-            f(&self.inner.marks.list.load())
+            return f(&self.cached);
         }
+        let list = self.inner.marks.list.load();
+        if self.inner.marks.closed.load(SeqCst) {
+            return closed;
+        }
+        f(&list)
     }
 
     /// The intent for a write of `len` bytes at `offset`: returns once every recording
@@ -274,9 +333,11 @@ impl<S: Storage> DurableTracker<S> {
     /// group commit that writes the bits (this thread may run it).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a range past the disk or of length 0; the commit's
-    /// error (the store is then poisoned, and every later intent fails: the write must not
-    /// be issued, since its mark may not be on disk).
+    /// [`Error::InvalidInput`] for a range past the disk or of length 0;
+    /// [`Error::WrongState`] while the store is not active in durable mode (after an
+    /// inactivate, until the next durable activation); the commit's error (the store is
+    /// then poisoned, and every later intent fails). In every case the write must not be
+    /// issued: its mark may not be on disk.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
         if len > 0 && self.is_durable(offset, len) {
@@ -296,7 +357,7 @@ impl<S: Storage> DurableTracker<S> {
     /// one word.
     #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
-        self.with_marks(|marks| {
+        self.with_marks(false, |marks| {
             marks
                 .iter()
                 .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
@@ -330,7 +391,7 @@ impl<S: Storage> DurableTracker<S> {
     /// [`crate::Tracker::mark`]'s does, so that handing recording over (enable B, then
     /// disable A) never leaves a write in neither.
     fn set(&self, offset: u64, len: u64) {
-        self.with_marks(|marks| match marks {
+        self.with_marks((), |marks| match marks {
             [] => {}
             [(only, _)] => only.mark_dirty(offset, len),
             several => {
@@ -349,6 +410,9 @@ impl<S: Storage> DurableTracker<S> {
     /// The commit's error, or the first earlier commit failure.
     pub fn commit(&self) -> Result<()> {
         let inner = &self.inner;
+        if inner.marks.closed.load(SeqCst) {
+            return Err(Error::WrongState(StateProblem::NotActive));
+        }
         let mut st = inner.commit.lock();
         if st.failed {
             return Err(Error::Poisoned);

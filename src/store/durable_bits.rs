@@ -1,7 +1,7 @@
 //! The state of a store active in durable mode (`durable.rs` has the mode itself): per
 //! bitmap, the bits known to be on disk.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -86,7 +86,9 @@ impl DurableBits {
 pub(super) type Marks = Arc<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>;
 
 /// The list a durable store's trackers mark: replaced as a whole when a bitmap is added or
-/// removed, with `epoch` bumped after each replacement. A tracker keeps the list it last
+/// removed and at every durable activation and inactivation, with `epoch` bumped after each
+/// replacement. One per store, so trackers follow it from one durable activation to the
+/// next (a migration that failed after its stop takes the store back). A tracker keeps the list it last
 /// saw with its epoch, and its fast path reads the shared epoch (one load of a word written
 /// only by `add` and `remove`) instead of the list: while they match, its own copy is the
 /// current list. A mark that reads the epoch before a bump uses the old list: it was in
@@ -95,6 +97,19 @@ pub(super) type Marks = Arc<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>;
 pub(super) struct Published {
     pub(super) list: ArcSwap<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>,
     pub(super) epoch: AtomicU64,
+    /// The store is not active in durable mode: intents fail (see [`Durable::close`]).
+    pub(super) closed: AtomicBool,
+}
+
+impl Default for Published {
+    /// Closed, with no bitmaps: no durable activation yet.
+    fn default() -> Self {
+        Published {
+            list: ArcSwap::from_pointee(Vec::new()),
+            epoch: AtomicU64::new(0),
+            closed: AtomicBool::new(true),
+        }
+    }
 }
 
 /// [`Published`], shared by the store and its trackers.
@@ -111,8 +126,9 @@ pub(crate) struct Durable {
 }
 
 impl Durable {
-    /// The state of `targets`, each equal to its disk copy and unmarked.
-    pub(super) fn new(targets: Vec<flush::Target>) -> Self {
+    /// The state of `targets`, each equal to its disk copy and unmarked, published in
+    /// the store's `set` (opened).
+    pub(super) fn new(targets: Vec<flush::Target>, set: &DurableSet) -> Self {
         let bits = targets
             .iter()
             .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
@@ -120,11 +136,9 @@ impl Durable {
         let d = Durable {
             targets,
             bits,
-            set: Arc::new(Published {
-                list: ArcSwap::from_pointee(Vec::new()),
-                epoch: AtomicU64::new(0),
-            }),
+            set: Arc::clone(set),
         };
+        d.set.closed.store(false, SeqCst);
         d.publish();
         d
     }
@@ -146,6 +160,19 @@ impl Durable {
         self.bits.push(Arc::new(DurableBits::of(&target.bitmap)));
         self.targets.push(target);
         self.publish();
+    }
+
+    /// Ends this activation for the trackers: intents fail until the next durable
+    /// activation, and every durable bit is dropped, so no handle's copy of the list
+    /// acknowledges an intent on these bitmaps again (a later activation has bitmaps and
+    /// durable bits of its own, which a clear may empty).
+    pub(super) fn close(&self) {
+        self.set.closed.store(true, SeqCst);
+        for b in &self.bits {
+            b.clear();
+        }
+        self.set.list.store(Arc::new(Vec::new()));
+        self.set.epoch.fetch_add(1, SeqCst);
     }
 
     /// Drops the target of `bitmap`, if any, and publishes the rest.

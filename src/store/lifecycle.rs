@@ -156,6 +156,7 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.active = true;
+        self.parked_durable = false;
         self.publish();
         Ok(())
     }
@@ -223,7 +224,7 @@ impl<S: Storage> BitmapStore<S> {
     /// every mark since. The activation then writes its own flags over them. Any other
     /// difference is refused, and the bitmaps stay as the disk says (`in_use`, so
     /// inconsistent, if the destination set it; never falsely clean).
-    fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
+    pub(super) fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
         let changed = || Error::WrongState(StateProblem::ChangedWhileInactive);
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
@@ -278,6 +279,7 @@ impl<S: Storage> BitmapStore<S> {
             return self.stop_with(|s| {
                 let stats = s.inactivate_durable()?;
                 s.park();
+                s.parked_durable = true;
                 Ok(stats)
             });
         }

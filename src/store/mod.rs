@@ -137,6 +137,12 @@ pub struct BitmapStore<S: Storage> {
     tracked: TrackedSet,
     /// Active in durable mode: the bitmaps' tables and durable bits (`durable.rs`).
     durable: Option<durable_bits::Durable>,
+    /// The parked bitmaps come from a durable inactivation: the disk holds every mark
+    /// acknowledged on them, and no deferred [`Tracker`](crate::Tracker) marks them.
+    parked_durable: bool,
+    /// What every [`DurableTracker`](durable::DurableTracker) of this store marks, across
+    /// durable activations.
+    durable_set: durable_bits::DurableSet,
 }
 
 /// A [`BitmapStore`] shared between threads: the owner, a background
@@ -356,6 +362,8 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             durable: None,
+            parked_durable: false,
+            durable_set: durable_bits::DurableSet::default(),
         })
     }
 
@@ -374,6 +382,8 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             durable: None,
+            parked_durable: false,
+            durable_set: durable_bits::DurableSet::default(),
         })
     }
 
