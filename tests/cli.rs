@@ -1293,8 +1293,9 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
         "- reproduce: `cargo run --release -- bench migrate-disk --quick ",
         " --bitmaps 1,4 ",
         "- disk: 1.0 TiB at 64.0 KiB granularity (2.0 MiB of bitmap each), 6,250 writes",
-        " --modes shared,stream ",
+        " --modes shared,stream,durable ",
         "## Every run, bitmaps in the stream ",
+        "## Shared storage: durable mode against the deferred mode",
         "- qemu-img check: clean after every run",
         "- load average at the end: ",
     ] {
@@ -1309,7 +1310,11 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
         // Every run: one per approach.
         // Every run and the summary both have 17 cells; a run names its approach.
         let is_run = |r: &&Vec<&str>| r.len() == 17 && matches!(r[2], "ours" | "QEMU's");
-        let runs: Vec<_> = rows.iter().filter(is_run).collect();
+        let runs: Vec<_> = rows
+            .iter()
+            .filter(is_run)
+            .filter(|r| r[1] == "shared")
+            .collect();
         assert_eq!(runs.len(), 2, "{n} bitmap(s):\n{out}");
         for r in &runs {
             assert_eq!((r[1], r[3]), ("shared", "1"), "{r:?}");
@@ -1338,6 +1343,24 @@ fn bench_migrate_disk_quick_compares_ours_with_qemus() {
             num(qemu[7]) >= bitmaps * MIB,
             "QEMU's stop stores the bitmaps whole: {qemu:?}"
         );
+        // Durable mode: ours only; the stop has nothing left to write.
+        let durable: Vec<_> = rows
+            .iter()
+            .filter(is_run)
+            .filter(|r| r[1] == "durable")
+            .collect();
+        assert_eq!(durable.len(), 1, "{n} bitmap(s), durable:\n{out}");
+        let d = durable[0];
+        assert_eq!((d[2], d[7]), ("ours", "0"), "the durable stop wrote: {d:?}");
+        assert!(num(d[14]) > 0, "the durable writer wrote: {d:?}");
+        assert_eq!((d[15], d[16]), ("0", "clean"), "{d:?}");
+        let table: Vec<_> = rows.iter().filter(|r| r.len() == 14).collect();
+        assert_eq!(table.len(), 1, "{n} bitmap(s), durable table:\n{out}");
+        let t = table[0];
+        assert_eq!(t[2], ours[7], "the deferred stop's bytes: {t:?}");
+        assert_eq!(t[7], "0", "the durable stop's bytes: {t:?}");
+        assert!(num(t[11]) > 0, "durable writes per second: {t:?}");
+        assert_eq!((t[12], t[13]), ("0", "clean"), "{t:?}");
         // The summary row: medians of the runs above (one each), the ratio, the target.
         let sum: Vec<_> = rows
             .iter()

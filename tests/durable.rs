@@ -454,7 +454,10 @@ fn a_tracker_fails_while_inactive_and_marks_the_next_durable_activation() {
     assert!(on_disk(crash.durable_image(), 5 * G));
     shared.lock().clear("a").unwrap();
     assert!(!on_disk(crash.durable_image(), 5 * G));
-    assert!(!t.is_durable(5 * G, 4096), "a cleared granule reads durable");
+    assert!(
+        !t.is_durable(5 * G, 4096),
+        "a cleared granule reads durable"
+    );
     t.mark(5 * G, 4096).unwrap();
     assert!(on_disk(crash.durable_image(), 5 * G));
     drop(t);

@@ -289,16 +289,23 @@ impl DiskWriter {
         seed: u64,
         file: Option<std::fs::File>,
     ) -> Self {
-        let mark = move |offset, len| {
-            tracker.mark(offset, len);
+        let mark = move |batch: &[u64]| {
+            for &o in batch {
+                tracker.mark(o, 4096);
+            }
             Ok(())
         };
         Self::start_marking(mark, disk_size, writes_per_sec, seed, file)
     }
 
-    /// Starts a writer whose marks wait until they are on disk (a store active in durable
-    /// mode). A mark that fails ends the writer, and its write is not logged: a write is
-    /// issued only once its intent was acknowledged.
+    /// Starts a writer on a store active in durable mode, as a stack with 64 writes in
+    /// flight issues them: each batch's intents first ([`DurableTracker::intent`]), then
+    /// each waited for (the first wait runs one group commit for the whole batch), and only
+    /// then the writes count as made. An intent that fails ends the writer, and its write
+    /// and the batch's later ones are not logged: a write is issued only once its intent
+    /// was acknowledged.
+    ///
+    /// [`DurableTracker::intent`]: crate::DurableTracker::intent
     pub fn start_durable<S: crate::storage::Storage + 'static>(
         tracker: crate::DurableTracker<S>,
         disk_size: u64,
@@ -306,12 +313,24 @@ impl DiskWriter {
         seed: u64,
         file: Option<std::fs::File>,
     ) -> Self {
-        let mark = move |offset, len| tracker.mark(offset, len);
+        let mark = move |batch: &[u64]| {
+            let mut intents = Vec::with_capacity(batch.len());
+            for &o in batch {
+                // None is acknowledged before the waits below.
+                intents.push(tracker.intent(o, 4096).map_err(|e| (0, e))?);
+            }
+            for (k, i) in intents.into_iter().enumerate() {
+                i.wait().map_err(|e| (k, e))?;
+            }
+            Ok(())
+        };
         Self::start_marking(mark, disk_size, writes_per_sec, seed, file)
     }
 
+    /// The writer's thread; `mark` marks a batch of 4 KiB writes, or says how many of them
+    /// (a prefix) were acknowledged before it failed.
     fn start_marking(
-        mark: impl Fn(u64, u64) -> crate::Result<()> + Send + 'static,
+        mark: impl Fn(&[u64]) -> std::result::Result<(), (usize, crate::Error)> + Send + 'static,
         disk_size: u64,
         writes_per_sec: u64,
         seed: u64,
@@ -353,19 +372,20 @@ impl DiskWriter {
                     std::thread::sleep(Duration::from_micros(200));
                     continue;
                 }
-                let mut batch = Vec::with_capacity(64);
-                for _ in 0..64 {
-                    let b = if rng.below(10) == 0 {
-                        rng.below(blocks)
-                    } else {
-                        (hot_start + rng.below(hot)).min(blocks - 1)
-                    };
-                    if let Err(e) = mark(b * 4096, 4096) {
-                        eprintln!("dbm: a mark failed, the disk writer stops: {e}");
-                        q.store(true, SeqCst);
-                        break;
-                    }
-                    batch.push(b * 4096);
+                let mut batch: Vec<u64> = (0..64)
+                    .map(|_| {
+                        let b = if rng.below(10) == 0 {
+                            rng.below(blocks)
+                        } else {
+                            (hot_start + rng.below(hot)).min(blocks - 1)
+                        };
+                        b * 4096
+                    })
+                    .collect();
+                if let Err((acked, e)) = mark(&batch) {
+                    eprintln!("dbm: a mark failed, the disk writer stops: {e}");
+                    q.store(true, SeqCst);
+                    batch.truncate(acked);
                 }
                 credit -= 64.0;
                 if let Some(out) = file.as_mut() {

@@ -163,14 +163,13 @@ impl Durable {
     }
 
     /// Ends this activation for the trackers: intents fail until the next durable
-    /// activation, and every durable bit is dropped, so no handle's copy of the list
-    /// acknowledges an intent on these bitmaps again (a later activation has bitmaps and
-    /// durable bits of its own, which a clear may empty).
+    /// activation. No handle's copy of the list is read again: the epoch moves on here,
+    /// a handle made while closed never matches one, and the next activation moves it
+    /// again. So these bitmaps' durable bits vouch for nothing from now on (a later
+    /// activation has bitmaps and durable bits of its own, which a clear may empty), and
+    /// nothing proportional to the bitmaps runs inside the stop.
     pub(super) fn close(&self) {
         self.set.closed.store(true, SeqCst);
-        for b in &self.bits {
-            b.clear();
-        }
         self.set.list.store(Arc::new(Vec::new()));
         self.set.epoch.fetch_add(1, SeqCst);
     }

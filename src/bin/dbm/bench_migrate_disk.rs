@@ -86,8 +86,10 @@ pub struct MigrateDiskArgs {
     #[arg(long, default_value_t = DISK_WRITES_PER_SEC)]
     pub disk_writes: u64,
     /// Modes to measure (comma-separated): `shared` (one image both hosts see), `stream`
-    /// (the bitmaps in the migration stream, to a destination with an image of its own).
-    #[arg(long, value_delimiter = ',', default_values = ["shared", "stream"])]
+    /// (the bitmaps in the migration stream, to a destination with an image of its own),
+    /// `durable` (shared, the store in durable mode on both hosts; ours only: QEMU has no
+    /// such mode).
+    #[arg(long, value_delimiter = ',', default_values = ["shared", "stream", "durable"])]
     pub modes: Vec<DiskMode>,
     /// Runs per approach, mode and bitmap count; every figure is the median.
     #[arg(long, default_value_t = 3)]
@@ -235,7 +237,7 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         return Err(format!("--guest-ram {guest_ram} is not a positive multiple of 4 KiB").into());
     }
     if args.modes.is_empty() {
-        return Err("--modes takes shared, stream or both".into());
+        return Err("--modes takes shared, stream and durable".into());
     }
     if args.vcpus == 0 || repeat == 0 {
         return Err("--vcpus and --repeat must be at least 1".into());
@@ -314,16 +316,22 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             modes.push(m);
         }
     }
-    let total = modes.len() * args.bitmaps.len() * repeat * 2;
+    let approaches = |m: Mode| if m == Mode::Durable { 1 } else { 2 };
+    let total: usize = modes
+        .iter()
+        .map(|&m| approaches(m) * args.bitmaps.len() * repeat)
+        .sum();
     for &mode in &modes {
         for &n in &args.bitmaps {
             for rep in 0..repeat {
-                let order = if rep % 2 == 0 {
-                    [false, true]
+                let order: &[bool] = if mode == Mode::Durable {
+                    &[false]
+                } else if rep % 2 == 0 {
+                    &[false, true]
                 } else {
-                    [true, false]
+                    &[true, false]
                 };
-                for qemu in order {
+                for &qemu in order {
                     eprintln!(
                         "dbm bench migrate-disk: run {} of {total}: {n} bitmap(s), {}, {}, \
                          repetition {}",
@@ -408,7 +416,10 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
     }
     drop(tmp);
 
-    let shared: Vec<&Sample> = samples.iter().filter(|s| s.mode == Mode::Shared).collect();
+    let shared: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.mode == Mode::Shared || s.mode == Mode::Durable)
+        .collect();
     let stream: Vec<&Sample> = samples.iter().filter(|s| s.mode == Mode::Stream).collect();
     let heading = format!(
         "{} guest, limit {} ms, {} disk, {} writes/s",
@@ -651,6 +662,9 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         }
         say("")?;
     }
+    if samples.iter().any(|s| s.mode == Mode::Durable) {
+        durable_table(&samples, &args.bitmaps)?;
+    }
     let lost: u64 = samples.iter().map(|s| s.disk.marks_lost).sum();
     let marks: u64 = samples.iter().map(|s| s.disk.marks).sum();
     let unclean: Vec<&Sample> = samples
@@ -663,6 +677,7 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
             .filter(|s| s.qemu == q && !s.within())
             .count()
     };
+    let runs_of = |q: bool| samples.iter().filter(|s| s.qemu == q).count();
     let stuck = samples.iter().filter(|s| !s.run.converged()).count();
     let stuck_in = |m: Mode| {
         samples
@@ -688,9 +703,9 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         },
         grouped(marks),
         over(false),
-        samples.len() / 2,
+        runs_of(false),
         over(true),
-        samples.len() / 2,
+        runs_of(true),
         if met_all {
             "met in every row"
         } else {
@@ -723,6 +738,88 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         .into());
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The durable mode beside the deferred one, both ours, medians per bitmap count: the
+/// disk part of the downtime (the stop, which has nothing left to write in durable mode,
+/// and the destination's activate), and what the durable marks cost the writer (disk
+/// writes made per second of migration).
+fn durable_table(samples: &[Sample], bitmaps: &[usize]) -> Res<()> {
+    say("## Shared storage: durable mode against the deferred mode (ours, medians)")?;
+    say("")?;
+    say(
+        "| bitmaps | deferred: stop ms | deferred: stop bytes (max) | deferred: destination \
+         activate ms | deferred: downtime ms | deferred: disk writes/s | durable: stop ms | \
+         durable: stop bytes (max) | durable: stop syncs (max) | durable: destination activate \
+         ms | durable: downtime ms | durable: disk writes/s | durable: marks lost | durable: \
+         qemu-img check |",
+    )?;
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let fmt_ms = |v: Vec<f64>| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", median(v))
+        }
+    };
+    for &n in bitmaps {
+        let of = |m: Mode| -> Vec<&Sample> {
+            samples
+                .iter()
+                .filter(|s| s.bitmaps == n && s.mode == m && !s.qemu && s.run.converged())
+                .collect()
+        };
+        let row = |v: &[&Sample]| {
+            let stop_ms = fmt_ms(v.iter().map(|s| ms(s.disk.stop.duration)).collect());
+            let bytes = v
+                .iter()
+                .map(|s| s.disk.stop.bytes_written)
+                .max()
+                .map_or_else(|| "-".into(), grouped);
+            let dest = fmt_ms(
+                v.iter()
+                    .filter_map(|s| s.disk.dest_activate.map(ms))
+                    .collect(),
+            );
+            let down = fmt_ms(v.iter().map(|s| ms(s.downtime())).collect());
+            let rate = if v.is_empty() {
+                "-".to_string()
+            } else {
+                grouped(median(
+                    v.iter()
+                        .map(|s| s.disk.marks as f64 / s.run.total_time.as_secs_f64().max(1e-9))
+                        .collect(),
+                ) as u64)
+            };
+            (stop_ms, bytes, dest, down, rate)
+        };
+        let (deferred, durable) = (of(Mode::Shared), of(Mode::Durable));
+        let d = row(&deferred);
+        let u = row(&durable);
+        let syncs = durable
+            .iter()
+            .map(|s| s.disk.stop.syncs)
+            .max()
+            .map_or_else(|| "-".into(), |x| x.to_string());
+        let lost: u64 = durable.iter().map(|s| s.disk.marks_lost).sum();
+        let unclean = durable
+            .iter()
+            .filter(|s| s.disk.qemu_check != "clean")
+            .count();
+        let check = if durable.is_empty() {
+            "-".to_string()
+        } else if unclean == 0 {
+            "clean".to_string()
+        } else {
+            format!("**not clean** in {unclean}")
+        };
+        say(format!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {syncs} | {} | {} | {} | {lost} | {check} |",
+            d.0, d.1, d.2, d.3, d.4, u.0, u.1, u.2, u.3, u.4
+        ))?;
+    }
+    say("")?;
+    Ok(())
 }
 
 /// The options that reproduce this run, seed included.

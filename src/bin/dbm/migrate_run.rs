@@ -81,14 +81,20 @@ pub enum DiskMode {
     /// same disk size); the bitmaps travel in the migration stream ([`StreamDiskState`],
     /// [`StreamDiskDest`]).
     Stream,
+    /// Shared storage with the store in durable mode on both hosts
+    /// ([`BitmapStore::activate_durable`], [`SharedDiskDest::durable`]): the writer's marks
+    /// wait for group commits, 64 in flight ([`DiskWriter::start_durable`]), and the stop
+    /// has nothing left to write. QEMU has no such mode: no baseline.
+    Durable,
 }
 
 impl DiskMode {
-    /// `shared` or `stream`.
+    /// `shared`, `stream` or `durable`.
     pub fn name(self) -> &'static str {
         match self {
             DiskMode::Shared => "shared",
             DiskMode::Stream => "stream",
+            DiskMode::Durable => "durable",
         }
     }
 }
@@ -201,7 +207,11 @@ fn disk_store(d: &DiskParams) -> Res<SharedStore<FileStorage>> {
     for i in 0..d.bitmaps {
         s.add(&format!("b{i}"), d.granularity, Recording::Enabled)?;
     }
-    s.activate()?;
+    if d.mode == DiskMode::Durable {
+        s.activate_durable()?;
+    } else {
+        s.activate()?;
+    }
     Ok(SharedStore::new(s))
 }
 
@@ -222,6 +232,9 @@ enum DestSide {
 /// size next to the source's (`<image stem>-dest.qcow2`).
 fn dest_side(d: &DiskParams) -> Res<DestSide> {
     Ok(match d.mode {
+        DiskMode::Durable => DestSide::Shared(Arc::new(Mutex::new(
+            SharedDiskDest::file("disk-bitmaps", d.image.clone()).durable(),
+        ))),
         DiskMode::Shared => {
             let dest = SharedDiskDest::file("disk-bitmaps", d.image.clone());
             // QEMU's destination loads the bitmaps whole at its activate.
@@ -561,8 +574,18 @@ pub fn migrate(
         bytes_sent: 0,
     };
     let writes_before = vm.writes();
+    if disk.is_some_and(|d| d.mode == DiskMode::Durable && d.qemu_baseline) {
+        return Err("QEMU has no durable mode: no baseline for it".into());
+    }
     let store = disk.map(disk_store).transpose()?;
     let writer = match (disk, &store) {
+        (Some(d), Some(s)) if d.mode == DiskMode::Durable => Some(DiskWriter::start_durable(
+            s.durable_tracker()?,
+            d.disk_size,
+            d.writes_per_sec,
+            params.seed,
+            None,
+        )),
         (Some(d), Some(s)) => Some(DiskWriter::start(
             s.lock().tracker()?,
             d.disk_size,
@@ -574,10 +597,10 @@ pub fn migrate(
     };
     let mut disk_state = match (disk, &store) {
         (Some(d), Some(s)) => Some(match (d.mode, d.qemu_baseline) {
-            (DiskMode::Shared, true) => DiskSource::Shared(Box::new(
+            (DiskMode::Shared | DiskMode::Durable, true) => DiskSource::Shared(Box::new(
                 SharedDiskState::qemu_baseline(2, "disk-bitmaps", s.clone()),
             )),
-            (DiskMode::Shared, false) => {
+            (DiskMode::Shared | DiskMode::Durable, false) => {
                 DiskSource::Shared(Box::new(SharedDiskState::new(2, "disk-bitmaps", s.clone())))
             }
             (DiskMode::Stream, true) => DiskSource::Stream(
