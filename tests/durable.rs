@@ -463,3 +463,40 @@ fn a_tracker_fails_while_inactive_and_marks_the_next_durable_activation() {
     drop(t);
     let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
 }
+
+/// Found by `ops_durable`: a mark through the tracker of an inactivated store must not
+/// return `Ok` on a granule an inactive `clear` has since dropped from the disk (the
+/// tracker's durable bits outlived the activation).
+#[test]
+fn a_tracker_of_an_inactivated_store_never_acknowledges_a_cleared_granule() {
+    let crash = Arc::new(CrashStorage::new());
+    let shared = durable_store(Arc::clone(&crash));
+    let t = shared.durable_tracker().unwrap();
+    t.mark(5 * G, 4096).unwrap();
+    shared.lock().inactivate().unwrap();
+    shared.lock().clear("a").unwrap();
+    assert!(
+        !on_disk(crash.durable_image(), 5 * G),
+        "the clear is durable"
+    );
+    if t.mark(5 * G, 4096).is_ok() {
+        assert!(
+            on_disk(crash.durable_image(), 5 * G),
+            "the mark returned Ok, and its granule is not on disk"
+        );
+    }
+}
+
+/// Found by `ops_durable`: a range past the disk is refused even when no bitmap records
+/// (the fast path holds for a disabled bitmap, so it must not answer alone).
+#[test]
+fn a_mark_past_the_disk_is_refused_when_nothing_records() {
+    let shared = durable_store(MemStorage::new());
+    shared.lock().set_enabled("a", false).unwrap();
+    let t = shared.durable_tracker().unwrap();
+    let r = t.mark(DISK - 512, 4096);
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::InvalidInput(_))),
+        "{r:?}"
+    );
+}

@@ -340,7 +340,14 @@ impl<S: Storage> DurableTracker<S> {
     /// issued: its mark may not be on disk.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
-        if len > 0 && self.is_durable(offset, len) {
+        // The range check matters when nothing records (every bitmap disabled, or none):
+        // `is_durable` then holds for any range, and one past the disk must still fail.
+        if len > 0
+            && self.is_durable(offset, len)
+            && offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.inner.disk_size)
+        {
             return Ok(());
         }
         self.mark_slow(offset, len)

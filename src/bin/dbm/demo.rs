@@ -26,7 +26,8 @@
 //! total time, the destination RAM compared with the source RAM at the stop (CRC32 per
 //! page and byte for byte), and the image opened by the destination: every logged disk
 //! write dirty, and `qemu-img check` clean. Then the same with the destination refusing
-//! to start: the source takes its bitmaps back, resumes, and holds every mark. A
+//! to start: the source takes its bitmaps back, resumes, and holds every mark. Then the
+//! same in durable mode ([`run_durable_hand_over`]): the stop writes nothing. A
 //! destination that differs, a lost mark, or a switchover that sent more bytes in the
 //! downtime than its threshold allowed, fails the demo; a wall-clock downtime over the
 //! limit with the bytes within it is reported with the machine's load.
@@ -126,6 +127,8 @@ pub fn run(args: &DemoArgs) -> Res<()> {
         parts.push(run_migration_part(args, seed, &dir)?);
         say("")?;
         parts.push(run_failed_hand_over(args, seed, &dir)?);
+        say("")?;
+        parts.push(run_durable_hand_over(args, seed, &dir)?);
     }
     print_summary(&parts)
 }
@@ -468,6 +471,15 @@ pub const MIGRATE_IMAGE_FILE: &str = "demo-migrate.qcow2";
 pub const DISK_WRITES_PER_SEC: u64 = 100_000;
 
 fn disk_params(args: &DemoArgs, dir: &Path, refuse: bool) -> DiskParams {
+    disk_params_in(args, dir, refuse, crate::migrate_run::DiskMode::Shared)
+}
+
+fn disk_params_in(
+    args: &DemoArgs,
+    dir: &Path,
+    refuse: bool,
+    mode: crate::migrate_run::DiskMode,
+) -> DiskParams {
     DiskParams {
         image: dir.join(MIGRATE_IMAGE_FILE),
         disk_size: args.disk_size,
@@ -475,9 +487,67 @@ fn disk_params(args: &DemoArgs, dir: &Path, refuse: bool) -> DiskParams {
         bitmaps: 1,
         writes_per_sec: DISK_WRITES_PER_SEC,
         qemu_baseline: false,
-        mode: crate::migrate_run::DiskMode::Shared,
+        mode,
         refuse,
     }
+}
+
+/// The same migration with the store in durable mode on both hosts: every disk write's
+/// mark is on disk before the write counts as made, so the stop has nothing left to write.
+pub fn run_durable_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
+    let params = Params {
+        ram_bytes: args.guest_ram.min(256 << 20),
+        vcpus: args.vcpus,
+        writes_per_sec: args.dirty_rate / migrate_run::PAGE,
+        pattern: GuestPattern::HOT_90_5,
+        max_bandwidth: args.max_bandwidth,
+        downtime_limit: Millis(args.downtime_limit),
+        batch_pages: 64,
+        auto_converge: true,
+        time_cap: Some(Duration::from_secs(120)),
+        progress: None,
+        seed: seed ^ 2,
+    };
+    let disk = disk_params_in(args, dir, false, migrate_run::DiskMode::Durable);
+    say(format!(
+        "dbm demo, durable mode: the same with a {} guest, the store in durable mode on both \
+         hosts (each disk write's mark on disk before the write is made, 64 writes in flight)",
+        human(params.ram_bytes)
+    ))?;
+    let run = migrate_run::migrate(&params, Some(&disk), &mut |_| {})?;
+    let d = run.disk.as_ref().ok_or("a disk run without its figures")?;
+    match &run.end {
+        End::Converged => {}
+        End::Failed(e) => return Err(format!("the migration failed: {e}").into()),
+        other => return Err(format!("the migration did not converge: {other:?}").into()),
+    }
+    if d.marks_lost > 0 {
+        return Err(format!("{} of {} marks lost", d.marks_lost, d.marks).into());
+    }
+    if d.stop.bytes_written > 0 {
+        return Err(format!(
+            "the durable stop wrote {} bytes: a mark was acknowledged before it was on disk",
+            d.stop.bytes_written
+        )
+        .into());
+    }
+    let dest = d.dest_activate.map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+    let verdict = format!(
+        "{} disk writes, each acknowledged once on disk; the stop wrote 0 bytes with {} \
+         barriers in {:.2} ms; the destination's activate took {dest:.1} ms; downtime {:.1} \
+         ms; 0 marks lost; qemu-img check: {}",
+        d.marks,
+        d.stop.syncs,
+        d.stop.duration.as_secs_f64() * 1000.0,
+        run.downtime.unwrap_or_default().as_secs_f64() * 1000.0,
+        d.qemu_check
+    );
+    say(&verdict)?;
+    migrate_run::require_clean(&d.qemu_check, &disk.image)?;
+    Ok(Part {
+        title: "durable mode".into(),
+        rows: vec![("outcome".into(), verdict)],
+    })
 }
 
 /// The same migration, with the destination refusing to start: the source must take its
