@@ -1468,6 +1468,10 @@ fn bench_durable_prints_a_row_per_mode_and_thread_count() {
         "none,durable,naive",
         "--write-through",
         "20",
+        "--bitmaps",
+        "2",
+        "--pattern",
+        "hot",
     ]);
     let rows: Vec<Vec<&str>> = out
         .lines()
@@ -1515,4 +1519,6 @@ fn bench_durable_prints_a_row_per_mode_and_thread_count() {
         out.contains("reproduce: `cargo run --release -- bench durable"),
         "{out}"
     );
+    assert!(out.contains(" --pattern hot --bitmaps 2 "), "{out}");
+    assert!(out.contains("2 enabled bitmap(s)"), "{out}");
 }

@@ -92,6 +92,10 @@ pub struct DurableArgs {
     /// anywhere: `dbm demo`'s disk writes; the hot spot's bits fill 32 pages of 4 KiB).
     #[arg(long, value_enum, default_value_t = Pattern::Uniform)]
     pub pattern: Pattern,
+    /// Enabled bitmaps on the image of the first part: each intent marks every one, and a
+    /// commit writes a page of each.
+    #[arg(long, default_value_t = 1)]
+    pub bitmaps: usize,
 }
 
 /// Where the intents fall.
@@ -164,14 +168,18 @@ fn one(
         65536,
     )
     .map_err(|e| e.to_string())?;
-    st.add("b", args.granularity, Recording::Enabled)
-        .map_err(|e| e.to_string())?;
+    for i in 0..args.bitmaps {
+        st.add(&format!("b{i}"), args.granularity, Recording::Enabled)
+            .map_err(|e| e.to_string())?;
+    }
     match mode {
         Mode::Durable | Mode::Naive => st.activate_durable(),
         Mode::None | Mode::Deferred => st.activate(),
     }
     .map_err(|e| e.to_string())?;
-    let bitmap = st.bitmap("b").map_err(|e| e.to_string())?;
+    let bitmaps = (0..args.bitmaps)
+        .map(|i| st.bitmap(format!("b{i}")).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
     let store = SharedStore::new(st);
     let deferred = match mode {
         Mode::Deferred => Some(store.lock().tracker().map_err(|e| e.to_string())?),
@@ -209,7 +217,9 @@ fn one(
             }
             Mode::Naive => {
                 let mut g = store.lock();
-                bitmap.mark_dirty(off, WRITE);
+                for b in &bitmaps {
+                    b.mark_dirty(off, WRITE);
+                }
                 g.flush().map_err(|e| e.to_string())?;
             }
         }
@@ -297,8 +307,8 @@ fn one(
 
 /// Runs `dbm bench durable`.
 pub fn run(args: &DurableArgs) -> CmdResult {
-    if args.intents == 0 || args.threads.contains(&0) {
-        return Err("--intents and every --threads must be at least 1".into());
+    if args.intents == 0 || args.threads.contains(&0) || args.bitmaps == 0 {
+        return Err("--intents, --bitmaps and every --threads must be at least 1".into());
     }
     let tmp;
     let dir = match &args.dir {
@@ -317,15 +327,16 @@ pub fn run(args: &DurableArgs) -> CmdResult {
         .collect();
     emit(&format!(
         "# dbm bench durable\n\n- machine: {}\n- load average (1, 5, 15 min) at the start: {}\n\
-         - a bitmap-only image of {} at {} granularity in {} (a file on this machine's disk); \
-         {} random 4 KiB writes per thread per pass, {}\n\
+         - a bitmap-only image of {} at {} granularity in {} (a file on this machine's disk), \
+         {} enabled bitmap(s); {} random 4 KiB writes per thread per pass, {}\n\
          - reproduce: `cargo run --release -- bench durable --disk-size {} --granularity {} \
-         --threads {} --intents {} --modes {} --pattern {} --seed {}`\n\n",
+         --threads {} --intents {} --modes {} --pattern {} --bitmaps {} --seed {}`\n\n",
         machine(),
         loadavg(),
         human(args.disk_size),
         human(args.granularity),
         dir.display(),
+        args.bitmaps,
         args.intents,
         match args.pattern {
             Pattern::Uniform => "uniform over the disk",
@@ -337,6 +348,7 @@ pub fn run(args: &DurableArgs) -> CmdResult {
         args.intents,
         modes.join(","),
         format!("{:?}", args.pattern).to_lowercase(),
+        args.bitmaps,
         args.seed,
     ))?;
     emit(
