@@ -115,7 +115,7 @@ pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
 pub use store::durable::{DurableTracker, Intent};
 pub use store::{
-    BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard,
+    BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard, StoreMode,
 };
 pub use tracker::Tracker;
 

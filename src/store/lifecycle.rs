@@ -142,6 +142,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
         let mems = self.load_mems(pre)?;
+        // The mode extension goes (one header write and barrier, only if present) before
+        // any `in_use` is set, so it never says durable while this deferred writer is
+        // active (`mode.rs`).
+        self.record_deferred_mode()?;
         if mems.iter().any(Option::is_some) {
             let mut entries = self.current_entries();
             for (e, m) in entries.iter_mut().zip(&mems) {

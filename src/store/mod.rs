@@ -724,6 +724,8 @@ impl<S: Storage> BitmapStore<S> {
     }
 }
 
+pub use mode::StoreMode;
+
 pub mod background;
 mod commit;
 pub mod durable;
@@ -731,6 +733,7 @@ mod durable_bits;
 mod edit;
 mod lifecycle;
 mod live;
+mod mode;
 mod resize;
 #[cfg(test)]
 mod tests;
