@@ -126,8 +126,9 @@ impl HeaderArea {
     /// 2. backing format, 3. external data file name, 4. crypto header pointer,
     /// 5. QEMU's feature name table (v3 and clusters above 4 KiB),
     /// 6. the bitmaps extension (nb_bitmaps > 0), 7. unknown extensions, 8. the end marker,
-    /// 9. the backing file name, then zeros to the end of the cluster. This crate's mode
-    /// extension, which QEMU keeps as an unknown one, is written last of 7.
+    /// 9. the backing file name, then zeros to the end of the cluster.
+    ///
+    /// This crate's mode extension, which QEMU keeps as an unknown one, is written last of 7.
     ///
     /// # Errors
     /// [`InvalidValue`] if the header cannot be encoded, the backing format is 16
