@@ -25,6 +25,10 @@ impl<S: Storage> BitmapStore<S> {
     /// the fallback should the directory ever differ in more than the flags.) Inconsistent
     /// bitmaps are left alone. Does nothing if already active.
     ///
+    /// Before that, if the image records the durable mode (a mode extension,
+    /// [`mode`](Self::mode)), the extension is removed: one header write and a barrier, so
+    /// that it never says durable while this writer sets `in_use` (`src/store/mode.rs`).
+    ///
     /// The in-memory copy is the one kept by the last incremental
     /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
     /// reloaded from disk, so every bit it holds survives, including marks made through a

@@ -14,7 +14,7 @@
 //! header write and one barrier. The mode extension is the last one in cluster 0
 //! (`HeaderArea::encode`), after the bitmaps extension, so adding or removing it changes no
 //! byte of the bitmaps extension or of anything before it but the backing file fields.
-//! [`torn_mix_keeps_bitmaps`] checks exactly that against the bytes on disk; when it holds,
+//! `torn_mix_keeps_bitmaps` checks exactly that against the bytes on disk; when it holds,
 //! every sector-wise mix of the old and new cluster 0 decodes the same bitmaps extension
 //! and the same autoclear bit 0, so a torn write changes no bitmap's state. When it does
 //! not hold (cluster 0 was laid out by another program, or differs from what this handle
