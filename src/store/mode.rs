@@ -190,6 +190,13 @@ impl<S: Storage> BitmapStore<S> {
 /// bitmaps extension then reads the same frames in every mix. True when neither has a
 /// bitmaps extension.
 pub(super) fn torn_mix_keeps_bitmaps(old: &[u8], new: &[u8]) -> bool {
+    // A v2 image holds no bitmaps ("Cannot store dirty bitmaps in qcow2 v2 files"), and its
+    // 72-byte header has neither the header length at 100 that the walk below starts from
+    // nor the autoclear field the bracket writes.
+    let version = |b: &[u8]| b.get(4..8).and_then(|f| <[u8; 4]>::try_from(f).ok());
+    if version(new).map(u32::from_be_bytes).is_some_and(|v| v < 3) {
+        return true;
+    }
     let end = super::resize::bitmaps_extension_end(new);
     if end != super::resize::bitmaps_extension_end(old) {
         return false;
@@ -295,6 +302,40 @@ mod tests {
             assert_ne!(o[8..16], n[8..16]);
             assert!(torn_mix_keeps_bitmaps(&o, &n), "cluster bits {bits}");
         }
+    }
+
+    #[test]
+    fn a_v2_image_has_nothing_to_bracket() {
+        let mut old = HeaderArea::new(crate::format::Header {
+            version: 2,
+            header_length: 72,
+            autoclear_features: 0,
+            compatible_features: 0,
+            incompatible_features: 0,
+            refcount_order: 4,
+            ..sample()
+        });
+        old.unknown.push(UnknownExtension {
+            kind: 0x1111_1111,
+            data: vec![0xff; 40],
+        });
+        // The v2 extension area starts at 72, so bytes 100.. are extension data: here the
+        // bytes a v3 walk would read as a header length of 104 and a bitmaps frame there.
+        let mut data = vec![0u8; 40];
+        data[20..24].copy_from_slice(&104u32.to_be_bytes());
+        data[24..28].copy_from_slice(&0x2385_2875u32.to_be_bytes());
+        data[28..32].copy_from_slice(&24u32.to_be_bytes());
+        let mut new = old.clone();
+        new.unknown[0].data = data;
+        new.set_mode(Some(ModeExtension::DURABLE));
+        let (o, n) = (old.encode().unwrap(), new.encode().unwrap());
+        assert_eq!(&n[..4], b"QFI\xfb");
+        assert_eq!(n[7], 2);
+        assert_eq!(u32::from_be_bytes(n[100..104].try_into().unwrap()), 104);
+        assert!(
+            torn_mix_keeps_bitmaps(&o, &n),
+            "no bracket (and no write at 88) on v2"
+        );
     }
 
     #[test]
