@@ -88,9 +88,9 @@ impl<S: Storage> BitmapStore<S> {
             self.poisoned = true;
             return Err(e);
         }
-        self.record_durable_mode()?; // bit 0 set before publishing (`mode.rs`)
-                                     // Nothing marks the bitmaps yet (they are published below), and what each holds
-                                     // is what its clusters now hold.
+        self.record_durable_mode()?;
+        // Nothing marks the bitmaps yet (they are published below), and what each holds
+        // is what its clusters now hold.
         let bits = targets
             .iter()
             .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
