@@ -93,8 +93,8 @@ fn normalize_header(h: &Header) -> Header {
 /// header_length and the backing file fields are recomputed, the image's own feature
 /// table is replaced by QEMU's (v3 with clusters above 4 KiB) or dropped, the data file
 /// name survives only with incompatible bit 2, a crypto pointer only with a non-zero
-/// offset, the bitmaps extension only with nb_bitmaps > 0, and a stale bitmaps extension
-/// is dropped.
+/// offset, the bitmaps extension only with nb_bitmaps > 0, a stale bitmaps extension
+/// is dropped, and the mode extension follows the unknown ones.
 pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
     let mut n = area.clone();
     n.header = normalize_header(&area.header);
@@ -129,6 +129,9 @@ pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
             }
             for u in &n.unknown {
                 at += frame(u.data.len());
+            }
+            if n.mode.is_some() {
+                at += frame(8);
             }
             at += frame(0);
             n.header.backing_file_offset = at;

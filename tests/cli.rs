@@ -1522,3 +1522,95 @@ fn bench_durable_prints_a_row_per_mode_and_thread_count() {
     assert!(out.contains(" --pattern hot --bitmaps 2 "), "{out}");
     assert!(out.contains("2 enabled bitmap(s)"), "{out}");
 }
+
+/// `dbm info` shows the mode the image records (`src/store/mode.rs`) and, per bitmap, why
+/// its state is what it is: deferred on a new image, durable after `dbm workload
+/// --durable` (QEMU content with it), `in_use` decides before the mode, and reserved flags
+/// read as unknown without failing.
+#[test]
+fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
+    use dirty_bitmap::format::ModeExtension;
+    use dirty_bitmap::storage::FileStorage;
+    use dirty_bitmap::{BitmapStore, OpenMode};
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "64M"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "b"]);
+    let json = |img: &Path| -> Value {
+        serde_json::from_str(&dbm_ok(&["info", "--json", p(img)])).unwrap()
+    };
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(info.contains("mode: deferred\n"), "{info}");
+    assert!(
+        info.contains("    reason: consistent: saved cleanly; no writer holds it\n"),
+        "{info}"
+    );
+    let v = json(&img);
+    assert_eq!(v["mode"], "deferred");
+    assert_eq!(v["mode-flags"], Value::Null);
+
+    dbm_ok(&[
+        "workload",
+        p(&img),
+        "--bitmap",
+        "b",
+        "--durable",
+        "--duration",
+        "0.2",
+    ]);
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(info.contains("mode: durable\n"), "{info}");
+    assert!(
+        info.contains(
+            "    reason: consistent: every acknowledged write is covered (durable mode)\n"
+        ),
+        "{info}"
+    );
+    let v = json(&img);
+    assert_eq!(v["mode"], "durable");
+    assert_eq!(v["mode-flags"], 1);
+    assert_eq!(v["bitmaps"][0]["state"], "consistent");
+    assert!(v["bitmaps"][0]["dirty-bytes"].as_u64().unwrap() > 0);
+    assert_eq!(qemu_check(&img), 0);
+
+    // A deferred writer that never stopped: the extension went before `in_use` was set.
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    s.activate().unwrap();
+    drop(s);
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(info.contains("mode: deferred\n"), "{info}");
+    assert!(info.contains("    state: inconsistent\n"), "{info}");
+    assert!(
+        info.contains(
+            "    reason: inconsistent: in use by a writer, or its writer stopped without \
+             saving it (treat as all dirty)\n"
+        ),
+        "{info}"
+    );
+
+    // A later version's flags (bit 2 reserved): unknown, and nothing fails.
+    dbm_ok(&["bitmap", p(&img), "--remove", "b"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "c"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let mut area = HeaderArea::decode(&bytes).unwrap();
+    let cs = area.header.cluster_size() as usize;
+    area.set_mode(Some(ModeExtension { flags: 0b101 }));
+    bytes[..cs].copy_from_slice(&area.encode().unwrap());
+    std::fs::write(&img, &bytes).unwrap();
+    let info = dbm_ok(&["info", p(&img)]);
+    assert!(
+        info.contains("mode: unknown (flags 0x0000000000000005)\n"),
+        "{info}"
+    );
+    assert!(info.contains("mode is unknown"), "{info}");
+    let v = json(&img);
+    assert_eq!(v["mode"], "unknown");
+    assert_eq!(v["mode-flags"], 5);
+    assert_eq!(v["bitmaps"][0]["state"], "consistent");
+    assert_eq!(qemu_check(&img), 0);
+}

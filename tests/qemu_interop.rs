@@ -634,3 +634,125 @@ fn resize_refusals_write_nothing() {
         "guest-data resize wrote"
     );
 }
+
+/// The mode extension (`src/format/mode.rs`, "DBMD") as QEMU sees it: `qemu-img check` and
+/// `info` accept an image that has it, and every command that makes QEMU rewrite cluster 0
+/// (`qcow2_update_header`: bitmap add and remove, resize, amend, snapshot, a `qemu-io`
+/// write that loads and stores the bitmaps) keeps its 16 bytes as they were, which is what
+/// `qcow2_read_extensions` (an unknown type goes to `unknown_header_ext`) and
+/// `qcow2_update_header` ("Keep unknown header extensions") promise. `qemu-img convert`
+/// writes a new image and does not copy it. Our deferred activation then removes it, and
+/// QEMU is still content.
+#[test]
+fn qemu_accepts_the_mode_extension_and_keeps_it_when_it_rewrites_the_header() {
+    use dirty_bitmap::format::{HeaderArea, ModeExtension};
+    use dirty_bitmap::{SharedStore, StoreMode};
+
+    const FRAME: &[u8; 16] = b"DBMD\0\0\0\x08\0\0\0\0\0\0\0\x01";
+    let cs = 65536usize;
+    let find = |img: &Path| {
+        let bytes = std::fs::read(img).unwrap();
+        bytes[..cs].windows(16).position(|w| w == FRAME)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("durable.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 256 * MIB, 65536).unwrap();
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    s.activate_durable().unwrap();
+    let shared = SharedStore::new(s);
+    let t = shared.durable_tracker().unwrap();
+    t.mark(5 * MIB, 4096).unwrap();
+    drop(t);
+    drop(shared.try_into_inner().unwrap().close().unwrap());
+    // Where docs/FORMAT.md says: after the bitmaps extension at 0x1F8, where the end
+    // marker was.
+    assert_eq!(find(&img), Some(0x218));
+    assert_qemu_clean(&img);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![("a".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    let original = std::fs::read(&img).unwrap()[..cs].to_vec();
+
+    let copy = dir.path().join("copy.qcow2");
+    let c = p(&copy);
+    let rewrites: [(&str, Vec<&str>); 6] = [
+        (
+            "bitmap --add",
+            vec!["qemu-img", "bitmap", "-f", "qcow2", "--add", c, "b"],
+        ),
+        (
+            "bitmap --remove",
+            vec!["qemu-img", "bitmap", "-f", "qcow2", "--remove", c, "a"],
+        ),
+        (
+            "resize",
+            vec!["qemu-img", "resize", "-f", "qcow2", c, "300M"],
+        ),
+        (
+            "amend",
+            vec![
+                "qemu-img",
+                "amend",
+                "-f",
+                "qcow2",
+                "-o",
+                "lazy_refcounts=on",
+                c,
+            ],
+        ),
+        ("snapshot -c", vec!["qemu-img", "snapshot", "-c", "s1", c]),
+        (
+            "qemu-io write",
+            vec!["qemu-io", "-f", "qcow2", "-c", "write 1M 4k", c],
+        ),
+    ];
+    for (what, args) in rewrites {
+        std::fs::copy(&img, &copy).unwrap();
+        ok(args[0], &args[1..]);
+        let now = std::fs::read(&copy).unwrap();
+        assert_ne!(
+            now[..cs],
+            original[..],
+            "{what}: QEMU did not rewrite cluster 0"
+        );
+        assert!(find(&copy).is_some(), "{what}: QEMU dropped the extension");
+        let area = HeaderArea::decode(&now[..cs]).unwrap();
+        assert_eq!(area.mode, Some(ModeExtension::DURABLE), "{what}");
+        assert_qemu_clean(&copy);
+        assert_eq!(
+            open(&copy, OpenMode::ReadOnly).mode(),
+            StoreMode::Durable,
+            "{what}"
+        );
+    }
+    // The last copy, after QEMU's write: our deferred activation removes the extension.
+    let mut s = open(&copy, OpenMode::ReadWrite);
+    s.activate().unwrap();
+    assert_eq!(s.mode(), StoreMode::Deferred);
+    drop(s.close().unwrap());
+    assert_eq!(find(&copy), None);
+    assert_qemu_clean(&copy);
+    assert_eq!(qemu_bitmaps(&copy)[0].2, vec!["auto"]);
+    assert_eq!(nbd_dirty(&copy, "a"), vec![(MIB, 65536), (5 * MIB, 65536)]);
+    // A new image is not a rewrite: convert does not copy an extension it does not know.
+    let converted = dir.path().join("converted.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "--bitmaps",
+            p(&img),
+            p(&converted),
+        ],
+    );
+    assert_eq!(find(&converted), None);
+    assert_eq!(
+        open(&converted, OpenMode::ReadOnly).mode(),
+        StoreMode::Deferred
+    );
+}

@@ -16,6 +16,7 @@ use super::frame::{
     EXT_FEATURE_TABLE,
 };
 use super::header::{Header, INCOMPAT_DATA_FILE, MAX_BACKING_FILE_NAME};
+use super::mode::{ModeExtension, EXT_MODE};
 
 /// Everything QEMU keeps in cluster 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +39,14 @@ pub struct HeaderArea {
     /// extension is dropped on encode, as QEMU drops it.
     pub stale_bitmaps: bool,
     /// Unknown extensions, byte for byte, in the order they are written. Decoding yields
-    /// file order; QEMU itself writes them back reversed, and accepts either order.
+    /// file order; QEMU itself writes them back reversed, and accepts either order. A mode
+    /// extension whose data is not 8 bytes long is kept here too (see
+    /// [`set_mode`](Self::set_mode)).
     pub unknown: Vec<UnknownExtension>,
+    /// This crate's mode extension ([`mode`](super::mode)), when one of 8 bytes was found
+    /// (the last one, if several). Written after the unknown extensions, right before the
+    /// end marker: adding or removing it changes no byte before its own frame.
+    pub mode: Option<ModeExtension>,
     /// Backing file name (at most 1023 bytes).
     pub backing_file: Option<Vec<u8>>,
 }
@@ -56,8 +63,20 @@ impl HeaderArea {
             bitmaps: None,
             stale_bitmaps: false,
             unknown: Vec::new(),
+            mode: None,
             backing_file: None,
         }
+    }
+
+    /// Sets the mode extension to `mode` (`None` removes it) and drops every malformed one
+    /// kept among [`unknown`](Self::unknown), so that the next encoding holds at most one
+    /// mode extension, the one given. Returns whether the encoding changes.
+    pub fn set_mode(&mut self, mode: Option<ModeExtension>) -> bool {
+        let malformed = self.unknown.iter().any(|u| u.kind == EXT_MODE);
+        let changed = malformed || self.mode != mode;
+        self.unknown.retain(|u| u.kind != EXT_MODE);
+        self.mode = mode;
+        changed
     }
 
     /// Decodes cluster 0: the header, every extension, and the backing file name.
@@ -78,6 +97,7 @@ impl HeaderArea {
                 Extension::StaleBitmaps(_) => area.stale_bitmaps = true,
                 Extension::CryptoHeader(c) => area.crypto = Some(c),
                 Extension::DataFile(d) => area.data_file = Some(d),
+                Extension::Mode(m) => area.mode = Some(m),
                 Extension::Unknown(u) => area.unknown.push(u),
             }
         }
@@ -107,6 +127,8 @@ impl HeaderArea {
     /// 5. QEMU's feature name table (v3 and clusters above 4 KiB),
     /// 6. the bitmaps extension (nb_bitmaps > 0), 7. unknown extensions, 8. the end marker,
     /// 9. the backing file name, then zeros to the end of the cluster.
+    ///
+    /// This crate's mode extension, which QEMU keeps as an unknown one, is written last of 7.
     ///
     /// # Errors
     /// [`InvalidValue`] if the header cannot be encoded, the backing format is 16
@@ -166,6 +188,9 @@ impl HeaderArea {
                 ));
             }
             frame_into(&mut tail, u.kind, &u.data)?;
+        }
+        if let Some(m) = &self.mode {
+            frame_into(&mut tail, EXT_MODE, &m.encode())?;
         }
         frame_into(&mut tail, EXT_END, &[])?;
 
@@ -345,5 +370,61 @@ mod tests {
                 ..
             })
         ));
+    }
+    #[test]
+    fn mode_extension_follows_the_bitmaps_and_unknown_extensions() {
+        let mut a = HeaderArea::new(header(16));
+        a.bitmaps = Some(BitmapsExtension {
+            nb_bitmaps: 1,
+            directory_size: 32,
+            directory_offset: 0x50000,
+        });
+        let without = a.encode().unwrap();
+        assert!(a.set_mode(Some(ModeExtension::DURABLE)));
+        assert!(!a.set_mode(Some(ModeExtension::DURABLE)));
+        let b = a.encode().unwrap();
+        // QEMU's layout up to the bitmaps extension, then the mode extension where the end
+        // marker was: only the bytes from 0x218 on change.
+        assert_eq!(&b[..0x218], &without[..0x218]);
+        assert_eq!(&b[0x218..0x230], b"DBMD\0\0\0\x08\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\0");
+        assert!(b[0x230..].iter().all(|&x| x == 0));
+        let mut back = HeaderArea::decode(&b).unwrap();
+        back.feature_table = None;
+        assert_eq!(back, a);
+        // After an unknown extension too; and removal restores the bytes without it.
+        a.unknown.push(UnknownExtension {
+            kind: 0x1111_1111,
+            data: vec![7; 3],
+        });
+        let b = a.encode().unwrap();
+        assert_eq!(be32(&b, 0x218), 0x1111_1111);
+        assert_eq!(be32(&b, 0x228), EXT_MODE);
+        assert_eq!(be32(&b, 0x238), EXT_END);
+        a.unknown.clear();
+        assert!(a.set_mode(None));
+        assert_eq!(a.encode().unwrap(), without);
+    }
+
+    #[test]
+    fn set_mode_drops_a_malformed_mode_extension() {
+        let mut a = HeaderArea::new(header(16));
+        a.unknown.push(UnknownExtension {
+            kind: EXT_MODE,
+            data: vec![1; 5],
+        });
+        let b = a.encode().unwrap();
+        let d = HeaderArea::decode(&b).unwrap();
+        assert_eq!(d.mode, None);
+        assert_eq!(d.unknown, a.unknown, "kept byte for byte");
+        assert!(a.set_mode(None), "removing the malformed one changes the encoding");
+        assert!(a.unknown.is_empty());
+        a.unknown.push(UnknownExtension {
+            kind: EXT_MODE,
+            data: vec![1; 5],
+        });
+        assert!(a.set_mode(Some(ModeExtension::DURABLE)));
+        let d = HeaderArea::decode(&a.encode().unwrap()).unwrap();
+        assert_eq!(d.mode, Some(ModeExtension::DURABLE));
+        assert!(d.unknown.is_empty());
     }
 }

@@ -12,6 +12,7 @@ use super::feature::{
 };
 use super::frame::{frame_into, Frames};
 use super::header::{Header, CRYPT_LUKS};
+use super::mode::ModeExtension;
 
 /// The bitmaps extension's data length; QEMU refuses any other.
 pub const BITMAPS_EXT_LEN: usize = 24;
@@ -28,6 +29,7 @@ pub use super::frame::{
     EXTENSION_FRAME_LEN, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DATA_FILE,
     EXT_END, EXT_FEATURE_TABLE,
 };
+pub use super::mode::EXT_MODE;
 
 // Field offsets inside the bitmaps extension data.
 const OFF_BM_NB_BITMAPS: usize = 0;
@@ -158,6 +160,10 @@ pub enum Extension {
     CryptoHeader(CryptoHeaderPointer),
     /// External data file name.
     DataFile(Vec<u8>),
+    /// This crate's mode extension (`EXT_MODE`, "DBMD"; see [`mode`](super::mode)), when
+    /// its data is 8 bytes long. Of any other length it is an [`Extension::Unknown`], kept
+    /// byte for byte.
+    Mode(ModeExtension),
     /// Any other type.
     Unknown(UnknownExtension),
 }
@@ -171,6 +177,7 @@ impl Extension {
             Self::Bitmaps(_) | Self::StaleBitmaps(_) => EXT_BITMAPS,
             Self::CryptoHeader(_) => EXT_CRYPTO_HEADER,
             Self::DataFile(_) => EXT_DATA_FILE,
+            Self::Mode(_) => EXT_MODE,
             Self::Unknown(u) => u.kind,
         }
     }
@@ -191,6 +198,7 @@ impl Extension {
             }
             Self::Bitmaps(b) => b.encode(),
             Self::CryptoHeader(c) => c.encode(),
+            Self::Mode(m) => m.encode(),
             Self::Unknown(u) => u.data.clone(),
         })
     }
@@ -253,7 +261,9 @@ fn check_len(
 /// [`Corruption::ExtensionTooLarge`] when a frame or its data passes the end of the area,
 /// [`Corruption::Truncated`] when `cluster0` ends first, and the type-specific errors:
 /// backing format of 16 bytes or more, crypto pointer without LUKS, of the wrong length or
-/// unaligned, and the bitmaps extension checks of [`BitmapsExtension::decode`].
+/// unaligned, and the bitmaps extension checks of [`BitmapsExtension::decode`]. A mode
+/// extension of the wrong length is not an error: it comes back as
+/// [`Extension::Unknown`] (the mode then reads as unknown; QEMU opens such an image).
 pub fn decode_extensions(cluster0: &[u8], header: &Header) -> Result<Vec<Extension>, Corruption> {
     let (start, end) = header.extension_area();
     let cluster_size = header.cluster_size();
@@ -306,6 +316,13 @@ pub fn decode_extensions(cluster0: &[u8], header: &Header) -> Result<Vec<Extensi
                 }
             }
             EXT_DATA_FILE => Extension::DataFile(f.data.to_vec()),
+            EXT_MODE => match ModeExtension::decode(f.data, f.offset) {
+                Ok(m) => Extension::Mode(m),
+                Err(_) => Extension::Unknown(UnknownExtension {
+                    kind: EXT_MODE,
+                    data: f.data.to_vec(),
+                }),
+            },
             kind => Extension::Unknown(UnknownExtension {
                 kind,
                 data: f.data.to_vec(),
@@ -729,5 +746,24 @@ mod tests {
             name: vec![b'x'; 47],
         }]);
         assert!(matches!(t.encode(), Err(InvalidValue(_))));
+    }
+
+    #[test]
+    fn mode_extension_decodes_when_8_bytes_and_is_kept_as_unknown_otherwise() {
+        let m = Extension::Mode(ModeExtension { flags: 3 });
+        let b = cluster(&header(), &encode_extensions(std::slice::from_ref(&m)).unwrap());
+        assert_eq!(&b[112..120], b"DBMD\0\0\0\x08");
+        assert_eq!(decode_extensions(&b, &header()).unwrap(), vec![m]);
+        for len in [0usize, 4, 7, 9, 16] {
+            let b = cluster(&header(), &framed(EXT_MODE, &vec![0xA5; len]));
+            assert_eq!(
+                decode_extensions(&b, &header()).unwrap(),
+                vec![Extension::Unknown(UnknownExtension {
+                    kind: EXT_MODE,
+                    data: vec![0xA5; len],
+                })],
+                "{len} bytes"
+            );
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! | image header | [`header`] | offset 0 of cluster 0 |
 //! | header extensions, bitmaps extension | [`extension`] | after the header |
 //! | feature bits and the feature name table | [`feature`] | header and extension |
+//! | this crate's mode extension ("DBMD") | [`mode`] | after the header |
 //! | cluster 0 as QEMU lays it out | [`area`] | all of cluster 0 |
 //! | bitmap directory entries | [`directory`] | `bitmap_directory_offset` |
 //! | bitmap table entries | [`table`] | each entry's `bitmap_table_offset` |
@@ -44,6 +45,7 @@ pub mod extension;
 pub mod feature;
 mod frame;
 pub mod header;
+pub mod mode;
 pub mod refcount;
 pub mod table;
 
@@ -61,6 +63,7 @@ pub use extension::{
 };
 pub use feature::{qemu_feature_table, FeatureKind, FeatureName};
 pub use header::{Header, ImageGeometry};
+pub use mode::ModeExtension;
 pub use refcount::{
     decode_reftable, encode_reftable, entries_per_block, get_refcount, max_refcount, set_refcount,
 };

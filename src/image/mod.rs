@@ -339,6 +339,27 @@ impl<S: Storage> Image<S> {
         &mut self.area
     }
 
+    /// Cluster 0 exactly as the next [`write_header`](Self::write_header) writes it: the
+    /// in-memory area with the fixes every header write makes applied to it (reftable
+    /// location, unknown autoclear bits cleared, autoclear bit 0 cleared without a bitmaps
+    /// extension). Writes nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if the area no longer fits in cluster 0; [`Error::Internal`]
+    /// if the reftable outgrew its field.
+    pub(crate) fn header_bytes(&mut self) -> Result<Vec<u8>> {
+        let (offset, clusters) = self.refcounts.reftable_location();
+        let h = &mut self.area.header;
+        h.refcount_table_offset = offset;
+        h.refcount_table_clusters = u32::try_from(clusters)
+            .map_err(|_| internal!("refcount table of {clusters} clusters"))?;
+        h.autoclear_features &= AUTOCLEAR_MASK;
+        if self.area.bitmaps.is_none_or(|b| b.nb_bitmaps == 0) {
+            self.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        }
+        Ok(self.area.encode()?)
+    }
+
     /// Writes cluster 0 from the in-memory header area in one write, then syncs: the commit
     /// point of every metadata change. Unknown autoclear bits are cleared (the spec allows a
     /// writer to modify the image only after clearing them), and autoclear bit 0 is cleared
@@ -349,16 +370,7 @@ impl<S: Storage> Image<S> {
     /// longer fits in cluster 0; [`Error::Internal`] if the reftable outgrew its field.
     pub(crate) fn write_header(&mut self) -> Result<()> {
         self.guarded(|img| {
-            let (offset, clusters) = img.refcounts.reftable_location();
-            let h = &mut img.area.header;
-            h.refcount_table_offset = offset;
-            h.refcount_table_clusters = u32::try_from(clusters)
-                .map_err(|_| internal!("refcount table of {clusters} clusters"))?;
-            h.autoclear_features &= AUTOCLEAR_MASK;
-            if img.area.bitmaps.is_none_or(|b| b.nb_bitmaps == 0) {
-                img.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-            }
-            let bytes = img.area.encode()?;
+            let bytes = img.header_bytes()?;
             img.storage.grow_to(bytes.len() as u64)?;
             img.storage.write_all_at(&bytes, 0)?;
             img.syncs.sync(&img.storage)?;

@@ -134,6 +134,7 @@ impl<S: Storage> BitmapStore<S> {
             self.poisoned = true;
             return Err(e);
         }
+        self.record_durable_mode()?;
         // Nothing marks the bitmaps yet (they are published below), and what each holds
         // is what its clusters now hold.
         self.durable = Some(Durable::new(targets, &self.durable_set));

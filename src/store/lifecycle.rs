@@ -25,6 +25,10 @@ impl<S: Storage> BitmapStore<S> {
     /// the fallback should the directory ever differ in more than the flags.) Inconsistent
     /// bitmaps are left alone. Does nothing if already active.
     ///
+    /// Before that, if the image records the durable mode (a mode extension,
+    /// [`mode`](Self::mode)), the extension is removed: one header write and a barrier, so
+    /// that it never says durable while this writer sets `in_use` (`src/store/mode.rs`).
+    ///
     /// The in-memory copy is the one kept by the last incremental
     /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
     /// reloaded from disk, so every bit it holds survives, including marks made through a
@@ -142,6 +146,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
         let mems = self.load_mems(pre)?;
+        // The mode extension goes (one header write and barrier, only if present) before
+        // any `in_use` is set, so it never says durable while this deferred writer is
+        // active (`mode.rs`).
+        self.record_deferred_mode()?;
         if mems.iter().any(Option::is_some) {
             let mut entries = self.current_entries();
             for (e, m) in entries.iter_mut().zip(&mems) {

@@ -22,6 +22,8 @@
 //!   seal, close;
 //! - `live.rs`: flush, the pending queries, the stop loop and the tracker of an active store;
 //! - `resize.rs`: resize;
+//! - [`mode`]: the mode the image records for its bitmaps ([`StoreMode`](mode::StoreMode),
+//!   [`BitmapStore::mode`]) and the header write of the activations that records it;
 //! - [`background`]: the background [`FlushPolicy`](background::FlushPolicy) over a
 //!   [`SharedStore`].
 //!
@@ -741,6 +743,7 @@ mod durable_bits;
 mod edit;
 mod lifecycle;
 mod live;
+pub mod mode;
 mod resize;
 #[cfg(test)]
 mod tests;

@@ -206,7 +206,7 @@ impl<S: Storage> BitmapStore<S> {
 }
 
 /// Where the bitmaps extension's data ends in an encoded cluster 0 (0 when there is none).
-fn bitmaps_extension_end(area: &[u8]) -> u64 {
+pub(super) fn bitmaps_extension_end(area: &[u8]) -> u64 {
     let be32 = |at: usize| {
         area.get(at..at + 4)
             .and_then(|b| b.try_into().ok())

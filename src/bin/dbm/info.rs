@@ -7,23 +7,28 @@
 //!   "backing-file": null,
 //!   "bitmaps": [
 //!     { "dirty-bytes": 4096, "enabled": true, "flags": ["auto"], "granularity": 65536,
-//!       "in-use": false, "name": "b0", "state": "consistent" }
+//!       "in-use": false, "name": "b0",
+//!       "reason": "consistent: every acknowledged write is covered (durable mode)",
+//!       "state": "consistent" }
 //!   ],
 //!   "cluster-size": 65536, "disk-length": 1073741824, "file-length": 262144,
-//!   "filename": "disk.qcow2", "format": "qcow2", "refcount-bits": 16, "version": 3,
-//!   "virtual-size": 1073741824
+//!   "filename": "disk.qcow2", "format": "qcow2", "mode": "durable", "mode-flags": 1,
+//!   "refcount-bits": 16, "version": 3, "virtual-size": 1073741824
 //! }
 //! ```
 //!
 //! `dirty-bytes` is `null` for an inconsistent bitmap: its bits cannot be trusted, so every
-//! granule must be treated as dirty.
+//! granule must be treated as dirty. `mode` is what the image's mode extension records
+//! (`durable`, `deferred` when there is none, `unknown`; [`StoreMode`]), `mode-flags` its
+//! flags word (`null` without a well-formed one), and each bitmap's `reason` says why its
+//! state is what it is, given the mode.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dirty_bitmap::storage::{FileStorage, Storage};
-use dirty_bitmap::{BitmapState, BitmapStore};
+use dirty_bitmap::{BitmapState, BitmapStore, StoreMode};
 use serde_json::{json, Value};
 
 use crate::open::{at, reader};
@@ -63,6 +68,8 @@ pub struct ImageInfo {
     pub file_length: u64,
     /// The backing file name, if any (lossy UTF-8).
     pub backing_file: Option<String>,
+    /// How the image says its bitmaps are kept.
+    pub mode: StoreMode,
     /// Every bitmap, in directory order.
     pub bitmaps: Vec<BitmapReport>,
 }
@@ -82,6 +89,30 @@ pub struct BitmapReport {
     pub consistent: bool,
     /// Dirty bytes; `None` when inconsistent (treat as all dirty).
     pub dirty_bytes: Option<u64>,
+    /// Why it can be trusted or not ([`reason`]).
+    pub reason: &'static str,
+}
+
+/// Why a bitmap with these flags can be trusted or not, in an image whose mode extension
+/// says `mode`. `in_use` decides first: a bitmap in use is inconsistent whatever the mode
+/// (a deferred writer holds it or crashed; QEMU sets it too, and keeps our extension).
+/// A bitmap that is not in use is consistent, and the mode says what that covers.
+pub fn reason(mode: StoreMode, consistent: bool, in_use: bool) -> &'static str {
+    match (consistent, in_use, mode) {
+        (false, true, _) => {
+            "inconsistent: in use by a writer, or its writer stopped without saving it \
+             (treat as all dirty)"
+        }
+        (false, false, _) => {
+            "inconsistent: a program without bitmap support modified the image (treat as \
+             all dirty)"
+        }
+        (true, _, StoreMode::Durable) => {
+            "consistent: every acknowledged write is covered (durable mode)"
+        }
+        (true, _, StoreMode::Deferred) => "consistent: saved cleanly; no writer holds it",
+        (true, _, _) => "consistent: not in use, but the mode is unknown, so what it covers is too",
+    }
 }
 
 impl BitmapReport {
@@ -105,6 +136,7 @@ pub fn gather(
 ) -> dirty_bitmap::Result<ImageInfo> {
     let image = store.image();
     let h = image.header();
+    let mode = store.mode();
     let mut bitmaps = Vec::new();
     for b in store.list() {
         let consistent = b.state == BitmapState::Consistent;
@@ -120,6 +152,7 @@ pub fn gather(
             in_use: b.in_use,
             consistent,
             dirty_bytes,
+            reason: reason(mode, consistent, b.in_use),
         });
     }
     Ok(ImageInfo {
@@ -135,6 +168,7 @@ pub fn gather(
             .backing_file
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned()),
+        mode,
         bitmaps,
     })
 }
@@ -153,6 +187,7 @@ pub fn text(info: &ImageInfo) -> String {
         "backing file: {}",
         info.backing_file.as_deref().unwrap_or("(none)")
     );
+    let _ = writeln!(s, "mode: {}", info.mode);
     let _ = writeln!(s, "bitmaps: {}", info.bitmaps.len());
     for b in &info.bitmaps {
         s.push_str(&bitmap_text(b));
@@ -173,8 +208,8 @@ pub fn bitmap_text(b: &BitmapReport) -> String {
         _ => ("inconsistent", "unknown (treat as all dirty)".to_string()),
     };
     format!(
-        "  name: {}\n    granularity: {}\n    enabled: {}\n    flags: {flags}\n    state: {state}\n    dirty bytes: {dirty}\n",
-        b.name, b.granularity, b.enabled
+        "  name: {}\n    granularity: {}\n    enabled: {}\n    flags: {flags}\n    state: {state}\n    reason: {}\n    dirty bytes: {dirty}\n",
+        b.name, b.granularity, b.enabled, b.reason
     )
 }
 
@@ -191,6 +226,8 @@ pub fn json(info: &ImageInfo) -> Value {
         "refcount-bits": info.refcount_bits,
         "file-length": info.file_length,
         "backing-file": info.backing_file,
+        "mode": info.mode.name(),
+        "mode-flags": info.mode.flags(),
         "bitmaps": bitmaps,
     })
 }
@@ -204,6 +241,7 @@ pub fn bitmap_json(b: &BitmapReport) -> Value {
         "enabled": b.enabled,
         "in-use": b.in_use,
         "state": if b.consistent { "consistent" } else { "inconsistent" },
+        "reason": b.reason,
         "dirty-bytes": if b.consistent { b.dirty_bytes } else { None },
     })
 }
@@ -235,6 +273,7 @@ mod tests {
             in_use: !consistent,
             consistent,
             dirty_bytes: consistent.then_some(4096),
+            reason: reason(StoreMode::Durable, consistent, !consistent),
         }
     }
 
@@ -253,7 +292,29 @@ mod tests {
         let s = serde_json::to_string(&bitmap_json(&b)).unwrap();
         assert_eq!(
             s,
-            r#"{"dirty-bytes":4096,"enabled":true,"flags":["auto"],"granularity":65536,"in-use":false,"name":"b","state":"consistent"}"#
+            r#"{"dirty-bytes":4096,"enabled":true,"flags":["auto"],"granularity":65536,"in-use":false,"name":"b","reason":"consistent: every acknowledged write is covered (durable mode)","state":"consistent"}"#
         );
+    }
+
+    #[test]
+    fn in_use_decides_before_the_mode() {
+        for mode in [
+            StoreMode::Durable,
+            StoreMode::Deferred,
+            StoreMode::Unknown { flags: 2 },
+        ] {
+            assert!(reason(mode, false, true).starts_with("inconsistent: in use"));
+            assert!(reason(mode, false, false).starts_with("inconsistent: a program"));
+            assert!(reason(mode, true, false).starts_with("consistent"));
+        }
+        assert_eq!(
+            reason(StoreMode::Durable, true, false),
+            "consistent: every acknowledged write is covered (durable mode)"
+        );
+        assert_eq!(
+            reason(StoreMode::Deferred, true, false),
+            "consistent: saved cleanly; no writer holds it"
+        );
+        assert!(reason(StoreMode::Malformed { len: 3 }, true, false).contains("mode is unknown"));
     }
 }
