@@ -26,7 +26,7 @@ impl<S: Storage> BitmapStore<S> {
     /// bitmaps are left alone. Does nothing if already active.
     ///
     /// Before that, if the image records the durable mode (a mode extension,
-    /// [`mode`](Self::mode)), the extension is removed: one header write and a barrier, so
+    /// [`mode`](Self::mode)), its flags word is cleared in place and a barrier follows, so
     /// that it never says durable while this writer sets `in_use` (`src/store/mode.rs`).
     ///
     /// The in-memory copy is the one kept by the last incremental
@@ -146,9 +146,9 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_locked(&mut self, pre: &mut Preloaded) -> Result<()> {
         let mems = self.load_mems(pre)?;
-        // The mode extension goes (one header write and barrier, only if present) before
-        // any `in_use` is set, so it never says durable while this deferred writer is
-        // active (`mode.rs`).
+        // The mode's flags are cleared (the word in place and a barrier, only if a flag is
+        // set) before any `in_use` is set, so the image never says durable while this
+        // deferred writer is active (`mode.rs`).
         self.record_deferred_mode()?;
         if mems.iter().any(Option::is_some) {
             let mut entries = self.current_entries();

@@ -2,16 +2,20 @@
 //! of `src/format/mode.rs`), and the header write that records it.
 //!
 //! The invariant: **while a store of this crate is active in deferred mode (`in_use` set on
-//! its bitmaps), the image holds no mode extension**, and the durable activation writes one
-//! with bit 0 set before its bitmaps are published. So a reader that finds bit 0 set on a
+//! its bitmaps), the image's mode extension, if it has one, has no flag set**, and the
+//! durable activation sets bit 0 before its bitmaps are published. So a reader that finds bit 0 set on a
 //! bitmap that is not `in_use` knows its writer keeps it in durable mode, or did last: the
 //! bitmap covers every write that writer acknowledged. The durable `inactivate` writes
 //! nothing extra (a migration's stop in durable mode writes 0 bytes), so the flag stays and
 //! means "last kept in durable mode"; the bitmaps are then consistent as any inactive
 //! store leaves them.
 //!
-//! Crash reasoning (`docs/CRASH-CONSISTENCY.md`, "The mode extension"): the change is one
-//! header write and one barrier. The mode extension is the last one in cluster 0
+//! Crash reasoning (`docs/CRASH-CONSISTENCY.md`, "The mode extension"). Once the image has
+//! a well-formed mode extension, a change of mode is its 8-byte flags word written in place
+//! and one barrier: the word is 8-aligned (the extension area starts at the 8-aligned
+//! header length and every frame is padded to 8), so it lies inside one sector, and a torn
+//! write leaves the old word or the new one; nothing else moves. The first durable
+//! activation of an image without one adds it: one header write and one barrier. The mode extension is the last one in cluster 0
 //! (`HeaderArea::encode`), after the bitmaps extension, so adding or removing it changes no
 //! byte of the bitmaps extension or of anything before it but the backing file fields.
 //! `torn_mix_keeps_bitmaps` checks exactly that against the bytes on disk; when it holds,
@@ -126,15 +130,71 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Records the durable mode (bit 0 set) before a durable activation publishes its
-    /// bitmaps. Writes nothing when the image already records exactly that.
+    /// bitmaps: the flags word in place if the image has a well-formed mode extension, else
+    /// the extension added. Writes nothing when the image already records exactly that.
     pub(super) fn record_durable_mode(&mut self) -> Result<()> {
+        if self.flags_in_place(ModeExtension::DURABLE)? {
+            return Ok(());
+        }
         self.record_mode(Some(ModeExtension::DURABLE))
     }
 
-    /// Removes the mode extension before a deferred activation sets `in_use`. Writes
-    /// nothing when there is none.
+    /// Clears every flag before a deferred activation sets `in_use`: the flags word in
+    /// place if the image has a well-formed mode extension (a malformed one is removed).
+    /// Writes nothing when there is none, or no flag is set.
     pub(super) fn record_deferred_mode(&mut self) -> Result<()> {
+        if self.flags_in_place(ModeExtension { flags: 0 })? {
+            return Ok(());
+        }
+        if self.image.area().mode.is_some() {
+            // A malformed one beside it: the rewrite drops both.
+            return self.record_mode(Some(ModeExtension { flags: 0 }));
+        }
         self.record_mode(None)
+    }
+
+    /// Writes `want`'s flags word over the well-formed mode extension on disk, in place,
+    /// then a barrier (nothing if it already holds them). False, having written nothing,
+    /// when there is no such extension to write over: none, a malformed one beside it, or
+    /// cluster 0 on disk not holding the one this handle decoded (then the caller
+    /// rewrites the header). Poisons the store on an I/O failure.
+    fn flags_in_place(&mut self, want: ModeExtension) -> Result<bool> {
+        self.ensure_writable()?;
+        let area = self.image.area();
+        let Some(have) = area.mode else {
+            return Ok(false);
+        };
+        if area.unknown.iter().any(|u| u.kind == EXT_MODE) {
+            return Ok(false);
+        }
+        if have == want {
+            return Ok(true);
+        }
+        let len = usize::try_from(self.image.storage().len()?)
+            .unwrap_or(usize::MAX)
+            .min(usize::try_from(self.image.cluster_size()).unwrap_or(usize::MAX));
+        let mut disk = vec![0u8; len];
+        self.image.storage().read_exact_at(&mut disk, 0)?;
+        let Some(at) = mode_flags_offset(&disk).filter(|&at| {
+            disk.get(at..at + 8)
+                .is_some_and(|w| w == have.flags.to_be_bytes())
+        }) else {
+            return Ok(false);
+        };
+        let r = self
+            .image
+            .write_at(&want.flags.to_be_bytes(), at as u64)
+            .and_then(|()| self.image.sync());
+        match r {
+            Ok(()) => {
+                self.image.area_mut().mode = Some(want);
+                Ok(true)
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
     }
 
     /// Sets or removes the mode extension: one header write and a barrier, or the bracket
@@ -180,6 +240,33 @@ impl<S: Storage> BitmapStore<S> {
         self.image.write_at(&value.to_be_bytes(), AUTOCLEAR_FIELD)?;
         self.image.sync()
     }
+}
+
+/// Where the flags word of the last well-formed mode extension lies in cluster 0 `area`
+/// (the one the decoder keeps, as QEMU keeps the last of a known kind), by the same walk
+/// over the extension frames as the decoder's. None on a v2 header, or without one.
+fn mode_flags_offset(area: &[u8]) -> Option<usize> {
+    let be32 = |at: usize| {
+        area.get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+    };
+    if be32(4).is_none_or(|v| v < 3) {
+        return None;
+    }
+    let mut at = be32(100)? as usize;
+    let mut found = None;
+    while let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) {
+        let data = at.checked_add(8)?;
+        if kind == crate::format::extension::EXT_END {
+            break;
+        }
+        if kind == EXT_MODE && len == 8 && data % 8 == 0 && area.len() >= data + 8 {
+            found = Some(data);
+        }
+        at = data.checked_add((len as usize).div_ceil(8).checked_mul(8)?)?;
+    }
+    found
 }
 
 /// Whether every 512-byte-sector mix of cluster 0 `old` (on disk) and `new` (about to
