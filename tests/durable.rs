@@ -536,3 +536,47 @@ fn a_group_commit_carries_most_of_the_waiting_threads() {
     drop(t);
     let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
 }
+
+/// Found by `ops_durable`: a tracker taken while the store had no bitmap, the store
+/// inactivated, a bitmap added, the store activated again without a reopen. The tracker
+/// follows the store: its mark lands on the new bitmap, on disk, before it returns `Ok`
+/// (a tracker that kept its own activation's list, empty, acknowledged it unmarked).
+#[test]
+fn a_tracker_of_an_earlier_activation_never_acknowledges_an_unmarked_write() {
+    let crash = Arc::new(CrashStorage::new());
+    let mut s = BitmapStore::create(Arc::clone(&crash), DISK, 65536).unwrap();
+    s.activate_durable().unwrap();
+    let shared = SharedStore::new(s);
+    let t = shared.durable_tracker().unwrap();
+    shared.lock().inactivate().unwrap();
+    shared.lock().add("a", G, Recording::Enabled).unwrap();
+    shared.lock().activate_durable().unwrap();
+    if t.mark(5 * G, 4096).is_ok() {
+        assert!(
+            on_disk(crash.durable_image(), 5 * G),
+            "the mark returned Ok, and its granule is not on disk"
+        );
+    }
+}
+
+/// Found by `ops_durable`: as above, but the first activation had bitmap "a", removed
+/// while inactive and added again. The tracker's mark returns (one that kept marking the
+/// removed bitmap waited for durable bits no commit of the new activation confirms, and ran
+/// group commits forever).
+#[test]
+fn a_tracker_of_an_earlier_activation_returns() {
+    let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.activate_durable().unwrap();
+    let shared = SharedStore::new(s);
+    let t = shared.durable_tracker().unwrap();
+    shared.lock().inactivate().unwrap();
+    shared.lock().remove("a").unwrap();
+    shared.lock().add("a", G, Recording::Enabled).unwrap();
+    shared.lock().activate_durable().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Left running if it never returns: the test fails either way.
+    std::thread::spawn(move || tx.send(t.mark(5 * G, 4096).is_ok()));
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    assert!(r.is_ok(), "mark did not return within 10 s");
+}
