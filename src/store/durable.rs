@@ -277,9 +277,13 @@ const GATHER_ROUNDS: u32 = 16;
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
+    /// `inner.marks`, one pointer nearer: the fast path reads its epoch.
+    set: DurableSet,
     /// The list at `epoch`: the current one while the store's epoch is still `epoch`.
     cached: Marks,
     epoch: u64,
+    /// `inner.disk_size`, for the fast path's range check.
+    disk_size: u64,
 }
 
 impl<S: Storage> Clone for DurableTracker<S> {
@@ -303,6 +307,8 @@ impl<S: Storage> DurableTracker<S> {
             epoch
         };
         DurableTracker {
+            set: Arc::clone(&inner.marks),
+            disk_size: inner.disk_size,
             inner,
             cached,
             epoch,
@@ -325,11 +331,11 @@ impl<S: Storage> DurableTracker<S> {
         closed: R,
         f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)]) -> R,
     ) -> R {
-        if self.inner.marks.epoch.load(SeqCst) == self.epoch {
+        if self.set.epoch.load(SeqCst) == self.epoch {
             return f(&self.cached);
         }
-        let list = self.inner.marks.list.load();
-        if self.inner.marks.closed.load(SeqCst) {
+        let list = self.set.list.load();
+        if self.set.closed.load(SeqCst) {
             return closed;
         }
         f(&list)
@@ -352,9 +358,7 @@ impl<S: Storage> DurableTracker<S> {
         // `is_durable` then holds for any range, and one past the disk must still fail.
         if len > 0
             && self.is_durable(offset, len)
-            && offset
-                .checked_add(len)
-                .is_some_and(|e| e <= self.inner.disk_size)
+            && offset.checked_add(len).is_some_and(|e| e <= self.disk_size)
         {
             return Ok(());
         }
