@@ -685,6 +685,167 @@ fn a_loop_that_cannot_progress_reports_a_stall_instead_of_spinning() {
     rig.assert_nothing_lost();
 }
 
+/// A state that sends whatever the loop lets it and whose estimate, with `regrow`, stays
+/// where it was (the guest dirtied again what went out: a stream state whose regions are
+/// re-dirtied as fast as the link carries them), or else falls by what it sent (a long
+/// first pass).
+struct Churn {
+    pending: Bytes,
+    regrow: bool,
+}
+
+impl MigrationState for Churn {
+    fn id(&self) -> dirty_bitmap::migration::StateId {
+        9
+    }
+    fn name(&self) -> &str {
+        "churn"
+    }
+    fn setup(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> dirty_bitmap::migration::Pending {
+        dirty_bitmap::migration::Pending {
+            must_precopy: self.pending,
+            ..Default::default()
+        }
+    }
+    fn iterate(
+        &mut self,
+        out: &mut dyn dirty_bitmap::migration::Outbound,
+        budget: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let n = budget.get().min(4096).min(self.pending.get());
+        if n == 0 {
+            return Ok(Bytes(0));
+        }
+        let wire = out.send(9, &vec![0u8; n as usize])?;
+        if !self.regrow {
+            self.pending = self.pending - Bytes(n);
+        }
+        Ok(wire)
+    }
+    fn complete(
+        &mut self,
+        out: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        let mut sent = Bytes(0);
+        while self.pending > Bytes(0) {
+            let n = self.pending.get().min(4096);
+            sent += out.send(9, &vec![0u8; n as usize])?;
+            self.pending = self.pending - Bytes(n);
+        }
+        Ok(sent)
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// The destination's side of [`Churn`]: takes its sections.
+#[derive(Debug)]
+struct ChurnDest;
+
+impl dirty_bitmap::migration::DestState for ChurnDest {
+    fn name(&self) -> &str {
+        "churn"
+    }
+    fn section(&mut self, _: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+/// Records stall reports and gives up at the first; cancels after 100,000 turns, so that
+/// a loop without a guard that fires ends the test instead of hanging it.
+struct Converge {
+    stalls: Vec<StallReport>,
+    turns: u64,
+}
+
+impl Controller for Converge {
+    fn on_iteration(&mut self, _: &IterationReport) -> Directive {
+        self.turns += 1;
+        if self.turns >= 100_000 {
+            Directive::Cancel
+        } else {
+            Directive::Continue
+        }
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        self.stalls.push(*r);
+        StallAction::Cancel
+    }
+}
+
+/// A state dirtied as fast as the link sends it keeps its estimate above the threshold, so
+/// no exact query ever runs and the stall guard proper never counts; the loop keeps
+/// sending, so the no-progress guard is silent too. The dirty-rate guard reports it (as
+/// QEMU's auto-converge would throttle): twice in a row, over `stall_rounds` windows each,
+/// the estimate grew back by more than half of what was sent. A long first pass that
+/// sends as much but whose estimate falls by it reports nothing and completes.
+#[test]
+fn a_state_dirtied_as_fast_as_it_is_sent_reports_a_stall() {
+    for regrow in [true, false] {
+        let rig = Rig::new(16, 0.0, per_ms(4096.0));
+        rig.sim
+            .world()
+            .dest
+            .states
+            .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+        let mut ram = rig.state(SetupMode::Full, false);
+        // 8 MiB: 2 s of the 4 KiB/ms link, far above the threshold (1.2 MB at 300 ms).
+        let mut churn = Churn {
+            pending: Bytes(8 << 20),
+            regrow,
+        };
+        let mut control = Converge {
+            stalls: Vec::new(),
+            turns: 0,
+        };
+        let (mut c, mut v, mut o, mut i) = (
+            rig.sim.clone(),
+            rig.sim.clone(),
+            rig.sim.clone(),
+            rig.sim.clone(),
+        );
+        let cfg = config(300);
+        let r = run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [
+                &mut ram as &mut dyn MigrationState,
+                &mut churn as &mut dyn MigrationState,
+            ],
+            &mut control,
+        );
+        let o = r.unwrap_or_else(|e| panic!("regrow {regrow}: {e}"));
+        if !regrow {
+            assert_eq!(o.kind, Kind::Completed, "{o:?}");
+            assert!(control.stalls.is_empty(), "{:?}", control.stalls);
+            continue;
+        }
+        assert_eq!(o.kind, Kind::NotConverging, "{o:?}");
+        assert_eq!(o.exact_queries, 0, "{o:?}");
+        assert_eq!(control.stalls.len(), 1, "{:?}", control.stalls);
+        let s = control.stalls[0];
+        assert_eq!(s.kind, StallKind::DirtiedAsFastAsSent, "{s:?}");
+        assert_eq!(s.rounds, 2, "{s:?}");
+        assert!(s.last > s.threshold, "{s:?}");
+        // Two periods of `stall_rounds` windows at least, and not much more.
+        let period = Duration::from_millis(100) * cfg.stall_rounds;
+        assert!(o.total_time >= 2 * period, "{o:?}");
+        assert!(o.total_time <= 4 * period, "{o:?}");
+        assert!(rig.sim.guest_running());
+    }
+}
+
 /// Stops the simulated guest only after `delay` of virtual time (the guest keeps writing
 /// meanwhile), as a real `stop` takes time to park the vCPUs.
 struct SlowStop {

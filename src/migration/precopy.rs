@@ -27,8 +27,10 @@
 //!    is over). The guest still writes until `stop` has parked it; those pages go out in
 //!    the downtime, and [`Outcome::pending_at_stop`] bounds what the downtime sends.
 //! 5. Otherwise the [`Controller`] hears of the turn; then the **stall guard** after an
-//!    exact figure that did not fit, or the **no-progress guard** after turns that
-//!    neither synced, sent nor flushed ([`StallKind`]). The stall guard measures a figure
+//!    exact figure that did not fit, the **no-progress guard** after turns that
+//!    neither synced, sent nor flushed, or the **dirty-rate guard** after periods without
+//!    an exact figure in which more than half of what was sent was dirtied again
+//!    ([`StallKind`]). The stall guard measures a figure
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
 //!    as progress, and a disk-only migration that sends nothing is not stuck.
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
@@ -183,6 +185,14 @@ pub enum StallKind {
     /// keeps bytes pending but sends none. Without this guard such a loop would spin,
     /// since the stall guard proper only counts exact figures.
     NoProgress,
+    /// No exact query ran for two periods of `stall_rounds` measurement windows in a row,
+    /// and in each the pending estimate grew back by more than half of what was sent
+    /// (QEMU's auto-converge test, `bytes_dirty_period > bytes_xfer_period / 2` twice,
+    /// made at its bitmap syncs): a state dirtied about as fast as the link carries it,
+    /// whose estimate never falls to the threshold, so no exact figure ever comes for the
+    /// stall guard proper to count. `rounds` is the periods counted, `best` and `last` the
+    /// estimates at the start and end of the last one.
+    DirtiedAsFastAsSent,
 }
 
 /// The stall guard's report.
@@ -805,6 +815,10 @@ where
     fn precopy(mut self, states: &mut [&mut dyn MigrationState]) -> Result<Outcome> {
         let mut best: Option<Bytes> = None;
         let mut rounds = 0u32;
+        // The dirty-rate guard ([`StallKind::DirtiedAsFastAsSent`]): the period's start
+        // (window count, estimate, bytes sent), and the periods in a row dirtied high.
+        let mut period: Option<(u64, Bytes, Bytes)> = None;
+        let mut dirty_high = 0u32;
         loop {
             // The destination speaks during precopy only to give up (an Abort after a
             // corrupt frame, say): stop sending at once.
@@ -864,6 +878,8 @@ where
             let measure = self.stall_measure(p);
             let mut stall = None;
             if exact {
+                period = None;
+                dirty_high = 0;
                 match best {
                     Some(b) if !improved(measure, b) => rounds += 1,
                     _ => {
@@ -898,6 +914,37 @@ where
                     throttle: self.throttle,
                 });
                 self.idle_turns = 0;
+            } else {
+                let sent_now = self.out.bytes_sent();
+                match period {
+                    None => period = Some((self.windows, estimate, sent_now)),
+                    Some((w0, e0, s0))
+                        if self.windows >= w0 + u64::from(self.config.stall_rounds) =>
+                    {
+                        let sent = sent_now - s0;
+                        // What the guest dirtied in the period: what is pending now, less
+                        // what was pending at its start and has been sent since.
+                        let dirtied = (estimate + sent) - e0;
+                        if sent > Bytes(0) && dirtied.get() > sent.get() / 2 {
+                            dirty_high += 1;
+                        } else {
+                            dirty_high = 0;
+                        }
+                        period = Some((self.windows, estimate, sent_now));
+                        if dirty_high >= 2 {
+                            stall = Some(StallReport {
+                                kind: StallKind::DirtiedAsFastAsSent,
+                                rounds: dirty_high,
+                                best: e0,
+                                last: estimate,
+                                threshold: thr,
+                                throttle: self.throttle,
+                            });
+                            dirty_high = 0;
+                        }
+                    }
+                    Some(_) => {}
+                }
             }
             if let Some(r) = stall {
                 self.stalls += 1;
