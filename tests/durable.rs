@@ -580,3 +580,35 @@ fn a_tracker_of_an_earlier_activation_returns() {
     let r = rx.recv_timeout(Duration::from_secs(10));
     assert!(r.is_ok(), "mark did not return within 10 s");
 }
+
+/// Found by `ops_durable`: a store with nothing parked may be resized between two durable
+/// activations, and a tracker taken before checks each intent against the disk of the
+/// activation it marks: a write in the grown part is marked and on disk; one past the new
+/// end of a shrunk disk is refused at once (a tracker that kept the old size let it pass
+/// its range check, and no durable bit ever covered it: group commits forever).
+#[test]
+fn a_tracker_follows_a_resize_between_durable_activations() {
+    let crash = Arc::new(CrashStorage::new());
+    let s = BitmapStore::create(Arc::clone(&crash), 1 << 20, 512).unwrap();
+    let shared = SharedStore::new(s);
+    shared.lock().activate_durable().unwrap();
+    let t = shared.durable_tracker().unwrap();
+    shared.lock().inactivate().unwrap();
+    shared.lock().resize(2 << 20).unwrap();
+    shared.lock().add("a", 4096, Recording::Enabled).unwrap();
+    shared.lock().activate_durable().unwrap();
+    // Inside the grown disk: a valid write.
+    let grown = (1 << 20) + 4096;
+    t.mark(grown, 512).unwrap();
+    assert!(on_disk(crash.durable_image(), grown));
+    shared.lock().inactivate().unwrap();
+    shared.lock().remove("a").unwrap();
+    shared.lock().resize(1 << 19).unwrap();
+    shared.lock().add("a", 4096, Recording::Enabled).unwrap();
+    shared.lock().activate_durable().unwrap();
+    // Past the end of the shrunk disk: refused, at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(t.mark((1 << 19) + 4096, 512).is_err()));
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    assert_eq!(r, Ok(true), "not refused within 10 s");
+}

@@ -137,7 +137,7 @@ impl<S: Storage> BitmapStore<S> {
         self.record_durable_mode()?;
         // Nothing marks the bitmaps yet (they are published below), and what each holds
         // is what its clusters now hold.
-        self.durable = Some(Durable::new(targets, &self.durable_set));
+        self.durable = Some(Durable::new(targets, &self.durable_set, self.disk_size()));
         self.active = true;
         self.publish();
         Ok(())
@@ -223,14 +223,10 @@ impl<S: Storage> SharedStore<S> {
     /// [`Error::WrongState`] ([`StateProblem::NotDurable`]) if the store is not active in
     /// durable mode.
     pub fn durable_tracker(&self) -> Result<DurableTracker<S>> {
-        let (marks, disk_size) = {
-            let s = self.lock();
-            (s.durable_marks()?, s.disk_size())
-        };
+        let marks = self.lock().durable_marks()?;
         Ok(DurableTracker::current(Arc::new(Inner {
             store: self.clone(),
             marks,
-            disk_size,
             commit: Mutex::new(CommitState::default()),
             done: Condvar::new(),
             arrivals: AtomicU64::new(0),
@@ -252,8 +248,6 @@ struct CommitState {
 struct Inner<S: Storage> {
     store: SharedStore<S>,
     marks: DurableSet,
-    /// The disk's size: fixed while the store is active (a resize needs it inactive).
-    disk_size: u64,
     commit: Mutex<CommitState>,
     done: Condvar,
     /// Intents that set their bits, ever: a leader gathers while it grows.
@@ -282,7 +276,7 @@ pub struct DurableTracker<S: Storage> {
     /// The list at `epoch`: the current one while the store's epoch is still `epoch`.
     cached: Marks,
     epoch: u64,
-    /// `inner.disk_size`, for the fast path's range check.
+    /// The disk size at `epoch`, for the fast path's range check.
     disk_size: u64,
 }
 
@@ -308,7 +302,7 @@ impl<S: Storage> DurableTracker<S> {
         };
         DurableTracker {
             set: Arc::clone(&inner.marks),
-            disk_size: inner.disk_size,
+            disk_size: inner.marks.disk_size.load(SeqCst),
             inner,
             cached,
             epoch,
@@ -322,23 +316,24 @@ impl<S: Storage> DurableTracker<S> {
         *self = Self::current(Arc::clone(&self.inner));
     }
 
-    /// Runs `f` on the current list: this handle's copy while it is current, else the
-    /// store's; `closed` while the store is not active in durable mode (its
-    /// inactivation changed the epoch, so no handle's copy is current then).
+    /// Runs `f` on the current list and its disk size: this handle's copy while it is
+    /// current, else the store's; `closed` while the store is not active in durable mode
+    /// (its inactivation changed the epoch, so no handle's copy is current then).
     #[inline(always)]
     fn with_marks<R>(
         &self,
         closed: R,
-        f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)]) -> R,
+        f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)], u64) -> R,
     ) -> R {
         if self.set.epoch.load(SeqCst) == self.epoch {
-            return f(&self.cached);
+            return f(&self.cached, self.disk_size);
         }
         let list = self.set.list.load();
+        let disk_size = self.set.disk_size.load(SeqCst);
         if self.set.closed.load(SeqCst) {
             return closed;
         }
-        f(&list)
+        f(&list, disk_size)
     }
 
     /// The intent for a write of `len` bytes at `offset`: returns once every recording
@@ -354,12 +349,7 @@ impl<S: Storage> DurableTracker<S> {
     /// issued: its mark may not be on disk.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
-        // The range check matters when nothing records (every bitmap disabled, or none):
-        // `is_durable` then holds for any range, and one past the disk must still fail.
-        if len > 0
-            && self.is_durable(offset, len)
-            && offset.checked_add(len).is_some_and(|e| e <= self.disk_size)
-        {
+        if len > 0 && self.is_durable(offset, len) {
             return Ok(());
         }
         self.mark_slow(offset, len)
@@ -373,13 +363,16 @@ impl<S: Storage> DurableTracker<S> {
 
     /// Whether every recording bitmap has every granule of `[offset, offset + len)` set on
     /// disk: the fast path of [`mark`](Self::mark), one load per bitmap for a range inside
-    /// one word.
+    /// one word. False for a range past the disk of the current activation (even when no
+    /// bitmap records: such a write must fail), and while the store is not active in
+    /// durable mode.
     #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
-        self.with_marks(false, |marks| {
-            marks
-                .iter()
-                .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
+        self.with_marks(false, |marks, disk_size| {
+            offset.checked_add(len).is_some_and(|e| e <= disk_size)
+                && marks
+                    .iter()
+                    .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
         })
     }
 
@@ -392,7 +385,7 @@ impl<S: Storage> DurableTracker<S> {
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0.
     pub fn intent(&self, offset: u64, len: u64) -> Result<Intent<S>> {
-        let disk = self.inner.disk_size;
+        let disk = self.set.disk_size.load(SeqCst);
         if len == 0 || offset.checked_add(len).is_none_or(|e| e > disk) {
             return Err(Error::InvalidInput(format!(
                 "an intent for {len} bytes at {offset} on a disk of {disk} bytes"
@@ -411,7 +404,7 @@ impl<S: Storage> DurableTracker<S> {
     /// [`crate::Tracker::mark`]'s does, so that handing recording over (enable B, then
     /// disable A) never leaves a write in neither.
     fn set(&self, offset: u64, len: u64) {
-        self.with_marks((), |marks| match marks {
+        self.with_marks((), |marks, _| match marks {
             [] => {}
             [(only, _)] => only.mark_dirty(offset, len),
             several => {

@@ -99,6 +99,9 @@ pub(super) struct Published {
     pub(super) epoch: AtomicU64,
     /// The store is not active in durable mode: intents fail (see [`Durable::close`]).
     pub(super) closed: AtomicBool,
+    /// The disk size of the activation the list belongs to (a resize between two
+    /// activations changes it), stored before the list is published.
+    pub(super) disk_size: AtomicU64,
 }
 
 impl Default for Published {
@@ -108,6 +111,7 @@ impl Default for Published {
             list: ArcSwap::from_pointee(Vec::new()),
             epoch: AtomicU64::new(0),
             closed: AtomicBool::new(true),
+            disk_size: AtomicU64::new(0),
         }
     }
 }
@@ -127,8 +131,8 @@ pub(crate) struct Durable {
 
 impl Durable {
     /// The state of `targets`, each equal to its disk copy and unmarked, published in
-    /// the store's `set` (opened).
-    pub(super) fn new(targets: Vec<flush::Target>, set: &DurableSet) -> Self {
+    /// the store's `set` (opened) for a disk of `disk_size` bytes.
+    pub(super) fn new(targets: Vec<flush::Target>, set: &DurableSet, disk_size: u64) -> Self {
         let bits = targets
             .iter()
             .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
@@ -138,6 +142,7 @@ impl Durable {
             bits,
             set: Arc::clone(set),
         };
+        d.set.disk_size.store(disk_size, SeqCst);
         d.set.closed.store(false, SeqCst);
         d.publish();
         d
