@@ -612,3 +612,25 @@ fn a_tracker_follows_a_resize_between_durable_activations() {
     let r = rx.recv_timeout(Duration::from_secs(10));
     assert_eq!(r, Ok(true), "not refused within 10 s");
 }
+
+/// Found by `ops_durable`: an intent made before the disk was shrunk (inactivate, resize,
+/// a new durable activation) whose range now lies past the end fails in `wait` instead of
+/// running group commits for ever.
+#[test]
+fn an_intent_past_a_shrunk_disk_fails_in_wait() {
+    let s = BitmapStore::create(MemStorage::new(), 1 << 20, 512).unwrap();
+    let shared = SharedStore::new(s);
+    shared.lock().activate_durable().unwrap();
+    let t = shared.durable_tracker().unwrap();
+    shared.lock().inactivate().unwrap();
+    let intent = t.intent((1 << 20) - 4096, 512).unwrap();
+    shared.lock().resize(1 << 19).unwrap();
+    shared.lock().add("a", 4096, Recording::Enabled).unwrap();
+    shared.lock().activate_durable().unwrap();
+    assert!(!intent.is_durable());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Left running if it never returns: the test fails either way.
+    std::thread::spawn(move || tx.send(intent.wait().is_err()));
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    assert_eq!(r, Ok(true), "wait did not fail within 10 s");
+}

@@ -486,7 +486,9 @@ impl<S: Storage> Intent<S> {
     /// Waits until the write's bits are on disk, running group commits as needed.
     ///
     /// # Errors
-    /// A commit's error: the write must not be issued.
+    /// A commit's error: the write must not be issued. [`Error::InvalidInput`] if the
+    /// disk was shrunk since the intent (an inactivation, a resize and a new durable
+    /// activation) and the write now lies past its end: no bit can ever cover it.
     pub fn wait(self) -> Result<()> {
         loop {
             // Set again each round: a clear since may have dropped them (then this write
@@ -494,6 +496,13 @@ impl<S: Storage> Intent<S> {
             self.tracker.set(self.offset, self.len);
             if self.is_durable() {
                 return Ok(());
+            }
+            let disk = self.tracker.set.disk_size.load(SeqCst);
+            if self.offset.checked_add(self.len).is_none_or(|e| e > disk) {
+                return Err(Error::InvalidInput(format!(
+                    "an intent for {} bytes at {} on a disk now of {disk} bytes",
+                    self.len, self.offset
+                )));
             }
             self.tracker.commit()?;
         }
