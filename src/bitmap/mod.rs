@@ -137,11 +137,6 @@ impl DirtyBitmap {
         }
     }
 
-    /// Word `w` of the bitmap (bit `j` is granule `64 w + j`); bits past the end read 0.
-    pub(crate) fn word(&self, w: usize) -> u64 {
-        self.words.load_masked(w)
-    }
-
     /// Words of the bitmap.
     pub(crate) fn word_count(&self) -> usize {
         self.words.len()
@@ -873,7 +868,7 @@ impl DirtyBitmap {
     }
 
     /// Calls `f(word_index, value)` for every non-zero word, skipping clean blocks.
-    fn for_each_nonzero_word(&self, mut f: impl FnMut(usize, u64)) {
+    pub(crate) fn for_each_nonzero_word(&self, mut f: impl FnMut(usize, u64)) {
         let mut next = 0;
         while let Some(b) = self.any.next_block(next) {
             for w in self.block_words(b) {

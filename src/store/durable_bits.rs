@@ -22,10 +22,17 @@ impl DurableBits {
     /// The bits of `bm` as they are now: call it only when `bm` equals its disk copy and
     /// nothing marks it.
     pub(super) fn of(bm: &DirtyBitmap) -> Self {
+        // A zeroed allocation (pages nobody writes stay unmapped), then only the non-zero
+        // words, found through the bitmap's summary: a destination's activation inside
+        // the downtime pays for the dirty part of the bitmap, not its size.
+        let words = bytemuck::zeroed_slice_box::<AtomicU64>(bm.word_count());
+        bm.for_each_nonzero_word(|w, v| {
+            if let Some(x) = words.get(w) {
+                x.store(v, SeqCst);
+            }
+        });
         DurableBits {
-            words: (0..bm.word_count())
-                .map(|w| AtomicU64::new(bm.word(w)))
-                .collect(),
+            words,
             granularity_bits: bm.granularity().trailing_zeros(),
             disk_size: bm.disk_size(),
         }
