@@ -4,6 +4,8 @@
 //! libFuzzer. The minimised findings in `fuzz/regressions/ops_*/` each have a named test
 //! below; a test whose finding is still open on main is `#[ignore]`d, with the finding named. See `docs/FUZZING.md`.
 
+#[path = "../fuzz/harness/durable.rs"]
+mod durable;
 #[path = "../fuzz/harness/ops.rs"]
 mod ops;
 
@@ -13,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 2] = [
+const TARGETS: [(&str, Target); 3] = [
     ("ops_crash", ops::ops_crash),
     ("ops_guest_data", ops::ops_guest_data),
+    ("ops_durable", durable::ops_durable),
 ];
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -167,4 +170,16 @@ fn ops_guest_data_resize_moves_the_l1_and_frees_the_old_one() {
         "ops_guest_data",
         "resize-moves-the-l1-and-frees-the-old-one",
     );
+}
+
+/// Replays one input through a target, named by `OPS_TARGET` and `OPS_INPUT` (a debugging
+/// aid; passes vacuously without them).
+#[test]
+#[ignore]
+fn replay_one() {
+    let (Ok(t), Ok(p)) = (std::env::var("OPS_TARGET"), std::env::var("OPS_INPUT")) else {
+        return;
+    };
+    let f = TARGETS.iter().find(|x| x.0 == t).expect("a target").1;
+    f(&fs::read(p).unwrap());
 }

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Regenerates the seed corpus of the durable-mode target (fuzz/harness/durable.rs):
+
+    fuzz/make-durable-corpus.py      # rewrites fuzz/corpus/ops_durable/seed-*
+
+Hand-written operation sequences, each at 512 B, 1 KiB and 4 KiB clusters on a 1 MiB disk:
+the lifecycle with crash points in activate, marks, a clear and inactivate; intents polled
+and waited from several trackers; recording switched on and off; directory changes on an
+active durable store (add, remove, store, merge, merge_from); marks and intents on the
+trackers of an inactivated store around the inactive copy-on-write operations; the typed
+refusals. Files made here are named seed-*; kept finds next to them are left alone.
+"""
+import os
+import struct
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "corpus", "ops_durable")
+
+# Bitmap names are indexes into NAMES = ["a", "b", "c", "d"].
+A, B, C, D = 0, 1, 2, 3
+
+
+def u16(v):
+    return struct.pack(">H", v)
+
+
+def rng(off, length):
+    """A range as decode_op reads it: offset / 64 and length - 1, both u16."""
+    assert off % 64 == 0 and 1 <= length <= 65536
+    return u16(off // 64) + u16(length - 1)
+
+
+def add(name, granularity, enabled=True):
+    g = granularity.bit_length() - 10  # 512 << g
+    return bytes([0, name, g | (0 if enabled else 0x80)])
+
+
+def remove(name):
+    return bytes([1, name])
+
+
+def mark(handle, off, length):
+    return bytes([2, handle]) + rng(off, length)
+
+
+def intent(handle, off, length):
+    return bytes([5, handle]) + rng(off, length)
+
+
+def poll(ticket):
+    return bytes([7, ticket])
+
+
+def wait(ticket):
+    return bytes([8, ticket])
+
+
+def commit(handle):
+    return bytes([9, handle])
+
+
+def new_tracker(handle):
+    return bytes([10, handle])
+
+
+FLUSH = bytes([11])
+
+
+def clear(name):
+    return bytes([12, name])
+
+
+def set_enabled(name, enabled):
+    return bytes([13, name, 1 if enabled else 0])
+
+
+def store(name, marks, wrong=False):
+    # decode_op: b % 5 marks, bit 7 for the wrong granularity.
+    b = len(marks) if not wrong else 0x80 + (len(marks) - 0x80) % 5
+    assert b % 5 == len(marks) and (b & 0x80 != 0) == wrong
+    return bytes([14, name, b]) + b"".join(rng(o, n) for o, n in marks)
+
+
+def merge(src, dst):
+    return bytes([15, src, dst])
+
+
+def merge_from(dst, granularity, marks):
+    g = granularity.bit_length() - 10
+    return bytes([16, dst, g | (len(marks) << 3)]) + b"".join(rng(o, n) for o, n in marks)
+
+
+INACTIVATE = bytes([17])
+ACTIVATE = bytes([18])
+REOPEN = bytes([20])
+ABANDON = bytes([21])
+
+
+def crash(at):
+    return bytes([22, at])
+
+
+K = 1024
+SEQUENCES = {
+    "lifecycle": [
+        add(A, 4 * K),
+        add(B, 64 * K, enabled=False),
+        crash(3), ACTIVATE,
+        crash(1), mark(0, 0, 4 * K),
+        mark(1, 0, 512),
+        crash(0), mark(0, 512 * K, 8 * K),
+        crash(2), clear(A),
+        mark(0, 64 * K, 4 * K),
+        FLUSH,
+        crash(1), INACTIVATE,
+        REOPEN,
+        ACTIVATE,
+        mark(2, 1020 * K, 4 * K),
+        ABANDON,
+        ACTIVATE,
+        mark(0, 128 * K, 64),
+    ],
+    "intents": [
+        add(A, 512),
+        add(B, 8 * K),
+        ACTIVATE,
+        intent(0, 4 * K, 4 * K),
+        intent(1, 4 * K, 512),
+        intent(1, 300 * K, 16 * K),
+        poll(0),
+        crash(0), commit(2),
+        poll(0), poll(1), poll(0),
+        intent(0, 900 * K, 100),
+        crash(1), wait(0),
+        new_tracker(1),
+        intent(1, 0, 65536),
+        clear(A),
+        crash(2), wait(0),
+        INACTIVATE,
+    ],
+    "recording": [
+        add(A, 4 * K),
+        add(B, 64 * K),
+        ACTIVATE,
+        set_enabled(A, False),
+        mark(0, 16 * K, 4 * K),
+        intent(1, 40 * K, 4 * K),
+        set_enabled(A, True),
+        poll(0),
+        mark(0, 16 * K, 4 * K),
+        crash(0), INACTIVATE,
+        set_enabled(B, False),
+        REOPEN,
+        ACTIVATE,
+        mark(0, 200 * K, 4 * K),
+        ABANDON,
+    ],
+    "directory": [
+        add(A, 4 * K),
+        add(B, 16 * K),
+        ACTIVATE,
+        mark(0, 8 * K, 4 * K),
+        crash(0), add(C, 512),
+        mark(0, 100 * K, 4 * K),
+        crash(1), store(A, [(0, 4 * K), (512 * K, 100)]),
+        crash(2), merge(A, B),
+        crash(3), merge_from(C, 64 * K, [(64 * K, 4 * K)]),
+        remove(B),
+        mark(1, 700 * K, 4 * K),
+        store(A, [(0, 512)], wrong=True),
+        INACTIVATE,
+    ],
+    "inactive": [
+        add(A, 4 * K),
+        add(B, 64 * K),
+        ACTIVATE,
+        mark(0, 0, 4 * K),
+        intent(1, 256 * K, 4 * K),
+        INACTIVATE,
+        poll(0),
+        mark(0, 0, 4 * K),
+        mark(0, 32 * K, 4 * K),
+        crash(0), store(A, [(4 * K, 4 * K)]),
+        crash(1), merge(A, B),
+        clear(A),
+        mark(0, 0, 4 * K),
+        set_enabled(B, False),
+        ACTIVATE,
+        add(C, 512),
+        REOPEN,
+        ACTIVATE,
+        mark(1, 512 * K, 512),
+    ],
+    "refusals": [
+        mark(0, 0, 512),
+        FLUSH,
+        clear(A),
+        ACTIVATE,
+        ACTIVATE,
+        mark(0, 0, 512),
+        intent(0, 0, 512),
+        add(A, 4 * K),
+        INACTIVATE,
+        INACTIVATE,
+        add(A, 4 * K),
+        remove(D),
+        store(C, []),
+        merge(A, D),
+        REOPEN,
+        ACTIVATE,
+        mark(1, 1024 * K - 64, 512),
+        intent(1, 1024 * K - 64, 512),
+        commit(1),
+        set_enabled(A, False),
+        mark(1, 1024 * K - 64, 512),
+    ],
+}
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for f in os.listdir(OUT):
+        if f.startswith("seed-"):
+            os.remove(os.path.join(OUT, f))
+    n = 0
+    for cs_byte, cs in ((0, 512), (1, 1024), (3, 4096)):
+        for name, ops in SEQUENCES.items():
+            header = bytes([cs_byte]) + u16(2047) + bytes([cs_byte * 37 + 1])
+            with open(os.path.join(OUT, f"seed-{name}-{cs}"), "wb") as f:
+                f.write(header + b"".join(ops))
+            n += 1
+    print(f"ops_durable: {n} seeds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
