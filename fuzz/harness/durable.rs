@@ -785,6 +785,11 @@ impl<'a> Harness<'a> {
                 ]);
                 let got = self.lock().activate_durable();
                 if self.check(ctx, &allowed, got).is_some() {
+                    // Open finding `tracker-of-an-earlier-activation-after-reactivation`
+                    // (`tests/durable.rs`, ignored): a tracker of an earlier activation
+                    // marks that activation's bitmaps, so its marks return without marking
+                    // these, or never return. Until it is fixed, they are dropped here.
+                    self.drop_handles();
                     self.model.durable = true;
                     for b in &mut self.model.bms {
                         b.tracked = true;
@@ -828,12 +833,16 @@ impl<'a> Harness<'a> {
         self.model.durable = false;
     }
 
-    /// The store itself, every tracker and intent dropped.
-    fn take_store(&mut self, ctx: &str) -> Store<'a> {
+    fn drop_handles(&mut self) {
         self.tickets.clear();
         for h in &mut self.handles {
             *h = None;
         }
+    }
+
+    /// The store itself, every tracker and intent dropped.
+    fn take_store(&mut self, ctx: &str) -> Store<'a> {
+        self.drop_handles();
         let shared = self.shared.take().expect("the store is open");
         shared
             .try_into_inner()
