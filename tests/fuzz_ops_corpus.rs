@@ -172,14 +172,18 @@ fn ops_guest_data_resize_moves_the_l1_and_frees_the_old_one() {
     );
 }
 
-/// Replays one input through a target, named by `OPS_TARGET` and `OPS_INPUT` (a debugging
-/// aid; passes vacuously without them).
+/// Replays an input, or every file of a directory, through a target, named by `OPS_TARGET`
+/// and `OPS_INPUT` (a debugging aid: `cargo test --test fuzz_ops_corpus replay_input --
+/// --ignored`; both variables are required).
 #[test]
 #[ignore]
-fn replay_one() {
-    let (Ok(t), Ok(p)) = (std::env::var("OPS_TARGET"), std::env::var("OPS_INPUT")) else {
-        return;
-    };
+fn replay_input() {
+    let t = std::env::var("OPS_TARGET").expect("OPS_TARGET names a target");
+    let p = PathBuf::from(std::env::var("OPS_INPUT").expect("OPS_INPUT names a file"));
     let f = TARGETS.iter().find(|x| x.0 == t).expect("a target").1;
-    f(&fs::read(p).unwrap());
+    let paths = if p.is_dir() { files(&p) } else { vec![p] };
+    for p in &paths {
+        eprintln!("replaying {}", p.display());
+        f(&fs::read(p).unwrap());
+    }
 }
