@@ -7,8 +7,8 @@ Hand-written operation sequences, each at 512 B, 1 KiB and 4 KiB clusters on a 1
 the lifecycle with crash points in activate, marks, a clear and inactivate; intents polled
 and waited from several trackers; recording switched on and off; directory changes on an
 active durable store (add, remove, store, merge, merge_from); marks and intents on the
-trackers of an inactivated store around the inactive copy-on-write operations; the typed
-refusals. Files made here are named seed-*; kept finds next to them are left alone.
+trackers of an inactivated store (they fail) around the inactive copy-on-write operations,
+and a durable activation again; resizes between durable activations; the typed refusals. Files made here are named seed-*; kept finds next to them are left alone.
 """
 import os
 import struct
@@ -101,6 +101,11 @@ def crash(at):
     return bytes([22, at])
 
 
+def resize(size, odd=False):
+    assert size % 512 == 0 and 512 <= size <= 4 << 20
+    return bytes([24]) + u16((size // 512 - 1) | (0x8000 if odd else 0))
+
+
 K = 1024
 SEQUENCES = {
     "lifecycle": [
@@ -191,6 +196,24 @@ SEQUENCES = {
         REOPEN,
         ACTIVATE,
         mark(1, 512 * K, 512),
+    ],
+    "resize": [
+        add(A, 4 * K),
+        ACTIVATE,
+        mark(0, 0, 4 * K),
+        INACTIVATE,
+        resize(2048 * K),
+        remove(A),
+        crash(5), resize(2048 * K),
+        add(B, 64 * K),
+        crash(2), ACTIVATE,
+        mark(0, 1536 * K, 4 * K),
+        INACTIVATE,
+        REOPEN,
+        resize(512 * K + 512, odd=True),
+        crash(3), resize(512 * K),
+        ACTIVATE,
+        mark(1, 500 * K, 4 * K),
     ],
     "refusals": [
         mark(0, 0, 512),
