@@ -8,7 +8,8 @@ the lifecycle with crash points in activate, marks, a clear and inactivate; inte
 and waited from several trackers; recording switched on and off; directory changes on an
 active durable store (add, remove, store, merge, merge_from); marks and intents on the
 trackers of an inactivated store (they fail) around the inactive copy-on-write operations,
-and a durable activation again; resizes between durable activations; the typed refusals. Files made here are named seed-*; kept finds next to them are left alone.
+and a durable activation again; preloads before activations that the image changed
+since; resizes between durable activations; the typed refusals. Files made here are named seed-*; kept finds next to them are left alone.
 """
 import os
 import struct
@@ -101,9 +102,12 @@ def crash(at):
     return bytes([22, at])
 
 
+PRELOAD = bytes([24])
+
+
 def resize(size, odd=False):
     assert size % 512 == 0 and 512 <= size <= 4 << 20
-    return bytes([24]) + u16((size // 512 - 1) | (0x8000 if odd else 0))
+    return bytes([25]) + u16((size // 512 - 1) | (0x8000 if odd else 0))
 
 
 K = 1024
@@ -214,6 +218,25 @@ SEQUENCES = {
         crash(3), resize(512 * K),
         ACTIVATE,
         mark(1, 500 * K, 4 * K),
+    ],
+    "preload": [
+        add(A, 4 * K),
+        add(B, 512),
+        PRELOAD,
+        ACTIVATE,
+        mark(0, 0, 4 * K),
+        INACTIVATE,
+        PRELOAD,
+        store(A, [(64 * K, 8 * K)]),
+        clear(B),
+        merge_from(B, 4 * K, [(900 * K, 4 * K)]),
+        crash(1), ACTIVATE,
+        mark(1, 100 * K, 512),
+        PRELOAD,
+        REOPEN,
+        store(B, [(4 * K, 512)]),
+        crash(0), ACTIVATE,
+        mark(0, 200 * K, 4 * K),
     ],
     "refusals": [
         mark(0, 0, 512),

@@ -27,8 +27,8 @@ use std::collections::BTreeSet;
 use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op as LogOp};
 use dirty_bitmap::store::mode::StoreMode;
 use dirty_bitmap::{
-    BitmapState, BitmapStore, DirtyBitmap, DurableTracker, Error, Intent, OpenMode, Recording,
-    SharedStore, StateProblem, StoreGuard,
+    BitmapState, BitmapStore, DirtyBitmap, DurableTracker, Error, Intent, OpenMode, Preloaded,
+    Recording, SharedStore, StateProblem, StoreGuard,
 };
 
 use super::ops::{granules, place, recording, Bytes, NAMES};
@@ -115,6 +115,10 @@ enum DOp {
     Reopen,
     /// Drops the store without closing (the process died), then `open` writable.
     AbandonReopen,
+    /// `BitmapStore::preload`: the next `ActivateDurable` starts from what it read
+    /// (`activate_durable_preloaded`, which refreshes it from the disk), kept across reopens
+    /// (a migration destination preloads with a store of its own).
+    Preload,
     /// To `sectors · 512` bytes (1 to 8192 sectors), plus one byte when `odd` (refused).
     Resize {
         sectors: u64,
@@ -132,7 +136,7 @@ fn decode_op(r: &mut Bytes) -> DOp {
     let handle = |r: &mut Bytes| usize::from(r.u8()) % HANDLES;
     let range = |r: &mut Bytes| (u64::from(r.u16()) * 64, u64::from(r.u16()) + 1);
     let marks = |r: &mut Bytes, n: u8| (0..n % 5).map(|_| range(r)).collect::<Vec<_>>();
-    match r.u8() % 25 {
+    match r.u8() % 26 {
         0 => {
             let name = name(r);
             let b = r.u8();
@@ -202,6 +206,7 @@ fn decode_op(r: &mut Bytes) -> DOp {
         20 => DOp::Reopen,
         21 => DOp::AbandonReopen,
         22 | 23 => DOp::Crash { at: r.u8() },
+        24 => DOp::Preload,
         _ => {
             let v = r.u16();
             DOp::Resize {
@@ -419,6 +424,8 @@ struct Harness<'a> {
     model: Model,
     seed: u64,
     handles: Vec<Option<DurableTracker<&'a CrashStorage>>>,
+    /// What the last `Preload` read, for the next durable activation.
+    preloaded: Option<Preloaded>,
     tickets: Vec<Ticket<'a>>,
     /// The crash point asked for the next operation that writes.
     crash_at: Option<u8>,
@@ -676,7 +683,10 @@ impl<'a> Harness<'a> {
                 // After a durable inactivate too: the parked copies are dropped and the
                 // disk, which holds every acknowledged write, is loaded.
                 let want = first([durable.then_some(Refusal::State(StateProblem::Active))]);
-                let got = self.lock().activate_durable();
+                let got = match self.preloaded.take() {
+                    Some(pre) => self.lock().activate_durable_preloaded(pre),
+                    None => self.lock().activate_durable(),
+                };
                 if self.check(ctx, want, got).is_some() {
                     self.model.durable = true;
                     self.model.mode_durable = true;
@@ -718,6 +728,10 @@ impl<'a> Harness<'a> {
                     // shrunk end. Until it is fixed, the trackers are dropped here.
                     self.drop_handles();
                 }
+            }
+            DOp::Preload => {
+                let got = self.lock().preload();
+                self.preloaded = self.check(ctx, Ok(()), got);
             }
             DOp::Crash { .. } => {}
         }
@@ -1010,6 +1024,7 @@ pub fn ops_durable(data: &[u8]) {
         },
         seed,
         handles: (0..HANDLES).map(|_| None).collect(),
+        preloaded: None,
         tickets: Vec::new(),
         crash_at: None,
         crashes: 0,
