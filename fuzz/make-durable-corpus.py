@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Regenerates the seed corpus of the durable-mode target (fuzz/harness/durable.rs):
 
-    fuzz/make-durable-corpus.py      # rewrites fuzz/corpus/ops_durable/seed-*
+    fuzz/make-durable-corpus.py      # rewrites fuzz/corpus/ops_durable/seed-* and
+                                     # fuzz/regressions/ops_durable/*
 
 Hand-written operation sequences, each at 512 B, 1 KiB and 4 KiB clusters on a 1 MiB disk:
 the lifecycle with crash points in activate, marks, a clear and inactivate; intents polled
@@ -61,8 +62,11 @@ def commit(handle):
     return bytes([9, handle])
 
 
-def new_tracker(handle):
-    return bytes([10, handle])
+def new_tracker(handle, refresh=False):
+    # decode_op: handle = b % 3, refresh = bit 7.
+    b = 0x80 + (handle + 1) % 3 if refresh else handle
+    assert b % 3 == handle
+    return bytes([10, b])
 
 
 FLUSH = bytes([11])
@@ -172,6 +176,8 @@ SEQUENCES = {
         mark(0, 8 * K, 4 * K),
         crash(0), add(C, 512),
         mark(0, 100 * K, 4 * K),
+        new_tracker(0, refresh=True),
+        mark(0, 104 * K, 4 * K),
         crash(1), store(A, [(0, 4 * K), (512 * K, 100)]),
         crash(2), merge(A, B),
         crash(3), merge_from(C, 64 * K, [(64 * K, 4 * K)]),
@@ -264,7 +270,43 @@ SEQUENCES = {
 }
 
 
+# The findings of docs/FUZZING.md ("Durable-mode findings"), minimal, at 512 B clusters on a
+# 1 MiB disk; each has a named test in tests/fuzz_ops_corpus.rs.
+REGRESSIONS = {
+    # A tracker's durable bits claimed what an inactive clear had dropped.
+    "tracker-acknowledges-after-inactive-clear": [
+        add(A, 4 * K),
+        ACTIVATE,
+        mark(0, 0, 4 * K),
+        INACTIVATE,
+        clear(A),
+        mark(0, 0, 4 * K),
+    ],
+    # The fast path answered before the range check when nothing recorded.
+    "mark-past-the-disk-succeeds-when-nothing-records": [
+        add(A, 4 * K),
+        ACTIVATE,
+        set_enabled(A, False),
+        mark(0, 1024 * K - 64, 512),
+    ],
+    # A tracker kept the bitmaps of the activation it was taken in (none here).
+    "tracker-of-an-earlier-activation-after-reactivation": [
+        ACTIVATE,
+        mark(0, 0, 512),
+        INACTIVATE,
+        add(A, 512),
+        ACTIVATE,
+        mark(0, 160 * K, 1),
+    ],
+}
+REGRESSION_DIR = os.path.join(HERE, "regressions", "ops_durable")
+
+
 def main():
+    os.makedirs(REGRESSION_DIR, exist_ok=True)
+    for name, ops in REGRESSIONS.items():
+        with open(os.path.join(REGRESSION_DIR, name), "wb") as f:
+            f.write(bytes([0]) + u16(2047) + bytes([1]) + b"".join(ops))
     os.makedirs(OUT, exist_ok=True)
     for f in os.listdir(OUT):
         if f.startswith("seed-"):
@@ -276,7 +318,7 @@ def main():
             with open(os.path.join(OUT, f"seed-{name}-{cs}"), "wb") as f:
                 f.write(header + b"".join(ops))
             n += 1
-    print(f"ops_durable: {n} seeds")
+    print(f"ops_durable: {n} seeds, {len(REGRESSIONS)} regressions")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,42 @@ fn ops_guest_data_resize_moves_the_l1_and_frees_the_old_one() {
     );
 }
 
+// Findings of `ops_durable` (docs/FUZZING.md, "Durable-mode findings"), made by
+// `fuzz/make-durable-corpus.py`: each ends with a write the model requires on disk, or a
+// refusal it requires. All three failed on the library of 6747899.
+
+/// Finding `tracker-acknowledges-after-inactive-clear`: after a durable inactivate and an
+/// inactive clear, a mark through the same tracker returned `Ok` at once (the tracker's
+/// durable bits still claimed the cleared granule); the model requires the refusal
+/// (`NotActive`).
+#[test]
+fn ops_durable_tracker_acknowledges_after_inactive_clear() {
+    regression("ops_durable", "tracker-acknowledges-after-inactive-clear");
+}
+
+/// Finding `mark-past-the-disk-succeeds-when-nothing-records`: with every bitmap disabled, a
+/// mark past the disk returned `Ok` (the fast path answered first); the model requires
+/// `InvalidInput`.
+#[test]
+fn ops_durable_mark_past_the_disk_succeeds_when_nothing_records() {
+    regression(
+        "ops_durable",
+        "mark-past-the-disk-succeeds-when-nothing-records",
+    );
+}
+
+/// Finding `tracker-of-an-earlier-activation-after-reactivation`: a tracker taken while the
+/// store had no bitmap, after an inactivate, an add and a second durable activation (no
+/// reopen needed: nothing parked), returned `Ok` for a mark without marking the new bitmap;
+/// the model requires the granule on disk.
+#[test]
+fn ops_durable_tracker_of_an_earlier_activation_after_reactivation() {
+    regression(
+        "ops_durable",
+        "tracker-of-an-earlier-activation-after-reactivation",
+    );
+}
+
 /// Replays an input, or every file of a directory, through a target, named by `OPS_TARGET`
 /// and `OPS_INPUT` (a debugging aid: `cargo test --test fuzz_ops_corpus replay_input --
 /// --ignored`; both variables are required).

@@ -80,9 +80,13 @@ enum DOp {
     Commit {
         handle: usize,
     },
-    /// Drops the tracker of `handle` (its intents keep their clone) and takes a new one.
+    /// `DurableTracker::refresh` on the tracker of `handle` if it has one and `refresh`;
+    /// otherwise drops it (its intents keep their clone) and takes a new one. The calls
+    /// above go to the kept handle itself, whose copy of the list of bitmaps an `add` or
+    /// `remove` makes stale until this.
     NewTracker {
         handle: usize,
+        refresh: bool,
     },
     Flush,
     Clear {
@@ -172,7 +176,13 @@ fn decode_op(r: &mut Bytes) -> DOp {
             ticket: usize::from(r.u8()),
         },
         9 => DOp::Commit { handle: handle(r) },
-        10 => DOp::NewTracker { handle: handle(r) },
+        10 => {
+            let b = r.u8();
+            DOp::NewTracker {
+                handle: usize::from(b) % HANDLES,
+                refresh: b & 0x80 != 0,
+            }
+        }
         11 => DOp::Flush,
         12 => DOp::Clear { name: name(r) },
         13 => DOp::SetEnabled {
@@ -450,20 +460,23 @@ impl<'a> Harness<'a> {
         r
     }
 
-    /// The tracker of `handle`, taken from the store if there is none.
-    fn tracker(&mut self, ctx: &str, handle: usize) -> Option<DurableTracker<&'a CrashStorage>> {
-        if let Some(t) = &self.handles[handle] {
-            return Some(t.clone());
+    /// Whether `handle` has a tracker, taken from the store if there was none.
+    fn ensure_tracker(&mut self, ctx: &str, handle: usize) -> bool {
+        if self.handles[handle].is_none() {
+            let want = while_active(self.model.durable, StateProblem::NotDurable);
+            let got = self
+                .shared
+                .as_ref()
+                .expect("the store is open")
+                .durable_tracker();
+            self.handles[handle] = self.check(ctx, want, got);
         }
-        let want = while_active(self.model.durable, StateProblem::NotDurable);
-        let got = self
-            .shared
-            .as_ref()
-            .expect("the store is open")
-            .durable_tracker();
-        let t = self.check(ctx, want, got)?;
-        self.handles[handle] = Some(t.clone());
-        Some(t)
+        self.handles[handle].is_some()
+    }
+
+    /// The tracker of `handle` (see [`ensure_tracker`](Self::ensure_tracker)).
+    fn handle(&self, handle: usize) -> &DurableTracker<&'a CrashStorage> {
+        self.handles[handle].as_ref().expect("a tracker")
     }
 
     /// `(offset, len)` placed on the disk, and whether it lies inside it.
@@ -514,15 +527,16 @@ impl<'a> Harness<'a> {
                 offset,
                 len,
             } => {
-                let Some(t) = self.tracker(ctx, handle) else {
+                if !self.ensure_tracker(ctx, handle) {
                     return;
-                };
+                }
                 let (o, l, inside) = self.placed(offset, len);
                 let want = first([
                     (!inside).then_some(Refusal::InvalidInput),
                     (!durable).then_some(Refusal::State(StateProblem::NotActive)),
                 ]);
-                if self.check(ctx, want, t.mark(o, l)).is_some() {
+                let got = self.handle(handle).mark(o, l);
+                if self.check(ctx, want, got).is_some() {
                     self.model.ack(o, l);
                 }
             }
@@ -534,12 +548,13 @@ impl<'a> Harness<'a> {
                 if self.tickets.len() >= MAX_TICKETS {
                     return;
                 }
-                let Some(t) = self.tracker(ctx, handle) else {
+                if !self.ensure_tracker(ctx, handle) {
                     return;
-                };
+                }
                 let (o, l, inside) = self.placed(offset, len);
                 let want = first([(!inside).then_some(Refusal::InvalidInput)]);
-                if let Some(intent) = self.check(ctx, want, t.intent(o, l)) {
+                let got = self.handle(handle).intent(o, l);
+                if let Some(intent) = self.check(ctx, want, got) {
                     self.tickets.push(Ticket {
                         intent,
                         offset: o,
@@ -569,15 +584,19 @@ impl<'a> Harness<'a> {
                 }
             }
             DOp::Commit { handle } => {
-                if let Some(t) = self.tracker(ctx, handle) {
+                if self.ensure_tracker(ctx, handle) {
                     let want = while_active(durable, StateProblem::NotActive);
-                    self.check(ctx, want, t.commit());
+                    let got = self.handle(handle).commit();
+                    self.check(ctx, want, got);
                 }
             }
-            DOp::NewTracker { handle } => {
-                self.handles[handle] = None;
-                let _ = self.tracker(ctx, handle);
-            }
+            DOp::NewTracker { handle, refresh } => match &mut self.handles[handle] {
+                Some(t) if refresh => t.refresh(),
+                _ => {
+                    self.handles[handle] = None;
+                    self.ensure_tracker(ctx, handle);
+                }
+            },
             DOp::Flush => {
                 let want = while_active(durable, StateProblem::NotActive);
                 let got = self.lock().flush();
