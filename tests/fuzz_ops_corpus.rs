@@ -173,8 +173,10 @@ fn ops_guest_data_resize_moves_the_l1_and_frees_the_old_one() {
 }
 
 // Findings of `ops_durable` (docs/FUZZING.md, "Durable-mode findings"), made by
-// `fuzz/make-durable-corpus.py`: each ends with a write the model requires on disk, or a
-// refusal it requires. All three failed on the library of 6747899.
+// `fuzz/make-durable-corpus.py`: each is the sequence of a finding against the library of
+// 6747899 (the first two showed on the seeds, the third in a fuzzer run), ending with a
+// write the model requires on disk or a refusal it requires. Main fixed them in 37841b0
+// and 00f0d48.
 
 /// Finding `tracker-acknowledges-after-inactive-clear`: after a durable inactivate and an
 /// inactive clear, a mark through the same tracker returned `Ok` at once (the tracker's
