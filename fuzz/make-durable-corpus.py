@@ -298,6 +298,18 @@ REGRESSIONS = {
         ACTIVATE,
         mark(0, 160 * K, 1),
     ],
+    # Intent::wait looped on a range past a disk shrunk since the intent.
+    "intent-past-a-shrunk-disk-waits-forever": [
+        ACTIVATE,
+        mark(0, 0, 512),
+        INACTIVATE,
+        intent(0, 1020 * K, 512),
+        resize(512 * K),
+        add(A, 4 * K),
+        ACTIVATE,
+        poll(0),
+        wait(0),
+    ],
 }
 REGRESSION_DIR = os.path.join(HERE, "regressions", "ops_durable")
 

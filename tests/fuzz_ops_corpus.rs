@@ -173,10 +173,10 @@ fn ops_guest_data_resize_moves_the_l1_and_frees_the_old_one() {
 }
 
 // Findings of `ops_durable` (docs/FUZZING.md, "Durable-mode findings"), made by
-// `fuzz/make-durable-corpus.py`: each is the sequence of a finding against the library of
-// 6747899 (the first two showed on the seeds, the third in a fuzzer run), ending with a
-// write the model requires on disk or a refusal it requires. Main fixed them in 37841b0
-// and 00f0d48.
+// `fuzz/make-durable-corpus.py`: each is the sequence of a finding, ending with a write the
+// model requires on disk or a refusal it requires. The first three are against the library
+// of 6747899 (the first two showed on the seeds, the third in a fuzzer run; main fixed
+// them in 37841b0 and 00f0d48), the last against 62abbf1 (fixed in f18f912).
 
 /// Finding `tracker-acknowledges-after-inactive-clear`: after a durable inactivate and an
 /// inactive clear, a mark through the same tracker returned `Ok` at once (the tracker's
@@ -208,6 +208,15 @@ fn ops_durable_tracker_of_an_earlier_activation_after_reactivation() {
         "ops_durable",
         "tracker-of-an-earlier-activation-after-reactivation",
     );
+}
+
+/// Finding `intent-past-a-shrunk-disk-waits-forever`: an intent issued while the store was
+/// inactive, near the end of a 1 MiB disk then shrunk to 512 KiB, never completed `wait`
+/// after the next durable activation (group commits forever); the model requires
+/// `InvalidInput`.
+#[test]
+fn ops_durable_intent_past_a_shrunk_disk_waits_forever() {
+    regression("ops_durable", "intent-past-a-shrunk-disk-waits-forever");
 }
 
 /// Replays an input, or every file of a directory, through a target, named by `OPS_TARGET`

@@ -259,7 +259,7 @@ struct Model {
     /// durable activation on (the harness never activates in deferred mode).
     mode_durable: bool,
     /// The disk size of the last durable activation: the trackers check ranges against
-    /// it until the next one (after a resize while inactive too).
+    /// it (a resize while inactive reaches them at the next durable activation).
     tracked_size: u64,
     next_id: u64,
     /// In directory order.
@@ -274,6 +274,13 @@ impl Model {
     fn bm(&mut self, name: &str) -> &mut Bm {
         let i = self.find(name).expect("the bitmap is in the model");
         &mut self.bms[i]
+    }
+
+    /// Whether the trackers take `[offset, offset + len)` as inside the disk.
+    fn tracks(&self, offset: u64, len: u64) -> bool {
+        offset
+            .checked_add(len)
+            .is_some_and(|e| e <= self.tracked_size)
     }
 
     /// Parked bitmaps (a durable inactivate kept them): a resize needs a reopen.
@@ -483,25 +490,10 @@ impl<'a> Harness<'a> {
     }
 
     /// `(offset, len)` placed on the disk, and whether it lies inside the disk the
-    /// trackers check ranges against: the store's while durable; while inactive, the one
-    /// of the last durable activation (see [`Model::tracked_size`]).
+    /// trackers check ranges against ([`Model::tracked_size`]).
     fn placed(&self, offset: u64, len: u64) -> (u64, u64, bool) {
         let (o, l) = place(self.model.size, offset, len).expect("a non-empty disk");
-        let limit = if self.model.durable {
-            self.model.size
-        } else {
-            self.model.tracked_size
-        };
-        (o, l, o.checked_add(l).is_some_and(|e| e <= limit))
-    }
-
-    /// Open finding `intent-past-a-shrunk-disk-waits-forever` (`tests/durable.rs`,
-    /// ignored): an intent whose range lies past the end of a disk shrunk since it was
-    /// issued runs group commits forever in `wait`. Until it is fixed, such intents are
-    /// dropped at a resize and at a durable activation.
-    fn drop_intents_past_the_disk(&mut self) {
-        let size = self.model.size;
-        self.tickets.retain(|t| t.offset + t.len <= size);
+        (o, l, self.model.tracks(o, l))
     }
 
     /// Runs `op`, checks its result against the model and updates the model.
@@ -596,7 +588,12 @@ impl<'a> Harness<'a> {
                     return;
                 }
                 let t = self.tickets.remove(ticket % self.tickets.len());
-                let want = while_active(durable, StateProblem::NotActive);
+                // An intent issued before the disk shrank below its range fails: no bit
+                // can ever cover it.
+                let want = first([
+                    (!self.model.tracks(t.offset, t.len)).then_some(Refusal::InvalidInput),
+                    (!durable).then_some(Refusal::State(StateProblem::NotActive)),
+                ]);
                 if self.check(ctx, want, t.intent.wait()).is_some() {
                     self.model.ack(t.offset, t.len);
                 }
@@ -728,7 +725,6 @@ impl<'a> Harness<'a> {
                     self.model.durable = true;
                     self.model.mode_durable = true;
                     self.model.tracked_size = self.model.size;
-                    self.drop_intents_past_the_disk();
                     for b in &mut self.model.bms {
                         b.tracked = true;
                     }
@@ -759,7 +755,6 @@ impl<'a> Harness<'a> {
                     // The trackers are kept: from the next durable activation on they check
                     // ranges against the new disk.
                     self.model.size = new;
-                    self.drop_intents_past_the_disk();
                     for b in &mut self.model.bms {
                         let g = b.granularity;
                         b.must.retain(|&i| i * g < new);
