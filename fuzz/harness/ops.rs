@@ -22,7 +22,7 @@ use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op as LogOp};
 use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap, Error, OpenMode, Recording};
 
 /// The recording mode an input's `enabled` bit asks for.
-fn recording(enabled: bool) -> Recording {
+pub(crate) fn recording(enabled: bool) -> Recording {
     if enabled {
         Recording::Enabled
     } else {
@@ -31,7 +31,7 @@ fn recording(enabled: bool) -> Recording {
 }
 
 /// Bitmap names the operations pick from (by index).
-const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+pub(crate) const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 /// Most operations decoded from one `ops_crash` input.
 const MAX_OPS: usize = 24;
 /// Most operations decoded from one `ops_guest_data` input.
@@ -45,27 +45,27 @@ const CRASH_SAMPLES: usize = 2;
 // ---------------------------------------------------------------------------------------
 
 /// Reads bytes in order; every read past the end is 0.
-struct Bytes<'a> {
+pub(crate) struct Bytes<'a> {
     data: &'a [u8],
     at: usize,
 }
 
 impl<'a> Bytes<'a> {
-    fn new(data: &'a [u8]) -> Self {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
         Self { data, at: 0 }
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.at >= self.data.len()
     }
 
-    fn u8(&mut self) -> u8 {
+    pub(crate) fn u8(&mut self) -> u8 {
         let b = self.data.get(self.at).copied().unwrap_or(0);
         self.at = self.at.saturating_add(1);
         b
     }
 
-    fn u16(&mut self) -> u16 {
+    pub(crate) fn u16(&mut self) -> u16 {
         u16::from_be_bytes([self.u8(), self.u8()])
     }
 }
@@ -197,12 +197,12 @@ fn decode_ops(r: &mut Bytes, max: usize) -> Vec<Op> {
 }
 
 /// `(offset modulo size, len)`, or `None` on a 0-byte disk.
-fn place(size: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
+pub(crate) fn place(size: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
     (size > 0).then(|| (offset % size, len))
 }
 
 /// The granules `[offset, offset + len)` touches on a disk of `size` bytes.
-fn granules(size: u64, g: u64, offset: u64, len: u64) -> impl Iterator<Item = u64> {
+pub(crate) fn granules(size: u64, g: u64, offset: u64, len: u64) -> impl Iterator<Item = u64> {
     let end = offset.saturating_add(len).min(size);
     let (first, last) = if offset < end {
         (offset / g, (end - 1) / g + 1)
