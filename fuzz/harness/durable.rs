@@ -450,8 +450,6 @@ struct Harness<'a> {
     /// The crash point asked for the next operation that writes.
     crash_at: Option<u8>,
     crashes: usize,
-    /// Crash images refused for the known torn-header limit (`docs/CRASH-CONSISTENCY.md`).
-    torn_headers: usize,
     /// Whether the current operation was refused (then it must write nothing).
     refused: bool,
     /// Prints each operation and its log range (`OPS_DURABLE_TRACE` set).
@@ -863,7 +861,7 @@ impl<'a> Harness<'a> {
 
     /// The crash images at log point `p`, unsynced writes dropped, kept and torn (one
     /// image right after a barrier), against `exp`.
-    fn check_crash(&mut self, ctx: &str, p: usize, exp: &Expected, leaks: bool) {
+    fn check_crash(&self, ctx: &str, p: usize, exp: &Expected, leaks: bool) {
         let synced = p == 0 || matches!(self.crash.ops().get(p - 1), Some(LogOp::Sync));
         let modes = [
             CrashMode::Dropped,
@@ -885,14 +883,7 @@ impl<'a> Harness<'a> {
     /// limit), has no corruption, leaks only if `leaks`, has an allowed disk size and mode,
     /// and each bitmap is one `exp` allows, consistent and not `in_use`, with an allowed
     /// granularity and flag, holding every granule it must.
-    fn check_image(
-        &mut self,
-        ctx: &str,
-        image: Vec<u8>,
-        mode: CrashMode,
-        exp: &Expected,
-        leaks: bool,
-    ) {
+    fn check_image(&self, ctx: &str, image: Vec<u8>, mode: CrashMode, exp: &Expected, leaks: bool) {
         let s = match BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly) {
             Ok(s) => s,
             // The known limit of docs/CRASH-CONSISTENCY.md ("a torn cluster-0 write"):
@@ -901,7 +892,6 @@ impl<'a> Harness<'a> {
                 if matches!(mode, CrashMode::Torn { .. })
                     && e.to_string().contains("nb_bitmaps 0") =>
             {
-                self.torn_headers += 1;
                 return;
             }
             Err(e) => panic!("{ctx}: the image does not open: {e}"),
@@ -1060,7 +1050,6 @@ pub fn ops_durable(data: &[u8]) {
         tickets: Vec::new(),
         crash_at: None,
         crashes: 0,
-        torn_headers: 0,
         refused: false,
         trace: std::env::var_os("OPS_DURABLE_TRACE").is_some(),
     };
