@@ -195,6 +195,29 @@ fn a_mark_that_finds_its_bit_set_waits_for_the_commit_that_writes_it() {
     let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
 }
 
+/// The unsynced tail of a crash image: dropped, kept, or torn at 512 B (two seeds).
+const CRASH_MODES: [CrashMode; 4] = [
+    CrashMode::Dropped,
+    CrashMode::Kept,
+    CrashMode::Torn { seed: 1 },
+    CrashMode::Torn { seed: 2 },
+];
+
+/// `qemu-img check` on crash image `bytes` (written as `name`.qcow2 under `dir`) agrees with
+/// our check: exit 0, or 3 when ours found `leaks`.
+fn qemu_check_agrees(dir: &Path, name: &str, bytes: &[u8], leaks: u64, at: &str) {
+    let img = dir.join(format!("{name}.qcow2"));
+    std::fs::write(&img, bytes).unwrap();
+    let out = common::qemu::run("qemu-img", &["check", "-f", "qcow2", common::qemu::p(&img)]);
+    let want = if leaks > 0 { 3 } else { 0 };
+    assert_eq!(
+        out.status.code(),
+        Some(want),
+        "{at}: qemu-img check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Every crash point of: activate_durable, marks, a clear, marks, inactivate.
 #[test]
 fn every_crash_point_loads_consistent_with_every_acknowledged_mark() {
@@ -230,12 +253,7 @@ fn every_crash_point_loads_consistent_with_every_acknowledged_mark() {
     let clear_began = clear_began.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut checked_by_qemu = 0;
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in CRASH_MODES {
         for k in base..=crash.op_count() {
             let bytes = crash.crash_image(k, mode).unwrap();
             let st = open_bytes(bytes.clone());
@@ -272,17 +290,8 @@ fn every_crash_point_loads_consistent_with_every_acknowledged_mark() {
                 }
             }
             if k % 7 == 0 {
-                let img = dir.path().join(format!("crash-{k}.qcow2"));
-                std::fs::write(&img, &bytes).unwrap();
-                let out =
-                    common::qemu::run("qemu-img", &["check", "-f", "qcow2", common::qemu::p(&img)]);
-                let want = if report.leaks > 0 { 3 } else { 0 };
-                assert_eq!(
-                    out.status.code(),
-                    Some(want),
-                    "{mode:?} after {k} ops: qemu-img check: {}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+                let at = format!("{mode:?} after {k} ops");
+                qemu_check_agrees(dir.path(), &format!("crash-{k}"), &bytes, report.leaks, &at);
                 checked_by_qemu += 1;
             }
         }
@@ -367,12 +376,7 @@ fn directory_changes_keep_every_acknowledged_mark_at_every_crash_point() {
     let end = crash.op_count();
     let dir = tempfile::tempdir().unwrap();
     let mut checked_by_qemu = 0;
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in CRASH_MODES {
         for k in base..=end {
             let at = format!("{mode:?} after {k} ops (seed {seed})");
             let bytes = crash.crash_image(k, mode).unwrap();
@@ -415,16 +419,12 @@ fn directory_changes_keep_every_acknowledged_mark_at_every_crash_point() {
                 }
             }
             if k % 11 == 0 {
-                let img = dir.path().join(format!("dir-crash-{k}.qcow2"));
-                std::fs::write(&img, &bytes).unwrap();
-                let out =
-                    common::qemu::run("qemu-img", &["check", "-f", "qcow2", common::qemu::p(&img)]);
-                let want = if report.leaks > 0 { 3 } else { 0 };
-                assert_eq!(
-                    out.status.code(),
-                    Some(want),
-                    "{at}: qemu-img check: {}",
-                    String::from_utf8_lossy(&out.stdout)
+                qemu_check_agrees(
+                    dir.path(),
+                    &format!("dir-crash-{k}"),
+                    &bytes,
+                    report.leaks,
+                    &at,
                 );
                 checked_by_qemu += 1;
             }

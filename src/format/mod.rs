@@ -50,6 +50,8 @@ pub mod refcount;
 pub mod table;
 
 pub use area::HeaderArea;
+/// The extension-frame walker of the decoder, for the store's in-place writes into cluster 0.
+pub(crate) use frame::{Frames, EXTENSION_FRAME_LEN};
 pub use corruption::{
     Corruption, EntryProblem, InvalidValue, RefcountEntryProblem, TableEntryProblem,
 };

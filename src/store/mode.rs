@@ -33,7 +33,7 @@ use super::BitmapStore;
 use crate::error::Result;
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::mode::{ModeExtension, EXT_MODE};
-use crate::format::HeaderArea;
+use crate::format::{Frames, Header, HeaderArea, EXTENSION_FRAME_LEN};
 use crate::storage::Storage;
 
 /// The autoclear features field: 8 bytes at offset 88 of the header (`docs/FORMAT.md`,
@@ -243,28 +243,24 @@ impl<S: Storage> BitmapStore<S> {
 }
 
 /// Where the flags word of the last well-formed mode extension lies in cluster 0 `area`
-/// (the one the decoder keeps, as QEMU keeps the last of a known kind), by the same walk
-/// over the extension frames as the decoder's. None on a v2 header, or without one.
+/// (the one the decoder keeps, as QEMU keeps the last of a known kind), by the decoder's
+/// own walk over the extension frames. None on a v2 header, or without one.
 fn mode_flags_offset(area: &[u8]) -> Option<usize> {
-    let be32 = |at: usize| {
-        area.get(at..at + 4)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_be_bytes)
+    let header = Header::decode(area).ok().filter(|h| h.version >= 3)?;
+    let (start, end) = header.extension_area();
+    let mut frames = Frames {
+        bytes: area,
+        offset: start,
+        end,
     };
-    if be32(4).is_none_or(|v| v < 3) {
-        return None;
-    }
-    let mut at = be32(100)? as usize;
     let mut found = None;
-    while let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) {
-        let data = at.checked_add(8)?;
-        if kind == crate::format::extension::EXT_END {
-            break;
-        }
-        if kind == EXT_MODE && len == 8 && data % 8 == 0 && area.len() >= data + 8 {
+    while let Ok(Some(f)) = frames.next_frame() {
+        let data = usize::try_from(f.offset)
+            .ok()
+            .and_then(|o| o.checked_add(EXTENSION_FRAME_LEN));
+        if let Some(data) = data.filter(|d| f.kind == EXT_MODE && f.data.len() == 8 && d % 8 == 0) {
             found = Some(data);
         }
-        at = data.checked_add((len as usize).div_ceil(8).checked_mul(8)?)?;
     }
     found
 }
