@@ -115,6 +115,7 @@ pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
 pub use store::durable::{DurableTracker, Intent};
 pub use store::mode::StoreMode;
+pub use store::write_log::{LoggedBitmap, WriteLog};
 pub use store::{
     BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard,
 };

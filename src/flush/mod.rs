@@ -106,6 +106,17 @@ pub(crate) struct Target {
     pub(crate) table: Vec<TableEntry>,
 }
 
+impl Target {
+    /// Each target's bitmap with its table's offset: which bitmap a flush's
+    /// [`Taken`] sets belong to.
+    pub(crate) fn ids(targets: &[Target]) -> Vec<(Arc<DirtyBitmap>, u64)> {
+        targets
+            .iter()
+            .map(|t| (Arc::clone(&t.bitmap), t.table_offset))
+            .collect()
+    }
+}
+
 /// What a cluster whose table entry is not a data cluster needs, once one of its regions
 /// changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,17 +353,21 @@ pub(crate) fn flush<S: Storage>(
     image: &mut Image<S>,
     targets: &mut [Target],
     sync: bool,
-) -> Result<FlushStats> {
+) -> Result<(FlushStats, Taken)> {
     let start = Instant::now();
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
-    let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     let r = write_taken(image, targets, &taken, sync, false).map(|mut stats| {
         stats.regions = taken.iter().map(ChangedRegions::len).sum();
         stats
     });
-    finish(image, targets, &taken, r, (start, syncs0, sync_time0))
+    finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
 }
+
+/// The regions a flush or commit took, one set per target in target order: every region
+/// whose bytes on disk it may have changed (a region it did not take reads as before).
+pub(crate) type Taken = Vec<ChangedRegions>;
 
 /// What a flush that took `taken` ends with: on success its barriers and time since
 /// `(start, syncs, sync time)`; on failure every taken region handed back (nothing taken
@@ -438,11 +453,11 @@ pub(crate) fn commit_in_place<S: Storage>(
     image: &mut Image<S>,
     targets: &[Target],
     mut confirm: impl FnMut(usize, u64, &[u8]),
-) -> Result<FlushStats> {
+) -> Result<(FlushStats, Taken)> {
     let start = Instant::now();
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
-    let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     let mut written: Vec<(usize, u64, Vec<u8>)> = Vec::new();
     let r = (|| -> Result<FlushStats> {
         let cs = image.cluster_size();
@@ -481,7 +496,7 @@ pub(crate) fn commit_in_place<S: Storage>(
             confirm(*ti, *r, bytes);
         }
     }
-    finish(image, targets, &taken, r, (start, syncs0, sync_time0))
+    finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
 }
 
 fn write_taken<S: Storage>(

@@ -33,13 +33,19 @@
 
 use super::channel::Outbound;
 use super::dest_state::{Binding, DestState};
+use super::disk_log_codec::{self, LogSection};
 use super::error::{MigrationError, Result};
-use super::frame::StateId;
+use super::frame::{StateId, SECTION_OVERHEAD};
 use super::state::{MigrationState, Pending};
 use crate::flush::{DiskRate, FlushStats};
 use crate::storage::Storage;
 use crate::store::SharedStore;
 use crate::units::{Bytes, Millis};
+
+/// A duration in whole milliseconds, rounded up (as the stop's own time is).
+fn millis_up(t: std::time::Duration) -> Millis {
+    Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
 
 /// The most flush rounds [`SharedDiskState`] runs right before an exact query (each one
 /// a barrier, a fraction of a millisecond with little to write back).
@@ -68,6 +74,14 @@ pub struct SharedDiskState<S: Storage> {
     /// plus one barrier with nothing to write back (its commit of the `in_use` flags).
     /// Downtime the stop does not see.
     dest_activate: Option<std::time::Duration>,
+    /// The parts of `dest_activate`: the reference walk, the time per region read, and
+    /// the barrier of the flags commit.
+    dest_walk: std::time::Duration,
+    dest_per_region: std::time::Duration,
+    dest_commit: std::time::Duration,
+    /// The destination's part of the last figure [`pending`](MigrationState::pending)
+    /// returned.
+    dest_last: Millis,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -91,6 +105,10 @@ impl<S: Storage> SharedDiskState<S> {
             handed_over: false,
             qemu_baseline: false,
             dest_activate: None,
+            dest_walk: std::time::Duration::ZERO,
+            dest_per_region: std::time::Duration::ZERO,
+            dest_commit: std::time::Duration::ZERO,
+            dest_last: Millis::MAX,
             error: None,
             durable: false,
         }
@@ -129,13 +147,45 @@ impl<S: Storage> SharedDiskState<S> {
         &self.store
     }
 
-    /// The destination's part of the downtime: its load of the bitmaps and the barrier of
-    /// its flags commit, both timed at setup ([`Millis::MAX`] before).
+    /// The destination's part of the downtime if it had to read every bitmap whole: its
+    /// load of the bitmaps and the barrier of its flags commit, both timed at setup
+    /// ([`Millis::MAX`] before). With the write log it reads only the regions of the last
+    /// log (see [`pending`](MigrationState::pending)).
     pub fn dest_time(&self) -> Millis {
-        // Rounded up, as the stop's own time is.
-        self.dest_activate.map_or(Millis::MAX, |t| {
-            Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
-        })
+        self.dest_activate.map_or(Millis::MAX, millis_up)
+    }
+
+    /// The destination's part of the last figure [`pending`](MigrationState::pending)
+    /// returned (after a switchover: the figure taken at the stop); [`Millis::MAX`] before.
+    pub fn dest_time_in_figure(&self) -> Millis {
+        self.dest_last
+    }
+
+    /// The destination's part of the downtime when its preload follows the write log and
+    /// the last log names `regions` regions: the reference walk, those regions read again,
+    /// and, out of durable mode, the barrier of its flags commit (timed at setup); the
+    /// whole load when the log is whole.
+    fn dest_time_after(&self, regions: u64, whole: bool, durable: bool) -> Millis {
+        let Some(full) = self.dest_activate else {
+            return Millis::MAX;
+        };
+        if whole {
+            return millis_up(full);
+        }
+        let reads = self
+            .dest_per_region
+            .saturating_mul(u32::try_from(regions).unwrap_or(u32::MAX));
+        let commit = if durable {
+            std::time::Duration::ZERO
+        } else {
+            self.dest_commit
+        };
+        millis_up(
+            self.dest_walk
+                .saturating_add(reads)
+                .saturating_add(commit)
+                .min(full),
+        )
     }
 
     fn observe(&mut self, s: &FlushStats) {
@@ -156,7 +206,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// Flushes what changed so far (the first measurement of the disk), times one
     /// barrier if that flush had nothing to write, and times a load of the bitmaps and one
     /// barrier with nothing to write back (the destination's activate).
-    fn setup(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
+    fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.handed_over = false;
         self.stop = FlushStats::default();
         if self.qemu_baseline {
@@ -182,29 +232,67 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             self.rate.observe(&b);
         }
         let mut st = self.store.lock();
-        let load = st.time_load()?;
+        let load = st.time_load_parts()?;
         // The destination's commit is a few sectors and one barrier, on a disk the flush
         // above just synced: time one such barrier (the flushes' barriers carry their
         // data's write-back and would overstate it).
         let commit = st.barrier()?.sync_time;
-        self.dest_activate = Some(load.saturating_add(commit));
-        Ok(Bytes(0))
+        self.dest_walk = load.walk;
+        self.dest_per_region = load
+            .regions
+            .checked_div(u32::try_from(load.region_count.max(1)).unwrap_or(u32::MAX))
+            .unwrap_or_default();
+        self.dest_commit = commit;
+        self.dest_activate = Some(
+            load.walk
+                .saturating_add(load.regions)
+                .saturating_add(commit),
+        );
+        // From here on every region written is logged; the destination preloads when this
+        // BEGIN reaches it, so after the start, and reads again what each log names.
+        let id = st.start_write_log();
+        drop(st);
+        out.send(self.id, &disk_log_codec::encode_begin(id))
     }
 
     fn pending(&mut self, exact: bool) -> Pending {
         if self.qemu_baseline {
             return Pending::default();
         }
-        let work = {
+        let (work, logged, durable, region_size, log_bytes) = {
             let st = self.store.lock();
-            if exact {
+            let w = if exact {
                 st.stop_work_exact()
             } else {
                 Ok(st.stop_work_estimate())
-            }
+            };
+            let rs = st.region_size().max(1);
+            let disk = st.disk_size();
+            // The last LOG goes out inside the downtime: its bytes are pending.
+            let log_bytes = st.write_log_pending().map_or(Bytes(0), |_| {
+                let len = disk_log_codec::log_len_bound(st.list().iter().map(|b| {
+                    let bytes = disk.div_ceil(b.granularity.max(1)).div_ceil(8);
+                    (b.name.len(), bytes.div_ceil(rs))
+                }));
+                Bytes(len) + SECTION_OVERHEAD
+            });
+            (w, st.write_log_pending(), st.is_durable(), rs, log_bytes)
         };
         let disk_time = match work {
-            Ok(w) => self.rate.time(w) + self.dest_time(),
+            Ok(w) => {
+                // The destination reads again what the last log will name: the regions
+                // logged since the last one went out, and those the stop writes.
+                let dest = match logged {
+                    Some((regions, whole)) => self.dest_time_after(
+                        regions.saturating_add(w.bytes.0.div_ceil(region_size)),
+                        whole,
+                        durable,
+                    ),
+                    None => self.dest_time(),
+                };
+                self.dest_last = dest;
+                self.rate.time(w) + dest
+            }
             Err(e) => {
                 self.error = Some(e);
                 Millis::MAX
@@ -212,6 +300,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         };
         Pending {
             disk_time,
+            must_precopy: log_bytes,
             ..Pending::default()
         }
     }
@@ -269,20 +358,40 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         Ok(written)
     }
 
-    /// The incremental inactivate, with the VM stopped. In durable mode every mark is on
-    /// disk already, and it writes nothing.
-    fn complete(&mut self, _out: &mut dyn Outbound) -> Result<Bytes> {
-        let s = if self.qemu_baseline {
-            self.store.lock().inactivate_full_rewrite()?
+    /// Sends the write log: the regions written since the last one went out.
+    fn after_flush(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        let log = {
+            let mut st = self.store.lock();
+            match st.write_log_pending() {
+                Some((0, false)) | None => return Ok(Bytes(0)),
+                Some(_) => st.take_write_log(),
+            }
+        };
+        match log {
+            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
+            None => Ok(Bytes(0)),
+        }
+    }
+
+    /// The incremental inactivate, with the VM stopped (in durable mode every mark is on
+    /// disk already, and it writes nothing); then the last write log, with each bitmap's
+    /// dirty count, so that the destination reads again only what it names.
+    fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        let (s, log) = if self.qemu_baseline {
+            (self.store.lock().inactivate_full_rewrite()?, None)
         } else {
             let mut st = self.store.lock();
             self.durable = st.is_durable();
-            st.inactivate()?
+            let s = st.inactivate()?;
+            (s, st.take_write_log())
         };
         self.rate.observe(&s);
         self.stop = s;
         self.handed_over = true;
-        Ok(Bytes(0))
+        match log {
+            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
+            None => Ok(Bytes(0)),
+        }
     }
 
     fn disk_stop(&self) -> FlushStats {
@@ -328,7 +437,11 @@ pub struct SharedDiskDest<S: Storage> {
     open: Opener<S>,
     preload: Option<Opener<S>>,
     preloaded: Option<crate::Preloaded>,
+    /// The read-only store the preload came from, which reads what each log names.
+    reader: Option<crate::BitmapStore<S>>,
     from_preload: bool,
+    /// Bitmaps the last activate took as they were preloaded, reading none of them.
+    taken_current: usize,
     store: Option<crate::BitmapStore<S>>,
     durable: bool,
 }
@@ -356,7 +469,9 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             open: Box::new(open),
             preload: None,
             preloaded: None,
+            reader: None,
             from_preload: false,
+            taken_current: 0,
             store: None,
             durable: false,
         }
@@ -384,9 +499,36 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         self
     }
 
-    /// Whether the last activate started from bitmaps preloaded at the Hello.
+    /// Whether the last activate started from bitmaps preloaded during the precopy.
     pub fn activated_from_preload(&self) -> bool {
         self.from_preload
+    }
+
+    /// How many bitmaps the last activate took as they were preloaded and kept up to date
+    /// from the source's write log, reading none of their data inside the downtime.
+    pub fn activated_current(&self) -> usize {
+        self.taken_current
+    }
+
+    /// Preloads through a fresh read-only store, following the source's log `id` from the
+    /// take after `after` on; a preload that fails leaves none (the activate then loads the
+    /// bitmaps whole).
+    fn preload_following(&mut self, id: u64, after: u64) {
+        self.preloaded = None;
+        self.reader = None;
+        let Some(open) = self.preload.as_mut() else {
+            return;
+        };
+        let Ok(reader) = open() else { return };
+        let Ok(mut pre) = reader.preload() else {
+            return;
+        };
+        pre.follow(id, after);
+        if self.durable {
+            pre.prepare_durable();
+        }
+        self.preloaded = Some(pre);
+        self.reader = Some(reader);
     }
 
     /// No preload: the activate loads the bitmaps whole inside the downtime, as QEMU's
@@ -429,19 +571,45 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     fn hello(&mut self, _id: StateId, _binding: Binding) -> Result<()> {
         // A store still held from an earlier attempt that failed after taking over was
         // given back in `failed`; nothing is open writable here before the start. The
-        // preload only reads, beside the running source, and is never trusted as is.
+        // preload waits for the source's BEGIN (its log must start first).
         self.store = None;
-        self.preloaded = self
-            .preload
-            .as_mut()
-            .and_then(|open| open().ok())
-            .and_then(|st| st.preload().ok());
+        self.preloaded = None;
+        self.reader = None;
         Ok(())
     }
 
+    /// The source's BEGIN: preload now, read-only beside the running source. Its LOGs:
+    /// read again the regions each names; a whole one: preload again, following the log
+    /// from there. A preload that cannot follow is never trusted as is: the activate reads
+    /// every bitmap again.
+    fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+        let max_regions = self
+            .preloaded
+            .as_ref()
+            .map_or(0, crate::Preloaded::max_region_count);
+        match disk_log_codec::decode(payload, max_regions)? {
+            LogSection::Begin(id) => self.preload_following(id, 0),
+            LogSection::Log(log) if log.whole && !log.last => {
+                self.preload_following(log.id, log.seq);
+            }
+            LogSection::Log(log) => {
+                if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
+                    // A read that fails ends the following; the activate reads it all.
+                    let _ = pre.apply(reader, &log);
+                }
+                if log.last {
+                    self.reader = None;
+                }
+            }
+        }
+        Ok(None)
+    }
+
     fn before_start(&mut self) -> Result<()> {
+        self.reader = None;
         let mut st = (self.open)()?;
         self.from_preload = false;
+        self.taken_current = self.preloaded.as_ref().map_or(0, crate::Preloaded::current);
         match (self.preloaded.take(), self.durable) {
             (Some(pre), false) => {
                 st.activate_preloaded(pre)?;
@@ -460,6 +628,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
 
     fn failed(&mut self) {
         self.preloaded = None;
+        self.reader = None;
         if let Some(mut st) = self.store.take() {
             // Clears the in_use flags it set, in place: the image is again as the source
             // left it. If this fails, the flags stay in_use (inconsistent, never clean)

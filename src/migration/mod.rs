@@ -42,6 +42,7 @@ pub mod disk;
 pub mod disk_stream;
 pub mod error;
 parser_module! { pub mod bitmap_codec; }
+parser_module! { pub mod disk_log_codec; }
 parser_module! { pub mod frame; }
 pub mod guest;
 #[cfg(feature = "testing")]

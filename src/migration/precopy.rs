@@ -1024,6 +1024,7 @@ where
             } else {
                 states[i].flush()
             };
+            let r = r.and_then(|n| states[i].after_flush(&mut self.out).map(|_| n));
             match r {
                 Ok(n) => flushed += n,
                 Err(e) => return Err(self.fail_running(states, e)),

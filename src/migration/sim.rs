@@ -1057,6 +1057,10 @@ impl<M: MigrationState> MigrationState for SimMarked<M> {
         self.writer.accrue();
         self.state.flush_before_exact()
     }
+    fn after_flush(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.writer.accrue();
+        self.state.after_flush(out)
+    }
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.writer.accrue();
         self.state.complete(out)

@@ -143,6 +143,19 @@ pub trait MigrationState {
         self.flush()
     }
 
+    /// Right after each [`flush`](Self::flush) or
+    /// [`flush_before_exact`](Self::flush_before_exact), while the VM runs: tells the
+    /// destination what that flush changed on storage both hosts share, so that its
+    /// start reads only what changed after (a [`super::SharedDiskState`] sends its write
+    /// log). Returns the bytes put on the wire. The default sends nothing.
+    ///
+    /// # Errors
+    /// The channel's error; the attempt then fails before the switchover.
+    fn after_flush(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        let _ = out;
+        Ok(Bytes(0))
+    }
+
     /// Sends everything left, with the VM stopped (and its disk I/O drained: see
     /// [`super::Vm::stop`]). A disk state writes its remainder and hands its storage over
     /// here; the time counts in the downtime.

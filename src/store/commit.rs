@@ -217,6 +217,7 @@ impl<S: Storage> BitmapStore<S> {
         mut frees: Vec<(u64, u64)>,
         trusted: bool,
     ) -> Result<()> {
+        self.log_whole();
         let geo = self.geometry()?;
         let cs = geo.cluster_size();
         if let Some((off, size)) = self.dir {

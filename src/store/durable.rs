@@ -137,7 +137,13 @@ impl<S: Storage> BitmapStore<S> {
         self.record_durable_mode()?;
         // Nothing marks the bitmaps yet (they are published below), and what each holds
         // is what its clusters now hold.
-        self.durable = Some(Durable::new(targets, &self.durable_set, self.disk_size()));
+        let ready = std::mem::take(&mut pre.ready_bits);
+        self.durable = Some(Durable::new(
+            targets,
+            &self.durable_set,
+            self.disk_size(),
+            ready,
+        ));
         self.active = true;
         self.publish();
         Ok(())
@@ -160,6 +166,11 @@ impl<S: Storage> BitmapStore<S> {
                 b.confirm(r, t.bitmap.region_size(), bytes);
             }
         });
+        let ids = match &self.write_log {
+            Some(_) => flush::Target::ids(&d.targets),
+            None => Vec::new(),
+        };
+        let r = self.logged(&ids, r);
         if r.is_err() {
             self.poisoned = true;
         }

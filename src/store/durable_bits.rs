@@ -80,6 +80,21 @@ impl DurableBits {
         }
     }
 
+    /// Sets the words of region `region` (of `region_size` bytes) to its serialized
+    /// `bytes` as read from disk: a bit the disk no longer holds is dropped, so these bits
+    /// stay what the disk holds. For a preloaded copy nobody marks yet
+    /// ([`Preloaded::apply`](super::Preloaded::apply)).
+    pub(super) fn load_region(&self, region: u64, region_size: u64, bytes: &[u8]) {
+        let first = (region.saturating_mul(region_size) / 8) as usize;
+        for (k, chunk) in bytes.chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            if let Some(w) = self.words.get(first.saturating_add(k)) {
+                w.store(u64::from_le_bytes(b), SeqCst);
+            }
+        }
+    }
+
     /// Drops every bit (before a clear changes memory or disk).
     pub(super) fn clear(&self) {
         for w in self.words.iter() {
@@ -138,11 +153,23 @@ pub(crate) struct Durable {
 
 impl Durable {
     /// The state of `targets`, each equal to its disk copy and unmarked, published in
-    /// the store's `set` (opened) for a disk of `disk_size` bytes.
-    pub(super) fn new(targets: Vec<flush::Target>, set: &DurableSet, disk_size: u64) -> Self {
+    /// the store's `set` (opened) for a disk of `disk_size` bytes. A target's bits come from
+    /// `ready` when it holds them for that very bitmap (built and kept equal to it before),
+    /// and are built here otherwise.
+    pub(super) fn new(
+        targets: Vec<flush::Target>,
+        set: &DurableSet,
+        disk_size: u64,
+        mut ready: Vec<(Arc<DirtyBitmap>, DurableBits)>,
+    ) -> Self {
         let bits = targets
             .iter()
-            .map(|t| Arc::new(DurableBits::of(&t.bitmap)))
+            .map(
+                |t| match ready.iter().position(|(b, _)| Arc::ptr_eq(b, &t.bitmap)) {
+                    Some(i) => Arc::new(ready.swap_remove(i).1),
+                    None => Arc::new(DurableBits::of(&t.bitmap)),
+                },
+            )
             .collect();
         let d = Durable {
             targets,

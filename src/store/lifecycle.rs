@@ -124,8 +124,8 @@ impl<S: Storage> BitmapStore<S> {
             adopted.push((e.name.clone(), bm));
         }
         self.activate_preloaded(Preloaded {
-            bitmaps: Vec::new(),
             adopted,
+            ..Preloaded::default()
         })
     }
 
@@ -213,10 +213,21 @@ impl<S: Storage> BitmapStore<S> {
                     1u64 << s.entry.granularity_bits,
                     self.region_size(),
                 );
-                Some(Arc::new(match pre.take(&s.entry.name, shape) {
-                    Some(held) => self.refresh_disk(&s.entry, held)?,
-                    None => self.load_disk(&s.entry)?,
-                }))
+                Some(match pre.take(&s.entry.name, shape) {
+                    // Equal to the disk (it followed the writer's log to its end): taken as
+                    // it is, with its durable bits if it has them.
+                    Some(p) if p.current && p.table_offset == s.entry.table_offset => {
+                        let _ = p.bitmap.take_changed();
+                        p.bitmap.set_enabled_unshared(s.entry.auto);
+                        let bm = Arc::new(p.bitmap);
+                        if let Some(bits) = p.bits {
+                            pre.ready_bits.push((Arc::clone(&bm), bits));
+                        }
+                        bm
+                    }
+                    Some(p) => Arc::new(self.refresh_disk(&s.entry, p.bitmap)?),
+                    None => Arc::new(self.load_disk(&s.entry)?),
+                })
             });
         }
         Ok(mems)
@@ -328,7 +339,8 @@ impl<S: Storage> BitmapStore<S> {
     fn inactivate_incremental(&mut self) -> Result<FlushStats> {
         let mut targets = self.flush_targets()?;
         // With its barrier: the data is durable before any entry says clean.
-        let stats = flush::flush(&mut self.image, &mut targets, true)?;
+        let r = flush::flush(&mut self.image, &mut targets, true);
+        let stats = self.logged(&flush::Target::ids(&targets), r)?;
         if self.slots.iter().any(|s| s.mem.is_some()) {
             let mut entries = self.current_entries();
             for (e, s) in entries

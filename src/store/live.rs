@@ -44,9 +44,10 @@ impl<S: Storage> BitmapStore<S> {
         if self.durable.is_some() {
             return self.commit_durable();
         }
-        let r = self
-            .flush_targets()
-            .and_then(|mut t| flush::flush(&mut self.image, &mut t, true));
+        let r = self.flush_targets().and_then(|mut t| {
+            let r = flush::flush(&mut self.image, &mut t, true);
+            self.logged(&flush::Target::ids(&t), r)
+        });
         if r.is_err() {
             self.poisoned = true;
         }

@@ -31,7 +31,7 @@
 
 use std::sync::Arc;
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
     decode_directory, decode_table, BitmapName, BitmapsExtension, DirEntry, ImageGeometry,
@@ -145,6 +145,9 @@ pub struct BitmapStore<S: Storage> {
     /// What every [`DurableTracker`](durable::DurableTracker) of this store marks, across
     /// durable activations.
     durable_set: durable_bits::DurableSet,
+    /// The regions written since the last take of the write log, while one runs
+    /// (`write_log.rs`).
+    write_log: Option<Logging>,
 }
 
 /// A [`BitmapStore`] shared between threads: the owner, a background
@@ -243,12 +246,18 @@ fn runqueue_wait() -> Option<std::time::Duration> {
 /// destination on shared storage, during precopy): a head start for
 /// [`BitmapStore::activate_preloaded`], which reads every cluster again and keeps only what
 /// the disk says then. Never trusted as is: it was read without the image's locks and may
-/// hold bitmaps the writer had `in_use`.
+/// hold bitmaps the writer had `in_use`. Unless it follows the writer's log
+/// ([`follow`](Self::follow), [`apply`](Self::apply), see [`WriteLog`]): a bitmap the last
+/// log left current is taken as it is, and nothing of it is read again.
 #[derive(Debug, Default)]
 pub struct Preloaded {
-    bitmaps: Vec<(BitmapName, DirtyBitmap)>,
+    bitmaps: Vec<PreBitmap>,
     /// Bitmaps whose content replaces the disk's ([`BitmapStore::activate_with`]).
     adopted: Vec<(BitmapName, Arc<DirtyBitmap>)>,
+    /// The writer's log this preload follows, and the sequence number of the next log.
+    follows: Option<(u64, u64)>,
+    /// Durable bits of bitmaps an activate took as current, for its durable state.
+    ready_bits: Vec<(Arc<DirtyBitmap>, durable_bits::DurableBits)>,
 }
 
 impl Preloaded {
@@ -262,20 +271,34 @@ impl Preloaded {
         self.bitmaps.is_empty()
     }
 
+    /// The most regions a bitmap held has (0 when none is held).
+    pub fn max_region_count(&self) -> u64 {
+        self.bitmaps
+            .iter()
+            .map(|p| p.bitmap.region_count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How many of the bitmaps held are current: the activate takes them as they are.
+    pub fn current(&self) -> usize {
+        self.bitmaps.iter().filter(|p| p.current).count()
+    }
+
     /// Takes the bitmap named `name` if it is held with this disk size, granularity and
     /// region size.
     fn take(
         &mut self,
         name: &BitmapName,
         (disk_size, granularity, region_size): (u64, u64, u64),
-    ) -> Option<DirtyBitmap> {
-        let i = self.bitmaps.iter().position(|(n, b)| {
-            n == name
-                && b.disk_size() == disk_size
-                && b.granularity() == granularity
-                && b.region_size() == region_size
+    ) -> Option<PreBitmap> {
+        let i = self.bitmaps.iter().position(|p| {
+            p.name == *name
+                && p.bitmap.disk_size() == disk_size
+                && p.bitmap.granularity() == granularity
+                && p.bitmap.region_size() == region_size
         })?;
-        Some(self.bitmaps.swap_remove(i).1)
+        Some(self.bitmaps.swap_remove(i))
     }
 
     /// Takes the bitmap named `name` whose content replaces the disk's, if any.
@@ -283,6 +306,77 @@ impl Preloaded {
         let i = self.adopted.iter().position(|(n, _)| n == name)?;
         Some(self.adopted.swap_remove(i).1)
     }
+}
+
+/// [`BitmapStore::time_load`] in parts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LoadTime {
+    /// The reference walk of the activate's preflight.
+    pub(crate) walk: std::time::Duration,
+    /// Reading and comparing every region of every bitmap.
+    pub(crate) regions: std::time::Duration,
+    /// How many regions that was.
+    pub(crate) region_count: u64,
+}
+
+/// The regions of each bitmap a store wrote on disk since its previous log, taken by
+/// [`BitmapStore::take_write_log`]. See the [`write_log`] module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteLog {
+    /// The id [`BitmapStore::start_write_log`] returned.
+    pub id: u64,
+    /// 1 for the first take after the start, then 2, 3, ...
+    pub seq: u64,
+    /// Something other than in-place region writes changed the bitmaps on disk: a reader
+    /// must read them whole.
+    pub whole: bool,
+    /// Taken from an inactive store: the last of its log, with each bitmap's dirty count.
+    pub last: bool,
+    /// Each bitmap written in place (with [`last`](Self::last): every bitmap the store
+    /// held), in directory order.
+    pub bitmaps: Vec<LoggedBitmap>,
+}
+
+/// One bitmap of a [`WriteLog`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedBitmap {
+    /// Its name.
+    pub name: BitmapName,
+    /// Where its table is: a region number means something only for this table.
+    pub table_offset: u64,
+    /// Bytes of bitmap per region, as the writer counts its regions.
+    pub region_size: u64,
+    /// The regions written.
+    pub regions: ChangedRegions,
+    /// In the last log ([`WriteLog::last`]): its dirty bits, as the writer left them.
+    pub dirty: Option<u64>,
+}
+
+/// The log a store keeps between [`BitmapStore::start_write_log`] and its last take
+/// (`write_log.rs`).
+#[derive(Debug)]
+struct Logging {
+    id: u64,
+    seq: u64,
+    whole: bool,
+    bitmaps: Vec<LoggedBitmap>,
+}
+
+/// One bitmap of a [`Preloaded`], with what is known of it (`write_log.rs`).
+#[derive(Debug)]
+struct PreBitmap {
+    name: BitmapName,
+    bitmap: DirtyBitmap,
+    /// Its table's offset when it was read.
+    table_offset: u64,
+    /// Its durable bits, kept equal to `bitmap` ([`Preloaded::prepare_durable`]).
+    bits: Option<durable_bits::DurableBits>,
+    /// Every log since the preload was applied to it: false once one could not be (its
+    /// table moved, its geometry differs, it left the directory).
+    intact: bool,
+    /// Every log since the preload was applied to it, the last one included, and its
+    /// dirty count matched: it equals the disk, and the activate reads none of it.
+    current: bool,
 }
 
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
@@ -366,6 +460,7 @@ impl<S: Storage> BitmapStore<S> {
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
+            write_log: None,
         })
     }
 
@@ -386,6 +481,7 @@ impl<S: Storage> BitmapStore<S> {
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
+            write_log: None,
         })
     }
 
@@ -594,6 +690,83 @@ impl<S: Storage> BitmapStore<S> {
         Ok(())
     }
 
+    /// As [`walk_regions`](Self::walk_regions) with [`NotData::AsIs`], but only the
+    /// regions `regions` names (of `bm`'s geometry): each is read alone, or its cluster
+    /// whole when a quarter of the cluster's regions or more are named.
+    fn walk_some_regions(
+        &self,
+        entry: &DirEntry,
+        bm: &DirtyBitmap,
+        regions: &crate::bitmap::ChangedRegions,
+        mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let cs = self.image.cluster_size();
+        let table = self.read_table(entry)?;
+        if table.len() as u64 != bm.serialized_len().div_ceil(cs)
+            || regions.region_count() != bm.region_count()
+        {
+            return Err(internal!(
+                "bitmap {:?}: table of {} entries, {} regions named, for a bitmap of {} \
+                 regions",
+                entry.name,
+                table.len(),
+                regions.region_count(),
+                bm.region_count()
+            ));
+        }
+        let per_cluster = (cs / bm.region_size()).max(1);
+        let named: Vec<u64> = regions.iter().collect();
+        let mut fill = Vec::new();
+        for group in named.chunk_by(|a, b| a / per_cluster == b / per_cluster) {
+            let c = group[0] / per_cluster;
+            let first = c.saturating_mul(per_cluster);
+            let entry_c = usize::try_from(c)
+                .ok()
+                .and_then(|i| table.get(i))
+                .copied()
+                .ok_or_else(|| internal!("region {} past the table", group[0]))?;
+            let whole = group.len() as u64 >= per_cluster.div_ceil(4);
+            match entry_c {
+                TableEntry::Data(off) if whole => {
+                    let len = bm
+                        .serialized_len()
+                        .saturating_sub(c.saturating_mul(cs))
+                        .min(cs);
+                    let data = read_metadata(self.image.storage(), "bitmap data", off, len)?;
+                    for &r in group {
+                        let at = ((r - first) * bm.region_size()) as usize;
+                        let rl = bm.region_len(r) as usize;
+                        let bytes = data
+                            .get(at..at.saturating_add(rl))
+                            .ok_or_else(|| internal!("region {r} past its cluster"))?;
+                        f(r, bytes)?;
+                    }
+                }
+                TableEntry::Data(off) => {
+                    for &r in group {
+                        let at = off.saturating_add((r - first) * bm.region_size());
+                        let data = read_metadata(
+                            self.image.storage(),
+                            "bitmap data",
+                            at,
+                            bm.region_len(r),
+                        )?;
+                        f(r, &data)?;
+                    }
+                }
+                TableEntry::Zeroes | TableEntry::Ones => {
+                    let byte = if entry_c == TableEntry::Ones { 0xFF } else { 0 };
+                    for &r in group {
+                        fill.clear();
+                        fill.resize(bm.region_len(r) as usize, byte);
+                        f(r, &fill)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of memory the bitmaps of `slots` take when held.
     fn memory_needed<'a>(&self, slots: impl Iterator<Item = &'a Slot>) -> u64 {
         slots
@@ -630,7 +803,14 @@ impl<S: Storage> BitmapStore<S> {
                 // The disk may still be mostly clean (a migration that starts soon after
                 // the bitmaps did): fault the pages in now, not in the refresh.
                 bm.prefault_unshared();
-                pre.bitmaps.push((s.entry.name.clone(), bm));
+                pre.bitmaps.push(PreBitmap {
+                    name: s.entry.name.clone(),
+                    bitmap: bm,
+                    table_offset: s.entry.table_offset,
+                    bits: None,
+                    intact: true,
+                    current: false,
+                });
             }
         }
         Ok(pre)
@@ -671,13 +851,28 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// As [`load`](Self::load) from disk.
     pub fn time_load(&self) -> Result<std::time::Duration> {
+        self.time_load_parts()
+            .map(|t| t.walk.saturating_add(t.regions))
+    }
+
+    /// [`time_load`](Self::time_load), in its two parts: the reference walk, and the
+    /// regions of every bitmap (of which there are `region_count`).
+    pub(crate) fn time_load_parts(&self) -> Result<LoadTime> {
         let start = std::time::Instant::now();
         let waited = runqueue_wait();
         let _ = self.image.references()?;
+        let walk = start.elapsed();
+        let mut region_count = 0u64;
         for s in &self.slots {
             if s.stale || (s.mem.is_none() && s.parked.is_none() && s.inconsistent) {
                 continue;
             }
+            region_count = region_count.saturating_add(
+                self.disk_size()
+                    .div_ceil(1u64 << s.entry.granularity_bits)
+                    .div_ceil(8)
+                    .div_ceil(self.region_size()),
+            );
             match s.mem.as_ref().or(s.parked.as_ref()) {
                 Some(m) => self.walk_regions(&s.entry, m, NotData::WorstCase, |r, bytes| {
                     std::hint::black_box(m.region_equals(r, bytes)?);
@@ -692,9 +887,14 @@ impl<S: Storage> BitmapStore<S> {
             }
         }
         let wall = start.elapsed();
-        Ok(match (waited, runqueue_wait()) {
+        let wall = match (waited, runqueue_wait()) {
             (Some(a), Some(b)) => wall.saturating_sub(b.saturating_sub(a)),
             _ => wall,
+        };
+        Ok(LoadTime {
+            walk,
+            regions: wall.saturating_sub(walk),
+            region_count,
         })
     }
 
@@ -747,3 +947,4 @@ pub mod mode;
 mod resize;
 #[cfg(test)]
 mod tests;
+pub mod write_log;

@@ -562,7 +562,11 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
     std::thread::sleep(Duration::from_millis(30));
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16)?;
     let mut disk = match mode {
-        Mode::Shared => Disk::Shared(SharedDiskState::new(2, "disk-bitmaps", store.clone())),
+        Mode::Shared => Disk::Shared(Box::new(SharedDiskState::new(
+            2,
+            "disk-bitmaps",
+            store.clone(),
+        ))),
         // In postcopy (the after-start case) its regions may follow the switch.
         Mode::Stream => Disk::Stream(
             StreamDiskState::from_store(2, "disk-bitmaps", &store.lock())?.defer_to_postcopy(true),
@@ -721,14 +725,14 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
 
 /// The disk state of a mode.
 enum Disk {
-    Shared(SharedDiskState<FileStorage>),
+    Shared(Box<SharedDiskState<FileStorage>>),
     Stream(StreamDiskState),
 }
 
 impl Disk {
     fn state(&mut self) -> &mut dyn MigrationState {
         match self {
-            Disk::Shared(s) => s,
+            Disk::Shared(s) => &mut **s,
             Disk::Stream(s) => s,
         }
     }

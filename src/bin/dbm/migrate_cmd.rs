@@ -356,6 +356,10 @@ impl DestState for ListenDisk {
         self.inner.hello(id, binding)
     }
 
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        self.inner.section(payload)
+    }
+
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.inner.before_start()?;
         self.activated = true;

@@ -741,7 +741,7 @@ pub fn migrate(
             if let Ok(SourceReport { outcome, .. }) = &result {
                 dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
             }
-            dr.dest_time_estimate = Some(ds.dest_time()).filter(|t| *t < Millis::MAX);
+            dr.dest_time_estimate = Some(ds.dest_time_in_figure()).filter(|t| *t < Millis::MAX);
             dr.source_active_after = store.lock().is_active();
             if ds.handed_over() {
                 // The guest is stopped and its disk writes drained: the destination opens the

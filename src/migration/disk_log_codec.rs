@@ -1,0 +1,334 @@
+//! The payloads of a shared-storage disk state's sections
+//! ([`SharedDiskState`](super::SharedDiskState)): the source's write log
+//! ([`WriteLog`]), so that the destination reads again only the regions the source wrote
+//! since its preload, during precopy, and at the stop only those of the last log.
+//!
+//! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length
+//! (and by the caller's largest region count); every field is read through the checked
+//! readers of `frame.rs`. The byte layout (big-endian) is in `docs/FORMAT.md`, section
+//! "Migration stream":
+//!
+//! | kind (1) | body |
+//! |---|---|
+//! | 1 BEGIN | log id (8): the source started its log; the destination preloads now |
+//! | 2 LOG | log id (8), sequence (8), flags (1: bit 0 whole, bit 1 last), count (2), then per bitmap: name length (2), name, table offset (8), region size (8), region count (8), dirty count (8, all ones when absent), encoding (1), regions |
+//!
+//! The regions of an entry are, with encoding 0, a count (4) and that many region numbers
+//! (8 each, ascending); with encoding 1, one bit per region (bit `k` of byte `i` is region
+//! `8 i + k`), `ceil(region count / 8)` bytes. The encoder picks the shorter.
+
+use super::error::Result;
+use super::frame::{be_u16, be_u32, be_u64, be_u8, field, FrameError};
+use crate::bitmap::ChangedRegions;
+use crate::format::BitmapName;
+use crate::store::write_log::{LoggedBitmap, WriteLog};
+
+/// The kind byte of a BEGIN section.
+pub const KIND_BEGIN: u8 = 1;
+/// The kind byte of a LOG section.
+pub const KIND_LOG: u8 = 2;
+const FLAG_WHOLE: u8 = 1;
+const FLAG_LAST: u8 = 2;
+const ENCODING_LIST: u8 = 0;
+const ENCODING_BITS: u8 = 1;
+/// The dirty count of an entry that has none.
+const NO_DIRTY: u64 = u64::MAX;
+/// Bytes of an entry besides its name and regions.
+const ENTRY_FIXED_LEN: usize = 2 + 8 + 8 + 8 + 8 + 1;
+
+/// A decoded section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSection {
+    /// The source started its log `id`.
+    Begin(u64),
+    /// One take of the source's log.
+    Log(WriteLog),
+}
+
+fn bad(reason: impl Into<String>) -> FrameError {
+    FrameError::payload("disk log", reason)
+}
+
+/// Encodes a BEGIN section.
+pub fn encode_begin(id: u64) -> Vec<u8> {
+    let mut out = vec![KIND_BEGIN];
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+/// Encodes a LOG section.
+pub fn encode_log(log: &WriteLog) -> Vec<u8> {
+    let mut out = vec![KIND_LOG];
+    out.extend_from_slice(&log.id.to_be_bytes());
+    out.extend_from_slice(&log.seq.to_be_bytes());
+    let flags = if log.whole { FLAG_WHOLE } else { 0 } | if log.last { FLAG_LAST } else { 0 };
+    out.push(flags);
+    let n = u16::try_from(log.bitmaps.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    for b in log.bitmaps.iter().take(usize::from(n)) {
+        let name = b.name.as_bytes();
+        let name = name.get(..usize::from(u16::MAX)).unwrap_or(name);
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&b.table_offset.to_be_bytes());
+        out.extend_from_slice(&b.region_size.to_be_bytes());
+        let rc = b.regions.region_count();
+        out.extend_from_slice(&rc.to_be_bytes());
+        out.extend_from_slice(&b.dirty.unwrap_or(NO_DIRTY).to_be_bytes());
+        let bits_len = rc.div_ceil(8);
+        let list_len = 4u64.saturating_add(b.regions.len().saturating_mul(8));
+        if list_len <= bits_len || b.regions.len() > u64::from(u32::MAX) {
+            out.push(ENCODING_LIST);
+            out.extend_from_slice(&(b.regions.len() as u32).to_be_bytes());
+            for r in b.regions.iter() {
+                out.extend_from_slice(&r.to_be_bytes());
+            }
+        } else {
+            out.push(ENCODING_BITS);
+            let mut bits = vec![0u8; usize::try_from(bits_len).unwrap_or(0)];
+            for r in b.regions.iter() {
+                if let Some(byte) = usize::try_from(r / 8).ok().and_then(|i| bits.get_mut(i)) {
+                    *byte |= 1 << (r % 8);
+                }
+            }
+            out.extend_from_slice(&bits);
+        }
+    }
+    out
+}
+
+/// The most bytes a LOG of these bitmaps (each `(name length, region count)`) takes,
+/// whatever regions it names.
+pub fn log_len_bound(bitmaps: impl IntoIterator<Item = (usize, u64)>) -> u64 {
+    bitmaps.into_iter().fold(20u64, |acc, (name, regions)| {
+        acc.saturating_add(ENTRY_FIXED_LEN as u64)
+            .saturating_add(name as u64)
+            .saturating_add(4)
+            .saturating_add(regions.div_ceil(8))
+    })
+}
+
+/// Decodes a section. An entry whose region count is above `max_regions` (more than any
+/// bitmap the caller holds: it cannot apply to one) keeps no regions and a region count of
+/// 0, so that it matches no bitmap; nothing is allocated for it.
+///
+/// # Errors
+/// [`FrameError::BadPayload`] for an empty, truncated or over-long payload, an unknown
+/// kind, a log id of 0, reserved flags, an empty name, a region size of 0, an unknown
+/// encoding, a region number not below the region count or out of order, or bits past the
+/// region count.
+pub fn decode(payload: &[u8], max_regions: u64) -> Result<LogSection> {
+    let kind = be_u8(payload, 0).ok_or_else(|| bad("empty payload"))?;
+    let body = payload.get(1..).unwrap_or_default();
+    match kind {
+        KIND_BEGIN => match be_u64(body, 0) {
+            Some(id) if id != 0 && body.len() == 8 => Ok(LogSection::Begin(id)),
+            _ => Err(bad("a BEGIN body is a log id (8 bytes, not 0)").into()),
+        },
+        KIND_LOG => decode_log(body, max_regions).map(LogSection::Log),
+        k => Err(bad(format!("unknown disk log section kind {k}")).into()),
+    }
+}
+
+/// A checked reader over a body: every read past the end is `None`.
+struct Cursor<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn bytes(&mut self, len: usize) -> Option<&'a [u8]> {
+        let b = field(self.body, self.at, len)?;
+        self.at = self.at.checked_add(len)?;
+        Some(b)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        let v = be_u8(self.body, self.at)?;
+        self.at = self.at.checked_add(1)?;
+        Some(v)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        let v = be_u16(self.body, self.at)?;
+        self.at = self.at.checked_add(2)?;
+        Some(v)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let v = be_u32(self.body, self.at)?;
+        self.at = self.at.checked_add(4)?;
+        Some(v)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let v = be_u64(self.body, self.at)?;
+        self.at = self.at.checked_add(8)?;
+        Some(v)
+    }
+    fn left(&self) -> usize {
+        self.body.len().saturating_sub(self.at)
+    }
+}
+
+fn decode_log(body: &[u8], max_regions: u64) -> Result<WriteLog> {
+    let short = || bad("truncated LOG");
+    let mut c = Cursor { body, at: 0 };
+    let id = c.u64().ok_or_else(short)?;
+    let seq = c.u64().ok_or_else(short)?;
+    let flags = c.u8().ok_or_else(short)?;
+    let n = c.u16().ok_or_else(short)?;
+    if id == 0 {
+        return Err(bad("log id 0").into());
+    }
+    if flags & !(FLAG_WHOLE | FLAG_LAST) != 0 {
+        return Err(bad(format!("reserved LOG flags {flags:#04x}")).into());
+    }
+    // Each entry takes at least its fixed bytes: the count cannot ask for more.
+    let room = c.left() / ENTRY_FIXED_LEN;
+    let mut bitmaps = Vec::with_capacity(usize::from(n).min(room));
+    for _ in 0..n {
+        let name_len = usize::from(c.u16().ok_or_else(short)?);
+        if name_len == 0 {
+            return Err(bad("empty bitmap name").into());
+        }
+        let name = c.bytes(name_len).ok_or_else(short)?;
+        let table_offset = c.u64().ok_or_else(short)?;
+        let region_size = c.u64().ok_or_else(short)?;
+        let region_count = c.u64().ok_or_else(short)?;
+        let dirty = c.u64().ok_or_else(short)?;
+        let encoding = c.u8().ok_or_else(short)?;
+        if region_size == 0 {
+            return Err(bad("region size 0").into());
+        }
+        let keep = region_count <= max_regions;
+        let mut regions = ChangedRegions::empty(if keep { region_count } else { 0 });
+        match encoding {
+            ENCODING_LIST => {
+                let count = c.u32().ok_or_else(short)?;
+                let mut last = None;
+                for _ in 0..count {
+                    let r = c.u64().ok_or_else(short)?;
+                    if r >= region_count || last.is_some_and(|l| r <= l) {
+                        return Err(bad(format!(
+                            "region {r} not below {region_count} or out of order"
+                        ))
+                        .into());
+                    }
+                    last = Some(r);
+                    if keep {
+                        regions.insert(r);
+                    }
+                }
+            }
+            ENCODING_BITS => {
+                let len = usize::try_from(region_count.div_ceil(8)).map_err(|_| short())?;
+                let bits = c.bytes(len).ok_or_else(short)?;
+                for (i, &byte) in bits.iter().enumerate() {
+                    let mut b = byte;
+                    while b != 0 {
+                        let r = (i as u64)
+                            .saturating_mul(8)
+                            .saturating_add(u64::from(b.trailing_zeros()));
+                        b &= b.wrapping_sub(1);
+                        if r >= region_count {
+                            return Err(bad(format!("region bit {r} past {region_count}")).into());
+                        }
+                        if keep {
+                            regions.insert(r);
+                        }
+                    }
+                }
+            }
+            e => return Err(bad(format!("unknown region encoding {e}")).into()),
+        }
+        bitmaps.push(LoggedBitmap {
+            name: BitmapName::from(name),
+            table_offset,
+            region_size,
+            regions,
+            dirty: (dirty != NO_DIRTY).then_some(dirty),
+        });
+    }
+    if c.left() != 0 {
+        return Err(bad("bytes after the last LOG entry").into());
+    }
+    Ok(WriteLog {
+        id,
+        seq,
+        whole: flags & FLAG_WHOLE != 0,
+        last: flags & FLAG_LAST != 0,
+        bitmaps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(regions: &[u64], count: u64) -> WriteLog {
+        let mut r = ChangedRegions::empty(count);
+        for &x in regions {
+            r.insert(x);
+        }
+        WriteLog {
+            id: 7,
+            seq: 3,
+            whole: false,
+            last: true,
+            bitmaps: vec![LoggedBitmap {
+                name: BitmapName::from("b0"),
+                table_offset: 1 << 20,
+                region_size: 4096,
+                regions: r,
+                dirty: Some(42),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_log_round_trips_in_both_encodings() {
+        for (regions, count) in [(vec![3, 8000], 8192u64), ((0..8192).step_by(3).collect(), 8192)] {
+            let l = log(&regions, count);
+            let bytes = encode_log(&l);
+            assert_eq!(decode(&bytes, 8192).unwrap(), LogSection::Log(l));
+        }
+        assert_eq!(decode(&encode_begin(5), 0).unwrap(), LogSection::Begin(5));
+    }
+
+    #[test]
+    fn the_bound_holds_for_any_regions() {
+        for regions in [vec![], vec![1, 2], (0..8192).collect::<Vec<_>>(), (0..8192).step_by(70).collect()] {
+            let len = encode_log(&log(&regions, 8192)).len() as u64;
+            assert!(len <= log_len_bound([(2, 8192)]), "{len}");
+        }
+    }
+
+    #[test]
+    fn the_shorter_encoding_is_chosen() {
+        let sparse = encode_log(&log(&[1, 2], 8192));
+        let dense = encode_log(&log(&(0..8192).collect::<Vec<_>>(), 8192));
+        assert!(sparse.len() < 100, "{}", sparse.len());
+        assert!(dense.len() < 8192 / 8 + 100, "{}", dense.len());
+    }
+
+    #[test]
+    fn a_region_count_above_the_callers_keeps_nothing() {
+        let bytes = encode_log(&log(&[1, 2], 8192));
+        let LogSection::Log(l) = decode(&bytes, 100).unwrap() else {
+            panic!("not a log")
+        };
+        assert_eq!(l.bitmaps[0].regions.region_count(), 0);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_refused_or_decoded_without_panic() {
+        let bytes = encode_log(&log(&[1, 5, 77], 8192));
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n], 8192).is_err(), "a log cut at {n}");
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                let _ = decode(&b, 8192);
+            }
+        }
+    }
+}
