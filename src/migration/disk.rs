@@ -439,6 +439,8 @@ pub struct SharedDiskDest<S: Storage> {
     preloaded: Option<crate::Preloaded>,
     /// The read-only store the preload came from, which reads what each log names.
     reader: Option<crate::BitmapStore<S>>,
+    /// The source's last log, read at the activate.
+    last_log: Option<crate::WriteLog>,
     from_preload: bool,
     /// Bitmaps the last activate took as they were preloaded, reading none of them.
     taken_current: usize,
@@ -470,6 +472,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             preload: None,
             preloaded: None,
             reader: None,
+            last_log: None,
             from_preload: false,
             taken_current: 0,
             store: None,
@@ -575,6 +578,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         self.store = None;
         self.preloaded = None;
         self.reader = None;
+        self.last_log = None;
         Ok(())
     }
 
@@ -592,13 +596,13 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
             LogSection::Log(log) if log.whole && !log.last => {
                 self.preload_following(log.id, log.seq);
             }
+            // The last one arrives inside the downtime: read with the activate, so that
+            // the activate's time holds it.
+            LogSection::Log(log) if log.last => self.last_log = Some(log),
             LogSection::Log(log) => {
                 if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
                     // A read that fails ends the following; the activate reads it all.
                     let _ = pre.apply(reader, &log);
-                }
-                if log.last {
-                    self.reader = None;
                 }
             }
         }
@@ -606,6 +610,14 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     }
 
     fn before_start(&mut self) -> Result<()> {
+        if let (Some(log), Some(pre), Some(reader)) = (
+            self.last_log.take(),
+            self.preloaded.as_mut(),
+            self.reader.as_ref(),
+        ) {
+            // A read that fails ends the following; the activate reads it all.
+            let _ = pre.apply(reader, &log);
+        }
         self.reader = None;
         let mut st = (self.open)()?;
         self.from_preload = false;
@@ -629,6 +641,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     fn failed(&mut self) {
         self.preloaded = None;
         self.reader = None;
+        self.last_log = None;
         if let Some(mut st) = self.store.take() {
             // Clears the in_use flags it set, in place: the image is again as the source
             // left it. If this fails, the flags stay in_use (inconsistent, never clean)
