@@ -20,6 +20,7 @@ use crate::format::{
 };
 use crate::migration::bitmap_codec::{self, BitmapSection, Section};
 use crate::migration::dest::{Destination, DestinationConfig};
+use crate::migration::disk_log_codec::{self, LogSection};
 use crate::migration::frame::{
     encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
     MAX_REASON_LEN, STREAM_HEADER_LEN, STREAM_VERSION,
@@ -513,7 +514,10 @@ pub fn migration_stream(data: &[u8]) {
                 _ => assert_eq!(enc, payload, "payload round trip"),
             }
             match &frame {
-                Frame::Section { payload, .. } => bitmap_round_trip(payload),
+                Frame::Section { payload, .. } => {
+                    bitmap_round_trip(payload);
+                    disk_log_round_trip(payload);
+                }
                 Frame::Report { payload, .. } => {
                     if let Ok(n) = bitmap_codec::decode_report(payload) {
                         assert_eq!(
@@ -648,6 +652,32 @@ fn fuzz_reader(data: &[u8]) {
 }
 
 /// A disk bitmap section that decodes re-encodes to the same bytes.
+/// A shared-storage disk state's section ([`disk_log_codec`]) that decodes encodes to
+/// what decodes the same (the encoder may pick the other region encoding), and the bound
+/// on a LOG's length holds for it. Region counts above 2^20 keep no regions, as a
+/// destination's bound does: nothing is allocated for them.
+fn disk_log_round_trip(payload: &[u8]) {
+    const MAX_REGIONS: u64 = 1 << 20;
+    let Ok(section) = disk_log_codec::decode(payload, MAX_REGIONS) else {
+        return;
+    };
+    let enc = match &section {
+        LogSection::Begin(id) => disk_log_codec::encode_begin(*id),
+        LogSection::Log(log) => {
+            let enc = disk_log_codec::encode_log(log);
+            let bound = disk_log_codec::log_len_bound(
+                log.bitmaps
+                    .iter()
+                    .map(|b| (b.name.len(), b.regions.region_count())),
+            );
+            assert!(enc.len() as u64 <= bound, "a LOG longer than its bound");
+            enc
+        }
+    };
+    let again = disk_log_codec::decode(&enc, MAX_REGIONS).expect("an encoded section decodes");
+    assert_eq!(again, section, "disk log round trip");
+}
+
 fn bitmap_round_trip(payload: &[u8]) {
     let Ok(section) = bitmap_codec::decode(payload) else {
         return;
