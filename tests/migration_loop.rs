@@ -757,28 +757,6 @@ impl dirty_bitmap::migration::DestState for ChurnDest {
     }
 }
 
-/// Records stall reports and gives up at the first; cancels after 100,000 turns, so that
-/// a loop without a guard that fires ends the test instead of hanging it.
-struct Converge {
-    stalls: Vec<StallReport>,
-    turns: u64,
-}
-
-impl Controller for Converge {
-    fn on_iteration(&mut self, _: &IterationReport) -> Directive {
-        self.turns += 1;
-        if self.turns >= 100_000 {
-            Directive::Cancel
-        } else {
-            Directive::Continue
-        }
-    }
-    fn on_stall(&mut self, r: &StallReport) -> StallAction {
-        self.stalls.push(*r);
-        StallAction::Cancel
-    }
-}
-
 /// A state dirtied as fast as the link sends it keeps its estimate above the threshold, so
 /// no exact query ever runs and the stall guard proper never counts; the loop keeps
 /// sending, so the no-progress guard is silent too. The dirty-rate guard reports it (as
@@ -800,9 +778,10 @@ fn a_state_dirtied_as_fast_as_it_is_sent_reports_a_stall() {
             pending: Bytes(8 << 20),
             regrow,
         };
-        let mut control = Converge {
-            stalls: Vec::new(),
+        let mut control = GiveUp {
             turns: 0,
+            max_turns: 100_000,
+            stalls: Vec::new(),
         };
         let (mut c, mut v, mut o, mut i) = (
             rig.sim.clone(),

@@ -492,10 +492,10 @@ fn disk_params_in(
     }
 }
 
-/// The same migration with the store in durable mode on both hosts: every disk write's
-/// mark is on disk before the write counts as made, so the stop has nothing left to write.
-pub fn run_durable_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
-    let params = Params {
+/// The migration of the hand-over parts (the durable one and the failed one): a guest of
+/// at most 256 MiB, the demo's rates and limits, auto-converge, a 120 s cap.
+fn hand_over_params(args: &DemoArgs, seed: u64) -> Params {
+    Params {
         ram_bytes: args.guest_ram.min(256 << 20),
         vcpus: args.vcpus,
         writes_per_sec: args.dirty_rate / migrate_run::PAGE,
@@ -506,8 +506,14 @@ pub fn run_durable_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part
         auto_converge: true,
         time_cap: Some(Duration::from_secs(120)),
         progress: None,
-        seed: seed ^ 2,
-    };
+        seed,
+    }
+}
+
+/// The same migration with the store in durable mode on both hosts: every disk write's
+/// mark is on disk before the write counts as made, so the stop has nothing left to write.
+pub fn run_durable_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
+    let params = hand_over_params(args, seed ^ 2);
     let disk = disk_params_in(args, dir, false, migrate_run::DiskMode::Durable);
     say(format!(
         "dbm demo, durable mode: the same with a {} guest, the store in durable mode on both \
@@ -553,19 +559,7 @@ pub fn run_durable_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part
 /// The same migration, with the destination refusing to start: the source must take its
 /// bitmaps back before it resumes, and hold every mark.
 pub fn run_failed_hand_over(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
-    let params = Params {
-        ram_bytes: args.guest_ram.min(256 << 20),
-        vcpus: args.vcpus,
-        writes_per_sec: args.dirty_rate / migrate_run::PAGE,
-        pattern: GuestPattern::HOT_90_5,
-        max_bandwidth: args.max_bandwidth,
-        downtime_limit: Millis(args.downtime_limit),
-        batch_pages: 64,
-        auto_converge: true,
-        time_cap: Some(Duration::from_secs(120)),
-        progress: None,
-        seed: seed ^ 1,
-    };
+    let params = hand_over_params(args, seed ^ 1);
     let disk = disk_params(args, dir, true);
     say(format!(
         "dbm demo, a failed hand-over: the same with a {} guest, and the destination refuses \
