@@ -116,8 +116,13 @@ fn on_disk(disk: &Disk) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A reader's preload that follows the writer's log `id`.
-fn preload(disk: &Disk, id: u64, mode: Mode) -> (BitmapStore<Disk>, Preloaded) {
+/// Starts the writer's log, then a reader's preload that follows it.
+fn start_following(
+    disk: &Disk,
+    s: &SharedStore<Disk>,
+    mode: Mode,
+) -> (BitmapStore<Disk>, Preloaded) {
+    let id = s.lock().start_write_log();
     let reader = BitmapStore::open(Arc::clone(disk), OpenMode::ReadOnly).unwrap();
     let mut pre = reader.preload().unwrap();
     pre.follow(id, 0);
@@ -136,8 +141,7 @@ fn follow(
     rng: &mut impl Rng,
     skip: Option<usize>,
 ) -> (Preloaded, Vec<WriteLog>) {
-    let id = s.lock().start_write_log();
-    let (reader, mut pre) = preload(disk, id, mode);
+    let (reader, mut pre) = start_following(disk, &s, mode);
     let mut logs = Vec::new();
     for round in 0..6 {
         writes(&s, mode, rng, 300);
@@ -161,8 +165,10 @@ fn follow(
     (pre, logs)
 }
 
-/// The destination's activate from `pre`: the bytes it read, and what it then holds.
-fn activate(disk: &Disk, pre: Preloaded, mode: Mode) -> (u64, Vec<Vec<u8>>, BitmapStore<Disk>) {
+/// The destination's activate from `pre`, which must hold what a full load of the disk
+/// held before it; the bytes it read, and the store.
+fn activate(disk: &Disk, pre: Preloaded, mode: Mode, seed: u64) -> (u64, BitmapStore<Disk>) {
+    let want = on_disk(disk);
     let mut d = BitmapStore::open(Arc::clone(disk), OpenMode::ReadWrite).unwrap();
     let before = disk.read.load(SeqCst);
     match mode {
@@ -170,11 +176,15 @@ fn activate(disk: &Disk, pre: Preloaded, mode: Mode) -> (u64, Vec<Vec<u8>>, Bitm
         Mode::Durable => d.activate_durable_preloaded(pre).unwrap(),
     }
     let read = disk.read.load(SeqCst) - before;
-    let held = NAMES
+    let held: Vec<Vec<u8>> = NAMES
         .iter()
         .map(|n| serialize_all(&d.bitmap(n).unwrap()))
         .collect();
-    (read, held, d)
+    assert_eq!(
+        held, want,
+        "{mode:?}: the activate holds what the disk holds (seed {seed})"
+    );
+    (read, d)
 }
 
 fn bitmap_bytes() -> u64 {
@@ -193,12 +203,7 @@ fn a_preload_that_follows_every_log_is_taken_as_it_is_and_equals_the_disk() {
             "the logs name no region (seed {seed})"
         );
         assert_eq!(pre.current(), 2, "{mode:?}, seed {seed}");
-        let want = on_disk(&disk);
-        let (read, held, d) = activate(&disk, pre, mode);
-        assert_eq!(
-            held, want,
-            "{mode:?}: the activate holds what the disk holds (seed {seed})"
-        );
+        let (read, d) = activate(&disk, pre, mode, seed);
         // A full read is two bitmaps' bytes; the activate reads only metadata.
         assert!(
             read < bitmap_bytes() / 8,
@@ -215,9 +220,7 @@ fn a_missed_log_makes_the_activate_read_everything() {
         let (disk, s) = writer(mode, &mut rng);
         let (pre, _) = follow(&disk, s, mode, &mut rng, Some(2));
         assert_eq!(pre.current(), 0, "{mode:?}, seed {seed}");
-        let want = on_disk(&disk);
-        let (read, held, _) = activate(&disk, pre, mode);
-        assert_eq!(held, want, "{mode:?} (seed {seed})");
+        let (read, _) = activate(&disk, pre, mode, seed);
         assert!(
             read >= 2 * bitmap_bytes(),
             "{mode:?}: the activate read {read} bytes (seed {seed})"
@@ -232,8 +235,7 @@ fn a_missed_log_makes_the_activate_read_everything() {
 fn a_copy_that_misses_the_stops_regions_is_not_current() {
     let (mut rng, seed) = seeded_rng("write_log_last");
     let (disk, s) = writer(Mode::Deferred, &mut rng);
-    let id = s.lock().start_write_log();
-    let (reader, mut pre) = preload(&disk, id, Mode::Deferred);
+    let (reader, mut pre) = start_following(&disk, &s, Mode::Deferred);
     writes(&s, Mode::Deferred, &mut rng, 300);
     let mut s = s.try_into_inner().unwrap();
     s.inactivate().unwrap();
@@ -243,17 +245,14 @@ fn a_copy_that_misses_the_stops_regions_is_not_current() {
     }
     pre.apply(&reader, &last).unwrap();
     assert_eq!(pre.current(), 0, "seed {seed}");
-    let want = on_disk(&disk);
-    let (_, held, _) = activate(&disk, pre, Mode::Deferred);
-    assert_eq!(held, want, "seed {seed}");
+    let _ = activate(&disk, pre, Mode::Deferred, seed);
 }
 
 #[test]
 fn a_directory_change_makes_the_log_whole_and_ends_the_following() {
     let (mut rng, seed) = seeded_rng("write_log_whole");
     let (disk, s) = writer(Mode::Deferred, &mut rng);
-    let id = s.lock().start_write_log();
-    let (reader, mut pre) = preload(&disk, id, Mode::Deferred);
+    let (reader, mut pre) = start_following(&disk, &s, Mode::Deferred);
     writes(&s, Mode::Deferred, &mut rng, 100);
     let mut s = s.try_into_inner().unwrap();
     s.flush().unwrap();
@@ -268,9 +267,7 @@ fn a_directory_change_makes_the_log_whole_and_ends_the_following() {
     let last = s.take_write_log().unwrap();
     pre.apply(&reader, &last).unwrap();
     assert_eq!(pre.current(), 0, "seed {seed}");
-    let want = on_disk(&disk);
-    let (_, held, _) = activate(&disk, pre, Mode::Deferred);
-    assert_eq!(held, want, "seed {seed}");
+    let _ = activate(&disk, pre, Mode::Deferred, seed);
 }
 
 /// The durable bits the preload built and kept are what the disk holds: a mark on a granule
@@ -280,8 +277,7 @@ fn a_directory_change_makes_the_log_whole_and_ends_the_following() {
 fn durable_bits_kept_by_the_preload_never_claim_a_cleared_granule() {
     let (mut rng, seed) = seeded_rng("write_log_durable_bits");
     let (disk, s) = writer(Mode::Durable, &mut rng);
-    let id = s.lock().start_write_log();
-    let (reader, mut pre) = preload(&disk, id, Mode::Durable);
+    let (reader, mut pre) = start_following(&disk, &s, Mode::Durable);
     let t = s.durable_tracker().unwrap();
     let kept = 7 * G;
     let cleared = 9 * G;
@@ -299,7 +295,7 @@ fn durable_bits_kept_by_the_preload_never_claim_a_cleared_granule() {
     s.inactivate().unwrap();
     pre.apply(&reader, &s.take_write_log().unwrap()).unwrap();
     assert_eq!(pre.current(), 2, "seed {seed}");
-    let (_, _, d) = activate(&disk, pre, Mode::Durable);
+    let (_, d) = activate(&disk, pre, Mode::Durable, seed);
     let d = SharedStore::new(d);
     let t = d.durable_tracker().unwrap();
     let syncs = disk.syncs.load(SeqCst);

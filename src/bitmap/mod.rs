@@ -956,7 +956,7 @@ pub(crate) fn end_fan_out(fan: InFlight) {
 /// The words of a region's serialized bytes (qcow2's layout: little-endian `u64`s), the
 /// last one zero-padded if `bytes` ends mid-word.
 #[inline]
-fn region_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+pub(crate) fn region_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     bytes.chunks(8).map(|chunk| {
         let mut le = [0u8; 8];
         le[..chunk.len()].copy_from_slice(chunk);

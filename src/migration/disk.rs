@@ -161,6 +161,14 @@ impl<S: Storage> SharedDiskState<S> {
         self.dest_last
     }
 
+    /// Sends `log`, if any, as a LOG section; the bytes put on the wire.
+    fn send_log(&self, out: &mut dyn Outbound, log: Option<crate::WriteLog>) -> Result<Bytes> {
+        match log {
+            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
+            None => Ok(Bytes(0)),
+        }
+    }
+
     /// The destination's part of the downtime when its preload follows the write log and
     /// the last log names `regions` regions: the reference walk, those regions read again,
     /// and, out of durable mode, the barrier of its flags commit (timed at setup); the
@@ -268,15 +276,16 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             };
             let rs = st.region_size().max(1);
             let disk = st.disk_size();
+            let logged = st.write_log_pending();
             // The last LOG goes out inside the downtime: its bytes are pending.
-            let log_bytes = st.write_log_pending().map_or(Bytes(0), |_| {
+            let log_bytes = logged.map_or(Bytes(0), |_| {
                 let len = disk_log_codec::log_len_bound(st.list().iter().map(|b| {
                     let bytes = disk.div_ceil(b.granularity.max(1)).div_ceil(8);
                     (b.name.len(), bytes.div_ceil(rs))
                 }));
                 Bytes(len) + SECTION_OVERHEAD
             });
-            (w, st.write_log_pending(), st.is_durable(), rs, log_bytes)
+            (w, logged, st.is_durable(), rs, log_bytes)
         };
         let disk_time = match work {
             Ok(w) => {
@@ -363,14 +372,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         let log = {
             let mut st = self.store.lock();
             match st.write_log_pending() {
-                Some((0, false)) | None => return Ok(Bytes(0)),
+                Some((0, false)) | None => None,
                 Some(_) => st.take_write_log(),
             }
         };
-        match log {
-            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
-            None => Ok(Bytes(0)),
-        }
+        self.send_log(out, log)
     }
 
     /// The incremental inactivate, with the VM stopped (in durable mode every mark is on
@@ -388,10 +394,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         self.rate.observe(&s);
         self.stop = s;
         self.handed_over = true;
-        match log {
-            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
-            None => Ok(Bytes(0)),
-        }
+        self.send_log(out, log)
     }
 
     fn disk_stop(&self) -> FlushStats {

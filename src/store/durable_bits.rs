@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{region_words, DirtyBitmap};
 use crate::flush;
 
 /// The bits of one bitmap known to be on disk, in place: a commit sets them after its
@@ -68,10 +68,7 @@ impl DurableBits {
     /// little-endian u64 of bytes `8 w ..`.
     pub(super) fn confirm(&self, region: u64, region_size: u64, bytes: &[u8]) {
         let first = (region.saturating_mul(region_size) / 8) as usize;
-        for (k, chunk) in bytes.chunks(8).enumerate() {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            let v = u64::from_le_bytes(b);
+        for (k, v) in region_words(bytes).enumerate() {
             if v != 0 {
                 if let Some(w) = self.words.get(first.saturating_add(k)) {
                     w.fetch_or(v, SeqCst);
@@ -86,11 +83,9 @@ impl DurableBits {
     /// ([`Preloaded::apply`](super::Preloaded::apply)).
     pub(super) fn load_region(&self, region: u64, region_size: u64, bytes: &[u8]) {
         let first = (region.saturating_mul(region_size) / 8) as usize;
-        for (k, chunk) in bytes.chunks(8).enumerate() {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
+        for (k, v) in region_words(bytes).enumerate() {
             if let Some(w) = self.words.get(first.saturating_add(k)) {
-                w.store(u64::from_le_bytes(b), SeqCst);
+                w.store(v, SeqCst);
             }
         }
     }

@@ -867,19 +867,17 @@ impl<S: Storage> BitmapStore<S> {
             if s.stale || (s.mem.is_none() && s.parked.is_none() && s.inconsistent) {
                 continue;
             }
-            region_count = region_count.saturating_add(
-                self.disk_size()
-                    .div_ceil(1u64 << s.entry.granularity_bits)
-                    .div_ceil(8)
-                    .div_ceil(self.region_size()),
-            );
             match s.mem.as_ref().or(s.parked.as_ref()) {
-                Some(m) => self.walk_regions(&s.entry, m, NotData::WorstCase, |r, bytes| {
-                    std::hint::black_box(m.region_equals(r, bytes)?);
-                    Ok(())
-                })?,
+                Some(m) => {
+                    region_count = region_count.saturating_add(m.region_count());
+                    self.walk_regions(&s.entry, m, NotData::WorstCase, |r, bytes| {
+                        std::hint::black_box(m.region_equals(r, bytes)?);
+                        Ok(())
+                    })?;
+                }
                 None => {
                     let fresh = self.new_bitmap(1u64 << s.entry.granularity_bits)?;
+                    region_count = region_count.saturating_add(fresh.region_count());
                     self.walk_regions(&s.entry, &fresh, NotData::WorstCase, |r, bytes| {
                         fresh.load_region_fresh(r, bytes)
                     })?;
