@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "==> installing ${need[*]}"
     sudo=""

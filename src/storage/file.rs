@@ -2,6 +2,7 @@
 //! its images.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ use crate::error::{invalid_input, Result};
 ///
 /// Reads and writes are positional (`pread`/`pwrite`), so the handle needs no lock and
 /// threads can share it. [`write_all_at`](Storage::write_all_at) checks the range against
-/// the file's current length (one `fstat`) before writing, so it never grows the file;
+/// the file's current length (one `lseek`) before writing, so it never grows the file;
 /// another process or thread changing the length concurrently can defeat that check.
 /// [`sync_data`](Storage::sync_data) is `fdatasync`, called once per request and never
 /// retried.
@@ -203,7 +204,16 @@ impl Drop for FileStorage {
 
 impl Storage for FileStorage {
     fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata()?.len())
+        // `lseek(SEEK_END)`, not `fstat`: a stat reads the timestamps, and on kernels with
+        // multigrain timestamps (Linux 6.13 and later) a write after a query of the
+        // timestamps stamps the inode at fine granularity, dirtying it, so that the next
+        // `fdatasync` commits the filesystem's journal as well. With a stat before every
+        // write (the range check), a 4 KiB write and its `fdatasync` took 190 µs on this
+        // project's machine instead of 130 µs. The seek moves this description's file
+        // position, which nothing here uses (all I/O is positional), and it gives a block
+        // device's size where `fstat` gives 0.
+        let mut f = &self.file;
+        Ok(f.seek(SeekFrom::End(0))?)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

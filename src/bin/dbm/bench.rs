@@ -1,6 +1,8 @@
 //! `dbm bench`: measurements that print a table (and draw a plot) in one run, for
 //! `docs/BENCHMARKS.md`. One subcommand per benchmark.
 
+#[path = "bench_ceiling.rs"]
+mod ceiling;
 #[path = "bench_durable.rs"]
 mod durable;
 #[path = "bench_flush.rs"]

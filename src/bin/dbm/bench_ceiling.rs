@@ -1,0 +1,225 @@
+//! The disk's own ceiling for a group commit, with no bitmap code: what `dbm bench
+//! durable`'s group commit is measured against besides the naive mode.
+//!
+//! Writer threads each write one random 4 KiB page of a file as large as the bitmaps'
+//! clusters (written whole and synced first, as a durable activation leaves them) and
+//! wait until it is durable, three ways:
+//!
+//! - `naive`: under one lock, the page and an `fdatasync` (one barrier per write);
+//! - `batched`: a writer that finds no commit covering its page leads one: it takes every
+//!   waiting page, writes them, and issues one `fdatasync`; one commit at a time;
+//! - `overlapped`: the same, with up to [`OVERLAP`] commits in flight (the next batch's
+//!   pages written and its barrier issued while the last one's barrier runs). The pages
+//!   are written under a lock (as a commit writes them under the store's), the barrier
+//!   outside it.
+//!
+//! Beside them, one writer's page and `fdatasync` with and without an `fstat` before each
+//! write (the range check `FileStorage` once made): on kernels with multigrain timestamps
+//! the stat makes every barrier commit the journal too (`src/storage/file.rs`).
+//!
+//! The ratio `batched / naive` (or `overlapped / naive`) is the most any group commit can
+//! gain over one barrier per write on this disk at this thread count: a commit still writes
+//! one page per waiting write, and only the barriers are shared.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+/// Commits in flight at most in the `overlapped` row.
+pub const OVERLAP: u32 = 4;
+/// Rounds of the three rows, interleaved; each row's figure is its median round.
+const ROUNDS: usize = 3;
+/// Page size.
+const PAGE: u64 = 4096;
+
+/// Writes per second in each way, and pages per barrier in the batched ones.
+pub struct Ceiling {
+    pub naive: f64,
+    pub batched: f64,
+    pub batched_pages: f64,
+    pub overlapped: f64,
+    pub overlapped_pages: f64,
+    /// One writer: mean µs per page and `fdatasync`, without and with an `fstat` before
+    /// each write.
+    pub plain_us: f64,
+    pub stat_us: f64,
+}
+
+#[derive(Default)]
+struct Commits {
+    pending: Vec<u64>,
+    /// Writes queued, ever.
+    arrivals: u64,
+    /// The arrivals the last commit to take the queue covers.
+    taken: u64,
+    /// The arrivals every finished commit covers: all commits that took earlier have
+    /// finished too (their pages were written before this one's barrier started).
+    done: u64,
+    in_flight: u32,
+    commits: u64,
+}
+
+/// One row: `threads` writers for `secs`, at most `max_in_flight` commits (0: naive).
+/// Returns writes per second and barriers per second.
+fn row(file: &File, span: u64, threads: usize, max_in_flight: u32, secs: f64) -> (f64, f64) {
+    let state = Mutex::new(Commits::default());
+    let woken = Condvar::new();
+    let writes = Mutex::new(());
+    let pages = span / PAGE;
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let page = [0xa5u8; PAGE as usize];
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let (state, woken, writes, page) = (&state, &woken, &writes, &page);
+                sc.spawn(move || {
+                    let mut rng = SmallRng::seed_from_u64(0x5eed ^ t as u64);
+                    let mut n = 0u64;
+                    while Instant::now() < stop {
+                        let off = rng.random_range(0..pages) * PAGE;
+                        if max_in_flight == 0 {
+                            let _g = writes.lock();
+                            if file.write_all_at(page, off).and(file.sync_data()).is_err() {
+                                return n;
+                            }
+                            state.lock().commits += 1;
+                            n += 1;
+                            continue;
+                        }
+                        let mut st = state.lock();
+                        st.pending.push(off);
+                        st.arrivals += 1;
+                        let me = st.arrivals;
+                        while st.done < me {
+                            if st.taken >= me || st.in_flight >= max_in_flight {
+                                woken.wait(&mut st);
+                                continue;
+                            }
+                            st.in_flight += 1;
+                            // Gather, as the crate's leader does: yield while writes arrive.
+                            for _ in 0..16 {
+                                let seen = st.arrivals;
+                                drop(st);
+                                std::thread::yield_now();
+                                st = state.lock();
+                                if st.arrivals == seen {
+                                    break;
+                                }
+                            }
+                            drop(st);
+                            let w = writes.lock();
+                            st = state.lock();
+                            let batch = std::mem::take(&mut st.pending);
+                            let upto = st.arrivals;
+                            st.taken = upto;
+                            drop(st);
+                            let ok = batch.iter().all(|&o| file.write_all_at(page, o).is_ok());
+                            drop(w);
+                            let ok = ok && file.sync_data().is_ok();
+                            st = state.lock();
+                            st.in_flight -= 1;
+                            st.commits += 1;
+                            if ok {
+                                st.done = st.done.max(upto);
+                            }
+                            woken.notify_all();
+                            if !ok {
+                                return n;
+                            }
+                        }
+                        drop(st);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let el = start.elapsed().as_secs_f64().max(1e-9);
+    let commits = state.lock().commits;
+    (total as f64 / el, commits as f64 / el)
+}
+
+/// One writer for `secs`: a page and an `fdatasync` per write, with an `fstat` before each
+/// write when `stat`. Mean µs per write.
+fn one_writer(file: &File, span: u64, stat: bool, secs: f64) -> f64 {
+    let mut rng = SmallRng::seed_from_u64(0x57a7);
+    let page = [0x5au8; PAGE as usize];
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        if stat && file.metadata().is_err() {
+            break;
+        }
+        let off = rng.random_range(0..span / PAGE) * PAGE;
+        if file.write_all_at(&page, off).and(file.sync_data()).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Measures the three ways with `threads` writers on a file of `span` bytes under `dir`,
+/// `secs` per row and round.
+pub fn measure(dir: &Path, span: u64, threads: usize, secs: f64) -> Result<Ceiling, String> {
+    let path = dir.join("bench-ceiling.bin");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let span = span.max(PAGE) / PAGE * PAGE;
+    let chunk = vec![0x11u8; 1 << 20];
+    let mut off = 0;
+    while off < span {
+        let n = (span - off).min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], off)
+            .map_err(|e| e.to_string())?;
+        off += n as u64;
+    }
+    file.sync_all().map_err(|e| e.to_string())?;
+    let mut r: [Vec<(f64, f64)>; 3] = Default::default();
+    let (mut plain, mut stat) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for (k, fly) in [0, 1, OVERLAP].into_iter().enumerate() {
+            r[k].push(row(&file, span, threads, fly, secs));
+        }
+        plain.push(one_writer(&file, span, false, secs / 2.0));
+        stat.push(one_writer(&file, span, true, secs / 2.0));
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let writes = |k: usize| median(r[k].iter().map(|x| x.0).collect());
+    let per_barrier = |k: usize| {
+        median(
+            r[k].iter()
+                .map(|&(w, c)| if c > 0.0 { w / c } else { 0.0 })
+                .collect(),
+        )
+    };
+    Ok(Ceiling {
+        naive: writes(0),
+        batched: writes(1),
+        batched_pages: per_barrier(1),
+        overlapped: writes(2),
+        overlapped_pages: per_barrier(2),
+        plain_us: median(plain),
+        stat_us: median(stat),
+    })
+}
