@@ -1,11 +1,12 @@
 //! The disk's own ceiling for a group commit, with no bitmap code: what `dbm bench
 //! durable`'s group commit is measured against besides the naive mode.
 //!
-//! Writer threads each write one random 4 KiB page of a file as large as the bitmaps'
-//! clusters (written whole and synced first, as a durable activation leaves them) and
-//! wait until it is durable, three ways:
+//! Writer threads each write one random 4 KiB page in each of `parts` equal parts of a file
+//! as large as the bitmaps' clusters (one part per bitmap, as an intent on a clean granule
+//! dirties a page of each; the file written whole and synced first, as a durable
+//! activation leaves it) and wait until they are durable, three ways:
 //!
-//! - `naive`: under one lock, the page and an `fdatasync` (one barrier per write);
+//! - `naive`: under one lock, the pages and an `fdatasync` (one barrier per write);
 //! - `batched`: a writer that finds no commit covering its page leads one: it takes every
 //!   waiting page, writes them, and issues one `fdatasync`; one commit at a time;
 //! - `overlapped`: the same, with up to [`OVERLAP`] commits in flight (the next batch's
@@ -37,13 +38,13 @@ const ROUNDS: usize = 3;
 /// Page size.
 const PAGE: u64 = 4096;
 
-/// Writes per second in each way, and pages per barrier in the batched ones.
+/// Writes per second in each way, and writes per barrier in the batched ones.
 pub struct Ceiling {
     pub naive: f64,
     pub batched: f64,
-    pub batched_pages: f64,
+    pub batched_per_barrier: f64,
     pub overlapped: f64,
-    pub overlapped_pages: f64,
+    pub overlapped_per_barrier: f64,
     /// One writer: mean µs per page and `fdatasync`, without and with an `fstat` before
     /// each write.
     pub plain_us: f64,
@@ -64,13 +65,20 @@ struct Commits {
     commits: u64,
 }
 
-/// One row: `threads` writers for `secs`, at most `max_in_flight` commits (0: naive).
-/// Returns writes per second and barriers per second.
-fn row(file: &File, span: u64, threads: usize, max_in_flight: u32, secs: f64) -> (f64, f64) {
+/// One row: `threads` writers for `secs`, a page in each of `parts` parts of `span` bytes
+/// per write, at most `max_in_flight` commits (0: naive). Returns writes per second and
+/// barriers per second.
+fn row(
+    file: &File,
+    (span, parts): (u64, u64),
+    threads: usize,
+    max_in_flight: u32,
+    secs: f64,
+) -> (f64, f64) {
     let state = Mutex::new(Commits::default());
     let woken = Condvar::new();
     let writes = Mutex::new(());
-    let pages = span / PAGE;
+    let part_pages = (span / PAGE / parts.max(1)).max(1);
     let stop = Instant::now() + Duration::from_secs_f64(secs);
     let page = [0xa5u8; PAGE as usize];
     let start = Instant::now();
@@ -82,10 +90,13 @@ fn row(file: &File, span: u64, threads: usize, max_in_flight: u32, secs: f64) ->
                     let mut rng = SmallRng::seed_from_u64(0x5eed ^ t as u64);
                     let mut n = 0u64;
                     while Instant::now() < stop {
-                        let off = rng.random_range(0..pages) * PAGE;
+                        let offs: Vec<u64> = (0..parts.max(1))
+                            .map(|k| (k * part_pages + rng.random_range(0..part_pages)) * PAGE)
+                            .collect();
                         if max_in_flight == 0 {
                             let _g = writes.lock();
-                            if file.write_all_at(page, off).and(file.sync_data()).is_err() {
+                            let ok = offs.iter().all(|&o| file.write_all_at(page, o).is_ok());
+                            if !ok || file.sync_data().is_err() {
                                 return n;
                             }
                             state.lock().commits += 1;
@@ -93,7 +104,7 @@ fn row(file: &File, span: u64, threads: usize, max_in_flight: u32, secs: f64) ->
                             continue;
                         }
                         let mut st = state.lock();
-                        st.pending.push(off);
+                        st.pending.extend_from_slice(&offs);
                         st.arrivals += 1;
                         let me = st.arrivals;
                         while st.done < me {
@@ -173,9 +184,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Measures the three ways with `threads` writers on a file of `span` bytes under `dir`,
-/// `secs` per row and round.
-pub fn measure(dir: &Path, span: u64, threads: usize, secs: f64) -> Result<Ceiling, String> {
+/// Measures the three ways with `threads` writers on a file of `span` bytes in `parts`
+/// parts under `dir`, `secs` per row and round.
+pub fn measure(
+    dir: &Path,
+    (span, parts): (u64, u64),
+    threads: usize,
+    secs: f64,
+) -> Result<Ceiling, String> {
     let path = dir.join("bench-ceiling.bin");
     let file = OpenOptions::new()
         .read(true)
@@ -198,7 +214,7 @@ pub fn measure(dir: &Path, span: u64, threads: usize, secs: f64) -> Result<Ceili
     let (mut plain, mut stat) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         for (k, fly) in [0, 1, OVERLAP].into_iter().enumerate() {
-            r[k].push(row(&file, span, threads, fly, secs));
+            r[k].push(row(&file, (span, parts), threads, fly, secs));
         }
         plain.push(one_writer(&file, span, false, secs / 2.0));
         stat.push(one_writer(&file, span, true, secs / 2.0));
@@ -216,9 +232,9 @@ pub fn measure(dir: &Path, span: u64, threads: usize, secs: f64) -> Result<Ceili
     Ok(Ceiling {
         naive: writes(0),
         batched: writes(1),
-        batched_pages: per_barrier(1),
+        batched_per_barrier: per_barrier(1),
         overlapped: writes(2),
-        overlapped_pages: per_barrier(2),
+        overlapped_per_barrier: per_barrier(2),
         plain_us: median(plain),
         stat_us: median(stat),
     })

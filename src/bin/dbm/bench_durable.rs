@@ -100,8 +100,8 @@ pub struct DurableArgs {
     #[arg(long, default_value_t = 1)]
     pub bitmaps: usize,
     /// Seconds per row of the disk's own ceiling (the same page writes and barriers with
-    /// no bitmap code, at the most threads, run when both `durable` and `naive` are);
-    /// 0 skips it.
+    /// no bitmap code, at the most threads, run when both `durable` and `naive` are, with
+    /// the uniform pattern); 0 skips it.
     #[arg(long, default_value_t = 1.0)]
     pub ceiling_secs: f64,
 }
@@ -460,7 +460,8 @@ pub fn run(args: &DurableArgs) -> CmdResult {
             ))?;
         }
     }
-    if args.ceiling_secs > 0.0 {
+    // The ceiling writes uniform pages: the uniform pattern's.
+    if args.ceiling_secs > 0.0 && args.pattern == Pattern::Uniform {
         if let (Some(g), Some(n)) = (thr(Mode::Durable, most), thr(Mode::Naive, most)) {
             ceiling(args, &dir, most, g / n.max(1e-9))?;
         }
@@ -478,27 +479,28 @@ fn ceiling(args: &DurableArgs, dir: &std::path::Path, threads: usize, ratio: f64
     let bitmap_bytes = args.disk_size.div_ceil(args.granularity.max(1)).div_ceil(8);
     let span = bitmap_bytes.saturating_mul(args.bitmaps as u64);
     eprintln!("dbm bench durable: the disk's ceiling, {threads} thread(s)");
-    let c = super::ceiling::measure(dir, span, threads, args.ceiling_secs)?;
+    let c = super::ceiling::measure(dir, (span, args.bitmaps as u64), threads, args.ceiling_secs)?;
     let best = c.batched.max(c.overlapped) / c.naive.max(1e-9);
     emit(&format!(
-        "- the disk's own ceiling at {threads} threads, no bitmap code (random 4 KiB pages in a \
-         file of {} written whole, each write waiting until its page is durable; {:.1} s per \
-         row, median of 3 interleaved rounds): one page and one fdatasync per write under a \
+        "- the disk's own ceiling at {threads} threads, no bitmap code (per write a random 4 KiB \
+         page in each of {} part(s) of a file of {} written whole, each write waiting until its pages are durable; {:.1} s per \
+         row, median of 3 interleaved rounds): the pages and one fdatasync per write under a \
          lock {:.0} writes/s; batched, one commit at a time {:.0} writes/s ({:.1}×, {:.1} \
-         pages per barrier); batched with up to {} commits in flight {:.0} writes/s ({:.1}×, \
-         {:.1} pages per barrier). No group commit passes {best:.1}× one barrier per write on \
+         writes per barrier); batched with up to {} commits in flight {:.0} writes/s ({:.1}×, \
+         {:.1} writes per barrier). No group commit passes {best:.1}× one barrier per write on \
          this disk at this hour; ours reached {ratio:.1}× against the naive mode ({:.0} % of \
          that)\n",
+        args.bitmaps,
         human(span),
         args.ceiling_secs,
         c.naive,
         c.batched,
         c.batched / c.naive.max(1e-9),
-        c.batched_pages,
+        c.batched_per_barrier,
         super::ceiling::OVERLAP,
         c.overlapped,
         c.overlapped / c.naive.max(1e-9),
-        c.overlapped_pages,
+        c.overlapped_per_barrier,
         100.0 * ratio / best.max(1e-9),
     ))?;
     emit(&format!(
