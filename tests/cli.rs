@@ -1614,3 +1614,117 @@ fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
     assert_eq!(v["bitmaps"][0]["state"], "consistent");
     assert_eq!(qemu_check(&img), 0);
 }
+
+/// `dbm create IMAGE --data-file RAW` attaches an existing raw disk: the image takes the
+/// raw file's size and records its absolute path (QEMU 10 opens a relative one against its
+/// own working directory); QEMU reads the raw bytes through it; the raw file is never
+/// written. A `--size` that is not the raw file's, a raw file of a size QEMU cannot map, or
+/// a missing one is refused before the image exists.
+#[test]
+fn create_with_a_data_file_attaches_the_raw_disk_without_writing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let mut bytes = vec![0u8; 8 << 20];
+    bytes[1 << 20..(1 << 20) + 5].copy_from_slice(b"hello");
+    std::fs::write(&raw, &bytes).unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let refused = |args: &[&str], why: &str| {
+        let out = dbm(args);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(why, &out));
+        assert!(
+            text(&out.stderr).starts_with("dbm: "),
+            "{}",
+            describe(why, &out)
+        );
+        assert!(!img.exists(), "{why}: the image was left behind");
+    };
+    let (i, r) = (img.to_str().unwrap(), raw.to_str().unwrap());
+    refused(
+        &["create", i, "--data-file", r, "--size", "16M"],
+        "wrong size",
+    );
+    refused(
+        &[
+            "create",
+            i,
+            "--data-file",
+            dir.path().join("none").to_str().unwrap(),
+        ],
+        "missing raw file",
+    );
+    let odd = dir.path().join("odd.raw");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    refused(
+        &["create", i, "--data-file", odd.to_str().unwrap()],
+        "odd size",
+    );
+    // Relative to the current directory, as a user types it.
+    let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .current_dir(dir.path())
+        .args([
+            "create",
+            "disk.qcow2",
+            "--data-file",
+            "disk.raw",
+            "--cluster-size",
+            "2M",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe("create", &out));
+    assert_eq!(std::fs::read(&raw).unwrap(), bytes);
+    let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", i])).unwrap();
+    let canon = std::fs::canonicalize(&raw).unwrap();
+    assert_eq!(info["virtual-size"], 8 << 20);
+    assert_eq!(info["cluster-size"], 2 << 20);
+    assert_eq!(
+        info["format-specific"]["data"]["data-file"],
+        canon.to_str().unwrap()
+    );
+    assert_eq!(info["format-specific"]["data"]["data-file-raw"], true);
+    ok(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x68 1M 1", i],
+    );
+    let check = ok("qemu-img", &["check", i]);
+    assert!(check.contains("No errors"), "{check}");
+}
+
+/// `dbm bench durable` measures the disk's own group-commit ceiling beside ours when both
+/// `durable` and `naive` run with the uniform pattern, and the stat penalty beside it.
+#[test]
+fn bench_durable_sets_the_disks_own_ceiling_beside_the_group_commit() {
+    let out = dbm_ok(&[
+        "bench",
+        "durable",
+        "--disk-size",
+        "64G",
+        "--intents",
+        "10",
+        "--threads",
+        "2",
+        "--modes",
+        "durable,naive",
+        "--write-through",
+        "0",
+        "--ceiling-secs",
+        "0.05",
+    ]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("- the disk's own ceiling at 2 threads"))
+        .unwrap_or_else(|| panic!("no ceiling line: {out}"));
+    // "... under a lock N writes/s; batched, one commit at a time M writes/s (R×, ..."
+    let figures: Vec<f64> = line
+        .split(" writes/s")
+        .filter_map(|s| s.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(figures.len(), 3, "{line}");
+    assert!(figures.iter().all(|&f| f > 0.0), "{line}");
+    assert!(line.contains("ours reached"), "{line}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("- one writer, a page and an fdatasync per write")),
+        "{out}"
+    );
+}

@@ -16,6 +16,7 @@
 //! | bitmap directory entries | [`directory`] | `bitmap_directory_offset` |
 //! | bitmap table entries | [`table`] | each entry's `bitmap_table_offset` |
 //! | refcount table entries and refcount blocks | [`refcount`] | `refcount_table_offset` |
+//! | the L1/L2 map of a raw external data file | [`guest_map`] | `l1_table_offset` |
 //!
 //! The byte tables, limits and the places where QEMU is stricter than the specification are
 //! in `docs/FORMAT.md`. All integers are big-endian; the only little-endian-like data is the
@@ -44,6 +45,7 @@ pub mod directory;
 pub mod extension;
 pub mod feature;
 mod frame;
+pub mod guest_map;
 pub mod header;
 pub mod mode;
 pub mod refcount;
@@ -64,6 +66,7 @@ pub use extension::{
     UnknownExtension,
 };
 pub use feature::{qemu_feature_table, FeatureKind, FeatureName};
+pub use guest_map::RawGuestMap;
 pub use header::{Header, ImageGeometry};
 pub use mode::ModeExtension;
 pub use refcount::{

@@ -23,11 +23,11 @@ pub mod check;
 
 use crate::error::{internal, invalid_input, Error, Result, StateProblem};
 use crate::format::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS,
-    MIN_CLUSTER_BITS,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
-use crate::format::{decode_extensions, Extension, Header, HeaderArea};
+use crate::format::{decode_extensions, Extension, Header, HeaderArea, RawGuestMap};
 use crate::storage::{OpenMode, Storage, StorageExt};
 pub(crate) use alloc::read_metadata;
 use alloc::Refcounts;
@@ -147,6 +147,51 @@ impl<S: Storage> Image<S> {
     ///
     /// [`StateProblem::StorageNotEmpty`]: crate::error::StateProblem::StorageNotEmpty
     pub fn create_bitmap_only(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
+        Self::create_inner(storage, disk_size, cluster_size, None)
+    }
+
+    /// Creates a qcow2 v3 image whose guest data is the existing raw file `data_file` (the
+    /// name the image's `data_file` extension records; give an absolute path: QEMU 10 opens
+    /// a relative one against its own working directory, not the image's, as it does for
+    /// images `qemu-img create` made), with every guest cluster mapped to the same offset of that
+    /// file: the `data_file` incompatible bit, the `data_file_raw` autoclear bit, and L1
+    /// and L2 tables for all of `disk_size` (the layout `qemu-img create -f qcow2 -o
+    /// data_file=RAW,data_file_raw=on,preallocation=metadata` writes). QEMU, `qemu-nbd` and
+    /// `qemu-storage-daemon` then serve the raw file's contents through the image, and its
+    /// bitmaps beside them.
+    ///
+    /// **The raw file is never opened here, let alone written:** the caller checks that it
+    /// exists and holds `disk_size` bytes. (`qemu-img create` with an existing data file
+    /// truncates it.) The metadata costs 8 bytes per guest cluster: 2 GiB of L2 tables for
+    /// 16 TiB at 64 KiB clusters, 64 MiB at 2 MiB clusters.
+    ///
+    /// Write order: refcount structures, the L1 table and the L2 tables, a barrier, then
+    /// the header and a barrier, so that no crash leaves a header naming tables that are
+    /// not on disk.
+    ///
+    /// # Errors
+    /// As [`create_bitmap_only`](Self::create_bitmap_only); [`Error::InvalidInput`] for an
+    /// empty `data_file` name, one with a NUL byte, or one too long for cluster 0.
+    pub fn create_with_data_file(
+        storage: S,
+        disk_size: u64,
+        cluster_size: u64,
+        data_file: &str,
+    ) -> Result<Self> {
+        if data_file.is_empty() || data_file.contains('\0') {
+            return Err(invalid_input!(
+                "the data file name {data_file:?} is empty or holds a NUL byte"
+            ));
+        }
+        Self::create_inner(storage, disk_size, cluster_size, Some(data_file))
+    }
+
+    fn create_inner(
+        storage: S,
+        disk_size: u64,
+        cluster_size: u64,
+        data_file: Option<&str>,
+    ) -> Result<Self> {
         let cluster_bits = cluster_size.trailing_zeros();
         if !cluster_size.is_power_of_two()
             || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
@@ -166,13 +211,21 @@ impl<S: Storage> Image<S> {
             .ok_or_else(|| {
                 invalid_input!("disk size {disk_size} needs an L1 table above 32 MiB")
             })?;
-        let header = Header {
+        let mut header = Header {
             l1_size,
             l1_table_offset: 3 * cluster_size,
             refcount_table_offset: cluster_size,
             refcount_table_clusters: 1,
             ..Header::v3(cluster_bits, disk_size)
         };
+        let mut area = HeaderArea::new(header.clone());
+        if let Some(name) = data_file {
+            area.header.incompatible_features |= INCOMPAT_DATA_FILE;
+            area.header.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
+            area.data_file = Some(name.as_bytes().to_vec());
+            // Refused here, before anything is written, if it does not fit cluster 0.
+            area.encode()?;
+        }
         storage.set_len(3 * cluster_size)?;
         let reftable = encode_reftable(&[Some(2 * cluster_size)], cluster_bits)?;
         storage.write_all_at(&reftable, cluster_size)?;
@@ -184,18 +237,26 @@ impl<S: Storage> Image<S> {
         let mut probe = header.clone();
         probe.l1_size = 0;
         let mut refcounts = Refcounts::load(&storage, &probe)?;
-        let mut header = header;
         if l1_size > 0 {
             let l1_len = u64::from(l1_size) * 8;
             // This may grow the reftable, which moves it and rewrites the header's reftable
             // fields on disk: `header` follows, so the header written below names the
             // table in force, not cluster 1.
-            let l1 = refcounts.alloc(&storage, &mut header, l1_len.div_ceil(cluster_size))?;
-            storage.write_zeroes_at(l1, l1_len.div_ceil(cluster_size) * cluster_size)?;
+            let l1_clusters = l1_len.div_ceil(cluster_size);
+            let l1 = refcounts.alloc(&storage, &mut header, l1_clusters)?;
+            storage.write_zeroes_at(l1, l1_clusters * cluster_size)?;
             header.l1_table_offset = l1;
+            if data_file.is_some() {
+                write_raw_guest_map(&storage, &mut refcounts, &mut header, l1)?;
+            }
         }
         refcounts.flush(&storage)?;
-        let area = HeaderArea::new(header);
+        storage.sync_data()?;
+        area.header = Header {
+            incompatible_features: area.header.incompatible_features,
+            autoclear_features: area.header.autoclear_features,
+            ..header
+        };
         storage.write_all_at(&area.encode()?, 0)?;
         storage.sync_data()?;
         let refcounts = Refcounts::load(&storage, &area.header)?;
@@ -433,3 +494,33 @@ impl<S: Storage> Image<S> {
 
 #[cfg(test)]
 mod tests;
+
+/// The L2 tables of a raw data file's identity map (`format::guest_map`), allocated
+/// contiguously and written in chunks of up to 8 MiB, then the L1 table at `l1` naming
+/// them. Nothing points at them until the header is written.
+fn write_raw_guest_map<S: Storage>(
+    storage: &S,
+    refcounts: &mut Refcounts,
+    header: &mut Header,
+    l1: u64,
+) -> Result<()> {
+    let cs = header.cluster_size();
+    let map = RawGuestMap::new(cs, header.size)?;
+    let tables = map.l2_tables();
+    let first = refcounts.alloc(storage, header, tables)?;
+    let per_chunk = ((8u64 << 20) / cs).max(1);
+    let mut buf = Vec::new();
+    let mut t = 0;
+    while t < tables {
+        let n = per_chunk.min(tables - t);
+        buf.resize(
+            usize::try_from(n * cs).map_err(|_| internal!("chunk too large"))?,
+            0,
+        );
+        map.fill_l2(t, &mut buf)?;
+        storage.write_all_at(&buf, first + t * cs)?;
+        t += n;
+    }
+    storage.write_all_at(&map.encode_l1(first)?, l1)?;
+    Ok(())
+}

@@ -470,8 +470,37 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// As [`Image::create_bitmap_only`].
     pub fn create(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
-        Ok(Self {
-            image: Image::create_bitmap_only(storage, disk_size, cluster_size)?,
+        Ok(Self::with_new_image(Image::create_bitmap_only(
+            storage,
+            disk_size,
+            cluster_size,
+        )?))
+    }
+
+    /// Creates an image whose guest data is the existing raw file `data_file` (see
+    /// [`Image::create_with_data_file`]: the raw file is never written) and opens it
+    /// writable, with no bitmaps. The bitmaps added to it track writes to the raw disk,
+    /// and QEMU's NBD server exports the disk and its bitmaps together.
+    ///
+    /// # Errors
+    /// As [`Image::create_with_data_file`].
+    pub fn create_with_data_file(
+        storage: S,
+        disk_size: u64,
+        cluster_size: u64,
+        data_file: &str,
+    ) -> Result<Self> {
+        Ok(Self::with_new_image(Image::create_with_data_file(
+            storage,
+            disk_size,
+            cluster_size,
+            data_file,
+        )?))
+    }
+
+    fn with_new_image(image: Image<S>) -> Self {
+        Self {
+            image,
             slots: Vec::new(),
             dir: None,
             active: false,
@@ -482,7 +511,7 @@ impl<S: Storage> BitmapStore<S> {
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
-        })
+        }
     }
 
     /// The image underneath.

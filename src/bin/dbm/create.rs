@@ -1,6 +1,6 @@
-//! `dbm create`: a bitmap-only qcow2 image.
+//! `dbm create`: a bitmap-only qcow2 image, or one whose guest data is an existing raw file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use dirty_bitmap::storage::FileStorage;
@@ -15,22 +15,21 @@ pub struct CreateArgs {
     /// The image to create; an existing file is never overwritten.
     pub image: PathBuf,
     /// Virtual disk size (suffixes K, M, G, T), rounded up to 512 bytes as `qemu-img create`
-    /// does.
+    /// does. With `--data-file`, the raw file's size, which is the default there.
     #[arg(long, value_parser = size::parse_size)]
-    pub size: u64,
+    pub size: Option<u64>,
     /// Cluster size: a power of two from 512 to 2M.
     #[arg(long, default_value = "64K", value_parser = size::parse_size)]
     pub cluster_size: u64,
+    /// An existing raw file that holds the guest data: the image maps every guest cluster
+    /// to the same offset of it (`data_file_raw`), so QEMU's tools serve the raw disk and
+    /// its bitmaps together. The raw file is never written.
+    #[arg(long, value_name = "RAW")]
+    pub data_file: Option<PathBuf>,
 }
 
 /// Runs `dbm create`.
 pub fn run(args: &CreateArgs) -> CmdResult {
-    let size = args.size.checked_next_multiple_of(512).ok_or_else(|| {
-        format!(
-            "size {} does not fit in 64 bits once rounded up to 512",
-            args.size
-        )
-    })?;
     if args.image.symlink_metadata().is_ok() {
         return Err(at(
             &args.image,
@@ -38,8 +37,22 @@ pub fn run(args: &CreateArgs) -> CmdResult {
         )
         .into());
     }
+    let (size, name) = match &args.data_file {
+        None => {
+            let size = args.size.ok_or("--size is required without --data-file")?;
+            (round_up(size)?, None)
+        }
+        Some(raw) => {
+            let (size, name) = attach(raw, args.size)?;
+            (size, Some(name))
+        }
+    };
     let storage = FileStorage::create(&args.image).map_err(|e| at(&args.image, e))?;
-    match BitmapStore::create(storage, size, args.cluster_size) {
+    let r = match &name {
+        None => BitmapStore::create(storage, size, args.cluster_size),
+        Some(n) => BitmapStore::create_with_data_file(storage, size, args.cluster_size, n),
+    };
+    match r {
         Ok(store) => {
             drop(store);
             Ok(ExitCode::SUCCESS)
@@ -50,4 +63,43 @@ pub fn run(args: &CreateArgs) -> CmdResult {
             Err(at(&args.image, e).into())
         }
     }
+}
+
+fn round_up(size: u64) -> Result<u64, String> {
+    size.checked_next_multiple_of(512)
+        .ok_or_else(|| format!("size {size} does not fit in 64 bits once rounded up to 512"))
+}
+
+/// The disk size and the name the image records for the raw file `raw`: its absolute
+/// path, since QEMU 10 opens a relative data file name against its own working directory,
+/// not the image's.
+fn attach(raw: &Path, size: Option<u64>) -> Result<(u64, String), String> {
+    let meta = std::fs::metadata(raw).map_err(|e| at(raw, e))?;
+    if !meta.is_file() {
+        return Err(at(raw, "is not a regular file"));
+    }
+    let len = meta.len();
+    if len == 0 || len % 512 != 0 {
+        return Err(at(
+            raw,
+            format!("is {len} bytes; a raw disk must be a non-zero multiple of 512 bytes"),
+        ));
+    }
+    if let Some(s) = size {
+        if s != len {
+            return Err(at(
+                raw,
+                format!(
+                    "is {len} bytes, not the --size {s}; the image maps the raw file as it \
+                     is (leave --size out)"
+                ),
+            ));
+        }
+    }
+    let abs = std::fs::canonicalize(raw).map_err(|e| at(raw, e))?;
+    let name = abs
+        .to_str()
+        .ok_or_else(|| at(raw, "the path is not UTF-8"))?
+        .to_string();
+    Ok((len, name))
 }

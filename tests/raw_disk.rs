@@ -1,0 +1,224 @@
+//! Raw disks the way QEMU serves them (issue 13 §1): an image whose guest data is an
+//! existing raw file, made without writing one byte of it, that QEMU's tools read, write
+//! and export with its bitmaps; and such images made by `qemu-img`, opened by us.
+//!
+//! Needs qemu-img, qemu-io, qemu-nbd and nbdinfo; a missing tool fails the test.
+
+mod common;
+
+use std::path::Path;
+
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, run};
+use dirty_bitmap::storage::FileStorage;
+use dirty_bitmap::{BitmapStore, OpenMode, Recording};
+
+const MIB: u64 = 1 << 20;
+
+/// A raw file of `size` bytes with a pattern every 1 MiB (byte `0x40 + k` over the first
+/// 4 KiB of MiB `k`), the rest sparse.
+fn raw_disk(path: &Path, size: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for k in 0..size / MIB {
+        f.write_all_at(&[0x40 + (k % 64) as u8; 4096], k * MIB)
+            .unwrap();
+    }
+    std::fs::read(path).unwrap()
+}
+
+fn qemu_map(img: &Path) -> serde_json::Value {
+    let out = ok("qemu-img", &["map", "-f", "qcow2", "--output=json", p(img)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Our image and `qemu-img create … preallocation=metadata`'s, over raw files of the same
+/// size: the same map, the same facts in `qemu-img info`, and ours left the raw file as it
+/// was, byte for byte, where QEMU's truncated its own.
+#[test]
+fn a_data_file_image_maps_the_raw_file_as_qemu_img_does_and_never_writes_it() {
+    for (cs, size) in [(65536u64, 64 * MIB), (512, 3 * MIB), (2 * MIB, 130 * MIB)] {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk.raw");
+        let before = raw_disk(&raw, size);
+        let mtime = std::fs::metadata(&raw).unwrap().modified().unwrap();
+        let img = dir.path().join("ours.qcow2");
+        let st = BitmapStore::create_with_data_file(
+            FileStorage::create(&img).unwrap(),
+            size,
+            cs,
+            p(&raw),
+        )
+        .unwrap();
+        drop(st);
+        assert_eq!(std::fs::read(&raw).unwrap(), before, "cluster size {cs}");
+        assert_eq!(std::fs::metadata(&raw).unwrap().modified().unwrap(), mtime);
+        assert_qemu_clean(&img);
+
+        let theirs_raw = dir.path().join("theirs.raw");
+        std::fs::write(&theirs_raw, b"").unwrap();
+        let theirs = dir.path().join("theirs.qcow2");
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!(
+                    "cluster_size={cs},data_file={},data_file_raw=on,preallocation=metadata",
+                    p(&theirs_raw)
+                ),
+                p(&theirs),
+                &size.to_string(),
+            ],
+        );
+        let strip = |mut v: serde_json::Value| {
+            for e in v.as_array_mut().unwrap() {
+                e.as_object_mut().unwrap().remove("filename");
+            }
+            v
+        };
+        assert_eq!(
+            strip(qemu_map(&img)),
+            strip(qemu_map(&theirs)),
+            "cluster size {cs}"
+        );
+        let info = |i: &Path| -> serde_json::Value {
+            serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(i)])).unwrap()
+        };
+        let (a, b) = (info(&img), info(&theirs));
+        let data = |v: &serde_json::Value| v["format-specific"]["data"].clone();
+        assert_eq!(data(&a)["data-file"], p(&raw));
+        assert_eq!(data(&a)["data-file-raw"], true);
+        assert_eq!(data(&b)["data-file-raw"], true);
+        assert_eq!(a["virtual-size"], b["virtual-size"]);
+        assert_eq!(a["cluster-size"], b["cluster-size"]);
+        // QEMU reads the raw file's bytes through our image.
+        for k in [0, size / MIB / 2, size / MIB - 1] {
+            ok(
+                "qemu-io",
+                &[
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    &format!("read -P {} {} 4096", 0x40 + (k % 64), k * MIB),
+                    p(&img),
+                ],
+            );
+        }
+    }
+}
+
+/// Bitmaps in a data-file image: our store keeps them (active, flushed, inactivated) beside
+/// the L1/L2 tables; QEMU writes the raw disk through the image into the raw file, and
+/// `qemu-nbd` exports the bitmap as we marked it.
+#[test]
+fn bitmaps_beside_the_guest_map_are_exported_by_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 256 * MIB;
+    let raw = dir.path().join("disk.raw");
+    raw_disk(&raw, size);
+    let img = dir.path().join("disk.qcow2");
+    let mut st = BitmapStore::create_with_data_file(
+        FileStorage::create(&img).unwrap(),
+        size,
+        65536,
+        p(&raw),
+    )
+    .unwrap();
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    let t = st.tracker().unwrap();
+    for (off, len) in [(0, 4096), (10 * MIB, 3 * MIB), (size - 65536, 65536)] {
+        t.mark(off, len);
+    }
+    st.flush().unwrap();
+    t.mark(100 * MIB, 1);
+    st.inactivate().unwrap();
+    drop(t);
+    drop(st);
+    assert_qemu_clean(&img);
+    assert_eq!(
+        nbd_dirty(&img, "b"),
+        vec![
+            (0, 65536),
+            (10 * MIB, 3 * MIB),
+            (100 * MIB, 65536),
+            (size - 65536, 65536)
+        ]
+    );
+    // QEMU writes through the image: the bytes land at the same offset of the raw file.
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xcd 5M 64K", p(&img)],
+    );
+    let bytes = std::fs::read(&raw).unwrap();
+    assert!(bytes[(5 * MIB) as usize..(5 * MIB + 65536) as usize]
+        .iter()
+        .all(|&b| b == 0xcd));
+    assert_qemu_clean(&img);
+    // And reopened by us, the bitmap and the map are still there.
+    let mut st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    assert!(st.image().check().unwrap().is_clean());
+    st.activate().unwrap();
+    // Ours, and QEMU's write at 5 MiB: the bitmap is enabled, so QEMU marked it too.
+    let b = st.bitmap("b").unwrap();
+    assert_eq!(b.dirty_bytes(), (1 + 48 + 1 + 1 + 1) * 65536);
+    assert!(b.is_dirty(5 * MIB));
+    st.inactivate().unwrap();
+}
+
+/// An image `qemu-img` made over a raw file opens in our store, takes a bitmap, and stays
+/// clean for QEMU; the raw file is not touched by us.
+#[test]
+fn a_data_file_image_made_by_qemu_img_takes_our_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("q.raw");
+    let img = dir.path().join("q.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!(
+                "data_file={},data_file_raw=on,preallocation=metadata",
+                p(&raw)
+            ),
+            p(&img),
+            "64M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 64K", p(&img)],
+    );
+    let before = std::fs::read(&raw).unwrap();
+    let mut st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    st.add("ours", 65536, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    st.tracker().unwrap().mark(2 * MIB, 4096);
+    st.inactivate().unwrap();
+    drop(st);
+    assert_eq!(std::fs::read(&raw).unwrap(), before);
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "ours"), vec![(2 * MIB, 65536)]);
+    let out = run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64K", p(&img)],
+    );
+    assert!(out.status.success());
+}
