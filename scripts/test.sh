@@ -10,6 +10,8 @@ need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "==> installing ${need[*]}"
     sudo=""

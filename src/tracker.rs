@@ -92,9 +92,11 @@ impl Tracker {
         }
     }
 
-    /// The bitmaps this tracker marks now (enabled or not).
+    /// The bitmaps this tracker marks now (enabled or not): a copy of the list, so that
+    /// only marks in flight ever hold the published one (a store's checkpoint waits for
+    /// them, `BitmapStore::checkpoint`).
     pub fn bitmaps(&self) -> Arc<Vec<Arc<DirtyBitmap>>> {
-        self.bitmaps.load_full()
+        Arc::new(self.bitmaps.load().as_ref().clone())
     }
 
     /// The lock-free pending estimate over these bitmaps: [`crate::flush::pending_estimate`].

@@ -29,6 +29,20 @@ impl<S: Storage> BitmapStore<S> {
     /// the directory size limit; [`Error::Exists`] for a name that is taken;
     /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
+        self.add_disabling(name, granularity, recording, None)
+    }
+
+    /// [`add`](Self::add), and in the same directory commit the `auto` flag of bitmap
+    /// `disable` cleared ([`checkpoint`](Self::checkpoint)). Active, the new bitmap records
+    /// (it is published to the trackers) before `disable` stops: a mark racing the call
+    /// lands in one of them or both, never in neither.
+    pub(super) fn add_disabling(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        recording: Recording,
+        disable: Option<usize>,
+    ) -> Result<()> {
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
         if !self.image.header().can_hold_bitmaps() {
@@ -100,6 +114,14 @@ impl<S: Storage> BitmapStore<S> {
         };
         entry.table_offset = off;
         let mut entries = live;
+        let old_name = disable
+            .and_then(|i| self.slots.get(i))
+            .map(|s| s.entry.name.clone());
+        if let Some(n) = &old_name {
+            if let Some(e) = entries.iter_mut().find(|e| &e.name == n) {
+                e.auto = false;
+            }
+        }
         entries.push(entry);
         self.commit(entries, Vec::new())?;
         if let Some(slot) = self.slots.last_mut() {
@@ -108,7 +130,22 @@ impl<S: Storage> BitmapStore<S> {
         if let (Some(d), Some(t)) = (&mut self.durable, target) {
             d.push(t);
         }
-        self.publish();
+        // Only once no mark runs over the list without the new bitmap does the old one
+        // stop: such a mark may not have reached the old one yet, and would land in
+        // neither. (A durable intent sets its bits again with the current list until they
+        // are durable in every recording bitmap, so it needs no grace period.)
+        if old_name.is_some() {
+            self.publish_quiesced();
+        } else {
+            self.publish();
+        }
+        if let Some(n) = &old_name {
+            if let Some(s) = self.slots.iter().find(|s| &s.entry.name == n) {
+                for m in s.mem.iter().chain(s.parked.iter()) {
+                    m.set_enabled(false);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -137,6 +137,9 @@ pub struct BitmapStore<S: Storage> {
     /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
     /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
     tracked: TrackedSet,
+    /// Lists [`publish`](Self::publish) replaced that a mark may still hold (pruned at
+    /// each publish): a grace period waits for them (`publish_quiesced`).
+    retired: parking_lot::Mutex<Vec<Arc<Vec<Arc<DirtyBitmap>>>>>,
     /// Active in durable mode: the bitmaps' tables and durable bits (`durable.rs`).
     durable: Option<durable_bits::Durable>,
     /// The parked bitmaps come from a durable inactivation: the disk holds every mark
@@ -457,6 +460,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             walk: None,
             tracked: TrackedSet::default(),
+            retired: parking_lot::Mutex::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -507,6 +511,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             walk: None,
             tracked: TrackedSet::default(),
+            retired: parking_lot::Mutex::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -929,12 +934,39 @@ impl<S: Storage> BitmapStore<S> {
     /// store. Called after every change of the slots, before the call that changed them
     /// returns, so a mark that starts afterwards reaches every enabled bitmap.
     fn publish(&self) {
+        let old = self.swap_published();
+        let mut retired = self.retired.lock();
+        retired.retain(|l| Arc::strong_count(l) > 1);
+        if Arc::strong_count(&old) > 1 {
+            retired.push(old);
+        }
+    }
+
+    fn swap_published(&self) -> Arc<Vec<Arc<DirtyBitmap>>> {
         let list: Vec<Arc<DirtyBitmap>> = self
             .slots
             .iter()
             .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
             .collect();
-        self.tracked.store(Arc::new(list));
+        self.tracked.swap(Arc::new(list))
+    }
+
+    /// [`publish`](Self::publish), then waits until no mark still runs over any list
+    /// published before: a grace period. A [`Tracker::mark`](crate::Tracker::mark) holds
+    /// the list it loaded for the whole mark, and a swap turns every such hold into a
+    /// count on the replaced list (`arc_swap` pays the readers' debts in `swap`); nothing
+    /// else keeps a published list (`Tracker::bitmaps` hands out copies), and each replaced
+    /// list a mark may still hold is kept in `retired`. After this, a bitmap dropped from
+    /// recording can be disabled without losing a mark that loaded an older list and has
+    /// not yet reached it (`checkpoint`).
+    fn publish_quiesced(&self) {
+        let old = self.swap_published();
+        let retired = std::mem::take(&mut *self.retired.lock());
+        for list in std::iter::once(&old).chain(retired.iter()) {
+            while Arc::strong_count(list) > 1 {
+                std::thread::yield_now();
+            }
+        }
     }
 
     fn current_entries(&self) -> Vec<DirEntry> {
@@ -964,6 +996,7 @@ impl<S: Storage> BitmapStore<S> {
 }
 
 pub mod background;
+pub mod checkpoint;
 mod commit;
 pub mod durable;
 mod durable_bits;

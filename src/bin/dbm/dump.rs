@@ -22,7 +22,12 @@ pub struct DumpArgs {
     /// The qcow2 image.
     pub image: PathBuf,
     /// The bitmap.
-    pub name: String,
+    #[arg(required_unless_present = "since", conflicts_with = "since")]
+    pub name: Option<String>,
+    /// Print what changed since this checkpoint instead: the union of it and every bitmap
+    /// after it in the image (`dbm checkpoint`).
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub since: Option<String>,
     /// Print nbdinfo's `--map --json` array instead of text rows.
     #[arg(long)]
     pub json: bool,
@@ -101,19 +106,22 @@ pub fn json_rows(rows: &[Row]) -> String {
 /// Runs `dbm dump`.
 pub fn run(args: &DumpArgs) -> CmdResult {
     let st = reader(&args.image, args.force_share)?;
-    let bm = st
-        .load(BitmapName::parse_escaped(&args.name))
-        .map_err(|e| match e {
-            Error::Inconsistent { name } => at(
-                &args.image,
-                format!(
-                    "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
+    let r = match (&args.name, &args.since) {
+        (Some(n), None) => st.load(BitmapName::parse_escaped(n)),
+        (None, Some(x)) => st.changed_since(BitmapName::parse_escaped(x)),
+        _ => return Err("give a bitmap NAME or --since CHECKPOINT".into()),
+    };
+    let bm = r.map_err(|e| match e {
+        Error::Inconsistent { name } => at(
+            &args.image,
+            format!(
+                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
                  bitmap support changed the image): its bits cannot be trusted, so treat the \
                  whole disk as dirty; the only thing to do with it is `dbm bitmap --remove`"
-                ),
             ),
-            e => at(&args.image, e),
-        })?;
+        ),
+        e => at(&args.image, e),
+    })?;
     let rows = rows(bm.disk_size(), bm.dirty_extents());
     if args.json {
         emit(&format!("{}\n", json_rows(&rows)))?;

@@ -8,6 +8,7 @@
 mod bench;
 mod bitmap_cmd;
 mod check;
+mod checkpoint;
 mod create;
 mod demo;
 mod drill;
@@ -54,8 +55,12 @@ enum Command {
     /// Add, remove, clear, enable, disable or merge a bitmap (`qemu-img bitmap`'s verbs).
     Bitmap(bitmap_cmd::BitmapArgs),
     /// Print a bitmap as `offset length type dirty|clean` rows over the whole disk, as
-    /// `nbdinfo --map=qemu:dirty-bitmap:NAME` prints them.
+    /// `nbdinfo --map=qemu:dirty-bitmap:NAME` prints them (or, with `--since CHECKPOINT`,
+    /// what changed since a checkpoint).
     Dump(dump::DumpArgs),
+    /// Start a checkpoint: in one commit, disable the recording bitmap and add a new one;
+    /// or export what changed since a checkpoint into a bitmap `qemu-nbd -B` serves.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Mark a byte range dirty in a bitmap and store it.
     Mark(mark::MarkArgs),
     /// Check refcounts and the bitmap directory and tables; exit 0 clean, 2 corrupt,
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args),
         Command::Bitmap(args) => bitmap_cmd::run(&args),
         Command::Dump(args) => dump::run(&args),
+        Command::Checkpoint(args) => checkpoint::run(&args),
         Command::Mark(args) => mark::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Workload(args) => workload::run(&args),

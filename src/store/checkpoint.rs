@@ -1,0 +1,134 @@
+//! Checkpoints: a chain of bitmaps, one per backup, of which only the newest records.
+//!
+//! The chain is the image's bitmaps in directory order: [`BitmapStore::checkpoint`] appends
+//! the new bitmap at the end and, in the same directory commit, disables the one that was
+//! recording, so every write lands in the old bitmap (before the commit) or the new one
+//! (after it). "What changed since checkpoint X" is then the union of X and every bitmap
+//! after it ([`BitmapStore::changed_since`]). A bitmap someone added to the image by other
+//! means after X only adds bits to that union: a spurious dirty extent costs one extra
+//! copy, a missing one would corrupt a backup. Removing the oldest checkpoint after a
+//! backup is [`BitmapStore::remove`], one commit.
+
+use super::{BitmapStore, Recording};
+use crate::bitmap::DirtyBitmap;
+use crate::error::{invalid_input, Error, Result};
+use crate::format::BitmapName;
+use crate::storage::Storage;
+
+/// The granularity of the first checkpoint of an image with no recording bitmap: QEMU's
+/// default for a disk with 64 KiB clusters.
+pub const DEFAULT_CHECKPOINT_GRANULARITY: u64 = 64 << 10;
+
+impl<S: Storage> BitmapStore<S> {
+    /// Starts checkpoint `new`: in one directory commit, the bitmap that records (the
+    /// chain's newest) is disabled and `new` is added enabled, at the same granularity. With
+    /// no recording bitmap, `new` starts the chain at [`DEFAULT_CHECKPOINT_GRANULARITY`].
+    /// Returns the name of the bitmap it disabled.
+    ///
+    /// Every write is in one of them: before the commit in the old bitmap, after it in
+    /// `new`. On an active store, `new` is published to the trackers before the old one
+    /// stops recording, so a mark racing the call lands in one of them or both, never in
+    /// neither. A crash before the commit leaves the chain as it was (and only leaked
+    /// clusters); after it, both entries as the commit wrote them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
+    /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is
+    /// inconsistent (start a new chain after a full backup: remove it first);
+    /// [`Error::ReadOnly`]; I/O.
+    pub fn checkpoint(&mut self, new: &str) -> Result<Option<BitmapName>> {
+        let recording: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.stale && self.records(s))
+            .map(|(i, _)| i)
+            .collect();
+        match recording[..] {
+            [] => {
+                self.add(new, DEFAULT_CHECKPOINT_GRANULARITY, Recording::Enabled)?;
+                Ok(None)
+            }
+            [i] => {
+                let slot = &self.slots[i];
+                if slot.inconsistent {
+                    return Err(Error::Inconsistent {
+                        name: slot.entry.name.to_string(),
+                    });
+                }
+                let old = slot.entry.name.clone();
+                let g = 1u64 << slot.entry.granularity_bits;
+                self.add_disabling(new, g, Recording::Enabled, Some(i))?;
+                Ok(Some(old))
+            }
+            _ => {
+                let names: Vec<String> = recording
+                    .iter()
+                    .map(|&i| self.slots[i].entry.name.to_string())
+                    .collect();
+                Err(invalid_input!(
+                    "{} bitmaps record ({}); a checkpoint chain has one",
+                    names.len(),
+                    names.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// Whether slot `s` records: its in-memory flag while active (or parked), else the
+    /// `auto` flag on disk.
+    fn records(&self, s: &super::Slot) -> bool {
+        match s.mem.as_ref().or(s.parked.as_ref()) {
+            Some(m) => m.is_enabled(),
+            None => s.entry.auto,
+        }
+    }
+
+    /// What changed since checkpoint `since`: the union of bitmap `since` and every bitmap
+    /// after it in the directory, at `since`'s granularity (each later bitmap's dirty
+    /// extents dirty every granule they touch). Read from memory where the store holds the
+    /// bitmaps, else from disk.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Inconsistent`] when `since` or any later bitmap is
+    /// inconsistent (its bits cannot be trusted: back up in full); [`Error::Corrupt`]; I/O.
+    pub fn changed_since(&self, since: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
+        let first = self.find(since.as_ref())?;
+        let base = self.load(since.as_ref())?;
+        // A fresh, enabled bitmap: a copy of a disabled checkpoint would ignore the marks.
+        let out = self.new_bitmap(base.granularity())?;
+        out.merge_from(&base)?;
+        for s in self.slots.iter().skip(first.saturating_add(1)) {
+            if s.stale {
+                continue;
+            }
+            let later = self.load(s.entry.name.as_bytes())?;
+            for (off, len) in later.dirty_extents() {
+                out.mark_dirty(off, len);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes [`changed_since`](Self::changed_since)`(since)` into a new disabled bitmap
+    /// `into`, which `qemu-nbd -B INTO` exports (what QEMU's pull-mode backup does with
+    /// `block-dirty-bitmap-merge`). Remove it after the backup. On an inactive store only:
+    /// an active one's disk copy of `into` would be `in_use`, which `qemu-nbd` refuses.
+    ///
+    /// # Errors
+    /// As [`changed_since`](Self::changed_since) and [`add`](Self::add);
+    /// [`Error::WrongState`] on an active store.
+    pub fn export_since(&mut self, since: impl AsRef<[u8]>, into: &str) -> Result<()> {
+        if self.active {
+            return Err(Error::WrongState(crate::error::StateProblem::Active));
+        }
+        let union = self.changed_since(since)?;
+        self.add(into, union.granularity(), Recording::Disabled)?;
+        if let Err(e) = self.store(into, &union) {
+            // Nothing names data of ours in it yet beyond an empty table: take it away.
+            let _ = self.remove(into);
+            return Err(e);
+        }
+        Ok(())
+    }
+}

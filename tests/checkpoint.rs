@@ -1,0 +1,261 @@
+//! Checkpoints in one crash-safe commit (issue 13 §2): `BitmapStore::checkpoint`,
+//! `changed_since`, `export_since`, with QEMU's tools as the judge where they can be.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::qemu::{assert_qemu_clean, nbd_dirty, qemu_bitmaps};
+use common::seeded_rng;
+use dirty_bitmap::storage::{CrashMode, CrashStorage, FileStorage, MemStorage};
+use dirty_bitmap::{BitmapStore, Error, OpenMode, Recording};
+use parking_lot::Mutex;
+use rand::RngExt;
+
+const MIB: u64 = 1 << 20;
+const G: u64 = 65536;
+
+fn extents(bm: &dirty_bitmap::DirtyBitmap) -> Vec<(u64, u64)> {
+    bm.dirty_extents().collect()
+}
+
+fn granules(ranges: &[(u64, u64)], g: u64) -> BTreeSet<u64> {
+    ranges
+        .iter()
+        .flat_map(|&(o, l)| o / g..(o + l).div_ceil(g))
+        .collect()
+}
+
+/// A chain of three checkpoints on an image file: each `checkpoint` disables the recording
+/// bitmap and adds the next, `changed_since` is the union of a checkpoint and every later
+/// one, `export_since` writes it into a bitmap `qemu-nbd` exports, and QEMU sees the flags
+/// the chain promises. The first checkpoint of an image without a recording bitmap starts
+/// the chain at 64 KiB.
+#[test]
+fn a_chain_of_checkpoints_and_what_changed_since_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let disk = 256 * MIB;
+    let mut st = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    assert_eq!(st.checkpoint("c1").unwrap(), None);
+    st.activate().unwrap();
+    let t = st.tracker().unwrap();
+    let a = [(0, 4096), (10 * MIB, 2 * MIB)];
+    let b = [(20 * MIB, 65536), (10 * MIB, 4096)];
+    let c = [(disk - 512, 512)];
+    for &(o, l) in &a {
+        t.mark(o, l);
+    }
+    assert_eq!(st.checkpoint("c2").unwrap().unwrap().to_string(), "c1");
+    for &(o, l) in &b {
+        t.mark(o, l);
+    }
+    assert_eq!(st.checkpoint("c3").unwrap().unwrap().to_string(), "c2");
+    for &(o, l) in &c {
+        t.mark(o, l);
+    }
+    let since = |st: &BitmapStore<FileStorage>, n: &str| {
+        granules(&extents(&st.changed_since(n).unwrap()), G)
+    };
+    let all = |sets: &[&[(u64, u64)]]| {
+        let v: Vec<(u64, u64)> = sets.iter().flat_map(|s| s.iter().copied()).collect();
+        granules(&v, G)
+    };
+    assert_eq!(since(&st, "c1"), all(&[&a, &b, &c]));
+    assert_eq!(since(&st, "c2"), all(&[&b, &c]));
+    assert_eq!(since(&st, "c3"), all(&[&c]));
+    assert_eq!(granules(&extents(&st.bitmap("c1").unwrap()), G), all(&[&a]));
+    // An active store cannot export: the disk copy would be in_use.
+    assert!(matches!(
+        st.export_since("c2", "tmp"),
+        Err(Error::WrongState(_))
+    ));
+    drop(t);
+    st.inactivate().unwrap();
+    st.export_since("c2", "tmp").unwrap();
+    drop(st);
+    assert_qemu_clean(&img);
+    let flags: Vec<(String, Vec<String>)> = qemu_bitmaps(&img)
+        .into_iter()
+        .map(|(n, g, f)| {
+            assert_eq!(g, G);
+            (n, f)
+        })
+        .collect();
+    let auto = |n: &str| {
+        flags
+            .iter()
+            .any(|(m, f)| m == n && f.iter().any(|x| x == "auto"))
+    };
+    assert!(
+        !auto("c1") && !auto("c2") && auto("c3") && !auto("tmp"),
+        "{flags:?}"
+    );
+    let exported = granules(&nbd_dirty(&img, "tmp"), G);
+    assert_eq!(exported, all(&[&b, &c]));
+    // Removing the oldest checkpoint after a backup: one commit, the rest unchanged.
+    let mut st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    st.remove("c1").unwrap();
+    assert_eq!(since(&st, "c2"), all(&[&b, &c]));
+    drop(st);
+    assert_qemu_clean(&img);
+}
+
+/// Two recording bitmaps make the chain ambiguous: refused, and nothing is written.
+#[test]
+fn a_checkpoint_with_two_recording_bitmaps_is_refused_before_any_write() {
+    let mut st = BitmapStore::create(MemStorage::new(), 64 * MIB, 65536).unwrap();
+    st.add("a", G, Recording::Enabled).unwrap();
+    st.add("b", G, Recording::Enabled).unwrap();
+    let before = st.image().storage().to_vec();
+    let e = st.checkpoint("c").unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+    assert!(e.to_string().contains("a, b"), "{e}");
+    assert_eq!(st.image().storage().to_vec(), before);
+}
+
+/// Marks racing a checkpoint on an active store: every mark is in the old bitmap or the
+/// new one (never in neither); every mark that returned before the call started is in the
+/// old one, and every mark that started after it returned is in the new one.
+#[test]
+fn marks_racing_a_checkpoint_are_never_in_neither() {
+    let (mut rng, seed) = seeded_rng("marks_racing_a_checkpoint_are_never_in_neither");
+    println!("seed {seed}");
+    let disk = 1 << 30;
+    for round in 0..20 {
+        let mut st = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+        st.add("old", 4096, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        let t = st.tracker().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // (offset, phase) with phase 0 = returned before the call, 1 = racing, 2 = started
+        // after it returned.
+        let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seeds: Vec<u64> = (0..2).map(|_| rng.random()).collect();
+        let handles: Vec<_> = seeds
+            .into_iter()
+            .map(|s| {
+                let (t, stop, phase, log) = (t.clone(), stop.clone(), phase.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut x = s | 1;
+                    while !stop.load(Ordering::SeqCst) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = (x % (disk / 4096)) * 4096;
+                        let before = phase.load(Ordering::SeqCst);
+                        t.mark(off, 4096);
+                        let after = phase.load(Ordering::SeqCst);
+                        let p = if after == 0 {
+                            0
+                        } else if before == 2 {
+                            2
+                        } else {
+                            1
+                        };
+                        log.lock().push((off, p));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_micros(200 + round * 50));
+        phase.store(1, Ordering::SeqCst);
+        st.checkpoint("new").unwrap();
+        phase.store(2, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while log.lock().iter().filter(|&&(_, p)| p == 2).count() < 10
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::SeqCst);
+        for h in handles {
+            h.join().unwrap();
+        }
+        let (old, new) = (st.bitmap("old").unwrap(), st.bitmap("new").unwrap());
+        assert!(!old.is_enabled() && new.is_enabled());
+        let log = log.lock();
+        assert!(
+            log.iter().any(|&(_, p)| p == 2),
+            "round {round}: no mark after"
+        );
+        for &(off, p) in log.iter() {
+            let (o, n) = (old.is_dirty(off), new.is_dirty(off));
+            assert!(
+                o || n,
+                "seed {seed} round {round}: mark at {off} in neither"
+            );
+            match p {
+                0 => assert!(
+                    o,
+                    "seed {seed}: a mark before the call is not in the old one"
+                ),
+                2 => assert!(
+                    n,
+                    "seed {seed}: a mark after the call is not in the new one"
+                ),
+                _ => {}
+            }
+        }
+        drop(t);
+        st.inactivate().unwrap();
+    }
+}
+
+/// A crash at every point of a checkpoint (unsynced writes dropped, kept or torn) leaves
+/// the chain as it was (the old bitmap recording, no new one) or as the commit made it
+/// (the old one disabled, the new one recording, with the old one's bits intact), never
+/// both or neither recording; and the image opens with no corruption.
+#[test]
+fn a_crash_anywhere_in_a_checkpoint_leaves_the_old_chain_or_the_new_one() {
+    let crash = CrashStorage::new();
+    let mut st = BitmapStore::create(&crash, 64 * MIB, 4096).unwrap();
+    st.add("c1", G, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    let t = st.tracker().unwrap();
+    t.mark(5 * MIB, 4096);
+    st.inactivate().unwrap();
+    drop(t);
+    let start = crash.op_count();
+    st.checkpoint("c2").unwrap();
+    drop(st);
+    let mut seen = BTreeSet::new();
+    for mode in [
+        CrashMode::Dropped,
+        CrashMode::Kept,
+        CrashMode::Torn { seed: 1 },
+        CrashMode::Torn { seed: 2 },
+    ] {
+        for (point, image) in crash.crash_images(mode) {
+            if point < start {
+                continue;
+            }
+            let st = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
+                .unwrap_or_else(|e| panic!("point {point} {mode:?}: {e}"));
+            let report = st.image().check().unwrap();
+            assert_eq!(report.corruptions, 0, "point {point} {mode:?}: {report:?}");
+            let list = st.list();
+            let rec: Vec<String> = list
+                .iter()
+                .filter(|b| b.enabled)
+                .map(|b| b.name.to_string())
+                .collect();
+            let names: Vec<String> = list.iter().map(|b| b.name.to_string()).collect();
+            let outcome = match (names.as_slice(), rec.as_slice()) {
+                ([a], [r]) if a == "c1" && r == "c1" => "old",
+                ([a, b], [r]) if a == "c1" && b == "c2" && r == "c2" => "new",
+                _ => panic!("point {point} {mode:?}: {names:?} recording {rec:?}"),
+            };
+            assert!(st.load("c1").unwrap().is_dirty(5 * MIB), "point {point}");
+            seen.insert(outcome);
+        }
+    }
+    assert_eq!(seen.len(), 2, "both outcomes must be reachable: {seen:?}");
+}
