@@ -1777,3 +1777,99 @@ fn checkpoint_and_dump_since_match_nbdinfo_on_the_exported_bitmap() {
     let out = dbm(&["checkpoint", i]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `dbm bench backup` on a small disk: both parts print their rows, and the listing's
+/// outputs (ours and nbdinfo's) were checked byte for byte inside the bench.
+#[test]
+fn bench_backup_prints_both_parts_and_the_listings_agree() {
+    let out = dbm_ok(&[
+        "bench",
+        "backup",
+        "--disk-size",
+        "256M",
+        "--extents",
+        "500",
+        "--repeat",
+        "1",
+    ]);
+    assert!(out.contains("| 64.0 KiB | 32.0 KiB |"), "{out}");
+    assert!(out.contains("| 2.0 MiB | 1.0 KiB |"), "{out}");
+    assert!(
+        out.contains("- both printed the same 1000 rows, byte for byte"),
+        "{out}"
+    );
+}
+
+/// `dbm info` on images whose bitmaps QEMU refuses: it reports each broken bitmap with
+/// why, the others as not loaded, and keeps going (exit 0), where `qemu-img info` fails.
+#[test]
+fn info_reports_each_broken_bitmap_and_keeps_going() {
+    // (what to break, byte offset inside the directory, new byte, expected reason words)
+    let cases: [(&str, usize, u8, &str); 3] = [
+        ("granularity of b", 32 + 17, 40, "granularity"),
+        ("a reserved flag of a", 15, 0x20, "flag"),
+        ("the type of c", 64 + 16, 7, "type"),
+    ];
+    for (what, at, byte, words) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("q.qcow2");
+        let i = img.to_str().unwrap();
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+        ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 1M 64K", i]);
+        for b in ["a", "b", "c"] {
+            ok("qemu-img", &["bitmap", "--add", i, b]);
+        }
+        let mut bytes = std::fs::read(&img).unwrap();
+        let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+        let d = area.bitmaps.unwrap().directory_offset as usize;
+        bytes[d + at] |= byte;
+        std::fs::write(&img, &bytes).unwrap();
+        let q = run("qemu-img", &["info", i]);
+        assert!(!q.status.success(), "{what}: qemu-img info accepted it");
+        let out = dbm_ok(&["info", "--json", i]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let states: Vec<(&str, &str)> = v["bitmaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["name"].as_str().unwrap(), b["state"].as_str().unwrap()))
+            .collect();
+        let broken = match what {
+            w if w.contains(" b") => "b",
+            w if w.contains(" a") => "a",
+            _ => "c",
+        };
+        for (n, s) in &states {
+            assert_eq!(*s == "broken", *n == broken, "{what}: {states:?}");
+        }
+        assert_eq!(states.len(), 3, "{what}: {out}");
+        let reason = v["bitmaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == broken)
+            .unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(reason.contains(words), "{what}: {reason}");
+        let text = dbm_ok(&["info", i]);
+        assert!(text.contains("state: broken"), "{what}: {text}");
+    }
+    // A directory that cannot be read as a whole (more bitmaps announced than stored).
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.qcow2");
+    let i = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", i, "a"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let pos = (0..65536 - 12)
+        .find(|&k| bytes[k..k + 4] == [0x23, 0x85, 0x28, 0x75])
+        .expect("the bitmaps extension");
+    // Its data: nb_bitmaps (4 bytes) after the 8-byte frame header.
+    bytes[pos + 8 + 3] = 2;
+    std::fs::write(&img, &bytes).unwrap();
+    assert!(!run("qemu-img", &["info", i]).status.success());
+    let text = dbm_ok(&["info", i]);
+    assert!(text.contains("bitmap directory: unreadable"), "{text}");
+}

@@ -606,6 +606,106 @@ pub fn decode_directory(
     Ok(entries)
 }
 
+/// One entry of a directory read by [`triage_directory`]: where it is, its raw fields, and
+/// either the entry QEMU would accept or the first constraint it breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriagedEntry {
+    /// Its position in the directory.
+    pub index: u32,
+    /// Its byte offset in the directory.
+    pub offset: u64,
+    /// The entry as stored.
+    pub raw: RawDirEntry,
+    /// The entry QEMU would load, or why it refuses it (a duplicate name breaks every
+    /// occurrence after the first).
+    pub verdict: Result<DirEntry, EntryProblem>,
+}
+
+/// A directory read entry by entry for a repair: the entries whose framing could be read,
+/// each with its verdict, and the framing problem that stopped the walk, if any (then the
+/// directory as a whole cannot be trusted to name every bitmap, and a repair drops it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triage {
+    /// The entries read, in order.
+    pub entries: Vec<TriagedEntry>,
+    /// What stopped the walk, or made the count disagree with `nb_bitmaps`.
+    pub framing: Option<Corruption>,
+}
+
+/// Reads a directory as [`decode_directory`] does, but an entry that breaks a constraint
+/// (QEMU's `check_dir_entry`, the exact table size, a duplicate name) is recorded with its
+/// problem and the walk goes on; only a problem with the framing (the directory's size,
+/// an entry past its end, trailing bytes, more or fewer entries than `nb_bitmaps`) stops
+/// it. The table size is checked here too (`DirEntry::check_table_size`), so a verdict of
+/// `Ok` is an entry `BitmapStore::open` accepts.
+pub fn triage_directory(bytes: &[u8], nb_bitmaps: u32, geometry: &ImageGeometry) -> Triage {
+    let mut out = Triage {
+        entries: Vec::new(),
+        framing: None,
+    };
+    let size = to_u64(bytes.len());
+    if size == 0 || size > MAX_BITMAP_DIRECTORY_SIZE {
+        out.framing = Some(Corruption::DirectorySize { found: size });
+        return out;
+    }
+    let mut names = HashSet::new();
+    let mut at = 0usize;
+    let mut count = 0u32;
+    while at < bytes.len() {
+        let offset = to_u64(at);
+        let rest = bytes.get(at..).unwrap_or_default();
+        if rest.len() < DIR_ENTRY_FIXED_LEN {
+            out.framing = Some(Corruption::DirectoryTrailingBytes {
+                offset,
+                len: to_u64(rest.len()),
+            });
+            return out;
+        }
+        if count >= nb_bitmaps {
+            out.framing = Some(Corruption::TooManyBitmaps {
+                expected: nb_bitmaps,
+                offset,
+            });
+            return out;
+        }
+        let index = count;
+        count = count.saturating_add(1);
+        let Some(Ok((raw, len))) = RawDirEntry::decode_framed(rest) else {
+            out.framing = Some(Corruption::DirectoryEntryPastEnd {
+                index,
+                offset,
+                end: size,
+            });
+            return out;
+        };
+        let verdict = DirEntry::from_raw(&raw, geometry)
+            .and_then(|e| e.check_table_size(geometry).map(|()| e))
+            .and_then(|e| {
+                if names.insert(e.name.clone()) {
+                    Ok(e)
+                } else {
+                    Err(EntryProblem::DuplicateName {
+                        name: e.name.to_string(),
+                    })
+                }
+            });
+        out.entries.push(TriagedEntry {
+            index,
+            offset,
+            raw,
+            verdict,
+        });
+        at = at.saturating_add(len);
+    }
+    if count != nb_bitmaps {
+        out.framing = Some(Corruption::TooFewBitmaps {
+            expected: nb_bitmaps,
+            found: count,
+        });
+    }
+    out
+}
+
 /// Encodes a whole directory, entries back to back, checking what QEMU's
 /// `bitmap_list_store` checks plus the exact table size of every consistent entry.
 ///
@@ -694,6 +794,51 @@ mod tests {
             }) => reason,
             other => panic!("expected a DirectoryEntry error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn triage_goes_on_past_broken_entries_and_stops_at_the_framing() {
+        let good = raw(&b0());
+        let mut bad_gran = raw(&DirEntry {
+            name: "g".into(),
+            ..b0()
+        });
+        bad_gran.granularity_bits = 40;
+        let dup = raw(&b0());
+        let bytes = dir_of(&[good.clone(), bad_gran, dup, good.clone()]);
+        // Four entries, but the last is a third "b0": duplicates both.
+        let t = triage_directory(&bytes, 4, &geometry());
+        assert_eq!(t.framing, None);
+        let verdicts: Vec<bool> = t.entries.iter().map(|e| e.verdict.is_ok()).collect();
+        assert_eq!(verdicts, [true, false, false, false]);
+        assert!(matches!(
+            t.entries[1].verdict,
+            Err(EntryProblem::Granularity { .. })
+        ));
+        assert!(matches!(
+            t.entries[2].verdict,
+            Err(EntryProblem::DuplicateName { .. })
+        ));
+        assert_eq!(t.entries[3].offset, 96);
+        // More announced than stored, and an entry cut short: framing problems, with the
+        // entries before them still read.
+        let t = triage_directory(&bytes, 5, &geometry());
+        assert!(matches!(t.framing, Some(Corruption::TooFewBitmaps { .. })));
+        assert_eq!(t.entries.len(), 4);
+        let t = triage_directory(&bytes[..bytes.len() - 8], 4, &geometry());
+        assert!(matches!(
+            t.framing,
+            Some(Corruption::DirectoryEntryPastEnd { index: 3, .. })
+        ));
+        assert_eq!(t.entries.len(), 3);
+        // Whatever decode_directory accepts, triage accepts entry for entry.
+        let one = dir_of(&[good]);
+        let t = triage_directory(&one, 1, &geometry());
+        assert_eq!(t.framing, None);
+        assert_eq!(
+            t.entries[0].verdict.clone().unwrap(),
+            decode_directory(&one, 1, &geometry()).unwrap()[0]
+        );
     }
 
     #[test]

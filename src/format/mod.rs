@@ -58,8 +58,8 @@ pub use corruption::{
     Corruption, EntryProblem, InvalidValue, RefcountEntryProblem, TableEntryProblem,
 };
 pub use directory::{
-    decode_directory, encode_directory, table_size, BitmapName, DirEntry, RawDirEntry,
-    DIR_ENTRY_FIXED_LEN,
+    decode_directory, encode_directory, table_size, triage_directory, BitmapName, DirEntry,
+    RawDirEntry, Triage, TriagedEntry, DIR_ENTRY_FIXED_LEN,
 };
 pub use extension::{
     decode_extensions, encode_extensions, BitmapsExtension, CryptoHeaderPointer, Extension,

@@ -1007,4 +1007,5 @@ pub mod mode;
 mod resize;
 #[cfg(test)]
 mod tests;
+pub mod triage;
 pub mod write_log;

@@ -1,6 +1,8 @@
 //! `dbm bench`: measurements that print a table (and draw a plot) in one run, for
 //! `docs/BENCHMARKS.md`. One subcommand per benchmark.
 
+#[path = "bench_backup.rs"]
+mod backup;
 #[path = "bench_ceiling.rs"]
 mod ceiling;
 #[path = "bench_durable.rs"]
@@ -44,6 +46,10 @@ pub enum Bench {
     /// granules, and the cost of one on a granule already durable, against no tracking,
     /// the deferred mode and one barrier per intent, at 1, 4 and 16 threads.
     Durable(durable::DurableArgs),
+    /// What a backup tool pays: attaching a raw disk (ours against `qemu-img create …
+    /// preallocation=metadata`) and listing what changed (`dbm dump --since` against
+    /// `qemu-nbd -B` + `nbdinfo --map`), side by side.
+    Backup(backup::BackupArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -53,5 +59,6 @@ pub fn run(args: &BenchArgs) -> CmdResult {
         Bench::Migrate(a) => migrate::run(a),
         Bench::MigrateDisk(a) => migrate_disk::run(a),
         Bench::Durable(a) => durable::run(a),
+        Bench::Backup(a) => backup::run(a),
     }
 }

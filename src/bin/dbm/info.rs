@@ -27,11 +27,13 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::storage::{FileStorage, Storage};
-use dirty_bitmap::{BitmapState, BitmapStore, StoreMode};
+use dirty_bitmap::store::triage::triage_bitmaps;
+use dirty_bitmap::{BitmapState, BitmapStore, Image, StoreMode};
 use serde_json::{json, Value};
 
-use crate::open::{at, reader};
+use crate::open::{at, image, reader};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -72,6 +74,9 @@ pub struct ImageInfo {
     pub mode: StoreMode,
     /// Every bitmap, in directory order.
     pub bitmaps: Vec<BitmapReport>,
+    /// Why the bitmap directory cannot be read as a whole, if it cannot (then `bitmaps`
+    /// lists the entries read before the problem).
+    pub directory_problem: Option<String>,
 }
 
 /// One bitmap in [`ImageInfo`].
@@ -89,8 +94,10 @@ pub struct BitmapReport {
     pub consistent: bool,
     /// Dirty bytes; `None` when inconsistent (treat as all dirty).
     pub dirty_bytes: Option<u64>,
-    /// Why it can be trusted or not ([`reason`]).
-    pub reason: &'static str,
+    /// Why it can be trusted or not ([`reason`], or why it is broken).
+    pub reason: String,
+    /// QEMU refuses it (a directory entry or table it cannot load).
+    pub broken: bool,
 }
 
 /// Why a bitmap with these flags can be trusted or not, in an image whose mode extension
@@ -152,7 +159,8 @@ pub fn gather(
             in_use: b.in_use,
             consistent,
             dirty_bytes,
-            reason: reason(mode, consistent, b.in_use),
+            reason: reason(mode, consistent, b.in_use).to_string(),
+            broken: false,
         });
     }
     Ok(ImageInfo {
@@ -170,6 +178,64 @@ pub fn gather(
             .map(|b| String::from_utf8_lossy(b).into_owned()),
         mode,
         bitmaps,
+        directory_problem: None,
+    })
+}
+
+/// What `dbm info` says about an image whose bitmaps QEMU refuses: the geometry, and each
+/// bitmap whose directory entry could be read, broken or not (`store::triage`). `None` when
+/// the bitmaps are not what is wrong.
+pub fn gather_broken(filename: String, image: &Image<FileStorage>) -> Option<ImageInfo> {
+    let triage = triage_bitmaps(image).ok().flatten()?;
+    if triage.is_sound() {
+        return None;
+    }
+    let h = image.header();
+    let mode = StoreMode::of(image.area());
+    let bitmaps = triage
+        .bitmaps
+        .iter()
+        .map(|b| {
+            let raw = &b.entry.raw;
+            let reason = match &b.broken {
+                Some(why) => format!(
+                    "broken: {why}; QEMU refuses to open the image until it is removed \
+                     (`dbm check -r all`)"
+                ),
+                None => "not loaded: another bitmap of this image is broken, so QEMU \
+                         refuses the image (treat as all dirty)"
+                    .to_string(),
+            };
+            BitmapReport {
+                name: BitmapName::from(raw.name.as_slice()).to_string(),
+                granularity: 1u64
+                    .checked_shl(u32::from(raw.granularity_bits))
+                    .unwrap_or(0),
+                enabled: raw.flags & 2 != 0,
+                in_use: raw.flags & 1 != 0,
+                consistent: false,
+                dirty_bytes: None,
+                reason,
+                broken: b.broken.is_some(),
+            }
+        })
+        .collect();
+    Some(ImageInfo {
+        filename,
+        version: h.version,
+        virtual_size: h.size,
+        disk_length: h.disk_length(),
+        cluster_size: h.cluster_size(),
+        refcount_bits: 1u64 << h.refcount_order.min(6),
+        file_length: image.storage().len().ok()?,
+        backing_file: image
+            .area()
+            .backing_file
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
+        mode,
+        bitmaps,
+        directory_problem: triage.unreadable.clone(),
     })
 }
 
@@ -188,6 +254,12 @@ pub fn text(info: &ImageInfo) -> String {
         info.backing_file.as_deref().unwrap_or("(none)")
     );
     let _ = writeln!(s, "mode: {}", info.mode);
+    if let Some(p) = &info.directory_problem {
+        let _ = writeln!(
+            s,
+            "bitmap directory: unreadable ({p}); the bitmaps below are the entries read before it"
+        );
+    }
     let _ = writeln!(s, "bitmaps: {}", info.bitmaps.len());
     for b in &info.bitmaps {
         s.push_str(&bitmap_text(b));
@@ -205,6 +277,7 @@ pub fn bitmap_text(b: &BitmapReport) -> String {
     };
     let (state, dirty) = match b.dirty_bytes {
         Some(n) if b.consistent => ("consistent", n.to_string()),
+        _ if b.broken => ("broken", "unknown (treat as all dirty)".to_string()),
         _ => ("inconsistent", "unknown (treat as all dirty)".to_string()),
     };
     format!(
@@ -229,6 +302,7 @@ pub fn json(info: &ImageInfo) -> Value {
         "mode": info.mode.name(),
         "mode-flags": info.mode.flags(),
         "bitmaps": bitmaps,
+        "bitmap-directory-problem": info.directory_problem,
     })
 }
 
@@ -240,7 +314,13 @@ pub fn bitmap_json(b: &BitmapReport) -> Value {
         "flags": b.flags(),
         "enabled": b.enabled,
         "in-use": b.in_use,
-        "state": if b.consistent { "consistent" } else { "inconsistent" },
+        "state": if b.consistent {
+            "consistent"
+        } else if b.broken {
+            "broken"
+        } else {
+            "inconsistent"
+        },
         "reason": b.reason,
         "dirty-bytes": if b.consistent { b.dirty_bytes } else { None },
     })
@@ -248,8 +328,15 @@ pub fn bitmap_json(b: &BitmapReport) -> Value {
 
 /// Runs `dbm info`.
 pub fn run(args: &InfoArgs) -> CmdResult {
-    let st = reader(&args.image, args.force_share)?;
-    let info = gather(args.image.display().to_string(), &st).map_err(|e| at(&args.image, e))?;
+    let name = args.image.display().to_string();
+    let info = match reader(&args.image, args.force_share) {
+        Ok(st) => gather(name, &st).map_err(|e| at(&args.image, e))?,
+        // Bitmaps QEMU refuses: report each one and keep going.
+        Err(e) => image(&args.image, args.force_share)
+            .ok()
+            .and_then(|img| gather_broken(name, &img))
+            .ok_or(e)?,
+    };
     if args.json {
         emit(&format!(
             "{}\n",
@@ -273,7 +360,8 @@ mod tests {
             in_use: !consistent,
             consistent,
             dirty_bytes: consistent.then_some(4096),
-            reason: reason(StoreMode::Durable, consistent, !consistent),
+            reason: reason(StoreMode::Durable, consistent, !consistent).to_string(),
+            broken: false,
         }
     }
 

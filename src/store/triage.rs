@@ -1,0 +1,100 @@
+//! Reading a bitmap directory QEMU refuses, entry by entry, so that tools can say which
+//! bitmaps are broken and why (`dbm info`) instead of failing as a whole.
+//!
+//! [`BitmapStore::open`](super::BitmapStore::open) refuses such an image, as QEMU does;
+//! [`triage_bitmaps`] reads what it can: each entry whose framing is intact, with the
+//! first constraint it breaks (`format::triage_directory`), and then, for the entries QEMU
+//! would accept, their tables (a reserved bit or an unaligned offset in a table is what
+//! QEMU's `bitmap_table_load` refuses).
+
+use crate::error::Result;
+use crate::format::{
+    decode_table, triage_directory, Corruption, EntryProblem, Triage, TriagedEntry,
+};
+use crate::image::{read_metadata, Image};
+use crate::storage::Storage;
+
+/// One bitmap of a directory read by [`triage_bitmaps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriagedBitmap {
+    /// The entry as read, with its verdict on the entry's own fields.
+    pub entry: TriagedEntry,
+    /// Why the bitmap is broken (the entry's problem, or its table's), or `None` when QEMU
+    /// would load it.
+    pub broken: Option<String>,
+}
+
+/// What [`triage_bitmaps`] found in an image's bitmaps extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapTriage {
+    /// The bitmaps whose entries could be read, in directory order.
+    pub bitmaps: Vec<TriagedBitmap>,
+    /// Why the directory as a whole cannot be read (its size, an entry past its end, the
+    /// count of entries), if it cannot: then `bitmaps` may not name every bitmap.
+    pub unreadable: Option<String>,
+}
+
+impl BitmapTriage {
+    /// Whether QEMU would load every bitmap: nothing broken, the directory readable.
+    pub fn is_sound(&self) -> bool {
+        self.unreadable.is_none() && self.bitmaps.iter().all(|b| b.broken.is_none())
+    }
+}
+
+/// Reads the bitmaps extension of `image` entry by entry (see the module docs). `None`
+/// when the image has no trusted bitmaps extension.
+///
+/// # Errors
+/// [`crate::Error::Io`] when the directory cannot be read from the file at all (then it is
+/// reported as unreadable instead when the read fails on its bounds); the image's geometry
+/// being invalid.
+pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriage>> {
+    let Some(ext) = image.area().bitmaps else {
+        return Ok(None);
+    };
+    let geo = image.header().geometry()?;
+    let bytes = match read_metadata(
+        image.storage(),
+        "bitmap directory",
+        ext.directory_offset,
+        ext.directory_size,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(Some(BitmapTriage {
+                bitmaps: Vec::new(),
+                unreadable: Some(e.to_string()),
+            }))
+        }
+    };
+    let Triage { entries, framing } = triage_directory(&bytes, ext.nb_bitmaps, &geo);
+    let mut bitmaps = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let broken = match &entry.verdict {
+            Err(p) => Some(describe(p)),
+            // QEMU reads the table of a bitmap that is not in use when it opens the image.
+            Ok(e) if e.in_use => None,
+            Ok(e) => table_problem(image, e),
+        };
+        bitmaps.push(TriagedBitmap { entry, broken });
+    }
+    Ok(Some(BitmapTriage {
+        bitmaps,
+        unreadable: framing.map(|c: Corruption| c.to_string()),
+    }))
+}
+
+fn describe(p: &EntryProblem) -> String {
+    p.to_string()
+}
+
+/// Why the table of `e` cannot be loaded, if it cannot.
+fn table_problem<S: Storage>(image: &Image<S>, e: &crate::format::DirEntry) -> Option<String> {
+    let len = u64::from(e.table_size).saturating_mul(8);
+    match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
+        Err(err) => Some(err.to_string()),
+        Ok(bytes) => decode_table(&bytes, e.table_size, image.header().cluster_bits)
+            .err()
+            .map(|c| c.to_string()),
+    }
+}
