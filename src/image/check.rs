@@ -409,6 +409,22 @@ impl References {
     pub(crate) fn at(&self, offset: u64) -> u64 {
         self.refs.get(offset >> self.cluster_bits)
     }
+
+    /// One more reference to every cluster overlapping `[offset, offset + len)`; `false`
+    /// if one of them is past the end of the file.
+    pub(crate) fn add(&mut self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        (first..=last).all(|c| self.refs.add(c, 1))
+    }
+
+    /// Clusters the counts cover (the file's).
+    pub(crate) fn clusters(&self) -> u64 {
+        self.refs.len
+    }
 }
 
 /// [`check`], also returning the reference counts it computed.

@@ -323,6 +323,15 @@ impl<S: Storage> Image<S> {
         check::check_references(&self.storage, &self.area)
     }
 
+    /// [`references`](Self::references) as if the image had no bitmaps extension: what
+    /// everything but the bitmaps references (a repair's view of an image whose bitmap
+    /// directory QEMU refuses).
+    pub(crate) fn references_without_bitmaps(&self) -> Result<(CheckReport, check::References)> {
+        let mut area = self.area.clone();
+        area.bitmaps = None;
+        check::check_references(&self.storage, &area)
+    }
+
     fn ensure_writable(&self) -> Result<()> {
         if self.poisoned {
             Err(Error::Poisoned)

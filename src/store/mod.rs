@@ -1004,6 +1004,7 @@ mod edit;
 mod lifecycle;
 mod live;
 pub mod mode;
+pub mod repair;
 mod resize;
 #[cfg(test)]
 mod tests;

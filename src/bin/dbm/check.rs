@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dirty_bitmap::storage::{FileStorage, OpenMode};
+use dirty_bitmap::store::repair::{repair, Repair, RepairReport};
 use dirty_bitmap::CheckReport;
 use serde_json::{json, Value};
 
@@ -31,6 +33,12 @@ pub struct CheckArgs {
     /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
     #[arg(short = 'U', long)]
     pub force_share: bool,
+    /// Repair, as `qemu-img check -r`: `leaks` frees leaked clusters no bitmap entry may
+    /// own; `all` also removes the bitmaps QEMU refuses (or the whole bitmaps extension
+    /// when the directory cannot be read) and frees what only they referenced. Guest data
+    /// and valid bitmaps are not touched. Opens the image writable.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all", value_parser = ["leaks", "all"], conflicts_with = "force_share")]
+    pub repair: Option<String>,
 }
 
 /// The text form, in `qemu-img check`'s words.
@@ -65,6 +73,34 @@ pub fn text(r: &CheckReport) -> String {
     s
 }
 
+/// What a repair did, one line per action.
+pub fn repaired_text(r: &RepairReport) -> String {
+    let mut s = String::new();
+    if let Some(why) = &r.extension_dropped {
+        let _ = writeln!(
+            s,
+            "Removed the bitmaps extension: the bitmap directory cannot be read ({why})"
+        );
+    }
+    for (name, why) in &r.removed {
+        let _ = writeln!(s, "Removed bitmap {name}: {why}");
+    }
+    if r.leaks_freed > 0 {
+        let _ = writeln!(s, "Repaired {} leaked clusters", r.leaks_freed);
+    }
+    if r.leaks_kept > 0 {
+        let _ = writeln!(
+            s,
+            "Kept {} leaked clusters a bitmap entry may own (remove the broken bitmaps with -r all)",
+            r.leaks_kept
+        );
+    }
+    if s.is_empty() {
+        s.push_str("Nothing to repair\n");
+    }
+    s
+}
+
 /// The JSON form (see the module docs).
 pub fn json(filename: &str, r: &CheckReport) -> Value {
     json!({
@@ -80,8 +116,25 @@ pub fn json(filename: &str, r: &CheckReport) -> Value {
 
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
-    let img = image(&args.image, args.force_share)?;
-    let report = img.check().map_err(|e| at(&args.image, e))?;
+    let report = match &args.repair {
+        None => image(&args.image, args.force_share)?
+            .check()
+            .map_err(|e| at(&args.image, e))?,
+        Some(what) => {
+            let what = if what == "all" {
+                Repair::All
+            } else {
+                Repair::Leaks
+            };
+            let storage = FileStorage::open(&args.image, OpenMode::ReadWrite)
+                .map_err(|e| at(&args.image, e))?;
+            let (img, done) = repair(storage, what).map_err(|e| at(&args.image, e))?;
+            // What was done goes to stderr, as qemu-img's findings do; the check of the
+            // repaired image follows on stdout.
+            eprint!("{}", repaired_text(&done));
+            img.check().map_err(|e| at(&args.image, e))?
+        }
+    };
     if args.json {
         let v = json(&args.image.display().to_string(), &report);
         emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;

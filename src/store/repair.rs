@@ -1,0 +1,265 @@
+//! Repairing an image whose bitmaps QEMU refuses (`dbm check -r`), without touching guest
+//! data or any valid bitmap.
+//!
+//! QEMU refuses to open an image with a broken bitmap directory entry or table (the VM does
+//! not boot), and its only way out is a full copy (`qemu-img convert
+//! --skip-broken-bitmaps`). [`repair`] instead:
+//! - with [`Repair::All`]: commits a new directory holding only the bitmaps QEMU would load
+//!   (or drops the bitmaps extension when the directory cannot be read as a whole), then
+//!   frees what only the removed entries referenced;
+//! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a directory entry
+//!   (broken or not) or the directory itself may own: reclaiming a broken bitmap's clusters
+//!   as leaks would destroy its data behind its entry. When the directory cannot be read
+//!   as a whole, any leaked cluster may be a bitmap's, and none is freed.
+//!
+//! Everything is decided before the first write: the walk of every other structure
+//! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption,
+//! and a bitmap whose table or data shares a cluster with that metadata, with the
+//! directory, or with an earlier bitmap is broken too. A cluster is freed only down to the
+//! number of references the metadata that stays holds, so nothing still referenced is ever
+//! freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
+
+use std::collections::HashSet;
+
+use super::triage::{triage_bitmaps, BitmapTriage};
+use super::{ceil_clusters, BitmapStore, Slot};
+use crate::error::{Corruption, Result};
+use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
+use crate::format::{BitmapName, DirEntry, TableEntry};
+use crate::image::{read_metadata, Image};
+use crate::storage::{OpenMode, Storage};
+
+/// What [`repair`] may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Free leaked clusters that nothing may own (`qemu-img check -r leaks`).
+    Leaks,
+    /// Remove broken bitmaps (or the whole extension when the directory is unreadable),
+    /// then free what only they referenced (`qemu-img check -r all`).
+    All,
+}
+
+/// What [`repair`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// The bitmaps removed, each with why QEMU refused it.
+    pub removed: Vec<(BitmapName, String)>,
+    /// Why the whole bitmaps extension was dropped, if it was.
+    pub extension_dropped: Option<String>,
+    /// Clusters whose refcount was lowered to their references.
+    pub leaks_freed: u64,
+    /// Leaked clusters left alone because a directory entry or the directory may own them.
+    pub leaks_kept: u64,
+}
+
+/// Repairs the image in `storage` (opened writable) as `what` says, and returns it with a
+/// report. An image with nothing to repair is left unwritten.
+///
+/// # Errors
+/// [`Error::Corrupt`](crate::Error::Corrupt) when the walk of everything but the bitmaps finds corruption (a
+/// refcount below its references: `qemu-img check -r all` is the tool for that) or the
+/// header or the bitmaps extension itself cannot be read ([`Image::open`]); I/O.
+pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
+    let image = Image::open(storage, OpenMode::ReadWrite)?;
+    let (base_report, base) = image.references_without_bitmaps()?;
+    if base_report.corruptions > 0 {
+        return Err(Corruption::CheckFailed {
+            corruptions: base_report.corruptions,
+            first: base_report.messages.first().cloned().unwrap_or_default(),
+        }
+        .into());
+    }
+    let triage = triage_bitmaps(&image)?;
+    let cs = image.cluster_size();
+    let dir = image
+        .area()
+        .bitmaps
+        .map(|e| (e.directory_offset, e.directory_size));
+    // Which entries QEMU would load and own their clusters alone: triage's verdict, then
+    // overlaps (with other metadata, the directory, an earlier kept bitmap).
+    let mut keep: Vec<DirEntry> = Vec::new();
+    let mut broken: Vec<(BitmapName, String)> = Vec::new();
+    let mut claimed: HashSet<u64> = HashSet::new();
+    if let Some((off, size)) = dir {
+        claim(&mut claimed, off, ceil_clusters(size, cs), cs);
+    }
+    if let Some(t) = &triage {
+        for b in &t.bitmaps {
+            let name = BitmapName::from(b.entry.raw.name.as_slice());
+            let e = match (&b.entry.verdict, &b.broken) {
+                (Ok(e), None) => e.clone(),
+                (Ok(_), Some(why)) => {
+                    broken.push((name, why.clone()));
+                    continue;
+                }
+                (Err(p), _) => {
+                    broken.push((name, p.to_string()));
+                    continue;
+                }
+            };
+            let owned = owned_clusters(&image, &e)?;
+            let shared = owned
+                .iter()
+                .find(|&&c| base.at(c) > 0 || claimed.contains(&c));
+            if let Some(&c) = shared {
+                broken.push((
+                    name,
+                    format!("its table or data shares cluster {c:#x} with other metadata"),
+                ));
+                continue;
+            }
+            claimed.extend(owned);
+            keep.push(e);
+        }
+    }
+    let unreadable = triage.as_ref().and_then(|t| t.unreadable.clone());
+    let mut report = RepairReport::default();
+    let mut image = image;
+    if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
+        if unreadable.is_some() {
+            keep.clear();
+            report.extension_dropped = unreadable.clone();
+        }
+        image = rewrite_directory(image, keep, dir, base)?;
+        report.removed = broken;
+        return fix_leaks(image, None, report);
+    }
+    // Leaks only (or nothing broken): protect what any entry or the directory may own.
+    let protect = if unreadable.is_some() {
+        None
+    } else {
+        let mut p = claimed;
+        if let Some(t) = &triage {
+            lenient_claims(&image, t, &mut p);
+        }
+        Some(p)
+    };
+    fix_leaks(image, Some(protect), report)
+}
+
+fn claim(set: &mut HashSet<u64>, off: u64, n: u64, cs: u64) {
+    for k in 0..n {
+        set.insert(off.saturating_add(k.saturating_mul(cs)));
+    }
+}
+
+/// The clusters a loadable entry owns: its table's and its data clusters'.
+fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>> {
+    let cs = image.cluster_size();
+    let len = u64::from(e.table_size).saturating_mul(8);
+    let mut out: Vec<u64> = (0..ceil_clusters(len, cs))
+        .map(|k| e.table_offset.saturating_add(k.saturating_mul(cs)))
+        .collect();
+    let bytes = read_metadata(image.storage(), "bitmap table", e.table_offset, len)?;
+    match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits) {
+        Ok(table) => out.extend(table.into_iter().filter_map(|t| match t {
+            TableEntry::Data(off) => Some(off),
+            _ => None,
+        })),
+        // An entry in use: QEMU never reads its table; its table clusters are all it owns
+        // for sure.
+        Err(_) if e.in_use => {}
+        Err(c) => return Err(c.into()),
+    }
+    Ok(out)
+}
+
+/// Every cluster a triaged entry may own, read leniently (a broken entry's table as far as
+/// it can be read, each entry's offset bits taken as they are).
+fn lenient_claims<S: Storage>(image: &Image<S>, t: &BitmapTriage, set: &mut HashSet<u64>) {
+    let cs = image.cluster_size();
+    let file = image.storage().len().unwrap_or(0);
+    for b in &t.bitmaps {
+        let raw = &b.entry.raw;
+        let off = raw.table_offset / cs * cs;
+        let len = u64::from(raw.table_size).saturating_mul(8);
+        let n = ceil_clusters(len, cs);
+        claim(set, off, n.min(file / cs.max(1)), cs);
+        if let Ok(bytes) = read_metadata(image.storage(), "bitmap table", off, len) {
+            for e in bytes.chunks_exact(8) {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(e);
+                let d = u64::from_be_bytes(v) & TABLE_ENTRY_OFFSET_MASK;
+                if d != 0 {
+                    set.insert(d / cs * cs);
+                }
+            }
+        }
+    }
+}
+
+/// Commits a directory of `keep` (none: the extension goes), through the store's commit,
+/// with the old directory's clusters freed where nothing else references them.
+fn rewrite_directory<S: Storage>(
+    image: Image<S>,
+    keep: Vec<DirEntry>,
+    dir: Option<(u64, u64)>,
+    mut walk: crate::image::check::References,
+) -> Result<Image<S>> {
+    let cs = image.cluster_size();
+    // The walk the commit's frees consult: everything but the bitmaps, the kept bitmaps'
+    // clusters, and the old directory once, so that a directory cluster shared with
+    // anything else has two references and is kept.
+    if let Some((off, size)) = dir {
+        walk.add(off, ceil_clusters(size, cs).saturating_mul(cs));
+    }
+    for e in &keep {
+        for c in owned_clusters(&image, e)? {
+            walk.add(c, cs);
+        }
+    }
+    let mut st = BitmapStore::with_new_image(image);
+    st.slots = keep
+        .iter()
+        .map(|e| Slot {
+            inconsistent: e.in_use,
+            entry: e.clone(),
+            stale: false,
+            mem: None,
+            parked: None,
+        })
+        .collect();
+    st.dir = dir;
+    st.walk = Some(walk);
+    st.commit(keep, Vec::new())?;
+    Ok(st.image)
+}
+
+/// Lowers the refcount of every leaked cluster to its references, except those in
+/// `protect` (`Some(None)`: every one is protected).
+fn fix_leaks<S: Storage>(
+    mut image: Image<S>,
+    protect: Option<Option<HashSet<u64>>>,
+    mut report: RepairReport,
+) -> Result<(Image<S>, RepairReport)> {
+    let (_, refs) = image.references()?;
+    let cs = image.cluster_size();
+    let mut changed = false;
+    for c in 0..refs.clusters() {
+        let off = c.saturating_mul(cs);
+        let rc = image.refcount(off)?;
+        let r = refs.at(off);
+        if rc <= r {
+            continue;
+        }
+        let kept = match &protect {
+            None => false,
+            Some(None) => true,
+            Some(Some(p)) => p.contains(&off),
+        };
+        if kept {
+            report.leaks_kept = report.leaks_kept.saturating_add(1);
+            continue;
+        }
+        for _ in r..rc {
+            image.free_clusters(off, 1)?;
+        }
+        report.leaks_freed = report.leaks_freed.saturating_add(1);
+        changed = true;
+    }
+    if changed {
+        image.flush_refcounts()?;
+        image.sync()?;
+    }
+    Ok((image, report))
+}

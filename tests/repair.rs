@@ -1,0 +1,234 @@
+//! Repair (issue 13 §4): `dbm check -r all` on images whose bitmaps QEMU refuses, made from
+//! QEMU-made images with guest data, removes only the broken bitmaps (or the whole
+//! extension when the directory cannot be read) and frees only what nothing else
+//! references; `-r leaks` frees nothing a bitmap entry may own. QEMU is the judge:
+//! `qemu-img info` opens the result, `qemu-img check` finds it clean, `qemu-img compare`
+//! finds every guest cluster as it was, `qemu-io` reads the data written before the damage,
+//! and `qemu-nbd` exports every kept bitmap as it was.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, run};
+use dirty_bitmap::format::HeaderArea;
+
+/// A QEMU-made image with guest data and bitmaps a, b, c (b and c with dirty bits), and
+/// the byte offset of its bitmap directory. Entries are 32 bytes each (one-byte names).
+fn base(dir: &Path) -> (std::path::PathBuf, usize) {
+    let img = dir.join("q.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+    for (pat, off) in [("0x5a", "1M"), ("0xa5", "20M"), ("0x3c", "63M")] {
+        ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", &format!("write -P {pat} {off} 64K"), i],
+        );
+    }
+    for b in ["a", "b", "c"] {
+        ok("qemu-img", &["bitmap", "--add", i, b]);
+    }
+    for (b, off) in [("b", "5M"), ("c", "40M"), ("c", "41M")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(["mark", i, b, off, "4096"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bytes = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    (img, d)
+}
+
+fn dbm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn repair_all_removes_only_the_broken_bitmaps_and_keeps_guest_data() {
+    type Edit = fn(&mut Vec<u8>, usize);
+    // (case, the edit, the bitmaps that must remain)
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "granularity out of range",
+            |b, d| b[d + 32 + 17] = 40,
+            &["a", "c"],
+        ),
+        ("a reserved flag", |b, d| b[d + 15] |= 0x20, &["b", "c"]),
+        (
+            "a bitmap type QEMU does not know",
+            |b, d| b[d + 64 + 16] = 7,
+            &["a", "b"],
+        ),
+        (
+            "a table size that does not fit the disk",
+            |b, d| b[d + 32 + 11] += 1,
+            &["a", "c"],
+        ),
+        (
+            "a duplicate name",
+            |b, d| b[d + 64 + 24] = b'b',
+            &["a", "b"],
+        ),
+        (
+            "overlapping tables",
+            |b, d| {
+                let t = b[d + 32..d + 40].to_vec();
+                b[d + 64..d + 72].copy_from_slice(&t);
+            },
+            &["a", "b"],
+        ),
+        (
+            "a bad name length (the directory cannot be read)",
+            |b, d| b[d + 32 + 18..d + 32 + 20].copy_from_slice(&2000u16.to_be_bytes()),
+            &[],
+        ),
+        (
+            "more bitmaps announced than stored",
+            |b, _| {
+                let pos = (0..65536 - 12)
+                    .find(|&k| b[k..k + 4] == [0x23, 0x85, 0x28, 0x75])
+                    .unwrap();
+                b[pos + 8 + 3] = 4;
+            },
+            &[],
+        ),
+    ];
+    for (case, edit, remain) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, d) = base(dir.path());
+        let i = p(&img);
+        let pristine = dir.path().join("pristine.qcow2");
+        std::fs::copy(&img, &pristine).unwrap();
+        let before: Vec<(&str, Vec<(u64, u64)>)> = ["a", "b", "c"]
+            .into_iter()
+            .map(|n| (n, nbd_dirty(&pristine, n)))
+            .collect();
+        let mut bytes = std::fs::read(&img).unwrap();
+        edit(&mut bytes, d);
+        std::fs::write(&img, &bytes).unwrap();
+        // QEMU refuses to open it, or (overlapping tables, which it does not look for at
+        // open) its check finds the clusters referenced twice.
+        assert!(
+            !run("qemu-img", &["info", i]).status.success()
+                || run("qemu-img", &["check", i]).status.code() == Some(2),
+            "{case}: QEMU finds nothing wrong with the damaged image"
+        );
+        // -r leaks first: it must not free anything a bitmap entry may own. Only the
+        // overlap leaves true leaks (c's own table and data, which nothing names any
+        // more); elsewhere every cluster that looks leaked is a bitmap's, and stays.
+        let out = dbm(&["check", "-r", "leaks", i]);
+        assert_ne!(out.status.code(), Some(101), "{case}: panicked");
+        if case != "overlapping tables" {
+            let after_leaks = std::fs::read(&img).unwrap();
+            assert!(after_leaks == bytes, "{case}: -r leaks changed the image");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("Kept ") || err.contains("Nothing to repair"),
+                "{case}: {err}"
+            );
+        }
+        let out = dbm(&["check", "-r", "all", i]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{case}: {err}{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.starts_with("Removed "), "{case}: {err}");
+        ok("qemu-img", &["info", i]);
+        assert_qemu_clean(&img);
+        ok(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                p(&pristine),
+                i,
+            ],
+        );
+        ok(
+            "qemu-io",
+            &["-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64K", i],
+        );
+        let listed: Vec<String> = {
+            let v: serde_json::Value =
+                serde_json::from_str(&ok("qemu-img", &["info", "--output=json", i])).unwrap();
+            v["format-specific"]["data"]["bitmaps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|b| b["name"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(listed, remain, "{case}");
+        for (n, extents) in &before {
+            if remain.contains(n) {
+                assert_eq!(&nbd_dirty(&img, n), extents, "{case}: bitmap {n} changed");
+            }
+        }
+        // The removed bitmaps' clusters were freed: the file holds no leak, and a second
+        // repair has nothing to do.
+        let out = dbm(&["check", "-r", "all", i]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "Nothing to repair\n",
+            "{case}"
+        );
+    }
+}
+
+/// A sound image: `-r all` writes nothing; a leak that no bitmap owns is freed by
+/// `-r leaks`, as `qemu-img check -r leaks` would.
+#[test]
+fn repair_of_a_sound_image_frees_only_true_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = base(dir.path());
+    let i = p(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let out = dbm(&["check", "-r", "all", i]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        std::fs::read(&img).unwrap() == bytes,
+        "a sound image was rewritten"
+    );
+    // A leak: the refcount of a cluster past the end of everything, raised by hand.
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let block = be64(&bytes, rt) as usize;
+    let clusters = bytes.len() / 65536;
+    let mut b = bytes.clone();
+    b.resize(bytes.len() + 65536, 0);
+    b[block + 2 * clusters..block + 2 * clusters + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(3));
+    let out = dbm(&["check", "-r", "leaks", i]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Repaired 1 leaked clusters"));
+    assert_qemu_clean(&img);
+}
