@@ -97,6 +97,16 @@ fn repair_all_removes_only_the_broken_bitmaps_and_keeps_guest_data() {
             &[],
         ),
         (
+            "a directory above the size limit (the extension itself is refused)",
+            |b, _| {
+                let pos = (0..65536 - 12)
+                    .find(|&k| b[k..k + 4] == [0x23, 0x85, 0x28, 0x75])
+                    .unwrap();
+                b[pos + 16..pos + 24].copy_from_slice(&(1024u64 * 65535 + 8).to_be_bytes());
+            },
+            &[],
+        ),
+        (
             "more bitmaps announced than stored",
             |b, _| {
                 let pos = (0..65536 - 12)

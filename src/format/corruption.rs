@@ -375,6 +375,21 @@ pub enum Corruption {
     },
 }
 
+impl Corruption {
+    /// Whether this is a problem of the bitmaps extension's own fields (a reserved field, a
+    /// bitmap count of 0 or above 65535, an unaligned directory offset, a directory above
+    /// the size limit): the extension is unusable as a whole, and a repair drops it.
+    pub fn is_bitmaps_extension(&self) -> bool {
+        matches!(
+            self,
+            Corruption::BitmapsReserved { .. }
+                | Corruption::BitmapCount { .. }
+                | Corruption::BitmapDirectoryOffset { .. }
+                | Corruption::BitmapDirectorySize { .. }
+        )
+    }
+}
+
 /// Why a bitmap directory entry was rejected (QEMU's `bitmap_list_load` and `check_dir_entry`).
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

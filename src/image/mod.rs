@@ -21,7 +21,7 @@
 mod alloc;
 pub mod check;
 
-use crate::error::{internal, invalid_input, Error, Result, StateProblem};
+use crate::error::{internal, invalid_input, Corruption, Error, Result, StateProblem};
 use crate::format::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
@@ -84,6 +84,27 @@ impl<S: Storage> Image<S> {
     /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set; [`Error::Io`] from the
     /// storage.
     pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
+        Self::open_inner(storage, mode, false).map(|(img, _)| img)
+    }
+
+    /// [`open`](Self::open) for a repair (writable): when the bitmaps extension itself is
+    /// what QEMU refuses (a reserved field, a bitmap count of 0 or above 65535, an
+    /// unaligned directory offset, a directory above the size limit, a wrong length), the
+    /// image opens with the extension untrusted, as if autoclear bit 0 were clear (in
+    /// memory only: nothing is written), and the problem comes back beside it. The next
+    /// header write drops the extension.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open) for every other problem.
+    pub(crate) fn open_for_repair(storage: S) -> Result<(Self, Option<Corruption>)> {
+        Self::open_inner(storage, OpenMode::ReadWrite, true)
+    }
+
+    fn open_inner(
+        storage: S,
+        mode: OpenMode,
+        lenient_bitmaps: bool,
+    ) -> Result<(Self, Option<Corruption>)> {
         let writable = mode.is_writable();
         let len = storage.len()?;
         // The header is in the first 512 bytes whatever the cluster size; reading the most
@@ -100,7 +121,23 @@ impl<S: Storage> Image<S> {
             let cs = usize::try_from(header.cluster_size()).unwrap_or(usize::MAX);
             first.get(..cs.min(first.len())).unwrap_or(&first)
         };
-        let area = HeaderArea::decode(cluster0)?;
+        let mut problem = None;
+        let patched;
+        let (area, cluster0) = match HeaderArea::decode(cluster0) {
+            Ok(a) => (a, cluster0),
+            Err(c) if lenient_bitmaps && c.is_bitmaps_extension() => {
+                // Autoclear bit 0 (the low bit of the big-endian word at 88) cleared in a
+                // copy: the extension then decodes as stale, unchecked.
+                let mut copy = cluster0.to_vec();
+                if let Some(b) = copy.get_mut(95) {
+                    *b &= !1;
+                }
+                patched = copy;
+                problem = Some(c);
+                (HeaderArea::decode(&patched)?, &patched[..])
+            }
+            Err(c) => return Err(c.into()),
+        };
         if writable && area.header.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
         {
             return Err(Error::Unsupported(
@@ -121,15 +158,18 @@ impl<S: Storage> Image<S> {
             None
         };
         let refcounts = Refcounts::load(&storage, &area.header)?;
-        Ok(Self {
-            storage,
-            writable,
-            area,
-            stale_bitmaps,
-            refcounts,
-            poisoned: false,
-            syncs: Barriers::default(),
-        })
+        Ok((
+            Self {
+                storage,
+                writable,
+                area,
+                stale_bitmaps,
+                refcounts,
+                poisoned: false,
+                syncs: Barriers::default(),
+            },
+            problem,
+        ))
     }
 
     /// Creates a qcow2 v3 image for a raw device of `disk_size` bytes that holds no guest

@@ -27,7 +27,7 @@ use crate::error::{Corruption, Result};
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
 use crate::format::{BitmapName, DirEntry, TableEntry};
 use crate::image::{read_metadata, Image};
-use crate::storage::{OpenMode, Storage};
+use crate::storage::Storage;
 
 /// What [`repair`] may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub struct RepairReport {
 /// refcount below its references: `qemu-img check -r all` is the tool for that) or the
 /// header or the bitmaps extension itself cannot be read ([`Image::open`]); I/O.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
-    let image = Image::open(storage, OpenMode::ReadWrite)?;
+    let (image, ext_problem) = Image::open_for_repair(storage)?;
     let (base_report, base) = image.references_without_bitmaps()?;
     if base_report.corruptions > 0 {
         return Err(Corruption::CheckFailed {
@@ -112,7 +112,11 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
             keep.push(e);
         }
     }
-    let unreadable = triage.as_ref().and_then(|t| t.unreadable.clone());
+    // The extension's own fields broken: nothing in it can be trusted, as with a
+    // directory that cannot be read (the image opened with the extension untrusted).
+    let unreadable = ext_problem
+        .map(|c| c.to_string())
+        .or_else(|| triage.as_ref().and_then(|t| t.unreadable.clone()));
     let mut report = RepairReport::default();
     let mut image = image;
     if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
