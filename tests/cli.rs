@@ -1873,3 +1873,84 @@ fn info_reports_each_broken_bitmap_and_keeps_going() {
     let text = dbm_ok(&["info", i]);
     assert!(text.contains("bitmap directory: unreadable"), "{text}");
 }
+
+/// qemu-img's spellings, side by side with qemu-img on the same images: `info
+/// --output=json -f qcow2`, `check --output json` (QEMU's keys with QEMU's meaning),
+/// `check -q`, the summary on stdout and the findings on stderr as qemu-img prints them,
+/// `bitmap -g 0`, several bitmap verbs in one call, `bitmap -F`.
+#[test]
+fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    let i = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+    dbm_ok(&["bitmap", "-f", "qcow2", i, "b", "--add", "-g", "0"]);
+    dbm_ok(&["mark", i, "b", "1M", "4K"]);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![("b".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    assert_eq!(
+        dbm_ok(&["info", "--output=json", "-f", "qcow2", i]),
+        dbm_ok(&["info", "--json", i])
+    );
+    // The same check, both tools: stdout, stderr and JSON keys.
+    let both = |img: &Path| {
+        let q = run("qemu-img", &["check", p(img)]);
+        let d = dbm(&["check", p(img)]);
+        assert_eq!(q.status.code(), d.status.code());
+        assert_eq!(text(&q.stdout), text(&d.stdout));
+        assert_eq!(text(&q.stderr), text(&d.stderr));
+        let qo = run("qemu-img", &["check", "--output=json", p(img)]);
+        let d = dbm(&["check", "--output", "json", "-f", "qcow2", p(img)]);
+        assert_eq!(text(&qo.stderr), text(&d.stderr));
+        let qj: Value = serde_json::from_str(&text(&qo.stdout)).unwrap();
+        let dj: Value = serde_json::from_str(&text(&d.stdout)).unwrap();
+        for k in [
+            "image-end-offset",
+            "total-clusters",
+            "check-errors",
+            "filename",
+            "format",
+        ] {
+            assert_eq!(qj[k], dj[k], "{k}");
+        }
+        let quiet = dbm(&["check", "-q", p(img)]);
+        assert!(quiet.stdout.is_empty() && quiet.stderr.is_empty());
+        assert_eq!(quiet.status.code(), q.status.code());
+    };
+    both(&img);
+    // A leak: a cluster past the end of everything, its refcount raised by hand.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
+    let clusters = bytes.len() / 65536;
+    bytes.resize(bytes.len() + 65536, 0);
+    bytes[block + 2 * clusters..block + 2 * clusters + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    both(&img);
+    // Several verbs in one call: clear, then disable.
+    dbm_ok(&["check", "-r", "leaks", i]);
+    dbm_ok(&["bitmap", i, "b", "--clear", "--disable"]);
+    assert_eq!(qemu_bitmaps(&img), vec![("b".to_string(), 65536, vec![])]);
+    let other = dir.path().join("o.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&other), "64M"],
+    );
+    ok("qemu-img", &["bitmap", "--add", p(&other), "src"]);
+    dbm_ok(&["mark", p(&other), "src", "2M", "4K"]);
+    dbm_ok(&[
+        "bitmap",
+        i,
+        "b",
+        "--merge",
+        "src",
+        "-b",
+        p(&other),
+        "-F",
+        "qcow2",
+    ]);
+    assert!(dbm_ok(&["dump", i, "b"]).contains("   2097152       65536    1  dirty"));
+}

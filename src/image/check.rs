@@ -105,6 +105,9 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Clusters in the file.
     pub total_clusters: u64,
+    /// One past the last byte of the highest cluster with a refcount or a reference:
+    /// `qemu-img check`'s "Image end offset".
+    pub image_end_offset: u64,
     /// Human-readable findings, in QEMU's wording where QEMU has one (at most 1000).
     pub messages: Vec<String>,
 }
@@ -530,6 +533,9 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
                 None => 0,
             };
             let computed = refs.get(cl);
+            if on_disk > 0 || computed > 0 {
+                report.image_end_offset = cl.saturating_add(1).saturating_mul(cs);
+            }
             if on_disk > computed {
                 report.leaks = report.leaks.saturating_add(1);
                 report.note(|| {

@@ -47,7 +47,14 @@ pub struct BitmapArgs {
     /// The image holding the `--merge` source (default: IMAGE itself).
     #[arg(short = 'b', value_name = "SRC_IMAGE", requires = "merge")]
     pub source_image: Option<PathBuf>,
-    /// Granularity of `--add` (default 64K): a power of two from 512 to 2G.
+    /// The format of the `-b` image: only `qcow2` (`qemu-img bitmap -F`).
+    #[arg(short = 'F', long = "source-format", value_parser = ["qcow2"], requires = "source_image")]
+    pub source_format: Option<String>,
+    /// The image format: only `qcow2` (accepted for `qemu-img bitmap -f qcow2`).
+    #[arg(short = 'f', value_parser = ["qcow2"])]
+    pub format: Option<String>,
+    /// Granularity of `--add` (default, and with `-g 0`, 64K): a power of two from 512 to
+    /// 2G.
     #[arg(short = 'g', long, value_parser = size::parse_size, requires = "add")]
     pub granularity: Option<u64>,
 }
@@ -78,57 +85,76 @@ pub enum Verb {
 }
 
 impl BitmapArgs {
-    /// The one change asked for. Only `--add --disable` combine.
-    pub fn verb(&self) -> Result<Verb, String> {
-        let given = [
-            self.add,
-            self.remove,
-            self.clear,
-            self.enable,
-            self.disable,
-            self.merge.is_some(),
-        ]
-        .iter()
-        .filter(|&&b| b)
-        .count();
-        if self.add && given <= 2 && (given == 1 || self.disable) {
-            return Ok(Verb::Add {
-                granularity: self.granularity.unwrap_or(DEFAULT_GRANULARITY),
+    /// The changes asked for, in the order they are made: add, clear, merge, enable or
+    /// disable, remove (`qemu-img bitmap` takes several verbs in one call too). `--add
+    /// --disable` adds the bitmap disabled.
+    pub fn verbs(&self) -> Result<Vec<Verb>, String> {
+        if self.enable && self.disable {
+            return Err("--enable and --disable contradict each other".to_string());
+        }
+        if self.remove && (self.add || self.clear || self.merge.is_some() || self.enable) {
+            return Err(
+                "--remove cannot be combined with --add, --clear, --merge or --enable".to_string(),
+            );
+        }
+        let mut out = Vec::new();
+        if self.add {
+            out.push(Verb::Add {
+                granularity: match self.granularity {
+                    None | Some(0) => DEFAULT_GRANULARITY,
+                    Some(g) => g,
+                },
                 enabled: !self.disable,
             });
         }
-        if given != 1 {
+        if self.clear {
+            out.push(Verb::Clear);
+        }
+        if let Some(src) = &self.merge {
+            out.push(Verb::Merge {
+                src: src.clone(),
+                image: self.source_image.clone(),
+            });
+        }
+        if self.enable {
+            out.push(Verb::SetEnabled(true));
+        }
+        if self.disable && !self.add {
+            out.push(Verb::SetEnabled(false));
+        }
+        if self.remove {
+            out.push(Verb::Remove);
+        }
+        if out.is_empty() {
             return Err(
-                "give exactly one of --add, --remove, --clear, --enable, --disable, --merge \
-                 (only --add --disable combine)"
-                    .to_string(),
+                "give --add, --remove, --clear, --enable, --disable or --merge".to_string(),
             );
         }
-        Ok(if self.remove {
-            Verb::Remove
-        } else if self.clear {
-            Verb::Clear
-        } else if self.enable {
-            Verb::SetEnabled(true)
-        } else if self.disable {
-            Verb::SetEnabled(false)
-        } else {
-            Verb::Merge {
-                src: self.merge.clone().unwrap_or_default(),
-                image: self.source_image.clone(),
-            }
-        })
+        Ok(out)
     }
 }
 
 /// Runs `dbm bitmap`.
 pub fn run(args: &BitmapArgs) -> CmdResult {
-    let verb = args.verb()?;
+    let verbs = args.verbs()?;
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
     // Existing bitmaps are named in the escaped form `dbm info` shows (`\xNN` for a byte
     // that is not UTF-8), so every name on disk can be typed; a new one is taken as given.
     let name = BitmapName::parse_escaped(&args.name);
-    let r = match &verb {
+    for verb in &verbs {
+        apply(&mut st, args, &name, verb)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Makes one change.
+fn apply(
+    st: &mut dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
+    args: &BitmapArgs,
+    name: &BitmapName,
+    verb: &Verb,
+) -> Result<(), String> {
+    let r = match verb {
         Verb::Add {
             granularity,
             enabled,
@@ -141,22 +167,21 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
                 Recording::Disabled
             },
         ),
-        Verb::Remove => st.remove(&name),
-        Verb::Clear => st.clear(&name),
-        Verb::SetEnabled(on) => st.set_enabled(&name, *on),
-        Verb::Merge { src, image: None } => st.merge(BitmapName::parse_escaped(src), &name),
+        Verb::Remove => st.remove(name),
+        Verb::Clear => st.clear(name),
+        Verb::SetEnabled(on) => st.set_enabled(name, *on),
+        Verb::Merge { src, image: None } => st.merge(BitmapName::parse_escaped(src), name),
         Verb::Merge {
             src,
             image: Some(path),
         } => {
             let other = store(path, OpenMode::ReadOnly)?;
-            st.merge_from(&other, BitmapName::parse_escaped(src), &name)
+            st.merge_from(&other, BitmapName::parse_escaped(src), name)
                 .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?;
             Ok(())
         }
     };
-    r.map_err(|e| at(&args.image, e))?;
-    Ok(ExitCode::SUCCESS)
+    r.map_err(|e| at(&args.image, e))
 }
 
 #[cfg(test)]
@@ -170,43 +195,51 @@ mod tests {
         a: BitmapArgs,
     }
 
-    fn verb(args: &[&str]) -> Result<Verb, String> {
+    fn verb(args: &[&str]) -> Result<Vec<Verb>, String> {
         let t = T::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        t.a.verb()
+        t.a.verbs()
     }
 
     #[test]
     fn verbs() {
         assert_eq!(
             verb(&["img", "b", "--add"]),
-            Ok(Verb::Add {
+            Ok(vec![Verb::Add {
                 granularity: 65536,
                 enabled: true
-            })
+            }])
         );
         assert_eq!(
             verb(&["img", "--add", "--disable", "-g", "512", "b"]),
-            Ok(Verb::Add {
+            Ok(vec![Verb::Add {
                 granularity: 512,
                 enabled: false
-            })
+            }])
         );
         assert_eq!(
-            verb(&["img", "b", "--disable"]),
-            Ok(Verb::SetEnabled(false))
+            verb(&["img", "b", "--add", "-g", "0"]),
+            Ok(vec![Verb::Add {
+                granularity: 65536,
+                enabled: true
+            }])
         );
         assert_eq!(
-            verb(&["img", "b", "--merge", "s", "-b", "o"]),
-            Ok(Verb::Merge {
+            verb(&["img", "b", "--disable", "--clear"]),
+            Ok(vec![Verb::Clear, Verb::SetEnabled(false)])
+        );
+        assert_eq!(
+            verb(&["img", "b", "--merge", "s", "-b", "o", "-F", "qcow2", "-f", "qcow2"]),
+            Ok(vec![Verb::Merge {
                 src: "s".into(),
                 image: Some("o".into())
-            })
+            }])
         );
         assert!(verb(&["img", "b"]).is_err());
         assert!(verb(&["img", "b", "--add", "--remove"]).is_err());
         assert!(verb(&["img", "b", "--enable", "--disable"]).is_err());
         assert!(verb(&["img", "b", "--remove", "-g", "512"]).is_err());
         assert!(verb(&["img", "b", "--add", "-g", "12Q"]).is_err());
+        assert!(verb(&["img", "b", "--add", "-f", "raw"]).is_err());
     }
 }

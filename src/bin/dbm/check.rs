@@ -2,9 +2,11 @@
 //! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only. An image that
 //! cannot be opened exits 1 like every other error.
 //!
-//! The JSON form is one object with sorted keys: `corruptions`, `exit-code`, `filename`,
-//! `format` (`"qcow2"`), `leaks`, `messages` (QEMU's wording, at most 1000) and
-//! `total-clusters`.
+//! As `qemu-img check`: the findings go to stderr, the summary to stdout, ending with
+//! `Image end offset: N`. The JSON form is one object with sorted keys: QEMU's
+//! `check-errors`, `filename`, `format` (`"qcow2"`), `image-end-offset`, `total-clusters`
+//! (the virtual disk's clusters, as QEMU counts them), and ours: `corruptions`,
+//! `exit-code`, `file-clusters`, `leaks`, `messages` (QEMU's wording, at most 1000).
 //!
 //! [`Image::check`]: dirty_bitmap::Image::check
 
@@ -26,9 +28,18 @@ use crate::CmdResult;
 pub struct CheckArgs {
     /// The qcow2 image (opened read-only).
     pub image: PathBuf,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text (`--output json`).
     #[arg(long)]
     pub json: bool,
+    /// `human` (the default) or `json`, as `qemu-img check --output`.
+    #[arg(long, value_parser = ["human", "json"])]
+    pub output: Option<String>,
+    /// The image format: only `qcow2` (accepted for `qemu-img check -f qcow2`).
+    #[arg(short = 'f', value_parser = ["qcow2"])]
+    pub format: Option<String>,
+    /// Print nothing; the exit status says it all (`qemu-img check -q`).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
     /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
     #[arg(short = 'U', long)]
@@ -41,19 +52,25 @@ pub struct CheckArgs {
     pub repair: Option<String>,
 }
 
-/// The text form, in `qemu-img check`'s words.
-pub fn text(r: &CheckReport) -> String {
+/// The findings, one per line, as `qemu-img check` prints them on stderr.
+pub fn findings(r: &CheckReport) -> String {
     let mut s = String::new();
     for m in &r.messages {
         let _ = writeln!(s, "{m}");
     }
-    if !r.messages.is_empty() {
-        s.push('\n');
+    s
+}
+
+/// The summary, as `qemu-img check` prints it on stdout.
+pub fn text(r: &CheckReport) -> String {
+    let mut s = String::new();
+    if r.is_clean() {
+        s.push_str("No errors were found on the image.\n");
     }
     if r.corruptions > 0 {
         let _ = writeln!(
             s,
-            "{} errors were found on the image.\nData may be corrupted, or further writes to \
+            "\n{} errors were found on the image.\nData may be corrupted, or further writes to \
              the image may corrupt it.",
             r.corruptions
         );
@@ -61,15 +78,12 @@ pub fn text(r: &CheckReport) -> String {
     if r.leaks > 0 {
         let _ = writeln!(
             s,
-            "{} leaked clusters were found on the image.\nThis means waste of disk space, but \
+            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but \
              no harm to data.",
             r.leaks
         );
     }
-    if r.is_clean() {
-        s.push_str("No errors were found on the image.\n");
-    }
-    let _ = writeln!(s, "{} clusters in the file.", r.total_clusters);
+    let _ = writeln!(s, "Image end offset: {}", r.image_end_offset);
     s
 }
 
@@ -101,14 +115,18 @@ pub fn repaired_text(r: &RepairReport) -> String {
     s
 }
 
-/// The JSON form (see the module docs).
-pub fn json(filename: &str, r: &CheckReport) -> Value {
+/// The JSON form (see the module docs); `virtual_clusters` is the virtual disk's size in
+/// clusters, rounded up (QEMU's `total-clusters`).
+pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
     json!({
         "filename": filename,
         "format": "qcow2",
+        "check-errors": 0,
+        "image-end-offset": r.image_end_offset,
+        "total-clusters": virtual_clusters,
         "corruptions": r.corruptions,
         "leaks": r.leaks,
-        "total-clusters": r.total_clusters,
+        "file-clusters": r.total_clusters,
         "messages": r.messages,
         "exit-code": r.exit_code(),
     })
@@ -116,10 +134,13 @@ pub fn json(filename: &str, r: &CheckReport) -> Value {
 
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
-    let report = match &args.repair {
-        None => image(&args.image, args.force_share)?
-            .check()
-            .map_err(|e| at(&args.image, e))?,
+    let (report, virtual_clusters) = match &args.repair {
+        None => {
+            let img = image(&args.image, args.force_share)?;
+            let h = img.header();
+            let v = h.size.div_ceil(h.cluster_size());
+            (img.check().map_err(|e| at(&args.image, e))?, v)
+        }
         Some(what) => {
             let what = if what == "all" {
                 Repair::All
@@ -131,14 +152,22 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             let (img, done) = repair(storage, what).map_err(|e| at(&args.image, e))?;
             // What was done goes to stderr, as qemu-img's findings do; the check of the
             // repaired image follows on stdout.
-            eprint!("{}", repaired_text(&done));
-            img.check().map_err(|e| at(&args.image, e))?
+            if !args.quiet {
+                eprint!("{}", repaired_text(&done));
+            }
+            let h = img.header();
+            let v = h.size.div_ceil(h.cluster_size());
+            (img.check().map_err(|e| at(&args.image, e))?, v)
         }
     };
-    if args.json {
-        let v = json(&args.image.display().to_string(), &report);
+    let json_out = args.json || args.output.as_deref() == Some("json");
+    if args.quiet {
+    } else if json_out {
+        eprint!("{}", findings(&report));
+        let v = json(&args.image.display().to_string(), &report, virtual_clusters);
         emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
     } else {
+        eprint!("{}", findings(&report));
         emit(&text(&report))?;
     }
     Ok(ExitCode::from(
@@ -161,9 +190,13 @@ mod tests {
         r.messages
             .push("Leaked cluster 4 refcount=1 reference=0".into());
         assert!(text(&r).contains("1 leaked clusters were found"));
-        assert_eq!(json("i", &r)["exit-code"], 3);
+        assert!(!text(&r).contains("Leaked cluster 4"));
+        assert_eq!(findings(&r), "Leaked cluster 4 refcount=1 reference=0\n");
+        assert_eq!(json("i", &r, 16)["exit-code"], 3);
+        assert_eq!(json("i", &r, 16)["total-clusters"], 16);
+        assert_eq!(json("i", &r, 16)["file-clusters"], 5);
         r.corruptions = 2;
         assert!(text(&r).contains("2 errors were found"));
-        assert_eq!(json("i", &r)["exit-code"], 2);
+        assert_eq!(json("i", &r, 16)["exit-code"], 2);
     }
 }

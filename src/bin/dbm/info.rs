@@ -42,9 +42,15 @@ use crate::CmdResult;
 pub struct InfoArgs {
     /// The qcow2 image.
     pub image: PathBuf,
-    /// Print one JSON object (see docs/CLI.md) instead of text.
+    /// Print one JSON object (see docs/CLI.md) instead of text (`--output json`).
     #[arg(long)]
     pub json: bool,
+    /// `human` (the default) or `json`, as `qemu-img info --output`.
+    #[arg(long, value_parser = ["human", "json"])]
+    pub output: Option<String>,
+    /// The image format: only `qcow2` (accepted for `qemu-img info -f qcow2`).
+    #[arg(short = 'f', value_parser = ["qcow2"])]
+    pub format: Option<String>,
     /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
     /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
     #[arg(short = 'U', long)]
@@ -337,7 +343,7 @@ pub fn run(args: &InfoArgs) -> CmdResult {
             .and_then(|img| gather_broken(name, &img))
             .ok_or(e)?,
     };
-    if args.json {
+    if args.json || args.output.as_deref() == Some("json") {
         emit(&format!(
             "{}\n",
             serde_json::to_string_pretty(&json(&info))?
