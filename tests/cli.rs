@@ -1954,3 +1954,34 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
     ]);
     assert!(dbm_ok(&["dump", i, "b"]).contains("   2097152       65536    1  dirty"));
 }
+
+/// Sizes parse as qemu-img's (`1.5G`, `1b`, `0.5k`): the image `dbm create` makes has the
+/// virtual size of the one `qemu-img create` makes from the same string. A negative size,
+/// and every other usage error, reads `dbm: ...` with exit 1.
+#[test]
+fn sizes_parse_as_qemu_img_and_usage_errors_read_dbm() {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, size) in ["1.5G", "1b", "0.5k", "64K", "3M"].into_iter().enumerate() {
+        let (a, b) = (dir.path().join(format!("a{k}")), dir.path().join(format!("b{k}")));
+        dbm_ok(&["create", p(&a), "--size", size]);
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), size]);
+        let vs = |i: &Path| -> Value {
+            serde_json::from_str::<Value>(&ok("qemu-img", &["info", "--output=json", p(i)]))
+                .unwrap()["virtual-size"]
+                .clone()
+        };
+        assert_eq!(vs(&a), vs(&b), "{size}");
+    }
+    for args in [
+        vec!["create", "x.qcow2", "--size", "-1"],
+        vec!["info"],
+        vec!["bitmap", "x.qcow2", "b", "--enable", "--disable"],
+        vec!["nonsense"],
+    ] {
+        let out = dbm(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.starts_with("dbm: "), "{args:?}: {err}");
+    }
+    assert!(text(&dbm(&["create", "x.qcow2", "--size", "-1"]).stderr).contains("negative"));
+}

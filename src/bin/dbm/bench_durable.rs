@@ -69,10 +69,10 @@ pub struct DurableArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Disk size the bitmap covers (suffixes K, M, G, T).
-    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    #[arg(long, default_value = "16T", value_parser = parse_size, allow_negative_numbers = true)]
     pub disk_size: u64,
     /// Granularity (suffixes K, M).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    #[arg(long, default_value = "64K", value_parser = parse_size, allow_negative_numbers = true)]
     pub granularity: u64,
     /// Writer thread counts (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]

@@ -67,10 +67,10 @@ pub struct FlushArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Virtual disk size (suffixes K, M, G, T).
-    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    #[arg(long, default_value = "16T", value_parser = parse_size, allow_negative_numbers = true)]
     pub disk_size: u64,
     /// Bytes of disk per bit.
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    #[arg(long, default_value = "64K", value_parser = parse_size, allow_negative_numbers = true)]
     pub granularity: u64,
     /// Bitmap counts to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
@@ -89,7 +89,7 @@ pub struct FlushArgs {
     pub sweep_intervals: Vec<u64>,
     /// Pending bytes per bitmap that `prepare_stop` flushes down to (while the writer runs)
     /// before the VM stops, in the second stop mode.
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_size, allow_negative_numbers = true)]
     pub stop_budget: u64,
     /// Seconds the writer runs with background flushes before each stop.
     #[arg(long, default_value_t = 0.5)]

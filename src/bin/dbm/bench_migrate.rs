@@ -59,19 +59,19 @@ impl PatternArg {
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
     /// vCPU threads.
     #[arg(long, default_value_t = 2)]
     pub vcpus: usize,
     /// Bandwidths (`max-bandwidth`) to sweep, bytes per second (comma-separated, suffixes
     /// K, M, G).
-    #[arg(long, value_delimiter = ',', value_parser = parse_size,
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, allow_negative_numbers = true,
           default_values = ["32M", "64M", "128M", "256M"])]
     pub bandwidths: Vec<u64>,
     /// Guest dirty rates to sweep, bytes per second of 4 KiB page writes (comma-separated,
     /// suffixes K, M, G).
-    #[arg(long, value_delimiter = ',', value_parser = parse_size,
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, allow_negative_numbers = true,
           default_values = ["0", "8M", "32M", "64M", "128M", "256M"])]
     pub dirty_rates: Vec<u64>,
     /// Where the vCPUs write.

@@ -57,26 +57,26 @@ pub struct MigrateDiskArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
     /// vCPU threads writing guest pages.
     #[arg(long, default_value_t = 2)]
     pub vcpus: usize,
     /// Bytes per second the vCPUs write, in whole 4 KiB pages (suffixes K, M, G); 90 % of
     /// the writes go into 5 % of the pages.
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    #[arg(long, default_value = "32M", value_parser = parse_size, allow_negative_numbers = true)]
     pub dirty_rate: u64,
     /// The rate limit (QEMU `max-bandwidth`), bytes per second (suffixes K, M, G).
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = parse_size, allow_negative_numbers = true)]
     pub max_bandwidth: u64,
     /// Downtime limit in ms (QEMU `downtime-limit`).
     #[arg(long, default_value_t = 300)]
     pub downtime_limit: u64,
     /// Virtual disk size (suffixes K, M, G, T).
-    #[arg(long, default_value = "16T", value_parser = parse_size)]
+    #[arg(long, default_value = "16T", value_parser = parse_size, allow_negative_numbers = true)]
     pub disk_size: u64,
     /// Bytes of disk per bit (suffixes K, M, G).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    #[arg(long, default_value = "64K", value_parser = parse_size, allow_negative_numbers = true)]
     pub granularity: u64,
     /// Bitmap counts to measure (comma-separated); every bitmap is enabled, so every disk
     /// write marks each.

@@ -55,7 +55,7 @@ pub struct BitmapArgs {
     pub format: Option<String>,
     /// Granularity of `--add` (default, and with `-g 0`, 64K): a power of two from 512 to
     /// 2G.
-    #[arg(short = 'g', long, value_parser = size::parse_size, requires = "add")]
+    #[arg(short = 'g', long, value_parser = size::parse_size, allow_negative_numbers = true, requires = "add")]
     pub granularity: Option<u64>,
 }
 

@@ -16,10 +16,10 @@ pub struct CreateArgs {
     pub image: PathBuf,
     /// Virtual disk size (suffixes K, M, G, T), rounded up to 512 bytes as `qemu-img create`
     /// does. With `--data-file`, the raw file's size, which is the default there.
-    #[arg(long, value_parser = size::parse_size)]
+    #[arg(long, value_parser = size::parse_size, allow_negative_numbers = true)]
     pub size: Option<u64>,
     /// Cluster size: a power of two from 512 to 2M.
-    #[arg(long, default_value = "64K", value_parser = size::parse_size)]
+    #[arg(long, default_value = "64K", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub cluster_size: u64,
     /// An existing raw file that holds the guest data: the image maps every guest cluster
     /// to the same offset of it (`data_file_raw`), so QEMU's tools serve the raw disk and

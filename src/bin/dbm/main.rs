@@ -108,10 +108,10 @@ pub struct DemoArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Virtual disk size (suffixes K, M, G, T).
-    #[arg(long, default_value = "16T", value_parser = size::parse_size)]
+    #[arg(long, default_value = "16T", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub disk_size: u64,
     /// Bytes of disk per bit (suffixes K, M, G).
-    #[arg(long, default_value = "64K", value_parser = size::parse_size)]
+    #[arg(long, default_value = "64K", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub granularity: u64,
     /// Writer threads.
     #[arg(long, default_value_t = 4)]
@@ -136,18 +136,18 @@ pub struct DemoArgs {
     #[arg(long)]
     pub no_migration: bool,
     /// Migration part: guest RAM (suffixes K, M, G; a multiple of 4 KiB).
-    #[arg(long, default_value = "1G", value_parser = size::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
     /// Migration part: vCPU threads writing guest pages.
     #[arg(long, default_value_t = 2)]
     pub vcpus: usize,
     /// Migration part: bytes per second the vCPUs write, in whole 4 KiB pages (suffixes
     /// K, M, G); 90 % of the writes go into 5 % of the pages.
-    #[arg(long, default_value = "32M", value_parser = size::parse_size)]
+    #[arg(long, default_value = "32M", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub dirty_rate: u64,
     /// Migration part: the rate limit (QEMU `max-bandwidth`), bytes per second (suffixes
     /// K, M, G).
-    #[arg(long, default_value = "128M", value_parser = size::parse_size)]
+    #[arg(long, default_value = "128M", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub max_bandwidth: u64,
     /// Migration part: the downtime limit in ms (QEMU `downtime-limit`).
     #[arg(long, default_value_t = 300)]
@@ -163,12 +163,14 @@ fn main() -> ExitCode {
         Err(e) => {
             // --help and --version go to stdout with status 0; usage errors exit 1 (as
             // qemu-img's do), so that 2 and 3 keep their `check` meanings.
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // Usage errors read as every other error does: `dbm: ...`.
+            let text = e.render().to_string();
+            eprint!("dbm: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            return ExitCode::FAILURE;
         }
     };
     let result = match cli.command {

@@ -16,10 +16,10 @@ pub struct MarkArgs {
     /// The bitmap.
     pub name: String,
     /// First byte (suffixes K, M, G, T).
-    #[arg(value_parser = size::parse_size)]
+    #[arg(value_parser = size::parse_size, allow_negative_numbers = true)]
     pub offset: u64,
     /// Bytes, at least 1 (suffixes K, M, G, T).
-    #[arg(value_parser = size::parse_size)]
+    #[arg(value_parser = size::parse_size, allow_negative_numbers = true)]
     pub len: u64,
 }
 

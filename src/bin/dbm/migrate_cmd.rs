@@ -113,7 +113,7 @@ pub struct ListenArgs {
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
     /// The largest guest RAM a source may send (suffixes K, M, G, T).
-    #[arg(long, default_value = "64G", value_parser = size::parse_size)]
+    #[arg(long, default_value = "64G", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub max_ram: u64,
     /// The source's log of marks (`send --log`): once the guest started here, every mark
     /// in it must be dirty in every enabled bitmap (exit 2 otherwise).
@@ -156,21 +156,21 @@ pub struct SendArgs {
     #[arg(long)]
     pub to: SocketAddr,
     /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
-    #[arg(long, default_value = "64M", value_parser = size::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
     /// vCPU threads writing guest pages.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
     /// Bytes per second the vCPUs write, in whole 4 KiB pages (suffixes K, M, G); 90 % of
     /// the writes go into 5 % of the pages.
-    #[arg(long, default_value = "8M", value_parser = size::parse_size)]
+    #[arg(long, default_value = "8M", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub dirty_rate: u64,
     /// 4 KiB disk writes per second, each marked in every enabled bitmap; 90 % of them go
     /// into a 64 GiB hot spot.
     #[arg(long, default_value_t = 10_000)]
     pub bitmap_writes_per_sec: u64,
     /// The rate limit (QEMU `max-bandwidth`), bytes per second (suffixes K, M, G).
-    #[arg(long, default_value = "128M", value_parser = size::parse_size)]
+    #[arg(long, default_value = "128M", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub max_bandwidth: u64,
     /// The downtime limit in ms (QEMU `downtime-limit`); the disk's stop time counts in it.
     #[arg(long, default_value_t = 300)]

@@ -1,33 +1,83 @@
 //! Sizes with binary suffixes: `512`, `64K`, `2M`, `16T`, parsed and printed.
 
-/// Parses a byte count with an optional K, M, G, T, P or E suffix (powers of 1024;
-/// a trailing `B` or `iB` is accepted too).
+/// Parses a byte count as `qemu-img` does (`qemu_strtosz`): a decimal number with an
+/// optional fraction and an optional suffix `B` (bytes), `K`, `M`, `G`, `T`, `P` or `E`
+/// (powers of 1024, either case; `KiB`-style too). A fraction needs a suffix above bytes
+/// (`1.5G`); the result is rounded down to a whole byte. A negative value is refused with
+/// its own message.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("size {s:?} is negative; sizes are 0 or more bytes"));
+    }
     let t = t
         .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
+        .or_else(|| t.strip_suffix("ib"))
         .unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
+    let (number, shift) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let shift = match c.to_ascii_uppercase() {
+                'B' => 0,
                 'K' => 10,
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
                 'P' => 50,
                 'E' => 60,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?}")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix {c:?} in {s:?} (B, K, M, G, T, P, E)"
+                    ))
+                }
             };
             (&t[..i], shift)
         }
         _ => (t, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 512, 64K, 2M, 16T)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
+    // "4kB": a unit followed by B.
+    let (number, shift) = match number.char_indices().last() {
+        Some((i, c)) if shift == 0 && c.is_ascii_alphabetic() && t.ends_with(['B', 'b']) => {
+            let k = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                'E' => 60,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&number[..i], k)
+        }
+        _ => (number, shift),
+    };
+    let bad = || format!("{s:?} is not a size (examples: 512, 64K, 1.5G, 16T)");
+    let (int, frac) = match number.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (number, None),
+    };
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let whole: u64 = int.parse().map_err(|_| bad())?;
+    let unit = 1u64 << shift;
+    let mut n = whole
+        .checked_mul(unit)
+        .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))?;
+    if let Some(f) = frac {
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) || f.len() > 18 {
+            return Err(bad());
+        }
+        if shift == 0 {
+            return Err(format!("{s:?}: a fraction needs a unit (K, M, G, T, P, E)"));
+        }
+        // unit × 0.f, rounded down, in integers: unit × f / 10^len.
+        let den = 10u128.pow(f.len() as u32);
+        let part = u128::from(unit) * f.parse::<u128>().map_err(|_| bad())? / den;
+        n = n
+            .checked_add(u64::try_from(part).map_err(|_| bad())?)
+            .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))?;
+    }
+    Ok(n)
 }
 
 /// `1.5 GiB`-style size, for output.
@@ -58,6 +108,15 @@ mod tests {
         assert_eq!(parse_size("16T"), Ok(16 << 40));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("4kB"), Ok(4096));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5k"), Ok(512));
+        assert_eq!(parse_size("1b"), Ok(1));
+        assert_eq!(parse_size("1B"), Ok(1));
+        assert!(parse_size("1.5").is_err());
+        assert!(parse_size("-1").unwrap_err().contains("negative"));
+        assert!(parse_size(".5K").is_err());
+        assert!(parse_size("1.K").is_err());
+        assert!(parse_size("16E").is_err());
         assert!(parse_size("16X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("K").is_err());
