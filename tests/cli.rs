@@ -1962,7 +1962,10 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
 fn sizes_parse_as_qemu_img_and_usage_errors_read_dbm() {
     let dir = tempfile::tempdir().unwrap();
     for (k, size) in ["1.5G", "1b", "0.5k", "64K", "3M"].into_iter().enumerate() {
-        let (a, b) = (dir.path().join(format!("a{k}")), dir.path().join(format!("b{k}")));
+        let (a, b) = (
+            dir.path().join(format!("a{k}")),
+            dir.path().join(format!("b{k}")),
+        );
         dbm_ok(&["create", p(&a), "--size", size]);
         ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), size]);
         let vs = |i: &Path| -> Value {
@@ -1984,4 +1987,40 @@ fn sizes_parse_as_qemu_img_and_usage_errors_read_dbm() {
         assert!(err.starts_with("dbm: "), "{args:?}: {err}");
     }
     assert!(text(&dbm(&["create", "x.qcow2", "--size", "-1"]).stderr).contains("negative"));
+}
+
+/// `dbm dump` prints byte for byte what `nbdinfo --map` prints for the same bitmap exported
+/// by `qemu-nbd -B`: text rows, `--json`, `--totals` and `--json --totals`, for a clean, a
+/// sparse and a fully dirty bitmap (its disk an odd number of sectors).
+#[test]
+fn dump_prints_what_nbdinfo_prints_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    let i = p(&img);
+    dbm_ok(&["create", i, "--size", "67109376"]);
+    for b in ["clean", "some", "full"] {
+        dbm_ok(&["bitmap", i, b, "--add"]);
+    }
+    dbm_ok(&["mark", i, "some", "1M", "4K"]);
+    dbm_ok(&["mark", i, "some", "10M", "200K"]);
+    dbm_ok(&["mark", i, "full", "0", "67109376"]);
+    for (tag, b) in ["clean", "some", "full"].into_iter().enumerate() {
+        let nbd = serve(dir.path(), &img, b, tag);
+        for opts in [
+            vec![],
+            vec!["--json"],
+            vec!["--totals"],
+            vec!["--json", "--totals"],
+        ] {
+            let map = format!("--map=qemu:dirty-bitmap:{b}");
+            let mut nargs: Vec<&str> = opts.clone();
+            nargs.push(&map);
+            nargs.push(&nbd.uri);
+            let theirs = text(&run("nbdinfo", &nargs).stdout);
+            let mut dargs = vec!["dump"];
+            dargs.extend(opts.iter().copied());
+            dargs.extend([i, b]);
+            assert_eq!(dbm_ok(&dargs), theirs, "{b} {opts:?}");
+        }
+    }
 }

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dirty_bitmap::Error;
-use serde_json::json;
 
 use crate::open::{at, reader};
 use crate::out::emit;
@@ -31,6 +30,9 @@ pub struct DumpArgs {
     /// Print nbdinfo's `--map --json` array instead of text rows.
     #[arg(long)]
     pub json: bool,
+    /// Print the bytes of each type (clean, dirty) as `nbdinfo --totals` does.
+    #[arg(long)]
+    pub totals: bool,
     /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
     /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
     #[arg(short = 'U', long)]
@@ -91,13 +93,71 @@ pub fn text_row(r: &Row) -> String {
     format!("{:>10}  {:>10}  {t:>3}  {d}", r.offset, r.length)
 }
 
-/// The JSON array, one object per line as nbdinfo prints it.
+/// The JSON array exactly as `nbdinfo --json --map` prints it, one object per line.
 pub fn json_rows(rows: &[Row]) -> String {
     let lines: Vec<String> = rows
         .iter()
         .map(|r| {
             let (t, d) = describe(r.dirty);
-            json!({"offset": r.offset, "length": r.length, "type": t, "description": d}).to_string()
+            format!(
+                "{{ \"offset\": {}, \"length\": {}, \"type\": {t}, \"description\": \"{d}\"}}",
+                r.offset, r.length
+            )
+        })
+        .collect();
+    format!("[\n{}\n]", lines.join(",\n"))
+}
+
+/// Bytes per type (clean, then dirty), those present: `nbdinfo --totals`.
+fn totals(rows: &[Row]) -> Vec<(u64, bool)> {
+    let sum = |dirty: bool| -> u64 {
+        rows.iter()
+            .filter(|r| r.dirty == dirty)
+            .map(|r| r.length)
+            .sum()
+    };
+    [(sum(false), false), (sum(true), true)]
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .collect()
+}
+
+/// C's `%g`: six significant digits, trailing zeros dropped.
+fn percent_g(v: f64) -> String {
+    if v == 0.0 {
+        return "0".to_string();
+    }
+    let digits = 6 - 1 - (v.abs().log10().floor() as i32);
+    let s = format!("{:.*}", digits.max(0) as usize, v);
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// `nbdinfo --totals` text: `%10lu %5.1f%% %3u %s` per type.
+pub fn totals_text(rows: &[Row], disk: u64) -> String {
+    let mut out = String::new();
+    for (n, dirty) in totals(rows) {
+        let (t, d) = describe(dirty);
+        let pct = n as f64 * 100.0 / disk.max(1) as f64;
+        out.push_str(&format!("{n:>10} {pct:>5.1}% {t:>3} {d}\n"));
+    }
+    out
+}
+
+/// `nbdinfo --json --totals`.
+pub fn totals_json(rows: &[Row], disk: u64) -> String {
+    let lines: Vec<String> = totals(rows)
+        .into_iter()
+        .map(|(n, dirty)| {
+            let (t, d) = describe(dirty);
+            let pct = n as f64 * 100.0 / disk.max(1) as f64;
+            format!(
+                "{{ \"size\": {n}, \"percent\": {}, \"type\": {t}, \"description\": \"{d}\" }}",
+                percent_g(pct)
+            )
         })
         .collect();
     format!("[\n{}\n]", lines.join(",\n"))
@@ -123,7 +183,14 @@ pub fn run(args: &DumpArgs) -> CmdResult {
         e => at(&args.image, e),
     })?;
     let rows = rows(bm.disk_size(), bm.dirty_extents());
-    if args.json {
+    if args.totals {
+        let disk = bm.disk_size();
+        emit(&if args.json {
+            format!("{}\n", totals_json(&rows, disk))
+        } else {
+            totals_text(&rows, disk)
+        })?;
+    } else if args.json {
         emit(&format!("{}\n", json_rows(&rows)))?;
     } else {
         let mut out = String::new();
