@@ -208,6 +208,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn percent_as_c_g() {
+        assert_eq!(percent_g(99.51171875), "99.5117");
+        assert_eq!(percent_g(0.48828125), "0.488281");
+        assert_eq!(percent_g(100.0), "100");
+        assert_eq!(percent_g(0.0), "0");
+    }
+
+    #[test]
     fn rows_cover_the_disk() {
         let r = rows(10_000_384, [(512, 3584), (9_998_848, 1024)]);
         let t: Vec<String> = r.iter().map(text_row).collect();
@@ -243,6 +251,7 @@ mod tests {
 
     #[test]
     fn json_matches_nbdinfo_shape() {
+        use serde_json::json;
         let j = json_rows(&rows(1024, [(512, 512)]));
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
         assert_eq!(
