@@ -2024,3 +2024,86 @@ fn dump_prints_what_nbdinfo_prints_byte_for_byte() {
         }
     }
 }
+
+/// `dbm info --json` carries every key `qemu-img info --output=json` prints (but
+/// `children`), with QEMU's values: `format-specific.data` with the bitmaps, compat,
+/// compression type, refcount bits, data file, `backing-filename`, `actual-size`,
+/// `dirty-flag`. Our own keys sit beside them.
+#[test]
+fn info_json_holds_qemu_img_infos_keys_with_its_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |n: &str| d.join(n);
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&at("plain.qcow2")), "64M"],
+    );
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", p(&at("plain.qcow2")), "b1"],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "bitmap",
+            "--add",
+            "--disable",
+            "-g",
+            "512",
+            p(&at("plain.qcow2")),
+            "b2",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write 1M 64K", p(&at("plain.qcow2"))],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            p(&at("v2.qcow2")),
+            "16M",
+        ],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&at("plain.qcow2")),
+            "-F",
+            "qcow2",
+            p(&at("top.qcow2")),
+        ],
+    );
+    std::fs::write(at("disk.raw"), vec![0u8; 4 << 20]).unwrap();
+    dbm_ok(&[
+        "create",
+        p(&at("raw.qcow2")),
+        "--data-file",
+        p(&at("disk.raw")),
+    ]);
+    dbm_ok(&["bitmap", p(&at("raw.qcow2")), "r", "--add"]);
+    for n in ["plain.qcow2", "v2.qcow2", "top.qcow2", "raw.qcow2"] {
+        let path = at(n);
+        let i = p(&path);
+        let q: Value =
+            serde_json::from_str(&ok("qemu-img", &["info", "--output=json", i])).unwrap();
+        let ours: Value = serde_json::from_str(&dbm_ok(&["info", "--output=json", i])).unwrap();
+        for (k, v) in q.as_object().unwrap() {
+            if k == "children" {
+                continue;
+            }
+            assert_eq!(&ours[k], v, "{n}: {k}");
+        }
+    }
+}

@@ -83,6 +83,90 @@ pub struct ImageInfo {
     /// Why the bitmap directory cannot be read as a whole, if it cannot (then `bitmaps`
     /// lists the entries read before the problem).
     pub directory_problem: Option<String>,
+    /// The keys `qemu-img info --output=json` prints, with its meaning (`qemu_keys`).
+    pub qemu: serde_json::Map<String, Value>,
+}
+
+/// What `qemu-img info --output=json` prints about the image (all but `children`), from
+/// its cluster 0 and the bitmaps listed: `actual-size` (the file's allocated bytes),
+/// `dirty-flag`, `backing-filename` (with `full-backing-filename` and
+/// `backing-filename-format`) and `format-specific` (`compat`, `compression-type`,
+/// `lazy-refcounts`, `refcount-bits`, `data-file`, `data-file-raw`, `corrupt`,
+/// `extended-l2` and the bitmaps' `name`, `granularity` and `flags`). `filename`,
+/// `format`, `virtual-size` and `cluster-size` are the keys `dbm info` already has.
+pub fn qemu_keys(
+    filename: &str,
+    image: &Image<FileStorage>,
+    bitmaps: &[BitmapReport],
+) -> serde_json::Map<String, Value> {
+    use std::os::unix::fs::MetadataExt;
+    let area = image.area();
+    let h = &area.header;
+    let v3 = h.version >= 3;
+    let mut data = serde_json::Map::new();
+    data.insert("compat".into(), json!(if v3 { "1.1" } else { "0.10" }));
+    data.insert(
+        "compression-type".into(),
+        json!(if h.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        }),
+    );
+    if v3 {
+        data.insert(
+            "lazy-refcounts".into(),
+            json!(h.compatible_features & 1 != 0),
+        );
+    }
+    if !bitmaps.is_empty() {
+        let list: Vec<Value> = bitmaps
+            .iter()
+            .map(|b| json!({"flags": b.flags(), "name": b.name, "granularity": b.granularity}))
+            .collect();
+        data.insert("bitmaps".into(), Value::Array(list));
+    }
+    data.insert(
+        "refcount-bits".into(),
+        json!(1u64 << h.refcount_order.min(6)),
+    );
+    if let Some(df) = &area.data_file {
+        data.insert("data-file".into(), json!(String::from_utf8_lossy(df)));
+        data.insert("data-file-raw".into(), json!(h.autoclear_features & 2 != 0));
+    }
+    if v3 {
+        data.insert("corrupt".into(), json!(h.incompatible_features & 2 != 0));
+        data.insert(
+            "extended-l2".into(),
+            json!(h.incompatible_features & 16 != 0),
+        );
+    }
+    let mut out = serde_json::Map::new();
+    let actual = std::fs::metadata(filename)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0);
+    out.insert("actual-size".into(), json!(actual));
+    out.insert("dirty-flag".into(), json!(h.incompatible_features & 1 != 0));
+    out.insert(
+        "format-specific".into(),
+        json!({"type": "qcow2", "data": Value::Object(data)}),
+    );
+    if let Some(b) = &area.backing_file {
+        let name = String::from_utf8_lossy(b).into_owned();
+        let full = match filename.rfind('/') {
+            Some(i) if !name.starts_with('/') => format!("{}{name}", &filename[..=i]),
+            _ => name.clone(),
+        };
+        out.insert("backing-filename".into(), json!(name));
+        out.insert("full-backing-filename".into(), json!(full));
+        if let Some(f) = &area.backing_format {
+            out.insert(
+                "backing-filename-format".into(),
+                json!(String::from_utf8_lossy(f)),
+            );
+        }
+    }
+    out
 }
 
 /// One bitmap in [`ImageInfo`].
@@ -170,7 +254,6 @@ pub fn gather(
         });
     }
     Ok(ImageInfo {
-        filename,
         version: h.version,
         virtual_size: h.size,
         disk_length: h.disk_length(),
@@ -183,8 +266,10 @@ pub fn gather(
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned()),
         mode,
+        qemu: qemu_keys(&filename, image, &bitmaps),
         bitmaps,
         directory_problem: None,
+        filename,
     })
 }
 
@@ -240,6 +325,7 @@ pub fn gather_broken(filename: String, image: &Image<FileStorage>) -> Option<Ima
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned()),
         mode,
+        qemu: serde_json::Map::new(),
         bitmaps,
         directory_problem: triage.unreadable.clone(),
     })
@@ -295,7 +381,7 @@ pub fn bitmap_text(b: &BitmapReport) -> String {
 /// The JSON form (see the module docs).
 pub fn json(info: &ImageInfo) -> Value {
     let bitmaps: Vec<Value> = info.bitmaps.iter().map(bitmap_json).collect();
-    json!({
+    let mut v = json!({
         "filename": info.filename,
         "format": "qcow2",
         "version": info.version,
@@ -309,7 +395,13 @@ pub fn json(info: &ImageInfo) -> Value {
         "mode-flags": info.mode.flags(),
         "bitmaps": bitmaps,
         "bitmap-directory-problem": info.directory_problem,
-    })
+    });
+    if let Value::Object(m) = &mut v {
+        for (k, x) in &info.qemu {
+            m.insert(k.clone(), x.clone());
+        }
+    }
+    v
 }
 
 /// One bitmap in the JSON form.
