@@ -30,7 +30,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Disk size (suffixes K, M, G, T); a multiple of 2 MiB.
-    #[arg(long, default_value = "17592184045568", value_parser = parse_size, allow_negative_numbers = true)]
+    #[arg(long, default_value = "17592183947264", value_parser = parse_size, allow_negative_numbers = true)]
     pub disk_size: u64,
     /// Dirty extents of the listing part.
     #[arg(long, default_value_t = 1_000_000)]

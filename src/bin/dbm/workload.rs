@@ -294,7 +294,14 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
         .list()
         .into_iter()
         .find(|b| b.name == BitmapName::parse_escaped(&args.bitmap))
-        .ok_or_else(|| at(img, format!("no bitmap {:?}", args.bitmap)))?;
+        .ok_or_else(|| {
+            at(
+                img,
+                dirty_bitmap::Error::NotFound {
+                    name: BitmapName::parse_escaped(&args.bitmap),
+                },
+            )
+        })?;
     if info.state == BitmapState::Inconsistent {
         return Err(at(
             img,
