@@ -232,7 +232,6 @@ pub fn gather(
     store: &BitmapStore<FileStorage>,
 ) -> dirty_bitmap::Result<ImageInfo> {
     let image = store.image();
-    let h = image.header();
     let mode = store.mode();
     let mut bitmaps = Vec::new();
     for b in store.list() {
@@ -253,7 +252,22 @@ pub fn gather(
             broken: false,
         });
     }
+    let qemu = qemu_keys(&filename, image, &bitmaps);
+    image_info(filename, image, mode, bitmaps, None, qemu)
+}
+
+/// The geometry facts of `image`, with the bitmaps and the rest given.
+fn image_info(
+    filename: String,
+    image: &Image<FileStorage>,
+    mode: StoreMode,
+    bitmaps: Vec<BitmapReport>,
+    directory_problem: Option<String>,
+    qemu: serde_json::Map<String, Value>,
+) -> dirty_bitmap::Result<ImageInfo> {
+    let h = image.header();
     Ok(ImageInfo {
+        filename,
         version: h.version,
         virtual_size: h.size,
         disk_length: h.disk_length(),
@@ -266,10 +280,9 @@ pub fn gather(
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned()),
         mode,
-        qemu: qemu_keys(&filename, image, &bitmaps),
         bitmaps,
-        directory_problem: None,
-        filename,
+        directory_problem,
+        qemu,
     })
 }
 
@@ -281,7 +294,6 @@ pub fn gather_broken(filename: String, image: &Image<FileStorage>) -> Option<Ima
     if triage.is_sound() {
         return None;
     }
-    let h = image.header();
     let mode = StoreMode::of(image.area());
     let bitmaps = triage
         .bitmaps
@@ -311,24 +323,15 @@ pub fn gather_broken(filename: String, image: &Image<FileStorage>) -> Option<Ima
             }
         })
         .collect();
-    Some(ImageInfo {
+    image_info(
         filename,
-        version: h.version,
-        virtual_size: h.size,
-        disk_length: h.disk_length(),
-        cluster_size: h.cluster_size(),
-        refcount_bits: 1u64 << h.refcount_order.min(6),
-        file_length: image.storage().len().ok()?,
-        backing_file: image
-            .area()
-            .backing_file
-            .as_ref()
-            .map(|b| String::from_utf8_lossy(b).into_owned()),
+        image,
         mode,
-        qemu: serde_json::Map::new(),
         bitmaps,
-        directory_problem: triage.unreadable.clone(),
-    })
+        triage.unreadable.clone(),
+        serde_json::Map::new(),
+    )
+    .ok()
 }
 
 /// The text form.

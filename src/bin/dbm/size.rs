@@ -37,15 +37,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     // "4kB": a unit followed by B.
     let (number, shift) = match number.char_indices().last() {
         Some((i, c)) if shift == 0 && c.is_ascii_alphabetic() && t.ends_with(['B', 'b']) => {
-            let k = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(format!("unknown size suffix in {s:?}")),
-            };
+            let k = unit_shift(c.to_ascii_uppercase())
+                .ok_or_else(|| format!("unknown size suffix in {s:?}"))?;
             (&number[..i], k)
         }
         _ => (number, shift),
@@ -78,6 +71,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))?;
     }
     Ok(n)
+}
+
+/// The power of two of unit letter `u` (upper case): K, M, G, T, P, E.
+fn unit_shift(u: char) -> Option<u32> {
+    Some(match u {
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        'P' => 50,
+        'E' => 60,
+        _ => return None,
+    })
 }
 
 /// `1.5 GiB`-style size, for output.
