@@ -1872,6 +1872,17 @@ fn info_reports_each_broken_bitmap_and_keeps_going() {
     assert!(!run("qemu-img", &["info", i]).status.success());
     let text = dbm_ok(&["info", i]);
     assert!(text.contains("bitmap directory: unreadable"), "{text}");
+    // The extension's own fields refused (a directory above the size limit): the image
+    // opens with the extension untrusted, and info says so.
+    bytes[pos + 8 + 3] = 1;
+    bytes[pos + 16..pos + 24].copy_from_slice(&(1024u64 * 65535 + 8).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    assert!(!run("qemu-img", &["info", i]).status.success());
+    let text = dbm_ok(&["info", i]);
+    assert!(
+        text.contains("bitmap directory: unreadable (the bitmaps extension itself"),
+        "{text}"
+    );
 }
 
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info
@@ -2105,5 +2116,19 @@ fn info_json_holds_qemu_img_infos_keys_with_its_values() {
             }
             assert_eq!(&ours[k], v, "{n}: {k}");
         }
+        // The text form has the same facts: each of format-specific's, as `key: value`.
+        let text = dbm_ok(&["info", i]);
+        for (k, v) in q["format-specific"]["data"].as_object().unwrap() {
+            if k == "bitmaps" {
+                continue;
+            }
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+            let want = format!("{}: {v}\n", k.replace('-', " "));
+            assert!(text.contains(&want), "{n}: no {want:?} in\n{text}");
+        }
+        assert!(
+            text.contains(&format!("actual size: {}\n", q["actual-size"])),
+            "{text}"
+        );
     }
 }

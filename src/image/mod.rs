@@ -87,17 +87,20 @@ impl<S: Storage> Image<S> {
         Self::open_inner(storage, mode, false).map(|(img, _)| img)
     }
 
-    /// [`open`](Self::open) for a repair (writable): when the bitmaps extension itself is
+    /// [`open`](Self::open) for a repair or a report: when the bitmaps extension itself is
     /// what QEMU refuses (a reserved field, a bitmap count of 0 or above 65535, an
-    /// unaligned directory offset, a directory above the size limit, a wrong length), the
-    /// image opens with the extension untrusted, as if autoclear bit 0 were clear (in
-    /// memory only: nothing is written), and the problem comes back beside it. The next
+    /// unaligned directory offset, a directory above the size limit), the image opens
+    /// with the extension untrusted, as if autoclear bit 0 were clear (in memory only:
+    /// nothing is written), and the problem comes back beside it. A writable image's next
     /// header write drops the extension.
     ///
     /// # Errors
     /// As [`open`](Self::open) for every other problem.
-    pub(crate) fn open_for_repair(storage: S) -> Result<(Self, Option<Corruption>)> {
-        Self::open_inner(storage, OpenMode::ReadWrite, true)
+    pub fn open_untrusting_bitmaps(
+        storage: S,
+        mode: OpenMode,
+    ) -> Result<(Self, Option<Corruption>)> {
+        Self::open_inner(storage, mode, true)
     }
 
     fn open_inner(

@@ -27,7 +27,7 @@ use crate::error::{Corruption, Result};
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
 use crate::format::{BitmapName, DirEntry, TableEntry};
 use crate::image::{read_metadata, Image};
-use crate::storage::Storage;
+use crate::storage::{OpenMode, Storage};
 
 /// What [`repair`] may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +58,9 @@ pub struct RepairReport {
 /// # Errors
 /// [`Error::Corrupt`](crate::Error::Corrupt) when the walk of everything but the bitmaps finds corruption (a
 /// refcount below its references: `qemu-img check -r all` is the tool for that) or the
-/// header or the bitmaps extension itself cannot be read ([`Image::open`]); I/O.
+/// header cannot be read ([`Image::open_untrusting_bitmaps`]); I/O.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
-    let (image, ext_problem) = Image::open_for_repair(storage)?;
+    let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
     if base_report.corruptions > 0 {
         return Err(Corruption::CheckFailed {

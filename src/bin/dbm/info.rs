@@ -33,7 +33,7 @@ use dirty_bitmap::store::triage::triage_bitmaps;
 use dirty_bitmap::{BitmapState, BitmapStore, Image, StoreMode};
 use serde_json::{json, Value};
 
-use crate::open::{at, image, reader};
+use crate::open::{at, image_untrusting_bitmaps, reader};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -289,7 +289,24 @@ fn image_info(
 /// What `dbm info` says about an image whose bitmaps QEMU refuses: the geometry, and each
 /// bitmap whose directory entry could be read, broken or not (`store::triage`). `None` when
 /// the bitmaps are not what is wrong.
-pub fn gather_broken(filename: String, image: &Image<FileStorage>) -> Option<ImageInfo> {
+pub fn gather_broken(
+    filename: String,
+    image: &Image<FileStorage>,
+    extension_problem: Option<dirty_bitmap::Corruption>,
+) -> Option<ImageInfo> {
+    if let Some(c) = extension_problem {
+        let problem = format!("the bitmaps extension itself: {c}");
+        let mode = StoreMode::of(image.area());
+        return image_info(
+            filename,
+            image,
+            mode,
+            Vec::new(),
+            Some(problem),
+            serde_json::Map::new(),
+        )
+        .ok();
+    }
     let triage = triage_bitmaps(image).ok().flatten()?;
     if triage.is_sound() {
         return None;
@@ -348,6 +365,29 @@ pub fn text(info: &ImageInfo) -> String {
         "backing file: {}",
         info.backing_file.as_deref().unwrap_or("(none)")
     );
+    // The facts of `qemu-img info`'s JSON the lines above do not give, as `key: value`
+    // with its key's dashes as spaces (`format-specific.data` flattened, bitmaps below).
+    let line = |s: &mut String, k: &str, v: &Value| {
+        let v = match v {
+            Value::String(x) => x.clone(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(s, "{}: {v}", k.replace('-', " "));
+    };
+    for (k, v) in &info.qemu {
+        match (k.as_str(), v) {
+            ("format-specific", Value::Object(fs)) => {
+                if let Some(Value::Object(data)) = fs.get("data") {
+                    let shown = ["bitmaps", "refcount-bits"];
+                    for (dk, dv) in data.iter().filter(|(dk, _)| !shown.contains(&dk.as_str())) {
+                        line(&mut s, dk, dv);
+                    }
+                }
+            }
+            ("backing-filename", _) => {}
+            _ => line(&mut s, k, v),
+        }
+    }
     let _ = writeln!(s, "mode: {}", info.mode);
     if let Some(p) = &info.directory_problem {
         let _ = writeln!(
@@ -433,9 +473,9 @@ pub fn run(args: &InfoArgs) -> CmdResult {
     let info = match reader(&args.image, args.force_share) {
         Ok(st) => gather(name, &st).map_err(|e| at(&args.image, e))?,
         // Bitmaps QEMU refuses: report each one and keep going.
-        Err(e) => image(&args.image, args.force_share)
+        Err(e) => image_untrusting_bitmaps(&args.image, args.force_share)
             .ok()
-            .and_then(|img| gather_broken(name, &img))
+            .and_then(|(img, ext)| gather_broken(name, &img, ext))
             .ok_or(e)?,
     };
     if args.json || args.output.as_deref() == Some("json") {
