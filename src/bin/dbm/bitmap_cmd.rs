@@ -45,13 +45,18 @@ pub struct BitmapArgs {
     #[arg(long, value_name = "SRC")]
     pub merge: Option<String>,
     /// The image holding the `--merge` source (default: IMAGE itself).
-    #[arg(short = 'b', value_name = "SRC_IMAGE", requires = "merge")]
+    #[arg(
+        short = 'b',
+        long = "source-file",
+        value_name = "SRC_IMAGE",
+        requires = "merge"
+    )]
     pub source_image: Option<PathBuf>,
     /// The format of the `-b` image: only `qcow2` (`qemu-img bitmap -F`).
     #[arg(short = 'F', long = "source-format", value_parser = ["qcow2"], requires = "source_image")]
     pub source_format: Option<String>,
     /// The image format: only `qcow2` (accepted for `qemu-img bitmap -f qcow2`).
-    #[arg(short = 'f', value_parser = ["qcow2"])]
+    #[arg(short = 'f', long = "format", value_parser = ["qcow2"])]
     pub format: Option<String>,
     /// Granularity of `--add` (default, and with `-g 0`, 64K): a power of two from 512 to
     /// 2G.
@@ -229,7 +234,18 @@ mod tests {
             Ok(vec![Verb::Clear, Verb::SetEnabled(false)])
         );
         assert_eq!(
-            verb(&["img", "b", "--merge", "s", "-b", "o", "-F", "qcow2", "-f", "qcow2"]),
+            verb(&[
+                "img",
+                "b",
+                "--merge",
+                "s",
+                "--source-file",
+                "o",
+                "--source-format",
+                "qcow2",
+                "--format",
+                "qcow2"
+            ]),
             Ok(vec![Verb::Merge {
                 src: "s".into(),
                 image: Some("o".into())

@@ -35,7 +35,7 @@ pub struct CheckArgs {
     #[arg(long, value_parser = ["human", "json"])]
     pub output: Option<String>,
     /// The image format: only `qcow2` (accepted for `qemu-img check -f qcow2`).
-    #[arg(short = 'f', value_parser = ["qcow2"])]
+    #[arg(short = 'f', long = "format", value_parser = ["qcow2"])]
     pub format: Option<String>,
     /// Print nothing; the exit status says it all (`qemu-img check -q`).
     #[arg(short = 'q', long)]

@@ -49,7 +49,7 @@ pub struct InfoArgs {
     #[arg(long, value_parser = ["human", "json"])]
     pub output: Option<String>,
     /// The image format: only `qcow2` (accepted for `qemu-img info -f qcow2`).
-    #[arg(short = 'f', value_parser = ["qcow2"])]
+    #[arg(short = 'f', long = "format", value_parser = ["qcow2"])]
     pub format: Option<String>,
     /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU
     /// writer, but reads an image that may be changing (bitmaps QEMU holds show in use).
