@@ -1923,6 +1923,9 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
             "check-errors",
             "filename",
             "format",
+            "allocated-clusters",
+            "fragmented-clusters",
+            "compressed-clusters",
         ] {
             assert_eq!(qj[k], dj[k], "{k}");
         }
@@ -1931,6 +1934,22 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
         assert_eq!(quiet.status.code(), q.status.code());
     };
     both(&img);
+    // Guest data out of order and compressed: the allocation line and its JSON keys.
+    let data = dir.path().join("data.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&data), "64M"],
+    );
+    for c in [
+        "write 5M 128K",
+        "write 1M 64K",
+        "write -c 9M 64K",
+        "write 5M 64K",
+    ] {
+        ok("qemu-io", &["-f", "qcow2", "-c", c, p(&data)]);
+    }
+    assert!(text(&run("qemu-img", &["check", p(&data)]).stdout).contains("fragmented"));
+    both(&data);
     // A leak: a cluster past the end of everything, its refcount raised by hand.
     let mut bytes = std::fs::read(&img).unwrap();
     let area = HeaderArea::decode(&bytes[..65536]).unwrap();

@@ -30,6 +30,8 @@ use crate::storage::{Storage, StorageExt};
 const L2_OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
 /// L2 entry bit 62: the cluster is compressed.
 const L2_COMPRESSED: u64 = 1 << 62;
+/// L1 and L2 entry bit 63: refcount exactly one.
+const L2_COPIED: u64 = 1 << 63;
 /// Largest number of clusters the check keeps counts for (a page table of 4 MiB).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
 /// Clusters per page of [`RefCounts`].
@@ -92,6 +94,17 @@ impl RefCounts {
         false
     }
 }
+/// `qemu-img check`'s allocation figures (`BlockFragInfo`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragInfo {
+    /// Guest clusters with data (normal, zero with an offset, compressed).
+    pub allocated: u64,
+    /// Of those, how many do not follow the one before on the host (compressed ones too).
+    pub fragmented: u64,
+    /// Of those, how many are compressed.
+    pub compressed: u64,
+}
+
 /// Most messages kept in a report; the counts stay exact beyond it.
 const MAX_MESSAGES: usize = 1000;
 
@@ -108,6 +121,9 @@ pub struct CheckReport {
     /// One past the last byte of the highest cluster with a refcount or a reference:
     /// `qemu-img check`'s "Image end offset".
     pub image_end_offset: u64,
+    /// Guest clusters allocated, fragmented and compressed in the active L1's tables, as
+    /// `qemu-img check` counts them.
+    pub frag: FragInfo,
     /// Human-readable findings, in QEMU's wording where QEMU has one (at most 1000).
     pub messages: Vec<String>,
 }
@@ -147,6 +163,8 @@ struct Counter<'a, S: Storage + ?Sized> {
     file_len: u64,
     refs: RefCounts,
     report: CheckReport,
+    /// Where the next allocated guest cluster would be if it were contiguous.
+    next_contiguous: u64,
 }
 
 impl<S: Storage + ?Sized> Counter<'_, S> {
@@ -221,19 +239,42 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 bump(&mut l2_mult, l2_off, m);
             }
         }
+        // The active L1's tables first, in its order: QEMU's allocation and fragmentation
+        // figures follow the guest's clusters through them (`CHECK_FRAG_INFO`). Each
+        // table is still read once.
+        let mut done = std::collections::HashSet::new();
+        if let Some(&(offset, size)) = l1s.first() {
+            let len = u64::from(size).saturating_mul(8);
+            if let Ok(l1) = read_metadata(self.storage, "L1 table", offset, len) {
+                for e in l1.chunks_exact(8).map(BigEndian::read_u64) {
+                    let l2_off = e & L2_OFFSET_MASK;
+                    if let Some(&m) = l2_mult.get(&l2_off) {
+                        if done.insert(l2_off) {
+                            self.l2(l2_off, m, data_file, extl2, true);
+                        }
+                    }
+                }
+            }
+        }
         for (&l2_off, &m) in &l2_mult {
-            self.l2(l2_off, m, data_file, extl2);
+            if !done.contains(&l2_off) {
+                self.l2(l2_off, m, data_file, extl2, false);
+            }
         }
     }
 
-    /// The data clusters of the L2 table at `l2_off`, each counted `m` times.
-    fn l2(&mut self, l2_off: u64, m: u32, data_file: bool, extl2: bool) {
+    /// The data clusters of the L2 table at `l2_off`, each counted `m` times; with `frag`
+    /// (a table of the active L1, in its order), the allocation figures too.
+    fn l2(&mut self, l2_off: u64, m: u32, data_file: bool, extl2: bool, frag: bool) {
         let cs = 1u64 << self.cluster_bits;
         let Some(l2) = self.read("L2 table", l2_off, cs) else {
             return;
         };
         let stride = if extl2 { 16 } else { 8 };
         for (j, entry) in l2.chunks_exact(stride).map(BigEndian::read_u64).enumerate() {
+            if frag {
+                self.frag_info(entry, data_file);
+            }
             if entry & L2_COMPRESSED != 0 {
                 // qcow2_parse_compressed_l2_entry.
                 let shift = 62 - (self.cluster_bits - 8);
@@ -256,6 +297,30 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             }
             self.inc_n(data, cs, m, "data");
         }
+    }
+
+    /// QEMU's `qcow2_get_cluster_type` and the `CHECK_FRAG_INFO` counts of
+    /// `check_refcounts_l2` for one L2 entry of the active L1: an allocated cluster
+    /// (normal, zero with an offset, or compressed); fragmented when it does not follow the
+    /// last one; compressed ones count as fragmented too.
+    fn frag_info(&mut self, entry: u64, data_file: bool) {
+        let f = &mut self.report.frag;
+        if entry & L2_COMPRESSED != 0 {
+            f.allocated = f.allocated.saturating_add(1);
+            f.compressed = f.compressed.saturating_add(1);
+            f.fragmented = f.fragmented.saturating_add(1);
+            return;
+        }
+        let offset = entry & L2_OFFSET_MASK;
+        let allocated = offset != 0 || (data_file && entry & L2_COPIED != 0 && entry & 1 == 0);
+        if !allocated {
+            return;
+        }
+        f.allocated = f.allocated.saturating_add(1);
+        if self.next_contiguous != 0 && offset != self.next_contiguous {
+            f.fragmented = f.fragmented.saturating_add(1);
+        }
+        self.next_contiguous = offset.saturating_add(1u64 << self.cluster_bits);
     }
 
     /// The snapshot table (counted) and each snapshot's L1 table `(offset, entries)`, for
@@ -458,6 +523,7 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
             total_clusters: nb_clusters,
             ..CheckReport::default()
         },
+        next_contiguous: 0,
     };
     let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;

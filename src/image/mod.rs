@@ -31,7 +31,7 @@ use crate::format::{decode_extensions, Extension, Header, HeaderArea, RawGuestMa
 use crate::storage::{OpenMode, Storage, StorageExt};
 pub(crate) use alloc::read_metadata;
 use alloc::Refcounts;
-pub use check::CheckReport;
+pub use check::{CheckReport, FragInfo};
 
 /// Largest cluster 0 (2 MiB clusters): the most read before the header is known.
 const MAX_CLUSTER_SIZE: u64 = 1 << MAX_CLUSTER_BITS;

@@ -61,8 +61,9 @@ pub fn findings(r: &CheckReport) -> String {
     s
 }
 
-/// The summary, as `qemu-img check` prints it on stdout.
-pub fn text(r: &CheckReport) -> String {
+/// The summary, as `qemu-img check` prints it on stdout; `virtual_clusters` is the
+/// virtual disk's size in clusters.
+pub fn text(r: &CheckReport, virtual_clusters: u64) -> String {
     let mut s = String::new();
     if r.is_clean() {
         s.push_str("No errors were found on the image.\n");
@@ -81,6 +82,19 @@ pub fn text(r: &CheckReport) -> String {
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but \
              no harm to data.",
             r.leaks
+        );
+    }
+    let f = r.frag;
+    if virtual_clusters != 0 && f.allocated != 0 {
+        let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
+        let _ = writeln!(
+            s,
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            f.allocated,
+            virtual_clusters,
+            pct(f.allocated, virtual_clusters),
+            pct(f.fragmented, f.allocated),
+            pct(f.compressed, f.allocated),
         );
     }
     let _ = writeln!(s, "Image end offset: {}", r.image_end_offset);
@@ -118,7 +132,7 @@ pub fn repaired_text(r: &RepairReport) -> String {
 /// The JSON form (see the module docs); `virtual_clusters` is the virtual disk's size in
 /// clusters, rounded up (QEMU's `total-clusters`).
 pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
-    json!({
+    let mut v = json!({
         "filename": filename,
         "format": "qcow2",
         "check-errors": 0,
@@ -129,7 +143,18 @@ pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
         "file-clusters": r.total_clusters,
         "messages": r.messages,
         "exit-code": r.exit_code(),
-    })
+    });
+    // As QEMU: present when not zero.
+    for (k, n) in [
+        ("allocated-clusters", r.frag.allocated),
+        ("fragmented-clusters", r.frag.fragmented),
+        ("compressed-clusters", r.frag.compressed),
+    ] {
+        if n != 0 {
+            v[k] = json!(n);
+        }
+    }
+    v
 }
 
 /// Runs `dbm check`.
@@ -168,7 +193,7 @@ pub fn run(args: &CheckArgs) -> CmdResult {
         emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
     } else {
         eprint!("{}", findings(&report));
-        emit(&text(&report))?;
+        emit(&text(&report, virtual_clusters))?;
     }
     Ok(ExitCode::from(
         u8::try_from(report.exit_code()).unwrap_or(1),
@@ -185,18 +210,18 @@ mod tests {
             total_clusters: 5,
             ..CheckReport::default()
         };
-        assert!(text(&r).starts_with("No errors were found on the image."));
+        assert!(text(&r, 16).starts_with("No errors were found on the image."));
         r.leaks = 1;
         r.messages
             .push("Leaked cluster 4 refcount=1 reference=0".into());
-        assert!(text(&r).contains("1 leaked clusters were found"));
-        assert!(!text(&r).contains("Leaked cluster 4"));
+        assert!(text(&r, 16).contains("1 leaked clusters were found"));
+        assert!(!text(&r, 16).contains("Leaked cluster 4"));
         assert_eq!(findings(&r), "Leaked cluster 4 refcount=1 reference=0\n");
         assert_eq!(json("i", &r, 16)["exit-code"], 3);
         assert_eq!(json("i", &r, 16)["total-clusters"], 16);
         assert_eq!(json("i", &r, 16)["file-clusters"], 5);
         r.corruptions = 2;
-        assert!(text(&r).contains("2 errors were found"));
+        assert!(text(&r, 16).contains("2 errors were found"));
         assert_eq!(json("i", &r, 16)["exit-code"], 2);
     }
 }
