@@ -2151,3 +2151,27 @@ fn info_json_holds_qemu_img_infos_keys_with_its_values() {
         );
     }
 }
+
+/// A bitmap that is not there reads the same in every command that names one.
+#[test]
+fn a_missing_bitmap_reads_the_same_in_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("n.qcow2");
+    let i = p(&img);
+    dbm_ok(&["create", i, "--size", "16M"]);
+    let want = format!("dbm: {i}: bitmap \"nosuch\" not found\n");
+    for args in [
+        vec!["dump", i, "nosuch"],
+        vec!["dump", i, "--since", "nosuch"],
+        vec!["bitmap", i, "nosuch", "--remove"],
+        vec!["bitmap", i, "nosuch", "--clear"],
+        vec!["bitmap", i, "nosuch", "--enable"],
+        vec!["mark", i, "nosuch", "0", "1"],
+        vec!["checkpoint", i, "--since", "nosuch", "--into", "t"],
+        vec!["workload", i, "--bitmap", "nosuch", "--duration", "0.1"],
+    ] {
+        let out = dbm(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(text(&out.stderr), want, "{args:?}");
+    }
+}
