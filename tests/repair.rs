@@ -69,6 +69,14 @@ fn repair_all_removes_only_the_broken_bitmaps_and_keeps_guest_data() {
         ),
         ("a reserved flag", |b, d| b[d + 15] |= 0x20, &["b", "c"]),
         (
+            "reserved bits in a table entry",
+            |b, d| {
+                let t = be64(b, d + 32) as usize;
+                b[t + 7] |= 0x02;
+            },
+            &["a", "c"],
+        ),
+        (
             "a bitmap type QEMU does not know",
             |b, d| b[d + 64 + 16] = 7,
             &["a", "b"],
