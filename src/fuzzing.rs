@@ -15,8 +15,8 @@ use crate::format::refcount::{get_refcount, max_refcount, set_refcount};
 use crate::format::InvalidValue;
 use crate::format::TableEntry;
 use crate::format::{
-    decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table, Header,
-    HeaderArea, ImageGeometry,
+    decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table,
+    triage_directory, Header, HeaderArea, ImageGeometry,
 };
 use crate::migration::bitmap_codec::{self, BitmapSection, Section};
 use crate::migration::dest::{Destination, DestinationConfig};
@@ -159,7 +159,9 @@ fn prefix<const N: usize>(data: &[u8]) -> ([u8; N], &[u8]) {
 /// The prefix picks the parameters: `data[0..2]` is nb_bitmaps (big-endian u16),
 /// `data[2] % 13 + 9` the cluster bits, `data[3..11]` the disk size (big-endian u64).
 ///
-/// Invariants: a decoded directory has `nb_bitmaps` entries with distinct names; it encodes
+/// Invariants: [`triage_directory`](crate::format::triage_directory) finds no problem
+/// exactly when the directory decodes with every table size right; a decoded directory has
+/// `nb_bitmaps` entries with distinct names; it encodes
 /// exactly when every consistent entry has the table size the disk needs; the encoding has
 /// the input's length and decodes to the same entries.
 pub fn directory(data: &[u8]) {
@@ -170,6 +172,14 @@ pub fn directory(data: &[u8]) {
     disk.copy_from_slice(&p[3..11]);
     let geo = ImageGeometry::new(cluster_bits, u64::from_be_bytes(disk))
         .expect("cluster bits are in range by construction");
+    // The repair's reading agrees with the strict one: no problem at all exactly when the
+    // directory decodes with every table size right.
+    let triage = triage_directory(rest, nb_bitmaps, &geo);
+    let sound = triage.framing.is_none() && triage.entries.iter().all(|e| e.verdict.is_ok());
+    let strict = decode_directory(rest, nb_bitmaps, &geo)
+        .map(|es| es.iter().all(|e| e.check_table_size(&geo).is_ok()))
+        .unwrap_or(false);
+    assert_eq!(sound, strict, "triage against decode_directory");
     let Ok(entries) = decode_directory(rest, nb_bitmaps, &geo) else {
         return;
     };
