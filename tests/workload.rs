@@ -384,7 +384,7 @@ fn refuses_what_it_cannot_run() {
         let err = text(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
     };
-    fails(&["--bitmap", "nope"], "no bitmap \"nope\"");
+    fails(&["--bitmap", "nope"], "bitmap \"nope\" not found");
     fails(&["--bitmap", NAME, "--rate", "0"], "--rate");
     fails(&["--bitmap", NAME, "--duration=-1"], "--duration");
     fails(&["--bitmap", NAME, "--duration", "NaN"], "--duration");
