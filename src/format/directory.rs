@@ -548,41 +548,9 @@ pub fn decode_directory(
     nb_bitmaps: u32,
     geometry: &ImageGeometry,
 ) -> Result<Vec<DirEntry>, Corruption> {
-    let size = to_u64(bytes.len());
-    if size == 0 || size > MAX_BITMAP_DIRECTORY_SIZE {
-        return Err(Corruption::DirectorySize { found: size });
-    }
     let mut entries: Vec<DirEntry> = Vec::new();
     let mut names = HashSet::new();
-    let mut at = 0usize;
-    let mut count = 0u32;
-    while at < bytes.len() {
-        let offset = to_u64(at);
-        let rest = bytes.get(at..).unwrap_or_default();
-        if rest.len() < DIR_ENTRY_FIXED_LEN {
-            return Err(Corruption::DirectoryTrailingBytes {
-                offset,
-                len: to_u64(rest.len()),
-            });
-        }
-        if count >= nb_bitmaps {
-            return Err(Corruption::TooManyBitmaps {
-                expected: nb_bitmaps,
-                offset,
-            });
-        }
-        let index = count;
-        count = count.saturating_add(1);
-        let (raw, len) = match RawDirEntry::decode_framed(rest) {
-            Some(Ok(v)) => v,
-            Some(Err(_)) | None => {
-                return Err(Corruption::DirectoryEntryPastEnd {
-                    index,
-                    offset,
-                    end: size,
-                })
-            }
-        };
+    let framing = walk_directory(bytes, nb_bitmaps, |index, offset, raw| {
         let bad = |reason| Corruption::DirectoryEntry {
             index,
             offset,
@@ -595,15 +563,64 @@ pub fn decode_directory(
             }));
         }
         entries.push(entry);
+        Ok(())
+    })?;
+    match framing {
+        Some(c) => Err(c),
+        None => Ok(entries),
+    }
+}
+
+/// The framing walk both readers share, in QEMU's order: the directory's size, then per
+/// entry trailing bytes, too many entries and an entry past the end, finally too few.
+/// Calls `each(index, offset, raw)` for every entry whose framing is intact, in order; an
+/// error from it ends the walk and is returned. Otherwise returns the framing problem that
+/// stopped the walk (or made the count disagree), if any.
+fn walk_directory<E>(
+    bytes: &[u8],
+    nb_bitmaps: u32,
+    mut each: impl FnMut(u32, u64, RawDirEntry) -> Result<(), E>,
+) -> Result<Option<Corruption>, E> {
+    let size = to_u64(bytes.len());
+    if size == 0 || size > MAX_BITMAP_DIRECTORY_SIZE {
+        return Ok(Some(Corruption::DirectorySize { found: size }));
+    }
+    let mut at = 0usize;
+    let mut count = 0u32;
+    while at < bytes.len() {
+        let offset = to_u64(at);
+        let rest = bytes.get(at..).unwrap_or_default();
+        if rest.len() < DIR_ENTRY_FIXED_LEN {
+            return Ok(Some(Corruption::DirectoryTrailingBytes {
+                offset,
+                len: to_u64(rest.len()),
+            }));
+        }
+        if count >= nb_bitmaps {
+            return Ok(Some(Corruption::TooManyBitmaps {
+                expected: nb_bitmaps,
+                offset,
+            }));
+        }
+        let index = count;
+        count = count.saturating_add(1);
+        let Some(Ok((raw, len))) = RawDirEntry::decode_framed(rest) else {
+            return Ok(Some(Corruption::DirectoryEntryPastEnd {
+                index,
+                offset,
+                end: size,
+            }));
+        };
+        each(index, offset, raw)?;
         at = at.saturating_add(len);
     }
     if count != nb_bitmaps {
-        return Err(Corruption::TooFewBitmaps {
+        return Ok(Some(Corruption::TooFewBitmaps {
             expected: nb_bitmaps,
             found: count,
-        });
+        }));
     }
-    Ok(entries)
+    Ok(None)
 }
 
 /// One entry of a directory read by [`triage_directory`]: where it is, its raw fields, and
@@ -639,45 +656,9 @@ pub struct Triage {
 /// it. The table size is checked here too (`DirEntry::check_table_size`), so a verdict of
 /// `Ok` is an entry `BitmapStore::open` accepts.
 pub fn triage_directory(bytes: &[u8], nb_bitmaps: u32, geometry: &ImageGeometry) -> Triage {
-    let mut out = Triage {
-        entries: Vec::new(),
-        framing: None,
-    };
-    let size = to_u64(bytes.len());
-    if size == 0 || size > MAX_BITMAP_DIRECTORY_SIZE {
-        out.framing = Some(Corruption::DirectorySize { found: size });
-        return out;
-    }
+    let mut entries = Vec::new();
     let mut names = HashSet::new();
-    let mut at = 0usize;
-    let mut count = 0u32;
-    while at < bytes.len() {
-        let offset = to_u64(at);
-        let rest = bytes.get(at..).unwrap_or_default();
-        if rest.len() < DIR_ENTRY_FIXED_LEN {
-            out.framing = Some(Corruption::DirectoryTrailingBytes {
-                offset,
-                len: to_u64(rest.len()),
-            });
-            return out;
-        }
-        if count >= nb_bitmaps {
-            out.framing = Some(Corruption::TooManyBitmaps {
-                expected: nb_bitmaps,
-                offset,
-            });
-            return out;
-        }
-        let index = count;
-        count = count.saturating_add(1);
-        let Some(Ok((raw, len))) = RawDirEntry::decode_framed(rest) else {
-            out.framing = Some(Corruption::DirectoryEntryPastEnd {
-                index,
-                offset,
-                end: size,
-            });
-            return out;
-        };
+    let framing = walk_directory(bytes, nb_bitmaps, |index, offset, raw| {
         let verdict = DirEntry::from_raw(&raw, geometry)
             .and_then(|e| e.check_table_size(geometry).map(|()| e))
             .and_then(|e| {
@@ -689,21 +670,21 @@ pub fn triage_directory(bytes: &[u8], nb_bitmaps: u32, geometry: &ImageGeometry)
                     })
                 }
             });
-        out.entries.push(TriagedEntry {
+        entries.push(TriagedEntry {
             index,
             offset,
             raw,
             verdict,
         });
-        at = at.saturating_add(len);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    Triage {
+        entries,
+        framing: match framing {
+            Ok(f) => f,
+            Err(never) => match never {},
+        },
     }
-    if count != nb_bitmaps {
-        out.framing = Some(Corruption::TooFewBitmaps {
-            expected: nb_bitmaps,
-            found: count,
-        });
-    }
-    out
 }
 
 /// Encodes a whole directory, entries back to back, checking what QEMU's
