@@ -32,6 +32,8 @@ const L2_OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
 const L2_COMPRESSED: u64 = 1 << 62;
 /// L1 and L2 entry bit 63: refcount exactly one.
 const L2_COPIED: u64 = 1 << 63;
+/// L2 entry bit 0: the cluster reads as zeros.
+const L2_ZERO: u64 = 1;
 /// Largest number of clusters the check keeps counts for (a page table of 4 MiB).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
 /// Clusters per page of [`RefCounts`].
@@ -219,7 +221,13 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         }
         let cs = 1u64 << self.cluster_bits;
         let mut l2_mult: BTreeMap<u64, u32> = BTreeMap::new();
+        // The active L1's L2 tables in its order, kept from its one read: QEMU's
+        // allocation and fragmentation figures follow the guest's clusters through them
+        // (`CHECK_FRAG_INFO`).
+        let active = l1s.first().copied();
+        let mut active_order: Vec<u64> = Vec::new();
         for (&(offset, size), &m) in &l1_mult {
+            let is_active = Some((offset, size)) == active;
             let len = u64::from(size).saturating_mul(8);
             self.inc_n(offset, len, m, "L1 table");
             let Some(l1) = self.read("L1 table", offset, len) else {
@@ -237,22 +245,17 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 }
                 self.inc_n(l2_off, cs, m, "L2 table");
                 bump(&mut l2_mult, l2_off, m);
+                if is_active {
+                    active_order.push(l2_off);
+                }
             }
         }
-        // The active L1's tables first, in its order: QEMU's allocation and fragmentation
-        // figures follow the guest's clusters through them (`CHECK_FRAG_INFO`). Each
-        // table is still read once.
+        // The active L1's tables first, in its order; each table is still read once.
         let mut done = std::collections::HashSet::new();
-        if let Some(&(offset, size)) = l1s.first() {
-            let len = u64::from(size).saturating_mul(8);
-            if let Ok(l1) = read_metadata(self.storage, "L1 table", offset, len) {
-                for e in l1.chunks_exact(8).map(BigEndian::read_u64) {
-                    let l2_off = e & L2_OFFSET_MASK;
-                    if let Some(&m) = l2_mult.get(&l2_off) {
-                        if done.insert(l2_off) {
-                            self.l2(l2_off, m, data_file, extl2, true);
-                        }
-                    }
+        for l2_off in active_order {
+            if let Some(&m) = l2_mult.get(&l2_off) {
+                if done.insert(l2_off) {
+                    self.l2(l2_off, m, data_file, extl2, true);
                 }
             }
         }
@@ -312,7 +315,8 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             return;
         }
         let offset = entry & L2_OFFSET_MASK;
-        let allocated = offset != 0 || (data_file && entry & L2_COPIED != 0 && entry & 1 == 0);
+        let allocated =
+            offset != 0 || (data_file && entry & L2_COPIED != 0 && entry & L2_ZERO == 0);
         if !allocated {
             return;
         }
