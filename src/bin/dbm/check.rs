@@ -159,13 +159,8 @@ pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
 
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
-    let (report, virtual_clusters) = match &args.repair {
-        None => {
-            let img = image(&args.image, args.force_share)?;
-            let h = img.header();
-            let v = h.size.div_ceil(h.cluster_size());
-            (img.check().map_err(|e| at(&args.image, e))?, v)
-        }
+    let img = match &args.repair {
+        None => image(&args.image, args.force_share)?,
         Some(what) => {
             let what = if what == "all" {
                 Repair::All
@@ -176,24 +171,26 @@ pub fn run(args: &CheckArgs) -> CmdResult {
                 .map_err(|e| at(&args.image, e))?;
             let (img, done) = repair(storage, what).map_err(|e| at(&args.image, e))?;
             // What was done goes to stderr, as qemu-img's findings do; the check of the
-            // repaired image follows on stdout.
+            // repaired image follows.
             if !args.quiet {
                 eprint!("{}", repaired_text(&done));
             }
-            let h = img.header();
-            let v = h.size.div_ceil(h.cluster_size());
-            (img.check().map_err(|e| at(&args.image, e))?, v)
+            img
         }
     };
+    let h = img.header();
+    let virtual_clusters = h.size.div_ceil(h.cluster_size());
+    let report = img.check().map_err(|e| at(&args.image, e))?;
     let json_out = args.json || args.output.as_deref() == Some("json");
-    if args.quiet {
-    } else if json_out {
+    if !args.quiet {
+        // As qemu-img: the findings on stderr in both forms.
         eprint!("{}", findings(&report));
-        let v = json(&args.image.display().to_string(), &report, virtual_clusters);
-        emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
-    } else {
-        eprint!("{}", findings(&report));
-        emit(&text(&report, virtual_clusters))?;
+        if json_out {
+            let v = json(&args.image.display().to_string(), &report, virtual_clusters);
+            emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+        } else {
+            emit(&text(&report, virtual_clusters))?;
+        }
     }
     Ok(ExitCode::from(
         u8::try_from(report.exit_code()).unwrap_or(1),

@@ -27,6 +27,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dirty_bitmap::format::directory::{FLAG_AUTO, FLAG_IN_USE};
+use dirty_bitmap::format::header::{
+    AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZSTD, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+};
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::storage::{FileStorage, Storage};
 use dirty_bitmap::store::triage::triage_bitmaps;
@@ -107,7 +112,7 @@ pub fn qemu_keys(
     data.insert("compat".into(), json!(if v3 { "1.1" } else { "0.10" }));
     data.insert(
         "compression-type".into(),
-        json!(if h.compression_type == 1 {
+        json!(if h.compression_type == COMPRESSION_ZSTD {
             "zstd"
         } else {
             "zlib"
@@ -116,7 +121,7 @@ pub fn qemu_keys(
     if v3 {
         data.insert(
             "lazy-refcounts".into(),
-            json!(h.compatible_features & 1 != 0),
+            json!(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0),
         );
     }
     if !bitmaps.is_empty() {
@@ -132,13 +137,19 @@ pub fn qemu_keys(
     );
     if let Some(df) = &area.data_file {
         data.insert("data-file".into(), json!(String::from_utf8_lossy(df)));
-        data.insert("data-file-raw".into(), json!(h.autoclear_features & 2 != 0));
+        data.insert(
+            "data-file-raw".into(),
+            json!(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),
+        );
     }
     if v3 {
-        data.insert("corrupt".into(), json!(h.incompatible_features & 2 != 0));
+        data.insert(
+            "corrupt".into(),
+            json!(h.incompatible_features & INCOMPAT_CORRUPT != 0),
+        );
         data.insert(
             "extended-l2".into(),
-            json!(h.incompatible_features & 16 != 0),
+            json!(h.incompatible_features & INCOMPAT_EXTL2 != 0),
         );
     }
     let mut out = serde_json::Map::new();
@@ -146,7 +157,10 @@ pub fn qemu_keys(
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);
     out.insert("actual-size".into(), json!(actual));
-    out.insert("dirty-flag".into(), json!(h.incompatible_features & 1 != 0));
+    out.insert(
+        "dirty-flag".into(),
+        json!(h.incompatible_features & INCOMPAT_DIRTY != 0),
+    );
     out.insert(
         "format-specific".into(),
         json!({"type": "qcow2", "data": Value::Object(data)}),
@@ -331,8 +345,8 @@ pub fn gather_broken(
                 granularity: 1u64
                     .checked_shl(u32::from(raw.granularity_bits))
                     .unwrap_or(0),
-                enabled: raw.flags & 2 != 0,
-                in_use: raw.flags & 1 != 0,
+                enabled: raw.flags & FLAG_AUTO != 0,
+                in_use: raw.flags & FLAG_IN_USE != 0,
                 consistent: false,
                 dirty_bytes: None,
                 reason,
