@@ -126,19 +126,19 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         }
         image = rewrite_directory(image, keep, dir, base)?;
         report.removed = broken;
-        return fix_leaks(image, None, report);
+        return fix_leaks(image, &Protect::Nothing, report);
     }
     // Leaks only (or nothing broken): protect what any entry or the directory may own.
     let protect = if unreadable.is_some() {
-        None
+        Protect::Everything
     } else {
         let mut p = claimed;
         if let Some(t) = &triage {
             lenient_claims(&image, t, &mut p);
         }
-        Some(p)
+        Protect::These(p)
     };
-    fix_leaks(image, Some(protect), report)
+    fix_leaks(image, &protect, report)
 }
 
 fn claim(set: &mut HashSet<u64>, off: u64, n: u64, cs: u64) {
@@ -229,11 +229,21 @@ fn rewrite_directory<S: Storage>(
     Ok(st.image)
 }
 
-/// Lowers the refcount of every leaked cluster to its references, except those in
-/// `protect` (`Some(None)`: every one is protected).
+/// Which leaked clusters a leak repair leaves alone.
+enum Protect {
+    /// None: the broken entries are gone, and what they owned is free to take back.
+    Nothing,
+    /// Every one: the directory cannot be read, so any may hold a bitmap's data.
+    Everything,
+    /// The clusters (byte offsets) a directory entry or the directory may own.
+    These(HashSet<u64>),
+}
+
+/// Lowers the refcount of every leaked cluster to its references, except those
+/// `protect` keeps.
 fn fix_leaks<S: Storage>(
     mut image: Image<S>,
-    protect: Option<Option<HashSet<u64>>>,
+    protect: &Protect,
     mut report: RepairReport,
 ) -> Result<(Image<S>, RepairReport)> {
     let (_, refs) = image.references()?;
@@ -246,10 +256,10 @@ fn fix_leaks<S: Storage>(
         if rc <= r {
             continue;
         }
-        let kept = match &protect {
-            None => false,
-            Some(None) => true,
-            Some(Some(p)) => p.contains(&off),
+        let kept = match protect {
+            Protect::Nothing => false,
+            Protect::Everything => true,
+            Protect::These(p) => p.contains(&off),
         };
         if kept {
             report.leaks_kept = report.leaks_kept.saturating_add(1);

@@ -8,9 +8,7 @@
 //! QEMU's `bitmap_table_load` refuses).
 
 use crate::error::Result;
-use crate::format::{
-    decode_table, triage_directory, Corruption, EntryProblem, Triage, TriagedEntry,
-};
+use crate::format::{decode_table, triage_directory, Corruption, Triage, TriagedEntry};
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
 
@@ -71,7 +69,7 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
     let mut bitmaps = Vec::with_capacity(entries.len());
     for entry in entries {
         let broken = match &entry.verdict {
-            Err(p) => Some(describe(p)),
+            Err(p) => Some(p.to_string()),
             // QEMU reads the table of a bitmap that is not in use when it opens the image.
             Ok(e) if e.in_use => None,
             Ok(e) => table_problem(image, e),
@@ -82,10 +80,6 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
         bitmaps,
         unreadable: framing.map(|c: Corruption| c.to_string()),
     }))
-}
-
-fn describe(p: &EntryProblem) -> String {
-    p.to_string()
 }
 
 /// Why the table of `e` cannot be loaded, if it cannot.
