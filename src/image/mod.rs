@@ -261,14 +261,14 @@ impl<S: Storage> Image<S> {
             refcount_table_clusters: 1,
             ..Header::v3(cluster_bits, disk_size)
         };
-        let mut area = HeaderArea::new(header.clone());
-        if let Some(name) = data_file {
-            area.header.incompatible_features |= INCOMPAT_DATA_FILE;
-            area.header.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
-            area.data_file = Some(name.as_bytes().to_vec());
-            // Refused here, before anything is written, if it does not fit cluster 0.
-            area.encode()?;
+        if data_file.is_some() {
+            header.incompatible_features |= INCOMPAT_DATA_FILE;
+            header.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
         }
+        let mut area = HeaderArea::new(header.clone());
+        area.data_file = data_file.map(|n| n.as_bytes().to_vec());
+        // Refused here, before anything is written, if the name does not fit cluster 0.
+        area.encode()?;
         storage.set_len(3 * cluster_size)?;
         let reftable = encode_reftable(&[Some(2 * cluster_size)], cluster_bits)?;
         storage.write_all_at(&reftable, cluster_size)?;
@@ -295,11 +295,7 @@ impl<S: Storage> Image<S> {
         }
         refcounts.flush(&storage)?;
         storage.sync_data()?;
-        area.header = Header {
-            incompatible_features: area.header.incompatible_features,
-            autoclear_features: area.header.autoclear_features,
-            ..header
-        };
+        area.header = header;
         storage.write_all_at(&area.encode()?, 0)?;
         storage.sync_data()?;
         let refcounts = Refcounts::load(&storage, &area.header)?;
