@@ -10,38 +10,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if t.starts_with('-') {
         return Err(format!("size {s:?} is negative; sizes are 0 or more bytes"));
     }
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix("ib"))
+    // An optional byte suffix (`B`, `b`, or `iB` after a unit), then an optional unit.
+    let body = ["iB", "ib", "B", "b"]
+        .iter()
+        .find_map(|suffix| t.strip_suffix(suffix))
         .unwrap_or(t);
-    let (number, shift) = match t.char_indices().last() {
+    let (number, shift) = match body.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => {
-                    return Err(format!(
-                        "unknown size suffix {c:?} in {s:?} (B, K, M, G, T, P, E)"
-                    ))
-                }
-            };
-            (&t[..i], shift)
+            let shift = unit_shift(c.to_ascii_uppercase()).ok_or_else(|| {
+                format!("unknown size suffix {c:?} in {s:?} (B, K, M, G, T, P, E)")
+            })?;
+            (&body[..i], shift)
         }
-        _ => (t, 0),
-    };
-    // "4kB": a unit followed by B.
-    let (number, shift) = match number.char_indices().last() {
-        Some((i, c)) if shift == 0 && c.is_ascii_alphabetic() && t.ends_with(['B', 'b']) => {
-            let k = unit_shift(c.to_ascii_uppercase())
-                .ok_or_else(|| format!("unknown size suffix in {s:?}"))?;
-            (&number[..i], k)
-        }
-        _ => (number, shift),
+        _ => (body, 0),
     };
     let bad = || format!("{s:?} is not a size (examples: 512, 64K, 1.5G, 16T)");
     let (int, frac) = match number.split_once('.') {
