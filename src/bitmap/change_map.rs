@@ -16,12 +16,12 @@
 
 use std::sync::atomic::Ordering::SeqCst;
 
-use super::atomic::{zeroed_words, AtomicU64};
+use super::atomic::{zeroed_words, AtomicU64, WordArray};
 
 /// One bit per region.
 #[derive(Debug)]
 pub(crate) struct ChangeMap {
-    words: Box<[AtomicU64]>,
+    words: WordArray,
     nregions: u64,
 }
 

@@ -167,7 +167,7 @@ impl ThreadSlots {
 /// Set bits of `x`. Marks usually change one bit, and the baseline x86-64 target has no
 /// `popcnt` instruction, so the single-bit case skips the bit-twiddling popcount.
 #[inline]
-fn ones(x: u64) -> u64 {
+pub(crate) fn ones(x: u64) -> u64 {
     if x & x.wrapping_sub(1) == 0 {
         u64::from(x != 0)
     } else {

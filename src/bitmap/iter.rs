@@ -2,6 +2,7 @@
 
 use std::iter::FusedIterator;
 
+use super::summary::Cursor;
 use super::DirtyBitmap;
 
 /// Iterator over merged `(offset, length)` byte extents of dirty granules, returned by
@@ -9,12 +10,16 @@ use super::DirtyBitmap;
 ///
 /// Each step finds the next dirty bit through the *any* summary tower and the end of its
 /// run through the *full* tower, so clean and dirty stretches are both skipped in
-/// O(log64 n). Under concurrent marks the extents reflect some interleaving of them;
-/// with no concurrent writer they are exact.
+/// O(log64 n). Like QEMU's `HBitmapIter`, it keeps its position in the any tower between
+/// steps (the words it loaded at each level), so a step usually reads one summary word
+/// instead of climbing and descending the tower; the tower's guard tells it when those
+/// words can no longer be trusted. Under concurrent marks the extents reflect some
+/// interleaving of them; with no concurrent writer they are exact.
 #[derive(Debug, Clone)]
 pub struct DirtyExtents<'a> {
     bitmap: &'a DirtyBitmap,
     next_bit: u64,
+    cursor: Cursor,
 }
 
 impl<'a> DirtyExtents<'a> {
@@ -22,6 +27,7 @@ impl<'a> DirtyExtents<'a> {
         DirtyExtents {
             bitmap,
             next_bit: 0,
+            cursor: Cursor::new(),
         }
     }
 }
@@ -31,7 +37,7 @@ impl Iterator for DirtyExtents<'_> {
 
     fn next(&mut self) -> Option<(u64, u64)> {
         let bm = self.bitmap;
-        let start = bm.next_dirty_bit(self.next_bit)?;
+        let start = bm.next_dirty_bit_cached(self.next_bit, &mut self.cursor)?;
         let end = bm.next_clean_bit(start + 1).unwrap_or(bm.geo.nbits);
         self.next_bit = end;
         let (s, e) = (bm.geo.bit_offset(start), bm.geo.bit_offset(end));

@@ -44,7 +44,7 @@ use change_map::ChangeMap;
 use consumer_maps::ConsumerMaps;
 use count::{InFlight, ThreadSlots};
 use geometry::Geometry;
-use summary::{AnyTower, FullTower, BLOCK_WORDS};
+use summary::{AnyTower, Cursor, FullTower, BLOCK_WORDS};
 use words::Words;
 
 /// A dirty bitmap for one disk: bit n records whether disk bytes `[n·g, (n+1)·g)` were
@@ -497,20 +497,38 @@ impl DirtyBitmap {
     /// mark lands either in the returned bitmap or in this one, never in neither. The
     /// returned bitmap has this one's geometry, is enabled, and has a change bit for each
     /// region it holds bits in. Cost is proportional to the dirty words, not the disk.
+    ///
+    /// The whole take is one window of the *any* tower's guard (see `summary.rs`) instead
+    /// of one per block: a search that overlaps it retries and then answers conservatively,
+    /// as it does beside any clear, so searches on this bitmap from other threads slow
+    /// down while it runs.
     pub fn take_dirty(&self) -> DirtyBitmap {
         let out = Self::from_geometry(self.geo);
+        // The walk reads the tower unguarded, inside its own window. Only another clearer's
+        // window can make a tower bit hide a non-zero block; if the guard shows that none
+        // opened meanwhile, the walk saw every such block; if one did, a guarded walk takes
+        // what the first may have missed.
+        let window = self.any.open_window();
         let mut next = 0;
-        while let Some(b) = self.any.next_block(next) {
-            self.take_block(b, &out);
+        while let Some(b) = self.any.next_block_in_window(next) {
+            self.take_block(b, &out, true);
             next = b + 1;
+        }
+        if !self.any.close_window(window) {
+            let mut next = 0;
+            while let Some(b) = self.any.next_block(next) {
+                self.take_block(b, &out, false);
+                next = b + 1;
+            }
         }
         out
     }
 
-    /// Moves the bits of block `b` into `out` (which nobody else can see yet), with the
-    /// bookkeeping done once per block rather than once per word.
-    fn take_block(&self, b: u64, out: &DirtyBitmap) {
+    /// Moves block `b`'s bits into `out` (not shared yet), with the bookkeeping of both;
+    /// `in_window`: the caller holds a window of this bitmap's any-tower guard.
+    fn take_block(&self, b: u64, out: &DirtyBitmap, in_window: bool) {
         let mut moved = 0u64;
+        let mut added = 0u64;
         let mut was_full = false;
         for w in self.block_words(b) {
             let word = self.words.get(w);
@@ -519,11 +537,20 @@ impl DirtyBitmap {
             }
             let old = word.swap(0, SeqCst);
             if old != 0 {
-                moved += u64::from(old.count_ones());
+                let n = count::ones(old);
+                moved += n;
                 was_full |= old == self.words.valid(w);
-                // `out` is not shared until it is returned, so a plain store is enough;
-                // returning it publishes the words.
-                out.words.get(w).store(old, Relaxed);
+                // `out` is not shared until it is returned, so plain loads and stores are
+                // enough; returning it publishes the words. A block taken twice (the
+                // guarded walk after the first) ORs into what the first walk moved.
+                let dst = out.words.get(w);
+                let prev = dst.load(Relaxed);
+                dst.store(prev | old, Relaxed);
+                added += if prev == 0 {
+                    n
+                } else {
+                    count::ones(prev | old) - count::ones(prev)
+                };
             }
         }
         if moved == 0 {
@@ -533,16 +560,21 @@ impl DirtyBitmap {
         // This bitmap: the block's words went to zero (or lost bits).
         sc_point();
         self.slots.add(moved.wrapping_neg());
-        self.any.clear(b, &|| !self.block_is_zero(b));
+        let nonzero = || !self.block_is_zero(b);
+        if in_window {
+            self.any.clear_in_window(b, &nonzero);
+        } else {
+            self.any.clear(b, &nonzero);
+        }
         if was_full {
             self.full.clear(0, b);
         }
         self.record_change(region);
         // The returned bitmap: the same words went from zero to the bits taken.
-        out.slots.add(moved);
-        out.any.set(0, b);
+        out.slots.add(added);
+        out.any.set_unshared(b);
         if out.block_is_full(b) {
-            out.full.set_unshared(b, &|| out.block_is_full(b));
+            out.full.set_unshared(b);
         }
         out.changes.set(region);
     }
@@ -727,30 +759,53 @@ impl DirtyBitmap {
         Ok(same)
     }
 
-    /// [`load_region`](Self::load_region) for a bitmap that is not shared yet and whose
-    /// region `region` is all clean (a bitmap just made, being filled from disk): a zero
-    /// word in `bytes` is skipped without touching its leaf word, so the pages of leaf
-    /// words that stay clean are never faulted in, and a page that gets bits is faulted in
-    /// once, by its first write. With the precondition broken, a bit set in the region
-    /// whose word is zero in `bytes` would stay set (dirty, never falsely clean).
-    pub(crate) fn load_region_fresh(&self, region: u64, bytes: &[u8]) -> Result<()> {
-        let w0 = self.check_region(region, bytes.len())?;
-        let mut changed = false;
-        for (i, raw) in region_words(bytes).enumerate() {
-            if raw == 0 {
-                continue;
+    /// Loads region `region` into a bitmap that no other thread can reach yet and whose
+    /// words of that region are all zero (just built): `Some(bytes)` in qcow2's layout, or
+    /// `None` for every bit set (an all-ones table entry: no bytes, no per-bit work).
+    ///
+    /// Where [`load_region`](Self::load_region) pays a read-modify-write and the tower
+    /// upkeep for every word, this stores each non-zero word plainly (a clean word is never
+    /// written, so its page is never faulted in) and updates the towers once per block and
+    /// the counter once per region: loading a large bitmap is mostly this loop. Returning the bitmap (or sharing it through an `Arc`) publishes
+    /// the plain stores. The primary change map is left as it is (the loaded bytes are what
+    /// is on disk); the bitmap has no consumers yet.
+    ///
+    /// # Errors
+    /// As [`load_region`](Self::load_region).
+    pub(crate) fn load_region_unshared(&self, region: u64, bytes: Option<&[u8]>) -> Result<()> {
+        let len = self.region_len(region) as usize;
+        let w0 = self.check_region(region, bytes.map_or(len, <[u8]>::len))?;
+        let end = w0 + len.div_ceil(8);
+        let mut raw = bytes.map(region_words);
+        let mut added = 0u64;
+        // Regions start on a block (at least 64 words each), so blocks do not straddle.
+        let mut w = w0;
+        while w < end {
+            let b = (w / BLOCK_WORDS) as u64;
+            let block_end = self.block_words(b).end.min(end);
+            let (mut any, mut full) = (false, true);
+            while w < block_end {
+                let valid = self.words.valid(w);
+                let v = match raw.as_mut() {
+                    Some(it) => it.next().unwrap_or(0) & valid,
+                    None => valid,
+                };
+                if v != 0 {
+                    self.words.get(w).store(v, Relaxed);
+                    any = true;
+                    added = added.wrapping_add(if v == !0 { 64 } else { count::ones(v) });
+                }
+                full &= v == valid;
+                w += 1;
             }
-            let w = w0 + i;
-            let new = raw & self.words.valid(w);
-            let old = self.words.get(w).swap(new, SeqCst);
-            if old != new {
-                self.update_summaries(w, old, new);
-                changed = true;
+            if any {
+                self.any.set_unshared(b);
+            }
+            if full && block_end == self.block_words(b).end {
+                self.full.set_unshared(b);
             }
         }
-        if changed {
-            self.consumers.record(region);
-        }
+        self.slots.add(added);
         Ok(())
     }
 
@@ -886,6 +941,12 @@ impl DirtyBitmap {
         self.find_bit(bit, |_, v| v, |b| self.any.next_block(b))
     }
 
+    /// [`next_dirty_bit`](Self::next_dirty_bit) for a forward iteration that keeps its
+    /// tower position in `cursor` (see [`AnyTower::next_block_cached`]).
+    pub(crate) fn next_dirty_bit_cached(&self, bit: u64, cursor: &mut Cursor) -> Option<u64> {
+        self.find_bit(bit, |_, v| v, |b| self.any.next_block_cached(b, cursor))
+    }
+
     /// First clean bit at index >= `bit`.
     pub(crate) fn next_clean_bit(&self, bit: u64) -> Option<u64> {
         self.find_bit(
@@ -903,7 +964,7 @@ impl DirtyBitmap {
         &self,
         bit: u64,
         interesting: impl Fn(usize, u64) -> u64,
-        next_block: impl Fn(u64) -> Option<u64>,
+        mut next_block: impl FnMut(u64) -> Option<u64>,
     ) -> Option<u64> {
         if bit >= self.geo.nbits {
             return None;

@@ -66,9 +66,9 @@
 //! may hold what you look for", which costs the caller one block scan; so searches never
 //! wait for a clearer, and a clearer preempted inside its window slows searches down
 //! without stopping them. Marks never touch the guard.
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
-use super::atomic::{sc_point, zeroed_words, AtomicU64};
+use super::atomic::{sc_point, zeroed_words, AtomicU64, WordArray};
 
 /// Search attempts before answering conservatively while windows keep opening.
 const SEARCH_TRIES: u32 = 3;
@@ -79,7 +79,7 @@ pub(crate) const BLOCK_WORDS: usize = 8;
 /// One level of a tower: `bits` bits in atomic words.
 #[derive(Debug)]
 struct Level {
-    words: Box<[AtomicU64]>,
+    words: WordArray,
     last_mask: u64,
 }
 
@@ -189,16 +189,31 @@ impl Levels {
     /// that child's level.
     #[inline]
     fn find(&self, unit: u64, interesting: impl Fn(usize, usize, u64) -> u64) -> Option<u64> {
+        self.find_with(
+            unit,
+            |level, w| self.0[level].words.get(w).map(|x| x.load(SeqCst)),
+            interesting,
+        )
+    }
+
+    /// [`find`](Self::find), reading the tower's words through `load(level, word_index)`
+    /// (`None` past the level's end).
+    #[inline]
+    fn find_with(
+        &self,
+        unit: u64,
+        mut load: impl FnMut(usize, usize) -> Option<u64>,
+        interesting: impl Fn(usize, usize, u64) -> u64,
+    ) -> Option<u64> {
         let top = self.0.len() - 1;
         let mut level = 0;
         let mut pos = unit;
         'search: loop {
             // Climb.
             let mut at = loop {
-                let lv = &self.0[level];
                 let w = (pos / 64) as usize;
-                let word = lv.words.get(w)?;
-                let bits = interesting(level, w, word.load(SeqCst)) & (!0u64 << (pos % 64));
+                let word = load(level, w)?;
+                let bits = interesting(level, w, word) & (!0u64 << (pos % 64));
                 if bits != 0 {
                     break w as u64 * 64 + u64::from(bits.trailing_zeros());
                 }
@@ -213,7 +228,7 @@ impl Levels {
             while level > 0 {
                 level -= 1;
                 let w = at as usize;
-                let bits = interesting(level, w, self.0[level].words[w].load(SeqCst));
+                let bits = interesting(level, w, load(level, w)?);
                 if bits == 0 {
                     pos = (w as u64 + 1) * 64;
                     continue 'search;
@@ -260,6 +275,24 @@ impl AnyTower {
         }
     }
 
+    /// [`set`](Self::set) of block `block` for a tower no other thread can see yet (a
+    /// bitmap being loaded or built): plain loads and stores, no read-modify-write.
+    pub fn set_unshared(&self, block: u64) {
+        let mut unit = block;
+        for lv in &self.levels.0 {
+            let (w, b) = split(unit);
+            let old = lv.words[w].load(Relaxed);
+            if old & b != 0 {
+                return;
+            }
+            lv.words[w].store(old | b, Relaxed);
+            if old != 0 {
+                return;
+            }
+            unit = w as u64;
+        }
+    }
+
     /// Records that block `block` may have become zero. `block_nonzero` reads the block; it
     /// is read before the clear (a block still holding a bit keeps its summary bit) and
     /// again after it, so that a concurrent setter is never lost.
@@ -270,6 +303,39 @@ impl AnyTower {
         self.guard.open();
         self.clear_level(0, block, block_nonzero);
         self.guard.close();
+    }
+
+    /// Opens a window of the guard for a caller that clears many blocks
+    /// ([`clear_in_window`](Self::clear_in_window)); returns the guard as it was. Close it
+    /// with [`close_window`](Self::close_window).
+    pub fn open_window(&self) -> u64 {
+        self.guard.0.fetch_add(Guard::OPEN, SeqCst)
+    }
+
+    /// Closes the window [`open_window`](Self::open_window) opened (its return value is
+    /// `before`). True when no other window was open at the open or opened since, read
+    /// after the close: then no tower bit read inside the window can have been hidden by
+    /// another clearer (the argument of the module docs, with this window's own clears as
+    /// the only ones), and an unguarded search made inside it
+    /// ([`next_block_in_window`](Self::next_block_in_window)) can be trusted.
+    pub fn close_window(&self, before: u64) -> bool {
+        let after = self.guard.0.fetch_sub(1, SeqCst);
+        before & Guard::COUNT == 0 && after >> 32 == (before >> 32).wrapping_add(1) & Guard::COUNT
+    }
+
+    /// [`clear`](Self::clear) for a caller that holds a window
+    /// ([`open_window`](Self::open_window)).
+    pub fn clear_in_window(&self, block: u64, block_nonzero: &dyn Fn() -> bool) {
+        if !block_nonzero() {
+            self.clear_level(0, block, block_nonzero);
+        }
+    }
+
+    /// First block at index >= `block` whose tower bit is set, read without the guard:
+    /// for a caller inside its own window, which checks
+    /// [`close_window`](Self::close_window) afterwards.
+    pub fn next_block_in_window(&self, block: u64) -> Option<u64> {
+        self.levels.find(block, |_, _, v| v)
     }
 
     /// One level of [`clear`](Self::clear), inside the guard; the child read zero just now.
@@ -307,8 +373,88 @@ impl AnyTower {
         )
     }
 
+    /// [`next_block`](Self::next_block) for a caller that searches forward again and
+    /// again (an iterator): `cursor` keeps the tower words it loaded, and later calls reuse
+    /// them while the guard shows no window opened or closed since they were loaded, so a
+    /// search usually loads one level-1 word instead of climbing and descending the tower.
+    ///
+    /// Same guarantee as `next_block` for a block that was non-zero, with its marks
+    /// returned, before the cursor was made (the cursor only holds words loaded after
+    /// that, and only while the guard vouches for them); a block that becomes non-zero
+    /// later may be found or not, as with any search racing a mark.
+    #[inline]
+    pub fn next_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
+        let units = self.levels.units();
+        for _ in 0..SEARCH_TRIES {
+            let before = self.guard.0.load(SeqCst);
+            if before & Guard::COUNT == 0 {
+                if cursor.guard != before {
+                    cursor.reset(before);
+                }
+                let levels = &self.levels.0;
+                let found = self.levels.find_with(
+                    block,
+                    |level, w| cursor.load(level, w, || levels[level].words.get(w)),
+                    |_, _, v| v,
+                );
+                if self.guard.0.load(SeqCst) == before {
+                    return found;
+                }
+            }
+            cursor.reset(u64::MAX);
+            std::hint::spin_loop();
+        }
+        (block < units).then_some(block)
+    }
+
     pub fn memory_usage(&self) -> usize {
         self.levels.memory_usage()
+    }
+}
+
+/// Tower levels a [`Cursor`] keeps a word of: 2^32 bits in blocks of 512 need 4.
+const CURSOR_LEVELS: usize = 6;
+
+/// The last word loaded at each level of an [`AnyTower`], for
+/// [`AnyTower::next_block_cached`], with the guard value they were loaded under.
+#[derive(Debug, Clone)]
+pub(crate) struct Cursor {
+    /// Per level: (word index + 1, value); index 0 means nothing kept.
+    words: [(usize, u64); CURSOR_LEVELS],
+    guard: u64,
+}
+
+impl Cursor {
+    pub fn new() -> Self {
+        Cursor {
+            words: [(0, 0); CURSOR_LEVELS],
+            // No guard value is odd in its window count and all ones at once.
+            guard: u64::MAX,
+        }
+    }
+
+    fn reset(&mut self, guard: u64) {
+        self.words = [(0, 0); CURSOR_LEVELS];
+        self.guard = guard;
+    }
+
+    /// Word `w` of `level`: the kept value, or loaded now (and kept).
+    #[inline]
+    fn load<'a>(
+        &mut self,
+        level: usize,
+        w: usize,
+        word: impl FnOnce() -> Option<&'a AtomicU64>,
+    ) -> Option<u64> {
+        match self.words.get_mut(level) {
+            Some(slot) if slot.0 == w + 1 => Some(slot.1),
+            Some(slot) => {
+                let v = word()?.load(SeqCst);
+                *slot = (w + 1, v);
+                Some(v)
+            }
+            None => word().map(|x| x.load(SeqCst)),
+        }
     }
 }
 
@@ -340,12 +486,22 @@ impl FullTower {
         self.guard.close();
     }
 
-    /// [`set`](Self::set) for a tower no other thread can see yet (the bitmap
-    /// `take_dirty` is building): no search can overlap it, so no guard.
-    pub fn set_unshared(&self, block: u64, block_full: &dyn Fn() -> bool) {
-        let (w, b) = split(block);
-        if self.levels.0[0].words[w].load(SeqCst) & b == 0 {
-            self.set_level(0, block, block_full);
+    /// [`set`](Self::set) for a tower no other thread can see yet (a bitmap being loaded,
+    /// or the one `take_dirty` is building): no search can overlap it, so no guard, and
+    /// plain loads and stores. The caller read block `block` full.
+    pub fn set_unshared(&self, block: u64) {
+        let mut unit = block;
+        for lv in &self.levels.0 {
+            let (w, b) = split(unit);
+            let old = lv.words[w].load(Relaxed);
+            if old & b != 0 {
+                return;
+            }
+            lv.words[w].store(old | b, Relaxed);
+            if old | b != lv.valid(w) {
+                return;
+            }
+            unit = w as u64;
         }
     }
 

@@ -7,12 +7,12 @@
 
 use std::sync::atomic::Ordering::SeqCst;
 
-use super::atomic::{zeroed_words, AtomicU64};
+use super::atomic::{zeroed_words, AtomicU64, WordArray};
 
 /// Leaf words of a bitmap.
 #[derive(Debug)]
 pub(crate) struct Words {
-    words: Box<[AtomicU64]>,
+    words: WordArray,
     last_mask: u64,
 }
 

@@ -282,6 +282,7 @@ impl<S: Storage> BitmapStore<S> {
                 stale: false,
                 mem,
                 parked,
+                table: None,
             })
             .collect();
         self.publish();
@@ -310,7 +311,7 @@ impl<S: Storage> BitmapStore<S> {
         self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
         self.image.write_header()?;
         for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
-            s.entry = e;
+            s.set_entry(e);
         }
         Ok(())
     }
@@ -342,7 +343,7 @@ impl<S: Storage> BitmapStore<S> {
         self.image.write_at(&new, dir_off)?;
         self.image.sync()?;
         for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
-            s.entry = e;
+            s.set_entry(e);
         }
         Ok(())
     }

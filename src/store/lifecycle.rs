@@ -323,6 +323,7 @@ impl<S: Storage> BitmapStore<S> {
         let r = self.sealed(stop);
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
+            self.forget_tables();
         }
         let mut stats = r?;
         if !self.active {
@@ -341,6 +342,7 @@ impl<S: Storage> BitmapStore<S> {
         // With its barrier: the data is durable before any entry says clean.
         let r = flush::flush(&mut self.image, &mut targets, true);
         let stats = self.logged(&flush::Target::ids(&targets), r)?;
+        self.keep_tables(targets);
         if self.slots.iter().any(|s| s.mem.is_some()) {
             let mut entries = self.current_entries();
             for (e, s) in entries
@@ -404,6 +406,8 @@ impl<S: Storage> BitmapStore<S> {
     fn park(&mut self) {
         for s in &mut self.slots {
             s.parked = s.mem.take();
+            // Inactive, the image may pass to another writer: read the tables again.
+            s.table = None;
         }
         self.active = false;
     }

@@ -13,7 +13,8 @@ use crate::tracker::Tracker;
 use crate::units::{Bytes, BytesPerMs, Millis};
 
 impl<S: Storage> BitmapStore<S> {
-    /// The flush targets of an active store: every in-memory bitmap with its table.
+    /// The flush targets of an active store: every in-memory bitmap with its table (the
+    /// kept copy, or read from disk).
     pub(super) fn flush_targets(&self) -> Result<Vec<flush::Target>> {
         let mut out = Vec::new();
         for s in &self.slots {
@@ -21,11 +22,36 @@ impl<S: Storage> BitmapStore<S> {
                 out.push(flush::Target {
                     bitmap: Arc::clone(m),
                     table_offset: s.entry.table_offset,
-                    table: self.read_table(&s.entry)?,
+                    table: match &s.table {
+                        Some(t) => t.clone(),
+                        None => self.read_table(&s.entry)?,
+                    },
                 });
             }
         }
         Ok(out)
+    }
+
+    /// Drops every kept table: after a failure, what the disk holds is not known.
+    pub(super) fn forget_tables(&mut self) {
+        for s in &mut self.slots {
+            s.table = None;
+        }
+    }
+
+    /// Keeps the tables of `targets` after a flush that succeeded: each is what the disk
+    /// now holds at its offset (the engine updates a target's table only once its entry
+    /// write returned). A target whose bitmap or table no longer matches its slot is
+    /// skipped.
+    pub(super) fn keep_tables(&mut self, targets: Vec<flush::Target>) {
+        for t in targets {
+            if let Some(s) = self.slots.iter_mut().find(|s| {
+                s.entry.table_offset == t.table_offset
+                    && s.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, &t.bitmap))
+            }) {
+                s.table = Some(t.table);
+            }
+        }
     }
 
     /// Writes the change-map regions of every in-memory bitmap that changed since the last
@@ -46,10 +72,15 @@ impl<S: Storage> BitmapStore<S> {
         }
         let r = self.flush_targets().and_then(|mut t| {
             let r = flush::flush(&mut self.image, &mut t, true);
-            self.logged(&flush::Target::ids(&t), r)
+            let r = self.logged(&flush::Target::ids(&t), r);
+            if r.is_ok() {
+                self.keep_tables(t);
+            }
+            r
         });
         if r.is_err() {
             self.poisoned = true;
+            self.forget_tables();
         }
         r
     }

@@ -113,6 +113,23 @@ struct Slot {
     /// a later [`BitmapStore::activate`] resumes it instead of reloading the disk. It stays
     /// authoritative: every region where it differs from the disk is in its change map.
     parked: Option<Arc<DirtyBitmap>>,
+    /// The bitmap's table as it is on disk at `entry.table_offset`, kept while the store is
+    /// active so that a flush (and the stop) does not read it again: only the flush engine
+    /// writes a table in place, and [`BitmapStore::keep_tables`] stores what it wrote.
+    /// `None` when unknown; dropped whenever the entry moves to another table and when the
+    /// store goes inactive (another process may then rewrite the image).
+    table: Option<Vec<TableEntry>>,
+}
+
+impl Slot {
+    /// Replaces the entry as on disk; the kept table goes unless the entry still names the
+    /// same table (a flags-only change).
+    fn set_entry(&mut self, e: DirEntry) {
+        if e.table_offset != self.entry.table_offset || e.table_size != self.entry.table_size {
+            self.table = None;
+        }
+        self.entry = e;
+    }
 }
 
 /// The persistent bitmaps of one qcow2 image. See the module docs.
@@ -228,7 +245,8 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
 /// What [`BitmapStore::walk_regions`] makes of a table entry that is not a data cluster.
 #[derive(Debug, Clone, Copy)]
 enum NotData {
-    /// All zeros: skipped (a fresh bitmap is clean already); all ones: ones.
+    /// All zeros: skipped (a fresh bitmap is clean already); all ones: handed over as
+    /// `None`, "every bit set", with no bytes made or read.
     Skip,
     /// Zeros as zeros, ones as ones.
     AsIs,
@@ -423,6 +441,7 @@ impl<S: Storage> BitmapStore<S> {
                     stale: false,
                     mem: None,
                     parked: None,
+                    table: None,
                 });
             }
             dir = Some((ext.directory_offset, ext.directory_size));
@@ -449,6 +468,7 @@ impl<S: Storage> BitmapStore<S> {
                     stale: true,
                     mem: None,
                     parked: None,
+                    table: None,
                 })
                 .collect();
         }
@@ -649,7 +669,7 @@ impl<S: Storage> BitmapStore<S> {
     fn load_disk(&self, entry: &DirEntry) -> Result<DirtyBitmap> {
         let bm = self.new_bitmap(1u64 << entry.granularity_bits)?;
         self.walk_regions(entry, &bm, NotData::Skip, |r, bytes| {
-            bm.load_region_fresh(r, bytes)
+            bm.load_region_unshared(r, bytes)
         })?;
         // What was just loaded is what is on disk.
         let _ = bm.take_changed();
@@ -666,7 +686,7 @@ impl<S: Storage> BitmapStore<S> {
         entry: &DirEntry,
         bm: &DirtyBitmap,
         not_data: NotData,
-        mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+        mut f: impl FnMut(u64, Option<&[u8]>) -> Result<()>,
     ) -> Result<()> {
         let cs = self.image.cluster_size();
         let table = self.read_table(entry)?;
@@ -691,18 +711,19 @@ impl<S: Storage> BitmapStore<S> {
             let data = match (*t, not_data) {
                 (TableEntry::Data(off), _) => {
                     read = read_metadata(self.image.storage(), "bitmap data", off, len)?;
-                    &read[..]
+                    Some(&read[..])
                 }
                 (TableEntry::Zeroes, NotData::Skip) => continue,
+                (TableEntry::Ones, NotData::Skip) => None,
                 (TableEntry::Zeroes, NotData::AsIs) => {
                     fill.clear();
                     fill.resize(len as usize, 0);
-                    &fill[..]
+                    Some(&fill[..])
                 }
-                (TableEntry::Ones, NotData::Skip | NotData::AsIs) => {
+                (TableEntry::Ones, NotData::AsIs) => {
                     fill.clear();
                     fill.resize(len as usize, 0xFF);
-                    &fill[..]
+                    Some(&fill[..])
                 }
                 (_, NotData::WorstCase) => {
                     // A cluster-sized read (of the header cluster, which always exists)
@@ -710,14 +731,14 @@ impl<S: Storage> BitmapStore<S> {
                     let _ = read_metadata(self.image.storage(), "image header", 0, len)?;
                     fill.clear();
                     fill.resize(len as usize, 0xFF);
-                    &fill[..]
+                    Some(&fill[..])
                 }
             };
             let first = c.saturating_mul(per_cluster);
             let mut at = 0usize;
             for r in first..first.saturating_add(per_cluster).min(bm.region_count()) {
                 let rl = bm.region_len(r) as usize;
-                f(r, &data[at..at + rl])?;
+                f(r, data.map(|d| &d[at..at + rl]))?;
                 at += rl;
             }
         }
@@ -856,7 +877,7 @@ impl<S: Storage> BitmapStore<S> {
     /// written, and no memory is allocated or faulted in.
     fn refresh_disk(&self, entry: &DirEntry, held: DirtyBitmap) -> Result<DirtyBitmap> {
         self.walk_regions(entry, &held, NotData::AsIs, |r, bytes| {
-            held.load_region(r, bytes)
+            held.load_region(r, bytes.ok_or_else(|| internal!("region {r} not read"))?)
         })?;
         let _ = held.take_changed();
         held.set_enabled_unshared(entry.auto);
@@ -905,6 +926,7 @@ impl<S: Storage> BitmapStore<S> {
                 Some(m) => {
                     region_count = region_count.saturating_add(m.region_count());
                     self.walk_regions(&s.entry, m, NotData::WorstCase, |r, bytes| {
+                        let bytes = bytes.ok_or_else(|| internal!("region {r} not read"))?;
                         std::hint::black_box(m.region_equals(r, bytes)?);
                         Ok(())
                     })?;
@@ -913,7 +935,7 @@ impl<S: Storage> BitmapStore<S> {
                     let fresh = self.new_bitmap(1u64 << s.entry.granularity_bits)?;
                     region_count = region_count.saturating_add(fresh.region_count());
                     self.walk_regions(&s.entry, &fresh, NotData::WorstCase, |r, bytes| {
-                        fresh.load_region_fresh(r, bytes)
+                        fresh.load_region_unshared(r, bytes)
                     })?;
                 }
             }

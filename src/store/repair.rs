@@ -221,6 +221,7 @@ fn rewrite_directory<S: Storage>(
             stale: false,
             mem: None,
             parked: None,
+            table: None,
         })
         .collect();
     st.dir = dir;
