@@ -190,3 +190,39 @@ fn enospc_when_a_flush_allocates() {
         }
     }
 }
+
+/// The tables are kept in memory while the store is active: after a flush, a stop with
+/// nothing changed reads nothing and writes only the directory's flags, with one barrier
+/// (what `docs/BENCHMARKS.md` compares with the floor of one flags write and barrier).
+/// Reactivating forgets them: the first flush after it reads the tables again.
+#[test]
+fn a_stop_with_nothing_changed_reads_no_table() {
+    let (mut s, marks) = setup();
+    s.flush().unwrap();
+    let t = s.tracker().unwrap();
+    // Marks on bits already dirty change nothing.
+    t.mark(marks[0].0, 1);
+    let (reads, writes, syncs) = {
+        let st = s.image().storage();
+        (st.reads(), st.writes(), st.syncs())
+    };
+    s.inactivate().unwrap();
+    let st = s.image().storage();
+    assert_eq!(st.reads() - reads, 0, "the stop read the disk");
+    assert_eq!(
+        st.writes() - writes,
+        1,
+        "the stop wrote more than the flags"
+    );
+    assert_eq!(st.syncs() - syncs, 1);
+    s.activate().unwrap();
+    t.mark(7 * REGION_DISK, 1);
+    let reads = s.image().storage().reads();
+    s.flush().unwrap();
+    assert!(
+        s.image().storage().reads() > reads,
+        "a kept table outlived the inactivate"
+    );
+    let img = s.close().unwrap();
+    assert!(img.check().unwrap().is_clean());
+}

@@ -1046,6 +1046,80 @@ fn word_mask(first: u64, end: u64) -> u64 {
 mod tests {
     use super::DirtyBitmap;
 
+    /// The unshared bulk load gives what the per-word load gives: words, count, both
+    /// towers (searched through extents and clean offsets), on every region kind (random,
+    /// all ones, all zero, the short last region), from bytes and from the all-ones marker.
+    #[test]
+    fn unshared_load_matches_the_per_word_load() {
+        // 3 full regions of 512 B and a short tail; the last bit covers a partial granule.
+        let disk = (3 * 4096 + 1000) * 4096 + 100;
+        let seed = 0x10ad_u64;
+        eprintln!("seed {seed}");
+        let mut x = seed;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for pattern in 0..4 {
+            let a = DirtyBitmap::with_region_size(disk, 4096, 512).unwrap();
+            let b = DirtyBitmap::with_region_size(disk, 4096, 512).unwrap();
+            for r in 0..a.region_count() {
+                let len = a.region_len(r) as usize;
+                let bytes: Vec<u8> = (0..len)
+                    .map(|i| match (pattern + r) % 4 {
+                        0 => next() as u8,
+                        1 => 0xFF,
+                        2 => 0,
+                        _ => u8::from(i % 7 == 0),
+                    })
+                    .collect();
+                a.load_region(r, &bytes).unwrap();
+                if bytes.iter().all(|&v| v == 0xFF) && pattern % 2 == 0 {
+                    b.load_region_unshared(r, None).unwrap();
+                } else {
+                    b.load_region_unshared(r, Some(&bytes)).unwrap();
+                }
+            }
+            assert_eq!(a.count(), b.count(), "pattern {pattern}");
+            assert!(a.dirty_extents().eq(b.dirty_extents()), "pattern {pattern}");
+            let mut off = 0;
+            while let Some(c) = a.next_clean(off) {
+                assert_eq!(b.next_clean(off), Some(c), "pattern {pattern}");
+                off = c + 1;
+            }
+            assert_eq!(b.next_clean(off), None);
+            for w in 0..a.words.len() {
+                assert_eq!(
+                    a.words.load(w),
+                    b.words.load(w),
+                    "pattern {pattern} word {w}"
+                );
+            }
+        }
+    }
+
+    /// `take_dirty` in its one guard window moves every bit, leaves the towers of both
+    /// bitmaps right, and a second take finds nothing.
+    #[test]
+    fn take_dirty_moves_every_bit_and_leaves_the_towers_right() {
+        let bm = DirtyBitmap::new(1 << 30, 4096).unwrap();
+        for k in 0..5000u64 {
+            bm.mark_dirty((k * 7919 * 4096) % (1 << 30), 4096 * (k % 3 + 1));
+        }
+        bm.mark_dirty(100 << 20, 64 << 20);
+        let want: Vec<(u64, u64)> = bm.dirty_extents().collect();
+        let n = bm.count();
+        let out = bm.take_dirty();
+        assert_eq!(out.count(), n);
+        assert!(out.dirty_extents().eq(want.iter().copied()));
+        assert_eq!(out.next_clean(100 << 20), Some(164 << 20));
+        assert_eq!(bm.count(), 0);
+        assert_eq!(bm.dirty_extents().next(), None);
+        assert_eq!(bm.take_dirty().count(), 0);
+    }
+
     #[test]
     fn count_and_dirty_bytes_stay_in_range_while_the_slot_sum_is_off() {
         // 11 bits, the last covering 100 bytes of a 4 KiB granule.

@@ -9,6 +9,8 @@ mod ceiling;
 mod durable;
 #[path = "bench_flush.rs"]
 mod flush;
+#[path = "bench_load.rs"]
+mod load;
 #[path = "bench_migrate.rs"]
 mod migrate;
 #[path = "bench_migrate_disk.rs"]
@@ -50,6 +52,9 @@ pub enum Bench {
     /// preallocation=metadata`) and listing what changed (`dbm dump --since` against
     /// `qemu-nbd -B` + `nbdinfo --map`), side by side.
     Backup(backup::BackupArgs),
+    /// Opening an image and loading a fully dirty 16 TiB bitmap: `dbm info` against
+    /// `qemu-img info` on the same image, whole processes, in one run.
+    Load(load::LoadArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -60,5 +65,6 @@ pub fn run(args: &BenchArgs) -> CmdResult {
         Bench::MigrateDisk(a) => migrate_disk::run(a),
         Bench::Durable(a) => durable::run(a),
         Bench::Backup(a) => backup::run(a),
+        Bench::Load(a) => load::run(a),
     }
 }
