@@ -65,6 +65,15 @@ use crate::storage::Storage;
 /// Coalesced writes are cut at this many bytes, to bound the copy buffers.
 const MAX_WRITE: usize = 8 << 20;
 
+/// The default changed fraction of a bitmap's regions from which a flush rewrites every
+/// region of its data clusters in place (see [`flush`]), measured with `dbm bench flush`
+/// (its changed-fraction sweep times both ways on the same bitmaps; `docs/BENCHMARKS.md`,
+/// "The crossover"): changed regions spread evenly over the bitmap are the worst case
+/// of the in-place writes (one write per region, none adjacent), and the whole rewrite,
+/// one sequential run per stretch of adjacent data clusters, costs the same at every
+/// fraction.
+pub const DEFAULT_REWRITE_THRESHOLD: f64 = 0.25;
+
 /// What one flush (or an inactivation) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
@@ -346,6 +355,13 @@ fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
 /// then issues one barrier if `sync` and anything was written. Updates each target's
 /// `table` to what was written.
 ///
+/// A target whose changed regions are at least `rewrite_threshold` of all its regions is
+/// rewritten whole instead: every region of its data clusters is written in place, the
+/// unchanged ones with the bytes they already hold on disk (the in-memory bitmap is the
+/// authority while active, so rewriting them changes nothing), which turns scattered
+/// region writes into a few long sequential runs. The same order and the same crash
+/// reasoning hold: nothing is allocated for it, and the entries stay as they are.
+///
 /// # Errors
 /// Any error from the image (which poisons it on a failed write or sync). Every taken
 /// region has then been handed back to its bitmap.
@@ -353,16 +369,28 @@ pub(crate) fn flush<S: Storage>(
     image: &mut Image<S>,
     targets: &mut [Target],
     sync: bool,
+    rewrite_threshold: f64,
 ) -> Result<(FlushStats, Taken)> {
     let start = Instant::now();
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
     let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
-    let r = write_taken(image, targets, &taken, sync, false).map(|mut stats| {
+    let whole: Vec<bool> = targets
+        .iter()
+        .zip(&taken)
+        .map(|(t, r)| rewrites_whole(r.len(), t.bitmap.region_count(), rewrite_threshold))
+        .collect();
+    let r = write_taken(image, targets, &taken, sync, false, &whole).map(|mut stats| {
         stats.regions = taken.iter().map(ChangedRegions::len).sum();
         stats
     });
     finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
+}
+
+/// Whether a flush that took `changed` of a bitmap's `regions` regions rewrites it whole
+/// at `threshold` (see [`flush`]); never when nothing changed.
+pub fn rewrites_whole(changed: u64, regions: u64, threshold: f64) -> bool {
+    changed > 0 && changed as f64 >= threshold * regions as f64
 }
 
 /// The regions a flush or commit took, one set per target in target order: every region
@@ -434,7 +462,7 @@ pub(crate) fn allocate_all<S: Storage>(
         all.push(regions);
     }
     let start = Instant::now();
-    let mut stats = write_taken(image, targets, &all, true, true)?;
+    let mut stats = write_taken(image, targets, &all, true, true, &[])?;
     stats.regions = all.iter().map(ChangedRegions::len).sum();
     stats.duration = start.elapsed();
     Ok(stats)
@@ -499,12 +527,29 @@ pub(crate) fn commit_in_place<S: Storage>(
     finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
 }
 
+/// `taken` and every region whose cluster is a data cluster: what a whole rewrite of `t`
+/// writes (a cluster that is not data is planned from its changed regions, as always).
+fn with_data_regions(t: &Target, taken: &ChangedRegions, layout: Layout) -> ChangedRegions {
+    let mut all = taken.clone();
+    for (c, e) in t.table.iter().enumerate() {
+        if matches!(e, TableEntry::Data(_)) {
+            for r in layout.regions_of(t, c as u64) {
+                all.insert(r);
+            }
+        }
+    }
+    all
+}
+
+/// Writes `taken` (one set per target) in the flush order of the module docs; a target
+/// whose `whole` is true is written with every region of its data clusters.
 fn write_taken<S: Storage>(
     image: &mut Image<S>,
     targets: &mut [Target],
     taken: &[ChangedRegions],
     sync: bool,
     allocate: bool,
+    whole: &[bool],
 ) -> Result<FlushStats> {
     let cs = image.cluster_size();
     let mut items: Vec<Item> = Vec::new();
@@ -517,6 +562,13 @@ fn write_taken<S: Storage>(
     for (ti, (t, regions)) in targets.iter().zip(taken).enumerate() {
         let layout = Layout::of(t, cs)?;
         layouts.push(layout);
+        let expanded;
+        let regions = if whole.get(ti).copied().unwrap_or(false) {
+            expanded = with_data_regions(t, regions, layout);
+            &expanded
+        } else {
+            regions
+        };
         for step in plan_target(t, regions, layout, &mut scratch, allocate)? {
             match step {
                 Step::InPlace { r, off } => items.push(Item {

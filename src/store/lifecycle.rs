@@ -340,7 +340,7 @@ impl<S: Storage> BitmapStore<S> {
     fn inactivate_incremental(&mut self) -> Result<FlushStats> {
         let mut targets = self.flush_targets()?;
         // With its barrier: the data is durable before any entry says clean.
-        let r = flush::flush(&mut self.image, &mut targets, true);
+        let r = flush::flush(&mut self.image, &mut targets, true, self.rewrite_threshold);
         let stats = self.logged(&flush::Target::ids(&targets), r)?;
         self.keep_tables(targets);
         if self.slots.iter().any(|s| s.mem.is_some()) {

@@ -71,7 +71,7 @@ impl<S: Storage> BitmapStore<S> {
             return self.commit_durable();
         }
         let r = self.flush_targets().and_then(|mut t| {
-            let r = flush::flush(&mut self.image, &mut t, true);
+            let r = flush::flush(&mut self.image, &mut t, true, self.rewrite_threshold);
             let r = self.logged(&flush::Target::ids(&t), r);
             if r.is_ok() {
                 self.keep_tables(t);
@@ -83,6 +83,31 @@ impl<S: Storage> BitmapStore<S> {
             self.forget_tables();
         }
         r
+    }
+
+    /// Sets the changed fraction of a bitmap's regions from which a flush (and the stop's
+    /// flush) rewrites every region of the bitmap's data clusters in place, in long
+    /// sequential runs, instead of writing the changed regions alone: 0 rewrites whole at
+    /// every flush that changed anything, above 1 never. The default is
+    /// [`flush::DEFAULT_REWRITE_THRESHOLD`], the crossover `dbm bench flush` measures.
+    /// Either way the flush is the same in-place flush, with the same crash reasoning
+    /// (`docs/CRASH-CONSISTENCY.md`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a negative or NaN fraction.
+    pub fn set_rewrite_threshold(&mut self, fraction: f64) -> Result<()> {
+        if fraction.is_nan() || fraction < 0.0 {
+            return Err(crate::error::invalid_input!(
+                "a rewrite threshold is a fraction of 0 or more, not {fraction}"
+            ));
+        }
+        self.rewrite_threshold = fraction;
+        Ok(())
+    }
+
+    /// The rewrite threshold in force ([`set_rewrite_threshold`](Self::set_rewrite_threshold)).
+    pub fn rewrite_threshold(&self) -> f64 {
+        self.rewrite_threshold
     }
 
     /// Every in-memory bitmap of an active store, in directory order (the inconsistent ones

@@ -168,6 +168,10 @@ pub struct BitmapStore<S: Storage> {
     /// The regions written since the last take of the write log, while one runs
     /// (`write_log.rs`).
     write_log: Option<Logging>,
+    /// The changed fraction of a bitmap's regions from which a flush writes every region of
+    /// its data clusters in place instead of the changed ones alone
+    /// ([`set_rewrite_threshold`](Self::set_rewrite_threshold)).
+    rewrite_threshold: f64,
 }
 
 /// A [`BitmapStore`] shared between threads: the owner, a background
@@ -485,6 +489,7 @@ impl<S: Storage> BitmapStore<S> {
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
+            rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
         })
     }
 
@@ -536,6 +541,7 @@ impl<S: Storage> BitmapStore<S> {
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
+            rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
         }
     }
 

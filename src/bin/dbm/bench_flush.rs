@@ -543,6 +543,125 @@ fn fraction_stop(rig: &Rig, g: u64, k: u64) -> Res<Stop> {
     measure_stop(rig, &granules, k)
 }
 
+/// One point of the crossover sweep: the stop with k evenly spaced regions churned, timed
+/// three ways on the same rig, each after churning the same granules again.
+struct Crossing {
+    k: u64,
+    /// Changed regions only (the threshold above 1).
+    changed: Cost,
+    /// Every region of the data clusters (the threshold 0).
+    whole: Cost,
+    /// The default threshold's choice, and whether it rewrote whole.
+    default: Cost,
+    chose_whole: bool,
+}
+
+fn crossing(rig: &Rig, g: u64, k: u64) -> Res<Crossing> {
+    let stop = |threshold: f64| -> Res<Cost> {
+        for i in 0..k {
+            churn(
+                &rig.tracker,
+                g,
+                i * rig.regions / k * rig.region_size * 8,
+                g,
+            );
+        }
+        let mut s = rig.store.lock();
+        s.set_rewrite_threshold(threshold)?;
+        let st = s.inactivate();
+        s.set_rewrite_threshold(dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD)?;
+        let st = st?;
+        s.activate()?;
+        Ok(Cost {
+            bytes: st.bytes_written,
+            syncs: st.syncs,
+            ms: ms(st.duration),
+        })
+    };
+    let changed = stop(2.0)?;
+    let whole = stop(0.0)?;
+    let default = stop(dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD)?;
+    Ok(Crossing {
+        k,
+        changed,
+        whole,
+        default,
+        chose_whole: dirty_bitmap::flush::rewrites_whole(
+            k,
+            rig.regions,
+            dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD,
+        ),
+    })
+}
+
+/// The crossover sweep: for each changed fraction, the in-place stop of the changed regions
+/// against the in-place rewrite of every region, and what the default threshold picks.
+fn crossover_sweep(rigs: &[Rig], g: u64, repeat: usize, quick: bool) -> Res<()> {
+    println!(
+        "## The crossover: changed regions only, or every region, in place (k evenly spaced \
+         regions churned; threshold {})",
+        dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD
+    );
+    println!();
+    println!(
+        "| bitmaps | k | fraction | changed only ms | bytes | whole ms | bytes | default picks | default ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let eighths: &[u64] = if quick {
+        &[1, 4, 8]
+    } else {
+        &[1, 2, 3, 4, 5, 6, 7, 8]
+    };
+    for rig in rigs {
+        let mut first_cheaper = None;
+        for &e in eighths {
+            let k = (rig.regions * e / 8).max(1);
+            let runs = (0..repeat)
+                .map(|_| crossing(rig, g, k))
+                .collect::<Res<Vec<_>>>()?;
+            let med = |f: fn(&Crossing) -> Cost| Cost {
+                bytes: median_u(runs.iter().map(|c| f(c).bytes).collect()),
+                syncs: median_u(runs.iter().map(|c| f(c).syncs).collect()),
+                ms: median(runs.iter().map(|c| f(c).ms).collect()),
+            };
+            let (c, w, d) = (med(|c| c.changed), med(|c| c.whole), med(|c| c.default));
+            if w.ms <= c.ms && first_cheaper.is_none() {
+                first_cheaper = Some(runs[0].k as f64 / rig.regions as f64);
+            }
+            println!(
+                "| {} | {} | {:.3} | {:.2} | {} | {:.2} | {} | {} | {:.2} |",
+                rig.n,
+                runs[0].k,
+                runs[0].k as f64 / rig.regions as f64,
+                c.ms,
+                c.bytes,
+                w.ms,
+                w.bytes,
+                if runs[0].chose_whole {
+                    "whole"
+                } else {
+                    "changed only"
+                },
+                d.ms
+            );
+        }
+        match first_cheaper {
+            Some(f) => println!(
+                "\n- {} bitmap(s): the whole rewrite is no slower from a changed fraction of {f:.3} on \
+                 (default threshold {})",
+                rig.n,
+                dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD
+            ),
+            None => println!(
+                "\n- {} bitmap(s): the whole rewrite was slower at every fraction measured",
+                rig.n
+            ),
+        }
+    }
+    println!();
+    Ok(())
+}
+
 /// Sets every table entry of every bitmap in the image at `path` to 1, the spec's
 /// all-ones marker. The tables must be empty (all 0), so no data cluster leaks.
 fn patch_all_ones(path: &Path) -> Res<()> {
@@ -845,6 +964,8 @@ pub fn run(args: &FlushArgs) -> CmdResult {
         }
     }
     println!();
+
+    crossover_sweep(&rigs, g, repeat, args.quick)?;
 
     // QEMU's own store.
     let mut qemu: Vec<(usize, f64)> = Vec::new();
