@@ -769,15 +769,18 @@ fn all_ones_entries_and_sub_cluster_regions_agree_with_qemu() {
 fn a_flush_above_the_rewrite_threshold_rewrites_every_data_region_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("w.qcow2");
-    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, CS).unwrap();
+    // 512 regions, so that a quarter of them is above the minimum of a whole rewrite.
+    let disk = 8192 * MIB;
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, CS).unwrap();
     s.add("b", G, Recording::Enabled).unwrap();
     s.activate().unwrap();
     let t = s.tracker().unwrap();
     // Every cluster gets data.
-    t.mark(0, DISK);
+    t.mark(0, disk);
     s.flush().unwrap();
     let bm = s.bitmap("b").unwrap();
     let regions = bm.region_count();
+    assert_eq!(regions / 4, 2 * dirty_bitmap::flush::MIN_REWRITE_REGIONS);
     let region_len = bm.region_size();
     let churn = |k: u64| {
         for i in 0..k {
@@ -798,9 +801,15 @@ fn a_flush_above_the_rewrite_threshold_rewrites_every_data_region_in_place() {
     let st = s.flush().unwrap();
     assert_eq!(st.regions, regions / 4);
     assert_eq!(st.bytes_written, bm.serialized_len());
-    // Nothing changed: nothing written, whatever the threshold.
+    // Nothing changed, or fewer regions than the minimum: nothing more written, whatever
+    // the threshold.
     s.set_rewrite_threshold(0.0).unwrap();
     assert_eq!(s.flush().unwrap().bytes_written, 0);
+    churn(dirty_bitmap::flush::MIN_REWRITE_REGIONS - 1);
+    assert_eq!(
+        s.flush().unwrap().bytes_written,
+        (dirty_bitmap::flush::MIN_REWRITE_REGIONS - 1) * region_len
+    );
     assert!(s.set_rewrite_threshold(-1.0).is_err());
     assert!(s.set_rewrite_threshold(f64::NAN).is_err());
     bm.clear(5 * MIB, MIB);

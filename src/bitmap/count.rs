@@ -100,6 +100,29 @@ impl ThreadSlots {
         }
     }
 
+    /// [`add`](Self::add) from inside a mark: the slot `begin_mark` found for this thread
+    /// is the counter's slot too, so the thread-local lookup is not repeated. (Under loom
+    /// the counter always uses the shared slot; see the loom `thread_slot` below.)
+    #[inline]
+    pub fn add_in(&self, mark: &InFlight, delta: u64) {
+        #[cfg(loom)]
+        {
+            let _ = mark;
+            self.add(delta);
+        }
+        #[cfg(not(loom))]
+        match mark.own {
+            Some((i, _)) => {
+                // This thread is the slot's only writer: a plain read-modify-write is exact.
+                let slot = &self.lines[i].count;
+                slot.store(slot.load(Relaxed).wrapping_add(delta), Relaxed);
+            }
+            None => {
+                self.lines[SLOTS].count.fetch_add(delta, Relaxed);
+            }
+        }
+    }
+
     /// Wrapping sum of the counter slots.
     pub fn count(&self) -> u64 {
         self.lines

@@ -300,10 +300,31 @@ impl DirtyBitmap {
             // The caller's load just saw a bit of `mask` clear: go straight to the write.
             let old = self.words.get(w).fetch_or(mask, SeqCst);
             if old | mask != old {
-                self.after_change(w, old, old | mask);
+                self.after_mark(w, old, mask, &mark);
             }
         }
         self.slots.end_mark(mark);
+    }
+
+    /// [`after_change`](Self::after_change) for a mark, which only sets bits (word `w` went
+    /// from `old` to `old | mask`, and some bit changed), inline in its caller: the same
+    /// bookkeeping in the same order, without the cases only a clear can reach (a word
+    /// gone to zero, a full word no longer full) and with the counter in the slot the
+    /// mark's announcement already found.
+    #[inline(always)]
+    fn after_mark(&self, w: usize, old: u64, mask: u64, mark: &InFlight) {
+        let new = old | mask;
+        // The word changed; what follows reads the summaries and the change map.
+        sc_point();
+        self.slots.add_in(mark, count::ones(new & !old));
+        let b = (w / BLOCK_WORDS) as u64;
+        if old == 0 {
+            self.any.set(0, b);
+        }
+        if new == self.words.valid(w) && self.block_is_full(b) {
+            self.full.set(b, &|| self.block_is_full(b));
+        }
+        self.record_change((w >> self.geo.region_word_shift()) as u64);
     }
 
     /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words.
@@ -530,14 +551,21 @@ impl DirtyBitmap {
         let mut moved = 0u64;
         let mut added = 0u64;
         let mut was_full = false;
-        for w in self.block_words(b) {
+        // Which words hold bits, read first without a branch per word: in a block of
+        // scattered bits about half the words are zero, and a branch on each would be
+        // mispredicted about half the time.
+        let words = self.block_words(b);
+        let mut nonzero = 0u32;
+        for (i, w) in words.clone().enumerate() {
+            nonzero |= u32::from(self.words.load(w) != 0) << i;
+        }
+        while nonzero != 0 {
+            let w = words.start + nonzero.trailing_zeros() as usize;
+            nonzero &= nonzero - 1;
             let word = self.words.get(w);
-            if word.load(SeqCst) == 0 {
-                continue;
-            }
             let old = word.swap(0, SeqCst);
             if old != 0 {
-                let n = count::ones(old);
+                let n = u64::from(old.count_ones());
                 moved += n;
                 was_full |= old == self.words.valid(w);
                 // `out` is not shared until it is returned, so plain loads and stores are

@@ -387,10 +387,15 @@ pub(crate) fn flush<S: Storage>(
     finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
 }
 
+/// Fewer changed regions than this are always written alone, whatever the fraction: a
+/// few writes cost no more than one long run, and a small bitmap is not worth rewriting.
+pub const MIN_REWRITE_REGIONS: u64 = 64;
+
 /// Whether a flush that took `changed` of a bitmap's `regions` regions rewrites it whole
-/// at `threshold` (see [`flush`]); never when nothing changed.
+/// at `threshold` (see [`flush`]): at least [`MIN_REWRITE_REGIONS`] changed, and at least
+/// that fraction of them.
 pub fn rewrites_whole(changed: u64, regions: u64, threshold: f64) -> bool {
-    changed > 0 && changed as f64 >= threshold * regions as f64
+    changed >= MIN_REWRITE_REGIONS && changed as f64 >= threshold * regions as f64
 }
 
 /// The regions a flush or commit took, one set per target in target order: every region

@@ -718,6 +718,10 @@ mod tests {
             next: AtomicU64::new(0),
         };
         let mut st = BitmapStore::create(storage, DISK, 65536).unwrap();
+        // The guest writes in step with the flush's write calls, one per changed region:
+        // keep them one per region (no whole rewrite, which would make them a few long
+        // runs).
+        st.set_rewrite_threshold(2.0).unwrap();
         st.add("b", G, Recording::Enabled).unwrap();
         st.activate().unwrap();
         let b = st.bitmap("b").unwrap();

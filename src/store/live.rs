@@ -88,7 +88,8 @@ impl<S: Storage> BitmapStore<S> {
     /// Sets the changed fraction of a bitmap's regions from which a flush (and the stop's
     /// flush) rewrites every region of the bitmap's data clusters in place, in long
     /// sequential runs, instead of writing the changed regions alone: 0 rewrites whole at
-    /// every flush that changed anything, above 1 never. The default is
+    /// every flush that changed at least [`flush::MIN_REWRITE_REGIONS`] regions, above 1
+    /// never. The default is
     /// [`flush::DEFAULT_REWRITE_THRESHOLD`], the crossover `dbm bench flush` measures.
     /// Either way the flush is the same in-place flush, with the same crash reasoning
     /// (`docs/CRASH-CONSISTENCY.md`).
