@@ -23,6 +23,7 @@ pub(crate) fn zeroed_words(n: usize) -> WordArray {
 #[cfg(not(loom))]
 mod words {
     use std::ops::Deref;
+    use std::ptr::NonNull;
     use std::sync::atomic::AtomicU64;
 
     /// Arrays of at least this many bytes (one x86-64 huge page) are mapped for huge
@@ -38,31 +39,91 @@ mod words {
     /// which is what a mark landing on a new word pays for, and a bitmap built by
     /// `take_dirty` faults in 16 pages instead of 8,192. Pages nobody writes still cost no
     /// memory. Smaller arrays, a refused mapping and Miri use a zeroed heap allocation.
+    ///
+    /// The slice's address and length are kept beside the owner, so that indexing a word
+    /// (every mark does) costs what indexing a boxed slice does, with no branch on where
+    /// the memory came from.
     #[derive(Debug)]
-    pub(crate) struct WordArray(Inner);
+    pub(crate) struct WordArray {
+        ptr: NonNull<AtomicU64>,
+        len: usize,
+        owner: Owner,
+    }
 
+    /// Where a [`WordArray`]'s memory came from, and so how it is given back.
     #[derive(Debug)]
-    enum Inner {
-        Boxed(Box<[AtomicU64]>),
-        Mapped { map: memmap2::MmapMut, len: usize },
+    enum Owner {
+        /// `Box::<[AtomicU64]>::into_raw` of `len` words at `ptr`: rebuilt and dropped by
+        /// `WordArray`'s `Drop`.
+        Boxed,
+        /// The mapping itself (unmapped when dropped); held only to be dropped.
+        Mapped(#[allow(dead_code)] memmap2::MmapMut),
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY: a `WordArray` owns a `[AtomicU64]` (a boxed slice taken apart, or a
+    // `MmapMut`, which is `Send`); the pointer is only an address into that memory,
+    // never freed or reallocated while `self` lives, so moving the array to another
+    // thread moves exactly that ownership.
+    unsafe impl Send for WordArray {}
+
+    #[allow(unsafe_code)]
+    // SAFETY: shared access only ever yields `&[AtomicU64]` (`Deref`), which is `Sync`:
+    // every access to the words goes through the atomics.
+    unsafe impl Sync for WordArray {}
+
+    impl WordArray {
+        fn boxed(b: Box<[AtomicU64]>) -> Self {
+            let len = b.len();
+            let raw = Box::into_raw(b);
+            WordArray {
+                // `Box::into_raw` never returns null.
+                ptr: NonNull::new(raw.cast::<AtomicU64>()).unwrap_or(NonNull::dangling()),
+                len,
+                owner: Owner::Boxed,
+            }
+        }
+    }
+
+    impl Drop for WordArray {
+        fn drop(&mut self) {
+            if let Owner::Boxed = self.owner {
+                #[allow(unsafe_code)]
+                // SAFETY: `ptr` and `len` are exactly what `Box::into_raw` of a boxed slice
+                // of `len` words gave in `boxed`, and this is the only place that rebuilds
+                // it, once, when the array goes; no slice borrowed from `self` outlives it.
+                drop(unsafe {
+                    Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                        self.ptr.as_ptr(),
+                        self.len,
+                    ))
+                });
+            }
+        }
     }
 
     /// Allocates `n` zeroed atomic words.
     pub(crate) fn zeroed_words(n: usize) -> WordArray {
         let bytes = n.saturating_mul(8);
         if bytes >= HUGE && !cfg!(miri) {
-            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
+            if let Ok(mut map) = memmap2::MmapMut::map_anon(bytes) {
                 // Only advice: without huge pages the mapping works the same.
                 let _ = map.advise(memmap2::Advice::HugePage);
-                return WordArray(Inner::Mapped { map, len: n });
+                if let Some(ptr) = NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()) {
+                    return WordArray {
+                        ptr,
+                        len: n,
+                        owner: Owner::Mapped(map),
+                    };
+                }
             }
         }
-        WordArray(Inner::Boxed(bytemuck::zeroed_slice_box::<AtomicU64>(n)))
+        WordArray::boxed(bytemuck::zeroed_slice_box::<AtomicU64>(n))
     }
 
     impl FromIterator<AtomicU64> for WordArray {
         fn from_iter<I: IntoIterator<Item = AtomicU64>>(iter: I) -> Self {
-            WordArray(Inner::Boxed(iter.into_iter().collect()))
+            WordArray::boxed(iter.into_iter().collect())
         }
     }
 
@@ -71,18 +132,15 @@ mod words {
 
         #[inline]
         fn deref(&self) -> &[AtomicU64] {
-            match &self.0 {
-                Inner::Boxed(b) => b,
-                #[allow(unsafe_code)]
-                // SAFETY: the mapping is page-aligned (so aligned for `AtomicU64`), at least
-                // `len * 8` bytes long (it was made that size), and zero-filled by the
-                // kernel, and zero bytes are a valid `AtomicU64`. It lives as long as
-                // `self`, which the returned slice borrows, and nothing reaches it except
-                // through this slice, whose atomics give the interior mutability (the
-                // mapping's own `&mut [u8]` view is never taken).
-                Inner::Mapped { map, len } => unsafe {
-                    std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU64>(), *len)
-                },
+            #[allow(unsafe_code)]
+            // SAFETY: `ptr` and `len` describe the owner's whole array: a boxed slice of
+            // `len` words, or a mapping of `len * 8` bytes, page-aligned (so aligned for
+            // `AtomicU64`) and zero-filled by the kernel (zero bytes are a valid
+            // `AtomicU64`). The owner lives as long as `self`, which the slice borrows, and
+            // nothing reaches the memory except through such slices, whose atomics give the
+            // interior mutability (the owner's own views are never taken again).
+            unsafe {
+                std::slice::from_raw_parts(self.ptr.as_ptr(), self.len)
             }
         }
     }

@@ -529,25 +529,43 @@ impl DirtyBitmap {
         // window can make a tower bit hide a non-zero block; if the guard shows that none
         // opened meanwhile, the walk saw every such block; if one did, a guarded walk takes
         // what the first may have missed.
+        //
+        // Inside the window the any bits of the blocks it emptied are cleared per level-1
+        // word, once the walk has left that word (`clear_blocks_in_window`): until then they
+        // stay set over empty blocks, which a tower allows (a search finds nothing there
+        // and moves on).
         let window = self.any.open_window();
+        let nonzero = |b: u64| !self.block_is_zero(b);
+        let mut emptied: Option<(usize, u64)> = None;
         let mut next = 0;
         while let Some(b) = self.any.next_block_in_window(next) {
-            self.take_block(b, &out, true);
+            let w = (b / 64) as usize;
+            if let Some((ew, mask)) = emptied.filter(|&(ew, _)| ew != w) {
+                self.any.clear_blocks_in_window(ew, mask, nonzero);
+                emptied = None;
+            }
+            if self.take_block(b, &out, AnyClear::Deferred) {
+                emptied.get_or_insert((w, 0)).1 |= 1 << (b % 64);
+            }
             next = b + 1;
+        }
+        if let Some((ew, mask)) = emptied {
+            self.any.clear_blocks_in_window(ew, mask, nonzero);
         }
         if !self.any.close_window(window) {
             let mut next = 0;
             while let Some(b) = self.any.next_block(next) {
-                self.take_block(b, &out, false);
+                self.take_block(b, &out, AnyClear::Guarded);
                 next = b + 1;
             }
         }
         out
     }
 
-    /// Moves block `b`'s bits into `out` (not shared yet), with the bookkeeping of both;
-    /// `in_window`: the caller holds a window of this bitmap's any-tower guard.
-    fn take_block(&self, b: u64, out: &DirtyBitmap, in_window: bool) {
+    /// Moves block `b`'s bits into `out` (not shared yet), with the bookkeeping of both,
+    /// this bitmap's any tower as `any` says. True if it moved a bit (so the block may be
+    /// empty now).
+    fn take_block(&self, b: u64, out: &DirtyBitmap, any: AnyClear) -> bool {
         let mut moved = 0u64;
         let mut added = 0u64;
         let mut was_full = false;
@@ -582,17 +600,14 @@ impl DirtyBitmap {
             }
         }
         if moved == 0 {
-            return;
+            return false;
         }
         let region = self.region_of_block(b);
         // This bitmap: the block's words went to zero (or lost bits).
         sc_point();
         self.slots.add(moved.wrapping_neg());
-        let nonzero = || !self.block_is_zero(b);
-        if in_window {
-            self.any.clear_in_window(b, &nonzero);
-        } else {
-            self.any.clear(b, &nonzero);
+        if any == AnyClear::Guarded {
+            self.any.clear(b, &|| !self.block_is_zero(b));
         }
         if was_full {
             self.full.clear(0, b);
@@ -605,6 +620,7 @@ impl DirtyBitmap {
             out.full.set_unshared(b);
         }
         out.changes.set(region);
+        true
     }
 
     /// Changes the disk size. Shrinking drops the bits past the new end; growing adds
@@ -1021,6 +1037,16 @@ impl DirtyBitmap {
             next = nb + 1;
         }
     }
+}
+
+/// How [`DirtyBitmap::take_block`] updates the any tower of the bitmap it takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnyClear {
+    /// Not at all: the caller holds a window and clears a level-1 word's emptied blocks
+    /// together (`AnyTower::clear_blocks_in_window`).
+    Deferred,
+    /// A clear with its own window, as any clear does.
+    Guarded,
 }
 
 /// Announces, process-wide, one mark being fanned out over several bitmaps (see

@@ -306,7 +306,8 @@ impl AnyTower {
     }
 
     /// Opens a window of the guard for a caller that clears many blocks
-    /// ([`clear_in_window`](Self::clear_in_window)); returns the guard as it was. Close it
+    /// ([`clear_blocks_in_window`](Self::clear_blocks_in_window)); returns the guard as it
+    /// was. Close it
     /// with [`close_window`](Self::close_window).
     pub fn open_window(&self) -> u64 {
         self.guard.0.fetch_add(Guard::OPEN, SeqCst)
@@ -323,11 +324,47 @@ impl AnyTower {
         before & Guard::COUNT == 0 && after >> 32 == (before >> 32).wrapping_add(1) & Guard::COUNT
     }
 
-    /// [`clear`](Self::clear) for a caller that holds a window
-    /// ([`open_window`](Self::open_window)).
-    pub fn clear_in_window(&self, block: u64, block_nonzero: &dyn Fn() -> bool) {
-        if !block_nonzero() {
-            self.clear_level(0, block, block_nonzero);
+    /// [`clear`](Self::clear) of several blocks of one level-1 word, for a caller that
+    /// holds a window ([`open_window`](Self::open_window)): `mask` holds the blocks of level-1 word `w` (bit i: block 64·w + i) that may have
+    /// gone to zero. Each block goes through the same steps as alone (read it, and keep
+    /// its bit if it is non-zero; clear the bit; read it again and set the bit back if it
+    /// is non-zero now; go up a level if the word became zero), but the clears are one
+    /// `fetch_and` for all of them instead of one each.
+    pub fn clear_blocks_in_window(&self, w: usize, mask: u64, block_nonzero: impl Fn(u64) -> bool) {
+        let base = w as u64 * 64;
+        let mut clear = 0u64;
+        let mut m = mask;
+        while m != 0 {
+            let i = m.trailing_zeros();
+            m &= m - 1;
+            if !block_nonzero(base + u64::from(i)) {
+                clear |= 1 << i;
+            }
+        }
+        if clear == 0 {
+            return;
+        }
+        let lv = &self.levels.0[0];
+        let old = lv.words[w].fetch_and(!clear, SeqCst);
+        // Bits already clear: whoever cleared them re-reads their blocks.
+        let mut m = old & clear;
+        if m == 0 {
+            return;
+        }
+        sc_point();
+        while m != 0 {
+            let i = m.trailing_zeros();
+            m &= m - 1;
+            if block_nonzero(base + u64::from(i)) {
+                self.set(0, base + u64::from(i));
+            }
+        }
+        if old & !clear == 0 && self.levels.0.len() > 1 {
+            let word = &lv.words[w];
+            let nonzero = || word.load(SeqCst) != 0;
+            if !nonzero() {
+                self.clear_level(1, w as u64, &nonzero);
+            }
         }
     }
 

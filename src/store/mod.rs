@@ -246,6 +246,9 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     }
 }
 
+/// The most bytes of adjacent data clusters [`BitmapStore::walk_regions`] reads in one call.
+const MAX_READ_RUN: u64 = 4 << 20;
+
 /// What [`BitmapStore::walk_regions`] makes of a table entry that is not a data cluster.
 #[derive(Debug, Clone, Copy)]
 enum NotData {
@@ -706,18 +709,43 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let per_cluster = cs / bm.region_size();
+        let ser = bm.serialized_len();
+        let len_of = |c: u64| ser.saturating_sub(c.saturating_mul(cs)).min(cs);
+        let file_len = self.image.storage().len()?;
         let mut fill = Vec::new();
+        // The last read: data clusters `first..first + n`, back to back in the file.
+        let mut run: (u64, u64, Vec<u8>) = (0, 0, Vec::new());
         for (c, t) in table.iter().enumerate() {
             let c = c as u64;
-            let len = bm
-                .serialized_len()
-                .saturating_sub(c.saturating_mul(cs))
-                .min(cs);
-            let read;
+            let len = len_of(c);
             let data = match (*t, not_data) {
                 (TableEntry::Data(off), _) => {
-                    read = read_metadata(self.image.storage(), "bitmap data", off, len)?;
-                    Some(&read[..])
+                    if !(run.0..run.0.saturating_add(run.1)).contains(&c) {
+                        // Data clusters that follow each other in the file (as a bitmap
+                        // written in one go lays them out) are read in one call, up to
+                        // MAX_READ_RUN bytes; a run that would pass the file's end is
+                        // read cluster by cluster, so the error names the cluster.
+                        let mut n = 1u64;
+                        while n.saturating_mul(cs) < MAX_READ_RUN
+                            && table.get((c + n) as usize)
+                                == Some(&TableEntry::Data(off.saturating_add(n.saturating_mul(cs))))
+                        {
+                            n += 1;
+                        }
+                        let mut bytes =
+                            (n - 1).saturating_mul(cs).saturating_add(len_of(c + n - 1));
+                        if off.saturating_add(bytes) > file_len {
+                            n = 1;
+                            bytes = len;
+                        }
+                        run = (
+                            c,
+                            n,
+                            read_metadata(self.image.storage(), "bitmap data", off, bytes)?,
+                        );
+                    }
+                    let at = ((c - run.0) * cs) as usize;
+                    Some(&run.2[at..at + len as usize])
                 }
                 (TableEntry::Zeroes, NotData::Skip) => continue,
                 (TableEntry::Ones, NotData::Skip) => None,
