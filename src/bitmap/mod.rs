@@ -820,7 +820,17 @@ impl DirtyBitmap {
         let len = self.region_len(region) as usize;
         let w0 = self.check_region(region, bytes.map_or(len, <[u8]>::len))?;
         let end = w0 + len.div_ceil(8);
-        let mut raw = bytes.map(region_words);
+        // Whole words as fixed 8-byte reads (a partial last word, only in the last region,
+        // padded with zero bytes).
+        let mut raw = bytes.map(|b| {
+            let chunks = b.chunks_exact(8);
+            let mut tail = [0u8; 8];
+            tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+            let has_tail = !chunks.remainder().is_empty();
+            chunks
+                .map(|c| c.try_into().map_or(0, u64::from_le_bytes))
+                .chain(has_tail.then(|| u64::from_le_bytes(tail)))
+        });
         let mut added = 0u64;
         // Regions start on a block (at least 64 words each), so blocks do not straddle.
         let mut w = w0;

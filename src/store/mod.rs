@@ -246,6 +246,21 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     }
 }
 
+/// The error [`read_metadata`] gives for `len` bytes at `offset` past a file of
+/// `file_len` bytes, or nothing.
+fn check_in_file(what: &'static str, offset: u64, len: u64, file_len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(Corruption::PastEnd {
+            what,
+            offset,
+            len,
+            file_len,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The most bytes of adjacent data clusters [`BitmapStore::walk_regions`] reads in one call.
 const MAX_READ_RUN: u64 = 4 << 20;
 
@@ -738,11 +753,13 @@ impl<S: Storage> BitmapStore<S> {
                             n = 1;
                             bytes = len;
                         }
-                        run = (
-                            c,
-                            n,
-                            read_metadata(self.image.storage(), "bitmap data", off, bytes)?,
-                        );
+                        // One buffer for every run: a fresh one of megabytes would be
+                        // faulted in and zeroed again each time.
+                        check_in_file("bitmap data", off, bytes, file_len)?;
+                        run.2.resize(bytes as usize, 0);
+                        self.image.storage().read_exact_at(&mut run.2, off)?;
+                        run.0 = c;
+                        run.1 = n;
                     }
                     let at = ((c - run.0) * cs) as usize;
                     Some(&run.2[at..at + len as usize])
