@@ -72,7 +72,7 @@ const MAX_WRITE: usize = 8 << 20;
 /// of the in-place writes (one write per region, none adjacent), and the whole rewrite,
 /// one sequential run per stretch of adjacent data clusters, costs the same at every
 /// fraction.
-pub const DEFAULT_REWRITE_THRESHOLD: f64 = 0.25;
+pub const DEFAULT_REWRITE_THRESHOLD: f64 = 0.375;
 
 /// What one flush (or an inactivation) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
