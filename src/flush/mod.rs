@@ -66,12 +66,14 @@ use crate::storage::Storage;
 const MAX_WRITE: usize = 8 << 20;
 
 /// The default changed fraction of a bitmap's regions from which a flush rewrites every
-/// region of its data clusters in place (see [`flush`]), measured with `dbm bench flush`
-/// (its changed-fraction sweep times both ways on the same bitmaps; `docs/BENCHMARKS.md`,
-/// "The crossover"): changed regions spread evenly over the bitmap are the worst case
-/// of the in-place writes (one write per region, none adjacent), and the whole rewrite,
-/// one sequential run per stretch of adjacent data clusters, costs the same at every
-/// fraction.
+/// region of its data clusters in place
+/// ([`BitmapStore::set_rewrite_threshold`](crate::BitmapStore::set_rewrite_threshold)),
+/// measured with `dbm bench flush`: its crossover sweep times both ways on the same
+/// bitmaps with changed regions spread evenly, the worst case of the in-place writes (one
+/// write per region, none adjacent), while the whole rewrite, one sequential run per
+/// stretch of adjacent data clusters, costs the same at every fraction. From 3/8 on the
+/// whole rewrite was no slower, for one bitmap and for four (`docs/BENCHMARKS.md`,
+/// "Issue 14").
 pub const DEFAULT_REWRITE_THRESHOLD: f64 = 0.375;
 
 /// What one flush (or an inactivation) did.
@@ -392,8 +394,9 @@ pub(crate) fn flush<S: Storage>(
 pub const MIN_REWRITE_REGIONS: u64 = 64;
 
 /// Whether a flush that took `changed` of a bitmap's `regions` regions rewrites it whole
-/// at `threshold` (see [`flush`]): at least [`MIN_REWRITE_REGIONS`] changed, and at least
-/// that fraction of them.
+/// at `threshold`
+/// ([`BitmapStore::set_rewrite_threshold`](crate::BitmapStore::set_rewrite_threshold)): at
+/// least [`MIN_REWRITE_REGIONS`] changed, and at least that fraction of them.
 pub fn rewrites_whole(changed: u64, regions: u64, threshold: f64) -> bool {
     changed >= MIN_REWRITE_REGIONS && changed as f64 >= threshold * regions as f64
 }
