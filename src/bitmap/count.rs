@@ -88,16 +88,7 @@ impl ThreadSlots {
     /// Adds `delta` (wrapping, so a removal is a two's-complement negative).
     #[inline]
     pub fn add(&self, delta: u64) {
-        match thread_slot::for_count() {
-            Some(i) => {
-                // This thread is the slot's only writer: a plain read-modify-write is exact.
-                let slot = &self.lines[i].count;
-                slot.store(slot.load(Relaxed).wrapping_add(delta), Relaxed);
-            }
-            None => {
-                self.lines[SLOTS].count.fetch_add(delta, Relaxed);
-            }
-        }
+        self.add_at(thread_slot::for_count(), delta);
     }
 
     /// [`add`](Self::add) from inside a mark: the slot `begin_mark` found for this thread
@@ -106,13 +97,20 @@ impl ThreadSlots {
     #[inline]
     pub fn add_in(&self, mark: &InFlight, delta: u64) {
         #[cfg(loom)]
-        {
+        let slot = {
             let _ = mark;
-            self.add(delta);
-        }
+            None
+        };
         #[cfg(not(loom))]
-        match mark.own {
-            Some((i, _)) => {
+        let slot = mark.own.map(|(i, _)| i);
+        self.add_at(slot, delta);
+    }
+
+    /// Adds `delta` to owned slot `slot`, or to the shared slot.
+    #[inline]
+    fn add_at(&self, slot: Option<usize>, delta: u64) {
+        match slot {
+            Some(i) => {
                 // This thread is the slot's only writer: a plain read-modify-write is exact.
                 let slot = &self.lines[i].count;
                 slot.store(slot.load(Relaxed).wrapping_add(delta), Relaxed);

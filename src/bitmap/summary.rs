@@ -122,24 +122,30 @@ impl Guard {
         Guard(AtomicU64::new(0))
     }
 
+    /// Opens a window; returns the guard as it was.
     #[inline]
-    fn open(&self) {
-        self.0.fetch_add(Self::OPEN, SeqCst);
+    fn open(&self) -> u64 {
+        self.0.fetch_add(Self::OPEN, SeqCst)
     }
 
+    /// Closes a window; returns the guard as it was, this window still open in it.
     #[inline]
-    fn close(&self) {
-        self.0.fetch_sub(1, SeqCst);
+    fn close(&self) -> u64 {
+        self.0.fetch_sub(1, SeqCst)
     }
 
-    /// `search()` if no window overlapped it; after [`SEARCH_TRIES`] overlapped attempts,
-    /// `conservative`.
+    /// `search(guard)` if no window overlapped it (`guard` is the value read before it);
+    /// after [`SEARCH_TRIES`] overlapped attempts, `conservative`.
     #[inline]
-    fn search(&self, search: impl Fn() -> Option<u64>, conservative: Option<u64>) -> Option<u64> {
+    fn search(
+        &self,
+        mut search: impl FnMut(u64) -> Option<u64>,
+        conservative: Option<u64>,
+    ) -> Option<u64> {
         for _ in 0..SEARCH_TRIES {
             let before = self.0.load(SeqCst);
             if before & Self::COUNT == 0 {
-                let found = search();
+                let found = search(before);
                 if self.0.load(SeqCst) == before {
                     return found;
                 }
@@ -167,6 +173,25 @@ impl Levels {
         }
         levels.shrink_to_fit();
         Levels(levels)
+    }
+
+    /// Sets `unit`'s bit at level 1 of a tower no other thread can see yet, with plain
+    /// loads and stores, and climbs while `goes_up(old word, new word, valid bits of it)`
+    /// says the word's own bit one level up must be set too.
+    fn set_unshared(&self, unit: u64, goes_up: impl Fn(u64, u64, u64) -> bool) {
+        let mut unit = unit;
+        for lv in &self.0 {
+            let (w, b) = split(unit);
+            let old = lv.words[w].load(Relaxed);
+            if old & b != 0 {
+                return;
+            }
+            lv.words[w].store(old | b, Relaxed);
+            if !goes_up(old, old | b, lv.valid(w)) {
+                return;
+            }
+            unit = w as u64;
+        }
     }
 
     fn memory_usage(&self) -> usize {
@@ -278,19 +303,8 @@ impl AnyTower {
     /// [`set`](Self::set) of block `block` for a tower no other thread can see yet (a
     /// bitmap being loaded or built): plain loads and stores, no read-modify-write.
     pub fn set_unshared(&self, block: u64) {
-        let mut unit = block;
-        for lv in &self.levels.0 {
-            let (w, b) = split(unit);
-            let old = lv.words[w].load(Relaxed);
-            if old & b != 0 {
-                return;
-            }
-            lv.words[w].store(old | b, Relaxed);
-            if old != 0 {
-                return;
-            }
-            unit = w as u64;
-        }
+        // A word that goes from zero to non-zero sets its bit one level up.
+        self.levels.set_unshared(block, |old, _, _| old == 0);
     }
 
     /// Records that block `block` may have become zero. `block_nonzero` reads the block; it
@@ -310,7 +324,7 @@ impl AnyTower {
     /// was. Close it
     /// with [`close_window`](Self::close_window).
     pub fn open_window(&self) -> u64 {
-        self.guard.0.fetch_add(Guard::OPEN, SeqCst)
+        self.guard.open()
     }
 
     /// Closes the window [`open_window`](Self::open_window) opened (its return value is
@@ -320,7 +334,7 @@ impl AnyTower {
     /// the only ones), and an unguarded search made inside it
     /// ([`next_block_in_window`](Self::next_block_in_window)) can be trusted.
     pub fn close_window(&self, before: u64) -> bool {
-        let after = self.guard.0.fetch_sub(1, SeqCst);
+        let after = self.guard.close();
         before & Guard::COUNT == 0 && after >> 32 == (before >> 32).wrapping_add(1) & Guard::COUNT
     }
 
@@ -405,7 +419,7 @@ impl AnyTower {
     pub fn next_block(&self, block: u64) -> Option<u64> {
         let units = self.levels.units();
         self.guard.search(
-            || self.levels.find(block, |_, _, v| v),
+            |_| self.levels.find(block, |_, _, v| v),
             (block < units).then_some(block),
         )
     }
@@ -422,26 +436,23 @@ impl AnyTower {
     #[inline]
     pub fn next_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
         let units = self.levels.units();
-        for _ in 0..SEARCH_TRIES {
-            let before = self.guard.0.load(SeqCst);
-            if before & Guard::COUNT == 0 {
+        let levels = &self.levels.0;
+        self.guard.search(
+            |before| {
+                // Words kept under another guard value are not trusted. A failed attempt
+                // leaves words kept under `before`, but the guard never reads `before`
+                // again (its generation only grows), so the next attempt drops them.
                 if cursor.guard != before {
                     cursor.reset(before);
                 }
-                let levels = &self.levels.0;
-                let found = self.levels.find_with(
+                self.levels.find_with(
                     block,
                     |level, w| cursor.load(level, w, || levels[level].words.get(w)),
                     |_, _, v| v,
-                );
-                if self.guard.0.load(SeqCst) == before {
-                    return found;
-                }
-            }
-            cursor.reset(u64::MAX);
-            std::hint::spin_loop();
-        }
-        (block < units).then_some(block)
+                )
+            },
+            (block < units).then_some(block),
+        )
     }
 
     pub fn memory_usage(&self) -> usize {
@@ -527,19 +538,9 @@ impl FullTower {
     /// or the one `take_dirty` is building): no search can overlap it, so no guard, and
     /// plain loads and stores. The caller read block `block` full.
     pub fn set_unshared(&self, block: u64) {
-        let mut unit = block;
-        for lv in &self.levels.0 {
-            let (w, b) = split(unit);
-            let old = lv.words[w].load(Relaxed);
-            if old & b != 0 {
-                return;
-            }
-            lv.words[w].store(old | b, Relaxed);
-            if old | b != lv.valid(w) {
-                return;
-            }
-            unit = w as u64;
-        }
+        // A word that becomes full sets its bit one level up.
+        self.levels
+            .set_unshared(block, |_, new, valid| new == valid);
     }
 
     /// One level of [`set`](Self::set), inside the guard.
@@ -589,7 +590,7 @@ impl FullTower {
         let levels = &self.levels.0;
         let units = self.levels.units();
         self.guard.search(
-            || self.levels.find(block, |l, w, v| !v & levels[l].valid(w)),
+            |_| self.levels.find(block, |l, w, v| !v & levels[l].valid(w)),
             (block < units).then_some(block),
         )
     }

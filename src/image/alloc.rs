@@ -493,7 +493,19 @@ pub(crate) fn read_metadata<S: Storage + ?Sized>(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>> {
-    let file_len = storage.len()?;
+    check_in_file(what, offset, len, storage.len()?)?;
+    storage.read_vec_at(offset, len)
+}
+
+/// [`Corruption::PastEnd`] when `len` bytes of `what` at `offset` pass the end of a file of
+/// `file_len` bytes: the check [`read_metadata`] makes, for a caller reading into a buffer
+/// of its own.
+pub(crate) fn check_in_file(
+    what: &'static str,
+    offset: u64,
+    len: u64,
+    file_len: u64,
+) -> Result<()> {
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(Corruption::PastEnd {
             what,
@@ -503,5 +515,5 @@ pub(crate) fn read_metadata<S: Storage + ?Sized>(
         }
         .into());
     }
-    storage.read_vec_at(offset, len)
+    Ok(())
 }

@@ -29,8 +29,8 @@ use crate::format::header::{
 use crate::format::refcount::{encode_reftable, set_refcount};
 use crate::format::{decode_extensions, Extension, Header, HeaderArea, RawGuestMap};
 use crate::storage::{OpenMode, Storage, StorageExt};
-pub(crate) use alloc::read_metadata;
 use alloc::Refcounts;
+pub(crate) use alloc::{check_in_file, read_metadata};
 pub use check::{CheckReport, FragInfo};
 
 /// Largest cluster 0 (2 MiB clusters): the most read before the header is known.

@@ -38,7 +38,7 @@ use crate::format::{
     TableEntry,
 };
 use crate::image::check::References;
-use crate::image::{read_metadata, Image};
+use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
 
@@ -244,21 +244,6 @@ impl<S: Storage> std::ops::DerefMut for StoreGuard<'_, S> {
     fn deref_mut(&mut self) -> &mut BitmapStore<S> {
         &mut self.guard
     }
-}
-
-/// The error [`read_metadata`] gives for `len` bytes at `offset` past a file of
-/// `file_len` bytes, or nothing.
-fn check_in_file(what: &'static str, offset: u64, len: u64, file_len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Err(Corruption::PastEnd {
-            what,
-            offset,
-            len,
-            file_len,
-        }
-        .into());
-    }
-    Ok(())
 }
 
 /// The most bytes of adjacent data clusters [`BitmapStore::walk_regions`] reads in one call.

@@ -330,10 +330,9 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
 fn measure_stop(rig: &Rig, granules: &[u64], writes: u64) -> Res<Stop> {
     let mut s = rig.store.lock();
     let regions = s.bitmaps().iter().map(|b| b.changed_region_count()).sum();
-    // The first barrier after a spell without one costs more on this kind of VM (0.3 to
-    // 0.5 ms against 0.1 to 0.2 ms right after another, measured): the flags-word floor
-    // and the stop take turns going first, so that over the repetitions neither always
-    // pays it.
+    // On a VM the first barrier after a spell without one can cost more than one right
+    // after another: the flags-word floor and the stop take turns going first, so that
+    // over the repetitions neither always pays it.
     let flags_first = FLAGS_FIRST.fetch_xor(true, Ordering::Relaxed);
     let mut flags = Cost::default();
     let flags_floor = || -> Res<Cost> {
