@@ -336,6 +336,27 @@ fn no_word_changes_after_disabling_returns_during_a_range_mark() {
 }
 
 #[test]
+fn no_word_changes_after_disabling_returns_during_a_one_word_mark() {
+    // The one-word path: its short path reads the state before its announcement and again
+    // after it, then writes.
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        let a = Arc::clone(&bm);
+        let t = thread::spawn(move || a.mark_dirty(3 * WORD + G, G));
+        switch_point(&bm);
+        bm.set_enabled(false);
+        let after = serialize_all(&bm);
+        t.join().unwrap();
+        assert_eq!(
+            serialize_all(&bm),
+            after,
+            "a word changed after set_enabled(false)"
+        );
+        assert_consistent(&bm);
+    });
+}
+
+#[test]
 fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
     // B comes first in the tracker: a fan-out can read B's flag before B is enabled and
     // A's after A is disabled, unless disabling waits for fan-outs in flight.

@@ -3,9 +3,9 @@
 //! protocols.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use std::sync::atomic::{AtomicU64, AtomicU8};
 
 #[cfg(not(loom))]
 pub(crate) use words::{zeroed_words, WordArray};

@@ -40,6 +40,16 @@ mod imp {
         fence(SeqCst);
     }
 
+    #[inline(always)]
+    pub fn free_light_is_valid() -> bool {
+        true
+    }
+
+    #[inline(always)]
+    pub fn light_free() {
+        fence(SeqCst);
+    }
+
     pub fn heavy() {
         fence(SeqCst);
     }
@@ -100,6 +110,15 @@ mod imp {
         }
     }
 
+    pub fn free_light_is_valid() -> bool {
+        EXPEDITED.load(Relaxed)
+    }
+
+    #[inline(always)]
+    pub fn light_free() {
+        compiler_fence(SeqCst);
+    }
+
     pub fn heavy() {
         init();
         if EXPEDITED.load(Relaxed) {
@@ -128,6 +147,21 @@ pub(crate) fn init() {
 #[inline(always)]
 pub(crate) fn light() {
     imp::light();
+}
+
+/// Whether [`light_free`] is a light barrier in this process: true once it is registered
+/// for expedited membarriers, and wherever both sides are fences anyway. Read after
+/// [`init`]; once true it stays true, so every later [`heavy`] pairs with [`light_free`].
+pub(crate) fn free_light_is_valid() -> bool {
+    imp::free_light_is_valid()
+}
+
+/// The mark side without [`light`]'s check of the registration, for a caller that read
+/// [`free_light_is_valid`] true after [`init`]: a compiler fence on Linux, `fence(SeqCst)`
+/// where both sides are fences.
+#[inline(always)]
+pub(crate) fn light_free() {
+    imp::light_free();
 }
 
 /// The waiting side: orders this thread's earlier accesses against every other thread's

@@ -41,6 +41,12 @@ impl ChangeMap {
         }
     }
 
+    /// Whether region `r` is marked changed now.
+    #[inline(always)]
+    pub fn is_set(&self, r: u64) -> bool {
+        self.words[(r / 64) as usize].load(SeqCst) & (1u64 << (r % 64)) != 0
+    }
+
     /// Marks region `r` changed.
     #[inline]
     pub fn set(&self, r: u64) {

@@ -90,6 +90,12 @@ impl ConsumerMaps {
         }
     }
 
+    /// Whether any consumer is registered now: [`record`](Self::record) has work to do.
+    #[inline(always)]
+    pub fn any_active(&self) -> bool {
+        self.active.load(SeqCst) != 0
+    }
+
     #[inline(never)]
     fn record_in(&self, mut active: u64, r: u64) {
         while active != 0 {

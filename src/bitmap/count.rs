@@ -69,6 +69,14 @@ pub(crate) struct InFlight {
     own: Option<(usize, u64)>,
 }
 
+/// A mark in flight on the thread's own slot, from [`ThreadSlots::begin_own_mark`] to
+/// [`ThreadSlots::end_own_mark`]: the slot and the sequence value stored (odd).
+#[derive(Debug)]
+pub(crate) struct OwnMark {
+    slot: usize,
+    seq: u64,
+}
+
 impl ThreadSlots {
     pub fn new() -> Self {
         ThreadSlots {
@@ -89,21 +97,6 @@ impl ThreadSlots {
     #[inline]
     pub fn add(&self, delta: u64) {
         self.add_at(thread_slot::for_count(), delta);
-    }
-
-    /// [`add`](Self::add) from inside a mark: the slot `begin_mark` found for this thread
-    /// is the counter's slot too, so the thread-local lookup is not repeated. (Under loom
-    /// the counter always uses the shared slot; see the loom `thread_slot` below.)
-    #[inline]
-    pub fn add_in(&self, mark: &InFlight, delta: u64) {
-        #[cfg(loom)]
-        let slot = {
-            let _ = mark;
-            None
-        };
-        #[cfg(not(loom))]
-        let slot = mark.own.map(|(i, _)| i);
-        self.add_at(slot, delta);
     }
 
     /// Adds `delta` to owned slot `slot`, or to the shared slot.
@@ -144,6 +137,41 @@ impl ThreadSlots {
                 InFlight { own: None }
             }
         }
+    }
+
+    /// [`begin_mark`](Self::begin_mark) for a thread that owns a slot, the case of
+    /// `DirtyBitmap::mark_word`'s short path; `None` (and nothing announced) for a thread
+    /// on the shared slot.
+    #[inline(always)]
+    pub fn begin_own_mark(&self) -> Option<OwnMark> {
+        let i = thread_slot::current()?;
+        let m = &self.lines[i].marks;
+        let seq = m.load(Relaxed) | 1;
+        m.store(seq, Release);
+        Some(OwnMark { slot: i, seq })
+    }
+
+    /// [`add`](Self::add) from inside a mark: the slot `begin_own_mark` found for this
+    /// thread is the counter's slot too, so the thread-local lookup is not repeated. (Under
+    /// loom the counter always uses the shared slot; see the loom `thread_slot` below.)
+    #[inline(always)]
+    pub fn add_own(&self, mark: &OwnMark, delta: u64) {
+        #[cfg(loom)]
+        let slot = {
+            let _ = mark;
+            None
+        };
+        #[cfg(not(loom))]
+        let slot = Some(mark.slot);
+        self.add_at(slot, delta);
+    }
+
+    /// [`end_mark`](Self::end_mark) for an [`OwnMark`].
+    #[inline(always)]
+    pub fn end_own_mark(&self, mark: OwnMark) {
+        self.lines[mark.slot]
+            .marks
+            .store(mark.seq.wrapping_add(1), Release);
     }
 
     /// Ends the mark `begin_mark` announced; everything the mark did is visible to whoever

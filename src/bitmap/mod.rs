@@ -39,10 +39,10 @@ pub use geometry::{
 pub use iter::DirtyExtents;
 
 use crate::error::{invalid_input, Result};
-use atomic::{sc_point, AtomicBool};
+use atomic::{sc_point, AtomicU8};
 use change_map::ChangeMap;
 use consumer_maps::ConsumerMaps;
-use count::{InFlight, ThreadSlots};
+use count::{InFlight, OwnMark, ThreadSlots};
 use geometry::Geometry;
 use summary::{AnyTower, Cursor, FullTower, BLOCK_WORDS};
 use words::Words;
@@ -74,11 +74,19 @@ pub struct DirtyBitmap {
     /// The extra consumers' change maps ([`add_consumer`](Self::add_consumer)).
     consumers: ConsumerMaps,
     slots: ThreadSlots,
-    enabled: AtomicBool,
-    /// Set by [`seal`](Self::seal): a mark that would write waits until
-    /// [`unseal`](Self::unseal) instead of writing.
-    sealed: AtomicBool,
+    /// [`ENABLED`], [`SEALED`] and [`FENCED`]: one load tells a mark whether it may take
+    /// the short path ([`mark_word`](Self::mark_word)).
+    state: AtomicU8,
 }
+
+/// `state` bit: marks are recorded ([`set_enabled`](DirtyBitmap::set_enabled)).
+const ENABLED: u8 = 1;
+/// `state` bit, set by [`seal`](DirtyBitmap::seal): a mark that would write waits until
+/// [`unseal`](DirtyBitmap::unseal) instead of writing.
+const SEALED: u8 = 2;
+/// `state` bit, fixed when the bitmap is built: this process's light barrier is a real
+/// fence (`barrier.rs`), so marks take the general path, which issues it.
+const FENCED: u8 = 4;
 
 impl fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -123,6 +131,11 @@ impl DirtyBitmap {
 
     fn from_geometry(geo: Geometry) -> Self {
         barrier::init();
+        let fenced = if barrier::free_light_is_valid() {
+            0
+        } else {
+            FENCED
+        };
         let nblocks = (geo.nwords() as u64).div_ceil(BLOCK_WORDS as u64);
         DirtyBitmap {
             words: Words::new(geo.nbits),
@@ -131,8 +144,7 @@ impl DirtyBitmap {
             changes: ChangeMap::new(geo.nregions()),
             consumers: ConsumerMaps::new(),
             slots: ThreadSlots::new(),
-            enabled: AtomicBool::new(true),
-            sealed: AtomicBool::new(false),
+            state: AtomicU8::new(ENABLED | fenced),
             geo,
         }
     }
@@ -160,7 +172,7 @@ impl DirtyBitmap {
     /// Whether marks are recorded. A disabled bitmap ignores [`mark_dirty`](Self::mark_dirty),
     /// as QEMU's disabled bitmaps do; every other operation still works.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(SeqCst)
+        self.state.load(SeqCst) & ENABLED != 0
     }
 
     /// Enables or disables recording of marks.
@@ -183,7 +195,7 @@ impl DirtyBitmap {
     /// them with your own synchronisation.
     pub fn set_enabled(&self, enabled: bool) {
         if enabled {
-            self.enabled.store(true, SeqCst);
+            self.state.fetch_or(ENABLED, SeqCst);
             return;
         }
         // A fan-out that read another bitmap as disabled before it was enabled must find
@@ -193,7 +205,7 @@ impl DirtyBitmap {
         // other bitmap's enable), or its slot store is visible to the wait below.
         barrier::heavy();
         count::fan_out().wait_for_marks();
-        self.enabled.store(false, SeqCst);
+        self.state.fetch_and(!ENABLED, SeqCst);
         // A mark writes a word only after reading the flag true between its begin_mark
         // and its first write, behind a light barrier. The pair of barriers makes the
         // wait see that mark's slot odd, or the mark read the flag false.
@@ -204,7 +216,11 @@ impl DirtyBitmap {
     /// Sets the enabled flag of a bitmap no other thread can reach yet (just built or
     /// loaded), without the waits of [`set_enabled`](Self::set_enabled).
     pub(crate) fn set_enabled_unshared(&self, enabled: bool) {
-        self.enabled.store(enabled, SeqCst);
+        if enabled {
+            self.state.fetch_or(ENABLED, SeqCst);
+        } else {
+            self.state.fetch_and(!ENABLED, SeqCst);
+        }
     }
 
     /// Whether a mark of this bitmap that may write is running now: one that found a bit of
@@ -289,55 +305,106 @@ impl DirtyBitmap {
 
     /// Sets `mask` in word `w` if the bitmap is enabled. Kept out of line so that the
     /// already-dirty check in [`mark_dirty`](Self::mark_dirty) inlines into its callers.
+    ///
+    /// The short path is the general protocol ([`mark_word_slow`](Self::mark_word_slow))
+    /// for its common case: `state` is exactly [`ENABLED`] (enabled, not sealed, a free
+    /// light barrier) when read before the announcement and again after it. The read
+    /// after the announcement and the light barrier is the one the protocol rests on
+    /// (see [`set_enabled`](Self::set_enabled) and [`seal`](Self::seal)); any other state
+    /// withdraws the announcement and takes the general path from the start.
+    ///
+    /// After the write it does the bookkeeping of [`after_change`](Self::after_change) in
+    /// the same order, reading first whether each step has anything to do: while the
+    /// block's summary bit is set, the word is not full, the region's change bit is set
+    /// and no consumer is registered, it writes only the counter. Otherwise
+    /// [`finish_mark`](Self::finish_mark) does every step from the first. The summary bit
+    /// is read whatever `old` was: a branch on `old == 0` would wait for the `fetch_or`,
+    /// and mispredicts when marks land on fresh words now and then (docs/BENCHMARKS.md,
+    /// "Issue 14"). The rare steps are tail calls, so the short path saves no registers.
     #[inline(never)]
     fn mark_word(&self, w: usize, mask: u64) {
-        // A disabled bitmap costs this one load and no announcement.
-        if !self.enabled.load(SeqCst) {
+        if self.state.load(SeqCst) == ENABLED {
+            if let Some(mark) = self.slots.begin_own_mark() {
+                // `state` had no FENCED bit, so this process's light barrier is free.
+                barrier::light_free();
+                if self.state.load(SeqCst) == ENABLED {
+                    // The caller's load just saw a bit of `mask` clear: go straight to the
+                    // write.
+                    let old = self.words.get(w).fetch_or(mask, SeqCst);
+                    let new = old | mask;
+                    if new != old {
+                        // The word changed; what follows reads the summaries and the
+                        // change map.
+                        sc_point();
+                        self.slots.add_own(&mark, count::ones(mask & !old));
+                        let b = (w / BLOCK_WORDS) as u64;
+                        if !self.any.block_is_set(b) || new == self.words.valid(w) {
+                            return self.finish_mark(w, new, mark);
+                        }
+                        let r = (w >> self.geo.region_word_shift()) as u64;
+                        if !self.changes.is_set(r) || self.consumers.any_active() {
+                            return self.finish_mark_change(r, mark);
+                        }
+                    }
+                    self.slots.end_own_mark(mark);
+                    return;
+                }
+                self.slots.end_own_mark(mark);
+            }
+        }
+        self.mark_word_slow(w, mask);
+    }
+
+    /// The rest of [`mark_word`](Self::mark_word)'s bookkeeping after its counter, from the
+    /// summaries on: word `w` is now `new` (or later), and non-zero.
+    #[cold]
+    #[inline(never)]
+    fn finish_mark(&self, w: usize, new: u64, mark: OwnMark) {
+        let b = (w / BLOCK_WORDS) as u64;
+        self.any.set_block(b);
+        if new == self.words.valid(w) && self.block_is_full(b) {
+            self.full.set(b, &|| self.block_is_full(b));
+        }
+        self.finish_mark_change((w >> self.geo.region_word_shift()) as u64, mark);
+    }
+
+    /// The change maps' part of [`mark_word`](Self::mark_word)'s bookkeeping, and its end.
+    #[cold]
+    #[inline(never)]
+    fn finish_mark_change(&self, r: u64, mark: OwnMark) {
+        self.record_change(r);
+        self.slots.end_own_mark(mark);
+    }
+
+    /// [`mark_word`](Self::mark_word) in every state: disabled (one load, no
+    /// announcement), sealed (wait), or with a light barrier that is a real fence.
+    #[cold]
+    #[inline(never)]
+    fn mark_word_slow(&self, w: usize, mask: u64) {
+        if !self.is_enabled() {
             return;
         }
         let mark = self.begin_unsealed_mark();
-        if self.enabled.load(SeqCst) {
-            // The caller's load just saw a bit of `mask` clear: go straight to the write.
+        if self.is_enabled() {
             let old = self.words.get(w).fetch_or(mask, SeqCst);
             if old | mask != old {
-                self.after_mark(w, old, mask, &mark);
+                self.after_change(w, old, old | mask);
             }
         }
         self.slots.end_mark(mark);
     }
 
-    /// [`after_change`](Self::after_change) for a mark, which only sets bits (word `w` went
-    /// from `old` to `old | mask`, and some bit changed), inline in its caller: the same
-    /// bookkeeping in the same order, without the cases only a clear can reach (a word
-    /// gone to zero, a full word no longer full) and with the counter in the slot the
-    /// mark's announcement already found.
-    #[inline(always)]
-    fn after_mark(&self, w: usize, old: u64, mask: u64, mark: &InFlight) {
-        let new = old | mask;
-        // The word changed; what follows reads the summaries and the change map.
-        sc_point();
-        self.slots.add_in(mark, count::ones(new & !old));
-        let b = (w / BLOCK_WORDS) as u64;
-        if old == 0 {
-            self.any.set(0, b);
-        }
-        if new == self.words.valid(w) && self.block_is_full(b) {
-            self.full.set(b, &|| self.block_is_full(b));
-        }
-        self.record_change((w >> self.geo.region_word_shift()) as u64);
-    }
-
     /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words.
     #[inline(never)]
     fn mark_dirty_range(&self, offset: u64, len: u64) {
-        if !self.enabled.load(SeqCst) {
+        if !self.is_enabled() {
             return;
         }
         let Some((first, end)) = self.geo.touched_bits(offset, len) else {
             return;
         };
         let mark = self.begin_unsealed_mark();
-        if self.enabled.load(SeqCst) {
+        if self.is_enabled() {
             for_each_word(first, end, |w, mask| self.set_bits(w, mask));
         }
         self.slots.end_mark(mark);
@@ -363,11 +430,11 @@ impl DirtyBitmap {
     fn begin_unsealed_mark(&self) -> InFlight {
         loop {
             let mut spins = 0;
-            while self.sealed.load(SeqCst) {
+            while self.is_sealed() {
                 atomic::backoff(&mut spins);
             }
             let mark = self.begin_mark();
-            if !self.sealed.load(SeqCst) {
+            if !self.is_sealed() {
                 return mark;
             }
             self.slots.end_mark(mark);
@@ -393,7 +460,7 @@ impl DirtyBitmap {
     /// them, so that a stop sealing several bitmaps pays the barrier once.
     pub fn seal_all(bitmaps: &[&DirtyBitmap]) {
         for b in bitmaps {
-            b.sealed.store(true, SeqCst);
+            b.state.fetch_or(SEALED, SeqCst);
         }
         // The same pairing as disabling: a mark reads the seal after its announcement and
         // a light barrier; the heavy barrier makes the waits below see the announcement,
@@ -406,12 +473,12 @@ impl DirtyBitmap {
 
     /// Lifts [`seal`](Self::seal): the marks waiting go on.
     pub fn unseal(&self) {
-        self.sealed.store(false, SeqCst);
+        self.state.fetch_and(!SEALED, SeqCst);
     }
 
     /// Whether the bitmap is sealed.
     pub fn is_sealed(&self) -> bool {
-        self.sealed.load(SeqCst)
+        self.state.load(SeqCst) & SEALED != 0
     }
 
     /// Marks clean every granule that lies entirely inside disk bytes `[offset, offset + len)`.
@@ -510,7 +577,7 @@ impl DirtyBitmap {
         self.for_each_nonzero_word(|w, v| copy.set_bits(w, v));
         copy.changes = ChangeMap::from_regions(&self.changes.peek());
         // Nobody else sees the copy yet: no mark to wait for.
-        copy.enabled.store(self.is_enabled(), SeqCst);
+        copy.set_enabled_unshared(self.is_enabled());
         copy
     }
 
@@ -646,7 +713,7 @@ impl DirtyBitmap {
         // `&mut self`: no mark is running, nobody else sees `resized` yet, and no
         // `ChangeConsumer` exists (each holds an `Arc` of its bitmap).
         debug_assert_eq!(self.consumers.count(), 0);
-        resized.enabled.store(self.is_enabled(), SeqCst);
+        resized.set_enabled_unshared(self.is_enabled());
         *self = resized;
         Ok(())
     }
@@ -1109,6 +1176,7 @@ fn word_mask(first: u64, end: u64) -> u64 {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::DirtyBitmap;
+    use std::sync::atomic::Ordering::SeqCst;
 
     /// The unshared bulk load gives what the per-word load gives: words, count, both
     /// towers (searched through extents and clean offsets), on every region kind (random,
@@ -1204,6 +1272,81 @@ mod tests {
         bm.slots.add(98u64.wrapping_neg());
         assert_eq!(bm.count(), 1);
         assert_eq!(bm.dirty_bytes(), 4096);
+    }
+
+    #[test]
+    fn marks_take_the_general_path_when_the_light_barrier_is_a_fence() {
+        // What a process without expedited membarriers gets: every mark of a clean bit goes
+        // through `mark_word_slow`, whose light barrier is a real fence.
+        const G: u64 = 64 << 10;
+        let bm = DirtyBitmap::new(1 << 30, G).unwrap();
+        bm.state.fetch_or(super::FENCED, SeqCst);
+        bm.mark_dirty(3 * G, 4096);
+        bm.mark_dirty(3 * G + 8192, 4096);
+        assert!(bm.is_dirty(3 * G));
+        assert_eq!(bm.count(), 1);
+        assert_eq!(bm.next_dirty(0), Some(3 * G));
+        assert_eq!(bm.changed_region_count(), 1);
+        // A word filled by single marks sets its block's full summary bit.
+        for i in 0..8 * 64 {
+            bm.mark_dirty(i * G, 1);
+        }
+        assert_eq!(bm.next_clean(0), Some(8 * 64 * G));
+        bm.set_enabled(false);
+        bm.mark_dirty(1000 * G, 4096);
+        assert!(!bm.is_dirty(1000 * G));
+        bm.set_enabled(true);
+        assert_ne!(bm.state.load(SeqCst) & super::FENCED, 0);
+        // Sealed: a mark of a clean bit waits for the unseal.
+        bm.seal();
+        std::thread::scope(|s| {
+            let marker = s.spawn(|| bm.mark_dirty(2000 * G, 4096));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!bm.is_dirty(2000 * G), "a mark wrote while sealed");
+            bm.unseal();
+            marker.join().unwrap();
+        });
+        assert!(bm.is_dirty(2000 * G));
+        assert_eq!(bm.count(), 8 * 64 + 1);
+    }
+
+    #[test]
+    fn the_short_mark_path_keeps_counter_towers_and_change_map() {
+        // Each branch out of `mark_word`'s short path: a block's first bit (summary bit
+        // clear), a word filled (full summary), a region's first change, a consumer.
+        const G: u64 = 64 << 10;
+        let bm = std::sync::Arc::new(DirtyBitmap::new(1 << 40, G).unwrap());
+        let words_per_region = bm.region_size() / 8;
+        // Two bits in one word, one block: the second mark reads everything set.
+        bm.mark_dirty(5 * G, 1);
+        bm.mark_dirty(6 * G, 1);
+        assert_eq!(bm.count(), 2);
+        assert_eq!(bm.changed_region_count(), 1);
+        // A word of the same block, region and summary bit, filled bit by bit.
+        for i in 64..128 {
+            bm.mark_dirty(i * G, 1);
+        }
+        assert_eq!(bm.count(), 66);
+        assert_eq!(bm.next_dirty(7 * G), Some(64 * G));
+        // The full summary is per block (8 words): fill the block, and the clean search
+        // skips it.
+        for i in (0..512).filter(|i| !(64..128).contains(i)) {
+            bm.mark_dirty(i * G, 1);
+        }
+        assert_eq!(bm.next_clean(0), Some(512 * G));
+        // A new region, taken first so that its change bit is the only one.
+        let _ = bm.take_changed();
+        let far = 3 * words_per_region * 64;
+        bm.mark_dirty(far * G, 1);
+        let changed: Vec<u64> = bm.take_changed().iter().collect();
+        assert_eq!(changed, vec![3]);
+        // With a consumer, a mark in a region already changed still reaches its map.
+        bm.mark_dirty((far + 1) * G, 1);
+        let consumer = bm.add_consumer(super::ConsumerStart::Empty).unwrap();
+        bm.mark_dirty((far + 2) * G, 1);
+        let seen: Vec<u64> = consumer.take_changed().iter().collect();
+        assert_eq!(seen, vec![3]);
+        assert_eq!(bm.count(), 512 + 3);
     }
 
     #[test]

@@ -285,8 +285,25 @@ impl AnyTower {
         }
     }
 
+    /// Whether block `block`'s level-0 bit is set now.
+    #[inline(always)]
+    pub fn block_is_set(&self, block: u64) -> bool {
+        let (w, b) = split(block);
+        self.levels.0[0].words[w].load(SeqCst) & b != 0
+    }
+
+    /// [`set`](Self::set) of block `block` (level 0), with the common case inline: one
+    /// load when the bit is already set.
+    #[inline(always)]
+    pub fn set_block(&self, block: u64) {
+        let (w, b) = split(block);
+        if self.levels.0[0].words[w].load(SeqCst) & b == 0 {
+            self.set(0, block);
+        }
+    }
+
     /// Records that block (level-0 unit) or level word `unit` below `level` may be non-zero.
-    #[inline]
+    #[inline(never)]
     pub fn set(&self, level: usize, unit: u64) {
         let lv = &self.levels.0[level];
         let (w, b) = split(unit);
