@@ -6,7 +6,9 @@
 
 use std::hint::black_box;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{
+    compiler_fence, AtomicU64, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,29 @@ impl Flat {
             b = hi;
         }
     }
+    /// The floor of a clean-bit mark for a bitmap that, like ours, answers an already-dirty
+    /// bit with one load: the load, then the `fetch_or`.
+    fn mark_checked(&self, bit: u64) {
+        let w = &self.0[(bit / 64) as usize];
+        let m = 1u64 << (bit % 64);
+        if w.load(SeqCst) & m == 0 {
+            w.fetch_or(m, SeqCst);
+        }
+    }
+    /// [`mark_checked`](Self::mark_checked) plus what lets a store wait for marks in flight:
+    /// a plain store to the thread's own line before the `fetch_or` and one after
+    /// (src/bitmap/count.rs), and nothing else of ours (no counter, summaries or change map).
+    fn mark_announced(&self, bit: u64, slot: &Slot) {
+        let w = &self.0[(bit / 64) as usize];
+        let m = 1u64 << (bit % 64);
+        if w.load(SeqCst) & m == 0 {
+            let seq = slot.0.load(Relaxed) | 1;
+            slot.0.store(seq, Release);
+            compiler_fence(SeqCst);
+            w.fetch_or(m, SeqCst);
+            slot.0.store(seq + 1, Release);
+        }
+    }
     fn extents(&self, gran: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (i, w) in self.0.iter().enumerate() {
@@ -65,6 +90,10 @@ impl Flat {
     }
 }
 
+/// A thread's in-flight word, on its own cache line pair as in src/bitmap/count.rs.
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
 fn vmm(disk: u64, gran: u64) -> AtomicBitmap {
     AtomicBitmap::new(disk as usize, NonZeroUsize::new(gran as usize).unwrap())
 }
@@ -90,6 +119,39 @@ fn clean_pass(iters: u64, span: u64, mut reset: impl FnMut(), mut op: impl FnMut
 /// A permutation of 0..NBITS that lands each step in a different word.
 fn scatter(k: u64) -> u64 {
     (k.wrapping_mul(0x9E37_79B1) ^ (k >> 13)) % NBITS
+}
+
+/// The two floors of a clean-bit mark ([`Flat::mark_checked`], [`Flat::mark_announced`])
+/// over the positions `pos(k)`, so that each clean-bit group shows how much of the gap to
+/// the peers any design with a one-load dirty-bit path, or with marks a store can wait
+/// for, must pay on this machine.
+fn floors(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    flat: &Flat,
+    span: u64,
+    pos: fn(u64) -> u64,
+) {
+    g.bench_function("floor: load, fetch_or", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || flat.reset(),
+                |k| flat.mark_checked(black_box(pos(k))),
+            )
+        })
+    });
+    let slot = Slot(AtomicU64::new(0));
+    g.bench_function("floor: load, announce, fetch_or", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || flat.reset(),
+                |k| flat.mark_announced(black_box(pos(k)), &slot),
+            )
+        })
+    });
 }
 
 fn mark(c: &mut Criterion) {
@@ -128,6 +190,7 @@ fn mark(c: &mut Criterion) {
             )
         })
     });
+    floors(&mut g, &flat, NBITS, |k| k);
     g.finish();
 
     let mut g = c.benchmark_group("mark_4k_clean_bit_scattered");
@@ -165,6 +228,7 @@ fn mark(c: &mut Criterion) {
             )
         })
     });
+    floors(&mut g, &flat, span, scatter);
     g.finish();
 
     let mut g = c.benchmark_group("mark_4k_dirty_bit");

@@ -47,6 +47,15 @@ const DISK: u64 = 32 * MIB;
 /// The disk after the grow and after the shrink (odd multiples of 512).
 const GROWN: u64 = 48 * MIB + 3 * 512;
 const SHRUNK: u64 = 20 * MIB + 512;
+/// Random marks of the first sections stay below this offset, so that the granules marked
+/// at [`FRESH_FLUSH`] and [`FRESH_INACTIVATE`] lie in data clusters nothing else touched.
+const MARKED: u64 = DISK - 4 * MIB;
+/// Granules past [`MARKED`]. At 512-byte clusters each of bitmap a's data clusters covers
+/// 2 MiB of disk, and these two lie in its last two, unallocated until the mark is written:
+/// the flush and the inactivate that write them allocate, so their leak windows hold crash
+/// points whatever the marker thread's timing did to the other flushes and inactivates.
+const FRESH_FLUSH: (u64, u64) = (DISK - 3 * MIB, 512);
+const FRESH_INACTIVATE: (u64, u64) = (DISK - MIB, 512);
 
 type Marks = Vec<(u64, u64)>;
 
@@ -214,7 +223,7 @@ fn run_workload(cs: u64, seed: u64) -> Run {
             std::thread::spawn(move || {
                 let mut log = Vec::new();
                 while !stop.load(Ordering::Relaxed) && log.len() < 400 {
-                    mark_some(&t, &mut r, DISK, 1, &mut log);
+                    mark_some(&t, &mut r, MARKED, 1, &mut log);
                     std::thread::yield_now();
                 }
                 log
@@ -228,7 +237,7 @@ fn run_workload(cs: u64, seed: u64) -> Run {
         marks.extend(marker.join().unwrap());
         s = store.into_inner();
     }
-    mark_some(&t, &mut rng, DISK, 20, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 20, &mut marks);
     let sup = |m: &Marks| Req::Superset(m.clone());
     let required = |m: &Marks, names: &[&'static str]| {
         let mut r = BTreeMap::from([("d", Req::Superset(vec![]))]);
@@ -246,11 +255,15 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     });
 
     // Marks while inactive: kept in memory, written by the next inactivate.
-    mark_some(&t, &mut rng, DISK, 10, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 10, &mut marks);
     op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
-    mark_some(&t, &mut rng, DISK, 20, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 20, &mut marks);
+    t.mark(FRESH_FLUSH.0, FRESH_FLUSH.1);
+    marks.push(FRESH_FLUSH);
     op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
-    mark_some(&t, &mut rng, DISK, 20, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 20, &mut marks);
+    t.mark(FRESH_INACTIVATE.0, FRESH_INACTIVATE.1);
+    marks.push(FRESH_INACTIVATE);
     let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     cps.push(Checkpoint {
@@ -260,9 +273,9 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     });
 
     op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
-    mark_some(&t, &mut rng, DISK, 5, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 5, &mut marks);
     op(c, &mut spans, Kind::Remove, || s.remove("b").unwrap());
-    mark_some(&t, &mut rng, DISK, 5, &mut marks);
+    mark_some(&t, &mut rng, MARKED, 5, &mut marks);
     let started = c.op_count();
     op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
     let mut req = required(&marks, &["a"]);
