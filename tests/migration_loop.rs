@@ -35,6 +35,23 @@ fn sweep_size() -> u64 {
         .unwrap_or(10_000)
 }
 
+/// A scenario a sweep found over the limit by one byte: a streamed bitmap whose exact
+/// figure left out its COMPLETE's flags byte switched over when that figure equalled the
+/// threshold, and sent one byte more (`disk_stream.rs`,
+/// `the_exact_figure_is_what_the_stop_sends`). With the byte counted, that turn does not
+/// fit and a later one does.
+#[test]
+fn a_streamed_bitmap_whose_figure_meets_the_threshold_stays_within_the_limit() {
+    let r = Scenario::random(7_806_355_516_351_080_217).run().unwrap();
+    assert!(r.scenario.stream.is_some(), "{r:#?}");
+    assert!(
+        r.outcome.as_ref().is_ok_and(|o| o.kind == Kind::Completed),
+        "{r:#?}"
+    );
+    assert!(!r.violation, "over the limit: {r:#?}");
+    assert_eq!(r.content_ok, Some(true), "{r:#?}");
+}
+
 #[test]
 fn sweep_never_exceeds_the_downtime_limit() {
     let (_, seed) = common::seeded_rng("sweep_never_exceeds_the_downtime_limit");

@@ -44,6 +44,8 @@ pub const REPORT_LEN: usize = 8;
 pub const START_LEN: usize = 24;
 /// Bytes of a QUERY body: the stream id.
 pub const QUERY_LEN: usize = 8;
+/// Bytes of a COMPLETE body: its flags ([`FLAG_MORE`]).
+pub const COMPLETE_LEN: usize = 1;
 /// Bytes of a REGIONS body before the first entry: the count.
 pub const REGIONS_HEADER_LEN: usize = 4;
 /// Bytes of a region entry before its body: region number (8), encoding (1), length (4).
@@ -350,7 +352,7 @@ pub fn finish_regions(section: &mut [u8], n: u32) {
 
 /// Encodes a COMPLETE section, number `seq`; with `more`, regions may follow the start.
 pub fn encode_complete(index: u16, seq: u64, more: bool) -> Vec<u8> {
-    let mut out = header(KIND_COMPLETE, index, seq, 1);
+    let mut out = header(KIND_COMPLETE, index, seq, COMPLETE_LEN);
     out.push(if more { FLAG_MORE } else { 0 });
     out
 }

@@ -376,8 +376,8 @@ impl StreamDiskState {
         if b.start_seq.is_none() {
             n = n.saturating_add(section + (bitmap_codec::START_LEN + b.name.len()) as u64);
         }
-        // COMPLETE.
-        Bytes(n.saturating_add(section))
+        // COMPLETE: a header and its flags byte.
+        Bytes(n.saturating_add(section + bitmap_codec::COMPLETE_LEN as u64))
     }
 
     /// Wire bytes of sending every region of bitmap `b` raw, its START and its COMPLETE
@@ -394,7 +394,8 @@ impl StreamDiskState {
                 .div_ceil(REGIONS_PER_SECTION)
                 .saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
-        Bytes(body.saturating_add(start).saturating_add(section))
+        let complete = section + bitmap_codec::COMPLETE_LEN as u64;
+        Bytes(body.saturating_add(start).saturating_add(complete))
     }
 
     fn start_of(i: usize, b: &Streamed, stream: u64) -> Start {
@@ -1347,6 +1348,54 @@ mod tests {
         d.before_start().unwrap();
         let st = d.take_store().unwrap();
         assert_eq!(st.bitmap("b0").unwrap().count(), 0);
+    }
+
+    /// The exact figure is what the stop sends, to the byte: with the START still to go and
+    /// after it, with regions changed and with none, and with a channel that adds its own
+    /// bytes per section. (It once left out the COMPLETE's flags byte, and a switchover
+    /// whose figure equalled the threshold overshot the downtime limit by that byte.)
+    #[test]
+    fn the_exact_figure_is_what_the_stop_sends() {
+        struct Wire(u64);
+        impl Outbound for Wire {
+            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+                let n = payload.len() as u64 + self.0;
+                Ok(Bytes(n))
+            }
+            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
+                Ok(Bytes(0))
+            }
+            fn bytes_sent(&self) -> Bytes {
+                Bytes(0)
+            }
+            fn section_overhead(&self) -> Bytes {
+                Bytes(self.0)
+            }
+        }
+        for overhead in [0, 9] {
+            for changes in [&[][..], &[0u64][..], &[0, 3 << 20, 700 << 20][..]] {
+                for start_sent in [false, true] {
+                    let b = Arc::new(DirtyBitmap::with_region_size(DISK, 65536, 512).unwrap());
+                    let mut s =
+                        StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))]).unwrap();
+                    let mut w = Wire(overhead);
+                    s.setup(&mut w).unwrap();
+                    if start_sent {
+                        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+                    }
+                    for &off in changes {
+                        b.mark_dirty(off, 4096);
+                    }
+                    let p = s.pending(true);
+                    let sent = s.complete(&mut w).unwrap();
+                    assert_eq!(
+                        p.total(),
+                        sent,
+                        "overhead {overhead}, changes {changes:?}, START sent {start_sent}"
+                    );
+                }
+            }
+        }
     }
 
     /// The source's side, against a destination that reports: only what the report does
