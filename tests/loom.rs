@@ -316,33 +316,13 @@ fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded
     });
 }
 
-#[test]
-fn no_word_changes_after_disabling_returns_during_a_range_mark() {
-    model(|| {
+/// Races `mark` on another thread with `set_enabled(false)` here: once the disable has
+/// returned, no word changes, and the towers agree with the words.
+fn disabling_during(mark: fn(&DirtyBitmap)) {
+    model(move || {
         let bm = Arc::new(DirtyBitmap::new(2 * BLOCK, G).unwrap());
         let a = Arc::clone(&bm);
-        // Two words: the range path, which keeps setting words after reading the flag.
-        let t = thread::spawn(move || a.mark_dirty(WORD - G, 2 * G));
-        switch_point(&bm);
-        bm.set_enabled(false);
-        let after = serialize_all(&bm);
-        t.join().unwrap();
-        assert_eq!(
-            serialize_all(&bm),
-            after,
-            "a word changed after set_enabled(false)"
-        );
-    });
-}
-
-#[test]
-fn no_word_changes_after_disabling_returns_during_a_one_word_mark() {
-    // The one-word path: its short path reads the state before its announcement and again
-    // after it, then writes.
-    model(|| {
-        let bm = Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
-        let a = Arc::clone(&bm);
-        let t = thread::spawn(move || a.mark_dirty(3 * WORD + G, G));
+        let t = thread::spawn(move || mark(&a));
         switch_point(&bm);
         bm.set_enabled(false);
         let after = serialize_all(&bm);
@@ -354,6 +334,19 @@ fn no_word_changes_after_disabling_returns_during_a_one_word_mark() {
         );
         assert_consistent(&bm);
     });
+}
+
+#[test]
+fn no_word_changes_after_disabling_returns_during_a_range_mark() {
+    // Two words: the range path, which keeps setting words after reading the flag.
+    disabling_during(|bm| bm.mark_dirty(WORD - G, 2 * G));
+}
+
+#[test]
+fn no_word_changes_after_disabling_returns_during_a_one_word_mark() {
+    // The one-word path: its short path reads the state before its announcement and again
+    // after it, then writes.
+    disabling_during(|bm| bm.mark_dirty(3 * WORD + G, G));
 }
 
 #[test]

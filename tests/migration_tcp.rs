@@ -20,7 +20,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -43,13 +43,10 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::DirtyBitmap;
 
-/// The downtime test runs alone (write lock); the others share the machine (read lock),
-/// since their vCPU threads would otherwise compete with its switchover for the CPUs.
-static EXCLUSIVE: RwLock<()> = RwLock::new(());
-
-fn shared() -> RwLockReadGuard<'static, ()> {
-    EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
-}
+// The downtime test runs alone (`common::exclusive`); the others share the machine
+// (`common::shared`), since their vCPU threads would otherwise compete with its switchover
+// for the CPUs.
+use common::{exclusive, shared};
 
 /// Guest RAM of the failure and content tests: 4 MiB.
 const PAGES: u64 = 1024;
@@ -806,7 +803,7 @@ fn allowed_over(n: u64) -> u64 {
 /// 10 of 10 with two CPU hogs running beside it.
 #[test]
 fn real_time_downtime_stays_within_the_limit() {
-    let _g = EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner());
+    let _g = exclusive();
     let n = runs();
     let limit = Millis(100);
     let mut downtimes = Vec::new();

