@@ -236,6 +236,33 @@ fn dirty_extents_find_a_word_while_its_neighbour_is_emptied() {
 }
 
 #[test]
+fn dirty_extents_step_across_level_1_words_while_a_neighbour_is_emptied() {
+    // 65 blocks, so the any tower has two levels and the step from block 0 to block 64
+    // goes through the level-2 word the iterator's cursor keeps (`next_block_kept`).
+    // Block 64 holds words 1 and 3; the other thread clears word 1 between the two steps
+    // or during the second. Word 3 is dirty the whole time, so the second step finds it.
+    const FAR: u64 = 64 * BLOCK;
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(65 * BLOCK, G).unwrap());
+        bm.mark_dirty(0, G);
+        bm.mark_dirty(FAR + WORD, G);
+        bm.mark_dirty(FAR + 3 * WORD, G);
+        let mut it = bm.dirty_extents();
+        assert_eq!(it.next(), Some((0, G)));
+        let a = Arc::clone(&bm);
+        let t = thread::spawn(move || a.clear(FAR + WORD, G));
+        switch_point(&bm);
+        let rest: Vec<_> = it.collect();
+        assert!(
+            rest.contains(&(FAR + 3 * WORD, G)),
+            "the extents after the step miss the word that stayed dirty: {rest:?}"
+        );
+        t.join().unwrap();
+        assert_consistent(&bm);
+    });
+}
+
+#[test]
 fn snapshot_holds_a_word_while_its_neighbour_is_emptied() {
     search_races_emptying_a_neighbour(|bm| bm.snapshot().is_dirty(BLOCK + 3 * WORD));
 }

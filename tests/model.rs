@@ -433,3 +433,112 @@ proptest! {
         run(geo, ops);
     }
 }
+
+/// Bits of a bitmap whose any tower has three levels: 2^22 granules of 512 bytes, 8,192
+/// blocks, 128 level-1 words, 2 level-2 words.
+const TALL_BITS: u64 = 1 << 22;
+const TALL_G: u64 = 512;
+
+/// A run's first bit: anywhere, or within two bits of a block, level-1-word or
+/// level-2-word boundary (512, 32,768 and 2,097,152 bits), where an iterator's step moves
+/// to the next word of a tower level.
+fn tall_start() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0..TALL_BITS,
+        (
+            prop::sample::select(vec![512u64, 32_768, 2_097_152]),
+            0..TALL_BITS,
+            0u64..4
+        )
+            .prop_map(|(unit, at, d)| (at / unit * unit + d).saturating_sub(2) % TALL_BITS),
+    ]
+}
+
+fn runs_strategy(max: usize) -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec((tall_start(), 1u64..130), 0..max)
+}
+
+fn mark_runs(bm: &DirtyBitmap, bits: &mut BTreeSet<u64>, runs: &[(u64, u64)]) {
+    for &(s, n) in runs {
+        let e = (s + n).min(TALL_BITS);
+        bm.mark_dirty(s * TALL_G, (e - s) * TALL_G);
+        bits.extend(s..e);
+    }
+}
+
+/// `bits` as merged byte extents.
+fn extents_of(bits: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in bits {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == b * TALL_G => *l += TALL_G,
+            _ => out.push((b * TALL_G, TALL_G)),
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// `dirty_extents` steps between blocks through the words its cursor keeps
+    /// (`AnyTower::next_block_kept`); here the steps cross level-1 and level-2 words and
+    /// runs end in their own word, the next, or further on.
+    #[test]
+    fn extents_match_the_bits_across_tower_words(runs in runs_strategy(80)) {
+        let bm = DirtyBitmap::new(TALL_BITS * TALL_G, TALL_G).unwrap();
+        let mut bits = BTreeSet::new();
+        mark_runs(&bm, &mut bits, &runs);
+        prop_assert_eq!(bm.dirty_extents().collect::<Vec<_>>(), extents_of(&bits));
+    }
+
+    /// A clear that empties a block moves the tower's guard, so an iterator drops the
+    /// words it kept: a run marked ahead of it after that clear, in words its cursor had
+    /// already loaded, is found, and the emptied block is not reported.
+    #[test]
+    fn an_iterator_rereads_the_tower_after_a_clear(
+        runs in runs_strategy(40),
+        later in runs_strategy(8),
+        taken in 1usize..40,
+        emptied in 0..TALL_BITS / 512,
+    ) {
+        let bm = DirtyBitmap::new(TALL_BITS * TALL_G, TALL_G).unwrap();
+        let mut bits = BTreeSet::new();
+        mark_runs(&bm, &mut bits, &runs);
+        mark_runs(&bm, &mut bits, &[(emptied * 512 + 7, 1)]);
+        let mut it = bm.dirty_extents();
+        let first: Vec<_> = it.by_ref().take(taken).collect();
+        prop_assume!(first.len() == taken);
+        // The iterator resumes past the clean bit after its last extent; only what lies
+        // in later blocks changes.
+        let (o, l) = first[taken - 1];
+        let pos = (o + l) / TALL_G + 1;
+        let block = emptied.max(pos.div_ceil(512));
+        prop_assume!(block < TALL_BITS / 512);
+        mark_runs(&bm, &mut bits, &[(block * 512 + 7, 1)]);
+        bm.clear(block * 512 * TALL_G, 512 * TALL_G);
+        bits.retain(|&b| b / 512 != block);
+        let later: Vec<(u64, u64)> = later.into_iter().filter(|&(s, _)| s >= pos).collect();
+        mark_runs(&bm, &mut bits, &later);
+        let rest: Vec<_> = it.collect();
+        prop_assert_eq!(rest, extents_of(&bits.range(pos..).copied().collect()));
+    }
+}
+
+/// Once `dirty_extents` has returned `None` it keeps returning `None` (it is a
+/// `FusedIterator`), also when a clear moves the tower's guard and a mark lands after the
+/// end.
+#[test]
+fn extents_stay_finished_after_a_later_mark() {
+    let bm = DirtyBitmap::new(TALL_BITS * TALL_G, TALL_G).unwrap();
+    let far = 100 * 512 * TALL_G;
+    bm.mark_dirty(0, TALL_G);
+    bm.mark_dirty(far, TALL_G);
+    let mut it = bm.dirty_extents();
+    assert_eq!(it.next(), Some((0, TALL_G)));
+    assert_eq!(it.next(), Some((far, TALL_G)));
+    assert_eq!(it.next(), None);
+    bm.clear(far, 512 * TALL_G);
+    bm.mark_dirty(1 << 30, TALL_G);
+    assert_eq!(it.next(), None);
+}

@@ -18,6 +18,9 @@ use super::DirtyBitmap;
 #[derive(Debug, Clone)]
 pub struct DirtyExtents<'a> {
     bitmap: &'a DirtyBitmap,
+    /// Where the next search starts; past the last bit once a search found nothing, so
+    /// that the iterator stays finished (it is a `FusedIterator`) even if a later mark
+    /// lands behind the cursor's kept words.
     next_bit: u64,
     cursor: Cursor,
 }
@@ -37,8 +40,11 @@ impl Iterator for DirtyExtents<'_> {
 
     fn next(&mut self) -> Option<(u64, u64)> {
         let bm = self.bitmap;
-        let start = bm.next_dirty_bit_cached(self.next_bit, &mut self.cursor)?;
-        let end = bm.next_clean_bit(start + 1).unwrap_or(bm.geo.nbits);
+        let Some(start) = bm.next_dirty_bit_cached(self.next_bit, &mut self.cursor) else {
+            self.next_bit = u64::MAX;
+            return None;
+        };
+        let end = bm.run_end(start);
         self.next_bit = end;
         let (s, e) = (bm.geo.bit_offset(start), bm.geo.bit_offset(end));
         Some((s, e - s))

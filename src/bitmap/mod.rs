@@ -1065,11 +1065,29 @@ impl DirtyBitmap {
 
     /// [`next_dirty_bit`](Self::next_dirty_bit) for a forward iteration that keeps its
     /// tower position in `cursor` (see [`AnyTower::next_block_cached`]).
+    #[inline]
     pub(crate) fn next_dirty_bit_cached(&self, bit: u64, cursor: &mut Cursor) -> Option<u64> {
         self.find_bit(bit, |_, v| v, |b| self.any.next_block_cached(b, cursor))
     }
 
     /// First clean bit at index >= `bit`.
+    /// The first clean bit after dirty bit `start`, or the bit count: where the dirty run
+    /// that `start` begins ends. A run that ends in its own word or the next costs one
+    /// load here; a longer one is [`next_clean_bit`](Self::next_clean_bit)'s search.
+    #[inline(always)]
+    pub(crate) fn run_end(&self, start: u64) -> u64 {
+        let bit = start + 1;
+        if bit >= self.geo.nbits {
+            return self.geo.nbits;
+        }
+        let w = (bit / 64) as usize;
+        let clean = !self.words.load(w) & self.words.valid(w) & (!0u64 << (bit % 64));
+        if clean != 0 {
+            return w as u64 * 64 + u64::from(clean.trailing_zeros());
+        }
+        self.next_clean_bit(bit).unwrap_or(self.geo.nbits)
+    }
+
     pub(crate) fn next_clean_bit(&self, bit: u64) -> Option<u64> {
         self.find_bit(
             bit,
@@ -1098,10 +1116,14 @@ impl DirtyBitmap {
         }
         let b = (w / BLOCK_WORDS) as u64;
         let scan = |range: std::ops::Range<usize>| {
-            range.into_iter().find_map(|w| {
-                let v = interesting(w, self.words.load(w));
-                (v != 0).then(|| w as u64 * 64 + u64::from(v.trailing_zeros()))
-            })
+            let first = range.start;
+            for (i, word) in self.words.slice(range).iter().enumerate() {
+                let v = interesting(first + i, word.load(SeqCst));
+                if v != 0 {
+                    return Some((first + i) as u64 * 64 + u64::from(v.trailing_zeros()));
+                }
+            }
+            None
         };
         if let Some(found) = scan(w + 1..self.block_words(b).end) {
             return Some(found);

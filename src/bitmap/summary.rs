@@ -451,6 +451,9 @@ impl AnyTower {
     /// later may be found or not, as with any search racing a mark.
     #[inline]
     pub fn next_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
+        if let Some(found) = self.next_block_kept(block, cursor) {
+            return Some(found);
+        }
         let units = self.levels.units();
         let levels = &self.levels.0;
         self.guard.search(
@@ -469,6 +472,47 @@ impl AnyTower {
             },
             (block < units).then_some(block),
         )
+    }
+
+    /// The common step of [`next_block_cached`](Self::next_block_cached), without its
+    /// general climb: the next block in block `block`'s level-1 word, or else in the next
+    /// non-zero level-1 word that the kept level-2 word names. `None` sends the caller to
+    /// the general search: the guard differs from the one the cursor's words were loaded
+    /// under, or a window is open, or the answer lies further up the tower, or a level-1
+    /// bit was spurious, or the guard changed during the step.
+    ///
+    /// It is the general search with the same trust rule: the guard read before, with no
+    /// window open, equals the one every kept word was loaded under, and it is unchanged
+    /// after the last word is read.
+    #[inline(always)]
+    fn next_block_kept(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
+        let before = self.guard.0.load(SeqCst);
+        if before != cursor.guard || before & Guard::COUNT != 0 {
+            return None;
+        }
+        let levels = &self.levels.0;
+        let w = (block / 64) as usize;
+        let v = cursor.load(0, w, || levels[0].words.get(w))?;
+        let rest = v & (!0u64 << (block % 64));
+        let found = if rest != 0 {
+            w as u64 * 64 + u64::from(rest.trailing_zeros())
+        } else {
+            let up = levels.get(1)?;
+            let w1 = w / 64;
+            let v1 = cursor.load(1, w1, || up.words.get(w1))?;
+            // The level-1 words after `w` that may be non-zero.
+            let later = v1 & (!1u64 << (w % 64));
+            if later == 0 {
+                return None;
+            }
+            let n = w1 * 64 + later.trailing_zeros() as usize;
+            let vn = cursor.load(0, n, || levels[0].words.get(n))?;
+            if vn == 0 {
+                return None;
+            }
+            n as u64 * 64 + u64::from(vn.trailing_zeros())
+        };
+        (self.guard.0.load(SeqCst) == before).then_some(found)
     }
 
     pub fn memory_usage(&self) -> usize {

@@ -33,6 +33,13 @@ impl Words {
         self.words.len()
     }
 
+    /// Words `range` as one slice: a loop over it reads the array's address and length
+    /// once, where [`load`](Self::load) reads them again after every atomic load.
+    #[inline]
+    pub fn slice(&self, range: std::ops::Range<usize>) -> &[AtomicU64] {
+        &self.words[range]
+    }
+
     /// The word itself.
     #[inline]
     pub fn get(&self, w: usize) -> &AtomicU64 {
