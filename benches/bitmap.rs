@@ -64,17 +64,30 @@ impl Flat {
             slot.0.store(seq + 1, Release);
         }
     }
+    /// Every set bit in order, merged into extents. The words are read a cache line (8
+    /// words) at a time and a line whose OR is zero is skipped with one branch: a word at
+    /// a time, the same scan measured 2.5 ms in one build and 6.4 to 7.0 ms in another of
+    /// the same source, by where the linker placed its two-branch loop.
     fn extents(&self, gran: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (i, w) in self.0.iter().enumerate() {
-            let mut v = w.load(SeqCst);
-            while v != 0 {
-                let bit = i as u64 * 64 + u64::from(v.trailing_zeros());
-                v &= v - 1;
-                let s = bit * gran;
-                match out.last_mut() {
-                    Some((o, l)) if *o + *l == s => *l += gran,
-                    _ => out.push((s, gran)),
+        for (c, line) in self.0.chunks(8).enumerate() {
+            let mut any = 0;
+            for w in line {
+                any |= w.load(SeqCst);
+            }
+            if any == 0 {
+                continue;
+            }
+            for (j, w) in line.iter().enumerate() {
+                let mut v = w.load(SeqCst);
+                while v != 0 {
+                    let bit = (c * 8 + j) as u64 * 64 + u64::from(v.trailing_zeros());
+                    v &= v - 1;
+                    let s = bit * gran;
+                    match out.last_mut() {
+                        Some((o, l)) if *o + *l == s => *l += gran,
+                        _ => out.push((s, gran)),
+                    }
                 }
             }
         }

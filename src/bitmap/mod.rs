@@ -39,7 +39,7 @@ pub use geometry::{
 pub use iter::DirtyExtents;
 
 use crate::error::{invalid_input, Result};
-use atomic::{sc_point, AtomicU8};
+use atomic::{sc_point, AtomicU64, AtomicU8};
 use change_map::ChangeMap;
 use consumer_maps::ConsumerMaps;
 use count::{InFlight, OwnMark, ThreadSlots};
@@ -1065,27 +1065,51 @@ impl DirtyBitmap {
 
     /// [`next_dirty_bit`](Self::next_dirty_bit) for a forward iteration that keeps its
     /// tower position in `cursor` (see [`AnyTower::next_block_cached`]).
+    /// The first block at or after `block` that the any tower says may hold a dirty bit,
+    /// through `cursor` ([`DirtyExtents`]).
     #[inline]
-    pub(crate) fn next_dirty_bit_cached(&self, bit: u64, cursor: &mut Cursor) -> Option<u64> {
-        self.find_bit(bit, |_, v| v, |b| self.any.next_block_cached(b, cursor))
+    pub(crate) fn next_dirty_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
+        self.any.next_block_cached(block, cursor)
     }
 
-    /// First clean bit at index >= `bit`.
-    /// The first clean bit after dirty bit `start`, or the bit count: where the dirty run
-    /// that `start` begins ends. A run that ends in its own word or the next costs one
-    /// load here; a longer one is [`next_clean_bit`](Self::next_clean_bit)'s search.
-    #[inline(always)]
-    pub(crate) fn run_end(&self, start: u64) -> u64 {
-        let bit = start + 1;
-        if bit >= self.geo.nbits {
-            return self.geo.nbits;
+    /// Whether a search through `cursor` would still trust the words it kept (see
+    /// [`AnyTower::cursor_is_current`]).
+    #[inline]
+    pub(crate) fn dirty_cursor_is_current(&self, cursor: &Cursor) -> bool {
+        self.any.cursor_is_current(cursor)
+    }
+
+    /// Starts bringing in block `b`'s leaf line (see [`atomic::prefetch`]).
+    #[inline]
+    pub(crate) fn prefetch_block(&self, b: u64) {
+        if let Some(w) = self.block_words(b).next() {
+            atomic::prefetch(self.words.get(w));
         }
-        let w = (bit / 64) as usize;
-        let clean = !self.words.load(w) & self.words.valid(w) & (!0u64 << (bit % 64));
-        if clean != 0 {
-            return w as u64 * 64 + u64::from(clean.trailing_zeros());
+    }
+
+    /// Which words of block `b` are non-zero now, as bit i for the block's word i: every
+    /// word is read, with no branch on what it holds, so a scan does not mispredict where
+    /// the first one lies.
+    #[inline]
+    pub(crate) fn block_nonzero_words(&self, b: u64) -> u32 {
+        let words = self.words.slice(self.block_words(b));
+        let mut mask = 0;
+        if let Ok(full) = <&[AtomicU64; BLOCK_WORDS]>::try_from(words) {
+            for (i, word) in full.iter().enumerate() {
+                mask |= u32::from(word.load(SeqCst) != 0) << i;
+            }
+        } else {
+            for (i, word) in words.iter().enumerate() {
+                mask |= u32::from(word.load(SeqCst) != 0) << i;
+            }
         }
-        self.next_clean_bit(bit).unwrap_or(self.geo.nbits)
+        mask
+    }
+
+    /// Word `w` now.
+    #[inline]
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.words.load(w)
     }
 
     pub(crate) fn next_clean_bit(&self, bit: u64) -> Option<u64> {
@@ -1096,23 +1120,37 @@ impl DirtyBitmap {
         )
     }
 
-    /// First bit >= `bit` whose word value passes through `interesting(w, v)` as a set
-    /// bit: first in `bit`'s own word, then the rest of its block, then the blocks that
-    /// `next_block` reports.
+    /// The first interesting bit at or after `bit` (see
+    /// [`find_word`](Self::find_word)).
     #[inline]
     fn find_bit(
         &self,
         bit: u64,
         interesting: impl Fn(usize, u64) -> u64,
-        mut next_block: impl FnMut(u64) -> Option<u64>,
+        next_block: impl FnMut(u64) -> Option<u64>,
     ) -> Option<u64> {
+        self.find_word(bit, interesting, next_block)
+            .map(|(w, v)| w as u64 * 64 + u64::from(v.trailing_zeros()))
+    }
+
+    /// The first word holding an interesting bit (`interesting(w, value)`) at or after
+    /// bit `bit`, with those bits: first in `bit`'s own word, then the rest of its block,
+    /// then the blocks that `next_block` reports. The bits are non-zero and those before
+    /// `bit` are cleared.
+    #[inline]
+    fn find_word(
+        &self,
+        bit: u64,
+        interesting: impl Fn(usize, u64) -> u64,
+        mut next_block: impl FnMut(u64) -> Option<u64>,
+    ) -> Option<(usize, u64)> {
         if bit >= self.geo.nbits {
             return None;
         }
         let w = (bit / 64) as usize;
         let hit = interesting(w, self.words.load(w)) & (!0u64 << (bit % 64));
         if hit != 0 {
-            return Some(w as u64 * 64 + u64::from(hit.trailing_zeros()));
+            return Some((w, hit));
         }
         let b = (w / BLOCK_WORDS) as u64;
         let scan = |range: std::ops::Range<usize>| {
@@ -1120,7 +1158,7 @@ impl DirtyBitmap {
             for (i, word) in self.words.slice(range).iter().enumerate() {
                 let v = interesting(first + i, word.load(SeqCst));
                 if v != 0 {
-                    return Some((first + i) as u64 * 64 + u64::from(v.trailing_zeros()));
+                    return Some((first + i, v));
                 }
             }
             None

@@ -515,6 +515,14 @@ impl AnyTower {
         (self.guard.0.load(SeqCst) == before).then_some(found)
     }
 
+    /// Whether no window opened or closed since `cursor`'s words were loaded: what a
+    /// search through it found then still stands for every block that was non-zero, with
+    /// its marks returned, before the cursor was made.
+    #[inline]
+    pub fn cursor_is_current(&self, cursor: &Cursor) -> bool {
+        self.guard.0.load(SeqCst) == cursor.guard
+    }
+
     pub fn memory_usage(&self) -> usize {
         self.levels.memory_usage()
     }
