@@ -8,8 +8,10 @@
 #![cfg(loom)]
 
 use dirty_bitmap::{ChangedRegions, ConsumerStart, DirtyBitmap};
+use loom::sync::atomic::AtomicBool;
 use loom::sync::Arc;
 use loom::thread;
+use std::sync::atomic::Ordering::SeqCst;
 
 const G: u64 = 512;
 const WORD: u64 = 64 * G;
@@ -287,6 +289,39 @@ fn a_search_finds_a_word_marked_before_it_while_a_clear_empties_its_block() {
         });
         bm.clear(BLOCK + WORD, G);
         t.join().unwrap();
+        assert_consistent(&bm);
+    });
+}
+
+#[test]
+fn a_range_mark_into_a_word_whose_first_mark_is_in_flight_is_found_once_that_mark_returns() {
+    // Word 7 of block 1 gets its first bit from the other thread's one-word mark. This
+    // thread's two-granule range mark spans bit 63 of that word and bit 0 of block 2,
+    // which is dirty already. When the other mark wrote first, both of this mark's words
+    // were non-zero before its writes, and it returns without writing the tower: block
+    // 1's summary bit is the other mark's to set. So this thread's search may pass its own
+    // bit while the other mark is in flight (the window docs/DESIGN.md describes under
+    // "Searches during a clear: the guard"), and must find it once that mark has returned.
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(3 * BLOCK, G).unwrap());
+        bm.mark_dirty(2 * BLOCK, G);
+        let returned = Arc::new(AtomicBool::new(false));
+        let (a, r) = (Arc::clone(&bm), Arc::clone(&returned));
+        let t = thread::spawn(move || {
+            a.mark_dirty(BLOCK + 7 * WORD, G);
+            r.store(true, SeqCst);
+        });
+        bm.mark_dirty(BLOCK + 7 * WORD + 63 * G, 2 * G);
+        let other_returned = returned.load(SeqCst);
+        let found = bm.next_dirty(0);
+        let in_block_1 =
+            found == Some(BLOCK + 7 * WORD) || found == Some(BLOCK + 7 * WORD + 63 * G);
+        assert!(
+            in_block_1 || (found == Some(2 * BLOCK) && !other_returned),
+            "found {found:?}, the other mark returned before the search: {other_returned}"
+        );
+        t.join().unwrap();
+        assert_eq!(bm.next_dirty(0), Some(BLOCK + 7 * WORD));
         assert_consistent(&bm);
     });
 }

@@ -429,8 +429,8 @@ impl AnyTower {
     }
 
     /// First block at index >= `block` that may hold a set bit. A block whose words were
-    /// non-zero, and whose marks had returned, before the call is not skipped while it
-    /// stays non-zero.
+    /// non-zero before the call is not skipped while it stays non-zero, once the marks
+    /// that touched its path up the tower had returned (see the module docs).
     #[inline]
     pub fn next_block(&self, block: u64) -> Option<u64> {
         let units = self.levels.units();
@@ -445,8 +445,8 @@ impl AnyTower {
     /// them while the guard shows no window opened or closed since they were loaded, so a
     /// search usually loads one level-1 word instead of climbing and descending the tower.
     ///
-    /// Same guarantee as `next_block` for a block that was non-zero, with its marks
-    /// returned, before the cursor was made (the cursor only holds words loaded after
+    /// Same guarantee as `next_block` for a block that was non-zero before the cursor was
+    /// made, with the marks on its path returned (the cursor only holds words loaded after
     /// that, and only while the guard vouches for them); a block that becomes non-zero
     /// later may be found or not, as with any search racing a mark.
     #[inline]
@@ -516,8 +516,9 @@ impl AnyTower {
     }
 
     /// Whether no window opened or closed since `cursor`'s words were loaded: what a
-    /// search through it found then still stands for every block that was non-zero, with
-    /// its marks returned, before the cursor was made.
+    /// search through it found then still stands for every block that was non-zero before
+    /// the cursor was made (with the marks on its path returned, as for
+    /// [`next_block`](Self::next_block)).
     #[inline]
     pub fn cursor_is_current(&self, cursor: &Cursor) -> bool {
         self.guard.0.load(SeqCst) == cursor.guard
