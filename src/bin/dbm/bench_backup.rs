@@ -11,6 +11,7 @@
 //!    started and `nbdinfo --map=qemu:dirty-bitmap:B` run against it (from the server's
 //!    start to nbdinfo's exit, output to a file). The two outputs must be byte-identical.
 
+use crate::work_dir::WorkDir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -186,14 +187,8 @@ pub fn run(args: &BackupArgs) -> CmdResult {
     if args.repeat == 0 || !args.disk_size.is_multiple_of(2 << 20) || args.disk_size == 0 {
         return Err("--repeat must be at least 1 and --disk-size a multiple of 2 MiB".into());
     }
-    let tmp;
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let work = WorkDir::given_or_temp(args.dir.as_deref())?;
+    let dir = work.path();
     emit(&format!(
         "# dbm bench backup\n\n- machine: {}\n- load average (1, 5, 15 min) at the start: {}\n\
          - disk {} ({} bytes), {} rounds, medians; files in {}\n\
@@ -218,7 +213,7 @@ pub fn run(args: &BackupArgs) -> CmdResult {
             eprintln!("dbm bench backup: creating at {} clusters", human(cs));
             let mut r = (Vec::new(), Vec::new());
             for _ in 0..args.repeat {
-                let (o, q) = create_round(&dir, args.disk_size, cs)?;
+                let (o, q) = create_round(dir, args.disk_size, cs)?;
                 r.0.push(o);
                 r.1.push(q);
             }
@@ -259,7 +254,7 @@ pub fn run(args: &BackupArgs) -> CmdResult {
     ))?;
     let mut r = (Vec::new(), Vec::new());
     for k in 0..args.repeat {
-        let (o, q) = list_round(&dir, &img)?;
+        let (o, q) = list_round(dir, &img)?;
         emit(&format!(
             "| {} | {} | {} | {:.2} |\n",
             k + 1,

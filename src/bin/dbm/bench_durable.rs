@@ -26,6 +26,7 @@
 //! order, so that drift over the run falls on all of them alike. Targets: the clean row against the floor
 //! ≤ 1.1× at p50, the dirty row against the untracked rewrite ≤ 1.05×.
 
+use crate::work_dir::WorkDir;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -325,14 +326,8 @@ pub fn run(args: &DurableArgs) -> CmdResult {
     if args.intents == 0 || args.threads.contains(&0) || args.bitmaps == 0 {
         return Err("--intents, --bitmaps and every --threads must be at least 1".into());
     }
-    let tmp;
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let work = WorkDir::given_or_temp(args.dir.as_deref())?;
+    let dir = work.path();
     let path = dir.join("bench-durable.qcow2");
     let threads: Vec<String> = args.threads.iter().map(ToString::to_string).collect();
     let modes: Vec<String> = args
@@ -463,11 +458,11 @@ pub fn run(args: &DurableArgs) -> CmdResult {
     // The ceiling writes uniform pages: the uniform pattern's.
     if args.ceiling_secs > 0.0 && args.pattern == Pattern::Uniform {
         if let (Some(g), Some(n)) = (thr(Mode::Durable, most), thr(Mode::Naive, most)) {
-            ceiling(args, &dir, most, g / n.max(1e-9))?;
+            ceiling(args, dir, most, g / n.max(1e-9))?;
         }
     }
     if args.write_through > 0 {
-        write_through(args, &dir)?;
+        write_through(args, dir)?;
     }
     emit(&format!("- load average at the end: {}\n", loadavg()))?;
     Ok(std::process::ExitCode::SUCCESS)

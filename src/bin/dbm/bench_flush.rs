@@ -30,6 +30,7 @@
 //! dirty bitmap), `qemu-io -c 'write 0 4k'` (open, write, store at close) against
 //! `qemu-io -r -c 'read 0 4k'`.
 
+use crate::work_dir::WorkDir;
 use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::fs::File;
@@ -793,10 +794,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
     }
     intervals.sort_unstable();
     let rate = (!args.burst).then_some(args.rate);
-    let tmp = match &args.dir {
-        Some(d) => tempfile::tempdir_in(d)?,
-        None => tempfile::tempdir()?,
-    };
+    let tmp = WorkDir::temp_in(args.dir.as_deref())?;
 
     println!("# dbm bench flush");
     println!();

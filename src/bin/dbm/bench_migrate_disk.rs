@@ -31,6 +31,7 @@
 //! is an error; lost marks or a `qemu-img check` that is not clean are printed, then make
 //! the command fail.
 
+use crate::work_dir::WorkDir;
 use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -249,10 +250,7 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
         return Err("--max-bandwidth must be at least 10 bytes/s".into());
     }
     let seed = args.seed.unwrap_or_else(rand::random);
-    let tmp = match &args.dir {
-        Some(d) => tempfile::tempdir_in(d)?,
-        None => tempfile::tempdir()?,
-    };
+    let tmp = WorkDir::temp_in(args.dir.as_deref())?;
 
     say("# dbm bench migrate-disk")?;
     say("")?;

@@ -32,10 +32,11 @@
 //! downtime than its threshold allowed, fails the demo; a wall-clock downtime over the
 //! limit with the bytes within it is reported with the machine's load.
 
+use crate::work_dir::WorkDir;
 use dirty_bitmap::{OpenMode, Recording};
 use std::error::Error;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -113,22 +114,16 @@ pub fn run(args: &DemoArgs) -> Res<()> {
         .into());
     }
     let seed = args.seed.unwrap_or_else(rand::random);
-    let tmp;
-    let dir: PathBuf = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
-    let mut parts = vec![run_disk_part(args, seed, &dir)?];
+    let work = WorkDir::given_or_temp(args.dir.as_deref())?;
+    let dir = work.path();
+    let mut parts = vec![run_disk_part(args, seed, dir)?];
     if !args.no_migration {
         say("")?;
-        parts.push(run_migration_part(args, seed, &dir)?);
+        parts.push(run_migration_part(args, seed, dir)?);
         say("")?;
-        parts.push(run_failed_hand_over(args, seed, &dir)?);
+        parts.push(run_failed_hand_over(args, seed, dir)?);
         say("")?;
-        parts.push(run_durable_hand_over(args, seed, &dir)?);
+        parts.push(run_durable_hand_over(args, seed, dir)?);
     }
     print_summary(&parts)
 }

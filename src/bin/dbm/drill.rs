@@ -22,6 +22,7 @@
 //! must be clean, and where the source kept the guest a retry (no faults) must hand over.
 //! One line per case; the exit status is 2 on any lost mark, corruption or failed retry.
 
+use crate::work_dir::WorkDir;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -436,17 +437,8 @@ fn attempt(
 /// Runs the matrix.
 pub fn run(args: &DrillArgs) -> CmdResult {
     let seed = args.seed.unwrap_or_else(rand::random);
-    let tmp;
-    let dir: PathBuf = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let work = WorkDir::given_or_temp(args.dir.as_deref())?;
+    let dir = work.path();
     let modes: &[Mode] = match args.mode {
         ModeArg::Shared => &[Mode::Shared],
         ModeArg::Stream => &[Mode::Stream],
@@ -465,7 +457,7 @@ pub fn run(args: &DrillArgs) -> CmdResult {
     let mut bad = 0;
     for &mode in modes {
         for f in Failure::ALL {
-            let r = case(&dir, mode, f, seed)?;
+            let r = case(dir, mode, f, seed)?;
             println!(
                 "{:<7} {:<15} {:<40} {:>7} {:>5} {:<44} {:<10} {}",
                 match mode {

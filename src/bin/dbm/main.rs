@@ -22,6 +22,7 @@ mod out;
 mod signals;
 mod simulate;
 mod size;
+mod work_dir;
 mod workload;
 
 use std::path::PathBuf;
