@@ -499,18 +499,20 @@ proptest! {
     fn an_iterator_rereads_the_tower_after_a_clear(
         runs in runs_strategy(40),
         later in runs_strategy(8),
-        taken in 1usize..40,
+        taken in 0usize..1000,
         emptied in 0..TALL_BITS / 512,
     ) {
         let bm = DirtyBitmap::new(TALL_BITS * TALL_G, TALL_G).unwrap();
         let mut bits = BTreeSet::new();
         mark_runs(&bm, &mut bits, &runs);
         mark_runs(&bm, &mut bits, &[(emptied * 512 + 7, 1)]);
+        // At least one extent (the one just marked); take 1 to all of them.
+        let taken = 1 + taken % extents_of(&bits).len();
         let mut it = bm.dirty_extents();
         let first: Vec<_> = it.by_ref().take(taken).collect();
-        prop_assume!(first.len() == taken);
-        // The iterator resumes past the clean bit after its last extent; only what lies
-        // in later blocks changes.
+        prop_assert_eq!(first.len(), taken);
+        // The iterator resumes past the clean bit after its last extent; the clear and the
+        // later marks land in blocks after the one it holds.
         let (o, l) = first[taken - 1];
         let pos = (o + l) / TALL_G + 1;
         let block = emptied.max(pos.div_ceil(512));
@@ -518,7 +520,10 @@ proptest! {
         mark_runs(&bm, &mut bits, &[(block * 512 + 7, 1)]);
         bm.clear(block * 512 * TALL_G, 512 * TALL_G);
         bits.retain(|&b| b / 512 != block);
-        let later: Vec<(u64, u64)> = later.into_iter().filter(|&(s, _)| s >= pos).collect();
+        // Marks after the iterator read a block may be missed in that block (it keeps the
+        // block as read): the later runs start in blocks it has not read.
+        let unread = pos.div_ceil(512) * 512;
+        let later: Vec<(u64, u64)> = later.into_iter().filter(|&(s, _)| s >= unread).collect();
         mark_runs(&bm, &mut bits, &later);
         let rest: Vec<_> = it.collect();
         prop_assert_eq!(rest, extents_of(&bits.range(pos..).copied().collect()));

@@ -15,9 +15,11 @@ use super::DirtyBitmap;
 /// instead of climbing and descending the tower; the tower's guard tells it when those
 /// words can no longer be trusted. It reads a block's words once, without a branch per
 /// word, and searches for the next block one step ahead while the current one is read
-/// (docs/DESIGN.md, "The extents cursor"). Under concurrent marks the extents reflect
-/// some interleaving of them (a bit set in a block after the iterator read that block may
-/// be missed); with no concurrent writer they are exact.
+/// (docs/DESIGN.md, "The extents cursor"). Under marks and clears made while it runs
+/// (also by the iterating thread between two steps) the extents reflect some
+/// interleaving of them: a bit set in a block after the iterator read that block, or
+/// after it searched past it, may be missed. With no mark or clear during the iteration
+/// they are exact.
 #[derive(Debug, Clone)]
 pub struct DirtyExtents<'a> {
     bitmap: &'a DirtyBitmap,
@@ -33,8 +35,9 @@ pub struct DirtyExtents<'a> {
     /// when that search found nothing. It is used only while the cursor is current (no
     /// clear opened a window since), and searched for again otherwise.
     ahead: Option<u64>,
-    /// Set once a search found nothing: the iterator stays finished (it is a
-    /// `FusedIterator`) even if a later mark lands behind the cursor's kept words.
+    /// Set once a search found nothing or a run reached the last bit: the iterator stays
+    /// finished (it is a `FusedIterator`) even if a later mark lands behind the cursor's
+    /// kept words.
     done: bool,
     cursor: Cursor,
 }

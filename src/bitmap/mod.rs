@@ -1063,10 +1063,9 @@ impl DirtyBitmap {
         self.find_bit(bit, |_, v| v, |b| self.any.next_block(b))
     }
 
-    /// [`next_dirty_bit`](Self::next_dirty_bit) for a forward iteration that keeps its
-    /// tower position in `cursor` (see [`AnyTower::next_block_cached`]).
     /// The first block at or after `block` that the any tower says may hold a dirty bit,
-    /// through `cursor` ([`DirtyExtents`]).
+    /// for a forward iteration that keeps its tower position in `cursor` (see
+    /// [`AnyTower::next_block_cached`] and [`DirtyExtents`]).
     #[inline]
     pub(crate) fn next_dirty_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
         self.any.next_block_cached(block, cursor)
@@ -1079,11 +1078,15 @@ impl DirtyBitmap {
         self.any.cursor_is_current(cursor)
     }
 
-    /// Starts bringing in block `b`'s leaf line (see [`atomic::prefetch`]).
+    /// Starts bringing in block `b`'s leaf words (see [`atomic::prefetch`]): the lines of
+    /// its first and last word, which are one line when the array is page-aligned (a
+    /// mapped array, 2 MiB or more) and may be two otherwise.
     #[inline]
     pub(crate) fn prefetch_block(&self, b: u64) {
-        if let Some(w) = self.block_words(b).next() {
-            atomic::prefetch(self.words.get(w));
+        let words = self.block_words(b);
+        if let (Some(first), Some(last)) = (words.clone().next(), words.last()) {
+            atomic::prefetch(self.words.get(first));
+            atomic::prefetch(self.words.get(last));
         }
     }
 
@@ -1112,6 +1115,7 @@ impl DirtyBitmap {
         self.words.load(w)
     }
 
+    /// First clean bit at index >= `bit`.
     pub(crate) fn next_clean_bit(&self, bit: u64) -> Option<u64> {
         self.find_bit(
             bit,

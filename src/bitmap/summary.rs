@@ -1,7 +1,7 @@
 //! Summary levels over the leaf words, for fast search.
 //!
-//! The leaf words are grouped in *blocks* of [`BLOCK_WORDS`] words (512 bits, one cache
-//! line). Two towers sit above the blocks:
+//! The leaf words are grouped in *blocks* of [`BLOCK_WORDS`] words (512 bits, 64 bytes).
+//! Two towers sit above the blocks:
 //!
 //! - the **any** tower: level 1 has one bit per block, set when the block may hold a set
 //!   bit; level k + 1 has one bit per level-k word, set when that word may be non-zero.
@@ -16,8 +16,9 @@
 //! clean-bit search skip long dirty runs (which QEMU's linear `next_zero` does not).
 //!
 //! QEMU's HBitmap puts its first summary level at one bit per leaf word. That is 1/64 =
-//! 1.6 % of the leaf size per tower; with blocks of 8 words it is 0.2 %, and a block is a
-//! single cache line, so scanning one costs no more than reading one word.
+//! 1.6 % of the leaf size per tower; with blocks of 8 words it is 0.2 %, and a block is 64
+//! bytes, one cache line in a mapped (page-aligned) leaf array and at most two in a small
+//! heap one, so scanning one costs about what reading one word does.
 //!
 //! # Lock-free maintenance
 //! Every access to a tower word is `SeqCst`, so all of them fall in one total order. The
