@@ -66,14 +66,14 @@ impl<'a> DirtyExtents<'a> {
         let i = w % BLOCK_WORDS;
         self.words = self.bitmap.block_nonzero_words(self.block) & !((2u32 << i) - 1);
         self.word = w;
-        self.bits = self.bitmap.word(w) & (!0u64 << (bit % 64));
+        self.bits = self.bitmap.words.load(w) & (!0u64 << (bit % 64));
         self.look_ahead();
     }
 
     /// Searches for the block after `block` and starts bringing in its leaf line.
     fn look_ahead(&mut self) {
         let bm = self.bitmap;
-        self.ahead = bm.next_dirty_block_cached(self.block + 1, &mut self.cursor);
+        self.ahead = bm.any.next_block_cached(self.block + 1, &mut self.cursor);
         if let Some(b) = self.ahead {
             bm.prefetch_block(b);
         }
@@ -94,10 +94,10 @@ impl Iterator for DirtyExtents<'_> {
                 self.words &= self.words - 1;
                 self.word = self.block as usize * BLOCK_WORDS + i;
                 // Zero if a clear emptied it since the block was read.
-                self.bits = bm.word(self.word);
+                self.bits = bm.words.load(self.word);
             } else {
-                if !bm.dirty_cursor_is_current(&self.cursor) {
-                    self.ahead = bm.next_dirty_block_cached(self.block + 1, &mut self.cursor);
+                if !bm.any.cursor_is_current(&self.cursor) {
+                    self.look_ahead();
                 }
                 match self.ahead {
                     Some(b) => {

@@ -44,7 +44,7 @@ use change_map::ChangeMap;
 use consumer_maps::ConsumerMaps;
 use count::{InFlight, OwnMark, ThreadSlots};
 use geometry::Geometry;
-use summary::{AnyTower, Cursor, FullTower, BLOCK_WORDS};
+use summary::{AnyTower, FullTower, BLOCK_WORDS};
 use words::Words;
 
 /// A dirty bitmap for one disk: bit n records whether disk bytes `[n·g, (n+1)·g)` were
@@ -1063,21 +1063,6 @@ impl DirtyBitmap {
         self.find_bit(bit, |_, v| v, |b| self.any.next_block(b))
     }
 
-    /// The first block at or after `block` that the any tower says may hold a dirty bit,
-    /// for a forward iteration that keeps its tower position in `cursor` (see
-    /// [`AnyTower::next_block_cached`] and [`DirtyExtents`]).
-    #[inline]
-    pub(crate) fn next_dirty_block_cached(&self, block: u64, cursor: &mut Cursor) -> Option<u64> {
-        self.any.next_block_cached(block, cursor)
-    }
-
-    /// Whether a search through `cursor` would still trust the words it kept (see
-    /// [`AnyTower::cursor_is_current`]).
-    #[inline]
-    pub(crate) fn dirty_cursor_is_current(&self, cursor: &Cursor) -> bool {
-        self.any.cursor_is_current(cursor)
-    }
-
     /// Starts bringing in block `b`'s leaf words (see [`atomic::prefetch`]): the lines of
     /// its first and last word, which are one line when the array is page-aligned (a
     /// mapped array, 2 MiB or more) and may be two otherwise.
@@ -1095,24 +1080,21 @@ impl DirtyBitmap {
     /// the first one lies.
     #[inline]
     pub(crate) fn block_nonzero_words(&self, b: u64) -> u32 {
-        let words = self.words.slice(self.block_words(b));
-        let mut mask = 0;
-        if let Ok(full) = <&[AtomicU64; BLOCK_WORDS]>::try_from(words) {
-            for (i, word) in full.iter().enumerate() {
+        #[inline(always)]
+        fn mask<'a>(words: impl Iterator<Item = &'a AtomicU64>) -> u32 {
+            let mut mask = 0;
+            for (i, word) in words.enumerate() {
                 mask |= u32::from(word.load(SeqCst) != 0) << i;
             }
-        } else {
-            for (i, word) in words.iter().enumerate() {
-                mask |= u32::from(word.load(SeqCst) != 0) << i;
-            }
+            mask
         }
-        mask
-    }
-
-    /// Word `w` now.
-    #[inline]
-    pub(crate) fn word(&self, w: usize) -> u64 {
-        self.words.load(w)
+        let words = self.words.slice(self.block_words(b));
+        // A whole block (every block but maybe the last) has a fixed length, which lets the
+        // loop unroll.
+        match <&[AtomicU64; BLOCK_WORDS]>::try_from(words) {
+            Ok(full) => mask(full.iter()),
+            Err(_) => mask(words.iter()),
+        }
     }
 
     /// First clean bit at index >= `bit`.
@@ -1124,37 +1106,23 @@ impl DirtyBitmap {
         )
     }
 
-    /// The first interesting bit at or after `bit` (see
-    /// [`find_word`](Self::find_word)).
+    /// First bit >= `bit` whose word value passes through `interesting(w, v)` as a set
+    /// bit: first in `bit`'s own word, then the rest of its block, then the blocks that
+    /// `next_block` reports.
     #[inline]
     fn find_bit(
         &self,
         bit: u64,
         interesting: impl Fn(usize, u64) -> u64,
-        next_block: impl FnMut(u64) -> Option<u64>,
-    ) -> Option<u64> {
-        self.find_word(bit, interesting, next_block)
-            .map(|(w, v)| w as u64 * 64 + u64::from(v.trailing_zeros()))
-    }
-
-    /// The first word holding an interesting bit (`interesting(w, value)`) at or after
-    /// bit `bit`, with those bits: first in `bit`'s own word, then the rest of its block,
-    /// then the blocks that `next_block` reports. The bits are non-zero and those before
-    /// `bit` are cleared.
-    #[inline]
-    fn find_word(
-        &self,
-        bit: u64,
-        interesting: impl Fn(usize, u64) -> u64,
         mut next_block: impl FnMut(u64) -> Option<u64>,
-    ) -> Option<(usize, u64)> {
+    ) -> Option<u64> {
         if bit >= self.geo.nbits {
             return None;
         }
         let w = (bit / 64) as usize;
         let hit = interesting(w, self.words.load(w)) & (!0u64 << (bit % 64));
         if hit != 0 {
-            return Some((w, hit));
+            return Some(w as u64 * 64 + u64::from(hit.trailing_zeros()));
         }
         let b = (w / BLOCK_WORDS) as u64;
         let scan = |range: std::ops::Range<usize>| {
@@ -1162,7 +1130,7 @@ impl DirtyBitmap {
             for (i, word) in self.words.slice(range).iter().enumerate() {
                 let v = interesting(first + i, word.load(SeqCst));
                 if v != 0 {
-                    return Some((first + i, v));
+                    return Some((first + i) as u64 * 64 + u64::from(v.trailing_zeros()));
                 }
             }
             None

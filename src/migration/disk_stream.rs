@@ -365,6 +365,20 @@ impl StreamDiskState {
     /// Wire bytes of sending `regions` region entries of `entries` bytes in all, of
     /// bitmap `b`, plus its START if not sent and its COMPLETE.
     fn wire(&self, b: &Streamed, regions: u64, entries: u64) -> Bytes {
+        self.wire_with(b, regions, entries, b.start_seq.is_none())
+    }
+
+    /// Wire bytes of sending every region of bitmap `b` raw, its START and its COMPLETE
+    /// (QEMU's whole bitmap; ours while the destination's copy is unknown, an upper bound).
+    fn wire_all(&self, b: &Streamed) -> Bytes {
+        let regions = b.bitmap.region_count();
+        self.wire_with(b, regions, regions.saturating_mul(b.entry_max()), true)
+    }
+
+    /// Wire bytes of `regions` region entries of `entries` bytes in all, in REGIONS
+    /// sections of bitmap `b`, with its START if `start`, and its COMPLETE (a header and
+    /// its flags byte); each section also pays the channel's overhead.
+    fn wire_with(&self, b: &Streamed, regions: u64, entries: u64, start: bool) -> Bytes {
         let section = self
             .overhead
             .get()
@@ -373,29 +387,10 @@ impl StreamDiskState {
         let mut n = entries.saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
-        if b.start_seq.is_none() {
+        if start {
             n = n.saturating_add(section + (bitmap_codec::START_LEN + b.name.len()) as u64);
         }
-        // COMPLETE: a header and its flags byte.
         Bytes(n.saturating_add(section + bitmap_codec::COMPLETE_LEN as u64))
-    }
-
-    /// Wire bytes of sending every region of bitmap `b` raw, its START and its COMPLETE
-    /// (QEMU's whole bitmap; ours while the destination's copy is unknown, an upper bound).
-    fn wire_all(&self, b: &Streamed) -> Bytes {
-        let regions = b.bitmap.region_count();
-        let section = self
-            .overhead
-            .get()
-            .saturating_add(bitmap_codec::HEADER_LEN as u64);
-        let start = section + (bitmap_codec::START_LEN + b.name.len()) as u64;
-        let body = regions.saturating_mul(b.entry_max()).saturating_add(
-            regions
-                .div_ceil(REGIONS_PER_SECTION)
-                .saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
-        );
-        let complete = section + bitmap_codec::COMPLETE_LEN as u64;
-        Bytes(body.saturating_add(start).saturating_add(complete))
     }
 
     fn start_of(i: usize, b: &Streamed, stream: u64) -> Start {
