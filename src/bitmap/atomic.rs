@@ -161,24 +161,25 @@ pub(crate) fn sc_point() {
     loom::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Asks the CPU to start bringing `word`'s cache line in: a hint that reads nothing into
-/// the program, orders nothing and never faults. An iterator that knows which lines its
-/// next step will read issues it a step ahead, so that step does not wait for them. A
-/// no-op off x86-64 and under loom.
+/// Asks the CPU to start bringing the cache line at `addr` in: a hint that reads nothing
+/// into the program, orders nothing and never faults, whatever the address (it need not
+/// point into a live array). An iterator that knows which lines its next steps will read
+/// issues it ahead, so that those steps do not wait for them. A no-op off x86-64 and under
+/// loom.
 #[inline(always)]
-pub(crate) fn prefetch(word: &AtomicU64) {
+pub(crate) fn prefetch(addr: *const AtomicU64) {
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         #[allow(unsafe_code)]
         // SAFETY: a prefetch is only a hint: it neither reads bytes into the program nor
-        // faults on any address, and `word` is a live reference besides.
+        // faults on any address, mapped or not.
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(word).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(addr.cast::<i8>());
         }
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = word;
+    let _ = addr;
 }
 
 /// One step of a wait for another thread: a few spins, then yielding the CPU. Under loom,

@@ -129,6 +129,14 @@ impl Geometry {
         (first < last).then_some((first, last))
     }
 
+    /// Disk byte offset of bit `bit`'s granule, for a bit below [`nbits`](Self::nbits):
+    /// such a granule starts before the disk's end, so no clip is needed.
+    #[inline]
+    pub fn bit_start(&self, bit: u64) -> u64 {
+        debug_assert!(bit < self.nbits);
+        bit << self.granularity_bits
+    }
+
     /// Disk byte offset of bit `bit`'s granule, clipped to the disk size.
     pub fn bit_offset(&self, bit: u64) -> u64 {
         (bit << self.granularity_bits).min(self.disk_size)

@@ -1068,11 +1068,22 @@ impl DirtyBitmap {
     /// mapped array, 2 MiB or more) and may be two otherwise.
     #[inline]
     pub(crate) fn prefetch_block(&self, b: u64) {
-        let words = self.block_words(b);
-        if let (Some(first), Some(last)) = (words.clone().next(), words.last()) {
-            atomic::prefetch(self.words.get(first));
-            atomic::prefetch(self.words.get(last));
-        }
+        // Addresses only, never dereferenced: past the end of the array (a last, partial
+        // block) the hint is merely wasted.
+        let first = self.words.as_ptr().wrapping_add(b as usize * BLOCK_WORDS);
+        atomic::prefetch(first);
+        atomic::prefetch(first.wrapping_add(BLOCK_WORDS - 1));
+    }
+
+    /// Block `b`'s words as one slice: [`BLOCK_WORDS`] of them but in a last, partial
+    /// block (empty past the end).
+    #[inline]
+    fn block_slice(&self, b: u64) -> &[AtomicU64] {
+        let start = b as usize * BLOCK_WORDS;
+        let all = self.words.slice(0..self.words.len());
+        all.get(start..start + BLOCK_WORDS)
+            .or_else(|| all.get(start..))
+            .unwrap_or_default()
     }
 
     /// Which words of block `b` are non-zero now, as bit i for the block's word i: every
@@ -1088,7 +1099,7 @@ impl DirtyBitmap {
             }
             mask
         }
-        let words = self.words.slice(self.block_words(b));
+        let words = self.block_slice(b);
         // A whole block (every block but maybe the last) has a fixed length, which lets the
         // loop unroll.
         match <&[AtomicU64; BLOCK_WORDS]>::try_from(words) {

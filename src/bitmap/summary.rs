@@ -516,6 +516,112 @@ impl AnyTower {
         (self.guard.0.load(SeqCst) == before).then_some(found)
     }
 
+    /// The blocks [`next_block_cached`](Self::next_block_cached) would find from `block`
+    /// on, one after another, up to `out.len()` of them: the first by that search, the
+    /// rest read on from the same level-1 word and the later level-1 words that the words
+    /// above name (climbing and descending through `cursor`), under the same trust rule:
+    /// if the guard moved during the batch, only the first is returned. Returns how many
+    /// were written; 0 when nothing was found. The level-1 words of a batch load together,
+    /// so a sparse walk waits for them once per batch rather than once per block.
+    #[inline]
+    pub fn next_blocks(&self, block: u64, cursor: &mut Cursor, out: &mut [u64]) -> usize {
+        let Some(first) = self.next_block_cached(block, cursor) else {
+            return 0;
+        };
+        let Some(slot) = out.first_mut() else {
+            return 0;
+        };
+        *slot = first;
+        let before = self.guard.0.load(SeqCst);
+        if before != cursor.guard || before & Guard::COUNT != 0 {
+            return 1;
+        }
+        let level1 = &self.levels.0[0].words;
+        let mut w = (first / 64) as usize;
+        let Some(mut v) = cursor.load(0, w, || level1.get(w)) else {
+            return 1;
+        };
+        let mut rest = v & (!1u64 << (first % 64));
+        let mut later = self.later_words(w, cursor);
+        let mut n = 1;
+        loop {
+            while rest != 0 && n < out.len() {
+                out[n] = w as u64 * 64 + u64::from(rest.trailing_zeros());
+                n += 1;
+                rest &= rest - 1;
+            }
+            if n == out.len() {
+                break;
+            }
+            if later != 0 {
+                w = (w & !63) + later.trailing_zeros() as usize;
+                later &= later - 1;
+                let Some(word) = level1.get(w) else { break };
+                v = word.load(SeqCst);
+                rest = v;
+            } else {
+                match self.next_word_kept(w, cursor) {
+                    Some((next, value)) => {
+                        (w, v, rest) = (next, value, value);
+                        later = self.later_words(w, cursor);
+                    }
+                    None => break,
+                }
+            }
+        }
+        cursor.keep(0, w, v);
+        if self.guard.0.load(SeqCst) == before {
+            n
+        } else {
+            1
+        }
+    }
+
+    /// The bits of the level-2 word over level-1 word `w` that name the level-1 words after
+    /// it (0 if the tower has one level), through `cursor`.
+    #[inline]
+    fn later_words(&self, w: usize, cursor: &mut Cursor) -> u64 {
+        let Some(up) = self.levels.0.get(1) else {
+            return 0;
+        };
+        cursor
+            .load(1, w / 64, || up.words.get(w / 64))
+            .map_or(0, |v| v & (!1u64 << (w % 64)))
+    }
+
+    /// The next level-1 word after word `w` that the tower above names, with its value,
+    /// climbing and descending through `cursor`; `None` at the end of the tower or when a
+    /// word on the way down reads zero. The caller checks the guard.
+    #[inline]
+    fn next_word_kept(&self, w: usize, cursor: &mut Cursor) -> Option<(usize, u64)> {
+        let levels = &self.levels.0;
+        let mut level = 1;
+        let mut unit = w;
+        loop {
+            let up = levels.get(level)?;
+            let wi = unit / 64;
+            let v = cursor.load(level, wi, || up.words.get(wi))?;
+            let later = v & (!1u64 << (unit % 64));
+            if later != 0 {
+                unit = wi * 64 + later.trailing_zeros() as usize;
+                break;
+            }
+            unit = wi;
+            level += 1;
+        }
+        loop {
+            level -= 1;
+            let v = cursor.load(level, unit, || levels[level].words.get(unit))?;
+            if level == 0 {
+                return Some((unit, v));
+            }
+            if v == 0 {
+                return None;
+            }
+            unit = unit * 64 + v.trailing_zeros() as usize;
+        }
+    }
+
     /// Whether no window opened or closed since `cursor`'s words were loaded: what a
     /// search through it found then still stands for every block that was non-zero before
     /// the cursor was made (with the marks on its path returned, as for
@@ -554,6 +660,14 @@ impl Cursor {
     fn reset(&mut self, guard: u64) {
         self.words = [(0, 0); CURSOR_LEVELS];
         self.guard = guard;
+    }
+
+    /// Keeps `v`, loaded from word `w` of `level` under the cursor's guard.
+    #[inline]
+    fn keep(&mut self, level: usize, w: usize, v: u64) {
+        if let Some(slot) = self.words.get_mut(level) {
+            *slot = (w + 1, v);
+        }
     }
 
     /// Word `w` of `level`: the kept value, or loaded now (and kept).

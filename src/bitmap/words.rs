@@ -40,6 +40,12 @@ impl Words {
         &self.words[range]
     }
 
+    /// The address of word 0, for [`prefetch`](super::atomic::prefetch) hints.
+    #[inline]
+    pub fn as_ptr(&self) -> *const AtomicU64 {
+        self.words.as_ptr()
+    }
+
     /// The word itself.
     #[inline]
     pub fn get(&self, w: usize) -> &AtomicU64 {
