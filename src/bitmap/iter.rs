@@ -165,7 +165,8 @@ impl DirtyExtents<'_> {
         };
         let (s, e) = (bm.geo.bit_start(w * 64 + first), bm.geo.bit_offset(end));
         // `e > s`: the run's first bit lies below the bit count, so its granule starts
-        // before the disk's end (no clip needed), and the run ends after it. The `MIN` is never taken.
+        // before the disk's end (no clip needed), and the run ends after it. The `MIN` is
+        // never taken.
         Some((s, NonZeroU64::new(e - s).unwrap_or(NonZeroU64::MIN)))
     }
 }
