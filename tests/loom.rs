@@ -241,8 +241,8 @@ fn dirty_extents_find_a_word_while_its_neighbour_is_emptied() {
 fn dirty_extents_search_ahead_across_level_1_words_while_a_block_is_emptied() {
     // 65 blocks, so the any tower has two levels. Blocks 0, 1 and 64 hold a word each;
     // the other thread empties block 1, which opens a window of the tower's guard, while
-    // this thread makes the iterator and walks it. The iterator searches one block ahead
-    // (block 1, then block 64 through the level-2 word its cursor keeps) and must not
+    // this thread makes the iterator and walks it. The iterator searches a batch of blocks
+    // ahead (block 1, then block 64 through the level-2 word its cursor keeps) and must not
     // trust what it found or kept across that window: blocks 0 and 64 are dirty the whole
     // time, so both are reported, in order, and block 1 is reported or not.
     const FAR: u64 = 64 * BLOCK;
