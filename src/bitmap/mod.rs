@@ -1075,17 +1075,6 @@ impl DirtyBitmap {
         atomic::prefetch(first.wrapping_add(BLOCK_WORDS - 1));
     }
 
-    /// Block `b`'s words as one slice: [`BLOCK_WORDS`] of them but in a last, partial
-    /// block (empty past the end).
-    #[inline]
-    fn block_slice(&self, b: u64) -> &[AtomicU64] {
-        let start = b as usize * BLOCK_WORDS;
-        let all = self.words.slice(0..self.words.len());
-        all.get(start..start + BLOCK_WORDS)
-            .or_else(|| all.get(start..))
-            .unwrap_or_default()
-    }
-
     /// Which words of block `b` are non-zero now, as bit i for the block's word i: every
     /// word is read, with no branch on what it holds, so a scan does not mispredict where
     /// the first one lies.
@@ -1099,7 +1088,7 @@ impl DirtyBitmap {
             }
             mask
         }
-        let words = self.block_slice(b);
+        let words = self.words.slice(self.block_words(b));
         // A whole block (every block but maybe the last) has a fixed length, which lets the
         // loop unroll.
         match <&[AtomicU64; BLOCK_WORDS]>::try_from(words) {

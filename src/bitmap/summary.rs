@@ -475,12 +475,13 @@ impl AnyTower {
         )
     }
 
-    /// The common step of [`next_block_cached`](Self::next_block_cached), without its
-    /// general climb: the next block in block `block`'s level-1 word, or else in the next
-    /// non-zero level-1 word that the kept level-2 word names. `None` sends the caller to
-    /// the general search: the guard differs from the one the cursor's words were loaded
-    /// under, or a window is open, or the answer lies further up the tower, or a level-1
-    /// bit was spurious, or the guard changed during the step.
+    /// The common step of [`next_block_cached`](Self::next_block_cached), through the
+    /// cursor's words: the next block in block `block`'s level-1 word, or else in the next
+    /// level-1 word that the words above name ([`next_word_kept`](Self::next_word_kept)).
+    /// `None` sends the caller to the general search: the guard differs from the one the
+    /// cursor's words were loaded under, or a window is open, or the tower has nothing
+    /// further, or a bit on the way down was spurious, or the guard changed during the
+    /// step.
     ///
     /// It is the general search with the same trust rule: the guard read before, with no
     /// window open, equals the one every kept word was loaded under, and it is unchanged
@@ -498,16 +499,7 @@ impl AnyTower {
         let found = if rest != 0 {
             w as u64 * 64 + u64::from(rest.trailing_zeros())
         } else {
-            let up = levels.get(1)?;
-            let w1 = w / 64;
-            let v1 = cursor.load(1, w1, || up.words.get(w1))?;
-            // The level-1 words after `w` that may be non-zero.
-            let later = v1 & (!1u64 << (w % 64));
-            if later == 0 {
-                return None;
-            }
-            let n = w1 * 64 + later.trailing_zeros() as usize;
-            let vn = cursor.load(0, n, || levels[0].words.get(n))?;
+            let (n, vn) = self.next_word_kept(w, cursor)?;
             if vn == 0 {
                 return None;
             }
