@@ -24,12 +24,15 @@ const NBITS: u64 = DISK / GRAN;
 const SEED: u64 = 0x5eed;
 
 /// The naive peer: a flat array of atomic words, one `fetch_or` per word touched, and a
-/// linear scan to find anything.
-struct Flat(Box<[AtomicU64]>);
+/// linear scan to find anything. The second array, a bit per 8 words, is used only by the
+/// floor [`mark_summarized`](Self::mark_summarized).
+struct Flat(Box<[AtomicU64]>, Box<[AtomicU64]>);
 
 impl Flat {
     fn new(nbits: u64) -> Self {
-        Flat((0..nbits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+        let words = nbits.div_ceil(64);
+        let zeroed = |n: u64| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Flat(zeroed(words), zeroed(words.div_ceil(8 * 64)))
     }
     fn mark_bits(&self, first: u64, end: u64) {
         let mut b = first;
@@ -61,6 +64,27 @@ impl Flat {
             slot.0.store(seq, Release);
             compiler_fence(SeqCst);
             w.fetch_or(m, SeqCst);
+            slot.0.store(seq + 1, Release);
+        }
+    }
+    /// [`mark_announced`](Self::mark_announced) plus the one step that lets a search skip
+    /// clean words, as src/bitmap/summary.rs does: after the `fetch_or`, the bit of the
+    /// word's block (8 words) in a summary array is read, and set if clear. The read must
+    /// come after the word's write (a clear that empties the block clears the summary bit
+    /// and then reads the words), so it cannot overlap the locked instruction.
+    fn mark_summarized(&self, bit: u64, slot: &Slot) {
+        let w = (bit / 64) as usize;
+        let word = &self.0[w];
+        let m = 1u64 << (bit % 64);
+        if word.load(SeqCst) & m == 0 {
+            let seq = slot.0.load(Relaxed) | 1;
+            slot.0.store(seq, Release);
+            compiler_fence(SeqCst);
+            word.fetch_or(m, SeqCst);
+            let (sw, sm) = (&self.1[w / 8 / 64], 1u64 << (w / 8 % 64));
+            if sw.load(SeqCst) & sm == 0 {
+                sw.fetch_or(sm, SeqCst);
+            }
             slot.0.store(seq + 1, Release);
         }
     }
@@ -97,7 +121,7 @@ impl Flat {
         self.0.iter().map(|w| w.swap(0, SeqCst)).collect()
     }
     fn reset(&self) {
-        for w in self.0.iter() {
+        for w in self.0.iter().chain(self.1.iter()) {
             w.store(0, SeqCst);
         }
     }
@@ -134,10 +158,11 @@ fn scatter(k: u64) -> u64 {
     (k.wrapping_mul(0x9E37_79B1) ^ (k >> 13)) % NBITS
 }
 
-/// The two floors of a clean-bit mark ([`Flat::mark_checked`], [`Flat::mark_announced`])
-/// over the positions `pos(k)`, so that each clean-bit group shows how much of the gap to
-/// the peers any design with a one-load dirty-bit path, or with marks a store can wait
-/// for, must pay on this machine.
+/// The three floors of a clean-bit mark ([`Flat::mark_checked`], [`Flat::mark_announced`],
+/// [`Flat::mark_summarized`]) over the positions `pos(k)`, so that each clean-bit group
+/// shows how much of the gap to the peers any design with a one-load dirty-bit path, with
+/// marks a store can wait for, or with a summary a search can skip by, must pay on this
+/// machine.
 fn floors(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     flat: &Flat,
@@ -162,6 +187,16 @@ fn floors(
                 span,
                 || flat.reset(),
                 |k| flat.mark_announced(black_box(pos(k)), &slot),
+            )
+        })
+    });
+    g.bench_function("floor: load, announce, fetch_or, summary", |b| {
+        b.iter_custom(|n| {
+            clean_pass(
+                n,
+                span,
+                || flat.reset(),
+                |k| flat.mark_summarized(black_box(pos(k)), &slot),
             )
         })
     });
