@@ -163,42 +163,30 @@ fn scatter(k: u64) -> u64 {
 /// shows how much of the gap to the peers any design with a one-load dirty-bit path, with
 /// marks a store can wait for, or with a summary a search can skip by, must pay on this
 /// machine.
-fn floors(
-    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    flat: &Flat,
-    span: u64,
-    pos: fn(u64) -> u64,
-) {
-    g.bench_function("floor: load, fetch_or", |b| {
-        b.iter_custom(|n| {
-            clean_pass(
-                n,
-                span,
-                || flat.reset(),
-                |k| flat.mark_checked(black_box(pos(k))),
-            )
-        })
+fn floors(g: &mut Group<'_>, flat: &Flat, span: u64, pos: fn(u64) -> u64) {
+    floor(g, "floor: load, fetch_or", flat, span, |k| {
+        flat.mark_checked(black_box(pos(k)))
     });
     let slot = Slot(AtomicU64::new(0));
-    g.bench_function("floor: load, announce, fetch_or", |b| {
-        b.iter_custom(|n| {
-            clean_pass(
-                n,
-                span,
-                || flat.reset(),
-                |k| flat.mark_announced(black_box(pos(k)), &slot),
-            )
-        })
+    floor(g, "floor: load, announce, fetch_or", flat, span, |k| {
+        flat.mark_announced(black_box(pos(k)), &slot)
     });
-    g.bench_function("floor: load, announce, fetch_or, summary", |b| {
-        b.iter_custom(|n| {
-            clean_pass(
-                n,
-                span,
-                || flat.reset(),
-                |k| flat.mark_summarized(black_box(pos(k)), &slot),
-            )
-        })
+    floor(
+        g,
+        "floor: load, announce, fetch_or, summary",
+        flat,
+        span,
+        |k| flat.mark_summarized(black_box(pos(k)), &slot),
+    );
+}
+
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// One floor: `op(k)` over clean passes of `span` positions, the flat array reset between
+/// them. Generic, so that each floor's mark is inlined into its loop as the peers' are.
+fn floor(g: &mut Group<'_>, name: &str, flat: &Flat, span: u64, mut op: impl FnMut(u64)) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|n| clean_pass(n, span, || flat.reset(), &mut op))
     });
 }
 
