@@ -57,15 +57,7 @@ impl Flat {
     /// a plain store to the thread's own line before the `fetch_or` and one after
     /// (src/bitmap/count.rs), and nothing else of ours (no counter, summaries or change map).
     fn mark_announced(&self, bit: u64, slot: &Slot) {
-        let w = &self.0[(bit / 64) as usize];
-        let m = 1u64 << (bit % 64);
-        if w.load(SeqCst) & m == 0 {
-            let seq = slot.0.load(Relaxed) | 1;
-            slot.0.store(seq, Release);
-            compiler_fence(SeqCst);
-            w.fetch_or(m, SeqCst);
-            slot.0.store(seq + 1, Release);
-        }
+        self.announced(bit, slot, |_| {});
     }
     /// [`mark_announced`](Self::mark_announced) plus the one step that lets a search skip
     /// clean words, as src/bitmap/summary.rs does: after the `fetch_or`, the bit of the
@@ -73,6 +65,17 @@ impl Flat {
     /// come after the word's write (a clear that empties the block clears the summary bit
     /// and then reads the words), so it cannot overlap the locked instruction.
     fn mark_summarized(&self, bit: u64, slot: &Slot) {
+        self.announced(bit, slot, |w| {
+            let (sw, sm) = (&self.1[w / 8 / 64], 1u64 << (w / 8 % 64));
+            if sw.load(SeqCst) & sm == 0 {
+                sw.fetch_or(sm, SeqCst);
+            }
+        });
+    }
+    /// The announced mark of `bit`: `after(word)` runs after the `fetch_or`, inside the
+    /// announcement. Inlined, so each floor compiles to its own straight-line code.
+    #[inline(always)]
+    fn announced(&self, bit: u64, slot: &Slot, after: impl FnOnce(usize)) {
         let w = (bit / 64) as usize;
         let word = &self.0[w];
         let m = 1u64 << (bit % 64);
@@ -81,10 +84,7 @@ impl Flat {
             slot.0.store(seq, Release);
             compiler_fence(SeqCst);
             word.fetch_or(m, SeqCst);
-            let (sw, sm) = (&self.1[w / 8 / 64], 1u64 << (w / 8 % 64));
-            if sw.load(SeqCst) & sm == 0 {
-                sw.fetch_or(sm, SeqCst);
-            }
+            after(w);
             slot.0.store(seq + 1, Release);
         }
     }
