@@ -2237,6 +2237,8 @@ struct MarkingDisk {
     bitmap: Arc<dirty_bitmap::DirtyBitmap>,
     next: u64,
     regions: u64,
+    /// Every figure the inner state returned, with whether it was exact.
+    figures: Vec<(bool, Pending)>,
 }
 
 impl MarkingDisk {
@@ -2263,7 +2265,9 @@ impl MigrationState for MarkingDisk {
             // The guest wrote just before the loop's estimate.
             self.mark();
         }
-        self.inner.pending(exact)
+        let p = self.inner.pending(exact);
+        self.figures.push((exact, p));
+        p
     }
     fn iterate(
         &mut self,
@@ -2328,6 +2332,7 @@ fn the_stop_writes_only_what_changed_after_the_flush_before_the_exact_figure() {
         bitmap: Arc::clone(&bitmap),
         next: 0,
         regions: disk / (2 * GIB),
+        figures: Vec::new(),
     };
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
     let cfg = LoopConfig {
@@ -2369,4 +2374,27 @@ fn the_stop_writes_only_what_changed_after_the_flush_before_the_exact_figure() {
     let held = store.lock().load("b").unwrap();
     assert_eq!(held.count(), bitmap.count());
     assert_eq!(held.count(), marked.min(disk / (2 * GIB)));
+    // Each figure carries its own destination part, within its disk time: the decision's
+    // is the decision's, the stop's the stop's (a part taken from another figure can
+    // exceed the whole it is reported beside).
+    let exact: Vec<Pending> = disk_state
+        .figures
+        .iter()
+        .filter(|(e, _)| *e)
+        .map(|(_, p)| *p)
+        .collect();
+    assert!(exact.len() >= 2, "{:?}", disk_state.figures);
+    for (_, p) in &disk_state.figures {
+        assert!(
+            p.dest_disk_time >= Millis(1) && p.dest_disk_time <= p.disk_time,
+            "{p:?}"
+        );
+    }
+    let (decision, at_stop) = (exact[exact.len() - 2], exact[exact.len() - 1]);
+    assert_eq!(
+        out.pending_at_switch.dest_disk_time,
+        decision.dest_disk_time
+    );
+    assert_eq!(out.pending_at_stop.dest_disk_time, at_stop.dest_disk_time);
+    assert!(out.pending_at_switch.disk_time >= decision.disk_time);
 }

@@ -79,9 +79,6 @@ pub struct SharedDiskState<S: Storage> {
     dest_walk: std::time::Duration,
     dest_per_region: std::time::Duration,
     dest_commit: std::time::Duration,
-    /// The destination's part of the last figure [`pending`](MigrationState::pending)
-    /// returned.
-    dest_last: Millis,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
     /// stop cannot be timed.
@@ -108,7 +105,6 @@ impl<S: Storage> SharedDiskState<S> {
             dest_walk: std::time::Duration::ZERO,
             dest_per_region: std::time::Duration::ZERO,
             dest_commit: std::time::Duration::ZERO,
-            dest_last: Millis::MAX,
             error: None,
             durable: false,
         }
@@ -153,12 +149,6 @@ impl<S: Storage> SharedDiskState<S> {
     /// log (see [`pending`](MigrationState::pending)).
     pub fn dest_time(&self) -> Millis {
         self.dest_activate.map_or(Millis::MAX, millis_up)
-    }
-
-    /// The destination's part of the last figure [`pending`](MigrationState::pending)
-    /// returned (after a switchover: the figure taken at the stop); [`Millis::MAX`] before.
-    pub fn dest_time_in_figure(&self) -> Millis {
-        self.dest_last
     }
 
     /// Sends `log`, if any, as a LOG section; the bytes put on the wire.
@@ -287,7 +277,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             });
             (w, logged, st.is_durable(), rs, log_bytes)
         };
-        let disk_time = match work {
+        let (disk_time, dest_disk_time) = match work {
             Ok(w) => {
                 // The destination reads again what the last log will name: the regions
                 // logged since the last one went out, and those the stop writes.
@@ -299,16 +289,16 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                     ),
                     None => self.dest_time(),
                 };
-                self.dest_last = dest;
-                self.rate.time(w) + dest
+                (self.rate.time(w) + dest, dest)
             }
             Err(e) => {
                 self.error = Some(e);
-                Millis::MAX
+                (Millis::MAX, Millis::MAX)
             }
         };
         Pending {
             disk_time,
+            dest_disk_time,
             must_precopy: log_bytes,
             ..Pending::default()
         }

@@ -701,6 +701,7 @@ where
                 .control_cost(&Control::Switchover { postcopy: true }),
             can_postcopy: self.out.control_cost(&Control::End),
             disk_time: Millis(0),
+            dest_disk_time: Millis(0),
         }
     }
 

@@ -25,6 +25,11 @@ pub struct Pending {
     /// threshold. [`Millis::MAX`] while the state cannot tell (no disk measurement yet):
     /// no switchover then.
     pub disk_time: Millis,
+    /// Of `disk_time`, the destination's part: for a [`super::disk::SharedDiskState`],
+    /// its activate of the image (the regions it reads again and its flags commit), as the
+    /// source timed it when it took this figure. Zero for states the destination starts
+    /// without storage work; [`Millis::MAX`] when `disk_time` is.
+    pub dest_disk_time: Millis,
 }
 
 impl Pending {
@@ -42,6 +47,7 @@ impl std::ops::Add for Pending {
             can_postcopy: self.can_postcopy + rhs.can_postcopy,
             // The states' stops run one after the other.
             disk_time: self.disk_time + rhs.disk_time,
+            dest_disk_time: self.dest_disk_time + rhs.dest_disk_time,
         }
     }
 }
@@ -246,9 +252,11 @@ mod tests {
             must_precopy: Bytes(1),
             can_postcopy: Bytes(2),
             disk_time: Millis(3),
+            dest_disk_time: Millis(1),
         };
         assert_eq!((a + a).total(), Bytes(6));
         // Two states' stops run one after the other.
         assert_eq!((a + a).disk_time, Millis(6));
+        assert_eq!((a + a).dest_disk_time, Millis(2));
     }
 }

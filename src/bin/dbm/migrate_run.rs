@@ -139,8 +139,8 @@ pub struct DiskRun {
     pub stop: FlushStats,
     /// The disk stop time the switchover was decided with.
     pub disk_time_at_switch: Option<Millis>,
-    /// Shared storage: of that, the destination's activate as the source timed it
-    /// (`SharedDiskState::dest_time`).
+    /// Shared storage: of that, the destination's activate as the source timed it for
+    /// the same figure (`Pending::dest_disk_time`).
     pub dest_time_estimate: Option<Millis>,
     /// Whether the source store was active again after the run (a failed hand-over).
     pub source_active_after: bool,
@@ -739,9 +739,12 @@ pub fn migrate(
                 ..DiskRun::default()
             };
             if let Ok(SourceReport { outcome, .. }) = &result {
-                dr.disk_time_at_switch = Some(outcome.pending_at_switch.disk_time);
+                let p = outcome.pending_at_switch;
+                dr.disk_time_at_switch = Some(p.disk_time);
+                // QEMU's way counts no destination time: no figure, not a zero.
+                dr.dest_time_estimate =
+                    Some(p.dest_disk_time).filter(|t| *t < Millis::MAX && !d.qemu_baseline);
             }
-            dr.dest_time_estimate = Some(ds.dest_time_in_figure()).filter(|t| *t < Millis::MAX);
             dr.source_active_after = store.lock().is_active();
             if ds.handed_over() {
                 // The guest is stopped and its disk writes drained: the destination opens the
