@@ -543,8 +543,8 @@ fn bad_parameters_are_refused() {
     assert_eq!(rig.sim.bytes_sent_total(), Bytes(0));
 }
 
-/// A `max_bandwidth` under 1 byte per 100 ms window could never send a byte: refused,
-/// not a loop that waits forever. An `avail_switchover_bandwidth` of 0 means "use the
+/// A `max_bandwidth` (or `max_postcopy_bandwidth`) under 1 byte per 100 ms window could
+/// never send a byte: refused, not a loop that waits forever. An `avail_switchover_bandwidth` of 0 means "use the
 /// measured bandwidth", as in QEMU, not a threshold of 0.
 #[test]
 fn unusable_rates_are_refused_and_a_zero_override_means_measured() {
@@ -571,6 +571,20 @@ fn unusable_rates_are_refused_and_a_zero_override_means_measured() {
         ..config(300)
     };
     assert!(checked_config(&slow).is_ok());
+    // The postcopy push's limit: 0 is QEMU's "unlimited"; a rate under 1 byte per window
+    // could never end the push.
+    let zero = LoopConfig {
+        max_postcopy_bandwidth: Some(BytesPerMs::ZERO),
+        ..config(300)
+    };
+    assert_eq!(checked_config(&zero).unwrap().max_postcopy_bandwidth, None);
+    let crawl = LoopConfig {
+        max_postcopy_bandwidth: Some(BytesPerMs::from_bytes_per_ms(0.005)),
+        ..config(300)
+    };
+    assert!(
+        matches!(checked_config(&crawl), Err(MigrationError::InvalidInput(m)) if m.contains("max_postcopy_bandwidth")),
+    );
 
     let zero = LoopConfig {
         avail_switchover_bandwidth: Some(BytesPerMs::ZERO),
@@ -1541,6 +1555,99 @@ fn a_cancel_with_a_resent_page_in_flight_is_fixed_by_the_retry() {
         link.core.ram(),
         &ram.snapshot()[..],
         "the destination guest would run on stale memory"
+    );
+}
+
+/// The simulated destination's answers, noting the clock and the bytes sent when it
+/// reported `Started`.
+struct WatchStart {
+    sim: Sim,
+    at: Option<(Duration, Bytes)>,
+}
+
+impl dirty_bitmap::migration::Inbound for WatchStart {
+    fn try_recv(
+        &mut self,
+    ) -> dirty_bitmap::migration::Result<Option<dirty_bitmap::migration::DestMessage>> {
+        dirty_bitmap::migration::Inbound::try_recv(&mut self.sim)
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::DestMessage> {
+        let m = dirty_bitmap::migration::Inbound::recv(&mut self.sim)?;
+        if matches!(m, dirty_bitmap::migration::DestMessage::Started) && self.at.is_none() {
+            self.at = Some((
+                Clock::now(&self.sim),
+                dirty_bitmap::migration::Outbound::bytes_sent(&self.sim),
+            ));
+        }
+        Ok(m)
+    }
+}
+
+/// A postcopy migration of 256 pages over a 2000 bytes/ms link, switched after the first
+/// window: its outcome, and the time and bytes from the destination's start to the end.
+fn postcopy_after_start(
+    limit: Option<BytesPerMs>,
+) -> (dirty_bitmap::migration::Outcome, Duration, Bytes) {
+    let rig = Rig::new(256, 0.2, per_ms(2000.0));
+    let mut state = rig.state(SetupMode::Full, true);
+    let cfg = LoopConfig {
+        postcopy: true,
+        start_postcopy: true,
+        max_postcopy_bandwidth: limit,
+        ..config(300)
+    };
+    let mut inbound = WatchStart {
+        sim: rig.sim.clone(),
+        at: None,
+    };
+    let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
+    let outcome = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut inbound,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(outcome.kind, Kind::Postcopy);
+    rig.assert_same_ram();
+    let (t, b) = inbound.at.expect("the destination started");
+    let after = (
+        Clock::now(&rig.sim).saturating_sub(t),
+        dirty_bitmap::migration::Outbound::bytes_sent(&rig.sim) - b,
+    );
+    (outcome, after.0, after.1)
+}
+
+/// `max_postcopy_bandwidth` paces the background push after a postcopy switch: what goes
+/// out after the start stays within the rate times the time since, plus one chunk, one
+/// batch and the requests answered outside the limit; without it the link's rate sets the
+/// pace.
+#[test]
+fn max_postcopy_bandwidth_paces_the_background_push() {
+    let (free, free_time, free_bytes) = postcopy_after_start(None);
+    let rate = 200.0;
+    let (paced, time, bytes) = postcopy_after_start(Some(per_ms(rate)));
+    // Most of the RAM was still to push at the switch.
+    assert!(free_bytes.get() > 128 * PAGE_SIZE as u64, "{free_bytes:?}");
+    let ms = time.as_secs_f64() * 1e3;
+    let chunk = config(300).iterate_chunk.get();
+    let requests = paced.requests_served * (PAGE_SIZE as u64 + 64);
+    // The allowance runs one chunk ahead; the last turn may overshoot it by one batch of
+    // 4 pages with their headers; End follows.
+    let slack = chunk + 4 * (PAGE_SIZE as u64 + 64) + 64;
+    assert!(
+        bytes.get() as f64 <= rate * ms + (slack + requests) as f64,
+        "{bytes:?} in {ms} ms at {rate} bytes/ms"
+    );
+    // The link alone would have carried it ten times faster.
+    assert!(
+        time > free_time * 5,
+        "paced {time:?}, free {free_time:?} ({free:?})"
     );
 }
 

@@ -457,6 +457,9 @@ fn postcopy_over_tcp_pulls_pages_and_arrives_byte_for_byte() {
     // window, with most pages still to send.
     let config = LoopConfig {
         max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
+        // The push of the rest takes about half a second: the destination's touches,
+        // which start at once, find pages missing and request them.
+        max_postcopy_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
         postcopy: true,
         start_postcopy: true,
         ..LoopConfig::default()

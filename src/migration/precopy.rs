@@ -102,6 +102,11 @@ pub struct LoopConfig {
     /// Fixed part of the downtime that does not depend on bytes (stopping the vCPUs,
     /// starting the destination). Subtracted from the limit before the threshold.
     pub switchover_cost: Millis,
+    /// Rate limit of the background push after a postcopy switch (QEMU
+    /// `max-postcopy-bandwidth`, default 0: unlimited); `None` for unlimited. The
+    /// destination's page requests are answered at once, outside it: a low limit leaves
+    /// the link to the pages the guest waits for.
+    pub max_postcopy_bandwidth: Option<BytesPerMs>,
     /// Postcopy capability: the states were built with it, and the loop may switch.
     pub postcopy: bool,
     /// Postcopy requested from the start (QEMU `migrate-start-postcopy`); it can also be
@@ -125,6 +130,7 @@ impl Default for LoopConfig {
             )),
             avail_switchover_bandwidth: None,
             switchover_cost: Millis(0),
+            max_postcopy_bandwidth: None,
             postcopy: false,
             start_postcopy: false,
             stall_rounds: 5,
@@ -501,25 +507,34 @@ fn hello(states: &[&mut dyn MigrationState]) -> Hello {
 }
 
 /// `config` checked, and normalised as QEMU reads it: an `avail_switchover_bandwidth` of
-/// 0 means "use the measured bandwidth" (`None`).
+/// 0 means "use the measured bandwidth" (`None`), a `max_postcopy_bandwidth` of 0 means
+/// "unlimited" (`None`).
 ///
 /// # Errors
 /// [`MigrationError::InvalidInput`] for a downtime limit above 2000 s, a switchover cost
 /// above the limit, a zero `stall_rounds` or `iterate_chunk`, `start_postcopy` without
-/// `postcopy`, or a `max_bandwidth` under 1 byte per 100 ms window (nothing could ever
-/// be sent: the loop would wait forever, and a rate that rounds to 0 bytes/s means
-/// *unlimited* to a [`super::rate::RateLimiter`]).
+/// `postcopy`, or a `max_bandwidth` or non-zero `max_postcopy_bandwidth` under 1 byte
+/// per 100 ms window (nothing could ever be sent: the loop would wait forever, and a
+/// rate that rounds to 0 bytes/s means *unlimited* to a [`super::rate::RateLimiter`]).
 pub fn checked_config(config: &LoopConfig) -> Result<LoopConfig> {
     let mut c = *config;
     if c.avail_switchover_bandwidth.is_some_and(|b| b.get() == 0.0) {
         c.avail_switchover_bandwidth = None;
     }
-    if let Some(max) = c.max_bandwidth {
-        if max * BUFFER_DELAY < Bytes(1) {
-            return Err(MigrationError::InvalidInput(format!(
-                "max_bandwidth {max} is under 1 byte per {BUFFER_DELAY} window (use None \
-                 for no limit)"
-            )));
+    if c.max_postcopy_bandwidth.is_some_and(|b| b.get() == 0.0) {
+        c.max_postcopy_bandwidth = None;
+    }
+    for (name, max) in [
+        ("max_bandwidth", c.max_bandwidth),
+        ("max_postcopy_bandwidth", c.max_postcopy_bandwidth),
+    ] {
+        if let Some(max) = max {
+            if max * BUFFER_DELAY < Bytes(1) {
+                return Err(MigrationError::InvalidInput(format!(
+                    "{name} {max} is under 1 byte per {BUFFER_DELAY} window (use None \
+                     for no limit)"
+                )));
+            }
         }
     }
     validate(&c)?;
@@ -1310,8 +1325,12 @@ where
     /// After a postcopy switch: serves page requests ahead of the background push, then
     /// sends End. Each turn serves at most `iterate_chunk` bytes of requests before it
     /// pushes: a destination that keeps asking cannot starve the push, which alone ends the
-    /// migration.
+    /// migration. With [`LoopConfig::max_postcopy_bandwidth`], the push sends at most that
+    /// rate times the time since the switch, plus one chunk; a turn with nothing allowed
+    /// waits a millisecond and serves requests again.
     fn serve_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
+        let push_start = self.clock.now();
+        let mut pushed = Bytes(0);
         loop {
             let mut served = Bytes(0);
             while served < self.config.iterate_chunk {
@@ -1326,16 +1345,31 @@ where
             if left.total() == Bytes(0) {
                 break;
             }
+            let chunk = self.config.iterate_chunk;
+            let budget = match self.config.max_postcopy_bandwidth {
+                Some(max) => {
+                    let elapsed = self.clock.now().saturating_sub(push_start);
+                    let millis = Millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+                    ((max * millis + chunk) - pushed).min(chunk)
+                }
+                None => chunk,
+            };
+            if budget == Bytes(0) {
+                let until = self.clock.now() + Duration::from_millis(1);
+                self.clock.sleep_until(until);
+                continue;
+            }
             let mut sent = Bytes(0);
             for s in states.iter_mut() {
-                if sent >= self.config.iterate_chunk {
+                if sent >= budget {
                     break;
                 }
-                sent += s.iterate(&mut self.out, self.config.iterate_chunk - sent)?;
+                sent += s.iterate(&mut self.out, budget - sent)?;
             }
             if sent == Bytes(0) {
                 return Err(ProtocolError::NoProgress.into());
             }
+            pushed += sent;
         }
         // Requests still in flight are for pages already pushed: the destination has
         // them by the time it reads End.

@@ -1496,6 +1496,7 @@ impl Scenario {
             max_bandwidth: self.max_bandwidth,
             avail_switchover_bandwidth: self.switchover_bw,
             switchover_cost: self.switchover_cost,
+            max_postcopy_bandwidth: None,
             postcopy: self.postcopy.is_some(),
             start_postcopy: false,
             stall_rounds: 3,
