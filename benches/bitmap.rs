@@ -4,10 +4,11 @@
 //!
 //! `cargo bench --bench bitmap`; figures go to docs/BENCHMARKS.md.
 
+use std::cell::Cell;
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{
-    compiler_fence, AtomicU64, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst,
+    compiler_fence, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +26,55 @@ const SEED: u64 = 0x5eed;
 
 /// The naive peer: a flat array of atomic words, one `fetch_or` per word touched, and a
 /// linear scan to find anything. The second array, a bit per 8 words, is used only by the
-/// floor [`mark_summarized`](Self::mark_summarized).
-struct Flat(Box<[AtomicU64]>, Box<[AtomicU64]>);
+/// floors [`mark_summarized`](Self::mark_summarized) and [`mark_whole`](Self::mark_whole);
+/// the third, a bit per 512 words (a change-map region of ours at this size), only by the
+/// latter.
+struct Flat(Box<[AtomicU64]>, Box<[AtomicU64]>, Box<[AtomicU64]>);
+
+/// What the whole-protocol floor reads besides the arrays: the state byte, the consumer
+/// count, and the per-thread lines of announcements and counters.
+struct Whole {
+    state: AtomicU8,
+    consumers: AtomicU64,
+    lines: Box<[Line]>,
+}
+
+/// A thread's announcement sequence and bit counter, on a line of their own.
+#[repr(align(128))]
+struct Line {
+    marks: AtomicU64,
+    count: AtomicU64,
+}
+
+thread_local! {
+    /// The calling thread's line in [`Whole::lines`].
+    static LINE: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Whole {
+    fn new() -> Self {
+        Whole {
+            state: AtomicU8::new(1),
+            consumers: AtomicU64::new(0),
+            lines: (0..32)
+                .map(|_| Line {
+                    marks: AtomicU64::new(0),
+                    count: AtomicU64::new(0),
+                })
+                .collect(),
+        }
+    }
+}
 
 impl Flat {
     fn new(nbits: u64) -> Self {
         let words = nbits.div_ceil(64);
         let zeroed = |n: u64| (0..n).map(|_| AtomicU64::new(0)).collect();
-        Flat(zeroed(words), zeroed(words.div_ceil(8 * 64)))
+        Flat(
+            zeroed(words),
+            zeroed(words.div_ceil(8 * 64)),
+            zeroed(words.div_ceil(512 * 64)),
+        )
     }
     fn mark_bits(&self, first: u64, end: u64) {
         let mut b = first;
@@ -74,6 +116,56 @@ impl Flat {
     }
     /// The announced mark of `bit`: `after(word)` runs after the `fetch_or`, inside the
     /// announcement. Inlined, so each floor compiles to its own straight-line code.
+    /// Every step of our clean-bit mark (src/bitmap/mod.rs, `mark_word`), written as
+    /// leanly as we can: the state byte before and after the announcement, the thread's
+    /// line from a thread-local index, the write with its old value, the counter, the
+    /// block's summary bit (and the full-word check), the region's change bit and the
+    /// consumer check, each read before it is written. Direct arrays, fixed shifts. The
+    /// already-dirty check inline, the rest out of line, as ours.
+    #[inline(always)]
+    fn mark_whole(&self, bit: u64, whole: &Whole) {
+        let w = (bit / 64) as usize;
+        let m = 1u64 << (bit % 64);
+        if self.0[w].load(SeqCst) & m == 0 {
+            self.whole_rest(w, m, whole);
+        }
+    }
+    #[inline(never)]
+    fn whole_rest(&self, w: usize, mask: u64, whole: &Whole) {
+        if whole.state.load(SeqCst) != 1 {
+            return;
+        }
+        let Some(line) = whole.lines.get(LINE.with(Cell::get)) else {
+            return;
+        };
+        let seq = line.marks.load(Relaxed) | 1;
+        line.marks.store(seq, Release);
+        compiler_fence(SeqCst);
+        if whole.state.load(SeqCst) == 1 {
+            let old = self.0[w].fetch_or(mask, SeqCst);
+            let new = old | mask;
+            if new != old {
+                let gained = mask & !old;
+                let n = if gained & gained.wrapping_sub(1) == 0 {
+                    1
+                } else {
+                    u64::from(gained.count_ones())
+                };
+                line.count.store(line.count.load(Relaxed) + n, Relaxed);
+                let b = w / 8;
+                let (sw, sm) = (&self.1[b / 64], 1u64 << (b % 64));
+                if sw.load(SeqCst) & sm == 0 || new == !0 {
+                    sw.fetch_or(sm, SeqCst);
+                }
+                let r = w / 512;
+                let (cw, cm) = (&self.2[r / 64], 1u64 << (r % 64));
+                if cw.load(SeqCst) & cm == 0 || whole.consumers.load(SeqCst) != 0 {
+                    cw.fetch_or(cm, SeqCst);
+                }
+            }
+        }
+        line.marks.store(seq + 1, Release);
+    }
     #[inline(always)]
     fn announced(&self, bit: u64, slot: &Slot, after: impl FnOnce(usize)) {
         let w = (bit / 64) as usize;
@@ -121,7 +213,7 @@ impl Flat {
         self.0.iter().map(|w| w.swap(0, SeqCst)).collect()
     }
     fn reset(&self) {
-        for w in self.0.iter().chain(self.1.iter()) {
+        for w in self.0.iter().chain(self.1.iter()).chain(self.2.iter()) {
             w.store(0, SeqCst);
         }
     }
@@ -158,11 +250,12 @@ fn scatter(k: u64) -> u64 {
     (k.wrapping_mul(0x9E37_79B1) ^ (k >> 13)) % NBITS
 }
 
-/// The three floors of a clean-bit mark ([`Flat::mark_checked`], [`Flat::mark_announced`],
-/// [`Flat::mark_summarized`]) over the positions `pos(k)`, so that each clean-bit group
-/// shows how much of the gap to the peers any design with a one-load dirty-bit path, with
-/// marks a store can wait for, or with a summary a search can skip by, must pay on this
-/// machine.
+/// The floors of a clean-bit mark ([`Flat::mark_checked`], [`Flat::mark_announced`],
+/// [`Flat::mark_summarized`], [`Flat::mark_whole`]) over the positions `pos(k)`, so that
+/// each clean-bit group shows how much of the gap to the peers any design with a one-load
+/// dirty-bit path, with marks a store can wait for, or with a summary a search can skip by,
+/// must pay on this machine, and what every step of ours costs written without the
+/// library's structure (it takes a bit number, as flat does, not a byte range).
 fn floors(g: &mut Group<'_>, flat: &Flat, span: u64, pos: fn(u64) -> u64) {
     floor(g, "floor: load, fetch_or", flat, span, |k| {
         flat.mark_checked(black_box(pos(k)))
@@ -178,6 +271,10 @@ fn floors(g: &mut Group<'_>, flat: &Flat, span: u64, pos: fn(u64) -> u64) {
         span,
         |k| flat.mark_summarized(black_box(pos(k)), &slot),
     );
+    let whole = Whole::new();
+    floor(g, "floor: the whole protocol, lean", flat, span, |k| {
+        flat.mark_whole(black_box(pos(k)), &whole)
+    });
 }
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
