@@ -114,10 +114,8 @@ impl Flat {
             }
         });
     }
-    /// The announced mark of `bit`: `after(word)` runs after the `fetch_or`, inside the
-    /// announcement. Inlined, so each floor compiles to its own straight-line code.
     /// Every step of our clean-bit mark (src/bitmap/mod.rs, `mark_word`), written as
-    /// leanly as we can: the state byte before and after the announcement, the thread's
+    /// leanly as we could, outside the library's structure (not a proven lower bound): the state byte before and after the announcement, the thread's
     /// line from a thread-local index, the write with its old value, the counter, the
     /// block's summary bit (and the full-word check), the region's change bit and the
     /// consumer check, each read before it is written. Direct arrays, fixed shifts. The
@@ -166,6 +164,8 @@ impl Flat {
         }
         line.marks.store(seq + 1, Release);
     }
+    /// The announced mark of `bit`: `after(word)` runs after the `fetch_or`, inside the
+    /// announcement. Inlined, so each floor compiles to its own straight-line code.
     #[inline(always)]
     fn announced(&self, bit: u64, slot: &Slot, after: impl FnOnce(usize)) {
         let w = (bit / 64) as usize;

@@ -453,8 +453,8 @@ fn postcopy_over_tcp_pulls_pages_and_arrives_byte_for_byte() {
     })
     .unwrap();
     let mut state = src.state(SetupMode::Full, true);
-    // Rate limited to about half of RAM per second: the switch comes after the first
-    // window, with most pages still to send.
+    // Rate limited to twice the RAM per second: the switch comes after the first 100 ms
+    // window, with about four fifths of the pages still to send.
     let config = LoopConfig {
         max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(8 << 20)),
         // The push of the rest takes about half a second: the destination's touches,

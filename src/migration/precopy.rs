@@ -1326,8 +1326,9 @@ where
     /// sends End. Each turn serves at most `iterate_chunk` bytes of requests before it
     /// pushes: a destination that keeps asking cannot starve the push, which alone ends the
     /// migration. With [`LoopConfig::max_postcopy_bandwidth`], the push sends at most that
-    /// rate times the time since the switch, plus one chunk; a turn with nothing allowed
-    /// waits a millisecond and serves requests again.
+    /// rate times the time since the destination started, plus one chunk and the one batch
+    /// a state may send past its budget; a turn with nothing allowed waits a millisecond
+    /// and serves requests again.
     fn serve_postcopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         let push_start = self.clock.now();
         let mut pushed = Bytes(0);

@@ -27,8 +27,10 @@ pub struct Pending {
     pub disk_time: Millis,
     /// Of `disk_time`, the destination's part: for a [`super::disk::SharedDiskState`],
     /// its activate of the image (the regions it reads again and its flags commit), as the
-    /// source timed it when it took this figure. Zero for states the destination starts
-    /// without storage work; [`Millis::MAX`] when `disk_time` is.
+    /// source timed it when it took this figure. Never more than `disk_time` (which is
+    /// [`Millis::MAX`] while the source's own part cannot be timed yet); zero for states
+    /// the destination starts without storage work; [`Millis::MAX`] when the state cannot
+    /// tell.
     pub dest_disk_time: Millis,
 }
 
