@@ -191,25 +191,41 @@ impl Rig {
         .unwrap()
     }
 
+    /// [`migrate`](Self::migrate) with the destination's answers read through `inbound`
+    /// (a wrapper around the simulation's), under [`AutoConverge`].
+    fn migrate_via(
+        &self,
+        config: &LoopConfig,
+        state: &mut RamState,
+        inbound: &mut dyn dirty_bitmap::migration::Inbound,
+    ) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+        self.run_with(config, state, inbound, &mut AutoConverge::default())
+    }
+
     fn migrate(
         &self,
         config: &LoopConfig,
         state: &mut RamState,
         control: &mut dyn Controller,
     ) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
-        let (mut c, mut v, mut o, mut i) = (
-            self.sim.clone(),
-            self.sim.clone(),
-            self.sim.clone(),
-            self.sim.clone(),
-        );
+        self.run_with(config, state, &mut self.sim.clone(), control)
+    }
+
+    fn run_with(
+        &self,
+        config: &LoopConfig,
+        state: &mut RamState,
+        inbound: &mut dyn dirty_bitmap::migration::Inbound,
+        control: &mut dyn Controller,
+    ) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+        let (mut c, mut v, mut o) = (self.sim.clone(), self.sim.clone(), self.sim.clone());
         run(
             config,
             Endpoints {
                 clock: &mut c,
                 vm: &mut v,
                 out: &mut o,
-                inbound: &mut i,
+                inbound,
             },
             &mut [state as &mut dyn MigrationState],
             control,
@@ -1600,19 +1616,7 @@ fn postcopy_after_start(
         sim: rig.sim.clone(),
         at: None,
     };
-    let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
-    let outcome = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut inbound,
-        },
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut AutoConverge::default(),
-    )
-    .unwrap();
+    let outcome = rig.migrate_via(&cfg, &mut state, &mut inbound).unwrap();
     assert_eq!(outcome.kind, Kind::Postcopy);
     rig.assert_same_ram();
     let (t, b) = inbound.at.expect("the destination started");
@@ -1697,19 +1701,7 @@ fn page_requests_do_not_starve_the_background_push() {
         started: false,
         left: cap,
     };
-    let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
-    let outcome = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut inbound,
-        },
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut AutoConverge::default(),
-    )
-    .unwrap();
+    let outcome = rig.migrate_via(&cfg, &mut state, &mut inbound).unwrap();
     assert_eq!(outcome.kind, Kind::Postcopy);
     assert!(inbound.started);
     assert!(
