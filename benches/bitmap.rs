@@ -115,11 +115,12 @@ impl Flat {
         });
     }
     /// Every step of our clean-bit mark (src/bitmap/mod.rs, `mark_word`), written as
-    /// leanly as we could, outside the library's structure (not a proven lower bound): the state byte before and after the announcement, the thread's
-    /// line from a thread-local index, the write with its old value, the counter, the
-    /// block's summary bit (and the full-word check), the region's change bit and the
-    /// consumer check, each read before it is written. Direct arrays, fixed shifts. The
-    /// already-dirty check inline, the rest out of line, as ours.
+    /// leanly as we could, outside the library's structure (not a proven lower bound): the
+    /// state byte before and after the announcement, the thread's line from a thread-local
+    /// index, the write with its old value, the counter, the block's summary bit (and the
+    /// full-word check), the region's change bit and the consumer check, each read before
+    /// it is written. Direct arrays, fixed shifts. The already-dirty check inline, the rest
+    /// out of line, as ours.
     #[inline(always)]
     fn mark_whole(&self, bit: u64, whole: &Whole) {
         let w = (bit / 64) as usize;

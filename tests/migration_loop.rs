@@ -560,8 +560,9 @@ fn bad_parameters_are_refused() {
 }
 
 /// A `max_bandwidth` (or `max_postcopy_bandwidth`) under 1 byte per 100 ms window could
-/// never send a byte: refused, not a loop that waits forever. An `avail_switchover_bandwidth` of 0 means "use the
-/// measured bandwidth", as in QEMU, not a threshold of 0.
+/// never send a byte: refused, not a loop that waits forever. An
+/// `avail_switchover_bandwidth` of 0 means "use the measured bandwidth", as in QEMU, not a
+/// threshold of 0.
 #[test]
 fn unusable_rates_are_refused_and_a_zero_override_means_measured() {
     let rig = Rig::new(8, 0.0, per_ms(4096.0));
@@ -598,8 +599,10 @@ fn unusable_rates_are_refused_and_a_zero_override_means_measured() {
         max_postcopy_bandwidth: Some(BytesPerMs::from_bytes_per_ms(0.005)),
         ..config(300)
     };
+    let e = checked_config(&crawl).unwrap_err();
     assert!(
-        matches!(checked_config(&crawl), Err(MigrationError::InvalidInput(m)) if m.contains("max_postcopy_bandwidth")),
+        matches!(&e, MigrationError::InvalidInput(m) if m.contains("max_postcopy_bandwidth")),
+        "{e}"
     );
 
     let zero = LoopConfig {
@@ -1620,11 +1623,11 @@ fn postcopy_after_start(
     assert_eq!(outcome.kind, Kind::Postcopy);
     rig.assert_same_ram();
     let (t, b) = inbound.at.expect("the destination started");
-    let after = (
+    (
+        outcome,
         Clock::now(&rig.sim).saturating_sub(t),
         dirty_bitmap::migration::Outbound::bytes_sent(&rig.sim) - b,
-    );
-    (outcome, after.0, after.1)
+    )
 }
 
 /// `max_postcopy_bandwidth` paces the background push after a postcopy switch: what goes
@@ -1648,7 +1651,7 @@ fn max_postcopy_bandwidth_paces_the_background_push() {
         bytes.get() as f64 <= rate * ms + (slack + requests) as f64,
         "{bytes:?} in {ms} ms at {rate} bytes/ms"
     );
-    // The link alone would have carried it ten times faster.
+    // The link is ten times the limit: the paced push takes at least five times as long.
     assert!(
         time > free_time * 5,
         "paced {time:?}, free {free_time:?} ({free:?})"
