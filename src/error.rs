@@ -155,6 +155,13 @@ pub enum StateProblem {
     /// The migration destination's guest is not running yet.
     #[error("the guest does not run on this destination yet")]
     GuestNotRunning,
+    /// A stop failed after it may have written "clean" on disk, and could not take it back:
+    /// the in-memory bitmaps stay sealed, so no guest write they guard may go ahead
+    /// ([`BitmapStore::marks_held`](crate::BitmapStore::marks_held)).
+    #[error(
+        "a failed stop may have left the bitmaps clean on disk; marks are held; reopen the image"
+    )]
+    MarksHeld,
 }
 
 impl From<InvalidValue> for Error {

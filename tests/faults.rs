@@ -22,10 +22,15 @@ const REGION_DISK: u64 = CS * 8 * 512;
 
 type Counted = FaultStorage<MemStorage>;
 
+/// A write of the guest after the operation failed, on a granule nothing else marks.
+const LATE: (u64, u64) = (REGION_DISK + 8 * MIB, 1);
+
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Flush,
     Inactivate,
+    /// QEMU's stop (`inactivate_full_rewrite`): a new directory and header, then frees.
+    FullRewrite,
 }
 
 /// An active store with two enabled bitmaps and a disabled one, some data clusters
@@ -76,6 +81,7 @@ fn run(s: &mut BitmapStore<Counted>, op: Op) -> dirty_bitmap::Result<()> {
     match op {
         Op::Flush => s.flush().map(drop),
         Op::Inactivate => s.inactivate().map(drop),
+        Op::FullRewrite => s.inactivate_full_rewrite().map(drop),
     }
 }
 
@@ -85,9 +91,15 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
     let (w0, y0, g0) = (st.writes(), st.syncs(), st.grows());
     let bitmaps = s.bitmaps();
     let pending_before: u64 = bitmaps.iter().map(|b| b.changed_region_count()).sum();
+    let tracker = s.tracker().unwrap();
     st.set_plan(plan_of(w0, y0, g0));
     let err = run(&mut s, op).expect_err(what);
     assert!(!matches!(err, Error::Poisoned), "{what}: {err}");
+    // The guest goes on writing after the failure (a failed migration resumes it): with
+    // one fault the store could still say so on disk, so the mark returns, and the disk
+    // below must not claim clean without it.
+    assert!(!s.marks_held(), "{what}: one fault holds the marks");
+    tracker.mark(LATE.0, LATE.1);
     // Refuses further writes until reopened.
     s.image().storage().set_plan(FaultPlan::new());
     for r in [
@@ -122,7 +134,7 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
             continue;
         }
         assert!(
-            matches!(op, Op::Inactivate),
+            !matches!(op, Op::Flush),
             "{what}: {} clean after a failed flush",
             info.name
         );
@@ -131,7 +143,7 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
             assert_eq!(bm.count(), 0);
             continue;
         }
-        for &(o, l) in &marks {
+        for &(o, l) in marks.iter().chain([&LATE]) {
             assert!(
                 bm.is_dirty(o) && bm.is_dirty(o + l - 1),
                 "{what}: {} falsely clean, misses ({o}, {l})",
@@ -143,7 +155,7 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
 
 #[test]
 fn eio_at_every_write_of_flush_and_inactivate() {
-    for op in [Op::Flush, Op::Inactivate] {
+    for op in [Op::Flush, Op::Inactivate, Op::FullRewrite] {
         let (writes, _, _) = counts(op);
         eprintln!("{op:?}: {writes} writes");
         assert!(writes >= 3, "{op:?}: {writes}");
@@ -161,7 +173,7 @@ fn eio_at_every_write_of_flush_and_inactivate() {
 
 #[test]
 fn eio_at_every_sync_of_flush_and_inactivate() {
-    for op in [Op::Flush, Op::Inactivate] {
+    for op in [Op::Flush, Op::Inactivate, Op::FullRewrite] {
         let (_, syncs, _) = counts(op);
         eprintln!("{op:?}: {syncs} syncs");
         assert!(syncs >= 1, "{op:?}: {syncs}");
@@ -177,7 +189,7 @@ fn eio_at_every_sync_of_flush_and_inactivate() {
 
 #[test]
 fn enospc_when_a_flush_allocates() {
-    for op in [Op::Flush, Op::Inactivate] {
+    for op in [Op::Flush, Op::Inactivate, Op::FullRewrite] {
         let (_, _, grows) = counts(op);
         eprintln!("{op:?}: {grows} grows");
         assert!(grows >= 1, "{op:?}: the fixture must allocate");
@@ -225,4 +237,69 @@ fn a_stop_with_nothing_changed_reads_no_table() {
     );
     let img = s.close().unwrap();
     assert!(img.check().unwrap().is_clean());
+}
+
+/// A stop whose last barrier fails may have left "clean" on disk. If every write that
+/// would say "doubt" again fails too, the store holds the marks: the bitmaps stay sealed,
+/// so a mark that would set a bit waits (no guest write it guards goes ahead while the disk
+/// may claim the bitmap clean without it), and one on a bit already dirty still returns.
+#[test]
+fn a_stop_that_cannot_take_back_its_clean_holds_the_marks() {
+    let (_, syncs, _) = counts(Op::Inactivate);
+    let (mut s, marks) = setup();
+    let tracker = s.tracker().unwrap();
+    let y0 = s.image().storage().syncs();
+    // The stop's last barrier fails, and every barrier after it.
+    s.image()
+        .storage()
+        .set_plan(FaultPlan::new().fail_sync(Trigger::From(y0 + syncs)));
+    s.inactivate().expect_err("the last barrier fails");
+    assert!(s.marks_held());
+    // A bit already dirty: one load, no wait.
+    tracker.mark(marks[0].0, 1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let late = {
+        let tracker = tracker.clone();
+        std::thread::spawn(move || {
+            tracker.mark(LATE.0, LATE.1);
+            tx.send(()).unwrap();
+        })
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "a mark on a clean bit returned while the disk may say clean"
+    );
+    // Unsealing gives the guarantee up: the waiting mark then lands.
+    for b in s.bitmaps() {
+        b.unseal();
+    }
+    rx.recv().unwrap();
+    late.join().unwrap();
+    assert!(s.bitmaps()[0].is_dirty(LATE.0));
+}
+
+/// With one failed barrier the stop takes its "clean" back in place: the directory says
+/// `in_use` again for every bitmap it held (the disabled one too), and autoclear bit 0, the
+/// last resort that would untrust every bitmap of the image, stays set.
+#[test]
+fn a_stop_whose_last_barrier_fails_puts_in_use_back_in_place() {
+    let (_, syncs, _) = counts(Op::Inactivate);
+    let (mut s, _) = setup();
+    let y0 = s.image().storage().syncs();
+    s.image()
+        .storage()
+        .set_plan(FaultPlan::new().fail_sync(Trigger::Nth(y0 + syncs)));
+    s.inactivate().expect_err("the last barrier fails");
+    assert!(!s.marks_held());
+    let bytes = s.image().storage().inner().to_vec();
+    drop(s);
+    let d = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap();
+    assert!(
+        d.image().header().bitmaps_consistent(),
+        "the directory in place was enough: autoclear bit 0 stays set"
+    );
+    for info in d.list() {
+        assert_eq!(info.state, BitmapState::Inconsistent, "{}", info.name);
+    }
 }

@@ -566,6 +566,16 @@ impl Header {
         self.autoclear_features & AUTOCLEAR_BITMAPS != 0
     }
 
+    /// The autoclear features field as it lies in a version 3 header: its byte offset in
+    /// the file and its 8 big-endian bytes, for a write of that field alone. The field
+    /// lies in the first sector, so such a write lands whole or not at all.
+    pub fn autoclear_field(&self) -> (u64, [u8; 8]) {
+        (
+            OFF_AUTOCLEAR_FEATURES as u64,
+            self.autoclear_features.to_be_bytes(),
+        )
+    }
+
     /// The header extension area as `(start, end)` byte offsets: from header_length to
     /// backing_file_offset if that is non-zero, otherwise to the end of cluster 0.
     pub fn extension_area(&self) -> (u64, u64) {

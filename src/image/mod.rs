@@ -538,6 +538,35 @@ impl<S: Storage> Image<S> {
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
+
+    /// Writes `buf` at `offset` and issues a barrier, on a poisoned handle too. Only for a
+    /// write that withdraws a claim of "clean" a failed operation may have left on disk
+    /// (`BitmapStore`'s stop): the poison guards the in-memory refcounts, and such a write
+    /// allocates, frees and counts nothing; it rewrites bytes of a structure whose place
+    /// the caller knows for certain. The handle stays poisoned.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], or the storage's error.
+    pub(crate) fn withdraw_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        self.storage.write_all_at(buf, offset)?;
+        self.syncs.sync(&self.storage)
+    }
+
+    /// Clears autoclear bit 0 on disk (the 8-byte field alone, then a barrier), on a
+    /// poisoned handle too, as [`withdraw_at`](Self::withdraw_at): every bitmap of the
+    /// image then loads as inconsistent, here and in QEMU, whichever directory the header
+    /// points to. The last resort of a stop that failed after it may have written "clean".
+    ///
+    /// # Errors
+    /// As [`withdraw_at`](Self::withdraw_at).
+    pub(crate) fn untrust_bitmaps(&mut self) -> Result<()> {
+        self.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        let (offset, bytes) = self.area.header.autoclear_field();
+        self.withdraw_at(&bytes, offset)
+    }
 }
 
 #[cfg(test)]

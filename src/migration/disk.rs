@@ -37,6 +37,7 @@ use super::disk_log_codec::{self, LogSection};
 use super::error::{MigrationError, Result};
 use super::frame::{StateId, SECTION_OVERHEAD};
 use super::state::{MigrationState, Pending};
+use crate::error::StateProblem;
 use crate::flush::{DiskRate, FlushStats};
 use crate::storage::Storage;
 use crate::store::SharedStore;
@@ -398,8 +399,14 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     fn resume_source(&mut self) {}
 
     /// Activates the store again if the stop had handed it over, in durable mode if it
-    /// was (its durable trackers are then new: take them again).
+    /// was (its durable trackers are then new: take them again). Refuses, so that the
+    /// source stays stopped, while a failed stop holds the marks
+    /// ([`BitmapStore::marks_held`](crate::BitmapStore::marks_held)): the disk may then
+    /// say clean, and a resumed guest's writes would wait on the sealed bitmaps.
     fn reactivate(&mut self) -> Result<()> {
+        if self.store.lock().marks_held() {
+            return Err(crate::Error::WrongState(StateProblem::MarksHeld).into());
+        }
         if self.handed_over {
             if self.durable {
                 self.store.lock().activate_durable()?;
@@ -648,7 +655,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
 mod tests {
     use super::*;
     use crate::bitmap::DirtyBitmap;
-    use crate::storage::MemStorage;
+    use crate::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
     use crate::store::{BitmapStore, Recording};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
@@ -731,6 +738,110 @@ mod tests {
             state.flush().unwrap();
         }
         b.changed_region_count()
+    }
+
+    /// A link that takes every payload.
+    struct Sink;
+
+    impl Outbound for Sink {
+        fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+            Ok(Bytes(payload.len() as u64))
+        }
+        fn control(&mut self, _: &crate::migration::Control) -> Result<Bytes> {
+            Ok(Bytes(0))
+        }
+        fn bytes_sent(&self) -> Bytes {
+            Bytes(0)
+        }
+    }
+
+    type Faulty = FaultStorage<MemStorage>;
+
+    /// A source state over an active store with one enabled bitmap holding a mark, and the
+    /// number of barriers a fault-free stop of it issues.
+    fn faulty_source() -> (SharedDiskState<Faulty>, Arc<DirtyBitmap>, u64) {
+        let stop_syncs = {
+            let (mut state, _) = faulty_store();
+            let y0 = state.store.lock().image().storage().syncs();
+            state.complete(&mut Sink).unwrap();
+            let y = state.store.lock().image().storage().syncs();
+            y - y0
+        };
+        let (state, b) = faulty_store();
+        (state, b, stop_syncs)
+    }
+
+    fn faulty_store() -> (SharedDiskState<Faulty>, Arc<DirtyBitmap>) {
+        let mut st = BitmapStore::create(
+            FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+            DISK,
+            65536,
+        )
+        .unwrap();
+        st.add("b", G, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        let b = st.bitmap("b").unwrap();
+        b.mark_dirty(0, 1);
+        (SharedDiskState::new(1, "disk", SharedStore::new(st)), b)
+    }
+
+    /// The stop's last barrier fails: the inactivate may have written "clean". It takes
+    /// that back before the guest resumes, so the source resumes, and a write of the
+    /// resumed guest is never missing from a bitmap the disk calls clean.
+    #[test]
+    fn a_failed_stop_says_doubt_on_disk_before_the_source_resumes() {
+        let (mut state, b, syncs) = faulty_source();
+        let plan = |y0| FaultPlan::new().fail_sync(Trigger::Nth(y0 + syncs));
+        {
+            let st = state.store.lock();
+            st.image()
+                .storage()
+                .set_plan(plan(st.image().storage().syncs()));
+        }
+        state
+            .complete(&mut Sink)
+            .expect_err("the last barrier fails");
+        state.resume_source();
+        state.reactivate().unwrap();
+        // The resumed guest writes a granule nothing marked before.
+        b.mark_dirty(7 * G, 1);
+        let bytes = state.store.lock().image().storage().inner().to_vec();
+        let d =
+            BitmapStore::open(MemStorage::from_bytes(bytes), crate::OpenMode::ReadOnly).unwrap();
+        let info = d.list().into_iter().find(|i| i.name == "b").unwrap();
+        if info.state == crate::BitmapState::Consistent {
+            assert!(
+                d.load("b").unwrap().is_dirty(7 * G),
+                "clean on disk without the resumed guest's write"
+            );
+        }
+    }
+
+    /// Every barrier from the stop's last on fails: nothing can take the "clean" back, so
+    /// the marks are held and the source is not resumed (the loop reports
+    /// `SourceNotResumed`).
+    #[test]
+    fn a_failed_stop_that_cannot_say_doubt_keeps_the_source_stopped() {
+        let (mut state, _, syncs) = faulty_source();
+        {
+            let st = state.store.lock();
+            let y0 = st.image().storage().syncs();
+            st.image()
+                .storage()
+                .set_plan(FaultPlan::new().fail_sync(Trigger::From(y0 + syncs)));
+        }
+        state
+            .complete(&mut Sink)
+            .expect_err("the last barrier fails");
+        state.resume_source();
+        let e = state.reactivate().expect_err("the marks are held");
+        assert!(
+            matches!(
+                e,
+                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::MarksHeld))
+            ),
+            "{e}"
+        );
     }
 
     #[test]

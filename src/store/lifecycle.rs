@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::{BitmapStore, Preloaded, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
-use crate::error::{Error, Result, StateProblem};
+use crate::error::{internal, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::{encode_directory, BitmapName, DirEntry};
 use crate::image::{read_metadata, Image};
@@ -290,9 +290,12 @@ impl<S: Storage> BitmapStore<S> {
     ///   through a mark (for example a `merge_from` on its `Arc`): `in_use` is set again
     ///   and the store stays active.
     /// - [`Error::Poisoned`] or I/O: the store is then poisoned and the memory keeps every
-    ///   bit. The disk holds `in_use` set or autoclear bit 0 clear (every bitmap loads as
-    ///   inconsistent) or, if the final header write reached the disk before the failure,
-    ///   the completed state with every bit marked before the call. Never falsely clean.
+    ///   bit. If the write saying "clean" may have reached the disk, the store says "doubt"
+    ///   again before any mark returns (`in_use` in place, or else autoclear bit 0
+    ///   cleared); if that fails too, the marks stay held ([`marks_held`](Self::marks_held)).
+    ///   The disk holds `in_use` set or autoclear bit 0 clear (every bitmap loads as
+    ///   inconsistent), or, while the marks are held, the completed state with every bit
+    ///   marked before the call. Never falsely clean.
     pub fn inactivate(&mut self) -> Result<FlushStats> {
         if self.durable.is_some() {
             return self.stop_with(|s| {
@@ -320,7 +323,16 @@ impl<S: Storage> BitmapStore<S> {
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let sync_time0 = self.image.sync_time();
-        let r = self.sealed(stop);
+        self.claim = Claim::Nothing;
+        let r = self.sealed(|s| {
+            let r = stop(s);
+            if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
+                // Still sealed: no mark has returned since the last serialize, so whatever
+                // the disk says is true until the seal is lifted.
+                s.withdraw_claim();
+            }
+            r
+        });
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
             self.forget_tables();
@@ -354,11 +366,72 @@ impl<S: Storage> BitmapStore<S> {
                     e.auto = m.is_enabled();
                 }
             }
+            self.claim = Claim::InPlace;
             self.write_flags_in_place(entries)?;
             self.refuse_late_marks()?;
         }
         self.park();
         Ok(stats)
+    }
+
+    /// After a stop failed (its bitmaps still sealed): if it may have written "clean", says
+    /// "doubt" on disk again before any mark can return. An in-place stop whose directory
+    /// stays where it is writes that directory back with `in_use` set for every in-memory
+    /// bitmap (the others as they were); failing that, or after a commit of a new
+    /// directory (the header may point to either), autoclear bit 0 is cleared, which makes
+    /// every bitmap of the image inconsistent. Both writes go through the poison
+    /// ([`Image::withdraw_at`]). If neither reaches the disk, the marks stay held
+    /// ([`marks_held`](Self::marks_held)): the disk may say clean, so no mark may return.
+    fn withdraw_claim(&mut self) {
+        let claim = std::mem::replace(&mut self.claim, Claim::Nothing);
+        if claim == Claim::Nothing {
+            return;
+        }
+        if claim == Claim::InPlace && self.restore_in_use_in_place().is_ok() {
+            return;
+        }
+        if self.image.untrust_bitmaps().is_err() {
+            self.marks_held = true;
+        }
+    }
+
+    /// The directory in place, with `in_use` set for every in-memory bitmap, then a
+    /// barrier. Its entries differ from what the failed stop wrote only in flags, so it
+    /// has the same size and place.
+    fn restore_in_use_in_place(&mut self) -> Result<()> {
+        let (dir_off, dir_size) = self
+            .dir
+            .ok_or_else(|| internal!("in-memory bitmaps without a directory"))?;
+        let mut entries = self.current_entries();
+        for (e, s) in entries
+            .iter_mut()
+            .zip(self.slots.iter().filter(|s| !s.stale))
+        {
+            if s.mem.is_some() {
+                e.in_use = true;
+            }
+        }
+        let bytes = encode_directory(&entries, &self.geometry()?)?;
+        if bytes.len() as u64 != dir_size {
+            return Err(internal!("the directory changed size"));
+        }
+        self.image.withdraw_at(&bytes, dir_off)?;
+        for (s, e) in self.slots.iter_mut().filter(|s| !s.stale).zip(entries) {
+            s.set_entry(e);
+        }
+        Ok(())
+    }
+
+    /// Whether a stop ([`inactivate`](Self::inactivate),
+    /// [`inactivate_full_rewrite`](Self::inactivate_full_rewrite)) failed after it may
+    /// have written "clean" on disk, and the write that would have said "doubt" again
+    /// failed too. The in-memory bitmaps then stay sealed ([`DirtyBitmap::seal`]): a mark
+    /// that would set a bit waits, so that no guest write it guards goes ahead while the
+    /// disk may claim the bitmap clean without it. Do not resume the writers (a failed
+    /// migration leaves the source stopped); reopen the image on working storage. Calling
+    /// [`DirtyBitmap::unseal`] lets the marks return and gives that guarantee up.
+    pub fn marks_held(&self) -> bool {
+        self.marks_held
     }
 
     /// Runs an inactivation with every in-memory bitmap sealed ([`DirtyBitmap::seal`]):
@@ -373,8 +446,10 @@ impl<S: Storage> BitmapStore<S> {
         let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
         DirtyBitmap::seal_all(&mems.iter().map(|m| &**m).collect::<Vec<_>>());
         let r = f(self);
-        for m in &mems {
-            m.unseal();
+        if !self.marks_held {
+            for m in &mems {
+                m.unseal();
+            }
         }
         r
     }
@@ -427,7 +502,9 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
     ///   seal this shares: `in_use` is set again in place and the store stays active.
-    /// - I/O errors; the store is then poisoned and the bitmaps stay `in_use` on disk.
+    /// - I/O errors; the store is then poisoned, and the disk says "doubt" (the bitmaps
+    ///   `in_use`, or autoclear bit 0 clear) or the marks are held, as for
+    ///   [`inactivate`](Self::inactivate).
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
         self.stop_with(|s| {
             let mut stats = FlushStats::default();
@@ -457,6 +534,7 @@ impl<S: Storage> BitmapStore<S> {
                 entries[i].auto = m.is_enabled();
             }
             if mems.iter().any(Option::is_some) {
+                self.claim = Claim::Relocated;
                 self.commit(entries, frees)?;
             }
             Ok(())
@@ -501,4 +579,17 @@ fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]
         };
         a & mask == b & mask
     })
+}
+
+/// How far a stop has gone towards saying "clean" on disk, so that a failure knows what to
+/// take back ([`BitmapStore::withdraw_claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// Nothing written says clean: the disk holds `in_use` for every in-memory bitmap.
+    Nothing,
+    /// The directory's flags, in place, may say clean; the directory has not moved.
+    InPlace,
+    /// A new directory saying clean may be in force, or the old one: the header may point
+    /// to either.
+    Relocated,
 }

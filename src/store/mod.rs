@@ -41,6 +41,7 @@ use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
+use lifecycle::Claim;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
@@ -147,6 +148,12 @@ pub struct BitmapStore<S: Storage> {
     /// Set when a flush or an inactivation failed part-way: every later write is refused
     /// ([`Error::Poisoned`]) until the image is reopened.
     poisoned: bool,
+    /// How far the running stop has gone towards saying "clean" on disk; read only if it
+    /// fails (`lifecycle.rs`, `withdraw_claim`).
+    claim: Claim,
+    /// A stop failed after it may have written "clean", and nothing could take that back
+    /// on disk: the in-memory bitmaps stay sealed ([`marks_held`](Self::marks_held)).
+    marks_held: bool,
     /// The reference counts of the last [`preflight`](Self::preflight). While the store is
     /// active it stays valid for deciding frees: since then only this handle wrote, and it
     /// only added clusters that nothing referenced (see `safe_frees`).
@@ -485,6 +492,8 @@ impl<S: Storage> BitmapStore<S> {
             dir,
             active: false,
             poisoned: false,
+            claim: Claim::Nothing,
+            marks_held: false,
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
@@ -537,6 +546,8 @@ impl<S: Storage> BitmapStore<S> {
             dir: None,
             active: false,
             poisoned: false,
+            claim: Claim::Nothing,
+            marks_held: false,
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
