@@ -636,3 +636,34 @@ fn an_intent_past_a_shrunk_disk_fails_in_wait() {
     let r = rx.recv_timeout(Duration::from_secs(10));
     assert_eq!(r, Ok(true), "wait did not fail within 10 s");
 }
+
+/// Found by an adversarial review: QEMU's whole rewrite (`inactivate_full_rewrite`, a
+/// benchmark baseline) freed the durable tables and left the durable state live, so a
+/// durable tracker's next mark committed into a freed cluster and returned `Ok` while the
+/// bitmap in force lacked it. A durable store refuses it before writing anything, and its
+/// tracker keeps working.
+#[test]
+fn the_whole_rewrite_is_refused_on_a_durable_store() {
+    let shared = durable_store(MemStorage::new());
+    let t = shared.durable_tracker().unwrap();
+    t.mark(5 * G, 4096).unwrap();
+    let before = shared.lock().image().storage().to_vec();
+    let r = shared.lock().inactivate_full_rewrite();
+    assert!(
+        matches!(
+            r,
+            Err(dirty_bitmap::Error::WrongState(
+                dirty_bitmap::StateProblem::Durable
+            ))
+        ),
+        "{r:?}"
+    );
+    assert!(
+        shared.lock().image().storage().to_vec() == before,
+        "the refusal wrote"
+    );
+    t.mark(9 * G, 4096).unwrap();
+    let bytes = shared.lock().image().storage().to_vec();
+    let a = open_bytes(bytes).load("a").unwrap();
+    assert!(a.is_dirty(5 * G) && a.is_dirty(9 * G));
+}

@@ -502,10 +502,16 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
     ///   seal this shares: `in_use` is set again in place and the store stays active.
+    /// - [`Error::WrongState`] ([`StateProblem::Durable`]) on a store active in durable
+    ///   mode, before anything is written: use [`inactivate`](Self::inactivate).
     /// - I/O errors; the store is then poisoned, and the disk says "doubt" (the bitmaps
     ///   `in_use`, or autoclear bit 0 clear) or the marks are held, as for
     ///   [`inactivate`](Self::inactivate).
     pub fn inactivate_full_rewrite(&mut self) -> Result<FlushStats> {
+        // The durable mode's tables are written in place and its trackers commit into
+        // them until `inactivate_durable` closes them: relocating and freeing them here
+        // would leave those commits landing in freed clusters.
+        self.ensure_not_durable()?;
         self.stop_with(|s| {
             let mut stats = FlushStats::default();
             s.full_rewrite(&mut stats)?;
