@@ -250,3 +250,61 @@ fn repair_of_a_sound_image_frees_only_true_leaks() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Repaired 1 leaked clusters"));
     assert_qemu_clean(&img);
 }
+
+/// Found by an adversarial review: `-r leaks` lowered a leaked refcount one decrement at a
+/// time, so a cluster at refcount 2^64 - 1 (64-bit refcounts, which QEMU makes and opens)
+/// took about 2^64 steps and the repair never ended. It sets the refcount once; given 60
+/// seconds (it takes milliseconds), a repair still running fails the test.
+#[test]
+fn a_leak_at_the_largest_refcount_is_repaired_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r64.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=64",
+            i,
+            "64M",
+        ],
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    assert_eq!(area.header.refcount_order, 6);
+    let rt = area.header.refcount_table_offset as usize;
+    let block = be64(&bytes, rt) as usize;
+    let clusters = bytes.len() / 65536;
+    let mut b = bytes.clone();
+    b.resize(bytes.len() + 65536, 0);
+    b[block + 8 * clusters..block + 8 * clusters + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(3));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(["check", "-r", "leaks", i])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the repair of one leaked cluster did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Repaired 1 leaked clusters"));
+    assert_qemu_clean(&img);
+}

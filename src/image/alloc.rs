@@ -334,25 +334,54 @@ impl Refcounts {
     ) -> Result<()> {
         let first = offset >> self.cluster_bits;
         for c in first..first.saturating_add(n) {
-            let rt_start = self.reftable_offset >> self.cluster_bits;
-            if self.block_clusters.contains(&c)
-                || (rt_start..rt_start.saturating_add(self.reftable_clusters)).contains(&c)
-            {
-                return Err(Corruption::Refcount {
-                    cluster: c << self.cluster_bits,
-                    what: "refusing to free a refcount structure",
-                }
-                .into());
-            }
+            self.refuse_structure(c)?;
             let v = self.get(storage, c)?;
             let v = v.checked_sub(1).ok_or(Corruption::Refcount {
                 cluster: c << self.cluster_bits,
                 what: "freeing a cluster whose refcount is already 0",
             })?;
-            self.set(storage, c, v)?;
-            if v == 0 && c < self.hint {
-                self.hint = c;
+            self.lower_cluster(storage, c, v)?;
+        }
+        Ok(())
+    }
+
+    /// Lowers the refcount of the cluster holding byte `offset` to `to`, which must be below
+    /// it, in one step.
+    pub(crate) fn lower(
+        &mut self,
+        storage: &(impl Storage + ?Sized),
+        offset: u64,
+        to: u64,
+    ) -> Result<()> {
+        let c = offset >> self.cluster_bits;
+        self.refuse_structure(c)?;
+        if self.get(storage, c)? <= to {
+            return Err(internal!("lowering a refcount to {to} or more"));
+        }
+        self.lower_cluster(storage, c, to)
+    }
+
+    /// Refuses to lower the refcount of cluster `c` if it holds a refcount structure.
+    fn refuse_structure(&self, c: u64) -> Result<()> {
+        let rt_start = self.reftable_offset >> self.cluster_bits;
+        if self.block_clusters.contains(&c)
+            || (rt_start..rt_start.saturating_add(self.reftable_clusters)).contains(&c)
+        {
+            return Err(Corruption::Refcount {
+                cluster: c << self.cluster_bits,
+                what: "refusing to free a refcount structure",
             }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Sets the refcount of cluster `c`, not a refcount structure, to `v`, lower than it
+    /// was.
+    fn lower_cluster(&mut self, storage: &(impl Storage + ?Sized), c: u64, v: u64) -> Result<()> {
+        self.set(storage, c, v)?;
+        if v == 0 && c < self.hint {
+            self.hint = c;
         }
         Ok(())
     }

@@ -424,6 +424,17 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| img.refcounts.free(&img.storage, offset, n))
     }
 
+    /// Lowers the refcount of the cluster holding byte `offset` to `to`, in memory, in one
+    /// step (a leak's repair: [`free_clusters`](Self::free_clusters) decrements once per
+    /// call, and a refcount may be as large as 2^64 - 1).
+    ///
+    /// # Errors
+    /// As [`free_clusters`](Self::free_clusters), and [`Error::Internal`] if `to` is not
+    /// below the current refcount.
+    pub(crate) fn lower_refcount(&mut self, offset: u64, to: u64) -> Result<()> {
+        self.guarded(|img| img.refcounts.lower(&img.storage, offset, to))
+    }
+
     /// The in-memory refcount of the cluster holding byte `offset`.
     ///
     /// # Errors

@@ -266,9 +266,7 @@ fn fix_leaks<S: Storage>(
             report.leaks_kept = report.leaks_kept.saturating_add(1);
             continue;
         }
-        for _ in r..rc {
-            image.free_clusters(off, 1)?;
-        }
+        image.lower_refcount(off, r)?;
         report.leaks_freed = report.leaks_freed.saturating_add(1);
         changed = true;
     }
