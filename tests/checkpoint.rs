@@ -259,3 +259,34 @@ fn a_crash_anywhere_in_a_checkpoint_leaves_the_old_chain_or_the_new_one() {
     }
     assert_eq!(seen.len(), 2, "both outcomes must be reachable: {seen:?}");
 }
+
+/// Found by an adversarial review: a checkpoint on a store inactivated in this process,
+/// whose parked bitmaps a tracker still marks, added the new bitmap on disk only and
+/// disabled the parked old one, so a mark landed in neither. The new bitmap is parked too:
+/// the tracker marks it, and `activate` resumes it.
+#[test]
+fn a_checkpoint_while_inactive_keeps_the_trackers_marks() {
+    let disk = 64 * MIB;
+    let mut s = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    t.mark(G, 1);
+    s.inactivate().unwrap();
+    let old = s.checkpoint("b").unwrap().unwrap();
+    assert_eq!(old.as_bytes(), b"a");
+    t.mark(5 * G, 1);
+    s.activate().unwrap();
+    let (a, b) = (s.bitmap("a").unwrap(), s.bitmap("b").unwrap());
+    assert!(a.is_dirty(G) && !a.is_enabled() && b.is_enabled());
+    assert!(
+        b.is_dirty(5 * G),
+        "a mark after the checkpoint is in neither bitmap"
+    );
+    t.mark(7 * G, 1);
+    let bytes = s.close().unwrap().into_storage().to_vec();
+    let d = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap();
+    let b = d.load("b").unwrap();
+    assert_eq!(extents(&b), vec![(5 * G, G), (7 * G, G)]);
+    assert_eq!(extents(&d.load("a").unwrap()), vec![(G, G)]);
+}

@@ -95,7 +95,13 @@ impl<S: Storage> BitmapStore<S> {
                 "the directory would grow to {dir_size} bytes, above 67107840"
             ));
         }
-        let mem = if self.active {
+        // Inactive after an incremental inactivate, trackers still mark the parked bitmaps
+        // and `activate` resumes them instead of reading the disk: the new bitmap is parked
+        // too, so that it holds the marks from its commit on (for a checkpoint, those the
+        // disabled old one no longer takes). Its disk image is empty, as it is.
+        let parked_too =
+            !self.active && !self.parked_durable && self.slots.iter().any(|s| s.parked.is_some());
+        let mem = if self.active || parked_too {
             let m = self.new_bitmap(granularity)?;
             m.set_enabled_unshared(enabled);
             Some(Arc::new(m))
@@ -125,7 +131,11 @@ impl<S: Storage> BitmapStore<S> {
         entries.push(entry);
         self.commit(entries, Vec::new())?;
         if let Some(slot) = self.slots.last_mut() {
-            slot.mem = mem;
+            if parked_too {
+                slot.parked = mem;
+            } else {
+                slot.mem = mem;
+            }
         }
         if let (Some(d), Some(t)) = (&mut self.durable, target) {
             d.push(t);
