@@ -443,10 +443,10 @@ struct Item {
 
 /// Gives every cluster of `targets` whose table entry is not a data cluster a fresh one,
 /// written whole from the in-memory bitmap (an all-zero cluster too), in the order of a
-/// flush: refcounts first, then the data, then the table entries, then one barrier. Every
-/// step leaves the bitmap reading as before (an entry points at its cluster only once the
-/// cluster holds what the entry meant), so a bitmap that is not `in_use` stays consistent
-/// at every crash point. Afterwards every region can be written in place
+/// flush with one barrier more: refcounts first (durable), then the data, a barrier, then
+/// the table entries, then a barrier. Every step leaves the bitmap reading as before (an
+/// entry points at its cluster only once the cluster durably holds what the entry meant),
+/// so a bitmap that is not `in_use` stays consistent at every crash point. Afterwards every region can be written in place
 /// ([`commit_in_place`]). Nothing is taken from the change maps.
 ///
 /// # Errors
@@ -645,6 +645,14 @@ fn write_taken<S: Storage>(
         image.write_at(&buf, start)?;
         stats.bytes_written = stats.bytes_written.saturating_add(buf.len() as u64);
         i = j;
+    }
+    // 2b. For `allocate_all` the bitmap is not `in_use`: an entry must never reach the
+    //     disk before the bytes of the cluster it points to, or a crash could leave a
+    //     consistent bitmap reading that cluster's bits (all set, for an all-ones entry)
+    //     as what the cluster held before. A flush's bitmap is `in_use` until its
+    //     inactivation, which writes nothing but flags after its own barrier.
+    if allocate && !entries.is_empty() && stats.bytes_written > 0 {
+        image.sync()?;
     }
     // 3. The table entries, in place, sorted and coalesced.
     let mut table_writes = Vec::with_capacity(entries.len());
