@@ -571,6 +571,44 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// ORs serialized bitmap bytes (qcow2's layout, as
+    /// [`serialize_region`](Self::serialize_region) writes them) into this bitmap, from
+    /// byte `at` of its serialized form on. Works on a disabled bitmap too, as
+    /// [`merge_from`](Self::merge_from) does: the bits are another copy's, not writes to
+    /// record. Safe beside concurrent marks: each word gains its bits with one atomic OR,
+    /// and a bit once set stays set. Bytes past the end are ignored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when `at` is not a multiple of 8
+    /// (a word boundary).
+    pub(crate) fn or_serialized(&self, at: u64, bytes: &[u8]) -> Result<()> {
+        if !at.is_multiple_of(8) {
+            return Err(invalid_input!(
+                "serialized offset {at} is not a word boundary"
+            ));
+        }
+        let w0 = usize::try_from(at / 8).unwrap_or(usize::MAX);
+        for (i, v) in region_words(bytes).enumerate() {
+            let w = w0.saturating_add(i);
+            if w >= self.words.len() {
+                break;
+            }
+            let v = v & self.words.valid(w);
+            if v != 0 {
+                self.set_bits(w, v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets every bit, on a disabled bitmap too: a copy that may lack bits reads as needing
+    /// everything. Safe beside concurrent marks, as [`or_serialized`](Self::or_serialized).
+    pub(crate) fn fill(&self) {
+        for w in 0..self.words.len() {
+            self.set_bits(w, self.words.valid(w));
+        }
+    }
+
     /// A copy: same geometry, bits, primary change map and enabled state, and no
     /// [`ChangeConsumer`]s.
     pub fn snapshot(&self) -> DirtyBitmap {

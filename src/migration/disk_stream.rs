@@ -27,13 +27,18 @@
 //!
 //! Destination: [`StreamDiskDest`] (a [`DestState`]) builds each bitmap in memory as the
 //! regions arrive; after End (or the postcopy Switchover) and before Started it opens its
-//! own image, stores every bitmap into it and activates it. A failed attempt's bitmaps are
+//! own image, checks everything that could refuse, then activates it holding every bitmap
+//! (no crash point shows one clean without the source's bits). A failed attempt's bitmaps are
 //! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
 //! issues nonces) and to the source stream that sent them (a random id in its STARTs and
 //! QUERYs: a new source numbers from 1 again), and resumed only by a QUERY of that stream
 //! in an attempt of the same migration. Regions that arrive after the start (postcopy, with
 //! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running
 //! bitmap, so the destination guest's marks are never overwritten.
+//!
+//! Each bitmap records at the destination as its START said. The source checks at the stop
+//! that it still records so ([`MigrationError::RecordingChanged`] if not, before anything of
+//! the stop is sent), so that the destination never stops recording where the source did.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -46,7 +51,7 @@ use super::frame::StateId;
 use super::state::{MigrationState, Pending};
 use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
 use crate::storage::Storage;
-use crate::store::{BitmapStore, Recording};
+use crate::store::{BitmapState, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
 use crate::units::Bytes;
 
 /// Regions per REGIONS section.
@@ -74,6 +79,8 @@ struct Streamed {
     /// The sequence number of the START the destination holds, or may hold if the attempt
     /// that sent it is in doubt; `None`: it must be sent (again).
     start_seq: Option<u64>,
+    /// The recording flag that START carried (meaningful while `start_seq` is `Some`).
+    start_enabled: bool,
     /// Per region, the sequence number of the section that last carried it since the
     /// destination's last report (0: none). Empty until the first send.
     sent_seq: Vec<u64>,
@@ -153,9 +160,12 @@ impl Streamed {
     }
 
     /// The destination holds every section up to `applied` and none after: re-queues the
-    /// regions last carried after it (a START after it: the whole bitmap).
+    /// regions last carried after it (a START after it, or one whose recording flag is no
+    /// longer the bitmap's: the whole bitmap, which the resent START resets there).
     fn resolve(&mut self, applied: u64) {
-        if self.start_seq.is_none_or(|s| s > applied) {
+        if self.start_seq.is_none_or(|s| s > applied)
+            || self.bitmap.is_enabled() != self.start_enabled
+        {
             self.resend_all();
             return;
         }
@@ -244,6 +254,7 @@ impl StreamDiskState {
                 consumer,
                 queue: None,
                 start_seq: None,
+                start_enabled: false,
                 sent_seq: Vec::new(),
                 seen,
                 seen_bytes: seen.saturating_mul(entry_max),
@@ -430,6 +441,7 @@ impl StreamDiskState {
             };
             b.start_seq = Some(seq);
             let start = Self::start_of(i, b, self.stream_id);
+            b.start_enabled = start.enabled;
             sent += out.send(id, &bitmap_codec::encode_start(&start, seq))?;
         }
         let mut buf = Vec::new();
@@ -526,6 +538,25 @@ impl StreamDiskState {
         } else if self.next_seq > 1 {
             self.unresolved = true;
         }
+    }
+
+    /// At the stop, before anything of it is sent: every bitmap whose START the destination
+    /// holds (or may hold) must still record as that START said, or the destination would
+    /// record its guest's writes where the source stopped recording (or the reverse). The
+    /// START cannot go twice in one attempt, so a changed one fails the stop; it and every
+    /// region go again in the next attempt (the START replaces the destination's copy).
+    fn check_recording(&mut self) -> Result<()> {
+        let mut changed = None;
+        for b in &mut self.bitmaps {
+            if b.start_seq.is_some() && b.bitmap.is_enabled() != b.start_enabled {
+                changed.get_or_insert_with(|| MigrationError::RecordingChanged {
+                    bitmap: b.name.clone(),
+                    enabled_at_start: b.start_enabled,
+                });
+                b.resend_all();
+            }
+        }
+        changed.map_or(Ok(()), Err)
     }
 
     /// Regions of every bitmap due when the destination's last report was taken: those it
@@ -699,12 +730,17 @@ impl MigrationState for StreamDiskState {
 
     /// Everything left, then each bitmap's COMPLETE. The VM is stopped and its disk I/O
     /// drained; the marks still in flight are waited for before the last take.
+    ///
+    /// # Errors
+    /// [`MigrationError::RecordingChanged`], before anything is sent, when a bitmap's
+    /// recording flag is no longer the one its START carried; the channel's errors.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         if self.awaiting {
             // No report came (a loop that did not wait for it): the destination's copy is
             // unknown, so every START and region goes again, and the STARTs reset it.
             self.resend_all();
         }
+        self.check_recording()?;
         let mut sent = Bytes(0);
         for i in 0..self.bitmaps.len() {
             if let Some(b) = self.bitmaps.get(i) {
@@ -724,6 +760,9 @@ impl MigrationState for StreamDiskState {
     /// With [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy): each bitmap's START
     /// if not sent, and its COMPLETE; the regions follow in the background push. Without:
     /// everything now ([`complete`](MigrationState::complete)).
+    ///
+    /// # Errors
+    /// As [`complete`](MigrationState::complete).
     fn postcopy_start(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         if !self.postcopy || self.qemu_baseline {
             return self.complete(out);
@@ -731,6 +770,7 @@ impl MigrationState for StreamDiskState {
         if self.awaiting {
             self.resend_all();
         }
+        self.check_recording()?;
         let mut sent = Bytes(0);
         for i in 0..self.bitmaps.len() {
             if let Some(b) = self.bitmaps.get(i) {
@@ -817,11 +857,46 @@ impl<S: Storage> std::fmt::Debug for StreamDiskDest<S> {
 /// The default bound on the bitmaps a [`StreamDiskDest`] holds in memory.
 pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 
+/// What one bitmap held by a [`StreamDiskDest`] costs in memory besides its words and its
+/// name, at most: the [`DirtyBitmap`] itself (its per-thread counter shards are inline, 33
+/// cache lines), the least heap its two summary towers' level lists and its change map
+/// take, its [`Incoming`] record, and its entries in the destination's maps. A START of
+/// one bit costs this much, not one byte (`the_memory_cost_is_never_below_a_bitmaps_own`).
+const BITMAP_FIXED_COST: u64 =
+    (std::mem::size_of::<DirtyBitmap>() + std::mem::size_of::<Incoming>() + 1024) as u64;
+
+/// The memory a bitmap of `serialized` bytes named `name_len` bytes costs a
+/// [`StreamDiskDest`], at most: its words (the serialized bytes rounded up to a word,
+/// within the fixed part), its towers (a bit per 64 bytes of bitmap each, a little more
+/// for their upper levels) and change map (a bit per region of at least 512 bytes), under
+/// 1/128 of the words together; the fixed part; the name.
+fn held_cost(serialized: u64, name_len: usize) -> u64 {
+    serialized
+        .saturating_add(serialized / 128)
+        .saturating_add(BITMAP_FIXED_COST)
+        .saturating_add(name_len as u64)
+}
+
+/// What a take-over does to the destination's image, decided (and checked) before anything
+/// is written: see [`StreamDiskDest::plan`].
+#[derive(Default)]
+struct Plan {
+    /// Incoming bitmaps the image holds consistent at their granularity: the activation
+    /// holds the stream's copies in their place.
+    adopt: Vec<(String, Arc<DirtyBitmap>)>,
+    /// Names the image holds inconsistent (an earlier attempt that took over and died
+    /// left them `in_use`) or at another granularity: removed, then added again.
+    remove: Vec<String>,
+    /// Incoming bitmaps to add, holding the stream's copy, with the START's recording.
+    add: Vec<(String, Recording, Arc<DirtyBitmap>)>,
+}
+
 impl<S: Storage + 'static> StreamDiskDest<S> {
     /// The state named `name` (as the source's [`StreamDiskState`]), opening its own image
     /// with `open` (writable) when it takes over. It holds at most [`DEFAULT_MAX_BYTES`] of
-    /// bitmaps in memory, those a failed attempt left included; a START that would exceed
-    /// it is refused before anything is allocated.
+    /// bitmaps in memory, those a failed attempt left included, each counted with its fixed
+    /// cost (its structure, counters and name: a few KiB however few bits it has); a START
+    /// that would exceed it is refused before anything is allocated.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<BitmapStore<S>> + Send + 'static,
@@ -846,7 +921,8 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         self.store.take()
     }
 
-    /// This destination, holding at most `max_bytes` of bitmaps in memory.
+    /// This destination, holding at most `max_bytes` of bitmaps in memory (counted as
+    /// [`new`](Self::new) says).
     #[must_use]
     pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
@@ -908,14 +984,28 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 self.current.stream.unwrap_or(0)
             )));
         }
-        if !self.started_now.insert(s.index) {
+        if self.started_now.contains(&s.index) {
             return Err(bad(format!("bitmap {} started twice", s.index)));
+        }
+        // Two bitmaps of one name cannot both be stored: refused here, where nothing is
+        // written yet (a resumed bitmap of another index counts too).
+        if let Some((&other, _)) = self
+            .current
+            .incoming
+            .iter()
+            .find(|&(&i, inc)| i != s.index && inc.start.name == s.name)
+        {
+            return Err(bad(format!(
+                "bitmap {} is named {:?}, as bitmap {other} is",
+                s.index, s.name
+            )));
         }
         // A START for a resumed bitmap replaces it (the source resends it whole), but only
         // once every check passed: a failed section leaves what is held as it was, so
         // that the count of sections held stays true.
         let granularity = 1u64 << s.granularity_bits;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
+        let cost = held_cost(bytes, s.name.len());
         // What a failed attempt left counts too: it stays until this migration resumes
         // it or another attempt holding something of its own fails or succeeds.
         let kept = self.kept.iter().flat_map(|(_, h)| h.incoming.values());
@@ -926,17 +1016,19 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             .filter(|&(&i, _)| i != s.index)
             .map(|(_, inc)| inc)
             .chain(kept)
-            .map(|i| i.bitmap.serialized_len())
-            .sum();
-        if held.saturating_add(bytes) > self.max_bytes {
+            .map(|i| held_cost(i.bitmap.serialized_len(), i.start.name.len()))
+            .fold(0u64, u64::saturating_add);
+        if held.saturating_add(cost) > self.max_bytes {
             return Err(MigrationError::InvalidInput(format!(
-                "bitmap {:?} of {bytes} bytes would exceed this destination's limit of {}",
+                "bitmap {:?} of {bytes} bytes ({cost} held in memory) would exceed this \
+                 destination's limit of {} with the {held} it holds",
                 s.name, self.max_bytes
             )));
         }
         let bitmap =
             DirtyBitmap::with_region_size(s.disk_size, granularity, u64::from(s.region_size))?;
         bitmap.set_enabled(s.enabled);
+        self.started_now.insert(s.index);
         self.current.stream = Some(s.stream);
         self.current.incoming.insert(
             s.index,
@@ -948,6 +1040,79 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             },
         );
         Ok(())
+    }
+
+    /// Every check that can refuse the take-over, on the opened image `st`, writing
+    /// nothing: each bitmap's disk size, its name given once, and what the store would
+    /// refuse ([`BitmapStore::check_replace`]: names, room in the directory and the header;
+    /// its memory limit over every consistent bitmap it will hold). What the activation
+    /// itself checks first (the store writable, its locks, the preflight) is refused by
+    /// it before its first write.
+    fn plan(&self, st: &BitmapStore<S>) -> Result<Plan> {
+        let list = st.list();
+        let mut names = BTreeSet::new();
+        let mut plan = Plan::default();
+        for inc in self.current.incoming.values() {
+            let s = &inc.start;
+            if st.disk_size() != s.disk_size {
+                return Err(MigrationError::InvalidInput(format!(
+                    "bitmap {:?} covers {} bytes, this image {}",
+                    s.name,
+                    s.disk_size,
+                    st.disk_size()
+                )));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(bad(format!("bitmap {:?} sent twice", s.name)));
+            }
+            let granularity = 1u64 << s.granularity_bits;
+            let existing = list.iter().find(|b| b.name.as_bytes() == s.name.as_bytes());
+            let content = Arc::clone(&inc.bitmap);
+            match existing {
+                Some(b)
+                    if !b.in_use
+                        && b.state == BitmapState::Consistent
+                        && b.granularity == granularity =>
+                {
+                    plan.adopt.push((s.name.clone(), content));
+                }
+                other => {
+                    if other.is_some() {
+                        plan.remove.push(s.name.clone());
+                    }
+                    let rec = if s.enabled {
+                        Recording::Enabled
+                    } else {
+                        Recording::Disabled
+                    };
+                    plan.add.push((s.name.clone(), rec, content));
+                }
+            }
+        }
+        // The store's limit, over what the active store will hold: each bitmap consistent
+        // on disk (the activation loads it, even one removed right after) and each added.
+        let disk = st.disk_size();
+        let needed = list
+            .iter()
+            .filter(|b| b.state == BitmapState::Consistent)
+            .map(|b| disk.div_ceil(b.granularity).div_ceil(8))
+            .chain(plan.add.iter().map(|(_, _, b)| b.serialized_len()))
+            .fold(0u64, u64::saturating_add);
+        if needed > ACTIVE_MEMORY_LIMIT {
+            return Err(crate::Error::Unsupported(format!(
+                "the image would hold {needed} bytes of bitmaps in memory, more than the \
+                 limit of {ACTIVE_MEMORY_LIMIT}"
+            ))
+            .into());
+        }
+        let remove: Vec<&[u8]> = plan.remove.iter().map(|n| n.as_bytes()).collect();
+        let add: Vec<(&str, u64)> = plan
+            .add
+            .iter()
+            .map(|(n, _, b)| (n.as_str(), b.granularity()))
+            .collect();
+        st.check_replace(&remove, &add)?;
+        Ok(plan)
     }
 
     fn regions(&mut self, index: u16, regions: &[(u64, RegionBody<'_>)]) -> Result<()> {
@@ -975,6 +1140,18 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             .store
             .as_ref()
             .and_then(|st| st.bitmap(inc.start.name.as_bytes()).ok());
+        if let Some(live) = &running {
+            // The store holds it at the START's disk size and granularity (`plan`), so a
+            // region's bytes sit at the same serialized offset in both.
+            if live.granularity() != inc.bitmap.granularity()
+                || live.disk_size() != inc.bitmap.disk_size()
+            {
+                return Err(MigrationError::Internal(format!(
+                    "the running bitmap {:?} is not the START's shape",
+                    inc.start.name
+                )));
+            }
+        }
         // One region's bytes at a time (checked above, so no write below fails): a sparse
         // section expands to at most one region's length here, however many it names.
         let mut buf = Vec::new();
@@ -983,10 +1160,13 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             body.expand(&mut buf)?;
             let bytes = &buf[..];
             match &running {
-                // After the start: OR into the running bitmap, never over its marks. The
-                // region is numbered in the source's geometry (the START's region size,
-                // which `inc.bitmap` has), not in the store's.
-                Some(live) => or_region(live, inc.bitmap.region_disk_range(r).0, bytes),
+                // After the start: OR into the running bitmap, never over its marks, and
+                // whether it records or not (these are the source's bits, not writes).
+                // The region is numbered in the source's geometry (the START's region
+                // size, which `inc.bitmap` has), not in the store's.
+                Some(live) => {
+                    live.or_serialized(r.saturating_mul(inc.bitmap.region_size()), bytes)?;
+                }
                 None => inc.bitmap.load_region(r, bytes)?,
             }
         }
@@ -996,22 +1176,6 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
 
 fn bad(reason: String) -> MigrationError {
     super::frame::FrameError::payload("bitmap", reason).into()
-}
-
-/// Marks in `live` every bit set in `bytes`: serialized bitmap (qcow2's layout, bit `k` of
-/// byte `i` is granule `8i + k`) of `live`'s granularity, starting at disk offset `start`.
-fn or_region(live: &DirtyBitmap, start: u64, bytes: &[u8]) {
-    let g = live.granularity();
-    for (i, &byte) in bytes.iter().enumerate() {
-        for bit in 0..8u64 {
-            if byte & (1 << bit) != 0 {
-                let off = start + (i as u64 * 8 + bit) * g;
-                if off < live.disk_size() {
-                    live.mark_dirty(off, 1);
-                }
-            }
-        }
-    }
 }
 
 impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
@@ -1069,56 +1233,43 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         Ok(None)
     }
 
-    /// Every bitmap complete, the image opened, each bitmap added to it if missing (with
-    /// the source's granularity and recording), then the image activated with the
-    /// bitmaps as they came ([`BitmapStore::activate_with`]): their content is written by
-    /// the store's next flush, after the guest started here, not in the downtime. Until
-    /// then the disk marks them `in_use`: a crash leaves them inconsistent, never clean.
+    /// Every bitmap complete, the image opened, and every check that can refuse done
+    /// (`plan`) before anything is written. Then the image is activated with
+    /// the stream's copies of the bitmaps it holds consistent
+    /// ([`BitmapStore::activate_with`], which writes only the `in_use` flags, after checks
+    /// of its own); then, active, each bitmap it holds inconsistent or at another
+    /// granularity is removed, and each it lacks is added holding the stream's copy
+    /// (`BitmapStore::add_holding`); then each bitmap records as its START said (the
+    /// source's flag wins over the image's `auto`). The content is written by the store's
+    /// next flush, after the guest started here, not in the downtime.
+    ///
+    /// Crash reasoning: the activation sets `in_use` on every bitmap it holds before
+    /// anything else is written; a removed bitmap is absent; an added one is `in_use` in
+    /// the very commit that names it. So at any crash point each bitmap of the stream is
+    /// absent, inconsistent, or (before the activation) the image's own copy as it was:
+    /// never clean without the source's bits. A failure after the activation (I/O) leaves
+    /// the active store to [`failed`](DestState::failed).
     fn before_start(&mut self) -> Result<()> {
         if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| !inc.complete) {
             return Err(bad(format!("bitmap {i} never completed")));
         }
         let mut st = (self.open)()?;
-        for inc in self.current.incoming.values() {
-            let s = &inc.start;
-            if st.disk_size() != s.disk_size {
-                return Err(MigrationError::InvalidInput(format!(
-                    "bitmap {:?} covers {} bytes, this image {}",
-                    s.name,
-                    s.disk_size,
-                    st.disk_size()
-                )));
+        let plan = self.plan(&st)?;
+        st.activate_with(plan.adopt)?;
+        let installed = (|| -> Result<()> {
+            for name in &plan.remove {
+                st.remove(name.as_bytes())?;
             }
-            let existing = st
-                .list()
-                .into_iter()
-                .find(|b| b.name.as_bytes() == s.name.as_bytes());
-            // A bitmap of that name that is inconsistent (an earlier attempt that took
-            // over and died left it in_use) or of another granularity is replaced: the
-            // source sent this one whole.
-            let stale = existing
-                .as_ref()
-                .is_some_and(|b| b.in_use || b.granularity != 1u64 << s.granularity_bits);
-            if stale {
-                st.remove(s.name.as_bytes())?;
+            for (name, rec, content) in plan.add {
+                st.add_holding(&name, rec, content)?;
             }
-            if existing.is_none() || stale {
-                let rec = if s.enabled {
-                    Recording::Enabled
-                } else {
-                    Recording::Disabled
-                };
-                st.add(&s.name, 1u64 << s.granularity_bits, rec)?;
+            for inc in self.current.incoming.values() {
+                st.set_enabled(inc.start.name.as_bytes(), inc.start.enabled)?;
             }
-        }
-        let content = self
-            .current
-            .incoming
-            .values()
-            .map(|inc| (inc.start.name.clone(), Arc::clone(&inc.bitmap)))
-            .collect();
-        st.activate_with(content)?;
+            Ok(())
+        })();
         self.store = Some(st);
+        installed?;
         self.started = true;
         // The guest runs here from now on: nothing of this migration is resumed again.
         self.kept = None;
@@ -1127,14 +1278,15 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
 
     /// The push after the start broke off: a bitmap whose regions could still follow is
     /// missing some, and the guest runs here on it, so every granule of it is marked dirty
-    /// (the next backup copies everything; a clean bit here could be a lost mark).
+    /// (the next backup copies everything; a clean bit here could be a lost mark), whether
+    /// it records or not: the marks stand for the source's bits, not for writes.
     fn failed_after_start(&mut self) {
         let Some(st) = self.store.as_ref() else {
             return;
         };
         for inc in self.current.incoming.values().filter(|i| i.more) {
             if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
-                live.mark_dirty(0, live.disk_size());
+                live.fill();
             }
         }
     }
@@ -1142,8 +1294,26 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// Undoes the activation, if any, and keeps what this attempt holds for the next
     /// attempt of the same migration, unless it holds nothing of its own (then what an
     /// earlier attempt left stays kept).
+    ///
+    /// The inactivation writes every bitmap the store holds and marks it consistent. A
+    /// bitmap whose regions were to follow the start (its COMPLETE said more may come:
+    /// postcopy) lacks them, so the store's copy is first marked dirty everywhere, whether
+    /// it records or not: the image then holds it consistent and all dirty (the next backup
+    /// copies everything), never clean where a source bit is missing. (Left `in_use`, it
+    /// would be as safe, but QEMU refuses to use an inconsistent bitmap.) The copy kept for
+    /// the next attempt stays exact, since the next report counts on it: when the store
+    /// holds that very bitmap, the kept one is split off first. A store that cannot
+    /// inactivate (poisoned by an I/O error) leaves every bitmap `in_use`.
     fn failed(&mut self) {
         if let Some(mut st) = self.store.take() {
+            for inc in self.current.incoming.values_mut().filter(|i| i.more) {
+                if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
+                    if Arc::ptr_eq(&live, &inc.bitmap) {
+                        inc.bitmap = Arc::new(inc.bitmap.snapshot());
+                    }
+                    live.fill();
+                }
+            }
             let _ = st.inactivate();
         }
         self.started = false;
@@ -1191,7 +1361,7 @@ mod tests {
     /// The source stream of these tests.
     const S1: u64 = 0x51;
 
-    fn report(d: &mut StreamDiskDest<MemStorage>) -> u64 {
+    fn report<T: Storage + 'static>(d: &mut StreamDiskDest<T>) -> u64 {
         let answer = d.section(&bitmap_codec::encode_query(S1)).unwrap().unwrap();
         bitmap_codec::decode_report(&answer).unwrap()
     }
@@ -1260,8 +1430,8 @@ mod tests {
 
     #[test]
     fn kept_bitmaps_count_in_the_memory_bound() {
-        // Room for one bitmap of 1 GiB at 64 KiB (2 KiB).
-        let mut d = dest().with_max_bytes(2048);
+        // Room for one bitmap of 1 GiB at 64 KiB (2 KiB, and its fixed cost).
+        let mut d = dest().with_max_bytes(held_cost(2048, 2));
         d.hello(3, M1).unwrap();
         d.section(&start_of(0, 1)).unwrap();
         d.failed();
@@ -1468,5 +1638,474 @@ mod tests {
             bitmap_codec::decode(&w.0[2]).unwrap().body,
             BitmapSection::Regions { ref regions, .. } if regions.len() == 4
         ));
+    }
+
+    // ----- The take-over, failures around it, and what the image says afterwards -----
+
+    use crate::storage::{CrashMode, CrashStorage, OpenMode};
+
+    /// Bitmap `index`'s START, named `name`, of `disk_size` bytes at 64 KiB granularity,
+    /// with change-map regions of `region_size`, as section `seq`.
+    fn start_named(
+        index: u16,
+        seq: u64,
+        name: &str,
+        enabled: bool,
+        disk_size: u64,
+        region_size: u32,
+    ) -> Vec<u8> {
+        bitmap_codec::encode_start(
+            &Start {
+                index,
+                stream: S1,
+                name: name.into(),
+                granularity_bits: 16,
+                enabled,
+                disk_size,
+                region_size,
+            },
+            seq,
+        )
+    }
+
+    /// Region `r` of bitmap `index`, `len` bytes whose first `ones` bytes have every bit
+    /// set, as section `seq`.
+    fn region_of(index: u16, r: u64, len: usize, ones: usize, seq: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        bytes[..ones].fill(0xFF);
+        let mut s = bitmap_codec::begin_regions(index, seq);
+        bitmap_codec::push_region(&mut s, r, &bytes, &mut Vec::new());
+        bitmap_codec::finish_regions(&mut s, 1);
+        s
+    }
+
+    /// An image of `DISK` bytes (64 KiB clusters) holding bitmap "b" at 64 KiB
+    /// granularity: `in_use` (an earlier destination activated it and died), or consistent
+    /// with its `auto` flag as `recording` says.
+    fn image_with_b(in_use: bool, recording: Recording) -> Vec<u8> {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("b", 65536, recording).unwrap();
+        if in_use {
+            st.activate().unwrap();
+        }
+        st.image().storage().to_vec()
+    }
+
+    /// A destination whose image is `storage` (shared, so that the test reads it after).
+    fn dest_on<T: Storage + 'static>(storage: &Arc<T>) -> StreamDiskDest<Arc<T>> {
+        let s = Arc::clone(storage);
+        StreamDiskDest::new("s", move || {
+            BitmapStore::open(Arc::clone(&s), OpenMode::ReadWrite)
+        })
+    }
+
+    /// The image `bytes` opened read-only.
+    fn reopen(bytes: Vec<u8>) -> BitmapStore<MemStorage> {
+        BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap()
+    }
+
+    /// A START that names a bitmap the attempt already holds under another index is refused:
+    /// two incoming bitmaps cannot both be stored under one name.
+    #[test]
+    fn a_start_naming_another_bitmap_of_the_attempt_is_refused() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+        let e = d
+            .section(&start_named(1, 2, "b", true, DISK, 512))
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::Frame(_)), "{e}");
+        assert_eq!(d.current.incoming.len(), 1);
+        assert_eq!(d.applied(), 1, "the refused section is not applied");
+    }
+
+    /// A take-over that the image refuses (a bitmap of another disk size, a name the
+    /// image cannot hold) writes nothing to it: the destination's image, which holds "b"
+    /// `in_use` from a destination that died, is byte for byte as it was, and "b" still
+    /// reads inconsistent, never empty and clean.
+    #[test]
+    fn a_refused_take_over_writes_nothing_to_the_image() {
+        for second in [
+            start_named(1, 3, "c", true, DISK * 2, 512),
+            start_named(1, 3, "c\0d", true, DISK, 512),
+        ] {
+            let before = image_with_b(true, Recording::Enabled);
+            let img = Arc::new(MemStorage::from_bytes(before.clone()));
+            let mut d = dest_on(&img);
+            d.hello(3, M1).unwrap();
+            d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+            d.section(&full_region(0, 1, 2)).unwrap();
+            d.section(&second).unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 4, false))
+                .unwrap();
+            d.section(&bitmap_codec::encode_complete(1, 5, false))
+                .unwrap();
+            assert!(d.before_start().is_err());
+            d.failed();
+            assert!(d.take_store().is_none());
+            let after = img.to_vec();
+            let st = reopen(after.clone());
+            let b = st.list().into_iter().find(|i| i.name == "b").unwrap();
+            assert!(b.in_use, "\"b\" must stay inconsistent: {b:?}");
+            assert_eq!(st.list().len(), 1, "{:?}", st.list());
+            assert!(after == before, "the refusal wrote to the image");
+        }
+    }
+
+    /// A crash anywhere in a take-over (the image holds "b" `in_use` from a destination
+    /// that died; the stream brings "b" and a new "c") or in the stop after it leaves each
+    /// bitmap absent, inconsistent, or holding every bit the stream gave it: never
+    /// consistent and short of a bit.
+    #[test]
+    fn a_crash_during_the_take_over_never_leaves_a_bitmap_clean_without_its_bits() {
+        let img = Arc::new(CrashStorage::from_bytes(image_with_b(
+            true,
+            Recording::Enabled,
+        )));
+        let mut d = dest_on(&img);
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+        d.section(&full_region(0, 1, 2)).unwrap();
+        d.section(&start_named(1, 3, "c", false, DISK, 512))
+            .unwrap();
+        d.section(&full_region(1, 2, 4)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 5, false))
+            .unwrap();
+        d.section(&bitmap_codec::encode_complete(1, 6, false))
+            .unwrap();
+        d.before_start().unwrap();
+        // Then the guest runs here, and the store's stop writes the content: the crash
+        // points cover the image after it too, with both bitmaps consistent.
+        d.take_store().unwrap().inactivate().unwrap();
+        let mut checked = 0;
+        for mode in [
+            CrashMode::Dropped,
+            CrashMode::Kept,
+            CrashMode::Torn { seed: 1 },
+            CrashMode::Torn { seed: 2 },
+        ] {
+            for (point, bytes) in img.crash_images(mode) {
+                let st = reopen(bytes);
+                for (name, region) in [("b", 1u64), ("c", 2)] {
+                    let Some(info) = st.list().into_iter().find(|i| i.name == name) else {
+                        continue;
+                    };
+                    if info.in_use {
+                        continue;
+                    }
+                    let held = st.load(name).unwrap();
+                    // The stream's region: 512 bytes of bitmap, 4096 granules of 64 KiB.
+                    let (off, len) = (region << 28, 1u64 << 28);
+                    assert_eq!(
+                        held.dirty_bytes(),
+                        len,
+                        "{mode:?}, crash after op {point}: {name:?} reads consistent \
+                         without the stream's bits"
+                    );
+                    assert_eq!(held.next_dirty(0), Some(off));
+                    checked += 1;
+                }
+            }
+        }
+        println!("{checked} consistent bitmaps checked");
+        assert!(checked > 0);
+    }
+
+    /// A write of the take-over fails (each in turn, and every one after it): the take-over
+    /// is refused, the attempt fails, and the image holds each bitmap of the stream absent,
+    /// inconsistent, or with every bit the stream gave it (a bitmap whose regions were to
+    /// follow the start, dirty everywhere): never clean without them.
+    #[test]
+    fn a_write_error_in_the_take_over_leaves_no_bitmap_clean_without_its_bits() {
+        use crate::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+        let mut failed = 0;
+        for n in 1.. {
+            let img = Arc::new(FaultStorage::new(
+                MemStorage::from_bytes(image_with_b(true, Recording::Enabled)),
+                FaultPlan::new().fail_write(Trigger::From(n), Landed::Nothing),
+            ));
+            let mut d = dest_on(&img);
+            d.hello(3, M1).unwrap();
+            d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+            d.section(&full_region(0, 1, 2)).unwrap();
+            d.section(&start_named(1, 3, "c", false, DISK, 512))
+                .unwrap();
+            d.section(&full_region(1, 2, 4)).unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 5, false))
+                .unwrap();
+            d.section(&bitmap_codec::encode_complete(1, 6, true))
+                .unwrap();
+            if d.before_start().is_ok() {
+                break;
+            }
+            failed += 1;
+            d.failed();
+            let st = reopen(img.inner().to_vec());
+            for (name, region) in [("b", 1u64), ("c", 2)] {
+                let Some(info) = st.list().into_iter().find(|i| i.name == name) else {
+                    continue;
+                };
+                if !info.in_use {
+                    let held = st.load(name).unwrap();
+                    let (off, len) = (region << 28, 1u64 << 28);
+                    assert!(
+                        held.next_clean(off).is_none_or(|c| c >= off + len),
+                        "write {n} failed: {name:?} reads consistent without its bits"
+                    );
+                }
+            }
+        }
+        assert!(failed > 0);
+    }
+
+    /// The attempt fails after `before_start` succeeded (a later state refused to start,
+    /// or Started could not be sent): a bitmap whose regions were to follow the start
+    /// (postcopy) lacks them, so the image must not hold it consistent as it is: it reads
+    /// `in_use` or dirty everywhere, recording or not. A complete one is written as it
+    /// came. What the attempt keeps for a retry is its exact copy, not the all-dirty one.
+    #[test]
+    fn a_failure_after_the_take_over_never_writes_an_incomplete_bitmap_clean() {
+        let img = Arc::new(MemStorage::from_bytes(
+            BitmapStore::create(MemStorage::new(), DISK, 65536)
+                .unwrap()
+                .image()
+                .storage()
+                .to_vec(),
+        ));
+        let mut d = dest_on(&img);
+        d.hello(3, M1).unwrap();
+        // "b": the store's region size (so the store holds the same bitmap), recording.
+        d.section(&start_named(0, 1, "b", true, DISK, 4096))
+            .unwrap();
+        d.section(&region_of(0, 0, 2048, 512, 2)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3, true))
+            .unwrap();
+        // "d": regions of its own size (the store holds a copy), not recording.
+        d.section(&start_named(1, 4, "d", false, DISK, 512))
+            .unwrap();
+        d.section(&full_region(1, 1, 5)).unwrap();
+        d.section(&bitmap_codec::encode_complete(1, 6, true))
+            .unwrap();
+        // "e": complete at the switch.
+        d.section(&start_named(2, 7, "e", true, DISK, 512)).unwrap();
+        d.section(&full_region(2, 3, 8)).unwrap();
+        d.section(&bitmap_codec::encode_complete(2, 9, false))
+            .unwrap();
+        d.before_start().unwrap();
+        d.failed();
+        let st = reopen(img.to_vec());
+        for name in ["b", "d"] {
+            let info = st.list().into_iter().find(|i| i.name == name).unwrap();
+            if !info.in_use {
+                let held = st.load(name).unwrap();
+                assert_eq!(
+                    held.count(),
+                    held.bit_count(),
+                    "{name:?} reads consistent without its late regions"
+                );
+            }
+        }
+        let e = st.load("e").unwrap();
+        assert_eq!(
+            e.count(),
+            512 * 8,
+            "a complete bitmap is written as it came"
+        );
+        // The retry resumes the exact copies.
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 9);
+        assert_eq!(d.current.incoming[&0].bitmap.count(), 512 * 8);
+        assert_eq!(d.current.incoming[&1].bitmap.count(), 512 * 8);
+    }
+
+    /// After the start, regions that follow (postcopy) reach a bitmap that does not record
+    /// guest writes too, and so does the all-dirty mark of a push that broke off: they are
+    /// the source's bits, not writes of the destination guest.
+    #[test]
+    fn late_regions_and_the_all_dirty_mark_reach_a_bitmap_that_does_not_record() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "d", false, DISK, 512))
+            .unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, true))
+            .unwrap();
+        d.before_start().unwrap();
+        d.section(&full_region(0, 2, 3)).unwrap();
+        let live = d.store().unwrap().bitmap("d").unwrap();
+        assert!(!live.is_enabled());
+        assert_eq!(live.count(), 512 * 8, "the late region is missing");
+        d.failed_after_start();
+        assert_eq!(live.count(), live.bit_count(), "not dirty everywhere");
+        assert!(!live.is_enabled());
+    }
+
+    /// The bound counts what a bitmap costs in memory, not only its bits: a flood of tiny
+    /// STARTs (1 bit each) is refused long before their real memory passes the bound.
+    #[test]
+    fn the_memory_bound_counts_each_bitmaps_fixed_cost() {
+        let max = 64 << 10;
+        let mut d = dest().with_max_bytes(max);
+        d.hello(3, M1).unwrap();
+        let mut refused = None;
+        for i in 0..1000u16 {
+            let s = bitmap_codec::encode_start(
+                &Start {
+                    index: i,
+                    stream: S1,
+                    name: format!("b{i}"),
+                    granularity_bits: 9,
+                    enabled: true,
+                    disk_size: 512,
+                    region_size: 512,
+                },
+                u64::from(i) + 1,
+            );
+            if let Err(e) = d.section(&s) {
+                assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
+                refused = Some(i);
+                break;
+            }
+        }
+        let real: u64 = d
+            .current
+            .incoming
+            .values()
+            .map(|inc| (inc.bitmap.memory_usage() + inc.start.name.len()) as u64)
+            .sum();
+        println!("refused at {refused:?}, {real} bytes held");
+        assert!(refused.is_some(), "1,000 STARTs taken, {real} bytes held");
+        assert!(real <= max, "{real} bytes held under a bound of {max}");
+    }
+
+    /// The cost the bound counts is never below what a bitmap held here takes: at the
+    /// smallest and largest geometries a START can ask for, and between.
+    #[test]
+    fn the_memory_cost_is_never_below_a_bitmaps_own() {
+        for (disk, g) in [
+            (512, 512),
+            (65536 * 7 + 1, 512),
+            (DISK, 65536),
+            (DISK + 1, 4096),
+            (16 << 40, 1 << 31),
+            (1 << 36, 512),
+        ] {
+            for region in [512, 4096, 2 << 20] {
+                let b = DirtyBitmap::with_region_size(disk, g, region).unwrap();
+                let own = (b.memory_usage() + std::mem::size_of::<Incoming>() + 1023) as u64;
+                let cost = held_cost(b.serialized_len(), 1023);
+                assert!(
+                    cost >= own,
+                    "disk {disk}, granularity {g}, region {region}: {cost} < {own}"
+                );
+            }
+        }
+    }
+
+    /// The destination image holds "b" consistent with the other recording flag: the
+    /// stream's flag wins, in memory and in what the image says once written.
+    #[test]
+    fn the_streams_recording_flag_wins_over_the_destination_images() {
+        for enabled in [true, false] {
+            let other = if enabled {
+                Recording::Disabled
+            } else {
+                Recording::Enabled
+            };
+            let img = Arc::new(MemStorage::from_bytes(image_with_b(false, other)));
+            let mut d = dest_on(&img);
+            d.hello(3, M1).unwrap();
+            d.section(&start_named(0, 1, "b", enabled, DISK, 512))
+                .unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 2, false))
+                .unwrap();
+            d.before_start().unwrap();
+            let mut st = d.take_store().unwrap();
+            assert_eq!(st.bitmap("b").unwrap().is_enabled(), enabled);
+            st.inactivate().unwrap();
+            drop(st);
+            let info = reopen(img.to_vec()).list().remove(0);
+            assert_eq!(info.enabled, enabled, "{info:?}");
+        }
+    }
+
+    /// The source's recording flag changes after its START went: the stop refuses (the
+    /// destination would record where the source no longer does, or the reverse), before
+    /// it sends anything, and the retry sends the START again with the flag as it is. A
+    /// change between attempts is found by the retry's report, which resends the START.
+    #[test]
+    fn a_recording_flag_changed_after_its_start_fails_the_stop_and_the_retry_resends_it() {
+        struct Wire(Vec<Vec<u8>>);
+        impl Outbound for Wire {
+            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+                self.0.push(payload.to_vec());
+                Ok(Bytes(payload.len() as u64))
+            }
+            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
+                Ok(Bytes(0))
+            }
+            fn bytes_sent(&self) -> Bytes {
+                Bytes(0)
+            }
+        }
+        let starts = |w: &Wire| -> Vec<bool> {
+            w.0.iter()
+                .filter_map(|p| match bitmap_codec::decode(p).unwrap().body {
+                    BitmapSection::Start(s) => Some(s.enabled),
+                    _ => None,
+                })
+                .collect()
+        };
+        for postcopy in [false, true] {
+            let b = Arc::new(DirtyBitmap::with_region_size(DISK, 65536, 512).unwrap());
+            b.mark_dirty(0, 1);
+            let mut s = StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))])
+                .unwrap()
+                .defer_to_postcopy(postcopy);
+            let stop = |s: &mut StreamDiskState, w: &mut Wire| {
+                if postcopy {
+                    s.postcopy_start(w)
+                } else {
+                    s.complete(w)
+                }
+            };
+            let mut w = Wire(Vec::new());
+            s.setup(&mut w).unwrap();
+            s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+            assert_eq!(starts(&w), [true]);
+            b.set_enabled(false);
+            let sent = w.0.len();
+            let e = stop(&mut s, &mut w).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    MigrationError::RecordingChanged {
+                        ref bitmap,
+                        enabled_at_start: true,
+                    } if bitmap == "b"
+                ),
+                "postcopy {postcopy}: {e}"
+            );
+            assert_eq!(w.0.len(), sent, "the refused stop sent something");
+            s.resume_source();
+            // The retry: the destination holds everything sent; the START goes again.
+            let mut w = Wire(Vec::new());
+            s.setup(&mut w).unwrap();
+            s.report(&bitmap_codec::encode_report(s.last_seq()))
+                .unwrap();
+            s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+            stop(&mut s, &mut w).unwrap();
+            assert_eq!(starts(&w), [false], "postcopy {postcopy}");
+            // Changed between attempts: the retry's report finds it, and the START goes
+            // again in that attempt; its stop succeeds.
+            s.cancel();
+            b.set_enabled(true);
+            let mut w = Wire(Vec::new());
+            s.setup(&mut w).unwrap();
+            s.report(&bitmap_codec::encode_report(s.last_seq()))
+                .unwrap();
+            s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+            stop(&mut s, &mut w).unwrap();
+            assert_eq!(starts(&w), [true], "postcopy {postcopy}");
+        }
     }
 }

@@ -73,6 +73,21 @@ pub enum MigrationError {
         /// Why the source could not take over again.
         resume: Box<MigrationError>,
     },
+    /// Stream mode: a disk bitmap's recording (enabled) flag on the source is no longer the
+    /// one its START carried, so the destination would record its guest's writes where the
+    /// source stopped recording, or the reverse. Found at the stop, before anything of it
+    /// is sent: the source resumes, and the next attempt sends that bitmap's START (and
+    /// every region of it) again, with the flag as it is then.
+    #[error(
+        "bitmap {bitmap:?} changed its recording after its START carried enabled = \
+         {enabled_at_start}; the next attempt sends it again"
+    )]
+    RecordingChanged {
+        /// The bitmap's name.
+        bitmap: String,
+        /// The flag its START carried.
+        enabled_at_start: bool,
+    },
     /// A parameter is outside its documented range, or options conflict (postcopy asked of
     /// a state or loop set up without it, a Hello asking for more RAM than the destination's
     /// limit); the message names it.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{ceil_clusters, BitmapStore, Recording};
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Error, Result};
+use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
@@ -43,8 +43,63 @@ impl<S: Storage> BitmapStore<S> {
         recording: Recording,
         disable: Option<usize>,
     ) -> Result<()> {
-        let enabled = recording.is_enabled();
+        self.add_inner(name, granularity, recording, disable, None)
+    }
+
+    /// [`add`](Self::add) on a store active in deferred mode, holding `content` as the new
+    /// bitmap (shared, or copied if its region size is not this store's), with every
+    /// region counted as changed, as [`activate_with`](Self::activate_with) holds what it
+    /// is given: a migration destination's bitmap that came over the stream. The directory
+    /// commit names it `in_use`, so from the commit on a crash leaves it inconsistent,
+    /// never empty and clean; the next flush writes its content.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add); [`Error::WrongState`] if the store is not active or is
+    /// active in durable mode; [`Error::InvalidInput`] for content of another disk size.
+    pub(crate) fn add_holding(
+        &mut self,
+        name: &str,
+        recording: Recording,
+        content: Arc<DirtyBitmap>,
+    ) -> Result<()> {
+        let granularity = content.granularity();
+        self.add_inner(name, granularity, recording, None, Some(content))
+    }
+
+    /// Whether removing the bitmaps named `remove`, then adding one of each `(name,
+    /// granularity)` of `add` in turn, would pass every check of
+    /// [`remove`](Self::remove) and [`add`](Self::add) on this store as it is (each write
+    /// still runs [`preflight`](Self::preflight) first). Writes nothing: a caller that must
+    /// refuse before its first write asks this before it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for a name of `remove` the directory lacks; then as
+    /// [`add`](Self::add), as if the bitmaps before it in `add` were there.
+    pub(crate) fn check_replace(&self, remove: &[&[u8]], add: &[(&str, u64)]) -> Result<()> {
         self.ensure_writable()?;
+        let mut live = self.current_entries();
+        for &name in remove {
+            let i = self.find(name)?;
+            let gone = self.slots[i].entry.name.clone();
+            live.retain(|e| e.name != gone);
+        }
+        for &(name, granularity) in add {
+            let entry = self.new_entry(&live, name, granularity, false)?;
+            live.push(entry);
+        }
+        Ok(())
+    }
+
+    /// The directory entry [`add`](Self::add) would write for `name` beside the entries
+    /// `live` (its table not allocated yet: offset 0), once every check of the name, the
+    /// granularity and the room in the image passed. Writes nothing.
+    fn new_entry(
+        &self,
+        live: &[DirEntry],
+        name: &str,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<DirEntry> {
         if !self.image.header().can_hold_bitmaps() {
             return Err(Error::Unsupported(
                 "cannot store dirty bitmaps in qcow2 v2 files".to_string(),
@@ -65,20 +120,18 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let gbits = gbits as u8;
-        let live: Vec<DirEntry> = self.current_entries();
         if live.iter().any(|e| e.name == name) {
             return Err(Error::Exists { name: name.into() });
         }
         if live.len() as u64 >= u64::from(MAX_BITMAPS) {
             return Err(invalid_input!("the image already holds 65535 bitmaps"));
         }
-        let cs = self.image.cluster_size();
         let disk = self.disk_size();
         if disk == 0 {
             return Err(invalid_input!("a 0-byte disk cannot hold a bitmap"));
         }
-        let ts = table_size(disk, gbits, cs)?;
-        let mut entry = DirEntry {
+        let ts = table_size(disk, gbits, self.image.cluster_size())?;
+        let entry = DirEntry {
             name: name.into(),
             table_offset: 0,
             table_size: ts,
@@ -95,21 +148,60 @@ impl<S: Storage> BitmapStore<S> {
                 "the directory would grow to {dir_size} bytes, above 67107840"
             ));
         }
+        self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
+        Ok(entry)
+    }
+
+    fn add_inner(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        recording: Recording,
+        disable: Option<usize>,
+        content: Option<Arc<DirtyBitmap>>,
+    ) -> Result<()> {
+        let enabled = recording.is_enabled();
+        self.ensure_writable()?;
+        if let Some(c) = &content {
+            if !self.active {
+                return Err(Error::WrongState(StateProblem::NotActive));
+            }
+            if self.durable.is_some() {
+                return Err(Error::WrongState(StateProblem::Durable));
+            }
+            if c.disk_size() != self.disk_size() {
+                return Err(invalid_input!(
+                    "bitmap {name:?} covers {} bytes; the image {}",
+                    c.disk_size(),
+                    self.disk_size()
+                ));
+            }
+        }
+        let live: Vec<DirEntry> = self.current_entries();
+        let mut entry = self.new_entry(&live, name, granularity, enabled)?;
+        let ts = entry.table_size;
+        let cs = self.image.cluster_size();
+        self.preflight()?;
         // Inactive after an incremental inactivate, trackers still mark the parked bitmaps
         // and `activate` resumes them instead of reading the disk: the new bitmap is parked
         // too, so that it holds the marks from its commit on (for a checkpoint, those the
         // disabled old one no longer takes). Its disk image is empty, as it is.
         let parked_too =
             !self.active && !self.parked_durable && self.slots.iter().any(|s| s.parked.is_some());
-        let mem = if self.active || parked_too {
-            let m = self.new_bitmap(granularity)?;
-            m.set_enabled_unshared(enabled);
-            Some(Arc::new(m))
-        } else {
-            None
+        let mem = match (self.active, content) {
+            (true, Some(c)) => Some(self.adopt(&entry, c)?),
+            (true, None) => {
+                let m = self.new_bitmap(granularity)?;
+                m.set_enabled_unshared(enabled);
+                Some(Arc::new(m))
+            }
+            (false, _) if parked_too => {
+                let m = self.new_bitmap(granularity)?;
+                m.set_enabled_unshared(enabled);
+                Some(Arc::new(m))
+            }
+            (false, _) => None,
         };
-        self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
-        self.preflight()?;
         // All input is valid and the image is sound: from here on, only I/O can fail.
         let table_bytes = u64::from(ts) * 8;
         let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;

@@ -131,7 +131,7 @@ impl<S: Storage> BitmapStore<S> {
 
     /// `bm` as this store holds an adopted bitmap of `entry`: its own geometry (a copy
     /// if the region size differs), recording as `entry` says, every region changed.
-    fn adopt(&self, entry: &DirEntry, bm: Arc<DirtyBitmap>) -> Result<Arc<DirtyBitmap>> {
+    pub(super) fn adopt(&self, entry: &DirEntry, bm: Arc<DirtyBitmap>) -> Result<Arc<DirtyBitmap>> {
         let held = if bm.region_size() == self.region_size() {
             bm
         } else {

@@ -849,3 +849,45 @@ fn activate_with_replaces_the_disk_content_at_the_next_flush() {
     ));
     assert_eq!(c.image().storage().to_vec(), before);
 }
+
+/// `check_replace` applies every check of `remove` and `add` to the whole set, each add
+/// beside the ones before it, and writes nothing; `add_holding` adds only to an active
+/// store, `in_use` from its commit, holding the content it is given.
+#[test]
+fn check_replace_checks_the_whole_set_and_add_holding_commits_in_use() {
+    let mut s = new_store(16 * MIB, 65536);
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    let before = s.image().storage().to_vec();
+    s.check_replace(&[b"a"], &[("a", 65536), ("b", 4096)])
+        .unwrap();
+    for (remove, add) in [
+        (&[][..], &[("a", 65536)][..]),
+        (&[&b"x"[..]][..], &[][..]),
+        (&[][..], &[("b", 65536), ("b", 4096)][..]),
+        (&[][..], &[("b", 65536), ("c\0", 4096)][..]),
+        (&[][..], &[("b", 65536), ("c", 1000)][..]),
+    ] {
+        assert!(
+            s.check_replace(remove, add).is_err(),
+            "{remove:?} then {add:?}"
+        );
+    }
+    assert!(s.image().storage().to_vec() == before, "a check wrote");
+    let content = Arc::new(DirtyBitmap::new(16 * MIB, 4096).unwrap());
+    content.mark_dirty(MIB, 1);
+    assert!(matches!(
+        s.add_holding("b", Recording::Disabled, Arc::clone(&content)),
+        Err(Error::WrongState(StateProblem::NotActive))
+    ));
+    s.activate().unwrap();
+    s.add_holding("b", Recording::Disabled, Arc::clone(&content))
+        .unwrap();
+    let info = s.list().into_iter().find(|i| i.name == "b").unwrap();
+    assert!(info.in_use && !info.enabled, "{info:?}");
+    let held = s.bitmap("b").unwrap();
+    assert!(held.is_dirty(MIB));
+    assert_eq!(held.changed_region_count(), held.region_count());
+    s.inactivate().unwrap();
+    let s = reopen(s, OpenMode::ReadOnly);
+    assert_eq!(s.load("b").unwrap().count(), 1);
+}
