@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::qemu::{assert_qemu_clean, nbd_dirty, qemu_bitmaps};
+use common::qemu::{assert_qemu_clean, nbd_dirty, p, qemu_bitmaps};
 use common::seeded_rng;
 use dirty_bitmap::storage::{CrashMode, CrashStorage, FileStorage, MemStorage};
 use dirty_bitmap::{BitmapStore, Error, OpenMode, Recording};
@@ -63,9 +63,11 @@ fn a_chain_of_checkpoints_and_what_changed_since_each() {
         let v: Vec<(u64, u64)> = sets.iter().flat_map(|s| s.iter().copied()).collect();
         granules(&v, G)
     };
-    assert_eq!(since(&st, "c1"), all(&[&a, &b, &c]));
-    assert_eq!(since(&st, "c2"), all(&[&b, &c]));
-    assert_eq!(since(&st, "c3"), all(&[&c]));
+    // The image cannot tell which bitmaps are later (see `what_changed_since_a_checkpoint_qemu_made`):
+    // every union takes the whole chain, and holds every write since its checkpoint.
+    for n in ["c1", "c2", "c3"] {
+        assert_eq!(since(&st, n), all(&[&a, &b, &c]), "{n}");
+    }
     assert_eq!(granules(&extents(&st.bitmap("c1").unwrap()), G), all(&[&a]));
     // An active store cannot export: the disk copy would be in_use.
     assert!(matches!(
@@ -94,13 +96,15 @@ fn a_chain_of_checkpoints_and_what_changed_since_each() {
         "{flags:?}"
     );
     let exported = granules(&nbd_dirty(&img, "tmp"), G);
-    assert_eq!(exported, all(&[&b, &c]));
-    // Removing the oldest checkpoint after a backup: one commit, the rest unchanged.
+    assert_eq!(exported, all(&[&a, &b, &c]));
+    // After the backup: the exported bitmap and the oldest checkpoint go, one commit each,
+    // and the union since c2 is c2's writes and c3's.
     let mut st = BitmapStore::open(
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
         OpenMode::ReadWrite,
     )
     .unwrap();
+    st.remove("tmp").unwrap();
     st.remove("c1").unwrap();
     assert_eq!(since(&st, "c2"), all(&[&b, &c]));
     drop(st);
@@ -289,4 +293,70 @@ fn a_checkpoint_while_inactive_keeps_the_trackers_marks() {
     let b = d.load("b").unwrap();
     assert_eq!(extents(&b), vec![(5 * G, G), (7 * G, G)]);
     assert_eq!(extents(&d.load("a").unwrap()), vec![(G, G)]);
+}
+
+/// Found by an adversarial review: QEMU keeps the bitmaps it loaded in place and appends
+/// those one run created newest first, so two checkpoints made in one
+/// `qemu-storage-daemon` session lie in the directory as c1, c3, c2. "Since c2" took c2
+/// and the bitmaps after it (none) and called the disk clean although c3 recorded a write:
+/// a backup would have missed it. The union now takes every bitmap.
+#[test]
+fn what_changed_since_a_checkpoint_qemu_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.qcow2");
+    let mut st = BitmapStore::create(FileStorage::create(&img).unwrap(), 256 * MIB, G).unwrap();
+    st.checkpoint("c1").unwrap();
+    drop(st);
+    let qmp = [
+        r#"{"execute":"qmp_capabilities"}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"d","name":"c2","persistent":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"d","name":"c1"}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"d","name":"c3","persistent":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"d","name":"c2"}}"#,
+        r#"{"execute":"quit"}"#,
+    ];
+    let mut qsd = std::process::Command::new(common::qemu::tool("qemu-storage-daemon"))
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={}", p(&img)),
+            "--blockdev",
+            "driver=qcow2,node-name=d,file=f",
+            "--chardev",
+            "stdio,id=m",
+            "--monitor",
+            "chardev=m",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = qsd.stdin.take().unwrap();
+        for line in qmp {
+            writeln!(stdin, "{line}").unwrap();
+        }
+    }
+    let out = qsd.wait_with_output().unwrap();
+    let replies = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{replies}");
+    assert_eq!(
+        replies.matches(r#"{"return": {}}"#).count(),
+        qmp.len(),
+        "{replies}"
+    );
+    // A write after the second checkpoint: only c3 records it.
+    common::qemu::ok("qemu-io", &["-f", "qcow2", "-c", "write 5M 4k", p(&img)]);
+    let st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let order: Vec<String> = st.list().iter().map(|b| b.name.to_string()).collect();
+    assert_eq!(order, ["c1", "c3", "c2"], "QEMU's directory order");
+    assert!(st.load("c3").unwrap().is_dirty(5 * MIB));
+    assert!(
+        st.changed_since("c2").unwrap().is_dirty(5 * MIB),
+        "a write after checkpoint c2 is missing from what changed since it"
+    );
 }

@@ -1,13 +1,19 @@
 //! Checkpoints: a chain of bitmaps, one per backup, of which only the newest records.
 //!
-//! The chain is the image's bitmaps in directory order: [`BitmapStore::checkpoint`] appends
-//! the new bitmap at the end and, in the same directory commit, disables the one that was
-//! recording, so every write lands in the old bitmap (before the commit) or the new one
-//! (after it). "What changed since checkpoint X" is then the union of X and every bitmap
-//! after it ([`BitmapStore::changed_since`]). A bitmap someone added to the image by other
-//! means after X only adds bits to that union: a spurious dirty extent costs one extra
-//! copy, a missing one would corrupt a backup. Removing the oldest checkpoint after a
-//! backup is [`BitmapStore::remove`], one commit.
+//! [`BitmapStore::checkpoint`] appends the new bitmap at the end of the directory and, in
+//! the same directory commit, disables the one that was recording, so every write lands in
+//! the old bitmap (before the commit) or the new one (after it).
+//!
+//! "What changed since checkpoint X" ([`BitmapStore::changed_since`]) is the union of X and
+//! every bitmap created after it, but the image does not say which those are. The
+//! directory order is the creation order only for bitmaps added one commit at a time, as
+//! here: QEMU keeps the entries it loaded in place and appends the bitmaps one run of it
+//! created newest first, so after two checkpoints in one QEMU session the newer one lies
+//! before the older (`tests/checkpoint.rs`, `what_changed_since_a_checkpoint_qemu_made`).
+//! Nothing else in the format records when a bitmap was made. So the union takes every
+//! bitmap of the image: bits from before X, or from a bitmap unrelated to the chain, cost
+//! extra copies; a missing bitmap would corrupt a backup. Removing the oldest checkpoint
+//! after each backup ([`BitmapStore::remove`], one commit) keeps the union tight.
 
 use super::{BitmapStore, Recording};
 use crate::bitmap::DirtyBitmap;
@@ -84,26 +90,29 @@ impl<S: Storage> BitmapStore<S> {
         }
     }
 
-    /// What changed since checkpoint `since`: the union of bitmap `since` and every bitmap
-    /// after it in the directory, at `since`'s granularity (each later bitmap's dirty
-    /// extents dirty every granule they touch). Read from memory where the store holds the
-    /// bitmaps, else from disk.
+    /// What changed since checkpoint `since`: the union of bitmap `since` and every other
+    /// bitmap of the image, at `since`'s granularity (each other bitmap's dirty extents
+    /// dirty every granule they touch). Every other bitmap, because the image cannot tell
+    /// which were created after `since` (see the module docs): the union holds every write
+    /// made since, and may hold writes from before it. Read from memory where the store
+    /// holds the bitmaps, else from disk.
     ///
     /// # Errors
-    /// [`Error::NotFound`]; [`Error::Inconsistent`] when `since` or any later bitmap is
-    /// inconsistent (its bits cannot be trusted: back up in full); [`Error::Corrupt`]; I/O.
+    /// [`Error::NotFound`]; [`Error::Inconsistent`] when any bitmap of the image is
+    /// inconsistent (it may be a later checkpoint whose bits cannot be trusted: remove it,
+    /// or back up in full); [`Error::Corrupt`]; I/O.
     pub fn changed_since(&self, since: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let first = self.find(since.as_ref())?;
         let base = self.load(since.as_ref())?;
         // A fresh, enabled bitmap: a copy of a disabled checkpoint would ignore the marks.
         let out = self.new_bitmap(base.granularity())?;
         out.merge_from(&base)?;
-        for s in self.slots.iter().skip(first.saturating_add(1)) {
-            if s.stale {
+        for (i, s) in self.slots.iter().enumerate() {
+            if i == first {
                 continue;
             }
-            let later = self.load(s.entry.name.as_bytes())?;
-            for (off, len) in later.dirty_extents() {
+            let other = self.load(s.entry.name.as_bytes())?;
+            for (off, len) in other.dirty_extents() {
                 out.mark_dirty(off, len);
             }
         }

@@ -20,7 +20,8 @@ pub struct CheckpointArgs {
     /// this one added, recording, at the same granularity.
     #[arg(required_unless_present = "since", conflicts_with_all = ["since", "into"])]
     pub name: Option<String>,
-    /// Export what changed since this checkpoint (it and every later bitmap) ...
+    /// Export what changed since this checkpoint (it and every other bitmap of the image,
+    /// which cannot tell which are later) ...
     #[arg(long, requires = "into", value_name = "CHECKPOINT")]
     pub since: Option<String>,
     /// ... into this new disabled bitmap, for `qemu-nbd -B INTO` (remove it afterwards).
