@@ -360,3 +360,27 @@ fn what_changed_since_a_checkpoint_qemu_made() {
         "a write after checkpoint c2 is missing from what changed since it"
     );
 }
+
+/// Found by an adversarial review: a checkpoint on an image whose bitmaps extension is
+/// untrusted (autoclear bit 0 clear: a program without bitmap support wrote it, or a crash
+/// inside one of our brackets) filtered those bitmaps out, started a new chain and dropped
+/// the old one with its commit, without a word. It is refused as for an inconsistent
+/// recording bitmap, before anything is written.
+#[test]
+fn a_checkpoint_over_an_untrusted_chain_is_refused_before_any_write() {
+    let mut st = BitmapStore::create(MemStorage::new(), 64 * MIB, G).unwrap();
+    st.checkpoint("c1").unwrap();
+    st.checkpoint("c2").unwrap();
+    let mut bytes = st.image().storage().to_vec();
+    // Autoclear bit 0 is the last bit of the header's bytes 88..96.
+    bytes[95] &= !1;
+    let mut st =
+        BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite).unwrap();
+    assert!(st
+        .list()
+        .iter()
+        .all(|b| b.in_use || b.state != dirty_bitmap::BitmapState::Consistent));
+    let r = st.checkpoint("c3");
+    assert!(matches!(r, Err(Error::Inconsistent { .. })), "{r:?}");
+    assert!(st.image().storage().to_vec() == bytes, "the refusal wrote");
+}

@@ -40,9 +40,18 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
     /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is
-    /// inconsistent (start a new chain after a full backup: remove it first);
+    /// inconsistent, or the image's bitmaps extension is untrusted (autoclear bit 0 clear),
+    /// which a commit would drop with every bitmap in it (start a new chain after a full
+    /// backup: remove the bitmaps first);
     /// [`Error::ReadOnly`]; I/O.
     pub fn checkpoint(&mut self, new: &str) -> Result<Option<BitmapName>> {
+        // An untrusted bitmaps extension: its bitmaps would vanish with the commit below,
+        // and the chain with them. Refused as an inconsistent recording bitmap is.
+        if let Some(s) = self.slots.iter().find(|s| s.stale) {
+            return Err(Error::Inconsistent {
+                name: s.entry.name.to_string(),
+            });
+        }
         let recording: Vec<usize> = self
             .slots
             .iter()
