@@ -6,6 +6,8 @@
 //! object per row (keys sorted).
 
 use dirty_bitmap::format::BitmapName;
+use std::collections::VecDeque;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,8 +25,8 @@ pub struct DumpArgs {
     /// The bitmap.
     #[arg(required_unless_present = "since", conflicts_with = "since")]
     pub name: Option<String>,
-    /// Print what changed since this checkpoint instead: the union of it and every bitmap
-    /// after it in the image (`dbm checkpoint`).
+    /// Print what changed since this checkpoint instead: the union of it and every other
+    /// bitmap of the image (`dbm checkpoint`).
     #[arg(long, value_name = "CHECKPOINT")]
     pub since: Option<String>,
     /// Print nbdinfo's `--map --json` array instead of text rows.
@@ -51,32 +53,81 @@ pub struct Row {
 }
 
 /// Rows covering `[0, disk_size)`: the dirty extents (sorted, disjoint, within the disk)
-/// with the clean gaps between them.
-pub fn rows(disk_size: u64, dirty: impl IntoIterator<Item = (u64, u64)>) -> Vec<Row> {
-    let mut out: Vec<Row> = Vec::new();
-    let mut at = 0u64;
-    let push = |out: &mut Vec<Row>, offset: u64, length: u64, dirty: bool| {
+/// with the clean gaps between them, produced one at a time as the extents are read, so
+/// that a bitmap of millions of runs is printed in constant memory.
+pub fn rows<I: IntoIterator<Item = (u64, u64)>>(disk_size: u64, dirty: I) -> Rows<I::IntoIter> {
+    Rows {
+        disk: disk_size,
+        at: 0,
+        src: dirty.into_iter(),
+        pending: None,
+        ready: VecDeque::with_capacity(2),
+        done: false,
+    }
+}
+
+/// The iterator of [`rows`]: each extent read gives at most two finished rows (the clean
+/// gap before it and the previous dirty run), so at most two wait in `ready`.
+pub struct Rows<I> {
+    disk: u64,
+    /// Where the next row starts.
+    at: u64,
+    src: I,
+    /// The row being grown: the next piece may extend it.
+    pending: Option<Row>,
+    ready: VecDeque<Row>,
+    done: bool,
+}
+
+impl<I> Rows<I> {
+    fn feed(&mut self, offset: u64, length: u64, dirty: bool) {
         if length == 0 {
             return;
         }
-        match out.last_mut() {
+        match &mut self.pending {
             Some(r) if r.dirty == dirty && r.offset + r.length == offset => r.length += length,
-            _ => out.push(Row {
-                offset,
-                length,
-                dirty,
-            }),
+            p => {
+                if let Some(done) = p.replace(Row {
+                    offset,
+                    length,
+                    dirty,
+                }) {
+                    self.ready.push_back(done);
+                }
+            }
         }
-    };
-    for (off, len) in dirty {
-        let off = off.clamp(at, disk_size);
-        let end = off.saturating_add(len).min(disk_size);
-        push(&mut out, at, off - at, false);
-        push(&mut out, off, end - off, true);
-        at = end;
     }
-    push(&mut out, at, disk_size - at, false);
-    out
+}
+
+impl<I: Iterator<Item = (u64, u64)>> Iterator for Rows<I> {
+    type Item = Row;
+
+    fn next(&mut self) -> Option<Row> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(r);
+            }
+            if self.done {
+                return None;
+            }
+            match self.src.next() {
+                Some((off, len)) => {
+                    let off = off.clamp(self.at, self.disk);
+                    let end = off.saturating_add(len).min(self.disk);
+                    self.feed(self.at, off - self.at, false);
+                    self.feed(off, end - off, true);
+                    self.at = end;
+                }
+                None => {
+                    self.done = true;
+                    self.feed(self.at, self.disk - self.at, false);
+                    if let Some(r) = self.pending.take() {
+                        self.ready.push_back(r);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn describe(dirty: bool) -> (u32, &'static str) {
@@ -93,30 +144,46 @@ pub fn text_row(r: &Row) -> String {
     format!("{:>10}  {:>10}  {t:>3}  {d}", r.offset, r.length)
 }
 
-/// The JSON array exactly as `nbdinfo --json --map` prints it, one object per line.
-pub fn json_rows(rows: &[Row]) -> String {
-    let lines: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let (t, d) = describe(r.dirty);
-            format!(
-                "{{ \"offset\": {}, \"length\": {}, \"type\": {t}, \"description\": \"{d}\"}}",
-                r.offset, r.length
-            )
-        })
-        .collect();
-    format!("[\n{}\n]", lines.join(",\n"))
+/// One object of nbdinfo's `--json --map` array.
+fn json_row(r: &Row) -> String {
+    let (t, d) = describe(r.dirty);
+    format!(
+        "{{ \"offset\": {}, \"length\": {}, \"type\": {t}, \"description\": \"{d}\"}}",
+        r.offset, r.length
+    )
+}
+
+/// Writes `rows` as text rows, or as the JSON array exactly as `nbdinfo --json --map`
+/// prints it (one object per line), followed by a newline.
+pub fn write_rows(
+    out: &mut impl Write,
+    rows: impl Iterator<Item = Row>,
+    json: bool,
+) -> std::io::Result<()> {
+    if !json {
+        for r in rows {
+            writeln!(out, "{}", text_row(&r))?;
+        }
+        return Ok(());
+    }
+    out.write_all(b"[\n")?;
+    for (i, r) in rows.enumerate() {
+        if i > 0 {
+            out.write_all(b",\n")?;
+        }
+        out.write_all(json_row(&r).as_bytes())?;
+    }
+    out.write_all(b"\n]\n")
 }
 
 /// Bytes per type (clean, then dirty), those present: `nbdinfo --totals`.
-fn totals(rows: &[Row]) -> Vec<(u64, bool)> {
-    let sum = |dirty: bool| -> u64 {
-        rows.iter()
-            .filter(|r| r.dirty == dirty)
-            .map(|r| r.length)
-            .sum()
-    };
-    [(sum(false), false), (sum(true), true)]
+fn totals(rows: impl Iterator<Item = Row>) -> Vec<(u64, bool)> {
+    let (mut clean, mut dirty) = (0u64, 0u64);
+    for r in rows {
+        let sum = if r.dirty { &mut dirty } else { &mut clean };
+        *sum = sum.saturating_add(r.length);
+    }
+    [(clean, false), (dirty, true)]
         .into_iter()
         .filter(|&(n, _)| n > 0)
         .collect()
@@ -137,7 +204,7 @@ fn percent_g(v: f64) -> String {
 }
 
 /// `nbdinfo --totals` text: `%10lu %5.1f%% %3u %s` per type.
-pub fn totals_text(rows: &[Row], disk: u64) -> String {
+pub fn totals_text(rows: impl Iterator<Item = Row>, disk: u64) -> String {
     let mut out = String::new();
     for (n, dirty) in totals(rows) {
         let (t, d) = describe(dirty);
@@ -148,7 +215,7 @@ pub fn totals_text(rows: &[Row], disk: u64) -> String {
 }
 
 /// `nbdinfo --json --totals`.
-pub fn totals_json(rows: &[Row], disk: u64) -> String {
+pub fn totals_json(rows: impl Iterator<Item = Row>, disk: u64) -> String {
     let lines: Vec<String> = totals(rows)
         .into_iter()
         .map(|(n, dirty)| {
@@ -186,19 +253,18 @@ pub fn run(args: &DumpArgs) -> CmdResult {
     if args.totals {
         let disk = bm.disk_size();
         emit(&if args.json {
-            format!("{}\n", totals_json(&rows, disk))
+            format!("{}\n", totals_json(rows, disk))
         } else {
-            totals_text(&rows, disk)
+            totals_text(rows, disk)
         })?;
-    } else if args.json {
-        emit(&format!("{}\n", json_rows(&rows)))?;
     } else {
-        let mut out = String::new();
-        for r in &rows {
-            out.push_str(&text_row(r));
-            out.push('\n');
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        match write_rows(&mut out, rows, args.json).and_then(|()| out.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(format!("writing to stdout: {e}").into());
+            }
+            _ => {}
         }
-        emit(&out)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -215,9 +281,13 @@ mod tests {
         assert_eq!(percent_g(0.0), "0");
     }
 
+    fn all(disk: u64, dirty: &[(u64, u64)]) -> Vec<Row> {
+        rows(disk, dirty.iter().copied()).collect()
+    }
+
     #[test]
     fn rows_cover_the_disk() {
-        let r = rows(10_000_384, [(512, 3584), (9_998_848, 1024)]);
+        let r = all(10_000_384, &[(512, 3584), (9_998_848, 1024)]);
         let t: Vec<String> = r.iter().map(text_row).collect();
         assert_eq!(
             t,
@@ -230,17 +300,17 @@ mod tests {
             ]
         );
         assert_eq!(
-            rows(100, []),
+            all(100, &[]),
             [Row {
                 offset: 0,
                 length: 100,
                 dirty: false
             }]
         );
-        assert_eq!(rows(0, []), []);
+        assert_eq!(all(0, &[]), []);
         // Adjacent extents merge; the tail is dirty.
         assert_eq!(
-            rows(100, [(0, 50), (50, 50)]),
+            all(100, &[(0, 50), (50, 50)]),
             [Row {
                 offset: 0,
                 length: 100,
@@ -252,8 +322,9 @@ mod tests {
     #[test]
     fn json_matches_nbdinfo_shape() {
         use serde_json::json;
-        let j = json_rows(&rows(1024, [(512, 512)]));
-        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        let mut j = Vec::new();
+        write_rows(&mut j, rows(1024, [(512, 512)]), true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
         assert_eq!(
             v,
             json!([
@@ -261,5 +332,39 @@ mod tests {
                 {"offset": 512, "length": 512, "type": 1, "description": "dirty"},
             ])
         );
+    }
+
+    /// Found by an adversarial review: the rows were collected before printing, about 60
+    /// bytes each, so an alternating 16 TiB bitmap at 64 KiB took some 16 GB. The rows are
+    /// produced as the extents are read: three rows need at most three extents.
+    #[test]
+    fn rows_are_produced_as_the_extents_are_read() {
+        let pulled = std::cell::Cell::new(0u64);
+        let extents = (0u64..1_000_000).map(|k| {
+            pulled.set(pulled.get() + 1);
+            (2 * k * 512, 512)
+        });
+        let first: Vec<Row> = rows(u64::MAX, extents).take(3).collect();
+        assert_eq!(
+            first,
+            [
+                Row {
+                    offset: 0,
+                    length: 512,
+                    dirty: true
+                },
+                Row {
+                    offset: 512,
+                    length: 512,
+                    dirty: false
+                },
+                Row {
+                    offset: 1024,
+                    length: 512,
+                    dirty: true
+                },
+            ]
+        );
+        assert!(pulled.get() <= 3, "{} extents read", pulled.get());
     }
 }
