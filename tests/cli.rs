@@ -2182,3 +2182,48 @@ fn a_missing_bitmap_reads_the_same_in_every_command() {
         assert_eq!(text(&out.stderr), want, "{args:?}");
     }
 }
+
+/// Found by an adversarial review: `dbm bitmap` applied its verbs one by one, so a verb
+/// that refused (a merge source that does not exist) came after an earlier verb had
+/// written; `--add` took the name as given while the other verbs unescaped it, so `--add
+/// --clear` on a name with a backslash added one bitmap and looked for another; and
+/// `--remove --disable` on an inconsistent bitmap failed on the disable, never removing.
+/// Every refusal is now found before the first write.
+#[test]
+fn bitmap_verbs_are_checked_before_the_first_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v.qcow2");
+    let i = img.to_str().unwrap();
+    dbm_ok(&["create", i, "--size", "64M"]);
+    dbm_ok(&["bitmap", i, "a", "--add"]);
+    let before = std::fs::read(&img).unwrap();
+    for args in [
+        vec!["bitmap", i, "new", "--add", "--merge", "nosuch"],
+        vec!["bitmap", i, "a", "--clear", "--merge", "nosuch"],
+        vec!["bitmap", i, "nosuch", "--clear"],
+    ] {
+        let out = dbm(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", describe("refused", &out));
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{args:?} wrote before it refused"
+        );
+    }
+    // A new name is taken as given, by every verb of the call.
+    dbm_ok(&["bitmap", i, r"x\\y", "--add", "--clear"]);
+    let info = dbm_ok(&["info", i]);
+    assert!(info.contains(r"name: x\\\\y"), "{info}");
+    // An inconsistent bitmap can be removed, whatever else the call says.
+    {
+        let mut st = dirty_bitmap::BitmapStore::open(
+            dirty_bitmap::storage::FileStorage::open(&img, dirty_bitmap::OpenMode::ReadWrite)
+                .unwrap(),
+            dirty_bitmap::OpenMode::ReadWrite,
+        )
+        .unwrap();
+        st.activate().unwrap();
+        // Dropped while active: `a` stays in_use on disk.
+    }
+    dbm_ok(&["bitmap", i, "a", "--remove", "--disable"]);
+    assert!(!dbm_ok(&["info", i]).contains("name: a\n"));
+}

@@ -1,7 +1,7 @@
 //! `dbm bitmap`: `qemu-img bitmap`'s verbs on a qcow2 image.
 
 use dirty_bitmap::format::BitmapName;
-use dirty_bitmap::{OpenMode, Recording};
+use dirty_bitmap::{BitmapState, OpenMode, Recording};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -124,7 +124,9 @@ impl BitmapArgs {
         if self.enable {
             out.push(Verb::SetEnabled(true));
         }
-        if self.disable && !self.add {
+        // Disabling a bitmap about to be removed changes nothing, and would refuse an
+        // inconsistent one, which removal is the only thing to do with.
+        if self.disable && !self.add && !self.remove {
             out.push(Verb::SetEnabled(false));
         }
         if self.remove {
@@ -144,12 +146,74 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
     let verbs = args.verbs()?;
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
     // Existing bitmaps are named in the escaped form `dbm info` shows (`\xNN` for a byte
-    // that is not UTF-8), so every name on disk can be typed; a new one is taken as given.
-    let name = BitmapName::parse_escaped(&args.name);
+    // that is not UTF-8), so every name on disk can be typed; a new one is taken as given,
+    // and the verbs after `--add` name it so too.
+    let name = if args.add {
+        BitmapName::from(args.name.as_bytes())
+    } else {
+        BitmapName::parse_escaped(&args.name)
+    };
+    preflight(&st, args, &name, &verbs)?;
     for verb in &verbs {
         apply(&mut st, args, &name, verb)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every refusal the verbs would meet on the bitmaps they name, before the first of them
+/// writes: the bitmap exists (unless `--add` makes it), is consistent for any verb but
+/// `--remove`, and a merge's source exists and is consistent. What is left to fail is I/O
+/// and the store's own limits, which `--add`, the first verb, meets before it writes.
+fn preflight(
+    st: &dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
+    args: &BitmapArgs,
+    name: &BitmapName,
+    verbs: &[Verb],
+) -> Result<(), String> {
+    let find = |st: &dirty_bitmap::BitmapStore<_>, n: &BitmapName| {
+        st.list()
+            .into_iter()
+            .find(|b| b.name.as_bytes() == n.as_bytes())
+    };
+    if !args.add {
+        let b = find(st, name).ok_or_else(|| {
+            at(
+                &args.image,
+                dirty_bitmap::Error::NotFound { name: name.clone() },
+            )
+        })?;
+        let changes = verbs.iter().any(|v| !matches!(v, Verb::Remove));
+        if changes && b.state == BitmapState::Inconsistent {
+            return Err(at(
+                &args.image,
+                dirty_bitmap::Error::Inconsistent {
+                    name: name.to_string(),
+                },
+            ));
+        }
+    }
+    for v in verbs {
+        if let Verb::Merge { src, image } = v {
+            let src = BitmapName::parse_escaped(src);
+            let check = |st: &dirty_bitmap::BitmapStore<_>| match find(st, &src) {
+                None => Err(dirty_bitmap::Error::NotFound { name: src.clone() }),
+                Some(b) if b.state == BitmapState::Inconsistent => {
+                    Err(dirty_bitmap::Error::Inconsistent {
+                        name: src.to_string(),
+                    })
+                }
+                Some(_) => Ok(()),
+            };
+            match image {
+                None => check(st).map_err(|e| at(&args.image, e))?,
+                Some(path) => {
+                    let other = store(path, OpenMode::ReadOnly)?;
+                    check(&other).map_err(|e| format!("merging {}: {e}", path.display()))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes one change.
