@@ -808,6 +808,9 @@ struct Incoming {
     complete: bool,
     /// Its COMPLETE said regions may follow the start (a postcopy push).
     more: bool,
+    /// The bitmap the store holds for it, from the start on: late regions and the all-dirty
+    /// mark go there, also once the caller took the store ([`StreamDiskDest::take_store`]).
+    live: Option<Arc<DirtyBitmap>>,
 }
 
 /// The bitmaps of one migration as this destination holds them, and the last section
@@ -917,6 +920,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
+    /// Regions a postcopy push still brings are ORed into its bitmaps after that too.
     pub fn take_store(&mut self) -> Option<BitmapStore<S>> {
         self.store.take()
     }
@@ -1037,6 +1041,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 bitmap: Arc::new(bitmap),
                 complete: false,
                 more: false,
+                live: None,
             },
         );
         Ok(())
@@ -1136,10 +1141,20 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             body.check(len)
                 .map_err(|e| bad(format!("region {r} of bitmap {index}: {e}")))?;
         }
-        let running = self
-            .store
-            .as_ref()
-            .and_then(|st| st.bitmap(inc.start.name.as_bytes()).ok());
+        // After the start the regions go to the bitmap the store holds, found at the start:
+        // the caller may have taken the store by now, and `inc.bitmap` may be a copy of it
+        // (another region size) or, adopted, the very same bitmap, whose marks replacing a
+        // region would erase.
+        let running = if self.started {
+            Some(inc.live.clone().ok_or_else(|| {
+                MigrationError::Internal(format!(
+                    "bitmap {:?} runs without its live bitmap",
+                    inc.start.name
+                ))
+            })?)
+        } else {
+            None
+        };
         if let Some(live) = &running {
             // The store holds it at the START's disk size and granularity (`plan`), so a
             // region's bytes sit at the same serialized offset in both.
@@ -1263,8 +1278,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
             for (name, rec, content) in plan.add {
                 st.add_holding(&name, rec, content)?;
             }
-            for inc in self.current.incoming.values() {
+            for inc in self.current.incoming.values_mut() {
                 st.set_enabled(inc.start.name.as_bytes(), inc.start.enabled)?;
+                inc.live = Some(st.bitmap(inc.start.name.as_bytes())?);
             }
             Ok(())
         })();
@@ -1281,11 +1297,8 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// (the next backup copies everything; a clean bit here could be a lost mark), whether
     /// it records or not: the marks stand for the source's bits, not for writes.
     fn failed_after_start(&mut self) {
-        let Some(st) = self.store.as_ref() else {
-            return;
-        };
         for inc in self.current.incoming.values().filter(|i| i.more) {
-            if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
+            if let Some(live) = &inc.live {
                 live.fill();
             }
         }
@@ -1315,6 +1328,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                 }
             }
             let _ = st.inactivate();
+        }
+        for inc in self.current.incoming.values_mut() {
+            inc.live = None;
         }
         self.started = false;
         if self.resumed || self.current.applied > 0 {
@@ -1354,6 +1370,14 @@ mod tests {
     fn full_region(index: u16, r: u64, seq: u64) -> Vec<u8> {
         let mut s = bitmap_codec::begin_regions(index, seq);
         bitmap_codec::push_region(&mut s, r, &[0xFF; 512], &mut Vec::new());
+        bitmap_codec::finish_regions(&mut s, 1);
+        s
+    }
+
+    /// Region `r` of bitmap `index` with no bit set, as section `seq`.
+    fn empty_region(index: u16, r: u64, seq: u64) -> Vec<u8> {
+        let mut s = bitmap_codec::begin_regions(index, seq);
+        bitmap_codec::push_region(&mut s, r, &[0; 512], &mut Vec::new());
         bitmap_codec::finish_regions(&mut s, 1);
         s
     }
@@ -1937,6 +1961,34 @@ mod tests {
         d.failed_after_start();
         assert_eq!(live.count(), live.bit_count(), "not dirty everywhere");
         assert!(!live.is_enabled());
+    }
+
+    /// Found by an adversarial review: once the caller took the store, a late region found
+    /// no store to OR into and replaced the region in the attempt's own bitmap, which the
+    /// store had adopted: the destination guest's marks in it were erased, and the
+    /// all-dirty mark of a push that broke off did nothing. Both now reach the bitmap the
+    /// store holds, found at the start.
+    #[test]
+    fn late_regions_reach_the_running_bitmap_after_the_store_was_taken() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "d", true, DISK, 512)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, true))
+            .unwrap();
+        d.before_start().unwrap();
+        let st = d.take_store().unwrap();
+        let live = st.bitmap("d").unwrap();
+        // The destination guest writes a granule of region 2 (512 bytes of bitmap a region:
+        // 4,096 granules of 64 KiB).
+        let guest = 2 * 4096 * 65536 + 7 * 65536;
+        live.mark_dirty(guest, 1);
+        // A late region 2 from the source with no bit set in it.
+        d.section(&empty_region(0, 2, 3)).unwrap();
+        assert!(live.is_dirty(guest), "the guest's mark was erased");
+        d.section(&full_region(0, 3, 4)).unwrap();
+        assert_eq!(live.count(), 512 * 8 + 1, "the late region is missing");
+        d.failed_after_start();
+        assert_eq!(live.count(), live.bit_count(), "not dirty everywhere");
     }
 
     /// The bound counts what a bitmap costs in memory, not only its bits: a flood of tiny
