@@ -858,3 +858,46 @@ fn a_failed_disable_never_acknowledges_a_mark_the_disk_records_without() {
         }
     }
 }
+
+/// Found by a review: a deferred `Tracker` taken while the store was active in the
+/// deferred mode follows the store's list, which a later durable activation fills with
+/// its bitmaps. Its marks then land in memory only and return, while the durable bitmaps
+/// on disk stay consistent without them. `activate_durable` is refused while such a
+/// tracker exists, and goes ahead once it is dropped.
+#[test]
+fn a_durable_activation_is_refused_while_a_deferred_tracker_exists() {
+    let crash = Arc::new(CrashStorage::new());
+    let mut s = BitmapStore::create(Arc::clone(&crash), DISK, 65536).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    let t2 = t.clone();
+    drop(t);
+    let _ = s.inactivate().unwrap();
+    let before = crash.op_count();
+    let r = s.activate_durable();
+    if r.is_ok() {
+        s.add("a", G, Recording::Enabled).unwrap();
+        t2.mark(5 * G, 4096);
+        assert!(
+            on_disk(crash.durable_image(), 5 * G),
+            "the deferred tracker's mark returned, and the durable bitmap lacks it"
+        );
+    }
+    assert!(
+        matches!(
+            r,
+            Err(dirty_bitmap::Error::WrongState(
+                dirty_bitmap::StateProblem::DeferredTrackers
+            ))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(crash.op_count(), before, "the refusal wrote");
+    assert!(!s.is_durable() && !s.is_active());
+    drop(t2);
+    s.activate_durable().unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    let shared = SharedStore::new(s);
+    shared.durable_tracker().unwrap().mark(5 * G, 4096).unwrap();
+    assert!(on_disk(crash.durable_image(), 5 * G));
+}

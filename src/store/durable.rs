@@ -65,9 +65,15 @@ impl<S: Storage> BitmapStore<S> {
     /// Durable trackers follow the store: their intents fail between the inactivation and
     /// this call, and mark the bitmaps of this activation after it.
     ///
+    /// A deferred [`Tracker`](crate::Tracker) taken from an earlier activation
+    /// ([`tracker`](Self::tracker)) would follow this one's bitmaps and mark them in memory
+    /// only, its marks acknowledged with nothing on disk: the call is refused while one
+    /// exists. Drop every such tracker first.
+    ///
     /// # Errors
     /// [`Error::WrongState`] if active, if bitmaps of an earlier deferred activation are
-    /// parked (reopen the image: their marks since are not on disk), or if the image
+    /// parked (reopen the image: their marks since are not on disk), while a deferred
+    /// tracker of this store exists ([`StateProblem::DeferredTrackers`]), or if the image
     /// changed since a durable inactivation ([`StateProblem::ChangedWhileInactive`]);
     /// [`Error::ReadOnly`]; as
     /// [`activate`](Self::activate); I/O while allocating, which poisons the store (the
@@ -90,6 +96,14 @@ impl<S: Storage> BitmapStore<S> {
         }
         if self.slots.iter().any(|s| s.parked.is_some()) && !self.parked_durable {
             return Err(Error::WrongState(StateProblem::ParkedBitmaps));
+        }
+        // A deferred `Tracker` follows `tracked`, which this activation fills with its
+        // bitmaps: its marks would land in memory only and return, while the disk stays
+        // consistent without them. Only trackers hold the set besides the store, and none
+        // is made while durable (`tracker` refuses), so a count of one means none exists
+        // now or later in this activation.
+        if Arc::strong_count(&self.tracked) > 1 {
+            return Err(Error::WrongState(StateProblem::DeferredTrackers));
         }
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
