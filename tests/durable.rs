@@ -901,3 +901,81 @@ fn a_durable_activation_is_refused_while_a_deferred_tracker_exists() {
     shared.durable_tracker().unwrap().mark(5 * G, 4096).unwrap();
     assert!(on_disk(crash.durable_image(), 5 * G));
 }
+
+/// Found by a review: a durable `add` (or checkpoint) that failed at or after its header
+/// write (the commit point) returned before the trackers' list gained the new bitmap,
+/// and the fast path went on acknowledging granules durable in the old ones, while the
+/// disk could name the new bitmap recording (and, for a checkpoint, the old one not)
+/// without them. Each write from the header write on (landed, but reported failed) and
+/// each barrier after it fails in turn: a mark on a granule durable in "a" may return `Ok`
+/// only if every bitmap the image names recording holds it.
+#[test]
+fn a_durable_add_that_fails_after_its_commit_point_acknowledges_nothing_it_lacks() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    let x = 5 * G;
+    let build = || {
+        let crash = Arc::new(CrashStorage::new());
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let shared = durable_store(Arc::clone(&fault));
+        let t = shared.durable_tracker().unwrap();
+        t.mark(x, 4096).unwrap();
+        (crash, fault, shared, t)
+    };
+    let run = |shared: &SharedStore<_>, checkpoint: bool| {
+        let mut s = shared.lock();
+        if checkpoint {
+            s.checkpoint("c").map(|_| ())
+        } else {
+            s.add("c", G, Recording::Enabled)
+        }
+    };
+    let mut cases = 0;
+    for checkpoint in [false, true] {
+        // A dry run: which writes and barriers the call issues, from its header write on.
+        let (crash, fault, shared, _t) = build();
+        let (w0, s0, ops0) = (fault.writes(), fault.syncs(), crash.op_count());
+        run(&shared, checkpoint).unwrap();
+        let ops = crash.ops()[ops0..].to_vec();
+        let header = ops
+            .iter()
+            .position(|o| matches!(o, Op::Write { offset: 0, .. }))
+            .expect("a header write");
+        let writes_before = ops[..header]
+            .iter()
+            .filter(|o| matches!(o, Op::Write { .. }))
+            .count() as u64;
+        let syncs_before = ops[..header]
+            .iter()
+            .filter(|o| matches!(o, Op::Sync))
+            .count() as u64;
+        let writes = ops.iter().filter(|o| matches!(o, Op::Write { .. })).count() as u64;
+        let syncs = ops.iter().filter(|o| matches!(o, Op::Sync)).count() as u64;
+        let plans = (writes_before..writes)
+            .map(|k| FaultPlan::new().fail_write(Trigger::From(w0 + k + 1), Landed::All))
+            .chain(
+                (syncs_before..syncs)
+                    .map(|k| FaultPlan::new().fail_sync(Trigger::From(s0 + k + 1))),
+            );
+        for plan in plans {
+            let (crash, fault, shared, t) = build();
+            assert_eq!((fault.writes(), fault.syncs()), (w0, s0));
+            fault.set_plan(plan);
+            let r = run(&shared, checkpoint);
+            assert!(r.is_err(), "{plan:?}: the call did not fail");
+            if t.mark(x, 4096).is_ok() {
+                for bytes in [crash.live_image(), crash.durable_image()] {
+                    for name in ["a", "c"] {
+                        assert_ne!(
+                            records_with(bytes.clone(), name, x),
+                            Some(false),
+                            "checkpoint {checkpoint}, {plan:?}: acknowledged, and {name} \
+                             records without it"
+                        );
+                    }
+                }
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases > 4, "{cases} failure points");
+}

@@ -224,7 +224,7 @@ impl<S: Storage> BitmapStore<S> {
         if changed {
             self.write_flags_in_place(new)?;
         }
-        if let Some(d) = self.durable.take() {
+        if let Some(mut d) = self.durable.take() {
             d.close();
         }
         Ok(stats)

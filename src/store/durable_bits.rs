@@ -144,6 +144,8 @@ pub(crate) struct Durable {
     pub(super) targets: Vec<flush::Target>,
     pub(super) bits: Vec<Arc<DurableBits>>,
     pub(super) set: DurableSet,
+    /// [`close`](Self::close) ran: nothing publishes this activation's list again.
+    closed: bool,
 }
 
 impl Durable {
@@ -170,6 +172,7 @@ impl Durable {
             targets,
             bits,
             set: Arc::clone(set),
+            closed: false,
         };
         d.set.disk_size.store(disk_size, SeqCst);
         d.set.closed.store(false, SeqCst);
@@ -179,6 +182,9 @@ impl Durable {
 
     /// Makes the current bitmaps the ones every tracker marks from its next intent on.
     pub(super) fn publish(&self) {
+        if self.closed {
+            return;
+        }
         let list = self
             .targets
             .iter()
@@ -201,8 +207,10 @@ impl Durable {
     /// a handle made while closed never matches one, and the next activation moves it
     /// again. So these bitmaps' durable bits vouch for nothing from now on (a later
     /// activation has bitmaps and durable bits of its own, which a clear may empty), and
-    /// nothing proportional to the bitmaps runs inside the stop.
-    pub(super) fn close(&self) {
+    /// nothing proportional to the bitmaps runs inside the stop. Also after a directory
+    /// commit of this activation failed (`add_inner`): nothing publishes its list again.
+    pub(super) fn close(&mut self) {
+        self.closed = true;
         self.set.closed.store(true, SeqCst);
         self.set.list.store(Arc::new(Vec::new()));
         self.set.epoch.fetch_add(1, SeqCst);

@@ -221,7 +221,18 @@ impl<S: Storage> BitmapStore<S> {
             }
         }
         entries.push(entry);
-        self.commit(entries, Vec::new())?;
+        if let Err(e) = self.commit(entries, Vec::new()) {
+            // Durable: the header write (the commit point) may have landed, naming the new
+            // bitmap recording (and `disable` not) while the trackers' list lacks it, so
+            // even a granule durable in the old bitmaps may be missing from the new one.
+            // The trackers' list is closed (as an inactivation closes it): every intent
+            // fails from now on, and the poison keeps the store from activating again.
+            if let Some(d) = &mut self.durable {
+                d.close();
+                self.poisoned = true;
+            }
+            return Err(e);
+        }
         if let Some(slot) = self.slots.last_mut() {
             if parked_too {
                 slot.parked = mem;
