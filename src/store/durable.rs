@@ -298,11 +298,10 @@ pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
     /// `inner.marks`, one pointer nearer: the fast path reads its epoch.
     set: DurableSet,
-    /// The list at `epoch`: the current one while the store's epoch is still `epoch`.
+    /// The view at `epoch` (open): the current one while the store's epoch is still
+    /// `epoch`.
     cached: Marks,
     epoch: u64,
-    /// The disk size at `epoch`, for the fast path's range check.
-    disk_size: u64,
 }
 
 impl<S: Storage> Clone for DurableTracker<S> {
@@ -313,21 +312,17 @@ impl<S: Storage> Clone for DurableTracker<S> {
 }
 
 impl<S: Storage> DurableTracker<S> {
-    /// A handle with the current list: the epoch read first, so a list published after
-    /// it only makes the copy look stale. While the store is closed the copy (an empty
-    /// list, which would vouch for every range) is never current: its epoch is one no
-    /// store reaches.
+    /// A handle with the current view: the epoch read first, so a view published after
+    /// it only makes the copy look stale (and, until the bump, is the shared view anyway).
+    /// A closed view (an empty list, which would vouch for every range) is never current:
+    /// its epoch is one no store reaches. The view is one value, so the copy is open
+    /// exactly when it holds its activation's bitmaps.
     fn current(inner: Arc<Inner<S>>) -> Self {
         let epoch = inner.marks.epoch.load(SeqCst);
-        let cached = inner.marks.list.load_full();
-        let epoch = if inner.marks.closed.load(SeqCst) {
-            u64::MAX
-        } else {
-            epoch
-        };
+        let cached = inner.marks.view.load_full();
+        let epoch = if cached.open { epoch } else { u64::MAX };
         DurableTracker {
             set: Arc::clone(&inner.marks),
-            disk_size: inner.marks.disk_size.load(SeqCst),
             inner,
             cached,
             epoch,
@@ -351,14 +346,13 @@ impl<S: Storage> DurableTracker<S> {
         f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)], u64) -> R,
     ) -> R {
         if self.set.epoch.load(SeqCst) == self.epoch {
-            return f(&self.cached, self.disk_size);
+            return f(&self.cached.marks, self.cached.disk_size);
         }
-        let list = self.set.list.load();
-        let disk_size = self.set.disk_size.load(SeqCst);
-        if self.set.closed.load(SeqCst) {
+        let view = self.set.view.load();
+        if !view.open {
             return closed;
         }
-        f(&list, disk_size)
+        f(&view.marks, view.disk_size)
     }
 
     /// The intent for a write of `len` bytes at `offset`: returns once every recording
@@ -410,7 +404,7 @@ impl<S: Storage> DurableTracker<S> {
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0.
     pub fn intent(&self, offset: u64, len: u64) -> Result<Intent<S>> {
-        let disk = self.set.disk_size.load(SeqCst);
+        let disk = self.set.view.load().disk_size;
         if len == 0 || offset.checked_add(len).is_none_or(|e| e > disk) {
             return Err(Error::InvalidInput(format!(
                 "an intent for {len} bytes at {offset} on a disk of {disk} bytes"
@@ -448,7 +442,7 @@ impl<S: Storage> DurableTracker<S> {
     /// The commit's error, or the first earlier commit failure.
     pub fn commit(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.marks.closed.load(SeqCst) {
+        if !inner.marks.view.load().open {
             return Err(Error::WrongState(StateProblem::NotActive));
         }
         let mut st = inner.commit.lock();
@@ -522,7 +516,7 @@ impl<S: Storage> Intent<S> {
             if self.is_durable() {
                 return Ok(());
             }
-            let disk = self.tracker.set.disk_size.load(SeqCst);
+            let disk = self.tracker.set.view.load().disk_size;
             if self.offset.checked_add(self.len).is_none_or(|e| e > disk) {
                 return Err(Error::InvalidInput(format!(
                     "an intent for {} bytes at {} on a disk now of {disk} bytes",
@@ -531,5 +525,78 @@ impl<S: Storage> Intent<S> {
             }
             self.tracker.commit()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::super::durable_bits::hook;
+    use super::*;
+    use crate::storage::MemStorage;
+    use crate::Recording;
+
+    /// Found by a review: a durable activation opened the trackers' list (`closed` false)
+    /// before it published its bitmaps, and an inactivation leaves the list empty, so a
+    /// tracker reading between the two saw an open store with no bitmap, and its fast path
+    /// vouched for any write: an empty list records nothing. At every step of the
+    /// activation's publication, a handle's view (its own copy, a fresh clone's, and that
+    /// clone's later) must not call a clean granule durable.
+    #[test]
+    fn a_tracker_never_sees_an_open_store_without_its_bitmaps() {
+        let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let _ = shared.lock().inactivate().unwrap();
+        let clean = 7 << 16;
+        let bad = Rc::new(RefCell::new(Vec::new()));
+        let clones = Rc::new(RefCell::new(Vec::new()));
+        let steps = Rc::new(RefCell::new(0));
+        {
+            let (bad, clones, steps) = (Rc::clone(&bad), Rc::clone(&clones), Rc::clone(&steps));
+            let t = t.clone();
+            hook::set(move || {
+                let k = {
+                    let mut n = steps.borrow_mut();
+                    *n += 1;
+                    *n
+                };
+                if t.is_durable(clean, 4096) {
+                    bad.borrow_mut()
+                        .push(format!("step {k}: the handle's view"));
+                }
+                let c = t.clone();
+                if c.is_durable(clean, 4096) {
+                    bad.borrow_mut()
+                        .push(format!("step {k}: a fresh clone's copy"));
+                }
+                clones.borrow_mut().push((k, c));
+            });
+        }
+        let r = shared.lock().activate_durable();
+        hook::clear();
+        r.unwrap();
+        assert!(
+            *steps.borrow() >= 2,
+            "the hook ran at {} steps",
+            steps.borrow()
+        );
+        for (k, c) in clones.borrow().iter() {
+            if c.is_durable(clean, 4096) {
+                bad.borrow_mut()
+                    .push(format!("a clone made at step {k}, afterwards"));
+            }
+        }
+        assert!(
+            bad.borrow().is_empty(),
+            "a clean granule read durable: {:?}",
+            bad.borrow()
+        );
+        t.mark(clean, 4096).unwrap();
+        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
     }
 }
