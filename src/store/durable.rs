@@ -265,7 +265,9 @@ struct CommitState {
     running: bool,
     /// Commits finished, failed ones included.
     finished: u64,
-    /// A commit failed: every intent after it fails too (the store is poisoned).
+    /// A commit failed on I/O or a poisoned store: every intent after it fails too (the
+    /// store is poisoned, and never activates again). Not set by a commit that found the
+    /// store inactivated.
     failed: bool,
 }
 
@@ -479,7 +481,11 @@ impl<S: Storage> DurableTracker<S> {
         let mut st = inner.commit.lock();
         st.running = false;
         st.finished = st.finished.wrapping_add(1);
-        if r.is_err() {
+        // Only a real failure (the store is then poisoned, for good) fails every later
+        // intent. A store inactivated since the open check above says `WrongState`: the
+        // waiters go round again and find it closed, and a later durable activation of
+        // the same store takes intents again.
+        if matches!(r, Err(ref e) if !matches!(e, Error::WrongState(_))) {
             st.failed = true;
         }
         inner.done.notify_all();
@@ -597,6 +603,42 @@ mod tests {
             bad.borrow()
         );
         t.mark(clean, 4096).unwrap();
+        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
+    }
+
+    /// Found by a review: a group commit that found the store inactivated under it (it
+    /// passed the open check, then waited for the store's lock while `inactivate` ran)
+    /// marked the commit state failed, as a real poison does, and nothing reset it: after
+    /// the next durable activation every intent of every clone failed with
+    /// [`Error::Poisoned`], the store healthy. The race is placed deterministically: the
+    /// store's lock is held until the leader is running, then the store is inactivated.
+    #[test]
+    fn a_commit_racing_an_inactivation_does_not_poison_the_next_activation() {
+        let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let mut guard = shared.lock();
+        let leader = {
+            let t = t.clone();
+            std::thread::spawn(move || t.commit())
+        };
+        // Past the open check, and waiting for the store's lock (which `guard` holds).
+        while !t.inner.commit.lock().running {
+            std::thread::yield_now();
+        }
+        let _ = guard.inactivate().unwrap();
+        drop(guard);
+        let r = leader.join().unwrap();
+        assert!(
+            matches!(r, Err(Error::WrongState(StateProblem::NotActive))),
+            "{r:?}"
+        );
+        shared.lock().activate_durable().unwrap();
+        let clean = 9 << 16;
+        let r = t.mark(clean, 4096);
+        assert!(r.is_ok(), "a healthy store's intent failed: {r:?}");
         assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
     }
 }
