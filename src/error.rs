@@ -152,6 +152,11 @@ pub enum StateProblem {
     /// deferred one.
     #[error("the store is active in durable mode: mark through SharedStore::durable_tracker")]
     Durable,
+    /// A deferred [`Tracker`](crate::Tracker) of this store still exists: it follows the
+    /// store's bitmaps, and its marks cannot wait for the disk, so a durable activation is
+    /// refused until every such tracker is dropped.
+    #[error("deferred Trackers of this store still exist; drop them before activate_durable()")]
+    DeferredTrackers,
     /// The migration destination's guest is not running yet.
     #[error("the guest does not run on this destination yet")]
     GuestNotRunning,

@@ -713,3 +713,269 @@ fn an_all_ones_entry_keeps_its_bits_at_every_crash_point_of_the_activation() {
         }
     }
 }
+
+/// Whether image `bytes` names bitmap `name` consistent and recording (`auto`), and if so
+/// whether `off` is dirty in it: `Some(false)` is a bitmap that, after a crash here, would
+/// claim to have recorded the write at `off` and lack it.
+fn records_with(bytes: Vec<u8>, name: &str, off: u64) -> Option<bool> {
+    let s = open_bytes(bytes);
+    let info = s
+        .list()
+        .into_iter()
+        .find(|i| i.name.as_bytes() == name.as_bytes())?;
+    assert!(!info.in_use, "a durable bitmap is never in_use on disk");
+    info.enabled.then(|| s.load(name).unwrap().is_dirty(off))
+}
+
+/// A storage that runs a hook before each write and each barrier, installed once the store
+/// is built on it: a call that races an operation, placed inside one of its writes.
+type Hook = Box<dyn FnMut(Option<u64>) + Send>;
+
+struct Hooked<S> {
+    inner: S,
+    hook: std::sync::Mutex<Option<Hook>>,
+}
+
+impl<S> Hooked<S> {
+    fn new(inner: S) -> Self {
+        Hooked {
+            inner,
+            hook: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `hook` with the offset of every later write (`None` for a barrier).
+    fn set(&self, hook: impl FnMut(Option<u64>) + Send + 'static) {
+        *self.hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    fn unset(&self) {
+        *self.hook.lock().unwrap() = None;
+    }
+
+    fn run(&self, at: Option<u64>) {
+        if let Some(h) = self.hook.lock().unwrap().as_mut() {
+            h(at);
+        }
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Hooked<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<S: Storage> Storage for Hooked<S> {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.run(Some(offset));
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.run(None);
+        self.inner.sync_data()
+    }
+}
+
+/// Found by a review: disabling a recording bitmap of a durable store cleared its flag in
+/// memory before the flags write, and the fast path skips a bitmap disabled in memory. So
+/// an intent on a clean granule was acknowledged from inside that write, while the disk
+/// still said the bitmap records: a crash there leaves it consistent, recording, and
+/// without the write. Here the fast path's answer (`is_durable`: a mark returns `Ok` at
+/// once exactly when it says so) is asked at every write and barrier of the call, and
+/// each time the image as it is then (kept, and with the unsynced tail dropped) must hold
+/// the granule in every bitmap it names recording.
+#[test]
+fn a_disable_never_acknowledges_a_mark_the_disk_still_records_without() {
+    let crash = Arc::new(CrashStorage::new());
+    let hooked = Arc::new(Hooked::new(Arc::clone(&crash)));
+    let shared = durable_store(Arc::clone(&hooked));
+    let t = shared.durable_tracker().unwrap();
+    let clean = 77 * G;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (t, crash, seen) = (t.clone(), Arc::clone(&crash), Arc::clone(&seen));
+        hooked.set(move |at| {
+            if t.is_durable(clean, 4096) {
+                for bytes in [crash.live_image(), crash.durable_image()] {
+                    seen.lock()
+                        .unwrap()
+                        .push((at, records_with(bytes, "a", clean)));
+                }
+            }
+        });
+    }
+    shared.lock().set_enabled("a", false).unwrap();
+    hooked.unset();
+    for (at, a) in seen.lock().unwrap().iter() {
+        assert_ne!(
+            *a,
+            Some(false),
+            "acknowledged inside the write at {at:?}: the disk says \"a\" records, without it"
+        );
+    }
+    // Once the call returned, "a" records nothing, on disk too.
+    t.mark(clean, 4096).unwrap();
+    assert_eq!(records_with(crash.durable_image(), "a", clean), None);
+}
+
+/// The same call failing: the flags write fails (nothing landed, or all of it) or its
+/// barrier does. The store is poisoned; a mark after it may return `Ok` only if the disk
+/// holds the granule in every bitmap it names recording (a disable that cleared the
+/// memory flag first left "a" skipped by the fast path for ever, while the disk said it
+/// records).
+#[test]
+fn a_failed_disable_never_acknowledges_a_mark_the_disk_records_without() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    for landed in [Some(Landed::Nothing), Some(Landed::All), None] {
+        let crash = Arc::new(CrashStorage::new());
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let shared = durable_store(Arc::clone(&fault));
+        let t = shared.durable_tracker().unwrap();
+        fault.set_plan(match landed {
+            Some(l) => FaultPlan::new().fail_write(Trigger::From(fault.writes() + 1), l),
+            None => FaultPlan::new().fail_sync(Trigger::From(fault.syncs() + 1)),
+        });
+        assert!(shared.lock().set_enabled("a", false).is_err());
+        let clean = 77 * G;
+        if t.mark(clean, 4096).is_ok() {
+            for bytes in [crash.live_image(), crash.durable_image()] {
+                assert_ne!(
+                    records_with(bytes, "a", clean),
+                    Some(false),
+                    "{landed:?}: acknowledged, and the disk says \"a\" records without it"
+                );
+            }
+        }
+    }
+}
+
+/// Found by a review: a deferred `Tracker` taken while the store was active in the
+/// deferred mode follows the store's list, which a later durable activation fills with
+/// its bitmaps. Its marks then land in memory only and return, while the durable bitmaps
+/// on disk stay consistent without them. `activate_durable` is refused while such a
+/// tracker exists, and goes ahead once it is dropped.
+#[test]
+fn a_durable_activation_is_refused_while_a_deferred_tracker_exists() {
+    let crash = Arc::new(CrashStorage::new());
+    let mut s = BitmapStore::create(Arc::clone(&crash), DISK, 65536).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    let t2 = t.clone();
+    drop(t);
+    let _ = s.inactivate().unwrap();
+    let before = crash.op_count();
+    let r = s.activate_durable();
+    if r.is_ok() {
+        s.add("a", G, Recording::Enabled).unwrap();
+        t2.mark(5 * G, 4096);
+        assert!(
+            on_disk(crash.durable_image(), 5 * G),
+            "the deferred tracker's mark returned, and the durable bitmap lacks it"
+        );
+    }
+    assert!(
+        matches!(
+            r,
+            Err(dirty_bitmap::Error::WrongState(
+                dirty_bitmap::StateProblem::DeferredTrackers
+            ))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(crash.op_count(), before, "the refusal wrote");
+    assert!(!s.is_durable() && !s.is_active());
+    drop(t2);
+    s.activate_durable().unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    let shared = SharedStore::new(s);
+    shared.durable_tracker().unwrap().mark(5 * G, 4096).unwrap();
+    assert!(on_disk(crash.durable_image(), 5 * G));
+}
+
+/// Found by a review: a durable `add` (or checkpoint) that failed at or after its header
+/// write (the commit point) returned before the trackers' list gained the new bitmap,
+/// and the fast path went on acknowledging granules durable in the old ones, while the
+/// disk could name the new bitmap recording (and, for a checkpoint, the old one not)
+/// without them. Each write from the header write on (landed, but reported failed) and
+/// each barrier after it fails in turn: a mark on a granule durable in "a" may return `Ok`
+/// only if every bitmap the image names recording holds it.
+#[test]
+fn a_durable_add_that_fails_after_its_commit_point_acknowledges_nothing_it_lacks() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    let x = 5 * G;
+    let build = || {
+        let crash = Arc::new(CrashStorage::new());
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let shared = durable_store(Arc::clone(&fault));
+        let t = shared.durable_tracker().unwrap();
+        t.mark(x, 4096).unwrap();
+        (crash, fault, shared, t)
+    };
+    let run = |shared: &SharedStore<_>, checkpoint: bool| {
+        let mut s = shared.lock();
+        if checkpoint {
+            s.checkpoint("c").map(|_| ())
+        } else {
+            s.add("c", G, Recording::Enabled)
+        }
+    };
+    let mut cases = 0;
+    for checkpoint in [false, true] {
+        // A dry run: which writes and barriers the call issues, from its header write on.
+        let (crash, fault, shared, _t) = build();
+        let (w0, s0, ops0) = (fault.writes(), fault.syncs(), crash.op_count());
+        run(&shared, checkpoint).unwrap();
+        let ops = crash.ops()[ops0..].to_vec();
+        let header = ops
+            .iter()
+            .position(|o| matches!(o, Op::Write { offset: 0, .. }))
+            .expect("a header write");
+        let writes_before = ops[..header]
+            .iter()
+            .filter(|o| matches!(o, Op::Write { .. }))
+            .count() as u64;
+        let syncs_before = ops[..header]
+            .iter()
+            .filter(|o| matches!(o, Op::Sync))
+            .count() as u64;
+        let writes = ops.iter().filter(|o| matches!(o, Op::Write { .. })).count() as u64;
+        let syncs = ops.iter().filter(|o| matches!(o, Op::Sync)).count() as u64;
+        let plans = (writes_before..writes)
+            .map(|k| FaultPlan::new().fail_write(Trigger::From(w0 + k + 1), Landed::All))
+            .chain(
+                (syncs_before..syncs)
+                    .map(|k| FaultPlan::new().fail_sync(Trigger::From(s0 + k + 1))),
+            );
+        for plan in plans {
+            let (crash, fault, shared, t) = build();
+            assert_eq!((fault.writes(), fault.syncs()), (w0, s0));
+            fault.set_plan(plan);
+            let r = run(&shared, checkpoint);
+            assert!(r.is_err(), "{plan:?}: the call did not fail");
+            if t.mark(x, 4096).is_ok() {
+                for bytes in [crash.live_image(), crash.durable_image()] {
+                    for name in ["a", "c"] {
+                        assert_ne!(
+                            records_with(bytes.clone(), name, x),
+                            Some(false),
+                            "checkpoint {checkpoint}, {plan:?}: acknowledged, and {name} \
+                             records without it"
+                        );
+                    }
+                }
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases > 4, "{cases} failure points");
+}

@@ -65,9 +65,15 @@ impl<S: Storage> BitmapStore<S> {
     /// Durable trackers follow the store: their intents fail between the inactivation and
     /// this call, and mark the bitmaps of this activation after it.
     ///
+    /// A deferred [`Tracker`](crate::Tracker) taken from an earlier activation
+    /// ([`tracker`](Self::tracker)) would follow this one's bitmaps and mark them in memory
+    /// only, its marks acknowledged with nothing on disk: the call is refused while one
+    /// exists. Drop every such tracker first.
+    ///
     /// # Errors
     /// [`Error::WrongState`] if active, if bitmaps of an earlier deferred activation are
-    /// parked (reopen the image: their marks since are not on disk), or if the image
+    /// parked (reopen the image: their marks since are not on disk), while a deferred
+    /// tracker of this store exists ([`StateProblem::DeferredTrackers`]), or if the image
     /// changed since a durable inactivation ([`StateProblem::ChangedWhileInactive`]);
     /// [`Error::ReadOnly`]; as
     /// [`activate`](Self::activate); I/O while allocating, which poisons the store (the
@@ -90,6 +96,14 @@ impl<S: Storage> BitmapStore<S> {
         }
         if self.slots.iter().any(|s| s.parked.is_some()) && !self.parked_durable {
             return Err(Error::WrongState(StateProblem::ParkedBitmaps));
+        }
+        // A deferred `Tracker` follows `tracked`, which this activation fills with its
+        // bitmaps: its marks would land in memory only and return, while the disk stays
+        // consistent without them. Only trackers hold the set besides the store, and none
+        // is made while durable (`tracker` refuses), so a count of one means none exists
+        // now or later in this activation.
+        if Arc::strong_count(&self.tracked) > 1 {
+            return Err(Error::WrongState(StateProblem::DeferredTrackers));
         }
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
@@ -210,7 +224,7 @@ impl<S: Storage> BitmapStore<S> {
         if changed {
             self.write_flags_in_place(new)?;
         }
-        if let Some(d) = self.durable.take() {
+        if let Some(mut d) = self.durable.take() {
             d.close();
         }
         Ok(stats)
@@ -251,7 +265,9 @@ struct CommitState {
     running: bool,
     /// Commits finished, failed ones included.
     finished: u64,
-    /// A commit failed: every intent after it fails too (the store is poisoned).
+    /// A commit failed on I/O or a poisoned store: every intent after it fails too (the
+    /// store is poisoned, and never activates again). Not set by a commit that found the
+    /// store inactivated.
     failed: bool,
 }
 
@@ -284,11 +300,10 @@ pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
     /// `inner.marks`, one pointer nearer: the fast path reads its epoch.
     set: DurableSet,
-    /// The list at `epoch`: the current one while the store's epoch is still `epoch`.
+    /// The view at `epoch` (open): the current one while the store's epoch is still
+    /// `epoch`.
     cached: Marks,
     epoch: u64,
-    /// The disk size at `epoch`, for the fast path's range check.
-    disk_size: u64,
 }
 
 impl<S: Storage> Clone for DurableTracker<S> {
@@ -299,21 +314,17 @@ impl<S: Storage> Clone for DurableTracker<S> {
 }
 
 impl<S: Storage> DurableTracker<S> {
-    /// A handle with the current list: the epoch read first, so a list published after
-    /// it only makes the copy look stale. While the store is closed the copy (an empty
-    /// list, which would vouch for every range) is never current: its epoch is one no
-    /// store reaches.
+    /// A handle with the current view: the epoch read first, so a view published after
+    /// it only makes the copy look stale (and, until the bump, is the shared view anyway).
+    /// A closed view (an empty list, which would vouch for every range) is never current:
+    /// its epoch is one no store reaches. The view is one value, so the copy is open
+    /// exactly when it holds its activation's bitmaps.
     fn current(inner: Arc<Inner<S>>) -> Self {
         let epoch = inner.marks.epoch.load(SeqCst);
-        let cached = inner.marks.list.load_full();
-        let epoch = if inner.marks.closed.load(SeqCst) {
-            u64::MAX
-        } else {
-            epoch
-        };
+        let cached = inner.marks.view.load_full();
+        let epoch = if cached.open { epoch } else { u64::MAX };
         DurableTracker {
             set: Arc::clone(&inner.marks),
-            disk_size: inner.marks.disk_size.load(SeqCst),
             inner,
             cached,
             epoch,
@@ -337,14 +348,13 @@ impl<S: Storage> DurableTracker<S> {
         f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)], u64) -> R,
     ) -> R {
         if self.set.epoch.load(SeqCst) == self.epoch {
-            return f(&self.cached, self.disk_size);
+            return f(&self.cached.marks, self.cached.disk_size);
         }
-        let list = self.set.list.load();
-        let disk_size = self.set.disk_size.load(SeqCst);
-        if self.set.closed.load(SeqCst) {
+        let view = self.set.view.load();
+        if !view.open {
             return closed;
         }
-        f(&list, disk_size)
+        f(&view.marks, view.disk_size)
     }
 
     /// The intent for a write of `len` bytes at `offset`: returns once every recording
@@ -396,7 +406,7 @@ impl<S: Storage> DurableTracker<S> {
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0.
     pub fn intent(&self, offset: u64, len: u64) -> Result<Intent<S>> {
-        let disk = self.set.disk_size.load(SeqCst);
+        let disk = self.set.view.load().disk_size;
         if len == 0 || offset.checked_add(len).is_none_or(|e| e > disk) {
             return Err(Error::InvalidInput(format!(
                 "an intent for {len} bytes at {offset} on a disk of {disk} bytes"
@@ -434,7 +444,7 @@ impl<S: Storage> DurableTracker<S> {
     /// The commit's error, or the first earlier commit failure.
     pub fn commit(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.marks.closed.load(SeqCst) {
+        if !inner.marks.view.load().open {
             return Err(Error::WrongState(StateProblem::NotActive));
         }
         let mut st = inner.commit.lock();
@@ -471,7 +481,11 @@ impl<S: Storage> DurableTracker<S> {
         let mut st = inner.commit.lock();
         st.running = false;
         st.finished = st.finished.wrapping_add(1);
-        if r.is_err() {
+        // Only a real failure (the store is then poisoned, for good) fails every later
+        // intent. A store inactivated since the open check above says `WrongState`: the
+        // waiters go round again and find it closed, and a later durable activation of
+        // the same store takes intents again.
+        if matches!(r, Err(ref e) if !matches!(e, Error::WrongState(_))) {
             st.failed = true;
         }
         inner.done.notify_all();
@@ -508,7 +522,7 @@ impl<S: Storage> Intent<S> {
             if self.is_durable() {
                 return Ok(());
             }
-            let disk = self.tracker.set.disk_size.load(SeqCst);
+            let disk = self.tracker.set.view.load().disk_size;
             if self.offset.checked_add(self.len).is_none_or(|e| e > disk) {
                 return Err(Error::InvalidInput(format!(
                     "an intent for {} bytes at {} on a disk now of {disk} bytes",
@@ -517,5 +531,114 @@ impl<S: Storage> Intent<S> {
             }
             self.tracker.commit()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::super::durable_bits::hook;
+    use super::*;
+    use crate::storage::MemStorage;
+    use crate::Recording;
+
+    /// Found by a review: a durable activation opened the trackers' list (`closed` false)
+    /// before it published its bitmaps, and an inactivation leaves the list empty, so a
+    /// tracker reading between the two saw an open store with no bitmap, and its fast path
+    /// vouched for any write: an empty list records nothing. At every step of the
+    /// activation's publication, a handle's view (its own copy, a fresh clone's, and that
+    /// clone's later) must not call a clean granule durable.
+    #[test]
+    fn a_tracker_never_sees_an_open_store_without_its_bitmaps() {
+        let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let _ = shared.lock().inactivate().unwrap();
+        let clean = 7 << 16;
+        let bad = Rc::new(RefCell::new(Vec::new()));
+        let clones = Rc::new(RefCell::new(Vec::new()));
+        let steps = Rc::new(RefCell::new(0));
+        {
+            let (bad, clones, steps) = (Rc::clone(&bad), Rc::clone(&clones), Rc::clone(&steps));
+            let t = t.clone();
+            hook::set(move || {
+                let k = {
+                    let mut n = steps.borrow_mut();
+                    *n += 1;
+                    *n
+                };
+                if t.is_durable(clean, 4096) {
+                    bad.borrow_mut()
+                        .push(format!("step {k}: the handle's view"));
+                }
+                let c = t.clone();
+                if c.is_durable(clean, 4096) {
+                    bad.borrow_mut()
+                        .push(format!("step {k}: a fresh clone's copy"));
+                }
+                clones.borrow_mut().push((k, c));
+            });
+        }
+        let r = shared.lock().activate_durable();
+        hook::clear();
+        r.unwrap();
+        assert!(
+            *steps.borrow() >= 2,
+            "the hook ran at {} steps",
+            steps.borrow()
+        );
+        for (k, c) in clones.borrow().iter() {
+            if c.is_durable(clean, 4096) {
+                bad.borrow_mut()
+                    .push(format!("a clone made at step {k}, afterwards"));
+            }
+        }
+        assert!(
+            bad.borrow().is_empty(),
+            "a clean granule read durable: {:?}",
+            bad.borrow()
+        );
+        t.mark(clean, 4096).unwrap();
+        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
+    }
+
+    /// Found by a review: a group commit that found the store inactivated under it (it
+    /// passed the open check, then waited for the store's lock while `inactivate` ran)
+    /// marked the commit state failed, as a real poison does, and nothing reset it: after
+    /// the next durable activation every intent of every clone failed with
+    /// [`Error::Poisoned`], the store healthy. The race is placed deterministically: the
+    /// store's lock is held until the leader is running, then the store is inactivated.
+    #[test]
+    fn a_commit_racing_an_inactivation_does_not_poison_the_next_activation() {
+        let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let mut guard = shared.lock();
+        let leader = {
+            let t = t.clone();
+            std::thread::spawn(move || t.commit())
+        };
+        // Past the open check, and waiting for the store's lock (which `guard` holds).
+        while !t.inner.commit.lock().running {
+            std::thread::yield_now();
+        }
+        let _ = guard.inactivate().unwrap();
+        drop(guard);
+        let r = leader.join().unwrap();
+        assert!(
+            matches!(r, Err(Error::WrongState(StateProblem::NotActive))),
+            "{r:?}"
+        );
+        shared.lock().activate_durable().unwrap();
+        let clean = 9 << 16;
+        let r = t.mark(clean, 4096);
+        assert!(r.is_ok(), "a healthy store's intent failed: {r:?}");
+        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
     }
 }

@@ -1,7 +1,7 @@
 //! The state of a store active in durable mode (`durable.rs` has the mode itself): per
 //! bitmap, the bits known to be on disk.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -98,38 +98,91 @@ impl DurableBits {
     }
 }
 
-/// Each bitmap a [`DurableTracker`](super::durable::DurableTracker) marks, with its durable
-/// bits.
-pub(super) type Marks = Arc<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>;
+/// What a [`DurableTracker`](super::durable::DurableTracker) marks, published as one value
+/// so that a reader never sees one part of an activation with another's: each bitmap with
+/// its durable bits, the disk size they cover (a resize between two activations changes
+/// it), and whether the store is active in durable mode at all.
+#[derive(Debug)]
+pub(super) struct View {
+    pub(super) marks: Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>,
+    pub(super) disk_size: u64,
+    /// False between a [`Durable::close`] and the next durable activation: intents fail
+    /// (`marks` is then empty, and vouches for nothing). `disk_size` stays the last
+    /// activation's, for an intent's range check.
+    pub(super) open: bool,
+}
 
-/// The list a durable store's trackers mark: replaced as a whole when a bitmap is added or
+/// A [`View`] as a tracker holds it.
+pub(super) type Marks = Arc<View>;
+
+/// The view a durable store's trackers mark: replaced as a whole when a bitmap is added or
 /// removed and at every durable activation and inactivation, with `epoch` bumped after each
 /// replacement. One per store, so trackers follow it from one durable activation to the
-/// next (a migration that failed after its stop takes the store back). A tracker keeps the list it last
-/// saw with its epoch, and its fast path reads the shared epoch (one load of a word written
-/// only by `add` and `remove`) instead of the list: while they match, its own copy is the
-/// current list. A mark that reads the epoch before a bump uses the old list: it was in
-/// flight during the `add` or `remove` (as for [`crate::Tracker`]).
+/// next (a migration that failed after its stop takes the store back). A tracker keeps the
+/// open view it last saw with its epoch, and its fast path reads the shared epoch (one load
+/// of a word written only by a replacement) instead of the view: while they match, its own
+/// copy is the current view. A mark that reads the epoch before a bump uses the old view:
+/// it was in flight during the `add` or `remove` (as for [`crate::Tracker`]).
+///
+/// The list, the disk size and the open state are one value, stored with one atomic
+/// swap: a reader sees an activation's bitmaps exactly when it sees it open (an open
+/// view with the empty list of a closed one would vouch for every write).
 #[derive(Debug)]
 pub(super) struct Published {
-    pub(super) list: ArcSwap<Vec<(Arc<DirtyBitmap>, Arc<DurableBits>)>>,
+    pub(super) view: ArcSwap<View>,
     pub(super) epoch: AtomicU64,
-    /// The store is not active in durable mode: intents fail (see [`Durable::close`]).
-    pub(super) closed: AtomicBool,
-    /// The disk size of the activation the list belongs to (a resize between two
-    /// activations changes it), stored before the list is published.
-    pub(super) disk_size: AtomicU64,
 }
 
 impl Default for Published {
     /// Closed, with no bitmaps: no durable activation yet.
     fn default() -> Self {
         Published {
-            list: ArcSwap::from_pointee(Vec::new()),
+            view: ArcSwap::from_pointee(View {
+                marks: Vec::new(),
+                disk_size: 0,
+                open: false,
+            }),
             epoch: AtomicU64::new(0),
-            closed: AtomicBool::new(true),
-            disk_size: AtomicU64::new(0),
         }
+    }
+}
+
+/// A point between two steps of a publication (`Durable::new`, `publish`, `close`): in
+/// unit tests, runs the hook the test thread installed there, so that a test reads the
+/// trackers' view between the steps, deterministically. Nothing in other builds.
+#[inline(always)]
+pub(super) fn step() {
+    #[cfg(test)]
+    hook::at();
+}
+
+/// The hook [`step`] runs, per thread (the publishing one).
+#[cfg(test)]
+pub(super) mod hook {
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut()>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` at every later [`step`](super::step) of this thread, until [`clear`].
+    pub(in crate::store) fn set(f: impl FnMut() + 'static) {
+        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// Removes this thread's hook.
+    pub(in crate::store) fn clear() {
+        HOOK.with(|h| *h.borrow_mut() = None);
+    }
+
+    pub(super) fn at() {
+        HOOK.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f();
+            }
+        });
     }
 }
 
@@ -144,6 +197,10 @@ pub(crate) struct Durable {
     pub(super) targets: Vec<flush::Target>,
     pub(super) bits: Vec<Arc<DurableBits>>,
     pub(super) set: DurableSet,
+    /// The disk size the bitmaps cover.
+    disk_size: u64,
+    /// [`close`](Self::close) ran: nothing publishes this activation's list again.
+    closed: bool,
 }
 
 impl Durable {
@@ -170,23 +227,39 @@ impl Durable {
             targets,
             bits,
             set: Arc::clone(set),
+            disk_size,
+            closed: false,
         };
-        d.set.disk_size.store(disk_size, SeqCst);
-        d.set.closed.store(false, SeqCst);
         d.publish();
         d
     }
 
     /// Makes the current bitmaps the ones every tracker marks from its next intent on.
     pub(super) fn publish(&self) {
-        let list = self
+        if self.closed {
+            return;
+        }
+        let marks = self
             .targets
             .iter()
             .zip(&self.bits)
             .map(|(t, b)| (Arc::clone(&t.bitmap), Arc::clone(b)))
             .collect();
-        self.set.list.store(Arc::new(list));
+        self.replace(View {
+            marks,
+            disk_size: self.disk_size,
+            open: true,
+        });
+    }
+
+    /// Swaps in `view`, then bumps the epoch: a handle whose copy is of an older epoch
+    /// reads the shared view from then on.
+    fn replace(&self, view: View) {
+        step();
+        self.set.view.store(Arc::new(view));
+        step();
         self.set.epoch.fetch_add(1, SeqCst);
+        step();
     }
 
     /// Adds `target` (equal to its disk copy, not yet marked by anyone) and publishes it.
@@ -201,11 +274,15 @@ impl Durable {
     /// a handle made while closed never matches one, and the next activation moves it
     /// again. So these bitmaps' durable bits vouch for nothing from now on (a later
     /// activation has bitmaps and durable bits of its own, which a clear may empty), and
-    /// nothing proportional to the bitmaps runs inside the stop.
-    pub(super) fn close(&self) {
-        self.set.closed.store(true, SeqCst);
-        self.set.list.store(Arc::new(Vec::new()));
-        self.set.epoch.fetch_add(1, SeqCst);
+    /// nothing proportional to the bitmaps runs inside the stop. Also after a directory
+    /// commit of this activation failed (`add_inner`): nothing publishes its list again.
+    pub(super) fn close(&mut self) {
+        self.closed = true;
+        self.replace(View {
+            marks: Vec::new(),
+            disk_size: self.disk_size,
+            open: false,
+        });
     }
 
     /// Drops the target of `bitmap`, if any, and publishes the rest.

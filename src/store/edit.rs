@@ -221,7 +221,18 @@ impl<S: Storage> BitmapStore<S> {
             }
         }
         entries.push(entry);
-        self.commit(entries, Vec::new())?;
+        if let Err(e) = self.commit(entries, Vec::new()) {
+            // Durable: the header write (the commit point) may have landed, naming the new
+            // bitmap recording (and `disable` not) while the trackers' list lacks it, so
+            // even a granule durable in the old bitmaps may be missing from the new one.
+            // The trackers' list is closed (as an inactivation closes it): every intent
+            // fails from now on, and the poison keeps the store from activating again.
+            if let Some(d) = &mut self.durable {
+                d.close();
+                self.poisoned = true;
+            }
+            return Err(e);
+        }
         if let Some(slot) = self.slots.last_mut() {
             if parked_too {
                 slot.parked = mem;
@@ -414,18 +425,27 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation;
     /// active in durable mode, also written in place (the entry's flags, one barrier)
-    /// before it returns. Inactive: a new directory is committed, unless the flag already
-    /// has that value.
+    /// before it returns: enabling sets memory first, disabling writes the flags first,
+    /// so that no mark is acknowledged without a bitmap the disk may still say records.
+    /// Inactive: a new directory is committed, unless the flag already has that value.
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         let i = self.find_consistent(name)?;
-        if let Some(m) = &self.slots[i].mem {
-            m.set_enabled(enabled);
+        if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
+                m.set_enabled(enabled);
                 return Ok(());
+            }
+            // Durable: while the disk may say the bitmap records, so does memory, and the
+            // fast path acknowledges no intent without its bits durable in it. Enabling
+            // sets memory first; disabling writes the flags first (the write may land at
+            // any moment from its start), and only once it is durable stops memory, which
+            // waits for the marks in flight. A failed write leaves memory recording.
+            if enabled {
+                m.set_enabled(true);
             }
             let name = self.slots[i].entry.name.clone();
             let mut entries = self.current_entries();
@@ -435,6 +455,10 @@ impl<S: Storage> BitmapStore<S> {
             let r = self.write_flags_in_place(entries);
             if r.is_err() {
                 self.poisoned = true;
+                return r;
+            }
+            if !enabled {
+                m.set_enabled(false);
             }
             return r;
         }

@@ -121,10 +121,14 @@ impl<S: Storage> BitmapStore<S> {
     /// store: bitmaps added later, and those a later [`activate`](Self::activate) loads,
     /// are marked too (every mark that starts after the call that made them returns), and
     /// it keeps working across [`inactivate`](Self::inactivate) and
-    /// [`activate`](Self::activate), which resume the same bitmaps.
+    /// [`activate`](Self::activate), which resume the same bitmaps. Its marks cannot wait
+    /// for the disk, so it never marks a store in durable mode: this call refuses one there,
+    /// and [`activate_durable`](Self::activate_durable) is refused while a tracker taken
+    /// here (or a clone of it) exists.
     ///
     /// # Errors
-    /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active.
+    /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active, or is
+    /// active in durable mode.
     pub fn tracker(&self) -> Result<Tracker> {
         self.ensure_active()?;
         self.ensure_not_durable()?;
