@@ -72,7 +72,8 @@ pub enum Error {
     Poisoned,
     /// A bitmap changed while [`BitmapStore::inactivate`](crate::BitmapStore::inactivate)
     /// was writing the bitmaps out, other than through a mark (marks wait while the
-    /// bitmaps are sealed): for example a `merge_from` on a shared bitmap. The bitmaps were
+    /// bitmaps are sealed, and so does a `merge_from`): for example a `clear` on a shared
+    /// bitmap. The bitmaps were
     /// put back `in_use` and the store stays active, so the disk never claims a bit it
     /// lacks. Stop the writers and inactivate again.
     #[error("marks arrived while inactivating; stop the writers first (the store stays active)")]

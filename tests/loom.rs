@@ -379,6 +379,29 @@ fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded
     });
 }
 
+/// Found by an adversarial review: `merge_from` set bits without announcing itself, so a
+/// mark that returned on a bit the merge had set, before the merge recorded its region, was
+/// neither in flight nor in the change map, and a stop could write "clean" without it.
+#[test]
+fn a_mark_that_finds_its_bit_set_by_a_running_merge_sees_it_in_flight_or_recorded() {
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap());
+        let a = Arc::clone(&bm);
+        let t = thread::spawn(move || {
+            let src = DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap();
+            src.mark_dirty(100 * G, G);
+            a.merge_from(&src).unwrap();
+        });
+        switch_point(&bm);
+        bm.mark_dirty(100 * G, G);
+        assert!(
+            bm.marks_in_flight() || bm.changed_region_count() > 0,
+            "x is dirty, no merge is in flight, and no region changed"
+        );
+        t.join().unwrap();
+    });
+}
+
 /// Races `mark` on another thread with `set_enabled(false)` here: once the disable has
 /// returned, no word changes, and the towers agree with the words.
 fn disabling_during(mark: fn(&DirtyBitmap)) {

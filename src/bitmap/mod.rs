@@ -550,7 +550,8 @@ impl DirtyBitmap {
     }
 
     /// ORs every dirty bit of `other` into this bitmap, as QEMU's bitmap merge does. Works
-    /// on a disabled bitmap too.
+    /// on a disabled bitmap too. Waits while the bitmap is sealed, as a mark does, and
+    /// [`seal`](Self::seal) waits for a merge in flight.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) when the disk size or the
@@ -567,8 +568,21 @@ impl DirtyBitmap {
                 self.geo.granularity
             ));
         }
-        other.for_each_nonzero_word(|w, v| self.set_bits(w, v));
+        self.announced(|| other.for_each_nonzero_word(|w, v| self.set_bits(w, v)));
         Ok(())
+    }
+
+    /// Runs `f`, which sets bits another copy holds (not writes to record, so whatever
+    /// `enabled` says), as a mark a store can wait for: announced, after waiting while the
+    /// bitmap is sealed, until its last change-map region is recorded. A mark that returns
+    /// on a bit `f` set (one load) relies on `f` finishing that record, and
+    /// [`seal`](Self::seal), [`wait_for_marks`](Self::wait_for_marks) and
+    /// [`marks_in_flight`](Self::marks_in_flight) see `f` in flight until it has.
+    fn announced<R>(&self, f: impl FnOnce() -> R) -> R {
+        let mark = self.begin_unsealed_mark();
+        let r = f();
+        self.slots.end_mark(mark);
+        r
     }
 
     /// ORs serialized bitmap bytes (qcow2's layout, as
@@ -588,25 +602,29 @@ impl DirtyBitmap {
             ));
         }
         let w0 = usize::try_from(at / 8).unwrap_or(usize::MAX);
-        for (i, v) in region_words(bytes).enumerate() {
-            let w = w0.saturating_add(i);
-            if w >= self.words.len() {
-                break;
+        self.announced(|| {
+            for (i, v) in region_words(bytes).enumerate() {
+                let w = w0.saturating_add(i);
+                if w >= self.words.len() {
+                    break;
+                }
+                let v = v & self.words.valid(w);
+                if v != 0 {
+                    self.set_bits(w, v);
+                }
             }
-            let v = v & self.words.valid(w);
-            if v != 0 {
-                self.set_bits(w, v);
-            }
-        }
+        });
         Ok(())
     }
 
     /// Sets every bit, on a disabled bitmap too: a copy that may lack bits reads as needing
     /// everything. Safe beside concurrent marks, as [`or_serialized`](Self::or_serialized).
     pub(crate) fn fill(&self) {
-        for w in 0..self.words.len() {
-            self.set_bits(w, self.words.valid(w));
-        }
+        self.announced(|| {
+            for w in 0..self.words.len() {
+                self.set_bits(w, self.words.valid(w));
+            }
+        });
     }
 
     /// A copy: same geometry, bits, primary change map and enabled state, and no

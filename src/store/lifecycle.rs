@@ -287,7 +287,8 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// - [`Error::MarksDuringInactivate`] if a bitmap changed while this ran other than
-    ///   through a mark (for example a `merge_from` on its `Arc`): `in_use` is set again
+    ///   through a mark (for example a `clear` on its `Arc`; a `merge_from` waits on the
+    ///   seal as a mark does): `in_use` is set again
     ///   and the store stays active.
     /// - [`Error::Poisoned`] or I/O: the store is then poisoned and the memory keeps every
     ///   bit. If the write saying "clean" may have reached the disk, the store says "doubt"
