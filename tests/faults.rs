@@ -303,3 +303,59 @@ fn a_stop_whose_last_barrier_fails_puts_in_use_back_in_place() {
         assert_eq!(info.state, BitmapState::Inconsistent, "{}", info.name);
     }
 }
+
+/// Found by an adversarial review: a store, clear, merge or resize of an inactive bitmap wrote the
+/// new data and table clusters before its commit found that cluster 0, as this crate
+/// encodes it (header_length 112), could not hold the header of an image QEMU 5.0 or
+/// older laid out (header_length 104) and filled to within 8 bytes: the refusal came after
+/// the writes, and the clusters leaked. It is refused before anything is written.
+#[test]
+fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
+    use dirty_bitmap::format::HeaderArea;
+    const CS: u64 = 512;
+    let mut s = BitmapStore::create(MemStorage::new(), 64 * MIB, CS).unwrap();
+    s.add("b", 512, Recording::Disabled).unwrap();
+    let mut bytes = s.image().storage().to_vec();
+    drop(s);
+    // Cluster 0 again, laid out as QEMU 5.0 did: the 104-byte header, the extensions as
+    // they were, then an unknown extension that fills the cluster to its last byte.
+    let area = HeaderArea::decode(&bytes[..CS as usize]).unwrap();
+    let hl = area.header.header_length as usize;
+    assert_eq!(hl, 112);
+    let mut c0 = bytes[..104].to_vec();
+    c0[100..104].copy_from_slice(&104u32.to_be_bytes());
+    let mut at = hl;
+    loop {
+        let t = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        if t == 0 {
+            break;
+        }
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        let frame = 8 + len.div_ceil(8) * 8;
+        c0.extend_from_slice(&bytes[at..at + frame]);
+        at += frame;
+    }
+    let fill = CS as usize - c0.len() - 8 - 8;
+    c0.extend_from_slice(&0x6462_6d78u32.to_be_bytes());
+    c0.extend_from_slice(&(fill as u32).to_be_bytes());
+    c0.extend(std::iter::repeat_n(0xa5u8, fill));
+    c0.extend_from_slice(&[0u8; 8]);
+    assert_eq!(c0.len(), CS as usize);
+    bytes[..CS as usize].copy_from_slice(&c0);
+    let mut s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite)
+        .expect("QEMU 5.0's layout opens");
+    let bm = dirty_bitmap::DirtyBitmap::new(64 * MIB, 512).unwrap();
+    bm.mark_dirty(0, 4096);
+    for r in [
+        s.store("b", &bm),
+        s.clear("b"),
+        s.merge("b", "b"),
+        s.resize(128 * MIB),
+    ] {
+        assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+        assert!(s.image().storage().to_vec() == bytes, "the refusal wrote");
+    }
+    // Refusals of input, not failed writes: the store is not poisoned.
+    let r = s.remove("nosuch");
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+}

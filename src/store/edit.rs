@@ -387,6 +387,9 @@ impl<S: Storage> BitmapStore<S> {
     /// Writes `bm` as slot `i`'s new data with the given in_use flag, and commits.
     /// The caller ran [`preflight`](Self::preflight) before changing anything.
     fn rewrite(&mut self, i: usize, bm: &DirtyBitmap, in_use: bool) -> Result<()> {
+        // The commit rewrites cluster 0 as this crate encodes it, which an image laid out
+        // otherwise may not hold: refused before the bitmap's clusters are allocated.
+        self.ensure_header_fits(u32::try_from(self.current_entries().len()).unwrap_or(u32::MAX))?;
         let old = self.slots[i].entry.clone();
         let frees = self.owned_clusters(&old)?;
         let table = self.write_bitmap(bm, &mut FlushStats::default())?;

@@ -129,9 +129,12 @@ impl<S: Storage> BitmapStore<S> {
         for e in &mut entries {
             e.table_size = table_size(new_disk_size, e.granularity_bits, cs)?;
         }
-        // Every table decodes and every data cluster lies in the file (the preflight's walk
-        // reports anything else as corruption), so nothing below fails on bad metadata
-        // before its first write: a refusal writes nothing.
+        // Cluster 0 as this crate encodes it must hold the header (the commit rewrites it),
+        // which an image laid out otherwise may not allow: decided before anything is
+        // allocated. Every table decodes and every data cluster lies in the file (the
+        // preflight's walk reports anything else as corruption), so nothing below fails on
+        // bad metadata before its first write: a refusal writes nothing.
+        self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
         self.preflight()?;
         // Every input is valid: from here on, only I/O can fail, and the
         // in-memory header may be ahead of the disk, so any failure poisons the store.
