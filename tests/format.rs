@@ -487,3 +487,60 @@ proptest! {
         prop_assert_eq!(Header::decode(&bytes).unwrap(), h);
     }
 }
+
+/// Found by an adversarial review: the walk keyed bitmap tables by offset and size, so a
+/// hostile directory naming one table thousands of times, each time with another size
+/// (`in_use` entries are exempt from the exact-size rule), read and decoded it once per
+/// name: time in names times sizes, before every write (the preflight runs the walk). A
+/// table is now read once, at its largest size, however many names and sizes it has.
+#[test]
+fn the_walk_reads_a_table_once_however_many_sizes_name_it() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
+    use dirty_bitmap::{BitmapStore, OpenMode, Recording};
+    let reads_of_check = |names: u32| {
+        let mut s = BitmapStore::create(MemStorage::new(), 64 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Disabled).unwrap();
+        let mut bytes = s.image().storage().to_vec();
+        drop(s);
+        let cs = 65536usize;
+        let area = HeaderArea::decode(&bytes[..cs]).unwrap();
+        let geo = area.header.geometry().unwrap();
+        let ext = area.bitmaps.unwrap();
+        let dir = &bytes[ext.directory_offset as usize..][..ext.directory_size as usize];
+        let a = decode_directory(dir, ext.nb_bitmaps, &geo)
+            .unwrap()
+            .remove(0);
+        // `names` entries, every one in_use, naming a's table with sizes 2, 3, 4, ...
+        let entries: Vec<DirEntry> = (0..names)
+            .map(|k| DirEntry {
+                name: format!("n{k}").as_str().into(),
+                table_size: 2 + k,
+                in_use: true,
+                ..a.clone()
+            })
+            .collect();
+        let dir = encode_directory(&entries, &geo).unwrap();
+        let at = bytes.len().div_ceil(cs) * cs;
+        bytes.resize(at + dir.len().div_ceil(cs) * cs, 0);
+        bytes[at..at + dir.len()].copy_from_slice(&dir);
+        let mut area = area;
+        area.bitmaps = Some(BitmapsExtension {
+            nb_bitmaps: names,
+            directory_size: dir.len() as u64,
+            directory_offset: at as u64,
+        });
+        let c0 = area.encode().unwrap();
+        bytes[..c0.len()].copy_from_slice(&c0);
+        let st = FaultStorage::new(MemStorage::from_bytes(bytes), FaultPlan::new());
+        let s = BitmapStore::open(st, OpenMode::ReadOnly).unwrap();
+        let before = s.image().storage().reads();
+        let report = s.image().check().unwrap();
+        (s.image().storage().reads() - before, report.corruptions)
+    };
+    let (few, c_few) = reads_of_check(8);
+    let (many, c_many) = reads_of_check(200);
+    assert_eq!(
+        few, many,
+        "reads grow with the names of one table ({c_few} and {c_many} corruptions)"
+    );
+}

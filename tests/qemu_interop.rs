@@ -756,3 +756,37 @@ fn qemu_accepts_the_mode_extension_and_keeps_it_when_it_rewrites_the_header() {
         StoreMode::Deferred
     );
 }
+
+/// Found by an adversarial review: a snapshot whose L1 table offset is not
+/// cluster-aligned is corruption to `qemu-img check` (exit 2, "L1 table is not cluster
+/// aligned"); our walk read the table at that offset, found other clusters, and reported
+/// leaks only (exit 3), so a leak repair would have lowered refcounts the snapshot still
+/// needs. It is corruption here too, and a writing operation refuses the image.
+#[test]
+fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
+    ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let at = area.header.snapshots_offset as usize;
+    let l1 = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    bytes[at..at + 8].copy_from_slice(&(l1 + 512).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let qemu = common::qemu::run("qemu-img", &["check", i]);
+    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
+    let mut s = open(&img, OpenMode::ReadWrite);
+    let report = s.image().check().unwrap();
+    assert!(
+        report.corruptions > 0,
+        "qemu-img check calls it corrupt; ours: {:?}",
+        report.messages
+    );
+    let r = s.add("c", 65536, Recording::Enabled);
+    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+}

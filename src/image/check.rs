@@ -175,6 +175,33 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         self.inc_n(offset, len, 1, what);
     }
 
+    /// The references `names` add to the clusters of the tables they name at `offset`:
+    /// every cluster a name's table overlaps, once per name, as QEMU counts them, in one
+    /// pass over the clusters of the largest (a cluster is reached by every name whose
+    /// table is long enough).
+    fn inc_aliased(&mut self, offset: u64, names: &Aliases, what: &str) {
+        let first = offset >> self.cluster_bits;
+        let mut from = first;
+        let mut reaching = names.total();
+        for &(size, count) in &names.sizes {
+            let len = u64::from(size).saturating_mul(8);
+            if len > 0 {
+                let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+                if last >= from {
+                    let clusters = last - from + 1;
+                    self.inc_n(
+                        from << self.cluster_bits,
+                        clusters << self.cluster_bits,
+                        reaching,
+                        what,
+                    );
+                    from = last + 1;
+                }
+            }
+            reaching = reaching.saturating_sub(count);
+        }
+    }
+
     /// `n` references to every cluster overlapping `[offset, offset + len)`: what `n`
     /// tables that name the same structure add, counted once.
     fn inc_n(&mut self, offset: u64, len: u64, n: u32, what: &str) {
@@ -215,10 +242,6 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     /// hostile L1 whose entries all name one L2 table would otherwise cost a cluster read
     /// per entry.
     fn l1_tables(&mut self, l1s: &[(u64, u32)], data_file: bool, extl2: bool) {
-        let mut l1_mult: BTreeMap<(u64, u32), u32> = BTreeMap::new();
-        for &key in l1s {
-            bump(&mut l1_mult, key, 1);
-        }
         let cs = 1u64 << self.cluster_bits;
         let mut l2_mult: BTreeMap<u64, u32> = BTreeMap::new();
         // The active L1's L2 tables in its order, kept from its one read: QEMU's
@@ -226,13 +249,12 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         // (`CHECK_FRAG_INFO`).
         let active = l1s.first().copied();
         let mut active_order: Vec<u64> = Vec::new();
-        for (&(offset, size), &m) in &l1_mult {
-            let is_active = Some((offset, size)) == active;
-            let len = u64::from(size).saturating_mul(8);
-            self.inc_n(offset, len, m, "L1 table");
-            let Some(l1) = self.read("L1 table", offset, len) else {
+        for (offset, names) in aliases(l1s.iter().copied()) {
+            self.inc_aliased(offset, &names, "L1 table");
+            let Some(l1) = self.read("L1 table", offset, names.len_bytes()) else {
                 continue;
             };
+            let active_size = active.filter(|a| a.0 == offset).map(|a| a.1);
             for (i, e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
                 let l2_off = e & L2_OFFSET_MASK;
                 if l2_off == 0 {
@@ -243,9 +265,10 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                         .corrupt(|| format!("ERROR L1 entry {i}: L2 offset {l2_off:#x} unaligned"));
                     continue;
                 }
+                let m = names.past(i);
                 self.inc_n(l2_off, cs, m, "L2 table");
                 bump(&mut l2_mult, l2_off, m);
-                if is_active {
+                if active_size.is_some_and(|s| (i as u64) < u64::from(s)) {
                     active_order.push(l2_off);
                 }
             }
@@ -351,6 +374,15 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             if l1_size > (32 << 20) / 8 {
                 self.report
                     .corrupt(|| format!("ERROR snapshot {i}: L1 table of {l1_size} entries"));
+            } else if l1_off & ((1u64 << self.cluster_bits) - 1) != 0 {
+                // QEMU's check_refcounts_l1 skips such a table as corrupt: read at its
+                // offset, it would name the wrong clusters.
+                self.report.corrupt(|| {
+                    format!(
+                        "ERROR snapshot {i} l1_offset={l1_off:#x}: L1 table is not cluster \
+                         aligned; snapshot table entry corrupted"
+                    )
+                });
             } else {
                 l1s.push((l1_off, l1_size));
             }
@@ -414,31 +446,84 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             }
             at = at.saturating_add(e.encoded_len());
         }
-        let mut tables: BTreeMap<(u64, u32), (u32, &DirEntry)> = BTreeMap::new();
+        // The first entry naming each table offset, for the messages.
+        let mut named: BTreeMap<u64, &DirEntry> = BTreeMap::new();
         for e in &entries {
-            let t = tables
-                .entry((e.table_offset, e.table_size))
-                .or_insert((0, e));
-            t.0 = t.0.saturating_add(1);
+            named.entry(e.table_offset).or_insert(e);
         }
         let cs = h.cluster_size();
-        for (&(offset, size), &(m, e)) in &tables {
-            let len = u64::from(size) * 8;
-            self.inc_n(offset, len, m, "bitmap table");
-            let Some(table) = self.read("bitmap table", offset, len) else {
+        for (offset, names) in aliases(entries.iter().map(|e| (e.table_offset, e.table_size))) {
+            self.inc_aliased(offset, &names, "bitmap table");
+            let Some(table) = self.read("bitmap table", offset, names.len_bytes()) else {
                 continue;
             };
+            let name = named
+                .get(&offset)
+                .map(|e| e.name.to_string())
+                .unwrap_or_default();
             for (i, raw) in table.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
                 match TableEntry::from_raw(raw, cs) {
-                    Ok(TableEntry::Data(off)) => self.inc_n(off, cs, m, "bitmap data"),
+                    Ok(TableEntry::Data(off)) => {
+                        self.inc_n(off, cs, names.past(i), "bitmap data");
+                    }
                     Ok(_) => {}
-                    Err(p) => self.report.corrupt(|| {
-                        format!("ERROR bitmap {} table entry {i} ({raw:#x}): {p}", e.name)
-                    }),
+                    Err(p) => self
+                        .report
+                        .corrupt(|| format!("ERROR bitmap {name} table entry {i} ({raw:#x}): {p}")),
                 }
             }
         }
     }
+}
+
+/// The tables named at one offset (L1 tables, bitmap tables): how many names give each
+/// size, by size. A hostile image may name one offset thousands of times with a different
+/// size each time; the walk reads it once, at the largest, and counts entry `j` (and each
+/// cluster) once per name whose table reaches it, so its work is bounded by the file, not
+/// by the names times the sizes.
+struct Aliases {
+    /// `(entries, names)`, ascending by entries.
+    sizes: Vec<(u32, u32)>,
+    /// `past[k]`: the names of `sizes[k..]`.
+    past: Vec<u32>,
+}
+
+impl Aliases {
+    fn total(&self) -> u32 {
+        self.past.first().copied().unwrap_or(0)
+    }
+
+    /// Bytes of the largest table.
+    fn len_bytes(&self) -> u64 {
+        self.sizes
+            .last()
+            .map_or(0, |&(s, _)| u64::from(s).saturating_mul(8))
+    }
+
+    /// How many names have a table of more than `j` entries, i.e. reach entry `j`.
+    fn past(&self, j: usize) -> u32 {
+        let k = self.sizes.partition_point(|&(s, _)| (s as usize) <= j);
+        self.past.get(k).copied().unwrap_or(0)
+    }
+}
+
+/// The `(offset, size)` names grouped by offset, in offset order.
+fn aliases(names: impl Iterator<Item = (u64, u32)>) -> Vec<(u64, Aliases)> {
+    let mut by_offset: BTreeMap<u64, BTreeMap<u32, u32>> = BTreeMap::new();
+    for (offset, size) in names {
+        bump(by_offset.entry(offset).or_default(), size, 1);
+    }
+    by_offset
+        .into_iter()
+        .map(|(offset, sizes)| {
+            let sizes: Vec<(u32, u32)> = sizes.into_iter().collect();
+            let mut past = vec![0u32; sizes.len() + 1];
+            for k in (0..sizes.len()).rev() {
+                past[k] = past[k + 1].saturating_add(sizes[k].1);
+            }
+            (offset, Aliases { sizes, past })
+        })
+        .collect()
 }
 
 /// Adds `n` to how often `key` is named (the multiplicity the walk reads it with).

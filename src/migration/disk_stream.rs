@@ -920,7 +920,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
-    /// Regions a postcopy push still brings are ORed into its bitmaps after that too.
+    /// Regions a postcopy push still brings are ORed into its bitmaps after that too, so do
+    /// not inactivate it before the migration has ended (the destination loop returned):
+    /// an inactivation would write the bitmaps consistent without the regions still to
+    /// come, which would then land in memory only.
     pub fn take_store(&mut self) -> Option<BitmapStore<S>> {
         self.store.take()
     }

@@ -168,12 +168,12 @@ pub(super) mod hook {
     }
 
     /// Runs `f` at every later [`step`](super::step) of this thread, until [`clear`].
-    pub(in crate::store) fn set(f: impl FnMut() + 'static) {
+    pub(crate) fn set(f: impl FnMut() + 'static) {
         HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
     }
 
     /// Removes this thread's hook.
-    pub(in crate::store) fn clear() {
+    pub(crate) fn clear() {
         HOOK.with(|h| *h.borrow_mut() = None);
     }
 

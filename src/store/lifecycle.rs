@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BitmapStore, Preloaded, ACTIVE_MEMORY_LIMIT};
+use super::{BitmapStore, Claim, Preloaded, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
@@ -586,17 +586,4 @@ fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]
         };
         a & mask == b & mask
     })
-}
-
-/// How far a stop has gone towards saying "clean" on disk, so that a failure knows what to
-/// take back ([`BitmapStore::withdraw_claim`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Claim {
-    /// Nothing written says clean: the disk holds `in_use` for every in-memory bitmap.
-    Nothing,
-    /// The directory's flags, in place, may say clean; the directory has not moved.
-    InPlace,
-    /// A new directory saying clean may be in force, or the old one: the header may point
-    /// to either.
-    Relocated,
 }

@@ -41,7 +41,6 @@ use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
-use lifecycle::Claim;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
 /// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
@@ -179,6 +178,19 @@ pub struct BitmapStore<S: Storage> {
     /// its data clusters in place instead of the changed ones alone
     /// ([`set_rewrite_threshold`](Self::set_rewrite_threshold)).
     rewrite_threshold: f64,
+}
+
+/// How far a stop has gone towards saying "clean" on disk, so that a failure knows what to
+/// take back (`lifecycle.rs`, `withdraw_claim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Nothing written says clean: the disk holds `in_use` for every in-memory bitmap.
+    Nothing,
+    /// The directory's flags, in place, may say clean; the directory has not moved.
+    InPlace,
+    /// A new directory saying clean may be in force, or the old one: the header may point
+    /// to either.
+    Relocated,
 }
 
 /// A [`BitmapStore`] shared between threads: the owner, a background
