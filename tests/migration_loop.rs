@@ -523,6 +523,13 @@ fn stall_guard_reports_and_auto_converge_rescues() {
         .unwrap();
     assert_eq!(o.kind, Kind::NotConverging, "{o:?}");
     assert!(rig.sim.guest_running());
+    // Found by an adversarial review: the guest ran on throttled at up to 99 %.
+    assert!(o.throttle > 0, "{o:?}");
+    assert_eq!(
+        rig.sim.guest_throttle(),
+        0,
+        "the throttle outlived the attempt"
+    );
     rig.assert_nothing_lost();
 }
 

@@ -678,6 +678,84 @@ fn no_answer_after_end_leaves_the_source_stopped() {
     }
 }
 
+/// A writer that sends the first 10 bytes of the next write, then waits `gap` before the
+/// rest: a frame whose second half is late, as after a lost segment.
+struct Late<'a> {
+    sock: &'a TcpStream,
+    armed: bool,
+    gap: Duration,
+}
+
+impl std::io::Write for Late<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.armed && buf.len() > 10 {
+            self.armed = false;
+            let n = (&*self.sock).write(&buf[..10])?;
+            (&*self.sock).flush()?;
+            thread::sleep(self.gap);
+            return Ok(n);
+        }
+        (&*self.sock).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.sock).flush()
+    }
+}
+
+/// Found by an adversarial review: the source's return path polls its stop flag with a
+/// 20 ms read timeout, and a timeout in the middle of a frame failed the reader for good,
+/// so a destination's Abort after End whose second half came 100 ms late read as an
+/// outcome in doubt, and the source stayed stopped although the destination certainly did
+/// not start. The reader now waits out a late half.
+#[test]
+fn an_abort_whose_second_half_is_late_resumes_the_source() {
+    let _g = shared();
+    let mut src = Source::new(13, 20_000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut w = dirty_bitmap::migration::stream::FrameWriter::new(Late {
+            sock: &sock,
+            armed: false,
+            gap: Duration::from_millis(100),
+        });
+        w.write_frame(&Frame::Nonce { nonce: 7 }).unwrap();
+        let mut r = FrameReader::new(sock.try_clone().unwrap());
+        loop {
+            match r.read_frame().unwrap() {
+                Frame::End => break,
+                Frame::Abort { reason } => panic!("the source aborted: {reason}"),
+                _ => {}
+            }
+        }
+        w.get_mut().armed = true;
+        w.write_frame(&Frame::Abort {
+            reason: "no room here".repeat(20),
+        })
+        .unwrap();
+        // Open until the source has read it.
+        thread::sleep(Duration::from_millis(500));
+    });
+    let mut state = src.state(SetupMode::Full, false);
+    let e = migrate_to(
+        addr,
+        &SourceOptions {
+            loop_config: converging(),
+            timeout: Duration::from_millis(2000),
+            ..SourceOptions::default()
+        },
+        &mut src.vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    )
+    .unwrap_err();
+    dest.join().unwrap();
+    assert!(matches!(e, MigrationError::PeerAborted(_)), "{e}");
+    src.assert_running();
+}
+
 #[test]
 fn refusing_destination_resumes_the_source_and_a_retry_sends_less() {
     let _g = shared();
@@ -924,6 +1002,75 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     assert_eq!(r.outcome.kind, Kind::Completed);
     assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
     let guest = report.guest.as_ref().unwrap();
+    assert_eq!(guest.ram(), &ram.snapshot()[..]);
+    vm.shutdown();
+}
+
+/// Found by an adversarial review: the postcopy push's limit (`max_postcopy_bandwidth`) is
+/// kept by the loop, the writer unpaced after the stop, and the RAM state sent whole
+/// batches: 64 pages at 512 KiB/s left half a second of silence after each, and a
+/// destination whose read timeout was shorter gave up after its guest had started (the
+/// guest lost on both sides). A paced batch now fits its budget.
+#[test]
+fn a_low_postcopy_rate_with_large_batches_does_not_trip_the_destination_timeout() {
+    let _g = shared();
+    let pages = 384;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p * 37 + 5);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 10,
+            pattern: Pattern::HOT_90_5,
+            seed: 12,
+        },
+    )
+    .unwrap();
+    let timeout = Duration::from_millis(300);
+    let dest = TcpDestination::spawn(DestOptions {
+        timeout,
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        true,
+        64,
+    )
+    .unwrap();
+    let rate = BytesPerMs::from_bytes_per_sec(512 << 10);
+    let config = LoopConfig {
+        max_bandwidth: Some(rate),
+        max_postcopy_bandwidth: Some(rate),
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    };
+    let r = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            timeout: TIMEOUT,
+            ..SourceOptions::default()
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    );
+    let report = dest.join().unwrap();
+    let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
+    assert_eq!(r.outcome.kind, Kind::Postcopy);
+    assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
+    let guest = report.guest.as_ref().unwrap();
+    assert!(guest.was_postcopy());
     assert_eq!(guest.ram(), &ram.snapshot()[..]);
     vm.shutdown();
 }

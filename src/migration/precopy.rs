@@ -595,7 +595,7 @@ fn validate_states(states: &[&mut dyn MigrationState]) -> Result<()> {
     Ok(())
 }
 
-struct Loop<'a, C: ?Sized, V: ?Sized, O: Outbound + ?Sized, I: ?Sized> {
+struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     config: &'a LoopConfig,
     clock: &'a mut C,
     vm: &'a mut V,
@@ -630,6 +630,17 @@ struct Loop<'a, C: ?Sized, V: ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     idle_turns: u32,
     idle_since: Duration,
     disk_flushed: Bytes,
+}
+
+/// Auto-converge's throttle ends with the attempt, whatever its end (every path drops the
+/// loop), as QEMU's `migration_cleanup` ends it: a guest that runs on here after a
+/// failure or `NotConverging` runs at full speed again, and a retry starts from 0.
+impl<C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> Drop for Loop<'_, C, V, O, I> {
+    fn drop(&mut self) {
+        if self.throttle > 0 {
+            self.vm.set_throttle(0);
+        }
+    }
 }
 
 /// The figures a turn decided on.

@@ -312,12 +312,13 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
     }
 
     /// Takes up to one batch of pages from to-send, from the cursor on, wrapping once.
-    fn next_batch(&mut self) -> Vec<u64> {
-        let mut pages = Vec::with_capacity(self.batch_pages);
+    fn next_batch(&mut self, limit: usize) -> Vec<u64> {
+        let limit = limit.clamp(1, self.batch_pages);
+        let mut pages = Vec::with_capacity(limit);
         let page = self.page_size as u64;
         let mut from = self.cursor * page;
         let mut wrapped = false;
-        while pages.len() < self.batch_pages {
+        while pages.len() < limit {
             match self.to_send.next_dirty(from) {
                 Some(off) => {
                     let p = off / page;
@@ -373,7 +374,7 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
     fn send_all(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         let mut sent = Bytes(0);
         loop {
-            let batch = self.next_batch();
+            let batch = self.next_batch(self.batch_pages);
             if batch.is_empty() {
                 return Ok(sent);
             }
@@ -490,7 +491,18 @@ impl<M: GuestMemory, L: DirtyLog> MigrationState for RamState<M, L> {
     fn iterate(&mut self, out: &mut dyn Outbound, budget: Bytes) -> Result<Bytes> {
         let mut sent = Bytes(0);
         while sent < budget {
-            let batch = self.next_batch();
+            // In the postcopy push the loop paces the budget (`max_postcopy_bandwidth`)
+            // and the writer does not: a batch fits what is left of it (one page at
+            // least), so that frames keep coming at the paced rate. Whole batches would
+            // leave a silence of a batch's time at that rate, which could outlast the
+            // destination's read timeout after its guest started.
+            let limit = if self.in_postcopy {
+                let per_page = (ram_codec::PAGE_ENTRY_LEN + self.page_size) as u64;
+                usize::try_from((budget - sent).0 / per_page).unwrap_or(usize::MAX)
+            } else {
+                self.batch_pages
+            };
+            let batch = self.next_batch(limit);
             if batch.is_empty() {
                 break;
             }

@@ -568,6 +568,11 @@ impl Sim {
         self.0.borrow().guest.running
     }
 
+    /// The vCPU throttle (percent) the loop last set: 0 is full speed.
+    pub fn guest_throttle(&self) -> u8 {
+        self.0.borrow().guest.throttle
+    }
+
     /// Virtual time now.
     pub fn now(&self) -> Duration {
         Duration::from_nanos(self.0.borrow().now_ns)

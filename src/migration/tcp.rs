@@ -905,6 +905,9 @@ pub fn migrate_in_session(
     let (mut back, sock) = source_wire(sock, addr, options)?;
     back.set_read_timeout(POLL)?;
     let mut back = FrameReader::with_max_frame_len(back, MAX_RETURN_FRAME_LEN);
+    // The short timeout polls the stop flag between frames; inside a frame the reader
+    // waits as long as any read of this source may.
+    back.set_patience(options.timeout);
     let nonce = read_nonce(&mut back, options.timeout).map_err(MigrationError::lift_tls)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);

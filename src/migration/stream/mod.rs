@@ -231,6 +231,8 @@ pub struct FrameReader<R: Read> {
     /// Where the unit being read (stream header or frame) started.
     unit_start: u64,
     failed: Option<FrameError>,
+    /// How long a read timeout inside a unit is retried ([`set_patience`](Self::set_patience)).
+    patience: Option<std::time::Duration>,
 }
 
 /// The result of filling a buffer: how many bytes arrived before EOF.
@@ -269,7 +271,17 @@ impl<R: Read> FrameReader<R> {
             offset: 0,
             unit_start: 0,
             failed: None,
+            patience: None,
         }
+    }
+
+    /// For a channel read with a short timeout (to poll a stop flag between frames): a
+    /// timeout that arrives after a unit's first byte is retried for up to `patience`
+    /// (from that fill's first timeout) instead of failing the reader, so that a frame
+    /// whose second half is late (a lost segment resent) is read whole. A timeout before a
+    /// unit's first byte still returns at once, and leaves the reader usable.
+    pub fn set_patience(&mut self, patience: std::time::Duration) {
+        self.patience = Some(patience);
     }
 
     /// Calls `hook` with each frame's payload length once the frame's header is verified,
@@ -306,6 +318,7 @@ impl<R: Read> FrameReader<R> {
     /// Reads until `buf` is full or the stream ends.
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
         let mut got = 0usize;
+        let mut waiting: Option<std::time::Instant> = None;
         // `got` stays below `buf.len()` inside the loop, so the rest is never empty.
         while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
             match self.inner.read(rest) {
@@ -315,6 +328,14 @@ impl<R: Read> FrameReader<R> {
                     self.offset = self.offset.saturating_add(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && self.offset > self.unit_start
+                        && self
+                            .patience
+                            .is_some_and(|p| waiting.get_or_insert_with(std::time::Instant::now).elapsed() < p) => {}
                 Err(e) => return Err(e),
             }
         }
