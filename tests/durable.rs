@@ -35,14 +35,23 @@ fn open_bytes(bytes: Vec<u8>) -> BitmapStore<MemStorage> {
 
 /// Whether the image `bytes` holds bitmap "a" consistent (not `in_use`) with `off` dirty.
 fn on_disk(bytes: Vec<u8>, off: u64) -> bool {
+    loaded_a(bytes, "on disk").is_dirty(off)
+}
+
+/// Bitmap "a" of the image `bytes`, which must hold it consistent: a durable bitmap is
+/// never `in_use` on disk (`what` says where the image comes from).
+fn loaded_a(bytes: Vec<u8>, what: &str) -> dirty_bitmap::DirtyBitmap {
     let s = open_bytes(bytes);
     let info = s
         .list()
         .into_iter()
         .find(|i| i.name.as_bytes() == b"a")
         .unwrap();
-    assert!(!info.in_use, "a durable bitmap is never in_use on disk");
-    s.load("a").unwrap().is_dirty(off)
+    assert!(
+        !info.in_use,
+        "{what}: a durable bitmap is never in_use on disk"
+    );
+    s.load("a").unwrap()
 }
 
 fn syncs(c: &CrashStorage) -> usize {
@@ -698,17 +707,11 @@ fn an_all_ones_entry_keeps_its_bits_at_every_crash_point_of_the_activation() {
         .chain((2..34).map(|seed| CrashMode::Torn { seed }));
     for mode in modes {
         for k in base..=crash.op_count() {
-            let st = open_bytes(crash.crash_image(k, mode).unwrap());
-            let info = st
-                .list()
-                .into_iter()
-                .find(|i| i.name.as_bytes() == b"a")
-                .unwrap();
-            assert!(!info.in_use, "{mode:?} after {k} ops: in_use");
+            let what = format!("{mode:?} after {k} ops");
             assert_eq!(
-                st.load("a").unwrap().count(),
+                loaded_a(crash.crash_image(k, mode).unwrap(), &what).count(),
                 covered,
-                "{mode:?} after {k} ops: bits of the all-ones cluster lost"
+                "{what}: bits of the all-ones cluster lost"
             );
         }
     }

@@ -141,6 +141,29 @@ impl Source {
         }
     }
 
+    /// A full, converging migration to the scripted destination at `addr`, which must
+    /// fail, with `timeout` for the source's reads: the error, and the RAM state after it.
+    fn migrate_to_script(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> (MigrationError, RamState) {
+        let mut state = self.state(SetupMode::Full, false);
+        let e = migrate_to(
+            addr,
+            &SourceOptions {
+                loop_config: converging(),
+                timeout,
+                ..SourceOptions::default()
+            },
+            &mut self.vm,
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut NoStall,
+        )
+        .unwrap_err();
+        (e, state)
+    }
+
     fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
         RamState::new(
             RAM_ID,
@@ -646,19 +669,7 @@ fn no_answer_after_end_leaves_the_source_stopped() {
                 thread::sleep(Duration::from_millis(1500));
             }
         });
-        let mut state = src.state(SetupMode::Full, false);
-        let e = migrate_to(
-            addr,
-            &SourceOptions {
-                loop_config: converging(),
-                timeout: Duration::from_millis(500),
-                ..SourceOptions::default()
-            },
-            &mut src.vm,
-            &mut [&mut state as &mut dyn MigrationState],
-            &mut NoStall,
-        )
-        .unwrap_err();
+        let (e, mut state) = src.migrate_to_script(addr, Duration::from_millis(500));
         assert!(
             matches!(e, MigrationError::OutcomeUnknown(_)),
             "close {close}: {e}"
@@ -738,19 +749,7 @@ fn an_abort_whose_second_half_is_late_resumes_the_source() {
         // Open until the source has read it.
         thread::sleep(Duration::from_millis(500));
     });
-    let mut state = src.state(SetupMode::Full, false);
-    let e = migrate_to(
-        addr,
-        &SourceOptions {
-            loop_config: converging(),
-            timeout: Duration::from_millis(2000),
-            ..SourceOptions::default()
-        },
-        &mut src.vm,
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut NoStall,
-    )
-    .unwrap_err();
+    let (e, _) = src.migrate_to_script(addr, Duration::from_millis(2000));
     dest.join().unwrap();
     assert!(matches!(e, MigrationError::PeerAborted(_)), "{e}");
     src.assert_running();
@@ -941,14 +940,11 @@ fn the_rule_for_short_sets() {
     assert_eq!(allowed_over(1), 1);
 }
 
-/// A legal low `max_bandwidth` with large batches: each RAM section (64 pages, 260 KiB) takes
-/// half a second at 512 KiB/s, longer than the destination's timeout. The writer sends each
-/// frame as it is paid for, a window's budget at a time, so the destination never waits
-/// longer than about a window for a byte and the migration completes. (A frame written
-/// whole and paid for by the pauses after it leaves the destination idle for half a
-/// second: it times out.)
-#[test]
-fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
+/// Migrates 384 pages in batches of 64 (260 KiB sections) at 512 KiB/s, in precopy or
+/// with an immediate postcopy switch paced at the same rate, to a destination whose read
+/// timeout (300 ms) is shorter than one batch takes at that rate. Asserts that it ends as
+/// `kind`, took longer than three timeouts, and that the destination holds the RAM.
+fn migrate_slowly_in_large_batches(postcopy: bool, kind: Kind) {
     let _g = shared();
     let pages = 384;
     let ram = Arc::new(GuestRam::new(pages).unwrap());
@@ -978,12 +974,16 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
         Arc::clone(&ram),
         Arc::clone(&log),
         SetupMode::Full,
-        false,
+        postcopy,
         64,
     )
     .unwrap();
+    let rate = BytesPerMs::from_bytes_per_sec(512 << 10);
     let config = LoopConfig {
-        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(512 << 10)),
+        max_bandwidth: Some(rate),
+        max_postcopy_bandwidth: postcopy.then_some(rate),
+        postcopy,
+        start_postcopy: postcopy,
         ..LoopConfig::default()
     };
     let r = migrate_to(
@@ -999,11 +999,23 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     );
     let report = dest.join().unwrap();
     let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
-    assert_eq!(r.outcome.kind, Kind::Completed);
+    assert_eq!(r.outcome.kind, kind);
     assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
     let guest = report.guest.as_ref().unwrap();
+    assert_eq!(guest.was_postcopy(), postcopy);
     assert_eq!(guest.ram(), &ram.snapshot()[..]);
     vm.shutdown();
+}
+
+/// A legal low `max_bandwidth` with large batches: each RAM section (64 pages, 260 KiB) takes
+/// half a second at 512 KiB/s, longer than the destination's timeout. The writer sends each
+/// frame as it is paid for, a window's budget at a time, so the destination never waits
+/// longer than about a window for a byte and the migration completes. (A frame written
+/// whole and paid for by the pauses after it leaves the destination idle for half a
+/// second: it times out.)
+#[test]
+fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
+    migrate_slowly_in_large_batches(false, Kind::Completed);
 }
 
 /// Found by an adversarial review: the postcopy push's limit (`max_postcopy_bandwidth`) is
@@ -1013,66 +1025,7 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
 /// guest lost on both sides). A paced batch now fits its budget.
 #[test]
 fn a_low_postcopy_rate_with_large_batches_does_not_trip_the_destination_timeout() {
-    let _g = shared();
-    let pages = 384;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    for p in 0..pages {
-        ram.fill_page(p, p * 37 + 5);
-    }
-    let log = Arc::new(new_log(&ram).unwrap());
-    let mut vm = Workload::start(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        WorkloadConfig {
-            vcpus: 1,
-            writes_per_sec: 10,
-            pattern: Pattern::HOT_90_5,
-            seed: 12,
-        },
-    )
-    .unwrap();
-    let timeout = Duration::from_millis(300);
-    let dest = TcpDestination::spawn(DestOptions {
-        timeout,
-        ..DestOptions::default()
-    })
-    .unwrap();
-    let mut state = RamState::new(
-        RAM_ID,
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        SetupMode::Full,
-        true,
-        64,
-    )
-    .unwrap();
-    let rate = BytesPerMs::from_bytes_per_sec(512 << 10);
-    let config = LoopConfig {
-        max_bandwidth: Some(rate),
-        max_postcopy_bandwidth: Some(rate),
-        postcopy: true,
-        start_postcopy: true,
-        ..LoopConfig::default()
-    };
-    let r = migrate_to(
-        dest.addr(),
-        &SourceOptions {
-            loop_config: config,
-            timeout: TIMEOUT,
-            ..SourceOptions::default()
-        },
-        &mut vm,
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut NoStall,
-    );
-    let report = dest.join().unwrap();
-    let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
-    assert_eq!(r.outcome.kind, Kind::Postcopy);
-    assert!(r.outcome.total_time > timeout * 3, "{:?}", r.outcome);
-    let guest = report.guest.as_ref().unwrap();
-    assert!(guest.was_postcopy());
-    assert_eq!(guest.ram(), &ram.snapshot()[..]);
-    vm.shutdown();
+    migrate_slowly_in_large_batches(true, Kind::Postcopy);
 }
 
 /// Connects to `addr`, reads the destination's nonce, and feeds it `chunks(nonce)`, `gap`

@@ -1385,6 +1385,22 @@ mod tests {
         s
     }
 
+    /// A link that keeps every payload sent, in order.
+    struct Wire(Vec<Vec<u8>>);
+
+    impl Outbound for Wire {
+        fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+            self.0.push(payload.to_vec());
+            Ok(Bytes(payload.len() as u64))
+        }
+        fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
+            Ok(Bytes(0))
+        }
+        fn bytes_sent(&self) -> Bytes {
+            Bytes(0)
+        }
+    }
+
     /// The source stream of these tests.
     const S1: u64 = 0x51;
 
@@ -1595,19 +1611,6 @@ mod tests {
     /// is refused and changes nothing.
     #[test]
     fn the_source_requeues_only_what_the_report_does_not_cover() {
-        struct Wire(Vec<Vec<u8>>);
-        impl Outbound for Wire {
-            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
-                self.0.push(payload.to_vec());
-                Ok(Bytes(payload.len() as u64))
-            }
-            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
-                Ok(Bytes(0))
-            }
-            fn bytes_sent(&self) -> Bytes {
-                Bytes(0)
-            }
-        }
         let b = Arc::new(DirtyBitmap::with_region_size(DISK, 65536, 512).unwrap());
         let regions = b.region_count();
         assert_eq!(regions, 4);
@@ -1719,6 +1722,22 @@ mod tests {
     }
 
     /// A destination whose image is `storage` (shared, so that the test reads it after).
+    /// One attempt of two bitmaps, both complete: "b" recording with region 1 set, "c" not
+    /// recording with region 2 set, whose COMPLETE says regions may follow the start when
+    /// `c_more`.
+    fn b_and_c<T: Storage + 'static>(d: &mut StreamDiskDest<T>, c_more: bool) {
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+        d.section(&full_region(0, 1, 2)).unwrap();
+        d.section(&start_named(1, 3, "c", false, DISK, 512))
+            .unwrap();
+        d.section(&full_region(1, 2, 4)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 5, false))
+            .unwrap();
+        d.section(&bitmap_codec::encode_complete(1, 6, c_more))
+            .unwrap();
+    }
+
     fn dest_on<T: Storage + 'static>(storage: &Arc<T>) -> StreamDiskDest<Arc<T>> {
         let s = Arc::clone(storage);
         StreamDiskDest::new("s", move || {
@@ -1790,16 +1809,7 @@ mod tests {
             Recording::Enabled,
         )));
         let mut d = dest_on(&img);
-        d.hello(3, M1).unwrap();
-        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
-        d.section(&full_region(0, 1, 2)).unwrap();
-        d.section(&start_named(1, 3, "c", false, DISK, 512))
-            .unwrap();
-        d.section(&full_region(1, 2, 4)).unwrap();
-        d.section(&bitmap_codec::encode_complete(0, 5, false))
-            .unwrap();
-        d.section(&bitmap_codec::encode_complete(1, 6, false))
-            .unwrap();
+        b_and_c(&mut d, false);
         d.before_start().unwrap();
         // Then the guest runs here, and the store's stop writes the content: the crash
         // points cover the image after it too, with both bitmaps consistent.
@@ -1852,16 +1862,7 @@ mod tests {
                 FaultPlan::new().fail_write(Trigger::From(n), Landed::Nothing),
             ));
             let mut d = dest_on(&img);
-            d.hello(3, M1).unwrap();
-            d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
-            d.section(&full_region(0, 1, 2)).unwrap();
-            d.section(&start_named(1, 3, "c", false, DISK, 512))
-                .unwrap();
-            d.section(&full_region(1, 2, 4)).unwrap();
-            d.section(&bitmap_codec::encode_complete(0, 5, false))
-                .unwrap();
-            d.section(&bitmap_codec::encode_complete(1, 6, true))
-                .unwrap();
+            b_and_c(&mut d, true);
             if d.before_start().is_ok() {
                 break;
             }
@@ -2089,19 +2090,6 @@ mod tests {
     /// change between attempts is found by the retry's report, which resends the START.
     #[test]
     fn a_recording_flag_changed_after_its_start_fails_the_stop_and_the_retry_resends_it() {
-        struct Wire(Vec<Vec<u8>>);
-        impl Outbound for Wire {
-            fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
-                self.0.push(payload.to_vec());
-                Ok(Bytes(payload.len() as u64))
-            }
-            fn control(&mut self, _: &super::super::frame::Control) -> Result<Bytes> {
-                Ok(Bytes(0))
-            }
-            fn bytes_sent(&self) -> Bytes {
-                Bytes(0)
-            }
-        }
         let starts = |w: &Wire| -> Vec<bool> {
             w.0.iter()
                 .filter_map(|p| match bitmap_codec::decode(p).unwrap().body {
