@@ -790,3 +790,54 @@ fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
     assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
     assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
 }
+
+/// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks
+/// the COPIED flag (bit 63) is corruption to `qemu-img check` (exit 2, "OFLAG_COPIED data
+/// cluster"); our check had no such rule and called the image clean. It is corruption
+/// here too, and a writing operation refuses the image; the image as QEMU wrote it is
+/// clean to both.
+#[test]
+fn an_l2_entry_without_its_copied_flag_is_corruption_as_qemu_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
+    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    assert_eq!(
+        open(&img, OpenMode::ReadOnly)
+            .image()
+            .check()
+            .unwrap()
+            .corruptions,
+        0
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l2 = (be(&bytes, area.header.l1_table_offset as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(&bytes, l2);
+    assert_ne!(
+        entry & (1 << 63),
+        0,
+        "QEMU sets COPIED on a cluster of its own"
+    );
+    bytes[l2..l2 + 8].copy_from_slice(&(entry & !(1 << 63)).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let qemu = common::qemu::run("qemu-img", &["check", i]);
+    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
+    let mut s = open(&img, OpenMode::ReadWrite);
+    let report = s.image().check().unwrap();
+    assert!(
+        report
+            .messages
+            .iter()
+            .any(|m| m.contains("OFLAG_COPIED data cluster")),
+        "qemu-img check calls it corrupt; ours: {:?}",
+        report.messages
+    );
+    assert_eq!(report.exit_code(), 2);
+    let r = s.add("c", 65536, Recording::Enabled);
+    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+}

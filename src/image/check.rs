@@ -6,7 +6,10 @@
 //! refcount table and blocks, the LUKS header, and (when autoclear bit 0 trusts it) the
 //! bitmap directory, each bitmap table and each data cluster a table names
 //! (`qcow2_check_bitmaps_refcounts`). It then compares those counts with the on-disk
-//! refcounts (`compare_refcounts`): more on disk is a leak, less is a corruption.
+//! refcounts (`compare_refcounts`): more on disk is a leak, less is a corruption. Last,
+//! as `check_oflag_copied`, the COPIED flag of every entry of the active L1 and L2 tables
+//! must say whether the cluster's refcount on disk is 1 (and is never set on a compressed
+//! cluster).
 //!
 //! Every length read from the image is checked against the file size before anything is
 //! allocated for it, so a corrupt image cannot make the check allocate without bound. The
@@ -154,7 +157,12 @@ impl CheckReport {
     }
 
     fn corrupt(&mut self, msg: impl FnOnce() -> String) {
-        self.corruptions = self.corruptions.saturating_add(1);
+        self.corrupt_n(1, msg);
+    }
+
+    /// `n` corruptions of one kind, noted once.
+    fn corrupt_n(&mut self, n: u64, msg: impl FnOnce() -> String) {
+        self.corruptions = self.corruptions.saturating_add(n);
         self.note(msg);
     }
 }
@@ -709,6 +717,7 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
         }
         c = end;
     }
+    oflag_copied(storage, area, &blocks, per_block, &mut report)?;
     Ok((
         report,
         References {
@@ -716,4 +725,108 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
             cluster_bits: cb,
         },
     ))
+}
+
+/// QEMU's `check_oflag_copied` and the compressed-cluster rule of `check_refcounts_l2`:
+/// in the active L1 table and its L2 tables, bit 63 (COPIED) is set exactly where the
+/// cluster's refcount on disk is 1 (with an external data file a data cluster counts as
+/// 1), and never on a compressed cluster; each entry that breaks it is a corruption, as
+/// `qemu-img check` counts it. Snapshots' tables are not looked at, as in QEMU. A second
+/// read of the active tables, as QEMU's; a table that cannot be read was reported by the
+/// walk and is skipped.
+fn oflag_copied<S: Storage + ?Sized>(
+    storage: &S,
+    area: &HeaderArea,
+    blocks: &[Option<u64>],
+    per_block: u64,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let h = &area.header;
+    let cb = h.cluster_bits;
+    let cs = h.cluster_size();
+    let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
+    let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
+    let l1_len = u64::from(h.l1_size).saturating_mul(8);
+    let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
+        return Ok(());
+    };
+    // The refcount on disk of cluster `cl`, with the last block read kept.
+    let mut cached: Option<(usize, Vec<u8>)> = None;
+    let mut refcount = |cl: u64| -> Result<Option<u64>> {
+        let index = usize::try_from(cl / per_block).unwrap_or(usize::MAX);
+        let Some(Some(off)) = blocks.get(index).copied() else {
+            return Ok(Some(0));
+        };
+        if cached.as_ref().is_none_or(|(i, _)| *i != index) {
+            let Ok(b) = storage.read_vec_at(off, cs) else {
+                return Ok(None);
+            };
+            cached = Some((index, b));
+        }
+        let block = cached
+            .as_ref()
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default();
+        Ok(Some(get_refcount(block, h.refcount_order, cl % per_block)?))
+    };
+    let stride = if extl2 { 16 } else { 8 };
+    // Each distinct L2 table is read once and its findings counted once per L1 entry that
+    // names it, as QEMU counts them, so the work stays bounded by the file.
+    let mut l2_mult: BTreeMap<u64, u64> = BTreeMap::new();
+    for (i, l1e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+        let l2_off = l1e & L2_OFFSET_MASK;
+        if l2_off == 0 || l2_off & (cs - 1) != 0 {
+            continue;
+        }
+        if let Some(r) = refcount(l2_off >> cb)? {
+            if (r == 1) != (l1e & L2_COPIED != 0) {
+                report.corrupt(|| {
+                    format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} \
+                         refcount={r}"
+                    )
+                });
+            }
+        }
+        *l2_mult.entry(l2_off).or_insert(0) += 1;
+    }
+    for (&l2_off, &m) in &l2_mult {
+        let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
+            continue;
+        };
+        for e in l2.chunks_exact(stride).map(BigEndian::read_u64) {
+            if e & L2_COMPRESSED != 0 {
+                if e & L2_COPIED != 0 {
+                    report.corrupt_n(m, || {
+                        format!(
+                            "ERROR: l2_entry={e:x}: copied flag must never be set for \
+                             compressed clusters"
+                        )
+                    });
+                }
+                continue;
+            }
+            let data = e & L2_OFFSET_MASK;
+            // QEMU's cluster types NORMAL and ZERO_ALLOC: an offset, or with an external
+            // data file the COPIED bit on an entry that does not read as zeros.
+            let zero = !extl2 && e & L2_ZERO != 0;
+            let allocated = data != 0 || (data_file && e & L2_COPIED != 0 && !zero);
+            if !allocated || data & (cs - 1) != 0 {
+                continue;
+            }
+            let r = if data_file {
+                Some(1)
+            } else {
+                refcount(data >> cb)?
+            };
+            if let Some(r) = r {
+                if (r == 1) != (e & L2_COPIED != 0) {
+                    report.corrupt_n(m, || {
+                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }

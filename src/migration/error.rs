@@ -106,8 +106,11 @@ pub enum MigrationError {
     Bitmap(#[from] crate::Error),
     /// TLS on the connection failed: credentials that do not load, a handshake that does
     /// not complete, a peer whose certificate is refused or that refuses ours
-    /// ([`super::tls`], feature `tls`). Nothing was sent over the connection then: the
-    /// source's guest was not touched.
+    /// ([`super::tls`], feature `tls`), or, later in an attempt, a corrupt record or an
+    /// alert from the peer. Failing at the handshake, nothing was sent over the connection
+    /// and the source's guest was not touched; failing later, the attempt ended as any
+    /// channel failure does (the loop re-dirtied what may be lost in flight, unless the
+    /// caller reconciles the channel's losses itself).
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
 }
