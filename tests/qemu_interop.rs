@@ -757,6 +757,38 @@ fn qemu_accepts_the_mode_extension_and_keeps_it_when_it_rewrites_the_header() {
     );
 }
 
+/// A 1 MiB image QEMU made: 64 KiB of guest data at 0, a snapshot of it if `snapshot`,
+/// and bitmap b0.
+fn qemu_image_with_data(dir: &Path, snapshot: bool) -> std::path::PathBuf {
+    let img = dir.join("d.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
+    if snapshot {
+        ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    }
+    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    img
+}
+
+/// `img` is corruption to `qemu-img check` (exit 2) and to ours, whose findings include
+/// one containing `ours`; adding a bitmap is refused before anything is written.
+fn assert_corrupt_to_both(img: &Path, ours: &str) {
+    let bytes = std::fs::read(img).unwrap();
+    let qemu = common::qemu::run("qemu-img", &["check", p(img)]);
+    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
+    let mut s = open(img, OpenMode::ReadWrite);
+    let report = s.image().check().unwrap();
+    assert!(
+        report.exit_code() == 2 && report.messages.iter().any(|m| m.contains(ours)),
+        "qemu-img check calls it corrupt; ours: {:?}",
+        report.messages
+    );
+    let r = s.add("c", 65536, Recording::Enabled);
+    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
+    assert!(std::fs::read(img).unwrap() == bytes, "the refusal wrote");
+}
+
 /// Found by an adversarial review: a snapshot whose L1 table offset is not
 /// cluster-aligned is corruption to `qemu-img check` (exit 2, "L1 table is not cluster
 /// aligned"); our walk read the table at that offset, found other clusters, and reported
@@ -765,30 +797,14 @@ fn qemu_accepts_the_mode_extension_and_keeps_it_when_it_rewrites_the_header() {
 #[test]
 fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("s.qcow2");
-    let i = p(&img);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
-    ok("qemu-img", &["snapshot", "-c", "s1", i]);
-    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    let img = qemu_image_with_data(dir.path(), true);
     let mut bytes = std::fs::read(&img).unwrap();
     let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
     let at = area.header.snapshots_offset as usize;
     let l1 = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
     bytes[at..at + 8].copy_from_slice(&(l1 + 512).to_be_bytes());
     std::fs::write(&img, &bytes).unwrap();
-    let qemu = common::qemu::run("qemu-img", &["check", i]);
-    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
-    let mut s = open(&img, OpenMode::ReadWrite);
-    let report = s.image().check().unwrap();
-    assert!(
-        report.corruptions > 0,
-        "qemu-img check calls it corrupt; ours: {:?}",
-        report.messages
-    );
-    let r = s.add("c", 65536, Recording::Enabled);
-    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
-    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+    assert_corrupt_to_both(&img, "L1 table is not cluster aligned");
 }
 
 /// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks
@@ -799,11 +815,7 @@ fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
 #[test]
 fn an_l2_entry_without_its_copied_flag_is_corruption_as_qemu_says() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("c.qcow2");
-    let i = p(&img);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
-    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    let img = qemu_image_with_data(dir.path(), false);
     assert_eq!(
         open(&img, OpenMode::ReadOnly)
             .image()
@@ -824,20 +836,5 @@ fn an_l2_entry_without_its_copied_flag_is_corruption_as_qemu_says() {
     );
     bytes[l2..l2 + 8].copy_from_slice(&(entry & !(1 << 63)).to_be_bytes());
     std::fs::write(&img, &bytes).unwrap();
-    let qemu = common::qemu::run("qemu-img", &["check", i]);
-    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
-    let mut s = open(&img, OpenMode::ReadWrite);
-    let report = s.image().check().unwrap();
-    assert!(
-        report
-            .messages
-            .iter()
-            .any(|m| m.contains("OFLAG_COPIED data cluster")),
-        "qemu-img check calls it corrupt; ours: {:?}",
-        report.messages
-    );
-    assert_eq!(report.exit_code(), 2);
-    let r = s.add("c", 65536, Recording::Enabled);
-    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
-    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+    assert_corrupt_to_both(&img, "OFLAG_COPIED data cluster");
 }
