@@ -906,6 +906,54 @@ impl Vm for SlowStop {
     }
 }
 
+/// Pauses the simulated guest and then reports that the stop failed, as a QEMU whose
+/// `do_vm_stop` paused the vCPUs before its flush failed.
+struct FailingStop(Sim);
+
+impl Vm for FailingStop {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.0.stop()?;
+        Err(MigrationError::Io(std::io::Error::other("the flush at the stop failed")))
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.0.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.0.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.0.run_until(now);
+    }
+}
+
+/// Found by an adversarial review: a `Vm::stop` that failed after pausing the guest ended
+/// the attempt with an error that says the source runs, and nothing resumed it: the guest
+/// stayed paused for good. The loop resumes it, as QEMU resumes a VM whose migration
+/// failed.
+#[test]
+fn a_failed_vm_stop_leaves_the_guest_running() {
+    let rig = Rig::new(64, 0.2, per_ms(4096.0));
+    let mut state = rig.state(SetupMode::Full, false);
+    let mut vm = FailingStop(rig.sim.clone());
+    let (mut c, mut o, mut i) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
+    let r = run(
+        &config(300),
+        Endpoints {
+            clock: &mut c,
+            vm: &mut vm,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    );
+    assert!(
+        matches!(r, Err(MigrationError::Io(ref e)) if e.to_string().contains("flush at the stop")),
+        "{r:?}"
+    );
+    assert!(rig.sim.guest_running(), "the guest stays paused after a failed stop");
+}
+
 /// Takes `delay` of virtual time in `on_iteration` after every exact figure (a caller
 /// printing a line, say); gives up on a stall, so that a test cannot loop for ever.
 struct SlowController {

@@ -268,10 +268,13 @@ pub trait Vm {
     /// log or bitmap (the trait docs say exactly what that covers).
     ///
     /// # Errors
-    /// The VM could not be stopped; the migration attempt ends.
+    /// The VM could not be stopped; the migration attempt ends. It may have stopped in
+    /// part (QEMU pauses the vCPUs before the flush that can fail), so the loop then calls
+    /// [`resume`](Self::resume), as QEMU resumes a VM whose migration failed.
     fn stop(&mut self) -> Result<()>;
 
-    /// VM resume.
+    /// VM resume. Also called after a failed [`stop`](Self::stop), on a VM that may still
+    /// run: resuming a running VM must succeed and change nothing.
     ///
     /// # Errors
     /// The VM could not be resumed.

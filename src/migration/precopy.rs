@@ -1257,7 +1257,16 @@ where
         let t_stop = self.clock.now();
         let b_stop = self.out.bytes_sent();
         if let Err(e) = self.vm.stop() {
-            return Err(self.fail_running(states, e));
+            // The VM may have stopped in part: nothing was handed over yet (no state's
+            // stop ran), so it resumes as a running failure's VM does.
+            let e = self.fail_running(states, e);
+            return Err(match self.vm.resume() {
+                Ok(()) => e,
+                Err(r) => MigrationError::SourceNotResumed {
+                    cause: Box::new(e),
+                    resume: Box::new(r),
+                },
+            });
         }
         self.out.lift_rate_limit();
         let at_stop = self.pending(states, true);
