@@ -206,18 +206,22 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// barrier if that flush had nothing to write, and times a load of the bitmaps and one
     /// barrier with nothing to write back (the destination's activate).
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
-        self.handed_over = false;
         self.stop = FlushStats::default();
         if self.qemu_baseline {
+            if self.store.lock().is_active() {
+                self.handed_over = false;
+            }
             return Ok(Bytes(0));
         }
         let (flushed, barrier) = {
             let mut st = self.store.lock();
             if !st.is_active() {
+                // Still handed over by an earlier attempt: `reactivate` must take it back.
                 return Err(MigrationError::Bitmap(crate::Error::WrongState(
                     crate::StateProblem::NotActive,
                 )));
             }
+            self.handed_over = false;
             let f = st.flush()?;
             let b = if f.syncs == 0 {
                 Some(st.barrier()?)
@@ -398,16 +402,22 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// Nothing to re-dirty: nothing went on the wire.
     fn resume_source(&mut self) {}
 
-    /// Activates the store again if the stop had handed it over, in durable mode if it
-    /// was (its durable trackers are then new: take them again). Refuses, so that the
+    /// Activates the store again if it is inactive (the stop, this attempt's or an earlier
+    /// one's, handed it over), in durable mode if it was (its durable trackers are then new: take them again). Refuses, so that the
     /// source stays stopped, while a failed stop holds the marks
     /// ([`BitmapStore::marks_held`](crate::BitmapStore::marks_held)): the disk may then
     /// say clean, and a resumed guest's writes would wait on the sealed bitmaps.
     fn reactivate(&mut self) -> Result<()> {
-        if self.store.lock().marks_held() {
-            return Err(crate::Error::WrongState(StateProblem::MarksHeld).into());
-        }
-        if self.handed_over {
+        let inactive = {
+            let st = self.store.lock();
+            if st.marks_held() {
+                return Err(crate::Error::WrongState(StateProblem::MarksHeld).into());
+            }
+            !st.is_active()
+        };
+        // Whatever this attempt did, an inactive store is taken back: the guest resumes
+        // only on bitmaps the disk says are in use.
+        if self.handed_over || inactive {
             if self.durable {
                 self.store.lock().activate_durable()?;
             } else {
@@ -841,6 +851,38 @@ mod tests {
                 MigrationError::Bitmap(crate::Error::WrongState(StateProblem::MarksHeld))
             ),
             "{e}"
+        );
+    }
+
+    /// Found by an adversarial review: an attempt that ended `OutcomeUnknown` left the
+    /// store handed over (inactive, clean on disk); a retry's `setup` cleared the
+    /// hand-over flag before it refused the inactive store, so the fail-back's
+    /// `reactivate` did nothing and the guest resumed on bitmaps the disk calls clean.
+    #[test]
+    fn a_retry_after_a_hand_over_still_takes_the_store_back() {
+        let (mut state, b) = faulty_store();
+        state.complete(&mut Sink).unwrap();
+        assert!(state.handed_over());
+        let e = state.setup(&mut Sink).expect_err("the store is handed over");
+        assert!(
+            matches!(
+                e,
+                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::NotActive))
+            ),
+            "{e}"
+        );
+        state.resume_source();
+        state.reactivate().unwrap();
+        assert!(state.store.lock().is_active(), "the fail-back left the store inactive");
+        b.mark_dirty(7 * G, 1);
+        let bytes = state.store.lock().image().storage().inner().to_vec();
+        let d =
+            BitmapStore::open(MemStorage::from_bytes(bytes), crate::OpenMode::ReadOnly).unwrap();
+        let info = d.list().into_iter().find(|i| i.name == "b").unwrap();
+        assert_eq!(
+            info.state,
+            crate::BitmapState::Inconsistent,
+            "the resumed guest writes on a bitmap the disk calls clean"
         );
     }
 
