@@ -207,3 +207,28 @@ fn failed_flushes_requeue_their_regions() {
     bm.requeue_changed(&taken);
     assert_eq!(bm.take_changed(), taken);
 }
+
+/// Found by an adversarial review: a set of regions from a larger bitmap (or taken before a
+/// shrink) requeued whole words, so the change map named regions past its end, and a
+/// store's flush of them failed for good (`plan_target` found no table entry; the failed
+/// flush requeued them again). Regions past the end are ignored.
+#[test]
+fn a_requeued_set_names_no_region_past_the_end() {
+    let bm = DirtyBitmap::new(64 * K, 64 * K).unwrap();
+    assert_eq!(bm.region_count(), 1);
+    bm.requeue_changed(&dirty_bitmap::ChangedRegions::all(100));
+    assert_eq!(bm.changed_region_count(), 1);
+    let taken = bm.take_changed();
+    assert_eq!(taken.iter().collect::<Vec<_>>(), vec![0]);
+}
+
+/// Found by an adversarial review: a region past the end gave a start past the range's
+/// end (the bit offset's shift dropped its high bits), and the length underflowed (a panic
+/// in debug builds, about 2^64 in release).
+#[test]
+fn a_region_past_the_end_has_an_empty_range_at_the_end() {
+    let bm = DirtyBitmap::new(T, 64 * K).unwrap();
+    for r in [bm.region_count(), (1 << 33) - 1, u64::MAX] {
+        assert_eq!(bm.region_disk_range(r), (T, 0), "region {r}");
+    }
+}

@@ -57,9 +57,12 @@ impl ChangeMap {
         }
     }
 
-    /// Marks every region in `regions` changed again.
+    /// Marks every region in `regions` changed again. Regions past this map's end (a set
+    /// taken before a shrink, or from another bitmap) are ignored: a bit past the end
+    /// would make `take`, `count` and `iter` name regions no table has.
     pub fn set_all_of(&self, regions: &ChangedRegions) {
-        for (w, &bits) in self.words.iter().zip(regions.words.iter()) {
+        for (i, (w, &bits)) in self.words.iter().zip(regions.words.iter()).enumerate() {
+            let bits = bits & self.valid(i);
             if bits != 0 && w.load(SeqCst) & bits != bits {
                 w.fetch_or(bits, SeqCst);
             }

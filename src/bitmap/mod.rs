@@ -800,14 +800,15 @@ impl DirtyBitmap {
             .min(self.geo.region_size)
     }
 
-    /// Disk bytes `(offset, length)` whose bits sit in region `region`, clipped to the disk.
+    /// Disk bytes `(offset, length)` whose bits sit in region `region`, clipped to the disk:
+    /// `(disk_size, 0)` for a region past the end.
     pub fn region_disk_range(&self, region: u64) -> (u64, u64) {
         let bits_per_region = self.geo.region_size * 8;
         let start = self.geo.bit_offset(region.saturating_mul(bits_per_region));
         let end = self
             .geo
             .bit_offset(region.saturating_add(1).saturating_mul(bits_per_region));
-        (start, end - start)
+        (start, end.saturating_sub(start))
     }
 
     /// Takes the set of regions whose serialized bytes changed since the last take, and
