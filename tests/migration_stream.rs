@@ -1144,3 +1144,58 @@ fn zero_pages_over_untouched_memory_write_nothing_and_still_zero_a_written_page(
     .unwrap();
     assert!(core.ram()[2 * PAGE..3 * PAGE].iter().all(|&x| x == 0));
 }
+
+/// A destination state that refuses every Hello, as a state may (say, a disk image it
+/// cannot open).
+#[derive(Debug)]
+struct RefusesHello;
+
+impl dirty_bitmap::migration::DestState for RefusesHello {
+    fn name(&self) -> &str {
+        "disk"
+    }
+    fn hello(
+        &mut self,
+        _: dirty_bitmap::migration::StateId,
+        _: dirty_bitmap::migration::Binding,
+    ) -> Result<()> {
+        Err(MigrationError::InvalidInput("this state refuses".into()))
+    }
+}
+
+/// Found by an adversarial review: a retry whose Hello a destination state refused had
+/// already taken the kept RAM from the destination, and the failed attempt dropped it;
+/// the next retry, which sends only what the guest wrote again, could never complete.
+/// The kept RAM is taken only once every state accepted the Hello.
+#[test]
+fn a_hello_a_state_refuses_keeps_the_kept_ram() {
+    let (mut rng, _) = common::seeded_rng("a_hello_a_state_refuses_keeps_the_kept_ram");
+    let ram = random_ram(&mut rng, 4);
+    let id = 0xD2;
+    let Frame::Hello(h) = hello_for(id) else {
+        unreachable!()
+    };
+    let mut states = h.states.clone();
+    states.push(StateInfo {
+        id: RAM_ID + 1,
+        name: "disk".into(),
+    });
+    let bytes = stream_of(&[Frame::Hello(Hello { states, ..h })]);
+    let mut d = Destination::with_retained(
+        &bytes[..],
+        Vec::new(),
+        DestinationConfig::default(),
+        Some(kept_after_cut(id, &ram)),
+    );
+    d.add_state(std::sync::Arc::new(std::sync::Mutex::new(RefusesHello)));
+    let r = d.step();
+    assert!(
+        matches!(r, Err(MigrationError::InvalidInput(ref m)) if m.contains("refuses")),
+        "{r:?}"
+    );
+    let kept = d.into_retained().expect("the kept RAM was dropped");
+    assert_eq!((kept.received_pages(), kept.migration_id()), (4, id));
+    for p in 0..4 {
+        assert_eq!(kept.page(p as u64), Some(page_of(&ram, p)));
+    }
+}

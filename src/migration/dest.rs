@@ -726,19 +726,16 @@ impl DestCore {
                 // Kept RAM is reused only by the migration that left it: same migration id,
                 // same geometry, and (with nonces) a Hello that resumes it by its token.
                 // Any other Hello is refused and the kept RAM stays, untouched, for that
-                // migration's retry: it is taken only once every check passed.
-                self.ram = Some(match &self.retained {
+                // migration's retry: it is taken only once every check passed, the
+                // destination states' `hello` below included.
+                self.ram = match &self.retained {
                     Some(kept)
                         if kept.migration_id == h.migration_id
                             && kept.ram.page_size == ps
                             && kept.ram.pages == h.ram_pages
                             && (self.config.nonce.is_none() || kept.token == h.resume) =>
                     {
-                        self.resumed = true;
-                        self.retained
-                            .take()
-                            .map(|k| k.ram)
-                            .ok_or_else(|| MigrationError::internal("kept RAM vanished"))?
+                        None
                     }
                     Some(kept) => {
                         return Err(ProtocolError::KeptRamNotResumed {
@@ -749,8 +746,12 @@ impl DestCore {
                         }
                         .into())
                     }
-                    None => DestRam::new(ps, h.ram_pages, self.config.max_ram_bytes.get())?,
-                });
+                    None => Some(DestRam::new(
+                        ps,
+                        h.ram_pages,
+                        self.config.max_ram_bytes.get(),
+                    )?),
+                };
             }
             None if h.ram_pages != 0 => {
                 return Err(ProtocolError::RamWithoutState {
@@ -769,6 +770,16 @@ impl DestCore {
             if let Some(s) = self.dest_states.get(i) {
                 dest_state::lock(s).hello(id, binding)?;
             }
+        }
+        if ram_state.is_some() && self.ram.is_none() {
+            // Every check passed: the kept RAM the checks above matched is taken now.
+            self.resumed = true;
+            self.ram = Some(
+                self.retained
+                    .take()
+                    .map(|k| k.ram)
+                    .ok_or_else(|| MigrationError::internal("kept RAM vanished"))?,
+            );
         }
         self.declared = declared;
         self.ram_state = ram_state;
