@@ -168,6 +168,11 @@ pub enum StateProblem {
         "a failed stop may have left the bitmaps clean on disk; marks are held; reopen the image"
     )]
     MarksHeld,
+    /// This handle released QEMU's writer locks on the image (an inactivation, so that a
+    /// migration destination could open it writable) and has not taken them back: it
+    /// writes nothing until it does.
+    #[error("the writer locks on the image were released (an inactive node); take them back before writing")]
+    WriterLocksReleased,
 }
 
 impl From<InvalidValue> for Error {

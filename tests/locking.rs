@@ -129,14 +129,17 @@ fn qemu_nbd_writer(img: &Path, sock: &Path) -> Held {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The socket can appear before qemu-nbd has finished writing the image at open (it sets
-    // `in_use` on every bitmap): wait for that, so that callers comparing the image's bytes
-    // compare against what QEMU left, not against a half-opened image.
+    // The socket can appear before qemu-nbd has finished writing the image at open (it
+    // clears autoclear bit 0, sets `in_use` on every bitmap in place, then sets bit 0
+    // again): wait for the end of that, so that callers comparing the image's bytes compare
+    // against what QEMU left, not against a half-opened image.
     loop {
         let in_use = FileStorage::open_shared(img)
             .ok()
             .and_then(|st| BitmapStore::open(st, OpenMode::ReadOnly).ok())
-            .is_some_and(|s| s.list().iter().all(|b| b.in_use));
+            .is_some_and(|s| {
+                s.image().header().autoclear_features & 1 != 0 && s.list().iter().all(|b| b.in_use)
+            });
         if in_use {
             break;
         }
@@ -433,4 +436,127 @@ fn locks_release_while_a_forked_child_shares_the_file() {
     let again = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
     drop(again);
     drop(child);
+}
+
+/// Found by an adversarial review: an inactivation releases the writer locks, so that a
+/// migration destination can open the image writable, and the inactive store still
+/// committed edits without them: its commit wrote a directory from its cache over the one
+/// the destination had just marked `in_use`, and freed a cluster the destination named.
+/// Now an edit takes the locks back first and is refused while another writer holds them,
+/// with nothing written.
+#[test]
+fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let open = || {
+        BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap()
+    };
+    let mut a = open();
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    // The destination takes the image over and its guest writes.
+    let mut b = open();
+    b.activate().unwrap();
+    b.bitmap("b").unwrap().mark_dirty(0, 4096);
+    let taken = std::fs::read(&img).unwrap();
+    let edits: [(&str, dirty_bitmap::Result<()>); 4] = [
+        ("add", a.add("c", 65536, Recording::Enabled)),
+        ("set_enabled", a.set_enabled("b", false)),
+        ("clear", a.clear("b")),
+        ("checkpoint", a.checkpoint("c2").map(|_| ())),
+    ];
+    for (what, r) in edits {
+        eprintln!("{what}");
+        assert_eq!(locked(r).0, "write", "{what}");
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == taken,
+        "the handed-over store wrote the image"
+    );
+    // Once the destination has let go, an edit of the old source finds the image changed.
+    b.close().unwrap();
+    let r = a.add("c", 65536, Recording::Enabled);
+    assert!(
+        matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ),
+        "{r:?}"
+    );
+    drop(a);
+    let s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(
+        s.load("b").unwrap().is_dirty(0),
+        "the destination's mark is lost"
+    );
+    assert_qemu_clean(&img);
+}
+
+/// Found while fixing the review finding above: a store that handed the image over and
+/// resumed it with the same handle after the writer that took it over (one of this crate,
+/// which flushes in place) had marked, written and let go, resumed from its own parked
+/// copy: cluster 0 and the directory were byte for byte as it left them, so it took the
+/// image for unchanged, and its bitmap lacked the other writer's mark (a backup from it
+/// missed that write; its next flush of that region would have dropped it on disk). Now
+/// the resume ORs the disk into the parked copy, and a writer that allocated meanwhile
+/// (its refcounts no longer what the handle caches) makes the resume refuse.
+#[test]
+fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 << 30, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    // A data cluster for the bitmap's table entry, so that a later mark is written in place.
+    s.bitmap("b").unwrap().mark_dirty(0, 4096);
+    s.close().unwrap();
+    let open = || {
+        BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap()
+    };
+    let mut a = open();
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    let mut b = open();
+    b.activate().unwrap();
+    b.bitmap("b").unwrap().mark_dirty(5 * 65536, 4096);
+    b.close().unwrap();
+    a.activate().unwrap();
+    assert!(
+        a.bitmap("b").unwrap().is_dirty(5 * 65536),
+        "the resumed bitmap lacks the other writer's mark"
+    );
+    a.inactivate().unwrap();
+
+    // The other writer marks where the bitmap has no data cluster yet (its 128 KiB span
+    // two clusters): it allocates one, and writes its table in place.
+    let mut b = open();
+    b.activate().unwrap();
+    b.bitmap("b").unwrap().mark_dirty(40 << 30, 4096);
+    b.close().unwrap();
+    let r = a.activate();
+    assert!(
+        matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ),
+        "{r:?}"
+    );
+    drop(a);
+    assert_qemu_clean(&img);
 }

@@ -913,7 +913,9 @@ struct FailingStop(Sim);
 impl Vm for FailingStop {
     fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.0.stop()?;
-        Err(MigrationError::Io(std::io::Error::other("the flush at the stop failed")))
+        Err(MigrationError::Io(std::io::Error::other(
+            "the flush at the stop failed",
+        )))
     }
     fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.0.resume()
@@ -951,7 +953,10 @@ fn a_failed_vm_stop_leaves_the_guest_running() {
         matches!(r, Err(MigrationError::Io(ref e)) if e.to_string().contains("flush at the stop")),
         "{r:?}"
     );
-    assert!(rig.sim.guest_running(), "the guest stays paused after a failed stop");
+    assert!(
+        rig.sim.guest_running(),
+        "the guest stays paused after a failed stop"
+    );
 }
 
 /// Takes `delay` of virtual time in `on_iteration` after every exact figure (a caller

@@ -141,6 +141,41 @@ impl Refcounts {
         (self.reftable_offset, self.reftable_clusters)
     }
 
+    /// Whether the reftable and every cached refblock with nothing waiting for
+    /// [`flush`](Self::flush) still hold on disk what this cache holds: `false` once
+    /// another writer allocated or freed a cluster they count, so that the cache would
+    /// hand out or free clusters by stale counts. Blocks not cached are read fresh when
+    /// needed, so they cannot be stale. Reads only.
+    ///
+    /// # Errors
+    /// I/O, or a table or block past the end of the file.
+    pub(crate) fn cache_matches_disk(&self, storage: &(impl Storage + ?Sized)) -> Result<bool> {
+        if self.dirty_entries.is_empty() {
+            let len = self.reftable_clusters << self.cluster_bits;
+            let bytes = read_metadata(storage, "refcount table", self.reftable_offset, len)?;
+            if decode_reftable(&bytes, self.cluster_bits)? != self.reftable {
+                return Ok(false);
+            }
+        }
+        for (index, block) in &self.blocks {
+            if self.dirty_blocks.contains(index) {
+                continue;
+            }
+            let Some(Some(offset)) = usize::try_from(*index)
+                .ok()
+                .and_then(|i| self.reftable.get(i))
+                .copied()
+            else {
+                return Ok(false);
+            };
+            let disk = read_metadata(storage, "refcount block", offset, self.cluster_size())?;
+            if &disk != block {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Whether nothing is waiting for [`flush`](Self::flush).
     pub(crate) fn is_clean(&self) -> bool {
         self.dirty_blocks.is_empty() && self.dirty_entries.is_empty()

@@ -404,6 +404,16 @@ impl<S: Storage> Image<S> {
         self.storage.sync_data()
     }
 
+    /// Whether the refcounts this image caches still match the disk (see
+    /// `Refcounts::cache_matches_disk`): `false` once another writer allocated or freed
+    /// clusters they count. Reads only.
+    ///
+    /// # Errors
+    /// I/O, or a table past the end of the file.
+    pub(crate) fn refcounts_match_disk(&self) -> Result<bool> {
+        self.refcounts.cache_matches_disk(&self.storage)
+    }
+
     /// Allocates `n` contiguous clusters (first fit), sets their refcounts to 1 in memory
     /// and grows the file to cover them. Returns the byte offset of the first cluster.
     /// The refcounts reach the disk at the next [`flush_refcounts`](Self::flush_refcounts).

@@ -863,7 +863,9 @@ mod tests {
         let (mut state, b) = faulty_store();
         state.complete(&mut Sink).unwrap();
         assert!(state.handed_over());
-        let e = state.setup(&mut Sink).expect_err("the store is handed over");
+        let e = state
+            .setup(&mut Sink)
+            .expect_err("the store is handed over");
         assert!(
             matches!(
                 e,
@@ -873,7 +875,10 @@ mod tests {
         );
         state.resume_source();
         state.reactivate().unwrap();
-        assert!(state.store.lock().is_active(), "the fail-back left the store inactive");
+        assert!(
+            state.store.lock().is_active(),
+            "the fail-back left the store inactive"
+        );
         b.mark_dirty(7 * G, 1);
         let bytes = state.store.lock().image().storage().inner().to_vec();
         let d =

@@ -5,11 +5,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::lock::{self, Access, Locking};
 use super::mode::OpenMode;
 use super::{check_new_len, checked_buf_end, read_past_end, write_past_end, Storage};
-use crate::error::{invalid_input, Result};
+use crate::error::{invalid_input, Error, Result, StateProblem};
 
 /// A storage backed by a file.
 ///
@@ -32,6 +33,10 @@ pub struct FileStorage {
     path: PathBuf,
     writable: bool,
     locking: Locking,
+    /// The writer's lock bytes were released ([`set_writer_locks`](Storage::set_writer_locks))
+    /// and not taken back: every write and `set_len` is refused, as QEMU asserts that
+    /// nothing writes an inactive node.
+    released: AtomicBool,
 }
 
 impl FileStorage {
@@ -92,6 +97,7 @@ impl FileStorage {
             path: path.to_owned(),
             writable,
             locking,
+            released: AtomicBool::new(false),
         })
     }
 
@@ -146,6 +152,7 @@ impl FileStorage {
             path: path.to_owned(),
             writable: true,
             locking,
+            released: AtomicBool::new(false),
         })
     }
 
@@ -160,6 +167,7 @@ impl FileStorage {
             path: path.into(),
             writable: mode.is_writable(),
             locking: Locking::Off,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -182,7 +190,9 @@ impl FileStorage {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.writable {
+        if self.released.load(Ordering::Acquire) {
+            Err(Error::WrongState(StateProblem::WriterLocksReleased))
+        } else if self.writable {
             Ok(())
         } else {
             Err(invalid_input!(
@@ -262,10 +272,12 @@ impl Storage for FileStorage {
             return Ok(());
         }
         if held {
-            lock::take_writer(&self.file, &self.path)
+            lock::take_writer(&self.file, &self.path)?;
+            self.released.store(false, Ordering::Release);
         } else {
+            self.released.store(true, Ordering::Release);
             lock::release_writer(&self.file);
-            Ok(())
         }
+        Ok(())
     }
 }

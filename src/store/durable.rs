@@ -107,7 +107,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
-        self.image.storage().set_writer_locks(true)?;
+        let before = self.take_writer_locks()?;
         let r = self
             .resume_durable_parked()
             .and_then(|()| self.activate_durable_locked(&mut pre));
@@ -117,7 +117,7 @@ impl<S: Storage> BitmapStore<S> {
             }
             self.active = false;
             self.durable = None;
-            let _ = self.image.storage().set_writer_locks(false);
+            self.restore_writer_locks(before);
         }
         r
     }

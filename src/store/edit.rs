@@ -162,6 +162,7 @@ impl<S: Storage> BitmapStore<S> {
     ) -> Result<()> {
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         if let Some(c) = &content {
             if !self.active {
                 return Err(Error::WrongState(StateProblem::NotActive));
@@ -296,6 +297,7 @@ impl<S: Storage> BitmapStore<S> {
     /// with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         let i = self.find(name)?;
         self.preflight()?;
         let slot = &self.slots[i];
@@ -347,6 +349,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
         if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
@@ -410,6 +413,7 @@ impl<S: Storage> BitmapStore<S> {
     /// As [`store`](Self::store).
     pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         let i = self.find_consistent(name)?;
         if self.durable.is_some() {
             return self.clear_durable(i);
@@ -436,6 +440,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         let i = self.find_consistent(name)?;
         if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
@@ -518,6 +523,7 @@ impl<S: Storage> BitmapStore<S> {
 
     fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {
             return Err(invalid_input!(

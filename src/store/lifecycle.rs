@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BitmapStore, Claim, Preloaded, ACTIVE_MEMORY_LIMIT};
+use super::{BitmapStore, Claim, Preloaded, WriterLocks, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
@@ -65,17 +65,70 @@ impl<S: Storage> BitmapStore<S> {
         if self.active {
             return Ok(());
         }
-        let resuming = self.slots.iter().any(|s| s.parked.is_some());
         // A resumed hand-over takes the writer's locks back first: while another process
         // (the destination) holds the image writable, this fails and nothing is read or
         // written.
-        self.image.storage().set_writer_locks(true)?;
+        let before = self.take_writer_locks()?;
         let r = self.activate_locked(&mut pre);
-        if r.is_err() && resuming {
-            // Still inactive: hold what an inactive node holds.
-            let _ = self.image.storage().set_writer_locks(false);
+        if r.is_err() {
+            // Still inactive: hold what the store held before.
+            self.restore_writer_locks(before);
         }
         r
+    }
+
+    /// Takes QEMU's writer locks on the image (again): [`Error::Locked`] while another
+    /// process holds the image writable, and then nothing changed. Returns what the store
+    /// held before, for [`restore_writer_locks`](Self::restore_writer_locks).
+    pub(super) fn take_writer_locks(&mut self) -> Result<WriterLocks> {
+        let before = self.writer;
+        self.image.storage().set_writer_locks(true)?;
+        self.writer = WriterLocks::Held;
+        Ok(before)
+    }
+
+    /// Back to `before` after a failed activation: released again if the store had
+    /// released them (an inactive node's locks, so the destination can still open the
+    /// image); otherwise kept.
+    pub(super) fn restore_writer_locks(&mut self, before: WriterLocks) {
+        if before == WriterLocks::Released {
+            let _ = self.image.storage().set_writer_locks(false);
+        }
+        self.writer = before;
+    }
+
+    /// Before an edit of an inactive store (`add`, `remove`, `store`, `clear`,
+    /// `set_enabled`, `merge`, `resize`, and what is built on them): if an inactivation
+    /// released the writer locks, they are taken back, and the image must still be what
+    /// this handle last wrote ([`StateProblem::ChangedWhileInactive`] otherwise: the
+    /// cached refcounts, tables and directory would be stale, and a commit from them
+    /// could free or overwrite clusters another writer uses, or write its bitmaps clean).
+    /// Nothing is written before either check. The locks stay taken until the next
+    /// [`inactivate`](Self::inactivate) (a no-op otherwise on an inactive store) releases
+    /// them again, or the store is dropped.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] while another process holds the image writable;
+    /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
+    pub(super) fn reclaim_writer(&mut self) -> Result<()> {
+        if self.writer != WriterLocks::Released {
+            return Ok(());
+        }
+        self.image.storage().set_writer_locks(true)?;
+        // The parked copies, which the edits read and apply to, get the disk ORed in, as
+        // a resume does (`load_mems`).
+        let checked = self.ensure_unchanged_since_inactivate().and_then(|()| {
+            self.slots.iter().try_for_each(|s| match &s.parked {
+                Some(p) => self.merge_disk_into(&s.entry, p),
+                None => Ok(()),
+            })
+        });
+        if let Err(e) = checked {
+            let _ = self.image.storage().set_writer_locks(false);
+            return Err(e);
+        }
+        self.writer = WriterLocks::Reclaimed;
+        Ok(())
     }
 
     /// [`activate`](Self::activate), with `content` standing for the named bitmaps in
@@ -206,6 +259,10 @@ impl<S: Storage> BitmapStore<S> {
             } else if let Some(bm) = pre.take_adopted(&s.entry.name) {
                 Some(self.adopt(&s.entry, bm)?)
             } else if let Some(p) = &s.parked {
+                // The disk may hold marks the parked copy lacks: a writer of this crate
+                // that took the image over flushes in place, leaving cluster 0, the
+                // directory and the refcounts as they were. What is on disk is ORed in.
+                self.merge_disk_into(&s.entry, p)?;
                 Some(Arc::clone(p))
             } else {
                 let shape = (
@@ -258,6 +315,12 @@ impl<S: Storage> BitmapStore<S> {
             if !same_but_in_use(&entries, &ours, &disk) {
                 return Err(changed());
             }
+        }
+        // A writer that kept cluster 0 and the directory (one of this crate, flushing in
+        // place) may still have allocated clusters: the cached refcounts would then hand
+        // them out again.
+        if !self.image.refcounts_match_disk()? {
+            return Err(changed());
         }
         Ok(())
     }
@@ -318,6 +381,12 @@ impl<S: Storage> BitmapStore<S> {
         stop: impl FnOnce(&mut Self) -> Result<FlushStats>,
     ) -> Result<FlushStats> {
         if !self.active {
+            if self.writer == WriterLocks::Reclaimed {
+                // An edit took the locks back after the last inactivation; the store is
+                // an inactive node again.
+                let _ = self.image.storage().set_writer_locks(false);
+                self.writer = WriterLocks::Released;
+            }
             return Ok(FlushStats::default());
         }
         self.ensure_writable()?;
@@ -343,6 +412,7 @@ impl<S: Storage> BitmapStore<S> {
             // Inactive: hold only what QEMU's inactive node holds, so that the destination
             // can open the image writable. Failing to release only makes it fail to open.
             let _ = self.image.storage().set_writer_locks(false);
+            self.writer = WriterLocks::Released;
         }
         stats.syncs = self.image.sync_count().saturating_sub(syncs0);
         stats.sync_time = self.image.sync_time().saturating_sub(sync_time0);

@@ -178,6 +178,24 @@ pub struct BitmapStore<S: Storage> {
     /// its data clusters in place instead of the changed ones alone
     /// ([`set_rewrite_threshold`](Self::set_rewrite_threshold)).
     rewrite_threshold: f64,
+    /// Whether this handle holds QEMU's writer locks on the image (`lifecycle.rs`,
+    /// `take_writer_locks`).
+    writer: WriterLocks,
+}
+
+/// Whether a store holds QEMU's writer locks (`Storage::set_writer_locks`). An
+/// inactivation releases them so that a migration destination can open the image
+/// writable; from then on this handle writes nothing until it takes them back and has
+/// checked that nobody else wrote the image meanwhile (`take_writer_locks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriterLocks {
+    /// Held since the open, or taken back by an activation.
+    Held,
+    /// Released by an inactivation.
+    Released,
+    /// Taken back after an inactivation by an edit of the inactive store; the next
+    /// [`BitmapStore::inactivate`] releases them again.
+    Reclaimed,
 }
 
 /// How far a stop has gone towards saying "clean" on disk, so that a failure knows what to
@@ -514,6 +532,7 @@ impl<S: Storage> BitmapStore<S> {
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
             rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
+            writer: WriterLocks::Held,
         })
     }
 
@@ -568,6 +587,7 @@ impl<S: Storage> BitmapStore<S> {
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
             rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
+            writer: WriterLocks::Held,
         }
     }
 
@@ -934,6 +954,23 @@ impl<S: Storage> BitmapStore<S> {
     /// every region is set from the disk as it is now, word for word, so the result is
     /// what [`load_disk`](Self::load_disk) would return; only the words that differ are
     /// written, and no memory is allocated or faulted in.
+    /// ORs what the disk holds of `entry`'s bitmap into `held` (its geometry), beside
+    /// concurrent marks: every bit of either stays set.
+    fn merge_disk_into(&self, entry: &DirEntry, held: &DirtyBitmap) -> Result<()> {
+        let mut ones = Vec::new();
+        self.walk_regions(entry, held, NotData::Skip, |r, bytes| {
+            let at = r.saturating_mul(held.region_size());
+            match bytes {
+                Some(b) => held.or_serialized(at, b),
+                None => {
+                    ones.clear();
+                    ones.resize(held.region_len(r) as usize, 0xFF);
+                    held.or_serialized(at, &ones)
+                }
+            }
+        })
+    }
+
     fn refresh_disk(&self, entry: &DirEntry, held: DirtyBitmap) -> Result<DirtyBitmap> {
         self.walk_regions(entry, &held, NotData::AsIs, |r, bytes| {
             held.load_region(r, bytes.ok_or_else(|| internal!("region {r} not read"))?)

@@ -72,6 +72,7 @@ impl<S: Storage> BitmapStore<S> {
     ///   An I/O error poisons the store; the disk then holds the old or the new image.
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
         self.ensure_writable()?;
+        self.reclaim_writer()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
         }
