@@ -982,3 +982,51 @@ fn a_durable_add_that_fails_after_its_commit_point_acknowledges_nothing_it_lacks
     }
     assert!(cases > 4, "{cases} failure points");
 }
+
+/// Polls `intent` until it is durable, failing (not hanging) after `secs` seconds with
+/// `what` in the message.
+fn wait_durable<S: Storage>(intent: &dirty_bitmap::Intent<S>, secs: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !intent.is_durable() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the intent was not durable after {secs} s: the flush policy never \
+             committed it"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Found by a review: `FlushPolicy::spawn` read the store's bitmaps once, at the spawn,
+/// so a size-only policy never saw a bitmap that came later: one spawned before the
+/// durable activation watched an empty list, and after a checkpoint the list held only the
+/// disabled bitmap. An intent on the new recording bitmap then waited for ever on a store
+/// whose `Intent` docs promise the policy commits it. The estimate is read from the
+/// store's current bitmaps at each poll.
+#[test]
+fn a_size_policy_commits_the_bitmaps_that_came_after_its_spawn() {
+    let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    let store = SharedStore::new(s);
+    let policy = dirty_bitmap::FlushPolicy::when_pending_above(0)
+        .spawn(store.clone())
+        .unwrap();
+    store.lock().activate_durable().unwrap();
+    let t = store.durable_tracker().unwrap();
+    let i = t.intent(7 * G, 4096).unwrap();
+    wait_durable(&i, 10, "spawned before the activation");
+    assert_eq!(
+        store.lock().checkpoint("b").unwrap().unwrap().as_bytes(),
+        b"a"
+    );
+    let clean = 123 * G;
+    assert!(!t.is_durable(clean, 4096));
+    let i = t.intent(clean, 4096).unwrap();
+    wait_durable(&i, 10, "after a checkpoint");
+    let stats = policy.stop().unwrap();
+    assert!(stats.flushes >= 2, "{stats:?}");
+    drop((i, t));
+    let mut s = store.lock();
+    let _ = s.inactivate().unwrap();
+    assert!(s.load("b").unwrap().is_dirty(clean));
+}

@@ -135,6 +135,13 @@ impl<S: Storage> BitmapStore<S> {
         Ok(Tracker::following(&self.tracked))
     }
 
+    /// The store's published list of in-memory bitmaps (active or parked), as it stands at
+    /// each load: what a [`FlushPolicy`](super::background::FlushPolicy) reads its
+    /// estimate from, without the store's lock.
+    pub(super) fn pending_gauge(&self) -> crate::tracker::TrackedSet {
+        Arc::clone(&self.gauge)
+    }
+
     /// The pending bytes, estimated for free: [`flush::pending_estimate`] over the in-memory
     /// bitmaps (changed regions times the region size). No lock, no I/O. 0 when inactive.
     pub fn pending_estimate(&self) -> u64 {

@@ -163,6 +163,12 @@ pub struct BitmapStore<S: Storage> {
     /// Lists [`publish`](Self::publish) replaced that a mark may still hold (pruned at
     /// each publish): a grace period waits for them (`publish_quiesced`).
     retired: parking_lot::Mutex<Vec<Arc<Vec<Arc<DirtyBitmap>>>>>,
+    /// The list of `tracked`, in a list of its own republished with it, for the lock-free
+    /// pending estimate of a [`FlushPolicy`](background::FlushPolicy): it follows every
+    /// add, checkpoint, remove and activation as a tracker does. Never handed to a tracker:
+    /// holding it is no deferred tracker to [`activate_durable`](Self::activate_durable),
+    /// and no hold of it delays a grace period (`publish_quiesced`).
+    gauge: TrackedSet,
     /// Active in durable mode: the bitmaps' tables and durable bits (`durable.rs`).
     durable: Option<durable_bits::Durable>,
     /// The parked bitmaps come from a durable inactivation: the disk holds every mark
@@ -509,6 +515,7 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
+            gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -563,6 +570,7 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
+            gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -1029,6 +1037,8 @@ impl<S: Storage> BitmapStore<S> {
             .iter()
             .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
             .collect();
+        // A list of its own: `publish_quiesced` counts the holders of `tracked`'s.
+        self.gauge.store(Arc::new(list.clone()));
         self.tracked.swap(Arc::new(list))
     }
 
