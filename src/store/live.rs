@@ -113,8 +113,14 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Every in-memory bitmap of an active store, in directory order (the inconsistent ones
     /// have none). Empty when inactive.
-    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
-        self.slots.iter().filter_map(|s| s.mem.clone()).collect()
+    ///
+    /// # Errors
+    /// [`Error::WrongState`](crate::Error::WrongState)
+    /// ([`StateProblem::Durable`](crate::StateProblem::Durable)) while the store is active
+    /// in durable mode, as [`bitmap`](Self::bitmap).
+    pub fn bitmaps(&self) -> Result<Vec<Arc<DirtyBitmap>>> {
+        self.ensure_not_durable()?;
+        Ok(self.slots.iter().filter_map(|s| s.mem.clone()).collect())
     }
 
     /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It follows the

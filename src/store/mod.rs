@@ -663,11 +663,21 @@ impl<S: Storage> BitmapStore<S> {
 
     /// The in-memory bitmap of an activated store, shared with whoever marks it.
     ///
+    /// Refused while the store is active in durable mode: the handle could clear, take or
+    /// disable the bitmap behind the durable bits (`durable.rs`), which would then vouch
+    /// for granules neither memory nor the disk holds any more, and a later intent on them
+    /// would be acknowledged with no bit anywhere. There marks go through
+    /// [`SharedStore::durable_tracker`], changes through the store's own calls
+    /// ([`clear`](Self::clear), [`set_enabled`](Self::set_enabled), ...), and reads through
+    /// [`load`](Self::load), a copy.
+    ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::WrongState`]
-    /// ([`StateProblem::NotActive`]) if the store is not active.
+    /// ([`StateProblem::NotActive`]) if the store is not active, ([`StateProblem::Durable`])
+    /// if it is active in durable mode.
     pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
         let i = self.find_consistent(name)?;
+        self.ensure_not_durable()?;
         self.slots[i]
             .mem
             .clone()
@@ -1068,7 +1078,8 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
-    /// Refuses a deferred marking handle while active in durable mode.
+    /// Refuses a deferred marking handle, or any handle on a live bitmap, while active in
+    /// durable mode.
     fn ensure_not_durable(&self) -> Result<()> {
         if self.durable.is_some() {
             Err(Error::WrongState(StateProblem::Durable))
