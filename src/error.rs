@@ -150,8 +150,12 @@ pub enum StateProblem {
     #[error("the store is not active in durable mode; call activate_durable() first")]
     NotDurable,
     /// The store is active in durable mode: marks go through its durable tracker, never a
-    /// deferred one.
-    #[error("the store is active in durable mode: mark through SharedStore::durable_tracker")]
+    /// deferred one, and no live bitmap is handed out
+    /// ([`BitmapStore::bitmap`](crate::BitmapStore::bitmap)): reads take a copy
+    /// ([`BitmapStore::load`](crate::BitmapStore::load)).
+    #[error(
+        "the store is active in durable mode: mark through SharedStore::durable_tracker, read          through load()"
+    )]
     Durable,
     /// A deferred [`Tracker`](crate::Tracker) of this store still exists: it follows the
     /// store's bitmaps, and its marks cannot wait for the disk, so a durable activation is

@@ -384,3 +384,124 @@ fn a_checkpoint_over_an_untrusted_chain_is_refused_before_any_write() {
     assert!(matches!(r, Err(Error::Inconsistent { .. })), "{r:?}");
     assert!(st.image().storage().to_vec() == bytes, "the refusal wrote");
 }
+
+/// An image with the chain c1 (disabled), c2 (recording), each with bits of its own and c1
+/// with some in common with c2, inactive, on `storage`; and what changed since c1.
+fn exported_chain<S: dirty_bitmap::storage::Storage>(
+    storage: S,
+) -> (BitmapStore<S>, dirty_bitmap::DirtyBitmap) {
+    let disk = 64 * MIB;
+    let mut st = BitmapStore::create(storage, disk, 4096).unwrap();
+    st.add("c1", G, Recording::Enabled).unwrap();
+    let bm = dirty_bitmap::DirtyBitmap::new(disk, G).unwrap();
+    bm.mark_dirty(5 * MIB, 4096);
+    bm.mark_dirty(20 * MIB, 3 * G);
+    st.store("c1", &bm).unwrap();
+    st.checkpoint("c2").unwrap();
+    let bm = dirty_bitmap::DirtyBitmap::new(disk, G).unwrap();
+    bm.mark_dirty(20 * MIB, 4096);
+    bm.mark_dirty(disk - 512, 512);
+    st.store("c2", &bm).unwrap();
+    let want = st.changed_since("c1").unwrap();
+    assert!(want.count() >= 5);
+    (st, want)
+}
+
+/// What image `bytes` holds under the name "x": `None` if no consistent bitmap of that
+/// name, else whether it holds every bit of `want` (`Err` naming a missing granule).
+fn export_in(bytes: Vec<u8>, want: &dirty_bitmap::DirtyBitmap, at: &str) -> Option<bool> {
+    let st = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly)
+        .unwrap_or_else(|e| panic!("{at}: {e}"));
+    let info = st.list().into_iter().find(|b| b.name.as_bytes() == b"x")?;
+    if info.in_use || info.state != dirty_bitmap::BitmapState::Consistent {
+        return None;
+    }
+    let x = st.load("x").unwrap_or_else(|e| panic!("{at}: {e}"));
+    Some(
+        want.dirty_extents()
+            .all(|(o, l)| x.is_dirty(o) && x.is_dirty(o + l - 1)),
+    )
+}
+
+/// Found by a review: `export_since` added `into` empty and consistent in one commit and
+/// stored its content in a second, so a crash between the two left an exported bitmap that
+/// `qemu-nbd -B` exports as clean (a backup through it copies nothing). At every crash
+/// point (unsynced writes dropped, kept or torn), `x` is absent, or present, consistent
+/// and holding every bit of `changed_since`.
+#[test]
+fn a_crash_anywhere_in_an_export_never_leaves_it_without_its_bits() {
+    let crash = CrashStorage::new();
+    let (mut st, want) = exported_chain(&crash);
+    let start = crash.op_count();
+    st.export_since("c1", "x").unwrap();
+    drop(st);
+    let mut seen = BTreeSet::new();
+    for mode in [
+        CrashMode::Dropped,
+        CrashMode::Kept,
+        CrashMode::Torn { seed: 1 },
+        CrashMode::Torn { seed: 2 },
+    ] {
+        for (point, image) in crash.crash_images(mode) {
+            if point < start {
+                continue;
+            }
+            let at = format!("crash point {point} (export from {start}) {mode:?}");
+            let got = export_in(image, &want, &at);
+            assert_ne!(got, Some(false), "{at}: x is consistent without every bit");
+            seen.insert(got.is_some());
+        }
+    }
+    assert_eq!(seen.len(), 2, "both outcomes must be reachable: {seen:?}");
+}
+
+/// Found by a review: when the second commit of `export_since` failed, its clean-up
+/// (`remove`) was refused on the poisoned store and ignored, leaving `into` empty and
+/// consistent. For every write and barrier of the export failing (and every one after it),
+/// the image as it is then and as a crash would leave it holds no `x`, or one with every
+/// bit of `changed_since`.
+#[test]
+fn a_failed_export_never_leaves_it_without_its_bits() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    use std::sync::Arc;
+    let build = || {
+        let crash = Arc::new(CrashStorage::new());
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let (st, want) = exported_chain(Arc::clone(&fault));
+        (crash, fault, st, want)
+    };
+    let (_, fault, mut st, _) = build();
+    let (w0, s0) = (fault.writes(), fault.syncs());
+    st.export_since("c1", "x").unwrap();
+    let (writes, syncs) = (fault.writes() - w0, fault.syncs() - s0);
+    drop(st);
+    let plans = (0..writes)
+        .flat_map(|k| {
+            [Landed::Nothing, Landed::All]
+                .map(|l| FaultPlan::new().fail_write(Trigger::From(w0 + k + 1), l))
+        })
+        .chain((0..syncs).map(|k| FaultPlan::new().fail_sync(Trigger::From(s0 + k + 1))));
+    let mut cases = 0;
+    for plan in plans {
+        let (crash, fault, mut st, want) = build();
+        assert_eq!((fault.writes(), fault.syncs()), (w0, s0));
+        fault.set_plan(plan);
+        assert!(
+            st.export_since("c1", "x").is_err(),
+            "{plan:?}: the export did not fail"
+        );
+        drop(st);
+        for (what, bytes) in [
+            ("live", crash.live_image()),
+            ("durable", crash.durable_image()),
+        ] {
+            assert_ne!(
+                export_in(bytes, &want, &format!("{plan:?}, {what}")),
+                Some(false),
+                "{plan:?}: the {what} image holds x consistent without every bit"
+            );
+        }
+        cases += 1;
+    }
+    assert!(cases > 8, "{cases} failure points");
+}

@@ -2220,3 +2220,94 @@ fn bitmap_verbs_are_checked_before_the_first_write() {
     dbm_ok(&["bitmap", i, "a", "--remove", "--disable"]);
     assert!(!dbm_ok(&["info", i]).contains("name: a\n"));
 }
+
+/// Found by a review: `dbm bitmap --add X --merge S` added X empty and consistent in one
+/// commit and merged in a second, so a merge that failed after the add (a source bitmap
+/// whose table does not read) or a crash between the two left X on disk consistent and
+/// empty, a "nothing changed" for a backup through it. The source is read first and X is
+/// written with its bits in the one commit that names it: a failed merge writes nothing,
+/// and a good one, with a `--clear` between, holds the source's bits.
+#[test]
+fn bitmap_add_with_merge_never_leaves_the_new_bitmap_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, other) = (dir.path().join("i.qcow2"), dir.path().join("o.qcow2"));
+    for f in [&img, &other] {
+        dbm_ok(&["create", p(f), "--size", "64M"]);
+        dbm_ok(&["bitmap", p(f), "--add", "src"]);
+        dbm_ok(&["mark", p(f), "src", "2M", "4K"]);
+    }
+    // The source's table entry gets a reserved bit: the image opens, the table does not
+    // decode.
+    let mut bytes = std::fs::read(&other).unwrap();
+    let [data] = bitmap_data_clusters(&bytes, "src")[..] else {
+        panic!("one data cluster")
+    };
+    let area = HeaderArea::decode(&bytes).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let d = ext.directory_offset as usize;
+    let entry = decode_directory(
+        &bytes[d..d + ext.directory_size as usize],
+        ext.nb_bitmaps,
+        &area.header.geometry().unwrap(),
+    )
+    .unwrap()
+    .remove(0);
+    let t = entry.table_offset as usize;
+    assert_eq!(be64(&bytes, t as u64), data);
+    bytes[t..t + 8].copy_from_slice(&(data | 2).to_be_bytes());
+    std::fs::write(&other, &bytes).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let err = dbm_fails(&[
+        "bitmap",
+        p(&img),
+        "x",
+        "--add",
+        "--merge",
+        "src",
+        "-b",
+        p(&other),
+    ]);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a failed merge left the image changed ({err}): {}",
+        dbm_ok(&["info", p(&img)])
+    );
+    // Both sources, a --clear between: the new bitmaps hold the source's bits.
+    dbm_ok(&[
+        "bitmap",
+        p(&img),
+        "y",
+        "--add",
+        "--clear",
+        "--merge",
+        "src",
+        "-g",
+        "4K",
+    ]);
+    let good = dir.path().join("g.qcow2");
+    dbm_ok(&["create", p(&good), "--size", "64M"]);
+    dbm_ok(&["bitmap", p(&good), "--add", "src"]);
+    dbm_ok(&["mark", p(&good), "src", "9M", "1"]);
+    dbm_ok(&[
+        "bitmap",
+        p(&img),
+        "z",
+        "--add",
+        "--disable",
+        "--merge",
+        "src",
+        "-b",
+        p(&good),
+    ]);
+    let dirty = |n: &str| -> Vec<String> {
+        rows(&dbm_ok(&["dump", p(&img), n]))
+            .into_iter()
+            .filter(|r| r.ends_with(" dirty"))
+            .collect()
+    };
+    assert_eq!(dirty("y"), ["2097152 65536 1 dirty"]);
+    assert_eq!(dirty("z"), ["9437184 65536 1 dirty"]);
+    assert_eq!(dbm_bitmap_json(&img, "z")["enabled"], false);
+    assert_eq!(dbm_check(&img), 0);
+    assert_eq!(qemu_check(&img), 0);
+}

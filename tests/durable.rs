@@ -135,7 +135,7 @@ fn a_mark_returns_only_once_its_bit_is_durable_and_a_durable_bit_costs_no_barrie
         );
     }
     // The disabled bitmap records nothing and holds up no intent.
-    assert_eq!(shared.lock().bitmap("b").unwrap().count(), 0);
+    assert_eq!(shared.lock().load("b").unwrap().count(), 0);
     // A range past the disk is refused.
     assert!(t.mark(DISK - 512, 4096).is_err());
     drop(t);
@@ -342,7 +342,7 @@ fn directory_changes_keep_every_acknowledged_mark_at_every_crash_point() {
     marks(4, &["a", "gone", "c"], &mut acked);
     // The tracker taken before the add marked "c", in memory and on disk.
     let in_c = acked.last().unwrap().2;
-    assert!(shared.lock().bitmap("c").unwrap().is_dirty(in_c));
+    assert!(shared.lock().load("c").unwrap().is_dirty(in_c));
     assert!(t.is_durable(in_c, 4096));
     // A handle made after the add reads its own copy of the list, which has "c" too.
     let mut fresh = t.clone();
@@ -351,7 +351,7 @@ fn directory_changes_keep_every_acknowledged_mark_at_every_crash_point() {
     for name in ["a", "gone", "c"] {
         acked.push((crash.op_count(), name, 4321 * G));
     }
-    assert!(shared.lock().bitmap("c").unwrap().is_dirty(4321 * G));
+    assert!(shared.lock().load("c").unwrap().is_dirty(4321 * G));
     drop(fresh);
     let stored = dirty_bitmap::DirtyBitmap::new(DISK, G).unwrap();
     for k in 0..5 {
@@ -981,4 +981,112 @@ fn a_durable_add_that_fails_after_its_commit_point_acknowledges_nothing_it_lacks
         }
     }
     assert!(cases > 4, "{cases} failure points");
+}
+
+/// Polls `intent` until it is durable, failing (not hanging) after `secs` seconds with
+/// `what` in the message.
+fn wait_durable<S: Storage>(intent: &dirty_bitmap::Intent<S>, secs: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !intent.is_durable() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the intent was not durable after {secs} s: the flush policy never \
+             committed it"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Found by a review: `FlushPolicy::spawn` read the store's bitmaps once, at the spawn,
+/// so a size-only policy never saw a bitmap that came later: one spawned before the
+/// durable activation watched an empty list, and after a checkpoint the list held only the
+/// disabled bitmap. An intent on the new recording bitmap then waited for ever on a store
+/// whose `Intent` docs promise the policy commits it. The estimate is read from the
+/// store's current bitmaps at each poll.
+#[test]
+fn a_size_policy_commits_the_bitmaps_that_came_after_its_spawn() {
+    let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    let store = SharedStore::new(s);
+    let policy = dirty_bitmap::FlushPolicy::when_pending_above(0)
+        .spawn(store.clone())
+        .unwrap();
+    store.lock().activate_durable().unwrap();
+    let t = store.durable_tracker().unwrap();
+    let i = t.intent(7 * G, 4096).unwrap();
+    wait_durable(&i, 10, "spawned before the activation");
+    assert_eq!(
+        store.lock().checkpoint("b").unwrap().unwrap().as_bytes(),
+        b"a"
+    );
+    let clean = 123 * G;
+    assert!(!t.is_durable(clean, 4096));
+    let i = t.intent(clean, 4096).unwrap();
+    wait_durable(&i, 10, "after a checkpoint");
+    let stats = policy.stop().unwrap();
+    assert!(stats.flushes >= 2, "{stats:?}");
+    drop((i, t));
+    let mut s = store.lock();
+    let _ = s.inactivate().unwrap();
+    assert!(s.load("b").unwrap().is_dirty(clean));
+}
+
+/// Found by a review: `bitmap` handed out the live bitmap of a durable store, whose
+/// `clear`, `take_dirty` and `set_enabled(false)` went behind the durable bits. A commit
+/// then wrote the cleared region as zeros, the durable bit stayed (a commit only ORs bits
+/// in), and the next mark of the granule returned on the fast path with its bit neither in
+/// memory nor on disk; a disabled handle made every granule read durable while the disk
+/// still said the bitmap records. The handle is refused (`bitmap` and `bitmaps`); were one
+/// handed out, every granule marked after its use must be in memory and on disk.
+#[test]
+fn a_live_bitmap_of_a_durable_store_never_goes_behind_its_durable_bits() {
+    type Meddle = fn(&dirty_bitmap::DirtyBitmap);
+    let cases: [(&str, Meddle); 3] = [
+        ("clear", |b| b.clear(0, DISK)),
+        ("take_dirty", |b| drop(b.take_dirty())),
+        ("set_enabled(false)", |b| b.set_enabled(false)),
+    ];
+    for (what, meddle) in cases {
+        let crash = Arc::new(CrashStorage::new());
+        let store = durable_store(Arc::clone(&crash));
+        let t = store.durable_tracker().unwrap();
+        let (g, clean) = (5 * G, 77 * G);
+        t.mark(g, 4096).unwrap();
+        let refused = |e: Option<&dirty_bitmap::Error>| {
+            matches!(
+                e,
+                Some(dirty_bitmap::Error::WrongState(
+                    dirty_bitmap::StateProblem::Durable
+                ))
+            )
+        };
+        let handle = store.lock().bitmap("a");
+        let all = store.lock().bitmaps();
+        match (handle, all) {
+            (Ok(bm), _) => meddle(&bm),
+            (_, Ok(all)) => all.iter().for_each(|b| meddle(b)),
+            (h, a) => assert!(
+                refused(h.as_ref().err()) && refused(a.as_ref().err()),
+                "{what}: refused otherwise: {:?} {:?}",
+                h.err(),
+                a.err()
+            ),
+        }
+        let _ = store.lock().flush().unwrap();
+        for off in [g, clean] {
+            t.mark(off, 4096).unwrap();
+            assert!(
+                store.lock().load("a").unwrap().is_dirty(off),
+                "{what}: granule {} acknowledged, missing in memory",
+                off / G
+            );
+            assert!(
+                on_disk(crash.durable_image(), off),
+                "{what}: granule {} acknowledged, missing on disk",
+                off / G
+            );
+        }
+        drop(t);
+        let _ = store.lock().inactivate().unwrap();
+    }
 }

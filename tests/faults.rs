@@ -89,7 +89,7 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
     let (mut s, marks) = setup();
     let st = s.image().storage();
     let (w0, y0, g0) = (st.writes(), st.syncs(), st.grows());
-    let bitmaps = s.bitmaps();
+    let bitmaps = s.bitmaps().unwrap();
     let pending_before: u64 = bitmaps.iter().map(|b| b.changed_region_count()).sum();
     let tracker = s.tracker().unwrap();
     st.set_plan(plan_of(w0, y0, g0));
@@ -271,12 +271,12 @@ fn a_stop_that_cannot_take_back_its_clean_holds_the_marks() {
         "a mark on a clean bit returned while the disk may say clean"
     );
     // Unsealing gives the guarantee up: the waiting mark then lands.
-    for b in s.bitmaps() {
+    for b in s.bitmaps().unwrap() {
         b.unseal();
     }
     rx.recv().unwrap();
     late.join().unwrap();
-    assert!(s.bitmaps()[0].is_dirty(LATE.0));
+    assert!(s.bitmaps().unwrap()[0].is_dirty(LATE.0));
 }
 
 /// With one failed barrier the stop takes its "clean" back in place: the directory says

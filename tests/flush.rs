@@ -448,7 +448,7 @@ fn flush_policy_starts_and_stops() {
     store.lock().inactivate().unwrap();
     t.mark(G * 11, 1);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(store.lock().bitmaps().len(), 0);
+    assert_eq!(store.lock().bitmaps().unwrap().len(), 0);
     store.lock().activate().unwrap();
     wait_until(|| store.lock().pending_estimate() == 0);
     assert!(th.stop().unwrap().flushes >= 1);

@@ -492,3 +492,59 @@ fn with_a_backing_file_a_torn_mode_write_may_break_the_name_but_never_a_bitmap()
         "{refused} refused, {renamed} renamed"
     );
 }
+
+/// Found by a review: the in-place write of the mode's flags word took its offset from
+/// cluster 0 as another program laid it out, and the write's first step (clearing an
+/// unknown autoclear bit, which the spec requires before any write) rewrote cluster 0 in
+/// this crate's layout, moving the extensions: the 8 bytes landed at the stale offset,
+/// inside another extension, and the mode on disk stayed durable under `in_use`. Cluster 0
+/// here has autoclear bit 7 set and the extensions as [bitmaps][mode][U], which this crate
+/// writes as [bitmaps][U][mode]. A deferred activation must keep U's 16 bytes, record the
+/// deferred mode, and clear bit 7.
+#[test]
+fn a_mode_write_under_an_unknown_autoclear_bit_lands_on_the_mode() {
+    use dirty_bitmap::format::mode::EXT_MODE;
+    let cs = 65536usize;
+    let mut bytes = image_with_a(cs as u64);
+    let mut area = HeaderArea::decode(&bytes[..cs]).unwrap();
+    area.mode = Some(ModeExtension::DURABLE);
+    let mut c0 = area.encode().unwrap();
+    // The mode frame is the last before the end marker: U goes right after it.
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = area.header.header_length as usize;
+    while be32(&c0, at) != EXT_MODE {
+        assert_ne!(be32(&c0, at), 0, "no mode frame");
+        at += 8 + (be32(&c0, at + 4) as usize).div_ceil(8) * 8;
+    }
+    let u = UnknownExtension {
+        kind: 0x5555_aaaa,
+        data: (1..=16).collect(),
+    };
+    let mut frame = u.kind.to_be_bytes().to_vec();
+    frame.extend(16u32.to_be_bytes());
+    frame.extend(&u.data);
+    c0.splice(at + 16..at + 16, frame);
+    c0.truncate(cs);
+    let autoclear = u64::from_be_bytes(c0[88..96].try_into().unwrap()) | 1 << 7;
+    c0[88..96].copy_from_slice(&autoclear.to_be_bytes());
+    bytes[..cs].copy_from_slice(&c0);
+    let found = HeaderArea::decode(&bytes[..cs]).unwrap();
+    assert_eq!(found.unknown, vec![u.clone()]);
+    assert_eq!(found.mode, Some(ModeExtension::DURABLE));
+    assert_ne!(found.encode().unwrap(), c0, "not this crate's layout");
+
+    let mut s = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap();
+    s.activate().unwrap();
+    let after = s.image().storage().to_vec();
+    drop(s);
+    let area = HeaderArea::decode(&after[..cs]).unwrap();
+    assert_eq!(area.unknown, vec![u], "the unknown extension changed");
+    assert_eq!(
+        StoreMode::of(&area),
+        StoreMode::Deferred,
+        "the mode on disk under in_use"
+    );
+    assert_eq!(area.header.autoclear_features, 1, "autoclear bits on disk");
+    let st = open_bytes(after).unwrap();
+    assert!(st.list()[0].in_use);
+}

@@ -178,7 +178,7 @@ fn activate(disk: &Disk, pre: Preloaded, mode: Mode, seed: u64) -> (u64, BitmapS
     let read = disk.read.load(SeqCst) - before;
     let held: Vec<Vec<u8>> = NAMES
         .iter()
-        .map(|n| serialize_all(&d.bitmap(n).unwrap()))
+        .map(|n| serialize_all(&d.load(n).unwrap()))
         .collect();
     assert_eq!(
         held, want,

@@ -342,7 +342,9 @@ impl StreamDiskState {
     /// Every in-memory bitmap of an active `store`, by its name.
     ///
     /// # Errors
-    /// As [`new`](Self::new); [`crate::Error::WrongState`] if the store is not active.
+    /// As [`new`](Self::new); [`crate::Error::WrongState`] if the store is not active, or
+    /// is active in durable mode ([`crate::StateProblem::Durable`]: it hands out no live
+    /// bitmap; migrate it on shared storage).
     pub fn from_store<S: Storage>(
         id: StateId,
         name: impl Into<String>,
@@ -350,6 +352,11 @@ impl StreamDiskState {
     ) -> Result<Self> {
         if !store.is_active() {
             return Err(crate::Error::WrongState(crate::StateProblem::NotActive).into());
+        }
+        // Refused whole, not bitmap by bitmap below (which skips the inconsistent ones):
+        // a durable store's bitmaps would all be left out.
+        if store.is_durable() {
+            return Err(crate::Error::WrongState(crate::StateProblem::Durable).into());
         }
         let mut bitmaps = Vec::new();
         for info in store.list() {

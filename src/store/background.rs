@@ -4,7 +4,8 @@
 //! The flusher drives the store from above: it takes the store's mutex only to call
 //! [`BitmapStore::flush`](super::BitmapStore::flush), which runs the engine of
 //! [`crate::flush`]. The size trigger reads [`flush::pending_estimate`] from the store's
-//! in-memory bitmaps without any lock.
+//! in-memory bitmaps without any lock, from the list the store republishes whenever its
+//! bitmaps change.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,10 +14,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::SharedStore;
-use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result};
 use crate::flush::{self, FlushStats};
 use crate::storage::Storage;
+use crate::tracker::TrackedSet;
 
 /// When a background thread flushes a shared store: every `interval`, and/or whenever the
 /// lock-free [`pending_estimate`](super::BitmapStore::pending_estimate) exceeds
@@ -90,10 +91,15 @@ impl FlushPolicy {
     }
 
     /// Starts a thread that flushes `store` by this policy. The thread takes the store's
-    /// mutex only to flush; it reads the estimate from the store's in-memory bitmaps
-    /// (taken once, now), without a lock. Marks never take the mutex either: they go to the
+    /// mutex only to flush; it reads the estimate without a lock, at each poll from the
+    /// in-memory bitmaps the store holds then (the list its trackers follow), so a bitmap
+    /// an [`add`](super::BitmapStore::add), a
+    /// [`checkpoint`](super::BitmapStore::checkpoint) or an activation after the spawn
+    /// brought counts as the others do. Marks never take the mutex either: they go to the
     /// bitmaps through a [`Tracker`](crate::Tracker) or
-    /// [`BitmapStore::bitmap`](super::BitmapStore::bitmap).
+    /// [`BitmapStore::bitmap`](super::BitmapStore::bitmap), or, in durable mode, a
+    /// [`DurableTracker`](super::durable::DurableTracker), whose intents this thread's
+    /// flushes (the durable commits) make durable.
     ///
     /// While the store is inactive the thread skips its flushes. The first flush error
     /// stops the thread; [`FlushThread::stop`] returns it (the store is then poisoned).
@@ -111,7 +117,7 @@ impl FlushPolicy {
             return Err(invalid_input!("flush intervals must be above 0"));
         }
         let shared = Arc::new(Shared::default());
-        let gauge = store.lock().bitmaps();
+        let gauge = store.lock().pending_gauge();
         let sh = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("dbm-flush".into())
@@ -122,7 +128,7 @@ impl FlushPolicy {
         })
     }
 
-    fn run<S: Storage>(self, store: &SharedStore<S>, gauge: &[Arc<DirtyBitmap>], sh: &Shared) {
+    fn run<S: Storage>(self, store: &SharedStore<S>, gauge: &TrackedSet, sh: &Shared) {
         let mut last = Instant::now();
         loop {
             let now = Instant::now();
@@ -150,7 +156,7 @@ impl FlushPolicy {
             let due_time = self.interval.is_some_and(|i| last.elapsed() >= i);
             let due_bytes = self
                 .max_pending_bytes
-                .is_some_and(|b| flush::pending_estimate(gauge) > b);
+                .is_some_and(|b| flush::pending_estimate(gauge.load().iter()) > b);
             if !(due_time || due_bytes) {
                 continue;
             }

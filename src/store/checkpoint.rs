@@ -133,6 +133,10 @@ impl<S: Storage> BitmapStore<S> {
     /// `block-dirty-bitmap-merge`). Remove it after the backup. On an inactive store only:
     /// an active one's disk copy of `into` would be `in_use`, which `qemu-nbd` refuses.
     ///
+    /// One directory commit names `into` with its content written before it
+    /// ([`add_from`](Self::add_from)): a crash or a failure leaves `into` absent or whole,
+    /// never consistent and empty (a backup through it would copy nothing).
+    ///
     /// # Errors
     /// As [`changed_since`](Self::changed_since) and [`add`](Self::add);
     /// [`Error::WrongState`] on an active store.
@@ -141,12 +145,6 @@ impl<S: Storage> BitmapStore<S> {
             return Err(Error::WrongState(crate::error::StateProblem::Active));
         }
         let union = self.changed_since(since)?;
-        self.add(into, union.granularity(), Recording::Disabled)?;
-        if let Err(e) = self.store(into, &union) {
-            // Nothing names data of ours in it yet beyond an empty table: take it away.
-            let _ = self.remove(into);
-            return Err(e);
-        }
-        Ok(())
+        self.add_from(into, union.granularity(), Recording::Disabled, &union)
     }
 }

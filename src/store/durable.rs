@@ -18,7 +18,8 @@
 //!   g and waits for the commit; thread B writes into g, sees the bit set, and must not be
 //!   acknowledged before A's commit is durable).
 //! - [`DurableTracker`]: the only marking handle of a durable store ([`BitmapStore::tracker`]
-//!   refuses one). [`mark`](DurableTracker::mark) returns at once when every granule is
+//!   refuses one, and [`BitmapStore::bitmap`] hands out no live bitmap, whose `clear` or
+//!   `set_enabled` would go behind the durable bits). [`mark`](DurableTracker::mark) returns at once when every granule is
 //!   durable; otherwise it sets the bits and waits for a group commit: one commit covers
 //!   every intent pending when it takes the change maps, and the first waiter to find no
 //!   commit running runs it (no thread of its own). [`intent`](DurableTracker::intent)
@@ -603,7 +604,7 @@ mod tests {
             bad.borrow()
         );
         t.mark(clean, 4096).unwrap();
-        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
+        assert!(shared.lock().load("a").unwrap().is_dirty(clean));
     }
 
     /// Found by a review: a group commit that found the store inactivated under it (it
@@ -639,6 +640,6 @@ mod tests {
         let clean = 9 << 16;
         let r = t.mark(clean, 4096);
         assert!(r.is_ok(), "a healthy store's intent failed: {r:?}");
-        assert!(shared.lock().bitmap("a").unwrap().is_dirty(clean));
+        assert!(shared.lock().load("a").unwrap().is_dirty(clean));
     }
 }

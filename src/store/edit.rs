@@ -43,7 +43,44 @@ impl<S: Storage> BitmapStore<S> {
         recording: Recording,
         disable: Option<usize>,
     ) -> Result<()> {
-        self.add_inner(name, granularity, recording, disable, None)
+        self.add_inner(name, granularity, recording, disable, None, None)
+    }
+
+    /// [`add`](Self::add), the new bitmap holding every granule that a dirty extent of
+    /// `src` touches (any granularity; the disk sizes must match), as
+    /// [`merge`](Self::merge) would OR them in, but with no moment at which the bitmap
+    /// exists without them: inactive, its data clusters and table are written before the
+    /// one directory commit that names it, so a crash or a failure leaves it absent or
+    /// whole, never empty and consistent (which a backup through it would take for
+    /// "nothing changed"). Active, the bits are in memory before the commit (which names it
+    /// `in_use`); active in durable mode, in the clusters allocated and written before the
+    /// commit. [`export_since`](Self::export_since) and `dbm bitmap --add --merge` add
+    /// this way.
+    ///
+    /// # Errors
+    /// As [`add`](Self::add); [`Error::InvalidInput`] for a `src` of another disk size.
+    pub fn add_from(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        recording: Recording,
+        src: &DirtyBitmap,
+    ) -> Result<()> {
+        if src.disk_size() != self.disk_size() {
+            return Err(invalid_input!(
+                "cannot add a bitmap of a {}-byte disk to one of {} bytes",
+                src.disk_size(),
+                self.disk_size()
+            ));
+        }
+        // Checked here, so that a bad granularity is the add's refusal, not the
+        // conversion's.
+        let _ = self.new_entry(&self.current_entries(), name, granularity, false)?;
+        let bits = self.new_bitmap(granularity)?;
+        for (off, len) in src.dirty_extents() {
+            bits.mark_dirty(off, len);
+        }
+        self.add_inner(name, granularity, recording, None, None, Some(bits))
     }
 
     /// [`add`](Self::add) on a store active in deferred mode, holding `content` as the new
@@ -63,7 +100,7 @@ impl<S: Storage> BitmapStore<S> {
         content: Arc<DirtyBitmap>,
     ) -> Result<()> {
         let granularity = content.granularity();
-        self.add_inner(name, granularity, recording, None, Some(content))
+        self.add_inner(name, granularity, recording, None, Some(content), None)
     }
 
     /// Whether removing the bitmaps named `remove`, then adding one of each `(name,
@@ -152,6 +189,9 @@ impl<S: Storage> BitmapStore<S> {
         Ok(entry)
     }
 
+    /// The add of [`add`](Self::add) and its kin: `content` is adopted as the new bitmap
+    /// (`add_holding`), `bits` (at `granularity`, this store's region size) is what it starts
+    /// with (`add_from`).
     fn add_inner(
         &mut self,
         name: &str,
@@ -159,6 +199,7 @@ impl<S: Storage> BitmapStore<S> {
         recording: Recording,
         disable: Option<usize>,
         content: Option<Arc<DirtyBitmap>>,
+        mut bits: Option<DirtyBitmap>,
     ) -> Result<()> {
         let enabled = recording.is_enabled();
         self.ensure_writable()?;
@@ -191,22 +232,34 @@ impl<S: Storage> BitmapStore<S> {
             !self.active && !self.parked_durable && self.slots.iter().any(|s| s.parked.is_some());
         let mem = match (self.active, content) {
             (true, Some(c)) => Some(self.adopt(&entry, c)?),
-            (true, None) => {
-                let m = self.new_bitmap(granularity)?;
+            (true, None) | (false, _) if self.active || parked_too => {
+                // Unshared until published below: nothing marks it yet.
+                let m = match bits.take() {
+                    Some(b) => b,
+                    None => self.new_bitmap(granularity)?,
+                };
                 m.set_enabled_unshared(enabled);
                 Some(Arc::new(m))
             }
-            (false, _) if parked_too => {
-                let m = self.new_bitmap(granularity)?;
-                m.set_enabled_unshared(enabled);
-                Some(Arc::new(m))
-            }
-            (false, _) => None,
+            (_, _) => None,
         };
         // All input is valid and the image is sound: from here on, only I/O can fail.
-        let table_bytes = u64::from(ts) * 8;
-        let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
-        self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
+        // Inactive, a bitmap that starts with bits has them written (data clusters, then
+        // its table) before the directory commit names it, whose refcount flush is their
+        // barrier: the commit point names it whole or not at all. Active, its content is
+        // in memory (the commit names it `in_use`), or, durable, written by the
+        // allocation below.
+        let off = match (self.active, bits.as_ref().or(mem.as_deref())) {
+            (false, Some(b)) if b.count() > 0 => {
+                self.write_bitmap(b, &mut FlushStats::default())?
+            }
+            _ => {
+                let table_bytes = u64::from(ts) * 8;
+                let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
+                self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
+                off
+            }
+        };
         let target = match (&self.durable, &mem) {
             (Some(_), Some(m)) => Some(self.allocate_new_durable(m, off, ts)?),
             _ => None,

@@ -113,8 +113,14 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Every in-memory bitmap of an active store, in directory order (the inconsistent ones
     /// have none). Empty when inactive.
-    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
-        self.slots.iter().filter_map(|s| s.mem.clone()).collect()
+    ///
+    /// # Errors
+    /// [`Error::WrongState`](crate::Error::WrongState)
+    /// ([`StateProblem::Durable`](crate::StateProblem::Durable)) while the store is active
+    /// in durable mode, as [`bitmap`](Self::bitmap).
+    pub fn bitmaps(&self) -> Result<Vec<Arc<DirtyBitmap>>> {
+        self.ensure_not_durable()?;
+        Ok(self.slots.iter().filter_map(|s| s.mem.clone()).collect())
     }
 
     /// A [`Tracker`] over every in-memory bitmap: it marks the enabled ones. It follows the
@@ -133,6 +139,13 @@ impl<S: Storage> BitmapStore<S> {
         self.ensure_active()?;
         self.ensure_not_durable()?;
         Ok(Tracker::following(&self.tracked))
+    }
+
+    /// The store's published list of in-memory bitmaps (active or parked), as it stands at
+    /// each load: what a [`FlushPolicy`](super::background::FlushPolicy) reads its
+    /// estimate from, without the store's lock.
+    pub(super) fn pending_gauge(&self) -> crate::tracker::TrackedSet {
+        Arc::clone(&self.gauge)
     }
 
     /// The pending bytes, estimated for free: [`flush::pending_estimate`] over the in-memory

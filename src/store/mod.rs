@@ -163,6 +163,12 @@ pub struct BitmapStore<S: Storage> {
     /// Lists [`publish`](Self::publish) replaced that a mark may still hold (pruned at
     /// each publish): a grace period waits for them (`publish_quiesced`).
     retired: parking_lot::Mutex<Vec<Arc<Vec<Arc<DirtyBitmap>>>>>,
+    /// The list of `tracked`, in a list of its own republished with it, for the lock-free
+    /// pending estimate of a [`FlushPolicy`](background::FlushPolicy): it follows every
+    /// add, checkpoint, remove and activation as a tracker does. Never handed to a tracker:
+    /// holding it is no deferred tracker to [`activate_durable`](Self::activate_durable),
+    /// and no hold of it delays a grace period (`publish_quiesced`).
+    gauge: TrackedSet,
     /// Active in durable mode: the bitmaps' tables and durable bits (`durable.rs`).
     durable: Option<durable_bits::Durable>,
     /// The parked bitmaps come from a durable inactivation: the disk holds every mark
@@ -527,6 +533,7 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
+            gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -582,6 +589,7 @@ impl<S: Storage> BitmapStore<S> {
             walk: None,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
+            gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
             durable_set: durable_bits::DurableSet::default(),
@@ -675,11 +683,21 @@ impl<S: Storage> BitmapStore<S> {
 
     /// The in-memory bitmap of an activated store, shared with whoever marks it.
     ///
+    /// Refused while the store is active in durable mode: the handle could clear, take or
+    /// disable the bitmap behind the durable bits (`durable.rs`), which would then vouch
+    /// for granules neither memory nor the disk holds any more, and a later intent on them
+    /// would be acknowledged with no bit anywhere. There marks go through
+    /// [`SharedStore::durable_tracker`], changes through the store's own calls
+    /// ([`clear`](Self::clear), [`set_enabled`](Self::set_enabled), ...), and reads through
+    /// [`load`](Self::load), a copy.
+    ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], or [`Error::WrongState`]
-    /// ([`StateProblem::NotActive`]) if the store is not active.
+    /// ([`StateProblem::NotActive`]) if the store is not active, ([`StateProblem::Durable`])
+    /// if it is active in durable mode.
     pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Result<Arc<DirtyBitmap>> {
         let i = self.find_consistent(name)?;
+        self.ensure_not_durable()?;
         self.slots[i]
             .mem
             .clone()
@@ -1066,6 +1084,8 @@ impl<S: Storage> BitmapStore<S> {
             .iter()
             .filter_map(|s| s.mem.as_ref().or(s.parked.as_ref()).cloned())
             .collect();
+        // A list of its own: `publish_quiesced` counts the holders of `tracked`'s.
+        self.gauge.store(Arc::new(list.clone()));
         self.tracked.swap(Arc::new(list))
     }
 
@@ -1095,7 +1115,8 @@ impl<S: Storage> BitmapStore<S> {
             .collect()
     }
 
-    /// Refuses a deferred marking handle while active in durable mode.
+    /// Refuses a deferred marking handle, or any handle on a live bitmap, while active in
+    /// durable mode.
     fn ensure_not_durable(&self) -> Result<()> {
         if self.durable.is_some() {
             Err(Error::WrongState(StateProblem::Durable))

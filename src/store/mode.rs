@@ -11,8 +11,9 @@
 //! store leaves them.
 //!
 //! Crash reasoning (`docs/CRASH-CONSISTENCY.md`, "The mode extension"). Once the image has
-//! a well-formed mode extension, a change of mode is its 8-byte flags word written in place
-//! and one barrier: the word is 8-aligned (the extension area starts at the 8-aligned
+//! a well-formed mode extension (and no unknown autoclear bit, whose clearing rewrites
+//! cluster 0 first), a change of mode is its 8-byte flags word written in place and one
+//! barrier: the word is 8-aligned (the extension area starts at the 8-aligned
 //! header length and every frame is padded to 8), so it lies inside one sector, and a torn
 //! write leaves the old word or the new one; nothing else moves. The first durable
 //! activation of an image without one adds it: one header write and one barrier. The mode extension is the last one in cluster 0
@@ -31,7 +32,7 @@ use std::fmt;
 
 use super::BitmapStore;
 use crate::error::Result;
-use crate::format::header::AUTOCLEAR_BITMAPS;
+use crate::format::header::{AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK};
 use crate::format::mode::{ModeExtension, EXT_MODE};
 use crate::format::{Frames, Header, HeaderArea, EXTENSION_FRAME_LEN};
 use crate::storage::Storage;
@@ -155,9 +156,9 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Writes `want`'s flags word over the well-formed mode extension on disk, in place,
     /// then a barrier (nothing if it already holds them). False, having written nothing,
-    /// when there is no such extension to write over: none, a malformed one beside it, or
-    /// cluster 0 on disk not holding the one this handle decoded (then the caller
-    /// rewrites the header). Poisons the store on an I/O failure.
+    /// when there is no such extension to write over: none, a malformed one beside it,
+    /// cluster 0 on disk not holding the one this handle decoded, or an unknown autoclear
+    /// bit set (then the caller rewrites the header). Poisons the store on an I/O failure.
     fn flags_in_place(&mut self, want: ModeExtension) -> Result<bool> {
         self.ensure_writable()?;
         let area = self.image.area();
@@ -169,6 +170,14 @@ impl<S: Storage> BitmapStore<S> {
         }
         if have == want {
             return Ok(true);
+        }
+        // The image's first write clears unknown autoclear bits by rewriting cluster 0 in
+        // this crate's layout (`Image::write_at`), which may move the extensions: an offset
+        // found in the layout on disk now could then name another extension's bytes. The
+        // header rewrite (`record_mode`) clears them in its own write, bracketed if the
+        // layout changes.
+        if self.image.header().autoclear_features & !AUTOCLEAR_MASK != 0 {
+            return Ok(false);
         }
         let len = usize::try_from(self.image.storage().len()?)
             .unwrap_or(usize::MAX)

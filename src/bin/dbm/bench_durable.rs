@@ -186,16 +186,15 @@ fn one(
         Mode::None | Mode::Deferred => st.activate(),
     }
     .map_err(|e| e.to_string())?;
-    let bitmaps = (0..args.bitmaps)
-        .map(|i| st.bitmap(format!("b{i}")).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
     let store = SharedStore::new(st);
     let deferred = match mode {
         Mode::Deferred => Some(store.lock().tracker().map_err(|e| e.to_string())?),
         _ => None,
     };
     let durable = match mode {
-        Mode::Durable => Some(store.durable_tracker().map_err(|e| e.to_string())?),
+        // Naive marks through it too (a durable store hands out no live bitmap), then
+        // commits alone.
+        Mode::Durable | Mode::Naive => Some(store.durable_tracker().map_err(|e| e.to_string())?),
         _ => None,
     };
     let per_thread: Vec<Vec<u64>> = (0..threads)
@@ -226,8 +225,9 @@ fn one(
             }
             Mode::Naive => {
                 let mut g = store.lock();
-                for b in &bitmaps {
-                    b.mark_dirty(off, WRITE);
+                if let Some(t) = &durable {
+                    // The bits in memory; the flush below is the commit that writes them.
+                    drop(t.intent(off, WRITE).map_err(|e| e.to_string())?);
                 }
                 g.flush().map_err(|e| e.to_string())?;
             }

@@ -330,7 +330,7 @@ fn setup(dir: &Path, n: usize, disk: u64, g: u64) -> Res<Rig> {
 /// the last flush. The store is active before and after.
 fn measure_stop(rig: &Rig, granules: &[u64], writes: u64) -> Res<Stop> {
     let mut s = rig.store.lock();
-    let regions = s.bitmaps().iter().map(|b| b.changed_region_count()).sum();
+    let regions = s.bitmaps()?.iter().map(|b| b.changed_region_count()).sum();
     // On a VM the first barrier after a spell without one can cost more than one right
     // after another: the flags-word floor and the stop take turns going first, so that
     // over the repetitions neither always pays it.

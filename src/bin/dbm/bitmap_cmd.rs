@@ -154,10 +154,54 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
         BitmapName::parse_escaped(&args.name)
     };
     preflight(&st, args, &name, &verbs)?;
+    // `--add` with `--merge`: the new bitmap is written with the merged bits in the one
+    // commit that names it (`BitmapStore::add_from`), never empty and consistent on disk
+    // first, which a crash or a failed merge would leave for a backup to read as clean.
+    // A `--clear` between them has nothing to clear in a new bitmap.
+    let merged_add = verbs.iter().find_map(|v| match v {
+        Verb::Merge { src, image } if args.add => Some((src, image)),
+        _ => None,
+    });
     for verb in &verbs {
-        apply(&mut st, args, &name, verb)?;
+        match (verb, merged_add) {
+            (
+                Verb::Add {
+                    granularity,
+                    enabled,
+                },
+                Some((src, image)),
+            ) => add_merged(&mut st, args, *granularity, *enabled, src, image.as_deref())?,
+            (Verb::Clear | Verb::Merge { .. }, Some(_)) => {}
+            _ => apply(&mut st, args, &name, verb)?,
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--add` and `--merge SRC` (from this image, or `image`): the source is read first, then
+/// the bitmap added holding its bits, in one commit.
+fn add_merged(
+    st: &mut dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
+    args: &BitmapArgs,
+    granularity: u64,
+    enabled: bool,
+    src: &str,
+    image: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let src_name = BitmapName::parse_escaped(src);
+    let bits = match image {
+        None => st.load(&src_name).map_err(|e| at(&args.image, e))?,
+        Some(path) => store(path, OpenMode::ReadOnly)?
+            .load(&src_name)
+            .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?,
+    };
+    let recording = if enabled {
+        Recording::Enabled
+    } else {
+        Recording::Disabled
+    };
+    st.add_from(&args.name, granularity, recording, &bits)
+        .map_err(|e| at(&args.image, e))
 }
 
 /// Every refusal the verbs would meet on the bitmaps they name, before the first of them

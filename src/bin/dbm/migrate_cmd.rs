@@ -283,11 +283,8 @@ fn enabled_bitmaps<S: Storage>(store: &BitmapStore<S>) -> Vec<String> {
 fn missing<S: Storage>(store: &BitmapStore<S>, marks: &[(u64, u64)]) -> Result<u64, String> {
     let mut bitmaps = Vec::new();
     for info in store.list().into_iter().filter(|b| b.enabled) {
-        let b = if store.is_active() {
-            store.bitmap(&info.name).map(|b| b.snapshot())
-        } else {
-            store.load(&info.name)
-        };
+        // A copy of the in-memory bitmap while active, else the disk's.
+        let b = store.load(&info.name);
         bitmaps.push(b.map_err(|e| format!("bitmap {}: {e}", info.name))?);
     }
     Ok(marks

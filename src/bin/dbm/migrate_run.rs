@@ -278,11 +278,8 @@ pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
 ) -> Res<u64> {
     let mut lost = 0;
     for info in store.list() {
-        let b = if store.is_active() {
-            store.bitmap(&info.name)?.snapshot()
-        } else {
-            store.load(&info.name)?
-        };
+        // A copy of the in-memory bitmap while active, else the disk's.
+        let b = store.load(&info.name)?;
         lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
     }
     Ok(lost)

@@ -239,10 +239,23 @@ fn run_durable(
 ) -> CmdResult {
     let img = &args.image;
     let disk = st.disk_size();
+    let name = BitmapName::parse_escaped(&args.bitmap);
     st.activate_durable().map_err(|e| at(img, e))?;
-    let bitmap = st
-        .bitmap(BitmapName::parse_escaped(&args.bitmap))
-        .map_err(|e| at(img, e))?;
+    // A durable store hands out no live bitmap: the bitmap is checked here, as `bitmap`
+    // would, and its count read from a copy at the end.
+    match st.list().into_iter().find(|b| b.name == name) {
+        None => return Err(at(img, dirty_bitmap::Error::NotFound { name }).into()),
+        Some(b) if b.state == dirty_bitmap::BitmapState::Inconsistent => {
+            return Err(at(
+                img,
+                dirty_bitmap::Error::Inconsistent {
+                    name: name.to_string(),
+                },
+            )
+            .into())
+        }
+        Some(_) => {}
+    }
     let store = SharedStore::new(st);
     let tracker = store.durable_tracker().map_err(|e| at(img, e))?;
     say("activated")?;
@@ -264,10 +277,14 @@ fn run_durable(
         written.marks as f64 / elapsed.max(1e-9),
     ))?;
     say(&format!("inactivate: {}", stats_line(&fin)))?;
+    let dirty = store
+        .lock()
+        .load(&name)
+        .map_err(|e| at(img, e))?
+        .dirty_bytes();
     say(&format!(
-        "bitmap {:?}: {} dirty bytes, never in_use",
+        "bitmap {:?}: {dirty} dirty bytes, never in_use",
         args.bitmap,
-        bitmap.dirty_bytes()
     ))?;
     Ok(ExitCode::SUCCESS)
 }
