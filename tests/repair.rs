@@ -429,3 +429,29 @@ fn a_broken_table_partly_past_the_end_still_protects_its_data() {
         check.messages
     );
 }
+
+/// Found by an adversarial review: a leak repair refused to lower the refcount of a live
+/// refcount block (on disk 2, one reference), which `qemu-img check -r leaks` repairs, so
+/// `-r all` failed after it had already removed a broken bitmap and said nothing of the
+/// removal. A structure's refcount is now lowered to its one reference (never to 0).
+#[test]
+fn a_leaked_reference_to_a_refcount_block_is_repaired_beside_a_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = base(dir.path());
+    let mut b = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    let block = be64(&b, area.header.refcount_table_offset as usize) as usize;
+    let at = block + 2 * (block / 65536);
+    assert_eq!(u16::from_be_bytes([b[at], b[at + 1]]), 1);
+    b[at + 1] = 2;
+    // Bitmap a: a reserved flag bit, which QEMU refuses.
+    b[d + 15] |= 0x20;
+    std::fs::write(&img, &b).unwrap();
+    let out = dbm(&["check", "-r", "all", p(&img)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Removed bitmap a"), "{err}");
+    // The block's leaked reference among them.
+    assert!(err.contains("Repaired 2 leaked clusters"), "{err}");
+    assert_qemu_clean(&img);
+}
