@@ -807,6 +807,122 @@ fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
     assert_corrupt_to_both(&img, "L1 table is not cluster aligned");
 }
 
+/// Found by an adversarial review: a snapshot table entry with extra_data_size 2^32 - 1
+/// was accepted, and the walk counted a 4 GiB snapshot table (a page of counters per 4096
+/// clusters of it, on a sparse file). QEMU refuses the entry: `qemu-img check` fails
+/// ("Too much extra metadata in snapshot table entry 0", exit 1) and `qemu-img info`
+/// cannot open the image. Ours fails the check with a typed corruption (`dbm check` exits
+/// 1 too), and a writing operation refuses the image before writing.
+#[test]
+fn a_snapshot_with_too_much_extra_data_fails_the_check_as_qemu_fails_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_image_with_data(dir.path(), true);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let at = area.header.snapshots_offset as usize;
+    bytes[at + 36..at + 40].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let qemu = common::qemu::run("qemu-img", &["check", p(&img)]);
+    assert_eq!(qemu.status.code(), Some(1), "{qemu:?}");
+    assert!(String::from_utf8_lossy(&qemu.stderr).contains("Too much extra metadata"));
+    let info = common::qemu::run("qemu-img", &["info", p(&img)]);
+    assert_eq!(info.status.code(), Some(1), "{info:?}");
+    let mut s = open(&img, OpenMode::ReadWrite);
+    let r = s.image().check();
+    assert!(
+        matches!(
+            r,
+            Err(dirty_bitmap::Error::Corrupt(
+                dirty_bitmap::Corruption::SnapshotExtraData {
+                    index: 0,
+                    size: u32::MAX
+                }
+            ))
+        ),
+        "{:?}",
+        r.map(|r| (r.corruptions, r.messages.first().cloned()))
+    );
+    let r = s.add("c", 65536, Recording::Enabled);
+    assert!(matches!(r, Err(dirty_bitmap::Error::Corrupt(_))), "{r:?}");
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+    drop(s);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(["check", p(&img)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// Found by an adversarial review: a LUKS header pointer running past the end of the file
+/// was walked cluster by cluster up to the end of the file before the walk found it
+/// corrupt. `qemu-img check` (with the key) reports one corruption, "exceeding the end of
+/// the file", and counts none of the header's clusters (they show as leaks); ours agrees
+/// on both counts.
+#[test]
+fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            i,
+            "64M",
+        ],
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let crypto = area.crypto.expect("a LUKS header pointer");
+    // The length field: the pointer extension's data follows its 8-byte type and length.
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut at = hl;
+    let ext = loop {
+        let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no crypto header extension");
+        if kind == 0x0537_be77 {
+            break at + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    };
+    let past = bytes.len() as u64 - crypto.offset + (1 << 20);
+    bytes[ext + 8..ext + 16].copy_from_slice(&past.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let qemu = common::qemu::run(
+        "qemu-img",
+        &[
+            "check",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={i},encrypt.key-secret=sec0"),
+        ],
+    );
+    let qemu_out = String::from_utf8_lossy(&qemu.stdout).to_string();
+    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
+    assert!(qemu_out.contains("1 errors were found"), "{qemu_out}");
+    let leaks = crypto.length.div_ceil(65536);
+    assert!(
+        qemu_out.contains(&format!("{leaks} leaked clusters")),
+        "{qemu_out}"
+    );
+    let report = open(&img, OpenMode::ReadOnly).image().check().unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (1, leaks),
+        "{:?}",
+        report.messages.first()
+    );
+}
+
 /// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks
 /// the COPIED flag (bit 63) is corruption to `qemu-img check` (exit 2, "OFLAG_COPIED data
 /// cluster"); our check had no such rule and called the image clean. It is corruption

@@ -308,3 +308,150 @@ fn a_leak_at_the_largest_refcount_is_repaired_at_once() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Repaired 1 leaked clusters"));
     assert_qemu_clean(&img);
 }
+
+/// An image of one 64 MiB disk (64 KiB clusters) in memory with bitmap "a", one bit set:
+/// its bytes, its directory's offset, its table's offset and the data cluster the table
+/// names.
+fn one_bitmap_in_memory() -> (Vec<u8>, usize, u64, u64) {
+    use dirty_bitmap::storage::MemStorage;
+    use dirty_bitmap::{BitmapStore, Recording};
+    let mut store = BitmapStore::create(MemStorage::new(), 64 << 20, 65536).unwrap();
+    store.add("a", 65536, Recording::Enabled).unwrap();
+    let bm = store.load("a").unwrap();
+    bm.mark_dirty(0, 4096);
+    store.store("a", &bm).unwrap();
+    let bytes = store.close().unwrap().into_storage().into_vec();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    let table = be64(&bytes, d);
+    let data = be64(&bytes, table as usize) & 0x00ff_ffff_ffff_fe00;
+    assert!(data != 0 && data < bytes.len() as u64, "{data:#x}");
+    (bytes, d, table, data)
+}
+
+/// Storage in memory whose `len()` reports `len` (zeros past the real bytes, as a sparse
+/// file reads), recording the largest single read.
+#[derive(Debug)]
+struct Sparse {
+    inner: dirty_bitmap::storage::MemStorage,
+    len: u64,
+    max_read: std::sync::atomic::AtomicU64,
+}
+
+use dirty_bitmap::storage::Storage;
+
+impl Storage for Sparse {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        Ok(self.len)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.max_read
+            .fetch_max(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        buf.fill(0);
+        let real = self.inner.len()?;
+        if offset < real {
+            let n = ((real - offset) as usize).min(buf.len());
+            self.inner.read_exact_at(&mut buf[..n], offset)?;
+        }
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        Ok(())
+    }
+}
+
+/// Found by an adversarial review: `-r leaks` read a broken entry's table whole, however
+/// large its `table_size` (u32::MAX: 32 GiB, in a file whose size allows it; the failed
+/// allocation was ignored and the data the table names was freed as leaked), and claimed
+/// its clusters one hash entry each. Now the table is read as far as any QEMU table can
+/// reach (`BME_MAX_TABLE_SIZE` entries), in chunks: the repair ends, no read is above
+/// 8 MiB, and the data cluster the table names is kept.
+#[test]
+fn a_broken_table_of_u32_max_entries_is_read_in_bounded_chunks() {
+    let (mut bytes, d, table, data) = one_bitmap_in_memory();
+    bytes[d + 8..d + 12].copy_from_slice(&u32::MAX.to_be_bytes());
+    let storage = Sparse {
+        inner: dirty_bitmap::storage::MemStorage::from_bytes(bytes),
+        len: 40 << 30,
+        max_read: Default::default(),
+    };
+    let (image, report) =
+        dirty_bitmap::store::repair::repair(storage, dirty_bitmap::store::repair::Repair::Leaks)
+            .unwrap();
+    let max = image
+        .storage()
+        .max_read
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(max <= 8 << 20, "a read of {max} bytes");
+    // The table's cluster and the data cluster it names: leaked for the check (QEMU
+    // refuses the entry), owned for all that.
+    assert_eq!(
+        (report.leaks_freed, report.leaks_kept),
+        (0, 2),
+        "table {table:#x}, data {data:#x}: {report:?}"
+    );
+}
+
+/// Found by an adversarial review: a broken table running past the end of the file failed
+/// its read whole, so `-r leaks` freed the data clusters its in-file part names. Now the
+/// in-file part is read and what it names kept; QEMU's check agrees nothing was freed
+/// that the entry names.
+#[test]
+fn a_broken_table_partly_past_the_end_still_protects_its_data() {
+    let (mut bytes, d, table, data) = one_bitmap_in_memory();
+    // Eight bytes past the end of the file.
+    let entries = (bytes.len() as u64 - table) / 8 + 1;
+    bytes[d + 8..d + 12].copy_from_slice(&u32::try_from(entries).unwrap().to_be_bytes());
+    let (image, report) = dirty_bitmap::store::repair::repair(
+        dirty_bitmap::storage::MemStorage::from_bytes(bytes),
+        dirty_bitmap::store::repair::Repair::Leaks,
+    )
+    .unwrap();
+    // The table's first cluster and the data cluster: leaked for the check (QEMU refuses
+    // the entry), owned for all that.
+    assert_eq!(
+        (report.leaks_freed, report.leaks_kept),
+        (0, 2),
+        "table {table:#x}, data {data:#x}: {report:?}"
+    );
+    // The data cluster keeps its refcount: the check still finds it leaked.
+    let check = image.check().unwrap();
+    let leaked = format!("Leaked cluster {} refcount=1", data / 65536);
+    assert!(
+        check.messages.iter().any(|m| m.starts_with(&leaked)),
+        "{:?}",
+        check.messages
+    );
+}
+
+/// Found by an adversarial review: a leak repair refused to lower the refcount of a live
+/// refcount block (on disk 2, one reference), which `qemu-img check -r leaks` repairs, so
+/// `-r all` failed after it had already removed a broken bitmap and said nothing of the
+/// removal. A structure's refcount is now lowered to its one reference (never to 0).
+#[test]
+fn a_leaked_reference_to_a_refcount_block_is_repaired_beside_a_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = base(dir.path());
+    let mut b = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    let block = be64(&b, area.header.refcount_table_offset as usize) as usize;
+    let at = block + 2 * (block / 65536);
+    assert_eq!(u16::from_be_bytes([b[at], b[at + 1]]), 1);
+    b[at + 1] = 2;
+    // Bitmap a: a reserved flag bit, which QEMU refuses.
+    b[d + 15] |= 0x20;
+    std::fs::write(&img, &b).unwrap();
+    let out = dbm(&["check", "-r", "all", p(&img)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Removed bitmap a"), "{err}");
+    // The block's leaked reference among them.
+    assert!(err.contains("Repaired 2 leaked clusters"), "{err}");
+    assert_qemu_clean(&img);
+}

@@ -912,3 +912,61 @@ fn opening_an_image_reads_cluster_0_at_its_size_not_the_largest() {
         assert!(store.load("b").unwrap().count() > 0);
     }
 }
+
+/// Found by an adversarial review: `changed_since` (and `dbm info`, `dump --since`) built
+/// every bitmap of the image in turn with no total budget: entries naming one table of a
+/// 512 MiB bitmap (2^41-byte disk at 512-byte granularity) cost a 512 MiB build each, and
+/// 65535 of them hours from a file of a few MiB. The sizes are now added up before
+/// anything is read and refused past what an activation may hold, as `activate` refuses
+/// the same image: here 40 entries, 20 GiB.
+#[test]
+fn changed_since_refuses_more_bitmaps_than_an_activation_may_hold_before_reading() {
+    let mut store = BitmapStore::create(MemStorage::new(), 1 << 41, 65536).unwrap();
+    store.add("s0", 512, Recording::Enabled).unwrap();
+    let (mut entries, _) = directory(store.image().storage());
+    let shared = entries[0].clone();
+    assert_eq!(shared.table_size, 8192);
+    for k in 1..40 {
+        let mut e = shared.clone();
+        e.name = format!("s{k}").into();
+        entries.push(e);
+    }
+    // A new directory at the end of the file, as in defect 7.
+    let storage = store.image().storage();
+    let at = storage.len().unwrap();
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    storage
+        .set_len(at + (bytes.len() as u64).div_ceil(65536) * 65536)
+        .unwrap();
+    storage.write_all_at(&bytes, at).unwrap();
+    let mut area = store.image().area().clone();
+    let mut ext = area.bitmaps.unwrap();
+    ext.nb_bitmaps = entries.len() as u32;
+    ext.directory_offset = at;
+    ext.directory_size = bytes.len() as u64;
+    area.bitmaps = Some(ext);
+    storage.write_all_at(&area.encode().unwrap(), 0).unwrap();
+    let file = store.image().storage().to_vec();
+    drop(store);
+
+    let store = BitmapStore::open(
+        Spy::new(MemStorage::from_bytes(file), |_| {}),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert_eq!(store.list().len(), 40);
+    let opened = store.image().storage().bytes_read();
+    let r = store.changed_since("s0");
+    let read = store.image().storage().bytes_read() - opened;
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "{:?} after reading {read} bytes",
+        r.map(|b| b.count())
+    );
+    assert_eq!(read, 0, "bytes read before the refusal");
+    // The one-bitmap case is within the budget.
+    let store = BitmapStore::create(MemStorage::new(), 1 << 41, 65536).unwrap();
+    let mut store = store;
+    store.add("s0", 512, Recording::Enabled).unwrap();
+    assert_eq!(store.changed_since("s0").unwrap().count(), 0);
+}

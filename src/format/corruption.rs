@@ -148,6 +148,25 @@ pub enum Corruption {
         /// The entry count from the header (clusters for the refcount table).
         entries: u64,
     },
+    /// A snapshot table entry with more extra data than QEMU reads
+    /// (`QCOW_MAX_SNAPSHOT_EXTRA_DATA`, 1024 bytes): QEMU refuses to open the image and
+    /// `qemu-img check` fails ("failed to read the snapshot table").
+    #[error("too much extra metadata in snapshot table entry {index}: {size} > 1024 bytes")]
+    SnapshotExtraData {
+        /// The entry's index in the table.
+        index: u32,
+        /// Its extra_data_size.
+        size: u32,
+    },
+    /// A snapshot table longer than QEMU reads (`QCOW_MAX_SNAPSHOTS_SIZE`, 64 MiB): QEMU
+    /// refuses to open the image and `qemu-img check` fails.
+    #[error("snapshot table is too big: {size} bytes at entry {index}, above 64 MiB")]
+    SnapshotTableTooBig {
+        /// The entry whose end passes the limit.
+        index: u32,
+        /// The table's length up to that entry's end.
+        size: u64,
+    },
     /// The virtual size needs more than `INT_MAX` L1 entries.
     #[error("image is too big: virtual size {size}")]
     ImageTooBig {

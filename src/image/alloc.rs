@@ -381,7 +381,9 @@ impl Refcounts {
     }
 
     /// Lowers the refcount of the cluster holding byte `offset` to `to`, which must be below
-    /// it, in one step.
+    /// it, in one step. A refcount structure (the reftable, a refblock) may be lowered to 1
+    /// (a leaked reference to it, which `qemu-img check -r leaks` repairs too), never to 0:
+    /// it stays in use.
     pub(crate) fn lower(
         &mut self,
         storage: &(impl Storage + ?Sized),
@@ -389,7 +391,9 @@ impl Refcounts {
         to: u64,
     ) -> Result<()> {
         let c = offset >> self.cluster_bits;
-        self.refuse_structure(c)?;
+        if to == 0 {
+            self.refuse_structure(c)?;
+        }
         if self.get(storage, c)? <= to {
             return Err(internal!("lowering a refcount to {to} or more"));
         }
@@ -411,8 +415,8 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Sets the refcount of cluster `c`, not a refcount structure, to `v`, lower than it
-    /// was.
+    /// Sets the refcount of cluster `c` to `v`, lower than it was (not 0 for a refcount
+    /// structure: the callers refuse that).
     fn lower_cluster(&mut self, storage: &(impl Storage + ?Sized), c: u64, v: u64) -> Result<()> {
         self.set(storage, c, v)?;
         if v == 0 && c < self.hint {

@@ -41,6 +41,11 @@ const L2_ZERO: u64 = 1;
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
 /// Clusters per page of [`RefCounts`].
 const PAGE_CLUSTERS: usize = 4096;
+/// QEMU's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`: the most extra data a snapshot table entry may
+/// have.
+const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`: the longest snapshot table it reads.
+const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
 
 /// References per cluster, for `len` clusters, in pages of [`PAGE_CLUSTERS`] counters that
 /// are allocated when a cluster in them is first referenced.
@@ -74,6 +79,12 @@ impl RefCounts {
         let page = self.pages[p].get_or_insert_with(|| vec![0u32; PAGE_CLUSTERS].into());
         page[i] = page[i].saturating_add(n);
         true
+    }
+
+    /// Pages allocated so far.
+    #[cfg(test)]
+    fn pages_allocated(&self) -> usize {
+        self.pages.iter().filter(|p| p.is_some()).count()
     }
 
     /// The references to cluster `c` (0 past the end or in an untouched page).
@@ -212,20 +223,31 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
 
     /// `n` references to every cluster overlapping `[offset, offset + len)`: what `n`
     /// tables that name the same structure add, counted once.
+    ///
+    /// A range that passes the last cluster of the file is one corruption and counts
+    /// nothing, as QEMU's `qcow2_inc_refcounts_imrt`, and is not walked: a declared length
+    /// (a LUKS header's, a table's) is never read, so walking its in-file part first would
+    /// fill a page of counters per 4096 clusters up to the end of a sparse file.
     fn inc_n(&mut self, offset: u64, len: u64, n: u32, what: &str) {
         if len == 0 || n == 0 {
             return;
         }
         let first = offset >> self.cluster_bits;
-        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        let last = offset
+            .checked_add(len - 1)
+            .map(|end| end >> self.cluster_bits);
+        let Some(last) = last.filter(|&l| l < self.refs.len) else {
+            let at = first.max(self.refs.len) << self.cluster_bits;
+            self.report.corrupt(|| {
+                format!(
+                    "ERROR {what} at {offset:#x} ({len:#x} bytes): cluster {at:#x} is beyond \
+                     the end of the image file"
+                )
+            });
+            return;
+        };
         for c in first..=last {
-            if !self.refs.add(c, n) {
-                let at = c << self.cluster_bits;
-                self.report.corrupt(|| {
-                    format!("ERROR {what} cluster {at:#x} is beyond the end of the image file")
-                });
-                return;
-            }
+            self.refs.add(c, n);
         }
     }
 
@@ -360,25 +382,39 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
 
     /// The snapshot table (counted) and each snapshot's L1 table `(offset, entries)`, for
     /// [`l1_tables`](Self::l1_tables).
-    fn snapshots(&mut self, area: &HeaderArea) -> Vec<(u64, u32)> {
+    ///
+    /// # Errors
+    /// What QEMU's `qcow2_do_read_snapshots` refuses, which fails QEMU's open and
+    /// `qemu-img check` (with exit code 1): an entry with more than 1024 bytes of extra
+    /// data ([`Corruption::SnapshotExtraData`]), a table above 64 MiB
+    /// ([`Corruption::SnapshotTableTooBig`]). So the table counted is at most 64 MiB long.
+    fn snapshots(&mut self, area: &HeaderArea) -> Result<Vec<(u64, u32)>> {
         let h = &area.header;
         let mut at = h.snapshots_offset;
         let start = at;
         let mut l1s = Vec::new();
         for i in 0..h.nb_snapshots {
             let Some(fixed) = self.read("snapshot header", at, 40) else {
-                return l1s;
+                return Ok(l1s);
             };
             let l1_off = BigEndian::read_u64(&fixed[0..8]);
             let l1_size = BigEndian::read_u32(&fixed[8..12]);
             let id_len = u64::from(BigEndian::read_u16(&fixed[12..14]));
             let name_len = u64::from(BigEndian::read_u16(&fixed[14..16]));
-            let extra = u64::from(BigEndian::read_u32(&fixed[36..40]));
-            let len = 40u64
-                .saturating_add(extra)
-                .saturating_add(id_len)
-                .saturating_add(name_len);
-            let len = len.saturating_add(7) & !7;
+            let extra = BigEndian::read_u32(&fixed[36..40]);
+            if extra > MAX_SNAPSHOT_EXTRA_DATA {
+                return Err(Corruption::SnapshotExtraData {
+                    index: i,
+                    size: extra,
+                }
+                .into());
+            }
+            let len = 40 + u64::from(extra) + id_len + name_len;
+            let size = (at - start).saturating_add(len);
+            if size > MAX_SNAPSHOTS_SIZE {
+                return Err(Corruption::SnapshotTableTooBig { index: i, size }.into());
+            }
+            let len = (len + 7) & !7;
             if l1_size > (32 << 20) / 8 {
                 self.report
                     .corrupt(|| format!("ERROR snapshot {i}: L1 table of {l1_size} entries"));
@@ -398,11 +434,11 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             if at > self.file_len {
                 self.report
                     .corrupt(|| "ERROR snapshot table past end of file".to_string());
-                return l1s;
+                return Ok(l1s);
             }
         }
         self.inc(start, at - start, "snapshot table");
-        l1s
+        Ok(l1s)
     }
 
     /// The bitmap directory, each bitmap table and each data cluster a table names
@@ -544,8 +580,10 @@ fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
 ///
 /// # Errors
 /// [`crate::Error::Unsupported`] when the file has more than 2^31 clusters or the counters
-/// cannot be allocated; I/O errors.
-/// Broken structures are reported as corruptions, not errors.
+/// cannot be allocated; [`crate::Error::Corrupt`] for a snapshot table QEMU refuses to read
+/// ([`Corruption::SnapshotExtraData`], [`Corruption::SnapshotTableTooBig`]: `qemu-img
+/// check` fails on it, exit 1); I/O errors.
+/// Other broken structures are reported as corruptions, not errors.
 pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
     Ok(check_references(storage, area)?.0)
 }
@@ -590,6 +628,12 @@ impl References {
     pub(crate) fn clusters(&self) -> u64 {
         self.refs.len
     }
+
+    /// Pages of counters the walk allocated.
+    #[cfg(test)]
+    pub(crate) fn pages_allocated(&self) -> usize {
+        self.refs.pages_allocated()
+    }
 }
 
 /// [`check`], also returning the reference counts it computed.
@@ -627,7 +671,7 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     ctr.inc(0, cs, "header");
     let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
     if h.nb_snapshots > 0 {
-        l1s.extend(ctr.snapshots(area));
+        l1s.extend(ctr.snapshots(area)?);
     }
     ctr.l1_tables(&l1s, data_file, extl2);
     let rt_len = u64::from(h.refcount_table_clusters) * cs;

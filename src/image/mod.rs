@@ -438,6 +438,8 @@ impl<S: Storage> Image<S> {
     /// step (a leak's repair: [`free_clusters`](Self::free_clusters) decrements once per
     /// call, and a refcount may be as large as 2^64 - 1).
     ///
+    /// A refcount structure may be lowered to 1, not to 0.
+    ///
     /// # Errors
     /// As [`free_clusters`](Self::free_clusters), and [`Error::Internal`] if `to` is not
     /// below the current refcount.

@@ -205,3 +205,137 @@ fn truncated_reftable_is_corrupt_not_panic() {
         Err(Error::Corrupt(_))
     ));
 }
+
+/// Storage in memory whose `len()` reports `len`, zeros past the real bytes (a sparse file).
+#[derive(Debug)]
+struct Sparse {
+    inner: MemStorage,
+    len: u64,
+}
+
+impl Storage for Sparse {
+    fn len(&self) -> Result<u64> {
+        Ok(self.len)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        buf.fill(0);
+        let real = self.inner.len()?;
+        if offset < real {
+            let n = usize::try_from(real - offset)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            self.inner.read_exact_at(&mut buf[..n], offset)?;
+        }
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A fresh image of 64 KiB clusters, as bytes, with one more cluster at its end (where a
+/// test writes a structure) and that cluster's offset.
+fn with_spare_cluster() -> (MemStorage, HeaderArea, u64) {
+    let img = fresh(65536, 1 << 30);
+    let area = img.area().clone();
+    let storage = img.into_storage();
+    let at = storage.len().unwrap();
+    storage.set_len(at + 65536).unwrap();
+    (storage, area, at)
+}
+
+/// Found by an adversarial review: a snapshot table entry with extra_data_size 2^32 - 1
+/// was accepted and the walk counted a 4 GiB snapshot table, a page of counters per 4096
+/// clusters, from a file that holds 40 bytes of it. QEMU refuses an entry with more than
+/// 1024 bytes of extra data (`qemu-img check` fails, exit 1); so does the check now, before
+/// counting anything of the table.
+#[test]
+fn a_snapshot_with_too_much_extra_data_is_refused_as_qemu_refuses_it() {
+    let (storage, mut area, at) = with_spare_cluster();
+    let mut entry = [0u8; 48];
+    entry[13] = 1; // id_str_size
+    entry[15] = 1; // name_size
+    entry[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
+    storage.write_all_at(&entry, at).unwrap();
+    area.header.nb_snapshots = 1;
+    area.header.snapshots_offset = at;
+    let sparse = Sparse {
+        inner: storage,
+        len: 1 << 40,
+    };
+    let r = check::check_references(&sparse, &area);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::SnapshotExtraData {
+                index: 0,
+                size: u32::MAX
+            }))
+        ),
+        "{:?}",
+        r.map(|(report, refs)| (
+            report.corruptions,
+            report.messages.first().cloned(),
+            refs.pages_allocated()
+        ))
+    );
+    // A table longer than QEMU reads (64 MiB) is refused at the entry that passes it.
+    entry[12..14].copy_from_slice(&u16::MAX.to_be_bytes());
+    entry[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+    entry[36..40].copy_from_slice(&1024u32.to_be_bytes());
+    let each = (40 + 1024 + 2 * 65535u64).next_multiple_of(8);
+    let n = (64 << 20) / each + 1;
+    let mut table = vec![0u8; (n * each) as usize];
+    for k in 0..n as usize {
+        table[k * each as usize..][..40].copy_from_slice(&entry[..40]);
+    }
+    let storage = &sparse.inner;
+    storage.set_len(at + table.len() as u64).unwrap();
+    storage.write_all_at(&table, at).unwrap();
+    area.header.nb_snapshots = n as u32;
+    let r = check::check_references(&sparse, &area);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::SnapshotTableTooBig { index, .. })) if u64::from(index) == n - 1
+        ),
+        "{:?}",
+        r.map(|(report, _)| (report.corruptions, report.messages.first().cloned()))
+    );
+}
+
+/// Found by an adversarial review: a LUKS header pointer of length 2^64 - 1 made the walk
+/// count every cluster from the header to the end of the file, a page of counters per 4096
+/// clusters of a sparse file it never read. A range passing the end of the file is one
+/// corruption and counts nothing, as QEMU's `qcow2_inc_refcounts_imrt` counts it, and is not
+/// walked.
+#[test]
+fn a_luks_header_running_past_the_end_allocates_no_counters() {
+    let (storage, mut area, at) = with_spare_cluster();
+    area.header.crypt_method = crate::format::header::CRYPT_LUKS;
+    let sparse = Sparse {
+        inner: storage,
+        len: 1 << 40,
+    };
+    for length in [u64::MAX, (1 << 40) - at + 65536] {
+        area.crypto = Some(crate::format::CryptoHeaderPointer { offset: at, length });
+        let (report, refs) = check::check_references(&sparse, &area).unwrap();
+        let first = report.messages.first();
+        assert_eq!(report.corruptions, 1, "{length:#x}: {first:?}");
+        assert!(
+            first.is_some_and(|m| m.contains("beyond the end of the image file")),
+            "{first:?}"
+        );
+        assert!(
+            refs.pages_allocated() <= 2,
+            "{length:#x}: {} pages of counters",
+            refs.pages_allocated()
+        );
+    }
+}

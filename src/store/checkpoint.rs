@@ -109,9 +109,14 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Inconsistent`] when any bitmap of the image is
     /// inconsistent (it may be a later checkpoint whose bits cannot be trusted: remove it,
-    /// or back up in full); [`Error::Corrupt`]; I/O.
+    /// or back up in full); [`Error::Unsupported`] before anything is read when the
+    /// bitmaps and the union add up to more than an activation may hold
+    /// ([`ensure_loadable_in_turn`](Self::ensure_loadable_in_turn)); [`Error::Corrupt`];
+    /// I/O.
     pub fn changed_since(&self, since: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let first = self.find(since.as_ref())?;
+        // The union is one more bitmap at `since`'s granularity.
+        self.ensure_loadable_in_turn(self.memory_needed(std::iter::once(&self.slots[first])))?;
         let base = self.load(since.as_ref())?;
         // A fresh, enabled bitmap: a copy of a disabled checkpoint would ignore the marks.
         let out = self.new_bitmap(base.granularity())?;

@@ -919,6 +919,29 @@ impl<S: Storage> BitmapStore<S> {
         Ok(())
     }
 
+    /// Refuses, before anything is read, to build every consistent bitmap of the image
+    /// one after another plus `extra` more bytes of bitmap (what
+    /// [`changed_since`](Self::changed_since) and `dbm info` do) when their sizes add up
+    /// to more than [`ACTIVE_MEMORY_LIMIT`], the most an activation may hold: QEMU caps
+    /// each bitmap at 512 MiB but not their number, and 65535 entries naming one table
+    /// would cost 65535 builds of it. The sizes are a budget of work here, as the memory
+    /// is released between builds.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`], as [`activate`](Self::activate) refuses the same image.
+    pub fn ensure_loadable_in_turn(&self, extra: u64) -> Result<()> {
+        let needed = self
+            .memory_needed(self.slots.iter().filter(|s| !s.inconsistent))
+            .saturating_add(extra);
+        if needed > ACTIVE_MEMORY_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "loading every bitmap would build {needed} bytes of bitmaps, more than the \
+                 limit of {ACTIVE_MEMORY_LIMIT}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes of memory the bitmaps of `slots` take when held.
     fn memory_needed<'a>(&self, slots: impl Iterator<Item = &'a Slot>) -> u64 {
         slots

@@ -19,15 +19,19 @@
 //! number of references the metadata that stays holds, so nothing still referenced is ever
 //! freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 use super::triage::{triage_bitmaps, BitmapTriage};
 use super::{ceil_clusters, BitmapStore, Slot};
 use crate::error::{Corruption, Result};
+use crate::format::directory::MAX_TABLE_SIZE;
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
 use crate::format::{BitmapName, DirEntry, TableEntry};
-use crate::image::{read_metadata, Image};
+use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
+
+/// Bytes of a broken table read at once by [`lenient_claims`].
+const CLAIM_READ_CHUNK: u64 = 1 << 20;
 
 /// What [`repair`] may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,9 +83,9 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     // overlaps (with other metadata, the directory, an earlier kept bitmap).
     let mut keep: Vec<DirEntry> = Vec::new();
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
-    let mut claimed: HashSet<u64> = HashSet::new();
+    let mut claimed = ClusterSet::default();
     if let Some((off, size)) = dir {
-        claim(&mut claimed, off, ceil_clusters(size, cs), cs);
+        claimed.insert(off / cs, (off / cs).saturating_add(ceil_clusters(size, cs)));
     }
     if let Some(t) = &triage {
         for b in &t.bitmaps {
@@ -97,18 +101,26 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
                     continue;
                 }
             };
-            let owned = owned_clusters(&image, &e)?;
-            let shared = owned
-                .iter()
-                .find(|&&c| base.at(c) > 0 || claimed.contains(&c));
-            if let Some(&c) = shared {
+            // The table's own clusters first: an entry naming a table already kept (or
+            // other metadata) is broken without reading the table again, so many entries
+            // naming one table cost one read of it.
+            let taken = |c: u64| base.at(c) > 0 || claimed.contains(c / cs);
+            let mut shared = table_clusters(&e, cs).find(|&c| taken(c));
+            let mut owned = Vec::new();
+            if shared.is_none() {
+                owned = owned_clusters(&image, &e)?;
+                shared = owned.iter().copied().find(|&c| taken(c));
+            }
+            if let Some(c) = shared {
                 broken.push((
                     name,
                     format!("its table or data shares cluster {c:#x} with other metadata"),
                 ));
                 continue;
             }
-            claimed.extend(owned);
+            for c in owned {
+                claimed.insert(c / cs, c / cs + 1);
+            }
             keep.push(e);
         }
     }
@@ -134,26 +146,61 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     } else {
         let mut p = claimed;
         if let Some(t) = &triage {
-            lenient_claims(&image, t, &mut p);
+            lenient_claims(&image, t, &mut p)?;
         }
         Protect::These(p)
     };
     fix_leaks(image, &protect, report)
 }
 
-fn claim(set: &mut HashSet<u64>, off: u64, n: u64, cs: u64) {
-    for k in 0..n {
-        set.insert(off.saturating_add(k.saturating_mul(cs)));
+/// A set of clusters (indexes), kept as disjoint runs `start -> end` (end exclusive), so a
+/// claim of a long run costs one entry, not one per cluster.
+#[derive(Debug, Default)]
+struct ClusterSet {
+    runs: BTreeMap<u64, u64>,
+}
+
+impl ClusterSet {
+    /// Adds the clusters `[start, end)`, merging the runs it touches.
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.runs.range(..=start).next_back() {
+            if e >= end {
+                return;
+            }
+            if e >= start {
+                start = s;
+            }
+        }
+        while let Some((&s, &e)) = self.runs.range(start..=end).next() {
+            self.runs.remove(&s);
+            end = end.max(e);
+        }
+        self.runs.insert(start, end);
     }
+
+    fn contains(&self, c: u64) -> bool {
+        self.runs
+            .range(..=c)
+            .next_back()
+            .is_some_and(|(_, &e)| c < e)
+    }
+}
+
+/// The byte offsets of the clusters of `e`'s table.
+fn table_clusters(e: &DirEntry, cs: u64) -> impl Iterator<Item = u64> {
+    let len = u64::from(e.table_size).saturating_mul(8);
+    let first = e.table_offset;
+    (0..ceil_clusters(len, cs)).map(move |k| first.saturating_add(k.saturating_mul(cs)))
 }
 
 /// The clusters a loadable entry owns: its table's and its data clusters'.
 fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>> {
     let cs = image.cluster_size();
     let len = u64::from(e.table_size).saturating_mul(8);
-    let mut out: Vec<u64> = (0..ceil_clusters(len, cs))
-        .map(|k| e.table_offset.saturating_add(k.saturating_mul(cs)))
-        .collect();
+    let mut out: Vec<u64> = table_clusters(e, cs).collect();
     let bytes = read_metadata(image.storage(), "bitmap table", e.table_offset, len)?;
     match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits) {
         Ok(table) => out.extend(table.into_iter().filter_map(|t| match t {
@@ -168,28 +215,77 @@ fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>
     Ok(out)
 }
 
-/// Every cluster a triaged entry may own, read leniently (a broken entry's table as far as
-/// it can be read, each entry's offset bits taken as they are).
-fn lenient_claims<S: Storage>(image: &Image<S>, t: &BitmapTriage, set: &mut HashSet<u64>) {
+/// Every cluster of the file a triaged entry may own, read leniently: a broken entry's
+/// table as far as it lies in the file, each entry's offset bits taken as they are.
+///
+/// Bounded by the file, whatever the entries say: no table QEMU writes has more than
+/// [`MAX_TABLE_SIZE`] entries (`BME_MAX_TABLE_SIZE`), so no bitmap owns a cluster named
+/// past that entry of its table or lying past it, and a larger `table_size` is read only
+/// that far; the tables' byte ranges are clipped to the file and merged, so a byte shared
+/// by many entries' tables is read once (a word names the same cluster in every table
+/// that holds it: all tables start on a cluster, so their words line up); the reads go in
+/// chunks of [`CLAIM_READ_CHUNK`]; and only clusters inside the file are recorded (a
+/// cluster past it cannot be leaked), as runs.
+///
+/// # Errors
+/// I/O: the repair stops rather than free a cluster a table it could not read may name.
+fn lenient_claims<S: Storage>(
+    image: &Image<S>,
+    t: &BitmapTriage,
+    set: &mut ClusterSet,
+) -> Result<()> {
     let cs = image.cluster_size();
-    let file = image.storage().len().unwrap_or(0);
+    let storage = image.storage();
+    let file = storage.len()?;
+    let file_clusters = file.div_ceil(cs);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
     for b in &t.bitmaps {
         let raw = &b.entry.raw;
         let off = raw.table_offset / cs * cs;
-        let len = u64::from(raw.table_size).saturating_mul(8);
-        let n = ceil_clusters(len, cs);
-        claim(set, off, n.min(file / cs.max(1)), cs);
-        if let Ok(bytes) = read_metadata(image.storage(), "bitmap table", off, len) {
-            for e in bytes.chunks_exact(8) {
-                let mut v = [0u8; 8];
-                v.copy_from_slice(e);
-                let d = u64::from_be_bytes(v) & TABLE_ENTRY_OFFSET_MASK;
-                if d != 0 {
-                    set.insert(d / cs * cs);
-                }
-            }
+        let len = u64::from(raw.table_size.min(MAX_TABLE_SIZE)).saturating_mul(8);
+        let end = off.saturating_add(len);
+        set.insert(off / cs, end.div_ceil(cs).min(file_clusters));
+        // Whole words inside the file (`off` is 8-aligned, so the words stay aligned).
+        let end = end.min(off.saturating_add(file.saturating_sub(off) / 8 * 8));
+        if off < end {
+            ranges.push((off, end));
         }
     }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut buf = vec![0u8; CLAIM_READ_CHUNK as usize];
+    for (start, end) in merged {
+        let mut at = start;
+        while at < end {
+            let n = CLAIM_READ_CHUNK.min(end - at);
+            check_in_file("bitmap table", at, n, file)?;
+            let bytes = &mut buf[..n as usize];
+            storage.read_exact_at(bytes, at)?;
+            // Runs of zero entries (a sparse table) are skipped a block at a time.
+            const ZEROS: [u8; 4096] = [0; 4096];
+            for block in bytes.chunks(ZEROS.len()) {
+                if block == &ZEROS[..block.len()] {
+                    continue;
+                }
+                for w in block.chunks_exact(8) {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(w);
+                    let d = u64::from_be_bytes(v) & TABLE_ENTRY_OFFSET_MASK;
+                    if d != 0 && d < file {
+                        set.insert(d / cs, d / cs + 1);
+                    }
+                }
+            }
+            at += n;
+        }
+    }
+    Ok(())
 }
 
 /// Commits a directory of `keep` (none: the extension goes), through the store's commit,
@@ -236,8 +332,8 @@ enum Protect {
     Nothing,
     /// Every one: the directory cannot be read, so any may hold a bitmap's data.
     Everything,
-    /// The clusters (byte offsets) a directory entry or the directory may own.
-    These(HashSet<u64>),
+    /// The clusters a directory entry or the directory may own.
+    These(ClusterSet),
 }
 
 /// Lowers the refcount of every leaked cluster to its references, except those
@@ -260,7 +356,7 @@ fn fix_leaks<S: Storage>(
         let kept = match protect {
             Protect::Nothing => false,
             Protect::Everything => true,
-            Protect::These(p) => p.contains(&off),
+            Protect::These(p) => p.contains(c),
         };
         if kept {
             report.leaks_kept = report.leaks_kept.saturating_add(1);

@@ -247,6 +247,9 @@ pub fn gather(
 ) -> dirty_bitmap::Result<ImageInfo> {
     let image = store.image();
     let mode = store.mode();
+    // Every consistent bitmap is built to count its bits: refused as a whole, before
+    // anything is read, when that would build more than an activation may hold.
+    store.ensure_loadable_in_turn(0)?;
     let mut bitmaps = Vec::new();
     for b in store.list() {
         let consistent = b.state == BitmapState::Consistent;
