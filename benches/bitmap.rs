@@ -114,6 +114,28 @@ impl Flat {
             }
         });
     }
+    /// [`mark_summarized`](Self::mark_summarized), then `N` instructions that do nothing
+    /// (`nop`s, in blocks of 8), before the announcement ends: a probe, not a floor. Each
+    /// costs a quarter of a cycle when nothing waits, so where one of them costs more, the
+    /// marks wait on memory and the loop runs as fast as the out-of-order window holds
+    /// marks whose leaf lines are still on their way (docs/BENCHMARKS.md, session 18).
+    fn mark_padded<const N: usize>(&self, bit: u64, slot: &Slot) {
+        self.announced(bit, slot, |w| {
+            let (sw, sm) = (&self.1[w / 8 / 64], 1u64 << (w / 8 % 64));
+            if sw.load(SeqCst) & sm == 0 {
+                sw.fetch_or(sm, SeqCst);
+            }
+            for _ in 0..N / 8 {
+                // SAFETY: `nop` reads and writes no memory, register or flag.
+                unsafe {
+                    std::arch::asm!(
+                        "nop; nop; nop; nop; nop; nop; nop; nop",
+                        options(nomem, nostack, preserves_flags)
+                    )
+                };
+            }
+        });
+    }
     /// Every step of our clean-bit mark (src/bitmap/mod.rs, `mark_word`), written as
     /// leanly as we could, outside the library's structure (not a proven lower bound): the
     /// state byte before and after the announcement, the thread's line from a thread-local
@@ -256,7 +278,9 @@ fn scatter(k: u64) -> u64 {
 /// each clean-bit group shows how much of the gap to the peers any design with a one-load
 /// dirty-bit path, with marks a store can wait for, or with a summary a search can skip by,
 /// must pay on this machine, and what every step of ours costs written without the
-/// library's structure (it takes a bit number, as flat does, not a byte range).
+/// library's structure (it takes a bit number, as flat does, not a byte range). Three
+/// probes ([`Flat::mark_padded`]) add instructions that do nothing to the summary floor,
+/// to show what one more instruction per mark costs in each group.
 fn floors(g: &mut Group<'_>, flat: &Flat, span: u64, pos: fn(u64) -> u64) {
     floor(g, "floor: load, fetch_or", flat, span, |k| {
         flat.mark_checked(black_box(pos(k)))
@@ -272,6 +296,16 @@ fn floors(g: &mut Group<'_>, flat: &Flat, span: u64, pos: fn(u64) -> u64) {
         span,
         |k| flat.mark_summarized(black_box(pos(k)), &slot),
     );
+    // Each probe inlined into its own loop, as the floors are (no call through a pointer).
+    floor(g, "probe: summary, then 16 nops", flat, span, |k| {
+        flat.mark_padded::<16>(black_box(pos(k)), &slot)
+    });
+    floor(g, "probe: summary, then 32 nops", flat, span, |k| {
+        flat.mark_padded::<32>(black_box(pos(k)), &slot)
+    });
+    floor(g, "probe: summary, then 64 nops", flat, span, |k| {
+        flat.mark_padded::<64>(black_box(pos(k)), &slot)
+    });
     let whole = Whole::new();
     floor(g, "floor: the whole protocol, lean", flat, span, |k| {
         flat.mark_whole(black_box(pos(k)), &whole)
