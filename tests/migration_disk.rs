@@ -821,7 +821,8 @@ fn tcp_attempt(
         &mut states,
         &mut AutoConverge::default(),
     );
-    let _ = dest.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    dest.join().expect("the destination thread");
     res.map(|s| s.outcome)
 }
 
@@ -1086,7 +1087,8 @@ fn stream_attempt_with(
         &mut [stream, &mut r.ram],
         control,
     );
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     res.map(|s| s.outcome)
 }
 
@@ -1275,7 +1277,8 @@ fn stream_mode_over_tcp_a_retry_of_the_same_migration_sends_only_what_changed_si
     );
     let o = attempt(&mut stream, &mut ram_state).unwrap().outcome;
     assert_eq!(o.kind, Kind::Completed);
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     let retry = stream.regions_sent() - first;
     println!("first attempt {first} regions, retry {retry}");
     assert!(
@@ -2054,7 +2057,8 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
     )
     .unwrap()
     .outcome;
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     assert_eq!(o.kind, Kind::Postcopy);
     let after = after.lock().unwrap().clone();
     let late = after
@@ -2193,7 +2197,8 @@ fn stream_mode_qemus_baseline_sends_nothing_before_the_stop_and_every_bitmap_who
     )
     .unwrap()
     .outcome;
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     let (iterated, completed, min_exact) = (counted.iterated, counted.completed, counted.min_exact);
     assert_eq!(o.kind, Kind::Completed);
     // Nothing before the stop; at it, every region of the bitmap, once.
