@@ -33,7 +33,10 @@ echo "==> cargo test --doc"
 cargo test --doc
 echo "==> the library alone: no default features, none of the CLI's crates"
 cargo clippy --lib --no-default-features -- -D warnings
-if cargo tree -e normal --no-default-features --prefix none | grep -E '^(clap|serde_json|tempfile|rand) '; then
+# Captured first, so that a failing cargo tree stops the script (in a pipe into grep's `if`,
+# its failure read as "no CLI crate").
+deps=$(cargo tree -e normal --no-default-features --prefix none)
+if grep -E '^(clap|serde_json|tempfile|rand) ' <<<"$deps"; then
     echo "scripts/test.sh: the library without default features depends on a CLI crate" >&2
     exit 1
 fi
