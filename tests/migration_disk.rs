@@ -849,6 +849,7 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
         .expect("the destination took over");
     assert!(d.is_active());
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     let b = d.bitmap("b").unwrap();
     assert!(marks.iter().all(|&m| b.is_dirty(m)));
     // And the source cannot take it back while it does.
@@ -1190,6 +1191,7 @@ fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() 
         "destination against source",
     );
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     assert!(marks.iter().all(|&m| bitmap.is_dirty(m)));
     r.guest.disk.shutdown();
     r.guest.vcpus.resume().unwrap();
@@ -2079,6 +2081,13 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
     assert!(late > 0, "no region came after Started");
     // The source is stopped: its bitmap is as it was at the stop.
     let marks = guest.disk.marks();
+    assert!(!marks.is_empty());
+    // The destination's guest marks 8 granules at its start (`GuestAfterStart`).
+    assert!(
+        dest_marks.len() >= 8,
+        "{} destination marks",
+        dest_marks.len()
+    );
     let mut held = dest.lock().unwrap().take_store().unwrap();
     let at_dest = held.bitmap("b").unwrap();
     assert!(
@@ -2219,6 +2228,7 @@ fn stream_mode_qemus_baseline_sends_nothing_before_the_stop_and_every_bitmap_who
     assert_same(&at_dest, &extents(&bitmap), "destination against source");
     assert!(!at_dest.is_empty());
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     let b = dst.bitmap("b").unwrap();
     assert!(marks.iter().all(|&m| b.is_dirty(m)));
     dst.inactivate().unwrap();
