@@ -213,10 +213,41 @@ fn ops_durable_tracker_of_an_earlier_activation_after_reactivation() {
 /// Finding `intent-past-a-shrunk-disk-waits-forever`: an intent issued while the store was
 /// inactive, near the end of a 1 MiB disk then shrunk to 512 KiB, never completed `wait`
 /// after the next durable activation (group commits forever); the model requires
-/// `InvalidInput`.
+/// `InvalidInput`. Should the hang come back, the test fails at [`HANG`] instead of holding CI.
 #[test]
 fn ops_durable_intent_past_a_shrunk_disk_waits_forever() {
-    regression("ops_durable", "intent-past-a-shrunk-disk-waits-forever");
+    regression_within(
+        "ops_durable",
+        "intent-past-a-shrunk-disk-waits-forever",
+        HANG,
+    );
+}
+
+/// Far longer than the replay of any finding takes (milliseconds): past it, the replay hangs.
+const HANG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// [`regression`] on a thread of its own: fails, naming the finding, if it has not returned
+/// within `limit` (the thread is left behind; the test process ends it), and passes on a
+/// panic of the replay as the test's own.
+fn regression_within(target: &'static str, name: &'static str, limit: std::time::Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let replay = std::thread::spawn(move || {
+        regression(target, name);
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(()) => replay.join().expect("the replay returned"),
+        // The sender dropped without a send: the replay panicked.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = replay.join() {
+                std::panic::resume_unwind(panic);
+            }
+            unreachable!("the replay ended without sending");
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{target}/{name}: the replay still runs after {limit:?} (it hangs)")
+        }
+    }
 }
 
 /// Replays an input, or every file of a directory, through a target, named by `OPS_TARGET`

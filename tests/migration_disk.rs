@@ -821,7 +821,8 @@ fn tcp_attempt(
         &mut states,
         &mut AutoConverge::default(),
     );
-    let _ = dest.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    dest.join().expect("the destination thread");
     res.map(|s| s.outcome)
 }
 
@@ -848,6 +849,7 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
         .expect("the destination took over");
     assert!(d.is_active());
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     let b = d.bitmap("b").unwrap();
     assert!(marks.iter().all(|&m| b.is_dirty(m)));
     // And the source cannot take it back while it does.
@@ -1087,7 +1089,8 @@ fn stream_attempt_with(
         &mut [stream, &mut r.ram],
         control,
     );
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     res.map(|s| s.outcome)
 }
 
@@ -1189,6 +1192,7 @@ fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() 
         "destination against source",
     );
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     assert!(marks.iter().all(|&m| bitmap.is_dirty(m)));
     r.guest.disk.shutdown();
     r.guest.vcpus.resume().unwrap();
@@ -1276,7 +1280,8 @@ fn stream_mode_over_tcp_a_retry_of_the_same_migration_sends_only_what_changed_si
     );
     let o = attempt(&mut stream, &mut ram_state).unwrap().outcome;
     assert_eq!(o.kind, Kind::Completed);
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     let retry = stream.regions_sent() - first;
     println!("first attempt {first} regions, retry {retry}");
     assert!(
@@ -2055,7 +2060,8 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
     )
     .unwrap()
     .outcome;
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     assert_eq!(o.kind, Kind::Postcopy);
     let after = after.lock().unwrap().clone();
     let late = after
@@ -2076,6 +2082,13 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
     assert!(late > 0, "no region came after Started");
     // The source is stopped: its bitmap is as it was at the stop.
     let marks = guest.disk.marks();
+    assert!(!marks.is_empty());
+    // The destination's guest marks 8 granules at its start (`GuestAfterStart`).
+    assert!(
+        dest_marks.len() >= 8,
+        "{} destination marks",
+        dest_marks.len()
+    );
     let mut held = dest.lock().unwrap().take_store().unwrap();
     let at_dest = held.bitmap("b").unwrap();
     assert!(
@@ -2194,7 +2207,8 @@ fn stream_mode_qemus_baseline_sends_nothing_before_the_stop_and_every_bitmap_who
     )
     .unwrap()
     .outcome;
-    let _ = d.join();
+    // A refusal or a failed attempt is in the report; an Err is the thread's panic.
+    d.join().expect("the destination thread");
     let (iterated, completed, min_exact) = (counted.iterated, counted.completed, counted.min_exact);
     assert_eq!(o.kind, Kind::Completed);
     // Nothing before the stop; at it, every region of the bitmap, once.
@@ -2215,6 +2229,7 @@ fn stream_mode_qemus_baseline_sends_nothing_before_the_stop_and_every_bitmap_who
     assert_same(&at_dest, &extents(&bitmap), "destination against source");
     assert!(!at_dest.is_empty());
     let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
     let b = dst.bitmap("b").unwrap();
     assert!(marks.iter().all(|&m| b.is_dirty(m)));
     dst.inactivate().unwrap();

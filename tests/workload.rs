@@ -140,6 +140,8 @@ fn workload_with(img: &Path, log: &Path, seed: u64, kill: Kill, extra: &[&str]) 
         }
     });
     let mut lines = Vec::new();
+    // The progress line a kill waited for and never saw.
+    let mut missed = None;
     match kill {
         Kill::At(d) => {
             std::thread::sleep(d.saturating_sub(start.elapsed()));
@@ -147,8 +149,9 @@ fn workload_with(img: &Path, log: &Path, seed: u64, kill: Kill, extra: &[&str]) 
             child.kill().unwrap();
         }
         Kill::After(what, d) => {
+            let mut hit = false;
             while let Ok(line) = rx.recv() {
-                let hit = line == what;
+                hit = line == what;
                 lines.push(line);
                 if hit {
                     std::thread::sleep(d);
@@ -156,6 +159,9 @@ fn workload_with(img: &Path, log: &Path, seed: u64, kill: Kill, extra: &[&str]) 
                 }
             }
             child.kill().unwrap();
+            if !hit {
+                missed = Some(what);
+            }
         }
         Kill::Never => {}
     }
@@ -164,6 +170,11 @@ fn workload_with(img: &Path, log: &Path, seed: u64, kill: Kill, extra: &[&str]) 
     lines.extend(rx.try_iter());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    // Without the line (renamed, or never printed) the run was not killed where the caller
+    // asked: it ran to its end, and would pass as a drill that killed nothing there.
+    if let Some(what) = missed {
+        panic!("dbm workload ({status:?}) never printed {what:?}: {lines:?}\n{stderr}");
+    }
     Run {
         status,
         lines,
@@ -417,7 +428,7 @@ fn durable_sigkill_drill_qemu_finds_every_logged_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4usize);
     let (mut rng, _) = seeded_rng("durable_sigkill_drill");
-    let mut logged = 0;
+    let (mut logged, mut killed) = (0, 0);
     for i in 0..kills {
         let dir = tempfile::tempdir().unwrap();
         let img = fresh(dir.path());
@@ -461,6 +472,10 @@ fn durable_sigkill_drill_qemu_finds_every_logged_write() {
         );
         assert_eq!(lost, 0, "{ctx}: logged writes missing from the bitmap");
         logged += marks.len();
+        killed += usize::from(run.killed());
     }
     assert!(logged > 0, "no kill came after a logged write");
+    // A kill lands within 400 ms of `activated` in a 600 ms run: a drill in which every run
+    // ended on its own tested no kill at all.
+    assert!(killed > 0, "none of the {kills} runs was killed");
 }
