@@ -222,3 +222,88 @@ fn a_data_file_image_made_by_qemu_img_takes_our_bitmaps() {
     );
     assert!(out.status.success());
 }
+
+/// `qemu-io -f raw RAW -c 'write …'` in a process of its own: whether QEMU let it write.
+fn qemu_io_writes_raw(raw: &Path) -> std::process::Output {
+    run(
+        "qemu-io",
+        &["-f", "raw", p(raw), "-c", "write -P 0x5a 1M 64k"],
+    )
+}
+
+/// Found by an adversarial review: a writable store locked the image but not its raw data
+/// file, so a QEMU writer of the raw disk (or a second image over it) wrote it beside an
+/// active tracker, and those writes reached no bitmap: a backup since a checkpoint missed
+/// them. A writable store now holds the raw file as a QEMU writer of the image does;
+/// the hand-over releases it with the image, and a QEMU writer already holding the raw
+/// file keeps the store from opening, with nothing written.
+#[test]
+fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    raw_disk(&raw, 64 * MIB);
+    let img = dir.path().join("disk.qcow2");
+    let mut st = BitmapStore::create_with_data_file(
+        FileStorage::create(&img).unwrap(),
+        64 * MIB,
+        65536,
+        p(&raw),
+    )
+    .unwrap();
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    let out = qemu_io_writes_raw(&raw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lock"),
+        "QEMU wrote the raw disk beside an active store: {err}"
+    );
+    assert!(matches!(
+        FileStorage::open(&raw, OpenMode::ReadWrite),
+        Err(dirty_bitmap::Error::Locked { .. })
+    ));
+    // Handed over: the raw disk goes with the image.
+    st.inactivate().unwrap();
+    let out = qemu_io_writes_raw(&raw);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(st);
+
+    // A QEMU writer holds the raw disk: our writable open is refused and writes nothing.
+    let mut child = std::process::Command::new(common::qemu::tool("qemu-io"))
+        .args(["-f", "raw", p(&raw)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let start = std::time::Instant::now();
+    let r = loop {
+        // qemu-io takes its locks as it opens: until then our open may still succeed.
+        match BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        ) {
+            Ok(s) if start.elapsed() < std::time::Duration::from_secs(20) => {
+                drop(s);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Locked { .. })),
+        "{:?}",
+        r.map(|_| ())
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused open wrote"
+    );
+}

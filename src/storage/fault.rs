@@ -257,4 +257,8 @@ impl<S: Storage> Storage for FaultStorage<S> {
     fn set_writer_locks(&self, held: bool) -> Result<()> {
         self.inner.set_writer_locks(held)
     }
+
+    fn hold_data_file(&self, name: &[u8]) -> Result<()> {
+        self.inner.hold_data_file(name)
+    }
 }

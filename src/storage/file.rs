@@ -5,7 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use super::lock::{self, Access, Locking};
 use super::mode::OpenMode;
@@ -37,6 +39,9 @@ pub struct FileStorage {
     /// and not taken back: every write and `set_len` is refused, as QEMU asserts that
     /// nothing writes an inactive node.
     released: AtomicBool,
+    /// The image's external data file and its path, locked as a QEMU writer of the image
+    /// locks it ([`hold_data_file`](Storage::hold_data_file)).
+    data: Mutex<Option<(File, PathBuf)>>,
 }
 
 impl FileStorage {
@@ -98,6 +103,7 @@ impl FileStorage {
             writable,
             locking,
             released: AtomicBool::new(false),
+            data: Mutex::new(None),
         })
     }
 
@@ -153,6 +159,7 @@ impl FileStorage {
             writable: true,
             locking,
             released: AtomicBool::new(false),
+            data: Mutex::new(None),
         })
     }
 
@@ -168,6 +175,7 @@ impl FileStorage {
             writable: mode.is_writable(),
             locking: Locking::Off,
             released: AtomicBool::new(false),
+            data: Mutex::new(None),
         }
     }
 
@@ -208,6 +216,9 @@ impl Drop for FileStorage {
         // Unlock through the description before the close: see `lock::unlock`.
         if self.locking != Locking::Off {
             lock::unlock(&self.file);
+            if let Some((data, _)) = self.data.get_mut().ok().and_then(|d| d.as_ref()) {
+                lock::unlock(data);
+            }
         }
     }
 }
@@ -271,12 +282,45 @@ impl Storage for FileStorage {
         if self.locking != Locking::On || !self.writable {
             return Ok(());
         }
+        let data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
         if held {
             lock::take_writer(&self.file, &self.path)?;
+            if let Some((file, path)) = data.as_ref() {
+                if let Err(e) = lock::take_writer(file, path) {
+                    lock::release_writer(&self.file);
+                    return Err(e);
+                }
+            }
             self.released.store(false, Ordering::Release);
         } else {
             self.released.store(true, Ordering::Release);
             lock::release_writer(&self.file);
+            if let Some((file, _)) = data.as_ref() {
+                lock::release_writer(file);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the data file read-only (the locks are shared locks on single bytes, which a
+    /// read-only description may take) and takes a writer's locks on it: QEMU's data child
+    /// of a writable image uses write and unshares it, so neither a QEMU writer of the raw
+    /// file nor a second image over it opens beside this handle. A relative name is opened
+    /// from the working directory, as QEMU 10 opens it.
+    fn hold_data_file(&self, name: &[u8]) -> Result<()> {
+        if self.locking != Locking::On || !self.writable {
+            return Ok(());
+        }
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(name));
+        let file = File::open(&path)?;
+        // On error `file` drops here, closing the description and its locks.
+        lock::lock(&file, &path, Access::Write)?;
+        if self.released.load(Ordering::Acquire) {
+            lock::release_writer(&file);
+        }
+        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((old, _)) = data.replace((file, path)) {
+            lock::unlock(&old);
         }
         Ok(())
     }

@@ -179,6 +179,24 @@ pub trait Storage: Send + Sync + Debug {
         let _ = held;
         Ok(())
     }
+
+    /// Holds, beside the image's own, the locks a QEMU writer of this image holds on its
+    /// external data file `name` (the image's `data_file` extension; a relative name is
+    /// taken from the image's directory): so that while this handle may write the image,
+    /// no other program that honours QEMU's locks writes the raw disk unseen by its
+    /// bitmaps, and this fails while one does. [`set_writer_locks`](Self::set_writer_locks)
+    /// releases and takes them with the image's. Storage without locks, a read-only
+    /// handle, and the default, do nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the data file cannot be opened (QEMU refuses such an image too);
+    /// [`Error::Locked`] when another holder conflicts; [`Error::LockUnsupported`] when the
+    /// locks cannot be taken.
+    fn hold_data_file(&self, name: &[u8]) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// Conveniences for every [`Storage`]; implemented for all of them.
@@ -324,6 +342,9 @@ macro_rules! forward_storage {
         }
         fn set_writer_locks(&self, held: bool) -> Result<()> {
             (**self).set_writer_locks(held)
+        }
+        fn hold_data_file(&self, name: &[u8]) -> Result<()> {
+            (**self).hold_data_file(name)
         }
     };
 }

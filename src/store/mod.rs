@@ -456,14 +456,24 @@ fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
 
 impl<S: Storage> BitmapStore<S> {
     /// Opens the bitmaps of an image, inactive. Reads the header and the directory; writes
-    /// nothing.
+    /// nothing. Writable, on an image whose guest data is an external raw file, it holds
+    /// that file's locks as a QEMU writer of the image does ([`Storage::hold_data_file`]).
     ///
     /// # Errors
     /// As [`Image::open`]; [`Error::Corrupt`] when the trusted directory breaks one of QEMU's
     /// rules (QEMU refuses to open such an image too), including a consistent bitmap whose
-    /// table size differs from the one the disk size needs.
+    /// table size differs from the one the disk size needs; writable, [`Error::Locked`]
+    /// while another program holds the raw data file writable, and I/O when it cannot be
+    /// opened (QEMU refuses to open the image then too).
     pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
         let image = Image::open(storage, mode)?;
+        if mode.is_writable() {
+            // The raw disk the bitmaps track is locked as a QEMU writer of the image locks
+            // it, so that no program honouring QEMU's locks writes it unseen.
+            if let Some(name) = &image.area().data_file {
+                image.storage().hold_data_file(name)?;
+            }
+        }
         let geo = image.header().geometry()?;
         let mut slots = Vec::new();
         let mut dir = None;
@@ -559,16 +569,25 @@ impl<S: Storage> BitmapStore<S> {
     /// Creates an image whose guest data is the existing raw file `data_file` (see
     /// [`Image::create_with_data_file`]: the raw file is never written) and opens it
     /// writable, with no bitmaps. The bitmaps added to it track writes to the raw disk,
-    /// and QEMU's NBD server exports the disk and its bitmaps together.
+    /// and QEMU's NBD server exports the disk and its bitmaps together. A writable store
+    /// holds the raw file's locks as a QEMU writer of the image does
+    /// ([`Storage::hold_data_file`]): no program honouring QEMU's locks writes the raw disk
+    /// beside it, unseen by its bitmaps. The writer whose writes the bitmaps track opens
+    /// the raw file without QEMU's locks.
     ///
     /// # Errors
-    /// As [`Image::create_with_data_file`].
+    /// As [`Image::create_with_data_file`]; [`Error::Locked`] while another program holds
+    /// the raw file writable, and I/O if it cannot be opened, before anything is written.
     pub fn create_with_data_file(
         storage: S,
         disk_size: u64,
         cluster_size: u64,
         data_file: &str,
     ) -> Result<Self> {
+        if !data_file.is_empty() && !data_file.contains('\0') {
+            // Before anything is written: refused while a QEMU writer holds the raw disk.
+            storage.hold_data_file(data_file.as_bytes())?;
+        }
         Ok(Self::with_new_image(Image::create_with_data_file(
             storage,
             disk_size,
