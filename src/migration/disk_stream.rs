@@ -47,15 +47,22 @@ use super::bitmap_codec::{self, BitmapSection, RegionBody, Start};
 use super::channel::Outbound;
 use super::dest_state::{Binding, DestState};
 use super::error::{MigrationError, ProtocolError, Result};
-use super::frame::StateId;
+use super::frame::{StateId, MAX_FRAME_LEN};
 use super::state::{MigrationState, Pending};
 use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
 use crate::storage::Storage;
 use crate::store::{BitmapState, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
 use crate::units::Bytes;
 
-/// Regions per REGIONS section.
+/// Regions per REGIONS section, at most: fewer where 64 raw entries of a bitmap's region
+/// size would not fit in one frame ([`Streamed::per_section`]).
 pub const REGIONS_PER_SECTION: u64 = 64;
+
+/// What a REGIONS section's payload may hold of region entries: the frame's limit less the
+/// section's own headers and a margin for the frame's wrapping of a section (its state id).
+const SECTION_ENTRY_ROOM: u64 = MAX_FRAME_LEN as u64
+    - (bitmap_codec::HEADER_LEN + bitmap_codec::REGIONS_HEADER_LEN) as u64
+    - 64;
 
 /// A fresh stream id: random, never 0.
 fn new_stream_id() -> u64 {
@@ -101,6 +108,14 @@ impl Streamed {
         self.bitmap
             .region_size()
             .saturating_add(bitmap_codec::REGION_ENTRY_LEN as u64)
+    }
+
+    /// Regions in one REGIONS section: [`REGIONS_PER_SECTION`], or as many raw entries as
+    /// fit in a frame, at least 1 (a region is at most 2 MiB, a frame's payload 16 MiB).
+    /// With 64 entries of 2 MiB a dense section would pass the frame's limit and fail
+    /// every attempt.
+    fn per_section(&self) -> u64 {
+        (SECTION_ENTRY_ROOM / self.entry_max().max(1)).clamp(1, REGIONS_PER_SECTION)
     }
 
     /// Counts, exactly, the regions queued and not sent and those changed since the last
@@ -401,7 +416,7 @@ impl StreamDiskState {
             .overhead
             .get()
             .saturating_add(bitmap_codec::HEADER_LEN as u64);
-        let sections = regions.div_ceil(REGIONS_PER_SECTION);
+        let sections = regions.div_ceil(b.per_section());
         let mut n = entries.saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
@@ -475,6 +490,7 @@ impl StreamDiskState {
                 }
                 b.queue = Some((t, 0));
             }
+            let per_section = usize::try_from(b.per_section()).unwrap_or(1);
             let Some((q, next)) = b.queue.as_mut() else {
                 break;
             };
@@ -483,11 +499,7 @@ impl StreamDiskState {
             }
             let mut section = bitmap_codec::begin_regions(i as u16, seq);
             let from = *next;
-            let batch: Vec<u64> = q
-                .iter()
-                .filter(|&r| r >= from)
-                .take(REGIONS_PER_SECTION as usize)
-                .collect();
+            let batch: Vec<u64> = q.iter().filter(|&r| r >= from).take(per_section).collect();
             let mut entries = 0u64;
             for &r in &batch {
                 buf.resize(usize::try_from(b.bitmap.region_len(r)).unwrap_or(0), 0);
@@ -1410,6 +1422,40 @@ mod tests {
 
     /// The source stream of these tests.
     const S1: u64 = 0x51;
+
+    /// Found by an adversarial review: a bitmap of 2 MiB regions, dense, sent 64 regions a
+    /// section: 128 MiB where a frame holds 16, so every attempt failed on the frame's
+    /// limit. A section holds as many raw entries as fit in a frame.
+    #[test]
+    fn a_section_of_large_dense_regions_fits_in_a_frame() {
+        let region = 2 << 20;
+        // 10 regions of 2 MiB, every bit set (a dense region is sent raw).
+        let disk = 10 * region * 8 * 512;
+        let b = Arc::new(DirtyBitmap::with_region_size(disk, 512, region).unwrap());
+        b.mark_dirty(0, disk);
+        let mut st = StreamDiskState::new(1, "s", vec![("b".into(), b)]).unwrap();
+        let mut wire = Wire(Vec::new());
+        st.setup(&mut wire).unwrap();
+        st.complete(&mut wire).unwrap();
+        let mut regions = 0;
+        for payload in &wire.0 {
+            let frame = super::super::frame::Frame::Section {
+                state: 1,
+                payload: payload.clone(),
+            };
+            assert!(
+                super::super::frame::encode_frame(1, &frame).is_ok(),
+                "a section of {} bytes does not fit in a frame",
+                payload.len()
+            );
+            if let BitmapSection::Regions { regions: r, .. } =
+                bitmap_codec::decode(payload).unwrap().body
+            {
+                regions += r.len();
+            }
+        }
+        assert_eq!(regions, 10, "every region is sent once");
+    }
 
     fn report<T: Storage + 'static>(d: &mut StreamDiskDest<T>) -> u64 {
         let answer = d.section(&bitmap_codec::encode_query(S1)).unwrap().unwrap();
