@@ -55,7 +55,7 @@ use crate::store::{BitmapState, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
 use crate::units::Bytes;
 
 /// Regions per REGIONS section, at most: fewer where 64 raw entries of a bitmap's region
-/// size would not fit in one frame ([`Streamed::per_section`]).
+/// size would not fit in one frame (at most 7 of 2 MiB).
 pub const REGIONS_PER_SECTION: u64 = 64;
 
 /// What a REGIONS section's payload may hold of region entries: the frame's limit less the
