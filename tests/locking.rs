@@ -438,6 +438,28 @@ fn locks_release_while_a_forked_child_shares_the_file() {
     drop(child);
 }
 
+/// `img` opened writable, locked.
+fn open_writable(img: &Path) -> BitmapStore<FileStorage> {
+    BitmapStore::open(
+        FileStorage::open(img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap()
+}
+
+/// A migration's hand-over of `img` between two handles of this process: the source
+/// activates and inactivates (releasing its writer locks), the destination opens and
+/// activates it, and its guest writes at `at`. Returns (source, destination).
+fn handed_over(img: &Path, at: u64) -> (BitmapStore<FileStorage>, BitmapStore<FileStorage>) {
+    let mut a = open_writable(img);
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    let mut b = open_writable(img);
+    b.activate().unwrap();
+    b.bitmap("b").unwrap().mark_dirty(at, 4096);
+    (a, b)
+}
+
 /// Found by an adversarial review: an inactivation releases the writer locks, so that a
 /// migration destination can open the image writable, and the inactive store still
 /// committed edits without them: its commit wrote a directory from its cache over the one
@@ -448,20 +470,8 @@ fn locks_release_while_a_forked_child_shares_the_file() {
 fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let open = || {
-        BitmapStore::open(
-            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        )
-        .unwrap()
-    };
-    let mut a = open();
-    a.activate().unwrap();
-    a.inactivate().unwrap();
     // The destination takes the image over and its guest writes.
-    let mut b = open();
-    b.activate().unwrap();
-    b.bitmap("b").unwrap().mark_dirty(0, 4096);
+    let (mut a, b) = handed_over(&img, 0);
     let taken = std::fs::read(&img).unwrap();
     let edits: [(&str, dirty_bitmap::Result<()>); 4] = [
         ("add", a.add("c", 65536, Recording::Enabled)),
@@ -520,19 +530,7 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     // A data cluster for the bitmap's table entry, so that a later mark is written in place.
     s.bitmap("b").unwrap().mark_dirty(0, 4096);
     s.close().unwrap();
-    let open = || {
-        BitmapStore::open(
-            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        )
-        .unwrap()
-    };
-    let mut a = open();
-    a.activate().unwrap();
-    a.inactivate().unwrap();
-    let mut b = open();
-    b.activate().unwrap();
-    b.bitmap("b").unwrap().mark_dirty(5 * 65536, 4096);
+    let (mut a, b) = handed_over(&img, 5 * 65536);
     b.close().unwrap();
     a.activate().unwrap();
     assert!(
@@ -543,7 +541,7 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
 
     // The other writer marks where the bitmap has no data cluster yet (its 128 KiB span
     // two clusters): it allocates one, and writes its table in place.
-    let mut b = open();
+    let mut b = open_writable(&img);
     b.activate().unwrap();
     b.bitmap("b").unwrap().mark_dirty(40 << 30, 4096);
     b.close().unwrap();
