@@ -438,6 +438,20 @@ fn locks_release_while_a_forked_child_shares_the_file() {
     drop(child);
 }
 
+/// Panics unless `r` is the refusal of a handle whose image another writer changed while
+/// it was inactive.
+fn changed_while_inactive<T: std::fmt::Debug>(r: dirty_bitmap::Result<T>) {
+    assert!(
+        matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ),
+        "{r:?}"
+    );
+}
+
 /// `img` opened writable, locked.
 fn open_writable(img: &Path) -> BitmapStore<FileStorage> {
     BitmapStore::open(
@@ -489,16 +503,7 @@ fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
     );
     // Once the destination has let go, an edit of the old source finds the image changed.
     b.close().unwrap();
-    let r = a.add("c", 65536, Recording::Enabled);
-    assert!(
-        matches!(
-            r,
-            Err(Error::WrongState(
-                dirty_bitmap::StateProblem::ChangedWhileInactive
-            ))
-        ),
-        "{r:?}"
-    );
+    changed_while_inactive(a.add("c", 65536, Recording::Enabled));
     drop(a);
     let s = BitmapStore::open(
         FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
@@ -545,16 +550,7 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     b.activate().unwrap();
     b.bitmap("b").unwrap().mark_dirty(40 << 30, 4096);
     b.close().unwrap();
-    let r = a.activate();
-    assert!(
-        matches!(
-            r,
-            Err(Error::WrongState(
-                dirty_bitmap::StateProblem::ChangedWhileInactive
-            ))
-        ),
-        "{r:?}"
-    );
+    changed_while_inactive(a.activate());
     drop(a);
     assert_qemu_clean(&img);
 }
