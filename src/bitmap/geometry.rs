@@ -141,8 +141,11 @@ impl Geometry {
     pub fn bit_offset(&self, bit: u64) -> u64 {
         // A bit whose offset does not fit in 64 bits lies past any disk's end: a plain
         // shift would drop its high bits and land inside the disk.
-        bit.checked_mul(1u64 << self.granularity_bits)
-            .map_or(self.disk_size, |o| o.min(self.disk_size))
+        if bit > u64::MAX >> self.granularity_bits {
+            self.disk_size
+        } else {
+            (bit << self.granularity_bits).min(self.disk_size)
+        }
     }
 }
 
