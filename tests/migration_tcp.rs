@@ -873,8 +873,9 @@ fn runs() -> u64 {
 /// of RAM); each run takes about 1.3 s in debug. What holds whatever the machine's load:
 /// the switchover was decided on an exact figure within the threshold, the downtime sent no
 /// more than the exact figure taken just after the stop, and the destination's RAM is the
-/// source's. How long the downtime took in wall-clock time is a benchmark figure, not a
-/// test's (`dbm bench migrate`, docs/BENCHMARKS.md): a timed assertion here failed on a busy
+/// source's. A run that never converges (the throttle topped out on a loaded machine) must
+/// not have stopped the guest; at least one run must switch over. How long the downtime
+/// took in wall-clock time is a benchmark figure, not a test's (`dbm bench migrate`, docs/BENCHMARKS.md): a timed assertion here failed on a busy
 /// machine without any defect. `DBM_MIGRATION_RUNS` sets the number of runs (default 10);
 /// `--nocapture` prints the measured downtimes.
 #[test]
@@ -883,6 +884,7 @@ fn real_time_switchovers_send_no_more_than_their_exact_figures() {
     let n = runs();
     let limit = Millis(100);
     let mut downtimes = Vec::new();
+    let mut stalled = 0;
     for i in 0..n {
         let cfg = TcpMigration {
             pages: 32768,
@@ -903,6 +905,19 @@ fn real_time_switchovers_send_no_more_than_their_exact_figures() {
         };
         let o = migrate_over_tcp(&cfg).unwrap();
         let out = &o.outcome;
+        if out.kind == Kind::NotConverging {
+            // Whether the loop converges depends on how fast this machine is against
+            // 50,000 writes a second: under load the throttle tops out first. Such a run
+            // never stopped the guest and sent nothing in a downtime.
+            assert_eq!(
+                (out.downtime, out.bytes_in_downtime),
+                (Duration::ZERO, Bytes(0)),
+                "run {i}: {out:?}"
+            );
+            assert_eq!(o.dest_checksum, None, "run {i}");
+            stalled += 1;
+            continue;
+        }
         assert_eq!(out.kind, Kind::Completed, "run {i}: {out:?}");
         assert!(out.exact_at_switch, "run {i}: {out:?}");
         assert_eq!(o.pages_differing, 0, "run {i}");
@@ -924,8 +939,12 @@ fn real_time_switchovers_send_no_more_than_their_exact_figures() {
         .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
         .collect();
     eprintln!(
-        "{n} runs, limit {limit}; downtimes (ms, not asserted): {}",
+        "{n} runs, {stalled} never converged, limit {limit}; downtimes (ms, not asserted): {}",
         ms.join(" ")
+    );
+    assert!(
+        !downtimes.is_empty(),
+        "none of {n} runs switched over: nothing above was checked"
     );
 }
 
