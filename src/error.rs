@@ -83,8 +83,8 @@ pub enum Error {
     /// it is removal.
     #[error("bitmap {name:?} is inconsistent; it can only be removed")]
     Inconsistent {
-        /// The bitmap's name.
-        name: String,
+        /// The bitmap's name, byte for byte.
+        name: BitmapName,
     },
     /// A change was asked of an image opened read-only.
     #[error("the image is open read-only")]
@@ -154,7 +154,8 @@ pub enum StateProblem {
     /// ([`BitmapStore::bitmap`](crate::BitmapStore::bitmap)): reads take a copy
     /// ([`BitmapStore::load`](crate::BitmapStore::load)).
     #[error(
-        "the store is active in durable mode: mark through SharedStore::durable_tracker, read          through load()"
+        "the store is active in durable mode: mark through SharedStore::durable_tracker, read \
+         through load()"
     )]
     Durable,
     /// A deferred [`Tracker`](crate::Tracker) of this store still exists: it follows the
@@ -208,3 +209,46 @@ macro_rules! internal {
     }};
 }
 pub(crate) use internal;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state a caller can be told about reads as one sentence: no run of spaces left
+    /// by a broken line in its message.
+    #[test]
+    fn state_messages_have_no_runs_of_spaces() {
+        for p in [
+            StateProblem::NotActive,
+            StateProblem::Active,
+            StateProblem::ChangedWhileInactive,
+            StateProblem::ParkedBitmaps,
+            StateProblem::StorageNotEmpty,
+            StateProblem::NotDurable,
+            StateProblem::Durable,
+            StateProblem::DeferredTrackers,
+            StateProblem::GuestNotRunning,
+            StateProblem::MarksHeld,
+            StateProblem::WriterLocksReleased,
+        ] {
+            let m = Error::WrongState(p).to_string();
+            assert!(!m.contains("  "), "{p:?}: {m:?}");
+        }
+    }
+
+    /// An inconsistent bitmap's name is kept byte for byte, as `NotFound`'s is: a name
+    /// that is not UTF-8 is not replaced by U+FFFD, and its message escapes the bytes.
+    #[test]
+    fn an_inconsistent_name_keeps_its_bytes() {
+        let raw: &[u8] = b"b\xff";
+        let e = Error::Inconsistent { name: raw.into() };
+        let Error::Inconsistent { name } = &e else {
+            unreachable!()
+        };
+        assert_eq!(name.as_bytes(), raw);
+        assert_eq!(
+            e.to_string(),
+            "bitmap \"b\\xff\" is inconsistent; it can only be removed"
+        );
+    }
+}

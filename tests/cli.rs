@@ -2328,6 +2328,172 @@ fn bitmap_verbs_are_checked_before_the_first_write() {
     assert!(!dbm_ok(&["info", i]).contains("name: a\n"));
 }
 
+/// Gives bitmap `name` of `img` (one data cluster) a reserved bit in its table entry: the
+/// image opens, the bitmap's table does not decode.
+fn break_table(img: &Path, name: &str) {
+    let mut bytes = std::fs::read(img).unwrap();
+    let [data] = bitmap_data_clusters(&bytes, name)[..] else {
+        panic!("one data cluster")
+    };
+    let area = HeaderArea::decode(&bytes).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let d = ext.directory_offset as usize;
+    let entry = decode_directory(
+        &bytes[d..d + ext.directory_size as usize],
+        ext.nb_bitmaps,
+        &area.header.geometry().unwrap(),
+    )
+    .unwrap()
+    .into_iter()
+    .find(|e| e.name == name)
+    .unwrap();
+    let t = entry.table_offset as usize;
+    assert_eq!(be64(&bytes, t as u64), data);
+    bytes[t..t + 8].copy_from_slice(&(data | 2).to_be_bytes());
+    std::fs::write(img, &bytes).unwrap();
+}
+
+/// Found by a review: `dbm bitmap B --clear --merge SRC` cleared B in one commit and
+/// merged in a second, so a source that failed to load (a table that does not decode, a
+/// disk of another size, an image locked in between) or a crash between the two left B
+/// on disk empty and consistent: a backup through it would copy nothing. The source is
+/// now read and checked before the first write, and the merge is one commit with what it
+/// ORs into. What each call leaves is what `qemu-img bitmap` leaves on a copy.
+#[test]
+fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
+    tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    let (img, broken, big, good) = (
+        path("i.qcow2"),
+        path("b.qcow2"),
+        path("l.qcow2"),
+        path("g.qcow2"),
+    );
+    for (f, size) in [
+        (&img, "64M"),
+        (&broken, "64M"),
+        (&big, "128M"),
+        (&good, "64M"),
+    ] {
+        dbm_ok(&["create", p(f), "--size", size]);
+        dbm_ok(&["bitmap", p(f), "--add", "src"]);
+        dbm_ok(&["mark", p(f), "src", "9M", "1"]);
+    }
+    break_table(&broken, "src");
+    for n in ["a", "b", "c"] {
+        dbm_ok(&["bitmap", p(&img), n, "--add"]);
+        dbm_ok(&["mark", p(&img), n, "64K", "4K"]);
+    }
+    let before = std::fs::read(&img).unwrap();
+    for other in [&broken, &big] {
+        let err = dbm_fails(&[
+            "bitmap",
+            p(&img),
+            "a",
+            "--clear",
+            "--merge",
+            "src",
+            "-b",
+            p(other),
+        ]);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "a merge that failed ({err}) wrote first: {}",
+            dbm_ok(&["dump", p(&img), "a"])
+        );
+    }
+    // The same calls through qemu-img on a copy leave the same bits.
+    let copy = path("q.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    let calls: [&[&str]; 3] = [
+        &["a", "--clear", "--merge", "src", "-b", p(&good)],
+        &["b", "--merge", "src", "-b", p(&good)],
+        &["c", "--clear", "--merge", "c"],
+    ];
+    for call in calls {
+        let mut args = vec!["bitmap", p(&img)];
+        args.extend_from_slice(call);
+        dbm_ok(&args);
+        let mut q = vec!["bitmap", p(&copy)];
+        q.extend_from_slice(call);
+        if call.contains(&"-b") {
+            q.extend_from_slice(&["-F", "qcow2"]);
+        }
+        ok("qemu-img", &q);
+    }
+    let dirty = |i: &Path, n: &str| -> Vec<String> {
+        rows(&dbm_ok(&["dump", p(i), n]))
+            .into_iter()
+            .filter(|r| r.ends_with(" dirty"))
+            .collect()
+    };
+    assert_eq!(dirty(&img, "a"), ["9437184 65536 1 dirty"]);
+    assert_eq!(
+        dirty(&img, "b"),
+        ["65536 65536 1 dirty", "9437184 65536 1 dirty"]
+    );
+    assert!(dirty(&img, "c").is_empty(), "{:?}", dirty(&img, "c"));
+    for n in ["a", "b", "c"] {
+        assert_eq!(dirty(&img, n), dirty(&copy, n), "{n}");
+    }
+    assert_eq!(dbm_check(&img), 0);
+    assert_eq!(qemu_check(&img), 0);
+}
+
+/// Found by a review: `dbm bitmap --add` without `-g` (or with `-g 0`) gave every image
+/// 64 KiB, where `qemu-img bitmap --add` gives the image's cluster size kept within 4 KiB
+/// to 64 KiB; and a size's fraction was rounded down, where qemu-img rounds it to the
+/// nearest byte (`-g 0.5005K` is 513 bytes, refused; `0.5001K` is 512).
+#[test]
+fn bitmap_add_takes_qemu_img_granularities() {
+    tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    for (cs, bytes) in [("4K", 4096u64), ("32K", 32768), ("2M", 2 << 20)] {
+        let (a, b) = (
+            dir.path().join(format!("a{cs}")),
+            dir.path().join(format!("b{cs}")),
+        );
+        for i in [&a, &b] {
+            let o = format!("cluster_size={cs}");
+            ok(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", &o, p(i), "64M"],
+            );
+        }
+        for (name, g) in [("d", None), ("z", Some("0")), ("h", Some("0.5001K"))] {
+            let mut args = vec!["bitmap", "--add"];
+            if let Some(g) = g {
+                args.extend_from_slice(&["-g", g]);
+            }
+            let mut d = args.clone();
+            d.extend_from_slice(&[p(&a), name]);
+            dbm_ok(&d);
+            args.extend_from_slice(&[p(&b), name]);
+            ok("qemu-img", &args);
+            assert_eq!(
+                dbm_bitmap_json(&a, name)["granularity"],
+                dbm_bitmap_json(&b, name)["granularity"],
+                "{cs} {g:?}"
+            );
+        }
+        let g = dbm_bitmap_json(&a, "d")["granularity"].as_u64().unwrap();
+        assert_eq!(g, bytes.clamp(4096, 65536), "{cs}");
+        let out = dbm(&["bitmap", p(&a), "x", "--add", "-g", "0.5005K"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            describe("-g 0.5005K", &out)
+        );
+        let q = std::process::Command::new("qemu-img")
+            .args(["bitmap", "--add", "-g", "0.5005K", p(&b), "x"])
+            .output()
+            .unwrap();
+        assert!(!q.status.success(), "qemu-img took 513 bytes");
+    }
+}
+
 /// Found by a review: `dbm bitmap --add X --merge S` added X empty and consistent in one
 /// commit and merged in a second, so a merge that failed after the add (a source bitmap
 /// whose table does not read) or a crash between the two left X on disk consistent and
@@ -2343,26 +2509,7 @@ fn bitmap_add_with_merge_never_leaves_the_new_bitmap_empty() {
         dbm_ok(&["bitmap", p(f), "--add", "src"]);
         dbm_ok(&["mark", p(f), "src", "2M", "4K"]);
     }
-    // The source's table entry gets a reserved bit: the image opens, the table does not
-    // decode.
-    let mut bytes = std::fs::read(&other).unwrap();
-    let [data] = bitmap_data_clusters(&bytes, "src")[..] else {
-        panic!("one data cluster")
-    };
-    let area = HeaderArea::decode(&bytes).unwrap();
-    let ext = area.bitmaps.unwrap();
-    let d = ext.directory_offset as usize;
-    let entry = decode_directory(
-        &bytes[d..d + ext.directory_size as usize],
-        ext.nb_bitmaps,
-        &area.header.geometry().unwrap(),
-    )
-    .unwrap()
-    .remove(0);
-    let t = entry.table_offset as usize;
-    assert_eq!(be64(&bytes, t as u64), data);
-    bytes[t..t + 8].copy_from_slice(&(data | 2).to_be_bytes());
-    std::fs::write(&other, &bytes).unwrap();
+    break_table(&other, "src");
     let before = std::fs::read(&img).unwrap();
     let err = dbm_fails(&[
         "bitmap",

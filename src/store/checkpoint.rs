@@ -49,7 +49,7 @@ impl<S: Storage> BitmapStore<S> {
         // and the chain with them. Refused as an inconsistent recording bitmap is.
         if let Some(s) = self.slots.iter().find(|s| s.stale) {
             return Err(Error::Inconsistent {
-                name: s.entry.name.to_string(),
+                name: s.entry.name.clone(),
             });
         }
         let recording: Vec<usize> = self
@@ -68,7 +68,7 @@ impl<S: Storage> BitmapStore<S> {
                 let slot = &self.slots[i];
                 if slot.inconsistent {
                     return Err(Error::Inconsistent {
-                        name: slot.entry.name.to_string(),
+                        name: slot.entry.name.clone(),
                     });
                 }
                 let old = slot.entry.name.clone();

@@ -634,6 +634,13 @@ impl<S: Storage> BitmapStore<S> {
         self.image.header().disk_length()
     }
 
+    /// The granularity QEMU gives a bitmap added without one on this image
+    /// (`block-dirty-bitmap-add`, `qemu-img bitmap --add` without `-g` or with `-g 0`): the
+    /// cluster size, kept within 4 KiB to 64 KiB (`bdrv_get_default_bitmap_granularity`).
+    pub fn default_granularity(&self) -> u64 {
+        self.image.cluster_size().clamp(4 << 10, 64 << 10)
+    }
+
     /// Every bitmap, in directory order.
     pub fn list(&self) -> Vec<BitmapInfo> {
         self.slots
@@ -684,7 +691,7 @@ impl<S: Storage> BitmapStore<S> {
         let i = self.find(name)?;
         if self.slots[i].inconsistent {
             return Err(Error::Inconsistent {
-                name: self.slots[i].entry.name.to_string(),
+                name: self.slots[i].entry.name.clone(),
             });
         }
         Ok(i)

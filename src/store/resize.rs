@@ -86,7 +86,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         if let Some(s) = self.slots.iter().find(|s| s.inconsistent) {
             return Err(Error::Inconsistent {
-                name: s.entry.name.to_string(),
+                name: s.entry.name.clone(),
             });
         }
         let header = self.image.header().clone();

@@ -1,7 +1,7 @@
 //! `dbm bitmap`: `qemu-img bitmap`'s verbs on a qcow2 image.
 
 use dirty_bitmap::format::BitmapName;
-use dirty_bitmap::{BitmapState, OpenMode, Recording};
+use dirty_bitmap::{BitmapState, DirtyBitmap, OpenMode, Recording};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,9 +9,6 @@ use clap::ArgGroup;
 
 use crate::open::{at, store};
 use crate::{size, CmdResult};
-
-/// Default granularity of `--add`, as QEMU's.
-const DEFAULT_GRANULARITY: u64 = 64 << 10;
 
 /// Options of `dbm bitmap`.
 #[derive(Debug, clap::Args)]
@@ -58,8 +55,8 @@ pub struct BitmapArgs {
     /// The image format: only `qcow2` (accepted for `qemu-img bitmap -f qcow2`).
     #[arg(short = 'f', long = "format", value_parser = ["qcow2"])]
     pub format: Option<String>,
-    /// Granularity of `--add` (default, and with `-g 0`, 64K): a power of two from 512 to
-    /// 2G.
+    /// Granularity of `--add`: a power of two from 512 to 2G (default, and with `-g 0`,
+    /// QEMU's: the image's cluster size, kept within 4K to 64K).
     #[arg(short = 'g', long, value_parser = size::parse_size, allow_negative_numbers = true, requires = "add")]
     pub granularity: Option<u64>,
 }
@@ -69,8 +66,8 @@ pub struct BitmapArgs {
 pub enum Verb {
     /// Add with this granularity, enabled or not.
     Add {
-        /// Bytes per bit.
-        granularity: u64,
+        /// Bytes per bit (`None`: the image's default, as QEMU's).
+        granularity: Option<u64>,
         /// The `auto` flag.
         enabled: bool,
     },
@@ -105,10 +102,7 @@ impl BitmapArgs {
         let mut out = Vec::new();
         if self.add {
             out.push(Verb::Add {
-                granularity: match self.granularity {
-                    None | Some(0) => DEFAULT_GRANULARITY,
-                    Some(g) => g,
-                },
+                granularity: self.granularity.filter(|&g| g != 0),
                 enabled: !self.disable,
             });
         }
@@ -142,6 +136,13 @@ impl BitmapArgs {
 }
 
 /// Runs `dbm bitmap`.
+///
+/// A merge's source is read whole before the first write, and each verb is one commit; a
+/// merge is one commit with what it ORs into: `--add` writes the new bitmap holding the
+/// source's bits (`BitmapStore::add_from`), `--clear --merge` replaces the bitmap by them,
+/// a plain `--merge` by its own bits and them (`BitmapStore::store`). So no crash, signal
+/// or failure between verbs leaves a bitmap on disk empty and consistent that the merge
+/// was to fill, which a backup would read as "nothing changed".
 pub fn run(args: &BitmapArgs) -> CmdResult {
     let verbs = args.verbs()?;
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
@@ -154,54 +155,111 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
         BitmapName::parse_escaped(&args.name)
     };
     preflight(&st, args, &name, &verbs)?;
-    // `--add` with `--merge`: the new bitmap is written with the merged bits in the one
-    // commit that names it (`BitmapStore::add_from`), never empty and consistent on disk
-    // first, which a crash or a failed merge would leave for a backup to read as clean.
-    // A `--clear` between them has nothing to clear in a new bitmap.
-    let merged_add = verbs.iter().find_map(|v| match v {
-        Verb::Merge { src, image } if args.add => Some((src, image)),
+    let clear = verbs.contains(&Verb::Clear);
+    let source = match verbs.iter().find_map(|v| match v {
+        Verb::Merge { src, image } => Some((src, image)),
         _ => None,
-    });
+    }) {
+        None => None,
+        Some((src, image)) => {
+            let src_name = BitmapName::parse_escaped(src);
+            let bits = match image {
+                None => st.load(&src_name).map_err(|e| at(&args.image, e))?,
+                Some(path) => store(path, OpenMode::ReadOnly)?
+                    .load(&src_name)
+                    .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?,
+            };
+            if bits.disk_size() != st.disk_size() {
+                return Err(at(
+                    &args.image,
+                    format!(
+                        "cannot merge {src:?}, a bitmap of a {}-byte disk, into one of {} bytes",
+                        bits.disk_size(),
+                        st.disk_size()
+                    ),
+                )
+                .into());
+            }
+            // `--clear --merge NAME` within one image clears NAME first: nothing is left
+            // to merge.
+            let cleared_self = clear && image.is_none() && src_name == name;
+            Some(if cleared_self {
+                DirtyBitmap::new(bits.disk_size(), bits.granularity())
+                    .map_err(|e| at(&args.image, e))?
+            } else {
+                bits
+            })
+        }
+    };
     for verb in &verbs {
-        match (verb, merged_add) {
-            (
-                Verb::Add {
-                    granularity,
-                    enabled,
-                },
-                Some((src, image)),
-            ) => add_merged(&mut st, args, *granularity, *enabled, src, image.as_deref())?,
-            (Verb::Clear | Verb::Merge { .. }, Some(_)) => {}
-            _ => apply(&mut st, args, &name, verb)?,
+        let img = |e| at(&args.image, e);
+        match verb {
+            Verb::Add {
+                granularity,
+                enabled,
+            } => add(&mut st, args, *granularity, *enabled, source.as_ref())?,
+            // The add holds the source's bits; a merge into an existing bitmap makes the
+            // clear in its own commit.
+            Verb::Clear if source.is_some() => {}
+            Verb::Merge { .. } => match &source {
+                Some(bits) if !args.add => merge(&mut st, args, &name, bits, clear)?,
+                _ => {}
+            },
+            Verb::Clear => st.clear(&name).map_err(img)?,
+            Verb::SetEnabled(on) => st.set_enabled(&name, *on).map_err(img)?,
+            Verb::Remove => st.remove(&name).map_err(img)?,
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--add` and `--merge SRC` (from this image, or `image`): the source is read first, then
-/// the bitmap added holding its bits, in one commit.
-fn add_merged(
+/// `--add`, holding the merge source's bits if there is one, in one commit.
+fn add(
     st: &mut dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
     args: &BitmapArgs,
-    granularity: u64,
+    granularity: Option<u64>,
     enabled: bool,
-    src: &str,
-    image: Option<&std::path::Path>,
+    bits: Option<&DirtyBitmap>,
 ) -> Result<(), String> {
-    let src_name = BitmapName::parse_escaped(src);
-    let bits = match image {
-        None => st.load(&src_name).map_err(|e| at(&args.image, e))?,
-        Some(path) => store(path, OpenMode::ReadOnly)?
-            .load(&src_name)
-            .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?,
-    };
+    let g = granularity.unwrap_or_else(|| st.default_granularity());
     let recording = if enabled {
         Recording::Enabled
     } else {
         Recording::Disabled
     };
-    st.add_from(&args.name, granularity, recording, &bits)
-        .map_err(|e| at(&args.image, e))
+    match bits {
+        Some(b) => st.add_from(&args.name, g, recording, b),
+        None => st.add(&args.name, g, recording),
+    }
+    .map_err(|e| at(&args.image, e))
+}
+
+/// `--merge` into the existing bitmap `name` (after `--clear` if `clear`): its new content,
+/// the source's bits at its granularity ORed into what it held (or into nothing), stored
+/// in one commit.
+fn merge(
+    st: &mut dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
+    args: &BitmapArgs,
+    name: &BitmapName,
+    bits: &DirtyBitmap,
+    clear: bool,
+) -> Result<(), String> {
+    let e = |e| at(&args.image, e);
+    let target = if clear {
+        let g = st
+            .list()
+            .into_iter()
+            .find(|b| &b.name == name)
+            .map(|b| b.granularity)
+            .ok_or_else(|| e(dirty_bitmap::Error::NotFound { name: name.clone() }))?;
+        DirtyBitmap::new(st.disk_size(), g).map_err(e)?
+    } else {
+        st.load(name).map_err(e)?
+    };
+    for (off, len) in bits.dirty_extents() {
+        target.mark_dirty(off, len);
+    }
+    st.store(name, &target).map_err(e)
 }
 
 /// Every refusal the verbs would meet on the bitmaps they name, before the first of them
@@ -230,9 +288,7 @@ fn preflight(
         if changes && b.state == BitmapState::Inconsistent {
             return Err(at(
                 &args.image,
-                dirty_bitmap::Error::Inconsistent {
-                    name: name.to_string(),
-                },
+                dirty_bitmap::Error::Inconsistent { name: name.clone() },
             ));
         }
     }
@@ -242,9 +298,7 @@ fn preflight(
             let check = |st: &dirty_bitmap::BitmapStore<_>| match find(st, &src) {
                 None => Err(dirty_bitmap::Error::NotFound { name: src.clone() }),
                 Some(b) if b.state == BitmapState::Inconsistent => {
-                    Err(dirty_bitmap::Error::Inconsistent {
-                        name: src.to_string(),
-                    })
+                    Err(dirty_bitmap::Error::Inconsistent { name: src.clone() })
                 }
                 Some(_) => Ok(()),
             };
@@ -258,43 +312,6 @@ fn preflight(
         }
     }
     Ok(())
-}
-
-/// Makes one change.
-fn apply(
-    st: &mut dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
-    args: &BitmapArgs,
-    name: &BitmapName,
-    verb: &Verb,
-) -> Result<(), String> {
-    let r = match verb {
-        Verb::Add {
-            granularity,
-            enabled,
-        } => st.add(
-            &args.name,
-            *granularity,
-            if *enabled {
-                Recording::Enabled
-            } else {
-                Recording::Disabled
-            },
-        ),
-        Verb::Remove => st.remove(name),
-        Verb::Clear => st.clear(name),
-        Verb::SetEnabled(on) => st.set_enabled(name, *on),
-        Verb::Merge { src, image: None } => st.merge(BitmapName::parse_escaped(src), name),
-        Verb::Merge {
-            src,
-            image: Some(path),
-        } => {
-            let other = store(path, OpenMode::ReadOnly)?;
-            st.merge_from(&other, BitmapName::parse_escaped(src), name)
-                .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?;
-            Ok(())
-        }
-    };
-    r.map_err(|e| at(&args.image, e))
 }
 
 #[cfg(test)]
@@ -319,21 +336,21 @@ mod tests {
         assert_eq!(
             verb(&["img", "b", "--add"]),
             Ok(vec![Verb::Add {
-                granularity: 65536,
+                granularity: None,
                 enabled: true
             }])
         );
         assert_eq!(
             verb(&["img", "--add", "--disable", "-g", "512", "b"]),
             Ok(vec![Verb::Add {
-                granularity: 512,
+                granularity: Some(512),
                 enabled: false
             }])
         );
         assert_eq!(
             verb(&["img", "b", "--add", "-g", "0"]),
             Ok(vec![Verb::Add {
-                granularity: 65536,
+                granularity: None,
                 enabled: true
             }])
         );

@@ -44,9 +44,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         if shift == 0 {
             return Err(format!("{s:?}: a fraction needs a unit (K, M, G, T, P, E)"));
         }
-        // unit × 0.f, rounded down, in integers: unit × f / 10^len.
+        // unit × 0.f rounded to the nearest byte, a half up, as QEMU's `do_strtosz`
+        // rounds it (`0.5005K`, 512.512 bytes, is 513 to `qemu-img`), in integers:
+        // (unit × f + 10^len / 2) / 10^len.
         let den = 10u128.pow(f.len() as u32);
-        let part = u128::from(unit) * f.parse::<u128>().map_err(|_| bad())? / den;
+        let part = (u128::from(unit) * f.parse::<u128>().map_err(|_| bad())? + den / 2) / den;
         n = n
             .checked_add(u64::try_from(part).map_err(|_| bad())?)
             .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))?;
@@ -97,6 +99,12 @@ mod tests {
         assert_eq!(parse_size("4kB"), Ok(4096));
         assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert_eq!(parse_size("0.5k"), Ok(512));
+        // The fraction's bytes round to the nearest, a half up, as qemu-img's.
+        assert_eq!(parse_size("1.9999K"), Ok(2048));
+        assert_eq!(parse_size("0.5005K"), Ok(513));
+        assert_eq!(parse_size("0.5004K"), Ok(512));
+        assert_eq!(parse_size("0.00048828125K"), Ok(1));
+        assert_eq!(parse_size("0.00048828124K"), Ok(0));
         assert_eq!(parse_size("1b"), Ok(1));
         assert_eq!(parse_size("1B"), Ok(1));
         assert!(parse_size("1.5").is_err());

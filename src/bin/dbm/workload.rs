@@ -248,9 +248,7 @@ fn run_durable(
         Some(b) if b.state == dirty_bitmap::BitmapState::Inconsistent => {
             return Err(at(
                 img,
-                dirty_bitmap::Error::Inconsistent {
-                    name: name.to_string(),
-                },
+                dirty_bitmap::Error::Inconsistent { name: name.clone() },
             )
             .into())
         }
