@@ -261,8 +261,16 @@ fn read_log(path: &Path) -> Result<Vec<(u64, u64)>, String> {
         }
         let mut it = line.split_whitespace().map(str::parse::<u64>);
         match (it.next(), it.next(), it.next()) {
-            (Some(Ok(o)), Some(Ok(l)), None) if l > 0 => out.push((o, l)),
-            _ => return Err(at(path, format!("line {n} is not `offset length`"))),
+            // A mark's last byte, `offset + length - 1`, must be a byte offset.
+            (Some(Ok(o)), Some(Ok(l)), None) if l > 0 && o.checked_add(l - 1).is_some() => {
+                out.push((o, l))
+            }
+            _ => return Err(at(
+                path,
+                format!(
+                    "line {n} is not `offset length` (a length of 1 or more, ending below 2^64)"
+                ),
+            )),
         }
     }
     Ok(out)
@@ -916,4 +924,25 @@ fn send(a: &SendArgs) -> CmdResult {
         }
     }
     source.run_on_and_stop(run_for)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_log;
+    use std::io::Write as _;
+
+    /// A log line whose mark would end past the last byte offset is refused, as any other
+    /// malformed line is, rather than overflowing where its last byte is computed.
+    #[test]
+    fn a_mark_ending_past_2_pow_64_is_a_malformed_line() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "0 4096").unwrap();
+        writeln!(f, "18446744073709551615 1").unwrap();
+        f.flush().unwrap();
+        assert_eq!(read_log(f.path()).unwrap(), vec![(0, 4096), (u64::MAX, 1)]);
+        writeln!(f, "18446744073709551615 2").unwrap();
+        f.flush().unwrap();
+        let e = read_log(f.path()).unwrap_err();
+        assert!(e.contains("line 3 is not `offset length`"), "{e}");
+    }
 }
