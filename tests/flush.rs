@@ -375,6 +375,45 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
     assert_eq!(r.pending, Bytes(0));
 }
 
+/// Found by a review: the exact stop figure counted only the changed regions, while a
+/// stop whose bitmap had at least the rewrite threshold of its regions changed rewrote
+/// every region of its data clusters, so `prepare_stop` converged on a budget the stop
+/// then overran (here 64 regions counted, 128 written). The figure now counts what the
+/// flush at the store's threshold writes, and the stop stays within it.
+#[test]
+fn the_exact_stop_figure_counts_a_whole_rewrite() {
+    // 128 regions of one 4 KiB cluster each (16 MiB of disk per region at 512 bytes a
+    // bit), every one a data cluster on disk.
+    let regions = 128;
+    let mut s = BitmapStore::create(MemStorage::new(), regions * REGION_DISK, CS).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    for r in 0..regions {
+        t.mark(r * REGION_DISK, 1);
+    }
+    s.flush().unwrap();
+    // Half of them change again: over the default threshold of 0.375.
+    for r in 0..regions / 2 {
+        t.mark(r * REGION_DISK + 4096, 1);
+    }
+    assert!(dirty_bitmap::flush::rewrites_whole(
+        regions / 2,
+        regions,
+        s.rewrite_threshold()
+    ));
+    let exact = s.pending_exact().unwrap();
+    assert_eq!(exact, regions * CS, "every region of the data clusters");
+    let r = s.prepare_stop(budget_bandwidth(exact), Millis(1)).unwrap();
+    assert!(r.converged && r.flushed.regions == 0, "{r:?}");
+    let st = s.inactivate().unwrap();
+    assert!(
+        st.bytes_written <= exact,
+        "the stop wrote {} bytes on a figure of {exact}",
+        st.bytes_written
+    );
+}
+
 #[test]
 fn qemus_lt_gate_with_le_decision_stops_over_budget() {
     let (mut s, t) = stop_fixture();

@@ -297,15 +297,27 @@ pub fn pending_estimate<'a>(bitmaps: impl IntoIterator<Item = &'a Arc<DirtyBitma
 /// that needs a fresh one, 8 bytes for an all-ones entry that becomes 0. Refcount metadata
 /// is not counted, as in [`FlushStats::bytes_written`].
 ///
+/// A target the flush at `rewrite_threshold` would rewrite whole ([`rewrites_whole`]) is
+/// counted as that flush writes it: every region of its data clusters, so that a stop
+/// decided on this figure writes no more than it.
+///
 /// It takes each change map and hands every region back (with
 /// [`DirtyBitmap::requeue_changed`]) before returning, error or not, so nothing is lost.
-pub(crate) fn pending_exact(targets: &[Target], cluster_size: u64) -> Result<u64> {
-    pending_exact_work(targets, cluster_size).map(|(bytes, _)| bytes)
+pub(crate) fn pending_exact(
+    targets: &[Target],
+    cluster_size: u64,
+    rewrite_threshold: f64,
+) -> Result<u64> {
+    pending_exact_work(targets, cluster_size, rewrite_threshold).map(|(bytes, _)| bytes)
 }
 
 /// [`pending_exact`], and how many clusters the flush would allocate (each one means a
 /// refcount flush, with its barriers, before the data).
-pub(crate) fn pending_exact_work(targets: &[Target], cluster_size: u64) -> Result<(u64, u64)> {
+pub(crate) fn pending_exact_work(
+    targets: &[Target],
+    cluster_size: u64,
+    rewrite_threshold: f64,
+) -> Result<(u64, u64)> {
     let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     let count = || -> Result<(u64, u64)> {
         let mut total = 0u64;
@@ -313,6 +325,14 @@ pub(crate) fn pending_exact_work(targets: &[Target], cluster_size: u64) -> Resul
         let mut scratch = Vec::new();
         for (t, regions) in targets.iter().zip(&taken) {
             let layout = Layout::of(t, cluster_size)?;
+            let expanded;
+            let regions =
+                if rewrites_whole(regions.len(), t.bitmap.region_count(), rewrite_threshold) {
+                    expanded = with_data_regions(t, regions, layout);
+                    &expanded
+                } else {
+                    regions
+                };
             for step in plan_target(t, regions, layout, &mut scratch, false)? {
                 let n = match step {
                     Step::InPlace { r, .. } => t.bitmap.region_len(r),

@@ -155,7 +155,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The exact bytes a flush would write now, allocations included (a whole cluster plus
-    /// a table entry for each cluster that needs a fresh one); refcount metadata is not
+    /// a table entry for each cluster that needs a fresh one; every region of its data
+    /// clusters for a bitmap the flush would rewrite whole, see
+    /// [`set_rewrite_threshold`](Self::set_rewrite_threshold)); refcount metadata is not
     /// counted. Takes each change map, counts, and hands every region back. 0 when inactive.
     ///
     /// # Errors
@@ -165,7 +167,7 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(0);
         }
         let targets = self.flush_targets()?;
-        flush::pending_exact(&targets, self.image.cluster_size())
+        flush::pending_exact(&targets, self.image.cluster_size(), self.rewrite_threshold)
     }
 
     /// What [`inactivate`](Self::inactivate) would write now, estimated for free: the
@@ -193,7 +195,8 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(StopWork::default());
         }
         let targets = self.flush_targets()?;
-        let (bytes, fresh) = flush::pending_exact_work(&targets, self.image.cluster_size())?;
+        let (bytes, fresh) =
+            flush::pending_exact_work(&targets, self.image.cluster_size(), self.rewrite_threshold)?;
         Ok(self.stop_work(bytes, fresh))
     }
 
