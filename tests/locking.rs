@@ -554,3 +554,52 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     drop(a);
     assert_qemu_clean(&img);
 }
+
+/// Takes a shared OFD lock on `byte` of `file`, as QEMU takes its lock bytes.
+fn hold_byte(file: &std::fs::File, byte: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is a plain C struct of integers, valid all zero (as F_OFD_* require
+    // of `l_pid`); the descriptor is open for the life of `file`, and F_OFD_SETLK only
+    // reads `fl`.
+    let r = unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = libc::F_RDLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte as libc::off_t;
+        fl.l_len = 1;
+        libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl)
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// Found by a review of the hand-over: an activation took the writer locks again even when
+/// the store held them (since its open), and a conflict in that take dropped them to a
+/// reader's. A QEMU opener between taking its bytes and testing them (here: byte 201 held
+/// by another description, as it holds it then) made the activation fail and cost the
+/// store its writer's bytes, while it stayed writable: the opener's test then passed, and
+/// both wrote the image. Now a store that holds its locks keeps them and activates.
+#[test]
+fn an_activation_keeps_the_locks_the_store_holds_beside_an_opener_midway() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let mut s = open_writable(&img);
+        let opener = std::fs::File::open(&img).unwrap();
+        hold_byte(&opener, 201);
+        let r = if durable {
+            s.activate_durable()
+        } else {
+            s.activate()
+        };
+        drop(opener);
+        let other = FileStorage::open(&img, OpenMode::ReadWrite);
+        assert!(
+            matches!(other, Err(Error::Locked { .. })),
+            "durable {durable}: a writer opened beside our writable store: {other:?} (our \
+             activate: {r:?})"
+        );
+        r.unwrap();
+        s.close().unwrap();
+        assert_qemu_clean(&img);
+    }
+}

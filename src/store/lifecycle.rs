@@ -80,9 +80,17 @@ impl<S: Storage> BitmapStore<S> {
     /// Takes QEMU's writer locks on the image (again): [`Error::Locked`] while another
     /// process holds the image writable, and then nothing changed. Returns what the store
     /// held before, for [`restore_writer_locks`](Self::restore_writer_locks).
+    ///
+    /// Only a store that released them takes them: one that holds them (since its open,
+    /// or an edit's [`reclaim_writer`](Self::reclaim_writer)) keeps them as they are. Taking
+    /// held bytes again would test for conflicts, and a conflict then (an opener between
+    /// taking its bytes and testing them, which fails its own test on ours) must not cost
+    /// the store the bytes it holds while it goes on writing.
     pub(super) fn take_writer_locks(&mut self) -> Result<WriterLocks> {
         let before = self.writer;
-        self.image.storage().set_writer_locks(true)?;
+        if before == WriterLocks::Released {
+            self.image.storage().set_writer_locks(true)?;
+        }
         self.writer = WriterLocks::Held;
         Ok(before)
     }
