@@ -555,6 +555,58 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     assert_qemu_clean(&img);
 }
 
+/// Found by a review of the hand-over: an activation checked that nobody wrote the image
+/// while the store was inactive only if it had parked bitmaps, though every inactivation
+/// releases the locks. A store that had no consistent bitmap to park then activated over
+/// an image another writer had changed, and committed from its stale caches: here its
+/// next `add` wrote a directory without the other writer's bitmap `c`. Now a handed-over
+/// store's activation (deferred or durable) always checks, and refuses with nothing
+/// written.
+#[test]
+fn a_handed_over_store_with_nothing_parked_refuses_an_image_changed_meanwhile() {
+    let mut accepted = Vec::new();
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("n.qcow2");
+        let mut s =
+            BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+        s.add("t", 65536, Recording::Enabled).unwrap();
+        s.remove("t").unwrap();
+        s.activate().unwrap();
+        s.inactivate().unwrap();
+        let mut p = open_writable(&img);
+        p.add("c", 65536, Recording::Enabled).unwrap();
+        drop(p);
+        let taken = std::fs::read(&img).unwrap();
+        let r = if durable {
+            s.activate_durable()
+        } else {
+            s.activate()
+        };
+        if !matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ) {
+            accepted.push(format!("durable {durable}: {r:?}"));
+            continue;
+        }
+        assert!(
+            std::fs::read(&img).unwrap() == taken,
+            "durable {durable}: the refused activation wrote the image"
+        );
+        // Refused, the store is an inactive node again: the image stays open to writers.
+        drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
+        drop(s);
+        assert_qemu_clean(&img);
+    }
+    assert!(
+        accepted.is_empty(),
+        "activated over an image another writer changed: {accepted:?}"
+    );
+}
+
 /// Takes a shared OFD lock on `byte` of `file`, as QEMU takes its lock bytes.
 fn hold_byte(file: &std::fs::File, byte: u64) {
     use std::os::fd::AsRawFd;

@@ -36,10 +36,11 @@ impl<S: Storage> BitmapStore<S> {
     /// in its change map and reach the disk at the next flush or inactivation. Other
     /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
     ///
-    /// Resuming checks first that cluster 0 and the directory are still what this store
-    /// last wrote: if another program (a migration target that took the disk over) wrote
-    /// them meanwhile, the cached refcounts and tables are stale and the image must be
-    /// reopened.
+    /// A store that handed the image over (an inactivation released its writer locks)
+    /// checks first, whether or not it kept bitmaps in memory, that cluster 0, the
+    /// directory and the refcounts it caches are still what it last wrote: if another
+    /// program (a migration target that took the disk over) wrote them meanwhile, the
+    /// cached refcounts and tables are stale and the image must be reopened.
     ///
     /// # Errors
     /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::WrongState`]
@@ -69,7 +70,9 @@ impl<S: Storage> BitmapStore<S> {
         // (the destination) holds the image writable, this fails and nothing is read or
         // written.
         let before = self.take_writer_locks()?;
-        let r = self.activate_locked(&mut pre);
+        let r = self
+            .ensure_resumable(before)
+            .and_then(|()| self.activate_locked(&mut pre));
         if r.is_err() {
             // Still inactive: hold what the store held before.
             self.restore_writer_locks(before);
@@ -93,6 +96,24 @@ impl<S: Storage> BitmapStore<S> {
         }
         self.writer = WriterLocks::Held;
         Ok(before)
+    }
+
+    /// Before an activation reads or writes anything, with the writer locks taken: a store
+    /// that handed the image over (an inactivation released its locks; `before` is what
+    /// it held when the activation began) must find the image still as it last wrote it
+    /// ([`ensure_unchanged_since_inactivate`](Self::ensure_unchanged_since_inactivate)),
+    /// whether or not it parked any bitmap: its cached header, directory and refcounts are
+    /// what its next commit starts from, and another writer's changes would be lost to it
+    /// (a bitmap dropped from the directory, clusters in use handed out again).
+    ///
+    /// # Errors
+    /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
+    pub(super) fn ensure_resumable(&self, before: WriterLocks) -> Result<()> {
+        if before == WriterLocks::Held && self.slots.iter().all(|s| s.parked.is_none()) {
+            // Held since the open: nobody else could write the image.
+            return Ok(());
+        }
+        self.ensure_unchanged_since_inactivate()
     }
 
     /// Back to `before` after a failed activation: released again if the store had
@@ -242,7 +263,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The checks of an activation, then each slot's bitmap as it will hold it (`None` for
-    /// an inconsistent one). Writes nothing.
+    /// an inconsistent one). Writes nothing. The caller took the writer locks and ran
+    /// [`ensure_resumable`](Self::ensure_resumable): the cached directory and tables are the
+    /// image's.
     fn load_mems(&mut self, pre: &mut Preloaded) -> Result<Vec<Option<Arc<DirtyBitmap>>>> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
@@ -253,9 +276,6 @@ impl<S: Storage> BitmapStore<S> {
                 "activating would hold {needed} bytes of bitmaps in memory, more than the \
                  limit of {ACTIVE_MEMORY_LIMIT}"
             )));
-        }
-        if self.slots.iter().any(|s| s.parked.is_some()) {
-            self.ensure_unchanged_since_inactivate()?;
         }
         // From here on bitmaps are written in place: each of their clusters must be theirs
         // alone (see `preflight`), or nothing is written.
