@@ -655,3 +655,53 @@ fn an_activation_keeps_the_locks_the_store_holds_beside_an_opener_midway() {
         assert_qemu_clean(&img);
     }
 }
+
+/// Found by a review of the hand-over: an edit of a store that handed the image over took
+/// the writer locks back before it checked its input, and kept them when it refused: the
+/// destination could not open the image (`Error::Locked`) until the store was inactivated
+/// again. Now an edit that fails releases what it took back.
+#[test]
+fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
+    type Edit = fn(&mut BitmapStore<FileStorage>) -> dirty_bitmap::Result<()>;
+    let edits: [(&str, Edit); 8] = [
+        ("add of a taken name", |a| {
+            a.add("b", 65536, Recording::Enabled)
+        }),
+        ("remove of no bitmap", |a| a.remove("none")),
+        ("store of another size", |a| {
+            a.store("b", &dirty_bitmap::DirtyBitmap::new(MIB, 65536).unwrap())
+        }),
+        ("clear of no bitmap", |a| a.clear("none")),
+        ("set_enabled of no bitmap", |a| a.set_enabled("none", false)),
+        ("merge of no bitmap", |a| a.merge("none", "b")),
+        ("export since no bitmap", |a| a.export_since("none", "x")),
+        ("resize with parked bitmaps", |a| a.resize(128 * MIB)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut a = open_writable(&img);
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    let before = std::fs::read(&img).unwrap();
+    for (what, edit) in edits {
+        let r = edit(&mut a);
+        assert!(r.is_err(), "{what}: {r:?}");
+        let other = FileStorage::open(&img, OpenMode::ReadWrite);
+        assert!(
+            other.is_ok(),
+            "{what} ({r:?}): the destination cannot open the image: {other:?}"
+        );
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused edit wrote the image"
+    );
+    // A valid edit still takes the locks back.
+    a.add("c", 65536, Recording::Enabled).unwrap();
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadWrite)).0,
+        "write"
+    );
+    drop(a);
+    assert_qemu_clean(&img);
+}

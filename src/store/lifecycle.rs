@@ -126,15 +126,33 @@ impl<S: Storage> BitmapStore<S> {
         self.writer = before;
     }
 
-    /// Before an edit of an inactive store (`add`, `remove`, `store`, `clear`,
-    /// `set_enabled`, `merge`, `resize`, and what is built on them): if an inactivation
-    /// released the writer locks, they are taken back, and the image must still be what
-    /// this handle last wrote ([`StateProblem::ChangedWhileInactive`] otherwise: the
-    /// cached refcounts, tables and directory would be stale, and a commit from them
-    /// could free or overwrite clusters another writer uses, or write its bitmaps clean).
-    /// Nothing is written before either check. The locks stay taken until the next
+    /// Runs `edit` (an edit of an inactive store: `add`, `remove`, `store`, `clear`,
+    /// `set_enabled`, `merge`, `resize`, and what is built on them) after
+    /// [`reclaim_writer`](Self::reclaim_writer), before it reads or writes anything. If
+    /// this call took the locks back and `edit` fails (refused, or failed part-way), they
+    /// are released again: the store is still an inactive node, and the image stays open
+    /// to the destination. Its next write takes them back and checks the image again,
+    /// which also refuses a commit that may have landed unseen (its caches then differ
+    /// from the disk).
+    pub(super) fn reclaimed<T>(&mut self, edit: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let handed = self.writer == WriterLocks::Released;
+        self.reclaim_writer()?;
+        let r = edit(self);
+        if handed && r.is_err() && self.writer == WriterLocks::Reclaimed {
+            let _ = self.image.storage().set_writer_locks(false);
+            self.writer = WriterLocks::Released;
+        }
+        r
+    }
+
+    /// Before an edit of an inactive store ([`reclaimed`](Self::reclaimed)): if an
+    /// inactivation released the writer locks, they are taken back, and the image must
+    /// still be what this handle last wrote ([`StateProblem::ChangedWhileInactive`]
+    /// otherwise: the cached refcounts, tables and directory would be stale, and a commit
+    /// from them could free or overwrite clusters another writer uses, or write its bitmaps
+    /// clean). Nothing is written before either check. The locks stay taken until the next
     /// [`inactivate`](Self::inactivate) (a no-op otherwise on an inactive store) releases
-    /// them again, or the store is dropped.
+    /// them again, the edit fails, or the store is dropped.
     ///
     /// # Errors
     /// [`Error::Locked`] while another process holds the image writable;
