@@ -474,6 +474,21 @@ fn handed_over(img: &Path, at: u64) -> (BitmapStore<FileStorage>, BitmapStore<Fi
     (a, b)
 }
 
+/// An image of a 64 GiB disk with an enabled bitmap `b` and a disabled one `c`, made by us
+/// and closed. `b`'s first table entry has a data cluster, so a mark in its first 2 GiB is
+/// flushed in place: a writer of this crate that marks there leaves cluster 0, the
+/// directory and the refcounts as they were.
+fn flushed_in_place(dir: &Path) -> PathBuf {
+    let img = dir.join("r.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 << 30, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.add("c", 65536, Recording::Disabled).unwrap();
+    s.activate().unwrap();
+    s.bitmap("b").unwrap().mark_dirty(0, 4096);
+    s.close().unwrap();
+    img
+}
+
 /// Found by an adversarial review: an inactivation releases the writer locks, so that a
 /// migration destination can open the image writable, and the inactive store still
 /// committed edits without them: its commit wrote a directory from its cache over the one
@@ -528,13 +543,7 @@ fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
 #[test]
 fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("r.qcow2");
-    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 << 30, 65536).unwrap();
-    s.add("b", 65536, Recording::Enabled).unwrap();
-    s.activate().unwrap();
-    // A data cluster for the bitmap's table entry, so that a later mark is written in place.
-    s.bitmap("b").unwrap().mark_dirty(0, 4096);
-    s.close().unwrap();
+    let img = flushed_in_place(dir.path());
     let (mut a, b) = handed_over(&img, 5 * 65536);
     b.close().unwrap();
     a.activate().unwrap();
@@ -551,6 +560,78 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     b.bitmap("b").unwrap().mark_dirty(40 << 30, 4096);
     b.close().unwrap();
     changed_while_inactive(a.activate());
+    drop(a);
+    assert_qemu_clean(&img);
+}
+
+/// Found by a review of the hand-over: a store that handed the image over built what it
+/// committed from its parked copy before it took the locks back, and only the take-back
+/// ORed the disk into that copy. With the writer that took over gone (its mark flushed in
+/// place), `export_since` committed `x`, and `merge` committed the disabled `c`, consistent
+/// and clean where that writer had marked: a backup through either would skip the write.
+/// Now both take the locks back, and check the image, before they read.
+#[test]
+fn a_handed_over_store_exports_and_merges_what_the_writer_that_took_over_marked() {
+    let at = 5 * 65536;
+    let mut clean = Vec::new();
+    // Each on a store of its own: the first edit's take-back ORs the disk into the parked
+    // copy, which would hide the second's order.
+    for what in ["export_since", "merge"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = flushed_in_place(dir.path());
+        let (mut a, b) = handed_over(&img, at);
+        b.close().unwrap();
+        let built = match what {
+            "export_since" => a.export_since("b", "x").map(|()| "x"),
+            _ => a.merge("b", "c").map(|()| "c"),
+        }
+        .unwrap();
+        drop(a);
+        let s = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
+        if !s.load(built).unwrap().is_dirty(at) {
+            clean.push(format!("{what} into {built}"));
+        }
+        drop(s);
+        assert_qemu_clean(&img);
+    }
+    assert!(
+        clean.is_empty(),
+        "committed clean where the writer that took over marked: {clean:?}"
+    );
+}
+
+/// Found with the finding above: `load` and `changed_since` of a store that handed the
+/// image over returned the parked copy, without the marks the writer that took over had
+/// flushed in place. They now OR the disk in, without taking the locks (the image stays
+/// open to the next writer), while the image is as the store left it; while another writer
+/// holds it active, `changed_since` (what a backup copies by) refuses.
+#[test]
+fn a_handed_over_store_reads_what_the_writer_that_took_over_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = flushed_in_place(dir.path());
+    let at = 5 * 65536;
+    let (a, b) = handed_over(&img, at);
+    b.close().unwrap();
+    assert!(
+        a.load("b").unwrap().is_dirty(at),
+        "load: the parked copy without the other writer's mark"
+    );
+    assert!(
+        a.changed_since("c").unwrap().is_dirty(at),
+        "changed_since: the union without the other writer's mark"
+    );
+    // The reads took no lock: the next writer opens, and while it is active its marks may
+    // be in its memory alone.
+    let mut c = open_writable(&img);
+    c.activate().unwrap();
+    changed_while_inactive(a.changed_since("c"));
+    assert!(a.load("b").unwrap().is_dirty(at));
+    c.close().unwrap();
+    assert!(a.changed_since("c").unwrap().is_dirty(at));
     drop(a);
     assert_qemu_clean(&img);
 }

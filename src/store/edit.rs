@@ -571,13 +571,18 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// ORs bitmap `src_name` into `dst_name`, both in this image (active in durable mode:
-    /// on disk when it returns).
+    /// on disk when it returns). A store that handed the image over takes the writer locks
+    /// back, and checks the image, before it reads `src_name` (its kept copy then holds
+    /// what another writer flushed meanwhile, and nobody writes between the read and the
+    /// commit).
     ///
     /// # Errors
     /// As [`merge_from`](Self::merge_from).
     pub fn merge(&mut self, src_name: impl AsRef<[u8]>, dst_name: impl AsRef<[u8]>) -> Result<()> {
-        let src = self.load(src_name)?;
-        self.merge_bitmap(&src, dst_name)
+        self.reclaimed(|s| {
+            let src = s.load(src_name)?;
+            s.merge_bitmap(&src, dst_name)
+        })
     }
 
     /// ORs bitmap `src_name` of another store into `dst_name` of this one, as

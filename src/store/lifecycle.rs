@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BitmapStore, Claim, Preloaded, WriterLocks, ACTIVE_MEMORY_LIMIT};
+use super::{BitmapStore, Claim, Preloaded, SinceInactivate, WriterLocks, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::{encode_directory, BitmapName, DirEntry};
-use crate::image::{read_metadata, Image};
+use crate::image::Image;
 use crate::storage::Storage;
 
 impl<S: Storage> BitmapStore<S> {
@@ -127,7 +127,7 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Runs `edit` (an edit of an inactive store: `add`, `remove`, `store`, `clear`,
-    /// `set_enabled`, `merge`, `resize`, and what is built on them) after
+    /// `set_enabled`, `merge`, `resize`, `export_since`, and what is built on them) after
     /// [`reclaim_writer`](Self::reclaim_writer), before it reads or writes anything. If
     /// this call took the locks back and `edit` fails (refused, or failed part-way), they
     /// are released again: the store is still an inactive node, and the image stays open
@@ -347,28 +347,10 @@ impl<S: Storage> BitmapStore<S> {
     /// difference is refused, and the bitmaps stay as the disk says (`in_use`, so
     /// inconsistent, if the destination set it; never falsely clean).
     pub(super) fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
-        let changed = || Error::WrongState(StateProblem::ChangedWhileInactive);
-        let area = self.image.area().encode()?;
-        let mut disk = vec![0u8; area.len()];
-        self.image.storage().read_exact_at(&mut disk, 0)?;
-        if disk != area {
-            return Err(changed());
+        match self.image_since_inactivate()? {
+            SinceInactivate::Changed => Err(Error::WrongState(StateProblem::ChangedWhileInactive)),
+            SinceInactivate::Unchanged | SinceInactivate::InUseSet => Ok(()),
         }
-        if let Some((off, size)) = self.dir {
-            let entries = self.current_entries();
-            let ours = encode_directory(&entries, &self.geometry()?)?;
-            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
-            if !same_but_in_use(&entries, &ours, &disk) {
-                return Err(changed());
-            }
-        }
-        // A writer that kept cluster 0 and the directory (one of this crate, flushing in
-        // place) may still have allocated clusters: the cached refcounts would then hand
-        // them out again.
-        if !self.image.refcounts_match_disk()? {
-            return Err(changed());
-        }
-        Ok(())
     }
 
     /// Writes only what changed since the last flush, then clears `in_use` in place: the
@@ -678,28 +660,4 @@ impl<S: Storage> BitmapStore<S> {
         self.inactivate()?;
         Ok(self.image)
     }
-}
-
-/// Whether directory `disk` equals `ours` (the encoding of `entries`) in every byte but the
-/// `in_use` bit of each entry's flags word (bit 0 of the big-endian word at bytes 12..16 of
-/// the entry).
-fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]) -> bool {
-    const IN_USE_BYTE: u64 = 15;
-    if ours.len() != disk.len() {
-        return false;
-    }
-    let mut in_use_at = std::collections::HashSet::new();
-    let mut at = 0u64;
-    for e in entries {
-        in_use_at.insert(at.saturating_add(IN_USE_BYTE));
-        at = at.saturating_add(e.encoded_len());
-    }
-    ours.iter().zip(disk).enumerate().all(|(i, (&a, &b))| {
-        let mask = if in_use_at.contains(&(i as u64)) {
-            !1u8
-        } else {
-            !0u8
-        };
-        a & mask == b & mask
-    })
 }
