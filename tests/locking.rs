@@ -474,6 +474,21 @@ fn handed_over(img: &Path, at: u64) -> (BitmapStore<FileStorage>, BitmapStore<Fi
     (a, b)
 }
 
+/// An image of a 64 GiB disk with an enabled bitmap `b` and a disabled one `c`, made by us
+/// and closed. `b`'s first table entry has a data cluster, so a mark in its first 2 GiB is
+/// flushed in place: a writer of this crate that marks there leaves cluster 0, the
+/// directory and the refcounts as they were.
+fn flushed_in_place(dir: &Path) -> PathBuf {
+    let img = dir.join("r.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 << 30, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.add("c", 65536, Recording::Disabled).unwrap();
+    s.activate().unwrap();
+    s.bitmap("b").unwrap().mark_dirty(0, 4096);
+    s.close().unwrap();
+    img
+}
+
 /// Found by an adversarial review: an inactivation releases the writer locks, so that a
 /// migration destination can open the image writable, and the inactive store still
 /// committed edits without them: its commit wrote a directory from its cache over the one
@@ -528,13 +543,7 @@ fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
 #[test]
 fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("r.qcow2");
-    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 64 << 30, 65536).unwrap();
-    s.add("b", 65536, Recording::Enabled).unwrap();
-    s.activate().unwrap();
-    // A data cluster for the bitmap's table entry, so that a later mark is written in place.
-    s.bitmap("b").unwrap().mark_dirty(0, 4096);
-    s.close().unwrap();
+    let img = flushed_in_place(dir.path());
     let (mut a, b) = handed_over(&img, 5 * 65536);
     b.close().unwrap();
     a.activate().unwrap();
@@ -551,6 +560,229 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     b.bitmap("b").unwrap().mark_dirty(40 << 30, 4096);
     b.close().unwrap();
     changed_while_inactive(a.activate());
+    drop(a);
+    assert_qemu_clean(&img);
+}
+
+/// Found by a review of the hand-over: a store that handed the image over built what it
+/// committed from its parked copy before it took the locks back, and only the take-back
+/// ORed the disk into that copy. With the writer that took over gone (its mark flushed in
+/// place), `export_since` committed `x`, and `merge` committed the disabled `c`, consistent
+/// and clean where that writer had marked: a backup through either would skip the write.
+/// Now both take the locks back, and check the image, before they read.
+#[test]
+fn a_handed_over_store_exports_and_merges_what_the_writer_that_took_over_marked() {
+    let at = 5 * 65536;
+    let mut clean = Vec::new();
+    // Each on a store of its own: the first edit's take-back ORs the disk into the parked
+    // copy, which would hide the second's order.
+    for what in ["export_since", "merge"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = flushed_in_place(dir.path());
+        let (mut a, b) = handed_over(&img, at);
+        b.close().unwrap();
+        let built = match what {
+            "export_since" => a.export_since("b", "x").map(|()| "x"),
+            _ => a.merge("b", "c").map(|()| "c"),
+        }
+        .unwrap();
+        drop(a);
+        let s = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
+        if !s.load(built).unwrap().is_dirty(at) {
+            clean.push(format!("{what} into {built}"));
+        }
+        drop(s);
+        assert_qemu_clean(&img);
+    }
+    assert!(
+        clean.is_empty(),
+        "committed clean where the writer that took over marked: {clean:?}"
+    );
+}
+
+/// Found with the finding above: `load` and `changed_since` of a store that handed the
+/// image over returned the parked copy, without the marks the writer that took over had
+/// flushed in place. They now OR the disk in, without taking the locks (the image stays
+/// open to the next writer), while the image is as the store left it; while another writer
+/// holds it active, `changed_since` (what a backup copies by) refuses.
+#[test]
+fn a_handed_over_store_reads_what_the_writer_that_took_over_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = flushed_in_place(dir.path());
+    let at = 5 * 65536;
+    let (a, b) = handed_over(&img, at);
+    b.close().unwrap();
+    assert!(
+        a.load("b").unwrap().is_dirty(at),
+        "load: the parked copy without the other writer's mark"
+    );
+    assert!(
+        a.changed_since("c").unwrap().is_dirty(at),
+        "changed_since: the union without the other writer's mark"
+    );
+    // The reads took no lock: the next writer opens, and while it is active its marks may
+    // be in its memory alone.
+    let mut c = open_writable(&img);
+    c.activate().unwrap();
+    changed_while_inactive(a.changed_since("c"));
+    assert!(a.load("b").unwrap().is_dirty(at));
+    c.close().unwrap();
+    assert!(a.changed_since("c").unwrap().is_dirty(at));
+    drop(a);
+    assert_qemu_clean(&img);
+}
+
+/// Found by a review of the hand-over: an activation checked that nobody wrote the image
+/// while the store was inactive only if it had parked bitmaps, though every inactivation
+/// releases the locks. A store that had no consistent bitmap to park then activated over
+/// an image another writer had changed, and committed from its stale caches: here its
+/// next `add` wrote a directory without the other writer's bitmap `c`. Now a handed-over
+/// store's activation (deferred or durable) always checks, and refuses with nothing
+/// written.
+#[test]
+fn a_handed_over_store_with_nothing_parked_refuses_an_image_changed_meanwhile() {
+    let mut accepted = Vec::new();
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("n.qcow2");
+        let mut s =
+            BitmapStore::create(FileStorage::create(&img).unwrap(), 64 * MIB, 65536).unwrap();
+        s.add("t", 65536, Recording::Enabled).unwrap();
+        s.remove("t").unwrap();
+        s.activate().unwrap();
+        s.inactivate().unwrap();
+        let mut p = open_writable(&img);
+        p.add("c", 65536, Recording::Enabled).unwrap();
+        drop(p);
+        let taken = std::fs::read(&img).unwrap();
+        let r = if durable {
+            s.activate_durable()
+        } else {
+            s.activate()
+        };
+        if !matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ) {
+            accepted.push(format!("durable {durable}: {r:?}"));
+            continue;
+        }
+        assert!(
+            std::fs::read(&img).unwrap() == taken,
+            "durable {durable}: the refused activation wrote the image"
+        );
+        // Refused, the store is an inactive node again: the image stays open to writers.
+        drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
+        drop(s);
+        assert_qemu_clean(&img);
+    }
+    assert!(
+        accepted.is_empty(),
+        "activated over an image another writer changed: {accepted:?}"
+    );
+}
+
+/// Takes a shared OFD lock on `byte` of `file`, as QEMU takes its lock bytes.
+fn hold_byte(file: &std::fs::File, byte: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is a plain C struct of integers, valid all zero (as F_OFD_* require
+    // of `l_pid`); the descriptor is open for the life of `file`, and F_OFD_SETLK only
+    // reads `fl`.
+    let r = unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = libc::F_RDLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte as libc::off_t;
+        fl.l_len = 1;
+        libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl)
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// Found by a review of the hand-over: an activation took the writer locks again even when
+/// the store held them (since its open), and a conflict in that take dropped them to a
+/// reader's. A QEMU opener between taking its bytes and testing them (here: byte 201 held
+/// by another description, as it holds it then) made the activation fail and cost the
+/// store its writer's bytes, while it stayed writable: the opener's test then passed, and
+/// both wrote the image. Now a store that holds its locks keeps them and activates.
+#[test]
+fn an_activation_keeps_the_locks_the_store_holds_beside_an_opener_midway() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let mut s = open_writable(&img);
+        let opener = std::fs::File::open(&img).unwrap();
+        hold_byte(&opener, 201);
+        let r = if durable {
+            s.activate_durable()
+        } else {
+            s.activate()
+        };
+        drop(opener);
+        let other = FileStorage::open(&img, OpenMode::ReadWrite);
+        assert!(
+            matches!(other, Err(Error::Locked { .. })),
+            "durable {durable}: a writer opened beside our writable store: {other:?} (our \
+             activate: {r:?})"
+        );
+        r.unwrap();
+        s.close().unwrap();
+        assert_qemu_clean(&img);
+    }
+}
+
+/// Found by a review of the hand-over: an edit of a store that handed the image over took
+/// the writer locks back before it checked its input, and kept them when it refused: the
+/// destination could not open the image (`Error::Locked`) until the store was inactivated
+/// again. Now an edit that fails releases what it took back.
+#[test]
+fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
+    type Edit = fn(&mut BitmapStore<FileStorage>) -> dirty_bitmap::Result<()>;
+    let edits: [(&str, Edit); 8] = [
+        ("add of a taken name", |a| {
+            a.add("b", 65536, Recording::Enabled)
+        }),
+        ("remove of no bitmap", |a| a.remove("none")),
+        ("store of another size", |a| {
+            a.store("b", &dirty_bitmap::DirtyBitmap::new(MIB, 65536).unwrap())
+        }),
+        ("clear of no bitmap", |a| a.clear("none")),
+        ("set_enabled of no bitmap", |a| a.set_enabled("none", false)),
+        ("merge of no bitmap", |a| a.merge("none", "b")),
+        ("export since no bitmap", |a| a.export_since("none", "x")),
+        ("resize with parked bitmaps", |a| a.resize(128 * MIB)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut a = open_writable(&img);
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    let before = std::fs::read(&img).unwrap();
+    for (what, edit) in edits {
+        let r = edit(&mut a);
+        assert!(r.is_err(), "{what}: {r:?}");
+        let other = FileStorage::open(&img, OpenMode::ReadWrite);
+        assert!(
+            other.is_ok(),
+            "{what} ({r:?}): the destination cannot open the image: {other:?}"
+        );
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused edit wrote the image"
+    );
+    // A valid edit still takes the locks back.
+    a.add("c", 65536, Recording::Enabled).unwrap();
+    assert_eq!(
+        locked(FileStorage::open(&img, OpenMode::ReadWrite)).0,
+        "write"
+    );
     drop(a);
     assert_qemu_clean(&img);
 }

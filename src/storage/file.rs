@@ -278,12 +278,25 @@ impl Storage for FileStorage {
     /// consistent-read byte stays, as a force-share reader's), or takes them back and
     /// tests for a conflicting holder. Otherwise nothing: a read-only handle holds no
     /// writer's locks, and [`Locking::Off`] none at all.
+    ///
+    /// Taking them while they are held does nothing: no test, so no conflict can drop
+    /// them. (Another opener's bytes, seen between its take and its test, would otherwise
+    /// fail the test here, and the failure would give up bytes this handle writes under;
+    /// QEMU's `raw_handle_perm_lock` likewise goes back to the bytes the holder had.) A
+    /// failed take leaves exactly what was held before it, the reader's byte, on the image
+    /// and on the data file.
     fn set_writer_locks(&self, held: bool) -> Result<()> {
         if self.locking != Locking::On || !self.writable {
             return Ok(());
         }
         let data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
         if held {
+            if !self.released.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            // Both files hold only the reader's byte here (`released`), and that is what
+            // `take_writer` leaves on a conflict: the image's writer bytes are released
+            // again when the data file's take fails.
             lock::take_writer(&self.file, &self.path)?;
             if let Some((file, path)) = data.as_ref() {
                 if let Err(e) = lock::take_writer(file, path) {

@@ -169,7 +169,9 @@ pub trait Storage: Send + Sync + Debug {
     /// released, the handle keeps only a force-share reader's lock (see
     /// [`lock`]), so another process may open the image writable; taken again,
     /// it fails with [`Error::Locked`] while such a process holds it, and then keeps only
-    /// the reader's lock. Storage without locks, and the default, do nothing.
+    /// the reader's lock. Taking them while they are held does nothing (and cannot fail on
+    /// a conflict, so it never gives them up). Storage without locks, and the default, do
+    /// nothing.
     ///
     /// # Errors
     ///

@@ -15,9 +15,9 @@
 //! extra copies; a missing bitmap would corrupt a backup. Removing the oldest checkpoint
 //! after each backup ([`BitmapStore::remove`], one commit) keeps the union tight.
 
-use super::{BitmapStore, Recording};
+use super::{BitmapStore, Recording, SinceInactivate};
 use crate::bitmap::DirtyBitmap;
-use crate::error::{invalid_input, Error, Result};
+use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::format::BitmapName;
 use crate::storage::Storage;
 
@@ -113,11 +113,25 @@ impl<S: Storage> BitmapStore<S> {
     /// bitmaps and the union add up to more than an activation may hold
     /// ([`ensure_loadable_in_turn`](Self::ensure_loadable_in_turn)); [`Error::Corrupt`];
     /// I/O.
+    ///
+    /// A store that handed the image over (its inactivation released the writer locks)
+    /// reads as [`load`](Self::load) does, the disk ORed into each kept copy, and only
+    /// while the image is byte for byte as it left it: once another writer activated it
+    /// (its marks may be in its memory alone) or changed it, [`Error::WrongState`]
+    /// ([`StateProblem::ChangedWhileInactive`]).
     pub fn changed_since(&self, since: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let first = self.find(since.as_ref())?;
         // The union is one more bitmap at `since`'s granularity.
         self.ensure_loadable_in_turn(self.memory_needed(std::iter::once(&self.slots[first])))?;
-        let base = self.load(since.as_ref())?;
+        let handed = self.handed_over()?;
+        if matches!(
+            handed,
+            Some(SinceInactivate::InUseSet | SinceInactivate::Changed)
+        ) {
+            return Err(Error::WrongState(StateProblem::ChangedWhileInactive));
+        }
+        let load = |name: &[u8]| self.load_slot(self.find_consistent(name)?, handed);
+        let base = load(since.as_ref())?;
         // A fresh, enabled bitmap: a copy of a disabled checkpoint would ignore the marks.
         let out = self.new_bitmap(base.granularity())?;
         out.merge_from(&base)?;
@@ -125,7 +139,7 @@ impl<S: Storage> BitmapStore<S> {
             if i == first {
                 continue;
             }
-            let other = self.load(s.entry.name.as_bytes())?;
+            let other = load(s.entry.name.as_bytes())?;
             for (off, len) in other.dirty_extents() {
                 out.mark_dirty(off, len);
             }
@@ -142,14 +156,21 @@ impl<S: Storage> BitmapStore<S> {
     /// ([`add_from`](Self::add_from)): a crash or a failure leaves `into` absent or whole,
     /// never consistent and empty (a backup through it would copy nothing).
     ///
+    /// A store that handed the image over takes the writer locks back, and checks the
+    /// image, before it reads anything (as [`add`](Self::add) does before it writes), so
+    /// the union holds what another writer flushed meanwhile and nobody writes between the
+    /// read and the commit.
+    ///
     /// # Errors
     /// As [`changed_since`](Self::changed_since) and [`add`](Self::add);
     /// [`Error::WrongState`] on an active store.
     pub fn export_since(&mut self, since: impl AsRef<[u8]>, into: &str) -> Result<()> {
         if self.active {
-            return Err(Error::WrongState(crate::error::StateProblem::Active));
+            return Err(Error::WrongState(StateProblem::Active));
         }
-        let union = self.changed_since(since)?;
-        self.add_from(into, union.granularity(), Recording::Disabled, &union)
+        self.reclaimed(|s| {
+            let union = s.changed_since(since)?;
+            s.add_from(into, union.granularity(), Recording::Disabled, &union)
+        })
     }
 }

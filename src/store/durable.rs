@@ -110,7 +110,8 @@ impl<S: Storage> BitmapStore<S> {
         // fails and nothing is read or written.
         let before = self.take_writer_locks()?;
         let r = self
-            .resume_durable_parked()
+            .ensure_resumable(before)
+            .and_then(|()| self.resume_durable_parked())
             .and_then(|()| self.activate_durable_locked(&mut pre));
         if r.is_err() {
             for s in &mut self.slots {
@@ -126,14 +127,13 @@ impl<S: Storage> BitmapStore<S> {
     /// Bitmaps parked by a durable inactivation are dropped, and the activation loads the
     /// disk: it holds every acknowledged mark, while the parked copies may hold bits of
     /// intents that failed after the inactivation (never acknowledged, their writes never
-    /// issued), bits no durable-bit copy may vouch for. Only if nobody else wrote the image
-    /// since ([`StateProblem::ChangedWhileInactive`] otherwise: this handle's metadata
-    /// would be stale); the parked copies then stay.
+    /// issued), bits no durable-bit copy may vouch for. The caller checked that nobody else
+    /// wrote the image since ([`ensure_resumable`](Self::ensure_resumable): this handle's
+    /// metadata would be stale otherwise, and the parked copies then stay).
     fn resume_durable_parked(&mut self) -> Result<()> {
         if self.slots.iter().all(|s| s.parked.is_none()) {
             return Ok(());
         }
-        self.ensure_unchanged_since_inactivate()?;
         for s in &mut self.slots {
             s.parked = None;
         }

@@ -199,11 +199,23 @@ impl<S: Storage> BitmapStore<S> {
         recording: Recording,
         disable: Option<usize>,
         content: Option<Arc<DirtyBitmap>>,
+        bits: Option<DirtyBitmap>,
+    ) -> Result<()> {
+        self.ensure_writable()?;
+        self.reclaimed(|s| s.add_reclaimed(name, granularity, recording, disable, content, bits))
+    }
+
+    /// [`add_inner`](Self::add_inner), the writer locks held.
+    fn add_reclaimed(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        recording: Recording,
+        disable: Option<usize>,
+        content: Option<Arc<DirtyBitmap>>,
         mut bits: Option<DirtyBitmap>,
     ) -> Result<()> {
         let enabled = recording.is_enabled();
-        self.ensure_writable()?;
-        self.reclaim_writer()?;
         if let Some(c) = &content {
             if !self.active {
                 return Err(Error::WrongState(StateProblem::NotActive));
@@ -350,7 +362,10 @@ impl<S: Storage> BitmapStore<S> {
     /// with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.remove_reclaimed(name.as_ref()))
+    }
+
+    fn remove_reclaimed(&mut self, name: &[u8]) -> Result<()> {
         let i = self.find(name)?;
         self.preflight()?;
         let slot = &self.slots[i];
@@ -402,7 +417,10 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.store_reclaimed(name.as_ref(), bitmap))
+    }
+
+    fn store_reclaimed(&mut self, name: &[u8], bitmap: &DirtyBitmap) -> Result<()> {
         let i = self.find_consistent(name)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
         if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
@@ -466,7 +484,10 @@ impl<S: Storage> BitmapStore<S> {
     /// As [`store`](Self::store).
     pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.clear_reclaimed(name.as_ref()))
+    }
+
+    fn clear_reclaimed(&mut self, name: &[u8]) -> Result<()> {
         let i = self.find_consistent(name)?;
         if self.durable.is_some() {
             return self.clear_durable(i);
@@ -493,7 +514,10 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.set_enabled_reclaimed(name.as_ref(), enabled))
+    }
+
+    fn set_enabled_reclaimed(&mut self, name: &[u8], enabled: bool) -> Result<()> {
         let i = self.find_consistent(name)?;
         if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
@@ -547,13 +571,18 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// ORs bitmap `src_name` into `dst_name`, both in this image (active in durable mode:
-    /// on disk when it returns).
+    /// on disk when it returns). A store that handed the image over takes the writer locks
+    /// back, and checks the image, before it reads `src_name` (its kept copy then holds
+    /// what another writer flushed meanwhile, and nobody writes between the read and the
+    /// commit).
     ///
     /// # Errors
     /// As [`merge_from`](Self::merge_from).
     pub fn merge(&mut self, src_name: impl AsRef<[u8]>, dst_name: impl AsRef<[u8]>) -> Result<()> {
-        let src = self.load(src_name)?;
-        self.merge_bitmap(&src, dst_name)
+        self.reclaimed(|s| {
+            let src = s.load(src_name)?;
+            s.merge_bitmap(&src, dst_name)
+        })
     }
 
     /// ORs bitmap `src_name` of another store into `dst_name` of this one, as
@@ -576,7 +605,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn merge_bitmap(&mut self, src: &DirtyBitmap, dst_name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.merge_reclaimed(src, dst_name.as_ref()))
+    }
+
+    fn merge_reclaimed(&mut self, src: &DirtyBitmap, dst_name: &[u8]) -> Result<()> {
         let i = self.find_consistent(dst_name)?;
         if src.disk_size() != self.disk_size() {
             return Err(invalid_input!(

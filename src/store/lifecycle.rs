@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{BitmapStore, Claim, Preloaded, WriterLocks, ACTIVE_MEMORY_LIMIT};
+use super::{BitmapStore, Claim, Preloaded, SinceInactivate, WriterLocks, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::{encode_directory, BitmapName, DirEntry};
-use crate::image::{read_metadata, Image};
+use crate::image::Image;
 use crate::storage::Storage;
 
 impl<S: Storage> BitmapStore<S> {
@@ -36,10 +36,11 @@ impl<S: Storage> BitmapStore<S> {
     /// in its change map and reach the disk at the next flush or inactivation. Other
     /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
     ///
-    /// Resuming checks first that cluster 0 and the directory are still what this store
-    /// last wrote: if another program (a migration target that took the disk over) wrote
-    /// them meanwhile, the cached refcounts and tables are stale and the image must be
-    /// reopened.
+    /// A store that handed the image over (an inactivation released its writer locks)
+    /// checks first, whether or not it kept bitmaps in memory, that cluster 0, the
+    /// directory and the refcounts it caches are still what it last wrote: if another
+    /// program (a migration target that took the disk over) wrote them meanwhile, the
+    /// cached refcounts and tables are stale and the image must be reopened.
     ///
     /// # Errors
     /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::WrongState`]
@@ -69,7 +70,9 @@ impl<S: Storage> BitmapStore<S> {
         // (the destination) holds the image writable, this fails and nothing is read or
         // written.
         let before = self.take_writer_locks()?;
-        let r = self.activate_locked(&mut pre);
+        let r = self
+            .ensure_resumable(before)
+            .and_then(|()| self.activate_locked(&mut pre));
         if r.is_err() {
             // Still inactive: hold what the store held before.
             self.restore_writer_locks(before);
@@ -80,11 +83,37 @@ impl<S: Storage> BitmapStore<S> {
     /// Takes QEMU's writer locks on the image (again): [`Error::Locked`] while another
     /// process holds the image writable, and then nothing changed. Returns what the store
     /// held before, for [`restore_writer_locks`](Self::restore_writer_locks).
+    ///
+    /// Only a store that released them takes them: one that holds them (since its open,
+    /// or an edit's [`reclaim_writer`](Self::reclaim_writer)) keeps them as they are. Taking
+    /// held bytes again would test for conflicts, and a conflict then (an opener between
+    /// taking its bytes and testing them, which fails its own test on ours) must not cost
+    /// the store the bytes it holds while it goes on writing.
     pub(super) fn take_writer_locks(&mut self) -> Result<WriterLocks> {
         let before = self.writer;
-        self.image.storage().set_writer_locks(true)?;
+        if before == WriterLocks::Released {
+            self.image.storage().set_writer_locks(true)?;
+        }
         self.writer = WriterLocks::Held;
         Ok(before)
+    }
+
+    /// Before an activation reads or writes anything, with the writer locks taken: a store
+    /// that handed the image over (an inactivation released its locks; `before` is what
+    /// it held when the activation began) must find the image still as it last wrote it
+    /// ([`ensure_unchanged_since_inactivate`](Self::ensure_unchanged_since_inactivate)),
+    /// whether or not it parked any bitmap: its cached header, directory and refcounts are
+    /// what its next commit starts from, and another writer's changes would be lost to it
+    /// (a bitmap dropped from the directory, clusters in use handed out again).
+    ///
+    /// # Errors
+    /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
+    pub(super) fn ensure_resumable(&self, before: WriterLocks) -> Result<()> {
+        if before == WriterLocks::Held && self.slots.iter().all(|s| s.parked.is_none()) {
+            // Held since the open: nobody else could write the image.
+            return Ok(());
+        }
+        self.ensure_unchanged_since_inactivate()
     }
 
     /// Back to `before` after a failed activation: released again if the store had
@@ -97,15 +126,33 @@ impl<S: Storage> BitmapStore<S> {
         self.writer = before;
     }
 
-    /// Before an edit of an inactive store (`add`, `remove`, `store`, `clear`,
-    /// `set_enabled`, `merge`, `resize`, and what is built on them): if an inactivation
-    /// released the writer locks, they are taken back, and the image must still be what
-    /// this handle last wrote ([`StateProblem::ChangedWhileInactive`] otherwise: the
-    /// cached refcounts, tables and directory would be stale, and a commit from them
-    /// could free or overwrite clusters another writer uses, or write its bitmaps clean).
-    /// Nothing is written before either check. The locks stay taken until the next
+    /// Runs `edit` (an edit of an inactive store: `add`, `remove`, `store`, `clear`,
+    /// `set_enabled`, `merge`, `resize`, `export_since`, and what is built on them) after
+    /// [`reclaim_writer`](Self::reclaim_writer), before it reads or writes anything. If
+    /// this call took the locks back and `edit` fails (refused, or failed part-way), they
+    /// are released again: the store is still an inactive node, and the image stays open
+    /// to the destination. Its next write takes them back and checks the image again,
+    /// which also refuses a commit that may have landed unseen (its caches then differ
+    /// from the disk).
+    pub(super) fn reclaimed<T>(&mut self, edit: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let handed = self.writer == WriterLocks::Released;
+        self.reclaim_writer()?;
+        let r = edit(self);
+        if handed && r.is_err() && self.writer == WriterLocks::Reclaimed {
+            let _ = self.image.storage().set_writer_locks(false);
+            self.writer = WriterLocks::Released;
+        }
+        r
+    }
+
+    /// Before an edit of an inactive store ([`reclaimed`](Self::reclaimed)): if an
+    /// inactivation released the writer locks, they are taken back, and the image must
+    /// still be what this handle last wrote ([`StateProblem::ChangedWhileInactive`]
+    /// otherwise: the cached refcounts, tables and directory would be stale, and a commit
+    /// from them could free or overwrite clusters another writer uses, or write its bitmaps
+    /// clean). Nothing is written before either check. The locks stay taken until the next
     /// [`inactivate`](Self::inactivate) (a no-op otherwise on an inactive store) releases
-    /// them again, or the store is dropped.
+    /// them again, the edit fails, or the store is dropped.
     ///
     /// # Errors
     /// [`Error::Locked`] while another process holds the image writable;
@@ -234,7 +281,9 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The checks of an activation, then each slot's bitmap as it will hold it (`None` for
-    /// an inconsistent one). Writes nothing.
+    /// an inconsistent one). Writes nothing. The caller took the writer locks and ran
+    /// [`ensure_resumable`](Self::ensure_resumable): the cached directory and tables are the
+    /// image's.
     fn load_mems(&mut self, pre: &mut Preloaded) -> Result<Vec<Option<Arc<DirtyBitmap>>>> {
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
@@ -245,9 +294,6 @@ impl<S: Storage> BitmapStore<S> {
                 "activating would hold {needed} bytes of bitmaps in memory, more than the \
                  limit of {ACTIVE_MEMORY_LIMIT}"
             )));
-        }
-        if self.slots.iter().any(|s| s.parked.is_some()) {
-            self.ensure_unchanged_since_inactivate()?;
         }
         // From here on bitmaps are written in place: each of their clusters must be theirs
         // alone (see `preflight`), or nothing is written.
@@ -301,28 +347,10 @@ impl<S: Storage> BitmapStore<S> {
     /// difference is refused, and the bitmaps stay as the disk says (`in_use`, so
     /// inconsistent, if the destination set it; never falsely clean).
     pub(super) fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
-        let changed = || Error::WrongState(StateProblem::ChangedWhileInactive);
-        let area = self.image.area().encode()?;
-        let mut disk = vec![0u8; area.len()];
-        self.image.storage().read_exact_at(&mut disk, 0)?;
-        if disk != area {
-            return Err(changed());
+        match self.image_since_inactivate()? {
+            SinceInactivate::Changed => Err(Error::WrongState(StateProblem::ChangedWhileInactive)),
+            SinceInactivate::Unchanged | SinceInactivate::InUseSet => Ok(()),
         }
-        if let Some((off, size)) = self.dir {
-            let entries = self.current_entries();
-            let ours = encode_directory(&entries, &self.geometry()?)?;
-            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
-            if !same_but_in_use(&entries, &ours, &disk) {
-                return Err(changed());
-            }
-        }
-        // A writer that kept cluster 0 and the directory (one of this crate, flushing in
-        // place) may still have allocated clusters: the cached refcounts would then hand
-        // them out again.
-        if !self.image.refcounts_match_disk()? {
-            return Err(changed());
-        }
-        Ok(())
     }
 
     /// Writes only what changed since the last flush, then clears `in_use` in place: the
@@ -632,28 +660,4 @@ impl<S: Storage> BitmapStore<S> {
         self.inactivate()?;
         Ok(self.image)
     }
-}
-
-/// Whether directory `disk` equals `ours` (the encoding of `entries`) in every byte but the
-/// `in_use` bit of each entry's flags word (bit 0 of the big-endian word at bytes 12..16 of
-/// the entry).
-fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]) -> bool {
-    const IN_USE_BYTE: u64 = 15;
-    if ours.len() != disk.len() {
-        return false;
-    }
-    let mut in_use_at = std::collections::HashSet::new();
-    let mut at = 0u64;
-    for e in entries {
-        in_use_at.insert(at.saturating_add(IN_USE_BYTE));
-        at = at.saturating_add(e.encoded_len());
-    }
-    ours.iter().zip(disk).enumerate().all(|(i, (&a, &b))| {
-        let mask = if in_use_at.contains(&(i as u64)) {
-            !1u8
-        } else {
-            !0u8
-        };
-        a & mask == b & mask
-    })
 }

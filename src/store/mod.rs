@@ -34,8 +34,8 @@ use std::sync::Arc;
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
-    decode_directory, decode_table, BitmapName, BitmapsExtension, DirEntry, ImageGeometry,
-    TableEntry,
+    decode_directory, decode_table, encode_directory, BitmapName, BitmapsExtension, DirEntry,
+    ImageGeometry, TableEntry,
 };
 use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
@@ -202,6 +202,23 @@ pub(crate) enum WriterLocks {
     /// Taken back after an inactivation by an edit of the inactive store; the next
     /// [`BitmapStore::inactivate`] releases them again.
     Reclaimed,
+}
+
+/// What became of the image since a handle that handed it over last wrote it
+/// ([`BitmapStore::image_since_inactivate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SinceInactivate {
+    /// Cluster 0, the directory and every cached refcount are byte for byte what the
+    /// handle last wrote. Another writer of this crate may still have flushed marks in
+    /// place, into clusters the bitmaps already had.
+    Unchanged,
+    /// As `Unchanged`, but the directory's `in_use` bits differ: another writer activated
+    /// the image, and holds it now or died holding it. Marks it holds only in memory are
+    /// nowhere on this disk.
+    InUseSet,
+    /// Anything else: the handle's cached header, directory, tables or refcounts are
+    /// stale.
+    Changed,
 }
 
 /// How far a stop has gone towards saying "clean" on disk, so that a failure knows what to
@@ -736,15 +753,89 @@ impl<S: Storage> BitmapStore<S> {
     /// All-zero and all-ones table entries are honoured, and tail bits past the disk are
     /// masked.
     ///
+    /// A store that handed the image over (its inactivation released the writer locks,
+    /// and no activation or edit took them back) reads without taking them. If the image
+    /// is still as it left it (cluster 0, the directory but its `in_use` bits, the
+    /// refcounts), the kept copy gets what the disk holds ORed in, as a resume does:
+    /// another writer of this crate flushes its marks in place. If another writer changed
+    /// the image otherwise, the kept copy is returned as it is (what this handle holds;
+    /// that writer's marks are not in it). A bitmap with no kept copy is read from disk
+    /// only while the image is as the store left it, `in_use` bits included.
+    /// [`changed_since`](Self::changed_since), which a backup copies by, refuses the doubt
+    /// instead.
+    ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
-    /// data past the end of the file, I/O errors.
+    /// data past the end of the file, I/O errors; [`Error::WrongState`]
+    /// ([`StateProblem::ChangedWhileInactive`]) for a bitmap with no kept copy on a store
+    /// that handed the image over, once another writer activated or changed the image.
     pub fn load(&self, name: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let i = self.find_consistent(name)?;
-        match self.slots[i].mem.as_ref().or(self.slots[i].parked.as_ref()) {
-            Some(m) => Ok(m.snapshot()),
-            None => self.load_disk(&self.slots[i].entry),
+        self.load_slot(i, self.handed_over()?)
+    }
+
+    /// What became of the image, if this store handed it over
+    /// ([`image_since_inactivate`](Self::image_since_inactivate)); `None` while it holds the
+    /// writer locks (since its open, or taken back), when its caches are the image's.
+    fn handed_over(&self) -> Result<Option<SinceInactivate>> {
+        if self.writer == WriterLocks::Released {
+            self.image_since_inactivate().map(Some)
+        } else {
+            Ok(None)
         }
+    }
+
+    /// [`load`](Self::load) of slot `i` (consistent), `since` as
+    /// [`handed_over`](Self::handed_over) found it.
+    fn load_slot(&self, i: usize, since: Option<SinceInactivate>) -> Result<DirtyBitmap> {
+        let s = &self.slots[i];
+        match (s.mem.as_ref().or(s.parked.as_ref()), since) {
+            (Some(m), None | Some(SinceInactivate::Changed)) => Ok(m.snapshot()),
+            (Some(m), Some(SinceInactivate::Unchanged | SinceInactivate::InUseSet)) => {
+                // The cached table is still the bitmap's: what another writer flushed in
+                // place is read through it.
+                let copy = m.snapshot();
+                self.merge_disk_into(&s.entry, &copy)?;
+                Ok(copy)
+            }
+            (None, None | Some(SinceInactivate::Unchanged)) => self.load_disk(&s.entry),
+            // Nothing of it in memory, and the disk is another writer's: the cached table
+            // may name freed clusters, and `in_use` says the bits are not all there.
+            (None, Some(SinceInactivate::InUseSet | SinceInactivate::Changed)) => {
+                Err(Error::WrongState(StateProblem::ChangedWhileInactive))
+            }
+        }
+    }
+
+    /// What another writer left of the image this handle last wrote: cluster 0 and the
+    /// directory compared byte for byte with what it would write from its caches, and
+    /// every refcount it caches with the disk's. Reads only, and takes no lock.
+    fn image_since_inactivate(&self) -> Result<SinceInactivate> {
+        let area = self.image.area().encode()?;
+        let mut disk = vec![0u8; area.len()];
+        self.image.storage().read_exact_at(&mut disk, 0)?;
+        if disk != area {
+            return Ok(SinceInactivate::Changed);
+        }
+        let mut since = SinceInactivate::Unchanged;
+        if let Some((off, size)) = self.dir {
+            let entries = self.current_entries();
+            let ours = encode_directory(&entries, &self.geometry()?)?;
+            let disk = read_metadata(self.image.storage(), "bitmap directory", off, size)?;
+            if disk != ours {
+                if !same_but_in_use(&entries, &ours, &disk) {
+                    return Ok(SinceInactivate::Changed);
+                }
+                since = SinceInactivate::InUseSet;
+            }
+        }
+        // A writer that kept cluster 0 and the directory (one of this crate, flushing in
+        // place) may still have allocated clusters: the cached refcounts would then hand
+        // them out again.
+        if !self.image.refcounts_match_disk()? {
+            return Ok(SinceInactivate::Changed);
+        }
+        Ok(since)
     }
 
     fn read_table(&self, entry: &DirEntry) -> Result<Vec<TableEntry>> {
@@ -1198,3 +1289,27 @@ mod resize;
 mod tests;
 pub mod triage;
 pub mod write_log;
+
+/// Whether directory `disk` equals `ours` (the encoding of `entries`) in every byte but the
+/// `in_use` bit of each entry's flags word (bit 0 of the big-endian word at bytes 12..16 of
+/// the entry).
+fn same_but_in_use(entries: &[crate::format::DirEntry], ours: &[u8], disk: &[u8]) -> bool {
+    const IN_USE_BYTE: u64 = 15;
+    if ours.len() != disk.len() {
+        return false;
+    }
+    let mut in_use_at = std::collections::HashSet::new();
+    let mut at = 0u64;
+    for e in entries {
+        in_use_at.insert(at.saturating_add(IN_USE_BYTE));
+        at = at.saturating_add(e.encoded_len());
+    }
+    ours.iter().zip(disk).enumerate().all(|(i, (&a, &b))| {
+        let mask = if in_use_at.contains(&(i as u64)) {
+            !1u8
+        } else {
+            !0u8
+        };
+        a & mask == b & mask
+    })
+}

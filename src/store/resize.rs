@@ -72,7 +72,10 @@ impl<S: Storage> BitmapStore<S> {
     ///   An I/O error poisons the store; the disk then holds the old or the new image.
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
         self.ensure_writable()?;
-        self.reclaim_writer()?;
+        self.reclaimed(|s| s.resize_reclaimed(new_disk_size))
+    }
+
+    fn resize_reclaimed(&mut self, new_disk_size: u64) -> Result<()> {
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
         }
