@@ -144,14 +144,29 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_durable_locked(&mut self, pre: &mut super::Preloaded) -> Result<()> {
         self.load_for_activation(pre)?;
+        let loaded = self.image.sync_count();
         let mut targets = self.flush_targets()?;
         if let Err(e) = flush::allocate_all(&mut self.image, &mut targets) {
             self.poisoned = true;
             return Err(e);
         }
         self.record_durable_mode()?;
+        // Every bit loaded becomes a durable bit below, which a fast path acknowledges
+        // with no barrier. But a read returns what a write put in the page cache, not what
+        // is on disk: a writer that died between a commit's region write and its barrier
+        // (an intent never acknowledged) leaves bits a power loss would drop. A barrier
+        // after the reads makes what they returned durable (it flushes every write made
+        // to the file before it, whoever made it; the writer locks keep anyone else from
+        // writing since). The allocation's and the mode's barriers, when they ran, came
+        // after the reads too; only when neither ran is one issued here.
+        if self.image.sync_count() == loaded {
+            if let Err(e) = self.image.sync() {
+                self.poisoned = true;
+                return Err(e);
+            }
+        }
         // Nothing marks the bitmaps yet (they are published below), and what each holds
-        // is what its clusters now hold.
+        // is what its clusters now hold, on disk.
         let ready = std::mem::take(&mut pre.ready_bits);
         self.durable = Some(Durable::new(
             targets,
