@@ -1090,3 +1090,40 @@ fn a_live_bitmap_of_a_durable_store_never_goes_behind_its_durable_bits() {
         let _ = store.lock().inactivate().unwrap();
     }
 }
+
+/// Found by a review: a durable activation took every bit it loaded as durable, and issued
+/// no barrier when it had nothing to allocate and the image already recorded the durable
+/// mode. The bits it read can be a dead writer's commit whose region write landed in the
+/// page cache and whose barrier never ran (that intent was never acknowledged): the new
+/// activation's fast path acknowledged writes on them with no barrier, and a power loss
+/// then left the bitmap consistent without them, which QEMU trusts. Here the first
+/// handle's commit writes its region and its barrier fails; a second handle on the same
+/// storage activates and marks the same granule.
+#[test]
+fn a_durable_activation_makes_what_it_loaded_durable_before_vouching_for_it() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Trigger};
+    let crash = Arc::new(CrashStorage::new());
+    let g = 9 * G;
+    {
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let shared = durable_store(Arc::clone(&fault));
+        let t = shared.durable_tracker().unwrap();
+        fault.set_plan(FaultPlan::new().fail_sync(Trigger::From(fault.syncs() + 1)));
+        assert!(
+            t.mark(g, 4096).is_err(),
+            "the barrier failed, and the mark returned"
+        );
+    }
+    assert!(
+        on_disk(crash.live_image(), g) && !on_disk(crash.durable_image(), g),
+        "the failed commit's region is not written and unsynced"
+    );
+    let mut s = BitmapStore::open(Arc::clone(&crash), OpenMode::ReadWrite).unwrap();
+    s.activate_durable().unwrap();
+    let shared = SharedStore::new(s);
+    shared.durable_tracker().unwrap().mark(g, 4096).unwrap();
+    assert!(
+        on_disk(crash.durable_image(), g),
+        "acknowledged, and a power loss now leaves \"a\" consistent without it"
+    );
+}

@@ -681,3 +681,136 @@ fn the_durable_protocol_as_modelled_acknowledges_a_found_bit_only_once_it_is_on_
         assert_ne!(d.disk.load(SeqCst) & (1 << 5), 0);
     });
 }
+
+/// A model of the durable fast path (`DurableTracker::is_durable`) racing a change of which
+/// bitmap records, written out here as the protocol above is: the tracker's copy of the
+/// list at epoch 0, the store's list and epoch, per bitmap the durable bits (one word, on
+/// disk the moment they are set, as a commit sets them after its barrier). The fast path
+/// reads the epoch, then per bitmap its durable bits and, when they do not cover the
+/// granule, its flag (a disabled bitmap is skipped), then the epoch again, and answers
+/// only if it did not move; otherwise the slow path sets the bits in the current list and
+/// commits until the fast path answers. The change, on this thread, is:
+/// - `checkpoint`: bitmap Y (enabled, not yet listed) is published (the list replaced,
+///   then the epoch bumped), then X stops recording (the epoch bumped, then X disabled);
+/// - otherwise a hand-over: Y, first in the tracker's list and disabled, is enabled, then
+///   X stops recording as above.
+///
+/// The granule is clean and in no durable bits, so an intent may return only once a commit
+/// put it in X or Y: a return with it in neither is a write acknowledged in no bitmap.
+/// Without the second epoch read (or without the bump before the disable, for the
+/// hand-over) loom finds one: the fast path reads X's flag after the disable, and Y
+/// disabled or not listed.
+fn the_durable_fast_path_racing(checkpoint: bool) {
+    use loom::sync::atomic::AtomicU64;
+    use loom::sync::Mutex;
+    type Bm = std::sync::Arc<DirtyBitmap>;
+    struct Model {
+        x: Bm,
+        y: Bm,
+        dx: AtomicU64,
+        dy: AtomicU64,
+        /// The store's list holds Y (after `x`; before it in the tracker's copy when it
+        /// was listed from the start).
+        y_listed: AtomicBool,
+        y_first: bool,
+        epoch: AtomicU64,
+        commit: Mutex<()>,
+    }
+    impl Model {
+        /// The list current at `epoch`: the tracker's copy at 0, else the store's.
+        fn list_at(&self, epoch: u64) -> Vec<(&DirtyBitmap, &AtomicU64)> {
+            let with_y = if epoch == 0 {
+                self.y_first
+            } else {
+                self.y_listed.load(SeqCst)
+            };
+            let (x, y) = ((&*self.x, &self.dx), (&*self.y, &self.dy));
+            match (with_y, self.y_first) {
+                (false, _) => vec![x],
+                (true, true) => vec![y, x],
+                (true, false) => vec![x, y],
+            }
+        }
+        fn fast(&self, g: u64) -> bool {
+            let e0 = self.epoch.load(SeqCst);
+            let ok = self
+                .list_at(e0)
+                .iter()
+                .all(|(bm, d)| d.load(SeqCst) & (1 << g) != 0 || !bm.is_enabled());
+            ok && self.epoch.load(SeqCst) == e0
+        }
+        fn commit(&self) {
+            let _g = self.commit.lock().unwrap();
+            for (bm, d) in [(&self.x, &self.dx), (&self.y, &self.dy)] {
+                if bm.take_changed().is_empty() {
+                    continue;
+                }
+                let mut bytes = [0u8; 512];
+                bm.serialize_region(0, &mut bytes).unwrap();
+                d.fetch_or(u64::from_le_bytes(bytes[..8].try_into().unwrap()), SeqCst);
+            }
+        }
+        fn intent(&self, g: u64) {
+            if self.fast(g) {
+                return;
+            }
+            loop {
+                for (bm, _) in self.list_at(self.epoch.load(SeqCst)) {
+                    bm.mark_dirty(g * G, G);
+                }
+                if self.fast(g) {
+                    return;
+                }
+                self.commit();
+                thread::yield_now();
+            }
+        }
+        fn stop_recording_x(&self) {
+            self.epoch.fetch_add(1, SeqCst);
+            self.x.set_enabled(false);
+        }
+    }
+    model(move || {
+        let bitmap =
+            || std::sync::Arc::new(DirtyBitmap::with_region_size(1024 * 8 * G, G, 512).unwrap());
+        let d = Arc::new(Model {
+            x: bitmap(),
+            y: bitmap(),
+            dx: AtomicU64::new(0),
+            dy: AtomicU64::new(0),
+            y_listed: AtomicBool::new(!checkpoint),
+            y_first: !checkpoint,
+            epoch: AtomicU64::new(0),
+            commit: Mutex::new(()),
+        });
+        if !checkpoint {
+            d.y.set_enabled(false);
+        }
+        let a = Arc::clone(&d);
+        let t = thread::spawn(move || a.intent(5));
+        switch_point(&d.x);
+        if checkpoint {
+            d.y_listed.store(true, SeqCst);
+            d.epoch.fetch_add(1, SeqCst);
+        } else {
+            d.y.set_enabled(true);
+        }
+        d.stop_recording_x();
+        t.join().unwrap();
+        assert_ne!(
+            (d.dx.load(SeqCst) | d.dy.load(SeqCst)) & (1 << 5),
+            0,
+            "acknowledged, and in neither bitmap"
+        );
+    });
+}
+
+#[test]
+fn the_durable_fast_path_racing_a_checkpoint_acknowledges_only_what_a_bitmap_holds() {
+    the_durable_fast_path_racing(true);
+}
+
+#[test]
+fn the_durable_fast_path_racing_a_hand_over_acknowledges_only_what_a_bitmap_holds() {
+    the_durable_fast_path_racing(false);
+}

@@ -145,7 +145,8 @@ impl<S: Storage> SharedDiskState<S> {
     }
 
     /// The destination's part of the downtime if it had to read every bitmap whole: its
-    /// load of the bitmaps and the barrier of its flags commit, both timed at setup
+    /// load of the bitmaps and one barrier (its flags commit's, or in durable mode the one
+    /// that makes what it loaded durable), both timed at setup
     /// ([`Millis::MAX`] before). With the write log it reads only the regions of the last
     /// log (see [`pending`](MigrationState::pending)).
     pub fn dest_time(&self) -> Millis {
@@ -162,9 +163,10 @@ impl<S: Storage> SharedDiskState<S> {
 
     /// The destination's part of the downtime when its preload follows the write log and
     /// the last log names `regions` regions: the reference walk, those regions read again,
-    /// and, out of durable mode, the barrier of its flags commit (timed at setup); the
+    /// and one barrier (timed at setup): out of durable mode its flags commit's, in durable
+    /// mode the one that makes what it loaded durable before its trackers vouch for it; the
     /// whole load when the log is whole.
-    fn dest_time_after(&self, regions: u64, whole: bool, durable: bool) -> Millis {
+    fn dest_time_after(&self, regions: u64, whole: bool) -> Millis {
         let Some(full) = self.dest_activate else {
             return Millis::MAX;
         };
@@ -174,15 +176,10 @@ impl<S: Storage> SharedDiskState<S> {
         let reads = self
             .dest_per_region
             .saturating_mul(u32::try_from(regions).unwrap_or(u32::MAX));
-        let commit = if durable {
-            std::time::Duration::ZERO
-        } else {
-            self.dest_commit
-        };
         millis_up(
             self.dest_walk
                 .saturating_add(reads)
-                .saturating_add(commit)
+                .saturating_add(self.dest_commit)
                 .min(full),
         )
     }
@@ -262,7 +259,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if self.qemu_baseline {
             return Pending::default();
         }
-        let (work, logged, durable, region_size, log_bytes) = {
+        let (work, logged, region_size, log_bytes) = {
             let st = self.store.lock();
             let w = if exact {
                 st.stop_work_exact()
@@ -280,7 +277,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                 }));
                 Bytes(len) + SECTION_OVERHEAD
             });
-            (w, logged, st.is_durable(), rs, log_bytes)
+            (w, logged, rs, log_bytes)
         };
         let (disk_time, dest_disk_time) = match work {
             Ok(w) => {
@@ -290,7 +287,6 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                     Some((regions, whole)) => self.dest_time_after(
                         regions.saturating_add(w.bytes.0.div_ceil(region_size)),
                         whole,
-                        durable,
                     ),
                     None => self.dest_time(),
                 };
@@ -493,7 +489,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// Activates the store in durable mode
     /// ([`BitmapStore::activate_durable_preloaded`](crate::BitmapStore::activate_durable_preloaded)):
     /// nothing is written at the start when the source kept it durable too (every cluster
-    /// is allocated and no flag changes).
+    /// is allocated and no flag changes), and one barrier makes what it read durable.
     #[must_use]
     pub fn durable(mut self) -> Self {
         self.durable = true;

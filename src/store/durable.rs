@@ -144,14 +144,29 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_durable_locked(&mut self, pre: &mut super::Preloaded) -> Result<()> {
         self.load_for_activation(pre)?;
+        let loaded = self.image.sync_count();
         let mut targets = self.flush_targets()?;
         if let Err(e) = flush::allocate_all(&mut self.image, &mut targets) {
             self.poisoned = true;
             return Err(e);
         }
         self.record_durable_mode()?;
+        // Every bit loaded becomes a durable bit below, which a fast path acknowledges
+        // with no barrier. But a read returns what a write put in the page cache, not what
+        // is on disk: a writer that died between a commit's region write and its barrier
+        // (an intent never acknowledged) leaves bits a power loss would drop. A barrier
+        // after the reads makes what they returned durable (it flushes every write made
+        // to the file before it, whoever made it; the writer locks keep anyone else from
+        // writing since). The allocation's and the mode's barriers, when they ran, came
+        // after the reads too; only when neither ran is one issued here.
+        if self.image.sync_count() == loaded {
+            if let Err(e) = self.image.sync() {
+                self.poisoned = true;
+                return Err(e);
+            }
+        }
         // Nothing marks the bitmaps yet (they are published below), and what each holds
-        // is what its clusters now hold.
+        // is what its clusters now hold, on disk.
         let ready = std::mem::take(&mut pre.ready_bits);
         self.durable = Some(Durable::new(
             targets,
@@ -293,9 +308,9 @@ const GATHER_ROUNDS: u32 = 16;
 /// intent that starts after the call returned, and a removed one none; after an
 /// [`inactivate`](BitmapStore::inactivate) its intents fail until the store is activated
 /// in durable mode again, and then mark that activation's bitmaps. Each handle keeps
-/// the list of bitmaps it last saw; after an `add` or `remove` its fast path reads the
-/// store's current list instead (one lock-free load more), until the handle is cloned or
-/// [`refresh`](Self::refresh)ed.
+/// the list of bitmaps it last saw; after an `add`, a `remove`, a checkpoint or a disable
+/// its fast path reads the store's current list instead (one lock-free load more), until
+/// the handle is cloned or [`refresh`](Self::refresh)ed.
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
@@ -333,22 +348,26 @@ impl<S: Storage> DurableTracker<S> {
     }
 
     /// Takes the store's current list of bitmaps as this handle's own, so that its fast
-    /// path reads no shared list after an [`add`](BitmapStore::add) or
-    /// [`remove`](BitmapStore::remove).
+    /// path reads no shared list after an [`add`](BitmapStore::add), a
+    /// [`remove`](BitmapStore::remove), a [`checkpoint`](BitmapStore::checkpoint) or a
+    /// [`set_enabled`](BitmapStore::set_enabled)`(.., false)`.
     pub fn refresh(&mut self) {
         *self = Self::current(Arc::clone(&self.inner));
     }
 
-    /// Runs `f` on the current list and its disk size: this handle's copy while it is
-    /// current, else the store's; `closed` while the store is not active in durable mode
-    /// (its inactivation changed the epoch, so no handle's copy is current then).
+    /// Runs `f` on the list current at `epoch`, a value of the store's epoch the caller
+    /// read, and its disk size: this handle's copy while `epoch` is its own, else the
+    /// store's; `closed` while the store is not active in durable mode (its inactivation
+    /// changed the epoch, so no handle's copy is current then). The store's view is read
+    /// after the epoch, so it is the one published at `epoch` or a later one.
     #[inline(always)]
-    fn with_marks<R>(
+    fn with_marks_at<R>(
         &self,
+        epoch: u64,
         closed: R,
         f: impl FnOnce(&[(Arc<DirtyBitmap>, Arc<DurableBits>)], u64) -> R,
     ) -> R {
-        if self.set.epoch.load(SeqCst) == self.epoch {
+        if epoch == self.epoch {
             return f(&self.cached.marks, self.cached.disk_size);
         }
         let view = self.set.view.load();
@@ -384,18 +403,69 @@ impl<S: Storage> DurableTracker<S> {
     }
 
     /// Whether every recording bitmap has every granule of `[offset, offset + len)` set on
-    /// disk: the fast path of [`mark`](Self::mark), one load per bitmap for a range inside
-    /// one word. False for a range past the disk of the current activation (even when no
-    /// bitmap records: such a write must fail), and while the store is not active in
-    /// durable mode.
+    /// disk: the fast path of [`mark`](Self::mark), for a range inside one word one load
+    /// per bitmap (two for one not covered), between two loads of the store's epoch. False
+    /// for a range past the disk of the current activation (even when no bitmap records:
+    /// such a write must fail), and while the store is not active in durable mode.
+    ///
+    /// It reads the store's epoch before and after the bitmaps, and answers false if the
+    /// epoch moved in between: a checkpoint, a disable, an `add`, a `remove` or an
+    /// inactivation ran during the reads.
     #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
-        self.with_marks(false, |marks, disk_size| {
+        // Why a `true` never leaves the write in no recording bitmap. The answer is made of
+        // several reads (the epoch, then per bitmap its durable bits and maybe its
+        // `enabled` flag), and a checkpoint, a hand-over, an `add`, a `remove` or an
+        // inactivation may run between them. A bitmap read disabled is skipped, so without
+        // more a checkpoint between the epoch read and the read of the old bitmap's flag
+        // would have the write skipped in the old bitmap, disabled by then, and not
+        // required in the new one, missing from the list read: acknowledged in neither. So
+        // the read is a seqlock's: the epoch is read again after the last bitmap, and the
+        // answer counts only if it did not move. Every change that can make a skipped
+        // bitmap wrong moves the epoch first: a new view is stored, then the epoch bumped
+        // (`Durable::replace`: `add`, `remove`, a checkpoint's new bitmap, activation,
+        // inactivation), and a durable disable bumps the epoch before it clears the flag in
+        // memory (`BitmapStore::stop_recording`; its flags write and barrier come before
+        // both).
+        //
+        // Every access involved is `SeqCst` (the view's `ArcSwap` store and load included),
+        // but the argument needs only acquire and release: each step is a read that sees a
+        // write, and with it everything its writer did before (message passing; no
+        // store-buffering shape, so loom, which models `SeqCst` accesses as
+        // acquire-release, checks it as it is). Say the two epoch reads `e0` and `e1`
+        // agree, and a read `r` between them saw bitmap X disabled. Either X was never
+        // enabled in this activation (the disk never said it records), or `r` saw a
+        // disable's clear `c` (a read-modify-write, or one after it), and that disable's
+        // bump `b` came before `c` in its thread: `b` happens before `r`, which comes
+        // before `e1`, so `e1` sees `b`'s value or a later one, and so does `e0`, equal to
+        // it (the epoch only grows). `e0` reading from the bumps after `b`
+        // (read-modify-writes all) synchronizes with `b`: the list read is the one current
+        // at `b` or later (this handle's copy was read after its epoch was, and is used
+        // only while that epoch is `e0`; the store's view is read after `e0`), and
+        // everything the disabling thread did before `b` is visible: its flags write and
+        // barrier done, a checkpoint's new bitmap in the list, the bitmap a hand-over
+        // enabled first read enabled (unless a later disable cleared it, which the same
+        // argument covers). A bitmap read enabled was read covered. A list replaced between
+        // `e0` and `e1` is refused too, so the durable bits of an activation that closed
+        // (then maybe cleared on the inactive store, then activated again) are never
+        // believed after the close. A change after `e1` comes after this answer: the
+        // disable of a bitmap read covered drops no durable bit.
+        //
+        // The cost on the fast path is the second load of the epoch, a word it already
+        // read.
+        let e0 = self.set.epoch.load(SeqCst);
+        let covered = self.with_marks_at(e0, false, |marks, disk_size| {
+            #[cfg(test)]
+            super::durable_bits::hook::read_start();
             offset.checked_add(len).is_some_and(|e| e <= disk_size)
-                && marks
-                    .iter()
-                    .all(|(bm, d)| d.covers(offset, len) || !bm.is_enabled())
-        })
+                && marks.iter().all(|(bm, d)| {
+                    let r = d.covers(offset, len) || !bm.is_enabled();
+                    #[cfg(test)]
+                    super::durable_bits::hook::read_next();
+                    r
+                })
+        });
+        covered && self.set.epoch.load(SeqCst) == e0
     }
 
     /// Sets the bits of a write of `len` bytes at `offset` in memory and returns a ticket
@@ -426,7 +496,8 @@ impl<S: Storage> DurableTracker<S> {
     /// [`crate::Tracker::mark`]'s does, so that handing recording over (enable B, then
     /// disable A) never leaves a write in neither.
     fn set(&self, offset: u64, len: u64) {
-        self.with_marks((), |marks, _| match marks {
+        let epoch = self.set.epoch.load(SeqCst);
+        self.with_marks_at(epoch, (), |marks, _| match marks {
             [] => {}
             [(only, _)] => only.mark_dirty(offset, len),
             several => {
@@ -542,8 +613,103 @@ mod tests {
 
     use super::super::durable_bits::hook;
     use super::*;
-    use crate::storage::MemStorage;
-    use crate::Recording;
+    use crate::storage::{CrashStorage, MemStorage};
+    use crate::{OpenMode, Recording};
+
+    /// The image a crash now would leave (every unsynced write lost), opened read-only.
+    fn durable_image(crash: &CrashStorage) -> BitmapStore<MemStorage> {
+        BitmapStore::open(
+            MemStorage::from_bytes(crash.durable_image()),
+            OpenMode::ReadOnly,
+        )
+        .unwrap()
+    }
+
+    /// Found by a review: the fast path read the epoch once, before the list, and counted
+    /// a bitmap it read disabled as one that need not hold the write. A checkpoint that ran
+    /// between the two reads (a new bitmap "b" published, then "a" disabled) left a clean
+    /// granule reading durable: "a" not covering it but disabled, "b" not in the list the
+    /// fast path held. The write was acknowledged with its granule in neither bitmap, and
+    /// `changed_since("b")` called it clean, no crash needed. The checkpoint runs here
+    /// right after the fast path's first read of the epoch.
+    #[test]
+    fn a_checkpoint_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
+        let crash = Arc::new(CrashStorage::new());
+        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let clean = 7 << 16;
+        let ran = Rc::new(RefCell::new(false));
+        {
+            let (shared, ran) = (shared.clone(), Rc::clone(&ran));
+            hook::set_read(move |k| {
+                if k == 0 && !*ran.borrow() {
+                    *ran.borrow_mut() = true;
+                    shared.lock().checkpoint("b").unwrap();
+                }
+            });
+        }
+        let r = t.mark(clean, 4096);
+        hook::clear_read();
+        assert!(
+            *ran.borrow(),
+            "the fast path never reached its first read point"
+        );
+        r.unwrap();
+        let image = durable_image(&crash);
+        assert!(
+            image.changed_since("b").unwrap().is_dirty(clean),
+            "acknowledged after the checkpoint began, and changed_since(\"b\") calls it \
+             clean (in \"a\": {})",
+            image.load("a").unwrap().is_dirty(clean)
+        );
+    }
+
+    /// Found by the same review: a hand-over by the user (enable "b", then disable "a")
+    /// with "b" before "a" in the list. The fast path read "b" disabled before the enable
+    /// and "a" disabled after the disable, with no epoch change in between: acknowledged,
+    /// in neither bitmap. The hand-over runs here between the two reads.
+    #[test]
+    fn a_hand_over_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
+        let crash = Arc::new(CrashStorage::new());
+        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
+        s.add("b", 65536, Recording::Disabled).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let clean = 7 << 16;
+        let ran = Rc::new(RefCell::new(false));
+        {
+            let (shared, ran) = (shared.clone(), Rc::clone(&ran));
+            hook::set_read(move |k| {
+                if k == 1 && !*ran.borrow() {
+                    *ran.borrow_mut() = true;
+                    let mut s = shared.lock();
+                    s.set_enabled("b", true).unwrap();
+                    s.set_enabled("a", false).unwrap();
+                }
+            });
+        }
+        let r = t.mark(clean, 4096);
+        hook::clear_read();
+        assert!(*ran.borrow(), "the fast path never read its first bitmap");
+        r.unwrap();
+        let image = durable_image(&crash);
+        let (a, b) = (image.load("a").unwrap(), image.load("b").unwrap());
+        assert!(
+            b.is_enabled() && !a.is_enabled(),
+            "the hand-over is not on disk"
+        );
+        assert!(
+            b.is_dirty(clean),
+            "acknowledged after the hand-over began, and \"b\", recording, lacks it (in \
+             \"a\": {})",
+            a.is_dirty(clean)
+        );
+    }
 
     /// Found by a review: a durable activation opened the trackers' list (`closed` false)
     /// before it published its bitmaps, and an inactivation leaves the list empty, so a

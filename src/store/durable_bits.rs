@@ -117,12 +117,16 @@ pub(super) type Marks = Arc<View>;
 
 /// The view a durable store's trackers mark: replaced as a whole when a bitmap is added or
 /// removed and at every durable activation and inactivation, with `epoch` bumped after each
-/// replacement. One per store, so trackers follow it from one durable activation to the
-/// next (a migration that failed after its stop takes the store back). A tracker keeps the
-/// open view it last saw with its epoch, and its fast path reads the shared epoch (one load
-/// of a word written only by a replacement) instead of the view: while they match, its own
-/// copy is the current view. A mark that reads the epoch before a bump uses the old view:
-/// it was in flight during the `add` or `remove` (as for [`crate::Tracker`]).
+/// replacement, and bumped alone before a bitmap stops recording in memory
+/// ([`bump`](Self::bump)). One per store, so trackers follow it from one durable activation
+/// to the next (a migration that failed after its stop takes the store back). A tracker
+/// keeps the open view it last saw with its epoch, and its fast path reads the shared epoch
+/// (a word written only by a replacement or a bump) instead of the view: while they match,
+/// its own copy is the current view. It reads the epoch again after the bitmaps, and
+/// counts its answer only if the epoch did not move in between (the argument is at
+/// `DurableTracker::is_durable`). A slow-path mark that reads the epoch before a bump sets
+/// its bits in the old view: it was in flight during the change, and its wait reads the
+/// new view before it returns.
 ///
 /// The list, the disk size and the open state are one value, stored with one atomic
 /// swap: a reader sees an activation's bitmaps exactly when it sees it open (an open
@@ -144,6 +148,16 @@ impl Default for Published {
             }),
             epoch: AtomicU64::new(0),
         }
+    }
+}
+
+impl Published {
+    /// Moves the epoch on, the view unchanged: before a durable bitmap stops recording in
+    /// memory (`BitmapStore::stop_recording`), so that a fast path that reads its flag
+    /// cleared finds the epoch moved and refuses its answer
+    /// (`DurableTracker::is_durable`). Handles then read the store's view until refreshed.
+    pub(super) fn bump(&self) {
+        self.epoch.fetch_add(1, SeqCst);
     }
 }
 
@@ -181,6 +195,57 @@ pub(super) mod hook {
         HOOK.with(|h| {
             if let Some(f) = h.borrow_mut().as_mut() {
                 f();
+            }
+        });
+    }
+
+    type ReadHook = Box<dyn FnMut(usize)>;
+
+    thread_local! {
+        static READ: RefCell<Option<ReadHook>> = const { RefCell::new(None) };
+        static POINT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Runs `f` at every later read point of this thread's fast paths
+    /// (`DurableTracker::is_durable`), with the point's number: 0 right after the first
+    /// read of the epoch ([`read_start`]), `k` right after the `k`-th bitmap of the list
+    /// was read ([`read_next`]). Until [`clear_read`].
+    pub(crate) fn set_read(f: impl FnMut(usize) + 'static) {
+        READ.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// Removes this thread's read hook.
+    pub(crate) fn clear_read() {
+        READ.with(|h| *h.borrow_mut() = None);
+    }
+
+    /// Point 0 of a fast path.
+    pub(crate) fn read_start() {
+        POINT.with(|p| p.set(0));
+        read(0);
+    }
+
+    /// The point after the next bitmap of a fast path.
+    pub(crate) fn read_next() {
+        let k = POINT.with(|p| {
+            p.set(p.get() + 1);
+            p.get()
+        });
+        read(k);
+    }
+
+    /// The hook is taken out while it runs, so that what it calls (a checkpoint, say) may
+    /// reach other points without finding it borrowed; it is put back unless it installed
+    /// another.
+    fn read(k: usize) {
+        let Some(mut f) = READ.with(|h| h.borrow_mut().take()) else {
+            return;
+        };
+        f(k);
+        READ.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.is_none() {
+                *h = Some(f);
             }
         });
     }

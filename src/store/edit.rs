@@ -321,11 +321,26 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(n) = &old_name {
             if let Some(s) = self.slots.iter().find(|s| &s.entry.name == n) {
                 for m in s.mem.iter().chain(s.parked.iter()) {
-                    m.set_enabled(false);
+                    self.stop_recording(m);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Stops `m` recording in memory ([`DirtyBitmap::set_enabled`], which waits for its
+    /// marks in flight). Active in durable mode, the trackers' epoch moves on first: a
+    /// durable fast path skips a bitmap it reads disabled, and one that read the epoch
+    /// before this bump and the flag after the clear must find the epoch moved when it
+    /// reads it again, and take the slow path (the argument is at
+    /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)). The
+    /// caller has made the stop durable on disk first (the directory commit of a
+    /// checkpoint, the flags write of a disable) and published any bitmap taking over.
+    fn stop_recording(&self, m: &DirtyBitmap) {
+        if self.durable.is_some() {
+            self.durable_set.bump();
+        }
+        m.set_enabled(false);
     }
 
     /// A durable store's new bitmap `m`, whose all-zero table of `ts` entries is at `off`:
@@ -521,14 +536,19 @@ impl<S: Storage> BitmapStore<S> {
         let i = self.find_consistent(name)?;
         if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
-                m.set_enabled(enabled);
+                if enabled {
+                    m.set_enabled(true);
+                } else {
+                    self.stop_recording(&m);
+                }
                 return Ok(());
             }
             // Durable: while the disk may say the bitmap records, so does memory, and the
             // fast path acknowledges no intent without its bits durable in it. Enabling
             // sets memory first; disabling writes the flags first (the write may land at
-            // any moment from its start), and only once it is durable stops memory, which
-            // waits for the marks in flight. A failed write leaves memory recording.
+            // any moment from its start), and only once it is durable stops memory (the
+            // trackers' epoch bumped first, then the flag, which waits for the marks in
+            // flight). A failed write leaves memory recording.
             if enabled {
                 m.set_enabled(true);
             }
@@ -543,7 +563,7 @@ impl<S: Storage> BitmapStore<S> {
                 return r;
             }
             if !enabled {
-                m.set_enabled(false);
+                self.stop_recording(&m);
             }
             return r;
         }
