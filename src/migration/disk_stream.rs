@@ -235,6 +235,9 @@ impl StreamDiskState {
     /// Streams `bitmaps` (`(name, bitmap)`, at most 65,535, names of 1..=1023 bytes)
     /// under section id `id` and state name `name`. Each bitmap gets a change consumer
     /// of its own that starts with every region, so the first pass sends each whole.
+    /// While the state lives, a store holding one of these bitmaps refuses to remove it
+    /// ([`crate::Error::Busy`]), as QEMU refuses to remove a bitmap it migrates: the
+    /// stream never reads a bitmap its store no longer marks.
     ///
     /// # Errors
     /// [`MigrationError::InvalidInput`] for a bad name or too many bitmaps; a bitmap with
@@ -2203,5 +2206,55 @@ mod tests {
             stop(&mut s, &mut w).unwrap();
             assert_eq!(starts(&w), [true], "postcopy {postcopy}");
         }
+    }
+
+    /// Every payload of `w`, applied in order to a new attempt of `d`.
+    fn deliver<T: Storage + 'static>(d: &mut StreamDiskDest<T>, w: &Wire) {
+        d.hello(3, M1).unwrap();
+        for p in &w.0 {
+            d.section(p).unwrap();
+        }
+    }
+
+    /// Found by a review: a bitmap removed from the source store during a stream-mode
+    /// migration and added again under its name went on being streamed from the removed
+    /// copy, which nothing marks any more, so a write marked on the new one never reached
+    /// the destination (a false clean). A bitmap the stream reads is busy, as QEMU's is:
+    /// the store refuses to remove it while the stream lives.
+    #[test]
+    fn a_streamed_bitmap_is_busy_and_a_write_after_a_remove_reaches_the_destination() {
+        const G: u64 = 1 << 30;
+        let disk = 8 * G;
+        let mut store = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        let tracker = store.tracker().unwrap();
+        tracker.mark(G, 4096);
+        let mut s = StreamDiskState::from_store(1, "s", &store).unwrap();
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        // A backup tool removes "b" and adds it again; the guest writes at 7 GiB.
+        match store.remove("b") {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
+            Ok(()) => store.add("b", 65536, Recording::Enabled).unwrap(),
+            Err(e) => panic!("remove: {e}"),
+        }
+        tracker.mark(7 * G, 4096);
+        s.complete(&mut w).unwrap();
+        let mut d = StreamDiskDest::new("s", move || {
+            BitmapStore::create(MemStorage::new(), disk, 65536)
+        });
+        deliver(&mut d, &w);
+        d.before_start().unwrap();
+        let b = d.take_store().unwrap().bitmap("b").unwrap();
+        assert!(b.is_dirty(G), "the destination's b lost the write at 1 GiB");
+        assert!(
+            b.is_dirty(7 * G),
+            "the destination's b lost the write at 7 GiB, marked on the source's b"
+        );
+        // Once the stream is gone, the bitmap can be removed.
+        drop(s);
+        store.remove("b").unwrap();
     }
 }

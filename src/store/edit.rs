@@ -345,13 +345,17 @@ impl<S: Storage> BitmapStore<S> {
     /// one drops every stale entry (as QEMU does on its first header write), leaking their
     /// clusters until `qemu-img check -r leaks`.
     ///
+    /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
+    /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
+    ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
-    /// with a bad table, I/O.
+    /// [`Error::NotFound`], [`Error::Busy`], [`Error::ReadOnly`], [`Error::Corrupt`] for a
+    /// consistent bitmap with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         self.reclaim_writer()?;
         let i = self.find(name)?;
+        self.ensure_not_busy(i)?;
         self.preflight()?;
         let slot = &self.slots[i];
         let frees = if slot.stale {
