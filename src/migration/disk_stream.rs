@@ -357,12 +357,17 @@ impl StreamDiskState {
         self.complete_bytes
     }
 
-    /// Every in-memory bitmap of an active `store`, by its name.
+    /// Every bitmap of an active `store`, by its name. A bitmap left out would leave the
+    /// destination's own bitmap of that name, if it has one, as it was: clean where the
+    /// source's is dirty. So a bitmap that cannot be streamed refuses the whole state, as
+    /// QEMU refuses a migration with an inconsistent bitmap.
     ///
     /// # Errors
     /// As [`new`](Self::new); [`crate::Error::WrongState`] if the store is not active, or
     /// is active in durable mode ([`crate::StateProblem::Durable`]: it hands out no live
-    /// bitmap; migrate it on shared storage).
+    /// bitmap; migrate it on shared storage); [`crate::Error::Inconsistent`] for an
+    /// inconsistent bitmap (remove it first); [`crate::Error::Unsupported`] for a name
+    /// that is not UTF-8 (the stream's STARTs carry UTF-8 names).
     pub fn from_store<S: Storage>(
         id: StateId,
         name: impl Into<String>,
@@ -371,19 +376,19 @@ impl StreamDiskState {
         if !store.is_active() {
             return Err(crate::Error::WrongState(crate::StateProblem::NotActive).into());
         }
-        // Refused whole, not bitmap by bitmap below (which skips the inconsistent ones):
-        // a durable store's bitmaps would all be left out.
         if store.is_durable() {
             return Err(crate::Error::WrongState(crate::StateProblem::Durable).into());
         }
         let mut bitmaps = Vec::new();
         for info in store.list() {
-            if let Ok(b) = store.bitmap(&info.name) {
-                bitmaps.push((
-                    String::from_utf8_lossy(info.name.as_bytes()).into_owned(),
-                    b,
-                ));
-            }
+            let Some(utf8) = info.name.to_str() else {
+                return Err(crate::Error::Unsupported(format!(
+                    "bitmap {:?} has a name that is not UTF-8, which the stream cannot carry",
+                    info.name
+                ))
+                .into());
+            };
+            bitmaps.push((utf8.to_owned(), store.bitmap(info.name.as_bytes())?));
         }
         Self::new(id, name, bitmaps)
     }
@@ -2256,5 +2261,82 @@ mod tests {
         // Once the stream is gone, the bitmap can be removed.
         drop(s);
         store.remove("b").unwrap();
+    }
+
+    /// Found by a review: the source's store held "b" inconsistent (its bits unknown, so
+    /// all dirty), and `from_store` left it out of the stream; the destination, whose own
+    /// image held an older "b" consistent, activated that one as it was, clean where the
+    /// source's was dirty. A bitmap that cannot be streamed refuses the state, as QEMU
+    /// refuses the migration (`add_bitmaps_to_list`).
+    #[test]
+    fn an_inconsistent_source_bitmap_refuses_the_stream() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.add("c", 65536, Recording::Enabled).unwrap();
+        // Activated and never stopped: "b" is `in_use` on disk.
+        st.activate().unwrap();
+        let bytes = st.image().storage().to_vec();
+        drop(st);
+        let mut src =
+            BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap();
+        // "c" is written again and stored clean; "b" stays inconsistent.
+        src.remove("c").unwrap();
+        src.add("c", 65536, Recording::Enabled).unwrap();
+        src.activate().unwrap();
+        assert_eq!(src.list()[0].state, BitmapState::Inconsistent);
+        match StreamDiskState::from_store(1, "s", &src) {
+            Err(MigrationError::Bitmap(crate::Error::Inconsistent { name })) => {
+                assert_eq!(name, "b");
+            }
+            Ok(mut s) => {
+                let mut w = Wire(Vec::new());
+                s.setup(&mut w).unwrap();
+                s.complete(&mut w).unwrap();
+                // The destination's image holds an older "b", consistent and clean.
+                let img = Arc::new(MemStorage::from_bytes(image_with_b(
+                    false,
+                    Recording::Enabled,
+                )));
+                let mut d = dest_on(&img);
+                deliver(&mut d, &w);
+                d.before_start().unwrap();
+                let st = d.take_store().unwrap();
+                if let Ok(b) = st.bitmap("b") {
+                    assert!(
+                        b.is_dirty(0),
+                        "the destination's b is clean where the source's b is inconsistent"
+                    );
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A source bitmap whose name is not UTF-8 was streamed under a lossy copy of its
+    /// name, so the destination's bitmap of the real name was left as it was. The stream
+    /// carries UTF-8 names only, so such a bitmap refuses the state.
+    #[test]
+    fn a_source_bitmap_whose_name_is_not_utf8_refuses_the_stream() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("zname-x", 65536, Recording::Enabled).unwrap();
+        let mut bytes = st.image().storage().to_vec();
+        drop(st);
+        let at: Vec<usize> = bytes
+            .windows(7)
+            .enumerate()
+            .filter(|(_, w)| *w == b"zname-x")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(at.len(), 1, "the name is in the directory only");
+        bytes[at[0]] = 0xe2;
+        let mut src =
+            BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap();
+        src.activate().unwrap();
+        assert_eq!(src.list()[0].name.as_bytes(), b"\xe2name-x");
+        let e = StreamDiskState::from_store(1, "s", &src).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::Bitmap(crate::Error::Unsupported(_))),
+            "{e}"
+        );
     }
 }
