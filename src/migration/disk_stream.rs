@@ -1262,6 +1262,11 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
             BitmapSection::Regions { index, regions } => self.regions(index, &regions)?,
             BitmapSection::Complete { index, more } => {
                 match self.current.incoming.get_mut(&index) {
+                    // One COMPLETE per bitmap and attempt: a second one would change what
+                    // the first said of regions still to come.
+                    Some(i) if i.complete => {
+                        return Err(bad(format!("bitmap {index} completed twice")))
+                    }
                     Some(i) => {
                         i.complete = true;
                         i.more = more;
@@ -2338,5 +2343,39 @@ mod tests {
             matches!(e, MigrationError::Bitmap(crate::Error::Unsupported(_))),
             "{e}"
         );
+    }
+
+    /// Found by a review: a second COMPLETE of a bitmap was accepted, also after the
+    /// destination started, and one that said no regions follow cleared what the first
+    /// said of regions still to come: a push that then broke off left that bitmap without
+    /// its missing regions and without the all-dirty mark. A repeated COMPLETE is refused.
+    #[test]
+    fn a_repeated_complete_is_refused() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, true))
+            .unwrap();
+        d.before_start().unwrap();
+        let again = d.section(&bitmap_codec::encode_complete(0, 3, false));
+        // The push breaks off: the regions still to come never arrive.
+        d.failed_after_start();
+        let b = d.store().unwrap().bitmap("b0").unwrap();
+        assert_eq!(
+            b.count(),
+            b.bit_count(),
+            "the bitmap whose regions may never come is not all dirty"
+        );
+        assert!(again.is_err(), "a second COMPLETE of bitmap 0 was accepted");
+        // Before the start too.
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, false))
+            .unwrap();
+        assert!(d
+            .section(&bitmap_codec::encode_complete(0, 3, false))
+            .is_err());
+        assert_eq!(d.applied(), 2, "the refused section is not applied");
     }
 }
