@@ -86,6 +86,17 @@ pub enum Error {
         /// The bitmap's name, byte for byte.
         name: BitmapName,
     },
+    /// The bitmap's changes are read by a [`ChangeConsumer`](crate::ChangeConsumer) (QEMU
+    /// calls such a bitmap busy): the store refuses to drop its in-memory bitmap, as
+    /// [`remove`](crate::BitmapStore::remove) would, while any consumer of it exists. The
+    /// consumer would go on reading a bitmap the store no longer marks, and a write marked on
+    /// a new bitmap of the same name would never reach it. Drop every consumer of the
+    /// bitmap first. Nothing was changed.
+    #[error("bitmap {name:?} is busy: a change consumer reads it; drop the consumer first")]
+    Busy {
+        /// The bitmap's name, byte for byte.
+        name: BitmapName,
+    },
     /// A change was asked of an image opened read-only.
     #[error("the image is open read-only")]
     ReadOnly,

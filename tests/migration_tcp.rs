@@ -692,19 +692,20 @@ fn no_answer_after_end_leaves_the_source_stopped() {
     }
 }
 
-/// A writer that sends the first 10 bytes of the next write, then waits `gap` before the
-/// rest: a frame whose second half is late, as after a lost segment.
+/// A writer that sends the first `split` bytes of the next write, then waits `gap` before
+/// the rest: a frame whose second half is late, as after a lost segment.
 struct Late<'a> {
     sock: &'a TcpStream,
     armed: bool,
+    split: usize,
     gap: Duration,
 }
 
 impl std::io::Write for Late<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.armed && buf.len() > 10 {
+        if self.armed && buf.len() > self.split {
             self.armed = false;
-            let n = (&*self.sock).write(&buf[..10])?;
+            let n = (&*self.sock).write(&buf[..self.split])?;
             (&*self.sock).flush()?;
             thread::sleep(self.gap);
             return Ok(n);
@@ -720,9 +721,24 @@ impl std::io::Write for Late<'_> {
 /// 20 ms read timeout, and a timeout in the middle of a frame failed the reader for good,
 /// so a destination's Abort after End whose second half came 100 ms late read as an
 /// outcome in doubt, and the source stayed stopped although the destination certainly did
-/// not start. The reader now waits out a late half.
+/// not start. The reader now waits out a late half. Here the gap falls in the frame's
+/// header (its first 10 bytes came first).
 #[test]
 fn an_abort_whose_second_half_is_late_resumes_the_source() {
+    late_abort_resumes_the_source(10);
+}
+
+/// Found by a review: as above, with the gap inside the Abort's 240-byte reason (the
+/// header and 10 bytes of the payload came first). The reader waited out a late header or
+/// trailer but not a late payload.
+#[test]
+fn an_abort_whose_reason_is_late_resumes_the_source() {
+    late_abort_resumes_the_source(30);
+}
+
+/// The destination reads the attempt to End, then sends an Abort of which only the
+/// first `split` bytes come at once, the rest 100 ms later: the source must resume.
+fn late_abort_resumes_the_source(split: usize) {
     let _g = shared();
     let mut src = Source::new(13, 20_000);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -733,6 +749,7 @@ fn an_abort_whose_second_half_is_late_resumes_the_source() {
         let mut w = dirty_bitmap::migration::stream::FrameWriter::new(Late {
             sock: &sock,
             armed: false,
+            split,
             gap: Duration::from_millis(100),
         });
         w.write_frame(&Frame::Nonce { nonce: 7 }).unwrap();
@@ -754,7 +771,10 @@ fn an_abort_whose_second_half_is_late_resumes_the_source() {
     });
     let (e, _) = src.migrate_to_script(addr, Duration::from_millis(2000));
     dest.join().unwrap();
-    assert!(matches!(e, MigrationError::PeerAborted(_)), "{e}");
+    assert!(
+        matches!(e, MigrationError::PeerAborted(_)),
+        "split {split}: {e}"
+    );
     src.assert_running();
 }
 

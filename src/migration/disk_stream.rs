@@ -235,6 +235,9 @@ impl StreamDiskState {
     /// Streams `bitmaps` (`(name, bitmap)`, at most 65,535, names of 1..=1023 bytes)
     /// under section id `id` and state name `name`. Each bitmap gets a change consumer
     /// of its own that starts with every region, so the first pass sends each whole.
+    /// While the state lives, a store holding one of these bitmaps refuses to remove it
+    /// ([`crate::Error::Busy`]), as QEMU refuses to remove a bitmap it migrates: the
+    /// stream never reads a bitmap its store no longer marks.
     ///
     /// # Errors
     /// [`MigrationError::InvalidInput`] for a bad name or too many bitmaps; a bitmap with
@@ -354,12 +357,17 @@ impl StreamDiskState {
         self.complete_bytes
     }
 
-    /// Every in-memory bitmap of an active `store`, by its name.
+    /// Every bitmap of an active `store`, by its name. A bitmap left out would leave the
+    /// destination's own bitmap of that name, if it has one, as it was: clean where the
+    /// source's is dirty. So a bitmap that cannot be streamed refuses the whole state, as
+    /// QEMU refuses a migration with an inconsistent bitmap.
     ///
     /// # Errors
     /// As [`new`](Self::new); [`crate::Error::WrongState`] if the store is not active, or
     /// is active in durable mode ([`crate::StateProblem::Durable`]: it hands out no live
-    /// bitmap; migrate it on shared storage).
+    /// bitmap; migrate it on shared storage); [`crate::Error::Inconsistent`] for an
+    /// inconsistent bitmap (remove it first); [`crate::Error::Unsupported`] for a name
+    /// that is not UTF-8 (the stream's STARTs carry UTF-8 names).
     pub fn from_store<S: Storage>(
         id: StateId,
         name: impl Into<String>,
@@ -368,19 +376,19 @@ impl StreamDiskState {
         if !store.is_active() {
             return Err(crate::Error::WrongState(crate::StateProblem::NotActive).into());
         }
-        // Refused whole, not bitmap by bitmap below (which skips the inconsistent ones):
-        // a durable store's bitmaps would all be left out.
         if store.is_durable() {
             return Err(crate::Error::WrongState(crate::StateProblem::Durable).into());
         }
         let mut bitmaps = Vec::new();
         for info in store.list() {
-            if let Ok(b) = store.bitmap(&info.name) {
-                bitmaps.push((
-                    String::from_utf8_lossy(info.name.as_bytes()).into_owned(),
-                    b,
-                ));
-            }
+            let Some(utf8) = info.name.to_str() else {
+                return Err(crate::Error::Unsupported(format!(
+                    "bitmap {:?} has a name that is not UTF-8, which the stream cannot carry",
+                    info.name
+                ))
+                .into());
+            };
+            bitmaps.push((utf8.to_owned(), store.bitmap(info.name.as_bytes())?));
         }
         Self::new(id, name, bitmaps)
     }
@@ -1254,6 +1262,11 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
             BitmapSection::Regions { index, regions } => self.regions(index, &regions)?,
             BitmapSection::Complete { index, more } => {
                 match self.current.incoming.get_mut(&index) {
+                    // One COMPLETE per bitmap and attempt: a second one would change what
+                    // the first said of regions still to come.
+                    Some(i) if i.complete => {
+                        return Err(bad(format!("bitmap {index} completed twice")))
+                    }
                     Some(i) => {
                         i.complete = true;
                         i.more = more;
@@ -2203,5 +2216,166 @@ mod tests {
             stop(&mut s, &mut w).unwrap();
             assert_eq!(starts(&w), [true], "postcopy {postcopy}");
         }
+    }
+
+    /// Every payload of `w`, applied in order to a new attempt of `d`.
+    fn deliver<T: Storage + 'static>(d: &mut StreamDiskDest<T>, w: &Wire) {
+        d.hello(3, M1).unwrap();
+        for p in &w.0 {
+            d.section(p).unwrap();
+        }
+    }
+
+    /// Found by a review: a bitmap removed from the source store during a stream-mode
+    /// migration and added again under its name went on being streamed from the removed
+    /// copy, which nothing marks any more, so a write marked on the new one never reached
+    /// the destination (a false clean). A bitmap the stream reads is busy, as QEMU's is:
+    /// the store refuses to remove it while the stream lives.
+    #[test]
+    fn a_streamed_bitmap_is_busy_and_a_write_after_a_remove_reaches_the_destination() {
+        const G: u64 = 1 << 30;
+        let disk = 8 * G;
+        let mut store = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        let tracker = store.tracker().unwrap();
+        tracker.mark(G, 4096);
+        let mut s = StreamDiskState::from_store(1, "s", &store).unwrap();
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        // A backup tool removes "b" and adds it again; the guest writes at 7 GiB.
+        match store.remove("b") {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
+            Ok(()) => store.add("b", 65536, Recording::Enabled).unwrap(),
+            Err(e) => panic!("remove: {e}"),
+        }
+        tracker.mark(7 * G, 4096);
+        s.complete(&mut w).unwrap();
+        let mut d = StreamDiskDest::new("s", move || {
+            BitmapStore::create(MemStorage::new(), disk, 65536)
+        });
+        deliver(&mut d, &w);
+        d.before_start().unwrap();
+        let b = d.take_store().unwrap().bitmap("b").unwrap();
+        assert!(b.is_dirty(G), "the destination's b lost the write at 1 GiB");
+        assert!(
+            b.is_dirty(7 * G),
+            "the destination's b lost the write at 7 GiB, marked on the source's b"
+        );
+        // Once the stream is gone, the bitmap can be removed.
+        drop(s);
+        store.remove("b").unwrap();
+    }
+
+    /// Found by a review: the source's store held "b" inconsistent (its bits unknown, so
+    /// all dirty), and `from_store` left it out of the stream; the destination, whose own
+    /// image held an older "b" consistent, activated that one as it was, clean where the
+    /// source's was dirty. A bitmap that cannot be streamed refuses the state, as QEMU
+    /// refuses the migration (`add_bitmaps_to_list`).
+    #[test]
+    fn an_inconsistent_source_bitmap_refuses_the_stream() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.add("c", 65536, Recording::Enabled).unwrap();
+        // Activated and never stopped: "b" is `in_use` on disk.
+        st.activate().unwrap();
+        let bytes = st.image().storage().to_vec();
+        drop(st);
+        let mut src =
+            BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap();
+        // "c" is written again and stored clean; "b" stays inconsistent.
+        src.remove("c").unwrap();
+        src.add("c", 65536, Recording::Enabled).unwrap();
+        src.activate().unwrap();
+        assert_eq!(src.list()[0].state, BitmapState::Inconsistent);
+        match StreamDiskState::from_store(1, "s", &src) {
+            Err(MigrationError::Bitmap(crate::Error::Inconsistent { name })) => {
+                assert_eq!(name, "b");
+            }
+            Ok(mut s) => {
+                let mut w = Wire(Vec::new());
+                s.setup(&mut w).unwrap();
+                s.complete(&mut w).unwrap();
+                // The destination's image holds an older "b", consistent and clean.
+                let img = Arc::new(MemStorage::from_bytes(image_with_b(
+                    false,
+                    Recording::Enabled,
+                )));
+                let mut d = dest_on(&img);
+                deliver(&mut d, &w);
+                d.before_start().unwrap();
+                let st = d.take_store().unwrap();
+                if let Ok(b) = st.bitmap("b") {
+                    assert!(
+                        b.is_dirty(0),
+                        "the destination's b is clean where the source's b is inconsistent"
+                    );
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A source bitmap whose name is not UTF-8 was streamed under a lossy copy of its
+    /// name, so the destination's bitmap of the real name was left as it was. The stream
+    /// carries UTF-8 names only, so such a bitmap refuses the state.
+    #[test]
+    fn a_source_bitmap_whose_name_is_not_utf8_refuses_the_stream() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("zname-x", 65536, Recording::Enabled).unwrap();
+        let mut bytes = st.image().storage().to_vec();
+        drop(st);
+        let at: Vec<usize> = bytes
+            .windows(7)
+            .enumerate()
+            .filter(|(_, w)| *w == b"zname-x")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(at.len(), 1, "the name is in the directory only");
+        bytes[at[0]] = 0xe2;
+        let mut src =
+            BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite).unwrap();
+        src.activate().unwrap();
+        assert_eq!(src.list()[0].name.as_bytes(), b"\xe2name-x");
+        let e = StreamDiskState::from_store(1, "s", &src).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::Bitmap(crate::Error::Unsupported(_))),
+            "{e}"
+        );
+    }
+
+    /// Found by a review: a second COMPLETE of a bitmap was accepted, also after the
+    /// destination started, and one that said no regions follow cleared what the first
+    /// said of regions still to come: a push that then broke off left that bitmap without
+    /// its missing regions and without the all-dirty mark. A repeated COMPLETE is refused.
+    #[test]
+    fn a_repeated_complete_is_refused() {
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, true))
+            .unwrap();
+        d.before_start().unwrap();
+        let again = d.section(&bitmap_codec::encode_complete(0, 3, false));
+        // The push breaks off: the regions still to come never arrive.
+        d.failed_after_start();
+        let b = d.store().unwrap().bitmap("b0").unwrap();
+        assert_eq!(
+            b.count(),
+            b.bit_count(),
+            "the bitmap whose regions may never come is not all dirty"
+        );
+        assert!(again.is_err(), "a second COMPLETE of bitmap 0 was accepted");
+        // Before the start too.
+        let mut d = dest();
+        d.hello(3, M1).unwrap();
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 2, false))
+            .unwrap();
+        assert!(d
+            .section(&bitmap_codec::encode_complete(0, 3, false))
+            .is_err());
+        assert_eq!(d.applied(), 2, "the refused section is not applied");
     }
 }

@@ -372,9 +372,12 @@ impl<S: Storage> BitmapStore<S> {
     /// one drops every stale entry (as QEMU does on its first header write), leaking their
     /// clusters until `qemu-img check -r leaks`.
     ///
+    /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
+    /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
+    ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::ReadOnly`], [`Error::Corrupt`] for a consistent bitmap
-    /// with a bad table, I/O.
+    /// [`Error::NotFound`], [`Error::Busy`], [`Error::ReadOnly`], [`Error::Corrupt`] for a
+    /// consistent bitmap with a bad table, I/O.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.remove_reclaimed(name.as_ref()))
@@ -382,6 +385,7 @@ impl<S: Storage> BitmapStore<S> {
 
     fn remove_reclaimed(&mut self, name: &[u8]) -> Result<()> {
         let i = self.find(name)?;
+        self.ensure_not_busy(i)?;
         self.preflight()?;
         let slot = &self.slots[i];
         let frees = if slot.stale {

@@ -714,6 +714,23 @@ impl<S: Storage> BitmapStore<S> {
         Ok(i)
     }
 
+    /// Refuses to drop slot `i`'s in-memory bitmap (active or parked) while a
+    /// [`ChangeConsumer`](crate::ChangeConsumer) of it exists: every consumer of a bitmap
+    /// this store holds reads a bitmap its trackers mark.
+    fn ensure_not_busy(&self, i: usize) -> Result<()> {
+        let s = &self.slots[i];
+        if s.mem
+            .iter()
+            .chain(s.parked.iter())
+            .any(|m| m.consumer_count() > 0)
+        {
+            return Err(Error::Busy {
+                name: s.entry.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn ensure_writable(&self) -> Result<()> {
         if self.poisoned || self.image.is_poisoned() {
             Err(Error::Poisoned)

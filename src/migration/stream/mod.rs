@@ -277,9 +277,11 @@ impl<R: Read> FrameReader<R> {
 
     /// For a channel read with a short timeout (to poll a stop flag between frames): a
     /// timeout that arrives after a unit's first byte is retried for up to `patience`
-    /// (from that fill's first timeout) instead of failing the reader, so that a frame
-    /// whose second half is late (a lost segment resent) is read whole. A timeout before a
-    /// unit's first byte still returns at once, and leaves the reader usable.
+    /// instead of failing the reader, so that a frame whose second half is late (a lost
+    /// segment resent) is read whole, wherever the gap falls: in its header, its payload or
+    /// its trailer, each of which waits at most `patience` from its own first timeout. A
+    /// timeout before a unit's first byte still returns at once, and leaves the reader
+    /// usable.
     pub fn set_patience(&mut self, patience: std::time::Duration) {
         self.patience = Some(patience);
     }
@@ -315,10 +317,23 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
+    /// Whether read error `e` is a timeout inside a unit (after its first byte) that is
+    /// retried: within the patience, counted from `waiting`, the first timeout of the part
+    /// being read (set here on the first call).
+    fn waits_out(&self, e: &io::Error, waiting: &mut Option<std::time::Instant>) -> bool {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) && self.offset > self.unit_start
+            && self
+                .patience
+                .is_some_and(|p| waiting.get_or_insert_with(std::time::Instant::now).elapsed() < p)
+    }
+
     /// Reads until `buf` is full or the stream ends.
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<Fill> {
         let mut got = 0usize;
-        let mut waiting: Option<std::time::Instant> = None;
+        let mut waiting = None;
         // `got` stays below `buf.len()` inside the loop, so the rest is never empty.
         while let Some(rest) = buf.get_mut(got..).filter(|r| !r.is_empty()) {
             match self.inner.read(rest) {
@@ -328,18 +343,34 @@ impl<R: Read> FrameReader<R> {
                     self.offset = self.offset.saturating_add(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) && self.offset > self.unit_start
-                        && self
-                            .patience
-                            .is_some_and(|p| waiting.get_or_insert_with(std::time::Instant::now).elapsed() < p) => {}
+                Err(e) if self.waits_out(&e, &mut waiting) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(Fill::Full)
+    }
+
+    /// Reads a payload of `len` bytes, or what arrives of it before the stream ends. The
+    /// buffer grows only as bytes arrive, so a sender that stops early costs no more memory
+    /// than it sent.
+    fn read_payload(&mut self, len: u64) -> io::Result<Vec<u8>> {
+        let mut payload = Vec::new();
+        let mut waiting = None;
+        loop {
+            let before = payload.len();
+            let want = len.saturating_sub(before as u64);
+            // Returns at the length or at the end of the stream; a timeout keeps the bytes
+            // read before it in `payload`.
+            let got = (&mut self.inner).take(want).read_to_end(&mut payload);
+            self.offset = self
+                .offset
+                .saturating_add(payload.len().saturating_sub(before) as u64);
+            match got {
+                Ok(_) => return Ok(payload),
+                Err(e) if self.waits_out(&e, &mut waiting) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads and verifies the next frame.
@@ -430,13 +461,9 @@ impl<R: Read> FrameReader<R> {
         if let Some(hook) = &mut self.on_header {
             hook(header.len);
         }
-        // The length is checksummed and bounded; still, the buffer grows only as bytes
-        // arrive, so a sender that stops early costs no more memory than it sent.
+        // The length is checksummed and bounded.
         let len = u64::from(header.len);
-        let mut payload = Vec::new();
-        let got = (&mut self.inner).take(len).read_to_end(&mut payload);
-        self.offset = self.offset.saturating_add(payload.len() as u64);
-        got?;
+        let payload = self.read_payload(len)?;
         if (payload.len() as u64) < len {
             return Err(FrameError::Truncated {
                 offset: self.offset,

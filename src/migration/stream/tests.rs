@@ -410,6 +410,37 @@ fn timeout_between_frames_is_retryable_and_inside_one_is_not() {
     ));
 }
 
+/// Found by a review: the patience covered a frame's header and trailer but not its
+/// payload, so a timeout in the middle of a payload (a destination's Abort whose reason
+/// came late) failed the reader for good.
+#[test]
+fn with_patience_a_timeout_inside_a_payload_is_waited_out() {
+    let abort = Frame::Abort {
+        reason: "no room here".repeat(20),
+    };
+    let data = encode_all(&[abort.clone(), Frame::End]);
+    // Reads of at most 8 bytes: call 1 reads the stream header, 2..=4 the frame header,
+    // and calls 8 to 10 time out inside the 240-byte reason.
+    let flaky = |data: Vec<u8>| Flaky {
+        data,
+        at: 0,
+        timeouts: vec![8, 9, 10],
+        calls: 0,
+        chunk: 8,
+    };
+    let mut r = FrameReader::new(flaky(data.clone()));
+    r.set_patience(std::time::Duration::from_secs(60));
+    assert_eq!(r.read_frame().unwrap(), abort);
+    assert_eq!(r.read_frame().unwrap(), Frame::End);
+    // Without patience the same timeouts fail the reader, as inside a header.
+    let mut r = FrameReader::new(flaky(data));
+    assert!(matches!(r.read_frame(), Err(MigrationError::Io(_))));
+    assert!(matches!(
+        r.read_frame(),
+        Err(MigrationError::Frame(FrameError::Failed(_)))
+    ));
+}
+
 #[test]
 fn write_error_fails_the_writer() {
     struct Broken;
