@@ -247,6 +247,9 @@ fn open_log(path: &Path) -> Result<File, String> {
         .map_err(|e| at(path, e))
 }
 
+/// What a log line must be, beyond two numbers.
+const BAD_LINE: &str = "a length of 1 or more, ending below 2^64";
+
 /// The `offset length` lines of a log of marks. A last line without its newline was cut
 /// short and is skipped.
 fn read_log(path: &Path) -> Result<Vec<(u64, u64)>, String> {
@@ -265,12 +268,12 @@ fn read_log(path: &Path) -> Result<Vec<(u64, u64)>, String> {
             (Some(Ok(o)), Some(Ok(l)), None) if l > 0 && o.checked_add(l - 1).is_some() => {
                 out.push((o, l))
             }
-            _ => return Err(at(
-                path,
-                format!(
-                    "line {n} is not `offset length` (a length of 1 or more, ending below 2^64)"
-                ),
-            )),
+            _ => {
+                return Err(at(
+                    path,
+                    format!("line {n} is not `offset length` ({BAD_LINE})"),
+                ))
+            }
         }
     }
     Ok(out)
