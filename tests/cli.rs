@@ -291,7 +291,7 @@ fn round_trip_matches_qemu_nbd() {
     ]);
     dbm_ok(&["bitmap", p(&img), "--add", "-g", "4K", "g4k"]);
     dbm_ok(&["bitmap", "--add", "-g", "512", p(&img), "fine"]);
-    dbm_ok(&["bitmap", p(&img), "--add", "wide"]); // 64K default
+    dbm_ok(&["bitmap", p(&img), "--add", "-g", "64K", "wide"]);
     dbm_ok(&["bitmap", p(&img), "--add", "--disable", "-g", "1K", "off"]);
     assert_eq!(qemu_check(&img), 0);
     let marks: Vec<(String, String)> = vec![
@@ -2381,10 +2381,12 @@ fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
         dbm_ok(&["mark", p(f), "src", "9M", "1"]);
     }
     break_table(&broken, "src");
-    for n in ["a", "b", "c"] {
+    for n in ["a", "b", "c", "d"] {
         dbm_ok(&["bitmap", p(&img), n, "--add"]);
         dbm_ok(&["mark", p(&img), n, "64K", "4K"]);
     }
+    // A bitmap that does not record takes a merge all the same.
+    dbm_ok(&["bitmap", p(&img), "d", "--disable"]);
     let before = std::fs::read(&img).unwrap();
     for other in [&broken, &big] {
         let err = dbm_fails(&[
@@ -2406,10 +2408,11 @@ fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
     // The same calls through qemu-img on a copy leave the same bits.
     let copy = path("q.qcow2");
     std::fs::copy(&img, &copy).unwrap();
-    let calls: [&[&str]; 3] = [
+    let calls: [&[&str]; 4] = [
         &["a", "--clear", "--merge", "src", "-b", p(&good)],
         &["b", "--merge", "src", "-b", p(&good)],
         &["c", "--clear", "--merge", "c"],
+        &["d", "--merge", "src", "-b", p(&good)],
     ];
     for call in calls {
         let mut args = vec!["bitmap", p(&img)];
@@ -2434,7 +2437,8 @@ fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
         ["65536 65536 1 dirty", "9437184 65536 1 dirty"]
     );
     assert!(dirty(&img, "c").is_empty(), "{:?}", dirty(&img, "c"));
-    for n in ["a", "b", "c"] {
+    assert_eq!(dirty(&img, "d"), dirty(&img, "b"));
+    for n in ["a", "b", "c", "d"] {
         assert_eq!(dirty(&img, n), dirty(&copy, n), "{n}");
     }
     assert_eq!(dbm_check(&img), 0);

@@ -245,20 +245,25 @@ fn merge(
     clear: bool,
 ) -> Result<(), String> {
     let e = |e| at(&args.image, e);
-    let target = if clear {
-        let g = st
-            .list()
-            .into_iter()
-            .find(|b| &b.name == name)
-            .map(|b| b.granularity)
-            .ok_or_else(|| e(dirty_bitmap::Error::NotFound { name: name.clone() }))?;
-        DirtyBitmap::new(st.disk_size(), g).map_err(e)?
-    } else {
-        st.load(name).map_err(e)?
-    };
+    let g = st
+        .list()
+        .into_iter()
+        .find(|b| &b.name == name)
+        .map(|b| b.granularity)
+        .ok_or_else(|| e(dirty_bitmap::Error::NotFound { name: name.clone() }))?;
+    // The source's bits at the bitmap's granularity, in a bitmap of its own: a loaded
+    // bitmap that does not record (`auto` clear) takes no marks, but takes a merge.
+    let converted = DirtyBitmap::new(st.disk_size(), g).map_err(e)?;
     for (off, len) in bits.dirty_extents() {
-        target.mark_dirty(off, len);
+        converted.mark_dirty(off, len);
     }
+    let target = if clear {
+        converted
+    } else {
+        let held = st.load(name).map_err(e)?;
+        held.merge_from(&converted).map_err(e)?;
+        held
+    };
     st.store(name, &target).map_err(e)
 }
 
