@@ -156,41 +156,7 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
     };
     preflight(&st, args, &name, &verbs)?;
     let clear = verbs.contains(&Verb::Clear);
-    let source = match verbs.iter().find_map(|v| match v {
-        Verb::Merge { src, image } => Some((src, image)),
-        _ => None,
-    }) {
-        None => None,
-        Some((src, image)) => {
-            let src_name = BitmapName::parse_escaped(src);
-            let bits = match image {
-                None => st.load(&src_name).map_err(|e| at(&args.image, e))?,
-                Some(path) => store(path, OpenMode::ReadOnly)?
-                    .load(&src_name)
-                    .map_err(|e| format!("merging {}: {src:?}: {e}", path.display()))?,
-            };
-            if bits.disk_size() != st.disk_size() {
-                return Err(at(
-                    &args.image,
-                    format!(
-                        "cannot merge {src:?}, a bitmap of a {}-byte disk, into one of {} bytes",
-                        bits.disk_size(),
-                        st.disk_size()
-                    ),
-                )
-                .into());
-            }
-            // `--clear --merge NAME` within one image clears NAME first: nothing is left
-            // to merge.
-            let cleared_self = clear && image.is_none() && src_name == name;
-            Some(if cleared_self {
-                DirtyBitmap::new(bits.disk_size(), bits.granularity())
-                    .map_err(|e| at(&args.image, e))?
-            } else {
-                bits
-            })
-        }
-    };
+    let source = merge_source(&st, args, &name, &verbs, clear)?;
     for verb in &verbs {
         let img = |e| at(&args.image, e);
         match verb {
@@ -211,6 +177,48 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bits a `--merge` in `verbs` ORs in, read whole before the first write: the source
+/// bitmap of this image or of its `-b` image (refused if missing or inconsistent, as every
+/// load refuses), of this image's disk size. `None` without a merge.
+fn merge_source(
+    st: &dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
+    args: &BitmapArgs,
+    name: &BitmapName,
+    verbs: &[Verb],
+    clear: bool,
+) -> Result<Option<DirtyBitmap>, String> {
+    let Some((src, image)) = verbs.iter().find_map(|v| match v {
+        Verb::Merge { src, image } => Some((src, image)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let src_name = BitmapName::parse_escaped(src);
+    let bits = match image {
+        None => st.load(&src_name).map_err(|e| at(&args.image, e))?,
+        Some(path) => store(path, OpenMode::ReadOnly)?
+            .load(&src_name)
+            .map_err(|e| format!("merging {}: {e}", path.display()))?,
+    };
+    if bits.disk_size() != st.disk_size() {
+        return Err(at(
+            &args.image,
+            format!(
+                "cannot merge {src:?}, a bitmap of a {}-byte disk, into one of {} bytes",
+                bits.disk_size(),
+                st.disk_size()
+            ),
+        ));
+    }
+    // `--clear --merge NAME` within one image clears NAME first: nothing is left to merge.
+    if clear && image.is_none() && &src_name == name {
+        return DirtyBitmap::new(bits.disk_size(), bits.granularity())
+            .map(Some)
+            .map_err(|e| at(&args.image, e));
+    }
+    Ok(Some(bits))
 }
 
 /// `--add`, holding the merge source's bits if there is one, in one commit.
@@ -267,10 +275,11 @@ fn merge(
     st.store(name, &target).map_err(e)
 }
 
-/// Every refusal the verbs would meet on the bitmaps they name, before the first of them
-/// writes: the bitmap exists (unless `--add` makes it), is consistent for any verb but
-/// `--remove`, and a merge's source exists and is consistent. What is left to fail is I/O
-/// and the store's own limits, which `--add`, the first verb, meets before it writes.
+/// Every refusal the verbs would meet on the bitmap they name, before the first of them
+/// writes: it exists (unless `--add` makes it) and is consistent for any verb but
+/// `--remove`. A merge's source is read, and refused, by [`merge_source`], also before the
+/// first write. What is left to fail is I/O and the store's own limits, which `--add`, the
+/// first verb, meets before it writes.
 fn preflight(
     st: &dirty_bitmap::BitmapStore<dirty_bitmap::storage::FileStorage>,
     args: &BitmapArgs,
@@ -295,25 +304,6 @@ fn preflight(
                 &args.image,
                 dirty_bitmap::Error::Inconsistent { name: name.clone() },
             ));
-        }
-    }
-    for v in verbs {
-        if let Verb::Merge { src, image } = v {
-            let src = BitmapName::parse_escaped(src);
-            let check = |st: &dirty_bitmap::BitmapStore<_>| match find(st, &src) {
-                None => Err(dirty_bitmap::Error::NotFound { name: src.clone() }),
-                Some(b) if b.state == BitmapState::Inconsistent => {
-                    Err(dirty_bitmap::Error::Inconsistent { name: src.clone() })
-                }
-                Some(_) => Ok(()),
-            };
-            match image {
-                None => check(st).map_err(|e| at(&args.image, e))?,
-                Some(path) => {
-                    let other = store(path, OpenMode::ReadOnly)?;
-                    check(&other).map_err(|e| format!("merging {}: {e}", path.display()))?;
-                }
-            }
         }
     }
     Ok(())
