@@ -625,6 +625,43 @@ mod tests {
         .unwrap()
     }
 
+    /// A durable store of `bitmaps` (name, recording) over crash storage, and a mark of
+    /// the clean granule 7 × 64 KiB through a tracker whose fast path runs `race` on the
+    /// store once, at its read point `at` (0: after the first epoch read; `k + 1`: after
+    /// reading bitmap `k`). Returns the storage to crash.
+    fn mark_racing(
+        bitmaps: &[(&str, Recording)],
+        at: usize,
+        race: impl Fn(&mut BitmapStore<Arc<CrashStorage>>) + 'static,
+    ) -> Arc<CrashStorage> {
+        let crash = Arc::new(CrashStorage::new());
+        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
+        for &(name, recording) in bitmaps {
+            s.add(name, 65536, recording).unwrap();
+        }
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        let ran = Rc::new(RefCell::new(false));
+        {
+            let (shared, ran) = (shared.clone(), Rc::clone(&ran));
+            hook::set_read(move |k| {
+                if k == at && !*ran.borrow() {
+                    *ran.borrow_mut() = true;
+                    race(&mut shared.lock());
+                }
+            });
+        }
+        let r = t.mark(RACED, 4096);
+        hook::clear_read();
+        assert!(*ran.borrow(), "the fast path never reached read point {at}");
+        r.unwrap();
+        crash
+    }
+
+    /// The granule [`mark_racing`] marks.
+    const RACED: u64 = 7 << 16;
+
     /// Found by a review: the fast path read the epoch once, before the list, and counted
     /// a bitmap it read disabled as one that need not hold the write. A checkpoint that ran
     /// between the two reads (a new bitmap "b" published, then "a" disabled) left a clean
@@ -634,30 +671,10 @@ mod tests {
     /// right after the fast path's first read of the epoch.
     #[test]
     fn a_checkpoint_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
-        let crash = Arc::new(CrashStorage::new());
-        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
-        s.add("a", 65536, Recording::Enabled).unwrap();
-        s.activate_durable().unwrap();
-        let shared = SharedStore::new(s);
-        let t = shared.durable_tracker().unwrap();
-        let clean = 7 << 16;
-        let ran = Rc::new(RefCell::new(false));
-        {
-            let (shared, ran) = (shared.clone(), Rc::clone(&ran));
-            hook::set_read(move |k| {
-                if k == 0 && !*ran.borrow() {
-                    *ran.borrow_mut() = true;
-                    shared.lock().checkpoint("b").unwrap();
-                }
-            });
-        }
-        let r = t.mark(clean, 4096);
-        hook::clear_read();
-        assert!(
-            *ran.borrow(),
-            "the fast path never reached its first read point"
-        );
-        r.unwrap();
+        let crash = mark_racing(&[("a", Recording::Enabled)], 0, |s| {
+            s.checkpoint("b").unwrap();
+        });
+        let clean = RACED;
         let image = durable_image(&crash);
         assert!(
             image.changed_since("b").unwrap().is_dirty(clean),
@@ -673,30 +690,12 @@ mod tests {
     /// in neither bitmap. The hand-over runs here between the two reads.
     #[test]
     fn a_hand_over_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
-        let crash = Arc::new(CrashStorage::new());
-        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
-        s.add("b", 65536, Recording::Disabled).unwrap();
-        s.add("a", 65536, Recording::Enabled).unwrap();
-        s.activate_durable().unwrap();
-        let shared = SharedStore::new(s);
-        let t = shared.durable_tracker().unwrap();
-        let clean = 7 << 16;
-        let ran = Rc::new(RefCell::new(false));
-        {
-            let (shared, ran) = (shared.clone(), Rc::clone(&ran));
-            hook::set_read(move |k| {
-                if k == 1 && !*ran.borrow() {
-                    *ran.borrow_mut() = true;
-                    let mut s = shared.lock();
-                    s.set_enabled("b", true).unwrap();
-                    s.set_enabled("a", false).unwrap();
-                }
-            });
-        }
-        let r = t.mark(clean, 4096);
-        hook::clear_read();
-        assert!(*ran.borrow(), "the fast path never read its first bitmap");
-        r.unwrap();
+        let bitmaps = [("b", Recording::Disabled), ("a", Recording::Enabled)];
+        let crash = mark_racing(&bitmaps, 1, |s| {
+            s.set_enabled("b", true).unwrap();
+            s.set_enabled("a", false).unwrap();
+        });
+        let clean = RACED;
         let image = durable_image(&crash);
         let (a, b) = (image.load("a").unwrap(), image.load("b").unwrap());
         assert!(
