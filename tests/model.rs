@@ -32,6 +32,8 @@ enum Op {
     TakeChanged,
     TakeDirty,
     Merge(Vec<(u64, u64)>),
+    /// A merge from a bitmap at `granularity << shift` (`shift` > 0) or `>> -shift`.
+    MergeOtherGranularity(i8, Vec<(u64, u64)>),
     MergeMismatch,
     Snapshot,
     Resize(u64),
@@ -176,6 +178,8 @@ fn ops_strategy(geo: Geo) -> impl Strategy<Value = (Geo, Vec<Op>)> {
         2 => Just(Op::TakeChanged),
         1 => Just(Op::TakeDirty),
         1 => prop::collection::vec(range_strategy(&geo), 0..4).prop_map(Op::Merge),
+        1 => (prop_oneof![Just(-2i8), Just(-1), Just(1), Just(3)], prop::collection::vec(range_strategy(&geo), 0..4))
+            .prop_map(|(s, r)| Op::MergeOtherGranularity(s, r)),
         1 => Just(Op::MergeMismatch),
         1 => Just(Op::Snapshot),
         1 => (1u64..disk * 2 + 1).prop_map(Op::Resize),
@@ -303,12 +307,35 @@ fn run(geo: Geo, ops: Vec<Op>) {
                     }
                 }
             }
+            Op::MergeOtherGranularity(shift, ranges) => {
+                let g = if shift > 0 {
+                    m.geo.granularity << shift
+                } else {
+                    (m.geo.granularity >> -shift).max(512)
+                };
+                let other = DirtyBitmap::new(m.geo.disk_size, g).unwrap();
+                for &(o, l) in &ranges {
+                    other.mark_dirty(o, l);
+                }
+                // Merge ignores the enabled flag, and takes another granularity as QEMU's
+                // `hbitmap_merge` does: each of the other's dirty granules dirties every
+                // granule of ours its bytes touch.
+                bm.merge_from(&other).unwrap();
+                for (o, l) in ranges {
+                    if l == 0 || o >= m.geo.disk_size {
+                        continue;
+                    }
+                    let last = o.saturating_add(l - 1).min(m.geo.disk_size - 1);
+                    let (start, end) = (o / g * g, (last / g + 1).saturating_mul(g));
+                    for b in m.touched(start, end - start) {
+                        m.set(b);
+                    }
+                }
+            }
             Op::MergeMismatch => {
                 let other =
                     DirtyBitmap::new(m.geo.disk_size + m.geo.granularity, m.geo.granularity)
                         .unwrap();
-                assert!(bm.merge_from(&other).is_err());
-                let other = DirtyBitmap::new(m.geo.disk_size, m.geo.granularity * 2).unwrap();
                 assert!(bm.merge_from(&other).is_err());
             }
             Op::Snapshot => {

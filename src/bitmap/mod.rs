@@ -549,26 +549,33 @@ impl DirtyBitmap {
         Some(self.geo.bit_offset(bit).max(from))
     }
 
-    /// ORs every dirty bit of `other` into this bitmap, as QEMU's bitmap merge does. Works
-    /// on a disabled bitmap too. Waits while the bitmap is sealed, as a mark does, and
-    /// [`seal`](Self::seal) waits for a merge in flight.
+    /// ORs every dirty bit of `other` into this bitmap, as QEMU's bitmap merge
+    /// (`hbitmap_merge`) does. The granularities may differ: a dirty granule of `other`
+    /// dirties every granule of this bitmap its bytes touch, so a merge never cleans a byte
+    /// `other` calls dirty. Works on a disabled bitmap too. Waits while the bitmap is
+    /// sealed, as a mark does, and [`seal`](Self::seal) waits for a merge in flight.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when the disk size or the
-    /// granularity differ.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when the disk sizes differ.
     pub fn merge_from(&self, other: &DirtyBitmap) -> Result<()> {
-        if other.geo.disk_size != self.geo.disk_size
-            || other.geo.granularity != self.geo.granularity
-        {
+        if other.geo.disk_size != self.geo.disk_size {
             return Err(invalid_input!(
-                "cannot merge a bitmap of {} bytes at granularity {} into one of {} bytes at granularity {}",
+                "cannot merge a bitmap of a {}-byte disk into one of {} bytes",
                 other.geo.disk_size,
-                other.geo.granularity,
-                self.geo.disk_size,
-                self.geo.granularity
+                self.geo.disk_size
             ));
         }
-        self.announced(|| other.for_each_nonzero_word(|w, v| self.set_bits(w, v)));
+        if other.geo.granularity == self.geo.granularity {
+            self.announced(|| other.for_each_nonzero_word(|w, v| self.set_bits(w, v)));
+        } else {
+            self.announced(|| {
+                for (off, len) in other.dirty_extents() {
+                    if let Some((first, end)) = self.geo.touched_bits(off, len) {
+                        for_each_word(first, end, |w, mask| self.set_bits(w, mask));
+                    }
+                }
+            });
+        }
         Ok(())
     }
 

@@ -132,17 +132,15 @@ impl<S: Storage> BitmapStore<S> {
         }
         let load = |name: &[u8]| self.load_slot(self.find_consistent(name)?, handed);
         let base = load(since.as_ref())?;
-        // A fresh, enabled bitmap: a copy of a disabled checkpoint would ignore the marks.
+        // A fresh bitmap at `since`'s granularity; each other bitmap's dirty granules dirty
+        // every granule of it they touch.
         let out = self.new_bitmap(base.granularity())?;
         out.merge_from(&base)?;
         for (i, s) in self.slots.iter().enumerate() {
             if i == first {
                 continue;
             }
-            let other = load(s.entry.name.as_bytes())?;
-            for (off, len) in other.dirty_extents() {
-                out.mark_dirty(off, len);
-            }
+            out.merge_from(&load(s.entry.name.as_bytes())?)?;
         }
         Ok(out)
     }

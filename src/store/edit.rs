@@ -77,9 +77,7 @@ impl<S: Storage> BitmapStore<S> {
         // conversion's.
         let _ = self.new_entry(&self.current_entries(), name, granularity, false)?;
         let bits = self.new_bitmap(granularity)?;
-        for (off, len) in src.dirty_extents() {
-            bits.mark_dirty(off, len);
-        }
+        bits.merge_from(src)?;
         self.add_inner(name, granularity, recording, None, None, Some(bits))
     }
 
@@ -641,21 +639,16 @@ impl<S: Storage> BitmapStore<S> {
                 self.disk_size()
             ));
         }
-        let g = 1u64 << self.slots[i].entry.granularity_bits;
-        let converted = self.new_bitmap(g)?;
-        for (off, len) in src.dirty_extents() {
-            converted.mark_dirty(off, len);
-        }
         if let Some(m) = &self.slots[i].mem {
-            m.merge_from(&converted)?;
+            m.merge_from(src)?;
             return self.commit_if_durable();
         }
         self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
-            p.merge_from(&converted)?;
+            p.merge_from(src)?;
         }
         let dst = self.load_disk(&self.slots[i].entry)?;
-        dst.merge_from(&converted)?;
+        dst.merge_from(src)?;
         self.rewrite(i, &dst, false)
     }
 }

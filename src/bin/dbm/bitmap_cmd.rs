@@ -253,25 +253,20 @@ fn merge(
     clear: bool,
 ) -> Result<(), String> {
     let e = |e| at(&args.image, e);
-    let g = st
-        .list()
-        .into_iter()
-        .find(|b| &b.name == name)
-        .map(|b| b.granularity)
-        .ok_or_else(|| e(dirty_bitmap::Error::NotFound { name: name.clone() }))?;
-    // The source's bits at the bitmap's granularity, in a bitmap of its own: a loaded
-    // bitmap that does not record (`auto` clear) takes no marks, but takes a merge.
-    let converted = DirtyBitmap::new(st.disk_size(), g).map_err(e)?;
-    for (off, len) in bits.dirty_extents() {
-        converted.mark_dirty(off, len);
-    }
     let target = if clear {
-        converted
+        let g = st
+            .list()
+            .into_iter()
+            .find(|b| &b.name == name)
+            .map(|b| b.granularity)
+            .ok_or_else(|| e(dirty_bitmap::Error::NotFound { name: name.clone() }))?;
+        DirtyBitmap::new(st.disk_size(), g).map_err(e)?
     } else {
-        let held = st.load(name).map_err(e)?;
-        held.merge_from(&converted).map_err(e)?;
-        held
+        st.load(name).map_err(e)?
     };
+    // A merge takes the source's bits at any granularity, into a bitmap that does not
+    // record (`auto` clear) too.
+    target.merge_from(bits).map_err(e)?;
     st.store(name, &target).map_err(e)
 }
 
