@@ -185,8 +185,11 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// [`Error::WrongState`] ([`StateProblem::StorageNotEmpty`]) if the storage is not
-    /// empty; [`Error::InvalidInput`] if `cluster_size` is not a power of two in 512..=2 MiB
-    /// or the disk needs an L1 table above 32 MiB; [`Error::Io`] from the storage.
+    /// empty; [`Error::InvalidInput`] if `cluster_size` is not a power of two in 512..=2 MiB,
+    /// `disk_size` is not a multiple of 512 (QEMU counts the disk in 512-byte sectors and
+    /// drops a partial one, so bitmaps would not cover its bytes; `qemu-img create` rounds
+    /// up, `dbm create` too) or the disk needs an L1 table above 32 MiB; [`Error::Io`] from
+    /// the storage.
     ///
     /// [`StateProblem::StorageNotEmpty`]: crate::error::StateProblem::StorageNotEmpty
     pub fn create_bitmap_only(storage: S, disk_size: u64, cluster_size: u64) -> Result<Self> {
@@ -241,6 +244,13 @@ impl<S: Storage> Image<S> {
         {
             return Err(invalid_input!(
                 "cluster size {cluster_size} is not a power of two in 512..=2097152"
+            ));
+        }
+        // The header's size is read as whole 512-byte sectors (`Header::disk_length`, as
+        // QEMU's `total_sectors`): a partial last sector would be a disk no bitmap covers.
+        if !disk_size.is_multiple_of(512) {
+            return Err(invalid_input!(
+                "disk size {disk_size} is not a multiple of 512"
             ));
         }
         if !storage.is_empty()? {

@@ -339,3 +339,25 @@ fn a_luks_header_running_past_the_end_allocates_no_counters() {
         );
     }
 }
+
+/// QEMU reads the header's size as whole 512-byte sectors: an image created for a
+/// 1000-byte disk would have bitmaps covering 512 bytes, and a write at 600 would be marked
+/// nowhere. Creation refuses such a size.
+#[test]
+fn creation_refuses_a_disk_size_that_is_not_whole_sectors() {
+    for disk in [1, 511, 1000, (1 << 30) + 1] {
+        let err = Image::create_bitmap_only(MemStorage::new(), disk, 65536).map(|_| ());
+        assert!(
+            matches!(err, Err(Error::InvalidInput(_))),
+            "{disk}: {err:?}"
+        );
+        let err = Image::create_with_data_file(MemStorage::new(), disk, 65536, "raw").map(|_| ());
+        assert!(
+            matches!(err, Err(Error::InvalidInput(_))),
+            "{disk}: {err:?}"
+        );
+    }
+    for disk in [0, 512, 1024, 1 << 30] {
+        assert_eq!(fresh(65536, disk).header().disk_length(), disk);
+    }
+}
