@@ -189,6 +189,12 @@ pub enum StateProblem {
     /// writes nothing until it does.
     #[error("the writer locks on the image were released (an inactive node); take them back before writing")]
     WriterLocksReleased,
+    /// The image's bitmaps extension is untrusted (autoclear bit 0 clear: a writer that
+    /// does not know bitmaps changed the image) and its directory does not read, so its
+    /// bitmaps cannot be listed; a commit would drop them, and with them a checkpoint
+    /// chain ([`BitmapStore::checkpoint`](crate::BitmapStore::checkpoint) refuses).
+    #[error("the image's bitmaps extension is untrusted and its directory does not read; a checkpoint would drop its chain (add a bitmap to start a new one)")]
+    UntrustedBitmaps,
 }
 
 impl From<InvalidValue> for Error {
@@ -241,6 +247,7 @@ mod tests {
             StateProblem::GuestNotRunning,
             StateProblem::MarksHeld,
             StateProblem::WriterLocksReleased,
+            StateProblem::UntrustedBitmaps,
         ] {
             let m = Error::WrongState(p).to_string();
             assert!(!m.contains("  "), "{p:?}: {m:?}");

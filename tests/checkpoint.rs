@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::qemu::{assert_qemu_clean, nbd_dirty, p, qemu_bitmaps};
 use common::seeded_rng;
 use dirty_bitmap::storage::{CrashMode, CrashStorage, FileStorage, MemStorage};
-use dirty_bitmap::{BitmapStore, Error, OpenMode, Recording};
+use dirty_bitmap::{BitmapStore, Error, OpenMode, Recording, StateProblem};
 use parking_lot::Mutex;
 use rand::RngExt;
 
@@ -383,6 +383,39 @@ fn a_checkpoint_over_an_untrusted_chain_is_refused_before_any_write() {
     let r = st.checkpoint("c3");
     assert!(matches!(r, Err(Error::Inconsistent { .. })), "{r:?}");
     assert!(st.image().storage().to_vec() == bytes, "the refusal wrote");
+
+    // The same chain behind a directory that does not read: no bitmap can be listed, and
+    // the checkpoint is refused all the same, before writing.
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..G as usize]).unwrap();
+    assert!(
+        area.bitmaps.is_none(),
+        "an untrusted extension is not the image's"
+    );
+    let mut garbled = bytes.clone();
+    // The directory is the extension's second field; find it through a trusted copy.
+    let mut trusted = bytes.clone();
+    trusted[95] |= 1;
+    let ext = dirty_bitmap::format::HeaderArea::decode(&trusted[..G as usize])
+        .unwrap()
+        .bitmaps
+        .unwrap();
+    let d = ext.directory_offset as usize;
+    garbled[d..d + ext.directory_size as usize].fill(0xff);
+    let mut st =
+        BitmapStore::open(MemStorage::from_bytes(garbled.clone()), OpenMode::ReadWrite).unwrap();
+    assert!(st.list().is_empty(), "{:?}", st.list());
+    let r = st.checkpoint("c3");
+    assert!(
+        matches!(r, Err(Error::WrongState(StateProblem::UntrustedBitmaps))),
+        "{r:?}"
+    );
+    assert!(
+        st.image().storage().to_vec() == garbled,
+        "the refusal wrote"
+    );
+    // Adding a bitmap starts a new chain, as the refusal says; a checkpoint then goes on.
+    st.add("fresh", G, Recording::Enabled).unwrap();
+    assert_eq!(st.checkpoint("c3").unwrap().unwrap().as_bytes(), b"fresh");
 }
 
 /// An image with the chain c1 (disabled), c2 (recording), each with bits of its own and c1

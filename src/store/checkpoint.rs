@@ -42,15 +42,21 @@ impl<S: Storage> BitmapStore<S> {
     /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is
     /// inconsistent, or the image's bitmaps extension is untrusted (autoclear bit 0 clear),
     /// which a commit would drop with every bitmap in it (start a new chain after a full
-    /// backup: remove the bitmaps first);
+    /// backup: remove the bitmaps first); [`Error::WrongState`]
+    /// ([`StateProblem::UntrustedBitmaps`]) for such an extension whose directory does not
+    /// read;
     /// [`Error::ReadOnly`]; I/O.
     pub fn checkpoint(&mut self, new: &str) -> Result<Option<BitmapName>> {
         // An untrusted bitmaps extension: its bitmaps would vanish with the commit below,
-        // and the chain with them. Refused as an inconsistent recording bitmap is.
+        // and the chain with them. Refused as an inconsistent recording bitmap is, or, when
+        // its directory does not read (no slot lists it), as untrusted.
         if let Some(s) = self.slots.iter().find(|s| s.stale) {
             return Err(Error::Inconsistent {
                 name: s.entry.name.clone(),
             });
+        }
+        if self.image.stale_bitmaps().is_some() {
+            return Err(Error::WrongState(StateProblem::UntrustedBitmaps));
         }
         let recording: Vec<usize> = self
             .slots
