@@ -174,6 +174,13 @@ impl BitmapName {
         &self.0
     }
 
+    /// The name as QEMU reads it: its bytes up to the first NUL (QEMU copies a name with
+    /// `g_strndup`, a C string). Two names QEMU reads alike make an image it refuses to
+    /// open ("Bitmap already exists").
+    pub fn qemu_name(&self) -> &[u8] {
+        self.0.split(|&b| b == 0).next().unwrap_or(&[])
+    }
+
     /// The name as text, when it is valid UTF-8.
     pub fn to_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.0).ok()

@@ -26,7 +26,8 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes or holds a
     /// NUL, a bad granularity, a 0-byte disk, a bitmap above 512 MiB, the 65535-bitmap or
-    /// the directory size limit; [`Error::Exists`] for a name that is taken;
+    /// the directory size limit; [`Error::Exists`] for a name that is taken (as QEMU reads
+    /// names, up to a NUL: beside a foreign `a\0x`, `a` is taken);
     /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
         self.add_disabling(name, granularity, recording, None)
@@ -155,7 +156,9 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         let gbits = gbits as u8;
-        if live.iter().any(|e| e.name == name) {
+        // As QEMU reads names (up to a NUL): `name` beside a foreign entry "name\0..."
+        // would make an image QEMU refuses to open.
+        if live.iter().any(|e| e.name.qemu_name() == name.as_bytes()) {
             return Err(Error::Exists { name: name.into() });
         }
         if live.len() as u64 >= u64::from(MAX_BITMAPS) {

@@ -891,3 +891,29 @@ fn check_replace_checks_the_whole_set_and_add_holding_commits_in_use() {
     let s = reopen(s, OpenMode::ReadOnly);
     assert_eq!(s.load("b").unwrap().count(), 1);
 }
+
+/// QEMU reads a bitmap's name up to its first NUL: beside a foreign entry "a\0x", a new
+/// bitmap "a" would make an image QEMU refuses to open ("Bitmap already exists"). The add
+/// is refused as a taken name, before writing.
+#[test]
+fn a_name_qemu_reads_as_taken_is_refused() {
+    let mut s = new_store(64 * MIB, 65536);
+    s.add("aQx", 65536, Recording::Enabled).unwrap();
+    let mut bytes = s.image.into_storage().into_vec();
+    let at = bytes
+        .windows(3)
+        .position(|w| w == b"aQx")
+        .expect("the name in the directory");
+    bytes[at + 1] = 0;
+    let mut s =
+        BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite).unwrap();
+    assert_eq!(s.list()[0].name.as_bytes(), b"a\0x");
+    assert_eq!(s.list()[0].name.qemu_name(), b"a");
+    let r = s.add("a", 65536, Recording::Enabled);
+    assert!(
+        matches!(&r, Err(Error::Exists { name }) if name.as_bytes() == b"a"),
+        "{r:?}"
+    );
+    assert!(s.image.storage().to_vec() == bytes, "the refusal wrote");
+    s.add("ax", 65536, Recording::Enabled).unwrap();
+}
