@@ -4,10 +4,15 @@
 //!
 //! 1. A raw disk and a bitmap-only qcow2 image beside it, activated in durable mode: every
 //!    bitmap cluster is allocated now, and `in_use` is never set.
-//! 2. Four writer threads. Each write: `DurableTracker::mark` (returns at once when the
-//!    granule is already dirty and on disk; otherwise waits for a group commit, which one
-//!    of the waiting threads runs), then the data write. An asynchronous stack would use
-//!    `intent` and poll the ticket instead.
+//! 2. Four writer threads. Each write: `DurableTracker::begin_write` (the intent, as
+//!    `mark`: returns at once when the granule is already dirty and on disk; otherwise
+//!    waits for a group commit, which one of the waiting threads runs), then the data
+//!    write, then the guard dropped. The guard keeps the write in flight for the store, so
+//!    a checkpoint, a clear or a hand-over may run beside the writers: a write acknowledged
+//!    before it and landing after it is marked in the bitmaps recording after it. (Plain
+//!    `mark` is enough for a stack that drains its writes around those calls, as QEMU
+//!    does.) An asynchronous stack would use `register_write` and `intent`, and poll the
+//!    ticket instead.
 //! 3. "Crash": the process stops without inactivating. The image is reopened as QEMU
 //!    would: the bitmap is consistent and holds every write.
 //!
@@ -41,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = SharedStore::new(store);
     let intents = store.durable_tracker()?;
 
-    // 2. Four writers: the intent first, then the write.
+    // 2. Four writers: the intent (registered in flight) first, then the write.
     let written: Vec<u64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4u64)
             .map(|t| {
@@ -52,9 +57,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     for k in 0..64u64 {
                         // Spread over the disk, some granules written twice.
                         let offset = ((t * 7919 + k * 104_729) % (DISK_SIZE / 4096)) * 4096;
-                        intents.mark(offset, 4096).map_err(|e| e.to_string())?;
+                        let in_flight = intents
+                            .begin_write(offset, 4096)
+                            .map_err(|e| e.to_string())?;
                         disk.write_all_at(&[0xAB; 4096], offset)
                             .map_err(|e| e.to_string())?;
+                        // Completed: the store no longer needs to carry it over a change.
+                        drop(in_flight);
                         offsets.push(offset);
                     }
                     Ok(offsets)

@@ -113,7 +113,7 @@ pub use format::BitmapName;
 pub use image::{CheckReport, Image};
 pub use storage::{FileStorage, MemStorage, OpenMode};
 pub use store::background::{FlushPolicy, FlushThread, PolicyStats};
-pub use store::durable::{DurableTracker, Intent};
+pub use store::durable::{DurableTracker, Intent, WriteInFlight};
 pub use store::mode::StoreMode;
 pub use store::write_log::{LoggedBitmap, WriteLog};
 pub use store::{

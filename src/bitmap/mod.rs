@@ -624,6 +624,16 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// Sets every granule `[offset, offset + len)` touches (clamped to the disk), on a
+    /// disabled bitmap too, as a mark a store can wait for (see `announced`): a durable
+    /// store's record of a write still in flight (`BitmapStore::commit_in_flight`), owed
+    /// to a bitmap whatever its flag says.
+    pub(crate) fn or_range(&self, offset: u64, len: u64) {
+        if let Some((first, end)) = self.geo.touched_bits(offset, len) {
+            self.announced(|| for_each_word(first, end, |w, mask| self.set_bits(w, mask)));
+        }
+    }
+
     /// Sets every bit, on a disabled bitmap too: a copy that may lack bits reads as needing
     /// everything. Safe beside concurrent marks, as [`or_serialized`](Self::or_serialized).
     pub(crate) fn fill(&self) {

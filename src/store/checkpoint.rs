@@ -37,6 +37,15 @@ impl<S: Storage> BitmapStore<S> {
     /// neither. A crash before the commit leaves the chain as it was (and only leaked
     /// clusters); after it, both entries as the commit wrote them.
     ///
+    /// Active in durable mode, a write is marked before it is issued, so one whose intent
+    /// was acknowledged before the call may land after it: it is in `new` (on disk, before
+    /// the call returns) when it was registered
+    /// ([`DurableTracker::begin_write`](super::durable::DurableTracker::begin_write), its
+    /// guard alive at the call). A caller of plain
+    /// [`mark`](super::durable::DurableTracker::mark) drains its writes before the call,
+    /// as QEMU does around a transaction: otherwise such a write is only in the old bitmap,
+    /// and lost to the chain once that is removed.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
     /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is

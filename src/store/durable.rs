@@ -29,6 +29,16 @@
 //! - Clears are durable when [`BitmapStore::clear`] returns: the durable bits are dropped
 //!   first (so no intent is acknowledged on a bit about to go), then memory, then the
 //!   regions are written in place with a barrier. A torn clear leaves only extra dirty bits.
+//! - Writes in flight: an intent is acknowledged before its write is issued, and the store
+//!   cannot see the write complete. A write acknowledged before a checkpoint, an `add` of a
+//!   recording bitmap, a `set_enabled` or a clear, landing after it, would be in no bitmap
+//!   recording after it (a checkpoint's new bitmap starts empty), or cleared. A caller that
+//!   does not drain its writes around those calls (as QEMU does around a transaction)
+//!   registers each write ([`DurableTracker::begin_write`], a guard it drops once the write
+//!   completed); each such call, once its change is published, marks every registered
+//!   write in the bitmaps that record after it (a clear: in the bitmap it clears), on
+//!   disk, before it returns (`BitmapStore::commit_in_flight`; why the registry misses no
+//!   write that needs it: `InFlight` in `durable_bits.rs`).
 //!
 //! Crash reasoning, step by step, is in `docs/CRASH-CONSISTENCY.md`, "Durable mode".
 
@@ -37,7 +47,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::durable_bits::{Durable, DurableBits, DurableSet, Marks};
+use super::durable_bits::{Durable, DurableBits, DurableSet, InFlight, Marks};
 use super::{BitmapStore, SharedStore};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result, StateProblem};
@@ -207,7 +217,8 @@ impl<S: Storage> BitmapStore<S> {
         r
     }
 
-    /// A durable store's clear of slot `i`: durable bits first, memory, then a commit.
+    /// A durable store's clear of slot `i`: durable bits first, memory, the writes
+    /// registered in flight set again, then a commit.
     pub(crate) fn clear_durable(&mut self, i: usize) -> Result<()> {
         let (Some(d), Some(m)) = (&self.durable, self.slots.get(i).and_then(|s| s.mem.clone()))
         else {
@@ -219,7 +230,53 @@ impl<S: Storage> BitmapStore<S> {
             }
         }
         m.clear(0, self.disk_size());
+        // A write acknowledged before the clear and still in flight lands after it: its
+        // bits stay (registered writes only: see `InFlight` in `durable_bits.rs`), in the
+        // same commit.
+        self.mark_in_flight(Some(&m));
         self.commit_durable().map(|_| ())
+    }
+
+    /// After a change of which bitmaps record: every write registered in flight
+    /// ([`DurableTracker::begin_write`]) is marked in every bitmap that records now, and
+    /// committed, so that it is on disk before the change's call returns. The caller has
+    /// published the change (the trackers' view and epoch, the flags in memory): see
+    /// `InFlight` in `durable_bits.rs` for why a write this misses marks those bitmaps
+    /// itself. A write already there costs nothing (no bit changes, no barrier). Poisons the
+    /// store on failure, as every durable commit does; the bitmaps that recorded before
+    /// the change still hold the write on disk (its intent was durable in them).
+    pub(crate) fn commit_in_flight(&mut self) -> Result<()> {
+        if self.durable.is_none() {
+            return Ok(());
+        }
+        if self.mark_in_flight(None) {
+            self.commit_durable()?;
+        }
+        Ok(())
+    }
+
+    /// Marks every write registered in flight into `only`, or, when `None`, into every
+    /// bitmap of the durable list that records; whether there was any.
+    fn mark_in_flight(&self, only: Option<&Arc<DirtyBitmap>>) -> bool {
+        let Some(d) = &self.durable else {
+            return false;
+        };
+        let writes = self.durable_set.in_flight.snapshot();
+        if writes.is_empty() {
+            return false;
+        }
+        for t in &d.targets {
+            let take = match only {
+                Some(m) => Arc::ptr_eq(m, &t.bitmap),
+                None => t.bitmap.is_enabled(),
+            };
+            if take {
+                for &(offset, len) in &writes {
+                    t.bitmap.or_range(offset, len);
+                }
+            }
+        }
+        true
     }
 
     /// The durable inactivation: a commit of what is left, then the `auto` flags if a
@@ -382,6 +439,17 @@ impl<S: Storage> DurableTracker<S> {
     /// the write. At once, with no barrier, when that already holds; otherwise after the
     /// group commit that writes the bits (this thread may run it).
     ///
+    /// The store cannot see when the write completes. So a caller of plain `mark` must
+    /// have no write in flight whose mark returned before a
+    /// [`checkpoint`](BitmapStore::checkpoint), a [`clear`](BitmapStore::clear), a
+    /// [`set_enabled`](BitmapStore::set_enabled) or an [`add`](BitmapStore::add) of a
+    /// recording bitmap (it drains its writes around them, as QEMU does around a
+    /// transaction): such a write, landing after the call, would be in no bitmap recording
+    /// after it (a checkpoint's new bitmap starts empty, and the old one is then
+    /// [`remove`](BitmapStore::remove)d), or cleared. A caller that does not drain uses
+    /// [`begin_write`](Self::begin_write), whose guard keeps the write in flight for
+    /// those calls.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0;
     /// [`Error::WrongState`] while the store is not active in durable mode (after an
@@ -394,6 +462,51 @@ impl<S: Storage> DurableTracker<S> {
             return Ok(());
         }
         self.mark_slow(offset, len)
+    }
+
+    /// [`mark`](Self::mark) for a write the store keeps track of until it completes:
+    /// registered in flight first (as [`register_write`](Self::register_write)), then
+    /// marked. Issue the write once this returns, and drop the guard once the write
+    /// completed, failed or was abandoned. While the guard lives, a
+    /// [`checkpoint`](BitmapStore::checkpoint), an [`add`](BitmapStore::add) of a recording
+    /// bitmap or a [`set_enabled`](BitmapStore::set_enabled) marks the write, on disk, in
+    /// every bitmap that records after it, and a [`clear`](BitmapStore::clear) leaves it in
+    /// the bitmap it clears, before they return: no need to drain writes around them.
+    ///
+    /// Costs beside `mark`'s: a lock of one of several shards, twice.
+    ///
+    /// # Errors
+    /// As [`mark`](Self::mark): the write must not be issued (the guard is dropped).
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<WriteInFlight> {
+        let guard = self.register_write(offset, len)?;
+        self.mark(offset, len)?;
+        Ok(guard)
+    }
+
+    /// Registers a write of `len` bytes at `offset` in flight until the guard drops,
+    /// without marking it: for a stack that takes its [`intent`](Self::intent) itself.
+    /// Call it **before** the write's [`mark`](Self::mark) or [`intent`](Self::intent)
+    /// (the order is what makes the registry complete: a registration a store call does
+    /// not see came after that call's change, so the intent after it marks the bitmaps of
+    /// after the change), and drop the guard once the write completed, failed or was
+    /// abandoned. See [`begin_write`](Self::begin_write).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a range past the disk or of length 0.
+    pub fn register_write(&self, offset: u64, len: u64) -> Result<WriteInFlight> {
+        let disk = self.set.view.load().disk_size;
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > disk) {
+            return Err(Error::InvalidInput(format!(
+                "a write of {len} bytes at {offset} on a disk of {disk} bytes"
+            )));
+        }
+        let registry = Arc::clone(&self.set.in_flight);
+        let (shard, id) = registry.insert(offset, len);
+        Ok(WriteInFlight {
+            registry,
+            shard,
+            id,
+        })
     }
 
     /// [`mark`](Self::mark) past its fast path, out of line.
@@ -473,6 +586,10 @@ impl<S: Storage> DurableTracker<S> {
     /// poll [`Intent::is_durable`] and issue the write once it says so, while something
     /// commits ([`commit`](Self::commit), [`Intent::wait`], or a
     /// [`FlushPolicy`](crate::FlushPolicy) on the store).
+    ///
+    /// As for [`mark`](Self::mark), the store cannot see the write complete: register it
+    /// first ([`register_write`](Self::register_write)), or drain writes around a
+    /// checkpoint, a clear, a `set_enabled` or an `add` of a recording bitmap.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a range past the disk or of length 0.
@@ -562,6 +679,23 @@ impl<S: Storage> DurableTracker<S> {
         }
         inner.done.notify_all();
         r.map(|_| ())
+    }
+}
+
+/// A write in flight on a durable store ([`DurableTracker::begin_write`],
+/// [`DurableTracker::register_write`]), until this guard drops. `Send`: drop it on the
+/// thread that sees the write complete.
+#[derive(Debug)]
+#[must_use = "the write counts as in flight until the guard drops: keep it until the write completed"]
+pub struct WriteInFlight {
+    registry: Arc<InFlight>,
+    shard: usize,
+    id: u64,
+}
+
+impl Drop for WriteInFlight {
+    fn drop(&mut self) {
+        self.registry.remove(self.shard, self.id);
     }
 }
 
@@ -708,6 +842,122 @@ mod tests {
              \"a\": {})",
             a.is_dirty(clean)
         );
+    }
+
+    /// A durable store of `bitmaps` (name, recording) over crash storage, and a tracker.
+    fn durable_store(
+        bitmaps: &[(&str, Recording)],
+    ) -> (
+        Arc<CrashStorage>,
+        SharedStore<Arc<CrashStorage>>,
+        DurableTracker<Arc<CrashStorage>>,
+    ) {
+        let crash = Arc::new(CrashStorage::new());
+        let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
+        for &(name, recording) in bitmaps {
+            s.add(name, 65536, recording).unwrap();
+        }
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let t = shared.durable_tracker().unwrap();
+        (crash, shared, t)
+    }
+
+    /// A granule written and completed before the change under test: it must not be
+    /// marked by it (the registry holds only writes in flight).
+    const DONE: u64 = 3 << 16;
+
+    /// Found by a review: a durable intent is acknowledged before its write is issued, and
+    /// a checkpoint between the two started the new bitmap empty and disabled the old one,
+    /// which held the write. The write landed after the checkpoint; once the old
+    /// checkpoint was removed (after its backup, which may have read the granule before
+    /// the write landed), `changed_since("b")` called it clean. A write registered in
+    /// flight is marked in the new bitmap, on disk, before the checkpoint returns.
+    #[test]
+    fn a_write_in_flight_across_a_checkpoint_is_in_the_new_bitmap() {
+        let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
+        drop(t.begin_write(DONE, 4096).unwrap());
+        let w = t.begin_write(RACED, 4096).unwrap();
+        shared.lock().checkpoint("b").unwrap();
+        // The write lands now, after the checkpoint, and completes.
+        drop(w);
+        assert!(t.set.in_flight.snapshot().is_empty(), "a guard stayed");
+        shared.lock().remove("a").unwrap();
+        let live = shared.lock().changed_since("b").unwrap();
+        assert!(
+            live.is_dirty(RACED),
+            "a write in flight across the checkpoint is clean in changed_since(\"b\")"
+        );
+        assert!(
+            !live.is_dirty(DONE),
+            "a write completed before the checkpoint is in its new bitmap"
+        );
+        assert!(
+            durable_image(&crash).load("b").unwrap().is_dirty(RACED),
+            "a write in flight across the checkpoint is not in \"b\" on disk"
+        );
+    }
+
+    /// Found by the same review: a durable clear dropped the bits of a write whose intent
+    /// was acknowledged before it and that landed after it. The write is kept, on disk.
+    #[test]
+    fn a_clear_keeps_a_write_in_flight() {
+        let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
+        drop(t.begin_write(DONE, 4096).unwrap());
+        let w = t.begin_write(RACED, 4096).unwrap();
+        shared.lock().clear("a").unwrap();
+        drop(w);
+        let live = shared.lock().load("a").unwrap();
+        assert!(live.is_dirty(RACED), "a clear dropped a write in flight");
+        assert!(!live.is_dirty(DONE), "a clear kept a completed write");
+        assert!(
+            durable_image(&crash).load("a").unwrap().is_dirty(RACED),
+            "a clear dropped a write in flight on disk"
+        );
+    }
+
+    /// Found by the same review: a hand-over by the user (enable "b", disable "a") while
+    /// a write acknowledged against "a" alone is in flight: "b" lacked it, and once "a" was
+    /// removed nothing held it.
+    #[test]
+    fn a_write_in_flight_across_a_hand_over_is_in_the_bitmap_taking_over() {
+        let (crash, shared, t) =
+            durable_store(&[("a", Recording::Enabled), ("b", Recording::Disabled)]);
+        let w = t.begin_write(RACED, 4096).unwrap();
+        shared.lock().set_enabled("b", true).unwrap();
+        shared.lock().set_enabled("a", false).unwrap();
+        drop(w);
+        shared.lock().remove("a").unwrap();
+        assert!(
+            shared.lock().load("b").unwrap().is_dirty(RACED),
+            "a write in flight across the hand-over is not in \"b\""
+        );
+        assert!(
+            durable_image(&crash).load("b").unwrap().is_dirty(RACED),
+            "a write in flight across the hand-over is not in \"b\" on disk"
+        );
+    }
+
+    /// An `add` of a recording bitmap takes the writes in flight too, and a stack that
+    /// takes its own intent registers first ([`DurableTracker::register_write`]).
+    #[test]
+    fn a_recording_bitmap_added_takes_a_write_in_flight() {
+        let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
+        let w = t.register_write(RACED, 4096).unwrap();
+        t.intent(RACED, 4096).unwrap().wait().unwrap();
+        shared.lock().add("b", 65536, Recording::Enabled).unwrap();
+        drop(w);
+        assert!(
+            durable_image(&crash).load("b").unwrap().is_dirty(RACED),
+            "a write in flight across the add is not in \"b\" on disk"
+        );
+        assert!(matches!(
+            t.register_write(1 << 30, 1),
+            Err(Error::InvalidInput(_))
+        ));
+        // The guard may be dropped by the thread that sees the write complete.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<WriteInFlight>();
     }
 
     /// Found by a review: a durable activation opened the trackers' list (`closed` false)

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use crate::bitmap::{region_words, DirtyBitmap};
 use crate::flush;
@@ -135,6 +136,9 @@ pub(super) type Marks = Arc<View>;
 pub(super) struct Published {
     pub(super) view: ArcSwap<View>,
     pub(super) epoch: AtomicU64,
+    /// The writes registered in flight (`DurableTracker::begin_write`), one registry per
+    /// store, across its activations.
+    pub(super) in_flight: Arc<InFlight>,
 }
 
 impl Default for Published {
@@ -147,6 +151,7 @@ impl Default for Published {
                 open: false,
             }),
             epoch: AtomicU64::new(0),
+            in_flight: Arc::default(),
         }
     }
 }
@@ -158,6 +163,71 @@ impl Published {
     /// (`DurableTracker::is_durable`). Handles then read the store's view until refreshed.
     pub(super) fn bump(&self) {
         self.epoch.fetch_add(1, SeqCst);
+    }
+}
+
+/// How many locks [`InFlight`] spreads its writes over.
+const IN_FLIGHT_SHARDS: usize = 16;
+
+/// The writes whose intent may have been acknowledged and that have not completed: each
+/// registered before its intent reads anything (`DurableTracker::begin_write`), and
+/// dropped by its guard once the write completed, failed or was abandoned.
+///
+/// Why a durable store needs it: an intent is acknowledged against the bitmaps that record
+/// when it reads them, and the write lands later. A change of which bitmaps record (a
+/// checkpoint, an `add` or an enable) or a clear between the two would leave the write in
+/// no bitmap recording after it, or cleared. So each such change, once published (the new
+/// view and epoch stored, the flags changed, the bits cleared), takes a
+/// [`snapshot`](Self::snapshot) and marks every range in it into the bitmaps concerned,
+/// durably, before it returns (`BitmapStore::commit_in_flight`). A registration the
+/// snapshot misses took its shard's lock after the snapshot released it, so after the
+/// publication: its intent's reads, which come after the registration, see the change, and
+/// it marks the bitmaps of after the change itself.
+#[derive(Debug)]
+pub(super) struct InFlight {
+    /// Per shard, `(id, offset, len)` of each write registered there.
+    shards: [Mutex<Vec<(u64, u64, u64)>>; IN_FLIGHT_SHARDS],
+    next: AtomicU64,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            shards: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl InFlight {
+    /// Registers a write of `len` bytes at `offset`; returns its shard and id, for
+    /// [`remove`](Self::remove).
+    pub(super) fn insert(&self, offset: u64, len: u64) -> (usize, u64) {
+        let id = self.next.fetch_add(1, SeqCst);
+        let shard = (id % IN_FLIGHT_SHARDS as u64) as usize;
+        if let Some(m) = self.shards.get(shard) {
+            m.lock().push((id, offset, len));
+        }
+        (shard, id)
+    }
+
+    /// Drops the registration `(shard, id)`.
+    pub(super) fn remove(&self, shard: usize, id: u64) {
+        if let Some(m) = self.shards.get(shard) {
+            let mut v = m.lock();
+            if let Some(k) = v.iter().position(|&(i, _, _)| i == id) {
+                v.swap_remove(k);
+            }
+        }
+    }
+
+    /// Every write registered now, `(offset, len)`: each shard locked in turn.
+    pub(super) fn snapshot(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for m in &self.shards {
+            out.extend(m.lock().iter().map(|&(_, o, l)| (o, l)));
+        }
+        out
     }
 }
 

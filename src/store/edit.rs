@@ -21,7 +21,10 @@ impl<S: Storage> BitmapStore<S> {
     /// memory and written with `in_use` set. On a store active in durable mode it is written
     /// without `in_use`, with every data cluster allocated before the directory names it,
     /// and every [`DurableTracker`](super::durable::DurableTracker) marks it from the next
-    /// intent on.
+    /// intent on; recording, it also takes every write registered in flight
+    /// ([`begin_write`](super::durable::DurableTracker::begin_write)), on disk, before the
+    /// call returns (a write whose plain `mark` returned before the call must have completed
+    /// before it).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes or holds a
@@ -326,6 +329,12 @@ impl<S: Storage> BitmapStore<S> {
                 }
             }
         }
+        // Durable: a write whose intent was acknowledged before the new bitmap was
+        // published may land after this returns; the new bitmap takes every write
+        // registered in flight, on disk, now (the old one holds it already).
+        if enabled {
+            self.commit_in_flight()?;
+        }
         Ok(())
     }
 
@@ -375,6 +384,12 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
     /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
+    ///
+    /// Durable, after a checkpoint: the old bitmap may be the only one holding a write
+    /// acknowledged before the checkpoint and landing after it, unless the write was
+    /// registered ([`DurableTracker::begin_write`](super::durable::DurableTracker::begin_write):
+    /// the checkpoint then marked it in the new bitmap) or the caller drained its writes
+    /// around the checkpoint.
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Busy`], [`Error::ReadOnly`], [`Error::Corrupt`] for a
@@ -500,6 +515,12 @@ impl<S: Storage> BitmapStore<S> {
     /// then the regions in place and a barrier: see [`super::durable`]). Inactive: stores
     /// an empty bitmap.
     ///
+    /// Durable: a write registered in flight
+    /// ([`DurableTracker::begin_write`](super::durable::DurableTracker::begin_write)) keeps
+    /// its bits, on disk (it may land after the clear). A write whose plain
+    /// [`mark`](super::durable::DurableTracker::mark) returned before the call must have
+    /// completed before it: the caller drains.
+    ///
     /// # Errors
     /// As [`store`](Self::store).
     pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
@@ -530,8 +551,17 @@ impl<S: Storage> BitmapStore<S> {
     /// so that no mark is acknowledged without a bitmap the disk may still say records.
     /// Inactive: a new directory is committed, unless the flag already has that value.
     ///
+    /// Durable: every write registered in flight
+    /// ([`DurableTracker::begin_write`](super::durable::DurableTracker::begin_write)) is
+    /// marked, on disk, in every bitmap that records after the call, before it returns (an
+    /// enabled bitmap, or one taking over from a disabled one, holds a write acknowledged
+    /// before it recorded and landing after). A write whose plain
+    /// [`mark`](super::durable::DurableTracker::mark) returned before the call must have
+    /// completed before it: the caller drains.
+    ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O (active in
+    /// durable mode, the store is then poisoned).
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.set_enabled_reclaimed(name.as_ref(), enabled))
@@ -546,7 +576,7 @@ impl<S: Storage> BitmapStore<S> {
                 } else {
                     self.stop_recording(&m);
                 }
-                return Ok(());
+                return self.commit_in_flight();
             }
             // Durable: while the disk may say the bitmap records, so does memory, and the
             // fast path acknowledges no intent without its bits durable in it. Enabling
@@ -570,7 +600,10 @@ impl<S: Storage> BitmapStore<S> {
             if !enabled {
                 self.stop_recording(&m);
             }
-            return r;
+            // A write acknowledged before the change, still in flight, is marked in every
+            // bitmap that records now (the one enabled, the one taking over from the one
+            // disabled), on disk, before this returns.
+            return self.commit_in_flight();
         }
         if self.slots[i].entry.auto != enabled {
             self.preflight()?;
