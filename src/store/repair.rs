@@ -4,20 +4,27 @@
 //! QEMU refuses to open an image with a broken bitmap directory entry or table (the VM does
 //! not boot), and its only way out is a full copy (`qemu-img convert
 //! --skip-broken-bitmaps`). [`repair`] instead:
-//! - with [`Repair::All`]: commits a new directory holding only the bitmaps QEMU would load
-//!   (or drops the bitmaps extension when the directory cannot be read as a whole), then
-//!   frees what only the removed entries referenced;
+//! - with [`Repair::All`]: raises to 1 the refcount of each cluster a kept bitmap or the
+//!   directory owns that has refcount 0 (as `qemu-img check -r all` repairs a refcount
+//!   below its references), commits a new directory holding only the bitmaps QEMU would
+//!   load and this library can keep (or drops the bitmaps extension when the directory
+//!   cannot be read as a whole), then frees what only the removed entries referenced;
 //! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a directory entry
 //!   (broken or not) or the directory itself may own: reclaiming a broken bitmap's clusters
 //!   as leaks would destroy its data behind its entry. When the directory cannot be read
 //!   as a whole, any leaked cluster may be a bitmap's, and none is freed.
 //!
+//! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its data
+//! clusters lie in the file, and none of its clusters is shared with other metadata, the
+//! directory or an earlier kept bitmap. Removing any other is no false clean: a removed
+//! bitmap is no bitmap to trust.
+//!
 //! Everything is decided before the first write: the walk of every other structure
-//! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption,
-//! and a bitmap whose table or data shares a cluster with that metadata, with the
-//! directory, or with an earlier bitmap is broken too. A cluster is freed only down to the
-//! number of references the metadata that stays holds, so nothing still referenced is ever
-//! freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
+//! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption;
+//! which bitmaps stay; the refcounts raised (in memory, before anything is allocated, so
+//! the allocator never hands out a cluster the repair keeps). A cluster is freed only down
+//! to the number of references the metadata that stays holds, so nothing still referenced
+//! is ever freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
 
 use std::collections::BTreeMap;
 
@@ -54,6 +61,9 @@ pub struct RepairReport {
     pub leaks_freed: u64,
     /// Leaked clusters left alone because a directory entry or the directory may own them.
     pub leaks_kept: u64,
+    /// Clusters a kept bitmap or the directory owns whose refcount was 0, raised to their
+    /// one reference ([`Repair::All`] only).
+    pub refcounts_raised: u64,
 }
 
 /// Repairs the image in `storage` (opened writable) as `what` says, and returns it with a
@@ -61,8 +71,10 @@ pub struct RepairReport {
 ///
 /// # Errors
 /// [`Error::Corrupt`](crate::Error::Corrupt) when the walk of everything but the bitmaps finds corruption (a
-/// refcount below its references: `qemu-img check -r all` is the tool for that) or the
-/// header cannot be read ([`Image::open_untrusting_bitmaps`]); I/O.
+/// refcount below its references: `qemu-img check -r all` is the tool for that), the
+/// header cannot be read ([`Image::open_untrusting_bitmaps`]), or (with [`Repair::All`]) a
+/// cluster a kept bitmap or the directory owns has refcount 0 and no refcount block covers
+/// it ([`Corruption::Refcount`]); I/O. Each is found before the first write.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
@@ -75,13 +87,15 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     }
     let triage = triage_bitmaps(&image)?;
     let cs = image.cluster_size();
+    let file_clusters = image.storage().len()?.div_ceil(cs);
     let dir = image
         .area()
         .bitmaps
         .map(|e| (e.directory_offset, e.directory_size));
     // Which entries QEMU would load and own their clusters alone: triage's verdict, then
-    // overlaps (with other metadata, the directory, an earlier kept bitmap).
-    let mut keep: Vec<DirEntry> = Vec::new();
+    // what the entry owns (data clusters in the file), then overlaps (with other
+    // metadata, the directory, an earlier kept bitmap).
+    let mut keep: Vec<(DirEntry, Vec<u64>)> = Vec::new();
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
     let mut claimed = ClusterSet::default();
     if let Some((off, size)) = dir {
@@ -90,38 +104,21 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     if let Some(t) = &triage {
         for b in &t.bitmaps {
             let name = BitmapName::from(b.entry.raw.name.as_slice());
-            let e = match (&b.entry.verdict, &b.broken) {
-                (Ok(e), None) => e.clone(),
-                (Ok(_), Some(why)) => {
-                    broken.push((name, why.clone()));
-                    continue;
-                }
-                (Err(p), _) => {
-                    broken.push((name, p.to_string()));
-                    continue;
-                }
+            let why = match (&b.entry.verdict, &b.broken) {
+                (Ok(e), None) => match kept_or_why(&image, e, file_clusters, &base, &claimed)? {
+                    Ok(owned) => {
+                        for &c in &owned {
+                            claimed.insert(c / cs, c / cs + 1);
+                        }
+                        keep.push((e.clone(), owned));
+                        continue;
+                    }
+                    Err(why) => why,
+                },
+                (Ok(_), Some(why)) => why.clone(),
+                (Err(p), _) => p.to_string(),
             };
-            // The table's own clusters first: an entry naming a table already kept (or
-            // other metadata) is broken without reading the table again, so many entries
-            // naming one table cost one read of it.
-            let taken = |c: u64| base.at(c) > 0 || claimed.contains(c / cs);
-            let mut shared = table_clusters(&e, cs).find(|&c| taken(c));
-            let mut owned = Vec::new();
-            if shared.is_none() {
-                owned = owned_clusters(&image, &e)?;
-                shared = owned.iter().copied().find(|&c| taken(c));
-            }
-            if let Some(c) = shared {
-                broken.push((
-                    name,
-                    format!("its table or data shares cluster {c:#x} with other metadata"),
-                ));
-                continue;
-            }
-            for c in owned {
-                claimed.insert(c / cs, c / cs + 1);
-            }
-            keep.push(e);
+            broken.push((name, why));
         }
     }
     // The extension's own fields broken: nothing in it can be trusted, as with a
@@ -131,11 +128,36 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         .or_else(|| triage.as_ref().and_then(|t| t.unreadable.clone()));
     let mut report = RepairReport::default();
     let mut image = image;
-    if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
+    if what == Repair::All {
         if unreadable.is_some() {
             keep.clear();
-            report.extension_dropped = unreadable.clone();
         }
+        // Before anything is allocated: a cluster the repair keeps (a kept bitmap's, or
+        // the old directory's until the commit point) at refcount 0 is what the allocator
+        // hands out first, and the new directory would be written over it. Each has one
+        // reference, so its refcount goes to 1, as `qemu-img check -r all` repairs a
+        // refcount below its references; it reaches the disk with the commit's refcounts,
+        // before the header write (or with the leak repair's).
+        let dir_clusters = dir.map_or(0..0, |(off, size)| {
+            let first = off / cs;
+            first
+                ..first
+                    .saturating_add(ceil_clusters(size, cs))
+                    .min(file_clusters)
+        });
+        let kept = keep
+            .iter()
+            .flat_map(|(_, owned)| owned.iter().map(|&c| c / cs));
+        for c in dir_clusters.chain(kept) {
+            let off = c.saturating_mul(cs);
+            if image.refcount(off)? == 0 {
+                image.raise_refcount(off, 1)?;
+                report.refcounts_raised = report.refcounts_raised.saturating_add(1);
+            }
+        }
+    }
+    if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
+        report.extension_dropped = unreadable;
         image = rewrite_directory(image, keep, dir, base)?;
         report.removed = broken;
         return fix_leaks(image, &Protect::Nothing, report);
@@ -151,6 +173,39 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         Protect::These(p)
     };
     fix_leaks(image, &protect, report)
+}
+
+/// The clusters `e` (an entry triage finds loadable) owns, when the repair may keep it:
+/// [`owned_clusters`], none of them referenced by other metadata (`base`) or already
+/// `claimed` (the directory, an earlier kept bitmap). Otherwise why it is broken.
+///
+/// The table's own clusters are looked at first: an entry naming a table already kept (or
+/// other metadata) is broken without reading the table again, so many entries naming one
+/// table cost one read of it.
+fn kept_or_why<S: Storage>(
+    image: &Image<S>,
+    e: &DirEntry,
+    file_clusters: u64,
+    base: &crate::image::check::References,
+    claimed: &ClusterSet,
+) -> Result<std::result::Result<Vec<u64>, String>> {
+    let cs = image.cluster_size();
+    let taken = |c: u64| base.at(c) > 0 || claimed.contains(c / cs);
+    let mut shared = table_clusters(e, cs).find(|&c| taken(c));
+    let mut owned = Vec::new();
+    if shared.is_none() {
+        owned = match owned_clusters(image, e, file_clusters)? {
+            Ok(o) => o,
+            Err(why) => return Ok(Err(why)),
+        };
+        shared = owned.iter().copied().find(|&c| taken(c));
+    }
+    if let Some(c) = shared {
+        return Ok(Err(format!(
+            "its table or data shares cluster {c:#x} with other metadata"
+        )));
+    }
+    Ok(Ok(owned))
 }
 
 /// A set of clusters (indexes), kept as disjoint runs `start -> end` (end exclusive), so a
@@ -196,23 +251,41 @@ fn table_clusters(e: &DirEntry, cs: u64) -> impl Iterator<Item = u64> {
     (0..ceil_clusters(len, cs)).map(move |k| first.saturating_add(k.saturating_mul(cs)))
 }
 
-/// The clusters a loadable entry owns: its table's and its data clusters'.
-fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>> {
+/// The clusters a loadable entry owns (its table's and its data clusters'), or why the
+/// repair cannot keep it: a data cluster lies past the end of the file (`file_clusters`
+/// clusters: the walk's measure), where QEMU reads zeros (a bitmap would lose its bits to
+/// them, and the allocator, to which such clusters are free, would write over it).
+///
+/// # Errors
+/// I/O; the table past the end of the file, or not decoding for an entry not in use.
+fn owned_clusters<S: Storage>(
+    image: &Image<S>,
+    e: &DirEntry,
+    file_clusters: u64,
+) -> Result<std::result::Result<Vec<u64>, String>> {
     let cs = image.cluster_size();
     let len = u64::from(e.table_size).saturating_mul(8);
     let mut out: Vec<u64> = table_clusters(e, cs).collect();
     let bytes = read_metadata(image.storage(), "bitmap table", e.table_offset, len)?;
     match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits) {
-        Ok(table) => out.extend(table.into_iter().filter_map(|t| match t {
-            TableEntry::Data(off) => Some(off),
-            _ => None,
-        })),
+        Ok(table) => {
+            for t in table {
+                if let TableEntry::Data(off) = t {
+                    if off / cs >= file_clusters {
+                        return Ok(Err(format!(
+                            "its data cluster {off:#x} lies past the end of the file"
+                        )));
+                    }
+                    out.push(off);
+                }
+            }
+        }
         // An entry in use: QEMU never reads its table; its table clusters are all it owns
         // for sure.
         Err(_) if e.in_use => {}
         Err(c) => return Err(c.into()),
     }
-    Ok(out)
+    Ok(Ok(out))
 }
 
 /// Every cluster of the file a triaged entry may own, read leniently: a broken entry's
@@ -292,7 +365,7 @@ fn lenient_claims<S: Storage>(
 /// with the old directory's clusters freed where nothing else references them.
 fn rewrite_directory<S: Storage>(
     image: Image<S>,
-    keep: Vec<DirEntry>,
+    keep: Vec<(DirEntry, Vec<u64>)>,
     dir: Option<(u64, u64)>,
     mut walk: crate::image::check::References,
 ) -> Result<Image<S>> {
@@ -303,11 +376,12 @@ fn rewrite_directory<S: Storage>(
     if let Some((off, size)) = dir {
         walk.add(off, ceil_clusters(size, cs).saturating_mul(cs));
     }
-    for e in &keep {
-        for c in owned_clusters(&image, e)? {
+    for (_, owned) in &keep {
+        for &c in owned {
             walk.add(c, cs);
         }
     }
+    let keep: Vec<DirEntry> = keep.into_iter().map(|(e, _)| e).collect();
     let mut st = BitmapStore::with_new_image(image);
     st.slots = keep
         .iter()
@@ -337,7 +411,8 @@ enum Protect {
 }
 
 /// Lowers the refcount of every leaked cluster to its references, except those
-/// `protect` keeps.
+/// `protect` keeps. Flushes the refcounts when they changed here or before
+/// (`report.refcounts_raised`).
 fn fix_leaks<S: Storage>(
     mut image: Image<S>,
     protect: &Protect,
@@ -345,7 +420,7 @@ fn fix_leaks<S: Storage>(
 ) -> Result<(Image<S>, RepairReport)> {
     let (_, refs) = image.references()?;
     let cs = image.cluster_size();
-    let mut changed = false;
+    let mut changed = report.refcounts_raised > 0;
     for c in 0..refs.clusters() {
         let off = c.saturating_mul(cs);
         let rc = image.refcount(off)?;
