@@ -634,3 +634,60 @@ fn repair_all_removes_a_bitmap_whose_data_lies_past_the_end() {
     let check = image.check().unwrap();
     assert!(check.is_clean(), "{:?}", check.messages);
 }
+
+/// Found by a review: a bitmap in use whose table QEMU cannot load (QEMU never reads it,
+/// and opens the image; its check counts the table as corrupt) survived `-r all`, so every
+/// later write's check refused the image for good; a table lying past the end of the file
+/// made `-r leaks` and `-r all` fail outright. `-r all` now removes it (in use, its bits
+/// are all dirty anyway, so this is no false clean); `-r leaks` keeps what it may own.
+#[test]
+fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
+    type Edit = fn(&mut Vec<u8>, usize);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("reserved bits in a table entry", |b, d| {
+            let t = be64(b, d + 64) as usize;
+            b[t + 7] |= 0x02;
+        }),
+        ("a table past the end of the file", |b, d| {
+            let end = (b.len() as u64).div_ceil(65536) * 65536;
+            b[d + 64..d + 72].copy_from_slice(&end.to_be_bytes());
+        }),
+    ];
+    for (case, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, d) = base(dir.path());
+        let i = p(&img);
+        let before_b = nbd_dirty(&img, "b");
+        let mut b = std::fs::read(&img).unwrap();
+        // Bitmap c in use, as a QEMU that died leaves it.
+        b[d + 64 + 15] |= 0x01;
+        edit(&mut b, d);
+        std::fs::write(&img, &b).unwrap();
+        let out = dbm(&["check", "-r", "leaks", i]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The check after it still finds c's table corrupt (exit 2); it does not fail.
+        assert_eq!(out.status.code(), Some(2), "{case}: {err}");
+        let out = dbm(&["check", "-r", "all", i]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{case}: {err}{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.contains("Removed bitmap c"), "{case}: {err}");
+        assert_qemu_clean(&img);
+        let listed: Vec<String> = common::qemu::qemu_bitmaps(&img)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        assert_eq!(listed, ["a", "b"], "{case}");
+        assert_eq!(nbd_dirty(&img, "b"), before_b, "{case}");
+        let out = dbm(&["bitmap", i, "--remove", "a"]);
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -14,9 +14,11 @@
 //!   as leaks would destroy its data behind its entry. When the directory cannot be read
 //!   as a whole, any leaked cluster may be a bitmap's, and none is freed.
 //!
-//! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its data
-//! clusters lie in the file, and none of its clusters is shared with other metadata, the
-//! directory or an earlier kept bitmap. Removing any other is no false clean: a removed
+//! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its table lies
+//! in the file and decodes and its data clusters lie in the file (also for a bitmap in
+//! use, whose table QEMU never reads but `qemu-img check` and every later write's check
+//! do), and none of its clusters is shared with other metadata, the directory or an
+//! earlier kept bitmap. Removing any other is no false clean: a removed
 //! bitmap is no bitmap to trust.
 //!
 //! Everything is decided before the first write: the walk of every other structure
@@ -30,7 +32,7 @@ use std::collections::BTreeMap;
 
 use super::triage::{triage_bitmaps, BitmapTriage};
 use super::{ceil_clusters, BitmapStore, Slot};
-use crate::error::{Corruption, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::format::directory::MAX_TABLE_SIZE;
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
 use crate::format::{BitmapName, DirEntry, TableEntry};
@@ -93,8 +95,9 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         .bitmaps
         .map(|e| (e.directory_offset, e.directory_size));
     // Which entries QEMU would load and own their clusters alone: triage's verdict, then
-    // what the entry owns (data clusters in the file), then overlaps (with other
-    // metadata, the directory, an earlier kept bitmap).
+    // what the entry owns (a table that loads and lies in the file, data clusters in the
+    // file, even for an entry in use, whose table QEMU never reads), then overlaps (with
+    // other metadata, the directory, an earlier kept bitmap).
     let mut keep: Vec<(DirEntry, Vec<u64>)> = Vec::new();
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
     let mut claimed = ClusterSet::default();
@@ -252,12 +255,17 @@ fn table_clusters(e: &DirEntry, cs: u64) -> impl Iterator<Item = u64> {
 }
 
 /// The clusters a loadable entry owns (its table's and its data clusters'), or why the
-/// repair cannot keep it: a data cluster lies past the end of the file (`file_clusters`
-/// clusters: the walk's measure), where QEMU reads zeros (a bitmap would lose its bits to
-/// them, and the allocator, to which such clusters are free, would write over it).
+/// repair cannot keep it: its table lies past the end of the file or does not decode, or
+/// a data cluster lies past the end (`file_clusters` clusters: the walk's measure). Each
+/// also holds for an entry in use, whose table QEMU never reads: `qemu-img check` and the
+/// preflight of every later write count such a table as corrupt, and QEMU reads zeros for
+/// a data cluster past the end (a bitmap that is not in use would lose its bits to them,
+/// and the allocator, to which such clusters are free, would write over it). Removing
+/// such a bitmap is no false clean: a bitmap that is gone is no bitmap to trust, and one
+/// in use counts as all dirty.
 ///
 /// # Errors
-/// I/O; the table past the end of the file, or not decoding for an entry not in use.
+/// I/O.
 fn owned_clusters<S: Storage>(
     image: &Image<S>,
     e: &DirEntry,
@@ -265,25 +273,27 @@ fn owned_clusters<S: Storage>(
 ) -> Result<std::result::Result<Vec<u64>, String>> {
     let cs = image.cluster_size();
     let len = u64::from(e.table_size).saturating_mul(8);
+    let in_use = if e.in_use { "in use, and " } else { "" };
+    let bytes = match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
+        Ok(b) => b,
+        Err(Error::Corrupt(c)) => return Ok(Err(format!("{in_use}{c}"))),
+        Err(err) => return Err(err),
+    };
+    let table = match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits)
+    {
+        Ok(t) => t,
+        Err(c) => return Ok(Err(format!("{in_use}its table cannot be loaded: {c}"))),
+    };
     let mut out: Vec<u64> = table_clusters(e, cs).collect();
-    let bytes = read_metadata(image.storage(), "bitmap table", e.table_offset, len)?;
-    match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits) {
-        Ok(table) => {
-            for t in table {
-                if let TableEntry::Data(off) = t {
-                    if off / cs >= file_clusters {
-                        return Ok(Err(format!(
-                            "its data cluster {off:#x} lies past the end of the file"
-                        )));
-                    }
-                    out.push(off);
-                }
+    for t in table {
+        if let TableEntry::Data(off) = t {
+            if off / cs >= file_clusters {
+                return Ok(Err(format!(
+                    "{in_use}its data cluster {off:#x} lies past the end of the file"
+                )));
             }
+            out.push(off);
         }
-        // An entry in use: QEMU never reads its table; its table clusters are all it owns
-        // for sure.
-        Err(_) if e.in_use => {}
-        Err(c) => return Err(c.into()),
     }
     Ok(Ok(out))
 }
