@@ -635,6 +635,40 @@ fn repair_all_removes_a_bitmap_whose_data_lies_past_the_end() {
     assert!(check.is_clean(), "{:?}", check.messages);
 }
 
+/// Found by a review: a leaked refcount (2 for one reference) on a valid bitmap's data
+/// cluster was never lowered: `-r leaks` protected every cluster a bitmap owned, broken or
+/// not, so it exited 3 ("Kept 1 leaked clusters a bitmap entry may own") though nothing
+/// was broken, and every later write refused the shared-looking cluster. A cluster only a
+/// kept bitmap owns is now lowered to its one reference, as `qemu-img check -r leaks` does.
+#[test]
+fn repair_leaks_lowers_a_leaked_refcount_of_a_valid_bitmaps_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = base(dir.path());
+    let i = p(&img);
+    let before_c = nbd_dirty(&img, "c");
+    let mut b = std::fs::read(&img).unwrap();
+    let table = be64(&b, d + 32) as usize;
+    let data = be64(&b, table) & TABLE_OFFSET_MASK;
+    assert!(data != 0, "b has no data cluster");
+    assert_eq!(rc(&b, data / 65536), 1);
+    set_rc(&mut b, data / 65536, 2);
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(3));
+    let out = dbm(&["check", "-r", "leaks", i]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Repaired 1 leaked clusters"), "{err}");
+    assert_qemu_clean(&img);
+    let out = dbm(&["bitmap", i, "--remove", "b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "c"), before_c);
+}
+
 /// Found by a review: a bitmap in use whose table QEMU cannot load (QEMU never reads it,
 /// and opens the image; its check counts the table as corrupt) survived `-r all`, so every
 /// later write's check refused the image for good; a table lying past the end of the file
@@ -690,4 +724,30 @@ fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A cluster a bitmap names twice (here its table's own cluster as its data, which QEMU
+/// loads) has two references. A leak repair lowers a kept bitmap's cluster to one
+/// reference when a broken entry hides the directory from the walk, which would leave
+/// this one below its references; such a bitmap is not kept: `-r leaks` leaves its
+/// refcount alone and `-r all` removes it.
+#[test]
+fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let (mut b, d, _) = two_bitmaps_in_memory();
+    let table = be64(&b, d + 32);
+    let t = table as usize;
+    let flags = be64(&b, t) & !TABLE_OFFSET_MASK;
+    b[t..t + 8].copy_from_slice(&(table | flags).to_be_bytes());
+    set_rc(&mut b, table / 65536, 2);
+    b[d + 15] |= 0x20;
+    let mem = dirty_bitmap::storage::MemStorage::from_bytes;
+    let (image, _) = repair(mem(b.clone()), Repair::Leaks).unwrap();
+    let after = image.into_storage().into_vec();
+    assert_eq!(rc(&after, table / 65536), 2, "-r leaks lowered it");
+    let (image, report) = repair(mem(b), Repair::All).unwrap();
+    let removed: Vec<String> = report.removed.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(removed, ["a", "b"], "{report:?}");
+    let check = image.check().unwrap();
+    assert!(check.is_clean(), "{:?}", check.messages);
 }

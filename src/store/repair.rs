@@ -9,17 +9,18 @@
 //!   below its references), commits a new directory holding only the bitmaps QEMU would
 //!   load and this library can keep (or drops the bitmaps extension when the directory
 //!   cannot be read as a whole), then frees what only the removed entries referenced;
-//! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a directory entry
-//!   (broken or not) or the directory itself may own: reclaiming a broken bitmap's clusters
-//!   as leaks would destroy its data behind its entry. When the directory cannot be read
-//!   as a whole, any leaked cluster may be a bitmap's, and none is freed.
+//! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a broken directory
+//!   entry may own (reclaiming a broken bitmap's clusters as leaks would destroy its data
+//!   behind its entry), and lowers a cluster the directory or a kept bitmap owns to its
+//!   one reference, never below. When the directory cannot be read as a whole, any leaked
+//!   cluster may be a bitmap's, and none is freed.
 //!
 //! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its table lies
 //! in the file and decodes and its data clusters lie in the file (also for a bitmap in
 //! use, whose table QEMU never reads but `qemu-img check` and every later write's check
-//! do), and none of its clusters is shared with other metadata, the directory or an
-//! earlier kept bitmap. Removing any other is no false clean: a removed
-//! bitmap is no bitmap to trust.
+//! do), and none of its clusters is shared with other metadata, the directory, an earlier
+//! kept bitmap or itself. Removing any other is no false clean: a removed bitmap is no
+//! bitmap to trust.
 //!
 //! Everything is decided before the first write: the walk of every other structure
 //! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption;
@@ -30,12 +31,12 @@
 
 use std::collections::BTreeMap;
 
-use super::triage::{triage_bitmaps, BitmapTriage};
+use super::triage::triage_bitmaps;
 use super::{ceil_clusters, BitmapStore, Slot};
 use crate::error::{Corruption, Error, Result};
 use crate::format::directory::MAX_TABLE_SIZE;
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
-use crate::format::{BitmapName, DirEntry, TableEntry};
+use crate::format::{BitmapName, DirEntry, RawDirEntry, TableEntry};
 use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 
@@ -61,7 +62,9 @@ pub struct RepairReport {
     pub extension_dropped: Option<String>,
     /// Clusters whose refcount was lowered to their references.
     pub leaks_freed: u64,
-    /// Leaked clusters left alone because a directory entry or the directory may own them.
+    /// Leaked clusters left alone: a broken directory entry may own them, or the directory
+    /// or a kept bitmap owns them at refcount 1 (their one reference, which the walk does
+    /// not see while a broken entry keeps the directory from decoding as a whole).
     pub leaks_kept: u64,
     /// Clusters a kept bitmap or the directory owns whose refcount was 0, raised to their
     /// one reference ([`Repair::All`] only).
@@ -97,9 +100,12 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     // Which entries QEMU would load and own their clusters alone: triage's verdict, then
     // what the entry owns (a table that loads and lies in the file, data clusters in the
     // file, even for an entry in use, whose table QEMU never reads), then overlaps (with
-    // other metadata, the directory, an earlier kept bitmap).
+    // other metadata, the directory, an earlier kept bitmap, itself). `claimed` ends as the
+    // clusters the directory and the kept entries own: each has exactly one reference in
+    // the image the repair leaves, unless a broken entry (see `lenient_claims`) names it.
     let mut keep: Vec<(DirEntry, Vec<u64>)> = Vec::new();
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
+    let mut broken_raw: Vec<&RawDirEntry> = Vec::new();
     let mut claimed = ClusterSet::default();
     if let Some((off, size)) = dir {
         claimed.insert(off / cs, (off / cs).saturating_add(ceil_clusters(size, cs)));
@@ -122,6 +128,7 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
                 (Err(p), _) => p.to_string(),
             };
             broken.push((name, why));
+            broken_raw.push(&b.entry.raw);
         }
     }
     // The extension's own fields broken: nothing in it can be trusted, as with a
@@ -163,24 +170,26 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         report.extension_dropped = unreadable;
         image = rewrite_directory(image, keep, dir, base)?;
         report.removed = broken;
-        return fix_leaks(image, &Protect::Nothing, report);
+        // The new directory decodes whole, so the walk counts every reference exactly;
+        // the old directory is no longer kept.
+        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report);
     }
-    // Leaks only (or nothing broken): protect what any entry or the directory may own.
+    // Leaks only (or nothing broken): protect what a broken entry may own, or everything
+    // when the directory cannot be read.
     let protect = if unreadable.is_some() {
         Protect::Everything
     } else {
-        let mut p = claimed;
-        if let Some(t) = &triage {
-            lenient_claims(&image, t, &mut p)?;
-        }
+        let mut p = ClusterSet::default();
+        lenient_claims(&image, &broken_raw, &mut p)?;
         Protect::These(p)
     };
-    fix_leaks(image, &protect, report)
+    fix_leaks(image, &protect, &claimed, report)
 }
 
 /// The clusters `e` (an entry triage finds loadable) owns, when the repair may keep it:
-/// [`owned_clusters`], none of them referenced by other metadata (`base`) or already
-/// `claimed` (the directory, an earlier kept bitmap). Otherwise why it is broken.
+/// [`owned_clusters`], none of them referenced by other metadata (`base`), already
+/// `claimed` (the directory, an earlier kept bitmap) or named twice by `e` itself, so that
+/// each has exactly one reference. Otherwise why it is broken.
 ///
 /// The table's own clusters are looked at first: an entry naming a table already kept (or
 /// other metadata) is broken without reading the table again, so many entries naming one
@@ -206,6 +215,14 @@ fn kept_or_why<S: Storage>(
     if let Some(c) = shared {
         return Ok(Err(format!(
             "its table or data shares cluster {c:#x} with other metadata"
+        )));
+    }
+    let mut sorted = owned.clone();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Ok(Err(format!(
+            "its table or data names cluster {:#x} twice",
+            w[0]
         )));
     }
     Ok(Ok(owned))
@@ -298,8 +315,8 @@ fn owned_clusters<S: Storage>(
     Ok(Ok(out))
 }
 
-/// Every cluster of the file a triaged entry may own, read leniently: a broken entry's
-/// table as far as it lies in the file, each entry's offset bits taken as they are.
+/// Every cluster of the file the `broken` entries may own, read leniently: each table as
+/// far as it lies in the file, each table entry's offset bits taken as they are.
 ///
 /// Bounded by the file, whatever the entries say: no table QEMU writes has more than
 /// [`MAX_TABLE_SIZE`] entries (`BME_MAX_TABLE_SIZE`), so no bitmap owns a cluster named
@@ -314,7 +331,7 @@ fn owned_clusters<S: Storage>(
 /// I/O: the repair stops rather than free a cluster a table it could not read may name.
 fn lenient_claims<S: Storage>(
     image: &Image<S>,
-    t: &BitmapTriage,
+    broken: &[&RawDirEntry],
     set: &mut ClusterSet,
 ) -> Result<()> {
     let cs = image.cluster_size();
@@ -322,8 +339,7 @@ fn lenient_claims<S: Storage>(
     let file = storage.len()?;
     let file_clusters = file.div_ceil(cs);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for b in &t.bitmaps {
-        let raw = &b.entry.raw;
+    for raw in broken {
         let off = raw.table_offset / cs * cs;
         let len = u64::from(raw.table_size.min(MAX_TABLE_SIZE)).saturating_mul(8);
         let end = off.saturating_add(len);
@@ -416,16 +432,19 @@ enum Protect {
     Nothing,
     /// Every one: the directory cannot be read, so any may hold a bitmap's data.
     Everything,
-    /// The clusters a directory entry or the directory may own.
+    /// The clusters a broken directory entry may own.
     These(ClusterSet),
 }
 
-/// Lowers the refcount of every leaked cluster to its references, except those
-/// `protect` keeps. Flushes the refcounts when they changed here or before
-/// (`report.refcounts_raised`).
+/// Lowers the refcount of every leaked cluster to its references, except those `protect`
+/// keeps, and never below 1 for a cluster in `kept` (the directory's and the kept
+/// bitmaps'): each has exactly one reference, which the walk does not see when a broken
+/// entry makes the directory undecodable as a whole. Flushes the refcounts when they
+/// changed here or before (`report.refcounts_raised`).
 fn fix_leaks<S: Storage>(
     mut image: Image<S>,
     protect: &Protect,
+    kept: &ClusterSet,
     mut report: RepairReport,
 ) -> Result<(Image<S>, RepairReport)> {
     let (_, refs) = image.references()?;
@@ -438,16 +457,17 @@ fn fix_leaks<S: Storage>(
         if rc <= r {
             continue;
         }
-        let kept = match protect {
+        let to = if kept.contains(c) { r.max(1) } else { r };
+        let protected = match protect {
             Protect::Nothing => false,
             Protect::Everything => true,
             Protect::These(p) => p.contains(c),
         };
-        if kept {
+        if protected || rc <= to {
             report.leaks_kept = report.leaks_kept.saturating_add(1);
             continue;
         }
-        image.lower_refcount(off, r)?;
+        image.lower_refcount(off, to)?;
         report.leaks_freed = report.leaks_freed.saturating_add(1);
         changed = true;
     }
