@@ -455,3 +455,299 @@ fn a_leaked_reference_to_a_refcount_block_is_repaired_beside_a_removal() {
     assert!(err.contains("Repaired 2 leaked clusters"), "{err}");
     assert_qemu_clean(&img);
 }
+
+/// Bits 9-55 of a bitmap table entry: its data cluster's offset.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// The byte offset of the refcount of cluster `c` in an image of one refcount block with
+/// 16-bit refcounts (QEMU's default and `BitmapStore::create`'s).
+fn rc_at(b: &[u8], c: u64) -> usize {
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    assert_eq!(area.header.refcount_order, 4);
+    let block = be64(b, area.header.refcount_table_offset as usize) as usize;
+    assert!(c < 32768, "cluster {c} past the first refcount block");
+    block + 2 * c as usize
+}
+
+fn set_rc(b: &mut [u8], c: u64, v: u16) {
+    let at = rc_at(b, c);
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn rc(b: &[u8], c: u64) -> u16 {
+    let at = rc_at(b, c);
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Raises to 1 (a leak) the refcount of every cluster below `c` that has none, so that
+/// `c`, once its refcount is 0, is the first cluster a first-fit allocator hands out.
+fn leak_free_clusters_below(b: &mut [u8], c: u64) {
+    for k in 1..c {
+        if rc(b, k) == 0 {
+            set_rc(b, k, 1);
+        }
+    }
+}
+
+/// Storage in memory that records where each write lands.
+#[derive(Debug)]
+struct Recording {
+    inner: dirty_bitmap::storage::MemStorage,
+    writes: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Storage for Recording {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.writes.lock().unwrap().push((offset, buf.len() as u64));
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        Ok(())
+    }
+}
+
+/// An image of one 64 MiB disk (64 KiB clusters) in memory with bitmaps "a" (empty) and
+/// "b" (one bit set): its bytes, its directory's offset (entries of 32 bytes) and b's data
+/// cluster.
+fn two_bitmaps_in_memory() -> (Vec<u8>, usize, u64) {
+    use dirty_bitmap::storage::MemStorage;
+    use dirty_bitmap::{BitmapStore, Recording as Rec};
+    let mut store = BitmapStore::create(MemStorage::new(), 64 << 20, 65536).unwrap();
+    store.add("a", 65536, Rec::Enabled).unwrap();
+    store.add("b", 65536, Rec::Enabled).unwrap();
+    let bm = store.load("b").unwrap();
+    bm.mark_dirty(3 << 20, 4096);
+    store.store("b", &bm).unwrap();
+    let bytes = store.close().unwrap().into_storage().into_vec();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    let table = be64(&bytes, d + 32) as usize;
+    let data = be64(&bytes, table) & TABLE_OFFSET_MASK;
+    assert!(data != 0 && data < bytes.len() as u64, "{data:#x}");
+    (bytes, d, data)
+}
+
+/// Found by a review: `-r all` allocated its new directory first fit among the clusters
+/// of refcount 0 without looking at the refcounts of what it kept, so a kept bitmap whose
+/// data cluster had refcount 0 had the new directory written over its bits (it stayed in
+/// the directory, consistent, and loaded the directory's bytes). The refcount of a
+/// cluster a kept bitmap owns is now raised to its one reference before anything is
+/// allocated, as `qemu-img check -r all` repairs a refcount below its references: the
+/// bitmap keeps its bits and QEMU's check finds the image clean.
+#[test]
+fn repair_all_never_allocates_over_a_kept_bitmaps_cluster_at_refcount_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = base(dir.path());
+    let i = p(&img);
+    let pristine = dir.path().join("pristine.qcow2");
+    std::fs::copy(&img, &pristine).unwrap();
+    let before: Vec<_> = ["b", "c"].map(|n| nbd_dirty(&pristine, n)).into();
+    let mut b = std::fs::read(&img).unwrap();
+    let table = be64(&b, d + 32) as usize;
+    let data = be64(&b, table) & TABLE_OFFSET_MASK;
+    assert!(data != 0, "b has no data cluster");
+    let c = data / 65536;
+    leak_free_clusters_below(&mut b, c);
+    assert_eq!(rc(&b, c), 1);
+    set_rc(&mut b, c, 0);
+    // Bitmap a: a reserved flag bit, which QEMU refuses.
+    b[d + 15] |= 0x20;
+    std::fs::write(&img, &b).unwrap();
+    let out = dbm(&["check", "-r", "all", i]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{err}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("Removed bitmap a"), "{err}");
+    assert_qemu_clean(&img);
+    let listed: Vec<String> = common::qemu::qemu_bitmaps(&img)
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(listed, ["b", "c"]);
+    for (n, extents) in ["b", "c"].iter().zip(&before) {
+        assert_eq!(&nbd_dirty(&img, n), extents, "bitmap {n} changed");
+    }
+}
+
+/// The same for the old directory: at refcount 0 it was the first free cluster, and the
+/// new directory was written over it before the header named the new one, so a crash
+/// before the commit point left the header naming a directory of other entries. Nothing is
+/// written into the old directory's clusters now.
+#[test]
+fn repair_all_never_writes_the_new_directory_over_the_old_one() {
+    let (mut b, d, _) = two_bitmaps_in_memory();
+    let c = d as u64 / 65536;
+    leak_free_clusters_below(&mut b, c);
+    set_rc(&mut b, c, 0);
+    b[d + 15] |= 0x20;
+    let storage = Recording {
+        inner: dirty_bitmap::storage::MemStorage::from_bytes(b),
+        writes: Default::default(),
+    };
+    let (image, report) =
+        dirty_bitmap::store::repair::repair(storage, dirty_bitmap::store::repair::Repair::All)
+            .unwrap();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    let writes = image.storage().writes.lock().unwrap().clone();
+    let (lo, hi) = (c * 65536, (c + 1) * 65536);
+    assert!(
+        !writes.iter().any(|&(o, n)| o < hi && o + n > lo),
+        "a write into the old directory at {lo:#x}: {writes:x?}"
+    );
+    let check = image.check().unwrap();
+    assert!(check.is_clean(), "{:?}", check.messages);
+}
+
+/// A kept bitmap whose data cluster lies past the end of the file: QEMU reads zeros there
+/// (its bits lost, a false clean), and the allocator, to which clusters past the end are
+/// free, put the new directory on it. `-r all` now removes it as broken.
+#[test]
+fn repair_all_removes_a_bitmap_whose_data_lies_past_the_end() {
+    let (mut b, d, _) = two_bitmaps_in_memory();
+    let end = b.len() as u64;
+    assert_eq!(end % 65536, 0);
+    leak_free_clusters_below(&mut b, end / 65536);
+    let table = be64(&b, d + 32) as usize;
+    let flags = be64(&b, table) & !TABLE_OFFSET_MASK;
+    b[table..table + 8].copy_from_slice(&(end | flags).to_be_bytes());
+    b[d + 15] |= 0x20;
+    let (image, report) = dirty_bitmap::store::repair::repair(
+        dirty_bitmap::storage::MemStorage::from_bytes(b),
+        dirty_bitmap::store::repair::Repair::All,
+    )
+    .unwrap();
+    let removed: Vec<String> = report.removed.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(removed, ["a", "b"], "{report:?}");
+    let check = image.check().unwrap();
+    assert!(check.is_clean(), "{:?}", check.messages);
+}
+
+/// Found by a review: a leaked refcount (2 for one reference) on a valid bitmap's data
+/// cluster was never lowered: `-r leaks` protected every cluster a bitmap owned, broken or
+/// not, so it exited 3 ("Kept 1 leaked clusters a bitmap entry may own") though nothing
+/// was broken, and every later write refused the shared-looking cluster. A cluster only a
+/// kept bitmap owns is now lowered to its one reference, as `qemu-img check -r leaks` does.
+#[test]
+fn repair_leaks_lowers_a_leaked_refcount_of_a_valid_bitmaps_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = base(dir.path());
+    let i = p(&img);
+    let before_c = nbd_dirty(&img, "c");
+    let mut b = std::fs::read(&img).unwrap();
+    let table = be64(&b, d + 32) as usize;
+    let data = be64(&b, table) & TABLE_OFFSET_MASK;
+    assert!(data != 0, "b has no data cluster");
+    assert_eq!(rc(&b, data / 65536), 1);
+    set_rc(&mut b, data / 65536, 2);
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(3));
+    let out = dbm(&["check", "-r", "leaks", i]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Repaired 1 leaked clusters"), "{err}");
+    assert_qemu_clean(&img);
+    let out = dbm(&["bitmap", i, "--remove", "b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "c"), before_c);
+}
+
+/// Found by a review: a bitmap in use whose table QEMU cannot load (QEMU never reads it,
+/// and opens the image; its check counts the table as corrupt) survived `-r all`, so every
+/// later write's check refused the image for good; a table lying past the end of the file
+/// made `-r leaks` and `-r all` fail outright. `-r all` now removes it (in use, its bits
+/// are all dirty anyway, so this is no false clean); `-r leaks` keeps what it may own.
+#[test]
+fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
+    type Edit = fn(&mut Vec<u8>, usize);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("reserved bits in a table entry", |b, d| {
+            let t = be64(b, d + 64) as usize;
+            b[t + 7] |= 0x02;
+        }),
+        ("a table past the end of the file", |b, d| {
+            let end = (b.len() as u64).div_ceil(65536) * 65536;
+            b[d + 64..d + 72].copy_from_slice(&end.to_be_bytes());
+        }),
+    ];
+    for (case, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, d) = base(dir.path());
+        let i = p(&img);
+        let before_b = nbd_dirty(&img, "b");
+        let mut b = std::fs::read(&img).unwrap();
+        // Bitmap c in use, as a QEMU that died leaves it.
+        b[d + 64 + 15] |= 0x01;
+        edit(&mut b, d);
+        std::fs::write(&img, &b).unwrap();
+        let out = dbm(&["check", "-r", "leaks", i]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The check after it still finds c's table corrupt (exit 2); it does not fail.
+        assert_eq!(out.status.code(), Some(2), "{case}: {err}");
+        let out = dbm(&["check", "-r", "all", i]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{case}: {err}{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.contains("Removed bitmap c"), "{case}: {err}");
+        assert_qemu_clean(&img);
+        let listed: Vec<String> = common::qemu::qemu_bitmaps(&img)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        assert_eq!(listed, ["a", "b"], "{case}");
+        assert_eq!(nbd_dirty(&img, "b"), before_b, "{case}");
+        let out = dbm(&["bitmap", i, "--remove", "a"]);
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A cluster a bitmap names twice (here its table's own cluster as its data, which QEMU
+/// loads) has two references. A leak repair lowers a kept bitmap's cluster to one
+/// reference when a broken entry hides the directory from the walk, which would leave
+/// this one below its references; such a bitmap is not kept: `-r leaks` leaves its
+/// refcount alone and `-r all` removes it.
+#[test]
+fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let (mut b, d, _) = two_bitmaps_in_memory();
+    let table = be64(&b, d + 32);
+    let t = table as usize;
+    let flags = be64(&b, t) & !TABLE_OFFSET_MASK;
+    b[t..t + 8].copy_from_slice(&(table | flags).to_be_bytes());
+    set_rc(&mut b, table / 65536, 2);
+    b[d + 15] |= 0x20;
+    let mem = dirty_bitmap::storage::MemStorage::from_bytes;
+    let (image, _) = repair(mem(b.clone()), Repair::Leaks).unwrap();
+    let after = image.into_storage().into_vec();
+    assert_eq!(rc(&after, table / 65536), 2, "-r leaks lowered it");
+    let (image, report) = repair(mem(b), Repair::All).unwrap();
+    let removed: Vec<String> = report.removed.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(removed, ["a", "b"], "{report:?}");
+    let check = image.check().unwrap();
+    assert!(check.is_clean(), "{:?}", check.messages);
+}

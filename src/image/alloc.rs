@@ -400,6 +400,27 @@ impl Refcounts {
         self.lower_cluster(storage, c, to)
     }
 
+    /// Raises the refcount of the cluster holding byte `offset` to `to`, which must be above
+    /// it, in memory: the repair of a refcount below its references that `qemu-img check
+    /// -r all` makes. A failure changes nothing.
+    ///
+    /// # Errors
+    /// [`Corruption::Refcount`] when no refcount block covers the cluster (a repair that
+    /// needs one refuses rather than allocate it); [`Error::Internal`] if `to` is not above
+    /// the current refcount; corruption or I/O reading the block.
+    pub(crate) fn raise(
+        &mut self,
+        storage: &(impl Storage + ?Sized),
+        offset: u64,
+        to: u64,
+    ) -> Result<()> {
+        let c = offset >> self.cluster_bits;
+        if self.get(storage, c)? >= to {
+            return Err(internal!("raising a refcount to {to} or less"));
+        }
+        self.set(storage, c, to)
+    }
+
     /// Refuses to lower the refcount of cluster `c` if it holds a refcount structure.
     fn refuse_structure(&self, c: u64) -> Result<()> {
         let rt_start = self.reftable_offset >> self.cluster_bits;

@@ -457,6 +457,20 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| img.refcounts.lower(&img.storage, offset, to))
     }
 
+    /// Raises the refcount of the cluster holding byte `offset` to `to`, in memory (a
+    /// repair's: a cluster referenced but at a lower refcount). It reaches the disk at the
+    /// next [`flush_refcounts`](Self::flush_refcounts); a failure changes nothing, so it
+    /// does not poison the image.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Corruption::Refcount`] when no refcount
+    /// block covers the cluster; [`Error::Internal`] if `to` is not above the current
+    /// refcount; I/O.
+    pub(crate) fn raise_refcount(&mut self, offset: u64, to: u64) -> Result<()> {
+        self.ensure_writable()?;
+        self.refcounts.raise(&self.storage, offset, to)
+    }
+
     /// The in-memory refcount of the cluster holding byte `offset`.
     ///
     /// # Errors

@@ -4,29 +4,39 @@
 //! QEMU refuses to open an image with a broken bitmap directory entry or table (the VM does
 //! not boot), and its only way out is a full copy (`qemu-img convert
 //! --skip-broken-bitmaps`). [`repair`] instead:
-//! - with [`Repair::All`]: commits a new directory holding only the bitmaps QEMU would load
-//!   (or drops the bitmaps extension when the directory cannot be read as a whole), then
-//!   frees what only the removed entries referenced;
-//! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a directory entry
-//!   (broken or not) or the directory itself may own: reclaiming a broken bitmap's clusters
-//!   as leaks would destroy its data behind its entry. When the directory cannot be read
-//!   as a whole, any leaked cluster may be a bitmap's, and none is freed.
+//! - with [`Repair::All`]: raises to 1 the refcount of each cluster a kept bitmap or the
+//!   directory owns that has refcount 0 (as `qemu-img check -r all` repairs a refcount
+//!   below its references), commits a new directory holding only the bitmaps QEMU would
+//!   load and this library can keep (or drops the bitmaps extension when the directory
+//!   cannot be read as a whole), then frees what only the removed entries referenced;
+//! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a broken directory
+//!   entry may own (reclaiming a broken bitmap's clusters as leaks would destroy its data
+//!   behind its entry), and lowers a cluster the directory or a kept bitmap owns to its
+//!   one reference, never below. When the directory cannot be read as a whole, any leaked
+//!   cluster may be a bitmap's, and none is freed.
+//!
+//! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its table lies
+//! in the file and decodes and its data clusters lie in the file (also for a bitmap in
+//! use, whose table QEMU never reads but `qemu-img check` and every later write's check
+//! do), and none of its clusters is shared with other metadata, the directory, an earlier
+//! kept bitmap or itself. Removing any other is no false clean: a removed bitmap is no
+//! bitmap to trust.
 //!
 //! Everything is decided before the first write: the walk of every other structure
-//! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption,
-//! and a bitmap whose table or data shares a cluster with that metadata, with the
-//! directory, or with an earlier bitmap is broken too. A cluster is freed only down to the
-//! number of references the metadata that stays holds, so nothing still referenced is ever
-//! freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
+//! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption;
+//! which bitmaps stay; the refcounts raised (in memory, before anything is allocated, so
+//! the allocator never hands out a cluster the repair keeps). A cluster is freed only down
+//! to the number of references the metadata that stays holds, so nothing still referenced
+//! is ever freed. Crash reasoning: `docs/CRASH-CONSISTENCY.md`, "Repair".
 
 use std::collections::BTreeMap;
 
-use super::triage::{triage_bitmaps, BitmapTriage};
+use super::triage::triage_bitmaps;
 use super::{ceil_clusters, BitmapStore, Slot};
-use crate::error::{Corruption, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::format::directory::MAX_TABLE_SIZE;
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
-use crate::format::{BitmapName, DirEntry, TableEntry};
+use crate::format::{BitmapName, DirEntry, RawDirEntry, TableEntry};
 use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 
@@ -52,8 +62,13 @@ pub struct RepairReport {
     pub extension_dropped: Option<String>,
     /// Clusters whose refcount was lowered to their references.
     pub leaks_freed: u64,
-    /// Leaked clusters left alone because a directory entry or the directory may own them.
+    /// Leaked clusters left alone: a broken directory entry may own them, or the directory
+    /// or a kept bitmap owns them at refcount 1 (their one reference, which the walk does
+    /// not see while a broken entry keeps the directory from decoding as a whole).
     pub leaks_kept: u64,
+    /// Clusters a kept bitmap or the directory owns whose refcount was 0, raised to their
+    /// one reference ([`Repair::All`] only).
+    pub refcounts_raised: u64,
 }
 
 /// Repairs the image in `storage` (opened writable) as `what` says, and returns it with a
@@ -61,8 +76,10 @@ pub struct RepairReport {
 ///
 /// # Errors
 /// [`Error::Corrupt`](crate::Error::Corrupt) when the walk of everything but the bitmaps finds corruption (a
-/// refcount below its references: `qemu-img check -r all` is the tool for that) or the
-/// header cannot be read ([`Image::open_untrusting_bitmaps`]); I/O.
+/// refcount below its references: `qemu-img check -r all` is the tool for that), the
+/// header cannot be read ([`Image::open_untrusting_bitmaps`]), or (with [`Repair::All`]) a
+/// cluster a kept bitmap or the directory owns has refcount 0 and no refcount block covers
+/// it ([`Corruption::Refcount`]); I/O. Each is found before the first write.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
@@ -75,14 +92,20 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     }
     let triage = triage_bitmaps(&image)?;
     let cs = image.cluster_size();
+    let file_clusters = image.storage().len()?.div_ceil(cs);
     let dir = image
         .area()
         .bitmaps
         .map(|e| (e.directory_offset, e.directory_size));
     // Which entries QEMU would load and own their clusters alone: triage's verdict, then
-    // overlaps (with other metadata, the directory, an earlier kept bitmap).
-    let mut keep: Vec<DirEntry> = Vec::new();
+    // what the entry owns (a table that loads and lies in the file, data clusters in the
+    // file, even for an entry in use, whose table QEMU never reads), then overlaps (with
+    // other metadata, the directory, an earlier kept bitmap, itself). `claimed` ends as the
+    // clusters the directory and the kept entries own: each has exactly one reference in
+    // the image the repair leaves, unless a broken entry (see `lenient_claims`) names it.
+    let mut keep: Vec<(DirEntry, Vec<u64>)> = Vec::new();
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
+    let mut broken_raw: Vec<&RawDirEntry> = Vec::new();
     let mut claimed = ClusterSet::default();
     if let Some((off, size)) = dir {
         claimed.insert(off / cs, (off / cs).saturating_add(ceil_clusters(size, cs)));
@@ -90,38 +113,22 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     if let Some(t) = &triage {
         for b in &t.bitmaps {
             let name = BitmapName::from(b.entry.raw.name.as_slice());
-            let e = match (&b.entry.verdict, &b.broken) {
-                (Ok(e), None) => e.clone(),
-                (Ok(_), Some(why)) => {
-                    broken.push((name, why.clone()));
-                    continue;
-                }
-                (Err(p), _) => {
-                    broken.push((name, p.to_string()));
-                    continue;
-                }
+            let why = match (&b.entry.verdict, &b.broken) {
+                (Ok(e), None) => match kept_or_why(&image, e, file_clusters, &base, &claimed)? {
+                    Ok(owned) => {
+                        for &c in &owned {
+                            claimed.insert(c / cs, c / cs + 1);
+                        }
+                        keep.push((e.clone(), owned));
+                        continue;
+                    }
+                    Err(why) => why,
+                },
+                (Ok(_), Some(why)) => why.clone(),
+                (Err(p), _) => p.to_string(),
             };
-            // The table's own clusters first: an entry naming a table already kept (or
-            // other metadata) is broken without reading the table again, so many entries
-            // naming one table cost one read of it.
-            let taken = |c: u64| base.at(c) > 0 || claimed.contains(c / cs);
-            let mut shared = table_clusters(&e, cs).find(|&c| taken(c));
-            let mut owned = Vec::new();
-            if shared.is_none() {
-                owned = owned_clusters(&image, &e)?;
-                shared = owned.iter().copied().find(|&c| taken(c));
-            }
-            if let Some(c) = shared {
-                broken.push((
-                    name,
-                    format!("its table or data shares cluster {c:#x} with other metadata"),
-                ));
-                continue;
-            }
-            for c in owned {
-                claimed.insert(c / cs, c / cs + 1);
-            }
-            keep.push(e);
+            broken.push((name, why));
+            broken_raw.push(&b.entry.raw);
         }
     }
     // The extension's own fields broken: nothing in it can be trusted, as with a
@@ -131,26 +138,94 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         .or_else(|| triage.as_ref().and_then(|t| t.unreadable.clone()));
     let mut report = RepairReport::default();
     let mut image = image;
-    if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
+    if what == Repair::All {
         if unreadable.is_some() {
             keep.clear();
-            report.extension_dropped = unreadable.clone();
         }
+        // Before anything is allocated: a cluster the repair keeps (a kept bitmap's, or
+        // the old directory's until the commit point) at refcount 0 is what the allocator
+        // hands out first, and the new directory would be written over it. Each has one
+        // reference, so its refcount goes to 1, as `qemu-img check -r all` repairs a
+        // refcount below its references; it reaches the disk with the commit's refcounts,
+        // before the header write (or with the leak repair's).
+        let dir_clusters = dir.map_or(0..0, |(off, size)| {
+            let first = off / cs;
+            first
+                ..first
+                    .saturating_add(ceil_clusters(size, cs))
+                    .min(file_clusters)
+        });
+        let kept = keep
+            .iter()
+            .flat_map(|(_, owned)| owned.iter().map(|&c| c / cs));
+        for c in dir_clusters.chain(kept) {
+            let off = c.saturating_mul(cs);
+            if image.refcount(off)? == 0 {
+                image.raise_refcount(off, 1)?;
+                report.refcounts_raised = report.refcounts_raised.saturating_add(1);
+            }
+        }
+    }
+    if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
+        report.extension_dropped = unreadable;
         image = rewrite_directory(image, keep, dir, base)?;
         report.removed = broken;
-        return fix_leaks(image, &Protect::Nothing, report);
+        // The new directory decodes whole, so the walk counts every reference exactly;
+        // the old directory is no longer kept.
+        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report);
     }
-    // Leaks only (or nothing broken): protect what any entry or the directory may own.
+    // Leaks only (or nothing broken): protect what a broken entry may own, or everything
+    // when the directory cannot be read.
     let protect = if unreadable.is_some() {
         Protect::Everything
     } else {
-        let mut p = claimed;
-        if let Some(t) = &triage {
-            lenient_claims(&image, t, &mut p)?;
-        }
+        let mut p = ClusterSet::default();
+        lenient_claims(&image, &broken_raw, &mut p)?;
         Protect::These(p)
     };
-    fix_leaks(image, &protect, report)
+    fix_leaks(image, &protect, &claimed, report)
+}
+
+/// The clusters `e` (an entry triage finds loadable) owns, when the repair may keep it:
+/// [`owned_clusters`], none of them referenced by other metadata (`base`), already
+/// `claimed` (the directory, an earlier kept bitmap) or named twice by `e` itself, so that
+/// each has exactly one reference. Otherwise why it is broken.
+///
+/// The table's own clusters are looked at first: an entry naming a table already kept (or
+/// other metadata) is broken without reading the table again, so many entries naming one
+/// table cost one read of it.
+fn kept_or_why<S: Storage>(
+    image: &Image<S>,
+    e: &DirEntry,
+    file_clusters: u64,
+    base: &crate::image::check::References,
+    claimed: &ClusterSet,
+) -> Result<std::result::Result<Vec<u64>, String>> {
+    let cs = image.cluster_size();
+    let taken = |c: u64| base.at(c) > 0 || claimed.contains(c / cs);
+    let mut shared = table_clusters(e, cs).find(|&c| taken(c));
+    let mut owned = Vec::new();
+    if shared.is_none() {
+        owned = match owned_clusters(image, e, file_clusters)? {
+            Ok(o) => o,
+            Err(why) => return Ok(Err(why)),
+        };
+        shared = owned.iter().copied().find(|&c| taken(c));
+    }
+    if let Some(c) = shared {
+        return Ok(Err(format!(
+            "its table or data shares cluster {c:#x} with other metadata"
+        )));
+    }
+    let mut sorted = owned.clone();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Ok(Err(format!(
+            "its table or data names cluster {:#x} twice",
+            w[0]
+        )));
+    }
+    Ok(Ok(owned))
 }
 
 /// A set of clusters (indexes), kept as disjoint runs `start -> end` (end exclusive), so a
@@ -196,27 +271,52 @@ fn table_clusters(e: &DirEntry, cs: u64) -> impl Iterator<Item = u64> {
     (0..ceil_clusters(len, cs)).map(move |k| first.saturating_add(k.saturating_mul(cs)))
 }
 
-/// The clusters a loadable entry owns: its table's and its data clusters'.
-fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>> {
+/// The clusters a loadable entry owns (its table's and its data clusters'), or why the
+/// repair cannot keep it: its table lies past the end of the file or does not decode, or
+/// a data cluster lies past the end (`file_clusters` clusters: the walk's measure). Each
+/// also holds for an entry in use, whose table QEMU never reads: `qemu-img check` and the
+/// preflight of every later write count such a table as corrupt, and QEMU reads zeros for
+/// a data cluster past the end (a bitmap that is not in use would lose its bits to them,
+/// and the allocator, to which such clusters are free, would write over it). Removing
+/// such a bitmap is no false clean: a bitmap that is gone is no bitmap to trust, and one
+/// in use counts as all dirty.
+///
+/// # Errors
+/// I/O.
+fn owned_clusters<S: Storage>(
+    image: &Image<S>,
+    e: &DirEntry,
+    file_clusters: u64,
+) -> Result<std::result::Result<Vec<u64>, String>> {
     let cs = image.cluster_size();
     let len = u64::from(e.table_size).saturating_mul(8);
+    let in_use = if e.in_use { "in use, and " } else { "" };
+    let bytes = match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
+        Ok(b) => b,
+        Err(Error::Corrupt(c)) => return Ok(Err(format!("{in_use}{c}"))),
+        Err(err) => return Err(err),
+    };
+    let table = match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits)
+    {
+        Ok(t) => t,
+        Err(c) => return Ok(Err(format!("{in_use}its table cannot be loaded: {c}"))),
+    };
     let mut out: Vec<u64> = table_clusters(e, cs).collect();
-    let bytes = read_metadata(image.storage(), "bitmap table", e.table_offset, len)?;
-    match crate::format::decode_table(&bytes, e.table_size, image.header().cluster_bits) {
-        Ok(table) => out.extend(table.into_iter().filter_map(|t| match t {
-            TableEntry::Data(off) => Some(off),
-            _ => None,
-        })),
-        // An entry in use: QEMU never reads its table; its table clusters are all it owns
-        // for sure.
-        Err(_) if e.in_use => {}
-        Err(c) => return Err(c.into()),
+    for t in table {
+        if let TableEntry::Data(off) = t {
+            if off / cs >= file_clusters {
+                return Ok(Err(format!(
+                    "{in_use}its data cluster {off:#x} lies past the end of the file"
+                )));
+            }
+            out.push(off);
+        }
     }
-    Ok(out)
+    Ok(Ok(out))
 }
 
-/// Every cluster of the file a triaged entry may own, read leniently: a broken entry's
-/// table as far as it lies in the file, each entry's offset bits taken as they are.
+/// Every cluster of the file the `broken` entries may own, read leniently: each table as
+/// far as it lies in the file, each table entry's offset bits taken as they are.
 ///
 /// Bounded by the file, whatever the entries say: no table QEMU writes has more than
 /// [`MAX_TABLE_SIZE`] entries (`BME_MAX_TABLE_SIZE`), so no bitmap owns a cluster named
@@ -231,7 +331,7 @@ fn owned_clusters<S: Storage>(image: &Image<S>, e: &DirEntry) -> Result<Vec<u64>
 /// I/O: the repair stops rather than free a cluster a table it could not read may name.
 fn lenient_claims<S: Storage>(
     image: &Image<S>,
-    t: &BitmapTriage,
+    broken: &[&RawDirEntry],
     set: &mut ClusterSet,
 ) -> Result<()> {
     let cs = image.cluster_size();
@@ -239,8 +339,7 @@ fn lenient_claims<S: Storage>(
     let file = storage.len()?;
     let file_clusters = file.div_ceil(cs);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for b in &t.bitmaps {
-        let raw = &b.entry.raw;
+    for raw in broken {
         let off = raw.table_offset / cs * cs;
         let len = u64::from(raw.table_size.min(MAX_TABLE_SIZE)).saturating_mul(8);
         let end = off.saturating_add(len);
@@ -292,7 +391,7 @@ fn lenient_claims<S: Storage>(
 /// with the old directory's clusters freed where nothing else references them.
 fn rewrite_directory<S: Storage>(
     image: Image<S>,
-    keep: Vec<DirEntry>,
+    keep: Vec<(DirEntry, Vec<u64>)>,
     dir: Option<(u64, u64)>,
     mut walk: crate::image::check::References,
 ) -> Result<Image<S>> {
@@ -303,11 +402,12 @@ fn rewrite_directory<S: Storage>(
     if let Some((off, size)) = dir {
         walk.add(off, ceil_clusters(size, cs).saturating_mul(cs));
     }
-    for e in &keep {
-        for c in owned_clusters(&image, e)? {
+    for (_, owned) in &keep {
+        for &c in owned {
             walk.add(c, cs);
         }
     }
+    let keep: Vec<DirEntry> = keep.into_iter().map(|(e, _)| e).collect();
     let mut st = BitmapStore::with_new_image(image);
     st.slots = keep
         .iter()
@@ -332,20 +432,24 @@ enum Protect {
     Nothing,
     /// Every one: the directory cannot be read, so any may hold a bitmap's data.
     Everything,
-    /// The clusters a directory entry or the directory may own.
+    /// The clusters a broken directory entry may own.
     These(ClusterSet),
 }
 
-/// Lowers the refcount of every leaked cluster to its references, except those
-/// `protect` keeps.
+/// Lowers the refcount of every leaked cluster to its references, except those `protect`
+/// keeps, and never below 1 for a cluster in `kept` (the directory's and the kept
+/// bitmaps'): each has exactly one reference, which the walk does not see when a broken
+/// entry makes the directory undecodable as a whole. Flushes the refcounts when they
+/// changed here or before (`report.refcounts_raised`).
 fn fix_leaks<S: Storage>(
     mut image: Image<S>,
     protect: &Protect,
+    kept: &ClusterSet,
     mut report: RepairReport,
 ) -> Result<(Image<S>, RepairReport)> {
     let (_, refs) = image.references()?;
     let cs = image.cluster_size();
-    let mut changed = false;
+    let mut changed = report.refcounts_raised > 0;
     for c in 0..refs.clusters() {
         let off = c.saturating_mul(cs);
         let rc = image.refcount(off)?;
@@ -353,16 +457,17 @@ fn fix_leaks<S: Storage>(
         if rc <= r {
             continue;
         }
-        let kept = match protect {
+        let to = if kept.contains(c) { r.max(1) } else { r };
+        let protected = match protect {
             Protect::Nothing => false,
             Protect::Everything => true,
             Protect::These(p) => p.contains(c),
         };
-        if kept {
+        if protected || rc <= to {
             report.leaks_kept = report.leaks_kept.saturating_add(1);
             continue;
         }
-        image.lower_refcount(off, r)?;
+        image.lower_refcount(off, to)?;
         report.leaks_freed = report.leaks_freed.saturating_add(1);
         changed = true;
     }

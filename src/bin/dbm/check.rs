@@ -104,6 +104,13 @@ pub fn text(r: &CheckReport, virtual_clusters: u64) -> String {
 /// What a repair did, one line per action.
 pub fn repaired_text(r: &RepairReport) -> String {
     let mut s = String::new();
+    if r.refcounts_raised > 0 {
+        let _ = writeln!(
+            s,
+            "Repaired {} clusters a kept bitmap or the directory owns at refcount 0",
+            r.refcounts_raised
+        );
+    }
     if let Some(why) = &r.extension_dropped {
         let _ = writeln!(
             s,
