@@ -1464,8 +1464,14 @@ fn check_migrate_disk(out: &str, counts: &[u64], shared: bool) {
             if switched(ours) {
                 assert_eq!(t[2], ours[7], "the deferred stop's bytes: {t:?}");
             }
-            assert_eq!(t[7], "0", "the durable stop's bytes: {t:?}");
-            assert!(num(t[11]) > 0, "durable writes per second: {t:?}");
+            if switched(d) {
+                assert_eq!(t[7], "0", "the durable stop's bytes: {t:?}");
+                assert!(num(t[11]) > 0, "durable writes per second: {t:?}");
+            } else {
+                // A durable run that never switched over (a debug build on a loaded machine
+                // can measure too low a bandwidth) has no stop to show.
+                assert!(t[6..12].iter().all(|c| *c == "-"), "{t:?}");
+            }
             assert_eq!((t[12], t[13]), ("0", "clean"), "{t:?}");
         }
 
