@@ -462,6 +462,33 @@ fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
 }
 
 #[test]
+fn a_fan_out_that_meets_a_seal_waits_unannounced_and_loses_no_mark_across_a_hand_over() {
+    // A is sealed, as a store holds its bitmaps while a stop writes (for good once a stop
+    // could not take its "clean" back). A fan-out that finds B disabled and then A sealed
+    // must not wait announced: disabling waits for every fan-out announced, and here A's
+    // own disable comes before the unseal (it hung). After the unseal the fan-out must
+    // read B's flag again: resuming at A, now disabled, would leave the mark in neither.
+    model(|| {
+        let a = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        let b = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        b.set_enabled(false);
+        a.seal();
+        let tracker = dirty_bitmap::Tracker::new(vec![b.clone(), a.clone()]);
+        let t = thread::spawn(move || tracker.mark(5 * G, G));
+        switch_point(&a);
+        b.set_enabled(true);
+        a.set_enabled(false);
+        assert!(!a.is_dirty(5 * G), "a mark wrote a sealed bitmap");
+        a.unseal();
+        t.join().unwrap();
+        assert!(
+            a.is_dirty(5 * G) || b.is_dirty(5 * G),
+            "the mark is in neither"
+        );
+    });
+}
+
+#[test]
 fn next_clean_finds_a_bit_cleared_before_it_while_its_block_fills() {
     // The full tower's mirror image: the filler (this thread) reads block 1 full before the
     // other thread's clear, whose full-tower clear finds the bit not yet set and returns;
