@@ -57,6 +57,9 @@ impl Tracker {
     /// Over one bitmap this is [`DirtyBitmap::mark_dirty`]. Over several, a write already
     /// dirty in all of them costs one load each, as there; otherwise the fan-out also
     /// announces itself for the hand-over order above, at the cost of two plain stores.
+    /// As `mark_dirty` it waits while a bitmap it would write is
+    /// [sealed](DirtyBitmap::seal), but without the announcement (which every disable in
+    /// the process waits for), marking every bitmap again after the unseal.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) {
         let list = self.bitmaps.load();
@@ -69,11 +72,7 @@ impl Tracker {
                 if several.iter().all(|b| b.already_marked(offset, len)) {
                     return;
                 }
-                let fan = crate::bitmap::begin_fan_out();
-                for b in several {
-                    b.mark_dirty(offset, len);
-                }
-                crate::bitmap::end_fan_out(fan);
+                crate::bitmap::mark_fanned_out(several.iter().map(|b| &**b), offset, len);
             }
         }
     }

@@ -268,3 +268,55 @@ fn enabling_b_then_disabling_a_loses_no_mark_with_a_first_in_the_tracker() {
 fn enabling_b_then_disabling_a_loses_no_mark_with_b_first_in_the_tracker() {
     hand_over(true);
 }
+
+/// A fan-out over X and Z meets X sealed (as a store holds its bitmaps sealed while a stop
+/// writes, and for good once a stop could not take its "clean" back). Disabling an
+/// unrelated bitmap Y waits for the fan-outs in flight, so it must not wait for this one
+/// while X stays sealed; once X is unsealed the mark completes, in X and in Z.
+#[test]
+fn disabling_an_unrelated_bitmap_returns_while_a_fan_out_waits_for_an_unseal() {
+    let g = 4096u64;
+    let x = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
+    let z = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
+    let y = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
+    let tracker = Tracker::new(vec![Arc::clone(&x), Arc::clone(&z)]);
+    x.seal();
+    let marked = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let marked = Arc::clone(&marked);
+        thread::spawn(move || {
+            tracker.mark(5 * g, 1);
+            marked.store(true, Ordering::SeqCst);
+        })
+    };
+    // Long enough for the writer to be waiting for the unseal.
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !marked.load(Ordering::SeqCst),
+        "a mark wrote a sealed bitmap"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let disabler = {
+        let y = Arc::clone(&y);
+        thread::spawn(move || {
+            y.set_enabled(false);
+            tx.send(()).unwrap();
+        })
+    };
+    let returned = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    let still_sealed = x.is_sealed() && !marked.load(Ordering::SeqCst);
+    // Unseal before asserting, so that a failure does not leave threads spinning.
+    x.unseal();
+    disabler.join().unwrap();
+    writer.join().unwrap();
+    assert!(
+        returned,
+        "set_enabled(false) on an unrelated bitmap waited for a fan-out blocked on a seal"
+    );
+    assert!(still_sealed, "the mark returned while X was sealed");
+    assert!(
+        x.is_dirty(5 * g) && z.is_dirty(5 * g),
+        "the mark is not in both"
+    );
+    assert!(!y.is_enabled() && !y.is_dirty(5 * g));
+}

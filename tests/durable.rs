@@ -1127,3 +1127,72 @@ fn a_durable_activation_makes_what_it_loaded_durable_before_vouching_for_it() {
         "acknowledged, and a power loss now leaves \"a\" consistent without it"
     );
 }
+
+/// A durable mark over two recording bitmaps fans out as a `Tracker`'s does. Here it meets
+/// them sealed by a stop held inside its first write, and waits; disabling a bitmap of
+/// another disk (which waits for the fan-outs in flight, process-wide) must not wait for
+/// that stop to finish.
+#[test]
+fn a_durable_fan_out_waiting_for_a_stop_does_not_stall_disabling_another_bitmap() {
+    let crash = Arc::new(CrashStorage::new());
+    let hooked = Arc::new(Hooked::new(Arc::clone(&crash)));
+    let mut s = BitmapStore::create(Arc::clone(&hooked), DISK, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("b", G, Recording::Enabled).unwrap();
+    s.activate_durable().unwrap();
+    let shared = Arc::new(SharedStore::new(s));
+    let t = shared.durable_tracker().unwrap();
+    // Bits in memory only, so that the stop's commit writes.
+    let _pending = t.intent(3 * G, 4096).unwrap();
+    let (inside_tx, inside_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut first = Some((inside_tx, release_rx));
+    hooked.set(move |_| {
+        if let Some((inside, release)) = first.take() {
+            inside.send(()).unwrap();
+            let _ = release.recv();
+        }
+    });
+    let stop = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || shared.lock().inactivate())
+    };
+    inside_rx.recv().unwrap();
+    let (marked_tx, marked_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let t = t.clone();
+        std::thread::spawn(move || {
+            let r = t.mark(77 * G, 4096);
+            marked_tx.send(()).unwrap();
+            r
+        })
+    };
+    // Long enough for the writer to be waiting for the unseal.
+    assert!(
+        marked_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "a mark on a clean granule returned while its bitmaps were sealed"
+    );
+    let y = Arc::new(dirty_bitmap::DirtyBitmap::new(DISK, G).unwrap());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let disabler = {
+        let y = Arc::clone(&y);
+        std::thread::spawn(move || {
+            y.set_enabled(false);
+            done_tx.send(()).unwrap();
+        })
+    };
+    let returned = done_rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    // Let the stop go on before asserting, so that a failure leaves no thread waiting.
+    release_tx.send(()).unwrap();
+    hooked.unset();
+    stop.join().unwrap().unwrap();
+    disabler.join().unwrap();
+    marked_rx.recv().unwrap();
+    // The store stopped before the mark's commit: the intent fails (the write must not be
+    // issued), whatever it set in memory.
+    assert!(writer.join().unwrap().is_err());
+    assert!(
+        returned,
+        "disabling another bitmap waited for a durable fan-out blocked on a stop's seal"
+    );
+}

@@ -279,6 +279,66 @@ fn a_stop_that_cannot_take_back_its_clean_holds_the_marks() {
     assert!(s.bitmaps().unwrap()[0].is_dirty(LATE.0));
 }
 
+/// The held marks of one store do not stall another. Store A holds its marks sealed (its
+/// stop could not take "clean" back) while a guest write on A's disk waits in a fan-out
+/// over A's two recording bitmaps. Store B, on another disk of the same process, then
+/// checkpoints and disables a bitmap: both stop a bitmap recording, which waits for the
+/// fan-outs in flight process-wide, and neither may wait for A's unseal.
+#[test]
+fn a_store_holding_its_marks_does_not_stall_another_stores_checkpoint_or_disable() {
+    let (_, syncs, _) = counts(Op::Inactivate);
+    let (mut s, _) = setup();
+    let tracker = s.tracker().unwrap();
+    let y0 = s.image().storage().syncs();
+    s.image()
+        .storage()
+        .set_plan(FaultPlan::new().fail_sync(Trigger::From(y0 + syncs)));
+    s.inactivate().expect_err("the last barrier fails");
+    assert!(s.marks_held());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let late = {
+        let tracker = tracker.clone();
+        std::thread::spawn(move || {
+            tracker.mark(LATE.0, LATE.1);
+            tx.send(()).unwrap();
+        })
+    };
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(100))
+            .is_err(),
+        "a mark on a clean bit returned while the disk may say clean"
+    );
+    let mut other = BitmapStore::create(MemStorage::new(), DISK, CS).unwrap();
+    other.add("x", 512, Recording::Enabled).unwrap();
+    other.activate().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let edits = std::thread::spawn(move || {
+        let stopped = other.checkpoint("y").unwrap();
+        other.set_enabled("y", false).unwrap();
+        done_tx.send(()).unwrap();
+        (other, stopped)
+    });
+    let returned = done_rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .is_ok();
+    let held = rx.try_recv().is_err();
+    // Unseal before asserting, so that a failure does not leave threads waiting.
+    for b in s.bitmaps().unwrap() {
+        b.unseal();
+    }
+    let (other, stopped) = edits.join().unwrap();
+    rx.recv().unwrap();
+    late.join().unwrap();
+    assert!(
+        returned,
+        "another store's checkpoint and disable waited for this store's held marks"
+    );
+    assert!(held, "the mark returned while the marks were held");
+    assert_eq!(stopped.as_ref().map(|n| n.as_bytes()), Some(&b"x"[..]));
+    assert!(other.bitmaps().unwrap().iter().all(|b| !b.is_enabled()));
+    assert!(s.bitmaps().unwrap()[..2].iter().all(|b| b.is_dirty(LATE.0)));
+}
+
 /// With one failed barrier the stop takes its "clean" back in place: the directory says
 /// `in_use` again for every bitmap it held (the disabled one too), and autoclear bit 0, the
 /// last resort that would untrust every bitmap of the image, stays set.

@@ -353,6 +353,33 @@ fn take_dirty_racing_a_clear_takes_the_word_that_stays_dirty() {
 }
 
 #[test]
+fn take_dirty_takes_a_word_marked_before_it_while_a_clear_empties_its_block() {
+    // `a_search_finds_a_word_marked_before_it_while_a_clear_empties_its_block` with
+    // `take_dirty` as the search. The clearer (this thread) can read block 1 empty before
+    // the other thread marks word 3, and clear the block's summary bit after that mark
+    // returned and while the take's own unguarded walk passes the block: only the second,
+    // guarded walk, run because another window opened during the take's, takes word 3.
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(3 * BLOCK, G).unwrap());
+        bm.mark_dirty(BLOCK + WORD, G);
+        let a = Arc::clone(&bm);
+        let t = thread::spawn(move || {
+            a.mark_dirty(BLOCK + 3 * WORD, G);
+            let taken = a.take_dirty();
+            assert!(
+                taken.is_dirty(BLOCK + 3 * WORD),
+                "take_dirty skipped a word marked before it"
+            );
+            assert_consistent(&taken);
+        });
+        bm.clear(BLOCK + WORD, G);
+        t.join().unwrap();
+        assert!(!bm.is_dirty(BLOCK + 3 * WORD));
+        assert_consistent(&bm);
+    });
+}
+
+#[test]
 fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded() {
     // Thread A marks x. This thread marks x too, possibly returning on A's bit while A has
     // not yet recorded the region; then it checks what a store's inactivate would: a mark
@@ -453,6 +480,33 @@ fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
         switch_point(&a);
         b.set_enabled(true);
         a.set_enabled(false);
+        t.join().unwrap();
+        assert!(
+            a.is_dirty(5 * G) || b.is_dirty(5 * G),
+            "the mark is in neither"
+        );
+    });
+}
+
+#[test]
+fn a_fan_out_that_meets_a_seal_waits_unannounced_and_loses_no_mark_across_a_hand_over() {
+    // A is sealed, as a store holds its bitmaps while a stop writes (for good once a stop
+    // could not take its "clean" back). A fan-out that finds B disabled and then A sealed
+    // must not wait announced: disabling waits for every fan-out announced, and here A's
+    // own disable comes before the unseal (it hung). After the unseal the fan-out must
+    // read B's flag again: resuming at A, now disabled, would leave the mark in neither.
+    model(|| {
+        let a = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        let b = std::sync::Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        b.set_enabled(false);
+        a.seal();
+        let tracker = dirty_bitmap::Tracker::new(vec![b.clone(), a.clone()]);
+        let t = thread::spawn(move || tracker.mark(5 * G, G));
+        switch_point(&a);
+        b.set_enabled(true);
+        a.set_enabled(false);
+        assert!(!a.is_dirty(5 * G), "a mark wrote a sealed bitmap");
+        a.unseal();
         t.join().unwrap();
         assert!(
             a.is_dirty(5 * G) || b.is_dirty(5 * G),

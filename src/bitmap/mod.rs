@@ -182,7 +182,9 @@ impl DirtyBitmap {
     /// waits only for marks already running, each a bounded amount of work (a range mark
     /// for as long as its range takes): those of this bitmap, and the
     /// [`Tracker::mark`](crate::Tracker::mark) fan-outs over several bitmaps anywhere in
-    /// the process (see below). Enabling does not wait.
+    /// the process (see below). No mark waits for a [`seal`](Self::seal) while it is
+    /// announced (a fan-out that meets one withdraws and starts again after the unseal), so
+    /// a bitmap sealed elsewhere holds up only its own writers. Enabling does not wait.
     ///
     /// # Handing marking over to another bitmap
     /// To move recording from bitmap A to bitmap B (a new checkpoint) without losing a
@@ -262,14 +264,27 @@ impl DirtyBitmap {
     /// bitmap is disabled.
     #[inline(always)]
     pub fn mark_dirty(&self, offset: u64, len: u64) {
+        self.mark::<true>(offset, len);
+    }
+
+    /// [`mark_dirty`](Self::mark_dirty) for a fan-out over several bitmaps
+    /// ([`mark_fanned_out`]), which must never wait while it is announced: on a sealed
+    /// bitmap it returns false having written nothing, where `mark_dirty` waits for the
+    /// unseal. True when the mark is done (or the bitmap is disabled).
+    #[inline(always)]
+    fn mark_dirty_unless_sealed(&self, offset: u64, len: u64) -> bool {
+        self.mark::<false>(offset, len)
+    }
+
+    /// The dispatch of [`mark_dirty`](Self::mark_dirty) (`WAIT`: wait while sealed) and
+    /// [`mark_dirty_unless_sealed`](Self::mark_dirty_unless_sealed) (give up instead, and
+    /// return false).
+    #[inline(always)]
+    fn mark<const WAIT: bool>(&self, offset: u64, len: u64) -> bool {
         match self.one_word(offset, len) {
-            Some((w, mask)) => {
-                // Bits already set need nothing, enabled or not: one plain load.
-                if self.words.load(w) & mask != mask {
-                    self.mark_word(w, mask);
-                }
-            }
-            None => self.mark_dirty_range(offset, len),
+            // Bits already set need nothing, enabled or not: one plain load.
+            Some((w, mask)) => self.words.load(w) & mask == mask || self.mark_word::<WAIT>(w, mask),
+            None => self.mark_dirty_range::<WAIT>(offset, len),
         }
     }
 
@@ -322,8 +337,11 @@ impl DirtyBitmap {
     /// and is taken or not at random when marks land on fresh words now and then. The rare
     /// steps are tail calls, so the short path keeps few values live and saves three
     /// registers instead of six.
+    ///
+    /// False only when `WAIT` is false and the general path found the bitmap sealed (the
+    /// short path never waits: a sealed state sends it to the general path).
     #[inline(never)]
-    fn mark_word(&self, w: usize, mask: u64) {
+    fn mark_word<const WAIT: bool>(&self, w: usize, mask: u64) -> bool {
         if self.state.load(SeqCst) == ENABLED {
             if let Some(mark) = self.slots.begin_own_mark() {
                 // `state` had no FENCED bit, so this process's light barrier is free.
@@ -348,44 +366,49 @@ impl DirtyBitmap {
                         }
                     }
                     self.slots.end_own_mark(mark);
-                    return;
+                    return true;
                 }
                 self.slots.end_own_mark(mark);
             }
         }
-        self.mark_word_slow(w, mask);
+        self.mark_word_slow::<WAIT>(w, mask)
     }
 
     /// The rest of [`mark_word`](Self::mark_word)'s bookkeeping after its counter, from the
     /// summaries on: word `w` is now `new` (or later), and non-zero.
     #[cold]
     #[inline(never)]
-    fn finish_mark(&self, w: usize, new: u64, mark: OwnMark) {
+    fn finish_mark(&self, w: usize, new: u64, mark: OwnMark) -> bool {
         let b = (w / BLOCK_WORDS) as u64;
         self.any.set_block(b);
         if new == self.words.valid(w) && self.block_is_full(b) {
             self.full.set(b, &|| self.block_is_full(b));
         }
-        self.finish_mark_change((w >> self.geo.region_word_shift()) as u64, mark);
+        self.finish_mark_change((w >> self.geo.region_word_shift()) as u64, mark)
     }
 
     /// The change maps' part of [`mark_word`](Self::mark_word)'s bookkeeping, and its end.
+    /// Returns true, [`mark_word`](Self::mark_word)'s "done", so that both stay tail calls.
     #[cold]
     #[inline(never)]
-    fn finish_mark_change(&self, r: u64, mark: OwnMark) {
+    fn finish_mark_change(&self, r: u64, mark: OwnMark) -> bool {
         self.record_change(r);
         self.slots.end_own_mark(mark);
+        true
     }
 
     /// [`mark_word`](Self::mark_word) in every state: disabled (one load, no
-    /// announcement), sealed (wait), or with a light barrier that is a real fence.
+    /// announcement), sealed (wait, or with `WAIT` false return false having written
+    /// nothing), or with a light barrier that is a real fence.
     #[cold]
     #[inline(never)]
-    fn mark_word_slow(&self, w: usize, mask: u64) {
+    fn mark_word_slow<const WAIT: bool>(&self, w: usize, mask: u64) -> bool {
         if !self.is_enabled() {
-            return;
+            return true;
         }
-        let mark = self.begin_unsealed_mark();
+        let Some(mark) = self.begin_mark_after_seal::<WAIT>() else {
+            return false;
+        };
         if self.is_enabled() {
             let old = self.words.get(w).fetch_or(mask, SeqCst);
             if old | mask != old {
@@ -393,22 +416,27 @@ impl DirtyBitmap {
             }
         }
         self.slots.end_mark(mark);
+        true
     }
 
-    /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words.
+    /// The general case of [`mark_dirty`](Self::mark_dirty): clamping, several words. On
+    /// a sealed bitmap as [`mark_word_slow`](Self::mark_word_slow).
     #[inline(never)]
-    fn mark_dirty_range(&self, offset: u64, len: u64) {
+    fn mark_dirty_range<const WAIT: bool>(&self, offset: u64, len: u64) -> bool {
         if !self.is_enabled() {
-            return;
+            return true;
         }
         let Some((first, end)) = self.geo.touched_bits(offset, len) else {
-            return;
+            return true;
         };
-        let mark = self.begin_unsealed_mark();
+        let Some(mark) = self.begin_mark_after_seal::<WAIT>() else {
+            return false;
+        };
         if self.is_enabled() {
             for_each_word(first, end, |w, mask| self.set_bits(w, mask));
         }
         self.slots.end_mark(mark);
+        true
     }
 
     /// Announces a mark that may write (see [`ThreadSlots::begin_mark`]); the caller reads
@@ -430,15 +458,45 @@ impl DirtyBitmap {
     #[inline(always)]
     fn begin_unsealed_mark(&self) -> InFlight {
         loop {
-            let mut spins = 0;
-            while self.is_sealed() {
-                atomic::backoff(&mut spins);
-            }
-            let mark = self.begin_mark();
-            if !self.is_sealed() {
+            self.wait_while_sealed();
+            if let Some(mark) = self.begin_mark_unless_sealed() {
                 return mark;
             }
-            self.slots.end_mark(mark);
+        }
+    }
+
+    /// [`begin_mark`](Self::begin_mark) on a bitmap found unsealed after the announcement
+    /// (the read [`begin_unsealed_mark`](Self::begin_unsealed_mark) rests on), or `None`,
+    /// with nothing announced, on a sealed one.
+    #[inline(always)]
+    fn begin_mark_unless_sealed(&self) -> Option<InFlight> {
+        if self.is_sealed() {
+            return None;
+        }
+        let mark = self.begin_mark();
+        if !self.is_sealed() {
+            return Some(mark);
+        }
+        self.slots.end_mark(mark);
+        None
+    }
+
+    /// [`begin_unsealed_mark`](Self::begin_unsealed_mark) with `WAIT`, else
+    /// [`begin_mark_unless_sealed`](Self::begin_mark_unless_sealed).
+    #[inline(always)]
+    fn begin_mark_after_seal<const WAIT: bool>(&self) -> Option<InFlight> {
+        if WAIT {
+            Some(self.begin_unsealed_mark())
+        } else {
+            self.begin_mark_unless_sealed()
+        }
+    }
+
+    /// Returns once the bitmap is found unsealed (spins, then yields).
+    fn wait_while_sealed(&self) {
+        let mut spins = 0;
+        while self.is_sealed() {
+            atomic::backoff(&mut spins);
         }
     }
 
@@ -1233,22 +1291,37 @@ enum AnyClear {
     Guarded,
 }
 
-/// Announces, process-wide, one mark being fanned out over several bitmaps (see
-/// [`DirtyBitmap::set_enabled`] on handing marking over); pair with [`end_fan_out`]. Costs
-/// two plain stores to the thread's own slot.
+/// Marks a write of `len` bytes at `offset` in every bitmap of `bitmaps` as one fan-out:
+/// announced process-wide for the whole pass (see [`DirtyBitmap::set_enabled`] on handing
+/// marking over), at the cost of two plain stores to the thread's own slot.
+///
+/// `set_enabled(false)` on any bitmap of the process waits for the fan-outs announced, so
+/// a fan-out never waits while announced: a bitmap found sealed ends the pass (nothing
+/// written to it), the announcement is withdrawn, and once that bitmap is unsealed the
+/// whole pass runs again, every flag read anew (marking a bitmap twice is harmless). The
+/// pass that completes ran whole inside one announcement and waited for nothing, which is
+/// all the hand-over argument asks of a fan-out; the call returns only after it, so a
+/// write still waits for every seal of its bitmaps, as through `mark_dirty`.
 #[inline]
-pub(crate) fn begin_fan_out() -> InFlight {
-    let fan = count::fan_out().begin_mark();
-    // Orders the slot store before the fan-out's reads of the `enabled` flags, against
-    // the heavy barrier in `set_enabled(false)`.
-    barrier::light();
-    fan
-}
-
-/// Ends a fan-out announced by [`begin_fan_out`].
-#[inline]
-pub(crate) fn end_fan_out(fan: InFlight) {
-    count::fan_out().end_mark(fan);
+pub(crate) fn mark_fanned_out<'a>(
+    bitmaps: impl Iterator<Item = &'a DirtyBitmap> + Clone,
+    offset: u64,
+    len: u64,
+) {
+    loop {
+        let fan = count::fan_out().begin_mark();
+        // Orders the slot store before the fan-out's reads of the `enabled` flags, against
+        // the heavy barrier in `set_enabled(false)`.
+        barrier::light();
+        let sealed = bitmaps
+            .clone()
+            .find(|b| !b.mark_dirty_unless_sealed(offset, len));
+        count::fan_out().end_mark(fan);
+        match sealed {
+            None => return,
+            Some(b) => b.wait_while_sealed(),
+        }
+    }
 }
 
 /// Calls `f(word, mask)` for each word overlapping bits `[first, end)`, `first < end`.

@@ -618,11 +618,7 @@ impl<S: Storage> DurableTracker<S> {
             [] => {}
             [(only, _)] => only.mark_dirty(offset, len),
             several => {
-                let fan = crate::bitmap::begin_fan_out();
-                for (bm, _) in several {
-                    bm.mark_dirty(offset, len);
-                }
-                crate::bitmap::end_fan_out(fan);
+                crate::bitmap::mark_fanned_out(several.iter().map(|(bm, _)| &**bm), offset, len)
             }
         })
     }
