@@ -17,7 +17,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 5
+MAGIC, VERSION = 0x4442_4D4D, 6
 HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE, REPORT = range(1, 11)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001
@@ -31,9 +31,9 @@ def frame(kind, seq, payload):
 
 def hello(pages=PAGES, ps=PS):
     name = b"ram"
-    max_bandwidth, nonce, resume = 0, 0, 0
+    max_bandwidth, nonce, resume, incremental = 0, 0, 0, 0
     return (struct.pack(">IIQQQ", VERSION, ps, pages, MIGRATION_ID, max_bandwidth)
-            + nonce.to_bytes(16, "big") + resume.to_bytes(16, "big") + struct.pack(">H", 1)
+            + nonce.to_bytes(16, "big") + resume.to_bytes(16, "big") + struct.pack(">BH", incremental, 1)
             + struct.pack(">IB", RAM_ID, len(name)) + name)
 
 

@@ -1430,8 +1430,11 @@ impl Laggy {
         })
     }
 
-    /// Queues `frame`, then delivers what is older than the last `lag` frames. The
-    /// destination's errors stay with it (the source learns nothing on this link).
+    /// Queues `frame`, then delivers what is older than the last `lag` frames. A
+    /// destination error comes back as its Abort, as [`Destination::step`] sends it
+    /// (none for the source's own Abort or a refusal).
+    ///
+    /// [`Destination::step`]: dirty_bitmap::migration::dest::Destination::step
     fn push(&mut self, frame: Frame, wire: Bytes) {
         self.bytes += wire;
         self.in_flight.push_back(frame);
@@ -1442,12 +1445,21 @@ impl Laggy {
             let seq = self.seq;
             self.seq += 1;
             let answers = &mut self.answers;
-            let _ = self.core.apply(f, seq, Some(STREAM_VERSION), &mut |f| {
+            let res = self.core.apply(f, seq, Some(STREAM_VERSION), &mut |f| {
                 if matches!(f, Frame::Started) {
                     answers.push_back(dirty_bitmap::migration::DestMessage::Started);
                 }
                 Ok(())
             });
+            match res {
+                Ok(_)
+                | Err(MigrationError::PeerAborted(_) | MigrationError::DestinationRefused(_)) => {}
+                Err(e) => self
+                    .answers
+                    .push_back(dirty_bitmap::migration::DestMessage::Aborted(format!(
+                        "destination: {e}"
+                    ))),
+            }
         }
     }
 }
@@ -1635,6 +1647,81 @@ fn a_cancel_with_a_resent_page_in_flight_is_fixed_by_the_retry() {
         &ram.snapshot()[..],
         "the destination guest would run on stale memory"
     );
+}
+
+/// An incremental retry sends only what its log holds, so it must land on the RAM the
+/// destination kept. To a destination that kept none (restarted, another host), its Hello
+/// is refused before any page. Before, the destination mapped fresh RAM; in postcopy it
+/// started its guest at the switchover, found at End pages that never came and dropped
+/// the guest, while the source, which waits for no answer to End, reported success. A
+/// full pass to that destination then completes.
+#[test]
+fn an_incremental_retry_to_a_destination_without_kept_ram_is_refused_at_its_hello() {
+    let pages = 8;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p + 1);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    // What a failed attempt left dirty: pages 0 and 1, not the rest.
+    for p in 0..2 {
+        ram.write_and_mark(&log, p, |ram| ram.fill_page(p, 0xAB00 + p));
+    }
+    let state =
+        |mode| RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, true, 1).unwrap();
+    let cfg = LoopConfig {
+        postcopy: true,
+        start_postcopy: true,
+        max_bandwidth: None,
+        avail_switchover_bandwidth: Some(per_ms(1e6)),
+        ..LoopConfig::default()
+    };
+    let mut clock = ManualClock::new();
+    let link = Laggy::new(DestCore::new(DestinationConfig::default(), None), 0);
+    let mut again = state(SetupMode::Incremental);
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut clock,
+            vm: &mut Parked,
+            out: &mut LaggyOut(&link),
+            inbound: &mut LaggyIn(&link),
+        },
+        &mut [&mut again as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    );
+    let Laggy { core, .. } = link.into_inner();
+    let why = core.check_live().unwrap_err().to_string();
+    assert!(
+        !core.is_running() && core.hello().is_none() && core.received_pages() == 0,
+        "the destination took the Hello: {why}; the source: {:?}",
+        r.as_ref().map(|o| o.kind)
+    );
+    assert!(why.contains("no RAM kept"), "{why}");
+    match r {
+        Err(MigrationError::PeerAborted(reason)) => assert!(reason.contains("no RAM kept")),
+        other => panic!("the source reported {other:?}; the destination failed: {why}"),
+    }
+
+    // A full pass to that destination completes, and its guest runs on the source's RAM.
+    let link = Laggy::new(DestCore::new(DestinationConfig::default(), None), 0);
+    let mut full = state(SetupMode::Full);
+    let o = run(
+        &cfg,
+        Endpoints {
+            clock: &mut clock,
+            vm: &mut Parked,
+            out: &mut LaggyOut(&link),
+            inbound: &mut LaggyIn(&link),
+        },
+        &mut [&mut full as &mut dyn MigrationState],
+        &mut AutoConverge::default(),
+    )
+    .unwrap();
+    assert_eq!(o.kind, Kind::Postcopy);
+    let link = link.into_inner();
+    assert!(link.core.is_done(), "{:?}", link.core.check_live());
+    assert_eq!(link.core.ram(), &ram.snapshot()[..]);
 }
 
 /// The simulated destination's answers, noting the clock and the bytes sent when it

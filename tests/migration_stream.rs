@@ -42,6 +42,7 @@ fn hello(pages: usize) -> Frame {
         max_bandwidth: 0,
         nonce: 0,
         resume: 0,
+        incremental: false,
         states: vec![StateInfo {
             id: RAM_ID,
             name: RAM_STATE_NAME.into(),

@@ -1056,6 +1056,81 @@ fn a_low_postcopy_rate_with_large_batches_does_not_trip_the_destination_timeout(
     migrate_slowly_in_large_batches(true, Kind::Postcopy);
 }
 
+/// Found by an adversarial review: the destination's `attempt_timeout` bounded every read
+/// of the attempt, also after a postcopy switchover had started its guest. A push that
+/// outlasted it (32 GiB at 8 MiB/s against the default hour) was cut: the destination
+/// dropped its running guest, the source could not resume its own. Here 64 pages go at
+/// 256 KiB/s, frames well within the read timeout, and the push takes about a second
+/// against an attempt bound of 400 ms: the deadline ends when the guest starts, and the
+/// migration completes.
+#[test]
+fn a_postcopy_push_longer_than_the_attempt_timeout_completes() {
+    let _g = shared();
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, p * 13 + 1);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let mut vm = Workload::start(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        WorkloadConfig {
+            vcpus: 1,
+            writes_per_sec: 10,
+            pattern: Pattern::HOT_90_5,
+            seed: 12,
+        },
+    )
+    .unwrap();
+    let attempt = Duration::from_millis(400);
+    let dest = TcpDestination::spawn(DestOptions {
+        attempt_timeout: attempt,
+        ..dest_options()
+    })
+    .unwrap();
+    let mut state = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        true,
+        1,
+    )
+    .unwrap();
+    // The first 100 ms window sends a tenth of RAM; the switch follows it, and the push
+    // of the rest takes about 0.9 s at the same rate (in chunks of two pages: the push
+    // may run one chunk ahead of the rate).
+    let rate = BytesPerMs::from_bytes_per_sec(256 << 10);
+    let config = LoopConfig {
+        max_bandwidth: Some(rate),
+        max_postcopy_bandwidth: Some(rate),
+        postcopy: true,
+        start_postcopy: true,
+        iterate_chunk: Bytes(8192),
+        ..LoopConfig::default()
+    };
+    let r = migrate_to(
+        dest.addr(),
+        &SourceOptions {
+            loop_config: config,
+            timeout: TIMEOUT,
+            ..SourceOptions::default()
+        },
+        &mut vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    );
+    let report = dest.join().unwrap();
+    let r = r.unwrap_or_else(|e| panic!("{e}; destination: {:?}", report.attempts));
+    assert_eq!(r.outcome.kind, Kind::Postcopy);
+    assert!(r.outcome.total_time > attempt * 2, "{:?}", r.outcome);
+    let guest = report.guest.as_ref().unwrap();
+    assert!(guest.was_postcopy());
+    assert_eq!(guest.ram(), &ram.snapshot()[..]);
+    vm.shutdown();
+}
+
 /// Connects to `addr`, reads the destination's nonce, and feeds it `chunks(nonce)`, `gap`
 /// apart, for at most `max`. Returns how long after the first chunk the destination cut
 /// the connection, if it did.

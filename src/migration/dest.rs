@@ -14,7 +14,9 @@
 //! With [`DestinationConfig::nonce`] the destination speaks first: a Nonce the Hello must
 //! echo, so that a recorded attempt cannot be replayed, and RAM kept from a failed attempt
 //! is reused only by a Hello that resumes that migration by name (`Hello::resume`); any
-//! other Hello is refused and the kept RAM stays.
+//! other Hello is refused and the kept RAM stays. A Hello whose RAM pass is incremental
+//! (`Hello::incremental`: only what an earlier attempt left dirty) is refused unless it
+//! resumes kept RAM, before any page: the pages it will not send would be missing.
 //!
 //! Invariants:
 //! - a page index is checked against the RAM size before any byte is written;
@@ -746,12 +748,27 @@ impl DestCore {
                         }
                         .into())
                     }
+                    // An incremental first pass sends only what the attempt that left
+                    // the kept RAM re-dirtied: with nothing kept, the rest would never
+                    // come (in postcopy, after the guest started here).
+                    None if h.incremental => {
+                        return Err(ProtocolError::NoKeptRam {
+                            migration_id: h.migration_id,
+                        }
+                        .into())
+                    }
                     None => Some(DestRam::new(
                         ps,
                         h.ram_pages,
                         self.config.max_ram_bytes.get(),
                     )?),
                 };
+            }
+            None if h.incremental => {
+                return Err(ProtocolError::NoKeptRam {
+                    migration_id: h.migration_id,
+                }
+                .into())
             }
             None if h.ram_pages != 0 => {
                 return Err(ProtocolError::RamWithoutState {

@@ -152,6 +152,16 @@ impl Streamed {
         })
     }
 
+    /// REGIONS sections that sending what is left takes: the rest of the queue in
+    /// sections of its own, then the changed regions in others (the order
+    /// [`StreamDiskState::send`] takes them in), so each part rounds up on its own. One
+    /// run of `queued + seen` regions would price up to one section less than the stop
+    /// sends.
+    fn sections_left(&self) -> u64 {
+        let p = self.per_section();
+        self.queued().div_ceil(p) + self.seen.div_ceil(p)
+    }
+
     /// Hands the regions taken but not sent back to the consumer.
     fn requeue_unsent(&mut self) {
         if let Some((q, next)) = self.queue.take() {
@@ -403,28 +413,28 @@ impl StreamDiskState {
         self.sections_sent
     }
 
-    /// Wire bytes of sending `regions` region entries of `entries` bytes in all, of
-    /// bitmap `b`, plus its START if not sent and its COMPLETE.
-    fn wire(&self, b: &Streamed, regions: u64, entries: u64) -> Bytes {
-        self.wire_with(b, regions, entries, b.start_seq.is_none())
+    /// Wire bytes of sending region entries of `entries` bytes in all, in `sections`
+    /// REGIONS sections, of bitmap `b`, plus its START if not sent and its COMPLETE.
+    fn wire(&self, b: &Streamed, sections: u64, entries: u64) -> Bytes {
+        self.wire_with(b, sections, entries, b.start_seq.is_none())
     }
 
     /// Wire bytes of sending every region of bitmap `b` raw, its START and its COMPLETE
     /// (QEMU's whole bitmap; ours while the destination's copy is unknown, an upper bound).
     fn wire_all(&self, b: &Streamed) -> Bytes {
         let regions = b.bitmap.region_count();
-        self.wire_with(b, regions, regions.saturating_mul(b.entry_max()), true)
+        let sections = regions.div_ceil(b.per_section());
+        self.wire_with(b, sections, regions.saturating_mul(b.entry_max()), true)
     }
 
-    /// Wire bytes of `regions` region entries of `entries` bytes in all, in REGIONS
+    /// Wire bytes of region entries of `entries` bytes in all, in `sections` REGIONS
     /// sections of bitmap `b`, with its START if `start`, and its COMPLETE (a header and
     /// its flags byte); each section also pays the channel's overhead.
-    fn wire_with(&self, b: &Streamed, regions: u64, entries: u64, start: bool) -> Bytes {
+    fn wire_with(&self, b: &Streamed, sections: u64, entries: u64, start: bool) -> Bytes {
         let section = self
             .overhead
             .get()
             .saturating_add(bitmap_codec::HEADER_LEN as u64);
-        let sections = regions.div_ceil(b.per_section());
         let mut n = entries.saturating_add(
             sections.saturating_mul(section + bitmap_codec::REGIONS_HEADER_LEN as u64),
         );
@@ -723,12 +733,12 @@ impl MigrationState for StreamDiskState {
                     if exact {
                         let fixed = self.wire(b, 0, 0);
                         total += fixed;
-                        late += self.wire(b, left, entries) - fixed;
+                        late += self.wire(b, b.sections_left(), entries) - fixed;
                     } else {
                         late += estimate;
                     }
                 } else if exact {
-                    total += self.wire(b, left, entries);
+                    total += self.wire(b, b.sections_left(), entries);
                 } else {
                     total += estimate;
                 }
@@ -1669,6 +1679,29 @@ mod tests {
                     );
                 }
             }
+        }
+        // An `iterate` that stopped partway through its queue: 100 regions of 512 bytes
+        // (256 MiB of disk each at 64 KiB), 64 a section, 36 left queued. The stop sends
+        // them in a section of their own, then the region changed since in another.
+        for overhead in [0, 9] {
+            let b = Arc::new(DirtyBitmap::with_region_size(100 << 28, 65536, 512).unwrap());
+            assert_eq!(b.region_count(), 100);
+            let mut s = StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))]).unwrap();
+            let mut w = Wire(overhead);
+            s.setup(&mut w).unwrap();
+            // The START, then one section of 64 regions.
+            s.iterate(&mut w, Bytes(1)).unwrap();
+            s.iterate(&mut w, Bytes(1)).unwrap();
+            assert_eq!(s.regions_sent(), 64);
+            b.mark_dirty(0, 4096);
+            let p = s.pending(true);
+            let sent = s.complete(&mut w).unwrap();
+            assert_eq!(s.regions_sent(), 64 + 36 + 1);
+            assert_eq!(
+                p.total(),
+                sent,
+                "overhead {overhead}, after a partial queue"
+            );
         }
     }
 

@@ -263,6 +263,18 @@ pub enum ProtocolError {
         /// Its pages.
         kept_pages: u64,
     },
+    /// The Hello says the RAM's first pass is incremental ([`super::frame::Hello::incremental`]:
+    /// only what an earlier attempt left dirty), and this destination kept no RAM of that
+    /// migration (it restarted, or is another host, or the RAM it kept is gone): the pages
+    /// the source will not send would be missing. Refused before any page; the source
+    /// retries with a full pass ([`super::SetupMode::Full`]).
+    #[error(
+        "the Hello of guest {migration_id:#x} resumes an earlier attempt's RAM (an incremental          first pass), and this destination has no RAM kept for it: retry with a full pass"
+    )]
+    NoKeptRam {
+        /// The Hello's migration id.
+        migration_id: u64,
+    },
     /// The source expected the destination's Nonce as its first frame.
     #[error("expected the destination's Nonce first, got {kind:?}")]
     NoNonce {

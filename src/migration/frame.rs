@@ -24,18 +24,21 @@ pub type StateId = u32;
 
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
-/// The stream version this crate writes (5: a disk bitmap's region entries carry an
+/// The stream version this crate writes (6: the Hello says whether the RAM's first pass
+/// is incremental ([`Hello::incremental`]); 5 gave a disk bitmap's region entries an
 /// encoding, raw or sparse; 4 gave sections sequence numbers and destinations the Report
 /// ([`Frame::Report`]) of what they kept from a failed attempt of the same migration).
-pub const STREAM_VERSION: u32 = 5;
-/// The oldest stream version this crate reads. Version 4's region entries had no encoding
-/// byte; version 3's disk bitmap sections had no sequence number and its destinations no
+pub const STREAM_VERSION: u32 = 6;
+/// The oldest stream version this crate reads. Version 5's Hello did not say whether the
+/// RAM's first pass was incremental; version 4's region entries had no encoding byte;
+/// version 3's disk bitmap sections had no sequence number and its destinations no
 /// Report; version 2's Hello was bound to nothing but a per-guest id sent in clear. All
 /// are refused.
-pub const MIN_STREAM_VERSION: u32 = 5;
+pub const MIN_STREAM_VERSION: u32 = 6;
 /// Length of the fixed part of a Hello payload: version (4), page size (4), RAM pages (8),
-/// migration id (8), max bandwidth (8), nonce (16), resume (16), state count (2).
-pub const HELLO_FIXED_LEN: usize = 66;
+/// migration id (8), max bandwidth (8), nonce (16), resume (16), incremental (1), state
+/// count (2).
+pub const HELLO_FIXED_LEN: usize = 67;
 /// Length of a Nonce payload.
 pub const NONCE_LEN: usize = 16;
 /// Length of the stream header: magic (4), version (4).
@@ -289,6 +292,12 @@ pub struct Hello {
     /// afresh. A destination that keeps RAM from a failed attempt reuses it only for a
     /// Hello that names it, and refuses any other Hello without dropping it.
     pub resume: u128,
+    /// The RAM's first pass sends only the pages dirtied since an earlier attempt
+    /// ([`super::SetupMode::Incremental`]): the rest must already be at the destination,
+    /// in the RAM it kept from that attempt. A destination that resumes no kept RAM
+    /// refuses such a Hello before any page, since the pages the source will not send
+    /// would be missing (in postcopy, after its guest started).
+    pub incremental: bool,
     /// The states whose sections follow, with unique ids and names.
     pub states: Vec<StateInfo>,
 }
@@ -589,6 +598,7 @@ impl Frame {
                 p.extend_from_slice(&h.max_bandwidth.to_be_bytes());
                 p.extend_from_slice(&h.nonce.to_be_bytes());
                 p.extend_from_slice(&h.resume.to_be_bytes());
+                p.push(u8::from(h.incremental));
                 p.extend_from_slice(&n.to_be_bytes());
                 for s in &h.states {
                     let len = u8::try_from(s.name.len())
@@ -701,7 +711,12 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     let max_bandwidth = be_u64(p, 24).ok_or_else(short)?;
     let nonce = be_u128(p, 32).ok_or_else(short)?;
     let resume = be_u128(p, 48).ok_or_else(short)?;
-    let n = usize::from(be_u16(p, 64).ok_or_else(short)?);
+    let incremental = match be_u8(p, 64).ok_or_else(short)? {
+        0 => false,
+        1 => true,
+        _ => return Err(bad("incremental is not 0 or 1")),
+    };
+    let n = usize::from(be_u16(p, 65).ok_or_else(short)?);
     // Each state takes at least 6 bytes: bound the allocation by the payload.
     if n > p.len().saturating_sub(HELLO_FIXED_LEN) / 6 {
         return Err(bad("more states than the payload can hold"));
@@ -742,6 +757,7 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
         max_bandwidth,
         nonce,
         resume,
+        incremental,
         states,
     })
 }

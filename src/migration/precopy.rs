@@ -484,16 +484,17 @@ where
 }
 
 /// The Hello frame for `states`: their ids and names, and the RAM geometry of the one that
-/// is RAM (none: 0 pages).
+/// is RAM (none: 0 pages) and whether its first pass is incremental.
 fn hello(states: &[&mut dyn MigrationState]) -> Hello {
-    let (page_size, ram_pages) = states
-        .iter()
-        .find_map(|s| s.ram_geometry())
+    let ram = states.iter().find(|s| s.ram_geometry().is_some());
+    let (page_size, ram_pages) = ram
+        .and_then(|s| s.ram_geometry())
         .unwrap_or((super::guest::PAGE_SIZE as u32, 0));
     Hello {
         version: STREAM_VERSION,
         page_size,
         ram_pages,
+        incremental: ram.is_some_and(|s| s.ram_incremental()),
         migration_id: states.iter().find_map(|s| s.migration_id()).unwrap_or(0),
         states: states
             .iter()

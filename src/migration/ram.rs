@@ -80,7 +80,10 @@ pub enum SetupMode {
     /// the full pass covers it).
     Full,
     /// A retry to a destination that kept what it received: only the pages dirty in the
-    /// log (which a failed attempt re-dirtied).
+    /// log (which a failed attempt re-dirtied). The Hello says so
+    /// ([`Hello::incremental`](super::frame::Hello::incremental)), and a destination that
+    /// kept no RAM of this migration refuses it before any page
+    /// ([`ProtocolError::NoKeptRam`]): retry with [`SetupMode::Full`] then.
     Incremental,
 }
 
@@ -438,6 +441,10 @@ impl<M: GuestMemory, L: DirtyLog> MigrationState for RamState<M, L> {
 
     fn ram_geometry(&self) -> Option<(u32, u64)> {
         Some((self.page_size as u32, self.pages))
+    }
+
+    fn ram_incremental(&self) -> bool {
+        self.mode == SetupMode::Incremental
     }
 
     fn migration_id(&self) -> Option<u64> {

@@ -76,6 +76,14 @@ pub trait MigrationState {
         None
     }
 
+    /// Whether this state is the guest's RAM and its first pass sends only what an earlier
+    /// attempt left dirty ([`super::SetupMode::Incremental`]), for the Hello frame
+    /// ([`super::frame::Hello::incremental`]): a destination that did not keep that
+    /// attempt's RAM then refuses the Hello. The default: no.
+    fn ram_incremental(&self) -> bool {
+        false
+    }
+
     /// The guest's migration id for the Hello frame, if this state is the guest's RAM:
     /// the same for every attempt of the same guest, different for another guest.
     fn migration_id(&self) -> Option<u64> {

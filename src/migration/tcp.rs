@@ -30,7 +30,7 @@
 //! slowly, can hold it for: each frame must arrive within the read timeout plus its length
 //! at the slowest rate allowed ([`DestOptions::min_frame_rate`], or the Hello's lower
 //! `max_bandwidth`), counted from its first byte, and each attempt ends by
-//! [`DestOptions::attempt_timeout`].
+//! [`DestOptions::attempt_timeout`], unless its guest started here first (postcopy).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -86,7 +86,10 @@ pub struct DestOptions {
     /// Read and write timeout of each connection (the longest wait for a byte), and the
     /// longest wait for a connection.
     pub timeout: Duration,
-    /// The longest one attempt may last, from its connection to its end.
+    /// The longest one attempt may last, from its connection until its end or, in
+    /// postcopy, until the guest starts here: after that the source cannot take the guest
+    /// back, and the attempt is bounded only by `timeout` and the frames' deadlines (a
+    /// deadline then would lose the guest on both sides).
     pub attempt_timeout: Duration,
     /// The slowest rate, in bytes per second, at which a frame may arrive: a frame of `n`
     /// bytes must be whole within `timeout + n / rate` of its first byte. A Hello that
@@ -447,8 +450,11 @@ struct Timing {
     idle: Duration,
     /// The slowest rate a frame may arrive at, in bytes per second (at least 1).
     rate: u64,
-    /// When the attempt must be over.
-    attempt_end: Instant,
+    /// When the attempt must be over; `None` once the guest started here (a postcopy
+    /// switchover): from then on the source cannot take it back, so ending the attempt
+    /// would lose it, and only the read timeout and the frame's deadline bound a read
+    /// (QEMU sets no overall deadline on an incoming postcopy either).
+    attempt_end: Option<Instant>,
     frame: FrameTime,
 }
 
@@ -482,7 +488,7 @@ impl Paced {
             timing: Arc::new(parking_lot::Mutex::new(Timing {
                 idle: o.timeout,
                 rate: o.min_frame_rate.max(1),
-                attempt_end: now + o.attempt_timeout,
+                attempt_end: Some(now + o.attempt_timeout),
                 frame: FrameTime::Between,
             })),
         }
@@ -517,10 +523,9 @@ impl Read for Paced {
             FrameTime::Header { start } => (start + t.idle, "a frame header did not come whole"),
             FrameTime::Body { due, .. } => (due, "a frame did not come whole"),
         };
-        let (limit, what) = if t.attempt_end < limit {
-            (t.attempt_end, "the attempt lasted too long")
-        } else {
-            (limit, what)
+        let (limit, what) = match t.attempt_end {
+            Some(end) if end < limit => (end, "the attempt lasted too long"),
+            _ => (limit, what),
         };
         let timed_out = |t: &Timing| {
             io::Error::new(
@@ -587,6 +592,8 @@ fn drive(
             }
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
+                // The guest runs here now: the attempt's deadline no longer applies.
+                timing.lock().attempt_end = None;
                 let pages = d.hello().map_or(0, |h| h.ram_pages);
                 for _ in 0..o
                     .postcopy_touches

@@ -15,6 +15,7 @@ fn hello() -> Frame {
         max_bandwidth: 64 << 20,
         nonce: 0x0011_2233_4455_6677_8899_AABB_CCDD_EEFF,
         resume: 7,
+        incremental: true,
         states: vec![
             StateInfo {
                 id: 1,
@@ -103,8 +104,8 @@ fn encoded_sizes_match_the_format() {
             .len(),
         25
     );
-    // Hello: 66 fixed + (4 + 1 + 3) + (4 + 1 + 13).
-    assert_eq!(hello().encode_payload().unwrap().len(), 66 + 8 + 18);
+    // Hello: 67 fixed + (4 + 1 + 3) + (4 + 1 + 13).
+    assert_eq!(hello().encode_payload().unwrap().len(), 67 + 8 + 18);
     assert_eq!(
         encode_frame(0, &Frame::Nonce { nonce: 1 }).unwrap().len(),
         24 + NONCE_LEN
@@ -347,6 +348,13 @@ fn bad_payloads() {
     let mut p = hello().encode_payload().unwrap();
     p.push(0);
     assert!(Frame::decode_payload(FrameKind::Hello, &p).is_err());
+    // Incremental is one byte, 0 or 1.
+    let mut p = hello().encode_payload().unwrap();
+    p[HELLO_FIXED_LEN - 3] = 2;
+    assert!(matches!(
+        Frame::decode_payload(FrameKind::Hello, &p),
+        Err(FrameError::BadPayload { .. })
+    ));
 }
 
 /// A channel that times out whenever its script says so, and reads bytes otherwise.
@@ -581,23 +589,27 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
+            any::<bool>(),
             proptest::collection::vec((any::<u32>(), "[a-z]{1,12}"), 0..4)
         )
-            .prop_map(|(version, page_size, ram_pages, migration_id, max_bandwidth, s)| {
-                Frame::Hello(Hello {
-                    version,
-                    page_size,
-                    ram_pages,
-                    migration_id,
-                    max_bandwidth,
-                    nonce: u128::from(migration_id) << 3,
-                    resume: u128::from(ram_pages),
-                    states: s
+            .prop_map(
+                |(version, page_size, ram_pages, migration_id, max_bandwidth, incremental, s)| {
+                    Frame::Hello(Hello {
+                        version,
+                        page_size,
+                        ram_pages,
+                        migration_id,
+                        max_bandwidth,
+                        nonce: u128::from(migration_id) << 3,
+                        resume: u128::from(ram_pages),
+                        incremental,
+                        states: s
                         .into_iter()
                         .map(|(id, name)| StateInfo { id, name })
                         .collect(),
-                })
-            }),
+                    })
+                },
+            ),
         (any::<u32>(), bytes()).prop_map(|(state, payload)| Frame::Section { state, payload }),
         any::<bool>().prop_map(|postcopy| Frame::Switchover { postcopy }),
         Just(Frame::End),
