@@ -75,7 +75,7 @@ pub struct RepairReport {
 /// report. An image with nothing to repair is left unwritten.
 ///
 /// # Errors
-/// [`Error::Corrupt`](crate::Error::Corrupt) when the walk of everything but the bitmaps finds corruption (a
+/// [`Error::Corrupt`] when the walk of everything but the bitmaps finds corruption (a
 /// refcount below its references: `qemu-img check -r all` is the tool for that), the
 /// header cannot be read ([`Image::open_untrusting_bitmaps`]), or (with [`Repair::All`]) a
 /// cluster a kept bitmap or the directory owns has refcount 0 and no refcount block covers
