@@ -244,6 +244,35 @@ impl DirtyBitmap {
         self.slots.marks_in_flight()
     }
 
+    /// A mark of `[offset, offset + len)` (enabled or not) that runs `pause` after writing
+    /// its words and before recording their change-map regions, announced throughout, as a
+    /// mark descheduled between the two steps of [`set_bits`](Self::set_bits): tests of
+    /// callers that must not take a set bit for a recorded one.
+    #[cfg(test)]
+    pub(crate) fn mark_pausing_before_its_record(
+        &self,
+        offset: u64,
+        len: u64,
+        pause: impl FnOnce(),
+    ) {
+        let Some((first, end)) = self.geo.touched_bits(offset, len) else {
+            return;
+        };
+        let mark = self.begin_unsealed_mark();
+        let mut changed = Vec::new();
+        for_each_word(first, end, |w, mask| {
+            let old = self.words.get(w).fetch_or(mask, SeqCst);
+            changed.push((w, old, old | mask));
+        });
+        pause();
+        for (w, old, new) in changed {
+            if new != old {
+                self.after_change(w, old, new);
+            }
+        }
+        self.slots.end_mark(mark);
+    }
+
     /// Waits until no mark that was in flight when it was called (see
     /// [`marks_in_flight`](Self::marks_in_flight)) still is: afterwards, the words,
     /// towers and change-map regions of every such mark are visible to this thread. Spins,

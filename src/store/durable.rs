@@ -242,7 +242,7 @@ impl<S: Storage> BitmapStore<S> {
     /// committed, so that it is on disk before the change's call returns. The caller has
     /// published the change (the trackers' view and epoch, the flags in memory): see
     /// `InFlight` in `durable_bits.rs` for why a write this misses marks those bitmaps
-    /// itself. A write already there costs nothing (no bit changes, no barrier). Poisons the
+    /// itself. A write already on disk costs nothing (no bit changes, no barrier). Poisons the
     /// store on failure, as every durable commit does; the bitmaps that recorded before
     /// the change still hold the write on disk (its intent was durable in them).
     pub(crate) fn commit_in_flight(&mut self) -> Result<()> {
@@ -274,6 +274,11 @@ impl<S: Storage> BitmapStore<S> {
                 for &(offset, len) in &writes {
                     t.bitmap.or_range(offset, len);
                 }
+                // A bit a racing mark (another intent's fan-out) set in memory is not set
+                // again, and its region may not be recorded yet: set in memory is not on
+                // disk. Once the marks in flight end, every such region is recorded, and the
+                // commit that follows writes it.
+                t.bitmap.wait_for_marks();
             }
         }
         true
@@ -892,6 +897,68 @@ mod tests {
             durable_image(&crash).load("b").unwrap().is_dirty(RACED),
             "a write in flight across the checkpoint is not in \"b\" on disk"
         );
+    }
+
+    /// Found by a review of the registry: set in memory is not on disk. A racing intent's
+    /// fan-out (another writer, on the same granule) had set "b"'s bit when the enable ran
+    /// and had not yet recorded its change-map region; the enable's OR of the registered
+    /// write found the bit set, the commit took no region of "b", and the enable returned
+    /// with the write in flight on disk in "a" alone (removed after a backup, nothing held
+    /// it). The enable now waits for the marks in flight before its commit.
+    #[test]
+    fn an_enable_writes_a_write_in_flight_whose_bit_a_racing_mark_set_unrecorded() {
+        let (crash, shared, t) =
+            durable_store(&[("a", Recording::Enabled), ("b", Recording::Disabled)]);
+        let w = t.begin_write(RACED, 4096).unwrap();
+        let b = {
+            let s = shared.lock();
+            let i = s.find_consistent("b").unwrap();
+            Arc::clone(s.slots[i].mem.as_ref().unwrap())
+        };
+        let (written, paused) = std::sync::mpsc::channel();
+        let racer = std::thread::spawn(move || {
+            b.mark_pausing_before_its_record(RACED + 512, 512, || {
+                written.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            });
+        });
+        paused.recv().unwrap();
+        shared.lock().set_enabled("b", true).unwrap();
+        assert!(
+            durable_image(&crash).load("b").unwrap().is_dirty(RACED),
+            "the enable returned with the write in flight not in \"b\" on disk"
+        );
+        racer.join().unwrap();
+        drop(w);
+    }
+
+    /// The same for a durable `store` (and `merge`, which ORs the same way): "on disk when
+    /// it returns" held only for the bits it changed in memory, not for one a racing mark
+    /// had set and not yet recorded.
+    #[test]
+    fn a_durable_store_writes_a_bit_a_racing_mark_set_unrecorded() {
+        let (crash, shared, _t) = durable_store(&[("a", Recording::Enabled)]);
+        let a = {
+            let s = shared.lock();
+            let i = s.find_consistent("a").unwrap();
+            Arc::clone(s.slots[i].mem.as_ref().unwrap())
+        };
+        let (written, paused) = std::sync::mpsc::channel();
+        let racer = std::thread::spawn(move || {
+            a.mark_pausing_before_its_record(RACED, 512, || {
+                written.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            });
+        });
+        paused.recv().unwrap();
+        let bits = DirtyBitmap::new(1 << 30, 65536).unwrap();
+        bits.mark_dirty(RACED, 4096);
+        shared.lock().store("a", &bits).unwrap();
+        assert!(
+            durable_image(&crash).load("a").unwrap().is_dirty(RACED),
+            "the store returned with its bit not on disk"
+        );
+        racer.join().unwrap();
     }
 
     /// Found by the same review: a durable clear dropped the bits of a write whose intent

@@ -480,7 +480,7 @@ impl<S: Storage> BitmapStore<S> {
             // Active: OR into the authoritative copy, write nothing (see above), unless
             // durable.
             m.merge_from(bm)?;
-            return self.commit_if_durable();
+            return self.commit_marked_if_durable(m.clone());
         }
         self.preflight()?;
         if let Some(kept) = self.slots[i].parked.clone() {
@@ -621,8 +621,14 @@ impl<S: Storage> BitmapStore<S> {
 
     /// In durable mode, a commit: what `store` or `merge` ORed into memory is on disk when
     /// they return.
-    fn commit_if_durable(&mut self) -> Result<()> {
+    /// After bits were ORed into `m`, active: in durable mode, commits them, so that they
+    /// are on disk when the call returns. A bit a racing mark set before the OR read it is
+    /// not ORed again (`set_bits` skips a set bit), and its change-map region may not be
+    /// recorded yet (a mark writes its word before it records the region): the wait for
+    /// the marks in flight makes every such region recorded before the commit takes them.
+    fn commit_marked_if_durable(&mut self, m: Arc<DirtyBitmap>) -> Result<()> {
         if self.durable.is_some() {
+            m.wait_for_marks();
             self.commit_durable()?;
         }
         Ok(())
@@ -677,7 +683,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         if let Some(m) = &self.slots[i].mem {
             m.merge_from(src)?;
-            return self.commit_if_durable();
+            return self.commit_marked_if_durable(m.clone());
         }
         self.preflight()?;
         if let Some(p) = &self.slots[i].parked {
