@@ -165,6 +165,22 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
                 report.refcounts_raised = report.refcounts_raised.saturating_add(1);
             }
         }
+        // A removed entry is in force too until the commit point, and QEMU may load it
+        // (it checks neither a cluster named twice nor one shared with another bitmap): a
+        // crash after the new directory is written over one of its clusters, before the
+        // header, would leave it loading the directory's bytes as its bits. Its clusters
+        // at refcount 0 are raised for the commit as well; the leak repair after the
+        // commit, which no longer sees them referenced, frees them again.
+        let mut removed = ClusterSet::default();
+        lenient_claims(&image, &broken_raw, &mut removed)?;
+        for (&start, &end) in &removed.runs {
+            for c in start..end.min(file_clusters) {
+                let off = c.saturating_mul(cs);
+                if image.refcount(off)? == 0 {
+                    image.raise_refcount(off, 1)?;
+                }
+            }
+        }
     }
     if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
         report.extension_dropped = unreadable;
