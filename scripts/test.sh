@@ -68,6 +68,11 @@ if [ "${1:-}" = "--tools" ]; then
     exit 0
 fi
 
+# The tests build the library and `dbm` at opt-level 1: the CLI, migration and geometry
+# tests drive real workloads (the demo on a 1 TiB disk, the benchmarks' --quick modes, every
+# bench target once), which at opt-level 0 took most of CI's time. Overflow checks and debug
+# assertions stay on, as in any dev build.
+export CARGO_PROFILE_DEV_OPT_LEVEL=1
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
