@@ -2017,6 +2017,16 @@ fn stream_mode_over_tcp_postcopy_late_regions_merge_with_the_destination_guests_
         vcpus,
         disk: DiskWriter::start(tracker, BIG, 500, seed, None),
     };
+    // The source's marks below are the writer's: it has written before the migration
+    // starts (an optimized build can reach the stop within its first 2 ms).
+    let t0 = std::time::Instant::now();
+    while guest.disk.marks().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the disk writer never wrote"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 16).unwrap();
     let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock())
         .unwrap()
