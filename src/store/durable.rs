@@ -899,6 +899,30 @@ mod tests {
         );
     }
 
+    /// Another thread's mark of the 512 bytes at `offset` in bitmap `name`, held for 300 ms
+    /// between writing its word and recording its change-map region (announced
+    /// throughout); returns once the word is written.
+    fn racing_mark_unrecorded(
+        shared: &SharedStore<Arc<CrashStorage>>,
+        name: &str,
+        offset: u64,
+    ) -> std::thread::JoinHandle<()> {
+        let bitmap = {
+            let s = shared.lock();
+            let i = s.find_consistent(name).unwrap();
+            Arc::clone(s.slots[i].mem.as_ref().unwrap())
+        };
+        let (written, paused) = std::sync::mpsc::channel();
+        let racer = std::thread::spawn(move || {
+            bitmap.mark_pausing_before_its_record(offset, 512, || {
+                written.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            });
+        });
+        paused.recv().unwrap();
+        racer
+    }
+
     /// Found by a review of the registry: set in memory is not on disk. A racing intent's
     /// fan-out (another writer, on the same granule) had set "b"'s bit when the enable ran
     /// and had not yet recorded its change-map region; the enable's OR of the registered
@@ -910,19 +934,7 @@ mod tests {
         let (crash, shared, t) =
             durable_store(&[("a", Recording::Enabled), ("b", Recording::Disabled)]);
         let w = t.begin_write(RACED, 4096).unwrap();
-        let b = {
-            let s = shared.lock();
-            let i = s.find_consistent("b").unwrap();
-            Arc::clone(s.slots[i].mem.as_ref().unwrap())
-        };
-        let (written, paused) = std::sync::mpsc::channel();
-        let racer = std::thread::spawn(move || {
-            b.mark_pausing_before_its_record(RACED + 512, 512, || {
-                written.send(()).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            });
-        });
-        paused.recv().unwrap();
+        let racer = racing_mark_unrecorded(&shared, "b", RACED + 512);
         shared.lock().set_enabled("b", true).unwrap();
         assert!(
             durable_image(&crash).load("b").unwrap().is_dirty(RACED),
@@ -938,19 +950,7 @@ mod tests {
     #[test]
     fn a_durable_store_writes_a_bit_a_racing_mark_set_unrecorded() {
         let (crash, shared, _t) = durable_store(&[("a", Recording::Enabled)]);
-        let a = {
-            let s = shared.lock();
-            let i = s.find_consistent("a").unwrap();
-            Arc::clone(s.slots[i].mem.as_ref().unwrap())
-        };
-        let (written, paused) = std::sync::mpsc::channel();
-        let racer = std::thread::spawn(move || {
-            a.mark_pausing_before_its_record(RACED, 512, || {
-                written.send(()).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            });
-        });
-        paused.recv().unwrap();
+        let racer = racing_mark_unrecorded(&shared, "a", RACED);
         let bits = DirtyBitmap::new(1 << 30, 65536).unwrap();
         bits.mark_dirty(RACED, 4096);
         shared.lock().store("a", &bits).unwrap();
