@@ -78,6 +78,14 @@ fn writer(mode: Mode, rng: &mut impl Rng) -> (Disk, SharedStore<Disk>) {
 /// `n` random 4 KiB writes marked on the writer (through its durable tracker in durable
 /// mode, so each is on disk when it returns), and now and then a clear of one bitmap.
 fn writes(s: &SharedStore<Disk>, mode: Mode, rng: &mut impl Rng, n: usize) {
+    marks(s, mode, rng, n);
+    if rng.random_bool(0.2) {
+        s.lock().clear(NAMES[rng.random_range(0..2)]).unwrap();
+    }
+}
+
+/// `n` random 4 KiB writes marked on the writer, each on `a` and half of them on `b`.
+fn marks(s: &SharedStore<Disk>, mode: Mode, rng: &mut impl Rng, n: usize) {
     let t = (mode == Mode::Durable).then(|| s.durable_tracker().unwrap());
     let (a, b) = match mode {
         Mode::Deferred => {
@@ -101,9 +109,6 @@ fn writes(s: &SharedStore<Disk>, mode: Mode, rng: &mut impl Rng, n: usize) {
             }
             _ => unreachable!(),
         }
-    }
-    if rng.random_bool(0.2) {
-        s.lock().clear(NAMES[rng.random_range(0..2)]).unwrap();
     }
 }
 
@@ -231,12 +236,17 @@ fn a_missed_log_makes_the_activate_read_everything() {
 /// The chain's checks, with the applies done right: a copy missing only the last log's
 /// regions is what a skipped apply of the last log would leave. Its dirty count differs
 /// from the writer's, so it is not current.
+///
+/// Marks only, no clear: a clear at the end could leave a bitmap empty on disk and in the
+/// copy alike (seed 914634385746565281 cleared `b`, which the copy held empty already), and
+/// such a copy equals the disk and is rightly current. 300 random 4 KiB marks on a 2^24-bit
+/// bitmap holding a few thousand bits set at least one new bit in each bitmap.
 #[test]
 fn a_copy_that_misses_the_stops_regions_is_not_current() {
     let (mut rng, seed) = seeded_rng("write_log_last");
     let (disk, s) = writer(Mode::Deferred, &mut rng);
     let (reader, mut pre) = start_following(&disk, &s, Mode::Deferred);
-    writes(&s, Mode::Deferred, &mut rng, 300);
+    marks(&s, Mode::Deferred, &mut rng, 300);
     let mut s = s.try_into_inner().unwrap();
     s.inactivate().unwrap();
     let mut last = s.take_write_log().unwrap();
