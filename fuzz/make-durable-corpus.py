@@ -6,7 +6,8 @@
 
 Hand-written operation sequences, each at 512 B, 1 KiB and 4 KiB clusters on a 1 MiB disk:
 the lifecycle with crash points in activate, marks, a clear and inactivate; intents polled
-and waited from several trackers; recording switched on and off; directory changes on an
+and waited from several trackers; writes held in flight across checkpoints, a clear, an add
+and recording switched; recording switched on and off; directory changes on an
 active durable store (add, remove, store, merge, merge_from); marks and intents on the
 trackers of an inactivated store (they fail) around the inactive copy-on-write operations,
 and a durable activation again; preloads before activations that the image changed
@@ -44,6 +45,17 @@ def remove(name):
 
 def mark(handle, off, length):
     return bytes([2, handle]) + rng(off, length)
+
+
+def begin_write(handle, off, length):
+    return bytes([4, handle]) + rng(off, length)
+
+
+END_WRITE = bytes([19])
+
+
+def checkpoint(name):
+    return bytes([23, name])
 
 
 def intent(handle, off, length):
@@ -243,6 +255,26 @@ SEQUENCES = {
         store(B, [(4 * K, 512)]),
         crash(0), ACTIVATE,
         mark(0, 200 * K, 4 * K),
+    ],
+    "in-flight": [
+        add(A, 4 * K),
+        ACTIVATE,
+        begin_write(0, 0, 4 * K),
+        begin_write(1, 64 * K, 4 * K),
+        crash(3), checkpoint(B),
+        END_WRITE,
+        mark(0, 128 * K, 4 * K),
+        begin_write(0, 256 * K, 4 * K),
+        crash(1), clear(B),
+        set_enabled(A, True),
+        set_enabled(B, False),
+        crash(2), add(C, 512),
+        checkpoint(D),
+        END_WRITE,
+        set_enabled(C, False),
+        crash(0), checkpoint(D),
+        END_WRITE,
+        INACTIVATE,
     ],
     "refusals": [
         mark(0, 0, 512),

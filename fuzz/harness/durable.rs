@@ -28,7 +28,7 @@ use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op as LogOp};
 use dirty_bitmap::store::mode::StoreMode;
 use dirty_bitmap::{
     BitmapState, BitmapStore, DirtyBitmap, DurableTracker, Error, Intent, OpenMode, Preloaded,
-    Recording, SharedStore, StateProblem, StoreGuard,
+    Recording, SharedStore, StateProblem, StoreGuard, WriteInFlight,
 };
 
 use super::ops::{granules, place, recording, Bytes, NAMES};
@@ -41,6 +41,8 @@ const MAX_CRASHES: usize = 4;
 const HANDLES: usize = 3;
 /// Most intents held at once.
 const MAX_TICKETS: usize = 8;
+/// Most writes held in flight at once.
+const MAX_WRITES: usize = 8;
 
 /// One operation. Names are indexes into [`NAMES`]; handles into the [`HANDLES`] tracker
 /// slots, each taken from the store (`SharedStore::durable_tracker`) at its first use and
@@ -67,6 +69,21 @@ enum DOp {
         handle: usize,
         offset: u64,
         len: u64,
+    },
+    /// `DurableTracker::begin_write`: the write is acknowledged and held in flight (its
+    /// guard kept) until an `EndWrite`, or until the store is inactivated or reopened (a
+    /// VMM drains its writes before it hands the disk over).
+    BeginWrite {
+        handle: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// Drops the guard of the oldest write held in flight: it completed.
+    EndWrite,
+    /// `BitmapStore::checkpoint`: the bitmap that records disabled and `name` added
+    /// recording, in one directory commit.
+    Checkpoint {
+        name: usize,
     },
     /// `Intent::is_durable`: when it says so the write is acknowledged and the ticket goes.
     Poll {
@@ -151,10 +168,19 @@ fn decode_op(r: &mut Bytes) -> DOp {
             }
         }
         1 => DOp::Remove { name: name(r) },
-        2..=4 => {
+        2 | 3 => {
             let handle = handle(r);
             let (offset, len) = range(r);
             DOp::Mark {
+                handle,
+                offset,
+                len,
+            }
+        }
+        4 => {
+            let handle = handle(r);
+            let (offset, len) = range(r);
+            DOp::BeginWrite {
                 handle,
                 offset,
                 len,
@@ -212,10 +238,12 @@ fn decode_op(r: &mut Bytes) -> DOp {
             }
         }
         17 => DOp::Inactivate,
-        18 | 19 => DOp::ActivateDurable,
+        18 => DOp::ActivateDurable,
+        19 => DOp::EndWrite,
         20 => DOp::Reopen,
         21 => DOp::AbandonReopen,
-        22 | 23 => DOp::Crash { at: r.u8() },
+        22 => DOp::Crash { at: r.u8() },
+        23 => DOp::Checkpoint { name: name(r) },
         24 => DOp::Preload,
         _ => {
             let v = r.u16();
@@ -447,6 +475,8 @@ struct Harness<'a> {
     /// What the last `Preload` read, for the next durable activation.
     preloaded: Option<Preloaded>,
     tickets: Vec<Ticket<'a>>,
+    /// Writes in flight ([`DOp::BeginWrite`]), oldest first, with their ranges.
+    writes: Vec<(WriteInFlight, u64, u64)>,
     /// The crash point asked for the next operation that writes.
     crash_at: Option<u8>,
     crashes: usize,
@@ -487,6 +517,19 @@ impl<'a> Harness<'a> {
         self.handles[handle].as_ref().expect("a tracker")
     }
 
+    /// A change of which bitmaps record (an add of a recording bitmap, `set_enabled`, a
+    /// checkpoint) or a clear returned on a durable store: every write held in flight is
+    /// then on disk in every bitmap that records (`DurableTracker::begin_write`).
+    fn in_flight_recorded(&mut self) {
+        if !self.model.durable {
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = self.writes.iter().map(|&(_, o, l)| (o, l)).collect();
+        for (o, l) in ranges {
+            self.model.ack(o, l);
+        }
+    }
+
     /// `(offset, len)` placed on the disk, and whether it lies inside the disk the
     /// trackers check ranges against ([`Model::tracked_size`]).
     fn placed(&self, offset: u64, len: u64) -> (u64, u64, bool) {
@@ -520,6 +563,7 @@ impl<'a> Harness<'a> {
                         tracked: durable,
                         must: BTreeSet::new(),
                     });
+                    self.in_flight_recorded();
                 }
             }
             DOp::Remove { name } => {
@@ -546,6 +590,72 @@ impl<'a> Harness<'a> {
                 let got = self.handle(handle).mark(o, l);
                 if self.check(ctx, want, got).is_some() {
                     self.model.ack(o, l);
+                }
+            }
+            DOp::BeginWrite {
+                handle,
+                offset,
+                len,
+            } => {
+                if self.writes.len() >= MAX_WRITES || !self.ensure_tracker(ctx, handle) {
+                    return;
+                }
+                let (o, l, inside) = self.placed(offset, len);
+                let want = first([
+                    (!inside).then_some(Refusal::InvalidInput),
+                    (!durable).then_some(Refusal::State(StateProblem::NotActive)),
+                ]);
+                let got = self.handle(handle).begin_write(o, l);
+                if let Some(guard) = self.check(ctx, want, got) {
+                    self.model.ack(o, l);
+                    self.writes.push((guard, o, l));
+                }
+            }
+            DOp::EndWrite => {
+                if !self.writes.is_empty() {
+                    drop(self.writes.remove(0));
+                }
+            }
+            DOp::Checkpoint { name } => {
+                let n = NAMES[name];
+                let recording: Vec<usize> = (0..self.model.bms.len())
+                    .filter(|&i| self.model.bms[i].enabled)
+                    .collect();
+                let want = first([
+                    (recording.len() > 1).then_some(Refusal::InvalidInput),
+                    self.model.find(n).map(|_| Refusal::Exists),
+                ]);
+                let got = self.lock().checkpoint(n);
+                if let Some(old) = self.check(ctx, want, got) {
+                    let granularity = match recording[..] {
+                        [i] => {
+                            let b = &mut self.model.bms[i];
+                            assert_eq!(
+                                old.as_ref().map(|o| o.to_string()).as_deref(),
+                                Some(b.name),
+                                "{ctx}: the checkpoint disabled another bitmap"
+                            );
+                            b.enabled = false;
+                            b.disk_enabled = false;
+                            b.granularity
+                        }
+                        _ => {
+                            assert!(old.is_none(), "{ctx}: disabled {old:?}, none recorded");
+                            dirty_bitmap::store::checkpoint::DEFAULT_CHECKPOINT_GRANULARITY
+                        }
+                    };
+                    let id = self.model.next_id;
+                    self.model.next_id += 1;
+                    self.model.bms.push(Bm {
+                        id,
+                        name: n,
+                        granularity,
+                        enabled: true,
+                        disk_enabled: true,
+                        tracked: durable,
+                        must: BTreeSet::new(),
+                    });
+                    self.in_flight_recorded();
                 }
             }
             DOp::Intent {
@@ -621,6 +731,8 @@ impl<'a> Harness<'a> {
                 let got = self.lock().clear(n);
                 if self.check(ctx, want, got).is_some() {
                     self.model.bm(n).must.clear();
+                    // A write in flight lands after the clear: it stays in the bitmap.
+                    self.in_flight_recorded();
                 }
             }
             DOp::SetEnabled { name, enabled } => {
@@ -632,6 +744,7 @@ impl<'a> Harness<'a> {
                     let b = self.model.bm(n);
                     b.enabled = enabled;
                     b.disk_enabled = enabled;
+                    self.in_flight_recorded();
                 }
             }
             DOp::Store {
@@ -707,6 +820,8 @@ impl<'a> Harness<'a> {
                 }
             }
             DOp::Inactivate => {
+                // Writes drained before the hand-over.
+                self.writes.clear();
                 let got = self.lock().inactivate();
                 self.check(ctx, Ok(()), got);
                 self.model.inactivated();
@@ -780,6 +895,7 @@ impl<'a> Harness<'a> {
 
     fn drop_handles(&mut self) {
         self.tickets.clear();
+        self.writes.clear();
         for h in &mut self.handles {
             *h = None;
         }
@@ -845,7 +961,10 @@ impl<'a> Harness<'a> {
         // the durable commits in place and the flags written in place never do.
         let leaks = p < end
             && match op {
-                DOp::Add { .. } | DOp::Remove { .. } | DOp::ActivateDurable => true,
+                DOp::Add { .. }
+                | DOp::Remove { .. }
+                | DOp::Checkpoint { .. }
+                | DOp::ActivateDurable => true,
                 DOp::Resize { .. } => true,
                 DOp::Store { .. }
                 | DOp::Merge { .. }
@@ -1048,6 +1167,7 @@ pub fn ops_durable(data: &[u8]) {
         handles: (0..HANDLES).map(|_| None).collect(),
         preloaded: None,
         tickets: Vec::new(),
+        writes: Vec::new(),
         crash_at: None,
         crashes: 0,
         refused: false,
