@@ -229,6 +229,9 @@ impl<S: Storage> BitmapStore<S> {
                 b.clear();
             }
         }
+        // A fast path that read a bit dropped above as covering its write must not answer
+        // after this returns: the epoch moves after the drop (`DurableTracker::is_durable`).
+        self.durable_set.bump();
         m.clear(0, self.disk_size());
         // A write acknowledged before the clear and still in flight lands after it: its
         // bits stay (registered writes only: see `InFlight` in `durable_bits.rs`), in the
@@ -546,6 +549,17 @@ impl<S: Storage> DurableTracker<S> {
         // memory (`BitmapStore::stop_recording`; its flags write and barrier come before
         // both).
         //
+        // Two changes make a read answer wrong the other way, and bump the epoch *after*
+        // their change: an enable (a bitmap read disabled and skipped starts recording:
+        // `BitmapStore::set_enabled`) and a clear (a durable bit read as covering the
+        // write is dropped: `BitmapStore::clear_durable`). If `e0` read that bump, the
+        // read between saw the change (the flag set; the bit dropped, or set again by a
+        // later commit, durable then); if `e1` read it and `e0` did not, the answer is
+        // refused. So an answer that counts made every read before the bump, which comes
+        // before the change's call returns: the mark overlapped the call, and its write
+        // counts as in flight at it (a caller drains, or registers it:
+        // `DurableTracker::begin_write`), never as one marked after it.
+        //
         // Every access involved is `SeqCst` (the view's `ArcSwap` store and load included),
         // but the argument needs only acquire and release: each step is a read that sees a
         // write, and with it everything its writer did before (message passing; no
@@ -769,6 +783,17 @@ mod tests {
         at: usize,
         race: impl Fn(&mut BitmapStore<Arc<CrashStorage>>) + 'static,
     ) -> Arc<CrashStorage> {
+        mark_again_racing(bitmaps, false, at, race)
+    }
+
+    /// [`mark_racing`], the granule marked once first when `durable_first` (so that the
+    /// fast path finds it durable in every bitmap recording then).
+    fn mark_again_racing(
+        bitmaps: &[(&str, Recording)],
+        durable_first: bool,
+        at: usize,
+        race: impl Fn(&mut BitmapStore<Arc<CrashStorage>>) + 'static,
+    ) -> Arc<CrashStorage> {
         let crash = Arc::new(CrashStorage::new());
         let mut s = BitmapStore::create(Arc::clone(&crash), 1 << 30, 65536).unwrap();
         for &(name, recording) in bitmaps {
@@ -777,6 +802,9 @@ mod tests {
         s.activate_durable().unwrap();
         let shared = SharedStore::new(s);
         let t = shared.durable_tracker().unwrap();
+        if durable_first {
+            t.mark(RACED, 4096).unwrap();
+        }
         let ran = Rc::new(RefCell::new(false));
         {
             let (shared, ran) = (shared.clone(), Rc::clone(&ran));
@@ -842,6 +870,37 @@ mod tests {
             "acknowledged after the hand-over began, and \"b\", recording, lacks it (in \
              \"a\": {})",
             a.is_dirty(clean)
+        );
+    }
+
+    /// Found by a review: a clear drops the cleared bitmap's durable bits without moving
+    /// the trackers' epoch. A fast path that read "a" covered before the clear and "b"
+    /// after it returned (nothing moved the epoch) acknowledged the write after the clear
+    /// returned, with its granule clean in "a", on disk and in memory. The clear runs here
+    /// between the two reads.
+    #[test]
+    fn a_clear_racing_the_fast_path_never_acknowledges_a_write_it_dropped() {
+        let bitmaps = [("a", Recording::Enabled), ("b", Recording::Enabled)];
+        let crash = mark_again_racing(&bitmaps, true, 1, |s| s.clear("a").unwrap());
+        assert!(
+            durable_image(&crash).load("a").unwrap().is_dirty(RACED),
+            "acknowledged after the clear of \"a\" returned, and \"a\" lacks it on disk"
+        );
+    }
+
+    /// Found by the same review: an enable sets the flag without moving the epoch. A fast
+    /// path that read "b" disabled (skipped) before the enable and "a" covered after it
+    /// acknowledged the write after the enable returned, with its granule clean in "b",
+    /// recording. The enable runs here between the two reads.
+    #[test]
+    fn an_enable_racing_the_fast_path_never_acknowledges_a_write_missing_from_it() {
+        let bitmaps = [("b", Recording::Disabled), ("a", Recording::Enabled)];
+        let crash = mark_again_racing(&bitmaps, true, 1, |s| s.set_enabled("b", true).unwrap());
+        let b = durable_image(&crash).load("b").unwrap();
+        assert!(b.is_enabled(), "the enable is not on disk");
+        assert!(
+            b.is_dirty(RACED),
+            "acknowledged after the enable of \"b\" returned, and \"b\" lacks it on disk"
         );
     }
 

@@ -159,7 +159,9 @@ impl Default for Published {
 impl Published {
     /// Moves the epoch on, the view unchanged: before a durable bitmap stops recording in
     /// memory (`BitmapStore::stop_recording`), so that a fast path that reads its flag
-    /// cleared finds the epoch moved and refuses its answer
+    /// cleared finds the epoch moved and refuses its answer; after one starts recording
+    /// and after a clear dropped durable bits, so that a fast path that read the flag
+    /// cleared or a dropped bit set answers only before the call returns
     /// (`DurableTracker::is_durable`). Handles then read the store's view until refreshed.
     pub(super) fn bump(&self) {
         self.epoch.fetch_add(1, SeqCst);

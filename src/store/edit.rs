@@ -353,6 +353,16 @@ impl<S: Storage> BitmapStore<S> {
         m.set_enabled(false);
     }
 
+    /// After a bitmap starts recording in memory, active in durable mode: the trackers'
+    /// epoch moves on, so that a fast path that read its flag cleared (and skipped it)
+    /// cannot answer after the enable returns (the argument is at
+    /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)).
+    fn bump_after_enable(&self) {
+        if self.durable.is_some() {
+            self.durable_set.bump();
+        }
+    }
+
     /// A durable store's new bitmap `m`, whose all-zero table of `ts` entries is at `off`:
     /// every entry gets a zero data cluster (refcounts, clusters, entries, barrier) before
     /// the directory names the table, so the bitmap is consistent and in place from its
@@ -573,6 +583,7 @@ impl<S: Storage> BitmapStore<S> {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
                 if enabled {
                     m.set_enabled(true);
+                    self.bump_after_enable();
                 } else {
                     self.stop_recording(&m);
                 }
@@ -586,6 +597,7 @@ impl<S: Storage> BitmapStore<S> {
             // flight). A failed write leaves memory recording.
             if enabled {
                 m.set_enabled(true);
+                self.bump_after_enable();
             }
             let name = self.slots[i].entry.name.clone();
             let mut entries = self.current_entries();
