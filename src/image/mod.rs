@@ -603,9 +603,9 @@ impl<S: Storage> Image<S> {
     }
 
     /// Clears autoclear bit 0 on disk (the 8-byte field alone, then a barrier), on a
-    /// poisoned handle too, as [`withdraw_at`](Self::withdraw_at): every bitmap of the
-    /// image then loads as inconsistent, here and in QEMU, whichever directory the header
-    /// points to. The last resort of a stop that failed after it may have written "clean".
+    /// poisoned handle too, as [`withdraw_at`](Self::withdraw_at): whichever directory the
+    /// header points to, no bitmap of the image is trusted then (here each loads as
+    /// inconsistent; QEMU ignores the extension and drops it at its first header write). The last resort of a stop that failed after it may have written "clean".
     ///
     /// # Errors
     /// As [`withdraw_at`](Self::withdraw_at).
