@@ -307,3 +307,59 @@ fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
         "a refused open wrote"
     );
 }
+
+/// Found by a review: an image that names a data file in its extension while the
+/// incompatible `data_file` bit is clear keeps its guest data in the image itself, as QEMU
+/// reads it (`qcow2_do_open` opens the named file only with the bit set, and drops the
+/// extension at its next header write). A writable open required the named file and took
+/// a writer's locks on it: refused with an I/O error when it is gone, and an unrelated file
+/// locked when it exists. The name is now ignored without the bit, as QEMU ignores it.
+#[test]
+fn a_data_file_name_without_its_feature_bit_is_ignored_as_qemu_ignores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("gone.raw");
+    let img = dir.path().join("own-data.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p(&raw)),
+            p(&img),
+            "16M",
+        ],
+    );
+    // Incompatible features (offset 72, big-endian): bit 2 cleared, the extension kept.
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes[79] & 4, 4, "qemu-img set the data_file bit");
+    bytes[79] &= !4;
+    std::fs::write(&img, &bytes).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    // QEMU opens it and writes its guest data into the image itself.
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 64K", p(&img)],
+    );
+    assert_qemu_clean(&img);
+    let mut st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .expect("a writable open of an image QEMU opens");
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    st.tracker().unwrap().mark(2 * MIB, 4096);
+    st.inactivate().unwrap();
+    drop(st);
+    assert!(!raw.exists(), "the named file was made");
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "b"), vec![(2 * MIB, 65536)]);
+    let out = run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64K", p(&img)],
+    );
+    assert!(out.status.success(), "{out:?}");
+}

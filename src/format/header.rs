@@ -561,6 +561,12 @@ impl Header {
         self.version >= 3
     }
 
+    /// Whether the incompatible `data_file` bit is set: the guest data is in the external
+    /// file the `data_file` extension names. Without it QEMU ignores that name.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
     /// Whether autoclear bit 0 is set, i.e. a bitmaps extension may be trusted.
     pub fn bitmaps_consistent(&self) -> bool {
         self.autoclear_features & AUTOCLEAR_BITMAPS != 0

@@ -486,8 +486,10 @@ impl<S: Storage> BitmapStore<S> {
         let image = Image::open(storage, mode)?;
         if mode.is_writable() {
             // The raw disk the bitmaps track is locked as a QEMU writer of the image locks
-            // it, so that no program honouring QEMU's locks writes it unseen.
-            if let Some(name) = &image.area().data_file {
+            // it, so that no program honouring QEMU's locks writes it unseen. Only with the
+            // incompatible `data_file` bit: without it QEMU reads the guest data from the
+            // image itself and ignores the name (`qcow2_do_open`).
+            if let (Some(name), true) = (&image.area().data_file, image.header().has_data_file()) {
                 image.storage().hold_data_file(name)?;
             }
         }
