@@ -321,6 +321,28 @@ fn latch_ignores_invalid_input_that_touched_nothing() {
     s.sync_data().unwrap();
 }
 
+/// Found by a review: a `FileStorage` refuses writes while its writer locks are released
+/// (a hand-over), touching nothing, and the latch over it took that refusal for a failed
+/// write: once the locks were taken back, every write returned `Poisoned`, for good.
+#[test]
+fn latch_ignores_a_refusal_while_the_writer_locks_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latched");
+    let s = LatchingStorage::new(FileStorage::create(&path).unwrap());
+    s.set_len(512).unwrap();
+    s.write_all_at(&[1; 512], 0).unwrap();
+    s.set_writer_locks(false).unwrap();
+    assert!(matches!(
+        s.write_all_at(&[2; 512], 0),
+        Err(Error::WrongState(_))
+    ));
+    assert!(!s.is_poisoned(), "the refusal wrote nothing");
+    s.set_writer_locks(true).unwrap();
+    s.write_all_at(&[3; 512], 0).unwrap();
+    s.sync_data().unwrap();
+    assert_eq!(s.read_vec_at(0, 512).unwrap(), vec![3; 512]);
+}
+
 #[test]
 fn latch_over_crash_storage_keeps_unsynced_writes_unsynced() {
     let fault = FaultStorage::new(

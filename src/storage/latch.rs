@@ -9,8 +9,10 @@ use crate::error::{Error, Result};
 
 /// Latches the first failure of a write, `set_len` or sync, and refuses every later one.
 ///
-/// After a mutating call fails with anything but [`Error::InvalidInput`] (which guarantees
-/// the inner storage was not touched), the on-disk state is unknown: a write may be half
+/// After a mutating call fails with anything but [`Error::InvalidInput`] or
+/// [`Error::WrongState`] (refusals that guarantee the inner storage was not touched: a
+/// read-only file, a range past the end, a [`FileStorage`](super::FileStorage) whose writer
+/// locks are released during a hand-over), the on-disk state is unknown: a write may be half
 /// done, and a failed `fdatasync` may have dropped dirty pages so that a retry would report
 /// success for lost data. From then on every [`write_all_at`](Storage::write_all_at),
 /// [`set_len`](Storage::set_len) and [`sync_data`](Storage::sync_data) returns
@@ -68,7 +70,7 @@ impl<S: Storage> LatchingStorage<S> {
         }
         let result = call(&self.inner);
         if let Err(e) = &result {
-            if !matches!(e, Error::InvalidInput(_)) {
+            if !matches!(e, Error::InvalidInput(_) | Error::WrongState(_)) {
                 let mut first = self.first_error.lock();
                 if first.is_none() {
                     *first = Some(e.to_string());
