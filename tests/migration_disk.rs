@@ -2424,3 +2424,131 @@ fn the_stop_writes_only_what_changed_after_the_flush_before_the_exact_figure() {
     assert_eq!(out.pending_at_stop.dest_disk_time, at_stop.dest_disk_time);
     assert!(out.pending_at_switch.disk_time >= decision.disk_time);
 }
+
+// ---------------------------------------------------------------------------------------
+// A figure's error and the next attempt.
+
+type Faulty = dirty_bitmap::storage::FaultStorage<dirty_bitmap::storage::MemStorage>;
+
+/// The simulated VM, which at its first stop arms one failed read of the store's image:
+/// the read of the exact figure the loop takes right after the stop (in durable mode the
+/// store keeps no table, so that figure reads each bitmap's).
+struct FailsAFigureAtTheStop {
+    sim: Sim,
+    store: SharedStore<Faulty>,
+    /// The read number armed, once armed.
+    armed: Option<u64>,
+}
+
+impl Vm for FailsAFigureAtTheStop {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        Vm::stop(&mut self.sim)?;
+        if self.armed.is_none() {
+            let st = self.store.lock();
+            let f = st.image().storage();
+            let n = f.reads() + 1;
+            f.set_plan(
+                dirty_bitmap::storage::FaultPlan::new()
+                    .fail_read(dirty_bitmap::storage::Trigger::Nth(n)),
+            );
+            self.armed = Some(n);
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        Vm::resume(&mut self.sim)
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.sim.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.sim.run_until(now);
+    }
+}
+
+/// Found by a review: the figure taken right after the VM stop failed once (a transient
+/// read error of a table), the state kept that error for its next flush, the destination
+/// then refused, and the retry failed at its first flush with the first attempt's error.
+/// A figure's error belongs to its attempt; the stop's own I/O reports its own errors.
+#[test]
+fn a_figure_that_failed_after_the_stop_does_not_fail_the_retry() {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.05,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2000.0),
+        13,
+    );
+    let mut st = BitmapStore::create(
+        Faulty::new(
+            dirty_bitmap::storage::MemStorage::new(),
+            dirty_bitmap::storage::FaultPlan::new(),
+        ),
+        DISK,
+        65536,
+    )
+    .unwrap();
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    st.activate_durable().unwrap();
+    let store = SharedStore::new(st);
+    store
+        .durable_tracker()
+        .unwrap()
+        .mark(5 * 65536, 4096)
+        .unwrap();
+    let mut disk = SharedDiskState::new(DISK_ID, "disk", store.clone());
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(std::sync::Mutex::new(IgnoresTheLog("disk"))));
+    sim.world().dest.refuse = Some("no".into());
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        max_bandwidth: None,
+        // The retry's incremental pass may send too little to measure the link by.
+        avail_switchover_bandwidth: Some(BytesPerMs::from_bytes_per_ms(2000.0)),
+        ..LoopConfig::default()
+    };
+    let mut vm = FailsAFigureAtTheStop {
+        sim: sim.clone(),
+        store: store.clone(),
+        armed: None,
+    };
+    let mut attempt = |mode: SetupMode, vm: &mut FailsAFigureAtTheStop| {
+        let mut ram_state =
+            RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, false, 8).unwrap();
+        let (mut c, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone());
+        run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [&mut ram_state as &mut dyn MigrationState, &mut disk],
+            &mut GiveUpAfter(3),
+        )
+    };
+    let e = attempt(SetupMode::Full, &mut vm).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::DestinationRefused(_)),
+        "the stop's own I/O must not have failed: {e}"
+    );
+    let armed = vm.armed.expect("the VM stopped");
+    let reads = store.lock().image().storage().reads();
+    assert!(
+        reads >= armed,
+        "the figure after the stop read nothing ({reads} reads, armed {armed})"
+    );
+    assert!(store.lock().is_active(), "the refusal took the store back");
+    sim.world().dest.refuse = None;
+    let o = attempt(SetupMode::Incremental, &mut vm).unwrap_or_else(|e| panic!("the retry: {e}"));
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    assert!(!store.lock().is_active());
+    assert!(store.lock().load("b").unwrap().is_dirty(5 * 65536));
+}

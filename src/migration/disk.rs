@@ -81,8 +81,10 @@ pub struct SharedDiskState<S: Storage> {
     dest_per_region: std::time::Duration,
     dest_commit: std::time::Duration,
     /// A store error met where the trait cannot return one (the pending query): the next
-    /// [`flush`](MigrationState::flush) returns it, and until then the figure says the
-    /// stop cannot be timed.
+    /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
+    /// figure says the stop cannot be timed. It belongs to its attempt: `setup` drops it,
+    /// and so does `complete` (a figure taken after the stop is a report; the stop's own
+    /// I/O returns its own errors).
     error: Option<crate::Error>,
     /// The store was active in durable mode when the stop inactivated it: taking it back
     /// activates it in durable mode again.
@@ -204,6 +206,10 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// barrier with nothing to write back (the destination's activate).
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.stop = FlushStats::default();
+        // A figure's error of an earlier attempt (one that was cancelled, or failed after
+        // the figure taken at its stop) says nothing of this one: a store that still fails
+        // fails this attempt's own flushes and figures.
+        self.error = None;
         if self.qemu_baseline {
             if self.store.lock().is_active() {
                 self.handed_over = false;
@@ -373,7 +379,13 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// The incremental inactivate, with the VM stopped (in durable mode every mark is on
     /// disk already, and it writes nothing); then the last write log, with each bitmap's
     /// dirty count, so that the destination reads again only what it names.
+    ///
+    /// An error of the figure the loop took after the stop is dropped here: that figure
+    /// only reports (the decision was taken on the one before, which an error keeps from
+    /// switching over), and the inactivate reads and writes all it needs itself, returning
+    /// its own errors, so nothing that could leave the disk falsely clean is lost.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
+        self.error = None;
         let (s, log) = if self.qemu_baseline {
             (self.store.lock().inactivate_full_rewrite()?, None)
         } else {
