@@ -32,7 +32,9 @@
 //! kept, bound to the migration ([`Binding`]: its id, and its token when the destination
 //! issues nonces) and to the source stream that sent them (a random id in its STARTs and
 //! QUERYs: a new source numbers from 1 again), and resumed only by a QUERY of that stream
-//! in an attempt of the same migration. Regions that arrive after the start (postcopy, with
+//! in an attempt of the same migration; an attempt that does not resume them drops them
+//! when a START of its own would not fit in the memory bound beside them. Regions that
+//! arrive after the start (postcopy, with
 //! [`defer_to_postcopy`](StreamDiskState::defer_to_postcopy)) are ORed into the running
 //! bitmap, so the destination guest's marks are never overwritten.
 //!
@@ -936,7 +938,9 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     /// with `open` (writable) when it takes over. It holds at most [`DEFAULT_MAX_BYTES`] of
     /// bitmaps in memory, those a failed attempt left included, each counted with its fixed
     /// cost (its structure, counters and name: a few KiB however few bits it has); a START
-    /// that would exceed it is refused before anything is allocated.
+    /// that would exceed it is refused before anything is allocated. A START that fits
+    /// without what a failed attempt left (an attempt that did not resume it) drops that
+    /// data instead: its migration, if it comes back, sends everything again.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<BitmapStore<S>> + Send + 'static,
@@ -1050,24 +1054,39 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         let granularity = 1u64 << s.granularity_bits;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
         let cost = held_cost(bytes, s.name.len());
-        // What a failed attempt left counts too: it stays until this migration resumes
-        // it or another attempt holding something of its own fails or succeeds.
-        let kept = self.kept.iter().flat_map(|(_, h)| h.incoming.values());
-        let held: u64 = self
+        // What a failed attempt left counts too, while it is kept: until its migration
+        // resumes it, another attempt holding something of its own fails or succeeds, or
+        // a START does not fit beside it.
+        let cost_of = |i: &Incoming| held_cost(i.bitmap.serialized_len(), i.start.name.len());
+        let own: u64 = self
             .current
             .incoming
             .iter()
             .filter(|&(&i, _)| i != s.index)
-            .map(|(_, inc)| inc)
-            .chain(kept)
-            .map(|i| held_cost(i.bitmap.serialized_len(), i.start.name.len()))
+            .map(|(_, inc)| cost_of(inc))
             .fold(0u64, u64::saturating_add);
-        if held.saturating_add(cost) > self.max_bytes {
+        let kept: u64 = self
+            .kept
+            .iter()
+            .flat_map(|(_, h)| h.incoming.values())
+            .map(cost_of)
+            .fold(0u64, u64::saturating_add);
+        let needed = own.saturating_add(cost);
+        if needed > self.max_bytes {
             return Err(MigrationError::InvalidInput(format!(
                 "bitmap {:?} of {bytes} bytes ({cost} held in memory) would exceed this \
-                 destination's limit of {} with the {held} it holds",
+                 destination's limit of {} with the {own} this attempt holds",
                 s.name, self.max_bytes
             )));
+        }
+        if needed.saturating_add(kept) > self.max_bytes {
+            // The kept data is not this attempt's: a QUERY, which comes first or never, did
+            // not resume it. Kept, it would refuse this START at every attempt, since an
+            // attempt that applies nothing keeps it (`failed`), until the process restarts.
+            // Dropped (before the allocation below, so that the bound holds throughout), its
+            // migration, if it comes back, is told 0 and sends everything again: more
+            // bytes, never a bit missing.
+            self.kept = None;
         }
         let bitmap =
             DirtyBitmap::with_region_size(s.disk_size, granularity, u64::from(s.region_size))?;
@@ -1554,10 +1573,15 @@ mod tests {
         d.hello(3, M1).unwrap();
         d.section(&start_of(0, 1)).unwrap();
         d.failed();
-        // Another migration: its bitmap would make two.
+        // Another migration whose bitmap does not fit even alone: refused, and what the
+        // failed attempt left stays.
         d.hello(3, Binding { token: 8, ..M1 }).unwrap();
-        let e = d.section(&start_of(0, 1)).unwrap_err();
+        let e = d
+            .section(&start_named(0, 1, "b0", true, DISK * 2, 512))
+            .unwrap_err();
         assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(1));
         // The same migration resumes and replaces it within the bound.
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 1);
@@ -1568,10 +1592,11 @@ mod tests {
         // report counts is still held.
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 3);
-        let mut big = start_of(0, 4);
-        big[bitmap_codec::HEADER_LEN + 2..bitmap_codec::HEADER_LEN + 10]
-            .copy_from_slice(&(DISK * 2).to_be_bytes());
-        assert!(d.section(&big).is_err());
+        // (A disk twice as large: twice the bitmap, over the bound by itself.)
+        let e = d
+            .section(&start_named(0, 4, "b0", true, DISK * 2, 512))
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
         d.failed();
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 3);
@@ -1580,6 +1605,46 @@ mod tests {
             Some(512 * 8),
             "the bitmap the report counts is held, with its region"
         );
+    }
+
+    /// Found by a review: what an abandoned migration left counted against the bound for
+    /// every later migration, so one whose bitmap fits only without it was refused at its
+    /// first START, applied nothing, left the old data kept, and every attempt failed the
+    /// same way until the destination process restarted. A START that fits without the
+    /// kept data now drops it (its migration, if it comes back, is told 0 and sends
+    /// everything again); one that does not fit even alone is refused and drops nothing.
+    #[test]
+    fn kept_bitmaps_give_way_to_another_migrations_start_that_fits_without_them() {
+        // Room for one bitmap of 1 GiB at 64 KiB (2 KiB, and its fixed cost).
+        let mut d = dest().with_max_bytes(held_cost(2048, 2));
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 0);
+        d.section(&start_of(0, 1)).unwrap();
+        d.section(&full_region(0, 2, 2)).unwrap();
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2));
+        // Migration M2 (its source and token are not M1's).
+        let m2 = Binding {
+            migration_id: 2,
+            token: 9,
+        };
+        d.hello(3, m2).unwrap();
+        assert_eq!(report(&mut d), 0);
+        d.section(&start_of(0, 1))
+            .unwrap_or_else(|e| panic!("M2's START is refused beside M1's kept data: {e}"));
+        assert_eq!(d.kept_applied(), None, "M1's data is dropped");
+        d.section(&full_region(0, 3, 2)).unwrap();
+        d.failed();
+        assert_eq!(d.kept_applied(), Some(2), "M2's own data is kept");
+        // M2 resumes its own data.
+        d.hello(3, m2).unwrap();
+        assert_eq!(report(&mut d), 2);
+        assert!(d.resumed());
+        // M1, back, holds nothing here: it is told so and sends everything again.
+        d.failed();
+        d.hello(3, M1).unwrap();
+        assert_eq!(report(&mut d), 0);
+        assert!(!d.resumed());
     }
 
     #[test]
