@@ -2552,3 +2552,201 @@ fn a_figure_that_failed_after_the_stop_does_not_fail_the_retry() {
     assert!(!store.lock().is_active());
     assert!(store.lock().load("b").unwrap().is_dirty(5 * 65536));
 }
+
+// ---------------------------------------------------------------------------------------
+// A stream-mode take-over that fails after it wrote.
+
+/// A source state that sends nothing, for a destination state of the same name.
+struct Silent(StateId, &'static str);
+
+impl MigrationState for Silent {
+    fn id(&self) -> StateId {
+        self.0
+    }
+    fn name(&self) -> &str {
+        self.1
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> Pending {
+        Pending::default()
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// A destination state whose `before_start` refuses while `refuse` is set: declared after
+/// the stream (a higher section id), it refuses once the stream took over.
+#[derive(Debug)]
+struct RefusesToStart(Arc<std::sync::atomic::AtomicBool>);
+
+impl DestState for RefusesToStart {
+    fn name(&self) -> &str {
+        "refuser"
+    }
+    fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(MigrationError::InvalidInput("not now".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Found by a review: a later destination state refused to start after the stream's
+/// take-over had activated the destination's image with the stream's bitmaps; the undo
+/// inactivated the store, which wrote each of them consistent as of the failed stop. The
+/// source resumed, so the destination image held bitmaps reading clean for writes that
+/// reach it after that point (a mirror). As QEMU's destination stores no migrated bitmap
+/// of a failed incoming migration, each bitmap of the stream reads absent or `in_use`
+/// after the failure, the image's own other bitmaps are as they were, and a retry hands
+/// over exactly.
+#[test]
+fn stream_mode_a_take_over_that_fails_after_it_wrote_leaves_no_stream_bitmap_consistent() {
+    const SIZE: u64 = 64 * GIB;
+    let dir = tempfile::tempdir().unwrap();
+    // The destination's image: "b" consistent at the stream's granularity with bits of its
+    // own (the take-over adopts it), "other" consistent and not in the stream, no "c"
+    // (the take-over adds it).
+    let dest_img = dir.path().join("dest.qcow2");
+    {
+        let mut st =
+            BitmapStore::create(FileStorage::create(&dest_img).unwrap(), SIZE, 65536).unwrap();
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.add("other", 65536, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        st.bitmap("b").unwrap().mark_dirty(40 * GIB, 65536);
+        st.bitmap("other").unwrap().mark_dirty(50 * GIB, 65536);
+        st.inactivate().unwrap();
+    }
+    let path = dest_img.clone();
+    let dest = Arc::new(Mutex::new(StreamDiskDest::new("disk-stream", move || {
+        BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite)?,
+            OpenMode::ReadWrite,
+        )
+    })));
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let pages = 32;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.05,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(20_000.0),
+        17,
+    );
+    sim.world()
+        .dest
+        .states
+        .push(Arc::clone(&dest) as SharedDestState);
+    sim.world()
+        .dest
+        .states
+        .push(Arc::new(Mutex::new(RefusesToStart(Arc::clone(&refuse)))));
+    let source = |offset: u64| {
+        let b = Arc::new(dirty_bitmap::DirtyBitmap::with_region_size(SIZE, 65536, 4096).unwrap());
+        b.mark_dirty(offset, 3 * 65536);
+        b
+    };
+    let (b, c) = (source(GIB), source(2 * GIB));
+    let mut stream = StreamDiskState::new(
+        5,
+        "disk-stream",
+        vec![("b".into(), Arc::clone(&b)), ("c".into(), Arc::clone(&c))],
+    )
+    .unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    };
+    let mut attempt = |mode: SetupMode| {
+        let mut ram_state =
+            RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, false, 8).unwrap();
+        let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+        run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [
+                &mut ram_state as &mut dyn MigrationState,
+                &mut stream,
+                &mut Silent(9, "refuser"),
+            ],
+            &mut GiveUpAfter(3),
+        )
+    };
+    let e = attempt(SetupMode::Full).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::DestinationRefused(ref why) if why.contains("not now")),
+        "{e}"
+    );
+    assert!(dest.lock().unwrap().take_store().is_none());
+    // Neither of the stream's bitmaps reads consistent, to QEMU or to us.
+    let q = qemu_bitmaps(&dest_img);
+    for name in ["b", "c"] {
+        if let Some((_, _, flags)) = q.iter().find(|(n, _, _)| n == name) {
+            assert!(
+                flags.iter().any(|f| f == "in-use"),
+                "{name:?} reads consistent after the failed take-over: {q:?}"
+            );
+        }
+    }
+    {
+        let st = BitmapStore::open(
+            FileStorage::open(&dest_img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
+        for name in ["b", "c"] {
+            if let Some(info) = st.list().into_iter().find(|i| i.name == name) {
+                assert!(info.in_use, "{name:?} reads consistent: {info:?}");
+            }
+        }
+        // The image's own bitmap outside the stream is as it was.
+        let other = st.list().into_iter().find(|i| i.name == "other").unwrap();
+        assert!(!other.in_use, "{other:?}");
+        let o = st.load("other").unwrap();
+        assert_eq!(o.count(), 1);
+        assert!(o.is_dirty(50 * GIB));
+    }
+    assert_qemu_clean(&dest_img);
+    // The retry hands over exactly.
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    let o = attempt(SetupMode::Incremental).unwrap_or_else(|e| panic!("the retry: {e}"));
+    assert_eq!(o.kind, Kind::Completed);
+    let mut st = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the retry took over");
+    assert_same(
+        &extents(&st.bitmap("b").unwrap()),
+        &extents(&b),
+        "b at the destination against the source",
+    );
+    assert_same(
+        &extents(&st.bitmap("c").unwrap()),
+        &extents(&c),
+        "c at the destination against the source",
+    );
+    st.inactivate().unwrap();
+    drop(st);
+    assert_qemu_clean(&dest_img);
+}

@@ -1368,30 +1368,52 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         }
     }
 
-    /// Undoes the activation, if any, and keeps what this attempt holds for the next
+    /// Undoes the take-over, if any, and keeps what this attempt holds for the next
     /// attempt of the same migration, unless it holds nothing of its own (then what an
     /// earlier attempt left stays kept).
     ///
-    /// The inactivation writes every bitmap the store holds and marks it consistent. A
-    /// bitmap whose regions were to follow the start (its COMPLETE said more may come:
-    /// postcopy) lacks them, so the store's copy is first marked dirty everywhere, whether
-    /// it records or not: the image then holds it consistent and all dirty (the next backup
-    /// copies everything), never clean where a source bit is missing. (Left `in_use`, it
-    /// would be as safe, but QEMU refuses to use an inconsistent bitmap.) The copy kept for
-    /// the next attempt stays exact, since the next report counts on it: when the store
-    /// holds that very bitmap, the kept one is split off first. A store that cannot
-    /// inactivate (poisoned by an I/O error) leaves every bitmap `in_use`.
+    /// The image must not end with a bitmap of the stream reading consistent: the source
+    /// resumes, and writes that reach this image after the failed stop (a mirror still
+    /// running) are marked nowhere here, so a stream bitmap stored now would read clean for
+    /// them later. As QEMU's destination stores no migrated bitmap of a failed incoming
+    /// migration, each bitmap of the stream the store holds is removed (the one the
+    /// take-over added, and the one it adopted in place of the image's own copy, whose
+    /// content the stream's had replaced), one remove commit each; then the store is
+    /// inactivated, which writes back the image's other bitmaps, untouched since the
+    /// activation loaded them (no guest ran here), and clears their `in_use`. A stream
+    /// bitmap the image held inconsistent stays so.
+    ///
+    /// Crash reasoning: until its remove commit, a stream bitmap is `in_use` (the
+    /// activation's flags commit, or the add commit, set it); after, absent. If a removal
+    /// fails, nothing more is written: the store is dropped active, so every bitmap it
+    /// still holds stays `in_use` (inconsistent, never clean), as it does when the store is
+    /// poisoned by an I/O error. A retry's take-over adds the absent ones and replaces the
+    /// inconsistent ones (`plan`). The copy kept for the retry is not touched: the next
+    /// report counts on it.
     fn failed(&mut self) {
         if let Some(mut st) = self.store.take() {
-            for inc in self.current.incoming.values_mut().filter(|i| i.more) {
-                if let Ok(live) = st.bitmap(inc.start.name.as_bytes()) {
-                    if Arc::ptr_eq(&live, &inc.bitmap) {
-                        inc.bitmap = Arc::new(inc.bitmap.snapshot());
+            let mut removed = true;
+            for inc in self.current.incoming.values() {
+                let name = inc.start.name.as_bytes();
+                match st.bitmap(name) {
+                    Ok(_) => {
+                        if st.remove(name).is_err() {
+                            removed = false;
+                            break;
+                        }
                     }
-                    live.fill();
+                    // Absent (removed by the take-over and not added again, or never
+                    // there), or inconsistent: nothing reads it as clean.
+                    Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
+                    Err(_) => {
+                        removed = false;
+                        break;
+                    }
                 }
             }
-            let _ = st.inactivate();
+            if removed {
+                let _ = st.inactivate();
+            }
         }
         for inc in self.current.incoming.values_mut() {
             inc.live = None;
@@ -2051,10 +2073,11 @@ mod tests {
     }
 
     /// The attempt fails after `before_start` succeeded (a later state refused to start,
-    /// or Started could not be sent): a bitmap whose regions were to follow the start
-    /// (postcopy) lacks them, so the image must not hold it consistent as it is: it reads
-    /// `in_use` or dirty everywhere, recording or not. A complete one is written as it
-    /// came. What the attempt keeps for a retry is its exact copy, not the all-dirty one.
+    /// or Started could not be sent): no bitmap of the stream is left consistent on the
+    /// image, neither one whose regions were to follow the start (postcopy), recording or
+    /// not, nor a complete one (the source resumes; writes reaching this image after the
+    /// failed stop would be marked nowhere). What the attempt keeps for a retry is its
+    /// exact copy.
     #[test]
     fn a_failure_after_the_take_over_never_writes_an_incomplete_bitmap_clean() {
         let img = Arc::new(MemStorage::from_bytes(
@@ -2086,28 +2109,94 @@ mod tests {
         d.before_start().unwrap();
         d.failed();
         let st = reopen(img.to_vec());
-        for name in ["b", "d"] {
-            let info = st.list().into_iter().find(|i| i.name == name).unwrap();
-            if !info.in_use {
-                let held = st.load(name).unwrap();
-                assert_eq!(
-                    held.count(),
-                    held.bit_count(),
-                    "{name:?} reads consistent without its late regions"
-                );
+        for name in ["b", "d", "e"] {
+            if let Some(info) = st.list().into_iter().find(|i| i.name == name) {
+                assert!(info.in_use, "{name:?} reads consistent: {info:?}");
             }
         }
-        let e = st.load("e").unwrap();
-        assert_eq!(
-            e.count(),
-            512 * 8,
-            "a complete bitmap is written as it came"
-        );
-        // The retry resumes the exact copies.
+        // The retry resumes the exact copies, and its take-over holds them.
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 9);
         assert_eq!(d.current.incoming[&0].bitmap.count(), 512 * 8);
         assert_eq!(d.current.incoming[&1].bitmap.count(), 512 * 8);
+        for (i, seq) in [(0u16, 10u64), (1, 11), (2, 12)] {
+            d.section(&bitmap_codec::encode_complete(i, seq, false))
+                .unwrap();
+        }
+        d.before_start().unwrap();
+        let mut st = d.take_store().unwrap();
+        for name in ["b", "d", "e"] {
+            assert_eq!(st.bitmap(name).unwrap().count(), 512 * 8, "{name:?}");
+        }
+        st.inactivate().unwrap();
+        let st = reopen(img.to_vec());
+        for name in ["b", "d", "e"] {
+            assert_eq!(st.load(name).unwrap().count(), 512 * 8, "{name:?}");
+        }
+    }
+
+    /// A crash anywhere in a take-over and in its undo after a later failure (the image
+    /// holds "b" consistent with a bit of its own, which the take-over adopts, and "o",
+    /// which is not in the stream; the stream brings "b" and a new "c") never leaves a
+    /// bitmap of the stream consistent with the stream's bits (before the activation "b" is
+    /// the image's own copy, as it was), and leaves "o" as it was or `in_use`; the undo
+    /// ends with "b" and "c" absent and "o" as it was.
+    #[test]
+    fn a_crash_while_a_failed_take_over_is_undone_never_leaves_a_stream_bitmap_consistent() {
+        // Region 3 (the stream sets regions 1 and 2).
+        let own = 3u64 << 28;
+        let before = {
+            let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+            st.add("b", 65536, Recording::Enabled).unwrap();
+            st.add("o", 65536, Recording::Enabled).unwrap();
+            st.activate().unwrap();
+            st.bitmap("b").unwrap().mark_dirty(own, 65536);
+            st.bitmap("o").unwrap().mark_dirty(own, 65536);
+            st.inactivate().unwrap();
+            st.image().storage().to_vec()
+        };
+        let img = Arc::new(CrashStorage::from_bytes(before));
+        let mut d = dest_on(&img);
+        b_and_c(&mut d, false);
+        d.before_start().unwrap();
+        d.failed();
+        let only_own = |st: &BitmapStore<MemStorage>, name: &[u8]| {
+            let held = st.load(name).unwrap();
+            held.count() == 1 && held.is_dirty(own)
+        };
+        let end = reopen(img.live_image());
+        let names: Vec<String> = end.list().into_iter().map(|i| i.name.to_string()).collect();
+        assert_eq!(names, ["o"], "the undo leaves the image's own bitmap alone");
+        assert!(only_own(&end, b"o"));
+        let mut checked = 0;
+        for mode in [
+            CrashMode::Dropped,
+            CrashMode::Kept,
+            CrashMode::Torn { seed: 1 },
+            CrashMode::Torn { seed: 2 },
+        ] {
+            for (point, bytes) in img.crash_images(mode) {
+                let st = reopen(bytes);
+                for info in st.list() {
+                    if info.in_use {
+                        continue;
+                    }
+                    let fine = match info.name.as_bytes() {
+                        n @ (b"b" | b"o") => only_own(&st, n),
+                        _ => false,
+                    };
+                    assert!(
+                        fine,
+                        "{mode:?}, crash after op {point}: {:?} reads consistent with {} bits",
+                        info.name,
+                        st.load(&info.name).unwrap().count()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        println!("{checked} consistent bitmaps checked");
+        assert!(checked > 0);
     }
 
     /// After the start, regions that follow (postcopy) reach a bitmap that does not record
