@@ -952,6 +952,13 @@ fn send(a: &SendArgs) -> CmdResult {
                 }
             }
         }
+        if attempt < a.attempts && signals::stop_requested() {
+            // SIGINT or SIGTERM during the wait for a verdict installed the handlers; one
+            // since (they no longer end the process) is a stop request: no more attempts,
+            // and `run_for` below returns at once.
+            say("stop requested (SIGINT or SIGTERM): no further attempts");
+            break;
+        }
         if attempt < a.attempts {
             say(format!("retrying in {} s", retry_after.as_secs_f64()));
             std::thread::sleep(retry_after);
