@@ -2104,13 +2104,30 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
 #[test]
 fn sizes_parse_as_qemu_img_and_usage_errors_read_dbm() {
     let dir = tempfile::tempdir().unwrap();
-    for (k, size) in ["1.5G", "1b", "0.5k", "64K", "3M"].into_iter().enumerate() {
+    // Each accepted by both with the same size, or refused by both (a review of the CLI
+    // found `1KiB` and `4kB` accepted, `1.0` and `0x1000` refused, unlike qemu-img).
+    let sizes = [
+        "1.5G", "1b", "0.5k", "64K", "3M", "1KiB", "4kB", "1.0", "1.0b", "0x1000", "0X10000",
+        "0x10K", "0x1.0", "00x10", "0x", "+64K", " 64K", "64K ", ".5K", "1.K", "1.", ".", "1.5",
+        "1e3", "1.5e3K", "0.5005K", "01000", "1,5K", "64 K", "16E",
+    ];
+    for (k, size) in sizes.into_iter().enumerate() {
         let (a, b) = (
             dir.path().join(format!("a{k}")),
             dir.path().join(format!("b{k}")),
         );
-        dbm_ok(&["create", p(&a), "--size", size]);
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), size]);
+        let ours = dbm(&["create", p(&a), "--size", size]);
+        let qemu = run("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), size]);
+        assert_eq!(
+            ours.status.success(),
+            qemu.status.success(),
+            "{size:?}: dbm {} / qemu-img {}",
+            text(&ours.stderr),
+            text(&qemu.stderr)
+        );
+        if !qemu.status.success() {
+            continue;
+        }
         let vs = |i: &Path| -> Value {
             serde_json::from_str::<Value>(&ok("qemu-img", &["info", "--output=json", p(i)]))
                 .unwrap()["virtual-size"]
@@ -2574,4 +2591,66 @@ fn bitmap_add_with_merge_never_leaves_the_new_bitmap_empty() {
     assert_eq!(dbm_bitmap_json(&img, "z")["enabled"], false);
     assert_eq!(dbm_check(&img), 0);
     assert_eq!(qemu_check(&img), 0);
+}
+
+/// Found by a review of the CLI: `dbm demo --dir D` replaced `D/demo-migrate.qcow2`, which
+/// neither `--help` nor docs/CLI.md named among the files it replaces. Every file the demo
+/// leaves in D is named by both; a file of another name survives it untouched, and a file
+/// of a name they list is replaced.
+#[test]
+fn demo_replaces_only_the_files_its_help_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sentinel = b"not an image the demo made";
+    for name in ["other.qcow2", "demo-migrate.qcow2"] {
+        std::fs::write(d.join(name), sentinel).unwrap();
+    }
+    let args = [
+        "demo",
+        "--dir",
+        p(d),
+        "--rounds",
+        "1",
+        "--disk-size",
+        "1T",
+        "--threads",
+        "1",
+        "--writes-per-round",
+        "2000",
+        "--flush-interval",
+        "50",
+        "--seed",
+        "7",
+        "--guest-ram",
+        "16M",
+    ];
+    dbm_ok(&args);
+    let help = dbm_ok(&["demo", "--help"]);
+    let cli_md =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CLI.md")).unwrap();
+    let start = cli_md.find("## `dbm demo`").expect("a dbm demo section");
+    let section = &cli_md[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    assert_eq!(std::fs::read(d.join("other.qcow2")).unwrap(), sentinel);
+    let mut left = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name != "other.qcow2" {
+            left.push(name);
+        }
+    }
+    left.sort();
+    assert!(left.len() >= 3, "{left:?}");
+    for name in &left {
+        assert!(
+            help.contains(&format!("`{name}`")),
+            "--help does not name {name}, which the demo left:\n{help}"
+        );
+        assert!(
+            section.contains(&format!("`{name}`")),
+            "docs/CLI.md does not name {name}, which the demo left"
+        );
+        // Replaced: an image the demo made, not the file that was there.
+        assert_ne!(std::fs::read(d.join(name)).unwrap(), sentinel, "{name}");
+    }
 }

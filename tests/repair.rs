@@ -786,3 +786,101 @@ fn repair_all_never_writes_over_a_removed_bitmap_before_its_commit() {
     let check = image.check().unwrap();
     assert!(check.is_clean(), "{:?}", check.messages);
 }
+
+/// The byte offset of the bitmaps extension's frame in cluster 0 of `b`.
+fn bitmaps_extension(b: &[u8]) -> usize {
+    (0..65536 - 12)
+        .find(|&k| b[k..k + 4] == [0x23, 0x85, 0x28, 0x75])
+        .expect("the bitmaps extension")
+}
+
+/// Found by a review of the CLI: an image whose bitmaps extension's own fields QEMU refuses
+/// (`qemu-img info` and `check` fail: "found bitmaps extension with zero bitmaps",
+/// "Reserved field is not zero") was judged with the extension untrusted in memory, so
+/// `dbm check` failed to open it (status 1, not the documented 2), `-r leaks`, which leaves
+/// the extension on disk, called it "no harm to data" (status 3), and with an extension
+/// naming no clusters "No errors were found" (status 0). Each now counts the extension as
+/// a corruption (status 2, the problem named) until `-r all` drops it.
+#[test]
+fn an_extension_qemu_refuses_is_a_corruption_with_and_without_repair() {
+    // (case, the edit of the bitmaps extension's data at `x`, words of the finding)
+    type Edit = fn(&mut [u8], usize);
+    let cases: [(&str, Edit, &str); 2] = [
+        ("nb_bitmaps 0", |b, x| b[x..x + 4].fill(0), "nb_bitmaps 0"),
+        (
+            "a reserved field",
+            |b, x| b[x + 7] = 1,
+            "reserved field is 0x1",
+        ),
+    ];
+    for (case, edit, words) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("i.qcow2");
+        let i = p(&img);
+        assert!(dbm(&["create", i, "--size", "1G"]).status.success());
+        assert!(dbm(&["bitmap", i, "b", "--add"]).status.success());
+        let mut bytes = std::fs::read(&img).unwrap();
+        let x = bitmaps_extension(&bytes) + 8;
+        edit(&mut bytes, x);
+        std::fs::write(&img, &bytes).unwrap();
+        assert_refused_until_repair_all(case, &img, &bytes, words);
+    }
+    // An extension naming no clusters at all (count, size and offset 0) added to an image
+    // without bitmaps: nothing leaks, and the only finding is the extension.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("i.qcow2");
+    let i = p(&img);
+    assert!(dbm(&["create", i, "--size", "1G"]).status.success());
+    let mut bytes = std::fs::read(&img).unwrap();
+    let header_len = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut end = header_len;
+    while bytes[end..end + 4] != [0; 4] {
+        let len = u32::from_be_bytes(bytes[end + 4..end + 8].try_into().unwrap()) as usize;
+        end += 8 + len.div_ceil(8) * 8;
+    }
+    bytes[end..end + 8].copy_from_slice(&[0x23, 0x85, 0x28, 0x75, 0, 0, 0, 24]);
+    bytes[end + 8..end + 40].fill(0);
+    bytes[95] |= 1;
+    std::fs::write(&img, &bytes).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(1));
+    assert_refused_until_repair_all("no clusters", &img, &bytes, "nb_bitmaps 0");
+}
+
+/// QEMU refuses `img` (whose bytes are `bytes`); `dbm check`, plain, in JSON and after
+/// `-r leaks`, exits 2 naming `words` and writes nothing; `-r all` drops the extension, and
+/// QEMU opens the image and finds it clean.
+fn assert_refused_until_repair_all(case: &str, img: &Path, bytes: &[u8], words: &str) {
+    let i = p(img);
+    let q = run("qemu-img", &["info", i]);
+    assert!(!q.status.success(), "{case}: qemu-img info opened it");
+    for args in [
+        &["check", i][..],
+        &["check", "--output", "json", i],
+        &["check", "-r", "leaks", i],
+    ] {
+        let out = dbm(args);
+        let (so, se) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(2), "{case}: {args:?}:\n{so}{se}");
+        assert!(se.contains(words), "{case}: {args:?}: {se}");
+        assert!(
+            !so.contains("No errors were found"),
+            "{case}: {args:?}: {so}"
+        );
+        assert!(
+            std::fs::read(img).unwrap() == bytes,
+            "{case}: {args:?} changed the image"
+        );
+    }
+    let out = dbm(&["check", "-r", "all", i]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok("qemu-img", &["info", i]);
+    assert_qemu_clean(img);
+}

@@ -1,6 +1,7 @@
 //! `dbm check`: refcounts, bitmap directory and tables through [`Image::check`], with
-//! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only. An image that
-//! cannot be opened exits 1 like every other error.
+//! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only. An image whose
+//! header cannot be read exits 1 like every other error; one QEMU refuses to open for its
+//! bitmaps extension's own fields exits 2, the problem the first finding.
 //!
 //! As `qemu-img check`: the findings go to stderr, the summary to stdout, ending with
 //! `Image end offset: N`. The JSON form is one object with sorted keys: QEMU's
@@ -16,12 +17,17 @@ use std::process::ExitCode;
 
 use dirty_bitmap::storage::{FileStorage, OpenMode};
 use dirty_bitmap::store::repair::{repair, Repair, RepairReport};
-use dirty_bitmap::CheckReport;
+use dirty_bitmap::{CheckReport, Corruption, Image};
 use serde_json::{json, Value};
 
-use crate::open::{at, image};
+use crate::open::{at, image_untrusting_bitmaps};
 use crate::out::emit;
 use crate::CmdResult;
+
+/// The most findings a report lists, as [`Image::check`] keeps them (the counts stay exact).
+///
+/// [`Image::check`]: dirty_bitmap::Image::check
+const MAX_MESSAGES: usize = 1000;
 
 /// Options of `dbm check`.
 #[derive(Debug, clap::Args)]
@@ -164,10 +170,30 @@ pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
     v
 }
 
+/// Counts a problem of the bitmaps extension's own fields as a corruption, first among
+/// the findings: QEMU refuses to open such an image at all ("found bitmaps extension with
+/// zero bitmaps", "Reserved field is not zero", ...), which [`Image::check`] cannot see,
+/// as it judges the image with the extension untrusted.
+///
+/// [`Image::check`]: dirty_bitmap::Image::check
+pub fn count_extension_problem(r: &mut CheckReport, problem: Option<&Corruption>) {
+    if let Some(c) = problem {
+        r.corruptions = r.corruptions.saturating_add(1);
+        r.messages.insert(
+            0,
+            format!(
+                "ERROR {c} (QEMU refuses to open the image; `dbm check -r all` removes the \
+                 extension)"
+            ),
+        );
+        r.messages.truncate(MAX_MESSAGES);
+    }
+}
+
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
-    let img = match &args.repair {
-        None => image(&args.image, args.force_share)?,
+    let (img, problem) = match &args.repair {
+        None => image_untrusting_bitmaps(&args.image, args.force_share)?,
         Some(what) => {
             let what = if what == "all" {
                 Repair::All
@@ -182,12 +208,18 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             if !args.quiet {
                 eprint!("{}", repaired_text(&done));
             }
-            img
+            // The verdict is the file's, as QEMU would open it now: the image the repair
+            // hands back holds the header it read, with a refused extension untrusted in
+            // memory (and `-r leaks` leaves that extension on disk). The storage, and its
+            // writer locks, carry over, so nothing else changes the file in between.
+            Image::open_untrusting_bitmaps(img.into_storage(), OpenMode::ReadOnly)
+                .map_err(|e| at(&args.image, e))?
         }
     };
     let h = img.header();
     let virtual_clusters = h.size.div_ceil(h.cluster_size());
-    let report = img.check().map_err(|e| at(&args.image, e))?;
+    let mut report = img.check().map_err(|e| at(&args.image, e))?;
+    count_extension_problem(&mut report, problem.as_ref());
     let json_out = args.json || args.output.as_deref() == Some("json");
     if !args.quiet {
         // As qemu-img: the findings on stderr in both forms.

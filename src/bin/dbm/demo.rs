@@ -459,7 +459,8 @@ pub fn run_disk_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     })
 }
 
-/// The image the migration part's disk bitmap lives in, in the demo directory.
+/// The image the migration part's disk bitmap lives in, in the demo directory (replaced
+/// by each migration, as `--help` and docs/CLI.md say).
 pub const MIGRATE_IMAGE_FILE: &str = "demo-migrate.qcow2";
 
 /// 4 KiB disk writes per second during the migration part.

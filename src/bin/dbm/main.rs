@@ -105,7 +105,8 @@ enum Drill {
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Directory for the images, kept afterwards (default: a temporary directory, removed
-    /// after). `demo.qcow2` and `demo-full-store.qcow2` in it are replaced.
+    /// after). `demo.qcow2`, `demo-full-store.qcow2` and (without `--no-migration`)
+    /// `demo-migrate.qcow2` in it are replaced; nothing else in it is touched.
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Virtual disk size (suffixes K, M, G, T).

@@ -55,7 +55,7 @@ use dirty_bitmap::migration::{
 };
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::{FileStorage, Storage};
-use dirty_bitmap::{BitmapStore, FlushStats, OpenMode, SharedStore};
+use dirty_bitmap::{BitmapStore, DirtyBitmap, FlushStats, OpenMode, SharedStore};
 
 use crate::migrate_run::PAGE;
 use crate::open::at;
@@ -289,23 +289,53 @@ fn enabled_bitmaps<S: Storage>(store: &BitmapStore<S>) -> Vec<String> {
         .collect()
 }
 
-/// Marks of `marks` not dirty (first or last byte) in some enabled bitmap of `store`: in
-/// memory while it is active, as stored on disk while it is not. Counted once per mark.
+/// Marks of `marks` not dirty (first or last byte) in some enabled bitmap of `store`, in
+/// memory while it is active; once it is inactive, [`missing_on_disk`] is the count of
+/// the disk. Counted once per mark.
 fn missing<S: Storage>(store: &BitmapStore<S>, marks: &[(u64, u64)]) -> Result<u64, String> {
     let mut bitmaps = Vec::new();
     for info in store.list().into_iter().filter(|b| b.enabled) {
-        // A copy of the in-memory bitmap while active, else the disk's.
         let b = store.load(&info.name);
         bitmaps.push(b.map_err(|e| format!("bitmap {}: {e}", info.name))?);
     }
-    Ok(marks
+    Ok(count_missing(&bitmaps, marks))
+}
+
+/// Marks of `marks` not dirty (first or last byte) in some of `bitmaps`, once per mark.
+fn count_missing(bitmaps: &[DirtyBitmap], marks: &[(u64, u64)]) -> u64 {
+    marks
         .iter()
         .filter(|&&(o, l)| {
             bitmaps
                 .iter()
                 .any(|b| !b.is_dirty(o) || !b.is_dirty(o + l - 1))
         })
-        .count() as u64)
+        .count() as u64
+}
+
+/// Marks of `marks` not dirty (first or last byte) in some bitmap `store` has enabled, as
+/// the image at `path` holds them on disk: read through a fresh read-only open with QEMU's
+/// force-share locking (`store`, inactive, still holds the image), never through `store`,
+/// whose load of an inactive bitmap is its parked in-memory copy ORed with the disk, so a
+/// mark the stop failed to write would count as present. A bitmap missing there, or in use
+/// (the stop did not leave it consistent), is an error. Counted once per mark.
+fn missing_on_disk<S: Storage>(
+    store: &BitmapStore<S>,
+    path: &Path,
+    marks: &[(u64, u64)],
+) -> Result<u64, String> {
+    let disk = FileStorage::open_shared(path)
+        .and_then(|f| BitmapStore::open(f, OpenMode::ReadOnly))
+        .map_err(|e| at(path, e))?;
+    if let Some(b) = disk.list().into_iter().find(|b| b.in_use) {
+        return Err(at(path, format!("bitmap {} is in use on disk", b.name)));
+    }
+    let mut bitmaps = Vec::new();
+    for info in store.list().into_iter().filter(|b| b.enabled) {
+        let b = disk.load(&info.name);
+        bitmaps.push(b.map_err(|e| at(path, format!("bitmap {}: {e}", info.name)))?);
+    }
+    Ok(count_missing(&bitmaps, marks))
 }
 
 fn flush_line(s: &FlushStats) -> String {
@@ -546,7 +576,8 @@ fn listen(a: &ListenArgs) -> CmdResult {
         own.len()
     ));
     let stop = store.inactivate().map_err(|e| at(&a.image, e))?;
-    let on_disk = missing(&store, &source_marks)? + missing(&store, &own)?;
+    let marks: Vec<(u64, u64)> = source_marks.iter().chain(&own).copied().collect();
+    let on_disk = missing_on_disk(&store, &a.image, &marks)?;
     lost += on_disk;
     say(format!(
         "inactivated: {}; marks missing on disk: {on_disk}",
@@ -615,7 +646,7 @@ impl Source {
         let mut st = self.store.lock();
         let in_memory = missing(&st, &marks)?;
         let stop = st.inactivate().map_err(|e| at(&self.image, e))?;
-        let on_disk = missing(&st, &marks)?;
+        let on_disk = missing_on_disk(&st, &self.image, &marks)?;
         say(format!(
             "stopped after {:.2} s{}: marks {} made, {in_memory} missing in memory; inactivated: {}; {on_disk} missing on disk",
             ran.as_secs_f64(),
@@ -921,6 +952,13 @@ fn send(a: &SendArgs) -> CmdResult {
                 }
             }
         }
+        if attempt < a.attempts && signals::stop_requested() {
+            // SIGINT or SIGTERM during the wait for a verdict installed the handlers; one
+            // since (they no longer end the process) is a stop request: no more attempts,
+            // and `run_for` below returns at once.
+            say("stop requested (SIGINT or SIGTERM): no further attempts");
+            break;
+        }
         if attempt < a.attempts {
             say(format!("retrying in {} s", retry_after.as_secs_f64()));
             std::thread::sleep(retry_after);
@@ -931,8 +969,39 @@ fn send(a: &SendArgs) -> CmdResult {
 
 #[cfg(test)]
 mod tests {
-    use super::read_log;
+    use super::{missing, missing_on_disk, read_log};
+    use crate::migrate_run::{lost_marks, lost_marks_on_disk};
+    use dirty_bitmap::storage::FileStorage;
+    use dirty_bitmap::{BitmapStore, Recording};
     use std::io::Write as _;
+
+    /// Found by a review of the CLI: after `inactivate`, `store.load` is the parked
+    /// in-memory copy ORed with the disk, so the "missing on disk" counts of `migrate
+    /// listen`, `send` and the demo counted a mark the stop never wrote as present. A mark
+    /// made through a tracker after the inactivate lands in the parked copy only: the disk
+    /// counts must find it missing, and still find the mark made before.
+    #[test]
+    fn a_mark_only_in_the_parked_copy_is_missing_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.qcow2");
+        let mut store =
+            BitmapStore::create(FileStorage::create(&path).unwrap(), 1 << 30, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        let tracker = store.tracker().unwrap();
+        let (before, after) = (0u64, 1u64 << 20);
+        tracker.mark(before, 4096);
+        store.inactivate().unwrap();
+        tracker.mark(after, 4096);
+        // The premise: the store's own view holds the mark made after the stop.
+        assert_eq!(missing(&store, &[(after, 4096)]).unwrap(), 0);
+        assert_eq!(lost_marks(&store, &[after]).unwrap(), 0);
+        let p = path.as_path();
+        assert_eq!(missing_on_disk(&store, p, &[(before, 4096)]).unwrap(), 0);
+        assert_eq!(missing_on_disk(&store, p, &[(after, 4096)]).unwrap(), 1);
+        assert_eq!(lost_marks_on_disk(&store, p, &[before]).unwrap(), 0);
+        assert_eq!(lost_marks_on_disk(&store, p, &[before, after]).unwrap(), 1);
+    }
 
     /// A log line whose mark would end past the last byte offset is refused, as any other
     /// malformed line is, rather than overflowing where its last byte is computed.

@@ -270,16 +270,38 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
     })
 }
 
-/// Marks of `marks` not dirty in every bitmap of `store`: in memory while it is active,
-/// as stored on disk while it is not.
+/// Marks of `marks` not dirty, summed over the bitmaps of `store`, in memory while it is
+/// active; once it is inactive, [`lost_marks_on_disk`] is the count of the disk.
 pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
     store: &BitmapStore<S>,
     marks: &[u64],
 ) -> Res<u64> {
     let mut lost = 0;
     for info in store.list() {
-        // A copy of the in-memory bitmap while active, else the disk's.
         let b = store.load(&info.name)?;
+        lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
+    }
+    Ok(lost)
+}
+
+/// Marks of `marks` not dirty, summed over the bitmaps of `store`, as the image at `path`
+/// holds them on disk: read through a fresh read-only open with QEMU's force-share locking
+/// (`store`, inactive, still holds the image), never through `store`, whose load of an
+/// inactive bitmap is its parked in-memory copy ORed with the disk, so a mark the stop
+/// failed to write would count as present. A bitmap missing there, or in use (the stop did
+/// not leave it consistent), is an error.
+pub fn lost_marks_on_disk<S: dirty_bitmap::storage::Storage>(
+    store: &BitmapStore<S>,
+    path: &std::path::Path,
+    marks: &[u64],
+) -> Res<u64> {
+    let disk = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
+    if let Some(b) = disk.list().into_iter().find(|b| b.in_use) {
+        return Err(format!("{}: bitmap {} is in use on disk", path.display(), b.name).into());
+    }
+    let mut lost = 0;
+    for info in store.list() {
+        let b = disk.load(&info.name)?;
         lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
     }
     Ok(lost)
@@ -768,7 +790,7 @@ pub fn migrate(
                 let mut st = store.lock();
                 dr.marks_lost = lost_marks(&st, &marks)?;
                 st.inactivate()?;
-                dr.marks_lost += lost_marks(&st, &marks)?;
+                dr.marks_lost += lost_marks_on_disk(&st, &d.image, &marks)?;
             }
             dr.qemu_check = qemu_check(&d.image);
             run.disk = Some(dr);

@@ -32,14 +32,6 @@ pub fn reader(path: &Path, force_share: bool) -> Result<BitmapStore<FileStorage>
     BitmapStore::open(storage, OpenMode::ReadOnly).map_err(|e| at(path, e))
 }
 
-/// Opens the image at `path` read-only, without reading the bitmap directory,
-/// force-sharing when asked (`-U`).
-pub fn image(path: &Path, force_share: bool) -> Result<Image<FileStorage>, String> {
-    let storage = FileStorage::open_with(path, OpenMode::ReadOnly, read_locking(force_share))
-        .map_err(|e| at(path, e))?;
-    Image::open(storage, OpenMode::ReadOnly).map_err(|e| at(path, e))
-}
-
 /// Opens the image at `path` read-only with its bitmaps extension untrusted when QEMU would
 /// refuse the extension itself ([`Image::open_untrusting_bitmaps`]), and that problem.
 pub fn image_untrusting_bitmaps(

@@ -51,7 +51,9 @@ pub fn run_for(d: Duration) -> (Ended, Duration) {
     }
 }
 
-/// Set by the SIGUSR1 handler; read by [`await_verdict`].
+/// Set by the SIGUSR1 handler; read by [`await_verdict`], which clears it before it asks,
+/// so that a verdict answers only the question asked after it: a SIGUSR1 given for an
+/// earlier attempt's unknown outcome must never fail back from a later one.
 static GONE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_usr1(_: libc::c_int) {
@@ -68,9 +70,19 @@ pub enum Verdict {
     Stop,
 }
 
-/// Installs the handlers (SIGUSR1, and SIGINT and SIGTERM as in [`run_for`]), then calls
-/// `armed` (which says what the process waits for: a signal sent after it is caught),
-/// then waits for one of them.
+/// Whether SIGINT or SIGTERM came since the first [`run_for`] or [`await_verdict`]
+/// installed the handlers: a stop request, kept until the process ends (from then on the
+/// two signals no longer end the process, so the request is honoured at the next point
+/// that looks at it).
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Installs the handlers (SIGUSR1, and SIGINT and SIGTERM as in [`run_for`]), forgets any
+/// earlier SIGUSR1, then calls `armed` (which says what the process waits for: a signal
+/// sent after it is caught), then waits for one of them. A stop request made before
+/// ([`stop_requested`]) is the answer [`Verdict::Stop`] at once: the source stays stopped,
+/// which is never wrong.
 pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
     install();
     let handler = on_usr1 as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
@@ -78,6 +90,10 @@ pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
     unsafe {
         libc::signal(libc::SIGUSR1, handler);
     }
+    // After the handler is in place and before the question is asked: a SIGUSR1 in
+    // between is for an earlier question (or none) and is dropped; one sent after
+    // `armed` is caught.
+    GONE.store(false, Ordering::SeqCst);
     armed();
     loop {
         if GONE.load(Ordering::SeqCst) {
@@ -87,5 +103,46 @@ pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
             return Verdict::Stop;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{await_verdict, Verdict};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn raise_usr1() {
+        // SAFETY: raising a signal whose handler `await_verdict` installed (an atomic store).
+        unsafe {
+            libc::raise(libc::SIGUSR1);
+        }
+    }
+
+    /// Found by a review of the CLI: the SIGUSR1 flag was never cleared, so with `send
+    /// --attempts N --fail-back-on-signal` the verdict given for one attempt's unknown
+    /// outcome answered every later one at once (the source failed back while the
+    /// destination may run the guest). A second wait must wait for a signal of its own.
+    #[test]
+    fn a_verdict_answers_only_the_wait_it_was_given_for() {
+        assert_eq!(await_verdict(raise_usr1), Verdict::DestinationGone);
+        let (tx, rx) = mpsc::channel();
+        let (armed_tx, armed_rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let v = await_verdict(|| armed_tx.send(()).unwrap());
+            tx.send(v).unwrap();
+        });
+        armed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(200)),
+            Err(mpsc::RecvTimeoutError::Timeout),
+            "the second wait took the first wait's verdict"
+        );
+        raise_usr1();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(Verdict::DestinationGone)
+        );
+        waiter.join().unwrap();
     }
 }
