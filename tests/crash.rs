@@ -850,9 +850,10 @@ fn torn_resize_header_is_never_falsely_clean() {
 /// 8 MiB of file, and the flush of a fully dirty 4 MiB bitmap crosses it), crashed at every
 /// point from the barrier before the growth's first write to the barrier after its header
 /// write, and at points spread over the rest of the flush: every image opens with no
-/// corruption (here and in `qemu-img check` at the growth's two steps), the active bitmap
-/// stays `in_use` (never clean), and a leak shows only where docs/CRASH-CONSISTENCY.md
-/// ("Reftable growth") allows one. The claim of its step 1 was tested by nothing before.
+/// corruption (here and in `qemu-img check` at the growth's two steps: a leak at most,
+/// never a refcount below its references), and the active bitmap stays `in_use` (never
+/// clean). docs/CRASH-CONSISTENCY.md ("Reftable growth") says step 1 may leak; the test
+/// prints whether it did. No crash test reached a growth before.
 #[test]
 fn a_reftable_growth_inside_a_flush_is_never_corrupt_or_falsely_clean() {
     const GIB: u64 = 1 << 30;

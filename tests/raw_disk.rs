@@ -363,3 +363,62 @@ fn a_data_file_name_without_its_feature_bit_is_ignored_as_qemu_ignores_it() {
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Found by a review: `data_file_raw` (autoclear bit 1) without the incompatible
+/// `data_file` bit, an image QEMU refuses to open for I/O ("data-file-raw requires a data
+/// file"), opened here, and a writable open then wrote to it. It is refused as corrupt,
+/// read-only and writable, with nothing written.
+#[test]
+fn data_file_raw_without_a_data_file_is_refused_as_qemu_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.raw");
+    let img = dir.path().join("raw-bit.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw=on", p(&raw)),
+            p(&img),
+            "16M",
+        ],
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes[95] & 2, 2, "qemu-img set data_file_raw");
+    bytes[79] &= !4;
+    std::fs::write(&img, &bytes).unwrap();
+    // `qemu-img info` opens it without I/O; every tool that reads or writes it refuses.
+    for (tool, args) in [
+        ("qemu-img", vec!["check", "-f", "qcow2", p(&img)]),
+        (
+            "qemu-io",
+            vec!["-r", "-f", "qcow2", "-c", "read 0 4k", p(&img)],
+        ),
+    ] {
+        let out = run(tool, &args);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr)
+                    .contains("data-file-raw requires a data file"),
+            "{tool} opened it: {out:?}"
+        );
+    }
+    for mode in [OpenMode::ReadOnly, OpenMode::ReadWrite] {
+        let e = BitmapStore::open(FileStorage::open(&img, mode).unwrap(), mode).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                dirty_bitmap::Error::Corrupt(dirty_bitmap::Corruption::DataFileRawWithoutDataFile)
+            ),
+            "{mode:?}: {e:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        bytes,
+        "written before the refusal"
+    );
+}

@@ -731,8 +731,21 @@ impl<'a> Harness<'a> {
                 let got = self.lock().clear(n);
                 if self.check(ctx, want, got).is_some() {
                     self.model.bm(n).must.clear();
-                    // A write in flight lands after the clear: it stays in the bitmap.
+                    // A write in flight lands after the clear: it stays in the bitmap, and
+                    // a durable clear marks it there even when the bitmap does not record
+                    // (`BitmapStore::clear_durable`).
                     self.in_flight_recorded();
+                    if durable {
+                        let size = self.model.size;
+                        let ranges: Vec<(u64, u64)> =
+                            self.writes.iter().map(|&(_, o, l)| (o, l)).collect();
+                        let b = self.model.bm(n);
+                        if b.tracked {
+                            for (o, l) in ranges {
+                                b.must.extend(granules(size, b.granularity, o, l));
+                            }
+                        }
+                    }
                 }
             }
             DOp::SetEnabled { name, enabled } => {

@@ -122,6 +122,13 @@ pub enum Corruption {
         /// The cluster_bits found.
         cluster_bits: u32,
     },
+    /// Autoclear bit 1 (`data_file_raw`) without the incompatible `data_file` bit: QEMU
+    /// refuses to open the image ("data-file-raw requires a data file").
+    #[error(
+        "autoclear bit 1 (data_file_raw) is set without the data_file incompatible bit \
+         (QEMU: data-file-raw requires a data file)"
+    )]
+    DataFileRawWithoutDataFile,
     /// refcount_order (offset 96) above 6.
     #[error("refcount_order {found} at offset 96 exceeds 6 (64-bit refcounts)")]
     RefcountOrder {

@@ -369,6 +369,9 @@ impl Header {
             });
         }
         h.check_compression_type()?;
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !h.has_data_file() {
+            return Err(Corruption::DataFileRawWithoutDataFile);
+        }
 
         let unknown = h.incompatible_features & !INCOMPAT_MASK;
         if unknown != 0 {

@@ -54,9 +54,12 @@
 //!   of kind [`UnexpectedEof`](std::io::ErrorKind::UnexpectedEof), like
 //!   [`std::io::Read::read_exact`].
 //! - A write that does not fit inside `len` is [`Error::InvalidInput`].
-//! - **[`Error::InvalidInput`] from `write_all_at` or `set_len`
-//!   guarantees that the storage was not touched.** Any other error from a mutating method
-//!   leaves the storage in an unknown state; [`LatchingStorage`] relies on this distinction.
+//! - **[`Error::InvalidInput`] or [`Error::WrongState`] from `write_all_at` or `set_len`
+//!   guarantees that the storage was not touched** (a range past the end, a read-only
+//!   handle; a [`FileStorage`] whose writer locks are released during a hand-over, which
+//!   refuses before it touches the file). Any other error from a mutating method leaves
+//!   the storage in an unknown state; [`LatchingStorage`] relies on this distinction, and
+//!   a backend must not return either of those two after it touched anything.
 
 #[cfg(any(test, feature = "testing"))]
 mod crash;

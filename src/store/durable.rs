@@ -373,8 +373,8 @@ const GATHER_ROUNDS: u32 = 16;
 /// intent that starts after the call returned, and a removed one none; after an
 /// [`inactivate`](BitmapStore::inactivate) its intents fail until the store is activated
 /// in durable mode again, and then mark that activation's bitmaps. Each handle keeps
-/// the list of bitmaps it last saw; after an `add`, a `remove`, a checkpoint or a disable
-/// its fast path reads the store's current list instead (one lock-free load more), until
+/// the list of bitmaps it last saw; after an `add`, a `remove`, a checkpoint, a
+/// `set_enabled` or a durable clear its fast path reads the store's current list instead (one lock-free load more), until
 /// the handle is cloned or [`refresh`](Self::refresh)ed.
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
@@ -414,8 +414,8 @@ impl<S: Storage> DurableTracker<S> {
 
     /// Takes the store's current list of bitmaps as this handle's own, so that its fast
     /// path reads no shared list after an [`add`](BitmapStore::add), a
-    /// [`remove`](BitmapStore::remove), a [`checkpoint`](BitmapStore::checkpoint) or a
-    /// [`set_enabled`](BitmapStore::set_enabled)`(.., false)`.
+    /// [`remove`](BitmapStore::remove), a [`checkpoint`](BitmapStore::checkpoint), a
+    /// [`set_enabled`](BitmapStore::set_enabled) or a [`clear`](BitmapStore::clear).
     pub fn refresh(&mut self) {
         *self = Self::current(Arc::clone(&self.inner));
     }
@@ -530,8 +530,8 @@ impl<S: Storage> DurableTracker<S> {
     /// such a write must fail), and while the store is not active in durable mode.
     ///
     /// It reads the store's epoch before and after the bitmaps, and answers false if the
-    /// epoch moved in between: a checkpoint, a disable, an `add`, a `remove` or an
-    /// inactivation ran during the reads.
+    /// epoch moved in between: a checkpoint, a `set_enabled`, a clear, an `add`, a
+    /// `remove` or an inactivation ran during the reads.
     #[inline(always)]
     pub fn is_durable(&self, offset: u64, len: u64) -> bool {
         // Why a `true` never leaves the write in no recording bitmap. The answer is made of

@@ -136,11 +136,15 @@ pub fn qemu_keys(
         json!(1u64 << h.refcount_order.min(6)),
     );
     if let Some(df) = &area.data_file {
+        // As `qcow2_get_specific_info`: the name whenever the extension holds one,
+        // data-file-raw only when the image has a data file (the incompatible bit).
         data.insert("data-file".into(), json!(String::from_utf8_lossy(df)));
-        data.insert(
-            "data-file-raw".into(),
-            json!(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),
-        );
+        if h.has_data_file() {
+            data.insert(
+                "data-file-raw".into(),
+                json!(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),
+            );
+        }
     }
     if v3 {
         data.insert(
