@@ -47,8 +47,8 @@ def mark(handle, off, length):
     return bytes([2, handle]) + rng(off, length)
 
 
-def begin_write(handle, off, length):
-    return bytes([4, handle]) + rng(off, length)
+def begin_write(handle, off, length, via_intent=False):
+    return bytes([4, handle | (0x80 if via_intent else 0)]) + rng(off, length)
 
 
 END_WRITE = bytes([19])
@@ -265,7 +265,9 @@ SEQUENCES = {
         END_WRITE,
         mark(0, 128 * K, 4 * K),
         begin_write(0, 256 * K, 4 * K),
+        begin_write(2, 512 * K, 4 * K, via_intent=True),
         crash(1), clear(B),
+        poll(0),
         set_enabled(A, True),
         set_enabled(B, False),
         crash(2), add(C, 512),

@@ -72,11 +72,14 @@ enum DOp {
     },
     /// `DurableTracker::begin_write`: the write is acknowledged and held in flight (its
     /// guard kept) until an `EndWrite`, or until the store is inactivated or reopened (a
-    /// VMM drains its writes before it hands the disk over).
+    /// VMM drains its writes before it hands the disk over). With `via_intent`, as an
+    /// asynchronous stack does it: `register_write`, then `intent`, whose ticket is held
+    /// (acknowledged when polled durable or waited, as `Intent`'s).
     BeginWrite {
         handle: usize,
         offset: u64,
         len: u64,
+        via_intent: bool,
     },
     /// Drops the guard of the oldest write held in flight: it completed.
     EndWrite,
@@ -178,12 +181,13 @@ fn decode_op(r: &mut Bytes) -> DOp {
             }
         }
         4 => {
-            let handle = handle(r);
+            let b = r.u8();
             let (offset, len) = range(r);
             DOp::BeginWrite {
-                handle,
+                handle: usize::from(b & 0x7f) % HANDLES,
                 offset,
                 len,
+                via_intent: b & 0x80 != 0,
             }
         }
         5 | 6 => {
@@ -596,6 +600,38 @@ impl<'a> Harness<'a> {
                 handle,
                 offset,
                 len,
+                via_intent: true,
+            } => {
+                if self.writes.len() >= MAX_WRITES
+                    || self.tickets.len() >= MAX_TICKETS
+                    || !self.ensure_tracker(ctx, handle)
+                {
+                    return;
+                }
+                let (o, l, inside) = self.placed(offset, len);
+                // Registered in flight (not acknowledged yet: its intent is), then the
+                // intent, which registration does not replace.
+                let want = first([(!inside).then_some(Refusal::InvalidInput)]);
+                let got = self.handle(handle).register_write(o, l);
+                let Some(guard) = self.check(ctx, want, got) else {
+                    return;
+                };
+                let got = self.handle(handle).intent(o, l);
+                let intent = self
+                    .check(ctx, Ok(()), got)
+                    .expect("an intent for a range its registration took");
+                self.writes.push((guard, o, l));
+                self.tickets.push(Ticket {
+                    intent,
+                    offset: o,
+                    len: l,
+                });
+            }
+            DOp::BeginWrite {
+                handle,
+                offset,
+                len,
+                via_intent: false,
             } => {
                 if self.writes.len() >= MAX_WRITES || !self.ensure_tracker(ctx, handle) {
                     return;
