@@ -522,8 +522,9 @@ impl<'a> Harness<'a> {
     }
 
     /// A change of which bitmaps record (an add of a recording bitmap, `set_enabled`, a
-    /// checkpoint) or a clear returned on a durable store: every write held in flight is
-    /// then on disk in every bitmap that records (`DurableTracker::begin_write`).
+    /// checkpoint) returned on a durable store: every write held in flight, its intent
+    /// acknowledged or still pending, is then on disk in every bitmap that records
+    /// (`BitmapStore::commit_in_flight` marks every registered write in each).
     fn in_flight_recorded(&mut self) {
         if !self.model.durable {
             return;
@@ -567,7 +568,9 @@ impl<'a> Harness<'a> {
                         tracked: durable,
                         must: BTreeSet::new(),
                     });
-                    self.in_flight_recorded();
+                    if enabled {
+                        self.in_flight_recorded();
+                    }
                 }
             }
             DOp::Remove { name } => {
@@ -767,10 +770,11 @@ impl<'a> Harness<'a> {
                 let got = self.lock().clear(n);
                 if self.check(ctx, want, got).is_some() {
                     self.model.bm(n).must.clear();
-                    // A write in flight lands after the clear: it stays in the bitmap, and
-                    // a durable clear marks it there even when the bitmap does not record
-                    // (`BitmapStore::clear_durable`).
-                    self.in_flight_recorded();
+                    // A write in flight lands after the clear: a durable clear marks it in
+                    // the bitmap it clears, recording or not (`BitmapStore::clear_durable`);
+                    // the other bitmaps keep what they held. (Only a write whose intent was
+                    // acknowledged is in them: one registered with its intent still pending
+                    // is required only where the clear put it.)
                     if durable {
                         let size = self.model.size;
                         let ranges: Vec<(u64, u64)> =
