@@ -803,6 +803,13 @@ fn send(a: &SendArgs) -> CmdResult {
     // One migration over every attempt: a retry resumes the RAM the destination kept.
     let mut session = Session::new();
     for attempt in 1..=a.attempts {
+        if attempt > 1 && signals::stop_requested() {
+            // SIGINT or SIGTERM since the wait for a verdict installed the handlers (they
+            // no longer end the process), during an attempt or the wait before this one,
+            // is a stop request: no more attempts, and `run_for` below returns at once.
+            say("stop requested (SIGINT or SIGTERM): no further attempts");
+            break;
+        }
         say(format!(
             "migrating to {}{} (attempt {attempt} of {})",
             a.to,
@@ -952,16 +959,11 @@ fn send(a: &SendArgs) -> CmdResult {
                 }
             }
         }
-        if attempt < a.attempts && signals::stop_requested() {
-            // SIGINT or SIGTERM during the wait for a verdict installed the handlers; one
-            // since (they no longer end the process) is a stop request: no more attempts,
-            // and `run_for` below returns at once.
-            say("stop requested (SIGINT or SIGTERM): no further attempts");
-            break;
-        }
-        if attempt < a.attempts {
+        if attempt < a.attempts && !signals::stop_requested() {
             say(format!("retrying in {} s", retry_after.as_secs_f64()));
-            std::thread::sleep(retry_after);
+            // A stop request during the wait ends it at once; the next attempt sees it
+            // before it starts.
+            signals::sleep_unless_stopped(retry_after);
         }
     }
     source.run_on_and_stop(run_for)
