@@ -2111,7 +2111,23 @@ fn sizes_parse_as_qemu_img_and_usage_errors_read_dbm() {
         "0x10K", "0x1.0", "00x10", "0x", "+64K", " 64K", "64K ", ".5K", "1.K", "1.", ".", "1.5",
         "1e3", "1.5e3K", "0.5005K", "01000", "1,5K", "64 K", "16E",
     ];
-    for (k, size) in sizes.into_iter().enumerate() {
+    // QEMU's fraction is a double and a 64-bit fixed point, of any number of digits (a
+    // review found 0.15598P a byte short, 512 once rounded up, and the long ones refused),
+    // and its whitespace is C's isspace, not Unicode's.
+    let fractions = [
+        "0.15598P",
+        "0.27P",
+        "1.512518T",
+        "0.1E",
+        "1.0000000000000000000",
+        "1.5000000000000000000K",
+        "0.99999999999999999",
+        "15.99999999999999999E",
+        "\u{a0}1K",
+        "\x0b1K",
+        "1.00000000000000000001B",
+    ];
+    for (k, size) in sizes.into_iter().chain(fractions).enumerate() {
         let (a, b) = (
             dir.path().join(format!("a{k}")),
             dir.path().join(format!("b{k}")),

@@ -532,8 +532,14 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
 /// A destination process that activated the image and is killed (SIGKILL) before it
 /// answers Started, the source waiting with `--fail-back-on-signal`: started with the test
 /// hook of `listen`, killed once it says it activated; the source told (SIGUSR1) that it
-/// died. Returns the two processes' state: the source, waiting for its reclaim to be judged.
-fn crash_the_destination_after_it_activated(img: &Path, marks: &Path, seed: &str) -> Proc {
+/// died. `extra` goes to `send`. Returns the two processes' state: the source, waiting for
+/// its reclaim to be judged.
+fn crash_the_destination_after_it_activated(
+    img: &Path,
+    marks: &Path,
+    seed: &str,
+    extra: &[&str],
+) -> Proc {
     let mut dest = Proc::spawn(
         "listen",
         &[
@@ -548,6 +554,7 @@ fn crash_the_destination_after_it_activated(img: &Path, marks: &Path, seed: &str
     let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
     let mut args = send_args(p(img), &addr, p(marks), seed);
     args.extend(["--fail-back-on-signal", "--run-for", "600"]);
+    args.extend(extra);
     let mut src = Proc::spawn("send", &args);
     dest.wait_for("attempt 1: opened");
     dest.wait_for("attempt 1: test hook: activated");
@@ -573,7 +580,7 @@ fn two_processes_a_destination_killed_after_activating_fails_back_then_a_new_pai
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
-    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed);
+    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed, &[]);
     // The operator's word: the destination is gone. The only difference on disk is the
     // in_use flags: the source takes the image back and resumes with every mark.
     src.signal(libc::SIGUSR1);
@@ -637,6 +644,48 @@ fn two_processes_a_destination_killed_after_activating_fails_back_then_a_new_pai
     assert_every_mark_on_disk(&img, &all);
 }
 
+/// Found by a review of the CLI: a SIGINT while `send` waited `--retry-after` before its
+/// next attempt went unseen (the stop request was looked at before the wait only), and the
+/// next attempt started: a hand-over against the operator's stop. The stop ends the wait
+/// at once, no attempt starts, and the resumed guest stops as at the end of its run, every
+/// mark on disk.
+#[test]
+fn two_processes_a_stop_during_the_retry_wait_starts_no_further_attempt() {
+    let (_, seed) = common::seeded_rng("procs_stop_in_retry_wait");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let marks = dir.path().join("marks.log");
+    let extra = ["--attempts", "2", "--retry-after", "30"];
+    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed, &extra);
+    // The verdict installs the handlers: from then on SIGINT is a stop request.
+    src.signal(libc::SIGUSR1);
+    src.wait_for("source: took its bitmaps back from the dead destination");
+    src.wait_for("retrying in 30 s");
+    let asked = Instant::now();
+    src.signal(libc::SIGINT);
+    src.wait_for("stop requested (SIGINT or SIGTERM): no further attempts");
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "the stop waited for the retry: {:?}",
+        asked.elapsed()
+    );
+    let (code, out, err) = src.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 3, "send:\n{text}\n{err}");
+    assert!(!text.contains("(attempt 2 of 2)"), "{text}");
+    let last = out
+        .iter()
+        .find(|l| l.starts_with("stopped after"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(last.contains("(signal)"), "{last}");
+    let logged = read_marks(&marks);
+    assert_eq!(number_after(last, "marks"), logged.len() as u64, "{last}");
+    assert!(last.ends_with(" 0 missing on disk"), "{last}");
+    drop(FileStorage::open(&img, OpenMode::ReadWrite).unwrap());
+    assert_every_mark_on_disk(&img, &logged);
+}
+
 #[test]
 fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_reclaimed() {
     let (_, seed) = common::seeded_rng("procs_dest_crash_changed");
@@ -644,7 +693,7 @@ fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_re
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
-    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed);
+    let mut src = crash_the_destination_after_it_activated(&img, &marks, &seed, &[]);
     // What the dead destination wrote besides the flags: a bitmap of its own.
     {
         let mut d = BitmapStore::open(

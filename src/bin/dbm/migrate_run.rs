@@ -34,7 +34,7 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::FileStorage;
-use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
+use dirty_bitmap::{BitmapInfo, BitmapState, BitmapStore, OpenMode, Recording, SharedStore};
 
 use crate::size::human;
 
@@ -270,37 +270,54 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
     })
 }
 
-/// Marks of `marks` not dirty, summed over the bitmaps of `store`, in memory while it is
-/// active; once it is inactive, [`lost_marks_on_disk`] is the count of the disk.
+/// The bitmaps `store` holds consistent: the ones whose marks are counted. One that was
+/// inconsistent at its open records nothing (`activate` leaves it alone, and no reader
+/// trusts it).
+fn consistent<S: dirty_bitmap::storage::Storage>(store: &BitmapStore<S>) -> Vec<BitmapInfo> {
+    store
+        .list()
+        .into_iter()
+        .filter(|b| b.state == BitmapState::Consistent)
+        .collect()
+}
+
+/// Marks of `marks` not dirty, summed over the bitmaps `store` holds consistent, in memory
+/// while it is active; once it is inactive, [`lost_marks_on_disk`] is the count of the
+/// disk.
 pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
     store: &BitmapStore<S>,
     marks: &[u64],
 ) -> Res<u64> {
     let mut lost = 0;
-    for info in store.list() {
+    for info in consistent(store) {
         let b = store.load(&info.name)?;
         lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
     }
     Ok(lost)
 }
 
-/// Marks of `marks` not dirty, summed over the bitmaps of `store`, as the image at `path`
-/// holds them on disk: read through a fresh read-only open with QEMU's force-share locking
-/// (`store`, inactive, still holds the image), never through `store`, whose load of an
-/// inactive bitmap is its parked in-memory copy ORed with the disk, so a mark the stop
-/// failed to write would count as present. A bitmap missing there, or in use (the stop did
-/// not leave it consistent), is an error.
+/// Marks of `marks` not dirty, summed over the bitmaps `store` holds consistent, as the
+/// image at `path` holds them on disk: read through a fresh read-only open with QEMU's
+/// force-share locking (`store`, inactive, still holds the image), never through `store`,
+/// whose load of an inactive bitmap is its parked in-memory copy ORed with the disk, so a
+/// mark the stop failed to write would count as present. One of them missing there, or in
+/// use (the stop did not leave it consistent), is an error; a bitmap inconsistent before
+/// the run stays in use, as `activate` left it, and is not looked at.
 pub fn lost_marks_on_disk<S: dirty_bitmap::storage::Storage>(
     store: &BitmapStore<S>,
     path: &std::path::Path,
     marks: &[u64],
 ) -> Res<u64> {
     let disk = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
-    if let Some(b) = disk.list().into_iter().find(|b| b.in_use) {
-        return Err(format!("{}: bitmap {} is in use on disk", path.display(), b.name).into());
+    let ours = consistent(store);
+    let on_disk = disk.list();
+    for b in &ours {
+        if on_disk.iter().any(|d| d.name == b.name && d.in_use) {
+            return Err(format!("{}: bitmap {} is in use on disk", path.display(), b.name).into());
+        }
     }
     let mut lost = 0;
-    for info in store.list() {
+    for info in ours {
         let b = disk.load(&info.name)?;
         lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
     }

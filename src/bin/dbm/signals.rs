@@ -38,6 +38,13 @@ pub enum Ended {
 /// first and how long it waited.
 pub fn run_for(d: Duration) -> (Ended, Duration) {
     install();
+    sleep_unless_stopped(d)
+}
+
+/// Waits `d`, in slices of at most 20 ms, or until a stop request ([`stop_requested`]);
+/// returns which came first and how long it waited. Installs no handler: before the first
+/// [`run_for`] or [`await_verdict`], SIGINT and SIGTERM still end the process.
+pub fn sleep_unless_stopped(d: Duration) -> (Ended, Duration) {
     let start = Instant::now();
     loop {
         if STOP.load(Ordering::SeqCst) {
