@@ -881,6 +881,11 @@ pub struct StreamDiskDest<S: Storage> {
     /// What a failed attempt left, and the migration it belongs to.
     kept: Option<(Binding, Held)>,
     store: Option<BitmapStore<S>>,
+    /// The names under which the take-over put the stream's copy into `store` (adopted in
+    /// place of the image's own, or added once the image's own was removed): the only
+    /// bitmaps [`failed`](DestState::failed) removes. A name still waiting for its
+    /// removal when the take-over failed holds the image's own bitmap, untouched.
+    installed: Vec<String>,
     started: bool,
 }
 
@@ -956,6 +961,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             resumed: false,
             kept: None,
             store: None,
+            installed: Vec::new(),
             started: false,
         }
     }
@@ -1267,6 +1273,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.sections = 0;
         self.resumed = false;
         self.store = None;
+        self.installed.clear();
         self.started = false;
         Ok(())
     }
@@ -1334,12 +1341,20 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         }
         let mut st = (self.open)()?;
         let plan = self.plan(&st)?;
+        let adopted: Vec<String> = plan.adopt.iter().map(|(n, _)| n.clone()).collect();
+        self.installed.clear();
         st.activate_with(plan.adopt)?;
+        // From here the store holds the stream's copy under each adopted name.
+        self.installed = adopted;
         let installed = (|| -> Result<()> {
             for name in &plan.remove {
                 st.remove(name.as_bytes())?;
             }
+            // Every name the image held and the stream replaces is gone: whatever the store
+            // holds under an added name from here on (even after an add that failed late)
+            // is the stream's, never the image's own.
             for (name, rec, content) in plan.add {
+                self.installed.push(name.clone());
                 st.add_holding(&name, rec, content)?;
             }
             for inc in self.current.incoming.values_mut() {
@@ -1376,12 +1391,14 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// resumes, and writes that reach this image after the failed stop (a mirror still
     /// running) are marked nowhere here, so a stream bitmap stored now would read clean for
     /// them later. As QEMU's destination stores no migrated bitmap of a failed incoming
-    /// migration, each bitmap of the stream the store holds is removed (the one the
-    /// take-over added, and the one it adopted in place of the image's own copy, whose
-    /// content the stream's had replaced), one remove commit each; then the store is
-    /// inactivated, which writes back the image's other bitmaps, untouched since the
-    /// activation loaded them (no guest ran here), and clears their `in_use`. A stream
-    /// bitmap the image held inconsistent stays so.
+    /// migration, each bitmap the take-over installed is removed (the one it added, and the
+    /// one it adopted in place of the image's own copy, whose content the stream's had
+    /// replaced), one remove commit each; then the store is inactivated, which writes back
+    /// the image's other bitmaps, untouched since the activation loaded them (no guest ran
+    /// here), and clears their `in_use`. Only what the take-over installed is removed: a
+    /// bitmap of the stream's name that the image held at another granularity and the
+    /// take-over had not removed yet when it failed is the image's own, written back as
+    /// the activation found it; one the image held inconsistent stays so.
     ///
     /// Crash reasoning: until its remove commit, a stream bitmap is `in_use` (the
     /// activation's flags commit, or the add commit, set it); after, absent. If a removal
@@ -1391,10 +1408,11 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// inconsistent ones (`plan`). The copy kept for the retry is not touched: the next
     /// report counts on it.
     fn failed(&mut self) {
+        let installed = std::mem::take(&mut self.installed);
         if let Some(mut st) = self.store.take() {
             let mut removed = true;
-            for inc in self.current.incoming.values() {
-                let name = inc.start.name.as_bytes();
+            for name in &installed {
+                let name = name.as_bytes();
                 match st.bitmap(name) {
                     Ok(_) => {
                         if st.remove(name).is_err() {
@@ -1402,8 +1420,8 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                             break;
                         }
                     }
-                    // Absent (removed by the take-over and not added again, or never
-                    // there), or inconsistent: nothing reads it as clean.
+                    // Absent (its add failed before the commit naming it), or
+                    // inconsistent: nothing reads it as clean.
                     Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
                     Err(_) => {
                         removed = false;
@@ -2197,6 +2215,104 @@ mod tests {
         }
         println!("{checked} consistent bitmaps checked");
         assert!(checked > 0);
+    }
+
+    /// Found by a review: a take-over that failed while a bitmap of the stream's name, which
+    /// the image held at another granularity, was still waiting for its removal (a
+    /// transient read error in that removal's preflight, which poisons nothing) had
+    /// `failed` remove it: the image's own "y", which the take-over never replaced, was
+    /// gone. So was "y" when the removal that failed was that of an earlier bitmap the image
+    /// held `in_use` ("x"). `failed` removes only what the take-over installed: "y" is back
+    /// as the image had it, and "x" stays `in_use`.
+    #[test]
+    fn a_failed_take_over_leaves_a_bitmap_it_had_not_replaced_yet_as_the_image_had_it() {
+        use crate::storage::{FaultPlan, FaultStorage, Trigger};
+        type Img = Arc<FaultStorage<MemStorage>>;
+        // A bit of the image's own "y", outside the stream's region 1.
+        let own = 3u64 << 28;
+        for with_x in [false, true] {
+            let before = {
+                let mut st = if with_x {
+                    // "x" `in_use`: a destination that activated the image died.
+                    let mut x = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+                    x.add("x", 65536, Recording::Enabled).unwrap();
+                    x.activate().unwrap();
+                    let bytes = MemStorage::from_bytes(x.image().storage().to_vec());
+                    BitmapStore::open(bytes, OpenMode::ReadWrite).unwrap()
+                } else {
+                    BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap()
+                };
+                st.add("y", 131072, Recording::Enabled).unwrap();
+                st.activate().unwrap();
+                st.bitmap("y").unwrap().mark_dirty(own, 65536);
+                st.inactivate().unwrap();
+                st.image().storage().to_vec()
+            };
+            let stream = |d: &mut StreamDiskDest<Img>| {
+                d.hello(3, M1).unwrap();
+                let mut seq = 0;
+                let mut next = || {
+                    seq += 1;
+                    seq
+                };
+                let names: &[&str] = if with_x { &["x", "y"] } else { &["y"] };
+                for (i, name) in names.iter().enumerate() {
+                    let i = i as u16;
+                    d.section(&start_named(i, next(), name, true, DISK, 512))
+                        .unwrap();
+                    d.section(&full_region(i, 1, next())).unwrap();
+                    d.section(&bitmap_codec::encode_complete(i, next(), false))
+                        .unwrap();
+                }
+            };
+            // A dry run counts the reads up to the end of the activation: the next one is
+            // the first of the take-over's first removal.
+            let activated = {
+                let img: Img = Arc::new(FaultStorage::new(
+                    MemStorage::from_bytes(before.clone()),
+                    FaultPlan::new(),
+                ));
+                let mut d = dest_on(&img);
+                stream(&mut d);
+                let mut st = (d.open)().unwrap();
+                let plan = d.plan(&st).unwrap();
+                assert!(plan.adopt.is_empty());
+                let first = if with_x { "x" } else { "y" };
+                assert_eq!(plan.remove.first().map(String::as_str), Some(first));
+                st.activate_with(plan.adopt).unwrap();
+                let n = img.reads();
+                st.remove(first).unwrap();
+                assert!(img.reads() > n, "the removal reads");
+                n
+            };
+            let img: Img = Arc::new(FaultStorage::new(
+                MemStorage::from_bytes(before),
+                FaultPlan::new().fail_read(Trigger::Nth(activated + 1)),
+            ));
+            let mut d = dest_on(&img);
+            stream(&mut d);
+            assert!(d.before_start().is_err(), "with_x {with_x}");
+            d.failed();
+            assert!(d.take_store().is_none());
+            let st = reopen(img.inner().to_vec());
+            let list = st.list();
+            let y = list.iter().find(|i| i.name == "y").unwrap_or_else(|| {
+                panic!("with_x {with_x}: the image's own \"y\" is gone: {list:?}")
+            });
+            assert!(!y.in_use, "with_x {with_x}: {y:?}");
+            assert_eq!(y.granularity, 131072, "with_x {with_x}: {y:?}");
+            let held = st.load("y").unwrap();
+            assert_eq!(
+                held.count(),
+                1,
+                "with_x {with_x}: \"y\" holds only its own bit"
+            );
+            assert!(held.is_dirty(own));
+            if with_x {
+                let x = list.iter().find(|i| i.name == "x").unwrap();
+                assert!(x.in_use, "{x:?}");
+            }
+        }
     }
 
     /// After the start, regions that follow (postcopy) reach a bitmap that does not record
