@@ -1252,6 +1252,50 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         }
         Ok(())
     }
+
+    /// [`failed`](DestState::failed)'s undo of a take-over that installed `installed` in
+    /// the active store `st`: see there.
+    fn undo_take_over(&mut self, st: &mut BitmapStore<S>, installed: &[String]) {
+        // Installed bitmaps that could not be removed.
+        let mut held = Vec::new();
+        for name in installed {
+            match st.bitmap(name.as_bytes()) {
+                Ok(_) => match st
+                    .remove(name.as_bytes())
+                    .or_else(|_| st.remove(name.as_bytes()))
+                {
+                    Ok(()) => {}
+                    // A write failed (now or in the take-over): nothing more is written,
+                    // and every bitmap the store holds stays `in_use`.
+                    Err(crate::Error::Poisoned) => return,
+                    Err(_) => held.push(name),
+                },
+                // Absent (its add failed before the commit naming it), or inconsistent:
+                // nothing reads it as clean.
+                Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
+                // Not known to be either: nothing more is written.
+                Err(_) => return,
+            }
+        }
+        for name in held {
+            let Ok(live) = st.bitmap(name.as_bytes()) else {
+                return;
+            };
+            if let Some(inc) = self
+                .current
+                .incoming
+                .values_mut()
+                .find(|i| i.start.name == *name)
+            {
+                if Arc::ptr_eq(&inc.bitmap, &live) {
+                    inc.bitmap = Arc::new(inc.bitmap.snapshot());
+                }
+            }
+            // Every bit, recording or not: the bits stand for the writes no one marked.
+            live.fill();
+        }
+        let _ = st.inactivate();
+    }
 }
 
 fn bad(reason: String) -> MigrationError {
@@ -1400,38 +1444,26 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// take-over had not removed yet when it failed is the image's own, written back as
     /// the activation found it; one the image held inconsistent stays so.
     ///
+    /// A removal that fails without poisoning the store (a transient read error of its
+    /// preflight) is tried once more; if that fails too, the bitmap stays in the store,
+    /// marked dirty everywhere (after the copy kept for the retry, if the store shares it,
+    /// is split off: the next report counts on it being exact), and the inactivation goes
+    /// ahead: it writes that bitmap consistent and all dirty, never clean for a write after
+    /// the failed stop, and gives the image's other bitmaps back without `in_use` (dropped
+    /// active, the store would leave every one of them `in_use`, to be repaired before QEMU
+    /// uses them).
+    ///
     /// Crash reasoning: until its remove commit, a stream bitmap is `in_use` (the
-    /// activation's flags commit, or the add commit, set it); after, absent. If a removal
-    /// fails, nothing more is written: the store is dropped active, so every bitmap it
-    /// still holds stays `in_use` (inconsistent, never clean), as it does when the store is
-    /// poisoned by an I/O error. A retry's take-over adds the absent ones and replaces the
-    /// inconsistent ones (`plan`). The copy kept for the retry is not touched: the next
-    /// report counts on it.
+    /// activation's flags commit, or the add commit, set it); after, absent. One whose
+    /// removal failed is `in_use` until the inactivation's flags commit, which comes after
+    /// its content (every bit set) is written and a barrier; after, consistent and all
+    /// dirty. If the store is poisoned (an I/O error of a write), nothing more is written:
+    /// it is dropped active, so every bitmap it still holds stays `in_use` (inconsistent,
+    /// never clean). A retry's take-over adopts or replaces what it finds (`plan`).
     fn failed(&mut self) {
         let installed = std::mem::take(&mut self.installed);
         if let Some(mut st) = self.store.take() {
-            let mut removed = true;
-            for name in &installed {
-                let name = name.as_bytes();
-                match st.bitmap(name) {
-                    Ok(_) => {
-                        if st.remove(name).is_err() {
-                            removed = false;
-                            break;
-                        }
-                    }
-                    // Absent (its add failed before the commit naming it), or
-                    // inconsistent: nothing reads it as clean.
-                    Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
-                    Err(_) => {
-                        removed = false;
-                        break;
-                    }
-                }
-            }
-            if removed {
-                let _ = st.inactivate();
-            }
+            self.undo_take_over(&mut st, &installed);
         }
         for inc in self.current.incoming.values_mut() {
             inc.live = None;
@@ -2311,6 +2343,123 @@ mod tests {
             if with_x {
                 let x = list.iter().find(|i| i.name == "x").unwrap();
                 assert!(x.in_use, "{x:?}");
+            }
+        }
+    }
+
+    /// Found by a review: a removal in `failed` that failed without poisoning the store (a
+    /// transient read error in its preflight) ended the undo there, and the store was
+    /// dropped active: the image's own "other", which the stream never touched, stayed
+    /// `in_use`, which QEMU refuses until a repair. A failed removal is tried once more (one
+    /// read error: the stream's bitmaps end absent); if it fails again (a second read error,
+    /// the retry's first, injected by a second fault layer), that bitmap is marked dirty
+    /// everywhere and the inactivation goes ahead. Either way "other" is back as it was, no
+    /// bitmap of the stream reads consistent without every bit, and the copies kept for the
+    /// retry are exact.
+    #[test]
+    fn a_removal_that_fails_in_the_undo_still_gives_the_images_other_bitmaps_back() {
+        use crate::storage::{FaultPlan, FaultStorage, Trigger};
+        // A bit of the image's own, outside the stream's regions.
+        let own = 3u64 << 28;
+        let before = {
+            let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+            st.add("b", 65536, Recording::Enabled).unwrap();
+            st.add("other", 65536, Recording::Enabled).unwrap();
+            st.activate().unwrap();
+            st.bitmap("b").unwrap().mark_dirty(own, 65536);
+            st.bitmap("other").unwrap().mark_dirty(own, 65536);
+            st.inactivate().unwrap();
+            st.image().storage().to_vec()
+        };
+        let all = DISK / 65536;
+        // The destination, after a take-over of "b" and "c" on `before`, on two fault
+        // layers: the inner one counts only the reads the outer one passes on.
+        let take_over = || {
+            let img = Arc::new(FaultStorage::new(
+                FaultStorage::new(MemStorage::from_bytes(before.clone()), FaultPlan::new()),
+                FaultPlan::new(),
+            ));
+            let mut d = dest_on(&img);
+            d.hello(3, M1).unwrap();
+            // "b" (adopted) at the store's region size, so the store holds the very bitmap
+            // the attempt keeps; "c" (added) at another.
+            d.section(&start_named(0, 1, "b", true, DISK, 4096))
+                .unwrap();
+            d.section(&region_of(0, 0, 2048, 512, 2)).unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 3, false))
+                .unwrap();
+            d.section(&start_named(1, 4, "c", false, DISK, 512))
+                .unwrap();
+            d.section(&full_region(1, 2, 5)).unwrap();
+            d.section(&bitmap_codec::encode_complete(1, 6, false))
+                .unwrap();
+            d.before_start().unwrap();
+            assert!(Arc::ptr_eq(
+                &d.current.incoming[&0].bitmap,
+                &d.store().unwrap().bitmap("b").unwrap()
+            ));
+            (img, d)
+        };
+        // A dry run: the reads a removal of "b" makes when its first read fails (the
+        // preflight's check reads on past an error, and fails after).
+        let per_attempt = {
+            let (img, mut d) = take_over();
+            let from = img.reads();
+            img.set_plan(FaultPlan::new().fail_read(Trigger::Nth(from + 1)));
+            assert!(d.store.as_mut().unwrap().remove("b").is_err());
+            img.reads() - from
+        };
+        for twice in [false, true] {
+            let (img, mut d) = take_over();
+            // The undo's first read fails (its first removal's preflight); `twice`, the
+            // retry's first too: the inner layer saw all of the first removal's reads but
+            // the failed one.
+            img.set_plan(FaultPlan::new().fail_read(Trigger::Nth(img.reads() + 1)));
+            if twice {
+                let inner = img.inner();
+                inner.set_plan(
+                    FaultPlan::new().fail_read(Trigger::Nth(inner.reads() + per_attempt)),
+                );
+            }
+            d.failed();
+            let case = format!("twice: {twice}");
+            let st = reopen(img.inner().inner().to_vec());
+            let list = st.list();
+            let other = list.iter().find(|i| i.name == "other").unwrap();
+            assert!(!other.in_use, "{case}: {other:?}");
+            let o = st.load("other").unwrap();
+            assert_eq!(o.count(), 1, "{case}");
+            assert!(o.is_dirty(own), "{case}");
+            for name in ["b", "c"] {
+                let Some(info) = list.iter().find(|i| i.name == name) else {
+                    continue;
+                };
+                if !info.in_use {
+                    assert_eq!(
+                        st.load(name).unwrap().count(),
+                        all,
+                        "{case}: {name:?} reads consistent without every bit"
+                    );
+                }
+            }
+            let mut names: Vec<String> = list.iter().map(|i| i.name.to_string()).collect();
+            names.sort();
+            if twice {
+                // "b" left in the store, marked dirty everywhere, and written so; "c" removed.
+                assert_eq!(names, ["b", "other"], "{case}");
+                assert!(list.iter().all(|i| !i.in_use), "{case}: {list:?}");
+            } else {
+                assert_eq!(names, ["other"], "{case}: the retried removals");
+            }
+            // The copies kept for the retry are exact ("b"'s was the store's own).
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 6, "{case}");
+            for i in [0u16, 1] {
+                assert_eq!(
+                    d.current.incoming[&i].bitmap.count(),
+                    512 * 8,
+                    "{case}: {i}"
+                );
             }
         }
     }
