@@ -1058,6 +1058,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         // once every check passed: a failed section leaves what is held as it was, so
         // that the count of sections held stays true.
         let granularity = 1u64 << s.granularity_bits;
+        // The bitmap's own limits (a region size the decoder passes but a bitmap refuses, a
+        // disk size of 0 or of more than 2^32 granules) refuse the START before anything
+        // below, which may drop kept data, and before anything is allocated.
+        DirtyBitmap::check_geometry(s.disk_size, granularity, u64::from(s.region_size))?;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
         let cost = held_cost(bytes, s.name.len());
         // What a failed attempt left counts too, while it is kept: until its migration
@@ -1089,9 +1093,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             // The kept data is not this attempt's: a QUERY, which comes first or never, did
             // not resume it. Kept, it would refuse this START at every attempt, since an
             // attempt that applies nothing keeps it (`failed`), until the process restarts.
-            // Dropped (before the allocation below, so that the bound holds throughout), its
-            // migration, if it comes back, is told 0 and sends everything again: more
-            // bytes, never a bit missing.
+            // Dropped (before the allocation below, so that the bound holds throughout, and
+            // after every check that can refuse this START: the geometry above, so that a
+            // START refused drops nothing), its migration, if it comes back, is told 0 and
+            // sends everything again: more bytes, never a bit missing.
             self.kept = None;
         }
         let bitmap =
@@ -1717,6 +1722,49 @@ mod tests {
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 0);
         assert!(!d.resumed());
+    }
+
+    /// Found by a review: a START that fits the bound only without what an abandoned
+    /// migration left dropped that data, then its own bitmap's geometry refused it (a
+    /// region size that is not a power of two, a disk size of 0: the decoder passes both):
+    /// the START was refused and the kept data gone for nothing. The geometry is checked
+    /// before anything is dropped.
+    #[test]
+    fn a_start_refused_for_its_geometry_drops_no_kept_data() {
+        // (disk size, region size): each START fits the bound only without M1's data.
+        for (disk, region) in [(DISK, 3u32), (0, 512)] {
+            let mut d = dest().with_max_bytes(held_cost(2048, 2));
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 0);
+            d.section(&start_of(0, 1)).unwrap();
+            d.section(&full_region(0, 2, 2)).unwrap();
+            d.failed();
+            assert_eq!(d.kept_applied(), Some(2));
+            let m2 = Binding {
+                migration_id: 2,
+                token: 9,
+            };
+            d.hello(3, m2).unwrap();
+            assert_eq!(report(&mut d), 0);
+            let e = d
+                .section(&start_named(0, 1, "b0", true, disk, region))
+                .unwrap_err();
+            assert!(
+                matches!(e, MigrationError::Bitmap(crate::Error::InvalidInput(_))),
+                "{e}"
+            );
+            assert_eq!(
+                d.kept_applied(),
+                Some(2),
+                "disk {disk}, region {region}: the refused START ({e}) dropped M1's data"
+            );
+            assert_eq!(d.applied(), 0);
+            // M1, back, resumes its data.
+            d.failed();
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 2);
+            assert!(d.resumed());
+        }
     }
 
     #[test]
