@@ -129,6 +129,16 @@ impl DirtyBitmap {
         )?))
     }
 
+    /// Whether [`with_region_size`](Self::with_region_size) would accept this geometry,
+    /// allocating nothing: a caller that must refuse before it changes anything asks
+    /// this first.
+    ///
+    /// # Errors
+    /// As [`with_region_size`](Self::with_region_size).
+    pub(crate) fn check_geometry(disk_size: u64, granularity: u64, region_size: u64) -> Result<()> {
+        Geometry::new(disk_size, granularity, region_size).map(|_| ())
+    }
+
     fn from_geometry(geo: Geometry) -> Self {
         barrier::init();
         let fenced = if barrier::free_light_is_valid() {

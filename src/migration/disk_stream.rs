@@ -881,6 +881,11 @@ pub struct StreamDiskDest<S: Storage> {
     /// What a failed attempt left, and the migration it belongs to.
     kept: Option<(Binding, Held)>,
     store: Option<BitmapStore<S>>,
+    /// The names under which the take-over put the stream's copy into `store` (adopted in
+    /// place of the image's own, or added once the image's own was removed): the only
+    /// bitmaps [`failed`](DestState::failed) removes. A name still waiting for its
+    /// removal when the take-over failed holds the image's own bitmap, untouched.
+    installed: Vec<String>,
     started: bool,
 }
 
@@ -956,6 +961,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             resumed: false,
             kept: None,
             store: None,
+            installed: Vec::new(),
             started: false,
         }
     }
@@ -1052,6 +1058,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         // once every check passed: a failed section leaves what is held as it was, so
         // that the count of sections held stays true.
         let granularity = 1u64 << s.granularity_bits;
+        // The bitmap's own limits (a region size the decoder passes but a bitmap refuses, a
+        // disk size of 0 or of more than 2^32 granules) refuse the START before anything
+        // below, which may drop kept data, and before anything is allocated.
+        DirtyBitmap::check_geometry(s.disk_size, granularity, u64::from(s.region_size))?;
         let bytes = s.disk_size.div_ceil(granularity).div_ceil(8);
         let cost = held_cost(bytes, s.name.len());
         // What a failed attempt left counts too, while it is kept: until its migration
@@ -1083,9 +1093,10 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             // The kept data is not this attempt's: a QUERY, which comes first or never, did
             // not resume it. Kept, it would refuse this START at every attempt, since an
             // attempt that applies nothing keeps it (`failed`), until the process restarts.
-            // Dropped (before the allocation below, so that the bound holds throughout), its
-            // migration, if it comes back, is told 0 and sends everything again: more
-            // bytes, never a bit missing.
+            // Dropped (before the allocation below, so that the bound holds throughout, and
+            // after every check that can refuse this START: the geometry above, so that a
+            // START refused drops nothing), its migration, if it comes back, is told 0 and
+            // sends everything again: more bytes, never a bit missing.
             self.kept = None;
         }
         let bitmap =
@@ -1246,6 +1257,50 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         }
         Ok(())
     }
+
+    /// [`failed`](DestState::failed)'s undo of a take-over that installed `installed` in
+    /// the active store `st`: see there.
+    fn undo_take_over(&mut self, st: &mut BitmapStore<S>, installed: &[String]) {
+        // Installed bitmaps that could not be removed.
+        let mut held = Vec::new();
+        for name in installed {
+            match st.bitmap(name.as_bytes()) {
+                Ok(_) => match st
+                    .remove(name.as_bytes())
+                    .or_else(|_| st.remove(name.as_bytes()))
+                {
+                    Ok(()) => {}
+                    // A write failed (now or in the take-over): nothing more is written,
+                    // and every bitmap the store holds stays `in_use`.
+                    Err(crate::Error::Poisoned) => return,
+                    Err(_) => held.push(name),
+                },
+                // Absent (its add failed before the commit naming it), or inconsistent:
+                // nothing reads it as clean.
+                Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
+                // Not known to be either: nothing more is written.
+                Err(_) => return,
+            }
+        }
+        for name in held {
+            let Ok(live) = st.bitmap(name.as_bytes()) else {
+                return;
+            };
+            if let Some(inc) = self
+                .current
+                .incoming
+                .values_mut()
+                .find(|i| i.start.name == *name)
+            {
+                if Arc::ptr_eq(&inc.bitmap, &live) {
+                    inc.bitmap = Arc::new(inc.bitmap.snapshot());
+                }
+            }
+            // Every bit, recording or not: the bits stand for the writes no one marked.
+            live.fill();
+        }
+        let _ = st.inactivate();
+    }
 }
 
 fn bad(reason: String) -> MigrationError {
@@ -1267,6 +1322,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.sections = 0;
         self.resumed = false;
         self.store = None;
+        self.installed.clear();
         self.started = false;
         Ok(())
     }
@@ -1334,12 +1390,20 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         }
         let mut st = (self.open)()?;
         let plan = self.plan(&st)?;
+        let adopted: Vec<String> = plan.adopt.iter().map(|(n, _)| n.clone()).collect();
+        self.installed.clear();
         st.activate_with(plan.adopt)?;
+        // From here the store holds the stream's copy under each adopted name.
+        self.installed = adopted;
         let installed = (|| -> Result<()> {
             for name in &plan.remove {
                 st.remove(name.as_bytes())?;
             }
+            // Every name the image held and the stream replaces is gone: whatever the store
+            // holds under an added name from here on (even after an add that failed late)
+            // is the stream's, never the image's own.
             for (name, rec, content) in plan.add {
+                self.installed.push(name.clone());
                 st.add_holding(&name, rec, content)?;
             }
             for inc in self.current.incoming.values_mut() {
@@ -1376,44 +1440,35 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// resumes, and writes that reach this image after the failed stop (a mirror still
     /// running) are marked nowhere here, so a stream bitmap stored now would read clean for
     /// them later. As QEMU's destination stores no migrated bitmap of a failed incoming
-    /// migration, each bitmap of the stream the store holds is removed (the one the
-    /// take-over added, and the one it adopted in place of the image's own copy, whose
-    /// content the stream's had replaced), one remove commit each; then the store is
-    /// inactivated, which writes back the image's other bitmaps, untouched since the
-    /// activation loaded them (no guest ran here), and clears their `in_use`. A stream
-    /// bitmap the image held inconsistent stays so.
+    /// migration, each bitmap the take-over installed is removed (the one it added, and the
+    /// one it adopted in place of the image's own copy, whose content the stream's had
+    /// replaced), one remove commit each; then the store is inactivated, which writes back
+    /// the image's other bitmaps, untouched since the activation loaded them (no guest ran
+    /// here), and clears their `in_use`. Only what the take-over installed is removed: a
+    /// bitmap of the stream's name that the image held at another granularity and the
+    /// take-over had not removed yet when it failed is the image's own, written back as
+    /// the activation found it; one the image held inconsistent stays so.
+    ///
+    /// A removal that fails without poisoning the store (a transient read error of its
+    /// preflight) is tried once more; if that fails too, the bitmap stays in the store,
+    /// marked dirty everywhere (after the copy kept for the retry, if the store shares it,
+    /// is split off: the next report counts on it being exact), and the inactivation goes
+    /// ahead: it writes that bitmap consistent and all dirty, never clean for a write after
+    /// the failed stop, and gives the image's other bitmaps back without `in_use` (dropped
+    /// active, the store would leave every one of them `in_use`, to be repaired before QEMU
+    /// uses them).
     ///
     /// Crash reasoning: until its remove commit, a stream bitmap is `in_use` (the
-    /// activation's flags commit, or the add commit, set it); after, absent. If a removal
-    /// fails, nothing more is written: the store is dropped active, so every bitmap it
-    /// still holds stays `in_use` (inconsistent, never clean), as it does when the store is
-    /// poisoned by an I/O error. A retry's take-over adds the absent ones and replaces the
-    /// inconsistent ones (`plan`). The copy kept for the retry is not touched: the next
-    /// report counts on it.
+    /// activation's flags commit, or the add commit, set it); after, absent. One whose
+    /// removal failed is `in_use` until the inactivation's flags commit, which comes after
+    /// its content (every bit set) is written and a barrier; after, consistent and all
+    /// dirty. If the store is poisoned (an I/O error of a write), nothing more is written:
+    /// it is dropped active, so every bitmap it still holds stays `in_use` (inconsistent,
+    /// never clean). A retry's take-over adopts or replaces what it finds (`plan`).
     fn failed(&mut self) {
+        let installed = std::mem::take(&mut self.installed);
         if let Some(mut st) = self.store.take() {
-            let mut removed = true;
-            for inc in self.current.incoming.values() {
-                let name = inc.start.name.as_bytes();
-                match st.bitmap(name) {
-                    Ok(_) => {
-                        if st.remove(name).is_err() {
-                            removed = false;
-                            break;
-                        }
-                    }
-                    // Absent (removed by the take-over and not added again, or never
-                    // there), or inconsistent: nothing reads it as clean.
-                    Err(crate::Error::NotFound { .. } | crate::Error::Inconsistent { .. }) => {}
-                    Err(_) => {
-                        removed = false;
-                        break;
-                    }
-                }
-            }
-            if removed {
-                let _ = st.inactivate();
-            }
+            self.undo_take_over(&mut st, &installed);
         }
         for inc in self.current.incoming.values_mut() {
             inc.live = None;
@@ -1667,6 +1722,49 @@ mod tests {
         d.hello(3, M1).unwrap();
         assert_eq!(report(&mut d), 0);
         assert!(!d.resumed());
+    }
+
+    /// Found by a review: a START that fits the bound only without what an abandoned
+    /// migration left dropped that data, then its own bitmap's geometry refused it (a
+    /// region size that is not a power of two, a disk size of 0: the decoder passes both):
+    /// the START was refused and the kept data gone for nothing. The geometry is checked
+    /// before anything is dropped.
+    #[test]
+    fn a_start_refused_for_its_geometry_drops_no_kept_data() {
+        // (disk size, region size): each START fits the bound only without M1's data.
+        for (disk, region) in [(DISK, 3u32), (0, 512)] {
+            let mut d = dest().with_max_bytes(held_cost(2048, 2));
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 0);
+            d.section(&start_of(0, 1)).unwrap();
+            d.section(&full_region(0, 2, 2)).unwrap();
+            d.failed();
+            assert_eq!(d.kept_applied(), Some(2));
+            let m2 = Binding {
+                migration_id: 2,
+                token: 9,
+            };
+            d.hello(3, m2).unwrap();
+            assert_eq!(report(&mut d), 0);
+            let e = d
+                .section(&start_named(0, 1, "b0", true, disk, region))
+                .unwrap_err();
+            assert!(
+                matches!(e, MigrationError::Bitmap(crate::Error::InvalidInput(_))),
+                "{e}"
+            );
+            assert_eq!(
+                d.kept_applied(),
+                Some(2),
+                "disk {disk}, region {region}: the refused START ({e}) dropped M1's data"
+            );
+            assert_eq!(d.applied(), 0);
+            // M1, back, resumes its data.
+            d.failed();
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 2);
+            assert!(d.resumed());
+        }
     }
 
     #[test]
@@ -2197,6 +2295,221 @@ mod tests {
         }
         println!("{checked} consistent bitmaps checked");
         assert!(checked > 0);
+    }
+
+    /// Found by a review: a take-over that failed while a bitmap of the stream's name, which
+    /// the image held at another granularity, was still waiting for its removal (a
+    /// transient read error in that removal's preflight, which poisons nothing) had
+    /// `failed` remove it: the image's own "y", which the take-over never replaced, was
+    /// gone. So was "y" when the removal that failed was that of an earlier bitmap the image
+    /// held `in_use` ("x"). `failed` removes only what the take-over installed: "y" is back
+    /// as the image had it, and "x" stays `in_use`.
+    #[test]
+    fn a_failed_take_over_leaves_a_bitmap_it_had_not_replaced_yet_as_the_image_had_it() {
+        use crate::storage::{FaultPlan, FaultStorage, Trigger};
+        type Img = Arc<FaultStorage<MemStorage>>;
+        // A bit of the image's own "y", outside the stream's region 1.
+        let own = 3u64 << 28;
+        for with_x in [false, true] {
+            let before = {
+                let mut st = if with_x {
+                    // "x" `in_use`: a destination that activated the image died.
+                    let mut x = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+                    x.add("x", 65536, Recording::Enabled).unwrap();
+                    x.activate().unwrap();
+                    let bytes = MemStorage::from_bytes(x.image().storage().to_vec());
+                    BitmapStore::open(bytes, OpenMode::ReadWrite).unwrap()
+                } else {
+                    BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap()
+                };
+                st.add("y", 131072, Recording::Enabled).unwrap();
+                st.activate().unwrap();
+                st.bitmap("y").unwrap().mark_dirty(own, 65536);
+                st.inactivate().unwrap();
+                st.image().storage().to_vec()
+            };
+            let stream = |d: &mut StreamDiskDest<Img>| {
+                d.hello(3, M1).unwrap();
+                let mut seq = 0;
+                let mut next = || {
+                    seq += 1;
+                    seq
+                };
+                let names: &[&str] = if with_x { &["x", "y"] } else { &["y"] };
+                for (i, name) in names.iter().enumerate() {
+                    let i = i as u16;
+                    d.section(&start_named(i, next(), name, true, DISK, 512))
+                        .unwrap();
+                    d.section(&full_region(i, 1, next())).unwrap();
+                    d.section(&bitmap_codec::encode_complete(i, next(), false))
+                        .unwrap();
+                }
+            };
+            // A dry run counts the reads up to the end of the activation: the next one is
+            // the first of the take-over's first removal.
+            let activated = {
+                let img: Img = Arc::new(FaultStorage::new(
+                    MemStorage::from_bytes(before.clone()),
+                    FaultPlan::new(),
+                ));
+                let mut d = dest_on(&img);
+                stream(&mut d);
+                let mut st = (d.open)().unwrap();
+                let plan = d.plan(&st).unwrap();
+                assert!(plan.adopt.is_empty());
+                let first = if with_x { "x" } else { "y" };
+                assert_eq!(plan.remove.first().map(String::as_str), Some(first));
+                st.activate_with(plan.adopt).unwrap();
+                let n = img.reads();
+                st.remove(first).unwrap();
+                assert!(img.reads() > n, "the removal reads");
+                n
+            };
+            let img: Img = Arc::new(FaultStorage::new(
+                MemStorage::from_bytes(before),
+                FaultPlan::new().fail_read(Trigger::Nth(activated + 1)),
+            ));
+            let mut d = dest_on(&img);
+            stream(&mut d);
+            assert!(d.before_start().is_err(), "with_x {with_x}");
+            d.failed();
+            assert!(d.take_store().is_none());
+            let st = reopen(img.inner().to_vec());
+            let list = st.list();
+            let y = list.iter().find(|i| i.name == "y").unwrap_or_else(|| {
+                panic!("with_x {with_x}: the image's own \"y\" is gone: {list:?}")
+            });
+            assert!(!y.in_use, "with_x {with_x}: {y:?}");
+            assert_eq!(y.granularity, 131072, "with_x {with_x}: {y:?}");
+            let held = st.load("y").unwrap();
+            assert_eq!(
+                held.count(),
+                1,
+                "with_x {with_x}: \"y\" holds only its own bit"
+            );
+            assert!(held.is_dirty(own));
+            if with_x {
+                let x = list.iter().find(|i| i.name == "x").unwrap();
+                assert!(x.in_use, "{x:?}");
+            }
+        }
+    }
+
+    /// Found by a review: a removal in `failed` that failed without poisoning the store (a
+    /// transient read error in its preflight) ended the undo there, and the store was
+    /// dropped active: the image's own "other", which the stream never touched, stayed
+    /// `in_use`, which QEMU refuses until a repair. A failed removal is tried once more (one
+    /// read error: the stream's bitmaps end absent); if it fails again (a second read error,
+    /// the retry's first, injected by a second fault layer), that bitmap is marked dirty
+    /// everywhere and the inactivation goes ahead. Either way "other" is back as it was, no
+    /// bitmap of the stream reads consistent without every bit, and the copies kept for the
+    /// retry are exact.
+    #[test]
+    fn a_removal_that_fails_in_the_undo_still_gives_the_images_other_bitmaps_back() {
+        use crate::storage::{FaultPlan, FaultStorage, Trigger};
+        // A bit of the image's own, outside the stream's regions.
+        let own = 3u64 << 28;
+        let before = {
+            let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+            st.add("b", 65536, Recording::Enabled).unwrap();
+            st.add("other", 65536, Recording::Enabled).unwrap();
+            st.activate().unwrap();
+            st.bitmap("b").unwrap().mark_dirty(own, 65536);
+            st.bitmap("other").unwrap().mark_dirty(own, 65536);
+            st.inactivate().unwrap();
+            st.image().storage().to_vec()
+        };
+        let all = DISK / 65536;
+        // The destination, after a take-over of "b" and "c" on `before`, on two fault
+        // layers: the inner one counts only the reads the outer one passes on.
+        let take_over = || {
+            let img = Arc::new(FaultStorage::new(
+                FaultStorage::new(MemStorage::from_bytes(before.clone()), FaultPlan::new()),
+                FaultPlan::new(),
+            ));
+            let mut d = dest_on(&img);
+            d.hello(3, M1).unwrap();
+            // "b" (adopted) at the store's region size, so the store holds the very bitmap
+            // the attempt keeps; "c" (added) at another.
+            d.section(&start_named(0, 1, "b", true, DISK, 4096))
+                .unwrap();
+            d.section(&region_of(0, 0, 2048, 512, 2)).unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 3, false))
+                .unwrap();
+            d.section(&start_named(1, 4, "c", false, DISK, 512))
+                .unwrap();
+            d.section(&full_region(1, 2, 5)).unwrap();
+            d.section(&bitmap_codec::encode_complete(1, 6, false))
+                .unwrap();
+            d.before_start().unwrap();
+            assert!(Arc::ptr_eq(
+                &d.current.incoming[&0].bitmap,
+                &d.store().unwrap().bitmap("b").unwrap()
+            ));
+            (img, d)
+        };
+        // A dry run: the reads a removal of "b" makes when its first read fails (the
+        // preflight's check reads on past an error, and fails after).
+        let per_attempt = {
+            let (img, mut d) = take_over();
+            let from = img.reads();
+            img.set_plan(FaultPlan::new().fail_read(Trigger::Nth(from + 1)));
+            assert!(d.store.as_mut().unwrap().remove("b").is_err());
+            img.reads() - from
+        };
+        for twice in [false, true] {
+            let (img, mut d) = take_over();
+            // The undo's first read fails (its first removal's preflight); `twice`, the
+            // retry's first too: the inner layer saw all of the first removal's reads but
+            // the failed one.
+            img.set_plan(FaultPlan::new().fail_read(Trigger::Nth(img.reads() + 1)));
+            if twice {
+                let inner = img.inner();
+                inner.set_plan(
+                    FaultPlan::new().fail_read(Trigger::Nth(inner.reads() + per_attempt)),
+                );
+            }
+            d.failed();
+            let case = format!("twice: {twice}");
+            let st = reopen(img.inner().inner().to_vec());
+            let list = st.list();
+            let other = list.iter().find(|i| i.name == "other").unwrap();
+            assert!(!other.in_use, "{case}: {other:?}");
+            let o = st.load("other").unwrap();
+            assert_eq!(o.count(), 1, "{case}");
+            assert!(o.is_dirty(own), "{case}");
+            for name in ["b", "c"] {
+                let Some(info) = list.iter().find(|i| i.name == name) else {
+                    continue;
+                };
+                if !info.in_use {
+                    assert_eq!(
+                        st.load(name).unwrap().count(),
+                        all,
+                        "{case}: {name:?} reads consistent without every bit"
+                    );
+                }
+            }
+            let mut names: Vec<String> = list.iter().map(|i| i.name.to_string()).collect();
+            names.sort();
+            if twice {
+                // "b" left in the store, marked dirty everywhere, and written so; "c" removed.
+                assert_eq!(names, ["b", "other"], "{case}");
+                assert!(list.iter().all(|i| !i.in_use), "{case}: {list:?}");
+            } else {
+                assert_eq!(names, ["other"], "{case}: the retried removals");
+            }
+            // The copies kept for the retry are exact ("b"'s was the store's own).
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 6, "{case}");
+            for i in [0u16, 1] {
+                assert_eq!(
+                    d.current.incoming[&i].bitmap.count(),
+                    512 * 8,
+                    "{case}: {i}"
+                );
+            }
+        }
     }
 
     /// After the start, regions that follow (postcopy) reach a bitmap that does not record
