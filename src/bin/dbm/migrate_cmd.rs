@@ -291,15 +291,22 @@ fn enabled_bitmaps<S: Storage>(store: &BitmapStore<S>) -> Vec<String> {
         .collect()
 }
 
-/// The bitmaps of `store` whose marks are counted: enabled, and consistent in `store` (one
-/// that was inconsistent at its open records nothing: `activate` leaves it alone, and no
-/// reader trusts it).
-fn counted<S: Storage>(store: &BitmapStore<S>) -> Vec<BitmapInfo> {
-    store
-        .list()
-        .into_iter()
-        .filter(|b| b.enabled && b.state == BitmapState::Consistent)
-        .collect()
+/// The bitmaps of `store` whose marks are counted: the enabled ones. One that is
+/// inconsistent in `store` records nothing (`activate` leaves it alone), so a count over it
+/// would say nothing: an error, never a bitmap left out. A disabled one, consistent or not,
+/// is not counted.
+fn counted<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<BitmapInfo>, String> {
+    let mut counted = Vec::new();
+    for b in store.list().into_iter().filter(|b| b.enabled) {
+        if b.state != BitmapState::Consistent {
+            return Err(format!(
+                "bitmap {} is enabled but inconsistent: it records nothing",
+                b.name
+            ));
+        }
+        counted.push(b);
+    }
+    Ok(counted)
 }
 
 /// Marks of `marks` not dirty (first or last byte) in some [`counted`] bitmap of `store`,
@@ -307,7 +314,7 @@ fn counted<S: Storage>(store: &BitmapStore<S>) -> Vec<BitmapInfo> {
 /// the disk. Counted once per mark.
 fn missing<S: Storage>(store: &BitmapStore<S>, marks: &[(u64, u64)]) -> Result<u64, String> {
     let mut bitmaps = Vec::new();
-    for info in counted(store) {
+    for info in counted(store)? {
         let b = store.load(&info.name);
         bitmaps.push(b.map_err(|e| format!("bitmap {}: {e}", info.name))?);
     }
@@ -354,7 +361,7 @@ fn missing_on_disk<S: Storage>(
         }
     }
     let mut bitmaps = Vec::new();
-    for info in counted(store) {
+    for info in counted(store)? {
         let b = disk.load(&info.name);
         bitmaps.push(b.map_err(|e| at(path, format!("bitmap {}: {e}", info.name)))?);
     }
@@ -746,6 +753,8 @@ fn send(a: &SendArgs) -> CmdResult {
     if bitmaps.is_empty() {
         return Err(at(&a.image, "no enabled bitmap records the guest's writes").into());
     }
+    // Refused before anything is written: its marks could be counted nowhere.
+    counted(&st).map_err(|e| at(&a.image, e))?;
     let pages = a.guest_ram / PAGE;
     let ram = Arc::new(GuestRam::new(pages)?);
     let log = Arc::new(new_log(&ram)?);
@@ -1046,6 +1055,36 @@ mod tests {
             BitmapStore::open(FileStorage::open_shared(p).unwrap(), OpenMode::ReadOnly).unwrap();
         let old = disk.list().into_iter().find(|b| b.name == "old").unwrap();
         assert!(old.in_use && !old.enabled);
+    }
+
+    /// Found by a review: the fix above also left out an *enabled* bitmap inconsistent at
+    /// the open, which records nothing (`activate` leaves it alone), so a run whose only
+    /// enabled bitmap was left `in_use` by a crash counted over no bitmap and reported 0
+    /// missing. Such a bitmap is an error, in memory and on disk, in `dbm migrate` and in the
+    /// demo's and drill's counts.
+    #[test]
+    fn an_enabled_bitmap_inconsistent_at_the_open_is_an_error_never_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.qcow2");
+        let mut store =
+            BitmapStore::create(FileStorage::create(&path).unwrap(), 1 << 30, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        drop(store);
+        let mut store = BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        assert_eq!(store.list()[0].state, BitmapState::Inconsistent);
+        store.activate().unwrap();
+        store.inactivate().unwrap();
+        let p = path.as_path();
+        let marks = [(0u64, 4096u64)];
+        assert!(missing(&store, &marks).is_err(), "counted over no bitmap");
+        assert!(missing_on_disk(&store, p, &marks).is_err());
+        assert!(lost_marks(&store, &[0]).is_err());
+        assert!(lost_marks_on_disk(&store, p, &[0]).is_err());
     }
 
     /// A log line whose mark would end past the last byte offset is refused, as any other

@@ -270,15 +270,25 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
     })
 }
 
-/// The bitmaps `store` holds consistent: the ones whose marks are counted. One that was
-/// inconsistent at its open records nothing (`activate` leaves it alone, and no reader
-/// trusts it).
-fn consistent<S: dirty_bitmap::storage::Storage>(store: &BitmapStore<S>) -> Vec<BitmapInfo> {
-    store
-        .list()
-        .into_iter()
-        .filter(|b| b.state == BitmapState::Consistent)
-        .collect()
+/// The bitmaps `store` holds consistent: the ones whose marks are counted. A disabled one
+/// that was inconsistent at its open is left out; an enabled one is an error (it records
+/// nothing: `activate` leaves it alone, and no reader trusts it).
+fn consistent<S: dirty_bitmap::storage::Storage>(store: &BitmapStore<S>) -> Res<Vec<BitmapInfo>> {
+    let mut ours = Vec::new();
+    for b in store.list() {
+        if b.state == BitmapState::Consistent {
+            ours.push(b);
+        } else if b.enabled {
+            // It records nothing (`activate` leaves it alone): a count that left it out
+            // would say nothing of it.
+            return Err(format!(
+                "bitmap {} is enabled but inconsistent: it records nothing",
+                b.name
+            )
+            .into());
+        }
+    }
+    Ok(ours)
 }
 
 /// Marks of `marks` not dirty, summed over the bitmaps `store` holds consistent, in memory
@@ -289,7 +299,7 @@ pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
     marks: &[u64],
 ) -> Res<u64> {
     let mut lost = 0;
-    for info in consistent(store) {
+    for info in consistent(store)? {
         let b = store.load(&info.name)?;
         lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
     }
@@ -309,7 +319,7 @@ pub fn lost_marks_on_disk<S: dirty_bitmap::storage::Storage>(
     marks: &[u64],
 ) -> Res<u64> {
     let disk = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
-    let ours = consistent(store);
+    let ours = consistent(store)?;
     let on_disk = disk.list();
     for b in &ours {
         if on_disk.iter().any(|d| d.name == b.name && d.in_use) {
