@@ -1397,6 +1397,16 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.installed = adopted;
         let installed = (|| -> Result<()> {
             for name in &plan.remove {
+                // An untrusted bitmaps extension (autoclear bit 0 clear) goes whole with
+                // the store's first commit: a name of it planned for removal may be gone by
+                // now, which is what its removal was for.
+                if !st
+                    .list()
+                    .iter()
+                    .any(|b| b.name.as_bytes() == name.as_bytes())
+                {
+                    continue;
+                }
                 st.remove(name.as_bytes())?;
             }
             // Every name the image held and the stream replaces is gone: whatever the store
@@ -1436,7 +1446,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// attempt of the same migration, unless it holds nothing of its own (then what an
     /// earlier attempt left stays kept).
     ///
-    /// The image must not end with a bitmap of the stream reading consistent: the source
+    /// The image must not end with a bitmap the take-over installed reading consistent with
+    /// fewer than all its bits set (a bitmap of the image it had not replaced yet stays as
+    /// the image had it): the source
     /// resumes, and writes that reach this image after the failed stop (a mirror still
     /// running) are marked nowhere here, so a stream bitmap stored now would read clean for
     /// them later. As QEMU's destination stores no migrated bitmap of a failed incoming
@@ -2304,6 +2316,49 @@ mod tests {
     /// gone. So was "y" when the removal that failed was that of an earlier bitmap the image
     /// held `in_use` ("x"). `failed` removes only what the take-over installed: "y" is back
     /// as the image had it, and "x" stays `in_use`.
+    /// Found by a review: an image whose bitmaps extension is untrusted (autoclear bit 0
+    /// clear, as a withdrawn stop or a writer without bitmap support leaves it) naming two
+    /// of the stream's bitmaps: both are planned for removal, and the first removal's commit
+    /// drops the whole untrusted extension, so the second failed with `NotFound` and the
+    /// take-over with it, after it had written. The take-over now skips a planned removal
+    /// whose bitmap is gone, and stores the stream's bitmaps.
+    #[test]
+    fn a_take_over_replaces_two_bitmaps_of_an_untrusted_extension() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.add("c", 65536, Recording::Enabled).unwrap();
+        let mut image = st.image().storage().to_vec();
+        // Autoclear bit 0: the low bit of the big-endian word at 88.
+        image[95] &= !1;
+        let img = Arc::new(MemStorage::from_bytes(image));
+        let mut d = dest_on(&img);
+        d.hello(3, M1).unwrap();
+        let mut seq = 0;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        for (i, name) in ["b", "c"].iter().enumerate() {
+            let i = i as u16;
+            d.section(&start_named(i, next(), name, true, DISK, 512))
+                .unwrap();
+            d.section(&full_region(i, 1, next())).unwrap();
+            d.section(&bitmap_codec::encode_complete(i, next(), false))
+                .unwrap();
+        }
+        d.before_start()
+            .expect("the take-over of an untrusted extension's names");
+        let mut st = d.take_store().expect("the store taken over");
+        st.inactivate().unwrap();
+        let st = reopen(img.to_vec());
+        for name in ["b", "c"] {
+            let b = st.load(name).unwrap();
+            assert!(b.count() > 0, "{name} holds the stream's bits");
+        }
+        let r = st.image().check().unwrap();
+        assert_eq!(r.corruptions, 0, "{r:?}");
+    }
+
     #[test]
     fn a_failed_take_over_leaves_a_bitmap_it_had_not_replaced_yet_as_the_image_had_it() {
         use crate::storage::{FaultPlan, FaultStorage, Trigger};
