@@ -476,7 +476,8 @@ proptest! {
             snapshots_offset: 0,
             incompatible_features: 0,
             compatible_features: compat,
-            autoclear_features: autoclear,
+            // Bit 1 (data_file_raw) only with a data file, which this header has not.
+            autoclear_features: autoclear & !2,
             refcount_order: order,
             header_length: 112 + unknown.len() as u32,
             compression_type: 0,
@@ -484,7 +485,13 @@ proptest! {
         };
         let bytes = h.encode().unwrap();
         prop_assert_eq!(bytes.len(), 112 + h.unknown_fields.len());
-        prop_assert_eq!(Header::decode(&bytes).unwrap(), h);
+        prop_assert_eq!(Header::decode(&bytes).unwrap(), h.clone());
+        // With it, QEMU refuses the image ("data-file-raw requires a data file").
+        let raw = Header { autoclear_features: h.autoclear_features | 2, ..h };
+        prop_assert!(matches!(
+            Header::decode(&raw.encode().unwrap()),
+            Err(dirty_bitmap::Corruption::DataFileRawWithoutDataFile)
+        ));
     }
 }
 
