@@ -1019,22 +1019,32 @@ mod tests {
     /// `activate` leaves it alone): a later review found every count an error ("bitmap old
     /// is in use on disk"), so a `listen` or `send` that handed over exited 1. Only the
     /// bitmaps the store holds consistent are looked at.
-    #[test]
-    fn a_mark_only_in_the_parked_copy_is_missing_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
+    /// An image at `dir/i.qcow2` whose one bitmap `name` a crash left in use (activated,
+    /// then dropped active), opened writable again: `name` reads inconsistent.
+    fn crashed_with(
+        dir: &tempfile::TempDir,
+        name: &str,
+        recording: Recording,
+    ) -> (std::path::PathBuf, BitmapStore<FileStorage>) {
         let path = dir.path().join("i.qcow2");
         let mut store =
             BitmapStore::create(FileStorage::create(&path).unwrap(), 1 << 30, 65536).unwrap();
-        store.add("old", 65536, Recording::Disabled).unwrap();
+        store.add(name, 65536, recording).unwrap();
         store.activate().unwrap();
-        // A crash: dropped active, `old` stays in use on disk.
         drop(store);
-        let mut store = BitmapStore::open(
+        let store = BitmapStore::open(
             FileStorage::open(&path, OpenMode::ReadWrite).unwrap(),
             OpenMode::ReadWrite,
         )
         .unwrap();
         assert_eq!(store.list()[0].state, BitmapState::Inconsistent);
+        (path, store)
+    }
+
+    #[test]
+    fn a_mark_only_in_the_parked_copy_is_missing_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut store) = crashed_with(&dir, "old", Recording::Disabled);
         store.add("b", 65536, Recording::Enabled).unwrap();
         store.activate().unwrap();
         let tracker = store.tracker().unwrap();
@@ -1065,18 +1075,7 @@ mod tests {
     #[test]
     fn an_enabled_bitmap_inconsistent_at_the_open_is_an_error_never_left_out() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("i.qcow2");
-        let mut store =
-            BitmapStore::create(FileStorage::create(&path).unwrap(), 1 << 30, 65536).unwrap();
-        store.add("b", 65536, Recording::Enabled).unwrap();
-        store.activate().unwrap();
-        drop(store);
-        let mut store = BitmapStore::open(
-            FileStorage::open(&path, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        )
-        .unwrap();
-        assert_eq!(store.list()[0].state, BitmapState::Inconsistent);
+        let (path, mut store) = crashed_with(&dir, "b", Recording::Enabled);
         store.activate().unwrap();
         store.inactivate().unwrap();
         let p = path.as_path();
