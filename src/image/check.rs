@@ -24,7 +24,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::alloc::read_metadata;
 use crate::error::{Corruption, Error, Result};
-use crate::format::header::{INCOMPAT_DATA_FILE, INCOMPAT_EXTL2};
+use crate::format::header::INCOMPAT_EXTL2;
 use crate::format::refcount::{decode_reftable_entry, entries_per_block, get_refcount};
 use crate::format::{decode_directory, DirEntry, HeaderArea, TableEntry};
 use crate::storage::{Storage, StorageExt};
@@ -159,6 +159,15 @@ impl CheckReport {
     /// Neither corruptions nor leaks.
     pub fn is_clean(&self) -> bool {
         self.exit_code() == 0
+    }
+
+    /// Counts one corruption found outside the walk (the bitmaps extension's own fields,
+    /// which the walk judges untrusted), its message first among the findings, within the
+    /// cap on messages.
+    pub fn corrupt_first(&mut self, msg: String) {
+        self.corruptions = self.corruptions.saturating_add(1);
+        self.messages.insert(0, msg);
+        self.messages.truncate(MAX_MESSAGES);
     }
 
     fn note(&mut self, msg: impl FnOnce() -> String) {
@@ -666,7 +675,7 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
         },
         next_contiguous: 0,
     };
-    let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
+    let data_file = h.has_data_file();
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     ctr.inc(0, cs, "header");
     let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
@@ -788,7 +797,7 @@ fn oflag_copied<S: Storage + ?Sized>(
     let h = &area.header;
     let cb = h.cluster_bits;
     let cs = h.cluster_size();
-    let data_file = h.incompatible_features & INCOMPAT_DATA_FILE != 0;
+    let data_file = h.has_data_file();
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     let l1_len = u64::from(h.l1_size).saturating_mul(8);
     let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {

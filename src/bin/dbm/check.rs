@@ -24,11 +24,6 @@ use crate::open::{at, image_untrusting_bitmaps};
 use crate::out::emit;
 use crate::CmdResult;
 
-/// The most findings a report lists, as [`Image::check`] keeps them (the counts stay exact).
-///
-/// [`Image::check`]: dirty_bitmap::Image::check
-const MAX_MESSAGES: usize = 1000;
-
 /// Options of `dbm check`.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -178,15 +173,10 @@ pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
 /// [`Image::check`]: dirty_bitmap::Image::check
 pub fn count_extension_problem(r: &mut CheckReport, problem: Option<&Corruption>) {
     if let Some(c) = problem {
-        r.corruptions = r.corruptions.saturating_add(1);
-        r.messages.insert(
-            0,
-            format!(
-                "ERROR {c} (QEMU refuses to open the image; `dbm check -r all` removes the \
-                 extension)"
-            ),
-        );
-        r.messages.truncate(MAX_MESSAGES);
+        r.corrupt_first(format!(
+            "ERROR {c} (QEMU refuses to open the image; `dbm check -r all` removes the \
+             extension)"
+        ));
     }
 }
 

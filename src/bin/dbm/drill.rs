@@ -45,7 +45,7 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
-use crate::migrate_run::{lost_marks, qemu_check};
+use crate::migrate_run::{counted_in_store, lost_marks, qemu_check};
 use crate::CmdResult;
 use dirty_bitmap::migration::{DiskGuest, DiskWriter};
 
@@ -359,7 +359,10 @@ fn open_rw(path: &Path) -> dirty_bitmap::Result<BitmapStore<FileStorage>> {
 /// Logged marks not dirty in the bitmaps of `store` (only `b` here; in memory when active,
 /// else on disk).
 fn lost(store: &BitmapStore<FileStorage>, marks: &[u64]) -> Res<usize> {
-    Ok(usize::try_from(lost_marks(store, marks)?)?)
+    Ok(usize::try_from(lost_marks(
+        &counted_in_store(store)?,
+        marks,
+    ))?)
 }
 
 /// Logged marks not dirty in bitmap `b` of the image at `path`, read from disk.

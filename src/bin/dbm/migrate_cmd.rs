@@ -55,11 +55,9 @@ use dirty_bitmap::migration::{
 };
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::{FileStorage, Storage};
-use dirty_bitmap::{
-    BitmapInfo, BitmapState, BitmapStore, DirtyBitmap, FlushStats, OpenMode, SharedStore,
-};
+use dirty_bitmap::{BitmapStore, DirtyBitmap, FlushStats, OpenMode, SharedStore};
 
-use crate::migrate_run::PAGE;
+use crate::migrate_run::{counted_in_store, counted_on_disk, PAGE};
 use crate::open::at;
 use crate::out::emit;
 use crate::signals::{self, Ended};
@@ -291,34 +289,11 @@ fn enabled_bitmaps<S: Storage>(store: &BitmapStore<S>) -> Vec<String> {
         .collect()
 }
 
-/// The bitmaps of `store` whose marks are counted: the enabled ones. One that is
-/// inconsistent in `store` records nothing (`activate` leaves it alone), so a count over it
-/// would say nothing: an error, never a bitmap left out. A disabled one, consistent or not,
-/// is not counted.
-fn counted<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<BitmapInfo>, String> {
-    let mut counted = Vec::new();
-    for b in store.list().into_iter().filter(|b| b.enabled) {
-        if b.state != BitmapState::Consistent {
-            return Err(format!(
-                "bitmap {} is enabled but inconsistent: it records nothing",
-                b.name
-            ));
-        }
-        counted.push(b);
-    }
-    Ok(counted)
-}
-
-/// Marks of `marks` not dirty (first or last byte) in some [`counted`] bitmap of `store`,
-/// in memory while it is active; once it is inactive, [`missing_on_disk`] is the count of
-/// the disk. Counted once per mark.
+/// Marks of `marks` not dirty (first or last byte) in some counted bitmap of `store`
+/// ([`counted_in_store`]), in memory while it is active; once it is inactive,
+/// [`missing_on_disk`] is the count of the disk. Counted once per mark.
 fn missing<S: Storage>(store: &BitmapStore<S>, marks: &[(u64, u64)]) -> Result<u64, String> {
-    let mut bitmaps = Vec::new();
-    for info in counted(store)? {
-        let b = store.load(&info.name);
-        bitmaps.push(b.map_err(|e| format!("bitmap {}: {e}", info.name))?);
-    }
-    Ok(count_missing(&bitmaps, marks))
+    Ok(count_missing(&counted_in_store(store)?, marks))
 }
 
 /// Marks of `marks` not dirty (first or last byte) in some of `bitmaps`, once per mark.
@@ -333,39 +308,14 @@ fn count_missing(bitmaps: &[DirtyBitmap], marks: &[(u64, u64)]) -> u64 {
         .count() as u64
 }
 
-/// Marks of `marks` not dirty (first or last byte) in some [`counted`] bitmap of `store`,
-/// as the image at `path` holds them on disk: read through a fresh read-only open with
-/// QEMU's force-share locking (`store`, inactive, still holds the image), never through
-/// `store`, whose load of an inactive bitmap is its parked in-memory copy ORed with the
-/// disk, so a mark the stop failed to write would count as present. A bitmap `store` holds
-/// consistent that is missing there, or in use (the stop did not leave it consistent), is
-/// an error; one inconsistent before the run stays in use, as `activate` left it, and is
-/// not looked at. Counted once per mark.
+/// [`missing`] as the image at `path` holds the bitmaps on disk ([`counted_on_disk`]: a
+/// fresh read-only open, never `store`'s parked copies).
 fn missing_on_disk<S: Storage>(
     store: &BitmapStore<S>,
     path: &Path,
     marks: &[(u64, u64)],
 ) -> Result<u64, String> {
-    let disk = FileStorage::open_shared(path)
-        .and_then(|f| BitmapStore::open(f, OpenMode::ReadOnly))
-        .map_err(|e| at(path, e))?;
-    let ours: Vec<BitmapInfo> = store
-        .list()
-        .into_iter()
-        .filter(|b| b.state == BitmapState::Consistent)
-        .collect();
-    let on_disk = disk.list();
-    for b in &ours {
-        if on_disk.iter().any(|d| d.name == b.name && d.in_use) {
-            return Err(at(path, format!("bitmap {} is in use on disk", b.name)));
-        }
-    }
-    let mut bitmaps = Vec::new();
-    for info in counted(store)? {
-        let b = disk.load(&info.name);
-        bitmaps.push(b.map_err(|e| at(path, format!("bitmap {}: {e}", info.name)))?);
-    }
-    Ok(count_missing(&bitmaps, marks))
+    Ok(count_missing(&counted_on_disk(store, path)?, marks))
 }
 
 fn flush_line(s: &FlushStats) -> String {
@@ -754,7 +704,7 @@ fn send(a: &SendArgs) -> CmdResult {
         return Err(at(&a.image, "no enabled bitmap records the guest's writes").into());
     }
     // Refused before anything is written: its marks could be counted nowhere.
-    counted(&st).map_err(|e| at(&a.image, e))?;
+    counted_in_store(&st).map_err(|e| at(&a.image, e))?;
     let pages = a.guest_ram / PAGE;
     let ram = Arc::new(GuestRam::new(pages)?);
     let log = Arc::new(new_log(&ram)?);
@@ -1004,7 +954,7 @@ fn send(a: &SendArgs) -> CmdResult {
 #[cfg(test)]
 mod tests {
     use super::{missing, missing_on_disk, read_log};
-    use crate::migrate_run::{lost_marks, lost_marks_on_disk};
+    use crate::migrate_run::{counted_in_store, counted_on_disk, lost_marks};
     use dirty_bitmap::storage::FileStorage;
     use dirty_bitmap::{BitmapState, BitmapStore, OpenMode, Recording};
     use std::io::Write as _;
@@ -1054,12 +1004,13 @@ mod tests {
         tracker.mark(after, 4096);
         // The premise: the store's own view holds the mark made after the stop.
         assert_eq!(missing(&store, &[(after, 4096)]).unwrap(), 0);
-        assert_eq!(lost_marks(&store, &[after]).unwrap(), 0);
+        assert_eq!(lost_marks(&counted_in_store(&store).unwrap(), &[after]), 0);
         let p = path.as_path();
         assert_eq!(missing_on_disk(&store, p, &[(before, 4096)]).unwrap(), 0);
         assert_eq!(missing_on_disk(&store, p, &[(after, 4096)]).unwrap(), 1);
-        assert_eq!(lost_marks_on_disk(&store, p, &[before]).unwrap(), 0);
-        assert_eq!(lost_marks_on_disk(&store, p, &[before, after]).unwrap(), 1);
+        let on_disk = counted_on_disk(&store, p).unwrap();
+        assert_eq!(lost_marks(&on_disk, &[before]), 0);
+        assert_eq!(lost_marks(&on_disk, &[before, after]), 1);
         // The premise: `old` is still in use on disk.
         let disk =
             BitmapStore::open(FileStorage::open_shared(p).unwrap(), OpenMode::ReadOnly).unwrap();
@@ -1082,8 +1033,8 @@ mod tests {
         let marks = [(0u64, 4096u64)];
         assert!(missing(&store, &marks).is_err(), "counted over no bitmap");
         assert!(missing_on_disk(&store, p, &marks).is_err());
-        assert!(lost_marks(&store, &[0]).is_err());
-        assert!(lost_marks_on_disk(&store, p, &[0]).is_err());
+        assert!(counted_in_store(&store).is_err());
+        assert!(counted_on_disk(&store, p).is_err());
     }
 
     /// A log line whose mark would end past the last byte offset is refused, as any other

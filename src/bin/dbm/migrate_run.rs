@@ -33,9 +33,12 @@ use dirty_bitmap::migration::{
 };
 use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
 use dirty_bitmap::rng::SplitMix64;
-use dirty_bitmap::storage::FileStorage;
-use dirty_bitmap::{BitmapInfo, BitmapState, BitmapStore, OpenMode, Recording, SharedStore};
+use dirty_bitmap::storage::{FileStorage, Storage};
+use dirty_bitmap::{
+    BitmapInfo, BitmapState, BitmapStore, DirtyBitmap, OpenMode, Recording, SharedStore,
+};
 
+use crate::open::at;
 use crate::size::human;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -270,68 +273,77 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
     })
 }
 
-/// The bitmaps `store` holds consistent: the ones whose marks are counted. A disabled one
-/// that was inconsistent at its open is left out; an enabled one is an error (it records
-/// nothing: `activate` leaves it alone, and no reader trusts it).
-fn consistent<S: dirty_bitmap::storage::Storage>(store: &BitmapStore<S>) -> Res<Vec<BitmapInfo>> {
-    let mut ours = Vec::new();
-    for b in store.list() {
-        if b.state == BitmapState::Consistent {
-            ours.push(b);
-        } else if b.enabled {
-            // It records nothing (`activate` leaves it alone): a count that left it out
-            // would say nothing of it.
+/// The bitmaps of `store` whose marks are counted: the enabled ones. One that is
+/// inconsistent in `store` records nothing (`activate` leaves it alone), so a count over it
+/// would say nothing: an error, never a bitmap left out. A disabled one, consistent or not,
+/// is not counted.
+fn counted<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<BitmapInfo>, String> {
+    let mut counted = Vec::new();
+    for b in store.list().into_iter().filter(|b| b.enabled) {
+        if b.state != BitmapState::Consistent {
             return Err(format!(
                 "bitmap {} is enabled but inconsistent: it records nothing",
                 b.name
-            )
-            .into());
+            ));
         }
+        counted.push(b);
     }
-    Ok(ours)
+    Ok(counted)
 }
 
-/// Marks of `marks` not dirty, summed over the bitmaps `store` holds consistent, in memory
-/// while it is active; once it is inactive, [`lost_marks_on_disk`] is the count of the
-/// disk.
-pub fn lost_marks<S: dirty_bitmap::storage::Storage>(
-    store: &BitmapStore<S>,
-    marks: &[u64],
-) -> Res<u64> {
-    let mut lost = 0;
-    for info in consistent(store)? {
-        let b = store.load(&info.name)?;
-        lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
-    }
-    Ok(lost)
+/// The [`counted`] bitmaps of `store` as it holds them: in memory while it is active.
+/// Once it is inactive, [`counted_on_disk`] is what the disk holds.
+pub fn counted_in_store<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<DirtyBitmap>, String> {
+    counted(store)?
+        .iter()
+        .map(|info| {
+            store
+                .load(&info.name)
+                .map_err(|e| format!("bitmap {}: {e}", info.name))
+        })
+        .collect()
 }
 
-/// Marks of `marks` not dirty, summed over the bitmaps `store` holds consistent, as the
-/// image at `path` holds them on disk: read through a fresh read-only open with QEMU's
-/// force-share locking (`store`, inactive, still holds the image), never through `store`,
-/// whose load of an inactive bitmap is its parked in-memory copy ORed with the disk, so a
-/// mark the stop failed to write would count as present. One of them missing there, or in
-/// use (the stop did not leave it consistent), is an error; a bitmap inconsistent before
-/// the run stays in use, as `activate` left it, and is not looked at.
-pub fn lost_marks_on_disk<S: dirty_bitmap::storage::Storage>(
+/// The [`counted`] bitmaps of `store` as the image at `path` holds them on disk: read
+/// through a fresh read-only open with QEMU's force-share locking (`store`, inactive, still
+/// holds the image), never through `store`, whose load of an inactive bitmap is its parked
+/// in-memory copy ORed with the disk, so a mark the stop failed to write would count as
+/// present. A bitmap `store` holds consistent that is missing there, or in use (the stop
+/// did not leave it consistent), is an error; one inconsistent before the run stays in use,
+/// as `activate` left it, and is not looked at.
+pub fn counted_on_disk<S: Storage>(
     store: &BitmapStore<S>,
     path: &std::path::Path,
-    marks: &[u64],
-) -> Res<u64> {
-    let disk = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
-    let ours = consistent(store)?;
+) -> Result<Vec<DirtyBitmap>, String> {
+    let disk = FileStorage::open_shared(path)
+        .and_then(|f| BitmapStore::open(f, OpenMode::ReadOnly))
+        .map_err(|e| at(path, e))?;
     let on_disk = disk.list();
-    for b in &ours {
+    for b in store
+        .list()
+        .into_iter()
+        .filter(|b| b.state == BitmapState::Consistent)
+    {
         if on_disk.iter().any(|d| d.name == b.name && d.in_use) {
-            return Err(format!("{}: bitmap {} is in use on disk", path.display(), b.name).into());
+            return Err(at(path, format!("bitmap {} is in use on disk", b.name)));
         }
     }
-    let mut lost = 0;
-    for info in ours {
-        let b = disk.load(&info.name)?;
-        lost += marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64;
-    }
-    Ok(lost)
+    counted(store)?
+        .iter()
+        .map(|info| {
+            disk.load(&info.name)
+                .map_err(|e| at(path, format!("bitmap {}: {e}", info.name)))
+        })
+        .collect()
+}
+
+/// Marks of `marks` not dirty, summed over `bitmaps` ([`counted_in_store`],
+/// [`counted_on_disk`]).
+pub fn lost_marks(bitmaps: &[DirtyBitmap], marks: &[u64]) -> u64 {
+    bitmaps
+        .iter()
+        .map(|b| marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64)
+        .sum()
 }
 
 /// What [`qemu_check`] says on a machine without `qemu-img`: the demo needs nothing but
@@ -756,12 +768,12 @@ pub fn migrate(
                 Some(mut dst) => {
                     // The destination took over: its own image holds every mark.
                     dr.destination_opened = true;
-                    dr.marks_lost = lost_marks(&dst, &marks)?;
+                    dr.marks_lost = lost_marks(&counted_in_store(&dst)?, &marks);
                     dst.inactivate()?;
                 }
                 None => {
                     // The source kept its bitmaps: every mark is in its memory.
-                    dr.marks_lost = lost_marks(&store.lock(), &marks)?;
+                    dr.marks_lost = lost_marks(&counted_in_store(&store.lock())?, &marks);
                 }
             }
             // The source's image is its own in stream mode: it stays active until here.
@@ -806,7 +818,7 @@ pub fn migrate(
                 };
                 if let Some(mut dst) = taken {
                     dr.destination_opened = true;
-                    dr.marks_lost = lost_marks(&dst, &marks)?;
+                    dr.marks_lost = lost_marks(&counted_in_store(&dst)?, &marks);
                     dst.inactivate()?;
                 }
             } else {
@@ -815,9 +827,9 @@ pub fn migrate(
                 let marks = writer.shutdown();
                 dr.marks = marks.len() as u64;
                 let mut st = store.lock();
-                dr.marks_lost = lost_marks(&st, &marks)?;
+                dr.marks_lost = lost_marks(&counted_in_store(&st)?, &marks);
                 st.inactivate()?;
-                dr.marks_lost += lost_marks_on_disk(&st, &d.image, &marks)?;
+                dr.marks_lost += lost_marks(&counted_on_disk(&st, &d.image)?, &marks);
             }
             dr.qemu_check = qemu_check(&d.image);
             run.disk = Some(dr);
