@@ -10,7 +10,7 @@
 //! See `docs/FUZZING.md`.
 
 use crate::error::{Corruption, Error};
-use crate::format::header::{HEADER_V2_LEN, HEADER_V3_LEN, INCOMPAT_DATA_FILE};
+use crate::format::header::{HEADER_V2_LEN, HEADER_V3_LEN};
 use crate::format::refcount::{get_refcount, max_refcount, set_refcount};
 use crate::format::InvalidValue;
 use crate::format::TableEntry;
@@ -102,7 +102,7 @@ pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
     let header_len = u64::from(n.header.header_length);
     n.feature_table =
         (n.header.version >= 3 && n.header.cluster_size() > 4096).then(qemu_feature_table);
-    if n.header.incompatible_features & INCOMPAT_DATA_FILE == 0 {
+    if !n.header.has_data_file() {
         n.data_file = None;
     }
     n.crypto = n.crypto.filter(|c| c.offset != 0);

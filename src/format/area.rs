@@ -15,7 +15,7 @@ use super::frame::{
     frame_into, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO_HEADER, EXT_DATA_FILE, EXT_END,
     EXT_FEATURE_TABLE,
 };
-use super::header::{Header, INCOMPAT_DATA_FILE, MAX_BACKING_FILE_NAME};
+use super::header::{Header, MAX_BACKING_FILE_NAME};
 use super::mode::{ModeExtension, EXT_MODE};
 
 /// Everything QEMU keeps in cluster 0.
@@ -153,7 +153,7 @@ impl HeaderArea {
             frame_into(&mut tail, EXT_BACKING_FORMAT, fmt)?;
         }
         if let Some(df) = &self.data_file {
-            if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            if header.has_data_file() {
                 frame_into(&mut tail, EXT_DATA_FILE, df)?;
             }
         }
@@ -332,7 +332,7 @@ mod tests {
         let mut a = HeaderArea::new(header(16));
         a.data_file = Some(b"data.raw".to_vec());
         assert_eq!(be32(&a.encode().unwrap(), 0x70), EXT_FEATURE_TABLE);
-        a.header.incompatible_features = INCOMPAT_DATA_FILE;
+        a.header.incompatible_features = crate::format::header::INCOMPAT_DATA_FILE;
         assert_eq!(be32(&a.encode().unwrap(), 0x70), EXT_DATA_FILE);
     }
 

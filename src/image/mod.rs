@@ -605,7 +605,8 @@ impl<S: Storage> Image<S> {
     /// Clears autoclear bit 0 on disk (the 8-byte field alone, then a barrier), on a
     /// poisoned handle too, as [`withdraw_at`](Self::withdraw_at): whichever directory the
     /// header points to, no bitmap of the image is trusted then (here each loads as
-    /// inconsistent; QEMU ignores the extension and drops it at its first header write). The last resort of a stop that failed after it may have written "clean".
+    /// inconsistent; QEMU ignores the extension and drops it at its first header write).
+    /// The last resort of a stop that failed after it may have written "clean".
     ///
     /// # Errors
     /// As [`withdraw_at`](Self::withdraw_at).

@@ -16,9 +16,9 @@
 //! Backends: [`FileStorage`] (a file through `pread`/`pwrite`/`fdatasync`, holding QEMU's
 //! image locks, see [`lock`]) and [`MemStorage`] (a byte vector). Wrappers, which stack on any `Storage` and are meant for tests and
 //! fuzzing: [`LatchingStorage`] (fails closed after the first I/O error, for a caller that
-//! stacks it; the image has its own latch, `Image`'s poisoned flag), [`FaultStorage`] (fails chosen operations) and [`CrashStorage`] (an
-//! in-memory storage that records every operation and builds the images a crash could
-//! leave behind).
+//! stacks it; the image has its own latch, `Image`'s poisoned flag), [`FaultStorage`]
+//! (fails chosen operations) and [`CrashStorage`] (an in-memory storage that records every
+//! operation and builds the images a crash could leave behind).
 //!
 //! A crash test runs an operation once on a [`CrashStorage`] and then checks the image every
 //! crash point could leave:
@@ -187,11 +187,11 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Holds, beside the image's own, the locks a QEMU writer of this image holds on its
     /// external data file `name` (the image's `data_file` extension; a relative name is
-    /// opened from the working directory, as QEMU opens it): so that while this handle may write the image,
-    /// no other program that honours QEMU's locks writes the raw disk unseen by its
-    /// bitmaps, and this fails while one does. [`set_writer_locks`](Self::set_writer_locks)
-    /// releases and takes them with the image's. Storage without locks, a read-only
-    /// handle, and the default, do nothing.
+    /// opened from the working directory, as QEMU opens it): so that while this handle may
+    /// write the image, no other program that honours QEMU's locks writes the raw disk
+    /// unseen by its bitmaps, and this fails while one does.
+    /// [`set_writer_locks`](Self::set_writer_locks) releases and takes them with the
+    /// image's. Storage without locks, a read-only handle, and the default, do nothing.
     ///
     /// # Errors
     ///

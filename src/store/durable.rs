@@ -245,8 +245,8 @@ impl<S: Storage> BitmapStore<S> {
     /// committed, so that it is on disk before the change's call returns. The caller has
     /// published the change (the trackers' view and epoch, the flags in memory): see
     /// `InFlight` in `durable_bits.rs` for why a write this misses marks those bitmaps
-    /// itself. A write already on disk costs nothing (no bit changes, no barrier). Poisons the
-    /// store on failure, as every durable commit does; the bitmaps that recorded before
+    /// itself. A write already on disk costs nothing (no bit changes, no barrier). Poisons
+    /// the store on failure, as every durable commit does; the bitmaps that recorded before
     /// the change still hold the write on disk (its intent was durable in them).
     pub(crate) fn commit_in_flight(&mut self) -> Result<()> {
         if self.durable.is_none() {
@@ -374,8 +374,8 @@ const GATHER_ROUNDS: u32 = 16;
 /// [`inactivate`](BitmapStore::inactivate) its intents fail until the store is activated
 /// in durable mode again, and then mark that activation's bitmaps. Each handle keeps
 /// the list of bitmaps it last saw; after an `add`, a `remove`, a checkpoint, a
-/// `set_enabled` or a durable clear its fast path reads the store's current list instead (one lock-free load more), until
-/// the handle is cloned or [`refresh`](Self::refresh)ed.
+/// `set_enabled` or a durable clear its fast path reads the store's current list instead
+/// (one lock-free load more), until the handle is cloned or [`refresh`](Self::refresh)ed.
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,

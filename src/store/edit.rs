@@ -353,11 +353,13 @@ impl<S: Storage> BitmapStore<S> {
         m.set_enabled(false);
     }
 
-    /// After a bitmap starts recording in memory, active in durable mode: the trackers'
-    /// epoch moves on, so that a fast path that read its flag cleared (and skipped it)
-    /// cannot answer after the enable returns (the argument is at
-    /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)).
-    fn bump_after_enable(&self) {
+    /// Starts `m` recording in memory. Active in durable mode, the trackers' epoch moves on
+    /// after the flag, so that a fast path that read the flag cleared (and skipped the
+    /// bitmap) cannot answer after the enable returns (the argument is at
+    /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)); the
+    /// mirror of [`stop_recording`](Self::stop_recording).
+    fn start_recording(&self, m: &DirtyBitmap) {
+        m.set_enabled(true);
         if self.durable.is_some() {
             self.durable_set.bump();
         }
@@ -582,8 +584,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
                 if enabled {
-                    m.set_enabled(true);
-                    self.bump_after_enable();
+                    self.start_recording(&m);
                 } else {
                     self.stop_recording(&m);
                 }
@@ -596,8 +597,7 @@ impl<S: Storage> BitmapStore<S> {
             // trackers' epoch bumped first, then the flag, which waits for the marks in
             // flight). A failed write leaves memory recording.
             if enabled {
-                m.set_enabled(true);
-                self.bump_after_enable();
+                self.start_recording(&m);
             }
             let name = self.slots[i].entry.name.clone();
             let mut entries = self.current_entries();

@@ -30,7 +30,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::flush::FlushStats;
 use crate::format::extension::{EXT_BITMAPS, EXT_END};
-use crate::format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_L1_BYTES};
+use crate::format::header::{AUTOCLEAR_BITMAPS, MAX_L1_BYTES};
 use crate::format::table_size;
 use crate::image::read_metadata;
 use crate::storage::{Storage, SECTOR_SIZE};
@@ -93,7 +93,7 @@ impl<S: Storage> BitmapStore<S> {
             });
         }
         let header = self.image.header().clone();
-        if header.nb_snapshots > 0 || header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+        if header.nb_snapshots > 0 || header.has_data_file() {
             return Err(Error::Unsupported(
                 "resize handles images without snapshots or an external data file".to_string(),
             ));
