@@ -119,6 +119,14 @@ impl Failure {
 
 /// A TCP proxy between source and destination that can cut the link, or swallow the
 /// destination's answers and close the source's side.
+///
+/// A swallow never loses what the source sent: the source sets it in its last state's
+/// `complete`, *before* it writes End, so the answers' pump may see it before the other
+/// pump has forwarded End. The answers' pump therefore closes only the source's read
+/// direction (the source sees the end of its return path: the outcome is unknown to it)
+/// and goes on reading the destination's answers into nothing; the source's pump forwards
+/// every byte the source wrote, ignoring a cut once a swallow is set, until the source
+/// closes. Only a cut drops bytes in flight (`cut-before-end`, and the end of an attempt).
 struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
@@ -141,47 +149,66 @@ impl Proxy {
             };
             let _ = src.set_nodelay(true);
             let _ = dst.set_nodelay(true);
-            let pump = |mut from: TcpStream, mut to: TcpStream, answers: bool| {
-                let (c, s) = (Arc::clone(&c), Arc::clone(&s));
-                std::thread::spawn(move || {
-                    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        if c.load(Ordering::SeqCst) || (answers && s.load(Ordering::SeqCst)) {
-                            break;
-                        }
-                        match from.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                if answers && s.load(Ordering::SeqCst) {
-                                    break;
-                                }
-                                if to.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    let _ = from.shutdown(Shutdown::Both);
-                    let _ = to.shutdown(Shutdown::Both);
-                })
-            };
             let (Ok(src2), Ok(dst2)) = (src.try_clone(), dst.try_clone()) else {
                 return;
             };
-            let a = pump(src, dst, false);
-            let b = pump(dst2, src2, true);
-            let _ = a.join();
-            let _ = b.join();
+            let forward = {
+                let (c, s) = (Arc::clone(&c), Arc::clone(&s));
+                std::thread::spawn(move || pump(src, dst, &c, &s, false))
+            };
+            let answers = std::thread::spawn(move || pump(dst2, src2, &c, &s, true));
+            let _ = forward.join();
+            let _ = answers.join();
         });
         Ok(Proxy { addr, cut, swallow })
     }
+}
+
+/// One direction of the [`Proxy`]: `answers` is the destination's, which a swallow stops.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut: &AtomicBool,
+    swallow: &AtomicBool,
+    answers: bool,
+) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut swallowing = false;
+    loop {
+        // The source's direction drains to the source's own close once a swallow is set.
+        if cut.load(Ordering::SeqCst) && (answers || !swallow.load(Ordering::SeqCst)) {
+            break;
+        }
+        if answers && !swallowing && swallow.load(Ordering::SeqCst) {
+            swallowing = true;
+            // The source's return path ends; its stream to the destination does not.
+            let _ = to.shutdown(Shutdown::Write);
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if answers && (swallowing || swallow.load(Ordering::SeqCst)) {
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    if swallowing {
+        // The destination's socket is the source's pump's to close, after the last byte.
+        return;
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
 }
 
 /// The fault, as a state of the stream: it acts at its point of the protocol.
@@ -739,4 +766,50 @@ fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {
     let _ = vcpus.resume();
     vcpus.shutdown();
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `cut-after-end` race: the source sets the swallow before it writes End, and the
+    /// answers' pump may act on it before the other pump has forwarded End. Here it acts
+    /// first for certain (the source waits well past the pumps' 20 ms poll), and the cut that
+    /// ends the attempt comes before the source closes: every byte the source wrote still
+    /// reaches the destination, while the source sees its return path end.
+    #[test]
+    fn a_swallow_never_drops_what_the_source_sent() {
+        let dest = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest_addr = dest.local_addr().unwrap();
+        let received = std::thread::spawn(move || {
+            let (mut s, _) = dest.accept().unwrap();
+            // An answer before the swallow, which the source receives.
+            s.write_all(b"ok").unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            // An answer after End, which nobody receives.
+            let _ = s.write_all(b"started");
+            got
+        });
+        let proxy = Proxy::start(dest_addr).unwrap();
+        let mut src = TcpStream::connect(proxy.addr).unwrap();
+        src.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        src.write_all(b"pages").unwrap();
+        let mut answer = [0u8; 2];
+        src.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"ok");
+        proxy.swallow.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        src.write_all(b"END").unwrap();
+        let mut rest = Vec::new();
+        src.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty(),
+            "the source received {rest:?} after the swallow"
+        );
+        proxy.cut.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(src);
+        assert_eq!(received.join().unwrap(), b"pagesEND");
+    }
 }
