@@ -104,6 +104,20 @@ pub mod rng;
 parser_module! { pub mod storage; }
 pub mod store;
 pub mod tracker;
+
+/// Internals that `tests/loom.rs` races under `--cfg loom`; not part of the API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_internals {
+    pub use crate::store::InFlight;
+    use crate::DirtyBitmap;
+
+    /// What a durable store's `commit_in_flight` does with each registered write: sets
+    /// its granules, on a disabled bitmap too, as a mark a store can wait for.
+    pub fn or_range(bitmap: &DirtyBitmap, offset: u64, len: u64) {
+        bitmap.or_range(offset, len);
+    }
+}
 pub mod units;
 
 pub use bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap, DirtyExtents};

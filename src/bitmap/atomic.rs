@@ -3,7 +3,7 @@
 //! protocols.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+pub(crate) use loom::sync::atomic::{AtomicU64, AtomicU8};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicU64, AtomicU8};
 

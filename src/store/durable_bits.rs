@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+#[cfg(not(loom))]
 use parking_lot::Mutex;
 
 use crate::bitmap::{region_words, DirtyBitmap};
@@ -185,18 +186,44 @@ const IN_FLIGHT_SHARDS: usize = 16;
 /// snapshot misses took its shard's lock after the snapshot released it, so after the
 /// publication: its intent's reads, which come after the registration, see the change, and
 /// it marks the bitmaps of after the change itself.
+///
+/// Public (in a private module) only so that `tests/loom.rs` can race it, under
+/// `--cfg loom`, where its locks and counter are loom's (`dirty_bitmap::loom_internals`).
 #[derive(Debug)]
-pub(super) struct InFlight {
+pub struct InFlight {
     /// Per shard, `(id, offset, len)` of each write registered there.
     shards: [Mutex<Vec<(u64, u64, u64)>>; IN_FLIGHT_SHARDS],
-    next: AtomicU64,
+    next: InFlightCounter,
+}
+
+#[cfg(not(loom))]
+type InFlightCounter = AtomicU64;
+#[cfg(loom)]
+type InFlightCounter = loom::sync::atomic::AtomicU64;
+
+/// Under loom, its mutex with `parking_lot`'s interface (no poisoning to handle).
+#[cfg(loom)]
+#[derive(Debug)]
+struct Mutex<T>(loom::sync::Mutex<T>);
+
+#[cfg(loom)]
+impl<T> Mutex<T> {
+    fn new(t: T) -> Self {
+        Mutex(loom::sync::Mutex::new(t))
+    }
+
+    fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Default for InFlight {
     fn default() -> Self {
         InFlight {
             shards: std::array::from_fn(|_| Mutex::new(Vec::new())),
-            next: AtomicU64::new(0),
+            next: InFlightCounter::new(0),
         }
     }
 }
@@ -204,7 +231,7 @@ impl Default for InFlight {
 impl InFlight {
     /// Registers a write of `len` bytes at `offset`; returns its shard and id, for
     /// [`remove`](Self::remove).
-    pub(super) fn insert(&self, offset: u64, len: u64) -> (usize, u64) {
+    pub fn insert(&self, offset: u64, len: u64) -> (usize, u64) {
         let id = self.next.fetch_add(1, SeqCst);
         let shard = (id % IN_FLIGHT_SHARDS as u64) as usize;
         if let Some(m) = self.shards.get(shard) {
@@ -214,7 +241,7 @@ impl InFlight {
     }
 
     /// Drops the registration `(shard, id)`.
-    pub(super) fn remove(&self, shard: usize, id: u64) {
+    pub fn remove(&self, shard: usize, id: u64) {
         if let Some(m) = self.shards.get(shard) {
             let mut v = m.lock();
             if let Some(k) = v.iter().position(|&(i, _, _)| i == id) {
@@ -224,7 +251,7 @@ impl InFlight {
     }
 
     /// Every write registered now, `(offset, len)`: each shard locked in turn.
-    pub(super) fn snapshot(&self) -> Vec<(u64, u64)> {
+    pub fn snapshot(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         for m in &self.shards {
             out.extend(m.lock().iter().map(|&(_, o, l)| (o, l)));

@@ -1299,6 +1299,9 @@ pub mod checkpoint;
 mod commit;
 pub mod durable;
 mod durable_bits;
+#[cfg(loom)]
+#[doc(hidden)]
+pub use durable_bits::InFlight;
 mod edit;
 mod lifecycle;
 mod live;
