@@ -550,6 +550,52 @@ fn resize_matches_qemu_img_resize() {
     }
 }
 
+/// Growing an overlay whose backing file reaches past its end would show the backing
+/// file's data in the grown area while every bitmap calls it clean; `qemu-img resize`
+/// zero-fills it instead (shown here on a copy). We refuse it, writing nothing; shrinking
+/// still works.
+#[test]
+fn growing_an_image_with_a_backing_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let img = dir.path().join("top.qcow2");
+    ok("qemu-img", &["create", "-f", "raw", p(&base), "2M"]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xab 1M 1M", p(&base)],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "raw",
+            p(&img),
+            "1M",
+        ],
+    );
+    let theirs = dir.path().join("theirs.qcow2");
+    std::fs::copy(&img, &theirs).unwrap();
+    ok("qemu-img", &["resize", "-f", "qcow2", p(&theirs), "2M"]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0 1M 1M", p(&theirs)],
+    );
+    let mut s = open(&img, OpenMode::ReadWrite);
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let e = s.resize(2 * MIB).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::Unsupported(_)), "{e}");
+    assert!(std::fs::read(&img).unwrap() == before, "the refusal wrote");
+    s.resize(MIB / 2).expect("shrinking an overlay");
+    drop(s);
+    assert_qemu_clean(&img);
+}
+
 /// Resize refuses what QEMU refuses (an inconsistent bitmap, a size that is not a multiple
 /// of 512), what it cannot do safely (an active store, bitmaps parked for activate), and
 /// images with guest data; each refusal writes nothing.

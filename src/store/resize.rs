@@ -14,7 +14,9 @@
 //!   inconsistent (`qcow2_truncate_bitmaps_check`).
 //!
 //! The new area is clean because QEMU makes it clean: a grown disk reads zeros there on both
-//! sides of a backup. A device whose grown area holds old data (an extended logical volume
+//! sides of a backup. Over a backing file it would not (the backing file's data shows
+//! through, and QEMU zero-fills it, a guest-data write), so growing such an image is
+//! refused. A device whose grown area holds old data (an extended logical volume
 //! that was not zeroed) must be marked dirty there by the caller.
 //!
 //! QEMU writes the new size into the header first and stores the bitmaps at close, with
@@ -67,7 +69,8 @@ impl<S: Storage> BitmapStore<S> {
     /// - [`Error::Inconsistent`]: a bitmap is inconsistent (QEMU refuses too); remove it
     ///   first. Nothing is written.
     /// - [`Error::Unsupported`]: the image has guest data, snapshots or an external data
-    ///   file. Nothing is written.
+    ///   file, or a backing file and the disk would grow (the grown area would show the
+    ///   backing file's data, which QEMU zero-fills). Nothing is written.
     /// - [`Error::ReadOnly`], [`Error::Poisoned`], [`Error::Corrupt`] for a bad table, I/O.
     ///   An I/O error poisons the store; the disk then holds the old or the new image.
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
@@ -100,6 +103,16 @@ impl<S: Storage> BitmapStore<S> {
         }
         if new_disk_size == self.disk_size() && header.size == new_disk_size {
             return Ok(());
+        }
+        // Over a backing file, the grown area would show the backing file's data while
+        // every bitmap calls it clean: QEMU zero-fills it (`bdrv_co_truncate`), which is
+        // guest data this crate does not write.
+        if new_disk_size > header.size && self.image.area().backing_file.is_some() {
+            return Err(Error::Unsupported(
+                "growing an image with a backing file: QEMU zero-fills the grown area over \
+                 the backing file's data (use qemu-img resize)"
+                    .to_string(),
+            ));
         }
         if new_disk_size == 0 && !self.slots.is_empty() {
             return Err(invalid_input!("a 0-byte disk cannot hold a bitmap"));
