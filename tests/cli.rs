@@ -489,6 +489,99 @@ fn check_exit_codes_match_qemu() {
     assert_eq!(dbm_check(&img), 0);
 }
 
+/// Reserved bits in L1 and L2 entries: `qemu-img check` reports each as a corruption (exit
+/// 2) with its own message, so `dbm check` must too, and a write must not trust such an
+/// image. An L1 entry naming no table is not checked, by either.
+#[test]
+fn check_reports_reserved_bits_in_l1_and_l2_entries_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", p(&img), "64M"])
+        .output()
+        .expect("qemu-img is installed (scripts/test.sh installs it)");
+    assert!(out.status.success());
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 1 0 64k", p(&img)])
+        .output()
+        .expect("qemu-io is installed (scripts/test.sh installs it)");
+    assert!(out.status.success());
+    let clean = std::fs::read(&img).unwrap();
+    let l1 = u64::from_be_bytes(clean[40..48].try_into().unwrap()) as usize;
+    let l1e = u64::from_be_bytes(clean[l1..l1 + 8].try_into().unwrap());
+    let l2 = (l1e & 0x00FF_FFFF_FFFF_FE00) as usize;
+    let l2e = u64::from_be_bytes(clean[l2..l2 + 8].try_into().unwrap());
+    assert_ne!(
+        l2e & 0x00FF_FFFF_FFFF_FE00,
+        0,
+        "the written cluster is allocated"
+    );
+    for (what, at, value, qemu_exit, message) in [
+        (
+            "L1 bit 0",
+            l1,
+            l1e | 1,
+            2,
+            "L1 entry with reserved bits set",
+        ),
+        (
+            "L1 bit 56",
+            l1,
+            l1e | 1 << 56,
+            2,
+            "L1 entry with reserved bits set",
+        ),
+        ("L1 entry 1 with no table, bit 0", l1 + 8, 1, 0, ""),
+        (
+            "L2 bit 1",
+            l2,
+            l2e | 2,
+            2,
+            "l2 entry with reserved bits set",
+        ),
+        (
+            "L2 bit 57",
+            l2,
+            l2e | 1 << 57,
+            2,
+            "l2 entry with reserved bits set",
+        ),
+        (
+            "L2 entry 1 unallocated, bit 1",
+            l2 + 8,
+            2,
+            2,
+            "l2 entry with reserved bits set",
+        ),
+        (
+            "L2 entry 1 zero, bit 1",
+            l2 + 8,
+            3,
+            2,
+            "l2 entry with reserved bits set",
+        ),
+    ] {
+        let mut bytes = clean.clone();
+        bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+        std::fs::write(&img, &bytes).unwrap();
+        assert_eq!(qemu_check(&img), qemu_exit, "{what}: qemu-img check");
+        assert_eq!(dbm_check(&img), qemu_exit, "{what}: dbm check");
+        let o = dbm(&["check", p(&img)]);
+        let out = text(&o.stderr) + &text(&o.stdout);
+        if qemu_exit == 2 {
+            assert!(
+                out.contains(&format!("ERROR found {message}: {value:x}")),
+                "{what}: {out}"
+            );
+            dbm_fails(&["bitmap", p(&img), "--add", "b"]);
+            assert!(
+                std::fs::read(&img).unwrap() == bytes,
+                "{what}: the refusal wrote"
+            );
+        }
+    }
+}
+
 /// Bad input of every kind: exit 1, a message on stderr, no panic.
 #[test]
 fn bad_input_fails_cleanly() {

@@ -37,6 +37,11 @@ const L2_COMPRESSED: u64 = 1 << 62;
 const L2_COPIED: u64 = 1 << 63;
 /// L2 entry bit 0: the cluster reads as zeros.
 const L2_ZERO: u64 = 1;
+/// QEMU's `L1E_RESERVED_MASK`: bits of an L1 entry that must be zero (0-8, 56-62).
+const L1_RESERVED: u64 = 0x7F00_0000_0000_01FF;
+/// QEMU's `L2E_STD_RESERVED_MASK`: bits of a standard (not compressed, not extended) L2
+/// entry that must be zero (1-8, 56-61).
+const L2_STD_RESERVED: u64 = 0x3F00_0000_0000_01FE;
 /// Largest number of clusters the check keeps counts for (a page table of 4 MiB).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
 /// Clusters per page of [`RefCounts`].
@@ -299,6 +304,13 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 if l2_off == 0 {
                     continue;
                 }
+                // `check_refcounts_l1`, once per L1 table naming the entry; the entry is
+                // still followed.
+                if e & L1_RESERVED != 0 {
+                    self.report.corrupt_n(u64::from(names.past(i)), || {
+                        format!("ERROR found L1 entry with reserved bits set: {e:x}")
+                    });
+                }
                 if l2_off & (cs - 1) != 0 {
                     self.report
                         .corrupt(|| format!("ERROR L1 entry {i}: L2 offset {l2_off:#x} unaligned"));
@@ -349,6 +361,14 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 let csize = (sectors * 512).saturating_sub(coffset & 511);
                 self.inc_n(coffset, csize, m, "compressed data");
                 continue;
+            }
+            // `check_refcounts_l2`, once per L1 table naming this table, for every
+            // entry that is not compressed, allocated or not. Extended L2 entries (two
+            // words, subclusters) are not checked here.
+            if !extl2 && entry & L2_STD_RESERVED != 0 {
+                self.report.corrupt_n(u64::from(m), || {
+                    format!("ERROR found l2 entry with reserved bits set: {entry:x}")
+                });
             }
             let data = entry & L2_OFFSET_MASK;
             if data == 0 || data_file {
