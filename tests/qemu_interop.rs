@@ -550,6 +550,57 @@ fn resize_matches_qemu_img_resize() {
     }
 }
 
+/// A v3 header longer than the 64 KiB the open reads first (unknown header fields, up to
+/// the cluster size): QEMU opens it and keeps the fields, so must we, and a bitmap added
+/// here keeps them too and is one QEMU lists.
+#[test]
+fn a_header_longer_than_64_kib_opens_and_keeps_its_unknown_fields() {
+    const CS: usize = 2 << 20;
+    const HL: usize = 70_000;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("long.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            p(&img),
+            "64M",
+        ],
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    assert_eq!(hl, 112);
+    let tail = bytes[hl..CS].to_vec();
+    assert!(
+        tail[CS - HL..].iter().all(|&b| b == 0),
+        "cluster 0 has room"
+    );
+    bytes[100..104].copy_from_slice(&(HL as u32).to_be_bytes());
+    bytes[hl..HL].fill(0xab);
+    bytes[HL..CS].copy_from_slice(&tail[..CS - HL]);
+    std::fs::write(&img, &bytes).unwrap();
+    assert_qemu_clean(&img);
+    let mut s = open(&img, OpenMode::ReadWrite);
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    drop(s);
+    assert_qemu_clean(&img);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(after[100..104].try_into().unwrap()) as usize,
+        HL,
+        "the header length"
+    );
+    assert!(
+        after[hl..HL].iter().all(|&b| b == 0xab),
+        "the unknown header fields"
+    );
+    assert_eq!(qemu_bitmaps(&img).len(), 1, "QEMU lists the bitmap");
+}
+
 /// Growing an overlay whose backing file reaches past its end would show the backing
 /// file's data in the grown area while every bitmap calls it clean; `qemu-img resize`
 /// zero-fills it instead (shown here on a copy). We refuse it, writing nothing; shrinking

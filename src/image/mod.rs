@@ -113,8 +113,18 @@ impl<S: Storage> Image<S> {
         // The header is in the first 512 bytes whatever the cluster size; reading the most
         // a cluster can be (2 MiB) would cost a migration destination milliseconds of its
         // downtime. The usual cluster size first, then the rest of a larger cluster 0.
-        let first = storage.read_vec_at(0, len.min(FIRST_READ))?;
-        let header = Header::decode(&first)?;
+        let mut first = storage.read_vec_at(0, len.min(FIRST_READ))?;
+        let header = match Header::decode(&first) {
+            // A v3 header may be as long as its cluster (unknown header fields, which QEMU
+            // keeps): read on, to the most a cluster can be.
+            Err(Corruption::Truncated { .. })
+                if (first.len() as u64) < len.min(MAX_CLUSTER_SIZE) =>
+            {
+                first = storage.read_vec_at(0, len.min(MAX_CLUSTER_SIZE))?;
+                Header::decode(&first)?
+            }
+            r => r?,
+        };
         let want = header.cluster_size().min(len).min(MAX_CLUSTER_SIZE);
         let whole;
         let cluster0 = if want > first.len() as u64 {
