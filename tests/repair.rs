@@ -4,7 +4,8 @@
 //! references; `-r leaks` frees nothing a bitmap entry may own. QEMU is the judge:
 //! `qemu-img info` opens the result, `qemu-img check` finds it clean, `qemu-img compare`
 //! finds every guest cluster as it was, `qemu-io` reads the data written before the damage,
-//! and `qemu-nbd` exports every kept bitmap as it was.
+//! and `qemu-nbd` exports every kept bitmap all dirty (a removed bitmap may have held writes
+//! a kept one lacks).
 
 mod common;
 
@@ -131,10 +132,6 @@ fn repair_all_removes_only_the_broken_bitmaps_and_keeps_guest_data() {
         let i = p(&img);
         let pristine = dir.path().join("pristine.qcow2");
         std::fs::copy(&img, &pristine).unwrap();
-        let before: Vec<(&str, Vec<(u64, u64)>)> = ["a", "b", "c"]
-            .into_iter()
-            .map(|n| (n, nbd_dirty(&pristine, n)))
-            .collect();
         let mut bytes = std::fs::read(&img).unwrap();
         edit(&mut bytes, d);
         std::fs::write(&img, &bytes).unwrap();
@@ -200,10 +197,14 @@ fn repair_all_removes_only_the_broken_bitmaps_and_keeps_guest_data() {
                 .unwrap_or_default()
         };
         assert_eq!(listed, remain, "{case}");
-        for (n, extents) in &before {
-            if remain.contains(n) {
-                assert_eq!(&nbd_dirty(&img, n), extents, "{case}: bitmap {n} changed");
-            }
+        // Each kept bitmap comes out of the removal's commit with every bit set: "since" it
+        // is then a full backup, whatever the removed bitmaps held.
+        for n in remain {
+            assert!(
+                err.contains(&format!("Made bitmap {n} all dirty")),
+                "{case}: {err}"
+            );
+            assert_eq!(nbd_dirty(&img, n), [(0, 64 << 20)], "{case}: bitmap {n}");
         }
         // The removed bitmaps' clusters were freed: the file holds no leak, and a second
         // repair has nothing to do.
@@ -541,16 +542,15 @@ fn two_bitmaps_in_memory() -> (Vec<u8>, usize, u64) {
 /// data cluster had refcount 0 had the new directory written over its bits (it stayed in
 /// the directory, consistent, and loaded the directory's bytes). The refcount of a
 /// cluster a kept bitmap owns is now raised to its one reference before anything is
-/// allocated, as `qemu-img check -r all` repairs a refcount below its references: the
-/// bitmap keeps its bits and QEMU's check finds the image clean.
+/// allocated, as `qemu-img check -r all` repairs a refcount below its references: nothing
+/// (new directory, the kept bitmaps' all-ones tables) is written into that cluster, which
+/// the old directory's bitmap owns until the commit point, and QEMU's check finds the image
+/// clean.
 #[test]
 fn repair_all_never_allocates_over_a_kept_bitmaps_cluster_at_refcount_0() {
     let dir = tempfile::tempdir().unwrap();
     let (img, d) = base(dir.path());
     let i = p(&img);
-    let pristine = dir.path().join("pristine.qcow2");
-    std::fs::copy(&img, &pristine).unwrap();
-    let before: Vec<_> = ["b", "c"].map(|n| nbd_dirty(&pristine, n)).into();
     let mut b = std::fs::read(&img).unwrap();
     let table = be64(&b, d + 32) as usize;
     let data = be64(&b, table) & TABLE_OFFSET_MASK;
@@ -562,6 +562,20 @@ fn repair_all_never_allocates_over_a_kept_bitmaps_cluster_at_refcount_0() {
     // Bitmap a: a reserved flag bit, which QEMU refuses.
     b[d + 15] |= 0x20;
     std::fs::write(&img, &b).unwrap();
+    let storage = Recording {
+        inner: dirty_bitmap::storage::MemStorage::from_bytes(b),
+        writes: Default::default(),
+    };
+    let (image, report) =
+        dirty_bitmap::store::repair::repair(storage, dirty_bitmap::store::repair::Repair::All)
+            .unwrap();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    let writes = image.storage().writes.lock().unwrap().clone();
+    let (lo, hi) = (c * 65536, (c + 1) * 65536);
+    assert!(
+        !writes.iter().any(|&(o, n)| o < hi && o + n > lo),
+        "a write into b's data cluster at {lo:#x}: {writes:x?}"
+    );
     let out = dbm(&["check", "-r", "all", i]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -577,8 +591,8 @@ fn repair_all_never_allocates_over_a_kept_bitmaps_cluster_at_refcount_0() {
         .map(|t| t.0)
         .collect();
     assert_eq!(listed, ["b", "c"]);
-    for (n, extents) in ["b", "c"].iter().zip(&before) {
-        assert_eq!(&nbd_dirty(&img, n), extents, "bitmap {n} changed");
+    for n in ["b", "c"] {
+        assert_eq!(nbd_dirty(&img, n), [(0, 64 << 20)], "bitmap {n}");
     }
 }
 
@@ -672,8 +686,9 @@ fn repair_leaks_lowers_a_leaked_refcount_of_a_valid_bitmaps_cluster() {
 /// Found by a review: a bitmap in use whose table QEMU cannot load (QEMU never reads it,
 /// and opens the image; its check counts the table as corrupt) survived `-r all`, so every
 /// later write's check refused the image for good; a table lying past the end of the file
-/// made `-r leaks` and `-r all` fail outright. `-r all` now removes it (in use, its bits
-/// are all dirty anyway, so this is no false clean); `-r leaks` keeps what it may own.
+/// made `-r leaks` and `-r all` fail outright. `-r all` now removes it, and leaves the kept
+/// bitmaps all dirty (in use, it may have held writes they lack); `-r leaks` keeps what it
+/// may own.
 #[test]
 fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
     type Edit = fn(&mut Vec<u8>, usize);
@@ -691,7 +706,6 @@ fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let (img, d) = base(dir.path());
         let i = p(&img);
-        let before_b = nbd_dirty(&img, "b");
         let mut b = std::fs::read(&img).unwrap();
         // Bitmap c in use, as a QEMU that died leaves it.
         b[d + 64 + 15] |= 0x01;
@@ -716,7 +730,8 @@ fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
             .map(|t| t.0)
             .collect();
         assert_eq!(listed, ["a", "b"], "{case}");
-        assert_eq!(nbd_dirty(&img, "b"), before_b, "{case}");
+        // In use, c may have held writes b lacks: b comes out all dirty.
+        assert_eq!(nbd_dirty(&img, "b"), [(0, 64 << 20)], "{case}");
         let out = dbm(&["bitmap", i, "--remove", "a"]);
         assert!(
             out.status.success(),
@@ -883,4 +898,135 @@ fn assert_refused_until_repair_all(case: &str, img: &Path, bytes: &[u8], words: 
     );
     ok("qemu-img", &["info", i]);
     assert_qemu_clean(img);
+}
+
+/// Found by a review: `-r all` removed a broken later checkpoint and kept the older one
+/// with its bits as they were, so "since X" (X and every other bitmap still in the image)
+/// lost the removed bitmap's writes: a false clean. Checkpoint X, then C (X disabled, C
+/// recording); a write only in C; a reserved bit in C's table, which QEMU refuses. `-r all`
+/// removes C and leaves X all dirty in the same commit: "since X" is a full backup, QEMU
+/// finds the image clean and exports X with every bit set.
+#[test]
+fn repair_all_leaves_the_kept_bitmaps_all_dirty_when_it_removes_one() {
+    use dirty_bitmap::storage::FileStorage;
+    use dirty_bitmap::{BitmapStore, OpenMode};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("k.qcow2");
+    let i = p(&img);
+    let disk = 64u64 << 20;
+    let g = 40u64 << 20;
+    let mut st = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 65536).unwrap();
+    assert_eq!(st.checkpoint("X").unwrap(), None);
+    let x = st.load("X").unwrap();
+    x.mark_dirty(1 << 20, 4096);
+    st.store("X", &x).unwrap();
+    assert_eq!(st.checkpoint("C").unwrap().unwrap().to_string(), "X");
+    let c = st.load("C").unwrap();
+    c.mark_dirty(g, 4096);
+    st.store("C", &c).unwrap();
+    st.close().unwrap();
+    let mut b = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    // Entries of 32 bytes (one-byte names): X, then C.
+    assert_eq!(b[d + 24], b'X');
+    assert_eq!(b[d + 32 + 24], b'C');
+    let t = be64(&b, d + 32) as usize;
+    assert_ne!(be64(&b, t) & TABLE_OFFSET_MASK, 0, "C has no data cluster");
+    b[t + 7] |= 0x02;
+    std::fs::write(&img, &b).unwrap();
+    assert!(!run("qemu-img", &["info", i]).status.success());
+    let out = dbm(&["check", "-r", "all", i]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{err}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("Removed bitmap C"), "{err}");
+    assert!(
+        err.contains("Made bitmap X all dirty: a removed bitmap may have held writes it lacks"),
+        "{err}"
+    );
+    assert_qemu_clean(&img);
+    let listed: Vec<String> = common::qemu::qemu_bitmaps(&img)
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(listed, ["X"]);
+    assert_eq!(nbd_dirty(&img, "X"), [(0, disk)]);
+    let st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let since = st.changed_since("X").unwrap();
+    assert!(
+        since.is_dirty(g),
+        "the write only C held reads clean since X"
+    );
+    assert_eq!(since.dirty_extents().collect::<Vec<_>>(), [(0, disk)]);
+    drop(st);
+    // Nothing left to repair: the old table and data were freed by the commit.
+    let out = dbm(&["check", "-r", "all", i]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "Nothing to repair\n");
+}
+
+/// A crash at every point of the repair that removes checkpoint C (unsynced writes
+/// dropped, kept or torn) leaves the damaged directory (C still there, X with its bits) or
+/// the repaired one (X alone, all dirty), never X with its bits and C gone: a repair of the
+/// crash image, then "since X", holds the write only C had, and the image checks clean.
+#[test]
+fn a_crash_anywhere_in_the_repair_never_leaves_a_false_clean() {
+    use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage};
+    use dirty_bitmap::store::repair::{repair, Repair};
+    use dirty_bitmap::{BitmapStore, OpenMode};
+    let g = 40u64 << 20;
+    let mut st = BitmapStore::create(MemStorage::new(), 64 << 20, 65536).unwrap();
+    st.checkpoint("X").unwrap();
+    st.checkpoint("C").unwrap();
+    let c = st.load("C").unwrap();
+    c.mark_dirty(g, 4096);
+    st.store("C", &c).unwrap();
+    let mut b = st.close().unwrap().into_storage().into_vec();
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    assert_eq!(b[d + 32 + 24], b'C');
+    let t = be64(&b, d + 32) as usize;
+    b[t + 7] |= 0x02;
+    let crash = CrashStorage::from_bytes(b);
+    let (_, report) = repair(&crash, Repair::All).unwrap();
+    assert_eq!(report.made_all_dirty.len(), 1, "{report:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for mode in [
+        CrashMode::Dropped,
+        CrashMode::Kept,
+        CrashMode::Torn { seed: 1 },
+        CrashMode::Torn { seed: 2 },
+    ] {
+        for (point, image) in crash.crash_images(mode) {
+            let (image, report) = repair(MemStorage::from_bytes(image), Repair::All)
+                .unwrap_or_else(|e| panic!("point {point} {mode:?}: {e}"));
+            seen.insert(report.removed.len());
+            let check = image.check().unwrap();
+            assert!(
+                check.is_clean(),
+                "point {point} {mode:?}: {:?}",
+                check.messages
+            );
+            let st = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
+            let names: Vec<String> = st.list().iter().map(|b| b.name.to_string()).collect();
+            assert_eq!(names, ["X"], "point {point} {mode:?}");
+            assert!(
+                st.changed_since("X").unwrap().is_dirty(g),
+                "point {point} {mode:?}: the write only C held reads clean since X"
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both the old and the repaired directory must be reachable: {seen:?}"
+    );
 }

@@ -1,5 +1,5 @@
 //! Repairing an image whose bitmaps QEMU refuses (`dbm check -r`), without touching guest
-//! data or any valid bitmap.
+//! data, and without a false clean in any bitmap it keeps.
 //!
 //! QEMU refuses to open an image with a broken bitmap directory entry or table (the VM does
 //! not boot), and its only way out is a full copy (`qemu-img convert
@@ -8,7 +8,8 @@
 //!   directory owns that has refcount 0 (as `qemu-img check -r all` repairs a refcount
 //!   below its references), commits a new directory holding only the bitmaps QEMU would
 //!   load and this library can keep (or drops the bitmaps extension when the directory
-//!   cannot be read as a whole), then frees what only the removed entries referenced;
+//!   cannot be read as a whole), each kept bitmap that is consistent all dirty, then frees
+//!   what only the removed entries referenced;
 //! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a broken directory
 //!   entry may own (reclaiming a broken bitmap's clusters as leaks would destroy its data
 //!   behind its entry), and lowers a cluster the directory or a kept bitmap owns to its
@@ -19,8 +20,13 @@
 //! in the file and decodes and its data clusters lie in the file (also for a bitmap in
 //! use, whose table QEMU never reads but `qemu-img check` and every later write's check
 //! do), and none of its clusters is shared with other metadata, the directory, an earlier
-//! kept bitmap or itself. Removing any other is no false clean: a removed bitmap is no
-//! bitmap to trust.
+//! kept bitmap or itself. Removing any other leaves no false clean only because the kept
+//! bitmaps come out of the same commit all dirty (a table of all-ones entries each, which
+//! QEMU loads): a removed bitmap may have held writes a kept one lacks (a later checkpoint
+//! removed, the older one kept), and "what changed since" a checkpoint is the union of the
+//! bitmaps still in the image (`src/store/checkpoint.rs`), so with the kept bits as they
+//! were it would miss them. A kept bitmap in use stays as it is: it already counts as all
+//! dirty.
 //!
 //! Everything is decided before the first write: the walk of every other structure
 //! (L1/L2 tables, refcount structures, snapshots, the header) must find no corruption;
@@ -69,6 +75,11 @@ pub struct RepairReport {
     /// Clusters a kept bitmap or the directory owns whose refcount was 0, raised to their
     /// one reference ([`Repair::All`] only).
     pub refcounts_raised: u64,
+    /// The kept bitmaps the repair left consistent with every bit set, in the commit that
+    /// removed others ([`Repair::All`] only): a removed bitmap may have held writes a kept
+    /// one lacks (a later checkpoint's), and "what changed since" a kept one is the union of
+    /// the bitmaps still in the image.
+    pub made_all_dirty: Vec<BitmapName>,
 }
 
 /// Repairs the image in `storage` (opened writable) as `what` says, and returns it with a
@@ -184,8 +195,10 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     }
     if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
         report.extension_dropped = unreadable;
-        image = rewrite_directory(image, keep, dir, base)?;
+        let (repaired, made_all_dirty) = rewrite_directory(image, keep, dir, base)?;
+        image = repaired;
         report.removed = broken;
+        report.made_all_dirty = made_all_dirty;
         // The new directory decodes whole, so the walk counts every reference exactly;
         // the old directory is no longer kept.
         return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report);
@@ -294,8 +307,8 @@ fn table_clusters(e: &DirEntry, cs: u64) -> impl Iterator<Item = u64> {
 /// preflight of every later write count such a table as corrupt, and QEMU reads zeros for
 /// a data cluster past the end (a bitmap that is not in use would lose its bits to them,
 /// and the allocator, to which such clusters are free, would write over it). Removing
-/// such a bitmap is no false clean: a bitmap that is gone is no bitmap to trust, and one
-/// in use counts as all dirty.
+/// such a bitmap is no false clean: the removal's commit leaves every kept bitmap all
+/// dirty ([`rewrite_directory`]).
 ///
 /// # Errors
 /// I/O.
@@ -404,13 +417,29 @@ fn lenient_claims<S: Storage>(
 }
 
 /// Commits a directory of `keep` (none: the extension goes), through the store's commit,
-/// with the old directory's clusters freed where nothing else references them.
+/// with the old directory's clusters freed where nothing else references them. Returns the
+/// names of the kept bitmaps it made all dirty.
+///
+/// This commit removes bitmaps, and a removed bitmap may hold writes no kept one has (a
+/// later checkpoint's: "since X" is the union of X and every bitmap still in the image, see
+/// `src/store/checkpoint.rs`). So each kept entry that is consistent is committed with a
+/// new table of all-ones entries (QEMU's `BME_TABLE_ENTRY_FLAG_ALL_ONES`, which it loads
+/// as a cluster of set bits), written into fresh clusters before the commit point: any
+/// "since" over the kept bitmaps is then a full backup, never a false clean. Its old table
+/// and data clusters are among the commit's frees, released after the header write. A
+/// kept entry in use stays as it is: its bits already count as all dirty.
+///
+/// Crash reasoning: before the header write the old directory, with the old tables, is in
+/// force and the new tables are leaked clusters (the allocator hands out only refcount-0
+/// clusters, and every cluster the old directory names was raised to its one reference
+/// before, in [`repair`]); after it, the kept bitmaps are all dirty and the old tables
+/// leaked until the frees are durable.
 fn rewrite_directory<S: Storage>(
     image: Image<S>,
     keep: Vec<(DirEntry, Vec<u64>)>,
     dir: Option<(u64, u64)>,
     mut walk: crate::image::check::References,
-) -> Result<Image<S>> {
+) -> Result<(Image<S>, Vec<BitmapName>)> {
     let cs = image.cluster_size();
     // The walk the commit's frees consult: everything but the bitmaps, the kept bitmaps'
     // clusters, and the old directory once, so that a directory cluster shared with
@@ -423,9 +452,9 @@ fn rewrite_directory<S: Storage>(
             walk.add(c, cs);
         }
     }
-    let keep: Vec<DirEntry> = keep.into_iter().map(|(e, _)| e).collect();
+    let old: Vec<DirEntry> = keep.iter().map(|(e, _)| e.clone()).collect();
     let mut st = BitmapStore::with_new_image(image);
-    st.slots = keep
+    st.slots = old
         .iter()
         .map(|e| Slot {
             inconsistent: e.in_use,
@@ -438,8 +467,40 @@ fn rewrite_directory<S: Storage>(
         .collect();
     st.dir = dir;
     st.walk = Some(walk);
-    st.commit(keep, Vec::new())?;
-    Ok(st.image)
+    let mut entries = Vec::with_capacity(keep.len());
+    let mut frees = Vec::new();
+    let mut made_all_dirty = Vec::new();
+    for (mut e, owned) in keep {
+        if !e.in_use {
+            e.table_offset = write_all_ones_table(&mut st.image, e.table_size)?;
+            frees.extend(owned.into_iter().map(|c| (c, 1)));
+            made_all_dirty.push(e.name.clone());
+        }
+        entries.push(e);
+    }
+    st.commit(entries, frees)?;
+    Ok((st.image, made_all_dirty))
+}
+
+/// Writes a table of `table_size` all-ones entries into fresh clusters, in chunks of at
+/// most [`CLAIM_READ_CHUNK`] bytes, and returns its offset.
+///
+/// # Errors
+/// As [`Image::alloc_clusters`]; I/O.
+fn write_all_ones_table<S: Storage>(image: &mut Image<S>, table_size: u32) -> Result<u64> {
+    let cs = image.cluster_size();
+    let cb = image.header().cluster_bits;
+    let len = u64::from(table_size).saturating_mul(8);
+    let off = image.alloc_clusters(ceil_clusters(len, cs))?;
+    let per_chunk = (CLAIM_READ_CHUNK / 8).min(u64::from(table_size)) as usize;
+    let chunk = crate::format::encode_table(&vec![TableEntry::Ones; per_chunk], cb)?;
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(chunk.len() as u64);
+        image.write_at(&chunk[..n as usize], off.saturating_add(at))?;
+        at += n;
+    }
+    Ok(off)
 }
 
 /// Which leaked clusters a leak repair leaves alone.

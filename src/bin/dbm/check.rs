@@ -121,6 +121,12 @@ pub fn repaired_text(r: &RepairReport) -> String {
     for (name, why) in &r.removed {
         let _ = writeln!(s, "Removed bitmap {name}: {why}");
     }
+    for name in &r.made_all_dirty {
+        let _ = writeln!(
+            s,
+            "Made bitmap {name} all dirty: a removed bitmap may have held writes it lacks"
+        );
+    }
     if r.leaks_freed > 0 {
         let _ = writeln!(s, "Repaired {} leaked clusters", r.leaks_freed);
     }

@@ -239,6 +239,15 @@ pub fn run(args: &DumpArgs) -> CmdResult {
         _ => return Err("give a bitmap NAME or --since CHECKPOINT".into()),
     };
     let bm = r.map_err(|e| match e {
+        Error::Inconsistent { name } if args.since.is_some() => at(
+            &args.image,
+            format!(
+                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
+                 bitmap support changed the image): its bits cannot be trusted, so what \
+                 changed since is the whole disk; back up in full, then remove the bitmaps \
+                 (removing it alone would drop the writes only it holds)"
+            ),
+        ),
         Error::Inconsistent { name } => at(
             &args.image,
             format!(
