@@ -921,3 +921,118 @@ fn a_reftable_growth_inside_a_flush_is_never_corrupt_or_falsely_clean() {
     }
     eprintln!("step 1 of the growth leaked at some crash point: {leaked_in_step_1}");
 }
+
+/// An add on an image whose bitmaps extension is untrusted (autoclear bit 0 cleared by a
+/// program without bitmap support, which may then have written the disk unrecorded) rewrites
+/// cluster 0 with bit 0 set (first sector) and a new extension, which at 64 KiB clusters lies
+/// in the second sector, where the untrusted one lies too. A crash that lands the first
+/// sector but not the second must not pair bit 0 with the untrusted extension: its directory
+/// (never freed) would load `a` as consistent without the unrecorded writes. For every crash
+/// point of the add, torn 64 ways, and for every cluster-0 write of the add landed in its
+/// first sector alone: `a` is never consistent, here nor for `qemu-img info`, and the image
+/// shows no corruption (here and in `qemu-img check`). 4 KiB clusters (the extension in the
+/// first sector) too.
+#[test]
+fn a_torn_add_never_trusts_an_untrusted_directory_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sector0_only = 0;
+    // Not vacuous: `a` is seen (untrusted) and `b` trusted in some crash images.
+    let (mut a_seen, mut b_trusted) = (0, 0);
+    for cluster in [4096u64, 65536] {
+        let disk = 32 * MIB;
+        let first = CrashStorage::new();
+        let mut s = BitmapStore::create(&first, disk, cluster).unwrap();
+        s.add("a", 65536, Recording::Enabled).unwrap();
+        let bm = DirtyBitmap::new(disk, 65536).unwrap();
+        bm.mark_dirty(0, 65536);
+        bm.mark_dirty(5 * MIB, 65536);
+        s.store("a", &bm).unwrap();
+        drop(s);
+        // The bitmap-unaware writer: autoclear bit 0 cleared (the field at 88), then guest
+        // writes `a` never records.
+        let mut image = first.live_image();
+        image[95] &= !1;
+        let crash = CrashStorage::from_bytes(image);
+        let mut s = BitmapStore::open(&crash, OpenMode::ReadWrite).unwrap();
+        assert!(s
+            .list()
+            .iter()
+            .all(|b| b.state == BitmapState::Inconsistent));
+        s.add("b", 65536, Recording::Enabled).unwrap();
+        drop(s);
+        let ops = crash.ops();
+        let check = |image: Vec<u8>, ctx: &str, qemu: bool| {
+            let s = BitmapStore::open(MemStorage::from_bytes(image.clone()), OpenMode::ReadOnly)
+                .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            assert_eq!(s.image().check().unwrap().corruptions, 0, "{ctx}");
+            let mut seen = (0, 0);
+            for info in s.list() {
+                assert!(
+                    info.name != "a" || info.state == BitmapState::Inconsistent,
+                    "{ctx}: the untrusted bitmap a loads as {:?}",
+                    info.state
+                );
+                seen.0 += usize::from(info.name == "a");
+                seen.1 += usize::from(info.name == "b" && info.state != BitmapState::Inconsistent);
+            }
+            if qemu {
+                let path = dir.path().join("torn.qcow2");
+                std::fs::write(&path, &image).unwrap();
+                for (name, _, flags) in common::qemu::qemu_bitmaps(&path) {
+                    assert!(
+                        name != "a" || flags.iter().any(|f| f == "in-use"),
+                        "{ctx}: qemu-img info trusts a: {flags:?}"
+                    );
+                }
+                let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
+                let code = out.status.code();
+                assert!(
+                    code == Some(0) || code == Some(3),
+                    "{ctx}: qemu-img check exit {code:?}: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            seen
+        };
+        // Deterministic: each cluster-0 write of the add, only its first sector landed on
+        // the durable image before it.
+        for (i, op) in ops.iter().enumerate() {
+            let Op::Write { offset: 0, data } = op else {
+                continue;
+            };
+            let mut image = crash.crash_image(i, CrashMode::Dropped).unwrap();
+            let n = data.len().min(512);
+            image[..n].copy_from_slice(&data[..n]);
+            sector0_only += 1;
+            let (a, b) = check(
+                image,
+                &format!("{cluster}: op {i}, first sector alone"),
+                true,
+            );
+            a_seen += a;
+            b_trusted += b;
+        }
+        for point in crash.crash_points() {
+            let tail = ops[..point]
+                .iter()
+                .rev()
+                .take_while(|o| !matches!(o, Op::Sync));
+            let seeds = if tail.into_iter().any(is_header_write) {
+                64
+            } else {
+                1
+            };
+            for seed in 0..seeds {
+                let image = crash.crash_image(point, CrashMode::Torn { seed }).unwrap();
+                let (a, b) = check(
+                    image,
+                    &format!("{cluster}: point {point}, tear {seed}"),
+                    false,
+                );
+                a_seen += a;
+                b_trusted += b;
+            }
+        }
+    }
+    assert!(sector0_only >= 2 && a_seen > 0 && b_trusted > 0);
+}

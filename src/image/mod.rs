@@ -47,6 +47,15 @@ pub struct Image<S: Storage> {
     area: HeaderArea,
     /// The bitmaps extension data found while autoclear bit 0 was clear (untrusted).
     stale_bitmaps: Option<Vec<u8>>,
+    /// Whether cluster 0 on disk may hold a bitmaps extension that autoclear bit 0 does not
+    /// vouch for: found so at the open (bit 0 clear, or an extension QEMU refuses), or left
+    /// so by this handle's last header or autoclear write. While it holds, a header write
+    /// that sets bit 0 is bracketed ([`put_header`](Self::put_header)).
+    disk_untrusted_bitmaps: bool,
+    /// Cluster 0 as this handle last wrote it and made durable, trailing zeros cut (the
+    /// encoder pads with zeros to the cluster size); `None` before its first header write
+    /// or when a write failed part-way.
+    disk_header: Option<Vec<u8>>,
     refcounts: Refcounts,
     /// Set by the first failed write: the in-memory state may disagree with the disk.
     poisoned: bool,
@@ -171,12 +180,16 @@ impl<S: Storage> Image<S> {
             None
         };
         let refcounts = Refcounts::load(&storage, &area.header)?;
+        // After the lenient patch above, a refused extension reads as stale too.
+        let disk_untrusted_bitmaps = area.stale_bitmaps;
         Ok((
             Self {
                 storage,
                 writable,
                 area,
                 stale_bitmaps,
+                disk_untrusted_bitmaps,
+                disk_header: None,
                 refcounts,
                 poisoned: false,
                 syncs: Barriers::default(),
@@ -316,12 +329,15 @@ impl<S: Storage> Image<S> {
         refcounts.flush(&storage)?;
         storage.sync_data()?;
         area.header = header;
-        storage.write_all_at(&area.encode()?, 0)?;
+        let bytes = area.encode()?;
+        storage.write_all_at(&bytes, 0)?;
         storage.sync_data()?;
         let refcounts = Refcounts::load(&storage, &area.header)?;
         Ok(Self {
             storage,
             writable: true,
+            disk_untrusted_bitmaps: false,
+            disk_header: Some(trim_zeros(&bytes).to_vec()),
             area,
             stale_bitmaps: None,
             refcounts,
@@ -420,8 +436,59 @@ impl<S: Storage> Image<S> {
         }
         self.area.header.autoclear_features &= AUTOCLEAR_MASK;
         let bytes = self.area.encode()?;
-        self.storage.write_all_at(&bytes, 0)?;
-        self.storage.sync_data()
+        self.put_header(&bytes)
+    }
+
+    /// Writes `bytes` (cluster 0 encoded from the in-memory area) at offset 0 and makes it
+    /// durable, never leaving a torn cluster 0 that trusts an extension no one vouched for.
+    ///
+    /// A 512-byte sector lands whole or not at all, but the sectors of one write land in
+    /// any subset. The autoclear field (bit 0) lies in the first sector, the bitmaps
+    /// extension's data past it when cluster 0 holds QEMU's feature-name table (clusters
+    /// above 4 KiB). So when the disk holds an untrusted bitmaps extension (bit 0 clear:
+    /// left by a program without bitmap support, by `untrust_bitmaps`, or by a bracket of
+    /// the store) and `bytes` set bit 0, a crash could land the first sector alone: bit 0
+    /// set beside the untrusted extension, whose directory (never freed) then loads as
+    /// consistent without the writes made while it was untrusted. Such a write is
+    /// bracketed: `bytes` with bit 0 still clear, a barrier, then `bytes`, a barrier. The
+    /// second write changes only the autoclear field, so any mix of its sectors with the
+    /// disk is the old cluster 0 or the new one. The first is skipped when the disk
+    /// already holds it (the store's own brackets: `resize`, the directory rewritten in
+    /// place), so those keep their writes. Any other write keeps bit 0 set (a torn mix
+    /// trusts the old extension, whose directory is intact until this write's barrier
+    /// completes), leaves it clear or clears it (a torn mix is untrusted or the old
+    /// cluster 0), or sets it over a cluster 0 without a bitmaps extension (the first
+    /// add: a torn mix has no extension, or a new frame over old data, refused as corrupt;
+    /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write").
+    fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
+        let trusts = self.area.header.bitmaps_consistent();
+        let len = bytes.len() as u64;
+        if trusts && self.disk_untrusted_bitmaps {
+            let mut untrusted = self.area.header.clone();
+            untrusted.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            let (at, field) = untrusted.autoclear_field();
+            let mut first = bytes.to_vec();
+            let at = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
+            first
+                .get_mut(at..at + field.len())
+                .ok_or_else(|| internal!("cluster 0 shorter than its header"))?
+                .copy_from_slice(&field);
+            if self.disk_header.as_deref() != Some(trim_zeros(&first)) {
+                self.disk_header = None;
+                self.storage.grow_to(len)?;
+                self.storage.write_all_at(&first, 0)?;
+                self.syncs.sync(&self.storage)?;
+                self.disk_header = Some(trim_zeros(&first).to_vec());
+            }
+        }
+        self.disk_header = None;
+        self.storage.grow_to(len)?;
+        self.storage.write_all_at(bytes, 0)?;
+        self.syncs.sync(&self.storage)?;
+        self.disk_header = Some(trim_zeros(bytes).to_vec());
+        self.disk_untrusted_bitmaps =
+            !trusts && self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+        Ok(())
     }
 
     /// Whether the refcounts this image caches still match the disk (see
@@ -542,7 +609,9 @@ impl<S: Storage> Image<S> {
     /// Writes cluster 0 from the in-memory header area in one write, then syncs: the commit
     /// point of every metadata change. Unknown autoclear bits are cleared (the spec allows a
     /// writer to modify the image only after clearing them), and autoclear bit 0 is cleared
-    /// when there is no bitmaps extension to go with it.
+    /// when there is no bitmaps extension to go with it. A write that sets bit 0 while the
+    /// disk holds an untrusted bitmaps extension is two writes and two barriers
+    /// ([`put_header`](Self::put_header)).
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
@@ -550,9 +619,7 @@ impl<S: Storage> Image<S> {
     pub(crate) fn write_header(&mut self) -> Result<()> {
         self.guarded(|img| {
             let bytes = img.header_bytes()?;
-            img.storage.grow_to(bytes.len() as u64)?;
-            img.storage.write_all_at(&bytes, 0)?;
-            img.syncs.sync(&img.storage)?;
+            img.put_header(&bytes)?;
             // The stale extension is gone from disk once cluster 0 is rewritten.
             img.area.stale_bitmaps = false;
             img.stale_bitmaps = None;
@@ -623,12 +690,46 @@ impl<S: Storage> Image<S> {
     pub(crate) fn untrust_bitmaps(&mut self) -> Result<()> {
         self.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         let (offset, bytes) = self.area.header.autoclear_field();
+        // Whether or not the write lands, the disk's extension may be untrusted from here.
+        self.disk_untrusted_bitmaps = true;
+        self.disk_header = None;
         self.withdraw_at(&bytes, offset)
+    }
+
+    /// Writes the autoclear field alone (8 bytes at offset 88, inside the first sector, so
+    /// it lands whole or not at all) with `value`, then a barrier. Setting bit 0 this way
+    /// is the caller's bracket: cluster 0 on disk must already be the one bit 0 vouches for.
+    ///
+    /// # Errors
+    /// As [`alloc_clusters`](Self::alloc_clusters).
+    pub(crate) fn write_autoclear(&mut self, value: u64) -> Result<()> {
+        self.guarded(|img| {
+            img.area.header.autoclear_features = value;
+            let (offset, field) = img.area.header.autoclear_field();
+            let known = img.disk_header.take();
+            img.storage.write_all_at(&field, offset)?;
+            img.syncs.sync(&img.storage)?;
+            // Cleared, the bit leaves whatever extension the disk holds untrusted.
+            img.disk_untrusted_bitmaps = !img.area.header.bitmaps_consistent();
+            // The copy of cluster 0 follows when it covers the field.
+            img.disk_header = known.and_then(|mut d| {
+                let at = usize::try_from(offset).ok()?;
+                d.get_mut(at..at + field.len())?.copy_from_slice(&field);
+                Some(d)
+            });
+            Ok(())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+/// `bytes` without its trailing zeros.
+fn trim_zeros(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    &bytes[..end]
+}
 
 /// The L2 tables of a raw data file's identity map (`format::guest_map`), allocated
 /// contiguously and written in chunks of up to 8 MiB, then the L1 table at `l1` naming

@@ -37,9 +37,6 @@ use crate::format::mode::{ModeExtension, EXT_MODE};
 use crate::format::{Frames, Header, HeaderArea, EXTENSION_FRAME_LEN};
 use crate::storage::Storage;
 
-/// The autoclear features field: 8 bytes at offset 88 of the header (`docs/FORMAT.md`,
-/// "Image header"), inside the first sector.
-const AUTOCLEAR_FIELD: u64 = 88;
 /// The backing file offset and size fields: bytes 8..20 of the header.
 const BACKING_FIELDS: std::ops::Range<usize> = 8..20;
 
@@ -245,9 +242,7 @@ impl<S: Storage> BitmapStore<S> {
 
     /// The autoclear field alone, in place (one sector), then a barrier.
     fn write_autoclear_in_place(&mut self, value: u64) -> Result<()> {
-        self.image.area_mut().header.autoclear_features = value;
-        self.image.write_at(&value.to_be_bytes(), AUTOCLEAR_FIELD)?;
-        self.image.sync()
+        self.image.write_autoclear(value)
     }
 }
 
@@ -344,7 +339,11 @@ mod tests {
         let mut a = area(16);
         a.header.autoclear_features = 0x0102_0304_0506_0708;
         let b = a.encode().unwrap();
-        let at = AUTOCLEAR_FIELD as usize;
+        // The autoclear features field: 8 bytes at offset 88 of the header (`docs/FORMAT.md`,
+        // "Image header"), inside the first sector, where `Image::write_autoclear` writes it.
+        let (at, _) = a.header.autoclear_field();
+        assert_eq!(at, 88);
+        let at = at as usize;
         assert_eq!(b[at..at + 8], 0x0102_0304_0506_0708u64.to_be_bytes());
     }
 
