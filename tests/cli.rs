@@ -491,88 +491,141 @@ fn check_exit_codes_match_qemu() {
 
 /// Reserved bits in L1 and L2 entries: `qemu-img check` reports each as a corruption (exit
 /// 2) with its own message, so `dbm check` must too, and a write must not trust such an
-/// image. An L1 entry naming no table is not checked, by either.
+/// image. An L1 entry that is not all zeros but names offset 0 names cluster 0 as its L2
+/// table, which both count and walk (exit 2). Extended L2 entries are checked on their
+/// first word.
 #[test]
 fn check_reports_reserved_bits_in_l1_and_l2_entries_as_qemu_does() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("r.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-f", "qcow2", p(&img), "64M"])
-        .output()
-        .expect("qemu-img is installed (scripts/test.sh installs it)");
-    assert!(out.status.success());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 1 0 64k", p(&img)])
-        .output()
-        .expect("qemu-io is installed (scripts/test.sh installs it)");
-    assert!(out.status.success());
-    let clean = std::fs::read(&img).unwrap();
-    let l1 = u64::from_be_bytes(clean[40..48].try_into().unwrap()) as usize;
-    let l1e = u64::from_be_bytes(clean[l1..l1 + 8].try_into().unwrap());
-    let l2 = (l1e & 0x00FF_FFFF_FFFF_FE00) as usize;
-    let l2e = u64::from_be_bytes(clean[l2..l2 + 8].try_into().unwrap());
-    assert_ne!(
-        l2e & 0x00FF_FFFF_FFFF_FE00,
-        0,
-        "the written cluster is allocated"
-    );
-    for (what, at, value, qemu_exit, message) in [
+    // (image size, create options, written), then per case: what, the entry (L1 or L2,
+    // index), how to change it, and QEMU's message (empty: none to compare).
+    type Change = fn(u64) -> u64;
+    type Row = (&'static str, bool, usize, Change, &'static str);
+    let cases: [(&str, &str, bool, &[Row]); 3] = [
         (
-            "L1 bit 0",
-            l1,
-            l1e | 1,
-            2,
-            "L1 entry with reserved bits set",
+            "64M",
+            "cluster_size=65536",
+            true,
+            &[
+                (
+                    "L1 bit 0",
+                    true,
+                    0,
+                    |e| e | 1,
+                    "L1 entry with reserved bits set",
+                ),
+                (
+                    "L1 bit 56",
+                    true,
+                    0,
+                    |e| e | 1 << 56,
+                    "L1 entry with reserved bits set",
+                ),
+                (
+                    "L2 bit 1",
+                    false,
+                    0,
+                    |e| e | 2,
+                    "l2 entry with reserved bits set",
+                ),
+                (
+                    "L2 bit 57",
+                    false,
+                    0,
+                    |e| e | 1 << 57,
+                    "l2 entry with reserved bits set",
+                ),
+                (
+                    "L2 entry 1 unallocated, bit 1",
+                    false,
+                    1,
+                    |_| 2,
+                    "l2 entry with reserved bits set",
+                ),
+                (
+                    "L2 entry 1 zero, bit 1",
+                    false,
+                    1,
+                    |_| 3,
+                    "l2 entry with reserved bits set",
+                ),
+            ],
         ),
         (
-            "L1 bit 56",
-            l1,
-            l1e | 1 << 56,
-            2,
-            "L1 entry with reserved bits set",
-        ),
-        ("L1 entry 1 with no table, bit 0", l1 + 8, 1, 0, ""),
-        (
-            "L2 bit 1",
-            l2,
-            l2e | 2,
-            2,
-            "l2 entry with reserved bits set",
-        ),
-        (
-            "L2 bit 57",
-            l2,
-            l2e | 1 << 57,
-            2,
-            "l2 entry with reserved bits set",
+            "1G",
+            "cluster_size=65536",
+            false,
+            &[
+                (
+                    "L1 entry 1 = 1 (offset 0)",
+                    true,
+                    1,
+                    |_| 1,
+                    "L1 entry with reserved bits set",
+                ),
+                ("L1 entry 1 = COPIED (offset 0)", true, 1, |_| 1 << 63, ""),
+            ],
         ),
         (
-            "L2 entry 1 unallocated, bit 1",
-            l2 + 8,
-            2,
-            2,
-            "l2 entry with reserved bits set",
+            "64M",
+            "extended_l2=on",
+            true,
+            &[(
+                "extended L2 bit 1",
+                false,
+                0,
+                |e| e | 2,
+                "l2 entry with reserved bits set",
+            )],
         ),
-        (
-            "L2 entry 1 zero, bit 1",
-            l2 + 8,
-            3,
-            2,
-            "l2 entry with reserved bits set",
-        ),
-    ] {
-        let mut bytes = clean.clone();
-        bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
-        std::fs::write(&img, &bytes).unwrap();
-        assert_eq!(qemu_check(&img), qemu_exit, "{what}: qemu-img check");
-        assert_eq!(dbm_check(&img), qemu_exit, "{what}: dbm check");
-        let o = dbm(&["check", p(&img)]);
-        let out = text(&o.stderr) + &text(&o.stdout);
-        if qemu_exit == 2 {
-            assert!(
-                out.contains(&format!("ERROR found {message}: {value:x}")),
-                "{what}: {out}"
+    ];
+    for (k, (size, opts, written, rows)) in cases.into_iter().enumerate() {
+        let img = dir.path().join(format!("r{k}.qcow2"));
+        let out = run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, p(&img), size],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            describe("qemu-img create", &out)
+        );
+        if written {
+            let out = run(
+                "qemu-io",
+                &["-f", "qcow2", "-c", "write -P 1 0 64k", p(&img)],
             );
+            assert!(out.status.success(), "{}", describe("qemu-io", &out));
+        }
+        assert_eq!(qemu_check(&img), 0);
+        let clean = std::fs::read(&img).unwrap();
+        let l1 = u64::from_be_bytes(clean[40..48].try_into().unwrap()) as usize;
+        let l1_size = u32::from_be_bytes(clean[36..40].try_into().unwrap()) as usize;
+        let l1e = u64::from_be_bytes(clean[l1..l1 + 8].try_into().unwrap());
+        let l2 = (l1e & 0x00FF_FFFF_FFFF_FE00) as usize;
+        let stride = if opts.contains("extended_l2") { 16 } else { 8 };
+        for &(what, in_l1, i, change, message) in rows {
+            let at = if in_l1 {
+                assert!(i < l1_size, "{what}: entry {i} is inside the L1 table");
+                l1 + 8 * i
+            } else {
+                assert_ne!(l2, 0, "{what}: the written cluster has an L2 table");
+                l2 + stride * i
+            };
+            let value = change(u64::from_be_bytes(clean[at..at + 8].try_into().unwrap()));
+            let mut bytes = clean.clone();
+            bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+            std::fs::write(&img, &bytes).unwrap();
+            assert_eq!(qemu_check(&img), 2, "{what}: qemu-img check");
+            assert_eq!(dbm_check(&img), 2, "{what}: dbm check");
+            let o = dbm(&["check", p(&img)]);
+            let out = text(&o.stderr) + &text(&o.stdout);
+            if !message.is_empty() {
+                assert!(
+                    out.contains(&format!("ERROR found {message}: {value:x}")),
+                    "{what}: {out}"
+                );
+            }
             dbm_fails(&["bitmap", p(&img), "--add", "b"]);
             assert!(
                 std::fs::read(&img).unwrap() == bytes,

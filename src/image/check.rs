@@ -300,12 +300,15 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             };
             let active_size = active.filter(|a| a.0 == offset).map(|a| a.1);
             for (i, e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
-                let l2_off = e & L2_OFFSET_MASK;
-                if l2_off == 0 {
+                // `check_refcounts_l1` skips only an entry that is all zeros: one with
+                // reserved or flag bits and offset 0 names cluster 0 as its L2 table,
+                // which is counted (a second reference to the header) and walked, as QEMU
+                // walks it.
+                if e == 0 {
                     continue;
                 }
-                // `check_refcounts_l1`, once per L1 table naming the entry; the entry is
-                // still followed.
+                let l2_off = e & L2_OFFSET_MASK;
+                // Once per L1 table naming the entry; the entry is still followed.
                 if e & L1_RESERVED != 0 {
                     self.report.corrupt_n(u64::from(names.past(i)), || {
                         format!("ERROR found L1 entry with reserved bits set: {e:x}")
@@ -363,9 +366,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 continue;
             }
             // `check_refcounts_l2`, once per L1 table naming this table, for every
-            // entry that is not compressed, allocated or not. Extended L2 entries (two
-            // words, subclusters) are not checked here.
-            if !extl2 && entry & L2_STD_RESERVED != 0 {
+            // entry that is not compressed, allocated or not; of an extended entry, its
+            // first word (the subcluster bitmap's own rules are not checked here).
+            if entry & L2_STD_RESERVED != 0 {
                 self.report.corrupt_n(u64::from(m), || {
                     format!("ERROR found l2 entry with reserved bits set: {entry:x}")
                 });
