@@ -369,16 +369,19 @@ fn a_stop_whose_last_barrier_fails_puts_in_use_back_in_place() {
 /// encodes it (header_length 112), could not hold the header of an image QEMU 5.0 or
 /// older laid out (header_length 104) and filled to within 8 bytes: the refusal came after
 /// the writes, and the clusters leaked. It is refused before anything is written.
-#[test]
-fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
+/// A 64 MiB image with 512-byte clusters and the disabled bitmaps `names`, whose cluster 0
+/// is laid out as QEMU 5.0 did: the 104-byte header, the extensions as they were, then an
+/// unknown extension that fills the cluster to its last byte. Its header cannot be
+/// rewritten our way, so every directory commit is refused before any write.
+fn qemu_5_0_cluster_0(names: &[&str]) -> Vec<u8> {
     use dirty_bitmap::format::HeaderArea;
     const CS: u64 = 512;
     let mut s = BitmapStore::create(MemStorage::new(), 64 * MIB, CS).unwrap();
-    s.add("b", 512, Recording::Disabled).unwrap();
+    for n in names {
+        s.add(n, 512, Recording::Disabled).unwrap();
+    }
     let mut bytes = s.image().storage().to_vec();
     drop(s);
-    // Cluster 0 again, laid out as QEMU 5.0 did: the 104-byte header, the extensions as
-    // they were, then an unknown extension that fills the cluster to its last byte.
     let area = HeaderArea::decode(&bytes[..CS as usize]).unwrap();
     let hl = area.header.header_length as usize;
     assert_eq!(hl, 112);
@@ -402,6 +405,31 @@ fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
     c0.extend_from_slice(&[0u8; 8]);
     assert_eq!(c0.len(), CS as usize);
     bytes[..CS as usize].copy_from_slice(&c0);
+    bytes
+}
+
+/// Found by a review: `repair -r all` that removes a broken bitmap writes each kept one's
+/// all-ones table before its commit, and the commit refused a header that cannot be
+/// rewritten only after those writes (the file grown, clusters leaked). Refused before any
+/// write now, as every other commit is.
+#[test]
+fn a_repair_whose_header_cannot_be_rewritten_is_refused_before_any_write() {
+    use dirty_bitmap::format::HeaderArea;
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let mut bytes = qemu_5_0_cluster_0(&["a", "b"]);
+    // Bitmap a: a reserved flag bit, which QEMU refuses; b is kept.
+    let area = HeaderArea::decode(&bytes[..512]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    bytes[d + 15] |= 0x20;
+    let mem = MemStorage::from_bytes(bytes.clone());
+    let r = repair(&mem, Repair::All).map(|(_, report)| report);
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(mem.to_vec() == bytes, "the refusal wrote");
+}
+
+#[test]
+fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
+    let bytes = qemu_5_0_cluster_0(&["b"]);
     let mut s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite)
         .expect("QEMU 5.0's layout opens");
     let bm = dirty_bitmap::DirtyBitmap::new(64 * MIB, 512).unwrap();
