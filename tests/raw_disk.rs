@@ -364,6 +364,69 @@ fn a_data_file_name_without_its_feature_bit_is_ignored_as_qemu_ignores_it() {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// Found by a review: QEMU reads the data file's name as a C string, up to its first NUL
+/// (`qcow2_read_extensions`), so a name `disk.raw\0` opens `disk.raw`. A writable open here
+/// passed the NUL to the file system and failed. It now opens `disk.raw`, as QEMU does, and
+/// holds its writer's locks on it.
+#[test]
+fn a_data_file_name_is_read_up_to_its_first_nul_as_qemu_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let named = dir.path().join("disk.rawX");
+    let img = dir.path().join("nul.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p(&named)),
+            p(&img),
+            "16M",
+        ],
+    );
+    std::fs::rename(&named, &raw).unwrap();
+    // The name's last byte, `X`, becomes a NUL.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let name = p(&named).as_bytes();
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the data file's name in cluster 0");
+    bytes[at + name.len() - 1] = 0;
+    std::fs::write(&img, &bytes).unwrap();
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 64K", p(&img)],
+    );
+    assert_qemu_clean(&img);
+    let mut st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .expect("a writable open of an image QEMU opens");
+    // The raw disk is held: QEMU cannot write it beside this handle.
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 512", p(&raw)]);
+    assert!(
+        !out.status.success(),
+        "QEMU wrote the held raw disk: {out:?}"
+    );
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    st.activate().unwrap();
+    st.tracker().unwrap().mark(2 * MIB, 4096);
+    st.inactivate().unwrap();
+    drop(st);
+    assert_qemu_clean(&img);
+    assert_eq!(nbd_dirty(&img, "b"), vec![(2 * MIB, 65536)]);
+    let out = run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64K", p(&img)],
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// Found by a review: `data_file_raw` (autoclear bit 1) without the incompatible
 /// `data_file` bit, an image QEMU refuses to open for I/O ("data-file-raw requires a data
 /// file"), opened here, and a writable open then wrote to it. It is refused as corrupt,

@@ -68,6 +68,14 @@ impl HeaderArea {
         }
     }
 
+    /// The external data file's name as QEMU opens it: the extension's bytes up to the
+    /// first NUL (QEMU reads them as a C string, `qcow2_read_extensions`). The bytes stay
+    /// in [`data_file`](Self::data_file) as they are, and are written back so.
+    pub fn data_file_name(&self) -> Option<&[u8]> {
+        let name = self.data_file.as_deref()?;
+        Some(name.split(|&b| b == 0).next().unwrap_or(name))
+    }
+
     /// Sets the mode extension to `mode` (`None` removes it) and drops every malformed one
     /// kept among [`unknown`](Self::unknown), so that the next encoding holds at most one
     /// mode extension, the one given. Returns whether the encoding changes.

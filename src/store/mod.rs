@@ -489,7 +489,7 @@ impl<S: Storage> BitmapStore<S> {
             // it, so that no program honouring QEMU's locks writes it unseen. Only with the
             // incompatible `data_file` bit: without it QEMU reads the guest data from the
             // image itself and ignores the name (`qcow2_do_open`).
-            let named = image.area().data_file.as_ref();
+            let named = image.area().data_file_name();
             if let Some(name) = named.filter(|_| image.header().has_data_file()) {
                 image.storage().hold_data_file(name)?;
             }

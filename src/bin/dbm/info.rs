@@ -135,8 +135,8 @@ pub fn qemu_keys(
         "refcount-bits".into(),
         json!(1u64 << h.refcount_order.min(6)),
     );
-    if let Some(df) = &area.data_file {
-        // As `qcow2_get_specific_info`: the name whenever the extension holds one,
+    if let Some(df) = area.data_file_name() {
+        // As `qcow2_get_specific_info`: the name (up to its first NUL) whenever the extension holds one,
         // data-file-raw only when the image has a data file (the incompatible bit).
         data.insert("data-file".into(), json!(String::from_utf8_lossy(df)));
         if h.has_data_file() {
