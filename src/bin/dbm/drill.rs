@@ -781,14 +781,22 @@ mod tests {
     fn a_swallow_never_drops_what_the_source_sent() {
         let dest = TcpListener::bind("127.0.0.1:0").unwrap();
         let dest_addr = dest.local_addr().unwrap();
+        let (answered, after_end) = std::sync::mpsc::channel();
         let received = std::thread::spawn(move || {
             let (mut s, _) = dest.accept().unwrap();
+            let mut got = vec![0u8; 5];
+            s.read_exact(&mut got).unwrap();
             // An answer before the swallow, which the source receives.
             s.write_all(b"ok").unwrap();
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).unwrap();
-            // An answer after End, which nobody receives.
-            let _ = s.write_all(b"started");
+            let mut end = [0u8; 3];
+            s.read_exact(&mut end).unwrap();
+            got.extend_from_slice(&end);
+            // An answer after End, which the proxy swallows.
+            s.write_all(b"started").unwrap();
+            answered.send(()).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            got.extend_from_slice(&rest);
             got
         });
         let proxy = Proxy::start(dest_addr).unwrap();
@@ -801,6 +809,10 @@ mod tests {
         proxy.swallow.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(200));
         src.write_all(b"END").unwrap();
+        after_end
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the destination received End and answered");
+        std::thread::sleep(Duration::from_millis(100));
         let mut rest = Vec::new();
         src.read_to_end(&mut rest).unwrap();
         assert!(
