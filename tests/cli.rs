@@ -1982,6 +1982,47 @@ fn bench_durable_sets_the_disks_own_ceiling_beside_the_group_commit() {
     );
 }
 
+/// "What changed since" over a chain holding inconsistent bitmaps (`in_use` left set by a
+/// crash while active, the newest checkpoint among them): both commands refuse it and say to back up in
+/// full and then remove the bitmaps, never to remove the inconsistent one alone (it may be
+/// a later checkpoint, whose writes no other bitmap holds); nothing is written.
+#[test]
+fn since_an_inconsistent_chain_says_back_up_in_full_never_remove_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let i = img.to_str().unwrap();
+    dbm_ok(&["create", i, "--size", "64M"]);
+    dbm_ok(&["checkpoint", i, "c1"]);
+    dbm_ok(&["checkpoint", i, "c2"]);
+    {
+        use dirty_bitmap::storage::FileStorage;
+        use dirty_bitmap::{BitmapStore, OpenMode};
+        let mut st = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        st.activate().unwrap();
+        st.tracker().unwrap().mark(0, 4096);
+        // A crash while active: the bitmaps stay in_use.
+    }
+    let before = std::fs::read(&img).unwrap();
+    for args in [
+        &["dump", i, "--since", "c1"][..],
+        &["checkpoint", i, "--since", "c1", "--into", "t"],
+    ] {
+        let out = dbm(args);
+        assert_eq!(out.status.code(), Some(1), "{}", describe("since", &out));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("is inconsistent") && err.contains("back up in full, then remove"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("--remove"), "{args:?}: {err}");
+        assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote");
+    }
+}
+
 /// `dbm checkpoint` starts and rotates a chain; `dbm dump --since` prints what changed
 /// since a checkpoint exactly as `nbdinfo --map` prints the bitmap `dbm checkpoint --since
 /// --into` exported for `qemu-nbd -B`.

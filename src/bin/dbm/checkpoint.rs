@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::OpenMode;
 
-use crate::open::{at, store};
+use crate::open::{at, since_error, store};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -45,7 +45,7 @@ pub fn run(args: &CheckpointArgs) -> CmdResult {
         }
         (None, Some(since), Some(into)) => {
             st.export_since(BitmapName::parse_escaped(since), into)
-                .map_err(|e| at(&args.image, e))?;
+                .map_err(|e| since_error(&args.image, e))?;
             let bm = st.load(into).map_err(|e| at(&args.image, e))?;
             emit(&format!(
                 "bitmap {}: what changed since {}, {} dirty bytes\n",

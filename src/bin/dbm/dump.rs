@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use dirty_bitmap::Error;
 
-use crate::open::{at, reader};
+use crate::open::{at, reader, since_error};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -239,15 +239,7 @@ pub fn run(args: &DumpArgs) -> CmdResult {
         _ => return Err("give a bitmap NAME or --since CHECKPOINT".into()),
     };
     let bm = r.map_err(|e| match e {
-        Error::Inconsistent { name } if args.since.is_some() => at(
-            &args.image,
-            format!(
-                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
-                 bitmap support changed the image): its bits cannot be trusted, so what \
-                 changed since is the whole disk; back up in full, then remove the bitmaps \
-                 (removing it alone would drop the writes only it holds)"
-            ),
-        ),
+        e if args.since.is_some() => since_error(&args.image, e),
         Error::Inconsistent { name } => at(
             &args.image,
             format!(

@@ -10,6 +10,24 @@ pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", path.display())
 }
 
+/// An error of "what changed since" a checkpoint (`dbm dump --since`, `dbm checkpoint
+/// --since`), with the path: an inconsistent bitmap among the chain's says what to do, and
+/// never to remove it alone (it may be a later checkpoint, holding writes no other has).
+pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
+    match e {
+        dirty_bitmap::Error::Inconsistent { name } => at(
+            path,
+            format!(
+                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
+                 bitmap support changed the image): its bits cannot be trusted, so what \
+                 changed since is the whole disk; back up in full, then remove the bitmaps \
+                 (removing it alone would drop the writes only it holds)"
+            ),
+        ),
+        e => at(path, e),
+    }
+}
+
 /// The locking of a read-only open: QEMU's force-share (`-U`) or `qemu-img info`'s.
 fn read_locking(force_share: bool) -> Locking {
     if force_share {
