@@ -233,6 +233,10 @@ struct Bm {
     /// The in-memory bitmap of the last activation: authoritative while active, parked by
     /// an inactivate (marks through it still count), gone at reopen.
     handle: Option<Arc<DirtyBitmap>>,
+    /// Added while the store held parked bitmaps: the store parks it too (a tracker marks
+    /// it, `activate` resumes it), though this model holds no handle to it; gone at the
+    /// next activation or reopen.
+    parked_added: bool,
 }
 
 /// What a crash image (or the image on disk) must hold.
@@ -305,7 +309,11 @@ impl Model {
     }
 
     fn parked(&self) -> bool {
-        !self.active && self.bms.iter().any(|b| b.handle.is_some())
+        !self.active
+            && self
+                .bms
+                .iter()
+                .any(|b| b.handle.is_some() || b.parked_added)
     }
 
     fn checkpoint(&self) -> Checkpoint {
@@ -338,6 +346,7 @@ impl Model {
                 b.consistent = false;
             }
             b.handle = None;
+            b.parked_added = false;
             if b.consistent {
                 b.mem = b.req.clone();
             } else {
@@ -502,6 +511,7 @@ impl<'a> Crash<'a> {
                     } else {
                         None
                     };
+                    let parked_added = self.model.parked();
                     self.model.bms.push(Bm {
                         name: n.to_string(),
                         granularity,
@@ -510,6 +520,7 @@ impl<'a> Crash<'a> {
                         mem: BTreeSet::new(),
                         req: BTreeSet::new(),
                         handle,
+                        parked_added,
                     });
                 }
             }
@@ -640,6 +651,7 @@ impl<'a> Crash<'a> {
                 if !active {
                     self.model.active = true;
                     for i in 0..self.model.bms.len() {
+                        self.model.bms[i].parked_added = false;
                         if !self.model.bms[i].consistent {
                             continue;
                         }
