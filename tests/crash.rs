@@ -23,9 +23,10 @@
 //!   clipped to it; before that write, only the old state. The disk size is always the old
 //!   or (after the header write) the new one.
 //!
-//! The write order of each operation is asserted too: a commit writes cluster 0 once, after
-//! the refcounts of its new clusters, and only refcounts after it; `activate` writes no
-//! refcounts.
+//! The write order of each operation is asserted too: a commit writes cluster 0 once (a
+//! bracketed resize three times, the first add at 64 KiB clusters twice, bit 0 set only in
+//! the second), after the refcounts of its new clusters, and only refcounts after it;
+//! `activate` writes no refcounts.
 
 mod common;
 
@@ -482,13 +483,33 @@ fn classify(run: &Run) -> Vec<Landmarks> {
             if is_commit(sp.kind) {
                 // One header write, the commit point; a resize whose bitmaps extension lies
                 // past the first sector brackets it with two more (autoclear bit 0 cleared
-                // first, set last). Before the commit, the new clusters' refcounts (if any
-                // were allocated); after it, only refcount writes (frees) and the last header.
+                // first, set last). The first add at 64 KiB clusters (the extension's data in
+                // the second sector) writes the new cluster 0 with bit 0 clear, the commit
+                // point, then the same bytes with bit 0 set (`Image::put_header`). Before the
+                // commit, the new clusters' refcounts (if any were allocated); after it, only
+                // refcount writes (frees) and the last header.
                 let h = match headers.len() {
                     1 => headers[0],
                     3 if sp.kind == Kind::Resize => {
                         assert_eq!(headers[0], sp.start, "{sp:?}: bracket opens late");
                         headers[1]
+                    }
+                    2 if sp.kind == Kind::Add => {
+                        let data = |i: usize| match &ops[i] {
+                            Op::Write { data, .. } => data.to_vec(),
+                            _ => unreachable!(),
+                        };
+                        let (mut first, second) = (data(headers[0]), data(headers[1]));
+                        assert!(
+                            first[95] & 1 == 0 && second[95] & 1 == 1,
+                            "{sp:?}: the bracket's first write trusts the extension"
+                        );
+                        first[95] |= 1;
+                        assert!(
+                            first == second,
+                            "{sp:?}: the bracket changes more than bit 0"
+                        );
+                        headers[0]
                     }
                     _ => panic!("{sp:?}: header writes {headers:?}"),
                 };
@@ -559,7 +580,6 @@ struct Tally {
     /// Consistent bitmaps before the first checkpoint: never activated, nothing required.
     unrequired: usize,
     new_state_seen: usize,
-    torn_header: usize,
     leaks_in_window: BTreeMap<Kind, usize>,
 }
 
@@ -585,13 +605,6 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
         let w = run_workload(cs, seed ^ cs);
         let windows = classify(&w);
         let created = w.spans[0].end;
-        // The Add of the first bitmap: the one that writes the bitmaps extension anew.
-        let first_add = w
-            .spans
-            .iter()
-            .find(|sp| sp.kind == Kind::Add)
-            .map(|sp| sp.start)
-            .expect("the workload adds bitmaps");
         let mut tally = Tally::default();
         let modes = [CrashMode::Dropped, CrashMode::Kept]
             .into_iter()
@@ -616,28 +629,10 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
                 let open = marks.open;
                 let issued = |at: Option<usize>| at.is_some_and(|h| h < point);
                 let ctx = format!("{ctx} in {span:?}");
-                let s = match BitmapStore::open(
-                    MemStorage::from_bytes(image.clone()),
-                    OpenMode::ReadOnly,
-                ) {
-                    Ok(s) => s,
-                    // The known limit of docs/CRASH-CONSISTENCY.md: cluster 0 torn while the
-                    // first bitmap is added (a new extension frame over old zero data).
-                    // Refused as corrupt: detected, never falsely clean; QEMU refuses it too.
-                    // Anywhere else the same refusal is a defect.
-                    Err(e)
-                        if matches!(mode, CrashMode::Torn { .. })
-                            && e.to_string().contains("nb_bitmaps 0") =>
-                    {
-                        assert!(
-                            span.is_some_and(|sp| sp.kind == Kind::Add && sp.start == first_add),
-                            "{ctx}: a torn header outside the first add: {e}"
-                        );
-                        tally.torn_header += 1;
-                        continue;
-                    }
-                    Err(e) => panic!("{ctx}: {e}"),
-                };
+                // Every image opens, a torn first add's too (`Image::put_header`).
+                let s =
+                    BitmapStore::open(MemStorage::from_bytes(image.clone()), OpenMode::ReadOnly)
+                        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
                 let r = s.image().check().unwrap();
                 assert_eq!(r.corruptions, 0, "{ctx}: {:?}", r.messages);
                 let leaked = r.leaks > 0;
@@ -731,14 +726,12 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
         eprintln!(
             "cs {cs}: {} crash images, {} inconsistent bitmaps, {} consistent bitmaps checked \
              ({} only as the interrupted operation's result), {} consistent before any \
-             requirement (empty), {} refused for a torn header (known limit); leaks inside \
-             windows by operation: {:?}",
+             requirement (empty); leaks inside windows by operation: {:?}",
             tally.points,
             tally.inconsistent,
             tally.clean_checked,
             tally.new_state_seen,
             tally.unrequired,
-            tally.torn_header,
             tally.leaks_in_window
         );
         assert!(tally.points > 100 && tally.inconsistent > 0 && tally.clean_checked > 0);
@@ -1035,4 +1028,177 @@ fn a_torn_add_never_trusts_an_untrusted_directory_again() {
         }
     }
     assert!(sector0_only >= 2 && a_seen > 0 && b_trusted > 0);
+}
+
+/// The first add to an image without a bitmaps extension, and the removal of its only
+/// bitmap, change cluster 0 in two sectors at 64 KiB clusters: the autoclear field and the
+/// extension's frame (at 0x1F8) in the first, the extension's 24 data bytes (at 0x200) in
+/// the second. A crash that lands one of the two sectors alone must leave an image that
+/// opens, here and for QEMU (`qemu-img info` succeeds, `qemu-img check` exits 0 or 3), and
+/// no bitmap consistent unless it is the complete old or new state: the old `a` with
+/// exactly its stored bits (a removal), the new `b` empty (an add). A frame with bit 0 set
+/// over the other state's data reads `nb_bitmaps = 0`, which QEMU refuses as corrupt
+/// ("found bitmaps extension with zero bitmaps"); with bit 0 clear it ignores the
+/// extension. For 4 KiB and 64 KiB clusters, on the handle that created the image and on
+/// one opened on it: each cluster-0 write of the operation with its first sector alone
+/// landed, and with its second sector alone; every crash point torn 64 ways where a
+/// cluster-0 write is unsynced, and dropped and kept at every crash point.
+#[test]
+fn a_torn_first_add_or_last_remove_always_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = 32 * MIB;
+    let marks = [(0, 65536), (5 * MIB, 65536)];
+    let stored = DirtyBitmap::new(disk, 65536).unwrap();
+    for (o, l) in marks {
+        stored.mark_dirty(o, l);
+    }
+    let stored: Marks = stored.dirty_extents().collect();
+    let (mut single_sector, mut qemu_checked, mut old_seen, mut new_seen) = (0, 0, 0, 0);
+    for cluster in [4096u64, 65536] {
+        for remove in [false, true] {
+            for reopen in [false, true] {
+                let name = format!(
+                    "{cluster}: {}{}",
+                    if remove {
+                        "remove the last"
+                    } else {
+                        "first add"
+                    },
+                    if reopen { ", reopened" } else { "" }
+                );
+                let mut crash = Arc::new(CrashStorage::new());
+                let mut s = BitmapStore::create(Arc::clone(&crash), disk, cluster).unwrap();
+                if remove {
+                    s.add("a", 65536, Recording::Enabled).unwrap();
+                    let bm = DirtyBitmap::new(disk, 65536).unwrap();
+                    for (o, l) in marks {
+                        bm.mark_dirty(o, l);
+                    }
+                    s.store("a", &bm).unwrap();
+                }
+                if reopen {
+                    drop(s);
+                    crash = Arc::new(CrashStorage::from_bytes(crash.live_image()));
+                    s = BitmapStore::open(Arc::clone(&crash), OpenMode::ReadWrite).unwrap();
+                }
+                let start = crash.op_count();
+                if remove {
+                    s.remove("a").unwrap();
+                } else {
+                    s.add("b", 65536, Recording::Enabled).unwrap();
+                }
+                drop(s);
+                let ops = crash.ops();
+                let check = |image: Vec<u8>, ctx: &str, qemu: bool| {
+                    let s = BitmapStore::open(
+                        MemStorage::from_bytes(image.clone()),
+                        OpenMode::ReadOnly,
+                    )
+                    .unwrap_or_else(|e| panic!("{ctx}: refused: {e}"));
+                    assert_eq!(s.image().check().unwrap().corruptions, 0, "{ctx}");
+                    let mut trusted = Vec::new();
+                    let mut seen = (0, 0);
+                    for info in s.list() {
+                        if info.state == BitmapState::Inconsistent {
+                            continue;
+                        }
+                        let n = info.name.to_str().unwrap().to_string();
+                        let bits: Marks = s.load(&info.name).unwrap().dirty_extents().collect();
+                        if remove {
+                            assert!(
+                                n == "a" && bits == stored,
+                                "{ctx}: {n} consistent: {bits:?}"
+                            );
+                            seen.0 += 1;
+                        } else {
+                            assert!(
+                                n == "b" && bits.is_empty(),
+                                "{ctx}: {n} consistent: {bits:?}"
+                            );
+                            seen.1 += 1;
+                        }
+                        trusted.push(n);
+                    }
+                    if qemu {
+                        let path = dir.path().join("torn.qcow2");
+                        std::fs::write(&path, &image).unwrap();
+                        for (n, _, flags) in common::qemu::qemu_bitmaps(&path) {
+                            assert!(
+                                trusted.contains(&n) || flags.iter().any(|f| f == "in-use"),
+                                "{ctx}: qemu-img info trusts {n} ({flags:?}), we list {trusted:?}"
+                            );
+                        }
+                        let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
+                        let code = out.status.code();
+                        assert!(
+                            code == Some(0) || code == Some(3),
+                            "{ctx}: qemu-img check exit {code:?}: {}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                    seen
+                };
+                let mut tally = |seen: (usize, usize)| {
+                    old_seen += seen.0;
+                    new_seen += seen.1;
+                };
+                // Deterministic: each cluster-0 write of the operation with one of its first
+                // two sectors landed alone on the durable image before it.
+                for (i, op) in ops.iter().enumerate().skip(start) {
+                    let Op::Write { offset: 0, data } = op else {
+                        continue;
+                    };
+                    for sector in [0usize, 1] {
+                        let at = sector * 512;
+                        if data.len() <= at {
+                            continue;
+                        }
+                        let mut image = crash.crash_image(i, CrashMode::Dropped).unwrap();
+                        let end = data.len().min(at + 512);
+                        image[at..end].copy_from_slice(&data[at..end]);
+                        single_sector += 1;
+                        qemu_checked += 1;
+                        tally(check(
+                            image,
+                            &format!("{name}: op {i}, sector {sector} alone"),
+                            true,
+                        ));
+                    }
+                }
+                for point in crash.crash_points().into_iter().filter(|&p| p >= start) {
+                    for mode in [CrashMode::Dropped, CrashMode::Kept] {
+                        let image = crash.crash_image(point, mode).unwrap();
+                        qemu_checked += 1;
+                        tally(check(
+                            image,
+                            &format!("{name}: point {point}, {mode:?}"),
+                            true,
+                        ));
+                    }
+                    let tail = ops[..point]
+                        .iter()
+                        .rev()
+                        .take_while(|o| !matches!(o, Op::Sync));
+                    if !tail.into_iter().any(is_header_write) {
+                        continue;
+                    }
+                    for seed in 0..64 {
+                        let image = crash.crash_image(point, CrashMode::Torn { seed }).unwrap();
+                        tally(check(
+                            image,
+                            &format!("{name}: point {point}, tear {seed}"),
+                            false,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{single_sector} single-sector landings, {qemu_checked} images checked by QEMU; \
+         consistent: the old a {old_seen} times, the new b {new_seen} times"
+    );
+    // Not vacuous: the old and the new state are each seen trusted.
+    assert!(single_sector >= 8 && old_seen > 0 && new_seen > 0);
 }

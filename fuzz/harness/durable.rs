@@ -1047,27 +1047,16 @@ impl<'a> Harness<'a> {
                 .crash
                 .crash_image(p, mode)
                 .expect("a valid crash point");
-            self.check_image(&format!("{ctx}, {mode:?}"), image, mode, exp, leaks);
+            self.check_image(&format!("{ctx}, {mode:?}"), image, exp, leaks);
         }
     }
 
-    /// One image against `exp`: it opens (a torn cluster-0 write may be refused, the known
-    /// limit), has no corruption, leaks only if `leaks`, has an allowed disk size and mode,
+    /// One image against `exp`: it opens (a torn cluster-0 write too), has no corruption, leaks only if `leaks`, has an allowed disk size and mode,
     /// and each bitmap is one `exp` allows, consistent and not `in_use`, with an allowed
     /// granularity and flag, holding every granule it must.
-    fn check_image(&self, ctx: &str, image: Vec<u8>, mode: CrashMode, exp: &Expected, leaks: bool) {
-        let s = match BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly) {
-            Ok(s) => s,
-            // The known limit of docs/CRASH-CONSISTENCY.md ("a torn cluster-0 write"):
-            // refused as corrupt, never falsely clean; tests/crash.rs accepts it too.
-            Err(e)
-                if matches!(mode, CrashMode::Torn { .. })
-                    && e.to_string().contains("nb_bitmaps 0") =>
-            {
-                return;
-            }
-            Err(e) => panic!("{ctx}: the image does not open: {e}"),
-        };
+    fn check_image(&self, ctx: &str, image: Vec<u8>, exp: &Expected, leaks: bool) {
+        let s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
+            .unwrap_or_else(|e| panic!("{ctx}: the image does not open: {e}"));
         let r = s.image().check().expect("check runs");
         assert_eq!(r.corruptions, 0, "{ctx}: corrupt: {:?}", r.messages);
         assert!(
@@ -1175,7 +1164,7 @@ impl<'a> Harness<'a> {
         self.model.reopened();
         let closed = expectations(&self.model, &self.model, true);
         let live = self.crash.live_image();
-        self.check_image("end: closed", live, CrashMode::Kept, &closed, false);
+        self.check_image("end: closed", live, &closed, false);
     }
 }
 

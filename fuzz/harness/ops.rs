@@ -439,8 +439,6 @@ struct Crash<'a> {
     model: Model,
     cluster_bits: u32,
     seed: u64,
-    /// Crash images refused for the known torn-header limit (`docs/CRASH-CONSISTENCY.md`).
-    torn_headers: usize,
     /// Whether the current operation was refused with the expected typed error.
     refused: bool,
     /// The tracker taken by the first `TrackerMark` while active; dropped at a reopen.
@@ -860,19 +858,9 @@ impl<'a> Crash<'a> {
                 .crash
                 .crash_image(p, mode)
                 .expect("a valid crash point");
-            let s = match BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly) {
-                Ok(s) => s,
-                // The known limit of docs/CRASH-CONSISTENCY.md ("a torn cluster-0 write"):
-                // refused as corrupt, never falsely clean; tests/crash.rs accepts it too.
-                Err(e)
-                    if matches!(mode, CrashMode::Torn { .. })
-                        && e.to_string().contains("nb_bitmaps 0") =>
-                {
-                    self.torn_headers += 1;
-                    continue;
-                }
-                Err(e) => panic!("{cctx}: the crash image does not open: {e}"),
-            };
+            // A torn first add or removal of the last bitmap too (`Image::put_header`).
+            let s = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
+                .unwrap_or_else(|e| panic!("{cctx}: the crash image does not open: {e}"));
             let r = s.image().check().expect("check runs");
             assert_eq!(r.corruptions, 0, "{cctx}: corrupt: {:?}", r.messages);
             if r.leaks > 0 {
@@ -1048,7 +1036,6 @@ pub fn ops_crash(data: &[u8]) {
         },
         cluster_bits: cs.trailing_zeros(),
         seed,
-        torn_headers: 0,
         refused: false,
         tracker: None,
     };

@@ -28,7 +28,7 @@ use crate::format::header::{
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
 use crate::format::{decode_extensions, Extension, Header, HeaderArea, RawGuestMap};
-use crate::storage::{OpenMode, Storage, StorageExt};
+use crate::storage::{OpenMode, Storage, StorageExt, SECTOR_SIZE};
 use alloc::Refcounts;
 pub(crate) use alloc::{check_in_file, read_metadata};
 pub use check::{CheckReport, FragInfo};
@@ -47,14 +47,18 @@ pub struct Image<S: Storage> {
     area: HeaderArea,
     /// The bitmaps extension data found while autoclear bit 0 was clear (untrusted).
     stale_bitmaps: Option<Vec<u8>>,
-    /// Whether cluster 0 on disk may hold a bitmaps extension that autoclear bit 0 does not
-    /// vouch for: found so at the open (bit 0 clear, or an extension QEMU refuses), or left
-    /// so by this handle's last header or autoclear write. While it holds, a header write
-    /// that sets bit 0 is bracketed ([`put_header`](Self::put_header)).
-    disk_untrusted_bitmaps: bool,
-    /// Cluster 0 as this handle last wrote it and made durable, trailing zeros cut (the
-    /// encoder pads with zeros to the cluster size); `None` before its first header write
-    /// or when a write failed part-way.
+    /// Whether cluster 0 on disk holds a bitmaps extension with autoclear bit 0 set (one
+    /// QEMU trusts): `Some(true)` or `Some(false)` as found at the open or left by this
+    /// handle's last header or autoclear write; `None` when that is not known (an extension
+    /// QEMU refuses beside bit 0 set, a write that failed part-way). A header write that
+    /// sets bit 0 over a disk not known to trust, or drops the extension from a disk not
+    /// known not to, is bracketed ([`put_header`](Self::put_header)).
+    disk_trusts_bitmaps: Option<bool>,
+    /// Cluster 0 as a writable handle read it at the open or last wrote it and made
+    /// durable, trailing zeros cut (the encoder pads with zeros to the cluster size);
+    /// `None` on a read-only handle or when a write failed part-way. Only its bytes past
+    /// the first sector are relied on ([`put_header`](Self::put_header)): the reftable
+    /// growth rewrites header fields in the first sector in place without updating it.
     disk_header: Option<Vec<u8>>,
     refcounts: Refcounts,
     /// Set by the first failed write: the in-memory state may disagree with the disk.
@@ -143,6 +147,8 @@ impl<S: Storage> Image<S> {
             let cs = usize::try_from(header.cluster_size()).unwrap_or(usize::MAX);
             first.get(..cs.min(first.len())).unwrap_or(&first)
         };
+        // What a writable handle knows cluster 0 holds, before any lenient patch below.
+        let disk_header = writable.then(|| trim_zeros(cluster0).to_vec());
         let mut problem = None;
         let patched;
         let (area, cluster0) = match HeaderArea::decode(cluster0) {
@@ -180,16 +186,17 @@ impl<S: Storage> Image<S> {
             None
         };
         let refcounts = Refcounts::load(&storage, &area.header)?;
-        // After the lenient patch above, a refused extension reads as stale too.
-        let disk_untrusted_bitmaps = area.stale_bitmaps;
+        // After the lenient patch above, a refused extension reads as stale: on disk it lies
+        // beside bit 0 set, trusted by nothing, which neither answer describes.
+        let disk_trusts_bitmaps = problem.is_none().then_some(area.bitmaps.is_some());
         Ok((
             Self {
                 storage,
                 writable,
                 area,
                 stale_bitmaps,
-                disk_untrusted_bitmaps,
-                disk_header: None,
+                disk_trusts_bitmaps,
+                disk_header,
                 refcounts,
                 poisoned: false,
                 syncs: Barriers::default(),
@@ -336,7 +343,7 @@ impl<S: Storage> Image<S> {
         Ok(Self {
             storage,
             writable: true,
-            disk_untrusted_bitmaps: false,
+            disk_trusts_bitmaps: Some(false),
             disk_header: Some(trim_zeros(&bytes).to_vec()),
             area,
             stale_bitmaps: None,
@@ -440,54 +447,92 @@ impl<S: Storage> Image<S> {
     }
 
     /// Writes `bytes` (cluster 0 encoded from the in-memory area) at offset 0 and makes it
-    /// durable, never leaving a torn cluster 0 that trusts an extension no one vouched for.
+    /// durable, never leaving a torn cluster 0 that trusts an extension no one vouched for,
+    /// nor one QEMU refuses.
     ///
     /// A 512-byte sector lands whole or not at all, but the sectors of one write land in
     /// any subset. The autoclear field (bit 0) lies in the first sector, the bitmaps
     /// extension's data past it when cluster 0 holds QEMU's feature-name table (clusters
-    /// above 4 KiB). So when the disk holds an untrusted bitmaps extension (bit 0 clear:
-    /// left by a program without bitmap support, by `untrust_bitmaps`, or by a bracket of
-    /// the store) and `bytes` set bit 0, a crash could land the first sector alone: bit 0
-    /// set beside the untrusted extension, whose directory (never freed) then loads as
-    /// consistent without the writes made while it was untrusted. Such a write is
-    /// bracketed: `bytes` with bit 0 still clear, a barrier, then `bytes`, a barrier. The
-    /// second write changes only the autoclear field, so any mix of its sectors with the
-    /// disk is the old cluster 0 or the new one. The first is skipped when the disk
-    /// already holds it (the store's own brackets: `resize`, the directory rewritten in
-    /// place), so those keep their writes. Any other write keeps bit 0 set (a torn mix
-    /// trusts the old extension, whose directory is intact until this write's barrier
-    /// completes), leaves it clear or clears it (a torn mix is untrusted or the old
-    /// cluster 0), or sets it over a cluster 0 without a bitmaps extension (the first
-    /// add: a torn mix has no extension, or a new frame over old data, refused as corrupt;
-    /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write").
+    /// above 4 KiB: the frame at 0x1F8, the 24 data bytes at 0x200). A write whose bytes
+    /// past the first sector equal the disk's (`disk_header`) lands whole and is written
+    /// as it is. Otherwise two transitions are bracketed, so that every torn mix is the
+    /// old cluster 0, the new one, or one whose bitmaps extension (if any) lies beside bit
+    /// 0 clear, untrusted: QEMU ignores it (it checks only its length) and lists no bitmap,
+    /// and this crate lists each bitmap it names as inconsistent:
+    /// - `bytes` set bit 0 beside a bitmaps extension and the disk is not known to hold a
+    ///   trusted one (an untrusted extension left by a program without bitmap support, by
+    ///   `untrust_bitmaps` or by a bracket of the store; or none, the first add). In one
+    ///   write, a tear landing the first sector alone paired bit 0 with the untrusted
+    ///   extension, whose directory (never freed) then loaded as consistent without the
+    ///   writes made while it was untrusted, or the new frame with the old zeros
+    ///   (`nb_bitmaps = 0`, refused as corrupt). So `bytes` with bit 0 still clear first, a
+    ///   barrier, then `bytes`, which differ from the disk in the autoclear field alone.
+    /// - `bytes` hold no bitmaps extension and the disk may hold a trusted one (the last
+    ///   bitmap removed). In one write, the old first sector (bit 0 set, the frame) with the
+    ///   new second one (zeros) read `nb_bitmaps = 0`. So bit 0 is cleared alone first (the
+    ///   8-byte field, in the first sector), a barrier, then `bytes`.
+    ///
+    /// Any other write keeps bit 0 set over a trusted extension (a torn mix trusts the old
+    /// directory or the new one, whose 24 data bytes lie in one sector in the layouts this
+    /// crate writes, both intact until this write's barrier completes) or leaves the bit
+    /// clear over an extension (a torn mix with bit 0 set is the old, trusted cluster 0).
+    /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write", has the rest.
     fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
-        let trusts = self.area.header.bitmaps_consistent();
-        let len = bytes.len() as u64;
-        if trusts && self.disk_untrusted_bitmaps {
-            let mut untrusted = self.area.header.clone();
+        let header = &self.area.header;
+        let trusts = header.bitmaps_consistent();
+        let extension = self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+        let whole = self
+            .disk_header
+            .as_deref()
+            .is_some_and(|disk| same_past_first_sector(disk, bytes));
+        if !whole && header.version >= 3 {
+            let mut untrusted = header.clone();
             untrusted.autoclear_features &= !AUTOCLEAR_BITMAPS;
             let (at, field) = untrusted.autoclear_field();
-            let mut first = bytes.to_vec();
-            let at = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
-            first
-                .get_mut(at..at + field.len())
-                .ok_or_else(|| internal!("cluster 0 shorter than its header"))?
-                .copy_from_slice(&field);
-            if self.disk_header.as_deref() != Some(trim_zeros(&first)) {
-                self.disk_header = None;
-                self.storage.grow_to(len)?;
-                self.storage.write_all_at(&first, 0)?;
-                self.syncs.sync(&self.storage)?;
-                self.disk_header = Some(trim_zeros(&first).to_vec());
+            if trusts && extension && self.disk_trusts_bitmaps != Some(true) {
+                let mut first = bytes.to_vec();
+                let at = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
+                first
+                    .get_mut(at..at + field.len())
+                    .ok_or_else(|| internal!("cluster 0 shorter than its header"))?
+                    .copy_from_slice(&field);
+                self.write_cluster0(&first, false)?;
+            } else if !extension && self.disk_trusts_bitmaps != Some(false) {
+                self.write_autoclear_field(at, field, false)?;
             }
         }
+        self.write_cluster0(bytes, trusts && extension)
+    }
+
+    /// Writes cluster 0 whole and a barrier; `trusted`: whether `bytes` hold a bitmaps
+    /// extension beside autoclear bit 0 set. Until the barrier completes, what the disk
+    /// holds is not known.
+    fn write_cluster0(&mut self, bytes: &[u8], trusted: bool) -> Result<()> {
         self.disk_header = None;
-        self.storage.grow_to(len)?;
+        self.disk_trusts_bitmaps = None;
+        self.storage.grow_to(bytes.len() as u64)?;
         self.storage.write_all_at(bytes, 0)?;
         self.syncs.sync(&self.storage)?;
         self.disk_header = Some(trim_zeros(bytes).to_vec());
-        self.disk_untrusted_bitmaps =
-            !trusts && self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+        self.disk_trusts_bitmaps = Some(trusted);
+        Ok(())
+    }
+
+    /// Writes the autoclear field alone (`field` at `at`, inside the first sector, so it
+    /// lands whole or not at all) and a barrier; `trusted` as for
+    /// [`write_cluster0`](Self::write_cluster0), for cluster 0 with that field. The copy of
+    /// cluster 0 follows.
+    fn write_autoclear_field(&mut self, at: u64, field: [u8; 8], trusted: bool) -> Result<()> {
+        let known = self.disk_header.take();
+        self.disk_trusts_bitmaps = None;
+        self.storage.write_all_at(&field, at)?;
+        self.syncs.sync(&self.storage)?;
+        self.disk_trusts_bitmaps = Some(trusted);
+        self.disk_header = known.and_then(|mut d| {
+            let at = usize::try_from(at).ok()?;
+            d.get_mut(at..at + field.len())?.copy_from_slice(&field);
+            Some(d)
+        });
         Ok(())
     }
 
@@ -609,9 +654,10 @@ impl<S: Storage> Image<S> {
     /// Writes cluster 0 from the in-memory header area in one write, then syncs: the commit
     /// point of every metadata change. Unknown autoclear bits are cleared (the spec allows a
     /// writer to modify the image only after clearing them), and autoclear bit 0 is cleared
-    /// when there is no bitmaps extension to go with it. A write that sets bit 0 while the
-    /// disk holds an untrusted bitmaps extension is two writes and two barriers
-    /// ([`put_header`](Self::put_header)).
+    /// when there is no bitmaps extension to go with it. A write that sets bit 0 beside a
+    /// bitmaps extension while the disk holds none or an untrusted one, or that drops the
+    /// extension while the disk holds a trusted one, is two writes and two barriers unless
+    /// only its first sector differs from the disk ([`put_header`](Self::put_header)).
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
@@ -690,10 +736,12 @@ impl<S: Storage> Image<S> {
     pub(crate) fn untrust_bitmaps(&mut self) -> Result<()> {
         self.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         let (offset, bytes) = self.area.header.autoclear_field();
-        // Whether or not the write lands, the disk's extension may be untrusted from here.
-        self.disk_untrusted_bitmaps = true;
+        // Whether the write lands is not known until it and its barrier succeed.
+        self.disk_trusts_bitmaps = None;
         self.disk_header = None;
-        self.withdraw_at(&bytes, offset)
+        self.withdraw_at(&bytes, offset)?;
+        self.disk_trusts_bitmaps = Some(false);
+        Ok(())
     }
 
     /// Writes the autoclear field alone (8 bytes at offset 88, inside the first sector, so
@@ -706,24 +754,28 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| {
             img.area.header.autoclear_features = value;
             let (offset, field) = img.area.header.autoclear_field();
-            let known = img.disk_header.take();
-            img.storage.write_all_at(&field, offset)?;
-            img.syncs.sync(&img.storage)?;
-            // Cleared, the bit leaves whatever extension the disk holds untrusted.
-            img.disk_untrusted_bitmaps = !img.area.header.bitmaps_consistent();
-            // The copy of cluster 0 follows when it covers the field.
-            img.disk_header = known.and_then(|mut d| {
-                let at = usize::try_from(offset).ok()?;
-                d.get_mut(at..at + field.len())?.copy_from_slice(&field);
-                Some(d)
-            });
-            Ok(())
+            // Cleared, the bit leaves whatever extension the disk holds untrusted; set, it
+            // vouches for the extension the caller left on disk (its bracket).
+            let trusted = img.area.header.bitmaps_consistent()
+                && img.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+            img.write_autoclear_field(offset, field, trusted)
         })
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+/// Whether `new` (cluster 0 to be written) equals `disk` (cluster 0 on disk, trailing
+/// zeros cut) past the first 512-byte sector: a write of `new` then changes one sector and
+/// lands whole or not at all.
+fn same_past_first_sector(disk: &[u8], new: &[u8]) -> bool {
+    let from = SECTOR_SIZE as usize;
+    new.iter()
+        .enumerate()
+        .skip(from)
+        .all(|(i, &b)| disk.get(i).copied().unwrap_or(0) == b)
+}
 
 /// `bytes` without its trailing zeros.
 fn trim_zeros(bytes: &[u8]) -> &[u8] {
