@@ -452,6 +452,16 @@ fn is_header_write(op: &Op) -> bool {
     matches!(op, Op::Write { offset: 0, data } if data.len() >= 104)
 }
 
+/// Whether a crash at `point` may tear a cluster-0 write: the unsynced tail of the log
+/// before it holds one. The torn-header tests try 64 tear patterns there, one elsewhere.
+fn header_write_unsynced(ops: &[Op], point: usize) -> bool {
+    ops[..point]
+        .iter()
+        .rev()
+        .take_while(|o| !matches!(o, Op::Sync))
+        .any(is_header_write)
+}
+
 /// Where a span's landmarks are in the log (op indexes).
 #[derive(Debug, Clone, Copy, Default)]
 struct Landmarks {
@@ -795,12 +805,7 @@ fn torn_resize_header_is_never_falsely_clean() {
         let mut consistent = 0;
         let ops = crash.ops();
         for point in start..=end {
-            // 32 tear patterns where the unsynced tail holds a cluster-0 write, one elsewhere.
-            let tail = ops[..point]
-                .iter()
-                .rev()
-                .take_while(|o| !matches!(o, Op::Sync));
-            let seeds = if tail.into_iter().any(is_header_write) {
+            let seeds = if header_write_unsynced(&ops, point) {
                 64
             } else {
                 1
@@ -1006,11 +1011,7 @@ fn a_torn_add_never_trusts_an_untrusted_directory_again() {
             b_trusted += b;
         }
         for point in crash.crash_points() {
-            let tail = ops[..point]
-                .iter()
-                .rev()
-                .take_while(|o| !matches!(o, Op::Sync));
-            let seeds = if tail.into_iter().any(is_header_write) {
+            let seeds = if header_write_unsynced(&ops, point) {
                 64
             } else {
                 1
@@ -1176,11 +1177,7 @@ fn a_torn_first_add_or_last_remove_always_opens() {
                             true,
                         ));
                     }
-                    let tail = ops[..point]
-                        .iter()
-                        .rev()
-                        .take_while(|o| !matches!(o, Op::Sync));
-                    if !tail.into_iter().any(is_header_write) {
+                    if !header_write_unsynced(&ops, point) {
                         continue;
                     }
                     for seed in 0..64 {

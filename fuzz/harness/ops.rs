@@ -717,7 +717,7 @@ impl<'a> Crash<'a> {
                 t.mark(offset, len);
                 // Every bitmap with an in-memory copy (active or parked) that is enabled.
                 for b in self.model.bms.iter_mut() {
-                    if b.handle.is_some() && b.enabled {
+                    if (b.handle.is_some() || b.parked_added) && b.enabled {
                         let g = b.granularity;
                         b.mem.extend(granules(size, g, offset, len));
                     }
@@ -753,7 +753,7 @@ impl<'a> Crash<'a> {
                     let b = self.bm(n);
                     if active {
                         b.mem.extend(bits);
-                    } else if b.handle.is_some() {
+                    } else if b.handle.is_some() || b.parked_added {
                         // Parked: ORed into the parked copy, which is written whole.
                         b.mem.extend(bits);
                         b.req = b.mem.clone();
