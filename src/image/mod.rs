@@ -478,9 +478,9 @@ impl<S: Storage> Image<S> {
     /// clear over an extension (a torn mix with bit 0 set is the old, trusted cluster 0).
     /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write", has the rest.
     fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
-        let header = &self.area.header;
-        let trusts = header.bitmaps_consistent();
+        let trusted = self.area_trusts_bitmaps();
         let extension = self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+        let header = &self.area.header;
         let whole = self
             .disk_header
             .as_deref()
@@ -489,7 +489,7 @@ impl<S: Storage> Image<S> {
             let mut untrusted = header.clone();
             untrusted.autoclear_features &= !AUTOCLEAR_BITMAPS;
             let (at, field) = untrusted.autoclear_field();
-            if trusts && extension && self.disk_trusts_bitmaps != Some(true) {
+            if trusted && self.disk_trusts_bitmaps != Some(true) {
                 let mut first = bytes.to_vec();
                 let at = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
                 first
@@ -501,7 +501,13 @@ impl<S: Storage> Image<S> {
                 self.write_autoclear_field(at, field, false)?;
             }
         }
-        self.write_cluster0(bytes, trusts && extension)
+        self.write_cluster0(bytes, trusted)
+    }
+
+    /// Whether cluster 0 encoded from the in-memory area holds a bitmaps extension beside
+    /// autoclear bit 0 set: one QEMU trusts (`disk_trusts_bitmaps` once it is on disk).
+    fn area_trusts_bitmaps(&self) -> bool {
+        self.area.header.bitmaps_consistent() && self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0)
     }
 
     /// Writes cluster 0 whole and a barrier; `trusted`: whether `bytes` hold a bitmaps
@@ -756,8 +762,7 @@ impl<S: Storage> Image<S> {
             let (offset, field) = img.area.header.autoclear_field();
             // Cleared, the bit leaves whatever extension the disk holds untrusted; set, it
             // vouches for the extension the caller left on disk (its bracket).
-            let trusted = img.area.header.bitmaps_consistent()
-                && img.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
+            let trusted = img.area_trusts_bitmaps();
             img.write_autoclear_field(offset, field, trusted)
         })
     }
