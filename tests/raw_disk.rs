@@ -485,3 +485,82 @@ fn data_file_raw_without_a_data_file_is_refused_as_qemu_refuses_it() {
         "written before the refusal"
     );
 }
+
+/// Found by a review: an image with the `data_file` bit that names no data file (QEMU opens
+/// it only when its user names the raw disk, with the `data-file` option) opened writable
+/// here without any lock on that disk, so a QEMU writer of the raw disk wrote unseen by the
+/// bitmaps. A writable open is now refused, writing nothing; a read-only one still lists
+/// the bitmaps.
+#[test]
+fn a_data_file_image_that_names_no_data_file_is_refused_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let img = dir.path().join("unnamed.qcow2");
+    raw_disk(&raw, 16 * MIB);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p(&raw)),
+            p(&img),
+            "16M",
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", p(&img), "b"]);
+    // The data file name extension (magic 0x44415441, "DATA") becomes an unknown extension,
+    // which QEMU keeps and ignores: the bit stays, the name is gone.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let at = bytes[..4096]
+        .windows(4)
+        .position(|w| w == b"DATA")
+        .expect("the data file name extension in cluster 0");
+    bytes[at..at + 4].copy_from_slice(b"ZZZZ");
+    assert_eq!(bytes[79] & 4, 4, "the data_file bit");
+    std::fs::write(&img, &bytes).unwrap();
+    // `qemu-img info` opens it without I/O; a tool that reads or writes it refuses.
+    let out = run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read 0 4k", p(&img)],
+    );
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("'data-file' is required"),
+        "QEMU opened it without a data-file option: {out:?}"
+    );
+    // With the raw disk named, QEMU opens it and writes the raw disk.
+    let opts = format!(
+        "driver=qcow2,file.filename={},data-file.filename={}",
+        p(&img),
+        p(&raw)
+    );
+    ok(
+        "qemu-io",
+        &["--image-opts", "-c", "write -P 0x5a 1M 64K", &opts],
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    let e = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .err()
+    .expect("a writable open of an image whose raw disk it cannot lock");
+    assert!(
+        matches!(&e, dirty_bitmap::Error::Unsupported(m) if m.contains("names none")),
+        "{e:?}"
+    );
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        bytes,
+        "written before the refusal"
+    );
+    let st = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .expect("a read-only open");
+    assert_eq!(st.list().len(), 1);
+}

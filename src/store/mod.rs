@@ -489,8 +489,20 @@ impl<S: Storage> BitmapStore<S> {
             // it, so that no program honouring QEMU's locks writes it unseen. Only with the
             // incompatible `data_file` bit: without it QEMU reads the guest data from the
             // image itself and ignores the name (`qcow2_do_open`).
-            let named = image.area().data_file_name();
-            if let Some(name) = named.filter(|_| image.header().has_data_file()) {
+            //
+            // With the bit and no name, QEMU opens the image only when its user names the
+            // raw disk (the `data-file` option; `qcow2_do_open` fails "'data-file' is
+            // required for this image" otherwise), and nothing here can name the file to
+            // lock: writes from a QEMU writer of that disk would go unseen. Refused.
+            if image.header().has_data_file() {
+                let Some(name) = image.area().data_file_name() else {
+                    return Err(Error::Unsupported(
+                        "the image keeps its guest data in an external data file (incompatible \
+                         bit 2) but names none: its raw disk cannot be locked, and QEMU opens \
+                         it only with a 'data-file' option"
+                            .into(),
+                    ));
+                };
                 image.storage().hold_data_file(name)?;
             }
         }
