@@ -564,7 +564,8 @@ pub fn decode_directory(
             reason,
         };
         let entry = DirEntry::from_raw(&raw, geometry).map_err(bad)?;
-        if !names.insert(entry.name.clone()) {
+        // Names QEMU reads alike (up to their first NUL) collide in QEMU's load.
+        if !names.insert(entry.name.qemu_name().to_vec()) {
             return Err(bad(EntryProblem::DuplicateName {
                 name: entry.name.to_string(),
             }));
@@ -669,7 +670,7 @@ pub fn triage_directory(bytes: &[u8], nb_bitmaps: u32, geometry: &ImageGeometry)
         let verdict = DirEntry::from_raw(&raw, geometry)
             .and_then(|e| e.check_table_size(geometry).map(|()| e))
             .and_then(|e| {
-                if names.insert(e.name.clone()) {
+                if names.insert(e.name.qemu_name().to_vec()) {
                     Ok(e)
                 } else {
                     Err(EntryProblem::DuplicateName {
@@ -1092,6 +1093,31 @@ mod tests {
                 reason: EntryProblem::DuplicateName { name: "b0".into() }
             })
         );
+    }
+
+    /// QEMU reads a name up to its first NUL, so `b0\0x` beside `b0` is a second `b0` to
+    /// it ("Bitmap already exists"): refused here too, by both readers.
+    #[test]
+    fn rejects_names_qemu_reads_alike() {
+        let mut e2 = b0();
+        e2.table_offset = 0x0C0000;
+        let mut r2 = raw(&e2);
+        r2.name = b"b0\0x".to_vec();
+        let bytes = dir_of(&[raw(&b0()), r2]);
+        assert!(matches!(
+            decode_directory(&bytes, 2, &geometry()),
+            Err(Corruption::DirectoryEntry {
+                index: 1,
+                reason: EntryProblem::DuplicateName { .. },
+                ..
+            })
+        ));
+        let t = triage_directory(&bytes, 2, &geometry());
+        assert!(t.entries[0].verdict.is_ok());
+        assert!(matches!(
+            t.entries[1].verdict,
+            Err(EntryProblem::DuplicateName { .. })
+        ));
     }
 
     #[test]
