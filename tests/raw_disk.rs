@@ -542,12 +542,12 @@ fn a_data_file_image_that_names_no_data_file_is_refused_writable() {
         &["--image-opts", "-c", "write -P 0x5a 1M 64K", &opts],
     );
     let bytes = std::fs::read(&img).unwrap();
-    let e = BitmapStore::open(
+    let Err(e) = BitmapStore::open(
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
         OpenMode::ReadWrite,
-    )
-    .err()
-    .expect("a writable open of an image whose raw disk it cannot lock");
+    ) else {
+        panic!("a writable open of an image whose raw disk it cannot lock");
+    };
     assert!(
         matches!(&e, dirty_bitmap::Error::Unsupported(m) if m.contains("names none")),
         "{e:?}"
