@@ -196,8 +196,10 @@ impl<S: Storage> BitmapStore<S> {
     /// Checked before anything is written: [`Error::NotFound`] for a name the directory
     /// lacks; [`Error::Inconsistent`] for a bitmap `in_use` on disk;
     /// [`Error::InvalidInput`] for a bitmap whose disk size or granularity is not the
-    /// directory's, or a name given twice; [`Error::WrongState`] if active. Then as
-    /// [`activate`](Self::activate).
+    /// directory's, a name given twice, or one bitmap object given for two names or held
+    /// as another bitmap's parked copy (each bitmap needs its own change map; a bitmap
+    /// must not be held by two stores either, which this cannot see);
+    /// [`Error::WrongState`] if active. Then as [`activate`](Self::activate).
     pub fn activate_with(&mut self, content: Vec<(String, Arc<DirtyBitmap>)>) -> Result<()> {
         self.ensure_writable()?;
         if self.active {
@@ -220,6 +222,20 @@ impl<S: Storage> BitmapStore<S> {
             }
             if adopted.iter().any(|(n, _)| *n == e.name) {
                 return Err(Error::InvalidInput(format!("bitmap {name:?} given twice")));
+            }
+            // One object held for two bitmaps would share one change map: the stop's flush
+            // drains it for the first, writes nothing of the second, and clears `in_use` on
+            // both, leaving the second consistent on disk without its bits.
+            let aliased =
+                adopted.iter().any(|(_, b)| Arc::ptr_eq(b, &bm))
+                    || self.slots.iter().enumerate().any(|(j, s)| {
+                        j != i && s.parked.as_ref().is_some_and(|p| Arc::ptr_eq(p, &bm))
+                    });
+            if aliased {
+                return Err(Error::InvalidInput(format!(
+                    "bitmap {name:?} is the same object as another bitmap this store holds or \
+                     is given; each needs its own"
+                )));
             }
             adopted.push((e.name.clone(), bm));
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::BitmapStore;
 use crate::bitmap::DirtyBitmap;
-use crate::error::Result;
+use crate::error::{internal, Result};
 use crate::flush::{self, FlushStats, StopReport, StopSource, StopWork};
 use crate::storage::Storage;
 use crate::tracker::Tracker;
@@ -15,10 +15,23 @@ use crate::units::{Bytes, BytesPerMs, Millis};
 impl<S: Storage> BitmapStore<S> {
     /// The flush targets of an active store: every in-memory bitmap with its table (the
     /// kept copy, or read from disk).
+    ///
+    /// # Errors
+    /// [`Error::Internal`](crate::Error::Internal) when two slots hold one bitmap object:
+    /// the flush would drain its change map for the first and write nothing of the second
+    /// (`activate_with` refuses such content; this is the backstop, and the stop then fails
+    /// with every `in_use` still set).
     pub(super) fn flush_targets(&self) -> Result<Vec<flush::Target>> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for s in &self.slots {
             if let Some(m) = &s.mem {
+                if !seen.insert(Arc::as_ptr(m)) {
+                    return Err(internal!(
+                        "bitmap {:?} shares its object with another bitmap of the store",
+                        s.entry.name.to_string()
+                    ));
+                }
                 out.push(flush::Target {
                     bitmap: Arc::clone(m),
                     table_offset: s.entry.table_offset,

@@ -917,3 +917,68 @@ fn a_name_qemu_reads_as_taken_is_refused() {
     assert!(s.image.storage().to_vec() == bytes, "the refusal wrote");
     s.add("ax", 65536, Recording::Enabled).unwrap();
 }
+
+/// Found by a review: one bitmap object held for two bitmaps shares one change map, so the
+/// stop's flush drained it for the first and wrote nothing of the second, then cleared
+/// `in_use` on both: the second was left consistent on disk without its bits (a false
+/// clean). `activate_with` now refuses an object given twice, or held as another bitmap's
+/// parked copy, before any write.
+#[test]
+fn activate_with_refuses_one_bitmap_object_for_two_bitmaps() {
+    let disk = 64 * MIB;
+    let mut s = new_store(disk, 65536);
+    s.add("a", 65536, Recording::Enabled).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    let x = Arc::new(DirtyBitmap::new(disk, 65536).unwrap());
+    x.mark_dirty(0, 4096);
+    // The parked route: `a`'s parked copy given for `b`.
+    s.activate().unwrap();
+    let parked_a = s.bitmap("a").unwrap();
+    parked_a.mark_dirty(MIB, 4096);
+    s.inactivate().unwrap();
+    for (content, what) in [
+        (
+            vec![
+                ("a".to_string(), Arc::clone(&x)),
+                ("b".to_string(), Arc::clone(&x)),
+            ],
+            "one object for both",
+        ),
+        (
+            vec![("b".to_string(), Arc::clone(&parked_a))],
+            "a's parked copy for b",
+        ),
+    ] {
+        let before = s.image().storage().to_vec();
+        match s.activate_with(content) {
+            Err(Error::InvalidInput(m)) => {
+                assert!(m.contains("same object"), "{what}: {m}");
+                assert!(!s.is_active(), "{what}");
+                assert_eq!(s.image().storage().to_vec(), before, "{what}: wrote");
+            }
+            other => {
+                // Without the refusal the stop leaves `b` consistent without its bits.
+                let activated = other.is_ok();
+                if activated {
+                    s.inactivate().unwrap();
+                }
+                let r = BitmapStore::open(
+                    MemStorage::from_bytes(s.image().storage().to_vec()),
+                    OpenMode::ReadOnly,
+                )
+                .unwrap();
+                let b = r.load("b").unwrap();
+                panic!(
+                    "{what}: not refused ({activated}); b on disk holds {} of its bits",
+                    b.count()
+                );
+            }
+        }
+    }
+    // Its own parked copy for `a` is not an alias: it activates.
+    s.activate_with(vec![("a".to_string(), Arc::clone(&parked_a))])
+        .unwrap();
+    s.inactivate().unwrap();
+    let r = reopen(s, OpenMode::ReadOnly);
+    assert!(r.load("a").unwrap().is_dirty(MIB));
+}
