@@ -546,8 +546,7 @@ fn a_data_file_image_that_names_no_data_file_is_refused_writable() {
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
         OpenMode::ReadWrite,
     )
-    .err()
-    .expect("a writable open of an image whose raw disk it cannot lock");
+    .expect_err("a writable open of an image whose raw disk it cannot lock");
     assert!(
         matches!(&e, dirty_bitmap::Error::Unsupported(m) if m.contains("names none")),
         "{e:?}"
