@@ -605,11 +605,11 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     /// from there. A preload that cannot follow is never trusted as is: the activate reads
     /// every bitmap again.
     fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
-        let max_regions = self
-            .preloaded
-            .as_ref()
-            .map_or(0, crate::Preloaded::max_region_count);
-        match disk_log_codec::decode(payload, max_regions)? {
+        // Regions are kept only for a bitmap the preload holds, at its region count: a LOG
+        // costs at most the preload's own region sets, whatever it names.
+        let pre = self.preloaded.as_ref();
+        let holds = |name: &[u8], regions: u64| pre.is_some_and(|p| p.holds(name, regions));
+        match disk_log_codec::decode(payload, holds)? {
             LogSection::Begin(id) => self.preload_following(id, 0),
             LogSection::Log(log) if log.whole && !log.last => {
                 self.preload_following(log.id, log.seq);

@@ -4,8 +4,9 @@
 //! since its preload, during precopy, and at the stop only those of the last log.
 //!
 //! Pure codecs: no I/O, no panic on any payload, allocation bounded by the payload length
-//! (and by the caller's largest region count); every field is read through the checked
-//! readers of `frame.rs`. The byte layout (big-endian) is in `docs/FORMAT.md`, section
+//! and by what the caller holds (an entry keeps regions only for a bitmap the caller holds
+//! under its name with its region count, and a name keeps them once in a LOG); every field
+//! is read through the checked readers of `frame.rs`. The byte layout (big-endian) is in `docs/FORMAT.md`, section
 //! "Migration stream":
 //!
 //! | kind (1) | body |
@@ -16,6 +17,8 @@
 //! The regions of an entry are, with encoding 0, a count (4) and that many region numbers
 //! (8 each, ascending); with encoding 1, one bit per region (bit `k` of byte `i` is region
 //! `8 i + k`), `ceil(region count / 8)` bytes. The encoder picks the shorter.
+
+use std::collections::BTreeSet;
 
 use super::error::Result;
 use super::frame::{be_u16, be_u32, be_u64, be_u8, field, FrameError};
@@ -108,16 +111,25 @@ pub fn log_len_bound(bitmaps: impl IntoIterator<Item = (usize, u64)>) -> u64 {
     })
 }
 
-/// Decodes a section. An entry whose region count is above `max_regions` (more than any
-/// bitmap the caller holds: it cannot apply to one) keeps no regions and a region count of
-/// 0, so that it matches no bitmap; nothing is allocated for it.
+/// Decodes a section. `holds(name, region_count)` says whether the caller holds a bitmap
+/// of that name with that many regions (at most one per name): only such an entry keeps
+/// its regions, the first of its name in the LOG. Any other entry (a name the caller does
+/// not hold, or holds with another region count: it cannot apply to that bitmap, which the
+/// reader then reads whole) keeps no regions and a region count of 0, so that it matches
+/// no bitmap; nothing is allocated for it. So a LOG costs at most a bit per region of the
+/// bitmaps the caller holds, whatever it names.
+///
+/// A name given twice in a LOG that is not whole is refused, before anything is allocated
+/// for it: the writer logs a bitmap once per table, and its table moves only by a
+/// directory commit, which makes the log whole. In a whole LOG (whose regions no reader
+/// follows) only the first entry of a name keeps regions.
 ///
 /// # Errors
 /// [`FrameError::BadPayload`] for an empty, truncated or over-long payload, an unknown
-/// kind, a log id of 0, reserved flags, an empty name, a region size of 0, an unknown
-/// encoding, a region number not below the region count or out of order, or bits past the
-/// region count.
-pub fn decode(payload: &[u8], max_regions: u64) -> Result<LogSection> {
+/// kind, a log id of 0, reserved flags, an empty name, a name repeated in a LOG that is not
+/// whole, a region size of 0, an unknown encoding, a region number not below the region
+/// count or out of order, or bits past the region count.
+pub fn decode(payload: &[u8], holds: impl Fn(&[u8], u64) -> bool) -> Result<LogSection> {
     let kind = be_u8(payload, 0).ok_or_else(|| bad("empty payload"))?;
     let body = payload.get(1..).unwrap_or_default();
     match kind {
@@ -125,7 +137,7 @@ pub fn decode(payload: &[u8], max_regions: u64) -> Result<LogSection> {
             Some(id) if id != 0 && body.len() == 8 => Ok(LogSection::Begin(id)),
             _ => Err(bad("a BEGIN body is a log id (8 bytes, not 0)").into()),
         },
-        KIND_LOG => decode_log(body, max_regions).map(LogSection::Log),
+        KIND_LOG => decode_log(body, &holds).map(LogSection::Log),
         k => Err(bad(format!("unknown disk log section kind {k}")).into()),
     }
 }
@@ -167,7 +179,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn decode_log(body: &[u8], max_regions: u64) -> Result<WriteLog> {
+fn decode_log(body: &[u8], holds: &dyn Fn(&[u8], u64) -> bool) -> Result<WriteLog> {
     let short = || bad("truncated LOG");
     let mut c = Cursor { body, at: 0 };
     let id = c.u64().ok_or_else(short)?;
@@ -183,12 +195,19 @@ fn decode_log(body: &[u8], max_regions: u64) -> Result<WriteLog> {
     // Each entry takes at least its fixed bytes: the count cannot ask for more.
     let room = c.left() / ENTRY_FIXED_LEN;
     let mut bitmaps = Vec::with_capacity(usize::from(n).min(room));
-    for _ in 0..n {
+    let whole = flags & FLAG_WHOLE != 0;
+    // The names so far (slices of the payload): at most one per entry.
+    let mut names: BTreeSet<&[u8]> = BTreeSet::new();
+    for i in 0..n {
         let name_len = usize::from(c.u16().ok_or_else(short)?);
         if name_len == 0 {
             return Err(bad("empty bitmap name").into());
         }
         let name = c.bytes(name_len).ok_or_else(short)?;
+        let first = names.insert(name);
+        if !first && !whole {
+            return Err(bad(format!("entry {i} repeats the name of an earlier one")).into());
+        }
         let table_offset = c.u64().ok_or_else(short)?;
         let region_size = c.u64().ok_or_else(short)?;
         let region_count = c.u64().ok_or_else(short)?;
@@ -197,7 +216,7 @@ fn decode_log(body: &[u8], max_regions: u64) -> Result<WriteLog> {
         if region_size == 0 {
             return Err(bad("region size 0").into());
         }
-        let keep = region_count <= max_regions;
+        let keep = first && holds(name, region_count);
         let mut regions = ChangedRegions::empty(if keep { region_count } else { 0 });
         match encoding {
             ENCODING_LIST => {
@@ -252,7 +271,7 @@ fn decode_log(body: &[u8], max_regions: u64) -> Result<WriteLog> {
     Ok(WriteLog {
         id,
         seq,
-        whole: flags & FLAG_WHOLE != 0,
+        whole,
         last: flags & FLAG_LAST != 0,
         bitmaps,
     })
@@ -282,14 +301,24 @@ mod tests {
         }
     }
 
+    /// The caller of these tests: it holds bitmap "b0" of 8,192 regions.
+    fn b0(name: &[u8], region_count: u64) -> bool {
+        name == b"b0" && region_count == 8192
+    }
+
+    /// A caller that holds nothing.
+    fn none(_: &[u8], _: u64) -> bool {
+        false
+    }
+
     #[test]
     fn a_log_round_trips_in_both_encodings() {
         for (regions, count) in [(vec![3, 8000], 8192u64), ((0..8192).step_by(3).collect(), 8192)] {
             let l = log(&regions, count);
             let bytes = encode_log(&l);
-            assert_eq!(decode(&bytes, 8192).unwrap(), LogSection::Log(l));
+            assert_eq!(decode(&bytes, b0).unwrap(), LogSection::Log(l));
         }
-        assert_eq!(decode(&encode_begin(5), 0).unwrap(), LogSection::Begin(5));
+        assert_eq!(decode(&encode_begin(5), none).unwrap(), LogSection::Begin(5));
     }
 
     #[test]
@@ -308,12 +337,25 @@ mod tests {
         assert!(dense.len() < 8192 / 8 + 100, "{}", dense.len());
     }
 
+    /// An entry keeps regions only for a bitmap the caller holds under its name with its
+    /// region count; any other keeps none, and nothing is allocated for it.
     #[test]
-    fn a_region_count_above_the_callers_keeps_nothing() {
+    fn an_entry_the_caller_does_not_hold_keeps_nothing() {
         let bytes = encode_log(&log(&[1, 2], 8192));
-        let LogSection::Log(l) = decode(&bytes, 100).unwrap() else {
+        let other_count = |n: &[u8], c: u64| n == b"b0" && c == 100;
+        for l in [decode(&bytes, none), decode(&bytes, other_count)] {
+            let LogSection::Log(l) = l.unwrap() else {
+                panic!("not a log")
+            };
+            assert_eq!(l.bitmaps[0].regions.region_count(), 0);
+            assert!(l.bitmaps[0].regions.is_empty());
+        }
+        // A region count of 2^62 (2^56 words, were they allocated) for a name not held.
+        let bytes = repeated(b"x", 1, 1 << 62);
+        let LogSection::Log(l) = decode(&bytes, b0).unwrap() else {
             panic!("not a log")
         };
+        assert_eq!(l.bitmaps[0].name, "x");
         assert_eq!(l.bitmaps[0].regions.region_count(), 0);
     }
 
@@ -321,14 +363,71 @@ mod tests {
     fn every_truncation_and_every_flipped_byte_is_refused_or_decoded_without_panic() {
         let bytes = encode_log(&log(&[1, 5, 77], 8192));
         for n in 0..bytes.len() {
-            assert!(decode(&bytes[..n], 8192).is_err(), "a log cut at {n}");
+            assert!(decode(&bytes[..n], b0).is_err(), "a log cut at {n}");
         }
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                let _ = decode(&b, 8192);
+                let _ = decode(&b, b0);
             }
         }
+    }
+
+    /// A LOG payload (not whole) of `n` entries named `name`, each of `region_count`
+    /// regions, none named (the list encoding, count 0).
+    fn repeated(name: &[u8], n: u16, region_count: u64) -> Vec<u8> {
+        repeated_with(0, name, n, region_count)
+    }
+
+    /// [`repeated`] with LOG flags `flags`.
+    fn repeated_with(flags: u8, name: &[u8], n: u16, region_count: u64) -> Vec<u8> {
+        let mut out = vec![KIND_LOG];
+        out.extend_from_slice(&7u64.to_be_bytes());
+        out.extend_from_slice(&1u64.to_be_bytes());
+        out.push(flags);
+        out.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name);
+            out.extend_from_slice(&(1u64 << 20).to_be_bytes());
+            out.extend_from_slice(&4096u64.to_be_bytes());
+            out.extend_from_slice(&region_count.to_be_bytes());
+            out.extend_from_slice(&NO_DIRTY.to_be_bytes());
+            out.push(ENCODING_LIST);
+            out.extend_from_slice(&0u32.to_be_bytes());
+        }
+        out
+    }
+
+    /// Found by a review: a LOG repeating one name, each entry of the caller's largest
+    /// region count, allocated that bitmap's region set per entry (65,535 entries: 1 GiB
+    /// from a 2.6 MB payload) before anything was checked against what the caller holds.
+    /// A name repeated in a LOG that is not whole is refused before anything is allocated.
+    #[test]
+    fn a_name_repeated_in_a_log_is_refused_before_allocating() {
+        let bytes = repeated(b"b", 1000, 131_072);
+        let holds_b = |n: &[u8], c: u64| n == b"b" && c == 131_072;
+        for e in [decode(&bytes, none), decode(&bytes, holds_b)] {
+            let e = e.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    crate::migration::MigrationError::Frame(FrameError::BadPayload { .. })
+                ),
+                "{e}"
+            );
+        }
+        // In a whole LOG (a table moved: one name at two offsets) a repeat decodes, and
+        // only the first entry of the name keeps regions.
+        let bytes = repeated_with(FLAG_WHOLE, b"b", 1000, 131_072);
+        let LogSection::Log(l) = decode(&bytes, holds_b).unwrap() else {
+            panic!("not a log")
+        };
+        assert_eq!(l.bitmaps.len(), 1000);
+        assert_eq!(l.bitmaps[0].regions.region_count(), 131_072);
+        assert!(l.bitmaps[1..]
+            .iter()
+            .all(|b| b.regions.region_count() == 0));
     }
 }

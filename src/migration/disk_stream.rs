@@ -1038,7 +1038,25 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 self.current.stream.unwrap_or(0)
             )));
         }
-        if self.started_now.contains(&s.index) {
+        // The guest runs here: the store holds each bitmap the take-over found, and a
+        // record replaced now would lose what its COMPLETE said of regions still to come
+        // (and its live bitmap), so a push that broke off would leave it without the
+        // all-dirty mark (`failed_after_start`). QEMU refuses a second START too.
+        if self.started {
+            return Err(bad(format!(
+                "bitmap {} started after the destination started",
+                s.index
+            )));
+        }
+        // One START per bitmap and attempt, before its COMPLETE: a resumed bitmap's START
+        // replaces it only until this attempt's COMPLETE of it (which `query` cleared).
+        if self.started_now.contains(&s.index)
+            || self
+                .current
+                .incoming
+                .get(&s.index)
+                .is_some_and(|i| i.complete)
+        {
             return Err(bad(format!("bitmap {} started twice", s.index)));
         }
         // Two bitmaps of one name cannot both be stored: refused here, where nothing is
@@ -2932,5 +2950,56 @@ mod tests {
             .section(&bitmap_codec::encode_complete(0, 3, false))
             .is_err());
         assert_eq!(d.applied(), 2, "the refused section is not applied");
+    }
+
+    /// Found by a review: after a postcopy take-over, a START for a bitmap the attempt
+    /// resumed was accepted (only a START of this attempt counted as a repeat). It replaced
+    /// the bitmap's record, whose COMPLETE said regions may follow, with one that says none
+    /// do and runs on no live bitmap, so a push that then broke off skipped it: the running
+    /// bitmap kept regions never sent, read clean. A START once the destination started,
+    /// or after the bitmap's COMPLETE in the attempt, is refused, changing nothing.
+    #[test]
+    fn a_start_after_the_take_over_or_after_its_complete_is_refused() {
+        // Attempt 1 sends bitmap 0's START and a region, and fails; attempt 2 resumes it.
+        let resumed = || {
+            let mut d = dest();
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 0);
+            d.section(&start_of(0, 1)).unwrap();
+            d.section(&full_region(0, 2, 2)).unwrap();
+            d.failed();
+            d.hello(3, M1).unwrap();
+            assert_eq!(report(&mut d), 2);
+            assert!(d.resumed());
+            d.section(&bitmap_codec::encode_complete(0, 3, true))
+                .unwrap();
+            d
+        };
+        let mut d = resumed();
+        d.before_start().unwrap();
+        // After the start: the resumed bitmap's START again, and a new bitmap's.
+        let again = d.section(&start_of(0, 4));
+        let new = d.section(&start_of(1, 5));
+        // The push breaks off: the regions still to come never arrive.
+        d.failed_after_start();
+        let b = d.store().unwrap().bitmap("b0").unwrap();
+        assert_eq!(
+            b.count(),
+            b.bit_count(),
+            "the bitmap whose regions may never come is not all dirty"
+        );
+        let e = again.unwrap_err();
+        assert!(matches!(e, MigrationError::Frame(_)), "{e}");
+        let e = new.unwrap_err();
+        assert!(matches!(e, MigrationError::Frame(_)), "{e}");
+        assert_eq!(d.applied(), 3, "the refused sections are not applied");
+        assert_eq!(d.current.incoming.len(), 1);
+        // Before the start: a START after the bitmap's COMPLETE of this attempt.
+        let mut d = resumed();
+        let e = d.section(&start_of(0, 4)).unwrap_err();
+        assert!(matches!(e, MigrationError::Frame(_)), "{e}");
+        assert_eq!(d.applied(), 3, "the refused section is not applied");
+        assert!(d.current.incoming[&0].complete);
+        d.before_start().unwrap();
     }
 }

@@ -368,6 +368,13 @@ impl Preloaded {
             .unwrap_or(0)
     }
 
+    /// Whether a bitmap named `name` of `region_count` regions is held.
+    pub fn holds(&self, name: &[u8], region_count: u64) -> bool {
+        self.bitmaps
+            .iter()
+            .any(|p| p.name.as_bytes() == name && p.bitmap.region_count() == region_count)
+    }
+
     /// How many of the bitmaps held are current: the activate takes them as they are.
     pub fn current(&self) -> usize {
         self.bitmaps.iter().filter(|p| p.current).count()
