@@ -34,7 +34,7 @@ use crate::storage::{Storage, StorageExt};
 /// QEMU's `QCOW_MAX_REFTABLE_SIZE`: the refcount table is at most 8 MiB.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Header offset of refcount_table_offset (u64) followed by refcount_table_clusters (u32).
-const HEADER_REFTABLE_FIELDS: u64 = 48;
+pub(super) const HEADER_REFTABLE_FIELDS: usize = 48;
 
 /// The refcount state of one image: reftable, a cache of refblocks, and the free hint.
 #[derive(Debug)]
@@ -560,9 +560,9 @@ impl Refcounts {
         updated.refcount_table_clusters = clusters32;
         let encoded = updated.encode()?;
         let fields = encoded
-            .get(HEADER_REFTABLE_FIELDS as usize..HEADER_REFTABLE_FIELDS as usize + 12)
+            .get(HEADER_REFTABLE_FIELDS..HEADER_REFTABLE_FIELDS + 12)
             .ok_or_else(|| internal!("header too short for the reftable fields"))?;
-        storage.write_all_at(fields, HEADER_REFTABLE_FIELDS)?;
+        storage.write_all_at(fields, HEADER_REFTABLE_FIELDS as u64)?;
         self.syncs.sync(storage)?;
         self.dirty_blocks.clear();
         self.dirty_entries.clear();

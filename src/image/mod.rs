@@ -22,12 +22,13 @@ mod alloc;
 pub mod check;
 
 use crate::error::{internal, invalid_input, Corruption, Error, Result, StateProblem};
+use crate::format::extension::EXT_BITMAPS;
 use crate::format::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
-use crate::format::{decode_extensions, Extension, Header, HeaderArea, RawGuestMap};
+use crate::format::{decode_extensions, Extension, Frames, Header, HeaderArea, RawGuestMap};
 use crate::storage::{OpenMode, Storage, StorageExt, SECTOR_SIZE};
 use alloc::Refcounts;
 pub(crate) use alloc::{check_in_file, read_metadata};
@@ -47,18 +48,15 @@ pub struct Image<S: Storage> {
     area: HeaderArea,
     /// The bitmaps extension data found while autoclear bit 0 was clear (untrusted).
     stale_bitmaps: Option<Vec<u8>>,
-    /// Whether cluster 0 on disk holds a bitmaps extension with autoclear bit 0 set (one
-    /// QEMU trusts): `Some(true)` or `Some(false)` as found at the open or left by this
-    /// handle's last header or autoclear write; `None` when that is not known (an extension
-    /// QEMU refuses beside bit 0 set, a write that failed part-way). A header write that
-    /// sets bit 0 over a disk not known to trust, or drops the extension from a disk not
-    /// known not to, is bracketed ([`put_header`](Self::put_header)).
-    disk_trusts_bitmaps: Option<bool>,
     /// Cluster 0 as a writable handle read it at the open or last wrote it and made
     /// durable, trailing zeros cut (the encoder pads with zeros to the cluster size);
-    /// `None` on a read-only handle or when a write failed part-way. Only its bytes past
-    /// the first sector are relied on ([`put_header`](Self::put_header)): the reftable
-    /// growth rewrites header fields in the first sector in place without updating it.
+    /// `None` on a read-only handle or when a write failed part-way. A header write that
+    /// changes more than one sector of it is checked, and bracketed when a torn mix could
+    /// trust the wrong bitmaps extension ([`put_header`](Self::put_header)). Two in-place
+    /// writes leave it behind the disk: the reftable growth's header fields (bytes 48..60,
+    /// which every header write carries as the disk holds them, see
+    /// [`torn_mixes_keep_trust`]) and the store's mode flags word in place (a difference
+    /// that can only add a sector to the ones checked).
     disk_header: Option<Vec<u8>>,
     refcounts: Refcounts,
     /// Set by the first failed write: the in-memory state may disagree with the disk.
@@ -186,16 +184,12 @@ impl<S: Storage> Image<S> {
             None
         };
         let refcounts = Refcounts::load(&storage, &area.header)?;
-        // After the lenient patch above, a refused extension reads as stale: on disk it lies
-        // beside bit 0 set, trusted by nothing, which neither answer describes.
-        let disk_trusts_bitmaps = problem.is_none().then_some(area.bitmaps.is_some());
         Ok((
             Self {
                 storage,
                 writable,
                 area,
                 stale_bitmaps,
-                disk_trusts_bitmaps,
                 disk_header,
                 refcounts,
                 poisoned: false,
@@ -343,7 +337,6 @@ impl<S: Storage> Image<S> {
         Ok(Self {
             storage,
             writable: true,
-            disk_trusts_bitmaps: Some(false),
             disk_header: Some(trim_zeros(&bytes).to_vec()),
             area,
             stale_bitmaps: None,
@@ -447,98 +440,86 @@ impl<S: Storage> Image<S> {
     }
 
     /// Writes `bytes` (cluster 0 encoded from the in-memory area) at offset 0 and makes it
-    /// durable, never leaving a torn cluster 0 that trusts an extension no one vouched for,
-    /// nor one QEMU refuses.
+    /// durable, never leaving a torn cluster 0 that trusts a bitmaps extension no one
+    /// vouched for, nor one QEMU refuses that it would open with bit 0 clear.
     ///
     /// A 512-byte sector lands whole or not at all, but the sectors of one write land in
-    /// any subset. The autoclear field (bit 0) lies in the first sector, the bitmaps
-    /// extension's data past it when cluster 0 holds QEMU's feature-name table (clusters
-    /// above 4 KiB: the frame at 0x1F8, the 24 data bytes at 0x200). A write whose bytes
-    /// past the first sector equal the disk's (`disk_header`) lands whole and is written
-    /// as it is. Otherwise two transitions are bracketed, so that every torn mix is the
-    /// old cluster 0, the new one, or one whose bitmaps extension (if any) lies beside bit
-    /// 0 clear, untrusted: QEMU ignores it (it checks only its length) and lists no bitmap,
-    /// and this crate lists each bitmap it names as inconsistent:
-    /// - `bytes` set bit 0 beside a bitmaps extension and the disk is not known to hold a
-    ///   trusted one (an untrusted extension left by a program without bitmap support, by
-    ///   `untrust_bitmaps` or by a bracket of the store; or none, the first add). In one
-    ///   write, a tear landing the first sector alone paired bit 0 with the untrusted
-    ///   extension, whose directory (never freed) then loaded as consistent without the
-    ///   writes made while it was untrusted, or the new frame with the old zeros
-    ///   (`nb_bitmaps = 0`, refused as corrupt). So `bytes` with bit 0 still clear first, a
-    ///   barrier, then `bytes`, which differ from the disk in the autoclear field alone.
-    /// - `bytes` hold no bitmaps extension and the disk may hold a trusted one (the last
-    ///   bitmap removed). In one write, the old first sector (bit 0 set, the frame) with the
-    ///   new second one (zeros) read `nb_bitmaps = 0`. So bit 0 is cleared alone first (the
-    ///   8-byte field, in the first sector), a barrier, then `bytes`.
+    /// any subset. The autoclear field (bit 0) lies in the first sector; the bitmaps
+    /// extension's frame and 24 data bytes may lie in any sector, even across two: at
+    /// clusters above 4 KiB (QEMU's feature-name table first) the frame is at 0x1F8 and the
+    /// data at 0x200, and a data-file name of 481 to 496 bytes puts the data across the
+    /// boundary at 1024 (`nb_bitmaps` in one sector, `bitmap_directory_offset` in the next).
+    /// [`torn_mixes_keep_trust`] tries every mix of the sectors the write changes; when
+    /// each mix read with bit 0 set names the bitmaps extension of the side its first sector
+    /// came from (a write that changes one sector always passes), `bytes` are written as
+    /// they are. Otherwise a torn write could pair bit 0 with an extension no side trusts:
+    /// the untrusted extension of a bitmap-unaware writer (its directory, never freed, then
+    /// loads as consistent without the writes made while it was untrusted), the old
+    /// `nb_bitmaps` with the new directory (a checkpoint: the new directory's first entry
+    /// alone, the old bitmap disabled and no bitmap recording), or a frame over zeros
+    /// (`nb_bitmaps = 0`, refused as corrupt). The write is then bracketed, so that every
+    /// mix of each step has bit 0 clear, untrusted (QEMU ignores the extension, checking
+    /// only its length, and lists no bitmap; this crate lists each bitmap it names as
+    /// inconsistent), or differs from the disk in the first sector alone:
+    /// 1. unless the disk is known to hold bit 0 clear, the autoclear field alone with bit
+    ///    0 clear (8 bytes in the first sector), a barrier;
+    /// 2. if `bytes` set bit 0, `bytes` with bit 0 clear, a barrier;
+    /// 3. `bytes`, a barrier (after step 2 it differs from the disk in the autoclear field
+    ///    alone).
     ///
-    /// Any other write keeps bit 0 set over a trusted extension (a torn mix trusts the old
-    /// directory or the new one, whose 24 data bytes lie in one sector in the layouts this
-    /// crate writes, both intact until this write's barrier completes) or leaves the bit
-    /// clear over an extension (a torn mix with bit 0 set is the old, trusted cluster 0).
+    /// A crash inside the bracket leaves every bitmap untrusted, never a mix read as clean.
+    /// Both directories are intact until the write's last barrier completes (the caller
+    /// frees the old one after it), so a mix naming either reads it whole.
     /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write", has the rest.
     fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
-        let trusted = self.area_trusts_bitmaps();
-        let extension = self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0);
         let header = &self.area.header;
-        let whole = self
+        let lands_safely = self
             .disk_header
             .as_deref()
-            .is_some_and(|disk| same_past_first_sector(disk, bytes));
-        if !whole && header.version >= 3 {
+            .is_some_and(|disk| torn_mixes_keep_trust(disk, bytes));
+        if !lands_safely && header.version >= 3 {
             let mut untrusted = header.clone();
             untrusted.autoclear_features &= !AUTOCLEAR_BITMAPS;
             let (at, field) = untrusted.autoclear_field();
-            if trusted && self.disk_trusts_bitmaps != Some(true) {
+            let at_usize = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
+            let field_range = at_usize..at_usize + field.len();
+            let bit0_set = |b: &[u8]| {
+                b.get(field_range.clone())
+                    .is_some_and(|f| f.last().is_some_and(|&x| x & 1 != 0))
+            };
+            if self.disk_header.as_deref().is_none_or(bit0_set) {
+                self.write_autoclear_field(at, field)?;
+            }
+            if bit0_set(bytes) {
                 let mut first = bytes.to_vec();
-                let at = usize::try_from(at).map_err(|_| internal!("autoclear field at {at}"))?;
                 first
-                    .get_mut(at..at + field.len())
+                    .get_mut(field_range)
                     .ok_or_else(|| internal!("cluster 0 shorter than its header"))?
                     .copy_from_slice(&field);
-                self.write_cluster0(&first, false)?;
-            } else if !extension && self.disk_trusts_bitmaps != Some(false) {
-                self.write_autoclear_field(at, field, false)?;
+                self.write_cluster0(&first)?;
             }
         }
-        self.write_cluster0(bytes, trusted)
+        self.write_cluster0(bytes)
     }
 
-    /// Whether cluster 0 encoded from the in-memory area holds a bitmaps extension beside
-    /// autoclear bit 0 set: one QEMU trusts (`disk_trusts_bitmaps` once it is on disk).
-    fn area_trusts_bitmaps(&self) -> bool {
-        self.area.header.bitmaps_consistent() && self.area.bitmaps.is_some_and(|b| b.nb_bitmaps > 0)
-    }
-
-    /// Writes cluster 0 whole and a barrier; `trusted`: whether `bytes` hold a bitmaps
-    /// extension beside autoclear bit 0 set. Until the barrier completes, what the disk
+    /// Writes cluster 0 whole and a barrier. Until the barrier completes, what the disk
     /// holds is not known.
-    fn write_cluster0(&mut self, bytes: &[u8], trusted: bool) -> Result<()> {
+    fn write_cluster0(&mut self, bytes: &[u8]) -> Result<()> {
         self.disk_header = None;
-        self.disk_trusts_bitmaps = None;
         self.storage.grow_to(bytes.len() as u64)?;
         self.storage.write_all_at(bytes, 0)?;
         self.syncs.sync(&self.storage)?;
         self.disk_header = Some(trim_zeros(bytes).to_vec());
-        self.disk_trusts_bitmaps = Some(trusted);
         Ok(())
     }
 
     /// Writes the autoclear field alone (`field` at `at`, inside the first sector, so it
-    /// lands whole or not at all) and a barrier; `trusted` as for
-    /// [`write_cluster0`](Self::write_cluster0), for cluster 0 with that field. The copy of
-    /// cluster 0 follows.
-    fn write_autoclear_field(&mut self, at: u64, field: [u8; 8], trusted: bool) -> Result<()> {
+    /// lands whole or not at all) and a barrier. The copy of cluster 0 follows.
+    fn write_autoclear_field(&mut self, at: u64, field: [u8; 8]) -> Result<()> {
         let known = self.disk_header.take();
-        self.disk_trusts_bitmaps = None;
         self.storage.write_all_at(&field, at)?;
         self.syncs.sync(&self.storage)?;
-        self.disk_trusts_bitmaps = Some(trusted);
-        self.disk_header = known.and_then(|mut d| {
-            let at = usize::try_from(at).ok()?;
-            d.get_mut(at..at + field.len())?.copy_from_slice(&field);
-            Some(d)
-        });
+        self.disk_header = known.and_then(|d| with_autoclear_field(d, at, field));
         Ok(())
     }
 
@@ -660,10 +641,11 @@ impl<S: Storage> Image<S> {
     /// Writes cluster 0 from the in-memory header area in one write, then syncs: the commit
     /// point of every metadata change. Unknown autoclear bits are cleared (the spec allows a
     /// writer to modify the image only after clearing them), and autoclear bit 0 is cleared
-    /// when there is no bitmaps extension to go with it. A write that sets bit 0 beside a
-    /// bitmaps extension while the disk holds none or an untrusted one, or that drops the
-    /// extension while the disk holds a trusted one, is two writes and two barriers unless
-    /// only its first sector differs from the disk ([`put_header`](Self::put_header)).
+    /// when there is no bitmaps extension to go with it. A write that changes more than one
+    /// sector of cluster 0, where a torn mix could trust a bitmaps extension neither side
+    /// vouches for (bit 0 set over an untrusted extension or none, the last bitmap
+    /// removed, a checkpoint whose extension data straddles a sector boundary), is
+    /// bracketed: up to three writes and three barriers ([`put_header`](Self::put_header)).
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no
@@ -742,12 +724,10 @@ impl<S: Storage> Image<S> {
     pub(crate) fn untrust_bitmaps(&mut self) -> Result<()> {
         self.area.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         let (offset, bytes) = self.area.header.autoclear_field();
-        // Whether the write lands is not known until it and its barrier succeed.
-        self.disk_trusts_bitmaps = None;
+        // What cluster 0 holds is not known until the write and its barrier succeed, nor
+        // kept after (the caller's handle is poisoned): a later header write is bracketed.
         self.disk_header = None;
-        self.withdraw_at(&bytes, offset)?;
-        self.disk_trusts_bitmaps = Some(false);
-        Ok(())
+        self.withdraw_at(&bytes, offset)
     }
 
     /// Writes the autoclear field alone (8 bytes at offset 88, inside the first sector, so
@@ -760,10 +740,7 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| {
             img.area.header.autoclear_features = value;
             let (offset, field) = img.area.header.autoclear_field();
-            // Cleared, the bit leaves whatever extension the disk holds untrusted; set, it
-            // vouches for the extension the caller left on disk (its bracket).
-            let trusted = img.area_trusts_bitmaps();
-            img.write_autoclear_field(offset, field, trusted)
+            img.write_autoclear_field(offset, field)
         })
     }
 }
@@ -771,15 +748,97 @@ impl<S: Storage> Image<S> {
 #[cfg(test)]
 mod tests;
 
-/// Whether `new` (cluster 0 to be written) equals `disk` (cluster 0 on disk, trailing
-/// zeros cut) past the first 512-byte sector: a write of `new` then changes one sector and
-/// lands whole or not at all.
-fn same_past_first_sector(disk: &[u8], new: &[u8]) -> bool {
-    let from = SECTOR_SIZE as usize;
-    new.iter()
-        .enumerate()
-        .skip(from)
-        .all(|(i, &b)| disk.get(i).copied().unwrap_or(0) == b)
+/// Most sectors of cluster 0 a header write may change and still be written without a
+/// bracket: [`torn_mixes_keep_trust`] tries 2^n mixes.
+const MAX_MIXED_SECTORS: usize = 8;
+
+/// Whether a write of `new` (cluster 0, a whole cluster) over `disk` (cluster 0 on disk,
+/// trailing zeros cut) can tear into no mix that trusts the wrong bitmaps extension: every
+/// mix of the 512-byte sectors the write changes that is read with autoclear bit 0 set
+/// ([`trusted_bitmaps`]) reads the bitmaps extension (or none) of the side whose first
+/// sector it holds, old or new (either, when the first sector does not change). The bit
+/// lies in the first sector, so a mix has it set exactly when that side has. A mix that
+/// QEMU and this crate refuse to open for its extension frames is no trust question, and
+/// clearing bit 0 would not open it. False when the write changes more than
+/// [`MAX_MIXED_SECTORS`] sectors.
+///
+/// The reftable fields (bytes 48..60, one sector) are taken from `new`: the reftable
+/// growth writes them in place (`alloc.rs`) before any header write that follows, and
+/// every header write after a growth carries the location the refcount layer holds
+/// ([`Image::header_bytes`]; [`Image::clear_unknown_autoclear`] runs before the handle's
+/// first allocation), so the disk holds `new`'s values even where `disk` (not updated by
+/// the growth) does not.
+fn torn_mixes_keep_trust(disk: &[u8], new: &[u8]) -> bool {
+    const SECTOR: usize = SECTOR_SIZE as usize;
+    if disk.len() > new.len() {
+        return false;
+    }
+    let mut old = disk.to_vec();
+    old.resize(new.len(), 0);
+    let fields = alloc::HEADER_REFTABLE_FIELDS..alloc::HEADER_REFTABLE_FIELDS + 12;
+    if let (Some(o), Some(n)) = (old.get_mut(fields.clone()), new.get(fields)) {
+        o.copy_from_slice(n);
+    }
+    let changed: Vec<std::ops::Range<usize>> = (0..new.len())
+        .step_by(SECTOR)
+        .map(|s| s..new.len().min(s + SECTOR))
+        .filter(|r| old[r.clone()] != new[r.clone()])
+        .collect();
+    if changed.len() <= 1 {
+        return true;
+    }
+    if changed.len() > MAX_MIXED_SECTORS {
+        return false;
+    }
+    let first_changes = changed.first().is_some_and(|r| r.start == 0);
+    let (trusted_old, trusted_new) = (trusted_bitmaps(&old), trusted_bitmaps(new));
+    let mut mix = new.to_vec();
+    // Bit k of `from_old`: the k-th changed sector comes from the old cluster 0.
+    (0u32..1 << changed.len()).all(|from_old| {
+        for (k, r) in changed.iter().enumerate() {
+            let side = if from_old >> k & 1 == 1 {
+                &old[..]
+            } else {
+                new
+            };
+            mix[r.clone()].copy_from_slice(&side[r.clone()]);
+        }
+        let Some(seen) = trusted_bitmaps(&mix) else {
+            return true;
+        };
+        let first_old = !first_changes || from_old & 1 == 1;
+        let first_new = !first_changes || from_old & 1 == 0;
+        (first_old && trusted_old == Some(seen)) || (first_new && trusted_new == Some(seen))
+    })
+}
+
+/// The bitmaps extension a reader of cluster 0 `bytes` trusts: `None` when autoclear bit 0
+/// is clear (or the header is v2), or the image does not open (the header does not decode,
+/// or the walk over the extension frames fails, as `qcow2_read_extensions` fails); else
+/// the data of the last bitmaps extension (QEMU keeps the last), `Some(None)` without one.
+fn trusted_bitmaps(bytes: &[u8]) -> Option<Option<&[u8]>> {
+    let header = Header::decode(bytes).ok()?;
+    if header.version < 3 || !header.bitmaps_consistent() {
+        return None;
+    }
+    let (offset, end) = header.extension_area();
+    let mut frames = Frames { bytes, offset, end };
+    let mut found = None;
+    loop {
+        match frames.next_frame() {
+            Ok(Some(f)) if f.kind == EXT_BITMAPS => found = Some(f.data),
+            Ok(Some(_)) => {}
+            Ok(None) => return Some(found),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// `disk` (cluster 0, trailing zeros cut) with the autoclear field at `at` set to `field`.
+fn with_autoclear_field(mut disk: Vec<u8>, at: u64, field: [u8; 8]) -> Option<Vec<u8>> {
+    let at = usize::try_from(at).ok()?;
+    disk.get_mut(at..at + field.len())?.copy_from_slice(&field);
+    Some(disk)
 }
 
 /// `bytes` without its trailing zeros.
