@@ -80,8 +80,14 @@ pub enum Error {
     MarksDuringInactivate,
     /// The bitmap was not saved cleanly (in_use was set on disk, or a program without bitmap
     /// support changed the image). Treat every bit as dirty; the only operation allowed on
-    /// it is removal.
-    #[error("bitmap {name:?} is inconsistent; it can only be removed")]
+    /// it is removal, which leaves every consistent bitmap kept all dirty
+    /// ([`remove`](crate::BitmapStore::remove)): it may be a later checkpoint, holding
+    /// writes no other bitmap has. So the message says what a backup must do: back up in
+    /// full, then remove the bitmaps (and start a new chain).
+    #[error(
+        "bitmap {name:?} is inconsistent: its bits cannot be trusted, so treat the whole disk \
+         as changed; back up in full, then remove the bitmaps"
+    )]
     Inconsistent {
         /// The bitmap's name, byte for byte.
         name: BitmapName,
@@ -266,7 +272,8 @@ mod tests {
         assert_eq!(name.as_bytes(), raw);
         assert_eq!(
             e.to_string(),
-            "bitmap \"b\\xff\" is inconsistent; it can only be removed"
+            "bitmap \"b\\xff\" is inconsistent: its bits cannot be trusted, so treat the \
+             whole disk as changed; back up in full, then remove the bitmaps"
         );
     }
 }

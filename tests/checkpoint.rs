@@ -538,3 +538,169 @@ fn a_failed_export_never_leaves_it_without_its_bits() {
     }
     assert!(cases > 8, "{cases} failure points");
 }
+
+/// How the store holds its bitmaps when the inconsistent one is removed.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Inactive,
+    Active,
+    Durable,
+    Parked,
+}
+
+/// Chain c1 (disabled, one write), c2 (recording, one write only it holds at `only_c2`),
+/// then c2 made inconsistent on disk (`in_use` set, as a crash of its writer leaves it):
+/// the image's bytes.
+fn chain_with_c2_in_use(disk: u64, only_c2: u64) -> Vec<u8> {
+    let mut st = BitmapStore::create(MemStorage::new(), disk, G).unwrap();
+    st.checkpoint("c1").unwrap();
+    let c1 = st.load("c1").unwrap();
+    c1.mark_dirty(0, 4096);
+    st.store("c1", &c1).unwrap();
+    st.checkpoint("c2").unwrap();
+    let c2 = st.load("c2").unwrap();
+    c2.mark_dirty(only_c2, 4096);
+    st.store("c2", &c2).unwrap();
+    let mut b = st.close().unwrap().into_storage().into_vec();
+    let area = dirty_bitmap::format::HeaderArea::decode(&b[..G as usize]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    // c1's entry is 32 bytes (24 + its 2-byte name, padded to 8); c2's flags word is at
+    // 12 of its entry, in_use its lowest bit.
+    assert_eq!(&b[d + 32 + 24..d + 32 + 26], b"c2");
+    b[d + 32 + 15] |= 1;
+    b
+}
+
+/// Puts `st` in the state `held` says.
+fn hold<S: dirty_bitmap::storage::Storage>(st: &mut BitmapStore<S>, held: Held) {
+    match held {
+        Held::Inactive => {}
+        Held::Active => st.activate().unwrap(),
+        Held::Durable => st.activate_durable().unwrap(),
+        Held::Parked => {
+            st.activate().unwrap();
+            st.inactivate().unwrap();
+        }
+    }
+}
+
+/// Removing an inconsistent later checkpoint alone, as the refusal of "since c1" left
+/// the user to do, keeps c1: the commit that drops c2 leaves c1 all dirty (on disk, and in
+/// memory where the store holds it), so "since c1" still holds the write only c2 had, and
+/// QEMU sees c1 consistent and all dirty. Whatever way the store holds its bitmaps.
+#[test]
+fn removing_an_inconsistent_checkpoint_leaves_the_kept_ones_all_dirty() {
+    let disk = 64 * MIB;
+    let only_c2 = 40 * MIB;
+    for held in [Held::Inactive, Held::Active, Held::Durable, Held::Parked] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("c.qcow2");
+        std::fs::write(&img, chain_with_c2_in_use(disk, only_c2)).unwrap();
+        let mut st = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        assert!(matches!(
+            st.changed_since("c1"),
+            Err(Error::Inconsistent { .. })
+        ));
+        hold(&mut st, held);
+        let made = st.remove("c2").unwrap();
+        assert_eq!(
+            made.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["c1"],
+            "{held:?}"
+        );
+        let since = st.changed_since("c1").unwrap();
+        assert!(
+            since.is_dirty(only_c2),
+            "{held:?}: the write only c2 held reads clean since c1"
+        );
+        assert_eq!(since.dirty_bytes(), disk, "{held:?}");
+        drop(st.close().unwrap());
+        assert_qemu_clean(&img);
+        let listed = qemu_bitmaps(&img);
+        assert_eq!(listed.len(), 1, "{held:?}: {listed:?}");
+        assert_eq!(listed[0].0, "c1");
+        assert!(
+            !listed[0].2.iter().any(|f| f == "in-use"),
+            "{held:?}: {listed:?}"
+        );
+        assert_eq!(nbd_dirty(&img, "c1"), [(0, disk)], "{held:?}");
+        let st = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
+        assert!(
+            st.changed_since("c1").unwrap().is_dirty(only_c2),
+            "{held:?}: reopened"
+        );
+    }
+}
+
+/// A crash at every write of the removal of the inconsistent c2 (unsynced writes dropped,
+/// kept or torn), however the store held its bitmaps, leaves c2 there and inconsistent,
+/// or c2 gone and c1 all dirty (or `in_use`, when the store was active): "since c1", once
+/// c2 is removed from the crash image, always holds the write only c2 had.
+#[test]
+fn a_crash_anywhere_in_removing_an_inconsistent_checkpoint_never_leaves_a_false_clean() {
+    let disk = 64 * MIB;
+    let only_c2 = 40 * MIB;
+    let bytes = chain_with_c2_in_use(disk, only_c2);
+    for held in [Held::Inactive, Held::Active, Held::Durable, Held::Parked] {
+        let crash = CrashStorage::from_bytes(bytes.clone());
+        let mut st = BitmapStore::open(&crash, OpenMode::ReadWrite).unwrap();
+        hold(&mut st, held);
+        let start = crash.op_count();
+        st.remove("c2").unwrap();
+        drop(st);
+        let mut seen = BTreeSet::new();
+        for mode in [
+            CrashMode::Dropped,
+            CrashMode::Kept,
+            CrashMode::Torn { seed: 1 },
+            CrashMode::Torn { seed: 2 },
+        ] {
+            for (point, image) in crash.crash_images(mode) {
+                if point < start {
+                    continue;
+                }
+                let ctx = format!("{held:?} point {point} {mode:?}");
+                let mut st = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadWrite)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let report = st.image().check().unwrap();
+                assert_eq!(report.corruptions, 0, "{ctx}: {report:?}");
+                let list = st.list();
+                let state = |n: &str| list.iter().find(|b| b.name == n).map(|b| b.state);
+                let c1 = state("c1").unwrap_or_else(|| panic!("{ctx}: c1 is gone"));
+                match state("c2") {
+                    Some(s) => {
+                        assert_eq!(s, dirty_bitmap::BitmapState::Inconsistent, "{ctx}");
+                        seen.insert("old");
+                        st.remove("c2").unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                    }
+                    None => {
+                        seen.insert("new");
+                    }
+                }
+                match st.changed_since("c1") {
+                    Ok(since) => assert!(
+                        since.is_dirty(only_c2),
+                        "{ctx}: the write only c2 held reads clean since c1"
+                    ),
+                    Err(Error::Inconsistent { .. }) => {
+                        assert_eq!(c1, dirty_bitmap::BitmapState::Inconsistent, "{ctx}");
+                    }
+                    Err(e) => panic!("{ctx}: {e}"),
+                }
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "{held:?}: both outcomes must be reachable: {seen:?}"
+        );
+    }
+}

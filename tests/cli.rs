@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::qemu::{bitmap_triples, ok, p, qemu_bitmaps, run, tool};
+use common::qemu::{assert_qemu_clean, bitmap_triples, ok, p, qemu_bitmaps, run, tool};
 use dirty_bitmap::format::{decode_directory, decode_table, HeaderArea, TableEntry};
 use serde_json::Value;
 
@@ -794,7 +794,10 @@ fn crash_marker_makes_bitmaps_inconsistent() {
     );
     let err = dbm_fails(&["dump", p(&img), "live"]);
     assert!(err.contains("inconsistent"), "{err}");
-    assert!(err.contains("--remove"), "{err}");
+    assert!(
+        err.contains("back up in full, then remove the bitmaps"),
+        "{err}"
+    );
     dbm_fails(&["mark", p(&img), "live", "0", "1"]);
     dbm_fails(&["bitmap", p(&img), "--clear", "live"]);
 
@@ -2021,6 +2024,63 @@ fn since_an_inconsistent_chain_says_back_up_in_full_never_remove_it_alone() {
         assert!(!err.contains("--remove"), "{args:?}: {err}");
         assert!(std::fs::read(&img).unwrap() == before, "{args:?} wrote");
     }
+}
+
+/// A chain c1 (disabled), c2 (recording) with c2 left `in_use` (its writer crashed): no
+/// message advises removing c2 alone (`dbm checkpoint NEW`, `dbm dump c2`, the library's
+/// `Error::Inconsistent` through `dbm bitmap --clear`), each says to back up in full, then
+/// remove the bitmaps; and removing c2 alone all the same leaves c1 all dirty, which
+/// `dbm bitmap --remove` prints, so `dbm dump --since c1` still holds c2's write.
+#[test]
+fn an_inconsistent_checkpoint_is_never_advised_removed_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let i = img.to_str().unwrap();
+    dbm_ok(&["create", i, "--size", "64M"]);
+    dbm_ok(&["checkpoint", i, "c1"]);
+    dbm_ok(&["mark", i, "c1", "0", "4096"]);
+    dbm_ok(&["checkpoint", i, "c2"]);
+    dbm_ok(&["mark", i, "c2", "40M", "4096"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let area = HeaderArea::decode(&b[..65536]).unwrap();
+    let d = area.bitmaps.unwrap().directory_offset as usize;
+    // c1's entry is 32 bytes; c2's flags word is at 12 of its entry, in_use its lowest bit.
+    assert_eq!(&b[d + 32 + 24..d + 32 + 26], b"c2");
+    b[d + 32 + 15] |= 1;
+    std::fs::write(&img, &b).unwrap();
+    for args in [
+        &["checkpoint", i, "c3"][..],
+        &["dump", i, "c2"],
+        &["dump", i, "--since", "c1"],
+        &["bitmap", i, "c2", "--clear"],
+    ] {
+        let out = dbm(args);
+        assert_eq!(out.status.code(), Some(1), "{}", describe("refused", &out));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("is inconsistent")
+                && err.contains("back up in full, then remove the bitmaps"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("--remove") && !err.contains("can only be removed"),
+            "{args:?}: {err}"
+        );
+        assert!(std::fs::read(&img).unwrap() == b, "{args:?} wrote");
+    }
+    let out = dbm_ok(&["bitmap", i, "c2", "--remove"]);
+    assert_eq!(
+        out,
+        "Made bitmap c1 all dirty: the removed bitmap was inconsistent and may have held \
+         writes it lacks\n"
+    );
+    let since = dbm_ok(&["dump", i, "--since", "c1"]);
+    assert_eq!(
+        since,
+        format!("{:>10} {:>11} {:>4}  dirty\n", 0, 64 << 20, 1),
+        "{since}"
+    );
+    assert_qemu_clean(&img);
 }
 
 /// `dbm checkpoint` starts and rotates a chain; `dbm dump --since` prints what changed

@@ -748,7 +748,7 @@ fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
         ("add of a taken name", |a| {
             a.add("b", 65536, Recording::Enabled)
         }),
-        ("remove of no bitmap", |a| a.remove("none")),
+        ("remove of no bitmap", |a| a.remove("none").map(|_| ())),
         ("store of another size", |a| {
             a.store("b", &dirty_bitmap::DirtyBitmap::new(MIB, 65536).unwrap())
         }),

@@ -1020,6 +1020,77 @@ fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
     );
 }
 
+/// Found by a review: an image with crypt_method 2 (LUKS) and no crypto header extension
+/// (its magic renamed here, so QEMU skips it as unknown) is refused by QEMU on every open
+/// that reads or writes ("Missing CRYPTO header for crypt method 2", `qcow2_do_open`;
+/// `qemu-img info` alone opens it), but opened writable here, and a bitmap add wrote it.
+/// A writable open is refused (`Unsupported`), the file byte for byte as it was; a
+/// read-only one still lists the bitmaps.
+#[test]
+fn a_luks_image_without_its_crypto_header_is_refused_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            i,
+            "64M",
+        ],
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(u32::from_be_bytes(bytes[32..36].try_into().unwrap()), 2);
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut at = hl;
+    loop {
+        let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no crypto header extension");
+        if kind == 0x0537_be77 {
+            bytes[at..at + 4].copy_from_slice(&0x0537_be78u32.to_be_bytes());
+            break;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    std::fs::write(&img, &bytes).unwrap();
+    let qemu = common::qemu::run("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 512", i]);
+    let qemu_err = String::from_utf8_lossy(&qemu.stderr).to_string();
+    assert!(!qemu.status.success(), "qemu-io opened it: {qemu:?}");
+    assert!(
+        qemu_err.contains("Missing CRYPTO header for crypt method 2"),
+        "{qemu_err}"
+    );
+    let r = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    );
+    let r = r.map(|mut st| st.add("b", 65536, Recording::Enabled));
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+        "a writable open of it: {r:?}"
+    );
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+    let r = dirty_bitmap::Image::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    );
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+        "a writable image open of it: {:?}",
+        r.map(|_| ())
+    );
+    assert!(open(&img, OpenMode::ReadOnly).list().is_empty());
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+}
+
 /// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks
 /// the COPIED flag (bit 63) is corruption to `qemu-img check` (exit 2, "OFLAG_COPIED data
 /// cluster"); our check had no such rule and called the image clean. It is corruption

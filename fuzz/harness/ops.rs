@@ -1314,7 +1314,7 @@ fn guest_op<'a>(
             granularity,
             enabled,
         } => s.add(&name(n), granularity, recording(enabled)),
-        Op::Remove { name: n } => s.remove(name(n)),
+        Op::Remove { name: n } => s.remove(name(n)).map(|_| ()),
         Op::Mark {
             name: n,
             offset,

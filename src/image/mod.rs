@@ -24,7 +24,7 @@ pub mod check;
 use crate::error::{internal, invalid_input, Corruption, Error, Result, StateProblem};
 use crate::format::extension::EXT_BITMAPS;
 use crate::format::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, INCOMPAT_CORRUPT,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_MASK, CRYPT_LUKS, INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
@@ -92,8 +92,9 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// [`Error::Corrupt`] for a header, extension or reftable QEMU would refuse (including
     /// unknown incompatible features, named); [`Error::Unsupported`] when `mode` is
-    /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set; [`Error::Io`] from the
-    /// storage.
+    /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set, or the image is
+    /// encrypted with LUKS and has no crypto header extension (QEMU opens it for no I/O);
+    /// [`Error::Io`] from the storage.
     pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
         Self::open_inner(storage, mode, false).map(|(img, _)| img)
     }
@@ -169,6 +170,19 @@ impl<S: Storage> Image<S> {
             return Err(Error::Unsupported(
                 "the image has the dirty or corrupt bit set; repair it with `qemu-img check -r all` \
                  before opening it writable"
+                    .to_string(),
+            ));
+        }
+        // A LUKS image (crypt_method 2) without its crypto header extension: QEMU refuses
+        // every open that reads or writes it ("Missing CRYPTO header for crypt method 2",
+        // `qcow2_do_open`), so no writer of its disk exists whose writes the bitmaps could
+        // track, and a write here would change an image QEMU cannot use. Refused before
+        // anything is written; read-only opens still list it.
+        if writable && area.header.crypt_method == CRYPT_LUKS && area.crypto.is_none() {
+            return Err(Error::Unsupported(
+                "the image is encrypted with LUKS (crypt_method 2) but has no crypto header \
+                 extension: QEMU refuses to open it (\"Missing CRYPTO header for crypt method \
+                 2\"), so it is opened read-only only"
                     .to_string(),
             ));
         }

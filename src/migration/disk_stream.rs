@@ -1287,7 +1287,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                     .remove(name.as_bytes())
                     .or_else(|_| st.remove(name.as_bytes()))
                 {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     // A write failed (now or in the take-over): nothing more is written,
                     // and every bitmap the store holds stays `in_use`.
                     Err(crate::Error::Poisoned) => return,
@@ -2820,7 +2820,7 @@ mod tests {
         // A backup tool removes "b" and adds it again; the guest writes at 7 GiB.
         match store.remove("b") {
             Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
-            Ok(()) => store.add("b", 65536, Recording::Enabled).unwrap(),
+            Ok(_) => store.add("b", 65536, Recording::Enabled).unwrap(),
             Err(e) => panic!("remove: {e}"),
         }
         tracker.mark(7 * G, 4096);

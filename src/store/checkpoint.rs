@@ -125,8 +125,8 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`]; [`Error::Inconsistent`] when any bitmap of the image is
     /// inconsistent (it may be a later checkpoint whose bits cannot be trusted: back up in
     /// full, then remove the bitmaps and start a new chain; removing that bitmap alone
-    /// would drop the writes only it holds from the union); [`Error::Unsupported`] before
-    /// anything is read when the
+    /// leaves every other bitmap all dirty, see [`remove`](Self::remove));
+    /// [`Error::Unsupported`] before anything is read when the
     /// bitmaps and the union add up to more than an activation may hold
     /// ([`ensure_loadable_in_turn`](Self::ensure_loadable_in_turn)); [`Error::Corrupt`];
     /// I/O.

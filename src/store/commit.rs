@@ -20,6 +20,9 @@ use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{encode_directory, encode_table, BitmapsExtension, DirEntry, TableEntry};
 use crate::storage::Storage;
 
+/// Most bytes of an all-ones table [`BitmapStore::write_all_ones_table`] writes at once.
+const ALL_ONES_CHUNK: u64 = 1 << 20;
+
 impl<S: Storage> BitmapStore<S> {
     /// The clusters of `frees` that are safe to release, as byte offsets: each cluster once,
     /// only those that the walk of the last [`preflight`](Self::preflight) found referenced
@@ -153,6 +156,32 @@ impl<S: Storage> BitmapStore<S> {
             ceil_clusters(u64::from(entry.table_size) * 8, cs),
         ));
         Ok(out)
+    }
+
+    /// Writes a table of `table_size` all-ones entries (QEMU's
+    /// `BME_TABLE_ENTRY_FLAG_ALL_ONES`, which it loads as a cluster of set bits) into fresh
+    /// clusters, in chunks of at most [`ALL_ONES_CHUNK`] bytes, and returns its offset: a
+    /// bitmap with every bit set and no data cluster. The allocator hands out only
+    /// refcount-0 clusters, so until a commit names the table it is a leak, never a
+    /// cluster anything else references.
+    ///
+    /// # Errors
+    /// As `Image::alloc_clusters`; I/O.
+    pub(super) fn write_all_ones_table(&mut self, table_size: u32) -> Result<u64> {
+        let cs = self.image.cluster_size();
+        let cb = self.image.header().cluster_bits;
+        let len = u64::from(table_size).saturating_mul(8);
+        let off = self.image.alloc_clusters(ceil_clusters(len, cs))?;
+        let per_chunk = (ALL_ONES_CHUNK / 8).min(u64::from(table_size)) as usize;
+        let chunk = encode_table(&vec![TableEntry::Ones; per_chunk], cb)?;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(chunk.len() as u64);
+            self.image
+                .write_at(&chunk[..n as usize], off.saturating_add(at))?;
+            at += n;
+        }
+        Ok(off)
     }
 
     /// Writes `bm` into fresh clusters: one data cluster per table entry with a set bit

@@ -12,7 +12,7 @@ use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
 use crate::format::directory::{MAX_GRANULARITY_BITS, MAX_NAME_SIZE, MIN_GRANULARITY_BITS};
 use crate::format::extension::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_SIZE};
-use crate::format::{table_size, DirEntry, TableEntry};
+use crate::format::{table_size, BitmapName, DirEntry, TableEntry};
 use crate::storage::Storage;
 
 impl<S: Storage> BitmapStore<S> {
@@ -394,6 +394,21 @@ impl<S: Storage> BitmapStore<S> {
     /// one drops every stale entry (as QEMU does on its first header write), leaking their
     /// clusters until `qemu-img check -r leaks`.
     ///
+    /// Removing an inconsistent bitmap makes every consistent bitmap kept all dirty, in
+    /// the same directory commit, and returns their names (empty for any other removal).
+    /// The removed bitmap may be a later checkpoint holding writes no kept one has, and
+    /// "what changed since" a kept one is the union of the bitmaps left
+    /// ([`changed_since`](Self::changed_since)): with the kept bits as they were, those
+    /// writes would read clean. Every "since" over the kept bitmaps is then a full backup.
+    /// Inactive, each kept bitmap is committed with a new table of all-ones entries
+    /// (which QEMU loads as set bits; a parked copy gets every bit too); active, its
+    /// in-memory bitmap gets every bit (its disk copy is `in_use`; in durable mode the bits
+    /// are written in place, one barrier, before the directory commit). A crash leaves the
+    /// old directory (the inconsistent bitmap still there, so no "since" over it reads
+    /// clean) or the new one with the kept bitmaps all dirty, never the new one with their
+    /// bits as they were (`docs/CRASH-CONSISTENCY.md`). Removing a consistent bitmap
+    /// changes no other: drop the oldest checkpoint of a chain, never a later one.
+    ///
     /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
     /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
     ///
@@ -405,18 +420,20 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Busy`], [`Error::ReadOnly`], [`Error::Corrupt`] for a
-    /// consistent bitmap with a bad table, I/O.
-    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
+    /// consistent bitmap with a bad table, [`Error::InvalidInput`] for a header that cannot
+    /// be rewritten (before any write), I/O (active in durable mode, the store is then
+    /// poisoned).
+    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<Vec<BitmapName>> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.remove_reclaimed(name.as_ref()))
     }
 
-    fn remove_reclaimed(&mut self, name: &[u8]) -> Result<()> {
+    fn remove_reclaimed(&mut self, name: &[u8]) -> Result<Vec<BitmapName>> {
         let i = self.find(name)?;
         self.ensure_not_busy(i)?;
         self.preflight()?;
         let slot = &self.slots[i];
-        let frees = if slot.stale {
+        let mut frees = if slot.stale {
             Vec::new()
         } else {
             match self.owned_clusters(&slot.entry) {
@@ -432,12 +449,20 @@ impl<S: Storage> BitmapStore<S> {
                 Err(e) => return Err(e),
             }
         };
+        let gone_inconsistent = slot.inconsistent;
         let mut entries = Vec::new();
+        let mut kept = Vec::new();
         for (j, s) in self.slots.iter().enumerate() {
             if j != i && !s.stale {
                 entries.push(s.entry.clone());
+                kept.push(j);
             }
         }
+        let made_all_dirty = if gone_inconsistent {
+            self.make_all_dirty(&kept, &mut entries, &mut frees)?
+        } else {
+            Vec::new()
+        };
         let gone = self.slots[i].mem.clone();
         self.commit(entries, frees)?;
         // No commit ran since the directory commit freed the clusters (this call holds the
@@ -445,7 +470,71 @@ impl<S: Storage> BitmapStore<S> {
         if let (Some(d), Some(m)) = (&mut self.durable, gone) {
             d.drop_bitmap(&m);
         }
-        Ok(())
+        Ok(made_all_dirty)
+    }
+
+    /// Makes every consistent bitmap among slots `kept` (whose entries, in order, are
+    /// `entries`) all dirty, ahead of the directory commit of `entries` that removes an
+    /// inconsistent bitmap ([`remove`](Self::remove)), and returns their names. Each one
+    /// the store holds in memory (active) gets every bit there; active in durable mode,
+    /// they are then written in place with one barrier, before the commit. Each other one
+    /// gets a new table of all-ones entries in fresh clusters, its entry in `entries`
+    /// names it, and its old table and data clusters join `frees`; a parked copy gets
+    /// every bit too (it stays authoritative, and would otherwise write the old bits back
+    /// at the next flush). The bits in memory are set before anything is written: a
+    /// failure leaves them all dirty, never short of the disk.
+    ///
+    /// Crash reasoning: until the commit's header write the old directory is in force,
+    /// the inconsistent bitmap in it (the new tables are leaked clusters; in durable mode
+    /// the kept bitmaps' bits in place are all set, which is only more dirty); from it on,
+    /// the kept entries name the all-ones tables (or are `in_use`, active in deferred
+    /// mode), so no crash leaves the kept bitmaps with their old bits and the removed one
+    /// gone.
+    fn make_all_dirty(
+        &mut self,
+        kept: &[usize],
+        entries: &mut [DirEntry],
+        frees: &mut Vec<(u64, u64)>,
+    ) -> Result<Vec<BitmapName>> {
+        // The commit's own refusal of a header it cannot rewrite, before the tables below
+        // are allocated and written: nothing is written before a refusal.
+        self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
+        let mut made = Vec::new();
+        let mut in_memory = false;
+        for (k, &j) in kept.iter().enumerate() {
+            let s = &self.slots[j];
+            if s.inconsistent {
+                continue;
+            }
+            match s.mem.as_ref().or(s.parked.as_ref()) {
+                Some(m) => {
+                    m.fill();
+                    in_memory |= s.mem.is_some();
+                }
+                None if entries[k].in_use => continue,
+                None => {}
+            }
+            made.push(s.entry.name.clone());
+        }
+        if in_memory && self.durable.is_some() {
+            for &j in kept {
+                if let Some(m) = &self.slots[j].mem {
+                    m.wait_for_marks();
+                }
+            }
+            self.commit_durable()?;
+        }
+        for (k, &j) in kept.iter().enumerate() {
+            let s = &self.slots[j];
+            if s.inconsistent || s.mem.is_some() || entries[k].in_use {
+                continue;
+            }
+            let owned = self.owned_clusters(&s.entry)?;
+            let table_size = s.entry.table_size;
+            entries[k].table_offset = self.write_all_ones_table(table_size)?;
+            frees.extend(owned);
+        }
+        Ok(made)
     }
 
     /// Rewrites a bitmap whole, as QEMU stores one: fresh data clusters (only for table

@@ -475,7 +475,7 @@ fn rewrite_directory<S: Storage>(
     let mut made_all_dirty = Vec::new();
     for (mut e, owned) in keep {
         if !e.in_use {
-            e.table_offset = write_all_ones_table(&mut st.image, e.table_size)?;
+            e.table_offset = st.write_all_ones_table(e.table_size)?;
             frees.extend(owned.into_iter().map(|c| (c, 1)));
             made_all_dirty.push(e.name.clone());
         }
@@ -483,27 +483,6 @@ fn rewrite_directory<S: Storage>(
     }
     st.commit(entries, frees)?;
     Ok((st.image, made_all_dirty))
-}
-
-/// Writes a table of `table_size` all-ones entries into fresh clusters, in chunks of at
-/// most [`CLAIM_READ_CHUNK`] bytes, and returns its offset.
-///
-/// # Errors
-/// As [`Image::alloc_clusters`]; I/O.
-fn write_all_ones_table<S: Storage>(image: &mut Image<S>, table_size: u32) -> Result<u64> {
-    let cs = image.cluster_size();
-    let cb = image.header().cluster_bits;
-    let len = u64::from(table_size).saturating_mul(8);
-    let off = image.alloc_clusters(ceil_clusters(len, cs))?;
-    let per_chunk = (CLAIM_READ_CHUNK / 8).min(u64::from(table_size)) as usize;
-    let chunk = crate::format::encode_table(&vec![TableEntry::Ones; per_chunk], cb)?;
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(chunk.len() as u64);
-        image.write_at(&chunk[..n as usize], off.saturating_add(at))?;
-        at += n;
-    }
-    Ok(off)
 }
 
 /// Which leaked clusters a leak repair leaves alone.

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::ArgGroup;
 
 use crate::open::{at, store};
+use crate::out::emit;
 use crate::{size, CmdResult};
 
 /// Options of `dbm bitmap`.
@@ -26,7 +27,8 @@ pub struct BitmapArgs {
     /// Add an empty bitmap, enabled unless `--disable` is given too.
     #[arg(long)]
     pub add: bool,
-    /// Remove the bitmap (also an inconsistent one) and free its clusters.
+    /// Remove the bitmap (also an inconsistent one, whose removal leaves every other
+    /// consistent bitmap all dirty) and free its clusters.
     #[arg(long)]
     pub remove: bool,
     /// Clear every bit.
@@ -173,7 +175,14 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
             },
             Verb::Clear => st.clear(&name).map_err(img)?,
             Verb::SetEnabled(on) => st.set_enabled(&name, *on).map_err(img)?,
-            Verb::Remove => st.remove(&name).map_err(img)?,
+            Verb::Remove => {
+                for kept in st.remove(&name).map_err(img)? {
+                    emit(&format!(
+                        "Made bitmap {kept} all dirty: the removed bitmap was inconsistent \
+                         and may have held writes it lacks\n"
+                    ))?;
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

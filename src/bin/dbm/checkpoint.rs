@@ -34,7 +34,9 @@ pub fn run(args: &CheckpointArgs) -> CmdResult {
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
     match (&args.name, &args.since, &args.into) {
         (Some(new), None, None) => {
-            let old = st.checkpoint(new).map_err(|e| at(&args.image, e))?;
+            let old = st
+                .checkpoint(new)
+                .map_err(|e| since_error(&args.image, e))?;
             let new = BitmapName::from(new.as_bytes());
             match old {
                 Some(old) => emit(&format!(

@@ -11,9 +11,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dirty_bitmap::Error;
-
-use crate::open::{at, reader, since_error};
+use crate::open::{reader, since_error};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -238,18 +236,7 @@ pub fn run(args: &DumpArgs) -> CmdResult {
         (None, Some(x)) => st.changed_since(BitmapName::parse_escaped(x)),
         _ => return Err("give a bitmap NAME or --since CHECKPOINT".into()),
     };
-    let bm = r.map_err(|e| match e {
-        e if args.since.is_some() => since_error(&args.image, e),
-        Error::Inconsistent { name } => at(
-            &args.image,
-            format!(
-                "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
-                 bitmap support changed the image): its bits cannot be trusted, so treat the \
-                 whole disk as dirty; the only thing to do with it is `dbm bitmap --remove`"
-            ),
-        ),
-        e => at(&args.image, e),
-    })?;
+    let bm = r.map_err(|e| since_error(&args.image, e))?;
     let rows = rows(bm.disk_size(), bm.dirty_extents());
     if args.totals {
         let disk = bm.disk_size();

@@ -10,9 +10,11 @@ pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", path.display())
 }
 
-/// An error of "what changed since" a checkpoint (`dbm dump --since`, `dbm checkpoint
-/// --since`), with the path: an inconsistent bitmap among the chain's says what to do, and
-/// never to remove it alone (it may be a later checkpoint, holding writes no other has).
+/// An error of a command over a checkpoint chain (`dbm dump`, `dbm checkpoint`), with the
+/// path: an inconsistent bitmap among the chain's says what to do, back up in full, then
+/// remove the bitmaps, and never to remove it alone (it may be a later checkpoint, holding
+/// writes no other has: its removal leaves the other bitmaps all dirty, and a full backup
+/// is due anyway).
 pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
     match e {
         dirty_bitmap::Error::Inconsistent { name } => at(
@@ -20,8 +22,8 @@ pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
             format!(
                 "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
                  bitmap support changed the image): its bits cannot be trusted, so what \
-                 changed since is the whole disk; back up in full, then remove the bitmaps \
-                 (removing it alone would drop the writes only it holds)"
+                 changed since any checkpoint is the whole disk; back up in full, then remove \
+                 the bitmaps (removing it alone leaves every other bitmap all dirty)"
             ),
         ),
         e => at(path, e),
