@@ -28,7 +28,9 @@ use crate::format::header::{
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::format::refcount::{encode_reftable, set_refcount};
-use crate::format::{decode_extensions, Extension, Frames, Header, HeaderArea, RawGuestMap};
+use crate::format::{
+    decode_extensions, BitmapsExtension, Extension, Frames, Header, HeaderArea, RawGuestMap,
+};
 use crate::storage::{OpenMode, Storage, StorageExt, SECTOR_SIZE};
 use alloc::Refcounts;
 pub(crate) use alloc::{check_in_file, read_metadata};
@@ -830,6 +832,10 @@ fn torn_mixes_keep_trust(disk: &[u8], new: &[u8]) -> bool {
 /// is clear (or the header is v2), or the image does not open (the header does not decode,
 /// or the walk over the extension frames fails, as `qcow2_read_extensions` fails); else
 /// the data of the last bitmaps extension (QEMU keeps the last), `Some(None)` without one.
+/// With bit 0 set QEMU validates every bitmaps extension, not only the last, and refuses
+/// the image for one it rejects, which it would open with bit 0 clear: the data of the
+/// first such extension is returned, which no image this crate writes or opens holds, so
+/// such a mix is never taken for either side.
 fn trusted_bitmaps(bytes: &[u8]) -> Option<Option<&[u8]>> {
     let header = Header::decode(bytes).ok()?;
     if header.version < 3 || !header.bitmaps_consistent() {
@@ -840,7 +846,12 @@ fn trusted_bitmaps(bytes: &[u8]) -> Option<Option<&[u8]>> {
     let mut found = None;
     loop {
         match frames.next_frame() {
-            Ok(Some(f)) if f.kind == EXT_BITMAPS => found = Some(f.data),
+            Ok(Some(f)) if f.kind == EXT_BITMAPS => {
+                if BitmapsExtension::decode(f.data, 0, header.cluster_size()).is_err() {
+                    return Some(Some(f.data));
+                }
+                found = Some(f.data);
+            }
             Ok(Some(_)) => {}
             Ok(None) => return Some(found),
             Err(_) => return None,

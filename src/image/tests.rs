@@ -361,3 +361,40 @@ fn creation_refuses_a_disk_size_that_is_not_whole_sectors() {
         assert_eq!(fresh(65536, disk).header().disk_length(), disk);
     }
 }
+
+/// Found by a review: with autoclear bit 0 set QEMU validates every bitmaps extension of
+/// cluster 0, not only the last, and refuses the image for one it rejects. A torn mix that
+/// walks an invalid bitmaps extension before the new one was read as trusting the new
+/// one, so the write went out unbracketed into an image nobody opens; with bit 0 clear
+/// (the bracket) both would open it. Such a cluster 0 now never reads as either side's.
+#[test]
+fn an_invalid_earlier_bitmaps_extension_is_never_read_as_the_last_one() {
+    let img = fresh(65536, 1 << 30);
+    let mut area = img.area().clone();
+    area.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+    area.bitmaps = Some(BitmapsExtension {
+        nb_bitmaps: 1,
+        directory_size: 24,
+        directory_offset: 3 * 65536,
+    });
+    let one = area.encode().unwrap();
+    let valid = trusted_bitmaps(&one).expect("opens").expect("an extension");
+    assert!(BitmapsExtension::decode(valid, 0, 65536).is_ok());
+    // The same cluster 0 with a bitmaps frame of zeros (nb_bitmaps 0) before that one.
+    let magic = EXT_BITMAPS.to_be_bytes();
+    let at = one
+        .windows(4)
+        .position(|w| w == magic)
+        .expect("the bitmaps frame");
+    let mut two = one[..at].to_vec();
+    two.extend_from_slice(&magic);
+    two.extend_from_slice(&24u32.to_be_bytes());
+    two.extend_from_slice(&[0; 24]);
+    two.extend_from_slice(&one[at..one.len() - 32]);
+    assert_eq!(two.len(), one.len());
+    let seen = trusted_bitmaps(&two).expect("the frames walk");
+    assert_ne!(seen, Some(valid), "read as trusting the last extension");
+    // QEMU and this crate refuse it with bit 0 set.
+    let h = Header::decode(&two).unwrap();
+    assert!(decode_extensions(&two, &h).is_err());
+}
