@@ -1412,7 +1412,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.installed.clear();
         st.activate_with(plan.adopt)?;
         // From here the store holds the stream's copy under each adopted name.
-        self.installed = adopted;
+        self.installed = adopted.clone();
         let installed = (|| -> Result<()> {
             for name in &plan.remove {
                 // An untrusted bitmaps extension (autoclear bit 0 clear) goes whole with
@@ -1425,7 +1425,15 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
                 {
                     continue;
                 }
-                st.remove(name.as_bytes())?;
+                // The adopted bitmaps and the ones still to be removed hold nothing of
+                // the image's own history: an inconsistent bitmap of it going leaves
+                // them as they are (every other one of the image is made all dirty).
+                let foreign: Vec<&[u8]> = adopted
+                    .iter()
+                    .chain(&plan.remove)
+                    .map(|n| n.as_bytes())
+                    .collect();
+                st.remove_replaced(name.as_bytes(), &foreign)?;
             }
             // Every name the image held and the stream replaces is gone: whatever the store
             // holds under an added name from here on (even after an add that failed late)
@@ -1473,11 +1481,13 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// migration, each bitmap the take-over installed is removed (the one it added, and the
     /// one it adopted in place of the image's own copy, whose content the stream's had
     /// replaced), one remove commit each; then the store is inactivated, which writes back
-    /// the image's other bitmaps, untouched since the activation loaded them (no guest ran
-    /// here), and clears their `in_use`. Only what the take-over installed is removed: a
-    /// bitmap of the stream's name that the image held at another granularity and the
-    /// take-over had not removed yet when it failed is the image's own, written back as
-    /// the activation found it; one the image held inconsistent stays so.
+    /// the image's other bitmaps as the take-over left them (no guest ran here: as the
+    /// activation loaded them, or all dirty once the take-over removed an inconsistent
+    /// bitmap of the image, which may have held writes they lack), and clears their
+    /// `in_use`. Only what the take-over installed is removed: a bitmap of the stream's
+    /// name that the image held at another granularity and the take-over had not removed
+    /// yet when it failed is the image's own, written back so; one the image held
+    /// inconsistent stays so.
     ///
     /// A removal that fails without poisoning the store (a transient read error of its
     /// preflight) is tried once more; if that fails too, the bitmap stays in the store,
@@ -3001,5 +3011,43 @@ mod tests {
         assert_eq!(d.applied(), 3, "the refused section is not applied");
         assert!(d.current.incoming[&0].complete);
         d.before_start().unwrap();
+    }
+
+    /// Found by a review: the take-over removes the image's inconsistent "b" (the stream
+    /// replaces it), and a removal of an inconsistent bitmap makes every bitmap kept all
+    /// dirty: the stream's adopted "c" too (shared with the copy kept for a retry), though
+    /// its content is the source's, none of the image's history. Only the image's own
+    /// "z" is made all dirty; "c" ends as the stream gave it.
+    #[test]
+    fn a_take_over_replacing_an_inconsistent_bitmap_dirties_only_the_images_own() {
+        let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.add("c", 65536, Recording::Disabled).unwrap();
+        st.add("z", 65536, Recording::Disabled).unwrap();
+        let z = st.load("z").unwrap();
+        z.mark_dirty(0, 4096);
+        st.store("z", &z).unwrap();
+        let mut bytes = st.image().storage().to_vec();
+        let area = crate::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+        let dir = usize::try_from(area.bitmaps.unwrap().directory_offset).unwrap();
+        // "b" is the first entry: its name at 24, its flags word at 12, in_use bit 0.
+        assert_eq!(bytes[dir + 24], b'b');
+        bytes[dir + 15] |= 1;
+        let img = Arc::new(MemStorage::from_bytes(bytes));
+        let mut d = dest_on(&img);
+        b_and_c(&mut d, false);
+        let want_c: Vec<_> = d.current.incoming[&1].bitmap.dirty_extents().collect();
+        d.before_start().unwrap();
+        let mut st = d.take_store().unwrap();
+        st.inactivate().unwrap();
+        drop(st);
+        let r = reopen(img.to_vec());
+        assert_eq!(
+            r.load("c").unwrap().dirty_extents().collect::<Vec<_>>(),
+            want_c,
+            "the stream's c"
+        );
+        assert_eq!(r.load("z").unwrap().count(), DISK / 65536, "the image's z");
+        assert!(r.load("b").is_ok());
     }
 }

@@ -425,10 +425,28 @@ impl<S: Storage> BitmapStore<S> {
     /// poisoned).
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<Vec<BitmapName>> {
         self.ensure_writable()?;
-        self.reclaimed(|s| s.remove_reclaimed(name.as_ref()))
+        self.reclaimed(|s| s.remove_reclaimed(name.as_ref(), &[]))
     }
 
-    fn remove_reclaimed(&mut self, name: &[u8]) -> Result<Vec<BitmapName>> {
+    /// [`remove`](Self::remove), where the bitmaps named in `foreign` are left as they are
+    /// when an inconsistent bitmap goes: their content did not come from this image's
+    /// history (a migration destination's bitmaps adopted from the stream, which replaces
+    /// the image's own, or ones about to be removed), so no write only the removed bitmap
+    /// held can be missing from them. Every other kept bitmap is made all dirty as
+    /// `remove` makes it.
+    ///
+    /// # Errors
+    /// As [`remove`](Self::remove).
+    pub(crate) fn remove_replaced(
+        &mut self,
+        name: &[u8],
+        foreign: &[&[u8]],
+    ) -> Result<Vec<BitmapName>> {
+        self.ensure_writable()?;
+        self.reclaimed(|s| s.remove_reclaimed(name, foreign))
+    }
+
+    fn remove_reclaimed(&mut self, name: &[u8], foreign: &[&[u8]]) -> Result<Vec<BitmapName>> {
         let i = self.find(name)?;
         self.ensure_not_busy(i)?;
         self.preflight()?;
@@ -452,14 +470,18 @@ impl<S: Storage> BitmapStore<S> {
         let gone_inconsistent = slot.inconsistent;
         let mut entries = Vec::new();
         let mut kept = Vec::new();
+        let mut own = Vec::new();
         for (j, s) in self.slots.iter().enumerate() {
             if j != i && !s.stale {
+                if !foreign.contains(&s.entry.name.as_bytes()) {
+                    own.push(entries.len());
+                }
                 entries.push(s.entry.clone());
                 kept.push(j);
             }
         }
         let made_all_dirty = if gone_inconsistent {
-            self.make_all_dirty(&kept, &mut entries, &mut frees)?
+            self.make_all_dirty(&kept, &own, &mut entries, &mut frees)?
         } else {
             Vec::new()
         };
@@ -474,7 +496,8 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Makes every consistent bitmap among slots `kept` (whose entries, in order, are
-    /// `entries`) all dirty, ahead of the directory commit of `entries` that removes an
+    /// `entries`) at the positions `own` (the others are foreign: see
+    /// [`remove_replaced`](Self::remove_replaced)) all dirty, ahead of the directory commit of `entries` that removes an
     /// inconsistent bitmap ([`remove`](Self::remove)), and returns their names. Each one
     /// the store holds in memory (active) gets every bit there; active in durable mode,
     /// they are then written in place with one barrier, before the commit. Each other one
@@ -493,6 +516,7 @@ impl<S: Storage> BitmapStore<S> {
     fn make_all_dirty(
         &mut self,
         kept: &[usize],
+        own: &[usize],
         entries: &mut [DirEntry],
         frees: &mut Vec<(u64, u64)>,
     ) -> Result<Vec<BitmapName>> {
@@ -501,8 +525,8 @@ impl<S: Storage> BitmapStore<S> {
         self.ensure_header_fits(u32::try_from(entries.len()).unwrap_or(u32::MAX))?;
         let mut made = Vec::new();
         let mut in_memory = false;
-        for (k, &j) in kept.iter().enumerate() {
-            let s = &self.slots[j];
+        for &k in own {
+            let s = &self.slots[kept[k]];
             if s.inconsistent {
                 continue;
             }
@@ -524,8 +548,8 @@ impl<S: Storage> BitmapStore<S> {
             }
             self.commit_durable()?;
         }
-        for (k, &j) in kept.iter().enumerate() {
-            let s = &self.slots[j];
+        for &k in own {
+            let s = &self.slots[kept[k]];
             if s.inconsistent || s.mem.is_some() || entries[k].in_use {
                 continue;
             }
