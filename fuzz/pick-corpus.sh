@@ -7,8 +7,8 @@
 #
 # 1. the hashed files libFuzzer wrote into fuzz/corpus/TARGET/ move to $GROWN (so do
 #    earlier min-* files: they compete again);
-# 2. one libFuzzer merge pass (-merge=1 -merge_control_file) runs the seeds first (they are
-#    the first corpus directory), then the grown inputs from small to large, and records for
+# 2. one libFuzzer merge pass (-merge=1 -merge_control_file) runs the seeds first (every
+#    committed input but the min-* ones; they are the first corpus directory), then the grown inputs from small to large, and records for
 #    each input the features no earlier input had;
 # 3. the N grown inputs with the most such features are copied back as
 #    min-<first 16 hex digits of the name>. Each of them adds coverage over the seeds;
@@ -25,16 +25,20 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$grown" "$work/seeds"
 
 find "$dir" -maxdepth 1 -type f -name 'min-*' -exec sh -c 'mv "$1" "$2/$(basename "$1" | cut -c5-)"' _ {} "$grown" \;
-find "$dir" -maxdepth 1 -type f ! -name 'seed-*' -exec mv -t "$grown" {} +
-cp "$dir"/seed-* "$work/seeds/"
+# Only libFuzzer's own names (40 hex digits): committed inputs under other names (the
+# seeds, `dl-*`, `disk-log-*`) stay.
+find "$dir" -maxdepth 1 -type f -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
+    -exec mv -t "$grown" {} +
+# Every committed input but the min-* ones (moved above) counts as a seed.
+find "$dir" -maxdepth 1 -type f ! -name 'min-*' -exec cp -t "$work/seeds/" {} +
 "$bin" -merge=1 -merge_control_file="$work/control" -rss_limit_mb=2048 -malloc_limit_mb=512 \
     "$work/seeds" "$grown" >"$work/merge.log" 2>&1 || {
     tail -20 "$work/merge.log" >&2
     exit 1
 }
-python3 - "$work/control" "$dir" "$n" <<'PY'
+python3 - "$work/control" "$dir" "$n" "$work/seeds" <<'PY'
 import os, shutil, sys
-control, dest, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+control, dest, n, seeds = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 lines = open(control).read().split("\n")
 nfiles = int(lines[0])
 files = lines[2:2 + nfiles]
@@ -46,7 +50,7 @@ for line in lines[2 + nfiles:]:
 covered = set()
 candidates = {}
 for i, path in enumerate(files):
-    if os.path.basename(path).startswith("seed-"):
+    if os.path.dirname(path) == seeds:
         covered |= features.get(i, set())
     else:
         candidates[path] = features.get(i, set())
