@@ -218,8 +218,13 @@ impl ChangedRegions {
     /// Adds every region of `other` to this set. Both must come from bitmaps with the
     /// same region count; regions past this set's end are ignored.
     pub fn union_with(&mut self, other: &ChangedRegions) {
-        for (a, b) in self.words.iter_mut().zip(other.words.iter()) {
-            *a |= b;
+        let (n, tail) = (self.words.len(), self.nregions % 64);
+        for (i, (a, b)) in self.words.iter_mut().zip(other.words.iter()).enumerate() {
+            *a |= if i + 1 == n && tail != 0 {
+                b & ((1 << tail) - 1)
+            } else {
+                *b
+            };
         }
         self.count = self.words.iter().map(|v| u64::from(v.count_ones())).sum();
     }
@@ -397,5 +402,19 @@ mod tests {
         let mut empty = ChangeMap::new(0).take().into_iter();
         assert_eq!(empty.next(), None);
         assert_eq!(empty.next(), None);
+    }
+
+    /// Found by a review: `union_with` ORed the last word whole, so a region of a longer
+    /// set past this one's end was kept and counted (`len` 1, `iter` yielding 80 of a
+    /// 70-region set) while `contains` said no.
+    #[test]
+    fn a_union_ignores_regions_past_the_sets_end() {
+        let mut a = ChangedRegions::empty(70);
+        let mut b = ChangedRegions::empty(100);
+        b.insert(80);
+        b.insert(69);
+        a.union_with(&b);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![69]);
+        assert_eq!(a.len(), 1);
     }
 }
