@@ -950,16 +950,8 @@ fn a_snapshot_with_too_much_extra_data_fails_the_check_as_qemu_fails_it() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
 
-/// Found by an adversarial review: a LUKS header pointer running past the end of the file
-/// was walked cluster by cluster up to the end of the file before the walk found it
-/// corrupt. `qemu-img check` (with the key) reports one corruption, "exceeding the end of
-/// the file", and counts none of the header's clusters (they show as leaks); ours agrees
-/// on both counts.
-#[test]
-fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("l.qcow2");
-    let i = p(&img);
+/// A 64 MiB LUKS image made by `qemu-img create` at `img` (key secret "abc"), its bytes.
+fn luks_image(img: &std::path::Path) -> Vec<u8> {
     ok(
         "qemu-img",
         &[
@@ -971,25 +963,42 @@ fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
             "qcow2",
             "-o",
             "encrypt.format=luks,encrypt.key-secret=sec0",
-            i,
+            p(img),
             "64M",
         ],
     );
-    let mut bytes = std::fs::read(&img).unwrap();
-    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
-    let crypto = area.crypto.expect("a LUKS header pointer");
-    // The length field: the pointer extension's data follows its 8-byte type and length.
-    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
-    let mut at = hl;
-    let ext = loop {
+    std::fs::read(img).unwrap()
+}
+
+/// Where the crypto header extension's frame (type 0x0537BE77) starts in cluster 0.
+fn crypto_frame(bytes: &[u8]) -> usize {
+    let mut at = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    loop {
         let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
         let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
         assert_ne!(kind, 0, "no crypto header extension");
         if kind == 0x0537_be77 {
-            break at + 8;
+            return at;
         }
         at += 8 + len.next_multiple_of(8);
-    };
+    }
+}
+
+/// Found by an adversarial review: a LUKS header pointer running past the end of the file
+/// was walked cluster by cluster up to the end of the file before the walk found it
+/// corrupt. `qemu-img check` (with the key) reports one corruption, "exceeding the end of
+/// the file", and counts none of the header's clusters (they show as leaks); ours agrees
+/// on both counts.
+#[test]
+fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    let i = p(&img);
+    let mut bytes = luks_image(&img);
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let crypto = area.crypto.expect("a LUKS header pointer");
+    // The length field: the pointer extension's data follows its 8-byte type and length.
+    let ext = crypto_frame(&bytes) + 8;
     let past = bytes.len() as u64 - crypto.offset + (1 << 20);
     bytes[ext + 8..ext + 16].copy_from_slice(&past.to_be_bytes());
     std::fs::write(&img, &bytes).unwrap();
@@ -1031,35 +1040,10 @@ fn a_luks_image_without_its_crypto_header_is_refused_writable() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("l.qcow2");
     let i = p(&img);
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            "secret,id=sec0,data=abc",
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-            i,
-            "64M",
-        ],
-    );
-    let mut bytes = std::fs::read(&img).unwrap();
+    let mut bytes = luks_image(&img);
     assert_eq!(u32::from_be_bytes(bytes[32..36].try_into().unwrap()), 2);
-    let hl = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
-    let mut at = hl;
-    loop {
-        let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
-        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-        assert_ne!(kind, 0, "no crypto header extension");
-        if kind == 0x0537_be77 {
-            bytes[at..at + 4].copy_from_slice(&0x0537_be78u32.to_be_bytes());
-            break;
-        }
-        at += 8 + len.next_multiple_of(8);
-    }
+    let at = crypto_frame(&bytes);
+    bytes[at..at + 4].copy_from_slice(&0x0537_be78u32.to_be_bytes());
     std::fs::write(&img, &bytes).unwrap();
     let qemu = common::qemu::run("qemu-io", &["-r", "-f", "qcow2", "-c", "read 0 512", i]);
     let qemu_err = String::from_utf8_lossy(&qemu.stderr).to_string();
