@@ -48,6 +48,7 @@ pub mod guest;
 #[cfg(feature = "testing")]
 pub mod harness;
 pub mod memory;
+pub mod paced_write;
 pub mod precopy;
 pub mod ram;
 parser_module! { pub mod ram_codec; }

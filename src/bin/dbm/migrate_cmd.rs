@@ -821,6 +821,7 @@ fn send(a: &SendArgs) -> CmdResult {
                     loop_config: config,
                     timeout,
                     tls: tls.clone(),
+                    ..SourceOptions::default()
                 },
                 &mut session,
                 &mut guest,
