@@ -1374,6 +1374,60 @@ fn a_destination_that_reads_slowly_cannot_hold_the_stopped_source() {
     slow.join().unwrap();
 }
 
+/// A timeout past a year (one that would overflow a deadline) is refused before anything
+/// listens or connects, on both ends.
+#[test]
+fn a_timeout_beyond_a_year_is_refused_before_anything_connects() {
+    let _g = shared();
+    let huge = [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX),
+        Duration::from_secs(366 * 86400),
+    ];
+    for t in huge {
+        for options in [
+            DestOptions {
+                timeout: t,
+                ..dest_options()
+            },
+            DestOptions {
+                attempt_timeout: t,
+                ..dest_options()
+            },
+        ] {
+            match TcpDestination::spawn(options) {
+                Err(MigrationError::InvalidInput(why)) => assert!(why.contains("timeout"), "{why}"),
+                other => panic!(
+                    "{t:?}: expected InvalidInput, got {:?}",
+                    other.map(|d| d.addr())
+                ),
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut src = Source::new(13, 1_000);
+        let mut state = src.state(SetupMode::Full, false);
+        let e = migrate_to(
+            listener.local_addr().unwrap(),
+            &SourceOptions {
+                loop_config: converging(),
+                timeout: t,
+                ..SourceOptions::default()
+            },
+            &mut src.vm,
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut NoStall,
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidInput(_)), "{t:?}: {e}");
+        assert!(
+            listener.accept().is_err(),
+            "{t:?}: the source connected before it refused its timeout"
+        );
+        src.assert_running();
+    }
+}
+
 /// A proxy that forwards both directions untouched and records what the source sent.
 fn recording_proxy(upstream: SocketAddr) -> (SocketAddr, JoinHandle<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

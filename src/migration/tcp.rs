@@ -34,7 +34,8 @@
 //! source bounds what a destination that keeps reading, but slowly, can hold it for (its
 //! guest stopped, during the switchover) the same way: each frame must be written whole
 //! within the write timeout plus its length at [`SourceOptions::min_frame_rate`] (or the
-//! lower `max_bandwidth`), counted from its first byte ([`PacedWrite`]), below TLS.
+//! lower `max_bandwidth`), counted from its first byte ([`PacedWrite`]), below TLS. Every
+//! timeout is at most [`MAX_TIMEOUT`], so no deadline overflows.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -73,6 +74,20 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// at ([`SourceOptions::min_frame_rate`]), in bytes per second: 1 MiB/s, a 16 MiB frame in
 /// 16 s.
 pub const DEFAULT_MIN_FRAME_RATE: u64 = 1 << 20;
+
+/// The longest timeout either end takes (a year): a longer one is
+/// [`MigrationError::InvalidInput`], so that no deadline computed from it overflows.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `timeout` as [`MigrationError::InvalidInput`] if it is zero or above [`MAX_TIMEOUT`].
+fn check_timeout(what: &str, timeout: Duration) -> Result<()> {
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(MigrationError::InvalidInput(format!(
+            "{what} must be positive and at most {MAX_TIMEOUT:?}, not {timeout:?}"
+        )));
+    }
+    Ok(())
+}
 
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
@@ -176,8 +191,8 @@ impl TcpDestination {
     ///
     /// # Errors
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
-    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or a
-    /// `min_frame_rate` of 0.
+    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or one above
+    /// [`MAX_TIMEOUT`], or a `min_frame_rate` of 0.
     pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
         TcpDestination::spawn_with(options, None)
     }
@@ -193,12 +208,11 @@ impl TcpDestination {
                 "max_attempts must be at least 1".into(),
             ));
         }
-        if options.timeout.is_zero()
-            || options.attempt_timeout.is_zero()
-            || options.min_frame_rate == 0
-        {
+        check_timeout("timeout", options.timeout)?;
+        check_timeout("attempt_timeout", options.attempt_timeout)?;
+        if options.min_frame_rate == 0 {
             return Err(MigrationError::InvalidInput(
-                "timeout, attempt_timeout and min_frame_rate must be positive".into(),
+                "min_frame_rate must be positive".into(),
             ));
         }
         let listener = TcpListener::bind(options.bind)?;
@@ -811,7 +825,8 @@ const ABORT_GRACE: Duration = Duration::from_millis(200);
 pub struct SourceOptions {
     /// The loop's parameters; `max_bandwidth` also sets the [`FrameWriter`]'s rate limit.
     pub loop_config: LoopConfig,
-    /// Connect, write and answer timeout; the TLS handshake's too.
+    /// Connect, write and answer timeout; the TLS handshake's too. At most
+    /// [`MAX_TIMEOUT`].
     pub timeout: Duration,
     /// The slowest rate, in bytes per second, at which a frame may go out: a frame of `n`
     /// bytes must be written whole within `timeout + n / rate` of its first byte, or the
@@ -930,7 +945,8 @@ pub fn migrate_to(
 ///
 /// # Errors
 /// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`], a
-/// `min_frame_rate` of 0; nothing is connected then); [`MigrationError::Io`] if the connection cannot be made
+/// zero timeout or one above [`MAX_TIMEOUT`], a `min_frame_rate` of 0; nothing is
+/// connected then); [`MigrationError::Io`] if the connection cannot be made
 /// or no Nonce comes within the timeout, [`MigrationError::Tls`] if TLS fails (the
 /// handshake, a certificate either end refuses, a destination without TLS),
 /// [`MigrationError::DestinationRefused`] if the
@@ -948,6 +964,7 @@ pub fn migrate_in_session(
     controller: &mut dyn Controller,
 ) -> Result<SourceReport> {
     let loop_config = precopy::checked_config(&options.loop_config)?;
+    check_timeout("timeout", options.timeout)?;
     if options.min_frame_rate == 0 {
         return Err(MigrationError::InvalidInput(
             "min_frame_rate must be positive".into(),
