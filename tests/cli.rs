@@ -747,6 +747,42 @@ fn bad_input_fails_cleanly() {
 
 /// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
 /// by `dump`, and removable.
+/// `dbm migrate listen` and `send` refuse a timeout past a year (it would overflow a
+/// deadline: the destination's thread panicked on `--timeout 1e19`), before anything
+/// listens or connects.
+#[test]
+fn migrate_refuses_a_timeout_beyond_a_year() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    for args in [
+        vec!["migrate", "listen", p(&img), "--timeout", "1e19"],
+        vec!["migrate", "listen", p(&img), "--timeout", "31622400"],
+        vec![
+            "migrate",
+            "send",
+            p(&img),
+            "--to",
+            "127.0.0.1:9",
+            "--timeout",
+            "1e19",
+        ],
+        vec![
+            "migrate",
+            "send",
+            p(&img),
+            "--to",
+            "127.0.0.1:9",
+            "--run-for",
+            "1e19",
+        ],
+    ] {
+        let err = dbm_fails(&args);
+        assert!(err.contains("more than a year"), "{args:?}: {err}");
+    }
+    assert_eq!(dbm_check(&img), 0);
+}
+
 #[test]
 fn crash_marker_makes_bitmaps_inconsistent() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,8 +38,8 @@ use dirty_bitmap::migration::tcp::{
 };
 use dirty_bitmap::migration::{
     Bytes, BytesPerMs, Controller, Directive, GuestRam, IterationReport, Kind, LoopConfig,
-    MigrationError, MigrationState, Millis, Pattern, RamState, SetupMode, Vm, Workload,
-    WorkloadConfig, PAGE_SIZE, RAM_ID,
+    MigrationError, MigrationState, Millis, Outbound, Pattern, Pending, RamState, SetupMode, Vm,
+    Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::DirtyBitmap;
@@ -1244,6 +1244,188 @@ fn a_peer_that_trickles_is_cut_off_by_the_frame_and_attempt_deadlines() {
     let report = dest.join().unwrap();
     cut.expect("the destination served a slow peer for 30 s");
     timed_out_on(&report, "attempt");
+}
+
+/// A state that sends nothing while the guest runs and [`BULK_SECTIONS`] sections of
+/// [`BULK_SECTION`] bytes in its `complete`, all of it counted as pending: far more than
+/// the socket buffers hold, so the stopped guest's switchover waits on the destination's
+/// reads.
+struct Bulk;
+
+const BULK_SECTIONS: usize = 12;
+const BULK_SECTION: usize = 8 << 20;
+
+impl MigrationState for Bulk {
+    fn id(&self) -> dirty_bitmap::migration::StateId {
+        RAM_ID + 1
+    }
+    fn name(&self) -> &str {
+        "bulk"
+    }
+    fn setup(&mut self, _: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, _: bool) -> Pending {
+        Pending {
+            must_precopy: Bytes((BULK_SECTIONS * (BULK_SECTION + 64)) as u64),
+            can_postcopy: Bytes(0),
+            disk_time: Millis(0),
+            dest_disk_time: Millis(0),
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
+        let section = vec![0x5Au8; BULK_SECTION];
+        let mut n = Bytes(0);
+        for _ in 0..BULK_SECTIONS {
+            n += out.send(self.id(), &section)?;
+        }
+        Ok(n)
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// A destination that reads the attempt at full speed up to the Switchover, then takes
+/// 64 KiB every 30 ms (about 2 MiB/s: the source's socket drains by a third of its
+/// largest send buffer well within the 2 s write timeout, so every `send` moves bytes)
+/// while the stopped guest's last 96 MiB wait. The frame's deadline (the write timeout
+/// plus 8 MiB at 64 MiB/s, 2.125 s) ends the attempt within a few seconds, before End, so
+/// the source's guest runs again with every page it sent dirty. With the write timeout
+/// alone the source writes for about 40 s (cut here at 30 s: a hang).
+#[test]
+fn a_destination_that_reads_slowly_cannot_hold_the_stopped_source() {
+    let _g = shared();
+    let timeout = Duration::from_secs(2);
+    let mut src = Source::new(12, 20_000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = Arc::clone(&done);
+    let slow = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        dirty_bitmap::migration::stream::FrameWriter::new(&sock)
+            .write_frame(&Frame::Nonce { nonce: 7 })
+            .unwrap();
+        let mut r = FrameReader::new(sock.try_clone().unwrap());
+        loop {
+            match r.read_frame().unwrap() {
+                Frame::Switchover { .. } => break,
+                Frame::Abort { reason } => panic!("the source aborted: {reason}"),
+                _ => {}
+            }
+        }
+        let start = Instant::now();
+        let mut raw = sock;
+        let mut buf = vec![0u8; 64 << 10];
+        // Until the source gave up (what its socket buffers hold would take long to drain).
+        while start.elapsed() < HANG && !over.load(std::sync::atomic::Ordering::SeqCst) {
+            match raw.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => thread::sleep(Duration::from_millis(30)),
+            }
+        }
+    });
+    let mut state = src.state(SetupMode::Full, false);
+    let mut bulk = Bulk;
+    let t0 = Instant::now();
+    let e = migrate_to(
+        addr,
+        &SourceOptions {
+            loop_config: LoopConfig {
+                max_bandwidth: None,
+                // Room for the bulk's 64 MiB at any rate loopback manages.
+                downtime_limit: Millis(60_000),
+                ..LoopConfig::default()
+            },
+            timeout,
+            min_frame_rate: 64 << 20,
+            ..SourceOptions::default()
+        },
+        &mut src.vm,
+        &mut [&mut state as &mut dyn MigrationState, &mut bulk],
+        &mut NoStall,
+    )
+    .unwrap_err();
+    let took = t0.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    eprintln!("the attempt failed after {took:?}: {e}");
+    match &e {
+        MigrationError::Io(io) => {
+            assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(io.to_string().contains("did not go out whole"), "{e}");
+        }
+        other => panic!("expected the frame's deadline, got {other}"),
+    }
+    assert!(
+        took < Duration::from_secs(12),
+        "the slow destination held the source for {took:?}"
+    );
+    src.assert_running();
+    // Everything the attempt sent is dirty again (it sent all of RAM).
+    assert_eq!(src.log.count(), PAGES);
+    slow.join().unwrap();
+}
+
+/// A timeout past a year (one that would overflow a deadline) is refused before anything
+/// listens or connects, on both ends.
+#[test]
+fn a_timeout_beyond_a_year_is_refused_before_anything_connects() {
+    let _g = shared();
+    let huge = [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX),
+        Duration::from_secs(366 * 86400),
+    ];
+    for t in huge {
+        for options in [
+            DestOptions {
+                timeout: t,
+                ..dest_options()
+            },
+            DestOptions {
+                attempt_timeout: t,
+                ..dest_options()
+            },
+        ] {
+            match TcpDestination::spawn(options) {
+                Err(MigrationError::InvalidInput(why)) => assert!(why.contains("timeout"), "{why}"),
+                other => panic!(
+                    "{t:?}: expected InvalidInput, got {:?}",
+                    other.map(|d| d.addr())
+                ),
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut src = Source::new(13, 1_000);
+        let mut state = src.state(SetupMode::Full, false);
+        let e = migrate_to(
+            listener.local_addr().unwrap(),
+            &SourceOptions {
+                loop_config: converging(),
+                timeout: t,
+                ..SourceOptions::default()
+            },
+            &mut src.vm,
+            &mut [&mut state as &mut dyn MigrationState],
+            &mut NoStall,
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidInput(_)), "{t:?}: {e}");
+        assert!(
+            listener.accept().is_err(),
+            "{t:?}: the source connected before it refused its timeout"
+        );
+        src.assert_running();
+    }
 }
 
 /// A proxy that forwards both directions untouched and records what the source sent.

@@ -129,6 +129,7 @@ impl Source {
                 loop_config: converging(),
                 timeout,
                 tls,
+                ..SourceOptions::default()
             },
             &mut self.session,
             &mut self.vm,
@@ -696,6 +697,7 @@ fn postcopy_over_tls_pulls_pages_and_arrives_byte_for_byte() {
             },
             timeout: TIMEOUT,
             tls: Some(pki.client()),
+            ..SourceOptions::default()
         },
         &mut src.session,
         &mut src.vm,
@@ -756,6 +758,7 @@ fn a_second_tls_source_is_turned_away_while_one_is_served() {
                 },
                 timeout: TIMEOUT,
                 tls: Some(client),
+                ..SourceOptions::default()
             },
             &mut src.session,
             &mut src.vm,

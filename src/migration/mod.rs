@@ -27,6 +27,8 @@
 //! - [`disk_stream`]: disk bitmaps in the stream, as deltas ([`StreamDiskState`],
 //!   [`StreamDiskDest`]), for a destination with an image of its own.
 //! - [`precopy`]: the loop ([`run`]).
+//! - [`paced_write`]: a socket's writing half whose frames each go out whole by a deadline
+//!   ([`paced_write::PacedWrite`]), under `tls` and `tcp`.
 //! - [`sim`]: the virtual-clock simulation and its sweep; `tls` (feature `tls`): TLS with
 //!   certificates, both ends authenticated, under the TCP transport; [`tcp`]: both ends over
 //!   TCP on 127.0.0.1 by default, plain or over `tls`.
@@ -48,6 +50,7 @@ pub mod guest;
 #[cfg(feature = "testing")]
 pub mod harness;
 pub mod memory;
+pub mod paced_write;
 pub mod precopy;
 pub mod ram;
 parser_module! { pub mod ram_codec; }

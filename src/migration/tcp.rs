@@ -30,7 +30,12 @@
 //! slowly, can hold it for: each frame must arrive within the read timeout plus its length
 //! at the slowest rate allowed ([`DestOptions::min_frame_rate`], or the Hello's lower
 //! `max_bandwidth`), counted from its first byte, and each attempt ends by
-//! [`DestOptions::attempt_timeout`], unless its guest started here first (postcopy).
+//! [`DestOptions::attempt_timeout`], unless its guest started here first (postcopy). The
+//! source bounds what a destination that keeps reading, but slowly, can hold it for (its
+//! guest stopped, during the switchover) the same way: each frame must be written whole
+//! within the write timeout plus its length at [`SourceOptions::min_frame_rate`] (or the
+//! lower `max_bandwidth`), counted from its first byte ([`PacedWrite`]), below TLS. Every
+//! timeout is at most [`MAX_TIMEOUT`], so no deadline overflows.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -49,6 +54,7 @@ use super::dest_state::SharedDestState;
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{Control, Frame, Hello, StateId, FRAME_OVERHEAD, STREAM_HEADER_LEN};
 use super::guest::Vm;
+use super::paced_write::{FrameClock, PacedWrite};
 use super::precopy::{self, Controller, Endpoints, LoopConfig, Outcome};
 use super::rate::RateLimiter;
 use super::state::MigrationState;
@@ -64,9 +70,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default for the longest attempt a destination serves ([`DestOptions::attempt_timeout`]).
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// The default slowest rate a frame may arrive at ([`DestOptions::min_frame_rate`]), in bytes
-/// per second: 1 MiB/s, a 16 MiB frame in 16 s.
+/// The default slowest rate a frame may arrive at ([`DestOptions::min_frame_rate`]), or go out
+/// at ([`SourceOptions::min_frame_rate`]), in bytes per second: 1 MiB/s, a 16 MiB frame in
+/// 16 s.
 pub const DEFAULT_MIN_FRAME_RATE: u64 = 1 << 20;
+
+/// The longest timeout either end takes (a year): a longer one is
+/// [`MigrationError::InvalidInput`], so that no deadline computed from it overflows.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `timeout` as [`MigrationError::InvalidInput`] if it is zero or above [`MAX_TIMEOUT`].
+fn check_timeout(what: &str, timeout: Duration) -> Result<()> {
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(MigrationError::InvalidInput(format!(
+            "{what} must be positive and at most {MAX_TIMEOUT:?}, not {timeout:?}"
+        )));
+    }
+    Ok(())
+}
 
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
@@ -170,8 +191,8 @@ impl TcpDestination {
     ///
     /// # Errors
     /// [`MigrationError::Io`] if the socket or the thread cannot be created;
-    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or a
-    /// `min_frame_rate` of 0.
+    /// [`MigrationError::InvalidInput`] for `max_attempts` 0, a zero timeout or one above
+    /// [`MAX_TIMEOUT`], or a `min_frame_rate` of 0.
     pub fn spawn(options: DestOptions) -> Result<TcpDestination> {
         TcpDestination::spawn_with(options, None)
     }
@@ -187,12 +208,11 @@ impl TcpDestination {
                 "max_attempts must be at least 1".into(),
             ));
         }
-        if options.timeout.is_zero()
-            || options.attempt_timeout.is_zero()
-            || options.min_frame_rate == 0
-        {
+        check_timeout("timeout", options.timeout)?;
+        check_timeout("attempt_timeout", options.attempt_timeout)?;
+        if options.min_frame_rate == 0 {
             return Err(MigrationError::InvalidInput(
-                "timeout, attempt_timeout and min_frame_rate must be positive".into(),
+                "min_frame_rate must be positive".into(),
             ));
         }
         let listener = TcpListener::bind(options.bind)?;
@@ -347,7 +367,7 @@ fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, WireWriter)> {
         let (r, w) = tls::accept(server, sock, deadline, o.timeout)?;
         return Ok((Paced::new(WireReader::Tls(r), o), WireWriter::Tls(w)));
     }
-    let back = sock.try_clone()?;
+    let back = PacedWrite::new(sock.try_clone()?, o.timeout)?;
     Ok((
         Paced::new(WireReader::Plain(sock), o),
         WireWriter::Plain(back),
@@ -389,17 +409,26 @@ impl Read for WireReader {
 /// The writing direction of a connection: the socket, or TLS over it.
 #[derive(Debug)]
 enum WireWriter {
-    Plain(TcpStream),
+    Plain(PacedWrite),
     #[cfg(feature = "tls")]
     Tls(TlsWriter),
 }
 
 impl WireWriter {
+    /// The handle that marks the frames written, for their deadlines.
+    fn clock(&self) -> FrameClock {
+        match self {
+            WireWriter::Plain(s) => s.clock(),
+            #[cfg(feature = "tls")]
+            WireWriter::Tls(w) => w.clock(),
+        }
+    }
+
     /// Shuts the socket down (`how`); over TLS, a `close_notify` first if only our
     /// direction closes.
     fn shutdown(&mut self, how: Shutdown) {
         let sock = match self {
-            WireWriter::Plain(s) => &*s,
+            WireWriter::Plain(s) => s.socket(),
             #[cfg(feature = "tls")]
             WireWriter::Tls(w) => {
                 if how == Shutdown::Write {
@@ -636,26 +665,46 @@ struct SourceOut {
     resume: u128,
     /// Whether the Hello was written.
     hello_sent: bool,
+    /// Marks each frame for its deadline ([`PacedWrite`]).
+    clock: FrameClock,
+}
+
+impl SourceOut {
+    /// Runs `write`, which writes one frame of about `len` bytes, under that frame's
+    /// deadline.
+    fn framed(
+        &mut self,
+        len: Bytes,
+        write: impl FnOnce(&mut FrameWriter<WireWriter>) -> Result<Bytes>,
+    ) -> Result<Bytes> {
+        self.clock.frame(len.get());
+        let r = write(&mut self.w);
+        self.clock.between();
+        r
+    }
 }
 
 impl Outbound for SourceOut {
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
-        self.w.send(state, payload)
+        let len = self.w.section_overhead() + Bytes(payload.len() as u64);
+        self.framed(len, |w| w.send(state, payload))
     }
 
     fn control(&mut self, msg: &Control) -> Result<Bytes> {
+        let len = self.w.control_cost(msg);
         match msg {
             Control::Hello(h) => {
-                let n = self.w.control(&Control::Hello(Hello {
+                let hello = Control::Hello(Hello {
                     max_bandwidth: self.max_bandwidth,
                     nonce: self.nonce,
                     resume: self.resume,
                     ..h.clone()
-                }))?;
+                });
+                let n = self.framed(len, |w| w.control(&hello))?;
                 self.hello_sent = true;
                 Ok(n)
             }
-            other => self.w.control(other),
+            other => self.framed(len, |w| w.control(other)),
         }
     }
 
@@ -776,8 +825,15 @@ const ABORT_GRACE: Duration = Duration::from_millis(200);
 pub struct SourceOptions {
     /// The loop's parameters; `max_bandwidth` also sets the [`FrameWriter`]'s rate limit.
     pub loop_config: LoopConfig,
-    /// Connect, write and answer timeout; the TLS handshake's too.
+    /// Connect, write and answer timeout; the TLS handshake's too. At most
+    /// [`MAX_TIMEOUT`].
     pub timeout: Duration,
+    /// The slowest rate, in bytes per second, at which a frame may go out: a frame of `n`
+    /// bytes must be written whole within `timeout + n / rate` of its first byte, or the
+    /// attempt fails ([`io::ErrorKind::TimedOut`]); a lower `max_bandwidth` lowers it to
+    /// that. As [`DestOptions::min_frame_rate`]: a destination that keeps reading, but
+    /// slower, cannot hold the stopped guest longer than that.
+    pub min_frame_rate: u64,
     /// TLS with certificates (none by default: plain TCP). The destination's certificate
     /// must name its IP address, or the name set with [`TlsClient::with_server_name`].
     #[cfg(feature = "tls")]
@@ -789,6 +845,7 @@ impl Default for SourceOptions {
         SourceOptions {
             loop_config: LoopConfig::default(),
             timeout: DEFAULT_TIMEOUT,
+            min_frame_rate: DEFAULT_MIN_FRAME_RATE,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -887,8 +944,9 @@ pub fn migrate_to(
 /// built with [`super::ram::ChannelLoss::CallerReconciles`]).
 ///
 /// # Errors
-/// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`];
-/// nothing is connected then); [`MigrationError::Io`] if the connection cannot be made
+/// [`MigrationError::InvalidInput`] for bad parameters ([`precopy::checked_config`], a
+/// zero timeout or one above [`MAX_TIMEOUT`], a `min_frame_rate` of 0; nothing is
+/// connected then); [`MigrationError::Io`] if the connection cannot be made
 /// or no Nonce comes within the timeout, [`MigrationError::Tls`] if TLS fails (the
 /// handshake, a certificate either end refuses, a destination without TLS),
 /// [`MigrationError::DestinationRefused`] if the
@@ -906,6 +964,12 @@ pub fn migrate_in_session(
     controller: &mut dyn Controller,
 ) -> Result<SourceReport> {
     let loop_config = precopy::checked_config(&options.loop_config)?;
+    check_timeout("timeout", options.timeout)?;
+    if options.min_frame_rate == 0 {
+        return Err(MigrationError::InvalidInput(
+            "min_frame_rate must be positive".into(),
+        ));
+    }
     let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
     sock.set_nodelay(true)?;
     sock.set_write_timeout(Some(options.timeout))?;
@@ -925,12 +989,20 @@ pub fn migrate_in_session(
     // ZERO is "no limit" to the writer; a checked limit is at least 1 byte per 100 ms
     // window, and the limiter's budget never rounds a non-zero rate down to none.
     let limit = loop_config.max_bandwidth.unwrap_or(BytesPerMs::ZERO);
+    // The writer sends no faster than its limit: a frame's deadline allows for it, as the
+    // destination's does for the Hello's `max_bandwidth`.
+    let clock = sock.clock();
+    clock.set_rate(match limit.bytes_per_sec() {
+        0 => options.min_frame_rate,
+        b => options.min_frame_rate.min(b),
+    });
     let mut writer = SourceOut {
         w: FrameWriter::with_limiter(sock, RateLimiter::new(limit)),
         max_bandwidth: limit.bytes_per_sec(),
         nonce,
         resume: session.token.unwrap_or(0),
         hello_sent: false,
+        clock,
     };
     let mut inbound = ReturnPath {
         rx,
@@ -996,9 +1068,12 @@ fn source_wire(
         let (r, w) = tls::connect(client, addr.ip(), sock, deadline, options.timeout)?;
         return Ok((WireReader::Tls(r), WireWriter::Tls(w)));
     }
-    let _ = (addr, options);
+    let _ = addr;
     let back = sock.try_clone()?;
-    Ok((WireReader::Plain(back), WireWriter::Plain(sock)))
+    Ok((
+        WireReader::Plain(back),
+        WireWriter::Plain(PacedWrite::new(sock, options.timeout)?),
+    ))
 }
 
 #[cfg(test)]

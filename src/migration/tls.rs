@@ -25,7 +25,9 @@
 //! it; the writer encrypts under it and writes the records outside it. The writer is the
 //! only one that writes to the socket, so records leave in the order they were sealed.
 //! The reader's wait is bounded as the socket's read timeout bounds a plain read: one
-//! `read` call returns within its timeout whatever number of records it takes.
+//! `read` call returns within its timeout whatever number of records it takes. The
+//! writer's records go out through a [`PacedWrite`], so a frame's deadline bounds all of
+//! its records as it bounds a plain frame's bytes.
 //!
 //! The end of the stream needs no `close_notify`: the migration protocol ends explicitly
 //! (End, Started), and a stream cut between frames is an error at the frame layer, so a
@@ -50,6 +52,7 @@ use rustls::{
 
 use super::error::{MigrationError, Result, TlsError};
 use super::frame::Frame;
+use super::paced_write::{FrameClock, PacedWrite};
 use super::stream::FrameReader;
 
 /// The PEM files of one end: the CA certificate(s) that sign both ends' certificates,
@@ -407,6 +410,7 @@ fn split(
     conn: Connection,
     sock: TcpStream,
     pending: Pending,
+    timeout: Duration,
 ) -> io::Result<(TlsReader, TlsWriter)> {
     let back = sock.try_clone()?;
     let conn = Arc::new(Mutex::new(conn));
@@ -421,7 +425,7 @@ fn split(
             eof: false,
         },
         TlsWriter {
-            sock,
+            sock: PacedWrite::new(sock, timeout)?,
             conn,
             out: Vec::new(),
             failed: None,
@@ -446,7 +450,7 @@ pub(crate) fn accept(
             .map_err(|e| TlsError::Protocol(e.to_string()))?,
     );
     match handshake(&mut conn, &mut sock, deadline, timeout) {
-        Ok(pending) => Ok(split(conn, sock, pending)?),
+        Ok(pending) => Ok(split(conn, sock, pending, timeout)?),
         Err(Failed::Io(e)) => Err(e.into()),
         Err(Failed::Tls(e, _)) => Err(e.into()),
     }
@@ -475,7 +479,7 @@ pub(crate) fn connect(
             .map_err(|e| TlsError::Protocol(e.to_string()))?,
     );
     match handshake(&mut conn, &mut sock, deadline, timeout) {
-        Ok(pending) => Ok(split(conn, sock, pending)?),
+        Ok(pending) => Ok(split(conn, sock, pending, timeout)?),
         Err(Failed::Io(e)) => Err(e.into()),
         Err(Failed::Tls(e @ (TlsError::NotTls(_) | TlsError::Closed), seen)) => {
             Err(plain_answer(&seen).unwrap_or(MigrationError::Tls(e)))
@@ -584,11 +588,12 @@ impl Read for TlsReader {
 }
 
 /// The writing half of a TLS connection: plaintext, as a [`Write`]; each `write` seals
-/// its bytes and writes the records to the socket (its write timeout bounds each system
-/// call, as for a plain socket). After a failed socket write the stream is broken (a
-/// record may be cut) and every later `write` fails.
+/// its bytes and writes the records to the socket through a [`PacedWrite`] (the write
+/// timeout bounds each system call and a frame's deadline all of the frame's records, as
+/// for a plain socket). After a failed socket write the stream is broken (a record may be
+/// cut) and every later `write` fails.
 pub struct TlsWriter {
-    sock: TcpStream,
+    sock: PacedWrite,
     conn: Arc<Mutex<Connection>>,
     out: Vec<u8>,
     failed: Option<String>,
@@ -606,7 +611,12 @@ impl fmt::Debug for TlsWriter {
 impl TlsWriter {
     /// The socket (to shut it down).
     pub fn socket(&self) -> &TcpStream {
-        &self.sock
+        self.sock.socket()
+    }
+
+    /// The handle that marks the frames written, for their deadlines.
+    pub fn clock(&self) -> FrameClock {
+        self.sock.clock()
     }
 
     /// Sends `close_notify`, best effort (a failed stream sends nothing).

@@ -45,7 +45,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use dirty_bitmap::migration::guest::new_log;
 use dirty_bitmap::migration::tcp::{
-    migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination,
+    migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination, MAX_TIMEOUT,
 };
 use dirty_bitmap::migration::tls::{TlsClient, TlsCreds, TlsServer};
 use dirty_bitmap::migration::{
@@ -230,9 +230,18 @@ fn say(line: impl AsRef<str>) {
     let _ = emit(&format!("{}\n", line.as_ref()));
 }
 
-/// Seconds as a duration, refusing what is negative or not a number.
+/// Seconds as a duration, refusing what is negative, not a number, or longer than
+/// [`MAX_TIMEOUT`] (a year: no deadline computed from it overflows).
 fn seconds(what: &str, s: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
+    let d = Duration::try_from_secs_f64(s)
+        .map_err(|_| format!("--{what} {s}: not a number of seconds"))?;
+    if d > MAX_TIMEOUT {
+        return Err(format!(
+            "--{what} {s}: more than a year ({} seconds)",
+            MAX_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 fn seed_or_random(seed: Option<u64>) -> u64 {
@@ -826,6 +835,7 @@ fn send(a: &SendArgs) -> CmdResult {
                     loop_config: config,
                     timeout,
                     tls: tls.clone(),
+                    ..SourceOptions::default()
                 },
                 &mut session,
                 &mut guest,
