@@ -8,6 +8,14 @@
 //! that deadline, and a deadline that passed is an [`io::ErrorKind::TimedOut`] error naming
 //! the bound. The same bound the destination's reads have (`tcp.rs`, `Paced`), counted
 //! from the frame's first byte as there.
+//!
+//! While the guest is stopped ([`FrameClock::chain`]) the frames share one budget: the
+//! write timeout once, then each frame's length at that rate, added to the deadline of the
+//! frame before. Each frame bounded alone would let a peer that reads every frame just
+//! inside its own deadline hold the stopped guest for the write timeout once per frame.
+//! A frame that starts after the chain's deadline passed (the source's own work between
+//! frames, the stop's disk writes, took longer) starts a new budget with the write
+//! timeout: only the time the peer takes is bounded, never the source's own.
 
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -33,6 +41,10 @@ struct Timing {
     /// deadline.
     rate: Option<u64>,
     frame: Frame,
+    /// Frames share one budget ([`FrameClock::chain`]).
+    chained: bool,
+    /// The deadline of the chain's last frame.
+    last_due: Option<Instant>,
 }
 
 /// The handle that tells a [`PacedWrite`] where frames begin and end.
@@ -53,6 +65,14 @@ impl FrameClock {
     /// The frame was written whole, or given up: the writes that follow belong to none.
     pub fn between(&self) {
         self.0.lock().frame = Frame::Between;
+    }
+
+    /// `true`: the frames from now on share one budget (the guest is stopped: see the
+    /// module documentation); `false`: each frame is bounded alone again.
+    pub fn chain(&self, on: bool) {
+        let mut t = self.0.lock();
+        t.chained = on;
+        t.last_due = None;
     }
 }
 
@@ -81,6 +101,8 @@ impl PacedWrite {
                 idle: timeout,
                 rate: None,
                 frame: Frame::Between,
+                chained: false,
+                last_due: None,
             })),
         })
     }
@@ -107,11 +129,19 @@ impl Write for PacedWrite {
             let at_rate = Duration::from_secs_f64(len as f64 / rate as f64);
             // Far enough to be no bound, near enough not to overflow.
             let far = now + Duration::from_secs(1 << 30);
-            let due = now
-                .checked_add(t.idle)
+            // Chained, a frame that starts before the last one's deadline adds its length
+            // to it; any other starts a budget of its own with the write timeout.
+            let base = match t.last_due {
+                Some(last) if t.chained && now < last => Some(last),
+                _ => now.checked_add(t.idle),
+            };
+            let due = base
                 .and_then(|d| d.checked_add(at_rate))
                 .map_or(far, |d| d.min(far));
             t.frame = Frame::Due(due);
+            if t.chained {
+                t.last_due = Some(due);
+            }
         }
         let timed_out = |t: &Timing, what: &str| {
             let rate = t.rate.map_or(String::new(), |r| {
@@ -201,5 +231,74 @@ mod tests {
             "{e}"
         );
         assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    /// `n` frames of `len` bytes written to a peer that reads at `peer_rate` bytes per
+    /// second (paced by the bytes it has read, so sleep overshoot does not accumulate),
+    /// chained or not: the first error and when it came, or `None` with the time taken.
+    fn frames_to_a_paced_peer(
+        chained: bool,
+        n: usize,
+        len: usize,
+        peer_rate: f64,
+    ) -> (Option<io::Error>, Duration) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut w = PacedWrite::new(sock, Duration::from_millis(300)).unwrap();
+        let clock = w.clock();
+        clock.set_rate(64 << 20);
+        clock.chain(chained);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            peer.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let t0 = Instant::now();
+            let mut got = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(k) = peer.read(&mut buf) {
+                    got += k as u64;
+                }
+                let due = t0 + Duration::from_secs_f64(got as f64 / peer_rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        });
+        let frame = vec![7u8; len];
+        let t0 = Instant::now();
+        let mut err = None;
+        for _ in 0..n {
+            clock.frame(len as u64);
+            let r = w.write_all(&frame);
+            clock.between();
+            if let Err(e) = r {
+                err = Some(e);
+                break;
+            }
+        }
+        let took = t0.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        reader.join().unwrap();
+        (err, took)
+    }
+
+    /// Found by a review: bounded one by one, frames to a peer that takes each just inside
+    /// its own deadline (0.3 s + 8 MiB at 64 MiB/s = 0.425 s; the peer takes 8 MiB in
+    /// about 0.27 s) never time out, so the stopped guest waits the write timeout once per
+    /// frame. Chained, 24 frames share 0.3 s + 24 × 0.125 s = 3.3 s, which the peer's
+    /// 6.4 s (less what the socket buffers hold) passes: the chain's deadline ends it. A
+    /// peer that keeps up finishes the same frames chained.
+    #[test]
+    fn chained_frames_share_one_deadline() {
+        let (e, took) = frames_to_a_paced_peer(true, 24, 8 << 20, 30.0 * (1 << 20) as f64);
+        let e = e.expect("the chain's deadline passed");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("did not go out whole"), "{e}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let (e, _) = frames_to_a_paced_peer(true, 8, 8 << 20, f64::INFINITY);
+        assert!(e.is_none(), "{e:?}");
     }
 }

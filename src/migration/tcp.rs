@@ -704,12 +704,24 @@ impl Outbound for SourceOut {
                 self.hello_sent = true;
                 Ok(n)
             }
-            other => self.framed(len, |w| w.control(other)),
+            other => {
+                let n = self.framed(len, |w| w.control(other));
+                // The stop's frames end with End (precopy: nothing follows) or the postcopy
+                // Switchover (the push that follows runs with the guest running there).
+                if matches!(other, Control::End | Control::Switchover { postcopy: true }) {
+                    self.clock.chain(false);
+                }
+                n
+            }
         }
     }
 
+    /// The guest stopped: from here to End (or the postcopy Switchover) the frames share
+    /// one deadline ([`FrameClock::chain`]), so a peer that reads each just in time cannot
+    /// hold the stopped guest for the write timeout once per frame.
     fn lift_rate_limit(&mut self) {
         self.w.lift_rate_limit();
+        self.clock.chain(true);
     }
 
     fn section_overhead(&self) -> Bytes {
