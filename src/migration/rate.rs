@@ -21,6 +21,27 @@ use crate::units::{Bytes, BytesPerMs, Millis};
 /// The window over which the limit is enforced (QEMU's `BUFFER_DELAY`).
 pub const RATE_WINDOW: Duration = Duration::from_millis(100);
 
+/// The rate a [`RateLimiter`] at `max_bandwidth` sends at over many windows, in bytes per
+/// second: its window budget (truncated, at least 1 byte) once per [`RATE_WINDOW`]; 0
+/// without a limit. Below the limit when the budget truncates (19 bytes/s sends 1 byte per
+/// window, 10 bytes/s): a frame's deadline at the slowest rate allowed counts with this
+/// figure on both ends (`tcp.rs`), or a healthy link at such a limit would time out.
+pub fn sustained_bytes_per_sec(max_bandwidth: BytesPerMs) -> u64 {
+    if max_bandwidth == BytesPerMs::ZERO {
+        return 0;
+    }
+    let per_sec = Duration::from_secs(1).as_nanos() / RATE_WINDOW.as_nanos();
+    budget_of(max_bandwidth)
+        .get()
+        .saturating_mul(u64::try_from(per_sec).unwrap_or(u64::MAX))
+}
+
+/// The bytes one window may carry at `max_bandwidth` (not zero): truncated, at least 1.
+fn budget_of(max_bandwidth: BytesPerMs) -> Bytes {
+    let window = Millis::from_duration(RATE_WINDOW);
+    Bytes((max_bandwidth * window).get().max(1))
+}
+
 /// Holds a sender to `max_bandwidth`, per [`RATE_WINDOW`].
 pub struct RateLimiter {
     /// The limit; zero is no limit (QEMU's `RATE_LIMIT_DISABLED`).
@@ -90,8 +111,7 @@ impl RateLimiter {
     }
 
     fn budget_bytes(&self) -> Bytes {
-        let window = Millis::from_duration(RATE_WINDOW);
-        Bytes((self.max_bandwidth * window).get().max(1))
+        budget_of(self.max_bandwidth)
     }
 
     /// Starts the windows that have ended by `now`, paying one budget of debt for each.
@@ -179,6 +199,32 @@ mod tests {
         let l = RateLimiter::with_clock(BytesPerMs::from_bytes_per_ms(10.0), Box::new(c));
         assert_eq!(l.window_budget(), Some(Bytes(1000)));
         assert_eq!(l.max_bandwidth().bytes_per_sec(), 10_000);
+    }
+
+    /// Found by a review: a frame's deadline counted with the limit itself, but the
+    /// limiter's truncated budget sends below it (19 bytes/s: one byte per window, 10
+    /// bytes/s), so a healthy link at such a limit missed its deadline. The figure the
+    /// deadlines use is what the limiter sends over many windows, one byte at a time.
+    #[test]
+    fn the_sustained_rate_is_what_the_limiter_sends() {
+        for bytes_per_sec in [19u64, 10, 199, 10_000, 123_456] {
+            let (mut l, c) = limited(bytes_per_sec);
+            let mut sent = 0u64;
+            while c.now() < Duration::from_secs(100) {
+                l.wait();
+                l.record(Bytes(1));
+                sent += 1;
+            }
+            let sustained = sustained_bytes_per_sec(BytesPerMs::from_bytes_per_sec(bytes_per_sec));
+            let measured = sent / 100;
+            assert!(
+                sustained.abs_diff(measured) <= sustained / 50 + 1,
+                "{bytes_per_sec} bytes/s: the limiter sent {measured} a second, the \
+                 deadlines count {sustained}"
+            );
+            assert!(sustained <= bytes_per_sec);
+        }
+        assert_eq!(sustained_bytes_per_sec(BytesPerMs::ZERO), 0);
     }
 
     #[test]

@@ -616,8 +616,13 @@ fn drive(
         turn_away(listener, o.timeout);
         match d.step()? {
             DestEvent::Hello(h) if h.max_bandwidth > 0 => {
+                // The rate the source's limiter sends at, which its budget's truncation
+                // may put below the limit itself.
+                let sustained = super::rate::sustained_bytes_per_sec(
+                    BytesPerMs::from_bytes_per_sec(h.max_bandwidth),
+                );
                 let mut t = timing.lock();
-                t.rate = t.rate.min(h.max_bandwidth);
+                t.rate = t.rate.min(sustained.max(1));
             }
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
@@ -1004,7 +1009,7 @@ pub fn migrate_in_session(
     // The writer sends no faster than its limit: a frame's deadline allows for it, as the
     // destination's does for the Hello's `max_bandwidth`.
     let clock = sock.clock();
-    clock.set_rate(match limit.bytes_per_sec() {
+    clock.set_rate(match super::rate::sustained_bytes_per_sec(limit) {
         0 => options.min_frame_rate,
         b => options.min_frame_rate.min(b),
     });
