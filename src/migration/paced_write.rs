@@ -11,11 +11,11 @@
 //!
 //! While the guest is stopped ([`FrameClock::chain`]) the frames share one budget: the
 //! write timeout once, then each frame's length at that rate, added to the deadline of the
-//! frame before. Each frame bounded alone would let a peer that reads every frame just
-//! inside its own deadline hold the stopped guest for the write timeout once per frame.
-//! A frame that starts after the chain's deadline passed (the source's own work between
-//! frames, the stop's disk writes, took longer) starts a new budget with the write
-//! timeout: only the time the peer takes is bounded, never the source's own.
+//! frame before, and so is the source's own time between the two frames (from the end of
+//! the one to the first byte of the next: the stop's disk writes, a state's encoding), so
+//! that only the time the peer takes is bounded, never the source's own ([`frame_due`]).
+//! Each frame bounded alone would let a peer that reads every frame just inside its own
+//! deadline hold the stopped guest for the write timeout once per frame.
 
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -43,8 +43,25 @@ struct Timing {
     frame: Frame,
     /// Frames share one budget ([`FrameClock::chain`]).
     chained: bool,
-    /// The deadline of the chain's last frame.
-    last_due: Option<Instant>,
+    /// The deadline of the chain's last frame, and when that frame ended (written whole).
+    last_due: Option<(Instant, Instant)>,
+}
+
+/// The deadline of a frame whose first byte goes out at `now`, `at_rate` its length at the
+/// slowest rate allowed: `now` plus the write timeout `idle` plus `at_rate`; or, chained
+/// after a frame due at `last` that ended at `ended`, `last` plus the source's own time
+/// since (`now − ended`) plus `at_rate`. `None` where it would overflow.
+fn frame_due(
+    now: Instant,
+    chained_after: Option<(Instant, Instant)>,
+    idle: Duration,
+    at_rate: Duration,
+) -> Option<Instant> {
+    let base = match chained_after {
+        Some((last, ended)) => last.checked_add(now.saturating_duration_since(ended))?,
+        None => now.checked_add(idle)?,
+    };
+    base.checked_add(at_rate)
 }
 
 /// The handle that tells a [`PacedWrite`] where frames begin and end.
@@ -64,7 +81,11 @@ impl FrameClock {
 
     /// The frame was written whole, or given up: the writes that follow belong to none.
     pub fn between(&self) {
-        self.0.lock().frame = Frame::Between;
+        let mut t = self.0.lock();
+        t.frame = Frame::Between;
+        if let Some((due, _)) = t.last_due {
+            t.last_due = Some((due, Instant::now()));
+        }
     }
 
     /// `true`: the frames from now on share one budget (the guest is stopped: see the
@@ -129,18 +150,12 @@ impl Write for PacedWrite {
             let at_rate = Duration::from_secs_f64(len as f64 / rate as f64);
             // Far enough to be no bound, near enough not to overflow.
             let far = now + Duration::from_secs(1 << 30);
-            // Chained, a frame that starts before the last one's deadline adds its length
-            // to it; any other starts a budget of its own with the write timeout.
-            let base = match t.last_due {
-                Some(last) if t.chained && now < last => Some(last),
-                _ => now.checked_add(t.idle),
-            };
-            let due = base
-                .and_then(|d| d.checked_add(at_rate))
-                .map_or(far, |d| d.min(far));
+            let after = t.last_due.filter(|_| t.chained);
+            let due = frame_due(now, after, t.idle, at_rate).map_or(far, |d| d.min(far));
             t.frame = Frame::Due(due);
             if t.chained {
-                t.last_due = Some(due);
+                // Until `between` says when it ended, it ends now (a frame given up early).
+                t.last_due = Some((due, now));
             }
         }
         let timed_out = |t: &Timing, what: &str| {
@@ -283,6 +298,35 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         reader.join().unwrap();
         (err, took)
+    }
+
+    /// Found by a review of the chain: a frame starting after the chain's deadline passed
+    /// got the write timeout afresh, so a peer that finished each frame just before its
+    /// deadline (the source's own work between frames then passing it) held the stopped
+    /// guest for the write timeout once per frame again. The chain credits the source's
+    /// own time instead, and nothing else.
+    #[test]
+    fn a_chained_frame_adds_only_the_sources_own_time() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(10);
+        let len = Duration::from_millis(5);
+        let ms = Duration::from_millis;
+        assert_eq!(frame_due(t0, None, idle, len), Some(t0 + idle + len));
+        // The last frame was due at t0 + 10 s and ended 0.5 ms before; the next starts
+        // 1 ms after that, past the last deadline: 1 ms of the source's own time.
+        let last = t0 + idle;
+        let ended = last - Duration::from_micros(500);
+        let now = ended + ms(1);
+        assert_eq!(
+            frame_due(now, Some((last, ended)), idle, len),
+            Some(last + ms(1) + len)
+        );
+        // Well before the deadline, the same.
+        let ended = t0 + ms(100);
+        assert_eq!(
+            frame_due(ended + ms(3), Some((last, ended)), idle, len),
+            Some(last + ms(3) + len)
+        );
     }
 
     /// Found by a review: bounded one by one, frames to a peer that takes each just inside
