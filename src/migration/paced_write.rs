@@ -13,7 +13,7 @@
 //! write timeout once, then each frame's length at that rate, added to the deadline of the
 //! frame before, and so is the source's own time between the two frames (from the end of
 //! the one to the first byte of the next: the stop's disk writes, a state's encoding), so
-//! that only the time the peer takes is bounded, never the source's own ([`frame_due`]).
+//! that only the time the peer takes is bounded, never the source's own (`frame_due`).
 //! Each frame bounded alone would let a peer that reads every frame just inside its own
 //! deadline hold the stopped guest for the write timeout once per frame.
 
