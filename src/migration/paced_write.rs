@@ -213,34 +213,11 @@ mod tests {
     /// the write, where the write timeout alone never would.
     #[test]
     fn a_frame_to_a_peer_that_trickles_times_out_by_its_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let sock = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut peer, _) = listener.accept().unwrap();
-        let timeout = Duration::from_millis(200);
-        let mut w = PacedWrite::new(sock, timeout).unwrap();
-        let clock = w.clock();
-        clock.set_rate(16 << 20);
-        let frame = vec![7u8; 32 << 20];
-        clock.frame(frame.len() as u64);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            peer.set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = peer.read(&mut buf);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let t0 = Instant::now();
-        let e = w.write_all(&frame).unwrap_err();
-        let took = t0.elapsed();
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        reader.join().unwrap();
+        // Due in 0.3 s + 32 MiB at 64 MiB/s = 0.8 s; the peer takes 3 MiB/s, a write of
+        // about 10 s less what the socket buffers hold: the deadline cuts it.
+        let (e, took) = frames_to_a_paced_peer(false, 1, 32 << 20, 3.0 * (1 << 20) as f64);
+        let e = e.expect("the frame's deadline passed");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
-        // Due in 0.2 s + 32 MiB at 16 MiB/s = 2.2 s; the peer takes about 3 MiB/s, a
-        // write of about 10 s less what the socket buffers hold: the deadline cuts it.
         assert!(
             e.to_string().contains("a frame did not go out whole"),
             "{e}"

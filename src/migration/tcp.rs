@@ -89,6 +89,16 @@ fn check_timeout(what: &str, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// `rate` (a `min_frame_rate`) as [`MigrationError::InvalidInput`] if it is zero.
+fn check_rate(rate: u64) -> Result<()> {
+    if rate == 0 {
+        return Err(MigrationError::InvalidInput(
+            "min_frame_rate must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// How often a waiting thread (the destination's accept, the source's reader) looks at its
 /// stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -210,11 +220,7 @@ impl TcpDestination {
         }
         check_timeout("timeout", options.timeout)?;
         check_timeout("attempt_timeout", options.attempt_timeout)?;
-        if options.min_frame_rate == 0 {
-            return Err(MigrationError::InvalidInput(
-                "min_frame_rate must be positive".into(),
-            ));
-        }
+        check_rate(options.min_frame_rate)?;
         let listener = TcpListener::bind(options.bind)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -617,12 +623,13 @@ fn drive(
         match d.step()? {
             DestEvent::Hello(h) if h.max_bandwidth > 0 => {
                 // The rate the source's limiter sends at, which its budget's truncation
-                // may put below the limit itself.
+                // may put below the limit itself (never below 10 bytes/s: one byte a
+                // window).
                 let sustained = super::rate::sustained_bytes_per_sec(
                     BytesPerMs::from_bytes_per_sec(h.max_bandwidth),
                 );
                 let mut t = timing.lock();
-                t.rate = t.rate.min(sustained.max(1));
+                t.rate = t.rate.min(sustained);
             }
             DestEvent::Pages { written: w, .. } => *written += w as u64,
             DestEvent::Switchover { postcopy: true } => {
@@ -982,11 +989,7 @@ pub fn migrate_in_session(
 ) -> Result<SourceReport> {
     let loop_config = precopy::checked_config(&options.loop_config)?;
     check_timeout("timeout", options.timeout)?;
-    if options.min_frame_rate == 0 {
-        return Err(MigrationError::InvalidInput(
-            "min_frame_rate must be positive".into(),
-        ));
-    }
+    check_rate(options.min_frame_rate)?;
     let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
     sock.set_nodelay(true)?;
     sock.set_write_timeout(Some(options.timeout))?;

@@ -424,8 +424,7 @@ impl<S: Storage> BitmapStore<S> {
     /// be rewritten (before any write), I/O (active in durable mode, the store is then
     /// poisoned).
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<Vec<BitmapName>> {
-        self.ensure_writable()?;
-        self.reclaimed(|s| s.remove_reclaimed(name.as_ref(), &[]))
+        self.remove_replaced(name.as_ref(), &[])
     }
 
     /// [`remove`](Self::remove), where the bitmaps named in `foreign` are left as they are

@@ -312,12 +312,10 @@ fn count_missing(bitmaps: &[DirtyBitmap], marks: &[(u64, u64)]) -> u64 {
     marks
         .iter()
         .filter(|&&(o, l)| {
-            let end = o
-                .saturating_add(l)
-                .min(bitmaps.first().map_or(0, |b| b.disk_size()));
-            bitmaps
-                .iter()
-                .any(|b| b.next_clean(o).is_some_and(|c| c < end.min(b.disk_size())))
+            bitmaps.iter().any(|b| {
+                let end = o.saturating_add(l).min(b.disk_size());
+                b.next_clean(o).is_some_and(|c| c < end)
+            })
         })
         .count() as u64
 }
