@@ -32,6 +32,10 @@ pub(crate) type TrackedSet = Arc<ArcSwap<Vec<Arc<DirtyBitmap>>>>;
 /// would lose a write marked between the two calls. Each [`mark`](Self::mark) over two or
 /// more bitmaps announces itself process-wide while it runs, and disabling waits for those
 /// announced before it, so a mark that found B still disabled also finds A still enabled.
+/// On a tracker taken from a store, "enable B" may be the [`add`](crate::BitmapStore::add)
+/// that publishes B: a disable through the store
+/// ([`set_enabled`](crate::BitmapStore::set_enabled)) then also waits for marks still
+/// running over a list published before B.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     bitmaps: TrackedSet,

@@ -339,7 +339,11 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// Stops `m` recording in memory ([`DirtyBitmap::set_enabled`], which waits for its
-    /// marks in flight). Active in durable mode, the trackers' epoch moves on first: a
+    /// marks in flight). Deferred, it first waits for marks over a list published before
+    /// the current one, which have announced nothing to `m` yet
+    /// ([`wait_for_older_lists`](Self::wait_for_older_lists)). Active in durable mode, the
+    /// trackers' epoch moves on first instead (a durable intent sets its bits again with
+    /// the current list until they are durable): a
     /// durable fast path skips a bitmap it reads disabled, and one that read the epoch
     /// before this bump and the flag after the clear must find the epoch moved when it
     /// reads it again, and take the slow path (the argument is at
@@ -349,6 +353,8 @@ impl<S: Storage> BitmapStore<S> {
     fn stop_recording(&self, m: &DirtyBitmap) {
         if self.durable.is_some() {
             self.durable_set.bump();
+        } else {
+            self.wait_for_older_lists();
         }
         m.set_enabled(false);
     }
@@ -733,7 +739,11 @@ impl<S: Storage> BitmapStore<S> {
             self.preflight()?;
         }
         if let Some(p) = &self.slots[i].parked {
-            p.set_enabled(enabled);
+            if enabled {
+                p.set_enabled(true);
+            } else {
+                self.stop_recording(p);
+            }
         }
         if self.slots[i].entry.auto == enabled {
             return Ok(());

@@ -1278,11 +1278,21 @@ impl<S: Storage> BitmapStore<S> {
     /// not yet reached it (`checkpoint`).
     fn publish_quiesced(&self) {
         let old = self.swap_published();
+        wait_until_unheld(&old);
+        self.wait_for_older_lists();
+    }
+
+    /// Waits until no mark still runs over a list published before the current one (the
+    /// lists kept in `retired`). A disable calls this before it stops a bitmap: a mark that
+    /// loaded a list without the bitmap taking over (published by an `add` that returned
+    /// before the disable began) has announced nothing to the bitmap it has not reached
+    /// yet, so [`DirtyBitmap::set_enabled`] alone would not wait for it, and it would land
+    /// in neither. A mark over the current list is the disable's own race: it overlaps the
+    /// call.
+    fn wait_for_older_lists(&self) {
         let retired = std::mem::take(&mut *self.retired.lock());
-        for list in std::iter::once(&old).chain(retired.iter()) {
-            while Arc::strong_count(list) > 1 {
-                std::thread::yield_now();
-            }
+        for list in &retired {
+            wait_until_unheld(list);
         }
     }
 
@@ -1331,6 +1341,14 @@ mod resize;
 mod tests;
 pub mod triage;
 pub mod write_log;
+
+/// Waits until no mark holds `list` but the caller (a swap turned every mark's hold into
+/// a count; see `publish_quiesced`).
+fn wait_until_unheld(list: &Arc<Vec<Arc<DirtyBitmap>>>) {
+    while Arc::strong_count(list) > 1 {
+        std::thread::yield_now();
+    }
+}
 
 /// Whether directory `disk` equals `ours` (the encoding of `entries`) in every byte but the
 /// `in_use` bit of each entry's flags word (bit 0 of the big-endian word at bytes 12..16 of
