@@ -447,3 +447,37 @@ fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
     let r = s.remove("nosuch");
     assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
 }
+
+/// The same refusals on a store that handed the image over (refused when it takes the
+/// image back): the kept copy, which a resume takes up, keeps the marks made since and its
+/// recording flag.
+#[test]
+fn a_refused_clear_or_disable_leaves_the_kept_copy_as_it_was() {
+    let bytes = qemu_5_0_cluster_0(&["b"]);
+    let mut s = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite)
+        .expect("QEMU 5.0's layout opens");
+    s.activate().expect("activates: flags are written in place");
+    s.set_enabled("b", true).unwrap();
+    let t = s.tracker().unwrap();
+    s.inactivate()
+        .expect("inactivates: flags are written in place");
+    let before = s.image().storage().to_vec();
+    let kept = t.bitmaps()[0].clone();
+    t.mark(4 * MIB, 4096);
+    assert!(kept.is_dirty(4 * MIB), "the kept copy records");
+    let r = s.clear("b");
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    let enabled = kept.is_enabled();
+    let r = s.set_enabled("b", !enabled);
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(s.image().storage().to_vec() == before, "the refusal wrote");
+    assert_eq!(
+        kept.is_enabled(),
+        enabled,
+        "the refused set_enabled changed the kept copy"
+    );
+    assert!(
+        kept.is_dirty(4 * MIB),
+        "the refused clear emptied the kept copy"
+    );
+}
