@@ -82,11 +82,12 @@ pub enum Error {
     /// support changed the image). Treat every bit as dirty; the only operation allowed on
     /// it is removal, which leaves every consistent bitmap kept all dirty
     /// ([`remove`](crate::BitmapStore::remove)): it may be a later checkpoint, holding
-    /// writes no other bitmap has. So the message says what a backup must do: back up in
-    /// full, then remove the bitmaps (and start a new chain).
+    /// writes no other bitmap has. So the message says what a backup must do: remove the
+    /// bitmaps and start a new chain, then back up in full. In that order: a write between
+    /// a full backup and a later new chain would be in neither.
     #[error(
         "bitmap {name:?} is inconsistent: its bits cannot be trusted, so treat the whole disk \
-         as changed; back up in full, then remove the bitmaps"
+         as changed; remove the bitmaps and start a new chain, then back up in full"
     )]
     Inconsistent {
         /// The bitmap's name, byte for byte.
@@ -273,7 +274,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "bitmap \"b\\xff\" is inconsistent: its bits cannot be trusted, so treat the \
-             whole disk as changed; back up in full, then remove the bitmaps"
+             whole disk as changed; remove the bitmaps and start a new chain, then back up in \
+             full"
         );
     }
 }

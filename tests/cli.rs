@@ -831,7 +831,7 @@ fn crash_marker_makes_bitmaps_inconsistent() {
     let err = dbm_fails(&["dump", p(&img), "live"]);
     assert!(err.contains("inconsistent"), "{err}");
     assert!(
-        err.contains("back up in full, then remove the bitmaps"),
+        err.contains("remove the bitmaps and start a new chain, then back up in full"),
         "{err}"
     );
     dbm_fails(&["mark", p(&img), "live", "0", "1"]);
@@ -2022,9 +2022,11 @@ fn bench_durable_sets_the_disks_own_ceiling_beside_the_group_commit() {
 }
 
 /// "What changed since" over a chain holding inconsistent bitmaps (`in_use` left set by a
-/// crash while active, the newest checkpoint among them): both commands refuse it and say to back up in
-/// full and then remove the bitmaps, never to remove the inconsistent one alone (it may be
-/// a later checkpoint, whose writes no other bitmap holds); nothing is written.
+/// crash while active, the newest checkpoint among them): both commands refuse it and say to
+/// remove the bitmaps and start a new chain, then back up in full (a write between a full
+/// backup and a later new chain would be in neither), never to remove the inconsistent one
+/// alone (it may be a later checkpoint, whose writes no other bitmap holds); nothing is
+/// written.
 #[test]
 fn since_an_inconsistent_chain_says_back_up_in_full_never_remove_it_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -2054,7 +2056,9 @@ fn since_an_inconsistent_chain_says_back_up_in_full_never_remove_it_alone() {
         assert_eq!(out.status.code(), Some(1), "{}", describe("since", &out));
         let err = text(&out.stderr);
         assert!(
-            err.contains("is inconsistent") && err.contains("back up in full, then remove"),
+            err.contains("is inconsistent")
+                && err.contains("remove the bitmaps and start a new chain")
+                && err.find("start a new chain") < err.find("back up in full"),
             "{args:?}: {err}"
         );
         assert!(!err.contains("--remove"), "{args:?}: {err}");
@@ -2064,8 +2068,8 @@ fn since_an_inconsistent_chain_says_back_up_in_full_never_remove_it_alone() {
 
 /// A chain c1 (disabled), c2 (recording) with c2 left `in_use` (its writer crashed): no
 /// message advises removing c2 alone (`dbm checkpoint NEW`, `dbm dump c2`, the library's
-/// `Error::Inconsistent` through `dbm bitmap --clear`), each says to back up in full, then
-/// remove the bitmaps; and removing c2 alone all the same leaves c1 all dirty, which
+/// `Error::Inconsistent` through `dbm bitmap --clear`), each says to remove the bitmaps and
+/// start a new chain, then back up in full; and removing c2 alone all the same leaves c1 all dirty, which
 /// `dbm bitmap --remove` prints, so `dbm dump --since c1` still holds c2's write.
 #[test]
 fn an_inconsistent_checkpoint_is_never_advised_removed_alone() {
@@ -2095,7 +2099,7 @@ fn an_inconsistent_checkpoint_is_never_advised_removed_alone() {
         let err = text(&out.stderr);
         assert!(
             err.contains("is inconsistent")
-                && err.contains("back up in full, then remove the bitmaps"),
+                && err.contains("remove the bitmaps and start a new chain, then back up in full"),
             "{args:?}: {err}"
         );
         assert!(

@@ -50,8 +50,8 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
     /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is
     /// inconsistent, or the image's bitmaps extension is untrusted (autoclear bit 0 clear),
-    /// which a commit would drop with every bitmap in it (start a new chain after a full
-    /// backup: remove the bitmaps first); [`Error::WrongState`]
+    /// which a commit would drop with every bitmap in it (remove the bitmaps and start a new
+    /// chain, then back up in full); [`Error::WrongState`]
     /// ([`StateProblem::UntrustedBitmaps`]) for such an extension whose directory does not
     /// read;
     /// [`Error::ReadOnly`]; I/O.
@@ -123,8 +123,8 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Inconsistent`] when any bitmap of the image is
-    /// inconsistent (it may be a later checkpoint whose bits cannot be trusted: back up in
-    /// full, then remove the bitmaps and start a new chain; removing that bitmap alone
+    /// inconsistent (it may be a later checkpoint whose bits cannot be trusted: remove the
+    /// bitmaps and start a new chain, then back up in full; removing that bitmap alone
     /// leaves every other bitmap all dirty, see [`remove`](Self::remove));
     /// [`Error::Unsupported`] before anything is read when the
     /// bitmaps and the union add up to more than an activation may hold

@@ -11,10 +11,11 @@ pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
 }
 
 /// An error of a command over a checkpoint chain (`dbm dump`, `dbm checkpoint`), with the
-/// path: an inconsistent bitmap among the chain's says what to do, back up in full, then
-/// remove the bitmaps, and never to remove it alone (it may be a later checkpoint, holding
-/// writes no other has: its removal leaves the other bitmaps all dirty, and a full backup
-/// is due anyway).
+/// path: an inconsistent bitmap among the chain's says what to do, remove the bitmaps and
+/// start a new chain, then back up in full (in that order: a write between a full backup
+/// and a later new chain would be in neither), and never to remove it alone (it may be a
+/// later checkpoint, holding writes no other has: its removal leaves the other bitmaps all
+/// dirty, and a full backup is due anyway).
 pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
     match e {
         dirty_bitmap::Error::Inconsistent { name } => at(
@@ -22,8 +23,9 @@ pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
             format!(
                 "bitmap {name:?} is inconsistent (in_use was left set, or a program without \
                  bitmap support changed the image): its bits cannot be trusted, so what \
-                 changed since any checkpoint is the whole disk; back up in full, then remove \
-                 the bitmaps (removing it alone leaves every other bitmap all dirty)"
+                 changed since any checkpoint is the whole disk; remove the bitmaps and start \
+                 a new chain, then back up in full (`dbm checkpoint IMAGE NEW` starts one; \
+                 removing it alone leaves every other bitmap all dirty)"
             ),
         ),
         e => at(path, e),

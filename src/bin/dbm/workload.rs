@@ -321,8 +321,8 @@ pub fn run(args: &WorkloadArgs) -> CmdResult {
         return Err(at(
             img,
             format!(
-                "bitmap {:?} is inconsistent: its bits cannot be trusted; back up in full, then \
-                 remove the bitmaps and add a new one",
+                "bitmap {:?} is inconsistent: its bits cannot be trusted; remove the bitmaps and \
+                 add a new one, then back up in full",
                 args.bitmap
             ),
         )
