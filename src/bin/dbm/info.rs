@@ -19,8 +19,9 @@
 //!
 //! `dirty-bytes` is `null` for an inconsistent bitmap: its bits cannot be trusted, so every
 //! granule must be treated as dirty. `mode` is what the image's mode extension records
-//! (`durable`, `deferred` when there is none, `unknown`; [`StoreMode`]), `mode-flags` its
-//! flags word (`null` without a well-formed one), and each bitmap's `reason` says why its
+//! (`durable`, `deferred` when there is none or its flags word is 0, `unknown`;
+//! [`StoreMode`]), `mode-flags` its flags word when durable or unknown (`null` when
+//! deferred or malformed), and each bitmap's `reason` says why its
 //! state is what it is, given the mode.
 
 use std::fmt::Write as _;
