@@ -139,3 +139,51 @@ pub use tracker::Tracker;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The unit tests' seeds, taken as `tests/common/mod.rs` takes them: `DBM_TEST_SEED` when set,
+/// otherwise random, and printed either way (cargo test shows it for a failing test), so a
+/// failure reproduces with `DBM_TEST_SEED=<seed> cargo test --lib <name>`. Declared here in
+/// the facade so every module, the bottom layer's too, may use it.
+#[cfg(test)]
+pub(crate) mod test_seed {
+    use proptest::test_runner::{contextualize_config, Config, RngSeed};
+
+    /// A randomised test's seed, printed under `test`'s name.
+    pub(crate) fn seed(test: &str) -> u64 {
+        let seed = env_seed();
+        print_seed(test, seed);
+        seed
+    }
+
+    fn env_seed() -> u64 {
+        std::env::var("DBM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(crate::rng::unique_u64)
+    }
+
+    fn print_seed(test: &str, seed: u64) {
+        eprintln!("{test}: seed {seed} (rerun with DBM_TEST_SEED={seed})");
+    }
+
+    /// `config` with its RNG seeded as [`seed`] takes it, printed under the running test's
+    /// name, so a proptest's cases replay from the printed seed. Every `proptest!` block of
+    /// the crate takes its config from here. proptest's own `PROPTEST_*` variables still
+    /// apply (the macro reads them again); a `PROPTEST_RNG_SEED` overrides ours, and the seed
+    /// printed is the one the runner uses.
+    pub(crate) fn proptest_config(config: Config) -> Config {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("proptest")
+            .to_owned();
+        let config = contextualize_config(Config {
+            rng_seed: RngSeed::Fixed(env_seed()),
+            ..config
+        });
+        match config.rng_seed {
+            RngSeed::Fixed(used) => print_seed(&name, used),
+            RngSeed::Random => unreachable!("contextualize_config keeps a fixed seed or sets one"),
+        }
+        config
+    }
+}

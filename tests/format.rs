@@ -19,6 +19,8 @@ use dirty_bitmap::format::{
 };
 use proptest::prelude::*;
 
+mod common;
+
 // ---------------------------------------------------------------------------------------
 // Real images
 // ---------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ fn mutate(mut base: Vec<u8>, edits: &[(usize, u8)]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(common::seeded_proptest(ProptestConfig::with_cases(512)))]
 
     #[test]
     fn header_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

@@ -2,14 +2,16 @@
 //! `BTreeSet` of dirty bits, a `BTreeSet` of changed regions for the primary change map,
 //! and one for a `ChangeConsumer`'s map.
 //!
-//! proptest prints the failing case (and keeps it in `proptest-regressions/`), so a failure
-//! reproduces without a seed.
+//! proptest prints the failing case (and keeps it in `tests/model.proptest-regressions`), and
+//! each test prints its seed, so `DBM_TEST_SEED=<seed>` replays its whole run of cases.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use dirty_bitmap::{ConsumerStart, DirtyBitmap};
 use proptest::prelude::*;
+
+mod common;
 
 #[derive(Debug, Clone)]
 struct Geo {
@@ -453,7 +455,7 @@ fn run(geo: Geo, ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(common::seeded_proptest(ProptestConfig { cases: 256, ..ProptestConfig::default() }))]
 
     #[test]
     fn bitmap_matches_btreeset_model((geo, ops) in geo_strategy().prop_flat_map(ops_strategy)) {
@@ -506,7 +508,7 @@ fn extents_of(bits: &BTreeSet<u64>) -> Vec<(u64, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(common::seeded_proptest(ProptestConfig { cases: 128, ..ProptestConfig::default() }))]
 
     /// `dirty_extents` steps between blocks through the words its cursor keeps
     /// (`AnyTower::next_block_kept`); here the steps cross level-1 and level-2 words and

@@ -12,6 +12,8 @@ use dirty_bitmap::storage::{
 };
 use dirty_bitmap::Error;
 
+mod common;
+
 // ---------------------------------------------------------------------------------------
 // helpers
 
@@ -812,6 +814,8 @@ mod model {
     }
 
     proptest! {
+        #![proptest_config(common::seeded_proptest(ProptestConfig::default()))]
+
         /// Every backend agrees with a vector model, never panics, and the crash images at
         /// every point agree with the model's history.
         #[test]

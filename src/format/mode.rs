@@ -141,6 +141,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(crate::test_seed::proptest_config(proptest::test_runner::Config::default()))]
+
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..32)) {
             let r = ModeExtension::decode(&data, 0);

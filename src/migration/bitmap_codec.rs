@@ -605,11 +605,7 @@ mod tests {
     /// encoder picks the shorter body.
     #[test]
     fn regions_round_trip_through_either_encoding() {
-        let seed = std::env::var("DBM_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(crate::rng::unique_u64);
-        eprintln!("seed {seed} (rerun with DBM_TEST_SEED={seed})");
+        let seed = crate::test_seed::seed("regions_round_trip_through_either_encoding");
         let mut rng = crate::rng::SplitMix64::new(seed);
         let mut scratch = Vec::new();
         for _ in 0..2000 {

@@ -772,7 +772,9 @@ pub fn encode_frame(seq: u64, frame: &Frame) -> Result<Vec<u8>, EncodeError> {
     Ok(encode_raw(frame.kind() as u8, seq, &[&payload]))
 }
 
-/// Encodes a frame with any kind byte and correct checksums (for tests of the reader).
+/// Encodes a frame with any kind byte and correct checksums, for tests of the reader and the
+/// fuzz harnesses (feature `testing`): never part of what the library sends.
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub fn encode_raw_frame(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
     encode_raw(kind, seq, &[payload])

@@ -74,7 +74,10 @@ pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 
-/// Which comparisons gate the exact query and decide the switchover.
+/// Which comparisons gate the exact query and decide the switchover: only the simulation
+/// (`migration::sim`, `dbm simulate`) and the bug test choose, so it exists under the
+/// `testing` feature alone; without it the loop always compares as [`Rule::Fixed`] does.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -82,9 +85,7 @@ pub enum Rule {
     /// exact figure.
     Fixed,
     /// QEMU 10.1 (7aaa1fc072, before 455a6167f254): gate with `<`, decide with `<=` on
-    /// whatever figure is at hand, estimate included. For the bug test only (feature
-    /// `testing`).
-    #[cfg(feature = "testing")]
+    /// whatever figure is at hand, estimate included. For the bug test only.
     Qemu101,
 }
 
@@ -116,7 +117,9 @@ pub struct LoopConfig {
     pub stall_rounds: u32,
     /// Most bytes one `iterate` call may send (keeps the loop responsive).
     pub iterate_chunk: Bytes,
-    /// Comparisons (hidden: only the bug test changes it).
+    /// Comparisons (hidden, feature `testing`: only the simulation and the bug test change
+    /// it).
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub rule: Rule,
 }
@@ -135,6 +138,7 @@ impl Default for LoopConfig {
             start_postcopy: false,
             stall_rounds: 5,
             iterate_chunk: Bytes(1 << 20),
+            #[cfg(feature = "testing")]
             rule: Rule::Fixed,
         }
     }
@@ -708,14 +712,26 @@ where
         p.total() + self.expected * p.disk_time
     }
 
+    /// Whether the loop compares as QEMU 10.1 did (`Rule::Qemu101`, feature `testing`).
+    #[cfg(feature = "testing")]
+    fn qemu_10_1_rule(&self) -> bool {
+        self.config.rule == Rule::Qemu101
+    }
+
+    /// Never without the `testing` feature: the library always compares with [`fits`].
+    #[cfg(not(feature = "testing"))]
+    fn qemu_10_1_rule(&self) -> bool {
+        false
+    }
+
     fn gate(&self, p: Pending) -> bool {
         let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
-        match self.config.rule {
-            Rule::Fixed => fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr)),
+        if self.qemu_10_1_rule() {
             // QEMU 10.1: `pending_size < threshold_size`.
-            #[cfg(feature = "testing")]
-            Rule::Qemu101 => p.total() < thr,
+            p.total() < thr
+        } else {
+            fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr))
         }
     }
 
@@ -783,13 +799,13 @@ where
     fn decide(&self, p: Pending, exact: bool) -> Option<bool> {
         let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
-        let (to_postcopy, complete) = match self.config.rule {
-            Rule::Fixed => (
+        let (to_postcopy, complete) = if self.qemu_10_1_rule() {
+            (postcopy && p.must_precopy <= thr, p.total() <= thr)
+        } else {
+            (
                 exact && postcopy && fits(p.must_precopy, thr),
                 exact && fits(p.total(), thr),
-            ),
-            #[cfg(feature = "testing")]
-            Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
+            )
         };
         if to_postcopy {
             Some(true)

@@ -323,6 +323,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::test_seed::proptest_config(ProptestConfig::default()))]
+
         #[test]
         fn round_trip(
             shift in 9u32..=16,

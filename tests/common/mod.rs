@@ -21,16 +21,53 @@ pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
     EXCLUSIVE.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A seeded RNG. The seed comes from `DBM_TEST_SEED` when set, otherwise it is random; it is
-/// printed either way (cargo test shows it for a failing test), so a failure reproduces with
+/// A randomised test's seed: `DBM_TEST_SEED` when set, otherwise random. It is printed
+/// either way (cargo test shows it for a failing test), so a failure reproduces with
 /// `DBM_TEST_SEED=<seed> cargo test <name>`.
-pub fn seeded_rng(test: &str) -> (SmallRng, u64) {
-    let seed = std::env::var("DBM_TEST_SEED")
+pub fn test_seed(test: &str) -> u64 {
+    let seed = env_seed();
+    print_seed(test, seed);
+    seed
+}
+
+fn env_seed() -> u64 {
+    std::env::var("DBM_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
+        .unwrap_or_else(rand::random::<u64>)
+}
+
+fn print_seed(test: &str, seed: u64) {
     eprintln!("{test}: seed {seed} (rerun with DBM_TEST_SEED={seed})");
+}
+
+/// A seeded RNG, from [`test_seed`].
+pub fn seeded_rng(test: &str) -> (SmallRng, u64) {
+    let seed = test_seed(test);
     (SmallRng::seed_from_u64(seed), seed)
+}
+
+/// `config` with its RNG seeded from `DBM_TEST_SEED` as [`test_seed`] takes it, printed the
+/// same way under the running test's name, so a proptest's cases replay from the printed seed.
+/// Every `proptest!` block of the tests takes its config from here:
+/// `#![proptest_config(common::seeded_proptest(ProptestConfig::with_cases(n)))]`. proptest's
+/// own `PROPTEST_*` variables still apply (the macro reads them again); a `PROPTEST_RNG_SEED`
+/// overrides ours, and the seed printed is the one the runner uses.
+pub fn seeded_proptest(config: proptest::test_runner::Config) -> proptest::test_runner::Config {
+    use proptest::test_runner::{contextualize_config, RngSeed};
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("proptest")
+        .to_owned();
+    let config = contextualize_config(proptest::test_runner::Config {
+        rng_seed: RngSeed::Fixed(env_seed()),
+        ..config
+    });
+    match config.rng_seed {
+        RngSeed::Fixed(used) => print_seed(&name, used),
+        RngSeed::Random => unreachable!("contextualize_config keeps a fixed seed or sets one"),
+    }
+    config
 }
 
 /// Serializes a whole bitmap, region by region.

@@ -635,6 +635,8 @@ fn read_all(bytes: &[u8]) -> (Vec<Frame>, MigrationError) {
 }
 
 proptest! {
+    #![proptest_config(crate::test_seed::proptest_config(ProptestConfig::default()))]
+
     #[test]
     fn round_trip(frames in proptest::collection::vec(arb_frame(), 0..12)) {
         let bytes = encode_all(&frames);
