@@ -1196,3 +1196,38 @@ fn a_durable_fan_out_waiting_for_a_stop_does_not_stall_disabling_another_bitmap(
         "disabling another bitmap waited for a durable fan-out blocked on a stop's seal"
     );
 }
+
+/// A stack that only polls its intents while a background flusher commits: when the
+/// flusher's commit fails (its barrier), `Intent::poll` says the store is poisoned and the
+/// flusher says it stopped. `is_durable` alone stays false for good, and said nothing.
+#[test]
+fn a_polled_intent_hears_that_the_background_flusher_failed() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Trigger};
+    use dirty_bitmap::{Error, FlushPolicy};
+    use std::time::Instant;
+    let crash = Arc::new(CrashStorage::new());
+    let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+    let shared = durable_store(Arc::clone(&fault));
+    let t = shared.durable_tracker().unwrap();
+    let intent = t.intent(9 * G, 4096).unwrap();
+    assert!(matches!(intent.poll(), Ok(false)), "nothing committed yet");
+    fault.set_plan(FaultPlan::new().fail_sync(Trigger::From(fault.syncs() + 1)));
+    let flusher = FlushPolicy::every(Duration::from_millis(5))
+        .spawn(shared.clone())
+        .unwrap();
+    // A bound on a hang, not a speed: the flusher's first commit comes within 5 ms.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        match intent.poll() {
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            r => break r,
+        }
+    };
+    assert!(matches!(r, Err(Error::Poisoned)), "{r:?}");
+    assert!(!intent.is_durable());
+    while flusher.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!flusher.is_running(), "the flusher stopped on its error");
+    assert!(flusher.stop().is_err());
+}

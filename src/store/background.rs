@@ -102,7 +102,9 @@ impl FlushPolicy {
     /// flushes (the durable commits) make durable.
     ///
     /// While the store is inactive the thread skips its flushes. The first flush error
-    /// stops the thread; [`FlushThread::stop`] returns it (the store is then poisoned).
+    /// stops the thread; [`FlushThread::is_running`] then says false, and
+    /// [`FlushThread::stop`] returns it (the store is then poisoned; in durable mode,
+    /// [`Intent::poll`](super::durable::Intent::poll) returns [`Error::Poisoned`]).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a policy with neither a timer nor a threshold, or a zero
@@ -208,6 +210,12 @@ impl FlushThread {
     /// What the thread has done so far.
     pub fn stats(&self) -> PolicyStats {
         *self.shared.stats.lock()
+    }
+
+    /// Whether the thread still runs: false once a flush error stopped it (then
+    /// [`stop`](Self::stop) returns that error, and the store is poisoned) or it panicked.
+    pub fn is_running(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     fn shutdown(&mut self) -> Result<()> {

@@ -602,9 +602,10 @@ impl<S: Storage> DurableTracker<S> {
 
     /// Sets the bits of a write of `len` bytes at `offset` in memory and returns a ticket
     /// that says when they are on disk, for a stack that must not block a thread per write:
-    /// poll [`Intent::is_durable`] and issue the write once it says so, while something
-    /// commits ([`commit`](Self::commit), [`Intent::wait`], or a
-    /// [`FlushPolicy`](crate::FlushPolicy) on the store).
+    /// poll [`Intent::poll`] (or [`Intent::is_durable`]) and issue the write once it says
+    /// so, while something commits ([`commit`](Self::commit), [`Intent::wait`], or a
+    /// [`FlushPolicy`](crate::FlushPolicy) on the store); `poll` also says when a commit
+    /// failed, which `is_durable` alone never does.
     ///
     /// As for [`mark`](Self::mark), the store cannot see the write complete: register it
     /// first ([`register_write`](Self::register_write)), or drain writes around a
@@ -727,6 +728,36 @@ impl<S: Storage> Intent<S> {
     /// Whether the write's bits are on disk: it may be issued.
     pub fn is_durable(&self) -> bool {
         self.tracker.is_durable(self.offset, self.len)
+    }
+
+    /// [`is_durable`](Self::is_durable) for a stack that polls while another thread
+    /// commits (a [`FlushPolicy`](crate::FlushPolicy) on the store, say), or the reason
+    /// the bits will never be durable in this activation: `Ok(false)` means "not yet".
+    /// The store's state is read without waiting (`try_lock`): while a commit holds the
+    /// store, a failure it is about to report shows at a later poll.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] once a commit failed or the store was poisoned (the write must
+    /// not be issued; the store refuses every write until it is reopened);
+    /// [`Error::WrongState`] ([`StateProblem::NotActive`]) once the store left the durable
+    /// activation the intent was taken in.
+    pub fn poll(&self) -> Result<bool> {
+        if self.is_durable() {
+            return Ok(true);
+        }
+        let inner = &self.tracker.inner;
+        if inner.commit.lock().failed {
+            return Err(Error::Poisoned);
+        }
+        if !inner.marks.view.load().open {
+            return Err(Error::WrongState(StateProblem::NotActive));
+        }
+        if let Some(s) = inner.store.inner.try_lock() {
+            if s.poisoned || s.image.is_poisoned() {
+                return Err(Error::Poisoned);
+            }
+        }
+        Ok(false)
     }
 
     /// Waits until the write's bits are on disk, running group commits as needed.
