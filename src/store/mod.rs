@@ -43,7 +43,9 @@ use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
 
 /// Most bytes of bitmap data [`BitmapStore::activate`] will hold in memory for one image
-/// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity).
+/// (16 GiB: 512 bitmaps of a 16 TiB disk at 64 KiB granularity). A durable activation
+/// ([`BitmapStore::activate_durable`]) also holds each bitmap's durable bits, an array of the
+/// same size (zeroed pages stay unmapped until a bit is set): up to twice this.
 pub const ACTIVE_MEMORY_LIMIT: u64 = 16 << 30;
 
 /// Bytes of serialized bitmap per change-map region of the store's in-memory bitmaps, when
