@@ -605,10 +605,14 @@ mod tests {
     /// encoder picks the shorter body.
     #[test]
     fn regions_round_trip_through_either_encoding() {
-        let seed = std::env::var("DBM_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(crate::rng::unique_u64);
+        // A set value that is not a seed fails, as tests/common's seeded_rng does.
+        let seed = match std::env::var("DBM_TEST_SEED") {
+            Ok(s) => s.parse().unwrap_or_else(|e| {
+                panic!("DBM_TEST_SEED={s:?} is not a seed (a decimal u64): {e}")
+            }),
+            Err(std::env::VarError::NotPresent) => crate::rng::unique_u64(),
+            Err(e) => panic!("DBM_TEST_SEED is not a seed: {e}"),
+        };
         eprintln!("seed {seed} (rerun with DBM_TEST_SEED={seed})");
         let mut rng = crate::rng::SplitMix64::new(seed);
         let mut scratch = Vec::new();

@@ -23,14 +23,29 @@ pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
 
 /// A seeded RNG. The seed comes from `DBM_TEST_SEED` when set, otherwise it is random; it is
 /// printed either way (cargo test shows it for a failing test), so a failure reproduces with
-/// `DBM_TEST_SEED=<seed> cargo test <name>`.
+/// `DBM_TEST_SEED=<seed> cargo test <name>`. A set value that is not a seed panics
+/// ([`seed_from`]).
 pub fn seeded_rng(test: &str) -> (SmallRng, u64) {
-    let seed = std::env::var("DBM_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
+    let value = match std::env::var("DBM_TEST_SEED") {
+        Ok(s) => Some(s),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(v)) => {
+            panic!("DBM_TEST_SEED={v:?} is not a seed (a decimal u64)")
+        }
+    };
+    let seed = seed_from(value.as_deref()).unwrap_or_else(rand::random::<u64>);
     eprintln!("{test}: seed {seed} (rerun with DBM_TEST_SEED={seed})");
     (SmallRng::seed_from_u64(seed), seed)
+}
+
+/// The seed a `DBM_TEST_SEED` value names: `None` when unset. A value that is not a decimal
+/// `u64` panics, naming the variable and the value: a replay that silently ran a random seed
+/// would pass as a replay of the failure it never ran.
+pub fn seed_from(value: Option<&str>) -> Option<u64> {
+    value.map(|s| {
+        s.parse()
+            .unwrap_or_else(|e| panic!("DBM_TEST_SEED={s:?} is not a seed (a decimal u64): {e}"))
+    })
 }
 
 /// Serializes a whole bitmap, region by region.
