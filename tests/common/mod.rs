@@ -48,6 +48,30 @@ pub fn seed_from(value: Option<&str>) -> Option<u64> {
     })
 }
 
+/// The first of `ranges` (`(offset, length)` in disk bytes, clipped to the disk) that
+/// `bm` does not hold dirty in every granule, or `None` when it holds them all. Checked
+/// against `bm`'s merged dirty extents: a range is held exactly when one extent contains
+/// it, so a clean granule anywhere inside, not only at its ends, makes it missing.
+pub fn first_not_dirty(
+    bm: &dirty_bitmap::DirtyBitmap,
+    ranges: impl IntoIterator<Item = (u64, u64)>,
+) -> Option<(u64, u64)> {
+    let size = bm.disk_size();
+    let extents: Vec<(u64, u64)> = bm.dirty_extents().collect();
+    ranges.into_iter().find(|&(off, len)| {
+        if off >= size || len == 0 {
+            return false;
+        }
+        let end = off.saturating_add(len).min(size);
+        // The last extent starting at or before `off`; extents are sorted and merged.
+        let i = extents.partition_point(|&(s, _)| s <= off);
+        i == 0 || {
+            let (s, l) = extents[i - 1];
+            end > s + l
+        }
+    })
+}
+
 /// Serializes a whole bitmap, region by region.
 pub fn serialize_all(bm: &dirty_bitmap::DirtyBitmap) -> Vec<u8> {
     let mut out = vec![0u8; bm.serialized_len() as usize];
