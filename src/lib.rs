@@ -155,11 +155,16 @@ pub(crate) mod test_seed {
         seed
     }
 
+    /// `DBM_TEST_SEED` when set, otherwise fresh. A set value that is not a seed panics, as
+    /// tests/common's does: a replay that silently ran another seed would pass as a replay.
     fn env_seed() -> u64 {
-        std::env::var("DBM_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(crate::rng::unique_u64)
+        match std::env::var("DBM_TEST_SEED") {
+            Ok(s) => s.parse().unwrap_or_else(|e| {
+                panic!("DBM_TEST_SEED={s:?} is not a seed (a decimal u64): {e}")
+            }),
+            Err(std::env::VarError::NotPresent) => crate::rng::unique_u64(),
+            Err(e) => panic!("DBM_TEST_SEED is not a seed: {e}"),
+        }
     }
 
     fn print_seed(test: &str, seed: u64) {

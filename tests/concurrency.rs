@@ -524,3 +524,49 @@ fn consumers_and_the_flusher_each_see_every_change() {
     }
     assert_eq!(bm.consumer_count(), 0);
 }
+
+/// Draws from [`seeded_rng`]; [`a_malformed_seed_fails_the_test`] runs it under a bad seed.
+#[test]
+fn seeded_rng_probe() {
+    let (mut rng, seed) = seeded_rng("seeded_rng_probe");
+    let _: u64 = rng.random();
+    eprintln!("seeded_rng_probe ran with seed {seed}");
+}
+
+/// A `DBM_TEST_SEED` that is not a seed fails the test, naming the variable and the value:
+/// a replay that fell back to a random seed would pass without replaying anything.
+#[test]
+fn a_malformed_seed_fails_the_test() {
+    for bad in ["12x", "-1", "18446744073709551616", ""] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seeded_rng_probe",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("DBM_TEST_SEED", bad)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "DBM_TEST_SEED={bad:?} ran: {text}");
+        assert!(
+            text.contains(&format!("DBM_TEST_SEED={bad:?} is not a seed")),
+            "DBM_TEST_SEED={bad:?}: {text}"
+        );
+        assert!(!text.contains("seeded_rng_probe ran"), "{text}");
+    }
+    // A good one runs with exactly that seed.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "seeded_rng_probe", "--nocapture"])
+        .env("DBM_TEST_SEED", "42")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("seeded_rng_probe ran with seed 42"), "{text}");
+}

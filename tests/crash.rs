@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::qemu::{p, run};
-use common::seeded_rng;
+use common::{first_not_dirty, seeded_rng};
 use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op};
 use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
 use parking_lot::Mutex;
@@ -568,16 +568,12 @@ fn meets(bm: &DirtyBitmap, req: &Req, size: u64) -> Result<(), String> {
         Req::Empty if bm.count() == 0 => Ok(()),
         Req::Empty => Err(format!("{} bits set after a clear", bm.count())),
         Req::Superset(marks) => {
-            for &(off, len) in marks {
-                if off >= size {
-                    continue;
-                }
-                let end = (off + len).min(size);
-                if !(bm.is_dirty(off) && bm.is_dirty(end - 1)) {
-                    return Err(format!("misses ({off}, {len})"));
-                }
+            assert_eq!(bm.disk_size(), size);
+            // Every granule of every mark, not only its ends.
+            match first_not_dirty(bm, marks.iter().copied()) {
+                Some((off, len)) => Err(format!("misses ({off}, {len})")),
+                None => Ok(()),
             }
-            Ok(())
         }
     }
 }

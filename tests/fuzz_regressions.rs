@@ -6,6 +6,8 @@
 //! or count field to the largest value that passes the header's own checks, to pin down
 //! that a corrupt length is refused, or reported, before anything is allocated for it.
 
+mod common;
+
 use dirty_bitmap::format::{decode_directory, decode_table, EntryProblem, ImageGeometry};
 use dirty_bitmap::storage::MemStorage;
 use dirty_bitmap::OpenMode;
@@ -116,6 +118,12 @@ fn open_image_l1_table_32mib_past_eof() {
 fn open_image_snapshots_65536_past_eof() {
     let data = regression("open_image", "snapshots-65536-past-eof");
     fuzzing::open_image(&data);
+    let (code, text) = common::qemu::check_bytes(&data);
+    assert_eq!(code, Some(1), "qemu-img check: {text}");
+    assert!(
+        text.contains("Too much extra metadata in snapshot table entry 0"),
+        "qemu-img check: {text}"
+    );
     let image =
         Image::open(MemStorage::from_bytes(data.clone()), OpenMode::ReadOnly).expect("opens");
     let r = image.check();

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::qemu::assert_qemu_clean;
+use common::qemu::{assert_qemu_clean, check_bytes};
 use dirty_bitmap::storage::{FileStorage, MemStorage};
 use dirty_bitmap::{BitmapStore, Image};
 use dirty_bitmap::{OpenMode, Recording};
@@ -158,9 +158,27 @@ fn defect_02_two_table_entries_naming_one_cluster_are_refused_before_any_write()
         let (store, table) = two_cluster_bitmap();
         let storage = store.image().storage();
         let first = table_entry(storage, table, 0);
+        let second = table_entry(storage, table, 1);
         storage.write_u64_be_at(table + 8, first).unwrap();
         if raise_refcount {
             set_refcount_raw(storage, first, 2);
+        }
+        // QEMU's verdict on the image: the shared cluster's refcount 1 against two
+        // references is corruption (exit 2); raised to 2 only the orphaned second data
+        // cluster is left, a leak (exit 3).
+        let (code, text) = check_bytes(&storage.to_vec());
+        let shared_error = format!("ERROR cluster {} refcount=1 reference=2", first / 512);
+        let leak = format!("Leaked cluster {} refcount=1 reference=0", second / 512);
+        assert!(text.contains(&leak), "qemu-img check: {text}");
+        if raise_refcount {
+            assert_eq!(code, Some(3), "qemu-img check: {text}");
+            assert!(
+                text.contains("1 leaked clusters") && !text.contains("ERROR"),
+                "qemu-img check: {text}"
+            );
+        } else {
+            assert_eq!(code, Some(2), "qemu-img check: {text}");
+            assert!(text.contains(&shared_error), "qemu-img check: {text}");
         }
         let mut store = reopen_mem(store, OpenMode::ReadWrite);
         let before = store.image().storage().to_vec();
@@ -218,9 +236,23 @@ fn defect_02_two_directory_entries_sharing_a_table_are_refused() {
     store.add("b", 512, Recording::Enabled).unwrap();
     let storage = store.image().storage();
     let (mut entries, at) = directory(storage);
+    let orphaned = entries[1].table_offset;
     entries[1].table_offset = entries[0].table_offset;
     write_directory(storage, &entries, at);
     set_refcount_raw(storage, entries[0].table_offset, 2);
+    // QEMU's verdict: b's own table, now named by nothing, is the one leak (exit 3); the
+    // shared table's references match its raised refcount.
+    let (code, text) = check_bytes(&storage.to_vec());
+    assert_eq!(code, Some(3), "qemu-img check: {text}");
+    assert!(!text.contains("ERROR"), "qemu-img check: {text}");
+    assert!(
+        text.contains("1 leaked clusters")
+            && text.contains(&format!(
+                "Leaked cluster {} refcount=1 reference=0",
+                orphaned / 512
+            )),
+        "qemu-img check: {text}"
+    );
     let mut store = reopen_mem(store, OpenMode::ReadWrite);
     let before = store.image().storage().to_vec();
     for r in [

@@ -30,11 +30,17 @@ pub fn test_seed(test: &str) -> u64 {
     seed
 }
 
+/// `DBM_TEST_SEED` when set, otherwise random. A set value that is not a seed panics
+/// ([`seed_from`]).
 fn env_seed() -> u64 {
-    std::env::var("DBM_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>)
+    let value = match std::env::var("DBM_TEST_SEED") {
+        Ok(s) => Some(s),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(v)) => {
+            panic!("DBM_TEST_SEED={v:?} is not a seed (a decimal u64)")
+        }
+    };
+    seed_from(value.as_deref()).unwrap_or_else(rand::random::<u64>)
 }
 
 fn print_seed(test: &str, seed: u64) {
@@ -68,6 +74,40 @@ pub fn seeded_proptest(config: proptest::test_runner::Config) -> proptest::test_
         RngSeed::Random => unreachable!("contextualize_config keeps a fixed seed or sets one"),
     }
     config
+}
+
+/// The seed a `DBM_TEST_SEED` value names: `None` when unset. A value that is not a decimal
+/// `u64` panics, naming the variable and the value: a replay that silently ran a random seed
+/// would pass as a replay of the failure it never ran.
+pub fn seed_from(value: Option<&str>) -> Option<u64> {
+    value.map(|s| {
+        s.parse()
+            .unwrap_or_else(|e| panic!("DBM_TEST_SEED={s:?} is not a seed (a decimal u64): {e}"))
+    })
+}
+
+/// The first of `ranges` (`(offset, length)` in disk bytes, clipped to the disk) that
+/// `bm` does not hold dirty in every granule, or `None` when it holds them all. Checked
+/// against `bm`'s merged dirty extents: a range is held exactly when one extent contains
+/// it, so a clean granule anywhere inside, not only at its ends, makes it missing.
+pub fn first_not_dirty(
+    bm: &dirty_bitmap::DirtyBitmap,
+    ranges: impl IntoIterator<Item = (u64, u64)>,
+) -> Option<(u64, u64)> {
+    let size = bm.disk_size();
+    let extents: Vec<(u64, u64)> = bm.dirty_extents().collect();
+    ranges.into_iter().find(|&(off, len)| {
+        if off >= size || len == 0 {
+            return false;
+        }
+        let end = off.saturating_add(len).min(size);
+        // The last extent starting at or before `off`; extents are sorted and merged.
+        let i = extents.partition_point(|&(s, _)| s <= off);
+        i == 0 || {
+            let (s, l) = extents[i - 1];
+            end > s + l
+        }
+    })
 }
 
 /// Serializes a whole bitmap, region by region.

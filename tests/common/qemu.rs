@@ -144,3 +144,19 @@ pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
     }
     out
 }
+
+/// `qemu-img check` of an image given as bytes (written to a temporary file): its exit
+/// status (0 clean, 1 check not completed, 2 corruption, 3 leaks only) and everything it
+/// printed.
+pub fn check_bytes(bytes: &[u8]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("check.qcow2");
+    std::fs::write(&img, bytes).unwrap();
+    let out = run("qemu-img", &["check", "-f", "qcow2", p(&img)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
