@@ -702,3 +702,56 @@ fn a_crash_anywhere_in_removing_an_inconsistent_checkpoint_never_leaves_a_false_
         );
     }
 }
+
+/// The chain c1 (disabled), c2 (recording, consistent): removing c2, the latest checkpoint,
+/// leaves nothing recording, so the write only c2 held, and every one made until a new
+/// chain, are in no kept bitmap. The removal makes c1 all dirty in the same commit (as
+/// QEMU then sees it), so "since c1" never reads them clean, even across a new checkpoint
+/// c3. Removing c1 instead changes nothing else: c2 still records.
+#[test]
+fn removing_the_recording_checkpoint_leaves_the_kept_ones_all_dirty() {
+    let disk = 64 * MIB;
+    let only_c2 = 40 * MIB;
+    for held in [Held::Inactive, Held::Active, Held::Durable, Held::Parked] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("c.qcow2");
+        let mut b = chain_with_c2_in_use(disk, only_c2);
+        let area = dirty_bitmap::format::HeaderArea::decode(&b[..G as usize]).unwrap();
+        let d = area.bitmaps.unwrap().directory_offset as usize;
+        b[d + 32 + 15] &= !1;
+        std::fs::write(&img, &b).unwrap();
+        let open = |mode| BitmapStore::open(FileStorage::open(&img, mode).unwrap(), mode).unwrap();
+        let mut st = open(OpenMode::ReadWrite);
+        assert!(st.changed_since("c1").unwrap().is_dirty(only_c2));
+        hold(&mut st, held);
+        let made = st.remove("c2").unwrap();
+        assert_eq!(
+            made.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["c1"],
+            "{held:?}"
+        );
+        assert!(
+            st.changed_since("c1").unwrap().is_dirty(only_c2),
+            "{held:?}: the write only c2 held reads clean since c1"
+        );
+        assert_eq!(st.changed_since("c1").unwrap().dirty_bytes(), disk);
+        drop(st.close().unwrap());
+        assert_qemu_clean(&img);
+        assert_eq!(nbd_dirty(&img, "c1"), [(0, disk)], "{held:?}");
+        let mut st = open(OpenMode::ReadWrite);
+        st.checkpoint("c3").unwrap();
+        assert!(
+            st.changed_since("c1").unwrap().is_dirty(only_c2),
+            "{held:?}: a new chain joined c1 across the gap"
+        );
+        drop(st.close().unwrap());
+
+        // Removing the oldest instead: c2 still records, nothing else changes.
+        std::fs::write(&img, &b).unwrap();
+        let mut st = open(OpenMode::ReadWrite);
+        hold(&mut st, held);
+        assert!(st.remove("c1").unwrap().is_empty(), "{held:?}");
+        let since = st.changed_since("c2").unwrap();
+        assert_eq!(since.dirty_bytes(), G, "{held:?}: c2 kept its bits alone");
+    }
+}

@@ -107,7 +107,7 @@ impl<S: Storage> BitmapStore<S> {
 
     /// Whether slot `s` records: its in-memory flag while active (or parked), else the
     /// `auto` flag on disk.
-    fn records(&self, s: &super::Slot) -> bool {
+    pub(super) fn records(&self, s: &super::Slot) -> bool {
         match s.mem.as_ref().or(s.parked.as_ref()) {
             Some(m) => m.is_enabled(),
             None => s.entry.auto,

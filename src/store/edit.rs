@@ -401,7 +401,8 @@ impl<S: Storage> BitmapStore<S> {
     /// clusters until `qemu-img check -r leaks`.
     ///
     /// Removing an inconsistent bitmap makes every consistent bitmap kept all dirty, in
-    /// the same directory commit, and returns their names (empty for any other removal).
+    /// the same directory commit, and returns their names (empty for a removal that
+    /// changes no other; see the recording bitmap below).
     /// The removed bitmap may be a later checkpoint holding writes no kept one has, and
     /// "what changed since" a kept one is the union of the bitmaps left
     /// ([`changed_since`](Self::changed_since)): with the kept bits as they were, those
@@ -412,8 +413,10 @@ impl<S: Storage> BitmapStore<S> {
     /// are written in place, one barrier, before the directory commit). A crash leaves the
     /// old directory (the inconsistent bitmap still there, so no "since" over it reads
     /// clean) or the new one with the kept bitmaps all dirty, never the new one with their
-    /// bits as they were (`docs/CRASH-CONSISTENCY.md`). Removing a consistent bitmap
-    /// changes no other: drop the oldest checkpoint of a chain, never a later one.
+    /// bits as they were (`docs/CRASH-CONSISTENCY.md`). Removing the bitmap that records
+    /// (a chain's latest checkpoint) while no kept bitmap records does the same: its
+    /// writes, and those made from then on, are in no kept bitmap. Removing any other
+    /// consistent bitmap changes no other: drop the oldest checkpoint of a chain.
     ///
     /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
     /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
@@ -473,6 +476,7 @@ impl<S: Storage> BitmapStore<S> {
             }
         };
         let gone_inconsistent = slot.inconsistent;
+        let gone_records = !slot.stale && !slot.inconsistent && self.records(slot);
         let mut entries = Vec::new();
         let mut kept = Vec::new();
         let mut own = Vec::new();
@@ -485,7 +489,15 @@ impl<S: Storage> BitmapStore<S> {
                 kept.push(j);
             }
         }
-        let made_all_dirty = if gone_inconsistent {
+        // The recording bitmap of a chain is its latest checkpoint: once it goes with no
+        // kept bitmap recording, its writes, and every write from now on until a new chain,
+        // are in no kept bitmap, and "since" a kept one would read them clean.
+        let chain_ends = gone_records
+            && !kept.iter().any(|&j| {
+                let s = &self.slots[j];
+                !s.inconsistent && self.records(s)
+            });
+        let made_all_dirty = if gone_inconsistent || chain_ends {
             self.make_all_dirty(&kept, &own, &mut entries, &mut frees)?
         } else {
             Vec::new()

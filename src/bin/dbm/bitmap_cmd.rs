@@ -176,11 +176,18 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
             Verb::Clear => st.clear(&name).map_err(img)?,
             Verb::SetEnabled(on) => st.set_enabled(&name, *on).map_err(img)?,
             Verb::Remove => {
+                let inconsistent = st
+                    .list()
+                    .iter()
+                    .any(|b| b.name == name && b.state == BitmapState::Inconsistent);
+                let why = if inconsistent {
+                    "the removed bitmap was inconsistent and may have held writes it lacks"
+                } else {
+                    "the removed bitmap recorded, and no bitmap kept records the writes it \
+                     held or any made from now on"
+                };
                 for kept in st.remove(&name).map_err(img)? {
-                    emit(&format!(
-                        "Made bitmap {kept} all dirty: the removed bitmap was inconsistent \
-                         and may have held writes it lacks\n"
-                    ))?;
+                    emit(&format!("Made bitmap {kept} all dirty: {why}\n"))?;
                 }
             }
         }
