@@ -42,10 +42,12 @@ const MAX_CLUSTER0: usize = 1 << 21;
 /// Invariants:
 /// - a decoded header encodes, and the encoding decodes to the same header with
 ///   `header_length` normalised to what the encoder writes;
-/// - a decoded header area either encodes or fails with [`Error::InvalidInput`] (it can
-///   legitimately outgrow the cluster, since encoding adds QEMU's feature table); an
-///   encoding decodes to the area with the documented normalisations (see
-///   [`normalize_area`]) and re-encodes byte for byte to itself.
+/// - a decoded header area encodes exactly when its normalised layout (see
+///   [`encoded_area_len`]) fits in the cluster: it can legitimately outgrow the cluster,
+///   since encoding adds QEMU's feature table and puts the backing file name after the
+///   extensions, and no other refusal is allowed; an encoding decodes to the area with the
+///   documented normalisations (see [`normalize_area`]) and re-encodes byte for byte to
+///   itself.
 pub fn header(data: &[u8]) {
     let Ok(h) = Header::decode(data) else {
         return;
@@ -65,11 +67,23 @@ pub fn header(data: &[u8]) {
         return;
     };
     assert_eq!(area.header, h, "HeaderArea::decode decodes the same header");
+    let need = encoded_area_len(&area);
     let bytes = match area.encode() {
         Ok(b) => b,
-        // The encoder's only error is the caller-mistake type.
-        Err(InvalidValue(_)) => return,
+        // The one documented refusal of a decoded area: it outgrew the cluster.
+        Err(InvalidValue(e)) => {
+            assert!(
+                need > cs as u64,
+                "a decoded header area of {need} bytes fits the {cs}-byte cluster, yet does \
+                 not encode: {e}"
+            );
+            return;
+        }
     };
+    assert!(
+        need <= cs as u64,
+        "a header area of {need} bytes encoded into a {cs}-byte cluster"
+    );
     assert_eq!(bytes.len(), cs, "an encoded header area fills cluster 0");
     let area2 = HeaderArea::decode(&bytes).expect("an encoded header area must decode");
     assert_eq!(area2, normalize_area(&area), "header area round trip");
@@ -99,7 +113,6 @@ fn normalize_header(h: &Header) -> Header {
 pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
     let mut n = area.clone();
     n.header = normalize_header(&area.header);
-    let header_len = u64::from(n.header.header_length);
     n.feature_table =
         (n.header.version >= 3 && n.header.cluster_size() > 4096).then(qemu_feature_table);
     if !n.header.has_data_file() {
@@ -108,33 +121,10 @@ pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
     n.crypto = n.crypto.filter(|c| c.offset != 0);
     n.bitmaps = n.bitmaps.filter(|b| b.nb_bitmaps > 0);
     n.stale_bitmaps = false;
+    // The name follows the extensions: header, frames, end marker.
+    let at = extensions_end(&n);
     match &n.backing_file {
         Some(name) => {
-            // The name follows the extensions: header, frames, end marker.
-            let frame = |len: usize| 8 + (len as u64).div_ceil(8) * 8;
-            let mut at = header_len;
-            if let Some(f) = &n.backing_format {
-                at += frame(f.len());
-            }
-            if let Some(d) = &n.data_file {
-                at += frame(d.len());
-            }
-            if n.crypto.is_some() {
-                at += frame(16);
-            }
-            if n.feature_table.is_some() {
-                at += frame(8 * 48);
-            }
-            if n.bitmaps.is_some() {
-                at += frame(24);
-            }
-            for u in &n.unknown {
-                at += frame(u.data.len());
-            }
-            if n.mode.is_some() {
-                at += frame(8);
-            }
-            at += frame(0);
             n.header.backing_file_offset = at;
             n.header.backing_file_size = u32::try_from(name.len()).unwrap_or(u32::MAX);
         }
@@ -144,6 +134,42 @@ pub fn normalize_area(area: &HeaderArea) -> HeaderArea {
         }
     }
     n
+}
+
+/// Where the end marker of a normalised area `n` ends: its header, every extension frame
+/// [`HeaderArea::encode`] writes (data padded to 8 bytes), and the end marker.
+fn extensions_end(n: &HeaderArea) -> u64 {
+    let frame = |len: usize| 8 + (len as u64).div_ceil(8) * 8;
+    let mut at = u64::from(n.header.header_length);
+    if let Some(f) = &n.backing_format {
+        at += frame(f.len());
+    }
+    if let Some(d) = &n.data_file {
+        at += frame(d.len());
+    }
+    if n.crypto.is_some() {
+        at += frame(16);
+    }
+    if n.feature_table.is_some() {
+        at += frame(8 * 48);
+    }
+    if n.bitmaps.is_some() {
+        at += frame(24);
+    }
+    for u in &n.unknown {
+        at += frame(u.data.len());
+    }
+    if n.mode.is_some() {
+        at += frame(8);
+    }
+    at + frame(0)
+}
+
+/// The bytes [`HeaderArea::encode`] lays out for `area` before padding to the cluster:
+/// the normalised area's extensions and end marker, then the backing file name.
+fn encoded_area_len(area: &HeaderArea) -> u64 {
+    let n = normalize_area(area);
+    extensions_end(&n) + n.backing_file.as_ref().map_or(0, |b| b.len() as u64)
 }
 
 /// Splits off a fixed-size prefix, zero-padded when `data` is shorter.

@@ -1842,6 +1842,8 @@ fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
     assert_eq!(v["mode"], "deferred");
     assert_eq!(v["mode-flags"], Value::Null);
 
+    let (_, seed) = common::seeded_rng("info_shows_the_mode_and_why_each_bitmap_can_be_trusted");
+    let seed = seed.to_string();
     dbm_ok(&[
         "workload",
         p(&img),
@@ -1850,6 +1852,8 @@ fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
         "--durable",
         "--duration",
         "0.2",
+        "--seed",
+        seed.as_str(),
     ]);
     let info = dbm_ok(&["info", p(&img)]);
     assert!(info.contains("mode: durable\n"), "{info}");

@@ -14,6 +14,8 @@
 //! - leak only inside the leak window of the operation the crash interrupted
 //!   ([`LEAK_WINDOWS`], the table of `docs/CRASH-CONSISTENCY.md`), and every window that can
 //!   leak must be seen leaking at least once (so the classification is not vacuous);
+//! - list every bitmap the last checkpoint requires (only `remove`, once its header write
+//!   was issued, may drop the one it removes);
 //! - never be falsely clean: every bitmap is inconsistent, or holds every bit marked before
 //!   the last operation that completed before the crash point (an inactive merge, clear,
 //!   store or resize) or the last inactivate that *started* before it (a crash part-way
@@ -686,7 +688,19 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
                     before.is_none() || sizes.contains(&size),
                     "{ctx}: disk size {size}, expected one of {sizes:?}"
                 );
-                for info in s.list() {
+                let listed = s.list();
+                // Every bitmap required is in the image: one missing would be a tracked
+                // disk's history lost. Only the removal that drops it may, from its commit.
+                for name in before.iter().flat_map(|c| c.required.keys()) {
+                    let removed = span.is_some_and(|sp| sp.kind == Kind::Remove)
+                        && issued(marks.commit)
+                        && result.is_some_and(|c| !c.required.contains_key(name));
+                    assert!(
+                        removed || listed.iter().any(|i| i.name.to_str() == Some(*name)),
+                        "{ctx}: {name} is required, yet missing from the image"
+                    );
+                }
+                for info in listed {
                     if info.state == BitmapState::Inconsistent {
                         tally.inconsistent += 1;
                         continue;

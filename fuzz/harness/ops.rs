@@ -245,6 +245,11 @@ struct Checkpoint {
     size: u64,
     /// `(name, granularity, granules)` of every bitmap with a requirement.
     req: Vec<(String, u64, BTreeSet<u64>)>,
+    /// Every bitmap in the model, in directory order.
+    names: Vec<String>,
+    /// The model's inconsistent bitmaps (`in_use` on disk): only their removal changes
+    /// that, so every image must list them inconsistent until then.
+    inconsistent: Vec<String>,
 }
 
 impl Checkpoint {
@@ -324,6 +329,13 @@ impl Model {
                 .iter()
                 .filter(|b| b.consistent)
                 .map(|b| (b.name.clone(), b.granularity, b.req.clone()))
+                .collect(),
+            names: self.bms.iter().map(|b| b.name.clone()).collect(),
+            inconsistent: self
+                .bms
+                .iter()
+                .filter(|b| !b.consistent)
+                .map(|b| b.name.clone())
                 .collect(),
         }
     }
@@ -791,9 +803,11 @@ impl<'a> Crash<'a> {
     }
 
     /// A sample of the crash points inside `[start, end]` of the log: each crash image must
-    /// open, have no corruption, leak only inside the operation's leak window, and every
-    /// consistent bitmap must meet `before`, or `after` once the operation's last header
-    /// write was issued.
+    /// open, have no corruption, leak only inside the operation's leak window, list every
+    /// bitmap the model holds both before and after the operation, list every bitmap the
+    /// model holds inconsistent as inconsistent (absent only when the operation is its
+    /// removal), and every consistent bitmap must meet `before`, or `after` once the
+    /// operation's last header write was issued.
     #[allow(clippy::too_many_arguments)]
     fn check_crash_points(
         &mut self,
@@ -880,7 +894,44 @@ impl<'a> Crash<'a> {
                 before.size,
                 after.size
             );
-            for info in s.list() {
+            let listed = s.list();
+            let state = |name: &str| {
+                listed
+                    .iter()
+                    .find(|i| i.name.to_str() == Some(name))
+                    .map(|i| i.state)
+            };
+            // A bitmap the operation neither added nor removed is in every image: a
+            // missing one would be a tracked disk's history lost.
+            for name in before.names.iter().filter(|n| after.names.contains(n)) {
+                assert!(
+                    state(name).is_some(),
+                    "{cctx}: {name} is missing though the operation keeps it; lists {:?}",
+                    listed.iter().map(|i| &i.name).collect::<Vec<_>>()
+                );
+            }
+            for info in &listed {
+                let name = info.name.to_str().unwrap_or_default();
+                assert!(
+                    before.names.iter().chain(&after.names).any(|n| n == name),
+                    "{cctx}: {:?} is listed though the model holds it neither before nor after",
+                    info.name
+                );
+            }
+            // An inconsistent bitmap (`in_use` on disk) stays inconsistent until removed:
+            // reading consistent it would be trusted with bits no one kept (a false clean
+            // that no requirement below would catch, as the model requires nothing of it).
+            for name in &before.inconsistent {
+                let removed = matches!(*op, Op::Remove { name: i } if Self::name(i) == name);
+                match state(name) {
+                    Some(BitmapState::Inconsistent) => {}
+                    None if removed => {}
+                    got => panic!(
+                        "{cctx}: {name}, inconsistent in the model, reads {got:?} (None: absent)"
+                    ),
+                }
+            }
+            for info in listed {
                 if info.state == BitmapState::Inconsistent {
                     continue;
                 }
@@ -1010,8 +1061,9 @@ impl<'a> Crash<'a> {
 /// - the live store lists what the model lists and `load` holds every bit the model
 ///   marked (`Crash::check_live`), and the image on disk is clean;
 /// - at up to [`CRASH_SAMPLES`] + 1 crash points inside the operation, the crash images
-///   (unsynced writes dropped, kept, torn) open read-only, show no corruption, leak only inside the operation's leak window, and
-///   every consistent bitmap in them holds every required bit: those of the last
+///   (unsynced writes dropped, kept, torn) open read-only, show no corruption, leak only inside the operation's leak window,
+///   list every bitmap the operation keeps and each the model holds inconsistent as
+///   inconsistent, and every consistent bitmap in them holds every required bit: those of the last
 ///   completed inactive operation or of the last inactivate that started, or, once the
 ///   operation's header write was issued, its result (`Crash::check_crash_points`).
 pub fn ops_crash(data: &[u8]) {
