@@ -43,7 +43,7 @@ const MAX_CLUSTER0: usize = 1 << 21;
 /// - a decoded header encodes, and the encoding decodes to the same header with
 ///   `header_length` normalised to what the encoder writes;
 /// - a decoded header area encodes exactly when its normalised layout (see
-///   [`encoded_area_len`]) fits in the cluster: it can legitimately outgrow the cluster,
+///   `encoded_area_len`) fits in the cluster: it can legitimately outgrow the cluster,
 ///   since encoding adds QEMU's feature table and puts the backing file name after the
 ///   extensions, and no other refusal is allowed; an encoding decodes to the area with the
 ///   documented normalisations (see [`normalize_area`]) and re-encodes byte for byte to
