@@ -33,9 +33,8 @@ pub(crate) type TrackedSet = Arc<ArcSwap<Vec<Arc<DirtyBitmap>>>>;
 /// more bitmaps announces itself process-wide while it runs, and disabling waits for those
 /// announced before it, so a mark that found B still disabled also finds A still enabled.
 /// On a tracker taken from a store, "enable B" may be the [`add`](crate::BitmapStore::add)
-/// that publishes B: a disable through the store
-/// ([`set_enabled`](crate::BitmapStore::set_enabled)) then also waits for marks still
-/// running over a list published before B.
+/// that publishes B: an add of a recording bitmap returns only once no mark runs over a
+/// list without it, so every mark completing after it is in B.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     bitmaps: TrackedSet,

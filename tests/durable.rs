@@ -1236,3 +1236,34 @@ fn a_polled_intent_hears_that_the_background_flusher_failed() {
     assert!(!flusher.is_running(), "the flusher stopped on its error");
     assert!(flusher.stop().is_err());
 }
+
+/// A durable add that fails at any of its writes poisons the store (the commit's failure
+/// also ends the trackers' view): a polled intent says `Poisoned` (the store never
+/// activates again), not `NotActive`, which would send the stack to wait for an activation
+/// that never comes.
+#[test]
+fn a_polled_intent_says_poisoned_after_a_failed_durable_add() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    use dirty_bitmap::Error;
+    let mut failed = 0;
+    for k in 1.. {
+        let crash = Arc::new(CrashStorage::new());
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let shared = durable_store(Arc::clone(&fault));
+        let t = shared.durable_tracker().unwrap();
+        let intent = t.intent(9 * G, 4096).unwrap();
+        fault.set_plan(
+            FaultPlan::new().fail_write(Trigger::Nth(fault.writes() + k), Landed::Nothing),
+        );
+        if shared.lock().add("c", G, Recording::Enabled).is_ok() {
+            break;
+        }
+        failed += 1;
+        let r = intent.poll();
+        assert!(
+            matches!(r, Err(Error::Poisoned)),
+            "write {k} of the add failed: {r:?}"
+        );
+    }
+    assert!(failed > 1, "the add wrote {failed} times");
+}

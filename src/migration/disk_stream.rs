@@ -1281,11 +1281,14 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     fn undo_take_over(&mut self, st: &mut BitmapStore<S>, installed: &[String]) {
         // Installed bitmaps that could not be removed.
         let mut held = Vec::new();
+        // The stream's bitmaps, none of the image's own chain: removing one that records
+        // leaves the image's own bitmaps as the activation loaded them.
+        let foreign: Vec<&[u8]> = installed.iter().map(|n| n.as_bytes()).collect();
         for name in installed {
             match st.bitmap(name.as_bytes()) {
                 Ok(_) => match st
-                    .remove(name.as_bytes())
-                    .or_else(|_| st.remove(name.as_bytes()))
+                    .remove_replaced(name.as_bytes(), &foreign)
+                    .or_else(|_| st.remove_replaced(name.as_bytes(), &foreign))
                 {
                     Ok(_) => {}
                     // A write failed (now or in the take-over): nothing more is written,
@@ -2208,6 +2211,41 @@ mod tests {
             }
         }
         assert!(failed > 0);
+    }
+
+    /// A failed take-over's undo removes a recording bitmap it added: that ends no chain of
+    /// the image's (the bitmap was the stream's), so the image's own disabled "o" comes back
+    /// exact, not all dirty.
+    #[test]
+    fn undoing_an_added_recording_bitmap_leaves_the_images_own_exact() {
+        let own = 3u64 << 28;
+        let before = {
+            let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+            st.add("o", 65536, Recording::Enabled).unwrap();
+            st.activate().unwrap();
+            st.bitmap("o").unwrap().mark_dirty(own, 65536);
+            st.set_enabled("o", false).unwrap();
+            st.inactivate().unwrap();
+            st.image().storage().to_vec()
+        };
+        let img = Arc::new(MemStorage::from_bytes(before));
+        let mut d = dest_on(&img);
+        d.hello(3, M1).unwrap();
+        d.section(&start_named(0, 1, "c", true, DISK, 512)).unwrap();
+        d.section(&full_region(0, 1, 2)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3, false))
+            .unwrap();
+        d.before_start().unwrap();
+        d.failed();
+        let st = reopen(img.to_vec());
+        assert!(st.list().iter().all(|i| i.name != "c"), "{:?}", st.list());
+        let o = st.load("o").unwrap();
+        assert_eq!(
+            o.dirty_bytes(),
+            65536,
+            "the image's own \"o\" came back all dirty"
+        );
+        assert!(o.is_dirty(own));
     }
 
     /// The attempt fails after `before_start` succeeded (a later state refused to start,

@@ -74,10 +74,7 @@ pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 
-/// Which comparisons gate the exact query and decide the switchover: only the simulation
-/// (`migration::sim`, `dbm simulate`) and the bug test choose, so it exists under the
-/// `testing` feature alone; without it the loop always compares as [`Rule::Fixed`] does.
-#[cfg(feature = "testing")]
+/// Which comparisons gate the exact query and decide the switchover.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
@@ -85,7 +82,9 @@ pub enum Rule {
     /// exact figure.
     Fixed,
     /// QEMU 10.1 (7aaa1fc072, before 455a6167f254): gate with `<`, decide with `<=` on
-    /// whatever figure is at hand, estimate included. For the bug test only.
+    /// whatever figure is at hand, estimate included. For the bug test only (feature
+    /// `testing`).
+    #[cfg(feature = "testing")]
     Qemu101,
 }
 
@@ -117,9 +116,7 @@ pub struct LoopConfig {
     pub stall_rounds: u32,
     /// Most bytes one `iterate` call may send (keeps the loop responsive).
     pub iterate_chunk: Bytes,
-    /// Comparisons (hidden, feature `testing`: only the simulation and the bug test change
-    /// it).
-    #[cfg(feature = "testing")]
+    /// Comparisons (hidden: only the bug test changes it).
     #[doc(hidden)]
     pub rule: Rule,
 }
@@ -138,7 +135,6 @@ impl Default for LoopConfig {
             start_postcopy: false,
             stall_rounds: 5,
             iterate_chunk: Bytes(1 << 20),
-            #[cfg(feature = "testing")]
             rule: Rule::Fixed,
         }
     }
@@ -712,26 +708,14 @@ where
         p.total() + self.expected * p.disk_time
     }
 
-    /// Whether the loop compares as QEMU 10.1 did (`Rule::Qemu101`, feature `testing`).
-    #[cfg(feature = "testing")]
-    fn qemu_10_1_rule(&self) -> bool {
-        self.config.rule == Rule::Qemu101
-    }
-
-    /// Never without the `testing` feature: the library always compares with [`fits`].
-    #[cfg(not(feature = "testing"))]
-    fn qemu_10_1_rule(&self) -> bool {
-        false
-    }
-
     fn gate(&self, p: Pending) -> bool {
         let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
-        if self.qemu_10_1_rule() {
+        match self.config.rule {
+            Rule::Fixed => fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr)),
             // QEMU 10.1: `pending_size < threshold_size`.
-            p.total() < thr
-        } else {
-            fits(p.total(), thr) || (postcopy && fits(p.must_precopy, thr))
+            #[cfg(feature = "testing")]
+            Rule::Qemu101 => p.total() < thr,
         }
     }
 
@@ -799,13 +783,13 @@ where
     fn decide(&self, p: Pending, exact: bool) -> Option<bool> {
         let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
-        let (to_postcopy, complete) = if self.qemu_10_1_rule() {
-            (postcopy && p.must_precopy <= thr, p.total() <= thr)
-        } else {
-            (
+        let (to_postcopy, complete) = match self.config.rule {
+            Rule::Fixed => (
                 exact && postcopy && fits(p.must_precopy, thr),
                 exact && fits(p.total(), thr),
-            )
+            ),
+            #[cfg(feature = "testing")]
+            Rule::Qemu101 => (postcopy && p.must_precopy <= thr, p.total() <= thr),
         };
         if to_postcopy {
             Some(true)

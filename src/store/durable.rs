@@ -749,13 +749,15 @@ impl<S: Storage> Intent<S> {
         if inner.commit.lock().failed {
             return Err(Error::Poisoned);
         }
-        if !inner.marks.view.load().open {
-            return Err(Error::WrongState(StateProblem::NotActive));
-        }
+        // Poison first: a failed durable add or checkpoint also closes the view, and the
+        // store never activates again.
         if let Some(s) = inner.store.inner.try_lock() {
             if s.poisoned || s.image.is_poisoned() {
                 return Err(Error::Poisoned);
             }
+        }
+        if !inner.marks.view.load().open {
+            return Err(Error::WrongState(StateProblem::NotActive));
         }
         Ok(false)
     }

@@ -315,9 +315,13 @@ impl<S: Storage> BitmapStore<S> {
         }
         // Only once no mark runs over the list without the new bitmap does the old one
         // stop: such a mark may not have reached the old one yet, and would land in
-        // neither. (A durable intent sets its bits again with the current list until they
-        // are durable in every recording bitmap, so it needs no grace period.)
-        if old_name.is_some() {
+        // neither. A recording bitmap added alone waits the same way before the call
+        // returns, so that every mark completing after it is in the new bitmap: the caller
+        // may then disable or remove the old one (a mark over the older list, finishing
+        // later in a bitmap that is then removed, would be in none). (A durable intent sets
+        // its bits again with the current list until they are durable in every recording
+        // bitmap, so it needs no grace period.)
+        if old_name.is_some() || enabled {
             self.publish_quiesced();
         } else {
             self.publish();
@@ -441,7 +445,8 @@ impl<S: Storage> BitmapStore<S> {
     /// history (a migration destination's bitmaps adopted from the stream, which replaces
     /// the image's own, or ones about to be removed), so no write only the removed bitmap
     /// held can be missing from them. Every other kept bitmap is made all dirty as
-    /// `remove` makes it.
+    /// `remove` makes it. Removing a bitmap named in `foreign` that records ends no chain
+    /// of the image's own.
     ///
     /// # Errors
     /// As [`remove`](Self::remove).
@@ -476,7 +481,9 @@ impl<S: Storage> BitmapStore<S> {
             }
         };
         let gone_inconsistent = slot.inconsistent;
-        let gone_records = !slot.stale && !slot.inconsistent && self.records(slot);
+        // A foreign bitmap (a migration's) is no checkpoint of the image's own chain.
+        let gone_records =
+            !slot.stale && !slot.inconsistent && !foreign.contains(&name) && self.records(slot);
         let mut entries = Vec::new();
         let mut kept = Vec::new();
         let mut own = Vec::new();

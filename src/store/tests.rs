@@ -983,38 +983,44 @@ fn activate_with_refuses_one_bitmap_object_for_two_bitmaps() {
     assert!(r.load("a").unwrap().is_dirty(MIB));
 }
 
-/// The hand-over of `Tracker`'s docs done by hand: `add` a bitmap, then disable the old
-/// one. A mark that loaded the published list before the add published the new bitmap,
-/// and has not reached the old one yet, has announced nothing; the disable must still wait
-/// for it, or it lands in neither bitmap.
+/// The hand-over of `Tracker`'s docs done by hand: `add` a recording bitmap, then disable
+/// (or remove) the old one. A mark that loaded the published list before the add published
+/// the new bitmap, and has not reached the old one yet, has announced nothing: the add
+/// returns only once it finished (so every mark completing after the add is in the new
+/// bitmap), and the write is in one of the two.
 #[test]
-fn a_disable_after_an_add_waits_for_a_mark_over_the_older_list() {
+fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
     for active in [true, false] {
         let mut st = new_store(1 << 30, 65536);
         st.add("a", 65536, Recording::Enabled).unwrap();
-        if active {
-            st.activate().unwrap();
-        } else {
+        st.activate().unwrap();
+        if !active {
             // Inactive with parked copies, as after a hand-over: marks still reach them.
-            st.activate().unwrap();
             st.inactivate().unwrap();
         }
         let off = 5 * MIB;
         // A mark in flight: `Tracker::mark`'s load, held across the calls below.
         let held = st.tracked.load();
         assert_eq!(held.len(), 1, "active {active}");
-        st.add("b", 65536, Recording::Enabled).unwrap();
-        let disabling = std::thread::spawn(move || {
+        let added = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&added);
+        let handing_over = std::thread::spawn(move || {
+            st.add("b", 65536, Recording::Enabled).unwrap();
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
             st.set_enabled("a", false).unwrap();
             st
         });
         std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !added.load(std::sync::atomic::Ordering::SeqCst),
+            "active {active}: the add returned while a mark over the older list ran"
+        );
         // The mark goes on: its list holds only `a`.
         for b in held.iter() {
             b.mark_dirty(off, 4096);
         }
         drop(held);
-        let st = disabling.join().unwrap();
+        let st = handing_over.join().unwrap();
         let copy = |n: &str| {
             let s = &st.slots[st.find(n.as_bytes()).unwrap()];
             s.mem.clone().or(s.parked.clone()).unwrap()
