@@ -570,3 +570,28 @@ fn a_malformed_seed_fails_the_test() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("seeded_rng_probe ran with seed 42"), "{text}");
 }
+
+/// A sweep size (`DBM_KILL_DRILL`, `DBM_CRASH_SAMPLE`, `DBM_MIGRATION_SCENARIOS`, ...) that
+/// is not a number fails the test, naming the variable and the value; unset, the default.
+/// The probe variable is this test's alone.
+#[test]
+fn a_malformed_sweep_size_fails_the_test() {
+    const VAR: &str = "DBM_ENV_NUMBER_PROBE";
+    std::env::remove_var(VAR);
+    assert_eq!(common::env_number(VAR, 7u32), 7);
+    std::env::set_var(VAR, "12");
+    assert_eq!(common::env_number(VAR, 7u32), 12);
+    for bad in ["12x", "-1", ""] {
+        std::env::set_var(VAR, bad);
+        let r = std::panic::catch_unwind(|| common::env_number(VAR, 7u32));
+        let msg = r
+            .err()
+            .and_then(|e| e.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| panic!("{VAR}={bad:?} ran with a default"));
+        assert!(
+            msg.contains(&format!("{VAR}={bad:?} is not a number")),
+            "{msg}"
+        );
+    }
+    std::env::remove_var(VAR);
+}

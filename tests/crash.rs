@@ -598,16 +598,13 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
     let mut qemu_checked = 0;
     let mut qemu_leaks = 0;
     // qemu-img check runs on every crash image; DBM_CRASH_SAMPLE=N checks a seeded 1 in N.
-    let every: u32 = std::env::var("DBM_CRASH_SAMPLE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(1);
+    let every: u32 = common::env_number("DBM_CRASH_SAMPLE", 1);
+    assert!(
+        every > 0,
+        "DBM_CRASH_SAMPLE=0: a sample of 1 in 0 checks nothing"
+    );
     // Two tear patterns per crash point; DBM_CRASH_TEARS=N for a longer sweep.
-    let tears: u64 = std::env::var("DBM_CRASH_TEARS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let tears: u64 = common::env_number("DBM_CRASH_TEARS", 2);
     let mut leaks_by_kind: BTreeMap<Kind, usize> = BTreeMap::new();
     for cs in [512u64, 4096, 65536] {
         let w = run_workload(cs, seed ^ cs);

@@ -29,10 +29,7 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::DirtyBitmap;
 
 fn sweep_size() -> u64 {
-    std::env::var("DBM_MIGRATION_SCENARIOS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000)
+    common::env_number("DBM_MIGRATION_SCENARIOS", 10_000)
 }
 
 /// A scenario a sweep found over the limit by one byte: a streamed bitmap whose exact

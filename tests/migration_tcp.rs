@@ -881,10 +881,7 @@ fn corrupt_byte_is_a_checksum_error_on_both_sides_and_the_source_resumes() {
 }
 
 fn runs() -> u64 {
-    std::env::var("DBM_MIGRATION_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10)
+    common::env_number("DBM_MIGRATION_RUNS", 10)
 }
 
 /// Real-time migrations: 128 MiB of guest RAM, two vCPUs writing 50,000 pages a second

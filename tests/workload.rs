@@ -336,10 +336,7 @@ fn pick(i: usize, rng: &mut SmallRng) -> Kill {
 
 #[test]
 fn sigkill_drill() {
-    let kills = std::env::var("DBM_KILL_DRILL")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(CI_KILLS);
+    let kills = common::env_number("DBM_KILL_DRILL", CI_KILLS);
     let (mut rng, _) = seeded_rng("sigkill_drill");
     let (mut consistent, mut inconsistent) = (0, 0);
     for i in 0..kills {
@@ -440,10 +437,7 @@ fn refuses_what_it_cannot_run() {
 /// allocated before `activated`).
 #[test]
 fn durable_sigkill_drill_qemu_finds_every_logged_write() {
-    let kills = std::env::var("DBM_KILL_DRILL")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4usize);
+    let kills = common::env_number("DBM_KILL_DRILL", 4usize);
     let (mut rng, _) = seeded_rng("durable_sigkill_drill");
     let (mut logged, mut killed) = (0, 0);
     for i in 0..kills {

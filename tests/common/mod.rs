@@ -76,6 +76,23 @@ pub fn seeded_proptest(config: proptest::test_runner::Config) -> proptest::test_
     config
 }
 
+/// A number a test takes from the environment variable `var` (a longer sweep, say), or
+/// `default` when it is unset. A set value that does not parse panics, naming the variable
+/// and the value: a run asked for that silently ran the default would pass as that run.
+pub fn env_number<T>(var: &str, default: T) -> T
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(var) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|e| panic!("{var}={s:?} is not a number: {e}")),
+        Err(std::env::VarError::NotPresent) => default,
+        Err(e) => panic!("{var} is not a number: {e}"),
+    }
+}
+
 /// The seed a `DBM_TEST_SEED` value names: `None` when unset. A value that is not a decimal
 /// `u64` panics, naming the variable and the value: a replay that silently ran a random seed
 /// would pass as a replay of the failure it never ran.
