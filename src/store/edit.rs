@@ -367,11 +367,18 @@ impl<S: Storage> BitmapStore<S> {
     /// after the flag, so that a fast path that read the flag cleared (and skipped the
     /// bitmap) cannot answer after the enable returns (the argument is at
     /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)); the
-    /// mirror of [`stop_recording`](Self::stop_recording).
+    /// mirror of [`stop_recording`](Self::stop_recording). Deferred, it then waits for marks
+    /// over a list published before the current one
+    /// ([`wait_for_older_lists`](Self::wait_for_older_lists)), as an `add` of a recording
+    /// bitmap does: such a list may lack `m` (added disabled, then enabled), and a mark over
+    /// it completing after the enable returned would be missing from `m`, and from every
+    /// bitmap once the caller disables or removes the one it handed over from.
     fn start_recording(&self, m: &DirtyBitmap) {
         m.set_enabled(true);
         if self.durable.is_some() {
             self.durable_set.bump();
+        } else {
+            self.wait_for_older_lists();
         }
     }
 
@@ -759,7 +766,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         if let Some(p) = &self.slots[i].parked {
             if enabled {
-                p.set_enabled(true);
+                self.start_recording(p);
             } else {
                 self.stop_recording(p);
             }

@@ -1032,3 +1032,47 @@ fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
         );
     }
 }
+
+/// The same hand-over in three calls: `add` the new bitmap disabled (no grace period: it
+/// records nothing yet), enable it, then remove the old one. A mark that loaded the list
+/// published before the add, stalled across all three, has announced nothing to the new
+/// bitmap: the enable returns only once it finished (a mark overlapping the enable, in
+/// the old bitmap only, as a mark overlapping an add is), not after, when the removal
+/// may have begun and the mark would complete in the removed bitmap, in none.
+#[test]
+fn an_enable_waits_for_a_mark_over_a_list_without_the_bitmap() {
+    for active in [true, false] {
+        let mut st = new_store(1 << 30, 65536);
+        st.add("a", 65536, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        if !active {
+            st.inactivate().unwrap();
+        }
+        let off = 5 * MIB;
+        let held = st.tracked.load();
+        assert_eq!(held.len(), 1, "active {active}");
+        st.add("b", 65536, Recording::Disabled).unwrap();
+        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&enabled);
+        let handing_over = std::thread::spawn(move || {
+            st.set_enabled("b", true).unwrap();
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            st.remove("a").unwrap();
+            st
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !enabled.load(std::sync::atomic::Ordering::SeqCst),
+            "active {active}: the enable returned while a mark over a list without b ran"
+        );
+        for m in held.iter() {
+            m.mark_dirty(off, 4096);
+        }
+        drop(held);
+        let st = handing_over.join().unwrap();
+        let s = &st.slots[st.find(b"b").unwrap()];
+        let b = s.mem.clone().or(s.parked.clone()).unwrap();
+        assert!(b.is_enabled(), "active {active}");
+        assert_eq!(st.list().len(), 1, "active {active}");
+    }
+}
