@@ -337,16 +337,37 @@ fn a_qemu_writer_keeps_us_out() {
     assert_eq!(v["bitmaps"][0]["in-use"], true, "{json}");
     assert!(v["bitmaps"][0]["dirty-bytes"].is_null(), "{json}");
     dbm_succeeds(&["check", "--force-share", i]);
-    // dump reads past the lock but refuses the in-use bitmap rather than print it clean.
-    dbm_fails_with(&["dump", "-U", i, "b"], "is inconsistent");
+    // dump reads past the lock but refuses the in-use bitmap rather than print it clean,
+    // and says it is the running writer's, which must not be removed.
+    let shared = FileStorage::open_shared(&img).unwrap();
+    assert!(shared.has_writer_elsewhere().unwrap());
+    drop(shared);
+    for args in [["dump", "-U", i, "b"], ["dump", "-U", i, "--since=b"]] {
+        let out = dbm(&args);
+        assert_eq!(out.status.code(), Some(1), "dbm {args:?}: {}", text(&out));
+        let t = text(&out);
+        assert!(
+            t.contains("in use by the program writing the image now")
+                && t.contains("do not remove it")
+                && !t.contains("remove the bitmaps"),
+            "dbm {args:?} beside the writer: {t}"
+        );
+    }
     assert!(
         std::fs::read(&img).unwrap() == before,
         "force-share reads changed the image"
     );
 
-    // Once QEMU is gone (killed: a crash, so `in_use` stays) our writer opens it.
+    // Once QEMU is gone (killed: a crash, so `in_use` stays) the same read gives the
+    // advice for a crashed writer, and our writer opens it.
     drop(held);
     wait_unlocked(&img);
+    let shared = FileStorage::open_shared(&img).unwrap();
+    assert!(!shared.has_writer_elsewhere().unwrap());
+    drop(shared);
+    for args in [["dump", "-U", i, "b"], ["dump", "-U", i, "--since=b"]] {
+        dbm_fails_with(&args, "remove the bitmaps and start a new chain");
+    }
     let s = BitmapStore::open(
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
         OpenMode::ReadWrite,

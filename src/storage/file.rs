@@ -191,6 +191,24 @@ impl FileStorage {
         &self.path
     }
 
+    /// Whether another holder has the file open for writing now: it holds QEMU's lock byte
+    /// of the write permission (a running QEMU, `qemu-nbd` or `qemu-io`, a writable
+    /// `FileStorage` elsewhere), tested as QEMU tests a conflict. For a force-share reader
+    /// ([`Locking::ForceShare`]): a bitmap such a writer holds is `in_use` because it
+    /// records, not because a writer crashed, and its bits on disk are not current. This
+    /// handle's own locks never count; a writer that takes no locks is not seen.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) where OFD locks cannot be
+    /// tested.
+    pub fn has_writer_elsewhere(&self) -> Result<bool> {
+        lock::writer_elsewhere(&self.file).map_err(|source| crate::Error::LockUnsupported {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Whether writes are allowed.
     #[must_use]
     pub fn is_writable(&self) -> bool {

@@ -233,6 +233,13 @@ pub(crate) fn release_writer(file: &File) {
     let _ = sys::unlock_range(file, SHARED_BASE, SHARED_BASE.saturating_add(4));
 }
 
+/// Whether another open file description holds the byte of QEMU's write permission (101):
+/// a writer has the image open (a running QEMU, `qemu-nbd`, `qemu-io`, a writable store).
+/// Locks of this description never count.
+pub(crate) fn writer_elsewhere(file: &File) -> io::Result<bool> {
+    sys::held_by_other(file, Perm::Write.perm_byte())
+}
+
 /// Releases every lock byte (100 to 203) this file's open file description holds.
 ///
 /// Closing the file releases them too, but only once the *last* descriptor of the

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::open::{reader, since_error};
+use crate::open::{reader, shared_since_error, since_error};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -236,7 +236,13 @@ pub fn run(args: &DumpArgs) -> CmdResult {
         (None, Some(x)) => st.changed_since(BitmapName::parse_escaped(x)),
         _ => return Err("give a bitmap NAME or --since CHECKPOINT".into()),
     };
-    let bm = r.map_err(|e| since_error(&args.image, e))?;
+    let bm = r.map_err(|e| {
+        if args.force_share {
+            shared_since_error(&st, &args.image, e)
+        } else {
+            since_error(&args.image, e)
+        }
+    })?;
     let rows = rows(bm.disk_size(), bm.dirty_extents());
     if args.totals {
         let disk = bm.disk_size();

@@ -32,6 +32,33 @@ pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
     }
 }
 
+/// [`since_error`] for a read that may be beside a writer (`dbm dump -U`): a bitmap `in_use`
+/// in an image another program has open for writing is in use because that writer records
+/// it (QEMU keeps `in_use` set while it runs), not broken, so the advice to remove the
+/// chain would throw a healthy one away. Without a writer, without `in_use` (a program
+/// without bitmap support changed the image), or when the test fails, the advice is
+/// [`since_error`]'s.
+pub fn shared_since_error(
+    st: &BitmapStore<FileStorage>,
+    path: &Path,
+    e: dirty_bitmap::Error,
+) -> String {
+    match e {
+        dirty_bitmap::Error::Inconsistent { name }
+            if st.list().iter().any(|b| b.name == name && b.in_use)
+                && st.image().storage().has_writer_elsewhere().unwrap_or(false) =>
+        {
+            at(
+                path,
+                format!(
+                    "bitmap {name:?} is in use by the program writing the image now (it holds                      the image's write lock; a running QEMU keeps in_use set while it                      records): the bits on disk are not current, so this read cannot say what                      changed. Read the bitmap through that program (QEMU: export it over NBD,                      `qemu-nbd`'s `-B` or `block-export-add`), or here once it stopped and                      saved it; it is not broken, so do not remove it"
+                ),
+            )
+        }
+        e => since_error(path, e),
+    }
+}
+
 /// The locking of a read-only open: QEMU's force-share (`-U`) or `qemu-img info`'s.
 fn read_locking(force_share: bool) -> Locking {
     if force_share {
