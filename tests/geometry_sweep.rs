@@ -3,7 +3,8 @@
 //! at the largest size each cluster size allows, judged by the real `qemu-img check` and
 //! `qemu-img info` after create, after a bitmap was added, marked and closed, and after it
 //! was removed again. The marks (the disk's first and last byte among them) are read back
-//! by our reader and by `qemu-nbd` + `nbdinfo --map` (up to 128 TiB: `NBD_MAP_LIMIT`).
+//! by our reader and through a `qemu-nbd` export: by `nbdinfo --map` up to 128 TiB
+//! (`NBD_MAP_LIMIT`), by QEMU's own NBD client (`qemu-img map` with `x-dirty-bitmap`) above.
 //!
 //! # Where the boundaries are
 //!
@@ -59,7 +60,7 @@ use dirty_bitmap::{OpenMode, Recording};
 use std::path::Path;
 use std::time::Instant;
 
-use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps};
+use common::qemu::{assert_qemu_clean, nbd_dirty, ok, p, qemu_bitmaps, qemu_map_dirty};
 use dirty_bitmap::storage::{FileStorage, MemStorage};
 use dirty_bitmap::{BitmapStore, Error, Image};
 
@@ -73,10 +74,9 @@ const MAX_GRANULARITY: u64 = 1 << 31;
 /// 1.14, no 64-bit block status) walks the whole export in requests of at most 2 GiB, about
 /// 30 µs each: 128 TiB takes about 2 s, and the largest disks at 32 KiB clusters and up
 /// (512 TiB to 2 EiB) would take from 8 s to days. Those seven points (the `largest`
-/// of 32 KiB to 2 MiB clusters) are read back by our reader only; every boundary kind is
-/// still read by QEMU at each cluster size that has it: 1 MiB, the refblock boundaries,
-/// the reftable growth and its size steps, and `largest` from 512 B to 16 KiB (exactly 128
-/// TiB at 16 KiB).
+/// of 32 KiB to 2 MiB clusters) are read through the same export by QEMU's own NBD client
+/// instead (`common::qemu::qemu_map_dirty`), whose 64-bit block status reads 2 EiB at
+/// once; nbdinfo, a second implementation, still reads every other point.
 const NBD_MAP_LIMIT: u64 = 128 << 40;
 
 #[derive(Debug, Clone, Copy)]
@@ -205,7 +205,8 @@ struct Row {
     created: (u64, u32, u64),
     added: (u64, u32, u64),
     /// Whether QEMU read the marks back too (`NBD_MAP_LIMIT`).
-    by_qemu: bool,
+    /// The QEMU-side reader of the marks: `nbdinfo` or `qemu-img map`.
+    reader: &'static str,
 }
 
 /// One sweep point: create, check, add + activate + mark + close, check + info + reload,
@@ -293,15 +294,16 @@ fn sweep_point(dir: &Path, geo: Geo, size: u64, what: &str) -> Row {
     );
     drop((loaded, s));
     // QEMU reads the same bits, the end-of-disk ones included (see NBD_MAP_LIMIT for the
-    // disks it skips).
-    let by_qemu = size <= NBD_MAP_LIMIT;
-    if by_qemu {
-        assert_eq!(
-            nbd_dirty(&img, "sweep"),
-            expected,
-            "{ctx}: the marks as qemu-nbd + nbdinfo --map read them"
-        );
-    }
+    // reader of the largest disks).
+    let (reader, by_qemu) = if size <= NBD_MAP_LIMIT {
+        ("nbdinfo", nbd_dirty(&img, "sweep"))
+    } else {
+        ("qemu-img map", qemu_map_dirty(&img, "sweep"))
+    };
+    assert_eq!(
+        by_qemu, expected,
+        "{ctx}: the marks as qemu-nbd + {reader} read them"
+    );
 
     let mut s = BitmapStore::open(
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
@@ -321,7 +323,7 @@ fn sweep_point(dir: &Path, geo: Geo, size: u64, what: &str) -> Row {
         l1,
         created,
         added,
-        by_qemu,
+        reader,
     }
 }
 
@@ -395,13 +397,7 @@ fn every_cluster_size_and_refcount_boundary_passes_qemu_check() {
     for r in &rows {
         println!(
             "| {} | {} | {} | {} | {:?} | {:?} | {} |",
-            r.cs,
-            r.size,
-            r.what,
-            r.l1,
-            r.created,
-            r.added,
-            if r.by_qemu { "yes" } else { "no" }
+            r.cs, r.size, r.what, r.l1, r.created, r.added, r.reader
         );
     }
     println!(
@@ -413,10 +409,14 @@ fn every_cluster_size_and_refcount_boundary_passes_qemu_check() {
     // right at a refblock boundary needed a block more than create had.
     assert!(rows.iter().any(|r| r.created.1 > 1));
     assert!(rows.iter().any(|r| r.added.2 > r.created.2));
-    // QEMU read back the marks of every point but the largest disks of 32 KiB clusters and
-    // up (NBD_MAP_LIMIT).
-    let skipped: Vec<u64> = rows.iter().filter(|r| !r.by_qemu).map(|r| r.cs).collect();
-    assert_eq!(skipped, (15..=21).map(|b| 1u64 << b).collect::<Vec<_>>());
+    // QEMU read back the marks of every point: through nbdinfo, but the largest disks of
+    // 32 KiB clusters and up through QEMU's own client (NBD_MAP_LIMIT).
+    let by_map: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.reader == "qemu-img map")
+        .map(|r| r.cs)
+        .collect();
+    assert_eq!(by_map, (15..=21).map(|b| 1u64 << b).collect::<Vec<_>>());
 }
 
 /// The boundaries of the module docs' table, so the table and the code agree.

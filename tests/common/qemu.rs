@@ -106,8 +106,9 @@ impl Drop for Nbd {
     }
 }
 
-/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged.
-pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+/// Runs `f` on the URI of a read-only `qemu-nbd` export of `img` with bitmap `name`
+/// (`-B`), stopping the server afterwards.
+fn with_nbd_export<T>(img: &Path, name: &str, f: impl FnOnce(&Path) -> T) -> T {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let child = Command::new(tool("qemu-nbd"))
@@ -125,21 +126,68 @@ pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let uri = format!("nbd+unix:///?socket={}", p(&sock));
-    let map = ok(
-        "nbdinfo",
-        &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri],
-    );
+    f(&sock)
+}
+
+/// Appends `[off, off + len)` to `out`, merging it into the last extent if adjacent.
+fn push_merged(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {
+    match out.last_mut() {
+        Some(last) if last.0 + last.1 == off => last.1 += len,
+        _ => out.push((off, len)),
+    }
+}
+
+/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged.
+pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let map = with_nbd_export(img, name, |sock| {
+        let uri = format!("nbd+unix:///?socket={}", p(sock));
+        ok(
+            "nbdinfo",
+            &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri],
+        )
+    });
     let mut out: Vec<(u64, u64)> = Vec::new();
     for line in map.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 3 || f[2] != "1" {
             continue;
         }
-        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == off => last.1 += len,
-            _ => out.push((off, len)),
+        push_merged(&mut out, f[0].parse().unwrap(), f[1].parse().unwrap());
+    }
+    out
+}
+
+/// Dirty extents of bitmap `name` as QEMU's own NBD client reads them from a `qemu-nbd`
+/// export: `qemu-img map` over the `nbd` driver with `x-dirty-bitmap`, which reports the
+/// bitmap's dirty extents as holes (`"data": false`) and its clean ones as data. Where
+/// [`nbd_dirty`]'s nbdinfo walks the export in requests of at most 2 GiB, QEMU's client asks
+/// for 64-bit extents (NBD extended headers), so it reads a disk of exabytes in one pass.
+/// Adjacent extents merged.
+pub fn qemu_map_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let json = with_nbd_export(img, name, |sock| {
+        ok(
+            "qemu-img",
+            &[
+                "map",
+                "--output=json",
+                "--image-opts",
+                &format!(
+                    "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+                    p(sock)
+                ),
+            ],
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("qemu-img map printed no JSON ({e}): {json}"));
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut end = 0;
+    for e in v.as_array().expect("qemu-img map prints an array") {
+        let (off, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        assert_eq!(off, end, "qemu-img map left a gap: {json}");
+        end = off + len;
+        if !e["data"].as_bool().unwrap() {
+            push_merged(&mut out, off, len);
         }
     }
     out
