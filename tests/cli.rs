@@ -745,8 +745,6 @@ fn bad_input_fails_cleanly() {
     }
 }
 
-/// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
-/// by `dump`, and removable.
 /// `dbm migrate listen` and `send` refuse a timeout past a year (it would overflow a
 /// deadline: the destination's thread panicked on `--timeout 1e19`), before anything
 /// listens or connects.
@@ -783,6 +781,45 @@ fn migrate_refuses_a_timeout_beyond_a_year() {
     assert_eq!(dbm_check(&img), 0);
 }
 
+/// A `--timeout` of zero (or one that rounds to zero nanoseconds) is refused with status 1
+/// before the image is opened: `send` activated the image, ran the guest and failed every
+/// attempt, then exited 3 ("not migrated") as after a real failure.
+#[test]
+fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let before = std::fs::read(&img).unwrap();
+    for t in ["0", "1e-10"] {
+        for args in [
+            vec!["migrate", "listen", p(&img), "--timeout", t],
+            vec![
+                "migrate",
+                "send",
+                p(&img),
+                "--to",
+                "127.0.0.1:9",
+                "--attempts",
+                "2",
+                "--retry-after",
+                "0",
+                "--timeout",
+                t,
+            ],
+        ] {
+            let err = dbm_fails(&args);
+            assert!(err.contains("must be above zero"), "{args:?}: {err}");
+            assert!(
+                std::fs::read(&img).unwrap() == before,
+                "{args:?}: the refusal changed the image"
+            );
+        }
+    }
+}
+
+/// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
+/// by `dump`, and removable.
 #[test]
 fn crash_marker_makes_bitmaps_inconsistent() {
     let dir = tempfile::tempdir().unwrap();
