@@ -492,13 +492,22 @@ pub fn bitmap_json(b: &BitmapReport) -> Value {
 /// Runs `dbm info`.
 pub fn run(args: &InfoArgs) -> CmdResult {
     let name = args.image.display().to_string();
-    let info = match reader(&args.image, args.force_share) {
-        Ok(st) => gather(name, &st).map_err(|e| at(&args.image, e))?,
-        // Bitmaps QEMU refuses: report each one and keep going.
-        Err(e) => image_untrusting_bitmaps(&args.image, args.force_share)
+    // Bitmaps QEMU refuses: report each one and keep going.
+    let broken = |e: String| {
+        image_untrusting_bitmaps(&args.image, args.force_share)
             .ok()
-            .and_then(|(img, ext)| gather_broken(name, &img, ext))
-            .ok_or(e)?,
+            .and_then(|(img, ext)| gather_broken(name.clone(), &img, ext))
+            .ok_or(e)
+    };
+    let info = match reader(&args.image, args.force_share) {
+        Ok(st) => match gather(name.clone(), &st) {
+            Ok(info) => info,
+            // The open reads no table: one QEMU refuses (a reserved bit, an entry past the
+            // file) fails only the load of its bitmap, here.
+            Err(e @ dirty_bitmap::Error::Corrupt(_)) => broken(at(&args.image, e))?,
+            Err(e) => return Err(at(&args.image, e).into()),
+        },
+        Err(e) => broken(e)?,
     };
     if args.json || args.output.as_deref() == Some("json") {
         emit(&format!(
