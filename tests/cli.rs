@@ -745,6 +745,53 @@ fn bad_input_fails_cleanly() {
     }
 }
 
+/// Found by a review: the reports of `dbm bench flush`, `dbm bench load` and `dbm drill
+/// migrate` were printed with `println!`, which panics (status 101) on a closed stdout
+/// (`dbm bench flush | head -1`), where docs/CLI.md says a closed pipe ends the output
+/// quietly. The pipe's read end is closed before the command starts, so every line it
+/// writes meets the closed pipe; `dump` and `info` are the commands that always wrote
+/// through `out::emit`.
+#[test]
+fn reports_end_quietly_on_a_closed_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    for args in [
+        vec![
+            "bench",
+            "flush",
+            "--quick",
+            "--no-qemu",
+            "--disk-size",
+            "1G",
+            "--bitmaps",
+            "1",
+            "--repeat",
+            "1",
+            "--run-secs",
+            "0.05",
+            "--sweep-intervals",
+            "10",
+        ],
+        vec!["bench", "load", "--disk-size", "1G", "--repeat", "1"],
+        vec!["info", p(&img)],
+        vec!["dump", p(&img), "b"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("failed to run dbm");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "dbm {args:?}: {err}");
+        assert!(!err.contains("panicked"), "dbm {args:?}: {err}");
+    }
+}
+
 /// `dbm migrate listen` and `send` refuse a timeout past a year (it would overflow a
 /// deadline: the destination's thread panicked on `--timeout 1e19`), before anything
 /// listens or connects.

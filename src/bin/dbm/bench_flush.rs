@@ -51,6 +51,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use super::plot::{Chart, Series};
+use crate::out::outln;
 use crate::size::human;
 use crate::size::parse_size;
 use crate::CmdResult;
@@ -614,16 +615,16 @@ fn crossing(rig: &Rig, g: u64, k: u64) -> Res<Crossing> {
 /// The crossover sweep: for each changed fraction, the in-place stop of the changed regions
 /// against the in-place rewrite of every region, and what the default threshold picks.
 fn crossover_sweep(rigs: &[Rig], g: u64, repeat: usize, quick: bool) -> Res<()> {
-    println!(
+    outln!(
         "## The crossover: changed regions only, or every region, in place (k evenly spaced \
          regions churned; threshold {})",
         dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "| bitmaps | k | fraction | changed only ms | bytes | whole ms | bytes | default picks | default ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    outln!("|---|---|---|---|---|---|---|---|---|");
     let eighths: &[u64] = if quick {
         &[1, 4, 8]
     } else {
@@ -645,7 +646,7 @@ fn crossover_sweep(rigs: &[Rig], g: u64, repeat: usize, quick: bool) -> Res<()> 
             if w.ms <= c.ms && first_cheaper.is_none() {
                 first_cheaper = Some(runs[0].k as f64 / rig.regions as f64);
             }
-            println!(
+            outln!(
                 "| {} | {} | {:.3} | {:.2} | {} | {:.2} | {} | {} | {:.2} |",
                 rig.n,
                 runs[0].k,
@@ -663,19 +664,19 @@ fn crossover_sweep(rigs: &[Rig], g: u64, repeat: usize, quick: bool) -> Res<()> 
             );
         }
         match first_cheaper {
-            Some(f) => println!(
+            Some(f) => outln!(
                 "\n- {} bitmap(s): the whole rewrite is no slower from a changed fraction of {f:.3} on \
                  (default threshold {})",
                 rig.n,
                 dirty_bitmap::flush::DEFAULT_REWRITE_THRESHOLD
             ),
-            None => println!(
+            None => outln!(
                 "\n- {} bitmap(s): the whole rewrite was slower at every fraction measured",
                 rig.n
             ),
         }
     }
-    println!();
+    outln!();
     Ok(())
 }
 
@@ -796,9 +797,9 @@ pub fn run(args: &FlushArgs) -> CmdResult {
     let rate = (!args.burst).then_some(args.rate);
     let tmp = WorkDir::temp_in(args.dir.as_deref())?;
 
-    println!("# dbm bench flush");
-    println!();
-    println!(
+    outln!("# dbm bench flush");
+    outln!();
+    outln!(
         "- machine: {}, {} CPUs, kernel {}",
         first_line("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into()),
         thread::available_parallelism().map_or(0, |n| n.get()),
@@ -806,19 +807,19 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into())
     );
-    println!("- load average (1, 5, 15 min) at the start: {}", loadavg());
-    println!(
+    outln!("- load average (1, 5, 15 min) at the start: {}", loadavg());
+    outln!(
         "- dbm {} , images in {}",
         env!("CARGO_PKG_VERSION"),
         tmp.path().display()
     );
-    println!(
+    outln!(
         "- disk {} at granularity {}, clusters {}, seed {seed}",
         human(disk),
         human(g),
         human(CLUSTER)
     );
-    println!(
+    outln!(
         "- writer: random 4 KiB writes, each churning its granule (cleared, then marked; \
          \"marks only\": plain marks), {}",
         match rate {
@@ -826,17 +827,17 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             None => "burst (as fast as one thread marks)".into(),
         }
     );
-    println!("- every figure is the median of {repeat} run(s); ms are wall-clock");
-    println!();
+    outln!("- every figure is the median of {repeat} run(s); ms are wall-clock");
+    outln!();
 
     let mut rigs = Vec::new();
-    println!("## Setup: every bit marked, first flush (allocates every data cluster)");
-    println!();
-    println!("| bitmaps | regions per bitmap | region size | bytes | syncs | ms |");
-    println!("|---|---|---|---|---|---|");
+    outln!("## Setup: every bit marked, first flush (allocates every data cluster)");
+    outln!();
+    outln!("| bitmaps | regions per bitmap | region size | bytes | syncs | ms |");
+    outln!("|---|---|---|---|---|---|");
     for &n in &args.bitmaps {
         let rig = setup(tmp.path(), n, disk, g)?;
-        println!(
+        outln!(
             "| {n} | {} | {} | {} | {} | {:.2} |",
             rig.regions,
             rig.region_size,
@@ -846,23 +847,23 @@ pub fn run(args: &FlushArgs) -> CmdResult {
         );
         rigs.push(rig);
     }
-    println!();
+    outln!();
 
     // Interval sweep.
-    println!(
+    outln!(
         "## Workload: {:.1} s of writes with background flushes, then the VM stops",
         run_for.as_secs_f64()
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "Stop modes: **timer**: the VM stops one whole interval after the last flush (the \
          worst case of the timer alone); **prepare_stop**: `prepare_stop` flushes, with the \
          writer running, until at most {} per bitmap is pending, then the VM stops at once.",
         human(args.stop_budget)
     );
-    println!();
-    println!("| bitmaps | interval ms | stop mode | writes/s | flushes | writes since flush | changed regions | stop | bytes | syncs | ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    outln!();
+    outln!("| bitmaps | interval ms | stop mode | writes/s | flushes | writes since flush | changed regions | stop | bytes | syncs | ms |");
+    outln!("|---|---|---|---|---|---|---|---|---|---|---|");
     // (n, interval, mode) → median stop.
     let mut at_interval: Vec<(usize, u64, (StopMode, bool), Stop)> = Vec::new();
     let mut not_converged: Vec<String> = Vec::new();
@@ -913,7 +914,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
                 };
                 for (name, f) in STRATEGIES {
                     let c = f(&m);
-                    println!(
+                    outln!(
                         "| {} | {iv} | {mode_name} | {:.0} | {} | {} | {} | {name} | {} | {} | {:.2} |",
                         rig.n,
                         median(rates.clone()),
@@ -929,24 +930,24 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             }
         }
     }
-    println!();
+    outln!();
     if !not_converged.is_empty() {
-        println!(
+        outln!(
             "prepare_stop gave up after {} rounds without reaching the budget (marks outpaced \
              the flushes) in: {}.",
             dirty_bitmap::flush::MAX_STOP_ROUNDS,
             not_converged.join("; ")
         );
-        println!();
+        outln!();
     }
 
     // Fraction sweep.
-    println!(
+    outln!(
         "## Changed fraction: one granule churned in each of k evenly spaced regions, no writer"
     );
-    println!();
-    println!("| bitmaps | changed regions (k) | fraction | stop | bytes | syncs | ms |");
-    println!("|---|---|---|---|---|---|---|");
+    outln!();
+    outln!("| bitmaps | changed regions (k) | fraction | stop | bytes | syncs | ms |");
+    outln!("|---|---|---|---|---|---|---|");
     let mut fractions: Vec<(usize, f64, Stop)> = Vec::new();
     for rig in &rigs {
         let mut ks: Vec<u64> = if args.quick {
@@ -969,7 +970,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             let m = median_stop(&runs);
             let frac = k as f64 / rig.regions as f64;
             for (name, f) in STRATEGIES {
-                println!(
+                outln!(
                     "{}",
                     cost_row(&format!("{} | {k} | {frac:.6}", rig.n), name, f(&m))
                 );
@@ -977,35 +978,36 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             fractions.push((rig.n, frac, m));
         }
     }
-    println!();
+    outln!();
 
     crossover_sweep(&rigs, g, repeat, args.quick)?;
 
     // QEMU's own store.
     let mut qemu: Vec<(usize, f64)> = Vec::new();
     if args.no_qemu {
-        println!("## QEMU's own store: skipped (--no-qemu)");
+        outln!("## QEMU's own store: skipped (--no-qemu)");
     } else {
-        println!(
+        outln!(
             "## QEMU's own store: all table entries patched to the all-ones marker (fully dirty)"
         );
-        println!();
-        println!("| bitmaps | qemu-io -r read 0 4k ms | qemu-io write 0 4k ms | store (difference) ms | file grew |");
-        println!("|---|---|---|---|---|");
+        outln!();
+        outln!("| bitmaps | qemu-io -r read 0 4k ms | qemu-io write 0 4k ms | store (difference) ms | file grew |");
+        outln!("|---|---|---|---|---|");
         for &n in &args.bitmaps {
             let (ro, rw, grew) = qemu_store(tmp.path(), n, disk, g, repeat)?;
-            println!("| {n} | {ro:.1} | {rw:.1} | {:.1} | {grew} |", rw - ro);
+            outln!("| {n} | {ro:.1} | {rw:.1} | {:.1} | {grew} |", rw - ro);
             qemu.push((n, rw - ro));
         }
     }
-    println!();
+    outln!();
 
     // Targets.
-    println!(
+    outln!(
         "## Targets (fully dirty, {} writes/s, {} ms interval; both stop modes)",
-        args.rate, args.flush_interval
+        args.rate,
+        args.flush_interval
     );
-    println!();
+    outln!();
     for (n, iv, mode, m) in &at_interval {
         if *iv != args.flush_interval {
             continue;
@@ -1019,14 +1021,14 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             }
         };
         let full_ratio = m.full.ms / m.inc.ms;
-        println!(
+        outln!(
             "- {n}: incremental {:.2} ms vs full rewrite {:.2} ms = 1/{full_ratio:.1} \
              (target ≤ 1/50): {}",
             m.inc.ms,
             m.full.ms,
             verdict(m.inc.ms * 50.0 <= m.full.ms)
         );
-        println!(
+        outln!(
             "- {n}: incremental {:.2} ms vs floor in place {:.2} ms = {:.2}× \
              (target ≤ 2×): {}; vs floor appended {:.2} ms = {:.2}×: {}",
             m.inc.ms,
@@ -1038,7 +1040,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             verdict(m.inc.ms <= 2.0 * m.appended.ms)
         );
         if m.regions == 0 {
-            println!(
+            outln!(
                 "- {n}: nothing changed: incremental {:.2} ms vs the flags word and one \
                  barrier {:.2} ms = {:.2}× (target ≤ 2×): {}",
                 m.inc.ms,
@@ -1047,15 +1049,15 @@ pub fn run(args: &FlushArgs) -> CmdResult {
                 verdict(m.inc.ms <= 2.0 * m.flags.ms)
             );
         }
-        println!(
+        outln!(
             "- {n}: bytes {} incremental vs {} full rewrite (1/{:.0})",
             m.inc.bytes,
             m.full.bytes,
             m.full.bytes as f64 / m.inc.bytes.max(1) as f64
         );
     }
-    println!();
-    println!("- load average at the end: {}", loadavg());
+    outln!();
+    outln!("- load average at the end: {}", loadavg());
 
     if let Some(path) = &args.svg {
         let mut series = Vec::new();
@@ -1105,7 +1107,7 @@ pub fn run(args: &FlushArgs) -> CmdResult {
             series,
         };
         std::fs::write(path, chart.to_svg())?;
-        println!("- plot: {}", path.display());
+        outln!("- plot: {}", path.display());
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

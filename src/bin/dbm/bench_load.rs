@@ -17,6 +17,7 @@ use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, Recording};
 
 use crate::migrate_run::{loadavg, machine};
+use crate::out::outln;
 use crate::size::parse_size;
 use crate::CmdResult;
 
@@ -89,7 +90,7 @@ pub fn run(args: &LoadArgs) -> CmdResult {
     }
     let (o, q) = (median(ours), median(qemu));
     let ratio = o.as_secs_f64() / q.as_secs_f64();
-    println!(
+    outln!(
         "# dbm bench load\n\n- machine: {}\n- image: {} bytes of disk, one fully dirty bitmap at \
          64 KiB ({} MiB of bitmap data)\n- reproduce: `cargo run --release -- bench load \
          --disk-size {} --repeat {}`\n\n| tool | median ms (whole process) |\n|---|---|\n| \

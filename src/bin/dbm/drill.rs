@@ -46,6 +46,7 @@ use dirty_bitmap::storage::FileStorage;
 use dirty_bitmap::{BitmapStore, OpenMode, Recording, SharedStore};
 
 use crate::migrate_run::{counted_in_store, lost_marks, qemu_check};
+use crate::out::outln;
 use crate::CmdResult;
 use dirty_bitmap::migration::{DiskGuest, DiskWriter};
 
@@ -474,21 +475,27 @@ pub fn run(args: &DrillArgs) -> CmdResult {
         ModeArg::Stream => &[Mode::Stream],
         ModeArg::Both => &[Mode::Shared, Mode::Stream],
     };
-    println!(
+    outln!(
         "dbm drill migrate: seed {seed}; a guest of {PAGES} pages written by a vCPU thread, \
          its {} GiB disk written {DISK_WRITES} times a second (each write marked on bitmap \
          `b`, then logged); over TCP through a proxy that injects each failure",
         DISK >> 30
     );
-    println!(
+    outln!(
         "{:<7} {:<15} {:<40} {:>7} {:>5} {:<44} {:<10} retry",
-        "mode", "failure", "outcome", "marks", "lost", "bitmap", "qemu-img"
+        "mode",
+        "failure",
+        "outcome",
+        "marks",
+        "lost",
+        "bitmap",
+        "qemu-img"
     );
     let mut bad = 0;
     for &mode in modes {
         for f in Failure::ALL {
             let r = case(dir, mode, f, seed)?;
-            println!(
+            outln!(
                 "{:<7} {:<15} {:<40} {:>7} {:>5} {:<44} {:<10} {}",
                 match mode {
                     Mode::Shared => "shared",
@@ -506,10 +513,10 @@ pub fn run(args: &DrillArgs) -> CmdResult {
         }
     }
     if bad > 0 {
-        println!("{bad} case(s) lost marks, left corruption or could not hand over on retry");
+        outln!("{bad} case(s) lost marks, left corruption or could not hand over on retry");
         return Ok(ExitCode::from(2));
     }
-    println!("every case: no mark lost, qemu-img check clean, and a retry handed over where the source kept the guest");
+    outln!("every case: no mark lost, qemu-img check clean, and a retry handed over where the source kept the guest");
     Ok(ExitCode::SUCCESS)
 }
 

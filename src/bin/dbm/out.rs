@@ -13,3 +13,16 @@ pub fn emit(s: &str) -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// `println!` through [`emit`], for reports whose lines are not worth an error: a closed
+/// pipe, or any other write error, loses the line and never panics (`println!` panics on
+/// both, `dbm bench flush | head`).
+macro_rules! outln {
+    () => {{
+        let _ = $crate::out::emit("\n");
+    }};
+    ($($arg:tt)*) => {{
+        let _ = $crate::out::emit(&format!("{}\n", format_args!($($arg)*)));
+    }};
+}
+pub(crate) use outln;
