@@ -498,11 +498,16 @@ impl StreamDiskState {
             let Some(b) = self.bitmaps.get_mut(i) else {
                 break;
             };
-            b.seen = 0;
             if b.queue
                 .as_ref()
                 .is_none_or(|(q, next)| q.iter().all(|r| r < *next))
             {
+                // `seen` counts the consumer's regions not taken yet, and only a take
+                // moves them to the queue. Were it reset by a turn that sends queued
+                // regions alone, a postcopy push whose budget ran out with the queue's last
+                // section would price nothing left while the consumer still held the
+                // regions the stop's exact count found, and End would go without them.
+                b.seen = 0;
                 let t = b.consumer.take_changed();
                 if t.is_empty() {
                     b.queue = None;
@@ -1617,6 +1622,53 @@ mod tests {
             }
         }
         assert_eq!(regions, 10, "every region is sent once");
+    }
+
+    /// Found by a review: the postcopy push reset a bitmap's count of changed regions not
+    /// yet taken (`seen`) at every turn, taken or not. A turn whose budget ran out on the
+    /// queue's last section left the queue empty and `seen` 0, so `pending` said nothing
+    /// was left while the consumer still held the regions the stop's exact count found,
+    /// and the loop sent End without them: a write in no bitmap of the destination.
+    #[test]
+    fn the_postcopy_push_sends_the_regions_changed_before_the_stop() {
+        let g = 512;
+        let region_disk = 512 * 8 * g; // 512 bytes of bits per region
+        let b = Arc::new(DirtyBitmap::with_region_size(DISK, g, 512).unwrap());
+        for r in 0..100 {
+            b.mark_dirty(r * region_disk, 512);
+        }
+        let mut st = StreamDiskState::new(1, "s", vec![("b".into(), Arc::clone(&b))])
+            .unwrap()
+            .defer_to_postcopy(true);
+        let mut wire = Wire(Vec::new());
+        st.setup(&mut wire).unwrap();
+        // The START, then one section of 64 regions; the rest stay queued (the consumer
+        // starts with every region changed: 512 of them).
+        st.iterate(&mut wire, Bytes(1)).unwrap();
+        st.iterate(&mut wire, Bytes(1)).unwrap();
+        assert_eq!(st.bitmaps[0].queued(), 512 - 64);
+        // A later write in region 0, already sent, then the stop.
+        let late = 4 * g;
+        b.mark_dirty(late, 512);
+        assert!(st.pending(true).total() > Bytes(0));
+        st.postcopy_start(&mut wire).unwrap();
+        let sent_before = wire.0.len();
+        let mut turns = 0;
+        while st.pending(false).total() > Bytes(0) {
+            st.iterate(&mut wire, Bytes(1)).unwrap();
+            turns += 1;
+            assert!(turns < 100, "the push does not end");
+        }
+        let late_sent = wire.0[sent_before..].iter().any(|payload| {
+            match bitmap_codec::decode(payload).unwrap().body {
+                BitmapSection::Regions { regions, .. } => regions.iter().any(|(r, _)| *r == 0),
+                _ => false,
+            }
+        });
+        assert!(
+            late_sent,
+            "the push ended after {turns} turns without region 0, changed before the stop"
+        );
     }
 
     fn report<T: Storage + 'static>(d: &mut StreamDiskDest<T>) -> u64 {
