@@ -94,11 +94,14 @@ pub enum Error {
         name: BitmapName,
     },
     /// The bitmap's changes are read by a [`ChangeConsumer`](crate::ChangeConsumer) (QEMU
-    /// calls such a bitmap busy): the store refuses to drop its in-memory bitmap, as
-    /// [`remove`](crate::BitmapStore::remove) would, while any consumer of it exists. The
-    /// consumer would go on reading a bitmap the store no longer marks, and a write marked on
-    /// a new bitmap of the same name would never reach it. Drop every consumer of the
-    /// bitmap first. Nothing was changed.
+    /// calls such a bitmap busy): while any consumer of it exists, the store refuses to drop
+    /// its in-memory bitmap, as [`remove`](crate::BitmapStore::remove) would, and to stop it
+    /// recording ([`set_enabled`](crate::BitmapStore::set_enabled) to false, or a
+    /// [`checkpoint`](crate::BitmapStore::checkpoint) that would hand its recording over to
+    /// a bitmap the consumer does not read). The consumer would go on reading a bitmap the
+    /// store no longer marks: a write marked on a new bitmap (of the same name, or the
+    /// checkpoint's) would never reach it. Drop every consumer of the bitmap first. Nothing
+    /// was changed.
     #[error("bitmap {name:?} is busy: a change consumer reads it; drop the consumer first")]
     Busy {
         /// The bitmap's name, byte for byte.

@@ -2941,6 +2941,55 @@ mod tests {
         store.remove("b").unwrap();
     }
 
+    /// Found by a review: a checkpoint on the source while the stream read "b" disabled it
+    /// and handed its recording to "c2", which the stream does not carry; the writes after
+    /// it reached no bitmap of the destination ("since b" there lacked them). As QEMU's
+    /// migrating bitmaps, a streamed bitmap is busy: the store refuses to stop it recording
+    /// (a checkpoint, a disable), before any write, and the writes stay in "b".
+    #[test]
+    fn a_streamed_bitmap_keeps_recording_through_a_checkpoint_or_a_disable() {
+        const G: u64 = 1 << 30;
+        let disk = 8 * G;
+        let mut store = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        let tracker = store.tracker().unwrap();
+        let mut s = StreamDiskState::from_store(1, "s", &store).unwrap();
+        let mut w = Wire(Vec::new());
+        s.setup(&mut w).unwrap();
+        s.iterate(&mut w, Bytes(u64::MAX)).unwrap();
+        let before = store.image().storage().to_vec();
+        match store.checkpoint("c2") {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
+            other => panic!("checkpoint of a streamed bitmap: {other:?}"),
+        }
+        match store.set_enabled("b", false) {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
+            other => panic!("disable of a streamed bitmap: {other:?}"),
+        }
+        assert!(
+            store.image().storage().to_vec() == before,
+            "a refusal wrote"
+        );
+        // Enabling is no loss: allowed.
+        store.set_enabled("b", true).unwrap();
+        tracker.mark(5 * G, 4096);
+        s.complete(&mut w).unwrap();
+        let mut d = StreamDiskDest::new("s", move || {
+            BitmapStore::create(MemStorage::new(), disk, 65536)
+        });
+        deliver(&mut d, &w);
+        d.before_start().unwrap();
+        let b = d.take_store().unwrap().bitmap("b").unwrap();
+        assert!(b.is_dirty(5 * G), "the destination's b lost the write");
+        // Once the stream is gone, the checkpoint goes ahead.
+        drop(s);
+        assert_eq!(
+            store.checkpoint("c2").unwrap().map(|n| n.to_string()),
+            Some("b".to_string())
+        );
+    }
+
     /// Found by a review: the source's store held "b" inconsistent (its bits unknown, so
     /// all dirty), and `from_store` left it out of the stream; the destination, whose own
     /// image held an older "b" consistent, activated that one as it was, clean where the

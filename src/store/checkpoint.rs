@@ -48,7 +48,9 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
-    /// [`add`](Self::add) for `new`; [`Error::Inconsistent`] when the recording bitmap is
+    /// [`add`](Self::add) for `new`; [`Error::Busy`] when a
+    /// [`ChangeConsumer`](crate::ChangeConsumer) reads the recording bitmap (a migration
+    /// stream: the writes would go to `new`, which it does not carry); [`Error::Inconsistent`] when the recording bitmap is
     /// inconsistent, or the image's bitmaps extension is untrusted (autoclear bit 0 clear),
     /// which a commit would drop with every bitmap in it (remove the bitmaps and start a new
     /// chain, then back up in full); [`Error::WrongState`]
@@ -86,6 +88,9 @@ impl<S: Storage> BitmapStore<S> {
                         name: slot.entry.name.clone(),
                     });
                 }
+                // A bitmap a migration stream reads keeps recording: writes from here on
+                // would be in `new` alone, which the stream does not carry.
+                self.ensure_not_busy(i)?;
                 let old = slot.entry.name.clone();
                 let g = 1u64 << slot.entry.granularity_bits;
                 self.add_disabling(new, g, Recording::Enabled, Some(i))?;

@@ -717,7 +717,9 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O (active in
-    /// durable mode, the store is then poisoned).
+    /// durable mode, the store is then poisoned); [`Error::Busy`] for a disable of a bitmap
+    /// a [`ChangeConsumer`](crate::ChangeConsumer) reads (a migration stream), before
+    /// anything changes.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.set_enabled_reclaimed(name.as_ref(), enabled))
@@ -725,6 +727,9 @@ impl<S: Storage> BitmapStore<S> {
 
     fn set_enabled_reclaimed(&mut self, name: &[u8], enabled: bool) -> Result<()> {
         let i = self.find_consistent(name)?;
+        if !enabled {
+            self.ensure_not_busy(i)?;
+        }
         if let Some(m) = self.slots[i].mem.clone() {
             if self.durable.is_none() || self.slots[i].entry.auto == enabled {
                 if enabled {
