@@ -443,9 +443,47 @@ fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
         assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
         assert!(s.image().storage().to_vec() == bytes, "the refusal wrote");
     }
+    // A durable activation needs the mode extension, which cluster 0 has no room for:
+    // refused before its allocation wrote clusters and table entries (found by a review:
+    // the refusal came after them, and poisoned the store).
+    let r = s.activate_durable();
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(!s.is_active());
+    assert!(s.image().storage().to_vec() == bytes, "the refusal wrote");
     // Refusals of input, not failed writes: the store is not poisoned.
     let r = s.remove("nosuch");
     assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    s.activate()
+        .expect("a deferred activation writes flags in place");
+}
+
+/// Found by a review: the full-rewrite stop (QEMU's way, the benchmarks' baseline) wrote
+/// every bitmap anew before its commit found that cluster 0 has no room for the rewritten
+/// directory's extension; the failed stop then cleared autoclear bit 0 (every bitmap
+/// untrusted), leaked the new clusters and poisoned the store. It is now refused before
+/// the stop begins, and the incremental stop, which writes flags in place, still works.
+#[test]
+fn a_full_rewrite_stop_that_cannot_commit_is_refused_before_any_write() {
+    let bytes = qemu_5_0_cluster_0(&["b"]);
+    let mut s = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadWrite)
+        .expect("QEMU 5.0's layout opens");
+    s.activate().expect("activates: flags are written in place");
+    s.set_enabled("b", true).unwrap();
+    s.bitmap("b").unwrap().mark_dirty(4 * MIB, 4096);
+    let before = s.image().storage().to_vec();
+    let r = s.inactivate_full_rewrite();
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(s.image().storage().to_vec() == before, "the refusal wrote");
+    assert!(s.is_active());
+    s.inactivate()
+        .expect("the incremental stop writes in place");
+    let r = BitmapStore::open(
+        MemStorage::from_bytes(s.image().storage().to_vec()),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert_eq!(r.list()[0].state, dirty_bitmap::BitmapState::Consistent);
+    assert!(r.load("b").unwrap().is_dirty(4 * MIB));
 }
 
 /// The same refusals on a store that handed the image over (refused when it takes the

@@ -154,6 +154,9 @@ impl<S: Storage> BitmapStore<S> {
 
     fn activate_durable_locked(&mut self, pre: &mut super::Preloaded) -> Result<()> {
         self.load_for_activation(pre)?;
+        // Before the allocation's first write: a mode that cannot be recorded would refuse
+        // the activation after it.
+        self.ensure_durable_mode_fits()?;
         let loaded = self.image.sync_count();
         let mut targets = self.flush_targets()?;
         if let Err(e) = flush::allocate_all(&mut self.image, &mut targets) {

@@ -627,6 +627,19 @@ impl<S: Storage> BitmapStore<S> {
         // them until `inactivate_durable` closes them: relocating and freeing them here
         // would leave those commits landing in freed clusters.
         self.ensure_not_durable()?;
+        if self.active {
+            // What the commit checks, asked before the stop writes every bitmap anew (a
+            // refusal after those writes would fail the stop, untrust every bitmap and
+            // poison the store): a cluster 0 with room for the directory's extension, and
+            // a walk for its frees (a failed edit's preflight may have dropped
+            // `activate`'s).
+            self.ensure_header_fits(
+                u32::try_from(self.current_entries().len()).unwrap_or(u32::MAX),
+            )?;
+            if self.walk.is_none() {
+                self.preflight()?;
+            }
+        }
         self.stop_with(|s| {
             let mut stats = FlushStats::default();
             s.full_rewrite(&mut stats)?;

@@ -127,6 +127,17 @@ impl<S: Storage> BitmapStore<S> {
         StoreMode::of(self.image.area())
     }
 
+    /// Refuses, with [`Error::InvalidInput`](crate::Error::InvalidInput), an image whose
+    /// cluster 0 cannot hold the durable mode's extension (the header area with it does not
+    /// encode: a long backing file name beside the bitmaps extension in a small cluster).
+    /// A durable activation asks before its first write.
+    pub(super) fn ensure_durable_mode_fits(&self) -> Result<()> {
+        let mut next = self.image.area().clone();
+        next.set_mode(Some(ModeExtension::DURABLE));
+        next.encode()?;
+        Ok(())
+    }
+
     /// Records the durable mode (bit 0 set) before a durable activation publishes its
     /// bitmaps: the flags word in place if the image has a well-formed mode extension, else
     /// the extension added. Writes nothing when the image already records exactly that.
@@ -212,6 +223,9 @@ impl<S: Storage> BitmapStore<S> {
         if !next.set_mode(mode) {
             return Ok(());
         }
+        // A cluster 0 with no room for the extension: refused before the area changes or
+        // anything is written (a refusal of the image, not a failed write: no poison).
+        next.encode()?;
         let r = self.write_mode(mode);
         if r.is_err() {
             self.poisoned = true;
