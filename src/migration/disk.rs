@@ -480,6 +480,12 @@ impl<S: Storage> std::fmt::Debug for SharedDiskDest<S> {
 impl<S: Storage + 'static> SharedDiskDest<S> {
     /// The state named `name` (as the source's [`SharedDiskState`]), opening its store with
     /// `open` when it takes over.
+    ///
+    /// Give it a preload ([`with_preload`](Self::with_preload); [`file`](SharedDiskDest::file)
+    /// does): the source's downtime figure prices this end's activate as a preload that
+    /// followed its write log, reading only what the last log names. Without one (or when
+    /// the preload fails) the activate loads every bitmap whole inside the downtime, which
+    /// the source, unable to see how this end was built, does not count.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
@@ -553,7 +559,9 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     }
 
     /// No preload: the activate loads the bitmaps whole inside the downtime, as QEMU's
-    /// destination does (the benchmarks' baseline).
+    /// destination does (the benchmarks' baseline, whose source, as QEMU's, prices no disk
+    /// time at all). Against a source of this crate's own stop, that load is in no figure:
+    /// see [`new`](Self::new).
     #[must_use]
     pub fn without_preload(mut self) -> Self {
         self.preload = None;
