@@ -95,8 +95,8 @@ pub enum Error {
     },
     /// The bitmap's changes are read by a [`ChangeConsumer`](crate::ChangeConsumer) (QEMU
     /// calls such a bitmap busy): while any consumer of it exists, the store refuses to drop
-    /// its in-memory bitmap, as [`remove`](crate::BitmapStore::remove) would, and to stop it
-    /// recording ([`set_enabled`](crate::BitmapStore::set_enabled) to false, or a
+    /// its in-memory bitmap, as [`remove`](crate::BitmapStore::remove) would, and to change
+    /// its recording flag ([`set_enabled`](crate::BitmapStore::set_enabled), or a
     /// [`checkpoint`](crate::BitmapStore::checkpoint) that would hand its recording over to
     /// a bitmap the consumer does not read). The consumer would go on reading a bitmap the
     /// store no longer marks: a write marked on a new bitmap (of the same name, or the

@@ -749,8 +749,9 @@ fn bad_input_fails_cleanly() {
 /// migrate` were printed with `println!`, which panics (status 101) on a closed stdout
 /// (`dbm bench flush | head -1`), where docs/CLI.md says a closed pipe ends the output
 /// quietly. The pipe's read end is closed before the command starts, so every line it
-/// writes meets the closed pipe; `dump` and `info` are the commands that always wrote
-/// through `out::emit`.
+/// writes meets the closed pipe. The two benches run here (the drill's matrix takes
+/// minutes; it writes through the same `outln!`); `dump` and `info` are commands that
+/// always wrote through `out::emit`.
 #[test]
 fn reports_end_quietly_on_a_closed_stdout() {
     let dir = tempfile::tempdir().unwrap();
@@ -790,6 +791,23 @@ fn reports_end_quietly_on_a_closed_stdout() {
         assert_eq!(out.status.code(), Some(0), "dbm {args:?}: {err}");
         assert!(!err.contains("panicked"), "dbm {args:?}: {err}");
     }
+}
+
+/// Found by a review: without qemu-img, `dbm drill migrate` ran every case and reported
+/// each one as corrupt (status 2, "left corruption"), its check of the image not run. It
+/// now needs qemu-img, and says so with status 1 before any case.
+#[test]
+fn drill_needs_qemu_img_and_says_so_before_any_case() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+        .args(["drill", "migrate", "--mode", "shared", "--seed", "1"])
+        .env("PATH", empty.path())
+        .output()
+        .expect("failed to run dbm");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}{}", text(&out.stdout));
+    assert!(err.contains("needs qemu-img"), "{err}");
+    assert!(out.stdout.is_empty(), "a case ran: {}", text(&out.stdout));
 }
 
 /// `dbm migrate listen` and `send` refuse a timeout past a year (it would overflow a
@@ -2288,6 +2306,26 @@ fn bench_backup_prints_both_parts_and_the_listings_agree() {
     );
 }
 
+/// `qemu-img info IMG` fails (`what` broke the image for QEMU), and `dbm info --json IMG`
+/// succeeds: its output and the JSON.
+fn info_json_qemu_refuses(img: &str, what: &str) -> (String, Value) {
+    let q = run("qemu-img", &["info", img]);
+    assert!(!q.status.success(), "{what}: qemu-img info accepted it");
+    let out = dbm_ok(&["info", "--json", img]);
+    let v = serde_json::from_str(&out).unwrap();
+    (out, v)
+}
+
+/// Each bitmap of `dbm info --json` as (name, state).
+fn bitmap_states(v: &Value) -> Vec<(&str, &str)> {
+    v["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap(), b["state"].as_str().unwrap()))
+        .collect()
+}
+
 /// `dbm info` on images whose bitmaps QEMU refuses: it reports each broken bitmap with
 /// why, the others as not loaded, and keeps going (exit 0), where `qemu-img info` fails.
 #[test]
@@ -2312,16 +2350,8 @@ fn info_reports_each_broken_bitmap_and_keeps_going() {
         let d = area.bitmaps.unwrap().directory_offset as usize;
         bytes[d + at] |= byte;
         std::fs::write(&img, &bytes).unwrap();
-        let q = run("qemu-img", &["info", i]);
-        assert!(!q.status.success(), "{what}: qemu-img info accepted it");
-        let out = dbm_ok(&["info", "--json", i]);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let states: Vec<(&str, &str)> = v["bitmaps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| (b["name"].as_str().unwrap(), b["state"].as_str().unwrap()))
-            .collect();
+        let (out, v) = info_json_qemu_refuses(i, what);
+        let states = bitmap_states(&v);
         let broken = match what {
             w if w.contains(" b") => "b",
             w if w.contains(" a") => "a",
@@ -2756,18 +2786,9 @@ fn info_reports_a_bitmap_whose_table_qemu_refuses() {
     }
     dbm_ok(&["mark", i, "src", "9M", "1"]);
     break_table(&img, "src");
-    let q = run("qemu-img", &["info", i]);
-    assert!(!q.status.success(), "qemu-img info accepted the table");
-    let out = dbm_ok(&["info", "--json", i]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let states: Vec<(&str, &str)> = v["bitmaps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| (b["name"].as_str().unwrap(), b["state"].as_str().unwrap()))
-        .collect();
+    let (out, v) = info_json_qemu_refuses(i, "a reserved bit in src's table");
     assert_eq!(
-        states,
+        bitmap_states(&v),
         [("src", "broken"), ("other", "inconsistent")],
         "{out}"
     );

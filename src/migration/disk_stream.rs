@@ -817,8 +817,12 @@ impl MigrationState for StreamDiskState {
         self.check_recording()?;
         let mut sent = Bytes(0);
         for i in 0..self.bitmaps.len() {
-            if let Some(b) = self.bitmaps.get(i) {
+            if let Some(b) = self.bitmaps.get_mut(i) {
                 b.bitmap.wait_for_marks();
+                // The push after the switch ends once `pending` counts nothing left: it
+                // must count what the consumer holds now, whether or not an exact figure
+                // was taken since the VM stopped.
+                b.seen = b.seen.max(b.consumer.changed_region_count());
             }
             // A zero budget sends the START, if needed, and no region.
             sent += self.send(out, i, Some(Bytes(0)))?;
@@ -2971,8 +2975,19 @@ mod tests {
             store.image().storage().to_vec() == before,
             "a refusal wrote"
         );
-        // Enabling is no loss: allowed.
+        // Nor an enable of a disabled streamed bitmap (QEMU refuses it too): the stop would
+        // fail on the changed flag. Setting the flag it has changes nothing and is allowed.
         store.set_enabled("b", true).unwrap();
+        let mut other = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+        other.add("o", 65536, Recording::Disabled).unwrap();
+        other.activate().unwrap();
+        let o = StreamDiskState::from_store(2, "o", &other).unwrap();
+        match other.set_enabled("o", true) {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"o"),
+            r => panic!("enable of a streamed bitmap: {r:?}"),
+        }
+        drop(o);
+        other.set_enabled("o", true).unwrap();
         tracker.mark(5 * G, 4096);
         s.complete(&mut w).unwrap();
         let mut d = StreamDiskDest::new("s", move || {

@@ -367,18 +367,21 @@ impl<S: Storage> BitmapStore<S> {
     /// after the flag, so that a fast path that read the flag cleared (and skipped the
     /// bitmap) cannot answer after the enable returns (the argument is at
     /// [`DurableTracker::is_durable`](super::durable::DurableTracker::is_durable)); the
-    /// mirror of [`stop_recording`](Self::stop_recording). Deferred, it then waits for marks
-    /// over a list published before the current one
-    /// ([`wait_for_older_lists`](Self::wait_for_older_lists)), as an `add` of a recording
-    /// bitmap does: such a list may lack `m` (added disabled, then enabled), and a mark over
-    /// it completing after the enable returned would be missing from `m`, and from every
-    /// bitmap once the caller disables or removes the one it handed over from.
+    /// mirror of [`stop_recording`](Self::stop_recording). Deferred, it then waits out a
+    /// grace period ([`publish_quiesced`](Self::publish_quiesced)), as an `add` of a
+    /// recording bitmap does, so that every mark completing after the enable is in `m`: a
+    /// mark over a list published before `m` was (added disabled, then enabled) has
+    /// announced nothing to it, and a fan-out over the current list may have passed `m`
+    /// while it was still disabled and not yet reached the bitmap it is handed over from.
+    /// Either, completing after the enable returned, would be missing from `m`, and from
+    /// every bitmap once the caller removes the other (a merge before the removal copies
+    /// what that bitmap held when it read it).
     fn start_recording(&self, m: &DirtyBitmap) {
         m.set_enabled(true);
         if self.durable.is_some() {
             self.durable_set.bump();
         } else {
-            self.wait_for_older_lists();
+            self.publish_quiesced();
         }
     }
 
@@ -717,9 +720,9 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O (active in
-    /// durable mode, the store is then poisoned); [`Error::Busy`] for a disable of a bitmap
-    /// a [`ChangeConsumer`](crate::ChangeConsumer) reads (a migration stream), before
-    /// anything changes.
+    /// durable mode, the store is then poisoned); [`Error::Busy`] for a change of the flag
+    /// of a bitmap a [`ChangeConsumer`](crate::ChangeConsumer) reads (a migration stream),
+    /// before anything changes.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.set_enabled_reclaimed(name.as_ref(), enabled))
@@ -727,7 +730,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn set_enabled_reclaimed(&mut self, name: &[u8], enabled: bool) -> Result<()> {
         let i = self.find_consistent(name)?;
-        if !enabled {
+        // A bitmap a migration stream reads keeps its flag, as QEMU's busy bitmaps do: a
+        // disable (a checkpoint's hand-over) would send writes where the stream does not
+        // look, an enable would fail the stream's stop on a changed START.
+        if self.records(&self.slots[i]) != enabled {
             self.ensure_not_busy(i)?;
         }
         if let Some(m) = self.slots[i].mem.clone() {

@@ -1033,6 +1033,61 @@ fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
     }
 }
 
+/// Found by a review: deleting the newest checkpoint by hand (enable the one before it,
+/// merge the newest into it, remove the newest) with the older bitmap first in the list. A
+/// fan-out that passed the older bitmap while it was still disabled, and had not reached
+/// the newest yet, ran over the *current* list, which the enable did not wait for: the
+/// merge copied the newest without the mark, the removal dropped it, and the mark landed
+/// in the removed bitmap. The enable now waits for every mark over any list published
+/// before it returns.
+#[test]
+fn an_enable_waits_for_a_fan_out_that_passed_the_bitmap_disabled() {
+    for active in [true, false] {
+        let mut st = new_store(1 << 30, 65536);
+        st.add("b", 65536, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        assert_eq!(
+            st.checkpoint("a").unwrap().map(|n| n.to_string()),
+            Some("b".to_string())
+        );
+        if !active {
+            st.inactivate().unwrap();
+        }
+        let off = 5 * MIB;
+        // A fan-out in flight over the current list [b, a]: b, disabled, takes nothing.
+        let held = st.tracked.load();
+        assert_eq!(held.len(), 2, "active {active}");
+        assert!(
+            !held[0].is_enabled() && held[1].is_enabled(),
+            "active {active}"
+        );
+        held[0].mark_dirty(off, 4096);
+        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&enabled);
+        let deleting = std::thread::spawn(move || {
+            st.set_enabled("b", true).unwrap();
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            st.merge("a", "b").unwrap();
+            st.remove("a").unwrap();
+            st
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !enabled.load(std::sync::atomic::Ordering::SeqCst),
+            "active {active}: the enable returned while a fan-out over the current list ran"
+        );
+        held[1].mark_dirty(off, 4096);
+        drop(held);
+        let st = deleting.join().unwrap();
+        let s = &st.slots[st.find(b"b").unwrap()];
+        let b = s.mem.clone().or(s.parked.clone()).unwrap();
+        assert!(
+            b.is_dirty(off),
+            "active {active}: the mark is in no bitmap left"
+        );
+    }
+}
+
 /// The same hand-over in three calls: `add` the new bitmap disabled (no grace period: it
 /// records nothing yet), enable it, then remove the old one. A mark that loaded the list
 /// published before the add, stalled across all three, has announced nothing to the new

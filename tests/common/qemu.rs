@@ -164,6 +164,19 @@ pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
 /// for 64-bit extents (NBD extended headers), so it reads a disk of exabytes in one pass.
 /// Adjacent extents merged.
 pub fn qemu_map_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    // Extended headers came with QEMU 9.0; before, the client asks in requests below 2 GiB
+    // and the largest disks would take days, a hang rather than a failure.
+    let version = ok("qemu-img", &["--version"]);
+    let major: u32 = version
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("qemu-img --version: {version}"));
+    assert!(
+        major >= 9,
+        "qemu-img map over NBD needs QEMU 9.0 or later (64-bit block status): {version}"
+    );
     let json = with_nbd_export(img, name, |sock| {
         ok(
             "qemu-img",

@@ -75,7 +75,8 @@ pub struct DrillArgs {
     /// Which modes.
     #[arg(long, value_enum, default_value = "both")]
     pub mode: ModeArg,
-    /// Directory for the images (default: a temporary directory, removed after).
+    /// Directory for the images (default: a temporary directory, removed after); its files
+    /// named MODE-FAILURE.qcow2 and MODE-FAILURE-dest.qcow2 are replaced.
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
@@ -467,6 +468,17 @@ fn attempt(
 
 /// Runs the matrix.
 pub fn run(args: &DrillArgs) -> CmdResult {
+    // QEMU judges every case's image: without it each case would read as corrupt.
+    if let Err(e) = std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+    {
+        return Err(format!(
+            "dbm drill migrate needs qemu-img to check every case's image (package \
+             qemu-utils): {e}"
+        )
+        .into());
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     let work = WorkDir::given_or_temp(args.dir.as_deref())?;
     let dir = work.path();

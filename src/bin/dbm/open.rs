@@ -33,11 +33,13 @@ pub fn since_error(path: &Path, e: dirty_bitmap::Error) -> String {
 }
 
 /// [`since_error`] for a read that may be beside a writer (`dbm dump -U`): a bitmap `in_use`
-/// in an image another program has open for writing is in use because that writer records
-/// it (QEMU keeps `in_use` set while it runs), not broken, so the advice to remove the
-/// chain would throw a healthy one away. Without a writer, without `in_use` (a program
-/// without bitmap support changed the image), or when the test fails, the advice is
-/// [`since_error`]'s.
+/// in an image another program has open for writing may be in use because that writer
+/// records it (QEMU keeps `in_use` set while it runs), and the advice to remove the chain
+/// would then throw a healthy one away; or it was left in use by a writer that crashed
+/// before this one opened the image, and is inconsistent there too. The disk cannot tell
+/// the two apart, so the message gives both, and how to tell (QEMU's `query-block`).
+/// Without a writer, without `in_use` (a program without bitmap support changed the
+/// image), or when the test fails, the advice is [`since_error`]'s.
 pub fn shared_since_error(
     st: &BitmapStore<FileStorage>,
     path: &Path,
@@ -51,7 +53,14 @@ pub fn shared_since_error(
             at(
                 path,
                 format!(
-                    "bitmap {name:?} is in use by the program writing the image now (it holds                      the image's write lock; a running QEMU keeps in_use set while it                      records): the bits on disk are not current, so this read cannot say what                      changed. Read the bitmap through that program (QEMU: export it over NBD,                      `qemu-nbd`'s `-B` or `block-export-add`), or here once it stopped and                      saved it; it is not broken, so do not remove it"
+                    "bitmap {name:?} is in_use, and another program holds the image's write \
+                     lock (a running QEMU, or another writer). If that program records the \
+                     bitmap, its bits on disk are not current: read it through that program \
+                     (QEMU: export it over NBD, `qemu-nbd -B` or `block-export-add`), or here \
+                     once it stopped and saved it. If the bitmap was already in use when that \
+                     program opened the image (a writer that crashed before it), it is \
+                     inconsistent there too (QEMU's `query-block` says \"inconsistent\": true): \
+                     then remove the bitmaps and start a new chain, then back up in full"
                 ),
             )
         }
