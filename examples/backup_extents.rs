@@ -4,10 +4,13 @@
 //! 1. Set up: a raw disk, a bitmap-only qcow2 image beside it with a bitmap that recorded
 //!    some writes since the last full backup (the `block_device` example shows the write
 //!    side).
-//! 2. The backup: open the image read-only, check that the bitmap is consistent (an
-//!    inconsistent one, after a crash, means "everything changed": take a full backup),
-//!    and copy each dirty extent from the disk into the backup file at the same offset.
-//! 3. Next increment: clear the bitmap, so it records what changes from now on.
+//! 2. The next increment starts first: a checkpoint stops the bitmap and starts a new one
+//!    in one commit, so every write from here on is in the new one, whether or not the
+//!    copy below sees it. (Clearing the bitmap after the copy instead would lose a write
+//!    made between the two.) An inconsistent bitmap, after a crash, means "everything
+//!    changed": start a new chain and take a full backup.
+//! 3. The backup: copy each dirty extent of the stopped bitmap from the disk into the
+//!    backup file at the same offset, then remove that bitmap.
 //!
 //! `cargo run --example backup_extents`
 
@@ -18,7 +21,10 @@ use dirty_bitmap::{BitmapState, BitmapStore, FileStorage, OpenMode, Recording};
 
 const DISK_SIZE: u64 = 256 << 20;
 const GRANULARITY: u64 = 64 << 10;
-const NAME: &str = "since-last-backup";
+/// The bitmap that recorded since the last backup.
+const NAME: &str = "since-backup-0";
+/// The one that records from this backup on.
+const NEXT: &str = "since-backup-1";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -57,10 +63,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.inactivate()?;
     store.close()?;
 
-    // 2. The incremental backup.
-    let store = BitmapStore::open(
-        FileStorage::open(&image, OpenMode::ReadOnly)?,
-        OpenMode::ReadOnly,
+    // 2. The next increment starts before the copy.
+    let mut store = BitmapStore::open(
+        FileStorage::open(&image, OpenMode::ReadWrite)?,
+        OpenMode::ReadWrite,
     )?;
     let info = store
         .list()
@@ -69,9 +75,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("no such bitmap")?;
     if info.state != BitmapState::Consistent {
         // After a crash the bitmap cannot be trusted: every region may have changed.
-        println!("bitmap {} is inconsistent: take a full backup", info.name);
+        println!(
+            "bitmap {} is inconsistent: start a new chain, then take a full backup",
+            info.name
+        );
         return Ok(());
     }
+    let stopped = store.checkpoint(NEXT)?;
+    assert_eq!(stopped.map(|n| n.to_string()).as_deref(), Some(NAME));
+    println!("checkpoint {NEXT}: {NAME} stopped, {NEXT} records from here");
+
+    // 3. The backup, from the stopped bitmap.
     let bitmap = store.load(NAME)?;
     let mut buf = Vec::new();
     let mut copied = 0;
@@ -95,15 +109,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // The two small writes share one 64 KiB granule; the 1 MiB write is 16 granules.
     assert_eq!(copied, GRANULARITY + (1 << 20));
-    drop(store);
-
-    // 3. The next increment records from an empty bitmap.
-    let mut store = BitmapStore::open(
-        FileStorage::open(&image, OpenMode::ReadWrite)?,
-        OpenMode::ReadWrite,
-    )?;
-    store.clear(NAME)?;
-    assert_eq!(store.load(NAME)?.dirty_bytes(), 0);
-    println!("bitmap {NAME} cleared for the next increment");
+    // Its increment is in the backup; the next one is in NEXT.
+    store.remove(NAME)?;
+    assert_eq!(store.load(NEXT)?.dirty_bytes(), 0);
+    println!("bitmap {NAME} removed; {NEXT} holds the next increment");
     Ok(())
 }

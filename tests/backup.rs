@@ -1,6 +1,6 @@
 //! An incremental backup end to end with real tools (issue 13 §3): a raw disk attached to
 //! an image (`create_with_data_file`), written while a `Tracker` (or a `DurableTracker`)
-//! marks; a full backup over NBD with `nbdcopy`; a checkpoint; more writes; then only the
+//! marks; a checkpoint, then a full backup over NBD with `nbdcopy`; more writes; then only the
 //! dirty extents read over NBD by a libnbd client (`scripts/nbd-apply-dirty.py`, Debian's
 //! `python3-libnbd`) from `qemu-nbd -B` or `qemu-storage-daemon --export nbd,bitmaps=…`,
 //! applied to a copy of the full backup. The result must equal the raw disk byte for byte:
@@ -165,15 +165,21 @@ fn an_incremental_backup_over_nbd_equals_the_raw_disk() {
     drop(t);
     st.inactivate().unwrap();
 
-    // The full backup, through QEMU's NBD server, then the checkpoint it belongs to (the
-    // disk does not change in between).
+    // The full backup's checkpoint, then writes before the copy (in c2 and in the copy),
+    // then the copy through QEMU's NBD server (README's order: a checkpoint after the copy
+    // would leave a write between the two in c1 alone, which the restore from c2 misses).
+    st.checkpoint("c2").unwrap();
+    st.activate().unwrap();
+    let t = st.tracker().unwrap();
+    write_some(&raw, &mut rng, 50, |o, l| t.mark(o, l));
+    drop(t);
+    st.inactivate().unwrap();
     let full = d.join("full.raw");
     {
         let (_nbd, uri) = qemu_nbd(d, &img, None);
         ok("nbdcopy", &[&uri, p(&full)]);
     }
     same_bytes(&full, &raw, "the full backup");
-    st.checkpoint("c2").unwrap();
 
     // Deferred mode: more writes, then the incremental from qemu-nbd -B c2.
     st.activate().unwrap();

@@ -430,7 +430,10 @@ impl<S: Storage> BitmapStore<S> {
     /// bits as they were (`docs/CRASH-CONSISTENCY.md`). Removing the bitmap that records
     /// (a chain's latest checkpoint) while no kept bitmap records does the same: its
     /// writes, and those made from then on, are in no kept bitmap. Removing any other
-    /// consistent bitmap changes no other: drop the oldest checkpoint of a chain.
+    /// consistent bitmap changes no other: drop the oldest checkpoint of a chain. A
+    /// checkpoint between two others holds writes no other bitmap has, which "since" every
+    /// older one then lacks, and the image cannot say which is older: [`merge`](Self::merge)
+    /// it into the one made just before it first (as libvirt deletes a checkpoint).
     ///
     /// A bitmap whose changes a [`ChangeConsumer`](crate::ChangeConsumer) reads is busy and
     /// is not removed: the consumer would read, from then on, a bitmap nothing marks.
