@@ -962,7 +962,7 @@ fn luks_image(img: &std::path::Path) -> Vec<u8> {
             "-f",
             "qcow2",
             "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
             p(img),
             "64M",
         ],
@@ -1073,6 +1073,87 @@ fn a_luks_image_without_its_crypto_header_is_refused_writable() {
     );
     assert!(open(&img, OpenMode::ReadOnly).list().is_empty());
     assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+}
+
+/// Found by a review: a LUKS image whose crypto header pointer names no LUKS1 header (its
+/// magic overwritten, or a length of 0) is refused by QEMU on every open
+/// (`qcrypto_block_open`: "Volume is not in LUKS format", or a read past the header's
+/// length), but was opened writable here, and a bitmap add wrote it. A writable open is now
+/// refused (`Unsupported`), the file byte for byte as it was; the image as QEMU made it
+/// still takes a bitmap, which QEMU then checks clean.
+#[test]
+fn a_luks_image_whose_header_qemu_refuses_is_refused_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    let i = p(&img);
+    let good = luks_image(&img);
+    let area = dirty_bitmap::format::HeaderArea::decode(&good[..65536]).unwrap();
+    let crypto = area.crypto.expect("a LUKS header pointer");
+    let ext = crypto_frame(&good) + 8;
+    let qemu_read = |what: &str| {
+        let q = common::qemu::run(
+            "qemu-io",
+            &[
+                "-r",
+                "--object",
+                "secret,id=sec0,data=abc",
+                "--image-opts",
+                &format!("driver=qcow2,file.filename={i},encrypt.key-secret=sec0"),
+                "-c",
+                "read 0 512",
+            ],
+        );
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&q.stdout),
+            String::from_utf8_lossy(&q.stderr)
+        );
+        (
+            q.status.success() && !out.contains("Error") && !out.contains("error"),
+            format!("{what}: {out}"),
+        )
+    };
+    let mut no_magic = good.clone();
+    no_magic[crypto.offset as usize..crypto.offset as usize + 6].fill(0);
+    let mut no_length = good.clone();
+    no_length[ext + 8..ext + 16].copy_from_slice(&0u64.to_be_bytes());
+    for (what, bytes) in [("magic overwritten", &no_magic), ("length 0", &no_length)] {
+        std::fs::write(&img, bytes).unwrap();
+        let (opened, out) = qemu_read(what);
+        assert!(!opened, "QEMU opened it: {out}");
+        let r = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        );
+        let r = r.map(|mut st| st.add("b", 65536, Recording::Enabled));
+        assert!(
+            matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+            "{what}: a writable open of it: {r:?}"
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == *bytes,
+            "{what}: the refusal wrote"
+        );
+        // Read-only, it still lists (no bitmaps here).
+        assert!(open(&img, OpenMode::ReadOnly).list().is_empty(), "{what}");
+    }
+    std::fs::write(&img, &good).unwrap();
+    let (opened, out) = qemu_read("as QEMU made it");
+    assert!(opened, "{out}");
+    let mut st = open(&img, OpenMode::ReadWrite);
+    st.add("b", 65536, Recording::Enabled).unwrap();
+    drop(st);
+    let q = common::qemu::run(
+        "qemu-img",
+        &[
+            "check",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={i},encrypt.key-secret=sec0"),
+        ],
+    );
+    assert_eq!(q.status.code(), Some(0), "{q:?}");
 }
 
 /// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks

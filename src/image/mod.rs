@@ -188,6 +188,21 @@ impl<S: Storage> Image<S> {
                     .to_string(),
             ));
         }
+        // The header the pointer names must be a LUKS1 header that lies inside the pointer's
+        // length: QEMU opens every LUKS image through `qcrypto_block_open`, which reads 592
+        // bytes through the pointer (refusing a read past its length) and refuses another
+        // magic or version ("Volume is not in LUKS format"). An image QEMU cannot open is
+        // not written here.
+        if writable && area.header.crypt_method == CRYPT_LUKS {
+            if let Some(c) = &area.crypto {
+                if let Some(why) = luks_header_problem(&storage, c)? {
+                    return Err(Error::Unsupported(format!(
+                        "the image is encrypted with LUKS, but its crypto header {why}: QEMU \
+                         refuses to open it, so it is opened read-only only"
+                    )));
+                }
+            }
+        }
         let stale_bitmaps = if area.stale_bitmaps {
             decode_extensions(cluster0, &area.header)?
                 .into_iter()
@@ -759,6 +774,42 @@ impl<S: Storage> Image<S> {
             img.write_autoclear_field(offset, field)
         })
     }
+}
+
+/// The bytes of a LUKS1 header QEMU reads (`QCryptoBlockLUKSHeader`): magic, version,
+/// names, offsets, the master key digest and its parameters, the UUID and eight key slots.
+const LUKS1_HEADER_LEN: u64 = 592;
+
+/// Why the crypto header `c` names is not one QEMU opens (a LUKS1 header: magic
+/// `LUKS\xba\xbe`, version 1, 592 bytes, inside `c.length` and the file), or `None`.
+fn luks_header_problem<S: Storage>(
+    storage: &S,
+    c: &crate::format::extension::CryptoHeaderPointer,
+) -> Result<Option<String>> {
+    if c.length < LUKS1_HEADER_LEN {
+        return Ok(Some(format!(
+            "is {} bytes long, shorter than a LUKS1 header ({LUKS1_HEADER_LEN})",
+            c.length
+        )));
+    }
+    if c.offset.saturating_add(LUKS1_HEADER_LEN) > storage.len()? {
+        return Ok(Some(format!(
+            "at {} lies past the end of the file",
+            c.offset
+        )));
+    }
+    let mut head = [0u8; 8];
+    storage.read_exact_at(&mut head, c.offset)?;
+    if head[..6] != *b"LUKS\xba\xbe" {
+        return Ok(Some(format!("at {} is not in LUKS format", c.offset)));
+    }
+    let version = u16::from_be_bytes([head[6], head[7]]);
+    if version != 1 {
+        return Ok(Some(format!(
+            "is LUKS version {version}, which QEMU does not open"
+        )));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -917,8 +917,25 @@ impl<S: Storage> BitmapStore<S> {
         mut f: impl FnMut(u64, Option<&[u8]>) -> Result<()>,
     ) -> Result<()> {
         let cs = self.image.cluster_size();
-        let table = self.read_table(entry)?;
         let clusters = bm.serialized_len().div_ceil(cs);
+        // Before the read: the size of an in-use entry's table is not checked at open (QEMU
+        // reads none), and a wrong one would be read whole first, up to 8 MiB an entry. Such
+        // an entry is what its flag says, inconsistent (a preload leaves it out); a
+        // consistent one's size was checked at open.
+        if u64::from(entry.table_size) != clusters {
+            if entry.in_use {
+                return Err(Error::Inconsistent {
+                    name: entry.name.clone(),
+                });
+            }
+            return Err(internal!(
+                "bitmap {:?}: table of {} entries for {} clusters of data",
+                entry.name,
+                entry.table_size,
+                clusters
+            ));
+        }
+        let table = self.read_table(entry)?;
         if table.len() as u64 != clusters {
             return Err(internal!(
                 "bitmap {:?}: table of {} entries for {} clusters of data",

@@ -67,12 +67,19 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
     };
     let Triage { entries, framing } = triage_directory(&bytes, ext.nb_bitmaps, &geo);
     let mut bitmaps = Vec::with_capacity(entries.len());
+    // Each table is read once however many entries name it: the cost stays that of the
+    // file, not entries × table (65,534 entries naming one 2 MiB table would read 128 GiB).
+    let mut verdicts: std::collections::HashMap<(u64, u32), Option<String>> =
+        std::collections::HashMap::new();
     for entry in entries {
         let broken = match &entry.verdict {
             Err(p) => Some(p.to_string()),
             // QEMU reads the table of a bitmap that is not in use when it opens the image.
             Ok(e) if e.in_use => None,
-            Ok(e) => table_problem(image, e),
+            Ok(e) => verdicts
+                .entry((e.table_offset, e.table_size))
+                .or_insert_with(|| table_problem(image, e))
+                .clone(),
         };
         bitmaps.push(TriagedBitmap { entry, broken });
     }
