@@ -209,8 +209,12 @@ fn an_incremental_backup_over_nbd_equals_the_raw_disk() {
     write_some(&raw, &mut rng, 100, |o, l| dt.mark(o, l).unwrap());
     drop(dt);
     drop(shared);
-    let st = open(&img);
+    let mut st = open(&img);
     assert!(st.list().iter().all(|b| !b.in_use));
+    // The incremental's checkpoint before its copy (c2 stops, c3 records from here), and
+    // the oldest checkpoint removed.
+    st.checkpoint("c3").unwrap();
+    st.remove("c1").unwrap();
     drop(st);
     assert_qemu_clean(&img);
     let inc = copy_of(&full, d.join("inc2.raw"));
@@ -224,12 +228,10 @@ fn an_incremental_backup_over_nbd_equals_the_raw_disk() {
         &format!("seed {seed}: after the crash in durable mode"),
     );
 
-    // Rotation: a backup at checkpoint c3 (from the incremental just made), the oldest
-    // checkpoint removed, more writes; since c3, and since c2 through the chain
-    // (exported with export_since), both restore the disk.
+    // Rotation: the incremental just made is the backup at checkpoint c3; more writes;
+    // since c3, and since c2 through the chain (exported with export_since), both restore
+    // the disk.
     let mut st = open(&img);
-    st.checkpoint("c3").unwrap();
-    st.remove("c1").unwrap();
     let at_c3 = copy_of(&inc, d.join("at_c3.raw"));
     st.activate().unwrap();
     let t = st.tracker().unwrap();

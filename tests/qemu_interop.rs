@@ -1117,7 +1117,25 @@ fn a_luks_image_whose_header_qemu_refuses_is_refused_writable() {
     no_magic[crypto.offset as usize..crypto.offset as usize + 6].fill(0);
     let mut no_length = good.clone();
     no_length[ext + 8..ext + 16].copy_from_slice(&0u64.to_be_bytes());
-    for (what, bytes) in [("magic overwritten", &no_magic), ("length 0", &no_length)] {
+    // A second crypto header extension first, naming the refcount table (no LUKS header):
+    // QEMU opens the header of each one it meets; the area here keeps only the last.
+    let mut twice = good.clone();
+    let start = u32::from_be_bytes(good[100..104].try_into().unwrap()) as usize;
+    let mut second = Vec::new();
+    second.extend_from_slice(&0x0537_be77u32.to_be_bytes());
+    second.extend_from_slice(&16u32.to_be_bytes());
+    second.extend_from_slice(&area.header.refcount_table_offset.to_be_bytes());
+    second.extend_from_slice(&592u64.to_be_bytes());
+    // Inside cluster 0 only: its last 24 bytes are zeros, dropped by the shift.
+    assert!(good[65536 - 24..65536].iter().all(|&b| b == 0));
+    let mut c0 = good[..65536].to_vec();
+    c0.splice(start..start, second);
+    twice[..65536].copy_from_slice(&c0[..65536]);
+    for (what, bytes) in [
+        ("magic overwritten", &no_magic),
+        ("length 0", &no_length),
+        ("a second pointer to no LUKS header", &twice),
+    ] {
         std::fs::write(&img, bytes).unwrap();
         let (opened, out) = qemu_read(what);
         assert!(!opened, "QEMU opened it: {out}");

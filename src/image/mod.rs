@@ -193,9 +193,14 @@ impl<S: Storage> Image<S> {
         // bytes through the pointer (refusing a read past its length) and refuses another
         // magic or version ("Volume is not in LUKS format"). An image QEMU cannot open is
         // not written here.
+        // QEMU opens the header of every crypto extension it meets, so each one must pass
+        // (the area keeps only the last, which a rewrite of cluster 0 would keep alone).
         if writable && area.header.crypt_method == CRYPT_LUKS {
-            if let Some(c) = &area.crypto {
-                if let Some(why) = luks_header_problem(&storage, c)? {
+            for e in decode_extensions(cluster0, &area.header)? {
+                let Extension::CryptoHeader(c) = e else {
+                    continue;
+                };
+                if let Some(why) = luks_header_problem(&storage, &c)? {
                     return Err(Error::Unsupported(format!(
                         "the image is encrypted with LUKS, but its crypto header {why}: QEMU \
                          refuses to open it, so it is opened read-only only"
