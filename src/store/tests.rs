@@ -983,6 +983,35 @@ fn activate_with_refuses_one_bitmap_object_for_two_bitmaps() {
     assert!(r.load("a").unwrap().is_dirty(MIB));
 }
 
+/// Runs `first`, then `rest`, on `st` in another thread while the caller's mark holds a
+/// published list, and checks that `first` has not returned 100 ms later (a grace period
+/// waits for the hold); then `mark` finishes the mark and drops the hold, and the store
+/// comes back once `rest` ran. `what` names the case in a failure.
+fn waits_for_the_hold<T>(
+    mut st: BitmapStore<MemStorage>,
+    hold: T,
+    first: impl FnOnce(&mut BitmapStore<MemStorage>) + Send + 'static,
+    rest: impl FnOnce(&mut BitmapStore<MemStorage>) + Send + 'static,
+    mark: impl FnOnce(T),
+    what: &str,
+) -> BitmapStore<MemStorage> {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    let calls = std::thread::spawn(move || {
+        first(&mut st);
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        rest(&mut st);
+        st
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "{what}: the call returned while a mark held a list published before it"
+    );
+    mark(hold);
+    calls.join().unwrap()
+}
+
 /// The hand-over of `Tracker`'s docs done by hand: `add` a recording bitmap, then disable
 /// (or remove) the old one. A mark that loaded the published list before the add published
 /// the new bitmap, and has not reached the old one yet, has announced nothing: the add
@@ -1002,25 +1031,19 @@ fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
         // A mark in flight: `Tracker::mark`'s load, held across the calls below.
         let held = st.tracked.load();
         assert_eq!(held.len(), 1, "active {active}");
-        let added = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&added);
-        let handing_over = std::thread::spawn(move || {
-            st.add("b", 65536, Recording::Enabled).unwrap();
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            st.set_enabled("a", false).unwrap();
-            st
-        });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(
-            !added.load(std::sync::atomic::Ordering::SeqCst),
-            "active {active}: the add returned while a mark over the older list ran"
+        let st = waits_for_the_hold(
+            st,
+            held,
+            |st| st.add("b", 65536, Recording::Enabled).unwrap(),
+            |st| st.set_enabled("a", false).unwrap(),
+            // The mark goes on: its list holds only `a`.
+            |held| {
+                for b in held.iter() {
+                    b.mark_dirty(off, 4096);
+                }
+            },
+            &format!("active {active}: the add"),
         );
-        // The mark goes on: its list holds only `a`.
-        for b in held.iter() {
-            b.mark_dirty(off, 4096);
-        }
-        drop(held);
-        let st = handing_over.join().unwrap();
         let copy = |n: &str| {
             let s = &st.slots[st.find(n.as_bytes()).unwrap()];
             s.mem.clone().or(s.parked.clone()).unwrap()
@@ -1062,23 +1085,17 @@ fn an_enable_waits_for_a_fan_out_that_passed_the_bitmap_disabled() {
             "active {active}"
         );
         held[0].mark_dirty(off, 4096);
-        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&enabled);
-        let deleting = std::thread::spawn(move || {
-            st.set_enabled("b", true).unwrap();
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            st.merge("a", "b").unwrap();
-            st.remove("a").unwrap();
-            st
-        });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(
-            !enabled.load(std::sync::atomic::Ordering::SeqCst),
-            "active {active}: the enable returned while a fan-out over the current list ran"
+        let st = waits_for_the_hold(
+            st,
+            held,
+            |st| st.set_enabled("b", true).unwrap(),
+            |st| {
+                st.merge("a", "b").unwrap();
+                st.remove("a").unwrap();
+            },
+            |held| held[1].mark_dirty(off, 4096),
+            &format!("active {active}: the enable, a fan-out over the current list"),
         );
-        held[1].mark_dirty(off, 4096);
-        drop(held);
-        let st = deleting.join().unwrap();
         let s = &st.slots[st.find(b"b").unwrap()];
         let b = s.mem.clone().or(s.parked.clone()).unwrap();
         assert!(
@@ -1107,24 +1124,20 @@ fn an_enable_waits_for_a_mark_over_a_list_without_the_bitmap() {
         let held = st.tracked.load();
         assert_eq!(held.len(), 1, "active {active}");
         st.add("b", 65536, Recording::Disabled).unwrap();
-        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&enabled);
-        let handing_over = std::thread::spawn(move || {
-            st.set_enabled("b", true).unwrap();
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            st.remove("a").unwrap();
-            st
-        });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(
-            !enabled.load(std::sync::atomic::Ordering::SeqCst),
-            "active {active}: the enable returned while a mark over a list without b ran"
+        let st = waits_for_the_hold(
+            st,
+            held,
+            |st| st.set_enabled("b", true).unwrap(),
+            |st| {
+                st.remove("a").unwrap();
+            },
+            |held| {
+                for m in held.iter() {
+                    m.mark_dirty(off, 4096);
+                }
+            },
+            &format!("active {active}: the enable, a mark over a list without b"),
         );
-        for m in held.iter() {
-            m.mark_dirty(off, 4096);
-        }
-        drop(held);
-        let st = handing_over.join().unwrap();
         let s = &st.slots[st.find(b"b").unwrap()];
         let b = s.mem.clone().or(s.parked.clone()).unwrap();
         assert!(b.is_enabled(), "active {active}");
