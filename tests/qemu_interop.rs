@@ -1029,6 +1029,24 @@ fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
     );
 }
 
+/// A writable open of `img` (holding `bytes`), and a bitmap add on it, is refused as
+/// `Unsupported`, the file byte for byte as it was.
+fn refused_writable(img: &Path, bytes: &[u8], what: &str) {
+    let r = BitmapStore::open(
+        FileStorage::open(img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    );
+    let r = r.map(|mut st| st.add("b", 65536, Recording::Enabled));
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+        "{what}: a writable open of it: {r:?}"
+    );
+    assert!(
+        std::fs::read(img).unwrap() == bytes,
+        "{what}: the refusal wrote"
+    );
+}
+
 /// Found by a review: an image with crypt_method 2 (LUKS) and no crypto header extension
 /// (its magic renamed here, so QEMU skips it as unknown) is refused by QEMU on every open
 /// that reads or writes ("Missing CRYPTO header for crypt method 2", `qcow2_do_open`;
@@ -1052,16 +1070,7 @@ fn a_luks_image_without_its_crypto_header_is_refused_writable() {
         qemu_err.contains("Missing CRYPTO header for crypt method 2"),
         "{qemu_err}"
     );
-    let r = BitmapStore::open(
-        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-        OpenMode::ReadWrite,
-    );
-    let r = r.map(|mut st| st.add("b", 65536, Recording::Enabled));
-    assert!(
-        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
-        "a writable open of it: {r:?}"
-    );
-    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+    refused_writable(&img, &bytes, "no crypto header");
     let r = dirty_bitmap::Image::open(
         FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
         OpenMode::ReadWrite,
@@ -1139,19 +1148,7 @@ fn a_luks_image_whose_header_qemu_refuses_is_refused_writable() {
         std::fs::write(&img, bytes).unwrap();
         let (opened, out) = qemu_read(what);
         assert!(!opened, "QEMU opened it: {out}");
-        let r = BitmapStore::open(
-            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        );
-        let r = r.map(|mut st| st.add("b", 65536, Recording::Enabled));
-        assert!(
-            matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
-            "{what}: a writable open of it: {r:?}"
-        );
-        assert!(
-            std::fs::read(&img).unwrap() == *bytes,
-            "{what}: the refusal wrote"
-        );
+        refused_writable(&img, bytes, what);
         // Read-only, it still lists (no bitmaps here).
         assert!(open(&img, OpenMode::ReadOnly).list().is_empty(), "{what}");
     }

@@ -132,10 +132,19 @@ impl<S: Storage> BitmapStore<S> {
     /// encode: a long backing file name beside the bitmaps extension in a small cluster).
     /// A durable activation asks before its first write.
     pub(super) fn ensure_durable_mode_fits(&self) -> Result<()> {
+        self.mode_changes_area(Some(ModeExtension::DURABLE))
+            .map(|_| ())
+    }
+
+    /// Whether setting `mode` changes the header area, and, when it does, that the area
+    /// with it still fits in cluster 0 (`InvalidInput` otherwise).
+    fn mode_changes_area(&self, mode: Option<ModeExtension>) -> Result<bool> {
         let mut next = self.image.area().clone();
-        next.set_mode(Some(ModeExtension::DURABLE));
+        if !next.set_mode(mode) {
+            return Ok(false);
+        }
         next.encode()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Records the durable mode (bit 0 set) before a durable activation publishes its
@@ -219,13 +228,11 @@ impl<S: Storage> BitmapStore<S> {
     /// old or the new extension, or bit 0 clear: never a bitmap falsely clean).
     fn record_mode(&mut self, mode: Option<ModeExtension>) -> Result<()> {
         self.ensure_writable()?;
-        let mut next = self.image.area().clone();
-        if !next.set_mode(mode) {
-            return Ok(());
-        }
         // A cluster 0 with no room for the extension: refused before the area changes or
         // anything is written (a refusal of the image, not a failed write: no poison).
-        next.encode()?;
+        if !self.mode_changes_area(mode)? {
+            return Ok(());
+        }
         let r = self.write_mode(mode);
         if r.is_err() {
             self.poisoned = true;
