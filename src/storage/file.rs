@@ -194,9 +194,10 @@ impl FileStorage {
     /// Whether another holder has the file open for writing now: it holds QEMU's lock byte
     /// of the write permission (a running QEMU, `qemu-nbd` or `qemu-io`, a writable
     /// `FileStorage` elsewhere), tested as QEMU tests a conflict. For a force-share reader
-    /// ([`Locking::ForceShare`]): a bitmap such a writer holds is `in_use` because it
-    /// records, not because a writer crashed, and its bits on disk are not current. This
-    /// handle's own locks never count; a writer that takes no locks is not seen.
+    /// ([`Locking::ForceShare`]): a bitmap `in_use` may then be in use because that writer
+    /// records it (its bits on disk not current), or have been left in use by a writer that
+    /// crashed before it; the disk does not say which. This handle's own locks never count;
+    /// a writer that takes no locks is not seen.
     ///
     /// # Errors
     ///

@@ -502,8 +502,8 @@ pub fn run(args: &InfoArgs) -> CmdResult {
     let info = match reader(&args.image, args.force_share) {
         Ok(st) => match gather(name.clone(), &st) {
             Ok(info) => info,
-            // The open reads no table: one QEMU refuses (a reserved bit, an entry past the
-            // file) fails only the load of its bitmap, here.
+            // The open reads no table: one QEMU refuses (a reserved bit in an entry, a table
+            // past the end of the file) fails only the load of its bitmap, here.
             Err(e @ dirty_bitmap::Error::Corrupt(_)) => broken(at(&args.image, e))?,
             Err(e) => return Err(at(&args.image, e).into()),
         },
