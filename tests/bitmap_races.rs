@@ -320,3 +320,61 @@ fn disabling_an_unrelated_bitmap_returns_while_a_fan_out_waits_for_an_unseal() {
     );
     assert!(!y.is_enabled() && !y.is_dirty(5 * g));
 }
+
+/// A mark whose bits are all set returns at once on a sealed bitmap, as `seal` documents,
+/// whether its range lies in one word or spans several, alone or fanned out over two
+/// bitmaps; a range with one clear bit still waits for the unseal and then lands.
+#[test]
+fn a_mark_on_set_bits_spanning_words_returns_while_sealed() {
+    let g = 4096u64;
+    let x = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
+    let z = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
+    // 256 granules: four whole words, plus a range starting and ending inside words.
+    x.mark_dirty(0, 1 << 20);
+    z.mark_dirty(0, 1 << 20);
+    x.seal();
+    z.seal();
+    let tracker = Tracker::new(vec![Arc::clone(&x), Arc::clone(&z)]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let x = Arc::clone(&x);
+        thread::spawn(move || {
+            x.mark_dirty(0, 1 << 20);
+            tx.send("one bitmap, four words").unwrap();
+            x.mark_dirty(10 * g, 100 * g);
+            tx.send("one bitmap, a range inside words").unwrap();
+            tracker.mark(3 * g, 200 * g);
+            tx.send("a fan-out over two").unwrap();
+            // Granule 256 is clean: this one waits for the unseal.
+            tracker.mark(200 * g, 100 * g);
+            tx.send("a range with a clean bit").unwrap();
+        })
+    };
+    let mut done = Vec::new();
+    while let Ok(what) = rx.recv_timeout(Duration::from_secs(5)) {
+        done.push(what);
+        if done.len() == 3 {
+            break;
+        }
+    }
+    let waited = rx.recv_timeout(Duration::from_millis(200)).is_err();
+    let clean_while_sealed = !x.is_dirty(256 * g) && !z.is_dirty(256 * g);
+    // Unseal before asserting, so that a failure does not leave the writer waiting.
+    x.unseal();
+    z.unseal();
+    writer.join().unwrap();
+    assert_eq!(
+        done,
+        [
+            "one bitmap, four words",
+            "one bitmap, a range inside words",
+            "a fan-out over two"
+        ],
+        "a mark on set bits waited for the unseal"
+    );
+    assert!(
+        waited && clean_while_sealed,
+        "a mark with a clean bit returned or wrote while sealed"
+    );
+    assert!(x.is_dirty(299 * g) && z.is_dirty(299 * g));
+}

@@ -189,10 +189,12 @@ impl DirtyBitmap {
     ///
     /// Disabling waits for the marks in flight: once `set_enabled(false)` returns, no word
     /// of this bitmap gains a bit from any mark, however long a range it was marking. It
-    /// waits only for marks already running, each a bounded amount of work (a range mark
-    /// for as long as its range takes): those of this bitmap, and the
+    /// waits for marks already running, each a bounded amount of work (a range mark for
+    /// as long as its range takes): those of this bitmap, and the
     /// [`Tracker::mark`](crate::Tracker::mark) fan-outs over several bitmaps anywhere in
-    /// the process (see below). No mark waits for a [`seal`](Self::seal) while it is
+    /// the process (see below). A thread beyond the first 32 that mark shares one
+    /// counter with the others beyond them, and the wait there lasts until that counter
+    /// reads zero: marks such threads start during the wait can prolong it. No mark waits for a [`seal`](Self::seal) while it is
     /// announced (a fan-out that meets one withdraws and starts again after the unseal), so
     /// a bitmap sealed elsewhere holds up only its own writers. Enabling does not wait.
     ///
@@ -468,6 +470,12 @@ impl DirtyBitmap {
         let Some((first, end)) = self.geo.touched_bits(offset, len) else {
             return true;
         };
+        // On a sealed bitmap, a range whose bits are all set needs nothing, as on the
+        // one-word fast path (see `seal`): it returns at once instead of waiting for the
+        // unseal, which under a stop that keeps its marks held never comes.
+        if self.is_sealed() && self.all_set(first, end) {
+            return true;
+        }
         let Some(mark) = self.begin_mark_after_seal::<WAIT>() else {
             return false;
         };
@@ -1145,6 +1153,12 @@ impl DirtyBitmap {
         }
     }
 
+    /// Whether every bit of `[first, end)` is set: plain loads, stopping at the first word
+    /// short of its mask.
+    fn all_set(&self, first: u64, end: u64) -> bool {
+        word_masks(first, end).all(|(w, mask)| self.words.load(w) & mask == mask)
+    }
+
     /// Clears `mask` in word `w`, skipping the atomic write when the bits are already clear.
     #[inline]
     fn clear_bits(&self, w: usize, mask: u64) {
@@ -1377,13 +1391,19 @@ pub(crate) fn region_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
 
 #[inline]
 fn for_each_word(first: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    word_masks(first, end).for_each(|(w, mask)| f(w, mask));
+}
+
+/// The words of bits `[first, end)` (`first < end`), each with the mask of its bits in the
+/// range.
+fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
     let w0 = first / 64;
     let w1 = (end - 1) / 64;
-    for w in w0..=w1 {
+    (w0..=w1).map(move |w| {
         let lo = if w == w0 { first % 64 } else { 0 };
         let hi = if w == w1 { (end - 1) % 64 } else { 63 };
-        f(w as usize, (!0u64 >> (63 - hi)) & (!0u64 << lo));
-    }
+        (w as usize, (!0u64 >> (63 - hi)) & (!0u64 << lo))
+    })
 }
 
 /// Mask of bits `[first, end)` within their word; both ends lie in the same word.
