@@ -295,6 +295,42 @@ fn a_checkpoint_while_inactive_keeps_the_trackers_marks() {
     assert_eq!(extents(&d.load("a").unwrap()), vec![(G, G)]);
 }
 
+/// Found by an adversarial review: an inactive add or checkpoint parked the new bitmap only
+/// when another bitmap was parked, so a store whose stop parked none (it held no bitmap, or
+/// its parked ones were removed since) added it on disk alone, and a tracker's mark after
+/// the call returned was in no bitmap. The store now parks whenever its stop parked.
+#[test]
+fn an_inactive_add_is_parked_when_the_stop_parked_no_bitmap() {
+    let disk = 64 * MIB;
+    // The stop parked nothing: the store held no bitmap.
+    let mut s = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+    s.activate().unwrap();
+    let t = s.tracker().unwrap();
+    s.inactivate().unwrap();
+    assert_eq!(s.checkpoint("c1").unwrap(), None);
+    t.mark(3 * G, 1);
+    // The parked bitmaps were all removed before the add.
+    let mut r = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+    r.add("a", G, Recording::Disabled).unwrap();
+    r.activate().unwrap();
+    let u = r.tracker().unwrap();
+    r.inactivate().unwrap();
+    r.remove("a").unwrap();
+    r.add("b", G, Recording::Enabled).unwrap();
+    u.mark(3 * G, 1);
+    for (st, name) in [(&mut s, "c1"), (&mut r, "b")] {
+        st.activate().unwrap();
+        assert!(
+            st.load(name).unwrap().is_dirty(3 * G),
+            "{name}: a mark after the add returned is in no bitmap"
+        );
+        st.inactivate().unwrap();
+        let bytes = st.image().storage().to_vec();
+        let d = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap();
+        assert_eq!(extents(&d.load(name).unwrap()), vec![(3 * G, G)]);
+    }
+}
+
 /// Found by an adversarial review: QEMU keeps the bitmaps it loaded in place and appends
 /// those one run created newest first, so two checkpoints made in one
 /// `qemu-storage-daemon` session lie in the directory as c1, c3, c2. "Since c2" took c2

@@ -233,7 +233,8 @@ struct Bm {
     /// The in-memory bitmap of the last activation: authoritative while active, parked by
     /// an inactivate (marks through it still count), gone at reopen.
     handle: Option<Arc<DirtyBitmap>>,
-    /// Added while the store held parked bitmaps: the store parks it too (a tracker marks
+    /// Added while the store was parking (inactive after an inactivate of an active store,
+    /// with or without parked bitmaps): the store parks it too (a tracker marks
     /// it, `activate` resumes it), though this model holds no handle to it; gone at the
     /// next activation or reopen.
     parked_added: bool,
@@ -271,6 +272,9 @@ impl Checkpoint {
 struct Model {
     size: u64,
     active: bool,
+    /// Inactive after an inactivate of an active store: trackers mark the published list,
+    /// and an add parks the new bitmap whether or not any other is parked.
+    parking: bool,
     /// In directory order.
     bms: Vec<Bm>,
 }
@@ -314,7 +318,12 @@ impl Model {
     }
 
     fn parked(&self) -> bool {
-        !self.active
+        !self.active && self.parking
+    }
+
+    /// Whether the store keeps parked bitmaps (which a resize refuses).
+    fn holds_parked(&self) -> bool {
+        self.parked()
             && self
                 .bms
                 .iter()
@@ -367,6 +376,7 @@ impl Model {
             }
         }
         self.active = false;
+        self.parking = false;
     }
 }
 
@@ -634,7 +644,7 @@ impl<'a> Crash<'a> {
             Op::Resize { sectors, odd } => {
                 let new = sectors * 512 + u64::from(odd);
                 let m = &self.model;
-                let want = if active || m.parked() {
+                let want = if active || m.holds_parked() {
                     Err(Want::WrongState)
                 } else if odd {
                     Err(Want::InvalidInput)
@@ -660,6 +670,7 @@ impl<'a> Crash<'a> {
                 self.expect(ctx, Ok(()), got);
                 if !active {
                     self.model.active = true;
+                    self.model.parking = false;
                     for i in 0..self.model.bms.len() {
                         self.model.bms[i].parked_added = false;
                         if !self.model.bms[i].consistent {
@@ -683,11 +694,13 @@ impl<'a> Crash<'a> {
             Op::Inactivate => {
                 let got = self.store().inactivate();
                 self.expect(ctx, Ok(()), got);
+                self.model.parking |= active;
                 self.model.active = false;
             }
             Op::InactivateFullRewrite => {
                 let got = self.store().inactivate_full_rewrite();
                 self.expect(ctx, Ok(()), got);
+                self.model.parking |= active;
                 self.model.active = false;
             }
             Op::CloseReopen => {

@@ -148,6 +148,7 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.parked_durable = false;
+        self.parking = false;
         self.publish();
         Ok(())
     }
@@ -188,6 +189,7 @@ impl<S: Storage> BitmapStore<S> {
             ready,
         ));
         self.active = true;
+        self.parking = false;
         self.publish();
         Ok(())
     }

@@ -243,9 +243,10 @@ impl<S: Storage> BitmapStore<S> {
         // Inactive after an incremental inactivate, trackers still mark the parked bitmaps
         // and `activate` resumes them instead of reading the disk: the new bitmap is parked
         // too, so that it holds the marks from its commit on (for a checkpoint, those the
-        // disabled old one no longer takes). Its disk image is empty, as it is.
-        let parked_too =
-            !self.active && !self.parked_durable && self.slots.iter().any(|s| s.parked.is_some());
+        // disabled old one no longer takes). Its disk image is empty, as it is. Whether
+        // the stop parked any bitmap does not matter: a tracker of a store that held none
+        // (or whose parked ones were removed since) marks the list this add publishes.
+        let parked_too = !self.active && self.parking && !self.parked_durable;
         let mem = match (self.active, content) {
             (true, Some(c)) => Some(self.adopt(&entry, c)?),
             (true, None) | (false, _) if self.active || parked_too => {

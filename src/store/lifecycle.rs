@@ -33,8 +33,10 @@ impl<S: Storage> BitmapStore<S> {
     /// [`inactivate`](Self::inactivate) when there is one (a resumed hand-over): it is *not*
     /// reloaded from disk, so every bit it holds survives, including marks made through a
     /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
-    /// in its change map and reach the disk at the next flush or inactivation. Other
-    /// consistent bitmaps (first activation, or added while inactive) are loaded from disk.
+    /// in its change map and reach the disk at the next flush or inactivation. A bitmap
+    /// added while the store was inactive after such an inactivation is parked too, and
+    /// resumed the same way. Other consistent bitmaps (first activation, added before any
+    /// activation or after a reopen) are loaded from disk.
     ///
     /// A store that handed the image over (an inactivation released its writer locks)
     /// checks first, whether or not it kept bitmaps in memory, that cluster 0, the
@@ -281,6 +283,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         self.active = true;
         self.parked_durable = false;
+        self.parking = false;
         self.publish();
         Ok(())
     }
@@ -600,6 +603,7 @@ impl<S: Storage> BitmapStore<S> {
             s.table = None;
         }
         self.active = false;
+        self.parking = true;
     }
 
     /// **A benchmark baseline, not for production use: call [`inactivate`](Self::inactivate).**

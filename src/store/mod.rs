@@ -176,6 +176,11 @@ pub struct BitmapStore<S: Storage> {
     /// The parked bitmaps come from a durable inactivation: the disk holds every mark
     /// acknowledged on them, and no deferred [`Tracker`](crate::Tracker) marks them.
     parked_durable: bool,
+    /// Inactive after a stop that parked the in-memory bitmaps, however many it held (none
+    /// is a case too): trackers keep marking the published list and the next activation
+    /// resumes from memory, so a bitmap added meanwhile is parked as well. Set by `park`,
+    /// cleared by an activation.
+    parking: bool,
     /// What every [`DurableTracker`](durable::DurableTracker) of this store marks, across
     /// durable activations.
     durable_set: durable_bits::DurableSet,
@@ -587,6 +592,7 @@ impl<S: Storage> BitmapStore<S> {
             gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
+            parking: false,
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
             rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
@@ -652,6 +658,7 @@ impl<S: Storage> BitmapStore<S> {
             gauge: TrackedSet::default(),
             durable: None,
             parked_durable: false,
+            parking: false,
             durable_set: durable_bits::DurableSet::default(),
             write_log: None,
             rewrite_threshold: crate::flush::DEFAULT_REWRITE_THRESHOLD,
