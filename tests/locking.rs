@@ -813,3 +813,45 @@ fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
     drop(a);
     assert_qemu_clean(&img);
 }
+
+/// Found by a review: a durable store that handed the image over, resumed after a QEMU
+/// destination set `in_use` on its bitmaps in place and died before it started the guest,
+/// loaded the bitmaps (the disk held every acknowledged mark) but left the destination's
+/// `in_use` on disk for its whole durable session: a crash then loaded every bitmap
+/// inconsistent instead of consistent with every acknowledged mark. The resume now writes
+/// the flags back clear, after what it loaded is durable.
+#[test]
+fn a_durable_resume_after_a_qemu_destination_died_clears_its_in_use() {
+    use dirty_bitmap::SharedStore;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate_durable().unwrap();
+    let shared = SharedStore::new(s);
+    let t = shared.durable_tracker().unwrap();
+    t.mark(0, 4096).unwrap();
+    shared.lock().inactivate().unwrap();
+    {
+        // The destination: QEMU opens the image writable (`in_use` set in place) and is
+        // killed before it starts the guest.
+        let _qemu = qemu_nbd_writer(&img, &dir.path().join("nbd.sock"));
+    }
+    shared.lock().activate_durable().unwrap();
+    t.mark(7 << 20, 4096).unwrap();
+    // What a crash now leaves, as we and QEMU read it: consistent, with both marks.
+    let r = BitmapStore::open(FileStorage::open_shared(&img).unwrap(), OpenMode::ReadOnly).unwrap();
+    assert!(
+        !r.list()[0].in_use,
+        "the destination's in_use is still on disk while the store is durable"
+    );
+    let b = r.load("b").unwrap();
+    assert!(b.is_dirty(0) && b.is_dirty(7 << 20));
+    drop(r);
+    let info = String::from_utf8(run("qemu-img", &["info", "-U", "--output=json", p(&img)]).stdout)
+        .unwrap();
+    assert!(!info.contains("in-use"), "{info}");
+    drop(t);
+    shared.try_into_inner().unwrap().inactivate().unwrap();
+    assert_qemu_clean(&img);
+}

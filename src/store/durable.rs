@@ -119,10 +119,10 @@ impl<S: Storage> BitmapStore<S> {
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
         let before = self.take_writer_locks()?;
-        let r = self
-            .ensure_resumable(before)
-            .and_then(|()| self.resume_durable_parked())
-            .and_then(|()| self.activate_durable_locked(&mut pre));
+        let r = self.ensure_resumable(before).and_then(|in_use_set| {
+            self.resume_durable_parked()?;
+            self.activate_durable_locked(&mut pre, in_use_set)
+        });
         if r.is_err() {
             for s in &mut self.slots {
                 s.mem = None;
@@ -153,7 +153,14 @@ impl<S: Storage> BitmapStore<S> {
         Ok(())
     }
 
-    fn activate_durable_locked(&mut self, pre: &mut super::Preloaded) -> Result<()> {
+    /// `in_use_set`: a destination set `in_use` in place on the directory this handle
+    /// wrote ([`ensure_resumable`](Self::ensure_resumable)); the flags are written back
+    /// clear once what was loaded is durable.
+    fn activate_durable_locked(
+        &mut self,
+        pre: &mut super::Preloaded,
+        in_use_set: bool,
+    ) -> Result<()> {
         self.load_for_activation(pre)?;
         // Before the allocation's first write: a mode that cannot be recorded would refuse
         // the activation after it.
@@ -175,6 +182,19 @@ impl<S: Storage> BitmapStore<S> {
         // after the reads too; only when neither ran is one issued here.
         if self.image.sync_count() == loaded {
             if let Err(e) = self.image.sync() {
+                self.poisoned = true;
+                return Err(e);
+            }
+        }
+        // A destination that took the image over and died before it started the guest
+        // left `in_use` on the entries, in place, and nothing else. What was loaded is
+        // every bit the disk holds, durable since the barrier above, so the flags go back
+        // clear (in place, one barrier) before any intent is acknowledged: a durable
+        // bitmap is never `in_use` on disk. A crash before that barrier leaves them
+        // `in_use` (inconsistent, never clean).
+        if in_use_set {
+            let entries = self.current_entries();
+            if let Err(e) = self.write_flags_in_place(entries) {
                 self.poisoned = true;
                 return Err(e);
             }

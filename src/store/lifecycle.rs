@@ -74,7 +74,7 @@ impl<S: Storage> BitmapStore<S> {
         let before = self.take_writer_locks()?;
         let r = self
             .ensure_resumable(before)
-            .and_then(|()| self.activate_locked(&mut pre));
+            .and_then(|_| self.activate_locked(&mut pre));
         if r.is_err() {
             // Still inactive: hold what the store held before.
             self.restore_writer_locks(before);
@@ -108,14 +108,22 @@ impl<S: Storage> BitmapStore<S> {
     /// what its next commit starts from, and another writer's changes would be lost to it
     /// (a bitmap dropped from the directory, clusters in use handed out again).
     ///
+    /// True when the image differs only in `in_use` bits a destination set in place
+    /// ([`SinceInactivate::InUseSet`]): the disk then says `in_use` where this handle's
+    /// directory says clear, until an activation writes its own flags.
+    ///
     /// # Errors
     /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
-    pub(super) fn ensure_resumable(&self, before: WriterLocks) -> Result<()> {
+    pub(super) fn ensure_resumable(&self, before: WriterLocks) -> Result<bool> {
         if before == WriterLocks::Held && self.slots.iter().all(|s| s.parked.is_none()) {
             // Held since the open: nobody else could write the image.
-            return Ok(());
+            return Ok(false);
         }
-        self.ensure_unchanged_since_inactivate()
+        match self.image_since_inactivate()? {
+            SinceInactivate::Changed => Err(Error::WrongState(StateProblem::ChangedWhileInactive)),
+            SinceInactivate::Unchanged => Ok(false),
+            SinceInactivate::InUseSet => Ok(true),
+        }
     }
 
     /// Back to `before` after a failed activation: released again if the store had
