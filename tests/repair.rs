@@ -1129,3 +1129,68 @@ fn a_preload_reads_no_table_of_the_wrong_size() {
          the wrong-size table was read"
     );
 }
+
+/// Found by a review: the check's walk (every writing operation's preflight, `dbm check`,
+/// repair) and triage read each distinct table offset once, but tables named at offsets a
+/// cluster apart overlap, and each was read whole: 65,535 entries with 8 MiB tables a
+/// cluster apart read 512 GiB from an 11 MiB file. Tables whose lengths inside the file add
+/// up to more than the file are now refused with a typed error before any is read: here 64
+/// entries whose 128 KiB tables (each the exact size QEMU requires) start 4 KiB apart, 8 MiB
+/// named in a file of about 1.2 MiB.
+#[test]
+fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
+    use dirty_bitmap::format::{decode_directory, encode_directory, Corruption};
+    use dirty_bitmap::storage::{MemStorage, OpenMode};
+    use dirty_bitmap::store::triage::triage_bitmaps;
+    use dirty_bitmap::{BitmapStore, Error, Image, Recording};
+    let mut st = BitmapStore::create(MemStorage::new(), 256 << 30, 4096).unwrap();
+    st.add("a", 512, Recording::Disabled).unwrap();
+    let bytes = st.image().storage().to_vec();
+    drop(st);
+    let mut area = HeaderArea::decode(&bytes[..4096]).unwrap();
+    let mut ext = area.bitmaps.unwrap();
+    let geo = area.header.geometry().unwrap();
+    let d = ext.directory_offset as usize;
+    let dir = bytes[d..d + ext.directory_size as usize].to_vec();
+    let one = decode_directory(&dir, ext.nb_bitmaps, &geo)
+        .unwrap()
+        .remove(0);
+    assert_eq!(one.table_size, 1 << 14, "a 128 KiB table");
+    let entries: Vec<_> = (0..64u64)
+        .map(|k| {
+            let mut e = one.clone();
+            e.name = format!("b{k:02}").into();
+            e.table_offset = one.table_offset + k * 4096;
+            e
+        })
+        .collect();
+    let new = encode_directory(&entries, &geo).unwrap();
+    assert!(new.len() <= 4096, "the directory's cluster holds it");
+    let mut hostile = bytes.clone();
+    hostile[d..d + new.len()].copy_from_slice(&new);
+    ext.nb_bitmaps = 64;
+    ext.directory_size = new.len() as u64;
+    area.bitmaps = Some(ext);
+    let head = area.encode().unwrap();
+    hostile[..head.len()].copy_from_slice(&head);
+    let file = hostile.len() as u64;
+    assert!(file < 3 << 20, "{file}");
+    let overlap = |e: &Error| {
+        matches!(
+            e,
+            Error::Corrupt(Corruption::OverlappingTables { bytes, file: f, .. })
+                if bytes > f && *f == file
+        )
+    };
+    let image = Image::open(MemStorage::from_bytes(hostile.clone()), OpenMode::ReadOnly).unwrap();
+    let r = image.check();
+    assert!(r.as_ref().is_err_and(overlap), "check: {r:?}");
+    let r = triage_bitmaps(&image);
+    assert!(r.as_ref().is_err_and(overlap), "triage: {r:?}");
+    drop(image);
+    let mut s = BitmapStore::open(MemStorage::from_bytes(hostile.clone()), OpenMode::ReadWrite)
+        .expect("the directory is valid");
+    let r = s.add("x", 65536, Recording::Disabled);
+    assert!(r.as_ref().is_err_and(overlap), "add: {r:?}");
+    assert!(s.image().storage().to_vec() == hostile, "the refusal wrote");
+}

@@ -285,7 +285,10 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     /// tables with the active L1 (and QEMU counts their data once per sharer), while a
     /// hostile L1 whose entries all name one L2 table would otherwise cost a cluster read
     /// per entry.
-    fn l1_tables(&mut self, l1s: &[(u64, u32)], data_file: bool, extl2: bool) {
+    ///
+    /// # Errors
+    /// [`Corruption::OverlappingTables`] before any table is read.
+    fn l1_tables(&mut self, l1s: &[(u64, u32)], data_file: bool, extl2: bool) -> Result<()> {
         let cs = 1u64 << self.cluster_bits;
         let mut l2_mult: BTreeMap<u64, u32> = BTreeMap::new();
         // The active L1's L2 tables in its order, kept from its one read: QEMU's
@@ -293,7 +296,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         // (`CHECK_FRAG_INFO`).
         let active = l1s.first().copied();
         let mut active_order: Vec<u64> = Vec::new();
-        for (offset, names) in aliases(l1s.iter().copied()) {
+        let l1s = aliases(l1s.iter().copied());
+        self.ensure_no_overlap("L1 table", &l1s)?;
+        for (offset, names) in l1s {
             self.inc_aliased(offset, &names, "L1 table");
             let Some(l1) = self.read("L1 table", offset, names.len_bytes()) else {
                 continue;
@@ -341,6 +346,30 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 self.l2(l2_off, m, data_file, extl2, false);
             }
         }
+        Ok(())
+    }
+
+    /// Refuses tables named at different offsets (`groups`, from [`aliases`]) whose
+    /// lengths inside the file add up to more than the file
+    /// ([`Corruption::OverlappingTables`]): the walk reads each distinct offset once, so
+    /// this bounds its reads by the file. A table reaching past the end counts only its
+    /// part inside (the rest is reported, not read). An error and not a reported
+    /// corruption: the walk's counts would be incomplete, and a repair must never lower a
+    /// refcount from them.
+    fn ensure_no_overlap(&self, what: &'static str, groups: &[(u64, Aliases)]) -> Result<()> {
+        let bytes = groups
+            .iter()
+            .map(|(off, names)| names.len_bytes().min(self.file_len.saturating_sub(*off)))
+            .fold(0u64, u64::saturating_add);
+        if bytes > self.file_len {
+            return Err(Corruption::OverlappingTables {
+                what,
+                bytes,
+                file: self.file_len,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// The data clusters of the L2 table at `l2_off`, each counted `m` times; with `frag`
@@ -479,22 +508,25 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     /// size that does not fit the disk makes QEMU refuse the image), so check and open
     /// never disagree. Each distinct table is read once and its data counted once per
     /// entry that names it, as QEMU counts them.
-    fn bitmaps(&mut self, area: &HeaderArea) {
+    ///
+    /// # Errors
+    /// [`Corruption::OverlappingTables`] before any table is read.
+    fn bitmaps(&mut self, area: &HeaderArea) -> Result<()> {
         let Some(ext) = area.bitmaps else {
-            return;
+            return Ok(());
         };
         let h = &area.header;
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory");
         let Some(dir) = self.read("bitmap directory", ext.directory_offset, ext.directory_size)
         else {
-            return;
+            return Ok(());
         };
         let geo = match h.geometry() {
             Ok(g) => g,
             Err(e) => {
                 self.report
                     .corrupt(|| format!("ERROR bitmap directory: {e}"));
-                return;
+                return Ok(());
             }
         };
         let entries = match decode_directory(&dir, ext.nb_bitmaps, &geo) {
@@ -502,7 +534,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             Err(e) => {
                 self.report
                     .corrupt(|| format!("ERROR bitmap directory: {e}"));
-                return;
+                return Ok(());
             }
         };
         let mut at = 0u64;
@@ -528,7 +560,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             named.entry(e.table_offset).or_insert(e);
         }
         let cs = h.cluster_size();
-        for (offset, names) in aliases(entries.iter().map(|e| (e.table_offset, e.table_size))) {
+        let tables = aliases(entries.iter().map(|e| (e.table_offset, e.table_size)));
+        self.ensure_no_overlap("bitmap table", &tables)?;
+        for (offset, names) in tables {
             self.inc_aliased(offset, &names, "bitmap table");
             let Some(table) = self.read("bitmap table", offset, names.len_bytes()) else {
                 continue;
@@ -549,6 +583,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -614,7 +649,8 @@ fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
 /// [`crate::Error::Unsupported`] when the file has more than 2^31 clusters or the counters
 /// cannot be allocated; [`crate::Error::Corrupt`] for a snapshot table QEMU refuses to read
 /// ([`Corruption::SnapshotExtraData`], [`Corruption::SnapshotTableTooBig`]: `qemu-img
-/// check` fails on it, exit 1); I/O errors.
+/// check` fails on it, exit 1), or for L1 or bitmap tables that overlap beyond the file
+/// ([`Corruption::OverlappingTables`], before any is read); I/O errors.
 /// Other broken structures are reported as corruptions, not errors.
 pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
     Ok(check_references(storage, area)?.0)
@@ -705,13 +741,13 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     if h.nb_snapshots > 0 {
         l1s.extend(ctr.snapshots(area)?);
     }
-    ctr.l1_tables(&l1s, data_file, extl2);
+    ctr.l1_tables(&l1s, data_file, extl2)?;
     let rt_len = u64::from(h.refcount_table_clusters) * cs;
     ctr.inc(h.refcount_table_offset, rt_len, "refcount table");
     if let Some(c) = area.crypto {
         ctr.inc(c.offset, c.length, "encryption header");
     }
-    ctr.bitmaps(area);
+    ctr.bitmaps(area)?;
 
     // Refcount blocks: each referenced once, and read for the comparison.
     let per_block = entries_per_block(cb, h.refcount_order)?;

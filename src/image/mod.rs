@@ -422,8 +422,9 @@ impl<S: Storage> Image<S> {
     /// on-disk refcounts, as `qemu-img check` does. Reads only.
     ///
     /// # Errors
-    /// [`Error::Io`] from the storage, or [`Error::Unsupported`] if the image is too large
-    /// to check in memory.
+    /// [`Error::Io`] from the storage, [`Error::Unsupported`] if the image is too large to
+    /// check in memory, or [`Error::Corrupt`] for a structure the walk cannot count within
+    /// the file's length ([`check::check`] lists them).
     pub fn check(&self) -> Result<CheckReport> {
         check::check(&self.storage, &self.area)
     }

@@ -45,7 +45,8 @@ impl BitmapTriage {
 /// # Errors
 /// [`crate::Error::Io`] when the directory cannot be read from the file at all (then it is
 /// reported as unreadable instead when the read fails on its bounds); the image's geometry
-/// being invalid.
+/// being invalid; [`Corruption::OverlappingTables`] for tables that overlap beyond the
+/// file, before any is read.
 pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriage>> {
     let Some(ext) = image.area().bitmaps else {
         return Ok(None);
@@ -66,6 +67,7 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
         }
     };
     let Triage { entries, framing } = triage_directory(&bytes, ext.nb_bitmaps, &geo);
+    ensure_tables_fit(image, &entries)?;
     let mut bitmaps = Vec::with_capacity(entries.len());
     // Each table is read once however many entries name it: the cost stays that of the
     // file, not entries × table (65,534 entries naming one 2 MiB table would read 128 GiB).
@@ -87,6 +89,38 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
         bitmaps,
         unreadable: framing.map(|c: Corruption| c.to_string()),
     }))
+}
+
+/// The tables triage reads (those of the entries QEMU loads, at most the longest at each
+/// offset) must fit in the file, as far as each lies in it: tables that overlap at shifted
+/// offsets would each be read whole, a cost of entries × table instead of the file's
+/// (`image::check` refuses them the same way).
+///
+/// # Errors
+/// [`Corruption::OverlappingTables`]; I/O reading the file's length.
+fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> Result<()> {
+    let file = image.storage().len()?;
+    let mut longest: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for e in entries.iter().filter_map(|t| t.verdict.as_ref().ok()) {
+        if !e.in_use {
+            let len = u64::from(e.table_size).saturating_mul(8);
+            let l = longest.entry(e.table_offset).or_insert(0);
+            *l = (*l).max(len);
+        }
+    }
+    let bytes = longest
+        .iter()
+        .map(|(&off, &len)| len.min(file.saturating_sub(off)))
+        .fold(0u64, u64::saturating_add);
+    if bytes > file {
+        return Err(Corruption::OverlappingTables {
+            what: "bitmap table",
+            bytes,
+            file,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Why the table of `e` cannot be loaded, if it cannot.
