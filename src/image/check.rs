@@ -380,14 +380,49 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             return;
         };
         let stride = if extl2 { 16 } else { 8 };
-        for (j, entry) in l2.chunks_exact(stride).map(BigEndian::read_u64).enumerate() {
+        for (j, e) in l2.chunks_exact(stride).enumerate() {
+            let entry = BigEndian::read_u64(&e[..8]);
+            // An extended entry's second word: the subcluster allocation bitmap.
+            let l2_bitmap = if extl2 {
+                BigEndian::read_u64(&e[8..])
+            } else {
+                0
+            };
             if frag {
                 self.frag_info(entry, data_file);
             }
             if entry & L2_COMPRESSED != 0 {
+                // `check_refcounts_l2`'s compressed case: the copied flag is corruption
+                // (the rest of the entry is still read); with a data file, or in an
+                // extended entry with a non-zero allocation bitmap, the entry is corrupt
+                // and not counted.
                 // qcow2_parse_compressed_l2_entry.
                 let shift = 62 - (self.cluster_bits - 8);
                 let coffset = entry & ((1u64 << shift) - 1);
+                if entry & L2_COPIED != 0 {
+                    self.report.corrupt_n(u64::from(m), || {
+                        format!(
+                            "ERROR: coffset={coffset:#x}: copied flag must never be set for \
+                             compressed clusters"
+                        )
+                    });
+                }
+                let entry = entry & !L2_COPIED;
+                if data_file {
+                    self.report.corrupt_n(u64::from(m), || {
+                        format!("ERROR compressed cluster {j} with data file, entry={entry:#x}")
+                    });
+                    continue;
+                }
+                if l2_bitmap != 0 {
+                    self.report.corrupt_n(u64::from(m), || {
+                        format!(
+                            "ERROR compressed cluster {j} with non-zero subcluster allocation \
+                             bitmap, entry={entry:#x}"
+                        )
+                    });
+                    continue;
+                }
                 let mask = (1u64 << (self.cluster_bits - 8)) - 1;
                 let sectors = ((entry >> shift) & mask) + 1;
                 let csize = (sectors * 512).saturating_sub(coffset & 511);
@@ -475,6 +510,14 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             if size > MAX_SNAPSHOTS_SIZE {
                 return Err(Corruption::SnapshotTableTooBig { index: i, size }.into());
             }
+            // The entry's bytes must be in the file; its padding to 8 need not: QEMU writes
+            // an entry's fields, not the padding after it, so a table at the end of the
+            // file ends with its last entry's name (`qcow2_write_snapshots`).
+            if at.saturating_add(len) > self.file_len {
+                self.report
+                    .corrupt(|| "ERROR snapshot table past end of file".to_string());
+                return Ok(l1s);
+            }
             let len = (len + 7) & !7;
             if l1_size > (32 << 20) / 8 {
                 self.report
@@ -492,11 +535,6 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 l1s.push((l1_off, l1_size));
             }
             at = at.saturating_add(len);
-            if at > self.file_len {
-                self.report
-                    .corrupt(|| "ERROR snapshot table past end of file".to_string());
-                return Ok(l1s);
-            }
         }
         self.inc(start, at - start, "snapshot table");
         Ok(l1s)
@@ -739,6 +777,12 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     ctr.inc(0, cs, "header");
     let mut l1s = vec![(h.l1_table_offset, h.l1_size)];
     if h.nb_snapshots > 0 {
+        // `qcow2_check_refcounts`: an image with an external data file has no snapshots
+        // (its data clusters would be shared with nothing to count them).
+        if data_file {
+            ctr.report
+                .corrupt(|| format!("ERROR {} snapshots in image with data file", h.nb_snapshots));
+        }
         l1s.extend(ctr.snapshots(area)?);
     }
     ctr.l1_tables(&l1s, data_file, extl2)?;
@@ -907,15 +951,10 @@ fn oflag_copied<S: Storage + ?Sized>(
             continue;
         };
         for e in l2.chunks_exact(stride).map(BigEndian::read_u64) {
+            // A compressed entry's copied flag is `check_refcounts_l2`'s finding, counted
+            // by the walk (`l2`), not this pass's (`check_oflag_copied` looks only at
+            // normal and zero-allocated entries).
             if e & L2_COMPRESSED != 0 {
-                if e & L2_COPIED != 0 {
-                    report.corrupt_n(m, || {
-                        format!(
-                            "ERROR: l2_entry={e:x}: copied flag must never be set for \
-                             compressed clusters"
-                        )
-                    });
-                }
                 continue;
             }
             let data = e & L2_OFFSET_MASK;
