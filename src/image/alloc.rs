@@ -4,9 +4,13 @@
 //! - The in-memory reftable and cached refblocks are the image's refcounts as they will be
 //!   after the next [`Refcounts::flush`]. Every change is buffered: blocks are marked dirty
 //!   and reach storage only in `flush`, so callers control when refcounts become durable.
-//! - A cluster is handed out only if its refcount is 0 *and* it is not one of the
-//!   structures the header names (cluster 0, the L1 table, the reftable) or a refblock. The
-//!   second test protects against images whose refcounts are already wrong.
+//! - A cluster inside the file is handed out only if its refcount is 0 *and* it is not one
+//!   of the structures the header names (cluster 0, the L1 table, the reftable) or a
+//!   refblock; the second test protects against images whose refcounts are already wrong.
+//!   A cluster past the end of the file holds nothing and is handed out whatever a
+//!   (corrupt) refblock says of it, its refcount set to 1; every writing operation's
+//!   preflight walk has refused an image where a refcount disagrees with the references
+//!   (`docs/CRASH-CONSISTENCY.md`, "Ownership and frees").
 //! - New refblocks are placed at the start of the run that needs them, so in the common
 //!   case a refblock describes itself, as QEMU's do (`alloc_refcount_block`).
 //!

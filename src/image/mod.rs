@@ -95,8 +95,9 @@ impl<S: Storage> Image<S> {
     /// [`Error::Corrupt`] for a header, extension or reftable QEMU would refuse (including
     /// unknown incompatible features, named); [`Error::Unsupported`] when `mode` is
     /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set, or the image is
-    /// encrypted with LUKS and has no crypto header extension (QEMU opens it for no I/O);
-    /// [`Error::Io`] from the storage.
+    /// encrypted with LUKS and has no crypto header extension (QEMU opens it for no I/O),
+    /// or a crypto header pointer QEMU refuses (shorter than a LUKS1 header, past the end
+    /// of the file, without LUKS magic or version 1); [`Error::Io`] from the storage.
     pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
         Self::open_inner(storage, mode, false).map(|(img, _)| img)
     }
