@@ -552,11 +552,16 @@ fn activate_refuses_an_image_qemu_wrote_while_inactive() {
 /// `write_all_at`, at the N-th write: a guest write that races with `inactivate`, placed
 /// deterministically. The hook then gives the mark up to 200 ms to return, and every later
 /// write records whether it had: a mark that returned while the store was still writing
-/// the bitmaps out could let its guest write go ahead before the outcome is durable.
+/// the bitmaps out could let its guest write go ahead before the outcome is durable. The
+/// barriers are counted, and the marking thread records how many had been issued when its
+/// mark returned: one that returns before the stop's last barrier returned before the
+/// outcome was durable.
 #[derive(Debug)]
 struct MarkOnWrite {
     inner: dirty_bitmap::storage::MemStorage,
     writes: std::sync::atomic::AtomicU64,
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+    syncs_when_marked: Arc<std::sync::atomic::AtomicU64>,
     at: std::sync::atomic::AtomicU64,
     target: std::sync::Mutex<Option<(Arc<DirtyBitmap>, u64)>>,
     marked: Arc<std::sync::atomic::AtomicBool>,
@@ -580,9 +585,11 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
         if n == self.at.load(SeqCst) {
             if let Some((bm, off)) = self.target.lock().unwrap().clone() {
                 let marked = Arc::clone(&self.marked);
+                let (syncs, when) = (Arc::clone(&self.syncs), Arc::clone(&self.syncs_when_marked));
                 let (tx, rx) = std::sync::mpsc::channel();
                 *self.marker.lock().unwrap() = Some(std::thread::spawn(move || {
                     bm.mark_dirty(off, 4096);
+                    when.store(syncs.load(SeqCst), SeqCst);
                     marked.store(true, SeqCst);
                     let _ = tx.send(());
                 }));
@@ -595,7 +602,10 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> dirty_bitmap::Result<()> {
-        self.inner.sync_data()
+        let r = self.inner.sync_data();
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
     }
 }
 
@@ -610,6 +620,8 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
     let storage = MarkOnWrite {
         inner: dirty_bitmap::storage::MemStorage::new(),
         writes: Default::default(),
+        syncs: Default::default(),
+        syncs_when_marked: Default::default(),
         at: Default::default(),
         target: Default::default(),
         marked: Default::default(),
@@ -627,6 +639,7 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
     let written = s.image().storage().writes.load(SeqCst);
     *s.image().storage().target.lock().unwrap() = Some((Arc::clone(&bm), 512 << 20));
     s.image().storage().at.store(written + 1, SeqCst);
+    let syncs_before = s.image().storage().syncs.load(SeqCst);
     s.inactivate().unwrap();
     assert!(!s.is_active());
     let marker = s.image().storage().marker.lock().unwrap().take().unwrap();
@@ -637,6 +650,13 @@ fn a_mark_racing_inactivate_waits_until_the_stop_is_durable_and_is_kept() {
             .written_after_the_mark_returned
             .load(SeqCst),
         "the racing mark returned while the stop was still writing"
+    );
+    let syncs = s.image().storage().syncs.load(SeqCst);
+    assert!(syncs > syncs_before, "the stop issued no barrier");
+    assert_eq!(
+        s.image().storage().syncs_when_marked.load(SeqCst),
+        syncs,
+        "the racing mark returned before the stop's last barrier"
     );
     // The mark waited and is in the parked bitmap: the next activate and stop write it.
     assert!(s.load("b").unwrap().is_dirty(512 << 20));
