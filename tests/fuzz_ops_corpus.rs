@@ -43,6 +43,24 @@ fn replay_ops_corpus() {
         }
         println!("{name}: replayed {} corpus files", paths.len());
     }
+    // `ops_guest_data` returns quietly on an image the store refuses to open: the corpus
+    // must still hold images it opens, or its replay checks nothing.
+    let paths = files(&root.join("ops_guest_data"));
+    let ran: Vec<usize> = paths
+        .iter()
+        .map(|p| ops::guest_data_ops_run(&fs::read(p).unwrap()))
+        .collect();
+    let opened = ran.iter().filter(|&&n| n > 0).count();
+    println!(
+        "ops_guest_data: {opened} of {} inputs opened, {} operations",
+        paths.len(),
+        ran.iter().sum::<usize>()
+    );
+    assert!(
+        opened * 2 >= paths.len(),
+        "only {opened} of {} ops_guest_data inputs ran an operation",
+        paths.len()
+    );
 }
 
 /// Replays an `ops_guest_data` finding, then checks that the first write its tail asks for

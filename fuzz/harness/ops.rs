@@ -1292,17 +1292,25 @@ fn refcount(img: &[u8], c: u64) -> u64 {
 /// in clusters whose refcount is 0 (a reference without a refcount: any allocator, QEMU's
 /// included, may hand such a cluster out; `qemu-img check` reports it as corruption).
 pub fn ops_guest_data(data: &[u8]) {
+    let _ = guest_data_ops_run(data);
+}
+
+/// [`ops_guest_data`], returning how many operations ran: 0 when the input holds no
+/// image the store opens, so that a replay can tell a corpus that checks something from
+/// one every input of which is refused at the open.
+pub fn guest_data_ops_run(data: &[u8]) -> usize {
     let Some((&n, rest)) = data.split_last() else {
-        return;
+        return 0;
     };
     let (image, op_bytes) = rest.split_at(rest.len() - usize::from(n).min(rest.len()));
     let (cb, ranges) = guest_ranges(image);
     let storage = MemStorage::from_bytes(image.to_vec());
     let Ok(store) = BitmapStore::open(&storage, OpenMode::ReadWrite) else {
-        return;
+        return 0;
     };
     let mut store = Some(store);
     let ops = decode_ops(&mut Bytes::new(op_bytes), MAX_GUEST_OPS);
+    let mut ran = 0;
     for op in &ops {
         let Some(s) = store.as_mut() else {
             break;
@@ -1310,6 +1318,7 @@ pub fn ops_guest_data(data: &[u8]) {
         if memory_needed(s) > GUEST_MEMORY_LIMIT {
             break;
         }
+        ran += 1;
         let r = guest_op(&mut store, &storage, op);
         if let Err(e) = r {
             assert!(!matches!(e, Error::Io(_)), "{op:?}: I/O error {e}");
@@ -1345,6 +1354,7 @@ pub fn ops_guest_data(data: &[u8]) {
             c += 1;
         }
     }
+    ran
 }
 
 /// Bytes of bitmap the store could be made to hold: every listed bitmap and one more at
