@@ -603,8 +603,7 @@ impl dirty_bitmap::storage::Storage for MarkOnWrite {
     }
     fn sync_data(&self) -> dirty_bitmap::Result<()> {
         let r = self.inner.sync_data();
-        self.syncs
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         r
     }
 }

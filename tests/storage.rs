@@ -574,7 +574,7 @@ fn crash_kept_is_the_live_state() {
         match op {
             Op::Write { offset, data } => mem.write_all_at(data, *offset).unwrap(),
             Op::SetLen(n) => mem.set_len(*n).unwrap(),
-            Op::Sync => {}
+            Op::Sync | Op::FailedSync => {}
         }
         assert_eq!(
             s.crash_image(k + 1, CrashMode::Kept).unwrap(),

@@ -25,6 +25,12 @@ pub enum Op {
     SetLen(u64),
     /// A [`sync_data`](Storage::sync_data): everything before it is durable.
     Sync,
+    /// A barrier that failed ([`CrashStorage::fail_sync`]): the writes and length changes
+    /// since the previous barrier never land, at this point or at any later barrier, while
+    /// reads still return them. Linux marks the pages of a failed writeback clean without
+    /// writing them and reports the error once, so a later `fdatasync` succeeds without
+    /// writing them; this is the worst case of what it may leave.
+    FailedSync,
 }
 
 /// How much of the unsynced tail a crash image keeps; see [`CrashStorage`].
@@ -65,6 +71,9 @@ pub enum CrashMode {
 /// - [`Torn`](CrashMode::Torn): each write is cut at absolute [`SECTOR_SIZE`] boundaries
 ///   and each piece landed or not, and each `set_len` happened or not, as a seeded
 ///   pseudo-random generator decides, in log order.
+///
+/// A [`FailedSync`](Op::FailedSync) ends its unsynced tail too, but loses it: none of those
+/// ops lands, neither in a crash image after it nor at a later sync.
 ///
 /// A 512-byte sector is assumed atomic, as disks promise. A landed piece that lies past the
 /// end of the image being built (because a growing `set_len` before it did not happen) is
@@ -124,6 +133,14 @@ impl CrashStorage {
         build(&state.base, &state.ops, CrashMode::Dropped)
     }
 
+    /// Records a barrier that failed ([`Op::FailedSync`]), for a test whose wrapper (a
+    /// [`FaultStorage`](super::FaultStorage) failing `sync_data`) kept the call from
+    /// reaching this storage: the writes since the last barrier are then lost for good,
+    /// though reads still return them, as the page cache does after a failed writeback.
+    pub fn fail_sync(&self) {
+        self.state.write().ops.push(Op::FailedSync);
+    }
+
     /// How many ops the log holds.
     #[must_use]
     pub fn op_count(&self) -> usize {
@@ -173,7 +190,8 @@ impl CrashStorage {
             durable: state.base.to_vec(),
             ops: state.ops.clone(),
             points: crash_points(&state.ops).into_iter(),
-            applied: 0,
+            pending: 0,
+            scanned: 0,
             mode,
         }
     }
@@ -227,11 +245,14 @@ impl Storage for CrashStorage {
 /// Iterator over `(crash point, crash image)`, from [`CrashStorage::crash_images`].
 #[derive(Debug)]
 pub struct CrashImages {
-    /// The base with `ops[..applied]` replayed.
+    /// The base with the durable ops of `ops[..pending]` replayed.
     durable: Vec<u8>,
     ops: Vec<Op>,
     points: std::vec::IntoIter<usize>,
-    applied: usize,
+    /// Where the unsynced tail of the last point starts.
+    pending: usize,
+    /// How far the log has been scanned for barriers.
+    scanned: usize,
     mode: CrashMode,
 }
 
@@ -241,14 +262,12 @@ impl Iterator for CrashImages {
     fn next(&mut self) -> Option<Self::Item> {
         let point = self.points.next()?;
         let ops = self.ops.get(..point)?;
-        let (durable_end, tail) = split_at_last_sync(ops);
         // Points ascend, so the durable prefix only ever grows.
-        if let Some(newly_durable) = ops.get(self.applied..durable_end) {
-            apply_all(&mut self.durable, newly_durable);
-            self.applied = durable_end;
-        }
+        let from = self.scanned;
+        self.pending = settle(&mut self.durable, ops, from, self.pending);
+        self.scanned = point;
         let mut image = self.durable.clone();
-        apply_tail(&mut image, tail, self.mode);
+        apply_tail(&mut image, ops.get(self.pending..).unwrap_or(&[]), self.mode);
         Some((point, image))
     }
 
@@ -272,21 +291,29 @@ fn crash_points(ops: &[Op]) -> Vec<usize> {
     points
 }
 
-/// Splits a crash prefix into the length of its durable part (the ops before its last
-/// sync) and its unsynced tail (the ops after it).
-fn split_at_last_sync(ops: &[Op]) -> (usize, &[Op]) {
-    match ops.iter().rposition(|op| matches!(op, Op::Sync)) {
-        Some(s) => (s, ops.get(s.saturating_add(1)..).unwrap_or(&[])),
-        None => (0, ops),
+/// Replays onto `durable` what the barriers among `ops[from..]` make durable, given that
+/// the unsynced tail before `from` starts at `pending`: at a sync the ops since the tail's
+/// start land, at a failed sync they are dropped. Returns where the unsynced tail of `ops`
+/// starts.
+fn settle(durable: &mut Vec<u8>, ops: &[Op], from: usize, mut pending: usize) -> usize {
+    for (i, op) in ops.iter().enumerate().skip(from) {
+        match op {
+            Op::Sync => {
+                apply_all(durable, ops.get(pending..i).unwrap_or(&[]));
+                pending = i.saturating_add(1);
+            }
+            Op::FailedSync => pending = i.saturating_add(1),
+            Op::Write { .. } | Op::SetLen(_) => {}
+        }
     }
+    pending
 }
 
 /// The crash image after `ops`, in `mode`.
 fn build(base: &[u8], ops: &[Op], mode: CrashMode) -> Vec<u8> {
-    let (durable_end, tail) = split_at_last_sync(ops);
     let mut image = base.to_vec();
-    apply_all(&mut image, ops.get(..durable_end).unwrap_or(&[]));
-    apply_tail(&mut image, tail, mode);
+    let pending = settle(&mut image, ops, 0, 0);
+    apply_tail(&mut image, ops.get(pending..).unwrap_or(&[]), mode);
     image
 }
 
@@ -303,7 +330,7 @@ fn apply_all(image: &mut Vec<u8>, ops: &[Op]) {
         match op {
             Op::Write { offset, data } => write_clipped(image, *offset, data),
             Op::SetLen(n) => set_len(image, *n),
-            Op::Sync => {}
+            Op::Sync | Op::FailedSync => {}
         }
     }
 }
@@ -335,7 +362,8 @@ fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
                     set_len(image, *n);
                 }
             }
-            Op::Sync => {}
+            // The tail holds no barrier: `settle` ends it at the last one.
+            Op::Sync | Op::FailedSync => {}
         }
     }
 }
