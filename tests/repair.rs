@@ -1141,6 +1141,7 @@ fn a_preload_reads_no_table_of_the_wrong_size() {
 fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
     use dirty_bitmap::format::{decode_directory, encode_directory, Corruption};
     use dirty_bitmap::storage::{MemStorage, OpenMode};
+    use dirty_bitmap::store::repair::Repair;
     use dirty_bitmap::store::triage::triage_bitmaps;
     use dirty_bitmap::{BitmapStore, Error, Image, Recording};
     let mut st = BitmapStore::create(MemStorage::new(), 256 << 30, 4096).unwrap();
@@ -1193,4 +1194,23 @@ fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
     let r = s.add("x", 65536, Recording::Disabled);
     assert!(r.as_ref().is_err_and(overlap), "add: {r:?}");
     assert!(s.image().storage().to_vec() == hostile, "the refusal wrote");
+    drop(s);
+    // The same entries in use: triage reads none of their tables, but a repair reads every
+    // entry's (found by the round-2 review: it read each whole).
+    let in_use: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.in_use = true;
+            e
+        })
+        .collect();
+    let new = encode_directory(&in_use, &geo).unwrap();
+    hostile[d..d + new.len()].copy_from_slice(&new);
+    for what in [Repair::Leaks, Repair::All] {
+        let storage = MemStorage::from_bytes(hostile.clone());
+        let r = dirty_bitmap::store::repair::repair(&storage, what).map(drop);
+        assert!(r.as_ref().is_err_and(overlap), "repair {what:?}: {r:?}");
+        assert!(storage.to_vec() == hostile, "the refused repair wrote");
+    }
 }

@@ -91,10 +91,12 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
     }))
 }
 
-/// The tables triage reads (those of the entries QEMU loads, at most the longest at each
-/// offset) must fit in the file, as far as each lies in it: tables that overlap at shifted
-/// offsets would each be read whole, a cost of entries × table instead of the file's
-/// (`image::check` refuses them the same way).
+/// The tables of the entries whose fields read (at most the longest at each offset) must
+/// fit in the file, as far as each lies in it: tables that overlap at shifted offsets would
+/// each be read whole, a cost of entries × table instead of the file's (`image::check`
+/// refuses them the same way). Triage reads only the tables of entries QEMU loads, but a
+/// repair reads every entry's, in use or not (`repair.rs`, `owned_clusters`), and QEMU
+/// gives an in-use table its own clusters too.
 ///
 /// # Errors
 /// [`Corruption::OverlappingTables`]; I/O reading the file's length.
@@ -102,11 +104,9 @@ fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> 
     let file = image.storage().len()?;
     let mut longest: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     for e in entries.iter().filter_map(|t| t.verdict.as_ref().ok()) {
-        if !e.in_use {
-            let len = u64::from(e.table_size).saturating_mul(8);
-            let l = longest.entry(e.table_offset).or_insert(0);
-            *l = (*l).max(len);
-        }
+        let len = u64::from(e.table_size).saturating_mul(8);
+        let l = longest.entry(e.table_offset).or_insert(0);
+        *l = (*l).max(len);
     }
     let bytes = longest
         .iter()
