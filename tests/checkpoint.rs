@@ -329,6 +329,14 @@ fn an_inactive_add_is_parked_when_the_stop_parked_no_bitmap() {
         let d = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap();
         assert_eq!(extents(&d.load(name).unwrap()), vec![(3 * G, G)]);
     }
+    // With no tracker alive nothing can mark the new bitmap before the next activation:
+    // it is not parked, so a durable activation is not refused for holding parked bitmaps.
+    let mut q = BitmapStore::create(MemStorage::new(), disk, 65536).unwrap();
+    q.activate().unwrap();
+    q.inactivate().unwrap();
+    q.add("c", G, Recording::Enabled).unwrap();
+    q.activate_durable()
+        .expect("no parked bitmap without a tracker");
 }
 
 /// Found by an adversarial review: QEMU keeps the bitmaps it loaded in place and appends

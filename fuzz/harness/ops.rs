@@ -531,7 +531,8 @@ impl<'a> Crash<'a> {
                     } else {
                         None
                     };
-                    let parked_added = self.model.parked();
+                    // Parked only while a tracker may mark it.
+                    let parked_added = self.model.parked() && self.tracker.is_some();
                     self.model.bms.push(Bm {
                         name: n.to_string(),
                         granularity,

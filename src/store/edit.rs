@@ -246,7 +246,13 @@ impl<S: Storage> BitmapStore<S> {
         // disabled old one no longer takes). Its disk image is empty, as it is. Whether
         // the stop parked any bitmap does not matter: a tracker of a store that held none
         // (or whose parked ones were removed since) marks the list this add publishes.
-        let parked_too = !self.active && self.parking && !self.parked_durable;
+        // With no tracker alive nothing can mark it before the next activation (a tracker
+        // is made only while active, and only trackers hold `tracked` besides the store),
+        // so it is not parked, and a durable activation or a resize is not refused for it.
+        let parked_too = !self.active
+            && self.parking
+            && !self.parked_durable
+            && Arc::strong_count(&self.tracked) > 1;
         let mem = match (self.active, content) {
             (true, Some(c)) => Some(self.adopt(&entry, c)?),
             (true, None) | (false, _) if self.active || parked_too => {
