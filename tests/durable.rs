@@ -810,9 +810,12 @@ fn a_disable_never_acknowledges_a_mark_the_disk_still_records_without() {
     let t = shared.durable_tracker().unwrap();
     let clean = 77 * G;
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicU64::new(0));
     {
         let (t, crash, seen) = (t.clone(), Arc::clone(&crash), Arc::clone(&seen));
+        let calls = Arc::clone(&calls);
         hooked.set(move |at| {
+            calls.fetch_add(1, Ordering::SeqCst);
             if t.is_durable(clean, 4096) {
                 for bytes in [crash.live_image(), crash.durable_image()] {
                     seen.lock()
@@ -824,6 +827,11 @@ fn a_disable_never_acknowledges_a_mark_the_disk_still_records_without() {
     }
     shared.lock().set_enabled("a", false).unwrap();
     hooked.unset();
+    // The probe ran: at the flags write and at its barrier, at least.
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the disable wrote through no hook"
+    );
     for (at, a) in seen.lock().unwrap().iter() {
         assert_ne!(
             *a,

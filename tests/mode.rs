@@ -58,12 +58,13 @@ fn header_writes(ops: &[Op]) -> Vec<usize> {
         .collect()
 }
 
-/// `ops` in short: `W offset+len`, `S`, `L len`.
+/// `ops` in short: `W offset+len`, `S`, `F` (a failed sync), `L len`.
 fn summary(ops: &[Op]) -> Vec<String> {
     ops.iter()
         .map(|o| match o {
             Op::Write { offset, data } => format!("W {offset}+{}", data.len()),
             Op::Sync => "S".to_string(),
+            Op::FailedSync => "F".to_string(),
             Op::SetLen(n) => format!("L {n}"),
         })
         .collect()

@@ -147,12 +147,23 @@ pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
         )
     });
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for line in map.lines() {
+    // Every line is an extent (offset, length, type, description), each starting where
+    // the one before ended: a line that does not parse (another output format) fails
+    // rather than reads as clean.
+    let mut end = 0u64;
+    for line in map.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 3 || f[2] != "1" {
-            continue;
+        let num = |i: usize| -> u64 {
+            f.get(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("nbdinfo --map line {line:?} does not parse"))
+        };
+        let (off, len, ty) = (num(0), num(1), num(2));
+        assert_eq!(off, end, "nbdinfo --map leaves a gap before {line:?}");
+        end = off + len;
+        if ty == 1 {
+            push_merged(&mut out, off, len);
         }
-        push_merged(&mut out, f[0].parse().unwrap(), f[1].parse().unwrap());
     }
     out
 }
