@@ -1019,28 +1019,45 @@ mod tests {
         );
     }
 
-    /// Another thread's mark of the 512 bytes at `offset` in bitmap `name`, held for 300 ms
-    /// between writing its word and recording its change-map region (announced
-    /// throughout); returns once the word is written.
-    fn racing_mark_unrecorded(
+    /// Runs `call` while another thread's mark of the 512 bytes at `offset` in bitmap
+    /// `name` is held between writing its word and recording its change-map region
+    /// (announced throughout). `call` runs on a thread of its own; the mark is released
+    /// once `call` returned or a second passed, whichever is first. Returns whether `call`
+    /// returned while the mark was held: it must not, since it waits for the marks in
+    /// flight; the hold ends on a signal, not a timer, so a slow machine cannot let
+    /// the mark record its region before `call` looked.
+    fn returned_while_a_mark_was_held(
         shared: &SharedStore<Arc<CrashStorage>>,
         name: &str,
         offset: u64,
-    ) -> std::thread::JoinHandle<()> {
+        call: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        use std::time::Duration;
         let bitmap = {
             let s = shared.lock();
             let i = s.find_consistent(name).unwrap();
             Arc::clone(s.slots[i].mem.as_ref().unwrap())
         };
         let (written, paused) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel::<()>();
         let racer = std::thread::spawn(move || {
             bitmap.mark_pausing_before_its_record(offset, 512, || {
                 written.send(()).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                // Released by the test; the bound only keeps a broken test from hanging.
+                let _ = held.recv_timeout(Duration::from_secs(30));
             });
         });
         paused.recv().unwrap();
-        racer
+        let (done, returned) = std::sync::mpsc::channel();
+        let caller = std::thread::spawn(move || {
+            call();
+            done.send(()).unwrap();
+        });
+        let early = returned.recv_timeout(Duration::from_secs(1)).is_ok();
+        release.send(()).unwrap();
+        racer.join().unwrap();
+        caller.join().unwrap();
+        early
     }
 
     /// Found by a review of the registry: set in memory is not on disk. A racing intent's
@@ -1054,13 +1071,18 @@ mod tests {
         let (crash, shared, t) =
             durable_store(&[("a", Recording::Enabled), ("b", Recording::Disabled)]);
         let w = t.begin_write(RACED, 4096).unwrap();
-        let racer = racing_mark_unrecorded(&shared, "b", RACED + 512);
-        shared.lock().set_enabled("b", true).unwrap();
+        let s = shared.clone();
+        let early = returned_while_a_mark_was_held(&shared, "b", RACED + 512, move || {
+            s.lock().set_enabled("b", true).unwrap();
+        });
+        assert!(
+            !early,
+            "the enable returned while a mark of \"b\" was in flight"
+        );
         assert!(
             durable_image(&crash).load("b").unwrap().is_dirty(RACED),
             "the enable returned with the write in flight not in \"b\" on disk"
         );
-        racer.join().unwrap();
         drop(w);
     }
 
@@ -1070,15 +1092,17 @@ mod tests {
     #[test]
     fn a_durable_store_writes_a_bit_a_racing_mark_set_unrecorded() {
         let (crash, shared, _t) = durable_store(&[("a", Recording::Enabled)]);
-        let racer = racing_mark_unrecorded(&shared, "a", RACED);
-        let bits = DirtyBitmap::new(1 << 30, 65536).unwrap();
-        bits.mark_dirty(RACED, 4096);
-        shared.lock().store("a", &bits).unwrap();
+        let s = shared.clone();
+        let early = returned_while_a_mark_was_held(&shared, "a", RACED, move || {
+            let bits = DirtyBitmap::new(1 << 30, 65536).unwrap();
+            bits.mark_dirty(RACED, 4096);
+            s.lock().store("a", &bits).unwrap();
+        });
+        assert!(!early, "the store returned while a mark was in flight");
         assert!(
             durable_image(&crash).load("a").unwrap().is_dirty(RACED),
             "the store returned with its bit not on disk"
         );
-        racer.join().unwrap();
     }
 
     /// Found by the same review: a durable clear dropped the bits of a write whose intent
