@@ -1035,6 +1035,67 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
     }
 }
 
+/// Found by a review: QEMU reads the reftable at open without judging it, so it opens an
+/// image whose reftable entry has a reserved bit set, lists its bitmaps and reads them;
+/// only `qemu-img check` reports it. Our open refused it in every mode, so `dbm info`
+/// failed and `dbm check` exited 1 with no report. A read-only open now goes ahead
+/// without the refcounts, and the check reports what QEMU reports (the entry, and its
+/// block as leaked); a writable open still refuses before any write.
+#[test]
+fn a_reftable_entry_with_reserved_bits_reads_as_qemu_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", i]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let e = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap());
+    bytes[rt..rt + 8].copy_from_slice(&(e | 1).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    // QEMU opens it and lists the bitmap (with the write's granule dirty); so do we.
+    ok("qemu-img", &["info", i]);
+    assert_eq!(qemu_bitmaps(&img)[0].0, "b0");
+    let s = open(&img, OpenMode::ReadOnly);
+    assert_eq!(s.list()[0].name.to_string(), "b0");
+    assert!(s.load("b0").unwrap().is_dirty(0));
+    let report = s.image().check().unwrap();
+    drop(s);
+    let qemu = common::qemu::run("qemu-img", &["check", "--output=json", i]);
+    assert_eq!(qemu.status.code(), Some(2), "{qemu:?}");
+    let v: serde_json::Value = serde_json::from_slice(&qemu.stdout).unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (
+            v["corruptions"].as_u64().unwrap_or(0),
+            v["leaks"].as_u64().unwrap_or(0)
+        ),
+        "ours: {:?}; QEMU: {v}",
+        report.messages
+    );
+    let dbm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(dbm(&["info", i]).status.code(), Some(0));
+    assert_eq!(dbm(&["check", i]).status.code(), Some(2));
+    // Writable: refused, nothing written.
+    let r = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    );
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Corrupt(_))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
+}
+
 /// `img` is corruption to `qemu-img check` (exit 2) and to ours, whose findings include
 /// one containing `ours`; adding a bitmap is refused before anything is written.
 fn assert_corrupt_to_both(img: &Path, ours: &str) {

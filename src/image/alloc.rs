@@ -98,6 +98,23 @@ impl Refcounts {
                 .into());
             }
         }
+        Self::with_reftable(header, reftable, block_clusters)
+    }
+
+    /// The refcounts of an image whose reftable was not read (a read-only open of a
+    /// reftable [`load`](Self::load) refuses): no block, so nothing is ever allocated from
+    /// them. [`Image`](super::Image) answers every refcount question of such an image with
+    /// the load's error instead of asking these.
+    pub(crate) fn unread(header: &Header) -> Result<Self> {
+        Self::with_reftable(header, Vec::new(), HashSet::new())
+    }
+
+    fn with_reftable(
+        header: &Header,
+        reftable: Vec<Option<u64>>,
+        block_clusters: HashSet<u64>,
+    ) -> Result<Self> {
+        let cs = header.cluster_size();
         let per_block = entries_per_block(header.cluster_bits, header.refcount_order)?;
         let l1_len = u64::from(header.l1_size).saturating_mul(8);
         let l1_start = header.l1_table_offset >> header.cluster_bits;

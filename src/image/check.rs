@@ -25,7 +25,10 @@ use byteorder::{BigEndian, ByteOrder};
 use super::alloc::read_metadata;
 use crate::error::{Corruption, Error, Result};
 use crate::format::header::INCOMPAT_EXTL2;
-use crate::format::refcount::{decode_reftable_entry, entries_per_block, get_refcount};
+use crate::format::refcount::{
+    decode_reftable_entry, entries_per_block, get_refcount, REFTABLE_OFFSET_MASK,
+    REFTABLE_RESERVED_MASK,
+};
 use crate::format::{decode_directory, DirEntry, HeaderArea, TableEntry};
 use crate::storage::{Storage, StorageExt};
 
@@ -802,7 +805,22 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
         .read("refcount table", h.refcount_table_offset, rt_len)
         .unwrap_or_default();
     let mut blocks: Vec<Option<u64>> = Vec::with_capacity(rt.len() / 8);
+    // Blocks read for the comparison though the walk does not count them: QEMU's
+    // `check_refblocks` skips an entry with reserved bits set (no reference, one
+    // corruption), while its comparison reads the refcounts through the entry's offset
+    // bits (`qcow2_get_refcount`).
+    let mut uncounted: Vec<(usize, u64)> = Vec::new();
     for (i, raw) in rt.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
+        if raw & REFTABLE_RESERVED_MASK != 0 {
+            ctr.report
+                .corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
+            let off = raw & REFTABLE_OFFSET_MASK;
+            if off != 0 && off.checked_add(cs).is_some_and(|end| end <= file_len) {
+                uncounted.push((i, off));
+            }
+            blocks.push(None);
+            continue;
+        }
         let entry = match decode_reftable_entry(raw, i as u64, cs) {
             Ok(e) => e,
             Err(e) => {
@@ -833,6 +851,11 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
             if r != 1 {
                 report.corrupt(|| format!("ERROR refcount block {i} refcount={r}"));
             }
+        }
+    }
+    for (i, off) in uncounted {
+        if let Some(b) = blocks.get_mut(i) {
+            *b = Some(off);
         }
     }
     // Compare, one block at a time.

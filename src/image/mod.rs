@@ -61,6 +61,9 @@ pub struct Image<S: Storage> {
     /// that can only add a sector to the ones checked).
     disk_header: Option<Vec<u8>>,
     refcounts: Refcounts,
+    /// Why the reftable could not be read, on a read-only handle that opened without it
+    /// (`refcounts` is then empty, and no refcount question is answered from it).
+    refcounts_unreadable: Option<Corruption>,
     /// Set by the first failed write: the in-memory state may disagree with the disk.
     poisoned: bool,
     /// Barriers this image issued itself (header writes, [`Image::sync`]); the refcount
@@ -92,8 +95,9 @@ impl<S: Storage> Image<S> {
     /// refcount table; writes nothing.
     ///
     /// # Errors
-    /// [`Error::Corrupt`] for a header, extension or reftable QEMU would refuse (including
-    /// unknown incompatible features, named); [`Error::Unsupported`] when `mode` is
+    /// [`Error::Corrupt`] for a header or extension QEMU would refuse (including unknown
+    /// incompatible features, named), or, opened writable, a reftable that does not read
+    /// (read-only, the image opens as QEMU's does, and refcount questions fail instead); [`Error::Unsupported`] when `mode` is
     /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set, or the image is
     /// encrypted with LUKS and has no crypto header extension (QEMU opens it for no I/O),
     /// or a crypto header pointer QEMU refuses (shorter than a LUKS1 header, past the end
@@ -220,7 +224,17 @@ impl<S: Storage> Image<S> {
         } else {
             None
         };
-        let refcounts = Refcounts::load(&storage, &area.header)?;
+        // QEMU reads the reftable at open without judging it (`qcow2_refcount_init`), so it
+        // opens, lists and reads the bitmaps of an image whose reftable has a reserved bit
+        // set, an entry past the end of the file or two entries naming one block; only
+        // `qemu-img check` reports them. A read-only open does the same: the refcounts are
+        // then unknown, and every question about them fails with the load's error. A
+        // writable open refuses the image, before anything is written.
+        let (refcounts, refcounts_unreadable) = match Refcounts::load(&storage, &area.header) {
+            Ok(r) => (r, None),
+            Err(Error::Corrupt(c)) if !writable => (Refcounts::unread(&area.header)?, Some(c)),
+            Err(e) => return Err(e),
+        };
         Ok((
             Self {
                 storage,
@@ -229,6 +243,7 @@ impl<S: Storage> Image<S> {
                 stale_bitmaps,
                 disk_header,
                 refcounts,
+                refcounts_unreadable,
                 poisoned: false,
                 syncs: Barriers::default(),
             },
@@ -378,6 +393,7 @@ impl<S: Storage> Image<S> {
             area,
             stale_bitmaps: None,
             refcounts,
+            refcounts_unreadable: None,
             poisoned: false,
             syncs: Barriers::default(),
         })
@@ -568,7 +584,20 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// I/O, or a table past the end of the file.
     pub(crate) fn refcounts_match_disk(&self) -> Result<bool> {
+        self.ensure_refcounts_read()?;
         self.refcounts.cache_matches_disk(&self.storage)
+    }
+
+    /// The refcounts were read at open: a read-only open keeps going without them when
+    /// the reftable is corrupt.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] with the load's corruption.
+    fn ensure_refcounts_read(&self) -> Result<()> {
+        match &self.refcounts_unreadable {
+            Some(c) => Err(Error::Corrupt(c.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Allocates `n` contiguous clusters (first fit), sets their refcounts to 1 in memory
@@ -623,6 +652,7 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// [`Error::Corrupt`] if its refcount block lies past the end of the file; I/O errors.
     pub(crate) fn refcount(&mut self, offset: u64) -> Result<u64> {
+        self.ensure_refcounts_read()?;
         let c = offset >> self.area.header.cluster_bits;
         self.refcounts.get(&self.storage, c)
     }
