@@ -42,8 +42,13 @@ fn replay_corpus_and_regressions() {
     let mut total = 0;
     for (name, f) in TARGETS {
         let seeds = replay(&root.join("corpus").join(name), f);
-        let regressions = replay(&root.join("regressions").join(name), f);
+        let dir = root.join("regressions").join(name);
+        let regressions = replay(&dir, f);
         assert!(seeds > 0, "fuzz/corpus/{name}/ is empty");
+        assert!(
+            regressions > 0 || !dir.exists(),
+            "fuzz/regressions/{name}/ exists and is empty"
+        );
         println!("{name}: replayed {seeds} corpus files and {regressions} regressions");
         total += seeds + regressions;
     }

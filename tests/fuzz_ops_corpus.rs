@@ -92,6 +92,30 @@ fn guest_data_refused(name: &str, remove: bool) {
 }
 
 /// Runs one minimised finding through its target.
+/// Every committed finding of the write-path targets is replayed by a named test of this
+/// file: a finding added to `fuzz/regressions/ops_*/` without one would never run.
+#[test]
+fn every_ops_regression_has_a_test() {
+    let this = include_str!("fuzz_ops_corpus.rs");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut seen = 0;
+    for (target, _) in TARGETS {
+        let dir = root.join(target);
+        if !dir.exists() {
+            continue;
+        }
+        for p in files(&dir) {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            assert!(
+                this.contains(&format!("\"{name}\"")),
+                "fuzz/regressions/{target}/{name} is replayed by no test"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no ops regression found");
+}
+
 fn regression(target: &str, name: &str) {
     let f = TARGETS.iter().find(|t| t.0 == target).expect("a target").1;
     let path = format!(
