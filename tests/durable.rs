@@ -1279,3 +1279,66 @@ fn a_polled_intent_says_poisoned_after_a_failed_durable_add() {
     }
     assert!(failed > 1, "the add wrote {failed} times");
 }
+
+/// Found by two reviews: after a barrier fails, Linux keeps the pages it could not write in
+/// its cache, marked clean; reads return them and no later barrier writes them. A durable
+/// activation on a reopened image read the table entries, the directory and cluster 0 of a
+/// failed activation or checkpoint from that cache, acknowledged writes through them, and a
+/// power loss left the disk with the older metadata: a bitmap that records, consistent,
+/// without those writes. A writable open now reads the device (`Storage::forget_cached`).
+/// Here every barrier of a durable activation, then of a durable checkpoint, fails in turn
+/// (every one from it on, its unsynced writes lost, as `CrashStorage::fail_sync` models);
+/// the image is reopened, activated durable, and a mark is acknowledged: every bitmap the
+/// disk says records must hold it.
+#[test]
+fn a_failed_barrier_leaves_nothing_a_later_durable_activation_trusts() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Trigger};
+    let g = 9 * G;
+    let mut failed = [0usize; 2];
+    for (step, name) in ["activation", "checkpoint"].iter().enumerate() {
+        for k in 1.. {
+            let crash = Arc::new(CrashStorage::new());
+            let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+            let mut s = BitmapStore::create(Arc::clone(&fault), DISK, 65536).unwrap();
+            s.add("a", G, Recording::Enabled).unwrap();
+            let plan = || FaultPlan::new().fail_sync(Trigger::From(fault.syncs() + k));
+            let r = if step == 0 {
+                fault.set_plan(plan());
+                s.activate_durable().map(drop)
+            } else {
+                s.activate_durable().unwrap();
+                fault.set_plan(plan());
+                s.checkpoint("b").map(drop)
+            };
+            drop(s);
+            if r.is_ok() {
+                break;
+            }
+            failed[step] += 1;
+            crash.fail_sync();
+            let mut s = BitmapStore::open(Arc::clone(&crash), OpenMode::ReadWrite).unwrap();
+            s.activate_durable()
+                .unwrap_or_else(|e| panic!("{name}, barrier {k}: {e}"));
+            let shared = SharedStore::new(s);
+            shared.durable_tracker().unwrap().mark(g, 4096).unwrap();
+            let durable = crash.durable_image();
+            for b in ["a", "b"] {
+                assert_ne!(
+                    records_with(durable.clone(), b, g),
+                    Some(false),
+                    "{name}, barrier {k} failed: \"{b}\" records on disk without an acknowledged write"
+                );
+            }
+            assert!(
+                ["a", "b"]
+                    .iter()
+                    .any(|b| records_with(durable.clone(), b, g) == Some(true)),
+                "{name}, barrier {k} failed: no bitmap on disk records"
+            );
+        }
+    }
+    assert!(
+        failed[0] >= 3 && failed[1] >= 2,
+        "barriers failed: {failed:?}"
+    );
+}

@@ -149,6 +149,14 @@ fn conformance(make: impl Fn(&[u8]) -> Box<dyn Storage>) {
     assert_eq!(&all[..3], &[0xFF; 3]);
     assert!(all[3..150_003].iter().all(|&b| b == 0));
     assert!(all[150_003..].iter().all(|&b| b == 0xFF));
+    // Forgetting the cache after a barrier keeps every byte (dirty ones too: written after
+    // the barrier, not yet synced).
+    s.sync_data().unwrap();
+    s.write_all_at(&[7; 5], 10).unwrap();
+    s.forget_cached().unwrap();
+    let now = contents(&*s);
+    assert_eq!(&now[10..15], &[7; 5]);
+    assert_eq!(&now[15..], &all[15..]);
 
     // an empty storage
     let s = make(&[]);
@@ -1028,4 +1036,41 @@ fn durable_commits_issue_no_stat_per_write() {
         stats < 10,
         "{stats} stat calls for {writes} writes and {syncs} barriers: a stat per write"
     );
+}
+
+/// A failed barrier (`CrashStorage::fail_sync`): the writes since the last barrier never
+/// land, not at a later barrier either, while reads return them until the cache is
+/// forgotten; a crash before the failure may still keep them, and writes after it follow
+/// the usual rules.
+#[test]
+fn crash_storage_models_a_failed_sync() {
+    let s = CrashStorage::from_bytes(vec![0u8; 1024]);
+    s.write_all_at(&[1; 512], 0).unwrap();
+    s.sync_data().unwrap();
+    s.write_all_at(&[2; 512], 0).unwrap();
+    s.write_all_at(&[3; 512], 512).unwrap();
+    let before_failure = s.op_count();
+    s.fail_sync();
+    s.write_all_at(&[4; 512], 512).unwrap();
+    s.sync_data().unwrap();
+    let durable = s.durable_image();
+    assert_eq!(
+        &durable[..512],
+        &[1; 512],
+        "a write lost by the failed sync landed"
+    );
+    assert_eq!(&durable[512..], &[4; 512]);
+    // Reads still see the lost write, until the cache is forgotten.
+    assert_eq!(&contents(&s)[..512], &[2; 512]);
+    s.forget_cached().unwrap();
+    assert_eq!(contents(&s), durable);
+    // A crash before the failure may have kept it.
+    let kept = s.crash_image(before_failure, CrashMode::Kept).unwrap();
+    assert_eq!(&kept[..512], &[2; 512]);
+    // And every crash image after it lacks it.
+    for (point, image) in s.crash_images(CrashMode::Kept) {
+        if point > before_failure {
+            assert_eq!(&image[..512], &[1; 512], "point {point}");
+        }
+    }
 }

@@ -466,17 +466,8 @@ struct Item {
 /// flush with one barrier more: refcounts first (durable), then the data, a barrier, then
 /// the table entries, then a barrier. Every step leaves the bitmap reading as before (an
 /// entry points at its cluster only once the cluster durably holds what the entry meant),
-/// so a bitmap that is not `in_use` stays consistent at every crash point. Afterwards every
-/// region can be written in place ([`commit_in_place`]). Nothing is taken from the change
-/// maps.
-///
-/// Every region of an existing data cluster that holds a bit is written back in place too,
-/// with the same bytes, before the last barrier. The bits were read from the file, and a
-/// read returns the page cache: an earlier writer whose barrier failed left its pages
-/// there, marked clean but never written (Linux reports a failed writeback once, and no
-/// later barrier writes those pages), and a power loss or an eviction would drop them.
-/// Written again by this handle, they are on disk once its barrier returns, so the durable
-/// mode may vouch for every bit the activation loaded.
+/// so a bitmap that is not `in_use` stays consistent at every crash point. Afterwards every region can be written in place
+/// ([`commit_in_place`]). Nothing is taken from the change maps.
 ///
 /// # Errors
 /// As [`flush`].
@@ -490,9 +481,8 @@ pub(crate) fn allocate_all<S: Storage>(
         let layout = Layout::of(t, cs)?;
         let mut regions = ChangedRegions::empty(t.bitmap.region_count());
         for (c, e) in t.table.iter().enumerate() {
-            let data = matches!(e, TableEntry::Data(_));
-            for r in layout.regions_of(t, c as u64) {
-                if !data || holds_a_bit(&t.bitmap, r) {
+            if !matches!(e, TableEntry::Data(_)) {
+                for r in layout.regions_of(t, c as u64) {
                     regions.insert(r);
                 }
             }
@@ -504,13 +494,6 @@ pub(crate) fn allocate_all<S: Storage>(
     stats.regions = all.iter().map(ChangedRegions::len).sum();
     stats.duration = start.elapsed();
     Ok(stats)
-}
-
-/// Whether region `r` of `bm` has a dirty bit (through the summary towers, not a scan).
-fn holds_a_bit(bm: &DirtyBitmap, r: u64) -> bool {
-    let (start, len) = bm.region_disk_range(r);
-    bm.next_dirty(start)
-        .is_some_and(|d| d < start.saturating_add(len))
 }
 
 /// A durable store's commit: every changed region of `targets` (whose clusters are all data

@@ -128,6 +128,14 @@ impl<S: Storage> Image<S> {
         lenient_bitmaps: bool,
     ) -> Result<(Self, Option<Corruption>)> {
         let writable = mode.is_writable();
+        // A writer vouches for what it reads (a durable activation acknowledges writes on
+        // the bits it loads; every commit starts from the tables and directory read here),
+        // so it reads the device, not the cache: after an earlier writer's failed barrier
+        // the cache holds pages the disk lacks, which no later barrier writes
+        // (`Storage::forget_cached`).
+        if writable {
+            storage.forget_cached()?;
+        }
         let len = storage.len()?;
         // The header is in the first 512 bytes whatever the cluster size; reading the most
         // a cluster can be (2 MiB) would cost a migration destination milliseconds of its

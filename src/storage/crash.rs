@@ -27,9 +27,11 @@ pub enum Op {
     Sync,
     /// A barrier that failed ([`CrashStorage::fail_sync`]): the writes and length changes
     /// since the previous barrier never land, at this point or at any later barrier, while
-    /// reads still return them. Linux marks the pages of a failed writeback clean without
-    /// writing them and reports the error once, so a later `fdatasync` succeeds without
-    /// writing them; this is the worst case of what it may leave.
+    /// reads still return them (until [`forget_cached`](Storage::forget_cached)). Linux
+    /// marks the pages of a failed writeback clean without writing them and reports the
+    /// error once, so a later `fdatasync` succeeds without writing them. This models the
+    /// case where none of them landed; some sectors of a partial writeback may land in
+    /// reality, which the model does not produce.
     FailedSync,
 }
 
@@ -238,6 +240,15 @@ impl Storage for CrashStorage {
 
     fn sync_data(&self) -> Result<()> {
         self.state.write().ops.push(Op::Sync);
+        Ok(())
+    }
+
+    /// Reads from now on see what the log says the device holds or will hold: the writes a
+    /// [`FailedSync`](Op::FailedSync) lost are gone from the live image (their clean pages
+    /// dropped), the unsynced tail stays (dirty pages are kept).
+    fn forget_cached(&self) -> Result<()> {
+        let mut state = self.state.write();
+        state.live = build(&state.base, &state.ops, CrashMode::Kept);
         Ok(())
     }
 }

@@ -293,6 +293,10 @@ impl Storage for FileStorage {
         Ok(self.file.sync_data()?)
     }
 
+    fn forget_cached(&self) -> Result<()> {
+        Ok(super::lock::drop_clean_pages(&self.file)?)
+    }
+
     /// With [`Locking::On`] on a writable handle: releases the writer's lock bytes (the
     /// consistent-read byte stays, as a force-share reader's), or takes them back and
     /// tests for a conflicting holder. Otherwise nothing: a read-only handle holds no

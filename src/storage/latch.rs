@@ -110,4 +110,8 @@ impl<S: Storage> Storage for LatchingStorage<S> {
     fn hold_data_file(&self, name: &[u8]) -> Result<()> {
         self.inner.hold_data_file(name)
     }
+
+    fn forget_cached(&self) -> Result<()> {
+        self.inner.forget_cached()
+    }
 }

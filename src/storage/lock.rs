@@ -251,6 +251,13 @@ pub(crate) fn unlock(file: &File) {
     let _ = sys::unlock_range(file, PERM_BASE, SHARED_BASE.saturating_add(4));
 }
 
+/// Asks the kernel to drop the file's clean cached pages (see
+/// [`Storage::forget_cached`](super::Storage::forget_cached)): a page whose writeback
+/// failed is one, and a read after this comes from the device.
+pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
+    sys::drop_clean_pages(file)
+}
+
 fn locked(path: &Path, perm: Perm, shared: bool) -> Error {
     Error::Locked {
         path: path.to_owned(),
@@ -271,8 +278,9 @@ fn unsupported_or(path: &Path, e: io::Error, conflict: Option<(Perm, bool)>) -> 
     }
 }
 
-/// The two `fcntl` calls. The only unsafe code in the storage layer: each call passes a
-/// descriptor owned by a live `File` and a `struct flock` owned by the caller.
+/// The two `fcntl` calls and the cache advice ([`drop_clean_pages`]). The only unsafe code
+/// in the storage layer: each call passes a descriptor owned by a live `File` and, for
+/// `fcntl`, a `struct flock` owned by the caller.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(unsafe_code)]
 mod sys {
@@ -337,6 +345,18 @@ mod sys {
         }
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
     }
+
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file.
+    pub(super) fn drop_clean_pages(file: &File) -> io::Result<()> {
+        // SAFETY: the descriptor is open for the life of `file`; the call takes integers
+        // only and touches no memory of ours.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // posix_fadvise returns the error number instead of setting errno.
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -361,6 +381,12 @@ mod sys {
 
     pub(super) fn unlock_range(_file: &File, _start: u64, _end: u64) -> io::Result<()> {
         Err(unsupported())
+    }
+
+    /// No advice elsewhere: the hazard it answers (Linux marking failed pages clean) is
+    /// Linux's.
+    pub(super) fn drop_clean_pages(_file: &File) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -202,6 +202,23 @@ pub trait Storage: Send + Sync + Debug {
         let _ = name;
         Ok(())
     }
+
+    /// Drops what the operating system caches of the file's contents, so that later reads
+    /// come from the device. After a barrier of some writer failed, Linux keeps the pages it
+    /// could not write in its cache, marked clean: reads return bytes the disk does not
+    /// hold, and no later barrier of anyone writes them. A writer calls this before it reads
+    /// an image whose contents it will vouch for (`Image::open` when writable, and a store
+    /// taking its writer locks back). Dirty pages (writes not yet synced) stay, and the
+    /// next barrier writes them. File storage asks the kernel to drop the file's clean
+    /// pages (`posix_fadvise(POSIX_FADV_DONTNEED)`); storage with no cache, and the
+    /// default, do nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the kernel refuses the advice.
+    fn forget_cached(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Conveniences for every [`Storage`]; implemented for all of them.
@@ -350,6 +367,9 @@ macro_rules! forward_storage {
         }
         fn hold_data_file(&self, name: &[u8]) -> Result<()> {
             (**self).hold_data_file(name)
+        }
+        fn forget_cached(&self) -> Result<()> {
+            (**self).forget_cached()
         }
     };
 }

@@ -175,14 +175,14 @@ impl<S: Storage> BitmapStore<S> {
         // Every bit loaded becomes a durable bit below, which a fast path acknowledges
         // with no barrier. But a read returns what a write put in the page cache, not what
         // is on disk: a writer that died between a commit's region write and its barrier
-        // (an intent never acknowledged) leaves bits a power loss would drop, and one
-        // whose barrier failed leaves pages Linux marked clean without writing them, which
-        // no later barrier writes. So the allocation wrote every region holding a bit
-        // again, from memory (`flush::allocate_all`), and a barrier after those writes
-        // makes them durable (the writer locks keep anyone else from writing since). The
-        // allocation's and the mode's barriers, when they ran, came after the writes;
-        // only when neither ran (nothing to write: every bitmap empty, in data clusters)
-        // is one issued here.
+        // (an intent never acknowledged) leaves bits a power loss would drop. A barrier
+        // after the reads makes what they returned durable (it flushes every dirty page of
+        // the file, whoever wrote it; the writer locks keep anyone else from writing
+        // since). A page a failed barrier left behind is clean and no barrier writes it,
+        // but the writable open asked the cache to drop the file's clean pages first
+        // (`Storage::forget_cached`), so no read here returned one. The allocation's and
+        // the mode's barriers, when they ran, came after the reads too; only when neither
+        // ran is one issued here.
         if self.image.sync_count() == loaded {
             if let Err(e) = self.image.sync() {
                 self.poisoned = true;

@@ -172,6 +172,13 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(());
         }
         self.image.storage().set_writer_locks(true)?;
+        // Another writer had the image meanwhile: what it wrote is read from the device,
+        // not from pages its failed barrier may have left in the cache
+        // (`Storage::forget_cached`).
+        if let Err(e) = self.image.storage().forget_cached() {
+            let _ = self.image.storage().set_writer_locks(false);
+            return Err(e);
+        }
         // The parked copies, which the edits read and apply to, get the disk ORed in, as
         // a resume does (`load_mems`).
         let checked = self.ensure_unchanged_since_inactivate().and_then(|()| {
