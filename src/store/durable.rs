@@ -1024,8 +1024,9 @@ mod tests {
     /// (announced throughout). `call` runs on a thread of its own; the mark is released
     /// once `call` returned or a second passed, whichever is first. Returns whether `call`
     /// returned while the mark was held: it must not, since it waits for the marks in
-    /// flight; the hold ends on a signal, not a timer, so a slow machine cannot let
-    /// the mark record its region before `call` looked.
+    /// flight. Without that wait `call` returns within the second on any machine this
+    /// runs on (it needs no I/O wait); a call slower than that would let the test pass
+    /// without the race, so the second is a margin, not a proof.
     fn returned_while_a_mark_was_held(
         shared: &SharedStore<Arc<CrashStorage>>,
         name: &str,
