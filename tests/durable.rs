@@ -1342,3 +1342,65 @@ fn a_failed_barrier_leaves_nothing_a_later_durable_activation_trusts() {
         "barriers failed: {failed:?}"
     );
 }
+
+/// A storage whose next write panics once armed (a user's `Storage` with a bug).
+#[derive(Debug)]
+struct PanicOnWrite<S> {
+    inner: S,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl<S: Storage> Storage for PanicOnWrite<S> {
+    fn len(&self) -> dirty_bitmap::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("the storage panicked in a write");
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+        self.inner.set_len(new_len)
+    }
+    fn sync_data(&self) -> dirty_bitmap::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+/// Found by a review: a group commit whose leader unwound (its `Storage` panicked) left the
+/// commit marked running, so every later intent on the tracker waited for it for ever. The
+/// commit now ends as failed: later intents fail (`Error::Poisoned`), as after a failed
+/// commit, and the store is poisoned.
+#[test]
+fn a_commit_that_panicked_fails_the_later_intents_instead_of_hanging() {
+    let storage = Arc::new(PanicOnWrite {
+        inner: MemStorage::new(),
+        armed: Default::default(),
+    });
+    let shared = durable_store(Arc::clone(&storage));
+    let t = shared.durable_tracker().unwrap();
+    storage.armed.store(true, Ordering::SeqCst);
+    let leader = {
+        let t = t.clone();
+        std::thread::spawn(move || t.mark(3 * G, 4096))
+    };
+    assert!(leader.join().is_err(), "the leader's commit did not panic");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let later = std::thread::spawn(move || {
+        let _ = tx.send(t.mark(5 * G, 4096));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(r, Ok(Err(Error::Poisoned))),
+        "a later intent after a panicked commit: {r:?}"
+    );
+    later.join().unwrap();
+    assert!(matches!(
+        shared.lock().set_enabled("a", false),
+        Err(Error::Poisoned)
+    ));
+}

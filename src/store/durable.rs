@@ -490,8 +490,9 @@ impl<S: Storage> DurableTracker<S> {
     /// [`Error::InvalidInput`] for a range past the disk or of length 0;
     /// [`Error::WrongState`] while the store is not active in durable mode (after an
     /// inactivate, until the next durable activation); the commit's error (the store is
-    /// then poisoned, and every later intent fails). In every case the write must not be
-    /// issued: its mark may not be on disk.
+    /// then poisoned, and every later intent that needs a commit fails; one whose bits a
+    /// commit made durable before the failure still returns at once). In every case the
+    /// write must not be issued: its mark may not be on disk.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
         if len > 0 && self.is_durable(offset, len) {
@@ -697,6 +698,13 @@ impl<S: Storage> DurableTracker<S> {
         }
         st.running = true;
         drop(st);
+        // Should the commit unwind (a `Storage` that panicked), the waiters must not wait
+        // for a `finished` that never comes, and its taken regions are lost to the change
+        // maps: the guard ends the commit as failed and poisons the store.
+        let mut guard = LeaderGuard {
+            inner: &**inner,
+            armed: true,
+        };
         // Gather first. The threads the last commit released come back with their next
         // intents within microseconds; a leader that took the change maps at once would
         // leave them to the commit after, and the threads would split into two groups
@@ -711,6 +719,7 @@ impl<S: Storage> DurableTracker<S> {
             }
         }
         let r = inner.store.lock().commit_durable();
+        guard.armed = false;
         let mut st = inner.commit.lock();
         st.running = false;
         st.finished = st.finished.wrapping_add(1);
@@ -723,6 +732,29 @@ impl<S: Storage> DurableTracker<S> {
         }
         inner.done.notify_all();
         r.map(|_| ())
+    }
+}
+
+/// Ends a group commit whose leader unwound (see [`DurableTracker::commit`]): the commit
+/// counts as finished and failed, the waiters are woken, and the store is poisoned.
+struct LeaderGuard<'a, S: Storage> {
+    inner: &'a Inner<S>,
+    armed: bool,
+}
+
+impl<S: Storage> Drop for LeaderGuard<'_, S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // The leader's lock on the store was a temporary of the commit's expression,
+        // released by the unwinding before this guard.
+        self.inner.store.lock().poisoned = true;
+        let mut st = self.inner.commit.lock();
+        st.running = false;
+        st.finished = st.finished.wrapping_add(1);
+        st.failed = true;
+        self.inner.done.notify_all();
     }
 }
 
