@@ -1404,3 +1404,40 @@ fn a_commit_that_panicked_fails_the_later_intents_instead_of_hanging() {
         Err(Error::Poisoned)
     ));
 }
+
+/// The same hazard across a hand-over: a destination on this host activates the image
+/// durable, and its commit's barrier fails (its region write stays in the cache, marked
+/// clean, and never lands). The source takes the image back and resumes durable: it must
+/// read that region from the device, or its fast path vouches for the destination's lost
+/// bit, and a power loss leaves the bitmap consistent without a write the source
+/// acknowledged.
+#[test]
+fn a_resumed_source_reads_the_device_after_a_destinations_failed_barrier() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Trigger};
+    let crash = Arc::new(CrashStorage::new());
+    let source = durable_store(Arc::clone(&crash));
+    let t = source.durable_tracker().unwrap();
+    t.mark(3 * G, 4096).unwrap();
+    source.lock().inactivate().unwrap();
+    let g = 11 * G;
+    {
+        let fault = Arc::new(FaultStorage::new(Arc::clone(&crash), FaultPlan::new()));
+        let mut d = BitmapStore::open(Arc::clone(&fault), OpenMode::ReadWrite).unwrap();
+        d.activate_durable().unwrap();
+        let d = SharedStore::new(d);
+        let dt = d.durable_tracker().unwrap();
+        fault.set_plan(FaultPlan::new().fail_sync(Trigger::From(fault.syncs() + 1)));
+        assert!(
+            dt.mark(g, 4096).is_err(),
+            "the destination's barrier failed"
+        );
+        crash.fail_sync();
+    }
+    assert!(on_disk(crash.live_image(), g) && !on_disk(crash.durable_image(), g));
+    source.lock().activate_durable().unwrap();
+    t.mark(g, 4096).unwrap();
+    assert!(
+        on_disk(crash.durable_image(), g),
+        "acknowledged by the resumed source, and a power loss leaves \"a\" without it"
+    );
+}

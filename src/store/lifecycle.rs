@@ -95,6 +95,13 @@ impl<S: Storage> BitmapStore<S> {
         let before = self.writer;
         if before == WriterLocks::Released {
             self.image.storage().set_writer_locks(true)?;
+            // Another writer may have had the image meanwhile: the checks and loads after
+            // this read what it wrote from the device, not pages its failed barrier may
+            // have left in the cache (`Storage::forget_cached`).
+            if let Err(e) = self.image.storage().forget_cached() {
+                let _ = self.image.storage().set_writer_locks(false);
+                return Err(e);
+            }
         }
         self.writer = WriterLocks::Held;
         Ok(before)
