@@ -91,7 +91,6 @@ fn guest_data_refused(name: &str, remove: bool) {
     );
 }
 
-/// Runs one minimised finding through its target.
 /// Every committed finding of the write-path targets is replayed by a named test of this
 /// file: a finding added to `fuzz/regressions/ops_*/` without one would never run.
 #[test]
@@ -116,6 +115,7 @@ fn every_ops_regression_has_a_test() {
     assert!(seen > 0, "no ops regression found");
 }
 
+/// Runs one minimised finding through its target.
 fn regression(target: &str, name: &str) {
     let f = TARGETS.iter().find(|t| t.0 == target).expect("a target").1;
     let path = format!(

@@ -814,8 +814,13 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
         if raw & REFTABLE_RESERVED_MASK != 0 {
             ctr.report
                 .corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
+            // An unaligned one QEMU cannot read (`qcow2_get_refcount` refuses it), and
+            // neither is it read here: its clusters compare as refcount 0.
             let off = raw & REFTABLE_OFFSET_MASK;
-            if off != 0 && off.checked_add(cs).is_some_and(|end| end <= file_len) {
+            if off != 0
+                && off.is_multiple_of(cs)
+                && off.checked_add(cs).is_some_and(|end| end <= file_len)
+            {
                 uncounted.push((i, off));
             }
             blocks.push(None);

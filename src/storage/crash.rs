@@ -31,7 +31,9 @@ pub enum Op {
     /// marks the pages of a failed writeback clean without writing them and reports the
     /// error once, so a later `fdatasync` succeeds without writing them. This models the
     /// case where none of them landed; some sectors of a partial writeback may land in
-    /// reality, which the model does not produce.
+    /// reality, which the model does not produce. Nor does it produce a lost byte landing
+    /// after all: a later write into the same page dirties it again, and Linux then writes
+    /// the whole page, the lost bytes too, where the model keeps only the later write.
     FailedSync,
 }
 

@@ -207,12 +207,13 @@ pub trait Storage: Send + Sync + Debug {
     /// come from the device. After a barrier of some writer failed, Linux keeps the pages it
     /// could not write in its cache, marked clean: reads return bytes the disk does not
     /// hold, and no later barrier of anyone writes them. A writer calls this before it reads
-    /// an image whose contents it will vouch for (`Image::open` when writable, a store
-    /// taking its writer locks back, and `BitmapStore::preload`, whose bits an activation
-    /// may take as they are). Dirty pages (writes not yet synced) stay, and the
+    /// an image whose contents it will vouch for (`Image::open` when writable, and a store
+    /// taking its writer locks back). Dirty pages (writes not yet synced) stay, and the
     /// next barrier writes them. File storage asks the kernel to drop the file's clean
-    /// pages (`posix_fadvise(POSIX_FADV_DONTNEED)`); storage with no cache, and the
-    /// default, do nothing.
+    /// pages (`posix_fadvise(POSIX_FADV_DONTNEED)`; elsewhere than Linux it does nothing);
+    /// storage with no cache, and the default, do nothing. A storage of your own that
+    /// caches what it reads must implement it: the durable mode vouches for what a writer
+    /// reads, and is sound only if that is what the device holds.
     ///
     /// # Errors
     ///

@@ -1154,10 +1154,6 @@ impl<S: Storage> BitmapStore<S> {
                  limit of {ACTIVE_MEMORY_LIMIT}"
             )));
         }
-        // The bits preloaded may be taken as they are at the activation: read them from
-        // the device, not from pages a failed barrier left in the cache
-        // (`Storage::forget_cached`).
-        self.image.storage().forget_cached()?;
         let mut pre = Preloaded::default();
         for s in live {
             if let Ok(bm) = self.load_disk(&s.entry) {
