@@ -1023,6 +1023,8 @@ fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
         let mut st = new_store(1 << 30, 65536);
         st.add("a", 65536, Recording::Enabled).unwrap();
         st.activate().unwrap();
+        // The mark below is a tracker's: one exists, as for any mark of a store.
+        let _tracker = st.tracker().unwrap();
         if !active {
             // Inactive with parked copies, as after a hand-over: marks still reach them.
             st.inactivate().unwrap();
@@ -1117,6 +1119,8 @@ fn an_enable_waits_for_a_mark_over_a_list_without_the_bitmap() {
         let mut st = new_store(1 << 30, 65536);
         st.add("a", 65536, Recording::Enabled).unwrap();
         st.activate().unwrap();
+        // The mark below is a tracker's: one exists, as for any mark of a store.
+        let _tracker = st.tracker().unwrap();
         if !active {
             st.inactivate().unwrap();
         }
