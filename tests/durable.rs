@@ -752,19 +752,26 @@ impl<S> Hooked<S> {
         }
     }
 
-    /// Runs `hook` with the offset of every later write (`None` for a barrier).
+    /// Runs `hook` with the offset of every later write (`None` for a barrier). A hook may
+    /// panic (a storage with a bug): the lock it held is taken again as it was.
     fn set(&self, hook: impl FnMut(Option<u64>) + Send + 'static) {
-        *self.hook.lock().unwrap() = Some(Box::new(hook));
+        *self.hooks() = Some(Box::new(hook));
     }
 
     fn unset(&self) {
-        *self.hook.lock().unwrap() = None;
+        *self.hooks() = None;
     }
 
     fn run(&self, at: Option<u64>) {
-        if let Some(h) = self.hook.lock().unwrap().as_mut() {
+        if let Some(h) = self.hooks().as_mut() {
             h(at);
         }
+    }
+
+    fn hooks(&self) -> std::sync::MutexGuard<'_, Option<Hook>> {
+        self.hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1343,47 +1350,21 @@ fn a_failed_barrier_leaves_nothing_a_later_durable_activation_trusts() {
     );
 }
 
-/// A storage whose next write panics once armed (a user's `Storage` with a bug).
-#[derive(Debug)]
-struct PanicOnWrite<S> {
-    inner: S,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl<S: Storage> Storage for PanicOnWrite<S> {
-    fn len(&self) -> dirty_bitmap::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
-        self.inner.read_exact_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            panic!("the storage panicked in a write");
-        }
-        self.inner.write_all_at(buf, offset)
-    }
-    fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
-        self.inner.set_len(new_len)
-    }
-    fn sync_data(&self) -> dirty_bitmap::Result<()> {
-        self.inner.sync_data()
-    }
-}
-
 /// Found by a review: a group commit whose leader unwound (its `Storage` panicked) left the
 /// commit marked running, so every later intent on the tracker waited for it for ever. The
 /// commit now ends as failed: later intents fail (`Error::Poisoned`), as after a failed
 /// commit, and the store is poisoned.
 #[test]
 fn a_commit_that_panicked_fails_the_later_intents_instead_of_hanging() {
-    let storage = Arc::new(PanicOnWrite {
-        inner: MemStorage::new(),
-        armed: Default::default(),
-    });
+    let storage = Arc::new(Hooked::new(MemStorage::new()));
     let shared = durable_store(Arc::clone(&storage));
     let t = shared.durable_tracker().unwrap();
-    storage.armed.store(true, Ordering::SeqCst);
+    let mut armed = true;
+    storage.set(move |at| {
+        if at.is_some() && std::mem::take(&mut armed) {
+            panic!("the storage panicked in a write");
+        }
+    });
     let leader = {
         let t = t.clone();
         std::thread::spawn(move || t.mark(3 * G, 4096))

@@ -89,7 +89,10 @@ fn open_image_refcount_table_past_eof() {
     let data = regression("open_image", "refcount-table-past-eof");
     fuzzing::open_image(&data);
     let store = open(&data).expect("a read-only open goes ahead without the refcounts");
-    let report = store.image().check().expect("check reports, it does not fail");
+    let report = store
+        .image()
+        .check()
+        .expect("check reports, it does not fail");
     assert!(report.corruptions > 0, "{:?}", report.messages);
     let err = BitmapStore::open(MemStorage::from_bytes(data), OpenMode::ReadWrite)
         .expect_err("refcount table past the end of the file");
