@@ -42,6 +42,10 @@ pub struct FileStorage {
     /// The image's external data file and its path, locked as a QEMU writer of the image
     /// locks it ([`hold_data_file`](Storage::hold_data_file)).
     data: Mutex<Option<(File, PathBuf)>>,
+    /// [`forget_cached`](Storage::forget_cached) does nothing: an earlier handle on this
+    /// host already dropped the file's cache since anyone here last wrote it
+    /// ([`keeping_cache`](FileStorage::keeping_cache)).
+    keep_cache: bool,
 }
 
 impl FileStorage {
@@ -53,6 +57,18 @@ impl FileStorage {
     /// As [`open_with`](Self::open_with).
     pub fn open(path: impl AsRef<Path>, mode: OpenMode) -> Result<Self> {
         Self::open_with(path, mode, Locking::On)
+    }
+
+    /// This handle's [`forget_cached`](Storage::forget_cached) does nothing. For a writer
+    /// that knows an earlier handle on this host dropped the file's cache and that nothing
+    /// here wrote the file since: a migration destination whose preload forgot the cache
+    /// before its first read, and whose activation, inside the downtime, should find what
+    /// the preload read still cached (`SharedDiskDest::file`). Any other writer keeps the
+    /// default: after a failed barrier on this host, the cache may hold pages the disk lacks.
+    #[must_use]
+    pub fn keeping_cache(mut self) -> Self {
+        self.keep_cache = true;
+        self
     }
 
     /// Opens an existing file read-only with QEMU's force-share locking
@@ -104,6 +120,7 @@ impl FileStorage {
             locking,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
+            keep_cache: false,
         })
     }
 
@@ -160,6 +177,7 @@ impl FileStorage {
             locking,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
+            keep_cache: false,
         })
     }
 
@@ -176,6 +194,7 @@ impl FileStorage {
             locking: Locking::Off,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
+            keep_cache: false,
         }
     }
 
@@ -294,6 +313,9 @@ impl Storage for FileStorage {
     }
 
     fn forget_cached(&self) -> Result<()> {
+        if self.keep_cache {
+            return Ok(());
+        }
         Ok(super::lock::drop_clean_pages(&self.file)?)
     }
 
