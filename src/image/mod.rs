@@ -97,11 +97,12 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// [`Error::Corrupt`] for a header or extension QEMU would refuse (including unknown
     /// incompatible features, named), or, opened writable, a reftable that does not read
-    /// (read-only, the image opens as QEMU's does, and refcount questions fail instead); [`Error::Unsupported`] when `mode` is
-    /// [`OpenMode::ReadWrite`] and the dirty or corrupt bit is set, or the image is
-    /// encrypted with LUKS and has no crypto header extension (QEMU opens it for no I/O),
-    /// or a crypto header pointer QEMU refuses (shorter than a LUKS1 header, past the end
-    /// of the file, without LUKS magic or version 1); [`Error::Io`] from the storage.
+    /// (read-only, the image opens as QEMU's does, and refcount questions fail instead);
+    /// [`Error::Unsupported`] when `mode` is [`OpenMode::ReadWrite`] and the dirty or
+    /// corrupt bit is set, or the image is encrypted with LUKS and has no crypto header
+    /// extension (QEMU opens it for no I/O), or a crypto header pointer QEMU refuses
+    /// (shorter than a LUKS1 header, past the end of the file, without LUKS magic or
+    /// version 1); [`Error::Io`] from the storage.
     pub fn open(storage: S, mode: OpenMode) -> Result<Self> {
         Self::open_inner(storage, mode, false).map(|(img, _)| img)
     }

@@ -34,9 +34,10 @@ impl<S: Storage> BitmapStore<S> {
     /// reloaded from disk, so every bit it holds survives, including marks made through a
     /// [`Tracker`](crate::Tracker) or an `Arc` while the store was inactive. Those marks sit
     /// in its change map and reach the disk at the next flush or inactivation. A bitmap
-    /// added while the store was inactive after such an inactivation is parked too, and
-    /// resumed the same way. Other consistent bitmaps (first activation, added before any
-    /// activation or after a reopen) are loaded from disk.
+    /// added while the store was inactive after such an inactivation, while a tracker
+    /// lived, is parked too, and resumed the same way. Other consistent bitmaps (first
+    /// activation, added with no tracker alive, before any activation or after a reopen)
+    /// are loaded from disk.
     ///
     /// A store that handed the image over (an inactivation released its writer locks)
     /// checks first, whether or not it kept bitmaps in memory, that cluster 0, the
