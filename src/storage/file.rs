@@ -42,10 +42,10 @@ pub struct FileStorage {
     /// The image's external data file and its path, locked as a QEMU writer of the image
     /// locks it ([`hold_data_file`](Storage::hold_data_file)).
     data: Mutex<Option<(File, PathBuf)>>,
-    /// [`forget_cached`](Storage::forget_cached) does nothing: an earlier handle on this
-    /// host already dropped the file's cache since anyone here last wrote it
-    /// ([`keeping_cache`](FileStorage::keeping_cache)).
-    keep_cache: bool,
+    /// The next [`forget_cached`](Storage::forget_cached) does nothing, once: an earlier
+    /// handle on this host already dropped the file's cache since anyone here last wrote it
+    /// ([`keeping_cache`](FileStorage::keeping_cache)). Later calls drop it as usual.
+    keep_cache: AtomicBool,
 }
 
 impl FileStorage {
@@ -59,15 +59,18 @@ impl FileStorage {
         Self::open_with(path, mode, Locking::On)
     }
 
-    /// This handle's [`forget_cached`](Storage::forget_cached) does nothing. For a writer
-    /// that knows an earlier handle on this host dropped the file's cache and that nothing
-    /// here wrote the file since: a migration destination whose preload forgot the cache
-    /// before its first read, and whose activation, inside the downtime, should find what
-    /// the preload read still cached (`SharedDiskDest::file`). Any other writer keeps the
-    /// default: after a failed barrier on this host, the cache may hold pages the disk lacks.
+    /// This handle's next [`forget_cached`](Storage::forget_cached) (the one a writable
+    /// [`Image::open`](crate::Image::open) makes before its first read) does nothing; later
+    /// ones (a store taking its writer locks back, after another writer may have had the
+    /// image) drop the cache as usual. For a writer that knows an earlier handle on this
+    /// host dropped the file's cache and that nothing here wrote the file since: a
+    /// migration destination whose preload forgot the cache before its first read, and
+    /// whose activation, inside the downtime, should find what the preload read still
+    /// cached (`SharedDiskDest::file`). Any other writer keeps the default: after a failed
+    /// barrier on this host, the cache may hold pages the disk lacks.
     #[must_use]
-    pub fn keeping_cache(mut self) -> Self {
-        self.keep_cache = true;
+    pub fn keeping_cache(self) -> Self {
+        self.keep_cache.store(true, Ordering::SeqCst);
         self
     }
 
@@ -120,7 +123,7 @@ impl FileStorage {
             locking,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
-            keep_cache: false,
+            keep_cache: AtomicBool::new(false),
         })
     }
 
@@ -177,7 +180,7 @@ impl FileStorage {
             locking,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
-            keep_cache: false,
+            keep_cache: AtomicBool::new(false),
         })
     }
 
@@ -194,7 +197,7 @@ impl FileStorage {
             locking: Locking::Off,
             released: AtomicBool::new(false),
             data: Mutex::new(None),
-            keep_cache: false,
+            keep_cache: AtomicBool::new(false),
         }
     }
 
@@ -313,7 +316,7 @@ impl Storage for FileStorage {
     }
 
     fn forget_cached(&self) -> Result<()> {
-        if self.keep_cache {
+        if self.keep_cache.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
         Ok(super::lock::drop_clean_pages(&self.file)?)

@@ -180,7 +180,8 @@ impl<S: Storage> BitmapStore<S> {
         // the file, whoever wrote it; the writer locks keep anyone else from writing
         // since). A page a failed barrier left behind is clean and no barrier writes it,
         // but the writable open asked the cache to drop the file's clean pages first
-        // (`Storage::forget_cached`), so no read here returned one. The allocation's and
+        // (`Storage::forget_cached`; a migration destination's preload did, before its
+        // first read), so no read here returned one. The allocation's and
         // the mode's barriers, when they ran, came after the reads too; only when neither
         // ran is one issued here.
         if self.image.sync_count() == loaded {
