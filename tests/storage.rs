@@ -1122,7 +1122,10 @@ fn forget_cached_drops_the_files_clean_pages_and_keeping_cache_skips_it_once() {
             .unwrap()
             .read_to_end(&mut buf)
             .unwrap();
-        assert!(resident_pages(&probe, len) > 0, "reading did not cache the file");
+        assert!(
+            resident_pages(&probe, len) > 0,
+            "reading did not cache the file"
+        );
     };
     let s = FileStorage::open(&path, OpenMode::ReadWrite).unwrap();
     warm();
