@@ -981,14 +981,22 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
                 set_bits(&img, &|b| l2_entry_0(b) + 8, 1);
             }
         }
-        let qemu = if with_data_file {
-            common::qemu::run(
-                "qemu-img",
-                &["check", "--image-opts", &data_file_opts(&img)],
-            )
+        // `qemu-img check` of this image (with its data file named), as text or JSON.
+        let opts = data_file_opts(&img);
+        let target = if with_data_file {
+            vec!["--image-opts", opts.as_str()]
         } else {
-            common::qemu::run("qemu-img", &["check", i])
+            vec![i]
         };
+        let qemu_check = |json: bool| {
+            let mut args = vec!["check"];
+            if json {
+                args.push("--output=json");
+            }
+            args.extend(&target);
+            common::qemu::run("qemu-img", &args)
+        };
+        let qemu = qemu_check(false);
         let said = String::from_utf8_lossy(&qemu.stderr).to_string();
         assert_eq!(qemu.status.code(), Some(2), "{case}: {qemu:?}");
         assert!(said.contains(message), "{case}: QEMU says {said}");
@@ -1010,20 +1018,7 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
             "{case}: QEMU says {said}; ours: {ours:?}"
         );
         // The allocation figures leave out what the checks skip, as QEMU's do.
-        let json = if with_data_file {
-            common::qemu::run(
-                "qemu-img",
-                &[
-                    "check",
-                    "--output=json",
-                    "--image-opts",
-                    &data_file_opts(&img),
-                ],
-            )
-        } else {
-            common::qemu::run("qemu-img", &["check", "--output=json", i])
-        };
-        let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&qemu_check(true).stdout).unwrap();
         assert_eq!(
             (
                 v["allocated-clusters"].as_u64().unwrap_or(0),

@@ -1031,13 +1031,34 @@ fn a_crash_anywhere_in_the_repair_never_leaves_a_false_clean() {
     );
 }
 
+/// The header area of the image `bytes` (whose cluster 0 is `cs` bytes), the byte offset
+/// of its bitmap directory, that directory's bytes, its entries and the image's geometry.
+fn directory_of(
+    bytes: &[u8],
+    cs: usize,
+) -> (
+    HeaderArea,
+    usize,
+    Vec<u8>,
+    Vec<dirty_bitmap::format::DirEntry>,
+    dirty_bitmap::format::ImageGeometry,
+) {
+    let area = HeaderArea::decode(&bytes[..cs]).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let geo = area.header.geometry().unwrap();
+    let d = ext.directory_offset as usize;
+    let dir = bytes[d..d + ext.directory_size as usize].to_vec();
+    let entries = dirty_bitmap::format::decode_directory(&dir, ext.nb_bitmaps, &geo).unwrap();
+    (area, d, dir, entries, geo)
+}
+
 /// Found by a review: triage (which `dbm info` and `repair` run on an image QEMU refuses)
 /// read and decoded the table of every entry, so 65,534 entries naming one 2 MiB table cost
 /// 128 GiB of reads from a file of a few MiB. Each table is now read once: fifty entries
 /// naming one table cost at least 49 reads fewer than fifty entries with a table each.
 #[test]
 fn triage_reads_a_table_many_entries_name_once() {
-    use dirty_bitmap::format::{decode_directory, encode_directory};
+    use dirty_bitmap::format::encode_directory;
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, OpenMode};
     use dirty_bitmap::store::triage::triage_bitmaps;
     use dirty_bitmap::{BitmapStore, Image, Recording};
@@ -1048,12 +1069,7 @@ fn triage_reads_a_table_many_entries_name_once() {
     }
     let own_tables = st.image().storage().to_vec();
     drop(st);
-    let area = HeaderArea::decode(&own_tables[..65536]).unwrap();
-    let ext = area.bitmaps.unwrap();
-    let geo = area.header.geometry().unwrap();
-    let d = ext.directory_offset as usize;
-    let dir = own_tables[d..d + ext.directory_size as usize].to_vec();
-    let mut entries = decode_directory(&dir, ext.nb_bitmaps, &geo).unwrap();
+    let (_, d, dir, mut entries, geo) = directory_of(&own_tables, 65536);
     let shared = entries[0].table_offset;
     for e in &mut entries {
         e.table_offset = shared;
@@ -1086,7 +1102,7 @@ fn triage_reads_a_table_many_entries_name_once() {
 /// is compared first: a wrong one is never read, and that bitmap is left out.
 #[test]
 fn a_preload_reads_no_table_of_the_wrong_size() {
-    use dirty_bitmap::format::{decode_directory, encode_directory};
+    use dirty_bitmap::format::encode_directory;
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, OpenMode};
     use dirty_bitmap::{BitmapStore, Recording};
     let mut st = BitmapStore::create(MemStorage::new(), 64 << 20, 512).unwrap();
@@ -1096,12 +1112,7 @@ fn a_preload_reads_no_table_of_the_wrong_size() {
     // Both in use on disk, their tables all zeros (no data cluster to read).
     let right = st.image().storage().to_vec();
     drop(st);
-    let area = HeaderArea::decode(&right[..512]).unwrap();
-    let ext = area.bitmaps.unwrap();
-    let geo = area.header.geometry().unwrap();
-    let d = ext.directory_offset as usize;
-    let dir = right[d..d + ext.directory_size as usize].to_vec();
-    let mut entries = decode_directory(&dir, ext.nb_bitmaps, &geo).unwrap();
+    let (_, d, _, mut entries, geo) = directory_of(&right, 512);
     assert!(entries.iter().all(|e| e.in_use));
     // "b"'s table said to be 16 times its size, with room in the file for a read of it.
     let size = entries[1].table_size;
@@ -1139,7 +1150,7 @@ fn a_preload_reads_no_table_of_the_wrong_size() {
 /// named in a file of about 1.2 MiB.
 #[test]
 fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
-    use dirty_bitmap::format::{decode_directory, encode_directory, Corruption};
+    use dirty_bitmap::format::{encode_directory, Corruption};
     use dirty_bitmap::storage::{MemStorage, OpenMode};
     use dirty_bitmap::store::repair::Repair;
     use dirty_bitmap::store::triage::triage_bitmaps;
@@ -1148,14 +1159,9 @@ fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
     st.add("a", 512, Recording::Disabled).unwrap();
     let bytes = st.image().storage().to_vec();
     drop(st);
-    let mut area = HeaderArea::decode(&bytes[..4096]).unwrap();
+    let (mut area, d, _, mut found, geo) = directory_of(&bytes, 4096);
     let mut ext = area.bitmaps.unwrap();
-    let geo = area.header.geometry().unwrap();
-    let d = ext.directory_offset as usize;
-    let dir = bytes[d..d + ext.directory_size as usize].to_vec();
-    let one = decode_directory(&dir, ext.nb_bitmaps, &geo)
-        .unwrap()
-        .remove(0);
+    let one = found.remove(0);
     assert_eq!(one.table_size, 1 << 14, "a 128 KiB table");
     let entries: Vec<_> = (0..64u64)
         .map(|k| {

@@ -360,19 +360,11 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     /// corruption: the walk's counts would be incomplete, and a repair must never lower a
     /// refcount from them.
     fn ensure_no_overlap(&self, what: &'static str, groups: &[(u64, Aliases)]) -> Result<()> {
-        let bytes = groups
-            .iter()
-            .map(|(off, names)| names.len_bytes().min(self.file_len.saturating_sub(*off)))
-            .fold(0u64, u64::saturating_add);
-        if bytes > self.file_len {
-            return Err(Corruption::OverlappingTables {
-                what,
-                bytes,
-                file: self.file_len,
-            }
-            .into());
-        }
-        Ok(())
+        ensure_tables_fit(
+            what,
+            self.file_len,
+            groups.iter().map(|(off, names)| (*off, names.len_bytes())),
+        )
     }
 
     /// The data clusters of the L2 table at `l2_off`, each counted `m` times; with `frag`
@@ -629,6 +621,29 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         }
         Ok(())
     }
+}
+
+/// Refuses tables of one kind given as `(offset, bytes)`, one per distinct offset (the
+/// longest named there), whose lengths inside a file of `file` bytes add up to more than
+/// the file ([`Corruption::OverlappingTables`]): tables that do not overlap fit, so a walk
+/// that reads each distinct offset once stays bounded by the file. A table reaching past
+/// the end counts only its part inside.
+///
+/// # Errors
+/// [`Corruption::OverlappingTables`].
+pub(crate) fn ensure_tables_fit(
+    what: &'static str,
+    file: u64,
+    tables: impl IntoIterator<Item = (u64, u64)>,
+) -> Result<()> {
+    let bytes = tables
+        .into_iter()
+        .map(|(off, len)| len.min(file.saturating_sub(off)))
+        .fold(0u64, u64::saturating_add);
+    if bytes > file {
+        return Err(Corruption::OverlappingTables { what, bytes, file }.into());
+    }
+    Ok(())
 }
 
 /// The tables named at one offset (L1 tables, bitmap tables): how many names give each

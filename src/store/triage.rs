@@ -108,19 +108,7 @@ fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> 
         let l = longest.entry(e.table_offset).or_insert(0);
         *l = (*l).max(len);
     }
-    let bytes = longest
-        .iter()
-        .map(|(&off, &len)| len.min(file.saturating_sub(off)))
-        .fold(0u64, u64::saturating_add);
-    if bytes > file {
-        return Err(Corruption::OverlappingTables {
-            what: "bitmap table",
-            bytes,
-            file,
-        }
-        .into());
-    }
-    Ok(())
+    crate::image::check::ensure_tables_fit("bitmap table", file, longest)
 }
 
 /// Why the table of `e` cannot be loaded, if it cannot.
