@@ -585,6 +585,13 @@ impl Header {
         )
     }
 
+    /// The backing_file_offset field holding `offset`, as it lies in every header: its byte
+    /// offset in the file and its 8 big-endian bytes, for a write of that field alone. The
+    /// field lies in the first sector, so such a write lands whole or not at all.
+    pub fn backing_file_offset_field(offset: u64) -> (u64, [u8; 8]) {
+        (OFF_BACKING_FILE_OFFSET as u64, offset.to_be_bytes())
+    }
+
     /// The header extension area as `(start, end)` byte offsets: from header_length to
     /// backing_file_offset if that is non-zero, otherwise to the end of cluster 0.
     pub fn extension_area(&self) -> (u64, u64) {

@@ -238,7 +238,8 @@ impl<S: Storage> Image<S> {
         // set, an entry past the end of the file or two entries naming one block; only
         // `qemu-img check` reports them. A read-only open does the same: the refcounts are
         // then unknown, and every question about them fails with the load's error. A
-        // writable open refuses the image, before anything is written.
+        // writable open refuses the image, before anything is written; a block past the end
+        // of the file is left to the walk each writing operation runs first (`preflight`).
         let (refcounts, refcounts_unreadable) = match Refcounts::load(&storage, &area.header) {
             Ok(r) => (r, None),
             Err(Error::Corrupt(c)) if !writable => (Refcounts::unread(&area.header)?, Some(c)),
@@ -534,7 +535,72 @@ impl<S: Storage> Image<S> {
     /// Both directories are intact until the write's last barrier completes (the caller
     /// frees the old one after it), so a mix naming either reads it whole.
     /// `docs/CRASH-CONSISTENCY.md`, "Known limit: a torn cluster-0 write", has the rest.
+    ///
+    /// A write that moves the backing file name (an extension added or dropped before it)
+    /// moves it first, in steps of its own ([`put_header_moving_name`](Self::put_header_moving_name)).
     fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
+        match self
+            .disk_header
+            .as_deref()
+            .and_then(|disk| NameMove::plan(disk, bytes))
+        {
+            Some(m) => self.put_header_moving_name(bytes, &m),
+            None => self.put_header_bracketed(bytes),
+        }
+    }
+
+    /// [`put_header`](Self::put_header) for a write that moves the backing file name. In
+    /// one write, the name's offset (first sector) and the extension frames and name (the
+    /// sectors after it) could land apart: the old offset ending the extension area inside
+    /// a new frame ("Header extension too large", which QEMU and this crate refuse: the
+    /// image does not open, the VM does not boot), or the new offset over the old bytes (a
+    /// wrong backing file). So the name goes through a spare place past both layouts
+    /// (`m.spare`), and every step leaves a cluster 0 that opens with the same name:
+    /// 1. the name at the spare place, a barrier (no header reads those bytes yet);
+    /// 2. the offset field alone, naming the spare place (first sector: lands whole), a
+    ///    barrier: the extension area now ends past both layouts' frames;
+    /// 3. zeros over the name at its old place, a barrier, so that the bytes after the old
+    ///    end marker read as an end marker in any mix of the next write;
+    /// 4. `bytes` with the name at the spare place only (zeros at its new place), through
+    ///    [`put_header_bracketed`](Self::put_header_bracketed): every mix of its sectors
+    ///    ends its extension area at the spare place, and reads past either side's end
+    ///    marker only zeros;
+    /// 5. the name at its new place, past the new end marker, a barrier;
+    /// 6. the offset field alone, naming the new place, a barrier;
+    /// 7. zeros over the spare place (no header reads it any more), a barrier: cluster 0 is
+    ///    then `bytes`, which a store comparing the disk with its own encoding expects.
+    fn put_header_moving_name(&mut self, bytes: &[u8], m: &NameMove) -> Result<()> {
+        let (spare_end, to_end) = (m.spare + m.len, m.to + m.len);
+        let name = bytes
+            .get(m.to..to_end)
+            .ok_or_else(|| internal!("backing file name past cluster 0"))?
+            .to_vec();
+        let field = |offset: usize| Header::backing_file_offset_field(offset as u64);
+        self.write_cluster0_at(m.spare as u64, &name)?;
+        let (at, spare_field) = field(m.spare);
+        self.write_cluster0_at(at, &spare_field)?;
+        self.write_cluster0_at(m.from as u64, &vec![0; m.len])?;
+        let mut staged = bytes.to_vec();
+        staged
+            .get_mut(m.to..to_end)
+            .ok_or_else(|| internal!("backing file name past cluster 0"))?
+            .fill(0);
+        staged
+            .get_mut(m.spare..spare_end)
+            .ok_or_else(|| internal!("spare place past cluster 0"))?
+            .copy_from_slice(&name);
+        let at_usize = usize::try_from(at).map_err(|_| internal!("field at {at}"))?;
+        staged[at_usize..at_usize + spare_field.len()].copy_from_slice(&spare_field);
+        self.put_header_bracketed(&staged)?;
+        self.write_cluster0_at(m.to as u64, &name)?;
+        let (at, to_field) = field(m.to);
+        self.write_cluster0_at(at, &to_field)?;
+        self.write_cluster0_at(m.spare as u64, &vec![0; m.len])
+    }
+
+    /// The body of [`put_header`](Self::put_header) for a write that does not move the
+    /// backing file name: the bracket, when a torn mix could trust the wrong extension.
+    fn put_header_bracketed(&mut self, bytes: &[u8]) -> Result<()> {
         let header = &self.area.header;
         let lands_safely = self
             .disk_header
@@ -551,7 +617,7 @@ impl<S: Storage> Image<S> {
                     .is_some_and(|f| f.last().is_some_and(|&x| x & 1 != 0))
             };
             if self.disk_header.as_deref().is_none_or(bit0_set) {
-                self.write_autoclear_field(at, field)?;
+                self.write_cluster0_at(at, &field)?;
             }
             if bit0_set(bytes) {
                 let mut first = bytes.to_vec();
@@ -576,13 +642,14 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Writes the autoclear field alone (`field` at `at`, inside the first sector, so it
-    /// lands whole or not at all) and a barrier. The copy of cluster 0 follows.
-    fn write_autoclear_field(&mut self, at: u64, field: [u8; 8]) -> Result<()> {
+    /// Writes `data` at `at` inside cluster 0 (a field of the first sector, which lands
+    /// whole or not at all, or bytes no header reads) and a barrier; the known copy of
+    /// cluster 0 follows.
+    fn write_cluster0_at(&mut self, at: u64, data: &[u8]) -> Result<()> {
         let known = self.disk_header.take();
-        self.storage.write_all_at(&field, at)?;
+        self.storage.write_all_at(data, at)?;
         self.syncs.sync(&self.storage)?;
-        self.disk_header = known.and_then(|d| with_autoclear_field(d, at, field));
+        self.disk_header = known.and_then(|d| patched(d, at, data));
         Ok(())
     }
 
@@ -817,7 +884,7 @@ impl<S: Storage> Image<S> {
         self.guarded(|img| {
             img.area.header.autoclear_features = value;
             let (offset, field) = img.area.header.autoclear_field();
-            img.write_autoclear_field(offset, field)
+            img.write_cluster0_at(offset, &field)
         })
     }
 }
@@ -957,10 +1024,68 @@ fn trusted_bitmaps(bytes: &[u8]) -> Option<Option<&[u8]>> {
 }
 
 /// `disk` (cluster 0, trailing zeros cut) with the autoclear field at `at` set to `field`.
-fn with_autoclear_field(mut disk: Vec<u8>, at: u64, field: [u8; 8]) -> Option<Vec<u8>> {
+fn patched(mut disk: Vec<u8>, at: u64, data: &[u8]) -> Option<Vec<u8>> {
     let at = usize::try_from(at).ok()?;
-    disk.get_mut(at..at + field.len())?.copy_from_slice(&field);
+    let end = at.checked_add(data.len())?;
+    if disk.len() < end {
+        disk.resize(end, 0);
+    }
+    disk.get_mut(at..end)?.copy_from_slice(data);
+    let kept = trim_zeros(&disk).len();
+    disk.truncate(kept);
     Some(disk)
+}
+
+/// Where [`Image::put_header_moving_name`] moves the backing file name through: from
+/// `from` (on disk) to `to` (in the new cluster 0) by way of `spare`, `len` bytes each.
+#[derive(Debug)]
+struct NameMove {
+    from: usize,
+    to: usize,
+    spare: usize,
+    len: usize,
+}
+
+impl NameMove {
+    /// The move a write of `new` over `disk` (cluster 0, trailing zeros cut) makes: `None`
+    /// when it keeps the name where it is, changes one sector only (which lands whole),
+    /// changes the name itself, or leaves no room in cluster 0 for a spare place past both
+    /// layouts (clusters of 2 KiB or less with a long name: the write is then as
+    /// `docs/CRASH-CONSISTENCY.md`'s known limit says).
+    fn plan(disk: &[u8], new: &[u8]) -> Option<NameMove> {
+        let mut old = disk.to_vec();
+        old.resize(new.len().max(old.len()), 0);
+        let (d, n) = (Header::decode(&old).ok()?, Header::decode(new).ok()?);
+        let len = usize::try_from(n.backing_file_size).ok()?;
+        let from = usize::try_from(d.backing_file_offset).ok()?;
+        let to = usize::try_from(n.backing_file_offset).ok()?;
+        if len == 0 || from == 0 || to == 0 || from == to {
+            return None;
+        }
+        if d.backing_file_size != n.backing_file_size
+            || old.get(from..from.checked_add(len)?)? != new.get(to..to.checked_add(len)?)?
+        {
+            return None;
+        }
+        const SECTOR: usize = SECTOR_SIZE as usize;
+        let changed = (0..new.len())
+            .step_by(SECTOR)
+            .filter(|&s| {
+                let r = s..new.len().min(s + SECTOR);
+                old[r.clone()] != new[r]
+            })
+            .count();
+        if changed <= 1 {
+            return None;
+        }
+        let spare = (from.max(to) + len).next_multiple_of(8);
+        (spare + len <= new.len()).then_some(NameMove {
+            from,
+            to,
+            spare,
+            len,
+        })
+    }
 }
 
 /// `bytes` without its trailing zeros.
