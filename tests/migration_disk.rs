@@ -527,6 +527,79 @@ fn a_refused_hand_over_activates_the_store_again_before_the_guest_resumes() {
     r.guest.vcpus.shutdown();
 }
 
+/// Inactivates the store from outside the migration at its first turn, as another holder
+/// of the `SharedStore` may.
+struct InactivateOnce(SharedStore<FileStorage>, bool);
+
+impl Controller for InactivateOnce {
+    fn on_iteration(
+        &mut self,
+        _: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        if !self.1 {
+            self.1 = true;
+            self.0.lock().inactivate().unwrap();
+            // The guest marks on, into the parked bitmap alone.
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        dirty_bitmap::migration::Directive::Continue
+    }
+    fn on_stall(&mut self, r: &StallReport) -> StallAction {
+        AutoConverge::default().on_stall(r)
+    }
+}
+
+/// Found by a review: a store inactivated during precopy by another holder of the
+/// `SharedStore` was not refused. Its flushes found nothing pending, its write log ended
+/// early, and the stop's inactivate returned having written nothing, so the hand-over
+/// completed and the marks made since, held by the parked bitmap alone, were on no disk the
+/// destination reads. The attempt now fails in precopy, the guest running on; once the
+/// store is active again, a retry hands over every mark.
+#[test]
+fn a_store_inactivated_by_another_holder_during_precopy_fails_the_hand_over_and_keeps_every_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 14);
+    let e = {
+        let link = RefCell::new(&mut r.link);
+        run(
+            &cfg(),
+            Endpoints {
+                clock: &mut RealClock::new(),
+                vm: &mut r.guest,
+                out: &mut LinkOut(&link),
+                inbound: &mut LinkIn(&link),
+            },
+            &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
+            &mut InactivateOnce(store.clone(), false),
+        )
+        .unwrap_err()
+    };
+    assert!(
+        matches!(
+            e,
+            MigrationError::Bitmap(dirty_bitmap::Error::WrongState(
+                dirty_bitmap::StateProblem::NotActive
+            ))
+        ),
+        "{e}"
+    );
+    // The store stays as its other holder left it (it may be handing the image to
+    // someone else); the guest's marks are in its parked bitmap. Its holder takes it back,
+    // and a retry hands over every mark.
+    assert!(!store.lock().is_active());
+    assert!(!r.disk.handed_over());
+    store.lock().activate().unwrap();
+    let o = attempt(&mut r, None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    let marks = r.guest.disk.marks();
+    assert!(marks.len() > 100, "the writer made {} marks", marks.len());
+    assert_on_disk(&img, &marks);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
 /// In durable mode every mark is on disk when it returns: the stop has nothing left to
 /// write (0 bytes, no allocation), and the image the destination takes holds every mark.
 #[test]

@@ -40,7 +40,7 @@ use super::state::{MigrationState, Pending};
 use crate::error::StateProblem;
 use crate::flush::{DiskRate, FlushStats};
 use crate::storage::Storage;
-use crate::store::SharedStore;
+use crate::store::{BitmapStore, SharedStore};
 use crate::units::{Bytes, Millis};
 
 /// A duration in whole milliseconds, rounded up (as the stop's own time is).
@@ -52,12 +52,16 @@ fn millis_up(t: std::time::Duration) -> Millis {
 /// a barrier, a fraction of a millisecond with little to write back).
 pub const CONVERGE_ROUNDS: u32 = 8;
 
-/// A [`BitmapStore`](crate::BitmapStore) on an image both hosts share, as a migration
+/// A [`BitmapStore`] on an image both hosts share, as a migration
 /// state: flushed during precopy, its stop time counted in the downtime, handed over at the
 /// stop and taken back when the hand-over fails. See the [module documentation](self).
 ///
-/// The store must be active when the migration starts; marks go to it through a
-/// [`Tracker`](crate::Tracker) or its bitmaps, without its lock, throughout.
+/// The store must be active when the migration starts, and stay so until the stop hands
+/// it over: a store another holder inactivated meanwhile fails the attempt's next flush,
+/// log or stop with [`WrongState`](crate::Error::WrongState)
+/// ([`NotActive`](crate::StateProblem::NotActive)), and is left as that holder left it.
+/// Marks go to it through a [`Tracker`](crate::Tracker) or its bitmaps, without its lock,
+/// throughout.
 #[derive(Debug)]
 pub struct SharedDiskState<S: Storage> {
     id: StateId,
@@ -189,6 +193,20 @@ impl<S: Storage> SharedDiskState<S> {
     fn observe(&mut self, s: &FlushStats) {
         self.rate.observe(s);
         self.flushed.accumulate(s);
+    }
+}
+
+/// Refuses a store that is no longer active after the setup found it active: another
+/// holder of the [`SharedStore`] inactivated it (or closed it) during precopy. Its flushes
+/// would find nothing pending, its write log would end early, and the stop's inactivate
+/// would return having written nothing: the marks made since, held only by its parked
+/// bitmaps, would reach no disk the destination reads. Failing the attempt resumes the
+/// source, whose `reactivate` takes the store back with every mark.
+fn ensure_still_active<S: Storage>(st: &BitmapStore<S>) -> Result<()> {
+    if st.is_active() {
+        Ok(())
+    } else {
+        Err(crate::Error::WrongState(StateProblem::NotActive).into())
     }
 }
 
@@ -325,6 +343,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         }
         let s = {
             let mut st = self.store.lock();
+            ensure_still_active(&st)?;
             if st.pending_estimate() == 0 {
                 return Ok(Bytes(0));
             }
@@ -351,6 +370,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         for _ in 0..CONVERGE_ROUNDS {
             let s = {
                 let mut st = self.store.lock();
+                ensure_still_active(&st)?;
                 let now = st.pending_estimate();
                 if now == 0 || now >= last {
                     break;
@@ -368,6 +388,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     fn after_flush(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         let log = {
             let mut st = self.store.lock();
+            ensure_still_active(&st)?;
             match st.write_log_pending() {
                 Some((0, false)) | None => None,
                 Some(_) => st.take_write_log(),
@@ -387,9 +408,12 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.error = None;
         let (s, log) = if self.qemu_baseline {
-            (self.store.lock().inactivate_full_rewrite()?, None)
+            let mut st = self.store.lock();
+            ensure_still_active(&st)?;
+            (st.inactivate_full_rewrite()?, None)
         } else {
             let mut st = self.store.lock();
+            ensure_still_active(&st)?;
             self.durable = st.is_durable();
             let s = st.inactivate()?;
             (s, st.take_write_log())
