@@ -2018,6 +2018,51 @@ fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
 /// own working directory); QEMU reads the raw bytes through it; the raw file is never
 /// written. A `--size` that is not the raw file's, a raw file of a size QEMU cannot map, or
 /// a missing one is refused before the image exists.
+/// Found by a review: `FileStorage::create` left the new, empty file behind when a step
+/// after its creation failed (the locks, or the sync of the directory), so `dbm create`
+/// exited 1 with an empty IMAGE left, and a rerun refused it as existing. In a directory
+/// its user may write but not read (mode 0733), the creation succeeds and the directory's
+/// sync fails: nothing may be left. Run as `nobody` when the test runs as root, whom
+/// permissions do not stop.
+#[test]
+fn a_create_that_fails_after_making_the_file_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = dir.path().join("write-only");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o733)).unwrap();
+    let img = locked.join("i.qcow2");
+    let root = Command::new("id").arg("-u").output().unwrap();
+    let mut cmd = if text(&root.stdout).trim() == "0" {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_dbm")]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_dbm"))
+    };
+    let out = cmd
+        .args(["create", img.to_str().unwrap(), "--size", "1M"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe("dbm create", &out)
+    );
+    assert!(
+        text(&out.stderr).contains("ermission denied"),
+        "{}",
+        describe("dbm create", &out)
+    );
+    assert!(
+        img.symlink_metadata().is_err(),
+        "the failed create left {} behind",
+        img.display()
+    );
+}
+
 #[test]
 fn create_with_a_data_file_attaches_the_raw_disk_without_writing_it() {
     let dir = tempfile::tempdir().unwrap();

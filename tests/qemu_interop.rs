@@ -932,9 +932,19 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
         b[i..i + 8].copy_from_slice(&v.to_be_bytes());
         std::fs::write(img, &b).unwrap();
     };
-    let cases: [(&str, &str, bool); 4] = [
+    let cases: [(&str, &str, bool); 6] = [
         ("snapshot", "snapshots in image with data file", true),
         ("data file", "with data file, entry=", true),
+        (
+            "unaligned with data file",
+            "Data cluster is not properly aligned",
+            true,
+        ),
+        (
+            "incomplete snapshot",
+            "snapshot table entry 0 is incomplete",
+            false,
+        ),
         (
             "copied",
             "copied flag must never be set for compressed clusters",
@@ -965,6 +975,31 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
                 );
                 ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", i]);
                 set_bits(&img, &l2_entry_0, 1 << 62);
+            }
+            "unaligned with data file" => {
+                let o = format!("data_file={}", p(&raw));
+                ok(
+                    "qemu-img",
+                    &["create", "-q", "-f", "qcow2", "-o", &o, i, "1M"],
+                );
+                ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", i]);
+                set_bits(&img, &l2_entry_0, 0x200);
+            }
+            "incomplete snapshot" => {
+                ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
+                ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", i]);
+                ok("qemu-img", &["snapshot", "-c", "s1", i]);
+                // The entry's extra data size (bytes 36..40): 8 of its 24 bytes, the rest
+                // of the entry (its id and name) moved up behind them.
+                let mut b = std::fs::read(&img).unwrap();
+                let at = u64::from_be_bytes(b[64..72].try_into().unwrap()) as usize;
+                let be16 = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+                let extra = u32::from_be_bytes(b[at + 36..at + 40].try_into().unwrap()) as usize;
+                let names = be16(&b, at + 12) + be16(&b, at + 14);
+                let tail = b[at + 40 + extra..at + 40 + extra + names].to_vec();
+                b[at + 36..at + 40].copy_from_slice(&8u32.to_be_bytes());
+                b[at + 48..at + 48 + names].copy_from_slice(&tail);
+                std::fs::write(&img, &b).unwrap();
             }
             "copied" => {
                 ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
@@ -1022,11 +1057,74 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
         assert_eq!(
             (
                 v["allocated-clusters"].as_u64().unwrap_or(0),
-                v["compressed-clusters"].as_u64().unwrap_or(0)
+                v["compressed-clusters"].as_u64().unwrap_or(0),
+                v["fragmented-clusters"].as_u64().unwrap_or(0)
             ),
-            (report.frag.allocated, report.frag.compressed),
+            (
+                report.frag.allocated,
+                report.frag.compressed,
+                report.frag.fragmented
+            ),
             "{case}: {v}"
         );
+    }
+}
+
+/// Found by a review: QEMU's `next_contiguous_offset` is local to `check_refcounts_l2`, so
+/// the first allocated cluster of each L2 table never counts as fragmented; ours ran across
+/// the tables, and counted one more fragmented cluster at each jump between them. Images
+/// whose data lies in several L2 tables, out of order in the file: our figures must equal
+/// `qemu-img check --output=json`'s.
+#[test]
+fn the_fragmentation_figure_restarts_at_each_l2_table_as_qemus_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // (options, size, writes in order): each write's cluster lands after the last one
+    // written, so a table whose guest range comes first holds clusters placed later.
+    let cases: [(&str, &str, &[&str]); 3] = [
+        (
+            "cluster_size=65536",
+            "2G",
+            &["write 1100M 64k", "write 600M 128k", "write 0 64k"],
+        ),
+        (
+            "compat=0.10,cluster_size=4096",
+            "64M",
+            &["write 5M 8k", "write 3M 4k", "write 0 4k", "write 2M 12k"],
+        ),
+        (
+            "cluster_size=4096",
+            "64M",
+            &["write -c 4M 8k", "write 0 8k", "write 2M 4k"],
+        ),
+    ];
+    for (opts, size, writes) in cases {
+        let img = dir.path().join("frag.qcow2");
+        let i = p(&img);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, i, size],
+        );
+        for w in writes {
+            ok("qemu-io", &["-f", "qcow2", "-c", w, i]);
+        }
+        let out = common::qemu::run("qemu-img", &["check", "--output=json", i]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = open(&img, OpenMode::ReadOnly).image().check().unwrap();
+        let theirs = (
+            v["allocated-clusters"].as_u64().unwrap_or(0),
+            v["fragmented-clusters"].as_u64().unwrap_or(0),
+            v["compressed-clusters"].as_u64().unwrap_or(0),
+        );
+        assert_eq!(
+            (
+                report.frag.allocated,
+                report.frag.fragmented,
+                report.frag.compressed
+            ),
+            theirs,
+            "{opts}: {v}"
+        );
+        assert!(theirs.0 >= 3, "{opts}: {v}");
     }
 }
 

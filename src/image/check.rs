@@ -52,6 +52,9 @@ const PAGE_CLUSTERS: usize = 4096;
 /// QEMU's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`: the most extra data a snapshot table entry may
 /// have.
 const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// The extra data every version 3 snapshot table entry must hold: the large VM state size
+/// and the disk size, 8 bytes each (`qcow2_check_read_snapshot_table`).
+const MIN_V3_SNAPSHOT_EXTRA_DATA: u32 = 16;
 /// QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`: the longest snapshot table it reads.
 const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
 
@@ -371,6 +374,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     /// (a table of the active L1, in its order), the allocation figures too.
     fn l2(&mut self, l2_off: u64, m: u32, data_file: bool, extl2: bool, frag: bool) {
         let cs = 1u64 << self.cluster_bits;
+        // QEMU's `next_contiguous_offset` is local to `check_refcounts_l2`: the first
+        // allocated cluster of each table never counts as fragmented.
+        self.next_contiguous = 0;
         let Some(l2) = self.read("L2 table", l2_off, cs) else {
             return;
         };
@@ -436,13 +442,26 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 });
             }
             let data = entry & L2_OFFSET_MASK;
-            if data == 0 || data_file {
+            if data == 0 {
                 continue;
             }
+            // Judged with a data file too; only the count below is skipped then. An
+            // unaligned cluster is still counted, as QEMU's `inc_refcounts` counts it:
+            // every cluster its `cs` bytes from the offset touch.
             if data & (cs - 1) != 0 {
+                let kind = if entry & L2_ZERO != 0 {
+                    "Preallocated"
+                } else {
+                    "Data"
+                };
                 self.report.corrupt(|| {
-                    format!("ERROR L2 {l2_off:#x} entry {j}: data offset {data:#x} unaligned")
+                    format!(
+                        "ERROR offset={data:x}: {kind} cluster is not properly aligned; L2 \
+                         entry corrupted."
+                    )
                 });
+            }
+            if data_file {
                 continue;
             }
             self.inc_n(data, cs, m, "data");
@@ -502,6 +521,12 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                     size: extra,
                 }
                 .into());
+            }
+            // `qcow2_check_read_snapshot_table`: version 3 requires the large VM state
+            // size and the disk size (16 bytes) in each entry's extra data.
+            if h.version >= 3 && extra < MIN_V3_SNAPSHOT_EXTRA_DATA {
+                self.report
+                    .corrupt(|| format!("ERROR snapshot table entry {i} is incomplete"));
             }
             let len = 40 + u64::from(extra) + id_len + name_len;
             let size = (at - start).saturating_add(len);

@@ -139,7 +139,8 @@ impl FileStorage {
     /// syncing the parent directory fails; [`Error::Locked`](crate::Error::Locked) when
     /// another process opened the new file before the locks were taken;
     /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) when they cannot be taken
-    /// here. The file is left behind on these errors.
+    /// here. On an error after the file was created, it is removed (it is this call's,
+    /// and empty), so that nothing is left behind but an existing file, never touched.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         Self::create_with(path, Locking::On)
     }
@@ -165,14 +166,23 @@ impl FileStorage {
             .write(true)
             .create_new(true)
             .open(path)?;
-        if locking == Locking::On {
-            lock::lock(&file, path, Access::Write)?;
-        }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        File::open(parent)?.sync_all()?;
+        let finish = || -> Result<()> {
+            if locking == Locking::On {
+                lock::lock(&file, path, Access::Write)?;
+            }
+            File::open(parent)?.sync_all()?;
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            drop(file);
+            // Best effort: the error returned is the one that stopped the creation.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Ok(Self {
             file,
             path: path.to_owned(),

@@ -89,8 +89,11 @@ pub struct RepairReport {
 /// [`Error::Corrupt`] when the walk of everything but the bitmaps finds corruption (a
 /// refcount below its references: `qemu-img check -r all` is the tool for that), the
 /// header cannot be read ([`Image::open_untrusting_bitmaps`]), or (with [`Repair::All`]) a
-/// cluster a kept bitmap or the directory owns has refcount 0 and no refcount block covers
-/// it ([`Corruption::Refcount`]); I/O. Each is found before the first write.
+/// cluster a kept bitmap, the directory or a removed entry's table names has refcount 0 and
+/// no refcount block covers it ([`Corruption::Refcount`]: the file grew past its refcount
+/// blocks; the repair would have to raise that refcount so that the commit cannot allocate
+/// the cluster while the old directory still names it); I/O. Each is found before the
+/// first write.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
