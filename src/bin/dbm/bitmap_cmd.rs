@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::ArgGroup;
 
-use crate::open::{at, store};
+use crate::open::{at, new_bitmap_name, store};
 use crate::out::emit;
 use crate::{size, CmdResult};
 
@@ -147,10 +147,13 @@ impl BitmapArgs {
 /// was to fill, which a backup would read as "nothing changed".
 pub fn run(args: &BitmapArgs) -> CmdResult {
     let verbs = args.verbs()?;
+    if args.add {
+        new_bitmap_name(&args.name)?;
+    }
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
     // Existing bitmaps are named in the escaped form `dbm info` shows (`\xNN` for a byte
-    // that is not UTF-8), so every name on disk can be typed; a new one is taken as given,
-    // and the verbs after `--add` name it so too.
+    // that is not UTF-8), so every name on disk can be typed; a new one (which holds no
+    // backslash, so no escape) is taken as given, and the verbs after `--add` name it so too.
     let name = if args.add {
         BitmapName::from(args.name.as_bytes())
     } else {

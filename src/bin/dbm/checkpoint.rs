@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::OpenMode;
 
-use crate::open::{at, since_error, store};
+use crate::open::{at, new_bitmap_name, since_error, store};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -31,6 +31,9 @@ pub struct CheckpointArgs {
 
 /// Runs `dbm checkpoint`.
 pub fn run(args: &CheckpointArgs) -> CmdResult {
+    for new in [&args.name, &args.into].into_iter().flatten() {
+        new_bitmap_name(new)?;
+    }
     let mut st = store(&args.image, OpenMode::ReadWrite)?;
     match (&args.name, &args.since, &args.into) {
         (Some(new), None, None) => {

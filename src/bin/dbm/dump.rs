@@ -6,12 +6,13 @@
 //! object per row (keys sorted).
 
 use dirty_bitmap::format::BitmapName;
+use dirty_bitmap::store::triage::triage_bitmaps;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::open::{reader, shared_since_error, since_error};
+use crate::open::{at, reader, shared_since_error, since_error};
 use crate::out::emit;
 use crate::CmdResult;
 
@@ -231,6 +232,23 @@ pub fn totals_json(rows: impl Iterator<Item = Row>, disk: u64) -> String {
 /// Runs `dbm dump`.
 pub fn run(args: &DumpArgs) -> CmdResult {
     let st = reader(&args.image, args.force_share)?;
+    // A bitmap QEMU refuses anywhere in the image makes QEMU refuse the image, and
+    // `dbm info` calls every other bitmap inconsistent (not loaded: treat as all dirty):
+    // refused here as an inconsistent bitmap is, whichever one is named.
+    if let Some(t) = triage_bitmaps(st.image()).map_err(|e| at(&args.image, e))? {
+        if let Some(b) = t.bitmaps.iter().find(|b| b.broken.is_some()) {
+            return Err(at(
+                &args.image,
+                format!(
+                    "bitmap {} is broken, so QEMU refuses the image and no bitmap of it can be \
+                     trusted: treat the disk as all dirty (`dbm check -r all` removes the \
+                     broken bitmap; then back up in full and start a new chain)",
+                    BitmapName::from(b.entry.raw.name.as_slice())
+                ),
+            )
+            .into());
+        }
+    }
     let r = match (&args.name, &args.since) {
         (Some(n), None) => st.load(BitmapName::parse_escaped(n)),
         (None, Some(x)) => st.changed_since(BitmapName::parse_escaped(x)),

@@ -128,7 +128,7 @@ pub fn qemu_keys(
     if !bitmaps.is_empty() {
         let list: Vec<Value> = bitmaps
             .iter()
-            .map(|b| json!({"flags": b.flags(), "name": b.name, "granularity": b.granularity}))
+            .map(|b| json!({"flags": b.flags(), "name": b.qemu_name, "granularity": b.granularity}))
             .collect();
         data.insert("bitmaps".into(), Value::Array(list));
     }
@@ -191,8 +191,12 @@ pub fn qemu_keys(
 /// One bitmap in [`ImageInfo`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapReport {
-    /// Its name.
+    /// Its name, escaped as [`BitmapName`]'s `Display` writes it (`\xNN`, `\\`), the form
+    /// every command takes back.
     pub name: String,
+    /// Its name as `qemu-img info` prints it: the bytes up to the first NUL, invalid UTF-8
+    /// replaced by U+FFFD, nothing escaped.
+    pub qemu_name: String,
     /// Disk bytes per bit.
     pub granularity: u64,
     /// The `auto` flag (QEMU's enabled).
@@ -265,6 +269,7 @@ pub fn gather(
         };
         bitmaps.push(BitmapReport {
             name: b.name.to_string(),
+            qemu_name: String::from_utf8_lossy(b.name.qemu_name()).into_owned(),
             granularity: b.granularity,
             enabled: b.enabled,
             in_use: b.in_use,
@@ -348,8 +353,10 @@ pub fn gather_broken(
                          refuses the image (treat as all dirty)"
                     .to_string(),
             };
+            let name = BitmapName::from(raw.name.as_slice());
             BitmapReport {
-                name: BitmapName::from(raw.name.as_slice()).to_string(),
+                name: name.to_string(),
+                qemu_name: String::from_utf8_lossy(name.qemu_name()).into_owned(),
                 granularity: 1u64
                     .checked_shl(u32::from(raw.granularity_bits))
                     .unwrap_or(0),
@@ -527,6 +534,7 @@ mod tests {
     fn sample(consistent: bool) -> BitmapReport {
         BitmapReport {
             name: "b".into(),
+            qemu_name: "b".into(),
             granularity: 65536,
             enabled: true,
             in_use: !consistent,

@@ -5,6 +5,20 @@ use std::path::Path;
 use dirty_bitmap::storage::{FileStorage, Locking};
 use dirty_bitmap::{BitmapStore, Image, OpenMode};
 
+/// `text` as the name of a new bitmap, refused when it holds a backslash: an existing
+/// bitmap is named in the escaped form `dbm info` shows (docs/CLI.md), in which `\`
+/// starts an escape, so a new `x\x41` would be a bitmap that a later `--remove x\x41`
+/// does not name (it names `xA`). Refused before the image is opened.
+pub fn new_bitmap_name(text: &str) -> Result<&str, String> {
+    if text.contains('\\') {
+        return Err(format!(
+            "bitmap name {text:?}: a new name may not hold a backslash, which starts an \
+             escape in the names of existing bitmaps (\\xNN, \\\\)"
+        ));
+    }
+    Ok(text)
+}
+
 /// Prefixes an error with the image path.
 pub fn at(path: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", path.display())
