@@ -1035,6 +1035,55 @@ fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_sourc
     r.guest.vcpus.shutdown();
 }
 
+/// Found by a review: a destination built in the other mode than the source's took the
+/// image over anyway (a deferred one cleared the durable flag the source left, a durable one
+/// recorded it and allocated), and when the attempt then failed its `failed` put back the
+/// `in_use` flags but not that: the source found cluster 0 changed while inactive, refused
+/// to take the image back, and the guest stayed stopped. The destination now refuses the
+/// mismatch before it writes anything, and the source resumes in its own mode.
+#[test]
+fn a_destination_in_the_other_mode_refuses_before_it_writes_and_the_source_resumes() {
+    for source_durable in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, store) = if source_durable {
+            new_durable_store(dir.path())
+        } else {
+            new_store(dir.path())
+        };
+        let mut r = rig(&store, 24);
+        let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
+        if !source_durable {
+            dest = dest.durable();
+        }
+        let dest = Arc::new(Mutex::new(dest));
+        let other: SharedDestState = Arc::new(Mutex::new(CannotTakeOver));
+        let mut declared = Declared;
+        let e = tcp_attempt(
+            &mut r,
+            vec![dest.clone() as SharedDestState, other],
+            Some(&mut declared),
+        )
+        .unwrap_err();
+        match &e {
+            MigrationError::DestinationRefused(why) => {
+                assert!(why.contains("same mode"), "durable {source_durable}: {why}")
+            }
+            other => panic!("durable {source_durable}: expected a refusal, got {other}"),
+        }
+        assert!(dest.lock().unwrap().take_store().is_none());
+        // The source took the image back, in its own mode, and its guest runs on.
+        assert!(store.lock().is_active(), "durable {source_durable}");
+        assert_eq!(store.lock().is_durable(), source_durable);
+        let before = r.guest.disk.marks().len();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(r.guest.disk.marks().len() > before);
+        let marks = r.guest.disk.shutdown();
+        store.lock().inactivate().unwrap();
+        assert_on_disk(&img, &marks);
+        r.guest.vcpus.shutdown();
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Stream mode: the destination has its own image; the bitmap travels as deltas.
 

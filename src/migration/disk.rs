@@ -40,6 +40,7 @@ use super::state::{MigrationState, Pending};
 use crate::error::StateProblem;
 use crate::flush::{DiskRate, FlushStats};
 use crate::storage::Storage;
+use crate::store::mode::StoreMode;
 use crate::store::{BitmapStore, SharedStore};
 use crate::units::{Bytes, Millis};
 
@@ -208,6 +209,31 @@ fn ensure_still_active<S: Storage>(st: &BitmapStore<S>) -> Result<()> {
     } else {
         Err(crate::Error::WrongState(StateProblem::NotActive).into())
     }
+}
+
+/// Refuses, before anything is written, a destination whose mode is not the one the
+/// source left the image in (its mode extension: durable after a durable source's stop,
+/// deferred after a deferred one's). Its activation would change cluster 0 (a deferred one
+/// clears the durable flag, a durable one records it and allocates), and if the attempt
+/// then failed, its `failed` would put back the `in_use` flags but not that: the source's
+/// take-back would find the image changed while inactive and refuse it, leaving the guest
+/// stopped. A mode this crate does not know is left to the activation.
+fn ensure_same_mode<S: Storage>(st: &BitmapStore<S>, durable: bool) -> Result<()> {
+    let left = match StoreMode::of(st.image().area()) {
+        StoreMode::Durable => true,
+        StoreMode::Deferred => false,
+        _ => return Ok(()),
+    };
+    if left == durable {
+        return Ok(());
+    }
+    let name = |d: bool| if d { "durable" } else { "deferred" };
+    Err(MigrationError::InvalidInput(format!(
+        "the source left the image in {} mode and this destination would take it over in {} \
+         mode: build both sides in the same mode",
+        name(left),
+        name(durable)
+    )))
 }
 
 impl<S: Storage> MigrationState for SharedDiskState<S> {
@@ -532,6 +558,10 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// ([`BitmapStore::activate_durable_preloaded`](crate::BitmapStore::activate_durable_preloaded)):
     /// nothing is written at the start when the source kept it durable too (every cluster
     /// is allocated and no flag changes), and one barrier makes what it read durable.
+    ///
+    /// The mode must be the source's: a destination whose mode is not the one the source
+    /// left the image in refuses at the start, before it writes anything, so that the
+    /// source can take the image back.
     #[must_use]
     pub fn durable(mut self) -> Self {
         self.durable = true;
@@ -688,6 +718,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         }
         self.reader = None;
         let mut st = (self.open)()?;
+        ensure_same_mode(&st, self.durable)?;
         self.from_preload = false;
         self.taken_current = self.preloaded.as_ref().map_or(0, crate::Preloaded::current);
         match (self.preloaded.take(), self.durable) {
