@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use common::qemu::{p, run};
 use common::{first_not_dirty, seeded_rng};
-use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage, Op};
+use dirty_bitmap::storage::{CrashMode, CrashStorage, FileStorage, MemStorage, Op};
 use dirty_bitmap::{BitmapState, BitmapStore, DirtyBitmap};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -1396,6 +1396,155 @@ fn a_torn_header_write_keeps_an_overlays_backing_file() {
          {seen_old} times, the new b {seen_new} times"
     );
     assert!(landings >= 24 && moves >= 12 && seen_old > 0 && seen_new > 0);
+}
+
+/// Found by a review: a process killed in the middle of a name move leaves a cluster 0 that
+/// opens naming the right file but is not the bytes this crate encodes (the name at the
+/// spare place, or a stray copy of it) until the next header write. A store that handed
+/// the image over compared cluster 0 byte for byte with its encoding before taking it back,
+/// so every later take-back (a failed migration's source resuming) refused it as changed
+/// while inactive, and the guest stayed stopped. Each crash image of the move, opened,
+/// activated, inactivated (which hands the image over) and activated again, must be taken
+/// back.
+#[test]
+fn a_store_takes_back_an_image_a_crash_left_in_the_middle_of_a_name_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    common::qemu::ok("qemu-img", &["create", "-f", "qcow2", p(&base), "32M"]);
+    let ov = dir.path().join("ov.qcow2");
+    common::qemu::ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            p(&base),
+            p(&ov),
+            "32M",
+        ],
+    );
+    let crash = Arc::new(CrashStorage::from_bytes(std::fs::read(&ov).unwrap()));
+    let mut s = BitmapStore::open(Arc::clone(&crash), OpenMode::ReadWrite).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    drop(s);
+    let ops = crash.ops();
+    // Crash points inside the move: after the offset names the spare place, up to the
+    // spare place's clearing.
+    let field_writes: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Op::Write { offset: 8, data } if data.len() == 8))
+        .map(|(i, _)| i)
+        .collect();
+    let [to_spare, to_new] = field_writes[..] else {
+        panic!("the move writes the offset twice: {field_writes:?}")
+    };
+    let mut points = 0;
+    for k in to_spare + 1..=ops.len() {
+        if k < ops.len() && !matches!(ops[k], Op::Sync) {
+            continue;
+        }
+        let img = crash.crash_image(k, CrashMode::Dropped).unwrap();
+        let path = dir.path().join("cut.qcow2");
+        std::fs::write(&path, &img).unwrap();
+        let mut st = BitmapStore::open(
+            FileStorage::open(&path, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        st.activate().unwrap();
+        st.inactivate().unwrap();
+        st.activate()
+            .unwrap_or_else(|e| panic!("crash after op {k} (moves at {to_spare}, {to_new}): {e}"));
+        st.inactivate().unwrap();
+        drop(st);
+        points += 1;
+    }
+    assert!(points >= 4, "{points} crash points");
+}
+
+/// Found by a review: the spec lets a writer change an image with unknown autoclear bits
+/// only after it has cleared them, and this crate's first write clears them with a header
+/// write. When that write also moves the backing file name (cluster 0 laid out by another
+/// program, here a feature table one entry longer than QEMU's), the name's move wrote
+/// cluster 0 before the bit was cleared. Every crash image whose cluster 0 differs from the
+/// original must have the unknown bit clear.
+#[test]
+fn a_name_move_clears_unknown_autoclear_bits_before_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    common::qemu::ok("qemu-img", &["create", "-f", "qcow2", p(&base), "32M"]);
+    let ov = dir.path().join("ov.qcow2");
+    common::qemu::ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            p(&base),
+            p(&ov),
+            "32M",
+        ],
+    );
+    let mut bytes = std::fs::read(&ov).unwrap();
+    // The feature name table (type 0x6803f857) one 48-byte entry longer, everything after
+    // it moved up, the name's offset with it; autoclear bit 7 set.
+    let mut at = be32(&bytes, 100) as usize;
+    while be32(&bytes, at) != 0x6803_f857 {
+        assert_ne!(be32(&bytes, at), 0, "no feature table");
+        at += 8 + (be32(&bytes, at + 4) as usize).div_ceil(8) * 8;
+    }
+    let len = be32(&bytes, at + 4) as usize;
+    let mut entry = [0u8; 48];
+    entry[0] = 2; // autoclear
+    entry[1] = 7;
+    entry[2..2 + 9].copy_from_slice(b"a new bit");
+    let end = at + 8 + len;
+    let mut c0 = bytes[..65536].to_vec();
+    c0.splice(end..end, entry);
+    c0.truncate(65536);
+    c0[at + 4..at + 8].copy_from_slice(&((len + 48) as u32).to_be_bytes());
+    let name_at = u64::from_be_bytes(c0[8..16].try_into().unwrap()) + 48;
+    c0[8..16].copy_from_slice(&name_at.to_be_bytes());
+    let autoclear = u64::from_be_bytes(c0[88..96].try_into().unwrap()) | 1 << 7;
+    c0[88..96].copy_from_slice(&autoclear.to_be_bytes());
+    bytes[..65536].copy_from_slice(&c0);
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+    assert_eq!(area.backing_file.as_deref(), Some(p(&base).as_bytes()));
+
+    let crash = Arc::new(CrashStorage::from_bytes(bytes.clone()));
+    let mut s = BitmapStore::open(Arc::clone(&crash), OpenMode::ReadWrite).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    drop(s);
+    let mut changed = 0;
+    for k in 0..=crash.op_count() {
+        for mode in [CrashMode::Dropped, CrashMode::Kept] {
+            let img = crash.crash_image(k, mode).unwrap();
+            if img[..65536] == bytes[..65536] {
+                continue;
+            }
+            changed += 1;
+            let autoclear = u64::from_be_bytes(img[88..96].try_into().unwrap());
+            assert_eq!(
+                autoclear & 1 << 7,
+                0,
+                "crash after op {k} ({mode:?}): cluster 0 changed under the unknown bit"
+            );
+            let s = BitmapStore::open(MemStorage::from_bytes(img), OpenMode::ReadOnly)
+                .unwrap_or_else(|e| panic!("crash after op {k} ({mode:?}): {e}"));
+            assert_eq!(
+                s.image().area().backing_file.as_deref(),
+                Some(p(&base).as_bytes())
+            );
+        }
+    }
+    assert!(changed > 0);
 }
 
 /// Where the data of the bitmaps extension (magic 0x23852875) of cluster 0 `image` starts.

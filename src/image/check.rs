@@ -454,7 +454,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 } else {
                     "Data"
                 };
-                self.report.corrupt(|| {
+                self.report.corrupt_n(u64::from(m), || {
                     format!(
                         "ERROR offset={data:x}: {kind} cluster is not properly aligned; L2 \
                          entry corrupted."

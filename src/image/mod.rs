@@ -556,6 +556,8 @@ impl<S: Storage> Image<S> {
     /// image does not open, the VM does not boot), or the new offset over the old bytes (a
     /// wrong backing file). So the name goes through a spare place past both layouts
     /// (`m.spare`), and every step leaves a cluster 0 that opens with the same name:
+    /// 0. when `bytes` clears autoclear bits the disk holds, the field alone with them
+    ///    cleared, a barrier (the spec's rule for unknown bits: cleared before any write);
     /// 1. the name at the spare place, a barrier (no header reads those bytes yet);
     /// 2. the offset field alone, naming the spare place (first sector: lands whole), a
     ///    barrier: the extension area now ends past both layouts' frames;
@@ -570,6 +572,15 @@ impl<S: Storage> Image<S> {
     /// 7. zeros over the spare place (no header reads it any more), a barrier: cluster 0 is
     ///    then `bytes`, which a store comparing the disk with its own encoding expects.
     fn put_header_moving_name(&mut self, bytes: &[u8], m: &NameMove) -> Result<()> {
+        // Autoclear bits `bytes` clears (unknown ones, which the spec requires cleared
+        // before any other write, or bit 0) go first, alone: clearing bit 0 early only
+        // untrusts the bitmaps sooner.
+        if let Some(autoclear) = m.autoclear_first {
+            let mut h = self.area.header.clone();
+            h.autoclear_features = autoclear;
+            let (at, field) = h.autoclear_field();
+            self.write_cluster0_at(at, &field)?;
+        }
         let (spare_end, to_end) = (m.spare + m.len, m.to + m.len);
         let name = bytes
             .get(m.to..to_end)
@@ -1044,6 +1055,9 @@ struct NameMove {
     to: usize,
     spare: usize,
     len: usize,
+    /// The autoclear field to write first, when `new` clears bits the disk holds: the
+    /// disk's bits that `new` keeps.
+    autoclear_first: Option<u64>,
 }
 
 impl NameMove {
@@ -1079,11 +1093,13 @@ impl NameMove {
             return None;
         }
         let spare = (from.max(to) + len).next_multiple_of(8);
+        let (da, na) = (d.autoclear_features, n.autoclear_features);
         (spare + len <= new.len()).then_some(NameMove {
             from,
             to,
             spare,
             len,
+            autoclear_first: (d.version >= 3 && da & !na != 0).then_some(da & na),
         })
     }
 }

@@ -467,7 +467,7 @@ fn decode_start(index: u16, body: &[u8]) -> Result<Start> {
 fn decode_regions(index: u16, body: &[u8]) -> Result<BitmapSection<'_>> {
     let count = be_u32(body, 0).ok_or_else(|| bad("truncated REGIONS"))?;
     let mut at = REGIONS_HEADER_LEN;
-    // Each entry takes at least its 12 header bytes, so the count cannot ask for more
+    // Each entry takes at least its 13 header bytes (`REGION_ENTRY_LEN`), so the count cannot ask for more
     // entries than the payload can hold.
     let room = body.len().saturating_sub(at) / REGION_ENTRY_LEN;
     if usize::try_from(count).map_or(true, |c| c > room) {

@@ -60,7 +60,8 @@ pub const CONVERGE_ROUNDS: u32 = 8;
 /// The store must be active when the migration starts, and stay so until the stop hands
 /// it over: a store another holder inactivated meanwhile fails the attempt's next flush,
 /// log or stop with [`WrongState`](crate::Error::WrongState)
-/// ([`NotActive`](crate::StateProblem::NotActive)), and is left as that holder left it.
+/// ([`NotActive`](crate::StateProblem::NotActive)). A failure in precopy leaves it as that
+/// holder left it; one at the stop takes it back before the guest resumes.
 /// Marks go to it through a [`Tracker`](crate::Tracker) or its bitmaps, without its lock,
 /// throughout.
 #[derive(Debug)]
@@ -91,9 +92,6 @@ pub struct SharedDiskState<S: Storage> {
     /// and so does `complete` (a figure taken after the stop is a report; the stop's own
     /// I/O returns its own errors).
     error: Option<crate::Error>,
-    /// The store was active in durable mode when the stop inactivated it: taking it back
-    /// activates it in durable mode again.
-    durable: bool,
 }
 
 impl<S: Storage> SharedDiskState<S> {
@@ -114,7 +112,6 @@ impl<S: Storage> SharedDiskState<S> {
             dest_per_region: std::time::Duration::ZERO,
             dest_commit: std::time::Duration::ZERO,
             error: None,
-            durable: false,
         }
     }
 
@@ -201,8 +198,10 @@ impl<S: Storage> SharedDiskState<S> {
 /// holder of the [`SharedStore`] inactivated it (or closed it) during precopy. Its flushes
 /// would find nothing pending, its write log would end early, and the stop's inactivate
 /// would return having written nothing: the marks made since, held only by its parked
-/// bitmaps, would reach no disk the destination reads. Failing the attempt resumes the
-/// source, whose `reactivate` takes the store back with every mark.
+/// bitmaps, would reach no disk the destination reads. In precopy the attempt then fails
+/// with the guest running and the store left as its holder left it; at the stop, the
+/// source resumes through `reactivate`, which takes the store back (in the mode its image
+/// records) or, when another writer holds it, refuses and leaves the guest stopped.
 fn ensure_still_active<S: Storage>(st: &BitmapStore<S>) -> Result<()> {
     if st.is_active() {
         Ok(())
@@ -440,7 +439,6 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         } else {
             let mut st = self.store.lock();
             ensure_still_active(&st)?;
-            self.durable = st.is_durable();
             let s = st.inactivate()?;
             (s, st.take_write_log())
         };
@@ -461,7 +459,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     fn resume_source(&mut self) {}
 
     /// Activates the store again if it is inactive (the stop, this attempt's or an earlier
-    /// one's, handed it over), in durable mode if it was (its durable trackers are then new: take them again). Refuses, so that the
+    /// one's, handed it over, or another holder inactivated it and the stop refused it), in
+    /// durable mode if its image records that mode (its durable trackers are then new: take
+    /// them again). Refuses, so that the
     /// source stays stopped, while a failed stop holds the marks
     /// ([`BitmapStore::marks_held`](crate::BitmapStore::marks_held)): the disk may then
     /// say clean, and a resumed guest's writes would wait on the sealed bitmaps.
@@ -476,10 +476,13 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // Whatever this attempt did, an inactive store is taken back: the guest resumes
         // only on bitmaps the disk says are in use.
         if self.handed_over || inactive {
-            if self.durable {
-                self.store.lock().activate_durable()?;
+            // The mode the image records: durable after a durable store's inactivate
+            // (this attempt's stop, an earlier one's, or another holder's), else deferred.
+            let mut st = self.store.lock();
+            if StoreMode::of(st.image().area()) == StoreMode::Durable {
+                st.activate_durable()?;
             } else {
-                self.store.lock().activate()?;
+                st.activate()?;
             }
             self.handed_over = false;
         }
@@ -940,6 +943,39 @@ mod tests {
                 MigrationError::Bitmap(crate::Error::WrongState(StateProblem::MarksHeld))
             ),
             "{e}"
+        );
+    }
+
+    /// Found by a review: a durable store another holder inactivated during an attempt
+    /// fails the stop (`complete`), and the fail-back took the store back in the mode an
+    /// earlier stop had recorded (deferred, when none had run), not the durable one its
+    /// image records: its durable trackers then served nothing. It is taken back durable.
+    #[test]
+    fn a_store_inactivated_before_the_stop_is_taken_back_in_the_mode_its_image_records() {
+        let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        s.add("b", G, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let mut state = SharedDiskState::new(2, "disk", shared.clone());
+        state.setup(&mut Sink).unwrap();
+        shared.lock().inactivate().unwrap();
+        let e = state
+            .complete(&mut Sink)
+            .expect_err("the store is not active");
+        assert!(
+            matches!(
+                e,
+                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::NotActive))
+            ),
+            "{e}"
+        );
+        state.resume_source();
+        state.reactivate().unwrap();
+        let st = shared.lock();
+        assert!(st.is_active());
+        assert!(
+            st.is_durable(),
+            "taken back out of the mode its image records"
         );
     }
 

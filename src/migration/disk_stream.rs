@@ -696,7 +696,9 @@ impl MigrationState for StreamDiskState {
 
     /// Exact: wire bytes of every region queued or changed, each bitmap's START if not
     /// sent yet and its COMPLETE. The change maps are current (marks set them as they
-    /// happen): the exact figure only reads their counters. The estimate counts only the
+    /// happen): the exact figure takes each consumer's changed regions, serializes and
+    /// sparse-encodes each to learn its entry's length, and puts them back (as
+    /// `docs/DESIGN.md` says). The estimate counts only the
     /// regions queued or changed as of the last exact query or take, so that once
     /// everything was sent it falls to zero, as a drained RAM's does, and the loop runs
     /// the exact query that finds what changed since. After a failure, until the
@@ -1401,8 +1403,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// Every bitmap complete, the image opened, and every check that can refuse done
     /// (`plan`) before anything is written. Then the image is activated with
     /// the stream's copies of the bitmaps it holds consistent
-    /// ([`BitmapStore::activate_with`], which writes only the `in_use` flags, after checks
-    /// of its own); then, active, each bitmap it holds inconsistent or at another
+    /// ([`BitmapStore::activate_with`], which writes what [`BitmapStore::activate`] writes:
+    /// the mode's flags word when the image was last left durable, then the `in_use`
+    /// flags, after checks of its own); then, active, each bitmap it holds inconsistent or at another
     /// granularity is removed, and each it lacks is added holding the stream's copy
     /// (`BitmapStore::add_holding`); then each bitmap records as its START said (the
     /// source's flag wins over the image's `auto`). The content is written by the store's

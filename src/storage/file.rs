@@ -139,8 +139,9 @@ impl FileStorage {
     /// syncing the parent directory fails; [`Error::Locked`](crate::Error::Locked) when
     /// another process opened the new file before the locks were taken;
     /// [`Error::LockUnsupported`](crate::Error::LockUnsupported) when they cannot be taken
-    /// here. On an error after the file was created, it is removed (it is this call's,
-    /// and empty), so that nothing is left behind but an existing file, never touched.
+    /// here. On an error after the file was created other than `Locked`, it is removed
+    /// when the path still names it and it is empty, so that nothing of this call's is
+    /// left behind; a file another process opened or wrote meanwhile is never removed.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         Self::create_with(path, Locking::On)
     }
@@ -178,9 +179,11 @@ impl FileStorage {
             Ok(())
         };
         if let Err(e) = finish() {
-            drop(file);
-            // Best effort: the error returned is the one that stopped the creation.
-            let _ = std::fs::remove_file(path);
+            // Removed only while it is still this call's: not when another process took
+            // its locks first (it opened the file, and may have written it), and only when
+            // the path still names this empty file. Best effort: the error returned is the
+            // one that stopped the creation.
+            discard_new_file(&file, path, &e);
             return Err(e);
         }
         Ok(Self {
@@ -394,5 +397,75 @@ impl Storage for FileStorage {
             lock::unlock(&old);
         }
         Ok(())
+    }
+}
+
+/// Removes the file [`FileStorage::create_with`] just made at `path`, after `e` stopped the
+/// creation, while it is still that call's: not after [`Error::Locked`] (another process
+/// opened it first, and may have written it), and only when `path` still names `file`
+/// (the same device and inode) and it is empty.
+fn discard_new_file(file: &File, path: &Path, e: &Error) {
+    use std::os::unix::fs::MetadataExt;
+    if matches!(e, Error::Locked { .. }) {
+        return;
+    }
+    let ours = match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(f), Ok(p)) => f.dev() == p.dev() && f.ino() == p.ino() && f.len() == 0,
+        _ => false,
+    };
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> Error {
+        Error::Io(std::io::Error::other("the directory's sync failed"))
+    }
+
+    /// Found by a review: a creation stopped after its file was made removed the path
+    /// whatever it named by then, a file another process had opened (its locks taken
+    /// first) and written, or one renamed over it.
+    #[test]
+    fn a_stopped_creation_removes_only_its_own_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = |name: &str| {
+            let path = dir.path().join(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            (path, file)
+        };
+        // Its own, empty: removed.
+        let (path, file) = made("own");
+        discard_new_file(&file, &path, &io());
+        assert!(!path.exists(), "its own empty file was left");
+        // Another process took the locks first: kept, written or not.
+        let (path, file) = made("locked");
+        let locked = Error::Locked {
+            path: path.clone(),
+            perm: "write",
+            shared: false,
+        };
+        discard_new_file(&file, &path, &locked);
+        assert!(path.exists(), "a file another process holds was removed");
+        // Written meanwhile: kept.
+        let (path, file) = made("written");
+        std::fs::write(&path, b"QFI\xfb").unwrap();
+        discard_new_file(&file, &path, &io());
+        assert!(path.exists(), "a written file was removed");
+        // Renamed over: the path names another file, kept.
+        let (path, file) = made("renamed");
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        discard_new_file(&file, &path, &io());
+        assert!(path.exists(), "a file renamed over it was removed");
     }
 }

@@ -35,7 +35,7 @@ use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
     decode_directory, decode_table, encode_directory, BitmapName, BitmapsExtension, DirEntry,
-    ImageGeometry, TableEntry,
+    HeaderArea, ImageGeometry, TableEntry,
 };
 use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
@@ -858,11 +858,21 @@ impl<S: Storage> BitmapStore<S> {
     /// What another writer left of the image this handle last wrote: cluster 0 and the
     /// directory compared byte for byte with what it would write from its caches, and
     /// every refcount it caches with the disk's. Reads only, and takes no lock.
+    ///
+    /// A cluster 0 that differs in its bytes but decodes to what this handle would write
+    /// (encoded again, the same bytes) is unchanged: a header write moving the backing file
+    /// name that a process crash cut short (`Image::put_header_moving_name`) leaves the
+    /// name at a spare place, or a stray copy of it, until the next header write.
     fn image_since_inactivate(&self) -> Result<SinceInactivate> {
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
         self.image.storage().read_exact_at(&mut disk, 0)?;
-        if disk != area {
+        if disk != area
+            && HeaderArea::decode(&disk)
+                .ok()
+                .and_then(|d| d.encode().ok())
+                .is_none_or(|d| d != area)
+        {
             return Ok(SinceInactivate::Changed);
         }
         let mut since = SinceInactivate::Unchanged;
