@@ -7,7 +7,7 @@ its table in cluster 6 and its data in cluster 5, the bitmap directory in cluste
 Each regression repoints one L2 entry (a guest cluster) at one of the bitmap's own clusters,
 the overlap the fuzzer found from both sides, and ends with the shortest operation tail that
 makes the library write that cluster in place. `python3 fuzz/make-ops-regressions.py`
-rewrites them; tests/fuzz_ops_corpus.rs replays each in a named, ignored test.
+rewrites them; tests/fuzz_ops_corpus.rs replays each in a named test.
 """
 import os
 import struct

@@ -302,8 +302,12 @@ pub fn refcount_block(data: &[u8]) {
         assert!(old <= max);
         let before = (i > 0).then(|| get(&b, i - 1));
         let after = (i + 1 < count).then(|| get(&b, i + 1));
-        // A value unlike the old one, derived from the data so both halves get exercised.
-        let new = (!old).wrapping_add(i) & max;
+        // A value unlike the old one, derived from the data so both halves get exercised:
+        // `!old + i` can wrap back to `old` (at order 0, for every odd `i`), so such a value
+        // is flipped instead.
+        let derived = (!old).wrapping_add(i) & max;
+        let new = if derived == old { !old & max } else { derived };
+        assert_ne!(new, old, "the set at {i} must change the value");
         set_refcount(&mut b, order, i, new).expect("in-range set");
         assert_eq!(get(&b, i), new, "set-then-get at {i}");
         assert_eq!(

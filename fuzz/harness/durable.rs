@@ -847,6 +847,9 @@ impl<'a> Harness<'a> {
                 let got = self.lock().merge(s, d);
                 if self.check(ctx, want, got).is_some() {
                     self.merged(d, &content.expect("the source exists"));
+                    // And what the model requires of the source, whatever the library's
+                    // copy held: the oracle must not come from the code under test alone.
+                    self.merged_must(s, d);
                 }
             }
             DOp::MergeFrom {
@@ -943,6 +946,21 @@ impl<'a> Harness<'a> {
         let g = b.granularity;
         for (off, len) in src.dirty_extents() {
             b.must.extend(granules(size, g, off, len));
+        }
+    }
+
+    /// A merge into `dst` of `src` returned: `dst` holds every granule of its own that a
+    /// granule the model requires of `src` touches.
+    fn merged_must(&mut self, src: &str, dst: &str) {
+        let size = self.model.size;
+        let (gs, must) = {
+            let b = self.model.bm(src);
+            (b.granularity, b.must.clone())
+        };
+        let b = self.model.bm(dst);
+        let g = b.granularity;
+        for k in must {
+            b.must.extend(granules(size, g, k.saturating_mul(gs), gs));
         }
     }
 

@@ -1287,7 +1287,12 @@ fn refcount(img: &[u8], c: u64) -> u64 {
 /// The image is opened writable with `BitmapStore::open` on a `MemStorage` and driven
 /// through at most [`MAX_GUEST_OPS`] operations; names pick among the image's bitmaps and
 /// [`NAMES`]. Any error is allowed except `Error::Io` (every read is checked against the
-/// file length first). Afterwards no byte of [`guest_ranges`] may have changed, except in
+/// file length first), and a refused open or operation must have written nothing (no I/O
+/// fails here, so a refusal that wrote wrote before it refused). Afterwards no cluster of
+/// [`guest_ranges`] with a refcount may have a lower one (a guest cluster freed or
+/// decremented: the library only ever changes the refcounts of its own clusters), the
+/// image may hold no more corruptions by this crate's check than it did, and no byte of
+/// [`guest_ranges`] may have changed, except in
 /// cluster 0 and the refcount structures the header names (the library rewrites those; a
 /// guest cluster that is also one of them is a corruption QEMU's overlap checks catch), and
 /// in clusters whose refcount is 0 (a reference without a refcount: any allocator, QEMU's
@@ -1296,9 +1301,9 @@ pub fn ops_guest_data(data: &[u8]) {
     let _ = guest_data_ops_run(data);
 }
 
-/// [`ops_guest_data`], returning how many operations ran: 0 when the input holds no
-/// image the store opens, so that a replay can tell a corpus that checks something from
-/// one every input of which is refused at the open.
+/// [`ops_guest_data`], returning how many operations succeeded: 0 when the input holds no
+/// image the store opens, or the store refused every operation, so that a replay can tell
+/// a corpus that checks something from one every input of which is refused.
 pub fn guest_data_ops_run(data: &[u8]) -> usize {
     let Some((&n, rest)) = data.split_last() else {
         return 0;
@@ -1307,6 +1312,7 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
     let (cb, ranges) = guest_ranges(image);
     let storage = MemStorage::from_bytes(image.to_vec());
     let Ok(store) = BitmapStore::open(&storage, OpenMode::ReadWrite) else {
+        assert!(storage.to_vec() == image, "a refused open wrote");
         return 0;
     };
     let mut store = Some(store);
@@ -1319,14 +1325,31 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
         if memory_needed(s) > GUEST_MEMORY_LIMIT {
             break;
         }
-        ran += 1;
-        let r = guest_op(&mut store, &storage, op);
-        if let Err(e) = r {
-            assert!(!matches!(e, Error::Io(_)), "{op:?}: I/O error {e}");
+        let before = storage.to_vec();
+        match guest_op(&mut store, &storage, op) {
+            Ok(()) => ran += 1,
+            Err(e) => {
+                assert!(!matches!(e, Error::Io(_)), "{op:?}: I/O error {e}");
+                assert!(
+                    storage.to_vec() == before,
+                    "{op:?} refused ({e}) after it wrote"
+                );
+            }
         }
     }
     drop(store);
     let after = storage.to_vec();
+    let corruptions = |bytes: &[u8]| {
+        dirty_bitmap::Image::open(MemStorage::from_bytes(bytes.to_vec()), OpenMode::ReadOnly)
+            .and_then(|i| i.check())
+            .map(|r| r.corruptions)
+    };
+    if let Ok(was) = corruptions(image) {
+        match corruptions(&after) {
+            Ok(now) => assert!(now <= was, "the image went from {was} to {now} corruptions"),
+            Err(e) => panic!("an image our check read ({was} corruptions) no longer reads: {e}"),
+        }
+    }
     let mut exempt = refcount_clusters(image);
     exempt.insert(0);
     // A resize that grew the L1 table moved it into fresh clusters and freed the old one
@@ -1343,6 +1366,14 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
             let s = (c << cb).max(off);
             let e = ((c + 1) << cb).min(off + len);
             if !exempt.contains(&c) && refcount(image, c) > 0 {
+                assert!(
+                    refcount(&after, c) >= refcount(image, c),
+                    "guest cluster {c}: refcount {} -> {}; before the operations the cluster \
+                     was also {:?}",
+                    refcount(image, c),
+                    refcount(&after, c),
+                    bitmap_owners(image, c)
+                );
                 let (s, e) = (s as usize, e as usize);
                 let now = after.get(s..e);
                 assert!(
