@@ -54,3 +54,37 @@ fn replay_corpus_and_regressions() {
     }
     println!("replayed {total} files in all");
 }
+
+/// `fuzzing::open_image` returns quietly once the store refuses an image (after checking
+/// only that the error is not I/O), so a library that refused every image would replay
+/// green. The seeds are images QEMU's tools or this crate wrote: every one must open, and
+/// together they must list bitmaps, so that the replay loads and checks something.
+#[test]
+fn the_open_image_seeds_open_and_list_bitmaps() {
+    use dirty_bitmap::storage::MemStorage;
+    use dirty_bitmap::{BitmapStore, OpenMode};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/open_image");
+    let (mut seeds, mut listed) = (0, 0);
+    for e in fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if !p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("seed-"))
+        {
+            continue;
+        }
+        let s = BitmapStore::open(
+            MemStorage::from_bytes(fs::read(&p).unwrap()),
+            OpenMode::ReadOnly,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        seeds += 1;
+        listed += s.list().len();
+    }
+    println!("{seeds} seeds open, {listed} bitmaps listed");
+    assert!(
+        seeds >= 10 && listed >= seeds,
+        "{seeds} seeds, {listed} bitmaps"
+    );
+}
