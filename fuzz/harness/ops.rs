@@ -793,7 +793,7 @@ impl<'a> Crash<'a> {
         }
     }
 
-    /// One step: the operation, its crash images, the live image.
+    /// One step: the operation, its crash images, the image as of the last barrier.
     fn step(&mut self, index: usize, op: &Op) {
         let ctx = format!("op {index} {op:?}");
         let start_live = self.crash.live_image();
@@ -971,7 +971,7 @@ impl<'a> Crash<'a> {
     }
 
     /// After every operation: the live store agrees with the model and loads every bit the
-    /// model holds; the image on disk opens, is clean (no corruption, no leak), has the
+    /// model holds; the image as of the last barrier opens, is clean (no corruption, no leak), has the
     /// model's size, holds every required bit in each consistent bitmap, and while active
     /// shows every bitmap inconsistent.
     fn check_live(&mut self, ctx: &str) {
@@ -1014,15 +1014,18 @@ impl<'a> Crash<'a> {
                 );
             }
         }
+        // The image as of the last barrier: an operation that returned made what it
+        // promises durable (a write still in the page cache is not on the disk a crash
+        // leaves).
         let disk = BitmapStore::open(
-            MemStorage::from_bytes(self.crash.live_image()),
+            MemStorage::from_bytes(self.crash.durable_image()),
             OpenMode::ReadOnly,
         )
-        .unwrap_or_else(|e| panic!("{ctx}: the live image does not open: {e}"));
+        .unwrap_or_else(|e| panic!("{ctx}: the durable image does not open: {e}"));
         let r = disk.image().check().expect("check runs");
         assert!(
             r.is_clean(),
-            "{ctx}: live image not clean: {:?}",
+            "{ctx}: durable image not clean: {:?}",
             r.messages
         );
         assert_eq!(
