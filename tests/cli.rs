@@ -3206,3 +3206,35 @@ fn demo_replaces_only_the_files_its_help_names() {
         assert_ne!(std::fs::read(d.join(name)).unwrap(), sentinel, "{name}");
     }
 }
+
+/// Found by a review: `dbm demo` spawned its writers with `thread::spawn` (a panic when the
+/// system refuses a thread) and collected a tick's offsets in one vector sized by
+/// `--writes-per-round` (an allocation the machine refuses: an abort, exit 134), so large
+/// arguments crashed it, leaving `demo.qcow2` in use. They are refused first, writing
+/// nothing.
+#[test]
+fn demo_refuses_arguments_it_cannot_run_before_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = p(dir.path());
+    for (flag, value) in [
+        ("--writes-per-round", "1000000000000000"),
+        ("--threads", "100000"),
+    ] {
+        let err = dbm_fails(&[
+            "demo",
+            "--dir",
+            d,
+            "--no-migration",
+            "--rounds",
+            "1",
+            flag,
+            value,
+        ]);
+        assert!(err.contains(flag), "{flag}: {err}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{flag}: the refusal wrote"
+        );
+    }
+}

@@ -837,6 +837,12 @@ fn a_durable_resume_after_a_qemu_destination_died_clears_its_in_use() {
         // killed before it starts the guest.
         let _qemu = qemu_nbd_writer(&img, &dir.path().join("nbd.sock"));
     }
+    // Taken back only by a fail-back that knows the destination never started the guest.
+    assert!(matches!(
+        shared.lock().activate_durable().unwrap_err(),
+        dirty_bitmap::Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+    ));
+    shared.lock().accept_destination_in_use();
     shared.lock().activate_durable().unwrap();
     t.mark(7 << 20, 4096).unwrap();
     // What a crash now leaves, as we and QEMU read it: consistent, with both marks.
@@ -854,4 +860,58 @@ fn a_durable_resume_after_a_qemu_destination_died_clears_its_in_use() {
     drop(t);
     shared.try_into_inner().unwrap().inactivate().unwrap();
     assert_qemu_clean(&img);
+}
+
+/// Found by a review: a store that handed the image over took it back whenever the
+/// directory differed only in `in_use` bits, for a destination that set them and died
+/// before it started the guest. But any writer leaves that trace: QEMU opened writable
+/// sets `in_use` in place, and a guest write into a cluster already allocated changes no
+/// refcount. Taken back, the store resumed on its own bitmaps without that write, and its
+/// next stop wrote them consistent: the write was in no bitmap. Now only a caller that knows
+/// the destination never started (`accept_destination_in_use`, the migration's fail-back)
+/// takes such an image back; an activation or an edit without it is refused, and the
+/// bitmap stays in use on disk (inconsistent, never clean).
+#[test]
+fn a_store_never_takes_back_an_image_another_writer_used_without_being_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1G"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 7 0 64k", i]);
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    s.bitmap("b").unwrap().mark_dirty(1 << 20, 4096);
+    s.inactivate().unwrap();
+    // Another writer: QEMU opens it writable (`in_use` set in place), writes guest data
+    // into the allocated cluster 0, and dies.
+    let out = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 4k", "-c", "abort", i],
+    );
+    assert!(!out.status.success(), "qemu-io did not abort: {out:?}");
+    let info = ok("qemu-img", &["info", "-U", "--output=json", i]);
+    assert!(info.contains("in-use"), "QEMU left no in_use: {info}");
+    for what in ["activate", "add"] {
+        let e = match what {
+            "activate" => s.activate(),
+            _ => s.add("c", 65536, Recording::Enabled),
+        }
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+            ),
+            "{what}: {e}"
+        );
+    }
+    drop(s);
+    // The disk still says in use: QEMU's write is in no bitmap anyone trusts.
+    let r = BitmapStore::open(FileStorage::open_shared(&img).unwrap(), OpenMode::ReadOnly).unwrap();
+    assert_eq!(r.list()[0].state, BitmapState::Inconsistent);
 }

@@ -783,6 +783,8 @@ fn a_destination_that_died_after_activating_leaves_an_image_the_source_reclaims_
     }
     // Meanwhile the disk says in_use: inconsistent, never clean.
     assert!(qemu_bitmaps(&img)[0].2.iter().any(|f| f == "in-use"));
+    // The fail-back, which knows the destination never started the guest, takes it back.
+    store.lock().accept_destination_in_use();
     store.lock().activate().unwrap();
     tracker.mark(9 * GIB, 4096);
     store.lock().inactivate().unwrap();

@@ -653,6 +653,23 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Whether `disk` (cluster 0 as read now, any length) is byte for byte what this
+    /// handle knows the disk holds: read at the open or written since, trailing zeros
+    /// aside. False when the handle does not know (read-only, or after a failed write), and
+    /// after an in-place write into cluster 0 it did not note (the store's mode flags word:
+    /// `note_cluster0_write`).
+    pub(crate) fn known_cluster0_is(&self, disk: &[u8]) -> bool {
+        self.disk_header
+            .as_deref()
+            .is_some_and(|known| known == trim_zeros(disk))
+    }
+
+    /// Records that `data` was written at `at` inside cluster 0, in place, and made durable
+    /// by the caller (the store's mode flags word), so that the known copy follows.
+    pub(crate) fn note_cluster0_write(&mut self, at: u64, data: &[u8]) {
+        self.disk_header = self.disk_header.take().and_then(|d| patched(d, at, data));
+    }
+
     /// Writes `data` at `at` inside cluster 0 (a field of the first sector, which lands
     /// whole or not at all, or bytes no header reads) and a barrier; the known copy of
     /// cluster 0 follows.

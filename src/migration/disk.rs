@@ -479,6 +479,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             // The mode the image records: durable after a durable store's inactivate
             // (this attempt's stop, an earlier one's, or another holder's), else deferred.
             let mut st = self.store.lock();
+            // The destination never said it started: `in_use` bits it set and left are
+            // all it wrote, and this store's bitmaps hold every mark.
+            st.accept_destination_in_use();
             if StoreMode::of(st.image().area()) == StoreMode::Durable {
                 st.activate_durable()?;
             } else {

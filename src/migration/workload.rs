@@ -262,6 +262,9 @@ fn check_log(ram: &GuestRam, log: &DirtyBitmap) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of each disk write a [`DiskWriter`] marks.
+pub const DISK_WRITE: u64 = 4096;
+
 /// Marks 4 KiB disk writes at a steady rate (90 % into a 64 GiB hot spot, the rest
 /// anywhere) through a [`Tracker`], logging each after its mark returned, until paused. A
 /// pause waits for the write in flight: the VM's disk I/O drained, as the `Vm` contract
@@ -291,7 +294,7 @@ impl DiskWriter {
     ) -> Self {
         let mark = move |batch: &[u64]| {
             for &o in batch {
-                tracker.mark(o, 4096);
+                tracker.mark(o, DISK_WRITE);
             }
             Ok(())
         };
@@ -317,7 +320,7 @@ impl DiskWriter {
             let mut intents = Vec::with_capacity(batch.len());
             for &o in batch {
                 // None is acknowledged before the waits below.
-                intents.push(tracker.intent(o, 4096).map_err(|e| (0, e))?);
+                intents.push(tracker.intent(o, DISK_WRITE).map_err(|e| (0, e))?);
             }
             for (k, i) in intents.into_iter().enumerate() {
                 i.wait().map_err(|e| (k, e))?;
@@ -350,8 +353,8 @@ impl DiskWriter {
         );
         let handle = std::thread::spawn(move || {
             let mut rng = SplitMix64::new(seed ^ 0xD15C);
-            let blocks = (disk_size / 4096).max(1);
-            let hot = (64u64 << 30) / 4096;
+            let blocks = (disk_size / DISK_WRITE).max(1);
+            let hot = (64u64 << 30) / DISK_WRITE;
             let hot_start = rng.below(blocks.saturating_sub(hot).max(1));
             let mut last = Instant::now();
             // Writes due and not made yet.
@@ -379,7 +382,7 @@ impl DiskWriter {
                         } else {
                             (hot_start + rng.below(hot)).min(blocks - 1)
                         };
-                        b * 4096
+                        b * DISK_WRITE
                     })
                     .collect();
                 if let Err((acked, e)) = mark(&batch) {
@@ -392,7 +395,7 @@ impl DiskWriter {
                     use std::fmt::Write as _;
                     let mut text = String::with_capacity(batch.len() * 20);
                     for o in &batch {
-                        let _ = writeln!(text, "{o} 4096");
+                        let _ = writeln!(text, "{o} {DISK_WRITE}");
                     }
                     if let Err(e) = std::io::Write::write_all(out, text.as_bytes()) {
                         // A log that cannot be written would make the check that reads it

@@ -43,7 +43,9 @@ impl<S: Storage> BitmapStore<S> {
     /// checks first, whether or not it kept bitmaps in memory, that cluster 0, the
     /// directory and the refcounts it caches are still what it last wrote: if another
     /// program (a migration target that took the disk over) wrote them meanwhile, the
-    /// cached refcounts and tables are stale and the image must be reopened.
+    /// cached refcounts and tables are stale and the image must be reopened. A directory
+    /// that differs only in `in_use` bits another writer set is taken back only after
+    /// [`accept_destination_in_use`](Self::accept_destination_in_use).
     ///
     /// # Errors
     /// [`Error::ReadOnly`], [`Error::Poisoned`]; [`Error::WrongState`]
@@ -117,21 +119,43 @@ impl<S: Storage> BitmapStore<S> {
     /// (a bitmap dropped from the directory, clusters in use handed out again).
     ///
     /// True when the image differs only in `in_use` bits a destination set in place
-    /// ([`SinceInactivate::InUseSet`]): the disk then says `in_use` where this handle's
-    /// directory says clear, until an activation writes its own flags.
+    /// ([`SinceInactivate::InUseSet`]) and the caller said it may
+    /// ([`accept_destination_in_use`](Self::accept_destination_in_use), which this call
+    /// takes): the disk then says `in_use` where this handle's directory says clear, until
+    /// an activation writes its own flags. Without that, such an image is refused as
+    /// changed: the writer that set `in_use` may have run a guest whose writes are in no
+    /// bitmap this handle holds.
     ///
     /// # Errors
     /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
-    pub(super) fn ensure_resumable(&self, before: WriterLocks) -> Result<bool> {
+    pub(super) fn ensure_resumable(&mut self, before: WriterLocks) -> Result<bool> {
+        let accept = std::mem::take(&mut self.accept_in_use);
         if before == WriterLocks::Held && self.slots.iter().all(|s| s.parked.is_none()) {
             // Held since the open: nobody else could write the image.
             return Ok(false);
         }
         match self.image_since_inactivate()? {
-            SinceInactivate::Changed => Err(Error::WrongState(StateProblem::ChangedWhileInactive)),
             SinceInactivate::Unchanged => Ok(false),
-            SinceInactivate::InUseSet => Ok(true),
+            SinceInactivate::InUseSet if accept => Ok(true),
+            SinceInactivate::InUseSet | SinceInactivate::Changed => {
+                Err(Error::WrongState(StateProblem::ChangedWhileInactive))
+            }
         }
+    }
+
+    /// Lets the next activation ([`activate`](Self::activate),
+    /// [`activate_durable`](Self::activate_durable) and their preloaded forms) of a store
+    /// that handed the image over take it back when its directory differs from what this
+    /// handle left only in `in_use` bits set in place: a migration destination that
+    /// activated the image and died, or failed, before it started the guest. Call it only
+    /// then (the fail-back of a hand-over whose destination never said it started, as
+    /// [`SharedDiskState`](crate::migration::SharedDiskState) does): any other writer that
+    /// set `in_use` may have written guest data, which no bitmap this handle holds has, and
+    /// taking the image back would then be a false clean. Without it such an image is
+    /// refused ([`StateProblem::ChangedWhileInactive`]). The next activation takes it,
+    /// whether it succeeds or not.
+    pub fn accept_destination_in_use(&mut self) {
+        self.accept_in_use = true;
     }
 
     /// Back to `before` after a failed activation: released again if the store had
@@ -387,11 +411,15 @@ impl<S: Storage> BitmapStore<S> {
     /// nothing else, and this handle's parked bitmaps hold every bit the disk does and
     /// every mark since. The activation then writes its own flags over them. Any other
     /// difference is refused, and the bitmaps stay as the disk says (`in_use`, so
-    /// inconsistent, if the destination set it; never falsely clean).
+    /// inconsistent, if the destination set it; never falsely clean). An edit, which is no
+    /// fail-back, refuses `in_use` bits set by another writer too: that writer may have
+    /// written guest data that no bitmap this handle holds has.
     pub(super) fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
         match self.image_since_inactivate()? {
-            SinceInactivate::Changed => Err(Error::WrongState(StateProblem::ChangedWhileInactive)),
-            SinceInactivate::Unchanged | SinceInactivate::InUseSet => Ok(()),
+            SinceInactivate::Unchanged => Ok(()),
+            SinceInactivate::InUseSet | SinceInactivate::Changed => {
+                Err(Error::WrongState(StateProblem::ChangedWhileInactive))
+            }
         }
     }
 

@@ -35,7 +35,7 @@ use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
     decode_directory, decode_table, encode_directory, BitmapName, BitmapsExtension, DirEntry,
-    HeaderArea, ImageGeometry, TableEntry,
+    ImageGeometry, TableEntry,
 };
 use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
@@ -149,6 +149,10 @@ pub struct BitmapStore<S: Storage> {
     /// Set when a flush or an inactivation failed part-way: every later write is refused
     /// ([`Error::Poisoned`]) until the image is reopened.
     poisoned: bool,
+    /// The next activation may take back an image whose directory differs from what this
+    /// handle left only in `in_use` bits a destination set
+    /// ([`accept_destination_in_use`](Self::accept_destination_in_use)); taken by it.
+    accept_in_use: bool,
     /// How far the running stop has gone towards saying "clean" on disk; read only if it
     /// fails (`lifecycle.rs`, `withdraw_claim`).
     claim: Claim,
@@ -221,7 +225,8 @@ pub(crate) enum SinceInactivate {
     Unchanged,
     /// As `Unchanged`, but the directory's `in_use` bits differ: another writer activated
     /// the image, and holds it now or died holding it. Marks it holds only in memory are
-    /// nowhere on this disk.
+    /// nowhere on this disk, and it may have written guest data: taken back only by an
+    /// activation its caller allowed (`accept_destination_in_use`).
     InUseSet,
     /// Anything else: the handle's cached header, directory, tables or refcounts are
     /// stale.
@@ -584,6 +589,7 @@ impl<S: Storage> BitmapStore<S> {
             dir,
             active: false,
             poisoned: false,
+            accept_in_use: false,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
@@ -650,6 +656,7 @@ impl<S: Storage> BitmapStore<S> {
             dir: None,
             active: false,
             poisoned: false,
+            accept_in_use: false,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
@@ -859,20 +866,16 @@ impl<S: Storage> BitmapStore<S> {
     /// directory compared byte for byte with what it would write from its caches, and
     /// every refcount it caches with the disk's. Reads only, and takes no lock.
     ///
-    /// A cluster 0 that differs in its bytes but decodes to what this handle would write
-    /// (encoded again, the same bytes) is unchanged: a header write moving the backing file
-    /// name that a process crash cut short (`Image::put_header_moving_name`) leaves the
-    /// name at a spare place, or a stray copy of it, until the next header write.
+    /// Cluster 0 may also be byte for byte what this handle knows the disk holds
+    /// (`Image::known_cluster0`: read at the open, or written since), when that is not its
+    /// own encoding: a header write moving the backing file name that a process crash cut
+    /// short (`Image::put_header_moving_name`) leaves the name at a spare place, or a stray
+    /// copy of it, until this handle's next header write.
     fn image_since_inactivate(&self) -> Result<SinceInactivate> {
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
         self.image.storage().read_exact_at(&mut disk, 0)?;
-        if disk != area
-            && HeaderArea::decode(&disk)
-                .ok()
-                .and_then(|d| d.encode().ok())
-                .is_none_or(|d| d != area)
-        {
+        if disk != area && !self.image.known_cluster0_is(&disk) {
             return Ok(SinceInactivate::Changed);
         }
         let mut since = SinceInactivate::Unchanged;

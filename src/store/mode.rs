@@ -214,6 +214,8 @@ impl<S: Storage> BitmapStore<S> {
         match r {
             Ok(()) => {
                 self.image.area_mut().mode = Some(want);
+                self.image
+                    .note_cluster0_write(at as u64, &want.flags.to_be_bytes());
                 Ok(true)
             }
             Err(e) => {

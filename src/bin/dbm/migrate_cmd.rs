@@ -1061,6 +1061,39 @@ mod tests {
         assert!(counted_on_disk(&store, p).is_err());
     }
 
+    /// Found by a review: a store whose bitmap was disabled or gone counted over no bitmap,
+    /// so the demo, the drill and `migrate listen --check-log` found every mark present
+    /// and said "0 lost". A count over no enabled bitmap is now an error; and a mark is
+    /// present only if every byte of its 4 KiB write is dirty (the demo's and drill's
+    /// count looked at its first granule alone, which below 4 KiB granularity is one of
+    /// several bits the write sets).
+    #[test]
+    fn a_count_over_no_enabled_bitmap_is_an_error_and_every_granule_of_a_write_counts() {
+        for recording in [None, Some(Recording::Disabled)] {
+            let mut store =
+                BitmapStore::create(dirty_bitmap::storage::MemStorage::new(), 1 << 30, 65536)
+                    .unwrap();
+            if let Some(r) = recording {
+                store.add("b", 65536, r).unwrap();
+            }
+            store.activate().unwrap();
+            assert!(
+                counted_in_store(&store).is_err(),
+                "{recording:?}: counted over no bitmap"
+            );
+            assert!(missing(&store, &[(0, 4096)]).is_err(), "{recording:?}");
+        }
+        let b = dirty_bitmap::DirtyBitmap::new(1 << 20, 512).unwrap();
+        b.mark_dirty(0, 4096);
+        assert_eq!(lost_marks(std::slice::from_ref(&b), &[0]), 0);
+        b.clear(1024, 512);
+        assert_eq!(
+            lost_marks(&[b], &[0]),
+            1,
+            "a middle granule lost, not counted"
+        );
+    }
+
     /// A log line whose mark would end past the last byte offset is refused, as any other
     /// malformed line is, rather than overflowing where its last byte is computed.
     #[test]

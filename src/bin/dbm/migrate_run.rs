@@ -31,7 +31,7 @@ use dirty_bitmap::migration::{
 use dirty_bitmap::migration::{
     DestState, SharedDestState, SharedDiskDest, SharedDiskState, StreamDiskDest, StreamDiskState,
 };
-use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
+use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter, DISK_WRITE};
 use dirty_bitmap::rng::SplitMix64;
 use dirty_bitmap::storage::{FileStorage, Storage};
 use dirty_bitmap::{
@@ -276,7 +276,8 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
 /// The bitmaps of `store` whose marks are counted: the enabled ones. One that is
 /// inconsistent in `store` records nothing (`activate` leaves it alone), so a count over it
 /// would say nothing: an error, never a bitmap left out. A disabled one, consistent or not,
-/// is not counted.
+/// is not counted; and a store with none counted is an error, since a count over no bitmap
+/// finds every mark present (the bitmap that was to hold them disabled or gone).
 fn counted<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<BitmapInfo>, String> {
     let mut counted = Vec::new();
     for b in store.list().into_iter().filter(|b| b.enabled) {
@@ -287,6 +288,11 @@ fn counted<S: Storage>(store: &BitmapStore<S>) -> Result<Vec<BitmapInfo>, String
             ));
         }
         counted.push(b);
+    }
+    if counted.is_empty() {
+        return Err(
+            "no enabled bitmap records the guest's writes: no mark can be counted".to_string(),
+        );
     }
     Ok(counted)
 }
@@ -337,12 +343,22 @@ pub fn counted_on_disk<S: Storage>(
         .collect()
 }
 
-/// Marks of `marks` not dirty, summed over `bitmaps` ([`counted_in_store`],
-/// [`counted_on_disk`]).
+/// Marks of `marks` (the offsets of [`DISK_WRITE`]-byte writes) not dirty, summed over
+/// `bitmaps` ([`counted_in_store`], [`counted_on_disk`]): a mark is there only if every
+/// byte of it is dirty (below 4 KiB granularity a write sets several bits, and any of them
+/// may be the one lost), and one reaching past a bitmap's disk is missing from it.
 pub fn lost_marks(bitmaps: &[DirtyBitmap], marks: &[u64]) -> u64 {
     bitmaps
         .iter()
-        .map(|b| marks.iter().filter(|&&o| !b.is_dirty(o)).count() as u64)
+        .map(|b| {
+            marks
+                .iter()
+                .filter(|&&o| {
+                    let end = o.saturating_add(DISK_WRITE);
+                    end > b.disk_size() || b.next_clean(o).is_some_and(|c| c < end)
+                })
+                .count() as u64
+        })
         .sum()
 }
 
