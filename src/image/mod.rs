@@ -539,6 +539,7 @@ impl<S: Storage> Image<S> {
     /// A write that moves the backing file name (an extension added or dropped before it)
     /// moves it first, in steps of its own ([`put_header_moving_name`](Self::put_header_moving_name)).
     fn put_header(&mut self, bytes: &[u8]) -> Result<()> {
+        self.clear_autoclear_first(bytes)?;
         match self
             .disk_header
             .as_deref()
@@ -556,8 +557,6 @@ impl<S: Storage> Image<S> {
     /// image does not open, the VM does not boot), or the new offset over the old bytes (a
     /// wrong backing file). So the name goes through a spare place past both layouts
     /// (`m.spare`), and every step leaves a cluster 0 that opens with the same name:
-    /// 0. when `bytes` clears autoclear bits the disk holds, the field alone with them
-    ///    cleared, a barrier (the spec's rule for unknown bits: cleared before any write);
     /// 1. the name at the spare place, a barrier (no header reads those bytes yet);
     /// 2. the offset field alone, naming the spare place (first sector: lands whole), a
     ///    barrier: the extension area now ends past both layouts' frames;
@@ -572,15 +571,6 @@ impl<S: Storage> Image<S> {
     /// 7. zeros over the spare place (no header reads it any more), a barrier: cluster 0 is
     ///    then `bytes`, which a store comparing the disk with its own encoding expects.
     fn put_header_moving_name(&mut self, bytes: &[u8], m: &NameMove) -> Result<()> {
-        // Autoclear bits `bytes` clears (unknown ones, which the spec requires cleared
-        // before any other write, or bit 0) go first, alone: clearing bit 0 early only
-        // untrusts the bitmaps sooner.
-        if let Some(autoclear) = m.autoclear_first {
-            let mut h = self.area.header.clone();
-            h.autoclear_features = autoclear;
-            let (at, field) = h.autoclear_field();
-            self.write_cluster0_at(at, &field)?;
-        }
         let (spare_end, to_end) = (m.spare + m.len, m.to + m.len);
         let name = bytes
             .get(m.to..to_end)
@@ -607,6 +597,38 @@ impl<S: Storage> Image<S> {
         let (at, to_field) = field(m.to);
         self.write_cluster0_at(at, &to_field)?;
         self.write_cluster0_at(m.spare as u64, &vec![0; m.len])
+    }
+
+    /// Autoclear bits that `bytes` clears and the disk holds go first, in a write of the
+    /// field alone and a barrier: an unknown bit must be cleared before any other write
+    /// (the spec's rule), and a torn cluster-0 write could otherwise land its other sectors
+    /// under the old field; clearing bit 0 early only untrusts the bitmaps sooner. Nothing
+    /// when the write changes the first sector alone (it lands whole), or when the disk's
+    /// cluster 0 is not known (the bracket then writes the field first).
+    fn clear_autoclear_first(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(disk) = self.disk_header.as_deref() else {
+            return Ok(());
+        };
+        let mut old = disk.to_vec();
+        old.resize(bytes.len().max(old.len()), 0);
+        let (Ok(d), Ok(n)) = (Header::decode(&old), Header::decode(bytes)) else {
+            return Ok(());
+        };
+        if d.version < 3 || d.autoclear_features & !n.autoclear_features == 0 {
+            return Ok(());
+        }
+        // A write that changes the first sector alone (the field's) lands whole.
+        const SECTOR: usize = SECTOR_SIZE as usize;
+        if old
+            .get(SECTOR..bytes.len())
+            .is_some_and(|rest| bytes.get(SECTOR..) == Some(rest))
+        {
+            return Ok(());
+        }
+        let mut h = d;
+        h.autoclear_features &= n.autoclear_features;
+        let (at, field) = h.autoclear_field();
+        self.write_cluster0_at(at, &field)
     }
 
     /// The body of [`put_header`](Self::put_header) for a write that does not move the
@@ -1072,9 +1094,6 @@ struct NameMove {
     to: usize,
     spare: usize,
     len: usize,
-    /// The autoclear field to write first, when `new` clears bits the disk holds: the
-    /// disk's bits that `new` keeps.
-    autoclear_first: Option<u64>,
 }
 
 impl NameMove {
@@ -1110,13 +1129,11 @@ impl NameMove {
             return None;
         }
         let spare = (from.max(to) + len).next_multiple_of(8);
-        let (da, na) = (d.autoclear_features, n.autoclear_features);
         (spare + len <= new.len()).then_some(NameMove {
             from,
             to,
             spare,
             len,
-            autoclear_first: (d.version >= 3 && da & !na != 0).then_some(da & na),
         })
     }
 }

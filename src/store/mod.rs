@@ -220,7 +220,7 @@ pub(crate) enum WriterLocks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SinceInactivate {
     /// Cluster 0, the directory and every cached refcount are byte for byte what the
-    /// handle last wrote. Another writer of this crate may still have flushed marks in
+    /// handle last wrote (cluster 0: its encoding, or the bytes it knows the disk holds). Another writer of this crate may still have flushed marks in
     /// place, into clusters the bitmaps already had.
     Unchanged,
     /// As `Unchanged`, but the directory's `in_use` bits differ: another writer activated
