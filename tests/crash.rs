@@ -383,6 +383,19 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
+/// `qemu-img check` of the image at `path` finds no error (exit 0), or leaked clusters
+/// alone (exit 3), as a crash may leave.
+fn assert_qemu_check_no_errors(path: &std::path::Path, ctx: &str) {
+    let out = run("qemu-img", &["check", "-f", "qcow2", p(path)]);
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || code == Some(3),
+        "{ctx}: qemu-img check exit {code:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -914,13 +927,7 @@ fn a_reftable_growth_inside_a_flush_is_never_corrupt_or_falsely_clean() {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("grown.qcow2");
                 std::fs::write(&path, &image).unwrap();
-                let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
-                let code = out.status.code();
-                assert!(
-                    code == Some(0) || code == Some(3),
-                    "{ctx}: qemu-img check exit {code:?}: {}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+                assert_qemu_check_no_errors(&path, &ctx);
             }
         }
     }
@@ -989,13 +996,7 @@ fn a_torn_add_never_trusts_an_untrusted_directory_again() {
                         "{ctx}: qemu-img info trusts a: {flags:?}"
                     );
                 }
-                let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
-                let code = out.status.code();
-                assert!(
-                    code == Some(0) || code == Some(3),
-                    "{ctx}: qemu-img check exit {code:?}: {}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+                assert_qemu_check_no_errors(&path, &ctx);
             }
             seen
         };
@@ -1136,14 +1137,7 @@ fn a_torn_first_add_or_last_remove_always_opens() {
                                 "{ctx}: qemu-img info trusts {n} ({flags:?}), we list {trusted:?}"
                             );
                         }
-                        let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
-                        let code = out.status.code();
-                        assert!(
-                            code == Some(0) || code == Some(3),
-                            "{ctx}: qemu-img check exit {code:?}: {}{}",
-                            String::from_utf8_lossy(&out.stdout),
-                            String::from_utf8_lossy(&out.stderr)
-                        );
+                        assert_qemu_check_no_errors(&path, &ctx);
                     }
                     seen
                 };
@@ -1380,14 +1374,7 @@ fn a_torn_header_write_keeps_an_overlays_backing_file() {
                     Some(p(base)),
                     "{at}: qemu-img info"
                 );
-                let out = run("qemu-img", &["check", "-f", "qcow2", p(&torn)]);
-                let code = out.status.code();
-                assert!(
-                    code == Some(0) || code == Some(3),
-                    "{at}: qemu-img check exit {code:?}: {}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                assert_qemu_check_no_errors(&torn, &at);
             }
         }
     }
@@ -1690,14 +1677,7 @@ fn a_torn_checkpoint_over_a_straddling_extension_is_the_old_chain_or_the_new_one
                     "{ctx}: qemu-img info trusts {n} ({flags:?}), we list {names:?}"
                 );
             }
-            let out = run("qemu-img", &["check", "-f", "qcow2", p(&path)]);
-            let code = out.status.code();
-            assert!(
-                code == Some(0) || code == Some(3),
-                "{ctx}: qemu-img check exit {code:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_qemu_check_no_errors(&path, &ctx);
         }
     };
     // Deterministic: each cluster-0 write of the checkpoint, every subset of the sectors

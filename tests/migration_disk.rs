@@ -366,6 +366,15 @@ fn new_durable_store(dir: &Path) -> (PathBuf, SharedStore<FileStorage>) {
     (img, SharedStore::new(s))
 }
 
+/// [`new_durable_store`] or [`new_store`].
+fn new_store_in_mode(dir: &Path, durable: bool) -> (PathBuf, SharedStore<FileStorage>) {
+    if durable {
+        new_durable_store(dir)
+    } else {
+        new_store(dir)
+    }
+}
+
 /// The destination's side of the disk state where a test has nothing to activate there:
 /// it takes the source's write log and does nothing with it (the source's sections need a
 /// handler).
@@ -872,6 +881,17 @@ impl MigrationState for Declared {
     fn resume_source(&mut self) {}
 }
 
+/// An attempt over TCP whose destination holds `dest` and, after it, a state that cannot
+/// take over ([`CannotTakeOver`]): the destination's refusal, as the source reports it.
+fn refused_attempt(r: &mut Rig, dest: SharedDestState) -> String {
+    let other: SharedDestState = Arc::new(Mutex::new(CannotTakeOver));
+    let mut declared = Declared;
+    match tcp_attempt(r, vec![dest, other], Some(&mut declared)).unwrap_err() {
+        MigrationError::DestinationRefused(why) => why,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
 fn tcp_attempt(
     r: &mut Rig,
     dest_states: Vec<SharedDestState>,
@@ -947,11 +967,7 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
 fn over_tcp_the_destination_follows_the_write_log_and_its_start_reads_no_bitmap_data() {
     for durable in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let (img, store) = if durable {
-            new_durable_store(dir.path())
-        } else {
-            new_store(dir.path())
-        };
+        let (img, store) = new_store_in_mode(dir.path(), durable);
         let mut r = rig(&store, 23);
         let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
         if durable {
@@ -1011,18 +1027,8 @@ fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_sourc
         "disk-bitmaps",
         img.clone(),
     )));
-    let other: SharedDestState = Arc::new(Mutex::new(CannotTakeOver));
-    let mut declared = Declared;
-    let e = tcp_attempt(
-        &mut r,
-        vec![dest.clone() as SharedDestState, other],
-        Some(&mut declared),
-    )
-    .unwrap_err();
-    match &e {
-        MigrationError::DestinationRefused(why) => assert!(why.contains("no room"), "{why}"),
-        other => panic!("expected a refusal, got {other}"),
-    }
+    let why = refused_attempt(&mut r, dest.clone());
+    assert!(why.contains("no room"), "{why}");
     assert!(dest.lock().unwrap().take_store().is_none());
     // The source took its bitmaps back (the directory was as it left it) and runs on.
     assert!(store.lock().is_active());
@@ -1047,31 +1053,15 @@ fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_sourc
 fn a_destination_in_the_other_mode_refuses_before_it_writes_and_the_source_resumes() {
     for source_durable in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let (img, store) = if source_durable {
-            new_durable_store(dir.path())
-        } else {
-            new_store(dir.path())
-        };
+        let (img, store) = new_store_in_mode(dir.path(), source_durable);
         let mut r = rig(&store, 24);
         let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
         if !source_durable {
             dest = dest.durable();
         }
         let dest = Arc::new(Mutex::new(dest));
-        let other: SharedDestState = Arc::new(Mutex::new(CannotTakeOver));
-        let mut declared = Declared;
-        let e = tcp_attempt(
-            &mut r,
-            vec![dest.clone() as SharedDestState, other],
-            Some(&mut declared),
-        )
-        .unwrap_err();
-        match &e {
-            MigrationError::DestinationRefused(why) => {
-                assert!(why.contains("same mode"), "durable {source_durable}: {why}")
-            }
-            other => panic!("durable {source_durable}: expected a refusal, got {other}"),
-        }
+        let why = refused_attempt(&mut r, dest.clone());
+        assert!(why.contains("same mode"), "durable {source_durable}: {why}");
         assert!(dest.lock().unwrap().take_store().is_none());
         // The source took the image back, in its own mode, and its guest runs on.
         assert!(store.lock().is_active(), "durable {source_durable}");
