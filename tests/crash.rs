@@ -996,7 +996,7 @@ fn a_torn_add_never_trusts_an_untrusted_directory_again() {
                         "{ctx}: qemu-img info trusts a: {flags:?}"
                     );
                 }
-                assert_qemu_check_no_errors(&path, &ctx);
+                assert_qemu_check_no_errors(&path, ctx);
             }
             seen
         };
@@ -1137,7 +1137,7 @@ fn a_torn_first_add_or_last_remove_always_opens() {
                                 "{ctx}: qemu-img info trusts {n} ({flags:?}), we list {trusted:?}"
                             );
                         }
-                        assert_qemu_check_no_errors(&path, &ctx);
+                        assert_qemu_check_no_errors(&path, ctx);
                     }
                     seen
                 };
@@ -1677,7 +1677,7 @@ fn a_torn_checkpoint_over_a_straddling_extension_is_the_old_chain_or_the_new_one
                     "{ctx}: qemu-img info trusts {n} ({flags:?}), we list {names:?}"
                 );
             }
-            assert_qemu_check_no_errors(&path, &ctx);
+            assert_qemu_check_no_errors(&path, ctx);
         }
     };
     // Deterministic: each cluster-0 write of the checkpoint, every subset of the sectors
