@@ -915,3 +915,85 @@ fn a_store_never_takes_back_an_image_another_writer_used_without_being_told() {
     let r = BitmapStore::open(FileStorage::open_shared(&img).unwrap(), OpenMode::ReadOnly).unwrap();
     assert_eq!(r.list()[0].state, BitmapState::Inconsistent);
 }
+
+/// Found by a review: the permission to take back `in_use` bits
+/// (`accept_destination_in_use`) was taken only by the check an activation runs after it
+/// took the writer locks, so an activation that failed before (the locks held by another
+/// process) left it set, and a later, unrelated activation took back `in_use` bits another
+/// writer set: a false clean. Every activation call now takes it first.
+#[test]
+fn a_failed_activation_does_not_leave_the_permission_for_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.qcow2");
+    let mut a = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+    a.add("b", 65536, Recording::Enabled).unwrap();
+    a.activate().unwrap();
+    a.bitmap("b").unwrap().mark_dirty(0, 4096);
+    a.inactivate().unwrap();
+    let open_rw = || {
+        BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap()
+    };
+    // Another process holds the image: the fail-back's activation fails on the locks.
+    let b = open_rw();
+    a.accept_destination_in_use();
+    assert!(matches!(a.activate().unwrap_err(), Error::Locked { .. }));
+    drop(b);
+    // Later another writer activates the image (`in_use` set in place) and dies.
+    let mut c = open_rw();
+    c.activate().unwrap();
+    drop(c);
+    assert!(matches!(
+        a.activate().unwrap_err(),
+        Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+    ));
+}
+
+/// Found by a review: a store takes back an image whose cluster 0 is the bytes it knows
+/// the disk holds when that is not its own encoding (a crash residue of a name move, or
+/// another program's layout), but a reftable growth, which writes the reftable's fields of
+/// cluster 0 in place, was not noted in that copy, so after a flush that grew the reftable
+/// the store refused its own image as changed while inactive (a migration's source then
+/// stays stopped). Here cluster 0 holds a byte past the end marker, and 512-byte clusters
+/// make the reftable grow within a test's reach.
+#[test]
+fn a_store_takes_back_its_image_after_a_reftable_growth_under_a_foreign_cluster_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.qcow2");
+    let disk = 100u64 << 30;
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), disk, 512).unwrap();
+    s.add("b", 512, Recording::Enabled).unwrap();
+    drop(s.close().unwrap());
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes[500], 0);
+    bytes[500] = 0x5a;
+    std::fs::write(&img, &bytes).unwrap();
+    let reftable = |b: &[u8]| b[48..60].to_vec();
+    let mut s = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    s.activate().unwrap();
+    let b = s.bitmap("b").unwrap();
+    // One bit per data cluster of the bitmap (4,096 bits, 2 MiB of disk): 25 MiB of them,
+    // beside the L1 table's 25 MiB, past what the reftable covers at the create.
+    for k in 0..(50 << 10) {
+        b.mark_dirty(k * (2 << 20), 1);
+    }
+    drop(b);
+    s.flush().unwrap();
+    let now = std::fs::read(&img).unwrap();
+    assert_ne!(
+        reftable(&now),
+        reftable(&bytes),
+        "the reftable did not grow"
+    );
+    assert_eq!(now[500], 0x5a, "cluster 0 was rewritten");
+    s.inactivate().unwrap();
+    s.activate().unwrap();
+    s.inactivate().unwrap();
+}

@@ -54,11 +54,9 @@ pub struct Image<S: Storage> {
     /// durable, trailing zeros cut (the encoder pads with zeros to the cluster size);
     /// `None` on a read-only handle or when a write failed part-way. A header write that
     /// changes more than one sector of it is checked, and bracketed when a torn mix could
-    /// trust the wrong bitmaps extension ([`put_header`](Self::put_header)). Two in-place
-    /// writes leave it behind the disk: the reftable growth's header fields (bytes 48..60,
-    /// which every header write carries as the disk holds them, see
-    /// [`torn_mixes_keep_trust`]) and the store's mode flags word in place (a difference
-    /// that can only add a sector to the ones checked).
+    /// trust the wrong bitmaps extension ([`put_header`](Self::put_header)). The in-place
+    /// writes into cluster 0 (the reftable growth's header fields, bytes 48..60, and the
+    /// store's mode flags word) are patched into it once durable.
     disk_header: Option<Vec<u8>>,
     refcounts: Refcounts,
     /// Why the reftable could not be read, on a read-only handle that opened without it
@@ -676,14 +674,32 @@ impl<S: Storage> Image<S> {
     }
 
     /// Whether `disk` (cluster 0 as read now, any length) is byte for byte what this
-    /// handle knows the disk holds: read at the open or written since, trailing zeros
-    /// aside. False when the handle does not know (read-only, or after a failed write), and
-    /// after an in-place write into cluster 0 it did not note (the store's mode flags word:
-    /// `note_cluster0_write`).
+    /// handle knows the disk holds: read at the open or written since (every in-place write
+    /// into cluster 0 is noted: the reftable growth's fields, the store's mode flags word),
+    /// trailing zeros aside. False when the handle does not know (read-only, or after a
+    /// failed write).
     pub(crate) fn known_cluster0_is(&self, disk: &[u8]) -> bool {
         self.disk_header
             .as_deref()
             .is_some_and(|known| known == trim_zeros(disk))
+    }
+
+    /// Reads cluster 0 again into the handle's copy of what the disk holds: after a store
+    /// that handed the image over took it back, another writer may have laid cluster 0
+    /// out its own way, and the next header write's torn-write analysis
+    /// ([`put_header`](Self::put_header)) must start from the bytes on disk.
+    ///
+    /// # Errors
+    /// I/O.
+    pub(crate) fn refresh_known_cluster0(&mut self) -> Result<()> {
+        if self.disk_header.is_none() || !self.writable {
+            return Ok(());
+        }
+        let len = self.storage.len()?.min(self.area.header.cluster_size());
+        let mut c0 = vec![0u8; usize::try_from(len).map_err(|_| internal!("cluster 0 of {len}"))?];
+        self.storage.read_exact_at(&mut c0, 0)?;
+        self.disk_header = Some(trim_zeros(&c0).to_vec());
+        Ok(())
     }
 
     /// Records that `data` was written at `at` inside cluster 0, in place, and made durable
@@ -734,7 +750,21 @@ impl<S: Storage> Image<S> {
     /// [`Error::ReadOnly`], [`Error::Poisoned`], refcount corruption found on the way, or an
     /// I/O error (which poisons the image).
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        self.guarded(|img| img.refcounts.alloc(&img.storage, &mut img.area.header, n))
+        self.guarded(|img| {
+            let before = img.refcounts.reftable_location();
+            let r = img.refcounts.alloc(&img.storage, &mut img.area.header, n);
+            // A reftable growth wrote its 12 header bytes in place, with a barrier
+            // (`alloc.rs`, step 3): the known copy of cluster 0 follows.
+            if img.refcounts.reftable_location() != before {
+                let encoded = img.area.header.encode()?;
+                let at = alloc::HEADER_REFTABLE_FIELDS;
+                let fields = encoded
+                    .get(at..at + 12)
+                    .ok_or_else(|| internal!("header too short for the reftable fields"))?;
+                img.note_cluster0_write(at as u64, fields);
+            }
+            r
+        })
     }
 
     /// Decrements the refcounts of the `n` clusters at `offset`, in memory.

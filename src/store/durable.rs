@@ -101,6 +101,8 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// As [`activate_durable`](Self::activate_durable).
     pub fn activate_durable_preloaded(&mut self, mut pre: super::Preloaded) -> Result<()> {
+        // Taken first, whatever this call does (as `activate_preloaded`).
+        let accept = std::mem::take(&mut self.accept_in_use);
         self.ensure_writable()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
@@ -119,10 +121,12 @@ impl<S: Storage> BitmapStore<S> {
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
         let before = self.take_writer_locks()?;
-        let r = self.ensure_resumable(before).and_then(|in_use_set| {
-            self.resume_durable_parked()?;
-            self.activate_durable_locked(&mut pre, in_use_set)
-        });
+        let r = self
+            .ensure_resumable(before, accept)
+            .and_then(|in_use_set| {
+                self.resume_durable_parked()?;
+                self.activate_durable_locked(&mut pre, in_use_set)
+            });
         if r.is_err() {
             for s in &mut self.slots {
                 s.mem = None;

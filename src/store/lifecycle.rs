@@ -67,6 +67,9 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// As [`activate`](Self::activate).
     pub fn activate_preloaded(&mut self, mut pre: Preloaded) -> Result<()> {
+        // Taken first, whatever this call does: a permission left set by a call that
+        // returned early would let a later, unrelated activation take `in_use` bits back.
+        let accept = std::mem::take(&mut self.accept_in_use);
         self.ensure_writable()?;
         if self.active {
             return Ok(());
@@ -76,7 +79,7 @@ impl<S: Storage> BitmapStore<S> {
         // written.
         let before = self.take_writer_locks()?;
         let r = self
-            .ensure_resumable(before)
+            .ensure_resumable(before, accept)
             .and_then(|_| self.activate_locked(&mut pre));
         if r.is_err() {
             // Still inactive: hold what the store held before.
@@ -119,28 +122,30 @@ impl<S: Storage> BitmapStore<S> {
     /// (a bitmap dropped from the directory, clusters in use handed out again).
     ///
     /// True when the image differs only in `in_use` bits a destination set in place
-    /// ([`SinceInactivate::InUseSet`]) and the caller said it may
-    /// ([`accept_destination_in_use`](Self::accept_destination_in_use), which this call
-    /// takes): the disk then says `in_use` where this handle's directory says clear, until
-    /// an activation writes its own flags. Without that, such an image is refused as
+    /// ([`SinceInactivate::InUseSet`]) and `accept` (the caller called
+    /// [`accept_destination_in_use`](Self::accept_destination_in_use) before this
+    /// activation): the disk then says `in_use` where this handle's directory says clear,
+    /// until an activation writes its own flags. Without that, such an image is refused as
     /// changed: the writer that set `in_use` may have run a guest whose writes are in no
-    /// bitmap this handle holds.
+    /// bitmap this handle holds. Once accepted, the handle's copy of cluster 0 is read
+    /// again from the disk (another writer may have laid it out its own way).
     ///
     /// # Errors
     /// [`StateProblem::ChangedWhileInactive`]; I/O from the check's reads.
-    pub(super) fn ensure_resumable(&mut self, before: WriterLocks) -> Result<bool> {
-        let accept = std::mem::take(&mut self.accept_in_use);
+    pub(super) fn ensure_resumable(&mut self, before: WriterLocks, accept: bool) -> Result<bool> {
         if before == WriterLocks::Held && self.slots.iter().all(|s| s.parked.is_none()) {
             // Held since the open: nobody else could write the image.
             return Ok(false);
         }
-        match self.image_since_inactivate()? {
-            SinceInactivate::Unchanged => Ok(false),
-            SinceInactivate::InUseSet if accept => Ok(true),
+        let in_use_set = match self.image_since_inactivate()? {
+            SinceInactivate::Unchanged => false,
+            SinceInactivate::InUseSet if accept => true,
             SinceInactivate::InUseSet | SinceInactivate::Changed => {
-                Err(Error::WrongState(StateProblem::ChangedWhileInactive))
+                return Err(Error::WrongState(StateProblem::ChangedWhileInactive));
             }
-        }
+        };
+        self.image.refresh_known_cluster0()?;
+        Ok(in_use_set)
     }
 
     /// Lets the next activation ([`activate`](Self::activate),
@@ -152,8 +157,8 @@ impl<S: Storage> BitmapStore<S> {
     /// [`SharedDiskState`](crate::migration::SharedDiskState) does): any other writer that
     /// set `in_use` may have written guest data, which no bitmap this handle holds has, and
     /// taking the image back would then be a false clean. Without it such an image is
-    /// refused ([`StateProblem::ChangedWhileInactive`]). The next activation takes it,
-    /// whether it succeeds or not.
+    /// refused ([`StateProblem::ChangedWhileInactive`]). The next activation call takes it
+    /// first, whatever it then does (succeeds, fails, or finds the store active).
     pub fn accept_destination_in_use(&mut self) {
         self.accept_in_use = true;
     }
@@ -414,9 +419,9 @@ impl<S: Storage> BitmapStore<S> {
     /// inconsistent, if the destination set it; never falsely clean). An edit, which is no
     /// fail-back, refuses `in_use` bits set by another writer too: that writer may have
     /// written guest data that no bitmap this handle holds has.
-    pub(super) fn ensure_unchanged_since_inactivate(&self) -> Result<()> {
+    pub(super) fn ensure_unchanged_since_inactivate(&mut self) -> Result<()> {
         match self.image_since_inactivate()? {
-            SinceInactivate::Unchanged => Ok(()),
+            SinceInactivate::Unchanged => self.image.refresh_known_cluster0(),
             SinceInactivate::InUseSet | SinceInactivate::Changed => {
                 Err(Error::WrongState(StateProblem::ChangedWhileInactive))
             }

@@ -35,7 +35,7 @@ use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::{internal, Corruption, Error, Result, StateProblem};
 use crate::format::{
     decode_directory, decode_table, encode_directory, BitmapName, BitmapsExtension, DirEntry,
-    ImageGeometry, TableEntry,
+    HeaderArea, ImageGeometry, TableEntry,
 };
 use crate::image::check::References;
 use crate::image::{check_in_file, read_metadata, Image};
@@ -220,7 +220,8 @@ pub(crate) enum WriterLocks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SinceInactivate {
     /// Cluster 0, the directory and every cached refcount are byte for byte what the
-    /// handle last wrote (cluster 0: its encoding, or the bytes it knows the disk holds). Another writer of this crate may still have flushed marks in
+    /// handle last wrote (cluster 0: its encoding, the bytes it knows the disk holds, or
+    /// bytes that decode to its encoding). Another writer of this crate may still have flushed marks in
     /// place, into clusters the bitmaps already had.
     Unchanged,
     /// As `Unchanged`, but the directory's `in_use` bits differ: another writer activated
@@ -867,15 +868,26 @@ impl<S: Storage> BitmapStore<S> {
     /// every refcount it caches with the disk's. Reads only, and takes no lock.
     ///
     /// Cluster 0 may also be byte for byte what this handle knows the disk holds
-    /// (`Image::known_cluster0`: read at the open, or written since), when that is not its
-    /// own encoding: a header write moving the backing file name that a process crash cut
+    /// (`Image::known_cluster0_is`: read at the open, or written since), or decode to what
+    /// it would write (the same bytes once encoded again), when the disk is not its own
+    /// encoding: a header write moving the backing file name that a process crash cut
     /// short (`Image::put_header_moving_name`) leaves the name at a spare place, or a stray
-    /// copy of it, until this handle's next header write.
+    /// copy of it, and a QEMU destination lays cluster 0 out its own way (unknown
+    /// extensions in reverse order). Every field a bitmap, a refcount or the guest depends
+    /// on is in the decoded area; a writer that changed the directory or a refcount is
+    /// caught below, and one that set `in_use` is taken back only by a fail-back the
+    /// caller allowed (`accept_destination_in_use`).
     fn image_since_inactivate(&self) -> Result<SinceInactivate> {
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
         self.image.storage().read_exact_at(&mut disk, 0)?;
-        if disk != area && !self.image.known_cluster0_is(&disk) {
+        if disk != area
+            && !self.image.known_cluster0_is(&disk)
+            && HeaderArea::decode(&disk)
+                .ok()
+                .and_then(|d| d.encode().ok())
+                .is_none_or(|d| d != area)
+        {
             return Ok(SinceInactivate::Changed);
         }
         let mut since = SinceInactivate::Unchanged;

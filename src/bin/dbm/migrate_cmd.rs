@@ -1092,6 +1092,14 @@ mod tests {
             1,
             "a middle granule lost, not counted"
         );
+        // A disk under 4 KiB: the writer's marks are cut at its end, and are all there.
+        let small = dirty_bitmap::DirtyBitmap::new(1024, 512).unwrap();
+        small.mark_dirty(0, 4096);
+        assert_eq!(
+            lost_marks(&[small], &[0]),
+            0,
+            "a mark cut at the disk's end"
+        );
     }
 
     /// A log line whose mark would end past the last byte offset is refused, as any other

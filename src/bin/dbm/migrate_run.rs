@@ -345,8 +345,9 @@ pub fn counted_on_disk<S: Storage>(
 
 /// Marks of `marks` (the offsets of [`DISK_WRITE`]-byte writes) not dirty, summed over
 /// `bitmaps` ([`counted_in_store`], [`counted_on_disk`]): a mark is there only if every
-/// byte of it is dirty (below 4 KiB granularity a write sets several bits, and any of them
-/// may be the one lost), and one reaching past a bitmap's disk is missing from it.
+/// byte of it up to the disk's end is dirty (below 4 KiB granularity a write sets several
+/// bits, and any of them may be the one lost), and one starting past a bitmap's disk is
+/// missing from it.
 pub fn lost_marks(bitmaps: &[DirtyBitmap], marks: &[u64]) -> u64 {
     bitmaps
         .iter()
@@ -354,8 +355,10 @@ pub fn lost_marks(bitmaps: &[DirtyBitmap], marks: &[u64]) -> u64 {
             marks
                 .iter()
                 .filter(|&&o| {
-                    let end = o.saturating_add(DISK_WRITE);
-                    end > b.disk_size() || b.next_clean(o).is_some_and(|c| c < end)
+                    // A write the disk's end cuts short (a disk under 4 KiB) is there up
+                    // to the end; one starting past it is in no bit.
+                    let end = o.saturating_add(DISK_WRITE).min(b.disk_size());
+                    o >= b.disk_size() || b.next_clean(o).is_some_and(|c| c < end)
                 })
                 .count() as u64
         })
