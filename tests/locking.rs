@@ -997,3 +997,84 @@ fn a_store_takes_back_its_image_after_a_reftable_growth_under_a_foreign_cluster_
     s.activate().unwrap();
     s.inactivate().unwrap();
 }
+
+/// Found by a review: `activate_with` (the stream destination's activation) returned early
+/// on a refusal of its own before the activation that takes the `in_use` permission, so
+/// the permission outlived it, as `a_failed_activation_does_not_leave_the_permission_for_a_later_one`
+/// shows for `activate`.
+#[test]
+fn a_refused_activate_with_does_not_leave_the_permission_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("w.qcow2");
+    let mut a = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+    a.add("b", 65536, Recording::Enabled).unwrap();
+    a.activate().unwrap();
+    a.inactivate().unwrap();
+    a.accept_destination_in_use();
+    let bm = std::sync::Arc::new(dirty_bitmap::DirtyBitmap::new(1 << 30, 65536).unwrap());
+    assert!(matches!(
+        a.activate_with(vec![("nosuch".into(), bm)]).unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    let mut c = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    c.activate().unwrap();
+    drop(c);
+    assert!(matches!(
+        a.activate().unwrap_err(),
+        Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+    ));
+}
+
+/// Found by a review: QEMU writes unknown header extensions back in reverse order, so a
+/// QEMU destination that activated the image (rewriting cluster 0) and died before it
+/// started the guest left two foreign extensions swapped, and the source's fail-back
+/// refused the image as changed (the guest stayed stopped). They compare as a set.
+#[test]
+fn a_fail_back_takes_the_image_back_with_its_unknown_extensions_reordered() {
+    use dirty_bitmap::format::{HeaderArea, UnknownExtension};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    let mut s = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+    s.add("b", 65536, Recording::Enabled).unwrap();
+    drop(s.close().unwrap());
+    let rewrite = |f: &dyn Fn(&mut HeaderArea)| {
+        let mut bytes = std::fs::read(&img).unwrap();
+        let mut area = HeaderArea::decode(&bytes[..65536]).unwrap();
+        f(&mut area);
+        bytes[..65536].copy_from_slice(&area.encode().unwrap());
+        std::fs::write(&img, &bytes).unwrap();
+    };
+    rewrite(&|a| {
+        for kind in [0x1111_1111u32, 0x2222_2222] {
+            a.unknown.push(UnknownExtension {
+                kind,
+                data: kind.to_be_bytes().to_vec(),
+            });
+        }
+    });
+    let open_rw = || {
+        BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap()
+    };
+    let mut a = open_rw();
+    a.activate().unwrap();
+    a.bitmap("b").unwrap().mark_dirty(0, 4096);
+    a.inactivate().unwrap();
+    // The destination: activates (`in_use` in place), rewrites cluster 0 as QEMU does
+    // (the unknown extensions reversed), and dies before it starts the guest.
+    let mut c = open_rw();
+    c.activate().unwrap();
+    drop(c);
+    rewrite(&|a| a.unknown.reverse());
+    a.accept_destination_in_use();
+    a.activate().unwrap();
+    assert!(a.bitmap("b").unwrap().is_dirty(0));
+    a.inactivate().unwrap();
+}

@@ -479,13 +479,16 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             // The mode the image records: durable after a durable store's inactivate
             // (this attempt's stop, an earlier one's, or another holder's), else deferred.
             let mut st = self.store.lock();
-            // The destination never said it started: `in_use` bits it set and left are
-            // all it wrote, and this store's bitmaps hold every mark.
-            st.accept_destination_in_use();
-            if StoreMode::of(st.image().area()) == StoreMode::Durable {
-                st.activate_durable()?;
-            } else {
-                st.activate()?;
+            // Another holder of the store may have taken it back since the check above.
+            if !st.is_active() {
+                // The destination never said it started: `in_use` bits it set and left
+                // are all it wrote, and this store's bitmaps hold every mark.
+                st.accept_destination_in_use();
+                if StoreMode::of(st.image().area()) == StoreMode::Durable {
+                    st.activate_durable()?;
+                } else {
+                    st.activate()?;
+                }
             }
             self.handed_over = false;
         }
@@ -947,6 +950,28 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Found by a review: a durable store handed over by the stop, then taken back by
+    /// another holder of the `SharedStore` before the fail-back ran: the fail-back called
+    /// `activate_durable` on the active store, which refuses (`Active`), and the source
+    /// stayed stopped (a deferred store's `activate` on an active store returns). An active
+    /// store is left as it is.
+    #[test]
+    fn a_fail_back_leaves_a_store_another_holder_took_back() {
+        let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        s.add("b", G, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let mut state = SharedDiskState::new(2, "disk", shared.clone());
+        state.setup(&mut Sink).unwrap();
+        state.complete(&mut Sink).unwrap();
+        assert!(state.handed_over());
+        shared.lock().activate_durable().unwrap();
+        state.resume_source();
+        state.reactivate().unwrap();
+        assert!(shared.lock().is_durable());
+        assert!(!state.handed_over());
     }
 
     /// Found by a review: a durable store another holder inactivated during an attempt

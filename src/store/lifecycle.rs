@@ -255,6 +255,9 @@ impl<S: Storage> BitmapStore<S> {
     /// must not be held by two stores either, which this cannot see);
     /// [`Error::WrongState`] if active. Then as [`activate`](Self::activate).
     pub fn activate_with(&mut self, content: Vec<(String, Arc<DirtyBitmap>)>) -> Result<()> {
+        // Taken first, as every activation call takes it; handed on to the activation
+        // below only if this call gets there.
+        let accept = std::mem::take(&mut self.accept_in_use);
         self.ensure_writable()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
@@ -293,6 +296,7 @@ impl<S: Storage> BitmapStore<S> {
             }
             adopted.push((e.name.clone(), bm));
         }
+        self.accept_in_use = accept;
         self.activate_preloaded(Preloaded {
             adopted,
             ..Preloaded::default()

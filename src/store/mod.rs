@@ -873,7 +873,7 @@ impl<S: Storage> BitmapStore<S> {
     /// encoding: a header write moving the backing file name that a process crash cut
     /// short (`Image::put_header_moving_name`) leaves the name at a spare place, or a stray
     /// copy of it, and a QEMU destination lays cluster 0 out its own way (unknown
-    /// extensions in reverse order). Every field a bitmap, a refcount or the guest depends
+    /// extensions in reverse order: they compare as a set). Every field a bitmap, a refcount or the guest depends
     /// on is in the decoded area; a writer that changed the directory or a refcount is
     /// caught below, and one that set `in_use` is taken back only by a fail-back the
     /// caller allowed (`accept_destination_in_use`).
@@ -881,12 +881,18 @@ impl<S: Storage> BitmapStore<S> {
         let area = self.image.area().encode()?;
         let mut disk = vec![0u8; area.len()];
         self.image.storage().read_exact_at(&mut disk, 0)?;
+        // Unknown extensions compare as a set: QEMU writes them back in reverse order.
+        let canonical = |mut a: HeaderArea| {
+            a.unknown
+                .sort_by(|x, y| (x.kind, &x.data).cmp(&(y.kind, &y.data)));
+            a.encode().ok()
+        };
         if disk != area
             && !self.image.known_cluster0_is(&disk)
             && HeaderArea::decode(&disk)
                 .ok()
-                .and_then(|d| d.encode().ok())
-                .is_none_or(|d| d != area)
+                .and_then(canonical)
+                .is_none_or(|d| Some(d) != canonical(self.image.area().clone()))
         {
             return Ok(SinceInactivate::Changed);
         }
