@@ -466,32 +466,28 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// ([`BitmapStore::marks_held`](crate::BitmapStore::marks_held)): the disk may then
     /// say clean, and a resumed guest's writes would wait on the sealed bitmaps.
     fn reactivate(&mut self) -> Result<()> {
-        let inactive = {
-            let st = self.store.lock();
-            if st.marks_held() {
-                return Err(crate::Error::WrongState(StateProblem::MarksHeld).into());
-            }
-            !st.is_active()
-        };
-        // Whatever this attempt did, an inactive store is taken back: the guest resumes
-        // only on bitmaps the disk says are in use.
-        if self.handed_over || inactive {
-            // The mode the image records: durable after a durable store's inactivate
-            // (this attempt's stop, an earlier one's, or another holder's), else deferred.
-            let mut st = self.store.lock();
-            // Another holder of the store may have taken it back since the check above.
-            if !st.is_active() {
-                // The destination never said it started: `in_use` bits it set and left
-                // are all it wrote, and this store's bitmaps hold every mark.
-                st.accept_destination_in_use();
-                if StoreMode::of(st.image().area()) == StoreMode::Durable {
-                    st.activate_durable()?;
-                } else {
-                    st.activate()?;
-                }
-            }
-            self.handed_over = false;
+        // One lock for the whole decision: another holder of the store may activate it, or
+        // fail a stop that holds the marks, between two.
+        let mut st = self.store.lock();
+        if st.marks_held() {
+            return Err(crate::Error::WrongState(StateProblem::MarksHeld).into());
         }
+        // Whatever this attempt did, an inactive store is taken back: the guest resumes
+        // only on bitmaps the disk says are in use. One another holder took back already
+        // stays as it is.
+        if !st.is_active() {
+            // The destination never said it started: `in_use` bits it set and left are
+            // all it wrote, and this store's bitmaps hold every mark. The mode the image
+            // records: durable after a durable store's inactivate (this attempt's stop, an
+            // earlier one's, or another holder's), else deferred.
+            st.accept_destination_in_use();
+            if StoreMode::of(st.image().area()) == StoreMode::Durable {
+                st.activate_durable()?;
+            } else {
+                st.activate()?;
+            }
+        }
+        self.handed_over = false;
         Ok(())
     }
 }
