@@ -916,40 +916,55 @@ fn a_store_never_takes_back_an_image_another_writer_used_without_being_told() {
     assert_eq!(r.list()[0].state, BitmapState::Inconsistent);
 }
 
-/// Found by a review: the permission to take back `in_use` bits
+/// Found by reviews: the permission to take back `in_use` bits
 /// (`accept_destination_in_use`) was taken only by the check an activation runs after it
 /// took the writer locks, so an activation that failed before (the locks held by another
-/// process) left it set, and a later, unrelated activation took back `in_use` bits another
+/// process; or `activate_with`, the stream destination's activation, refusing a bitmap it
+/// was given) left it set, and a later, unrelated activation took back `in_use` bits another
 /// writer set: a false clean. Every activation call now takes it first.
 #[test]
 fn a_failed_activation_does_not_leave_the_permission_for_a_later_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("f.qcow2");
-    let mut a = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
-    a.add("b", 65536, Recording::Enabled).unwrap();
-    a.activate().unwrap();
-    a.bitmap("b").unwrap().mark_dirty(0, 4096);
-    a.inactivate().unwrap();
-    let open_rw = || {
-        BitmapStore::open(
-            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        )
-        .unwrap()
-    };
-    // Another process holds the image: the fail-back's activation fails on the locks.
-    let b = open_rw();
-    a.accept_destination_in_use();
-    assert!(matches!(a.activate().unwrap_err(), Error::Locked { .. }));
-    drop(b);
-    // Later another writer activates the image (`in_use` set in place) and dies.
-    let mut c = open_rw();
-    c.activate().unwrap();
-    drop(c);
-    assert!(matches!(
-        a.activate().unwrap_err(),
-        Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
-    ));
+    for how in ["locked", "activate_with"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("f.qcow2");
+        let mut a =
+            BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+        a.add("b", 65536, Recording::Enabled).unwrap();
+        a.activate().unwrap();
+        a.bitmap("b").unwrap().mark_dirty(0, 4096);
+        a.inactivate().unwrap();
+        let open_rw = || {
+            BitmapStore::open(
+                FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+                OpenMode::ReadWrite,
+            )
+            .unwrap()
+        };
+        a.accept_destination_in_use();
+        if how == "locked" {
+            // Another process holds the image: the fail-back's activation fails on the locks.
+            let b = open_rw();
+            assert!(matches!(a.activate().unwrap_err(), Error::Locked { .. }));
+            drop(b);
+        } else {
+            let bm = std::sync::Arc::new(dirty_bitmap::DirtyBitmap::new(1 << 30, 65536).unwrap());
+            assert!(matches!(
+                a.activate_with(vec![("nosuch".into(), bm)]).unwrap_err(),
+                Error::NotFound { .. }
+            ));
+        }
+        // Later another writer activates the image (`in_use` set in place) and dies.
+        let mut c = open_rw();
+        c.activate().unwrap();
+        drop(c);
+        assert!(
+            matches!(
+                a.activate().unwrap_err(),
+                Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
+            ),
+            "{how}"
+        );
+    }
 }
 
 /// Found by a review: a store takes back an image whose cluster 0 is the bytes it knows
@@ -996,37 +1011,6 @@ fn a_store_takes_back_its_image_after_a_reftable_growth_under_a_foreign_cluster_
     s.inactivate().unwrap();
     s.activate().unwrap();
     s.inactivate().unwrap();
-}
-
-/// Found by a review: `activate_with` (the stream destination's activation) returned early
-/// on a refusal of its own before the activation that takes the `in_use` permission, so
-/// the permission outlived it, as `a_failed_activation_does_not_leave_the_permission_for_a_later_one`
-/// shows for `activate`.
-#[test]
-fn a_refused_activate_with_does_not_leave_the_permission_either() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("w.qcow2");
-    let mut a = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
-    a.add("b", 65536, Recording::Enabled).unwrap();
-    a.activate().unwrap();
-    a.inactivate().unwrap();
-    a.accept_destination_in_use();
-    let bm = std::sync::Arc::new(dirty_bitmap::DirtyBitmap::new(1 << 30, 65536).unwrap());
-    assert!(matches!(
-        a.activate_with(vec![("nosuch".into(), bm)]).unwrap_err(),
-        Error::NotFound { .. }
-    ));
-    let mut c = BitmapStore::open(
-        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-        OpenMode::ReadWrite,
-    )
-    .unwrap();
-    c.activate().unwrap();
-    drop(c);
-    assert!(matches!(
-        a.activate().unwrap_err(),
-        Error::WrongState(dirty_bitmap::StateProblem::ChangedWhileInactive)
-    ));
 }
 
 /// Found by a review: QEMU writes unknown header extensions back in reverse order, so a
