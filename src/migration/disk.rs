@@ -948,6 +948,17 @@ mod tests {
         );
     }
 
+    /// `e` is the refusal of a store that is not active.
+    fn assert_not_active(e: &MigrationError) {
+        assert!(
+            matches!(
+                e,
+                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::NotActive))
+            ),
+            "{e}"
+        );
+    }
+
     /// Found by a review: a durable store handed over by the stop, then taken back by
     /// another holder of the `SharedStore` before the fail-back ran: the fail-back called
     /// `activate_durable` on the active store, which refuses (`Active`), and the source
@@ -986,13 +997,7 @@ mod tests {
         let e = state
             .complete(&mut Sink)
             .expect_err("the store is not active");
-        assert!(
-            matches!(
-                e,
-                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::NotActive))
-            ),
-            "{e}"
-        );
+        assert_not_active(&e);
         state.resume_source();
         state.reactivate().unwrap();
         let st = shared.lock();
@@ -1015,13 +1020,7 @@ mod tests {
         let e = state
             .setup(&mut Sink)
             .expect_err("the store is handed over");
-        assert!(
-            matches!(
-                e,
-                MigrationError::Bitmap(crate::Error::WrongState(StateProblem::NotActive))
-            ),
-            "{e}"
-        );
+        assert_not_active(&e);
         state.resume_source();
         state.reactivate().unwrap();
         assert!(
