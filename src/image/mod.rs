@@ -703,7 +703,8 @@ impl<S: Storage> Image<S> {
     }
 
     /// Records that `data` was written at `at` inside cluster 0, in place, and made durable
-    /// by the caller (the store's mode flags word), so that the known copy follows.
+    /// (the store's mode flags word, the reftable growth's fields), so that the known copy
+    /// follows.
     pub(crate) fn note_cluster0_write(&mut self, at: u64, data: &[u8]) {
         self.disk_header = self.disk_header.take().and_then(|d| patched(d, at, data));
     }
@@ -1103,7 +1104,7 @@ fn trusted_bitmaps(bytes: &[u8]) -> Option<Option<&[u8]>> {
     }
 }
 
-/// `disk` (cluster 0, trailing zeros cut) with the autoclear field at `at` set to `field`.
+/// `disk` (cluster 0, trailing zeros cut) with `data` written at `at`, trailing zeros cut.
 fn patched(mut disk: Vec<u8>, at: u64, data: &[u8]) -> Option<Vec<u8>> {
     let at = usize::try_from(at).ok()?;
     let end = at.checked_add(data.len())?;
