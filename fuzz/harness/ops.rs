@@ -1353,6 +1353,16 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
             Err(e) => panic!("an image our check read ({was} corruptions) no longer reads: {e}"),
         }
     }
+    // Cluster 0 is the library's to rewrite, but what it says of the guest's data may not
+    // change: the backing file and its format, the data file, the encryption, the
+    // snapshots, the disk's feature bits, and every extension the library does not know (as
+    // a set; a malformed mode extension, which a deferred activation drops, aside).
+    if let (Some(was), Some(now)) = (guest_view(image, cb), guest_view(&after, cb)) {
+        assert_eq!(
+            now, was,
+            "cluster 0 changed what it says of the guest's data"
+        );
+    }
     let mut exempt = refcount_clusters(image);
     exempt.insert(0);
     // A resize that grew the L1 table moved it into fresh clusters and freed the old one
@@ -1390,6 +1400,58 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
         }
     }
     ran
+}
+
+/// What cluster 0 of `img` (clusters of `1 << cb` bytes) says of the guest's data, decoded
+/// through `HeaderArea` (the library's decoder, which the `header` target checks against
+/// the bytes): `None` when it does not decode.
+#[allow(clippy::type_complexity)]
+fn guest_view(
+    img: &[u8],
+    cb: u32,
+) -> Option<(
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<(u64, u64)>,
+    [u64; 6],
+    Vec<(u32, Vec<u8>)>,
+)> {
+    use dirty_bitmap::format::{mode::EXT_MODE, HeaderArea};
+    let cs = 1usize.checked_shl(cb)?;
+    let a = HeaderArea::decode(img.get(..cs.min(img.len()))?).ok()?;
+    let h = &a.header;
+    let data_file = h
+        .has_data_file()
+        .then(|| a.data_file_name().map(<[u8]>::to_vec))
+        .flatten();
+    let crypto = a
+        .crypto
+        .filter(|c| c.offset != 0)
+        .map(|c| (c.offset, c.length));
+    let fields = [
+        u64::from(h.version),
+        u64::from(h.crypt_method),
+        u64::from(h.nb_snapshots),
+        h.snapshots_offset,
+        h.incompatible_features,
+        h.compatible_features,
+    ];
+    let mut unknown: Vec<(u32, Vec<u8>)> = a
+        .unknown
+        .iter()
+        .filter(|u| u.kind != EXT_MODE)
+        .map(|u| (u.kind, u.data.clone()))
+        .collect();
+    unknown.sort();
+    Some((
+        a.backing_file.clone(),
+        a.backing_format.clone(),
+        data_file,
+        crypto,
+        fields,
+        unknown,
+    ))
 }
 
 /// Bytes of bitmap the store could be made to hold: every listed bitmap and one more at
