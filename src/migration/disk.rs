@@ -948,6 +948,17 @@ mod tests {
         );
     }
 
+    /// A source state over a store active in durable mode with bitmap "b", set up.
+    fn durable_source() -> (SharedDiskState<MemStorage>, SharedStore<MemStorage>) {
+        let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+        s.add("b", G, Recording::Enabled).unwrap();
+        s.activate_durable().unwrap();
+        let shared = SharedStore::new(s);
+        let mut state = SharedDiskState::new(2, "disk", shared.clone());
+        state.setup(&mut Sink).unwrap();
+        (state, shared)
+    }
+
     /// `e` is the refusal of a store that is not active.
     fn assert_not_active(e: &MigrationError) {
         assert!(
@@ -966,12 +977,7 @@ mod tests {
     /// store is left as it is.
     #[test]
     fn a_fail_back_leaves_a_store_another_holder_took_back() {
-        let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
-        s.add("b", G, Recording::Enabled).unwrap();
-        s.activate_durable().unwrap();
-        let shared = SharedStore::new(s);
-        let mut state = SharedDiskState::new(2, "disk", shared.clone());
-        state.setup(&mut Sink).unwrap();
+        let (mut state, shared) = durable_source();
         state.complete(&mut Sink).unwrap();
         assert!(state.handed_over());
         shared.lock().activate_durable().unwrap();
@@ -987,12 +993,7 @@ mod tests {
     /// image records: its durable trackers then served nothing. It is taken back durable.
     #[test]
     fn a_store_inactivated_before_the_stop_is_taken_back_in_the_mode_its_image_records() {
-        let mut s = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
-        s.add("b", G, Recording::Enabled).unwrap();
-        s.activate_durable().unwrap();
-        let shared = SharedStore::new(s);
-        let mut state = SharedDiskState::new(2, "disk", shared.clone());
-        state.setup(&mut Sink).unwrap();
+        let (mut state, shared) = durable_source();
         shared.lock().inactivate().unwrap();
         let e = state
             .complete(&mut Sink)
