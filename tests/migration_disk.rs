@@ -434,6 +434,15 @@ fn attempt(
     r: &mut Rig,
     inbound: Option<&mut dyn Inbound>,
 ) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    attempt_controlled(r, inbound, &mut AutoConverge::default())
+}
+
+/// [`attempt`] with `control` deciding at each turn.
+fn attempt_controlled(
+    r: &mut Rig,
+    inbound: Option<&mut dyn Inbound>,
+    control: &mut dyn Controller,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
     let link = RefCell::new(&mut r.link);
     let mut default_in = LinkIn(&link);
     let inbound: &mut dyn Inbound = match inbound {
@@ -449,7 +458,7 @@ fn attempt(
             inbound,
         },
         &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
-        &mut AutoConverge::default(),
+        control,
     )
 }
 
@@ -569,21 +578,8 @@ fn a_store_inactivated_by_another_holder_during_precopy_fails_the_hand_over_and_
     let dir = tempfile::tempdir().unwrap();
     let (img, store) = new_store(dir.path());
     let mut r = rig(&store, 14);
-    let e = {
-        let link = RefCell::new(&mut r.link);
-        run(
-            &cfg(),
-            Endpoints {
-                clock: &mut RealClock::new(),
-                vm: &mut r.guest,
-                out: &mut LinkOut(&link),
-                inbound: &mut LinkIn(&link),
-            },
-            &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
-            &mut InactivateOnce(store.clone(), false),
-        )
-        .unwrap_err()
-    };
+    let e =
+        attempt_controlled(&mut r, None, &mut InactivateOnce(store.clone(), false)).unwrap_err();
     assert!(
         matches!(
             e,
