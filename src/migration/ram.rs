@@ -131,7 +131,8 @@ pub struct RamState<M = GuestRam, L = DirtyBitmap> {
     page_size: usize,
     pages: u64,
     migration_id: u64,
-    /// Where a harvest puts its pages before they join to-send; clean between syncs.
+    /// Where a harvest puts its pages before they join to-send; it holds the last
+    /// harvest's pages until the next harvest empties it.
     harvested: DirtyBitmap,
     to_send: DirtyBitmap,
     sent_since_sync: DirtyBitmap,
@@ -145,11 +146,13 @@ pub struct RamState<M = GuestRam, L = DirtyBitmap> {
     buf: Vec<u8>,
     stats: RamStats,
     pages_sent: Arc<AtomicU64>,
-    /// Per page: 1 + the index (in this attempt) of the last section that carried it;
-    /// 0 if none did.
+    /// Per page: 1 + the index (in this attempt) of the last section that carried it,
+    /// saturating at [`u32::MAX`] (which then means "that section or a later one"); 0 if
+    /// none did. Four bytes a page, not eight: a tag that saturated is judged against
+    /// `sections` instead (see [`redirty_undelivered`](Self::redirty_undelivered)).
     last_section: Vec<u32>,
     /// Sections of this state sent in this attempt.
-    sections: u32,
+    sections: u64,
     on_loss: ChannelLoss,
 }
 
@@ -348,7 +351,7 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
         let ps = self.page_size;
         let page = ps as u64;
         // The section about to go out is number `self.sections` (from 0).
-        let tag = self.sections.saturating_add(1);
+        let tag = u32::try_from(self.sections.saturating_add(1)).unwrap_or(u32::MAX);
         for &p in pages {
             self.sent_since_sync.mark_dirty(p * page, page);
             self.last_section[p as usize] = tag;
@@ -393,11 +396,19 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
     /// cut. With `applied` 0 every page sent in the attempt is marked (safe when the
     /// figure is unknown; what [`MigrationState::channel_failed`] does by default, see
     /// [`ChannelLoss`]). Marking more is always safe; it only costs a resend.
+    ///
+    /// A page's tag saturates after [`u32::MAX`] − 1 sections; such a page counts as
+    /// delivered only when `applied` covers every section of the attempt.
     pub fn redirty_undelivered(&self, applied: u64) {
         let mut run: Option<(u64, u64)> = None;
         for (p, &tag) in self.last_section.iter().enumerate() {
             let p = p as u64;
-            if u64::from(tag) <= applied {
+            let last = if tag == u32::MAX {
+                self.sections
+            } else {
+                u64::from(tag)
+            };
+            if last <= applied {
                 continue;
             }
             run = match run {
@@ -722,6 +733,35 @@ mod tests {
     }
 
     const SECTION_FRAME: u64 = crate::migration::frame::SECTION_OVERHEAD.get();
+
+    /// Past 2^32 − 2 sections a page's tag saturates: a page whose last copy went out in a
+    /// section after the last one the destination applied is marked again, whatever its
+    /// tag; a saturated tag is marked unless every section was applied.
+    #[test]
+    fn a_page_sent_after_the_tags_saturate_is_redirtied_unless_every_section_was_applied() {
+        let (_, mut s) = rig(4, 1, false);
+        let mut w = started();
+        s.setup(&mut w).unwrap();
+        s.sections = u64::from(u32::MAX) - 2;
+        // Pages 0, 1 and 2 go out in sections 2^32 - 2, 2^32 - 1 and 2^32 (from 1).
+        for _ in 0..3 {
+            s.iterate(&mut w, Bytes(1)).unwrap();
+        }
+        assert_eq!(s.last_section[..3], [u32::MAX - 1, u32::MAX, u32::MAX]);
+        let log_pages =
+            |s: &RamState| -> Vec<(u64, u64)> { s.log.take_dirty().dirty_extents().collect() };
+        let _ = log_pages(&s);
+        let page = PAGE_SIZE as u64;
+        // The destination applied the section that carried page 1, not page 2's: page 2
+        // is marked, and page 1 with it (its tag cannot tell the two apart); page 0 not.
+        s.redirty_undelivered(u64::from(u32::MAX));
+        assert_eq!(log_pages(&s), [(page, 2 * page)]);
+        s.redirty_undelivered(u64::from(u32::MAX) - 2);
+        assert_eq!(log_pages(&s), [(0, 3 * page)]);
+        // Every section applied: nothing to resend.
+        s.redirty_undelivered(s.sections);
+        assert_eq!(log_pages(&s), []);
+    }
 
     #[test]
     fn batch_size_is_bounded_by_the_frame_limit() {
