@@ -742,14 +742,34 @@ type Hook = Box<dyn FnMut(Option<u64>) + Send>;
 struct Hooked<S> {
     inner: S,
     hook: std::sync::Mutex<Option<Hook>>,
+    read_hook: std::sync::Mutex<Option<ReadHook>>,
 }
+
+/// Run with the offset of every read, once installed.
+type ReadHook = Box<dyn FnMut(u64) + Send>;
 
 impl<S> Hooked<S> {
     fn new(inner: S) -> Self {
         Hooked {
             inner,
             hook: std::sync::Mutex::new(None),
+            read_hook: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Runs `hook` with the offset of every later read (it may panic, as `set`'s may).
+    fn set_reads(&self, hook: impl FnMut(u64) + Send + 'static) {
+        *self.read_hooks() = Some(Box::new(hook));
+    }
+
+    fn unset_reads(&self) {
+        *self.read_hooks() = None;
+    }
+
+    fn read_hooks(&self) -> std::sync::MutexGuard<'_, Option<ReadHook>> {
+        self.read_hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `hook` with the offset of every later write (`None` for a barrier). A hook may
@@ -786,6 +806,9 @@ impl<S: Storage> Storage for Hooked<S> {
         self.inner.len()
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+        if let Some(h) = self.read_hooks().as_mut() {
+            h(offset);
+        }
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
@@ -1384,6 +1407,153 @@ fn a_commit_that_panicked_fails_the_later_intents_instead_of_hanging() {
         shared.lock().set_enabled("a", false),
         Err(Error::Poisoned)
     ));
+}
+
+/// A commit that unwinds (a `Storage` that panicked in a write) outside a tracker's group
+/// commit: a merge on the store's own lock. Its change maps were taken; the retried merge
+/// finds every bit set in memory and records nothing, so unless the first attempt handed
+/// its regions back or poisoned the store, the retry reports the merge durable with
+/// nothing on disk.
+#[test]
+fn a_merge_retried_after_a_commit_that_panicked_never_reports_bits_the_disk_lacks() {
+    let storage = Arc::new(Hooked::new(MemStorage::new()));
+    let shared = durable_store(Arc::clone(&storage));
+    shared.durable_tracker().unwrap().mark(3 * G, 4096).unwrap();
+    let mut armed = true;
+    storage.set(move |at| {
+        if at.is_some() && std::mem::take(&mut armed) {
+            panic!("the storage panicked in a write");
+        }
+    });
+    let first = {
+        let shared = shared.clone();
+        std::thread::spawn(move || shared.lock().merge("a", "b"))
+    };
+    assert!(first.join().is_err(), "the merge's commit did not panic");
+    storage.unset();
+    let r = shared.lock().merge("a", "b");
+    let on_disk = open_bytes(storage.inner.to_vec())
+        .load("b")
+        .unwrap()
+        .is_dirty(3 * G);
+    assert!(
+        matches!(r, Err(Error::Poisoned)) || (r.is_ok() && on_disk),
+        "the retried merge: {r:?}, b on disk dirty at the mark: {on_disk}"
+    );
+}
+
+/// A flush of a deferred store that unwinds in a write (the flush thread of a
+/// `FlushPolicy`, or any caller on the shared lock): the next stop must not clear `in_use`
+/// over a bitmap that lacks the marks the unwound flush took.
+#[test]
+fn a_stop_after_a_flush_that_panicked_never_leaves_a_consistent_bitmap_without_its_marks() {
+    let storage = Arc::new(Hooked::new(MemStorage::new()));
+    let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let shared = SharedStore::new(s);
+    shared.lock().tracker().unwrap().mark(3 * G, 4096);
+    let mut armed = true;
+    storage.set(move |at| {
+        if at.is_some() && std::mem::take(&mut armed) {
+            panic!("the storage panicked in a write");
+        }
+    });
+    let flusher = {
+        let shared = shared.clone();
+        std::thread::spawn(move || shared.lock().flush())
+    };
+    assert!(flusher.join().is_err(), "the flush did not panic");
+    storage.unset();
+    let r = shared.lock().inactivate();
+    let s = open_bytes(storage.inner.to_vec());
+    let a = s.list().into_iter().find(|i| i.name == "a").unwrap();
+    assert!(
+        a.in_use || s.load("a").unwrap().is_dirty(3 * G),
+        "the stop after the panicked flush ({r:?}) left a consistent bitmap without the mark"
+    );
+}
+
+/// A whole rewrite at the stop that unwinds in a read (which poisons nothing: a read
+/// changes no disk) after it took a bitmap's change map: the stop after it must not clear
+/// `in_use` over a bitmap without its marks. Every read of the rewrite in turn.
+#[test]
+fn a_stop_after_a_full_rewrite_that_panicked_in_a_read_never_leaves_a_consistent_bitmap_without_its_marks(
+) {
+    for k in 1.. {
+        let storage = Arc::new(Hooked::new(MemStorage::new()));
+        let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+        s.add("a", G, Recording::Enabled).unwrap();
+        s.add("b", G, Recording::Enabled).unwrap();
+        s.activate().unwrap();
+        let shared = SharedStore::new(s);
+        shared.lock().tracker().unwrap().mark(3 * G, 4096);
+        let mut n = 0;
+        storage.set_reads(move |_| {
+            n += 1;
+            if n == k {
+                panic!("the storage panicked in read {k}");
+            }
+        });
+        let rewrite = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.lock().inactivate_full_rewrite()).join()
+        };
+        storage.unset_reads();
+        if let Ok(r) = rewrite {
+            // Fewer than k reads: every read has had its turn.
+            r.unwrap();
+            assert!(k > 2, "the rewrite read {} times", k - 1);
+            break;
+        }
+        let r = shared.lock().inactivate();
+        let s = open_bytes(storage.inner.to_vec());
+        for info in s.list() {
+            assert!(
+                info.in_use || s.load(&info.name).unwrap().is_dirty(3 * G),
+                "read {k}: the stop after the panicked rewrite ({r:?}) left {:?} consistent \
+                 without the mark",
+                info.name
+            );
+        }
+    }
+}
+
+/// The same unwind in the flush thread of a durable store: an intent polled afterwards
+/// hears that the store is poisoned (its granule's region was taken by the unwound commit;
+/// without that, no later commit writes it and the intent waits for good).
+#[test]
+fn a_polled_intent_hears_that_the_background_flusher_panicked() {
+    use dirty_bitmap::FlushPolicy;
+    use std::time::Instant;
+    let storage = Arc::new(Hooked::new(MemStorage::new()));
+    let shared = durable_store(Arc::clone(&storage));
+    let t = shared.durable_tracker().unwrap();
+    let intent = t.intent(9 * G, 4096).unwrap();
+    let mut armed = true;
+    storage.set(move |at| {
+        if at.is_some() && std::mem::take(&mut armed) {
+            panic!("the storage panicked in a write");
+        }
+    });
+    let flusher = FlushPolicy::every(Duration::from_millis(5))
+        .spawn(shared.clone())
+        .unwrap();
+    // A bound on a hang, not a speed: the flusher's first commit comes within 5 ms.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while flusher.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!flusher.is_running(), "the flusher stopped on its panic");
+    storage.unset();
+    let r = loop {
+        match intent.poll() {
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            r => break r,
+        }
+    };
+    assert!(matches!(r, Err(Error::Poisoned)), "{r:?}");
+    assert!(flusher.stop().is_err());
 }
 
 /// The same hazard across a hand-over: a destination on this host activates the image

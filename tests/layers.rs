@@ -426,3 +426,22 @@ fn the_reader_understands_use_trees_and_comments() {
         Some(vec!["a".to_string()])
     );
 }
+
+/// `docs/DESIGN.md` says how many loom models `tests/loom.rs` holds (its "Testing" list):
+/// the count stays true when a model is added or removed.
+#[test]
+fn the_design_counts_the_loom_models() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let loom = std::fs::read_to_string(root.join("tests/loom.rs")).unwrap();
+    let models = code_only(&loom).matches("#[test]").count();
+    let design = std::fs::read_to_string(root.join("docs/DESIGN.md")).unwrap();
+    let said = design
+        .split_once(" models with the consumers'")
+        .and_then(|(before, _)| before.rsplit_once('('))
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+        .expect("docs/DESIGN.md names the loom models' count as \"(N models with the consumers'\"");
+    assert_eq!(
+        said, models,
+        "docs/DESIGN.md counts {said} loom models; tests/loom.rs has {models}"
+    );
+}

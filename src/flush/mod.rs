@@ -402,11 +402,42 @@ pub(crate) fn flush<S: Storage>(
         .zip(&taken)
         .map(|(t, r)| rewrites_whole(r.len(), t.bitmap.region_count(), rewrite_threshold))
         .collect();
-    let r = write_taken(image, targets, &taken, sync, false, &whole).map(|mut stats| {
+    // The unwind's hand-back cannot borrow `targets` beside the write.
+    let bitmaps: Vec<Arc<DirtyBitmap>> = targets.iter().map(|t| Arc::clone(&t.bitmap)).collect();
+    let r = handing_back_on_unwind(
+        || write_taken(image, targets, &taken, sync, false, &whole),
+        || {
+            for (b, regions) in bitmaps.iter().zip(&taken) {
+                b.requeue_changed(regions);
+            }
+        },
+    )
+    .map(|mut stats| {
         stats.regions = taken.iter().map(ChangedRegions::len).sum();
         stats
     });
     finish(image, targets, &taken, r, (start, syncs0, sync_time0)).map(|s| (s, taken))
+}
+
+/// Runs `f`; should it unwind (a `Storage` that panicked), runs `hand_back` first, which
+/// gives the regions `f`'s caller took from its change maps back to their bitmaps. An
+/// error hands them back too ([`finish`]); an unwind would skip that, and a region taken,
+/// not written and not in its change map is one no later flush writes: a stop would clear
+/// `in_use` over a bitmap without its marks, a durable commit would never confirm its
+/// intents, and a retried merge would find its bits set and commit nothing. (The image
+/// poisons itself on an unwind through a write, so nothing is written afterwards.)
+pub(crate) fn handing_back_on_unwind<T>(f: impl FnOnce() -> T, hand_back: impl FnOnce()) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        hand_back();
+        std::panic::resume_unwind(panic)
+    })
+}
+
+/// Hands every region of `taken` back to its target's bitmap.
+fn requeue(targets: &[Target], taken: &[ChangedRegions]) {
+    for (t, regions) in targets.iter().zip(taken) {
+        t.bitmap.requeue_changed(regions);
+    }
 }
 
 /// Fewer changed regions than this are always written alone, whatever the fraction: a
@@ -443,9 +474,7 @@ fn finish<S: Storage>(
             Ok(stats)
         }
         Err(e) => {
-            for (t, regions) in targets.iter().zip(taken) {
-                t.bitmap.requeue_changed(regions);
-            }
+            requeue(targets, taken);
             Err(e)
         }
     }
@@ -515,7 +544,7 @@ pub(crate) fn commit_in_place<S: Storage>(
     let sync_time0 = image.sync_time();
     let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
     let mut written: Vec<(usize, u64, Vec<u8>)> = Vec::new();
-    let r = (|| -> Result<FlushStats> {
+    let write = || -> Result<FlushStats> {
         let cs = image.cluster_size();
         let mut writes = Vec::new();
         for (ti, (t, regions)) in targets.iter().zip(&taken).enumerate() {
@@ -545,7 +574,8 @@ pub(crate) fn commit_in_place<S: Storage>(
         }
         stats.regions = taken.iter().map(ChangedRegions::len).sum();
         Ok(stats)
-    })();
+    };
+    let r = handing_back_on_unwind(write, || requeue(targets, &taken));
     if r.is_ok() {
         // After the barrier: these bytes are on disk.
         for (ti, r, bytes) in &written {

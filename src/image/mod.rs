@@ -480,10 +480,19 @@ impl<S: Storage> Image<S> {
     }
 
     /// Runs `f`, poisoning the image if it fails: after a failed write the in-memory
-    /// refcounts may disagree with the disk, so every later write is refused.
+    /// refcounts may disagree with the disk, so every later write is refused. An unwind out
+    /// of `f` (a `Storage` that panicked) poisons it too, before it goes on: the caller's
+    /// lock may outlive the panic (`parking_lot`'s does not poison), and a write that
+    /// unwound is as doubtful as one that failed.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.ensure_writable()?;
-        let r = self.clear_unknown_autoclear().and_then(|()| f(self));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.clear_unknown_autoclear().and_then(|()| f(self))
+        }));
+        let r = r.unwrap_or_else(|panic| {
+            self.poisoned = true;
+            std::panic::resume_unwind(panic)
+        });
         if r.is_err() {
             self.poisoned = true;
         }

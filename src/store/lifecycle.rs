@@ -718,14 +718,20 @@ impl<S: Storage> BitmapStore<S> {
         let mut frees = Vec::new();
         let mems: Vec<Option<Arc<DirtyBitmap>>> =
             self.slots.iter().map(|s| s.mem.clone()).collect();
-        let mut taken = Vec::new();
-        let r = (|| {
+        // What the rewrite took from the change maps; `write` fills it, and every region in
+        // it goes back on an error or an unwind.
+        let taken = std::cell::RefCell::new(Vec::<(Arc<DirtyBitmap>, ChangedRegions)>::new());
+        let hand_back = || {
+            for (m, t) in taken.borrow().iter() {
+                m.requeue_changed(t);
+            }
+        };
+        let write = || {
             for (i, m) in mems.iter().enumerate() {
                 let Some(m) = m else { continue };
                 frees.extend(self.owned_clusters(&self.slots[i].entry)?);
-                // The whole bitmap is written, so the change map restarts empty; handed
-                // back below if anything fails.
-                taken.push((Arc::clone(m), m.take_changed()));
+                // The whole bitmap is written, so the change map restarts empty.
+                taken.borrow_mut().push((Arc::clone(m), m.take_changed()));
                 let table = self.write_bitmap(m, stats)?;
                 entries[i].table_offset = table;
                 entries[i].in_use = false;
@@ -736,11 +742,10 @@ impl<S: Storage> BitmapStore<S> {
                 self.commit(entries, frees)?;
             }
             Ok(())
-        })();
+        };
+        let r = flush::handing_back_on_unwind(write, hand_back);
         if r.is_err() {
-            for (m, t) in &taken {
-                m.requeue_changed(t);
-            }
+            hand_back();
         }
         r
     }
