@@ -519,3 +519,105 @@ fn a_refused_clear_or_disable_leaves_the_kept_copy_as_it_was() {
         "the refused clear emptied the kept copy"
     );
 }
+
+/// A clear of an inactive store whose bitmaps an incremental inactivate parked: the parked
+/// copy holds a mark made since, which the disk lacks. A clear that fails at any read or
+/// write must leave that mark in the copy (the next activation resumes it), or the write
+/// is in no bitmap.
+#[test]
+fn a_failed_clear_keeps_the_marks_a_parked_copy_holds() {
+    for fail_writes in [false, true] {
+        for k in 1.. {
+            let mut s = BitmapStore::create(
+                FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+                DISK,
+                CS,
+            )
+            .unwrap();
+            s.add("b", 512, Recording::Enabled).unwrap();
+            s.activate().unwrap();
+            let t = s.tracker().unwrap();
+            s.inactivate().unwrap();
+            let kept = t.bitmaps()[0].clone();
+            t.mark(4 * MIB, 4096);
+            {
+                let f = s.image().storage();
+                f.set_plan(if fail_writes {
+                    FaultPlan::new().fail_write(Trigger::Nth(f.writes() + k), Landed::Nothing)
+                } else {
+                    FaultPlan::new().fail_read(Trigger::Nth(f.reads() + k))
+                });
+            }
+            if s.clear("b").is_ok() {
+                assert!(k > 1, "the clear neither read nor wrote");
+                assert!(
+                    !kept.is_dirty(4 * MIB),
+                    "the clear left the parked copy's mark"
+                );
+                break;
+            }
+            assert!(
+                kept.is_dirty(4 * MIB),
+                "a clear that failed at {} {k} emptied the parked copy",
+                if fail_writes { "write" } else { "read" }
+            );
+        }
+    }
+}
+
+/// A resize at QEMU's 64 KiB clusters (the bitmaps extension past the first sector, so
+/// the header writes are bracketed by autoclear bit 0) that fails where ordinary errors
+/// come, before its header writes (the file cannot grow; any of its reads fails), leaves
+/// the old image with every bitmap trusted and its bits: only leaked clusters.
+#[test]
+fn a_resize_that_cannot_grow_the_file_leaves_every_bitmap_trusted() {
+    const BIG: u64 = 64 * 1024;
+    // Plan 0 fails every growth; plan k > 0 fails the k-th read of the resize.
+    for plan in 0.. {
+        let mut s = BitmapStore::create(
+            FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+            DISK,
+            BIG,
+        )
+        .unwrap();
+        for name in ["a", "b"] {
+            s.add(name, 65536, Recording::Enabled).unwrap();
+            let bm = dirty_bitmap::DirtyBitmap::new(DISK, 65536).unwrap();
+            bm.mark_dirty(5 * MIB, 1);
+            s.store(name, &bm).unwrap();
+        }
+        let before = s.image().storage().inner().to_vec();
+        {
+            let f = s.image().storage();
+            f.set_plan(if plan == 0 {
+                FaultPlan::new().fail_grow(Trigger::From(1))
+            } else {
+                FaultPlan::new().fail_read(Trigger::Nth(f.reads() + plan))
+            });
+        }
+        if s.resize(2 * DISK).is_ok() {
+            assert!(plan > 2, "the resize read {} times", plan - 1);
+            break;
+        }
+        let after = s.image().storage().inner().to_vec();
+        assert!(
+            after[..BIG as usize] == before[..BIG as usize],
+            "plan {plan}: cluster 0 changed"
+        );
+        let s = BitmapStore::open(MemStorage::from_bytes(after), OpenMode::ReadOnly).unwrap();
+        for info in s.list() {
+            assert_eq!(
+                info.state,
+                BitmapState::Consistent,
+                "plan {plan}: {:?} is no longer trusted",
+                info.name
+            );
+            let bm = s.load(&info.name).unwrap();
+            assert!(
+                bm.is_dirty(5 * MIB) && bm.count() == 1,
+                "plan {plan}: {:?}",
+                info.name
+            );
+        }
+    }
+}

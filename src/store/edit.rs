@@ -707,11 +707,15 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(());
         }
         self.preflight()?;
+        let empty = self.new_bitmap(1u64 << self.slots[i].entry.granularity_bits)?;
+        self.rewrite(i, &empty, false)?;
+        // A parked copy (after an incremental inactivate) may hold marks made since that
+        // the disk lacks: it is cleared only once the disk is, so a failed clear loses none
+        // (a mark racing the call is ordered before it, as on an active store).
         if let Some(p) = &self.slots[i].parked {
             p.clear(0, self.disk_size());
         }
-        let empty = self.new_bitmap(1u64 << self.slots[i].entry.granularity_bits)?;
-        self.rewrite(i, &empty, false)
+        Ok(())
     }
 
     /// Sets the `auto` flag (QEMU's enabled). Active: in memory, written at inactivation;

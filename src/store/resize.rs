@@ -72,7 +72,11 @@ impl<S: Storage> BitmapStore<S> {
     ///   file, or a backing file and the disk would grow (the grown area would show the
     ///   backing file's data, which QEMU zero-fills). Nothing is written.
     /// - [`Error::ReadOnly`], [`Error::Poisoned`], [`Error::Corrupt`] for a bad table, I/O.
-    ///   An I/O error poisons the store; the disk then holds the old or the new image.
+    ///   An I/O error poisons the store; the disk then holds the old or the new image, or
+    ///   (a failure inside the header writes at clusters above 4 KiB, see
+    ///   docs/CRASH-CONSISTENCY.md) every bitmap untrusted, never one loaded wrong. A
+    ///   failure before them (the file cannot grow, a read fails) leaves the old image with
+    ///   its bitmaps trusted.
     pub fn resize(&mut self, new_disk_size: u64) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.resize_reclaimed(new_disk_size))
@@ -169,20 +173,9 @@ impl<S: Storage> BitmapStore<S> {
         new_l1: Option<(u32, u64)>,
     ) -> Result<()> {
         let cs = self.image.cluster_size();
-        // The header write below changes the size and L1 fields (first sector) and the
-        // bitmaps extension. If the extension lies past the first sector (after QEMU's
-        // feature-name table, for clusters above 4 KiB), a torn write could pair the new
-        // size with the old directory, or the reverse, and a table of the same length would
-        // then load bits cut at the wrong size as consistent. So autoclear bit 0 is cleared
-        // durably first (only the first sector changes), the commit keeps it clear, and a
-        // last header write sets it (again only the first sector): a crash in between
-        // leaves every bitmap untrusted, never falsely clean.
-        let bracket = !entries.is_empty()
-            && bitmaps_extension_end(&self.image.area().encode()?) > SECTOR_SIZE;
-        if bracket {
-            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-            self.image.write_header()?;
-        }
+        // First what only leaks until the commit names it: each bitmap's new table and
+        // data, and the new L1 table, in fresh clusters. A failure here (a full disk when
+        // the file grows, a read error) leaves the image as it was, its bitmaps trusted.
         let mut frees = Vec::new();
         for (i, e) in entries.iter_mut().enumerate() {
             let old = self.slots[i].entry.clone();
@@ -201,12 +194,32 @@ impl<S: Storage> BitmapStore<S> {
             drop(loaded);
             e.table_offset = self.write_bitmap(&resized, &mut FlushStats::default())?;
         }
-        if let Some((l1_size, l1_len)) = new_l1 {
+        let moved_l1 = match new_l1 {
+            Some((l1_size, l1_len)) => {
+                let n = ceil_clusters(l1_len, cs);
+                let off = self.image.alloc_clusters(n)?;
+                // The old table is all zeros (checked), so the new one is too.
+                self.image.write_at(&vec![0u8; (n * cs) as usize], off)?;
+                Some((off, l1_size))
+            }
+            None => None,
+        };
+        // The commit's header write changes the size and L1 fields (first sector) and the
+        // bitmaps extension. If the extension lies past the first sector (after QEMU's
+        // feature-name table, for clusters above 4 KiB), a torn write could pair the new
+        // size with the old directory, or the reverse, and a table of the same length would
+        // then load bits cut at the wrong size as consistent. So autoclear bit 0 is cleared
+        // durably first (the header as it is on disk, only the first sector changes), the
+        // commit keeps it clear, and a last header write sets it (again only the first
+        // sector): a crash in between leaves every bitmap untrusted, never falsely clean.
+        let bracket = !entries.is_empty()
+            && bitmaps_extension_end(&self.image.area().encode()?) > SECTOR_SIZE;
+        if bracket {
+            self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.image.write_header()?;
+        }
+        if let Some((off, l1_size)) = moved_l1 {
             let old = self.image.header().clone();
-            let n = ceil_clusters(l1_len, cs);
-            let off = self.image.alloc_clusters(n)?;
-            // The old table is all zeros (checked), so the new one is too.
-            self.image.write_at(&vec![0u8; (n * cs) as usize], off)?;
             self.image.move_l1(off, l1_size);
             frees.push((
                 old.l1_table_offset,
