@@ -555,6 +555,30 @@ pub fn decode_directory(
     nb_bitmaps: u32,
     geometry: &ImageGeometry,
 ) -> Result<Vec<DirEntry>, Corruption> {
+    decode_entries(bytes, nb_bitmaps, geometry, false)
+}
+
+/// [`decode_directory`] with QEMU's rule for a repeated name: a later entry of a name is
+/// accepted when it is `in_use` (`qcow2_load_dirty_bitmaps` skips it, and opens the image);
+/// one that is not is refused, as QEMU fails ("Bitmap already exists"). For a check that
+/// judges an image as `qemu-img check` does; the store refuses every repeated name.
+///
+/// # Errors
+/// As [`decode_directory`].
+pub fn decode_directory_as_qemu_opens(
+    bytes: &[u8],
+    nb_bitmaps: u32,
+    geometry: &ImageGeometry,
+) -> Result<Vec<DirEntry>, Corruption> {
+    decode_entries(bytes, nb_bitmaps, geometry, true)
+}
+
+fn decode_entries(
+    bytes: &[u8],
+    nb_bitmaps: u32,
+    geometry: &ImageGeometry,
+    in_use_repeats: bool,
+) -> Result<Vec<DirEntry>, Corruption> {
     let mut entries: Vec<DirEntry> = Vec::new();
     let mut names = HashSet::new();
     let framing = walk_directory(bytes, nb_bitmaps, |index, offset, raw| {
@@ -565,7 +589,8 @@ pub fn decode_directory(
         };
         let entry = DirEntry::from_raw(&raw, geometry).map_err(bad)?;
         // Names QEMU reads alike (up to their first NUL) collide in QEMU's load.
-        if !names.insert(entry.name.qemu_name().to_vec()) {
+        let repeated = !names.insert(entry.name.qemu_name().to_vec());
+        if repeated && !(in_use_repeats && entry.in_use) {
             return Err(bad(EntryProblem::DuplicateName {
                 name: entry.name.to_string(),
             }));
@@ -1093,6 +1118,23 @@ mod tests {
                 reason: EntryProblem::DuplicateName { name: "b0".into() }
             })
         );
+    }
+
+    /// QEMU opens a directory whose later entry of a name is `in_use` (it skips that entry),
+    /// and refuses one where it is not: the check's decoding follows it.
+    #[test]
+    fn a_repeated_name_that_is_in_use_decodes_as_qemu_opens_it() {
+        let mut e2 = b0();
+        e2.table_offset = 0x0C0000;
+        e2.in_use = false;
+        let plain = dir_of(&[raw(&b0()), raw(&e2)]);
+        e2.in_use = true;
+        let in_use = dir_of(&[raw(&b0()), raw(&e2)]);
+        assert!(decode_directory(&in_use, 2, &geometry()).is_err());
+        assert!(decode_directory_as_qemu_opens(&plain, 2, &geometry()).is_err());
+        let entries = decode_directory_as_qemu_opens(&in_use, 2, &geometry()).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries[1].in_use && entries[1].name == entries[0].name);
     }
 
     /// QEMU reads a name up to its first NUL, so `b0\0x` beside `b0` is a second `b0` to

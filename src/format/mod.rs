@@ -58,7 +58,7 @@ pub use corruption::{
     Corruption, EntryProblem, InvalidValue, RefcountEntryProblem, TableEntryProblem,
 };
 pub use directory::{
-    decode_directory, encode_directory, table_size, triage_directory, BitmapName, DirEntry,
+    decode_directory, decode_directory_as_qemu_opens, encode_directory, table_size, triage_directory, BitmapName, DirEntry,
     RawDirEntry, Triage, TriagedEntry, DIR_ENTRY_FIXED_LEN,
 };
 pub use extension::{

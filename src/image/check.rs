@@ -29,7 +29,7 @@ use crate::format::refcount::{
     decode_reftable_entry, entries_per_block, get_refcount, REFTABLE_OFFSET_MASK,
     REFTABLE_RESERVED_MASK,
 };
-use crate::format::{decode_directory, DirEntry, HeaderArea, TableEntry};
+use crate::format::{decode_directory_as_qemu_opens, DirEntry, HeaderArea, TableEntry};
 use crate::storage::{Storage, StorageExt};
 
 /// L1 and L2 entries: bits 9-55 hold the offset.
@@ -590,7 +590,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 return Ok(());
             }
         };
-        let entries = match decode_directory(&dir, ext.nb_bitmaps, &geo) {
+        let entries = match decode_directory_as_qemu_opens(&dir, ext.nb_bitmaps, &geo) {
             Ok(e) => e,
             Err(e) => {
                 self.report
