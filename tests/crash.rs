@@ -508,7 +508,7 @@ fn classify(run: &Run) -> Vec<Landmarks> {
             if is_commit(sp.kind) {
                 // One header write, the commit point; a resize whose bitmaps extension lies
                 // past the first sector brackets it with two more (autoclear bit 0 cleared
-                // after the new clusters' data and before their refcounts, set last). The first add at 64 KiB clusters (the extension's data in
+                // after the new clusters and their refcounts are written, set last). The first add at 64 KiB clusters (the extension's data in
                 // the second sector) writes the new cluster 0 with bit 0 clear, the commit
                 // point, then the same bytes with bit 0 set (`Image::put_header`). Before the
                 // commit, the new clusters' refcounts (if any were allocated); after it, only
@@ -517,8 +517,8 @@ fn classify(run: &Run) -> Vec<Landmarks> {
                     1 => headers[0],
                     3 if sp.kind == Kind::Resize => {
                         assert!(
-                            refc.is_none_or(|r| headers[0] < r),
-                            "{sp:?}: the bracket opens after a refcount write"
+                            refc.is_none_or(|r| r < headers[0]),
+                            "{sp:?}: the bracket opens before the refcounts are written"
                         );
                         headers[1]
                     }

@@ -635,57 +635,61 @@ fn a_failed_clear_keeps_the_marks_a_parked_copy_holds() {
 
 /// A resize at QEMU's 64 KiB clusters (the bitmaps extension past the first sector, so
 /// the header writes are bracketed by autoclear bit 0) that fails where ordinary errors
-/// come, before its header writes (the file cannot grow; any of its reads fails), leaves
-/// the old image with every bitmap trusted and its bits: only leaked clusters.
+/// come, before its header writes (the file cannot grow, at any of its growths; any of its
+/// reads fails), leaves the old image with every bitmap trusted and its bits: only leaked
+/// clusters.
 #[test]
 fn a_resize_that_cannot_grow_the_file_leaves_every_bitmap_trusted() {
     const BIG: u64 = 64 * 1024;
-    // Plan 0 fails every growth; plan k > 0 fails the k-th read of the resize.
-    for plan in 0.. {
-        let mut s = BitmapStore::create(
-            FaultStorage::new(MemStorage::new(), FaultPlan::new()),
-            DISK,
-            BIG,
-        )
-        .unwrap();
-        for name in ["a", "b"] {
-            s.add(name, 65536, Recording::Enabled).unwrap();
-            let bm = dirty_bitmap::DirtyBitmap::new(DISK, 65536).unwrap();
-            bm.mark_dirty(5 * MIB, 1);
-            s.store(name, &bm).unwrap();
-        }
-        let before = s.image().storage().inner().to_vec();
-        {
-            let f = s.image().storage();
-            f.set_plan(if plan == 0 {
-                FaultPlan::new().fail_grow(Trigger::From(1))
-            } else {
-                FaultPlan::new().fail_read(Trigger::Nth(f.reads() + plan))
-            });
-        }
-        if s.resize(2 * DISK).is_ok() {
-            assert!(plan > 2, "the resize read {} times", plan - 1);
-            break;
-        }
-        let after = s.image().storage().inner().to_vec();
-        assert!(
-            after[..BIG as usize] == before[..BIG as usize],
-            "plan {plan}: cluster 0 changed"
-        );
-        let s = BitmapStore::open(MemStorage::from_bytes(after), OpenMode::ReadOnly).unwrap();
-        for info in s.list() {
-            assert_eq!(
-                info.state,
-                BitmapState::Consistent,
-                "plan {plan}: {:?} is no longer trusted",
-                info.name
-            );
-            let bm = s.load(&info.name).unwrap();
+    for fail_reads in [false, true] {
+        for k in 1.. {
+            let mut s = BitmapStore::create(
+                FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+                DISK,
+                BIG,
+            )
+            .unwrap();
+            for name in ["a", "b"] {
+                s.add(name, 65536, Recording::Enabled).unwrap();
+                let bm = dirty_bitmap::DirtyBitmap::new(DISK, 65536).unwrap();
+                bm.mark_dirty(5 * MIB, 1);
+                s.store(name, &bm).unwrap();
+            }
+            let before = s.image().storage().inner().to_vec();
+            {
+                let f = s.image().storage();
+                f.set_plan(if fail_reads {
+                    FaultPlan::new().fail_read(Trigger::Nth(f.reads() + k))
+                } else {
+                    FaultPlan::new().fail_grow(Trigger::Nth(f.grows() + k))
+                });
+            }
+            let what = if fail_reads { "read" } else { "growth" };
+            // Growing the disk 64 times grows its L1 table, so that moves too.
+            if s.resize(64 * DISK).is_ok() {
+                assert!(k > 2, "the resize had {} {what}s", k - 1);
+                break;
+            }
+            let after = s.image().storage().inner().to_vec();
             assert!(
-                bm.is_dirty(5 * MIB) && bm.count() == 1,
-                "plan {plan}: {:?}",
-                info.name
+                after[..BIG as usize] == before[..BIG as usize],
+                "{what} {k}: cluster 0 changed"
             );
+            let s = BitmapStore::open(MemStorage::from_bytes(after), OpenMode::ReadOnly).unwrap();
+            for info in s.list() {
+                assert_eq!(
+                    info.state,
+                    BitmapState::Consistent,
+                    "{what} {k}: {:?} is no longer trusted",
+                    info.name
+                );
+                let bm = s.load(&info.name).unwrap();
+                assert!(
+                    bm.is_dirty(5 * MIB) && bm.count() == 1,
+                    "{what} {k}: {:?}",
+                    info.name
+                );
+            }
         }
     }
 }

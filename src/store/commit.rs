@@ -17,7 +17,9 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{internal, Corruption, Result};
 use crate::flush::FlushStats;
 use crate::format::header::AUTOCLEAR_BITMAPS;
-use crate::format::{encode_directory, encode_table, BitmapsExtension, DirEntry, TableEntry};
+use crate::format::{
+    encode_directory, encode_table, BitmapsExtension, DirEntry, ImageGeometry, TableEntry,
+};
 use crate::storage::Storage;
 
 /// Most bytes of an all-ones table [`BitmapStore::write_all_ones_table`] writes at once.
@@ -237,17 +239,30 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// [`commit`](Self::commit), with autoclear bit 0 left clear in the header write when
-    /// `trusted` is false: the caller cleared it durably before and sets it afterwards
-    /// (`resize`, whose header write may tear between the sector holding the size and the
-    /// one holding the bitmaps extension).
+    /// `trusted` is false: the caller cleared it durably before and sets it afterwards.
     pub(super) fn commit_as(
         &mut self,
         entries: Vec<DirEntry>,
-        mut frees: Vec<(u64, u64)>,
+        frees: Vec<(u64, u64)>,
         trusted: bool,
     ) -> Result<()> {
-        self.log_whole();
         let geo = self.geometry()?;
+        let prepared = self.prepare_commit(entries, frees, &geo)?;
+        self.finish_commit(prepared, trusted)
+    }
+
+    /// Steps 1 and 2 of [`commit`](Self::commit), everything before the header write: the
+    /// new directory (its table sizes checked against `geo`) written into fresh clusters,
+    /// the clusters to free after the commit point decided, refcounts flushed. A failure
+    /// here leaves the image as it was, plus leaked clusters. `resize` runs it before it
+    /// clears autoclear bit 0, so that a full disk or a read error never untrusts a bitmap.
+    pub(super) fn prepare_commit(
+        &mut self,
+        entries: Vec<DirEntry>,
+        mut frees: Vec<(u64, u64)>,
+        geo: &ImageGeometry,
+    ) -> Result<PreparedCommit> {
+        self.log_whole();
         let cs = geo.cluster_size();
         if let Some((off, size)) = self.dir {
             frees.push((off, ceil_clusters(size, cs)));
@@ -259,7 +274,7 @@ impl<S: Storage> BitmapStore<S> {
         let new_dir = if entries.is_empty() {
             None
         } else {
-            let bytes = encode_directory(&entries, &geo)?;
+            let bytes = encode_directory(&entries, geo)?;
             let off = self
                 .image
                 .alloc_clusters(ceil_clusters(bytes.len() as u64, cs))?;
@@ -267,6 +282,22 @@ impl<S: Storage> BitmapStore<S> {
             Some((off, bytes.len() as u64))
         };
         self.image.flush_refcounts()?;
+        Ok(PreparedCommit {
+            entries,
+            new_dir,
+            frees,
+        })
+    }
+
+    /// Steps 3 and 4 of [`commit`](Self::commit) after
+    /// [`prepare_commit`](Self::prepare_commit): the header write (the commit point), then
+    /// the frees.
+    pub(super) fn finish_commit(&mut self, prepared: PreparedCommit, trusted: bool) -> Result<()> {
+        let PreparedCommit {
+            entries,
+            new_dir,
+            frees,
+        } = prepared;
         let area = self.image.area_mut();
         match new_dir {
             Some((off, size)) => {
@@ -417,4 +448,20 @@ pub(super) fn flags_only_change(
         at = end;
     }
     true
+}
+
+/// A directory commit between [`BitmapStore::prepare_commit`] and
+/// [`BitmapStore::finish_commit`]: the new directory on disk and counted, nothing named yet.
+#[derive(Debug)]
+pub(super) struct PreparedCommit {
+    entries: Vec<DirEntry>,
+    new_dir: Option<(u64, u64)>,
+    frees: Vec<u64>,
+}
+
+impl PreparedCommit {
+    /// Whether the commit names any bitmap (a directory), or removes the extension.
+    pub(super) fn names_bitmaps(&self) -> bool {
+        self.new_dir.is_some()
+    }
 }

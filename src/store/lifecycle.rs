@@ -501,8 +501,18 @@ impl<S: Storage> BitmapStore<S> {
         let syncs0 = self.image.sync_count();
         let sync_time0 = self.image.sync_time();
         self.claim = Claim::Nothing;
+        // A stop that unwinds (a `Storage` that panicked) ends as a failed one before the
+        // panic goes on: "doubt" said again, the store poisoned, the seal lifted unless the
+        // marks must stay held. Otherwise the seal would outlive it, every later stop
+        // refused on the poisoned image before it reaches `sealed`, and the marking threads
+        // would wait for good.
+        let mut unwound = None;
         let r = self.sealed(|s| {
-            let r = stop(s);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stop(s)))
+                .unwrap_or_else(|panic| {
+                    unwound = Some(panic);
+                    Err(Error::Poisoned)
+                });
             if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
                 // Still sealed: no mark has returned since the last serialize, so whatever
                 // the disk says is true until the seal is lifted.
@@ -513,6 +523,9 @@ impl<S: Storage> BitmapStore<S> {
         if matches!(r, Err(ref e) if !matches!(e, Error::MarksDuringInactivate)) {
             self.poisoned = true;
             self.forget_tables();
+        }
+        if let Some(panic) = unwound {
+            std::panic::resume_unwind(panic);
         }
         let mut stats = r?;
         if !self.active {
@@ -619,7 +632,8 @@ impl<S: Storage> BitmapStore<S> {
     /// is on disk. So no mark returns, and no guest write it guards goes ahead, between the
     /// last serialize and the durable "clean"; the waiting marks then land in the parked
     /// bitmaps (or, if the inactivation failed, in the still active ones). Unsealed on every
-    /// path.
+    /// path but an unwind of `f` (which [`stop_with`](Self::stop_with) turns into a failure)
+    /// and [`marks_held`](Self::marks_held).
     fn sealed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
         DirtyBitmap::seal_all(&mems.iter().map(|m| &**m).collect::<Vec<_>>());

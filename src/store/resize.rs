@@ -200,10 +200,20 @@ impl<S: Storage> BitmapStore<S> {
                 let off = self.image.alloc_clusters(n)?;
                 // The old table is all zeros (checked), so the new one is too.
                 self.image.write_at(&vec![0u8; (n * cs) as usize], off)?;
+                let old = self.image.header();
+                frees.push((
+                    old.l1_table_offset,
+                    ceil_clusters(u64::from(old.l1_size) * 8, cs),
+                ));
                 Some((off, l1_size))
             }
             None => None,
         };
+        // The new directory too (its table sizes checked against the new size), and every
+        // refcount flushed: from here on nothing is allocated or read.
+        let mut grown = self.image.header().clone();
+        grown.size = new_disk_size;
+        let prepared = self.prepare_commit(entries, frees, &grown.geometry()?)?;
         // The commit's header write changes the size and L1 fields (first sector) and the
         // bitmaps extension. If the extension lies past the first sector (after QEMU's
         // feature-name table, for clusters above 4 KiB), a torn write could pair the new
@@ -212,24 +222,19 @@ impl<S: Storage> BitmapStore<S> {
         // durably first (the header as it is on disk, only the first sector changes), the
         // commit keeps it clear, and a last header write sets it (again only the first
         // sector): a crash in between leaves every bitmap untrusted, never falsely clean.
-        let bracket = !entries.is_empty()
+        let bracket = prepared.names_bitmaps()
             && bitmaps_extension_end(&self.image.area().encode()?) > SECTOR_SIZE;
         if bracket {
             self.image.area_mut().header.autoclear_features &= !AUTOCLEAR_BITMAPS;
             self.image.write_header()?;
         }
         if let Some((off, l1_size)) = moved_l1 {
-            let old = self.image.header().clone();
             self.image.move_l1(off, l1_size);
-            frees.push((
-                old.l1_table_offset,
-                ceil_clusters(u64::from(old.l1_size) * 8, cs),
-            ));
         }
-        // The directory encoder checks every table size against this size, and the commit's
-        // header write makes it durable together with the new directory and L1 table.
+        // The commit's header write makes the size durable together with the new
+        // directory and L1 table.
         self.image.area_mut().header.size = new_disk_size;
-        self.commit_as(entries, frees, !bracket)?;
+        self.finish_commit(prepared, !bracket)?;
         if bracket {
             self.image.area_mut().header.autoclear_features |= AUTOCLEAR_BITMAPS;
             self.image.write_header()?;
