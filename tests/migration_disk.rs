@@ -1012,6 +1012,109 @@ fn over_tcp_the_destination_follows_the_write_log_and_its_start_reads_no_bitmap_
     }
 }
 
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Two hosts on shared storage whose page caches are not coherent, as two loop devices
+/// over one file are (a LUN two hosts see, without a cluster file system): the source on
+/// one, the destination on the other. The destination preloads at BEGIN, then reads again
+/// the regions each LOG names, and activates at the stop; every read must come from the
+/// device, not from what its host cached before the source wrote, or it starts (and, in
+/// durable mode, vouches for) a bitmap without the source's later marks. QEMU drops the
+/// file's cache at the activation for this (`raw_co_invalidate_cache`).
+#[test]
+fn a_destination_on_another_host_reads_the_source_writes_not_its_own_cache() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.qcow2");
+        {
+            let mut s =
+                BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap();
+            s.add("b", 65536, Recording::Enabled).unwrap();
+        }
+        // A block device does not grow: room for every cluster the run allocates.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let (src_dev, dest_dev) = (Loop::attach(&img), Loop::attach(&img));
+        // Another opener on the destination's host (the last close of a block device drops
+        // its cache, which would hide what this test looks for).
+        let _other_opener = std::fs::File::open(&dest_dev.0).unwrap();
+        let mut s = BitmapStore::open(
+            FileStorage::open(&src_dev.0, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        if durable {
+            s.activate_durable().unwrap();
+        } else {
+            s.activate().unwrap();
+        }
+        let store = SharedStore::new(s);
+        let mut r = rig(&store, 29);
+        let mut dest = SharedDiskDest::file("disk-bitmaps", dest_dev.0.clone());
+        if durable {
+            dest = dest.durable();
+        }
+        let dest = Arc::new(Mutex::new(dest));
+        let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
+        assert_eq!(o.kind, Kind::Completed);
+        // It followed the log from the device: at the stop the preloaded copy was current.
+        assert_eq!(
+            dest.lock().unwrap().activated_current(),
+            1,
+            "durable {durable}: the activate read the bitmap again"
+        );
+        let d = dest
+            .lock()
+            .unwrap()
+            .take_store()
+            .expect("the destination took over");
+        let b = d.load("b").unwrap();
+        let marks = r.guest.disk.marks();
+        assert!(marks.len() > 100, "the writer made {} marks", marks.len());
+        let missing = marks.iter().filter(|&&m| !b.is_dirty(m)).count();
+        assert_eq!(
+            missing,
+            0,
+            "durable {durable}: the destination started without {missing} of {} marks",
+            marks.len()
+        );
+        drop(d);
+        r.guest.disk.shutdown();
+        r.guest.vcpus.resume().unwrap();
+        r.guest.vcpus.shutdown();
+    }
+}
+
 #[test]
 fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_source_left_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -782,6 +782,62 @@ fn crash_storage_is_usable_through_the_trait_object() {
 // ---------------------------------------------------------------------------------------
 // model checks: random operation sequences against a plain vector
 
+/// Two loop devices over one file have page caches of their own, as two hosts on one LUN
+/// do: a read through one returns what it cached, not what the other wrote since, unless
+/// the handle reads the device (`FileStorage::reading_the_device`).
+#[test]
+fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
+    use dirty_bitmap::storage::Locking;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let attach = || {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .expect("losetup (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    };
+    struct Detach(Vec<PathBuf>);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::process::Command::new("losetup")
+                    .arg("-d")
+                    .arg(d)
+                    .status();
+            }
+        }
+    }
+    let devs = Detach(vec![attach(), attach()]);
+    let (a, b) = (&devs.0[0], &devs.0[1]);
+    let plain = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off).unwrap();
+    let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
+        .unwrap()
+        .reading_the_device();
+    let mut buf = [0u8; 4];
+    plain.read_exact_at(&mut buf, 8192).unwrap();
+    assert_eq!(buf, [0; 4]);
+    // The other host writes, and its barrier makes it durable.
+    let writer = std::fs::OpenOptions::new().write(true).open(a).unwrap();
+    writer.write_all_at(b"host", 8192).unwrap();
+    writer.sync_data().unwrap();
+    plain.read_exact_at(&mut buf, 8192).unwrap();
+    assert_eq!(
+        buf, [0; 4],
+        "the premise: this host's cache hides the write"
+    );
+    device.read_exact_at(&mut buf, 8192).unwrap();
+    assert_eq!(&buf, b"host", "a handle reading the device");
+}
+
 mod model {
     use super::*;
     use proptest::prelude::*;

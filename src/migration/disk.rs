@@ -636,7 +636,11 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
 impl SharedDiskDest<crate::storage::FileStorage> {
     /// The state named `name` over the image file at `path`, opened writable with QEMU's
     /// locks (which the source released when it inactivated), and preloaded at the Hello
-    /// through a read-only force-share open.
+    /// through a read-only force-share open. Both read the device, never this host's cache
+    /// ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device)):
+    /// the source writes the image from another host during precopy and at the stop, and
+    /// on storage whose caches are not coherent, pages this host cached at the preload
+    /// would hide those writes.
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
         let shared = path.clone();
@@ -646,11 +650,12 @@ impl SharedDiskDest<crate::storage::FileStorage> {
         let forgotten = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let preloaded = std::sync::Arc::clone(&forgotten);
         Self::new(name, move || {
-            // After the preload forgot the cache, nothing on this host wrote the image: the
-            // activation, inside the downtime, reads what the preload read from the cache
-            // (dropping it again here cost 4 to 8 ms of downtime). Without a preload, the
-            // open drops it as every writable open does.
-            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
+            // After the preload forgot the cache, nothing on this host wrote the image, and
+            // every read drops its own range first: the whole file's cache is not dropped
+            // again inside the downtime (that cost 4 to 8 ms). Without a preload, the open
+            // drops it as every writable open does.
+            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?
+                .reading_the_device();
             let f = if preloaded.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 f.keeping_cache()
             } else {
@@ -661,7 +666,7 @@ impl SharedDiskDest<crate::storage::FileStorage> {
         .with_preload(move || {
             // Before anything is read for the activation to take: pages a failed barrier
             // on this host left in the cache are dropped (`Storage::forget_cached`).
-            let f = crate::storage::FileStorage::open_shared(&shared)?;
+            let f = crate::storage::FileStorage::open_shared(&shared)?.reading_the_device();
             f.forget_cached()?;
             forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
             crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)

@@ -46,6 +46,9 @@ pub struct FileStorage {
     /// handle on this host already dropped the file's cache since anyone here last wrote it
     /// ([`keeping_cache`](FileStorage::keeping_cache)). Later calls drop it as usual.
     keep_cache: AtomicBool,
+    /// Every read drops the cached pages of its range first
+    /// ([`reading_the_device`](FileStorage::reading_the_device)).
+    device_reads: AtomicBool,
 }
 
 impl FileStorage {
@@ -71,6 +74,21 @@ impl FileStorage {
     #[must_use]
     pub fn keeping_cache(self) -> Self {
         self.keep_cache.store(true, Ordering::SeqCst);
+        self
+    }
+
+    /// Every read of this handle first asks the kernel to drop the clean cached pages of
+    /// its range (`posix_fadvise(POSIX_FADV_DONTNEED)`, widened to 64 KiB), so that it
+    /// comes from the device: for a reader on one host of an image another host writes, on
+    /// shared storage whose page caches are not coherent (a LUN or logical volume several
+    /// hosts see, two loop devices over one file). A migration destination reads the
+    /// bitmaps the source writes that way (`SharedDiskDest::file`); QEMU drops the whole
+    /// cache at the activation for the same reason (`raw_co_invalidate_cache`). Costs a
+    /// system call per read, and a device read where the cache would have served it.
+    /// Elsewhere than Linux it does nothing.
+    #[must_use]
+    pub fn reading_the_device(self) -> Self {
+        self.device_reads.store(true, Ordering::SeqCst);
         self
     }
 
@@ -124,6 +142,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
+            device_reads: AtomicBool::new(false),
         })
     }
 
@@ -194,6 +213,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
+            device_reads: AtomicBool::new(false),
         })
     }
 
@@ -211,6 +231,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
+            device_reads: AtomicBool::new(false),
         }
     }
 
@@ -300,6 +321,9 @@ impl Storage for FileStorage {
                 return Err(read_past_end(offset, 0, size));
             }
             return Ok(());
+        }
+        if self.device_reads.load(Ordering::Relaxed) {
+            super::lock::drop_clean_range(&self.file, offset, buf.len() as u64)?;
         }
         // std's read_exact_at retries EINTR and turns a short read into UnexpectedEof.
         Ok(self.file.read_exact_at(buf, offset)?)

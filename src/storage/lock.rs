@@ -258,6 +258,16 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
     sys::drop_clean_pages(file)
 }
 
+/// [`drop_clean_pages`] for the bytes `[offset, offset + len)` only, widened to 64 KiB
+/// boundaries (a page of any size Linux uses lies wholly inside, where the kernel would
+/// keep a partial one).
+pub(crate) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    const ALIGN: u64 = 64 << 10;
+    let start = offset & !(ALIGN - 1);
+    let end = offset.saturating_add(len).saturating_add(ALIGN - 1) & !(ALIGN - 1);
+    sys::drop_clean_range(file, start, end.saturating_sub(start))
+}
+
 fn locked(path: &Path, perm: Perm, shared: bool) -> Error {
     Error::Locked {
         path: path.to_owned(),
@@ -348,9 +358,20 @@ mod sys {
 
     /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file.
     pub(super) fn drop_clean_pages(file: &File) -> io::Result<()> {
+        drop_clean_range(file, 0, 0)
+    }
+
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over `len` bytes from `offset` (0: to the end).
+    pub(super) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            // Past what an offset can name: nothing there is cached.
+            return Ok(());
+        };
         // SAFETY: the descriptor is open for the life of `file`; the call takes integers
         // only and touches no memory of ours.
-        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let r =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
         // posix_fadvise returns the error number instead of setting errno.
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
@@ -386,6 +407,10 @@ mod sys {
     /// No advice elsewhere: the hazard it answers (Linux marking failed pages clean) is
     /// Linux's.
     pub(super) fn drop_clean_pages(_file: &File) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn drop_clean_range(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
 }
