@@ -87,7 +87,10 @@ fn storage_daemon(dir: &Path, img: &Path, bitmap: &str) -> (Server, String) {
     (server, format!("nbd+unix:///disk?socket={}", p(&sock)))
 }
 
-/// Random writes into the raw file, each marked first (the order a storage stack uses).
+/// Random writes into the raw file, each marked just before it (the writes run one at a
+/// time, with nothing between the mark and the write; a stack whose writes overlap a
+/// checkpoint marks after the write lands, or drains around the checkpoint: see
+/// `BitmapStore::checkpoint`).
 fn write_some(raw: &Path, rng: &mut SmallRng, n: usize, mut mark: impl FnMut(u64, u64)) {
     let f = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
     for _ in 0..n {

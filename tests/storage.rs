@@ -838,6 +838,41 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
     assert_eq!(&buf, b"host", "a handle reading the device");
 }
 
+/// An image's data file name that names a FIFO: a writable open refuses it (QEMU refuses
+/// what is neither a regular file nor a block device) instead of blocking until some
+/// process opens the FIFO for writing.
+#[test]
+fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(status.success());
+    let img = FileStorage::create(dir.path().join("img")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = fifo.as_os_str().as_bytes().to_vec();
+    std::thread::spawn(move || {
+        let _ = tx.send(img.hold_data_file(&name).map_err(|e| e.to_string()));
+    });
+    // A bound on a hang, not a speed.
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the open waited for a writer of the FIFO");
+    let e = r.expect_err("a FIFO is not a data file");
+    assert!(
+        e.contains("neither a regular file nor a block device"),
+        "{e}"
+    );
+    // A regular file is taken.
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"").unwrap();
+    let img = FileStorage::open(dir.path().join("img"), OpenMode::ReadWrite).unwrap();
+    img.hold_data_file(data.as_os_str().as_bytes()).unwrap();
+}
+
 mod model {
     use super::*;
     use proptest::prelude::*;

@@ -404,13 +404,30 @@ impl Storage for FileStorage {
     /// read-only description may take) and takes a writer's locks on it: QEMU's data child
     /// of a writable image uses write and unshares it, so neither a QEMU writer of the raw
     /// file nor a second image over it opens beside this handle. A relative name is opened
-    /// from the working directory, as QEMU 10 opens it.
+    /// from the working directory, as QEMU 10 opens it. Only a regular file or a block
+    /// device is taken, as QEMU's `file` and `host_device` drivers take them: the open does
+    /// not wait (`O_NONBLOCK`), so a name an image gives to a FIFO or a terminal is refused
+    /// instead of blocking the open for good.
     fn hold_data_file(&self, name: &[u8]) -> Result<()> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         if self.locking != Locking::On || !self.writable {
             return Ok(());
         }
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(name));
-        let file = File::open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
+        let kind = file.metadata()?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the data file {} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            )));
+        }
         // On error `file` drops here, closing the description and its locks.
         lock::lock(&file, &path, Access::Write)?;
         if self.released.load(Ordering::Acquire) {

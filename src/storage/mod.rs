@@ -1,7 +1,8 @@
 //! The storage layer: a tiny positional-I/O trait and the backends and wrappers built on it.
 //!
-//! [`Storage`] is the whole contract the qcow2 image relies on. It has five methods, each
-//! taking `&self` so one handle can be shared between threads:
+//! [`Storage`] is the whole contract the qcow2 image relies on. Its five required methods,
+//! each taking `&self` so one handle can be shared between threads, are these (the others
+//! have defaults: dropping the cache, the writer's locks, an external data file's locks):
 //!
 //! | method | contract |
 //! |---|---|
@@ -117,7 +118,7 @@ pub trait Storage: Send + Sync + Debug {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] when the backend cannot tell (for a file, `fstat` failed).
+    /// [`Error::Io`] when the backend cannot tell (for a file, seeking to its end failed).
     fn len(&self) -> Result<u64>;
 
     /// Fills `buf` with the bytes at `offset..offset + buf.len()`.

@@ -44,7 +44,14 @@ impl<S: Storage> BitmapStore<S> {
     /// guard alive at the call). A caller of plain
     /// [`mark`](super::durable::DurableTracker::mark) drains its writes before the call,
     /// as QEMU does around a transaction: otherwise such a write is only in the old bitmap,
-    /// and lost to the chain once that is removed.
+    /// and lost to the chain once that is removed. The same holds for a deferred
+    /// [`Tracker`](crate::Tracker) whose writer marks before it writes: it drains around
+    /// the call, or marks after the write lands (docs/DESIGN.md, "Disk marks and VM stop").
+    ///
+    /// Inactive after an incremental [`inactivate`](Self::inactivate), the old bitmap is
+    /// disabled on disk as the stop wrote it: marks made since, in its parked copy, reach
+    /// the disk only when a later [`activate`](Self::activate) resumes it and a flush or
+    /// stop writes them; another process reading the image meanwhile does not see them.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as

@@ -766,6 +766,11 @@ impl<S: Storage> BitmapStore<S> {
 
     /// [`inactivate`](Self::inactivate)s and hands the image back.
     ///
+    /// On a store already inactive after an incremental inactivate, marks a
+    /// [`Tracker`](crate::Tracker) made since (in the parked copies) are dropped with it:
+    /// the disk holds what that stop wrote (docs/DESIGN.md: such marks are not durable
+    /// while inactive). [`activate`](Self::activate) first, then close, to keep them.
+    ///
     /// # Errors
     /// As [`inactivate`](Self::inactivate).
     pub fn close(mut self) -> Result<Image<S>> {
