@@ -1522,56 +1522,63 @@ fn a_stop_after_a_full_rewrite_that_panicked_in_a_read_never_leaves_a_consistent
 /// A stop that unwinds at any of its barriers (a `Storage` that panicked): the marks it
 /// sealed must not wait for good (every later stop is refused on the poisoned store, so
 /// nothing else would lift the seal), and the disk must not claim clean without a mark made
-/// after it.
+/// after it. With the next barrier unwinding too (the write that says "doubt" again), the
+/// marks stay held, and `marks_held` must say so.
 #[test]
 fn a_stop_that_panicked_releases_the_marks_and_leaves_no_false_clean() {
-    for k in 1.. {
-        let storage = Arc::new(Hooked::new(MemStorage::new()));
-        let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
-        s.add("a", G, Recording::Enabled).unwrap();
-        s.activate().unwrap();
-        let shared = SharedStore::new(s);
-        let t = shared.lock().tracker().unwrap();
-        t.mark(3 * G, 4096);
-        let mut n = 0;
-        storage.set(move |at| {
-            if at.is_none() {
-                n += 1;
-                if n == k {
-                    panic!("the storage panicked in barrier {k}");
+    for twice in [false, true] {
+        for k in 1.. {
+            let storage = Arc::new(Hooked::new(MemStorage::new()));
+            let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+            s.add("a", G, Recording::Enabled).unwrap();
+            s.activate().unwrap();
+            let shared = SharedStore::new(s);
+            let t = shared.lock().tracker().unwrap();
+            t.mark(3 * G, 4096);
+            let mut n = 0;
+            storage.set(move |at| {
+                if at.is_none() {
+                    n += 1;
+                    if n == k || (twice && n == k + 1) {
+                        panic!("the storage panicked in barrier {n}");
+                    }
                 }
+            });
+            let stop = {
+                let shared = shared.clone();
+                std::thread::spawn(move || shared.lock().inactivate()).join()
+            };
+            storage.unset();
+            if let Ok(r) = stop {
+                r.unwrap();
+                assert!(k > 1, "the stop issued no barrier");
+                break;
             }
-        });
-        let stop = {
-            let shared = shared.clone();
-            std::thread::spawn(move || shared.lock().inactivate()).join()
-        };
-        storage.unset();
-        if let Ok(r) = stop {
-            r.unwrap();
-            assert!(k > 1, "the stop issued no barrier");
-            break;
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let marker = std::thread::spawn(move || {
-            t.mark(7 * G, 4096);
-            let _ = tx.send(());
-        });
-        // A bound on a hang, not a speed.
-        assert!(
-            rx.recv_timeout(Duration::from_secs(30)).is_ok(),
-            "barrier {k}: a mark after the panicked stop waits for good"
-        );
-        marker.join().unwrap();
-        assert!(matches!(shared.lock().inactivate(), Err(Error::Poisoned)));
-        let s = open_bytes(storage.inner.to_vec());
-        let a = s.list().into_iter().find(|i| i.name == "a").unwrap();
-        if !a.in_use {
-            let bm = s.load("a").unwrap();
-            assert!(
-                bm.is_dirty(3 * G) && bm.is_dirty(7 * G),
-                "barrier {k}: the disk says clean without the marks"
-            );
+            let held = shared.lock().marks_held();
+            if !held {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let marker = std::thread::spawn(move || {
+                    t.mark(7 * G, 4096);
+                    let _ = tx.send(());
+                });
+                // A bound on a hang, not a speed.
+                assert!(
+                    rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+                    "barrier {k} (twice: {twice}): a mark after the panicked stop waits, \
+                     and marks_held says no"
+                );
+                marker.join().unwrap();
+            }
+            assert!(matches!(shared.lock().inactivate(), Err(Error::Poisoned)));
+            let s = open_bytes(storage.inner.to_vec());
+            let a = s.list().into_iter().find(|i| i.name == "a").unwrap();
+            if !a.in_use {
+                let bm = s.load("a").unwrap();
+                assert!(
+                    bm.is_dirty(3 * G) && (held || bm.is_dirty(7 * G)),
+                    "barrier {k} (twice: {twice}): the disk says clean without the marks"
+                );
+            }
         }
     }
 }

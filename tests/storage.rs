@@ -784,27 +784,15 @@ fn crash_storage_is_usable_through_the_trait_object() {
 
 /// Two loop devices over one file have page caches of their own, as two hosts on one LUN
 /// do: a read through one returns what it cached, not what the other wrote since, unless
-/// the handle reads the device (`FileStorage::reading_the_device`).
+/// the handle reads the device (`FileStorage::reading_the_device`). Another reader on this
+/// host reads the device sequentially first, so readahead caches it in large folios (a
+/// range drop of the write's own pages leaves a folio reaching past it), at several
+/// offsets.
 #[test]
 fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
     use dirty_bitmap::storage::Locking;
     use std::os::unix::fs::FileExt;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("shared");
-    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
-    let attach = || {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&file)
-            .output()
-            .expect("losetup (util-linux) runs");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    };
+    const LEN: u64 = 4 << 20;
     struct Detach(Vec<PathBuf>);
     impl Drop for Detach {
         fn drop(&mut self) {
@@ -816,26 +804,89 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
             }
         }
     }
-    let devs = Detach(vec![attach(), attach()]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared");
+    std::fs::write(&file, vec![0u8; LEN as usize]).unwrap();
+    let mut devs = Detach(Vec::new());
+    for _ in 0..2 {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .expect("losetup (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        devs.0
+            .push(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()));
+    }
     let (a, b) = (&devs.0[0], &devs.0[1]);
-    let plain = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off).unwrap();
+    let other = std::fs::File::open(b).unwrap();
     let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
         .unwrap()
         .reading_the_device();
-    let mut buf = [0u8; 4];
-    plain.read_exact_at(&mut buf, 8192).unwrap();
-    assert_eq!(buf, [0; 4]);
-    // The other host writes, and its barrier makes it durable.
     let writer = std::fs::OpenOptions::new().write(true).open(a).unwrap();
-    writer.write_all_at(b"host", 8192).unwrap();
-    writer.sync_data().unwrap();
-    plain.read_exact_at(&mut buf, 8192).unwrap();
-    assert_eq!(
-        buf, [0; 4],
-        "the premise: this host's cache hides the write"
-    );
-    device.read_exact_at(&mut buf, 8192).unwrap();
-    assert_eq!(&buf, b"host", "a handle reading the device");
+    for (i, at) in [8192, (1 << 20), (2 << 20) + 4096, (3 << 20) + (320 << 10)]
+        .into_iter()
+        .enumerate()
+    {
+        // The other reader caches the whole device, sequentially.
+        let mut chunk = vec![0u8; 64 << 10];
+        for off in (0..LEN).step_by(chunk.len()) {
+            other.read_exact_at(&mut chunk, off).unwrap();
+        }
+        let word = [b'h', b'o', b's', b'0' + i as u8];
+        // The other host writes, and its barrier makes it durable.
+        writer.write_all_at(&word, at).unwrap();
+        writer.sync_data().unwrap();
+        let mut buf = [0u8; 4];
+        other.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(
+            buf, [0; 4],
+            "the premise: this host's cache hides the write at {at}"
+        );
+        device.read_exact_at(&mut buf, at).unwrap();
+        assert_eq!(buf, word, "a handle reading the device, at {at}");
+    }
+}
+
+/// A handle reading the device returns what a plain read does, for any offset and length
+/// (its direct reads are aligned to 4 KiB through a bounce buffer), on a file whose length
+/// is not a multiple of 4 KiB, and refuses a range past the end as a plain read does.
+#[test]
+fn a_handle_reading_the_device_reads_any_range_as_a_plain_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let len = 3 * 4096 + 1000;
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let device = FileStorage::open(&path, OpenMode::ReadOnly)
+        .unwrap()
+        .reading_the_device();
+    for (off, n) in [
+        (0, 1),
+        (0, 4096),
+        (1, 4095),
+        (4095, 2),
+        (5000, 7000),
+        (len - 1, 1),
+        (len - 1000, 1000),
+        (0, len),
+        (len, 0),
+    ] {
+        let mut got = vec![0u8; n];
+        device.read_exact_at(&mut got, off as u64).unwrap();
+        assert!(got == bytes[off..off + n], "{off}+{n}");
+    }
+    for (off, n) in [(len - 1, 2), (len, 1), (len + 4096, 1)] {
+        let mut got = vec![0u8; n];
+        assert!(
+            device.read_exact_at(&mut got, off as u64).is_err(),
+            "{off}+{n}"
+        );
+    }
 }
 
 /// An image's data file name that names a FIFO: a writable open refuses it (QEMU refuses
@@ -855,7 +906,10 @@ fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
     let (tx, rx) = std::sync::mpsc::channel();
     let name = fifo.as_os_str().as_bytes().to_vec();
     std::thread::spawn(move || {
-        let _ = tx.send(img.hold_data_file(&name).map_err(|e| e.to_string()));
+        let r = img.hold_data_file(&name).map_err(|e| e.to_string());
+        // The image's locks go before the reopen below.
+        drop(img);
+        let _ = tx.send(r);
     });
     // A bound on a hang, not a speed.
     let r = rx
@@ -866,6 +920,14 @@ fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
         e.contains("neither a regular file nor a block device"),
         "{e}"
     );
+    // Nor a character device (refused before it is opened).
+    let img = FileStorage::open(dir.path().join("img"), OpenMode::ReadWrite).unwrap();
+    let e = img.hold_data_file(b"/dev/null").unwrap_err().to_string();
+    assert!(
+        e.contains("neither a regular file nor a block device"),
+        "{e}"
+    );
+    drop(img);
     // A regular file is taken.
     let data = dir.path().join("data");
     std::fs::write(&data, b"").unwrap();

@@ -258,14 +258,11 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
     sys::drop_clean_pages(file)
 }
 
-/// [`drop_clean_pages`] for the bytes `[offset, offset + len)` only, widened to 64 KiB
-/// boundaries (a page of any size Linux uses lies wholly inside, where the kernel would
-/// keep a partial one).
-pub(crate) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    const ALIGN: u64 = 64 << 10;
-    let start = offset & !(ALIGN - 1);
-    let end = offset.saturating_add(len).saturating_add(ALIGN - 1) & !(ALIGN - 1);
-    sys::drop_clean_range(file, start, end.saturating_sub(start))
+/// A second description of the file `file` is open on, read-only with `O_DIRECT` (through
+/// `/proc/self/fd`, so the same file whatever its path names now); `None` where the file
+/// system or the system refuses it.
+pub(crate) fn reopen_direct(file: &File) -> Option<File> {
+    sys::reopen_direct(file)
 }
 
 fn locked(path: &Path, perm: Perm, shared: bool) -> Error {
@@ -358,25 +355,25 @@ mod sys {
 
     /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file.
     pub(super) fn drop_clean_pages(file: &File) -> io::Result<()> {
-        drop_clean_range(file, 0, 0)
-    }
-
-    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over `len` bytes from `offset` (0: to the end).
-    pub(super) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
-        else {
-            // Past what an offset can name: nothing there is cached.
-            return Ok(());
-        };
         // SAFETY: the descriptor is open for the life of `file`; the call takes integers
         // only and touches no memory of ours.
-        let r =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         // posix_fadvise returns the error number instead of setting errno.
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
         Ok(())
+    }
+
+    /// Opens `/proc/self/fd/N` read-only with `O_DIRECT`: a new description of the same
+    /// file (no locks are taken through it).
+    pub(super) fn reopen_direct(file: &File) -> Option<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()
     }
 }
 
@@ -410,8 +407,8 @@ mod sys {
         Ok(())
     }
 
-    pub(super) fn drop_clean_range(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
+    pub(super) fn reopen_direct(_file: &File) -> Option<File> {
+        None
     }
 }
 

@@ -578,10 +578,21 @@ impl<S: Storage> BitmapStore<S> {
         if claim == Claim::Nothing {
             return;
         }
-        if claim == Claim::InPlace && self.restore_in_use_in_place().is_ok() {
+        // A write here that unwinds (a `Storage` that panicked, maybe again) counts as one
+        // that failed: the marks stay held, and `marks_held` says so, rather than the
+        // panic leaving the bitmaps sealed with nothing reporting it.
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        let done = |r: std::thread::Result<Result<()>>| matches!(r, Ok(Ok(())));
+        if claim == Claim::InPlace
+            && done(catch_unwind(AssertUnwindSafe(|| {
+                self.restore_in_use_in_place()
+            })))
+        {
             return;
         }
-        if self.image.untrust_bitmaps().is_err() {
+        if !done(catch_unwind(AssertUnwindSafe(|| {
+            self.image.untrust_bitmaps()
+        }))) {
             self.marks_held = true;
         }
     }
@@ -632,8 +643,8 @@ impl<S: Storage> BitmapStore<S> {
     /// is on disk. So no mark returns, and no guest write it guards goes ahead, between the
     /// last serialize and the durable "clean"; the waiting marks then land in the parked
     /// bitmaps (or, if the inactivation failed, in the still active ones). Unsealed on every
-    /// path but an unwind of `f` (which [`stop_with`](Self::stop_with) turns into a failure)
-    /// and [`marks_held`](Self::marks_held).
+    /// path but [`marks_held`](Self::marks_held) (an unwind of `f`
+    /// [`stop_with`](Self::stop_with) turns into a failure first).
     fn sealed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let mems: Vec<Arc<DirtyBitmap>> = self.slots.iter().filter_map(|s| s.mem.clone()).collect();
         DirtyBitmap::seal_all(&mems.iter().map(|m| &**m).collect::<Vec<_>>());
