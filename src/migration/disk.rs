@@ -636,12 +636,37 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
 impl SharedDiskDest<crate::storage::FileStorage> {
     /// The state named `name` over the image file at `path`, opened writable with QEMU's
     /// locks (which the source released when it inactivated), and preloaded at the Hello
-    /// through a read-only force-share open. Both read the device, never this host's cache
-    /// ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device)):
+    /// through a read-only force-share open. Both read the device, never what this host
+    /// cached before ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device)):
     /// the source writes the image from another host during precopy and at the stop, and
-    /// on storage whose caches are not coherent, pages this host cached at the preload
-    /// would hide those writes.
+    /// on storage whose caches are not coherent, pages this host cached earlier would hide
+    /// those writes. The writable open also drops the whole cache before its first read,
+    /// as every writable open does (`Storage::forget_cached`).
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
+        let path = path.into();
+        let shared = path.clone();
+        Self::new(name, move || {
+            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?
+                .reading_the_device();
+            crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
+        })
+        .with_preload(move || {
+            let f = crate::storage::FileStorage::open_shared(&shared)?.reading_the_device();
+            crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)
+        })
+    }
+
+    /// [`file`](Self::file) for a destination on the source's host (one page cache, so
+    /// what this host caches is what the source wrote): reads go through the cache. The
+    /// preload drops the file's cache before its first read (pages a failed barrier on this
+    /// host left clean there, `Storage::forget_cached`), and the activation's open, inside
+    /// the downtime, keeps what the preload read cached (`FileStorage::keeping_cache`,
+    /// once, and only when a preload ran since the last writable open; dropping it there
+    /// cost 4 to 8 ms of downtime). Reading the device as [`file`](Self::file) does, beside
+    /// a source on the same host, took the source past its downtime limit with four 16 TiB
+    /// bitmaps (docs/BENCHMARKS.md). Wrong across hosts on storage whose caches are not
+    /// coherent: the destination would start on stale bitmaps.
+    pub fn file_on_one_host(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
         let shared = path.clone();
         // Set when a preload dropped the file's cache before its first read, taken by the
@@ -650,12 +675,7 @@ impl SharedDiskDest<crate::storage::FileStorage> {
         let forgotten = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let preloaded = std::sync::Arc::clone(&forgotten);
         Self::new(name, move || {
-            // After the preload forgot the cache, nothing on this host wrote the image, and
-            // every read drops its own range first: the whole file's cache is not dropped
-            // again inside the downtime (that cost 4 to 8 ms). Without a preload, the open
-            // drops it as every writable open does.
-            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?
-                .reading_the_device();
+            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
             let f = if preloaded.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 f.keeping_cache()
             } else {
@@ -664,9 +684,7 @@ impl SharedDiskDest<crate::storage::FileStorage> {
             crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
         })
         .with_preload(move || {
-            // Before anything is read for the activation to take: pages a failed barrier
-            // on this host left in the cache are dropped (`Storage::forget_cached`).
-            let f = crate::storage::FileStorage::open_shared(&shared)?.reading_the_device();
+            let f = crate::storage::FileStorage::open_shared(&shared)?;
             f.forget_cached()?;
             forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
             crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)

@@ -46,27 +46,11 @@ pub struct FileStorage {
     /// handle on this host already dropped the file's cache since anyone here last wrote it
     /// ([`keeping_cache`](FileStorage::keeping_cache)). Later calls drop it as usual.
     keep_cache: AtomicBool,
-    /// How reads reach the device past this host's cache, once
-    /// [`reading_the_device`](FileStorage::reading_the_device) asked for it.
-    device: Option<DeviceReads>,
+    /// Every read drops the file's clean cached pages first
+    /// ([`reading_the_device`](FileStorage::reading_the_device)).
+    device_reads: bool,
 }
 
-/// How a [`FileStorage`] reading the device reads.
-#[derive(Debug)]
-enum DeviceReads {
-    /// Through a second description of the same file opened with `O_DIRECT`: the page
-    /// cache is not consulted (this host's own unsynced writes, which Linux writes back
-    /// before a direct read of their range, included).
-    Direct(File),
-    /// The file system refuses `O_DIRECT` (tmpfs): every read first drops the whole file's
-    /// clean cached pages. (Dropping the read's range alone leaves a large folio that
-    /// reaches past it.)
-    DropAll,
-}
-
-/// `O_DIRECT` alignment of offsets, lengths and buffers: a multiple of every logical block
-/// size in use (512 and 4096 bytes).
-const DIRECT_ALIGN: usize = 4096;
 
 impl FileStorage {
     /// Opens an existing file, for reading and also writing when `mode` is
@@ -83,34 +67,32 @@ impl FileStorage {
     /// [`Image::open`](crate::Image::open) makes before its first read) does nothing; later
     /// ones (a store taking its writer locks back, after another writer may have had the
     /// image) drop the cache as usual. For a writer that knows an earlier handle on this
-    /// host dropped the file's cache and that nothing here wrote the file since: a
-    /// migration destination whose preload forgot the cache before its first read, and
-    /// whose activation, inside the downtime, should find what the preload read still
-    /// cached (`SharedDiskDest::file`). Any other writer keeps the default: after a failed
-    /// barrier on this host, the cache may hold pages the disk lacks.
+    /// host dropped the file's cache, that nothing here wrote the file since, and that no
+    /// other host writes it. Any other writer keeps the default: after a failed barrier on
+    /// this host, the cache may hold pages the disk lacks.
     #[must_use]
     pub fn keeping_cache(self) -> Self {
         self.keep_cache.store(true, Ordering::SeqCst);
         self
     }
 
-    /// Every read of this handle comes from the device, not from this host's page cache:
-    /// for a reader on one host of an image another host writes, on shared storage whose
-    /// page caches are not coherent (a LUN or logical volume several hosts see, two loop
-    /// devices over one file). A migration destination reads the bitmaps the source writes
-    /// that way (`SharedDiskDest::file`); QEMU drops the whole cache at the activation for
-    /// the same reason (`raw_co_invalidate_cache`). Reads go through a second description
-    /// of the file opened with `O_DIRECT` (aligned to 4 KiB, through a bounce buffer);
-    /// where the file system refuses `O_DIRECT`, each read first drops the file's clean
-    /// cached pages (`posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: over the
-    /// read's range alone it would leave a large folio that reaches past it). Elsewhere
-    /// than Linux it does nothing.
+    /// Every read of this handle comes from the device, not from what this host cached
+    /// before: for a reader on one host of an image another host writes, on shared storage
+    /// whose page caches are not coherent (a LUN or logical volume several hosts see, two
+    /// loop devices over one file). A migration destination reads the bitmaps the source
+    /// writes that way (`SharedDiskDest::file`); QEMU drops the whole cache at the
+    /// activation for the same reason (`raw_co_invalidate_cache`). Each read first asks
+    /// the kernel to drop the clean cached pages around its range
+    /// (`posix_fadvise(POSIX_FADV_DONTNEED)`, the range widened to 2048 pages on each side,
+    /// the largest page-cache folio: over the read's range alone it would leave a large
+    /// readahead folio that reaches past it; over the whole file, each read would cost
+    /// as much as the file's cached pages, measured far slower beside a writer on the same
+    /// host), then reads through the cache. Pages this host's writers dirtied stay (they
+    /// are newer than the device), as does a page another process maps or holds at that
+    /// instant. Elsewhere than Linux it does nothing.
     #[must_use]
     pub fn reading_the_device(mut self) -> Self {
-        self.device = Some(match lock::reopen_direct(&self.file) {
-            Some(direct) => DeviceReads::Direct(direct),
-            None => DeviceReads::DropAll,
-        });
+        self.device_reads = true;
         self
     }
 
@@ -164,7 +146,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
-            device: None,
+            device_reads: false,
         })
     }
 
@@ -235,7 +217,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
-            device: None,
+            device_reads: false,
         })
     }
 
@@ -253,7 +235,7 @@ impl FileStorage {
             released: AtomicBool::new(false),
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
-            device: None,
+            device_reads: false,
         }
     }
 
@@ -344,16 +326,8 @@ impl Storage for FileStorage {
             }
             return Ok(());
         }
-        match &self.device {
-            None => {}
-            Some(DeviceReads::Direct(direct)) => {
-                if read_direct(direct, buf, offset)? {
-                    return Ok(());
-                }
-                // The device refused the alignment: read as if O_DIRECT were missing.
-                lock::drop_clean_pages(&self.file)?;
-            }
-            Some(DeviceReads::DropAll) => lock::drop_clean_pages(&self.file)?,
+        if self.device_reads {
+            lock::drop_clean_around(&self.file, offset, buf.len() as u64)?;
         }
         // std's read_exact_at retries EINTR and turns a short read into UnexpectedEof.
         Ok(self.file.read_exact_at(buf, offset)?)
@@ -474,64 +448,6 @@ impl Storage for FileStorage {
         }
         Ok(())
     }
-}
-
-/// Fills `buf` from `offset` through `direct` (opened with `O_DIRECT`): the 4 KiB-aligned
-/// blocks around the range into an aligned bounce buffer, then the range out of it. False,
-/// having read nothing into `buf`, when the device refuses the alignment (`EINVAL`: a
-/// logical block above 4 KiB).
-///
-/// # Errors
-/// [`Error::Io`]; `UnexpectedEof` when the file ends before the range does.
-fn read_direct(direct: &File, buf: &mut [u8], offset: u64) -> Result<bool> {
-    let past_end = || read_past_end(offset, buf.len() as u64, u64::MAX);
-    let align = DIRECT_ALIGN as u64;
-    // `align` is a power of two: clearing the low bits rounds down.
-    let start = offset & !(align.wrapping_sub(1));
-    let end = checked_buf_end(offset, buf.len())?
-        .checked_next_multiple_of(align)
-        .ok_or_else(past_end)?;
-    let n = end
-        .checked_sub(start)
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(past_end)?;
-    let mut raw = vec![0u8; n.checked_add(DIRECT_ALIGN).ok_or_else(past_end)?];
-    let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
-    let block = skip
-        .checked_add(n)
-        .and_then(|e| raw.get_mut(skip..e))
-        .ok_or_else(|| Error::Internal("a direct read's bounce buffer".into()))?;
-    let mut got = 0usize;
-    // Short only at the end of the file (a direct read returns whole blocks otherwise).
-    while got < n && got.is_multiple_of(DIRECT_ALIGN) {
-        let Some(rest) = block.get_mut(got..) else {
-            break;
-        };
-        match direct.read_at(rest, start.saturating_add(got as u64)) {
-            Ok(0) => break,
-            Ok(k) => got = got.saturating_add(k),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && got == 0 => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // `offset - start` is below `align`.
-    let from = usize::try_from(offset.saturating_sub(start)).unwrap_or(usize::MAX);
-    let wanted = from
-        .checked_add(buf.len())
-        .filter(|&e| e <= got)
-        .and_then(|e| block.get(from..e));
-    let Some(wanted) = wanted else {
-        return Err(Error::Io(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!(
-                "a read of {} bytes at {offset} ends past the end of the file",
-                buf.len()
-            ),
-        )));
-    };
-    buf.copy_from_slice(wanted);
-    Ok(true)
 }
 
 /// Removes the file [`FileStorage::create_with`] just made at `path`, after `e` stopped the

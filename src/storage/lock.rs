@@ -258,11 +258,24 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
     sys::drop_clean_pages(file)
 }
 
-/// A second description of the file `file` is open on, read-only with `O_DIRECT` (through
-/// `/proc/self/fd`, so the same file whatever its path names now); `None` where the file
-/// system or the system refuses it.
-pub(crate) fn reopen_direct(file: &File) -> Option<File> {
-    sys::reopen_direct(file)
+/// Asks the kernel to drop the clean cached pages around `[offset, offset + len)`: the
+/// range widened on both sides to a multiple of 2048 pages, the most a page-cache folio can
+/// hold on Linux (`MAX_PAGECACHE_ORDER` is at most 11; 8 MiB with 4 KiB pages, 128 MiB
+/// with 64 KiB). A folio is aligned to its size in the file, so every folio holding a byte
+/// of the range lies wholly inside, and the kernel drops it (it keeps a folio that reaches
+/// past the range it is given, as a large readahead folio does past a read's own pages).
+pub(crate) fn drop_clean_around(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // A power of two: the page size is one, and so is 2048.
+    let window = sys::page_size()
+        .saturating_mul(2048)
+        .max(1 << 20)
+        .next_power_of_two();
+    let start = offset & !(window.wrapping_sub(1));
+    let end = offset
+        .saturating_add(len)
+        .checked_next_multiple_of(window)
+        .unwrap_or(u64::MAX);
+    sys::drop_clean_range(file, start, end.saturating_sub(start))
 }
 
 fn locked(path: &Path, perm: Perm, shared: bool) -> Error {
@@ -355,25 +368,32 @@ mod sys {
 
     /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file.
     pub(super) fn drop_clean_pages(file: &File) -> io::Result<()> {
+        drop_clean_range(file, 0, 0)
+    }
+
+    /// The size of a memory page.
+    pub(super) fn page_size() -> u64 {
+        // SAFETY: sysconf takes an integer and touches no memory of ours.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).unwrap_or(4096).max(4096)
+    }
+
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over `len` bytes from `offset` (0: to the end).
+    pub(super) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            // Past what an offset can name: nothing there is cached.
+            return Ok(());
+        };
         // SAFETY: the descriptor is open for the life of `file`; the call takes integers
         // only and touches no memory of ours.
-        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let r =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
         // posix_fadvise returns the error number instead of setting errno.
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
         Ok(())
-    }
-
-    /// Opens `/proc/self/fd/N` read-only with `O_DIRECT`: a new description of the same
-    /// file (no locks are taken through it).
-    pub(super) fn reopen_direct(file: &File) -> Option<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok()
     }
 }
 
@@ -407,8 +427,12 @@ mod sys {
         Ok(())
     }
 
-    pub(super) fn reopen_direct(_file: &File) -> Option<File> {
-        None
+    pub(super) fn page_size() -> u64 {
+        4096
+    }
+
+    pub(super) fn drop_clean_range(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
     }
 }
 

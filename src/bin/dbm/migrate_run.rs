@@ -235,11 +235,12 @@ enum DestSide {
 /// size next to the source's (`<image stem>-dest.qcow2`).
 fn dest_side(d: &DiskParams) -> Res<DestSide> {
     Ok(match d.mode {
+        // Source and destination run in this process: one host, one page cache.
         DiskMode::Durable => DestSide::Shared(Arc::new(Mutex::new(
-            SharedDiskDest::file("disk-bitmaps", d.image.clone()).durable(),
+            SharedDiskDest::file_on_one_host("disk-bitmaps", d.image.clone()).durable(),
         ))),
         DiskMode::Shared => {
-            let dest = SharedDiskDest::file("disk-bitmaps", d.image.clone());
+            let dest = SharedDiskDest::file_on_one_host("disk-bitmaps", d.image.clone());
             // QEMU's destination loads the bitmaps whole at its activate.
             DestSide::Shared(Arc::new(Mutex::new(if d.qemu_baseline {
                 dest.without_preload()
