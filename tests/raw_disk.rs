@@ -281,20 +281,29 @@ fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
         .spawn()
         .unwrap();
     let before = std::fs::read(&img).unwrap();
-    let start = std::time::Instant::now();
-    let r = loop {
-        // qemu-io takes its locks as it opens: until then our open may still succeed.
-        match BitmapStore::open(
-            FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
-            OpenMode::ReadWrite,
-        ) {
-            Ok(s) if start.elapsed() < std::time::Duration::from_secs(20) => {
-                drop(s);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => break r,
-        }
+    // qemu-io takes its locks as it opens. Wait until the kernel lists a lock on the raw
+    // file (`/proc/locks`) before opening the store once: an open while qemu-io starts
+    // would hold the raw file itself, and qemu-io, finding it locked, would give up.
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        format!(":{} ", std::fs::metadata(&raw).unwrap().ino())
     };
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&inode))
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "qemu-io took no lock on the raw disk"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(
