@@ -45,6 +45,22 @@ const OPS: [Op; 5] = [
     Op::InactivateWhole,
 ];
 
+/// An active store of a `disk`-byte disk at 4 KiB clusters, with bitmaps `a` (512 B
+/// granules) and `b` (1 KiB) enabled and `off` (512 B) disabled.
+fn three_bitmaps(disk: u64) -> BitmapStore<Counted> {
+    let mut s = BitmapStore::create(
+        FaultStorage::new(MemStorage::new(), FaultPlan::new()),
+        disk,
+        CS,
+    )
+    .unwrap();
+    s.add("a", 512, Recording::Enabled).unwrap();
+    s.add("b", 1024, Recording::Enabled).unwrap();
+    s.add("off", 512, Recording::Disabled).unwrap();
+    s.activate().unwrap();
+    s
+}
+
 /// The store `op` runs on.
 fn setup_for(op: Op) -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
     match op {
@@ -59,16 +75,7 @@ fn setup_for(op: Op) -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
 /// the bytes they hold, in one run instead of 64 writes (`b`, 1 KiB granules, likewise).
 fn setup_whole() -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
     const DISK_WHOLE: u64 = 2 << 30;
-    let mut s = BitmapStore::create(
-        FaultStorage::new(MemStorage::new(), FaultPlan::new()),
-        DISK_WHOLE,
-        CS,
-    )
-    .unwrap();
-    s.add("a", 512, Recording::Enabled).unwrap();
-    s.add("b", 1024, Recording::Enabled).unwrap();
-    s.add("off", 512, Recording::Disabled).unwrap();
-    s.activate().unwrap();
+    let mut s = three_bitmaps(DISK_WHOLE);
     let t = s.tracker().unwrap();
     let regions = DISK_WHOLE / REGION_DISK;
     let mut marks: Vec<(u64, u64)> = (0..regions).map(|r| (r * REGION_DISK + 4096, 1)).collect();
@@ -93,16 +100,7 @@ fn setup_whole() -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
 /// An active store with two enabled bitmaps and a disabled one, some data clusters
 /// already written, and pending marks in both written (in place) and fresh regions.
 fn setup() -> (BitmapStore<Counted>, Vec<(u64, u64)>) {
-    let mut s = BitmapStore::create(
-        FaultStorage::new(MemStorage::new(), FaultPlan::new()),
-        DISK,
-        CS,
-    )
-    .unwrap();
-    s.add("a", 512, Recording::Enabled).unwrap();
-    s.add("b", 1024, Recording::Enabled).unwrap();
-    s.add("off", 512, Recording::Disabled).unwrap();
-    s.activate().unwrap();
+    let mut s = three_bitmaps(DISK);
     let t = s.tracker().unwrap();
     let mut marks = vec![(0, 1), (REGION_DISK + 4096, 9000)];
     for &(o, l) in &marks {

@@ -1012,34 +1012,6 @@ fn over_tcp_the_destination_follows_the_write_log_and_its_start_reads_no_bitmap_
     }
 }
 
-/// A loop device over a file, detached when dropped.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .expect("losetup (util-linux) runs");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Two hosts on shared storage whose page caches are not coherent, as two loop devices
 /// over one file are (a LUN two hosts see, without a cluster file system): the source on
 /// one, the destination on the other. The destination preloads at BEGIN, then reads again
@@ -1064,7 +1036,7 @@ fn a_destination_on_another_host_reads_the_source_writes_not_its_own_cache() {
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
-        let (src_dev, dest_dev) = (Loop::attach(&img), Loop::attach(&img));
+        let (src_dev, dest_dev) = (common::Loop::attach(&img), common::Loop::attach(&img));
         // Another opener on the destination's host (the last close of a block device drops
         // its cache, which would hide what this test looks for).
         let _other_opener = std::fs::File::open(&dest_dev.0).unwrap();

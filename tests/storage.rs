@@ -793,36 +793,11 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
     use dirty_bitmap::storage::Locking;
     use std::os::unix::fs::FileExt;
     const LEN: u64 = 4 << 20;
-    struct Detach(Vec<PathBuf>);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            for d in &self.0 {
-                let _ = std::process::Command::new("losetup")
-                    .arg("-d")
-                    .arg(d)
-                    .status();
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("shared");
     std::fs::write(&file, vec![0u8; LEN as usize]).unwrap();
-    let mut devs = Detach(Vec::new());
-    for _ in 0..2 {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&file)
-            .output()
-            .expect("losetup (util-linux) runs");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        devs.0
-            .push(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()));
-    }
-    let (a, b) = (&devs.0[0], &devs.0[1]);
+    let devs = [common::Loop::attach(&file), common::Loop::attach(&file)];
+    let (a, b) = (&devs[0].0, &devs[1].0);
     let other = std::fs::File::open(b).unwrap();
     let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
         .unwrap()

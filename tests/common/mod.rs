@@ -177,3 +177,34 @@ pub fn extents_of_bytes(bytes: &[u8], granularity: u64, disk_size: u64) -> Vec<(
     }
     out
 }
+
+/// A loop device over a file, detached when dropped (`losetup`, run as root): two of them
+/// over one file have page caches of their own, as two hosts on one LUN do.
+pub struct Loop(pub std::path::PathBuf);
+
+impl Loop {
+    pub fn attach(file: &std::path::Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(std::path::PathBuf::from(
+            String::from_utf8(out.stdout).unwrap().trim(),
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
