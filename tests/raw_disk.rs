@@ -281,22 +281,39 @@ fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
         .spawn()
         .unwrap();
     let before = std::fs::read(&img).unwrap();
-    // qemu-io takes its locks as it opens. Wait until the kernel lists a lock on the raw
-    // file (`/proc/locks`) before opening the store once: an open while qemu-io starts
-    // would hold the raw file itself, and qemu-io, finding it locked, would give up.
-    let inode = {
+    // qemu-io takes its locks as it opens. Wait until the kernel lists its lock on the raw
+    // file's byte 101 (`/proc/locks`: QEMU's "write" permission, the last a writer takes)
+    // before opening the store once: an open while qemu-io starts would hold the raw file
+    // itself, and qemu-io, finding it locked, would give up.
+    let id = {
         use std::os::unix::fs::MetadataExt;
-        format!(":{} ", std::fs::metadata(&raw).unwrap().ino())
+        let m = std::fs::metadata(&raw).unwrap();
+        let dev = m.dev();
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        format!("{major:02x}:{minor:02x}:{}", m.ino())
+    };
+    // A lock record names the file, then its first and last byte (adjacent locks merge:
+    // `100 101`).
+    let holds_101 = |line: &str| {
+        let mut f = line.split_whitespace().skip_while(|w| *w != id).skip(1);
+        let first = f.next().and_then(|w| w.parse::<u64>().ok());
+        let last = f.next().and_then(|w| w.parse::<u64>().ok());
+        matches!((first, last), (Some(a), Some(b)) if a <= 101 && 101 <= b)
     };
     let start = std::time::Instant::now();
     while !std::fs::read_to_string("/proc/locks")
         .unwrap()
         .lines()
-        .any(|l| l.contains(&inode))
+        .any(holds_101)
     {
         assert!(
+            child.try_wait().unwrap().is_none(),
+            "qemu-io exited before it locked the raw disk"
+        );
+        assert!(
             start.elapsed() < std::time::Duration::from_secs(60),
-            "qemu-io took no lock on the raw disk"
+            "qemu-io took no lock on the raw disk ({id})"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

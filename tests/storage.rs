@@ -827,9 +827,9 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
     }
 }
 
-/// A handle reading the device returns what a plain read does, for any offset and length
-/// (its direct reads are aligned to 4 KiB through a bounce buffer), on a file whose length
-/// is not a multiple of 4 KiB, and refuses a range past the end as a plain read does.
+/// A handle reading the device returns what a plain read does, for any offset and length,
+/// on a file whose length is not a multiple of 4 KiB, and refuses a range past the end as a
+/// plain read does.
 #[test]
 fn a_handle_reading_the_device_reads_any_range_as_a_plain_read() {
     let dir = tempfile::tempdir().unwrap();

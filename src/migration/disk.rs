@@ -663,9 +663,9 @@ impl SharedDiskDest<crate::storage::FileStorage> {
     /// the downtime, keeps what the preload read cached (`FileStorage::keeping_cache`,
     /// once, and only when a preload ran since the last writable open; dropping it there
     /// cost 4 to 8 ms of downtime). Reading the device as [`file`](Self::file) does, beside
-    /// a source on the same host, took the source past its downtime limit with four 16 TiB
-    /// bitmaps (docs/BENCHMARKS.md). Wrong across hosts on storage whose caches are not
-    /// coherent: the destination would start on stale bitmaps.
+    /// a source on the same host, slowed the source's flushes until, with four 16 TiB
+    /// bitmaps, it never switched over (docs/BENCHMARKS.md). Wrong across hosts on storage
+    /// whose caches are not coherent: the destination would start on stale bitmaps.
     pub fn file_on_one_host(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
         let shared = path.clone();

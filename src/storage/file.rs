@@ -83,8 +83,8 @@ impl FileStorage {
     /// writes that way (`SharedDiskDest::file`); QEMU drops the whole cache at the
     /// activation for the same reason (`raw_co_invalidate_cache`). Each read first asks
     /// the kernel to drop the clean cached pages around its range
-    /// (`posix_fadvise(POSIX_FADV_DONTNEED)`, the range widened to 2048 pages on each side,
-    /// the largest page-cache folio: over the read's range alone it would leave a large
+    /// (`posix_fadvise(POSIX_FADV_DONTNEED)`, the range widened on each side to the largest
+    /// page-cache folio, 8 MiB with 4 KiB pages: over the read's range alone it would leave a large
     /// readahead folio that reaches past it; over the whole file, each read would cost
     /// as much as the file's cached pages, measured far slower beside a writer on the same
     /// host), then reads through the cache. Pages this host's writers dirtied stay (they

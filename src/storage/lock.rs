@@ -259,23 +259,30 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
 }
 
 /// Asks the kernel to drop the clean cached pages around `[offset, offset + len)`: the
-/// range widened on both sides to a multiple of 2048 pages, the most a page-cache folio can
-/// hold on Linux (`MAX_PAGECACHE_ORDER` is at most 11; 8 MiB with 4 KiB pages, 128 MiB
-/// with 64 KiB). A folio is aligned to its size in the file, so every folio holding a byte
-/// of the range lies wholly inside, and the kernel drops it (it keeps a folio that reaches
-/// past the range it is given, as a large readahead folio does past a read's own pages).
+/// range widened on both sides to a multiple of [`folio_bound`] bytes, at least the largest
+/// page-cache folio. A folio is aligned to its size in the file, so every folio holding a
+/// byte of the range lies wholly inside, and the kernel drops it (it keeps a folio that
+/// reaches past the range it is given, as a large readahead folio does past a read's own
+/// pages).
 pub(crate) fn drop_clean_around(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // A power of two: the page size is one, and so is 2048.
-    let window = sys::page_size()
-        .saturating_mul(2048)
-        .max(1 << 20)
-        .next_power_of_two();
+    let window = folio_bound(sys::page_size());
     let start = offset & !(window.wrapping_sub(1));
     let end = offset
         .saturating_add(len)
         .checked_next_multiple_of(window)
         .unwrap_or(u64::MAX);
     sys::drop_clean_range(file, start, end.saturating_sub(start))
+}
+
+/// A power of two at least as large as any page-cache folio with pages of `page` bytes:
+/// 2048 pages (`MAX_PAGECACHE_ORDER` is at most 11 since Linux 6.10) and the PMD size
+/// (`HPAGE_PMD_ORDER`, the bound before: a page table of `page / 8` entries), whichever is
+/// larger. 8 MiB with 4 KiB pages, 32 MiB with 16 KiB, 512 MiB with 64 KiB.
+fn folio_bound(page: u64) -> u64 {
+    let page = page.max(4096).next_power_of_two();
+    page.saturating_mul(2048)
+        .max(page.saturating_mul(page / 8))
+        .next_power_of_two()
 }
 
 fn locked(path: &Path, perm: Perm, shared: bool) -> Error {
@@ -454,6 +461,13 @@ mod tests {
             names,
             ["consistent read", "write", "write unchanged", "resize"]
         );
+    }
+
+    #[test]
+    fn the_drop_window_holds_the_largest_folio_of_every_page_size() {
+        for (page, window) in [(4096, 8 << 20), (16 << 10, 32 << 20), (64 << 10, 512 << 20)] {
+            assert_eq!(folio_bound(page), window, "{page}");
+        }
     }
 
     #[test]
