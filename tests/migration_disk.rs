@@ -956,6 +956,38 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
     r.guest.vcpus.shutdown();
 }
 
+/// One attempt over TCP to a shared-storage destination on `path` (durable or not) that
+/// must complete with the preloaded copy current at the stop (its activate read the bitmap
+/// no second time). Returns the store the destination took over and a copy of its bitmap
+/// "b" (a durable store hands out no live bitmap), after checking the writer made marks.
+fn take_over_following_the_log(
+    r: &mut Rig,
+    path: &Path,
+    durable: bool,
+) -> (BitmapStore<FileStorage>, dirty_bitmap::DirtyBitmap) {
+    let mut dest = SharedDiskDest::file("disk-bitmaps", path.to_path_buf());
+    if durable {
+        dest = dest.durable();
+    }
+    let dest = Arc::new(Mutex::new(dest));
+    let o = tcp_attempt(r, vec![dest.clone() as SharedDestState], None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert_eq!(
+        dest.lock().unwrap().activated_current(),
+        1,
+        "durable {durable}: the activate read the bitmap again"
+    );
+    let d = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the destination took over");
+    let b = d.load("b").unwrap();
+    let made = r.guest.disk.marks().len();
+    assert!(made > 100, "the writer made {made} marks");
+    (d, b)
+}
+
 /// The destination follows the source's write log during precopy and at the stop: its
 /// activate takes the preloaded bitmap as it is (reading none of its data inside the
 /// downtime), and what it holds is what the disk holds, every mark included; in both modes.
@@ -965,29 +997,10 @@ fn over_tcp_the_destination_follows_the_write_log_and_its_start_reads_no_bitmap_
         let dir = tempfile::tempdir().unwrap();
         let (img, store) = new_store_in_mode(dir.path(), durable);
         let mut r = rig(&store, 23);
-        let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
-        if durable {
-            dest = dest.durable();
-        }
-        let dest = Arc::new(Mutex::new(dest));
-        let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
-        assert_eq!(o.kind, Kind::Completed);
-        assert_eq!(
-            dest.lock().unwrap().activated_current(),
-            1,
-            "durable {durable}: the activate read the bitmap again"
-        );
-        let d = dest
-            .lock()
-            .unwrap()
-            .take_store()
-            .expect("the destination took over");
+        let (d, b) = take_over_following_the_log(&mut r, &img, durable);
         assert_eq!(d.is_durable(), durable);
-        // A copy: a durable store hands out no live bitmap.
-        let b = d.load("b").unwrap();
         let held = common::serialize_all(&b);
         let marks = r.guest.disk.marks();
-        assert!(marks.len() > 100, "the writer made {} marks", marks.len());
         assert!(marks.iter().all(|&m| b.is_dirty(m)));
         // Nothing marked it since: its inactivate writes no region, and the disk then
         // holds what the source left there. A region the copy held stale would differ.
@@ -1052,27 +1065,9 @@ fn a_destination_on_another_host_reads_the_source_writes_not_its_own_cache() {
         }
         let store = SharedStore::new(s);
         let mut r = rig(&store, 29);
-        let mut dest = SharedDiskDest::file("disk-bitmaps", dest_dev.0.clone());
-        if durable {
-            dest = dest.durable();
-        }
-        let dest = Arc::new(Mutex::new(dest));
-        let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
-        assert_eq!(o.kind, Kind::Completed);
         // It followed the log from the device: at the stop the preloaded copy was current.
-        assert_eq!(
-            dest.lock().unwrap().activated_current(),
-            1,
-            "durable {durable}: the activate read the bitmap again"
-        );
-        let d = dest
-            .lock()
-            .unwrap()
-            .take_store()
-            .expect("the destination took over");
-        let b = d.load("b").unwrap();
+        let (d, b) = take_over_following_the_log(&mut r, &dest_dev.0, durable);
         let marks = r.guest.disk.marks();
-        assert!(marks.len() > 100, "the writer made {} marks", marks.len());
         let missing = marks.iter().filter(|&&m| !b.is_dirty(m)).count();
         assert_eq!(
             missing,
