@@ -1268,6 +1268,7 @@ impl MigrationState for Bulk {
             can_postcopy: Bytes(0),
             disk_time: Millis(0),
             dest_disk_time: Millis(0),
+            stop_only: Bytes(0),
         }
     }
     fn iterate(

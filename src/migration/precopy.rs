@@ -17,7 +17,9 @@
 //!    `must_precopy` fits), flush every state again (a disk state's stop then holds only
 //!    what changes from here until the VM stops), then run the
 //!    **exact** query (syncs the dirty logs, and counts a disk state's remaining regions
-//!    exactly).
+//!    exactly). With nothing left to send as of the last sync (the control message, and
+//!    [`Pending::stop_only`] bytes only the stop sends), the exact query runs with the gate
+//!    shut too: only a sync can find more.
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -729,6 +731,7 @@ where
             can_postcopy: self.out.control_cost(&Control::End),
             disk_time: Millis(0),
             dest_disk_time: Millis(0),
+            stop_only: Bytes(0),
         }
     }
 
@@ -862,10 +865,11 @@ where
             let mut p = self.pending(states, false);
             let mut exact = false;
             let estimate = p.total();
-            // With nothing left as of the last sync, only an exact query can make progress
-            // (find what the guest dirtied since), even when the gate is shut: the threshold
-            // may be too small for even the control message.
-            let drained = p.total() == self.control_cost().total();
+            // With nothing left to send as of the last sync (bytes only the stop sends do
+            // not count: a disk state's last write log), only an exact query can make
+            // progress (find what the guest dirtied since), even when the gate is shut: the
+            // threshold may be too small for even the control message.
+            let drained = p.total() - p.stop_only == self.control_cost().total();
             if self.gate(p) || drained {
                 // A disk state's stop writes what changed since its last flush: flushing
                 // here leaves the exact figure (and the stop, if it follows) only what

@@ -32,6 +32,14 @@ pub struct Pending {
     /// the destination starts without storage work; [`Millis::MAX`] when the state cannot
     /// tell.
     pub dest_disk_time: Millis,
+    /// Of `must_precopy`, the bytes only the stop sends (a
+    /// [`super::disk::SharedDiskState`]'s last write log): no
+    /// [`iterate`](MigrationState::iterate) sends them while the VM runs. A figure with
+    /// nothing but these and the control frames has nothing left to send as of the last
+    /// sync, and the loop runs the exact query that finds what the guest changed since
+    /// (a threshold of 0 would otherwise keep it from ever looking). Never more than
+    /// `must_precopy`.
+    pub stop_only: Bytes,
 }
 
 impl Pending {
@@ -50,6 +58,7 @@ impl std::ops::Add for Pending {
             // The states' stops run one after the other.
             disk_time: self.disk_time + rhs.disk_time,
             dest_disk_time: self.dest_disk_time + rhs.dest_disk_time,
+            stop_only: self.stop_only + rhs.stop_only,
         }
     }
 }
@@ -263,10 +272,12 @@ mod tests {
             can_postcopy: Bytes(2),
             disk_time: Millis(3),
             dest_disk_time: Millis(1),
+            stop_only: Bytes(1),
         };
         assert_eq!((a + a).total(), Bytes(6));
         // Two states' stops run one after the other.
         assert_eq!((a + a).disk_time, Millis(6));
         assert_eq!((a + a).dest_disk_time, Millis(2));
+        assert_eq!((a + a).stop_only, Bytes(2));
     }
 }
