@@ -883,6 +883,82 @@ fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
     }
 }
 
+/// Found by a review: a `--downtime-limit` the loop refuses (above 2000 s) was refused by
+/// every attempt after `send` had activated the image (`in_use` written) and marked its
+/// bitmaps, and `send` exited 3 ("not migrated"). A bad argument: status 1, the image
+/// untouched.
+#[test]
+fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let before = std::fs::read(&img).unwrap();
+    for limit in ["2000001", "18446744073709551615"] {
+        let err = dbm_fails(&[
+            "migrate",
+            "send",
+            p(&img),
+            "--to",
+            "127.0.0.1:9",
+            "--timeout",
+            "1",
+            "--downtime-limit",
+            limit,
+        ]);
+        assert!(err.contains("above 2000 s"), "{limit}: {err}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{limit}: the refusal changed the image"
+        );
+    }
+}
+
+/// Found by a review: a command whose change was committed exited 1 when its report could
+/// not be written (stdout on a full disk), so a script took the change for not made (and
+/// a removal's "made all dirty" notice was lost). It exits 0, and the report goes to
+/// stderr with a warning.
+#[test]
+fn a_committed_change_whose_report_cannot_be_written_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for (args, report) in [
+        (vec!["checkpoint", p(&img), "c1"], "started a new chain"),
+        (vec!["checkpoint", p(&img), "c2"], "c1 no longer records"),
+        (
+            vec!["checkpoint", p(&img), "--since", "c1", "--into", "tmp"],
+            "what changed since c1",
+        ),
+        (vec!["bitmap", p(&img), "c2", "--remove"], "all dirty"),
+        (
+            vec!["check", p(&img), "-r", "leaks"],
+            "No errors were found",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(&args)
+            .stdout(full())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("failed to run dbm");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "dbm {args:?}: {err}");
+        assert!(
+            err.contains("warning: the change is committed") && err.contains(report),
+            "dbm {args:?}: {err}"
+        );
+    }
+    let names: Vec<String> = dbm_bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, ["c1", "tmp"], "{names:?}");
+}
+
 /// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
 /// by `dump`, and removable.
 #[test]

@@ -2,13 +2,13 @@
 //! named scenarios for the latch, the fault plan and the crash images.
 
 use std::io::ErrorKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dirty_bitmap::storage::{
     CrashMode, CrashStorage, FaultPlan, FaultStorage, FileStorage, Landed, LatchingStorage,
-    MemStorage, Op, OpenMode, Storage, StorageExt, Trigger, MAX_STORAGE_LEN, SECTOR_SIZE,
+    Locking, MemStorage, Op, OpenMode, Storage, StorageExt, Trigger, MAX_STORAGE_LEN, SECTOR_SIZE,
 };
 use dirty_bitmap::Error;
 
@@ -908,6 +908,69 @@ fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
     std::fs::write(&data, b"").unwrap();
     let img = FileStorage::open(dir.path().join("img"), OpenMode::ReadWrite).unwrap();
     img.hold_data_file(data.as_os_str().as_bytes()).unwrap();
+}
+
+/// An image path naming a FIFO (`dbm info FIFO`, or the `-b` image of a merge opened
+/// while the target image holds its write locks): every open refuses it instead of
+/// blocking until some process opens the FIFO's other end; so with a directory and a
+/// character device.
+#[test]
+fn an_image_path_naming_a_fifo_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(status.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        for (mode, locking) in [
+            (OpenMode::ReadOnly, Locking::On),
+            (OpenMode::ReadOnly, Locking::ForceShare),
+            (OpenMode::ReadWrite, Locking::On),
+            (OpenMode::ReadOnly, Locking::Off),
+        ] {
+            errors.push(
+                FileStorage::open_with(&path, mode, locking)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        let _ = tx.send(errors);
+    });
+    // A bound on a hang, not a speed.
+    let errors = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("an open waited for the FIFO's other end");
+    for r in errors {
+        let e = r.expect_err("a FIFO is not an image");
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{e}"
+        );
+    }
+    for other in [dir.path(), Path::new("/dev/null")] {
+        let e = FileStorage::open(other, OpenMode::ReadOnly)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{}: {e}",
+            other.display()
+        );
+    }
+    // A regular file opens, and reads and writes as before (not non-blocking).
+    let img = dir.path().join("img");
+    std::fs::write(&img, [7u8; 4096]).unwrap();
+    let s = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();
+    s.write_all_at(&[9u8; 512], 512).unwrap();
+    let mut got = [0u8; 1024];
+    s.read_exact_at(&mut got, 0).unwrap();
+    assert!(got[..512].iter().all(|&b| b == 7) && got[512..].iter().all(|&b| b == 9));
 }
 
 mod model {

@@ -112,7 +112,9 @@ impl FileStorage {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`](crate::Error::Io) when the file cannot be opened;
+    /// [`Error::Io`](crate::Error::Io) when the file cannot be opened, or is neither a
+    /// regular file nor a block device (a FIFO is refused without waiting for its other
+    /// end; a directory or a character device holds no image);
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a writable
     /// [`Locking::ForceShare`] open (as QEMU, force-share is for read-only opens);
     /// [`Error::Locked`](crate::Error::Locked) when another holder's locks conflict;
@@ -127,7 +129,7 @@ impl FileStorage {
                 path.display()
             ));
         }
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let file = open_storage_file(path, writable, "the image")?;
         let access = match (locking, writable) {
             (Locking::Off, _) => None,
             (Locking::ForceShare, _) => Some(Access::ReadForceShare),
@@ -413,30 +415,11 @@ impl Storage for FileStorage {
     /// not wait (`O_NONBLOCK`), so a name an image gives to a FIFO or a terminal is refused
     /// instead of blocking the open for good.
     fn hold_data_file(&self, name: &[u8]) -> Result<()> {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         if self.locking != Locking::On || !self.writable {
             return Ok(());
         }
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(name));
-        let refuse = |kind: std::fs::FileType| -> Result<()> {
-            if kind.is_file() || kind.is_block_device() {
-                return Ok(());
-            }
-            Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "the data file {} is neither a regular file nor a block device",
-                    path.display()
-                ),
-            )))
-        };
-        // Before the open too: opening a device can act (a watchdog arms itself).
-        refuse(std::fs::metadata(&path)?.file_type())?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(&path)?;
-        refuse(file.metadata()?.file_type())?;
+        let file = open_storage_file(&path, false, "the data file")?;
         // On error `file` drops here, closing the description and its locks.
         lock::lock(&file, &path, Access::Write)?;
         if self.released.load(Ordering::Acquire) {
@@ -448,6 +431,37 @@ impl Storage for FileStorage {
         }
         Ok(())
     }
+}
+
+/// Opens `path` (`what` names it in an error), for writing too when `writable`, only if it
+/// is a regular file or a block device: anything else is refused with [`Error::Io`] of
+/// kind `InvalidInput`, before the open (opening a device can act: a watchdog arms itself)
+/// and again on the open file (the name may have changed in between). The open does not
+/// wait (`O_NONBLOCK`: opening a FIFO would wait for its other end, for good) and takes no
+/// controlling terminal; the returned file blocks as usual.
+fn open_storage_file(path: &Path, writable: bool, what: &str) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let refuse = |kind: std::fs::FileType| -> Result<()> {
+        if kind.is_file() || kind.is_block_device() {
+            return Ok(());
+        }
+        Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{what} {} is neither a regular file nor a block device",
+                path.display()
+            ),
+        )))
+    };
+    refuse(std::fs::metadata(path)?.file_type())?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    refuse(file.metadata()?.file_type())?;
+    lock::clear_nonblocking(&file)?;
+    Ok(file)
 }
 
 /// Removes the file [`FileStorage::create_with`] just made at `path`, after `e` stopped the

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::ArgGroup;
 
 use crate::open::{at, new_bitmap_name, store};
-use crate::out::emit;
+use crate::out::emit_done;
 use crate::{size, CmdResult};
 
 /// Options of `dbm bitmap`.
@@ -190,7 +190,7 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
                      held or any made from now on"
                 };
                 for kept in st.remove(&name).map_err(img)? {
-                    emit(&format!("Made bitmap {kept} all dirty: {why}\n"))?;
+                    emit_done(&format!("Made bitmap {kept} all dirty: {why}\n"));
                 }
             }
         }

@@ -21,7 +21,7 @@ use dirty_bitmap::{CheckReport, Corruption, Image};
 use serde_json::{json, Value};
 
 use crate::open::{at, image_untrusting_bitmaps};
-use crate::out::emit;
+use crate::out::{emit, emit_done};
 use crate::CmdResult;
 
 /// Options of `dbm check`.
@@ -220,11 +220,17 @@ pub fn run(args: &CheckArgs) -> CmdResult {
     if !args.quiet {
         // As qemu-img: the findings on stderr in both forms.
         eprint!("{}", findings(&report));
-        if json_out {
+        let out = if json_out {
             let v = json(&args.image.display().to_string(), &report, virtual_clusters);
-            emit(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+            format!("{}\n", serde_json::to_string_pretty(&v)?)
         } else {
-            emit(&text(&report, virtual_clusters))?;
+            text(&report, virtual_clusters)
+        };
+        // After a repair the exit status is the repaired file's verdict, printed or not.
+        if args.repair.is_some() {
+            emit_done(&out);
+        } else {
+            emit(&out)?;
         }
     }
     Ok(ExitCode::from(

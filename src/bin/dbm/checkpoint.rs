@@ -8,7 +8,7 @@ use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::OpenMode;
 
 use crate::open::{at, new_bitmap_name, since_error, store};
-use crate::out::emit;
+use crate::out::emit_done;
 use crate::CmdResult;
 
 /// Options of `dbm checkpoint`.
@@ -42,22 +42,22 @@ pub fn run(args: &CheckpointArgs) -> CmdResult {
                 .map_err(|e| since_error(&args.image, e))?;
             let new = BitmapName::from(new.as_bytes());
             match old {
-                Some(old) => emit(&format!(
+                Some(old) => emit_done(&format!(
                     "checkpoint {new}: started; {old} no longer records\n"
-                ))?,
-                None => emit(&format!("checkpoint {new}: started a new chain\n"))?,
+                )),
+                None => emit_done(&format!("checkpoint {new}: started a new chain\n")),
             }
         }
         (None, Some(since), Some(into)) => {
             st.export_since(BitmapName::parse_escaped(since), into)
                 .map_err(|e| since_error(&args.image, e))?;
             let bm = st.load(into).map_err(|e| at(&args.image, e))?;
-            emit(&format!(
+            emit_done(&format!(
                 "bitmap {}: what changed since {}, {} dirty bytes\n",
                 BitmapName::from(into.as_bytes()),
                 BitmapName::parse_escaped(since),
                 bm.dirty_bytes()
-            ))?;
+            ));
         }
         _ => return Err("give NAME, or --since CHECKPOINT --into BITMAP".into()),
     }

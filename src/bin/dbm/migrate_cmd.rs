@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use dirty_bitmap::migration::guest::new_log;
+use dirty_bitmap::migration::precopy::checked_config;
 use dirty_bitmap::migration::tcp::{
     migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination, MAX_TIMEOUT,
 };
@@ -721,6 +722,16 @@ fn send(a: &SendArgs) -> CmdResult {
         }
         None => None,
     };
+    let batch_pages = 64u64;
+    // A parameter the loop refuses is a bad argument: refused here, before the image is
+    // opened, not by every attempt after the activation wrote `in_use`.
+    let config = checked_config(&LoopConfig {
+        downtime_limit: Millis(a.downtime_limit),
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(a.max_bandwidth)),
+        iterate_chunk: Bytes((batch_pages * PAGE * 4).max(1 << 20)),
+        ..LoopConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
     let mut st = crate::open::store(&a.image, OpenMode::ReadWrite)?;
     let bitmaps = enabled_bitmaps(&st);
     if bitmaps.is_empty() {
@@ -736,13 +747,6 @@ fn send(a: &SendArgs) -> CmdResult {
     for p in 0..pages {
         ram.fill_page(p, init.next_u64());
     }
-    let batch_pages = 64u64;
-    let config = LoopConfig {
-        downtime_limit: Millis(a.downtime_limit),
-        max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(a.max_bandwidth)),
-        iterate_chunk: Bytes((batch_pages * PAGE * 4).max(1 << 20)),
-        ..LoopConfig::default()
-    };
     let mut ram_state = RamState::new(
         RAM_ID,
         Arc::clone(&ram),

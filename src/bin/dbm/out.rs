@@ -14,6 +14,21 @@ pub fn emit(s: &str) -> Result<(), String> {
     }
 }
 
+/// [`emit`] for what a command prints after its change is committed to the image: a write
+/// error can no longer mean that nothing happened, so it is a warning on stderr and the
+/// command's exit status stays what the change earned (a script that saw 1 would retry a
+/// change that is already there, or miss a notice such as "made all dirty").
+pub fn emit_done(s: &str) {
+    if let Err(e) = emit(s) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "dbm: warning: the change is committed, but its report was lost: {e}"
+        );
+        let _ = err.write_all(s.as_bytes());
+    }
+}
+
 /// `println!` through [`emit`], for reports whose lines are not worth an error: a closed
 /// pipe, or any other write error, loses the line and never panics (`println!` panics on
 /// both, `dbm bench flush | head`).
