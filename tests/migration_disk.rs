@@ -2182,6 +2182,78 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
     );
 }
 
+/// Found by a review: QEMU's baseline sends every bitmap whole at the stop, also at a
+/// postcopy switch; its figure still counted every bitmap whole after that, so the push
+/// after the start never ended (the loop failed it, `AfterStart`, once RAM had nothing left
+/// to push) and the destination, never told End, left every bitmap `in_use`. And before
+/// the switch, its figure (all of it for the stop: `Pending::stop_only`) kept a drained RAM
+/// from the exact query once windows went by empty, and the loop gave up ("not
+/// converging"). The postcopy ends, and the destination holds the source's bitmap.
+#[test]
+fn stream_mode_qemus_baseline_through_a_postcopy_switch_ends() {
+    let seed = 0x005E_ED0D;
+    println!("seed {seed:#x}");
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.2,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2_000.0),
+        seed,
+    );
+    let disk = 64 * GIB;
+    let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::new(disk, 65536).unwrap());
+    let mut rng = SplitMix64::new(seed);
+    for _ in 0..500 {
+        bitmap.mark_dirty(rng.below(disk / 65536) * 65536, 4096);
+    }
+    let mut stream = StreamDiskState::qemu_baseline(
+        5,
+        "disk-stream",
+        vec![("b".to_string(), Arc::clone(&bitmap))],
+    )
+    .unwrap();
+    let dest = stream_sim_dest(disk);
+    sim.world()
+        .dest
+        .states
+        .push(Arc::clone(&dest) as SharedDestState);
+    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let out = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
+        &mut AutoConverge::default(),
+    );
+    assert_eq!(out.unwrap().kind, Kind::Postcopy);
+    let held = dest
+        .lock()
+        .unwrap()
+        .take_store()
+        .expect("the destination took over");
+    let at_dest = held.bitmap("b").unwrap();
+    assert_same(
+        &extents(&at_dest),
+        &extents(&bitmap),
+        "destination against source",
+    );
+}
+
 /// The push after the start breaks off (the destination fails on a late section): the
 /// source reports `AfterStart` and stays stopped, and the destination, whose guest runs
 /// on, never holds a bitmap that reads clean where a mark may be missing: it is dirty

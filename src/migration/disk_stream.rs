@@ -241,6 +241,10 @@ pub struct StreamDiskState {
     postcopy: bool,
     /// The postcopy switch happened: what is left is pushed to a running destination.
     switched: bool,
+    /// QEMU's way ([`qemu_baseline`](Self::qemu_baseline)): this attempt's stop sent every
+    /// bitmap whole, so nothing is left (at a postcopy switch too: the push after it ends
+    /// only once every state's figure is 0).
+    sent_whole: bool,
 }
 
 impl StreamDiskState {
@@ -308,6 +312,7 @@ impl StreamDiskState {
             qemu_baseline: false,
             postcopy: false,
             switched: false,
+            sent_whole: false,
         })
     }
 
@@ -578,6 +583,7 @@ impl StreamDiskState {
         self.awaiting = false;
         if self.qemu_baseline {
             // QEMU's way sends whole bitmaps at every stop.
+            self.sent_whole = false;
             self.resend_all();
         } else if self.next_seq > 1 {
             self.unresolved = true;
@@ -637,6 +643,7 @@ impl MigrationState for StreamDiskState {
         self.complete_bytes = Bytes(0);
         self.awaiting = false;
         self.switched = false;
+        self.sent_whole = false;
         if self.next_seq > 1 && !self.qemu_baseline {
             // Waiting before anything is sent: whatever the answer, nothing of this
             // attempt is lost to it.
@@ -705,6 +712,9 @@ impl MigrationState for StreamDiskState {
     /// destination's report says what it holds, every region counts (it may hold nothing).
     fn pending(&mut self, exact: bool) -> Pending {
         let mut total = Bytes(0);
+        if self.sent_whole {
+            return Pending::default();
+        }
         if self.qemu_baseline || self.unresolved || self.awaiting {
             // Whole bitmaps: QEMU's way every time; ours while the destination's copy is
             // unknown.
@@ -713,6 +723,8 @@ impl MigrationState for StreamDiskState {
             }
             return Pending {
                 must_precopy: total,
+                // QEMU's way sends nothing before the stop.
+                stop_only: if self.qemu_baseline { total } else { Bytes(0) },
                 ..Pending::default()
             };
         }
@@ -799,6 +811,7 @@ impl MigrationState for StreamDiskState {
                 &bitmap_codec::encode_complete(i as u16, seq, false),
             )?;
         }
+        self.sent_whole = self.qemu_baseline;
         self.complete_bytes = sent;
         Ok(sent)
     }
