@@ -202,7 +202,11 @@ impl BitmapName {
     pub fn parse_escaped(text: &str) -> Self {
         let mut rest = text.as_bytes();
         let mut out = Vec::with_capacity(rest.len());
+        // Two hex digits, nothing else (`from_str_radix` alone would take `+1`).
         let hex = |h: &[u8]| {
+            if !h.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             std::str::from_utf8(h)
                 .ok()
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
@@ -1063,6 +1067,19 @@ mod tests {
         assert_eq!(
             BitmapName::parse_escaped("naïve"),
             BitmapName::from("naïve")
+        );
+        // Found by a review: `\x+1` read as byte 1 (`from_str_radix` takes a sign). Only
+        // two hex digits make a byte; anything else is itself.
+        for text in ["\\x+1", "\\x-1", "\\x 1"] {
+            assert_eq!(
+                BitmapName::parse_escaped(text),
+                BitmapName::from(text),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            BitmapName::parse_escaped("\\x0A"),
+            BitmapName::from(&[0x0a][..])
         );
     }
 
