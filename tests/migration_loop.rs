@@ -473,6 +473,35 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
     retry_succeeds(&rig);
 }
 
+/// Found by a review: an idle guest, refused at End, then retried incrementally. The retry
+/// has nothing to send while the VM runs, so its every window went by empty, measured the
+/// link at 0 (a threshold of 0) and no figure, not even the control frames alone, fitted:
+/// it ended "not converging", and so would every later retry. The Hello and the states'
+/// setup count in the first window (a lower bound on the link: what it carried), and a
+/// window in which nothing was sent keeps the last measurement.
+#[test]
+fn an_idle_guests_incremental_retry_switches_over() {
+    let rig = Rig::new(32, 0.0, per_ms(2000.0));
+    rig.sim.world().dest.refuse = Some("no room".into());
+    let mut first = rig.state(SetupMode::Full, false);
+    let e = rig
+        .migrate(&config(300), &mut first, &mut AutoConverge::default())
+        .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::DestinationRefused(ref r) if r == "no room"),
+        "{e}"
+    );
+    rig.sim.world().dest.refuse = None;
+    let mut again = rig.state(SetupMode::Incremental, false);
+    let o = rig
+        .migrate(&config(300), &mut again, &mut AutoConverge::default())
+        .unwrap();
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    assert_eq!(o.throttle, 0, "an idle guest was throttled: {o:?}");
+    assert!(o.downtime <= std::time::Duration::from_millis(300), "{o:?}");
+    rig.assert_same_ram();
+}
+
 #[test]
 fn postcopy_pulls_missing_pages_and_ends_equal() {
     // The guest dirties faster than the link: precopy alone cannot converge.

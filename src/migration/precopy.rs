@@ -4,7 +4,9 @@
 //! One turn of the loop:
 //! 1. **Counters.** Once at least [`BUFFER_DELAY`] (100 ms) passed since the window
 //!    started: bandwidth = bytes sent in the window / its length (or
-//!    `avail_switchover_bandwidth` if set). A window with no bytes sent measures 0.
+//!    `avail_switchover_bandwidth` if set). The first window runs from the Hello, so the
+//!    Hello and the states' setup count in it. A window with no bytes sent had nothing to
+//!    send and measures nothing: the last measurement stands (QEMU measures it as 0).
 //!    Before the first window closes the bandwidth is 0. Each closed window also runs
 //!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
 //!    regions, and measures the disk's rate and barrier latency as it does).
@@ -34,7 +36,10 @@
 //!    an exact figure in which more than half of what was sent was dirtied again
 //!    ([`StallKind`]). The stall guard measures a figure
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
-//!    as progress, and a disk-only migration that sends nothing is not stuck.
+//!    as progress (a disk-only migration that sends nothing is not reported stuck while
+//!    its flushes shrink its stop; it switches over once its figure fits what the link
+//!    was measured at, with only its Hello and setup to measure by if its guest writes
+//!    nothing: give it `avail_switchover_bandwidth`).
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
@@ -165,7 +170,7 @@ pub struct IterationReport {
     pub bytes_sent: Bytes,
     /// Current vCPU throttle, in percent.
     pub throttle: u8,
-    /// Measurement windows closed so far (the threshold is 0 until the first).
+    /// Measurement windows closed so far (the threshold is 0 until the first closes).
     pub windows: u64,
     /// Of which windows with no bytes sent.
     pub empty_windows: u64,
@@ -338,7 +343,7 @@ pub struct Outcome {
     pub throttle: u8,
     /// Postcopy page requests served.
     pub requests_served: u64,
-    /// Measurement windows closed with no bytes sent (each measured a threshold of 0).
+    /// Measurement windows closed with no bytes sent (each kept the last measurement).
     pub empty_windows: u64,
     /// What the states wrote to their own storage inside the downtime (a disk state's
     /// final flush and commit): bytes, barriers and time, summed. Its time is part of
@@ -480,8 +485,11 @@ where
     if let Err(e) = l.await_reports(states) {
         return Err(l.fail_running(states, e));
     }
-    l.window_start = l.clock.now();
-    l.window_bytes = l.out.bytes_sent();
+    // The first window runs from the Hello: what it and the states' setup put on the wire
+    // counts (a lower bound on the link, as every measurement is). An attempt with nothing
+    // to send while the VM runs (an idle guest's incremental retry) has no other.
+    l.window_start = l.start;
+    l.window_bytes = l.bytes_start;
     l.precopy(states)
 }
 
@@ -752,8 +760,15 @@ where
         let sent = self.out.bytes_sent() - self.window_bytes;
         self.windows += 1;
         self.empty_windows += u64::from(sent == Bytes(0));
-        let ms = elapsed.as_nanos() as f64 / 1e6;
-        self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
+        // A window in which nothing was sent had nothing to send (the rate limiter allows
+        // a byte in every window): it says nothing of the link, and the last measurement
+        // stands. Measuring it as 0 would leave a threshold of 0 for good once the states
+        // have nothing to send while the VM runs: no figure would ever fit, not even the
+        // control frames (QEMU completes on a pending figure of 0 instead, unchecked).
+        if sent > Bytes(0) {
+            let ms = elapsed.as_nanos() as f64 / 1e6;
+            self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
+        }
         self.expected = self
             .config
             .avail_switchover_bandwidth
@@ -1031,7 +1046,7 @@ where
             }
             if sent == Bytes(0) {
                 // Rate limited, or nothing to send right now: wait for the window's end
-                // (such a window measures a bandwidth of 0, hence a threshold of 0).
+                // (a window that sent nothing keeps the last measurement).
                 let deadline = self.window_start + BUFFER_DELAY.as_duration();
                 let deadline = deadline.max(self.clock.now() + Duration::from_millis(1));
                 self.clock.sleep_until(deadline);
