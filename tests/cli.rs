@@ -914,6 +914,102 @@ fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() 
     }
 }
 
+/// Found by a review: `migrate send --vcpus 18446744073709551615` panicked (a capacity
+/// overflow) after it had activated the image, leaving its bitmap `in_use`. A count beyond
+/// 4096 (or 0) is refused at parsing, by every command that runs vCPUs, before anything is
+/// opened.
+#[test]
+fn vcpu_counts_beyond_4096_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let before = std::fs::read(&img).unwrap();
+    for v in ["18446744073709551615", "4097", "0"] {
+        for args in [
+            vec![
+                "migrate",
+                "send",
+                p(&img),
+                "--to",
+                "127.0.0.1:9",
+                "--timeout",
+                "1",
+                "--vcpus",
+                v,
+            ],
+            vec!["demo", "--vcpus", v],
+            vec!["bench", "migrate", "--vcpus", v],
+            vec!["bench", "migrate-disk", "--vcpus", v],
+        ] {
+            let err = dbm_fails(&args);
+            assert!(
+                err.contains("a vCPU count from 1 to 4096"),
+                "{args:?}: {err}"
+            );
+        }
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "--vcpus {v}: the refusal changed the image"
+        );
+    }
+}
+
+/// Found by a review: `migrate listen` opened its `--log` only once the guest had started
+/// there, so a path it could not write ended the run after the hand-over (the source's
+/// guest gone, this one stopped at once). It is opened before anything listens, and a
+/// `--log` with no writes to log is refused.
+#[test]
+fn listen_refuses_a_log_it_cannot_write_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let bad = dir.path().join("no-such-dir").join("own.log");
+    let fresh = dir.path().join("own.log");
+    for (args, says) in [
+        (
+            vec![
+                "migrate",
+                "listen",
+                p(&img),
+                "--bind",
+                "127.0.0.1:0",
+                "--timeout",
+                "5",
+                "--bitmap-writes-per-sec",
+                "100",
+                "--log",
+                p(&bad),
+            ],
+            "No such file",
+        ),
+        (
+            vec![
+                "migrate",
+                "listen",
+                p(&img),
+                "--bind",
+                "127.0.0.1:0",
+                "--timeout",
+                "5",
+                "--log",
+                p(&fresh),
+            ],
+            "--log needs --bitmap-writes-per-sec",
+        ),
+    ] {
+        let out = dbm(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            !text(&out.stdout).contains("listening on"),
+            "{args:?}: it listened first"
+        );
+    }
+}
+
 /// Found by a review: a command whose change was committed exited 1 when its report could
 /// not be written (stdout on a full disk), so a script took the change for not made (and
 /// a removal's "made all dirty" notice was lost). It exits 0, and the report goes to

@@ -83,4 +83,6 @@ pub use ram::{RamState, SetupMode, RAM_ID};
 pub use state::{MigrationState, Pending};
 pub use units::{Bytes, BytesPerMs, Millis};
 #[cfg(feature = "testing")]
-pub use workload::{DiskGuest, DiskWriter, Pattern, Workload, WorkloadConfig, DISK_WRITE};
+pub use workload::{
+    DiskGuest, DiskWriter, Pattern, Workload, WorkloadConfig, DISK_WRITE, MAX_VCPUS,
+};

@@ -61,10 +61,13 @@ impl Pattern {
     }
 }
 
+/// The most vCPU threads a [`Workload`] starts (QEMU's largest x86 machine has 4096).
+pub const MAX_VCPUS: usize = 4096;
+
 /// Options of a [`Workload`].
 #[derive(Debug, Clone, Copy)]
 pub struct WorkloadConfig {
-    /// vCPU threads.
+    /// vCPU threads, 1 to [`MAX_VCPUS`].
     pub vcpus: usize,
     /// Page writes per second over all vCPUs, before throttling.
     pub writes_per_sec: u64,
@@ -123,10 +126,11 @@ impl Workload {
         log: Arc<DirtyBitmap>,
         config: WorkloadConfig,
     ) -> Result<Workload> {
-        if config.vcpus == 0 {
-            return Err(MigrationError::InvalidInput(
-                "vcpus must be at least 1".into(),
-            ));
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(MigrationError::InvalidInput(format!(
+                "vcpus {}: must be 1 to {MAX_VCPUS}",
+                config.vcpus
+            )));
         }
         check_log(&ram, &log)?;
         let shared = Arc::new(Shared {
@@ -487,6 +491,29 @@ impl Vm for DiskGuest<'_> {
 mod tests {
     use super::super::guest::{new_log, PAGE_SIZE};
     use super::*;
+
+    /// A vCPU count the workload cannot start (`--vcpus 18446744073709551615` aborted on a
+    /// capacity overflow) is refused before anything is allocated or spawned.
+    #[test]
+    fn a_vcpu_count_beyond_the_most_is_refused() {
+        let ram = Arc::new(GuestRam::new(4).unwrap());
+        let log = Arc::new(crate::migration::guest::new_log(&ram).unwrap());
+        for vcpus in [0, MAX_VCPUS + 1, usize::MAX] {
+            let Err(e) = Workload::start(
+                Arc::clone(&ram),
+                Arc::clone(&log),
+                WorkloadConfig {
+                    vcpus,
+                    writes_per_sec: 1,
+                    pattern: Pattern::Uniform,
+                    seed: 1,
+                },
+            ) else {
+                panic!("{vcpus} vCPUs accepted");
+            };
+            assert!(matches!(e, MigrationError::InvalidInput(_)), "{e}");
+        }
+    }
     use std::sync::atomic::fence;
 
     /// A throttled guest issues its disk writes slower: at 99 % the writer makes a small

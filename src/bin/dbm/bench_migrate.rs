@@ -61,8 +61,8 @@ pub struct MigrateArgs {
     /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
     #[arg(long, default_value = "128M", value_parser = parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
-    /// vCPU threads.
-    #[arg(long, default_value_t = 2)]
+    /// vCPU threads (1 to 4096).
+    #[arg(long, default_value_t = 2, value_parser = crate::size::vcpus)]
     pub vcpus: usize,
     /// Bandwidths (`max-bandwidth`) to sweep, bytes per second (comma-separated, suffixes
     /// K, M, G).

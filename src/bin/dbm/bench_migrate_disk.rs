@@ -60,8 +60,8 @@ pub struct MigrateDiskArgs {
     /// Guest RAM (suffixes K, M, G; a multiple of 4 KiB).
     #[arg(long, default_value = "1G", value_parser = parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
-    /// vCPU threads writing guest pages.
-    #[arg(long, default_value_t = 2)]
+    /// vCPU threads writing guest pages (1 to 4096).
+    #[arg(long, default_value_t = 2, value_parser = crate::size::vcpus)]
     pub vcpus: usize,
     /// Bytes per second the vCPUs write, in whole 4 KiB pages (suffixes K, M, G); 90 % of
     /// the writes go into 5 % of the pages.

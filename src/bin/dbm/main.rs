@@ -140,8 +140,8 @@ pub struct DemoArgs {
     /// Migration part: guest RAM (suffixes K, M, G; a multiple of 4 KiB).
     #[arg(long, default_value = "1G", value_parser = size::parse_size, allow_negative_numbers = true)]
     pub guest_ram: u64,
-    /// Migration part: vCPU threads writing guest pages.
-    #[arg(long, default_value_t = 2)]
+    /// Migration part: vCPU threads writing guest pages (1 to 4096).
+    #[arg(long, default_value_t = 2, value_parser = crate::size::vcpus)]
     pub vcpus: usize,
     /// Migration part: bytes per second the vCPUs write, in whole 4 KiB pages (suffixes
     /// K, M, G); 90 % of the writes go into 5 % of the pages.

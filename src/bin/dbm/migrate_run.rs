@@ -344,23 +344,25 @@ pub fn counted_on_disk<S: Storage>(
         .collect()
 }
 
-/// Marks of `marks` (the offsets of [`DISK_WRITE`]-byte writes) not dirty, summed over
-/// `bitmaps` ([`counted_in_store`], [`counted_on_disk`]): a mark is there only if every
-/// byte of it up to the disk's end is dirty (below 4 KiB granularity a write sets several
-/// bits, and any of them may be the one lost), and one starting past a bitmap's disk is
-/// missing from it.
+/// Whether the mark of a `len`-byte write at `offset` is missing from `b`: it is there only
+/// if every byte of it up to the disk's end is dirty (below 4 KiB granularity a write sets
+/// several bits, and any of them may be the one lost; a write the disk's end cuts short, on
+/// a disk under 4 KiB, is there up to the end, as the writer marks it), and one starting
+/// past the disk's end is in no bit (a log of another, larger disk).
+pub fn mark_missing(b: &DirtyBitmap, offset: u64, len: u64) -> bool {
+    let end = offset.saturating_add(len).min(b.disk_size());
+    offset >= b.disk_size() || b.next_clean(offset).is_some_and(|c| c < end)
+}
+
+/// Marks of `marks` (the offsets of [`DISK_WRITE`]-byte writes) missing
+/// ([`mark_missing`]), summed over `bitmaps` ([`counted_in_store`], [`counted_on_disk`]).
 pub fn lost_marks(bitmaps: &[DirtyBitmap], marks: &[u64]) -> u64 {
     bitmaps
         .iter()
         .map(|b| {
             marks
                 .iter()
-                .filter(|&&o| {
-                    // A write the disk's end cuts short (a disk under 4 KiB) is there up
-                    // to the end; one starting past it is in no bit.
-                    let end = o.saturating_add(DISK_WRITE).min(b.disk_size());
-                    o >= b.disk_size() || b.next_clean(o).is_some_and(|c| c < end)
-                })
+                .filter(|&&o| mark_missing(b, o, DISK_WRITE))
                 .count() as u64
         })
         .sum()

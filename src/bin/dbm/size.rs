@@ -1,4 +1,7 @@
-//! Sizes with binary suffixes: `512`, `64K`, `2M`, `16T`, parsed and printed.
+//! Sizes with binary suffixes: `512`, `64K`, `2M`, `16T`, parsed and printed; and the
+//! other counts the commands parse.
+
+use dirty_bitmap::migration::MAX_VCPUS;
 
 /// C's `isspace` in the C locale, the whitespace `strtoull` and `strtod` skip: space, `\t`,
 /// `\n`, `\v`, `\f` and `\r`; no other Unicode space (`qemu-img` refuses `"\u{a0}1K"`).
@@ -131,6 +134,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let total =
         (u128::from(whole) << shift) + (frac_bytes >> 64) + u128::from((frac_bytes as u64) >> 63);
     u64::try_from(total).map_err(|_| too_big())
+}
+
+/// A vCPU count for `--vcpus`: 1 to [`MAX_VCPUS`], refused at parsing (before any image
+/// is opened) where a huge count would fail the workload's start after the activation.
+pub fn vcpus(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(format!("{s}: a vCPU count from 1 to {MAX_VCPUS}")),
+    }
 }
 
 /// `1.5 GiB`-style size, for output.
