@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     &["tracker"],
     &["store"],
     &["migration"],
-    &["testing", "fuzzing"],
+    &["fuzzing"],
 ];
 
 fn layer_of(top: &str) -> Option<usize> {

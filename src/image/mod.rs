@@ -879,7 +879,9 @@ impl<S: Storage> Image<S> {
     /// sector of cluster 0, where a torn mix could trust a bitmaps extension neither side
     /// vouches for (bit 0 set over an untrusted extension or none, the last bitmap
     /// removed, a checkpoint whose extension data straddles a sector boundary), is
-    /// bracketed: up to three writes and three barriers ([`put_header`](Self::put_header)).
+    /// bracketed: up to three writes and three barriers ([`put_header`](Self::put_header));
+    /// a backing file's name that must move goes through a spare place first, up to seven
+    /// writes, each with its barrier (`put_header_moving_name`).
     ///
     /// # Errors
     /// As [`alloc_clusters`](Self::alloc_clusters); [`Error::InvalidInput`] if the area no

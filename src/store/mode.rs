@@ -16,7 +16,9 @@
 //! barrier: the word is 8-aligned (the extension area starts at the 8-aligned
 //! header length and every frame is padded to 8), so it lies inside one sector, and a torn
 //! write leaves the old word or the new one; nothing else moves. The first durable
-//! activation of an image without one adds it: one header write and one barrier. The mode extension is the last one in cluster 0
+//! activation of an image without one adds it: one header write and one barrier (more when
+//! the backing file's name moves through a spare place, `Image::put_header_moving_name`,
+//! or a foreign layout is bracketed). The mode extension is the last one in cluster 0
 //! (`HeaderArea::encode`), after the bitmaps extension, so adding or removing it changes no
 //! byte of the bitmaps extension or of anything before it but the backing file fields.
 //! `torn_mix_keeps_bitmaps` checks exactly that against the bytes on disk; when it holds,
