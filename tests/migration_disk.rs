@@ -201,6 +201,82 @@ fn a_disk_stop_that_takes_the_whole_limit_never_switches_over() {
     }
 }
 
+/// `AutoConverge` with postcopy, found by a review: once fully throttled it asked for
+/// postcopy at every stall, and with a disk stop that takes the whole limit the switch to
+/// postcopy never fits either, so the loop ran for good. It gives up at the first stall
+/// after its request. (A cap on the stalls stops the old behaviour's run here.)
+#[test]
+fn auto_converge_gives_up_when_even_the_postcopy_switch_cannot_fit() {
+    struct Capped {
+        inner: AutoConverge,
+        stalls: u32,
+        gave_up: bool,
+    }
+    impl Controller for Capped {
+        fn on_stall(&mut self, r: &StallReport) -> StallAction {
+            self.stalls += 1;
+            let a = self.inner.on_stall(r);
+            self.gave_up |= a == StallAction::Cancel;
+            if self.stalls >= 40 {
+                return StallAction::Cancel;
+            }
+            a
+        }
+    }
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.05,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2000.0),
+        7,
+    );
+    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
+    let mut disk = VirtualDisk {
+        sim: sim.clone(),
+        stop: Millis(300),
+        log: Bytes(0),
+        timed_from: Duration::ZERO,
+        completed: false,
+    };
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        max_bandwidth: None,
+        postcopy: true,
+        ..LoopConfig::default()
+    };
+    let mut control = Capped {
+        inner: AutoConverge {
+            postcopy: true,
+            ..AutoConverge::default()
+        },
+        stalls: 0,
+        gave_up: false,
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState, &mut disk],
+        &mut control,
+    );
+    assert_eq!(r.unwrap().kind, Kind::NotConverging);
+    assert!(
+        control.gave_up,
+        "AutoConverge never gave up ({} stalls)",
+        control.stalls
+    );
+    assert!(sim.guest_running(), "the source must keep running");
+}
+
 /// A shared-storage disk state's last write log goes out only at the stop: it is in every
 /// figure, but nothing sends it while the VM runs. Here the disk's stop cannot be timed
 /// until a while after RAM sent everything as of its last sync, in a first pass that

@@ -225,6 +225,9 @@ pub struct StallReport {
     pub threshold: Bytes,
     /// Current vCPU throttle, in percent.
     pub throttle: u8,
+    /// Postcopy was requested already (by the configuration, a directive or an earlier
+    /// stall's answer): a stall after that means the switch to it does not fit either.
+    pub postcopy_requested: bool,
 }
 
 /// The caller's answer to "not converging".
@@ -258,7 +261,10 @@ pub trait Controller {
 }
 
 /// A [`Controller`] that auto-converges: each stall raises the throttle by `step` percent
-/// up to `max_throttle`, then switches to postcopy if `postcopy`, else gives up.
+/// up to `max_throttle`, then switches to postcopy if `postcopy`, else gives up; it gives
+/// up too on a stall with postcopy requested already (the switch to it does not fit
+/// either: a disk stop that takes the whole limit, say), where asking again would keep the
+/// loop going for good.
 #[derive(Debug, Clone, Copy)]
 pub struct AutoConverge {
     /// Throttle increase per stall.
@@ -288,7 +294,7 @@ impl Controller for AutoConverge {
                     .saturating_add(self.step)
                     .min(self.max_throttle),
             )
-        } else if self.postcopy {
+        } else if self.postcopy && !report.postcopy_requested {
             StallAction::Postcopy
         } else {
             StallAction::Cancel
@@ -942,6 +948,7 @@ where
                         last: measure,
                         threshold: thr,
                         throttle: self.throttle,
+                        postcopy_requested: self.postcopy_requested,
                     });
                     rounds = 0;
                     best = Some(measure);
@@ -959,6 +966,7 @@ where
                     last: estimate,
                     threshold: thr,
                     throttle: self.throttle,
+                    postcopy_requested: self.postcopy_requested,
                 });
                 self.idle_turns = 0;
             } else {
@@ -986,6 +994,7 @@ where
                                 last: estimate,
                                 threshold: thr,
                                 throttle: self.throttle,
+                                postcopy_requested: self.postcopy_requested,
                             });
                             dirty_high = 0;
                         }
