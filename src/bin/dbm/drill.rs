@@ -394,14 +394,29 @@ fn lost(store: &BitmapStore<FileStorage>, marks: &[u64]) -> Res<usize> {
     ))?)
 }
 
-/// Logged marks not dirty in bitmap `b` of the image at `path`, read from disk.
+/// Logged marks not dirty in bitmap `b` of the image at `path`, read from disk; an error
+/// if a bitmap there is `in_use` (a stop that did not end cleanly: the count would say only
+/// that `b` records nothing).
 fn lost_on_disk(path: &Path, marks: &[u64]) -> Res<usize> {
     let s = BitmapStore::open(FileStorage::open_shared(path)?, OpenMode::ReadOnly)?;
-    let n = lost(&s, marks)?;
     if s.list().iter().any(|i| i.in_use) {
         return Err("the bitmap is in_use on disk".into());
     }
-    Ok(n)
+    lost(&s, marks)
+}
+
+/// A step of a case whose failure is the case's verdict, not the drill's (the source cannot
+/// take its image back, a stop fails, a bitmap is left `in_use`): it fails the case, saying
+/// what failed in its row, and the matrix goes on (exit status 2, as for a lost mark).
+fn judged<T>(res: &mut CaseResult, what: &str, r: Res<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            res.ok = false;
+            res.state = format!("FAILED: {what}: {e}");
+            None
+        }
+    }
 }
 
 fn config(postcopy: bool) -> LoopConfig {
@@ -525,7 +540,10 @@ pub fn run(args: &DrillArgs) -> CmdResult {
         }
     }
     if bad > 0 {
-        outln!("{bad} case(s) lost marks, left corruption or could not hand over on retry");
+        outln!(
+            "{bad} case(s) lost marks, left corruption, failed a stop or take-back, or could not \
+             hand over on retry"
+        );
         return Ok(ExitCode::from(2));
     }
     outln!("every case: no mark lost, qemu-img check clean, and a retry handed over where the source kept the guest");
@@ -665,12 +683,22 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 res.state = "the destination did not take over".into();
                 return finish(guest, res);
             };
-            res.lost = lost(&d, &marks)?;
+            let Some(n) = judged(&mut res, "the destination's marks", lost(&d, &marks)) else {
+                return finish(guest, res);
+            };
+            res.lost = n;
             // A postcopy push that broke off leaves the bitmap dirty everywhere.
             let all_dirty = d.bitmap("b").is_ok_and(|b| b.count() == b.bit_count());
-            d.inactivate()?;
+            let stopped = d.inactivate().map_err(Into::into);
+            if judged(&mut res, "the destination's stop", stopped).is_none() {
+                return finish(guest, res);
+            }
             drop(d);
-            res.lost += lost_on_disk(&dest_img, &marks)?;
+            let on_disk = lost_on_disk(&dest_img, &marks);
+            let Some(n) = judged(&mut res, "the destination's image", on_disk) else {
+                return finish(guest, res);
+            };
+            res.lost += n;
             res.state = match (mode, store.lock().is_active()) {
                 (Mode::Shared, false) => "at the destination; source handed over".into(),
                 (Mode::Shared, true) => "at the destination; source ACTIVE".into(),
@@ -693,14 +721,21 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 ram_state.resume_source();
                 disk.state().channel_failed();
                 disk.state().resume_source();
-                disk.state().reactivate()?;
+                let back = disk.state().reactivate().map_err(Into::into);
+                if judged(&mut res, "the source's take-back", back).is_none() {
+                    return finish(guest, res);
+                }
                 guest.vm().resume()?;
             }
             // The source kept (or took back) the guest: every mark so far is in its bitmap.
             std::thread::sleep(Duration::from_millis(100));
             let before = guest.disk.marks();
             res.marks = before.len();
-            res.lost = lost(&store.lock(), &before)?;
+            let counted = lost(&store.lock(), &before);
+            let Some(n) = judged(&mut res, "the source's marks", counted) else {
+                return finish(guest, res);
+            };
+            res.lost = n;
             res.state = if store.lock().is_active() {
                 "source active, every mark in memory".into()
             } else {
@@ -725,10 +760,21 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                         res.retry = "completed, but the destination holds nothing".into();
                         return finish(guest, res);
                     };
-                    res.lost += lost(&d, &marks)?;
-                    d.inactivate()?;
+                    let Some(n) = judged(&mut res, "the destination's marks", lost(&d, &marks))
+                    else {
+                        return finish(guest, res);
+                    };
+                    res.lost += n;
+                    let stopped = d.inactivate().map_err(Into::into);
+                    if judged(&mut res, "the destination's stop", stopped).is_none() {
+                        return finish(guest, res);
+                    }
                     drop(d);
-                    res.lost += lost_on_disk(&dest_img, &marks)?;
+                    let on_disk = lost_on_disk(&dest_img, &marks);
+                    let Some(n) = judged(&mut res, "the destination's image", on_disk) else {
+                        return finish(guest, res);
+                    };
+                    res.lost += n;
                     res.qemu = qemu_check(&dest_img);
                     res.retry = format!(
                         "handed over, downtime {:.1} ms",
@@ -743,8 +789,15 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                     }
                     if mode == Mode::Stream {
                         // The source's own image, after its own stop, holds every mark too.
-                        store.lock().inactivate()?;
-                        res.lost += lost_on_disk(&src_img, &marks)?;
+                        let stopped = store.lock().inactivate().map_err(Into::into);
+                        if judged(&mut res, "the source's stop", stopped).is_none() {
+                            return finish(guest, res);
+                        }
+                        let on_disk = lost_on_disk(&src_img, &marks);
+                        let Some(n) = judged(&mut res, "the source's image", on_disk) else {
+                            return finish(guest, res);
+                        };
+                        res.lost += n;
                         let q = qemu_check(&src_img);
                         if q != "clean" {
                             res.qemu = format!("source: {q}");
@@ -790,6 +843,43 @@ fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by a review: a stop that left `b` in use on disk made the count refuse ("enabled
+    /// but inconsistent: it records nothing") before the in-use check could say so, and the
+    /// error ended the whole drill with status 1 instead of failing the case (status 2).
+    #[test]
+    fn a_bitmap_left_in_use_fails_the_case_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("left.qcow2");
+        new_image(&img, true).unwrap();
+        let mut st = open_rw(&img).unwrap();
+        st.activate().unwrap();
+        // Dropped while active, as a process that dies: `in_use` stays set.
+        drop(st);
+        let e = lost_on_disk(&img, &[0]).unwrap_err().to_string();
+        assert!(e.contains("in_use on disk"), "{e}");
+        let mut res = CaseResult {
+            outcome: String::new(),
+            marks: 1,
+            lost: 0,
+            state: String::new(),
+            qemu: "clean".into(),
+            retry: "-".into(),
+            ok: true,
+        };
+        assert!(judged(
+            &mut res,
+            "the destination's image",
+            lost_on_disk(&img, &[0])
+        )
+        .is_none());
+        assert!(!res.ok);
+        assert!(
+            res.state.contains("the destination's image") && res.state.contains("in_use"),
+            "{}",
+            res.state
+        );
+    }
 
     /// The `cut-after-end` race: the source sets the swallow before it writes End, and the
     /// answers' pump may act on it before the other pump has forwarded End. Here it acts
