@@ -478,7 +478,8 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
 /// link at 0 (a threshold of 0) and no figure, not even the control frames alone, fitted:
 /// it ended "not converging", and so would every later retry. The Hello and the states'
 /// setup count in the first window (a lower bound on the link: what it carried), and a
-/// window in which nothing was sent keeps the last measurement.
+/// window in which nothing was sent keeps the last measurement. (With only the Hello to
+/// measure by, the control frames fit from a limit of about 50 ms: `docs/DESIGN.md`.)
 #[test]
 fn an_idle_guests_incremental_retry_switches_over() {
     let rig = Rig::new(32, 0.0, per_ms(2000.0));

@@ -963,7 +963,7 @@ fn an_image_path_naming_a_fifo_is_refused_without_waiting() {
             other.display()
         );
     }
-    // A regular file opens, and reads and writes as before (not non-blocking).
+    // A regular file opens, reads and writes.
     let img = dir.path().join("img");
     std::fs::write(&img, [7u8; 4096]).unwrap();
     let s = FileStorage::open(&img, OpenMode::ReadWrite).unwrap();

@@ -5,8 +5,9 @@
 //! 1. **Counters.** Once at least [`BUFFER_DELAY`] (100 ms) passed since the window
 //!    started: bandwidth = bytes sent in the window / its length (or
 //!    `avail_switchover_bandwidth` if set). The first window runs from the Hello, so the
-//!    Hello and the states' setup count in it. A window with no bytes sent had nothing to
-//!    send and measures nothing: the last measurement stands (QEMU measures it as 0).
+//!    Hello and the states' setup count in it. A window with no bytes sent, none of whose
+//!    turns the rate limiter held back, had nothing to send and measures nothing: the last
+//!    measurement stands (QEMU measures it as 0, as this loop measures a held-back one).
 //!    Before the first window closes the bandwidth is 0. Each closed window also runs
 //!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
 //!    regions, and measures the disk's rate and barrier latency as it does).
@@ -473,6 +474,7 @@ where
         requests_served: 0,
         windows: 0,
         empty_windows: 0,
+        held_back: false,
         idle_turns: 0,
         idle_since: Duration::ZERO,
         disk_flushed: Bytes(0),
@@ -642,6 +644,9 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     requests_served: u64,
     windows: u64,
     empty_windows: u64,
+    /// A turn of the current window had no budget (the rate limiter held it back, bytes
+    /// carried over from an earlier window using up this one's allowance).
+    held_back: bool,
     /// Turns in a row without progress (no exact query, nothing sent although the rate
     /// limiter allowed it), and the clock time of the first of them.
     idle_turns: u32,
@@ -766,12 +771,15 @@ where
         let sent = self.out.bytes_sent() - self.window_bytes;
         self.windows += 1;
         self.empty_windows += u64::from(sent == Bytes(0));
-        // A window in which nothing was sent had nothing to send (the rate limiter allows
-        // a byte in every window): it says nothing of the link, and the last measurement
+        // A window in which nothing was sent, and no turn was held back by the rate limiter,
+        // had nothing to send: it says nothing of the link, and the last measurement
         // stands. Measuring it as 0 would leave a threshold of 0 for good once the states
         // have nothing to send while the VM runs: no figure would ever fit, not even the
-        // control frames (QEMU completes on a pending figure of 0 instead, unchecked).
-        if sent > Bytes(0) {
+        // control frames (QEMU completes on a pending figure of 0 instead, unchecked). One
+        // held back (an earlier burst's bytes used up its allowance) measures 0, as QEMU
+        // measures it: keeping the burst's figure would decide more turns on a rate above
+        // the limit.
+        if sent > Bytes(0) || self.held_back {
             let ms = elapsed.as_nanos() as f64 / 1e6;
             self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
         }
@@ -790,6 +798,7 @@ where
         };
         self.window_start = now;
         self.window_bytes = self.out.bytes_sent();
+        self.held_back = false;
     }
 
     /// Bytes the rate limiter still allows in this window.
@@ -1031,6 +1040,7 @@ where
             }
 
             let budget = self.allowance().min(self.config.iterate_chunk);
+            self.held_back |= budget == Bytes(0);
             let mut sent = Bytes(0);
             if budget > Bytes(0) {
                 for i in 0..states.len() {

@@ -411,9 +411,9 @@ impl Storage for FileStorage {
     /// of a writable image uses write and unshares it, so neither a QEMU writer of the raw
     /// file nor a second image over it opens beside this handle. A relative name is opened
     /// from the working directory, as QEMU 10 opens it. Only a regular file or a block
-    /// device is taken, as QEMU's `file` and `host_device` drivers take them: the open does
-    /// not wait (`O_NONBLOCK`), so a name an image gives to a FIFO or a terminal is refused
-    /// instead of blocking the open for good.
+    /// device is taken, as QEMU's `file` and `host_device` drivers take them, and the type
+    /// is checked before the open, so a name an image gives to a FIFO or a terminal is
+    /// refused instead of blocking the open for good.
     fn hold_data_file(&self, name: &[u8]) -> Result<()> {
         if self.locking != Locking::On || !self.writable {
             return Ok(());
@@ -435,10 +435,11 @@ impl Storage for FileStorage {
 
 /// Opens `path` (`what` names it in an error), for writing too when `writable`, only if it
 /// is a regular file or a block device: anything else is refused with [`Error::Io`] of
-/// kind `InvalidInput`, before the open (opening a device can act: a watchdog arms itself)
-/// and again on the open file (the name may have changed in between). The open does not
-/// wait (`O_NONBLOCK`: opening a FIFO would wait for its other end, for good) and takes no
-/// controlling terminal; the returned file blocks as usual.
+/// kind `InvalidInput` before it is opened (opening a FIFO would wait for its other end
+/// for good; opening a device can act: a watchdog arms itself), and again on the open file
+/// (the name may have changed in between). The open takes no controlling terminal. It is
+/// not `O_NONBLOCK`: with it, the open of a file another process holds a lease on (Samba's
+/// oplocks, an NFS server's delegations) fails at once instead of waiting for the lease.
 fn open_storage_file(path: &Path, writable: bool, what: &str) -> Result<File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let refuse = |kind: std::fs::FileType| -> Result<()> {
@@ -457,10 +458,9 @@ fn open_storage_file(path: &Path, writable: bool, what: &str) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NOCTTY)
         .open(path)?;
     refuse(file.metadata()?.file_type())?;
-    lock::clear_nonblocking(&file)?;
     Ok(file)
 }
 

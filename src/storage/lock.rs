@@ -258,12 +258,6 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
     sys::drop_clean_pages(file)
 }
 
-/// Clears `O_NONBLOCK` on `file`, opened with it so that the open of a FIFO could not wait
-/// (see `open_storage_file` in `file.rs`).
-pub(crate) fn clear_nonblocking(file: &File) -> io::Result<()> {
-    sys::clear_nonblocking(file)
-}
-
 /// Asks the kernel to drop the clean cached pages around `[offset, offset + len)`: the
 /// range widened on both sides to a multiple of [`folio_bound`] bytes, at least the largest
 /// page-cache folio. A folio is aligned to its size in the file, so every folio holding a
@@ -311,10 +305,9 @@ fn unsupported_or(path: &Path, e: io::Error, conflict: Option<(Perm, bool)>) -> 
     }
 }
 
-/// The `fcntl` calls (locks, and the status flags of [`clear_nonblocking`]) and the cache
-/// advice ([`drop_clean_pages`]). The only unsafe code in the storage layer: each call
-/// passes a descriptor owned by a live `File` and, for the locks, a `struct flock` owned by
-/// the caller.
+/// The two `fcntl` calls and the cache advice ([`drop_clean_pages`]). The only unsafe code
+/// in the storage layer: each call passes a descriptor owned by a live `File` and, for
+/// `fcntl`, a `struct flock` owned by the caller.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(unsafe_code)]
 mod sys {
@@ -385,22 +378,6 @@ mod sys {
         drop_clean_range(file, 0, 0)
     }
 
-    /// Clears `O_NONBLOCK` in the file's status flags.
-    pub(super) fn clear_nonblocking(file: &File) -> io::Result<()> {
-        // SAFETY: the descriptor is open for the life of `file`; F_GETFL takes no argument
-        // and touches no memory of ours.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above; F_SETFL takes an integer.
-        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// The size of a memory page.
     pub(super) fn page_size() -> u64 {
         // SAFETY: sysconf takes an integer and touches no memory of ours.
@@ -459,12 +436,6 @@ mod sys {
 
     pub(super) fn page_size() -> u64 {
         4096
-    }
-
-    /// Nothing elsewhere: a regular file or a block device, the only files opened with it,
-    /// reads and writes as without it.
-    pub(super) fn clear_nonblocking(_file: &File) -> io::Result<()> {
-        Ok(())
     }
 
     pub(super) fn drop_clean_range(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {

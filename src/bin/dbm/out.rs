@@ -20,13 +20,18 @@ pub fn emit(s: &str) -> Result<(), String> {
 /// change that is already there, or miss a notice such as "made all dirty").
 pub fn emit_done(s: &str) {
     if let Err(e) = emit(s) {
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(
-            err,
-            "dbm: warning: the change is committed, but its report was lost: {e}"
-        );
-        let _ = err.write_all(s.as_bytes());
+        warn_done(&e);
+        let _ = std::io::stderr().lock().write_all(s.as_bytes());
     }
+}
+
+/// The warning of [`emit_done`], for a report that could not be made (`why`) after the
+/// change was committed.
+pub fn warn_done(why: &str) {
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "dbm: warning: the change is committed, but its report was lost: {why}"
+    );
 }
 
 /// `println!` through [`emit`], for reports whose lines are not worth an error: a closed
