@@ -804,8 +804,8 @@ fn refusing_destination_resumes_the_source_and_a_retry_sends_less() {
     );
     // It refused at End: it had every page.
     assert_eq!(kept.received_pages(), PAGES);
-    // The final pages, sent with the VM stopped, went back into the log.
-    assert!(src.log.count() > 0);
+    // Every page the refused attempt's end sent is dirty again or current at the
+    // destination (a check that the log is not empty could not fail: the vCPUs write on).
     src.assert_intact_and_nothing_lost(&kept);
     src.retry(kept);
 }
