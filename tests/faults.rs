@@ -184,6 +184,10 @@ fn check_after_fault(op: Op, plan_of: impl Fn(u64, u64, u64) -> FaultPlan, what:
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let r = d.image().check().unwrap();
     assert_eq!(r.corruptions, 0, "{what}: {:?}", r.messages);
+    // Every bitmap is still listed (an untrusted one as inconsistent): a directory that
+    // lost one would skip the checks below.
+    let names: Vec<String> = d.list().iter().map(|i| i.name.to_string()).collect();
+    assert_eq!(names, ["a", "b", "off"], "{what}");
     for info in d.list() {
         if info.state == BitmapState::Inconsistent {
             continue;
@@ -674,6 +678,7 @@ fn a_resize_that_cannot_grow_the_file_leaves_every_bitmap_trusted() {
                 "{what} {k}: cluster 0 changed"
             );
             let s = BitmapStore::open(MemStorage::from_bytes(after), OpenMode::ReadOnly).unwrap();
+            assert_eq!(s.list().len(), 2, "{what} {k}: a bitmap is not listed");
             for info in s.list() {
                 assert_eq!(
                     info.state,
