@@ -209,6 +209,7 @@ fn a_preload_that_follows_every_log_is_taken_as_it_is_and_equals_the_disk() {
         );
         assert_eq!(pre.current(), 2, "{mode:?}, seed {seed}");
         let (read, d) = activate(&disk, pre, mode, seed);
+        assert_eq!(d.taken_as_preloaded(), 2, "{mode:?}, seed {seed}");
         // A full read is two bitmaps' bytes; the activate reads only metadata.
         assert!(
             read < bitmap_bytes() / 8,
@@ -225,7 +226,8 @@ fn a_missed_log_makes_the_activate_read_everything() {
         let (disk, s) = writer(mode, &mut rng);
         let (pre, _) = follow(&disk, s, mode, &mut rng, Some(2));
         assert_eq!(pre.current(), 0, "{mode:?}, seed {seed}");
-        let (read, _) = activate(&disk, pre, mode, seed);
+        let (read, d) = activate(&disk, pre, mode, seed);
+        assert_eq!(d.taken_as_preloaded(), 0, "{mode:?}, seed {seed}");
         assert!(
             read >= 2 * bitmap_bytes(),
             "{mode:?}: the activate read {read} bytes (seed {seed})"

@@ -751,7 +751,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         let mut st = (self.open)()?;
         ensure_same_mode(&st, self.durable)?;
         self.from_preload = false;
-        self.taken_current = self.preloaded.as_ref().map_or(0, crate::Preloaded::current);
+        self.taken_current = 0;
         match (self.preloaded.take(), self.durable) {
             (Some(pre), false) => {
                 st.activate_preloaded(pre)?;
@@ -764,6 +764,9 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
             (None, false) => st.activate()?,
             (None, true) => st.activate_durable()?,
         }
+        // What the activation itself took without reading (a preloaded copy flagged current
+        // whose table moved is read again).
+        self.taken_current = st.taken_as_preloaded();
         self.store = Some(st);
         Ok(())
     }

@@ -360,6 +360,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`ensure_resumable`](Self::ensure_resumable): the cached directory and tables are the
     /// image's.
     fn load_mems(&mut self, pre: &mut Preloaded) -> Result<Vec<Option<Arc<DirtyBitmap>>>> {
+        self.taken_as_is = 0;
         // Every consistent bitmap is about to be held in memory. QEMU caps each at 512 MiB
         // but not their sum; a crafted image with 65535 entries could ask for 32 TiB. The
         // sum is checked before anything is allocated.
@@ -395,6 +396,7 @@ impl<S: Storage> BitmapStore<S> {
                     // Equal to the disk (it followed the writer's log to its end): taken as
                     // it is, with its durable bits if it has them.
                     Some(p) if p.current && p.table_offset == s.entry.table_offset => {
+                        self.taken_as_is += 1;
                         let _ = p.bitmap.take_changed();
                         p.bitmap.set_enabled_unshared(s.entry.auto);
                         let bm = Arc::new(p.bitmap);
@@ -622,6 +624,14 @@ impl<S: Storage> BitmapStore<S> {
             s.set_entry(e);
         }
         Ok(())
+    }
+
+    /// How many bitmaps the last activation took from its preload as they were (current:
+    /// it followed the writer's log to its end, and the table did not move), reading none of
+    /// their data; every other bitmap it read from disk. 0 after an activation without a
+    /// preload.
+    pub fn taken_as_preloaded(&self) -> usize {
+        self.taken_as_is
     }
 
     /// Whether a stop ([`inactivate`](Self::inactivate),

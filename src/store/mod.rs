@@ -153,6 +153,9 @@ pub struct BitmapStore<S: Storage> {
     /// handle left only in `in_use` bits a destination set
     /// ([`accept_destination_in_use`](Self::accept_destination_in_use)); taken by it.
     accept_in_use: bool,
+    /// Bitmaps the last activation took from its preload as they were, reading none of
+    /// their data ([`taken_as_preloaded`](Self::taken_as_preloaded)).
+    taken_as_is: usize,
     /// How far the running stop has gone towards saying "clean" on disk; read only if it
     /// fails (`lifecycle.rs`, `withdraw_claim`).
     claim: Claim,
@@ -591,6 +594,7 @@ impl<S: Storage> BitmapStore<S> {
             active: false,
             poisoned: false,
             accept_in_use: false,
+            taken_as_is: 0,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
@@ -658,6 +662,7 @@ impl<S: Storage> BitmapStore<S> {
             active: false,
             poisoned: false,
             accept_in_use: false,
+            taken_as_is: 0,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
