@@ -201,6 +201,60 @@ fn a_disk_stop_that_takes_the_whole_limit_never_switches_over() {
     }
 }
 
+/// A low rate limit with RAM batches larger than a window's allowance: after RAM's last
+/// batch the carried-over bytes hold the next windows back with nothing left to send. Found
+/// by a review: those windows measured 0, and every empty window after them kept that 0, so
+/// once the disk's stop could be timed no figure fitted (the liveness failure above, back
+/// under a rate limit). A window counts as held back only when something was left to send.
+#[test]
+fn windows_held_back_with_nothing_to_send_keep_the_links_last_measurement() {
+    let pages = 16;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    for p in 0..pages {
+        ram.fill_page(p, 0x5EED ^ p);
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.0,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2000.0),
+        7,
+    );
+    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
+    let mut disk = VirtualDisk {
+        sim: sim.clone(),
+        stop: Millis(50),
+        log: Bytes(6 << 10),
+        timed_from: Duration::from_millis(1000),
+        completed: false,
+    };
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        // 10 KB a window; a batch of 8 pages is about 33 KB.
+        max_bandwidth: Some(BytesPerMs::from_bytes_per_ms(100.0)),
+        ..LoopConfig::default()
+    };
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [&mut state as &mut dyn MigrationState, &mut disk],
+        &mut GiveUpAfter(3),
+    );
+    let o = r.unwrap();
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    assert!(o.threshold_at_switch > Bytes(0), "{o:?}");
+    assert!(o.empty_windows > 0, "no window went by empty: {o:?}");
+    assert!(o.downtime <= Duration::from_millis(300), "{o:?}");
+}
+
 /// `AutoConverge` with postcopy, found by a review: once fully throttled it asked for
 /// postcopy at every stall, and with a disk stop that takes the whole limit the switch to
 /// postcopy never fits either, so the loop ran for good. It gives up at the first stall

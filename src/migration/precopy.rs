@@ -6,8 +6,9 @@
 //!    started: bandwidth = bytes sent in the window / its length (or
 //!    `avail_switchover_bandwidth` if set). The first window runs from the Hello, so the
 //!    Hello and the states' setup count in it. A window with no bytes sent, none of whose
-//!    turns the rate limiter held back, had nothing to send and measures nothing: the last
-//!    measurement stands (QEMU measures it as 0, as this loop measures a held-back one).
+//!    turns the rate limiter held back while something was left to send, had nothing to
+//!    send and measures nothing: the last measurement stands (QEMU measures it as 0, as
+//!    this loop measures a held-back one).
 //!    Before the first window closes the bandwidth is 0. Each closed window also runs
 //!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
 //!    regions, and measures the disk's rate and barrier latency as it does).
@@ -350,7 +351,8 @@ pub struct Outcome {
     pub throttle: u8,
     /// Postcopy page requests served.
     pub requests_served: u64,
-    /// Measurement windows closed with no bytes sent (each kept the last measurement).
+    /// Measurement windows closed with no bytes sent (each kept the last measurement, but
+    /// one the rate limiter held back, which measured 0).
     pub empty_windows: u64,
     /// What the states wrote to their own storage inside the downtime (a disk state's
     /// final flush and commit): bytes, barriers and time, summed. Its time is part of
@@ -771,8 +773,8 @@ where
         let sent = self.out.bytes_sent() - self.window_bytes;
         self.windows += 1;
         self.empty_windows += u64::from(sent == Bytes(0));
-        // A window in which nothing was sent, and no turn was held back by the rate limiter,
-        // had nothing to send: it says nothing of the link, and the last measurement
+        // A window in which nothing was sent, and no turn with something left to send was
+        // held back by the rate limiter, had nothing to send: it says nothing of the link, and the last measurement
         // stands. Measuring it as 0 would leave a threshold of 0 for good once the states
         // have nothing to send while the VM runs: no figure would ever fit, not even the
         // control frames (QEMU completes on a pending figure of 0 instead, unchecked). One
@@ -1040,7 +1042,10 @@ where
             }
 
             let budget = self.allowance().min(self.config.iterate_chunk);
-            self.held_back |= budget == Bytes(0);
+            // Held back: the rate limiter gave no budget while something was left to send
+            // (a drained turn with no budget has nothing the limiter holds back).
+            self.held_back |=
+                budget == Bytes(0) && p.total() - p.stop_only != self.control_cost().total();
             let mut sent = Bytes(0);
             if budget > Bytes(0) {
                 for i in 0..states.len() {
@@ -1065,7 +1070,8 @@ where
             }
             if sent == Bytes(0) {
                 // Rate limited, or nothing to send right now: wait for the window's end
-                // (a window that sent nothing keeps the last measurement).
+                // (a window that sent nothing keeps the last measurement, unless the rate
+                // limiter held it back).
                 let deadline = self.window_start + BUFFER_DELAY.as_duration();
                 let deadline = deadline.max(self.clock.now() + Duration::from_millis(1));
                 self.clock.sleep_until(deadline);

@@ -437,7 +437,9 @@ impl Storage for FileStorage {
 /// is a regular file or a block device: anything else is refused with [`Error::Io`] of
 /// kind `InvalidInput` before it is opened (opening a FIFO would wait for its other end
 /// for good; opening a device can act: a watchdog arms itself), and again on the open file
-/// (the name may have changed in between). The open takes no controlling terminal. It is
+/// (a name changed in between to another kind of file that opens at once is caught; one
+/// renamed to a FIFO in that instant still blocks, as any open of a path would). The open
+/// takes no controlling terminal. It is
 /// not `O_NONBLOCK`: with it, the open of a file another process holds a lease on (Samba's
 /// oplocks, an NFS server's delegations) fails at once instead of waiting for the lease.
 fn open_storage_file(path: &Path, writable: bool, what: &str) -> Result<File> {

@@ -629,7 +629,7 @@ impl<S: Storage> BitmapStore<S> {
     /// How many bitmaps the last activation took from its preload as they were (current:
     /// it followed the writer's log to its end, and the table did not move), reading none of
     /// their data; every other bitmap it read from disk. 0 after an activation without a
-    /// preload.
+    /// preload; after one that failed, what it had counted before it failed.
     pub fn taken_as_preloaded(&self) -> usize {
         self.taken_as_is
     }
