@@ -10,7 +10,7 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -846,16 +846,47 @@ fn migrate_refuses_a_timeout_beyond_a_year() {
     assert_eq!(dbm_check(&img), 0);
 }
 
+/// A 4 MiB image `t.qcow2` in `dir` with bitmap `b`, and its bytes.
+fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let img = dir.join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let bytes = std::fs::read(&img).unwrap();
+    (img, bytes)
+}
+
+/// `migrate send IMG` to a port nothing listens on, within a second, then `extra`.
+fn send_nowhere<'a>(img: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "migrate",
+        "send",
+        p(img),
+        "--to",
+        "127.0.0.1:9",
+        "--timeout",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `dbm args` fails with status 1 saying `says`, and leaves `img` as `before`.
+fn refused_untouched(args: &[&str], says: &str, img: &Path, before: &[u8]) {
+    let err = dbm_fails(args);
+    assert!(err.contains(says), "{args:?}: {err}");
+    assert!(
+        std::fs::read(img).unwrap() == before,
+        "{args:?}: the refusal changed the image"
+    );
+}
+
 /// A `--timeout` of zero (or one that rounds to zero nanoseconds) is refused with status 1
 /// before the image is opened: `send` activated the image, ran the guest and failed every
 /// attempt, then exited 3 ("not migrated") as after a real failure.
 #[test]
 fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("t.qcow2");
-    dbm_ok(&["create", p(&img), "--size", "4M"]);
-    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
-    let before = std::fs::read(&img).unwrap();
+    let (img, before) = image_with_bitmap(dir.path());
     for t in ["0", "1e-10"] {
         for args in [
             vec!["migrate", "listen", p(&img), "--timeout", t],
@@ -873,12 +904,7 @@ fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
                 t,
             ],
         ] {
-            let err = dbm_fails(&args);
-            assert!(err.contains("must be above zero"), "{args:?}: {err}");
-            assert!(
-                std::fs::read(&img).unwrap() == before,
-                "{args:?}: the refusal changed the image"
-            );
+            refused_untouched(&args, "must be above zero", &img, &before);
         }
     }
 }
@@ -890,27 +916,10 @@ fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
 #[test]
 fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("t.qcow2");
-    dbm_ok(&["create", p(&img), "--size", "4M"]);
-    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
-    let before = std::fs::read(&img).unwrap();
+    let (img, before) = image_with_bitmap(dir.path());
     for limit in ["2000001", "18446744073709551615"] {
-        let err = dbm_fails(&[
-            "migrate",
-            "send",
-            p(&img),
-            "--to",
-            "127.0.0.1:9",
-            "--timeout",
-            "1",
-            "--downtime-limit",
-            limit,
-        ]);
-        assert!(err.contains("above 2000 s"), "{limit}: {err}");
-        assert!(
-            std::fs::read(&img).unwrap() == before,
-            "{limit}: the refusal changed the image"
-        );
+        let args = send_nowhere(&img, &["--downtime-limit", limit]);
+        refused_untouched(&args, "above 2000 s", &img, &before);
     }
 }
 
@@ -921,37 +930,16 @@ fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() 
 #[test]
 fn vcpu_counts_beyond_4096_are_refused_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("t.qcow2");
-    dbm_ok(&["create", p(&img), "--size", "4M"]);
-    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
-    let before = std::fs::read(&img).unwrap();
+    let (img, before) = image_with_bitmap(dir.path());
     for v in ["18446744073709551615", "4097", "0"] {
         for args in [
-            vec![
-                "migrate",
-                "send",
-                p(&img),
-                "--to",
-                "127.0.0.1:9",
-                "--timeout",
-                "1",
-                "--vcpus",
-                v,
-            ],
+            send_nowhere(&img, &["--vcpus", v]),
             vec!["demo", "--vcpus", v],
             vec!["bench", "migrate", "--vcpus", v],
             vec!["bench", "migrate-disk", "--vcpus", v],
         ] {
-            let err = dbm_fails(&args);
-            assert!(
-                err.contains("a vCPU count from 1 to 4096"),
-                "{args:?}: {err}"
-            );
+            refused_untouched(&args, "a vCPU count from 1 to 4096", &img, &before);
         }
-        assert!(
-            std::fs::read(&img).unwrap() == before,
-            "--vcpus {v}: the refusal changed the image"
-        );
     }
 }
 
@@ -962,43 +950,29 @@ fn vcpu_counts_beyond_4096_are_refused_before_anything_runs() {
 #[test]
 fn listen_refuses_a_log_it_cannot_write_before_it_listens() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("t.qcow2");
-    dbm_ok(&["create", p(&img), "--size", "4M"]);
-    dbm_ok(&["bitmap", p(&img), "b", "--add"]);
+    let (img, _) = image_with_bitmap(dir.path());
     let bad = dir.path().join("no-such-dir").join("own.log");
     let fresh = dir.path().join("own.log");
-    for (args, says) in [
+    let listen = [
+        "migrate",
+        "listen",
+        p(&img),
+        "--bind",
+        "127.0.0.1:0",
+        "--timeout",
+        "5",
+    ];
+    for (extra, says) in [
         (
-            vec![
-                "migrate",
-                "listen",
-                p(&img),
-                "--bind",
-                "127.0.0.1:0",
-                "--timeout",
-                "5",
-                "--bitmap-writes-per-sec",
-                "100",
-                "--log",
-                p(&bad),
-            ],
+            vec!["--bitmap-writes-per-sec", "100", "--log", p(&bad)],
             "No such file",
         ),
         (
-            vec![
-                "migrate",
-                "listen",
-                p(&img),
-                "--bind",
-                "127.0.0.1:0",
-                "--timeout",
-                "5",
-                "--log",
-                p(&fresh),
-            ],
+            vec!["--log", p(&fresh)],
             "--log needs --bitmap-writes-per-sec",
         ),
     ] {
+        let args: Vec<&str> = listen.iter().copied().chain(extra).collect();
         let out = dbm(&args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");

@@ -40,6 +40,41 @@ struct VirtualDisk {
     completed: bool,
 }
 
+impl VirtualDisk {
+    fn new(sim: &Sim, stop: Millis, log: Bytes, timed_from: Duration) -> VirtualDisk {
+        VirtualDisk {
+            sim: sim.clone(),
+            stop,
+            log,
+            timed_from,
+            completed: false,
+        }
+    }
+}
+
+/// A guest of `pages` pages (each filled with its own contents if `filled`, else zero)
+/// dirtying `rate` pages per ms over a 2,000 B/ms link under the virtual clock (`seed`),
+/// and its RAM state (able to switch to postcopy if `postcopy`).
+fn sim_guest(pages: u64, filled: bool, rate: f64, postcopy: bool, seed: u64) -> (Sim, RamState) {
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    if filled {
+        for p in 0..pages {
+            ram.fill_page(p, 0x5EED ^ p);
+        }
+    }
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        rate,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(2000.0),
+        seed,
+    );
+    let state = RamState::new(RAM_ID, ram, log, SetupMode::Full, postcopy, 8).unwrap();
+    (sim, state)
+}
+
 impl MigrationState for VirtualDisk {
     fn id(&self) -> StateId {
         DISK_ID
@@ -95,6 +130,27 @@ impl Controller for GiveUpAfter {
     }
 }
 
+/// [`run`] under `sim`'s virtual clock, link and VM.
+fn run_in_sim(
+    sim: &Sim,
+    cfg: &LoopConfig,
+    states: &mut [&mut dyn MigrationState],
+    control: &mut dyn Controller,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
+    run(
+        cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        states,
+        control,
+    )
+}
+
 /// One simulated migration of a 256-page guest dirtying `rate` pages per ms over a link of
 /// 1 MB/s-ish, with a disk state whose stop takes `stop`.
 fn simulate(
@@ -105,6 +161,27 @@ fn simulate(
     Sim,
 ) {
     simulate_with(stop, Bytes(0), Duration::ZERO, rate)
+}
+
+/// RAM and a virtual disk under `sim`, a downtime limit of 300 ms, `max_bandwidth`, giving
+/// up at the third stall.
+fn run_beside_disk(
+    sim: &Sim,
+    ram: &mut RamState,
+    disk: &mut VirtualDisk,
+    max_bandwidth: Option<BytesPerMs>,
+) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        max_bandwidth,
+        ..LoopConfig::default()
+    };
+    run_in_sim(
+        sim,
+        &cfg,
+        &mut [ram as &mut dyn MigrationState, disk],
+        &mut GiveUpAfter(3),
+    )
 }
 
 /// [`simulate`], with a disk state that claims `last_log` bytes for its last write log and
@@ -118,43 +195,9 @@ fn simulate_with(
     dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome>,
     Sim,
 ) {
-    let pages = 256;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let link = BytesPerMs::from_bytes_per_ms(2000.0);
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        rate,
-        Pattern::Uniform,
-        link,
-        7,
-    );
-    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
-    let mut disk = VirtualDisk {
-        sim: sim.clone(),
-        stop,
-        log: last_log,
-        timed_from,
-        completed: false,
-    };
-    let cfg = LoopConfig {
-        downtime_limit: Millis(300),
-        max_bandwidth: None,
-        ..LoopConfig::default()
-    };
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let r = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
-        &mut [&mut state as &mut dyn MigrationState, &mut disk],
-        &mut GiveUpAfter(3),
-    );
+    let (sim, mut state) = sim_guest(256, false, rate, false, 7);
+    let mut disk = VirtualDisk::new(&sim, stop, last_log, timed_from);
+    let r = run_beside_disk(&sim, &mut state, &mut disk, None);
     (r, sim)
 }
 
@@ -208,47 +251,16 @@ fn a_disk_stop_that_takes_the_whole_limit_never_switches_over() {
 /// under a rate limit). A window counts as held back only when something was left to send.
 #[test]
 fn windows_held_back_with_nothing_to_send_keep_the_links_last_measurement() {
-    let pages = 16;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    for p in 0..pages {
-        ram.fill_page(p, 0x5EED ^ p);
-    }
-    let log = Arc::new(new_log(&ram).unwrap());
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        0.0,
-        Pattern::Uniform,
-        BytesPerMs::from_bytes_per_ms(2000.0),
-        7,
+    let (sim, mut state) = sim_guest(16, true, 0.0, false, 7);
+    let mut disk = VirtualDisk::new(
+        &sim,
+        Millis(50),
+        Bytes(6 << 10),
+        Duration::from_millis(1000),
     );
-    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
-    let mut disk = VirtualDisk {
-        sim: sim.clone(),
-        stop: Millis(50),
-        log: Bytes(6 << 10),
-        timed_from: Duration::from_millis(1000),
-        completed: false,
-    };
-    let cfg = LoopConfig {
-        downtime_limit: Millis(300),
-        // 10 KB a window; a batch of 8 pages is about 33 KB.
-        max_bandwidth: Some(BytesPerMs::from_bytes_per_ms(100.0)),
-        ..LoopConfig::default()
-    };
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let r = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
-        &mut [&mut state as &mut dyn MigrationState, &mut disk],
-        &mut GiveUpAfter(3),
-    );
-    let o = r.unwrap();
+    // 10 KB a window; a batch of 8 pages is about 33 KB.
+    let limit = BytesPerMs::from_bytes_per_ms(100.0);
+    let o = run_beside_disk(&sim, &mut state, &mut disk, Some(limit)).unwrap();
     assert_eq!(o.kind, Kind::Completed, "{o:?}");
     assert!(o.threshold_at_switch > Bytes(0), "{o:?}");
     assert!(o.empty_windows > 0, "no window went by empty: {o:?}");
@@ -277,25 +289,8 @@ fn auto_converge_gives_up_when_even_the_postcopy_switch_cannot_fit() {
             a
         }
     }
-    let pages = 256;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        0.05,
-        Pattern::Uniform,
-        BytesPerMs::from_bytes_per_ms(2000.0),
-        7,
-    );
-    let mut state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
-    let mut disk = VirtualDisk {
-        sim: sim.clone(),
-        stop: Millis(300),
-        log: Bytes(0),
-        timed_from: Duration::ZERO,
-        completed: false,
-    };
+    let (sim, mut state) = sim_guest(256, false, 0.05, true, 7);
+    let mut disk = VirtualDisk::new(&sim, Millis(300), Bytes(0), Duration::ZERO);
     let cfg = LoopConfig {
         downtime_limit: Millis(300),
         max_bandwidth: None,
@@ -310,15 +305,9 @@ fn auto_converge_gives_up_when_even_the_postcopy_switch_cannot_fit() {
         stalls: 0,
         gave_up: false,
     };
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let r = run(
+    let r = run_in_sim(
+        &sim,
         &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
         &mut [&mut state as &mut dyn MigrationState, &mut disk],
         &mut control,
     );
@@ -438,13 +427,7 @@ fn network_pending_equal_to_what_the_disk_leaves_switches_one_byte_more_does_not
             let budget = bw * (limit - cost - disk);
             let claim = Bytes(budget + extra).saturating_sub(control);
             let mut net = Claims(claim);
-            let mut d = VirtualDisk {
-                sim: sim.clone(),
-                stop: Millis(disk),
-                log: Bytes(0),
-                timed_from: Duration::ZERO,
-                completed: false,
-            };
+            let mut d = VirtualDisk::new(&sim, Millis(disk), Bytes(0), Duration::ZERO);
             let cfg = LoopConfig {
                 downtime_limit: Millis(limit),
                 switchover_cost: Millis(cost),
@@ -452,15 +435,9 @@ fn network_pending_equal_to_what_the_disk_leaves_switches_one_byte_more_does_not
                 max_bandwidth: None,
                 ..LoopConfig::default()
             };
-            let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-            let r = run(
+            let r = run_in_sim(
+                &sim,
                 &cfg,
-                Endpoints {
-                    clock: &mut c,
-                    vm: &mut v,
-                    out: &mut o,
-                    inbound: &mut i,
-                },
                 &mut [&mut ram as &mut dyn MigrationState, &mut net, &mut d],
                 &mut GiveUpAfter(2),
             )
@@ -1867,15 +1844,9 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
         let run_once = |ram_state: &mut RamState,
                         stream: &mut SimStreamState,
                         control: &mut dyn Controller| {
-            let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-            run(
+            run_in_sim(
+                &sim,
                 &cfg,
-                Endpoints {
-                    clock: &mut c,
-                    vm: &mut v,
-                    out: &mut o,
-                    inbound: &mut i,
-                },
                 &mut [ram_state as &mut dyn MigrationState, stream],
                 control,
             )
@@ -2052,15 +2023,9 @@ fn stream_mode_a_report_of_sections_never_sent_is_refused() {
         ..LoopConfig::default()
     };
     let run_once = |ram_state: &mut RamState, stream: &mut SimStreamState| {
-        let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-        run(
+        run_in_sim(
+            &sim,
             &cfg,
-            Endpoints {
-                clock: &mut c,
-                vm: &mut v,
-                out: &mut o,
-                inbound: &mut i,
-            },
             &mut [ram_state as &mut dyn MigrationState, stream],
             &mut AutoConverge::default(),
         )
@@ -2190,6 +2155,22 @@ impl<S: dirty_bitmap::storage::Storage + 'static> DestState for GuestAfterStart<
     }
 }
 
+/// A 64-page guest dirtying 0.2 pages per ms over a 2,000 B/ms link under the virtual
+/// clock, and its RAM state, able to switch to postcopy.
+fn postcopy_guest(seed: u64) -> (Sim, RamState) {
+    sim_guest(64, false, 0.2, true, seed)
+}
+
+/// Postcopy requested from the start, no rate limit.
+fn postcopy_config() -> LoopConfig {
+    LoopConfig {
+        max_bandwidth: None,
+        postcopy: true,
+        start_postcopy: true,
+        ..LoopConfig::default()
+    }
+}
+
 /// A postcopy migration with the stream's regions deferred past the switch, the
 /// destination's guest marking after Started (failing the push on its `fail_late`-th late
 /// section, if set): the loop's result, what the destination saw after the start, the
@@ -2205,18 +2186,8 @@ fn deferred_postcopy(
     Arc<dirty_bitmap::DirtyBitmap>,
     Vec<u64>,
 ) {
-    let pages = 64;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
     // A slow link: the switch comes long before the bitmap's first pass is through.
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        0.2,
-        Pattern::Uniform,
-        BytesPerMs::from_bytes_per_ms(2_000.0),
-        seed,
-    );
+    let (sim, mut ram_state) = postcopy_guest(seed);
     let regions = 4096u64;
     let disk = regions * 512 * 8 * 65536;
     let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::with_region_size(disk, 65536, 512).unwrap());
@@ -2256,22 +2227,9 @@ fn deferred_postcopy(
             fail_late,
             late_sections: 0,
         })) as SharedDestState);
-    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
-    let cfg = LoopConfig {
-        max_bandwidth: None,
-        postcopy: true,
-        start_postcopy: true,
-        ..LoopConfig::default()
-    };
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let out = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
+    let out = run_in_sim(
+        &sim,
+        &postcopy_config(),
         &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
         &mut AutoConverge::default(),
     );
@@ -2367,17 +2325,7 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
 fn stream_mode_qemus_baseline_through_a_postcopy_switch_ends() {
     let seed = 0x005E_ED0D;
     println!("seed {seed:#x}");
-    let pages = 64;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        0.2,
-        Pattern::Uniform,
-        BytesPerMs::from_bytes_per_ms(2_000.0),
-        seed,
-    );
+    let (sim, mut ram_state) = postcopy_guest(seed);
     let disk = 64 * GIB;
     let bitmap = Arc::new(dirty_bitmap::DirtyBitmap::new(disk, 65536).unwrap());
     let mut rng = SplitMix64::new(seed);
@@ -2395,22 +2343,9 @@ fn stream_mode_qemus_baseline_through_a_postcopy_switch_ends() {
         .dest
         .states
         .push(Arc::clone(&dest) as SharedDestState);
-    let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, true, 8).unwrap();
-    let cfg = LoopConfig {
-        max_bandwidth: None,
-        postcopy: true,
-        start_postcopy: true,
-        ..LoopConfig::default()
-    };
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let out = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
+    let out = run_in_sim(
+        &sim,
+        &postcopy_config(),
         &mut [&mut ram_state as &mut dyn MigrationState, &mut stream],
         &mut AutoConverge::default(),
     );
@@ -2846,15 +2781,9 @@ fn the_stop_writes_only_what_changed_after_the_flush_before_the_exact_figure() {
         .dest
         .states
         .push(Arc::new(std::sync::Mutex::new(IgnoresTheLog("disk"))));
-    let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-    let out = run(
+    let out = run_in_sim(
+        &sim,
         &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
         &mut [&mut disk_state as &mut dyn MigrationState, &mut ram_state],
         &mut GiveUpAfter(3),
     )
@@ -3167,15 +3096,9 @@ fn stream_mode_a_take_over_that_fails_after_it_wrote_leaves_no_stream_bitmap_con
     let mut attempt = |mode: SetupMode| {
         let mut ram_state =
             RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, false, 8).unwrap();
-        let (mut c, mut v, mut o, mut i) = (sim.clone(), sim.clone(), sim.clone(), sim.clone());
-        run(
+        run_in_sim(
+            &sim,
             &cfg,
-            Endpoints {
-                clock: &mut c,
-                vm: &mut v,
-                out: &mut o,
-                inbound: &mut i,
-            },
             &mut [
                 &mut ram_state as &mut dyn MigrationState,
                 &mut stream,

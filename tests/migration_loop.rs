@@ -455,9 +455,8 @@ fn cut_link_with_caller_reconciling_and_a_retry_sends_less() {
     assert!(retry_succeeds(&rig) < 64);
 }
 
-#[test]
-fn refused_start_resumes_the_source_and_a_retry_succeeds() {
-    let rig = Rig::new(32, 0.05, per_ms(2000.0));
+/// A first attempt the destination refuses at End ("no room").
+fn refused_at_end(rig: &Rig) {
     rig.sim.world().dest.refuse = Some("no room".into());
     let mut first = rig.state(SetupMode::Full, false);
     let e = rig
@@ -467,6 +466,12 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
         matches!(e, MigrationError::DestinationRefused(ref r) if r == "no room"),
         "{e}"
     );
+}
+
+#[test]
+fn refused_start_resumes_the_source_and_a_retry_succeeds() {
+    let rig = Rig::new(32, 0.05, per_ms(2000.0));
+    refused_at_end(&rig);
     // The final pages (sent with the VM stopped) went back into the log.
     assert!(rig.log.count() > 0);
     rig.sim.world().dest.refuse = None;
@@ -483,15 +488,7 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
 #[test]
 fn an_idle_guests_incremental_retry_switches_over() {
     let rig = Rig::new(32, 0.0, per_ms(2000.0));
-    rig.sim.world().dest.refuse = Some("no room".into());
-    let mut first = rig.state(SetupMode::Full, false);
-    let e = rig
-        .migrate(&config(300), &mut first, &mut AutoConverge::default())
-        .unwrap_err();
-    assert!(
-        matches!(e, MigrationError::DestinationRefused(ref r) if r == "no room"),
-        "{e}"
-    );
+    refused_at_end(&rig);
     rig.sim.world().dest.refuse = None;
     let mut again = rig.state(SetupMode::Incremental, false);
     let o = rig

@@ -864,6 +864,17 @@ fn a_handle_reading_the_device_reads_any_range_as_a_plain_read() {
     }
 }
 
+/// A FIFO named `fifo` in `dir`.
+fn mkfifo(dir: &Path) -> PathBuf {
+    let fifo = dir.join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(status.success());
+    fifo
+}
+
 /// An image's data file name that names a FIFO: a writable open refuses it (QEMU refuses
 /// what is neither a regular file nor a block device) instead of blocking until some
 /// process opens the FIFO for writing.
@@ -871,12 +882,7 @@ fn a_handle_reading_the_device_reads_any_range_as_a_plain_read() {
 fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
     use std::os::unix::ffi::OsStrExt;
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("fifo");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo (coreutils) runs");
-    assert!(status.success());
+    let fifo = mkfifo(dir.path());
     let img = FileStorage::create(dir.path().join("img")).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let name = fifo.as_os_str().as_bytes().to_vec();
@@ -917,12 +923,7 @@ fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
 #[test]
 fn an_image_path_naming_a_fifo_is_refused_without_waiting() {
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("fifo");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo (coreutils) runs");
-    assert!(status.success());
+    let fifo = mkfifo(dir.path());
     let (tx, rx) = std::sync::mpsc::channel();
     let path = fifo.clone();
     std::thread::spawn(move || {
