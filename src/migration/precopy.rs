@@ -646,8 +646,9 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     requests_served: u64,
     windows: u64,
     empty_windows: u64,
-    /// A turn of the current window had no budget (the rate limiter held it back, bytes
-    /// carried over from an earlier window using up this one's allowance).
+    /// A turn of the current window had no budget while something was left to send (the
+    /// rate limiter held it back, bytes carried over from an earlier window using up this
+    /// one's allowance).
     held_back: bool,
     /// Turns in a row without progress (no exact query, nothing sent although the rate
     /// limiter allowed it), and the clock time of the first of them.
@@ -774,13 +775,13 @@ where
         self.windows += 1;
         self.empty_windows += u64::from(sent == Bytes(0));
         // A window in which nothing was sent, and no turn with something left to send was
-        // held back by the rate limiter, had nothing to send: it says nothing of the link, and the last measurement
-        // stands. Measuring it as 0 would leave a threshold of 0 for good once the states
-        // have nothing to send while the VM runs: no figure would ever fit, not even the
-        // control frames (QEMU completes on a pending figure of 0 instead, unchecked). One
-        // held back (an earlier burst's bytes used up its allowance) measures 0, as QEMU
-        // measures it: keeping the burst's figure would decide more turns on a rate above
-        // the limit.
+        // held back by the rate limiter, had nothing to send: it says nothing of the link,
+        // and the last measurement stands. Measuring it as 0 would leave a threshold of 0
+        // for good once the states have nothing to send while the VM runs: no figure would
+        // ever fit, not even the control frames (QEMU completes on a pending figure of 0
+        // instead, unchecked). One held back (an earlier burst's bytes used up its
+        // allowance) measures 0, as QEMU measures it: keeping the burst's figure would
+        // decide more turns on a rate above the limit.
         if sent > Bytes(0) || self.held_back {
             let ms = elapsed.as_nanos() as f64 / 1e6;
             self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
