@@ -1871,7 +1871,11 @@ fn check_migrate_disk(out: &str, counts: &[u64], shared: bool) {
                     "{s:?}"
                 );
                 let met = 1.0 / ratio <= 1.0 / 20.0 && s[6].starts_with("yes");
-                assert_eq!(s[16].starts_with("**met**"), met, "{s:?}");
+                // The printed ratio is rounded to a tenth: printed as the target itself
+                // (1/20.0), the exact one may lie on either side of it.
+                if (ratio - 20.0).abs() >= 0.05 || !s[6].starts_with("yes") {
+                    assert_eq!(s[16].starts_with("**met**"), met, "{s:?}");
+                }
             } else {
                 // No ratio can be formed: the target is not met.
                 assert!(s[16].starts_with("**not met**"), "{s:?}");
