@@ -678,27 +678,16 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
             let marks = guest.disk.marks();
             res.marks = marks.len();
             let held = side.take_store();
-            let Some(mut d) = held else {
+            let Some(d) = held else {
                 res.ok = false;
                 res.state = "the destination did not take over".into();
                 return finish(guest, res);
             };
-            let Some(n) = judged(&mut res, "the destination's marks", lost(&d, &marks)) else {
-                return finish(guest, res);
-            };
-            res.lost = n;
             // A postcopy push that broke off leaves the bitmap dirty everywhere.
             let all_dirty = d.bitmap("b").is_ok_and(|b| b.count() == b.bit_count());
-            let stopped = d.inactivate().map_err(Into::into);
-            if judged(&mut res, "the destination's stop", stopped).is_none() {
+            if !lost_at_destination(&mut res, d, &marks, &dest_img) {
                 return finish(guest, res);
             }
-            drop(d);
-            let on_disk = lost_on_disk(&dest_img, &marks);
-            let Some(n) = judged(&mut res, "the destination's image", on_disk) else {
-                return finish(guest, res);
-            };
-            res.lost += n;
             res.state = match (mode, store.lock().is_active()) {
                 (Mode::Shared, false) => "at the destination; source handed over".into(),
                 (Mode::Shared, true) => "at the destination; source ACTIVE".into(),
@@ -755,26 +744,14 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
                 Ok(o) if o.kind == Kind::Completed => {
                     let marks = guest.disk.marks();
                     res.marks = marks.len();
-                    let Some(mut d) = side.take_store() else {
+                    let Some(d) = side.take_store() else {
                         res.ok = false;
                         res.retry = "completed, but the destination holds nothing".into();
                         return finish(guest, res);
                     };
-                    let Some(n) = judged(&mut res, "the destination's marks", lost(&d, &marks))
-                    else {
-                        return finish(guest, res);
-                    };
-                    res.lost += n;
-                    let stopped = d.inactivate().map_err(Into::into);
-                    if judged(&mut res, "the destination's stop", stopped).is_none() {
+                    if !lost_at_destination(&mut res, d, &marks, &dest_img) {
                         return finish(guest, res);
                     }
-                    drop(d);
-                    let on_disk = lost_on_disk(&dest_img, &marks);
-                    let Some(n) = judged(&mut res, "the destination's image", on_disk) else {
-                        return finish(guest, res);
-                    };
-                    res.lost += n;
                     res.qemu = qemu_check(&dest_img);
                     res.retry = format!(
                         "handed over, downtime {:.1} ms",
@@ -815,6 +792,32 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
         res.ok = false;
     }
     finish(guest, res)
+}
+
+/// Adds to `res.lost` the logged `marks` missing from the store `d` the destination took
+/// over, then, after its stop and close, from its image at `img`. False when a step failed the case
+/// ([`judged`]).
+fn lost_at_destination(
+    res: &mut CaseResult,
+    mut d: BitmapStore<FileStorage>,
+    marks: &[u64],
+    img: &Path,
+) -> bool {
+    let Some(n) = judged(res, "the destination's marks", lost(&d, marks)) else {
+        return false;
+    };
+    res.lost += n;
+    let stopped = d.inactivate().map(drop).map_err(Into::into);
+    if judged(res, "the destination's stop", stopped).is_none() {
+        return false;
+    }
+    // Closed before the image is read anew.
+    drop(d);
+    let Some(n) = judged(res, "the destination's image", lost_on_disk(img, marks)) else {
+        return false;
+    };
+    res.lost += n;
+    true
 }
 
 /// The disk state of a mode.
