@@ -316,6 +316,67 @@ fn a_stop_with_nothing_changed_reads_no_table() {
     assert!(img.check().unwrap().is_clean());
 }
 
+/// A directory commit while active (an add, a removal) keeps the tables of the bitmaps
+/// whose entries still name the same table, and an added bitmap's zero table is known
+/// without a read: neither the next flush nor a stop with nothing changed reads a table.
+#[test]
+fn directory_commits_keep_the_tables_a_stop_would_read() {
+    let (mut s, marks) = setup();
+    s.flush().unwrap();
+    let t = s.tracker().unwrap();
+    s.add("quiet", 512, Recording::Disabled).unwrap();
+    s.remove("off").unwrap();
+    s.add("new", 512, Recording::Enabled).unwrap();
+    // Clean in `new` alone: its flush allocates a data cluster and writes its entry.
+    t.mark(marks[0].0, 1);
+    let reads = s.image().storage().reads();
+    s.flush().unwrap();
+    assert_eq!(
+        s.image().storage().reads() - reads,
+        0,
+        "the flush after the commits read the disk"
+    );
+    // Dirty in every recording bitmap now: the stop writes the flags alone.
+    t.mark(marks[0].0, 1);
+    let (reads, writes, syncs) = {
+        let st = s.image().storage();
+        (st.reads(), st.writes(), st.syncs())
+    };
+    s.inactivate().unwrap();
+    let st = s.image().storage();
+    assert_eq!(st.reads() - reads, 0, "the stop read the disk");
+    assert_eq!(
+        st.writes() - writes,
+        1,
+        "the stop wrote more than the flags"
+    );
+    assert_eq!(st.syncs() - syncs, 1);
+    // What the kept tables led the flushes to write is what a fresh read finds.
+    let img = s.close().unwrap();
+    assert!(img.check().unwrap().is_clean());
+    let d = BitmapStore::open(
+        MemStorage::from_bytes(img.storage().inner().to_vec()),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let names: Vec<String> = d.list().iter().map(|b| b.name.to_string()).collect();
+    assert_eq!(names, ["a", "b", "quiet", "new"]);
+    assert!(d.list().iter().all(|b| b.state == BitmapState::Consistent));
+    for name in ["a", "b"] {
+        let bm = d.load(name).unwrap();
+        for &(o, l) in &marks {
+            assert!(
+                bm.is_dirty(o) && bm.is_dirty(o + l - 1),
+                "{name} lost the mark ({o}, {l})"
+            );
+        }
+    }
+    let new = d.load("new").unwrap();
+    assert!(new.is_dirty(marks[0].0), "new lost its mark");
+    assert_eq!(new.count(), 1);
+    assert_eq!(d.load("quiet").unwrap().count(), 0);
+}
+
 /// A stop whose last barrier fails may have left "clean" on disk. If every write that
 /// would say "doubt" again fails too, the store holds the marks: the bitmaps stay sealed,
 /// so a mark that would set a bit waits (no guest write it guards goes ahead while the disk

@@ -322,27 +322,34 @@ impl<S: Storage> BitmapStore<S> {
             self.image.free_clusters(off, 1)?;
         }
         self.image.flush_refcounts()?;
-        // Stale entries vanished with the header rewrite; the others match `entries`.
+        // Stale entries vanished with the header rewrite; the others match `entries`. A
+        // kept table goes with its bitmap while the entry still names it: a commit writes
+        // only fresh clusters (a new directory, new tables) before its header write and
+        // frees only what the new directory no longer names, so the table at that offset
+        // is the one kept.
         let mut carried = Vec::new();
         for e in &entries {
             let old = self
                 .slots
                 .iter_mut()
                 .find(|s| !s.stale && s.entry.name == e.name);
-            carried.push(old.map_or((None, None, false), |s| {
-                (s.mem.take(), s.parked.take(), s.inconsistent)
+            carried.push(old.map_or((None, None, false, None), |s| {
+                let same_table =
+                    s.entry.table_offset == e.table_offset && s.entry.table_size == e.table_size;
+                let table = if same_table { s.table.take() } else { None };
+                (s.mem.take(), s.parked.take(), s.inconsistent, table)
             }));
         }
         self.slots = entries
             .into_iter()
             .zip(carried)
-            .map(|(entry, (mem, parked, inconsistent))| Slot {
+            .map(|(entry, (mem, parked, inconsistent, table))| Slot {
                 entry,
                 inconsistent,
                 stale: false,
                 mem,
                 parked,
-                table: None,
+                table,
             })
             .collect();
         self.publish();

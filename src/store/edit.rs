@@ -272,15 +272,15 @@ impl<S: Storage> BitmapStore<S> {
         // barrier: the commit point names it whole or not at all. Active, its content is
         // in memory (the commit names it `in_use`), or, durable, written by the
         // allocation below.
-        let off = match (self.active, bits.as_ref().or(mem.as_deref())) {
+        let (off, zero_table) = match (self.active, bits.as_ref().or(mem.as_deref())) {
             (false, Some(b)) if b.count() > 0 => {
-                self.write_bitmap(b, &mut FlushStats::default())?
+                (self.write_bitmap(b, &mut FlushStats::default())?, false)
             }
             _ => {
                 let table_bytes = u64::from(ts) * 8;
                 let off = self.image.alloc_clusters(ceil_clusters(table_bytes, cs))?;
                 self.image.write_at(&vec![0u8; table_bytes as usize], off)?;
-                off
+                (off, true)
             }
         };
         let target = match (&self.durable, &mem) {
@@ -311,6 +311,12 @@ impl<S: Storage> BitmapStore<S> {
             return Err(e);
         }
         if let Some(slot) = self.slots.last_mut() {
+            // Active and deferred, the table is the zero table written above, and only the
+            // flush engine writes it from here on: kept, so that the next flush reads it
+            // no more than the others. (Durable, the allocation above wrote its entries.)
+            if zero_table && self.active && self.durable.is_none() && mem.is_some() {
+                slot.table = Some(vec![TableEntry::Zeroes; ts as usize]);
+            }
             if parked_too {
                 slot.parked = mem;
             } else {
