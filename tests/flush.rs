@@ -272,6 +272,61 @@ fn activate_after_inactivate_keeps_every_bit() {
     assert_eq!(s.load("d").unwrap().count(), 0);
 }
 
+/// Every activation makes `in_use` durable before it returns: from then on marks are
+/// acknowledged without a write, so a crash right after the return (only what the barriers
+/// made durable survives) must leave every bitmap the store activated inconsistent, never
+/// clean without the marks. Checked for a first activation, a re-activation after an
+/// incremental stop (the parked bitmaps resumed, nothing read), after QEMU's whole-rewrite
+/// stop, and through `activate_preloaded` and `activate_with`. A barrier issued before the
+/// flags write would leave them clean on the durable image.
+#[test]
+fn every_activation_makes_in_use_durable_before_it_returns() {
+    use dirty_bitmap::storage::{CrashMode, CrashStorage};
+    let durable_in_use = |c: &CrashStorage, what: &str| {
+        let img = c.crash_image(c.op_count(), CrashMode::Dropped).unwrap();
+        let d = BitmapStore::open(MemStorage::from_bytes(img), OpenMode::ReadOnly).unwrap();
+        let list = d.list();
+        assert_eq!(list.len(), 2, "{what}");
+        for b in &list {
+            assert!(
+                b.in_use && b.state == BitmapState::Inconsistent,
+                "{what}: {} is {:?} (in_use {}) on the durable image after the activation",
+                b.name,
+                b.state,
+                b.in_use
+            );
+        }
+    };
+    let c = CrashStorage::new();
+    let mut s = BitmapStore::create(&c, DISK, CS).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.add("d", G, Recording::Disabled).unwrap();
+    s.activate().unwrap();
+    durable_in_use(&c, "first activate");
+    let t = s.tracker().unwrap();
+    t.mark(0, 1);
+    s.inactivate().unwrap();
+    t.mark(REGION_DISK, 1);
+    s.activate().unwrap();
+    durable_in_use(&c, "activate after an incremental stop");
+    s.inactivate_full_rewrite().unwrap();
+    s.activate().unwrap();
+    durable_in_use(&c, "activate after a whole rewrite");
+    s.inactivate().unwrap();
+    let img = s.close().unwrap();
+    drop(img);
+    let mut s = BitmapStore::open(&c, OpenMode::ReadWrite).unwrap();
+    let pre = s.preload().unwrap();
+    s.activate_preloaded(pre).unwrap();
+    durable_in_use(&c, "activate_preloaded");
+    s.inactivate().unwrap();
+    let a = Arc::new(s.load("a").unwrap());
+    assert!(a.is_dirty(0) && a.is_dirty(REGION_DISK));
+    s.activate_with(vec![("a".into(), a)]).unwrap();
+    durable_in_use(&c, "activate_with");
+    s.close().unwrap();
+}
+
 #[test]
 fn inactive_edits_keep_the_parked_bitmap_in_step() {
     let mut s = counted_store();
