@@ -279,7 +279,10 @@ fn disabling_an_unrelated_bitmap_returns_while_a_fan_out_waits_for_an_unseal() {
     let x = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
     let z = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
     let y = Arc::new(DirtyBitmap::new(1 << 30, g).unwrap());
-    let tracker = Tracker::new(vec![Arc::clone(&x), Arc::clone(&z)]);
+    // Z first: the fan-out marks Z, then meets X sealed and waits, so Z's bit is the
+    // evidence that the writer reached the fan-out before Y is disabled (without it, a
+    // writer not yet started would let the disable return whatever the fan-out does).
+    let tracker = Tracker::new(vec![Arc::clone(&z), Arc::clone(&x)]);
     x.seal();
     let marked = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -289,10 +292,16 @@ fn disabling_an_unrelated_bitmap_returns_while_a_fan_out_waits_for_an_unseal() {
             marked.store(true, Ordering::SeqCst);
         })
     };
-    // Long enough for the writer to be waiting for the unseal.
-    thread::sleep(Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !z.is_dirty(5 * g) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never reached the fan-out"
+        );
+        thread::yield_now();
+    }
     assert!(
-        !marked.load(Ordering::SeqCst),
+        !marked.load(Ordering::SeqCst) && !x.is_dirty(5 * g),
         "a mark wrote a sealed bitmap"
     );
     let (tx, rx) = std::sync::mpsc::channel();

@@ -433,6 +433,12 @@ fn a_store_holding_its_marks_does_not_stall_another_stores_checkpoint_or_disable
         .set_plan(FaultPlan::new().fail_sync(Trigger::From(y0 + syncs)));
     s.inactivate().expect_err("the last barrier fails");
     assert!(s.marks_held());
+    // `a` unsealed by hand: the fan-out over `a` and `b` marks `a`, then meets `b` sealed
+    // and waits, so `a`'s bit is the evidence that the writer reached the fan-out before
+    // the other store's edits (without it, a writer not yet started would let them return
+    // whatever the fan-out does).
+    let held_bitmaps = s.bitmaps().unwrap();
+    held_bitmaps[0].unseal();
     let (tx, rx) = std::sync::mpsc::channel();
     let late = {
         let tracker = tracker.clone();
@@ -441,6 +447,14 @@ fn a_store_holding_its_marks_does_not_stall_another_stores_checkpoint_or_disable
             tx.send(()).unwrap();
         })
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !held_bitmaps[0].is_dirty(LATE.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never reached the fan-out"
+        );
+        std::thread::yield_now();
+    }
     assert!(
         rx.recv_timeout(std::time::Duration::from_millis(100))
             .is_err(),
