@@ -211,24 +211,74 @@ fn durable_activation_records_it_inactivate_keeps_it_a_deferred_activation_clear
 
 /// The run every crash sweep below replays: activate_durable, two marks, inactivate,
 /// activate (deferred), a mark, inactivate. Returns (first op of the durable activation,
-/// its end, the first op of the deferred activation).
-fn run(crash: &Arc<CrashStorage>) -> (usize, usize, usize) {
+/// its end, the first op of the deferred activation, and each mark with the op count
+/// once it was acknowledged durable: the deferred one once the close returned).
+fn run(crash: &Arc<CrashStorage>) -> (usize, usize, usize, Vec<Acked>) {
     let mut s = BitmapStore::open(Arc::clone(crash), OpenMode::ReadWrite).unwrap();
     let base = crash.op_count();
     s.activate_durable().unwrap();
     let activated = crash.op_count();
     let shared = SharedStore::new(s);
     let t = shared.durable_tracker().unwrap();
-    t.mark(100 * G, 4096).unwrap();
-    t.mark(DISK - 4096, 4096).unwrap();
+    let mut acked = Vec::new();
+    for (off, len) in [(100 * G, 4096), (DISK - 4096, 4096)] {
+        t.mark(off, len).unwrap();
+        acked.push(Acked {
+            at: crash.op_count(),
+            off,
+            len,
+        });
+    }
     drop(t);
     let mut s = shared.try_into_inner().unwrap();
     s.inactivate().unwrap();
     let deferred = crash.op_count();
     s.activate().unwrap();
-    s.bitmap("a").unwrap().mark_dirty(7 * G, 1);
+    s.bitmap("a").unwrap().mark_dirty(20 * G, 1);
     drop(s.close().unwrap());
-    (base, activated, deferred)
+    acked.push(Acked {
+        at: crash.op_count(),
+        off: 20 * G,
+        len: 1,
+    });
+    (base, activated, deferred, acked)
+}
+
+/// A mark of [`run`] and the op count from which it is durable.
+struct Acked {
+    at: usize,
+    off: u64,
+    len: u64,
+}
+
+/// Checks bitmap `a`, loaded consistent from the image a crash after `k` ops left: it holds
+/// [`STORED`] and every mark acknowledged by then, and no bit but those and the run's
+/// other marks (a torn header must not change it either way).
+fn holds_what_was_acknowledged(a: &DirtyBitmap, k: usize, acked: &[Acked], at: &str) {
+    let allowed = DirtyBitmap::new(DISK, G).unwrap();
+    allowed.mark_dirty(STORED.0, STORED.1);
+    assert!(
+        a.is_dirty(STORED.0) && a.is_dirty(STORED.0 + STORED.1 - 1),
+        "{at}: stored bits lost"
+    );
+    for m in acked {
+        allowed.mark_dirty(m.off, m.len);
+        if k >= m.at {
+            assert!(
+                a.is_dirty(m.off) && a.is_dirty(m.off + m.len - 1),
+                "{at}: the mark ({}, {}) acknowledged at op {} is lost",
+                m.off,
+                m.len,
+                m.at
+            );
+        }
+    }
+    let extra: Vec<(u64, u64)> = a
+        .dirty_extents()
+        .flat_map(|(o, l)| (o..o + l).step_by(G as usize).map(|b| (b, G)))
+        .filter(|&(b, _)| !allowed.is_dirty(b))
+        .collect();
+    assert!(extra.is_empty(), "{at}: bits no mark set: {extra:?}");
 }
 
 /// Every image a crash from op `base` on could leave: each crash point in each of
@@ -289,7 +339,7 @@ const MODES: [CrashMode; 6] = [
 fn no_crash_point_of_the_mode_writes_changes_a_bitmap_or_claims_durable_under_in_use() {
     for cs in [512u64, 4096, 65536] {
         let crash = Arc::new(CrashStorage::from_bytes(image_with_a(cs)));
-        let (base, activated, deferred) = run(&crash);
+        let (base, activated, deferred, acked) = run(&crash);
         let mut seen = [0usize; 2];
         for (at, k, img) in crash_images(&crash, base) {
             let at = format!("{cs} B clusters, {at}");
@@ -311,11 +361,7 @@ fn no_crash_point_of_the_mode_writes_changes_a_bitmap_or_claims_durable_under_in
                 assert!(k > deferred, "{at}: in_use before the deferred activation");
                 continue;
             }
-            let a = st.load("a").unwrap();
-            assert!(
-                a.is_dirty(STORED.0) && a.is_dirty(STORED.0 + STORED.1 - 1),
-                "{at}: stored bits lost"
-            );
+            holds_what_was_acknowledged(&st.load("a").unwrap(), k, &acked, &at);
             assert_eq!(
                 st.image().check().unwrap().corruptions,
                 0,
@@ -362,7 +408,7 @@ fn a_foreign_layout_is_bracketed_and_never_loads_a_wrong_bitmap() {
     let crash = Arc::new(CrashStorage::from_bytes(foreign_layout(image_with_a(
         65536,
     ))));
-    let (base, activated, _) = run(&crash);
+    let (base, activated, _, acked) = run(&crash);
     // The bracket: autoclear bit 0 cleared in place, barrier, cluster 0, barrier, bit 0 set
     // in place, barrier: the activation's last six ops.
     let ops = crash.ops()[base..activated].to_vec();
@@ -414,11 +460,7 @@ fn a_foreign_layout_is_bracketed_and_never_loads_a_wrong_bitmap() {
             untrusted += 1;
             continue;
         }
-        let a = st.load("a").unwrap();
-        assert!(
-            a.is_dirty(STORED.0) && a.is_dirty(STORED.0 + STORED.1 - 1),
-            "{at}: stored bits lost"
-        );
+        holds_what_was_acknowledged(&st.load("a").unwrap(), k, &acked, &at);
         assert!(
             matches!(st.mode(), StoreMode::Durable | StoreMode::Deferred),
             "{at}"
@@ -453,7 +495,7 @@ fn with_a_backing_file_a_torn_mode_write_keeps_the_name_and_every_bitmap() {
         image_with_a(65536),
         name,
     )));
-    let (base, _, _) = run(&crash);
+    let (base, _, _, acked) = run(&crash);
     let ops = crash.ops();
     let headers = header_writes(&ops[base..]);
     assert_eq!(
@@ -468,7 +510,7 @@ fn with_a_backing_file_a_torn_mode_write_keeps_the_name_and_every_bitmap() {
         .count();
     assert_eq!(moves, 2, "{:?}", summary(&ops[base..]));
     let mut images = 0;
-    for (at, _, img) in crash_images(&crash, base) {
+    for (at, k, img) in crash_images(&crash, base) {
         let st = open_bytes(img).unwrap_or_else(|e| panic!("{at}: {e}"));
         assert_eq!(
             st.image().area().backing_file.as_deref(),
@@ -477,8 +519,7 @@ fn with_a_backing_file_a_torn_mode_write_keeps_the_name_and_every_bitmap() {
         );
         if let Some(i) = st.list().first().filter(|i| !i.in_use) {
             assert!(i.state == BitmapState::Consistent, "{at}");
-            let a = st.load("a").unwrap();
-            assert!(a.is_dirty(STORED.0), "{at}: stored bits lost");
+            holds_what_was_acknowledged(&st.load("a").unwrap(), k, &acked, &at);
         }
         images += 1;
     }

@@ -141,7 +141,9 @@ fn qemu_made_bitmaps_load_to_what_nbd_shows() {
                 "qemu-img",
                 &["bitmap", "--add", "-g", &g.to_string(), p(&img), "b"],
             );
-            ok("qemu-img", &["bitmap", "--add", p(&img), "untouched"]);
+            // A second recording bitmap at QEMU's default granularity: QEMU's writes land in
+            // both, and each must read as QEMU exports it.
+            ok("qemu-img", &["bitmap", "--add", p(&img), "second"]);
             let mut args = Vec::new();
             for w in writes {
                 args.push("-c");
@@ -153,7 +155,9 @@ fn qemu_made_bitmaps_load_to_what_nbd_shows() {
             let ours = extents(&s.load("b").unwrap());
             assert_eq!(ours, nbd_dirty(&img, "b"), "cs {cs} g {g}");
             assert!(!ours.is_empty());
-            assert!(s.load("untouched").unwrap().count() > 0);
+            let second = extents(&s.load("second").unwrap());
+            assert_eq!(second, nbd_dirty(&img, "second"), "cs {cs} g {g}");
+            assert!(!second.is_empty());
             assert!(s.image().check().unwrap().is_clean());
         }
     }
@@ -303,10 +307,24 @@ fn every_image_qemu_img_create_makes_opens_and_takes_bitmaps() {
         assert_qemu_clean(&img);
         assert_eq!(qemu_bitmaps(&img)[0].0, "ours", "{v:?}");
         assert_eq!(nbd_dirty(&img, "ours"), vec![(2 * MIB, 65536)], "{v:?}");
-        // Guest data untouched.
+        // Guest data untouched: qemu-io wrote its default pattern 0xcd, and what lies
+        // between reads as zeros (qemu-io exits 1 on a pattern mismatch).
         ok(
-            "qemu-img",
-            &["compare", "-f", "qcow2", "-F", "qcow2", p(&img), p(&img)],
+            "qemu-io",
+            &[
+                "-r",
+                "-c",
+                "read -P 0xcd 0 64k",
+                "-c",
+                "read -P 0 64k 8128k",
+                "-c",
+                "read -P 0xcd 9M 1M",
+                "-c",
+                "read -P 0 10M 6M",
+                "-f",
+                "qcow2",
+                p(&img),
+            ],
         );
         let s = open(&img, OpenMode::ReadOnly);
         assert!(s.image().check().unwrap().is_clean(), "{v:?}");
@@ -318,7 +336,9 @@ fn reftable_growth_is_accepted_by_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("g.qcow2");
     // 512-byte clusters and 64-bit refcounts: a block covers 64 clusters and the first
-    // reftable 4096 clusters (2 MiB), so the bitmaps below force it to grow.
+    // reftable (one cluster, 64 blocks) 4096 clusters (2 MiB). Eight fully dirty bitmaps
+    // at 512 B granularity take 512 data clusters and 8 table clusters each, so the
+    // reftable must grow (checked in the header below).
     ok(
         "qemu-img",
         &[
@@ -332,23 +352,33 @@ fn reftable_growth_is_accepted_by_qemu() {
             "1G",
         ],
     );
-    let before = ok(
-        "qemu-img",
-        &["info", "-f", "qcow2", "--output=json", p(&img)],
-    );
+    // The reftable's offset and its length in clusters (header bytes 48 to 60).
+    let reftable = |img: &std::path::Path| {
+        let h = std::fs::read(img).unwrap();
+        (
+            u64::from_be_bytes(h[48..56].try_into().unwrap()),
+            u32::from_be_bytes(h[56..60].try_into().unwrap()),
+        )
+    };
+    let before = reftable(&img);
+    assert_eq!(before.1, 1, "qemu-img made a reftable of one cluster");
     let disk = 1u64 << 30;
     let mut s = open(&img, OpenMode::ReadWrite);
-    let bm = DirtyBitmap::new(disk, 4096).unwrap();
+    let bm = DirtyBitmap::new(disk, 512).unwrap();
     bm.mark_dirty(0, disk);
-    for i in 0..6 {
-        s.add(&format!("full{i}"), 4096, Recording::Enabled)
-            .unwrap();
+    for i in 0..8 {
+        s.add(&format!("full{i}"), 512, Recording::Enabled).unwrap();
         s.store(format!("full{i}"), &bm).unwrap();
     }
     s.close().unwrap();
+    let after = reftable(&img);
+    assert!(
+        after.1 > before.1 && after.0 != before.0,
+        "the reftable did not grow: {before:?} then {after:?}"
+    );
     assert_qemu_clean(&img);
     assert_eq!(nbd_dirty(&img, "full3"), vec![(0, disk)]);
-    assert!(!before.is_empty());
+    assert_eq!(nbd_dirty(&img, "full7"), vec![(0, disk)]);
     let s = open(&img, OpenMode::ReadOnly);
     assert!(s.image().check().unwrap().is_clean());
 }

@@ -137,7 +137,25 @@ fn push_merged(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {
     }
 }
 
-/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged.
+/// The virtual disk size a qcow2 image's header records (bytes 24 to 32): where a map of
+/// its bitmap must end, so that a map cut short never reads the tail as clean.
+fn qcow2_virtual_size(img: &Path) -> u64 {
+    use std::io::Read;
+    let mut h = [0u8; 32];
+    std::fs::File::open(img)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .unwrap_or_else(|e| panic!("reading the header of {}: {e}", img.display()));
+    assert_eq!(
+        &h[..4],
+        b"QFI\xfb",
+        "{} is not a qcow2 image",
+        img.display()
+    );
+    u64::from_be_bytes(h[24..32].try_into().unwrap())
+}
+
+/// Dirty extents of bitmap `name` as qemu-nbd exports them, adjacent ones merged. The map
+/// must cover the whole disk, extent after extent.
 pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
     let map = with_nbd_export(img, name, |sock| {
         let uri = format!("nbd+unix:///?socket={}", p(sock));
@@ -165,6 +183,11 @@ pub fn nbd_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
             push_merged(&mut out, off, len);
         }
     }
+    assert_eq!(
+        end,
+        qcow2_virtual_size(img),
+        "nbdinfo --map ends before the disk does"
+    );
     out
 }
 
@@ -214,6 +237,11 @@ pub fn qemu_map_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
             push_merged(&mut out, off, len);
         }
     }
+    assert_eq!(
+        end,
+        qcow2_virtual_size(img),
+        "qemu-img map ends before the disk does: {json}"
+    );
     out
 }
 
