@@ -788,6 +788,96 @@ fn a_store_inactivated_by_another_holder_during_precopy_fails_the_hand_over_and_
     r.guest.vcpus.shutdown();
 }
 
+/// The guest, but its first stop (the switchover's) first lets another holder of the
+/// `SharedStore` inactivate it, and another writer take the image, set `in_use`, write
+/// guest data (marked at `FOREIGN`) and die without closing: its mark is in no bitmap
+/// the source holds.
+struct ForeignWriterAtTheStop<'a> {
+    guest: &'a mut Guest,
+    store: SharedStore<FileStorage>,
+    img: PathBuf,
+    done: bool,
+}
+
+const FOREIGN: u64 = 7 * GIB + 12345;
+
+impl Vm for ForeignWriterAtTheStop<'_> {
+    fn stop(&mut self) -> dirty_bitmap::migration::Result<()> {
+        if !self.done {
+            self.done = true;
+            self.store.lock().inactivate().unwrap();
+            let mut other = BitmapStore::open(
+                FileStorage::open(&self.img, OpenMode::ReadWrite).unwrap(),
+                OpenMode::ReadWrite,
+            )
+            .unwrap();
+            other.activate().unwrap();
+            other.tracker().unwrap().mark(FOREIGN, 4096);
+            drop(other);
+        }
+        self.guest.stop()
+    }
+    fn resume(&mut self) -> dirty_bitmap::migration::Result<()> {
+        self.guest.resume()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.guest.set_throttle(percent);
+    }
+    fn run_until(&mut self, now: Duration) {
+        self.guest.run_until(now);
+    }
+}
+
+/// Found by a review: a stop that failed because another holder had inactivated the store
+/// took the image back accepting any `in_use` bit on it, as it may after its own hand-over
+/// (a destination that never started wrote nothing but those bits). Here no hand-over
+/// happened, and the writer that set `in_use` wrote guest data the source's bitmaps lack:
+/// taking it back and resuming would store them consistent without those writes. The
+/// source must stay stopped (`SourceNotResumed`), the image's bitmap inconsistent.
+#[test]
+fn a_stop_that_never_handed_over_does_not_take_back_a_foreign_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 15);
+    let e = {
+        let link = RefCell::new(&mut r.link);
+        let mut vm = ForeignWriterAtTheStop {
+            guest: &mut r.guest,
+            store: store.clone(),
+            img: img.clone(),
+            done: false,
+        };
+        run(
+            &cfg(),
+            Endpoints {
+                clock: &mut RealClock::new(),
+                vm: &mut vm,
+                out: &mut LinkOut(&link),
+                inbound: &mut LinkIn(&link),
+            },
+            &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
+            &mut AutoConverge::default(),
+        )
+        .unwrap_err()
+    };
+    assert!(matches!(e, MigrationError::SourceNotResumed { .. }), "{e}");
+    assert!(!store.lock().is_active());
+    let d = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(
+        d.list().iter().all(|b| b.in_use),
+        "the foreign writer's in_use was taken back: {:?}",
+        d.list()
+    );
+    drop(d);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
 /// In durable mode every mark is on disk when it returns: the stop has nothing left to
 /// write (0 bytes, no allocation), and the image the destination takes holds every mark.
 #[test]

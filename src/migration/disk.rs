@@ -462,7 +462,8 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     fn resume_source(&mut self) {}
 
     /// Activates the store again if it is inactive (the stop, this attempt's or an earlier
-    /// one's, handed it over, or another holder inactivated it and the stop refused it), in
+    /// one's, handed it over, or another holder inactivated it and the stop refused it;
+    /// `in_use` bits set since are taken back only in the first case), in
     /// durable mode if its image records that mode (its durable trackers are then new: take
     /// them again). Refuses, so that the
     /// source stays stopped, while a failed stop holds the marks
@@ -479,11 +480,17 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // only on bitmaps the disk says are in use. One another holder took back already
         // stays as it is.
         if !st.is_active() {
-            // The destination never said it started: `in_use` bits it set and left are
-            // all it wrote, and this store's bitmaps hold every mark. The mode the image
-            // records: durable after a durable store's inactivate (this attempt's stop, an
-            // earlier one's, or another holder's), else deferred.
-            st.accept_destination_in_use();
+            // Handed over by a stop of this migration (this attempt's or an earlier one's):
+            // the destination never said it started, so `in_use` bits it set and left are
+            // all it wrote, and this store's bitmaps hold every mark. Not handed over
+            // (another holder inactivated the store, and this stop refused it): whoever
+            // set `in_use` since may have written guest data these bitmaps lack, so the
+            // activation refuses such an image and the guest stays stopped. The mode the
+            // image records: durable after a durable store's inactivate (this attempt's
+            // stop, an earlier one's, or another holder's), else deferred.
+            if self.handed_over {
+                st.accept_destination_in_use();
+            }
             if StoreMode::of(st.image().area()) == StoreMode::Durable {
                 st.activate_durable()?;
             } else {
