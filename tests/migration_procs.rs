@@ -529,6 +529,70 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     assert_every_mark_on_disk(&img, &logged);
 }
 
+/// Found by a review: after a fail-back, `send` started its further `--attempts` as a new
+/// migration (a new session). A listener that outlived the unknown outcome (its answer
+/// came after the source stopped waiting) keeps the first attempt's RAM for that migration
+/// and refuses every Hello that does not resume it, so no later attempt could complete.
+/// The session is kept: this listener resumes, and a new one would start afresh.
+#[test]
+fn two_processes_a_fail_back_then_a_retry_to_the_listener_that_outlived_it_hands_over() {
+    let (_, seed) = common::seeded_rng("procs_fail_back_retry");
+    let seed = seed.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path());
+    let marks = dir.path().join("marks.log");
+    let mut dest = Proc::spawn(
+        "listen",
+        &[
+            "migrate",
+            "listen",
+            p(&img),
+            "--refuse",
+            "1",
+            "--attempts",
+            "2",
+            "--test-stall-after-activate",
+            "3",
+            "--timeout",
+            "60",
+        ],
+    );
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let mut args = send_args(p(&img), &addr, p(&marks), &seed);
+    // The source waits 1 s for each answer: the listener's comes 3 s after its activation.
+    let t = args.iter().position(|a| *a == "--timeout").unwrap();
+    args[t + 1] = "1";
+    args.extend([
+        "--attempts",
+        "2",
+        "--retry-after",
+        "0.5",
+        "--fail-back-on-signal",
+    ]);
+    let mut src = Proc::spawn("send", &args);
+    dest.wait_for("attempt 1: test hook: activated");
+    let unknown = src.wait_for("hand-over outcome unknown");
+    assert!(unknown.contains("waiting for the verdict"), "{unknown}");
+    // The listener refuses (too late for the source to hear it) and puts the image back
+    // as the source left it; it lives on, keeping the attempt's RAM.
+    dest.wait_for("attempt 1: failed; the image is inactive again");
+    src.signal(libc::SIGUSR1);
+    src.wait_for("source: took its bitmaps back from the dead destination");
+    let (code, out, err) = src.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "send:\n{text}\n{err}");
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("source: bitmaps handed over")),
+        "{text}"
+    );
+    let (code, out, err) = dest.finish();
+    let text = out.join("\n");
+    assert_eq!(code, 0, "listen:\n{text}\n{err}");
+    assert!(text.contains("attempt 2: completed"), "{text}");
+    assert_every_mark_on_disk(&img, &read_marks(&marks));
+}
+
 /// A destination process that activated the image and is killed (SIGKILL) before it
 /// answers Started, the source waiting with `--fail-back-on-signal`: started with the test
 /// hook of `listen`, killed once it says it activated; the source told (SIGUSR1) that it

@@ -24,6 +24,9 @@
 //!   nothing but the `in_use` flags) and resumes.
 //! - `listen --test-crash-after-activate` (hidden, a test hook): each attempt, once it
 //!   activated the image, waits to be killed without answering Started.
+//! - `listen --test-stall-after-activate SECS` (hidden, a test hook): the first attempt,
+//!   once it activated the image, waits SECS before it answers (a source with a shorter
+//!   `--timeout` hears nothing: its outcome is unknown, while this listener lives on).
 //!
 //! With `--tls-creds DIR` on both sides the connection runs TLS with certificates, both
 //! ends authenticated against DIR/ca-cert.pem (QEMU's `tls-creds-x509` layout and
@@ -140,6 +143,11 @@ pub struct ListenArgs {
     /// 137, as a SIGKILL would.
     #[arg(long, hide = true)]
     pub test_crash_after_activate: bool,
+    /// Test hook: the first attempt that opened and activated the image waits this many
+    /// seconds before it answers (Started, or the refusal of `--refuse`), printing `test
+    /// hook: ...`: a destination whose answer comes after the source gave up waiting.
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub test_stall_after_activate: f64,
     /// TLS with certificates (QEMU's `tls-creds-x509` layout): DIR/ca-cert.pem,
     /// DIR/server-cert.pem, DIR/server-key.pem. The source must present a certificate
     /// signed by the CA; a source without TLS is refused at the handshake.
@@ -369,6 +377,8 @@ struct ListenDisk {
     activated: bool,
     /// The test hook `--test-crash-after-activate`.
     crash_after_activate: bool,
+    /// The test hook `--test-stall-after-activate`, taken by the first attempt it stalls.
+    stall_after_activate: Option<Duration>,
 }
 
 impl DestState for ListenDisk {
@@ -411,6 +421,14 @@ impl DestState for ListenDisk {
             ));
             std::thread::sleep(Duration::from_secs(600));
             std::process::exit(137);
+        }
+        if let Some(stall) = self.stall_after_activate.take() {
+            say(format!(
+                "attempt {}: test hook: activated, answering in {:.1} s",
+                self.attempt,
+                stall.as_secs_f64()
+            ));
+            std::thread::sleep(stall);
         }
         if self.refuse_left > 0 {
             self.refuse_left -= 1;
@@ -469,6 +487,9 @@ fn listen(a: &ListenArgs) -> CmdResult {
         attempt: 0,
         activated: false,
         crash_after_activate: a.test_crash_after_activate,
+        stall_after_activate: (a.test_stall_after_activate > 0.0)
+            .then(|| seconds("test-stall-after-activate", a.test_stall_after_activate))
+            .transpose()?,
     }));
     let tls = a
         .tls_creds
@@ -942,8 +963,10 @@ fn send(a: &SendArgs) -> CmdResult {
                     return Err(r.into());
                 }
                 say("source: took its bitmaps back from the dead destination (store active, write locks held); the guest resumed");
-                // The dead destination kept nothing: the next attempt starts afresh.
-                session = Session::new();
+                // The session stays: a destination that is truly gone kept nothing, and a
+                // new one starts afresh on a Hello that names it; one that outlived the
+                // unknown outcome (its answer came too late) keeps this migration's RAM,
+                // and refuses every Hello that does not resume it.
             }
             Err(
                 e @ (MigrationError::OutcomeUnknown(_)
