@@ -529,6 +529,8 @@ pub struct SharedDiskDest<S: Storage> {
     taken_current: usize,
     store: Option<crate::BitmapStore<S>>,
     durable: bool,
+    /// Why the last failed attempt's inactivate failed, leaving the bitmaps `in_use`.
+    undo_error: Option<crate::Error>,
 }
 
 type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
@@ -566,6 +568,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             taken_current: 0,
             store: None,
             durable: false,
+            undo_error: None,
         }
     }
 
@@ -635,6 +638,14 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     pub fn without_preload(mut self) -> Self {
         self.preload = None;
         self
+    }
+
+    /// Why the last attempt that failed after taking the image over could not inactivate
+    /// it again (`None` when it could, or took nothing): its bitmaps then stay `in_use` on
+    /// disk, inconsistent (never clean), and the source's take-back accepts exactly that.
+    /// Cleared at each Hello.
+    pub fn undo_failed(&self) -> Option<&crate::Error> {
+        self.undo_error.as_ref()
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
@@ -715,6 +726,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         self.preloaded = None;
         self.reader = None;
         self.last_log = None;
+        self.undo_error = None;
         Ok(())
     }
 
@@ -786,7 +798,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
             // Clears the in_use flags it set, in place: the image is again as the source
             // left it. If this fails, the flags stay in_use (inconsistent, never clean)
             // and the source's activate refuses nothing it should not.
-            let _ = st.inactivate();
+            self.undo_error = st.inactivate().err();
         }
     }
 }
@@ -923,6 +935,46 @@ mod tests {
         let b = st.bitmap("b").unwrap();
         b.mark_dirty(0, 1);
         (SharedDiskState::new(1, "disk", SharedStore::new(st)), b)
+    }
+
+    /// Found by a review: a destination whose undo (the inactivate after a failed attempt)
+    /// failed said nothing of it, and `dbm migrate listen` printed that the image was
+    /// inactive again. The failure is kept (`undo_failed`), the bitmaps stay `in_use`.
+    #[test]
+    fn a_destination_whose_undo_fails_says_so() {
+        let bytes = {
+            let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
+            st.add("b", G, Recording::Enabled).unwrap();
+            st.activate().unwrap();
+            st.inactivate().unwrap();
+            st.image().storage().to_vec()
+        };
+        for fail in [false, true] {
+            let fs = Arc::new(FaultStorage::new(
+                MemStorage::from_bytes(bytes.clone()),
+                FaultPlan::new(),
+            ));
+            let opened = Arc::clone(&fs);
+            let mut dest = SharedDiskDest::new("disk", move || {
+                BitmapStore::open(Arc::clone(&opened), crate::OpenMode::ReadWrite)
+            });
+            dest.before_start().unwrap();
+            if fail {
+                fs.set_plan(FaultPlan::new().fail_sync(Trigger::From(fs.syncs())));
+            }
+            dest.failed();
+            assert_eq!(dest.undo_failed().is_some(), fail);
+            let d = BitmapStore::open(
+                MemStorage::from_bytes(fs.inner().to_vec()),
+                crate::OpenMode::ReadOnly,
+            )
+            .unwrap();
+            if fail {
+                assert!(d.list().iter().all(|b| b.in_use), "{:?}", d.list());
+            } else {
+                assert!(d.list().iter().all(|b| !b.in_use), "{:?}", d.list());
+            }
+        }
     }
 
     /// The stop's last barrier fails: the inactivate may have written "clean". It takes

@@ -442,15 +442,18 @@ impl DestState for ListenDisk {
 
     fn failed(&mut self) {
         self.inner.failed();
-        say(format!(
-            "attempt {}: failed; {}",
-            self.attempt,
-            if std::mem::take(&mut self.activated) {
-                "the image is inactive again, as the source left it"
-            } else {
-                "the image was not opened"
-            }
-        ));
+        let image = match (
+            std::mem::take(&mut self.activated),
+            self.inner.undo_failed(),
+        ) {
+            (false, _) => "the image was not opened".to_string(),
+            (true, None) => "the image is inactive again, as the source left it".to_string(),
+            (true, Some(e)) => format!(
+                "the image could not be inactivated again ({e}): its bitmaps stay in use, \
+                 inconsistent, and the source may take it back"
+            ),
+        };
+        say(format!("attempt {}: failed; {image}", self.attempt));
     }
 
     fn failed_after_start(&mut self) {
