@@ -841,6 +841,65 @@ fn a_destination_survives_a_failed_attempt_and_serves_the_retry() {
     src.assert_same_ram(&report);
 }
 
+/// Gives up at the `n`-th stall report (so that a retry that cannot converge ends).
+struct GiveUpAt(u32);
+
+impl Controller for GiveUpAt {
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        self.0 = self.0.saturating_sub(1);
+        if self.0 == 0 {
+            StallAction::Cancel
+        } else {
+            StallAction::KeepGoing
+        }
+    }
+}
+
+/// An idle guest's retry under a downtime limit of 10 ms. The retry has next to nothing
+/// to send, so its windows run dry and its Hello alone would measure the link (about 1
+/// byte per ms: not even the control frames fit 10 ms of that, and it would end "not
+/// converging"). The session carries what the first attempt measured into it
+/// (`Session::link`), and it switches over.
+#[test]
+fn an_idle_guests_retry_switches_over_on_the_link_its_session_carried() {
+    let _g = shared();
+    let mut src = Source::new(7, 0);
+    let dest = TcpDestination::spawn(DestOptions {
+        refuse_attempts: 1,
+        max_attempts: 2,
+        ..dest_options()
+    })
+    .unwrap();
+    assert_eq!(src.session.link(), None);
+    let mut first = src.state(SetupMode::Full, false);
+    let e = src
+        .migrate(dest.addr(), converging(), &mut first, &mut NoStall)
+        .unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    let link = src
+        .session
+        .link()
+        .expect("the first attempt measured the link");
+    // All of RAM went out in the first attempt's first windows.
+    assert!(link.get() > 1000.0, "{link:?}");
+    let mut again = src.state(SetupMode::Incremental, false);
+    let cfg = LoopConfig {
+        downtime_limit: Millis(10),
+        ..converging()
+    };
+    let r = src
+        .migrate(dest.addr(), cfg, &mut again, &mut GiveUpAt(3))
+        .unwrap();
+    assert_eq!(r.outcome.kind, Kind::Completed, "{:?}", r.outcome);
+    assert!(
+        r.outcome.pending_at_switch.total() <= r.outcome.threshold_at_switch,
+        "{:?}",
+        r.outcome
+    );
+    let report = dest.join().unwrap();
+    src.assert_same_ram(&report);
+}
+
 #[test]
 fn corrupt_byte_is_a_checksum_error_on_both_sides_and_the_source_resumes() {
     let _g = shared();

@@ -8,7 +8,13 @@
 //!    Hello and the states' setup count in it. A window with no bytes sent, none of whose
 //!    turns the rate limiter held back while something was left to send, had nothing to
 //!    send and measures nothing: the last measurement stands (QEMU measures it as 0, as
-//!    this loop measures a held-back one).
+//!    this loop measures a held-back one). A window in which the states ran out of bytes
+//!    (a turn's budget allowed more than they all sent) and the rate limiter held nothing
+//!    back measures only a lower bound on the link, as does every such window since the
+//!    last one the states kept busy: the highest of those figures (the busy window's
+//!    included, and [`LoopConfig::link_estimate`], an earlier attempt's) is the bandwidth.
+//!    QEMU takes such a window's figure as it is, and completes an idle guest on a pending
+//!    figure of 0 instead.
 //!    Before the first window closes the bandwidth is 0. Each closed window also runs
 //!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
 //!    regions, and measures the disk's rate and barrier latency as it does).
@@ -40,8 +46,9 @@
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
 //!    as progress (a disk-only migration that sends nothing is not reported stuck while
 //!    its flushes shrink its stop; it switches over once its figure fits what the link
-//!    was measured at, with only its Hello and setup to measure by if its guest writes
-//!    nothing: give it `avail_switchover_bandwidth`).
+//!    was measured at, with only its Hello and setup, or an earlier attempt's
+//!    [`LoopConfig::link_estimate`], to measure by if its guest writes nothing: give a
+//!    first attempt `avail_switchover_bandwidth`).
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
@@ -108,6 +115,13 @@ pub struct LoopConfig {
     /// Bandwidth to assume for the switchover instead of the measured one (QEMU
     /// `avail-switchover-bandwidth`).
     pub avail_switchover_bandwidth: Option<BytesPerMs>,
+    /// What the link carried in an earlier attempt of the same migration
+    /// ([`IterationReport::link`]; [`super::tcp::Session`] carries it from one attempt to
+    /// the next): the figure a window in which the states ran out of bytes never measures
+    /// below, until a window of this attempt that its states kept busy measures the link
+    /// again. An idle guest's retry, whose every window runs dry, then still knows what
+    /// the link carries. `None` (or 0): no earlier figure, as for a first attempt.
+    pub link_estimate: Option<BytesPerMs>,
     /// Fixed part of the downtime that does not depend on bytes (stopping the vCPUs,
     /// starting the destination). Subtracted from the limit before the threshold.
     pub switchover_cost: Millis,
@@ -138,6 +152,7 @@ impl Default for LoopConfig {
                 DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC,
             )),
             avail_switchover_bandwidth: None,
+            link_estimate: None,
             switchover_cost: Millis(0),
             max_postcopy_bandwidth: None,
             postcopy: false,
@@ -166,6 +181,11 @@ pub struct IterationReport {
     pub threshold: Bytes,
     /// Last measured bandwidth (before the `avail_switchover_bandwidth` override).
     pub bandwidth: BytesPerMs,
+    /// What the link is known to carry: the figure of the last window the states kept busy
+    /// (none of its turns found them out of bytes, and the rate limiter held none back),
+    /// raised by every window since in which they ran out (each a lower bound on the
+    /// link), starting from [`LoopConfig::link_estimate`]. The figure to carry into a retry.
+    pub link: BytesPerMs,
     /// Bytes found newly pending by the exact query per ms since the previous one.
     pub dirty_rate: Option<BytesPerMs>,
     /// Bytes on the wire so far.
@@ -465,6 +485,8 @@ where
         window_bytes: Bytes(0),
         carry: Bytes(0),
         bandwidth: BytesPerMs::ZERO,
+        link: config.link_estimate.unwrap_or(BytesPerMs::ZERO),
+        ran_dry: false,
         expected: BytesPerMs::ZERO,
         threshold: Bytes(0),
         postcopy_requested: config.start_postcopy,
@@ -544,6 +566,9 @@ pub fn checked_config(config: &LoopConfig) -> Result<LoopConfig> {
     }
     if c.max_postcopy_bandwidth.is_some_and(|b| b.get() == 0.0) {
         c.max_postcopy_bandwidth = None;
+    }
+    if c.link_estimate.is_some_and(|b| b.get() == 0.0) {
+        c.link_estimate = None;
     }
     for (name, max) in [
         ("max_bandwidth", c.max_bandwidth),
@@ -630,6 +655,12 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// Bytes sent beyond the previous window's allowance, charged to this one.
     carry: Bytes,
     bandwidth: BytesPerMs,
+    /// What the link is known to carry: the last busy window's figure, raised by each dry
+    /// window's since (the config's `link_estimate` to start with).
+    link: BytesPerMs,
+    /// A turn of the current window had budget left after every state sent what it had:
+    /// the window measures only a lower bound on the link.
+    ran_dry: bool,
     /// The bandwidth the switchover is computed with: `avail_switchover_bandwidth`, or
     /// the measured one.
     expected: BytesPerMs,
@@ -784,7 +815,24 @@ where
         // decide more turns on a rate above the limit.
         if sent > Bytes(0) || self.held_back {
             let ms = elapsed.as_nanos() as f64 / 1e6;
-            self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
+            let measured = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
+            if self.ran_dry && !self.held_back {
+                // The states ran out of bytes: the link carried all they had and might
+                // have carried more, so this is only a lower bound on it, as is every
+                // figure of the link's since its last busy window (and an earlier
+                // attempt's): the highest stands.
+                if self.link < measured {
+                    self.link = measured;
+                }
+                self.bandwidth = self.link;
+            } else {
+                // Busy (or held back by the rate limiter): the link itself measured, as
+                // QEMU measures every window.
+                self.bandwidth = measured;
+                if !self.held_back {
+                    self.link = measured;
+                }
+            }
         }
         self.expected = self
             .config
@@ -802,6 +850,7 @@ where
         self.window_start = now;
         self.window_bytes = self.out.bytes_sent();
         self.held_back = false;
+        self.ran_dry = false;
     }
 
     /// Bytes the rate limiter still allows in this window.
@@ -866,6 +915,7 @@ where
             exact,
             threshold: self.threshold_of(p),
             bandwidth: self.bandwidth,
+            link: self.link,
             dirty_rate,
             bytes_sent: self.out.bytes_sent() - self.bytes_start,
             throttle: self.throttle,
@@ -1058,6 +1108,8 @@ where
                         Err(e) => return Err(self.fail_running(states, e)),
                     }
                 }
+                // Every state sent what it had, and the budget allowed more.
+                self.ran_dry |= sent < budget;
             }
             // Progress: a sync or bytes out. A turn the rate limiter held back is neither
             // progress nor idleness (every window allows at least one byte, so it ends).

@@ -1500,6 +1500,7 @@ impl Scenario {
             downtime_limit: self.downtime_limit,
             max_bandwidth: self.max_bandwidth,
             avail_switchover_bandwidth: self.switchover_bw,
+            link_estimate: None,
             switchover_cost: self.switchover_cost,
             max_postcopy_bandwidth: None,
             postcopy: self.postcopy.is_some(),

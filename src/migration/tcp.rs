@@ -890,11 +890,15 @@ pub struct SourceReport {
 /// The destination issues a nonce on every connection; the first attempt that sends its
 /// Hello makes that nonce the migration's token, and every later attempt names it in its
 /// Hello (`resume`), so that the destination reuses the RAM an earlier attempt left only
-/// for this migration. Keep one for all the attempts of a migration
-/// ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// for this migration. It also keeps what the link carried in the last attempt
+/// ([`IterationReport::link`](super::IterationReport::link)), which the next attempt starts
+/// from ([`LoopConfig::link_estimate`](super::LoopConfig::link_estimate)): a retry whose
+/// guest is idle sends too little to measure the link by. Keep one for all the attempts
+/// of a migration ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Session {
     token: Option<u128>,
+    link: Option<BytesPerMs>,
 }
 
 impl Session {
@@ -906,6 +910,29 @@ impl Session {
     /// The migration's token, once an attempt sent its Hello.
     pub fn token(&self) -> Option<u128> {
         self.token
+    }
+
+    /// What the link carried in the last attempt that measured it, for the next one.
+    pub fn link(&self) -> Option<BytesPerMs> {
+        self.link
+    }
+}
+
+/// Passes every report on to the caller's controller, keeping the last one's
+/// [`IterationReport::link`](super::IterationReport::link) for the session.
+struct KeepsTheLink<'a> {
+    inner: &'a mut dyn Controller,
+    link: BytesPerMs,
+}
+
+impl Controller for KeepsTheLink<'_> {
+    fn on_iteration(&mut self, report: &super::IterationReport) -> super::Directive {
+        self.link = report.link;
+        self.inner.on_iteration(report)
+    }
+
+    fn on_stall(&mut self, report: &super::StallReport) -> super::StallAction {
+        self.inner.on_stall(report)
     }
 }
 
@@ -987,7 +1014,10 @@ pub fn migrate_in_session(
     states: &mut [&mut dyn MigrationState],
     controller: &mut dyn Controller,
 ) -> Result<SourceReport> {
-    let loop_config = precopy::checked_config(&options.loop_config)?;
+    let mut loop_config = precopy::checked_config(&options.loop_config)?;
+    if loop_config.link_estimate.is_none() {
+        loop_config.link_estimate = session.link;
+    }
     check_timeout("timeout", options.timeout)?;
     check_rate(options.min_frame_rate)?;
     let sock = TcpStream::connect_timeout(&addr, options.timeout)?;
@@ -1029,6 +1059,10 @@ pub fn migrate_in_session(
         timeout: options.timeout,
     };
     let mut clock = RealClock::new();
+    let mut keeps = KeepsTheLink {
+        inner: controller,
+        link: BytesPerMs::ZERO,
+    };
     let result = precopy::run(
         &loop_config,
         Endpoints {
@@ -1038,8 +1072,11 @@ pub fn migrate_in_session(
             inbound: &mut inbound,
         },
         states,
-        controller,
+        &mut keeps,
     );
+    if keeps.link > BytesPerMs::ZERO {
+        session.link = Some(keeps.link);
+    }
     // A write that failed because the destination gave up and closed: its Abort, if it
     // sent one, says why (a checksum mismatch, say), which the broken pipe does not.
     let result = match result {

@@ -1,8 +1,8 @@
 //! `dbm`: the dirty-bitmap command line.
 //!
 //! Errors go to stderr as `dbm: ...` with exit status 1 (usage errors too); `check` also
-//! exits 2 (corrupt) or 3 (leaks only), `simulate` exits 2 on a downtime-limit violation
-//! or a content mismatch, and `migrate` exits 2 on a missing mark and 3 when the guest did
+//! exits 2 (corrupt) or 3 (leaks only), `simulate` exits 2 on a downtime-limit violation,
+//! a content mismatch or a scenario that ended in an error, and `migrate` exits 2 on a missing mark and 3 when the guest did
 //! not move. Nothing here panics on bad input.
 
 mod bench;
@@ -70,11 +70,12 @@ enum Command {
     /// Activate an image and mark random 4 KiB writes at a steady rate with background
     /// flushes, then prepare_stop and inactivate; print the flush statistics.
     Workload(workload::WorkloadArgs),
-    /// Run a benchmark and print its table (`dbm bench flush`, `dbm bench migrate`, `dbm bench
-    /// migrate-disk`).
+    /// Run a benchmark and print its table (`dbm bench flush`, `migrate`, `migrate-disk`,
+    /// `durable`, `backup`, `load`).
     Bench(bench::BenchArgs),
     /// Run the migration loop over random virtual-clock scenarios; exit 2 if any
-    /// switchover exceeded its downtime limit or any destination RAM differed.
+    /// switchover exceeded its downtime limit, any destination RAM differed, or any
+    /// scenario's migration ended in an error.
     Simulate(simulate::SimulateArgs),
     /// Live-migrate a guest between two processes over TCP, on one image both open:
     /// `dbm migrate listen IMAGE` on the destination, `dbm migrate send IMAGE --to ADDR` on
@@ -82,7 +83,8 @@ enum Command {
     /// start at the destination, or runs on at the source with every mark).
     Migrate(migrate_cmd::MigrateArgs),
     /// Failure drills (`dbm drill migrate`): the migration failure matrix over TCP with the
-    /// disk bitmaps written throughout; exit 2 on any lost mark or corruption.
+    /// disk bitmaps written throughout; exit 2 on any lost mark, corruption, unexpected
+    /// outcome, failed retry or failed step.
     Drill(DrillArgs),
 }
 

@@ -1,8 +1,9 @@
 //! `dbm simulate`: the virtual-clock scenario sweep of the migration loop.
 //!
 //! Prints the number of switchovers, downtime-limit violations, the largest overshoot and
-//! the non-converging runs; exits 0 when no switchover exceeded its limit and every
-//! destination RAM matched its source, 2 otherwise (1 for other errors, as every command).
+//! the non-converging runs; exits 0 when no switchover exceeded its limit, every
+//! destination RAM matched its source and no scenario's migration ended in an error, 2
+//! otherwise (1 when the command itself fails, as every command).
 //!
 //! The JSON form is one object with keys in sorted order:
 //!
