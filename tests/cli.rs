@@ -1034,6 +1034,40 @@ fn a_committed_change_whose_report_cannot_be_written_still_exits_0() {
     assert_eq!(names, ["c1", "tmp"], "{names:?}");
 }
 
+/// Found by a review: with a stderr that cannot be written (`2>/dev/full`), an error
+/// message, a usage error or `check`'s findings panicked (`eprint!`: exit 101), after a
+/// committed repair too. The line is lost; the exit status stays the command's.
+#[test]
+fn a_stderr_that_cannot_be_written_keeps_the_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    dbm_ok(&["bitmap", p(&img), "--add", "b"]);
+    let missing = dir.path().join("missing.qcow2");
+    let run = |args: &[&str]| {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(full)
+            .status()
+            .expect("failed to run dbm")
+            .code()
+    };
+    assert_eq!(run(&["info", p(&missing)]), Some(1), "an error message");
+    assert_eq!(run(&["info"]), Some(1), "a usage error");
+    assert_eq!(run(&["check", p(&img)]), Some(0), "check's findings");
+    assert_eq!(
+        run(&["check", p(&img), "-r", "leaks"]),
+        Some(0),
+        "a repair's report"
+    );
+    assert_eq!(run(&["check", p(&img), "-r", "all"]), Some(0));
+}
+
 /// A QEMU process that dies leaves its bitmaps `in_use`: inconsistent for `dbm`, refused
 /// by `dump`, and removable.
 #[test]

@@ -210,7 +210,7 @@ pub fn run(args: &BackupArgs) -> CmdResult {
              `qemu-img create … preallocation=metadata` ms | ours / QEMU |\n|---|---|---|---|---|\n",
         )?;
         for cs in [64u64 << 10, 2 << 20] {
-            eprintln!("dbm bench backup: creating at {} clusters", human(cs));
+            crate::out::errln!("dbm bench backup: creating at {} clusters", human(cs));
             let mut r = (Vec::new(), Vec::new());
             for _ in 0..args.repeat {
                 let (o, q) = create_round(dir, args.disk_size, cs)?;
@@ -230,7 +230,7 @@ pub fn run(args: &BackupArgs) -> CmdResult {
         }
         emit("\n")?;
     }
-    eprintln!("dbm bench backup: a bitmap with {} extents", args.extents);
+    crate::out::errln!("dbm bench backup: a bitmap with {} extents", args.extents);
     let img = dir.join("extents.qcow2");
     let _ = std::fs::remove_file(&img);
     let mut st = BitmapStore::create(FileStorage::create(&img)?, args.disk_size, 65536)?;

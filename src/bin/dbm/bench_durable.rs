@@ -369,7 +369,7 @@ pub fn run(args: &DurableArgs) -> CmdResult {
     let mut rows = Vec::new();
     for &t in &args.threads {
         for &m in &args.modes {
-            eprintln!("dbm bench durable: {m:?}, {t} thread(s)");
+            crate::out::errln!("dbm bench durable: {m:?}, {t} thread(s)");
             let r = one(args, m, t, &path).map_err(|e| format!("{m:?} with {t} threads: {e}"))?;
             let secs = r.first_elapsed.as_secs_f64().max(1e-9);
             emit(&format!(
@@ -473,7 +473,7 @@ pub fn run(args: &DurableArgs) -> CmdResult {
 fn ceiling(args: &DurableArgs, dir: &std::path::Path, threads: usize, ratio: f64) -> CmdResult {
     let bitmap_bytes = args.disk_size.div_ceil(args.granularity.max(1)).div_ceil(8);
     let span = bitmap_bytes.saturating_mul(args.bitmaps as u64);
-    eprintln!("dbm bench durable: the disk's ceiling, {threads} thread(s)");
+    crate::out::errln!("dbm bench durable: the disk's ceiling, {threads} thread(s)");
     let c = super::ceiling::measure(dir, (span, args.bitmaps as u64), threads, args.ceiling_secs)?;
     let best = c.batched.max(c.overlapped) / c.naive.max(1e-9);
     emit(&format!(

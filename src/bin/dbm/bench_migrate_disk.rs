@@ -330,7 +330,7 @@ pub fn run(args: &MigrateDiskArgs) -> CmdResult {
                     &[true, false]
                 };
                 for &qemu in order {
-                    eprintln!(
+                    crate::out::errln!(
                         "dbm bench migrate-disk: run {} of {total}: {n} bitmap(s), {}, {}, \
                          repetition {}",
                         samples.len() + 1,

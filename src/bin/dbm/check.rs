@@ -27,7 +27,7 @@ use crate::CmdResult;
 /// Options of `dbm check`.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// The qcow2 image (opened read-only).
+    /// The qcow2 image (opened read-only; writable with `-r`).
     pub image: PathBuf,
     /// Print one JSON object instead of text (`--output json`).
     #[arg(long)]
@@ -202,7 +202,7 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             // What was done goes to stderr, as qemu-img's findings do; the check of the
             // repaired image follows.
             if !args.quiet {
-                eprint!("{}", repaired_text(&done));
+                crate::out::to_stderr(&repaired_text(&done));
             }
             // The verdict is the file's, as QEMU would open it now: the image the repair
             // hands back holds the header it read, with a refused extension untrusted in
@@ -219,7 +219,7 @@ pub fn run(args: &CheckArgs) -> CmdResult {
     let json_out = args.json || args.output.as_deref() == Some("json");
     if !args.quiet {
         // As qemu-img: the findings on stderr in both forms.
-        eprint!("{}", findings(&report));
+        crate::out::to_stderr(&findings(&report));
         let out = if json_out {
             let v = json(&args.image.display().to_string(), &report, virtual_clusters);
             format!("{}\n", serde_json::to_string_pretty(&v)?)

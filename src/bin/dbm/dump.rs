@@ -2,8 +2,8 @@
 //!
 //! Text rows are nbdinfo's `%10lu  %10lu  %3u  %s`: offset, length, type (1 dirty,
 //! 0 clean) and its description, in decimal, merged runs covering the whole disk. The
-//! JSON form is nbdinfo's `--json` array: one `{"description", "length", "offset", "type"}`
-//! object per row (keys sorted).
+//! JSON form is nbdinfo's `--json` array: one `{ "offset": …, "length": …, "type": …,
+//! "description": …}` object per row, in nbdinfo's key order.
 
 use dirty_bitmap::format::BitmapName;
 use dirty_bitmap::store::triage::triage_bitmaps;

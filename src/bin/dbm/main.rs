@@ -173,7 +173,10 @@ fn main() -> ExitCode {
             }
             // Usage errors read as every other error does: `dbm: ...`.
             let text = e.render().to_string();
-            eprint!("dbm: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            crate::out::to_stderr(&format!(
+                "dbm: {}",
+                text.strip_prefix("error: ").unwrap_or(&text)
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -197,7 +200,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dbm: {e}");
+            crate::out::errln!("dbm: {e}");
             ExitCode::FAILURE
         }
     }

@@ -46,3 +46,19 @@ macro_rules! outln {
     }};
 }
 pub(crate) use outln;
+
+/// Writes `s` to stderr. An error (a closed or full stderr) loses it and never panics, so
+/// the exit status stays the command's (`eprint!` panics: exit 101, after a committed
+/// change too).
+pub fn to_stderr(s: &str) {
+    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+}
+
+/// `eprintln!` through [`to_stderr`]: a line lost to a stderr that cannot be written never
+/// panics.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        $crate::out::to_stderr(&format!("{}\n", format_args!($($arg)*)));
+    }};
+}
+pub(crate) use errln;
