@@ -327,8 +327,14 @@ fn directory_commits_keep_the_tables_a_stop_would_read() {
     s.add("quiet", 512, Recording::Disabled).unwrap();
     s.remove("off").unwrap();
     s.add("new", 512, Recording::Enabled).unwrap();
-    // Clean in `new` alone: its flush allocates a data cluster and writes its entry.
+    // Clean in `new` alone: its flush allocates a data cluster and writes its entry
+    // through the zero table kept at the add.
     t.mark(marks[0].0, 1);
+    // Clean in every recording bitmap, in regions of `a` and `b` that have data clusters:
+    // written in place through the tables the commits carried (a wrong one would put it
+    // in another cluster), and into a fresh cluster of `new`.
+    const IN_PLACE: (u64, u64) = (REGION_DISK + 4 * MIB, 1);
+    t.mark(IN_PLACE.0, IN_PLACE.1);
     let reads = s.image().storage().reads();
     s.flush().unwrap();
     assert_eq!(
@@ -364,7 +370,7 @@ fn directory_commits_keep_the_tables_a_stop_would_read() {
     assert!(d.list().iter().all(|b| b.state == BitmapState::Consistent));
     for name in ["a", "b"] {
         let bm = d.load(name).unwrap();
-        for &(o, l) in &marks {
+        for &(o, l) in marks.iter().chain([&IN_PLACE]) {
             assert!(
                 bm.is_dirty(o) && bm.is_dirty(o + l - 1),
                 "{name} lost the mark ({o}, {l})"
@@ -373,7 +379,8 @@ fn directory_commits_keep_the_tables_a_stop_would_read() {
     }
     let new = d.load("new").unwrap();
     assert!(new.is_dirty(marks[0].0), "new lost its mark");
-    assert_eq!(new.count(), 1);
+    assert!(new.is_dirty(IN_PLACE.0), "new lost its mark");
+    assert_eq!(new.count(), 2);
     assert_eq!(d.load("quiet").unwrap().count(), 0);
 }
 

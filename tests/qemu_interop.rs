@@ -316,7 +316,7 @@ fn every_image_qemu_img_create_makes_opens_and_takes_bitmaps() {
                 "-c",
                 "read -P 0xcd 0 64k",
                 "-c",
-                "read -P 0 64k 8128k",
+                "read -P 0 64k 9152k",
                 "-c",
                 "read -P 0xcd 9M 1M",
                 "-c",
