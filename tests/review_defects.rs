@@ -77,7 +77,7 @@ fn defect_05_reftable_growth_keeps_the_in_memory_header_true() {
 
 use dirty_bitmap::format::{decode_directory, DirEntry, HeaderArea};
 use dirty_bitmap::storage::{Storage, StorageExt};
-use dirty_bitmap::{Corruption, DirtyBitmap, Error};
+use dirty_bitmap::{BitmapState, Corruption, DirtyBitmap, Error};
 
 /// The bitmap directory and its offset.
 fn directory(storage: &dyn Storage) -> (Vec<DirEntry>, u64) {
@@ -464,6 +464,85 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     );
     let report = store.image().check().unwrap();
     assert!(report.corruptions > 0);
+}
+
+/// Found by a test-honesty review of defect 7's test, whose entries (all `in_use`) were
+/// refused by the walk before the check of each consistent entry: that check read every
+/// consistent entry's table again, and listed every data cluster of all of them, before it
+/// refused the first shared cluster. Fifty consistent entries sharing one table (and its
+/// data clusters), refcounts raised to match so that the walk finds nothing wrong, cost
+/// fifty reads of the table. Each entry's table clusters are checked before its table is
+/// read, and its data clusters as they are read: the refusal comes at the first.
+#[test]
+fn defect_07_consistent_entries_sharing_one_table_are_refused_before_their_tables_are_read() {
+    // 1 TiB at 512 B granularity with 4 KiB clusters: 65,536 table entries (512 KiB).
+    let disk = 1 << 40;
+    let mut store = BitmapStore::create(MemStorage::new(), disk, 4096).unwrap();
+    store.add("x", 64 << 10, Recording::Enabled).unwrap();
+    store.add("s0", 512, Recording::Enabled).unwrap();
+    let bits = DirtyBitmap::new(disk, 512).unwrap();
+    for k in 0..64u64 {
+        bits.mark_dirty(k * (disk / 64), 512);
+    }
+    store.store("s0", &bits).unwrap();
+    let storage = store.image().storage();
+    let (mut entries, at) = directory(storage);
+    let shared = entries[1].clone();
+    assert_eq!(shared.table_size, 65_536);
+    const K: u16 = 50;
+    for k in 1..K {
+        let mut e = shared.clone();
+        e.name = format!("s{k}").into();
+        entries.push(e);
+    }
+    // The directory grows in place, inside its one cluster.
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.encode().unwrap()).collect();
+    assert!(bytes.len() <= 4096);
+    storage.write_all_at(&bytes, at).unwrap();
+    let mut area = store.image().area().clone();
+    let mut ext = area.bitmaps.unwrap();
+    ext.nb_bitmaps = entries.len() as u32;
+    ext.directory_size = bytes.len() as u64;
+    area.bitmaps = Some(ext);
+    storage.write_all_at(&area.encode().unwrap(), 0).unwrap();
+    // Every cluster of the shared table and its data: referenced K times, refcount K.
+    let table = storage
+        .read_vec_at(shared.table_offset, u64::from(shared.table_size) * 8)
+        .unwrap();
+    let mut data = 0;
+    for c in 0..(u64::from(shared.table_size) * 8).div_ceil(4096) {
+        set_refcount_raw(storage, shared.table_offset + c * 4096, K);
+    }
+    for e in table.chunks_exact(8) {
+        let off = u64::from_be_bytes(e.try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+        if off != 0 {
+            set_refcount_raw(storage, off, K);
+            data += 1;
+        }
+    }
+    assert!(data >= 64, "{data} data clusters");
+    let file = storage.to_vec();
+    let file_len = file.len() as u64;
+    drop(store);
+
+    let spy = Spy::new(MemStorage::from_bytes(file), |_| {});
+    let mut store = BitmapStore::open(spy, OpenMode::ReadWrite).unwrap();
+    assert_eq!(store.list().len(), usize::from(K) + 1);
+    assert!(store
+        .list()
+        .iter()
+        .all(|b| b.state == BitmapState::Consistent));
+    // The walk finds nothing wrong: only the in-place rule refuses.
+    assert_eq!(store.image().check().unwrap().corruptions, 0);
+    let opened = store.image().storage().bytes_read();
+    let err = store.set_enabled("x", false).unwrap_err();
+    assert!(is_shared(&err), "{err:?}");
+    let read = store.image().storage().bytes_read() - opened;
+    assert!(
+        read < 2 * file_len,
+        "set_enabled read {read} bytes of a {file_len}-byte file (the shared table is {} bytes)",
+        shared.table_size * 8
+    );
 }
 
 /// Defect 8: `add` flushed the new clusters' refcounts before it found that the header no

@@ -88,29 +88,18 @@ impl<S: Storage> BitmapStore<S> {
             .into());
         }
         let cs = self.image.cluster_size();
-        let mut owned: Vec<(u64, u64, &'static str)> = Vec::new();
-        if let Some((off, size)) = self.dir {
-            owned.push((off, ceil_clusters(size, cs), "bitmap directory"));
-        }
-        for s in self.slots.iter().filter(|s| !s.stale) {
-            owned.push((
-                s.entry.table_offset,
-                ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
-                "bitmap table",
-            ));
-            if !s.inconsistent {
-                for t in self.read_table(&s.entry)? {
-                    if let TableEntry::Data(off) = t {
-                        owned.push((off, 1, "bitmap data"));
-                    }
-                }
-            }
-        }
-        for (off, n, what) in owned {
+        // Each cluster checked as soon as it is known, and a table's own clusters before
+        // the table is read: the first shared cluster refuses, so entries that share a
+        // table cost no read of it beyond the walk's, and nothing is listed.
+        let owns = |image: &mut crate::image::Image<S>,
+                    off: u64,
+                    n: u64,
+                    what: &'static str|
+         -> Result<()> {
             for k in 0..n {
                 let at = off.saturating_add(k.saturating_mul(cs));
                 let references = walk.at(at);
-                let refcount = self.image.refcount(at)?;
+                let refcount = image.refcount(at)?;
                 if references != 1 || refcount != 1 {
                     return Err(Corruption::SharedCluster {
                         offset: at,
@@ -119,6 +108,30 @@ impl<S: Storage> BitmapStore<S> {
                         refcount,
                     }
                     .into());
+                }
+            }
+            Ok(())
+        };
+        if let Some((off, size)) = self.dir {
+            owns(
+                &mut self.image,
+                off,
+                ceil_clusters(size, cs),
+                "bitmap directory",
+            )?;
+        }
+        for s in self.slots.iter().filter(|s| !s.stale) {
+            owns(
+                &mut self.image,
+                s.entry.table_offset,
+                ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
+                "bitmap table",
+            )?;
+            if !s.inconsistent {
+                for t in self.read_table(&s.entry)? {
+                    if let TableEntry::Data(off) = t {
+                        owns(&mut self.image, off, 1, "bitmap data")?;
+                    }
                 }
             }
         }
