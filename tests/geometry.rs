@@ -137,6 +137,52 @@ fn sizes_not_a_multiple_of_the_granularity() {
     }
 }
 
+/// The "full" tower, past its first levels: a whole disk of 2^24 granules marked dirty
+/// fills its higher levels (a unit at level 2 covers 2^21 granules), and one granule
+/// cleared anywhere must clear every level above it, so that `next_clean` finds exactly
+/// that granule (a stale full bit would skip it, and a reader taking the range as fully
+/// held would miss a clean granule). Marking it again fills the levels again. The model
+/// (tests/model.rs) never marks more than 50,000 granules in a row, below level 2.
+#[test]
+fn one_clean_granule_under_a_full_tower_is_found_at_every_level() {
+    let g = 512u64;
+    let bits = 1u64 << 24;
+    let disk = bits * g;
+    for clean in [
+        0,
+        (1 << 21) - 7,
+        1 << 21,
+        (1 << 22) + 3,
+        (1 << 23) + (1 << 21) + 63,
+        bits - 1,
+    ] {
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        bm.mark_dirty(0, disk);
+        assert_eq!(bm.next_clean(0), None);
+        bm.clear(clean * g, g);
+        assert_eq!(bm.next_clean(0), Some(clean * g), "granule {clean}");
+        assert_eq!(bm.next_clean(clean * g), Some(clean * g), "granule {clean}");
+        assert_eq!(bm.next_clean((clean + 1) * g), None, "granule {clean}");
+        assert_eq!(bm.count(), bits - 1);
+        bm.mark_dirty(clean * g, 1);
+        assert_eq!(bm.next_clean(0), None, "granule {clean} marked again");
+        // A range of 2^21 + 5 granules dirty on a clean disk, one granule inside cleared.
+        let bm = DirtyBitmap::new(disk, g).unwrap();
+        let run = (1 << 21) + 5;
+        bm.mark_dirty(0, run * g);
+        if clean < run {
+            bm.clear(clean * g, g);
+            assert_eq!(
+                bm.next_clean(0),
+                Some(clean * g),
+                "granule {clean} in the run"
+            );
+        } else {
+            assert_eq!(bm.next_clean(0), Some(run * g));
+        }
+    }
+}
+
 #[test]
 fn two_gib_granularity_on_sixteen_tib() {
     let bm = DirtyBitmap::new(16 * T, 2 * G).unwrap();

@@ -576,3 +576,91 @@ fn extents_stay_finished_after_a_later_mark() {
     bm.mark_dirty(1 << 30, TALL_G);
     assert_eq!(it.next(), None);
 }
+
+/// The failures recorded in `tests/model.proptest-regressions`, replayed as they were
+/// shrunk. Proptest keeps only each case's RNG seed, and a seed no longer regenerates its
+/// case once the strategy changes (ops were added to it since): each line's `shrinks to`
+/// text is parsed here and run as it stands, so the recorded cases keep running whatever
+/// the strategy becomes. An op this parser does not know fails the test.
+#[test]
+fn recorded_regressions_replay_as_they_were_shrunk() {
+    let text = include_str!("model.proptest-regressions");
+    let (mut replayed, mut ops_run) = (0, 0);
+    for line in text.lines().filter(|l| l.starts_with("cc ")) {
+        let case = line
+            .split_once("shrinks to (geo, ops) = (")
+            .unwrap_or_else(|| panic!("no shrunk case in {line:?}"))
+            .1;
+        let (geo, ops) = parse_case(case).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        ops_run += ops.len();
+        run(geo, ops);
+        replayed += 1;
+    }
+    // Load then Clear, and Mark then Load: every op of both cases parsed.
+    assert_eq!(
+        (replayed, ops_run),
+        (2, 4),
+        "the file records two cases of two ops"
+    );
+}
+
+/// Parses `Geo { disk_size: N, granularity: N, region_size: N }, [OP, ...])`, the Debug
+/// form proptest recorded, for the ops `Mark`, `Clear` and `Load`.
+fn parse_case(s: &str) -> Result<(Geo, Vec<Op>), String> {
+    let num = |s: &str| -> Result<u64, String> {
+        s.trim().parse().map_err(|_| format!("not a number: {s:?}"))
+    };
+    let field = |name: &str| -> Result<u64, String> {
+        let at = s.find(&format!("{name}: ")).ok_or(format!("no {name}"))?;
+        let rest = &s[at + name.len() + 2..];
+        let end = rest
+            .find([',', ' ', '}'])
+            .ok_or(format!("unterminated {name}"))?;
+        num(&rest[..end])
+    };
+    let geo = Geo {
+        disk_size: field("disk_size")?,
+        granularity: field("granularity")?,
+        region_size: field("region_size")?,
+    };
+    let list = s
+        .split_once("}, [")
+        .ok_or("no op list")?
+        .1
+        .strip_suffix("])")
+        .ok_or("the op list does not end the case")?;
+    let mut ops = Vec::new();
+    let mut rest = list.trim();
+    while !rest.is_empty() {
+        let open = rest.find('(').ok_or(format!("no '(' in {rest:?}"))?;
+        let name = &rest[..open];
+        let args = &rest[open + 1..];
+        let (op, used) = match name {
+            "Mark" | "Clear" => {
+                let close = args.find(')').ok_or("unterminated op")?;
+                let (a, b) = args[..close].split_once(',').ok_or("two numbers")?;
+                let (a, b) = (num(a)?, num(b)?);
+                let op = if name == "Mark" {
+                    Op::Mark(a, b)
+                } else {
+                    Op::Clear(a, b)
+                };
+                (op, close + 1)
+            }
+            "Load" => {
+                let (region, bytes) = args.split_once(", [").ok_or("Load(region, [bytes])")?;
+                let close = bytes.find("])").ok_or("unterminated Load")?;
+                let data = bytes[..close]
+                    .split(',')
+                    .map(|b| num(b).and_then(|v| u8::try_from(v).map_err(|e| e.to_string())))
+                    .collect::<Result<Vec<u8>, String>>()?;
+                let used = args.len() - bytes.len() + close + 2;
+                (Op::Load(num(region)?, data), used)
+            }
+            other => return Err(format!("op {other:?} is not parsed here")),
+        };
+        ops.push(op);
+        rest = args[used..].trim_start_matches(',').trim();
+    }
+    Ok((geo, ops))
+}
