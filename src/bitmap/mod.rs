@@ -1555,6 +1555,15 @@ mod tests {
         // clear), a word filled (full summary), a region's first change, a consumer.
         const G: u64 = 64 << 10;
         let bm = std::sync::Arc::new(DirtyBitmap::new(1 << 40, G).unwrap());
+        // The short path runs only where the light barrier is free (an expedited membarrier
+        // registered, or fences on both sides): without it every mark here would take the
+        // slow path and this test, and every threaded one, would say nothing of the short
+        // one. A system that refuses the registration (seccomp, gVisor) fails here, named.
+        assert!(
+            super::barrier::free_light_is_valid() && bm.state.load(SeqCst) & super::FENCED == 0,
+            "the light barrier is not free in this process (membarrier registration refused): \
+             the short mark path is not what runs"
+        );
         let words_per_region = bm.region_size() / 8;
         // Two bits in one word, one block: the second mark reads everything set.
         bm.mark_dirty(5 * G, 1);
