@@ -948,6 +948,87 @@ impl Inbound for TakesTheImage<'_, '_> {
     }
 }
 
+/// The destination's answers, but while the source waits for the answer to its End (the
+/// store handed over), another holder of the `SharedStore` takes the store back and hands
+/// it out again, and another writer then takes the image, sets `in_use`, writes guest data
+/// (marked at `FOREIGN`) and dies; then the destination refuses.
+struct ReactivatedThenTakenByAnother<'a, 'b> {
+    link: LinkIn<'a, 'b>,
+    store: SharedStore<FileStorage>,
+    img: PathBuf,
+}
+
+impl Inbound for ReactivatedThenTakenByAnother<'_, '_> {
+    fn try_recv(&mut self) -> dirty_bitmap::migration::Result<Option<DestMessage>> {
+        self.link.try_recv()
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<DestMessage> {
+        {
+            let mut st = self.store.lock();
+            st.activate().unwrap();
+            st.inactivate().unwrap();
+        }
+        let mut other = BitmapStore::open(
+            FileStorage::open(&self.img, OpenMode::ReadWrite).unwrap(),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        other.activate().unwrap();
+        other.tracker().unwrap().mark(FOREIGN, 4096);
+        drop(other);
+        let _ = self.link.recv()?;
+        Ok(DestMessage::Refused("changed my mind".into()))
+    }
+}
+
+/// Found by a review of the fix above: the hand-over flag stayed set from the stop until
+/// the fail-back, so a store that another holder took back and handed out again in
+/// between (whose image another writer then set `in_use` on, writing guest data) was still
+/// taken back over that writer's `in_use`. The fail-back accepts a destination's `in_use`
+/// only if no activation of the store came after the stop's hand-over.
+#[test]
+fn a_fail_back_does_not_accept_in_use_after_another_holder_reactivated_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 16);
+    let e = {
+        let link = RefCell::new(&mut r.link);
+        let mut inb = ReactivatedThenTakenByAnother {
+            link: LinkIn(&link),
+            store: store.clone(),
+            img: img.clone(),
+        };
+        run(
+            &cfg(),
+            Endpoints {
+                clock: &mut RealClock::new(),
+                vm: &mut r.guest,
+                out: &mut LinkOut(&link),
+                inbound: &mut inb,
+            },
+            &mut [&mut r.ram as &mut dyn MigrationState, &mut r.disk],
+            &mut AutoConverge::default(),
+        )
+        .unwrap_err()
+    };
+    assert!(matches!(e, MigrationError::SourceNotResumed { .. }), "{e}");
+    assert!(!store.lock().is_active());
+    let d = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(
+        d.list().iter().all(|b| b.in_use),
+        "the foreign writer's in_use was taken back: {:?}",
+        d.list()
+    );
+    drop(d);
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
 #[test]
 fn the_source_cannot_take_back_an_image_the_destination_holds_and_stays_stopped() {
     let dir = tempfile::tempdir().unwrap();

@@ -73,6 +73,9 @@ pub struct SharedDiskState<S: Storage> {
     flushed: FlushStats,
     stop: FlushStats,
     handed_over: bool,
+    /// The store's activation count when the stop handed it over: a fail-back accepts a
+    /// destination's `in_use` only while no activation came since.
+    handed_over_at: u64,
     /// QEMU's way, for benchmarks: no flush before the stop, no disk time in the figure,
     /// the whole bitmaps rewritten inside the downtime.
     qemu_baseline: bool,
@@ -106,6 +109,7 @@ impl<S: Storage> SharedDiskState<S> {
             flushed: FlushStats::default(),
             stop: FlushStats::default(),
             handed_over: false,
+            handed_over_at: 0,
             qemu_baseline: false,
             dest_activate: None,
             dest_walk: std::time::Duration::ZERO,
@@ -435,19 +439,22 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// its own errors, so nothing that could leave the disk falsely clean is lost.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.error = None;
-        let (s, log) = if self.qemu_baseline {
+        // The activation count read under the same lock as the stop: an activation by
+        // another holder right after it counts as one after the hand-over.
+        let (s, log, at) = if self.qemu_baseline {
             let mut st = self.store.lock();
             ensure_still_active(&st)?;
-            (st.inactivate_full_rewrite()?, None)
+            (st.inactivate_full_rewrite()?, None, st.activations())
         } else {
             let mut st = self.store.lock();
             ensure_still_active(&st)?;
             let s = st.inactivate()?;
-            (s, st.take_write_log())
+            (s, st.take_write_log(), st.activations())
         };
         self.rate.observe(&s);
         self.stop = s;
         self.handed_over = true;
+        self.handed_over_at = at;
         self.send_log(out, log)
     }
 
@@ -480,15 +487,16 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // only on bitmaps the disk says are in use. One another holder took back already
         // stays as it is.
         if !st.is_active() {
-            // Handed over by a stop of this migration (this attempt's or an earlier one's):
-            // the destination never said it started, so `in_use` bits it set and left are
-            // all it wrote, and this store's bitmaps hold every mark. Not handed over
-            // (another holder inactivated the store, and this stop refused it): whoever
-            // set `in_use` since may have written guest data these bitmaps lack, so the
+            // Handed over by a stop of this migration (this attempt's or an earlier one's),
+            // and not activated since: the destination never said it started, so `in_use`
+            // bits it set and left are all it wrote, and this store's bitmaps hold every
+            // mark. Not handed over (another holder inactivated the store, and this stop
+            // refused it), or taken back and handed out again by another holder since:
+            // whoever set `in_use` may have written guest data these bitmaps lack, so the
             // activation refuses such an image and the guest stays stopped. The mode the
             // image records: durable after a durable store's inactivate (this attempt's
             // stop, an earlier one's, or another holder's), else deferred.
-            if self.handed_over {
+            if self.handed_over && st.activations() == self.handed_over_at {
                 st.accept_destination_in_use();
             }
             if StoreMode::of(st.image().area()) == StoreMode::Durable {

@@ -217,6 +217,7 @@ impl<S: Storage> BitmapStore<S> {
             ready,
         ));
         self.active = true;
+        self.activations += 1;
         self.parking = false;
         self.publish();
         Ok(())

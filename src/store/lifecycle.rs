@@ -338,6 +338,7 @@ impl<S: Storage> BitmapStore<S> {
             s.parked = None;
         }
         self.active = true;
+        self.activations += 1;
         self.parked_durable = false;
         self.parking = false;
         self.publish();
@@ -632,6 +633,13 @@ impl<S: Storage> BitmapStore<S> {
     /// preload; after one that failed, what it had counted before it failed.
     pub fn taken_as_preloaded(&self) -> usize {
         self.taken_as_is
+    }
+
+    /// How many activations of this handle succeeded, in either mode: a holder that read
+    /// the number when it handed the store over can tell whether another holder of a
+    /// [`SharedStore`](super::SharedStore) took it back (and perhaps handed it out again) since.
+    pub fn activations(&self) -> u64 {
+        self.activations
     }
 
     /// Whether a stop ([`inactivate`](Self::inactivate),

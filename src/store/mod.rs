@@ -156,6 +156,8 @@ pub struct BitmapStore<S: Storage> {
     /// Bitmaps the last activation took from its preload as they were, reading none of
     /// their data ([`taken_as_preloaded`](Self::taken_as_preloaded)).
     taken_as_is: usize,
+    /// Activations of this handle that succeeded ([`activations`](Self::activations)).
+    activations: u64,
     /// How far the running stop has gone towards saying "clean" on disk; read only if it
     /// fails (`lifecycle.rs`, `withdraw_claim`).
     claim: Claim,
@@ -595,6 +597,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             accept_in_use: false,
             taken_as_is: 0,
+            activations: 0,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
@@ -663,6 +666,7 @@ impl<S: Storage> BitmapStore<S> {
             poisoned: false,
             accept_in_use: false,
             taken_as_is: 0,
+            activations: 0,
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
