@@ -321,7 +321,7 @@ fn check_after(img: &Path, log: &Path, run: &Run, what: &str) -> Option<Vec<(u64
 /// The kill for drill run `i`: cycles through the phases, with a random delay in each.
 fn pick(i: usize, rng: &mut SmallRng) -> Kill {
     let ms = |rng: &mut SmallRng, max: u64| Duration::from_micros(rng.random_range(0..max * 1000));
-    match i % 4 {
+    match i % 5 {
         // Anywhere in the run; one in four within activation and the first flush.
         0 if rng.random_bool(0.25) => Kill::At(ms(rng, 15)),
         0 => Kill::At(ms(rng, 700)),
@@ -330,17 +330,19 @@ fn pick(i: usize, rng: &mut SmallRng) -> Kill {
         // prepare_stop, with the writes still going.
         2 => Kill::After("stopping", ms(rng, 60)),
         // inactivate (a few ms), and just after it.
-        _ => Kill::After("inactivating", ms(rng, 3)),
+        3 => Kill::After("inactivating", ms(rng, 3)),
+        // Once inactivate returned: the bitmap must be consistent and equal the log.
+        _ => Kill::After("inactivated", ms(rng, 1)),
     }
 }
 
 #[test]
 fn sigkill_drill() {
     let kills = common::env_number("DBM_KILL_DRILL", CI_KILLS);
-    // Fewer kills than phases could leave the assertion below without a case to see.
+    // Fewer kills than phases could leave the assertions below without a case to see.
     assert!(
-        kills >= 4,
-        "DBM_KILL_DRILL={kills}: the drill needs at least 4 kills"
+        kills >= 5,
+        "DBM_KILL_DRILL={kills}: the drill needs at least 5 kills"
     );
     let (mut rng, _) = seeded_rng("sigkill_drill");
     let (mut consistent, mut inconsistent) = (0, 0);
@@ -359,8 +361,11 @@ fn sigkill_drill() {
     eprintln!(
         "sigkill_drill: {kills} kills: {inconsistent} left inconsistent, {consistent} consistent"
     );
-    // The phases above make both outcomes occur: a kill during the run leaves `in_use`.
+    // The phases above make both outcomes occur: a kill during the run leaves `in_use`, and
+    // one after inactivate returned leaves the bitmap consistent, equal to the log
+    // (`check_after` compares them).
     assert!(inconsistent > 0, "no kill left the bitmap inconsistent");
+    assert!(consistent > 0, "no kill left the bitmap consistent");
 }
 
 #[test]
@@ -423,14 +428,26 @@ fn refuses_what_it_cannot_run() {
     );
     assert_eq!(std::fs::read(&img).unwrap(), before, "a refused run wrote");
     dbm_ok(&["bitmap", p(&img), "--disable", NAME]);
+    let disabled = std::fs::read(&img).unwrap();
     fails(&["--bitmap", NAME], "disabled");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        disabled,
+        "the refusal of a disabled bitmap wrote"
+    );
     // An inconsistent bitmap: kill a run while it is active.
     dbm_ok(&["bitmap", p(&img), "--enable", NAME]);
     let log = dir.path().join("marks.log");
     let run = workload(&img, &log, 1, Kill::After("activated", Duration::ZERO));
     assert!(run.killed());
     assert!(check_after(&img, &log, &run, "killed at activation").is_none());
+    let inconsistent = std::fs::read(&img).unwrap();
     fails(&["--bitmap", NAME], "inconsistent");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        inconsistent,
+        "the refusal of an inconsistent bitmap wrote"
+    );
 }
 
 /// Durable mode's drill, QEMU the judge: `dbm workload --durable` logs each write only
