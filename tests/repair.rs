@@ -1102,6 +1102,59 @@ fn triage_reads_a_table_many_entries_name_once() {
     );
 }
 
+/// Found by a review: repair claimed a table's clusters only for an entry it kept, so
+/// every entry naming the table of one it rejected read and decoded the whole table again
+/// (65,535 in-use entries naming one 8 MiB table with a reserved bit: 512 GiB of reads from
+/// a file of about 10 MiB). A rejected entry's table is remembered: fifty entries naming
+/// one broken table cost no more reads than two, and each is rejected for the same reason.
+#[test]
+fn repair_reads_a_rejected_table_many_entries_name_once() {
+    use dirty_bitmap::format::encode_directory;
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
+    use dirty_bitmap::store::repair::{repair, Repair};
+    use dirty_bitmap::{BitmapStore, Recording};
+    let build = |n: usize| -> Vec<u8> {
+        let mut st = BitmapStore::create(MemStorage::new(), 64 << 20, 65536).unwrap();
+        for i in 0..n {
+            st.add(&format!("b{i:02}"), 65536, Recording::Disabled)
+                .unwrap();
+        }
+        let bytes = st.image().storage().to_vec();
+        drop(st);
+        let (_, d, dir, mut entries, geo) = directory_of(&bytes, 65536);
+        let shared = entries[0].table_offset;
+        for e in &mut entries {
+            e.table_offset = shared;
+            e.in_use = true;
+        }
+        let new = encode_directory(&entries, &geo).unwrap();
+        assert_eq!(new.len(), dir.len());
+        let mut out = bytes;
+        out[d..d + new.len()].copy_from_slice(&new);
+        // A reserved bit in the shared table's first entry: it does not decode.
+        out[shared as usize + 7] |= 0x02;
+        out
+    };
+    let reads = |bytes: Vec<u8>| {
+        let storage = FaultStorage::new(MemStorage::from_bytes(bytes), FaultPlan::new());
+        let (image, report) = repair(storage, Repair::All).unwrap();
+        let reasons: Vec<String> = report.removed.iter().map(|(_, why)| why.clone()).collect();
+        (image.storage().reads(), reasons)
+    };
+    let (two, two_why) = reads(build(2));
+    let (fifty, fifty_why) = reads(build(50));
+    assert_eq!(fifty_why.len(), 50, "{fifty_why:?}");
+    assert_eq!(two_why.len(), 2, "{two_why:?}");
+    assert!(
+        fifty_why.iter().all(|w| w == &fifty_why[0]),
+        "{fifty_why:?}"
+    );
+    assert!(
+        fifty < two + 10,
+        "reads: {fifty} for fifty entries naming the table, {two} for two"
+    );
+}
+
 /// Found by the same review: an in-use entry's table size is not checked at open (QEMU
 /// reads no in-use table), and a preload read such a table whole before it compared its
 /// size with the disk's (up to 8 MiB an entry, for each of up to 65,535 entries). The size

@@ -121,6 +121,11 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     let mut broken: Vec<(BitmapName, String)> = Vec::new();
     let mut broken_raw: Vec<&RawDirEntry> = Vec::new();
     let mut claimed = ClusterSet::default();
+    // The tables of entries found broken here, and why: another entry naming the same
+    // table is broken for the same reason, and one naming part of it shares its clusters,
+    // without a read (a table many entries name is read once, kept or not).
+    let mut rejected = ClusterSet::default();
+    let mut verdicts: std::collections::HashMap<(u64, u32), String> = Default::default();
     if let Some((off, size)) = dir {
         claimed.insert(off / cs, (off / cs).saturating_add(ceil_clusters(size, cs)));
     }
@@ -128,16 +133,33 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         for b in &t.bitmaps {
             let name = BitmapName::from(b.entry.raw.name.as_slice());
             let why = match (&b.entry.verdict, &b.broken) {
-                (Ok(e), None) => match kept_or_why(&image, e, file_clusters, &base, &claimed)? {
-                    Ok(owned) => {
-                        for &c in &owned {
-                            claimed.insert(c / cs, c / cs + 1);
+                (Ok(e), None) => {
+                    let table = (e.table_offset, e.table_size);
+                    let overlap = table_clusters(e, cs).find(|&c| rejected.contains(c / cs));
+                    let verdict = match (verdicts.get(&table), overlap) {
+                        (Some(why), _) => Err(why.clone()),
+                        (None, Some(c)) => Err(format!(
+                            "its table shares cluster {c:#x} with a broken entry's table"
+                        )),
+                        (None, None) => kept_or_why(&image, e, file_clusters, &base, &claimed)?,
+                    };
+                    match verdict {
+                        Ok(owned) => {
+                            for &c in &owned {
+                                claimed.insert(c / cs, c / cs + 1);
+                            }
+                            keep.push((e.clone(), owned));
+                            continue;
                         }
-                        keep.push((e.clone(), owned));
-                        continue;
+                        Err(why) => {
+                            for c in table_clusters(e, cs) {
+                                rejected.insert(c / cs, c / cs + 1);
+                            }
+                            verdicts.insert(table, why.clone());
+                            why
+                        }
                     }
-                    Err(why) => why,
-                },
+                }
                 (Ok(_), Some(why)) => why.clone(),
                 (Err(p), _) => p.to_string(),
             };
