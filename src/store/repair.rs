@@ -125,7 +125,7 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     // table is broken for the same reason, and one naming part of it shares its clusters,
     // without a read (a table many entries name is read once, kept or not).
     let mut rejected = ClusterSet::default();
-    let mut verdicts: std::collections::HashMap<(u64, u32), String> = Default::default();
+    let mut verdicts: std::collections::HashMap<(u64, u32, bool), String> = Default::default();
     if let Some((off, size)) = dir {
         claimed.insert(off / cs, (off / cs).saturating_add(ceil_clusters(size, cs)));
     }
@@ -134,7 +134,8 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
             let name = BitmapName::from(b.entry.raw.name.as_slice());
             let why = match (&b.entry.verdict, &b.broken) {
                 (Ok(e), None) => {
-                    let table = (e.table_offset, e.table_size);
+                    // The reason names whether the entry is in use: kept per flag.
+                    let table = (e.table_offset, e.table_size, e.in_use);
                     let overlap = table_clusters(e, cs).find(|&c| rejected.contains(c / cs));
                     let verdict = match (verdicts.get(&table), overlap) {
                         (Some(why), _) => Err(why.clone()),
