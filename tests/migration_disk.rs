@@ -365,6 +365,77 @@ fn windows_that_went_by_empty_keep_the_links_last_measurement() {
     assert!(!sim.guest_running());
 }
 
+/// A drained figure (nothing left to send but the control message and the disk state's
+/// last log) is held to the link's best window, not its last. The guest is idle and its
+/// RAM (240 filled pages, about 1 MB) goes out at the link's 2000 bytes/ms in about 490
+/// ms: the window in which the pass ends carries a fraction of that, and every later one
+/// nothing, so the last measurement stands at that fraction for the rest of the attempt.
+/// Before, a last log of 580 KB never fitted 300 ms of it and the attempt gave up; the
+/// link carried 2000 bytes/ms, which fits it.
+#[test]
+fn a_drained_figure_is_held_to_the_links_best_window_not_its_last() {
+    // Fits 300 ms at the link's 2000 bytes/ms, but not with the last 8 pages beside it:
+    // the loop switches over only once RAM is drained.
+    const LOG: u64 = 580_000;
+    let (sim, mut state) = sim_guest(240, true, 0.0, false, 9);
+    // The disk's stop cannot be timed before 800 ms: no figure fits until well after the
+    // pass ended, and the window it ended in has closed.
+    let mut disk = VirtualDisk::new(&sim, Millis(0), Bytes(LOG), Duration::from_millis(800));
+    let mut rec = Reports(Vec::new());
+    // Turns of 8 pages (about 16 ms at the link): the pass ends partway through a window.
+    let cfg = LoopConfig {
+        downtime_limit: Millis(300),
+        max_bandwidth: None,
+        iterate_chunk: Bytes(8 * 4096),
+        ..LoopConfig::default()
+    };
+    let o = run_in_sim(
+        &sim,
+        &cfg,
+        &mut [&mut state as &mut dyn MigrationState, &mut disk],
+        &mut rec,
+    )
+    .unwrap();
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    let last = rec.0.last().expect("reports");
+    let link = sim.link_bw().get();
+    // The last window measured a fraction of the link; its best one nearly all of it.
+    assert!(
+        last.bandwidth.get() * 300.0 < LOG as f64,
+        "the last measurement alone fits the log: {last:?}"
+    );
+    assert!(
+        last.link.get() <= link && last.link.get() * 300.0 >= LOG as f64,
+        "{last:?}"
+    );
+    assert_eq!(
+        o.pending_at_switch.total() - o.pending_at_switch.stop_only,
+        Bytes(49)
+    );
+    assert!(o.exact_at_switch);
+    assert!(
+        o.pending_at_switch.total() <= o.threshold_at_switch,
+        "{o:?}"
+    );
+    assert!(o.downtime <= Duration::from_millis(300), "{o:?}");
+}
+
+/// Every report; on a stall, gives up.
+struct Reports(Vec<dirty_bitmap::migration::IterationReport>);
+
+impl Controller for Reports {
+    fn on_iteration(
+        &mut self,
+        r: &dirty_bitmap::migration::IterationReport,
+    ) -> dirty_bitmap::migration::Directive {
+        self.0.push(*r);
+        dirty_bitmap::migration::Directive::Continue
+    }
+    fn on_stall(&mut self, _: &StallReport) -> StallAction {
+        StallAction::Cancel
+    }
+}
+
 /// A state that claims `claim` bytes pending for the wire and sends none (the sim's
 /// destination has no handler for its sections): the decision alone is under test.
 struct Claims(Bytes);

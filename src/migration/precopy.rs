@@ -8,13 +8,7 @@
 //!    Hello and the states' setup count in it. A window with no bytes sent, none of whose
 //!    turns the rate limiter held back while something was left to send, had nothing to
 //!    send and measures nothing: the last measurement stands (QEMU measures it as 0, as
-//!    this loop measures a held-back one). A window in which the states ran out of bytes
-//!    (a turn's budget allowed more than they all sent) and the rate limiter held nothing
-//!    back measures only a lower bound on the link, as does every such window since the
-//!    last one the states kept busy: the highest of those figures (the busy window's
-//!    included, and [`LoopConfig::link_estimate`], an earlier attempt's) is the bandwidth.
-//!    QEMU takes such a window's figure as it is, and completes an idle guest on a pending
-//!    figure of 0 instead.
+//!    this loop measures a held-back one).
 //!    Before the first window closes the bandwidth is 0. Each closed window also runs
 //!    every state's [`flush`](MigrationState::flush) (a disk state writes its changed
 //!    regions, and measures the disk's rate and barrier latency as it does).
@@ -29,7 +23,13 @@
 //!    **exact** query (syncs the dirty logs, and counts a disk state's remaining regions
 //!    exactly). With nothing left to send as of the last sync (the control message, and
 //!    [`Pending::stop_only`] bytes only the stop sends), the exact query runs with the gate
-//!    shut too: only a sync can find more.
+//!    shut too: only a sync can find more. Such a *drained* figure is compared at the
+//!    link's best figure ([`IterationReport::link`]: the highest any window of this attempt
+//!    measured, or [`LoopConfig::link_estimate`], an earlier attempt's), not the last
+//!    window's: a pass that ended partway through a window measured the link at a fraction
+//!    of what it carries, and an idle guest's retry has only its Hello to measure by. Its
+//!    few bytes are all that rides on that figure (QEMU completes on a pending figure of 0
+//!    unchecked).
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -117,10 +117,12 @@ pub struct LoopConfig {
     pub avail_switchover_bandwidth: Option<BytesPerMs>,
     /// What the link carried in an earlier attempt of the same migration
     /// ([`IterationReport::link`]; [`super::tcp::Session`] carries it from one attempt to
-    /// the next): the figure a window in which the states ran out of bytes never measures
-    /// below, until a window of this attempt that its states kept busy measures the link
-    /// again. An idle guest's retry, whose every window runs dry, then still knows what
-    /// the link carries. `None` (or 0): no earlier figure, as for a first attempt.
+    /// the next, filling `None`): the least the link's best figure starts from. It is used
+    /// only for a *drained* figure (nothing left to send while the VM runs but the control
+    /// message and bytes only the stop sends: an idle guest's retry, whose own windows
+    /// measure little more than its Hello), never for a figure with pages or regions to
+    /// send. `None`: none here (`migrate_in_session` takes the session's); `Some(0)`: none
+    /// at all.
     pub link_estimate: Option<BytesPerMs>,
     /// Fixed part of the downtime that does not depend on bytes (stopping the vCPUs,
     /// starting the destination). Subtracted from the limit before the threshold.
@@ -181,10 +183,10 @@ pub struct IterationReport {
     pub threshold: Bytes,
     /// Last measured bandwidth (before the `avail_switchover_bandwidth` override).
     pub bandwidth: BytesPerMs,
-    /// What the link is known to carry: the figure of the last window the states kept busy
-    /// (none of its turns found them out of bytes, and the rate limiter held none back),
-    /// raised by every window since in which they ran out (each a lower bound on the
-    /// link), starting from [`LoopConfig::link_estimate`]. The figure to carry into a retry.
+    /// The link's best figure: the highest bandwidth any window of this attempt measured,
+    /// or [`LoopConfig::link_estimate`] if higher. A drained figure (nothing left to send
+    /// but the control message and bytes only the stop sends) is compared at it; the
+    /// figure to carry into a retry.
     pub link: BytesPerMs,
     /// Bytes found newly pending by the exact query per ms since the previous one.
     pub dirty_rate: Option<BytesPerMs>,
@@ -486,7 +488,6 @@ where
         carry: Bytes(0),
         bandwidth: BytesPerMs::ZERO,
         link: config.link_estimate.unwrap_or(BytesPerMs::ZERO),
-        ran_dry: false,
         expected: BytesPerMs::ZERO,
         threshold: Bytes(0),
         postcopy_requested: config.start_postcopy,
@@ -566,9 +567,6 @@ pub fn checked_config(config: &LoopConfig) -> Result<LoopConfig> {
     }
     if c.max_postcopy_bandwidth.is_some_and(|b| b.get() == 0.0) {
         c.max_postcopy_bandwidth = None;
-    }
-    if c.link_estimate.is_some_and(|b| b.get() == 0.0) {
-        c.link_estimate = None;
     }
     for (name, max) in [
         ("max_bandwidth", c.max_bandwidth),
@@ -655,12 +653,9 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// Bytes sent beyond the previous window's allowance, charged to this one.
     carry: Bytes,
     bandwidth: BytesPerMs,
-    /// What the link is known to carry: the last busy window's figure, raised by each dry
-    /// window's since (the config's `link_estimate` to start with).
+    /// The link's best figure: the highest window measurement of this attempt, or the
+    /// config's `link_estimate` if higher.
     link: BytesPerMs,
-    /// A turn of the current window had budget left after every state sent what it had:
-    /// the window measures only a lower bound on the link.
-    ran_dry: bool,
     /// The bandwidth the switchover is computed with: `avail_switchover_bandwidth`, or
     /// the measured one.
     expected: BytesPerMs,
@@ -751,10 +746,28 @@ where
     /// The byte threshold of figure `p`: what the wire can carry in the downtime limit
     /// once the fixed switchover cost and the states' disk time are taken off it.
     fn threshold_of(&self, p: Pending) -> Bytes {
+        // A drained figure (nothing to send while the VM runs but the control message and
+        // bytes only the stop sends) at the link's best figure: windows with little or
+        // nothing to send say little of the link, and only these few bytes ride on it.
+        // Not when the caller set the switchover bandwidth.
+        let bandwidth = if self.config.avail_switchover_bandwidth.is_none()
+            && self.is_drained(p)
+            && self.expected < self.link
+        {
+            self.link
+        } else {
+            self.expected
+        };
         threshold(
-            self.expected,
+            bandwidth,
             self.config.downtime_limit - self.config.switchover_cost - p.disk_time,
         )
+    }
+
+    /// Whether `p` holds nothing to send while the VM runs but the control message (and
+    /// bytes only the stop sends, [`Pending::stop_only`]).
+    fn is_drained(&self, p: Pending) -> bool {
+        p.total() - p.stop_only == self.control_cost().total()
     }
 
     /// The stall guard's measure of a figure: its bytes, plus its disk time at the
@@ -815,23 +828,9 @@ where
         // decide more turns on a rate above the limit.
         if sent > Bytes(0) || self.held_back {
             let ms = elapsed.as_nanos() as f64 / 1e6;
-            let measured = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
-            if self.ran_dry && !self.held_back {
-                // The states ran out of bytes: the link carried all they had and might
-                // have carried more, so this is only a lower bound on it, as is every
-                // figure of the link's since its last busy window (and an earlier
-                // attempt's): the highest stands.
-                if self.link < measured {
-                    self.link = measured;
-                }
-                self.bandwidth = self.link;
-            } else {
-                // Busy (or held back by the rate limiter): the link itself measured, as
-                // QEMU measures every window.
-                self.bandwidth = measured;
-                if !self.held_back {
-                    self.link = measured;
-                }
+            self.bandwidth = BytesPerMs::from_bytes_per_ms(sent.get() as f64 / ms);
+            if self.link < self.bandwidth {
+                self.link = self.bandwidth;
             }
         }
         self.expected = self
@@ -850,7 +849,6 @@ where
         self.window_start = now;
         self.window_bytes = self.out.bytes_sent();
         self.held_back = false;
-        self.ran_dry = false;
     }
 
     /// Bytes the rate limiter still allows in this window.
@@ -952,7 +950,7 @@ where
             // not count: a disk state's last write log), only an exact query can make
             // progress (find what the guest dirtied since), even when the gate is shut: the
             // threshold may be too small for even the control message.
-            let drained = p.total() - p.stop_only == self.control_cost().total();
+            let drained = self.is_drained(p);
             if self.gate(p) || drained {
                 // A disk state's stop writes what changed since its last flush: flushing
                 // here leaves the exact figure (and the stop, if it follows) only what
@@ -1108,8 +1106,6 @@ where
                         Err(e) => return Err(self.fail_running(states, e)),
                     }
                 }
-                // Every state sent what it had, and the budget allowed more.
-                self.ran_dry |= sent < budget;
             }
             // Progress: a sync or bytes out. A turn the rate limiter held back is neither
             // progress nor idleness (every window allows at least one byte, so it ends).

@@ -890,10 +890,11 @@ pub struct SourceReport {
 /// The destination issues a nonce on every connection; the first attempt that sends its
 /// Hello makes that nonce the migration's token, and every later attempt names it in its
 /// Hello (`resume`), so that the destination reuses the RAM an earlier attempt left only
-/// for this migration. It also keeps what the link carried in the last attempt
-/// ([`IterationReport::link`](super::IterationReport::link)), which the next attempt starts
-/// from ([`LoopConfig::link_estimate`](super::LoopConfig::link_estimate)): a retry whose
-/// guest is idle sends too little to measure the link by. Keep one for all the attempts
+/// for this migration. It also keeps the link's best figure from the last attempt
+/// ([`IterationReport::link`](super::IterationReport::link)), which the next attempt takes as
+/// its [`LoopConfig::link_estimate`](super::LoopConfig::link_estimate) unless that is set: a
+/// retry whose guest is idle sends too little to measure the link by, and its drained
+/// figure (the control message, a disk's last log) is held to that. Keep one for all the attempts
 /// of a migration ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Session {
@@ -912,7 +913,10 @@ impl Session {
         self.token
     }
 
-    /// What the link carried in the last attempt that measured it, for the next one.
+    /// The link's best figure as the last attempt reported it
+    /// ([`IterationReport::link`](super::IterationReport::link): the highest window it
+    /// measured, or what it was given), for the next attempt's drained figures. `None`
+    /// until an attempt reported a figure above 0.
     pub fn link(&self) -> Option<BytesPerMs> {
         self.link
     }
