@@ -511,3 +511,54 @@ fn durable_sigkill_drill_qemu_finds_every_logged_write() {
     // ended on its own tested no kill at all.
     assert!(killed > 0, "none of the {kills} runs was killed");
 }
+
+/// Found by a review: a progress line that could not be written (stdout on a full disk)
+/// ended the run: at the first line with the store active, leaving the bitmap `in_use`
+/// (a full backup next), and after the stop with status 1 though the stop had committed.
+/// The run goes on, losing its lines with one warning; the bitmap ends consistent and
+/// holds what it marked; both modes.
+#[test]
+fn a_stdout_that_cannot_be_written_does_not_end_the_run() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = fresh(dir.path());
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut args = vec![
+            "workload",
+            p(&img),
+            "--bitmap",
+            NAME,
+            "--duration",
+            "0.2",
+            "--rate",
+            "2000",
+        ];
+        if durable {
+            args.push("--durable");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(&args)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("failed to run dbm");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "durable {durable}: {err}");
+        assert_eq!(
+            err.matches("progress lines are lost").count(),
+            1,
+            "durable {durable}: {err}"
+        );
+        let info = dbm_ok(&["info", "--json", p(&img)]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let b = &v["bitmaps"][0];
+        assert_eq!(b["in-use"], false, "durable {durable}: {info}");
+        assert!(
+            b["dirty-bytes"].as_u64().is_some_and(|d| d > 0),
+            "durable {durable}: {info}"
+        );
+    }
+}

@@ -390,7 +390,12 @@ impl DiskWriter {
                     })
                     .collect();
                 if let Err((acked, e)) = mark(&batch) {
-                    eprintln!("dbm: a mark failed, the disk writer stops: {e}");
+                    // Never `eprintln!`: a stderr that cannot be written would panic this
+                    // thread before the acknowledged marks below reach the list.
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!("dbm: a mark failed, the disk writer stops: {e}\n").as_bytes(),
+                    );
                     q.store(true, SeqCst);
                     batch.truncate(acked);
                 }
@@ -404,7 +409,10 @@ impl DiskWriter {
                     if let Err(e) = std::io::Write::write_all(out, text.as_bytes()) {
                         // A log that cannot be written would make the check that reads it
                         // meaningless: stop writing (and marking) altogether.
-                        eprintln!("dbm: the log of marks cannot be written: {e}");
+                        let _ = std::io::Write::write_all(
+                            &mut std::io::stderr(),
+                            format!("dbm: the log of marks cannot be written: {e}\n").as_bytes(),
+                        );
                         q.store(true, SeqCst);
                     }
                 }

@@ -197,7 +197,16 @@ pub fn stop_line(prep: &StopReport, inactivate: &FlushStats) -> String {
 }
 
 fn say(s: &str) -> Result<(), String> {
-    emit(&format!("{s}\n"))
+    // A progress line that cannot be written (stdout on a full disk) must not end the run:
+    // it would leave the store active and its bitmaps `in_use` (a full backup next), or
+    // report a stop that committed as failed. The line is lost; one warning says so.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = emit(&format!("{s}\n")) {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            crate::out::errln!("dbm: warning: progress lines are lost, the run goes on: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Durable mode's writer: marks `rate` random 4 KiB writes per second, each through a
