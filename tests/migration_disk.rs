@@ -859,6 +859,33 @@ fn a_store_inactivated_by_another_holder_during_precopy_fails_the_hand_over_and_
     r.guest.vcpus.shutdown();
 }
 
+/// The source stayed stopped (`SourceNotResumed`) and its store inactive, and the image
+/// keeps the foreign writer's `in_use`: never taken back as clean. Then ends the guest.
+fn stayed_stopped_on_the_foreign_in_use(
+    e: &MigrationError,
+    store: &SharedStore<FileStorage>,
+    img: &Path,
+    r: Rig,
+) {
+    assert!(matches!(e, MigrationError::SourceNotResumed { .. }), "{e}");
+    assert!(!store.lock().is_active());
+    let d = BitmapStore::open(
+        FileStorage::open(img, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    assert!(
+        d.list().iter().all(|b| b.in_use),
+        "the foreign writer's in_use was taken back: {:?}",
+        d.list()
+    );
+    drop(d);
+    r.guest.disk.shutdown();
+    let mut vcpus = r.guest.vcpus;
+    vcpus.resume().unwrap();
+    vcpus.shutdown();
+}
+
 /// The guest, but its first stop (the switchover's) first lets another holder of the
 /// `SharedStore` inactivate it, and another writer take the image, set `in_use`, write
 /// guest data (marked at `FOREIGN`) and die without closing: its mark is in no bitmap
@@ -931,22 +958,7 @@ fn a_stop_that_never_handed_over_does_not_take_back_a_foreign_in_use() {
         )
         .unwrap_err()
     };
-    assert!(matches!(e, MigrationError::SourceNotResumed { .. }), "{e}");
-    assert!(!store.lock().is_active());
-    let d = BitmapStore::open(
-        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
-        OpenMode::ReadOnly,
-    )
-    .unwrap();
-    assert!(
-        d.list().iter().all(|b| b.in_use),
-        "the foreign writer's in_use was taken back: {:?}",
-        d.list()
-    );
-    drop(d);
-    r.guest.disk.shutdown();
-    r.guest.vcpus.resume().unwrap();
-    r.guest.vcpus.shutdown();
+    stayed_stopped_on_the_foreign_in_use(&e, &store, &img, r);
 }
 
 /// In durable mode every mark is on disk when it returns: the stop has nothing left to
@@ -1082,22 +1094,7 @@ fn a_fail_back_does_not_accept_in_use_after_another_holder_reactivated_the_store
         )
         .unwrap_err()
     };
-    assert!(matches!(e, MigrationError::SourceNotResumed { .. }), "{e}");
-    assert!(!store.lock().is_active());
-    let d = BitmapStore::open(
-        FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
-        OpenMode::ReadOnly,
-    )
-    .unwrap();
-    assert!(
-        d.list().iter().all(|b| b.in_use),
-        "the foreign writer's in_use was taken back: {:?}",
-        d.list()
-    );
-    drop(d);
-    r.guest.disk.shutdown();
-    r.guest.vcpus.resume().unwrap();
-    r.guest.vcpus.shutdown();
+    stayed_stopped_on_the_foreign_in_use(&e, &store, &img, r);
 }
 
 #[test]

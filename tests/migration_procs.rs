@@ -290,6 +290,16 @@ fn assert_held_by_a_writer(img: &Path) {
     assert!(q[0].2.iter().any(|f| f == "in-use"), "{q:?}");
 }
 
+/// `dbm migrate listen IMG ARGS...`, once it said where it listens: the process and the
+/// address.
+fn listen(img: &str, args: &[&str]) -> (Proc, String) {
+    let mut all = vec!["migrate", "listen", img];
+    all.extend(args);
+    let mut dest = Proc::spawn("listen", &all);
+    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    (dest, addr)
+}
+
 /// The source's options for a small guest: 16 MiB of RAM, one vCPU, 5,000 disk writes/s.
 fn send_args<'a>(img: &'a str, to: &'a str, log: &'a str, seed: &'a str) -> Vec<&'a str> {
     vec![
@@ -327,12 +337,9 @@ fn two_processes_hand_the_image_over_and_the_destination_finds_every_mark() {
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
     let dest_marks = dir.path().join("dest-marks.log");
-    let mut dest = Proc::spawn(
-        "listen",
+    let (mut dest, addr) = listen(
+        p(&img),
         &[
-            "migrate",
-            "listen",
-            p(&img),
             "--check-log",
             p(&marks),
             "--run-for",
@@ -347,7 +354,6 @@ fn two_processes_hand_the_image_over_and_the_destination_finds_every_mark() {
             &seed,
         ],
     );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
     let src = Proc::spawn("send", &send_args(p(&img), &addr, p(&marks), &seed));
     let (code, out, err) = src.finish();
     let text = out.join("\n");
@@ -406,19 +412,7 @@ fn two_processes_a_refused_hand_over_fails_back_to_the_source_with_every_mark() 
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
     // The destination opens and activates the image, then refuses to start the guest.
-    let mut dest = Proc::spawn(
-        "listen",
-        &[
-            "migrate",
-            "listen",
-            p(&img),
-            "--refuse",
-            "1",
-            "--timeout",
-            "60",
-        ],
-    );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let (dest, addr) = listen(p(&img), &["--refuse", "1", "--timeout", "60"]);
     let mut args = send_args(p(&img), &addr, p(&marks), &seed);
     args.extend(["--run-for", "600"]);
     let mut src = Proc::spawn("send", &args);
@@ -472,12 +466,9 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
-    let mut dest = Proc::spawn(
-        "listen",
+    let (dest, addr) = listen(
+        p(&img),
         &[
-            "migrate",
-            "listen",
-            p(&img),
             "--refuse",
             "1",
             "--attempts",
@@ -488,7 +479,6 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
             "60",
         ],
     );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
     let mut args = send_args(p(&img), &addr, p(&marks), &seed);
     args.extend(["--attempts", "2", "--retry-after", "0.5"]);
     let src = Proc::spawn("send", &args);
@@ -541,12 +531,9 @@ fn two_processes_a_fail_back_then_a_retry_to_the_listener_that_outlived_it_hands
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let marks = dir.path().join("marks.log");
-    let mut dest = Proc::spawn(
-        "listen",
+    let (mut dest, addr) = listen(
+        p(&img),
         &[
-            "migrate",
-            "listen",
-            p(&img),
             "--refuse",
             "1",
             "--attempts",
@@ -557,7 +544,6 @@ fn two_processes_a_fail_back_then_a_retry_to_the_listener_that_outlived_it_hands
             "60",
         ],
     );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
     let mut args = send_args(p(&img), &addr, p(&marks), &seed);
     // The source waits 1 s for each answer: the listener's comes 3 s after its activation.
     let t = args.iter().position(|a| *a == "--timeout").unwrap();
@@ -604,18 +590,7 @@ fn crash_the_destination_after_it_activated(
     seed: &str,
     extra: &[&str],
 ) -> Proc {
-    let mut dest = Proc::spawn(
-        "listen",
-        &[
-            "migrate",
-            "listen",
-            p(img),
-            "--test-crash-after-activate",
-            "--timeout",
-            "60",
-        ],
-    );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let (mut dest, addr) = listen(p(img), &["--test-crash-after-activate", "--timeout", "60"]);
     let mut args = send_args(p(img), &addr, p(marks), seed);
     args.extend(["--fail-back-on-signal", "--run-for", "600"]);
     args.extend(extra);
@@ -679,19 +654,7 @@ fn two_processes_a_destination_killed_after_activating_fails_back_then_a_new_pai
 
     // A new pair hands over, and the destination finds every mark of both runs.
     let marks2 = dir.path().join("marks2.log");
-    let mut dest = Proc::spawn(
-        "listen",
-        &[
-            "migrate",
-            "listen",
-            p(&img),
-            "--check-log",
-            p(&marks2),
-            "--timeout",
-            "60",
-        ],
-    );
-    let addr = dest.wait_for("listening on ")["listening on ".len()..].to_string();
+    let (dest, addr) = listen(p(&img), &["--check-log", p(&marks2), "--timeout", "60"]);
     let src = Proc::spawn("send", &send_args(p(&img), &addr, p(&marks2), &seed));
     let (code, out, err) = src.finish();
     let text = out.join("\n");
