@@ -365,21 +365,20 @@ fn windows_that_went_by_empty_keep_the_links_last_measurement() {
     assert!(!sim.guest_running());
 }
 
-/// A drained figure (nothing left to send but the control message and the disk state's
-/// last log) is held to the link's best window, not its last. The guest is idle and its
-/// RAM (240 filled pages, about 1 MB) goes out at the link's 2000 bytes/ms in about 490
-/// ms: the window in which the pass ends carries a fraction of that, and every later one
-/// nothing, so the last measurement stands at that fraction for the rest of the attempt.
-/// Before, a last log of 580 KB never fitted 300 ms of it and the attempt gave up; the
-/// link carried 2000 bytes/ms, which fits it.
+/// Bytes only the stop sends are never held to the link's best figure, only the control
+/// message alone is: a first version compared every drained figure (the control message and
+/// such bytes) at it, and a review found that QEMU's baseline stream state counts its whole
+/// bitmaps as such bytes, which a carried figure from a faster attempt (or a window inflated
+/// by a burst) would then switch over a link that cannot send them within the limit. Here
+/// the guest is idle, its RAM goes out, and a disk state's last log of 580 KB waits for the
+/// stop; the attempt carries a figure ten times the link's 2000 bytes/ms, under which the
+/// log would fit 300 ms: every figure that holds it is compared at the last measurement,
+/// and the attempt does not switch over on the carried figure.
 #[test]
-fn a_drained_figure_is_held_to_the_links_best_window_not_its_last() {
-    // Fits 300 ms at the link's 2000 bytes/ms, but not with the last 8 pages beside it:
-    // the loop switches over only once RAM is drained.
+fn bytes_only_the_stop_sends_are_never_held_to_a_carried_link_figure() {
     const LOG: u64 = 580_000;
     let (sim, mut state) = sim_guest(240, true, 0.0, false, 9);
-    // The disk's stop cannot be timed before 800 ms: no figure fits until well after the
-    // pass ended, and the window it ended in has closed.
+    // The disk's stop cannot be timed before 800 ms: RAM is long drained by then.
     let mut disk = VirtualDisk::new(&sim, Millis(0), Bytes(LOG), Duration::from_millis(800));
     let mut rec = Reports(Vec::new());
     // Turns of 8 pages (about 16 ms at the link): the pass ends partway through a window.
@@ -387,6 +386,7 @@ fn a_drained_figure_is_held_to_the_links_best_window_not_its_last() {
         downtime_limit: Millis(300),
         max_bandwidth: None,
         iterate_chunk: Bytes(8 * 4096),
+        link_estimate: Some(BytesPerMs::from_bytes_per_ms(20_000.0)),
         ..LoopConfig::default()
     };
     let o = run_in_sim(
@@ -396,28 +396,21 @@ fn a_drained_figure_is_held_to_the_links_best_window_not_its_last() {
         &mut rec,
     )
     .unwrap();
-    assert_eq!(o.kind, Kind::Completed, "{o:?}");
-    let last = rec.0.last().expect("reports");
-    let link = sim.link_bw().get();
-    // The last window measured a fraction of the link; its best one nearly all of it.
-    assert!(
-        last.bandwidth.get() * 300.0 < LOG as f64,
-        "the last measurement alone fits the log: {last:?}"
-    );
-    assert!(
-        last.link.get() <= link && last.link.get() * 300.0 >= LOG as f64,
-        "{last:?}"
-    );
-    assert_eq!(
-        o.pending_at_switch.total() - o.pending_at_switch.stop_only,
-        Bytes(49)
-    );
-    assert!(o.exact_at_switch);
-    assert!(
-        o.pending_at_switch.total() <= o.threshold_at_switch,
-        "{o:?}"
-    );
-    assert!(o.downtime <= Duration::from_millis(300), "{o:?}");
+    let holding_the_log: Vec<_> = rec
+        .0
+        .iter()
+        .filter(|r| r.pending.stop_only == Bytes(LOG))
+        .collect();
+    assert!(!holding_the_log.is_empty());
+    for r in holding_the_log {
+        assert!(
+            r.threshold.get() as f64 <= r.bandwidth.get() * 300.0 + 1.0,
+            "a figure holding the log compared at more than the last measurement: {r:?}"
+        );
+    }
+    // The link's 2000 bytes/ms fit the log in 290 ms; the window the pass ended in measured
+    // a fraction of that, which does not: the attempt gives up rather than trust more.
+    assert_eq!(o.kind, Kind::NotConverging, "{o:?}");
 }
 
 /// Every report; on a stall, gives up.

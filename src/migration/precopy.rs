@@ -23,13 +23,12 @@
 //!    **exact** query (syncs the dirty logs, and counts a disk state's remaining regions
 //!    exactly). With nothing left to send as of the last sync (the control message, and
 //!    [`Pending::stop_only`] bytes only the stop sends), the exact query runs with the gate
-//!    shut too: only a sync can find more. Such a *drained* figure is compared at the
-//!    link's best figure ([`IterationReport::link`]: the highest any window of this attempt
-//!    measured, or [`LoopConfig::link_estimate`], an earlier attempt's), not the last
-//!    window's: a pass that ended partway through a window measured the link at a fraction
-//!    of what it carries, and an idle guest's retry has only its Hello to measure by. Its
-//!    few bytes are all that rides on that figure (QEMU completes on a pending figure of 0
-//!    unchecked).
+//!    shut too: only a sync can find more. A figure of the control message alone (nothing
+//!    to send at all, not even at the stop) is compared at the link's best figure
+//!    ([`IterationReport::link`]: the highest any window of this attempt measured, or
+//!    [`LoopConfig::link_estimate`], an earlier attempt's), not the last window's: an idle
+//!    guest's retry has only its Hello to measure by. Its 49 bytes are all that rides on
+//!    that figure (QEMU completes on a pending figure of 0 unchecked).
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -118,11 +117,10 @@ pub struct LoopConfig {
     /// What the link carried in an earlier attempt of the same migration
     /// ([`IterationReport::link`]; [`super::tcp::Session`] carries it from one attempt to
     /// the next, filling `None`): the least the link's best figure starts from. It is used
-    /// only for a *drained* figure (nothing left to send while the VM runs but the control
-    /// message and bytes only the stop sends: an idle guest's retry, whose own windows
-    /// measure little more than its Hello), never for a figure with pages or regions to
-    /// send. `None`: none here (`migrate_in_session` takes the session's); `Some(0)`: none
-    /// at all.
+    /// only for a figure of the control message alone (nothing to send at all: an idle
+    /// guest's retry, whose own windows measure little more than its Hello), never for a
+    /// figure with pages, regions or bytes only the stop sends. `None`: none here
+    /// (`migrate_in_session` takes the session's); `Some(0)`: none at all.
     pub link_estimate: Option<BytesPerMs>,
     /// Fixed part of the downtime that does not depend on bytes (stopping the vCPUs,
     /// starting the destination). Subtracted from the limit before the threshold.
@@ -184,9 +182,9 @@ pub struct IterationReport {
     /// Last measured bandwidth (before the `avail_switchover_bandwidth` override).
     pub bandwidth: BytesPerMs,
     /// The link's best figure: the highest bandwidth any window of this attempt measured,
-    /// or [`LoopConfig::link_estimate`] if higher. A drained figure (nothing left to send
-    /// but the control message and bytes only the stop sends) is compared at it; the
-    /// figure to carry into a retry.
+    /// or [`LoopConfig::link_estimate`] if higher (so never lower than what it was given).
+    /// A figure of the control message alone is compared at it; the figure to carry into a
+    /// retry.
     pub link: BytesPerMs,
     /// Bytes found newly pending by the exact query per ms since the previous one.
     pub dirty_rate: Option<BytesPerMs>,
@@ -746,12 +744,11 @@ where
     /// The byte threshold of figure `p`: what the wire can carry in the downtime limit
     /// once the fixed switchover cost and the states' disk time are taken off it.
     fn threshold_of(&self, p: Pending) -> Bytes {
-        // A drained figure (nothing to send while the VM runs but the control message and
-        // bytes only the stop sends) at the link's best figure: windows with little or
-        // nothing to send say little of the link, and only these few bytes ride on it.
-        // Not when the caller set the switchover bandwidth.
+        // The control message alone (nothing to send, not even at the stop) at the link's
+        // best figure: windows with nothing to send say little of the link, and only its
+        // 49 bytes ride on that figure. Not when the caller set the switchover bandwidth.
         let bandwidth = if self.config.avail_switchover_bandwidth.is_none()
-            && self.is_drained(p)
+            && self.is_idle(p)
             && self.expected < self.link
         {
             self.link
@@ -768,6 +765,14 @@ where
     /// bytes only the stop sends, [`Pending::stop_only`]).
     fn is_drained(&self, p: Pending) -> bool {
         p.total() - p.stop_only == self.control_cost().total()
+    }
+
+    /// Whether `p` is the control message alone: nothing at all to send, not even at the
+    /// stop. Only such a figure is held to the link's best figure; bytes only the stop
+    /// sends may be a disk log or, for QEMU's baseline stream state, whole bitmaps, which a
+    /// stale or burst-inflated figure must not carry.
+    fn is_idle(&self, p: Pending) -> bool {
+        p.total() == self.control_cost().total()
     }
 
     /// The stall guard's measure of a figure: its bytes, plus its disk time at the

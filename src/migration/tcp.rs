@@ -893,8 +893,8 @@ pub struct SourceReport {
 /// for this migration. It also keeps the link's best figure from the last attempt
 /// ([`IterationReport::link`](super::IterationReport::link)), which the next attempt takes as
 /// its [`LoopConfig::link_estimate`](super::LoopConfig::link_estimate) unless that is set: a
-/// retry whose guest is idle sends too little to measure the link by, and its drained
-/// figure (the control message, a disk's last log) is held to that. Keep one for all the attempts
+/// retry whose guest is idle sends too little to measure the link by, and its figure of
+/// the control message alone is held to that. Keep one for all the attempts
 /// of a migration ([`migrate_in_session`]); [`migrate_to`] starts a new one each time.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Session {
@@ -915,8 +915,9 @@ impl Session {
 
     /// The link's best figure as the last attempt reported it
     /// ([`IterationReport::link`](super::IterationReport::link): the highest window it
-    /// measured, or what it was given), for the next attempt's drained figures. `None`
-    /// until an attempt reported a figure above 0.
+    /// measured, or what it was given, so the highest of every attempt so far: never
+    /// lowered), for the next attempt's figure of the control message alone, the only one
+    /// it carries. `None` until an attempt reported a figure above 0.
     pub fn link(&self) -> Option<BytesPerMs> {
         self.link
     }
