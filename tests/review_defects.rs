@@ -1081,3 +1081,56 @@ fn changed_since_refuses_more_bitmaps_than_an_activation_may_hold_before_reading
     store.add("s0", 512, Recording::Enabled).unwrap();
     assert_eq!(store.changed_since("s0").unwrap().count(), 0);
 }
+
+/// Found by a hostile-image review: the check's OFLAG_COPIED pass kept only the last
+/// refcount block it read, so L2 entries alternating between clusters of two blocks cost a
+/// block read each: a 14 MiB file with 2 MiB clusters made every check (and every
+/// preflight, so every write) read 512 GiB. Every block read is kept: the check of such an
+/// image (64 KiB clusters, one L2 table of 8,192 alternating entries, 448 KiB) reads about
+/// the file once, where it read 8,192 blocks (512 MiB).
+#[test]
+fn the_copied_flag_pass_reads_each_refcount_block_once() {
+    let cb = 16u32;
+    let cs = 1usize << cb;
+    let order = 4u32;
+    let per_block = cs * 8 / (1 << order);
+    // Cluster 0 the header, 1 the reftable, 2 and 3 refcount blocks, 4 the L1 table, 5 one
+    // L2 table, 6 a data cluster; block 1 (cluster 3) covers clusters from `per_block` on.
+    let (l2, data) = (5usize, 6usize);
+    let mut f = vec![0u8; 7 * cs];
+    let disk = (cs / 8 * cs) as u64;
+    let be32 = |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let be64 = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    f[0..4].copy_from_slice(b"QFI\xfb");
+    be32(&mut f, 4, 3);
+    be32(&mut f, 20, cb);
+    be64(&mut f, 24, disk);
+    be32(&mut f, 36, 1); // l1_size
+    be64(&mut f, 40, (4 * cs) as u64); // l1_table_offset
+    be64(&mut f, 48, cs as u64); // refcount_table_offset
+    be32(&mut f, 56, 1); // refcount_table_clusters
+    be32(&mut f, 96, order);
+    be32(&mut f, 100, 104); // header_length
+    be64(&mut f, cs, (2 * cs) as u64);
+    be64(&mut f, cs + 8, (3 * cs) as u64);
+    for c in 0..7 {
+        f[2 * cs + 2 * c..2 * cs + 2 * c + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    be64(&mut f, 4 * cs, (l2 * cs) as u64 | 1 << 63);
+    for j in 0..cs / 8 {
+        let target = if j % 2 == 0 { data } else { per_block + 6 };
+        be64(&mut f, l2 * cs + 8 * j, (target * cs) as u64 | 1 << 63);
+    }
+    let file_len = f.len() as u64;
+    let spy = Spy::new(MemStorage::from_bytes(f), |_| {});
+    let image = Image::open(spy, OpenMode::ReadOnly).unwrap();
+    let before = image.storage().bytes_read();
+    let report = image.check().unwrap();
+    let read = image.storage().bytes_read() - before;
+    // The image is corrupt (half its entries name clusters past the end): found, cheaply.
+    assert!(report.corruptions > 0, "{:?}", report.messages);
+    assert!(
+        read < 4 * file_len,
+        "the check read {read} bytes of a {file_len}-byte file"
+    );
+}

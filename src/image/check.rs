@@ -17,7 +17,7 @@
 //! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
 //! for metadata entries that were really read from the file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -977,23 +977,22 @@ fn oflag_copied<S: Storage + ?Sized>(
     let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
         return Ok(());
     };
-    // The refcount on disk of cluster `cl`, with the last block read kept.
-    let mut cached: Option<(usize, Vec<u8>)> = None;
+    // The refcount on disk of cluster `cl`. Every block read is kept, by its offset (a
+    // block that does not read, as a miss): entries that alternate between blocks would
+    // otherwise cost a cluster read each, and a block lies in the file (or fails to
+    // read), so what is kept stays bounded by the file.
+    let mut cached: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
     let mut refcount = |cl: u64| -> Result<Option<u64>> {
         let index = usize::try_from(cl / per_block).unwrap_or(usize::MAX);
         let Some(Some(off)) = blocks.get(index).copied() else {
             return Ok(Some(0));
         };
-        if cached.as_ref().is_none_or(|(i, _)| *i != index) {
-            let Ok(b) = storage.read_vec_at(off, cs) else {
-                return Ok(None);
-            };
-            cached = Some((index, b));
-        }
         let block = cached
-            .as_ref()
-            .map(|(_, b)| b.as_slice())
-            .unwrap_or_default();
+            .entry(off)
+            .or_insert_with(|| storage.read_vec_at(off, cs).ok());
+        let Some(block) = block.as_deref() else {
+            return Ok(None);
+        };
         Ok(Some(get_refcount(block, h.refcount_order, cl % per_block)?))
     };
     let stride = if extl2 { 16 } else { 8 };
