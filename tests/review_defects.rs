@@ -1134,3 +1134,44 @@ fn the_copied_flag_pass_reads_each_refcount_block_once() {
         "the check read {read} bytes of a {file_len}-byte file"
     );
 }
+
+/// Found by a write-before-refusal review: `barrier()` on a store an inactivation had
+/// handed over went to the image's write path, whose first step clears an unknown
+/// autoclear bit by rewriting cluster 0 from this handle's stale copy: over the header of
+/// whoever took the image since (here another store that added a bitmap, whose extension
+/// it dropped). A handed-over store refuses it and writes nothing.
+#[test]
+fn a_barrier_on_a_handed_over_store_is_refused_without_a_write() {
+    let bytes = {
+        let s = BitmapStore::create(MemStorage::new(), 4 * MIB, 512).unwrap();
+        let mut b = s.close().unwrap().storage().to_vec();
+        b[95] |= 0x10; // an autoclear bit this crate does not know
+        b
+    };
+    let mem = MemStorage::from_bytes(bytes);
+    let mut s = BitmapStore::open(&mem, OpenMode::ReadWrite).unwrap();
+    s.activate().unwrap();
+    s.inactivate().unwrap();
+    {
+        let mut other = BitmapStore::open(&mem, OpenMode::ReadWrite).unwrap();
+        other.add("q", 512, Recording::Enabled).unwrap();
+        other.close().unwrap();
+    }
+    let before = mem.to_vec();
+    let err = s.barrier().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WrongState(dirty_bitmap::StateProblem::NotActive)
+        ),
+        "{err:?}"
+    );
+    assert!(mem.to_vec() == before, "a refused barrier wrote");
+    let names: Vec<String> = BitmapStore::open(&mem, OpenMode::ReadOnly)
+        .unwrap()
+        .list()
+        .iter()
+        .map(|b| b.name.to_string())
+        .collect();
+    assert_eq!(names, ["q"]);
+}

@@ -228,9 +228,17 @@ impl<S: Storage> BitmapStore<S> {
     /// [`DiskRate`](flush::DiskRate) when no flush had anything to write.
     ///
     /// # Errors
-    /// [`Error::ReadOnly`](crate::Error::ReadOnly), [`Error::Poisoned`](crate::Error::Poisoned), I/O.
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly), [`Error::Poisoned`](crate::Error::Poisoned);
+    /// [`Error::WrongState`](crate::Error::WrongState)
+    /// ([`NotActive`](crate::StateProblem::NotActive)) on a store an inactivation handed
+    /// over (its writer locks released: another writer may own the image now, and this
+    /// handle's first write rewrites cluster 0 when it clears an unknown autoclear bit);
+    /// I/O.
     pub fn barrier(&mut self) -> Result<FlushStats> {
         self.ensure_writable()?;
+        if self.writer == super::WriterLocks::Released {
+            return Err(crate::Error::WrongState(crate::StateProblem::NotActive));
+        }
         let start = std::time::Instant::now();
         let t0 = self.image.sync_time();
         self.image.sync()?;
