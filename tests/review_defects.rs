@@ -1175,3 +1175,29 @@ fn a_barrier_on_a_handed_over_store_is_refused_without_a_write() {
         .collect();
     assert_eq!(names, ["q"]);
 }
+
+/// Found by a hostile-image review: `resize` built and wrote every bitmap at the new size
+/// with no budget, so forty bitmaps at 512 B granularity grown to 2 TiB meant 20 GiB of
+/// bitmaps built and written, and an image no activation could hold after (the limit is
+/// 16 GiB). Refused before anything is written, as an activation of them is. (Not run
+/// against the code before the fix: it would write those 20 GiB into memory.)
+#[test]
+fn a_resize_past_the_memory_limit_is_refused_before_it_writes() {
+    let mut s = BitmapStore::create(MemStorage::new(), MIB, 65536).unwrap();
+    for i in 0..40 {
+        s.add(&format!("b{i}"), 512, Recording::Disabled).unwrap();
+    }
+    let before = s.image().storage().to_vec();
+    let err = s.resize(2 << 40).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported(m) if m.contains("more than the limit")),
+        "{err:?}"
+    );
+    assert!(
+        s.image().storage().to_vec() == before,
+        "a refused resize wrote"
+    );
+    // Under the limit it goes ahead: 40 bitmaps of 512 KiB at 2 GiB.
+    s.resize(2 << 30).unwrap();
+    assert_eq!(s.disk_size(), 2 << 30);
+}

@@ -70,7 +70,9 @@ impl<S: Storage> BitmapStore<S> {
     ///   first. Nothing is written.
     /// - [`Error::Unsupported`]: the image has guest data, snapshots or an external data
     ///   file, or a backing file and the disk would grow (the grown area would show the
-    ///   backing file's data, which QEMU zero-fills). Nothing is written.
+    ///   backing file's data, which QEMU zero-fills), or the bitmaps at the new size would
+    ///   add up to more than [`ACTIVE_MEMORY_LIMIT`](super::ACTIVE_MEMORY_LIMIT) (the
+    ///   resize builds each, and no activation could hold them). Nothing is written.
     /// - [`Error::ReadOnly`], [`Error::Poisoned`], [`Error::Corrupt`] for a bad table, I/O.
     ///   An I/O error poisons the store; the disk then holds the old or the new image, or
     ///   (a failure inside the header writes at clusters above 4 KiB, see
@@ -149,6 +151,24 @@ impl<S: Storage> BitmapStore<S> {
         let mut entries = self.current_entries();
         for e in &mut entries {
             e.table_size = table_size(new_disk_size, e.granularity_bits, cs)?;
+        }
+        // The resize builds every bitmap at the new size, one after another (and an image
+        // whose bitmaps at that size add up past the limit could not be activated after):
+        // refused, as an activation or a load of them all is, before anything is written.
+        let at_new_size = entries
+            .iter()
+            .map(|e| {
+                new_disk_size
+                    .div_ceil(1u64 << e.granularity_bits)
+                    .div_ceil(8)
+            })
+            .fold(0u64, u64::saturating_add);
+        if at_new_size > super::ACTIVE_MEMORY_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "at {new_disk_size} bytes the bitmaps would take {at_new_size} bytes, more \
+                 than the limit of {}",
+                super::ACTIVE_MEMORY_LIMIT
+            )));
         }
         // Cluster 0 as this crate encodes it must hold the header (the commit rewrites it),
         // which an image laid out otherwise may not allow: decided before anything is
