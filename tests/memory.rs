@@ -77,6 +77,7 @@ fn memory_figures() {
     TRACKED.with(|t| t.set(true));
     sixteen_tib_bitmap_costs_at_most_32_mib_plus_one_percent();
     checking_a_huge_sparse_image_allocates_little();
+    the_copied_flag_pass_holds_one_refcount_block_at_a_time();
 }
 
 /// Bytes of the process's anonymous mappings (no path in `/proc/self/maps`): where arrays
@@ -173,4 +174,62 @@ fn checking_a_huge_sparse_image_allocates_little() {
     assert_eq!(report.total_clusters, 1 << 30);
     assert!(report.is_clean(), "{report:?}");
     assert!(peak < 64 << 20, "peak {peak} bytes");
+}
+
+/// Found by a review of a fix: the check's OFLAG_COPIED pass, made to keep every refcount
+/// block it read (so that entries alternating between blocks are not a read each), let
+/// an image whose reftable names many blocks (holes of a sparse file cost nothing on disk)
+/// and whose L2 entries name a cluster under each hold all of them at once. Here 256
+/// blocks of 64 KiB: the pass held 16 MiB. Its lookups are sorted by block and one block
+/// is held at a time.
+fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
+    let cb = 16u32;
+    let cs = 1usize << cb;
+    let per_block = cs * 8 / 16;
+    let blocks = 256usize;
+    // Cluster 0 the header, 1 the reftable, 2 the L1 table, 3 one L2 table, 8.. the
+    // refcount blocks (all zeros); L2 entry j names a cluster under block j, past the end.
+    let mut f = vec![0u8; (8 + blocks) * cs];
+    let be32 = |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let be64 = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    f[0..4].copy_from_slice(b"QFI\xfb");
+    be32(&mut f, 4, 3);
+    be32(&mut f, 20, cb);
+    be64(&mut f, 24, (cs / 8 * cs) as u64);
+    be32(&mut f, 36, 1);
+    be64(&mut f, 40, (2 * cs) as u64);
+    be64(&mut f, 48, cs as u64);
+    be32(&mut f, 56, 1);
+    be32(&mut f, 96, 4);
+    be32(&mut f, 100, 104);
+    for j in 0..blocks {
+        be64(&mut f, cs + 8 * j, ((8 + j) * cs) as u64);
+        be64(
+            &mut f,
+            3 * cs + 8 * j,
+            ((j * per_block + 5) * cs) as u64 | 1 << 63,
+        );
+    }
+    be64(&mut f, 2 * cs, (3 * cs) as u64 | 1 << 63);
+    let image = Image::open(
+        dirty_bitmap::storage::MemStorage::from_bytes(f),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let before = LIVE.load(Ordering::SeqCst);
+    PEAK.store(before, Ordering::SeqCst);
+    let report = image.check().unwrap();
+    let peak = beyond(PEAK.load(Ordering::SeqCst), before);
+    eprintln!("check of an image naming {blocks} refcount blocks: peak {peak} bytes allocated");
+    let copied = report
+        .messages
+        .iter()
+        .filter(|m| m.contains("OFLAG_COPIED data cluster"))
+        .count();
+    assert!(
+        copied > 0,
+        "{:?}",
+        &report.messages[..5.min(report.messages.len())]
+    );
+    assert!(peak < 8 << 20, "peak {peak} bytes");
 }

@@ -546,8 +546,8 @@ fn an_idle_guests_retry_under_a_small_limit_switches_over_on_the_earlier_attempt
 /// out of bytes count at the link's best figure: a retry carrying a figure ten times what
 /// the link carries now (an earlier path, or a link that slowed) then switched over on a
 /// figure of dirtied pages the link could not send within the limit. The carried figure
-/// holds only for a drained figure (the control message and bytes only the stop sends);
-/// a figure with pages to send is held to what this attempt measured.
+/// holds only for a figure of the control message alone; a figure with pages to send is
+/// held to what this attempt measured.
 #[test]
 fn a_carried_link_figure_above_the_link_never_switches_over_a_figure_with_pages() {
     let rig = Rig::new(256, 0.0, per_ms(2000.0));

@@ -17,7 +17,7 @@
 //! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
 //! for metadata entries that were really read from the file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -977,25 +977,19 @@ fn oflag_copied<S: Storage + ?Sized>(
     let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
         return Ok(());
     };
-    // The refcount on disk of cluster `cl`. Every block read is kept, by its offset (a
-    // block that does not read, as a miss): entries that alternate between blocks would
-    // otherwise cost a cluster read each, and a block lies in the file (or fails to
-    // read), so what is kept stays bounded by the file.
-    let mut cached: HashMap<u64, Option<Vec<u8>>> = HashMap::new();
-    let mut refcount = |cl: u64| -> Result<Option<u64>> {
-        let index = usize::try_from(cl / per_block).unwrap_or(usize::MAX);
-        let Some(Some(off)) = blocks.get(index).copied() else {
-            return Ok(Some(0));
-        };
-        let block = cached
-            .entry(off)
-            .or_insert_with(|| storage.read_vec_at(off, cs).ok());
-        let Some(block) = block.as_deref() else {
-            return Ok(None);
-        };
-        Ok(Some(get_refcount(block, h.refcount_order, cl % per_block)?))
-    };
     let stride = if extl2 { 16 } else { 8 };
+    // Every lookup is listed first, in the order the checks run; then their refcounts are
+    // read block by block, each block once and one held at a time (entries alternating
+    // between blocks would otherwise cost a block read each, and holding every block read
+    // would let a sparse file's holes, named as blocks, fill memory); then the findings
+    // follow in order. A lookup costs a few words, and each comes from an L1 or L2 entry
+    // that is not zero: bytes on disk, not holes.
+    enum Site {
+        L2Cluster { i: usize, l1e: u64 },
+        Data { e: u64, m: u64 },
+    }
+    // (the cluster whose refcount is looked up, `None` for one that counts as 1, the site)
+    let mut lookups: Vec<(Option<u64>, Site)> = Vec::new();
     // Each distinct L2 table is read once and its findings counted once per L1 entry that
     // names it, as QEMU counts them, so the work stays bounded by the file.
     let mut l2_mult: BTreeMap<u64, u64> = BTreeMap::new();
@@ -1004,16 +998,7 @@ fn oflag_copied<S: Storage + ?Sized>(
         if l2_off == 0 || l2_off & (cs - 1) != 0 {
             continue;
         }
-        if let Some(r) = refcount(l2_off >> cb)? {
-            if (r == 1) != (l1e & L2_COPIED != 0) {
-                report.corrupt(|| {
-                    format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} \
-                         refcount={r}"
-                    )
-                });
-            }
-        }
+        lookups.push((Some(l2_off >> cb), Site::L2Cluster { i, l1e }));
         *l2_mult.entry(l2_off).or_insert(0) += 1;
     }
     for (&l2_off, &m) in &l2_mult {
@@ -1035,12 +1020,50 @@ fn oflag_copied<S: Storage + ?Sized>(
             if !allocated || data & (cs - 1) != 0 {
                 continue;
             }
-            let r = if data_file {
-                Some(1)
-            } else {
-                refcount(data >> cb)?
-            };
-            if let Some(r) = r {
+            let cl = (!data_file).then_some(data >> cb);
+            lookups.push((cl, Site::Data { e, m }));
+        }
+    }
+    // The refcount on disk of each lookup (`None`: its block does not read).
+    let mut refcounts: Vec<Option<u64>> = vec![Some(1); lookups.len()];
+    let mut order: Vec<usize> = (0..lookups.len())
+        .filter(|&k| lookups[k].0.is_some())
+        .collect();
+    order.sort_unstable_by_key(|&k| lookups[k].0.map(|cl| cl / per_block));
+    let mut held: Option<(u64, Option<Vec<u8>>)> = None;
+    for k in order {
+        let Some(cl) = lookups[k].0 else { continue };
+        let index = cl / per_block;
+        let Some(Some(off)) = usize::try_from(index)
+            .ok()
+            .and_then(|i| blocks.get(i))
+            .copied()
+        else {
+            refcounts[k] = Some(0);
+            continue;
+        };
+        if held.as_ref().is_none_or(|(i, _)| *i != index) {
+            held = Some((index, storage.read_vec_at(off, cs).ok()));
+        }
+        refcounts[k] = match held.as_ref().and_then(|(_, b)| b.as_deref()) {
+            Some(block) => Some(get_refcount(block, h.refcount_order, cl % per_block)?),
+            None => None,
+        };
+    }
+    for ((_, site), r) in lookups.iter().zip(refcounts) {
+        let Some(r) = r else { continue };
+        match *site {
+            Site::L2Cluster { i, l1e } => {
+                if (r == 1) != (l1e & L2_COPIED != 0) {
+                    report.corrupt(|| {
+                        format!(
+                            "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} \
+                             refcount={r}"
+                        )
+                    });
+                }
+            }
+            Site::Data { e, m } => {
                 if (r == 1) != (e & L2_COPIED != 0) {
                     report.corrupt_n(m, || {
                         format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
