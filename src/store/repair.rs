@@ -20,7 +20,8 @@
 //! in the file and decodes and its data clusters lie in the file (also for a bitmap in
 //! use, whose table QEMU never reads but `qemu-img check` and every later write's check
 //! do), and none of its clusters is shared with other metadata, the directory, an earlier
-//! kept bitmap, the table of an earlier entry found broken, or itself. (The last keeps a
+//! kept bitmap, the table of an earlier entry found broken for its table or data (not one
+//! triage refused for its entry alone), or itself. (The last keeps a
 //! table many entries name, or a run of overlapping ones, from being read once per entry
 //! on a hostile image; it makes the outcome depend on the directory's order: a good table
 //! overlapping a broken one is removed when the broken entry comes first, kept when it
