@@ -45,9 +45,9 @@
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
 //!    as progress (a disk-only migration that sends nothing is not reported stuck while
 //!    its flushes shrink its stop; it switches over once its figure fits what the link
-//!    was measured at, with only its Hello and setup, or an earlier attempt's
-//!    [`LoopConfig::link_estimate`], to measure by if its guest writes nothing: give a
-//!    first attempt `avail_switchover_bandwidth`).
+//!    was measured at, with only its Hello and setup to measure by if its guest writes
+//!    nothing (its last log is [`Pending::stop_only`], never held to an earlier attempt's
+//!    figure): give it `avail_switchover_bandwidth`).
 //! 6. **Iterate** the states within the rate limiter's budget (`max_bandwidth` per 100 ms
 //!    window, overshoot carried into the next window), or sleep to the window's end.
 //!
