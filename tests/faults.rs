@@ -610,6 +610,29 @@ fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
         .expect("a deferred activation writes flags in place");
 }
 
+/// Found by a write-before-refusal review: with an autoclear bit this crate does not know,
+/// the first write of any kind rewrites cluster 0 to clear it, and on QEMU 5.0's full
+/// cluster 0 that rewrite cannot be encoded: a deferred activation was refused there, and
+/// the refusal poisoned the image (every later call answered `Poisoned`). Nothing had been
+/// written; the refusal now comes before the write path, and the store stays usable.
+#[test]
+fn an_unencodable_cluster_0_with_an_unknown_autoclear_bit_is_refused_without_poison() {
+    let mut bytes = qemu_5_0_cluster_0(&["b"]);
+    bytes[95] |= 0x10;
+    let mut s = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadWrite)
+        .expect("QEMU 5.0's layout opens");
+    let r = s.activate();
+    assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
+    assert!(!s.is_active());
+    assert!(s.image().storage().to_vec() == bytes, "the refusal wrote");
+    assert!(
+        !s.image().is_poisoned(),
+        "a refusal of input poisoned the image"
+    );
+    let r = s.remove("nosuch");
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+}
+
 /// Found by a review: the full-rewrite stop (QEMU's way, the benchmarks' baseline) wrote
 /// every bitmap anew before its commit found that cluster 0 has no room for the rewritten
 /// directory's extension; the failed stop then cleared autoclear bit 0 (every bitmap

@@ -486,6 +486,14 @@ impl<S: Storage> Image<S> {
     /// unwound is as doubtful as one that failed.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.ensure_writable()?;
+        // The first write clears unknown autoclear bits by rewriting cluster 0: a cluster 0
+        // this crate cannot encode is refused here, before anything is written, as input
+        // (not a failed write, so the image is not poisoned).
+        if self.area.header.autoclear_features & !AUTOCLEAR_MASK != 0 {
+            let mut area = self.area.clone();
+            area.header.autoclear_features &= AUTOCLEAR_MASK;
+            area.encode()?;
+        }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.clear_unknown_autoclear().and_then(|()| f(self))
         }));
