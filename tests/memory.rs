@@ -40,6 +40,15 @@ fn add_live(n: usize) {
     }
 }
 
+/// What `f` returns, and the most bytes it held allocated at once beyond what was live
+/// before it.
+fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE.load(Ordering::SeqCst);
+    PEAK.store(before, Ordering::SeqCst);
+    let r = f();
+    (r, beyond(PEAK.load(Ordering::SeqCst), before))
+}
+
 /// Bytes live now beyond `before` (a reading of `LIVE` or `PEAK`).
 fn beyond(now: isize, before: isize) -> usize {
     usize::try_from(now - before)
@@ -166,10 +175,7 @@ fn checking_a_huge_sparse_image_allocates_little() {
         OpenMode::ReadOnly,
     )
     .unwrap();
-    let before = LIVE.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
-    let report = image.check().unwrap();
-    let peak = beyond(PEAK.load(Ordering::SeqCst), before);
+    let (report, peak) = peak_of(|| image.check().unwrap());
     eprintln!("check of a 512 GiB sparse file (2^30 clusters): peak {peak} bytes allocated");
     assert_eq!(report.total_clusters, 1 << 30);
     assert!(report.is_clean(), "{report:?}");
@@ -216,10 +222,7 @@ fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
         OpenMode::ReadOnly,
     )
     .unwrap();
-    let before = LIVE.load(Ordering::SeqCst);
-    PEAK.store(before, Ordering::SeqCst);
-    let report = image.check().unwrap();
-    let peak = beyond(PEAK.load(Ordering::SeqCst), before);
+    let (report, peak) = peak_of(|| image.check().unwrap());
     eprintln!("check of an image naming {blocks} refcount blocks: peak {peak} bytes allocated");
     let copied = report
         .messages

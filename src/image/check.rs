@@ -1026,13 +1026,14 @@ fn oflag_copied<S: Storage + ?Sized>(
     }
     // The refcount on disk of each lookup (`None`: its block does not read).
     let mut refcounts: Vec<Option<u64>> = vec![Some(1); lookups.len()];
-    let mut order: Vec<usize> = (0..lookups.len())
-        .filter(|&k| lookups[k].0.is_some())
+    let mut order: Vec<(u64, usize)> = lookups
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (cl, _))| cl.map(|cl| (cl, k)))
         .collect();
-    order.sort_unstable_by_key(|&k| lookups[k].0.map(|cl| cl / per_block));
+    order.sort_unstable_by_key(|&(cl, _)| cl / per_block);
     let mut held: Option<(u64, Option<Vec<u8>>)> = None;
-    for k in order {
-        let Some(cl) = lookups[k].0 else { continue };
+    for (cl, k) in order {
         let index = cl / per_block;
         let Some(Some(off)) = usize::try_from(index)
             .ok()

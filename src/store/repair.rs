@@ -25,8 +25,8 @@
 //! table many entries name, or a run of overlapping ones, from being read once per entry
 //! on a hostile image; it makes the outcome depend on the directory's order: a good table
 //! overlapping a broken one is removed when the broken entry comes first, kept when it
-//! comes after. Either way no bit is read as clean.) Removing any other leaves no false clean only because the kept
-//! bitmaps come out of the same commit all dirty (a table of all-ones entries each, which
+//! comes after. Either way no bit is read as clean.) Removing any other leaves no false
+//! clean only because the kept bitmaps come out of the same commit all dirty (a table of all-ones entries each, which
 //! QEMU loads): a removed bitmap may have held writes a kept one lacks (a later checkpoint
 //! removed, the older one kept), and "what changed since" a checkpoint is the union of the
 //! bitmaps still in the image (`src/store/checkpoint.rs`), so with the kept bits as they
