@@ -1152,6 +1152,12 @@ impl NameMove {
     /// changes the name itself, or leaves no room in cluster 0 for a spare place past both
     /// layouts (clusters of 2 KiB or less with a long name: the write is then as
     /// `docs/CRASH-CONSISTENCY.md`'s known limit says).
+    ///
+    /// Also `None` when the name on disk starts inside the header (a backing file offset
+    /// below `header_length`, which QEMU opens: it then reads no extension at all and takes
+    /// header bytes as the name). The move's third step would zero header fields (the
+    /// refcount table's offset, say) until the fourth rewrites them, and its second would
+    /// make the bytes after the header, never read before, an extension area.
     fn plan(disk: &[u8], new: &[u8]) -> Option<NameMove> {
         let mut old = disk.to_vec();
         old.resize(new.len().max(old.len()), 0);
@@ -1160,6 +1166,9 @@ impl NameMove {
         let from = usize::try_from(d.backing_file_offset).ok()?;
         let to = usize::try_from(n.backing_file_offset).ok()?;
         if len == 0 || from == 0 || to == 0 || from == to {
+            return None;
+        }
+        if from < usize::try_from(d.header_length).ok()? {
             return None;
         }
         if d.backing_file_size != n.backing_file_size
