@@ -342,10 +342,7 @@ impl<S: Storage> BitmapStore<S> {
         // is the one kept.
         let mut carried = Vec::new();
         for e in &entries {
-            let old = self
-                .slots
-                .iter_mut()
-                .find(|s| !s.stale && s.entry.name == e.name);
+            let old = self.slots.live_mut(e.name.as_bytes());
             carried.push(old.map_or((None, None, false, None), |s| {
                 let same_table =
                     s.entry.table_offset == e.table_offset && s.entry.table_size == e.table_size;

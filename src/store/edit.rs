@@ -340,7 +340,7 @@ impl<S: Storage> BitmapStore<S> {
             self.publish();
         }
         if let Some(n) = &old_name {
-            if let Some(s) = self.slots.iter().find(|s| &s.entry.name == n) {
+            if let Some(s) = self.slots.position(n.as_bytes()).map(|i| &self.slots[i]) {
                 for m in s.mem.iter().chain(s.parked.iter()) {
                     self.stop_recording(m);
                 }

@@ -142,7 +142,7 @@ impl Slot {
 #[derive(Debug)]
 pub struct BitmapStore<S: Storage> {
     image: Image<S>,
-    slots: Vec<Slot>,
+    slots: slots::Slots,
     /// The trusted directory's `(offset, size)` on disk.
     dir: Option<(u64, u64)>,
     active: bool,
@@ -591,7 +591,7 @@ impl<S: Storage> BitmapStore<S> {
         }
         Ok(Self {
             image,
-            slots,
+            slots: slots.into(),
             dir,
             active: false,
             poisoned: false,
@@ -660,7 +660,7 @@ impl<S: Storage> BitmapStore<S> {
     fn with_new_image(image: Image<S>) -> Self {
         Self {
             image,
-            slots: Vec::new(),
+            slots: slots::Slots::default(),
             dir: None,
             active: false,
             poisoned: false,
@@ -744,12 +744,9 @@ impl<S: Storage> BitmapStore<S> {
     /// The slot of the bitmap named `name`, compared byte for byte.
     fn find(&self, name: impl AsRef<[u8]>) -> Result<usize> {
         let name = name.as_ref();
-        self.slots
-            .iter()
-            .position(|s| s.entry.name.as_bytes() == name)
-            .ok_or_else(|| Error::NotFound {
-                name: BitmapName::from(name),
-            })
+        self.slots.position(name).ok_or_else(|| Error::NotFound {
+            name: BitmapName::from(name),
+        })
     }
 
     fn find_consistent(&self, name: impl AsRef<[u8]>) -> Result<usize> {
@@ -1403,6 +1400,7 @@ mod live;
 pub mod mode;
 pub mod repair;
 mod resize;
+mod slots;
 #[cfg(test)]
 mod tests;
 pub mod triage;

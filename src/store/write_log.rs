@@ -28,11 +28,13 @@
 
 use super::durable_bits::DurableBits;
 use super::{BitmapStore, Logging, Preloaded};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::bitmap::{ChangedRegions, DirtyBitmap};
 use crate::error::Result;
 use crate::flush::{FlushStats, Taken};
+use crate::format::BitmapName;
 use crate::storage::Storage;
 
 pub use super::{LoggedBitmap, WriteLog};
@@ -68,10 +70,15 @@ impl<S: Storage> BitmapStore<S> {
         };
         if out.last {
             self.write_log = None;
+            // Each name's first position (a directory may hold 65,535 bitmaps).
+            let mut at: HashMap<BitmapName, usize> = HashMap::new();
+            for (i, b) in out.bitmaps.iter().enumerate() {
+                at.entry(b.name.clone()).or_insert(i);
+            }
             for s in self.slots.iter().filter(|s| !s.stale) {
                 let Some(m) = s.parked.as_ref() else { continue };
-                let i = match out.bitmaps.iter().position(|b| b.name == s.entry.name) {
-                    Some(i) => i,
+                let i = match at.get(&s.entry.name) {
+                    Some(&i) => i,
                     None => {
                         out.bitmaps.push(LoggedBitmap {
                             name: s.entry.name.clone(),
@@ -115,34 +122,42 @@ impl<S: Storage> BitmapStore<S> {
                 return Err(e);
             }
         };
+        // The slot holding each in-memory bitmap, and each logged (name, table), by the
+        // first match (a directory may hold 65,535 bitmaps).
+        let mut held: HashMap<*const DirtyBitmap, usize> = HashMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(m) = &s.mem {
+                held.entry(Arc::as_ptr(m)).or_insert(i);
+            }
+        }
+        let mut logged: HashMap<(BitmapName, u64), usize> = HashMap::new();
+        for (i, b) in log.bitmaps.iter().enumerate() {
+            logged.entry((b.name.clone(), b.table_offset)).or_insert(i);
+        }
         for ((bitmap, table_offset), regions) in targets.iter().zip(&taken) {
             if regions.is_empty() {
                 continue;
             }
-            let Some(slot) = self
-                .slots
-                .iter()
-                .find(|s| s.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, bitmap)))
-            else {
+            let Some(slot) = held.get(&Arc::as_ptr(bitmap)).map(|&i| &self.slots[i]) else {
                 log.whole = true;
                 continue;
             };
-            match log
-                .bitmaps
-                .iter_mut()
-                .find(|b| b.name == slot.entry.name && b.table_offset == *table_offset)
-            {
+            let key = (slot.entry.name.clone(), *table_offset);
+            match logged.get(&key).map(|&i| &mut log.bitmaps[i]) {
                 Some(b) if b.regions.region_count() == regions.region_count() => {
                     b.regions.union_with(regions);
                 }
                 Some(_) => log.whole = true,
-                None => log.bitmaps.push(LoggedBitmap {
-                    name: slot.entry.name.clone(),
-                    table_offset: *table_offset,
-                    region_size: bitmap.region_size(),
-                    regions: regions.clone(),
-                    dirty: None,
-                }),
+                None => {
+                    logged.insert(key, log.bitmaps.len());
+                    log.bitmaps.push(LoggedBitmap {
+                        name: slot.entry.name.clone(),
+                        table_offset: *table_offset,
+                        region_size: bitmap.region_size(),
+                        regions: regions.clone(),
+                        dirty: None,
+                    });
+                }
             }
         }
         Ok(stats)
@@ -219,12 +234,18 @@ impl Preloaded {
     }
 
     fn apply_regions<S: Storage>(&mut self, reader: &BitmapStore<S>, log: &WriteLog) -> Result<()> {
+        // Each name's first logged bitmap (a directory may hold 65,535 bitmaps).
+        let mut logged_as: HashMap<&BitmapName, &LoggedBitmap> = HashMap::new();
+        for b in &log.bitmaps {
+            logged_as.entry(&b.name).or_insert(b);
+        }
         for p in self.bitmaps.iter_mut().filter(|p| p.intact) {
-            let logged = log.bitmaps.iter().find(|b| b.name == p.name);
+            let logged = logged_as.get(&p.name).copied();
             let Some(entry) = reader
                 .slots
-                .iter()
-                .find(|s| !s.stale && s.entry.name == p.name)
+                .position(p.name.as_bytes())
+                .map(|i| &reader.slots[i])
+                .filter(|s| !s.stale)
                 .map(|s| &s.entry)
             else {
                 p.intact = false;
