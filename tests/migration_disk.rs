@@ -1953,6 +1953,9 @@ impl DestState for FailAtSeq {
         }
         self.inner.lock().unwrap().section(payload)
     }
+    fn switchover(&mut self, postcopy: bool) {
+        self.inner.lock().unwrap().switchover(postcopy);
+    }
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.inner.lock().unwrap().before_start()
     }
@@ -2218,6 +2221,9 @@ impl DestState for Liar {
         let answer = self.0.lock().unwrap().section(payload)?;
         Ok(answer.map(|_| bitmap_codec::encode_report(1 << 40)))
     }
+    fn switchover(&mut self, postcopy: bool) {
+        self.0.lock().unwrap().switchover(postcopy);
+    }
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.0.lock().unwrap().before_start()
     }
@@ -2372,6 +2378,9 @@ impl<S: dirty_bitmap::storage::Storage + 'static> DestState for GuestAfterStart<
             }
         }
         self.inner.lock().unwrap().section(payload)
+    }
+    fn switchover(&mut self, postcopy: bool) {
+        self.inner.lock().unwrap().switchover(postcopy);
     }
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.inner.lock().unwrap().before_start()?;

@@ -604,6 +604,11 @@ impl DestCore {
                 Frame::Section { state, payload },
             ) => self.section(state, &payload, reply),
             (Phase::Precopy, Frame::Switchover { postcopy }) => {
+                for &i in self.declared.values() {
+                    if let Some(s) = self.dest_states.get(i) {
+                        dest_state::lock(s).switchover(postcopy);
+                    }
+                }
                 if postcopy {
                     self.start(reply)?;
                     self.phase = Phase::Postcopy;

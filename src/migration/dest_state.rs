@@ -62,6 +62,14 @@ pub trait DestState: Send + std::fmt::Debug {
         )))
     }
 
+    /// The source switched over: the guest starts here once every section of the stop
+    /// arrived (`postcopy` false: at End) or at once, before the rest is pushed (`postcopy`
+    /// true). Called for every declared state before [`before_start`](Self::before_start);
+    /// a wrapper of a state must pass it on.
+    fn switchover(&mut self, postcopy: bool) {
+        let _ = postcopy;
+    }
+
     /// Everything of the attempt arrived (End, or the postcopy Switchover), and the
     /// destination is about to answer Started: take over (a disk state activates its
     /// image here, so it holds the bitmaps only once the source has handed them over).

@@ -911,6 +911,9 @@ pub struct StreamDiskDest<S: Storage> {
     /// removal when the take-over failed holds the image's own bitmap, untouched.
     installed: Vec<String>,
     started: bool,
+    /// The current attempt's switchover starts the guest before the stream ends
+    /// ([`DestState::switchover`]): only then may a COMPLETE promise regions after it.
+    postcopy: bool,
 }
 
 impl<S: Storage> std::fmt::Debug for StreamDiskDest<S> {
@@ -983,6 +986,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             started_now: BTreeSet::new(),
             sections: 0,
             resumed: false,
+            postcopy: false,
             kept: None,
             store: None,
             installed: Vec::new(),
@@ -1369,7 +1373,12 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.store = None;
         self.installed.clear();
         self.started = false;
+        self.postcopy = false;
         Ok(())
+    }
+
+    fn switchover(&mut self, postcopy: bool) {
+        self.postcopy = postcopy;
     }
 
     /// Applies one section whole, or refuses it changing nothing. Numbers must rise within
@@ -1433,6 +1442,17 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     fn before_start(&mut self) -> Result<()> {
         if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| !inc.complete) {
             return Err(bad(format!("bitmap {i} never completed")));
+        }
+        // Regions promised after the start can only come in postcopy: after a precopy
+        // switchover the stream has ended, and such a bitmap lacks what its source still
+        // held.
+        if !self.postcopy {
+            if let Some((i, _)) = self.current.incoming.iter().find(|(_, inc)| inc.more) {
+                return Err(bad(format!(
+                    "bitmap {i} completed with regions to follow, but the switchover was \
+                     not postcopy"
+                )));
+            }
         }
         let mut st = (self.open)()?;
         let plan = self.plan(&st)?;
@@ -2135,6 +2155,8 @@ mod tests {
             .unwrap();
         d.section(&bitmap_codec::encode_complete(1, 6, c_more))
             .unwrap();
+        // Regions may follow the start in postcopy alone.
+        d.switchover(c_more);
     }
 
     fn dest_on<T: Storage + 'static>(storage: &Arc<T>) -> StreamDiskDest<Arc<T>> {
@@ -2147,6 +2169,27 @@ mod tests {
     /// The image `bytes` opened read-only.
     fn reopen(bytes: Vec<u8>) -> BitmapStore<MemStorage> {
         BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap()
+    }
+
+    /// Found by a review: a COMPLETE that promises regions after the start, followed by a
+    /// precopy switchover and End, was taken over as it stood: nothing can follow End, so
+    /// the bitmap was trusted (written consistent at the next stop) without the regions its
+    /// source still held. Refused, writing nothing; the same stream in postcopy starts.
+    #[test]
+    fn regions_promised_after_a_precopy_switchover_are_refused() {
+        let before = image_with_b(true, Recording::Enabled);
+        let img = Arc::new(MemStorage::from_bytes(before.clone()));
+        let mut d = dest_on(&img);
+        b_and_c(&mut d, true);
+        d.switchover(false);
+        let e = d.before_start().unwrap_err();
+        assert!(e.to_string().contains("not postcopy"), "{e}");
+        assert!(img.to_vec() == before, "the refusal wrote to the image");
+        d.failed();
+        let img = Arc::new(MemStorage::from_bytes(before));
+        let mut d = dest_on(&img);
+        b_and_c(&mut d, true);
+        d.before_start().unwrap();
     }
 
     /// A START that names a bitmap the attempt already holds under another index is refused:
@@ -2343,12 +2386,14 @@ mod tests {
         d.section(&region_of(0, 0, 2048, 512, 2)).unwrap();
         d.section(&bitmap_codec::encode_complete(0, 3, true))
             .unwrap();
+        d.switchover(true);
         // "d": regions of its own size (the store holds a copy), not recording.
         d.section(&start_named(1, 4, "d", false, DISK, 512))
             .unwrap();
         d.section(&full_region(1, 1, 5)).unwrap();
         d.section(&bitmap_codec::encode_complete(1, 6, true))
             .unwrap();
+        d.switchover(true);
         // "e": complete at the switch.
         d.section(&start_named(2, 7, "e", true, DISK, 512)).unwrap();
         d.section(&full_region(2, 3, 8)).unwrap();
@@ -2716,6 +2761,7 @@ mod tests {
             .unwrap();
         d.section(&bitmap_codec::encode_complete(0, 2, true))
             .unwrap();
+        d.switchover(true);
         d.before_start().unwrap();
         d.section(&full_region(0, 2, 3)).unwrap();
         let live = d.store().unwrap().bitmap("d").unwrap();
@@ -2738,6 +2784,7 @@ mod tests {
         d.section(&start_named(0, 1, "d", true, DISK, 512)).unwrap();
         d.section(&bitmap_codec::encode_complete(0, 2, true))
             .unwrap();
+        d.switchover(true);
         d.before_start().unwrap();
         let st = d.take_store().unwrap();
         let live = st.bitmap("d").unwrap();
@@ -3090,6 +3137,7 @@ mod tests {
         d.section(&start_of(0, 1)).unwrap();
         d.section(&bitmap_codec::encode_complete(0, 2, true))
             .unwrap();
+        d.switchover(true);
         d.before_start().unwrap();
         let again = d.section(&bitmap_codec::encode_complete(0, 3, false));
         // The push breaks off: the regions still to come never arrive.
@@ -3134,6 +3182,7 @@ mod tests {
             assert!(d.resumed());
             d.section(&bitmap_codec::encode_complete(0, 3, true))
                 .unwrap();
+            d.switchover(true);
             d
         };
         let mut d = resumed();

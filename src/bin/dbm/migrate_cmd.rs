@@ -404,6 +404,10 @@ impl DestState for ListenDisk {
         self.inner.section(payload)
     }
 
+    fn switchover(&mut self, postcopy: bool) {
+        self.inner.switchover(postcopy);
+    }
+
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         self.inner.before_start()?;
         self.activated = true;

@@ -189,6 +189,9 @@ impl<D: DestState> DestState for TimedDest<D> {
     fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
         self.inner().section(payload)
     }
+    fn switchover(&mut self, postcopy: bool) {
+        self.inner().switchover(postcopy);
+    }
     fn before_start(&mut self) -> dirty_bitmap::migration::Result<()> {
         let t = Instant::now();
         let r = self.inner().before_start();
