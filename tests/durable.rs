@@ -1684,3 +1684,117 @@ fn a_resumed_source_reads_the_device_after_a_destinations_failed_barrier() {
         "acknowledged by the resumed source, and a power loss leaves \"a\" without it"
     );
 }
+
+/// Found by a review: an activation that unwinds in a read (which poisons nothing) left the
+/// store's writer locks marked held although the check that the image is still as this
+/// handle left it never finished. A handed-over store's fail-back that panicked in its
+/// first reads, after a destination set `in_use`, marked a write, and died, then took a
+/// checkpoint from its own stale directory ("a" written consistent without the mark, "c"
+/// new and empty), and `changed_since("a")` returned its parked copy as it stood. Every
+/// read of the activation in turn: after the panic, the checkpoint and the query are
+/// refused, or the image holds the mark for "a".
+#[test]
+fn an_activation_that_panicked_in_a_read_leaves_no_check_skipped() {
+    for deferred in [true, false] {
+        for k in 1.. {
+            let storage = Arc::new(Hooked::new(MemStorage::new()));
+            let mut a = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+            a.add("a", G, Recording::Enabled).unwrap();
+            if deferred {
+                a.activate().unwrap();
+                a.tracker().unwrap().mark(9 * G, 4096);
+            } else {
+                a.activate_durable().unwrap();
+            }
+            a.inactivate().unwrap();
+            // The destination: takes the image, marks a write in memory, and dies.
+            let mut b = BitmapStore::open(Arc::clone(&storage), OpenMode::ReadWrite).unwrap();
+            b.activate().unwrap();
+            b.tracker().unwrap().mark(5 * G, 4096);
+            drop(b);
+            let shared = SharedStore::new(a);
+            let mut n = 0;
+            storage.set_reads(move |_| {
+                n += 1;
+                if n == k {
+                    panic!("the storage panicked in read {k}");
+                }
+            });
+            let activation = {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let mut s = shared.lock();
+                    if deferred {
+                        s.activate()
+                    } else {
+                        s.activate_durable()
+                    }
+                })
+                .join()
+            };
+            storage.unset_reads();
+            if let Ok(r) = activation {
+                // Fewer than k reads: every read has had its turn. The activation itself
+                // refuses the image another writer changed.
+                assert!(r.is_err(), "the fail-back took back a foreign in_use");
+                assert!(k > 1, "the activation read nothing");
+                break;
+            }
+            let at = format!("deferred {deferred}, read {k}");
+            let since = shared.lock().changed_since("a");
+            if let Ok(bm) = &since {
+                assert!(
+                    bm.is_dirty(5 * G),
+                    "{at}: changed_since(a) without the mark"
+                );
+            }
+            let r = shared.lock().checkpoint("c");
+            let s = open_bytes(storage.inner.to_vec());
+            let info = s.list().into_iter().find(|i| i.name == "a").unwrap();
+            assert!(
+                info.in_use || s.load("a").unwrap().is_dirty(5 * G),
+                "{at}: the checkpoint after the panicked activation ({r:?}) left a consistent \
+                 without the destination's mark"
+            );
+        }
+    }
+}
+
+/// Found by a review: a durable activation that unwound in a read after it loaded the
+/// bitmaps (reading a table, or cluster 0 for the mode) left them in the slots of a store
+/// that was not active, and not poisoned: a `store` then ORed its bits into that memory
+/// alone and returned Ok, writing nothing. Every read of the activation in turn: after the
+/// panic, a `store` is refused or the image holds its bits.
+#[test]
+fn a_durable_activation_that_panicked_in_a_read_leaves_no_store_to_memory_alone() {
+    for k in 1.. {
+        let storage = Arc::new(Hooked::new(MemStorage::new()));
+        let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+        s.add("a", G, Recording::Disabled).unwrap();
+        let shared = SharedStore::new(s);
+        let mut n = 0;
+        storage.set_reads(move |_| {
+            n += 1;
+            if n == k {
+                panic!("the storage panicked in read {k}");
+            }
+        });
+        let activation = {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.lock().activate_durable()).join()
+        };
+        storage.unset_reads();
+        if let Ok(r) = activation {
+            r.unwrap();
+            assert!(k > 2, "the activation read {} times", k - 1);
+            break;
+        }
+        let bits = dirty_bitmap::DirtyBitmap::new(DISK, G).unwrap();
+        bits.mark_dirty(3 * G, 4096);
+        let r = shared.lock().store("a", &bits);
+        assert!(
+            r.is_err() || on_disk(storage.inner.to_vec(), 3 * G),
+            "read {k}: the store after the panicked activation returned Ok and wrote nothing"
+        );
+    }
+}

@@ -121,21 +121,21 @@ impl<S: Storage> BitmapStore<S> {
         // While another process (a migration destination) holds the image writable, this
         // fails and nothing is read or written.
         let before = self.take_writer_locks()?;
-        let r = self
-            .ensure_resumable(before, accept)
-            .and_then(|in_use_set| {
-                self.resume_durable_parked()?;
-                self.activate_durable_locked(&mut pre, in_use_set)
-            });
-        if r.is_err() {
-            for s in &mut self.slots {
-                s.mem = None;
-            }
-            self.active = false;
-            self.durable = None;
-            self.restore_writer_locks(before);
-        }
-        r
+        self.activation_body(
+            before,
+            |s| {
+                let in_use_set = s.ensure_resumable(before, accept)?;
+                s.resume_durable_parked()?;
+                s.activate_durable_locked(&mut pre, in_use_set)
+            },
+            |s| {
+                for slot in &mut s.slots {
+                    slot.mem = None;
+                }
+                s.active = false;
+                s.durable = None;
+            },
+        )
     }
 
     /// Bitmaps parked by a durable inactivation are dropped, and the activation loads the

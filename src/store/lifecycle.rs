@@ -78,12 +78,44 @@ impl<S: Storage> BitmapStore<S> {
         // (the destination) holds the image writable, this fails and nothing is read or
         // written.
         let before = self.take_writer_locks()?;
-        let r = self
-            .ensure_resumable(before, accept)
-            .and_then(|_| self.activate_locked(&mut pre));
+        // Still inactive after a failure: hold what the store held before.
+        self.activation_body(
+            before,
+            |s| {
+                s.ensure_resumable(before, accept)
+                    .and_then(|_| s.activate_locked(&mut pre))
+            },
+            |_| {},
+        )
+    }
+
+    /// Runs an activation's `body` after [`take_writer_locks`](Self::take_writer_locks)
+    /// returned `before`. If it fails, `undo` runs and the locks go back to `before`. If it
+    /// unwinds (a [`Storage`] read that panicked: reads are not guarded as writes are, so
+    /// nothing poisoned the image), the same happens and the store is poisoned, before the
+    /// panic goes on. Otherwise a caller that survived the panic would hold a store whose
+    /// locks say held (every later edit then skipping the check that the image is still as
+    /// this handle left it, and every read taking its parked copies for the image's
+    /// bitmaps) and whose slots may hold bitmaps of an activation that never happened.
+    pub(super) fn activation_body(
+        &mut self,
+        before: WriterLocks,
+        body: impl FnOnce(&mut Self) -> Result<()>,
+        undo: impl FnOnce(&mut Self),
+    ) -> Result<()> {
+        let mut unwound = None;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(self)))
+            .unwrap_or_else(|panic| {
+                unwound = Some(panic);
+                Err(Error::Poisoned)
+            });
         if r.is_err() {
-            // Still inactive: hold what the store held before.
+            undo(self);
             self.restore_writer_locks(before);
+        }
+        if let Some(panic) = unwound {
+            self.poisoned = true;
+            std::panic::resume_unwind(panic);
         }
         r
     }
