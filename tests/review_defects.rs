@@ -1201,3 +1201,39 @@ fn a_resize_past_the_memory_limit_is_refused_before_it_writes() {
     s.resize(2 << 30).unwrap();
     assert_eq!(s.disk_size(), 2 << 30);
 }
+
+/// Found by a review: an add on an active store holds the new bitmap in memory beside the
+/// others with no check of their sum, and the next activation refuses the image once that
+/// sum passes its limit: a failed migration's source (inactivated, its bitmaps parked)
+/// could no longer take its bitmaps back, one step after the add that caused it. The add
+/// that would pass the limit is refused, writing nothing; the activations after it go on.
+/// (Bitmaps of 512 MiB on a 4 TiB disk at 1 KiB: their words stay unmapped while clean.)
+#[test]
+fn an_add_past_the_activations_memory_limit_is_refused_while_the_bitmaps_are_held() {
+    let mut s = BitmapStore::create(MemStorage::new(), 4 << 40, 65536).unwrap();
+    s.activate().unwrap();
+    let per = (4u64 << 40) / 1024 / 8;
+    let fit = dirty_bitmap::store::ACTIVE_MEMORY_LIMIT / per;
+    for i in 0..fit {
+        s.add(&format!("b{i}"), 1024, Recording::Enabled).unwrap();
+    }
+    let before = s.image().storage().to_vec();
+    let err = s.add("over", 1024, Recording::Enabled).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported(m) if m.contains("more than the limit")),
+        "{err:?}"
+    );
+    assert!(
+        s.image().storage().to_vec() == before,
+        "a refused add wrote"
+    );
+    // Parked by the inactivation: the same refusal, and the activation takes them back.
+    s.inactivate().unwrap();
+    assert!(matches!(
+        s.add("over", 1024, Recording::Enabled),
+        Err(Error::Unsupported(_))
+    ));
+    s.activate().unwrap();
+    assert_eq!(s.list().len() as u64, fit);
+    drop(s.close().unwrap());
+}

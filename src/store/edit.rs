@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{ceil_clusters, BitmapStore, Recording};
+use super::{ceil_clusters, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{invalid_input, Error, Result, StateProblem};
 use crate::flush::{self, FlushStats};
@@ -31,7 +31,9 @@ impl<S: Storage> BitmapStore<S> {
     /// NUL, a bad granularity, a 0-byte disk, a bitmap above 512 MiB, the 65535-bitmap or
     /// the directory size limit; [`Error::Exists`] for a name that is taken (as QEMU reads
     /// names, up to a NUL: beside a foreign `a\0x`, `a` is taken);
-    /// [`Error::Unsupported`] on a v2 image; [`Error::ReadOnly`]; I/O.
+    /// [`Error::Unsupported`] on a v2 image, and while the bitmaps are held in memory
+    /// (active, or parked by an inactivation) when this one beside them would pass
+    /// [`ACTIVE_MEMORY_LIMIT`]; [`Error::ReadOnly`]; I/O.
     pub fn add(&mut self, name: &str, granularity: u64, recording: Recording) -> Result<()> {
         self.add_disabling(name, granularity, recording, None)
     }
@@ -190,6 +192,21 @@ impl<S: Storage> BitmapStore<S> {
             ));
         }
         self.ensure_header_fits(u32::try_from(live.len() + 1).unwrap_or(u32::MAX))?;
+        // While the bitmaps are held in memory (active, or parked by an inactivation), a
+        // new one is held beside them, and the next activation holds them all: past the
+        // activation's limit that activation would refuse the image (a failed migration's
+        // source could not take its bitmaps back), one step after the add that caused it.
+        if self.active || self.slots.iter().any(|s| s.parked.is_some()) {
+            let held = self.memory_needed(self.slots.iter().filter(|s| !s.inconsistent));
+            let new = disk.div_ceil(granularity).div_ceil(8);
+            let needed = held.saturating_add(new);
+            if needed > ACTIVE_MEMORY_LIMIT {
+                return Err(Error::Unsupported(format!(
+                    "adding {name:?} would hold {needed} bytes of bitmaps in memory, more \
+                     than the limit of {ACTIVE_MEMORY_LIMIT} an activation holds"
+                )));
+            }
+        }
         Ok(entry)
     }
 
