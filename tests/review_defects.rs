@@ -1237,3 +1237,32 @@ fn an_add_past_the_activations_memory_limit_is_refused_while_the_bitmaps_are_hel
     assert_eq!(s.list().len() as u64, fit);
     drop(s.close().unwrap());
 }
+
+/// Found by a review: a raw data file's identity map names each guest cluster's own
+/// offset, and an L2 entry holds offsets below 2^56; above that the entries set reserved
+/// bits (`qemu-img check`: "L2 entry with reserved bits set"). A disk past 2^56 is refused
+/// before anything is written or sized (before, the create sized the file for its 512 GiB
+/// of L2 tables and wrote them: with every write failing here, an I/O error).
+#[test]
+fn a_raw_data_file_disk_past_2_to_the_56_is_refused_before_anything_is_written() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
+    let max = dirty_bitmap::image::MAX_RAW_DATA_FILE_DISK;
+    for size in [max + (2 << 20), 1 << 57] {
+        let st = FaultStorage::new(
+            MemStorage::new(),
+            FaultPlan::new()
+                .fail_write(Trigger::From(1), Landed::Nothing)
+                .fail_grow(Trigger::From(1)),
+        );
+        let err = Image::create_with_data_file(&st, size, 2 << 20, "raw.img").unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains("2^56")),
+            "{size}: {err:?}"
+        );
+        assert_eq!(
+            (st.writes(), st.set_lens()),
+            (0, 0),
+            "{size}: written first"
+        );
+    }
+}

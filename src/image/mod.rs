@@ -42,6 +42,10 @@ const MAX_CLUSTER_SIZE: u64 = 1 << MAX_CLUSTER_BITS;
 /// What [`Image::open`] reads first: cluster 0 at the default cluster size.
 const FIRST_READ: u64 = 65536;
 
+/// The largest disk [`Image::create_with_data_file`] maps: 2^56 bytes, where the offsets
+/// its L2 entries name (the guest's own, in the raw file) end.
+pub const MAX_RAW_DATA_FILE_DISK: u64 = 1 << 56;
+
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Image<S: Storage> {
@@ -301,7 +305,8 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// As [`create_bitmap_only`](Self::create_bitmap_only); [`Error::InvalidInput`] for an
-    /// empty `data_file` name, one with a NUL byte, or one too long for cluster 0.
+    /// empty `data_file` name, one with a NUL byte, or one too long for cluster 0, and for a
+    /// disk above [`MAX_RAW_DATA_FILE_DISK`], before anything is written.
     pub fn create_with_data_file(
         storage: S,
         disk_size: u64,
@@ -311,6 +316,15 @@ impl<S: Storage> Image<S> {
         if data_file.is_empty() || data_file.contains('\0') {
             return Err(invalid_input!(
                 "the data file name {data_file:?} is empty or holds a NUL byte"
+            ));
+        }
+        // Each guest cluster's L2 entry names its own offset in the raw file, and an L2
+        // entry holds offsets below 2^56 (bits 9 to 55; QEMU's `L2E_OFFSET_MASK`): past
+        // that the entries would set reserved bits, which `qemu-img check` flags.
+        if disk_size > MAX_RAW_DATA_FILE_DISK {
+            return Err(invalid_input!(
+                "a disk of {disk_size} bytes in a raw data file maps guest offsets at or \
+                 above 2^56, which an L2 entry cannot hold"
             ));
         }
         Self::create_inner(storage, disk_size, cluster_size, Some(data_file))
