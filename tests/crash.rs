@@ -3,7 +3,8 @@
 //! One run on a `CrashStorage` of: create, add ×3, activate, flushes with concurrent marks,
 //! inactivate, marks while inactive, activate, flush, inactivate, activate, remove,
 //! inactivate, merge, clear, store, reopen, resize (grow), resize (shrink), merge from another
-//! image, activate, flush, inactivate. Then the image a crash after every op would leave,
+//! image, activate, flush, inactivate, then twice activate, flush, and the relocating
+//! `inactivate_full_rewrite`. Then the image a crash after every op would leave,
 //! with the unsynced tail dropped, kept, or torn at 512-byte sectors (two seeds,
 //! `DBM_CRASH_TEARS=N` for N), for 512 B,
 //! 4 KiB and 64 KiB clusters. Every image must:
@@ -75,6 +76,8 @@ enum Kind {
     Clear,
     Store,
     Resize,
+    /// `inactivate_full_rewrite`: QEMU's relocating store at the stop.
+    FullRewrite,
 }
 
 /// Which writes open an operation's leak window. A crash after such a write was issued and
@@ -114,6 +117,7 @@ const LEAK_WINDOWS: &[(Kind, Opens)] = &[
     (Kind::Clear, Opens::RefcountWrite),
     (Kind::Store, Opens::RefcountWrite),
     (Kind::Resize, Opens::RefcountOrHeaderWrite),
+    (Kind::FullRewrite, Opens::RefcountOrHeaderWrite),
 ];
 
 /// The operations that commit through one cluster-0 write (copy-on-write).
@@ -360,8 +364,30 @@ fn run_workload(cs: u64, seed: u64) -> Run {
     cps.push(Checkpoint {
         at: started,
         size: SHRUNK,
-        required: req,
+        required: req.clone(),
     });
+
+    // QEMU's relocating stop, twice: new tables and a new directory, the old ones freed.
+    for _ in 0..2 {
+        op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
+        let t = s.tracker().unwrap();
+        let mut late = Vec::new();
+        mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
+        op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
+        mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
+        let started = c.op_count();
+        op(c, &mut spans, Kind::FullRewrite, || {
+            s.inactivate_full_rewrite().unwrap();
+        });
+        if let Some(Req::Superset(a)) = req.get_mut("a") {
+            a.extend(late);
+        }
+        cps.push(Checkpoint {
+            at: started,
+            size: SHRUNK,
+            required: req.clone(),
+        });
+    }
     drop(s);
     // Spans tile the log: every op belongs to exactly one operation.
     for w in spans.windows(2) {
@@ -791,6 +817,7 @@ fn no_crash_point_is_corrupt_leaky_or_falsely_clean() {
         Kind::Clear,
         Kind::Store,
         Kind::Resize,
+        Kind::FullRewrite,
     ] {
         assert!(
             leaks_by_kind.get(&kind).is_some_and(|&n| n > 0),
