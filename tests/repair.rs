@@ -1279,3 +1279,55 @@ fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
         assert!(storage.to_vec() == hostile, "the refused repair wrote");
     }
 }
+
+/// Found by a review: a QEMU that crashed deleting a snapshot (the table written without it,
+/// the refcounts not lowered yet) leaves every cluster the snapshot shared at refcount 2,
+/// with one reference from the active tables, whose COPIED flags are clear. `-r leaks` and
+/// `-r all` lowered them to 1 and left the flags clear, which `qemu-img check` calls
+/// corrupt ("ERROR OFLAG_COPIED"): a leaks-only image made corrupt, every later write of
+/// ours refused by the preflight. They stay at 2 (leaks kept: QEMU's repair sets the flag,
+/// which writes guest metadata ours leaves alone); the image is no worse than leaky, for
+/// QEMU and for us, and writable.
+#[test]
+fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sn.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
+    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
+    ok("qemu-img", &["bitmap", "--add", i, "q1"]);
+    ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    let mut b = std::fs::read(&img).unwrap();
+    // The snapshot table forgotten: nb_snapshots and snapshots_offset zeroed.
+    b[60..72].fill(0);
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(3));
+    for mode in ["leaks", "all"] {
+        let copy = dir.path().join(format!("{mode}.qcow2"));
+        std::fs::write(&copy, &b).unwrap();
+        let c = p(&copy);
+        let out = dbm(&["check", "-r", mode, c]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(2), "-r {mode}: {err}");
+        assert!(
+            err.contains("Kept 17 leaked clusters at refcount 2"),
+            "-r {mode}: {err}"
+        );
+        let q = run("qemu-img", &["check", c]);
+        assert_eq!(
+            q.status.code(),
+            Some(3),
+            "-r {mode}: {}",
+            String::from_utf8_lossy(&q.stdout)
+        );
+        // Still writable by us, and the guest data is as it was.
+        let out = dbm(&["bitmap", "--add", c, "x"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "-r {mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ok("qemu-io", &["-c", "read -P 7 0 1M", c]);
+    }
+}

@@ -954,6 +954,66 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     ))
 }
 
+/// Which of `clusters` (cluster indices, sorted) the active L1 table, or one of its L2
+/// tables, names without the COPIED flag (bit 63), as a sorted list: QEMU's
+/// `check_oflag_copied` calls such an entry corrupt once the cluster's refcount is 1, so a
+/// repair must not lower it to 1 (QEMU's repair sets the flag then; ours writes no guest
+/// metadata). Entries [`oflag_copied`] skips are skipped here too: compressed ones, and
+/// data clusters of an image whose guest data is in an external file (they count as 1
+/// whatever the refcount). Reads each distinct L2 table once; a table that does not read
+/// names nothing here (the walk reported it).
+pub(crate) fn named_without_copied<S: Storage + ?Sized>(
+    storage: &S,
+    area: &HeaderArea,
+    clusters: &[u64],
+) -> Result<Vec<u64>> {
+    let h = &area.header;
+    let cb = h.cluster_bits;
+    let cs = h.cluster_size();
+    let mut hits = Vec::new();
+    if clusters.is_empty() {
+        return Ok(hits);
+    }
+    let wanted = |c: u64| clusters.binary_search(&c).is_ok();
+    let data_file = h.has_data_file();
+    let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
+    let stride = if extl2 { 16 } else { 8 };
+    let l1_len = u64::from(h.l1_size).saturating_mul(8);
+    let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
+        return Ok(hits);
+    };
+    let mut tables = std::collections::BTreeSet::new();
+    for l1e in l1.chunks_exact(8).map(BigEndian::read_u64) {
+        let l2_off = l1e & L2_OFFSET_MASK;
+        if l2_off == 0 || l2_off & (cs - 1) != 0 {
+            continue;
+        }
+        if l1e & L2_COPIED == 0 && wanted(l2_off >> cb) {
+            hits.push(l2_off >> cb);
+        }
+        tables.insert(l2_off);
+    }
+    if !data_file {
+        for l2_off in tables {
+            let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
+                continue;
+            };
+            for e in l2.chunks_exact(stride).map(BigEndian::read_u64) {
+                let data = e & L2_OFFSET_MASK;
+                if e & L2_COMPRESSED != 0 || data == 0 || data & (cs - 1) != 0 {
+                    continue;
+                }
+                if e & L2_COPIED == 0 && wanted(data >> cb) {
+                    hits.push(data >> cb);
+                }
+            }
+        }
+    }
+    hits.sort_unstable();
+    hits.dedup();
+    Ok(hits)
+}
+
 /// QEMU's `check_oflag_copied` and the compressed-cluster rule of `check_refcounts_l2`:
 /// in the active L1 table and its L2 tables, bit 63 (COPIED) is set exactly where the
 /// cluster's refcount on disk is 1 (with an external data file a data cluster counts as

@@ -470,6 +470,12 @@ impl<S: Storage> Image<S> {
 
     /// [`check`](Self::check), also returning how often the metadata references each
     /// cluster: the one walk that decides what the store may free or write in place.
+    /// Which of `clusters` (sorted cluster indices) the active L1 or L2 tables name without
+    /// the COPIED flag ([`check::named_without_copied`]).
+    pub(crate) fn named_without_copied(&self, clusters: &[u64]) -> Result<Vec<u64>> {
+        check::named_without_copied(&self.storage, &self.area, clusters)
+    }
+
     pub(crate) fn references(&self) -> Result<(CheckReport, check::References)> {
         check::check_references(&self.storage, &self.area)
     }

@@ -77,6 +77,11 @@ pub struct RepairReport {
     /// or a kept bitmap owns them at refcount 1 (their one reference, which the walk does
     /// not see while a broken entry keeps the directory from decoding as a whole).
     pub leaks_kept: u64,
+    /// Leaked clusters lowered only to refcount 2 (or left there): their one reference is
+    /// an entry of the active L1 or L2 tables without the COPIED flag, which `qemu-img
+    /// check` calls corrupt at refcount 1. `qemu-img check -r leaks` sets the flag and
+    /// frees them; this repair writes no guest metadata.
+    pub leaks_uncopied: u64,
     /// Clusters a kept bitmap or the directory owns whose refcount was 0, raised to their
     /// one reference ([`Repair::All`] only).
     pub refcounts_raised: u64,
@@ -543,6 +548,12 @@ enum Protect {
 /// bitmaps'): each has exactly one reference, which the walk does not see when a broken
 /// entry makes the directory undecodable as a whole. Flushes the refcounts when they
 /// changed here or before (`report.refcounts_raised`).
+///
+/// Never to 1 for a cluster whose one reference is an active L1 or L2 entry without the
+/// COPIED flag (a snapshot deleted by a QEMU that crashed before it set the flag again):
+/// `qemu-img check` calls that entry corrupt at refcount 1, and QEMU's repair sets the
+/// flag then, which writes guest metadata this repair leaves alone. It goes down to 2
+/// (`leaks_uncopied`).
 fn fix_leaks<S: Storage>(
     mut image: Image<S>,
     protect: &Protect,
@@ -552,6 +563,8 @@ fn fix_leaks<S: Storage>(
     let (_, refs) = image.references()?;
     let cs = image.cluster_size();
     let mut changed = report.refcounts_raised > 0;
+    // (cluster, refcount on disk, refcount to lower it to), for every leak not protected.
+    let mut lower = Vec::new();
     for c in 0..refs.clusters() {
         let off = c.saturating_mul(cs);
         let rc = image.refcount(off)?;
@@ -569,8 +582,26 @@ fn fix_leaks<S: Storage>(
             report.leaks_kept = report.leaks_kept.saturating_add(1);
             continue;
         }
+        lower.push((c, rc, to));
+    }
+    let to_one: Vec<u64> = lower
+        .iter()
+        .filter(|&&(_, _, to)| to == 1)
+        .map(|&(c, _, _)| c)
+        .collect();
+    let uncopied = image.named_without_copied(&to_one)?;
+    for (c, rc, mut to) in lower {
+        let off = c.saturating_mul(cs);
+        if to == 1 && uncopied.binary_search(&c).is_ok() {
+            report.leaks_uncopied = report.leaks_uncopied.saturating_add(1);
+            if rc <= 2 {
+                continue;
+            }
+            to = 2;
+        } else {
+            report.leaks_freed = report.leaks_freed.saturating_add(1);
+        }
         image.lower_refcount(off, to)?;
-        report.leaks_freed = report.leaks_freed.saturating_add(1);
         changed = true;
     }
     if changed {

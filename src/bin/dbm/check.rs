@@ -137,6 +137,15 @@ pub fn repaired_text(r: &RepairReport) -> String {
             r.leaks_kept
         );
     }
+    if r.leaks_uncopied > 0 {
+        let _ = writeln!(
+            s,
+            "Kept {} leaked clusters at refcount 2: the guest tables name each without the \
+             COPIED flag, which refcount 1 needs (qemu-img check -r leaks sets the flags; \
+             dbm writes no guest metadata)",
+            r.leaks_uncopied
+        );
+    }
     if s.is_empty() {
         s.push_str("Nothing to repair\n");
     }
