@@ -107,6 +107,22 @@ pub enum Error {
         /// The bitmap's name, byte for byte.
         name: BitmapName,
     },
+    /// The bitmap's bits are still arriving: a migration destination's bitmap while the
+    /// source's postcopy push runs (QEMU keeps such a bitmap busy until its migration
+    /// completes). Until the migration ends the store refuses what would take it as
+    /// complete or leave its late bits nowhere: a copy of it ([`load`](crate::BitmapStore::load),
+    /// [`changed_since`](crate::BitmapStore::changed_since), a
+    /// [`merge`](crate::BitmapStore::merge) from it), its removal, a change of its
+    /// recording flag (a checkpoint's too), and a stop that would write it consistent.
+    /// Nothing was changed.
+    #[error(
+        "bitmap {name:?} is still arriving from a migration's source; wait until the \
+         migration ends"
+    )]
+    Arriving {
+        /// The bitmap's name, byte for byte.
+        name: BitmapName,
+    },
     /// A change was asked of an image opened read-only.
     #[error("the image is open read-only")]
     ReadOnly,

@@ -2394,6 +2394,9 @@ impl<S: dirty_bitmap::storage::Storage + 'static> DestState for GuestAfterStart<
     fn failed_after_start(&mut self) {
         self.inner.lock().unwrap().failed_after_start();
     }
+    fn push_ended(&mut self) {
+        self.inner.lock().unwrap().push_ended();
+    }
 }
 
 /// A 64-page guest dirtying 0.2 pages per ms over a 2,000 B/ms link under the virtual

@@ -22,6 +22,7 @@ mod consumer_maps;
 mod consumers;
 mod count;
 mod geometry;
+mod hold;
 mod iter;
 mod summary;
 mod words;
@@ -36,6 +37,7 @@ pub use geometry::{
     DEFAULT_REGION_SIZE, MAX_BITS, MAX_GRANULARITY, MAX_REGION_SIZE, MIN_GRANULARITY,
     MIN_REGION_SIZE,
 };
+pub(crate) use hold::IncompleteHold;
 pub use iter::DirtyExtents;
 
 use crate::error::{invalid_input, Result};
@@ -77,6 +79,8 @@ pub struct DirtyBitmap {
     /// [`ENABLED`], [`SEALED`] and [`FENCED`]: one load tells a mark whether it may take
     /// the short path ([`mark_word`](Self::mark_word)).
     state: AtomicU8,
+    /// Holds of [`hold_incomplete`](Self::hold_incomplete) not released yet (`hold.rs`).
+    incomplete: AtomicU64,
 }
 
 /// `state` bit: marks are recorded ([`set_enabled`](DirtyBitmap::set_enabled)).
@@ -155,6 +159,7 @@ impl DirtyBitmap {
             consumers: ConsumerMaps::new(),
             slots: ThreadSlots::new(),
             state: AtomicU8::new(ENABLED | fenced),
+            incomplete: AtomicU64::new(0),
             geo,
         }
     }

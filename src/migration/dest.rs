@@ -629,6 +629,12 @@ impl DestCore {
                 }
                 if self.phase == Phase::Stopped {
                     self.start(reply)?;
+                } else {
+                    for &i in self.declared.values() {
+                        if let Some(s) = self.dest_states.get(i) {
+                            dest_state::lock(s).push_ended();
+                        }
+                    }
                 }
                 self.phase = Phase::Done;
                 Ok(DestEvent::End)

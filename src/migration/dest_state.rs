@@ -86,6 +86,11 @@ pub trait DestState: Send + std::fmt::Debug {
     /// its state back as it left it.
     fn failed(&mut self) {}
 
+    /// The stream's End arrived after the guest started here (postcopy): everything the
+    /// source pushed after the start arrived. Not called after a precopy start (the stream
+    /// ended before it). A wrapper of a state must pass it on.
+    fn push_ended(&mut self) {}
+
     /// The stream failed after the guest started here (postcopy) and before its End: what
     /// the source still had to push will not come. The guest runs on here (the source
     /// stays stopped), so a state that expected more must make what it holds read as

@@ -51,7 +51,7 @@ use super::dest_state::{Binding, DestState};
 use super::error::{MigrationError, ProtocolError, Result};
 use super::frame::{StateId, MAX_FRAME_LEN};
 use super::state::{MigrationState, Pending};
-use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap};
+use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap, IncompleteHold};
 use crate::storage::Storage;
 use crate::store::{BitmapState, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
 use crate::units::Bytes;
@@ -874,6 +874,11 @@ struct Incoming {
     /// The bitmap the store holds for it, from the start on: late regions and the all-dirty
     /// mark go there, also once the caller took the store ([`StreamDiskDest::take_store`]).
     live: Option<Arc<DirtyBitmap>>,
+    /// From a postcopy start until the push ends: `live` is incomplete, and the store holding
+    /// it refuses to copy, remove, disable or stop it meanwhile ([`crate::Error::Arriving`]).
+    /// Dropped without completing (the push broke off, or this destination went away), it
+    /// fills `live`.
+    hold: Option<IncompleteHold>,
 }
 
 /// The bitmaps of one migration as this destination holds them, and the last section
@@ -995,10 +1000,12 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
-    /// Regions a postcopy push still brings are ORed into its bitmaps after that too, so do
-    /// not inactivate it before the migration has ended (the destination loop returned):
-    /// an inactivation would write the bitmaps consistent without the regions still to
-    /// come, which would then land in memory only.
+    /// Regions a postcopy push still brings are ORed into its bitmaps after that too: until
+    /// the push ended (End, or the stream failed and the bitmaps were filled), each such
+    /// bitmap is held incomplete, and the store refuses with [`crate::Error::Arriving`] to
+    /// copy it (`load`, `changed_since`, a merge from it), remove it, change its recording
+    /// flag (a checkpoint's too) or inactivate, so that no late region lands where no reader
+    /// looks.
     pub fn take_store(&mut self) -> Option<BitmapStore<S>> {
         self.store.take()
     }
@@ -1158,6 +1165,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 complete: false,
                 more: false,
                 live: None,
+                hold: None,
             },
         );
         Ok(())
@@ -1498,6 +1506,12 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         })();
         self.store = Some(st);
         installed?;
+        if self.postcopy {
+            // Regions follow the start: each such bitmap is incomplete until the push ends.
+            for inc in self.current.incoming.values_mut().filter(|i| i.more) {
+                inc.hold = inc.live.as_ref().map(DirtyBitmap::hold_incomplete);
+            }
+        }
         self.started = true;
         // The guest runs here from now on: nothing of this migration is resumed again.
         self.kept = None;
@@ -1509,9 +1523,21 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// (the next backup copies everything; a clean bit here could be a lost mark), whether
     /// it records or not: the marks stand for the source's bits, not for writes.
     fn failed_after_start(&mut self) {
-        for inc in self.current.incoming.values().filter(|i| i.more) {
+        for inc in self.current.incoming.values_mut().filter(|i| i.more) {
             if let Some(live) = &inc.live {
                 live.fill();
+            }
+            if let Some(hold) = inc.hold.take() {
+                hold.complete();
+            }
+        }
+    }
+
+    /// Every region the source pushed after the start arrived: the bitmaps are complete.
+    fn push_ended(&mut self) {
+        for inc in self.current.incoming.values_mut() {
+            if let Some(hold) = inc.hold.take() {
+                hold.complete();
             }
         }
     }
@@ -1554,6 +1580,13 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// it is dropped active, so every bitmap it still holds stays `in_use` (inconsistent,
     /// never clean). A retry's take-over adopts or replaces what it finds (`plan`).
     fn failed(&mut self) {
+        // The take-over is undone (its bitmaps removed, or filled where a removal fails)
+        // and the copies kept exact for a retry: no hold may refuse that.
+        for inc in self.current.incoming.values_mut() {
+            if let Some(hold) = inc.hold.take() {
+                hold.complete();
+            }
+        }
         let installed = std::mem::take(&mut self.installed);
         if let Some(mut st) = self.store.take() {
             self.undo_take_over(&mut st, &installed);
@@ -2190,6 +2223,49 @@ mod tests {
         let mut d = dest_on(&img);
         b_and_c(&mut d, true);
         d.before_start().unwrap();
+    }
+
+    /// Found by a review: after a postcopy start, a bitmap whose regions were still being
+    /// pushed could be checkpointed past, read by `changed_since` and removed on the
+    /// destination's store; the late regions then went to a bitmap no slot held (the
+    /// source's writes in no bitmap any reader consults) and an incremental backup read a
+    /// union without them. Until the push ends, each such bitmap is refused to every edit
+    /// or read that would take it as complete; after End it is whole. A destination that
+    /// goes away mid-push leaves it all dirty.
+    #[test]
+    fn a_bitmap_still_arriving_after_a_postcopy_start_is_neither_read_nor_dropped() {
+        let late = 3u64 << 28;
+        for ended in [true, false] {
+            let mut d = dest();
+            d.hello(3, M1).unwrap();
+            d.section(&start_of(0, 1)).unwrap();
+            d.section(&bitmap_codec::encode_complete(0, 2, true))
+                .unwrap();
+            d.switchover(true);
+            d.before_start().unwrap();
+            let mut st = d.take_store().unwrap();
+            let arriving = |e: crate::Error| matches!(e, crate::Error::Arriving { .. });
+            assert!(arriving(st.checkpoint("c").unwrap_err()));
+            assert!(arriving(st.changed_since("b0").unwrap_err()));
+            assert!(arriving(st.load("b0").unwrap_err()));
+            assert!(arriving(st.set_enabled("b0", false).unwrap_err()));
+            assert!(arriving(st.remove("b0").unwrap_err()));
+            assert!(arriving(st.inactivate().unwrap_err()));
+            assert!(st.is_active(), "the refused stop wrote");
+            d.section(&full_region(0, 3, 3)).unwrap();
+            if ended {
+                d.push_ended();
+                let since = st.changed_since("b0").unwrap();
+                assert!(since.is_dirty(late), "the late region is in the bitmap");
+                assert_eq!(since.count(), 4096, "exactly the pushed region");
+                st.checkpoint("c").unwrap();
+                st.remove("b0").unwrap();
+            } else {
+                drop(d);
+                assert_eq!(st.load("b0").unwrap().count(), DISK / 65536, "all dirty");
+            }
+            drop(st.close().unwrap());
+        }
     }
 
     /// A START that names a bitmap the attempt already holds under another index is refused:

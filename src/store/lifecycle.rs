@@ -532,6 +532,9 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(FlushStats::default());
         }
         self.ensure_writable()?;
+        // Refused before anything is written: a bitmap still arriving would be written
+        // consistent without its late bits, which would then land in memory alone.
+        (0..self.slots.len()).try_for_each(|i| self.ensure_arrived(i))?;
         let start = Instant::now();
         let syncs0 = self.image.sync_count();
         let sync_time0 = self.image.sync_time();

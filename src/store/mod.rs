@@ -101,39 +101,6 @@ pub struct BitmapInfo {
     pub table_size: u32,
 }
 
-#[derive(Debug)]
-struct Slot {
-    /// The entry as it is on disk.
-    entry: DirEntry,
-    inconsistent: bool,
-    /// Found in an untrusted (stale) directory: its clusters are never freed, since a
-    /// repair tool may have given them to other data.
-    stale: bool,
-    /// The authoritative bitmap while the store is active.
-    mem: Option<Arc<DirtyBitmap>>,
-    /// The in-memory bitmap kept across an incremental [`BitmapStore::inactivate`], so that
-    /// a later [`BitmapStore::activate`] resumes it instead of reloading the disk. It stays
-    /// authoritative: every region where it differs from the disk is in its change map.
-    parked: Option<Arc<DirtyBitmap>>,
-    /// The bitmap's table as it is on disk at `entry.table_offset`, kept while the store is
-    /// active so that a flush (and the stop) does not read it again: only the flush engine
-    /// writes a table in place, and [`BitmapStore::keep_tables`] stores what it wrote.
-    /// `None` when unknown; dropped whenever the entry moves to another table and when the
-    /// store goes inactive (another process may then rewrite the image).
-    table: Option<Vec<TableEntry>>,
-}
-
-impl Slot {
-    /// Replaces the entry as on disk; the kept table goes unless the entry still names the
-    /// same table (a flags-only change).
-    fn set_entry(&mut self, e: DirEntry) {
-        if e.table_offset != self.entry.table_offset || e.table_size != self.entry.table_size {
-            self.table = None;
-        }
-        self.entry = e;
-    }
-}
-
 /// The persistent bitmaps of one qcow2 image. See the module docs.
 ///
 /// Call [`close`](Self::close) (or [`inactivate`](Self::inactivate)) on an activated store:
@@ -759,10 +726,30 @@ impl<S: Storage> BitmapStore<S> {
         Ok(i)
     }
 
+    /// [`Error::Arriving`] while slot `i`'s in-memory bitmap (active or parked) is still
+    /// incomplete (`DirtyBitmap::hold_incomplete`: a migration destination's bitmap while
+    /// the source's postcopy push runs): a copy of it would lack bits still on their way,
+    /// and so would the disk after a stop; a bitmap removed or disabled now would take the
+    /// late bits where no reader looks.
+    fn ensure_arrived(&self, i: usize) -> Result<()> {
+        let s = &self.slots[i];
+        if s.mem
+            .iter()
+            .chain(s.parked.iter())
+            .any(|m| m.is_incomplete())
+        {
+            return Err(Error::Arriving {
+                name: s.entry.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Refuses to drop slot `i`'s in-memory bitmap (active or parked) while a
     /// [`ChangeConsumer`](crate::ChangeConsumer) of it exists: every consumer of a bitmap
     /// this store holds reads a bitmap its trackers mark.
     fn ensure_not_busy(&self, i: usize) -> Result<()> {
+        self.ensure_arrived(i)?;
         let s = &self.slots[i];
         if s.mem
             .iter()
@@ -850,6 +837,7 @@ impl<S: Storage> BitmapStore<S> {
     /// [`load`](Self::load) of slot `i` (consistent), `since` as
     /// [`handed_over`](Self::handed_over) found it.
     fn load_slot(&self, i: usize, since: Option<SinceInactivate>) -> Result<DirtyBitmap> {
+        self.ensure_arrived(i)?;
         let s = &self.slots[i];
         match (s.mem.as_ref().or(s.parked.as_ref()), since) {
             (Some(m), None | Some(SinceInactivate::Changed)) => Ok(m.snapshot()),
@@ -1401,6 +1389,7 @@ pub mod mode;
 pub mod repair;
 mod resize;
 mod slots;
+use slots::Slot;
 #[cfg(test)]
 mod tests;
 pub mod triage;

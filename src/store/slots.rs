@@ -11,9 +11,44 @@
 //! not rest on that: an index hit is checked against the slot's name, and a miss is
 //! answered by a scan.
 
-use super::Slot;
+use crate::bitmap::DirtyBitmap;
+use crate::format::{DirEntry, TableEntry};
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub(super) struct Slot {
+    /// The entry as it is on disk.
+    pub(super) entry: DirEntry,
+    pub(super) inconsistent: bool,
+    /// Found in an untrusted (stale) directory: its clusters are never freed, since a
+    /// repair tool may have given them to other data.
+    pub(super) stale: bool,
+    /// The authoritative bitmap while the store is active.
+    pub(super) mem: Option<Arc<DirtyBitmap>>,
+    /// The in-memory bitmap kept across an incremental `BitmapStore::inactivate`, so that
+    /// a later `BitmapStore::activate` resumes it instead of reloading the disk. It stays
+    /// authoritative: every region where it differs from the disk is in its change map.
+    pub(super) parked: Option<Arc<DirtyBitmap>>,
+    /// The bitmap's table as it is on disk at `entry.table_offset`, kept while the store is
+    /// active so that a flush (and the stop) does not read it again: only the flush engine
+    /// writes a table in place, and `BitmapStore::keep_tables` stores what it wrote.
+    /// `None` when unknown; dropped whenever the entry moves to another table and when the
+    /// store goes inactive (another process may then rewrite the image).
+    pub(super) table: Option<Vec<TableEntry>>,
+}
+
+impl Slot {
+    /// Replaces the entry as on disk; the kept table goes unless the entry still names the
+    /// same table (a flags-only change).
+    pub(super) fn set_entry(&mut self, e: DirEntry) {
+        if e.table_offset != self.entry.table_offset || e.table_size != self.entry.table_size {
+            self.table = None;
+        }
+        self.entry = e;
+    }
+}
 
 /// See the module docs.
 #[derive(Debug, Default)]

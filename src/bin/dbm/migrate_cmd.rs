@@ -463,6 +463,10 @@ impl DestState for ListenDisk {
     fn failed_after_start(&mut self) {
         self.inner.failed_after_start();
     }
+
+    fn push_ended(&mut self) {
+        self.inner.push_ended();
+    }
 }
 
 fn listen(a: &ListenArgs) -> CmdResult {

@@ -204,6 +204,9 @@ impl<D: DestState> DestState for TimedDest<D> {
     fn failed_after_start(&mut self) {
         self.inner().failed_after_start();
     }
+    fn push_ended(&mut self) {
+        self.inner().push_ended();
+    }
 }
 
 /// A fresh image for `d`: its bitmaps added and active.
