@@ -872,3 +872,80 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
         }
     }
 }
+
+/// Fuzz target `repair`: `data[0]` picks the repair (even: `-r leaks`, odd: `-r all`), and
+/// `data[1..]` becomes a `MemStorage` that [`repair`](crate::store::repair::repair) opens
+/// writable.
+///
+/// Invariants: no error is `Error::Io`; a refusal writes nothing; a repair never makes the
+/// image worse by `Image::check`'s count of corruptions (a leaks repair that made a leaky
+/// image corrupt is the defect `tests/repair.rs`
+/// `repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong` names), and leaves
+/// no more leaks than it found; after `-r all` the image has no corruption, and the store
+/// opens it; a second repair of the same kind finds nothing to do and writes nothing.
+pub fn repair(data: &[u8]) {
+    use crate::store::repair::{repair, Repair};
+    let Some((&pick, image)) = data.split_first() else {
+        return;
+    };
+    let what = if pick % 2 == 0 {
+        Repair::Leaks
+    } else {
+        Repair::All
+    };
+    let before = Image::open(MemStorage::from_bytes(image.to_vec()), OpenMode::ReadOnly)
+        .and_then(|i| i.check())
+        .ok();
+    let st = MemStorage::from_bytes(image.to_vec());
+    let (repaired, report) = match repair(&st, what) {
+        Ok((img, report)) => (img.check(), report),
+        Err(e) => {
+            assert!(!matches!(e, Error::Io(_)), "repair gave an I/O error: {e}");
+            assert!(st.to_vec() == image, "a refused repair wrote: {e}");
+            return;
+        }
+    };
+    let after = repaired.expect("the repaired image checks");
+    if let Some(b) = &before {
+        assert!(
+            after.corruptions <= b.corruptions,
+            "{what:?} made the image worse: {} corruptions from {} ({report:?}): {:?}",
+            after.corruptions,
+            b.corruptions,
+            after.messages
+        );
+        assert!(
+            after.leaks <= b.leaks,
+            "{what:?} left {} leaks from {}",
+            after.leaks,
+            b.leaks
+        );
+    }
+    let bytes = st.to_vec();
+    if what == Repair::All {
+        assert_eq!(
+            after.corruptions, 0,
+            "-r all left corruption ({report:?}): {:?}",
+            after.messages
+        );
+        if let Err(e) = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadOnly)
+        {
+            panic!("-r all left an image the store refuses: {e}");
+        }
+    }
+    let again = MemStorage::from_bytes(bytes.clone());
+    match repair(&again, what) {
+        Ok((_, r)) => {
+            assert!(
+                r.removed.is_empty()
+                    && r.extension_dropped.is_none()
+                    && r.leaks_freed == 0
+                    && r.refcounts_raised == 0
+                    && r.made_all_dirty.is_empty(),
+                "a second {what:?} repaired more: {r:?} after {report:?}"
+            );
+            assert!(again.to_vec() == bytes, "a second {what:?} wrote");
+        }
+        Err(e) => panic!("a second {what:?} failed after {report:?}: {e}"),
+    }
+}

@@ -9,13 +9,14 @@ use dirty_bitmap::fuzzing;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("header", fuzzing::header),
     ("directory", fuzzing::directory),
     ("bitmap_table", fuzzing::bitmap_table),
     ("refcount_block", fuzzing::refcount_block),
     ("open_image", fuzzing::open_image),
     ("migration_stream", fuzzing::migration_stream),
+    ("repair", fuzzing::repair),
 ];
 
 /// Runs every regular file of `dir` (if it exists) through `f`; returns how many.
