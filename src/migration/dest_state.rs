@@ -24,12 +24,17 @@ pub struct Binding {
 /// counterpart ([`super::MigrationState::name`]) declares in the Hello.
 ///
 /// The order of the calls within one attempt: [`hello`](Self::hello) once; then
-/// [`section`](Self::section) for each of its sections; then
+/// [`section`](Self::section) for each of its sections; [`switchover`](Self::switchover)
+/// when the source switches over (precopy or postcopy); then
 /// [`before_start`](Self::before_start), after the source's End (precopy) or postcopy
 /// Switchover and before the destination answers Started; or [`failed`](Self::failed) if
-/// the attempt ends otherwise (a refusal included), never after Started; after Started, a
-/// stream that fails before its End calls [`failed_after_start`](Self::failed_after_start).
-/// A later attempt starts again with `hello`.
+/// the attempt ends otherwise (a refusal included), never after Started; after a postcopy
+/// Started, [`push_ended`](Self::push_ended) at the stream's End, or
+/// [`failed_after_start`](Self::failed_after_start) if the stream fails before it. A later
+/// attempt starts again with `hello`. A state that wraps another passes every call on:
+/// one that drops `switchover` makes a postcopy take-over refuse, and one that drops
+/// `push_ended` leaves the stream bitmaps' holds in force until the state is dropped (the
+/// store refuses to close meanwhile).
 ///
 /// A shared-storage disk state ([`super::disk::SharedDiskDest`]) opens and activates its
 /// image in `before_start`, and puts it back as the source left it in `failed`.

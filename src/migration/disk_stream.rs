@@ -384,7 +384,9 @@ impl StreamDiskState {
     /// is active in durable mode ([`crate::StateProblem::Durable`]: it hands out no live
     /// bitmap; migrate it on shared storage); [`crate::Error::Inconsistent`] for an
     /// inconsistent bitmap (remove it first); [`crate::Error::Unsupported`] for a name
-    /// that is not UTF-8 (the stream's STARTs carry UTF-8 names).
+    /// that is not UTF-8 (the stream's STARTs carry UTF-8 names); [`crate::Error::Arriving`]
+    /// for a bitmap still arriving from an incoming migration's postcopy push (the
+    /// regions still to come would reach this host's copy alone, never the next one's).
     pub fn from_store<S: Storage>(
         id: StateId,
         name: impl Into<String>,
@@ -405,7 +407,11 @@ impl StreamDiskState {
                 ))
                 .into());
             };
-            bitmaps.push((utf8.to_owned(), store.bitmap(info.name.as_bytes())?));
+            let bm = store.bitmap(info.name.as_bytes())?;
+            if bm.is_incomplete() {
+                return Err(crate::Error::Arriving { name: info.name }.into());
+            }
+            bitmaps.push((utf8.to_owned(), bm));
         }
         Self::new(id, name, bitmaps)
     }
@@ -2252,6 +2258,11 @@ mod tests {
             assert!(arriving(st.remove("b0").unwrap_err()));
             assert!(arriving(st.inactivate().unwrap_err()));
             assert!(st.is_active(), "the refused stop wrote");
+            // Nor is it migrated on from here: the late regions would stay on this host.
+            match StreamDiskState::from_store(9, "onward", &st) {
+                Err(MigrationError::Bitmap(e)) => assert!(arriving(e)),
+                other => panic!("an onward stream of an arriving bitmap: {other:?}"),
+            }
             d.section(&full_region(0, 3, 3)).unwrap();
             if ended {
                 d.push_ended();

@@ -57,7 +57,10 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::InvalidInput`] when more than one bitmap records (a chain has one), or as
     /// [`add`](Self::add) for `new`; [`Error::Busy`] when a
     /// [`ChangeConsumer`](crate::ChangeConsumer) reads the recording bitmap (a migration
-    /// stream: the writes would go to `new`, which it does not carry); [`Error::Inconsistent`] when the recording bitmap is
+    /// stream: the writes would go to `new`, which it does not carry); [`Error::Arriving`]
+    /// while the recording bitmap's bits are still arriving (a postcopy push: they would
+    /// land in a bitmap that no longer records, after the checkpoint's reader looked);
+    /// [`Error::Inconsistent`] when the recording bitmap is
     /// inconsistent, or the image's bitmaps extension is untrusted (autoclear bit 0 clear),
     /// which a commit would drop with every bitmap in it (remove the bitmaps and start a new
     /// chain, then back up in full); [`Error::WrongState`]
@@ -140,7 +143,8 @@ impl<S: Storage> BitmapStore<S> {
     /// leaves every other bitmap all dirty, see [`remove`](Self::remove));
     /// [`Error::Unsupported`] before anything is read when the
     /// bitmaps and the union add up to more than an activation may hold
-    /// ([`ensure_loadable_in_turn`](Self::ensure_loadable_in_turn)); [`Error::Corrupt`];
+    /// ([`ensure_loadable_in_turn`](Self::ensure_loadable_in_turn)); [`Error::Arriving`]
+    /// while any bitmap's bits are still arriving (a postcopy push); [`Error::Corrupt`];
     /// I/O.
     ///
     /// A store that handed the image over (its inactivation released the writer locks)

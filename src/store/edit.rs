@@ -475,7 +475,8 @@ impl<S: Storage> BitmapStore<S> {
     /// around the checkpoint.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Busy`], [`Error::ReadOnly`], [`Error::Corrupt`] for a
+    /// [`Error::NotFound`], [`Error::Busy`], [`Error::Arriving`] (a bitmap a postcopy push
+    /// still fills), [`Error::ReadOnly`], [`Error::Corrupt`] for a
     /// consistent bitmap with a bad table, [`Error::InvalidInput`] for a header that cannot
     /// be rewritten (before any write), I/O (active in durable mode, the store is then
     /// poisoned).
@@ -759,7 +760,8 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O (active in
     /// durable mode, the store is then poisoned); [`Error::Busy`] for a change of the flag
     /// of a bitmap a [`ChangeConsumer`](crate::ChangeConsumer) reads (a migration stream),
-    /// before anything changes.
+    /// and [`Error::Arriving`] for one a postcopy push still fills, before anything
+    /// changes.
     pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.set_enabled_reclaimed(name.as_ref(), enabled))
@@ -864,7 +866,8 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for different disk sizes; [`Error::NotFound`] or
-    /// [`Error::Inconsistent`] for either bitmap; [`Error::ReadOnly`]; I/O.
+    /// [`Error::Inconsistent`] for either bitmap; [`Error::Arriving`] for a source whose
+    /// bits are still arriving (a postcopy push); [`Error::ReadOnly`]; I/O.
     pub fn merge_from<T: Storage>(
         &mut self,
         src: &BitmapStore<T>,

@@ -109,12 +109,15 @@ impl<S: Storage> BitmapStore<S> {
                 unwound = Some(panic);
                 Err(Error::Poisoned)
             });
+        if unwound.is_some() {
+            // First: the undo below calls into the storage again, which may panic too.
+            self.poisoned = true;
+        }
         if r.is_err() {
             undo(self);
             self.restore_writer_locks(before);
         }
         if let Some(panic) = unwound {
-            self.poisoned = true;
             std::panic::resume_unwind(panic);
         }
         r
@@ -199,10 +202,12 @@ impl<S: Storage> BitmapStore<S> {
     /// released them (an inactive node's locks, so the destination can still open the
     /// image); otherwise kept.
     pub(super) fn restore_writer_locks(&mut self, before: WriterLocks) {
+        // The state first: a storage that panics in the call below leaves the store
+        // believing what it must (a handed-over store checks the image again).
+        self.writer = before;
         if before == WriterLocks::Released {
             let _ = self.image.storage().set_writer_locks(false);
         }
-        self.writer = before;
     }
 
     /// Runs `edit` (an edit of an inactive store: `add`, `remove`, `store`, `clear`,
@@ -491,6 +496,9 @@ impl<S: Storage> BitmapStore<S> {
     /// disk and then lands in the parked bitmap, so no mark returns in between.
     ///
     /// # Errors
+    /// - [`Error::Arriving`] while a bitmap's bits are still arriving (a migration
+    ///   destination's bitmap during the source's postcopy push), before anything is
+    ///   written; nothing is poisoned: stop once the migration ended.
     /// - [`Error::MarksDuringInactivate`] if a bitmap changed while this ran other than
     ///   through a mark (for example a `clear` on its `Arc`; a `merge_from` waits on the
     ///   seal as a mark does): `in_use` is set again
@@ -514,8 +522,9 @@ impl<S: Storage> BitmapStore<S> {
         self.stop_with(Self::inactivate_incremental)
     }
 
-    /// What both inactivations share: nothing to do unless active; `stop` runs with the
-    /// bitmaps sealed ([`sealed`](Self::sealed)); any failure but
+    /// What both inactivations share: nothing to do unless active; a bitmap still arriving
+    /// refuses the stop ([`Error::Arriving`]) before anything, poisoning nothing; `stop`
+    /// runs with the bitmaps sealed ([`sealed`](Self::sealed)); any failure of it but
     /// [`Error::MarksDuringInactivate`] poisons the store; the barriers and the time are
     /// measured around it.
     fn stop_with(
@@ -757,8 +766,9 @@ impl<S: Storage> BitmapStore<S> {
     /// if not active.
     ///
     /// # Errors
-    /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
-    ///   seal this shares: `in_use` is set again in place and the store stays active.
+    /// - [`Error::Arriving`] and [`Error::MarksDuringInactivate`] as for
+    ///   [`inactivate`](Self::inactivate), whose seal this shares: `in_use` is set again in
+    ///   place and the store stays active.
     /// - [`Error::WrongState`] ([`StateProblem::Durable`]) on a store active in durable
     ///   mode, before anything is written: use [`inactivate`](Self::inactivate).
     /// - I/O errors; the store is then poisoned, and the disk says "doubt" (the bitmaps

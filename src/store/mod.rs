@@ -307,6 +307,22 @@ enum NotData {
     WorstCase,
 }
 
+/// Change-map regions of `bm` per cluster of `cs` bytes. A region larger than a cluster is
+/// refused ([`Error::Internal`]): walked or written cluster by cluster, such a bitmap would
+/// read and write no region at all (every table entry 0: a bitmap written clean). The
+/// store's bitmaps have its own region size, which is never larger than a cluster; this
+/// holds the walks to that, as the flush engine's `Layout::of` does (and, as there, without
+/// the debug build's panic of `internal!`, so that a unit test checks the refusal).
+fn regions_per_cluster(cs: u64, bm: &DirtyBitmap) -> Result<u64> {
+    match cs / bm.region_size() {
+        0 => Err(Error::Internal(format!(
+            "a bitmap of {}-byte regions walked in {cs}-byte clusters",
+            bm.region_size()
+        ))),
+        n => Ok(n),
+    }
+}
+
 /// Time the calling thread has spent waiting on a run queue for a CPU since it started
 /// (`/proc/thread-self/schedstat`, second field, in ns), where the kernel reports it.
 fn runqueue_wait() -> Option<std::time::Duration> {
@@ -817,7 +833,9 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Corrupt`] for a bad table or
     /// data past the end of the file, I/O errors; [`Error::WrongState`]
     /// ([`StateProblem::ChangedWhileInactive`]) for a bitmap with no kept copy on a store
-    /// that handed the image over, once another writer activated or changed the image.
+    /// that handed the image over, once another writer activated or changed the image;
+    /// [`Error::Arriving`] while its bits are still arriving (a migration destination's
+    /// bitmap during the source's postcopy push).
     pub fn load(&self, name: impl AsRef<[u8]>) -> Result<DirtyBitmap> {
         let i = self.find_consistent(name)?;
         self.load_slot(i, self.handed_over()?)
@@ -976,7 +994,7 @@ impl<S: Storage> BitmapStore<S> {
                 clusters
             ));
         }
-        let per_cluster = cs / bm.region_size();
+        let per_cluster = regions_per_cluster(cs, bm)?;
         let ser = bm.serialized_len();
         let len_of = |c: u64| ser.saturating_sub(c.saturating_mul(cs)).min(cs);
         let file_len = self.image.storage().len()?;
