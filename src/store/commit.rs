@@ -12,7 +12,7 @@
 //!
 //! The crash table of each step is in `docs/CRASH-CONSISTENCY.md`.
 
-use super::{ceil_clusters, BitmapStore, Slot};
+use super::{ceil_clusters, regions_per_cluster, BitmapStore, Slot};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{internal, Corruption, Result};
 use crate::flush::FlushStats;
@@ -205,7 +205,7 @@ impl<S: Storage> BitmapStore<S> {
     pub(super) fn write_bitmap(&mut self, bm: &DirtyBitmap, stats: &mut FlushStats) -> Result<u64> {
         let cs = self.image.cluster_size();
         let cb = self.image.header().cluster_bits;
-        let per_cluster = cs / bm.region_size();
+        let per_cluster = regions_per_cluster(cs, bm)?;
         let clusters = bm.serialized_len().div_ceil(cs);
         let mut entries = Vec::with_capacity(clusters as usize);
         let mut buf = vec![0u8; cs as usize];

@@ -1148,3 +1148,30 @@ fn an_enable_waits_for_a_mark_over_a_list_without_the_bitmap() {
         assert_eq!(st.list().len(), 1, "active {active}");
     }
 }
+
+/// Found by a review: the whole-bitmap writer and the region walk took `cs / region size`
+/// regions per cluster with nothing to refuse a region larger than a cluster; such a bitmap
+/// (4 KiB regions on 512 B clusters) was written with every table entry 0, a bitmap clean
+/// on disk whatever it held. No caller passes one today (each bitmap has the store's
+/// region size); both now refuse it.
+#[test]
+fn a_bitmap_of_regions_larger_than_a_cluster_is_never_written_or_walked() {
+    let mut s = new_store(1 << 20, 512);
+    s.add("a", 512, Recording::Enabled).unwrap();
+    let bm = DirtyBitmap::with_region_size(1 << 20, 512, 4096).unwrap();
+    bm.mark_dirty(0, 512);
+    let before = s.image().storage().to_vec();
+    let err = s
+        .write_bitmap(&bm, &mut crate::flush::FlushStats::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+    assert!(
+        s.image().storage().to_vec() == before,
+        "a refused write wrote"
+    );
+    let entry = s.slots[0].entry.clone();
+    let err = s
+        .walk_regions(&entry, &bm, NotData::AsIs, |_, _| Ok(()))
+        .unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err:?}");
+}
