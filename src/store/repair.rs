@@ -183,9 +183,25 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     }
     // The extension's own fields broken: nothing in it can be trusted, as with a
     // directory that cannot be read (the image opened with the extension untrusted).
+    // A directory that shares a cluster with other metadata (a refcount block, an L2
+    // table) holds their bytes, whatever its entries decode to: untrusted as a whole, as
+    // one that cannot be read. Its clusters are never freed (the commit's walk counts them
+    // twice).
+    let dir_shared = dir.and_then(|(off, size)| {
+        let first = off / cs;
+        (first..first.saturating_add(ceil_clusters(size, cs)))
+            .find(|&c| base.at(c.saturating_mul(cs)) > 0)
+            .map(|c| {
+                format!(
+                    "the bitmap directory shares cluster {:#x} with other metadata",
+                    c.saturating_mul(cs)
+                )
+            })
+    });
     let unreadable = ext_problem
         .map(|c| c.to_string())
-        .or_else(|| triage.as_ref().and_then(|t| t.unreadable.clone()));
+        .or_else(|| triage.as_ref().and_then(|t| t.unreadable.clone()))
+        .or(dir_shared);
     let mut report = RepairReport::default();
     let mut image = image;
     if what == Repair::All {
