@@ -26,6 +26,7 @@ qemu=""
 qemu_ok || qemu=qemu-utils
 { command -v nbdinfo && command -v nbdcopy; } >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ -n "$qemu" ] || [ "${#need[@]}" -gt 0 ]; then
     sudo=""

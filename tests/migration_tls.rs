@@ -790,3 +790,53 @@ fn a_second_tls_source_is_turned_away_while_one_is_served() {
     assert!(matches!(e, MigrationError::Cancelled), "{e}");
     let _ = dest.join().unwrap();
 }
+
+/// Found by a review: over TLS, the destination's first read after the handshake had no
+/// timeout (the TLS reader starts with none, and the pacing took the read timeout as set),
+/// so a source silent after its handshake (frozen, its host gone) held the serving thread
+/// for good: no later attempt was served, and the destination never ended. A client that
+/// completes the handshake, reads the Nonce and sends nothing (`openssl s_client` with its
+/// input held open) must see the attempt end on the read timeout.
+#[test]
+fn a_source_silent_after_its_handshake_is_cut_off_by_the_read_timeout() {
+    let _g = shared();
+    let pki = Pki::new("ca");
+    let dest = tls_dest(&pki, 1, Duration::from_millis(500));
+    let dir = pki.path();
+    let mut client = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(dest.addr().to_string())
+        .arg("-servername")
+        .arg("localhost")
+        .arg("-CAfile")
+        .arg(dir.join("ca-cert.pem"))
+        .arg("-cert")
+        .arg(dir.join("client-cert.pem"))
+        .arg("-key")
+        .arg(dir.join("client-key.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client (scripts/test.sh installs openssl)");
+    // The Nonce frame came through the handshake: the destination waits for the Hello.
+    let mut out = client.stdout.take().unwrap();
+    let mut first = [0u8; 4];
+    out.read_exact(&mut first)
+        .expect("the destination's first frame");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(dest.join());
+    });
+    let joined = rx.recv_timeout(Duration::from_secs(15));
+    // Held open until here (the silent source); then the process goes.
+    let _ = client.kill();
+    let _ = client.wait();
+    let report = joined
+        .expect("the destination still waits for a silent source after 15 s")
+        .unwrap();
+    match &report.attempts[0].error {
+        Some(MigrationError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        other => panic!("expected the read timeout, got {other:?}"),
+    }
+}

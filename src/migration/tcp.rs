@@ -371,7 +371,12 @@ fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, WireWriter)> {
     if let Some(server) = &o.tls {
         let deadline = Instant::now() + o.timeout.min(o.attempt_timeout);
         let (r, w) = tls::accept(server, sock, deadline, o.timeout)?;
-        return Ok((Paced::new(WireReader::Tls(r), o), WireWriter::Tls(w)));
+        // The TLS reader starts with no timeout, and `Paced` sets one only when it differs
+        // from the read timeout it assumes set: a source silent after its handshake kept
+        // the first read waiting for good.
+        let mut reader = WireReader::Tls(r);
+        reader.set_read_timeout(o.timeout)?;
+        return Ok((Paced::new(reader, o), WireWriter::Tls(w)));
     }
     let back = PacedWrite::new(sock.try_clone()?, o.timeout)?;
     Ok((
