@@ -1654,3 +1654,71 @@ fn a_second_source_is_turned_away_while_one_is_served() {
     let report = dest.join().unwrap();
     assert_eq!(report.attempts.len(), 1);
 }
+
+/// Found by a review: after a completed hand-over the source drains the return path for
+/// its timeout, then stops the reader, which looks at its stop flag only between frames; a
+/// destination that sends a frame a byte at a time, each within the reader's poll, kept
+/// `migrate_to` from returning until the frame was through (a 64 KiB frame: about 21
+/// minutes). Here a 600-byte Report drips at 19 ms a byte (about 11 s): the source must
+/// report the hand-over within its timeout and a margin.
+#[test]
+fn a_destination_dripping_after_started_does_not_hold_the_source() {
+    let _g = shared();
+    let mut src = Source::new(11, 20_000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut frames = dirty_bitmap::migration::stream::FrameWriter::new(Vec::new());
+        frames.write_frame(&Frame::Nonce { nonce: 7 }).unwrap();
+        let nonce = frames.get_ref().len();
+        frames.write_frame(&Frame::Started).unwrap();
+        let started = frames.get_ref().len();
+        frames
+            .write_frame(&Frame::Report {
+                state: RAM_ID,
+                payload: vec![0; 600],
+            })
+            .unwrap();
+        let bytes = frames.into_inner();
+        (&sock).write_all(&bytes[..nonce]).unwrap();
+        let mut r = FrameReader::new(sock.try_clone().unwrap());
+        loop {
+            match r.read_frame().unwrap() {
+                Frame::End => break,
+                Frame::Abort { reason } => panic!("the source aborted: {reason}"),
+                _ => {}
+            }
+        }
+        (&sock).write_all(&bytes[nonce..started]).unwrap();
+        for &b in &bytes[started..] {
+            thread::sleep(Duration::from_millis(19));
+            if (&sock).write_all(&[b]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut state = src.state(SetupMode::Full, false);
+    let timeout = Duration::from_millis(500);
+    let began = Instant::now();
+    let r = migrate_to(
+        addr,
+        &SourceOptions {
+            loop_config: converging(),
+            timeout,
+            ..SourceOptions::default()
+        },
+        &mut src.vm,
+        &mut [&mut state as &mut dyn MigrationState],
+        &mut NoStall,
+    )
+    .unwrap();
+    let took = began.elapsed();
+    assert_eq!(r.outcome.kind, Kind::Completed);
+    assert!(
+        took < Duration::from_secs(5),
+        "the source returned {took:?} after it began"
+    );
+    dest.join().unwrap();
+}

@@ -1114,6 +1114,12 @@ pub fn migrate_in_session(
             while inbound.rx.try_recv().is_ok() {}
             std::thread::sleep(POLL / 4);
         }
+        if !reader.is_finished() {
+            // The destination still sends, maybe a frame a byte at a time (each byte within
+            // the poll, so no read times out): the reader looks at `stop` only between
+            // frames, so its reads end here instead.
+            writer.w.get_mut().shutdown(Shutdown::Read);
+        }
     }
     stop.store(true, Ordering::SeqCst);
     // A reader blocked on a full queue ends when the receiver goes.
