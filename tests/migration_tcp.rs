@@ -1659,8 +1659,10 @@ fn a_second_source_is_turned_away_while_one_is_served() {
 /// its timeout, then stops the reader, which looks at its stop flag only between frames; a
 /// destination that sends a frame a byte at a time, each within the reader's poll, kept
 /// `migrate_to` from returning until the frame was through (a 64 KiB frame: about 21
-/// minutes). Here a 600-byte Report drips at 19 ms a byte (about 11 s): the source must
-/// report the hand-over within its timeout and a margin.
+/// minutes). Here a 1,200-byte Report drips at 10 ms a byte (about 12 s; half the reader's
+/// 20 ms poll, so no read times out mid-frame even on a loaded machine, which would end
+/// the frame on the reader's patience instead): the source must report the hand-over
+/// within its timeout and a margin.
 #[test]
 fn a_destination_dripping_after_started_does_not_hold_the_source() {
     let _g = shared();
@@ -1678,7 +1680,7 @@ fn a_destination_dripping_after_started_does_not_hold_the_source() {
         frames
             .write_frame(&Frame::Report {
                 state: RAM_ID,
-                payload: vec![0; 600],
+                payload: vec![0; 1200],
             })
             .unwrap();
         let bytes = frames.into_inner();
@@ -1693,7 +1695,7 @@ fn a_destination_dripping_after_started_does_not_hold_the_source() {
         }
         (&sock).write_all(&bytes[nonce..started]).unwrap();
         for &b in &bytes[started..] {
-            thread::sleep(Duration::from_millis(19));
+            thread::sleep(Duration::from_millis(10));
             if (&sock).write_all(&[b]).is_err() {
                 break;
             }

@@ -801,7 +801,8 @@ fn a_second_tls_source_is_turned_away_while_one_is_served() {
 fn a_source_silent_after_its_handshake_is_cut_off_by_the_read_timeout() {
     let _g = shared();
     let pki = Pki::new("ca");
-    let dest = tls_dest(&pki, 1, Duration::from_millis(500));
+    // 2 s: the listener's accept waits that long for the client process to start too.
+    let dest = tls_dest(&pki, 1, Duration::from_secs(2));
     let dir = pki.path();
     let mut client = std::process::Command::new("openssl")
         .args(["s_client", "-quiet", "-connect"])

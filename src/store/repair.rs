@@ -8,13 +8,16 @@
 //!   directory owns that has refcount 0 (as `qemu-img check -r all` repairs a refcount
 //!   below its references), commits a new directory holding only the bitmaps QEMU would
 //!   load and this library can keep (or drops the bitmaps extension when the directory
-//!   cannot be read as a whole), each kept bitmap that is consistent all dirty, then frees
+//!   cannot be read as a whole, or shares a cluster with other metadata, whose bytes it
+//!   then holds), each kept bitmap that is consistent all dirty, then frees
 //!   what only the removed entries referenced;
 //! - with [`Repair::Leaks`]: frees leaked clusters, but never one that a broken directory
 //!   entry may own (reclaiming a broken bitmap's clusters as leaks would destroy its data
 //!   behind its entry), and lowers a cluster the directory or a kept bitmap owns to its
-//!   one reference, never below. When the directory cannot be read as a whole, any leaked
-//!   cluster may be a bitmap's, and none is freed.
+//!   one reference, never below (and never to 1 where a guest table names the cluster
+//!   without COPIED: see `fix_leaks`). When the directory cannot be read as a whole (or
+//!   shares a cluster with other metadata), any leaked cluster may be a bitmap's, and none
+//!   is freed.
 //!
 //! A bitmap is kept when QEMU would load it and, beyond what QEMU checks, its table lies
 //! in the file and decodes and its data clusters lie in the file (also for a bitmap in
