@@ -764,6 +764,17 @@ impl<S> Hooked<S> {
         *self.read_hooks() = Some(Box::new(hook));
     }
 
+    /// Panics in the `k`-th read from now on (counting from 1), once.
+    fn panic_at_read(&self, k: usize) {
+        let mut n = 0;
+        self.set_reads(move |_| {
+            n += 1;
+            if n == k {
+                panic!("the storage panicked in read {k}");
+            }
+        });
+    }
+
     fn unset_reads(&self) {
         *self.read_hooks() = None;
     }
@@ -1490,13 +1501,7 @@ fn a_stop_after_a_full_rewrite_that_panicked_in_a_read_never_leaves_a_consistent
         s.activate().unwrap();
         let shared = SharedStore::new(s);
         shared.lock().tracker().unwrap().mark(3 * G, 4096);
-        let mut n = 0;
-        storage.set_reads(move |_| {
-            n += 1;
-            if n == k {
-                panic!("the storage panicked in read {k}");
-            }
-        });
+        storage.panic_at_read(k);
         let rewrite = {
             let shared = shared.clone();
             std::thread::spawn(move || shared.lock().inactivate_full_rewrite()).join()
@@ -1713,13 +1718,7 @@ fn an_activation_that_panicked_in_a_read_leaves_no_check_skipped() {
             b.tracker().unwrap().mark(5 * G, 4096);
             drop(b);
             let shared = SharedStore::new(a);
-            let mut n = 0;
-            storage.set_reads(move |_| {
-                n += 1;
-                if n == k {
-                    panic!("the storage panicked in read {k}");
-                }
-            });
+            storage.panic_at_read(k);
             let activation = {
                 let shared = shared.clone();
                 std::thread::spawn(move || {
@@ -1772,13 +1771,7 @@ fn a_durable_activation_that_panicked_in_a_read_leaves_no_store_to_memory_alone(
         let mut s = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
         s.add("a", G, Recording::Disabled).unwrap();
         let shared = SharedStore::new(s);
-        let mut n = 0;
-        storage.set_reads(move |_| {
-            n += 1;
-            if n == k {
-                panic!("the storage panicked in read {k}");
-            }
-        });
+        storage.panic_at_read(k);
         let activation = {
             let shared = shared.clone();
             std::thread::spawn(move || shared.lock().activate_durable()).join()

@@ -151,8 +151,18 @@ impl Source {
         addr: SocketAddr,
         timeout: Duration,
     ) -> (MigrationError, RamState) {
+        let (r, state) = self.migrate_to_with(addr, timeout);
+        (r.unwrap_err(), state)
+    }
+
+    /// A full migration of RAM to `addr` (a scripted destination) with `timeout`.
+    fn migrate_to_with(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> (Result<SourceReport, MigrationError>, RamState) {
         let mut state = self.state(SetupMode::Full, false);
-        let e = migrate_to(
+        let r = migrate_to(
             addr,
             &SourceOptions {
                 loop_config: converging(),
@@ -162,9 +172,8 @@ impl Source {
             &mut self.vm,
             &mut [&mut state as &mut dyn MigrationState],
             &mut NoStall,
-        )
-        .unwrap_err();
-        (e, state)
+        );
+        (r, state)
     }
 
     fn state(&self, mode: SetupMode, postcopy: bool) -> RamState {
@@ -1701,21 +1710,11 @@ fn a_destination_dripping_after_started_does_not_hold_the_source() {
             }
         }
     });
-    let mut state = src.state(SetupMode::Full, false);
-    let timeout = Duration::from_millis(500);
     let began = Instant::now();
-    let r = migrate_to(
-        addr,
-        &SourceOptions {
-            loop_config: converging(),
-            timeout,
-            ..SourceOptions::default()
-        },
-        &mut src.vm,
-        &mut [&mut state as &mut dyn MigrationState],
-        &mut NoStall,
-    )
-    .unwrap();
+    let r = src
+        .migrate_to_with(addr, Duration::from_millis(500))
+        .0
+        .unwrap();
     let took = began.elapsed();
     assert_eq!(r.outcome.kind, Kind::Completed);
     assert!(
