@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::qemu::{assert_qemu_clean, nbd_dirty, p, qemu_bitmaps};
 use common::{first_not_dirty, seeded_rng};
-use dirty_bitmap::storage::{CrashMode, CrashStorage, FileStorage, MemStorage};
+use dirty_bitmap::storage::{CrashStorage, FileStorage, MemStorage};
 use dirty_bitmap::{BitmapStore, Error, OpenMode, Recording, StateProblem};
 use parking_lot::Mutex;
 use rand::RngExt;
@@ -238,12 +238,7 @@ fn a_crash_anywhere_in_a_checkpoint_leaves_the_old_chain_or_the_new_one() {
     st.checkpoint("c2").unwrap();
     drop(st);
     let mut seen = BTreeSet::new();
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in common::CRASH_MODES {
         for (point, image) in crash.crash_images(mode) {
             if point < start {
                 continue;
@@ -518,12 +513,7 @@ fn a_crash_anywhere_in_an_export_never_leaves_it_without_its_bits() {
     st.export_since("c1", "x").unwrap();
     drop(st);
     let mut seen = BTreeSet::new();
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in common::CRASH_MODES {
         for (point, image) in crash.crash_images(mode) {
             if point < start {
                 continue;
@@ -706,12 +696,7 @@ fn a_crash_anywhere_in_removing_an_inconsistent_checkpoint_never_leaves_a_false_
         st.remove("c2").unwrap();
         drop(st);
         let mut seen = BTreeSet::new();
-        for mode in [
-            CrashMode::Dropped,
-            CrashMode::Kept,
-            CrashMode::Torn { seed: 1 },
-            CrashMode::Torn { seed: 2 },
-        ] {
+        for mode in common::CRASH_MODES {
             for (point, image) in crash.crash_images(mode) {
                 if point < start {
                     continue;
@@ -834,12 +819,7 @@ fn a_crash_anywhere_around_an_active_checkpoint_never_trusts_a_bitmap_without_it
     drop(st);
     let wants: [(&str, [u64; 2]); 2] = [("c1", [5 * MIB, 9 * MIB]), ("c2", [13 * MIB, 17 * MIB])];
     let (mut trusted, mut points) = (BTreeSet::new(), 0);
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in common::CRASH_MODES {
         for (point, image) in crash.crash_images(mode) {
             if point < start {
                 continue;

@@ -205,12 +205,7 @@ fn a_mark_that_finds_its_bit_set_waits_for_the_commit_that_writes_it() {
 }
 
 /// The unsynced tail of a crash image: dropped, kept, or torn at 512 B (two seeds).
-const CRASH_MODES: [CrashMode; 4] = [
-    CrashMode::Dropped,
-    CrashMode::Kept,
-    CrashMode::Torn { seed: 1 },
-    CrashMode::Torn { seed: 2 },
-];
+use common::CRASH_MODES;
 
 /// `qemu-img check` on crash image `bytes` (written as `name`.qcow2 under `dir`) agrees with
 /// our check: exit 0, or 3 when ours found `leaks`.

@@ -985,7 +985,7 @@ fn repair_all_leaves_the_kept_bitmaps_all_dirty_when_it_removes_one() {
 /// crash image, then "since X", holds the write only C had, and the image checks clean.
 #[test]
 fn a_crash_anywhere_in_the_repair_never_leaves_a_false_clean() {
-    use dirty_bitmap::storage::{CrashMode, CrashStorage, MemStorage};
+    use dirty_bitmap::storage::{CrashStorage, MemStorage};
     use dirty_bitmap::store::repair::{repair, Repair};
     use dirty_bitmap::{BitmapStore, OpenMode};
     let g = 40u64 << 20;
@@ -1005,12 +1005,7 @@ fn a_crash_anywhere_in_the_repair_never_leaves_a_false_clean() {
     let (_, report) = repair(&crash, Repair::All).unwrap();
     assert_eq!(report.made_all_dirty.len(), 1, "{report:?}");
     let mut seen = std::collections::BTreeSet::new();
-    for mode in [
-        CrashMode::Dropped,
-        CrashMode::Kept,
-        CrashMode::Torn { seed: 1 },
-        CrashMode::Torn { seed: 2 },
-    ] {
+    for mode in common::CRASH_MODES {
         for (point, image) in crash.crash_images(mode) {
             let (image, report) = repair(MemStorage::from_bytes(image), Repair::All)
                 .unwrap_or_else(|e| panic!("point {point} {mode:?}: {e}"));

@@ -4,6 +4,17 @@
 pub mod pki;
 pub mod qemu;
 
+use dirty_bitmap::storage::CrashMode;
+
+/// The crash images a sweep builds at each point: the unsynced writes dropped, kept, and
+/// torn at 512-byte sectors two ways.
+pub const CRASH_MODES: [CrashMode; 4] = [
+    CrashMode::Dropped,
+    CrashMode::Kept,
+    CrashMode::Torn { seed: 1 },
+    CrashMode::Torn { seed: 2 },
+];
+
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
