@@ -766,9 +766,10 @@ impl<S: Storage> BitmapStore<S> {
     /// if not active.
     ///
     /// # Errors
-    /// - [`Error::Arriving`] and [`Error::MarksDuringInactivate`] as for
-    ///   [`inactivate`](Self::inactivate), whose seal this shares: `in_use` is set again in
-    ///   place and the store stays active.
+    /// - [`Error::Arriving`] as for [`inactivate`](Self::inactivate), before anything is
+    ///   written.
+    /// - [`Error::MarksDuringInactivate`] as for [`inactivate`](Self::inactivate), whose
+    ///   seal this shares: `in_use` is set again in place and the store stays active.
     /// - [`Error::WrongState`] ([`StateProblem::Durable`]) on a store active in durable
     ///   mode, before anything is written: use [`inactivate`](Self::inactivate).
     /// - I/O errors; the store is then poisoned, and the disk says "doubt" (the bitmaps
