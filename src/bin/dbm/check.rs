@@ -46,7 +46,8 @@ pub struct CheckArgs {
     #[arg(short = 'U', long)]
     pub force_share: bool,
     /// Repair, as `qemu-img check -r`: `leaks` frees leaked clusters no bitmap entry may
-    /// own; `all` also removes the bitmaps QEMU refuses (or the whole bitmaps extension
+    /// own (down to refcount 2 where a guest table names one without the COPIED flag,
+    /// which this tool never sets); `all` also removes the bitmaps QEMU refuses (or the whole bitmaps extension
     /// when the directory cannot be read) and frees what only they referenced. Guest data
     /// and valid bitmaps are not touched. Opens the image writable.
     #[arg(short = 'r', long = "repair", value_name = "leaks|all", value_parser = ["leaks", "all"], conflicts_with = "force_share")]
