@@ -349,26 +349,9 @@ fn run_workload(cs: u64, seed: u64) -> Run {
         required: req.clone(),
     });
 
-    // The resized bitmaps work on: activate, mark, flush, inactivate.
-    op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
-    let t = s.tracker().unwrap();
-    let mut late = Vec::new();
-    mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
-    op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
-    mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
-    let started = c.op_count();
-    op(c, &mut spans, Kind::Inactivate, || s.inactivate().unwrap());
-    if let Some(Req::Superset(a)) = req.get_mut("a") {
-        a.extend(late);
-    }
-    cps.push(Checkpoint {
-        at: started,
-        size: SHRUNK,
-        required: req.clone(),
-    });
-
-    // QEMU's relocating stop, twice: new tables and a new directory, the old ones freed.
-    for _ in 0..2 {
+    // The resized bitmaps work on: activate, mark, flush and the incremental stop; then
+    // twice QEMU's relocating stop (new tables and a new directory, the old ones freed).
+    for stop in [Kind::Inactivate, Kind::FullRewrite, Kind::FullRewrite] {
         op(c, &mut spans, Kind::Activate, || s.activate().unwrap());
         let t = s.tracker().unwrap();
         let mut late = Vec::new();
@@ -376,8 +359,12 @@ fn run_workload(cs: u64, seed: u64) -> Run {
         op(c, &mut spans, Kind::Flush, || s.flush().unwrap());
         mark_some(&t, &mut rng, SHRUNK, 20, &mut late);
         let started = c.op_count();
-        op(c, &mut spans, Kind::FullRewrite, || {
-            s.inactivate_full_rewrite().unwrap();
+        op(c, &mut spans, stop, || {
+            if stop == Kind::FullRewrite {
+                s.inactivate_full_rewrite().unwrap();
+            } else {
+                s.inactivate().unwrap();
+            }
         });
         if let Some(Req::Superset(a)) = req.get_mut("a") {
             a.extend(late);
