@@ -830,6 +830,51 @@ impl<S: Storage> Storage for Hooked<S> {
         self.run(None);
         self.inner.sync_data()
     }
+    fn set_writer_locks(&self, held: bool) -> dirty_bitmap::Result<()> {
+        self.inner.set_writer_locks(held)
+    }
+    fn forget_cached(&self) -> dirty_bitmap::Result<()> {
+        self.inner.forget_cached()
+    }
+}
+
+/// Found by a review: an edit of a store that handed the image over takes QEMU's writer
+/// locks back and reads the image (is it still as this handle left it?) before it writes.
+/// A read that panicked there left the locks held while the store said released, so the
+/// destination it had handed the image to could not open it until the store was dropped:
+/// an `inactivate` (a no-op on an inactive store that released them) did not help. Here
+/// every read of the edit panics in turn; after each, the store inactivates and the
+/// destination must open the image writable and find the source's mark.
+#[test]
+fn an_edit_that_panicked_in_a_read_after_a_hand_over_leaves_the_image_to_the_destination() {
+    use dirty_bitmap::storage::FileStorage;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    for k in 1.. {
+        let _ = std::fs::remove_file(&img);
+        let storage = Arc::new(Hooked::new(FileStorage::create(&img).unwrap()));
+        let mut a = BitmapStore::create(Arc::clone(&storage), DISK, 65536).unwrap();
+        a.add("a", G, Recording::Enabled).unwrap();
+        a.activate().unwrap();
+        a.tracker().unwrap().mark(9 * G, 4096);
+        a.inactivate().unwrap();
+        storage.panic_at_read(k);
+        let edit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a.add("b", G, Recording::Enabled)
+        }));
+        storage.unset_reads();
+        if let Ok(r) = edit {
+            // Fewer than k reads: every read has had its turn.
+            r.unwrap();
+            assert!(k > 1, "the edit read nothing");
+            break;
+        }
+        let _ = a.inactivate();
+        let dest = FileStorage::open(&img, OpenMode::ReadWrite)
+            .unwrap_or_else(|e| panic!("read {k}: the destination cannot open the image: {e}"));
+        let b = BitmapStore::open(dest, OpenMode::ReadWrite).unwrap();
+        assert!(b.load("a").unwrap().is_dirty(9 * G), "read {k}");
+    }
 }
 
 /// Found by a review: disabling a recording bitmap of a durable store cleared its flag in

@@ -135,14 +135,7 @@ impl<S: Storage> BitmapStore<S> {
     pub(super) fn take_writer_locks(&mut self) -> Result<WriterLocks> {
         let before = self.writer;
         if before == WriterLocks::Released {
-            self.image.storage().set_writer_locks(true)?;
-            // Another writer may have had the image meanwhile: the checks and loads after
-            // this read what it wrote from the device, not pages its failed barrier may
-            // have left in the cache (`Storage::forget_cached`).
-            if let Err(e) = self.image.storage().forget_cached() {
-                let _ = self.image.storage().set_writer_locks(false);
-                return Err(e);
-            }
+            self.lock_released_image(|_| Ok(()))?;
         }
         self.writer = WriterLocks::Held;
         Ok(before)
@@ -245,28 +238,40 @@ impl<S: Storage> BitmapStore<S> {
         if self.writer != WriterLocks::Released {
             return Ok(());
         }
-        self.image.storage().set_writer_locks(true)?;
-        // Another writer had the image meanwhile: what it wrote is read from the device,
-        // not from pages its failed barrier may have left in the cache
-        // (`Storage::forget_cached`).
-        if let Err(e) = self.image.storage().forget_cached() {
-            let _ = self.image.storage().set_writer_locks(false);
-            return Err(e);
-        }
         // The parked copies, which the edits read and apply to, get the disk ORed in, as
-        // a resume does (`load_mems`).
-        let checked = self.ensure_unchanged_since_inactivate().and_then(|()| {
-            self.slots.iter().try_for_each(|s| match &s.parked {
-                Some(p) => self.merge_disk_into(&s.entry, p),
+        // a resume does (`load_mems`). What a merge ORed in before a failure only adds bits.
+        self.lock_released_image(|s| {
+            s.ensure_unchanged_since_inactivate()?;
+            s.slots.iter().try_for_each(|slot| match &slot.parked {
+                Some(p) => s.merge_disk_into(&slot.entry, p),
                 None => Ok(()),
             })
-        });
-        if let Err(e) = checked {
-            let _ = self.image.storage().set_writer_locks(false);
-            return Err(e);
-        }
+        })?;
         self.writer = WriterLocks::Reclaimed;
         Ok(())
+    }
+
+    /// Takes the writer locks of a store that released them, forgets the cached pages
+    /// (another writer had the image meanwhile: what it wrote is read from the device, not
+    /// from pages its failed barrier may have left in the cache, `Storage::forget_cached`),
+    /// then runs `check`, which reads and must not write. If either of the last two fails
+    /// or unwinds (reads are not guarded as writes are), the locks are released again
+    /// before the error returns or the panic goes on: the store still says released
+    /// (`self.writer` is the caller's to set, after this succeeds), and whoever it handed
+    /// the image to must be able to take it.
+    fn lock_released_image(&mut self, check: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.image.storage().set_writer_locks(true)?;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.image.storage().forget_cached()?;
+            check(self)
+        }));
+        if !matches!(r, Ok(Ok(()))) {
+            let _ = self.image.storage().set_writer_locks(false);
+        }
+        match r {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// [`activate`](Self::activate), with `content` standing for the named bitmaps in
