@@ -848,3 +848,22 @@ fn a_crash_anywhere_around_an_active_checkpoint_never_trusts_a_bitmap_without_it
     // Not vacuous: each bitmap is seen trusted at some point (the stop's end).
     assert_eq!(trusted.len(), 2, "{points} points, trusted {trusted:?}");
 }
+
+/// Found by a review: `checkpoint` ran its chain checks before it asked whether the store
+/// could write at all, so a read-only store with two recording bitmaps said to fix the
+/// chain ("2 bitmaps record"), and `export_since` on a read-only store built the whole
+/// union before `ReadOnly`. Both now say `ReadOnly` first.
+#[test]
+fn a_read_only_store_refuses_a_checkpoint_and_an_export_as_read_only() {
+    let mut st = BitmapStore::create(MemStorage::new(), 64 * MIB, G).unwrap();
+    st.add("a", G, Recording::Enabled).unwrap();
+    st.add("b", G, Recording::Enabled).unwrap();
+    let bytes = st.image().storage().to_vec();
+    let mut ro = BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap();
+    let r = ro.checkpoint("c");
+    assert!(matches!(r, Err(Error::ReadOnly)), "{r:?}");
+    let r = ro.export_since("a", "x");
+    assert!(matches!(r, Err(Error::ReadOnly)), "{r:?}");
+    let r = ro.export_since("nosuch", "x");
+    assert!(matches!(r, Err(Error::ReadOnly)), "{r:?}");
+}

@@ -1359,6 +1359,19 @@ fn a_polled_intent_says_poisoned_after_a_failed_durable_add() {
             matches!(r, Err(Error::Poisoned)),
             "write {k} of the add failed: {r:?}"
         );
+        // So do a mark, a commit and a new intent's wait (found by a review: they said
+        // `NotActive`, checking the closed view before the poison).
+        assert!(shared.lock().is_active());
+        for (what, r) in [
+            ("mark", t.mark(7 * G, 4096)),
+            ("commit", t.commit()),
+            ("wait", t.intent(5 * G, 4096).and_then(|i| i.wait())),
+        ] {
+            assert!(
+                matches!(r, Err(Error::Poisoned)),
+                "write {k} of the add failed, {what}: {r:?}"
+            );
+        }
     }
     assert!(failed > 1, "the add wrote {failed} times");
 }

@@ -967,6 +967,42 @@ fn a_failed_activation_does_not_leave_the_permission_for_a_later_one() {
     }
 }
 
+/// Found by a review: a permission granted while the store was active (a fail-back whose
+/// attempt failed before the stop, written as "accept, then activate if inactive") was
+/// kept through the next hand-over, and the activation after that took back `in_use`
+/// bits a destination set, whose guest's writes no bitmap held: the next stop wrote the
+/// bitmap clean without them. A stop of an active store now drops the permission.
+#[test]
+fn a_permission_granted_before_a_hand_over_does_not_apply_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.qcow2");
+    let mut a = BitmapStore::create(FileStorage::create(&img).unwrap(), 1 << 30, 65536).unwrap();
+    a.add("b", 65536, Recording::Enabled).unwrap();
+    a.activate().unwrap();
+    a.bitmap("b").unwrap().mark_dirty(0, 4096);
+    a.accept_destination_in_use();
+    a.inactivate().unwrap();
+    // The destination takes the image, its guest writes, and it dies before a flush.
+    let mut c = BitmapStore::open(
+        FileStorage::open(&img, OpenMode::ReadWrite).unwrap(),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    c.activate().unwrap();
+    c.bitmap("b").unwrap().mark_dirty(7 << 20, 4096);
+    drop(c);
+    let r = a.activate();
+    assert!(
+        matches!(
+            r,
+            Err(Error::WrongState(
+                dirty_bitmap::StateProblem::ChangedWhileInactive
+            ))
+        ),
+        "{r:?}"
+    );
+}
+
 /// Found by a review: a store takes back an image whose cluster 0 is the bytes it knows
 /// the disk holds when that is not its own encoding (a crash residue of a name move, or
 /// another program's layout), but a reftable growth, which writes the reftable's fields of

@@ -68,6 +68,9 @@ impl<S: Storage> BitmapStore<S> {
     /// read;
     /// [`Error::ReadOnly`]; I/O.
     pub fn checkpoint(&mut self, new: &str) -> Result<Option<BitmapName>> {
+        // The store's own state first: a read-only or poisoned store is refused as such,
+        // not for a chain it could never fix.
+        self.ensure_writable()?;
         // An untrusted bitmaps extension: its bitmaps would vanish with the commit below,
         // and the chain with them. Refused as an inconsistent recording bitmap is, or, when
         // its directory does not read (no slot lists it), as untrusted.
@@ -196,6 +199,9 @@ impl<S: Storage> BitmapStore<S> {
     /// As [`changed_since`](Self::changed_since) and [`add`](Self::add);
     /// [`Error::WrongState`] on an active store.
     pub fn export_since(&mut self, since: impl AsRef<[u8]>, into: &str) -> Result<()> {
+        // Before the union is built (up to the load budget's work): a store that cannot
+        // write `into` says so first.
+        self.ensure_writable()?;
         if self.active {
             return Err(Error::WrongState(StateProblem::Active));
         }

@@ -410,6 +410,12 @@ const GATHER_ROUNDS: u32 = 16;
 /// the list of bitmaps it last saw; after an `add`, a `remove`, a checkpoint, a
 /// `set_enabled` or a durable clear its fast path reads the store's current list instead
 /// (one lock-free load more), until the handle is cloned or [`refresh`](Self::refresh)ed.
+///
+/// Never mark, [`begin_write`](Self::begin_write), [`commit`](Self::commit) or
+/// [`Intent::wait`] while the same thread holds the store's lock
+/// ([`SharedStore::lock`]): a mark that needs a commit takes that lock, which is not
+/// re-entrant, and the thread would wait for itself for good. [`Intent::poll`] only tries
+/// it, and may be called there.
 #[derive(Debug)]
 pub struct DurableTracker<S: Storage> {
     inner: Arc<Inner<S>>,
@@ -681,11 +687,28 @@ impl<S: Storage> DurableTracker<S> {
     /// Runs one group commit, or waits for the one running, and returns when it finished.
     ///
     /// # Errors
-    /// The commit's error, or the first earlier commit failure.
+    /// The commit's error, or the first earlier commit failure; [`Error::Poisoned`] for a
+    /// poisoned store (a failed durable add or checkpoint poisons it and ends the trackers'
+    /// view: it never activates again); otherwise [`Error::WrongState`]
+    /// ([`StateProblem::NotActive`]) once the store left its durable activation.
     pub fn commit(&self) -> Result<()> {
         let inner = &self.inner;
         if !inner.marks.view.load().open {
-            return Err(Error::WrongState(StateProblem::NotActive));
+            // Poison first, as `Intent::poll` says it: a failed durable add or checkpoint
+            // also closes the view, and that store never activates again ("not active"
+            // would have its caller wait for an activation). Only tried: a holder of the
+            // store's lock may be the one closing the view, and waits for nothing here.
+            let poisoned = inner.commit.lock().failed
+                || inner
+                    .store
+                    .inner
+                    .try_lock()
+                    .is_some_and(|s| s.poisoned || s.image.is_poisoned());
+            return Err(if poisoned {
+                Error::Poisoned
+            } else {
+                Error::WrongState(StateProblem::NotActive)
+            });
         }
         let mut st = inner.commit.lock();
         if st.failed {

@@ -186,7 +186,8 @@ impl<S: Storage> BitmapStore<S> {
     /// set `in_use` may have written guest data, which no bitmap this handle holds has, and
     /// taking the image back would then be a false clean. Without it such an image is
     /// refused ([`StateProblem::ChangedWhileInactive`]). The next activation call takes it
-    /// first, whatever it then does (succeeds, fails, or finds the store active).
+    /// first, whatever it then does (succeeds, fails, or finds the store active); a stop
+    /// of the active store drops it (it is for the hand-over before it, not the next).
     pub fn accept_destination_in_use(&mut self) {
         self.accept_in_use = true;
     }
@@ -545,6 +546,9 @@ impl<S: Storage> BitmapStore<S> {
             }
             return Ok(FlushStats::default());
         }
+        // A permission to take back a destination's `in_use` is for the hand-over that
+        // came before it: this one's destination may run the guest, whatever happens next.
+        self.accept_in_use = false;
         self.ensure_writable()?;
         // Refused before anything is written: a bitmap still arriving would be written
         // consistent without its late bits, which would then land in memory alone.
