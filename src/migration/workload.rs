@@ -144,19 +144,25 @@ impl Workload {
             resumed: Condvar::new(),
             writes: AtomicU64::new(0),
         });
-        let mut threads = Vec::with_capacity(config.vcpus);
+        // Built first, so that a spawn that fails drops it: its Drop stops and joins the
+        // threads started before, which would otherwise write the RAM and its log after
+        // this returned the error.
+        let mut workload = Workload {
+            shared,
+            threads: Vec::with_capacity(config.vcpus),
+        };
         for v in 0..config.vcpus {
-            let shared = Arc::clone(&shared);
+            let shared = Arc::clone(&workload.shared);
             let rate = config.writes_per_sec as f64 / config.vcpus as f64;
             let pattern = config.pattern;
             let seed = config.seed ^ (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            threads.push(
+            workload.threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu-{v}"))
                     .spawn(move || vcpu(&shared, v, rate, pattern, seed))?,
             );
         }
-        Ok(Workload { shared, threads })
+        Ok(workload)
     }
 
     /// Page writes completed so far.
@@ -453,11 +459,24 @@ impl DiskWriter {
 
     /// Ends the thread; returns every offset written.
     pub fn shutdown(mut self) -> Vec<u64> {
+        self.stop_thread();
+        self.marks()
+    }
+
+    fn stop_thread(&mut self) {
         self.quit.store(true, SeqCst);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        self.marks()
+    }
+}
+
+/// A writer dropped without [`shutdown`](DiskWriter::shutdown) (its owner returned early
+/// on an error) stops too: its thread would otherwise go on marking, and in durable mode
+/// committing to the image, after its owner is gone.
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        self.stop_thread();
     }
 }
 
@@ -542,6 +561,21 @@ mod tests {
             throttled * 10 <= free,
             "99 %: {throttled}, unthrottled: {free}"
         );
+    }
+
+    /// Found by a review: a writer dropped without `shutdown` (its owner returned early on
+    /// an error) kept marking, and in durable mode committing, after its owner was gone.
+    #[test]
+    fn a_dropped_disk_writer_stops_marking() {
+        let disk = 1u64 << 40;
+        let bm = Arc::new(DirtyBitmap::new(disk, 65536).unwrap());
+        let w = DiskWriter::start(Tracker::new(vec![Arc::clone(&bm)]), disk, 100_000, 3, None);
+        std::thread::sleep(Duration::from_millis(50));
+        drop(w);
+        let after = bm.count();
+        assert!(after > 0, "the writer marked nothing");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(bm.count(), after, "marks after the drop");
     }
 
     #[test]

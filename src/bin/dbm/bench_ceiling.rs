@@ -61,6 +61,9 @@ struct Commits {
     /// The arrivals every finished commit covers: all commits that took earlier have
     /// finished too (their pages were written before this one's barrier started).
     done: u64,
+    /// The first write or barrier that failed: every writer stops (one waiting for a
+    /// commit that failed would wait for good), and the row is no figure.
+    failed: Option<String>,
     in_flight: u32,
     commits: u64,
 }
@@ -74,7 +77,7 @@ fn row(
     threads: usize,
     max_in_flight: u32,
     secs: f64,
-) -> (f64, f64) {
+) -> Result<(f64, f64), String> {
     let state = Mutex::new(Commits::default());
     let woken = Condvar::new();
     let writes = Mutex::new(());
@@ -95,11 +98,18 @@ fn row(
                             .collect();
                         if max_in_flight == 0 {
                             let _g = writes.lock();
-                            let ok = offs.iter().all(|&o| file.write_all_at(page, o).is_ok());
-                            if !ok || file.sync_data().is_err() {
+                            let r = offs
+                                .iter()
+                                .try_for_each(|&o| file.write_all_at(page, o))
+                                .and_then(|()| file.sync_data());
+                            let mut st = state.lock();
+                            if let Err(e) = r {
+                                st.failed.get_or_insert(e.to_string());
+                            }
+                            if st.failed.is_some() {
                                 return n;
                             }
-                            state.lock().commits += 1;
+                            st.commits += 1;
                             n += 1;
                             continue;
                         }
@@ -108,6 +118,9 @@ fn row(
                         st.arrivals += 1;
                         let me = st.arrivals;
                         while st.done < me {
+                            if st.failed.is_some() {
+                                return n;
+                            }
                             if st.taken >= me || st.in_flight >= max_in_flight {
                                 woken.wait(&mut st);
                                 continue;
@@ -130,17 +143,24 @@ fn row(
                             let upto = st.arrivals;
                             st.taken = upto;
                             drop(st);
-                            let ok = batch.iter().all(|&o| file.write_all_at(page, o).is_ok());
+                            let r = batch.iter().try_for_each(|&o| file.write_all_at(page, o));
                             drop(w);
-                            let ok = ok && file.sync_data().is_ok();
+                            let r = r.and_then(|()| file.sync_data());
                             st = state.lock();
                             st.in_flight -= 1;
-                            st.commits += 1;
-                            if ok {
-                                st.done = st.done.max(upto);
+                            // A failed commit counts as none, and its writes as never
+                            // durable: the waiters it covered stop with it.
+                            match r {
+                                Ok(()) => {
+                                    st.commits += 1;
+                                    st.done = st.done.max(upto);
+                                }
+                                Err(e) => {
+                                    st.failed.get_or_insert(e.to_string());
+                                }
                             }
                             woken.notify_all();
-                            if !ok {
+                            if st.failed.is_some() {
                                 return n;
                             }
                         }
@@ -154,29 +174,32 @@ fn row(
         hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
     });
     let el = start.elapsed().as_secs_f64().max(1e-9);
-    let commits = state.lock().commits;
-    (total as f64 / el, commits as f64 / el)
+    let st = state.lock();
+    if let Some(e) = &st.failed {
+        return Err(format!("the ceiling's writes failed: {e}"));
+    }
+    Ok((total as f64 / el, st.commits as f64 / el))
 }
 
 /// One writer for `secs`: a page and an `fdatasync` per write, with an `fstat` before each
 /// write when `stat`. Mean µs per write.
-fn one_writer(file: &File, span: u64, stat: bool, secs: f64) -> f64 {
+fn one_writer(file: &File, span: u64, stat: bool, secs: f64) -> Result<f64, String> {
     let mut rng = SmallRng::seed_from_u64(0x57a7);
     let page = [0x5au8; PAGE as usize];
     let stop = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut n = 0u64;
     while Instant::now() < stop {
-        if stat && file.metadata().is_err() {
-            break;
+        if stat {
+            file.metadata().map_err(|e| e.to_string())?;
         }
         let off = rng.random_range(0..span / PAGE) * PAGE;
-        if file.write_all_at(&page, off).and(file.sync_data()).is_err() {
-            break;
-        }
+        file.write_all_at(&page, off)
+            .and(file.sync_data())
+            .map_err(|e| format!("the ceiling's writes failed: {e}"))?;
         n += 1;
     }
-    start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
+    Ok(start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -214,10 +237,10 @@ pub fn measure(
     let (mut plain, mut stat) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         for (k, fly) in [0, 1, OVERLAP].into_iter().enumerate() {
-            r[k].push(row(&file, (span, parts), threads, fly, secs));
+            r[k].push(row(&file, (span, parts), threads, fly, secs)?);
         }
-        plain.push(one_writer(&file, span, false, secs / 2.0));
-        stat.push(one_writer(&file, span, true, secs / 2.0));
+        plain.push(one_writer(&file, span, false, secs / 2.0)?);
+        stat.push(one_writer(&file, span, true, secs / 2.0)?);
     }
     drop(file);
     let _ = std::fs::remove_file(&path);
