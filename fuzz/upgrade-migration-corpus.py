@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""Upgrades fuzz/corpus/migration_stream/ inputs from stream version 5 to 6 in place.
+"""Upgrades fuzz/corpus/migration_stream/ inputs from stream version 6 to 7 in place.
 
-Version 6 added the Hello's `incremental` byte after `resume` (docs/FORMAT.md, "Migration
-stream"). A version-5 input is refused at its stream header or its Hello, so the corpus the
-fuzzer found would no longer reach the protocol. This rewrites, per mode (src/fuzzing.rs,
+Version 7 changed no byte of the format: a shared disk's destination may send a Report during
+precopy (docs/FORMAT.md, "Migration stream"), which a version-6 source refuses, so the
+version moved. A version-6 input is refused at its stream header or its Hello, so the corpus
+the fuzzer found would no longer reach the protocol. This rewrites, per mode (src/fuzzing.rs,
 `migration_stream`):
   0 (reader): the stream header's version, then each well-formed frame up to the first that
-    is not; a Hello gains `incremental` = 0 and its version field reads 6; lengths and both
-    checksums are recomputed; the bytes after the last well-formed frame are kept as they are;
+    is not; a Hello's version field reads 7; lengths and both checksums are recomputed; the
+    bytes after the last well-formed frame are kept as they are;
   2 (payload decoders): a Hello payload (kind % 11 == 1);
   3 (destination over records): each `kind, len, payload` record of kind 1.
 Seeds (seed-*) come from fuzz/make-migration-corpus.py and are left alone. An input that does
-not parse as version 5 is left alone. Idempotent: a version-6 input is not touched.
+not parse as version 6 is left alone. Idempotent: a version-7 input is not touched.
+(Version 6 added the Hello's `incremental` byte after `resume`; commit d7b085d upgraded the
+corpus from 5 to 6 with this script's earlier form.)
 
     fuzz/upgrade-migration-corpus.py
 """
@@ -21,16 +24,15 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIR = os.path.join(HERE, "corpus", "migration_stream")
-MAGIC, OLD, NEW = 0x4442_4D4D, 5, 6
+MAGIC, OLD, NEW = 0x4442_4D4D, 6, 7
 HELLO = 1
-RESUME_END = 4 + 4 + 8 + 8 + 8 + 16 + 16  # version, page_size, ram_pages, id, bandwidth, nonce, resume
 
 
 def upgrade_hello(p):
-    """A version-5 Hello payload as version 6, or None if it is not one."""
-    if len(p) < RESUME_END or struct.unpack(">I", p[:4])[0] != OLD:
+    """A version-6 Hello payload as version 7, or None if it is not one."""
+    if len(p) < 4 or struct.unpack(">I", p[:4])[0] != OLD:
         return None
-    return struct.pack(">I", NEW) + p[4:RESUME_END] + b"\x00" + p[RESUME_END:]
+    return struct.pack(">I", NEW) + p[4:]
 
 
 def frame(kind, flags, reserved, seq, payload):

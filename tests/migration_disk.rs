@@ -1371,6 +1371,43 @@ fn over_tcp_the_destination_activates_the_shared_image_after_end_with_every_mark
     r.guest.vcpus.shutdown();
 }
 
+/// The source priced a destination's activate as a preload that followed its write log
+/// whatever the destination did: one built without a preload loaded every bitmap inside
+/// the downtime, in no figure. Now the destination says when its preload follows the log,
+/// and until then the source prices the whole load: here at the switchover too.
+#[test]
+fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
+    for preload in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, store) = new_store(dir.path());
+        let mut r = rig(&store, 27);
+        let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
+        if !preload {
+            dest = dest.without_preload();
+        }
+        let dest = Arc::new(Mutex::new(dest));
+        let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
+        assert_eq!(o.kind, Kind::Completed);
+        assert_eq!(dest.lock().unwrap().activated_from_preload(), preload);
+        assert_eq!(r.disk.dest_follows_log(), preload, "preload {preload}");
+        if !preload {
+            assert_eq!(
+                o.pending_at_switch.dest_disk_time,
+                r.disk.dest_time(),
+                "{o:?}"
+            );
+        }
+        let mut d = dest.lock().unwrap().take_store().unwrap();
+        let marks = r.guest.disk.marks();
+        let b = d.bitmap("b").unwrap();
+        assert!(marks.iter().all(|&m| b.is_dirty(m)), "preload {preload}");
+        d.inactivate().unwrap();
+        r.guest.disk.shutdown();
+        r.guest.vcpus.resume().unwrap();
+        r.guest.vcpus.shutdown();
+    }
+}
+
 /// One attempt over TCP to a shared-storage destination on `path` (durable or not) that
 /// must complete with the preloaded copy current at the stop (its activate read the bitmap
 /// no second time). Returns the store the destination took over and a copy of its bitmap

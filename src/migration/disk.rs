@@ -89,6 +89,15 @@ pub struct SharedDiskState<S: Storage> {
     dest_walk: std::time::Duration,
     dest_per_region: std::time::Duration,
     dest_commit: std::time::Duration,
+    /// The write log this attempt began (0 before), the last take sent, and the take of
+    /// the last whole LOG sent (0 for BEGIN): the destination preloads again there.
+    log_id: u64,
+    log_seq: u64,
+    whole_at: u64,
+    /// The destination said its preload follows the log from `whole_at` on
+    /// ([`disk_log_codec::PreloadReport`]): only then is its activate priced as a read of
+    /// what the last LOG names, and otherwise as a whole load.
+    dest_following: bool,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
     /// figure says the stop cannot be timed. It belongs to its attempt: `setup` drops it,
@@ -115,6 +124,10 @@ impl<S: Storage> SharedDiskState<S> {
             dest_walk: std::time::Duration::ZERO,
             dest_per_region: std::time::Duration::ZERO,
             dest_commit: std::time::Duration::ZERO,
+            log_id: 0,
+            log_seq: 0,
+            whole_at: 0,
+            dest_following: false,
             error: None,
         }
     }
@@ -161,12 +174,27 @@ impl<S: Storage> SharedDiskState<S> {
         self.dest_activate.map_or(Millis::MAX, millis_up)
     }
 
-    /// Sends `log`, if any, as a LOG section; the bytes put on the wire.
-    fn send_log(&self, out: &mut dyn Outbound, log: Option<crate::WriteLog>) -> Result<Bytes> {
-        match log {
-            Some(log) => out.send(self.id, &disk_log_codec::encode_log(&log)),
-            None => Ok(Bytes(0)),
+    /// Sends `log`, if any, as a LOG section; the bytes put on the wire. A whole one makes
+    /// the destination preload again: until it says it follows from there, its activate is
+    /// priced whole.
+    fn send_log(&mut self, out: &mut dyn Outbound, log: Option<crate::WriteLog>) -> Result<Bytes> {
+        let Some(log) = log else {
+            return Ok(Bytes(0));
+        };
+        // Before the send: a report that answers this LOG may be read as soon as it went.
+        self.log_seq = log.seq;
+        if log.whole {
+            self.whole_at = log.seq;
+            self.dest_following = false;
         }
+        out.send(self.id, &disk_log_codec::encode_log(&log))
+    }
+
+    /// Whether the destination said its preload follows this attempt's write log from the
+    /// last whole LOG on: the figures then price its activate as a read of what the last
+    /// LOG names, and otherwise as a whole load ([`dest_time`](Self::dest_time)).
+    pub fn dest_follows_log(&self) -> bool {
+        self.dest_following
     }
 
     /// The destination's part of the downtime when its preload follows the write log and
@@ -253,6 +281,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// barrier with nothing to write back (the destination's activate).
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.stop = FlushStats::default();
+        // Each attempt's destination preloads anew, and says so.
+        self.dest_following = false;
+        self.log_id = 0;
+        self.log_seq = 0;
+        self.whole_at = 0;
         // A figure's error of an earlier attempt (one that was cancelled, or failed after
         // the figure taken at its stop) says nothing of this one: a store that still fails
         // fails this attempt's own flushes and figures.
@@ -305,6 +338,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // BEGIN reaches it, so after the start, and reads again what each log names.
         let id = st.start_write_log();
         drop(st);
+        self.log_id = id;
         out.send(self.id, &disk_log_codec::encode_begin(id))
     }
 
@@ -335,13 +369,14 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         let (disk_time, dest_disk_time) = match work {
             Ok(w) => {
                 // The destination reads again what the last log will name: the regions
-                // logged since the last one went out, and those the stop writes.
+                // logged since the last one went out, and those the stop writes; if it
+                // said its preload follows the log. Otherwise it loads whole.
                 let dest = match logged {
-                    Some((regions, whole)) => self.dest_time_after(
+                    Some((regions, whole)) if self.dest_following => self.dest_time_after(
                         regions.saturating_add(w.bytes.0.div_ceil(region_size)),
                         whole,
                     ),
-                    None => self.dest_time(),
+                    _ => self.dest_time(),
                 };
                 (self.rate.time(w) + dest, dest)
             }
@@ -363,6 +398,30 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
 
     fn iterate(&mut self, _out: &mut dyn Outbound, _budget: Bytes) -> Result<Bytes> {
         Ok(Bytes(0))
+    }
+
+    /// The destination's preload report ([`disk_log_codec::PreloadReport`]): "following"
+    /// for this attempt's log from its last whole LOG on lets the figures price the
+    /// destination's activate as a read of what the last LOG names; "not following" (a
+    /// preload or a re-read that failed) prices it whole again. A report of an earlier
+    /// whole LOG's preload is stale and changes nothing.
+    ///
+    /// # Errors
+    /// A payload that does not decode, or names a log this attempt did not begin or a
+    /// take it has not sent: the attempt fails.
+    fn notice(&mut self, payload: &[u8]) -> Result<()> {
+        let r = disk_log_codec::decode_report(payload)?;
+        if self.log_id == 0 || r.id != self.log_id || r.after > self.log_seq {
+            return Err(MigrationError::InvalidInput(format!(
+                "the destination reported a preload of log {} after take {}, where this \
+                 attempt's log is {} and its last take sent {}",
+                r.id, r.after, self.log_id, self.log_seq
+            )));
+        }
+        if r.after == self.whole_at {
+            self.dest_following = r.following;
+        }
+        Ok(())
     }
 
     /// Writes the changed regions, if any, and measures the disk with them.
@@ -528,6 +587,12 @@ pub struct SharedDiskDest<S: Storage> {
     open: Opener<S>,
     preload: Option<Opener<S>>,
     preloaded: Option<crate::Preloaded>,
+    /// The log and take the last preload follows from (set whether or not it succeeded).
+    preload_at: Option<(u64, u64)>,
+    /// What this attempt last told the source of its preload.
+    told: Option<disk_log_codec::PreloadReport>,
+    /// The source switched over: nothing more is told.
+    switched: bool,
     /// The read-only store the preload came from, which reads what each log names.
     reader: Option<crate::BitmapStore<S>>,
     /// The source's last log, read at the activate.
@@ -557,10 +622,10 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// `open` when it takes over.
     ///
     /// Give it a preload ([`with_preload`](Self::with_preload); [`file`](SharedDiskDest::file)
-    /// does): the source's downtime figure prices this end's activate as a preload that
-    /// followed its write log, reading only what the last log names. Without one (or when
-    /// the preload fails) the activate loads every bitmap whole inside the downtime, which
-    /// the source, unable to see how this end was built, does not count.
+    /// does): once it follows the source's write log, this end says so, and the source's
+    /// downtime figure prices its activate as a read of what the last log names. Without
+    /// one (or when the preload fails) the activate loads every bitmap whole inside the
+    /// downtime, and the source, told nothing, prices exactly that.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
@@ -570,6 +635,9 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             open: Box::new(open),
             preload: None,
             preloaded: None,
+            preload_at: None,
+            told: None,
+            switched: false,
             reader: None,
             last_log: None,
             from_preload: false,
@@ -623,6 +691,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     fn preload_following(&mut self, id: u64, after: u64) {
         self.preloaded = None;
         self.reader = None;
+        self.preload_at = Some((id, after));
         let Some(open) = self.preload.as_mut() else {
             return;
         };
@@ -640,8 +709,8 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
 
     /// No preload: the activate loads the bitmaps whole inside the downtime, as QEMU's
     /// destination does (the benchmarks' baseline, whose source, as QEMU's, prices no disk
-    /// time at all). Against a source of this crate's own stop, that load is in no figure:
-    /// see [`new`](Self::new).
+    /// time at all). A source of this crate's own stop prices that whole load: see
+    /// [`new`](Self::new).
     #[must_use]
     pub fn without_preload(mut self) -> Self {
         self.preload = None;
@@ -659,6 +728,31 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// The active store, once the destination started; it is the caller's from here on.
     pub fn take_store(&mut self) -> Option<crate::BitmapStore<S>> {
         self.store.take()
+    }
+
+    /// The report to send after a section, if the preload's state changed since the last
+    /// one this attempt sent: it started following the log (at BEGIN, or again after a
+    /// whole LOG), or stopped (a preload or a re-read that failed). The source starts out
+    /// assuming a whole load, so a preload that never followed tells nothing.
+    fn news(&mut self) -> Option<Vec<u8>> {
+        if self.switched {
+            return None;
+        }
+        let (id, after) = self.preload_at?;
+        let now = disk_log_codec::PreloadReport {
+            following: self.preloaded.as_ref().is_some_and(|p| p.is_following()),
+            id,
+            after,
+        };
+        let changed = match self.told {
+            None => now.following,
+            Some(t) => t != now && (t.following || now.following),
+        };
+        if !changed {
+            return None;
+        }
+        self.told = Some(now);
+        Some(disk_log_codec::encode_report(now))
     }
 }
 
@@ -732,16 +826,27 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         // preload waits for the source's BEGIN (its log must start first).
         self.store = None;
         self.preloaded = None;
+        self.preload_at = None;
+        self.told = None;
+        self.switched = false;
         self.reader = None;
         self.last_log = None;
         self.undo_error = None;
         Ok(())
     }
 
+    /// From here on nothing is told: a report now would reach a source that waits for
+    /// Started (which skips it).
+    fn switchover(&mut self, _postcopy: bool) {
+        self.switched = true;
+    }
+
     /// The source's BEGIN: preload now, read-only beside the running source. Its LOGs:
     /// read again the regions each names; a whole one: preload again, following the log
     /// from there. A preload that cannot follow is never trusted as is: the activate reads
-    /// every bitmap again.
+    /// every bitmap again. Whenever the preload starts or stops following the log, the
+    /// answer tells the source ([`disk_log_codec::PreloadReport`]), whose figures price
+    /// this end's activate as a read of the last LOG's regions only while it follows.
     fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
         // Regions are kept only for a bitmap the preload holds, at its region count: a LOG
         // costs at most the preload's own region sets, whatever it names.
@@ -753,8 +858,11 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
                 self.preload_following(log.id, log.seq);
             }
             // The last one arrives inside the downtime: read with the activate, so that
-            // the activate's time holds it.
-            LogSection::Log(log) if log.last => self.last_log = Some(log),
+            // the activate's time holds it. Nothing is told then.
+            LogSection::Log(log) if log.last => {
+                self.last_log = Some(log);
+                return Ok(None);
+            }
             LogSection::Log(log) => {
                 if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
                     // A read that fails ends the following; the activate reads it all.
@@ -762,7 +870,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
                 }
             }
         }
-        Ok(None)
+        Ok(self.news())
     }
 
     fn before_start(&mut self) -> Result<()> {
@@ -800,6 +908,8 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
 
     fn failed(&mut self) {
         self.preloaded = None;
+        self.preload_at = None;
+        self.told = None;
         self.reader = None;
         self.last_log = None;
         if let Some(mut st) = self.store.take() {
@@ -1148,6 +1258,202 @@ mod tests {
             assert_eq!(p.stop_only, p.must_precopy, "exact {exact}: {p:?}");
             assert_eq!(state.iterate(&mut Sink, Bytes(1 << 20)).unwrap(), Bytes(0));
         }
+    }
+
+    /// A link that keeps every payload, for a destination to read.
+    #[derive(Default)]
+    struct Wire(Vec<Vec<u8>>);
+
+    impl Outbound for Wire {
+        fn send(&mut self, _: StateId, payload: &[u8]) -> Result<Bytes> {
+            self.0.push(payload.to_vec());
+            Ok(Bytes(payload.len() as u64))
+        }
+        fn control(&mut self, _: &crate::migration::Control) -> Result<Bytes> {
+            Ok(Bytes(0))
+        }
+        fn bytes_sent(&self) -> Bytes {
+            Bytes(0)
+        }
+    }
+
+    /// What the destination answered to what the source sent since the last call.
+    fn answers(wire: &mut Wire, dest: &mut SharedDiskDest<Arc<MemStorage>>) -> Vec<Vec<u8>> {
+        std::mem::take(&mut wire.0)
+            .iter()
+            .filter_map(|p| dest.section(p).unwrap())
+            .collect()
+    }
+
+    /// A source on an active store and a destination on the same image, preloading
+    /// through `preload` (read-only opens of the image) unless it is `None`.
+    fn shared_pair(
+        preload: bool,
+    ) -> (
+        SharedDiskState<Arc<MemStorage>>,
+        SharedDiskDest<Arc<MemStorage>>,
+        Arc<MemStorage>,
+    ) {
+        let mem = Arc::new(MemStorage::new());
+        let mut st = BitmapStore::create(Arc::clone(&mem), DISK, 65536).unwrap();
+        st.add("b", G, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        st.bitmap("b").unwrap().mark_dirty(0, 1);
+        let state = SharedDiskState::new(1, "disk", SharedStore::new(st));
+        let (w, r) = (Arc::clone(&mem), Arc::clone(&mem));
+        let dest = SharedDiskDest::new("disk", move || {
+            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
+        });
+        let dest = if preload {
+            dest.with_preload(move || BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly))
+        } else {
+            dest
+        };
+        (state, dest, mem)
+    }
+
+    /// The source priced the destination's activate as a read of the last log's regions
+    /// from its setup on, whether or not the destination preloaded: one built without a
+    /// preload (or whose preload failed) loaded every bitmap inside the downtime, in no
+    /// figure. Now the figure holds the whole load until the destination says its preload
+    /// follows the log, and again from a whole LOG until it says so anew.
+    #[test]
+    fn the_destinations_activate_is_priced_whole_until_it_says_its_preload_follows() {
+        for preload in [true, false] {
+            let (mut state, mut dest, _) = shared_pair(preload);
+            dest.hello(1, Binding::default()).unwrap();
+            let mut wire = Wire::default();
+            state.setup(&mut wire).unwrap();
+            // Timings as a large bitmap's: its whole load far above a read of a few
+            // regions (those measured here are a millisecond or less either way).
+            state.dest_walk = std::time::Duration::from_millis(2);
+            state.dest_per_region = std::time::Duration::from_micros(10);
+            state.dest_commit = std::time::Duration::from_millis(1);
+            state.dest_activate = Some(std::time::Duration::from_millis(500));
+            let whole = state.dest_time();
+            assert_eq!(whole, Millis(500));
+            assert_eq!(state.pending(false).dest_disk_time, whole);
+            assert_eq!(state.pending(true).dest_disk_time, whole);
+            assert!(!state.dest_follows_log());
+            let told = answers(&mut wire, &mut dest);
+            assert_eq!(
+                told.len(),
+                usize::from(preload),
+                "preload {preload}: {told:?}"
+            );
+            for r in &told {
+                state.notice(r).unwrap();
+            }
+            assert_eq!(state.dest_follows_log(), preload);
+            if !preload {
+                assert_eq!(state.pending(true).dest_disk_time, whole);
+                continue;
+            }
+            let following = state.pending(true).dest_disk_time;
+            assert!(following < Millis(100), "{following:?}");
+            // A flush and its log: nothing new to tell.
+            state
+                .store
+                .lock()
+                .bitmap("b")
+                .unwrap()
+                .mark_dirty(1 << 30, 1);
+            state.flush().unwrap();
+            state.after_flush(&mut wire).unwrap();
+            assert!(answers(&mut wire, &mut dest).is_empty());
+            assert!(state.dest_follows_log());
+            // A directory commit makes the log whole: priced whole until the
+            // destination's new preload says it follows from there.
+            state.store.lock().add("c", G, Recording::Disabled).unwrap();
+            state
+                .store
+                .lock()
+                .bitmap("b")
+                .unwrap()
+                .mark_dirty(2 << 30, 1);
+            state.flush().unwrap();
+            state.after_flush(&mut wire).unwrap();
+            assert!(!state.dest_follows_log());
+            assert_eq!(state.pending(false).dest_disk_time, whole);
+            let told = answers(&mut wire, &mut dest);
+            assert_eq!(told.len(), 1, "{told:?}");
+            // The report of the first preload, arriving late, changes nothing.
+            let stale = disk_log_codec::encode_report(disk_log_codec::PreloadReport {
+                following: true,
+                id: state.log_id,
+                after: 0,
+            });
+            state.notice(&stale).unwrap();
+            assert!(!state.dest_follows_log());
+            state.notice(&told[0]).unwrap();
+            assert!(state.dest_follows_log());
+            // After the switchover the destination tells nothing more, the last log
+            // included.
+            dest.switchover(false);
+            state.complete(&mut wire).unwrap();
+            assert!(answers(&mut wire, &mut dest).is_empty());
+        }
+    }
+
+    /// A report that names a log this attempt never began, a take it never sent, or that
+    /// does not decode fails the attempt; so does one to a source that began no log.
+    #[test]
+    fn a_preload_report_for_another_log_or_a_take_never_sent_is_refused() {
+        let (mut state, _, _) = shared_pair(false);
+        let report = |id, after| {
+            disk_log_codec::encode_report(disk_log_codec::PreloadReport {
+                following: true,
+                id,
+                after,
+            })
+        };
+        assert!(state.notice(&report(1, 0)).is_err(), "no log begun");
+        state.setup(&mut Wire::default()).unwrap();
+        let id = state.log_id;
+        assert!(state.notice(&report(id ^ 1, 0)).is_err());
+        assert!(state.notice(&report(id, 1)).is_err(), "take 1 never sent");
+        assert!(state.notice(&[1, 2, 3]).is_err());
+        assert!(!state.dest_follows_log());
+        state.notice(&report(id, 0)).unwrap();
+        assert!(state.dest_follows_log());
+        // A "not following" for the same preload prices it whole again.
+        let mut stopped = report(id, 0);
+        stopped[0] = 0;
+        state.notice(&stopped).unwrap();
+        assert!(!state.dest_follows_log());
+    }
+
+    /// A preload that fails tells the source nothing (it prices a whole load already); one
+    /// that followed and then could not read what a log names says it stopped.
+    #[test]
+    fn a_destination_says_when_its_preload_stops_following() {
+        let (mut state, mut dest, mem) = shared_pair(true);
+        dest.hello(1, Binding::default()).unwrap();
+        let mut wire = Wire::default();
+        state.setup(&mut wire).unwrap();
+        let told = answers(&mut wire, &mut dest);
+        assert_eq!(told.len(), 1);
+        state.notice(&told[0]).unwrap();
+        // A log whose region the reader cannot read: the image cut short under it.
+        state
+            .store
+            .lock()
+            .bitmap("b")
+            .unwrap()
+            .mark_dirty(3 << 30, 1);
+        state.flush().unwrap();
+        let len = mem.len().unwrap();
+        state.after_flush(&mut wire).unwrap();
+        let bytes = mem.to_vec();
+        mem.set_len(4096).unwrap();
+        let told = answers(&mut wire, &mut dest);
+        mem.set_len(len).unwrap();
+        mem.write_all_at(&bytes, 0).unwrap();
+        assert_eq!(told.len(), 1, "{told:?}");
+        let r = disk_log_codec::decode_report(&told[0]).unwrap();
+        assert!(!r.following, "{r:?}");
+        state.notice(&told[0]).unwrap();
+        assert!(!state.dest_follows_log());
     }
 
     #[test]

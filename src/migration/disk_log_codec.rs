@@ -17,6 +17,12 @@
 //! The regions of an entry are, with encoding 0, a count (4) and that many region numbers
 //! (8 each, ascending); with encoding 1, one bit per region (bit `k` of byte `i` is region
 //! `8 i + k`), `ceil(region count / 8)` bytes. The encoder picks the shorter.
+//!
+//! The destination answers, in a Report frame during precopy, whenever its preload's state
+//! changed ([`PreloadReport`]): following (1) or not (0) (1), log id (8), and the take
+//! after which it follows the log (8: 0 for a preload at BEGIN, the sequence number of the
+//! whole LOG it preloaded again at). Until the source hears "following" for its log as it
+//! last made it whole, it prices the destination's activate as a whole load.
 
 use std::collections::BTreeSet;
 
@@ -50,6 +56,63 @@ pub enum LogSection {
 
 fn bad(reason: impl Into<String>) -> FrameError {
     FrameError::payload("disk log", reason)
+}
+
+/// Length of a [`PreloadReport`] payload.
+pub const PRELOAD_REPORT_LEN: usize = 17;
+
+/// What a shared-storage destination tells its source of its preload, in a Report frame
+/// during precopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreloadReport {
+    /// Whether the preload follows the log: the activate then reads again only what the
+    /// last LOG names. If not, it reads every bitmap whole.
+    pub following: bool,
+    /// The log (BEGIN's id).
+    pub id: u64,
+    /// The take after which the preload follows: 0 from BEGIN, or the sequence number of
+    /// the whole LOG it preloaded again at.
+    pub after: u64,
+}
+
+/// Encodes a preload report.
+pub fn encode_report(r: PreloadReport) -> Vec<u8> {
+    let mut out = vec![u8::from(r.following)];
+    out.extend_from_slice(&r.id.to_be_bytes());
+    out.extend_from_slice(&r.after.to_be_bytes());
+    out
+}
+
+/// Decodes a preload report.
+///
+/// # Errors
+/// [`FrameError::BadPayload`] for a payload that is not [`PRELOAD_REPORT_LEN`] bytes, a
+/// first byte other than 0 or 1, or a log id of 0.
+pub fn decode_report(payload: &[u8]) -> Result<PreloadReport> {
+    let malformed = || {
+        bad(format!(
+            "a preload report is {PRELOAD_REPORT_LEN} bytes: following (0 or 1), log id (not 0), take"
+        ))
+    };
+    if payload.len() != PRELOAD_REPORT_LEN {
+        return Err(malformed().into());
+    }
+    let following = match be_u8(payload, 0) {
+        Some(0) => false,
+        Some(1) => true,
+        _ => return Err(malformed().into()),
+    };
+    let (Some(id), Some(after)) = (be_u64(payload, 1), be_u64(payload, 9)) else {
+        return Err(malformed().into());
+    };
+    if id == 0 {
+        return Err(malformed().into());
+    }
+    Ok(PreloadReport {
+        following,
+        id,
+        after,
+    })
 }
 
 /// Encodes a BEGIN section.
@@ -309,6 +372,29 @@ mod tests {
     /// A caller that holds nothing.
     fn none(_: &[u8], _: u64) -> bool {
         false
+    }
+
+    #[test]
+    fn a_preload_report_round_trips_and_nothing_else_decodes() {
+        for r in [
+            PreloadReport { following: true, id: 7, after: 0 },
+            PreloadReport { following: false, id: u64::MAX, after: 12 },
+        ] {
+            let bytes = encode_report(r);
+            assert_eq!(bytes.len(), PRELOAD_REPORT_LEN);
+            assert_eq!(decode_report(&bytes).unwrap(), r);
+            for cut in 0..bytes.len() {
+                assert!(decode_report(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert!(decode_report(&long).is_err());
+            let mut flag = bytes.clone();
+            flag[0] = 2;
+            assert!(decode_report(&flag).is_err());
+        }
+        let zero_id = encode_report(PreloadReport { following: true, id: 0, after: 0 });
+        assert!(decode_report(&zero_id).is_err());
     }
 
     #[test]

@@ -54,7 +54,10 @@
 //! The loop speaks the stream's protocol (`docs/FORMAT.md`, "Migration stream") through
 //! [`Outbound`]: a Hello before the states' setup, then the destination's
 //! [`DestMessage::Report`] to each state whose setup asked what was kept
-//! ([`MigrationState::awaits_report`]), waited for before the first turn; precopy completion is VM stop, a
+//! ([`MigrationState::awaits_report`]), waited for before the first turn, and any other
+//! Report, read at each precopy turn, to its state's [`MigrationState::notice`] (a shared
+//! disk's destination tells whether its preload follows the source's write log; one that
+//! arrives while the loop waits for Started is skipped); precopy completion is VM stop, a
 //! Switchover frame, every state's `complete`, End, and the destination's
 //! [`DestMessage::Started`] ends the downtime; postcopy is VM stop, every state's
 //! `postcopy_start` (RAM's discards), Switchover(postcopy), Started, then page requests
@@ -88,6 +91,12 @@ pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
+
+/// The most Reports the loop reads in one precopy turn, and the most it skips while it
+/// waits for Started (news a destination sent before it read the switchover: one per state
+/// per section at most, and a shared disk's destination sends one when its preload's state
+/// changes).
+const MAX_LATE_REPORTS: usize = 64;
 
 /// Which comparisons gate the exact query and decide the switchover.
 #[doc(hidden)]
@@ -939,7 +948,7 @@ where
         loop {
             // The destination speaks during precopy only to give up (an Abort after a
             // corrupt frame, say): stop sending at once.
-            if let Err(e) = self.poll_precopy() {
+            if let Err(e) = self.poll_precopy(states) {
                 return Err(self.fail_running(states, e));
             }
             let windows = self.windows;
@@ -1172,11 +1181,10 @@ where
             match self.inbound.recv()? {
                 DestMessage::Report { state, payload } => {
                     let Some(at) = want.iter().position(|&w| w == state) else {
-                        return Err(ProtocolError::UnexpectedMessage {
-                            kind: FrameKind::Report,
-                            when: "for a state that asked nothing or was answered",
-                        }
-                        .into());
+                        // News of a state that asked nothing (a shared disk's preload
+                        // answers its BEGIN): the state takes or refuses it.
+                        Self::notice(states, state, &payload)?;
+                        continue;
                     };
                     want.swap_remove(at);
                     if let Some(s) = states.iter_mut().find(|s| s.id() == state) {
@@ -1197,14 +1205,42 @@ where
         Ok(())
     }
 
-    /// Reads what the destination said during precopy: nothing is expected but an Abort.
-    fn poll_precopy(&mut self) -> Result<()> {
-        match self.inbound.try_recv()? {
-            None => Ok(()),
-            Some(DestMessage::Aborted(why)) => Err(MigrationError::PeerAborted(why)),
-            Some(other) => Err(ProtocolError::UnexpectedMessage {
-                kind: other.kind(),
-                when: "before the switchover",
+    /// Reads everything the destination said during precopy: an Abort, or a state's news
+    /// ([`MigrationState::notice`]), which that state takes (the next figure uses it) or
+    /// refuses.
+    fn poll_precopy(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
+        // At most this many per turn: a destination that keeps talking cannot hold the
+        // loop here.
+        for _ in 0..MAX_LATE_REPORTS {
+            let Some(msg) = self.inbound.try_recv()? else {
+                break;
+            };
+            match msg {
+                DestMessage::Aborted(why) => return Err(MigrationError::PeerAborted(why)),
+                DestMessage::Report { state, payload } => Self::notice(states, state, &payload)?,
+                other => {
+                    return Err(ProtocolError::UnexpectedMessage {
+                        kind: other.kind(),
+                        when: "before the switchover",
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a Report the destination sent unasked to its state.
+    fn notice(
+        states: &mut [&mut dyn MigrationState],
+        state: StateId,
+        payload: &[u8],
+    ) -> Result<()> {
+        match states.iter_mut().find(|s| s.id() == state) {
+            Some(s) => s.notice(payload),
+            None => Err(ProtocolError::UnexpectedMessage {
+                kind: FrameKind::Report,
+                when: "for a state this migration does not have",
             }
             .into()),
         }
@@ -1331,18 +1367,32 @@ where
     /// wrong one is [`MigrationError::OutcomeUnknown`].
     fn await_start(&mut self) -> Result<()> {
         let unknown = |e| MigrationError::OutcomeUnknown(Box::new(e));
-        match self.inbound.recv().map_err(unknown)? {
-            DestMessage::Started => Ok(()),
-            DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
-            DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
-            other => Err(unknown(
-                ProtocolError::UnexpectedMessage {
-                    kind: other.kind(),
-                    when: "instead of starting",
-                }
-                .into(),
-            )),
+        // A destination that keeps sending news instead of starting is answered as one
+        // that sent anything else: its news are bounded by the sections it read.
+        for _ in 0..=MAX_LATE_REPORTS {
+            return match self.inbound.recv().map_err(unknown)? {
+                DestMessage::Started => Ok(()),
+                DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
+                DestMessage::Aborted(why) => Err(MigrationError::PeerAborted(why)),
+                // A state's news sent before the destination read the switchover (its
+                // answer to a precopy section): too late for any figure.
+                DestMessage::Report { .. } => continue,
+                other => Err(unknown(
+                    ProtocolError::UnexpectedMessage {
+                        kind: other.kind(),
+                        when: "instead of starting",
+                    }
+                    .into(),
+                )),
+            };
         }
+        Err(unknown(
+            ProtocolError::UnexpectedMessage {
+                kind: FrameKind::Report,
+                when: "again and again instead of starting",
+            }
+            .into(),
+        ))
     }
 
     /// Stops the VM at the decision. The downtime starts before `stop` is called, as in

@@ -1042,6 +1042,10 @@ impl<M: MigrationState> MigrationState for SimMarked<M> {
         self.writer.accrue();
         self.state.report(payload)
     }
+    fn notice(&mut self, payload: &[u8]) -> Result<()> {
+        self.writer.accrue();
+        self.state.notice(payload)
+    }
     fn setup(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.writer.accrue();
         self.state.setup(out)

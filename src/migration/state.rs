@@ -135,6 +135,23 @@ pub trait MigrationState {
         )))
     }
 
+    /// A Report its destination counterpart sent unasked during precopy (every Report for
+    /// a state that is not awaiting [`report`](Self::report)'s answer), in the state's own
+    /// format: news the state's figures may use, such as a shared-storage destination's
+    /// preload ([`super::disk::SharedDiskState`]). One that arrives after the switchover
+    /// is too late for any figure and is dropped unread.
+    ///
+    /// # Errors
+    /// A payload the state refuses; the attempt fails. The default refuses every one: the
+    /// state's destination has nothing to tell it.
+    fn notice(&mut self, payload: &[u8]) -> Result<()> {
+        let _ = payload;
+        Err(MigrationError::InvalidInput(format!(
+            "state {} takes no news from its destination",
+            self.name()
+        )))
+    }
+
     /// Sends up to about `budget` bytes (a state may overshoot by one batch) while the VM
     /// runs, and returns the bytes put on the wire.
     ///
