@@ -566,6 +566,13 @@ pub fn migration_stream(data: &[u8]) {
                             "report round trip"
                         );
                     }
+                    if let Ok(r) = disk_log_codec::decode_report(payload) {
+                        assert_eq!(
+                            &disk_log_codec::encode_report(r),
+                            payload,
+                            "preload report round trip"
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -884,8 +891,11 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
 /// no more leaks than it found but those it keeps at refcount 2 (`leaks_uncopied`: a
 /// cluster another reference it removed shared with a guest table entry without COPIED);
 /// no bitmap loses a bit: each that loaded before and is still listed loads a superset of
-/// its bits (all of them for one the repair made all dirty), and one inconsistent before
-/// stays inconsistent; after `-r all` the image has no corruption, and the store opens it;
+/// its bits (all of them for one the repair made all dirty), one that loaded is gone only
+/// if the report removed it or its directory, and one inconsistent before stays
+/// inconsistent; after an `-r all` that removed a bitmap, every consistent bitmap left
+/// loads all dirty, and they are the ones the report says it made all dirty; after `-r all`
+/// the image has no corruption, and the store opens it;
 /// a second repair of the same kind finds nothing to do and writes nothing.
 pub fn repair(data: &[u8]) {
     use crate::store::repair::{repair, Repair};
@@ -942,8 +952,41 @@ pub fn repair(data: &[u8]) {
     let bytes = st.to_vec();
     if let Ok(s) = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadOnly) {
         let listed = s.list();
+        // A removal makes every kept consistent bitmap all dirty (a removed bitmap may
+        // have held writes it lacks): checked on the image as it is, whether or not the
+        // store could read it before (it refuses a directory with one broken entry).
+        if what == Repair::All && !report.removed.is_empty() {
+            let consistent: Vec<&crate::BitmapName> = listed
+                .iter()
+                .filter(|i| i.state == BitmapState::Consistent)
+                .map(|i| &i.name)
+                .collect();
+            for name in &consistent {
+                let bm = s.load(name).unwrap_or_else(|e| {
+                    panic!("-r all left {name:?} consistent and unloadable: {e}")
+                });
+                assert_eq!(
+                    bm.count(),
+                    bm.bit_count(),
+                    "-r all removed {:?} and kept {name:?} with clean bits ({report:?})",
+                    report.removed
+                );
+            }
+            let said: Vec<&crate::BitmapName> = report.made_all_dirty.iter().collect();
+            assert_eq!(
+                said, consistent,
+                "made all dirty, as reported and as loaded"
+            );
+        }
         for (name, was) in &held {
             let Some(now) = listed.iter().find(|i| i.name == *name) else {
+                // Gone: only a bitmap the repair says it removed, or with the directory.
+                assert!(
+                    was.is_none()
+                        || report.extension_dropped.is_some()
+                        || report.removed.iter().any(|(n, _)| n == name),
+                    "{what:?} dropped {name:?}, which loaded, without a word ({report:?})"
+                );
                 continue;
             };
             match (was, s.load(name)) {

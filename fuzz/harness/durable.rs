@@ -576,9 +576,31 @@ impl<'a> Harness<'a> {
             DOp::Remove { name } => {
                 let n = NAMES[name];
                 let want = first([missing(&self.model, n)]);
+                // The rule of `docs/CRASH-CONSISTENCY.md` ("Commit"), modelled apart from
+                // the code: removing the bitmap that records while no kept one records
+                // (the end of a chain) makes every kept bitmap all dirty (a durable bitmap
+                // is never inconsistent).
+                let chain_ends = self.model.bms.iter().any(|b| b.name == n && b.enabled)
+                    && !self.model.bms.iter().any(|b| b.name != n && b.enabled);
                 let got = self.lock().remove(n);
-                if self.check(ctx, want, got).is_some() {
+                if let Some(made) = self.check(ctx, want, got) {
                     self.model.bms.retain(|b| b.name != n);
+                    let want: Vec<&str> = if chain_ends {
+                        self.model.bms.iter().map(|b| b.name).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let made: Vec<&str> = made
+                        .iter()
+                        .map(|m| m.to_str().unwrap_or_default())
+                        .collect();
+                    assert_eq!(made, want, "{ctx}: made all dirty by the removal of {n}");
+                    if chain_ends {
+                        let size = self.model.size;
+                        for b in &mut self.model.bms {
+                            b.must.extend(granules(size, b.granularity, 0, size));
+                        }
+                    }
                 }
             }
             DOp::Mark {

@@ -307,6 +307,31 @@ impl Model {
         self.bms.iter().position(|b| b.name == name)
     }
 
+    /// The bitmaps a removal of bitmap `i` must make all dirty, in directory order, by the
+    /// rule of `docs/CRASH-CONSISTENCY.md` ("Commit"), modelled here apart from the code:
+    /// every kept consistent bitmap, when the removed one is inconsistent (it may have held
+    /// writes they lack) or is the one that records while no kept one records (the end of
+    /// a chain: its writes would be in no kept bitmap).
+    fn made_all_dirty(&self, i: usize) -> Vec<String> {
+        let gone = &self.bms[i];
+        let kept = || {
+            self.bms
+                .iter()
+                .enumerate()
+                .filter(move |&(j, _)| j != i)
+                .map(|(_, b)| b)
+        };
+        let chain_ends =
+            gone.consistent && gone.enabled && !kept().any(|b| b.consistent && b.enabled);
+        if gone.consistent && !chain_ends {
+            return Vec::new();
+        }
+        kept()
+            .filter(|b| b.consistent)
+            .map(|b| b.name.clone())
+            .collect()
+    }
+
     /// `NotFound` or `Inconsistent` for a bitmap that must exist and be consistent.
     fn usable(&self, name: &str) -> Result<usize, Want> {
         let i = self.find(name).ok_or(Want::NotFound)?;
@@ -547,10 +572,26 @@ impl<'a> Crash<'a> {
             }
             Op::Remove { name } => {
                 let n = Self::name(name);
-                let want = self.model.find(n).map(|_| ()).ok_or(Want::NotFound);
+                let found = self.model.find(n);
+                let want = found.map(|_| ()).ok_or(Want::NotFound);
+                let all_dirty = found.map_or_else(Vec::new, |i| self.model.made_all_dirty(i));
                 let got = self.store().remove(n);
-                if self.expect(ctx, want, got).is_some() {
+                if let Some(made) = self.expect(ctx, want, got) {
+                    let made: Vec<&str> = made
+                        .iter()
+                        .map(|m| m.to_str().unwrap_or_default())
+                        .collect();
+                    assert_eq!(
+                        made, all_dirty,
+                        "{ctx}: made all dirty by the removal of {n}"
+                    );
                     self.model.bms.retain(|b| b.name != n);
+                    for b in &mut self.model.bms {
+                        if all_dirty.contains(&b.name) {
+                            b.mem.extend(granules(size, b.granularity, 0, size));
+                            b.req.extend(granules(size, b.granularity, 0, size));
+                        }
+                    }
                 }
             }
             Op::Mark { name, offset, len } => {
