@@ -92,10 +92,10 @@ pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 
-/// The most Reports the loop reads in one precopy turn, and the most it skips while it
-/// waits for Started (news a destination sent before it read the switchover: one per state
-/// per section at most, and a shared disk's destination sends one when its preload's state
-/// changes).
+/// The most Reports the loop reads in one precopy turn, and, per state, the most it skips
+/// while it waits for Started (news a destination sent before it read the switchover: a
+/// shared disk's destination sends one when its preload's state changes, in answer to a
+/// section).
 const MAX_LATE_REPORTS: usize = 64;
 
 /// Which comparisons gate the exact query and decide the switchover.
@@ -946,8 +946,9 @@ where
         let mut period: Option<(u64, Bytes, Bytes)> = None;
         let mut dirty_high = 0u32;
         loop {
-            // The destination speaks during precopy only to give up (an Abort after a
-            // corrupt frame, say): stop sending at once.
+            // The destination speaks during precopy to give up (an Abort after a corrupt
+            // frame, say: stop sending at once) or with a state's news (a shared disk's
+            // preload now follows the log: the figure below uses it).
             if let Err(e) = self.poll_precopy(states) {
                 return Err(self.fail_running(states, e));
             }
@@ -1365,11 +1366,12 @@ where
     /// page requests cannot come before it runs. Only Refused and Abort say for certain
     /// that it did not start; no answer (a timeout, a closed or corrupt return path) or a
     /// wrong one is [`MigrationError::OutcomeUnknown`].
-    fn await_start(&mut self) -> Result<()> {
+    fn await_start(&mut self, states: usize) -> Result<()> {
         let unknown = |e| MigrationError::OutcomeUnknown(Box::new(e));
         // A destination that keeps sending news instead of starting is answered as one
-        // that sent anything else: its news are bounded by the sections it read.
-        for _ in 0..=MAX_LATE_REPORTS {
+        // that sent anything else: its news are bounded by the sections it read, and the
+        // loop read up to this many at each turn.
+        for _ in 0..MAX_LATE_REPORTS.saturating_mul(states.max(1)) {
             return match self.inbound.recv().map_err(unknown)? {
                 DestMessage::Started => Ok(()),
                 DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
@@ -1444,7 +1446,7 @@ where
             }
             // End starts the destination: from here on, only its answer tells.
             self.out.control(&Control::End)?;
-            self.await_start()
+            self.await_start(states.len())
         })();
         let downtime = self.clock.now().saturating_sub(t_stop);
         let in_downtime = self.out.bytes_sent() - b_stop;
@@ -1472,7 +1474,7 @@ where
             }
             // Switchover(postcopy) starts the destination.
             self.out.control(&Control::Switchover { postcopy: true })?;
-            self.await_start()
+            self.await_start(states.len())
         })();
         if let Err(e) = result {
             let e = self.fail_switchover(states, e);

@@ -287,7 +287,10 @@ impl DestModel {
                 }
                 // A new attempt: a new destination, from the RAM the last one kept. Kept
                 // pages serve only a Hello of the same guest (`DestCore::new`); another
-                // guest's Hello is refused and they stay.
+                // guest's Hello is refused and they stay. What the last attempt said and
+                // its source never read went with its connection (over TCP each attempt
+                // has its own): a report of its log would fail this one.
+                self.outbox.clear();
                 let kept = self.core.take().and_then(DestCore::into_retained);
                 let config = DestinationConfig {
                     refuse_start: self.refuse.clone(),
@@ -1869,4 +1872,62 @@ pub fn sweep(n: u64, seed: u64, rule: Rule) -> Result<SweepReport> {
         report.add(&scenario.run()?);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::frame::{Hello, StateInfo};
+
+    /// A destination state that answers every section with a Report.
+    #[derive(Debug)]
+    struct Chatty;
+
+    impl crate::migration::DestState for Chatty {
+        fn name(&self) -> &str {
+            "chatty"
+        }
+        fn section(&mut self, _: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(Some(b"news".to_vec()))
+        }
+    }
+
+    fn hello() -> Control {
+        Control::Hello(Hello {
+            version: STREAM_VERSION,
+            page_size: PAGE_SIZE as u32,
+            ram_pages: 4,
+            migration_id: 1,
+            max_bandwidth: 0,
+            nonce: 0,
+            resume: 0,
+            incremental: false,
+            states: vec![
+                StateInfo {
+                    id: RAM_ID,
+                    name: RAM_STATE_NAME.into(),
+                },
+                StateInfo {
+                    id: 9,
+                    name: "chatty".into(),
+                },
+            ],
+        })
+    }
+
+    /// Found by a review: what an attempt's destination said and its source never read
+    /// stayed in the simulated return path into the next attempt (over TCP each attempt
+    /// has a connection of its own), where a shared disk's source refused a preload report
+    /// of the earlier attempt's log, failing a good retry.
+    #[test]
+    fn a_new_attempt_reads_nothing_an_earlier_one_said() {
+        let mut dest = DestModel::new(RAM_ID, 4, 1);
+        dest.states.push(Arc::new(std::sync::Mutex::new(Chatty)));
+        let mut link = Loopback::new(dest);
+        link.control(&hello()).unwrap();
+        link.send(9, b"x").unwrap();
+        assert_eq!(link.dest.outbox.len(), 1, "{:?}", link.dest.outbox);
+        link.control(&hello()).unwrap();
+        assert!(link.try_recv().unwrap().is_none());
+    }
 }

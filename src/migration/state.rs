@@ -138,8 +138,9 @@ pub trait MigrationState {
     /// A Report its destination counterpart sent unasked during precopy (every Report for
     /// a state that is not awaiting [`report`](Self::report)'s answer), in the state's own
     /// format: news the state's figures may use, such as a shared-storage destination's
-    /// preload ([`super::disk::SharedDiskState`]). One that arrives after the switchover
-    /// is too late for any figure and is dropped unread.
+    /// preload ([`super::disk::SharedDiskState`]). One still in flight at the switchover
+    /// is too late for any figure: the loop skips it while it waits for Started (a
+    /// destination sends none once it read the switchover).
     ///
     /// # Errors
     /// A payload the state refuses; the attempt fails. The default refuses every one: the

@@ -794,7 +794,8 @@ pub const RETURN_QUEUE: usize = 64;
 /// The largest frame the source reads on the return path: the destination's frames are
 /// Started (empty), Refused and Abort (a reason of at most
 /// [`MAX_REASON_LEN`](super::frame::MAX_REASON_LEN) bytes), PageRequest (a state's request: 16 bytes
-/// for RAM) and Report (a state's answer: 12 bytes for disk bitmaps).
+/// for RAM) and Report (a state's answer: 12 bytes for a stream disk's, 21 for a shared
+/// disk's preload report).
 pub const MAX_RETURN_FRAME_LEN: u32 = 64 << 10;
 
 /// The reader thread: frames → messages, until an error, the end of the stream, `stop`, or

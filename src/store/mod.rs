@@ -347,6 +347,8 @@ pub struct Preloaded {
     follows: Option<(u64, u64)>,
     /// Durable bits of bitmaps an activate took as current, for its durable state.
     ready_bits: Vec<(Arc<DirtyBitmap>, durable_bits::DurableBits)>,
+    /// A bitmap of the directory the preload could not read: the activate loads it whole.
+    skipped: bool,
 }
 
 impl Preloaded {
@@ -1199,19 +1201,21 @@ impl<S: Storage> BitmapStore<S> {
         }
         let mut pre = Preloaded::default();
         for s in live {
-            if let Ok(bm) = self.load_disk(&s.entry) {
-                // The disk may still be mostly clean (a migration that starts soon after
-                // the bitmaps did): fault the pages in now, not in the refresh.
-                bm.prefault_unshared();
-                pre.bitmaps.push(PreBitmap {
-                    name: s.entry.name.clone(),
-                    bitmap: bm,
-                    table_offset: s.entry.table_offset,
-                    bits: None,
-                    intact: true,
-                    current: false,
-                });
-            }
+            let Ok(bm) = self.load_disk(&s.entry) else {
+                pre.skipped = true;
+                continue;
+            };
+            // The disk may still be mostly clean (a migration that starts soon after the
+            // bitmaps did): fault the pages in now, not in the refresh.
+            bm.prefault_unshared();
+            pre.bitmaps.push(PreBitmap {
+                name: s.entry.name.clone(),
+                bitmap: bm,
+                table_offset: s.entry.table_offset,
+                bits: None,
+                intact: true,
+                current: false,
+            });
         }
         Ok(pre)
     }

@@ -200,6 +200,15 @@ impl Preloaded {
         self.follows.is_some()
     }
 
+    /// Whether this preload follows the log ([`is_following`](Self::is_following)) with
+    /// every bitmap of the directory it was read from, each kept up to date by every log
+    /// so far: then the activate reads again only what the last log names. A bitmap the
+    /// preload could not read, or one a log could not be applied to (its table moved, its
+    /// geometry differs, it left the directory), is loaded whole by the activate.
+    pub fn follows_every_bitmap(&self) -> bool {
+        self.is_following() && !self.skipped && self.bitmaps.iter().all(|p| p.intact)
+    }
+
     /// Reads again, through `reader` (a read-only store of the same image, opened with it),
     /// every region `log` names, so that each bitmap held equals the disk as the writer left
     /// it at that take; with the last log (taken from the inactive writer), a bitmap whose
