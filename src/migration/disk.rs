@@ -31,8 +31,6 @@
 //! - On [`MigrationError::OutcomeUnknown`] the loop calls nothing: the store stays
 //!   inactive and the source stays stopped.
 
-use std::sync::{Arc, Mutex};
-
 use super::channel::Outbound;
 use super::dest_state::{Binding, DestState};
 use super::disk_log_codec::{self, LogSection};
@@ -483,11 +481,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             let mut st = self.store.lock();
             ensure_still_active(&st)?;
             match st.write_log_pending() {
-                None => None,
-                // Nothing written: nothing to send, once the destination follows. Until
-                // then an empty LOG goes out every window, for its answer to say when the
-                // preload (running in a thread of its own) follows.
-                Some((0, false)) if self.dest_following => None,
+                Some((0, false)) | None => None,
                 Some(_) => st.take_write_log(),
             }
         };
@@ -583,27 +577,15 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
 /// [`BitmapStore::activate`](crate::BitmapStore::activate) accepts exactly that).
 ///
 /// With [`with_preload`](Self::with_preload) (as [`file`](Self::file) sets it up) it reads
-/// the bitmaps at the source's BEGIN, in a thread of its own, while the source still runs
+/// the bitmaps at the source's BEGIN, while the source still runs
 /// ([`BitmapStore::preload`](crate::BitmapStore::preload)), follows the source's write log,
-/// tells the source once it does, and its activate refreshes them from the disk
+/// tells the source when it does, and its activate refreshes them from the disk
 /// ([`BitmapStore::activate_preloaded`](crate::BitmapStore::activate_preloaded)) instead
 /// of loading them into fresh memory: the same bitmaps, in a fraction of the downtime.
 pub struct SharedDiskDest<S: Storage> {
     name: String,
     open: Opener<S>,
-    /// Shared with the preload's thread.
-    preload: Option<Arc<Mutex<Opener<S>>>>,
-    /// The preload running in its own thread, and the log and take it was started for
-    /// (`None` once an attempt ended or a newer BEGIN or whole LOG wants another: its
-    /// result is then dropped, and the wanted one starts). At most one runs.
-    job: Option<std::thread::JoinHandle<Option<PreloadResult<S>>>>,
-    job_for: Option<(u64, u64)>,
-    /// The LOGs (not whole) that arrived while the preload ran, in order, as they came:
-    /// read again once it ends (they cannot be decoded against bitmaps not held yet).
-    queued: Vec<Vec<u8>>,
-    queued_bytes: usize,
-    /// More than [`MAX_QUEUED_LOG_BYTES`] came while the preload ran: it cannot follow.
-    overflowed: bool,
+    preload: Option<Opener<S>>,
     preloaded: Option<crate::Preloaded>,
     /// The log and take the last preload follows from (set whether or not it succeeded).
     preload_at: Option<(u64, u64)>,
@@ -625,15 +607,6 @@ pub struct SharedDiskDest<S: Storage> {
 }
 
 type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
-
-/// A preload's read-only store and what it read.
-type PreloadResult<S> = (crate::BitmapStore<S>, crate::Preloaded);
-
-/// The most bytes of LOG payloads a destination keeps while its preload runs. Past it the
-/// preload cannot follow the log, and the activate loads whole (as the source prices it,
-/// having heard nothing). The source sends one LOG per measurement window, each at most a
-/// bit per region of its bitmaps: far below this for any preload of realistic length.
-pub const MAX_QUEUED_LOG_BYTES: usize = 64 << 20;
 
 impl<S: Storage> std::fmt::Debug for SharedDiskDest<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -661,11 +634,6 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             name: name.into(),
             open: Box::new(open),
             preload: None,
-            job: None,
-            job_for: None,
-            queued: Vec::new(),
-            queued_bytes: 0,
-            overflowed: false,
             preloaded: None,
             preload_at: None,
             told: None,
@@ -694,16 +662,16 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         self
     }
 
-    /// Preloads at the source's BEGIN (and again at each whole LOG), in a thread of its
-    /// own: `open` opens the image read-only beside the running source (for a file,
-    /// [`FileStorage::open_shared`](crate::FileStorage::open_shared)). A preload that fails
-    /// is skipped: the activate then loads the bitmaps whole.
+    /// Preloads at the source's BEGIN (and again at each whole LOG), in the thread that
+    /// reads the stream: `open` opens the image read-only beside the running source (for a
+    /// file, [`FileStorage::open_shared`](crate::FileStorage::open_shared)). A preload that
+    /// fails is skipped: the activate then loads the bitmaps whole.
     #[must_use]
     pub fn with_preload(
         mut self,
         open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
     ) -> Self {
-        self.preload = Some(Arc::new(Mutex::new(Box::new(open))));
+        self.preload = Some(Box::new(open));
         self
     }
 
@@ -718,111 +686,26 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         self.taken_current
     }
 
-    /// Preloads through a fresh read-only store, in a thread of its own (the thread that
-    /// reads the socket goes on reading: a long preload would otherwise hold the source's
-    /// sends until they time out), following the source's log `id` from the take after
-    /// `after` on. A preload already running for an earlier BEGIN or whole LOG goes on
-    /// and is dropped when it ends; this one starts then. A preload that fails leaves none
-    /// (the activate then loads the bitmaps whole).
+    /// Preloads through a fresh read-only store, following the source's log `id` from the
+    /// take after `after` on; a preload that fails leaves none (the activate then loads the
+    /// bitmaps whole).
     fn preload_following(&mut self, id: u64, after: u64) {
         self.preloaded = None;
         self.reader = None;
-        self.drop_queue();
         self.preload_at = Some((id, after));
-        if self.job.is_none() {
-            self.spawn_preload(id, after);
-        }
-    }
-
-    fn drop_queue(&mut self) {
-        self.queued = Vec::new();
-        self.queued_bytes = 0;
-        self.overflowed = false;
-    }
-
-    fn spawn_preload(&mut self, id: u64, after: u64) {
-        let Some(open) = self.preload.clone() else {
+        let Some(open) = self.preload.as_mut() else {
             return;
         };
-        self.job_for = Some((id, after));
-        // A thread that cannot start leaves no preload: the activate loads whole.
-        self.job = std::thread::Builder::new()
-            .name("dbm-preload".into())
-            .spawn(move || {
-                let reader = {
-                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-                    (*open)().ok()?
-                };
-                let pre = reader.preload().ok()?;
-                Some((reader, pre))
-            })
-            .ok();
-    }
-
-    /// Takes the preload's result once its thread ended (`wait`: waits for it): a
-    /// preload for what is still wanted then follows the log, and reads again what the
-    /// LOGs queued meanwhile name; one no longer wanted is dropped, and the wanted one
-    /// starts (and, with `wait`, is waited for too).
-    fn settle_preload(&mut self, wait: bool) {
-        loop {
-            let Some(job) = self.job.as_ref() else {
-                return;
-            };
-            if !wait && !job.is_finished() {
-                return;
-            }
-            let Some(job) = self.job.take() else {
-                return;
-            };
-            // A preload that panicked is one that failed.
-            let result = job.join().ok().flatten();
-            let wanted = self.preload_at;
-            if self.job_for.take() != wanted {
-                match wanted {
-                    Some((id, after)) => self.spawn_preload(id, after),
-                    None => return,
-                }
-                continue;
-            }
-            let queued = std::mem::take(&mut self.queued);
-            let overflowed = self.overflowed;
-            self.drop_queue();
-            let (Some((id, after)), Some((reader, mut pre)), false) = (wanted, result, overflowed)
-            else {
-                return;
-            };
-            pre.follow(id, after);
-            if self.durable {
-                pre.prepare_durable();
-            }
-            self.preloaded = Some(pre);
-            self.reader = Some(reader);
-            for payload in queued {
-                // Decoded when it came: it decodes again, against what the preload holds.
-                let _ = self.take_log(&payload);
-            }
+        let Ok(reader) = open() else { return };
+        let Ok(mut pre) = reader.preload() else {
             return;
+        };
+        pre.follow(id, after);
+        if self.durable {
+            pre.prepare_durable();
         }
-    }
-
-    /// A LOG that is not whole, for the preload that holds the bitmaps: read again the
-    /// regions it names, or, the last one, keep it for the activate.
-    fn take_log(&mut self, payload: &[u8]) -> Result<()> {
-        // Regions are kept only for a bitmap the preload holds, at its region count: a LOG
-        // costs at most the preload's own region sets, whatever it names.
-        let pre = self.preloaded.as_ref();
-        let holds = |name: &[u8], regions: u64| pre.is_some_and(|p| p.holds(name, regions));
-        if let LogSection::Log(log) = disk_log_codec::decode(payload, holds)? {
-            if log.last {
-                self.last_log = Some(log);
-            } else if let (Some(pre), Some(reader)) =
-                (self.preloaded.as_mut(), self.reader.as_ref())
-            {
-                // A read that fails ends the following; the activate reads it all.
-                let _ = pre.apply(reader, &log);
-            }
-        }
-        Ok(())
+        self.preloaded = Some(pre);
+        self.reader = Some(reader);
     }
 
     /// No preload: the activate loads the bitmaps whole inside the downtime, as QEMU's
@@ -881,8 +764,8 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
 
 impl SharedDiskDest<crate::storage::FileStorage> {
     /// The state named `name` over the image file at `path`, opened writable with QEMU's
-    /// locks (which the source released when it inactivated), and preloaded at the Hello
-    /// through a read-only force-share open. Both read the device, never what this host
+    /// locks (which the source released when it inactivated), and preloaded at the
+    /// source's BEGIN through a read-only force-share open. Both read the device, never what this host
     /// cached before ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device)):
     /// the source writes the image from another host during precopy and at the stop, and
     /// on storage whose caches are not coherent, pages this host cached earlier would hide
@@ -949,10 +832,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         // preload waits for the source's BEGIN (its log must start first).
         self.store = None;
         self.preloaded = None;
-        // A preload still running for an earlier attempt is dropped when it ends.
         self.preload_at = None;
-        self.job_for = None;
-        self.drop_queue();
         self.told = None;
         self.switched = false;
         self.reader = None;
@@ -974,32 +854,25 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     /// answer tells the source ([`disk_log_codec::PreloadReport`]), whose figures price
     /// this end's activate as a read of the last LOG's regions only while it follows.
     fn section(&mut self, payload: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.settle_preload(false);
-        // Checked now, whatever comes of it later: a malformed section fails the attempt
-        // when it arrives. Nothing of its regions is kept here.
-        match disk_log_codec::decode(payload, |_, _| false)? {
+        // Regions are kept only for a bitmap the preload holds, at its region count: a LOG
+        // costs at most the preload's own region sets, whatever it names.
+        let pre = self.preloaded.as_ref();
+        let holds = |name: &[u8], regions: u64| pre.is_some_and(|p| p.holds(name, regions));
+        match disk_log_codec::decode(payload, holds)? {
             LogSection::Begin(id) => self.preload_following(id, 0),
             LogSection::Log(log) if log.whole && !log.last => {
                 self.preload_following(log.id, log.seq);
             }
+            // The last one arrives inside the downtime: read with the activate, so that
+            // the activate's time holds it. Nothing is told then.
+            LogSection::Log(log) if log.last => {
+                self.last_log = Some(log);
+                return Ok(None);
+            }
             LogSection::Log(log) => {
-                if self.job.is_some() && self.preload_at.is_some() {
-                    // The preload still runs: kept for when it ends (bounded).
-                    self.queued_bytes = self.queued_bytes.saturating_add(payload.len());
-                    if self.queued_bytes > MAX_QUEUED_LOG_BYTES {
-                        self.queued = Vec::new();
-                        self.overflowed = true;
-                    } else if !self.overflowed {
-                        self.queued.push(payload.to_vec());
-                    }
-                } else {
-                    // The last one arrives inside the downtime and is read with the
-                    // activate, so that the activate's time holds it.
-                    self.take_log(payload)?;
-                }
-                if log.last {
-                    // Nothing is told inside the downtime.
-                    return Ok(None);
+                if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
+                    // A read that fails ends the following; the activate reads it all.
+                    let _ = pre.apply(reader, &log);
                 }
             }
         }
@@ -1007,9 +880,6 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     }
 
     fn before_start(&mut self) -> Result<()> {
-        // A preload still running is waited for (the source, told nothing of it, priced a
-        // whole load), and then reads again what the LOGs meanwhile named, the last too.
-        self.settle_preload(true);
         if let (Some(log), Some(pre), Some(reader)) = (
             self.last_log.take(),
             self.preloaded.as_mut(),
@@ -1045,8 +915,6 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     fn failed(&mut self) {
         self.preloaded = None;
         self.preload_at = None;
-        self.job_for = None;
-        self.drop_queue();
         self.told = None;
         self.reader = None;
         self.last_log = None;
@@ -1473,11 +1341,6 @@ mod tests {
             assert_eq!(state.pending(false).dest_disk_time, whole);
             assert_eq!(state.pending(true).dest_disk_time, whole);
             assert!(!state.dest_follows_log());
-            // BEGIN: the preload runs in a thread of its own, and says nothing yet.
-            assert!(answers(&mut wire, &mut dest).is_empty());
-            dest.settle_preload(true);
-            // The next window's LOG (empty: nothing written) carries the answer.
-            state.after_flush(&mut wire).unwrap();
             let told = answers(&mut wire, &mut dest);
             assert_eq!(
                 told.len(),
@@ -1518,14 +1381,6 @@ mod tests {
             state.after_flush(&mut wire).unwrap();
             assert!(!state.dest_follows_log());
             assert_eq!(state.pending(false).dest_disk_time, whole);
-            // Its answer: the preload made anew does not follow yet.
-            for r in answers(&mut wire, &mut dest) {
-                assert!(!disk_log_codec::decode_report(&r).unwrap().following);
-                state.notice(&r).unwrap();
-            }
-            assert!(!state.dest_follows_log());
-            dest.settle_preload(true);
-            state.after_flush(&mut wire).unwrap();
             let told = answers(&mut wire, &mut dest);
             assert_eq!(told.len(), 1, "{told:?}");
             // The report of the first preload, arriving late, changes nothing.
@@ -1582,13 +1437,9 @@ mod tests {
         dest.hello(1, Binding::default()).unwrap();
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        dest.settle_preload(true);
-        state.after_flush(&mut wire).unwrap();
         let told = answers(&mut wire, &mut dest);
         assert_eq!(told.len(), 1);
         state.notice(&told[0]).unwrap();
-        assert!(state.dest_follows_log());
         // A log whose region the reader cannot read: the image cut short under it.
         state
             .store
@@ -1638,119 +1489,24 @@ mod tests {
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
         let mut told = Vec::new();
-        for r in std::mem::take(&mut wire.0) {
-            told.extend(dest.section(&r).unwrap());
+        for p in std::mem::take(&mut wire.0) {
+            told.extend(dest.section(&p).unwrap());
         }
-        dest.settle_preload(true);
         fs.set_plan(FaultPlan::new());
+        state
+            .store
+            .lock()
+            .bitmap("b")
+            .unwrap()
+            .mark_dirty(1 << 30, 1);
+        state.flush().unwrap();
         state.after_flush(&mut wire).unwrap();
-        for r in std::mem::take(&mut wire.0) {
-            told.extend(dest.section(&r).unwrap());
+        for p in std::mem::take(&mut wire.0) {
+            told.extend(dest.section(&p).unwrap());
         }
         assert!(told.is_empty(), "{told:?}");
         assert!(!state.dest_follows_log());
         assert_eq!(state.pending(true).dest_disk_time, state.dest_time());
-    }
-
-    /// A destination whose preload waits (slow storage) until `go` says, reading `mem`.
-    fn slow_dest(
-        mem: &Arc<MemStorage>,
-        go: std::sync::mpsc::Receiver<()>,
-    ) -> SharedDiskDest<Arc<MemStorage>> {
-        let (w, r) = (Arc::clone(mem), Arc::clone(mem));
-        let go = Mutex::new(go);
-        SharedDiskDest::new("disk", move || {
-            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
-        })
-        .with_preload(move || {
-            let _ = go
-                .lock()
-                .unwrap()
-                .recv_timeout(std::time::Duration::from_secs(10));
-            BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly)
-        })
-    }
-
-    /// The preload ran in the thread that reads the socket: while it read, nothing else
-    /// was read, and one longer than the source's send timeout failed every attempt. It
-    /// runs in a thread of its own now: BEGIN and the LOGs after it return at once, the
-    /// LOGs are kept, and once the preload ends it reads again what they named, so that it
-    /// follows the log, and the activate takes the bitmap as preloaded.
-    #[test]
-    fn a_slow_preload_holds_no_section_and_follows_the_logs_that_came_meanwhile() {
-        let (mut state, _, mem) = shared_pair(false);
-        let (go, wait) = std::sync::mpsc::channel();
-        let mut dest = slow_dest(&mem, wait);
-        dest.hello(1, Binding::default()).unwrap();
-        let mut wire = Wire::default();
-        let t = std::time::Instant::now();
-        state.setup(&mut wire).unwrap();
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        let b = state.store.lock().bitmap("b").unwrap();
-        for k in 1..4u64 {
-            b.mark_dirty(k << 30, 1);
-            state.flush().unwrap();
-            state.after_flush(&mut wire).unwrap();
-            assert!(answers(&mut wire, &mut dest).is_empty(), "log {k}");
-        }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(5),
-            "the sections waited for the preload: {:?}",
-            t.elapsed()
-        );
-        go.send(()).unwrap();
-        dest.settle_preload(true);
-        state.after_flush(&mut wire).unwrap();
-        for r in answers(&mut wire, &mut dest) {
-            state.notice(&r).unwrap();
-        }
-        assert!(state.dest_follows_log());
-        b.mark_dirty(5 << 30, 1);
-        state.complete(&mut wire).unwrap();
-        dest.switchover(false);
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        dest.before_start().unwrap();
-        assert_eq!(
-            dest.activated_current(),
-            1,
-            "the activate read the bitmap again"
-        );
-        let d = dest.take_store().unwrap();
-        for k in [0, 1, 2, 3, 5] {
-            assert!(d.bitmap("b").unwrap().is_dirty(k << 30), "{k}");
-        }
-    }
-
-    /// LOGs past [`MAX_QUEUED_LOG_BYTES`] while the preload runs are not kept: that
-    /// preload cannot follow, the destination tells nothing, and its activate loads whole,
-    /// with every mark.
-    #[test]
-    fn a_preload_that_missed_logs_never_says_it_follows() {
-        let (mut state, _, mem) = shared_pair(false);
-        let (go, wait) = std::sync::mpsc::channel();
-        let mut dest = slow_dest(&mem, wait);
-        dest.hello(1, Binding::default()).unwrap();
-        let mut wire = Wire::default();
-        state.setup(&mut wire).unwrap();
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        dest.queued_bytes = MAX_QUEUED_LOG_BYTES;
-        let b = state.store.lock().bitmap("b").unwrap();
-        b.mark_dirty(1 << 30, 1);
-        state.flush().unwrap();
-        state.after_flush(&mut wire).unwrap();
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        go.send(()).unwrap();
-        dest.settle_preload(true);
-        state.after_flush(&mut wire).unwrap();
-        assert!(answers(&mut wire, &mut dest).is_empty());
-        assert!(!state.dest_follows_log());
-        state.complete(&mut wire).unwrap();
-        dest.switchover(false);
-        answers(&mut wire, &mut dest);
-        dest.before_start().unwrap();
-        assert!(!dest.activated_from_preload());
-        let d = dest.take_store().unwrap();
-        assert!(d.bitmap("b").unwrap().is_dirty(1 << 30));
     }
 
     #[test]
