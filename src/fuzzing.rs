@@ -16,7 +16,7 @@ use crate::format::InvalidValue;
 use crate::format::TableEntry;
 use crate::format::{
     decode_directory, decode_table, encode_directory, encode_table, qemu_feature_table,
-    triage_directory, Header, HeaderArea, ImageGeometry,
+    triage_directory, Header, HeaderArea, ImageGeometry, TableEntryProblem,
 };
 use crate::migration::bitmap_codec::{self, BitmapSection, Section};
 use crate::migration::dest::{Destination, DestinationConfig};
@@ -242,9 +242,20 @@ pub fn bitmap_table(data: &[u8]) {
     let cluster_bits = 9 + u32::from(p[0] % 13);
     let table_size = u32::from_be_bytes([p[1], p[2], p[3], p[4]]);
     let needed = u64::from(table_size) * 8;
+    let raw = |i: u64| {
+        let at = usize::try_from(i * 8).ok()?;
+        let b: [u8; 8] = rest.get(at..at.checked_add(8)?)?.try_into().ok()?;
+        Some(u64::from_be_bytes(b))
+    };
+    let cluster_size = 1u64 << cluster_bits;
     match decode_table(rest, table_size, cluster_bits) {
         Ok(entries) => {
             assert_eq!(entries.len() as u64, u64::from(table_size), "entry count");
+            for i in 0..u64::from(table_size) {
+                let r = raw(i).expect("a decoded table is long enough");
+                let problem = qemu_table_entry_problem(r, cluster_size);
+                assert_eq!(problem, None, "entry {i} ({r:#x}) taken, QEMU refuses it");
+            }
             let bytes = encode_table(&entries, cluster_bits).expect("a decoded table must encode");
             assert_eq!(
                 bytes.as_slice(),
@@ -258,11 +269,46 @@ pub fn bitmap_table(data: &[u8]) {
                 "Truncated on a long enough input"
             );
         }
-        Err(Corruption::TableEntry { index, .. }) => {
+        Err(Corruption::TableEntry {
+            index,
+            raw: r,
+            reason,
+        }) => {
             assert!(index < u64::from(table_size), "bad entry index in range");
+            assert_eq!(raw(index), Some(r), "the refused entry's raw value");
+            assert_eq!(
+                qemu_table_entry_problem(r, cluster_size),
+                Some(reason),
+                "entry {index} ({r:#x}) refused for {reason}"
+            );
+            for i in 0..index {
+                let r = raw(i).expect("an earlier entry is in the input");
+                let problem = qemu_table_entry_problem(r, cluster_size);
+                assert_eq!(problem, None, "entry {i} ({r:#x}) passed over");
+            }
         }
         Err(e) => panic!("decode_table failed with an unexpected error: {e}"),
     }
+}
+
+/// QEMU's `check_table_entry` (`block/qcow2-bitmap.c`), written out apart from
+/// `format::table`, with its masks as QEMU spells them: the oracle for [`bitmap_table`].
+fn qemu_table_entry_problem(raw: u64, cluster_size: u64) -> Option<TableEntryProblem> {
+    const RESERVED: u64 = 0xff00_0000_0000_01fe;
+    const OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+    if raw & RESERVED != 0 {
+        return Some(TableEntryProblem::ReservedBits);
+    }
+    let offset = raw & OFFSET;
+    if offset != 0 {
+        if raw & 1 != 0 {
+            return Some(TableEntryProblem::OnesWithOffset);
+        }
+        if !offset.is_multiple_of(cluster_size) {
+            return Some(TableEntryProblem::Unaligned);
+        }
+    }
+    None
 }
 
 /// An independent reading of refcount `index` (the oracle for [`refcount_block`]).
@@ -386,7 +432,36 @@ pub fn open_image(data: &[u8]) {
             "a bitmap without a trusted directory is consistent"
         ),
     }
+    // The flags and granularity of each entry, read from the bytes apart from the decoder.
+    let raw = store.image().area().bitmaps.map(|ext| {
+        raw_directory(
+            data,
+            ext.directory_offset,
+            ext.directory_size,
+            ext.nb_bitmaps,
+        )
+    });
     for info in &list {
+        if let Some(raw) = &raw {
+            let (_, flags, gbits) = raw
+                .iter()
+                .find(|(n, _, _)| n.as_slice() == info.name.as_bytes())
+                .unwrap_or_else(|| panic!("{:?} listed, not in the directory's bytes", info.name));
+            if info.state == BitmapState::Consistent {
+                assert_eq!(
+                    flags & 1,
+                    0,
+                    "{:?} in_use on disk, listed consistent",
+                    info.name
+                );
+            }
+            assert_eq!(
+                info.granularity,
+                1u64 << gbits.min(&63),
+                "{:?} granularity",
+                info.name
+            );
+        }
         match store.load(&info.name) {
             Ok(bm) => {
                 assert_eq!(
@@ -428,6 +503,38 @@ pub fn open_image(data: &[u8]) {
         data,
         "read-only open wrote"
     );
+}
+
+/// `(name, flags, granularity_bits)` of each entry of the directory at `offset` (`size`
+/// bytes, `n` entries), read from `data` by the layout of docs/FORMAT.md alone (table
+/// offset 8, table size 4, flags 4, type 1, granularity bits 1, name size 2, extra data
+/// size 4, the extra data, the name, padding to 8): the oracle's own reading, apart from
+/// `format::directory`. Stops at the first entry that does not fit.
+fn raw_directory(data: &[u8], offset: u64, size: u64, n: u32) -> Vec<(Vec<u8>, u32, u8)> {
+    let mut out = Vec::new();
+    let (Ok(start), Ok(size)) = (usize::try_from(offset), usize::try_from(size)) else {
+        return out;
+    };
+    let Some(dir) = start.checked_add(size).and_then(|end| data.get(start..end)) else {
+        return out;
+    };
+    let mut at = 0usize;
+    for _ in 0..n {
+        let Some(fixed) = dir.get(at..at + 24) else {
+            break;
+        };
+        let flags = u32::from_be_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
+        let gbits = fixed[17];
+        let name_len = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
+        let extra = u32::from_be_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
+        let name_at = at + 24 + extra;
+        let Some(name) = dir.get(name_at..name_at + name_len) else {
+            break;
+        };
+        out.push((name.to_vec(), flags, gbits));
+        at = (name_at + name_len).div_ceil(8) * 8;
+    }
+    out
 }
 
 /// The oracle for a loaded bitmap: re-reads its directory entry and table straight from
