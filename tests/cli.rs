@@ -2649,6 +2649,32 @@ fn info_reports_each_broken_bitmap_and_keeps_going() {
     );
 }
 
+/// Found by a review: removing one bitmap of an untrusted bitmaps extension (a program
+/// without bitmap support wrote the image: autoclear bit 0 clear) drops the whole
+/// extension, every bitmap in it, as QEMU does, and `dbm bitmap --remove` said nothing of
+/// the others.
+#[test]
+fn removing_a_bitmap_of_an_untrusted_extension_names_every_bitmap_it_takes_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    let i = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", i, "first"]);
+    ok("qemu-img", &["bitmap", "--add", i, "second"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    // autoclear_features: bytes 88..96, big-endian; bit 0 says the extension is trusted.
+    bytes[95] &= !1;
+    std::fs::write(&img, &bytes).unwrap();
+    let out = dbm_ok(&["bitmap", i, "first", "--remove"]);
+    assert!(
+        out.contains("Removed bitmap second too: the image's bitmaps extension is untrusted"),
+        "{out}"
+    );
+    assert!(!out.contains("Removed bitmap first too"), "{out}");
+    assert!(qemu_bitmaps(&img).is_empty());
+    assert!(!dbm_ok(&["info", i]).contains("second"));
+}
+
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info
 /// --output=json -f qcow2`, `check --output json` (QEMU's keys with QEMU's meaning),
 /// `check -q`, the summary on stdout and the findings on stderr as qemu-img prints them,

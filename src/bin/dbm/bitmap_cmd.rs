@@ -189,8 +189,25 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
                     "the removed bitmap recorded, and no bitmap kept records the writes it \
                      held or any made from now on"
                 };
+                // An untrusted extension goes whole (as QEMU drops it at its first header
+                // write): every bitmap it lists goes with the one named.
+                let with_it: Vec<BitmapName> = if st.image().stale_bitmaps().is_some() {
+                    st.list()
+                        .into_iter()
+                        .map(|b| b.name)
+                        .filter(|n| *n != name)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 for kept in st.remove(&name).map_err(img)? {
                     emit_done(&format!("Made bitmap {kept} all dirty: {why}\n"));
+                }
+                for gone in with_it {
+                    emit_done(&format!(
+                        "Removed bitmap {gone} too: the image's bitmaps extension is untrusted \
+                         (written by a program without bitmap support), and it goes whole\n"
+                    ));
                 }
             }
         }
