@@ -2649,12 +2649,11 @@ fn info_reports_each_broken_bitmap_and_keeps_going() {
     );
 }
 
-/// Found by a review: removing one bitmap of an untrusted bitmaps extension (a program
-/// without bitmap support wrote the image: autoclear bit 0 clear) drops the whole
-/// extension, every bitmap in it, as QEMU does, and `dbm bitmap --remove` said nothing of
-/// the others.
+/// Found by reviews: removing one bitmap of an untrusted bitmaps extension (a program
+/// without bitmap support wrote the image: autoclear bit 0 clear), or adding one, drops the
+/// whole extension, every bitmap in it, as QEMU does, and `dbm bitmap` said nothing of them.
 #[test]
-fn removing_a_bitmap_of_an_untrusted_extension_names_every_bitmap_it_takes_along() {
+fn a_commit_on_an_untrusted_extension_names_every_bitmap_it_takes_along() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("u.qcow2");
     let i = img.to_str().unwrap();
@@ -2673,6 +2672,20 @@ fn removing_a_bitmap_of_an_untrusted_extension_names_every_bitmap_it_takes_along
     assert!(!out.contains("Removed bitmap first too"), "{out}");
     assert!(qemu_bitmaps(&img).is_empty());
     assert!(!dbm_ok(&["info", i]).contains("second"));
+    // An add on such an image drops the extension too (as QEMU's does), and says so.
+    ok("qemu-img", &["bitmap", "--add", i, "third"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[95] &= !1;
+    std::fs::write(&img, &bytes).unwrap();
+    let out = dbm_ok(&["bitmap", i, "new", "--add"]);
+    assert!(
+        out.contains("Removed bitmap third: the image's bitmaps extension is untrusted"),
+        "{out}"
+    );
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![("new".to_string(), 65536, vec!["auto".to_string()])]
+    );
 }
 
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info

@@ -1389,8 +1389,9 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
         let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
         assert_eq!(o.kind, Kind::Completed);
         assert_eq!(dest.lock().unwrap().activated_from_preload(), preload);
-        // The preload runs beside the stream: the source may switch over before it hears
-        // (then it priced the whole load); without one it never hears.
+        // The answer to BEGIN travels on the return path while the source goes on: it may
+        // switch over before reading it (then it priced the whole load); without a preload
+        // it never comes.
         assert!(preload || !r.disk.dest_follows_log());
         if !r.disk.dest_follows_log() {
             assert_eq!(

@@ -26,6 +26,13 @@ impl<S: Storage> BitmapStore<S> {
     /// call returns (a write whose plain `mark` returned before the call must have completed
     /// before it).
     ///
+    /// On an image whose bitmaps extension is untrusted
+    /// ([`Image::stale_bitmaps`](crate::image::Image::stale_bitmaps): written by a program
+    /// without bitmap support, QEMU ignores its bitmaps) the new directory holds this bitmap
+    /// alone: the untrusted one goes, as QEMU drops it at its first header write, with every
+    /// bitmap it listed (their clusters are never freed). [`checkpoint`](Self::checkpoint)
+    /// refuses such an image instead.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] for a name that is empty, longer than 1023 bytes or holds a
     /// NUL, a bad granularity, a 0-byte disk, a bitmap above 512 MiB, the 65535-bitmap or

@@ -204,10 +204,7 @@ pub fn run(args: &BitmapArgs) -> CmdResult {
                     emit_done(&format!("Made bitmap {kept} all dirty: {why}\n"));
                 }
                 for gone in with_it {
-                    emit_done(&format!(
-                        "Removed bitmap {gone} too: the image's bitmaps extension is untrusted \
-                         (written by a program without bitmap support), and it goes whole\n"
-                    ));
+                    emit_done(&format!("Removed bitmap {gone} too: {UNTRUSTED_GOES}\n"));
                 }
             }
         }
@@ -271,12 +268,27 @@ fn add(
     } else {
         Recording::Disabled
     };
+    // An untrusted extension goes whole with the add's commit (as QEMU drops it at its
+    // first header write): every bitmap it lists goes.
+    let dropped: Vec<BitmapName> = if st.image().stale_bitmaps().is_some() {
+        st.list().into_iter().map(|b| b.name).collect()
+    } else {
+        Vec::new()
+    };
     match bits {
         Some(b) => st.add_from(&args.name, g, recording, b),
         None => st.add(&args.name, g, recording),
     }
-    .map_err(|e| at(&args.image, e))
+    .map_err(|e| at(&args.image, e))?;
+    for gone in dropped {
+        emit_done(&format!("Removed bitmap {gone}: {UNTRUSTED_GOES}\n"));
+    }
+    Ok(())
 }
+
+/// Why the bitmaps of an untrusted extension go with a commit.
+const UNTRUSTED_GOES: &str = "the image's bitmaps extension is untrusted (written by a \
+                              program without bitmap support), and it goes whole";
 
 /// `--merge` into the existing bitmap `name` (after `--clear` if `clear`): its new content,
 /// the source's bits at its granularity ORed into what it held (or into nothing), stored
