@@ -1284,11 +1284,21 @@ mod tests {
     }
 
     /// What the destination answered to what the source sent since the last call.
-    fn answers(wire: &mut Wire, dest: &mut SharedDiskDest<Arc<MemStorage>>) -> Vec<Vec<u8>> {
+    fn answers<S: Storage + 'static>(
+        wire: &mut Wire,
+        dest: &mut SharedDiskDest<S>,
+    ) -> Vec<Vec<u8>> {
         std::mem::take(&mut wire.0)
             .iter()
             .filter_map(|p| dest.section(p).unwrap())
             .collect()
+    }
+
+    /// The guest writes at `at` (bitmap "b"), a flush writes it, and its log goes out.
+    fn write_and_log<S: Storage>(state: &mut SharedDiskState<S>, wire: &mut Wire, at: u64) {
+        state.store.lock().bitmap("b").unwrap().mark_dirty(at, 1);
+        state.flush().unwrap();
+        state.after_flush(wire).unwrap();
     }
 
     /// A source on an active store and a destination on the same image, preloading
@@ -1358,27 +1368,13 @@ mod tests {
             let following = state.pending(true).dest_disk_time;
             assert!(following < Millis(100), "{following:?}");
             // A flush and its log: nothing new to tell.
-            state
-                .store
-                .lock()
-                .bitmap("b")
-                .unwrap()
-                .mark_dirty(1 << 30, 1);
-            state.flush().unwrap();
-            state.after_flush(&mut wire).unwrap();
+            write_and_log(&mut state, &mut wire, 1 << 30);
             assert!(answers(&mut wire, &mut dest).is_empty());
             assert!(state.dest_follows_log());
             // A directory commit makes the log whole: priced whole until the
             // destination's new preload says it follows from there.
             state.store.lock().add("c", G, Recording::Disabled).unwrap();
-            state
-                .store
-                .lock()
-                .bitmap("b")
-                .unwrap()
-                .mark_dirty(2 << 30, 1);
-            state.flush().unwrap();
-            state.after_flush(&mut wire).unwrap();
+            write_and_log(&mut state, &mut wire, 2 << 30);
             assert!(!state.dest_follows_log());
             assert_eq!(state.pending(false).dest_disk_time, whole);
             let told = answers(&mut wire, &mut dest);
@@ -1488,22 +1484,10 @@ mod tests {
         dest.hello(1, Binding::default()).unwrap();
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
-        let mut told = Vec::new();
-        for p in std::mem::take(&mut wire.0) {
-            told.extend(dest.section(&p).unwrap());
-        }
+        let mut told = answers(&mut wire, &mut dest);
         fs.set_plan(FaultPlan::new());
-        state
-            .store
-            .lock()
-            .bitmap("b")
-            .unwrap()
-            .mark_dirty(1 << 30, 1);
-        state.flush().unwrap();
-        state.after_flush(&mut wire).unwrap();
-        for p in std::mem::take(&mut wire.0) {
-            told.extend(dest.section(&p).unwrap());
-        }
+        write_and_log(&mut state, &mut wire, 1 << 30);
+        told.extend(answers(&mut wire, &mut dest));
         assert!(told.is_empty(), "{told:?}");
         assert!(!state.dest_follows_log());
         assert_eq!(state.pending(true).dest_disk_time, state.dest_time());

@@ -92,6 +92,15 @@ pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 
+/// A message of the destination the loop does not take before the switchover.
+fn unexpected_before_switchover(msg: &DestMessage) -> MigrationError {
+    ProtocolError::UnexpectedMessage {
+        kind: msg.kind(),
+        when: "before the switchover",
+    }
+    .into()
+}
+
 /// The most Reports the loop reads in one precopy turn, and, per state, the most it skips
 /// while it waits for Started (news a destination sent before it read the switchover: a
 /// shared disk's destination sends one when its preload's state changes, in answer to a
@@ -1194,13 +1203,7 @@ where
                 }
                 DestMessage::Refused(why) => return Err(MigrationError::DestinationRefused(why)),
                 DestMessage::Aborted(why) => return Err(MigrationError::PeerAborted(why)),
-                other => {
-                    return Err(ProtocolError::UnexpectedMessage {
-                        kind: other.kind(),
-                        when: "before the switchover",
-                    }
-                    .into())
-                }
+                other => return Err(unexpected_before_switchover(&other)),
             }
         }
         Ok(())
@@ -1219,13 +1222,7 @@ where
             match msg {
                 DestMessage::Aborted(why) => return Err(MigrationError::PeerAborted(why)),
                 DestMessage::Report { state, payload } => Self::notice(states, state, &payload)?,
-                other => {
-                    return Err(ProtocolError::UnexpectedMessage {
-                        kind: other.kind(),
-                        when: "before the switchover",
-                    }
-                    .into())
-                }
+                other => return Err(unexpected_before_switchover(&other)),
             }
         }
         Ok(())
