@@ -1380,6 +1380,16 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
     for preload in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let (img, store) = new_store(dir.path());
+        // A 16 MiB bitmap with a bit in every word: its whole load (every cluster read and
+        // compared) takes milliseconds beyond a read of the few regions a log names, so
+        // the two prices differ at the figure's millisecond.
+        {
+            store.lock().add("big", 512, Recording::Enabled).unwrap();
+            let big = store.lock().bitmap("big").unwrap();
+            for k in 0..DISK / (64 * 512) {
+                big.mark_dirty(k * 64 * 512, 1);
+            }
+        }
         let mut r = rig(&store, 27);
         let mut dest = SharedDiskDest::file("disk-bitmaps", img.clone());
         if !preload {
@@ -1394,6 +1404,7 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
         // it never comes.
         assert!(preload || !r.disk.dest_follows_log());
         if !r.disk.dest_follows_log() {
+            assert!(r.disk.dest_time() >= Millis(3), "{:?}", r.disk.dest_time());
             assert_eq!(
                 o.pending_at_switch.dest_disk_time,
                 r.disk.dest_time(),
