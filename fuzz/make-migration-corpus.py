@@ -17,7 +17,7 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus", "migration_stream")
 
-MAGIC, VERSION = 0x4442_4D4D, 7
+MAGIC, VERSION = 0x4442_4D4D, 8
 HELLO, SECTION, SWITCHOVER, END, STARTED, REFUSED, PAGE_REQUEST, ABORT, NONCE, REPORT = range(1, 11)
 RAM_ID, PS, PAGES = 1, 512, 4
 MIGRATION_ID = 0x0DB1_7E57_5EED_0001

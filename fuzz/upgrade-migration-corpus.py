@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Upgrades fuzz/corpus/migration_stream/ inputs from stream version 6 to 7 in place.
+"""Upgrades fuzz/corpus/migration_stream/ inputs from stream version 7 to 8 in place.
 
-Version 7 changed no byte of the format: a shared disk's destination may send a Report during
-precopy (docs/FORMAT.md, "Migration stream"), which a version-6 source refuses, so the
-version moved. A version-6 input is refused at its stream header or its Hello, so the corpus
-the fuzzer found would no longer reach the protocol. This rewrites, per mode (src/fuzzing.rs,
-`migration_stream`):
+Version 8 changed no byte of the format: a shared disk's destination answers every BEGIN and
+whole LOG, following or not, and its source does not switch over until it has
+(docs/FORMAT.md, "Migration stream"); a version-7 destination answered only a preload that
+followed, so the version moved. A version-7 input is refused at its stream header or its
+Hello, so the corpus the fuzzer found would no longer reach the protocol. This rewrites, per
+mode (src/fuzzing.rs, `migration_stream`):
   0 (reader): the stream header's version, then each well-formed frame up to the first that
-    is not; a Hello's version field reads 7; lengths and both checksums are recomputed; the
+    is not; a Hello's version field reads 8; lengths and both checksums are recomputed; the
     bytes after the last well-formed frame are kept as they are;
   2 (payload decoders): a Hello payload (kind % 11 == 1);
   3 (destination over records): each `kind, len, payload` record of kind 1.
 Seeds (seed-*) come from fuzz/make-migration-corpus.py and are left alone. An input that does
-not parse as version 6 is left alone. Idempotent: a version-7 input is not touched.
-(Version 6 added the Hello's `incremental` byte after `resume`; commit d7b085d upgraded the
-corpus from 5 to 6 with this script's earlier form.)
+not parse as version 7 is left alone. Idempotent: a version-8 input is not touched.
+(Version 7 had the same bytes as 6, with Reports during precopy; version 6 added the Hello's
+`incremental` byte after `resume`; commits d7b085d and c737ef3 upgraded the corpus from 5 to
+6 and from 6 to 7 with this script's earlier forms.)
 
     fuzz/upgrade-migration-corpus.py
 """
@@ -24,12 +26,12 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIR = os.path.join(HERE, "corpus", "migration_stream")
-MAGIC, OLD, NEW = 0x4442_4D4D, 6, 7
+MAGIC, OLD, NEW = 0x4442_4D4D, 7, 8
 HELLO = 1
 
 
 def upgrade_hello(p):
-    """A version-6 Hello payload as version 7, or None if it is not one."""
+    """A version-7 Hello payload as version 8, or None if it is not one."""
     if len(p) < 4 or struct.unpack(">I", p[:4])[0] != OLD:
         return None
     return struct.pack(">I", NEW) + p[4:]

@@ -624,7 +624,8 @@ fn new_store_in_mode(dir: &Path, durable: bool) -> (PathBuf, SharedStore<FileSto
 
 /// The destination's side of the disk state where a test has nothing to activate there:
 /// it takes the source's write log and does nothing with it (the source's sections need a
-/// handler).
+/// handler), and answers its BEGIN and each whole LOG "not following" (the source waits
+/// for that answer before it switches over).
 #[derive(Debug)]
 struct IgnoresTheLog(&'static str);
 
@@ -632,8 +633,18 @@ impl dirty_bitmap::migration::DestState for IgnoresTheLog {
     fn name(&self) -> &str {
         self.0
     }
-    fn section(&mut self, _: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
-        Ok(None)
+    fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
+        use dirty_bitmap::migration::disk_log_codec::{self, LogSection, PreloadReport};
+        let at = match disk_log_codec::decode(payload, |_, _| false)? {
+            LogSection::Begin(id) => (id, 0),
+            LogSection::Log(log) if log.whole && !log.last => (log.id, log.seq),
+            LogSection::Log(_) => return Ok(None),
+        };
+        Ok(Some(disk_log_codec::encode_report(PreloadReport {
+            following: false,
+            id: at.0,
+            after: at.1,
+        })))
     }
 }
 
@@ -1399,11 +1410,11 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
         let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
         assert_eq!(o.kind, Kind::Completed);
         assert_eq!(dest.lock().unwrap().activated_from_preload(), preload);
-        // The answer to BEGIN travels on the return path while the source goes on: it may
-        // switch over before reading it (then it priced the whole load); without a preload
-        // it never comes.
-        assert!(preload || !r.disk.dest_follows_log());
-        if !r.disk.dest_follows_log() {
+        // The source switches over only once the destination answered its BEGIN:
+        // "following" with a preload, "not following" without.
+        assert_eq!(r.disk.dest_follows_log(), preload);
+        assert!(!o.pending_at_switch.awaiting_destination, "{o:?}");
+        if !preload {
             assert!(r.disk.dest_time() >= Millis(3), "{:?}", r.disk.dest_time());
             assert_eq!(
                 o.pending_at_switch.dest_disk_time,
@@ -1420,6 +1431,47 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
         r.guest.vcpus.resume().unwrap();
         r.guest.vcpus.shutdown();
     }
+}
+
+/// Found by a review: the destination preloads in the thread that reads the stream, and
+/// answered only a preload that followed the log, once it had run. A source that priced
+/// the whole load (it had heard nothing, and the whole load fit the limit) switched over
+/// while the preload still ran: its End waited in the socket for the rest of the preload,
+/// inside the downtime and in no figure. Now the destination answers every BEGIN, and the
+/// source does not switch over before the answer: here a preload that takes 3 s, with a
+/// guest that converges well before that.
+#[test]
+fn over_tcp_the_source_does_not_switch_over_before_the_destinations_preload_answered() {
+    const PRELOAD: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (img, store) = new_store(dir.path());
+    let mut r = rig(&store, 31);
+    let shared = img.clone();
+    let dest = SharedDiskDest::file("disk-bitmaps", img.clone()).with_preload(move || {
+        std::thread::sleep(PRELOAD);
+        let f = FileStorage::open_shared(&shared)?;
+        BitmapStore::open(f, OpenMode::ReadOnly)
+    });
+    let dest = Arc::new(Mutex::new(dest));
+    let started = std::time::Instant::now();
+    let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(started.elapsed() >= PRELOAD);
+    // The answer came before the switchover: the figure priced a refresh from the
+    // preload, which the activate then did.
+    assert!(r.disk.dest_follows_log(), "{o:?}");
+    assert!(!o.pending_at_switch.awaiting_destination, "{o:?}");
+    assert!(dest.lock().unwrap().activated_from_preload());
+    // None of the preload's 3 s is in the downtime.
+    assert!(o.downtime < Duration::from_secs(1), "{o:?}");
+    let mut d = dest.lock().unwrap().take_store().unwrap();
+    let marks = r.guest.disk.marks();
+    let b = d.bitmap("b").unwrap();
+    assert!(marks.iter().all(|&m| b.is_dirty(m)));
+    d.inactivate().unwrap();
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
 }
 
 /// One attempt over TCP to a shared-storage destination on `path` (durable or not) that
@@ -3017,6 +3069,9 @@ impl MigrationState for MarkingDisk {
     }
     fn after_flush(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
         self.inner.after_flush(out)
+    }
+    fn notice(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<()> {
+        self.inner.notice(payload)
     }
     fn complete(&mut self, out: &mut dyn Outbound) -> dirty_bitmap::migration::Result<Bytes> {
         self.inner.complete(out)

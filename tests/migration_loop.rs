@@ -1000,6 +1000,116 @@ fn a_state_dirtied_as_fast_as_it_is_sent_reports_a_stall() {
     }
 }
 
+/// A state with nothing to send whose figure waits on its destination until `until` on
+/// the simulation's clock (as a shared disk's does until its destination's preload
+/// answered); it records the clock time of every exact figure asked of it.
+struct Waits {
+    sim: Sim,
+    until: Duration,
+    exact_at: Vec<Duration>,
+}
+
+impl MigrationState for Waits {
+    fn id(&self) -> dirty_bitmap::migration::StateId {
+        9
+    }
+    fn name(&self) -> &str {
+        "churn"
+    }
+    fn setup(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn pending(&mut self, exact: bool) -> dirty_bitmap::migration::Pending {
+        let now = self.sim.now();
+        if exact {
+            self.exact_at.push(now);
+        }
+        dirty_bitmap::migration::Pending {
+            awaiting_destination: now < self.until,
+            ..Default::default()
+        }
+    }
+    fn iterate(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+        _: Bytes,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn complete(
+        &mut self,
+        _: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        Ok(Bytes(0))
+    }
+    fn cancel(&mut self) {}
+    fn resume_source(&mut self) {}
+}
+
+/// While a state's figure waits on its destination (a shared disk's preload not yet
+/// answered), the loop neither switches over nor runs an exact query, and the turns spent
+/// waiting, 2 s of an idle guest here (four times the no-progress guard's 500 ms), are no
+/// stall; once the answer is in, it completes at the next exact figure.
+#[test]
+fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() {
+    let rig = Rig::new(16, 0.0, per_ms(4096.0));
+    rig.sim
+        .world()
+        .dest
+        .states
+        .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+    let mut ram = rig.state(SetupMode::Full, false);
+    let until = Duration::from_secs(2);
+    let mut waits = Waits {
+        sim: rig.sim.clone(),
+        until,
+        exact_at: Vec::new(),
+    };
+    let mut control = GiveUp {
+        turns: 0,
+        max_turns: 100_000,
+        stalls: Vec::new(),
+    };
+    let (mut c, mut v, mut o, mut i) = (
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+    );
+    let cfg = config(300);
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [
+            &mut ram as &mut dyn MigrationState,
+            &mut waits as &mut dyn MigrationState,
+        ],
+        &mut control,
+    );
+    let o = r.unwrap();
+    assert!(control.stalls.is_empty(), "{:?}", control.stalls);
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
+    assert!(!o.pending_at_switch.awaiting_destination, "{o:?}");
+    assert!(!waits.exact_at.is_empty());
+    assert!(
+        waits.exact_at.iter().all(|&t| t >= until),
+        "exact figures while waiting: {:?}",
+        waits.exact_at
+    );
+    assert!(o.total_time >= until, "{o:?}");
+    // Within a window or two of the answer.
+    assert!(o.total_time <= until + Duration::from_millis(300), "{o:?}");
+    rig.assert_same_ram();
+}
+
 /// Stops the simulated guest only after `delay` of virtual time (the guest keeps writing
 /// meanwhile), as a real `stop` takes time to park the vCPUs.
 struct SlowStop {

@@ -1337,6 +1337,7 @@ impl MigrationState for Bulk {
             disk_time: Millis(0),
             dest_disk_time: Millis(0),
             stop_only: Bytes(0),
+            awaiting_destination: false,
         }
     }
     fn iterate(

@@ -14,7 +14,13 @@
 //! setup the state loads every bitmap from disk as the destination will
 //! ([`BitmapStore::time_load`](crate::BitmapStore::time_load)) and times it, and one
 //! barrier stands for the destination's flags commit. That load happens after End and
-//! before Started, so it is downtime as much as the source's stop is.
+//! before Started, so it is downtime as much as the source's stop is. A destination that
+//! preloads ([`SharedDiskDest::with_preload`]) reads the bitmaps at the state's BEGIN and
+//! follows its write log; it answers BEGIN (and each whole LOG) once its preload ended,
+//! and only an answer that says "following" prices its activate as a read of what the last
+//! LOG names. Until the answer comes the figure waits
+//! ([`Pending::awaiting_destination`]): the preload runs in the thread that reads the
+//! stream, and a switchover sent meanwhile would wait for it inside the downtime.
 //!
 //! The hooks, as QEMU's shared-storage migration runs them:
 //! - [`complete`](MigrationState::complete) (VM stopped, its disk I/O drained) runs the
@@ -98,6 +104,10 @@ pub struct SharedDiskState<S: Storage> {
     /// ([`disk_log_codec::PreloadReport`]): only then is its activate priced as a read of
     /// what the last LOG names, and otherwise as a whole load.
     dest_following: bool,
+    /// The destination answered the BEGIN or the last whole LOG (following or not): until
+    /// it has, its preload may still be running, in the thread that would read the
+    /// switchover, and the figure waits ([`Pending::awaiting_destination`]).
+    dest_answered: bool,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
     /// figure says the stop cannot be timed. It belongs to its attempt: `setup` drops it,
@@ -128,6 +138,7 @@ impl<S: Storage> SharedDiskState<S> {
             log_seq: 0,
             whole_at: 0,
             dest_following: false,
+            dest_answered: false,
             error: None,
         }
     }
@@ -186,6 +197,7 @@ impl<S: Storage> SharedDiskState<S> {
         if log.whole {
             self.whole_at = log.seq;
             self.dest_following = false;
+            self.dest_answered = false;
         }
         out.send(self.id, &disk_log_codec::encode_log(&log))
     }
@@ -283,6 +295,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         self.stop = FlushStats::default();
         // Each attempt's destination preloads anew, and says so.
         self.dest_following = false;
+        self.dest_answered = false;
         self.log_id = 0;
         self.log_seq = 0;
         self.whole_at = 0;
@@ -392,6 +405,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             dest_disk_time,
             must_precopy: log_bytes,
             stop_only: log_bytes,
+            // A log begun and its last preload point unanswered (the qemu baseline begins
+            // none).
+            awaiting_destination: self.log_id != 0 && !self.dest_answered,
             ..Pending::default()
         }
     }
@@ -403,8 +419,10 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// The destination's preload report ([`disk_log_codec::PreloadReport`]): "following"
     /// for this attempt's log from its last whole LOG on lets the figures price the
     /// destination's activate as a read of what the last LOG names; "not following" (a
-    /// preload or a re-read that failed) prices it whole again. A report of an earlier
-    /// whole LOG's preload is stale and changes nothing.
+    /// preload or a re-read that failed, or no preload at all) prices it whole again.
+    /// Either answer to the BEGIN or the last whole LOG ends the figure's wait
+    /// ([`Pending::awaiting_destination`]). A report of an earlier whole LOG's preload is
+    /// stale and changes nothing.
     ///
     /// # Errors
     /// A payload that does not decode, or names a log this attempt did not begin or a
@@ -420,6 +438,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         }
         if r.after == self.whole_at {
             self.dest_following = r.following;
+            self.dest_answered = true;
         }
         Ok(())
     }
@@ -579,7 +598,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
 /// With [`with_preload`](Self::with_preload) (as [`file`](Self::file) sets it up) it reads
 /// the bitmaps at the source's BEGIN, while the source still runs
 /// ([`BitmapStore::preload`](crate::BitmapStore::preload)), follows the source's write log,
-/// tells the source when it does, and its activate refreshes them from the disk
+/// tells the source whether it does, and its activate refreshes them from the disk
 /// ([`BitmapStore::activate_preloaded`](crate::BitmapStore::activate_preloaded)) instead
 /// of loading them into fresh memory: the same bitmaps, in a fraction of the downtime.
 pub struct SharedDiskDest<S: Storage> {
@@ -625,7 +644,10 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// does): once it follows the source's write log, this end says so, and the source's
     /// downtime figure prices its activate as a read of what the last log names. Without
     /// one (or when the preload fails) the activate loads every bitmap whole inside the
-    /// downtime, and the source, told nothing, prices exactly that.
+    /// downtime, and the source, told so, prices exactly that. Either way this end answers
+    /// each BEGIN and whole LOG once its preload ended, and the source does not switch
+    /// over before: a switchover read while the preload still ran would wait for the rest
+    /// of it inside the downtime.
     pub fn new(
         name: impl Into<String>,
         open: impl FnMut() -> crate::Result<crate::BitmapStore<S>> + Send + 'static,
@@ -732,9 +754,11 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     }
 
     /// The report to send after a section, if the preload's state changed since the last
-    /// one this attempt sent: it started following the log (at BEGIN, or again after a
-    /// whole LOG), or stopped (a preload or a re-read that failed). The source starts out
-    /// assuming a whole load, so a preload that never followed tells nothing.
+    /// one this attempt sent: every BEGIN and whole LOG is answered once its preload
+    /// ended, following or not (no preload, or one that failed, answers "not following"
+    /// at once), and a re-read that failed says the preload stopped following. The source
+    /// does not switch over until its BEGIN or last whole LOG is answered: before that,
+    /// the preload may still be running in the thread that reads the switchover.
     fn news(&mut self) -> Option<Vec<u8>> {
         if self.switched {
             return None;
@@ -750,11 +774,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             id,
             after,
         };
-        let changed = match self.told {
-            None => now.following,
-            Some(t) => t != now && (t.following || now.following),
-        };
-        if !changed {
+        if self.told == Some(now) {
             return None;
         }
         self.told = Some(now);
@@ -1332,7 +1352,10 @@ mod tests {
     /// from its setup on, whether or not the destination preloaded: one built without a
     /// preload (or whose preload failed) loaded every bitmap inside the downtime, in no
     /// figure. Now the figure holds the whole load until the destination says its preload
-    /// follows the log, and again from a whole LOG until it says so anew.
+    /// follows the log, and again from a whole LOG until it says so anew; and it waits
+    /// until the BEGIN and each whole LOG are answered, following or not (found by a
+    /// review: a switchover sent while the preload still ran waited for it, inside the
+    /// downtime).
     #[test]
     fn the_destinations_activate_is_priced_whole_until_it_says_its_preload_follows() {
         for preload in [true, false] {
@@ -1351,15 +1374,19 @@ mod tests {
             assert_eq!(state.pending(false).dest_disk_time, whole);
             assert_eq!(state.pending(true).dest_disk_time, whole);
             assert!(!state.dest_follows_log());
+            assert!(state.pending(false).awaiting_destination);
+            assert!(state.pending(true).awaiting_destination);
             let told = answers(&mut wire, &mut dest);
+            assert_eq!(told.len(), 1, "preload {preload}: {told:?}");
             assert_eq!(
-                told.len(),
-                usize::from(preload),
-                "preload {preload}: {told:?}"
+                disk_log_codec::decode_report(&told[0]).unwrap().following,
+                preload
             );
-            for r in &told {
-                state.notice(r).unwrap();
-            }
+            state.notice(&told[0]).unwrap();
+            assert!(
+                !state.pending(true).awaiting_destination,
+                "preload {preload}"
+            );
             assert_eq!(state.dest_follows_log(), preload);
             if !preload {
                 assert_eq!(state.pending(true).dest_disk_time, whole);
@@ -1376,6 +1403,7 @@ mod tests {
             state.store.lock().add("c", G, Recording::Disabled).unwrap();
             write_and_log(&mut state, &mut wire, 2 << 30);
             assert!(!state.dest_follows_log());
+            assert!(state.pending(false).awaiting_destination);
             assert_eq!(state.pending(false).dest_disk_time, whole);
             let told = answers(&mut wire, &mut dest);
             assert_eq!(told.len(), 1, "{told:?}");
@@ -1387,8 +1415,10 @@ mod tests {
             });
             state.notice(&stale).unwrap();
             assert!(!state.dest_follows_log());
+            assert!(state.pending(false).awaiting_destination, "a stale answer");
             state.notice(&told[0]).unwrap();
             assert!(state.dest_follows_log());
+            assert!(!state.pending(false).awaiting_destination);
             // After the switchover the destination tells nothing more, the last log
             // included.
             dest.switchover(false);
@@ -1425,8 +1455,7 @@ mod tests {
         assert!(!state.dest_follows_log());
     }
 
-    /// A preload that fails tells the source nothing (it prices a whole load already); one
-    /// that followed and then could not read what a log names says it stopped.
+    /// A preload that followed and then could not read what a log names says it stopped.
     #[test]
     fn a_destination_says_when_its_preload_stops_following() {
         let (mut state, mut dest, mem) = shared_pair(true);
@@ -1488,8 +1517,12 @@ mod tests {
         fs.set_plan(FaultPlan::new());
         write_and_log(&mut state, &mut wire, 1 << 30);
         told.extend(answers(&mut wire, &mut dest));
-        assert!(told.is_empty(), "{told:?}");
+        // BEGIN answered once, "not following"; the log changes nothing.
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(!disk_log_codec::decode_report(&told[0]).unwrap().following);
+        state.notice(&told[0]).unwrap();
         assert!(!state.dest_follows_log());
+        assert!(!state.pending(true).awaiting_destination);
         assert_eq!(state.pending(true).dest_disk_time, state.dest_time());
     }
 

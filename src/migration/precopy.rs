@@ -28,7 +28,11 @@
 //!    ([`IterationReport::link`]: the highest any window of this attempt measured, or
 //!    [`LoopConfig::link_estimate`], an earlier attempt's), not the last window's: an idle
 //!    guest's retry has only its Hello to measure by. Its 49 bytes are all that rides on
-//!    that figure (QEMU completes on a pending figure of 0 unchecked).
+//!    that figure (QEMU completes on a pending figure of 0 unchecked). While a state
+//!    waits on its destination's answer ([`Pending::awaiting_destination`]: a shared
+//!    disk's destination has not yet said whether its preload follows the write log, and
+//!    its preload may still be running in the thread that would read the switchover), no
+//!    exact query runs and nothing is decided.
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -41,7 +45,8 @@
 //!    exact figure that did not fit, the **no-progress guard** after turns that
 //!    neither synced, sent nor flushed, or the **dirty-rate guard** after periods without
 //!    an exact figure in which more than half of what was sent was dirtied again
-//!    ([`StallKind`]). The stall guard measures a figure
+//!    ([`StallKind`]); the first two do not count a turn that waits on a destination's
+//!    answer. The stall guard measures a figure
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
 //!    as progress (a disk-only migration that sends nothing is not reported stuck while
 //!    its flushes shrink its stop; it switches over once its figure fits what the link
@@ -821,6 +826,7 @@ where
             disk_time: Millis(0),
             dest_disk_time: Millis(0),
             stop_only: Bytes(0),
+            awaiting_destination: false,
         }
     }
 
@@ -887,6 +893,11 @@ where
     /// The switchover this figure decides, if any: `Some(true)` for postcopy,
     /// `Some(false)` for a precopy completion.
     fn decide(&self, p: Pending, exact: bool) -> Option<bool> {
+        // A state waits on its destination (the exact query's own flush may have sent a
+        // whole write log, which the destination preloads again before it answers).
+        if p.awaiting_destination {
+            return None;
+        }
         let thr = self.threshold_of(p);
         let postcopy = self.config.postcopy && self.postcopy_requested;
         let (to_postcopy, complete) = match self.config.rule {
@@ -975,7 +986,9 @@ where
             // progress (find what the guest dirtied since), even when the gate is shut: the
             // threshold may be too small for even the control message.
             let drained = self.is_drained(p);
-            if self.gate(p) || drained {
+            // While a state waits on its destination's answer, no figure can decide: no
+            // exact query either (it would sync and flush at every turn for nothing).
+            if !p.awaiting_destination && (self.gate(p) || drained) {
                 // A disk state's stop writes what changed since its last flush: flushing
                 // here leaves the exact figure (and the stop, if it follows) only what
                 // changes from now until the VM stops. (A state with nothing changed
@@ -1014,7 +1027,11 @@ where
             let thr = self.threshold_of(p);
             let measure = self.stall_measure(p);
             let mut stall = None;
-            if exact {
+            // A turn spent waiting on a destination's answer is no stall of the guest's:
+            // the stall guard proper does not count it, nor does the no-progress guard
+            // (such a turn is not idle, below); the dirty-rate guard, which compares what
+            // the guest dirties with what goes out, runs meanwhile.
+            if exact && !p.awaiting_destination {
                 period = None;
                 dirty_high = 0;
                 match best {
@@ -1132,8 +1149,9 @@ where
                 }
             }
             // Progress: a sync or bytes out. A turn the rate limiter held back is neither
-            // progress nor idleness (every window allows at least one byte, so it ends).
-            if exact || sent > Bytes(0) || flushed > Bytes(0) {
+            // progress nor idleness (every window allows at least one byte, so it ends),
+            // and neither is one that waits on a destination's answer.
+            if exact || sent > Bytes(0) || flushed > Bytes(0) || p.awaiting_destination {
                 self.idle_turns = 0;
             } else if budget > Bytes(0) {
                 if self.idle_turns == 0 {

@@ -40,6 +40,13 @@ pub struct Pending {
     /// (a threshold of 0 would otherwise keep it from ever looking). Never more than
     /// `must_precopy`.
     pub stop_only: Bytes,
+    /// The state's figure waits on an answer from its destination that decides what the
+    /// downtime holds: for a [`super::disk::SharedDiskState`], the destination's preload
+    /// report for the source's BEGIN or last whole LOG (its preload runs in the thread
+    /// that reads the stream, so a switchover before it answered would wait, inside the
+    /// downtime, for the rest of it). No switchover while any state waits: the loop runs
+    /// no exact query, and a turn spent waiting is not counted toward a stall.
+    pub awaiting_destination: bool,
 }
 
 impl Pending {
@@ -59,6 +66,7 @@ impl std::ops::Add for Pending {
             disk_time: self.disk_time + rhs.disk_time,
             dest_disk_time: self.dest_disk_time + rhs.dest_disk_time,
             stop_only: self.stop_only + rhs.stop_only,
+            awaiting_destination: self.awaiting_destination || rhs.awaiting_destination,
         }
     }
 }
@@ -291,11 +299,20 @@ mod tests {
             disk_time: Millis(3),
             dest_disk_time: Millis(1),
             stop_only: Bytes(1),
+            awaiting_destination: false,
         };
         assert_eq!((a + a).total(), Bytes(6));
         // Two states' stops run one after the other.
         assert_eq!((a + a).disk_time, Millis(6));
         assert_eq!((a + a).dest_disk_time, Millis(2));
         assert_eq!((a + a).stop_only, Bytes(2));
+        // One state that waits on its destination holds the whole figure.
+        let waits = Pending {
+            awaiting_destination: true,
+            ..a
+        };
+        assert!(!(a + a).awaiting_destination);
+        assert!((a + waits).awaiting_destination);
+        assert!((waits + a).awaiting_destination);
     }
 }
