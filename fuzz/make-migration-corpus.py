@@ -29,12 +29,11 @@ def frame(kind, seq, payload):
     return head + payload + struct.pack(">I", zlib.crc32(head + payload))
 
 
-def hello(pages=PAGES, ps=PS):
-    name = b"ram"
+def hello(pages=PAGES, ps=PS, states=((RAM_ID, b"ram"),)):
     max_bandwidth, nonce, resume, incremental = 0, 0, 0, 0
     return (struct.pack(">IIQQQ", VERSION, ps, pages, MIGRATION_ID, max_bandwidth)
-            + nonce.to_bytes(16, "big") + resume.to_bytes(16, "big") + struct.pack(">BH", incremental, 1)
-            + struct.pack(">IB", RAM_ID, len(name)) + name)
+            + nonce.to_bytes(16, "big") + resume.to_bytes(16, "big") + struct.pack(">BH", incremental, len(states))
+            + b"".join(struct.pack(">IB", i, len(name)) + name for i, name in states))
 
 
 def ram(entries, ps=PS):
@@ -99,6 +98,45 @@ def bitmap_query():
     return struct.pack(">BHQQ", QUERY, 0, 0, STREAM)
 
 
+# Shared-storage disk state sections, docs/FORMAT.md "Shared-storage disk state payloads".
+SHARED_ID, STREAM_ID, LOG_ID = 4, 3, 7
+BEGIN, LOG = 1, 2
+
+
+def log_begin(log_id=LOG_ID):
+    return struct.pack(">BQ", BEGIN, log_id)
+
+
+def log_take(seq, flags, entries, log_id=LOG_ID):
+    """entries: (name, table offset, region size, region count, dirty count or None, regions),
+    listed (encoding 0)."""
+    out = struct.pack(">BQQBH", LOG, log_id, seq, flags, len(entries))
+    for name, table, rsize, rcount, dirty, regions in entries:
+        dirty = (1 << 64) - 1 if dirty is None else dirty
+        out += struct.pack(">H", len(name)) + name + struct.pack(">QQQQB", table, rsize, rcount, dirty, 0)
+        out += struct.pack(">I", len(regions)) + b"".join(struct.pack(">Q", r) for r in regions)
+    return out
+
+
+def disks_frames():
+    """The destination's two disk states (src/fuzzing.rs, `fuzz_disk_states`): "d" on a
+    shared image, preloading at BEGIN and following each LOG (bitmap "b", its table at
+    0x40000, 4 bits dirty: the last LOG leaves the preloaded copy current, so the activate
+    takes it without reading it); "s" taking bitmap "b2" from the stream."""
+    return [
+        (HELLO, hello(states=((RAM_ID, b"ram"), (STREAM_ID, b"s"), (SHARED_ID, b"d")))),
+        (SECTION, section(log_begin(), SHARED_ID)),
+        (SECTION, section(bitmap_start(0, 1, name=b"b2"), STREAM_ID)),
+        (SECTION, section(ram([(i, page(i)) for i in range(PAGES)]))),
+        (SECTION, section(bitmap_regions(0, 2, [(0, bytes([0xA5]) * 512)]), STREAM_ID)),
+        (SECTION, section(log_take(1, 0, [(b"b", 0x40000, 4096, 1, None, [0])]), SHARED_ID)),
+        (SWITCHOVER, b"\x00"),
+        (SECTION, section(bitmap_complete(0, 3, False), STREAM_ID)),
+        (SECTION, section(log_take(2, 2, [(b"b", 0x40000, 4096, 1, 4, [0])]), SHARED_ID)),
+        (END, b""),
+    ]
+
+
 def page(i, ps=PS):
     return bytes((i * 37 + j) & 0xFF for j in range(ps)) if i != 2 else bytes(ps)
 
@@ -160,6 +198,7 @@ seeds = {
     "dest-precopy": b"\x03" + records(precopy_frames()),
     "dest-postcopy": b"\x03" + records(postcopy_frames()),
     "dest-refuse": b"\x83" + records(precopy_frames()),
+    "dest-disks": b"\x43" + records(disks_frames()),
 }
 
 os.makedirs(OUT, exist_ok=True)

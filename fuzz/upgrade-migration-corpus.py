@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Upgrades fuzz/corpus/migration_stream/ inputs from stream version 7 to 8 in place.
 
-Version 8 changed no byte of the format: a shared disk's destination answers every BEGIN and
-whole LOG, following or not, and its source does not switch over until it has
-(docs/FORMAT.md, "Migration stream"); a version-7 destination answered only a preload that
-followed, so the version moved. A version-7 input is refused at its stream header or its
-Hello, so the corpus the fuzzer found would no longer reach the protocol. This rewrites, per
+Version 8 changed no byte of the source's frames: a shared disk's destination answers every
+BEGIN and whole LOG, following or not, and each LOG it applied, in a preload report that grew
+from 17 to 25 bytes (the last take applied), and its source does not switch over until BEGIN
+or the last whole LOG is answered (docs/FORMAT.md, "Migration stream"). A version-7 input is
+refused at its stream header or its Hello, so the corpus the fuzzer found would no longer
+reach the protocol; a 17-byte preload report in an input is left as it is (it no longer
+decodes, and exercises the refusal). This rewrites, per
 mode (src/fuzzing.rs, `migration_stream`):
   0 (reader): the stream header's version, then each well-formed frame up to the first that
     is not; a Hello's version field reads 8; lengths and both checksums are recomputed; the

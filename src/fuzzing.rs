@@ -28,10 +28,13 @@ use crate::migration::frame::{
 use crate::migration::ram_codec::{self, PageEntry};
 use crate::migration::stream::FrameReader;
 use crate::migration::MigrationError;
+use crate::migration::{SharedDestState, SharedDiskDest, StreamDiskDest};
 use crate::storage::MemStorage;
 use crate::storage::OpenMode;
+use crate::store::Recording;
 use crate::store::{BitmapState, BitmapStore};
 use crate::{DirtyBitmap, Image};
+use std::sync::{Arc, Mutex};
 
 /// The largest cluster 0 a target looks at (2 MiB clusters).
 const MAX_CLUSTER0: usize = 1 << 21;
@@ -623,7 +626,13 @@ fn compare_with_disk(
 ///   Invariants: the destination never panics or fails with [`MigrationError::Io`]; a
 ///   success sent exactly one Started, and its RAM equals the model (precopy: the last copy
 ///   of each page sent; postcopy: some copy of it); a failure sent Abort (or Refused when
-///   refusing) unless the source aborted.
+///   refusing) unless the source aborted. Bit 6 of `data[0]` gives the destination two disk
+///   states (`FuzzDisks`): a [`SharedDiskDest`] named "d", preloading, on an
+///   image a source left with bitmap "b" holding [`SHARED_BITS`], and a
+///   [`StreamDiskDest`] named "s" on an empty image of its own. Their invariants: the
+///   shared image's bitmap "b" holds exactly [`SHARED_BITS`] whatever the sections said
+///   (in the store "d" took over on a success, on the image after a failure, where it is
+///   consistent again); each image checks without corruption afterwards.
 pub fn migration_stream(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -684,7 +693,7 @@ pub fn migration_stream(data: &[u8]) {
                 _ => {}
             }
         }
-        _ => fuzz_destination(mode & 0x80 != 0, rest),
+        _ => fuzz_destination(mode & 0x80 != 0, mode & 0x40 != 0, rest),
     }
 }
 
@@ -878,8 +887,95 @@ fn bitmap_round_trip(payload: &[u8]) {
     assert_eq!(enc, payload, "bitmap section round trip");
 }
 
+/// The disk size of the images of [`fuzz_disk_states`] (granularity 64 KiB: 16,384 bits).
+const FUZZ_DISK: u64 = 1 << 30;
+/// The granules bitmap "b" of the shared image has dirty, as its source left it.
+pub const SHARED_BITS: [u64; 4] = [0, 5, 4096, 16383];
+
+/// The disk states of [`migration_stream`]'s destination mode with bit 6: the shared
+/// image (bitmap "b", granularity 64 KiB, [`SHARED_BITS`] dirty, inactivated as a source's
+/// stop leaves it) and the stream state's own empty image, with the states over them.
+struct FuzzDisks {
+    shared: Arc<MemStorage>,
+    d: Arc<Mutex<SharedDiskDest<Arc<MemStorage>>>>,
+    own: Arc<MemStorage>,
+    s: Arc<Mutex<StreamDiskDest<Arc<MemStorage>>>>,
+}
+
+fn fuzz_disk_states() -> FuzzDisks {
+    let shared = Arc::new(MemStorage::new());
+    let mut st = BitmapStore::create(Arc::clone(&shared), FUZZ_DISK, 65536).expect("create");
+    st.add("b", 65536, Recording::Enabled).expect("add");
+    st.activate().expect("activate");
+    let b = st.bitmap("b").expect("bitmap b");
+    for g in SHARED_BITS {
+        b.mark_dirty(g * 65536, 1);
+    }
+    st.inactivate().expect("inactivate");
+    drop(st);
+    let (w, r) = (Arc::clone(&shared), Arc::clone(&shared));
+    let d = SharedDiskDest::new("d", move || {
+        BitmapStore::open(Arc::clone(&w), OpenMode::ReadWrite)
+    })
+    .with_preload(move || BitmapStore::open(Arc::clone(&r), OpenMode::ReadOnly));
+    let own = Arc::new(MemStorage::new());
+    drop(BitmapStore::create(Arc::clone(&own), FUZZ_DISK, 65536).expect("create"));
+    let o = Arc::clone(&own);
+    let s = StreamDiskDest::new("s", move || {
+        BitmapStore::open(Arc::clone(&o), OpenMode::ReadWrite)
+    })
+    .with_max_bytes(1 << 20);
+    FuzzDisks {
+        shared,
+        d: Arc::new(Mutex::new(d)),
+        own,
+        s: Arc::new(Mutex::new(s)),
+    }
+}
+
+/// The dirty granules of `b` (at 64 KiB).
+fn granules(b: &DirtyBitmap) -> Vec<u64> {
+    b.dirty_extents()
+        .flat_map(|(o, l)| (o / 65536)..(o + l).div_ceil(65536))
+        .collect()
+}
+
+/// The disk states' invariants after the destination ran ([`migration_stream`]).
+fn check_disk_states(f: &FuzzDisks) {
+    let (shared, own) = (&*f.shared, &*f.own);
+    let taken = f.d.lock().expect("d").take_store();
+    if let Some(mut st) = taken {
+        let b = st.load("b").expect("the taken-over store loads b");
+        assert_eq!(granules(&b), SHARED_BITS, "the shared bitmap changed");
+        st.inactivate().expect("inactivate d");
+    }
+    // The image as its source left it (or as the taken-over store left it again): "b"
+    // consistent with exactly its bits.
+    let st = BitmapStore::open(shared, OpenMode::ReadOnly).expect("open the shared image");
+    let info = st.list();
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert_eq!(info[0].state, BitmapState::Consistent, "{info:?}");
+    let b = st.load("b").expect("load b");
+    assert_eq!(
+        granules(&b),
+        SHARED_BITS,
+        "the shared image's bitmap changed"
+    );
+    let r = st.image().check().expect("check the shared image");
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    let taken = f.s.lock().expect("s").take_store();
+    if let Some(mut st) = taken {
+        if let Err(e) = st.inactivate() {
+            assert!(!matches!(e, Error::Io(_)), "inactivate s: {e}");
+        }
+    }
+    let st = BitmapStore::open(own, OpenMode::ReadOnly).expect("open the stream image");
+    let r = st.image().check().expect("check the stream image");
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+}
+
 /// The destination checks of [`migration_stream`].
-fn fuzz_destination(refuse: bool, data: &[u8]) {
+fn fuzz_destination(refuse: bool, disks: bool, data: &[u8]) {
     // Build a well-framed stream from the records, and the model from the same frames.
     let mut stream = encode_stream_header(STREAM_VERSION).to_vec();
     let mut frames = Vec::new();
@@ -899,7 +995,16 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
         nonce: None,
     };
     let mut answers = Vec::new();
-    let result = Destination::new(&stream[..], &mut answers, config).run();
+    let mut dest = Destination::new(&stream[..], &mut answers, config);
+    let disk_states = disks.then(fuzz_disk_states);
+    if let Some(f) = &disk_states {
+        dest.add_state(Arc::clone(&f.d) as SharedDestState);
+        dest.add_state(Arc::clone(&f.s) as SharedDestState);
+    }
+    let result = dest.run();
+    if let Some(f) = &disk_states {
+        check_disk_states(f);
+    }
     let mut replies = Vec::new();
     let mut r = FrameReader::new(&answers[..]);
     while let Ok(f) = r.read_frame() {
@@ -942,8 +1047,9 @@ fn fuzz_destination(refuse: bool, data: &[u8]) {
     assert!(
         replies
             .iter()
-            .all(|f| matches!(f, Frame::Started | Frame::PageRequest { .. })),
-        "only Started and page requests on success"
+            .all(|f| matches!(f, Frame::Started | Frame::PageRequest { .. })
+                || (disks && matches!(f, Frame::Report { .. }))),
+        "only Started, page requests and (with disk states) preload reports on success"
     );
     // The model: every copy of each page, in order.
     let Some(Frame::Hello(hello)) = frames

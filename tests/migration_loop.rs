@@ -24,7 +24,7 @@ use dirty_bitmap::migration::workload::Pattern;
 use dirty_bitmap::migration::{
     run, AutoConverge, Bytes, BytesPerMs, Clock, Controller, Directive, Endpoints, GuestRam,
     IterationReport, Kind, LoopConfig, ManualClock, MigrationError, MigrationState, Millis,
-    RamState, RealClock, SetupMode, Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
+    ProtocolError, RamState, RealClock, SetupMode, Workload, WorkloadConfig, PAGE_SIZE, RAM_ID,
 };
 use dirty_bitmap::DirtyBitmap;
 
@@ -1002,7 +1002,8 @@ fn a_state_dirtied_as_fast_as_it_is_sent_reports_a_stall() {
 
 /// A state with nothing to send whose figure waits on its destination until `until` on
 /// the simulation's clock (as a shared disk's does until its destination's preload
-/// answered); it records the clock time of every exact figure asked of it.
+/// answered); after each flush it sends 100 bytes (as a shared disk sends its write log),
+/// and it records the clock time of every exact figure asked of it.
 struct Waits {
     sim: Sim,
     until: Duration,
@@ -1039,6 +1040,12 @@ impl MigrationState for Waits {
     ) -> dirty_bitmap::migration::Result<Bytes> {
         Ok(Bytes(0))
     }
+    fn after_flush(
+        &mut self,
+        out: &mut dyn dirty_bitmap::migration::Outbound,
+    ) -> dirty_bitmap::migration::Result<Bytes> {
+        out.send(9, &[0u8; 100])
+    }
     fn complete(
         &mut self,
         _: &mut dyn dirty_bitmap::migration::Outbound,
@@ -1052,7 +1059,9 @@ impl MigrationState for Waits {
 /// While a state's figure waits on its destination (a shared disk's preload not yet
 /// answered), the loop neither switches over nor runs an exact query, and the turns spent
 /// waiting, 2 s of an idle guest here (four times the no-progress guard's 500 ms), are no
-/// stall; once the answer is in, it completes at the next exact figure.
+/// stall, although what goes out each window (the state's 100 bytes) never makes the
+/// figure fall (the dirty-rate guard reported that as a stall, found by a review); once
+/// the answer is in, it completes at the next exact figure.
 #[test]
 fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() {
     let rig = Rig::new(16, 0.0, per_ms(4096.0));
@@ -1108,6 +1117,64 @@ fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() 
     // Within a window or two of the answer.
     assert!(o.total_time <= until + Duration::from_millis(300), "{o:?}");
     rig.assert_same_ram();
+}
+
+/// A destination that never answers (its preload hangs, or it does not answer BEGIN at
+/// all) fails the attempt after `answer_timeout`, with the guest running, instead of
+/// keeping the source waiting for ever (found by a review: no guard counts a wait).
+#[test]
+fn a_destination_that_never_answers_fails_the_attempt_after_the_answer_timeout() {
+    let rig = Rig::new(16, 0.0, per_ms(4096.0));
+    rig.sim
+        .world()
+        .dest
+        .states
+        .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+    let mut ram = rig.state(SetupMode::Full, false);
+    let mut waits = Waits {
+        sim: rig.sim.clone(),
+        until: Duration::MAX,
+        exact_at: Vec::new(),
+    };
+    let mut control = GiveUp {
+        turns: 0,
+        max_turns: 1_000_000,
+        stalls: Vec::new(),
+    };
+    let (mut c, mut v, mut o, mut i) = (
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+        rig.sim.clone(),
+    );
+    let cfg = LoopConfig {
+        answer_timeout: Duration::from_secs(5),
+        ..config(300)
+    };
+    let r = run(
+        &cfg,
+        Endpoints {
+            clock: &mut c,
+            vm: &mut v,
+            out: &mut o,
+            inbound: &mut i,
+        },
+        &mut [
+            &mut ram as &mut dyn MigrationState,
+            &mut waits as &mut dyn MigrationState,
+        ],
+        &mut control,
+    );
+    match r {
+        Err(MigrationError::Protocol(ProtocolError::NoAnswer { waited_ms })) => {
+            assert!((5_000..=5_300).contains(&waited_ms), "{waited_ms}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(control.stalls.is_empty(), "{:?}", control.stalls);
+    assert!(waits.exact_at.is_empty(), "{:?}", waits.exact_at);
+    assert!(rig.sim.guest_running());
+    rig.assert_nothing_lost();
 }
 
 /// Stops the simulated guest only after `delay` of virtual time (the guest keeps writing

@@ -108,6 +108,10 @@ pub struct SharedDiskState<S: Storage> {
     /// it has, its preload may still be running, in the thread that would read the
     /// switchover, and the figure waits ([`Pending::awaiting_destination`]).
     dest_answered: bool,
+    /// The LOGs sent since the last whole one (or BEGIN) that the destination has not said
+    /// it applied: (take, regions named). Queued before the destination's switchover, it
+    /// reads them inside the downtime; the figure prices them.
+    unapplied: Vec<(u64, u64)>,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
     /// figure says the stop cannot be timed. It belongs to its attempt: `setup` drops it,
@@ -139,6 +143,7 @@ impl<S: Storage> SharedDiskState<S> {
             whole_at: 0,
             dest_following: false,
             dest_answered: false,
+            unapplied: Vec::new(),
             error: None,
         }
     }
@@ -198,8 +203,21 @@ impl<S: Storage> SharedDiskState<S> {
             self.whole_at = log.seq;
             self.dest_following = false;
             self.dest_answered = false;
+            self.unapplied.clear();
+        } else {
+            let regions = log.bitmaps.iter().map(|b| b.regions.len()).sum();
+            self.unapplied.push((log.seq, regions));
         }
         out.send(self.id, &disk_log_codec::encode_log(&log))
+    }
+
+    /// The regions named by the LOGs sent since the last whole one that the destination has
+    /// not said it applied: queued before its switchover, it reads them inside the
+    /// downtime.
+    fn unapplied_regions(&self) -> u64 {
+        self.unapplied
+            .iter()
+            .fold(0u64, |n, &(_, r)| n.saturating_add(r))
     }
 
     /// Whether the destination said its preload follows this attempt's write log from the
@@ -296,6 +314,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // Each attempt's destination preloads anew, and says so.
         self.dest_following = false;
         self.dest_answered = false;
+        self.unapplied.clear();
         self.log_id = 0;
         self.log_seq = 0;
         self.whole_at = 0;
@@ -381,12 +400,15 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         };
         let (disk_time, dest_disk_time) = match work {
             Ok(w) => {
-                // The destination reads again what the last log will name: the regions
-                // logged since the last one went out, and those the stop writes; if it
-                // said its preload follows the log. Otherwise it loads whole.
+                // The destination reads again what the last log will name (the regions
+                // logged since the last one went out, and those the stop writes) and what
+                // the logs it has not said it applied name (queued before the switchover);
+                // if it said its preload follows the log. Otherwise it loads whole.
                 let dest = match logged {
                     Some((regions, whole)) if self.dest_following => self.dest_time_after(
-                        regions.saturating_add(w.bytes.0.div_ceil(region_size)),
+                        regions
+                            .saturating_add(w.bytes.0.div_ceil(region_size))
+                            .saturating_add(self.unapplied_regions()),
                         whole,
                     ),
                     _ => self.dest_time(),
@@ -429,16 +451,19 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
     /// take it has not sent: the attempt fails.
     fn notice(&mut self, payload: &[u8]) -> Result<()> {
         let r = disk_log_codec::decode_report(payload)?;
-        if self.log_id == 0 || r.id != self.log_id || r.after > self.log_seq {
+        if self.log_id == 0 || r.id != self.log_id || r.through > self.log_seq {
             return Err(MigrationError::InvalidInput(format!(
-                "the destination reported a preload of log {} after take {}, where this \
-                 attempt's log is {} and its last take sent {}",
-                r.id, r.after, self.log_id, self.log_seq
+                "the destination reported a preload of log {} after take {} through take {}, \
+                 where this attempt's log is {} and its last take sent {}",
+                r.id, r.after, r.through, self.log_id, self.log_seq
             )));
         }
         if r.after == self.whole_at {
             self.dest_following = r.following;
             self.dest_answered = true;
+            if r.following {
+                self.unapplied.retain(|&(seq, _)| seq > r.through);
+            }
         }
         Ok(())
     }
@@ -608,6 +633,9 @@ pub struct SharedDiskDest<S: Storage> {
     preloaded: Option<crate::Preloaded>,
     /// The log and take the last preload follows from (set whether or not it succeeded).
     preload_at: Option<(u64, u64)>,
+    /// The last take the preload applied while it followed the log (the take it follows
+    /// from until it applied one after it).
+    through: u64,
     /// What this attempt last told the source of its preload.
     told: Option<disk_log_codec::PreloadReport>,
     /// The source switched over: nothing more is told.
@@ -658,6 +686,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             preload: None,
             preloaded: None,
             preload_at: None,
+            through: 0,
             told: None,
             switched: false,
             reader: None,
@@ -715,6 +744,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         self.preloaded = None;
         self.reader = None;
         self.preload_at = Some((id, after));
+        self.through = after;
         let Some(open) = self.preload.as_mut() else {
             return;
         };
@@ -753,12 +783,14 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
         self.store.take()
     }
 
-    /// The report to send after a section, if the preload's state changed since the last
-    /// one this attempt sent: every BEGIN and whole LOG is answered once its preload
-    /// ended, following or not (no preload, or one that failed, answers "not following"
-    /// at once), and a re-read that failed says the preload stopped following. The source
-    /// does not switch over until its BEGIN or last whole LOG is answered: before that,
-    /// the preload may still be running in the thread that reads the switchover.
+    /// The report to send after a section, if it differs from the last one this attempt
+    /// sent: every BEGIN and whole LOG is answered once its preload ended, following or not
+    /// (no preload, or one that failed, answers "not following" at once), each LOG applied
+    /// while following says so (its take), and a re-read that failed says the preload
+    /// stopped following. The source does not switch over until its BEGIN or last whole
+    /// LOG is answered (before that, the preload may still be running in the thread that
+    /// reads the switchover), and it prices the regions of every LOG sent and not yet
+    /// applied (LOGs queued behind a preload are read before the switchover is).
     fn news(&mut self) -> Option<Vec<u8>> {
         if self.switched {
             return None;
@@ -773,6 +805,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
                 .is_some_and(crate::Preloaded::follows_every_bitmap),
             id,
             after,
+            through: self.through,
         };
         if self.told == Some(now) {
             return None;
@@ -853,6 +886,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         self.store = None;
         self.preloaded = None;
         self.preload_at = None;
+        self.through = 0;
         self.told = None;
         self.switched = false;
         self.reader = None;
@@ -893,6 +927,10 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
                 if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
                     // A read that fails ends the following; the activate reads it all.
                     let _ = pre.apply(reader, &log);
+                    if pre.follows_every_bitmap() {
+                        // Applied: the source's figure no longer counts its regions.
+                        self.through = log.seq;
+                    }
                 }
             }
         }
@@ -935,6 +973,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
     fn failed(&mut self) {
         self.preloaded = None;
         self.preload_at = None;
+        self.through = 0;
         self.told = None;
         self.reader = None;
         self.last_log = None;
@@ -1394,9 +1433,13 @@ mod tests {
             }
             let following = state.pending(true).dest_disk_time;
             assert!(following < Millis(100), "{following:?}");
-            // A flush and its log: nothing new to tell.
+            // A flush and its log: the destination says it applied it.
             write_and_log(&mut state, &mut wire, 1 << 30);
-            assert!(answers(&mut wire, &mut dest).is_empty());
+            let told = answers(&mut wire, &mut dest);
+            assert_eq!(told.len(), 1, "{told:?}");
+            let r = disk_log_codec::decode_report(&told[0]).unwrap();
+            assert!(r.following && r.after == 0 && r.through == 1, "{r:?}");
+            state.notice(&told[0]).unwrap();
             assert!(state.dest_follows_log());
             // A directory commit makes the log whole: priced whole until the
             // destination's new preload says it follows from there.
@@ -1412,6 +1455,7 @@ mod tests {
                 following: true,
                 id: state.log_id,
                 after: 0,
+                through: 0,
             });
             state.notice(&stale).unwrap();
             assert!(!state.dest_follows_log());
@@ -1427,29 +1471,88 @@ mod tests {
         }
     }
 
+    /// Found by a review: the destination answers its BEGIN once the preload ended, but the
+    /// LOGs the source sent meanwhile are still queued before it, and it reads their
+    /// regions before it reads the switchover: inside the downtime, where the figure
+    /// counted only the last log's regions. Now every LOG sent is priced until the
+    /// destination says it applied it (a report per LOG applied while it follows).
+    #[test]
+    fn logs_the_destination_has_not_applied_are_priced_until_it_says_it_did() {
+        let (mut state, mut dest, _) = shared_pair(true);
+        dest.hello(1, Binding::default()).unwrap();
+        let mut wire = Wire::default();
+        state.setup(&mut wire).unwrap();
+        for r in answers(&mut wire, &mut dest) {
+            state.notice(&r).unwrap();
+        }
+        assert!(state.dest_follows_log());
+        // A millisecond per region read, nothing else: the figure counts regions.
+        state.dest_walk = std::time::Duration::ZERO;
+        state.dest_per_region = std::time::Duration::from_millis(1);
+        state.dest_commit = std::time::Duration::ZERO;
+        state.dest_activate = Some(std::time::Duration::from_secs(10));
+        assert_eq!(state.pending(false).dest_disk_time, Millis(0));
+        // Three LOGs of four regions each, queued before the destination, unread.
+        let b = state.store.lock().bitmap("b").unwrap();
+        for k in 0..3u64 {
+            for j in 0..4u64 {
+                b.mark_dirty(b.region_disk_range(1 + k * 4 + j).0, 1);
+            }
+            state.flush().unwrap();
+            state.after_flush(&mut wire).unwrap();
+            assert_eq!(
+                state.pending(false).dest_disk_time,
+                Millis(4 * (k + 1)),
+                "after LOG {}",
+                k + 1
+            );
+        }
+        // The destination reads them: one report per LOG it applied, and each report takes
+        // its regions off the figure.
+        let told = answers(&mut wire, &mut dest);
+        assert_eq!(told.len(), 3, "{told:?}");
+        for (k, r) in told.iter().enumerate() {
+            let d = disk_log_codec::decode_report(r).unwrap();
+            assert!(d.following && d.through == k as u64 + 1, "{d:?}");
+            state.notice(r).unwrap();
+            assert_eq!(
+                state.pending(false).dest_disk_time,
+                Millis(4 * (2 - k as u64))
+            );
+        }
+    }
+
     /// A report that names a log this attempt never began, a take it never sent, or that
     /// does not decode fails the attempt; so does one to a source that began no log.
     #[test]
     fn a_preload_report_for_another_log_or_a_take_never_sent_is_refused() {
         let (mut state, _, _) = shared_pair(false);
-        let report = |id, after| {
+        let report = |id, after, through| {
             disk_log_codec::encode_report(disk_log_codec::PreloadReport {
                 following: true,
                 id,
                 after,
+                through,
             })
         };
-        assert!(state.notice(&report(1, 0)).is_err(), "no log begun");
+        assert!(state.notice(&report(1, 0, 0)).is_err(), "no log begun");
         state.setup(&mut Wire::default()).unwrap();
         let id = state.log_id;
-        assert!(state.notice(&report(id ^ 1, 0)).is_err());
-        assert!(state.notice(&report(id, 1)).is_err(), "take 1 never sent");
+        assert!(state.notice(&report(id ^ 1, 0, 0)).is_err());
+        assert!(
+            state.notice(&report(id, 1, 1)).is_err(),
+            "take 1 never sent"
+        );
+        assert!(
+            state.notice(&report(id, 0, 1)).is_err(),
+            "take 1 never sent, so never applied"
+        );
         assert!(state.notice(&[1, 2, 3]).is_err());
         assert!(!state.dest_follows_log());
-        state.notice(&report(id, 0)).unwrap();
+        state.notice(&report(id, 0, 0)).unwrap();
         assert!(state.dest_follows_log());
         // A "not following" for the same preload prices it whole again.
-        let mut stopped = report(id, 0);
+        let mut stopped = report(id, 0, 0);
         stopped[0] = 0;
         state.notice(&stopped).unwrap();
         assert!(!state.dest_follows_log());

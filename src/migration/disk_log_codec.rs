@@ -18,11 +18,15 @@
 //! (8 each, ascending); with encoding 1, one bit per region (bit `k` of byte `i` is region
 //! `8 i + k`), `ceil(region count / 8)` bytes. The encoder picks the shorter.
 //!
-//! The destination answers, in a Report frame during precopy, whenever its preload's state
-//! changed ([`PreloadReport`]): following (1) or not (0) (1), log id (8), and the take
-//! after which it follows the log (8: 0 for a preload at BEGIN, the sequence number of the
-//! whole LOG it preloaded again at). Until the source hears "following" for its log as it
-//! last made it whole, it prices the destination's activate as a whole load.
+//! The destination answers, in a Report frame during precopy ([`PreloadReport`]): following
+//! (1) or not (0) (1), log id (8), the take after which it follows the log (8: 0 for a
+//! preload at BEGIN, the sequence number of the whole LOG it preloaded again at), and the
+//! last take it applied (8). It answers every BEGIN and whole LOG once its preload ended
+//! (following or not), and each LOG it applied while following. The source does not
+//! switch over before its BEGIN or last whole LOG is answered; until it hears "following"
+//! for its log as it last made it whole, it prices the destination's activate as a whole
+//! load, and after that as a read of the regions of every LOG not yet applied and of the
+//! last one.
 
 use std::collections::BTreeSet;
 
@@ -59,7 +63,7 @@ fn bad(reason: impl Into<String>) -> FrameError {
 }
 
 /// Length of a [`PreloadReport`] payload.
-pub const PRELOAD_REPORT_LEN: usize = 17;
+pub const PRELOAD_REPORT_LEN: usize = 25;
 
 /// What a shared-storage destination tells its source of its preload, in a Report frame
 /// during precopy.
@@ -73,6 +77,10 @@ pub struct PreloadReport {
     /// The take after which the preload follows: 0 from BEGIN, or the sequence number of
     /// the whole LOG it preloaded again at.
     pub after: u64,
+    /// The last take the destination applied (read again the regions it names): `after`
+    /// until it applied one after it. LOGs sent after it are still queued before the
+    /// destination, and it reads their regions before it can start.
+    pub through: u64,
 }
 
 /// Encodes a preload report.
@@ -80,6 +88,7 @@ pub fn encode_report(r: PreloadReport) -> Vec<u8> {
     let mut out = vec![u8::from(r.following)];
     out.extend_from_slice(&r.id.to_be_bytes());
     out.extend_from_slice(&r.after.to_be_bytes());
+    out.extend_from_slice(&r.through.to_be_bytes());
     out
 }
 
@@ -87,11 +96,13 @@ pub fn encode_report(r: PreloadReport) -> Vec<u8> {
 ///
 /// # Errors
 /// [`FrameError::BadPayload`] for a payload that is not [`PRELOAD_REPORT_LEN`] bytes, a
-/// first byte other than 0 or 1, or a log id of 0.
+/// first byte other than 0 or 1, a log id of 0, or a last take applied before the take
+/// the preload follows after.
 pub fn decode_report(payload: &[u8]) -> Result<PreloadReport> {
     let malformed = || {
         bad(format!(
-            "a preload report is {PRELOAD_REPORT_LEN} bytes: following (0 or 1), log id (not 0), take"
+            "a preload report is {PRELOAD_REPORT_LEN} bytes: following (0 or 1), log id (not 0), \
+             take followed after, last take applied (not before it)"
         ))
     };
     if payload.len() != PRELOAD_REPORT_LEN {
@@ -102,16 +113,21 @@ pub fn decode_report(payload: &[u8]) -> Result<PreloadReport> {
         Some(1) => true,
         _ => return Err(malformed().into()),
     };
-    let (Some(id), Some(after)) = (be_u64(payload, 1), be_u64(payload, 9)) else {
+    let (Some(id), Some(after), Some(through)) = (
+        be_u64(payload, 1),
+        be_u64(payload, 9),
+        be_u64(payload, 17),
+    ) else {
         return Err(malformed().into());
     };
-    if id == 0 {
+    if id == 0 || through < after {
         return Err(malformed().into());
     }
     Ok(PreloadReport {
         following,
         id,
         after,
+        through,
     })
 }
 
@@ -377,8 +393,9 @@ mod tests {
     #[test]
     fn a_preload_report_round_trips_and_nothing_else_decodes() {
         for r in [
-            PreloadReport { following: true, id: 7, after: 0 },
-            PreloadReport { following: false, id: u64::MAX, after: 12 },
+            PreloadReport { following: true, id: 7, after: 0, through: 0 },
+            PreloadReport { following: true, id: 7, after: 3, through: 9 },
+            PreloadReport { following: false, id: u64::MAX, after: 12, through: 12 },
         ] {
             let bytes = encode_report(r);
             assert_eq!(bytes.len(), PRELOAD_REPORT_LEN);
@@ -393,8 +410,10 @@ mod tests {
             flag[0] = 2;
             assert!(decode_report(&flag).is_err());
         }
-        let zero_id = encode_report(PreloadReport { following: true, id: 0, after: 0 });
+        let zero_id = encode_report(PreloadReport { following: true, id: 0, after: 0, through: 0 });
         assert!(decode_report(&zero_id).is_err());
+        let backwards = encode_report(PreloadReport { following: true, id: 7, after: 3, through: 2 });
+        assert!(decode_report(&backwards).is_err());
     }
 
     #[test]

@@ -303,6 +303,15 @@ pub enum ProtocolError {
         /// When it came: "before the switchover", "instead of starting", "after it started".
         when: &'static str,
     },
+    /// A state's figure waited on its destination's answer (a shared disk's preload
+    /// report, [`super::Pending::awaiting_destination`]) for longer than
+    /// [`super::LoopConfig::answer_timeout`]: the destination's preload hangs, or it does
+    /// not answer BEGIN. The attempt fails with the guest running.
+    #[error("the destination did not answer in {waited_ms} ms (its preload of the shared disk's bitmaps)")]
+    NoAnswer {
+        /// How long the loop waited, in ms.
+        waited_ms: u64,
+    },
     /// The Hello's version is not the stream header's.
     #[error("Hello says version {hello} but the stream header says {stream}")]
     HelloVersion {

@@ -25,16 +25,17 @@ pub type StateId = u32;
 /// The stream magic, "DBMM" (dirty-bitmap migration).
 pub const STREAM_MAGIC: u32 = 0x4442_4D4D;
 /// The stream version this crate writes (8: a shared disk's destination answers every
-/// BEGIN and whole LOG, following or not, and its source does not switch over until it
-/// has; 7: a shared disk's destination reports whether
+/// BEGIN and whole LOG, following or not, and each LOG it applied, its report carrying the
+/// last take applied, and its source does not switch over until BEGIN or the last whole
+/// LOG is answered; 7: a shared disk's destination reports whether
 /// its preload follows the source's write log, in Report frames during precopy; 6: the
 /// Hello says whether the RAM's first pass is incremental ([`Hello::incremental`]); 5 gave a disk bitmap's region entries an
 /// encoding, raw or sparse; 4 gave sections sequence numbers and destinations the Report
 /// ([`Frame::Report`]) of what they kept from a failed attempt of the same migration).
 pub const STREAM_VERSION: u32 = 8;
 /// The oldest stream version this crate reads. Version 7's shared-disk destinations
-/// answered only a preload that followed the log, so a version-8 source would wait forever
-/// on one without a preload; version 6's sources refuse a Report during
+/// answered only a preload that followed the log, in a report without the last take
+/// applied; version 6's sources refuse a Report during
 /// precopy; version 5's Hello did not say whether the
 /// RAM's first pass was incremental; version 4's region entries had no encoding byte;
 /// version 3's disk bitmap sections had no sequence number and its destinations no

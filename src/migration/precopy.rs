@@ -94,6 +94,10 @@ pub const BUFFER_DELAY: Millis = Millis(100);
 /// QEMU's default downtime limit.
 pub const DEFAULT_DOWNTIME_LIMIT: Millis = Millis(300);
 
+/// The default [`LoopConfig::answer_timeout`]: a preload of many large bitmaps on slow
+/// storage takes seconds, not a minute.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// QEMU's default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH_BYTES_PER_SEC: u64 = 128 << 20;
 
@@ -162,6 +166,12 @@ pub struct LoopConfig {
     pub stall_rounds: u32,
     /// Most bytes one `iterate` call may send (keeps the loop responsive).
     pub iterate_chunk: Bytes,
+    /// Longest the loop waits, with the guest running, for a destination's answer that
+    /// a state's figure waits on ([`Pending::awaiting_destination`]: a shared disk's
+    /// destination preloading its bitmaps) before it fails the attempt with
+    /// [`ProtocolError::NoAnswer`] (default 60 s). No switchover happens meanwhile, and no
+    /// stall guard counts the wait.
+    pub answer_timeout: Duration,
     /// Comparisons (hidden: only the bug test changes it).
     #[doc(hidden)]
     pub rule: Rule,
@@ -182,6 +192,7 @@ impl Default for LoopConfig {
             start_postcopy: false,
             stall_rounds: 5,
             iterate_chunk: Bytes(1 << 20),
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
             rule: Rule::Fixed,
         }
     }
@@ -523,6 +534,7 @@ where
         held_back: false,
         idle_turns: 0,
         idle_since: Duration::ZERO,
+        awaiting_since: None,
         disk_flushed: Bytes(0),
     };
     l.start = l.clock.now();
@@ -701,6 +713,9 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// limiter allowed it), and the clock time of the first of them.
     idle_turns: u32,
     idle_since: Duration,
+    /// Since when the figure has waited on a destination's answer
+    /// ([`Pending::awaiting_destination`]), bounded by [`LoopConfig::answer_timeout`].
+    awaiting_since: Option<Duration>,
     disk_flushed: Bytes,
 }
 
@@ -1027,11 +1042,29 @@ where
             let thr = self.threshold_of(p);
             let measure = self.stall_measure(p);
             let mut stall = None;
-            // A turn spent waiting on a destination's answer is no stall of the guest's:
-            // the stall guard proper does not count it, nor does the no-progress guard
-            // (such a turn is not idle, below); the dirty-rate guard, which compares what
-            // the guest dirties with what goes out, runs meanwhile.
-            if exact && !p.awaiting_destination {
+            // A turn spent waiting on a destination's answer is no stall of the guest's,
+            // and no guard counts it: no exact figure is taken (the stall guard proper),
+            // the turn is not idle (below), and the dirty-rate guard starts its periods
+            // again (RAM syncs nothing meanwhile, so its figure cannot fall by what goes
+            // out, the disk's write log included). The wait has its own bound.
+            if !p.awaiting_destination {
+                self.awaiting_since = None;
+            }
+            if p.awaiting_destination {
+                period = None;
+                dirty_high = 0;
+                let since = *self.awaiting_since.get_or_insert(now);
+                let waited = now.saturating_sub(since);
+                if waited > self.config.answer_timeout {
+                    return Err(self.fail_running(
+                        states,
+                        ProtocolError::NoAnswer {
+                            waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                        }
+                        .into(),
+                    ));
+                }
+            } else if exact {
                 period = None;
                 dirty_high = 0;
                 match best {

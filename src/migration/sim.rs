@@ -1514,6 +1514,7 @@ impl Scenario {
             start_postcopy: false,
             stall_rounds: 3,
             iterate_chunk: Bytes((self.batch_pages as u64 * 2 * PAGE_SIZE as u64).max(1)),
+            answer_timeout: super::precopy::DEFAULT_ANSWER_TIMEOUT,
             rule: self.rule,
         }
     }

@@ -25,8 +25,9 @@
 //! plain TCP.
 //!
 //! No wait is unbounded: the sockets have read and write timeouts, the destination stops
-//! waiting for a connection after its timeout, and the return path's `recv` gives up after
-//! the source's timeout. The destination also bounds what a peer that keeps sending, but
+//! waiting for a connection after its timeout, the return path's `recv` gives up after
+//! the source's timeout, and the loop waits on a destination's preload answer no longer
+//! than [`super::LoopConfig::answer_timeout`]. The destination also bounds what a peer that keeps sending, but
 //! slowly, can hold it for: each frame must arrive within the read timeout plus its length
 //! at the slowest rate allowed ([`DestOptions::min_frame_rate`], or the Hello's lower
 //! `max_bandwidth`), counted from its first byte, and each attempt ends by
