@@ -8,7 +8,8 @@ reader seeds through the real destination and expects a complete migration.
     fuzz/make-migration-corpus.py
 
 The first byte of every seed is the target's mode (src/fuzzing.rs, `migration_stream`):
-0 reader, 1 RAM codec, 2 payload decoders, 3 destination over framed records (| 0x80: refuse).
+0 reader, 1 RAM codec, 2 payload decoders, 3 destination over framed records (| 0x80: refuse;
+| 0x40: with the disk states of src/fuzzing.rs `FuzzDisks`).
 """
 import os
 import struct

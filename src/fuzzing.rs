@@ -22,7 +22,7 @@ use crate::migration::bitmap_codec::{self, BitmapSection, Section};
 use crate::migration::dest::{Destination, DestinationConfig};
 use crate::migration::disk_log_codec::{self, LogSection};
 use crate::migration::frame::{
-    encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind,
+    encode_frame, encode_raw_frame, encode_stream_header, Frame, FrameError, FrameKind, Hello,
     MAX_REASON_LEN, STREAM_HEADER_LEN, STREAM_VERSION,
 };
 use crate::migration::ram_codec::{self, PageEntry};
@@ -974,6 +974,35 @@ fn check_disk_states(f: &FuzzDisks) {
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
 }
 
+/// The preload reports the shared disk state "d" sent on a success of
+/// [`migration_stream`]'s destination with disk states: each decodes, and the last take it
+/// says it applied is a LOG the stream sent it.
+fn check_preload_reports(hello: &Hello, frames: &[(u8, &[u8])], replies: &[Frame]) {
+    let Some(d) = hello.states.iter().find(|s| s.name == "d").map(|s| s.id) else {
+        return;
+    };
+    let mut last = 0;
+    for &(k, p) in frames {
+        if let Some(Ok(Frame::Section { state, payload })) =
+            FrameKind::from_u8(k).map(|kind| Frame::decode_payload(kind, p))
+        {
+            if state == d {
+                if let Ok(LogSection::Log(log)) = disk_log_codec::decode(&payload, |_, _| false) {
+                    last = last.max(log.seq);
+                }
+            }
+        }
+    }
+    for f in replies {
+        if let Frame::Report { state, payload } = f {
+            if *state == d {
+                let r = disk_log_codec::decode_report(payload).expect("a preload report decodes");
+                assert!(r.through <= last, "{r:?} after LOGs up to {last}");
+            }
+        }
+    }
+}
+
 /// The destination checks of [`migration_stream`].
 fn fuzz_destination(refuse: bool, disks: bool, data: &[u8]) {
     // Build a well-framed stream from the records, and the model from the same frames.
@@ -1063,6 +1092,9 @@ fn fuzz_destination(refuse: bool, disks: bool, data: &[u8]) {
         .iter()
         .find(|s| s.name == ram_codec::RAM_STATE_NAME)
         .map(|s| s.id);
+    if disks {
+        check_preload_reports(&hello, &frames, &replies);
+    }
     let ps = guest.page_size();
     let mut copies: Vec<Vec<&[u8]>> = vec![Vec::new(); guest.pages() as usize];
     for &(k, p) in &frames[1..] {

@@ -1119,6 +1119,35 @@ fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() 
     rig.assert_same_ram();
 }
 
+/// The wait on a destination's answer is bounded, and bounded sensibly: a timeout shorter
+/// than one measurement window would fail every shared-disk attempt at once, and one of
+/// `Duration::MAX` would make the wait unbounded.
+#[test]
+fn an_answer_timeout_outside_a_window_to_a_day_is_refused() {
+    for bad in [
+        Duration::ZERO,
+        Duration::from_millis(99),
+        Duration::from_secs(86_401),
+        Duration::MAX,
+    ] {
+        let cfg = LoopConfig {
+            answer_timeout: bad,
+            ..config(300)
+        };
+        assert!(
+            matches!(checked_config(&cfg), Err(MigrationError::InvalidInput(_))),
+            "{bad:?}"
+        );
+    }
+    for good in [Duration::from_millis(100), Duration::from_secs(86_400)] {
+        let cfg = LoopConfig {
+            answer_timeout: good,
+            ..config(300)
+        };
+        assert_eq!(checked_config(&cfg).unwrap().answer_timeout, good);
+    }
+}
+
 /// A destination that never answers (its preload hangs, or it does not answer BEGIN at
 /// all) fails the attempt after `answer_timeout`, with the guest running, instead of
 /// keeping the source waiting for ever (found by a review: no guard counts a wait).

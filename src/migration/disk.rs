@@ -18,9 +18,12 @@
 //! preloads ([`SharedDiskDest::with_preload`]) reads the bitmaps at the state's BEGIN and
 //! follows its write log; it answers BEGIN (and each whole LOG) once its preload ended,
 //! and only an answer that says "following" prices its activate as a read of what the last
-//! LOG names. Until the answer comes the figure waits
+//! LOG names, and of every LOG sent that it has not yet said it applied (each LOG it applies
+//! while following is answered). Until the answer comes the figure waits
 //! ([`Pending::awaiting_destination`]): the preload runs in the thread that reads the
-//! stream, and a switchover sent meanwhile would wait for it inside the downtime.
+//! stream, and a switchover sent meanwhile would wait for it inside the downtime; so it
+//! does while more than [`MAX_UNAPPLIED_LOGS`] LOGs are unapplied (the destination catches
+//! up on those queued behind its preload).
 //!
 //! The hooks, as QEMU's shared-storage migration runs them:
 //! - [`complete`](MigrationState::complete) (VM stopped, its disk I/O drained) runs the
@@ -54,6 +57,14 @@ use crate::units::{Bytes, Millis};
 fn millis_up(t: std::time::Duration) -> Millis {
     Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
 }
+
+/// The most write LOGs a [`SharedDiskState`] may have sent and not yet heard applied by a
+/// destination that follows the log when it switches over (the window's LOG, the exact
+/// query's own, and a report on its way): beyond that the destination is catching up (LOGs
+/// queued behind its preload), and the figure waits for it
+/// ([`Pending::awaiting_destination`]), so that at most this many of its reports are in
+/// flight at the switchover and the reads they stand for stay few.
+pub const MAX_UNAPPLIED_LOGS: usize = 4;
 
 /// The most flush rounds [`SharedDiskState`] runs right before an exact query (each one
 /// a barrier, a fraction of a millisecond with little to write back).
@@ -108,9 +119,11 @@ pub struct SharedDiskState<S: Storage> {
     /// it has, its preload may still be running, in the thread that would read the
     /// switchover, and the figure waits ([`Pending::awaiting_destination`]).
     dest_answered: bool,
-    /// The LOGs sent since the last whole one (or BEGIN) that the destination has not said
-    /// it applied: (take, regions named). Queued before the destination's switchover, it
-    /// reads them inside the downtime; the figure prices them.
+    /// The LOGs sent since the last whole one (or BEGIN) that a destination that may follow
+    /// the log has not said it applied: (take, reads: the regions named and one table per
+    /// bitmap named). Queued before the destination's switchover, each is read inside the
+    /// downtime; the figure prices them, and waits while there are more than
+    /// [`MAX_UNAPPLIED_LOGS`].
     unapplied: Vec<(u64, u64)>,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
@@ -204,20 +217,34 @@ impl<S: Storage> SharedDiskState<S> {
             self.dest_following = false;
             self.dest_answered = false;
             self.unapplied.clear();
-        } else {
-            let regions = log.bitmaps.iter().map(|b| b.regions.len()).sum();
-            self.unapplied.push((log.seq, regions));
+        } else if !self.dest_answered || self.dest_following {
+            // Not kept for a destination that said it does not follow: it applies nothing,
+            // and its activate is priced whole.
+            let reads = log.bitmaps.iter().fold(0u64, |n, b| {
+                n.saturating_add(b.regions.len()).saturating_add(1)
+            });
+            self.unapplied.push((log.seq, reads));
         }
         out.send(self.id, &disk_log_codec::encode_log(&log))
     }
 
-    /// The regions named by the LOGs sent since the last whole one that the destination has
-    /// not said it applied: queued before its switchover, it reads them inside the
-    /// downtime.
-    fn unapplied_regions(&self) -> u64 {
-        self.unapplied
+    /// The destination's reads of the LOGs sent since the last whole one that it has not
+    /// said it applied, at the time per region read timed at setup: each LOG's regions and
+    /// a table per bitmap it names. Queued before its switchover, they are read inside the
+    /// downtime, each LOG on its own (a region named by two is read twice), so no whole
+    /// load bounds them.
+    fn unapplied_time(&self) -> Millis {
+        if self.dest_activate.is_none() {
+            return Millis::MAX;
+        }
+        let reads = self
+            .unapplied
             .iter()
-            .fold(0u64, |n, &(_, r)| n.saturating_add(r))
+            .fold(0u64, |n, &(_, r)| n.saturating_add(r));
+        millis_up(
+            self.dest_per_region
+                .saturating_mul(u32::try_from(reads).unwrap_or(u32::MAX)),
+        )
     }
 
     /// Whether the destination said its preload follows this attempt's write log from the
@@ -228,8 +255,8 @@ impl<S: Storage> SharedDiskState<S> {
     }
 
     /// The destination's part of the downtime when its preload follows the write log and
-    /// the last log names `regions` regions: the reference walk, those regions read again,
-    /// and one barrier (timed at setup): out of durable mode its flags commit's, in durable
+    /// the last log names `regions` regions (the LOGs not yet applied come on top:
+    /// `unapplied_time`): the reference walk, those regions read again, and one barrier (timed at setup): out of durable mode its flags commit's, in durable
     /// mode the one that makes what it loaded durable before its trackers vouch for it; the
     /// whole load when the log is whole.
     fn dest_time_after(&self, regions: u64, whole: bool) -> Millis {
@@ -405,12 +432,12 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                 // the logs it has not said it applied name (queued before the switchover);
                 // if it said its preload follows the log. Otherwise it loads whole.
                 let dest = match logged {
-                    Some((regions, whole)) if self.dest_following => self.dest_time_after(
-                        regions
-                            .saturating_add(w.bytes.0.div_ceil(region_size))
-                            .saturating_add(self.unapplied_regions()),
-                        whole,
-                    ),
+                    Some((regions, whole)) if self.dest_following => {
+                        self.dest_time_after(
+                            regions.saturating_add(w.bytes.0.div_ceil(region_size)),
+                            whole,
+                        ) + self.unapplied_time()
+                    }
                     _ => self.dest_time(),
                 };
                 (self.rate.time(w) + dest, dest)
@@ -428,8 +455,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             must_precopy: log_bytes,
             stop_only: log_bytes,
             // A log begun and its last preload point unanswered (the qemu baseline begins
-            // none).
-            awaiting_destination: self.log_id != 0 && !self.dest_answered,
+            // none), or a destination that follows it catching up on the LOGs queued
+            // before it.
+            awaiting_destination: self.log_id != 0
+                && (!self.dest_answered
+                    || (self.dest_following && self.unapplied.len() > MAX_UNAPPLIED_LOGS)),
             ..Pending::default()
         }
     }
@@ -463,6 +493,8 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             self.dest_answered = true;
             if r.following {
                 self.unapplied.retain(|&(seq, _)| seq > r.through);
+            } else {
+                self.unapplied.clear();
             }
         }
         Ok(())
@@ -1473,9 +1505,11 @@ mod tests {
 
     /// Found by a review: the destination answers its BEGIN once the preload ended, but the
     /// LOGs the source sent meanwhile are still queued before it, and it reads their
-    /// regions before it reads the switchover: inside the downtime, where the figure
-    /// counted only the last log's regions. Now every LOG sent is priced until the
-    /// destination says it applied it (a report per LOG applied while it follows).
+    /// regions (and a table per bitmap, each LOG on its own) before it reads the
+    /// switchover: inside the downtime, where the figure counted only the last log's
+    /// regions. Now every LOG sent is priced, beyond any whole load, until the destination
+    /// says it applied it (a report per LOG applied while it follows), and with more than
+    /// [`MAX_UNAPPLIED_LOGS`] of them the figure waits for it to catch up.
     #[test]
     fn logs_the_destination_has_not_applied_are_priced_until_it_says_it_did() {
         let (mut state, mut dest, _) = shared_pair(true);
@@ -1486,38 +1520,42 @@ mod tests {
             state.notice(&r).unwrap();
         }
         assert!(state.dest_follows_log());
-        // A millisecond per region read, nothing else: the figure counts regions.
+        // A millisecond per region read, nothing else, and a whole load of 5 ms: the
+        // figure counts reads, past the whole load.
         state.dest_walk = std::time::Duration::ZERO;
         state.dest_per_region = std::time::Duration::from_millis(1);
         state.dest_commit = std::time::Duration::ZERO;
-        state.dest_activate = Some(std::time::Duration::from_secs(10));
+        state.dest_activate = Some(std::time::Duration::from_millis(5));
         assert_eq!(state.pending(false).dest_disk_time, Millis(0));
-        // Three LOGs of four regions each, queued before the destination, unread.
+        // LOGs of four regions each (five reads with the table), queued before the
+        // destination, unread.
         let b = state.store.lock().bitmap("b").unwrap();
-        for k in 0..3u64 {
+        let logs = MAX_UNAPPLIED_LOGS as u64 + 1;
+        for k in 0..logs {
             for j in 0..4u64 {
                 b.mark_dirty(b.region_disk_range(1 + k * 4 + j).0, 1);
             }
             state.flush().unwrap();
             state.after_flush(&mut wire).unwrap();
-            assert_eq!(
-                state.pending(false).dest_disk_time,
-                Millis(4 * (k + 1)),
-                "after LOG {}",
-                k + 1
-            );
+            let p = state.pending(false);
+            assert_eq!(p.dest_disk_time, Millis(5 * (k + 1)), "after LOG {}", k + 1);
+            // More than MAX_UNAPPLIED_LOGS: the figure waits for the destination.
+            assert_eq!(p.awaiting_destination, k + 1 > MAX_UNAPPLIED_LOGS as u64);
         }
         // The destination reads them: one report per LOG it applied, and each report takes
-        // its regions off the figure.
+        // its reads off the figure.
         let told = answers(&mut wire, &mut dest);
-        assert_eq!(told.len(), 3, "{told:?}");
+        assert_eq!(told.len() as u64, logs, "{told:?}");
         for (k, r) in told.iter().enumerate() {
+            let k = k as u64;
             let d = disk_log_codec::decode_report(r).unwrap();
-            assert!(d.following && d.through == k as u64 + 1, "{d:?}");
+            assert!(d.following && d.through == k + 1, "{d:?}");
             state.notice(r).unwrap();
+            let p = state.pending(false);
+            assert_eq!(p.dest_disk_time, Millis(5 * (logs - k - 1)));
             assert_eq!(
-                state.pending(false).dest_disk_time,
-                Millis(4 * (2 - k as u64))
+                p.awaiting_destination,
+                logs - k - 1 > MAX_UNAPPLIED_LOGS as u64
             );
         }
     }
@@ -1556,6 +1594,10 @@ mod tests {
         stopped[0] = 0;
         state.notice(&stopped).unwrap();
         assert!(!state.dest_follows_log());
+        // A destination that said it does not follow applies no LOG: none is kept for it
+        // (a long migration would keep them all).
+        write_and_log(&mut state, &mut Wire::default(), 1 << 30);
+        assert!(state.unapplied.is_empty(), "{:?}", state.unapplied);
     }
 
     /// A preload that followed and then could not read what a log names says it stopped.

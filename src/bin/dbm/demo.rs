@@ -691,8 +691,9 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
         "the switchover rule: network pending {} bytes ≤ bandwidth × (limit {} ms − disk stop \
          time {disk_ms} ms) = {} bytes; the disk stop time is the source's inactivate, timed \
          from the precopy flushes ({} written while the guest ran), and the destination's \
-         activate, {dest_ms} ms: the regions of the source's last write log read again, at the \
-         time per region of a load timed at setup",
+         activate, {dest_ms} ms: the regions of the source's last write log (and of any the \
+         destination has not said it applied) read again, at the time per region of a load \
+         timed at setup",
         pending.total().get(),
         args.downtime_limit,
         threshold.get(),
