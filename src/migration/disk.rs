@@ -22,8 +22,8 @@
 //! while following is answered). Until the answer comes the figure waits
 //! ([`Pending::awaiting_destination`]): the preload runs in the thread that reads the
 //! stream, and a switchover sent meanwhile would wait for it inside the downtime; so it
-//! does while more than [`MAX_UNAPPLIED_LOGS`] LOGs are unapplied (the destination catches
-//! up on those queued behind its preload).
+//! does until the destination said it applied the LOGs sent before its answer was read
+//! (it catches up on those queued behind its preload).
 //!
 //! The hooks, as QEMU's shared-storage migration runs them:
 //! - [`complete`](MigrationState::complete) (VM stopped, its disk I/O drained) runs the
@@ -57,14 +57,6 @@ use crate::units::{Bytes, Millis};
 fn millis_up(t: std::time::Duration) -> Millis {
     Millis(u64::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
 }
-
-/// The most write LOGs a [`SharedDiskState`] may have sent and not yet heard applied by a
-/// destination that follows the log when it switches over (the window's LOG, the exact
-/// query's own, and a report on its way): beyond that the destination is catching up (LOGs
-/// queued behind its preload), and the figure waits for it
-/// ([`Pending::awaiting_destination`]), so that at most this many of its reports are in
-/// flight at the switchover and the reads they stand for stay few.
-pub const MAX_UNAPPLIED_LOGS: usize = 4;
 
 /// The most flush rounds [`SharedDiskState`] runs right before an exact query (each one
 /// a barrier, a fraction of a millisecond with little to write back).
@@ -122,9 +114,14 @@ pub struct SharedDiskState<S: Storage> {
     /// The LOGs sent since the last whole one (or BEGIN) that a destination that may follow
     /// the log has not said it applied: (take, reads: the regions named and one table per
     /// bitmap named). Queued before the destination's switchover, each is read inside the
-    /// downtime; the figure prices them, and waits while there are more than
-    /// [`MAX_UNAPPLIED_LOGS`].
+    /// downtime; the figure prices them, and waits
+    /// while the destination catches up on those sent before its answer (`catch_up_to`).
     unapplied: Vec<(u64, u64)>,
+    /// The last take sent when the answer to the BEGIN or last whole LOG was read: the
+    /// LOGs up to it may have queued behind the preload, and the figure waits until the
+    /// destination said it applied them (it is catching up). Later LOGs are priced, not
+    /// waited for: a report's lag would otherwise hold the switchover.
+    catch_up_to: u64,
     /// A store error met where the trait cannot return one (the pending query): the next
     /// [`flush`](MigrationState::flush) of the same attempt returns it, and until then the
     /// figure says the stop cannot be timed. It belongs to its attempt: `setup` drops it,
@@ -157,6 +154,7 @@ impl<S: Storage> SharedDiskState<S> {
             dest_following: false,
             dest_answered: false,
             unapplied: Vec::new(),
+            catch_up_to: 0,
             error: None,
         }
     }
@@ -455,11 +453,15 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             must_precopy: log_bytes,
             stop_only: log_bytes,
             // A log begun and its last preload point unanswered (the qemu baseline begins
-            // none), or a destination that follows it catching up on the LOGs queued
-            // before it.
+            // none), or a destination that follows it catching up on the LOGs sent before
+            // its answer was read (queued behind its preload).
             awaiting_destination: self.log_id != 0
                 && (!self.dest_answered
-                    || (self.dest_following && self.unapplied.len() > MAX_UNAPPLIED_LOGS)),
+                    || (self.dest_following
+                        && self
+                            .unapplied
+                            .first()
+                            .is_some_and(|&(seq, _)| seq <= self.catch_up_to))),
             ..Pending::default()
         }
     }
@@ -489,6 +491,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             )));
         }
         if r.after == self.whole_at {
+            if !self.dest_answered {
+                self.catch_up_to = self.log_seq;
+            }
             self.dest_following = r.following;
             self.dest_answered = true;
             if r.following {
@@ -498,6 +503,17 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
             }
         }
         Ok(())
+    }
+
+    /// One report per LOG a following destination has not said it applied, and the answer
+    /// to the BEGIN or last whole LOG while it has not come.
+    fn reports_outstanding(&self) -> usize {
+        if self.log_id == 0 {
+            return 0;
+        }
+        self.unapplied
+            .len()
+            .saturating_add(usize::from(!self.dest_answered))
     }
 
     /// Writes the changed regions, if any, and measures the disk with them.
@@ -957,8 +973,13 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
             }
             LogSection::Log(log) => {
                 if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
-                    // A read that fails ends the following; the activate reads it all.
-                    let _ = pre.apply(reader, &log);
+                    // Only while every bitmap follows (else the answer said "not following",
+                    // the source prices a whole load and keeps no LOG for it, and the
+                    // activate reads every copy again: reads here would be downtime in no
+                    // figure). A read that fails ends the following.
+                    if pre.follows_every_bitmap() {
+                        let _ = pre.apply(reader, &log);
+                    }
                     if pre.follows_every_bitmap() {
                         // Applied: the source's figure no longer counts its regions.
                         self.through = log.seq;
@@ -1508,56 +1529,65 @@ mod tests {
     /// regions (and a table per bitmap, each LOG on its own) before it reads the
     /// switchover: inside the downtime, where the figure counted only the last log's
     /// regions. Now every LOG sent is priced, beyond any whole load, until the destination
-    /// says it applied it (a report per LOG applied while it follows), and with more than
-    /// [`MAX_UNAPPLIED_LOGS`] of them the figure waits for it to catch up.
+    /// says it applied it (a report per LOG applied while it follows), and the figure
+    /// waits until it caught up on the LOGs sent before its answer was read; later LOGs
+    /// are priced, not waited for (a report's lag would hold the switchover: a later
+    /// review).
     #[test]
     fn logs_the_destination_has_not_applied_are_priced_until_it_says_it_did() {
         let (mut state, mut dest, _) = shared_pair(true);
         dest.hello(1, Binding::default()).unwrap();
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
-        for r in answers(&mut wire, &mut dest) {
-            state.notice(&r).unwrap();
-        }
-        assert!(state.dest_follows_log());
         // A millisecond per region read, nothing else, and a whole load of 5 ms: the
         // figure counts reads, past the whole load.
         state.dest_walk = std::time::Duration::ZERO;
         state.dest_per_region = std::time::Duration::from_millis(1);
         state.dest_commit = std::time::Duration::ZERO;
         state.dest_activate = Some(std::time::Duration::from_millis(5));
-        assert_eq!(state.pending(false).dest_disk_time, Millis(0));
-        // LOGs of four regions each (five reads with the table), queued before the
-        // destination, unread.
+        // Three LOGs of four regions each (five reads with the table) go out while the
+        // destination preloads: queued behind the BEGIN.
         let b = state.store.lock().bitmap("b").unwrap();
-        let logs = MAX_UNAPPLIED_LOGS as u64 + 1;
-        for k in 0..logs {
+        let log = |state: &mut SharedDiskState<_>, wire: &mut Wire, k: u64| {
             for j in 0..4u64 {
                 b.mark_dirty(b.region_disk_range(1 + k * 4 + j).0, 1);
             }
             state.flush().unwrap();
-            state.after_flush(&mut wire).unwrap();
-            let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(5 * (k + 1)), "after LOG {}", k + 1);
-            // More than MAX_UNAPPLIED_LOGS: the figure waits for the destination.
-            assert_eq!(p.awaiting_destination, k + 1 > MAX_UNAPPLIED_LOGS as u64);
+            state.after_flush(wire).unwrap();
+        };
+        for k in 0..3 {
+            log(&mut state, &mut wire, k);
         }
-        // The destination reads them: one report per LOG it applied, and each report takes
-        // its reads off the figure.
+        // The destination answers BEGIN, then applies each LOG and says so.
         let told = answers(&mut wire, &mut dest);
-        assert_eq!(told.len() as u64, logs, "{told:?}");
-        for (k, r) in told.iter().enumerate() {
-            let k = k as u64;
-            let d = disk_log_codec::decode_report(r).unwrap();
-            assert!(d.following && d.through == k + 1, "{d:?}");
-            state.notice(r).unwrap();
+        assert_eq!(told.len(), 4, "{told:?}");
+        state.notice(&told[0]).unwrap();
+        assert!(state.dest_follows_log());
+        for k in 0..3u64 {
+            // Catching up: priced, and waited for.
             let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(5 * (logs - k - 1)));
-            assert_eq!(
-                p.awaiting_destination,
-                logs - k - 1 > MAX_UNAPPLIED_LOGS as u64
-            );
+            assert_eq!(p.dest_disk_time, Millis(5 * (3 - k)));
+            assert!(p.awaiting_destination, "LOG {} of 3 not applied", k + 1);
+            let d = disk_log_codec::decode_report(&told[k as usize + 1]).unwrap();
+            assert!(d.following && d.through == k + 1, "{d:?}");
+            state.notice(&told[k as usize + 1]).unwrap();
         }
+        let p = state.pending(false);
+        assert_eq!(p.dest_disk_time, Millis(0));
+        assert!(!p.awaiting_destination);
+        // Caught up: later LOGs are priced until reported applied, never waited for.
+        for k in 3..6 {
+            log(&mut state, &mut wire, k);
+            let p = state.pending(false);
+            assert_eq!(p.dest_disk_time, Millis(5 * (k - 2)));
+            assert!(!p.awaiting_destination);
+        }
+        assert_eq!(state.reports_outstanding(), 3);
+        for r in answers(&mut wire, &mut dest) {
+            state.notice(&r).unwrap();
+        }
+        assert_eq!(state.pending(false).dest_disk_time, Millis(0));
+        assert_eq!(state.reports_outstanding(), 0);
     }
 
     /// A report that names a log this attempt never began, a take it never sent, or that
@@ -1668,6 +1698,57 @@ mod tests {
         state.notice(&told[0]).unwrap();
         assert!(!state.dest_follows_log());
         assert!(!state.pending(true).awaiting_destination);
+        assert_eq!(state.pending(true).dest_disk_time, state.dest_time());
+    }
+
+    /// Found by a review: a preload that skipped a bitmap answers "not following" (the
+    /// source prices a whole load and keeps no LOG for it), yet it went on reading every
+    /// LOG's regions of the bitmaps it held, each LOG on its own: reads before the
+    /// switchover, in no figure. Now it applies nothing once it does not follow.
+    #[test]
+    fn a_preload_that_does_not_follow_reads_no_log() {
+        type Faulty = Arc<FaultStorage<MemStorage>>;
+        let fs: Faulty = Arc::new(FaultStorage::new(MemStorage::new(), FaultPlan::new()));
+        let mut st = BitmapStore::create(Arc::clone(&fs), DISK, 65536).unwrap();
+        st.add("a", G, Recording::Enabled).unwrap();
+        st.add("b", G, Recording::Enabled).unwrap();
+        st.activate().unwrap();
+        st.bitmap("a").unwrap().mark_dirty(0, 1);
+        st.bitmap("b").unwrap().mark_dirty(0, 1);
+        let mut state = SharedDiskState::new(1, "disk", SharedStore::new(st));
+        let (w, r) = (Arc::clone(&fs), Arc::clone(&fs));
+        let mut dest = SharedDiskDest::new("disk", move || {
+            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
+        })
+        .with_preload(move || {
+            let reader = BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly)?;
+            // The first read after the open fails: the first bitmap is skipped, the other
+            // preloaded.
+            r.set_plan(FaultPlan::new().fail_read(Trigger::Nth(r.reads() + 1)));
+            Ok(reader)
+        });
+        dest.hello(1, Binding::default()).unwrap();
+        let mut wire = Wire::default();
+        state.setup(&mut wire).unwrap();
+        let told = answers(&mut wire, &mut dest);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(!disk_log_codec::decode_report(&told[0]).unwrap().following);
+        state.notice(&told[0]).unwrap();
+        fs.set_plan(FaultPlan::new());
+        // LOGs naming regions of both bitmaps: the destination reads none of them.
+        for at in [1u64 << 30, 2 << 30, 3 << 30] {
+            state.store.lock().bitmap("a").unwrap().mark_dirty(at, 1);
+            write_and_log(&mut state, &mut wire, at);
+        }
+        let before = fs.reads();
+        let more = answers(&mut wire, &mut dest);
+        assert!(more.is_empty(), "{more:?}");
+        assert_eq!(
+            fs.reads(),
+            before,
+            "the destination read what the LOGs name"
+        );
+        assert!(state.unapplied.is_empty());
         assert_eq!(state.pending(true).dest_disk_time, state.dest_time());
     }
 

@@ -303,11 +303,12 @@ pub enum ProtocolError {
         /// When it came: "before the switchover", "instead of starting", "after it started".
         when: &'static str,
     },
-    /// A state's figure waited on its destination's answer (a shared disk's preload
-    /// report, [`super::Pending::awaiting_destination`]) for longer than
-    /// [`super::LoopConfig::answer_timeout`]: the destination's preload hangs, or it does
-    /// not answer BEGIN. The attempt fails with the guest running.
-    #[error("the destination did not answer in {waited_ms} ms (its preload of the shared disk's bitmaps)")]
+    /// A state's figure waited on its destination ([`super::Pending::awaiting_destination`]:
+    /// a shared disk's preload report, then its reports of the logs queued behind the
+    /// preload) for longer than [`super::LoopConfig::answer_timeout`]: the destination's
+    /// preload hangs, it does not answer BEGIN, or it falls behind the source's write log.
+    /// The attempt fails with the guest running.
+    #[error("the destination did not answer or catch up in {waited_ms} ms (its preload of the shared disk's bitmaps and the write logs queued behind it)")]
     NoAnswer {
         /// How long the loop waited, in ms.
         waited_ms: u64,

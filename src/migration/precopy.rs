@@ -29,10 +29,11 @@
 //!    [`LoopConfig::link_estimate`], an earlier attempt's), not the last window's: an idle
 //!    guest's retry has only its Hello to measure by. Its 49 bytes are all that rides on
 //!    that figure (QEMU completes on a pending figure of 0 unchecked). While a state
-//!    waits on its destination's answer ([`Pending::awaiting_destination`]: a shared
-//!    disk's destination has not yet said whether its preload follows the write log, and
-//!    its preload may still be running in the thread that would read the switchover), no
-//!    exact query runs and nothing is decided.
+//!    waits on its destination ([`Pending::awaiting_destination`]: a shared disk's
+//!    destination has not yet said whether its preload follows the write log, and its
+//!    preload may still be running in the thread that would read the switchover; or it is
+//!    catching up on the logs queued behind that preload), no exact query runs and
+//!    nothing is decided, for at most [`LoopConfig::answer_timeout`].
 //! 4. **Decide on the exact figure only**: postcopy if requested and `must_precopy` fits;
 //!    else complete if the total fits. Both with [`fits`], the same comparison as the gate,
 //!    so an estimate equal to the threshold is always re-checked against fresh data
@@ -45,8 +46,7 @@
 //!    exact figure that did not fit, the **no-progress guard** after turns that
 //!    neither synced, sent nor flushed, or the **dirty-rate guard** after periods without
 //!    an exact figure in which more than half of what was sent was dirtied again
-//!    ([`StallKind`]); the first two do not count a turn that waits on a destination's
-//!    answer. The stall guard measures a figure
+//!    ([`StallKind`]); none counts a turn that waits on a destination's answer. The stall guard measures a figure
 //!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
 //!    as progress (a disk-only migration that sends nothing is not reported stuck while
 //!    its flushes shrink its stop; it switches over once its figure fits what the link
@@ -169,9 +169,10 @@ pub struct LoopConfig {
     pub stall_rounds: u32,
     /// Most bytes one `iterate` call may send (keeps the loop responsive).
     pub iterate_chunk: Bytes,
-    /// Longest the loop waits, with the guest running, for a destination's answer that
-    /// a state's figure waits on ([`Pending::awaiting_destination`]: a shared disk's
-    /// destination preloading its bitmaps) before it fails the attempt with
+    /// Longest the loop waits, with the guest running, on a destination a state's figure
+    /// waits on ([`Pending::awaiting_destination`]: a shared disk's destination preloading
+    /// its bitmaps, then catching up on the logs queued meanwhile) before it fails the
+    /// attempt with
     /// [`ProtocolError::NoAnswer`] (default 60 s; from one measurement window, 100 ms, to
     /// [`MAX_ANSWER_TIMEOUT`]). No switchover happens meanwhile, and no stall guard counts
     /// the wait. While the source still sends, the socket's write timeout may end the wait
@@ -1427,12 +1428,19 @@ where
     /// page requests cannot come before it runs. Only Refused and Abort say for certain
     /// that it did not start; no answer (a timeout, a closed or corrupt return path) or a
     /// wrong one is [`MigrationError::OutcomeUnknown`].
-    fn await_start(&mut self, states: usize) -> Result<()> {
+    fn await_start(&mut self, states: &[&mut dyn MigrationState]) -> Result<()> {
         let unknown = |e| MigrationError::OutcomeUnknown(Box::new(e));
         // A destination that keeps sending news instead of starting is answered as one
-        // that sent anything else: its news are bounded by the sections it read, and the
-        // loop read up to this many at each turn.
-        for _ in 0..MAX_LATE_REPORTS.saturating_mul(states.max(1)) {
+        // that sent anything else: its news are bounded by the sections it read (the
+        // reports the states still expect, `reports_outstanding`), and the loop read up to
+        // this many at each turn.
+        let expected = states
+            .iter()
+            .fold(0usize, |n, s| n.saturating_add(s.reports_outstanding()));
+        let allowed = MAX_LATE_REPORTS
+            .saturating_mul(states.len().max(1))
+            .saturating_add(expected);
+        for _ in 0..allowed {
             return match self.inbound.recv().map_err(unknown)? {
                 DestMessage::Started => Ok(()),
                 DestMessage::Refused(why) => Err(MigrationError::DestinationRefused(why)),
@@ -1507,7 +1515,7 @@ where
             }
             // End starts the destination: from here on, only its answer tells.
             self.out.control(&Control::End)?;
-            self.await_start(states.len())
+            self.await_start(states)
         })();
         let downtime = self.clock.now().saturating_sub(t_stop);
         let in_downtime = self.out.bytes_sent() - b_stop;
@@ -1535,7 +1543,7 @@ where
             }
             // Switchover(postcopy) starts the destination.
             self.out.control(&Control::Switchover { postcopy: true })?;
-            self.await_start(states.len())
+            self.await_start(states)
         })();
         if let Err(e) = result {
             let e = self.fail_switchover(states, e);

@@ -40,12 +40,15 @@ pub struct Pending {
     /// (a threshold of 0 would otherwise keep it from ever looking). Never more than
     /// `must_precopy`.
     pub stop_only: Bytes,
-    /// The state's figure waits on an answer from its destination that decides what the
+    /// The state's figure waits on its destination, whose answers decide what the
     /// downtime holds: for a [`super::disk::SharedDiskState`], the destination's preload
     /// report for the source's BEGIN or last whole LOG (its preload runs in the thread
     /// that reads the stream, so a switchover before it answered would wait, inside the
-    /// downtime, for the rest of it). No switchover while any state waits: the loop runs
-    /// no exact query, and a turn spent waiting is not counted toward a stall.
+    /// downtime, for the rest of it), and then its reports that it applied the LOGs sent
+    /// before that answer was read (queued behind the preload, each read before the
+    /// switchover). No switchover while any state waits: the loop runs no exact query, no
+    /// stall guard counts a turn spent waiting, and the wait is bounded by
+    /// [`super::LoopConfig::answer_timeout`].
     pub awaiting_destination: bool,
 }
 
@@ -159,6 +162,14 @@ pub trait MigrationState {
             "state {} takes no news from its destination",
             self.name()
         )))
+    }
+
+    /// How many Reports its destination counterpart may still send unasked for sections
+    /// already sent (a shared disk's: one per write LOG not yet reported applied, and the
+    /// answer to its BEGIN or last whole LOG while it has not come). While it waits for
+    /// Started, the loop skips that many besides its fixed allowance. The default: none.
+    fn reports_outstanding(&self) -> usize {
+        0
     }
 
     /// Sends up to about `budget` bytes (a state may overshoot by one batch) while the VM
