@@ -1192,12 +1192,12 @@ impl MigrationState for Expects {
     fn resume_source(&mut self) {}
 }
 
-/// Found by a review: a shared disk's destination reports each write LOG it applied, so
-/// one catching up may have more reports on their way at the switchover than the fixed
-/// allowance the source skips while it waits for Started (64 per state): the outcome was
-/// unknown, the guest stopped on both sides. The source now also skips the reports its
-/// states still expect (`MigrationState::reports_outstanding`); a destination that sends
-/// more than that is still refused.
+/// A shared disk's destination reports each write LOG it applied, so one catching up may
+/// have more reports on their way at the switchover than the fixed allowance the source
+/// skips while it waits for Started (64 per state; past it the outcome is unknown, the
+/// guest stopped on both sides). The source also skips the reports its states still
+/// expect (`MigrationState::reports_outstanding`); a destination that sends more than that
+/// is still refused.
 #[test]
 fn the_source_skips_every_report_its_states_still_expect_before_started() {
     for (outstanding, sent, completes) in [(100, 200, true), (0, 200, false), (100, 229, false)] {

@@ -210,12 +210,15 @@ impl<S: Storage> SharedDiskState<S> {
         };
         // Before the send: a report that answers this LOG may be read as soon as it went.
         self.log_seq = log.seq;
-        if log.whole {
+        if log.whole && !log.last {
             self.whole_at = log.seq;
             self.dest_following = false;
             self.dest_answered = false;
             self.unapplied.clear();
         } else if !self.dest_answered || self.dest_following {
+            // The last LOG (whole or not) is answered by Started, never by a report: kept,
+            // it overcounts the reports still coming by one, and the earlier LOGs' reports
+            // stay counted.
             // Not kept for a destination that said it does not follow: it applies nothing,
             // and its activate is priced whole.
             let reads = log.bitmaps.iter().fold(0u64, |n, b| {
@@ -974,9 +977,10 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
             LogSection::Log(log) => {
                 if let (Some(pre), Some(reader)) = (self.preloaded.as_mut(), self.reader.as_ref()) {
                     // Only while every bitmap follows (else the answer said "not following",
-                    // the source prices a whole load and keeps no LOG for it, and the
-                    // activate reads every copy again: reads here would be downtime in no
-                    // figure). A read that fails ends the following.
+                    // the source prices a whole load and keeps no LOG for it: reads here
+                    // would be downtime in no figure; the last LOG, inside the downtime, is
+                    // applied with the activate, whose price is the whole load). A read that
+                    // fails ends the following.
                     if pre.follows_every_bitmap() {
                         let _ = pre.apply(reader, &log);
                     }
@@ -1590,6 +1594,32 @@ mod tests {
         assert_eq!(state.reports_outstanding(), 0);
     }
 
+    /// The reports a following destination still owes at the stop are counted even when
+    /// the stop's last LOG is whole (a directory commit between the exact figure and the
+    /// stop): that LOG is answered by Started, not by a report, and the earlier LOGs'
+    /// reports still come.
+    #[test]
+    fn a_whole_last_log_keeps_the_reports_still_coming_counted() {
+        let (mut state, mut dest, _) = shared_pair(true);
+        dest.hello(1, Binding::default()).unwrap();
+        let mut wire = Wire::default();
+        state.setup(&mut wire).unwrap();
+        for r in answers(&mut wire, &mut dest) {
+            state.notice(&r).unwrap();
+        }
+        for at in [1u64 << 30, 2 << 30, 3 << 30] {
+            write_and_log(&mut state, &mut wire, at);
+        }
+        assert_eq!(state.reports_outstanding(), 3);
+        state.store.lock().add("c", G, Recording::Disabled).unwrap();
+        state.complete(&mut wire).unwrap();
+        assert!(
+            state.reports_outstanding() >= 3,
+            "{}",
+            state.reports_outstanding()
+        );
+    }
+
     /// A report that names a log this attempt never began, a take it never sent, or that
     /// does not decode fails the attempt; so does one to a source that began no log.
     #[test]
@@ -1701,10 +1731,9 @@ mod tests {
         assert_eq!(state.pending(true).dest_disk_time, state.dest_time());
     }
 
-    /// Found by a review: a preload that skipped a bitmap answers "not following" (the
-    /// source prices a whole load and keeps no LOG for it), yet it went on reading every
-    /// LOG's regions of the bitmaps it held, each LOG on its own: reads before the
-    /// switchover, in no figure. Now it applies nothing once it does not follow.
+    /// A preload that skipped a bitmap answers "not following" (the source prices a whole
+    /// load and keeps no LOG for it), and reads nothing a later LOG names: each such read,
+    /// queued before the switchover, would be downtime in no figure.
     #[test]
     fn a_preload_that_does_not_follow_reads_no_log() {
         type Faulty = Arc<FaultStorage<MemStorage>>;

@@ -895,11 +895,10 @@ mod tests {
         );
     }
 
-    /// The `cut-after-end` case failed in CI (1 run in many): the source gave up as soon as
-    /// its return path ended, closed, and the proxy then shut the destination's socket both
-    /// ways; a destination still starting after End (its activate) failed to write its
-    /// Started and undid the take-over, and the drill reported that the destination did not
-    /// take over. Now the destination may answer after the source closed.
+    /// The `cut-after-end` race on the other side: the source gives up as soon as its
+    /// return path ends, and closes; a destination still starting after End (its activate)
+    /// must still be able to write its Started, or its start fails and it undoes the
+    /// take-over (the drill then finds no destination holding the bitmaps).
     #[test]
     fn a_destination_answers_after_the_source_gave_up_on_a_swallowed_end() {
         let dest = TcpListener::bind("127.0.0.1:0").unwrap();
