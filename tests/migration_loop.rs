@@ -229,6 +229,48 @@ impl Rig {
         )
     }
 
+    /// A rig of 16 idle pages on a 4 KiB/ms link whose destination also holds [`ChurnDest`],
+    /// for [`run_beside`](Self::run_beside).
+    fn beside_churn() -> Rig {
+        let rig = Rig::new(16, 0.0, per_ms(4096.0));
+        rig.sim
+            .world()
+            .dest
+            .states
+            .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+        rig
+    }
+
+    /// Runs `ram` and `other` (state 9, named "churn", whose destination side is
+    /// [`ChurnDest`]: see [`beside_churn`](Self::beside_churn)) under `control`, the destination's answers read
+    /// through `inbound` (the simulation's when `None`).
+    fn run_beside(
+        &self,
+        config: &LoopConfig,
+        ram: &mut RamState,
+        other: &mut dyn MigrationState,
+        inbound: Option<&mut dyn dirty_bitmap::migration::Inbound>,
+        control: &mut dyn Controller,
+    ) -> dirty_bitmap::migration::Result<dirty_bitmap::migration::Outcome> {
+        let (mut c, mut v, mut o, mut i) = (
+            self.sim.clone(),
+            self.sim.clone(),
+            self.sim.clone(),
+            self.sim.clone(),
+        );
+        run(
+            config,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: inbound.unwrap_or(&mut i),
+            },
+            &mut [ram as &mut dyn MigrationState, other],
+            control,
+        )
+    }
+
     /// Every page the destination lacks or holds stale is dirty in the log.
     fn assert_nothing_lost(&self) {
         let src = self.ram.snapshot();
@@ -1008,6 +1050,8 @@ struct Waits {
     sim: Sim,
     until: Duration,
     exact_at: Vec<Duration>,
+    /// The reports it expects from its destination ([`MigrationState::reports_outstanding`]).
+    outstanding: usize,
 }
 
 impl MigrationState for Waits {
@@ -1046,6 +1090,9 @@ impl MigrationState for Waits {
     ) -> dirty_bitmap::migration::Result<Bytes> {
         out.send(9, &[0u8; 100])
     }
+    fn reports_outstanding(&self) -> usize {
+        self.outstanding
+    }
     fn complete(
         &mut self,
         _: &mut dyn dirty_bitmap::migration::Outbound,
@@ -1064,45 +1111,21 @@ impl MigrationState for Waits {
 /// the answer is in, it completes at the next exact figure.
 #[test]
 fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() {
-    let rig = Rig::new(16, 0.0, per_ms(4096.0));
-    rig.sim
-        .world()
-        .dest
-        .states
-        .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+    let rig = Rig::beside_churn();
     let mut ram = rig.state(SetupMode::Full, false);
     let until = Duration::from_secs(2);
     let mut waits = Waits {
         sim: rig.sim.clone(),
         until,
         exact_at: Vec::new(),
+        outstanding: 0,
     };
     let mut control = GiveUp {
         turns: 0,
         max_turns: 100_000,
         stalls: Vec::new(),
     };
-    let (mut c, mut v, mut o, mut i) = (
-        rig.sim.clone(),
-        rig.sim.clone(),
-        rig.sim.clone(),
-        rig.sim.clone(),
-    );
-    let cfg = config(300);
-    let r = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
-        &mut [
-            &mut ram as &mut dyn MigrationState,
-            &mut waits as &mut dyn MigrationState,
-        ],
-        &mut control,
-    );
+    let r = rig.run_beside(&config(300), &mut ram, &mut waits, None, &mut control);
     let o = r.unwrap();
     assert!(control.stalls.is_empty(), "{:?}", control.stalls);
     assert_eq!(o.kind, Kind::Completed, "{o:?}");
@@ -1153,45 +1176,6 @@ impl dirty_bitmap::migration::Inbound for ReportsBeforeStarted {
     }
 }
 
-/// A state with nothing to send that expects `outstanding` reports from its destination.
-struct Expects(usize);
-
-impl MigrationState for Expects {
-    fn id(&self) -> dirty_bitmap::migration::StateId {
-        9
-    }
-    fn name(&self) -> &str {
-        "churn"
-    }
-    fn setup(
-        &mut self,
-        _: &mut dyn dirty_bitmap::migration::Outbound,
-    ) -> dirty_bitmap::migration::Result<Bytes> {
-        Ok(Bytes(0))
-    }
-    fn pending(&mut self, _: bool) -> dirty_bitmap::migration::Pending {
-        dirty_bitmap::migration::Pending::default()
-    }
-    fn reports_outstanding(&self) -> usize {
-        self.0
-    }
-    fn iterate(
-        &mut self,
-        _: &mut dyn dirty_bitmap::migration::Outbound,
-        _: Bytes,
-    ) -> dirty_bitmap::migration::Result<Bytes> {
-        Ok(Bytes(0))
-    }
-    fn complete(
-        &mut self,
-        _: &mut dyn dirty_bitmap::migration::Outbound,
-    ) -> dirty_bitmap::migration::Result<Bytes> {
-        Ok(Bytes(0))
-    }
-    fn cancel(&mut self) {}
-    fn resume_source(&mut self) {}
-}
-
 /// A shared disk's destination reports each write LOG it applied, so one catching up may
 /// have more reports on their way at the switchover than the fixed allowance the source
 /// skips while it waits for Started (64 per state; past it the outcome is unknown, the
@@ -1201,32 +1185,24 @@ impl MigrationState for Expects {
 #[test]
 fn the_source_skips_every_report_its_states_still_expect_before_started() {
     for (outstanding, sent, completes) in [(100, 200, true), (0, 200, false), (100, 229, false)] {
-        let rig = Rig::new(16, 0.0, per_ms(4096.0));
-        rig.sim
-            .world()
-            .dest
-            .states
-            .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+        let rig = Rig::beside_churn();
         let mut ram = rig.state(SetupMode::Full, false);
-        let mut expects = Expects(outstanding);
+        let mut expects = Waits {
+            sim: rig.sim.clone(),
+            until: Duration::ZERO,
+            exact_at: Vec::new(),
+            outstanding,
+        };
         let mut inbound = ReportsBeforeStarted {
             sim: rig.sim.clone(),
             n: sent,
             started: None,
         };
-        let (mut c, mut v, mut o) = (rig.sim.clone(), rig.sim.clone(), rig.sim.clone());
-        let r = run(
+        let r = rig.run_beside(
             &config(300),
-            Endpoints {
-                clock: &mut c,
-                vm: &mut v,
-                out: &mut o,
-                inbound: &mut inbound,
-            },
-            &mut [
-                &mut ram as &mut dyn MigrationState,
-                &mut expects as &mut dyn MigrationState,
-            ],
+            &mut ram,
+            &mut expects,
+            Some(&mut inbound),
             &mut AutoConverge::default(),
         );
         match r {
@@ -1271,47 +1247,24 @@ fn an_answer_timeout_outside_a_window_to_a_day_is_refused() {
 /// keeping the source waiting for ever (found by a review: no guard counts a wait).
 #[test]
 fn a_destination_that_never_answers_fails_the_attempt_after_the_answer_timeout() {
-    let rig = Rig::new(16, 0.0, per_ms(4096.0));
-    rig.sim
-        .world()
-        .dest
-        .states
-        .push(Arc::new(std::sync::Mutex::new(ChurnDest)));
+    let rig = Rig::beside_churn();
     let mut ram = rig.state(SetupMode::Full, false);
     let mut waits = Waits {
         sim: rig.sim.clone(),
         until: Duration::MAX,
         exact_at: Vec::new(),
+        outstanding: 0,
     };
     let mut control = GiveUp {
         turns: 0,
         max_turns: 1_000_000,
         stalls: Vec::new(),
     };
-    let (mut c, mut v, mut o, mut i) = (
-        rig.sim.clone(),
-        rig.sim.clone(),
-        rig.sim.clone(),
-        rig.sim.clone(),
-    );
     let cfg = LoopConfig {
         answer_timeout: Duration::from_secs(5),
         ..config(300)
     };
-    let r = run(
-        &cfg,
-        Endpoints {
-            clock: &mut c,
-            vm: &mut v,
-            out: &mut o,
-            inbound: &mut i,
-        },
-        &mut [
-            &mut ram as &mut dyn MigrationState,
-            &mut waits as &mut dyn MigrationState,
-        ],
-        &mut control,
-    );
+    let r = rig.run_beside(&cfg, &mut ram, &mut waits, None, &mut control);
     match r {
         Err(MigrationError::Protocol(ProtocolError::NoAnswer { waited_ms })) => {
             assert!((5_000..=5_300).contains(&waited_ms), "{waited_ms}");

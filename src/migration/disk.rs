@@ -1692,29 +1692,49 @@ mod tests {
         assert!(!state.dest_follows_log());
     }
 
+    type SharedFaulty = Arc<FaultStorage<MemStorage>>;
+
+    /// A source on an active store of `names` (each with one bit) on a fault-injecting
+    /// storage, and a destination whose preload, once its open read the directory, makes
+    /// reads fail from `fail(reads so far + 1)`.
+    fn faulty_preload(
+        names: &[&str],
+        fail: fn(u64) -> Trigger,
+    ) -> (
+        SharedFaulty,
+        SharedDiskState<SharedFaulty>,
+        SharedDiskDest<SharedFaulty>,
+    ) {
+        let fs: SharedFaulty = Arc::new(FaultStorage::new(MemStorage::new(), FaultPlan::new()));
+        let mut st = BitmapStore::create(Arc::clone(&fs), DISK, 65536).unwrap();
+        for name in names {
+            st.add(name, G, Recording::Enabled).unwrap();
+        }
+        st.activate().unwrap();
+        for name in names {
+            st.bitmap(name).unwrap().mark_dirty(0, 1);
+        }
+        let state = SharedDiskState::new(1, "disk", SharedStore::new(st));
+        let (w, r) = (Arc::clone(&fs), Arc::clone(&fs));
+        let dest = SharedDiskDest::new("disk", move || {
+            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
+        })
+        .with_preload(move || {
+            let reader = BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly)?;
+            r.set_plan(FaultPlan::new().fail_read(fail(r.reads() + 1)));
+            Ok(reader)
+        });
+        (fs, state, dest)
+    }
+
     /// Found by a review: a preload that could not read a bitmap (it skips it; the
     /// activate then loads it whole) still said it followed the log, and the source priced
     /// the activate as a read of the last log's regions. Only a preload that holds every
     /// bitmap, each kept up to date, says so.
     #[test]
     fn a_preload_that_could_not_read_a_bitmap_never_says_it_follows() {
-        type Faulty = Arc<FaultStorage<MemStorage>>;
-        let fs: Faulty = Arc::new(FaultStorage::new(MemStorage::new(), FaultPlan::new()));
-        let mut st = BitmapStore::create(Arc::clone(&fs), DISK, 65536).unwrap();
-        st.add("b", G, Recording::Enabled).unwrap();
-        st.activate().unwrap();
-        st.bitmap("b").unwrap().mark_dirty(0, 1);
-        let mut state = SharedDiskState::new(1, "disk", SharedStore::new(st));
-        let (w, r) = (Arc::clone(&fs), Arc::clone(&fs));
-        let mut dest = SharedDiskDest::new("disk", move || {
-            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
-        })
-        .with_preload(move || {
-            let reader = BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly)?;
-            // Every read after the open fails: the preload reads no bitmap.
-            r.set_plan(FaultPlan::new().fail_read(Trigger::From(r.reads() + 1)));
-            Ok(reader)
-        });
+        // Every read after the open fails: the preload reads no bitmap.
+        let (fs, mut state, mut dest) = faulty_preload(&["b"], Trigger::From);
         dest.hello(1, Binding::default()).unwrap();
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
@@ -1736,26 +1756,9 @@ mod tests {
     /// queued before the switchover, would be downtime in no figure.
     #[test]
     fn a_preload_that_does_not_follow_reads_no_log() {
-        type Faulty = Arc<FaultStorage<MemStorage>>;
-        let fs: Faulty = Arc::new(FaultStorage::new(MemStorage::new(), FaultPlan::new()));
-        let mut st = BitmapStore::create(Arc::clone(&fs), DISK, 65536).unwrap();
-        st.add("a", G, Recording::Enabled).unwrap();
-        st.add("b", G, Recording::Enabled).unwrap();
-        st.activate().unwrap();
-        st.bitmap("a").unwrap().mark_dirty(0, 1);
-        st.bitmap("b").unwrap().mark_dirty(0, 1);
-        let mut state = SharedDiskState::new(1, "disk", SharedStore::new(st));
-        let (w, r) = (Arc::clone(&fs), Arc::clone(&fs));
-        let mut dest = SharedDiskDest::new("disk", move || {
-            BitmapStore::open(Arc::clone(&w), crate::OpenMode::ReadWrite)
-        })
-        .with_preload(move || {
-            let reader = BitmapStore::open(Arc::clone(&r), crate::OpenMode::ReadOnly)?;
-            // The first read after the open fails: the first bitmap is skipped, the other
-            // preloaded.
-            r.set_plan(FaultPlan::new().fail_read(Trigger::Nth(r.reads() + 1)));
-            Ok(reader)
-        });
+        // The first read after the open fails: the first bitmap is skipped, the other
+        // preloaded.
+        let (fs, mut state, mut dest) = faulty_preload(&["a", "b"], Trigger::Nth);
         dest.hello(1, Binding::default()).unwrap();
         let mut wire = Wire::default();
         state.setup(&mut wire).unwrap();
