@@ -46,9 +46,9 @@
 //!    exact figure that did not fit, the **no-progress guard** after turns that
 //!    neither synced, sent nor flushed, or the **dirty-rate guard** after periods without
 //!    an exact figure in which more than half of what was sent was dirtied again
-//!    ([`StallKind`]); none counts a turn that waits on a destination's answer. The stall guard measures a figure
-//!    as its bytes plus its disk time at the bandwidth, so a disk state's flushes count
-//!    as progress (a disk-only migration that sends nothing is not reported stuck while
+//!    ([`StallKind`]); none counts a turn that waits on a destination's answer. The
+//!    stall guard measures a figure as its bytes plus its disk time at the bandwidth, so
+//!    a disk state's flushes count as progress (a disk-only migration that sends nothing is not reported stuck while
 //!    its flushes shrink its stop; it switches over once its figure fits what the link
 //!    was measured at, with only its Hello and setup to measure by if its guest writes
 //!    nothing (its last log is [`Pending::stop_only`], never held to an earlier attempt's
