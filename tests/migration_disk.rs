@@ -1454,10 +1454,8 @@ fn over_tcp_the_source_does_not_switch_over_before_the_destinations_preload_answ
         BitmapStore::open(f, OpenMode::ReadOnly)
     });
     let dest = Arc::new(Mutex::new(dest));
-    let started = std::time::Instant::now();
     let o = tcp_attempt(&mut r, vec![dest.clone() as SharedDestState], None).unwrap();
     assert_eq!(o.kind, Kind::Completed);
-    assert!(started.elapsed() >= PRELOAD);
     // The answer came before the switchover: the figure priced a refresh from the
     // preload, which the activate then did.
     assert!(r.disk.dest_follows_log(), "{o:?}");

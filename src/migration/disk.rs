@@ -229,6 +229,12 @@ impl<S: Storage> SharedDiskState<S> {
         out.send(self.id, &disk_log_codec::encode_log(&log))
     }
 
+    /// `n` region reads at the destination, at the time per region timed at setup.
+    fn region_reads(&self, n: u64) -> std::time::Duration {
+        self.dest_per_region
+            .saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// The destination's reads of the LOGs sent since the last whole one that it has not
     /// said it applied, at the time per region read timed at setup: each LOG's regions and
     /// a table per bitmap it names. Queued before its switchover, they are read inside the
@@ -242,10 +248,7 @@ impl<S: Storage> SharedDiskState<S> {
             .unapplied
             .iter()
             .fold(0u64, |n, &(_, r)| n.saturating_add(r));
-        millis_up(
-            self.dest_per_region
-                .saturating_mul(u32::try_from(reads).unwrap_or(u32::MAX)),
-        )
+        millis_up(self.region_reads(reads))
     }
 
     /// Whether the destination said its preload follows this attempt's write log from the
@@ -267,9 +270,7 @@ impl<S: Storage> SharedDiskState<S> {
         if whole {
             return millis_up(full);
         }
-        let reads = self
-            .dest_per_region
-            .saturating_mul(u32::try_from(regions).unwrap_or(u32::MAX));
+        let reads = self.region_reads(regions);
         millis_up(
             self.dest_walk
                 .saturating_add(reads)
@@ -983,10 +984,10 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
                     // fails ends the following.
                     if pre.follows_every_bitmap() {
                         let _ = pre.apply(reader, &log);
-                    }
-                    if pre.follows_every_bitmap() {
-                        // Applied: the source's figure no longer counts its regions.
-                        self.through = log.seq;
+                        if pre.follows_every_bitmap() {
+                            // Applied: the source's figure no longer counts its regions.
+                            self.through = log.seq;
+                        }
                     }
                 }
             }
