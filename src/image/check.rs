@@ -740,6 +740,43 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
     Ok(check_references(storage, area)?.0)
 }
 
+/// What the reference walk ([`check_references`]) reads the image's layout from, but the
+/// bitmaps: where the active L1 table, the refcount table and the snapshot table lie and
+/// how large they are, the disk size, the cluster and refcount widths, the encryption and
+/// the incompatible features (the dirty and corrupt bits among them). A walk made while
+/// another process wrote the image (a migration destination's preload) stands for the
+/// image at a later moment only if that moment's header has the same shape: a table that
+/// moved is one the walk never read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalkShape {
+    version: u32,
+    cluster_bits: u32,
+    size: u64,
+    crypt_method: u32,
+    l1: (u64, u32),
+    refcount_table: (u64, u32),
+    snapshots: (u64, u32),
+    incompatible_features: u64,
+    refcount_order: u32,
+}
+
+impl WalkShape {
+    /// The shape of the image `header` describes.
+    pub(crate) fn of(header: &crate::format::Header) -> Self {
+        WalkShape {
+            version: header.version,
+            cluster_bits: header.cluster_bits,
+            size: header.size,
+            crypt_method: header.crypt_method,
+            l1: (header.l1_table_offset, header.l1_size),
+            refcount_table: (header.refcount_table_offset, header.refcount_table_clusters),
+            snapshots: (header.snapshots_offset, header.nb_snapshots),
+            incompatible_features: header.incompatible_features,
+            refcount_order: header.refcount_order,
+        }
+    }
+}
+
 /// How many times the image's metadata references each cluster, as [`check`] counts them:
 /// the header, every L1 and L2 table and data cluster (the active ones and each
 /// snapshot's), the snapshot table, the refcount table and blocks, the LUKS header, the

@@ -480,6 +480,28 @@ impl<S: Storage> Image<S> {
         check::check_references(&self.storage, &self.area)
     }
 
+    /// The [`WalkShape`](check::WalkShape) of the header as the disk holds it now (read
+    /// again, not the copy of the open): whether a walk made earlier, while another process
+    /// wrote the image, still read the tables it has now.
+    ///
+    /// # Errors
+    /// A header that does not decode; I/O.
+    pub(crate) fn walk_shape_now(&self) -> Result<check::WalkShape> {
+        // The fields lie in the first 104 bytes; a longer v3 header is read on.
+        let len = self.storage.len()?;
+        let mut first = self.storage.read_vec_at(0, len.min(SECTOR_SIZE))?;
+        let header = match Header::decode(&first) {
+            Err(Corruption::Truncated { .. })
+                if (first.len() as u64) < len.min(MAX_CLUSTER_SIZE) =>
+            {
+                first = self.storage.read_vec_at(0, len.min(MAX_CLUSTER_SIZE))?;
+                Header::decode(&first)?
+            }
+            r => r?,
+        };
+        Ok(check::WalkShape::of(&header))
+    }
+
     /// [`references`](Self::references) as if the image had no bitmaps extension: what
     /// everything but the bitmaps references (a repair's view of an image whose bitmap
     /// directory QEMU refuses).

@@ -93,9 +93,9 @@ pub struct SharedDiskState<S: Storage> {
     /// plus one barrier with nothing to write back (its commit of the `in_use` flags).
     /// Downtime the stop does not see.
     dest_activate: Option<std::time::Duration>,
-    /// The parts of `dest_activate`: the reference walk, the time per region read, and
-    /// the barrier of the flags commit.
-    dest_walk: std::time::Duration,
+    /// The parts of `dest_activate` a preload that follows the log leaves inside the
+    /// downtime: the time per region read, and the barrier of the flags commit (its
+    /// reference walk it made during the precopy: `BitmapStore::preload`).
     dest_per_region: std::time::Duration,
     dest_commit: std::time::Duration,
     /// The write log this attempt began (0 before), the last take sent, and the take of
@@ -145,7 +145,6 @@ impl<S: Storage> SharedDiskState<S> {
             handed_over_at: 0,
             qemu_baseline: false,
             dest_activate: None,
-            dest_walk: std::time::Duration::ZERO,
             dest_per_region: std::time::Duration::ZERO,
             dest_commit: std::time::Duration::ZERO,
             log_id: 0,
@@ -260,9 +259,11 @@ impl<S: Storage> SharedDiskState<S> {
 
     /// The destination's part of the downtime when its preload follows the write log and
     /// the last log names `regions` regions (the LOGs not yet applied come on top:
-    /// `unapplied_time`): the reference walk, those regions read again, and one barrier (timed at setup): out of durable mode its flags commit's, in durable
-    /// mode the one that makes what it loaded durable before its trackers vouch for it; the
-    /// whole load when the log is whole.
+    /// `unapplied_time`): those regions read again and one barrier (timed at setup): out of
+    /// durable mode its flags commit's, in durable mode the one that makes what it loaded
+    /// durable before its trackers vouch for it; the whole load when the log is whole. No
+    /// reference walk: a preload that says it follows made it during the precopy, and the
+    /// activate starts from it (`BitmapStore::preload`).
     fn dest_time_after(&self, regions: u64, whole: bool) -> Millis {
         let Some(full) = self.dest_activate else {
             return Millis::MAX;
@@ -271,12 +272,7 @@ impl<S: Storage> SharedDiskState<S> {
             return millis_up(full);
         }
         let reads = self.region_reads(regions);
-        millis_up(
-            self.dest_walk
-                .saturating_add(reads)
-                .saturating_add(self.dest_commit)
-                .min(full),
-        )
+        millis_up(reads.saturating_add(self.dest_commit).min(full))
     }
 
     fn observe(&mut self, s: &FlushStats) {
@@ -384,7 +380,6 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         // above just synced: time one such barrier (the flushes' barriers carry their
         // data's write-back and would overstate it).
         let commit = st.barrier()?.sync_time;
-        self.dest_walk = load.walk;
         self.dest_per_region = load
             .regions
             .checked_div(u32::try_from(load.region_count.max(1)).unwrap_or(u32::MAX))
@@ -768,7 +763,10 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
     /// Preloads at the source's BEGIN (and again at each whole LOG), in the thread that
     /// reads the stream: `open` opens the image read-only beside the running source (for a
     /// file, [`FileStorage::open_shared`](crate::FileStorage::open_shared)). A preload that
-    /// fails is skipped: the activate then loads the bitmaps whole.
+    /// fails is skipped: the activate then loads the bitmaps whole. The preload also makes
+    /// the reference walk the activate would otherwise make inside the downtime
+    /// ([`BitmapStore::preload`](crate::BitmapStore::preload)); until it holds one, this
+    /// end does not say it follows.
     #[must_use]
     pub fn with_preload(
         mut self,
@@ -1462,7 +1460,6 @@ mod tests {
             state.setup(&mut wire).unwrap();
             // Timings as a large bitmap's: its whole load far above a read of a few
             // regions (those measured here are a millisecond or less either way).
-            state.dest_walk = std::time::Duration::from_millis(2);
             state.dest_per_region = std::time::Duration::from_micros(10);
             state.dest_commit = std::time::Duration::from_millis(1);
             state.dest_activate = Some(std::time::Duration::from_millis(500));
@@ -1546,7 +1543,6 @@ mod tests {
         state.setup(&mut wire).unwrap();
         // A millisecond per region read, nothing else, and a whole load of 5 ms: the
         // figure counts reads, past the whole load.
-        state.dest_walk = std::time::Duration::ZERO;
         state.dest_per_region = std::time::Duration::from_millis(1);
         state.dest_commit = std::time::Duration::ZERO;
         state.dest_activate = Some(std::time::Duration::from_millis(5));

@@ -20,6 +20,7 @@ use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{
     encode_directory, encode_table, BitmapsExtension, DirEntry, ImageGeometry, TableEntry,
 };
+use crate::image::check::{References, WalkShape};
 use crate::storage::Storage;
 
 /// Most bytes of an all-ones table [`BitmapStore::write_all_ones_table`] writes at once.
@@ -87,6 +88,51 @@ impl<S: Storage> BitmapStore<S> {
             }
             .into());
         }
+        self.owns_bitmap_clusters(walk, Counted::Now)
+    }
+
+    /// The activate's [`preflight`](Self::preflight), starting from the walk a
+    /// [`preload`](Self::preload) made during the precopy, beside the writer, so that the
+    /// downtime holds no walk (it grows with the guest's data: about 1.4 s for a 16 TiB
+    /// disk whose every L2 table is allocated, docs/BENCHMARKS.md). Used only if the
+    /// header's shape ([`WalkShape`]) is the same now, on disk and in this handle, as
+    /// when that walk read the tables: no L1, refcount or snapshot table moved since.
+    ///
+    /// Why the earlier walk still stands: it found every referenced cluster's refcount at
+    /// least as high as its references, and a writer of qcow2 keeps that true (it raises a
+    /// refcount before it writes a reference, and allocates only refcount-0 clusters, so
+    /// a cluster of refcount 1 never gains a second reference). So now too a bitmap
+    /// cluster of refcount 1 has no reference but the bitmap's, whether the walk counted
+    /// it once (its owner then, and still, or one that freed it since) or not at all
+    /// (allocated since: refcount 0 then, which no reference had). Each is checked as
+    /// `preflight` checks it, with the walk's count at most 1 instead of exactly 1. The
+    /// trust this adds is in the writer between the two moments, as the store already
+    /// trusts the guest's writer after its own walk; docs/DESIGN.md ("The activate's walk").
+    ///
+    /// The earlier walk can only spare the walk, never refuse: if anything does not hold
+    /// with it, `preflight` runs as every other operation runs it, and its answer stands.
+    ///
+    /// # Errors
+    /// As [`preflight`](Self::preflight); I/O reading the header.
+    pub(super) fn preflight_from(&mut self, pre: Option<super::PreWalk>) -> Result<()> {
+        if let Some(pre) = pre {
+            let cached = WalkShape::of(self.image.header());
+            if pre.shape == cached
+                && self.image.walk_shape_now()? == cached
+                && self.owns_bitmap_clusters(pre.refs, Counted::Before).is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.preflight()
+    }
+
+    /// The second half of a preflight, on `walk`'s counts: each bitmap cluster has refcount
+    /// 1 and the walk counted it once (`Counted::Now`), or at most once (`Counted::Before`,
+    /// see [`preflight_from`](Self::preflight_from)). Keeps the counts for the commit's
+    /// frees if so.
+    fn owns_bitmap_clusters(&mut self, walk: References, counted: Counted) -> Result<()> {
+        self.walk = None;
         let cs = self.image.cluster_size();
         // Each cluster checked as soon as it is known, and a table's own clusters before
         // the table is read: the first shared cluster refuses, so entries that share a
@@ -100,7 +146,11 @@ impl<S: Storage> BitmapStore<S> {
                 let at = off.saturating_add(k.saturating_mul(cs));
                 let references = walk.at(at);
                 let refcount = image.refcount(at)?;
-                if references != 1 || refcount != 1 {
+                let counted_ok = match counted {
+                    Counted::Now => references == 1,
+                    Counted::Before => references <= 1,
+                };
+                if !counted_ok || refcount != 1 {
                     return Err(Corruption::SharedCluster {
                         offset: at,
                         what,
@@ -481,4 +531,13 @@ impl PreparedCommit {
     pub(super) fn names_bitmaps(&self) -> bool {
         self.new_dir.is_some()
     }
+}
+
+/// When the walk a preflight judges by was made.
+#[derive(Debug, Clone, Copy)]
+enum Counted {
+    /// Just now, with this handle holding the image: its counts are the image's.
+    Now,
+    /// Earlier, beside another writer (a preload): a cluster allocated since is not counted.
+    Before,
 }

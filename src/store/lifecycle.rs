@@ -416,8 +416,9 @@ impl<S: Storage> BitmapStore<S> {
             )));
         }
         // From here on bitmaps are written in place: each of their clusters must be theirs
-        // alone (see `preflight`), or nothing is written.
-        self.preflight()?;
+        // alone (see `preflight`), or nothing is written. A preload's walk spares the one
+        // inside the downtime when the image's tables are where it read them.
+        self.preflight_from(pre.walk.take())?;
         let mut mems = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             mems.push(if s.inconsistent {

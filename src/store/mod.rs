@@ -37,7 +37,7 @@ use crate::format::{
     decode_directory, decode_table, encode_directory, BitmapName, BitmapsExtension, DirEntry,
     HeaderArea, ImageGeometry, TableEntry,
 };
-use crate::image::check::References;
+use crate::image::check::{References, WalkShape};
 use crate::image::{check_in_file, read_metadata, Image};
 use crate::storage::{OpenMode, Storage};
 use crate::tracker::TrackedSet;
@@ -131,9 +131,11 @@ pub struct BitmapStore<S: Storage> {
     /// A stop failed after it may have written "clean", and nothing could take that back
     /// on disk: the in-memory bitmaps stay sealed ([`marks_held`](Self::marks_held)).
     marks_held: bool,
-    /// The reference counts of the last [`preflight`](Self::preflight). While the store is
-    /// active it stays valid for deciding frees: since then only this handle wrote, and it
-    /// only added clusters that nothing referenced (see `safe_frees`).
+    /// The reference counts of the last [`preflight`](Self::preflight) (or of the preload
+    /// walk it started from). While the store is active it stays valid for deciding frees:
+    /// every cluster allocated since had refcount 0 then, so no reference to it was
+    /// counted, and a cluster counted once is referenced by no one else now (see
+    /// `safe_frees`).
     walk: Option<References>,
     /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
     /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
@@ -349,6 +351,17 @@ pub struct Preloaded {
     ready_bits: Vec<(Arc<DirtyBitmap>, durable_bits::DurableBits)>,
     /// A bitmap of the directory the preload could not read: the activate loads it whole.
     skipped: bool,
+    /// The reference walk the preload made, if it found nothing wrong: the activate's
+    /// preflight starts from it instead of walking inside the downtime (`commit.rs`).
+    walk: Option<PreWalk>,
+}
+
+/// A reference walk made by [`BitmapStore::preload`] beside a running writer, and the
+/// header shape it read the image's tables from.
+#[derive(Debug)]
+struct PreWalk {
+    refs: References,
+    shape: WalkShape,
 }
 
 impl Preloaded {
@@ -1187,6 +1200,12 @@ impl<S: Storage> BitmapStore<S> {
     /// [`FileStorage::open_shared`](crate::FileStorage::open_shared)). A bitmap whose table
     /// does not read is left out; the activate then loads it whole. Writes nothing.
     ///
+    /// It also makes the reference walk the activate's preflight would make (every L1 and
+    /// L2 table, the refcounts: O(the image's metadata), seconds for a 16 TiB disk full of
+    /// data), so that the activate, inside a migration's downtime, makes none while the
+    /// header still locates the tables where this walk read them. A walk that finds any
+    /// corruption is not kept: the activate walks again and judges.
+    ///
     /// # Errors
     /// [`Error::Unsupported`] when the bitmaps would take more memory than an activate
     /// allows (the same limit).
@@ -1217,7 +1236,21 @@ impl<S: Storage> BitmapStore<S> {
                 current: false,
             });
         }
+        pre.walk = self.prewalk();
         Ok(pre)
+    }
+
+    /// The preflight's reference walk, made now (during a migration's precopy, beside the
+    /// writer), for the activate to start from: `None` if it fails, finds any corruption,
+    /// or the header's shape changed while it ran (it then read tables the image no longer
+    /// has). A walk beside a writer may also find what is only a writer's step half done
+    /// (an L2 entry read before a discard cleared it and its refcount read after): it is
+    /// then dropped too, and the activate walks.
+    fn prewalk(&self) -> Option<PreWalk> {
+        let shape = WalkShape::of(self.image.header());
+        let (report, refs) = self.image.references().ok()?;
+        (report.corruptions == 0 && self.image.walk_shape_now().ok()? == shape)
+            .then_some(PreWalk { refs, shape })
     }
 
     /// Loads `entry` into `held` (a preloaded bitmap of the same geometry, not shared):

@@ -204,9 +204,15 @@ impl Preloaded {
     /// every bitmap of the directory it was read from, each kept up to date by every log
     /// so far: then the activate reads again only what the last log names. A bitmap the
     /// preload could not read, or one a log could not be applied to (its table moved, its
-    /// geometry differs, it left the directory), is loaded whole by the activate.
+    /// geometry differs, it left the directory), is loaded whole by the activate. It also
+    /// holds the preload's reference walk, still of the image's shape at the last log
+    /// applied, so that the activate walks nothing either (see
+    /// [`BitmapStore::preload`]); without it the activate's walk is downtime too.
     pub fn follows_every_bitmap(&self) -> bool {
-        self.is_following() && !self.skipped && self.bitmaps.iter().all(|p| p.intact)
+        self.is_following()
+            && !self.skipped
+            && self.walk.is_some()
+            && self.bitmaps.iter().all(|p| p.intact)
     }
 
     /// Reads again, through `reader` (a read-only store of the same image, opened with it),
@@ -219,6 +225,14 @@ impl Preloaded {
     /// # Errors
     /// A table or cluster that does not read; the preload then stops following.
     pub fn apply<S: Storage>(&mut self, reader: &BitmapStore<S>, log: &WriteLog) -> Result<()> {
+        // A table the walk read that moved since (the writer grew its L1 or refcount table)
+        // leaves the walk standing for no moment after: dropped, so the activate walks and
+        // the preload no longer says it follows.
+        if let Some(w) = &self.walk {
+            if reader.image.walk_shape_now().ok() != Some(w.shape) {
+                self.walk = None;
+            }
+        }
         match self.follows {
             Some((id, seq)) if id == log.id && seq == log.seq && !log.whole => {
                 self.follows = Some((id, seq.saturating_add(1)));
