@@ -132,6 +132,7 @@ pub use store::mode::StoreMode;
 pub use store::write_log::{LoggedBitmap, WriteLog};
 pub use store::{
     BitmapInfo, BitmapState, BitmapStore, Preloaded, Recording, SharedStore, StoreGuard,
+    PRELOAD_WALK_BUDGET,
 };
 pub use tracker::Tracker;
 

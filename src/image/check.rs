@@ -206,6 +206,10 @@ struct Counter<'a, S: Storage + ?Sized> {
     report: CheckReport,
     /// Where the next allocated guest cluster would be if it were contiguous.
     next_contiguous: u64,
+    /// When the walk gives up ([`check_references_within`]).
+    deadline: Option<std::time::Instant>,
+    /// A read was refused because the deadline had passed.
+    timed_out: bool,
 }
 
 impl<S: Storage + ?Sized> Counter<'_, S> {
@@ -272,6 +276,16 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     }
 
     fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
+        // Past the deadline nothing more is read: the walk runs on through what it has
+        // and its caller gets an error, not a report.
+        if self.timed_out
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            self.timed_out = true;
+            return None;
+        }
         match read_metadata(self.storage, what, offset, len) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -740,13 +754,16 @@ pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<Chec
     Ok(check_references(storage, area)?.0)
 }
 
-/// What the reference walk ([`check_references`]) reads the image's layout from, but the
-/// bitmaps: where the active L1 table, the refcount table and the snapshot table lie and
-/// how large they are, the disk size, the cluster and refcount widths, the encryption and
-/// the incompatible features (the dirty and corrupt bits among them). A walk made while
-/// another process wrote the image (a migration destination's preload) stands for the
-/// image at a later moment only if that moment's header has the same shape: a table that
-/// moved is one the walk never read.
+/// The header fields the reference walk ([`check_references`]) reads the image's layout
+/// from: where the active L1 table, the refcount table and the snapshot table lie and how
+/// large they are, the disk size, the cluster and refcount widths, the encryption method
+/// and the incompatible features (the dirty and corrupt bits, an external data file,
+/// extended L2 entries among them). Not the bitmaps (the activate checks their clusters
+/// itself) nor the LUKS header's pointer, an extension QEMU writes once and never moves. A
+/// walk made while another process wrote the image (a migration destination's preload)
+/// stands for the image at a later moment only if that moment's header has the same
+/// shape: a table that moved is one the walk never read. (A table rewritten at its old
+/// offset and size is not seen; a qcow2 writer writes a new table into new clusters.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WalkShape {
     version: u32,
@@ -833,6 +850,25 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
 ) -> Result<(CheckReport, References)> {
+    walk_references(storage, area, None)
+}
+
+/// [`check_references`], given up once `budget` has passed: [`Error::Unsupported`] then,
+/// naming the budget. A walk made beside a running stream reader (a migration
+/// destination's preload) must not hold it for longer.
+pub(crate) fn check_references_within<S: Storage + ?Sized>(
+    storage: &S,
+    area: &HeaderArea,
+    budget: std::time::Duration,
+) -> Result<(CheckReport, References)> {
+    walk_references(storage, area, std::time::Instant::now().checked_add(budget))
+}
+
+fn walk_references<S: Storage + ?Sized>(
+    storage: &S,
+    area: &HeaderArea,
+    deadline: Option<std::time::Instant>,
+) -> Result<(CheckReport, References)> {
     let h = &area.header;
     let cb = h.cluster_bits;
     let cs = h.cluster_size();
@@ -854,6 +890,8 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
             ..CheckReport::default()
         },
         next_contiguous: 0,
+        deadline,
+        timed_out: false,
     };
     let data_file = h.has_data_file();
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
@@ -925,8 +963,16 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
         blocks.push(entry);
     }
     let Counter {
-        refs, mut report, ..
+        refs,
+        mut report,
+        timed_out,
+        ..
     } = ctr;
+    if timed_out {
+        return Err(Error::Unsupported(
+            "the reference walk ran past its time budget".to_string(),
+        ));
+    }
     for (i, b) in blocks.iter().enumerate() {
         if let Some(off) = b {
             let r = refs.get(off >> cb);

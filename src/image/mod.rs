@@ -502,6 +502,15 @@ impl<S: Storage> Image<S> {
         Ok(check::WalkShape::of(&header))
     }
 
+    /// [`references`](Self::references), given up with [`Error::Unsupported`] once `budget`
+    /// has passed.
+    pub(crate) fn references_within(
+        &self,
+        budget: std::time::Duration,
+    ) -> Result<(CheckReport, check::References)> {
+        check::check_references_within(&self.storage, &self.area, budget)
+    }
+
     /// [`references`](Self::references) as if the image had no bitmaps extension: what
     /// everything but the bitmaps references (a repair's view of an image whose bitmap
     /// directory QEMU refuses).

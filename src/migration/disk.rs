@@ -258,12 +258,13 @@ impl<S: Storage> SharedDiskState<S> {
     }
 
     /// The destination's part of the downtime when its preload follows the write log and
-    /// the last log names `regions` regions (the LOGs not yet applied come on top:
-    /// `unapplied_time`): those regions read again and one barrier (timed at setup): out of
-    /// durable mode its flags commit's, in durable mode the one that makes what it loaded
-    /// durable before its trackers vouch for it; the whole load when the log is whole. No
-    /// reference walk: a preload that says it follows made it during the precopy, and the
-    /// activate starts from it (`BitmapStore::preload`).
+    /// the last log names `regions` regions, the checks of its activate
+    /// (`BitmapStore::activate_check_reads`) counted among them (the LOGs not yet applied
+    /// come on top: `unapplied_time`): those reads and one barrier (timed at setup): out
+    /// of durable mode its flags commit's, in durable mode the one that makes what it
+    /// loaded durable before its trackers vouch for it; the whole load when the log is
+    /// whole, and never more. No reference walk: a preload that says it follows made it
+    /// during the precopy, and the activate starts from it (`BitmapStore::preload`).
     fn dest_time_after(&self, regions: u64, whole: bool) -> Millis {
         let Some(full) = self.dest_activate else {
             return Millis::MAX;
@@ -402,7 +403,7 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         if self.qemu_baseline {
             return Pending::default();
         }
-        let (work, logged, region_size, log_bytes) = {
+        let (work, logged, region_size, log_bytes, checks) = {
             let st = self.store.lock();
             let w = if exact {
                 st.stop_work_exact()
@@ -420,7 +421,10 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                 }));
                 Bytes(len) + SECTION_OVERHEAD
             });
-            (w, logged, rs, log_bytes)
+            // What the destination's activate checks beyond the regions (an error prices
+            // the whole load).
+            let checks = st.activate_check_reads().unwrap_or(u64::MAX);
+            (w, logged, rs, log_bytes, checks)
         };
         let (disk_time, dest_disk_time) = match work {
             Ok(w) => {
@@ -431,7 +435,9 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
                 let dest = match logged {
                     Some((regions, whole)) if self.dest_following => {
                         self.dest_time_after(
-                            regions.saturating_add(w.bytes.0.div_ceil(region_size)),
+                            regions
+                                .saturating_add(w.bytes.0.div_ceil(region_size))
+                                .saturating_add(checks),
                             whole,
                         ) + self.unapplied_time()
                     }
@@ -1526,6 +1532,36 @@ mod tests {
         }
     }
 
+    /// Found by a review: an activate that starts from its preload's walk still reads the
+    /// header, every bitmap's table and the refcount blocks behind the bitmaps' clusters,
+    /// which the walk priced before (it reads them too) and nothing priced once the walk
+    /// left the figure. With 9 bitmaps and a millisecond per read, nothing logged, the
+    /// following figure holds at least the 9 tables and the header.
+    #[test]
+    fn a_following_destinations_figure_holds_the_reads_of_its_activates_checks() {
+        let (mut state, mut dest, _) = shared_pair(true);
+        for i in 0..8 {
+            state
+                .store
+                .lock()
+                .add(&format!("more{i}"), G, Recording::Enabled)
+                .unwrap();
+        }
+        dest.hello(1, Binding::default()).unwrap();
+        let mut wire = Wire::default();
+        state.setup(&mut wire).unwrap();
+        state.dest_per_region = std::time::Duration::from_millis(1);
+        state.dest_commit = std::time::Duration::ZERO;
+        state.dest_activate = Some(std::time::Duration::from_secs(10));
+        let told = answers(&mut wire, &mut dest);
+        assert_eq!(told.len(), 1, "{told:?}");
+        state.notice(&told[0]).unwrap();
+        assert!(state.dest_follows_log());
+        let figure = state.pending(true).dest_disk_time;
+        assert!(figure >= Millis(10), "{figure:?}");
+        assert!(figure < Millis(10_000), "{figure:?}");
+    }
+
     /// Found by a review: the destination answers its BEGIN once the preload ended, but the
     /// LOGs the source sent meanwhile are still queued before it, and it reads their
     /// regions (and a table per bitmap, each LOG on its own) before it reads the
@@ -1546,6 +1582,9 @@ mod tests {
         state.dest_per_region = std::time::Duration::from_millis(1);
         state.dest_commit = std::time::Duration::ZERO;
         state.dest_activate = Some(std::time::Duration::from_millis(5));
+        // The activate's own checks, a read each, come on top of what the LOGs name.
+        let c = state.store.lock().activate_check_reads().unwrap();
+        assert!(c < 5, "{c}");
         // Three LOGs of four regions each (five reads with the table) go out while the
         // destination preloads: queued behind the BEGIN.
         let b = state.store.lock().bitmap("b").unwrap();
@@ -1567,27 +1606,27 @@ mod tests {
         for k in 0..3u64 {
             // Catching up: priced, and waited for.
             let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(5 * (3 - k)));
+            assert_eq!(p.dest_disk_time, Millis(c + 5 * (3 - k)));
             assert!(p.awaiting_destination, "LOG {} of 3 not applied", k + 1);
             let d = disk_log_codec::decode_report(&told[k as usize + 1]).unwrap();
             assert!(d.following && d.through == k + 1, "{d:?}");
             state.notice(&told[k as usize + 1]).unwrap();
         }
         let p = state.pending(false);
-        assert_eq!(p.dest_disk_time, Millis(0));
+        assert_eq!(p.dest_disk_time, Millis(c));
         assert!(!p.awaiting_destination);
         // Caught up: later LOGs are priced until reported applied, never waited for.
         for k in 3..6 {
             log(&mut state, &mut wire, k);
             let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(5 * (k - 2)));
+            assert_eq!(p.dest_disk_time, Millis(c + 5 * (k - 2)));
             assert!(!p.awaiting_destination);
         }
         assert_eq!(state.reports_outstanding(), 3);
         for r in answers(&mut wire, &mut dest) {
             state.notice(&r).unwrap();
         }
-        assert_eq!(state.pending(false).dest_disk_time, Millis(0));
+        assert_eq!(state.pending(false).dest_disk_time, Millis(c));
         assert_eq!(state.reports_outstanding(), 0);
     }
 

@@ -37,7 +37,10 @@ impl<S: Storage> BitmapStore<S> {
     /// cluster that anything else also references stays allocated: at worst a leak, never a
     /// loss. Clusters allocated since the walk had no reference and refcount 0 then (the
     /// preflight found no corruption, so no referenced cluster has refcount 0), so only
-    /// this store references them.
+    /// this store references them. A walk a preload made earlier (`preflight_from`) may
+    /// have counted a cluster the source freed and a bitmap took since: counted once, it
+    /// is freed (refcount 1 at the activate, named by one bitmap: this store's alone);
+    /// counted more, it stays allocated.
     fn safe_frees(&mut self, frees: Vec<(u64, u64)>) -> Result<Vec<u64>> {
         let cb = self.image.header().cluster_bits;
         let walk = self
@@ -102,12 +105,13 @@ impl<S: Storage> BitmapStore<S> {
     /// least as high as its references, and a writer of qcow2 keeps that true (it raises a
     /// refcount before it writes a reference, and allocates only refcount-0 clusters, so
     /// a cluster of refcount 1 never gains a second reference). So now too a bitmap
-    /// cluster of refcount 1 has no reference but the bitmap's, whether the walk counted
-    /// it once (its owner then, and still, or one that freed it since) or not at all
-    /// (allocated since: refcount 0 then, which no reference had). Each is checked as
-    /// `preflight` checks it, with the walk's count at most 1 instead of exactly 1. The
-    /// trust this adds is in the writer between the two moments, as the store already
-    /// trusts the guest's writer after its own walk; docs/DESIGN.md ("The activate's walk").
+    /// cluster of refcount 1 has no reference but one, whatever the walk counted for it
+    /// then (it may have been freed and allocated again since). Each bitmap cluster must
+    /// therefore have refcount 1, as `preflight` checks, and be named once among the
+    /// bitmaps' own structures (the directory, the tables, their data), which a fresh
+    /// walk's count of exactly 1 covered. The trust this adds is in the writer between the
+    /// two moments, as the store already trusts the guest's writer after its own walk;
+    /// docs/DESIGN.md ("The activate's walk").
     ///
     /// The earlier walk can only spare the walk, never refuse: if anything does not hold
     /// with it, `preflight` runs as every other operation runs it, and its answer stands.
@@ -128,19 +132,22 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// The second half of a preflight, on `walk`'s counts: each bitmap cluster has refcount
-    /// 1 and the walk counted it once (`Counted::Now`), or at most once (`Counted::Before`,
-    /// see [`preflight_from`](Self::preflight_from)). Keeps the counts for the commit's
-    /// frees if so.
+    /// 1 and the walk counted it once (`Counted::Now`), or, with a walk made earlier
+    /// (`Counted::Before`, see [`preflight_from`](Self::preflight_from)), it is named once
+    /// among the bitmap structures checked here. Keeps the counts for the commit's frees
+    /// if so.
     fn owns_bitmap_clusters(&mut self, walk: References, counted: Counted) -> Result<()> {
         self.walk = None;
         let cs = self.image.cluster_size();
+        // Clusters already named by a bitmap structure, for `Counted::Before`.
+        let mut named = std::collections::HashSet::new();
         // Each cluster checked as soon as it is known, and a table's own clusters before
         // the table is read: the first shared cluster refuses, so entries that share a
         // table cost no read of it beyond the walk's, and nothing is listed.
-        let owns = |image: &mut crate::image::Image<S>,
-                    off: u64,
-                    n: u64,
-                    what: &'static str|
+        let mut owns = |image: &mut crate::image::Image<S>,
+                        off: u64,
+                        n: u64,
+                        what: &'static str|
          -> Result<()> {
             for k in 0..n {
                 let at = off.saturating_add(k.saturating_mul(cs));
@@ -148,7 +155,7 @@ impl<S: Storage> BitmapStore<S> {
                 let refcount = image.refcount(at)?;
                 let counted_ok = match counted {
                     Counted::Now => references == 1,
-                    Counted::Before => references <= 1,
+                    Counted::Before => named.insert(at),
                 };
                 if !counted_ok || refcount != 1 {
                     return Err(Corruption::SharedCluster {

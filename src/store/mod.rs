@@ -133,8 +133,8 @@ pub struct BitmapStore<S: Storage> {
     marks_held: bool,
     /// The reference counts of the last [`preflight`](Self::preflight) (or of the preload
     /// walk it started from). While the store is active it stays valid for deciding frees:
-    /// every cluster allocated since had refcount 0 then, so no reference to it was
-    /// counted, and a cluster counted once is referenced by no one else now (see
+    /// a cluster it counted at most once that a bitmap of this store names is referenced by
+    /// no one else now, and one it counted more is kept, a leak at worst (see
     /// `safe_frees`).
     walk: Option<References>,
     /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
@@ -355,6 +355,13 @@ pub struct Preloaded {
     /// preflight starts from it instead of walking inside the downtime (`commit.rs`).
     walk: Option<PreWalk>,
 }
+
+/// How long [`BitmapStore::preload`] walks the image's metadata at most: a migration
+/// destination preloads in the thread that reads the stream, whose source gives up on a
+/// send after 10 s by default (`migration::tcp`), and the bitmaps' own load comes on top.
+/// A longer walk (2 GiB of L2 tables read from a slow device) is left to the activate, as
+/// without a preload, and the preload then does not say it follows.
+pub const PRELOAD_WALK_BUDGET: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// A reference walk made by [`BitmapStore::preload`] beside a running writer, and the
 /// header shape it read the image's tables from.
@@ -1204,12 +1211,21 @@ impl<S: Storage> BitmapStore<S> {
     /// L2 table, the refcounts: O(the image's metadata), seconds for a 16 TiB disk full of
     /// data), so that the activate, inside a migration's downtime, makes none while the
     /// header still locates the tables where this walk read them. A walk that finds any
-    /// corruption is not kept: the activate walks again and judges.
+    /// corruption, or runs past [`PRELOAD_WALK_BUDGET`], is not kept: the activate walks
+    /// then, and judges.
     ///
     /// # Errors
     /// [`Error::Unsupported`] when the bitmaps would take more memory than an activate
     /// allows (the same limit).
     pub fn preload(&self) -> Result<Preloaded> {
+        self.preload_within(PRELOAD_WALK_BUDGET)
+    }
+
+    /// [`preload`](Self::preload), with its reference walk given up after `walk_budget`.
+    ///
+    /// # Errors
+    /// As [`preload`](Self::preload).
+    pub fn preload_within(&self, walk_budget: std::time::Duration) -> Result<Preloaded> {
         let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.stale).collect();
         let needed = self.memory_needed(live.iter().copied());
         if needed > ACTIVE_MEMORY_LIMIT {
@@ -1236,19 +1252,19 @@ impl<S: Storage> BitmapStore<S> {
                 current: false,
             });
         }
-        pre.walk = self.prewalk();
+        pre.walk = self.prewalk(walk_budget);
         Ok(pre)
     }
 
     /// The preflight's reference walk, made now (during a migration's precopy, beside the
-    /// writer), for the activate to start from: `None` if it fails, finds any corruption,
-    /// or the header's shape changed while it ran (it then read tables the image no longer
-    /// has). A walk beside a writer may also find what is only a writer's step half done
+    /// writer), for the activate to start from: `None` if it fails, runs past `budget`,
+    /// finds any corruption, or the header's shape changed while it ran (it then read
+    /// tables the image no longer has). A walk beside a writer may also find what is only a writer's step half done
     /// (an L2 entry read before a discard cleared it and its refcount read after): it is
     /// then dropped too, and the activate walks.
-    fn prewalk(&self) -> Option<PreWalk> {
+    fn prewalk(&self, budget: std::time::Duration) -> Option<PreWalk> {
         let shape = WalkShape::of(self.image.header());
-        let (report, refs) = self.image.references().ok()?;
+        let (report, refs) = self.image.references_within(budget).ok()?;
         (report.corruptions == 0 && self.image.walk_shape_now().ok()? == shape)
             .then_some(PreWalk { refs, shape })
     }
@@ -1307,6 +1323,26 @@ impl<S: Storage> BitmapStore<S> {
     pub fn time_load(&self) -> Result<std::time::Duration> {
         self.time_load_parts()
             .map(|t| t.walk.saturating_add(t.regions))
+    }
+
+    /// The reads, beyond the regions it loads, of an activate that starts from a preload's
+    /// reference walk (`preflight_from` in `commit.rs`), each about a region read: the
+    /// header's sector, every bitmap's table (its clusters' refcounts are checked) and
+    /// every refcount block the file needs (at most; each is read once).
+    ///
+    /// # Errors
+    /// I/O asking the file's length.
+    pub(crate) fn activate_check_reads(&self) -> Result<u64> {
+        let h = self.image.header();
+        let cs = self.image.cluster_size();
+        let per_block = (cs.saturating_mul(8) >> h.refcount_order).max(1);
+        let blocks = self
+            .image
+            .storage()
+            .len()?
+            .div_ceil(cs.saturating_mul(per_block));
+        let tables = self.slots.iter().filter(|s| !s.stale).count() as u64;
+        Ok(1u64.saturating_add(tables).saturating_add(blocks))
     }
 
     /// [`time_load`](Self::time_load), in its two parts: the reference walk, and the
