@@ -851,6 +851,30 @@ fn migrate_refuses_a_timeout_beyond_a_year() {
     assert_eq!(dbm_check(&img), 0);
 }
 
+/// `dbm migrate send --answer-timeout` outside 0.1 s to a day is refused before the image
+/// is opened (the loop's own check, asked first), and nothing connects.
+#[test]
+fn migrate_send_refuses_an_answer_timeout_outside_its_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    dbm_ok(&["create", p(&img), "--size", "4M"]);
+    let before = std::fs::read(&img).unwrap();
+    for t in ["0.05", "86401"] {
+        let args = [
+            "migrate",
+            "send",
+            p(&img),
+            "--to",
+            "127.0.0.1:9",
+            "--answer-timeout",
+            t,
+        ];
+        let err = dbm_fails(&args);
+        assert!(err.contains("answer"), "{t}: {err}");
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
 /// A 4 MiB image `t.qcow2` in `dir` with bitmap `b`, and its bytes.
 fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<u8>) {
     let img = dir.join("t.qcow2");

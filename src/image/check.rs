@@ -853,9 +853,9 @@ pub(crate) fn check_references<S: Storage + ?Sized>(
     walk_references(storage, area, None)
 }
 
-/// [`check_references`], given up once `budget` has passed: [`Error::Unsupported`] then,
-/// naming the budget. A walk made beside a running stream reader (a migration
-/// destination's preload) must not hold it for longer.
+/// [`check_references`], given up once `budget` has passed: [`Error::Unsupported`] then
+/// (no read starts after it; a read under way ends first). A walk made beside a running
+/// stream reader (a migration destination's preload) must not hold it for longer.
 pub(crate) fn check_references_within<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
@@ -969,9 +969,7 @@ fn walk_references<S: Storage + ?Sized>(
         ..
     } = ctr;
     if timed_out {
-        return Err(Error::Unsupported(
-            "the reference walk ran past its time budget".to_string(),
-        ));
+        return Err(past_budget());
     }
     for (i, b) in blocks.iter().enumerate() {
         if let Some(off) = b {
@@ -992,7 +990,10 @@ fn walk_references<S: Storage + ?Sized>(
         let index = (c / per_block) as usize;
         let end = (c.saturating_add(per_block) / per_block * per_block).min(nb_clusters);
         let block = match blocks.get(index).copied().flatten() {
-            Some(off) => Some(storage.read_vec_at(off, cs)?),
+            Some(off) => {
+                within(deadline)?;
+                Some(storage.read_vec_at(off, cs)?)
+            }
             // No refcount block and no reference: nothing to compare.
             None if !refs.any_in(c, end) => {
                 c = end;
@@ -1027,7 +1028,7 @@ fn walk_references<S: Storage + ?Sized>(
         }
         c = end;
     }
-    oflag_copied(storage, area, &blocks, per_block, &mut report)?;
+    oflag_copied(storage, area, &blocks, per_block, &mut report, deadline)?;
     Ok((
         report,
         References {
@@ -1097,6 +1098,20 @@ pub(crate) fn named_without_copied<S: Storage + ?Sized>(
     Ok(hits)
 }
 
+/// [`past_budget`] once `deadline` has passed.
+fn within(deadline: Option<std::time::Instant>) -> Result<()> {
+    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        Err(past_budget())
+    } else {
+        Ok(())
+    }
+}
+
+/// The error of a walk given up at its deadline ([`check_references_within`]).
+fn past_budget() -> Error {
+    Error::Unsupported("the reference walk ran past its time budget".to_string())
+}
+
 /// QEMU's `check_oflag_copied` and the compressed-cluster rule of `check_refcounts_l2`:
 /// in the active L1 table and its L2 tables, bit 63 (COPIED) is set exactly where the
 /// cluster's refcount on disk is 1 (with an external data file a data cluster counts as
@@ -1110,6 +1125,7 @@ fn oflag_copied<S: Storage + ?Sized>(
     blocks: &[Option<u64>],
     per_block: u64,
     report: &mut CheckReport,
+    deadline: Option<std::time::Instant>,
 ) -> Result<()> {
     let h = &area.header;
     let cb = h.cluster_bits;
@@ -1117,6 +1133,7 @@ fn oflag_copied<S: Storage + ?Sized>(
     let data_file = h.has_data_file();
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     let l1_len = u64::from(h.l1_size).saturating_mul(8);
+    within(deadline)?;
     let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
         return Ok(());
     };
@@ -1145,6 +1162,7 @@ fn oflag_copied<S: Storage + ?Sized>(
         *l2_mult.entry(l2_off).or_insert(0) += 1;
     }
     for (&l2_off, &m) in &l2_mult {
+        within(deadline)?;
         let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
             continue;
         };
@@ -1187,6 +1205,7 @@ fn oflag_copied<S: Storage + ?Sized>(
             continue;
         };
         if held.as_ref().is_none_or(|(i, _)| *i != index) {
+            within(deadline)?;
             held = Some((index, storage.read_vec_at(off, cs).ok()));
         }
         refcounts[k] = match held.as_ref().and_then(|(_, b)| b.as_deref()) {

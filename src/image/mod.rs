@@ -40,7 +40,7 @@ pub use check::{CheckReport, FragInfo};
 const MAX_CLUSTER_SIZE: u64 = 1 << MAX_CLUSTER_BITS;
 
 /// What [`Image::open`] reads first: cluster 0 at the default cluster size.
-const FIRST_READ: u64 = 65536;
+pub(crate) const FIRST_READ: u64 = 65536;
 
 /// The largest disk [`Image::create_with_data_file`] maps: 2^56 bytes, where the offsets
 /// its L2 entries name (the guest's own, in the raw file) end.
@@ -500,6 +500,19 @@ impl<S: Storage> Image<S> {
             r => r?,
         };
         Ok(check::WalkShape::of(&header))
+    }
+
+    /// The byte offsets of the clusters of the image's own structures that the handle
+    /// knows without a read: cluster 0, the active L1 table, the refcount table and every
+    /// refcount block, and the first cluster of the snapshot table. Some may repeat.
+    pub(crate) fn structure_clusters(&self) -> Vec<u64> {
+        let cb = self.area.header.cluster_bits;
+        let h = &self.area.header;
+        self.refcounts
+            .structure_clusters()
+            .map(|c| c << cb)
+            .chain((h.nb_snapshots > 0).then_some(h.snapshots_offset & !((1u64 << cb) - 1)))
+            .collect()
     }
 
     /// [`references`](Self::references), given up with [`Error::Unsupported`] once `budget`

@@ -139,15 +139,23 @@ impl<S: Storage> BitmapStore<S> {
     fn owns_bitmap_clusters(&mut self, walk: References, counted: Counted) -> Result<()> {
         self.walk = None;
         let cs = self.image.cluster_size();
-        // Clusters already named by a bitmap structure, for `Counted::Before`.
-        let mut named = std::collections::HashSet::new();
+        // Clusters already named, for `Counted::Before`: the image's own structures the
+        // handle knows (cluster 0, the L1 and refcount tables, the refcount blocks, the
+        // snapshot table's first cluster), then each bitmap structure as it is checked.
+        let mut named: std::collections::HashSet<u64> = match counted {
+            Counted::Now => std::collections::HashSet::new(),
+            Counted::Before => self.image.structure_clusters().into_iter().collect(),
+        };
         // Each cluster checked as soon as it is known, and a table's own clusters before
         // the table is read: the first shared cluster refuses, so entries that share a
         // table cost no read of it beyond the walk's, and nothing is listed.
+        // `written`: the cluster is written in place, and must have refcount 1; a cluster of
+        // an inconsistent bitmap is only named (`Counted::Before`).
         let mut owns = |image: &mut crate::image::Image<S>,
                         off: u64,
                         n: u64,
-                        what: &'static str|
+                        what: &'static str,
+                        written: bool|
          -> Result<()> {
             for k in 0..n {
                 let at = off.saturating_add(k.saturating_mul(cs));
@@ -157,7 +165,7 @@ impl<S: Storage> BitmapStore<S> {
                     Counted::Now => references == 1,
                     Counted::Before => named.insert(at),
                 };
-                if !counted_ok || refcount != 1 {
+                if !counted_ok || (written && refcount != 1) {
                     return Err(Corruption::SharedCluster {
                         offset: at,
                         what,
@@ -175,6 +183,7 @@ impl<S: Storage> BitmapStore<S> {
                 off,
                 ceil_clusters(size, cs),
                 "bitmap directory",
+                true,
             )?;
         }
         for s in self.slots.iter().filter(|s| !s.stale) {
@@ -183,11 +192,20 @@ impl<S: Storage> BitmapStore<S> {
                 s.entry.table_offset,
                 ceil_clusters(u64::from(s.entry.table_size) * 8, cs),
                 "bitmap table",
+                true,
             )?;
             if !s.inconsistent {
                 for t in self.read_table(&s.entry)? {
                     if let TableEntry::Data(off) = t {
-                        owns(&mut self.image, off, 1, "bitmap data")?;
+                        owns(&mut self.image, off, 1, "bitmap data", true)?;
+                    }
+                }
+            } else if matches!(counted, Counted::Before) {
+                // Not written in place, so its refcount is not asked, but a cluster it names
+                // that another structure names too is shared: a fresh walk counts it twice.
+                for t in self.read_table(&s.entry)? {
+                    if let TableEntry::Data(off) = t {
+                        owns(&mut self.image, off, 1, "bitmap data", false)?;
                     }
                 }
             }

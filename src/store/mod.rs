@@ -1325,24 +1325,43 @@ impl<S: Storage> BitmapStore<S> {
             .map(|t| t.walk.saturating_add(t.regions))
     }
 
-    /// The reads, beyond the regions it loads, of an activate that starts from a preload's
-    /// reference walk (`preflight_from` in `commit.rs`), each about a region read: the
-    /// header's sector, every bitmap's table (its clusters' refcounts are checked) and
-    /// every refcount block the file needs (at most; each is read once).
+    /// The reads, in regions' worth of bytes, beyond the regions it loads, of an activate
+    /// that starts from a preload's reference walk (`preflight_from` in `commit.rs`), of the
+    /// writable open before it and of the last log's apply: the open's first read of cluster
+    /// 0, its refcount table and its directory; the header's sector at the apply and at the
+    /// activate; every bitmap's table at each (their clusters are checked, the logged
+    /// regions read through them), and once more in durable mode (the activation's flush
+    /// targets); and the refcount blocks behind the bitmaps' clusters, at most one per
+    /// bitmap cluster and at most every block the file needs.
     ///
     /// # Errors
     /// I/O asking the file's length.
     pub(crate) fn activate_check_reads(&self) -> Result<u64> {
         let h = self.image.header();
         let cs = self.image.cluster_size();
+        let regions = |bytes: u64| bytes.div_ceil(self.region_size().max(1)).max(1);
         let per_block = (cs.saturating_mul(8) >> h.refcount_order).max(1);
-        let blocks = self
-            .image
-            .storage()
-            .len()?
-            .div_ceil(cs.saturating_mul(per_block));
-        let tables = self.slots.iter().filter(|s| !s.stale).count() as u64;
-        Ok(1u64.saturating_add(tables).saturating_add(blocks))
+        let len = self.image.storage().len()?;
+        let file_blocks = len.div_ceil(cs.saturating_mul(per_block));
+        let open = regions(len.min(crate::image::FIRST_READ))
+            .saturating_add(regions(
+                u64::from(h.refcount_table_clusters).saturating_mul(cs),
+            ))
+            .saturating_add(self.dir.map_or(0, |(_, n)| regions(n)));
+        let table_reads: u64 = if self.durable.is_some() { 3 } else { 2 };
+        let (mut tables, mut clusters) = (0u64, self.dir.map_or(0, |(_, n)| n.div_ceil(cs)));
+        for s in self.slots.iter().filter(|s| !s.stale) {
+            let bytes = u64::from(s.entry.table_size).saturating_mul(8);
+            tables = tables.saturating_add(regions(bytes).saturating_mul(table_reads));
+            clusters = clusters
+                .saturating_add(bytes.div_ceil(cs))
+                .saturating_add(u64::from(s.entry.table_size));
+        }
+        let blocks = file_blocks.min(clusters).saturating_mul(regions(cs));
+        Ok(open
+            .saturating_add(2)
+            .saturating_add(tables)
+            .saturating_add(blocks))
     }
 
     /// [`time_load`](Self::time_load), in its two parts: the reference walk, and the

@@ -212,6 +212,11 @@ pub struct SendArgs {
     /// Seconds to wait for the connection, each write, and each answer.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+    /// Seconds the loop waits, switching nothing over, for the destination's answer to
+    /// the bitmaps' preload (its BEGIN or a whole LOG) before it fails the attempt with the
+    /// guest running here: 0.1 to 86400.
+    #[arg(long, default_value_t = 60.0)]
+    pub answer_timeout: f64,
     /// Random seed of the RAM contents and of the writes (default: random; printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -729,6 +734,7 @@ fn send(a: &SendArgs) -> CmdResult {
     let warm_up = seconds("warm-up", a.warm_up)?;
     let run_for = seconds("run-for", a.run_for)?;
     let retry_after = seconds("retry-after", a.retry_after)?;
+    let answer_timeout = seconds("answer-timeout", a.answer_timeout)?;
     if a.attempts == 0 {
         return Err("--attempts must be at least 1".into());
     }
@@ -765,6 +771,7 @@ fn send(a: &SendArgs) -> CmdResult {
         downtime_limit: Millis(a.downtime_limit),
         max_bandwidth: Some(BytesPerMs::from_bytes_per_sec(a.max_bandwidth)),
         iterate_chunk: Bytes((batch_pages * PAGE * 4).max(1 << 20)),
+        answer_timeout,
         ..LoopConfig::default()
     })
     .map_err(|e| e.to_string())?;
