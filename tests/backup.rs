@@ -12,7 +12,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::qemu::{assert_qemu_clean, ok, p, tool};
 use common::seeded_rng;
@@ -34,15 +34,7 @@ impl Drop for Server {
 }
 
 fn wait_for(sock: &Path) {
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the NBD server did not create {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::qemu::wait_until_listening(sock, Duration::from_secs(10));
 }
 
 /// `qemu-nbd -r` serving `img` (with `-B bitmap` when given) on a socket in `dir`.
@@ -50,7 +42,7 @@ fn qemu_nbd(dir: &Path, img: &Path, bitmap: Option<&str>) -> (Server, String) {
     let sock = dir.join("nbd.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = Command::new(tool("qemu-nbd"));
-    cmd.args(["-r", "-f", "qcow2", "-k", p(&sock)]);
+    cmd.args(["-t", "-r", "-f", "qcow2", "-k", p(&sock)]);
     if let Some(b) = bitmap {
         cmd.args(["-B", b]);
     }

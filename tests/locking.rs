@@ -115,20 +115,14 @@ fn qemu_io_holding(args: &[&str], img: &Path) -> Held {
 /// A writable `qemu-nbd` export of `img`, returned once it serves (its image is open).
 fn qemu_nbd_writer(img: &Path, sock: &Path) -> Held {
     let child = Command::new(tool("qemu-nbd"))
-        .args(["-f", "qcow2", "-k", p(sock), p(img)])
+        .args(["-t", "-f", "qcow2", "-k", p(sock), p(img)])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("failed to start qemu-nbd");
     let held = Held(child);
     let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::qemu::wait_until_listening(sock, Duration::from_secs(20));
     // The socket can appear before qemu-nbd has finished writing the image at open (it
     // clears autoclear bit 0, sets `in_use` on every bitmap in place, then sets bit 0
     // again): wait for the end of that, so that callers comparing the image's bytes compare

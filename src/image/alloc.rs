@@ -157,15 +157,10 @@ impl Refcounts {
         }
     }
 
-    /// The clusters of the image's own structures this cache knows of, as cluster indices:
-    /// cluster 0, the active L1 table, the reftable and every refblock. Some may repeat.
-    pub(crate) fn structure_clusters(&self) -> impl Iterator<Item = u64> + '_ {
-        let reftable = self.reftable_offset >> self.cluster_bits;
-        self.reserved
-            .iter()
-            .flat_map(|&(a, b)| a..b)
-            .chain(reftable..reftable.saturating_add(self.reftable_clusters))
-            .chain(self.block_clusters.iter().copied())
+    /// Whether cluster index `cluster` holds one of the image's own structures this cache
+    /// knows of: cluster 0, the active L1 table, the reftable or a refblock.
+    pub(crate) fn is_structure(&self, cluster: u64) -> bool {
+        self.is_reserved(cluster)
     }
 
     /// The reftable's byte offset and its size in clusters (as the header must say).

@@ -491,10 +491,12 @@ impl<S: Storage> Image<S> {
         let len = self.storage.len()?;
         let mut first = self.storage.read_vec_at(0, len.min(SECTOR_SIZE))?;
         let header = match Header::decode(&first) {
+            // A header is never longer than its cluster: read on to the handle's cluster
+            // size (a header that says otherwise has another shape anyway).
             Err(Corruption::Truncated { .. })
-                if (first.len() as u64) < len.min(MAX_CLUSTER_SIZE) =>
+                if (first.len() as u64) < len.min(self.cluster_size()) =>
             {
-                first = self.storage.read_vec_at(0, len.min(MAX_CLUSTER_SIZE))?;
+                first = self.storage.read_vec_at(0, len.min(self.cluster_size()))?;
                 Header::decode(&first)?
             }
             r => r?,
@@ -502,17 +504,14 @@ impl<S: Storage> Image<S> {
         Ok(check::WalkShape::of(&header))
     }
 
-    /// The byte offsets of the clusters of the image's own structures that the handle
-    /// knows without a read: cluster 0, the active L1 table, the refcount table and every
-    /// refcount block, and the first cluster of the snapshot table. Some may repeat.
-    pub(crate) fn structure_clusters(&self) -> Vec<u64> {
-        let cb = self.area.header.cluster_bits;
+    /// Whether the cluster holding byte `offset` is one of the image's own structures that
+    /// the handle knows without a read: cluster 0, the active L1 table, the refcount table,
+    /// a refcount block, or the first cluster of the snapshot table.
+    pub(crate) fn is_structure_cluster(&self, offset: u64) -> bool {
         let h = &self.area.header;
-        self.refcounts
-            .structure_clusters()
-            .map(|c| c << cb)
-            .chain((h.nb_snapshots > 0).then_some(h.snapshots_offset & !((1u64 << cb) - 1)))
-            .collect()
+        let c = offset >> h.cluster_bits;
+        self.refcounts.is_structure(c)
+            || (h.nb_snapshots > 0 && h.snapshots_offset >> h.cluster_bits == c)
     }
 
     /// [`references`](Self::references), given up with [`Error::Unsupported`] once `budget`

@@ -220,9 +220,7 @@ impl<S: Storage> SharedDiskState<S> {
             // stay counted.
             // Not kept for a destination that said it does not follow: it applies nothing,
             // and its activate is priced whole.
-            let reads = log.bitmaps.iter().fold(0u64, |n, b| {
-                n.saturating_add(b.regions.len()).saturating_add(1)
-            });
+            let reads = self.store.lock().log_apply_reads(&log);
             self.unapplied.push((log.seq, reads));
         }
         out.send(self.id, &disk_log_codec::encode_log(&log))
@@ -235,8 +233,9 @@ impl<S: Storage> SharedDiskState<S> {
     }
 
     /// The destination's reads of the LOGs sent since the last whole one that it has not
-    /// said it applied, at the time per region read timed at setup: each LOG's regions and
-    /// a table per bitmap it names. Queued before its switchover, they are read inside the
+    /// said it applied, at the time per region read timed at setup: each LOG's regions, the
+    /// table of each bitmap it names and the header's sector, in regions' worth of bytes
+    /// (`BitmapStore::log_apply_reads`). Queued before its switchover, they are read inside the
     /// downtime, each LOG on its own (a region named by two is read twice), so no whole
     /// load bounds them.
     fn unapplied_time(&self) -> Millis {
@@ -1585,8 +1584,8 @@ mod tests {
         // The activate's own checks, a read each, come on top of what the LOGs name (the
         // last log's part of the figure is at most the whole load).
         let c = state.store.lock().activate_check_reads().unwrap().min(5);
-        // Three LOGs of four regions each (five reads with the table) go out while the
-        // destination preloads: queued behind the BEGIN.
+        // Three LOGs of four regions each (six reads with the table and the header's
+        // sector) go out while the destination preloads: queued behind the BEGIN.
         let b = state.store.lock().bitmap("b").unwrap();
         let log = |state: &mut SharedDiskState<_>, wire: &mut Wire, k: u64| {
             for j in 0..4u64 {
@@ -1606,7 +1605,7 @@ mod tests {
         for k in 0..3u64 {
             // Catching up: priced, and waited for.
             let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(c + 5 * (3 - k)));
+            assert_eq!(p.dest_disk_time, Millis(c + 6 * (3 - k)));
             assert!(p.awaiting_destination, "LOG {} of 3 not applied", k + 1);
             let d = disk_log_codec::decode_report(&told[k as usize + 1]).unwrap();
             assert!(d.following && d.through == k + 1, "{d:?}");
@@ -1619,7 +1618,7 @@ mod tests {
         for k in 3..6 {
             log(&mut state, &mut wire, k);
             let p = state.pending(false);
-            assert_eq!(p.dest_disk_time, Millis(c + 5 * (k - 2)));
+            assert_eq!(p.dest_disk_time, Millis(c + 6 * (k - 2)));
             assert!(!p.awaiting_destination);
         }
         assert_eq!(state.reports_outstanding(), 3);

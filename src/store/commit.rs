@@ -122,7 +122,7 @@ impl<S: Storage> BitmapStore<S> {
         if let Some(pre) = pre {
             let cached = WalkShape::of(self.image.header());
             if pre.shape == cached
-                && self.image.walk_shape_now()? == cached
+                && self.image.walk_shape_now().ok() == Some(cached)
                 && self.owns_bitmap_clusters(pre.refs, Counted::Before).is_ok()
             {
                 return Ok(());
@@ -139,13 +139,13 @@ impl<S: Storage> BitmapStore<S> {
     fn owns_bitmap_clusters(&mut self, walk: References, counted: Counted) -> Result<()> {
         self.walk = None;
         let cs = self.image.cluster_size();
-        // Clusters already named, for `Counted::Before`: the image's own structures the
-        // handle knows (cluster 0, the L1 and refcount tables, the refcount blocks, the
-        // snapshot table's first cluster), then each bitmap structure as it is checked.
-        let mut named: std::collections::HashSet<u64> = match counted {
-            Counted::Now => std::collections::HashSet::new(),
-            Counted::Before => self.image.structure_clusters().into_iter().collect(),
-        };
+        // For `Counted::Before`: the clusters named so far by a bitmap structure written in
+        // place, and how often an in-use bitmap's data names each (its refcount must cover
+        // its names, as a fresh walk counts them). The image's own structures the handle
+        // knows (cluster 0, the L1 and refcount tables, the refcount blocks, the snapshot
+        // table's first cluster) name theirs once more.
+        let mut named: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut in_use: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         // Each cluster checked as soon as it is known, and a table's own clusters before
         // the table is read: the first shared cluster refuses, so entries that share a
         // table cost no read of it beyond the walk's, and nothing is listed.
@@ -163,7 +163,18 @@ impl<S: Storage> BitmapStore<S> {
                 let refcount = image.refcount(at)?;
                 let counted_ok = match counted {
                     Counted::Now => references == 1,
-                    Counted::Before => named.insert(at),
+                    Counted::Before if written => {
+                        !image.is_structure_cluster(at)
+                            && !in_use.contains_key(&at)
+                            && named.insert(at)
+                    }
+                    Counted::Before => {
+                        let names = in_use.entry(at).or_insert(0);
+                        *names += 1;
+                        !named.contains(&at)
+                            && refcount
+                                >= names.saturating_add(u64::from(image.is_structure_cluster(at)))
+                    }
                 };
                 if !counted_ok || (written && refcount != 1) {
                     return Err(Corruption::SharedCluster {

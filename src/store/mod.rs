@@ -1343,7 +1343,14 @@ impl<S: Storage> BitmapStore<S> {
         let per_block = (cs.saturating_mul(8) >> h.refcount_order).max(1);
         let len = self.image.storage().len()?;
         let file_blocks = len.div_ceil(cs.saturating_mul(per_block));
+        // The open's first read of cluster 0, and all of it again when it is larger.
+        let cluster0 = len.min(cs);
         let open = regions(len.min(crate::image::FIRST_READ))
+            .saturating_add(if cluster0 > crate::image::FIRST_READ {
+                regions(cluster0)
+            } else {
+                0
+            })
             .saturating_add(regions(
                 u64::from(h.refcount_table_clusters).saturating_mul(cs),
             ))

@@ -1203,65 +1203,111 @@ impl Storage for CountedMem {
     }
 }
 
-/// Found by a review: a following destination's figure priced its activate's checks by
-/// a count that missed the durable activation's second read of every table and priced a
-/// refcount block (a cluster) as one region. What the writable open, the last log's apply
+/// Found by reviews: a following destination's figure priced its activate's checks by
+/// a count that missed the durable activation's second read of every table, priced a
+/// refcount block (a cluster) as one region, and missed the open's second read of a
+/// cluster 0 larger than its first read. What the writable open, the last log's apply
 /// and the activate read, beyond the last log's regions, stays within
-/// `activate_check_reads` regions' worth of bytes, as counted on the source while active,
-/// in both modes, with several bitmaps whose bits the preload follows.
+/// `activate_check_reads` regions' worth of bytes, as counted on the source while active:
+/// in both modes, at 4 KiB clusters (each table one region, so every table read counts)
+/// and at 2 MiB, with 16 bitmaps the last log names and one in use.
 #[test]
 fn activate_check_reads_bounds_what_an_activate_from_a_following_preload_reads() {
     use std::sync::atomic::Ordering::SeqCst;
     const DISK: u64 = 1 << 40;
-    for durable in [false, true] {
-        let disk: Arc<CountedMem> = Arc::default();
-        let mut s = BitmapStore::create(Arc::clone(&disk), DISK, 65536).unwrap();
-        for i in 0..6u64 {
-            let name = format!("b{i}");
-            s.add(&name, 65536, Recording::Enabled).unwrap();
-            let bm = DirtyBitmap::new(DISK, 65536).unwrap();
-            for k in 0..40u64 {
-                bm.mark_dirty(((k * 7919 + i * 104_729) % (DISK >> 16)) << 16, 4096);
+    const N: u64 = 16;
+    for cs in [4096, 2 * MIB] {
+        for durable in [false, true] {
+            let disk: Arc<CountedMem> = Arc::default();
+            let mut s = BitmapStore::create(Arc::clone(&disk), DISK, cs).unwrap();
+            for i in 0..=N {
+                let name = format!("b{i:02}");
+                s.add(&name, 65536, Recording::Enabled).unwrap();
+                let bm = DirtyBitmap::new(DISK, 65536).unwrap();
+                for k in 0..40u64 {
+                    bm.mark_dirty(((k * 7919 + i * 104_729) % (DISK >> 16)) << 16, 4096);
+                }
+                s.store(&name, &bm).unwrap();
             }
-            s.store(&name, &bm).unwrap();
+            // The last bitmap in use on disk (inconsistent): its table is read, its data
+            // named, nothing of it loaded.
+            let (dir, _) = s.dir.unwrap();
+            let at = s.slots.iter().take(N as usize).fold(dir, |at, sl| {
+                at + (24 + sl.entry.name.as_bytes().len() as u64).div_ceil(8) * 8
+            });
+            drop(s);
+            let mut f = [0u8; 4];
+            disk.inner.read_exact_at(&mut f, at + 12).unwrap();
+            let flags = u32::from_be_bytes(f) | 1;
+            disk.inner
+                .write_all_at(&flags.to_be_bytes(), at + 12)
+                .unwrap();
+            let mut s = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();
+            assert!(s.slots.iter().last().unwrap().inconsistent);
+            if durable {
+                s.activate_durable().unwrap();
+            } else {
+                s.activate().unwrap();
+            }
+            let id = s.start_write_log();
+            let reader = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadOnly).unwrap();
+            let mut pre = reader.preload().unwrap();
+            pre.follow(id, 0);
+            if durable {
+                pre.prepare_durable();
+            }
+            assert!(pre.follows_every_bitmap(), "cs {cs}, durable {durable}");
+            let s = SharedStore::new(s);
+            // Marks the last log names, in every bitmap held.
+            if durable {
+                let t = s.durable_tracker().unwrap();
+                for k in 0..4u64 {
+                    t.mark(k * (DISK / 4) + 3 * 65536, 4096).unwrap();
+                }
+            } else {
+                let t = s.lock().tracker().unwrap();
+                for k in 0..4u64 {
+                    t.mark(k * (DISK / 4) + 3 * 65536, 4096);
+                }
+            }
+            let mut s = s.try_into_inner().unwrap();
+            let checks = s.activate_check_reads().unwrap();
+            s.inactivate().unwrap();
+            let last = s.take_write_log().unwrap();
+            let logged: u64 = last.bitmaps.iter().map(|b| b.regions.len()).sum();
+            assert!(
+                last.bitmaps
+                    .iter()
+                    .filter(|b| !b.regions.is_empty())
+                    .count()
+                    >= N as usize,
+                "cs {cs}, durable {durable}: {last:?}"
+            );
+            drop(s);
+            let before = disk.read.load(SeqCst);
+            pre.apply(&reader, &last).unwrap();
+            let mut d = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();
+            if durable {
+                d.activate_durable_preloaded(pre).unwrap();
+            } else {
+                d.activate_preloaded(pre).unwrap();
+            }
+            let read = disk.read.load(SeqCst) - before;
+            assert_eq!(
+                d.taken_as_preloaded(),
+                N as usize,
+                "cs {cs}, durable {durable}"
+            );
+            let bound = (checks + logged) * d.region_size();
+            assert!(
+                read <= bound,
+                "cs {cs}, durable {durable}: read {read} bytes, priced {bound} ({checks} \
+                 checks, {logged} logged regions)"
+            );
+            if durable {
+                d.inactivate().unwrap();
+            }
+            drop(d);
         }
-        if durable {
-            s.activate_durable().unwrap();
-        } else {
-            s.activate().unwrap();
-        }
-        let id = s.start_write_log();
-        let reader = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadOnly).unwrap();
-        let mut pre = reader.preload().unwrap();
-        pre.follow(id, 0);
-        if durable {
-            pre.prepare_durable();
-        }
-        assert!(pre.follows_every_bitmap(), "durable {durable}");
-        let checks = s.activate_check_reads().unwrap();
-        s.inactivate().unwrap();
-        let last = s.take_write_log().unwrap();
-        let logged: u64 = last.bitmaps.iter().map(|b| b.regions.len()).sum();
-        drop(s);
-        let before = disk.read.load(SeqCst);
-        pre.apply(&reader, &last).unwrap();
-        let mut d = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();
-        if durable {
-            d.activate_durable_preloaded(pre).unwrap();
-        } else {
-            d.activate_preloaded(pre).unwrap();
-        }
-        let read = disk.read.load(SeqCst) - before;
-        assert_eq!(d.taken_as_preloaded(), 6, "durable {durable}");
-        let bound = (checks + logged) * d.region_size();
-        assert!(
-            read <= bound,
-            "durable {durable}: read {read} bytes, priced {bound} ({checks} checks, {logged} \
-             logged regions)"
-        );
-        if durable {
-            d.inactivate().unwrap();
-        }
-        drop(d);
     }
 }

@@ -55,6 +55,30 @@ impl<S: Storage> BitmapStore<S> {
         id
     }
 
+    /// Regions' worth of bytes a reader's [`Preloaded::apply`] of `log` reads: the
+    /// header's sector, and for each bitmap it names that this store holds, its regions and
+    /// its table (read whole); a name this store does not hold, its regions and a table of
+    /// the size its regions imply.
+    pub(crate) fn log_apply_reads(&self, log: &WriteLog) -> u64 {
+        let rs = self.region_size().max(1);
+        let cs = self.image.cluster_size();
+        log.bitmaps.iter().fold(1u64, |n, b| {
+            let table_bytes = self
+                .slots
+                .position(b.name.as_bytes())
+                .map(|i| u64::from(self.slots[i].entry.table_size))
+                .unwrap_or_else(|| {
+                    b.regions
+                        .region_count()
+                        .saturating_mul(b.region_size)
+                        .div_ceil(cs)
+                })
+                .saturating_mul(8);
+            n.saturating_add(b.regions.len())
+                .saturating_add(table_bytes.div_ceil(rs).max(1))
+        })
+    }
+
     /// The regions written since the start of the log or its previous take, or `None` with
     /// no log running. On an inactive store it is the last take ([`WriteLog::last`]: it
     /// names every bitmap the store holds, with its dirty count) and it ends the log.

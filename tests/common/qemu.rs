@@ -19,6 +19,23 @@ pub fn tool(name: &str) -> PathBuf {
     }
 }
 
+/// Waits, at most `limit`, until a server listens on the Unix socket `sock`: a connection
+/// succeeds. The socket's file appears when the server binds it, before it listens, and a
+/// client that connects in between is refused (a CI run's `nbdinfo` was). The probe's
+/// connection closes at once, so a server that ends after its first client (`qemu-nbd`
+/// without `-t`) must run persistent.
+pub fn wait_until_listening(sock: &Path, limit: Duration) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            start.elapsed() < limit,
+            "nothing listens on {} after {limit:?}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(tool(name))
         .args(args)
@@ -112,20 +129,23 @@ fn with_nbd_export<T>(img: &Path, name: &str, f: impl FnOnce(&Path) -> T) -> T {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let child = Command::new(tool("qemu-nbd"))
-        .args(["-r", "-f", "qcow2", "-B", name, "-k", p(&sock), p(img)])
+        .args([
+            "-t",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            p(&sock),
+            p(img),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("failed to start qemu-nbd");
     let _guard = Nbd(child);
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "qemu-nbd did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_listening(&sock, Duration::from_secs(10));
     f(&sock)
 }
 

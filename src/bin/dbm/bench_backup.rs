@@ -146,14 +146,17 @@ fn list_round(dir: &Path, img: &Path) -> Result<(Duration, Duration), String> {
     let _ = std::fs::remove_file(&sock);
     let start = Instant::now();
     let mut server = Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "-B", "b", "-k"])
+        .args(["-t", "-r", "-f", "qcow2", "-B", "b", "-k"])
         .arg(&sock)
         .arg(img)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("qemu-nbd: {e}"))?;
-    while !sock.exists() {
+    // Listening, not only bound: its socket file appears before it listens, and a client
+    // in between is refused. The probe's connection ends at once (hence `-t`: a server
+    // that ended after its first client would serve nobody else).
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if start.elapsed() > Duration::from_secs(60) {
             let _ = server.kill();
             return Err("qemu-nbd did not start".into());

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::precopy::checked_config;
+use dirty_bitmap::migration::precopy::{checked_config, MAX_ANSWER_TIMEOUT};
 use dirty_bitmap::migration::tcp::{
     migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination, MAX_TIMEOUT,
 };
@@ -735,6 +735,14 @@ fn send(a: &SendArgs) -> CmdResult {
     let run_for = seconds("run-for", a.run_for)?;
     let retry_after = seconds("retry-after", a.retry_after)?;
     let answer_timeout = seconds("answer-timeout", a.answer_timeout)?;
+    if !(Duration::from_millis(100)..=MAX_ANSWER_TIMEOUT).contains(&answer_timeout) {
+        return Err(format!(
+            "--answer-timeout {}: must be from 0.1 to {} seconds",
+            a.answer_timeout,
+            MAX_ANSWER_TIMEOUT.as_secs()
+        )
+        .into());
+    }
     if a.attempts == 0 {
         return Err("--attempts must be at least 1".into());
     }
