@@ -769,6 +769,10 @@ enum Share {
     WithAWhileInUse,
     /// The active L1 table's cluster.
     WithL1,
+    /// `a`'s first data cluster, both in use (refcount 1: a fresh walk counts two).
+    BothInUse,
+    /// The L1 table's cluster, `b` in use (refcount 1: a fresh walk counts two).
+    InUseWithL1,
 }
 
 /// Found by reviews: a fresh walk counted a cluster named by two structures twice, and
@@ -779,22 +783,31 @@ enum Share {
 /// and nothing is written.
 #[test]
 fn a_cluster_two_structures_share_after_the_preload_is_refused() {
-    for share in [Share::WithA, Share::WithAWhileInUse, Share::WithL1] {
+    for share in [
+        Share::WithA,
+        Share::WithAWhileInUse,
+        Share::WithL1,
+        Share::BothInUse,
+        Share::InUseWithL1,
+    ] {
         let (mut rng, seed) = seeded_rng("write_log_twice");
         let (disk, s) = writer(Mode::Deferred, &mut rng);
         let (pre, _) = follow(&disk, s, Mode::Deferred, &mut rng, None);
         let en = Entries::of(&disk);
         let raw = match share {
-            Share::WithA | Share::WithAWhileInUse => en.a_first_raw,
-            Share::WithL1 => en.l1,
+            Share::WithA | Share::WithAWhileInUse | Share::BothInUse => en.a_first_raw,
+            Share::WithL1 | Share::InUseWithL1 => en.l1,
         };
         disk.inner
             .write_all_at(&raw.to_be_bytes(), en.b_first)
             .unwrap();
-        if let Share::WithAWhileInUse = share {
+        if !matches!(share, Share::WithA | Share::WithL1) {
             en.set_in_use(&disk, NAMES[1]);
             let r = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadOnly).unwrap();
             assert!(r.list()[1].in_use, "{:?}", r.list());
+        }
+        if let Share::BothInUse = share {
+            en.set_in_use(&disk, NAMES[0]);
         }
         let before = disk.inner.to_vec();
         let mut d = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();
@@ -828,6 +841,14 @@ fn in_use_bitmaps_sharing_a_cluster_their_refcount_covers_need_no_walk() {
     for n in NAMES {
         en.set_in_use(&disk, n);
     }
+    // A fresh walk accepts this image (a plain activate of a copy).
+    let mut copy = BitmapStore::open(
+        MemStorage::from_bytes(disk.inner.to_vec()),
+        OpenMode::ReadWrite,
+    )
+    .unwrap();
+    copy.activate().unwrap();
+    drop(copy);
     let (l1, len) = l1_of(&disk);
     disk.watch(l1, len);
     let mut d = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();

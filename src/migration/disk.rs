@@ -1584,12 +1584,13 @@ mod tests {
         // The activate's own checks, a read each, come on top of what the LOGs name (the
         // last log's part of the figure is at most the whole load).
         let c = state.store.lock().activate_check_reads().unwrap().min(5);
-        // Three LOGs of four regions each (six reads with the table and the header's
-        // sector) go out while the destination preloads: queued behind the BEGIN.
+        // Three LOGs of four regions each, in four data clusters (16 regions each), so
+        // each region is read alone (six reads with the table and the header's sector),
+        // go out while the destination preloads: queued behind the BEGIN.
         let b = state.store.lock().bitmap("b").unwrap();
         let log = |state: &mut SharedDiskState<_>, wire: &mut Wire, k: u64| {
             for j in 0..4u64 {
-                b.mark_dirty(b.region_disk_range(1 + k * 4 + j).0, 1);
+                b.mark_dirty(b.region_disk_range(1 + (k * 4 + j) * 16).0, 1);
             }
             state.flush().unwrap();
             state.after_flush(wire).unwrap();

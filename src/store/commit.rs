@@ -106,10 +106,13 @@ impl<S: Storage> BitmapStore<S> {
     /// refcount before it writes a reference, and allocates only refcount-0 clusters, so
     /// a cluster of refcount 1 never gains a second reference). So now too a bitmap
     /// cluster of refcount 1 has no reference but one, whatever the walk counted for it
-    /// then (it may have been freed and allocated again since). Each bitmap cluster must
-    /// therefore have refcount 1, as `preflight` checks, and be named once among the
-    /// bitmaps' own structures (the directory, the tables, their data), which a fresh
-    /// walk's count of exactly 1 covered. The trust this adds is in the writer between the
+    /// then (it may have been freed and allocated again since). Each bitmap cluster written
+    /// in place must therefore have refcount 1, as `preflight` checks, and be named once
+    /// among the bitmaps' structures (the directory, the tables, a consistent bitmap's data)
+    /// and the image's own that the handle knows (`Image::is_structure_cluster`), which a
+    /// fresh walk's count of exactly 1 covered; an in-use bitmap's data must name no such
+    /// cluster and have a refcount covering its names, as a fresh walk asks. The trust this
+    /// adds is in the writer between the
     /// two moments, as the store already trusts the guest's writer after its own walk;
     /// docs/DESIGN.md ("The activate's walk").
     ///
@@ -117,7 +120,7 @@ impl<S: Storage> BitmapStore<S> {
     /// with it, `preflight` runs as every other operation runs it, and its answer stands.
     ///
     /// # Errors
-    /// As [`preflight`](Self::preflight); I/O reading the header.
+    /// As [`preflight`](Self::preflight) (a header that does not read again runs it too).
     pub(super) fn preflight_from(&mut self, pre: Option<super::PreWalk>) -> Result<()> {
         if let Some(pre) = pre {
             let cached = WalkShape::of(self.image.header());
@@ -131,11 +134,12 @@ impl<S: Storage> BitmapStore<S> {
         self.preflight()
     }
 
-    /// The second half of a preflight, on `walk`'s counts: each bitmap cluster has refcount
-    /// 1 and the walk counted it once (`Counted::Now`), or, with a walk made earlier
-    /// (`Counted::Before`, see [`preflight_from`](Self::preflight_from)), it is named once
-    /// among the bitmap structures checked here. Keeps the counts for the commit's frees
-    /// if so.
+    /// The second half of a preflight, on `walk`'s counts: each bitmap cluster written in
+    /// place has refcount 1 and the walk counted it once (`Counted::Now`), or, with a walk
+    /// made earlier (`Counted::Before`, see [`preflight_from`](Self::preflight_from)), it is
+    /// named once among the structures checked here and the image's own, and an in-use
+    /// bitmap's data names none of those and has a refcount covering its names. Keeps the
+    /// counts for the commit's frees if so.
     fn owns_bitmap_clusters(&mut self, walk: References, counted: Counted) -> Result<()> {
         self.walk = None;
         let cs = self.image.cluster_size();

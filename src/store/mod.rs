@@ -497,6 +497,36 @@ struct PreBitmap {
     current: bool,
 }
 
+/// Whether a reader of `named` regions of one data cluster of `per_cluster` regions reads
+/// the whole cluster at once (`walk_some_regions`): from a quarter of them on.
+fn reads_whole_cluster(named: u64, per_cluster: u64) -> bool {
+    named >= per_cluster.div_ceil(4)
+}
+
+/// Regions' worth of bytes a reader reads for `regions` of a bitmap of `region_size`-byte
+/// regions in `cs`-byte clusters ([`reads_whole_cluster`]).
+fn region_reads(regions: &ChangedRegions, region_size: u64, cs: u64) -> u64 {
+    let per_cluster = (cs / region_size.max(1)).max(1);
+    let group = |n: u64| {
+        if n > 0 && reads_whole_cluster(n, per_cluster) {
+            per_cluster
+        } else {
+            n
+        }
+    };
+    let (mut total, mut cluster, mut n) = (0u64, None, 0u64);
+    for r in regions.iter() {
+        let c = r / per_cluster;
+        if cluster != Some(c) {
+            total = total.saturating_add(group(n));
+            cluster = Some(c);
+            n = 0;
+        }
+        n += 1;
+    }
+    total.saturating_add(group(n))
+}
+
 fn ceil_clusters(bytes: u64, cs: u64) -> u64 {
     bytes.div_ceil(cs)
 }
@@ -1124,7 +1154,7 @@ impl<S: Storage> BitmapStore<S> {
                 .and_then(|i| table.get(i))
                 .copied()
                 .ok_or_else(|| internal!("region {} past the table", group[0]))?;
-            let whole = group.len() as u64 >= per_cluster.div_ceil(4);
+            let whole = reads_whole_cluster(group.len() as u64, per_cluster);
             match entry_c {
                 TableEntry::Data(off) if whole => {
                     let len = bm

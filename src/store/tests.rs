@@ -1208,15 +1208,18 @@ impl Storage for CountedMem {
 /// refcount block (a cluster) as one region, and missed the open's second read of a
 /// cluster 0 larger than its first read. What the writable open, the last log's apply
 /// and the activate read, beyond the last log's regions, stays within
-/// `activate_check_reads` regions' worth of bytes, as counted on the source while active:
-/// in both modes, at 4 KiB clusters (each table one region, so every table read counts)
-/// and at 2 MiB, with 16 bitmaps the last log names and one in use.
+/// `activate_check_reads` regions' worth of bytes, as counted on the source while active,
+/// and the last log's regions within what `write_log_pending` counts for them (a data
+/// cluster of which a quarter of the regions are named is read whole): in both modes, at
+/// 4 KiB clusters (each table one region, so every table read counts), 64 KiB (four
+/// regions of one cluster named: read whole) and 2 MiB, with 16 bitmaps the last log
+/// names and one in use.
 #[test]
 fn activate_check_reads_bounds_what_an_activate_from_a_following_preload_reads() {
     use std::sync::atomic::Ordering::SeqCst;
     const DISK: u64 = 1 << 40;
     const N: u64 = 16;
-    for cs in [4096, 2 * MIB] {
+    for cs in [4096, 65536, 2 * MIB] {
         for durable in [false, true] {
             let disk: Arc<CountedMem> = Arc::default();
             let mut s = BitmapStore::create(Arc::clone(&disk), DISK, cs).unwrap();
@@ -1259,22 +1262,27 @@ fn activate_check_reads_bounds_what_an_activate_from_a_following_preload_reads()
             assert!(pre.follows_every_bitmap(), "cs {cs}, durable {durable}");
             let s = SharedStore::new(s);
             // Marks the last log names, in every bitmap held.
+            // Four far apart, and four in the first data cluster's regions 0 to 3 (2 GiB
+            // of disk per region).
+            let at = (0..4u64)
+                .map(|k| k * (DISK / 4) + 3 * 65536)
+                .chain((0..4u64).map(|k| (k << 31) + 5 * 65536));
             if durable {
                 let t = s.durable_tracker().unwrap();
-                for k in 0..4u64 {
-                    t.mark(k * (DISK / 4) + 3 * 65536, 4096).unwrap();
+                for a in at {
+                    t.mark(a, 4096).unwrap();
                 }
             } else {
                 let t = s.lock().tracker().unwrap();
-                for k in 0..4u64 {
-                    t.mark(k * (DISK / 4) + 3 * 65536, 4096);
+                for a in at {
+                    t.mark(a, 4096);
                 }
             }
             let mut s = s.try_into_inner().unwrap();
             let checks = s.activate_check_reads().unwrap();
             s.inactivate().unwrap();
+            let logged = s.write_log_pending().unwrap().0;
             let last = s.take_write_log().unwrap();
-            let logged: u64 = last.bitmaps.iter().map(|b| b.regions.len()).sum();
             assert!(
                 last.bitmaps
                     .iter()

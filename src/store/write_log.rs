@@ -74,7 +74,7 @@ impl<S: Storage> BitmapStore<S> {
                         .div_ceil(cs)
                 })
                 .saturating_mul(8);
-            n.saturating_add(b.regions.len())
+            n.saturating_add(super::region_reads(&b.regions, b.region_size, cs))
                 .saturating_add(table_bytes.div_ceil(rs).max(1))
         })
     }
@@ -121,11 +121,20 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// What the next [`take_write_log`](Self::take_write_log) would hold, counted: the
-    /// regions named (a region of two bitmaps counts twice), and whether it is whole.
-    /// `None` with no log running.
+    /// regions' worth of bytes a reader reads for the regions it names (a region of two
+    /// bitmaps counts twice; a data cluster of which a quarter or more of the regions are
+    /// named is read whole, and counts whole), and whether it is whole. `None` with no
+    /// log running; 0 regions only when none is named.
     pub fn write_log_pending(&self) -> Option<(u64, bool)> {
         let log = self.write_log.as_ref()?;
-        Some((log.bitmaps.iter().map(|b| b.regions.len()).sum(), log.whole))
+        let cs = self.image.cluster_size();
+        Some((
+            log.bitmaps
+                .iter()
+                .map(|b| super::region_reads(&b.regions, b.region_size, cs))
+                .fold(0u64, u64::saturating_add),
+            log.whole,
+        ))
     }
 
     /// The outcome of a flush or commit over `targets` (each bitmap with its table's

@@ -157,6 +157,9 @@ fn list_round(dir: &Path, img: &Path) -> Result<(Duration, Duration), String> {
     // in between is refused. The probe's connection ends at once (hence `-t`: a server
     // that ended after its first client would serve nobody else).
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            return Err(format!("qemu-nbd exited at its start: {status}"));
+        }
         if start.elapsed() > Duration::from_secs(60) {
             let _ = server.kill();
             return Err("qemu-nbd did not start".into());
