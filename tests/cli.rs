@@ -117,18 +117,7 @@ impl Drop for Nbd {
 /// `qemu-nbd -r -f qcow2 -B NAME -k SOCK IMG`, persistent, on a socket in `dir`.
 fn serve(dir: &Path, img: &Path, name: &str, tag: usize) -> Nbd {
     let sock = dir.join(format!("nbd-{tag}.sock"));
-    let child = Command::new(tool("qemu-nbd"))
-        .args([
-            "-t",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            name,
-            "-k",
-            p(&sock),
-            p(img),
-        ])
+    let child = common::qemu::qemu_nbd_export(&sock, img, name)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

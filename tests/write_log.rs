@@ -363,6 +363,22 @@ fn l1_of(disk: &Disk) -> (u64, u64) {
     (h.l1_table_offset, u64::from(h.l1_size) * 8)
 }
 
+/// Counts, from now on, the reads of `disk`'s active L1 table (which only a reference walk
+/// reads).
+fn watch_l1(disk: &Disk) {
+    let (l1, len) = l1_of(disk);
+    assert!(len > 0);
+    disk.watch(l1, len);
+}
+
+/// The reads of the L1 table the activate of `pre` made (see [`activate`]).
+fn l1_reads_of_activate(disk: &Disk, pre: Preloaded, mode: Mode, seed: u64) -> u64 {
+    watch_l1(disk);
+    let (_, d) = activate(disk, pre, mode, seed);
+    drop(d);
+    disk.watched.load(SeqCst)
+}
+
 /// Sets the 16-bit refcount of the cluster at `offset` (an image of this file: refcount
 /// order 4, every cluster counted by the first refcount block).
 fn set_refcount(disk: &Disk, offset: u64, value: u16) {
@@ -465,14 +481,10 @@ fn a_header_that_changed_after_the_preload_walk_makes_the_activate_walk() {
     let mut s = s.try_into_inner().unwrap();
     s.inactivate().unwrap();
     pre.apply(&reader, &s.take_write_log().unwrap()).unwrap();
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
-    let (_, d) = activate(&disk, pre, Mode::Deferred, seed);
     assert!(
-        disk.watched.load(SeqCst) > 0,
+        l1_reads_of_activate(&disk, pre, Mode::Deferred, seed) > 0,
         "the activate trusted a walk the header moved away from (seed {seed})"
     );
-    drop(d);
 }
 
 /// The same when the header changes after the last log the preload applied (here the L1
@@ -486,14 +498,10 @@ fn a_header_that_changed_after_the_last_log_makes_the_activate_walk() {
     let (pre, _) = follow(&disk, s, Mode::Deferred, &mut rng, None);
     assert_eq!(pre.current(), 2, "seed {seed}");
     bump_l1_size(&disk);
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
-    let (_, d) = activate(&disk, pre, Mode::Deferred, seed);
     assert!(
-        disk.watched.load(SeqCst) > 0,
+        l1_reads_of_activate(&disk, pre, Mode::Deferred, seed) > 0,
         "the activate trusted a walk of another header (seed {seed})"
     );
-    drop(d);
 }
 
 /// A walk that finds a corruption is not kept: the preload does not say it follows, and
@@ -590,8 +598,7 @@ fn a_bitmap_cluster_allocated_after_the_preload_walk_needs_no_walk() {
     let mut s = s.try_into_inner().unwrap();
     s.inactivate().unwrap();
     pre.apply(&reader, &s.take_write_log().unwrap()).unwrap();
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
+    watch_l1(&disk);
     let (_, d) = activate(&disk, pre, Mode::Deferred, 0);
     assert_eq!(
         disk.watched.load(SeqCst),
@@ -612,8 +619,7 @@ fn a_header_that_changed_after_the_writable_open_makes_the_activate_walk() {
     let (pre, _) = follow(&disk, s, Mode::Deferred, &mut rng, None);
     let mut d = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadWrite).unwrap();
     bump_l1_size(&disk);
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
+    watch_l1(&disk);
     d.activate_preloaded(pre).unwrap();
     assert!(
         disk.watched.load(SeqCst) > 0,
@@ -629,8 +635,7 @@ fn a_header_that_changed_during_the_preload_walk_leaves_no_walk() {
     let (mut rng, seed) = seeded_rng("write_log_moved_during");
     let (disk, s) = writer(Mode::Deferred, &mut rng);
     let reader = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadOnly).unwrap();
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
+    watch_l1(&disk);
     disk.bump_l1_size.store(true, SeqCst);
     let mut pre = reader.preload().unwrap();
     assert!(!disk.bump_l1_size.load(SeqCst), "the walk read no L1");
@@ -645,8 +650,7 @@ fn a_preload_walk_past_its_budget_is_not_kept() {
     let (mut rng, seed) = seeded_rng("write_log_budget");
     let (disk, s) = writer(Mode::Deferred, &mut rng);
     let reader = BitmapStore::open(Arc::clone(&disk), OpenMode::ReadOnly).unwrap();
-    let (l1, len) = l1_of(&disk);
-    disk.watch(l1, len);
+    watch_l1(&disk);
     disk.slow_ms.store(50, SeqCst);
     let mut pre = reader
         .preload_within(std::time::Duration::from_millis(1))

@@ -123,23 +123,20 @@ impl Drop for Nbd {
     }
 }
 
+/// `qemu-nbd -t -r -f qcow2 -B NAME -k SOCK IMG`: a persistent read-only export of `img`
+/// with bitmap `name` on the Unix socket `sock`, to be spawned.
+pub fn qemu_nbd_export(sock: &Path, img: &Path, name: &str) -> Command {
+    let mut c = Command::new(tool("qemu-nbd"));
+    c.args(["-t", "-r", "-f", "qcow2", "-B", name, "-k", p(sock), p(img)]);
+    c
+}
+
 /// Runs `f` on the URI of a read-only `qemu-nbd` export of `img` with bitmap `name`
 /// (`-B`), stopping the server afterwards.
 fn with_nbd_export<T>(img: &Path, name: &str, f: impl FnOnce(&Path) -> T) -> T {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
-    let child = Command::new(tool("qemu-nbd"))
-        .args([
-            "-t",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            name,
-            "-k",
-            p(&sock),
-            p(img),
-        ])
+    let child = qemu_nbd_export(&sock, img, name)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
