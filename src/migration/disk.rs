@@ -94,7 +94,7 @@ pub struct SharedDiskState<S: Storage> {
     /// Downtime the stop does not see.
     dest_activate: Option<std::time::Duration>,
     /// The parts of `dest_activate` a preload that follows the log leaves inside the
-    /// downtime: the time per region read, and the barrier of the flags commit (its
+    /// downtime: the time per region read, and the barrier of the flags commit (the
     /// reference walk it made during the precopy: `BitmapStore::preload`).
     dest_per_region: std::time::Duration,
     dest_commit: std::time::Duration,
@@ -235,9 +235,9 @@ impl<S: Storage> SharedDiskState<S> {
     /// The destination's reads of the LOGs sent since the last whole one that it has not
     /// said it applied, at the time per region read timed at setup: each LOG's regions, the
     /// table of each bitmap it names and the header's sector, in regions' worth of bytes
-    /// (`BitmapStore::log_apply_reads`). Queued before its switchover, they are read inside the
-    /// downtime, each LOG on its own (a region named by two is read twice), so no whole
-    /// load bounds them.
+    /// (`BitmapStore::log_apply_reads`). Queued before its switchover, they are read
+    /// inside the downtime, each LOG on its own (a region named by two is read twice), so
+    /// no whole load bounds them.
     fn unapplied_time(&self) -> Millis {
         if self.dest_activate.is_none() {
             return Millis::MAX;

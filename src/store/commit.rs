@@ -112,9 +112,8 @@ impl<S: Storage> BitmapStore<S> {
     /// and the image's own that the handle knows (`Image::is_structure_cluster`), which a
     /// fresh walk's count of exactly 1 covered; an in-use bitmap's data must name no such
     /// cluster and have a refcount covering its names, as a fresh walk asks. The trust this
-    /// adds is in the writer between the
-    /// two moments, as the store already trusts the guest's writer after its own walk;
-    /// docs/DESIGN.md ("The activate's walk").
+    /// adds is in the writer between the two moments, as the store already trusts the
+    /// guest's writer after its own walk; docs/DESIGN.md ("The activate's walk").
     ///
     /// The earlier walk can only spare the walk, never refuse: if anything does not hold
     /// with it, `preflight` runs as every other operation runs it, and its answer stands.
@@ -216,8 +215,9 @@ impl<S: Storage> BitmapStore<S> {
                     }
                 }
             } else if matches!(counted, Counted::Before) {
-                // Not written in place, so its refcount is not asked, but a cluster it names
-                // that another structure names too is shared: a fresh walk counts it twice.
+                // Not written in place, so its refcount need not be 1, but it must cover every
+                // name of the cluster (a fresh walk counts them all), and no cluster written
+                // in place may be among them.
                 for t in self.read_table(&s.entry)? {
                     if let TableEntry::Data(off) = t {
                         owns(&mut self.image, off, 1, "bitmap data", false)?;
