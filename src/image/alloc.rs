@@ -157,12 +157,6 @@ impl Refcounts {
         }
     }
 
-    /// Whether cluster index `cluster` holds one of the image's own structures this cache
-    /// knows of: cluster 0, the active L1 table, the reftable or a refblock.
-    pub(crate) fn is_structure(&self, cluster: u64) -> bool {
-        self.is_reserved(cluster)
-    }
-
     /// The reftable's byte offset and its size in clusters (as the header must say).
     pub(crate) fn reftable_location(&self) -> (u64, u64) {
         (self.reftable_offset, self.reftable_clusters)
@@ -208,7 +202,10 @@ impl Refcounts {
         self.dirty_blocks.is_empty() && self.dirty_entries.is_empty()
     }
 
-    fn is_reserved(&self, cluster: u64) -> bool {
+    /// Whether cluster index `cluster` holds one of the image's own structures this cache
+    /// knows of: cluster 0, the active L1 table, the reftable or a refblock. Never handed
+    /// out, whatever its refcount says.
+    pub(crate) fn is_reserved(&self, cluster: u64) -> bool {
         let rt_start = self.reftable_offset >> self.cluster_bits;
         let rt_end = rt_start.saturating_add(self.reftable_clusters);
         (rt_start..rt_end).contains(&cluster)

@@ -510,7 +510,7 @@ impl<S: Storage> Image<S> {
     pub(crate) fn is_structure_cluster(&self, offset: u64) -> bool {
         let h = &self.area.header;
         let c = offset >> h.cluster_bits;
-        self.refcounts.is_structure(c)
+        self.refcounts.is_reserved(c)
             || (h.nb_snapshots > 0 && h.snapshots_offset >> h.cluster_bits == c)
     }
 

@@ -1388,17 +1388,26 @@ impl<S: Storage> BitmapStore<S> {
         let table_reads: u64 = if self.durable.is_some() { 3 } else { 2 };
         let (mut tables, mut clusters) = (0u64, self.dir.map_or(0, |(_, n)| n.div_ceil(cs)));
         for s in self.slots.iter().filter(|s| !s.stale) {
-            let bytes = u64::from(s.entry.table_size).saturating_mul(8);
-            tables = tables.saturating_add(regions(bytes).saturating_mul(table_reads));
+            let entries = u64::from(s.entry.table_size);
+            tables = tables.saturating_add(self.table_regions(entries).saturating_mul(table_reads));
             clusters = clusters
-                .saturating_add(bytes.div_ceil(cs))
-                .saturating_add(u64::from(s.entry.table_size));
+                .saturating_add(entries.saturating_mul(8).div_ceil(cs))
+                .saturating_add(entries);
         }
         let blocks = file_blocks.min(clusters).saturating_mul(regions(cs));
         Ok(open
             .saturating_add(2)
             .saturating_add(tables)
             .saturating_add(blocks))
+    }
+
+    /// Regions' worth of bytes in a whole bitmap table of `entries` entries, at least one:
+    /// what a read of that table costs in the destination's figures.
+    pub(crate) fn table_regions(&self, entries: u64) -> u64 {
+        entries
+            .saturating_mul(8)
+            .div_ceil(self.region_size().max(1))
+            .max(1)
     }
 
     /// [`time_load`](Self::time_load), in its two parts: the reference walk, and the

@@ -60,10 +60,9 @@ impl<S: Storage> BitmapStore<S> {
     /// its table (read whole); a name this store does not hold, its regions and a table of
     /// the size its regions imply.
     pub(crate) fn log_apply_reads(&self, log: &WriteLog) -> u64 {
-        let rs = self.region_size().max(1);
         let cs = self.image.cluster_size();
         log.bitmaps.iter().fold(1u64, |n, b| {
-            let table_bytes = self
+            let entries = self
                 .slots
                 .position(b.name.as_bytes())
                 .map(|i| u64::from(self.slots[i].entry.table_size))
@@ -72,10 +71,9 @@ impl<S: Storage> BitmapStore<S> {
                         .region_count()
                         .saturating_mul(b.region_size)
                         .div_ceil(cs)
-                })
-                .saturating_mul(8);
+                });
             n.saturating_add(super::region_reads(&b.regions, b.region_size, cs))
-                .saturating_add(table_bytes.div_ceil(rs).max(1))
+                .saturating_add(self.table_regions(entries))
         })
     }
 
