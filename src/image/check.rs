@@ -9,7 +9,12 @@
 //! refcounts (`compare_refcounts`): more on disk is a leak, less is a corruption. Last,
 //! as `check_oflag_copied`, the COPIED flag of every entry of the active L1 and L2 tables
 //! must say whether the cluster's refcount on disk is 1 (and is never set on a compressed
-//! cluster).
+//! cluster). QEMU reads the active tables and the refcount blocks again for that; here the
+//! walk keeps two bits a cluster from its own read of the active tables (`CopiedFlags`)
+//! and the comparison judges them against the refcount blocks it reads anyway, so a sound
+//! image's tables and blocks are read once each. Only where that finds a flag wrong, or
+//! the image already corrupt or with a data file, does a pass of its own read them again
+//! (`oflag_copied`), for QEMU's exact counts and messages.
 //!
 //! Every length read from the image is checked against the file size before anything is
 //! allocated for it, so a corrupt image cannot make the check allocate without bound. The
@@ -121,6 +126,71 @@ impl RefCounts {
         false
     }
 }
+/// What the active tables' entries say of each cluster's COPIED flag (bit 63), gathered
+/// by the walk's one read of them: whether an entry naming the cluster has the flag, and
+/// whether one lacks it. QEMU's `check_oflag_copied` wants the flag exactly where the
+/// refcount on disk is 1, so a cluster named with it must have refcount 1 and one named
+/// without it must not: [`wrong`](Self::wrong) says whether a cluster breaks that, given
+/// its refcount on disk. Two bits a cluster, in pages allocated as entries name them (an
+/// allocated cluster is named by bytes of an L2 table, so the pages stay bounded by the
+/// file, and by a quarter of what [`RefCounts`] holds for the same clusters).
+struct CopiedFlags {
+    len: u64,
+    pages: Vec<Option<Box<[u64]>>>,
+}
+
+/// Words of a [`CopiedFlags`] page: two bits for each of its [`PAGE_CLUSTERS`] clusters.
+const FLAG_PAGE_WORDS: usize = PAGE_CLUSTERS / 32;
+
+impl CopiedFlags {
+    fn new(len: u64) -> Result<Self> {
+        let n = usize::try_from(len.div_ceil(PAGE_CLUSTERS as u64)).map_err(|_| {
+            Error::Unsupported(format!("image of {len} clusters is too large to check"))
+        })?;
+        let mut pages = Vec::new();
+        pages
+            .try_reserve_exact(n)
+            .map_err(|_| Error::Unsupported(format!("cannot allocate flags for {len} clusters")))?;
+        pages.resize_with(n, || None);
+        Ok(CopiedFlags { len, pages })
+    }
+
+    /// Word and shift of cluster `c`'s two bits (`c` below `len`): the low one "named with
+    /// COPIED", the high one "named without".
+    fn at(c: u64) -> (usize, usize, u32) {
+        let p = (c / PAGE_CLUSTERS as u64) as usize;
+        let i = (c % PAGE_CLUSTERS as u64) as usize;
+        (p, i / 32, (i % 32) as u32 * 2)
+    }
+
+    /// An active entry names cluster `c`, with the COPIED flag or without. Past the end
+    /// nothing is kept: the walk counts such a name as a corruption, which sends the check
+    /// to the pass of its own ([`oflag_copied`]).
+    fn name(&mut self, c: u64, copied: bool) {
+        if c >= self.len {
+            return;
+        }
+        let (p, w, shift) = Self::at(c);
+        let page = self.pages[p].get_or_insert_with(|| vec![0u64; FLAG_PAGE_WORDS].into());
+        page[w] |= 1u64 << (shift + u32::from(!copied));
+    }
+
+    /// Whether cluster `c`, of refcount `refcount` on disk, is named against its refcount
+    /// by an active entry: with the flag and a refcount other than 1, or without it and a
+    /// refcount of 1.
+    fn wrong(&self, c: u64, refcount: u64) -> bool {
+        if c >= self.len {
+            return false;
+        }
+        let (p, w, shift) = Self::at(c);
+        let Some(page) = &self.pages[p] else {
+            return false;
+        };
+        let bits = page[w] >> shift;
+        (bits & 1 != 0 && refcount != 1) || (bits & 2 != 0 && refcount == 1)
+    }
+}
+
 /// `qemu-img check`'s allocation figures (`BlockFragInfo`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FragInfo {
@@ -210,6 +280,10 @@ struct Counter<'a, S: Storage + ?Sized> {
     deadline: Option<std::time::Instant>,
     /// A read was refused because the deadline had passed.
     timed_out: bool,
+    /// The COPIED flags of the active tables' entries, for the check that follows the
+    /// comparison; `None` with an external data file (its data clusters count as
+    /// refcount 1 whatever the refcount: [`oflag_copied`] judges those).
+    copied: Option<CopiedFlags>,
 }
 
 impl<S: Storage + ?Sized> Counter<'_, S> {
@@ -349,6 +423,11 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 bump(&mut l2_mult, l2_off, m);
                 if active_size.is_some_and(|s| (i as u64) < u64::from(s)) {
                     active_order.push(l2_off);
+                    // `check_oflag_copied` looks at the L2 cluster of every active entry
+                    // with an offset.
+                    if let (Some(f), true) = (self.copied.as_mut(), l2_off != 0) {
+                        f.name(l2_off >> self.cluster_bits, e & L2_COPIED != 0);
+                    }
                 }
             }
         }
@@ -479,6 +558,14 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 continue;
             }
             self.inc_n(data, cs, m, "data");
+            // `check_oflag_copied`'s data clusters: the aligned offsets of the active
+            // tables' entries that are not compressed (a table at offset 0 it does not
+            // read).
+            if let (Some(f), true) = (self.copied.as_mut(), frag && l2_off != 0) {
+                if data & (cs - 1) == 0 {
+                    f.name(data >> self.cluster_bits, entry & L2_COPIED != 0);
+                }
+            }
         }
     }
 
@@ -892,6 +979,11 @@ fn walk_references<S: Storage + ?Sized>(
         next_contiguous: 0,
         deadline,
         timed_out: false,
+        copied: if h.has_data_file() {
+            None
+        } else {
+            Some(CopiedFlags::new(nb_clusters)?)
+        },
     };
     let data_file = h.has_data_file();
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
@@ -966,6 +1058,7 @@ fn walk_references<S: Storage + ?Sized>(
         refs,
         mut report,
         timed_out,
+        copied,
         ..
     } = ctr;
     if timed_out {
@@ -985,6 +1078,7 @@ fn walk_references<S: Storage + ?Sized>(
         }
     }
     // Compare, one block at a time.
+    let mut copied_wrong = false;
     let mut c = 0u64;
     while c < nb_clusters {
         let index = (c / per_block) as usize;
@@ -994,7 +1088,8 @@ fn walk_references<S: Storage + ?Sized>(
                 within(deadline)?;
                 Some(storage.read_vec_at(off, cs)?)
             }
-            // No refcount block and no reference: nothing to compare.
+            // No refcount block and no reference: nothing to compare (and no cluster an
+            // active entry names: each is referenced).
             None if !refs.any_in(c, end) => {
                 c = end;
                 continue;
@@ -1007,6 +1102,7 @@ fn walk_references<S: Storage + ?Sized>(
                 None => 0,
             };
             let computed = refs.get(cl);
+            copied_wrong |= copied.as_ref().is_some_and(|f| f.wrong(cl, on_disk));
             if on_disk > 0 || computed > 0 {
                 report.image_end_offset = cl.saturating_add(1).saturating_mul(cs);
             }
@@ -1028,7 +1124,16 @@ fn walk_references<S: Storage + ?Sized>(
         }
         c = end;
     }
-    oflag_copied(storage, area, &blocks, per_block, &mut report, deadline)?;
+    // QEMU's `check_oflag_copied`. On an image the walk and the comparison found sound,
+    // every active table was read (a table that does not read is a corruption) and every
+    // cluster an active entry names was compared (it is referenced, inside the file) with
+    // the refcount on disk that a pass of its own would read: that pass finds a
+    // corruption exactly where `copied` is wrong, so it runs only then, for QEMU's counts
+    // and messages. Any corruption already found, or a data file, runs it as well: it
+    // judges what it reads itself.
+    if copied.is_none() || report.corruptions > 0 || copied_wrong {
+        oflag_copied(storage, area, &blocks, per_block, &mut report, deadline)?;
+    }
     Ok((
         report,
         References {
