@@ -1627,45 +1627,77 @@ fn corruptions_to_both(bytes: &[u8]) -> (u64, u64) {
 
 /// The check's COPIED rule (QEMU's `check_oflag_copied`: bit 63 of an active L1 or L2
 /// entry set exactly where the cluster's refcount on disk is 1) judged from the walk's one
-/// read of the tables (`src/image/check.rs`, `CopiedFlags`), both ways it can break, on an
-/// image QEMU made: after a snapshot and a write, the active L1 entry names a table of its
-/// own (refcount 1, flag set), the table names the cluster written before the snapshot
-/// (shared, refcount 2, no flag) and one written after (refcount 1, flag set). Each of the
-/// three flags turned is corruption to `qemu-img check` and to ours, with the same count;
-/// the image as QEMU left it is clean to both.
+/// read of the tables (`src/image/check.rs`, `CopiedFlags`), both ways it can break, on
+/// images QEMU made, with standard and with extended L2 entries: after a snapshot and
+/// writes, the active L1 entry names a table of its own (refcount 1, flag set), the table
+/// names the cluster written before the snapshot (shared, refcount 2, no flag), one
+/// written after (refcount 1, flag set) and one written then zeroed in place (an offset
+/// and the zero flag, or zero subclusters: refcount 1, flag set). Each of the four flags
+/// turned is corruption to `qemu-img check` and to ours, with the same count; the image
+/// as QEMU left it is clean to both.
 #[test]
 fn each_active_copied_flag_turned_is_corruption_as_qemu_says() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    let i = p(&img);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", i, "1M"]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
-    ok("qemu-img", &["snapshot", "-c", "s1", i]);
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0xa5 128k 64k", i],
-    );
-    ok("qemu-img", &["bitmap", "--add", i, "b0"]);
-    let bytes = std::fs::read(&img).unwrap();
-    assert_eq!(corruptions_to_both(&bytes), (0, 0));
-    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
-    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let l1_at = area.header.l1_table_offset as usize;
-    let l2_at = (be(&bytes, l1_at) & 0x00ff_ffff_ffff_fe00) as usize;
-    let copied = 1u64 << 63;
-    // (where the entry is, whether QEMU set the flag there)
-    let entries = [(l1_at, true), (l2_at, false), (l2_at + 16, true)];
-    for (at, set) in entries {
-        assert_eq!(
-            be(&bytes, at) & copied != 0,
-            set,
-            "entry at {at:#x} as QEMU left it"
+    for extended in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        let i = p(&img);
+        let opts = format!("extended_l2={}", if extended { "on" } else { "off" });
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opts, i, "1M"],
         );
-        let mut turned = bytes.clone();
-        turned[at..at + 8].copy_from_slice(&(be(&bytes, at) ^ copied).to_be_bytes());
-        let (qemu, ours) = corruptions_to_both(&turned);
-        assert!(qemu > 0, "entry at {at:#x}: QEMU found nothing");
-        assert_eq!(ours, qemu, "entry at {at:#x} (flag {set} turned)");
+        ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", i]);
+        ok("qemu-img", &["snapshot", "-c", "s1", i]);
+        for cmd in [
+            "write -P 0xa5 128k 64k",
+            "write -P 0xa5 192k 64k",
+            "write -z 192k 64k",
+        ] {
+            ok("qemu-io", &["-f", "qcow2", "-c", cmd, i]);
+        }
+        ok("qemu-img", &["bitmap", "--add", i, "b0"]);
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(corruptions_to_both(&bytes), (0, 0), "{opts}");
+        let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..65536]).unwrap();
+        let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+        let l1_at = area.header.l1_table_offset as usize;
+        let l2_at = (be(&bytes, l1_at) & 0x00ff_ffff_ffff_fe00) as usize;
+        let stride = if extended { 16 } else { 8 };
+        let copied = 1u64 << 63;
+        let zeroed = be(&bytes, l2_at + 3 * stride);
+        assert_ne!(
+            zeroed & 0x00ff_ffff_ffff_fe00,
+            0,
+            "{opts}: the zeroed cluster kept its offset"
+        );
+        if extended {
+            assert_ne!(
+                be(&bytes, l2_at + 3 * stride + 8) >> 32,
+                0,
+                "{opts}: zero subclusters"
+            );
+        } else {
+            assert_ne!(zeroed & 1, 0, "{opts}: the zero flag");
+        }
+        // (where the entry is, whether QEMU set the flag there)
+        let entries = [
+            (l1_at, true),
+            (l2_at, false),
+            (l2_at + 2 * stride, true),
+            (l2_at + 3 * stride, true),
+        ];
+        for (at, set) in entries {
+            assert_eq!(
+                be(&bytes, at) & copied != 0,
+                set,
+                "{opts}: entry at {at:#x} as QEMU left it"
+            );
+            let mut turned = bytes.clone();
+            turned[at..at + 8].copy_from_slice(&(be(&bytes, at) ^ copied).to_be_bytes());
+            let (qemu, ours) = corruptions_to_both(&turned);
+            assert!(qemu > 0, "{opts}: entry at {at:#x}: QEMU found nothing");
+            assert_eq!(ours, qemu, "{opts}: entry at {at:#x} (flag {set} turned)");
+        }
     }
 }
 
@@ -1673,9 +1705,9 @@ fn each_active_copied_flag_turned_is_corruption_as_qemu_says() {
 /// judged from the walk's read of the active tables and the comparison's of the refcount
 /// blocks (`src/image/check.rs`), where a pass of its own read all of them again (QEMU's
 /// `check_oflag_copied` does). Here 128 L2 tables and 33 refcount blocks of 512-byte
-/// clusters, every guest cluster allocated (QEMU's metadata preallocation): the check made
-/// 325 reads before, and makes 163 now (two more than the structures: the L1 table and
-/// the reftable). The image is clean to both checks.
+/// clusters, every guest cluster allocated (QEMU's metadata preallocation): 163 reads,
+/// two more than the structures (the L1 table and the reftable), where the second pass
+/// alone makes 162 more. The image is clean to both checks.
 #[test]
 fn a_sound_images_check_reads_each_table_and_refcount_block_once() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};

@@ -18,9 +18,13 @@
 //!
 //! Every length read from the image is checked against the file size before anything is
 //! allocated for it, so a corrupt image cannot make the check allocate without bound. The
-//! reference counts live in pages allocated on first use (`RefCounts`): a large sparse
-//! file costs a page table of 8 bytes per 4096 clusters, and every page allocated stands
-//! for metadata entries that were really read from the file.
+//! reference counts and the COPIED bits live in pages allocated on first use
+//! (`RefCounts`, `CopiedFlags`): a large sparse file costs two page tables of 16 bytes per
+//! 4096 clusters, and every page allocated stands for metadata entries that were really
+//! read from the file. The one allocation that follows the tables' entries rather than
+//! the file's clusters is the second COPIED pass, which only an image already found
+//! corrupt (or with a wrong flag, or a data file) runs: it lists each active entry with its
+//! refcount, 72 to 128 bytes an entry, up to 16 times the bytes of the active tables.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -50,7 +54,7 @@ const L1_RESERVED: u64 = 0x7F00_0000_0000_01FF;
 /// QEMU's `L2E_STD_RESERVED_MASK`: bits of a standard (not compressed, not extended) L2
 /// entry that must be zero (1-8, 56-61).
 const L2_STD_RESERVED: u64 = 0x3F00_0000_0000_01FE;
-/// Largest number of clusters the check keeps counts for (a page table of 4 MiB).
+/// Largest number of clusters the check keeps counts for (page tables of 8 MiB each).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
 /// Clusters per page of [`RefCounts`].
 const PAGE_CLUSTERS: usize = 4096;
@@ -131,9 +135,9 @@ impl RefCounts {
 /// whether one lacks it. QEMU's `check_oflag_copied` wants the flag exactly where the
 /// refcount on disk is 1, so a cluster named with it must have refcount 1 and one named
 /// without it must not: [`wrong`](Self::wrong) says whether a cluster breaks that, given
-/// its refcount on disk. Two bits a cluster, in pages allocated as entries name them (an
-/// allocated cluster is named by bytes of an L2 table, so the pages stay bounded by the
-/// file, and by a quarter of what [`RefCounts`] holds for the same clusters).
+/// its refcount on disk. Two bits a cluster, in pages allocated as entries name them (only
+/// clusters inside the file: the pages stay bounded by the file, and take a sixteenth of
+/// what [`RefCounts`] holds for the same clusters).
 struct CopiedFlags {
     len: u64,
     pages: Vec<Option<Box<[u64]>>>,
