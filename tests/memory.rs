@@ -90,6 +90,7 @@ fn memory_figures() {
     checking_a_huge_sparse_image_allocates_little();
     the_copied_flag_pass_holds_one_refcount_block_at_a_time();
     checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster();
+    the_copied_flag_pass_refuses_entries_alternating_blocks_past_its_read_bound();
 }
 
 /// Bytes of the process's anonymous mappings (no path in `/proc/self/maps`): where arrays
@@ -269,6 +270,7 @@ fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
     )
     .unwrap();
     let (report, peak) = peak_of(|| image.check().unwrap());
+    drop(image);
     let clusters = report.total_clusters as usize;
     eprintln!(
         "check of {} allocated guest clusters in a file of {clusters} clusters: peak {peak} bytes allocated ({:.1} a cluster)",
@@ -281,4 +283,94 @@ fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
         peak < 8 * clusters + (256 << 10),
         "peak {peak} bytes for {clusters} clusters"
     );
+
+    // The same image with one data entry's COPIED flag cleared runs the second pass, which
+    // looks every active entry up again: in batches (one of 8,192 lookups is about 600
+    // KB), within the same bound and one more MiB, and it still finds the one entry.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let e = be(&bytes, l2 + 8 * 5);
+    assert_ne!(
+        e & 1 << 63,
+        0,
+        "QEMU sets COPIED on the clusters it allocates"
+    );
+    bytes[l2 + 8 * 5..l2 + 8 * 6].copy_from_slice(&(e & !(1 << 63)).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    drop(bytes);
+    let image = Image::open(
+        FileStorage::open(&path, OpenMode::ReadOnly).unwrap(),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let (report, peak) = peak_of(|| image.check().unwrap());
+    eprintln!("the same with one COPIED flag cleared: peak {peak} bytes allocated");
+    assert_eq!(report.corruptions, 1, "{:?}", report.messages);
+    assert!(
+        report.messages[0].contains("OFLAG_COPIED data cluster"),
+        "{:?}",
+        report.messages
+    );
+    assert!(
+        peak < 8 * clusters + (1280 << 10),
+        "peak {peak} bytes for {clusters} clusters"
+    );
+}
+
+/// From a review: the second COPIED pass listed every active entry with its refcount
+/// before it read a block, 72 to 128 bytes an entry, so a corrupt 1 GiB file of 2 MiB
+/// clusters (2^27 entries) took 17 GB. It resolves its lookups in batches with one block
+/// held; entries that alternate between two blocks then cost a block read per batch, which
+/// it bounds (twice the file and 64 MiB) and refuses past that with a typed error. Here a
+/// 16 MiB file of 2 MiB clusters whose two L2 tables' 524,288 entries alternate between a
+/// cluster under refcount block 0 and one under block 1 (past the end): listing them would
+/// take 38 MB; one batch and a few clusters stay under 16 MiB, and the pass gives up at
+/// the bound.
+fn the_copied_flag_pass_refuses_entries_alternating_blocks_past_its_read_bound() {
+    let cb = 21u32;
+    let cs = 1usize << cb;
+    let per_block = cs * 8 / 16;
+    // Cluster 0 the header, 1 the reftable, 2 the L1 table, 3 and 4 the L2 tables, 5 a
+    // data cluster, 6 and 7 refcount blocks 0 and 1 (all zeros).
+    let mut f = vec![0u8; 8 * cs];
+    let be32 = |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let be64 = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    f[0..4].copy_from_slice(b"QFI\xfb");
+    be32(&mut f, 4, 3);
+    be32(&mut f, 20, cb);
+    be64(&mut f, 24, 2 * (cs / 8 * cs) as u64);
+    be32(&mut f, 36, 2); // l1_size
+    be64(&mut f, 40, (2 * cs) as u64);
+    be64(&mut f, 48, cs as u64);
+    be32(&mut f, 56, 1);
+    be32(&mut f, 96, 4);
+    be32(&mut f, 100, 104);
+    be64(&mut f, cs, (6 * cs) as u64);
+    be64(&mut f, cs + 8, (7 * cs) as u64);
+    for t in 0..2 {
+        be64(&mut f, 2 * cs + 8 * t, ((3 + t) * cs) as u64 | 1 << 63);
+        for j in 0..cs / 8 {
+            let target = if j % 2 == 0 { 5 } else { per_block + 5 };
+            be64(&mut f, (3 + t) * cs + 8 * j, (target * cs) as u64 | 1 << 63);
+        }
+    }
+    let image = Image::open(
+        dirty_bitmap::storage::MemStorage::from_bytes(f),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let (r, peak) = peak_of(|| image.check());
+    eprintln!(
+        "check of 524,288 entries alternating two refcount blocks: peak {peak} bytes allocated"
+    );
+    assert!(
+        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+        "{:?}",
+        r.map(|report| report.corruptions)
+    );
+    // The walk and the pass hold a few 2 MiB clusters at once (the reftable, a table, a
+    // block): eight of them bound it.
+    assert!(peak < 8 * cs, "peak {peak} bytes");
 }

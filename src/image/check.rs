@@ -21,10 +21,9 @@
 //! reference counts and the COPIED bits live in pages allocated on first use
 //! (`RefCounts`, `CopiedFlags`): a large sparse file costs two page tables of 16 bytes per
 //! 4096 clusters, and every page allocated stands for metadata entries that were really
-//! read from the file. The one allocation that follows the tables' entries rather than
-//! the file's clusters is the second COPIED pass, which only an image already found
-//! corrupt (or with a wrong flag, or a data file) runs: it lists each active entry with its
-//! refcount, 72 to 128 bytes an entry, up to 16 times the bytes of the active tables.
+//! read from the file. The second COPIED pass, which only an image already found corrupt
+//! (or with a wrong flag, or a data file) runs, holds a fixed batch of lookups
+//! (`CopiedBatch`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1227,7 +1226,11 @@ fn past_budget() -> Error {
 /// 1), and never on a compressed cluster; each entry that breaks it is a corruption, as
 /// `qemu-img check` counts it. Snapshots' tables are not looked at, as in QEMU. A second
 /// read of the active tables, as QEMU's; a table that cannot be read was reported by the
-/// walk and is skipped.
+/// walk and is skipped. The lookups are resolved in batches ([`CopiedBatch`]).
+///
+/// # Errors
+/// [`Error::Unsupported`] when the refcount blocks the entries name would cost more reads
+/// than [`CopiedBatch`] allows (only a hostile image's entries alternate that way).
 fn oflag_copied<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
@@ -1247,18 +1250,20 @@ fn oflag_copied<S: Storage + ?Sized>(
         return Ok(());
     };
     let stride = if extl2 { 16 } else { 8 };
-    // Every lookup is listed first, in the order the checks run; then their refcounts are
-    // read block by block, each block once and one held at a time (entries alternating
-    // between blocks would otherwise cost a block read each, and holding every block read
-    // would let a sparse file's holes, named as blocks, fill memory); then the findings
-    // follow in order. A lookup costs a few words, and each comes from an L1 or L2 entry
-    // that is not zero: bytes on disk, not holes.
-    enum Site {
-        L2Cluster { i: usize, l1e: u64 },
-        Data { e: u64, m: u64 },
-    }
-    // (the cluster whose refcount is looked up, `None` for one that counts as 1, the site)
-    let mut lookups: Vec<(Option<u64>, Site)> = Vec::new();
+    let mut batch = CopiedBatch {
+        storage,
+        blocks,
+        per_block,
+        cluster_size: cs,
+        refcount_order: h.refcount_order,
+        deadline,
+        lookups: Vec::new(),
+        held: None,
+        read_left: storage
+            .len()?
+            .saturating_mul(2)
+            .saturating_add(COPIED_READ_SLACK),
+    };
     // Each distinct L2 table is read once and its findings counted once per L1 entry that
     // names it, as QEMU counts them, so the work stays bounded by the file.
     let mut l2_mult: BTreeMap<u64, u64> = BTreeMap::new();
@@ -1267,7 +1272,7 @@ fn oflag_copied<S: Storage + ?Sized>(
         if l2_off == 0 || l2_off & (cs - 1) != 0 {
             continue;
         }
-        lookups.push((Some(l2_off >> cb), Site::L2Cluster { i, l1e }));
+        batch.push(Some(l2_off >> cb), Site::L2Cluster { i, l1e }, report)?;
         *l2_mult.entry(l2_off).or_insert(0) += 1;
     }
     for (&l2_off, &m) in &l2_mult {
@@ -1291,58 +1296,135 @@ fn oflag_copied<S: Storage + ?Sized>(
                 continue;
             }
             let cl = (!data_file).then_some(data >> cb);
-            lookups.push((cl, Site::Data { e, m }));
+            batch.push(cl, Site::Data { e, m }, report)?;
         }
     }
-    // The refcount on disk of each lookup (`None`: its block does not read).
-    let mut refcounts: Vec<Option<u64>> = vec![Some(1); lookups.len()];
-    let mut order: Vec<(u64, usize)> = lookups
-        .iter()
-        .enumerate()
-        .filter_map(|(k, (cl, _))| cl.map(|cl| (cl, k)))
-        .collect();
-    order.sort_unstable_by_key(|&(cl, _)| cl / per_block);
-    let mut held: Option<(u64, Option<Vec<u8>>)> = None;
-    for (cl, k) in order {
-        let index = cl / per_block;
-        let Some(Some(off)) = usize::try_from(index)
-            .ok()
-            .and_then(|i| blocks.get(i))
-            .copied()
-        else {
-            refcounts[k] = Some(0);
-            continue;
-        };
-        if held.as_ref().is_none_or(|(i, _)| *i != index) {
-            within(deadline)?;
-            held = Some((index, storage.read_vec_at(off, cs).ok()));
+    batch.resolve(report)
+}
+
+/// Where [`oflag_copied`] looks a refcount up: an active L1 entry (its index and value),
+/// or a data entry of an active L2 table (its value, and how many active L1 entries name
+/// the table).
+enum Site {
+    L2Cluster { i: usize, l1e: u64 },
+    Data { e: u64, m: u64 },
+}
+
+/// Lookups [`CopiedBatch`] holds at once (about 72 bytes each with their refcounts and
+/// their order).
+const COPIED_BATCH: usize = 8192;
+
+/// Bytes of refcount blocks [`CopiedBatch`] may read beyond twice the file's length.
+const COPIED_READ_SLACK: u64 = 64 << 20;
+
+/// [`oflag_copied`]'s lookups, resolved a batch at a time, in the entries' order (so the
+/// findings keep QEMU's order): each batch's refcounts are read block by block, sorted, one
+/// block held at a time and kept into the next batch (entries alternating between blocks
+/// would otherwise cost a block read each, and holding every block read would let a
+/// sparse file's holes, named as blocks, fill memory); then its findings are reported.
+///
+/// Memory stays at one batch and one block whatever the image. A corrupt image runs this
+/// pass, and its tables can name a cluster with each of their entries (2^27 of them in a
+/// 1 GiB file of 2 MiB clusters: listing them all would take 17 GB). A batch reads a
+/// block at most once, and at most one block per lookup; so when the active entries name
+/// only clusters inside the file, each at most once, as in any image a writer made, the
+/// pass reads
+/// at most the file's length of blocks (entries in order, as a writer allocates, cost
+/// about one read of each block). More than that only entries naming clusters many times
+/// over can cost: bounded (`read_left`: twice the file and [`COPIED_READ_SLACK`]) and
+/// refused past it with a typed error, rather than read without end.
+struct CopiedBatch<'a, S: Storage + ?Sized> {
+    storage: &'a S,
+    blocks: &'a [Option<u64>],
+    per_block: u64,
+    cluster_size: u64,
+    refcount_order: u32,
+    deadline: Option<std::time::Instant>,
+    /// (the cluster whose refcount is looked up, `None` for one that counts as 1, where)
+    lookups: Vec<(Option<u64>, Site)>,
+    /// The block read last (its index, and its bytes unless the read failed).
+    held: Option<(u64, Option<Vec<u8>>)>,
+    /// Bytes of blocks this pass may still read.
+    read_left: u64,
+}
+
+impl<S: Storage + ?Sized> CopiedBatch<'_, S> {
+    fn push(&mut self, cluster: Option<u64>, site: Site, report: &mut CheckReport) -> Result<()> {
+        self.lookups.push((cluster, site));
+        if self.lookups.len() >= COPIED_BATCH {
+            self.resolve(report)?;
         }
-        refcounts[k] = match held.as_ref().and_then(|(_, b)| b.as_deref()) {
-            Some(block) => Some(get_refcount(block, h.refcount_order, cl % per_block)?),
-            None => None,
-        };
+        Ok(())
     }
-    for ((_, site), r) in lookups.iter().zip(refcounts) {
-        let Some(r) = r else { continue };
-        match *site {
-            Site::L2Cluster { i, l1e } => {
-                if (r == 1) != (l1e & L2_COPIED != 0) {
-                    report.corrupt(|| {
-                        format!(
-                            "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} \
-                             refcount={r}"
-                        )
-                    });
+
+    /// Reports the findings of the lookups held, in order, and drops them.
+    fn resolve(&mut self, report: &mut CheckReport) -> Result<()> {
+        let per_block = self.per_block;
+        // The refcount on disk of each lookup (`None`: its block does not read).
+        let mut refcounts: Vec<Option<u64>> = vec![Some(1); self.lookups.len()];
+        let mut order: Vec<(u64, usize)> = self
+            .lookups
+            .iter()
+            .enumerate()
+            .filter_map(|(k, (cl, _))| cl.map(|cl| (cl, k)))
+            .collect();
+        // The held block's lookups first: it is not read again.
+        let held_index = self.held.as_ref().map(|(i, _)| *i);
+        order.sort_unstable_by_key(|&(cl, _)| {
+            let index = cl / per_block;
+            (Some(index) != held_index, index)
+        });
+        for (cl, k) in order {
+            let index = cl / per_block;
+            let Some(Some(off)) = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.blocks.get(i))
+                .copied()
+            else {
+                refcounts[k] = Some(0);
+                continue;
+            };
+            if self.held.as_ref().is_none_or(|(i, _)| *i != index) {
+                within(self.deadline)?;
+                self.read_left =
+                    self.read_left
+                        .checked_sub(self.cluster_size)
+                        .ok_or_else(|| {
+                            Error::Unsupported(
+                                "the active tables name refcount blocks in an order that takes \
+                             more than twice the file's size in reads to check"
+                                    .to_string(),
+                            )
+                        })?;
+                self.held = Some((index, self.storage.read_vec_at(off, self.cluster_size).ok()));
+            }
+            refcounts[k] = match self.held.as_ref().and_then(|(_, b)| b.as_deref()) {
+                Some(block) => Some(get_refcount(block, self.refcount_order, cl % per_block)?),
+                None => None,
+            };
+        }
+        for ((_, site), r) in self.lookups.drain(..).zip(refcounts) {
+            let Some(r) = r else { continue };
+            match site {
+                Site::L2Cluster { i, l1e } => {
+                    if (r == 1) != (l1e & L2_COPIED != 0) {
+                        report.corrupt(|| {
+                            format!(
+                                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} \
+                                 refcount={r}"
+                            )
+                        });
+                    }
+                }
+                Site::Data { e, m } => {
+                    if (r == 1) != (e & L2_COPIED != 0) {
+                        report.corrupt_n(m, || {
+                            format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
+                        });
+                    }
                 }
             }
-            Site::Data { e, m } => {
-                if (r == 1) != (e & L2_COPIED != 0) {
-                    report.corrupt_n(m, || {
-                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
-                    });
-                }
-            }
         }
+        Ok(())
     }
-    Ok(())
 }
