@@ -243,10 +243,10 @@ fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
 
 /// `Image::check` of a sound image with every guest cluster allocated (QEMU's metadata
 /// preallocation, 64 MiB in 512-byte clusters: 131,072 data clusters, a sparse file):
-/// the COPIED rule is judged from two bits a cluster gathered by the walk. The second
-/// pass, which lists every active entry with its refcount, would peak at about 146 bytes
-/// a cluster here; the walk's counters take four. The peak stays under eight bytes a
-/// cluster of the file, beyond a fixed 256 KiB.
+/// the COPIED rule is judged from two bits a cluster gathered by the walk, beside the
+/// walk's four-byte counters. The peak stays under eight bytes a cluster of the file,
+/// beyond a fixed 256 KiB; with one flag wrong, the second pass runs, in batches, within
+/// one more MiB.
 fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("full.qcow2");

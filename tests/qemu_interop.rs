@@ -1758,3 +1758,195 @@ fn a_sound_images_check_reads_each_table_and_refcount_block_once() {
         "{reads} reads for {tables} L2 tables and {blocks} refcount blocks"
     );
 }
+
+/// The check's walk asks the storage to read the L2 tables ahead, a batch at a time
+/// (`Storage::prefetch`), before it reads them: on a device, cold reads one after another
+/// each wait for the last. Every L2 table the walk reads was named by one prefetch, made
+/// before its read.
+#[test]
+fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
+    use dirty_bitmap::storage::{MemStorage, Storage};
+    use std::sync::Mutex;
+    #[derive(Debug)]
+    enum Event {
+        Prefetch(Vec<(u64, u64)>),
+        Read(u64, u64),
+    }
+    #[derive(Debug)]
+    struct Recorded {
+        inner: MemStorage,
+        events: Mutex<Vec<Event>>,
+    }
+    impl Storage for Recorded {
+        fn len(&self) -> dirty_bitmap::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
+            self.events
+                .lock()
+                .unwrap()
+                .push(Event::Read(offset, buf.len() as u64));
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
+            self.inner.write_all_at(buf, offset)
+        }
+        fn set_len(&self, new_len: u64) -> dirty_bitmap::Result<()> {
+            self.inner.set_len(new_len)
+        }
+        fn sync_data(&self) -> dirty_bitmap::Result<()> {
+            self.inner.sync_data()
+        }
+        fn prefetch(&self, ranges: &[(u64, u64)]) {
+            self.events
+                .lock()
+                .unwrap()
+                .push(Event::Prefetch(ranges.to_vec()));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,preallocation=metadata",
+            i,
+            "8M",
+        ],
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..512]).unwrap();
+    let h = &area.header;
+    let tables: Vec<u64> = (0..u64::from(h.l1_size))
+        .map(|k| {
+            let at = (h.l1_table_offset + 8 * k) as usize;
+            u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00
+        })
+        .filter(|&t| t != 0)
+        .collect();
+    assert_eq!(tables.len(), 256);
+    let storage = Recorded {
+        inner: MemStorage::from_bytes(bytes),
+        events: Mutex::new(Vec::new()),
+    };
+    let image = dirty_bitmap::Image::open(storage, OpenMode::ReadOnly).unwrap();
+    image.storage().events.lock().unwrap().clear();
+    assert!(image.check().unwrap().is_clean());
+    let events = image.storage().events.lock().unwrap();
+    // For each table: the index of the prefetch naming it, and of its first read.
+    let mut prefetched = std::collections::HashMap::new();
+    let mut batches = 0;
+    for (k, e) in events.iter().enumerate() {
+        match e {
+            Event::Prefetch(ranges) => {
+                batches += 1;
+                for r in ranges {
+                    assert_eq!(r.1, 512, "a whole table");
+                    assert!(prefetched.insert(r.0, (k, None)).is_none(), "{r:?} twice");
+                }
+            }
+            Event::Read(off, len) => {
+                if let Some((_, read)) = prefetched.get_mut(off) {
+                    assert_eq!(*len, 512);
+                    read.get_or_insert(k);
+                }
+            }
+        }
+    }
+    assert!(batches >= 2, "256 tables in {batches} prefetches");
+    for t in &tables {
+        let (at, read) = prefetched
+            .get(t)
+            .unwrap_or_else(|| panic!("table {t:#x} not prefetched"));
+        let read = read.unwrap_or_else(|| panic!("table {t:#x} prefetched, never read"));
+        assert!(at < &read, "table {t:#x} read before its prefetch");
+    }
+}
+
+/// The second COPIED pass resolves its lookups in batches of 8,192, one refcount block held
+/// across them (`src/image/check.rs`, `CopiedBatch`): its findings are QEMU's, counted and
+/// in order, across batches. A 64 MiB image of 512-byte clusters with every guest cluster
+/// allocated (131,072 data entries, 16 batches) with the flag cleared on every 37th data
+/// entry and set on the L1 entry of a table whose refcount is raised to 2: the corruption
+/// count and the first 1,000 OFLAG_COPIED messages (all this crate keeps) are
+/// `qemu-img check`'s.
+#[test]
+fn the_second_copied_pass_reports_as_qemu_across_its_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,preallocation=metadata",
+            i,
+            "64M",
+        ],
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..512]).unwrap();
+    let h = area.header.clone();
+    let be =
+        |b: &[u8], at: u64| u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap());
+    let put = |b: &mut Vec<u8>, at: u64, v: u64| {
+        b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes())
+    };
+    let mask = 0x00ff_ffff_ffff_fe00u64;
+    let tables: Vec<u64> = (0..u64::from(h.l1_size))
+        .map(|k| be(&bytes, h.l1_table_offset + 8 * k) & mask)
+        .filter(|&t| t != 0)
+        .collect();
+    let mut k = 0u64;
+    for &t in &tables {
+        for j in 0..64 {
+            if k.is_multiple_of(37) {
+                let e = be(&bytes, t + 8 * j);
+                put(&mut bytes, t + 8 * j, e & !(1 << 63));
+            }
+            k += 1;
+        }
+    }
+    assert_eq!(k, 131_072);
+    // Table 100's refcount raised to 2 (a 16-bit refcount in its block).
+    let cl = tables[100] >> 9;
+    let per_block = 512 * 8 / 16;
+    let block = be(&bytes, h.refcount_table_offset + 8 * (cl / per_block)) & mask;
+    let at = (block + 2 * (cl % per_block)) as usize;
+    bytes[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let q = common::qemu::run("qemu-img", &["check", "--output=json", i]);
+    let v: serde_json::Value = serde_json::from_slice(&q.stdout).unwrap();
+    let q_text = common::qemu::run("qemu-img", &["check", i]);
+    let said = String::from_utf8_lossy(&q_text.stderr).to_string();
+    let qemu_lines: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("OFLAG_COPIED"))
+        .collect();
+    let ours = open(&img, OpenMode::ReadOnly).image().check().unwrap();
+    let our_lines: Vec<&String> = ours
+        .messages
+        .iter()
+        .filter(|m| m.contains("OFLAG_COPIED"))
+        .collect();
+    assert_eq!(
+        Some(ours.corruptions),
+        v["corruptions"].as_u64(),
+        "QEMU: {v}"
+    );
+    assert!(qemu_lines.len() > 3_000, "{} lines", qemu_lines.len());
+    assert!(our_lines.len() >= 900, "{} messages", our_lines.len());
+    for (n, (ours, qemu)) in our_lines.iter().zip(&qemu_lines).enumerate() {
+        assert_eq!(ours.as_str(), *qemu, "message {n}");
+    }
+}

@@ -1085,9 +1085,10 @@ fn changed_since_refuses_more_bitmaps_than_an_activation_may_hold_before_reading
 /// Found by a hostile-image review: the check's OFLAG_COPIED pass kept only the last
 /// refcount block it read, so L2 entries alternating between clusters of two blocks cost a
 /// block read each: a 14 MiB file with 2 MiB clusters made every check (and every
-/// preflight, so every write) read 512 GiB. Every block read is kept: the check of such an
-/// image (64 KiB clusters, one L2 table of 8,192 alternating entries, 448 KiB) reads about
-/// the file once, where it read 8,192 blocks (512 MiB).
+/// preflight, so every write) read 512 GiB. The pass sorts its lookups by block, a batch
+/// at a time, and reads each block once a batch: the check of such an image (64 KiB
+/// clusters, one L2 table of 8,192 alternating entries, 448 KiB) reads about the file
+/// once, where it read 8,192 blocks (512 MiB).
 #[test]
 fn the_copied_flag_pass_reads_each_refcount_block_once() {
     let cb = 16u32;

@@ -827,6 +827,59 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
     }
 }
 
+/// A handle reading the device that was told to read ranges ahead
+/// (`Storage::prefetch`) reads them from the device all the same: the prefetch drops what
+/// this host cached around them before the kernel reads them ahead, and the first read of
+/// each then takes that. As the test above, with the ranges prefetched after the other
+/// host's write and before their reads, two at once.
+#[test]
+fn a_prefetch_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
+    use dirty_bitmap::storage::Locking;
+    use std::os::unix::fs::FileExt;
+    const LEN: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared");
+    std::fs::write(&file, vec![0u8; LEN as usize]).unwrap();
+    let devs = [common::Loop::attach(&file), common::Loop::attach(&file)];
+    let (a, b) = (&devs[0].0, &devs[1].0);
+    let other = std::fs::File::open(b).unwrap();
+    let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
+        .unwrap()
+        .reading_the_device();
+    let writer = std::fs::OpenOptions::new().write(true).open(a).unwrap();
+    for (i, pair) in [
+        [8192, (2 << 20) + 4096],
+        [(1 << 20), (3 << 20) + (320 << 10)],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut chunk = vec![0u8; 64 << 10];
+        for off in (0..LEN).step_by(chunk.len()) {
+            other.read_exact_at(&mut chunk, off).unwrap();
+        }
+        for (j, at) in pair.into_iter().enumerate() {
+            let word = [b'h', b'o', b'0' + i as u8, b'0' + j as u8];
+            writer.write_all_at(&word, at).unwrap();
+        }
+        writer.sync_data().unwrap();
+        let mut buf = [0u8; 4];
+        for at in pair {
+            other.read_exact_at(&mut buf, at).unwrap();
+            assert_eq!(
+                buf, [0; 4],
+                "the premise: this host's cache hides the write at {at}"
+            );
+        }
+        device.prefetch(&pair.map(|at| (at, 4)));
+        for (j, at) in pair.into_iter().enumerate() {
+            device.read_exact_at(&mut buf, at).unwrap();
+            let word = [b'h', b'o', b'0' + i as u8, b'0' + j as u8];
+            assert_eq!(buf, word, "a prefetched range reading the device, at {at}");
+        }
+    }
+}
+
 /// A handle reading the device returns what a plain read does, for any offset and length,
 /// on a file whose length is not a multiple of 4 KiB, and refuses a range past the end as a
 /// plain read does.

@@ -22,8 +22,8 @@
 //! (`RefCounts`, `CopiedFlags`): a large sparse file costs two page tables of 16 bytes per
 //! 4096 clusters, and every page allocated stands for metadata entries that were really
 //! read from the file. The second COPIED pass, which only an image already found corrupt
-//! (or with a wrong flag, or a data file) runs, holds a fixed batch of lookups
-//! (`CopiedBatch`).
+//! (or with a wrong flag, or a data file) runs, holds a fixed batch of lookups beside what
+//! it reads (`CopiedBatch`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -55,6 +55,8 @@ const L1_RESERVED: u64 = 0x7F00_0000_0000_01FF;
 const L2_STD_RESERVED: u64 = 0x3F00_0000_0000_01FE;
 /// Largest number of clusters the check keeps counts for (page tables of 8 MiB each).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// L2 tables the walk asks the storage to read ahead at once ([`Storage::prefetch`]).
+const PREFETCH_TABLES: usize = 128;
 /// Clusters per page of [`RefCounts`].
 const PAGE_CLUSTERS: usize = 4096;
 /// QEMU's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`: the most extra data a snapshot table entry may
@@ -436,16 +438,27 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         }
         // The active L1's tables first, in its order; each table is still read once.
         let mut done = std::collections::HashSet::new();
+        let mut order: Vec<(u64, u32, bool)> = Vec::with_capacity(l2_mult.len());
         for l2_off in active_order {
             if let Some(&m) = l2_mult.get(&l2_off) {
                 if done.insert(l2_off) {
-                    self.l2(l2_off, m, data_file, extl2, true);
+                    order.push((l2_off, m, true));
                 }
             }
         }
         for (&l2_off, &m) in &l2_mult {
             if !done.contains(&l2_off) {
-                self.l2(l2_off, m, data_file, extl2, false);
+                order.push((l2_off, m, false));
+            }
+        }
+        // Read ahead a batch at a time: a cold table read waits for the device, and a
+        // disk full of data has an L2 table every 512 MiB (64 KiB clusters), each its own
+        // seek (`Storage::prefetch`).
+        for batch in order.chunks(PREFETCH_TABLES) {
+            let ranges: Vec<(u64, u64)> = batch.iter().map(|&(off, _, _)| (off, cs)).collect();
+            self.storage.prefetch(&ranges);
+            for &(l2_off, m, frag) in batch {
+                self.l2(l2_off, m, data_file, extl2, frag);
             }
         }
         Ok(())
@@ -835,7 +848,9 @@ fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
 ///
 /// # Errors
 /// [`crate::Error::Unsupported`] when the file has more than 2^31 clusters or the counters
-/// cannot be allocated; [`crate::Error::Corrupt`] for a snapshot table QEMU refuses to read
+/// cannot be allocated, or when the second COPIED pass would read more than twice the
+/// file and 64 MiB of refcount blocks (active entries that name clusters many times over,
+/// alternating between blocks: [`CopiedBatch`]); [`crate::Error::Corrupt`] for a snapshot table QEMU refuses to read
 /// ([`Corruption::SnapshotExtraData`], [`Corruption::SnapshotTableTooBig`]: `qemu-img
 /// check` fails on it, exit 1), or for L1 or bitmap tables that overlap beyond the file
 /// ([`Corruption::OverlappingTables`], before any is read); I/O errors.
@@ -1137,6 +1152,9 @@ fn walk_references<S: Storage + ?Sized>(
     if copied.is_none() || report.corruptions > 0 || copied_wrong {
         oflag_copied(storage, area, &blocks, per_block, &mut report, deadline)?;
     }
+    // A walk whose last read ended past the deadline is given up too: the budget bounds
+    // the whole walk, whichever pass was last.
+    within(deadline)?;
     Ok((
         report,
         References {
@@ -1230,7 +1248,8 @@ fn past_budget() -> Error {
 ///
 /// # Errors
 /// [`Error::Unsupported`] when the refcount blocks the entries name would cost more reads
-/// than [`CopiedBatch`] allows (only a hostile image's entries alternate that way).
+/// than [`CopiedBatch`] allows (only a hostile image's entries alternate that way; it need
+/// not be corrupt otherwise: with a data file, or one flag wrong, this pass runs anyway).
 fn oflag_copied<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
@@ -1265,17 +1284,27 @@ fn oflag_copied<S: Storage + ?Sized>(
             .saturating_add(COPIED_READ_SLACK),
     };
     // Each distinct L2 table is read once and its findings counted once per L1 entry that
-    // names it, as QEMU counts them, so the work stays bounded by the file.
+    // names it, as QEMU counts them, so the work stays bounded by the file. The findings
+    // come in QEMU's order: each L1 entry's, then (at the first entry naming it) its
+    // table's.
+    let entries = || {
+        l1.chunks_exact(8)
+            .map(BigEndian::read_u64)
+            .enumerate()
+            .map(|(i, l1e)| (i, l1e, l1e & L2_OFFSET_MASK))
+            .filter(|&(_, _, l2_off)| l2_off != 0 && l2_off & (cs - 1) == 0)
+    };
     let mut l2_mult: BTreeMap<u64, u64> = BTreeMap::new();
-    for (i, l1e) in l1.chunks_exact(8).map(BigEndian::read_u64).enumerate() {
-        let l2_off = l1e & L2_OFFSET_MASK;
-        if l2_off == 0 || l2_off & (cs - 1) != 0 {
-            continue;
-        }
-        batch.push(Some(l2_off >> cb), Site::L2Cluster { i, l1e }, report)?;
+    for (_, _, l2_off) in entries() {
         *l2_mult.entry(l2_off).or_insert(0) += 1;
     }
-    for (&l2_off, &m) in &l2_mult {
+    let mut read = std::collections::HashSet::new();
+    for (i, l1e, l2_off) in entries() {
+        batch.push(Some(l2_off >> cb), Site::L2Cluster { i, l1e }, report)?;
+        if !read.insert(l2_off) {
+            continue;
+        }
+        let m = l2_mult.get(&l2_off).copied().unwrap_or(1);
         within(deadline)?;
         let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
             continue;
@@ -1323,7 +1352,9 @@ const COPIED_READ_SLACK: u64 = 64 << 20;
 /// would otherwise cost a block read each, and holding every block read would let a
 /// sparse file's holes, named as blocks, fill memory); then its findings are reported.
 ///
-/// Memory stays at one batch and one block whatever the image. A corrupt image runs this
+/// Beyond the L1 table, the table being read and one map entry per distinct table (all
+/// bounded by bytes read from the file), memory stays at one batch and one block whatever
+/// the image. A corrupt image runs this
 /// pass, and its tables can name a cluster with each of their entries (2^27 of them in a
 /// 1 GiB file of 2 MiB clusters: listing them all would take 17 GB). A batch reads a
 /// block at most once, and at most one block per lookup; so when the active entries name
@@ -1392,7 +1423,7 @@ impl<S: Storage + ?Sized> CopiedBatch<'_, S> {
                         .ok_or_else(|| {
                             Error::Unsupported(
                                 "the active tables name refcount blocks in an order that takes \
-                             more than twice the file's size in reads to check"
+                             more than twice the file's size and 64 MiB of reads to check"
                                     .to_string(),
                             )
                         })?;

@@ -462,7 +462,8 @@ impl<S: Storage> Image<S> {
     ///
     /// # Errors
     /// [`Error::Io`] from the storage, [`Error::Unsupported`] if the image is too large to
-    /// check in memory, or [`Error::Corrupt`] for a structure the walk cannot count within
+    /// check in memory or its active entries would make the COPIED check read more than
+    /// twice the file, or [`Error::Corrupt`] for a structure the walk cannot count within
     /// the file's length ([`check::check`] lists them).
     pub fn check(&self) -> Result<CheckReport> {
         check::check(&self.storage, &self.area)

@@ -49,10 +49,27 @@ pub struct FileStorage {
     /// Every read drops the file's clean cached pages first
     /// ([`reading_the_device`](FileStorage::reading_the_device)).
     device_reads: bool,
+    /// With `device_reads`: the ranges of the last [`prefetch`](Storage::prefetch) not
+    /// read since, whose cached pages came from the device after that call dropped them;
+    /// a read of exactly one of them takes them as they are (once).
+    fresh: Mutex<Vec<(u64, u64)>>,
 }
 
 
 impl FileStorage {
+    /// Whether `(offset, len)` is a range of the last prefetch not read since; it is not
+    /// any more.
+    fn take_fresh(&self, offset: u64, len: u64) -> bool {
+        let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
+        match fresh.iter().position(|&r| r == (offset, len)) {
+            Some(i) => {
+                fresh.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Opens an existing file, for reading and also writing when `mode` is
     /// [`OpenMode::ReadWrite`], with QEMU's image locks ([`Locking::On`]).
     ///
@@ -149,6 +166,7 @@ impl FileStorage {
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
             device_reads: false,
+            fresh: Mutex::new(Vec::new()),
         })
     }
 
@@ -220,6 +238,7 @@ impl FileStorage {
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
             device_reads: false,
+            fresh: Mutex::new(Vec::new()),
         })
     }
 
@@ -238,6 +257,7 @@ impl FileStorage {
             data: Mutex::new(None),
             keep_cache: AtomicBool::new(false),
             device_reads: false,
+            fresh: Mutex::new(Vec::new()),
         }
     }
 
@@ -328,7 +348,7 @@ impl Storage for FileStorage {
             }
             return Ok(());
         }
-        if self.device_reads {
+        if self.device_reads && !self.take_fresh(offset, buf.len() as u64) {
             lock::drop_clean_around(&self.file, offset, buf.len() as u64)?;
         }
         // std's read_exact_at retries EINTR and turns a short read into UnexpectedEof.
@@ -356,6 +376,20 @@ impl Storage for FileStorage {
         // so a retry could report success for data that never reached the disk: the error
         // goes to the caller, who must not call this again (LatchingStorage enforces it).
         Ok(self.file.sync_data()?)
+    }
+
+    /// Asks the kernel to read the ranges ahead, all at once
+    /// (`posix_fadvise(POSIX_FADV_WILLNEED)`). Reading the device, it first drops the
+    /// clean cached pages around each range as a read would, all before the first
+    /// advice, and the first read of exactly each range then skips its own drop: what it
+    /// reads came from the device after this call. The ranges of the call before lose
+    /// that (their reads drop as usual).
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
+        fresh.clear();
+        if lock::read_ahead(&self.file, ranges, self.device_reads) && self.device_reads {
+            fresh.extend_from_slice(ranges);
+        }
     }
 
     fn forget_cached(&self) -> Result<()> {

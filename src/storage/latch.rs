@@ -114,4 +114,8 @@ impl<S: Storage> Storage for LatchingStorage<S> {
     fn forget_cached(&self) -> Result<()> {
         self.inner.forget_cached()
     }
+
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        self.inner.prefetch(ranges);
+    }
 }

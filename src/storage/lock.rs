@@ -274,6 +274,48 @@ pub(crate) fn drop_clean_around(file: &File, offset: u64, len: u64) -> io::Resul
     sys::drop_clean_range(file, start, end.saturating_sub(start))
 }
 
+/// Asks the kernel to read `ranges` (offset, length) of `file` into its cache ahead of
+/// their reads (`posix_fadvise(POSIX_FADV_WILLNEED)`), each a request the device may serve
+/// beside the others. With `fresh`, the clean cached pages around every range are dropped
+/// first, as [`drop_clean_around`] drops them before a read, all of them before the first
+/// advice (so that no range's drop throws away what another's advice read): what the kernel
+/// then holds of the ranges came from the device after this call. False when a drop
+/// failed (nothing was advised then).
+pub(crate) fn read_ahead(file: &File, ranges: &[(u64, u64)], fresh: bool) -> bool {
+    if fresh {
+        let window = folio_bound(sys::page_size());
+        let mut spans: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let start = offset & !(window.wrapping_sub(1));
+                let end = offset
+                    .saturating_add(len)
+                    .checked_next_multiple_of(window)
+                    .unwrap_or(u64::MAX);
+                (start, end)
+            })
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+        for (start, end) in spans {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        for (start, end) in merged {
+            if sys::drop_clean_range(file, start, end.saturating_sub(start).max(1)).is_err() {
+                return false;
+            }
+        }
+    }
+    for &(offset, len) in ranges {
+        // A hint: a refused one leaves the read to fetch the range itself.
+        let _ = sys::will_need(file, offset, len);
+    }
+    true
+}
+
 /// A power of two at least as large as any page-cache folio with pages of `page` bytes:
 /// 2048 pages (`MAX_PAGECACHE_ORDER` is at most 11 since Linux 6.10) and the PMD size
 /// (`HPAGE_PMD_ORDER`, the bound before: a page table of `page / 8` entries), whichever is
@@ -387,15 +429,24 @@ mod sys {
 
     /// `posix_fadvise(POSIX_FADV_DONTNEED)` over `len` bytes from `offset` (0: to the end).
     pub(super) fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        fadvise(file, offset, len, libc::POSIX_FADV_DONTNEED)
+    }
+
+    /// `posix_fadvise(POSIX_FADV_WILLNEED)` over `len` bytes from `offset`: the kernel
+    /// starts reading them into its cache and returns.
+    pub(super) fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        fadvise(file, offset, len, libc::POSIX_FADV_WILLNEED)
+    }
+
+    fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
         let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
         else {
-            // Past what an offset can name: nothing there is cached.
+            // Past what an offset can name: nothing there is cached, nor can be.
             return Ok(());
         };
         // SAFETY: the descriptor is open for the life of `file`; the call takes integers
         // only and touches no memory of ours.
-        let r =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, advice) };
         // posix_fadvise returns the error number instead of setting errno.
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
@@ -439,6 +490,10 @@ mod sys {
     }
 
     pub(super) fn drop_clean_range(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn will_need(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
 }

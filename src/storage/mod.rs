@@ -204,6 +204,17 @@ pub trait Storage: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Says that the byte ranges `ranges` (offset, length) will be read soon, so that the
+    /// backend may start reading them all at once: a device serves many requests together
+    /// where reads one after another each wait for the last. A hint, which reads nothing
+    /// into the caller's memory and cannot fail: the reads still go through
+    /// [`read_exact_at`](Storage::read_exact_at) and see the same bytes with it or
+    /// without. File storage asks the kernel to read the ranges into its cache
+    /// (`posix_fadvise(POSIX_FADV_WILLNEED)`); the default does nothing.
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        let _ = ranges;
+    }
+
     /// Drops what the operating system caches of the file's contents, so that later reads
     /// come from the device. After a barrier of some writer failed, Linux keeps the pages it
     /// could not write in its cache, marked clean: reads return bytes the disk does not
@@ -373,6 +384,9 @@ macro_rules! forward_storage {
         }
         fn forget_cached(&self) -> Result<()> {
             (**self).forget_cached()
+        }
+        fn prefetch(&self, ranges: &[(u64, u64)]) {
+            (**self).prefetch(ranges)
         }
     };
 }
