@@ -850,10 +850,11 @@ fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, n: u32) {
 /// [`crate::Error::Unsupported`] when the file has more than 2^31 clusters or the counters
 /// cannot be allocated, or when the second COPIED pass would read more than twice the
 /// file and 64 MiB of refcount blocks (active entries that name clusters many times over,
-/// alternating between blocks: [`CopiedBatch`]); [`crate::Error::Corrupt`] for a snapshot table QEMU refuses to read
-/// ([`Corruption::SnapshotExtraData`], [`Corruption::SnapshotTableTooBig`]: `qemu-img
-/// check` fails on it, exit 1), or for L1 or bitmap tables that overlap beyond the file
-/// ([`Corruption::OverlappingTables`], before any is read); I/O errors.
+/// alternating between blocks: `CopiedBatch`); [`crate::Error::Corrupt`] for a snapshot
+/// table QEMU refuses to read ([`Corruption::SnapshotExtraData`],
+/// [`Corruption::SnapshotTableTooBig`]: `qemu-img check` fails on it, exit 1), or for L1
+/// or bitmap tables that overlap beyond the file ([`Corruption::OverlappingTables`],
+/// before any is read); I/O errors.
 /// Other broken structures are reported as corruptions, not errors.
 pub fn check<S: Storage + ?Sized>(storage: &S, area: &HeaderArea) -> Result<CheckReport> {
     Ok(check_references(storage, area)?.0)
