@@ -877,7 +877,44 @@ fn a_prefetch_reading_the_device_sees_another_hosts_write_its_cache_would_hide()
             let word = [b'h', b'o', b'0' + i as u8, b'0' + j as u8];
             assert_eq!(buf, word, "a prefetched range reading the device, at {at}");
         }
+        // Once read, a range is not fresh any more: the other host writes it again while
+        // this host caches the device, and the next read drops that as any read does.
+        for off in (0..LEN).step_by(chunk.len()) {
+            other.read_exact_at(&mut chunk, off).unwrap();
+        }
+        let again = [b'a', b'g', b'0' + i as u8, b'0'];
+        writer.write_all_at(&again, pair[0]).unwrap();
+        writer.sync_data().unwrap();
+        other.read_exact_at(&mut buf, pair[0]).unwrap();
+        assert_ne!(
+            buf, again,
+            "the premise: this host's cache hides the second write"
+        );
+        device.read_exact_at(&mut buf, pair[0]).unwrap();
+        assert_eq!(
+            buf, again,
+            "a prefetched range read a second time, at {}",
+            pair[0]
+        );
     }
+    // A range left unread when the handle reads anything else is not fresh either.
+    let at = 2 << 20;
+    device.prefetch(&[(at, 4), (8192, 4)]);
+    device.read_exact_at(&mut [0u8; 4], 0).unwrap();
+    let mut chunk = vec![0u8; 64 << 10];
+    for off in (0..LEN).step_by(chunk.len()) {
+        other.read_exact_at(&mut chunk, off).unwrap();
+    }
+    writer.write_all_at(b"last", at).unwrap();
+    writer.sync_data().unwrap();
+    let mut buf = [0u8; 4];
+    other.read_exact_at(&mut buf, at).unwrap();
+    assert_ne!(
+        &buf, b"last",
+        "the premise: this host's cache hides the last write"
+    );
+    device.read_exact_at(&mut buf, at).unwrap();
+    assert_eq!(&buf, b"last", "a range prefetched before another read");
 }
 
 /// A handle reading the device returns what a plain read does, for any offset and length,

@@ -354,15 +354,22 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         }
     }
 
-    fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
-        // Past the deadline nothing more is read: the walk runs on through what it has
-        // and its caller gets an error, not a report.
-        if self.timed_out
-            || self
+    /// Whether the deadline has passed (from then on, `timed_out`).
+    fn past_deadline(&mut self) -> bool {
+        if !self.timed_out
+            && self
                 .deadline
                 .is_some_and(|d| std::time::Instant::now() >= d)
         {
             self.timed_out = true;
+        }
+        self.timed_out
+    }
+
+    fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
+        // Past the deadline nothing more is read: the walk runs on through what it has
+        // and its caller gets an error, not a report.
+        if self.past_deadline() {
             return None;
         }
         match read_metadata(self.storage, what, offset, len) {
@@ -455,6 +462,10 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         // disk full of data has an L2 table every 512 MiB (64 KiB clusters), each its own
         // seek (`Storage::prefetch`).
         for batch in order.chunks(PREFETCH_TABLES) {
+            // Past the deadline nothing more is read, nor read ahead: the walk is given up.
+            if self.past_deadline() {
+                break;
+            }
             let ranges: Vec<(u64, u64)> = batch.iter().map(|&(off, _, _)| (off, cs)).collect();
             self.storage.prefetch(&ranges);
             for &(l2_off, m, frag) in batch {

@@ -463,7 +463,7 @@ impl<S: Storage> Image<S> {
     /// # Errors
     /// [`Error::Io`] from the storage, [`Error::Unsupported`] if the image is too large to
     /// check in memory or its active entries would make the COPIED check read more than
-    /// twice the file, or [`Error::Corrupt`] for a structure the walk cannot count within
+    /// twice the file and 64 MiB, or [`Error::Corrupt`] for a structure the walk cannot count within
     /// the file's length ([`check::check`] lists them).
     pub fn check(&self) -> Result<CheckReport> {
         check::check(&self.storage, &self.area)

@@ -405,3 +405,78 @@ fn an_invalid_earlier_bitmaps_extension_is_never_read_as_the_last_one() {
     let h = Header::decode(&two).unwrap();
     assert!(decode_extensions(&two, &h).is_err());
 }
+
+/// Found by a review: a walk whose deadline passed while it read went on asking the storage
+/// to read ahead every batch of L2 tables left, which on a device holds the caller about as
+/// long as reading them (a destination's preload, in the thread that reads the stream).
+/// Here the L1 table's read takes 50 ms against a budget of 10 ms, and 256 tables follow:
+/// nothing is read ahead, and the walk is given up.
+#[test]
+fn a_walk_past_its_deadline_reads_nothing_ahead() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    #[derive(Debug)]
+    struct SlowL1 {
+        inner: MemStorage,
+        l1: u64,
+        prefetches: AtomicUsize,
+    }
+    impl Storage for SlowL1 {
+        fn len(&self) -> Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if offset == self.l1 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.inner.write_all_at(buf, offset)
+        }
+        fn set_len(&self, new_len: u64) -> Result<()> {
+            self.inner.set_len(new_len)
+        }
+        fn sync_data(&self) -> Result<()> {
+            Ok(())
+        }
+        fn prefetch(&self, _ranges: &[(u64, u64)]) {
+            self.prefetches.fetch_add(1, SeqCst);
+        }
+    }
+    // 512-byte clusters: 0 the header, 1 the reftable, 2 to 5 the L1 table (256 entries),
+    // 6 to 261 the L2 tables it names (empty).
+    let cs = 512usize;
+    let mut f = vec![0u8; 262 * cs];
+    let be32 = |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let be64 = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    f[0..4].copy_from_slice(b"QFI\xfb");
+    be32(&mut f, 4, 3);
+    be32(&mut f, 20, 9);
+    be64(&mut f, 24, 256 * 64 * cs as u64);
+    be32(&mut f, 36, 256);
+    be64(&mut f, 40, 2 * cs as u64);
+    be64(&mut f, 48, cs as u64);
+    be32(&mut f, 56, 1);
+    be32(&mut f, 96, 4);
+    be32(&mut f, 100, 104);
+    for t in 0..256 {
+        be64(&mut f, 2 * cs + 8 * t, ((6 + t) * cs) as u64 | 1 << 63);
+    }
+    let area = HeaderArea::decode(&f[..cs]).unwrap();
+    let storage = SlowL1 {
+        inner: MemStorage::from_bytes(f),
+        l1: 2 * cs as u64,
+        prefetches: AtomicUsize::new(0),
+    };
+    let r = check::check_references_within(&storage, &area, std::time::Duration::from_millis(10));
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "{:?}",
+        r.map(|(report, _)| report)
+    );
+    assert_eq!(
+        storage.prefetches.load(SeqCst),
+        0,
+        "batches read ahead past the deadline"
+    );
+}

@@ -258,6 +258,15 @@ pub(crate) fn drop_clean_pages(file: &File) -> io::Result<()> {
     sys::drop_clean_pages(file)
 }
 
+/// Asks the kernel to drop the clean cached pages of `[offset, offset + len)` itself (a
+/// folio reaching past it may stay).
+pub(crate) fn drop_clean_exactly(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    sys::drop_clean_range(file, offset, len)
+}
+
 /// Asks the kernel to drop the clean cached pages around `[offset, offset + len)`: the
 /// range widened on both sides to a multiple of [`folio_bound`] bytes, at least the largest
 /// page-cache folio. A folio is aligned to its size in the file, so every folio holding a
@@ -304,7 +313,11 @@ pub(crate) fn read_ahead(file: &File, ranges: &[(u64, u64)], fresh: bool) -> boo
             }
         }
         for (start, end) in merged {
-            if sys::drop_clean_range(file, start, end.saturating_sub(start).max(1)).is_err() {
+            // A span past what an offset can name is not dropped (`sys::drop_clean_range`
+            // does nothing there): its ranges are not fresh.
+            if i64::try_from(end).is_err()
+                || sys::drop_clean_range(file, start, end.saturating_sub(start).max(1)).is_err()
+            {
                 return false;
             }
         }

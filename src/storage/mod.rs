@@ -208,9 +208,12 @@ pub trait Storage: Send + Sync + Debug {
     /// backend may start reading them all at once: a device serves many requests together
     /// where reads one after another each wait for the last. A hint, which reads nothing
     /// into the caller's memory and cannot fail: the reads still go through
-    /// [`read_exact_at`](Storage::read_exact_at) and see the same bytes with it or
-    /// without. File storage asks the kernel to read the ranges into its cache
-    /// (`posix_fadvise(POSIX_FADV_WILLNEED)`); the default does nothing.
+    /// [`read_exact_at`](Storage::read_exact_at). File storage asks the kernel to read the
+    /// ranges into its cache (`posix_fadvise(POSIX_FADV_WILLNEED)`); one that reads the
+    /// device ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device))
+    /// drops what it cached around them first, and a read of exactly one of them that
+    /// follows with no other read between returns what the device held at some moment
+    /// after this call, not necessarily at the read. The default does nothing.
     fn prefetch(&self, ranges: &[(u64, u64)]) {
         let _ = ranges;
     }
