@@ -1770,7 +1770,7 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
     #[derive(Debug)]
     enum Event {
         Prefetch(Vec<(u64, u64)>),
-        Read(u64),
+        Read(u64, u64),
     }
     #[derive(Debug)]
     struct Recorded {
@@ -1782,7 +1782,10 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
             self.inner.len()
         }
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> dirty_bitmap::Result<()> {
-            self.events.lock().unwrap().push(Event::Read(offset));
+            self.events
+                .lock()
+                .unwrap()
+                .push(Event::Read(offset, buf.len() as u64));
             self.inner.read_exact_at(buf, offset)
         }
         fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
@@ -1836,21 +1839,32 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
     image.storage().events.lock().unwrap().clear();
     assert!(image.check().unwrap().is_clean());
     let events = image.storage().events.lock().unwrap();
-    // The index of the prefetch naming each range, and of each offset's first read.
+    // The index of the prefetch naming each range, and of each offset's first read; and
+    // between a prefetch and the last read of its ranges, the walk reads nothing else
+    // (another read would end what the prefetch made fresh), each range once.
     let mut prefetched = std::collections::HashMap::new();
     let mut first_read = std::collections::HashMap::new();
+    let mut pending = std::collections::HashSet::new();
     let mut batches = 0;
     for (k, e) in events.iter().enumerate() {
         match e {
             Event::Prefetch(ranges) => {
                 batches += 1;
+                assert!(pending.is_empty(), "{} ranges left unread", pending.len());
                 for r in ranges {
                     assert_eq!(r.1, 512, "a whole table");
                     assert!(prefetched.insert(r.0, k).is_none(), "{r:?} twice");
+                    pending.insert(*r);
                 }
             }
-            Event::Read(off) => {
+            Event::Read(off, len) => {
                 first_read.entry(*off).or_insert(k);
+                if !pending.is_empty() {
+                    assert!(
+                        pending.remove(&(*off, *len)),
+                        "read ({off:#x}, {len}) amid a prefetch's ranges"
+                    );
+                }
             }
         }
     }

@@ -917,6 +917,75 @@ fn a_prefetch_reading_the_device_sees_another_hosts_write_its_cache_would_hide()
     assert_eq!(&buf, b"last", "a range prefetched before another read");
 }
 
+/// Which of the `pages` host pages from `offset` of `file` the kernel caches (`mincore`
+/// over a shared read-only mapping of them).
+fn resident(file: &std::fs::File, offset: u64, pages: usize) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let page = 4096usize;
+    let len = pages * page;
+    // SAFETY: a fresh shared read-only mapping of `len` bytes of an open file, unmapped
+    // below; nothing reads through it, `mincore` only asks about its pages.
+    #[allow(unsafe_code)]
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(at, len);
+        vec.into_iter().map(|b| b & 1 != 0).collect()
+    }
+}
+
+/// A handle reading the device drops a prefetched range's pages once it read them (so that
+/// a later drop of the whole file's cache, a writable open's inside a migration's
+/// downtime, does not pay for them), and only those: the next prefetched range, 64 KiB
+/// further in the same 8 MiB window, stays as the kernel read it ahead.
+#[test]
+fn a_prefetched_range_reading_the_device_is_dropped_once_read_and_its_neighbour_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+    let plain = std::fs::File::open(&path).unwrap();
+    // Written back, so that its cached pages are clean and can be dropped.
+    plain.sync_all().unwrap();
+    let device = FileStorage::open(&path, OpenMode::ReadOnly)
+        .unwrap()
+        .reading_the_device();
+    let (a, b) = (128u64 << 10, 192u64 << 10);
+    device.prefetch(&[(a, 4096), (b, 4096)]);
+    // The advice starts the reads; wait until the kernel holds both.
+    let start = std::time::Instant::now();
+    while resident(&plain, a, 1) != [true] || resident(&plain, b, 1) != [true] {
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "the kernel did not read the ranges ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let mut buf = vec![0u8; 4096];
+    device.read_exact_at(&mut buf, a).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x5a));
+    assert_eq!(
+        resident(&plain, a, 1),
+        [false],
+        "the range read is still cached"
+    );
+    assert_eq!(
+        resident(&plain, b, 1),
+        [true],
+        "the next range was dropped with it"
+    );
+    device.read_exact_at(&mut buf, b).unwrap();
+    assert_eq!(resident(&plain, b, 1), [false]);
+}
+
 /// A handle reading the device returns what a plain read does, for any offset and length,
 /// on a file whose length is not a multiple of 4 KiB, and refuses a range past the end as a
 /// plain read does.

@@ -1364,7 +1364,7 @@ const COPIED_READ_SLACK: u64 = 64 << 20;
 /// would otherwise cost a block read each, and holding every block read would let a
 /// sparse file's holes, named as blocks, fill memory); then its findings are reported.
 ///
-/// Beyond the L1 table, the table being read and one map entry per distinct table (all
+/// Beyond the L1 table, the table being read and two map entries per distinct table (all
 /// bounded by bytes read from the file), memory stays at one batch and one block whatever
 /// the image. A corrupt image runs this
 /// pass, and its tables can name a cluster with each of their entries (2^27 of them in a

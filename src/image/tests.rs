@@ -479,4 +479,8 @@ fn a_walk_past_its_deadline_reads_nothing_ahead() {
         0,
         "batches read ahead past the deadline"
     );
+    // Within its budget the same walk reads the tables ahead, two batches of 128.
+    let r = check::check_references_within(&storage, &area, std::time::Duration::from_secs(60));
+    assert!(r.is_ok(), "{:?}", r.map(|(report, _)| report));
+    assert_eq!(storage.prefetches.load(SeqCst), 2);
 }

@@ -99,8 +99,8 @@ impl FileStorage {
 
     /// Every read of this handle comes from the device, not from what this host cached
     /// before its call (for a range it was told to [`prefetch`](Storage::prefetch), before
-    /// that call, when the read follows it with no other read between): for a reader on
-    /// one host of an image another host writes, on shared storage
+    /// that call, when this handle read nothing but that call's ranges between): for a
+    /// reader on one host of an image another host writes, on shared storage
     /// whose page caches are not coherent (a LUN or logical volume several hosts see, two
     /// loop devices over one file). A migration destination reads the bitmaps the source
     /// writes that way (`SharedDiskDest::file`); QEMU drops the whole cache at the
@@ -365,9 +365,9 @@ impl Storage for FileStorage {
         if fresh {
             // What a prefetch read ahead is read once (a walk's tables): dropped now, in
             // the reader's time, it no longer weighs on a later drop of the whole file's
-            // cache (a writable open's, inside a migration's downtime: 2 GiB of L2 tables
-            // cost 140 to 190 ms there). Only the range itself: the pages around it may be
-            // the next prefetched ranges.
+            // cache (a writable open's, inside a migration's downtime: docs/BENCHMARKS.md,
+            // session 35). Only the whole pages of the range itself: the pages around it
+            // may be the next prefetched ranges.
             let _ = lock::drop_clean_exactly(&self.file, offset, buf.len() as u64);
         }
         Ok(())
@@ -399,9 +399,11 @@ impl Storage for FileStorage {
     /// Asks the kernel to read the ranges ahead, all at once
     /// (`posix_fadvise(POSIX_FADV_WILLNEED)`). Reading the device, it first drops the
     /// clean cached pages around each range as a read would, all before the first
-    /// advice, and the first read of exactly each range then skips its own drop: what it
-    /// reads came from the device after this call. The ranges of the call before lose
-    /// that (their reads drop as usual).
+    /// advice; then a read of exactly one of the ranges, while this handle read nothing
+    /// but these ranges since, skips its own drop (what it reads came from the device
+    /// after this call), and drops the whole pages of its range once read. Any other
+    /// read, or the next call, ends that for the ranges not yet read (their reads drop
+    /// as usual).
     fn prefetch(&self, ranges: &[(u64, u64)]) {
         let mut fresh = self.fresh.lock().unwrap_or_else(PoisonError::into_inner);
         fresh.clear();

@@ -211,9 +211,11 @@ pub trait Storage: Send + Sync + Debug {
     /// [`read_exact_at`](Storage::read_exact_at). File storage asks the kernel to read the
     /// ranges into its cache (`posix_fadvise(POSIX_FADV_WILLNEED)`); one that reads the
     /// device ([`FileStorage::reading_the_device`](crate::storage::FileStorage::reading_the_device))
-    /// drops what it cached around them first, and a read of exactly one of them that
-    /// follows with no other read between returns what the device held at some moment
-    /// after this call, not necessarily at the read. The default does nothing.
+    /// drops what it cached around them first, and a read of exactly one of them, while
+    /// the handle read nothing but this call's ranges since, returns what the device held
+    /// at some moment after this call, not necessarily at the read (as for its reads
+    /// without one, pages this host dirtied, or another process maps or holds at the
+    /// drop, stay). The default does nothing.
     fn prefetch(&self, ranges: &[(u64, u64)]) {
         let _ = ranges;
     }
