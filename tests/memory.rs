@@ -250,20 +250,7 @@ fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
 fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("full.qcow2");
-    let i = path.to_str().unwrap();
-    common::qemu::ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512,preallocation=metadata",
-            i,
-            "64M",
-        ],
-    );
+    common::qemu::small_clusters_all_allocated(&path, "64M");
     let image = Image::open(
         FileStorage::open(&path, OpenMode::ReadOnly).unwrap(),
         OpenMode::ReadOnly,

@@ -1713,20 +1713,7 @@ fn a_sound_images_check_reads_each_table_and_refcount_block_once() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
-    let i = p(&img);
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512,preallocation=metadata",
-            i,
-            "4M",
-        ],
-    );
+    common::qemu::small_clusters_all_allocated(&img, "4M");
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(corruptions_to_both(&bytes), (0, 0));
     let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..512]).unwrap();
@@ -1806,20 +1793,7 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
-    let i = p(&img);
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512,preallocation=metadata",
-            i,
-            "8M",
-        ],
-    );
+    common::qemu::small_clusters_all_allocated(&img, "8M");
     let bytes = std::fs::read(&img).unwrap();
     let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..512]).unwrap();
     let h = &area.header;
@@ -1892,19 +1866,7 @@ fn the_second_copied_pass_reports_as_qemu_across_its_batches() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
     let i = p(&img);
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512,preallocation=metadata",
-            i,
-            "64M",
-        ],
-    );
+    common::qemu::small_clusters_all_allocated(&img, "64M");
     let mut bytes = std::fs::read(&img).unwrap();
     let area = dirty_bitmap::format::HeaderArea::decode(&bytes[..512]).unwrap();
     let h = area.header.clone();

@@ -54,6 +54,25 @@ pub fn ok(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create` of a qcow2 image of 512-byte clusters at `img`, `size` (as qemu-img
+/// reads it: "64M") of guest disk with every cluster allocated (`preallocation=metadata`:
+/// an L2 table per 64 clusters, a sparse file).
+pub fn small_clusters_all_allocated(img: &Path, size: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,preallocation=metadata",
+            p(img),
+            size,
+        ],
+    );
+}
+
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
