@@ -4,7 +4,7 @@
 //! mapped outside it, the growth of the process's anonymous mappings; not taken on trust.
 //! It counts only the measuring thread's allocations: the test harness's main thread
 //! allocates when it starts waiting for the test (its channel registers a waiter), at a
-//! moment that races the measurement. One `#[test]` runs both measurements in turn.
+//! moment that races the measurement. One `#[test]` runs every measurement in turn.
 
 mod common;
 
@@ -244,9 +244,9 @@ fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
 /// `Image::check` of a sound image with every guest cluster allocated (QEMU's metadata
 /// preallocation, 64 MiB in 512-byte clusters: 131,072 data clusters, a sparse file):
 /// the COPIED rule is judged from two bits a cluster gathered by the walk, beside the
-/// walk's four-byte counters. The peak stays under eight bytes a cluster of the file,
-/// beyond a fixed 256 KiB; with one flag wrong, the second pass runs, in batches, within
-/// one more MiB.
+/// walk's four-byte counters. The peak stays under six bytes a cluster of the file, beyond
+/// a fixed 256 KiB; with one flag wrong, the second pass runs, in batches, within eight
+/// bytes a cluster and one more MiB.
 fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("full.qcow2");
@@ -266,8 +266,10 @@ fn checking_an_image_full_of_data_allocates_a_few_bytes_a_cluster() {
     );
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.frag.allocated, 131_072);
+    // Six bytes a cluster: under what the second pass alone holds here (a batch, 1.3 MB
+    // at the peak with it).
     assert!(
-        peak < 8 * clusters + (256 << 10),
+        peak < 6 * clusters + (256 << 10),
         "peak {peak} bytes for {clusters} clusters"
     );
 
@@ -353,7 +355,7 @@ fn the_copied_flag_pass_refuses_entries_alternating_blocks_past_its_read_bound()
         "check of 524,288 entries alternating two refcount blocks: peak {peak} bytes allocated"
     );
     assert!(
-        matches!(r, Err(dirty_bitmap::Error::Unsupported(_))),
+        matches!(&r, Err(dirty_bitmap::Error::Unsupported(m)) if m.contains("twice the file")),
         "{:?}",
         r.map(|report| report.corruptions)
     );

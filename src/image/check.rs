@@ -131,6 +131,7 @@ impl RefCounts {
         false
     }
 }
+
 /// What the active tables' entries say of each cluster's COPIED flag (bit 63), gathered
 /// by the walk's one read of them: whether an entry naming the cluster has the flag, and
 /// whether one lacks it. QEMU's `check_oflag_copied` wants the flag exactly where the
@@ -160,7 +161,7 @@ impl CopiedFlags {
         Ok(CopiedFlags { len, pages })
     }
 
-    /// Word and shift of cluster `c`'s two bits (`c` below `len`): the low one "named with
+    /// Page, word and shift of cluster `c`'s two bits (`c` below `len`): the low one "named with
     /// COPIED", the high one "named without".
     fn at(c: u64) -> (usize, usize, u32) {
         let p = (c / PAGE_CLUSTERS as u64) as usize;
@@ -471,6 +472,12 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
             for &(l2_off, m, frag) in batch {
                 self.l2(l2_off, m, data_file, extl2, frag);
             }
+        }
+        if self.timed_out {
+            // Ranges of the last batch left unread stay fresh on a device-reading handle
+            // until it reads something else; an empty prefetch ends that now, whatever
+            // the caller reads next.
+            self.storage.prefetch(&[]);
         }
         Ok(())
     }
@@ -1366,16 +1373,15 @@ const COPIED_READ_SLACK: u64 = 64 << 20;
 ///
 /// Beyond the L1 table, the table being read and two map entries per distinct table (all
 /// bounded by bytes read from the file), memory stays at one batch and one block whatever
-/// the image. A corrupt image runs this
-/// pass, and its tables can name a cluster with each of their entries (2^27 of them in a
-/// 1 GiB file of 2 MiB clusters: listing them all would take 17 GB). A batch reads a
-/// block at most once, and at most one block per lookup; so when the active entries name
-/// only clusters inside the file, each at most once, as in any image a writer made, the
-/// pass reads
-/// at most the file's length of blocks (entries in order, as a writer allocates, cost
-/// about one read of each block). More than that only entries naming clusters many times
-/// over can cost: bounded (`read_left`: twice the file and [`COPIED_READ_SLACK`]) and
-/// refused past it with a typed error, rather than read without end.
+/// the image. A corrupt image runs this pass, and its tables can name a cluster with each
+/// of their entries (2^27 of them in a 1 GiB file of 2 MiB clusters: listing them all
+/// would take 17 GB). A batch reads a block at most once, and at most one block per
+/// lookup; so when the active entries name only clusters inside the file, each at most
+/// once, as in any image a writer made, the pass reads at most the file's length of
+/// blocks (entries in order, as a writer allocates, cost about one read of each block).
+/// Only entries naming clusters many times over, or past the end, can cost more: bounded
+/// (`read_left`: twice the file and [`COPIED_READ_SLACK`]) and refused past it with a
+/// typed error, rather than read without end.
 struct CopiedBatch<'a, S: Storage + ?Sized> {
     storage: &'a S,
     blocks: &'a [Option<u64>],

@@ -364,7 +364,7 @@ impl Storage for FileStorage {
         self.file.read_exact_at(buf, offset)?;
         if fresh {
             // What a prefetch read ahead is read once (a walk's tables): dropped now, in
-            // the reader's time, it no longer weighs on a later drop of the whole file's
+            // the reader's time, so that it does not weigh on a later drop of the whole file's
             // cache (a writable open's, inside a migration's downtime: docs/BENCHMARKS.md,
             // session 35). Only the whole pages of the range itself: the pages around it
             // may be the next prefetched ranges.

@@ -291,6 +291,9 @@ pub(crate) fn drop_clean_around(file: &File, offset: u64, len: u64) -> io::Resul
 /// then holds of the ranges came from the device after this call. False when a drop
 /// failed (nothing was advised then).
 pub(crate) fn read_ahead(file: &File, ranges: &[(u64, u64)], fresh: bool) -> bool {
+    // An empty range is nothing to read (`posix_fadvise` would take its length of 0 as
+    // "to the end of the file").
+    let ranges: Vec<(u64, u64)> = ranges.iter().copied().filter(|r| r.1 > 0).collect();
     if fresh {
         let window = folio_bound(sys::page_size());
         let mut spans: Vec<(u64, u64)> = ranges
@@ -322,7 +325,7 @@ pub(crate) fn read_ahead(file: &File, ranges: &[(u64, u64)], fresh: bool) -> boo
             }
         }
     }
-    for &(offset, len) in ranges {
+    for &(offset, len) in &ranges {
         // A hint: a refused one leaves the read to fetch the range itself.
         let _ = sys::will_need(file, offset, len);
     }
