@@ -782,48 +782,103 @@ fn crash_storage_is_usable_through_the_trait_object() {
 // ---------------------------------------------------------------------------------------
 // model checks: random operation sequences against a plain vector
 
-/// Two loop devices over one file have page caches of their own, as two hosts on one LUN
-/// do: a read through one returns what it cached, not what the other wrote since, unless
-/// the handle reads the device (`FileStorage::reading_the_device`). Another reader on this
-/// host reads the device sequentially first, so readahead caches it in large folios (a
-/// range drop of the write's own pages leaves a folio reaching past it), at several
-/// offsets.
+/// One file as two hosts see a LUN: two loop devices over it, each with a page cache of
+/// its own. On this host a plain reader (`other`) and a handle reading the device
+/// (`FileStorage::reading_the_device`) open one device; the other host writes through the
+/// other device.
+struct TwoHosts {
+    other: std::fs::File,
+    device: FileStorage,
+    writer: std::fs::File,
+    _devs: [common::Loop; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl TwoHosts {
+    /// Bytes of the shared file, all zeros at first.
+    const LEN: u64 = 4 << 20;
+
+    fn new() -> TwoHosts {
+        use dirty_bitmap::storage::Locking;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shared");
+        std::fs::write(&file, vec![0u8; Self::LEN as usize]).unwrap();
+        let devs = [common::Loop::attach(&file), common::Loop::attach(&file)];
+        let other = std::fs::File::open(&devs[1].0).unwrap();
+        let device = FileStorage::open_with(&devs[1].0, OpenMode::ReadOnly, Locking::Off)
+            .unwrap()
+            .reading_the_device();
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&devs[0].0)
+            .unwrap();
+        TwoHosts {
+            other,
+            device,
+            writer,
+            _devs: devs,
+            _dir: dir,
+        }
+    }
+
+    /// This host's plain reader caches the whole device, sequentially (so readahead caches
+    /// it in large folios: a range drop of a write's own pages leaves a folio reaching
+    /// past it); then the other host writes each `(offset, bytes)` and its barrier makes
+    /// them durable. Asserts the premise: this host's cache still holds what each range
+    /// held before, hiding the write.
+    fn write_hidden(&self, writes: &[(u64, &[u8])]) {
+        use std::os::unix::fs::FileExt;
+        let mut chunk = vec![0u8; 64 << 10];
+        for off in (0..Self::LEN).step_by(chunk.len()) {
+            self.other.read_exact_at(&mut chunk, off).unwrap();
+        }
+        let before: Vec<Vec<u8>> = writes
+            .iter()
+            .map(|&(at, bytes)| {
+                let mut old = vec![0u8; bytes.len()];
+                self.other.read_exact_at(&mut old, at).unwrap();
+                old
+            })
+            .collect();
+        for &(at, bytes) in writes {
+            self.writer.write_all_at(bytes, at).unwrap();
+        }
+        self.writer.sync_data().unwrap();
+        for (&(at, bytes), old) in writes.iter().zip(&before) {
+            let mut cached = vec![0u8; bytes.len()];
+            self.other.read_exact_at(&mut cached, at).unwrap();
+            assert_eq!(
+                &cached, old,
+                "the premise: this host's cache hides the write at {at}"
+            );
+        }
+    }
+
+    /// What the device-reading handle reads at `at`, `len` bytes.
+    fn read(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.device.read_exact_at(&mut buf, at).unwrap();
+        buf
+    }
+}
+
+/// A read through one of two loop devices over one file returns what its cache holds, not
+/// what the other wrote since, unless the handle reads the device
+/// (`FileStorage::reading_the_device`), at several offsets.
 #[test]
 fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
-    use dirty_bitmap::storage::Locking;
-    use std::os::unix::fs::FileExt;
-    const LEN: u64 = 4 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("shared");
-    std::fs::write(&file, vec![0u8; LEN as usize]).unwrap();
-    let devs = [common::Loop::attach(&file), common::Loop::attach(&file)];
-    let (a, b) = (&devs[0].0, &devs[1].0);
-    let other = std::fs::File::open(b).unwrap();
-    let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
-        .unwrap()
-        .reading_the_device();
-    let writer = std::fs::OpenOptions::new().write(true).open(a).unwrap();
+    let hosts = TwoHosts::new();
     for (i, at) in [8192, (1 << 20), (2 << 20) + 4096, (3 << 20) + (320 << 10)]
         .into_iter()
         .enumerate()
     {
-        // The other reader caches the whole device, sequentially.
-        let mut chunk = vec![0u8; 64 << 10];
-        for off in (0..LEN).step_by(chunk.len()) {
-            other.read_exact_at(&mut chunk, off).unwrap();
-        }
         let word = [b'h', b'o', b's', b'0' + i as u8];
-        // The other host writes, and its barrier makes it durable.
-        writer.write_all_at(&word, at).unwrap();
-        writer.sync_data().unwrap();
-        let mut buf = [0u8; 4];
-        other.read_exact_at(&mut buf, at).unwrap();
+        hosts.write_hidden(&[(at, &word)]);
         assert_eq!(
-            buf, [0; 4],
-            "the premise: this host's cache hides the write at {at}"
+            hosts.read(at, 4),
+            word,
+            "a handle reading the device, at {at}"
         );
-        device.read_exact_at(&mut buf, at).unwrap();
-        assert_eq!(buf, word, "a handle reading the device, at {at}");
     }
 }
 
@@ -831,22 +886,11 @@ fn a_handle_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
 /// (`Storage::prefetch`) reads them from the device all the same: the prefetch drops what
 /// this host cached around them before the kernel reads them ahead, and the first read of
 /// each then takes that. As the test above, with the ranges prefetched after the other
-/// host's write and before their reads, two at once.
+/// host's write and before their reads, two at once; then a range read once, and one left
+/// unread when the handle read something else, are read from the device again.
 #[test]
 fn a_prefetch_reading_the_device_sees_another_hosts_write_its_cache_would_hide() {
-    use dirty_bitmap::storage::Locking;
-    use std::os::unix::fs::FileExt;
-    const LEN: u64 = 4 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("shared");
-    std::fs::write(&file, vec![0u8; LEN as usize]).unwrap();
-    let devs = [common::Loop::attach(&file), common::Loop::attach(&file)];
-    let (a, b) = (&devs[0].0, &devs[1].0);
-    let other = std::fs::File::open(b).unwrap();
-    let device = FileStorage::open_with(b, OpenMode::ReadOnly, Locking::Off)
-        .unwrap()
-        .reading_the_device();
-    let writer = std::fs::OpenOptions::new().write(true).open(a).unwrap();
+    let hosts = TwoHosts::new();
     for (i, pair) in [
         [8192, (2 << 20) + 4096],
         [(1 << 20), (3 << 20) + (320 << 10)],
@@ -854,67 +898,37 @@ fn a_prefetch_reading_the_device_sees_another_hosts_write_its_cache_would_hide()
     .into_iter()
     .enumerate()
     {
-        let mut chunk = vec![0u8; 64 << 10];
-        for off in (0..LEN).step_by(chunk.len()) {
-            other.read_exact_at(&mut chunk, off).unwrap();
-        }
-        for (j, at) in pair.into_iter().enumerate() {
-            let word = [b'h', b'o', b'0' + i as u8, b'0' + j as u8];
-            writer.write_all_at(&word, at).unwrap();
-        }
-        writer.sync_data().unwrap();
-        let mut buf = [0u8; 4];
-        for at in pair {
-            other.read_exact_at(&mut buf, at).unwrap();
+        let words = [0u8, 1].map(|j| [b'h', b'o', b'0' + i as u8, b'0' + j]);
+        hosts.write_hidden(&[(pair[0], &words[0]), (pair[1], &words[1])]);
+        hosts.device.prefetch(&pair.map(|at| (at, 4)));
+        for (at, word) in pair.into_iter().zip(words) {
             assert_eq!(
-                buf, [0; 4],
-                "the premise: this host's cache hides the write at {at}"
+                hosts.read(at, 4),
+                word,
+                "a prefetched range reading the device, at {at}"
             );
         }
-        device.prefetch(&pair.map(|at| (at, 4)));
-        for (j, at) in pair.into_iter().enumerate() {
-            device.read_exact_at(&mut buf, at).unwrap();
-            let word = [b'h', b'o', b'0' + i as u8, b'0' + j as u8];
-            assert_eq!(buf, word, "a prefetched range reading the device, at {at}");
-        }
-        // Once read, a range is not fresh any more: the other host writes it again while
-        // this host caches the device, and the next read drops that as any read does.
-        for off in (0..LEN).step_by(chunk.len()) {
-            other.read_exact_at(&mut chunk, off).unwrap();
-        }
+        // Once read, a range is not fresh any more: the next read drops what this host
+        // cached as any read does.
         let again = [b'a', b'g', b'0' + i as u8, b'0'];
-        writer.write_all_at(&again, pair[0]).unwrap();
-        writer.sync_data().unwrap();
-        other.read_exact_at(&mut buf, pair[0]).unwrap();
-        assert_ne!(
-            buf, again,
-            "the premise: this host's cache hides the second write"
-        );
-        device.read_exact_at(&mut buf, pair[0]).unwrap();
+        hosts.write_hidden(&[(pair[0], &again)]);
         assert_eq!(
-            buf, again,
+            hosts.read(pair[0], 4),
+            again,
             "a prefetched range read a second time, at {}",
             pair[0]
         );
     }
     // A range left unread when the handle reads anything else is not fresh either.
     let at = 2 << 20;
-    device.prefetch(&[(at, 4), (8192, 4)]);
-    device.read_exact_at(&mut [0u8; 4], 0).unwrap();
-    let mut chunk = vec![0u8; 64 << 10];
-    for off in (0..LEN).step_by(chunk.len()) {
-        other.read_exact_at(&mut chunk, off).unwrap();
-    }
-    writer.write_all_at(b"last", at).unwrap();
-    writer.sync_data().unwrap();
-    let mut buf = [0u8; 4];
-    other.read_exact_at(&mut buf, at).unwrap();
-    assert_ne!(
-        &buf, b"last",
-        "the premise: this host's cache hides the last write"
+    hosts.device.prefetch(&[(at, 4), (8192, 4)]);
+    hosts.read(0, 4);
+    hosts.write_hidden(&[(at, b"last")]);
+    assert_eq!(
+        hosts.read(at, 4),
+        b"last",
+        "a range prefetched before another read"
     );
-    device.read_exact_at(&mut buf, at).unwrap();
-    assert_eq!(&buf, b"last", "a range prefetched before another read");
 }
 
 /// A handle reading the device drops a prefetched range's pages once it read them (so that
