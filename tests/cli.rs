@@ -2702,6 +2702,104 @@ fn a_commit_on_an_untrusted_extension_names_every_bitmap_it_takes_along() {
     );
 }
 
+/// A refcount table entry whose offset is not cluster-aligned, as `qemu-img check` judges
+/// it: one corruption for the entry, and every cluster the block would cover is an
+/// internal error (`check-errors`: `qcow2_get_refcount` refuses the entry), neither
+/// compared nor judged by the COPIED rule, so that an L1 entry whose table lies there is
+/// skipped with its table; exit status 1 ("Check failed"). Three entries, on an image of
+/// 4 KiB clusters and 64-bit refcounts (a block covers 2 MiB) with 8 MiB written: the
+/// second block's offset moved by 512 bytes, the same with a reserved bit set too (QEMU
+/// masks the reserved bits, then finds the offset unaligned), and an unaligned offset
+/// past the end of the file. Text, findings and JSON against qemu-img's on each; only
+/// QEMU's own corruption event line differs, and the tool's name.
+#[test]
+fn an_unaligned_refcount_block_is_an_internal_error_as_qemu_img_check_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    let i = p(&img);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,refcount_bits=64",
+            i,
+            "64M",
+        ],
+    );
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 8M", i]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let area = HeaderArea::decode(&bytes[..4096]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let second = be(&bytes, rt + 8);
+    assert!(second != 0 && second % 4096 == 0, "{second:#x}");
+    let l1 = area.header.l1_table_offset as usize;
+    let l2 = (be(&bytes, l1 + 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_eq!(
+        l2 >> 21,
+        1,
+        "the second L1 entry's table lies in the second block"
+    );
+    // In that table, the COPIED flag of an entry naming a cluster of the third block
+    // (readable) cleared: a corruption QEMU finds only while it reads the table.
+    let at = (0..512)
+        .map(|k| l2 + 8 * k)
+        .find(|&at| (be(&bytes, at) & 0x00ff_ffff_ffff_fe00) >> 21 == 2)
+        .unwrap();
+    let flipped = be(&bytes, at) ^ (1 << 63);
+    bytes[at..at + 8].copy_from_slice(&flipped.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let q = text(&run("qemu-img", &["check", i]).stderr);
+    assert!(q.contains("ERROR OFLAG_COPIED data cluster"), "{q}");
+    for entry in [second + 0x200, second + 0x201, 0x4000_0200] {
+        let mut b = bytes.clone();
+        b[rt + 8..rt + 16].copy_from_slice(&entry.to_be_bytes());
+        std::fs::write(&img, &b).unwrap();
+        let q = run("qemu-img", &["check", i]);
+        let d = dbm(&["check", i]);
+        assert_eq!(q.status.code(), Some(1), "{entry:#x}: {q:?}");
+        assert_eq!(d.status.code(), Some(1), "{entry:#x}");
+        assert_eq!(text(&q.stdout), text(&d.stdout), "{entry:#x}");
+        assert!(text(&d.stdout).contains("\n512 internal errors have occurred"));
+        let ours_as_qemu = |e: &[u8]| {
+            text(e)
+                .lines()
+                .filter(|l| !l.starts_with("qcow2: Image is corrupt"))
+                .map(|l| l.replacen("qemu-img: ", "dbm: ", 1))
+                .collect::<Vec<_>>()
+        };
+        let qe = ours_as_qemu(&q.stderr);
+        assert_eq!(qe, ours_as_qemu(&d.stderr), "{entry:#x}");
+        assert_eq!(
+            qe.iter().filter(|l| l.starts_with("Can't get")).count(),
+            512
+        );
+        assert!(!qe.iter().any(|l| l.contains("OFLAG_COPIED")), "{qe:?}");
+        let qj: Value = serde_json::from_str(&text(
+            &run("qemu-img", &["check", "--output=json", i]).stdout,
+        ))
+        .unwrap();
+        let dj: Value =
+            serde_json::from_str(&text(&dbm(&["check", "--output", "json", i]).stdout)).unwrap();
+        for k in [
+            "image-end-offset",
+            "check-errors",
+            "corruptions",
+            "allocated-clusters",
+        ] {
+            assert_eq!(qj[k], dj[k], "{entry:#x}: {k}");
+        }
+        assert_eq!(dj["exit-code"], 1);
+        let quiet = dbm(&["check", "-q", i]);
+        assert_eq!(quiet.status.code(), Some(1));
+        assert!(quiet.stdout.is_empty());
+    }
+}
+
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info
 /// --output=json -f qcow2`, `check --output json` (QEMU's keys with QEMU's meaning),
 /// `check -q`, the summary on stdout and the findings on stderr as qemu-img prints them,

@@ -219,6 +219,11 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// Clusters whose refcount is higher than their references.
     pub leaks: u64,
+    /// Clusters whose refcount could not be read: `qemu-img check`'s "internal errors"
+    /// (`check-errors`), one for each cluster a refcount table entry with an offset that is
+    /// not cluster-aligned covers (QEMU's `qcow2_get_refcount` refuses it; that entry is
+    /// also a corruption). Such clusters are neither compared nor judged.
+    pub check_errors: u64,
     /// Clusters in the file.
     pub total_clusters: u64,
     /// One past the last byte of the highest cluster with a refcount or a reference:
@@ -232,9 +237,12 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// `qemu-img check`'s exit code: 0 clean, 2 corruptions, 3 leaks only.
+    /// `qemu-img check`'s exit code: 1 when refcounts could not be read (QEMU's "Check
+    /// failed"), else 0 clean, 2 corruptions, 3 leaks only.
     pub fn exit_code(&self) -> i32 {
-        if self.corruptions > 0 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
             2
         } else if self.leaks > 0 {
             3
@@ -243,7 +251,7 @@ impl CheckReport {
         }
     }
 
-    /// Neither corruptions nor leaks.
+    /// Neither corruptions nor leaks, and every refcount read.
     pub fn is_clean(&self) -> bool {
         self.exit_code() == 0
     }
@@ -272,6 +280,30 @@ impl CheckReport {
         self.corruptions = self.corruptions.saturating_add(n);
         self.note(msg);
     }
+
+    /// The refcounts of clusters `range` could not be read, one check error and (within
+    /// the cap) one message each, in QEMU's wording.
+    fn unreadable(&mut self, range: std::ops::Range<u64>) {
+        self.check_errors = self
+            .check_errors
+            .saturating_add(range.end.saturating_sub(range.start));
+        for cl in range.take(MAX_MESSAGES.saturating_sub(self.messages.len())) {
+            self.note(|| format!("Can't get refcount for cluster {cl}: Input/output error"));
+        }
+    }
+}
+
+/// A refcount table entry as the comparison and the COPIED pass read it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RefBlock {
+    /// No block (or one past the end of the file, which reads as zeros): its clusters'
+    /// refcounts are 0.
+    Absent,
+    /// The block at this offset.
+    At(u64),
+    /// An offset that is not cluster-aligned: QEMU's `qcow2_get_refcount` refuses it, so
+    /// its clusters are check errors, and `check_oflag_copied` skips what they hold.
+    Unreadable,
 }
 
 struct Counter<'a, S: Storage + ?Sized> {
@@ -1048,7 +1080,7 @@ fn walk_references<S: Storage + ?Sized>(
     let rt = ctr
         .read("refcount table", h.refcount_table_offset, rt_len)
         .unwrap_or_default();
-    let mut blocks: Vec<Option<u64>> = Vec::with_capacity(rt.len() / 8);
+    let mut blocks: Vec<RefBlock> = Vec::with_capacity(rt.len() / 8);
     // Blocks read for the comparison though the walk does not count them: QEMU's
     // `check_refblocks` skips an entry with reserved bits set (no reference, one
     // corruption), while its comparison reads the refcounts through the entry's offset
@@ -1058,23 +1090,32 @@ fn walk_references<S: Storage + ?Sized>(
         if raw & REFTABLE_RESERVED_MASK != 0 {
             ctr.report
                 .corrupt(|| format!("ERROR refcount table entry {i} has reserved bits set"));
-            // An unaligned one QEMU cannot read (`qcow2_get_refcount` refuses it), and
-            // neither is it read here: its clusters compare as refcount 0.
+            // One whose offset bits are not cluster-aligned QEMU cannot read
+            // (`qcow2_get_refcount` refuses it), and neither is it read here.
             let off = raw & REFTABLE_OFFSET_MASK;
-            if off != 0
-                && off.is_multiple_of(cs)
-                && off.checked_add(cs).is_some_and(|end| end <= file_len)
-            {
+            if off != 0 && !off.is_multiple_of(cs) {
+                blocks.push(RefBlock::Unreadable);
+                continue;
+            }
+            if off != 0 && off.checked_add(cs).is_some_and(|end| end <= file_len) {
                 uncounted.push((i, off));
             }
-            blocks.push(None);
+            blocks.push(RefBlock::Absent);
             continue;
         }
         let entry = match decode_reftable_entry(raw, i as u64, cs) {
             Ok(e) => e,
-            Err(e) => {
-                ctr.report.corrupt(|| format!("ERROR {e}"));
-                None
+            Err(_) => {
+                // The only other problem `decode_reftable_entry` finds: an offset that is
+                // not cluster-aligned, in `check_refblocks`'s wording.
+                ctr.report.corrupt(|| {
+                    format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry \
+                         corrupted"
+                    )
+                });
+                blocks.push(RefBlock::Unreadable);
+                continue;
             }
         };
         let entry = entry.filter(|&off| {
@@ -1089,7 +1130,7 @@ fn walk_references<S: Storage + ?Sized>(
         if let Some(off) = entry {
             ctr.inc(off, cs, "refcount block");
         }
-        blocks.push(entry);
+        blocks.push(entry.map_or(RefBlock::Absent, RefBlock::At));
     }
     let Counter {
         refs,
@@ -1102,7 +1143,7 @@ fn walk_references<S: Storage + ?Sized>(
         return Err(past_budget());
     }
     for (i, b) in blocks.iter().enumerate() {
-        if let Some(off) = b {
+        if let RefBlock::At(off) = b {
             let r = refs.get(off >> cb);
             if r != 1 {
                 report.corrupt(|| format!("ERROR refcount block {i} refcount={r}"));
@@ -1111,7 +1152,7 @@ fn walk_references<S: Storage + ?Sized>(
     }
     for (i, off) in uncounted {
         if let Some(b) = blocks.get_mut(i) {
-            *b = Some(off);
+            *b = RefBlock::At(off);
         }
     }
     // Compare, one block at a time.
@@ -1120,18 +1161,25 @@ fn walk_references<S: Storage + ?Sized>(
     while c < nb_clusters {
         let index = (c / per_block) as usize;
         let end = (c.saturating_add(per_block) / per_block * per_block).min(nb_clusters);
-        let block = match blocks.get(index).copied().flatten() {
-            Some(off) => {
+        let block = match blocks.get(index).copied().unwrap_or(RefBlock::Absent) {
+            RefBlock::At(off) => {
                 within(deadline)?;
                 Some(storage.read_vec_at(off, cs)?)
             }
-            // No refcount block and no reference: nothing to compare (and no cluster an
-            // active entry names: each is referenced).
-            None if !refs.any_in(c, end) => {
+            // As `compare_refcounts`: each cluster whose refcount does not read is an
+            // internal error, and compared with nothing.
+            RefBlock::Unreadable => {
+                report.unreadable(c..end);
                 c = end;
                 continue;
             }
-            None => None,
+            // No refcount block and no reference: nothing to compare (and no cluster an
+            // active entry names: each is referenced).
+            RefBlock::Absent if !refs.any_in(c, end) => {
+                c = end;
+                continue;
+            }
+            RefBlock::Absent => None,
         };
         for cl in c..end {
             let on_disk = match &block {
@@ -1272,7 +1320,7 @@ fn past_budget() -> Error {
 fn oflag_copied<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
-    blocks: &[Option<u64>],
+    blocks: &[RefBlock],
     per_block: u64,
     report: &mut CheckReport,
     deadline: Option<std::time::Instant>,
@@ -1305,13 +1353,22 @@ fn oflag_copied<S: Storage + ?Sized>(
     // Each distinct L2 table is read once and its findings counted once per L1 entry that
     // names it, as QEMU counts them, so the work stays bounded by the file. The findings
     // come in QEMU's order: each L1 entry's, then (at the first entry naming it) its
-    // table's.
+    // table's. An entry whose table's refcount does not read is skipped with its table,
+    // as `check_oflag_copied` skips it.
+    let unreadable = |cl: u64| {
+        usize::try_from(cl / per_block)
+            .ok()
+            .and_then(|i| blocks.get(i))
+            .is_some_and(|b| *b == RefBlock::Unreadable)
+    };
     let entries = || {
         l1.chunks_exact(8)
             .map(BigEndian::read_u64)
             .enumerate()
             .map(|(i, l1e)| (i, l1e, l1e & L2_OFFSET_MASK))
-            .filter(|&(_, _, l2_off)| l2_off != 0 && l2_off & (cs - 1) == 0)
+            .filter(|&(_, _, l2_off)| {
+                l2_off != 0 && l2_off & (cs - 1) == 0 && !unreadable(l2_off >> cb)
+            })
     };
     let mut l2_mult: BTreeMap<u64, u64> = BTreeMap::new();
     for (_, _, l2_off) in entries() {
@@ -1384,7 +1441,7 @@ const COPIED_READ_SLACK: u64 = 64 << 20;
 /// typed error, rather than read without end.
 struct CopiedBatch<'a, S: Storage + ?Sized> {
     storage: &'a S,
-    blocks: &'a [Option<u64>],
+    blocks: &'a [RefBlock],
     per_block: u64,
     cluster_size: u64,
     refcount_order: u32,
@@ -1409,7 +1466,7 @@ impl<S: Storage + ?Sized> CopiedBatch<'_, S> {
     /// Reports the findings of the lookups held, in order, and drops them.
     fn resolve(&mut self, report: &mut CheckReport) -> Result<()> {
         let per_block = self.per_block;
-        // The refcount on disk of each lookup (`None`: its block does not read).
+        // The refcount on disk of each lookup (`None`: it does not read).
         let mut refcounts: Vec<Option<u64>> = vec![Some(1); self.lookups.len()];
         let mut order: Vec<(u64, usize)> = self
             .lookups
@@ -1425,13 +1482,21 @@ impl<S: Storage + ?Sized> CopiedBatch<'_, S> {
         });
         for (cl, k) in order {
             let index = cl / per_block;
-            let Some(Some(off)) = usize::try_from(index)
+            let off = match usize::try_from(index)
                 .ok()
                 .and_then(|i| self.blocks.get(i))
                 .copied()
-            else {
-                refcounts[k] = Some(0);
-                continue;
+            {
+                Some(RefBlock::At(off)) => off,
+                // As `qcow2_get_refcount`'s error: no finding.
+                Some(RefBlock::Unreadable) => {
+                    refcounts[k] = None;
+                    continue;
+                }
+                Some(RefBlock::Absent) | None => {
+                    refcounts[k] = Some(0);
+                    continue;
+                }
             };
             if self.held.as_ref().is_none_or(|(i, _)| *i != index) {
                 within(self.deadline)?;

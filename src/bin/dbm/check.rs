@@ -1,7 +1,9 @@
 //! `dbm check`: refcounts, bitmap directory and tables through [`Image::check`], with
-//! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only. An image whose
-//! header cannot be read exits 1 like every other error; one QEMU refuses to open for its
-//! bitmaps extension's own fields exits 2, the problem the first finding.
+//! `qemu-img check`'s exit codes: 0 clean, 2 corruptions, 3 leaks only, 1 when some
+//! refcounts could not be read (QEMU's "internal errors", `check-errors`: a refcount table
+//! entry whose offset is not cluster-aligned) as for every other error. An image whose
+//! header cannot be read exits 1; one QEMU refuses to open for its bitmaps extension's own
+//! fields exits 2, the problem the first finding.
 //!
 //! As `qemu-img check`: the findings go to stderr, the summary to stdout, ending with
 //! `Image end offset: N`. The JSON form is one object with sorted keys: QEMU's
@@ -86,6 +88,13 @@ pub fn text(r: &CheckReport, virtual_clusters: u64) -> String {
             r.leaks
         );
     }
+    if r.check_errors > 0 {
+        let _ = writeln!(
+            s,
+            "\n{} internal errors have occurred during the check.",
+            r.check_errors
+        );
+    }
     let f = r.frag;
     if virtual_clusters != 0 && f.allocated != 0 {
         let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
@@ -159,7 +168,7 @@ pub fn json(filename: &str, r: &CheckReport, virtual_clusters: u64) -> Value {
     let mut v = json!({
         "filename": filename,
         "format": "qcow2",
-        "check-errors": 0,
+        "check-errors": r.check_errors,
         "image-end-offset": r.image_end_offset,
         "total-clusters": virtual_clusters,
         "corruptions": r.corruptions,
@@ -242,6 +251,10 @@ pub fn run(args: &CheckArgs) -> CmdResult {
         } else {
             emit(&out)?;
         }
+    }
+    if report.check_errors > 0 {
+        // As qemu-img, whatever `-q` says.
+        crate::out::to_stderr("dbm: Check failed\n");
     }
     Ok(ExitCode::from(
         u8::try_from(report.exit_code()).unwrap_or(1),
