@@ -1332,6 +1332,33 @@ fn a_polled_intent_hears_that_the_background_flusher_failed() {
     assert!(flusher.stop().is_err());
 }
 
+/// A flusher with only a threshold commits a lone durable intent below it: on a durable
+/// store a pending region is a write waiting, so it is due at the next poll. Without that,
+/// one 4 KiB intent (a region of 64 KiB pending) under a 1 MiB threshold was never
+/// committed and a stack that polls never issued its write.
+#[test]
+fn a_threshold_flusher_commits_a_lone_durable_intent() {
+    use dirty_bitmap::FlushPolicy;
+    use std::time::Instant;
+    let shared = durable_store(CrashStorage::new());
+    let t = shared.durable_tracker().unwrap();
+    let flusher = FlushPolicy::when_pending_above(1 << 20)
+        .spawn(shared.clone())
+        .unwrap();
+    let intent = t.intent(9 * G, 4096).unwrap();
+    // A bound on a hang, not a speed: the flusher polls every 10 ms.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !intent.poll().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "a lone intent was never committed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = flusher.stop().unwrap();
+    assert!(stats.flushes >= 1, "{stats:?}");
+}
+
 /// A durable add that fails at any of its writes poisons the store (the commit's failure
 /// also ends the trackers' view): a polled intent says `Poisoned` (the store never
 /// activates again), not `NotActive`, which would send the stack to wait for an activation

@@ -550,8 +550,21 @@ fn flush_policy_starts_and_stops() {
     assert!(th.stop().unwrap().flushes >= 1);
     assert_eq!(store.lock().pending_estimate(), 0);
 
-    // Threshold: flushes once more than 0 bytes changed.
+    // Threshold: below it nothing is flushed (in deferred mode; a durable store's
+    // pending intents are due at once: tests/durable.rs), however many polls pass.
     t.mark(G * 13, 1);
+    let pending = store.lock().pending_estimate();
+    let th = FlushPolicy {
+        interval: None,
+        max_pending_bytes: Some(pending),
+        poll: Duration::from_millis(1),
+    }
+    .spawn(store.clone())
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(th.stop().unwrap().flushes, 0);
+    assert_eq!(store.lock().pending_estimate(), pending);
+    // Flushes once more than 0 bytes changed.
     let th = FlushPolicy::when_pending_above(0)
         .spawn(store.clone())
         .unwrap();

@@ -21,7 +21,9 @@ use crate::tracker::TrackedSet;
 
 /// When a background thread flushes a shared store: every `interval`, and/or whenever the
 /// lock-free [`pending_estimate`](super::BitmapStore::pending_estimate) exceeds
-/// `max_pending_bytes` (checked every `poll`).
+/// `max_pending_bytes` (checked every `poll`). On a store in durable mode a threshold
+/// makes any pending region due at the next poll: each is an intent a write waits on
+/// ([`DurableTracker`](super::durable::DurableTracker)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushPolicy {
     /// Flush at least this often (none: no timer).
@@ -156,10 +158,18 @@ impl FlushPolicy {
                 }
             }
             let due_time = self.interval.is_some_and(|i| last.elapsed() >= i);
+            let estimate = self
+                .max_pending_bytes
+                .map(|_| flush::pending_estimate(gauge.load().iter()));
             let due_bytes = self
                 .max_pending_bytes
-                .is_some_and(|b| flush::pending_estimate(gauge.load().iter()) > b);
-            if !(due_time || due_bytes) {
+                .zip(estimate)
+                .is_some_and(|(b, e)| e > b);
+            // Anything pending below the threshold is due on a durable store (read under
+            // its lock below): there a changed region is an intent a write waits on, and
+            // a threshold would hold a lone one back for good.
+            let pending = estimate.is_some_and(|e| e > 0);
+            if !(due_time || due_bytes || pending) {
                 continue;
             }
             let r = {
@@ -168,6 +178,9 @@ impl FlushPolicy {
                 // set the flag no new flush starts (the flag is re-read here).
                 if *sh.stopped.lock() {
                     return;
+                }
+                if !(due_time || due_bytes || s.is_durable()) {
+                    continue;
                 }
                 if s.is_active() {
                     s.flush().map(Some)

@@ -825,11 +825,21 @@ impl<S: Storage> Intent<S> {
     /// The store's state is read without waiting (`try_lock`): while a commit holds the
     /// store, a failure it is about to report shows at a later poll.
     ///
+    /// A "not yet" sets the write's bits again, as each round of [`wait`](Self::wait)
+    /// does: a [`clear`](BitmapStore::clear) since the intent may have dropped them, or a
+    /// checkpoint, an enable or an `add` changed which bitmaps record (the write, not yet
+    /// issued, comes after that change and must be recorded after it); and after a new
+    /// durable activation ([`BitmapStore::activate_durable`]) they are set in its bitmaps.
+    /// Without that, no commit would ever cover them and the poll would say "not yet" for
+    /// good. A bit already set costs one load.
+    ///
     /// # Errors
     /// [`Error::Poisoned`] once a commit failed or the store was poisoned (the write must
     /// not be issued; the store refuses every write until it is reopened);
-    /// [`Error::WrongState`] ([`StateProblem::NotActive`]) once the store left the durable
-    /// activation the intent was taken in.
+    /// [`Error::WrongState`] ([`StateProblem::NotActive`]) while the store is not in a
+    /// durable activation (after an inactivation, until the next `activate_durable`);
+    /// [`Error::InvalidInput`], as [`wait`](Self::wait)'s, once the disk was shrunk past
+    /// the write.
     pub fn poll(&self) -> Result<bool> {
         if self.is_durable() {
             return Ok(true);
@@ -845,10 +855,25 @@ impl<S: Storage> Intent<S> {
                 return Err(Error::Poisoned);
             }
         }
-        if !inner.marks.view.load().open {
+        let view = inner.marks.view.load();
+        if !view.open {
             return Err(Error::WrongState(StateProblem::NotActive));
         }
+        self.past_the_disk(view.disk_size)?;
+        self.tracker.set(self.offset, self.len);
         Ok(false)
+    }
+
+    /// [`Error::InvalidInput`] if the write ends past a disk of `disk` bytes (shrunk since
+    /// the intent): no bit can ever cover it.
+    fn past_the_disk(&self, disk: u64) -> Result<()> {
+        if self.offset.checked_add(self.len).is_none_or(|e| e > disk) {
+            return Err(Error::InvalidInput(format!(
+                "an intent for {} bytes at {} on a disk now of {disk} bytes",
+                self.len, self.offset
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until the write's bits are on disk, running group commits as needed.
@@ -865,13 +890,7 @@ impl<S: Storage> Intent<S> {
             if self.is_durable() {
                 return Ok(());
             }
-            let disk = self.tracker.set.view.load().disk_size;
-            if self.offset.checked_add(self.len).is_none_or(|e| e > disk) {
-                return Err(Error::InvalidInput(format!(
-                    "an intent for {} bytes at {} on a disk now of {disk} bytes",
-                    self.len, self.offset
-                )));
-            }
+            self.past_the_disk(self.tracker.set.view.load().disk_size)?;
             self.tracker.commit()?;
         }
     }
@@ -1325,5 +1344,70 @@ mod tests {
         let r = t.mark(clean, 4096);
         assert!(r.is_ok(), "a healthy store's intent failed: {r:?}");
         assert!(shared.lock().load("a").unwrap().is_dirty(clean));
+    }
+
+    /// Polls `intent` with a commit between polls, at most `rounds` times; whether it said
+    /// durable.
+    fn polled_durable<S: Storage>(intent: &Intent<S>, t: &DurableTracker<S>, rounds: u32) -> bool {
+        for _ in 0..rounds {
+            if intent.poll().unwrap() {
+                return true;
+            }
+            t.commit().unwrap();
+        }
+        false
+    }
+
+    /// A polled intent whose bits a change since the intent dropped, or moved to bitmaps
+    /// that do not hold them, is set again by the poll (as each round of `wait` sets it),
+    /// and the next commit makes it durable: a clear of its bitmap (its bit dropped), a
+    /// checkpoint (the new bitmap records, the old one stops), and an enable of a second
+    /// bitmap. Without it the poll said "not yet" for good and the write was never issued.
+    #[test]
+    fn a_polled_intent_is_set_again_after_a_clear_a_checkpoint_or_an_enable() {
+        type Change = fn(&mut BitmapStore<Arc<CrashStorage>>);
+        let changes: [(&str, &str, Change); 3] = [
+            ("clear", "a", |s| s.clear("a").unwrap()),
+            ("checkpoint", "b", |s| {
+                s.checkpoint("b").unwrap();
+            }),
+            ("enable", "c", |s| s.set_enabled("c", true).unwrap()),
+        ];
+        for (what, holds, change) in changes {
+            let (crash, shared, t) =
+                durable_store(&[("a", Recording::Enabled), ("c", Recording::Disabled)]);
+            let intent = t.intent(RACED, 4096).unwrap();
+            change(&mut shared.lock());
+            assert!(
+                polled_durable(&intent, &t, 3),
+                "{what}: an intent pending across it never became durable"
+            );
+            assert!(
+                durable_image(&crash).load(holds).unwrap().is_dirty(RACED),
+                "{what}: the write is not in {holds:?} on disk"
+            );
+        }
+    }
+
+    /// An intent taken in one durable activation and polled after the store was
+    /// inactivated says `NotActive`; after the next `activate_durable` the poll sets its
+    /// bits in the new activation's bitmaps, and a commit makes it durable.
+    #[test]
+    fn a_polled_intent_is_set_in_the_next_activation() {
+        let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
+        let intent = t.intent(RACED, 4096).unwrap();
+        let _ = shared.lock().inactivate().unwrap();
+        let r = intent.poll();
+        assert!(
+            matches!(r, Err(Error::WrongState(StateProblem::NotActive))),
+            "{r:?}"
+        );
+        shared.lock().clear("a").unwrap();
+        shared.lock().activate_durable().unwrap();
+        assert!(
+            polled_durable(&intent, &t, 3),
+            "never durable after the activation"
+        );
+        assert!(durable_image(&crash).load("a").unwrap().is_dirty(RACED));
     }
 }
