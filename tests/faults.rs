@@ -741,6 +741,49 @@ fn a_failed_clear_keeps_the_marks_a_parked_copy_holds() {
     }
 }
 
+/// A remove of an inconsistent (`in_use`) bitmap that fails at any of its reads fails as
+/// a whole and leaves the file as it was: a failed read of the table after the preflight
+/// was taken for a garbage table, the table alone freed and the remove reported done,
+/// leaking the data clusters.
+#[test]
+fn a_remove_of_an_in_use_bitmap_that_fails_a_read_writes_nothing() {
+    let image = {
+        let mut s = BitmapStore::create(MemStorage::new(), DISK, CS).unwrap();
+        s.add("a", 512, Recording::Enabled).unwrap();
+        s.add("b", 512, Recording::Enabled).unwrap();
+        s.activate().unwrap();
+        s.tracker().unwrap().mark(4 * MIB, 8 * MIB);
+        s.flush().unwrap();
+        // Left active: both bitmaps are in use on disk, as after a crash.
+        s.image().storage().to_vec()
+    };
+    for k in 1.. {
+        let mut s = BitmapStore::open(
+            FaultStorage::new(MemStorage::from_bytes(image.clone()), FaultPlan::new()),
+            OpenMode::ReadWrite,
+        )
+        .unwrap();
+        {
+            let f = s.image().storage();
+            f.set_plan(FaultPlan::new().fail_read(Trigger::Nth(f.reads() + k)));
+        }
+        let before = s.image().storage().inner().to_vec();
+        match s.remove("a") {
+            Ok(_) => {
+                assert!(k > 1, "the remove read nothing");
+                s.image().storage().set_plan(FaultPlan::new());
+                let r = s.image().check().unwrap();
+                assert!(r.is_clean(), "{:?}", r.messages);
+                break;
+            }
+            Err(e) => assert!(
+                s.image().storage().inner().to_vec() == before,
+                "a remove that failed at read {k} ({e}) wrote"
+            ),
+        }
+    }
+}
+
 /// A resize at QEMU's 64 KiB clusters (the bitmaps extension past the first sector, so
 /// the header writes are bracketed by autoclear bit 0) that fails where ordinary errors
 /// come, before its header writes (the file cannot grow, at any of its growths; any of its

@@ -483,10 +483,11 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Busy`], [`Error::Arriving`] (a bitmap a postcopy push
-    /// still fills), [`Error::ReadOnly`], [`Error::Corrupt`] for a
-    /// consistent bitmap with a bad table, [`Error::InvalidInput`] for a header that cannot
-    /// be rewritten (before any write), I/O (active in durable mode, the store is then
-    /// poisoned).
+    /// still fills), [`Error::ReadOnly`], [`Error::Corrupt`] for a bad table (an
+    /// inconsistent bitmap's too when the preflight's walk finds it corrupt: `dbm check -r
+    /// all` removes such a bitmap), [`Error::InvalidInput`] for a header that cannot be
+    /// rewritten, I/O (all before any write; active in durable mode, an I/O error in the
+    /// commit poisons the store).
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> Result<Vec<BitmapName>> {
         self.remove_replaced(name.as_ref(), &[])
     }
@@ -520,8 +521,11 @@ impl<S: Storage> BitmapStore<S> {
         } else {
             match self.owned_clusters(&slot.entry) {
                 Ok(f) => f,
-                // An inconsistent bitmap's table may be garbage: free only the table.
-                Err(_) if slot.inconsistent => vec![(
+                // An inconsistent bitmap's table may be garbage: free only the table. (The
+                // preflight's walk refuses most such tables first.) Any other error, an
+                // I/O one, fails the remove before it wrote: freeing only the table would
+                // leak the data clusters and report success.
+                Err(Error::Corrupt(_)) if slot.inconsistent => vec![(
                     slot.entry.table_offset,
                     ceil_clusters(
                         u64::from(slot.entry.table_size) * 8,
