@@ -3001,6 +3001,103 @@ fn dump_prints_what_nbdinfo_prints_byte_for_byte() {
             assert_eq!(dbm_ok(&dargs), theirs, "{b} {opts:?}");
         }
     }
+    // A percentage below 1e-4 (64 KiB of 1 TiB): `%g` takes its exponent form.
+    let big = dir.path().join("big.qcow2");
+    dbm_ok(&["create", p(&big), "--size", "1T"]);
+    dbm_ok(&["bitmap", p(&big), "tiny", "--add"]);
+    dbm_ok(&["mark", p(&big), "tiny", "0", "64K"]);
+    let nbd = serve(dir.path(), &big, "tiny", 3);
+    let theirs = text(
+        &run(
+            "nbdinfo",
+            &[
+                "--json",
+                "--totals",
+                "--map=qemu:dirty-bitmap:tiny",
+                &nbd.uri,
+            ],
+        )
+        .stdout,
+    );
+    assert!(theirs.contains("e-06"), "{theirs}");
+    assert_eq!(
+        dbm_ok(&["dump", "--json", "--totals", p(&big), "tiny"]),
+        theirs
+    );
+}
+
+/// `dbm info --json` and `dbm check --json` keep QEMU's values where an image or its
+/// path is unusual: a header size that is not a multiple of 512 (QEMU reports whole
+/// sectors: `virtual-size`, `total-clusters`), a backing file named with a protocol
+/// (`nbd:...`: `full-backing-filename` as it is, not joined to the image's directory), and
+/// a path that is not UTF-8 (`actual-size` of the file itself).
+#[test]
+fn info_and_check_keep_qemus_values_on_unusual_images_and_paths() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let qjson = |args: &[&str]| -> Value { serde_json::from_str(&ok("qemu-img", args)).unwrap() };
+    let djson = |args: &[&OsStr]| -> Value { serde_json::from_str(&dbm_ok(args)).unwrap() };
+    let os = |s: &str| OsStr::new(s).to_owned();
+    // A size of 1 MiB and 100 bytes in the header.
+    let odd = dir.path().join("odd.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&odd), "1M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", p(&odd)]);
+    let mut bytes = std::fs::read(&odd).unwrap();
+    bytes[24..32].copy_from_slice(&(1_048_676u64).to_be_bytes());
+    std::fs::write(&odd, &bytes).unwrap();
+    let q = qjson(&["info", "--output=json", p(&odd)]);
+    let d = djson(&[&os("info"), &os("--json"), odd.as_os_str()]);
+    assert_eq!(q["virtual-size"], 1_048_576);
+    assert_eq!(d["virtual-size"], q["virtual-size"]);
+    let q = serde_json::from_slice::<Value>(
+        &run("qemu-img", &["check", "--output=json", p(&odd)]).stdout,
+    )
+    .unwrap();
+    let d = djson(&[&os("check"), &os("--json"), odd.as_os_str()]);
+    assert_eq!(q["total-clusters"], 16);
+    assert_eq!(d["total-clusters"], q["total-clusters"]);
+    assert_eq!(text(&run("qemu-img", &["check", p(&odd)]).stdout), {
+        let out = dbm(&[&os("check"), odd.as_os_str()]);
+        text(&out.stdout)
+    });
+    // A backing file named with a protocol, in a subdirectory.
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    for backing in ["nbd:localhost:10809", "file:base.raw", "base.raw"] {
+        let img = dir.path().join("sub/b.qcow2");
+        let _ = std::fs::remove_file(&img);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                backing,
+                "-F",
+                "raw",
+                p(&img),
+                "1G",
+            ],
+        );
+        let q = qjson(&["info", "--output=json", p(&img)]);
+        let d = djson(&[&os("info"), &os("--json"), img.as_os_str()]);
+        for k in ["backing-filename", "full-backing-filename"] {
+            assert_eq!(d[k], q[k], "{backing}: {k}");
+        }
+    }
+    // A path that is not UTF-8.
+    let odd_name = dir.path().join(OsStr::from_bytes(b"n\xffx.qcow2"));
+    std::fs::copy(&odd, &odd_name).unwrap();
+    let d = djson(&[&os("info"), &os("--json"), odd_name.as_os_str()]);
+    let blocks = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&odd_name).unwrap().blocks() * 512
+    };
+    assert!(blocks > 0);
+    assert_eq!(d["actual-size"], blocks);
 }
 
 /// `dbm info --json` carries every key `qemu-img info --output=json` prints (but

@@ -49,9 +49,11 @@ pub struct CheckArgs {
     pub force_share: bool,
     /// Repair, as `qemu-img check -r`: `leaks` frees leaked clusters no bitmap entry may
     /// own (down to refcount 2 where a guest table names one without the COPIED flag,
-    /// which this tool never sets); `all` also removes the bitmaps QEMU refuses (or the whole bitmaps extension
-    /// when the directory cannot be read) and frees what only they referenced. Guest data
-    /// and valid bitmaps are not touched. Opens the image writable.
+    /// which this tool never sets); `all` also removes the bitmaps QEMU refuses (or the
+    /// whole bitmaps extension when the directory cannot be read) and frees what only they
+    /// referenced. Guest data is not touched; after a removal every kept consistent bitmap
+    /// is made all dirty (a removed one may have held writes it lacks: the next backup
+    /// from it is a full one). Opens the image writable.
     #[arg(short = 'r', long = "repair", value_name = "leaks|all", value_parser = ["leaks", "all"], conflicts_with = "force_share")]
     pub repair: Option<String>,
 }
@@ -232,7 +234,8 @@ pub fn run(args: &CheckArgs) -> CmdResult {
         }
     };
     let h = img.header();
-    let virtual_clusters = h.size.div_ceil(h.cluster_size());
+    // QEMU's count: the disk in whole 512-byte sectors.
+    let virtual_clusters = h.disk_length().div_ceil(h.cluster_size());
     let mut report = img.check().map_err(|e| at(&args.image, e))?;
     count_extension_problem(&mut report, problem.as_ref());
     let json_out = args.json || args.output.as_deref() == Some("json");

@@ -188,17 +188,30 @@ fn totals(rows: impl Iterator<Item = Row>) -> Vec<(u64, bool)> {
         .collect()
 }
 
-/// C's `%g`: six significant digits, trailing zeros dropped.
+/// C's `%g`: six significant digits, trailing zeros dropped; the exponent form (`e-05`,
+/// at least two exponent digits) when the exponent of the value rounded to six digits is
+/// below -4 or at least 6, as C chooses.
 fn percent_g(v: f64) -> String {
+    const P: i32 = 6;
     if v == 0.0 {
         return "0".to_string();
     }
-    let digits = 6 - 1 - (v.abs().log10().floor() as i32);
-    let s = format!("{:.*}", digits.max(0) as usize, v);
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    let trim = |s: &str| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    // Rust's `{:e}` rounds to the precision as C does and prints the exponent bare.
+    let e = format!("{:.*e}", (P - 1) as usize, v);
+    let (mantissa, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let x: i32 = exp.parse().unwrap_or(0);
+    if (-4..P).contains(&x) {
+        trim(&format!("{:.*}", (P - 1 - x) as usize, v))
     } else {
-        s
+        let sign = if x < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), x.unsigned_abs())
     }
 }
 
@@ -291,6 +304,17 @@ mod tests {
         assert_eq!(percent_g(0.48828125), "0.488281");
         assert_eq!(percent_g(100.0), "100");
         assert_eq!(percent_g(0.0), "0");
+        // nbdinfo's `%g` for 64 KiB dirty of 1 TiB, and the edges of the exponent form.
+        assert_eq!(
+            percent_g(65536.0 * 100.0 / (1u64 << 40) as f64),
+            "5.96046e-06"
+        );
+        assert_eq!(percent_g(0.0001), "0.0001");
+        assert_eq!(percent_g(0.00009999995), "0.0001");
+        assert_eq!(percent_g(0.0000999999), "9.99999e-05");
+        assert_eq!(percent_g(1e-5), "1e-05");
+        assert_eq!(percent_g(999999.5), "1e+06");
+        assert_eq!(percent_g(123456.0), "123456");
     }
 
     fn all(disk: u64, dirty: &[(u64, u64)]) -> Vec<Row> {

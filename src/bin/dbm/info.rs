@@ -70,9 +70,9 @@ pub struct ImageInfo {
     pub filename: String,
     /// qcow2 version (2 or 3).
     pub version: u32,
-    /// The header's virtual size.
+    /// The virtual size as QEMU reports it: the header's, rounded down to 512.
     pub virtual_size: u64,
-    /// The length bitmaps cover: the virtual size rounded down to 512.
+    /// The length bitmaps cover: the same.
     pub disk_length: u64,
     /// Cluster size in bytes.
     pub cluster_size: u64,
@@ -158,7 +158,9 @@ pub fn qemu_keys(
         );
     }
     let mut out = serde_json::Map::new();
-    let actual = std::fs::metadata(filename)
+    // The open file's own path, not `filename` (a lossy rendering of a path that need not
+    // be UTF-8).
+    let actual = std::fs::metadata(image.storage().path())
         .map(|m| m.blocks() * 512)
         .unwrap_or(0);
     out.insert("actual-size".into(), json!(actual));
@@ -172,8 +174,16 @@ pub fn qemu_keys(
     );
     if let Some(b) = &area.backing_file {
         let name = String::from_utf8_lossy(b).into_owned();
+        // QEMU's `bdrv_make_absolute_filename`: an empty, absolute or protocol name
+        // (`nbd:...`, `file:...`: a `:` before any `/`, `path_has_protocol`) as it is,
+        // else relative to the image's directory.
+        let has_protocol = name
+            .find([':', '/'])
+            .is_some_and(|i| name[i..].starts_with(':'));
         let full = match filename.rfind('/') {
-            Some(i) if !name.starts_with('/') => format!("{}{name}", &filename[..=i]),
+            Some(i) if !(name.is_empty() || name.starts_with('/') || has_protocol) => {
+                format!("{}{name}", &filename[..=i])
+            }
             _ => name.clone(),
         };
         out.insert("backing-filename".into(), json!(name));
@@ -296,7 +306,8 @@ fn image_info(
     Ok(ImageInfo {
         filename,
         version: h.version,
-        virtual_size: h.size,
+        // QEMU's value: it keeps the disk in whole 512-byte sectors.
+        virtual_size: h.disk_length(),
         disk_length: h.disk_length(),
         cluster_size: h.cluster_size(),
         refcount_bits: 1u64 << h.refcount_order.min(6),
