@@ -21,6 +21,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -1663,6 +1664,67 @@ fn a_second_source_is_turned_away_while_one_is_served() {
     first.join().unwrap();
     let report = dest.join().unwrap();
     assert_eq!(report.attempts.len(), 1);
+}
+
+/// The source waits for the destination's first frame (its Nonce) at most its timeout in
+/// all, whatever the destination sends: a frame dripped a byte at a time, each within the
+/// reader's poll (a 1,200-byte Refused at 10 ms a byte: about 12 s), and a frame begun and
+/// then left unfinished with the connection open. Each read waited its own poll only, so
+/// the drip held the source until the frame was through (a 64 KiB frame: about 21
+/// minutes). The source reports a timeout within its 500 ms and a margin, the guest
+/// running and nothing sent.
+#[test]
+fn a_destination_dripping_its_first_frame_does_not_hold_the_source() {
+    let _g = shared();
+    for drip in [true, false] {
+        let mut src = Source::new(11, 20_000);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let over = Arc::clone(&done);
+        let dest = thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut frames = dirty_bitmap::migration::stream::FrameWriter::new(Vec::new());
+            let frame = if drip {
+                Frame::Refused {
+                    reason: "r".repeat(1200),
+                }
+            } else {
+                Frame::Nonce { nonce: 7 }
+            };
+            frames.write_frame(&frame).unwrap();
+            let bytes = frames.into_inner();
+            if drip {
+                for &b in &bytes {
+                    thread::sleep(Duration::from_millis(10));
+                    if over.load(Ordering::SeqCst) || (&sock).write_all(&[b]).is_err() {
+                        break;
+                    }
+                }
+            } else {
+                (&sock).write_all(&bytes[..10]).unwrap();
+                while !over.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        let began = Instant::now();
+        let r = src.migrate_to_with(addr, Duration::from_millis(500)).0;
+        let took = began.elapsed();
+        done.store(true, Ordering::SeqCst);
+        match r {
+            Err(MigrationError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "drip {drip}: {e}")
+            }
+            other => panic!("drip {drip}: {:?}", other.map(|r| r.outcome.kind)),
+        }
+        assert!(
+            took < Duration::from_secs(2),
+            "drip {drip}: the source returned {took:?} after it began"
+        );
+        src.assert_running();
+        dest.join().unwrap();
+    }
 }
 
 /// Found by a review: after a completed hand-over the source drains the return path for

@@ -102,7 +102,9 @@ pub trait Inbound {
     /// Waits for the next message.
     ///
     /// # Errors
-    /// The channel's error, or [`MigrationError::PeerAborted`](super::MigrationError::PeerAborted) when the destination is
-    /// gone or silent for longer than the return path's timeout.
+    /// The channel's error: [`MigrationError::Io`](super::MigrationError::Io) with
+    /// [`std::io::ErrorKind::TimedOut`] when the destination is silent for longer than the
+    /// return path's timeout, [`MigrationError::PeerAborted`](super::MigrationError::PeerAborted)
+    /// once the return path has ended (a simulated channel says `PeerAborted` for both).
     fn recv(&mut self) -> Result<DestMessage>;
 }

@@ -362,8 +362,10 @@ fn serve(
 
 /// An accepted connection, blocking with timeouts, past its TLS handshake if
 /// [`DestOptions::tls`] (within the timeout), split into its two directions; the reading one
-/// bounded in time ([`Paced`]) from now on.
+/// bounded in time ([`Paced`]), the attempt's end counted from this call (the connection),
+/// not from the handshake's end.
 fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, WireWriter)> {
+    let connected = Instant::now();
     sock.set_nonblocking(false)?;
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(o.timeout))?;
@@ -377,11 +379,11 @@ fn prepare(sock: TcpStream, o: &DestOptions) -> Result<(Paced, WireWriter)> {
         // the first read waiting for good.
         let mut reader = WireReader::Tls(r);
         reader.set_read_timeout(o.timeout)?;
-        return Ok((Paced::new(reader, o), WireWriter::Tls(w)));
+        return Ok((Paced::new(reader, o, connected), WireWriter::Tls(w)));
     }
     let back = PacedWrite::new(sock.try_clone()?, o.timeout)?;
     Ok((
-        Paced::new(WireReader::Plain(sock), o),
+        Paced::new(WireReader::Plain(sock), o, connected),
         WireWriter::Plain(back),
     ))
 }
@@ -521,15 +523,15 @@ struct Paced {
 }
 
 impl Paced {
-    fn new(sock: WireReader, o: &DestOptions) -> Paced {
-        let now = Instant::now();
+    /// The reading direction of an attempt whose connection came at `connected`.
+    fn new(sock: WireReader, o: &DestOptions, connected: Instant) -> Paced {
         Paced {
             sock,
             set: o.timeout,
             timing: Arc::new(parking_lot::Mutex::new(Timing {
                 idle: o.timeout,
                 rate: o.min_frame_rate.max(1),
-                attempt_end: Some(now + o.attempt_timeout),
+                attempt_end: Some(connected + o.attempt_timeout),
                 frame: FrameTime::Between,
             })),
         }
@@ -948,10 +950,64 @@ impl Controller for KeepsTheLink<'_> {
     }
 }
 
-/// Reads the destination's first frame, its Nonce, waiting at most `timeout`; then an
-/// [`io::ErrorKind::TimedOut`] error.
-fn read_nonce<R: Read>(r: &mut FrameReader<R>, timeout: Duration) -> Result<u128> {
+/// A reader whose reads fail once `until` has passed: [`read_nonce`]'s bound on the whole
+/// frame. Each read of the channel waits at most its own timeout, and the frame reader
+/// retries a timeout inside a frame; a peer dripping a byte within each read's timeout
+/// would hold a frame open for as long as its length allows. The error is not a timeout,
+/// so the frame reader fails at once instead of retrying it.
+struct Until<R> {
+    inner: R,
+    until: Option<Instant>,
+}
+
+/// [`Until`]'s error.
+#[derive(Debug)]
+struct PastDeadline;
+
+impl std::fmt::Display for PastDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("past the deadline of the exchange")
+    }
+}
+
+impl std::error::Error for PastDeadline {}
+
+impl<R: Read> Read for Until<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.until.is_some_and(|u| Instant::now() >= u) {
+            return Err(io::Error::other(PastDeadline));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Reads the destination's first frame, its Nonce, within `timeout` in all (a frame begun
+/// but not finished by then included); then an [`io::ErrorKind::TimedOut`] error. Each read
+/// of the channel waits at most [`POLL`] (over TLS too: a whole read), so the bound is
+/// overshot by at most that.
+fn read_nonce<R: Read>(r: &mut FrameReader<Until<R>>, timeout: Duration) -> Result<u128> {
     let deadline = Instant::now() + timeout;
+    r.get_mut().until = Some(deadline);
+    let nonce = read_nonce_until(r, timeout, deadline);
+    r.get_mut().until = None;
+    nonce
+}
+
+/// [`read_nonce`] with its deadline set.
+fn read_nonce_until<R: Read>(
+    r: &mut FrameReader<R>,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<u128> {
+    let timed_out = || {
+        MigrationError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no Nonce from the destination within {timeout:?} (a destination that \
+                 requires TLS waits for a handshake)"
+            ),
+        ))
+    };
     loop {
         match r.read_frame() {
             Ok(Frame::Nonce { nonce }) => return Ok(nonce),
@@ -961,19 +1017,18 @@ fn read_nonce<R: Read>(r: &mut FrameReader<R>, timeout: Duration) -> Result<u128
             Ok(Frame::Abort { reason }) => return Err(MigrationError::PeerAborted(reason)),
             Ok(other) => return Err(ProtocolError::NoNonce { kind: other.kind() }.into()),
             Err(MigrationError::Io(e))
+                if e.get_ref().is_some_and(|inner| inner.is::<PastDeadline>()) =>
+            {
+                return Err(timed_out());
+            }
+            Err(MigrationError::Io(e))
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
                 if Instant::now() >= deadline {
-                    return Err(MigrationError::Io(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "no Nonce from the destination within {timeout:?} (a destination \
-                             that requires TLS waits for a handshake)"
-                        ),
-                    )));
+                    return Err(timed_out());
                 }
             }
             Err(e) => return Err(e),
@@ -1037,6 +1092,10 @@ pub fn migrate_in_session(
     sock.set_write_timeout(Some(options.timeout))?;
     let (mut back, sock) = source_wire(sock, addr, options)?;
     back.set_read_timeout(POLL)?;
+    let back = Until {
+        inner: back,
+        until: None,
+    };
     let mut back = FrameReader::with_max_frame_len(back, MAX_RETURN_FRAME_LEN);
     // The short timeout polls the stop flag between frames; inside a frame the reader
     // waits as long as any read of this source may.
@@ -1151,11 +1210,65 @@ fn source_wire(
     ))
 }
 
+/// The TLS tests' certificate authority (rcgen, a dev-dependency).
+#[cfg(all(test, feature = "tls"))]
+#[path = "../../tests/common/pki.rs"]
+#[allow(dead_code)]
+mod test_pki;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::migration::frame::FrameKind;
     use std::io::Write;
+
+    #[cfg(feature = "tls")]
+    use super::test_pki as pki;
+
+    /// `attempt_timeout` bounds an attempt from its connection: a source that takes its
+    /// time over the TLS handshake (here a second before it begins) does not add that to the
+    /// attempt. The attempt's end was counted from the handshake's end, so an attempt could
+    /// last up to twice `attempt_timeout`.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn an_attempt_is_timed_from_its_connection_not_its_handshakes_end() {
+        use super::super::tls::TlsCreds;
+        let dir = tempfile::tempdir().unwrap();
+        pki::Ca::new("attempt").write_dir(dir.path(), &["localhost", "127.0.0.1"]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TlsClient::new(&TlsCreds::client_dir(dir.path())).unwrap();
+        let o = DestOptions {
+            tls: Some(TlsServer::new(&TlsCreds::server_dir(dir.path())).unwrap()),
+            ..DestOptions::default()
+        };
+        let source = std::thread::spawn(move || {
+            let sock = TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+            let options = SourceOptions {
+                tls: Some(client),
+                ..SourceOptions::default()
+            };
+            source_wire(sock, addr, &options).map(|_| ())
+        });
+        let (sock, _) = listener.accept().unwrap();
+        let accepted = Instant::now();
+        let (from, _to) = prepare(sock, &o).unwrap();
+        let handshaken = Instant::now();
+        source.join().unwrap().unwrap();
+        assert!(
+            handshaken >= accepted + Duration::from_millis(500),
+            "the handshake took {:?}",
+            handshaken - accepted
+        );
+        let end = from.timing().lock().attempt_end.unwrap();
+        assert!(
+            end < accepted + o.attempt_timeout + Duration::from_millis(100),
+            "the attempt ends {:?} after its connection (attempt_timeout {:?})",
+            end - accepted,
+            o.attempt_timeout
+        );
+    }
 
     /// A destination that floods the return path while the loop reads nothing: the reader
     /// thread stops at [`RETURN_QUEUE`] messages, TCP holds the destination back, and its

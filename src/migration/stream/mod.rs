@@ -174,7 +174,6 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// Framing bytes of a Section frame around its state's payload: frame header, state id,
 impl<W: Write> Outbound for FrameWriter<W> {
     /// Sends `payload` as a Section frame of `state`.
     fn send(&mut self, state: StateId, payload: &[u8]) -> Result<Bytes> {
