@@ -2800,6 +2800,64 @@ fn an_unaligned_refcount_block_is_an_internal_error_as_qemu_img_check_says() {
     }
 }
 
+/// `dbm create` makes the image under a temporary name beside it and links it to IMAGE
+/// once complete: SIGINT or SIGTERM mid-create (here while it writes the metadata of an
+/// 8 TiB raw disk) leaves neither IMAGE nor the temporary file, so a second create
+/// succeeds. It used to leave a GiB-sized file at IMAGE that held no image and that
+/// `dbm create` then refused to overwrite.
+#[test]
+fn a_create_ended_by_a_signal_leaves_nothing_behind() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(8 << 40)
+        .unwrap();
+    let img = dir.path().join("k.qcow2");
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dbm"))
+            .args(["create", p(&img), "--data-file", p(&raw)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Once the temporary file has grown past its first clusters, the create is
+        // writing the metadata (about 1 GiB of it).
+        let tmp = dir
+            .path()
+            .join(format!(".k.qcow2.dbm-create-{}", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&tmp).map_or(0, |m| m.len()) < 1 << 20 {
+            assert!(
+                Instant::now() < deadline,
+                "the create made no temporary file"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the create ended first"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: a signal to our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "{status:?}");
+        assert!(!img.exists(), "signal {sig}: IMAGE left behind");
+        assert!(
+            !tmp.exists(),
+            "signal {sig}: the temporary file left behind"
+        );
+    }
+    dbm_ok(&["create", p(&img), "--data-file", p(&raw)]);
+    assert_qemu_clean(&img);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info
 /// --output=json -f qcow2`, `check --output json` (QEMU's keys with QEMU's meaning),
 /// `check -q`, the summary on stdout and the findings on stderr as qemu-img prints them,

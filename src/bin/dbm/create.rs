@@ -47,21 +47,52 @@ pub fn run(args: &CreateArgs) -> CmdResult {
             (size, Some(name))
         }
     };
-    let storage = FileStorage::create(&args.image).map_err(|e| at(&args.image, e))?;
+    // Made under a temporary name beside IMAGE and linked to IMAGE once complete, so IMAGE
+    // never names a half-made file (a SIGKILL or a crash may leave the temporary one);
+    // SIGINT and SIGTERM remove it first.
+    let tmp = temporary_name(&args.image)?;
+    let _guard = crate::signals::remove_on_signal(&tmp);
+    let storage = FileStorage::create(&tmp).map_err(|e| at(&args.image, e))?;
     let r = match &name {
         None => BitmapStore::create(storage, size, args.cluster_size),
         Some(n) => BitmapStore::create_with_data_file(storage, size, args.cluster_size, n),
-    };
-    match r {
-        Ok(store) => {
-            drop(store);
-            Ok(ExitCode::SUCCESS)
+    }
+    .map_err(|e| at(&args.image, e))
+    .and_then(|store| {
+        drop(store);
+        publish(&tmp, &args.image)
+    });
+    // The file is ours: do not leave it behind (after a link, IMAGE names it too).
+    let _ = std::fs::remove_file(&tmp);
+    r?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `.NAME.dbm-create-PID` beside `image` (named NAME).
+fn temporary_name(image: &Path) -> Result<PathBuf, String> {
+    let name = image
+        .file_name()
+        .ok_or_else(|| at(image, "is not a file name"))?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".dbm-create-{}", std::process::id()));
+    Ok(image.with_file_name(tmp))
+}
+
+/// Gives the complete image at `tmp` the name `image`, never replacing a file there: a
+/// hard link (which fails if `image` exists), or on a filesystem without them a rename
+/// after a check.
+fn publish(tmp: &Path, image: &Path) -> Result<(), String> {
+    match std::fs::hard_link(tmp, image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(at(
+            image,
+            "already exists; dbm create never overwrites a file",
+        )),
+        Err(_) if image.symlink_metadata().is_err() => {
+            std::fs::rename(tmp, image).map_err(|e| at(image, e))
         }
-        Err(e) => {
-            // The file is ours and holds no image: do not leave it behind.
-            let _ = std::fs::remove_file(&args.image);
-            Err(at(&args.image, e).into())
-        }
+        Err(e) => Err(at(image, e)),
     }
 }
 

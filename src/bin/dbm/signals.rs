@@ -1,9 +1,10 @@
 //! SIGINT and SIGTERM as a request to stop, for the commands that run a guest until told
 //! (`dbm migrate listen --run-for`, `dbm migrate send --run-for`): the guest then stops
 //! and the image is inactivated as at the end of the run, instead of the process dying with
-//! its bitmaps `in_use`.
+//! its bitmaps `in_use`. And, for `dbm create`, as the end of the process that first
+//! removes the file it was making ([`remove_on_signal`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
 /// Set by the handler; read by [`run_for`].
@@ -110,6 +111,68 @@ pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
             return Verdict::Stop;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The path [`remove_on_signal`] removes, NUL-terminated (null: none). Owned by the
+/// [`RemoveOnSignal`] guard, or, once the handler took it, leaked to the dying process.
+static DOOMED: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+/// SIGINT's and SIGTERM's handler while a [`RemoveOnSignal`] lives: removes the path, then
+/// dies of the signal as without the handler.
+extern "C" fn remove_and_die(sig: libc::c_int) {
+    let p = DOOMED.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    // SAFETY: `unlink`, `signal` and `raise` are async-signal-safe; `p` is null or the
+    // guard's NUL-terminated string, which the swap took from it (the guard then frees
+    // nothing), so it lives until the process ends.
+    unsafe {
+        if !p.is_null() {
+            libc::unlink(p);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// While it lives, SIGINT and SIGTERM remove a file before they end the process (see
+/// [`remove_on_signal`]).
+#[derive(Debug)]
+pub struct RemoveOnSignal(());
+
+/// Until the guard drops, SIGINT and SIGTERM remove `path`, then end the process as
+/// without a handler (for a file made under a temporary name: `dbm create`). A path that
+/// does not exist yet, or no longer, is left alone. `None` for a path with a NUL byte.
+pub fn remove_on_signal(path: &std::path::Path) -> Option<RemoveOnSignal> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let old = DOOMED.swap(c.into_raw(), Ordering::SeqCst);
+    if !old.is_null() {
+        // SAFETY: a pointer stored here comes from `CString::into_raw`, and the swap took
+        // it from the handler's reach.
+        drop(unsafe { std::ffi::CString::from_raw(old) });
+    }
+    let handler = remove_and_die as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
+    // SAFETY: `remove_and_die` makes async-signal-safe calls only; the guard puts the
+    // default actions back.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    Some(RemoveOnSignal(()))
+}
+
+impl Drop for RemoveOnSignal {
+    fn drop(&mut self) {
+        // SAFETY: puts back the default actions `remove_on_signal` replaced.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        }
+        let p = DOOMED.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: from `CString::into_raw`; the swap took it from the handler.
+            drop(unsafe { std::ffi::CString::from_raw(p) });
+        }
     }
 }
 
