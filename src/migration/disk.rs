@@ -617,8 +617,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         self.stop
     }
 
-    /// Nothing to undo: the store is still active and holds every mark.
-    fn cancel(&mut self) {}
+    /// Nothing to undo: the store is still active and holds every mark. Its write log,
+    /// started for this attempt's destination, ends (a retry starts one of its own).
+    fn cancel(&mut self) {
+        self.store.lock().stop_write_log();
+    }
 
     /// Nothing to re-dirty: nothing went on the wire.
     fn resume_source(&mut self) {}
@@ -1165,6 +1168,20 @@ mod tests {
         };
         let (state, b) = faulty_store();
         (state, b, stop_syncs)
+    }
+
+    /// A migration cancelled before its stop ends the write log its setup started: no
+    /// flush after it keeps up a log nobody takes.
+    #[test]
+    fn a_cancel_ends_the_write_log() {
+        let (mut state, b) = faulty_store();
+        state.setup(&mut Sink).unwrap();
+        assert!(state.store.lock().write_log_pending().is_some());
+        state.cancel();
+        assert_eq!(state.store.lock().write_log_pending(), None);
+        b.mark_dirty(G, 1);
+        state.store.lock().flush().unwrap();
+        assert_eq!(state.store.lock().write_log_pending(), None);
     }
 
     fn faulty_store() -> (SharedDiskState<Faulty>, Arc<DirtyBitmap>) {

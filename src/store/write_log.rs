@@ -55,6 +55,13 @@ impl<S: Storage> BitmapStore<S> {
         id
     }
 
+    /// Ends the log, if one runs, without a last take: for a writer whose reader is gone
+    /// (a migration cancelled before its stop). A log nobody takes would otherwise be kept
+    /// up by every flush, a bitmap's entry for each new name, until the next start.
+    pub fn stop_write_log(&mut self) {
+        self.write_log = None;
+    }
+
     /// Regions' worth of bytes a reader's [`Preloaded::apply`] of `log` reads: the
     /// header's sector, and for each bitmap it names that this store holds, its regions and
     /// its table (read whole); a name this store does not hold, its regions and a table of
