@@ -266,10 +266,10 @@ fn a_crash_anywhere_in_a_checkpoint_leaves_the_old_chain_or_the_new_one() {
     assert_eq!(seen.len(), 2, "both outcomes must be reachable: {seen:?}");
 }
 
-/// Found by an adversarial review: a checkpoint on a store inactivated in this process,
-/// whose parked bitmaps a tracker still marks, added the new bitmap on disk only and
-/// disabled the parked old one, so a mark landed in neither. The new bitmap is parked too:
-/// the tracker marks it, and `activate` resumes it.
+/// A checkpoint on a store inactivated in this process, whose parked bitmaps a tracker
+/// still marks, must not add the new bitmap on disk only and disable the parked old one, or
+/// a mark would land in neither. The new bitmap is parked too: the tracker marks it, and
+/// `activate` resumes it.
 #[test]
 fn a_checkpoint_while_inactive_keeps_the_trackers_marks() {
     let disk = 64 * MIB;
@@ -297,10 +297,10 @@ fn a_checkpoint_while_inactive_keeps_the_trackers_marks() {
     assert_eq!(extents(&d.load("a").unwrap()), vec![(G, G)]);
 }
 
-/// Found by an adversarial review: an inactive add or checkpoint parked the new bitmap only
-/// when another bitmap was parked, so a store whose stop parked none (it held no bitmap, or
-/// its parked ones were removed since) added it on disk alone, and a tracker's mark after
-/// the call returned was in no bitmap. The store now parks whenever its stop parked.
+/// An inactive add or checkpoint parks the new bitmap whenever the store's stop parked, not
+/// only when another bitmap is parked: a store whose stop parked none (it held no bitmap,
+/// or its parked ones were removed since) would otherwise add it on disk alone, and a
+/// tracker's mark after the call returned would be in no bitmap.
 #[test]
 fn an_inactive_add_is_parked_when_the_stop_parked_no_bitmap() {
     let disk = 64 * MIB;
@@ -341,11 +341,11 @@ fn an_inactive_add_is_parked_when_the_stop_parked_no_bitmap() {
         .expect("no parked bitmap without a tracker");
 }
 
-/// Found by an adversarial review: QEMU keeps the bitmaps it loaded in place and appends
-/// those one run created newest first, so two checkpoints made in one
-/// `qemu-storage-daemon` session lie in the directory as c1, c3, c2. "Since c2" took c2
-/// and the bitmaps after it (none) and called the disk clean although c3 recorded a write:
-/// a backup would have missed it. The union now takes every bitmap.
+/// QEMU keeps the bitmaps it loaded in place and appends those one run created newest
+/// first, so two checkpoints made in one `qemu-storage-daemon` session lie in the directory
+/// as c1, c3, c2. "Since c2" taken as c2 and the bitmaps after it (none) would call the
+/// disk clean although c3 recorded a write: a backup would miss it. The union takes every
+/// bitmap.
 #[test]
 fn what_changed_since_a_checkpoint_qemu_made() {
     let dir = tempfile::tempdir().unwrap();
@@ -407,11 +407,11 @@ fn what_changed_since_a_checkpoint_qemu_made() {
     );
 }
 
-/// Found by an adversarial review: a checkpoint on an image whose bitmaps extension is
-/// untrusted (autoclear bit 0 clear: a program without bitmap support wrote it, or a crash
-/// inside one of our brackets) filtered those bitmaps out, started a new chain and dropped
-/// the old one with its commit, without a word. It is refused as for an inconsistent
-/// recording bitmap, before anything is written.
+/// A checkpoint on an image whose bitmaps extension is untrusted (autoclear bit 0 clear: a
+/// program without bitmap support wrote it, or a crash inside one of our brackets) must not
+/// filter those bitmaps out, start a new chain and drop the old one with its commit,
+/// without a word. It is refused as for an inconsistent recording bitmap, before anything
+/// is written.
 #[test]
 fn a_checkpoint_over_an_untrusted_chain_is_refused_before_any_write() {
     let mut st = BitmapStore::create(MemStorage::new(), 64 * MIB, G).unwrap();
@@ -500,11 +500,11 @@ fn export_in(bytes: Vec<u8>, want: &dirty_bitmap::DirtyBitmap, at: &str) -> Opti
     Some(first_not_dirty(&x, want.dirty_extents()).is_none())
 }
 
-/// Found by a review: `export_since` added `into` empty and consistent in one commit and
-/// stored its content in a second, so a crash between the two left an exported bitmap that
-/// `qemu-nbd -B` exports as clean (a backup through it copies nothing). At every crash
-/// point (unsynced writes dropped, kept or torn), `x` is absent, or present, consistent
-/// and holding every bit of `changed_since`.
+/// `export_since` names `into` in one directory commit, its content written before it: a
+/// bitmap added empty and consistent, its content still to come, is one that `qemu-nbd -B`
+/// exports as clean (a backup through it copies nothing). At every crash point (unsynced
+/// writes dropped, kept or torn), `x` is absent, or present, consistent and holding every
+/// bit of `changed_since`.
 #[test]
 fn a_crash_anywhere_in_an_export_never_leaves_it_without_its_bits() {
     let crash = CrashStorage::new();
@@ -527,11 +527,11 @@ fn a_crash_anywhere_in_an_export_never_leaves_it_without_its_bits() {
     assert_eq!(seen.len(), 2, "both outcomes must be reachable: {seen:?}");
 }
 
-/// Found by a review: when the second commit of `export_since` failed, its clean-up
-/// (`remove`) was refused on the poisoned store and ignored, leaving `into` empty and
-/// consistent. For every write and barrier of the export failing (and every one after it),
-/// the image as it is then and as a crash would leave it holds no `x`, or one with every
-/// bit of `changed_since`.
+/// A failure in `export_since` never leaves `into` empty and consistent: its one commit
+/// names `into` with its content, so no clean-up is needed (a `remove` would be refused on
+/// the poisoned store). For every write and barrier of the export failing (and every one
+/// after it), the image as it is then and as a crash would leave it holds no `x`, or one
+/// with every bit of `changed_since`.
 #[test]
 fn a_failed_export_never_leaves_it_without_its_bits() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
@@ -849,10 +849,10 @@ fn a_crash_anywhere_around_an_active_checkpoint_never_trusts_a_bitmap_without_it
     assert_eq!(trusted.len(), 2, "{points} points, trusted {trusted:?}");
 }
 
-/// Found by a review: `checkpoint` ran its chain checks before it asked whether the store
-/// could write at all, so a read-only store with two recording bitmaps said to fix the
-/// chain ("2 bitmaps record"), and `export_since` on a read-only store built the whole
-/// union before `ReadOnly`. Both now say `ReadOnly` first.
+/// `checkpoint` asks whether the store can write at all before it runs its chain checks, so
+/// a read-only store with two recording bitmaps says `ReadOnly`, not to fix the chain ("2
+/// bitmaps record"); and `export_since` on a read-only store says `ReadOnly` before it
+/// builds the union.
 #[test]
 fn a_read_only_store_refuses_a_checkpoint_and_an_export_as_read_only() {
     let mut st = BitmapStore::create(MemStorage::new(), 64 * MIB, G).unwrap();

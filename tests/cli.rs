@@ -740,13 +740,13 @@ fn bad_input_fails_cleanly() {
     }
 }
 
-/// Found by a review: the reports of `dbm bench flush`, `dbm bench load` and `dbm drill
-/// migrate` were printed with `println!`, which panics (status 101) on a closed stdout
-/// (`dbm bench flush | head -1`), where docs/CLI.md says a closed pipe ends the output
-/// quietly. The pipe's read end is closed before the command starts, so every line it
-/// writes meets the closed pipe. The two benches run here (the drill's matrix takes
-/// minutes; it writes through the same `outln!`); `dump` and `info` are commands that
-/// always wrote through `out::emit`.
+/// The reports of `dbm bench flush`, `dbm bench load` and `dbm drill migrate` are not
+/// printed with `println!`, which panics (status 101) on a closed stdout
+/// (`dbm bench flush | head -1`): docs/CLI.md says a closed pipe ends the output quietly.
+/// The pipe's read end is closed before the command starts, so every line it writes meets
+/// the closed pipe. The two benches run here (the drill's matrix takes minutes; it writes
+/// through the same `outln!`); `dump` and `info` are commands that write through
+/// `out::emit`.
 #[test]
 fn reports_end_quietly_on_a_closed_stdout() {
     let dir = tempfile::tempdir().unwrap();
@@ -788,9 +788,9 @@ fn reports_end_quietly_on_a_closed_stdout() {
     }
 }
 
-/// Found by a review: without qemu-img, `dbm drill migrate` ran every case and reported
-/// each one as corrupt (status 2, "left corruption"), its check of the image not run. It
-/// now needs qemu-img, and says so with status 1 before any case.
+/// Without qemu-img, `dbm drill migrate` cannot check the image, and running every case
+/// would report each one as corrupt (status 2, "left corruption"). It needs qemu-img, and
+/// says so with status 1 before any case.
 #[test]
 fn drill_needs_qemu_img_and_says_so_before_any_case() {
     let empty = tempfile::tempdir().unwrap();
@@ -928,10 +928,9 @@ fn migrate_refuses_a_zero_timeout_before_opening_the_image() {
     }
 }
 
-/// Found by a review: a `--downtime-limit` the loop refuses (above 2000 s) was refused by
-/// every attempt after `send` had activated the image (`in_use` written) and marked its
-/// bitmaps, and `send` exited 3 ("not migrated"). A bad argument: status 1, the image
-/// untouched.
+/// A `--downtime-limit` the loop refuses (above 2000 s) is refused before `send` activates
+/// the image (`in_use` written) and marks its bitmaps; refused by every attempt instead,
+/// `send` would exit 3 ("not migrated"). A bad argument: status 1, the image untouched.
 #[test]
 fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -942,10 +941,9 @@ fn migrate_refuses_a_downtime_limit_the_loop_refuses_before_opening_the_image() 
     }
 }
 
-/// Found by a review: `migrate send --vcpus 18446744073709551615` panicked (a capacity
-/// overflow) after it had activated the image, leaving its bitmap `in_use`. A count beyond
-/// 4096 (or 0) is refused at parsing, by every command that runs vCPUs, before anything is
-/// opened.
+/// `migrate send --vcpus 18446744073709551615` must not panic (a capacity overflow) after
+/// it has activated the image, leaving its bitmap `in_use`. A count beyond 4096 (or 0) is
+/// refused at parsing, by every command that runs vCPUs, before anything is opened.
 #[test]
 fn vcpu_counts_beyond_4096_are_refused_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -962,10 +960,10 @@ fn vcpu_counts_beyond_4096_are_refused_before_anything_runs() {
     }
 }
 
-/// Found by a review: `migrate listen` opened its `--log` only once the guest had started
-/// there, so a path it could not write ended the run after the hand-over (the source's
-/// guest gone, this one stopped at once). It is opened before anything listens, and a
-/// `--log` with no writes to log is refused.
+/// `migrate listen` opens its `--log` before anything listens: opened only once the guest
+/// started there, a path it cannot write would end the run after the hand-over (the
+/// source's guest gone, this one stopped at once). A `--log` with no writes to log is
+/// refused.
 #[test]
 fn listen_refuses_a_log_it_cannot_write_before_it_listens() {
     let dir = tempfile::tempdir().unwrap();
@@ -1003,10 +1001,10 @@ fn listen_refuses_a_log_it_cannot_write_before_it_listens() {
     }
 }
 
-/// Found by a review: a command whose change was committed exited 1 when its report could
-/// not be written (stdout on a full disk), so a script took the change for not made (and
-/// a removal's "made all dirty" notice was lost). It exits 0, and the report goes to
-/// stderr with a warning.
+/// A command whose change was committed exits 0 when its report cannot be written (stdout
+/// on a full disk), and the report goes to stderr with a warning: exit 1 would make a
+/// script take the change for not made (and a removal's "made all dirty" notice would be
+/// lost).
 #[test]
 fn a_committed_change_whose_report_cannot_be_written_still_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -1048,9 +1046,9 @@ fn a_committed_change_whose_report_cannot_be_written_still_exits_0() {
     assert_eq!(names, ["c1", "tmp"], "{names:?}");
 }
 
-/// Found by a review: with a stderr that cannot be written (`2>/dev/full`), an error
-/// message, a usage error or `check`'s findings panicked (`eprint!`: exit 101), after a
-/// committed repair too. The line is lost; the exit status stays the command's.
+/// With a stderr that cannot be written (`2>/dev/full`), an error message, a usage error or
+/// `check`'s findings must not panic (`eprint!`: exit 101), after a committed repair too.
+/// The line is lost; the exit status stays the command's.
 #[test]
 fn a_stderr_that_cannot_be_written_keeps_the_exit_status() {
     let dir = tempfile::tempdir().unwrap();
@@ -2221,12 +2219,12 @@ fn info_shows_the_mode_and_why_each_bitmap_can_be_trusted() {
 /// own working directory); QEMU reads the raw bytes through it; the raw file is never
 /// written. A `--size` that is not the raw file's, a raw file of a size QEMU cannot map, or
 /// a missing one is refused before the image exists.
-/// Found by a review: `FileStorage::create` left the new, empty file behind when a step
-/// after its creation failed (the locks, or the sync of the directory), so `dbm create`
-/// exited 1 with an empty IMAGE left, and a rerun refused it as existing. In a directory
-/// its user may write but not read (mode 0733), the creation succeeds and the directory's
-/// sync fails: nothing may be left. Run as `nobody` when the test runs as root, whom
-/// permissions do not stop.
+/// `FileStorage::create` removes the new, empty file when a step after its creation fails
+/// (the locks, or the sync of the directory): left behind, `dbm create` would exit 1 with
+/// an empty IMAGE left, and a rerun would refuse it as existing. In a directory its user
+/// may write but not read (mode 0733), the creation succeeds and the directory's sync
+/// fails: nothing may be left. Run as `nobody` when the test runs as root, whom permissions
+/// do not stop.
 #[test]
 fn a_create_that_fails_after_making_the_file_leaves_nothing_behind() {
     use std::os::unix::fs::PermissionsExt;
@@ -3279,12 +3277,12 @@ fn a_missing_bitmap_reads_the_same_in_every_command() {
     }
 }
 
-/// Found by an adversarial review: `dbm bitmap` applied its verbs one by one, so a verb
-/// that refused (a merge source that does not exist) came after an earlier verb had
-/// written; `--add` took the name as given while the other verbs unescaped it, so `--add
-/// --clear` on a name with a backslash added one bitmap and looked for another; and
-/// `--remove --disable` on an inconsistent bitmap failed on the disable, never removing.
-/// Every refusal is now found before the first write.
+/// `dbm bitmap` checks every verb of a call before the first write, so a verb that refuses
+/// (a merge source that does not exist) never comes after an earlier verb has written. A
+/// new name is taken as given by every verb of the call, so `--add --clear` names one
+/// bitmap, not one added raw and another looked for unescaped; and `--remove --disable` on
+/// an inconsistent bitmap removes it, without failing on the disable. Every refusal is
+/// found before the first write.
 #[test]
 fn bitmap_verbs_are_checked_before_the_first_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -3323,13 +3321,13 @@ fn bitmap_verbs_are_checked_before_the_first_write() {
     assert!(!dbm_ok(&["info", i]).contains("name: a\n"));
 }
 
-/// Found by a review: a new name was taken raw and an existing one unescaped, so after
-/// `--add 'xA'` and `--add 'x\x41'`, `--remove 'x\x41'` removed `xA` (the one holding the
-/// marks) and kept the other; the documented "remove TMP after the backup" fell into it for
-/// a TMP holding `\xNN`. A new name with a backslash is now refused before anything is
-/// written, by `bitmap --add`, `checkpoint NAME` and `checkpoint --into`. A name with a
-/// backslash that QEMU made is named with `\\`, and `info --json`'s `format-specific`
-/// list shows it as `qemu-img info` does.
+/// Were a new name taken raw and an existing one unescaped, after `--add 'xA'` and
+/// `--add 'x\x41'`, `--remove 'x\x41'` would remove `xA` (the one holding the marks) and
+/// keep the other, and the documented "remove TMP after the backup" would fall into it for
+/// a TMP holding `\xNN`. A new name with a backslash is refused before anything is written,
+/// by `bitmap --add`, `checkpoint NAME` and `checkpoint --into`. A name with a backslash
+/// that QEMU made is named with `\\`, and `info --json`'s `format-specific` list shows it
+/// as `qemu-img info` does.
 #[test]
 fn a_new_bitmap_name_with_a_backslash_is_refused_and_qemus_is_named_escaped() {
     let dir = tempfile::tempdir().unwrap();
@@ -3373,9 +3371,9 @@ fn a_new_bitmap_name_with_a_backslash_is_refused_and_qemus_is_named_escaped() {
     assert!(dbm_ok(&["dump", i, "xA"]).contains("65536"));
 }
 
-/// Found by a review: a table QEMU refuses (a reserved bit in an entry) is read only when
-/// its bitmap is loaded, after the open succeeded, so `dbm info` failed with status 1 and
-/// listed nothing, where docs/CLI.md says it reports the broken bitmap and keeps going.
+/// A table QEMU refuses (a reserved bit in an entry) is read only when its bitmap is
+/// loaded, after the open succeeded; `dbm info` reports the broken bitmap and keeps going,
+/// as docs/CLI.md says, rather than failing with status 1 and listing nothing.
 #[test]
 fn info_reports_a_bitmap_whose_table_qemu_refuses() {
     let dir = tempfile::tempdir().unwrap();
@@ -3402,7 +3400,7 @@ fn info_reports_a_bitmap_whose_table_qemu_refuses() {
     );
     assert!(dbm_ok(&["info", i]).contains("state: broken"));
     // `dump` of the sibling `info` calls inconsistent refuses it as an inconsistent bitmap
-    // is refused (found by a review: it printed the bits and exited 0).
+    // is refused, rather than printing the bits and exiting 0.
     let err = dbm_fails(&["dump", i, "other"]);
     assert!(
         err.contains("src is broken") && err.contains("all dirty"),
@@ -3435,12 +3433,12 @@ fn break_table(img: &Path, name: &str) {
     std::fs::write(img, &bytes).unwrap();
 }
 
-/// Found by a review: `dbm bitmap B --clear --merge SRC` cleared B in one commit and
-/// merged in a second, so a source that failed to load (a table that does not decode, a
-/// disk of another size, an image locked in between) or a crash between the two left B
-/// on disk empty and consistent: a backup through it would copy nothing. The source is
-/// now read and checked before the first write, and the merge is one commit with what it
-/// ORs into. What each call leaves is what `qemu-img bitmap` leaves on a copy.
+/// `dbm bitmap B --clear --merge SRC` reads and checks the source before the first write,
+/// and the merge is one commit with what it ORs into. Cleared in one commit and merged in a
+/// second, B would be left on disk empty and consistent by a source that fails to load (a
+/// table that does not decode, a disk of another size, an image locked in between) or a
+/// crash between the two: a backup through it would copy nothing. What each call leaves is
+/// what `qemu-img bitmap` leaves on a copy.
 #[test]
 fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
     tool("qemu-img");
@@ -3527,10 +3525,10 @@ fn bitmap_clear_and_merge_writes_once_after_reading_the_source() {
     assert_eq!(qemu_check(&img), 0);
 }
 
-/// Found by a review: `dbm bitmap --add` without `-g` (or with `-g 0`) gave every image
-/// 64 KiB, where `qemu-img bitmap --add` gives the image's cluster size kept within 4 KiB
-/// to 64 KiB; and a size's fraction was rounded down, where qemu-img rounds it to the
-/// nearest byte (`-g 0.5005K` is 513 bytes, refused; `0.5001K` is 512).
+/// `dbm bitmap --add` without `-g` (or with `-g 0`) gives the image's cluster size kept
+/// within 4 KiB to 64 KiB, as `qemu-img bitmap --add` does, not 64 KiB for every image; and
+/// a size's fraction is rounded to the nearest byte as qemu-img rounds it, not down
+/// (`-g 0.5005K` is 513 bytes, refused; `0.5001K` is 512).
 #[test]
 fn bitmap_add_takes_qemu_img_granularities() {
     tool("qemu-img");
@@ -3580,12 +3578,12 @@ fn bitmap_add_takes_qemu_img_granularities() {
     }
 }
 
-/// Found by a review: `dbm bitmap --add X --merge S` added X empty and consistent in one
-/// commit and merged in a second, so a merge that failed after the add (a source bitmap
-/// whose table does not read) or a crash between the two left X on disk consistent and
-/// empty, a "nothing changed" for a backup through it. The source is read first and X is
-/// written with its bits in the one commit that names it: a failed merge writes nothing,
-/// and a good one, with a `--clear` between, holds the source's bits.
+/// `dbm bitmap --add X --merge S` reads the source first and writes X with its bits in the
+/// one commit that names it. Added empty and consistent in one commit and merged in a
+/// second, X would be left on disk consistent and empty by a merge that fails after the add
+/// (a source bitmap whose table does not read) or a crash between the two, a "nothing
+/// changed" for a backup through it. A failed merge writes nothing, and a good one, with a
+/// `--clear` between, holds the source's bits.
 #[test]
 fn bitmap_add_with_merge_never_leaves_the_new_bitmap_empty() {
     let dir = tempfile::tempdir().unwrap();
@@ -3652,10 +3650,9 @@ fn bitmap_add_with_merge_never_leaves_the_new_bitmap_empty() {
     assert_eq!(qemu_check(&img), 0);
 }
 
-/// Found by a review of the CLI: `dbm demo --dir D` replaced `D/demo-migrate.qcow2`, which
-/// neither `--help` nor docs/CLI.md named among the files it replaces. Every file the demo
-/// leaves in D is named by both; a file of another name survives it untouched, and a file
-/// of a name they list is replaced.
+/// Every file `dbm demo --dir D` leaves in D, `D/demo-migrate.qcow2` included, is named
+/// among the files it replaces by both `--help` and docs/CLI.md; a file of another name
+/// survives it untouched, and a file of a name they list is replaced.
 #[test]
 fn demo_replaces_only_the_files_its_help_names() {
     let dir = tempfile::tempdir().unwrap();
@@ -3714,11 +3711,10 @@ fn demo_replaces_only_the_files_its_help_names() {
     }
 }
 
-/// Found by a review: `dbm demo` spawned its writers with `thread::spawn` (a panic when the
-/// system refuses a thread) and collected a tick's offsets in one vector sized by
-/// `--writes-per-round` (an allocation the machine refuses: an abort, exit 134), so large
-/// arguments crashed it, leaving `demo.qcow2` in use. They are refused first, writing
-/// nothing.
+/// Large arguments must not crash `dbm demo`, leaving `demo.qcow2` in use: writers spawned
+/// with `thread::spawn` panic when the system refuses a thread, and a tick's offsets
+/// collected in one vector sized by `--writes-per-round` make an allocation the machine
+/// refuses (an abort, exit 134). They are refused first, writing nothing.
 #[test]
 fn demo_refuses_arguments_it_cannot_run_before_it_writes() {
     let dir = tempfile::tempdir().unwrap();

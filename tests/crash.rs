@@ -1402,12 +1402,12 @@ fn a_torn_header_write_keeps_an_overlays_backing_file() {
     assert!(landings >= 24 && moves >= 12 && seen_old > 0 && seen_new > 0);
 }
 
-/// Found by a review: a process killed in the middle of a name move leaves a cluster 0 that
-/// opens naming the right file but is not the bytes this crate encodes (the name at the
-/// spare place, or a stray copy of it) until the next header write. A store that handed
-/// the image over compared cluster 0 byte for byte with its encoding before taking it back,
-/// so every later take-back (a failed migration's source resuming) refused it as changed
-/// while inactive, and the guest stayed stopped. Each crash image of the move, opened,
+/// A process killed in the middle of a name move leaves a cluster 0 that opens naming the
+/// right file but is not the bytes this crate encodes (the name at the spare place, or a
+/// stray copy of it) until the next header write. A store that handed the image over must
+/// not compare cluster 0 byte for byte with its encoding before taking it back: every later
+/// take-back (a failed migration's source resuming) would refuse it as changed while
+/// inactive, and the guest would stay stopped. Each crash image of the move, opened,
 /// activated, inactivated (which hands the image over) and activated again, must be taken
 /// back.
 #[test]
@@ -1750,13 +1750,13 @@ fn a_torn_checkpoint_over_a_straddling_extension_is_the_old_chain_or_the_new_one
     assert!(landings >= 4 && old_seen > 0 && new_seen > 0);
 }
 
-/// Found by a review: a backing file offset inside the header (below `header_length`),
-/// which QEMU opens (it then reads no extension, and header bytes as the name), was moved
-/// like any name when the first add re-laid cluster 0: the move zeroed the bytes under the
-/// old place behind a barrier before rewriting the header, so a crash there left the
-/// refcount table's offset 0 (this crate refuses the image; QEMU takes cluster 0 for its
-/// refcount table). At every crash point of the add, the header bytes under the name must
-/// be as they were, and the image must open writable here and for `qemu-img check`.
+/// A backing file offset inside the header (below `header_length`), which QEMU opens (it
+/// then reads no extension, and header bytes as the name), is not moved like any name when
+/// the first add re-lays cluster 0: the move zeroes the bytes under the old place behind a
+/// barrier before rewriting the header, so a crash there would leave the refcount table's
+/// offset 0 (this crate refuses the image; QEMU takes cluster 0 for its refcount table). At
+/// every crash point of the add, the header bytes under the name must be as they were, and
+/// the image must open writable here and for `qemu-img check`.
 #[test]
 fn a_backing_name_inside_the_header_is_never_zeroed_by_a_move() {
     let dir = tempfile::tempdir().unwrap();

@@ -648,11 +648,10 @@ fn an_intent_past_a_shrunk_disk_fails_in_wait() {
     assert_eq!(r, Ok(true), "wait did not fail within 10 s");
 }
 
-/// Found by an adversarial review: QEMU's whole rewrite (`inactivate_full_rewrite`, a
-/// benchmark baseline) freed the durable tables and left the durable state live, so a
-/// durable tracker's next mark committed into a freed cluster and returned `Ok` while the
-/// bitmap in force lacked it. A durable store refuses it before writing anything, and its
-/// tracker keeps working.
+/// QEMU's whole rewrite (`inactivate_full_rewrite`, a benchmark baseline) frees the durable
+/// tables; with the durable state left live, a durable tracker's next mark would commit
+/// into a freed cluster and return `Ok` while the bitmap in force lacks it. A durable store
+/// refuses it before writing anything, and its tracker keeps working.
 #[test]
 fn the_whole_rewrite_is_refused_on_a_durable_store() {
     let shared = durable_store(MemStorage::new());
@@ -679,12 +678,12 @@ fn the_whole_rewrite_is_refused_on_a_durable_store() {
     assert!(a.is_dirty(5 * G) && a.is_dirty(9 * G));
 }
 
-/// Found by an adversarial review: an all-ones table entry (the spec's form for a cluster
-/// of set bits, which QEMU reads but never writes) gets a data cluster at the durable
-/// activation, and the entry pointing to it was written with no barrier after the
-/// cluster's bytes. A crash could keep the entry and drop the bytes: a consistent bitmap
-/// whose bits read clear. At every crash point, in every crash mode and 32 torn ones, the
-/// bitmap is consistent and every bit of that cluster is set.
+/// An all-ones table entry (the spec's form for a cluster of set bits, which QEMU reads but
+/// never writes) gets a data cluster at the durable activation, and the entry pointing to
+/// it needs a barrier after the cluster's bytes: a crash that keeps the entry and drops the
+/// bytes would leave a consistent bitmap whose bits read clear. At every crash point, in
+/// every crash mode and 32 torn ones, the bitmap is consistent and every bit of that
+/// cluster is set.
 #[test]
 fn an_all_ones_entry_keeps_its_bits_at_every_crash_point_of_the_activation() {
     let crash = Arc::new(CrashStorage::new());
@@ -838,13 +837,13 @@ impl<S: Storage> Storage for Hooked<S> {
     }
 }
 
-/// Found by a review: an edit of a store that handed the image over takes QEMU's writer
-/// locks back and reads the image (is it still as this handle left it?) before it writes.
-/// A read that panicked there left the locks held while the store said released, so the
-/// destination it had handed the image to could not open it until the store was dropped:
-/// an `inactivate` (a no-op on an inactive store that released them) did not help. Here
-/// every read of the edit panics in turn; after each, the store inactivates and the
-/// destination must open the image writable and find the source's mark.
+/// An edit of a store that handed the image over takes QEMU's writer locks back and reads
+/// the image (is it still as this handle left it?) before it writes. A read that panics
+/// there must not leave the locks held while the store says released: the destination it
+/// handed the image to could not open it until the store was dropped, and an `inactivate`
+/// (a no-op on an inactive store that released them) would not help. Here every read of the
+/// edit panics in turn; after each, the store inactivates and the destination must open the
+/// image writable and find the source's mark.
 #[test]
 fn an_edit_that_panicked_in_a_read_after_a_hand_over_leaves_the_image_to_the_destination() {
     use dirty_bitmap::storage::FileStorage;
@@ -877,14 +876,14 @@ fn an_edit_that_panicked_in_a_read_after_a_hand_over_leaves_the_image_to_the_des
     }
 }
 
-/// Found by a review: disabling a recording bitmap of a durable store cleared its flag in
-/// memory before the flags write, and the fast path skips a bitmap disabled in memory. So
-/// an intent on a clean granule was acknowledged from inside that write, while the disk
-/// still said the bitmap records: a crash there leaves it consistent, recording, and
-/// without the write. Here the fast path's answer (`is_durable`: a mark returns `Ok` at
-/// once exactly when it says so) is asked at every write and barrier of the call, and
-/// each time the image as it is then (kept, and with the unsynced tail dropped) must hold
-/// the granule in every bitmap it names recording.
+/// Disabling a recording bitmap of a durable store must not clear its flag in memory before
+/// the flags write, since the fast path skips a bitmap disabled in memory: an intent on a
+/// clean granule would be acknowledged from inside that write, while the disk still says
+/// the bitmap records, and a crash there leaves it consistent, recording, and without the
+/// write. Here the fast path's answer (`is_durable`: a mark returns `Ok` at once exactly
+/// when it says so) is asked at every write and barrier of the call, and each time the
+/// image as it is then (kept, and with the unsynced tail dropped) must hold the granule in
+/// every bitmap it names recording.
 #[test]
 fn a_disable_never_acknowledges_a_mark_the_disk_still_records_without() {
     let crash = Arc::new(CrashStorage::new());
@@ -958,11 +957,11 @@ fn a_failed_disable_never_acknowledges_a_mark_the_disk_records_without() {
     }
 }
 
-/// Found by a review: a deferred `Tracker` taken while the store was active in the
-/// deferred mode follows the store's list, which a later durable activation fills with
-/// its bitmaps. Its marks then land in memory only and return, while the durable bitmaps
-/// on disk stay consistent without them. `activate_durable` is refused while such a
-/// tracker exists, and goes ahead once it is dropped.
+/// A deferred `Tracker` taken while the store was active in the deferred mode follows the
+/// store's list, which a later durable activation fills with its bitmaps: its marks would
+/// then land in memory only and return, while the durable bitmaps on disk stay consistent
+/// without them. `activate_durable` is refused while such a tracker exists, and goes ahead
+/// once it is dropped.
 #[test]
 fn a_durable_activation_is_refused_while_a_deferred_tracker_exists() {
     let crash = Arc::new(CrashStorage::new());
@@ -1001,13 +1000,13 @@ fn a_durable_activation_is_refused_while_a_deferred_tracker_exists() {
     assert!(on_disk(crash.durable_image(), 5 * G));
 }
 
-/// Found by a review: a durable `add` (or checkpoint) that failed at or after its header
-/// write (the commit point) returned before the trackers' list gained the new bitmap,
-/// and the fast path went on acknowledging granules durable in the old ones, while the
-/// disk could name the new bitmap recording (and, for a checkpoint, the old one not)
-/// without them. Each write from the header write on (landed, but reported failed) and
-/// each barrier after it fails in turn: a mark on a granule durable in "a" may return `Ok`
-/// only if every bitmap the image names recording holds it.
+/// A durable `add` (or checkpoint) that fails at or after its header write (the commit
+/// point) must not return before the trackers' list gains the new bitmap: the fast path
+/// would go on acknowledging granules durable in the old ones, while the disk can name the
+/// new bitmap recording (and, for a checkpoint, the old one not) without them. Each write
+/// from the header write on (landed, but reported failed) and each barrier after it fails
+/// in turn: a mark on a granule durable in "a" may return `Ok` only if every bitmap the
+/// image names recording holds it.
 #[test]
 fn a_durable_add_that_fails_after_its_commit_point_acknowledges_nothing_it_lacks() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};
@@ -1093,11 +1092,11 @@ fn wait_durable<S: Storage>(intent: &dirty_bitmap::Intent<S>, secs: u64, what: &
     }
 }
 
-/// Found by a review: `FlushPolicy::spawn` read the store's bitmaps once, at the spawn,
-/// so a size-only policy never saw a bitmap that came later: one spawned before the
-/// durable activation watched an empty list, and after a checkpoint the list held only the
-/// disabled bitmap. An intent on the new recording bitmap then waited for ever on a store
-/// whose `Intent` docs promise the policy commits it. The estimate is read from the
+/// `FlushPolicy::spawn` does not read the store's bitmaps once, at the spawn: a size-only
+/// policy would never see a bitmap that came later (one spawned before the durable
+/// activation would watch an empty list, and after a checkpoint the list would hold only
+/// the disabled bitmap), and an intent on the new recording bitmap would wait for ever on a
+/// store whose `Intent` docs promise the policy commits it. The estimate is read from the
 /// store's current bitmaps at each poll.
 #[test]
 fn a_size_policy_commits_the_bitmaps_that_came_after_its_spawn() {
@@ -1127,13 +1126,13 @@ fn a_size_policy_commits_the_bitmaps_that_came_after_its_spawn() {
     assert!(s.load("b").unwrap().is_dirty(clean));
 }
 
-/// Found by a review: `bitmap` handed out the live bitmap of a durable store, whose
-/// `clear`, `take_dirty` and `set_enabled(false)` went behind the durable bits. A commit
-/// then wrote the cleared region as zeros, the durable bit stayed (a commit only ORs bits
-/// in), and the next mark of the granule returned on the fast path with its bit neither in
-/// memory nor on disk; a disabled handle made every granule read durable while the disk
-/// still said the bitmap records. The handle is refused (`bitmap` and `bitmaps`); were one
-/// handed out, every granule marked after its use must be in memory and on disk.
+/// `bitmap` must not hand out the live bitmap of a durable store, whose `clear`,
+/// `take_dirty` and `set_enabled(false)` go behind the durable bits: a commit would then
+/// write the cleared region as zeros, the durable bit would stay (a commit only ORs bits
+/// in), and the next mark of the granule would return on the fast path with its bit neither
+/// in memory nor on disk; a disabled handle would make every granule read durable while the
+/// disk still says the bitmap records. The handle is refused (`bitmap` and `bitmaps`); were
+/// one handed out, every granule marked after its use must be in memory and on disk.
 #[test]
 fn a_live_bitmap_of_a_durable_store_never_goes_behind_its_durable_bits() {
     type Meddle = fn(&dirty_bitmap::DirtyBitmap);
@@ -1187,14 +1186,14 @@ fn a_live_bitmap_of_a_durable_store_never_goes_behind_its_durable_bits() {
     }
 }
 
-/// Found by a review: a durable activation took every bit it loaded as durable, and issued
-/// no barrier when it had nothing to allocate and the image already recorded the durable
-/// mode. The bits it read can be a dead writer's commit whose region write landed in the
-/// page cache and whose barrier never ran (that intent was never acknowledged): the new
-/// activation's fast path acknowledged writes on them with no barrier, and a power loss
-/// then left the bitmap consistent without them, which QEMU trusts. Here the first
-/// handle's commit writes its region and its barrier fails; a second handle on the same
-/// storage activates and marks the same granule.
+/// A durable activation does not take every bit it loaded as durable, even when it has
+/// nothing to allocate and the image already records the durable mode: the bits it reads
+/// can be a dead writer's commit whose region write landed in the page cache and whose
+/// barrier never ran (that intent was never acknowledged). With no barrier, the new
+/// activation's fast path would acknowledge writes on them, and a power loss would then
+/// leave the bitmap consistent without them, which QEMU trusts. Here the first handle's
+/// commit writes its region and its barrier fails; a second handle on the same storage
+/// activates and marks the same granule.
 #[test]
 fn a_durable_activation_makes_what_it_loaded_durable_before_vouching_for_it() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Trigger};
@@ -1386,8 +1385,8 @@ fn a_polled_intent_says_poisoned_after_a_failed_durable_add() {
             matches!(r, Err(Error::Poisoned)),
             "write {k} of the add failed: {r:?}"
         );
-        // So do a mark, a commit and a new intent's wait (found by a review: they said
-        // `NotActive`, checking the closed view before the poison).
+        // So do a mark, a commit and a new intent's wait: the poison is checked before the
+        // closed view, so they do not say `NotActive`.
         assert!(shared.lock().is_active());
         for (what, r) in [
             ("mark", t.mark(7 * G, 4096)),
@@ -1466,10 +1465,10 @@ fn a_failed_barrier_leaves_nothing_a_later_durable_activation_trusts() {
     );
 }
 
-/// Found by a review: a group commit whose leader unwound (its `Storage` panicked) left the
-/// commit marked running, so every later intent on the tracker waited for it for ever. The
-/// commit now ends as failed: later intents fail (`Error::Poisoned`), as after a failed
-/// commit, and the store is poisoned.
+/// A group commit whose leader unwinds (its `Storage` panicked) ends as failed, not left
+/// marked running, where every later intent on the tracker would wait for it for ever:
+/// later intents fail (`Error::Poisoned`), as after a failed commit, and the store is
+/// poisoned.
 #[test]
 fn a_commit_that_panicked_fails_the_later_intents_instead_of_hanging() {
     let storage = Arc::new(Hooked::new(MemStorage::new()));
@@ -1770,12 +1769,12 @@ fn a_resumed_source_reads_the_device_after_a_destinations_failed_barrier() {
     );
 }
 
-/// Found by a review: an activation that unwinds in a read (which poisons nothing) left the
-/// store's writer locks marked held although the check that the image is still as this
-/// handle left it never finished. A handed-over store's fail-back that panicked in its
-/// first reads, after a destination set `in_use`, marked a write, and died, then took a
+/// An activation that unwinds in a read (which poisons nothing) must not leave the store's
+/// writer locks marked held while the check that the image is still as this handle left it
+/// never finished. Otherwise a handed-over store's fail-back that panicked in its first
+/// reads, after a destination set `in_use`, marked a write, and died, would take a
 /// checkpoint from its own stale directory ("a" written consistent without the mark, "c"
-/// new and empty), and `changed_since("a")` returned its parked copy as it stood. Every
+/// new and empty), and `changed_since("a")` would return its parked copy as it stood. Every
 /// read of the activation in turn: after the panic, the checkpoint and the query are
 /// refused, or the image holds the mark for "a".
 #[test]
@@ -1839,11 +1838,11 @@ fn an_activation_that_panicked_in_a_read_leaves_no_check_skipped() {
     }
 }
 
-/// Found by a review: a durable activation that unwound in a read after it loaded the
-/// bitmaps (reading a table, or cluster 0 for the mode) left them in the slots of a store
-/// that was not active, and not poisoned: a `store` then ORed its bits into that memory
-/// alone and returned Ok, writing nothing. Every read of the activation in turn: after the
-/// panic, a `store` is refused or the image holds its bits.
+/// A durable activation that unwinds in a read after it loaded the bitmaps (reading a
+/// table, or cluster 0 for the mode) must not leave them in the slots of a store that is
+/// not active, and not poisoned: a `store` would then OR its bits into that memory alone
+/// and return Ok, writing nothing. Every read of the activation in turn: after the panic, a
+/// `store` is refused or the image holds its bits.
 #[test]
 fn a_durable_activation_that_panicked_in_a_read_leaves_no_store_to_memory_alone() {
     for k in 1.. {

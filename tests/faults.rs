@@ -517,11 +517,10 @@ fn a_stop_whose_last_barrier_fails_puts_in_use_back_in_place() {
     }
 }
 
-/// Found by an adversarial review: a store, clear, merge or resize of an inactive bitmap wrote the
-/// new data and table clusters before its commit found that cluster 0, as this crate
-/// encodes it (header_length 112), could not hold the header of an image QEMU 5.0 or
-/// older laid out (header_length 104) and filled to within 8 bytes: the refusal came after
-/// the writes, and the clusters leaked. It is refused before anything is written.
+/// A store, clear, merge or resize of an inactive bitmap is refused before anything is
+/// written when cluster 0, as this crate encodes it (header_length 112), cannot hold the
+/// header of an image QEMU 5.0 or older laid out (header_length 104) and filled to within 8
+/// bytes: refused after writing the new data and table clusters, it would leak them.
 /// A 64 MiB image with 512-byte clusters and the disabled bitmaps `names`, whose cluster 0
 /// is laid out as QEMU 5.0 did: the 104-byte header, the extensions as they were, then an
 /// unknown extension that fills the cluster to its last byte. Its header cannot be
@@ -561,10 +560,10 @@ fn qemu_5_0_cluster_0(names: &[&str]) -> Vec<u8> {
     bytes
 }
 
-/// Found by a review: `repair -r all` that removes a broken bitmap writes each kept one's
-/// all-ones table before its commit, and the commit refused a header that cannot be
-/// rewritten only after those writes (the file grown, clusters leaked). Refused before any
-/// write now, as every other commit is.
+/// `repair -r all` that removes a broken bitmap writes each kept one's all-ones table
+/// before its commit, so a header that cannot be rewritten is refused before any write, as
+/// every other commit is: refused after those writes, the file would be grown and clusters
+/// leaked.
 #[test]
 fn a_repair_whose_header_cannot_be_rewritten_is_refused_before_any_write() {
     use dirty_bitmap::format::HeaderArea;
@@ -597,8 +596,8 @@ fn a_header_that_cannot_be_rewritten_is_refused_before_any_write() {
         assert!(s.image().storage().to_vec() == bytes, "the refusal wrote");
     }
     // A durable activation needs the mode extension, which cluster 0 has no room for:
-    // refused before its allocation wrote clusters and table entries (found by a review:
-    // the refusal came after them, and poisoned the store).
+    // refused before its allocation writes clusters and table entries, so the refusal
+    // neither writes nor poisons the store.
     let r = s.activate_durable();
     assert!(matches!(r, Err(Error::InvalidInput(_))), "{r:?}");
     assert!(!s.is_active());
@@ -633,11 +632,11 @@ fn an_unencodable_cluster_0_with_an_unknown_autoclear_bit_is_refused_without_poi
     assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
 }
 
-/// Found by a review: the full-rewrite stop (QEMU's way, the benchmarks' baseline) wrote
-/// every bitmap anew before its commit found that cluster 0 has no room for the rewritten
-/// directory's extension; the failed stop then cleared autoclear bit 0 (every bitmap
-/// untrusted), leaked the new clusters and poisoned the store. It is now refused before
-/// the stop begins, and the incremental stop, which writes flags in place, still works.
+/// The full-rewrite stop (QEMU's way, the benchmarks' baseline) writes every bitmap anew
+/// before its commit; when cluster 0 has no room for the rewritten directory's extension,
+/// that stop would fail after the writes, clear autoclear bit 0 (every bitmap untrusted),
+/// leak the new clusters and poison the store. It is refused before the stop begins, and
+/// the incremental stop, which writes flags in place, still works.
 #[test]
 fn a_full_rewrite_stop_that_cannot_commit_is_refused_before_any_write() {
     let bytes = qemu_5_0_cluster_0(&["b"]);

@@ -430,11 +430,11 @@ fn stop_loop_never_decides_on_a_stale_estimate_equal_to_the_budget() {
     assert_eq!(r.pending, Bytes(0));
 }
 
-/// Found by a review: the exact stop figure counted only the changed regions, while a
-/// stop whose bitmap had at least the rewrite threshold of its regions changed rewrote
-/// every region of its data clusters, so `prepare_stop` converged on a budget the stop
-/// then overran (here 64 regions counted, 128 written). The figure now counts what the
-/// flush at the store's threshold writes, and the stop stays within it.
+/// A stop whose bitmap has at least the rewrite threshold of its regions changed rewrites
+/// every region of its data clusters, so the exact stop figure counts what the flush at the
+/// store's threshold writes, not only the changed regions: counting those alone,
+/// `prepare_stop` would converge on a budget the stop then overruns (here 64 regions
+/// counted, 128 written). The stop stays within the figure.
 #[test]
 fn the_exact_stop_figure_counts_a_whole_rewrite() {
     // 128 regions of one 4 KiB cluster each (16 MiB of disk per region at 512 bytes a

@@ -497,11 +497,11 @@ proptest! {
     }
 }
 
-/// Found by an adversarial review: the walk keyed bitmap tables by offset and size, so a
-/// hostile directory naming one table thousands of times, each time with another size
-/// (`in_use` entries are exempt from the exact-size rule), read and decoded it once per
-/// name: time in names times sizes, before every write (the preflight runs the walk). A
-/// table is now read once, at its largest size, however many names and sizes it has.
+/// A hostile directory naming one table thousands of times, each time with another size
+/// (`in_use` entries are exempt from the exact-size rule), must not have the walk read and
+/// decode it once per name, as keying tables by offset and size would: time in names times
+/// sizes, before every write (the preflight runs the walk). A table is read once, at its
+/// largest size, however many names and sizes it has.
 #[test]
 fn the_walk_reads_a_table_once_however_many_sizes_name_it() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};

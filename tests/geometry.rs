@@ -254,10 +254,10 @@ fn failed_flushes_requeue_their_regions() {
     assert_eq!(bm.take_changed(), taken);
 }
 
-/// Found by an adversarial review: a set of regions from a larger bitmap (or taken before a
-/// shrink) requeued whole words, so the change map named regions past its end, and a
-/// store's flush of them failed for good (`plan_target` found no table entry; the failed
-/// flush requeued them again). Regions past the end are ignored.
+/// A set of regions from a larger bitmap (or taken before a shrink) requeues no region past
+/// the change map's end: requeued as whole words, the change map would name regions past
+/// its end, and a store's flush of them would fail for good (`plan_target` finds no table
+/// entry; the failed flush requeues them again). Regions past the end are ignored.
 #[test]
 fn a_requeued_set_names_no_region_past_the_end() {
     let bm = DirtyBitmap::new(64 * K, 64 * K).unwrap();
@@ -268,9 +268,9 @@ fn a_requeued_set_names_no_region_past_the_end() {
     assert_eq!(taken.iter().collect::<Vec<_>>(), vec![0]);
 }
 
-/// Found by an adversarial review: a region past the end gave a start past the range's
-/// end (the bit offset's shift dropped its high bits), and the length underflowed (a panic
-/// in debug builds, about 2^64 in release).
+/// A region past the end has an empty range at the end: its start is not past the range's
+/// end (the bit offset's shift would drop its high bits), and the length does not underflow
+/// (a panic in debug builds, about 2^64 in release).
 #[test]
 fn a_region_past_the_end_has_an_empty_range_at_the_end() {
     let bm = DirtyBitmap::new(T, 64 * K).unwrap();

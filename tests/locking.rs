@@ -510,12 +510,11 @@ fn flushed_in_place(dir: &Path) -> PathBuf {
     img
 }
 
-/// Found by an adversarial review: an inactivation releases the writer locks, so that a
-/// migration destination can open the image writable, and the inactive store still
-/// committed edits without them: its commit wrote a directory from its cache over the one
-/// the destination had just marked `in_use`, and freed a cluster the destination named.
-/// Now an edit takes the locks back first and is refused while another writer holds them,
-/// with nothing written.
+/// An inactivation releases the writer locks, so that a migration destination can open the
+/// image writable; an inactive store committing edits without them would write a directory
+/// from its cache over the one the destination has just marked `in_use`, and free a cluster
+/// the destination names. An edit takes the locks back first and is refused while another
+/// writer holds them, with nothing written.
 #[test]
 fn a_handed_over_store_writes_nothing_while_another_holds_the_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -585,12 +584,12 @@ fn a_resumed_store_keeps_what_the_writer_that_took_over_marked() {
     assert_qemu_clean(&img);
 }
 
-/// Found by a review of the hand-over: a store that handed the image over built what it
-/// committed from its parked copy before it took the locks back, and only the take-back
-/// ORed the disk into that copy. With the writer that took over gone (its mark flushed in
-/// place), `export_since` committed `x`, and `merge` committed the disabled `c`, consistent
-/// and clean where that writer had marked: a backup through either would skip the write.
-/// Now both take the locks back, and check the image, before they read.
+/// A store that handed the image over takes the locks back, and checks the image, before
+/// `export_since` or `merge` reads what it commits. Built from its parked copy before the
+/// take-back (only the take-back ORs the disk into that copy), with the writer that took
+/// over gone (its mark flushed in place), `export_since` would commit `x`, and `merge` the
+/// disabled `c`, consistent and clean where that writer marked: a backup through either
+/// would skip the write.
 #[test]
 fn a_handed_over_store_exports_and_merges_what_the_writer_that_took_over_marked() {
     let at = 5 * 65536;
@@ -657,13 +656,12 @@ fn a_handed_over_store_reads_what_the_writer_that_took_over_marked() {
     assert_qemu_clean(&img);
 }
 
-/// Found by a review of the hand-over: an activation checked that nobody wrote the image
-/// while the store was inactive only if it had parked bitmaps, though every inactivation
-/// releases the locks. A store that had no consistent bitmap to park then activated over
-/// an image another writer had changed, and committed from its stale caches: here its
-/// next `add` wrote a directory without the other writer's bitmap `c`. Now a handed-over
-/// store's activation (deferred or durable) always checks, and refuses with nothing
-/// written.
+/// Every inactivation releases the locks, so a handed-over store's activation (deferred or
+/// durable) always checks that nobody wrote the image while the store was inactive, whether
+/// or not it parked bitmaps. A store that had no consistent bitmap to park would otherwise
+/// activate over an image another writer changed, and commit from its stale caches: here
+/// its next `add` would write a directory without the other writer's bitmap `c`. The
+/// activation refuses with nothing written.
 #[test]
 fn a_handed_over_store_with_nothing_parked_refuses_an_image_changed_meanwhile() {
     let mut accepted = Vec::new();
@@ -726,12 +724,12 @@ fn hold_byte(file: &std::fs::File, byte: u64) {
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
 }
 
-/// Found by a review of the hand-over: an activation took the writer locks again even when
-/// the store held them (since its open), and a conflict in that take dropped them to a
-/// reader's. A QEMU opener between taking its bytes and testing them (here: byte 201 held
-/// by another description, as it holds it then) made the activation fail and cost the
-/// store its writer's bytes, while it stayed writable: the opener's test then passed, and
-/// both wrote the image. Now a store that holds its locks keeps them and activates.
+/// A store that holds the writer locks (since its open) keeps them and activates, without
+/// taking them again: a conflict in that take would drop them to a reader's. A QEMU opener
+/// between taking its bytes and testing them (here: byte 201 held by another description,
+/// as it holds it then) would make the activation fail and cost the store its writer's
+/// bytes, while it stays writable: the opener's test would then pass, and both would write
+/// the image.
 #[test]
 fn an_activation_keeps_the_locks_the_store_holds_beside_an_opener_midway() {
     for durable in [false, true] {
@@ -758,10 +756,10 @@ fn an_activation_keeps_the_locks_the_store_holds_beside_an_opener_midway() {
     }
 }
 
-/// Found by a review of the hand-over: an edit of a store that handed the image over took
-/// the writer locks back before it checked its input, and kept them when it refused: the
-/// destination could not open the image (`Error::Locked`) until the store was inactivated
-/// again. Now an edit that fails releases what it took back.
+/// An edit of a store that handed the image over takes the writer locks back before it
+/// checks its input, and one that fails, a refusal included, releases what it took back:
+/// kept, the destination could not open the image (`Error::Locked`) until the store was
+/// inactivated again.
 #[test]
 fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
     type Edit = fn(&mut BitmapStore<FileStorage>) -> dirty_bitmap::Result<()>;
@@ -808,12 +806,12 @@ fn a_refused_edit_of_a_handed_over_store_leaves_the_image_open_to_writers() {
     assert_qemu_clean(&img);
 }
 
-/// Found by a review: a durable store that handed the image over, resumed after a QEMU
-/// destination set `in_use` on its bitmaps in place and died before it started the guest,
-/// loaded the bitmaps (the disk held every acknowledged mark) but left the destination's
-/// `in_use` on disk for its whole durable session: a crash then loaded every bitmap
-/// inconsistent instead of consistent with every acknowledged mark. The resume now writes
-/// the flags back clear, after what it loaded is durable.
+/// A durable store that handed the image over, resumed after a QEMU destination set
+/// `in_use` on its bitmaps in place and died before it started the guest, loads the bitmaps
+/// (the disk holds every acknowledged mark) and writes the flags back clear, after what it
+/// loaded is durable: the destination's `in_use` left on disk for its whole durable session
+/// would make a crash load every bitmap inconsistent instead of consistent with every
+/// acknowledged mark.
 #[test]
 fn a_durable_resume_after_a_qemu_destination_died_clears_its_in_use() {
     use dirty_bitmap::SharedStore;
@@ -856,15 +854,14 @@ fn a_durable_resume_after_a_qemu_destination_died_clears_its_in_use() {
     assert_qemu_clean(&img);
 }
 
-/// Found by a review: a store that handed the image over took it back whenever the
-/// directory differed only in `in_use` bits, for a destination that set them and died
-/// before it started the guest. But any writer leaves that trace: QEMU opened writable
-/// sets `in_use` in place, and a guest write into a cluster already allocated changes no
-/// refcount. Taken back, the store resumed on its own bitmaps without that write, and its
-/// next stop wrote them consistent: the write was in no bitmap. Now only a caller that knows
-/// the destination never started (`accept_destination_in_use`, the migration's fail-back)
-/// takes such an image back; an activation or an edit without it is refused, and the
-/// bitmap stays in use on disk (inconsistent, never clean).
+/// A directory that differs only in `in_use` bits is not only the trace of a destination
+/// that set them and died before it started the guest: any writer leaves it. QEMU opened
+/// writable sets `in_use` in place, and a guest write into a cluster already allocated
+/// changes no refcount. Taken back, the store would resume on its own bitmaps without that
+/// write, and its next stop would write them consistent: the write in no bitmap. Only a
+/// caller that knows the destination never started (`accept_destination_in_use`, the
+/// migration's fail-back) takes such an image back; an activation or an edit without it is
+/// refused, and the bitmap stays in use on disk (inconsistent, never clean).
 #[test]
 fn a_store_never_takes_back_an_image_another_writer_used_without_being_told() {
     let dir = tempfile::tempdir().unwrap();
@@ -961,11 +958,11 @@ fn a_failed_activation_does_not_leave_the_permission_for_a_later_one() {
     }
 }
 
-/// Found by a review: a permission granted while the store was active (a fail-back whose
-/// attempt failed before the stop, written as "accept, then activate if inactive") was
-/// kept through the next hand-over, and the activation after that took back `in_use`
-/// bits a destination set, whose guest's writes no bitmap held: the next stop wrote the
-/// bitmap clean without them. A stop of an active store now drops the permission.
+/// A permission granted while the store is active (a fail-back whose attempt failed before
+/// the stop, written as "accept, then activate if inactive") does not carry through the
+/// next hand-over: the activation after that would take back `in_use` bits a destination
+/// set, whose guest's writes no bitmap holds, and the next stop would write the bitmap
+/// clean without them. A stop of an active store drops the permission.
 #[test]
 fn a_permission_granted_before_a_hand_over_does_not_apply_to_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -997,13 +994,13 @@ fn a_permission_granted_before_a_hand_over_does_not_apply_to_it() {
     );
 }
 
-/// Found by a review: a store takes back an image whose cluster 0 is the bytes it knows
-/// the disk holds when that is not its own encoding (a crash residue of a name move, or
-/// another program's layout), but a reftable growth, which writes the reftable's fields of
-/// cluster 0 in place, was not noted in that copy, so after a flush that grew the reftable
-/// the store refused its own image as changed while inactive (a migration's source then
-/// stays stopped). Here cluster 0 holds a byte past the end marker, and 512-byte clusters
-/// make the reftable grow within a test's reach.
+/// A store takes back an image whose cluster 0 is the bytes it knows the disk holds when
+/// that is not its own encoding (a crash residue of a name move, or another program's
+/// layout). A reftable growth, which writes the reftable's fields of cluster 0 in place, is
+/// noted in that copy: otherwise, after a flush that grew the reftable, the store would
+/// refuse its own image as changed while inactive (a migration's source then stays
+/// stopped). Here cluster 0 holds a byte past the end marker, and 512-byte clusters make
+/// the reftable grow within a test's reach.
 #[test]
 fn a_store_takes_back_its_image_after_a_reftable_growth_under_a_foreign_cluster_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -1043,10 +1040,10 @@ fn a_store_takes_back_its_image_after_a_reftable_growth_under_a_foreign_cluster_
     s.inactivate().unwrap();
 }
 
-/// Found by a review: QEMU writes unknown header extensions back in reverse order, so a
-/// QEMU destination that activated the image (rewriting cluster 0) and died before it
-/// started the guest left two foreign extensions swapped, and the source's fail-back
-/// refused the image as changed (the guest stayed stopped). They compare as a set.
+/// QEMU writes unknown header extensions back in reverse order, so a QEMU destination that
+/// activated the image (rewriting cluster 0) and died before it started the guest leaves
+/// two foreign extensions swapped; compared in order, the source's fail-back would refuse
+/// the image as changed (the guest staying stopped). They compare as a set.
 #[test]
 fn a_fail_back_takes_the_image_back_with_its_unknown_extensions_reordered() {
     use dirty_bitmap::format::{HeaderArea, UnknownExtension};

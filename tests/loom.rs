@@ -410,9 +410,9 @@ fn a_mark_that_finds_its_bit_set_by_a_running_mark_sees_it_in_flight_or_recorded
     });
 }
 
-/// Found by an adversarial review: `merge_from` set bits without announcing itself, so a
-/// mark that returned on a bit the merge had set, before the merge recorded its region, was
-/// neither in flight nor in the change map, and a stop could write "clean" without it.
+/// A mark that returns on a bit a running `merge_from` set, before the merge recorded its
+/// region, must find it in flight or in the change map: a merge that set bits without
+/// announcing itself would leave it in neither, and a stop could write "clean" without it.
 #[test]
 fn a_mark_that_finds_its_bit_set_by_a_running_merge_sees_it_in_flight_or_recorded() {
     model(|| {

@@ -186,12 +186,11 @@ fn checking_a_huge_sparse_image_allocates_little() {
     assert!(peak < 64 << 20, "peak {peak} bytes");
 }
 
-/// Found by a review of a fix: the check's OFLAG_COPIED pass, made to keep every refcount
-/// block it read (so that entries alternating between blocks are not a read each), let
-/// an image whose reftable names many blocks (holes of a sparse file cost nothing on disk)
-/// and whose L2 entries name a cluster under each hold all of them at once. Here 256
-/// blocks of 64 KiB: the pass held 16 MiB. Its lookups are sorted by block and one block
-/// is held at a time.
+/// The check's OFLAG_COPIED pass does not keep every refcount block it read (which would
+/// spare entries alternating between blocks a read each): an image whose reftable names
+/// many blocks (holes of a sparse file cost nothing on disk) and whose L2 entries name a
+/// cluster under each would have it hold all of them at once. Here 256 blocks of 64 KiB: 16
+/// MiB held. Its lookups are sorted by block and one block is held at a time.
 fn the_copied_flag_pass_holds_one_refcount_block_at_a_time() {
     let cb = 16u32;
     let cs = 1usize << cb;

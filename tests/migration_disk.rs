@@ -267,10 +267,10 @@ fn windows_held_back_with_nothing_to_send_keep_the_links_last_measurement() {
     assert!(o.downtime <= Duration::from_millis(300), "{o:?}");
 }
 
-/// `AutoConverge` with postcopy, found by a review: once fully throttled it asked for
-/// postcopy at every stall, and with a disk stop that takes the whole limit the switch to
-/// postcopy never fits either, so the loop ran for good. It gives up at the first stall
-/// after its request. (A cap on the stalls stops the old behaviour's run here.)
+/// `AutoConverge` with postcopy: once fully throttled, asking for postcopy at every stall
+/// would run the loop for good when a disk stop takes the whole limit, as the switch to
+/// postcopy never fits either. It gives up at the first stall after its request. (A cap on
+/// the stalls ends the run here should it not give up.)
 #[test]
 fn auto_converge_gives_up_when_even_the_postcopy_switch_cannot_fit() {
     struct Capped {
@@ -346,10 +346,10 @@ fn a_disk_states_last_log_does_not_keep_a_drained_ram_from_its_exact_query() {
     assert!(!sim.guest_running());
 }
 
-/// Found by a review: the same with an idle guest. Its RAM went out whole in the first
-/// pass, and after it every window went by empty: each measured the link at 0, so once the
-/// disk's stop could be timed no figure fitted (the last log is in every one), and the loop
-/// gave up. A window in which nothing was sent says nothing of the link: it keeps the last
+/// The same with an idle guest. Its RAM goes out whole in the first pass, and after it
+/// every window goes by empty; measuring the link at 0 in each, no figure would fit once
+/// the disk's stop can be timed (the last log is in every one), and the loop would give up.
+/// A window in which nothing was sent says nothing of the link: it keeps the last
 /// measurement, and the loop switches over.
 #[test]
 fn windows_that_went_by_empty_keep_the_links_last_measurement() {
@@ -826,12 +826,12 @@ impl Controller for InactivateOnce {
     }
 }
 
-/// Found by a review: a store inactivated during precopy by another holder of the
-/// `SharedStore` was not refused. Its flushes found nothing pending, its write log ended
-/// early, and the stop's inactivate returned having written nothing, so the hand-over
-/// completed and the marks made since, held by the parked bitmap alone, were on no disk the
-/// destination reads. The attempt now fails in precopy, the guest running on; once the
-/// store is active again, a retry hands over every mark.
+/// A store inactivated during precopy by another holder of the `SharedStore` fails the
+/// attempt in precopy, the guest running on. Otherwise its flushes would find nothing
+/// pending, its write log would end early, and the stop's inactivate would return having
+/// written nothing, so the hand-over would complete with the marks made since, held by the
+/// parked bitmap alone, on no disk the destination reads. Once the store is active again, a
+/// retry hands over every mark.
 #[test]
 fn a_store_inactivated_by_another_holder_during_precopy_fails_the_hand_over_and_keeps_every_mark() {
     let dir = tempfile::tempdir().unwrap();
@@ -931,12 +931,12 @@ impl Vm for ForeignWriterAtTheStop<'_> {
     }
 }
 
-/// Found by a review: a stop that failed because another holder had inactivated the store
-/// took the image back accepting any `in_use` bit on it, as it may after its own hand-over
-/// (a destination that never started wrote nothing but those bits). Here no hand-over
+/// A stop that failed because another holder had inactivated the store does not take the
+/// image back accepting any `in_use` bit on it, as it may after its own hand-over (a
+/// destination that never started wrote nothing but those bits). Here no hand-over
 /// happened, and the writer that set `in_use` wrote guest data the source's bitmaps lack:
-/// taking it back and resuming would store them consistent without those writes. The
-/// source must stay stopped (`SourceNotResumed`), the image's bitmap inconsistent.
+/// taking it back and resuming would store them consistent without those writes. The source
+/// must stay stopped (`SourceNotResumed`), the image's bitmap inconsistent.
 #[test]
 fn a_stop_that_never_handed_over_does_not_take_back_a_foreign_in_use() {
     let dir = tempfile::tempdir().unwrap();
@@ -1069,11 +1069,11 @@ impl Inbound for ReactivatedThenTakenByAnother<'_, '_> {
     }
 }
 
-/// Found by a review of the fix above: the hand-over flag stayed set from the stop until
-/// the fail-back, so a store that another holder took back and handed out again in
-/// between (whose image another writer then set `in_use` on, writing guest data) was still
-/// taken back over that writer's `in_use`. The fail-back accepts a destination's `in_use`
-/// only if no activation of the store came after the stop's hand-over.
+/// As above, with the hand-over flag set from the stop until the fail-back, and a store
+/// that another holder took back and handed out again in between (whose image another
+/// writer then set `in_use` on, writing guest data): the fail-back must not take the image
+/// back over that writer's `in_use`. It accepts a destination's `in_use` only if no
+/// activation of the store came after the stop's hand-over.
 #[test]
 fn a_fail_back_does_not_accept_in_use_after_another_holder_reactivated_the_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -1434,13 +1434,12 @@ fn over_tcp_a_destination_without_a_preload_is_priced_a_whole_load() {
     }
 }
 
-/// Found by a review: the destination preloads in the thread that reads the stream, and
-/// answered only a preload that followed the log, once it had run. A source that priced
-/// the whole load (it had heard nothing, and the whole load fit the limit) switched over
-/// while the preload still ran: its End waited in the socket for the rest of the preload,
-/// inside the downtime and in no figure. Now the destination answers every BEGIN, and the
-/// source does not switch over before the answer: here a preload that takes 3 s, with a
-/// guest that converges well before that.
+/// The destination preloads in the thread that reads the stream, and answers every BEGIN,
+/// not only a preload that followed the log once it has run: a source that priced the whole
+/// load (it had heard nothing, and the whole load fit the limit) would switch over while
+/// the preload still ran, and its End would wait in the socket for the rest of the preload,
+/// inside the downtime and in no figure. The source does not switch over before the answer:
+/// here a preload that takes 3 s, with a guest that converges well before that.
 #[test]
 fn over_tcp_the_source_does_not_switch_over_before_the_destinations_preload_answered() {
     const PRELOAD: Duration = Duration::from_secs(3);
@@ -1628,12 +1627,12 @@ fn a_destination_that_cannot_take_over_refuses_and_leaves_the_image_as_the_sourc
     r.guest.vcpus.shutdown();
 }
 
-/// Found by a review: a destination built in the other mode than the source's took the
-/// image over anyway (a deferred one cleared the durable flag the source left, a durable one
-/// recorded it and allocated), and when the attempt then failed its `failed` put back the
-/// `in_use` flags but not that: the source found cluster 0 changed while inactive, refused
-/// to take the image back, and the guest stayed stopped. The destination now refuses the
-/// mismatch before it writes anything, and the source resumes in its own mode.
+/// A destination built in the other mode than the source's refuses the mismatch before it
+/// writes anything. Taking the image over (a deferred one clearing the durable flag the
+/// source left, a durable one recording it and allocating), its `failed` after a failed
+/// attempt would put back the `in_use` flags but not that: the source would find cluster 0
+/// changed while inactive, refuse to take the image back, and the guest would stay stopped.
+/// The source resumes in its own mode.
 #[test]
 fn a_destination_in_the_other_mode_refuses_before_it_writes_and_the_source_resumes() {
     for source_durable in [true, false] {
@@ -2662,13 +2661,13 @@ fn stream_mode_postcopy_merges_the_destination_guests_marks_with_the_late_region
     );
 }
 
-/// Found by a review: QEMU's baseline sends every bitmap whole at the stop, also at a
-/// postcopy switch; its figure still counted every bitmap whole after that, so the push
-/// after the start never ended (the loop failed it, `AfterStart`, once RAM had nothing left
-/// to push) and the destination, never told End, left every bitmap `in_use`. And before
-/// the switch, its figure (all of it for the stop: `Pending::stop_only`) kept a drained RAM
-/// from the exact query once windows went by empty, and the loop gave up ("not
-/// converging"). The postcopy ends, and the destination holds the source's bitmap.
+/// QEMU's baseline sends every bitmap whole at the stop, also at a postcopy switch, so
+/// after that its figure counts no bitmap whole: counted whole, the push after the start
+/// would never end (the loop failing it, `AfterStart`, once RAM has nothing left to push)
+/// and the destination, never told End, would leave every bitmap `in_use`. Before the
+/// switch, its figure (all of it for the stop: `Pending::stop_only`) does not keep a
+/// drained RAM from the exact query once windows go by empty, where the loop would give up
+/// ("not converging"). The postcopy ends, and the destination holds the source's bitmap.
 #[test]
 fn stream_mode_qemus_baseline_through_a_postcopy_switch_ends() {
     let seed = 0x005E_ED0D;
@@ -3232,10 +3231,10 @@ impl Vm for FailsAFigureAtTheStop {
     }
 }
 
-/// Found by a review: the figure taken right after the VM stop failed once (a transient
-/// read error of a table), the state kept that error for its next flush, the destination
-/// then refused, and the retry failed at its first flush with the first attempt's error.
-/// A figure's error belongs to its attempt; the stop's own I/O reports its own errors.
+/// The figure taken right after the VM stop fails once (a transient read error of a table),
+/// and the destination then refuses; the state does not keep that error for its next flush,
+/// where the retry would fail at its first flush with the first attempt's error. A figure's
+/// error belongs to its attempt; the stop's own I/O reports its own errors.
 #[test]
 fn a_figure_that_failed_after_the_stop_does_not_fail_the_retry() {
     let pages = 64;
@@ -3375,14 +3374,13 @@ impl DestState for RefusesToStart {
     }
 }
 
-/// Found by a review: a later destination state refused to start after the stream's
-/// take-over had activated the destination's image with the stream's bitmaps; the undo
-/// inactivated the store, which wrote each of them consistent as of the failed stop. The
-/// source resumed, so the destination image held bitmaps reading clean for writes that
-/// reach it after that point (a mirror). As QEMU's destination stores no migrated bitmap
-/// of a failed incoming migration, each bitmap of the stream reads absent or `in_use`
-/// after the failure, the image's own other bitmaps are as they were, and a retry hands
-/// over exactly.
+/// A later destination state refuses to start after the stream's take-over activated the
+/// destination's image with the stream's bitmaps. An undo that inactivated the store would
+/// write each of them consistent as of the failed stop, and with the source resumed, the
+/// destination image would hold bitmaps reading clean for writes that reach it after that
+/// point (a mirror). As QEMU's destination stores no migrated bitmap of a failed incoming
+/// migration, each bitmap of the stream reads absent or `in_use` after the failure, the
+/// image's own other bitmaps are as they were, and a retry hands over exactly.
 #[test]
 fn stream_mode_a_take_over_that_fails_after_it_wrote_leaves_no_stream_bitmap_consistent() {
     const SIZE: u64 = 64 * GIB;

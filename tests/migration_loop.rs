@@ -520,13 +520,13 @@ fn refused_start_resumes_the_source_and_a_retry_succeeds() {
     retry_succeeds(&rig);
 }
 
-/// Found by a review: an idle guest, refused at End, then retried incrementally. The retry
-/// has nothing to send while the VM runs, so its every window went by empty, measured the
-/// link at 0 (a threshold of 0) and no figure, not even the control frames alone, fitted:
-/// it ended "not converging", and so would every later retry. The Hello and the states'
-/// setup count in the first window (a lower bound on the link: what it carried), and a
-/// window in which nothing was sent keeps the last measurement. (With only the Hello to
-/// measure by, the control frames fit from a limit of about 50 ms: `docs/DESIGN.md`.)
+/// An idle guest, refused at End, then retried incrementally. The retry has nothing to send
+/// while the VM runs, so every window goes by empty; measuring the link at 0 (a threshold
+/// of 0), no figure, not even the control frames alone, would fit, and it would end "not
+/// converging", as would every later retry. The Hello and the states' setup count in the
+/// first window (a lower bound on the link: what it carried), and a window in which nothing
+/// was sent keeps the last measurement. (With only the Hello to measure by, the control
+/// frames fit from a limit of about 50 ms: `docs/DESIGN.md`.)
 #[test]
 fn an_idle_guests_incremental_retry_switches_over() {
     let rig = Rig::new(32, 0.0, per_ms(2000.0));
@@ -584,12 +584,11 @@ fn an_idle_guests_retry_under_a_small_limit_switches_over_on_the_earlier_attempt
     rig.assert_same_ram();
 }
 
-/// Found by a review of a first version, which let every window in which the states ran
-/// out of bytes count at the link's best figure: a retry carrying a figure ten times what
-/// the link carries now (an earlier path, or a link that slowed) then switched over on a
-/// figure of dirtied pages the link could not send within the limit. The carried figure
-/// holds only for a figure of the control message alone; a figure with pages to send is
-/// held to what this attempt measured.
+/// A window in which the states ran out of bytes does not count at the link's best figure:
+/// a retry carrying a figure ten times what the link carries now (an earlier path, or a
+/// link that slowed) would then switch over on a figure of dirtied pages the link could not
+/// send within the limit. The carried figure holds only for a figure of the control message
+/// alone; a figure with pages to send is held to what this attempt measured.
 #[test]
 fn a_carried_link_figure_above_the_link_never_switches_over_a_figure_with_pages() {
     let rig = Rig::new(256, 0.0, per_ms(2000.0));
@@ -679,7 +678,8 @@ fn stall_guard_reports_and_auto_converge_rescues() {
         .unwrap();
     assert_eq!(o.kind, Kind::NotConverging, "{o:?}");
     assert!(rig.sim.guest_running());
-    // Found by an adversarial review: the guest ran on throttled at up to 99 %.
+    // The throttle must not outlive the attempt: the guest would run on throttled at up to
+    // 99 %.
     assert!(o.throttle > 0, "{o:?}");
     assert_eq!(
         rig.sim.guest_throttle(),
@@ -1106,9 +1106,9 @@ impl MigrationState for Waits {
 /// While a state's figure waits on its destination (a shared disk's preload not yet
 /// answered), the loop neither switches over nor runs an exact query, and the turns spent
 /// waiting, 2 s of an idle guest here (four times the no-progress guard's 500 ms), are no
-/// stall, although what goes out each window (the state's 100 bytes) never makes the
-/// figure fall (the dirty-rate guard reported that as a stall, found by a review); once
-/// the answer is in, it completes at the next exact figure.
+/// stall, although what goes out each window (the state's 100 bytes) never makes the figure
+/// fall (the dirty-rate guard must not report that as a stall); once the answer is in, it
+/// completes at the next exact figure.
 #[test]
 fn a_state_that_waits_on_its_destination_holds_the_switchover_without_a_stall() {
     let rig = Rig::beside_churn();
@@ -1242,9 +1242,9 @@ fn an_answer_timeout_outside_a_window_to_a_day_is_refused() {
     }
 }
 
-/// A destination that never answers (its preload hangs, or it does not answer BEGIN at
-/// all) fails the attempt after `answer_timeout`, with the guest running, instead of
-/// keeping the source waiting for ever (found by a review: no guard counts a wait).
+/// A destination that never answers (its preload hangs, or it does not answer BEGIN at all)
+/// fails the attempt after `answer_timeout`, with the guest running, instead of keeping the
+/// source waiting for ever: no other guard counts a wait.
 #[test]
 fn a_destination_that_never_answers_fails_the_attempt_after_the_answer_timeout() {
     let rig = Rig::beside_churn();
@@ -1323,10 +1323,9 @@ impl Vm for FailingStop {
     }
 }
 
-/// Found by an adversarial review: a `Vm::stop` that failed after pausing the guest ended
-/// the attempt with an error that says the source runs, and nothing resumed it: the guest
-/// stayed paused for good. The loop resumes it, as QEMU resumes a VM whose migration
-/// failed.
+/// A `Vm::stop` that fails after pausing the guest ends the attempt with an error that says
+/// the source runs, so the loop resumes the guest, as QEMU resumes a VM whose migration
+/// failed: nothing else would, and the guest would stay paused for good.
 #[test]
 fn a_failed_vm_stop_leaves_the_guest_running() {
     let rig = Rig::new(64, 0.2, per_ms(4096.0));

@@ -519,11 +519,11 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     assert_every_mark_on_disk(&img, &logged);
 }
 
-/// Found by a review: after a fail-back, `send` started its further `--attempts` as a new
-/// migration (a new session). A listener that outlived the unknown outcome (its answer
+/// After a fail-back, `send` runs its further `--attempts` in the same migration (the same
+/// session), not as a new one: a listener that outlived the unknown outcome (its answer
 /// came after the source stopped waiting) keeps the first attempt's RAM for that migration
-/// and refuses every Hello that does not resume it, so no later attempt could complete.
-/// The session is kept: this listener resumes, and a new one would start afresh.
+/// and refuses every Hello that does not resume it, so no attempt of a new session could
+/// complete. The session is kept: this listener resumes, and a new one would start afresh.
 #[test]
 fn two_processes_a_fail_back_then_a_retry_to_the_listener_that_outlived_it_hands_over() {
     let (_, seed) = common::seeded_rng("procs_fail_back_retry");
@@ -671,11 +671,10 @@ fn two_processes_a_destination_killed_after_activating_fails_back_then_a_new_pai
     assert_every_mark_on_disk(&img, &all);
 }
 
-/// Found by a review of the CLI: a SIGINT while `send` waited `--retry-after` before its
-/// next attempt went unseen (the stop request was looked at before the wait only), and the
-/// next attempt started: a hand-over against the operator's stop. The stop ends the wait
-/// at once, no attempt starts, and the resumed guest stops as at the end of its run, every
-/// mark on disk.
+/// A SIGINT while `send` waits `--retry-after` before its next attempt is seen during the
+/// wait, not only before it: otherwise the next attempt would start, a hand-over against
+/// the operator's stop. The stop ends the wait at once, no attempt starts, and the resumed
+/// guest stops as at the end of its run, every mark on disk.
 #[test]
 fn two_processes_a_stop_during_the_retry_wait_starts_no_further_attempt() {
     let (_, seed) = common::seeded_rng("procs_stop_in_retry_wait");

@@ -1182,10 +1182,10 @@ impl dirty_bitmap::migration::DestState for RefusesHello {
     }
 }
 
-/// Found by an adversarial review: a retry whose Hello a destination state refused had
-/// already taken the kept RAM from the destination, and the failed attempt dropped it;
-/// the next retry, which sends only what the guest wrote again, could never complete.
-/// The kept RAM is taken only once every state accepted the Hello.
+/// A retry takes the kept RAM from the destination only once every state accepted the
+/// Hello: taken before a destination state refuses it, the kept RAM would be dropped with
+/// the failed attempt, and the next retry, which sends only what the guest wrote again,
+/// could never complete.
 #[test]
 fn a_hello_a_state_refuses_keeps_the_kept_ram() {
     let (mut rng, _) = common::seeded_rng("a_hello_a_state_refuses_keeps_the_kept_ram");

@@ -727,20 +727,20 @@ impl std::io::Write for Late<'_> {
     }
 }
 
-/// Found by an adversarial review: the source's return path polls its stop flag with a
-/// 20 ms read timeout, and a timeout in the middle of a frame failed the reader for good,
-/// so a destination's Abort after End whose second half came 100 ms late read as an
-/// outcome in doubt, and the source stayed stopped although the destination certainly did
-/// not start. The reader now waits out a late half. Here the gap falls in the frame's
-/// header (its first 10 bytes came first).
+/// The source's return path polls its stop flag with a 20 ms read timeout, and a timeout in
+/// the middle of a frame must not fail the reader for good: a destination's Abort after End
+/// whose second half came 100 ms late would read as an outcome in doubt, and the source
+/// would stay stopped although the destination certainly did not start. The reader waits
+/// out a late half. Here the gap falls in the frame's header (its first 10 bytes came
+/// first).
 #[test]
 fn an_abort_whose_second_half_is_late_resumes_the_source() {
     late_abort_resumes_the_source(10);
 }
 
-/// Found by a review: as above, with the gap inside the Abort's 240-byte reason (the
-/// header and 10 bytes of the payload came first). The reader waited out a late header or
-/// trailer but not a late payload.
+/// As above, with the gap inside the Abort's 240-byte reason (the header and 10 bytes of
+/// the payload came first): the reader waits out a late payload as it waits out a late
+/// header or trailer.
 #[test]
 fn an_abort_whose_reason_is_late_resumes_the_source() {
     late_abort_resumes_the_source(30);
@@ -1112,23 +1112,22 @@ fn a_low_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     migrate_slowly_in_large_batches(false, Kind::Completed);
 }
 
-/// Found by an adversarial review: the postcopy push's limit (`max_postcopy_bandwidth`) is
-/// kept by the loop, the writer unpaced after the stop, and the RAM state sent whole
-/// batches: 64 pages at 512 KiB/s left half a second of silence after each, and a
-/// destination whose read timeout was shorter gave up after its guest had started (the
-/// guest lost on both sides). A paced batch now fits its budget.
+/// The postcopy push's limit (`max_postcopy_bandwidth`) is kept by the loop, the writer
+/// unpaced after the stop, so the RAM state paces its batches: sent whole, 64 pages at 512
+/// KiB/s would leave half a second of silence after each, and a destination whose read
+/// timeout was shorter would give up after its guest had started (the guest lost on both
+/// sides). A paced batch fits its budget.
 #[test]
 fn a_low_postcopy_rate_with_large_batches_does_not_trip_the_destination_timeout() {
     migrate_slowly_in_large_batches(true, Kind::Postcopy);
 }
 
-/// Found by an adversarial review: the destination's `attempt_timeout` bounded every read
-/// of the attempt, also after a postcopy switchover had started its guest. A push that
-/// outlasted it (32 GiB at 8 MiB/s against the default hour) was cut: the destination
-/// dropped its running guest, the source could not resume its own. Here 64 pages go at
-/// 256 KiB/s, frames well within the read timeout, and the push takes about a second
-/// against an attempt bound of 400 ms: the deadline ends when the guest starts, and the
-/// migration completes.
+/// The destination's `attempt_timeout` bounds the reads of the attempt only until a
+/// postcopy switchover starts its guest: a push that outlasted it (32 GiB at 8 MiB/s
+/// against the default hour) would be cut, the destination dropping its running guest and
+/// the source unable to resume its own. Here 64 pages go at 256 KiB/s, frames well within
+/// the read timeout, and the push takes about a second against an attempt bound of 400 ms:
+/// the deadline ends when the guest starts, and the migration completes.
 #[test]
 fn a_postcopy_push_longer_than_the_attempt_timeout_completes() {
     let _g = shared();
@@ -1727,14 +1726,14 @@ fn a_destination_dripping_its_first_frame_does_not_hold_the_source() {
     }
 }
 
-/// Found by a review: after a completed hand-over the source drains the return path for
-/// its timeout, then stops the reader, which looks at its stop flag only between frames; a
-/// destination that sends a frame a byte at a time, each within the reader's poll, kept
-/// `migrate_to` from returning until the frame was through (a 64 KiB frame: about 21
+/// After a completed hand-over the source drains the return path for its timeout, then
+/// stops the reader, which looks at its stop flag only between frames; a destination that
+/// sends a frame a byte at a time, each within the reader's poll, must not keep
+/// `migrate_to` from returning until the frame is through (a 64 KiB frame: about 21
 /// minutes). Here a 1,200-byte Report drips at 10 ms a byte (about 12 s; half the reader's
-/// 20 ms poll, so no read times out mid-frame even on a loaded machine, which would end
-/// the frame on the reader's patience instead): the source must report the hand-over
-/// within its timeout and a margin.
+/// 20 ms poll, so no read times out mid-frame even on a loaded machine, which would end the
+/// frame on the reader's patience instead): the source must report the hand-over within its
+/// timeout and a margin.
 #[test]
 fn a_destination_dripping_after_started_does_not_hold_the_source() {
     let _g = shared();

@@ -791,10 +791,10 @@ fn a_second_tls_source_is_turned_away_while_one_is_served() {
     let _ = dest.join().unwrap();
 }
 
-/// Found by a review: over TLS, the destination's first read after the handshake had no
-/// timeout (the TLS reader starts with none, and the pacing took the read timeout as set),
-/// so a source silent after its handshake (frozen, its host gone) held the serving thread
-/// for good: no later attempt was served, and the destination never ended. A client that
+/// Over TLS, the destination's first read after the handshake has a timeout, though the TLS
+/// reader starts with none and the pacing takes the read timeout as set: without one, a
+/// source silent after its handshake (frozen, its host gone) would hold the serving thread
+/// for good, no later attempt served, and the destination would never end. A client that
 /// completes the handshake, reads the Nonce and sends nothing (`openssl s_client` with its
 /// input held open) must see the attempt end on the read timeout.
 #[test]

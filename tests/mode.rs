@@ -526,14 +526,14 @@ fn with_a_backing_file_a_torn_mode_write_keeps_the_name_and_every_bitmap() {
     assert!(images > 2 * (ops.len() - base), "{images} images");
 }
 
-/// Found by a review: the in-place write of the mode's flags word took its offset from
-/// cluster 0 as another program laid it out, and the write's first step (clearing an
-/// unknown autoclear bit, which the spec requires before any write) rewrote cluster 0 in
-/// this crate's layout, moving the extensions: the 8 bytes landed at the stale offset,
-/// inside another extension, and the mode on disk stayed durable under `in_use`. Cluster 0
-/// here has autoclear bit 7 set and the extensions as [bitmaps][mode][U], which this crate
-/// writes as [bitmaps][U][mode]. A deferred activation must keep U's 16 bytes, record the
-/// deferred mode, and clear bit 7.
+/// The in-place write of the mode's flags word must not take its offset from cluster 0 as
+/// another program laid it out: the write's first step (clearing an unknown autoclear bit,
+/// which the spec requires before any write) rewrites cluster 0 in this crate's layout,
+/// moving the extensions, so the 8 bytes would land at the stale offset, inside another
+/// extension, and the mode on disk would stay durable under `in_use`. Cluster 0 here has
+/// autoclear bit 7 set and the extensions as [bitmaps][mode][U], which this crate writes as
+/// [bitmaps][U][mode]. A deferred activation must keep U's 16 bytes, record the deferred
+/// mode, and clear bit 7.
 #[test]
 fn a_mode_write_under_an_unknown_autoclear_bit_lands_on_the_mode() {
     use dirty_bitmap::format::mode::EXT_MODE;

@@ -929,11 +929,11 @@ fn a_snapshot_table_at_the_end_of_the_file_is_clean_as_qemu_says() {
     assert_eq!(qemu_bitmaps(&img)[0].0, "b");
 }
 
-/// Found by a review: `qemu-img check` counts as corruption a snapshot in an image with an
-/// external data file, a compressed L2 entry with the copied flag, one in an image with a
-/// data file (then not counted), and one in an extended L2 table with a non-zero
-/// subcluster bitmap (not counted); our walk had none of these rules and called such
-/// images clean or leaky, so a preflight let writes through. Each case is made from an
+/// `qemu-img check` counts as corruption a snapshot in an image with an external data file,
+/// a compressed L2 entry with the copied flag, one in an image with a data file (then not
+/// counted), and one in an extended L2 table with a non-zero subcluster bitmap (not
+/// counted); our walk follows the same rules, as without them it would call such images
+/// clean or leaky, and a preflight would let writes through. Each case is made from an
 /// image QEMU wrote, with one field changed, and both checks must report the same error.
 #[test]
 fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
@@ -1110,11 +1110,11 @@ fn the_data_file_and_compressed_entry_rules_agree_with_qemu_img_check() {
     }
 }
 
-/// Found by a review: QEMU's `next_contiguous_offset` is local to `check_refcounts_l2`, so
-/// the first allocated cluster of each L2 table never counts as fragmented; ours ran across
-/// the tables, and counted one more fragmented cluster at each jump between them. Images
-/// whose data lies in several L2 tables, out of order in the file: our figures must equal
-/// `qemu-img check --output=json`'s.
+/// QEMU's `next_contiguous_offset` is local to `check_refcounts_l2`, so the first allocated
+/// cluster of each L2 table never counts as fragmented; ours restarts at each table too, as
+/// running across the tables would count one more fragmented cluster at each jump between
+/// them. Images whose data lies in several L2 tables, out of order in the file: our figures
+/// must equal `qemu-img check --output=json`'s.
 #[test]
 fn the_fragmentation_figure_restarts_at_each_l2_table_as_qemus_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -1168,12 +1168,12 @@ fn the_fragmentation_figure_restarts_at_each_l2_table_as_qemus_does() {
     }
 }
 
-/// Found by a review: QEMU reads the reftable at open without judging it, so it opens an
-/// image whose reftable entry has a reserved bit set, lists its bitmaps and reads them;
-/// only `qemu-img check` reports it. Our open refused it in every mode, so `dbm info`
-/// failed and `dbm check` exited 1 with no report. A read-only open now goes ahead
-/// without the refcounts, and the check reports what QEMU reports (the entry, and its
-/// block as leaked); a writable open still refuses before any write.
+/// QEMU reads the reftable at open without judging it, so it opens an image whose reftable
+/// entry has a reserved bit set, lists its bitmaps and reads them; only `qemu-img check`
+/// reports it. A read-only open here goes ahead without the refcounts (refused in every
+/// mode, `dbm info` would fail and `dbm check` exit 1 with no report), and the check
+/// reports what QEMU reports (the entry, and its block as leaked); a writable open still
+/// refuses before any write.
 #[test]
 fn a_reftable_entry_with_reserved_bits_reads_as_qemu_reads_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1247,11 +1247,11 @@ fn assert_corrupt_to_both(img: &Path, ours: &str) {
     assert!(std::fs::read(img).unwrap() == bytes, "the refusal wrote");
 }
 
-/// Found by an adversarial review: a snapshot whose L1 table offset is not
-/// cluster-aligned is corruption to `qemu-img check` (exit 2, "L1 table is not cluster
-/// aligned"); our walk read the table at that offset, found other clusters, and reported
-/// leaks only (exit 3), so a leak repair would have lowered refcounts the snapshot still
-/// needs. It is corruption here too, and a writing operation refuses the image.
+/// A snapshot whose L1 table offset is not cluster-aligned is corruption to
+/// `qemu-img check` (exit 2, "L1 table is not cluster aligned"), and here too: read at that
+/// offset, the table would name other clusters and the walk report leaks only (exit 3), so
+/// a leak repair would lower refcounts the snapshot still needs. A writing operation
+/// refuses the image.
 #[test]
 fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -1265,12 +1265,12 @@ fn a_snapshot_l1_table_out_of_alignment_is_corruption_as_qemu_says() {
     assert_corrupt_to_both(&img, "L1 table is not cluster aligned");
 }
 
-/// Found by an adversarial review: a snapshot table entry with extra_data_size 2^32 - 1
-/// was accepted, and the walk counted a 4 GiB snapshot table (a page of counters per 4096
-/// clusters of it, on a sparse file). QEMU refuses the entry: `qemu-img check` fails
-/// ("Too much extra metadata in snapshot table entry 0", exit 1) and `qemu-img info`
-/// cannot open the image. Ours fails the check with a typed corruption (`dbm check` exits
-/// 1 too), and a writing operation refuses the image before writing.
+/// A snapshot table entry with extra_data_size 2^32 - 1 is refused: accepted, the walk
+/// would count a 4 GiB snapshot table (a page of counters per 4096 clusters of it, on a
+/// sparse file). QEMU refuses the entry: `qemu-img check` fails ("Too much extra metadata
+/// in snapshot table entry 0", exit 1) and `qemu-img info` cannot open the image. Ours
+/// fails the check with a typed corruption (`dbm check` exits 1 too), and a writing
+/// operation refuses the image before writing.
 #[test]
 fn a_snapshot_with_too_much_extra_data_fails_the_check_as_qemu_fails_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1345,11 +1345,10 @@ fn crypto_frame(bytes: &[u8]) -> usize {
     }
 }
 
-/// Found by an adversarial review: a LUKS header pointer running past the end of the file
-/// was walked cluster by cluster up to the end of the file before the walk found it
-/// corrupt. `qemu-img check` (with the key) reports one corruption, "exceeding the end of
-/// the file", and counts none of the header's clusters (they show as leaks); ours agrees
-/// on both counts.
+/// A LUKS header pointer running past the end of the file is found corrupt without walking
+/// it cluster by cluster up to the end of the file. `qemu-img check` (with the key) reports
+/// one corruption, "exceeding the end of the file", and counts none of the header's
+/// clusters (they show as leaks); ours agrees on both counts.
 #[test]
 fn a_luks_header_past_the_end_is_one_corruption_as_qemu_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -1408,12 +1407,12 @@ fn refused_writable(img: &Path, bytes: &[u8], what: &str) {
     );
 }
 
-/// Found by a review: an image with crypt_method 2 (LUKS) and no crypto header extension
-/// (its magic renamed here, so QEMU skips it as unknown) is refused by QEMU on every open
-/// that reads or writes ("Missing CRYPTO header for crypt method 2", `qcow2_do_open`;
-/// `qemu-img info` alone opens it), but opened writable here, and a bitmap add wrote it.
-/// A writable open is refused (`Unsupported`), the file byte for byte as it was; a
-/// read-only one still lists the bitmaps.
+/// An image with crypt_method 2 (LUKS) and no crypto header extension (its magic renamed
+/// here, so QEMU skips it as unknown) is refused by QEMU on every open that reads or writes
+/// ("Missing CRYPTO header for crypt method 2", `qcow2_do_open`; `qemu-img info` alone
+/// opens it); opened writable here, it would take a bitmap add's writes. A writable open is
+/// refused (`Unsupported`), the file byte for byte as it was; a read-only one still lists
+/// the bitmaps.
 #[test]
 fn a_luks_image_without_its_crypto_header_is_refused_writable() {
     let dir = tempfile::tempdir().unwrap();
@@ -1445,12 +1444,12 @@ fn a_luks_image_without_its_crypto_header_is_refused_writable() {
     assert!(std::fs::read(&img).unwrap() == bytes, "the refusal wrote");
 }
 
-/// Found by a review: a LUKS image whose crypto header pointer names no LUKS1 header (its
-/// magic overwritten, or a length of 0) is refused by QEMU on every open
-/// (`qcrypto_block_open`: "Volume is not in LUKS format", or a read past the header's
-/// length), but was opened writable here, and a bitmap add wrote it. A writable open is now
-/// refused (`Unsupported`), the file byte for byte as it was; the image as QEMU made it
-/// still takes a bitmap, which QEMU then checks clean.
+/// A LUKS image whose crypto header pointer names no LUKS1 header (its magic overwritten,
+/// or a length of 0) is refused by QEMU on every open (`qcrypto_block_open`: "Volume is not
+/// in LUKS format", or a read past the header's length); opened writable here, it would
+/// take a bitmap add's writes. A writable open is refused (`Unsupported`), the file byte
+/// for byte as it was; the image as QEMU made it still takes a bitmap, which QEMU then
+/// checks clean.
 #[test]
 fn a_luks_image_whose_header_qemu_refuses_is_refused_writable() {
     let dir = tempfile::tempdir().unwrap();
@@ -1532,10 +1531,9 @@ fn a_luks_image_whose_header_qemu_refuses_is_refused_writable() {
     assert_eq!(q.status.code(), Some(0), "{q:?}");
 }
 
-/// Found by an adversarial review: an L2 entry whose cluster has refcount 1 but lacks
-/// the COPIED flag (bit 63) is corruption to `qemu-img check` (exit 2, "OFLAG_COPIED data
-/// cluster"); our check had no such rule and called the image clean. It is corruption
-/// here too, and a writing operation refuses the image; the image as QEMU wrote it is
+/// An L2 entry whose cluster has refcount 1 but lacks the COPIED flag (bit 63) is
+/// corruption to `qemu-img check` (exit 2, "OFLAG_COPIED data cluster"), and to our check
+/// too, never clean: a writing operation refuses the image; the image as QEMU wrote it is
 /// clean to both.
 #[test]
 fn an_l2_entry_without_its_copied_flag_is_corruption_as_qemu_says() {

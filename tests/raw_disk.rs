@@ -231,12 +231,12 @@ fn qemu_io_writes_raw(raw: &Path) -> std::process::Output {
     )
 }
 
-/// Found by an adversarial review: a writable store locked the image but not its raw data
-/// file, so a QEMU writer of the raw disk (or a second image over it) wrote it beside an
-/// active tracker, and those writes reached no bitmap: a backup since a checkpoint missed
-/// them. A writable store now holds the raw file as a QEMU writer of the image does;
-/// the hand-over releases it with the image, and a QEMU writer already holding the raw
-/// file keeps the store from opening, with nothing written.
+/// A writable store locks the image's raw data file as well as the image, as a QEMU writer
+/// of the image does: otherwise a QEMU writer of the raw disk (or a second image over it)
+/// could write it beside an active tracker, and those writes would reach no bitmap (a
+/// backup since a checkpoint would miss them). The hand-over releases it with the image,
+/// and a QEMU writer already holding the raw file keeps the store from opening, with
+/// nothing written.
 #[test]
 fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,12 +334,12 @@ fn a_writable_store_keeps_qemu_writers_off_its_raw_disk() {
     );
 }
 
-/// Found by a review: an image that names a data file in its extension while the
-/// incompatible `data_file` bit is clear keeps its guest data in the image itself, as QEMU
-/// reads it (`qcow2_do_open` opens the named file only with the bit set, and drops the
-/// extension at its next header write). A writable open required the named file and took
-/// a writer's locks on it: refused with an I/O error when it is gone, and an unrelated file
-/// locked when it exists. The name is now ignored without the bit, as QEMU ignores it.
+/// An image that names a data file in its extension while the incompatible `data_file` bit
+/// is clear keeps its guest data in the image itself, as QEMU reads it (`qcow2_do_open`
+/// opens the named file only with the bit set, and drops the extension at its next header
+/// write). A writable open ignores the name without the bit, as QEMU ignores it: requiring
+/// the named file and taking a writer's locks on it would refuse the open with an I/O error
+/// when it is gone, and lock an unrelated file when it exists.
 #[test]
 fn a_data_file_name_without_its_feature_bit_is_ignored_as_qemu_ignores_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -390,10 +390,10 @@ fn a_data_file_name_without_its_feature_bit_is_ignored_as_qemu_ignores_it() {
     assert!(out.status.success(), "{out:?}");
 }
 
-/// Found by a review: QEMU reads the data file's name as a C string, up to its first NUL
+/// QEMU reads the data file's name as a C string, up to its first NUL
 /// (`qcow2_read_extensions`), so a name `disk.raw\0` opens `disk.raw`. A writable open here
-/// passed the NUL to the file system and failed. It now opens `disk.raw`, as QEMU does, and
-/// holds its writer's locks on it.
+/// opens `disk.raw` too, as QEMU does, rather than passing the NUL to the file system and
+/// failing, and holds its writer's locks on it.
 #[test]
 fn a_data_file_name_is_read_up_to_its_first_nul_as_qemu_reads_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -453,10 +453,10 @@ fn a_data_file_name_is_read_up_to_its_first_nul_as_qemu_reads_it() {
     assert!(out.status.success(), "{out:?}");
 }
 
-/// Found by a review: `data_file_raw` (autoclear bit 1) without the incompatible
-/// `data_file` bit, an image QEMU refuses to open for I/O ("data-file-raw requires a data
-/// file"), opened here, and a writable open then wrote to it. It is refused as corrupt,
-/// read-only and writable, with nothing written.
+/// `data_file_raw` (autoclear bit 1) without the incompatible `data_file` bit makes an
+/// image QEMU refuses to open for I/O ("data-file-raw requires a data file"), and a
+/// writable open here must not write to it. It is refused as corrupt, read-only and
+/// writable, with nothing written.
 #[test]
 fn data_file_raw_without_a_data_file_is_refused_as_qemu_refuses_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -512,11 +512,11 @@ fn data_file_raw_without_a_data_file_is_refused_as_qemu_refuses_it() {
     );
 }
 
-/// Found by a review: an image with the `data_file` bit that names no data file (QEMU opens
-/// it only when its user names the raw disk, with the `data-file` option) opened writable
-/// here without any lock on that disk, so a QEMU writer of the raw disk wrote unseen by the
-/// bitmaps. A writable open is now refused, writing nothing; a read-only one still lists
-/// the bitmaps.
+/// An image with the `data_file` bit that names no data file (QEMU opens it only when its
+/// user names the raw disk, with the `data-file` option), opened writable here, would hold
+/// no lock on that disk, so a QEMU writer of the raw disk would write unseen by the
+/// bitmaps. A writable open is refused, writing nothing; a read-only one still lists the
+/// bitmaps.
 #[test]
 fn a_data_file_image_that_names_no_data_file_is_refused_writable() {
     let dir = tempfile::tempdir().unwrap();

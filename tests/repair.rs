@@ -258,10 +258,10 @@ fn repair_of_a_sound_image_frees_only_true_leaks() {
     assert_qemu_clean(&img);
 }
 
-/// Found by an adversarial review: `-r leaks` lowered a leaked refcount one decrement at a
-/// time, so a cluster at refcount 2^64 - 1 (64-bit refcounts, which QEMU makes and opens)
-/// took about 2^64 steps and the repair never ended. It sets the refcount once; given 60
-/// seconds (it takes milliseconds), a repair still running fails the test.
+/// `-r leaks` sets a leaked refcount once, not one decrement at a time: a cluster at
+/// refcount 2^64 - 1 (64-bit refcounts, which QEMU makes and opens) would take about 2^64
+/// steps and the repair would never end. Given 60 seconds (it takes milliseconds), a repair
+/// still running fails the test.
 #[test]
 fn a_leak_at_the_largest_refcount_is_repaired_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -373,12 +373,12 @@ impl Storage for Sparse {
     }
 }
 
-/// Found by an adversarial review: `-r leaks` read a broken entry's table whole, however
-/// large its `table_size` (u32::MAX: 32 GiB, in a file whose size allows it; the failed
-/// allocation was ignored and the data the table names was freed as leaked), and claimed
-/// its clusters one hash entry each. Now the table is read as far as any QEMU table can
-/// reach (`BME_MAX_TABLE_SIZE` entries), in chunks: the repair ends, no read is above
-/// 8 MiB, and the data cluster the table names is kept.
+/// `-r leaks` reads a broken entry's table only as far as any QEMU table can reach
+/// (`BME_MAX_TABLE_SIZE` entries), in chunks. Read whole, however large its `table_size`
+/// (u32::MAX: 32 GiB, in a file whose size allows it), with its clusters claimed one hash
+/// entry each, a failed allocation, ignored, would have the data the table names freed as
+/// leaked. The repair ends, no read is above 8 MiB, and the data cluster the table names is
+/// kept.
 #[test]
 fn a_broken_table_of_u32_max_entries_is_read_in_bounded_chunks() {
     let (mut bytes, d, table, data) = one_bitmap_in_memory();
@@ -405,10 +405,9 @@ fn a_broken_table_of_u32_max_entries_is_read_in_bounded_chunks() {
     );
 }
 
-/// Found by an adversarial review: a broken table running past the end of the file failed
-/// its read whole, so `-r leaks` freed the data clusters its in-file part names. Now the
-/// in-file part is read and what it names kept; QEMU's check agrees nothing was freed
-/// that the entry names.
+/// A broken table running past the end of the file fails a whole read, which must not make
+/// `-r leaks` free the data clusters its in-file part names. The in-file part is read and
+/// what it names kept; QEMU's check agrees nothing was freed that the entry names.
 #[test]
 fn a_broken_table_partly_past_the_end_still_protects_its_data() {
     let (mut bytes, d, table, data) = one_bitmap_in_memory();
@@ -437,10 +436,10 @@ fn a_broken_table_partly_past_the_end_still_protects_its_data() {
     );
 }
 
-/// Found by an adversarial review: a leak repair refused to lower the refcount of a live
-/// refcount block (on disk 2, one reference), which `qemu-img check -r leaks` repairs, so
-/// `-r all` failed after it had already removed a broken bitmap and said nothing of the
-/// removal. A structure's refcount is now lowered to its one reference (never to 0).
+/// A leak repair lowers the refcount of a live refcount block (on disk 2, one reference) to
+/// its one reference (never to 0), as `qemu-img check -r leaks` repairs it: refusing would
+/// make `-r all` fail after it had already removed a broken bitmap, saying nothing of the
+/// removal.
 #[test]
 fn a_leaked_reference_to_a_refcount_block_is_repaired_beside_a_removal() {
     let dir = tempfile::tempdir().unwrap();
@@ -543,14 +542,13 @@ fn two_bitmaps_in_memory() -> (Vec<u8>, usize, u64) {
     (bytes, d, data)
 }
 
-/// Found by a review: `-r all` allocated its new directory first fit among the clusters
-/// of refcount 0 without looking at the refcounts of what it kept, so a kept bitmap whose
-/// data cluster had refcount 0 had the new directory written over its bits (it stayed in
-/// the directory, consistent, and loaded the directory's bytes). The refcount of a
-/// cluster a kept bitmap owns is now raised to its one reference before anything is
-/// allocated, as `qemu-img check -r all` repairs a refcount below its references: nothing
-/// (new directory, the kept bitmaps' all-ones tables) is written into that cluster, which
-/// the old directory's bitmap owns until the commit point, and QEMU's check finds the image
+/// `-r all` allocates its new directory first fit among the clusters of refcount 0, so it
+/// first raises to its one reference the refcount of every cluster a kept bitmap owns, as
+/// `qemu-img check -r all` repairs a refcount below its references: otherwise a kept bitmap
+/// whose data cluster had refcount 0 would have the new directory written over its bits (it
+/// stays in the directory, consistent, and loads the directory's bytes). Nothing (new
+/// directory, the kept bitmaps' all-ones tables) is written into that cluster, which the
+/// old directory's bitmap owns until the commit point, and QEMU's check finds the image
 /// clean.
 #[test]
 fn repair_all_never_allocates_over_a_kept_bitmaps_cluster_at_refcount_0() {
@@ -655,11 +653,11 @@ fn repair_all_removes_a_bitmap_whose_data_lies_past_the_end() {
     assert!(check.is_clean(), "{:?}", check.messages);
 }
 
-/// Found by a review: a leaked refcount (2 for one reference) on a valid bitmap's data
-/// cluster was never lowered: `-r leaks` protected every cluster a bitmap owned, broken or
-/// not, so it exited 3 ("Kept 1 leaked clusters a bitmap entry may own") though nothing
-/// was broken, and every later write refused the shared-looking cluster. A cluster only a
-/// kept bitmap owns is now lowered to its one reference, as `qemu-img check -r leaks` does.
+/// A leaked refcount (2 for one reference) on a valid bitmap's data cluster is lowered:
+/// protecting every cluster a bitmap owns, broken or not, `-r leaks` would exit 3 ("Kept 1
+/// leaked clusters a bitmap entry may own") though nothing is broken, and every later write
+/// would refuse the shared-looking cluster. A cluster only a kept bitmap owns is lowered to
+/// its one reference, as `qemu-img check -r leaks` does.
 #[test]
 fn repair_leaks_lowers_a_leaked_refcount_of_a_valid_bitmaps_cluster() {
     let dir = tempfile::tempdir().unwrap();
@@ -689,10 +687,10 @@ fn repair_leaks_lowers_a_leaked_refcount_of_a_valid_bitmaps_cluster() {
     assert_eq!(nbd_dirty(&img, "c"), before_c);
 }
 
-/// Found by a review: a bitmap in use whose table QEMU cannot load (QEMU never reads it,
-/// and opens the image; its check counts the table as corrupt) survived `-r all`, so every
-/// later write's check refused the image for good; a table lying past the end of the file
-/// made `-r leaks` and `-r all` fail outright. `-r all` now removes it, and leaves the kept
+/// A bitmap in use whose table QEMU cannot load (QEMU never reads it, and opens the image;
+/// its check counts the table as corrupt) does not survive `-r all`, or every later write's
+/// check would refuse the image for good; and a table lying past the end of the file does
+/// not make `-r leaks` or `-r all` fail outright. `-r all` removes it, and leaves the kept
 /// bitmaps all dirty (in use, it may have held writes they lack); `-r leaks` keeps what it
 /// may own.
 #[test]
@@ -773,12 +771,12 @@ fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
     assert!(check.is_clean(), "{:?}", check.messages);
 }
 
-/// Found by a review: `-r all` raised to 1 only the refcount-0 clusters of the bitmaps it
-/// kept and of the old directory. A bitmap it removes though QEMU loads it (here "b",
-/// which names its table cluster as data: QEMU does not check that) is in force until the
-/// header commit, and its table cluster at refcount 0 was where the new directory went: a
-/// crash before the header left "b" loading the directory's bytes. Nothing may be written
-/// into that cluster.
+/// `-r all` raises to 1 more than the refcount-0 clusters of the bitmaps it keeps and of
+/// the old directory. A bitmap it removes though QEMU loads it (here "b", which names its
+/// table cluster as data: QEMU does not check that) is in force until the header commit,
+/// and its table cluster at refcount 0 must not take the new directory: a crash before the
+/// header would leave "b" loading the directory's bytes. Nothing may be written into that
+/// cluster.
 #[test]
 fn repair_all_never_writes_over_a_removed_bitmap_before_its_commit() {
     let (mut b, d, _) = two_bitmaps_in_memory();
@@ -815,13 +813,13 @@ fn bitmaps_extension(b: &[u8]) -> usize {
         .expect("the bitmaps extension")
 }
 
-/// Found by a review of the CLI: an image whose bitmaps extension's own fields QEMU refuses
-/// (`qemu-img info` and `check` fail: "found bitmaps extension with zero bitmaps",
-/// "Reserved field is not zero") was judged with the extension untrusted in memory, so
-/// `dbm check` failed to open it (status 1, not the documented 2), `-r leaks`, which leaves
-/// the extension on disk, called it "no harm to data" (status 3), and with an extension
-/// naming no clusters "No errors were found" (status 0). Each now counts the extension as
-/// a corruption (status 2, the problem named) until `-r all` drops it.
+/// An image whose bitmaps extension's own fields QEMU refuses (`qemu-img info` and `check`
+/// fail: "found bitmaps extension with zero bitmaps", "Reserved field is not zero") is not
+/// judged with the extension merely untrusted in memory: `dbm check` would fail to open it
+/// (status 1, not the documented 2), `-r leaks`, which leaves the extension on disk, would
+/// call it "no harm to data" (status 3), and with an extension naming no clusters say "No
+/// errors were found" (status 0). Each counts the extension as a corruption (status 2, the
+/// problem named) until `-r all` drops it.
 #[test]
 fn an_extension_qemu_refuses_is_a_corruption_with_and_without_repair() {
     // (case, the edit of the bitmaps extension's data at `x`, words of the finding)
@@ -906,12 +904,12 @@ fn assert_refused_until_repair_all(case: &str, img: &Path, bytes: &[u8], words: 
     assert_qemu_clean(img);
 }
 
-/// Found by a review: `-r all` removed a broken later checkpoint and kept the older one
-/// with its bits as they were, so "since X" (X and every other bitmap still in the image)
-/// lost the removed bitmap's writes: a false clean. Checkpoint X, then C (X disabled, C
-/// recording); a write only in C; a reserved bit in C's table, which QEMU refuses. `-r all`
-/// removes C and leaves X all dirty in the same commit: "since X" is a full backup, QEMU
-/// finds the image clean and exports X with every bit set.
+/// `-r all` that removes a broken later checkpoint does not keep the older one with its
+/// bits as they are: "since X" (X and every other bitmap still in the image) would lose the
+/// removed bitmap's writes, a false clean. Checkpoint X, then C (X disabled, C recording);
+/// a write only in C; a reserved bit in C's table, which QEMU refuses. `-r all` removes C
+/// and leaves X all dirty in the same commit: "since X" is a full backup, QEMU finds the
+/// image clean and exports X with every bit set.
 #[test]
 fn repair_all_leaves_the_kept_bitmaps_all_dirty_when_it_removes_one() {
     use dirty_bitmap::storage::FileStorage;
@@ -1053,10 +1051,10 @@ fn directory_of(
     (area, d, dir, entries, geo)
 }
 
-/// Found by a review: triage (which `dbm info` and `repair` run on an image QEMU refuses)
-/// read and decoded the table of every entry, so 65,534 entries naming one 2 MiB table cost
-/// 128 GiB of reads from a file of a few MiB. Each table is now read once: fifty entries
-/// naming one table cost at least 49 reads fewer than fifty entries with a table each.
+/// Triage (which `dbm info` and `repair` run on an image QEMU refuses) reads each table
+/// once: read and decoded per entry, 65,534 entries naming one 2 MiB table would cost 128
+/// GiB of reads from a file of a few MiB. Fifty entries naming one table cost at least 49
+/// reads fewer than fifty entries with a table each.
 #[test]
 fn triage_reads_a_table_many_entries_name_once() {
     use dirty_bitmap::format::encode_directory;
@@ -1097,11 +1095,11 @@ fn triage_reads_a_table_many_entries_name_once() {
     );
 }
 
-/// Found by a review: repair claimed a table's clusters only for an entry it kept, so
-/// every entry naming the table of one it rejected read and decoded the whole table again
-/// (65,535 in-use entries naming one 8 MiB table with a reserved bit: 512 GiB of reads from
-/// a file of about 10 MiB). A rejected entry's table is remembered: fifty entries naming
-/// one broken table cost no more reads than two, and each is rejected for the same reason.
+/// Repair remembers the table of an entry it rejected, not only those of the entries it
+/// keeps: otherwise every entry naming that table would read and decode the whole table
+/// again (65,535 in-use entries naming one 8 MiB table with a reserved bit: 512 GiB of
+/// reads from a file of about 10 MiB). Fifty entries naming one broken table cost no more
+/// reads than two, and each is rejected for the same reason.
 #[test]
 fn repair_reads_a_rejected_table_many_entries_name_once() {
     use dirty_bitmap::format::encode_directory;
@@ -1195,13 +1193,13 @@ fn a_preload_reads_no_table_of_the_wrong_size() {
     );
 }
 
-/// Found by a review: the check's walk (every writing operation's preflight, `dbm check`,
-/// repair) and triage read each distinct table offset once, but tables named at offsets a
-/// cluster apart overlap, and each was read whole: 65,535 entries with 8 MiB tables a
-/// cluster apart read 512 GiB from an 11 MiB file. Tables whose lengths inside the file add
-/// up to more than the file are now refused with a typed error before any is read: here 64
-/// entries whose 128 KiB tables (each the exact size QEMU requires) start 4 KiB apart, 8 MiB
-/// named in a file of about 1.2 MiB.
+/// The check's walk (every writing operation's preflight, `dbm check`, repair) and triage
+/// read each distinct table offset once, but tables named at offsets a cluster apart
+/// overlap, and each would be read whole: 65,535 entries with 8 MiB tables a cluster apart
+/// would read 512 GiB from an 11 MiB file. Tables whose lengths inside the file add up to
+/// more than the file are refused with a typed error before any is read: here 64 entries
+/// whose 128 KiB tables (each the exact size QEMU requires) start 4 KiB apart, 8 MiB named
+/// in a file of about 1.2 MiB.
 #[test]
 fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
     use dirty_bitmap::format::{encode_directory, Corruption};
@@ -1275,14 +1273,14 @@ fn tables_overlapping_beyond_the_file_are_refused_before_any_is_read() {
     }
 }
 
-/// Found by a review: a QEMU that crashed deleting a snapshot (the table written without it,
-/// the refcounts not lowered yet) leaves every cluster the snapshot shared at refcount 2,
-/// with one reference from the active tables, whose COPIED flags are clear. `-r leaks` and
-/// `-r all` lowered them to 1 and left the flags clear, which `qemu-img check` calls
-/// corrupt ("ERROR OFLAG_COPIED"): a leaks-only image made corrupt, every later write of
-/// ours refused by the preflight. They stay at 2 (leaks kept: QEMU's repair sets the flag,
-/// which writes guest metadata ours leaves alone); the image is no worse than leaky, for
-/// QEMU and for us, and writable.
+/// A QEMU that crashed deleting a snapshot (the table written without it, the refcounts not
+/// lowered yet) leaves every cluster the snapshot shared at refcount 2, with one reference
+/// from the active tables, whose COPIED flags are clear. `-r leaks` and `-r all` must not
+/// lower them to 1 and leave the flags clear, which `qemu-img check` calls corrupt ("ERROR
+/// OFLAG_COPIED"): a leaks-only image made corrupt, every later write of ours refused by
+/// the preflight. They stay at 2 (leaks kept: QEMU's repair sets the flag, which writes
+/// guest metadata ours leaves alone); the image is no worse than leaky, for QEMU and for
+/// us, and writable.
 #[test]
 fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
     let dir = tempfile::tempdir().unwrap();

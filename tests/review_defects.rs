@@ -1024,12 +1024,12 @@ fn opening_an_image_reads_cluster_0_at_its_size_not_the_largest() {
     }
 }
 
-/// Found by an adversarial review: `changed_since` (and `dbm info`, `dump --since`) built
-/// every bitmap of the image in turn with no total budget: entries naming one table of a
-/// 512 MiB bitmap (2^41-byte disk at 512-byte granularity) cost a 512 MiB build each, and
-/// 65535 of them hours from a file of a few MiB. The sizes are now added up before
-/// anything is read and refused past what an activation may hold, as `activate` refuses
-/// the same image: here 40 entries, 20 GiB.
+/// `changed_since` (and `dbm info`, `dump --since`) builds every bitmap of the image in
+/// turn, so the sizes are added up before anything is read and refused past what an
+/// activation may hold, as `activate` refuses the same image: with no total budget, entries
+/// naming one table of a 512 MiB bitmap (2^41-byte disk at 512-byte granularity) would cost
+/// a 512 MiB build each, and 65535 of them hours from a file of a few MiB. Here 40 entries,
+/// 20 GiB.
 #[test]
 fn changed_since_refuses_more_bitmaps_than_an_activation_may_hold_before_reading() {
     let mut store = BitmapStore::create(MemStorage::new(), 1 << 41, 65536).unwrap();
@@ -1203,12 +1203,12 @@ fn a_resize_past_the_memory_limit_is_refused_before_it_writes() {
     assert_eq!(s.disk_size(), 2 << 30);
 }
 
-/// Found by a review: an add on an active store holds the new bitmap in memory beside the
-/// others with no check of their sum, and the next activation refuses the image once that
-/// sum passes its limit: a failed migration's source (inactivated, its bitmaps parked)
-/// could no longer take its bitmaps back, one step after the add that caused it. The add
-/// that would pass the limit is refused, writing nothing; the activations after it go on.
-/// (Bitmaps of 512 MiB on a 4 TiB disk at 1 KiB: their words stay unmapped while clean.)
+/// An add on an active store holds the new bitmap in memory beside the others, and the next
+/// activation refuses the image once their sum passes its limit: a failed migration's
+/// source (inactivated, its bitmaps parked) could then no longer take its bitmaps back, one
+/// step after the add that caused it. The add that would pass the limit is refused, writing
+/// nothing; the activations after it go on. (Bitmaps of 512 MiB on a 4 TiB disk at 1 KiB:
+/// their words stay unmapped while clean.)
 #[test]
 fn an_add_past_the_activations_memory_limit_is_refused_while_the_bitmaps_are_held() {
     let mut s = BitmapStore::create(MemStorage::new(), 4 << 40, 65536).unwrap();
@@ -1239,11 +1239,11 @@ fn an_add_past_the_activations_memory_limit_is_refused_while_the_bitmaps_are_hel
     drop(s.close().unwrap());
 }
 
-/// Found by a review: a raw data file's identity map names each guest cluster's own
-/// offset, and an L2 entry holds offsets below 2^56; above that the entries set reserved
-/// bits (`qemu-img check`: "L2 entry with reserved bits set"). A disk past 2^56 is refused
-/// before anything is written or sized (before, the create sized the file for its 512 GiB
-/// of L2 tables and wrote them: with every write failing here, an I/O error).
+/// A raw data file's identity map names each guest cluster's own offset, and an L2 entry
+/// holds offsets below 2^56; above that the entries set reserved bits (`qemu-img check`:
+/// "L2 entry with reserved bits set"). A disk past 2^56 is refused before anything is
+/// written or sized: the create would otherwise size the file for its 512 GiB of L2 tables
+/// and write them (with every write failing here, an I/O error).
 #[test]
 fn a_raw_data_file_disk_past_2_to_the_56_is_refused_before_anything_is_written() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, Trigger};

@@ -331,9 +331,10 @@ fn latch_ignores_invalid_input_that_touched_nothing() {
     s.sync_data().unwrap();
 }
 
-/// Found by a review: a `FileStorage` refuses writes while its writer locks are released
-/// (a hand-over), touching nothing, and the latch over it took that refusal for a failed
-/// write: once the locks were taken back, every write returned `Poisoned`, for good.
+/// A `FileStorage` refuses writes while its writer locks are released (a hand-over),
+/// touching nothing, and the latch over it does not take that refusal for a failed write:
+/// once the locks are taken back, writes go through instead of returning `Poisoned` for
+/// good.
 #[test]
 fn latch_ignores_a_refusal_while_the_writer_locks_are_released() {
     let dir = tempfile::tempdir().unwrap();
@@ -1438,8 +1439,8 @@ fn resident_pages(file: &std::fs::File, offset: u64, len: usize) -> usize {
 
 /// `FileStorage::forget_cached` drops the file's clean pages; after `keeping_cache` the
 /// next call (a writable open's) keeps them, and only that one: a later call (a store
-/// taking its writer locks back, found by a review to be skipped for the handle's whole
-/// life) drops them again.
+/// taking its writer locks back, which must not be skipped for the handle's whole life)
+/// drops them again.
 #[cfg(target_os = "linux")]
 #[test]
 fn forget_cached_drops_the_files_clean_pages_and_keeping_cache_skips_it_once() {

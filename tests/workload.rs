@@ -512,11 +512,11 @@ fn durable_sigkill_drill_qemu_finds_every_logged_write() {
     assert!(killed > 0, "none of the {kills} runs was killed");
 }
 
-/// Found by a review: a progress line that could not be written (stdout on a full disk)
-/// ended the run: at the first line with the store active, leaving the bitmap `in_use`
-/// (a full backup next), and after the stop with status 1 though the stop had committed.
-/// The run goes on, losing its lines with one warning; the bitmap ends consistent and
-/// holds what it marked; both modes.
+/// A progress line that cannot be written (stdout on a full disk) does not end the run:
+/// ended at the first line with the store active, it would leave the bitmap `in_use` (a
+/// full backup next), and after the stop exit with status 1 though the stop had committed.
+/// The run goes on, losing its lines with one warning; the bitmap ends consistent and holds
+/// what it marked; both modes.
 #[test]
 fn a_stdout_that_cannot_be_written_does_not_end_the_run() {
     for durable in [false, true] {

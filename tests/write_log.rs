@@ -665,10 +665,10 @@ fn a_preload_walk_past_its_budget_is_not_kept() {
     assert!(pre.follows_every_bitmap(), "seed {seed}");
 }
 
-/// Found by a review: the budget held only for the walk's counting pass; its comparison
-/// with the refcount blocks and its second pass over the L2 tables (the COPIED flags) ran
-/// on past it. Here the first refcount block's read takes 300 ms against a budget of
-/// 200 ms, after the counting pass: the walk is given up, not kept.
+/// The budget holds for the whole walk, not only its counting pass: its comparison with the
+/// refcount blocks and its second pass over the L2 tables (the COPIED flags) stop at it
+/// too. Here the first refcount block's read takes 300 ms against a budget of 200 ms, after
+/// the counting pass: the walk is given up, not kept.
 #[test]
 fn a_preload_walk_past_its_budget_after_the_counting_pass_is_not_kept() {
     let (mut rng, seed) = seeded_rng("write_log_budget_late");
@@ -827,11 +827,11 @@ fn a_cluster_two_structures_share_after_the_preload_is_refused() {
     }
 }
 
-/// Found by a review: two in-use bitmaps whose data name one cluster of refcount 2 pass a
-/// fresh walk (nothing in use is written, and the refcount covers both names), but the
-/// check made with the preload's walk refused any second name, and the full preflight it
-/// fell back to ran inside the downtime, unpriced. The refcount covering the names is
-/// what it asks now: no walk.
+/// Two in-use bitmaps whose data name one cluster of refcount 2 pass a fresh walk (nothing
+/// in use is written, and the refcount covers both names), and the check made with the
+/// preload's walk accepts them too: refusing any second name would fall back to the full
+/// preflight, inside the downtime, unpriced. It asks whether the refcount covers the names:
+/// no walk.
 #[test]
 fn in_use_bitmaps_sharing_a_cluster_their_refcount_covers_need_no_walk() {
     let (mut rng, seed) = seeded_rng("write_log_in_use_shared");

@@ -404,9 +404,9 @@ mod tests {
         assert_eq!(empty.next(), None);
     }
 
-    /// Found by a review: `union_with` ORed the last word whole, so a region of a longer
-    /// set past this one's end was kept and counted (`len` 1, `iter` yielding 80 of a
-    /// 70-region set) while `contains` said no.
+    /// `union_with` keeps no region of a longer set past this one's end: ORing the last
+    /// word whole would keep and count one (`len` 1, `iter` yielding 80 of a 70-region set)
+    /// while `contains` says no.
     #[test]
     fn a_union_ignores_regions_past_the_sets_end() {
         let mut a = ChangedRegions::empty(70);

@@ -1068,8 +1068,8 @@ mod tests {
             BitmapName::parse_escaped("naïve"),
             BitmapName::from("naïve")
         );
-        // Found by a review: `\x+1` read as byte 1 (`from_str_radix` takes a sign). Only
-        // two hex digits make a byte; anything else is itself.
+        // `\x+1` is not byte 1, though `from_str_radix` takes a sign: only two hex digits
+        // make a byte; anything else is itself.
         for text in ["\\x+1", "\\x-1", "\\x 1"] {
             assert_eq!(
                 BitmapName::parse_escaped(text),

@@ -257,11 +257,11 @@ fn with_spare_cluster() -> (MemStorage, HeaderArea, u64) {
     (storage, area, at)
 }
 
-/// Found by an adversarial review: a snapshot table entry with extra_data_size 2^32 - 1
-/// was accepted and the walk counted a 4 GiB snapshot table, a page of counters per 4096
-/// clusters, from a file that holds 40 bytes of it. QEMU refuses an entry with more than
-/// 1024 bytes of extra data (`qemu-img check` fails, exit 1); so does the check now, before
-/// counting anything of the table.
+/// A snapshot table entry with extra_data_size 2^32 - 1 must not have the walk count a 4
+/// GiB snapshot table, a page of counters per 4096 clusters, from a file that holds 40
+/// bytes of it. QEMU refuses an entry with more than 1024 bytes of extra data
+/// (`qemu-img check` fails, exit 1); so does the check, before counting anything of the
+/// table.
 #[test]
 fn a_snapshot_with_too_much_extra_data_is_refused_as_qemu_refuses_it() {
     let (storage, mut area, at) = with_spare_cluster();
@@ -317,11 +317,10 @@ fn a_snapshot_with_too_much_extra_data_is_refused_as_qemu_refuses_it() {
     );
 }
 
-/// Found by an adversarial review: a LUKS header pointer of length 2^64 - 1 made the walk
-/// count every cluster from the header to the end of the file, a page of counters per 4096
-/// clusters of a sparse file it never read. A range passing the end of the file is one
-/// corruption and counts nothing, as QEMU's `qcow2_inc_refcounts_imrt` counts it, and is not
-/// walked.
+/// A LUKS header pointer of length 2^64 - 1 must not make the walk count every cluster from
+/// the header to the end of the file, a page of counters per 4096 clusters of a sparse file
+/// it never reads. A range passing the end of the file is one corruption and counts
+/// nothing, as QEMU's `qcow2_inc_refcounts_imrt` counts it, and is not walked.
 #[test]
 fn a_luks_header_running_past_the_end_allocates_no_counters() {
     let (storage, mut area, at) = with_spare_cluster();
@@ -369,11 +368,11 @@ fn creation_refuses_a_disk_size_that_is_not_whole_sectors() {
     }
 }
 
-/// Found by a review: with autoclear bit 0 set QEMU validates every bitmaps extension of
-/// cluster 0, not only the last, and refuses the image for one it rejects. A torn mix that
-/// walks an invalid bitmaps extension before the new one was read as trusting the new
-/// one, so the write went out unbracketed into an image nobody opens; with bit 0 clear
-/// (the bracket) both would open it. Such a cluster 0 now never reads as either side's.
+/// With autoclear bit 0 set QEMU validates every bitmaps extension of cluster 0, not only
+/// the last, and refuses the image for one it rejects. A torn mix that walks an invalid
+/// bitmaps extension before the new one must not read as trusting the new one, or the write
+/// would go out unbracketed into an image nobody opens; with bit 0 clear (the bracket) both
+/// would open it. Such a cluster 0 never reads as either side's.
 #[test]
 fn an_invalid_earlier_bitmaps_extension_is_never_read_as_the_last_one() {
     let img = fresh(65536, 1 << 30);
@@ -406,13 +405,13 @@ fn an_invalid_earlier_bitmaps_extension_is_never_read_as_the_last_one() {
     assert!(decode_extensions(&two, &h).is_err());
 }
 
-/// Found by a review: a walk whose deadline passed while it read went on asking the storage
-/// to read ahead every batch of L2 tables left, which on a device holds the caller about as
-/// long as reading them (a destination's preload, in the thread that reads the stream).
-/// Here the L1 table's read takes 50 ms against a budget of 10 ms, and 256 tables follow:
-/// nothing is read ahead, and the walk is given up. From a later review: a deadline that
-/// passes amid a batch leaves its unread tables fresh on a device-reading handle until
-/// that reads something else; the walk ends that with an empty prefetch.
+/// A walk whose deadline passes while it reads stops asking the storage to read ahead the
+/// batches of L2 tables left: on a device, that would hold the caller about as long as
+/// reading them (a destination's preload, in the thread that reads the stream). Here the L1
+/// table's read takes 50 ms against a budget of 10 ms, and 256 tables follow: nothing is
+/// read ahead, and the walk is given up. A deadline that passes amid a batch would leave
+/// its unread tables fresh on a device-reading handle until that reads something else; the
+/// walk ends that with an empty prefetch.
 #[test]
 fn a_walk_past_its_deadline_reads_nothing_ahead() {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};

@@ -1198,9 +1198,9 @@ mod tests {
         (SharedDiskState::new(1, "disk", SharedStore::new(st)), b)
     }
 
-    /// Found by a review: a destination whose undo (the inactivate after a failed attempt)
-    /// failed said nothing of it, and `dbm migrate listen` printed that the image was
-    /// inactive again. The failure is kept (`undo_failed`), the bitmaps stay `in_use`.
+    /// A destination whose undo (the inactivate after a failed attempt) fails says so: the
+    /// failure is kept (`undo_failed`), the bitmaps stay `in_use`, and `dbm migrate listen`
+    /// does not print that the image is inactive again.
     #[test]
     fn a_destination_whose_undo_fails_says_so() {
         let bytes = {
@@ -1319,11 +1319,10 @@ mod tests {
         );
     }
 
-    /// Found by a review: a durable store handed over by the stop, then taken back by
-    /// another holder of the `SharedStore` before the fail-back ran: the fail-back called
-    /// `activate_durable` on the active store, which refuses (`Active`), and the source
-    /// stayed stopped (a deferred store's `activate` on an active store returns). An active
-    /// store is left as it is.
+    /// A durable store handed over by the stop, then taken back by another holder of the
+    /// `SharedStore` before the fail-back runs: `activate_durable` on the active store
+    /// would refuse (`Active`) and leave the source stopped (a deferred store's `activate`
+    /// on an active store returns). The fail-back leaves an active store as it is.
     #[test]
     fn a_fail_back_leaves_a_store_another_holder_took_back() {
         let (mut state, shared) = durable_source();
@@ -1336,10 +1335,10 @@ mod tests {
         assert!(!state.handed_over());
     }
 
-    /// Found by a review: a durable store another holder inactivated during an attempt
-    /// fails the stop (`complete`), and the fail-back took the store back in the mode an
-    /// earlier stop had recorded (deferred, when none had run), not the durable one its
-    /// image records: its durable trackers then served nothing. It is taken back durable.
+    /// A durable store another holder inactivated during an attempt fails the stop
+    /// (`complete`), and the fail-back takes it back durable, the mode its image records,
+    /// not the mode an earlier stop recorded (deferred, when none ran): in that mode its
+    /// durable trackers would serve nothing.
     #[test]
     fn a_store_inactivated_before_the_stop_is_taken_back_in_the_mode_its_image_records() {
         let (mut state, shared) = durable_source();
@@ -1358,10 +1357,11 @@ mod tests {
         );
     }
 
-    /// Found by an adversarial review: an attempt that ended `OutcomeUnknown` left the
-    /// store handed over (inactive, clean on disk); a retry's `setup` cleared the
-    /// hand-over flag before it refused the inactive store, so the fail-back's
-    /// `reactivate` did nothing and the guest resumed on bitmaps the disk calls clean.
+    /// An attempt that ends `OutcomeUnknown` leaves the store handed over (inactive, clean
+    /// on disk). A retry's `setup` that refuses the inactive store keeps the hand-over
+    /// flag, so the fail-back's `reactivate` still takes the store back: with the flag
+    /// cleared it would do nothing, and the guest would resume on bitmaps the disk calls
+    /// clean.
     #[test]
     fn a_retry_after_a_hand_over_still_takes_the_store_back() {
         let (mut state, b) = faulty_store();
@@ -1548,11 +1548,12 @@ mod tests {
         }
     }
 
-    /// Found by a review: an activate that starts from its preload's walk still reads the
-    /// header, every bitmap's table and the refcount blocks behind the bitmaps' clusters,
-    /// which the walk priced before (it reads them too) and nothing priced once the walk
-    /// left the figure. With 9 bitmaps and a millisecond per read, nothing logged, the
-    /// following figure holds at least the 9 tables and the header.
+    /// An activate that starts from its preload's walk still reads the header, every
+    /// bitmap's table and the refcount blocks behind the bitmaps' clusters. The walk's
+    /// price covers them while the walk is in the figure (it reads them too); once the walk
+    /// has left the figure, the figure prices them itself. With 9 bitmaps and a millisecond
+    /// per read, nothing logged, the following figure holds at least the 9 tables and the
+    /// header.
     #[test]
     fn a_following_destinations_figure_holds_the_reads_of_its_activates_checks() {
         let (mut state, mut dest, _) = shared_pair(true);
@@ -1578,15 +1579,14 @@ mod tests {
         assert!(figure < Millis(10_000), "{figure:?}");
     }
 
-    /// Found by a review: the destination answers its BEGIN once the preload ended, but the
-    /// LOGs the source sent meanwhile are still queued before it, and it reads their
-    /// regions (and a table per bitmap, each LOG on its own) before it reads the
-    /// switchover: inside the downtime, where the figure counted only the last log's
-    /// regions. Now every LOG sent is priced, beyond any whole load, until the destination
-    /// says it applied it (a report per LOG applied while it follows), and the figure
-    /// waits until it caught up on the LOGs sent before its answer was read; later LOGs
-    /// are priced, not waited for (a report's lag would hold the switchover: a later
-    /// review).
+    /// The destination answers its BEGIN once the preload ended, but the LOGs the source
+    /// sent meanwhile are still queued before it, and it reads their regions (and a table
+    /// per bitmap, each LOG on its own) before it reads the switchover: inside the
+    /// downtime, so the figure counts more than the last log's regions. Every LOG sent is
+    /// priced, beyond any whole load, until the destination says it applied it (a report
+    /// per LOG applied while it follows), and the figure waits until it caught up on the
+    /// LOGs sent before its answer was read; later LOGs are priced, not waited for (a
+    /// report's lag would hold the switchover).
     #[test]
     fn logs_the_destination_has_not_applied_are_priced_until_it_says_it_did() {
         let (mut state, mut dest, _) = shared_pair(true);
@@ -1780,10 +1780,10 @@ mod tests {
         (fs, state, dest)
     }
 
-    /// Found by a review: a preload that could not read a bitmap (it skips it; the
-    /// activate then loads it whole) still said it followed the log, and the source priced
-    /// the activate as a read of the last log's regions. Only a preload that holds every
-    /// bitmap, each kept up to date, says so.
+    /// A preload that could not read a bitmap skips it (the activate then loads it whole),
+    /// so it does not say it follows the log: the source would price the activate as a read
+    /// of the last log's regions. Only a preload that holds every bitmap, each kept up to
+    /// date, says so.
     #[test]
     fn a_preload_that_could_not_read_a_bitmap_never_says_it_follows() {
         // Every read after the open fails: the preload reads no bitmap.

@@ -505,10 +505,10 @@ mod tests {
         out
     }
 
-    /// Found by a review: a LOG repeating one name, each entry of the caller's largest
-    /// region count, allocated that bitmap's region set per entry (65,535 entries: 1 GiB
-    /// from a 2.6 MB payload) before anything was checked against what the caller holds.
-    /// A name repeated in a LOG that is not whole is refused before anything is allocated.
+    /// A LOG repeating one name, each entry of the caller's largest region count, would
+    /// allocate that bitmap's region set per entry (65,535 entries: 1 GiB from a 2.6 MB
+    /// payload) before anything is checked against what the caller holds. A name repeated
+    /// in a LOG that is not whole is refused before anything is allocated.
     #[test]
     fn a_name_repeated_in_a_log_is_refused_before_allocating() {
         let bytes = repeated(b"b", 1000, 131_072);

@@ -1669,9 +1669,9 @@ mod tests {
     /// The source stream of these tests.
     const S1: u64 = 0x51;
 
-    /// Found by an adversarial review: a bitmap of 2 MiB regions, dense, sent 64 regions a
-    /// section: 128 MiB where a frame holds 16, so every attempt failed on the frame's
-    /// limit. A section holds as many raw entries as fit in a frame.
+    /// A bitmap of 2 MiB regions, dense, sent 64 regions a section, would make sections of
+    /// 128 MiB where a frame holds 16, and every attempt would fail on the frame's limit. A
+    /// section holds as many raw entries as fit in a frame.
     #[test]
     fn a_section_of_large_dense_regions_fits_in_a_frame() {
         let region = 2 << 20;
@@ -1703,11 +1703,12 @@ mod tests {
         assert_eq!(regions, 10, "every region is sent once");
     }
 
-    /// Found by a review: the postcopy push reset a bitmap's count of changed regions not
-    /// yet taken (`seen`) at every turn, taken or not. A turn whose budget ran out on the
-    /// queue's last section left the queue empty and `seen` 0, so `pending` said nothing
-    /// was left while the consumer still held the regions the stop's exact count found,
-    /// and the loop sent End without them: a write in no bitmap of the destination.
+    /// The postcopy push resets a bitmap's count of changed regions not yet taken (`seen`)
+    /// only at a turn that takes them. Reset at every turn, a turn whose budget ran out on
+    /// the queue's last section would leave the queue empty and `seen` 0, so `pending`
+    /// would say nothing is left while the consumer still holds the regions the stop's
+    /// exact count found, and the loop would send End without them: a write in no bitmap of
+    /// the destination.
     #[test]
     fn the_postcopy_push_sends_the_regions_changed_before_the_stop() {
         let g = 512;
@@ -1858,12 +1859,12 @@ mod tests {
         );
     }
 
-    /// Found by a review: what an abandoned migration left counted against the bound for
-    /// every later migration, so one whose bitmap fits only without it was refused at its
-    /// first START, applied nothing, left the old data kept, and every attempt failed the
-    /// same way until the destination process restarted. A START that fits without the
-    /// kept data now drops it (its migration, if it comes back, is told 0 and sends
-    /// everything again); one that does not fit even alone is refused and drops nothing.
+    /// What an abandoned migration left must not count against the bound for every later
+    /// migration: one whose bitmap fits only without it would be refused at its first
+    /// START, apply nothing, leave the old data kept, and every attempt would fail the same
+    /// way until the destination process restarts. A START that fits without the kept data
+    /// drops it (its migration, if it comes back, is told 0 and sends everything again);
+    /// one that does not fit even alone is refused and drops nothing.
     #[test]
     fn kept_bitmaps_give_way_to_another_migrations_start_that_fits_without_them() {
         // Room for one bitmap of 1 GiB at 64 KiB (2 KiB, and its fixed cost).
@@ -1898,11 +1899,10 @@ mod tests {
         assert!(!d.resumed());
     }
 
-    /// Found by a review: a START that fits the bound only without what an abandoned
-    /// migration left dropped that data, then its own bitmap's geometry refused it (a
-    /// region size that is not a power of two, a disk size of 0: the decoder passes both):
-    /// the START was refused and the kept data gone for nothing. The geometry is checked
-    /// before anything is dropped.
+    /// A START that fits the bound only without what an abandoned migration left must not
+    /// drop that data and then be refused for its own bitmap's geometry (a region size that
+    /// is not a power of two, a disk size of 0: the decoder passes both), the kept data
+    /// gone for nothing. The geometry is checked before anything is dropped.
     #[test]
     fn a_start_refused_for_its_geometry_drops_no_kept_data() {
         // (disk size, region size): each START fits the bound only without M1's data.
@@ -2210,10 +2210,11 @@ mod tests {
         BitmapStore::open(MemStorage::from_bytes(bytes), OpenMode::ReadOnly).unwrap()
     }
 
-    /// Found by a review: a COMPLETE that promises regions after the start, followed by a
-    /// precopy switchover and End, was taken over as it stood: nothing can follow End, so
-    /// the bitmap was trusted (written consistent at the next stop) without the regions its
-    /// source still held. Refused, writing nothing; the same stream in postcopy starts.
+    /// A COMPLETE that promises regions after the start, followed by a precopy switchover
+    /// and End, cannot be taken over as it stands: nothing can follow End, so the bitmap
+    /// would be trusted (written consistent at the next stop) without the regions its
+    /// source still holds. It is refused, writing nothing; the same stream in postcopy
+    /// starts.
     #[test]
     fn regions_promised_after_a_precopy_switchover_are_refused() {
         let before = image_with_b(true, Recording::Enabled);
@@ -2231,13 +2232,13 @@ mod tests {
         d.before_start().unwrap();
     }
 
-    /// Found by a review: after a postcopy start, a bitmap whose regions were still being
-    /// pushed could be checkpointed past, read by `changed_since` and removed on the
-    /// destination's store; the late regions then went to a bitmap no slot held (the
-    /// source's writes in no bitmap any reader consults) and an incremental backup read a
-    /// union without them. Until the push ends, each such bitmap is refused to every edit
-    /// or read that would take it as complete; after End it is whole. A destination that
-    /// goes away mid-push leaves it all dirty.
+    /// After a postcopy start, a bitmap whose regions are still being pushed must not be
+    /// checkpointed past, read by `changed_since` or removed on the destination's store:
+    /// the late regions would go to a bitmap no slot holds (the source's writes in no
+    /// bitmap any reader consults) and an incremental backup would read a union without
+    /// them. Until the push ends, each such bitmap is refused to every edit or read that
+    /// would take it as complete; after End it is whole. A destination that goes away
+    /// mid-push leaves it all dirty.
     #[test]
     fn a_bitmap_still_arriving_after_a_postcopy_start_is_neither_read_nor_dropped() {
         let late = 3u64 << 28;
@@ -2579,19 +2580,19 @@ mod tests {
         assert!(checked > 0);
     }
 
-    /// Found by a review: a take-over that failed while a bitmap of the stream's name, which
-    /// the image held at another granularity, was still waiting for its removal (a
-    /// transient read error in that removal's preflight, which poisons nothing) had
-    /// `failed` remove it: the image's own "y", which the take-over never replaced, was
-    /// gone. So was "y" when the removal that failed was that of an earlier bitmap the image
-    /// held `in_use` ("x"). `failed` removes only what the take-over installed: "y" is back
-    /// as the image had it, and "x" stays `in_use`.
-    /// Found by a review: an image whose bitmaps extension is untrusted (autoclear bit 0
-    /// clear, as a withdrawn stop or a writer without bitmap support leaves it) naming two
-    /// of the stream's bitmaps: both are planned for removal, and the first removal's commit
-    /// drops the whole untrusted extension, so the second failed with `NotFound` and the
-    /// take-over with it, after it had written. The take-over now skips a planned removal
-    /// whose bitmap is gone, and stores the stream's bitmaps.
+    /// A take-over that fails while a bitmap of the stream's name, which the image held at
+    /// another granularity, is still waiting for its removal (a transient read error in
+    /// that removal's preflight, which poisons nothing) must not have `failed` remove it:
+    /// it is the image's own "y", which the take-over never replaced. Nor may "y" go when
+    /// the removal that failed is that of an earlier bitmap the image held `in_use` ("x").
+    /// `failed` removes only what the take-over installed: "y" is back as the image had it,
+    /// and "x" stays `in_use`.
+    /// An image whose bitmaps extension is untrusted (autoclear bit 0 clear, as a withdrawn
+    /// stop or a writer without bitmap support leaves it) naming two of the stream's
+    /// bitmaps: both are planned for removal, and the first removal's commit drops the
+    /// whole untrusted extension, so the second finds its bitmap gone (`NotFound`) after
+    /// the take-over has written. The take-over skips a planned removal whose bitmap is
+    /// gone, and stores the stream's bitmaps.
     #[test]
     fn a_take_over_replaces_two_bitmaps_of_an_untrusted_extension() {
         let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
@@ -2720,15 +2721,15 @@ mod tests {
         }
     }
 
-    /// Found by a review: a removal in `failed` that failed without poisoning the store (a
-    /// transient read error in its preflight) ended the undo there, and the store was
-    /// dropped active: the image's own "other", which the stream never touched, stayed
-    /// `in_use`, which QEMU refuses until a repair. A failed removal is tried once more (one
-    /// read error: the stream's bitmaps end absent); if it fails again (a second read error,
-    /// the retry's first, injected by a second fault layer), that bitmap is marked dirty
-    /// everywhere and the inactivation goes ahead. Either way "other" is back as it was, no
-    /// bitmap of the stream reads consistent without every bit, and the copies kept for the
-    /// retry are exact.
+    /// A removal in `failed` that fails without poisoning the store (a transient read error
+    /// in its preflight) must not end the undo there with the store dropped active: the
+    /// image's own "other", which the stream never touched, would stay `in_use`, which QEMU
+    /// refuses until a repair. A failed removal is tried once more (one read error: the
+    /// stream's bitmaps end absent); if it fails again (a second read error, the retry's
+    /// first, injected by a second fault layer), that bitmap is marked dirty everywhere and
+    /// the inactivation goes ahead. Either way "other" is back as it was, no bitmap of the
+    /// stream reads consistent without every bit, and the copies kept for the retry are
+    /// exact.
     #[test]
     fn a_removal_that_fails_in_the_undo_still_gives_the_images_other_bitmaps_back() {
         use crate::storage::{FaultPlan, FaultStorage, Trigger};
@@ -2859,11 +2860,11 @@ mod tests {
         assert!(!live.is_enabled());
     }
 
-    /// Found by an adversarial review: once the caller took the store, a late region found
-    /// no store to OR into and replaced the region in the attempt's own bitmap, which the
-    /// store had adopted: the destination guest's marks in it were erased, and the
-    /// all-dirty mark of a push that broke off did nothing. Both now reach the bitmap the
-    /// store holds, found at the start.
+    /// Once the caller has taken the store, a late region finds no store to OR into;
+    /// replacing the region in the attempt's own bitmap, which the store adopted, would
+    /// erase the destination guest's marks in it, and the all-dirty mark of a push that
+    /// breaks off would do nothing. Both reach the bitmap the store holds, found at the
+    /// start.
     #[test]
     fn late_regions_reach_the_running_bitmap_after_the_store_was_taken() {
         let mut d = dest();
@@ -3053,11 +3054,11 @@ mod tests {
         }
     }
 
-    /// Found by a review: a bitmap removed from the source store during a stream-mode
-    /// migration and added again under its name went on being streamed from the removed
-    /// copy, which nothing marks any more, so a write marked on the new one never reached
-    /// the destination (a false clean). A bitmap the stream reads is busy, as QEMU's is:
-    /// the store refuses to remove it while the stream lives.
+    /// A bitmap removed from the source store during a stream-mode migration and added
+    /// again under its name would go on being streamed from the removed copy, which nothing
+    /// marks any more, so a write marked on the new one would never reach the destination
+    /// (a false clean). A bitmap the stream reads is busy, as QEMU's is: the store refuses
+    /// to remove it while the stream lives.
     #[test]
     fn a_streamed_bitmap_is_busy_and_a_write_after_a_remove_reaches_the_destination() {
         const G: u64 = 1 << 30;
@@ -3095,11 +3096,11 @@ mod tests {
         store.remove("b").unwrap();
     }
 
-    /// Found by a review: a checkpoint on the source while the stream read "b" disabled it
-    /// and handed its recording to "c2", which the stream does not carry; the writes after
-    /// it reached no bitmap of the destination ("since b" there lacked them). As QEMU's
-    /// migrating bitmaps, a streamed bitmap is busy: the store refuses to stop it recording
-    /// (a checkpoint, a disable), before any write, and the writes stay in "b".
+    /// A checkpoint on the source while the stream reads "b" would disable it and hand its
+    /// recording to "c2", which the stream does not carry; the writes after it would reach
+    /// no bitmap of the destination ("since b" there would lack them). As QEMU's migrating
+    /// bitmaps, a streamed bitmap is busy: the store refuses to stop it recording (a
+    /// checkpoint, a disable), before any write, and the writes stay in "b".
     #[test]
     fn a_streamed_bitmap_keeps_recording_through_a_checkpoint_or_a_disable() {
         const G: u64 = 1 << 30;
@@ -3155,11 +3156,11 @@ mod tests {
         );
     }
 
-    /// Found by a review: the source's store held "b" inconsistent (its bits unknown, so
-    /// all dirty), and `from_store` left it out of the stream; the destination, whose own
-    /// image held an older "b" consistent, activated that one as it was, clean where the
-    /// source's was dirty. A bitmap that cannot be streamed refuses the state, as QEMU
-    /// refuses the migration (`add_bitmaps_to_list`).
+    /// The source's store holds "b" inconsistent (its bits unknown, so all dirty), which
+    /// `from_store` cannot stream; were it left out of the stream, the destination, whose
+    /// own image holds an older "b" consistent, would activate that one as it is, clean
+    /// where the source's is dirty. A bitmap that cannot be streamed refuses the state, as
+    /// QEMU refuses the migration (`add_bitmaps_to_list`).
     #[test]
     fn an_inconsistent_source_bitmap_refuses_the_stream() {
         let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();
@@ -3213,10 +3214,10 @@ mod tests {
         );
     }
 
-    /// Found by a review: a second COMPLETE of a bitmap was accepted, also after the
-    /// destination started, and one that said no regions follow cleared what the first
-    /// said of regions still to come: a push that then broke off left that bitmap without
-    /// its missing regions and without the all-dirty mark. A repeated COMPLETE is refused.
+    /// A second COMPLETE of a bitmap is refused, also after the destination started: one
+    /// that says no regions follow would clear what the first said of regions still to
+    /// come, and a push that then breaks off would leave that bitmap without its missing
+    /// regions and without the all-dirty mark.
     #[test]
     fn a_repeated_complete_is_refused() {
         let mut d = dest();
@@ -3248,12 +3249,12 @@ mod tests {
         assert_eq!(d.applied(), 2, "the refused section is not applied");
     }
 
-    /// Found by a review: after a postcopy take-over, a START for a bitmap the attempt
-    /// resumed was accepted (only a START of this attempt counted as a repeat). It replaced
-    /// the bitmap's record, whose COMPLETE said regions may follow, with one that says none
-    /// do and runs on no live bitmap, so a push that then broke off skipped it: the running
-    /// bitmap kept regions never sent, read clean. A START once the destination started,
-    /// or after the bitmap's COMPLETE in the attempt, is refused, changing nothing.
+    /// After a postcopy take-over, a START for a bitmap the attempt resumed is a repeat
+    /// too, not only a START of this attempt: it would replace the bitmap's record, whose
+    /// COMPLETE said regions may follow, with one that says none do and runs on no live
+    /// bitmap, so a push that then breaks off would skip it, and the running bitmap would
+    /// keep regions never sent, read clean. A START once the destination started, or after
+    /// the bitmap's COMPLETE in the attempt, is refused, changing nothing.
     #[test]
     fn a_start_after_the_take_over_or_after_its_complete_is_refused() {
         // Attempt 1 sends bitmap 0's START and a region, and fails; attempt 2 resumes it.
@@ -3300,11 +3301,11 @@ mod tests {
         d.before_start().unwrap();
     }
 
-    /// Found by a review: the take-over removes the image's inconsistent "b" (the stream
-    /// replaces it), and a removal of an inconsistent bitmap makes every bitmap kept all
-    /// dirty: the stream's adopted "c" too (shared with the copy kept for a retry), though
-    /// its content is the source's, none of the image's history. Only the image's own
-    /// "z" is made all dirty; "c" ends as the stream gave it.
+    /// The take-over removes the image's inconsistent "b" (the stream replaces it), and a
+    /// removal of an inconsistent bitmap makes every bitmap kept all dirty; that must not
+    /// reach the stream's adopted "c" (shared with the copy kept for a retry), whose
+    /// content is the source's, none of the image's history. Only the image's own "z" is
+    /// made all dirty; "c" ends as the stream gave it.
     #[test]
     fn a_take_over_replacing_an_inconsistent_bitmap_dirties_only_the_images_own() {
         let mut st = BitmapStore::create(MemStorage::new(), DISK, 65536).unwrap();

@@ -283,11 +283,11 @@ mod tests {
         (err, took)
     }
 
-    /// Found by a review of the chain: a frame starting after the chain's deadline passed
-    /// got the write timeout afresh, so a peer that finished each frame just before its
-    /// deadline (the source's own work between frames then passing it) held the stopped
-    /// guest for the write timeout once per frame again. The chain credits the source's
-    /// own time instead, and nothing else.
+    /// A frame starting after the chain's deadline passed does not get the write timeout
+    /// afresh: a peer that finishes each frame just before its deadline (the source's own
+    /// work between frames then passing it) would hold the stopped guest for the write
+    /// timeout once per frame again. The chain credits the source's own time instead, and
+    /// nothing else.
     #[test]
     fn a_chained_frame_adds_only_the_sources_own_time() {
         let t0 = Instant::now();
@@ -312,14 +312,14 @@ mod tests {
         );
     }
 
-    /// Found by a review: bounded one by one, frames to a peer that takes each just inside
-    /// its own deadline (0.3 s + 8 MiB at 64 MiB/s = 0.425 s; the peer takes 8 MiB in
-    /// about 0.27 s) never time out, so the stopped guest waits the write timeout once per
-    /// frame. Chained, 24 frames share 0.3 s + 24 × 0.125 s = 3.3 s, which the peer's
-    /// 6.4 s (less what the socket buffers hold) passes: the chain's deadline ends it. A
-    /// peer that keeps up finishes chained frames: 8 × 8 MiB under a write timeout of 30 s
-    /// and frames at 1 MiB/s share 94 s, which no machine's loopback needs, however loaded
-    /// (it takes well under a second), so the run stays short and asserts no speed.
+    /// Bounded one by one, frames to a peer that takes each just inside its own deadline
+    /// (0.3 s + 8 MiB at 64 MiB/s = 0.425 s; the peer takes 8 MiB in about 0.27 s) never
+    /// time out, so the stopped guest would wait the write timeout once per frame. Chained,
+    /// 24 frames share 0.3 s + 24 × 0.125 s = 3.3 s, which the peer's 6.4 s (less what the
+    /// socket buffers hold) passes: the chain's deadline ends it. A peer that keeps up
+    /// finishes chained frames: 8 × 8 MiB under a write timeout of 30 s and frames at 1
+    /// MiB/s share 94 s, which no machine's loopback needs, however loaded (it takes well
+    /// under a second), so the run stays short and asserts no speed.
     #[test]
     fn chained_frames_share_one_deadline() {
         let (e, took) = frames_to_a_paced_peer(TIGHT, true, 24, 8 << 20, 30.0 * (1 << 20) as f64);

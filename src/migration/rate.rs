@@ -201,10 +201,10 @@ mod tests {
         assert_eq!(l.max_bandwidth().bytes_per_sec(), 10_000);
     }
 
-    /// Found by a review: a frame's deadline counted with the limit itself, but the
-    /// limiter's truncated budget sends below it (19 bytes/s: one byte per window, 10
-    /// bytes/s), so a healthy link at such a limit missed its deadline. The figure the
-    /// deadlines use is what the limiter sends over many windows, one byte at a time.
+    /// A frame's deadline is not counted with the limit itself: the limiter's truncated
+    /// budget sends below it (19 bytes/s: one byte per window, 10 bytes/s), so a healthy
+    /// link at such a limit would miss its deadline. The figure the deadlines use is what
+    /// the limiter sends over many windows, one byte at a time.
     #[test]
     fn the_sustained_rate_is_what_the_limiter_sends() {
         for bytes_per_sec in [19u64, 10, 199, 10_000, 123_456] {

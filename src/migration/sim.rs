@@ -1916,10 +1916,10 @@ mod tests {
         })
     }
 
-    /// Found by a review: what an attempt's destination said and its source never read
-    /// stayed in the simulated return path into the next attempt (over TCP each attempt
-    /// has a connection of its own), where a shared disk's source refused a preload report
-    /// of the earlier attempt's log, failing a good retry.
+    /// What an attempt's destination said and its source never read does not stay in the
+    /// simulated return path into the next attempt (over TCP each attempt has a connection
+    /// of its own): there a shared disk's source would refuse a preload report of the
+    /// earlier attempt's log, failing a good retry.
     #[test]
     fn a_new_attempt_reads_nothing_an_earlier_one_said() {
         let mut dest = DestModel::new(RAM_ID, 4, 1);

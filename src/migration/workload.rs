@@ -563,8 +563,8 @@ mod tests {
         );
     }
 
-    /// Found by a review: a writer dropped without `shutdown` (its owner returned early on
-    /// an error) kept marking, and in durable mode committing, after its owner was gone.
+    /// A writer dropped without `shutdown` (its owner returned early on an error) stops
+    /// marking, and in durable mode committing, once its owner is gone.
     #[test]
     fn a_dropped_disk_writer_stops_marking() {
         let disk = 1u64 << 40;

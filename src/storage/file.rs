@@ -550,8 +550,8 @@ mod tests {
         Error::Io(std::io::Error::other("the directory's sync failed"))
     }
 
-    /// Found by a review: a creation stopped after its file was made removed the path
-    /// whatever it named by then, a file another process had opened (its locks taken
+    /// A creation stopped after its file was made removes only its own empty file, not
+    /// whatever the path names by then: a file another process has opened (its locks taken
     /// first) and written, or one renamed over it.
     #[test]
     fn a_stopped_creation_removes_only_its_own_empty_file() {

@@ -966,13 +966,13 @@ mod tests {
     /// The granule [`mark_racing`] marks.
     const RACED: u64 = 7 << 16;
 
-    /// Found by a review: the fast path read the epoch once, before the list, and counted
-    /// a bitmap it read disabled as one that need not hold the write. A checkpoint that ran
-    /// between the two reads (a new bitmap "b" published, then "a" disabled) left a clean
+    /// The fast path must not count a bitmap it read disabled as one that need not hold the
+    /// write on the strength of an epoch read once, before the list. A checkpoint that runs
+    /// between the two reads (a new bitmap "b" published, then "a" disabled) leaves a clean
     /// granule reading durable: "a" not covering it but disabled, "b" not in the list the
-    /// fast path held. The write was acknowledged with its granule in neither bitmap, and
-    /// `changed_since("b")` called it clean, no crash needed. The checkpoint runs here
-    /// right after the fast path's first read of the epoch.
+    /// fast path held. The write would be acknowledged with its granule in neither bitmap,
+    /// and `changed_since("b")` would call it clean, no crash needed. The checkpoint runs
+    /// here right after the fast path's first read of the epoch.
     #[test]
     fn a_checkpoint_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
         let crash = mark_racing(&[("a", Recording::Enabled)], 0, |s| {
@@ -1014,11 +1014,11 @@ mod tests {
         );
     }
 
-    /// Found by a review: a clear drops the cleared bitmap's durable bits without moving
-    /// the trackers' epoch. A fast path that read "a" covered before the clear and "b"
-    /// after it returned (nothing moved the epoch) acknowledged the write after the clear
-    /// returned, with its granule clean in "a", on disk and in memory. The clear runs here
-    /// between the two reads.
+    /// A clear drops the cleared bitmap's durable bits without moving the trackers' epoch.
+    /// A fast path that reads "a" covered before the clear and "b" after it returns
+    /// (nothing moved the epoch) must not acknowledge the write after the clear returned,
+    /// with its granule clean in "a", on disk and in memory. The clear runs here between
+    /// the two reads.
     #[test]
     fn a_clear_racing_the_fast_path_never_acknowledges_a_write_it_dropped() {
         let bitmaps = [("a", Recording::Enabled), ("b", Recording::Enabled)];
@@ -1068,12 +1068,12 @@ mod tests {
     /// marked by it (the registry holds only writes in flight).
     const DONE: u64 = 3 << 16;
 
-    /// Found by a review: a durable intent is acknowledged before its write is issued, and
-    /// a checkpoint between the two started the new bitmap empty and disabled the old one,
-    /// which held the write. The write landed after the checkpoint; once the old
-    /// checkpoint was removed (after its backup, which may have read the granule before
-    /// the write landed), `changed_since("b")` called it clean. A write registered in
-    /// flight is marked in the new bitmap, on disk, before the checkpoint returns.
+    /// A durable intent is acknowledged before its write is issued, and a checkpoint
+    /// between the two starts the new bitmap empty and disables the old one, which holds
+    /// the write. The write lands after the checkpoint; once the old checkpoint is removed
+    /// (after its backup, which may have read the granule before the write landed),
+    /// `changed_since("b")` must still call it dirty: a write registered in flight is
+    /// marked in the new bitmap, on disk, before the checkpoint returns.
     #[test]
     fn a_write_in_flight_across_a_checkpoint_is_in_the_new_bitmap() {
         let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
@@ -1141,12 +1141,12 @@ mod tests {
         early
     }
 
-    /// Found by a review of the registry: set in memory is not on disk. A racing intent's
-    /// fan-out (another writer, on the same granule) had set "b"'s bit when the enable ran
-    /// and had not yet recorded its change-map region; the enable's OR of the registered
-    /// write found the bit set, the commit took no region of "b", and the enable returned
-    /// with the write in flight on disk in "a" alone (removed after a backup, nothing held
-    /// it). The enable now waits for the marks in flight before its commit.
+    /// Set in memory is not on disk. A racing intent's fan-out (another writer, on the same
+    /// granule) has set "b"'s bit when the enable runs and has not yet recorded its
+    /// change-map region; the enable's OR of the registered write finds the bit set, and
+    /// its commit takes no region of "b". Returning then would leave the write in flight on
+    /// disk in "a" alone (removed after a backup, nothing holds it). The enable waits for
+    /// the marks in flight before its commit.
     #[test]
     fn an_enable_writes_a_write_in_flight_whose_bit_a_racing_mark_set_unrecorded() {
         let (crash, shared, t) =
@@ -1248,12 +1248,12 @@ mod tests {
         send_sync::<WriteInFlight>();
     }
 
-    /// Found by a review: a durable activation opened the trackers' list (`closed` false)
-    /// before it published its bitmaps, and an inactivation leaves the list empty, so a
-    /// tracker reading between the two saw an open store with no bitmap, and its fast path
-    /// vouched for any write: an empty list records nothing. At every step of the
-    /// activation's publication, a handle's view (its own copy, a fresh clone's, and that
-    /// clone's later) must not call a clean granule durable.
+    /// A durable activation opens the trackers' list (`closed` false) and publishes its
+    /// bitmaps, and an inactivation leaves the list empty, so a tracker reading between the
+    /// two steps could see an open store with no bitmap, whose fast path would vouch for
+    /// any write: an empty list records nothing. At every step of the activation's
+    /// publication, a handle's view (its own copy, a fresh clone's, and that clone's later)
+    /// must not call a clean granule durable.
     #[test]
     fn a_tracker_never_sees_an_open_store_without_its_bitmaps() {
         let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
@@ -1310,12 +1310,12 @@ mod tests {
         assert!(shared.lock().load("a").unwrap().is_dirty(clean));
     }
 
-    /// Found by a review: a group commit that found the store inactivated under it (it
-    /// passed the open check, then waited for the store's lock while `inactivate` ran)
-    /// marked the commit state failed, as a real poison does, and nothing reset it: after
-    /// the next durable activation every intent of every clone failed with
-    /// [`Error::Poisoned`], the store healthy. The race is placed deterministically: the
-    /// store's lock is held until the leader is running, then the store is inactivated.
+    /// A group commit that finds the store inactivated under it (it passed the open check,
+    /// then waited for the store's lock while `inactivate` ran) does not mark the commit
+    /// state failed, as a real poison does: nothing would reset it, and after the next
+    /// durable activation every intent of every clone would fail with [`Error::Poisoned`],
+    /// the store healthy. The race is placed deterministically: the store's lock is held
+    /// until the leader is running, then the store is inactivated.
     #[test]
     fn a_commit_racing_an_inactivation_does_not_poison_the_next_activation() {
         let mut s = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();

@@ -918,11 +918,10 @@ fn a_name_qemu_reads_as_taken_is_refused() {
     s.add("ax", 65536, Recording::Enabled).unwrap();
 }
 
-/// Found by a review: one bitmap object held for two bitmaps shares one change map, so the
-/// stop's flush drained it for the first and wrote nothing of the second, then cleared
-/// `in_use` on both: the second was left consistent on disk without its bits (a false
-/// clean). `activate_with` now refuses an object given twice, or held as another bitmap's
-/// parked copy, before any write.
+/// One bitmap object held for two bitmaps shares one change map, so the stop's flush would
+/// drain it for the first and write nothing of the second, then clear `in_use` on both: the
+/// second left consistent on disk without its bits (a false clean). `activate_with` refuses
+/// an object given twice, or held as another bitmap's parked copy, before any write.
 #[test]
 fn activate_with_refuses_one_bitmap_object_for_two_bitmaps() {
     let disk = 64 * MIB;
@@ -1058,13 +1057,13 @@ fn an_add_of_a_recording_bitmap_waits_for_a_mark_over_the_older_list() {
     }
 }
 
-/// Found by a review: deleting the newest checkpoint by hand (enable the one before it,
-/// merge the newest into it, remove the newest) with the older bitmap first in the list. A
-/// fan-out that passed the older bitmap while it was still disabled, and had not reached
-/// the newest yet, ran over the *current* list, which the enable did not wait for: the
-/// merge copied the newest without the mark, the removal dropped it, and the mark landed
-/// in the removed bitmap. The enable now waits for every mark over any list published
-/// before it returns.
+/// Deleting the newest checkpoint by hand (enable the one before it, merge the newest into
+/// it, remove the newest) with the older bitmap first in the list. A fan-out that passed
+/// the older bitmap while it was still disabled, and has not reached the newest yet, runs
+/// over the *current* list; were the enable not to wait for it, the merge would copy the
+/// newest without the mark, the removal would drop it, and the mark would land in the
+/// removed bitmap. The enable waits for every mark over any list published before it
+/// returns.
 #[test]
 fn an_enable_waits_for_a_fan_out_that_passed_the_bitmap_disabled() {
     for active in [true, false] {
@@ -1149,11 +1148,10 @@ fn an_enable_waits_for_a_mark_over_a_list_without_the_bitmap() {
     }
 }
 
-/// Found by a review: the whole-bitmap writer and the region walk took `cs / region size`
-/// regions per cluster with nothing to refuse a region larger than a cluster; such a bitmap
-/// (4 KiB regions on 512 B clusters) was written with every table entry 0, a bitmap clean
-/// on disk whatever it held. No caller passes one today (each bitmap has the store's
-/// region size); both now refuse it.
+/// The whole-bitmap writer and the region walk take `cs / region size` regions per cluster,
+/// so a region larger than a cluster must be refused: such a bitmap (4 KiB regions on 512 B
+/// clusters) would be written with every table entry 0, a bitmap clean on disk whatever it
+/// holds. No caller passes one (each bitmap has the store's region size); both refuse it.
 #[test]
 fn a_bitmap_of_regions_larger_than_a_cluster_is_never_written_or_walked() {
     let mut s = new_store(1 << 20, 512);

@@ -858,9 +858,9 @@ fn finish(guest: Guest, res: CaseResult) -> Res<CaseResult> {
 mod tests {
     use super::*;
 
-    /// Found by a review: a stop that left `b` in use on disk made the count refuse ("enabled
-    /// but inconsistent: it records nothing") before the in-use check could say so, and the
-    /// error ended the whole drill with status 1 instead of failing the case (status 2).
+    /// A stop that leaves `b` in use on disk makes the count refuse ("enabled but
+    /// inconsistent: it records nothing") before the in-use check can say so; that error
+    /// fails the case (status 2) and does not end the whole drill with status 1.
     #[test]
     fn a_bitmap_left_in_use_fails_the_case_and_says_so() {
         let dir = tempfile::tempdir().unwrap();

@@ -370,9 +370,9 @@ mod tests {
         );
     }
 
-    /// Found by an adversarial review: the rows were collected before printing, about 60
-    /// bytes each, so an alternating 16 TiB bitmap at 64 KiB took some 16 GB. The rows are
-    /// produced as the extents are read: three rows need at most three extents.
+    /// The rows are never collected before printing: at about 60 bytes each, an alternating
+    /// 16 TiB bitmap at 64 KiB would take some 16 GB. The rows are produced as the extents
+    /// are read: three rows need at most three extents.
     #[test]
     fn rows_are_produced_as_the_extents_are_read() {
         let pulled = std::cell::Cell::new(0u64);

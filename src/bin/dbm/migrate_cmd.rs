@@ -1040,16 +1040,17 @@ mod tests {
     use dirty_bitmap::{BitmapState, BitmapStore, OpenMode, Recording};
     use std::io::Write as _;
 
-    /// Found by a review of the CLI: after `inactivate`, `store.load` is the parked
-    /// in-memory copy ORed with the disk, so the "missing on disk" counts of `migrate
-    /// listen`, `send` and the demo counted a mark the stop never wrote as present. A mark
-    /// made through a tracker after the inactivate lands in the parked copy only: the disk
-    /// counts must find it missing, and still find the mark made before.
+    /// `a_mark_only_in_the_parked_copy_is_missing_on_disk` below: after `inactivate`,
+    /// `store.load` is the parked in-memory copy ORed with the disk, so the "missing on
+    /// disk" counts of `migrate listen`, `send` and the demo do not use it: they would
+    /// count a mark the stop never wrote as present. A mark made through a tracker after
+    /// the inactivate lands in the parked copy only: the disk counts must find it missing,
+    /// and still find the mark made before.
     ///
     /// With a disabled bitmap `old` in use on disk before the run (a crash left it so;
-    /// `activate` leaves it alone): a later review found every count an error ("bitmap old
-    /// is in use on disk"), so a `listen` or `send` that handed over exited 1. Only the
-    /// bitmaps the store holds consistent are looked at.
+    /// `activate` leaves it alone), only the bitmaps the store holds consistent are looked
+    /// at: counting `old` would make every count an error ("bitmap old is in use on disk"),
+    /// and a `listen` or `send` that handed over would exit 1.
     /// An image at `dir/i.qcow2` whose one bitmap `name` a crash left in use (activated,
     /// then dropped active), opened writable again: `name` reads inconsistent.
     fn crashed_with(
@@ -1099,11 +1100,11 @@ mod tests {
         assert!(old.in_use && !old.enabled);
     }
 
-    /// Found by a review: the fix above also left out an *enabled* bitmap inconsistent at
-    /// the open, which records nothing (`activate` leaves it alone), so a run whose only
-    /// enabled bitmap was left `in_use` by a crash counted over no bitmap and reported 0
-    /// missing. Such a bitmap is an error, in memory and on disk, in `dbm migrate` and in the
-    /// demo's and drill's counts.
+    /// The counts leave out only the *disabled* bitmaps inconsistent at the open (the test
+    /// above). An *enabled* one records nothing (`activate` leaves it alone), so leaving it
+    /// out would make a run whose only enabled bitmap a crash left `in_use` count over no
+    /// bitmap and report 0 missing. Such a bitmap is an error, in memory and on disk, in
+    /// `dbm migrate` and in the demo's and drill's counts.
     #[test]
     fn an_enabled_bitmap_inconsistent_at_the_open_is_an_error_never_left_out() {
         let dir = tempfile::tempdir().unwrap();
@@ -1118,12 +1119,12 @@ mod tests {
         assert!(counted_on_disk(&store, p).is_err());
     }
 
-    /// Found by a review: a store whose bitmap was disabled or gone counted over no bitmap,
-    /// so the demo, the drill and `migrate listen --check-log` found every mark present
-    /// and said "0 lost". A count over no enabled bitmap is now an error; and a mark is
-    /// present only if every byte of its 4 KiB write is dirty (the demo's and drill's
-    /// count looked at its first granule alone, which below 4 KiB granularity is one of
-    /// several bits the write sets).
+    /// A store whose bitmap is disabled or gone has no bitmap to count over: counting
+    /// anyway, the demo, the drill and `migrate listen --check-log` would find every mark
+    /// present and say "0 lost". A count over no enabled bitmap is an error; and a mark is
+    /// present only if every byte of its 4 KiB write is dirty, in the demo's and drill's
+    /// count too: its first granule alone is, below 4 KiB granularity, one of several bits
+    /// the write sets.
     #[test]
     fn a_count_over_no_enabled_bitmap_is_an_error_and_every_granule_of_a_write_counts() {
         for recording in [None, Some(Recording::Disabled)] {
@@ -1174,8 +1175,8 @@ mod tests {
         assert!(e.contains("line 3 is not `offset length`"), "{e}");
     }
 
-    /// Found by a review: a mark counted as present when its first and last bytes were
-    /// dirty; below 4 KiB granularity a lost bit between them went unseen.
+    /// A mark counts as present only when every granule of it is dirty, not only its first
+    /// and last bytes: below 4 KiB granularity a lost bit between them must be seen.
     #[test]
     fn a_mark_missing_a_middle_granule_is_counted_missing() {
         let b = dirty_bitmap::DirtyBitmap::new(1 << 20, 512).unwrap();
@@ -1193,11 +1194,10 @@ mod tests {
         assert_eq!(count_missing(std::slice::from_ref(&b), &[(4096, 4096)]), 1);
     }
 
-    /// Found by a review: a mark at or past the disk's end (a log of a larger disk) counted
-    /// as present, `next_clean` finding no clean bit there. One that crosses the end is
-    /// there up to it, as the writer marks it on a disk under 4 KiB (found by a later
-    /// review: every such mark of `send` and `listen` counted missing, exit 2, where the
-    /// demo's counter, `migrate_run::lost_marks`, found them all).
+    /// A mark at or past the disk's end (a log of a larger disk) counts missing, though
+    /// `next_clean` finds no clean bit there. One that crosses the end is there up to it,
+    /// as the writer marks it on a disk under 4 KiB: `send` and `listen` count such a mark
+    /// present (no exit 2), as the demo's counter, `migrate_run::lost_marks`, does.
     #[test]
     fn a_mark_past_the_disks_end_is_counted_missing() {
         let disk = 1 << 20;

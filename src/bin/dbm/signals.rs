@@ -189,10 +189,11 @@ mod tests {
         }
     }
 
-    /// Found by a review of the CLI: the SIGUSR1 flag was never cleared, so with `send
-    /// --attempts N --fail-back-on-signal` the verdict given for one attempt's unknown
-    /// outcome answered every later one at once (the source failed back while the
-    /// destination may run the guest). A second wait must wait for a signal of its own.
+    /// The SIGUSR1 flag is cleared once a wait has taken it: with
+    /// `send --attempts N --fail-back-on-signal`, the verdict given for one attempt's
+    /// unknown outcome must not answer every later one at once (the source failing back
+    /// while the destination may run the guest). A second wait must wait for a signal of
+    /// its own.
     #[test]
     fn a_verdict_answers_only_the_wait_it_was_given_for() {
         assert_eq!(await_verdict(raise_usr1), Verdict::DestinationGone);

@@ -206,13 +206,13 @@ mod tests {
         assert!(parse_size("17E").is_err());
     }
 
-    /// Found by a review of the CLI: the fraction was read as an exact decimal of at most
-    /// 18 digits, where QEMU reads a double and a 64-bit fixed point, so some sizes were a
-    /// byte off `qemu-img`'s (`0.15598P` made an image 512 bytes smaller once rounded up to
-    /// a sector), long fractions were refused, and Unicode spaces were skipped. The values
-    /// are what QEMU 10.0.2 reads (`qemu-io --image-opts
-    /// driver=null-co,size=4611686018427387904 -c 'read SIZE 0'` prints them as the
-    /// offset), and the cases of QEMU's tests/unit/test-cutils.c.
+    /// The fraction is read as QEMU reads it, a double and a 64-bit fixed point. Read as an
+    /// exact decimal of at most 18 digits, some sizes would be a byte off `qemu-img`'s
+    /// (`0.15598P` would make an image 512 bytes smaller once rounded up to a sector), long
+    /// fractions would be refused, and Unicode spaces skipped. The values are what QEMU
+    /// 10.0.2 reads (`qemu-io --image-opts driver=null-co,size=4611686018427387904 -c 'read
+    /// SIZE 0'` prints them as the offset), and the cases of QEMU's
+    /// tests/unit/test-cutils.c.
     #[test]
     fn fractions_are_read_as_qemu_reads_them() {
         for (s, qemu) in [

@@ -418,9 +418,9 @@ fn timeout_between_frames_is_retryable_and_inside_one_is_not() {
     ));
 }
 
-/// Found by a review: the patience covered a frame's header and trailer but not its
-/// payload, so a timeout in the middle of a payload (a destination's Abort whose reason
-/// came late) failed the reader for good.
+/// The patience covers a frame's payload as well as its header and trailer, so a timeout in
+/// the middle of a payload (a destination's Abort whose reason comes late) is waited out
+/// and does not fail the reader for good.
 #[test]
 fn with_patience_a_timeout_inside_a_payload_is_waited_out() {
     let abort = Frame::Abort {
