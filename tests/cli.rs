@@ -2796,16 +2796,37 @@ fn an_unaligned_refcount_block_is_an_internal_error_as_qemu_img_check_says() {
         assert_eq!(quiet.status.code(), Some(1));
         assert!(quiet.stdout.is_empty());
     }
+    // QEMU's default layout (64 KiB clusters, 16-bit refcounts: a block covers 2 GiB) with
+    // the first entry unaligned: no refcount of the image reads, and the image's end
+    // offset is still the first cluster's end, as `compare_refcounts` counts it.
+    let small = dir.path().join("s.qcow2");
+    let s = p(&small);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s, "1G"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 1M", s]);
+    let mut bytes = std::fs::read(&small).unwrap();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let first = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap());
+    bytes[rt..rt + 8].copy_from_slice(&(first + 0x200).to_be_bytes());
+    std::fs::write(&small, &bytes).unwrap();
+    let q = run("qemu-img", &["check", s]);
+    let d = dbm(&["check", s]);
+    assert_eq!(q.status.code(), Some(1));
+    assert_eq!(d.status.code(), Some(1));
+    assert!(text(&q.stdout).contains("Image end offset: 65536"), "{q:?}");
+    assert_eq!(text(&q.stdout), text(&d.stdout));
 }
 
-/// `dbm create` makes the image under a temporary name beside it and links it to IMAGE
-/// once complete: SIGINT or SIGTERM mid-create (here while it writes the metadata of an
-/// 8 TiB raw disk) leaves neither IMAGE nor the temporary file, so a second create
-/// succeeds. It used to leave a GiB-sized file at IMAGE that held no image and that
-/// `dbm create` then refused to overwrite.
+/// `dbm create` makes the image under a temporary name beside it
+/// (`.NAME.dbm-create-PID-RANDOM`) and links it to IMAGE once complete. SIGTERM, SIGINT or
+/// SIGHUP mid-create (here while it writes the metadata of an 8 TiB raw disk, about 1 GiB)
+/// leaves neither IMAGE nor the temporary file: a file at IMAGE that holds no image would
+/// block every retry, since `dbm create` never overwrites. A temporary file a killed create
+/// left blocks nothing. A signal the process ignores (SIGINT, for a job a script started in
+/// the background) stays ignored: the create completes, and QEMU finds the image clean.
 #[test]
 fn a_create_ended_by_a_signal_leaves_nothing_behind() {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("raw.img");
     std::fs::File::create(&raw)
@@ -2813,20 +2834,50 @@ fn a_create_ended_by_a_signal_leaves_nothing_behind() {
         .set_len(8 << 40)
         .unwrap();
     let img = dir.path().join("k.qcow2");
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dbm"))
-            .args(["create", p(&img), "--data-file", p(&raw)])
+    // What a killed create left, under a name of the same pattern.
+    let leftover = dir.path().join(".k.qcow2.dbm-create-1-0000000000000000");
+    std::fs::write(&leftover, b"left").unwrap();
+    let temporary = |pid: u32| {
+        let prefix = format!(".k.qcow2.dbm-create-{pid}-");
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&prefix)
+            })
+    };
+    for (sig, ignored) in [
+        (libc::SIGTERM, false),
+        (libc::SIGINT, false),
+        (libc::SIGHUP, false),
+        (libc::SIGINT, true),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbm"));
+        cmd.args(["create", p(&img), "--data-file", p(&raw)])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        if ignored {
+            // SAFETY: `signal` is async-signal-safe, as a `pre_exec` hook must be.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         // Once the temporary file has grown past its first clusters, the create is
-        // writing the metadata (about 1 GiB of it).
-        let tmp = dir
-            .path()
-            .join(format!(".k.qcow2.dbm-create-{}", child.id()));
+        // writing the metadata.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::fs::metadata(&tmp).map_or(0, |m| m.len()) < 1 << 20 {
+        let tmp = loop {
+            if let Some(t) = temporary(child.id()) {
+                if std::fs::metadata(&t).map_or(0, |m| m.len()) >= 1 << 20 {
+                    break t;
+                }
+            }
             assert!(
                 Instant::now() < deadline,
                 "the create made no temporary file"
@@ -2836,24 +2887,28 @@ fn a_create_ended_by_a_signal_leaves_nothing_behind() {
                 "the create ended first"
             );
             std::thread::sleep(Duration::from_millis(1));
-        }
+        };
         // SAFETY: a signal to our own child, which has not been waited for.
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
         let status = child.wait().unwrap();
-        assert_eq!(status.signal(), Some(sig), "{status:?}");
-        assert!(!img.exists(), "signal {sig}: IMAGE left behind");
         assert!(
             !tmp.exists(),
             "signal {sig}: the temporary file left behind"
         );
+        if ignored {
+            assert!(status.success(), "{status:?}");
+            assert_qemu_clean(&img);
+        } else {
+            assert_eq!(status.signal(), Some(sig), "{status:?}");
+            assert!(!img.exists(), "signal {sig}: IMAGE left behind");
+        }
     }
-    dbm_ok(&["create", p(&img), "--data-file", p(&raw)]);
-    assert_qemu_clean(&img);
-    let left: Vec<_> = std::fs::read_dir(dir.path())
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(left.len(), 2, "{left:?}");
+    left.sort();
+    assert_eq!(left, [leftover, img, raw]);
 }
 
 /// qemu-img's spellings, side by side with qemu-img on the same images: `info

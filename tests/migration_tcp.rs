@@ -1668,10 +1668,10 @@ fn a_second_source_is_turned_away_while_one_is_served() {
 /// The source waits for the destination's first frame (its Nonce) at most its timeout in
 /// all, whatever the destination sends: a frame dripped a byte at a time, each within the
 /// reader's poll (a 1,200-byte Refused at 10 ms a byte: about 12 s), and a frame begun and
-/// then left unfinished with the connection open. Each read waited its own poll only, so
-/// the drip held the source until the frame was through (a 64 KiB frame: about 21
-/// minutes). The source reports a timeout within its 500 ms and a margin, the guest
-/// running and nothing sent.
+/// then left unfinished with the connection open. Were each read bounded alone, the drip
+/// would hold the source until the frame was through (a 64 KiB frame at 15 ms a byte:
+/// about 16 minutes). The source reports a timeout within its 500 ms and a margin, the
+/// guest running and nothing sent.
 #[test]
 fn a_destination_dripping_its_first_frame_does_not_hold_the_source() {
     let _g = shared();

@@ -318,7 +318,7 @@ impl DirtyBitmap {
     /// bitmap it returns false having written nothing, where `mark_dirty` waits for the
     /// unseal. True when the mark is done (or the bitmap is disabled).
     #[inline(always)]
-    fn mark_dirty_unless_sealed(&self, offset: u64, len: u64) -> bool {
+    pub(crate) fn mark_dirty_unless_sealed(&self, offset: u64, len: u64) -> bool {
         self.mark::<false>(offset, len)
     }
 
@@ -1380,6 +1380,27 @@ pub(crate) fn mark_fanned_out<'a>(
             Some(b) => b.wait_while_sealed(),
         }
     }
+}
+
+/// [`mark_fanned_out`] without waiting on a sealed bitmap: marks every bitmap of
+/// `bitmaps` that is not sealed, under the fan-out's announcement, and returns false if one
+/// was sealed (its mark is for a later call to make).
+pub(crate) fn mark_fanned_out_unless_sealed<'a>(
+    bitmaps: impl Iterator<Item = &'a DirtyBitmap>,
+    offset: u64,
+    len: u64,
+) -> bool {
+    let fan = count::fan_out().begin_mark();
+    // As in `mark_fanned_out`: orders the slot store before the reads of the `enabled`
+    // flags, against the heavy barrier in `set_enabled(false)`.
+    barrier::light();
+    // Every bitmap not sealed is marked, whether or not one before it was.
+    let mut all = true;
+    for b in bitmaps {
+        all &= b.mark_dirty_unless_sealed(offset, len);
+    }
+    count::fan_out().end_mark(fan);
+    all
 }
 
 /// Calls `f(word, mask)` for each word overlapping bits `[first, end)`, `first < end`.

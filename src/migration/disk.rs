@@ -623,8 +623,11 @@ impl<S: Storage> MigrationState for SharedDiskState<S> {
         self.store.lock().stop_write_log();
     }
 
-    /// Nothing to re-dirty: nothing went on the wire.
-    fn resume_source(&mut self) {}
+    /// Nothing to re-dirty: nothing went on the wire. A write log still running (the stop
+    /// failed before its last take, or never ran) ends, as at a cancel.
+    fn resume_source(&mut self) {
+        self.store.lock().stop_write_log();
+    }
 
     /// Activates the store again if it is inactive (the stop, this attempt's or an earlier
     /// one's, handed it over, or another holder inactivated it and the stop refused it;
@@ -1170,18 +1173,26 @@ mod tests {
         (state, b, stop_syncs)
     }
 
-    /// A migration cancelled before its stop ends the write log its setup started: no
-    /// flush after it keeps up a log nobody takes.
+    /// A migration that fails before its stop's last take (cancelled while the guest runs,
+    /// or given up with the guest stopped and resumed) ends the write log its setup
+    /// started: no flush after it keeps up a log nobody takes.
     #[test]
-    fn a_cancel_ends_the_write_log() {
-        let (mut state, b) = faulty_store();
-        state.setup(&mut Sink).unwrap();
-        assert!(state.store.lock().write_log_pending().is_some());
-        state.cancel();
-        assert_eq!(state.store.lock().write_log_pending(), None);
-        b.mark_dirty(G, 1);
-        state.store.lock().flush().unwrap();
-        assert_eq!(state.store.lock().write_log_pending(), None);
+    fn a_failed_migration_ends_the_write_log() {
+        for resumed in [false, true] {
+            let (mut state, b) = faulty_store();
+            state.setup(&mut Sink).unwrap();
+            assert!(state.store.lock().write_log_pending().is_some());
+            if resumed {
+                state.resume_source();
+                state.reactivate().unwrap();
+            } else {
+                state.cancel();
+            }
+            assert_eq!(state.store.lock().write_log_pending(), None, "{resumed}");
+            b.mark_dirty(G, 1);
+            state.store.lock().flush().unwrap();
+            assert_eq!(state.store.lock().write_log_pending(), None, "{resumed}");
+        }
     }
 
     fn faulty_store() -> (SharedDiskState<Faulty>, Arc<DirtyBitmap>) {

@@ -2,7 +2,9 @@
 //! has changed.
 //!
 //! The flusher drives the store from above: it takes the store's mutex only to call
-//! [`BitmapStore::flush`](super::BitmapStore::flush), which runs the engine of
+//! [`BitmapStore::flush`](super::BitmapStore::flush) (and, with a threshold and something
+//! pending below it, tries it without waiting to see whether the store is durable), which
+//! runs the engine of
 //! [`crate::flush`]. The size trigger reads [`flush::pending_estimate`] from the store's
 //! in-memory bitmaps without any lock, from the list the store republishes whenever its
 //! bitmaps change.
@@ -93,7 +95,9 @@ impl FlushPolicy {
     }
 
     /// Starts a thread that flushes `store` by this policy. The thread takes the store's
-    /// mutex only to flush; it reads the estimate without a lock, at each poll from the
+    /// mutex only to flush (with a threshold and something pending below it, it tries the
+    /// mutex without waiting, to see whether the store is durable: then whatever is
+    /// pending is due); it reads the estimate without a lock, at each poll from the
     /// in-memory bitmaps the store holds then (the list its trackers follow), so a bitmap
     /// an [`add`](super::BitmapStore::add), a
     /// [`checkpoint`](super::BitmapStore::checkpoint) or an activation after the spawn
@@ -165,15 +169,26 @@ impl FlushPolicy {
                 .max_pending_bytes
                 .zip(estimate)
                 .is_some_and(|(b, e)| e > b);
-            // Anything pending below the threshold is due on a durable store (read under
-            // its lock below): there a changed region is an intent a write waits on, and
-            // a threshold would hold a lone one back for good.
+            // Anything pending below the threshold is due on a durable store: there a
+            // changed region is an intent a write waits on, and a threshold would hold a
+            // lone one back for good. Whether the store is durable is read under its lock,
+            // taken for that without waiting (held, it is tried again at the next poll).
             let pending = estimate.is_some_and(|e| e > 0);
             if !(due_time || due_bytes || pending) {
                 continue;
             }
+            let guard = if due_time || due_bytes {
+                Some(store.lock())
+            } else {
+                store
+                    .inner
+                    .try_lock()
+                    .map(|guard| super::StoreGuard { guard })
+            };
+            let Some(mut s) = guard else {
+                continue;
+            };
             let r = {
-                let mut s = store.lock();
                 // Checked under the store lock: stop() holds no store lock, but once it has
                 // set the flag no new flush starts (the flag is re-read here).
                 if *sh.stopped.lock() {
@@ -182,11 +197,13 @@ impl FlushPolicy {
                 if !(due_time || due_bytes || s.is_durable()) {
                     continue;
                 }
-                if s.is_active() {
+                let r = if s.is_active() {
                     s.flush().map(Some)
                 } else {
                     Ok(None)
-                }
+                };
+                drop(s);
+                r
             };
             last = Instant::now();
             match r {

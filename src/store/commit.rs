@@ -82,7 +82,22 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Corruption::CheckFailed`], [`Corruption::SharedCluster`], I/O.
     pub(super) fn preflight(&mut self) -> Result<()> {
+        if self.reuse_walk && self.active {
+            let pre = self
+                .walk
+                .take()
+                .zip(self.walk_shape)
+                .map(|(refs, shape)| super::PreWalk { refs, shape });
+            return self.preflight_from(pre);
+        }
+        self.preflight_fresh()
+    }
+
+    /// [`preflight`](Self::preflight) with a walk of its own.
+    fn preflight_fresh(&mut self) -> Result<()> {
         self.walk = None;
+        self.walk_shape = None;
+        let shape = WalkShape::of(self.image.header());
         let (report, walk) = self.image.references()?;
         if report.corruptions > 0 {
             return Err(Corruption::CheckFailed {
@@ -91,7 +106,26 @@ impl<S: Storage> BitmapStore<S> {
             }
             .into());
         }
-        self.owns_bitmap_clusters(walk, Counted::Now)
+        self.owns_bitmap_clusters(walk, Counted::Now)?;
+        self.walk_shape = Some(shape);
+        Ok(())
+    }
+
+    /// Runs `f` with every preflight of this active store's edits starting from the walk
+    /// the last one made or started from (as [`preflight_from`](Self::preflight_from) starts
+    /// from a preload's), instead of walking the image's metadata again: for a sequence of
+    /// edits that must all fit in a migration's downtime (a destination taking over the
+    /// stream's bitmaps: an activation, then removes and adds). The walk stands for the
+    /// same reason a preload's does: it found every referenced cluster's refcount at least
+    /// as high as its references, and each edit since is a qcow2 writer that keeps that
+    /// true; and it is used only while the header's shape is the one its tables were read
+    /// in (an edit that moves a table, growing the refcount table say, walks again). An
+    /// inactive store's preflights walk as ever.
+    pub(crate) fn reusing_walk<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.reuse_walk = true;
+        let r = f(self);
+        self.reuse_walk = false;
+        r
     }
 
     /// The activate's [`preflight`](Self::preflight), starting from the walk a
@@ -115,22 +149,31 @@ impl<S: Storage> BitmapStore<S> {
     /// adds is in the writer between the two moments, as the store already trusts the
     /// guest's writer after its own walk; docs/DESIGN.md ("The activate's walk").
     ///
-    /// The earlier walk can only spare the walk, never refuse: if anything does not hold
-    /// with it, `preflight` runs as every other operation runs it, and its answer stands.
+    /// The earlier walk can only spare the walk, never refuse for what it counted: if
+    /// anything does not hold with it, a walk of its own runs as every other operation runs
+    /// it, and its answer stands. A read that fails (the header, a table) fails the
+    /// preflight, as it would fail a walk of its own.
     ///
     /// # Errors
-    /// As [`preflight`](Self::preflight) (a header that does not read again runs it too).
+    /// As [`preflight`](Self::preflight).
     pub(super) fn preflight_from(&mut self, pre: Option<super::PreWalk>) -> Result<()> {
         if let Some(pre) = pre {
             let cached = WalkShape::of(self.image.header());
-            if pre.shape == cached
-                && self.image.walk_shape_now().ok() == Some(cached)
-                && self.owns_bitmap_clusters(pre.refs, Counted::Before).is_ok()
-            {
-                return Ok(());
+            // A header that does not read fails the preflight, as in a walk of its own.
+            if pre.shape == cached && self.image.walk_shape_now()? == cached {
+                match self.owns_bitmap_clusters(pre.refs, Counted::Before) {
+                    Ok(()) => {
+                        self.walk_shape = Some(pre.shape);
+                        return Ok(());
+                    }
+                    // What the earlier walk cannot vouch for, a walk of its own judges.
+                    Err(crate::Error::Corrupt(_)) => {}
+                    // A read that failed fails the preflight, as in a walk of its own.
+                    Err(e) => return Err(e),
+                }
             }
         }
-        self.preflight()
+        self.preflight_fresh()
     }
 
     /// The second half of a preflight, on `walk`'s counts: each bitmap cluster written in

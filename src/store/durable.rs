@@ -684,6 +684,21 @@ impl<S: Storage> DurableTracker<S> {
         })
     }
 
+    /// [`set`](Self::set) without waiting on a sealed bitmap (a stop running): false if one
+    /// was sealed, having set the others; a later call sets it.
+    fn set_unless_sealed(&self, offset: u64, len: u64) -> bool {
+        let epoch = self.set.epoch.load(SeqCst);
+        self.with_marks_at(epoch, true, |marks, _| match marks {
+            [] => true,
+            [(only, _)] => only.mark_dirty_unless_sealed(offset, len),
+            several => crate::bitmap::mark_fanned_out_unless_sealed(
+                several.iter().map(|(bm, _)| &**bm),
+                offset,
+                len,
+            ),
+        })
+    }
+
     /// Runs one group commit, or waits for the one running, and returns when it finished.
     ///
     /// # Errors
@@ -831,7 +846,8 @@ impl<S: Storage> Intent<S> {
     /// issued, comes after that change and must be recorded after it); and after a new
     /// durable activation ([`BitmapStore::activate_durable`]) they are set in its bitmaps.
     /// Without that, no commit would ever cover them and the poll would say "not yet" for
-    /// good. A bit already set costs one load.
+    /// good. It never waits: a bitmap sealed by a stop running is set at a later poll. A
+    /// bit already set costs a load (with several recording bitmaps, an announced fan-out).
     ///
     /// # Errors
     /// [`Error::Poisoned`] once a commit failed or the store was poisoned (the write must
@@ -860,7 +876,7 @@ impl<S: Storage> Intent<S> {
             return Err(Error::WrongState(StateProblem::NotActive));
         }
         self.past_the_disk(view.disk_size)?;
-        self.tracker.set(self.offset, self.len);
+        let _ = self.tracker.set_unless_sealed(self.offset, self.len);
         Ok(false)
     }
 
@@ -1385,6 +1401,48 @@ mod tests {
             assert!(
                 durable_image(&crash).load(holds).unwrap().is_dirty(RACED),
                 "{what}: the write is not in {holds:?} on disk"
+            );
+        }
+    }
+
+    /// A poll never waits: with the intent's bitmap sealed (a stop running), a poll that
+    /// must set the bits again says "not yet" at once, and once the seal is lifted a poll
+    /// sets them and a commit makes them durable.
+    #[test]
+    fn a_poll_does_not_wait_on_a_sealed_bitmap() {
+        // One recording bitmap, and two (a fan-out).
+        for two in [false, true] {
+            let list: &[(&str, Recording)] = if two {
+                &[("a", Recording::Enabled), ("c", Recording::Enabled)]
+            } else {
+                &[("a", Recording::Enabled)]
+            };
+            let (_crash, shared, t) = durable_store(list);
+            let intent = t.intent(RACED, 4096).unwrap();
+            shared.lock().clear("a").unwrap();
+            let a = Arc::clone(&t.set.view.load().marks[0].0);
+            a.seal();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let poller = std::thread::spawn(move || {
+                let r = intent.poll();
+                tx.send(r.is_ok_and(|d| !d)).unwrap();
+                intent
+            });
+            let answered = rx.recv_timeout(std::time::Duration::from_secs(10));
+            a.unseal();
+            assert_eq!(
+                answered,
+                Ok(true),
+                "two bitmaps {two}: a poll waited on the seal"
+            );
+            let intent = poller.join().unwrap();
+            assert!(
+                !a.is_dirty(RACED),
+                "two bitmaps {two}: a sealed bitmap was marked"
+            );
+            assert!(
+                polled_durable(&intent, &t, 3),
+                "two bitmaps {two}: never durable after the unseal"
             );
         }
     }

@@ -877,8 +877,9 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for different disk sizes; [`Error::NotFound`] or
-    /// [`Error::Inconsistent`] for either bitmap; [`Error::Arriving`] for a source whose
-    /// bits are still arriving (a postcopy push); [`Error::ReadOnly`]; I/O.
+    /// [`Error::Inconsistent`] for either bitmap; [`Error::Arriving`] for a bitmap whose
+    /// bits are still arriving (a postcopy push); [`Error::Busy`] for a destination bitmap
+    /// a migration stream reads (as QEMU's); [`Error::ReadOnly`]; I/O.
     pub fn merge_from<T: Storage>(
         &mut self,
         src: &BitmapStore<T>,
@@ -896,6 +897,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn merge_reclaimed(&mut self, src: &DirtyBitmap, dst_name: &[u8]) -> Result<()> {
         let i = self.find_consistent(dst_name)?;
+        // A bitmap a consumer reads (a migration stream carries it) takes no merge, as
+        // QEMU refuses a merge into a busy bitmap: bits ORed in after the stream's last
+        // take of it would never reach the destination, which would start without them.
+        self.ensure_not_busy(i)?;
         if src.disk_size() != self.disk_size() {
             return Err(invalid_input!(
                 "cannot merge a bitmap of a {}-byte disk into one of {} bytes",

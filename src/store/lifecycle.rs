@@ -58,10 +58,13 @@ impl<S: Storage> BitmapStore<S> {
     /// [`activate`](Self::activate), starting from bitmaps [`preload`](Self::preload)ed
     /// from this image earlier (by another handle, while another process still wrote it):
     /// a bitmap loaded from disk is refreshed from its preloaded copy instead of read into
-    /// fresh memory. Every cluster is still read and every word set from it, so the result
-    /// is the same as `activate`'s, whatever the preloaded copy held; what is saved is the
-    /// allocation of the bitmaps and building them up, which is most of a load when many
-    /// clusters hold bits. A preloaded bitmap that matches no bitmap of the directory by
+    /// fresh memory. Every cluster of such a bitmap is still read and every word set from
+    /// it, so the result is the same as `activate`'s, whatever the preloaded copy held;
+    /// what is saved is the allocation of the bitmaps and building them up, which is most
+    /// of a load when many clusters hold bits. The exception: a bitmap the preload kept
+    /// current through the writer's last write log (`Preloaded::apply`, whose dirty count
+    /// matched the writer's) is taken as it is, reading nothing; its equality with the disk
+    /// rests on the log naming every region the writer wrote (`write_log.rs`). A preloaded bitmap that matches no bitmap of the directory by
     /// name, granularity and size is dropped.
     ///
     /// # Errors

@@ -137,6 +137,12 @@ pub struct BitmapStore<S: Storage> {
     /// no one else now, and one it counted more is kept, a leak at worst (see
     /// `safe_frees`).
     walk: Option<References>,
+    /// The header's shape when [`walk`](Self::walk)'s tables were read (`None`: not known,
+    /// never reused by [`reusing_walk`](Self::reusing_walk)).
+    walk_shape: Option<WalkShape>,
+    /// Inside [`reusing_walk`](Self::reusing_walk): an active store's preflight starts from
+    /// [`walk`](Self::walk).
+    reuse_walk: bool,
     /// The in-memory bitmaps (active or parked) every [`Tracker`](crate::Tracker) taken from
     /// this store marks; republished by [`publish`](Self::publish) whenever the slots change.
     tracked: TrackedSet,
@@ -636,6 +642,8 @@ impl<S: Storage> BitmapStore<S> {
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
+            walk_shape: None,
+            reuse_walk: false,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
             gauge: TrackedSet::default(),
@@ -705,6 +713,8 @@ impl<S: Storage> BitmapStore<S> {
             claim: Claim::Nothing,
             marks_held: false,
             walk: None,
+            walk_shape: None,
+            reuse_walk: false,
             tracked: TrackedSet::default(),
             retired: parking_lot::Mutex::default(),
             gauge: TrackedSet::default(),

@@ -534,6 +534,7 @@ fn rewrite_directory<S: Storage>(
         .collect();
     st.dir = dir;
     st.walk = Some(walk);
+    st.walk_shape = None;
     // The commit's own refusal of a header it cannot rewrite, before the tables below are
     // allocated and written: nothing is written before a refusal.
     st.ensure_header_fits(u32::try_from(keep.len()).unwrap_or(u32::MAX))?;

@@ -40,7 +40,8 @@ pub struct CheckArgs {
     /// The image format: only `qcow2` (accepted for `qemu-img check -f qcow2`).
     #[arg(short = 'f', long = "format", value_parser = ["qcow2"])]
     pub format: Option<String>,
-    /// Print nothing; the exit status says it all (`qemu-img check -q`).
+    /// Print nothing (but "Check failed" when some refcounts could not be read, as
+    /// `qemu-img check -q`); the exit status says it all.
     #[arg(short = 'q', long)]
     pub quiet: bool,
     /// Open with QEMU's force-share locking, as `qemu-img -U`: works beside a running QEMU

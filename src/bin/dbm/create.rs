@@ -52,7 +52,7 @@ pub fn run(args: &CreateArgs) -> CmdResult {
     // SIGINT and SIGTERM remove it first.
     let tmp = temporary_name(&args.image)?;
     let _guard = crate::signals::remove_on_signal(&tmp);
-    let storage = FileStorage::create(&tmp).map_err(|e| at(&args.image, e))?;
+    let storage = FileStorage::create(&tmp).map_err(|e| at(&tmp, e))?;
     let r = match &name {
         None => BitmapStore::create(storage, size, args.cluster_size),
         Some(n) => BitmapStore::create_with_data_file(storage, size, args.cluster_size, n),
@@ -65,18 +65,36 @@ pub fn run(args: &CreateArgs) -> CmdResult {
     // The file is ours: do not leave it behind (after a link, IMAGE names it too).
     let _ = std::fs::remove_file(&tmp);
     r?;
+    // IMAGE's name on disk before success is reported: `FileStorage::create` made the
+    // temporary name durable, not this one.
+    sync_directory_of(&args.image).map_err(|e| at(&args.image, e))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `.NAME.dbm-create-PID` beside `image` (named NAME).
+/// `.NAME.dbm-create-PID-R` beside `image` (named NAME), R random: a name no earlier
+/// create that was killed left behind (a container's `dbm` may run with the same PID each
+/// time).
 fn temporary_name(image: &Path) -> Result<PathBuf, String> {
     let name = image
         .file_name()
         .ok_or_else(|| at(image, "is not a file name"))?;
     let mut tmp = std::ffi::OsString::from(".");
     tmp.push(name);
-    tmp.push(format!(".dbm-create-{}", std::process::id()));
+    tmp.push(format!(
+        ".dbm-create-{}-{:016x}",
+        std::process::id(),
+        dirty_bitmap::rng::unique_u64()
+    ));
     Ok(image.with_file_name(tmp))
+}
+
+/// Syncs the directory that holds `path`, so that a name made or removed in it lasts.
+fn sync_directory_of(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Gives the complete image at `tmp` the name `image`, never replacing a file there: a

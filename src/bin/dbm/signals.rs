@@ -118,8 +118,8 @@ pub fn await_verdict(armed: impl FnOnce()) -> Verdict {
 /// [`RemoveOnSignal`] guard, or, once the handler took it, leaked to the dying process.
 static DOOMED: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 
-/// SIGINT's and SIGTERM's handler while a [`RemoveOnSignal`] lives: removes the path, then
-/// dies of the signal as without the handler.
+/// The handler of [`REMOVING`]'s signals while a [`RemoveOnSignal`] lives: removes the
+/// path, then dies of the signal as without the handler.
 extern "C" fn remove_and_die(sig: libc::c_int) {
     let p = DOOMED.swap(std::ptr::null_mut(), Ordering::SeqCst);
     // SAFETY: `unlink`, `signal` and `raise` are async-signal-safe; `p` is null or the
@@ -134,14 +134,31 @@ extern "C" fn remove_and_die(sig: libc::c_int) {
     }
 }
 
-/// While it lives, SIGINT and SIGTERM remove a file before they end the process (see
-/// [`remove_on_signal`]).
-#[derive(Debug)]
-pub struct RemoveOnSignal(());
+/// The signals [`remove_on_signal`] handles: an interrupt, a kill, a hang-up (a dropped
+/// ssh session).
+const REMOVING: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// Until the guard drops, SIGINT and SIGTERM remove `path`, then end the process as
-/// without a handler (for a file made under a temporary name: `dbm create`). A path that
-/// does not exist yet, or no longer, is left alone. `None` for a path with a NUL byte.
+/// While it lives, SIGINT, SIGTERM and SIGHUP remove a file before they end the process
+/// (see [`remove_on_signal`]).
+pub struct RemoveOnSignal {
+    /// The signals whose handler it replaced, with the disposition to put back.
+    replaced: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl std::fmt::Debug for RemoveOnSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let signals: Vec<libc::c_int> = self.replaced.iter().map(|(s, _)| *s).collect();
+        f.debug_struct("RemoveOnSignal")
+            .field("signals", &signals)
+            .finish()
+    }
+}
+
+/// Until the guard drops, SIGINT, SIGTERM and SIGHUP remove `path`, then end the process
+/// as without a handler (for a file made under a temporary name: `dbm create`). A signal
+/// the process ignores (a command started in the background of a script ignores SIGINT)
+/// stays ignored. A path that does not exist yet, or no longer, is left alone. `None` for
+/// a path with a NUL byte.
 pub fn remove_on_signal(path: &std::path::Path) -> Option<RemoveOnSignal> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
@@ -152,21 +169,36 @@ pub fn remove_on_signal(path: &std::path::Path) -> Option<RemoveOnSignal> {
         drop(unsafe { std::ffi::CString::from_raw(old) });
     }
     let handler = remove_and_die as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
-    // SAFETY: `remove_and_die` makes async-signal-safe calls only; the guard puts the
-    // default actions back.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
+    let mut replaced = Vec::new();
+    for sig in REMOVING {
+        // SAFETY: `sigaction` reads the current disposition into a zeroed struct, then
+        // installs `remove_and_die`, which makes async-signal-safe calls only; the guard
+        // puts the old disposition back.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                || old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = handler;
+            libc::sigemptyset(&mut new.sa_mask);
+            if libc::sigaction(sig, &new, std::ptr::null_mut()) == 0 {
+                replaced.push((sig, old));
+            }
+        }
     }
-    Some(RemoveOnSignal(()))
+    Some(RemoveOnSignal { replaced })
 }
 
 impl Drop for RemoveOnSignal {
     fn drop(&mut self) {
-        // SAFETY: puts back the default actions `remove_on_signal` replaced.
-        unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        for (sig, old) in &self.replaced {
+            // SAFETY: puts back the disposition `remove_on_signal` read.
+            unsafe {
+                libc::sigaction(*sig, old, std::ptr::null_mut());
+            }
         }
         let p = DOOMED.swap(std::ptr::null_mut(), Ordering::SeqCst);
         if !p.is_null() {
