@@ -98,10 +98,12 @@ pub enum Error {
     /// its in-memory bitmap, as [`remove`](crate::BitmapStore::remove) would, and to change
     /// its recording flag ([`set_enabled`](crate::BitmapStore::set_enabled), or a
     /// [`checkpoint`](crate::BitmapStore::checkpoint) that would hand its recording over to
-    /// a bitmap the consumer does not read). The consumer would go on reading a bitmap the
-    /// store no longer marks: a write marked on a new bitmap (of the same name, or the
-    /// checkpoint's) would never reach it. Drop every consumer of the bitmap first. Nothing
-    /// was changed.
+    /// a bitmap the consumer does not read), and to OR bits into it
+    /// ([`merge`](crate::BitmapStore::merge), [`store`](crate::BitmapStore::store)). The
+    /// consumer would go on reading a bitmap the store no longer marks: a write marked on a
+    /// new bitmap (of the same name, or the checkpoint's) would never reach it; and bits
+    /// ORed in after a migration stream's last take of the bitmap would never reach the
+    /// destination. Drop every consumer of the bitmap first. Nothing was changed.
     #[error("bitmap {name:?} is busy: a change consumer reads it; drop the consumer first")]
     Busy {
         /// The bitmap's name, byte for byte.

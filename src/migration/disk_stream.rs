@@ -2279,13 +2279,17 @@ mod tests {
         d.before_start().unwrap();
         let walks = img.reads.load(std::sync::atomic::Ordering::SeqCst) - before;
         assert_eq!(walks, 1, "the take-over read the L1 table {walks} times");
-        let st = d.take_store().unwrap();
+        let mut st = d.take_store().unwrap();
         let names: Vec<String> = st.list().into_iter().map(|b| b.name.to_string()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(
             st.load("b").unwrap().count() > 0,
             "the stream's bits of \"b\" are lost"
         );
+        // The frees the remove made by the activation's walk leave a sound image.
+        st.inactivate().unwrap();
+        let r = st.image().check().unwrap();
+        assert!(r.is_clean(), "{:?}", r.messages);
     }
 
     /// A COMPLETE that promises regions after the start, followed by a precopy switchover
@@ -3178,11 +3182,11 @@ mod tests {
         store.remove("b").unwrap();
     }
 
-    /// A merge into a bitmap the stream reads, after the stop's last take of it, would OR
-    /// bits into the source's copy that never reach the destination, which would start
-    /// without them (a false clean). As QEMU refuses a merge into a busy bitmap, the store
-    /// refuses it while the stream lives, before any write; the source stays intact, and a
-    /// merge once the stream is gone is taken.
+    /// A merge (or a `store`, which ORs the same way) into a bitmap the stream reads, after
+    /// the stop's last take of it, would OR bits into the source's copy that never reach the
+    /// destination, which would start without them (a false clean). As QEMU refuses a merge
+    /// into a busy bitmap, the store refuses both while the stream lives, before any write;
+    /// the source stays intact, and a merge once the stream is gone is taken.
     #[test]
     fn a_merge_into_a_streamed_bitmap_is_refused_while_the_stream_lives() {
         const G: u64 = 1 << 30;
@@ -3208,6 +3212,13 @@ mod tests {
         });
         deliver(&mut d, &w);
         d.before_start().unwrap();
+        // `store` ORs as `merge` does.
+        let bits = store.load("x").unwrap();
+        match store.store("b0", &bits) {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b0"),
+            other => panic!("a store into a streamed bitmap: {other:?}"),
+        }
+        assert!(!store.bitmap("b0").unwrap().is_dirty(0));
         drop(s);
         store.merge("x", "b0").unwrap();
         assert!(store.bitmap("b0").unwrap().is_dirty(0));

@@ -159,7 +159,8 @@ impl<S: Storage> BitmapStore<S> {
     pub(super) fn preflight_from(&mut self, pre: Option<super::PreWalk>) -> Result<()> {
         if let Some(pre) = pre {
             let cached = WalkShape::of(self.image.header());
-            // A header that does not read fails the preflight, as in a walk of its own.
+            // The header's sector is read only to compare shapes; one that does not read
+            // is refused, as any read a preflight needs.
             if pre.shape == cached && self.image.walk_shape_now()? == cached {
                 match self.owns_bitmap_clusters(pre.refs, Counted::Before) {
                     Ok(()) => {

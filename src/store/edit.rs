@@ -653,7 +653,8 @@ impl<S: Storage> BitmapStore<S> {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] if the disk size or granularity differ;
-    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::ReadOnly`], I/O.
+    /// [`Error::NotFound`], [`Error::Inconsistent`], [`Error::Busy`] (a migration stream
+    /// reads the bitmap), [`Error::ReadOnly`], I/O.
     pub fn store(&mut self, name: impl AsRef<[u8]>, bitmap: &DirtyBitmap) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.store_reclaimed(name.as_ref(), bitmap))
@@ -661,6 +662,8 @@ impl<S: Storage> BitmapStore<S> {
 
     fn store_reclaimed(&mut self, name: &[u8], bitmap: &DirtyBitmap) -> Result<()> {
         let i = self.find_consistent(name)?;
+        // As a merge: no OR into a bitmap a consumer reads (`merge_reclaimed`).
+        self.ensure_not_busy(i)?;
         let g = 1u64 << self.slots[i].entry.granularity_bits;
         if bitmap.disk_size() != self.disk_size() || bitmap.granularity() != g {
             return Err(invalid_input!(

@@ -49,7 +49,7 @@ pub fn run(args: &CreateArgs) -> CmdResult {
     };
     // Made under a temporary name beside IMAGE and linked to IMAGE once complete, so IMAGE
     // never names a half-made file (a SIGKILL or a crash may leave the temporary one);
-    // SIGINT and SIGTERM remove it first.
+    // SIGINT, SIGTERM and SIGHUP remove it first.
     let tmp = temporary_name(&args.image)?;
     let _guard = crate::signals::remove_on_signal(&tmp);
     let storage = FileStorage::create(&tmp).map_err(|e| at(&tmp, e))?;
@@ -151,4 +151,23 @@ fn attach(raw: &Path, size: Option<u64>) -> Result<(u64, String), String> {
         .ok_or_else(|| at(raw, "the path is not UTF-8"))?
         .to_string();
     Ok((len, name))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Two creates of one IMAGE in one process (or in two with the same PID, as in a
+    /// container) use different temporary names: a leftover of one blocks no other.
+    #[test]
+    fn temporary_names_differ() {
+        let image = std::path::Path::new("/d/k.qcow2");
+        let a = super::temporary_name(image).unwrap();
+        let b = super::temporary_name(image).unwrap();
+        assert_ne!(a, b);
+        for t in [a, b] {
+            assert_eq!(t.parent(), image.parent());
+            let name = t.file_name().unwrap().to_string_lossy().into_owned();
+            let prefix = format!(".k.qcow2.dbm-create-{}-", std::process::id());
+            assert!(name.starts_with(&prefix), "{name}");
+        }
+    }
 }
