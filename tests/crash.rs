@@ -953,78 +953,77 @@ fn a_reftable_growth_inside_a_flush_is_never_corrupt_or_falsely_clean() {
 
 /// The stop's in-place whole rewrite (the crossover's branch, `flush::rewrites_whole`: at
 /// least 64 changed regions and the threshold's fraction of them, here a threshold of 0)
-/// writes every region of the bitmap from memory, those the stop did not take too. A crash
-/// at any point of such an inactivate, the unsynced tail dropped, kept or torn, leaves an
-/// image with no corruption in which "b" is either in use or holds every mark made before
-/// the inactivate began (random granules in 96 of its 128 regions, after a flush gave each
-/// region its cluster); and some crash point leaves it consistent, so the check is not
-/// vacuous.
+/// writes every region of the bitmap from memory, those the stop did not take too. Every
+/// region holds a random granule of its own (so that no two regions read alike), a flush
+/// gives each its cluster, then random granules in 96 of the 128 regions are marked and the
+/// store inactivated. A crash at any point of that inactivate, the unsynced tail dropped,
+/// kept or torn, leaves an image with no corruption in which "b" is either in use or holds
+/// exactly what memory held (a region written from another region's bytes, or zeros, is
+/// caught); and some crash point leaves it consistent, so the check is not vacuous. At
+/// 512-byte clusters (one region a cluster) and 64 KiB ones (sixteen).
 #[test]
 fn a_stop_rewriting_every_region_is_never_falsely_clean() {
     let (mut rng, seed) = seeded_rng("a_stop_rewriting_every_region_is_never_falsely_clean");
-    // 128 regions of 512 bytes of bits at 512-byte granules and clusters.
-    let disk = 256 * MIB;
-    let crash = CrashStorage::new();
-    let mut s = BitmapStore::create(&crash, disk, 512).unwrap();
-    s.add("b", 512, Recording::Enabled).unwrap();
-    s.activate().unwrap();
-    s.set_rewrite_threshold(0.0).unwrap();
-    let b = s.bitmap("b").unwrap();
-    let regions = b.region_count();
-    assert_eq!(regions, 128);
-    for r in 0..regions {
-        b.mark_dirty(b.region_disk_range(r).0, 1);
-    }
-    s.flush().unwrap();
-    let mut marks = Vec::new();
-    for r in 0..96 {
-        let (start, len) = b.region_disk_range(r);
-        let at = start + rng.random_range(0..len / 512) * 512;
-        b.mark_dirty(at, 512);
-        marks.push(at);
-    }
-    let start = crash.op_count();
-    let stats = s.inactivate().unwrap();
-    let end = crash.op_count();
-    // 96 regions taken, every region's bytes written: the whole branch.
-    assert_eq!(stats.regions, 96, "{stats:?}");
-    assert_eq!(
-        stats.bytes_written,
-        b.serialized_len(),
-        "the stop rewrote every region ({stats:?})"
-    );
-    drop(s);
-    let mut consistent = 0;
-    for point in start..=end {
-        for mode in [
-            CrashMode::Dropped,
-            CrashMode::Kept,
-            CrashMode::Torn { seed: point as u64 },
-        ] {
-            let ctx = format!("seed {seed}, point {point} of {start}..{end}, {mode:?}");
-            let image = crash.crash_image(point, mode).unwrap();
-            let st = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
-                .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-            let r = st.image().check().unwrap();
-            assert_eq!(r.corruptions, 0, "{ctx}: {:?}", r.messages);
-            let info = st.list().into_iter().find(|i| i.name == "b").unwrap();
-            if info.in_use {
-                continue;
-            }
-            consistent += 1;
-            let held = st.load("b").unwrap();
-            for &at in &marks {
-                assert!(held.is_dirty(at), "{ctx}: the mark at {at} is lost");
-            }
-            for r in 0..regions {
-                assert!(
-                    held.is_dirty(held.region_disk_range(r).0),
-                    "{ctx}: region {r}"
+    // 128 regions at 512-byte granules: of 512 bytes of bits at 512-byte clusters, of
+    // 4 KiB at 64 KiB ones (16 a cluster).
+    for (cs, disk) in [(512, 256 * MIB), (65536, 2048 * MIB)] {
+        let crash = CrashStorage::new();
+        let mut s = BitmapStore::create(&crash, disk, cs).unwrap();
+        s.add("b", 512, Recording::Enabled).unwrap();
+        s.activate().unwrap();
+        s.set_rewrite_threshold(0.0).unwrap();
+        let b = s.bitmap("b").unwrap();
+        let regions = b.region_count();
+        assert_eq!(regions, 128);
+        let granule_in = |rng: &mut SmallRng, r: u64| {
+            let (start, len) = b.region_disk_range(r);
+            start + rng.random_range(0..len / 512) * 512
+        };
+        for r in 0..regions {
+            b.mark_dirty(granule_in(&mut rng, r), 512);
+        }
+        s.flush().unwrap();
+        for r in 0..96 {
+            b.mark_dirty(granule_in(&mut rng, r), 512);
+        }
+        let memory: Vec<_> = b.snapshot().dirty_extents().collect();
+        let start = crash.op_count();
+        let stats = s.inactivate().unwrap();
+        let end = crash.op_count();
+        // 96 regions taken, every region's bytes written: the whole branch.
+        assert_eq!(stats.regions, 96, "{stats:?}");
+        assert_eq!(
+            stats.bytes_written,
+            b.serialized_len(),
+            "the stop rewrote every region ({stats:?})"
+        );
+        drop(s);
+        let mut consistent = 0;
+        for point in start..=end {
+            for mode in [
+                CrashMode::Dropped,
+                CrashMode::Kept,
+                CrashMode::Torn { seed: point as u64 },
+            ] {
+                let ctx = format!(
+                    "seed {seed}, {cs}-byte clusters, point {point} of {start}..{end}, {mode:?}"
                 );
+                let image = crash.crash_image(point, mode).unwrap();
+                let st = BitmapStore::open(MemStorage::from_bytes(image), OpenMode::ReadOnly)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let r = st.image().check().unwrap();
+                assert_eq!(r.corruptions, 0, "{ctx}: {:?}", r.messages);
+                let info = st.list().into_iter().find(|i| i.name == "b").unwrap();
+                if info.in_use {
+                    continue;
+                }
+                consistent += 1;
+                let held: Vec<_> = st.load("b").unwrap().dirty_extents().collect();
+                assert!(held == memory, "{ctx}: \"b\" on disk differs from memory");
             }
         }
+        assert!(consistent > 0, "{cs}: no crash point left \"b\" consistent");
     }
-    assert!(consistent > 0, "no crash point left \"b\" consistent");
 }
 
 /// An add on an image whose bitmaps extension is untrusted (autoclear bit 0 cleared by a

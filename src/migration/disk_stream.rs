@@ -1516,8 +1516,8 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         let adopted: Vec<String> = plan.adopt.iter().map(|(n, _)| n.clone()).collect();
         self.installed.clear();
         // The activation walks the image's metadata once (inside the downtime: it grows
-        // with the guest's data); the removes, adds and flag changes after it start from
-        // that walk instead of each walking again (`BitmapStore::reusing_walk`).
+        // with the guest's data); the removes and adds after it start from that walk
+        // instead of each walking again (`BitmapStore::reusing_walk`).
         let Plan { adopt, remove, add } = plan;
         let installed = st.reusing_walk(|st| -> Result<Result<()>> {
             st.activate_with(adopt)?;
