@@ -53,7 +53,9 @@ use super::frame::{StateId, MAX_FRAME_LEN};
 use super::state::{MigrationState, Pending};
 use crate::bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap, IncompleteHold};
 use crate::storage::Storage;
-use crate::store::{BitmapState, BitmapStore, Recording, ACTIVE_MEMORY_LIMIT};
+use crate::store::{
+    BitmapState, BitmapStore, Preloaded, Recording, ACTIVE_MEMORY_LIMIT, PRELOAD_WALK_BUDGET,
+};
 use crate::units::Bytes;
 
 /// Regions per REGIONS section, at most: fewer where 64 raw entries of a bitmap's region
@@ -902,6 +904,11 @@ struct Held {
 pub struct StreamDiskDest<S: Storage> {
     name: String,
     open: Box<dyn FnMut() -> crate::Result<BitmapStore<S>> + Send>,
+    /// Opens the image read-only beside a writer, for the take-over's reference walk made
+    /// during the precopy ([`with_prewalk`](StreamDiskDest::with_prewalk)).
+    prewalk_open: Option<Box<dyn FnMut() -> crate::Result<BitmapStore<S>> + Send>>,
+    /// The walk made in the current attempt (held empty when it could not be made).
+    prewalk: Option<Preloaded>,
     max_bytes: u64,
     /// The migration of the current attempt.
     binding: Binding,
@@ -925,6 +932,9 @@ pub struct StreamDiskDest<S: Storage> {
     /// The current attempt's switchover starts the guest before the stream ends
     /// ([`DestState::switchover`]): only then may a COMPLETE promise regions after it.
     postcopy: bool,
+    /// The current attempt switched over: the source is stopped, and no walk is made
+    /// before the take-over's own.
+    switched: bool,
 }
 
 impl<S: Storage> std::fmt::Debug for StreamDiskDest<S> {
@@ -991,6 +1001,8 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
         StreamDiskDest {
             name: name.into(),
             open: Box::new(open),
+            prewalk_open: None,
+            prewalk: None,
             max_bytes: DEFAULT_MAX_BYTES,
             binding: Binding::default(),
             current: Held::default(),
@@ -998,11 +1010,59 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             sections: 0,
             resumed: false,
             postcopy: false,
+            switched: false,
             kept: None,
             store: None,
             installed: Vec::new(),
             started: false,
         }
+    }
+
+    /// This destination, making the take-over's reference walk of its image (every L1 and
+    /// L2 table and the refcounts: O(the image's metadata), about a second for a 16 TiB
+    /// disk whose every L2 table is allocated) during the precopy, through `open`, a
+    /// read-only open that another process's writer does not stop
+    /// ([`FileStorage::open_shared`](crate::FileStorage::open_shared): a mirror may still
+    /// be filling the disk). Once per attempt, after its first section other than a QUERY
+    /// and before the switchover, within [`PRELOAD_WALK_BUDGET`], as
+    /// [`BitmapStore::preload_walk_within`] makes it. The take-over then starts from that
+    /// walk ([`BitmapStore::activate_with_preloaded`]) instead of walking inside the
+    /// downtime, as long as the image's tables are where the walk read them; otherwise, or
+    /// if the open or the walk failed, it walks as without this. An attempt with no such
+    /// section (a retry that resumed everything and had nothing new to send) walks at the
+    /// take-over.
+    #[must_use]
+    pub fn with_prewalk(
+        mut self,
+        open: impl FnMut() -> crate::Result<BitmapStore<S>> + Send + 'static,
+    ) -> Self {
+        self.prewalk_open = Some(Box::new(open));
+        self
+    }
+
+    /// Whether the current attempt holds a walk made during the precopy that the take-over
+    /// may start from ([`with_prewalk`](Self::with_prewalk)).
+    pub fn prewalked(&self) -> bool {
+        self.prewalk.as_ref().is_some_and(Preloaded::has_walk)
+    }
+
+    /// Makes the current attempt's walk ([`with_prewalk`](Self::with_prewalk)), once, unless
+    /// the attempt switched over: the source is stopped then, and a walk here would be
+    /// inside the downtime, twice if the take-over could not use it.
+    fn prewalk_once(&mut self) {
+        if self.prewalk.is_some() || self.switched || self.started {
+            return;
+        }
+        let Some(open) = self.prewalk_open.as_mut() else {
+            return;
+        };
+        // A failed open or walk only leaves the walk to the take-over, which fails alike
+        // if the image cannot be read then.
+        self.prewalk = Some(
+            open()
+                .map(|st| st.preload_walk_within(PRELOAD_WALK_BUDGET))
+                .unwrap_or_default(),
+        );
     }
 
     /// The active store, once the destination started; it is the caller's from here on.
@@ -1413,6 +1473,26 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     }
 }
 
+impl StreamDiskDest<crate::storage::FileStorage> {
+    /// The state named `name` over the image file at `path` (the destination's own disk),
+    /// opened writable with QEMU's locks at the take-over, and walked during the precopy
+    /// through a read-only open with QEMU's force-share locking
+    /// ([`with_prewalk`](Self::with_prewalk)), which a mirror still writing the disk does
+    /// not stop.
+    pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
+        let path = path.into();
+        let shared = path.clone();
+        Self::new(name, move || {
+            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
+            BitmapStore::open(f, crate::OpenMode::ReadWrite)
+        })
+        .with_prewalk(move || {
+            let f = crate::storage::FileStorage::open_shared(&shared)?;
+            BitmapStore::open(f, crate::OpenMode::ReadOnly)
+        })
+    }
+}
+
 impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     fn name(&self) -> &str {
         &self.name
@@ -1431,11 +1511,14 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.installed.clear();
         self.started = false;
         self.postcopy = false;
+        self.switched = false;
+        self.prewalk = None;
         Ok(())
     }
 
     fn switchover(&mut self, postcopy: bool) {
         self.postcopy = postcopy;
+        self.switched = true;
     }
 
     /// Applies one section whole, or refuses it changing nothing. Numbers must rise within
@@ -1476,6 +1559,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         }
         self.current.applied = sec.seq;
         self.sections += 1;
+        self.prewalk_once();
         Ok(None)
     }
 
@@ -1515,12 +1599,15 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         let plan = self.plan(&st)?;
         let adopted: Vec<String> = plan.adopt.iter().map(|(n, _)| n.clone()).collect();
         self.installed.clear();
-        // The activation walks the image's metadata once (inside the downtime: it grows
-        // with the guest's data); the removes and adds after it start from that walk
-        // instead of each walking again (`BitmapStore::reusing_walk`).
+        // The activation starts from the walk made during the precopy if there is one and
+        // the image's tables are where it read them, or walks the image's metadata once
+        // (inside the downtime: it grows with the guest's data); the removes and adds
+        // after it start from that walk instead of each walking again
+        // (`BitmapStore::reusing_walk`).
         let Plan { adopt, remove, add } = plan;
+        let pre = self.prewalk.take().unwrap_or_default();
         let installed = st.reusing_walk(|st| -> Result<Result<()>> {
-            st.activate_with(adopt)?;
+            st.activate_with_preloaded(adopt, pre)?;
             // From here the store holds the stream's copy under each adopted name.
             self.installed = adopted.clone();
             Ok(self.install(st, &remove, add, &adopted))
@@ -2290,6 +2377,150 @@ mod tests {
         st.inactivate().unwrap();
         let r = st.image().check().unwrap();
         assert!(r.is_clean(), "{:?}", r.messages);
+    }
+
+    /// `dest_on`, making the take-over's walk during the precopy through a read-only open
+    /// of the same storage.
+    fn prewalking_dest_on<T: Storage + 'static>(storage: &Arc<T>) -> StreamDiskDest<Arc<T>> {
+        let s = Arc::clone(storage);
+        dest_on(storage).with_prewalk(move || BitmapStore::open(Arc::clone(&s), OpenMode::ReadOnly))
+    }
+
+    /// An image holding "b" in use, whose reads of the L1 table are counted.
+    fn counted_image() -> Arc<ReadsAt> {
+        let bytes = image_with_b(true, Recording::Enabled);
+        let at = crate::format::HeaderArea::decode(&bytes[..65536])
+            .unwrap()
+            .header
+            .l1_table_offset;
+        Arc::new(ReadsAt {
+            inner: MemStorage::from_bytes(bytes),
+            at,
+            reads: Default::default(),
+        })
+    }
+
+    /// The reads of the L1 table so far.
+    fn l1_reads(img: &ReadsAt) -> u64 {
+        img.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The stream's bitmaps as the take-over left them, the image sound once stopped.
+    fn taken_over_soundly<T: Storage + 'static>(d: &mut StreamDiskDest<T>) {
+        let mut st = d.take_store().unwrap();
+        let mut names: Vec<String> = st.list().into_iter().map(|b| b.name.to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["b", "c"]);
+        assert!(
+            st.load("b").unwrap().is_dirty(1 << 28),
+            "the stream's bits of \"b\" are lost"
+        );
+        assert!(
+            st.load("c").unwrap().is_dirty(2 << 28),
+            "the stream's bits of \"c\" are lost"
+        );
+        st.inactivate().unwrap();
+        let r = st.image().check().unwrap();
+        assert!(r.is_clean(), "{:?}", r.messages);
+    }
+
+    /// With a walk made during the precopy (`with_prewalk`), the take-over walks nothing
+    /// inside the downtime: the walk grows with the guest's data (about a second for a
+    /// 16 TiB disk whose every L2 table is allocated) and ran between End and Started. The
+    /// precopy's sections read the L1 table once (the walk, after the first section, and
+    /// only then), the take-over not at all, and the activation and the remove and add
+    /// after it, which free and allocate by that walk, leave a sound image holding the
+    /// stream's bits.
+    #[test]
+    fn a_take_over_after_a_precopy_walk_walks_nothing_in_the_downtime() {
+        let img = counted_image();
+        let mut d = prewalking_dest_on(&img);
+        d.hello(3, M1).unwrap();
+        assert_eq!(
+            l1_reads(&img),
+            0,
+            "a walk before the attempt's first section"
+        );
+        b_and_c(&mut d, false);
+        assert_eq!(l1_reads(&img), 1, "the precopy's walk, once");
+        assert!(d.prewalked());
+        d.before_start().unwrap();
+        assert_eq!(
+            l1_reads(&img),
+            1,
+            "the take-over walked inside the downtime"
+        );
+        taken_over_soundly(&mut d);
+    }
+
+    /// The precopy's walk stands only while the header locates the tables where it read
+    /// them: an L1 table one entry longer by the take-over (a zero entry inside its
+    /// cluster: valid, but another table) makes the take-over walk, and its result is as
+    /// sound. A walk that the image's open fails to make leaves the take-over to walk too.
+    #[test]
+    fn a_precopy_walk_the_image_moved_away_from_makes_the_take_over_walk() {
+        let img = counted_image();
+        let mut d = prewalking_dest_on(&img);
+        b_and_c(&mut d, false);
+        assert!(d.prewalked());
+        let mut n = [0u8; 4];
+        img.inner.read_exact_at(&mut n, 36).unwrap();
+        let l1_size = u32::from_be_bytes(n);
+        img.inner
+            .write_all_at(&(l1_size + 1).to_be_bytes(), 36)
+            .unwrap();
+        let before = l1_reads(&img);
+        d.before_start().unwrap();
+        assert_eq!(
+            l1_reads(&img) - before,
+            1,
+            "the take-over trusted a moved walk"
+        );
+        taken_over_soundly(&mut d);
+
+        let img = counted_image();
+        let mut d = dest_on(&img).with_prewalk(|| Err(crate::Error::Poisoned));
+        b_and_c(&mut d, false);
+        assert!(!d.prewalked());
+        d.before_start().unwrap();
+        assert_eq!(l1_reads(&img), 1, "the take-over made no walk of its own");
+        taken_over_soundly(&mut d);
+    }
+
+    /// No walk is made once the attempt switched over: the source is stopped, and a walk
+    /// there is inside the downtime (twice, if the take-over cannot use it). An attempt
+    /// whose every section comes after its switchover walks once, at the take-over; the
+    /// next attempt (a new Hello) makes a walk of its own in its precopy.
+    #[test]
+    fn no_walk_is_made_for_the_take_over_after_the_switchover() {
+        let img = counted_image();
+        let mut d = prewalking_dest_on(&img);
+        d.hello(3, M1).unwrap();
+        d.switchover(false);
+        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+        d.section(&full_region(0, 1, 2)).unwrap();
+        d.section(&bitmap_codec::encode_complete(0, 3, false))
+            .unwrap();
+        assert_eq!(l1_reads(&img), 0, "a walk after the switchover");
+        assert!(!d.prewalked());
+        d.before_start().unwrap();
+        assert_eq!(l1_reads(&img), 1);
+        let mut st = d.take_store().unwrap();
+        assert!(st.load("b").unwrap().is_dirty(1 << 28));
+        st.inactivate().unwrap();
+        assert!(st.image().check().unwrap().is_clean());
+        drop(st);
+        d.failed();
+        d.hello(4, M1).unwrap();
+        assert!(!d.prewalked(), "a walk of the last attempt kept");
+        let before = l1_reads(&img);
+        d.section(&start_named(0, 1, "b", true, DISK, 512)).unwrap();
+        assert!(d.prewalked());
+        assert_eq!(l1_reads(&img) - before, 1);
+        // An attempt that fails before its take-over leaves no walk to the next.
+        d.failed();
+        d.hello(5, M1).unwrap();
+        assert!(!d.prewalked(), "a walk of a failed attempt kept");
     }
 
     /// A COMPLETE that promises regions after the start, followed by a precopy switchover

@@ -301,6 +301,25 @@ impl<S: Storage> BitmapStore<S> {
     /// must not be held by two stores either, which this cannot see);
     /// [`Error::WrongState`] if active. Then as [`activate`](Self::activate).
     pub fn activate_with(&mut self, content: Vec<(String, Arc<DirtyBitmap>)>) -> Result<()> {
+        self.activate_with_preloaded(content, Preloaded::default())
+    }
+
+    /// [`activate_with`](Self::activate_with), starting from what `pre` holds: a reference
+    /// walk made earlier beside a writer ([`preload_walk_within`](Self::preload_walk_within)
+    /// or [`preload`](Self::preload)), which spares the walk inside the downtime under the
+    /// same conditions as in [`activate_preloaded`](Self::activate_preloaded) (the header's
+    /// shape unchanged, every bitmap cluster written in place still owned by its bitmap;
+    /// otherwise the activation walks, and that walk judges), and preloaded bitmaps, which
+    /// stand for the bitmaps not named in `content` as in `activate_preloaded`. A bitmap
+    /// `pre` holds under a name of `content` is dropped: the content replaces the disk's.
+    ///
+    /// # Errors
+    /// As [`activate_with`](Self::activate_with).
+    pub fn activate_with_preloaded(
+        &mut self,
+        content: Vec<(String, Arc<DirtyBitmap>)>,
+        mut pre: Preloaded,
+    ) -> Result<()> {
         // Taken first, as every activation call takes it; handed on to the activation
         // below only if this call gets there.
         let accept = std::mem::take(&mut self.accept_in_use);
@@ -343,10 +362,8 @@ impl<S: Storage> BitmapStore<S> {
             adopted.push((e.name.clone(), bm));
         }
         self.accept_in_use = accept;
-        self.activate_preloaded(Preloaded {
-            adopted,
-            ..Preloaded::default()
-        })
+        pre.adopted = adopted;
+        self.activate_preloaded(pre)
     }
 
     /// `bm` as this store holds an adopted bitmap of `entry`: its own geometry (a copy

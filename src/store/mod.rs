@@ -397,6 +397,13 @@ impl Preloaded {
             .unwrap_or(0)
     }
 
+    /// Whether it holds a reference walk the activate starts from (see
+    /// [`BitmapStore::preload`]): false when the walk found a corruption, ran past its
+    /// budget, or read tables the image had moved by its end.
+    pub fn has_walk(&self) -> bool {
+        self.walk.is_some()
+    }
+
     /// Whether a bitmap named `name` of `region_count` regions is held.
     pub fn holds(&self, name: &[u8], region_count: u64) -> bool {
         self.bitmaps
@@ -1294,6 +1301,20 @@ impl<S: Storage> BitmapStore<S> {
         }
         pre.walk = self.prewalk(walk_budget);
         Ok(pre)
+    }
+
+    /// The reference walk of [`preload`](Self::preload) alone, holding no bitmap, given
+    /// up after `walk_budget`: for an activation that takes the bitmaps it changes from
+    /// elsewhere ([`activate_with_preloaded`](Self::activate_with_preloaded), a migration
+    /// destination whose bitmaps come over the stream) while another process may still
+    /// write the image (a mirror filling the destination's disk during precopy). Kept, as
+    /// `preload` keeps its walk, only if it found no corruption and the header's shape did
+    /// not change while it ran; [`Preloaded::has_walk`] says which. Writes nothing.
+    pub fn preload_walk_within(&self, walk_budget: std::time::Duration) -> Preloaded {
+        Preloaded {
+            walk: self.prewalk(walk_budget),
+            ..Preloaded::default()
+        }
     }
 
     /// The preflight's reference walk, made now (during a migration's precopy, beside the

@@ -603,11 +603,8 @@ fn case(dir: &Path, mode: Mode, failure: Failure, seed: u64) -> Res<CaseResult> 
         Mode::Stream => {
             let d = dir.join(format!("{tag}-dest.qcow2"));
             new_image(&d, false)?;
-            let p = d.clone();
             DestSide::Stream(
-                Arc::new(Mutex::new(StreamDiskDest::new("disk-bitmaps", move || {
-                    open_rw(&p)
-                }))),
+                Arc::new(Mutex::new(StreamDiskDest::file("disk-bitmaps", d.clone()))),
                 d,
             )
         }

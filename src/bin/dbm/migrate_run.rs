@@ -266,14 +266,11 @@ fn dest_side(d: &DiskParams) -> Res<DestSide> {
                 d.disk_size,
                 65536,
             )?);
-            let path = img.clone();
             DestSide::Stream(
-                Arc::new(Mutex::new(StreamDiskDest::new("disk-bitmaps", move || {
-                    BitmapStore::open(
-                        FileStorage::open(&path, OpenMode::ReadWrite)?,
-                        OpenMode::ReadWrite,
-                    )
-                }))),
+                Arc::new(Mutex::new(StreamDiskDest::file(
+                    "disk-bitmaps",
+                    img.clone(),
+                ))),
                 img,
             )
         }
