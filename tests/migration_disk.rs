@@ -1739,17 +1739,12 @@ impl MigrationState for ClearsAfterFirstPass<'_> {
     }
 }
 
-/// An empty image of the same disk for the destination, and its side of the stream.
+/// An empty image of the same disk for the destination, and its side of the stream (which
+/// walks the image at the source's QUERY, during the precopy: `StreamDiskDest::file`).
 fn stream_dest(dir: &Path) -> (PathBuf, Arc<Mutex<StreamDiskDest<FileStorage>>>) {
     let img = dir.join("dest.qcow2");
     drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
-    let path = img.clone();
-    let d = StreamDiskDest::new("disk-stream", move || {
-        BitmapStore::open(
-            FileStorage::open(&path, OpenMode::ReadWrite)?,
-            OpenMode::ReadWrite,
-        )
-    });
+    let d = StreamDiskDest::file("disk-stream", &img);
     (img, Arc::new(Mutex::new(d)))
 }
 
@@ -1824,6 +1819,9 @@ fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_reg
     );
     assert_eq!(o.kind, Kind::Completed);
     assert!(stream.regions_sent() > 0);
+    // The source's first attempt asked (a QUERY), and the destination walked its image
+    // before it answered: the take-over inside the downtime started from that walk.
+    assert!(dest.lock().unwrap().took_over_from_prewalk());
     // The guest is stopped and its disk writes drained: the destination's bitmap is the
     // source's, bit for bit (the clear included).
     let mut d = dest
@@ -2303,9 +2301,10 @@ fn stream_mode_failures_under_the_virtual_clock_requeue_and_a_retry_hands_over_e
     }
 }
 
-/// A destination that reports more than it was ever sent: the source refuses the report
-/// (a typed error, the guest running on, nothing trusted of it), and a later attempt to
-/// an honest destination hands the bitmap over exactly.
+/// A destination that reports more than it was ever sent, once it holds something (a
+/// first attempt's QUERY it answers truly): the source refuses the report (a typed error,
+/// the guest running on, nothing trusted of it), and a later attempt to an honest
+/// destination hands the bitmap over exactly.
 #[derive(Debug)]
 struct Liar(Arc<Mutex<StreamDiskDest<MemStorage>>>);
 
@@ -2322,7 +2321,13 @@ impl DestState for Liar {
     }
     fn section(&mut self, payload: &[u8]) -> dirty_bitmap::migration::Result<Option<Vec<u8>>> {
         let answer = self.0.lock().unwrap().section(payload)?;
-        Ok(answer.map(|_| bitmap_codec::encode_report(1 << 40)))
+        Ok(answer.map(|a| {
+            if a == bitmap_codec::encode_report(0) {
+                a
+            } else {
+                bitmap_codec::encode_report(1 << 40)
+            }
+        }))
     }
     fn switchover(&mut self, postcopy: bool) {
         self.0.lock().unwrap().switchover(postcopy);
