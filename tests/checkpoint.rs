@@ -867,3 +867,34 @@ fn a_read_only_store_refuses_a_checkpoint_and_an_export_as_read_only() {
     let r = ro.export_since("nosuch", "x");
     assert!(matches!(r, Err(Error::ReadOnly)), "{r:?}");
 }
+
+/// A disk shrunk and grown back reads zeros where it held data before the shrink, and a
+/// backup taken before holds that data: "since" the checkpoint, the regrown area must be
+/// dirty, or a restore of that backup plus the changes keeps data the disk no longer has.
+/// The image cannot tell a regrown area from a new one, so every grown area is dirty, in
+/// every bitmap, from the granule straddling the old end on, and the bits below the old
+/// end are as they were.
+#[test]
+fn a_disk_shrunk_and_grown_back_is_dirty_where_it_grew() {
+    let mut s = BitmapStore::create(MemStorage::new(), 8 * MIB, G).unwrap();
+    s.add("c1", G, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    s.bitmap("c1").unwrap().mark_dirty(MIB, 4096);
+    s.checkpoint("c2").unwrap();
+    let mut s = BitmapStore::open(s.close().unwrap().into_storage(), OpenMode::ReadWrite).unwrap();
+    s.resize(4 * MIB + 512).unwrap();
+    assert_eq!(extents(&s.changed_since("c1").unwrap()), [(MIB, G)]);
+    s.resize(8 * MIB).unwrap();
+    for name in ["c1", "c2"] {
+        let since = s.changed_since(name).unwrap();
+        assert!(since.is_dirty(6 * MIB), "{name}: the regrown area is clean");
+        // The union holds every other bitmap's bits, c1's for c2 too.
+        assert_eq!(extents(&since), [(MIB, G), (4 * MIB, 4 * MIB)], "{name}");
+    }
+    // Each bitmap alone: its own bits, and the grown area.
+    assert_eq!(
+        extents(&s.load("c1").unwrap()),
+        [(MIB, G), (4 * MIB, 4 * MIB)]
+    );
+    assert_eq!(extents(&s.load("c2").unwrap()), [(4 * MIB, 4 * MIB)]);
+}

@@ -6,6 +6,7 @@
 //! - every bitmap keeps its name, granularity and `auto` flag, and gets the table size the
 //!   new disk size needs;
 //! - growing keeps every bit and adds *clean* bits for the new area (`hbitmap_truncate`);
+//!   ours are *dirty* there (below);
 //! - shrinking drops the bits past the new end (the granule that straddles it keeps its
 //!   bit); `qemu-img` asks for `--shrink`, a guard of the command line, not of the format;
 //! - the L1 table grows to exactly the entries the new size needs, in fresh clusters
@@ -13,11 +14,14 @@
 //! - the size must be a multiple of 512, and the resize is refused while any bitmap is
 //!   inconsistent (`qcow2_truncate_bitmaps_check`).
 //!
-//! The new area is clean because QEMU makes it clean: a grown disk reads zeros there on both
-//! sides of a backup. Over a backing file it would not (the backing file's data shows
-//! through, and QEMU zero-fills it, a guest-data write), so growing such an image is
-//! refused. A device whose grown area holds old data (an extended logical volume
-//! that was not zeroed) must be marked dirty there by the caller.
+//! The new area is dirty, where QEMU makes it clean: a grown disk reads zeros there, but an
+//! older backup need not. The area may have been inside the disk before a shrink since the
+//! bitmap's checkpoint (a backup taken then holds the data it had, which the disk lost with
+//! the shrink and reads as zeros now), and a device may hold old data there (an extended
+//! logical volume that was not zeroed). Neither can be told from the image, so the doubt
+//! resolves to dirty: a backup copies the grown area once more. Over a backing file the
+//! backing file's data would show through (QEMU zero-fills it, a guest-data write), so
+//! growing such an image is refused.
 //!
 //! QEMU writes the new size into the header first and stores the bitmaps at close, with
 //! `in_use` protecting them in between. We commit the new size, the L1 table and the new
@@ -42,7 +46,9 @@ use super::{ceil_clusters, BitmapStore};
 impl<S: Storage> BitmapStore<S> {
     /// Resizes the virtual disk to `new_disk_size` bytes and every bitmap with it, as
     /// `qemu-img resize` (with `--shrink` when smaller) does: bits below the smaller of the
-    /// two sizes are kept, a grown area is clean, bits past a shrunk end are dropped. The
+    /// two sizes are kept, bits past a shrunk end are dropped; a grown area is dirty, where
+    /// QEMU makes it clean (it may have been inside the disk before a shrink, and an older
+    /// backup may hold data there that the disk no longer reads: the module docs). The
     /// image must hold no guest data (a bitmap-only image, see
     /// [`create`](Self::create)).
     ///
@@ -210,6 +216,11 @@ impl<S: Storage> BitmapStore<S> {
                 if off < new_disk_size {
                     resized.mark_dirty(off, len.min(new_disk_size - off));
                 }
+            }
+            // The grown area, from the granule that straddles the old end on.
+            let old_size = loaded.disk_size();
+            if new_disk_size > old_size {
+                resized.mark_dirty(old_size, new_disk_size - old_size);
             }
             drop(loaded);
             e.table_offset = self.write_bitmap(&resized, &mut FlushStats::default())?;
