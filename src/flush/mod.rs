@@ -377,12 +377,14 @@ fn coalesce(mut writes: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
 /// then issues one barrier if `sync` and anything was written. Updates each target's
 /// `table` to what was written.
 ///
-/// A target whose changed regions are at least `rewrite_threshold` of all its regions is
-/// rewritten whole instead: every region of its data clusters is written in place, the
-/// unchanged ones with the bytes they already hold on disk (the in-memory bitmap is the
-/// authority while active, so rewriting them changes nothing), which turns scattered
-/// region writes into a few long sequential runs. The same order and the same crash
-/// reasoning hold: nothing is allocated for it, and the entries stay as they are.
+/// A target whose changed regions are at least `rewrite_threshold` of all its regions (and
+/// at least [`MIN_REWRITE_REGIONS`]) is rewritten whole instead: every region of its data
+/// clusters is written in place, the unchanged ones with what the in-memory bitmap holds
+/// (the authority while active: the bytes on disk, or a later mark's newer bits, which
+/// stay in the change map), which turns scattered region writes into a few long
+/// sequential runs. The same order and the same crash reasoning hold: only the data
+/// clusters are widened, and a changed region of a cluster whose entry is 0 or all ones is
+/// planned as in any flush (a fresh cluster and its entry, or a 0 entry).
 ///
 /// # Errors
 /// Any error from the image (which poisons it on a failed write or sync). Every taken
@@ -453,7 +455,9 @@ pub fn rewrites_whole(changed: u64, regions: u64, threshold: f64) -> bool {
 }
 
 /// The regions a flush or commit took, one set per target in target order: every region
-/// whose bytes on disk it may have changed (a region it did not take reads as before).
+/// whose bytes on disk it may have changed, but for a region it wrote without taking it (a
+/// whole rewrite's unchanged region, a fresh cluster's other regions), which holds what it
+/// held or a later mark's newer bits, still in the change map.
 pub(crate) type Taken = Vec<ChangedRegions>;
 
 /// What a flush that took `taken` ends with: on success its barriers and time since

@@ -32,7 +32,10 @@ impl<S: Storage> BitmapStore<S> {
     /// Returns the name of the bitmap it disabled.
     ///
     /// Every write is in one of them: before the commit in the old bitmap, after it in
-    /// `new`. On an active store, `new` is published to the trackers before the old one
+    /// `new`. With no recording bitmap, writes made since the last one stopped are in no
+    /// bitmap, and the union of [`changed_since`](Self::changed_since) over the old chain's
+    /// bitmaps and the new one lacks them: remove the old chain first. On an active store,
+    /// `new` is published to the trackers before the old one
     /// stops recording, so a mark racing the call lands in one of them or both, never in
     /// neither. A crash before the commit leaves the chain as it was (and only leaked
     /// clusters); after it, both entries as the commit wrote them.
@@ -136,8 +139,12 @@ impl<S: Storage> BitmapStore<S> {
     /// bitmap of the image, at `since`'s granularity (each other bitmap's dirty extents
     /// dirty every granule they touch). Every other bitmap, because the image cannot tell
     /// which were created after `since` (see the module docs): the union holds every write
-    /// made since, and may hold writes from before it. Read from memory where the store
-    /// holds the bitmaps, else from disk.
+    /// made since while a bitmap of the image recorded, and may hold writes from before it.
+    /// A write made while none recorded (the chain's latest disabled by
+    /// [`set_enabled`](Self::set_enabled), before a [`checkpoint`](Self::checkpoint) starts
+    /// a new chain) is in no bitmap, here as in QEMU: after such a gap, a "since" from
+    /// before it needs a full backup (remove the old chain's bitmaps). Read from memory
+    /// where the store holds the bitmaps, else from disk.
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Inconsistent`] when any bitmap of the image is
