@@ -797,8 +797,8 @@ fn removing_the_recording_checkpoint_leaves_the_kept_ones_all_dirty() {
 /// table, and the stop: at every crash point from the checkpoint on (unsynced writes
 /// dropped, kept or torn), the image opens without corruption, and each bitmap is
 /// inconsistent or holds every mark made on it before the stop began: the old one the
-/// marks before the checkpoint, the new one those after it. (A gap a crash-ordering review
-/// found: the checkpoint sweep above runs on an inactive store only.)
+/// marks before the checkpoint, the new one those after it. (The checkpoint sweep above
+/// runs on an inactive store only; this one on an active store.)
 #[test]
 fn a_crash_anywhere_around_an_active_checkpoint_never_trusts_a_bitmap_without_its_marks() {
     let crash = CrashStorage::new();

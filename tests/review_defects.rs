@@ -1177,11 +1177,10 @@ fn a_barrier_on_a_handed_over_store_is_refused_without_a_write() {
     assert_eq!(names, ["q"]);
 }
 
-/// Found by a hostile-image review: `resize` built and wrote every bitmap at the new size
-/// with no budget, so forty bitmaps at 512 B granularity grown to 2 TiB meant 20 GiB of
-/// bitmaps built and written, and an image no activation could hold after (the limit is
-/// 16 GiB). Refused before anything is written, as an activation of them is. (Not run
-/// against the code before the fix: it would write those 20 GiB into memory.)
+/// `resize` builds and writes every bitmap at the new size: forty bitmaps at 512 B
+/// granularity grown to 2 TiB would be 20 GiB of bitmaps built and written, and an image no
+/// activation could hold after (the limit is 16 GiB). It is refused before anything is
+/// written, as an activation of them is.
 #[test]
 fn a_resize_past_the_memory_limit_is_refused_before_it_writes() {
     let mut s = BitmapStore::create(MemStorage::new(), MIB, 65536).unwrap();

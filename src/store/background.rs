@@ -22,8 +22,10 @@ use crate::storage::Storage;
 use crate::tracker::TrackedSet;
 
 /// When a background thread flushes a shared store: every `interval`, and/or whenever the
-/// lock-free [`pending_estimate`](super::BitmapStore::pending_estimate) exceeds
-/// `max_pending_bytes` (checked every `poll`). On a store in durable mode a threshold
+/// lock-free estimate of its changed regions exceeds `max_pending_bytes` (checked every
+/// `poll`; the store's published gauge, which counts its bitmaps parked by an incremental
+/// stop too, where [`pending_estimate`](super::BitmapStore::pending_estimate) says 0 while
+/// inactive: an inactive store is then locked at each poll and skipped). On a store in durable mode a threshold
 /// makes any pending region due at the next poll: each is an intent a write waits on
 /// ([`DurableTracker`](super::durable::DurableTracker)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +116,8 @@ impl FlushPolicy {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a policy with neither a timer nor a threshold, or a zero
-    /// poll interval; an error spawning the thread.
+    /// `poll` or `interval` (`poll` is checked whether or not the policy has a threshold);
+    /// an error spawning the thread.
     pub fn spawn<S: Storage + 'static>(self, store: SharedStore<S>) -> Result<FlushThread> {
         if self.interval.is_none() && self.max_pending_bytes.is_none() {
             return Err(invalid_input!(

@@ -70,13 +70,15 @@ impl<S: Storage> BitmapStore<S> {
     /// Writes the change-map regions of every in-memory bitmap that changed since the last
     /// flush, in place, into their data clusters (fresh clusters for regions that had none:
     /// refcounts first, then data, then the table entry), then one barrier. `in_use` stays
-    /// set. Marks may continue concurrently: a racing mark is either written now or left for
+    /// set (in durable mode, where no bitmap is `in_use`, this is the durable commit,
+    /// `docs/DESIGN.md`). Marks may continue concurrently: a racing mark is either written now or left for
     /// the next flush. The write order and its crash reasoning are in [`crate::flush`].
     ///
     /// # Errors
     /// [`Error::WrongState`](crate::Error::WrongState) if the store is not active, [`Error::Poisoned`](crate::Error::Poisoned), a bad table,
     /// I/O. On an error every taken region is handed back to its bitmap and the store
-    /// refuses further writes until it is reopened; the disk still says `in_use`.
+    /// refuses further writes until it is reopened; the disk still says `in_use` (in
+    /// durable mode, docs/CRASH-CONSISTENCY.md says what a failed commit leaves).
     pub fn flush(&mut self) -> Result<FlushStats> {
         self.ensure_writable()?;
         self.ensure_active()?;
