@@ -178,6 +178,79 @@ fn flush_rounds_while_threads_mark() {
     }
 }
 
+/// Flushes racing marks lose no mark once the marker moved on: two threads each walk their
+/// half of an 8 GiB disk (512 regions of the change map) forward, a few marks per region,
+/// never marking a region again once they left it, while the main thread flushes as fast
+/// as it can. A flush that lost a mark landing during it (a change bit taken after its
+/// region was serialized, or dropped after the write) would leave that region short on
+/// disk for good: no later mark sets its change bit again. The disk then holds exactly
+/// what memory holds, and every mark.
+#[test]
+fn flush_rounds_lose_no_mark_a_marker_has_moved_past() {
+    const BIG: u64 = 8 << 30;
+    let (_, seed) = seeded_rng("flush_rounds_lose_no_mark_a_marker_has_moved_past");
+    let mut s = BitmapStore::create(MemStorage::new(), BIG, 65536).unwrap();
+    s.add("a", G, Recording::Enabled).unwrap();
+    s.activate().unwrap();
+    let regions = s.bitmap("a").unwrap().region_count();
+    assert!(regions >= 512, "{regions} regions");
+    let per_region = BIG / regions;
+    let tracker = s.tracker().unwrap();
+    let store = Arc::new(Mutex::new(s));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for k in 0..2u64 {
+        let t = tracker.clone();
+        let done = Arc::clone(&done);
+        let mut r = rand::rngs::SmallRng::seed_from_u64(seed ^ k);
+        handles.push(std::thread::spawn(move || {
+            let mut marks = Vec::new();
+            let half = regions / 2;
+            for reg in k * half..(k + 1) * half {
+                let base = reg * per_region;
+                let mut offs: Vec<u64> = (0..8)
+                    .map(|_| base + r.random_range(0..per_region / G) * G)
+                    .collect();
+                offs.sort_unstable();
+                for off in offs {
+                    t.mark(off, G);
+                    marks.push(off);
+                }
+                std::thread::yield_now();
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            marks
+        }));
+    }
+    let mut flushes = 0u64;
+    let mut regions_flushed = 0u64;
+    while done.load(Ordering::SeqCst) < 2 {
+        regions_flushed += store.lock().flush().unwrap().regions;
+        flushes += 1;
+    }
+    let marks: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        flushes > 1 && regions_flushed > 0,
+        "no flush raced the marks"
+    );
+    let mut s = Arc::try_unwrap(store).unwrap().into_inner();
+    let mem = s.bitmap("a").unwrap().snapshot();
+    s.inactivate().unwrap();
+    let s = reopen(s);
+    assert!(s.image().check().unwrap().is_clean());
+    let disk = s.load("a").unwrap();
+    for &off in &marks {
+        assert!(
+            disk.is_dirty(off),
+            "mark at {off} lost (seed {seed}, {flushes} flushes)"
+        );
+    }
+    assert_eq!(extents(&disk), extents(&mem), "seed {seed}");
+}
+
 #[test]
 fn inactivate_matches_qemu_and_qemu_continues() {
     let dir = tempfile::tempdir().unwrap();
