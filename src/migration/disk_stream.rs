@@ -1491,20 +1491,46 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
 }
 
 impl StreamDiskDest<crate::storage::FileStorage> {
-    /// The state named `name` over the image file at `path` (the destination's own disk),
-    /// opened writable with QEMU's locks at the take-over, and walked during the precopy
-    /// through a read-only open with QEMU's force-share locking
-    /// ([`with_prewalk`](Self::with_prewalk)), which a mirror still writing the disk does
-    /// not stop.
+    /// The state named `name` over the image file at `path` (the destination's own disk, on
+    /// this host: one page cache for it and for whatever fills it), opened writable with
+    /// QEMU's locks at the take-over, and walked during the precopy through a read-only
+    /// open with QEMU's force-share locking ([`with_prewalk`](Self::with_prewalk)), which a
+    /// mirror still writing the disk does not stop.
+    ///
+    /// The walk's open first drops the file's cached pages
+    /// ([`Storage::forget_cached`]: pages a failed barrier
+    /// on this host left clean there), during the precopy; the take-over's writable open
+    /// then keeps the cache once ([`FileStorage::keeping_cache`](crate::FileStorage::keeping_cache)),
+    /// and only when such a walk dropped it since the last writable open, as
+    /// [`SharedDiskDest::file_on_one_host`](super::SharedDiskDest::file_on_one_host)'s
+    /// activation does after its preload. Dropping it there, inside the downtime, costs
+    /// what the host holds cached of the file: 170 to 225 ms for a 4 GiB file cached whole
+    /// (docs/BENCHMARKS.md, session 37), more for a disk a mirror just filled through the
+    /// cache. A writer between the walk and the take-over is the mirror on this host,
+    /// whose own failed barrier fails its job, and the storage migration with it. For an
+    /// image another host writes, build the state with [`new`](Self::new) and
+    /// [`with_prewalk`](Self::with_prewalk) over opens that read the device
+    /// ([`FileStorage::reading_the_device`](crate::FileStorage::reading_the_device)).
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
         let shared = path.clone();
+        // Set when a walk's open dropped the file's cache, taken by the next writable open
+        // (which may write the image: a later one drops again unless a walk ran between).
+        let forgotten = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let walked = Arc::clone(&forgotten);
         Self::new(name, move || {
             let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
+            let f = if walked.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                f.keeping_cache()
+            } else {
+                f
+            };
             BitmapStore::open(f, crate::OpenMode::ReadWrite)
         })
         .with_prewalk(move || {
             let f = crate::storage::FileStorage::open_shared(&shared)?;
+            f.forget_cached()?;
+            forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
             BitmapStore::open(f, crate::OpenMode::ReadOnly)
         })
     }
