@@ -1856,6 +1856,56 @@ fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_reg
     r.guest.vcpus.shutdown();
 }
 
+/// A stream-mode destination that takes 1.5 s to walk its image before it answers the
+/// QUERY, under a channel timeout of 1 s: the source waits for that answer for up to the
+/// loop's answer timeout, not the channel's (nothing is sent meanwhile, and the guest
+/// runs), and the migration completes, its take-over starting from the walk.
+#[test]
+fn stream_mode_over_tcp_a_walk_longer_than_the_channel_timeout_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, store) = new_store(dir.path());
+    let mut r = rig(&store, 33);
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    let img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
+    let (w, p) = (img.clone(), img.clone());
+    let dest = Arc::new(Mutex::new(
+        StreamDiskDest::new("disk-stream", move || {
+            BitmapStore::open(
+                FileStorage::open(&w, OpenMode::ReadWrite)?,
+                OpenMode::ReadWrite,
+            )
+        })
+        .with_prewalk(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            BitmapStore::open(FileStorage::open_shared(&p)?, OpenMode::ReadOnly)
+        }),
+    ));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(&dest) as SharedDestState],
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let res = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: cfg(),
+            timeout: Duration::from_secs(1),
+            ..SourceOptions::default()
+        },
+        &mut r.guest,
+        &mut [&mut stream, &mut r.ram],
+        &mut AutoConverge::default(),
+    );
+    d.join().expect("the destination thread");
+    let o = res.unwrap().outcome;
+    assert_eq!(o.kind, Kind::Completed);
+    assert!(dest.lock().unwrap().took_over_from_prewalk());
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+}
+
 #[test]
 fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -2408,6 +2458,117 @@ fn stream_mode_a_report_of_sections_never_sent_is_refused() {
     sim.world().dest.states = vec![Arc::clone(&dest) as SharedDestState];
     let o = run_once(&mut ram_state, &mut stream).unwrap();
     assert_eq!(o.kind, Kind::Completed);
+    assert!(dest.lock().unwrap().resumed());
+    let held = dest.lock().unwrap().take_store().unwrap();
+    assert_same(
+        &extents(&held.bitmap("b").unwrap()),
+        &extents(stream.bitmap()),
+        "destination against source",
+    );
+}
+
+/// The simulated link, whose destination takes `delay` of virtual time to answer each
+/// Report-bearing message the loop waits for before its first turn (a stream disk's
+/// destination walking its image before it answers the QUERY: seconds for a large one).
+struct SlowAnswers {
+    sim: Sim,
+    delay: Duration,
+}
+
+impl Inbound for SlowAnswers {
+    fn try_recv(&mut self) -> dirty_bitmap::migration::Result<Option<DestMessage>> {
+        self.sim.try_recv()
+    }
+    fn recv(&mut self) -> dirty_bitmap::migration::Result<DestMessage> {
+        let m = self.sim.recv()?;
+        if matches!(m, DestMessage::Report { .. }) {
+            let at = self.sim.now() + self.delay;
+            self.sim.sleep_until(at);
+        }
+        Ok(m)
+    }
+}
+
+/// An idle guest's retry in stream mode, whose destination takes 2 s to answer the QUERY
+/// (its walk), switches over. The retry has next to nothing to send while the VM runs, so
+/// its first window, from the Hello, is its one measurement of the link: with the wait for
+/// the answer inside it, the Hello, the header and the QUERY would measure the link at a
+/// few bytes over 2 s, a threshold below even the control frames, and the retry would
+/// never converge. The wait is left out of that window.
+#[test]
+fn stream_mode_an_idle_retry_whose_destination_answers_slowly_switches_over() {
+    let pages = 64;
+    let ram = Arc::new(GuestRam::new(pages).unwrap());
+    let log = Arc::new(new_log(&ram).unwrap());
+    let sim = Sim::new(
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        0.0,
+        Pattern::Uniform,
+        BytesPerMs::from_bytes_per_ms(20_000.0),
+        12,
+    );
+    let params = StreamSim {
+        regions: 64,
+        writes_per_page_write: 0.0,
+    };
+    let disk = params.disk_size();
+    let dest = stream_sim_dest(disk);
+    sim.world()
+        .dest
+        .states
+        .push(Arc::clone(&dest) as SharedDestState);
+    let mut stream = SimStreamState::new(sim.clone(), params, 12).unwrap();
+    for k in 0..50u64 {
+        stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
+    }
+    let cfg = LoopConfig {
+        max_bandwidth: None,
+        ..LoopConfig::default()
+    };
+    let migrate = |ram_state: &mut RamState, stream: &mut SimStreamState| {
+        let (mut c, mut v, mut o) = (sim.clone(), sim.clone(), sim.clone());
+        let mut i = SlowAnswers {
+            sim: sim.clone(),
+            delay: Duration::from_secs(2),
+        };
+        run(
+            &cfg,
+            Endpoints {
+                clock: &mut c,
+                vm: &mut v,
+                out: &mut o,
+                inbound: &mut i,
+            },
+            &mut [ram_state as &mut dyn MigrationState, stream],
+            &mut AutoConverge::default(),
+        )
+    };
+    // Refused at its end: the destination holds everything, and the guest stays idle.
+    sim.world().dest.refuse = Some("no".into());
+    let mut first = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Full,
+        false,
+        8,
+    )
+    .unwrap();
+    let e = migrate(&mut first, &mut stream).unwrap_err();
+    assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
+    sim.world().dest.refuse = None;
+    let mut again = RamState::new(
+        RAM_ID,
+        Arc::clone(&ram),
+        Arc::clone(&log),
+        SetupMode::Incremental,
+        false,
+        8,
+    )
+    .unwrap();
+    let o = migrate(&mut again, &mut stream).unwrap();
+    assert_eq!(o.kind, Kind::Completed, "{o:?}");
     assert!(dest.lock().unwrap().resumed());
     let held = dest.lock().unwrap().take_store().unwrap();
     assert_same(

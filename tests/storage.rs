@@ -1497,7 +1497,7 @@ fn forget_cached_drops_the_files_clean_pages_and_keeping_cache_skips_it_once() {
 #[test]
 fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime() {
     use dirty_bitmap::migration::{bitmap_codec, Binding, DestState, StreamDiskDest};
-    use dirty_bitmap::{BitmapStore, DirtyBitmap, OpenMode, Recording};
+    use dirty_bitmap::{BitmapStore, DirtyBitmap, Recording};
     use std::io::Read;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("dest.qcow2");

@@ -699,11 +699,19 @@ impl<'a> Crash<'a> {
                 };
                 let got = self.store().resize(new);
                 if self.expect(ctx, want, got).is_some() {
+                    let old = self.model.size;
                     self.model.size = new;
                     for b in &mut self.model.bms {
                         let g = b.granularity;
                         b.mem.retain(|&i| i * g < new);
                         b.req.retain(|&i| i * g < new);
+                        // A grown area is dirty, from the granule straddling the old end
+                        // on (it may have been inside the disk before a shrink).
+                        if new > old {
+                            let grown: Vec<u64> = granules(new, g, old, new - old).collect();
+                            b.mem.extend(&grown);
+                            b.req.extend(&grown);
+                        }
                     }
                 }
             }

@@ -875,7 +875,10 @@ impl DirtyBitmap {
     }
 
     /// Changes the disk size. Shrinking drops the bits past the new end; growing adds
-    /// clean bits. Every change-map region is marked changed, since the serialized form
+    /// clean bits (a caller tracking a disk that grew marks the grown area dirty, as
+    /// [`BitmapStore::resize`](crate::BitmapStore::resize) does: it may have been inside
+    /// the disk before a shrink, and an older backup hold data there that the disk does not
+    /// read any more). Every change-map region is marked changed, since the serialized form
     /// (and on disk, the table size) changes with the size. The bitmap has no
     /// [`ChangeConsumer`] then: each holds the bitmap's `Arc`, which `&mut` excludes.
     ///

@@ -1729,6 +1729,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// it is dropped active, so every bitmap it still holds stays `in_use` (inconsistent,
     /// never clean). A retry's take-over adopts or replaces what it finds (`plan`).
     fn failed(&mut self) {
+        // The attempt's walk (its counts: 4 bytes a cluster of the file) is not the next
+        // attempt's, which walks at its own QUERY.
+        self.prewalk = None;
         // The take-over is undone (its bitmaps removed, or filled where a removal fails)
         // and the copies kept exact for a retry: no hold may refuse that.
         for inc in self.current.incoming.values_mut() {
@@ -2643,6 +2646,10 @@ mod tests {
         assert!(d.prewalked());
         assert_eq!(l1_reads(&img) - before, 1);
         d.failed();
+        assert!(
+            !d.prewalked(),
+            "a failed attempt kept its walk (and its counts)"
+        );
         d.hello(5, M1).unwrap();
         assert!(!d.prewalked(), "a walk of a failed attempt kept");
     }

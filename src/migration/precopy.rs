@@ -554,13 +554,17 @@ where
             return Err(l.fail_running(states, e));
         }
     }
+    let asked = l.clock.now();
     if let Err(e) = l.await_reports(states) {
         return Err(l.fail_running(states, e));
     }
     // The first window runs from the Hello: what it and the states' setup put on the wire
     // counts (a lower bound on the link, as every measurement is). An attempt with nothing
-    // to send while the VM runs (an idle guest's incremental retry) has no other.
-    l.window_start = l.start;
+    // to send while the VM runs (an idle guest's incremental retry) has no other. The wait
+    // for the reports is not sending time (a stream disk's destination walks its image
+    // before it answers, seconds for a large one): it is left out of that window, which
+    // would otherwise measure the link at a few bytes over those seconds.
+    l.window_start = l.start.saturating_add(l.clock.now().saturating_sub(asked));
     l.window_bytes = l.bytes_start;
     l.precopy(states)
 }
@@ -1246,14 +1250,28 @@ where
 
     /// Waits for the destination's report to every state that asked for one in its setup
     /// ([`MigrationState::awaits_report`]) and hands it over, before anything else is sent.
+    /// The destination may work before it answers (a stream disk's walks its image: up to
+    /// `PRELOAD_WALK_BUDGET` and an open, more than a short channel timeout), so a receive
+    /// that times out is tried again until [`LoopConfig::answer_timeout`] has passed since
+    /// the wait began; nothing is sent meanwhile, and the guest runs.
     fn await_reports(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         let mut want: Vec<StateId> = states
             .iter()
             .filter(|s| s.awaits_report())
             .map(|s| s.id())
             .collect();
+        let began = self.clock.now();
         while !want.is_empty() {
-            match self.inbound.recv()? {
+            let msg = match self.inbound.recv() {
+                Err(MigrationError::Io(e))
+                    if e.kind() == std::io::ErrorKind::TimedOut
+                        && self.clock.now().saturating_sub(began) < self.config.answer_timeout =>
+                {
+                    continue
+                }
+                other => other?,
+            };
+            match msg {
                 DestMessage::Report { state, payload } => {
                     let Some(at) = want.iter().position(|&w| w == state) else {
                         // News of a state that asked nothing (a shared disk's preload

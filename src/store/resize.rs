@@ -116,9 +116,9 @@ impl<S: Storage> BitmapStore<S> {
         if new_disk_size == self.disk_size() && header.size == new_disk_size {
             return Ok(());
         }
-        // Over a backing file, the grown area would show the backing file's data while
-        // every bitmap calls it clean: QEMU zero-fills it (`bdrv_co_truncate`), which is
-        // guest data this crate does not write.
+        // Over a backing file, the grown area would show the backing file's data: QEMU
+        // zero-fills it (`bdrv_co_truncate`), which is guest data this crate does not
+        // write.
         if new_disk_size > header.size && self.image.area().backing_file.is_some() {
             return Err(Error::Unsupported(
                 "growing an image with a backing file: QEMU zero-fills the grown area over \
