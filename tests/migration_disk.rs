@@ -2390,29 +2390,47 @@ impl DestState for Liar {
     }
 }
 
-#[test]
-fn stream_mode_a_report_of_sections_never_sent_is_refused() {
-    let pages = 64;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
+/// A 64-page guest dirtying `rate` pages per ms under the virtual clock, and a streamed
+/// bitmap of 64 regions written `writes` times per page write, 50 granules marked: the
+/// guest's RAM and log, the simulation, the destination's state over an in-memory image,
+/// and the source's stream.
+fn stream_sim_rig(
+    rate: f64,
+    writes: f64,
+    seed: u64,
+) -> (
+    Arc<GuestRam>,
+    Arc<dirty_bitmap::DirtyBitmap>,
+    Sim,
+    Arc<Mutex<StreamDiskDest<MemStorage>>>,
+    SimStreamState,
+) {
+    let ram = Arc::new(GuestRam::new(64).unwrap());
     let log = Arc::new(new_log(&ram).unwrap());
     let sim = Sim::new(
         Arc::clone(&ram),
         Arc::clone(&log),
-        0.2,
+        rate,
         Pattern::Uniform,
         BytesPerMs::from_bytes_per_ms(20_000.0),
-        11,
+        seed,
     );
     let params = StreamSim {
         regions: 64,
-        writes_per_page_write: 0.05,
+        writes_per_page_write: writes,
     };
     let disk = params.disk_size();
     let dest = stream_sim_dest(disk);
-    let mut stream = SimStreamState::new(sim.clone(), params, 11).unwrap();
+    let stream = SimStreamState::new(sim.clone(), params, seed).unwrap();
     for k in 0..50u64 {
         stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
     }
+    (ram, log, sim, dest, stream)
+}
+
+#[test]
+fn stream_mode_a_report_of_sections_never_sent_is_refused() {
+    let (ram, log, sim, dest, mut stream) = stream_sim_rig(0.2, 0.05, 11);
     let mut ram_state = RamState::new(RAM_ID, ram, log, SetupMode::Full, false, 8).unwrap();
     let cfg = LoopConfig {
         max_bandwidth: None,
@@ -2497,31 +2515,11 @@ impl Inbound for SlowAnswers {
 /// never converge. The wait is left out of that window.
 #[test]
 fn stream_mode_an_idle_retry_whose_destination_answers_slowly_switches_over() {
-    let pages = 64;
-    let ram = Arc::new(GuestRam::new(pages).unwrap());
-    let log = Arc::new(new_log(&ram).unwrap());
-    let sim = Sim::new(
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        0.0,
-        Pattern::Uniform,
-        BytesPerMs::from_bytes_per_ms(20_000.0),
-        12,
-    );
-    let params = StreamSim {
-        regions: 64,
-        writes_per_page_write: 0.0,
-    };
-    let disk = params.disk_size();
-    let dest = stream_sim_dest(disk);
+    let (ram, log, sim, dest, mut stream) = stream_sim_rig(0.0, 0.0, 12);
     sim.world()
         .dest
         .states
         .push(Arc::clone(&dest) as SharedDestState);
-    let mut stream = SimStreamState::new(sim.clone(), params, 12).unwrap();
-    for k in 0..50u64 {
-        stream.bitmap().mark_dirty((k * 7919 * 65536) % disk, 4096);
-    }
     let cfg = LoopConfig {
         max_bandwidth: None,
         ..LoopConfig::default()
