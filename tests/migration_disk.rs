@@ -2390,21 +2390,20 @@ impl DestState for Liar {
     }
 }
 
-/// A 64-page guest dirtying `rate` pages per ms under the virtual clock, and a streamed
-/// bitmap of 64 regions written `writes` times per page write, 50 granules marked: the
-/// guest's RAM and log, the simulation, the destination's state over an in-memory image,
-/// and the source's stream.
-fn stream_sim_rig(
-    rate: f64,
-    writes: f64,
-    seed: u64,
-) -> (
+/// What [`stream_sim_rig`] builds.
+type StreamSimRig = (
     Arc<GuestRam>,
     Arc<dirty_bitmap::DirtyBitmap>,
     Sim,
     Arc<Mutex<StreamDiskDest<MemStorage>>>,
     SimStreamState,
-) {
+);
+
+/// A 64-page guest dirtying `rate` pages per ms under the virtual clock, and a streamed
+/// bitmap of 64 regions written `writes` times per page write, 50 granules marked: the
+/// guest's RAM and log, the simulation, the destination's state over an in-memory image,
+/// and the source's stream.
+fn stream_sim_rig(rate: f64, writes: f64, seed: u64) -> StreamSimRig {
     let ram = Arc::new(GuestRam::new(64).unwrap());
     let log = Arc::new(new_log(&ram).unwrap());
     let sim = Sim::new(
