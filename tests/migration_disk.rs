@@ -1906,6 +1906,65 @@ fn stream_mode_over_tcp_a_walk_longer_than_the_channel_timeout_is_waited_for() {
     r.guest.vcpus.shutdown();
 }
 
+/// The same wait, bounded: a walk of 2.5 s against an answer timeout of 1.2 s (and a
+/// channel timeout of 1 s) fails the attempt with `NoAnswer` after at least the answer
+/// timeout, before anything but the Hello and the QUERY was sent.
+#[test]
+fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, store) = new_store(dir.path());
+    let mut r = rig(&store, 34);
+    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
+    let img = dir.path().join("dest.qcow2");
+    drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
+    let (w, p) = (img.clone(), img.clone());
+    let dest = Arc::new(Mutex::new(
+        StreamDiskDest::new("disk-stream", move || {
+            BitmapStore::open(
+                FileStorage::open(&w, OpenMode::ReadWrite)?,
+                OpenMode::ReadWrite,
+            )
+        })
+        .with_prewalk(move || {
+            std::thread::sleep(Duration::from_millis(2500));
+            BitmapStore::open(FileStorage::open_shared(&p)?, OpenMode::ReadOnly)
+        }),
+    ));
+    let d = TcpDestination::spawn(DestOptions {
+        states: vec![Arc::clone(&dest) as SharedDestState],
+        ..DestOptions::default()
+    })
+    .unwrap();
+    let res = migrate_to(
+        d.addr(),
+        &SourceOptions {
+            loop_config: LoopConfig {
+                answer_timeout: Duration::from_millis(1200),
+                ..cfg()
+            },
+            timeout: Duration::from_secs(1),
+            ..SourceOptions::default()
+        },
+        &mut r.guest,
+        &mut [&mut stream, &mut r.ram],
+        &mut AutoConverge::default(),
+    );
+    let _ = d.join();
+    match res {
+        Err(MigrationError::Protocol(ProtocolError::NoAnswer { waited_ms })) => {
+            assert!(waited_ms >= 1200, "{waited_ms} ms")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        stream.regions_sent(),
+        0,
+        "the stream sent before the answer"
+    );
+    r.guest.disk.shutdown();
+    r.guest.vcpus.shutdown();
+}
+
 #[test]
 fn stream_mode_a_refused_attempt_requeues_what_it_sent_and_a_retry_hands_over() {
     let dir = tempfile::tempdir().unwrap();

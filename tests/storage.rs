@@ -1572,4 +1572,33 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
         resident() < all,
         "a writable open with no walk before it kept the cache"
     );
+    d.failed();
+    // A drop counts for its own attempt alone: one that failed before its take-over leaves
+    // none to the next (which asks nothing here, as QEMU's way: no walk, so it drops).
+    d.hello(
+        5,
+        Binding {
+            migration_id: 3,
+            token: 0,
+        },
+    )
+    .unwrap();
+    d.section(&bitmap_codec::encode_query(0x52)).unwrap();
+    assert!(d.prewalked());
+    d.failed();
+    d.hello(
+        6,
+        Binding {
+            migration_id: 3,
+            token: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(warm(), all);
+    d.switchover(false);
+    d.before_start().unwrap();
+    assert!(
+        resident() < all,
+        "a drop of a failed attempt's walk kept the cache at the next take-over"
+    );
 }

@@ -918,6 +918,10 @@ pub struct StreamDiskDest<S: Storage> {
     prewalk: Option<Preloaded>,
     /// The last take-over was given a walk made during the precopy.
     took_over_from_prewalk: bool,
+    /// [`file`](StreamDiskDest::file)'s mark that the current attempt's walk dropped the
+    /// image's cache, which the next writable open takes: cleared at every Hello, so that
+    /// a drop counts for its own attempt alone.
+    cache_dropped: Option<Arc<std::sync::atomic::AtomicBool>>,
     max_bytes: u64,
     /// The migration of the current attempt.
     binding: Binding,
@@ -1010,6 +1014,7 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
             prewalk_open: None,
             prewalk: None,
             took_over_from_prewalk: false,
+            cache_dropped: None,
             max_bytes: DEFAULT_MAX_BYTES,
             binding: Binding::default(),
             current: Held::default(),
@@ -1054,6 +1059,14 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     /// may start from ([`with_prewalk`](Self::with_prewalk)).
     pub fn prewalked(&self) -> bool {
         self.prewalk.as_ref().is_some_and(Preloaded::has_walk)
+    }
+
+    /// Clears [`file`](Self::file)'s mark that a walk dropped the image's cache: the next
+    /// writable open drops it again unless a walk of its own attempt dropped it since.
+    fn forget_cache_drop(&self) {
+        if let Some(d) = &self.cache_dropped {
+            d.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Whether the last take-over ([`before_start`](DestState::before_start)) was given a
@@ -1501,16 +1514,20 @@ impl StreamDiskDest<crate::storage::FileStorage> {
     /// ([`Storage::forget_cached`]: pages a failed barrier
     /// on this host left clean there), during the precopy; the take-over's writable open
     /// then keeps the cache once ([`FileStorage::keeping_cache`](crate::FileStorage::keeping_cache)),
-    /// and only when such a walk dropped it since the last writable open, as
+    /// and only when the walk of the same attempt dropped it since the last writable open
+    /// (a Hello forgets the drop), as
     /// [`SharedDiskDest::file_on_one_host`](super::SharedDiskDest::file_on_one_host)'s
     /// activation does after its preload. Dropping it there, inside the downtime, costs
     /// what the host holds cached of the file: 170 to 225 ms for a 4 GiB file cached whole
     /// (docs/BENCHMARKS.md, session 37), more for a disk a mirror just filled through the
-    /// cache. A writer between the walk and the take-over is the mirror on this host,
-    /// whose own failed barrier fails its job, and the storage migration with it. For an
-    /// image another host writes, build the state with [`new`](Self::new) and
-    /// [`with_prewalk`](Self::with_prewalk) over opens that read the device
-    /// ([`FileStorage::reading_the_device`](crate::FileStorage::reading_the_device)).
+    /// cache. Why the pages kept are the disk's: a page the drop left because it was dirty
+    /// and whose writeback failed later reports that error, unseen, to the take-over's
+    /// first barrier (the activation's flags commit, before any remove, add or free), which
+    /// fails the take-over; a writer between the walk and the take-over that saw such an
+    /// error itself is the mirror on this host, whose job fails, and the storage migration
+    /// with it, in that attempt. For an image another host writes, build the state with
+    /// [`new`](Self::new) and [`with_prewalk`](Self::with_prewalk) over opens that read
+    /// the device ([`FileStorage::reading_the_device`](crate::FileStorage::reading_the_device)).
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
         let path = path.into();
         let shared = path.clone();
@@ -1518,7 +1535,8 @@ impl StreamDiskDest<crate::storage::FileStorage> {
         // (which may write the image: a later one drops again unless a walk ran between).
         let forgotten = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let walked = Arc::clone(&forgotten);
-        Self::new(name, move || {
+        let attempt = Arc::clone(&forgotten);
+        let mut d = Self::new(name, move || {
             let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
             let f = if walked.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 f.keeping_cache()
@@ -1532,7 +1550,9 @@ impl StreamDiskDest<crate::storage::FileStorage> {
             f.forget_cached()?;
             forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
             BitmapStore::open(f, crate::OpenMode::ReadOnly)
-        })
+        });
+        d.cache_dropped = Some(attempt);
+        d
     }
 }
 
@@ -1555,6 +1575,7 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.started = false;
         self.postcopy = false;
         self.prewalk = None;
+        self.forget_cache_drop();
         Ok(())
     }
 
@@ -1730,7 +1751,8 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
     /// never clean). A retry's take-over adopts or replaces what it finds (`plan`).
     fn failed(&mut self) {
         // The attempt's walk (its counts: 4 bytes a cluster of the file) is not the next
-        // attempt's, which walks at its own QUERY.
+        // attempt's, which walks at its own QUERY (its drop of the cache is forgotten at the
+        // next Hello).
         self.prewalk = None;
         // The take-over is undone (its bitmaps removed, or filled where a removal fails)
         // and the copies kept exact for a retry: no hold may refuse that.

@@ -306,9 +306,11 @@ pub enum ProtocolError {
     /// A state's figure waited on its destination ([`super::Pending::awaiting_destination`]:
     /// a shared disk's preload report, then its reports of the logs queued behind the
     /// preload) for longer than [`super::LoopConfig::answer_timeout`]: the destination's
-    /// preload hangs, it does not answer BEGIN, or it falls behind the source's write log.
-    /// The attempt fails with the guest running.
-    #[error("the destination did not answer or catch up in {waited_ms} ms (its preload of the shared disk's bitmaps and the write logs queued behind it)")]
+    /// preload hangs, it does not answer BEGIN, or it falls behind the source's write log;
+    /// or the answer to a state's setup question (a stream disk's QUERY, which its
+    /// destination answers after walking its image) did not come within it. The attempt
+    /// fails with the guest running.
+    #[error("the destination did not answer or catch up in {waited_ms} ms (its preload of the shared disk's bitmaps and the write logs queued behind it, or its answer to a state's setup)")]
     NoAnswer {
         /// How long the loop waited, in ms.
         waited_ms: u64,

@@ -171,7 +171,11 @@ pub struct LoopConfig {
     pub iterate_chunk: Bytes,
     /// Longest the loop waits, with the guest running, on a destination a state's figure
     /// waits on ([`Pending::awaiting_destination`]: a shared disk's destination preloading
-    /// its bitmaps, then catching up on the logs queued meanwhile) before it fails the
+    /// its bitmaps, then catching up on the logs queued meanwhile), and on the answers to
+    /// the states' setup questions before the first turn
+    /// ([`MigrationState::awaits_report`]: a stream disk's destination walks its image
+    /// before it answers; that wait ends at the first channel receive that times out past
+    /// this, so it may last up to this plus the channel's own timeout), before it fails the
     /// attempt with
     /// [`ProtocolError::NoAnswer`] (default 60 s; from one measurement window, 100 ms, to
     /// [`MAX_ANSWER_TIMEOUT`]). No switchover happens meanwhile, and no stall guard counts
@@ -1253,7 +1257,8 @@ where
     /// The destination may work before it answers (a stream disk's walks its image: up to
     /// `PRELOAD_WALK_BUDGET` and an open, more than a short channel timeout), so a receive
     /// that times out is tried again until [`LoopConfig::answer_timeout`] has passed since
-    /// the wait began; nothing is sent meanwhile, and the guest runs.
+    /// the wait began, and then the attempt fails with [`ProtocolError::NoAnswer`]; nothing
+    /// is sent meanwhile, and the guest runs.
     fn await_reports(&mut self, states: &mut [&mut dyn MigrationState]) -> Result<()> {
         let mut want: Vec<StateId> = states
             .iter()
@@ -1263,11 +1268,15 @@ where
         let began = self.clock.now();
         while !want.is_empty() {
             let msg = match self.inbound.recv() {
-                Err(MigrationError::Io(e))
-                    if e.kind() == std::io::ErrorKind::TimedOut
-                        && self.clock.now().saturating_sub(began) < self.config.answer_timeout =>
-                {
-                    continue
+                Err(MigrationError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    let waited = self.clock.now().saturating_sub(began);
+                    if waited < self.config.answer_timeout {
+                        continue;
+                    }
+                    return Err(ProtocolError::NoAnswer {
+                        waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    }
+                    .into());
                 }
                 other => other?,
             };

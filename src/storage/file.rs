@@ -88,9 +88,12 @@ impl FileStorage {
     /// [`Image::open`](crate::Image::open) makes before its first read) does nothing; later
     /// ones (a store taking its writer locks back, after another writer may have had the
     /// image) drop the cache as usual. For a writer that knows an earlier handle on this
-    /// host dropped the file's cache, that nothing here wrote the file since, and that no
-    /// other host writes it. Any other writer keeps the default: after a failed barrier on
-    /// this host, the cache may hold pages the disk lacks.
+    /// host dropped the file's cache, that no other host writes it, and that nothing here
+    /// wrote the file since, or only a writer whose failed barrier fails what this writer
+    /// is for (a migration's mirror on this host, whose failed job fails the migration; a
+    /// failed writeback nobody saw is reported to this handle's first barrier). Any other
+    /// writer keeps the default: after a failed barrier on this host, the cache may hold
+    /// pages the disk lacks.
     #[must_use]
     pub fn keeping_cache(self) -> Self {
         self.keep_cache.store(true, Ordering::SeqCst);
