@@ -1602,3 +1602,65 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
         "a drop of a failed attempt's walk kept the cache at the next take-over"
     );
 }
+
+/// `SharedDiskDest::file_on_one_host`'s preload drops the image's cache and the activation's
+/// writable open keeps it, within one attempt only: a preload of an attempt that failed
+/// before its activation leaves no drop to the next attempt, whose activation (with no
+/// preload of its own) drops the cache again.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_one_host_shared_destinations_cache_drop_counts_for_its_own_attempt_alone() {
+    use dirty_bitmap::migration::{disk_log_codec, Binding, DestState, SharedDiskDest};
+    use dirty_bitmap::{BitmapStore, DirtyBitmap, Recording};
+    use std::io::Read;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("shared.qcow2");
+    {
+        // As in the stream test above: 16 MiB freed with "x", which no read reaches.
+        let disk = 64 << 30;
+        let mut s = BitmapStore::create(FileStorage::create(&path).unwrap(), disk, 65536).unwrap();
+        s.add("x", 512, Recording::Disabled).unwrap();
+        let bits = DirtyBitmap::new(disk, 512).unwrap();
+        for k in 0..256u64 {
+            bits.mark_dirty(k * (disk / 256), 512);
+        }
+        s.store("x", &bits).unwrap();
+        s.add("b", 65536, Recording::Enabled).unwrap();
+        s.remove("x").unwrap();
+    }
+    let probe = std::fs::File::open(&path).unwrap();
+    probe.sync_all().unwrap();
+    let len = probe.metadata().unwrap().len() as usize;
+    let resident = || resident_pages(&probe, 0, len);
+    let warm = || {
+        let mut buf = Vec::new();
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_to_end(&mut buf)
+            .unwrap();
+        resident()
+    };
+    let all = warm();
+    assert_eq!(
+        all,
+        len.div_ceil(4096),
+        "reading did not cache the whole file"
+    );
+    let binding = Binding {
+        migration_id: 1,
+        token: 0,
+    };
+    let mut d = SharedDiskDest::file_on_one_host("d", &path);
+    d.hello(3, binding).unwrap();
+    d.section(&disk_log_codec::encode_begin(7)).unwrap();
+    assert!(resident() < all, "the preload kept the file's cache");
+    d.failed();
+    d.hello(4, binding).unwrap();
+    assert_eq!(warm(), all);
+    d.switchover(false);
+    d.before_start().unwrap();
+    assert!(
+        resident() < all,
+        "a drop of a failed attempt's preload kept the cache at the next activation"
+    );
+}

@@ -709,6 +709,10 @@ pub struct SharedDiskDest<S: Storage> {
     durable: bool,
     /// Why the last failed attempt's inactivate failed, leaving the bitmaps `in_use`.
     undo_error: Option<crate::Error>,
+    /// [`file_on_one_host`](SharedDiskDest::file_on_one_host)'s mark that the current
+    /// attempt's preload dropped the image's cache, which the next writable open takes:
+    /// cleared at every Hello, so that a drop counts for its own attempt alone.
+    cache_dropped: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
@@ -754,6 +758,7 @@ impl<S: Storage + 'static> SharedDiskDest<S> {
             store: None,
             durable: false,
             undo_error: None,
+            cache_dropped: None,
         }
     }
 
@@ -904,8 +909,8 @@ impl SharedDiskDest<crate::storage::FileStorage> {
     /// preload drops the file's cache before its first read (pages a failed barrier on this
     /// host left clean there, `Storage::forget_cached`), and the activation's open, inside
     /// the downtime, keeps what the preload read cached (`FileStorage::keeping_cache`,
-    /// once, and only when a preload ran since the last writable open; dropping it there
-    /// cost 4 to 8 ms of downtime). Reading the device as [`file`](Self::file) does, beside
+    /// once, and only when a preload of the same attempt ran since the last writable open:
+    /// a Hello forgets the drop; dropping it there cost 4 to 8 ms of downtime). Reading the device as [`file`](Self::file) does, beside
     /// a source on the same host, slowed the source's flushes until, with four 16 TiB
     /// bitmaps, it never switched over (docs/BENCHMARKS.md). Wrong across hosts on storage
     /// whose caches are not coherent: the destination would start on stale bitmaps.
@@ -917,7 +922,8 @@ impl SharedDiskDest<crate::storage::FileStorage> {
         // a preload ran in between).
         let forgotten = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let preloaded = std::sync::Arc::clone(&forgotten);
-        Self::new(name, move || {
+        let attempt = std::sync::Arc::clone(&forgotten);
+        let mut d = Self::new(name, move || {
             let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
             let f = if preloaded.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 f.keeping_cache()
@@ -931,7 +937,9 @@ impl SharedDiskDest<crate::storage::FileStorage> {
             f.forget_cached()?;
             forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
             crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)
-        })
+        });
+        d.cache_dropped = Some(attempt);
+        d
     }
 }
 
@@ -953,6 +961,9 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         self.reader = None;
         self.last_log = None;
         self.undo_error = None;
+        if let Some(d) = &self.cache_dropped {
+            d.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
     }
 
