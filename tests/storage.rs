@@ -1651,6 +1651,19 @@ fn a_one_host_shared_destinations_cache_drop_counts_for_its_own_attempt_alone() 
         token: 0,
     };
     let mut d = SharedDiskDest::file_on_one_host("d", &path);
+    // Within one attempt: the preload drops the cache, the activation keeps it.
+    d.hello(2, binding).unwrap();
+    d.section(&disk_log_codec::encode_begin(6)).unwrap();
+    assert!(resident() < all, "the preload kept the file's cache");
+    assert_eq!(warm(), all);
+    d.switchover(false);
+    d.before_start().unwrap();
+    assert_eq!(
+        resident(),
+        all,
+        "the activation dropped the cache inside the downtime"
+    );
+    d.failed();
     d.hello(3, binding).unwrap();
     d.section(&disk_log_codec::encode_begin(7)).unwrap();
     assert!(resident() < all, "the preload kept the file's cache");

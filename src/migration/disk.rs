@@ -910,7 +910,12 @@ impl SharedDiskDest<crate::storage::FileStorage> {
     /// host left clean there, `Storage::forget_cached`), and the activation's open, inside
     /// the downtime, keeps what the preload read cached (`FileStorage::keeping_cache`,
     /// once, and only when a preload of the same attempt ran since the last writable open:
-    /// a Hello forgets the drop; dropping it there cost 4 to 8 ms of downtime). Reading the device as [`file`](Self::file) does, beside
+    /// a Hello forgets the drop; dropping it there cost 4 to 8 ms of downtime). The writers
+    /// of the file on this host between the preload and the activation are the source's
+    /// store, whose failed barrier fails the migration, and the source guest's QEMU, whose
+    /// failed guest flush the guest sees: the pages that can go stale then are guest data
+    /// and QEMU's metadata, not bitmap bits, which the activation reads from its own
+    /// refresh of the source's regions. Reading the device as [`file`](Self::file) does, beside
     /// a source on the same host, slowed the source's flushes until, with four 16 TiB
     /// bitmaps, it never switched over (docs/BENCHMARKS.md). Wrong across hosts on storage
     /// whose caches are not coherent: the destination would start on stale bitmaps.

@@ -1522,8 +1522,9 @@ impl StreamDiskDest<crate::storage::FileStorage> {
     /// (docs/BENCHMARKS.md, session 37), more for a disk a mirror just filled through the
     /// cache. Why the pages kept are the disk's: a page the drop left because it was dirty
     /// and whose writeback failed later reports that error, unseen, to the take-over's
-    /// first barrier (the activation's flags commit, before any remove, add or free), which
-    /// fails the take-over; a writer between the walk and the take-over that saw such an
+    /// first barrier (the activation's flags commit when the image holds a consistent
+    /// bitmap, else the first remove's or add's, before its directory commit), which
+    /// fails the take-over and poisons the store, naming nothing new clean; a writer between the walk and the take-over that saw such an
     /// error itself is the mirror on this host, whose job fails, and the storage migration
     /// with it, in that attempt. For an image another host writes, build the state with
     /// [`new`](Self::new) and [`with_prewalk`](Self::with_prewalk) over opens that read
