@@ -914,8 +914,8 @@ impl SharedDiskDest<crate::storage::FileStorage> {
     /// of the file on this host between the preload and the activation are the source's
     /// store, whose failed barrier fails the migration, and the source guest's QEMU, whose
     /// failed guest flush the guest sees: the pages that can go stale then are guest data
-    /// and QEMU's metadata, not bitmap bits, which the activation reads from its own
-    /// refresh of the source's regions. Reading the device as [`file`](Self::file) does, beside
+    /// and QEMU's metadata, not the bitmaps' clusters, which only the source's store
+    /// writes. Reading the device as [`file`](Self::file) does, beside
     /// a source on the same host, slowed the source's flushes until, with four 16 TiB
     /// bitmaps, it never switched over (docs/BENCHMARKS.md). Wrong across hosts on storage
     /// whose caches are not coherent: the destination would start on stale bitmaps.
