@@ -1856,15 +1856,21 @@ fn stream_mode_hands_over_the_bitmap_exactly_while_the_flusher_takes_its_own_reg
     r.guest.vcpus.shutdown();
 }
 
-/// A stream-mode destination that takes 1.5 s to walk its image before it answers the
-/// QUERY, under a channel timeout of 1 s: the source waits for that answer for up to the
-/// loop's answer timeout, not the channel's (nothing is sent meanwhile, and the guest
-/// runs), and the migration completes, its take-over starting from the walk.
-#[test]
-fn stream_mode_over_tcp_a_walk_longer_than_the_channel_timeout_is_waited_for() {
+/// One stream-mode attempt over TCP, with a channel timeout of 1 s and `answer_timeout`,
+/// to a destination whose walk at the QUERY takes `walk`: the outcome, the destination's
+/// state and the source's stream. The guest's threads are shut down.
+fn slow_walk_attempt(
+    seed: u64,
+    walk: Duration,
+    answer_timeout: Duration,
+) -> (
+    dirty_bitmap::migration::Result<dirty_bitmap::migration::tcp::SourceReport>,
+    Arc<Mutex<StreamDiskDest<FileStorage>>>,
+    StreamDiskState,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (_img, store) = new_store(dir.path());
-    let mut r = rig(&store, 33);
+    let mut r = rig(&store, seed);
     let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
     let img = dir.path().join("dest.qcow2");
     drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
@@ -1877,56 +1883,7 @@ fn stream_mode_over_tcp_a_walk_longer_than_the_channel_timeout_is_waited_for() {
             )
         })
         .with_prewalk(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            BitmapStore::open(FileStorage::open_shared(&p)?, OpenMode::ReadOnly)
-        }),
-    ));
-    let d = TcpDestination::spawn(DestOptions {
-        states: vec![Arc::clone(&dest) as SharedDestState],
-        ..DestOptions::default()
-    })
-    .unwrap();
-    let res = migrate_to(
-        d.addr(),
-        &SourceOptions {
-            loop_config: cfg(),
-            timeout: Duration::from_secs(1),
-            ..SourceOptions::default()
-        },
-        &mut r.guest,
-        &mut [&mut stream, &mut r.ram],
-        &mut AutoConverge::default(),
-    );
-    d.join().expect("the destination thread");
-    let o = res.unwrap().outcome;
-    assert_eq!(o.kind, Kind::Completed);
-    assert!(dest.lock().unwrap().took_over_from_prewalk());
-    r.guest.disk.shutdown();
-    r.guest.vcpus.resume().unwrap();
-    r.guest.vcpus.shutdown();
-}
-
-/// The same wait, bounded: a walk of 2.5 s against an answer timeout of 1.2 s (and a
-/// channel timeout of 1 s) fails the attempt with `NoAnswer` after at least the answer
-/// timeout, before anything but the Hello and the QUERY was sent.
-#[test]
-fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_img, store) = new_store(dir.path());
-    let mut r = rig(&store, 34);
-    let mut stream = StreamDiskState::from_store(5, "disk-stream", &store.lock()).unwrap();
-    let img = dir.path().join("dest.qcow2");
-    drop(BitmapStore::create(FileStorage::create(&img).unwrap(), DISK, 65536).unwrap());
-    let (w, p) = (img.clone(), img.clone());
-    let dest = Arc::new(Mutex::new(
-        StreamDiskDest::new("disk-stream", move || {
-            BitmapStore::open(
-                FileStorage::open(&w, OpenMode::ReadWrite)?,
-                OpenMode::ReadWrite,
-            )
-        })
-        .with_prewalk(move || {
-            std::thread::sleep(Duration::from_millis(2500));
+            std::thread::sleep(walk);
             BitmapStore::open(FileStorage::open_shared(&p)?, OpenMode::ReadOnly)
         }),
     ));
@@ -1939,7 +1896,7 @@ fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
         d.addr(),
         &SourceOptions {
             loop_config: LoopConfig {
-                answer_timeout: Duration::from_millis(1200),
+                answer_timeout,
                 ..cfg()
             },
             timeout: Duration::from_secs(1),
@@ -1950,6 +1907,34 @@ fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
         &mut AutoConverge::default(),
     );
     let _ = d.join();
+    r.guest.disk.shutdown();
+    r.guest.vcpus.resume().unwrap();
+    r.guest.vcpus.shutdown();
+    (res, dest, stream)
+}
+
+/// A stream-mode destination that takes 1.5 s to walk its image before it answers the
+/// QUERY, under a channel timeout of 1 s: the source waits for that answer for up to the
+/// loop's answer timeout, not the channel's (nothing is sent meanwhile, and the guest
+/// runs), and the migration completes, its take-over starting from the walk.
+#[test]
+fn stream_mode_over_tcp_a_walk_longer_than_the_channel_timeout_is_waited_for() {
+    let (res, dest, _) = slow_walk_attempt(
+        33,
+        Duration::from_millis(1500),
+        LoopConfig::default().answer_timeout,
+    );
+    assert_eq!(res.unwrap().outcome.kind, Kind::Completed);
+    assert!(dest.lock().unwrap().took_over_from_prewalk());
+}
+
+/// The same wait, bounded: a walk of 2.5 s against an answer timeout of 1.2 s (and a
+/// channel timeout of 1 s) fails the attempt with `NoAnswer` after at least the answer
+/// timeout, before anything but the Hello and the QUERY was sent.
+#[test]
+fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
+    let (res, _, stream) =
+        slow_walk_attempt(34, Duration::from_millis(2500), Duration::from_millis(1200));
     match res {
         Err(MigrationError::Protocol(ProtocolError::NoAnswer { waited_ms })) => {
             assert!(waited_ms >= 1200, "{waited_ms} ms")
@@ -1961,8 +1946,6 @@ fn stream_mode_over_tcp_a_walk_past_the_answer_timeout_fails_with_no_answer() {
         0,
         "the stream sent before the answer"
     );
-    r.guest.disk.shutdown();
-    r.guest.vcpus.shutdown();
 }
 
 #[test]

@@ -1496,52 +1496,18 @@ fn forget_cached_drops_the_files_clean_pages_and_keeping_cache_skips_it_once() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime() {
-    use dirty_bitmap::migration::{bitmap_codec, Binding, DestState, StreamDiskDest};
-    use dirty_bitmap::{BitmapStore, DirtyBitmap, Recording};
-    use std::io::Read;
+    use dirty_bitmap::migration::{bitmap_codec, DestState, StreamDiskDest};
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let path = dir.path().join("dest.qcow2");
-    {
-        // "x" at 512 B on 64 GiB: a bit in each of its 256 data clusters, 16 MiB freed
-        // with it, past the kernel's read-ahead around what the walk reads.
-        let disk = 64 << 30;
-        let mut s = BitmapStore::create(FileStorage::create(&path).unwrap(), disk, 65536).unwrap();
-        s.add("x", 512, Recording::Disabled).unwrap();
-        let bits = DirtyBitmap::new(disk, 512).unwrap();
-        for k in 0..256u64 {
-            bits.mark_dirty(k * (disk / 256), 512);
-        }
-        s.store("x", &bits).unwrap();
-        s.add("b", 65536, Recording::Enabled).unwrap();
-        s.remove("x").unwrap();
-    }
-    let probe = std::fs::File::open(&path).unwrap();
-    probe.sync_all().unwrap();
-    let len = probe.metadata().unwrap().len() as usize;
-    let resident = || resident_pages(&probe, 0, len);
-    let warm = || {
-        let mut buf = Vec::new();
-        std::fs::File::open(&path)
-            .unwrap()
-            .read_to_end(&mut buf)
-            .unwrap();
-        resident()
-    };
+    let img = CachedImage::new(dir.path());
+    let (path, resident, warm) = (&img.path, || img.resident(), || img.warm());
     let all = warm();
     assert_eq!(
         all,
-        len.div_ceil(4096),
+        img.len.div_ceil(4096),
         "reading did not cache the whole file"
     );
-    let mut d = StreamDiskDest::file("s", &path);
-    d.hello(
-        3,
-        Binding {
-            migration_id: 1,
-            token: 0,
-        },
-    )
-    .unwrap();
+    let mut d = StreamDiskDest::file("s", path);
+    d.hello(3, migration(1)).unwrap();
     d.section(&bitmap_codec::encode_query(0x51)).unwrap();
     assert!(d.prewalked());
     assert!(resident() < all, "the walk's open kept the file's cache");
@@ -1557,14 +1523,7 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
     drop(d.take_store());
     // Without a walk since the last writable open, the next take-over drops it.
     d.failed();
-    d.hello(
-        4,
-        Binding {
-            migration_id: 2,
-            token: 0,
-        },
-    )
-    .unwrap();
+    d.hello(4, migration(2)).unwrap();
     assert_eq!(warm(), all);
     d.switchover(false);
     d.before_start().unwrap();
@@ -1575,25 +1534,11 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
     d.failed();
     // A drop counts for its own attempt alone: one that failed before its take-over leaves
     // none to the next (which asks nothing here, as QEMU's way: no walk, so it drops).
-    d.hello(
-        5,
-        Binding {
-            migration_id: 3,
-            token: 0,
-        },
-    )
-    .unwrap();
+    d.hello(5, migration(3)).unwrap();
     d.section(&bitmap_codec::encode_query(0x52)).unwrap();
     assert!(d.prewalked());
     d.failed();
-    d.hello(
-        6,
-        Binding {
-            migration_id: 3,
-            token: 0,
-        },
-    )
-    .unwrap();
+    d.hello(6, migration(3)).unwrap();
     assert_eq!(warm(), all);
     d.switchover(false);
     d.before_start().unwrap();
@@ -1611,46 +1556,20 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
 #[test]
 fn a_one_host_shared_destinations_cache_drop_counts_for_its_own_attempt_alone() {
     use dirty_bitmap::migration::{disk_log_codec, Binding, DestState, SharedDiskDest};
-    use dirty_bitmap::{BitmapStore, DirtyBitmap, Recording};
-    use std::io::Read;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let path = dir.path().join("shared.qcow2");
-    {
-        // As in the stream test above: 16 MiB freed with "x", which no read reaches.
-        let disk = 64 << 30;
-        let mut s = BitmapStore::create(FileStorage::create(&path).unwrap(), disk, 65536).unwrap();
-        s.add("x", 512, Recording::Disabled).unwrap();
-        let bits = DirtyBitmap::new(disk, 512).unwrap();
-        for k in 0..256u64 {
-            bits.mark_dirty(k * (disk / 256), 512);
-        }
-        s.store("x", &bits).unwrap();
-        s.add("b", 65536, Recording::Enabled).unwrap();
-        s.remove("x").unwrap();
-    }
-    let probe = std::fs::File::open(&path).unwrap();
-    probe.sync_all().unwrap();
-    let len = probe.metadata().unwrap().len() as usize;
-    let resident = || resident_pages(&probe, 0, len);
-    let warm = || {
-        let mut buf = Vec::new();
-        std::fs::File::open(&path)
-            .unwrap()
-            .read_to_end(&mut buf)
-            .unwrap();
-        resident()
-    };
+    let img = CachedImage::new(dir.path());
+    let (path, resident, warm) = (&img.path, || img.resident(), || img.warm());
     let all = warm();
     assert_eq!(
         all,
-        len.div_ceil(4096),
+        img.len.div_ceil(4096),
         "reading did not cache the whole file"
     );
     let binding = Binding {
         migration_id: 1,
         token: 0,
     };
-    let mut d = SharedDiskDest::file_on_one_host("d", &path);
+    let mut d = SharedDiskDest::file_on_one_host("d", path);
     // Within one attempt: the preload drops the cache, the activation keeps it.
     d.hello(2, binding).unwrap();
     d.section(&disk_log_codec::encode_begin(6)).unwrap();
@@ -1676,4 +1595,63 @@ fn a_one_host_shared_destinations_cache_drop_counts_for_its_own_attempt_alone() 
         resident() < all,
         "a drop of a failed attempt's preload kept the cache at the next activation"
     );
+}
+
+/// A bitmap-only image on a file whose page cache a test reads (`mincore`), holding 16 MiB
+/// freed with a bitmap "x" (at 512 B on 64 GiB: a bit in each of its 256 data clusters),
+/// past the kernel's read-ahead around what an open, a walk or an activation reads: a drop
+/// of the cache shows as pages missing after any of them. It holds bitmap "b".
+#[cfg(target_os = "linux")]
+struct CachedImage {
+    path: PathBuf,
+    probe: std::fs::File,
+    len: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl CachedImage {
+    fn new(dir: &Path) -> Self {
+        use dirty_bitmap::{BitmapStore, DirtyBitmap, Recording};
+        let path = dir.join("image.qcow2");
+        let disk = 64 << 30;
+        let mut s = BitmapStore::create(FileStorage::create(&path).unwrap(), disk, 65536).unwrap();
+        s.add("x", 512, Recording::Disabled).unwrap();
+        let bits = DirtyBitmap::new(disk, 512).unwrap();
+        for k in 0..256u64 {
+            bits.mark_dirty(k * (disk / 256), 512);
+        }
+        s.store("x", &bits).unwrap();
+        s.add("b", 65536, Recording::Enabled).unwrap();
+        s.remove("x").unwrap();
+        drop(s);
+        let probe = std::fs::File::open(&path).unwrap();
+        probe.sync_all().unwrap();
+        let len = probe.metadata().unwrap().len() as usize;
+        CachedImage { path, probe, len }
+    }
+
+    /// Pages of the file in the page cache.
+    fn resident(&self) -> usize {
+        resident_pages(&self.probe, 0, self.len)
+    }
+
+    /// Reads the whole file (through the cache), and returns [`resident`](Self::resident).
+    fn warm(&self) -> usize {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        std::fs::File::open(&self.path)
+            .unwrap()
+            .read_to_end(&mut buf)
+            .unwrap();
+        self.resident()
+    }
+}
+
+/// The binding of migration `id`, without nonces.
+#[cfg(target_os = "linux")]
+fn migration(id: u64) -> dirty_bitmap::migration::Binding {
+    dirty_bitmap::migration::Binding {
+        migration_id: id,
+        token: 0,
+    }
 }
