@@ -25,9 +25,9 @@ use crate::tracker::TrackedSet;
 /// lock-free estimate of its changed regions exceeds `max_pending_bytes` (checked every
 /// `poll`; the store's published gauge, which counts its bitmaps parked by an incremental
 /// stop too, where [`pending_estimate`](super::BitmapStore::pending_estimate) says 0 while
-/// inactive: an inactive store is then locked at each poll and skipped). On a store in durable mode a threshold
-/// makes any pending region due at the next poll: each is an intent a write waits on
-/// ([`DurableTracker`](super::durable::DurableTracker)).
+/// inactive: an inactive store is then locked at each poll and skipped). On a store in
+/// durable mode a threshold makes any pending region due at the next poll: each is an
+/// intent a write waits on ([`DurableTracker`](super::durable::DurableTracker)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushPolicy {
     /// Flush at least this often (none: no timer).
