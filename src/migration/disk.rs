@@ -712,7 +712,7 @@ pub struct SharedDiskDest<S: Storage> {
     /// [`file_on_one_host`](SharedDiskDest::file_on_one_host)'s mark that the current
     /// attempt's preload dropped the image's cache, which the next writable open takes:
     /// cleared at every Hello, so that a drop counts for its own attempt alone.
-    cache_dropped: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    cache_dropped: Option<CacheDrop>,
 }
 
 type Opener<S> = Box<dyn FnMut() -> crate::Result<crate::BitmapStore<S>> + Send>;
@@ -920,32 +920,61 @@ impl SharedDiskDest<crate::storage::FileStorage> {
     /// bitmaps, it never switched over (docs/BENCHMARKS.md). Wrong across hosts on storage
     /// whose caches are not coherent: the destination would start on stale bitmaps.
     pub fn file_on_one_host(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
-        let path = path.into();
-        let shared = path.clone();
-        // Set when a preload dropped the file's cache before its first read, taken by the
-        // next writable open (which may write the image: a later one forgets again unless
-        // a preload ran in between).
-        let forgotten = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let preloaded = std::sync::Arc::clone(&forgotten);
-        let attempt = std::sync::Arc::clone(&forgotten);
-        let mut d = Self::new(name, move || {
-            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
-            let f = if preloaded.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                f.keeping_cache()
-            } else {
-                f
-            };
-            crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
-        })
-        .with_preload(move || {
-            let f = crate::storage::FileStorage::open_shared(&shared)?;
-            f.forget_cached()?;
-            forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
-            crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)
-        });
-        d.cache_dropped = Some(attempt);
+        let (writable, reader, drop) = one_host_opens(path.into());
+        let mut d = Self::new(name, writable).with_preload(reader);
+        d.cache_dropped = Some(drop);
         d
     }
+}
+
+/// The mark that a read-only open of [`one_host_opens`] dropped the image's cache, which
+/// the next writable open takes; a destination forgets it at each Hello, so that a drop
+/// counts for its own attempt alone.
+#[derive(Debug)]
+pub(super) struct CacheDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CacheDrop {
+    /// The next writable open drops the cache again, unless a read-only open drops it first.
+    pub(super) fn forget(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The opens of a destination whose image file this host's page cache holds for every
+/// writer of it (one host): a writable one with QEMU's locks, and a read-only one with
+/// QEMU's force-share locking, made during the precopy, which drops the file's cache
+/// first. The writable open keeps the cache once (`FileStorage::keeping_cache`) when a
+/// read-only open dropped it since the last writable open and the last
+/// [`CacheDrop::forget`].
+pub(super) fn one_host_opens(
+    path: std::path::PathBuf,
+) -> (
+    impl FnMut() -> crate::Result<crate::BitmapStore<crate::storage::FileStorage>> + Send + 'static,
+    impl FnMut() -> crate::Result<crate::BitmapStore<crate::storage::FileStorage>> + Send + 'static,
+    CacheDrop,
+) {
+    let shared = path.clone();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (taken, set) = (
+        std::sync::Arc::clone(&dropped),
+        std::sync::Arc::clone(&dropped),
+    );
+    let writable = move || {
+        let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
+        let f = if taken.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            f.keeping_cache()
+        } else {
+            f
+        };
+        crate::BitmapStore::open(f, crate::OpenMode::ReadWrite)
+    };
+    let reader = move || {
+        let f = crate::storage::FileStorage::open_shared(&shared)?;
+        f.forget_cached()?;
+        set.store(true, std::sync::atomic::Ordering::SeqCst);
+        crate::BitmapStore::open(f, crate::OpenMode::ReadOnly)
+    };
+    (writable, reader, CacheDrop(dropped))
 }
 
 impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
@@ -967,7 +996,7 @@ impl<S: Storage + 'static> DestState for SharedDiskDest<S> {
         self.last_log = None;
         self.undo_error = None;
         if let Some(d) = &self.cache_dropped {
-            d.store(false, std::sync::atomic::Ordering::SeqCst);
+            d.forget();
         }
         Ok(())
     }

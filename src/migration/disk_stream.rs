@@ -921,7 +921,7 @@ pub struct StreamDiskDest<S: Storage> {
     /// [`file`](StreamDiskDest::file)'s mark that the current attempt's walk dropped the
     /// image's cache, which the next writable open takes: cleared at every Hello, so that
     /// a drop counts for its own attempt alone.
-    cache_dropped: Option<Arc<std::sync::atomic::AtomicBool>>,
+    cache_dropped: Option<super::disk::CacheDrop>,
     max_bytes: u64,
     /// The migration of the current attempt.
     binding: Binding,
@@ -1059,14 +1059,6 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
     /// may start from ([`with_prewalk`](Self::with_prewalk)).
     pub fn prewalked(&self) -> bool {
         self.prewalk.as_ref().is_some_and(Preloaded::has_walk)
-    }
-
-    /// Clears [`file`](Self::file)'s mark that a walk dropped the image's cache: the next
-    /// writable open drops it again unless a walk of its own attempt dropped it since.
-    fn forget_cache_drop(&self) {
-        if let Some(d) = &self.cache_dropped {
-            d.store(false, std::sync::atomic::Ordering::SeqCst);
-        }
     }
 
     /// Whether the last take-over ([`before_start`](DestState::before_start)) was given a
@@ -1530,29 +1522,9 @@ impl StreamDiskDest<crate::storage::FileStorage> {
     /// [`new`](Self::new) and [`with_prewalk`](Self::with_prewalk) over opens that read
     /// the device ([`FileStorage::reading_the_device`](crate::FileStorage::reading_the_device)).
     pub fn file(name: impl Into<String>, path: impl Into<std::path::PathBuf>) -> Self {
-        let path = path.into();
-        let shared = path.clone();
-        // Set when a walk's open dropped the file's cache, taken by the next writable open
-        // (which may write the image: a later one drops again unless a walk ran between).
-        let forgotten = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let walked = Arc::clone(&forgotten);
-        let attempt = Arc::clone(&forgotten);
-        let mut d = Self::new(name, move || {
-            let f = crate::storage::FileStorage::open(&path, crate::OpenMode::ReadWrite)?;
-            let f = if walked.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                f.keeping_cache()
-            } else {
-                f
-            };
-            BitmapStore::open(f, crate::OpenMode::ReadWrite)
-        })
-        .with_prewalk(move || {
-            let f = crate::storage::FileStorage::open_shared(&shared)?;
-            f.forget_cached()?;
-            forgotten.store(true, std::sync::atomic::Ordering::SeqCst);
-            BitmapStore::open(f, crate::OpenMode::ReadOnly)
-        });
-        d.cache_dropped = Some(attempt);
+        let (writable, reader, drop) = super::disk::one_host_opens(path.into());
+        let mut d = Self::new(name, writable).with_prewalk(reader);
+        d.cache_dropped = Some(drop);
         d
     }
 }
@@ -1576,7 +1548,9 @@ impl<S: Storage + 'static> DestState for StreamDiskDest<S> {
         self.started = false;
         self.postcopy = false;
         self.prewalk = None;
-        self.forget_cache_drop();
+        if let Some(d) = &self.cache_dropped {
+            d.forget();
+        }
         Ok(())
     }
 
