@@ -1324,3 +1324,40 @@ fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
         ok("qemu-io", &["-c", "read -P 7 0 1M", c]);
     }
 }
+
+/// A read that fails is the storage's problem, not the image's: `-r all` on a sound image
+/// any one of whose reads fails (a storage hiccup) stops with the I/O error, or completes
+/// having removed nothing, and the image is left as it was. A failed read is no verdict:
+/// taken for one, it removed the bitmap whose table read failed, dropped the whole bitmaps
+/// extension when the directory read failed, or (in the reference walk) refused the sound
+/// image as corrupt.
+#[test]
+fn a_failed_read_never_makes_repair_all_remove_a_bitmap() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let (b, _, _) = two_bitmaps_in_memory();
+    let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
+    let (_, report) = repair(&clean, Repair::All).unwrap();
+    assert!(report.removed.is_empty(), "{report:?}");
+    let reads = clean.reads();
+    assert!(reads > 3, "{reads}");
+    let mut failed = 0;
+    for n in 1..=reads {
+        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
+        let f = FaultStorage::new(MemStorage::from_bytes(b.clone()), plan);
+        match repair(&f, Repair::All) {
+            Err(dirty_bitmap::Error::Io(_)) => failed += 1,
+            Err(e) => panic!("read {n}: {e}"),
+            Ok((_, report)) => {
+                assert!(report.removed.is_empty(), "read {n}: {report:?}");
+                assert!(report.extension_dropped.is_none(), "read {n}: {report:?}");
+                assert!(report.made_all_dirty.is_empty(), "read {n}: {report:?}");
+            }
+        }
+        assert!(
+            f.inner().to_vec() == b,
+            "read {n} failing changed the image"
+        );
+    }
+    assert_eq!(failed, reads, "every read the repair makes fails it");
+}

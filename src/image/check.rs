@@ -318,6 +318,12 @@ struct Counter<'a, S: Storage + ?Sized> {
     deadline: Option<std::time::Instant>,
     /// A read was refused because the deadline had passed.
     timed_out: bool,
+    /// The first read that failed other than on the file's bounds (I/O): the walk reads
+    /// nothing more and its caller gets this error, not a report. A failed read says
+    /// nothing about the image, and a report counting it as a corruption would have a
+    /// repair or a preflight refuse a sound image as corrupt, or (were it counted as
+    /// nothing) act on a walk that missed the references of the tables it did not read.
+    io_error: Option<Error>,
     /// The COPIED flags of the active tables' entries, for the check that follows the
     /// comparison; `None` with an external data file (its data clusters count as
     /// refcount 1 whatever the refcount: [`oflag_copied`] judges those).
@@ -402,13 +408,18 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
     fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
         // Past the deadline nothing more is read: the walk runs on through what it has
         // and its caller gets an error, not a report.
-        if self.past_deadline() {
+        if self.past_deadline() || self.io_error.is_some() {
             return None;
         }
         match read_metadata(self.storage, what, offset, len) {
             Ok(b) => Some(b),
-            Err(e) => {
+            // The bounds check: the structure lies past the end of the file.
+            Err(e @ Error::Corrupt(_)) => {
                 self.report.corrupt(|| format!("ERROR reading {what}: {e}"));
+                None
+            }
+            Err(e) => {
+                self.io_error = Some(e);
                 None
             }
         }
@@ -1048,6 +1059,7 @@ fn walk_references<S: Storage + ?Sized>(
         next_contiguous: 0,
         deadline,
         timed_out: false,
+        io_error: None,
         copied: if h.has_data_file() {
             None
         } else {
@@ -1135,9 +1147,13 @@ fn walk_references<S: Storage + ?Sized>(
         refs,
         mut report,
         timed_out,
+        io_error,
         copied,
         ..
     } = ctr;
+    if let Some(e) = io_error {
+        return Err(e);
+    }
     if timed_out {
         return Err(past_budget());
     }
@@ -1449,8 +1465,8 @@ struct CopiedBatch<'a, S: Storage + ?Sized> {
     deadline: Option<std::time::Instant>,
     /// (the cluster whose refcount is looked up, `None` for one that counts as 1, where)
     lookups: Vec<(Option<u64>, Site)>,
-    /// The block read last (its index, and its bytes unless the read failed).
-    held: Option<(u64, Option<Vec<u8>>)>,
+    /// The block read last: its index and its bytes.
+    held: Option<(u64, Vec<u8>)>,
     /// Bytes of blocks this pass may still read.
     read_left: u64,
 }
@@ -1511,9 +1527,11 @@ impl<S: Storage + ?Sized> CopiedBatch<'_, S> {
                                     .to_string(),
                             )
                         })?;
-                self.held = Some((index, self.storage.read_vec_at(off, self.cluster_size).ok()));
+                // The block lies in the file (the comparison's `blocks`): a failed read is
+                // I/O, and the check stops on it rather than skip the entries it covers.
+                self.held = Some((index, self.storage.read_vec_at(off, self.cluster_size)?));
             }
-            refcounts[k] = match self.held.as_ref().and_then(|(_, b)| b.as_deref()) {
+            refcounts[k] = match self.held.as_ref().map(|(_, b)| b.as_slice()) {
                 Some(block) => Some(get_refcount(block, self.refcount_order, cl % per_block)?),
                 None => None,
             };

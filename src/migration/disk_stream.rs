@@ -3592,6 +3592,27 @@ mod tests {
         assert!(store.bitmap("b0").unwrap().is_dirty(0));
     }
 
+    /// A clear of a bitmap the stream reads is refused as QEMU refuses one of a busy
+    /// bitmap, before it changes a bit; once the stream is gone it is taken.
+    #[test]
+    fn a_clear_of_a_streamed_bitmap_is_refused_while_the_stream_lives() {
+        let mut store = BitmapStore::create(MemStorage::new(), 1 << 30, 65536).unwrap();
+        store.add("b", 65536, Recording::Enabled).unwrap();
+        store.activate().unwrap();
+        store.tracker().unwrap().mark(0, 4096);
+        let mut s = StreamDiskState::from_store(1, "s", &store).unwrap();
+        let mut w = Wire(Vec::new());
+        set_up(&mut s, &mut w);
+        match store.clear("b") {
+            Err(crate::Error::Busy { name }) => assert_eq!(name.as_bytes(), b"b"),
+            other => panic!("a clear of a streamed bitmap: {other:?}"),
+        }
+        assert!(store.bitmap("b").unwrap().is_dirty(0));
+        drop(s);
+        store.clear("b").unwrap();
+        assert!(!store.bitmap("b").unwrap().is_dirty(0));
+    }
+
     /// A checkpoint on the source while the stream reads "b" would disable it and hand its
     /// recording to "c2", which the stream does not carry; the writes after it would reach
     /// no bitmap of the destination ("since b" there would lack them). As QEMU's migrating

@@ -729,7 +729,8 @@ impl<S: Storage> BitmapStore<S> {
     /// completed before it: the caller drains.
     ///
     /// # Errors
-    /// As [`store`](Self::store).
+    /// As [`store`](Self::store): [`Error::Busy`] while a migration stream reads the bitmap,
+    /// [`Error::Arriving`] while a postcopy push still fills it.
     pub fn clear(&mut self, name: impl AsRef<[u8]>) -> Result<()> {
         self.ensure_writable()?;
         self.reclaimed(|s| s.clear_reclaimed(name.as_ref()))
@@ -737,6 +738,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn clear_reclaimed(&mut self, name: &[u8]) -> Result<()> {
         let i = self.find_consistent(name)?;
+        // As QEMU refuses `block-dirty-bitmap-clear` on a busy bitmap: a migration stream
+        // carries what it reads of the bitmap, and a clear it never reads would leave the
+        // destination's copy other than the source's.
+        self.ensure_not_busy(i)?;
         if self.durable.is_some() {
             return self.clear_durable(i);
         }

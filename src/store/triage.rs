@@ -7,7 +7,7 @@
 //! would accept, their tables (a reserved bit or an unaligned offset in a table is what
 //! QEMU's `bitmap_table_load` refuses).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{decode_table, triage_directory, Corruption, Triage, TriagedEntry};
 use crate::image::{read_metadata, Image};
 use crate::storage::Storage;
@@ -42,11 +42,15 @@ impl BitmapTriage {
 /// Reads the bitmaps extension of `image` entry by entry (see the module docs). `None`
 /// when the image has no trusted bitmaps extension.
 ///
+/// Only what the image's bytes say is a verdict: a directory or table past the end of the
+/// file, or one that does not decode. A read that fails (I/O) is the storage's problem, not
+/// the image's, and is returned as the error: a repair acting on such a verdict would remove
+/// a sound bitmap, or every bitmap.
+///
 /// # Errors
-/// [`crate::Error::Io`] when the directory cannot be read from the file at all (then it is
-/// reported as unreadable instead when the read fails on its bounds); the image's geometry
-/// being invalid; [`Corruption::OverlappingTables`] for tables that overlap beyond the
-/// file, before any is read.
+/// [`crate::Error::Io`] when the directory or a table cannot be read from the file; the
+/// image's geometry being invalid; [`Corruption::OverlappingTables`] for tables that
+/// overlap beyond the file, before any is read.
 pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriage>> {
     let Some(ext) = image.area().bitmaps else {
         return Ok(None);
@@ -62,7 +66,7 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
         Err(e) => {
             return Ok(Some(BitmapTriage {
                 bitmaps: Vec::new(),
-                unreadable: Some(e.to_string()),
+                unreadable: Some(image_problem(e)?),
             }))
         }
     };
@@ -78,10 +82,14 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
             Err(p) => Some(p.to_string()),
             // QEMU reads the table of a bitmap that is not in use when it opens the image.
             Ok(e) if e.in_use => None,
-            Ok(e) => verdicts
-                .entry((e.table_offset, e.table_size))
-                .or_insert_with(|| table_problem(image, e))
-                .clone(),
+            Ok(e) => match verdicts.get(&(e.table_offset, e.table_size)) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = table_problem(image, e)?;
+                    verdicts.insert((e.table_offset, e.table_size), v.clone());
+                    v
+                }
+            },
         };
         bitmaps.push(TriagedBitmap { entry, broken });
     }
@@ -112,12 +120,30 @@ fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> 
 }
 
 /// Why the table of `e` cannot be loaded, if it cannot.
-fn table_problem<S: Storage>(image: &Image<S>, e: &crate::format::DirEntry) -> Option<String> {
+///
+/// # Errors
+/// [`Error::Io`] when the read fails (see [`image_problem`]).
+fn table_problem<S: Storage>(
+    image: &Image<S>,
+    e: &crate::format::DirEntry,
+) -> Result<Option<String>> {
     let len = u64::from(e.table_size).saturating_mul(8);
     match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
-        Err(err) => Some(err.to_string()),
-        Ok(bytes) => decode_table(&bytes, e.table_size, image.header().cluster_bits)
-            .err()
-            .map(|c| c.to_string()),
+        Err(err) => image_problem(err).map(Some),
+        Ok(bytes) => Ok(
+            decode_table(&bytes, e.table_size, image.header().cluster_bits)
+                .err()
+                .map(|c| c.to_string()),
+        ),
+    }
+}
+
+/// A failed metadata read as a verdict on the image: the bounds check's
+/// [`Error::Corrupt`] (the structure lies past the end of the file) is one; any other error
+/// (I/O) is returned, since it says nothing about the bytes.
+fn image_problem(e: Error) -> Result<String> {
+    match e {
+        e @ Error::Corrupt(_) => Ok(e.to_string()),
+        e => Err(e),
     }
 }
