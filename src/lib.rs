@@ -117,6 +117,12 @@ pub mod loom_internals {
     pub fn or_range(bitmap: &DirtyBitmap, offset: u64, len: u64) {
         bitmap.or_range(offset, len);
     }
+
+    /// The calling model thread announces its marks on the shared in-flight slot, as a
+    /// thread beyond the owned slots does (a VMM with more than 32 I/O threads).
+    pub fn on_the_shared_slot() {
+        crate::bitmap::use_shared_slot();
+    }
 }
 pub mod units;
 

@@ -467,6 +467,24 @@ fn no_word_changes_after_disabling_returns_during_a_one_word_mark() {
 }
 
 #[test]
+fn no_word_changes_after_disabling_returns_during_a_mark_on_the_shared_slot() {
+    // A thread beyond the owned slots announces with the shared slot's count (`fetch_add`,
+    // `fetch_sub`), and the disable waits for that count to reach 0.
+    disabling_during(|bm| {
+        dirty_bitmap::loom_internals::on_the_shared_slot();
+        bm.mark_dirty(3 * WORD + G, G);
+    });
+}
+
+#[test]
+fn a_mark_on_the_shared_slot_racing_a_seal_is_waited_for_or_waits_for_the_unseal() {
+    sealing_during(|bm| {
+        dirty_bitmap::loom_internals::on_the_shared_slot();
+        bm.mark_dirty(WORD, G);
+    });
+}
+
+#[test]
 fn enabling_b_then_disabling_a_loses_no_mark_whatever_the_tracker_order() {
     // B comes first in the tracker: a fan-out can read B's flag before B is enabled and
     // A's after A is disabled, unless disabling waits for fan-outs in flight.
@@ -543,10 +561,16 @@ fn next_clean_finds_a_bit_cleared_before_it_while_its_block_fills() {
 /// visible) or not written at all, and it writes nothing until `unseal`; then it completes.
 #[test]
 fn a_mark_racing_a_seal_is_waited_for_or_waits_for_the_unseal() {
-    model(|| {
+    sealing_during(|bm| bm.mark_dirty(WORD, G));
+}
+
+/// The seal model of [`a_mark_racing_a_seal_is_waited_for_or_waits_for_the_unseal`]
+/// against `mark`, which marks bit `WORD` (one granule).
+fn sealing_during(mark: fn(&DirtyBitmap)) {
+    model(move || {
         let bm = Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
         let b2 = Arc::clone(&bm);
-        let t = thread::spawn(move || b2.mark_dirty(WORD, G));
+        let t = thread::spawn(move || mark(&b2));
         switch_point(&bm);
         bm.seal();
         let at_seal = bm.is_dirty(WORD);

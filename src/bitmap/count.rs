@@ -31,8 +31,10 @@
 //! read-modify-write continues the release sequences before it.
 //!
 //! Slot hand-over: a thread gives its slot back when it exits (through a thread-local
-//! destructor) under the registry's mutex, and the next owner takes it under the same
-//! mutex, so the previous owner's last store happens before the new owner's first load.
+//! destructor) by clearing its bit of a process-wide word with a release `fetch_and`, and
+//! the next owner takes it with an acquiring compare-and-swap on that word, so the previous
+//! owner's last store happens before the new owner's first load. No lock is taken: a
+//! thread's first mark never waits for another thread.
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
@@ -220,22 +222,25 @@ pub(crate) fn ones(x: u64) -> u64 {
 #[cfg(not(loom))]
 mod thread_slot {
     use std::cell::{Cell, RefCell};
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
 
     use super::SLOTS;
 
     const UNSET: usize = usize::MAX;
     const SHARED: usize = usize::MAX - 1;
+    const _: () = assert!(SLOTS <= 64, "the owned slots are the bits of one word");
 
-    struct Registry {
-        next: usize,
-        free: Vec<usize>,
+    /// Bit i set while a thread owns slot i. Taken with a compare-and-swap and given back
+    /// with a `fetch_and`, so a thread's first mark never waits for another thread (an
+    /// exiting one, say): marking takes no lock.
+    static TAKEN: AtomicU64 = AtomicU64::new(0);
+
+    /// Gives slot `i` back: the release pairs with the next owner's acquiring
+    /// compare-and-swap (which reads this write or a later read-modify-write of its release
+    /// sequence), so every store of this owner happens before that owner's first load.
+    fn give_back(i: usize) {
+        TAKEN.fetch_and(!(1u64 << i), Release);
     }
-
-    static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-        next: 0,
-        free: Vec::new(),
-    });
 
     /// Owns a slot; gives it back when the thread's locals are destroyed.
     struct Owned(usize);
@@ -244,9 +249,7 @@ mod thread_slot {
         fn drop(&mut self) {
             // Stop using the slot before anyone else can take it.
             let _ = INDEX.try_with(|c| c.set(SHARED));
-            if let Ok(mut r) = REGISTRY.lock() {
-                r.free.push(self.0);
-            }
+            give_back(self.0);
         }
     }
 
@@ -271,17 +274,31 @@ mod thread_slot {
         }
     }
 
+    /// The lowest free slot, if any, taken for this thread; the shared slot from then on
+    /// otherwise (a thread that found none does not look again).
+    fn take() -> Option<usize> {
+        let all = if SLOTS == 64 {
+            u64::MAX
+        } else {
+            (1u64 << SLOTS) - 1
+        };
+        let mut taken = TAKEN.load(Acquire);
+        loop {
+            let free = !taken & all;
+            if free == 0 {
+                return None;
+            }
+            let i = free.trailing_zeros() as usize;
+            match TAKEN.compare_exchange_weak(taken, taken | 1u64 << i, Acquire, Acquire) {
+                Ok(_) => return Some(i),
+                Err(now) => taken = now,
+            }
+        }
+    }
+
     #[cold]
     fn acquire() -> Option<usize> {
-        let taken = REGISTRY.lock().ok().and_then(|mut r| {
-            r.free.pop().or_else(|| {
-                (r.next < SLOTS).then(|| {
-                    r.next += 1;
-                    r.next - 1
-                })
-            })
-        });
-        let Some(i) = taken else {
+        let Some(i) = take() else {
             let _ = INDEX.try_with(|c| c.set(SHARED));
             return None;
         };
@@ -297,9 +314,7 @@ mod thread_slot {
             Some(i)
         } else {
             // The thread is shutting down: hand the slot straight back.
-            if let Ok(mut r) = REGISTRY.lock() {
-                r.free.push(i);
-            }
+            give_back(i);
             None
         }
     }
@@ -331,6 +346,9 @@ mod thread_slot {
         None
     }
 
+    /// What `INDEX` holds for a thread that [`use_shared`] put on the shared slot.
+    const SHARED: usize = usize::MAX;
+
     #[inline]
     pub(super) fn current() -> Option<usize> {
         INDEX.with(|c| {
@@ -339,10 +357,27 @@ mod thread_slot {
                 c.set(Some(i));
                 i
             });
+            if i == SHARED {
+                return None;
+            }
             assert!(i < SLOTS, "a loom model with more than {SLOTS} threads");
             Some(i)
         })
     }
+
+    /// The calling thread announces its marks on the shared slot from now on, as a thread
+    /// beyond the owned slots does outside loom (`fetch_add`, `fetch_sub`, and a sealer's
+    /// wait for the count to reach 0).
+    pub(crate) fn use_shared() {
+        INDEX.with(|c| c.set(Some(SHARED)));
+    }
+}
+
+/// Under loom: the calling model thread takes the shared slot's path of the in-flight
+/// protocol for its marks (see the loom `thread_slot` above).
+#[cfg(loom)]
+pub(crate) fn use_shared_slot() {
+    thread_slot::use_shared();
 }
 
 /// Marks in flight through a fan-out over several bitmaps

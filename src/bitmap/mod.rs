@@ -44,6 +44,8 @@ use crate::error::{invalid_input, Result};
 use atomic::{sc_point, AtomicU64, AtomicU8};
 use change_map::ChangeMap;
 use consumer_maps::ConsumerMaps;
+#[cfg(loom)]
+pub(crate) use count::use_shared_slot;
 use count::{InFlight, OwnMark, ThreadSlots};
 use geometry::Geometry;
 use summary::{AnyTower, FullTower, BLOCK_WORDS};
@@ -449,6 +451,8 @@ impl DirtyBitmap {
     #[cold]
     #[inline(never)]
     fn mark_word_slow<const WAIT: bool>(&self, w: usize, mask: u64) -> bool {
+        #[cfg(all(test, not(loom)))]
+        tests::SLOW_MARKS.with(|n| n.set(n.get() + 1));
         if !self.is_enabled() {
             return true;
         }
@@ -1542,10 +1546,21 @@ mod tests {
         assert_eq!(bm.dirty_bytes(), 4096);
     }
 
+    std::thread_local! {
+        /// Calls of `mark_word_slow` on this thread.
+        pub(super) static SLOW_MARKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn slow_marks() -> u64 {
+        SLOW_MARKS.with(std::cell::Cell::get)
+    }
+
     #[test]
     fn marks_take_the_general_path_when_the_light_barrier_is_a_fence() {
         // What a process without expedited membarriers gets: every mark of a clean bit goes
-        // through `mark_word_slow`, whose light barrier is a real fence.
+        // through `mark_word_slow`, whose light barrier is a real fence. The short path's
+        // compiler fence pairs only with a membarrier: taken in such a process, a mark
+        // could write after `set_enabled(false)` or a seal returned.
         const G: u64 = 64 << 10;
         let bm = DirtyBitmap::new(1 << 30, G).unwrap();
         bm.state.fetch_or(super::FENCED, SeqCst);
@@ -1555,11 +1570,30 @@ mod tests {
         assert_eq!(bm.count(), 1);
         assert_eq!(bm.next_dirty(0), Some(3 * G));
         assert_eq!(bm.changed_region_count(), 1);
-        // A word filled by single marks sets its block's full summary bit.
+        // A word filled by single marks sets its block's full summary bit. Each of the 511
+        // clean bits marked is one call of the general path.
+        let before = slow_marks();
         for i in 0..8 * 64 {
             bm.mark_dirty(i * G, 1);
         }
+        assert_eq!(
+            slow_marks() - before,
+            8 * 64 - 1,
+            "a mark took the short path"
+        );
         assert_eq!(bm.next_clean(0), Some(8 * 64 * G));
+        // The same marks where the light barrier is free, on a thread that owns a slot,
+        // take the short path: the count above tells the paths apart.
+        let free = DirtyBitmap::new(1 << 30, G).unwrap();
+        free.state.fetch_and(!super::FENCED, SeqCst);
+        if let Some(m) = free.slots.begin_own_mark() {
+            free.slots.end_own_mark(m);
+            let before = slow_marks();
+            for i in 0..8 * 64 {
+                free.mark_dirty(i * G, 1);
+            }
+            assert_eq!(slow_marks(), before, "a mark took the general path");
+        }
         bm.set_enabled(false);
         bm.mark_dirty(1000 * G, 4096);
         assert!(!bm.is_dirty(1000 * G));
