@@ -1325,6 +1325,121 @@ fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
     }
 }
 
+/// The image of [`repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong`] (17
+/// leaks at refcount 2, each with one reference whose COPIED flag is clear) repaired while
+/// one read fails: the repair stops with the I/O error, or does what it does with every
+/// read (the 17 kept at refcount 2); it never lowers them to 1 and leaves the image corrupt. The leak repair reads the active
+/// tables again to find the references without COPIED; a failed read there was taken for
+/// a table that names nothing.
+#[test]
+fn a_failed_read_never_makes_the_leak_repair_leave_a_copied_flag_wrong() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sn.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
+    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
+    ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    let mut b = std::fs::read(&img).unwrap();
+    b[60..72].fill(0);
+    for what in [Repair::Leaks, Repair::All] {
+        let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
+        let (_, sound) = repair(&clean, what).unwrap();
+        assert_eq!(sound.leaks_uncopied, 17, "{sound:?}");
+        let reads = clean.reads();
+        let mut failed = 0;
+        for n in 1..=reads {
+            let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
+            let f = FaultStorage::new(MemStorage::from_bytes(b.clone()), plan);
+            match repair(&f, what) {
+                Err(dirty_bitmap::Error::Io(_)) => failed += 1,
+                Err(e) => panic!("{what:?}, read {n}: {e}"),
+                Ok((_, report)) => assert_eq!(report, sound, "{what:?}, read {n}"),
+            }
+            let after = dirty_bitmap::Image::open(
+                MemStorage::from_bytes(f.inner().to_vec()),
+                dirty_bitmap::OpenMode::ReadOnly,
+            )
+            .unwrap();
+            let check = after.check().unwrap();
+            assert_eq!(
+                check.corruptions, 0,
+                "{what:?}, read {n}: {:?}",
+                check.messages
+            );
+        }
+        assert_eq!(
+            failed, reads,
+            "{what:?}: every read the repair makes fails it"
+        );
+    }
+}
+
+/// A COPIED flag set on a data cluster a snapshot shares (refcount 2) is a corruption that
+/// only the check's second read of the active tables finds: a read that fails there ends
+/// the check with the I/O error; it never passes the image as sound (taken for a table
+/// that names nothing, it did, and a writing command would have gone ahead).
+#[test]
+fn a_failed_read_never_passes_a_wrong_copied_flag() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sn.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
+    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
+    ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    let mut b = std::fs::read(&img).unwrap();
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & TABLE_OFFSET_MASK) as usize;
+    b[l2] |= 0x80;
+    std::fs::write(&img, &b).unwrap();
+    assert_eq!(run("qemu-img", &["check", i]).status.code(), Some(2));
+    let check = |f: &FaultStorage<MemStorage>| {
+        dirty_bitmap::Image::open(f, dirty_bitmap::OpenMode::ReadOnly).and_then(|i| i.check())
+    };
+    let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
+    let sound = check(&clean).unwrap();
+    assert_eq!(sound.corruptions, 1, "{:?}", sound.messages);
+    let mut failed = 0;
+    for n in 1..=clean.reads() {
+        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
+        match check(&FaultStorage::new(MemStorage::from_bytes(b.clone()), plan)) {
+            Err(dirty_bitmap::Error::Io(_)) => failed += 1,
+            Err(e) => panic!("read {n}: {e}"),
+            Ok(r) => assert_eq!(r.corruptions, 1, "read {n}: {:?}", r.messages),
+        }
+    }
+    assert_eq!(failed, clean.reads(), "every read the check makes fails it");
+}
+
+/// An image whose bitmaps extension is untrusted (autoclear bit 0 clear: a writer that did
+/// not know it) still lists its bitmaps, all inconsistent. A read of that directory that
+/// fails fails the open; taken for a broken directory, the store listed no bitmap, and a
+/// commit dropped them without naming one.
+#[test]
+fn a_failed_read_never_hides_the_bitmaps_of_an_untrusted_extension() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::{BitmapStore, OpenMode};
+    let (mut b, _, _) = two_bitmaps_in_memory();
+    b[95] &= !1;
+    let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
+    let listed = |f: &FaultStorage<MemStorage>| {
+        BitmapStore::open(f, OpenMode::ReadOnly).map(|st| st.list().len())
+    };
+    assert_eq!(listed(&clean).unwrap(), 2);
+    let mut failed = 0;
+    for n in 1..=clean.reads() {
+        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
+        match listed(&FaultStorage::new(MemStorage::from_bytes(b.clone()), plan)) {
+            Err(dirty_bitmap::Error::Io(_)) => failed += 1,
+            Err(e) => panic!("read {n}: {e}"),
+            Ok(l) => assert_eq!(l, 2, "read {n}"),
+        }
+    }
+    assert_eq!(failed, clean.reads(), "every read the open makes fails it");
+}
+
 /// A read that fails is the storage's problem, not the image's: `-r all` on a sound image
 /// any one of whose reads fails (a storage hiccup) stops with the I/O error, or completes
 /// having removed nothing, and the image is left as it was. A failed read is no verdict:

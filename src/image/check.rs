@@ -1254,8 +1254,11 @@ fn walk_references<S: Storage + ?Sized>(
 /// repair must not lower it to 1 (QEMU's repair sets the flag then; ours writes no guest
 /// metadata). Entries [`oflag_copied`] skips are skipped here too: compressed ones, and
 /// data clusters of an image whose guest data is in an external file (they count as 1
-/// whatever the refcount). Reads each distinct L2 table once; a table that does not read
-/// names nothing here (the walk reported it).
+/// whatever the refcount). Reads each distinct L2 table once; a table past the end of the
+/// file names nothing here (the walk reported it), and a read that fails is the error.
+///
+/// # Errors
+/// I/O: a table that could not be read may name any of `clusters`.
 pub(crate) fn named_without_copied<S: Storage + ?Sized>(
     storage: &S,
     area: &HeaderArea,
@@ -1273,7 +1276,7 @@ pub(crate) fn named_without_copied<S: Storage + ?Sized>(
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     let stride = if extl2 { 16 } else { 8 };
     let l1_len = u64::from(h.l1_size).saturating_mul(8);
-    let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
+    let Some(l1) = read_or_reported(storage, "L1 table", h.l1_table_offset, l1_len)? else {
         return Ok(hits);
     };
     let mut tables = std::collections::BTreeSet::new();
@@ -1289,7 +1292,7 @@ pub(crate) fn named_without_copied<S: Storage + ?Sized>(
     }
     if !data_file {
         for l2_off in tables {
-            let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
+            let Some(l2) = read_or_reported(storage, "L2 table", l2_off, cs)? else {
                 continue;
             };
             for e in l2.chunks_exact(stride).map(BigEndian::read_u64) {
@@ -1317,6 +1320,22 @@ fn within(deadline: Option<std::time::Instant>) -> Result<()> {
     }
 }
 
+/// A second read of a table the walk read: `None` for one past the end of the file (the
+/// walk counted that corruption), the error for a read that fails (I/O), which is no
+/// verdict on the image: skipping the table would judge its entries unseen.
+fn read_or_reported<S: Storage + ?Sized>(
+    storage: &S,
+    what: &'static str,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Vec<u8>>> {
+    match read_metadata(storage, what, offset, len) {
+        Ok(b) => Ok(Some(b)),
+        Err(Error::Corrupt(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The error of a walk given up at its deadline ([`check_references_within`]).
 fn past_budget() -> Error {
     Error::Unsupported("the reference walk ran past its time budget".to_string())
@@ -1327,8 +1346,9 @@ fn past_budget() -> Error {
 /// cluster's refcount on disk is 1 (with an external data file a data cluster counts as
 /// 1), and never on a compressed cluster; each entry that breaks it is a corruption, as
 /// `qemu-img check` counts it. Snapshots' tables are not looked at, as in QEMU. A second
-/// read of the active tables, as QEMU's; a table that cannot be read was reported by the
-/// walk and is skipped. The lookups are resolved in batches ([`CopiedBatch`]).
+/// read of the active tables, as QEMU's; a table past the end of the file was reported by
+/// the walk and is skipped, and a read that fails ends the check with its error. The
+/// lookups are resolved in batches ([`CopiedBatch`]).
 ///
 /// # Errors
 /// [`Error::Unsupported`] when the refcount blocks the entries name would cost more reads
@@ -1349,7 +1369,7 @@ fn oflag_copied<S: Storage + ?Sized>(
     let extl2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
     let l1_len = u64::from(h.l1_size).saturating_mul(8);
     within(deadline)?;
-    let Ok(l1) = read_metadata(storage, "L1 table", h.l1_table_offset, l1_len) else {
+    let Some(l1) = read_or_reported(storage, "L1 table", h.l1_table_offset, l1_len)? else {
         return Ok(());
     };
     let stride = if extl2 { 16 } else { 8 };
@@ -1399,7 +1419,7 @@ fn oflag_copied<S: Storage + ?Sized>(
         }
         let m = l2_mult.get(&l2_off).copied().unwrap_or(1);
         within(deadline)?;
-        let Ok(l2) = read_metadata(storage, "L2 table", l2_off, cs) else {
+        let Some(l2) = read_or_reported(storage, "L2 table", l2_off, cs)? else {
             continue;
         };
         for e in l2.chunks_exact(stride).map(BigEndian::read_u64) {

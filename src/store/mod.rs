@@ -612,18 +612,24 @@ impl<S: Storage> BitmapStore<S> {
             dir = Some((ext.directory_offset, ext.directory_size));
         } else if let Some(data) = image.stale_bitmaps() {
             // Untrusted: list what it names, all inconsistent; ignore it if it is broken.
-            let listed = BitmapsExtension::decode(data, 0, geo.cluster_size())
-                .ok()
-                .and_then(|ext| {
-                    let b = read_metadata(
-                        image.storage(),
-                        "bitmap directory",
-                        ext.directory_offset,
-                        ext.directory_size,
-                    )
-                    .ok()?;
-                    decode_directory(&b, ext.nb_bitmaps, &geo).ok()
-                })
+            // A read that fails (I/O) is no verdict: it fails the open, or the store would
+            // list no bitmap and a commit would drop them without naming them.
+            let ext = BitmapsExtension::decode(data, 0, geo.cluster_size()).ok();
+            let bytes = match ext.map(|ext| {
+                read_metadata(
+                    image.storage(),
+                    "bitmap directory",
+                    ext.directory_offset,
+                    ext.directory_size,
+                )
+            }) {
+                Some(Ok(b)) => Some(b),
+                Some(Err(Error::Corrupt(_))) | None => None,
+                Some(Err(e)) => return Err(e),
+            };
+            let listed = ext
+                .zip(bytes)
+                .and_then(|(ext, b)| decode_directory(&b, ext.nb_bitmaps, &geo).ok())
                 .unwrap_or_default();
             slots = listed
                 .into_iter()
