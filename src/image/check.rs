@@ -20,8 +20,11 @@
 //! allocated for it, so a corrupt image cannot make the check allocate without bound. The
 //! reference counts and the COPIED bits live in pages allocated on first use
 //! (`RefCounts`, `CopiedFlags`): a large sparse file costs two page tables of 16 bytes per
-//! 4096 clusters, and every page allocated stands for metadata entries that were really
-//! read from the file. The second COPIED pass, which only an image already found corrupt
+//! 4096 clusters, and a page is allocated only once metadata read from the file names a
+//! cluster in it. The bound is the file's, at most 4 bytes a cluster of it (QEMU's check
+//! allocates its array for every cluster up front): an image a qcow2 writer made fills
+//! the pages it touches, while a hostile one in a sparse file can name one cluster a page
+//! and reach that bound with little metadata (docs/DESIGN.md, "Memory"). The second COPIED pass, which only an image already found corrupt
 //! (or with a wrong flag, or a data file) runs, holds a fixed batch of lookups beside what
 //! it reads (`CopiedBatch`).
 

@@ -95,7 +95,8 @@ fn allocator_grows_refblocks_and_the_reftable() {
         "{:?}",
         &r.messages[..r.messages.len().min(5)]
     );
-    // The old reftable was freed in memory and flushed by write_header? No: flush again.
+    // The old reftable's decrement is in memory until the next refcount flush; until
+    // then it is a leak.
     img.flush_refcounts().unwrap();
     let r = img.check().unwrap();
     assert_eq!(
