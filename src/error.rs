@@ -98,8 +98,9 @@ pub enum Error {
     /// its in-memory bitmap, as [`remove`](crate::BitmapStore::remove) would, and to change
     /// its recording flag ([`set_enabled`](crate::BitmapStore::set_enabled), or a
     /// [`checkpoint`](crate::BitmapStore::checkpoint) that would hand its recording over to
-    /// a bitmap the consumer does not read), and to OR bits into it
-    /// ([`merge`](crate::BitmapStore::merge), [`store`](crate::BitmapStore::store)). The
+    /// a bitmap the consumer does not read), to OR bits into it
+    /// ([`merge`](crate::BitmapStore::merge), [`store`](crate::BitmapStore::store)), and to
+    /// clear it ([`clear`](crate::BitmapStore::clear), as QEMU refuses). The
     /// consumer would go on reading a bitmap the store no longer marks: a write marked on a
     /// new bitmap (of the same name, or the checkpoint's) would never reach it; and bits
     /// ORed in after a migration stream's last take of the bitmap would never reach the
@@ -159,6 +160,17 @@ pub enum Error {
         path: PathBuf,
         /// What the lock call returned.
         source: io::Error,
+    },
+    /// A [`repair`](crate::store::repair::repair) committed its change to the bitmaps (the
+    /// report says which it removed and which it left all dirty) and then failed in the
+    /// leak repair that follows: the committed change stands, and what was left undone is
+    /// at worst a leak. Repair again once the storage works.
+    #[error("{source} (after the repair was committed)")]
+    RepairedThenFailed {
+        /// What the committed part of the repair did.
+        report: Box<crate::store::repair::RepairReport>,
+        /// The error of the leak repair.
+        source: Box<Error>,
     },
 }
 

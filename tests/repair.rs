@@ -1376,6 +1376,57 @@ fn a_failed_read_never_makes_the_leak_repair_leave_a_copied_flag_wrong() {
     }
 }
 
+/// `-r all` commits the removal of broken bitmaps, then repairs leaks; a read that fails in
+/// the leak repair must not lose the report of the committed removal (which bitmaps went,
+/// which were left all dirty): the error carries it (`Error::RepairedThenFailed`). A
+/// failure before the commit leaves the image as it was, with a plain I/O error.
+#[test]
+fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::store::repair::{repair, Repair};
+    // Both bitmaps broken (as in `a_bitmap_naming_one_cluster_twice_is_not_kept`).
+    let (mut b, d, _) = two_bitmaps_in_memory();
+    let table = be64(&b, d + 32);
+    let t = table as usize;
+    let flags = be64(&b, t) & !TABLE_OFFSET_MASK;
+    b[t..t + 8].copy_from_slice(&(table | flags).to_be_bytes());
+    set_rc(&mut b, table / 65536, 2);
+    b[d + 15] |= 0x20;
+    let committed = |bytes: &[u8]| {
+        HeaderArea::decode(&bytes[..65536])
+            .unwrap()
+            .bitmaps
+            .is_none()
+    };
+    let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
+    let (_, sound) = repair(&clean, Repair::All).unwrap();
+    assert_eq!(sound.removed.len(), 2, "{sound:?}");
+    let mut after_commit = 0;
+    for n in 1..=clean.reads() {
+        let f = FaultStorage::new(
+            MemStorage::from_bytes(b.clone()),
+            FaultPlan::new().fail_read(Trigger::Nth(n)),
+        );
+        let r = repair(&f, Repair::All);
+        let done = committed(&f.inner().to_vec());
+        match r {
+            Err(dirty_bitmap::Error::RepairedThenFailed { report, source }) => {
+                assert!(done, "read {n}: not committed");
+                assert!(
+                    matches!(*source, dirty_bitmap::Error::Io(_)),
+                    "read {n}: {source}"
+                );
+                assert_eq!(report.removed, sound.removed, "read {n}");
+                after_commit += 1;
+            }
+            Err(dirty_bitmap::Error::Io(_)) => assert!(!done, "read {n}: committed, untold"),
+            Err(e) => panic!("read {n}: {e}"),
+            Ok(_) => assert!(done, "read {n}"),
+        }
+    }
+    assert!(after_commit > 0, "no read failed after the commit");
+}
+
 /// A COPIED flag set on a data cluster a snapshot shares (refcount 2) is a corruption that
 /// only the check's second read of the active tables finds: a read that fails there ends
 /// the check with the I/O error; it never passes the image as sound (taken for a table

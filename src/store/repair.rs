@@ -106,7 +106,8 @@ pub struct RepairReport {
 /// no refcount block covers it ([`Corruption::Refcount`]: the file grew past its refcount
 /// blocks; the repair would have to raise that refcount so that the commit cannot allocate
 /// the cluster while the old directory still names it); I/O. Each is found before the
-/// first write.
+/// first write. [`Error::RepairedThenFailed`] when the leak repair after a committed
+/// removal fails: it carries the report of what was committed.
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
@@ -258,8 +259,15 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         report.removed = broken;
         report.made_all_dirty = made_all_dirty;
         // The new directory decodes whole, so the walk counts every reference exactly;
-        // the old directory is no longer kept.
-        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report);
+        // the old directory is no longer kept. The commit stands whatever the leak repair
+        // does: its error carries the report of what was committed.
+        let committed = report.clone();
+        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report).map_err(|e| {
+            Error::RepairedThenFailed {
+                report: Box::new(committed),
+                source: Box::new(e),
+            }
+        });
     }
     // Leaks only (or nothing broken): protect what a broken entry may own, or everything
     // when the directory cannot be read.

@@ -220,7 +220,21 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             };
             let storage = FileStorage::open(&args.image, OpenMode::ReadWrite)
                 .map_err(|e| at(&args.image, e))?;
-            let (img, done) = repair(storage, what).map_err(|e| at(&args.image, e))?;
+            let (img, done) = match repair(storage, what) {
+                Ok(r) => r,
+                // Committed, then the leak repair failed: what was committed is still told.
+                Err(dirty_bitmap::Error::RepairedThenFailed { report, source }) => {
+                    if !args.quiet {
+                        crate::out::to_stderr(&repaired_text(&report));
+                    }
+                    return Err(at(
+                        &args.image,
+                        format!("{source} (after the repair above was committed)"),
+                    )
+                    .into());
+                }
+                Err(e) => return Err(at(&args.image, e).into()),
+            };
             // What was done goes to stderr, as qemu-img's findings do; the check of the
             // repaired image follows.
             if !args.quiet {
