@@ -162,15 +162,15 @@ pub enum Error {
         source: io::Error,
     },
     /// A [`repair`](crate::store::repair::repair) committed its change to the bitmaps (the
-    /// report says which it removed and which it left all dirty) and then failed in the
-    /// leak repair that follows: the committed change stands, and what was left undone is
-    /// at worst a leak. Repair again once the storage works.
-    #[error("{source} (after the repair was committed)")]
+    /// report says which it removed and which it left all dirty) and then failed (freeing
+    /// the old clusters, or in the leak repair that follows): the committed change stands,
+    /// and what was left undone is at worst a leak. Repair again once the storage works.
+    #[error("the repair was committed, then failed: {error}")]
     RepairedThenFailed {
         /// What the committed part of the repair did.
         report: Box<crate::store::repair::RepairReport>,
-        /// The error of the leak repair.
-        source: Box<Error>,
+        /// The error after the commit.
+        error: Box<Error>,
     },
 }
 

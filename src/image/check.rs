@@ -21,7 +21,7 @@
 //! reference counts and the COPIED bits live in pages allocated on first use
 //! (`RefCounts`, `CopiedFlags`): a large sparse file costs two page tables of 16 bytes per
 //! 4096 clusters, and a page is allocated only once metadata read from the file names a
-//! cluster in it. The bound is the file's, at most 4 bytes a cluster of it (QEMU's check
+//! cluster in it. The bound is the file's, about 4¼ bytes a cluster of it (QEMU's check
 //! allocates its array for every cluster up front): an image a qcow2 writer made fills
 //! the pages it touches, while a hostile one in a sparse file can name one cluster a page
 //! and reach that bound with little metadata (docs/DESIGN.md, "Memory"). The second COPIED pass, which only an image already found corrupt
@@ -509,8 +509,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         // disk full of data has an L2 table every 512 MiB (64 KiB clusters), each its own
         // seek (`Storage::prefetch`).
         for batch in order.chunks(PREFETCH_TABLES) {
-            // Past the deadline nothing more is read, nor read ahead: the walk is given up.
-            if self.past_deadline() {
+            // Past the deadline, or after a read failed, nothing more is read, nor read
+            // ahead: the walk is given up.
+            if self.past_deadline() || self.io_error.is_some() {
                 break;
             }
             let ranges: Vec<(u64, u64)> = batch.iter().map(|&(off, _, _)| (off, cs)).collect();
@@ -519,7 +520,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
                 self.l2(l2_off, m, data_file, extl2, frag);
             }
         }
-        if self.timed_out {
+        if self.timed_out || self.io_error.is_some() {
             // Ranges of the last batch left unread stay fresh on a device-reading handle
             // until it reads something else; an empty prefetch ends that now, whatever
             // the caller reads next.

@@ -106,8 +106,10 @@ pub struct RepairReport {
 /// no refcount block covers it ([`Corruption::Refcount`]: the file grew past its refcount
 /// blocks; the repair would have to raise that refcount so that the commit cannot allocate
 /// the cluster while the old directory still names it); I/O. Each is found before the
-/// first write. [`Error::RepairedThenFailed`] when the leak repair after a committed
-/// removal fails: it carries the report of what was committed.
+/// first write. [`Error::RepairedThenFailed`] when anything fails after the header write
+/// that commits a removal (the frees, their flush, the leak repair): it carries the report
+/// of what was committed. A failure of that header write itself is returned as it is (it
+/// may or may not have landed: check the image again).
 pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairReport)> {
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
@@ -254,20 +256,31 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     }
     if what == Repair::All && (unreadable.is_some() || !broken.is_empty()) {
         report.extension_dropped = unreadable;
-        let (repaired, made_all_dirty) = rewrite_directory(image, keep, dir, base)?;
-        image = repaired;
         report.removed = broken;
+        // From the commit point on, the removal stands whatever fails after it: the error
+        // then carries the report of what was committed.
+        let after_commit = |report: RepairReport, error| Error::RepairedThenFailed {
+            report: Box::new(report),
+            error: Box::new(error),
+        };
+        let (repaired, made_all_dirty) = match rewrite_directory(image, keep, dir, base) {
+            Ok(r) => r,
+            Err(RewriteFailed {
+                error,
+                committed: Some(made_all_dirty),
+            }) => {
+                report.made_all_dirty = made_all_dirty;
+                return Err(after_commit(report, error));
+            }
+            Err(RewriteFailed { error, .. }) => return Err(error),
+        };
+        image = repaired;
         report.made_all_dirty = made_all_dirty;
         // The new directory decodes whole, so the walk counts every reference exactly;
-        // the old directory is no longer kept. The commit stands whatever the leak repair
-        // does: its error carries the report of what was committed.
+        // the old directory is no longer kept.
         let committed = report.clone();
-        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report).map_err(|e| {
-            Error::RepairedThenFailed {
-                report: Box::new(committed),
-                source: Box::new(e),
-            }
-        });
+        return fix_leaks(image, &Protect::Nothing, &ClusterSet::default(), report)
+            .map_err(|e| after_commit(committed, e));
     }
     // Leaks only (or nothing broken): protect what a broken entry may own, or everything
     // when the directory cannot be read.
@@ -514,7 +527,7 @@ fn rewrite_directory<S: Storage>(
     keep: Vec<(DirEntry, Vec<u64>)>,
     dir: Option<(u64, u64)>,
     mut walk: crate::image::check::References,
-) -> Result<(Image<S>, Vec<BitmapName>)> {
+) -> std::result::Result<(Image<S>, Vec<BitmapName>), RewriteFailed> {
     let cs = image.cluster_size();
     // The walk the commit's frees consult: everything but the bitmaps, the kept bitmaps'
     // clusters, and the old directory once, so that a directory cluster shared with
@@ -545,20 +558,39 @@ fn rewrite_directory<S: Storage>(
     st.walk_shape = None;
     // The commit's own refusal of a header it cannot rewrite, before the tables below are
     // allocated and written: nothing is written before a refusal.
-    st.ensure_header_fits(u32::try_from(keep.len()).unwrap_or(u32::MAX))?;
+    let uncommitted = |error| RewriteFailed {
+        error,
+        committed: None,
+    };
+    st.ensure_header_fits(u32::try_from(keep.len()).unwrap_or(u32::MAX))
+        .map_err(uncommitted)?;
     let mut entries = Vec::with_capacity(keep.len());
     let mut frees = Vec::new();
     let mut made_all_dirty = Vec::new();
     for (mut e, owned) in keep {
         if !e.in_use {
-            e.table_offset = st.write_all_ones_table(e.table_size)?;
+            e.table_offset = st.write_all_ones_table(e.table_size).map_err(uncommitted)?;
             frees.extend(owned.into_iter().map(|c| (c, 1)));
             made_all_dirty.push(e.name.clone());
         }
         entries.push(e);
     }
-    st.commit(entries, frees)?;
+    if let Err(error) = st.commit(entries, frees) {
+        // `commit` names the new directory once its header write returned: from then on the
+        // removal stands, and what failed after it (the frees, their flush) is at worst a
+        // leak. A failure in the header write itself may or may not have committed; it is
+        // returned as it is.
+        let committed = (st.dir != dir).then_some(made_all_dirty);
+        return Err(RewriteFailed { error, committed });
+    }
     Ok((st.image, made_all_dirty))
+}
+
+/// A [`rewrite_directory`] that failed: the error, and the bitmaps made all dirty when the
+/// commit point had passed.
+struct RewriteFailed {
+    error: Error,
+    committed: Option<Vec<BitmapName>>,
 }
 
 /// Which leaked clusters a leak repair leaves alone.

@@ -223,15 +223,13 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             let (img, done) = match repair(storage, what) {
                 Ok(r) => r,
                 // Committed, then the leak repair failed: what was committed is still told.
-                Err(dirty_bitmap::Error::RepairedThenFailed { report, source }) => {
-                    if !args.quiet {
-                        crate::out::to_stderr(&repaired_text(&report));
+                Err(e @ dirty_bitmap::Error::RepairedThenFailed { .. }) => {
+                    if let (false, dirty_bitmap::Error::RepairedThenFailed { report, .. }) =
+                        (args.quiet, &e)
+                    {
+                        crate::out::to_stderr(&repaired_text(report));
                     }
-                    return Err(at(
-                        &args.image,
-                        format!("{source} (after the repair above was committed)"),
-                    )
-                    .into());
+                    return Err(at(&args.image, e).into());
                 }
                 Err(e) => return Err(at(&args.image, e).into()),
             };
