@@ -162,13 +162,18 @@ pub enum Error {
         source: io::Error,
     },
     /// A [`repair`](crate::store::repair::repair) committed its change to the bitmaps (the
-    /// report says which it removed and which it left all dirty) and then failed (freeing
-    /// the old clusters, or in the leak repair that follows): the committed change stands,
-    /// and what was left undone is at worst a leak. Repair again once the storage works.
+    /// fields say what it removed and left all dirty, as its report would) and then failed
+    /// (freeing the old clusters, or in the leak repair that follows): the committed change
+    /// stands, and what was left undone is at worst a leak. Repair again once the storage
+    /// works.
     #[error("the repair was committed, then failed: {error}")]
     RepairedThenFailed {
-        /// What the committed part of the repair did.
-        report: Box<crate::store::repair::RepairReport>,
+        /// The bitmaps removed, each with why QEMU refused it.
+        removed: Vec<(BitmapName, String)>,
+        /// Why the whole bitmaps extension was dropped, if it was.
+        extension_dropped: Option<String>,
+        /// The kept bitmaps left consistent with every bit set.
+        made_all_dirty: Vec<BitmapName>,
         /// The error after the commit.
         error: Box<Error>,
     },

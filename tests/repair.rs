@@ -1418,11 +1418,17 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
         let r = repair(&f, Repair::All);
         let done = committed(&f.inner().to_vec());
         match r {
-            Err(Error::RepairedThenFailed { report, error }) => {
+            Err(Error::RepairedThenFailed {
+                removed,
+                extension_dropped,
+                made_all_dirty,
+                error,
+            }) => {
                 assert!(done, "{op} {n}: not committed");
                 assert!(matches!(*error, Error::Io(_)), "{op} {n}: {error}");
-                assert_eq!(report.removed, sound.removed, "{op} {n}");
-                assert_eq!(report.made_all_dirty, sound.made_all_dirty, "{op} {n}");
+                assert_eq!(removed, sound.removed, "{op} {n}");
+                assert_eq!(extension_dropped, sound.extension_dropped, "{op} {n}");
+                assert_eq!(made_all_dirty, sound.made_all_dirty, "{op} {n}");
                 *after_commit.entry(op).or_insert(0) += 1;
             }
             // A barrier that fails right after the header write may or may not have made

@@ -731,6 +731,44 @@ fn crash_synced_writes_are_never_lost() {
     }
 }
 
+/// A failed barrier loses its tail's writes, not its length changes (the file system's
+/// metadata, which a failed data writeback does not undo): the live length stays after the
+/// cache is dropped, and the length lands at the next barrier, in the crash images walked
+/// one by one and all at once alike; before that barrier a crash may or may not have it.
+#[test]
+fn crash_a_failed_barrier_keeps_its_length_changes() {
+    let s = CrashStorage::from_bytes(vec![0x11; 4096]);
+    s.set_len(8192).unwrap();
+    s.write_all_at(&[0x22; 512], 6144).unwrap();
+    s.fail_sync();
+    s.forget_cached().unwrap();
+    assert_eq!(s.len().unwrap(), 8192);
+    let mut at = [0u8; 512];
+    s.read_exact_at(&mut at, 6144).unwrap();
+    assert_eq!(at, [0; 512], "a write of the failed tail was kept");
+    assert_eq!(s.crash_image(3, CrashMode::Dropped).unwrap().len(), 4096);
+    assert_eq!(s.crash_image(3, CrashMode::Kept).unwrap().len(), 8192);
+    let lens: std::collections::BTreeSet<usize> = (0..16)
+        .map(|seed| s.crash_image(3, CrashMode::Torn { seed }).unwrap().len())
+        .collect();
+    assert_eq!(
+        lens,
+        [4096, 8192].into(),
+        "a torn crash has the length or not"
+    );
+    s.write_all_at(&[0x33; 512], 0).unwrap();
+    s.sync_data().unwrap();
+    let synced = s.crash_image(5, CrashMode::Dropped).unwrap();
+    assert_eq!(synced.len(), 8192);
+    assert_eq!(synced[..512], [0x33; 512]);
+    assert_eq!(synced[6144..6656], [0; 512]);
+    let walked: Vec<(usize, usize)> = s
+        .crash_images(CrashMode::Dropped)
+        .map(|(k, img)| (k, img.len()))
+        .collect();
+    assert_eq!(walked.last(), Some(&(5, 8192)), "{walked:?}");
+}
+
 #[test]
 fn crash_unsynced_shrink_happens_or_not() {
     let s = CrashStorage::from_bytes(vec![0x11; 2048]);
@@ -1057,6 +1095,26 @@ fn a_data_file_name_naming_a_fifo_is_refused_without_waiting() {
     std::fs::write(&data, b"").unwrap();
     let img = FileStorage::open(dir.path().join("img"), OpenMode::ReadWrite).unwrap();
     img.hold_data_file(data.as_os_str().as_bytes()).unwrap();
+}
+
+/// A data file held again by the handle that holds it (a store opened again over the same
+/// storage) is no conflict with the handle's own locks, which still stand against another
+/// writer.
+#[test]
+fn a_data_file_held_again_by_its_holder_is_no_conflict() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"").unwrap();
+    let name = data.as_os_str().as_bytes();
+    let img = FileStorage::create(dir.path().join("img")).unwrap();
+    img.hold_data_file(name).unwrap();
+    img.hold_data_file(name).unwrap();
+    let other = FileStorage::create(dir.path().join("img2")).unwrap();
+    let e = other.hold_data_file(name).unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::Locked { .. }), "{e}");
+    drop(img);
+    other.hold_data_file(name).unwrap();
 }
 
 /// An image path naming a FIFO (`dbm info FIFO`, or the `-b` image of a merge opened

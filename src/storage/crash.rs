@@ -25,9 +25,12 @@ pub enum Op {
     SetLen(u64),
     /// A [`sync_data`](Storage::sync_data): everything before it is durable.
     Sync,
-    /// A barrier that failed ([`CrashStorage::fail_sync`]): the writes and length changes
-    /// since the previous barrier never land, at this point or at any later barrier, while
-    /// reads still return them (until [`forget_cached`](Storage::forget_cached)). Linux
+    /// A barrier that failed ([`CrashStorage::fail_sync`]): the writes since the previous
+    /// barrier never land, at this point or at any later barrier, while reads still return
+    /// them (until [`forget_cached`](Storage::forget_cached)). Its length changes are the
+    /// file system's metadata, which a failed data writeback does not undo: they stay
+    /// pending into the next unsynced tail (they land at the next barrier, and a crash
+    /// before it may or may not have them). Linux
     /// marks the pages of a failed writeback clean without writing them and reports the
     /// error once, so a later `fdatasync` succeeds without writing them. This models the
     /// case where none of them landed; some sectors of a partial writeback may land in
@@ -76,8 +79,9 @@ pub enum CrashMode {
 ///   and each piece landed or not, and each `set_len` happened or not, as a seeded
 ///   pseudo-random generator decides, in log order.
 ///
-/// A [`FailedSync`](Op::FailedSync) ends its unsynced tail too, but loses it: none of those
-/// ops lands, neither in a crash image after it nor at a later sync.
+/// A [`FailedSync`](Op::FailedSync) ends its unsynced tail too, but loses its writes: none
+/// of them lands, neither in a crash image after it nor at a later sync. Its `set_len`s
+/// carry over into the next unsynced tail, ahead of its ops.
 ///
 /// A 512-byte sector is assumed atomic, as disks promise. A landed piece that lies past the
 /// end of the image being built (because a growing `set_len` before it did not happen) is
@@ -195,6 +199,7 @@ impl CrashStorage {
             ops: state.ops.clone(),
             points: crash_points(&state.ops).into_iter(),
             pending: 0,
+            carried: Vec::new(),
             scanned: 0,
             mode,
         }
@@ -264,6 +269,9 @@ pub struct CrashImages {
     points: std::vec::IntoIter<usize>,
     /// Where the unsynced tail of the last point starts.
     pending: usize,
+    /// The length changes of failed barriers' tails since the last barrier, ahead of the
+    /// unsynced tail.
+    carried: Vec<Op>,
     /// How far the log has been scanned for barriers.
     scanned: usize,
     mode: CrashMode,
@@ -277,10 +285,11 @@ impl Iterator for CrashImages {
         let ops = self.ops.get(..point)?;
         // Points ascend, so the durable prefix only ever grows.
         let from = self.scanned;
-        self.pending = settle(&mut self.durable, ops, from, self.pending);
+        self.pending = settle(&mut self.durable, ops, from, self.pending, &mut self.carried);
         self.scanned = point;
         let mut image = self.durable.clone();
-        apply_tail(&mut image, ops.get(self.pending..).unwrap_or(&[]), self.mode);
+        let tail = ops.get(self.pending..).unwrap_or(&[]);
+        apply_tail(&mut image, &self.carried, tail, self.mode);
         Some((point, image))
     }
 
@@ -305,17 +314,30 @@ fn crash_points(ops: &[Op]) -> Vec<usize> {
 }
 
 /// Replays onto `durable` what the barriers among `ops[from..]` make durable, given that
-/// the unsynced tail before `from` starts at `pending`: at a sync the ops since the tail's
-/// start land, at a failed sync they are dropped. Returns where the unsynced tail of `ops`
-/// starts.
-fn settle(durable: &mut Vec<u8>, ops: &[Op], from: usize, mut pending: usize) -> usize {
+/// the unsynced tail before `from` starts at `pending` behind the length changes
+/// `carried`: at a sync those and the ops since the tail's start land; at a failed sync
+/// the tail's writes are dropped and its length changes join `carried`. Returns where the
+/// unsynced tail of `ops` starts.
+fn settle(
+    durable: &mut Vec<u8>,
+    ops: &[Op],
+    from: usize,
+    mut pending: usize,
+    carried: &mut Vec<Op>,
+) -> usize {
     for (i, op) in ops.iter().enumerate().skip(from) {
         match op {
             Op::Sync => {
+                apply_all(durable, carried);
+                carried.clear();
                 apply_all(durable, ops.get(pending..i).unwrap_or(&[]));
                 pending = i.saturating_add(1);
             }
-            Op::FailedSync => pending = i.saturating_add(1),
+            Op::FailedSync => {
+                let tail = ops.get(pending..i).unwrap_or(&[]);
+                carried.extend(tail.iter().filter(|o| matches!(o, Op::SetLen(_))).cloned());
+                pending = i.saturating_add(1);
+            }
             Op::Write { .. } | Op::SetLen(_) => {}
         }
     }
@@ -325,8 +347,9 @@ fn settle(durable: &mut Vec<u8>, ops: &[Op], from: usize, mut pending: usize) ->
 /// The crash image after `ops`, in `mode`.
 fn build(base: &[u8], ops: &[Op], mode: CrashMode) -> Vec<u8> {
     let mut image = base.to_vec();
-    let pending = settle(&mut image, ops, 0, 0);
-    apply_tail(&mut image, ops.get(pending..).unwrap_or(&[]), mode);
+    let mut carried = Vec::new();
+    let pending = settle(&mut image, ops, 0, 0, &mut carried);
+    apply_tail(&mut image, &carried, ops.get(pending..).unwrap_or(&[]), mode);
     image
 }
 
@@ -348,15 +371,19 @@ fn apply_all(image: &mut Vec<u8>, ops: &[Op]) {
     }
 }
 
-/// Replays the unsynced tail as `mode` says.
-fn apply_tail(image: &mut Vec<u8>, tail: &[Op], mode: CrashMode) {
+/// Replays the unsynced tail, behind the length changes `carried` from failed barriers, as
+/// `mode` says.
+fn apply_tail(image: &mut Vec<u8>, carried: &[Op], tail: &[Op], mode: CrashMode) {
     let seed = match mode {
         CrashMode::Dropped => return,
-        CrashMode::Kept => return apply_all(image, tail),
+        CrashMode::Kept => {
+            apply_all(image, carried);
+            return apply_all(image, tail);
+        }
         CrashMode::Torn { seed } => seed,
     };
     let mut rng = SplitMix64::new(seed);
-    for op in tail {
+    for op in carried.iter().chain(tail) {
         match op {
             Op::Write { offset, data } => {
                 let mut done = 0usize;

@@ -21,7 +21,8 @@ use crate::error::{invalid_input, Error, Result, StateProblem};
 /// the file's current length (one `lseek`) before writing, so it never grows the file;
 /// another process or thread changing the length concurrently can defeat that check.
 /// [`sync_data`](Storage::sync_data) is `fdatasync`, called once per request and never
-/// retried.
+/// retried after an error it reports (std retries an interrupted call, `EINTR`, which
+/// reports no writeback error).
 ///
 /// [`open`](Self::open) and [`create`](Self::create) take QEMU's image locks (see
 /// [`lock`](super::lock)): a writable open holds what a QEMU writer holds, a read-only open
@@ -481,6 +482,18 @@ impl Storage for FileStorage {
         }
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(name));
         let file = open_storage_file(&path, false, "the data file")?;
+        {
+            // The file this handle holds already (a store opened again over the same
+            // storage): its description keeps its locks. A second description would see
+            // them as another holder's and report a conflict with ourselves.
+            let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((held, held_path)) = data.as_mut() {
+                if same_file(held, &file)? {
+                    *held_path = path;
+                    return Ok(());
+                }
+            }
+        }
         // On error `file` drops here, closing the description and its locks.
         lock::lock(&file, &path, Access::Write)?;
         if self.released.load(Ordering::Acquire) {
@@ -492,6 +505,16 @@ impl Storage for FileStorage {
         }
         Ok(())
     }
+}
+
+/// Whether `a` and `b` are descriptions of one file (device and inode).
+///
+/// # Errors
+/// I/O from `fstat`.
+fn same_file(a: &File, b: &File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (a.metadata()?, b.metadata()?);
+    Ok(a.dev() == b.dev() && a.ino() == b.ino())
 }
 
 /// Opens `path` (`what` names it in an error), for writing too when `writable`, only if it

@@ -2,7 +2,8 @@
 //!
 //! [`Storage`] is the whole contract the qcow2 image relies on. Its five required methods,
 //! each taking `&self` so one handle can be shared between threads, are these (the others
-//! have defaults: dropping the cache, the writer's locks, an external data file's locks):
+//! have defaults: dropping the cache, reading ahead, the writer's locks, an external data
+//! file's locks):
 //!
 //! | method | contract |
 //! |---|---|

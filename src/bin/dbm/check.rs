@@ -223,12 +223,21 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             let (img, done) = match repair(storage, what) {
                 Ok(r) => r,
                 // Committed, then the leak repair failed: what was committed is still told.
-                Err(e @ dirty_bitmap::Error::RepairedThenFailed { .. }) => {
-                    if let (false, dirty_bitmap::Error::RepairedThenFailed { report, .. }) =
-                        (args.quiet, &e)
-                    {
-                        crate::out::to_stderr(&repaired_text(report));
+                Err(dirty_bitmap::Error::RepairedThenFailed {
+                    removed,
+                    extension_dropped,
+                    made_all_dirty,
+                    error,
+                }) => {
+                    if !args.quiet {
+                        crate::out::to_stderr(&repaired_text(&RepairReport {
+                            removed,
+                            extension_dropped,
+                            made_all_dirty,
+                            ..RepairReport::default()
+                        }));
                     }
+                    let e = format!("the repair was committed, then failed: {error}");
                     return Err(at(&args.image, e).into());
                 }
                 Err(e) => return Err(at(&args.image, e).into()),
