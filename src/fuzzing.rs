@@ -1158,20 +1158,23 @@ pub fn repair(data: &[u8]) {
     let before = Image::open(MemStorage::from_bytes(image.to_vec()), OpenMode::ReadOnly)
         .and_then(|i| i.check())
         .ok();
+    let opened = BitmapStore::open(MemStorage::from_bytes(image.to_vec()), OpenMode::ReadOnly);
+    // Whether the store opens the image: its directory decodes whole, so the repair's walk
+    // sees every reference a kept bitmap holds.
+    let store_opens = opened.is_ok();
     // What each bitmap held before, as the store reads it (`None`: inconsistent).
-    let held: Vec<(crate::BitmapName, Option<DirtyBitmap>)> =
-        match BitmapStore::open(MemStorage::from_bytes(image.to_vec()), OpenMode::ReadOnly) {
-            Ok(s) => s
-                .list()
-                .into_iter()
-                .filter_map(|i| match s.load(&i.name) {
-                    Ok(bm) => Some((i.name, Some(bm))),
-                    Err(Error::Inconsistent { .. }) => Some((i.name, None)),
-                    Err(_) => None,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+    let held: Vec<(crate::BitmapName, Option<DirtyBitmap>)> = match opened {
+        Ok(s) => s
+            .list()
+            .into_iter()
+            .filter_map(|i| match s.load(&i.name) {
+                Ok(bm) => Some((i.name, Some(bm))),
+                Err(Error::Inconsistent { .. }) => Some((i.name, None)),
+                Err(_) => None,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     let st = MemStorage::from_bytes(image.to_vec());
     let (repaired, report) = match repair(&st, what) {
         Ok((img, report)) => (img.check(), report),
@@ -1196,6 +1199,16 @@ pub fn repair(data: &[u8]) {
             after.leaks,
             b.leaks
         );
+        // Every leak the check finds is one the repair lowered, or says it kept: a repair
+        // that skipped leaks silently would pass the clause above by writing nothing.
+        if store_opens {
+            assert!(
+                after.leaks <= report.leaks_kept.saturating_add(report.leaks_uncopied),
+                "{what:?} left {} leaks unreported ({report:?}): {:?}",
+                after.leaks,
+                after.messages
+            );
+        }
     }
     let bytes = st.to_vec();
     if let Ok(s) = BitmapStore::open(MemStorage::from_bytes(bytes.clone()), OpenMode::ReadOnly) {

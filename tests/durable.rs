@@ -470,7 +470,7 @@ fn a_tracker_fails_while_inactive_and_marks_the_next_durable_activation() {
     let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
 }
 
-/// Found by `ops_durable`: a mark through the tracker of an inactivated store must not
+/// A mark through the tracker of an inactivated store must not
 /// return `Ok` on a granule an inactive `clear` has since dropped from the disk (the
 /// tracker's durable bits outlived the activation).
 #[test]
@@ -497,7 +497,7 @@ fn a_tracker_of_an_inactivated_store_never_acknowledges_a_cleared_granule() {
     }
 }
 
-/// Found by `ops_durable`: a range past the disk is refused even when no bitmap records
+/// A range past the disk is refused even when no bitmap records
 /// (the fast path holds for a disabled bitmap, so it must not answer alone).
 #[test]
 fn a_mark_past_the_disk_is_refused_when_nothing_records() {
@@ -549,7 +549,7 @@ fn a_group_commit_batches_the_waiting_threads() {
     let _ = shared.try_into_inner().unwrap().inactivate().unwrap();
 }
 
-/// Found by `ops_durable`: a tracker taken while the store had no bitmap, the store
+/// A tracker taken while the store had no bitmap, the store
 /// inactivated, a bitmap added, the store activated again without a reopen. The tracker
 /// follows the store: its mark lands on the new bitmap, on disk, before it returns `Ok`
 /// (a tracker that kept its own activation's list, empty, acknowledged it unmarked).
@@ -572,7 +572,7 @@ fn a_tracker_of_an_earlier_activation_never_acknowledges_an_unmarked_write() {
     );
 }
 
-/// Found by `ops_durable`: as above, but the first activation had bitmap "a", removed
+/// As above, but the first activation had bitmap "a", removed
 /// while inactive and added again. The tracker's mark returns (one that kept marking the
 /// removed bitmap waited for durable bits no commit of the new activation confirms, and ran
 /// group commits forever).
@@ -594,7 +594,7 @@ fn a_tracker_of_an_earlier_activation_returns() {
     assert!(r.is_ok(), "mark did not return within 10 s");
 }
 
-/// Found by `ops_durable`: a store with nothing parked may be resized between two durable
+/// A store with nothing parked may be resized between two durable
 /// activations, and a tracker taken before checks each intent against the disk of the
 /// activation it marks: a write in the grown part is marked and on disk; one past the new
 /// end of a shrunk disk is refused at once (a tracker that kept the old size let it pass
@@ -626,7 +626,7 @@ fn a_tracker_follows_a_resize_between_durable_activations() {
     assert_eq!(r, Ok(true), "not refused within 10 s");
 }
 
-/// Found by `ops_durable`: an intent made before the disk was shrunk (inactivate, resize,
+/// An intent made before the disk was shrunk (inactivate, resize,
 /// a new durable activation) whose range now lies past the end fails in `wait` instead of
 /// running group commits for ever.
 #[test]
@@ -1402,12 +1402,13 @@ fn a_polled_intent_says_poisoned_after_a_failed_durable_add() {
     assert!(failed > 1, "the add wrote {failed} times");
 }
 
-/// Found by two reviews: after a barrier fails, Linux keeps the pages it could not write in
-/// its cache, marked clean; reads return them and no later barrier writes them. A durable
-/// activation on a reopened image read the table entries, the directory and cluster 0 of a
-/// failed activation or checkpoint from that cache, acknowledged writes through them, and a
-/// power loss left the disk with the older metadata: a bitmap that records, consistent,
-/// without those writes. A writable open now reads the device (`Storage::forget_cached`).
+/// After a barrier fails, Linux keeps the pages it could not write in its cache, marked
+/// clean; reads return them and no later barrier writes them. A durable activation on a
+/// reopened image that read the table entries, the directory and cluster 0 of a failed
+/// activation or checkpoint from that cache would acknowledge writes through them, and a
+/// power loss would leave the disk with the older metadata: a bitmap that records,
+/// consistent, without those writes. So a writable open reads the device
+/// (`Storage::forget_cached`).
 /// Here every barrier of a durable activation, then of a durable checkpoint, fails in turn
 /// (every one from it on, its unsynced writes lost, as `CrashStorage::fail_sync` models);
 /// the image is reopened, activated durable, and a mark is acknowledged: every bitmap the

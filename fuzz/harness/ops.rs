@@ -417,9 +417,10 @@ enum Opens {
 fn leak_window(op: &Op) -> Opens {
     match op {
         Op::Activate | Op::Mark { .. } | Op::TrackerMark { .. } | Op::AbandonReopen => Opens::Never,
-        Op::Inactivate | Op::InactivateFullRewrite | Op::CloseReopen | Op::Resize { .. } => {
-            Opens::RefcountOrHeaderWrite
-        }
+        // The incremental stop writes the directory's flags in place and no cluster 0: it
+        // leaves autoclear bit 0 set, so only its flush part's refcounts may leak.
+        Op::Inactivate | Op::CloseReopen => Opens::RefcountWrite,
+        Op::InactivateFullRewrite | Op::Resize { .. } => Opens::RefcountOrHeaderWrite,
         // Removing the last bitmap allocates no directory, so nothing is written before
         // the commit's header write, after which the old table and data leak until they are
         // freed (step 5 of the commit table). The leak-window table names only the refcount
@@ -1363,9 +1364,15 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
     let (image, op_bytes) = rest.split_at(rest.len() - usize::from(n).min(rest.len()));
     let (cb, ranges) = guest_ranges(image);
     let storage = MemStorage::from_bytes(image.to_vec());
-    let Ok(store) = BitmapStore::open(&storage, OpenMode::ReadWrite) else {
-        assert!(storage.to_vec() == image, "a refused open wrote");
-        return 0;
+    let store = match BitmapStore::open(&storage, OpenMode::ReadWrite) {
+        Ok(store) => store,
+        Err(e) => {
+            // Any refusal but I/O (memory never fails a read): a read past the end of the
+            // bytes is a missing bounds check.
+            assert!(!matches!(e, Error::Io(_)), "the writable open: {e}");
+            assert!(storage.to_vec() == image, "a refused open wrote");
+            return 0;
+        }
     };
     let mut store = Some(store);
     let ops = decode_ops(&mut Bytes::new(op_bytes), MAX_GUEST_OPS);
@@ -1415,10 +1422,17 @@ pub fn guest_data_ops_run(data: &[u8]) -> usize {
     let mut exempt = refcount_clusters(image);
     exempt.insert(0);
     // A resize that grew the L1 table moved it into fresh clusters and freed the old one
-    // (QEMU's `qcow2_grow_l1_table` does the same; resize only takes images whose L1 is all
-    // zeros): once the header names another L1, the old table's clusters are free space.
+    // (QEMU's `qcow2_grow_l1_table` does the same): once the header names another L1, the
+    // old table's clusters are free space, if it named nothing. Resize takes only images
+    // whose L1 is all zeros; an old L1 that named guest data keeps its clusters checked,
+    // so a resize that dropped the data it mapped fails the refcount check below.
     let (old_l1, l1_len) = (be64(image, 40), u64::from(be32(image, 36)) * 8);
-    if after.len() >= 48 && be64(&after, 40) != old_l1 && cb > 0 {
+    let old_l1_empty = usize::try_from(old_l1)
+        .ok()
+        .zip(usize::try_from(l1_len).ok())
+        .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
+        .is_some_and(|t| t.iter().all(|&b| b == 0));
+    if after.len() >= 48 && be64(&after, 40) != old_l1 && cb > 0 && old_l1_empty {
         let first = old_l1 >> cb;
         exempt.extend(first..(old_l1 + l1_len).div_ceil(1 << cb));
     }

@@ -5,7 +5,8 @@
 //! (`BitmapStore::activate_durable`, `src/store/durable.rs`) never sets `in_use`, and
 //! neither does a store that is not active. So the durable activation writes this
 //! extension with bit 0 set, and the deferred activation (which sets `in_use` while active)
-//! removes it first. Byte table and crash reasoning: `docs/FORMAT.md`, "Mode extension
+//! first writes its flags word to 0 in place (cluster 0 is rewritten only to drop a
+//! malformed extension). Byte table and crash reasoning: `docs/FORMAT.md`, "Mode extension
 //! data", and `docs/CRASH-CONSISTENCY.md`, "The mode extension".
 //!
 //! The qcow2 specification lets a writer add extensions of its own: readers ignore unknown

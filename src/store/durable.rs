@@ -702,8 +702,8 @@ impl<S: Storage> DurableTracker<S> {
     /// Runs one group commit, or waits for the one running, and returns when it finished.
     ///
     /// # Errors
-    /// The commit's error, or the first earlier commit failure; [`Error::Poisoned`] for a
-    /// poisoned store (a failed durable add or checkpoint poisons it and ends the trackers'
+    /// The commit's error; [`Error::Poisoned`] once an earlier or concurrent commit of this
+    /// tracker failed, and for a poisoned store (a failed durable add or checkpoint poisons it and ends the trackers'
     /// view: it never activates again); otherwise [`Error::WrongState`]
     /// ([`StateProblem::NotActive`]) once the store left its durable activation.
     pub fn commit(&self) -> Result<()> {
@@ -1004,10 +1004,10 @@ mod tests {
         );
     }
 
-    /// Found by the same review: a hand-over by the user (enable "b", then disable "a")
-    /// with "b" before "a" in the list. The fast path read "b" disabled before the enable
-    /// and "a" disabled after the disable, with no epoch change in between: acknowledged,
-    /// in neither bitmap. The hand-over runs here between the two reads.
+    /// A hand-over by the user (enable "b", then disable "a") with "b" before "a" in the
+    /// list moves the epoch, so a fast path that read "b" disabled before the enable and
+    /// "a" disabled after the disable cannot acknowledge the write, which would be in
+    /// neither bitmap. The hand-over runs here between the two reads.
     #[test]
     fn a_hand_over_racing_the_fast_path_never_acknowledges_a_write_in_no_bitmap() {
         let bitmaps = [("b", Recording::Disabled), ("a", Recording::Enabled)];
@@ -1030,11 +1030,10 @@ mod tests {
         );
     }
 
-    /// A clear drops the cleared bitmap's durable bits without moving the trackers' epoch.
-    /// A fast path that reads "a" covered before the clear and "b" after it returns
-    /// (nothing moved the epoch) must not acknowledge the write after the clear returned,
-    /// with its granule clean in "a", on disk and in memory. The clear runs here between
-    /// the two reads.
+    /// A clear bumps the trackers' epoch after it drops the cleared bitmap's durable bits,
+    /// so a fast path that read "a" covered before the clear and "b" after it returns
+    /// cannot acknowledge the write after the clear returned, with its granule clean in
+    /// "a", on disk and in memory. The clear runs here between the two reads.
     #[test]
     fn a_clear_racing_the_fast_path_never_acknowledges_a_write_it_dropped() {
         let bitmaps = [("a", Recording::Enabled), ("b", Recording::Enabled)];
@@ -1045,10 +1044,10 @@ mod tests {
         );
     }
 
-    /// Found by the same review: an enable sets the flag without moving the epoch. A fast
-    /// path that read "b" disabled (skipped) before the enable and "a" covered after it
-    /// acknowledged the write after the enable returned, with its granule clean in "b",
-    /// recording. The enable runs here between the two reads.
+    /// An enable bumps the epoch after it sets the flag, so a fast path that read "b"
+    /// disabled (skipped) before the enable and "a" covered after it cannot acknowledge the
+    /// write after the enable returned with its granule clean in "b", recording. The
+    /// enable runs here between the two reads.
     #[test]
     fn an_enable_racing_the_fast_path_never_acknowledges_a_write_missing_from_it() {
         let bitmaps = [("b", Recording::Disabled), ("a", Recording::Enabled)];
@@ -1202,8 +1201,8 @@ mod tests {
         );
     }
 
-    /// Found by the same review: a durable clear dropped the bits of a write whose intent
-    /// was acknowledged before it and that landed after it. The write is kept, on disk.
+    /// A durable clear keeps the bits of a write whose intent was acknowledged before it
+    /// and that lands after it, on disk.
     #[test]
     fn a_clear_keeps_a_write_in_flight() {
         let (crash, shared, t) = durable_store(&[("a", Recording::Enabled)]);
@@ -1220,9 +1219,9 @@ mod tests {
         );
     }
 
-    /// Found by the same review: a hand-over by the user (enable "b", disable "a") while
-    /// a write acknowledged against "a" alone is in flight: "b" lacked it, and once "a" was
-    /// removed nothing held it.
+    /// A hand-over by the user (enable "b", disable "a") while a write acknowledged against
+    /// "a" alone is in flight: "b" takes the write too, so that once "a" is removed a
+    /// bitmap still holds it.
     #[test]
     fn a_write_in_flight_across_a_hand_over_is_in_the_bitmap_taking_over() {
         let (crash, shared, t) =

@@ -119,8 +119,8 @@ pub(super) type Marks = Arc<View>;
 
 /// The view a durable store's trackers mark: replaced as a whole when a bitmap is added or
 /// removed and at every durable activation and inactivation, with `epoch` bumped after each
-/// replacement, and bumped alone before a bitmap stops recording in memory
-/// ([`bump`](Self::bump)). One per store, so trackers follow it from one durable activation
+/// replacement, and bumped alone before a bitmap stops recording in memory and after one
+/// starts recording or a clear dropped durable bits ([`bump`](Self::bump)). One per store, so trackers follow it from one durable activation
 /// to the next (a migration that failed after its stop takes the store back). A tracker
 /// keeps the open view it last saw with its epoch, and its fast path reads the shared epoch
 /// (a word written only by a replacement or a bump) instead of the view: while they match,
