@@ -123,9 +123,10 @@ impl<S: Storage> BitmapStore<S> {
     /// inactive store's preflights walk as ever.
     pub(crate) fn reusing_walk<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         self.reuse_walk = true;
-        let r = f(self);
+        // Reset on unwind too: a later edit outside the sequence walks afresh.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         self.reuse_walk = false;
-        r
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// The activate's [`preflight`](Self::preflight), starting from the walk a

@@ -1317,3 +1317,19 @@ fn activate_check_reads_bounds_what_an_activate_from_a_following_preload_reads()
         }
     }
 }
+
+/// An edit that unwinds inside `reusing_walk` leaves the flag down: a later edit outside
+/// the take-over's sequence walks the image afresh instead of trusting a walk the unwound
+/// edit may have left half-updated.
+#[test]
+fn reusing_walk_ends_with_an_unwind_too() {
+    let mut s = new_store(64 * MIB, 65536);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.reusing_walk(|st| {
+            assert!(st.reuse_walk);
+            panic!("an edit unwinds");
+        })
+    }));
+    assert!(r.is_err());
+    assert!(!s.reuse_walk, "the flag outlived the sequence");
+}
