@@ -747,12 +747,9 @@ fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
 
 /// A cluster a bitmap names twice (here its table's own cluster as its data, which QEMU
 /// loads) has two references. A leak repair lowers a kept bitmap's cluster to one
-/// reference when a broken entry hides the directory from the walk, which would leave
-/// this one below its references; such a bitmap is not kept: `-r leaks` leaves its
-/// refcount alone and `-r all` removes it.
-#[test]
-fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
-    use dirty_bitmap::store::repair::{repair, Repair};
+/// [`two_bitmaps_in_memory`] with both bitmaps broken: "a" names its table cluster as its
+/// data (refcount 2), "b" has a reserved flag set. Its bytes and a's table offset.
+fn both_bitmaps_broken() -> (Vec<u8>, u64) {
     let (mut b, d, _) = two_bitmaps_in_memory();
     let table = be64(&b, d + 32);
     let t = table as usize;
@@ -760,6 +757,28 @@ fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
     b[t..t + 8].copy_from_slice(&(table | flags).to_be_bytes());
     set_rc(&mut b, table / 65536, 2);
     b[d + 15] |= 0x20;
+    (b, table)
+}
+
+/// `b` in memory, its `n`-th read failing with `EIO`.
+fn failing_read(
+    b: &[u8],
+    n: u64,
+) -> dirty_bitmap::storage::FaultStorage<dirty_bitmap::storage::MemStorage> {
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    FaultStorage::new(
+        MemStorage::from_bytes(b.to_vec()),
+        FaultPlan::new().fail_read(Trigger::Nth(n)),
+    )
+}
+
+/// reference when a broken entry hides the directory from the walk, which would leave
+/// this one below its references; such a bitmap is not kept: `-r leaks` leaves its
+/// refcount alone and `-r all` removes it.
+#[test]
+fn a_bitmap_naming_one_cluster_twice_is_not_kept() {
+    use dirty_bitmap::store::repair::{repair, Repair};
+    let (b, table) = both_bitmaps_broken();
     let mem = dirty_bitmap::storage::MemStorage::from_bytes;
     let (image, _) = repair(mem(b.clone()), Repair::Leaks).unwrap();
     let after = image.into_storage().into_vec();
@@ -1333,7 +1352,7 @@ fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
 /// COPIED, and a table whose read fails may name any of them.
 #[test]
 fn a_failed_read_never_makes_the_leak_repair_leave_a_copied_flag_wrong() {
-    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     use dirty_bitmap::store::repair::{repair, Repair};
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sn.qcow2");
@@ -1350,8 +1369,7 @@ fn a_failed_read_never_makes_the_leak_repair_leave_a_copied_flag_wrong() {
         let reads = clean.reads();
         let mut failed = 0;
         for n in 1..=reads {
-            let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
-            let f = FaultStorage::new(MemStorage::from_bytes(b.clone()), plan);
+            let f = failing_read(&b, n);
             match repair(&f, what) {
                 Err(dirty_bitmap::Error::Io(_)) => failed += 1,
                 Err(e) => panic!("{what:?}, read {n}: {e}"),
@@ -1386,14 +1404,7 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, MemStorage, Trigger};
     use dirty_bitmap::store::repair::{repair, Repair};
     use dirty_bitmap::Error;
-    // Both bitmaps broken (as in `a_bitmap_naming_one_cluster_twice_is_not_kept`).
-    let (mut b, d, _) = two_bitmaps_in_memory();
-    let table = be64(&b, d + 32);
-    let t = table as usize;
-    let flags = be64(&b, t) & !TABLE_OFFSET_MASK;
-    b[t..t + 8].copy_from_slice(&(table | flags).to_be_bytes());
-    set_rc(&mut b, table / 65536, 2);
-    b[d + 15] |= 0x20;
+    let (b, _) = both_bitmaps_broken();
     // The extension gone (a torn step may leave it untrusted, autoclear bit 0 clear: not
     // the commit, and the bitmaps then read inconsistent).
     let committed = |bytes: &[u8]| {
@@ -1452,7 +1463,7 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
 /// command would take as leave to write.
 #[test]
 fn a_failed_read_never_passes_a_wrong_copied_flag() {
-    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sn.qcow2");
     let i = p(&img);
@@ -1473,8 +1484,7 @@ fn a_failed_read_never_passes_a_wrong_copied_flag() {
     assert_eq!(sound.corruptions, 1, "{:?}", sound.messages);
     let mut failed = 0;
     for n in 1..=clean.reads() {
-        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
-        match check(&FaultStorage::new(MemStorage::from_bytes(b.clone()), plan)) {
+        match check(&failing_read(&b, n)) {
             Err(dirty_bitmap::Error::Io(_)) => failed += 1,
             Err(e) => panic!("read {n}: {e}"),
             Ok(r) => assert_eq!(r.corruptions, 1, "read {n}: {:?}", r.messages),
@@ -1489,7 +1499,7 @@ fn a_failed_read_never_passes_a_wrong_copied_flag() {
 /// without naming one.
 #[test]
 fn a_failed_read_never_hides_the_bitmaps_of_an_untrusted_extension() {
-    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     use dirty_bitmap::{BitmapStore, OpenMode};
     let (mut b, _, _) = two_bitmaps_in_memory();
     b[95] &= !1;
@@ -1500,8 +1510,7 @@ fn a_failed_read_never_hides_the_bitmaps_of_an_untrusted_extension() {
     assert_eq!(listed(&clean).unwrap(), 2);
     let mut failed = 0;
     for n in 1..=clean.reads() {
-        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
-        match listed(&FaultStorage::new(MemStorage::from_bytes(b.clone()), plan)) {
+        match listed(&failing_read(&b, n)) {
             Err(dirty_bitmap::Error::Io(_)) => failed += 1,
             Err(e) => panic!("read {n}: {e}"),
             Ok(l) => assert_eq!(l, 2, "read {n}"),
@@ -1518,7 +1527,7 @@ fn a_failed_read_never_hides_the_bitmaps_of_an_untrusted_extension() {
 /// image as corrupt.
 #[test]
 fn a_failed_read_never_makes_repair_all_remove_a_bitmap() {
-    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage, Trigger};
+    use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     use dirty_bitmap::store::repair::{repair, Repair};
     let (b, _, _) = two_bitmaps_in_memory();
     let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
@@ -1528,8 +1537,7 @@ fn a_failed_read_never_makes_repair_all_remove_a_bitmap() {
     assert!(reads > 3, "{reads}");
     let mut failed = 0;
     for n in 1..=reads {
-        let plan = FaultPlan::new().fail_read(Trigger::Nth(n));
-        let f = FaultStorage::new(MemStorage::from_bytes(b.clone()), plan);
+        let f = failing_read(&b, n);
         match repair(&f, Repair::All) {
             Err(dirty_bitmap::Error::Io(_)) => failed += 1,
             Err(e) => panic!("read {n}: {e}"),
