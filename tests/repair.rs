@@ -1344,6 +1344,19 @@ fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
     }
 }
 
+/// A 64 MiB image with 1 MiB of guest data and a snapshot "s1" that shares it (made by
+/// QEMU's tools), in a directory of its own: the directory, the image, its bytes.
+fn snapshotted_image() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sn.qcow2");
+    let i = p(&img);
+    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
+    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
+    ok("qemu-img", &["snapshot", "-c", "s1", i]);
+    let b = std::fs::read(&img).unwrap();
+    (dir, img, b)
+}
+
 /// The image of [`repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong`] (17
 /// leaks at refcount 2, each with one reference whose COPIED flag is clear) repaired while
 /// one read fails: the repair stops with the I/O error, or does what it does with every
@@ -1354,13 +1367,7 @@ fn repairing_a_lost_snapshots_leaks_never_leaves_a_copied_flag_wrong() {
 fn a_failed_read_never_makes_the_leak_repair_leave_a_copied_flag_wrong() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
     use dirty_bitmap::store::repair::{repair, Repair};
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("sn.qcow2");
-    let i = p(&img);
-    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
-    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
-    ok("qemu-img", &["snapshot", "-c", "s1", i]);
-    let mut b = std::fs::read(&img).unwrap();
+    let (_dir, _, mut b) = snapshotted_image();
     b[60..72].fill(0);
     for what in [Repair::Leaks, Repair::All] {
         let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
@@ -1464,13 +1471,8 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
 #[test]
 fn a_failed_read_never_passes_a_wrong_copied_flag() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, MemStorage};
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("sn.qcow2");
+    let (_dir, img, mut b) = snapshotted_image();
     let i = p(&img);
-    ok("qemu-img", &["create", "-f", "qcow2", i, "64M"]);
-    ok("qemu-io", &["-c", "write -P 7 0 1M", i]);
-    ok("qemu-img", &["snapshot", "-c", "s1", i]);
-    let mut b = std::fs::read(&img).unwrap();
     let l1 = be64(&b, 40) as usize;
     let l2 = (be64(&b, l1) & TABLE_OFFSET_MASK) as usize;
     b[l2] |= 0x80;
