@@ -459,6 +459,10 @@ fn two_processes_a_refused_hand_over_fails_back_to_the_source_with_every_mark() 
     assert_every_mark_on_disk(&img, &logged);
 }
 
+/// A probe connection that sends nothing (attempt 1), a refused hand-over (attempt 2),
+/// then a retry that hands over every mark (attempt 3). The listener numbers what each
+/// attempt does as its closing summary does, counting the probe: its "opened" lines name
+/// attempts 2 and 3, never 1.
 #[test]
 fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     let (_, seed) = common::seeded_rng("procs_retry");
@@ -472,13 +476,14 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
             "--refuse",
             "1",
             "--attempts",
-            "2",
+            "3",
             "--check-log",
             p(&marks),
             "--timeout",
             "60",
         ],
     );
+    drop(std::net::TcpStream::connect(&addr).unwrap());
     let mut args = send_args(p(&img), &addr, p(&marks), &seed);
     args.extend(["--attempts", "2", "--retry-after", "0.5"]);
     let src = Proc::spawn("send", &args);
@@ -505,8 +510,16 @@ fn two_processes_a_refused_hand_over_then_a_retry_that_hands_over_every_mark() {
     let (code, out, err) = dest.finish();
     let text = out.join("\n");
     assert_eq!(code, 0, "listen:\n{text}\n{err}");
-    assert!(text.contains("attempt 1: failed"), "{text}");
-    assert!(text.contains("attempt 2: completed"), "{text}");
+    assert!(text.contains("attempt 1: failed: "), "{text}");
+    assert!(!text.contains("attempt 1: opened"), "{text}");
+    assert!(text.contains("attempt 2: opened"), "{text}");
+    assert!(text.contains("as told (--refuse), attempt 2,"), "{text}");
+    assert!(
+        text.contains("attempt 2: failed; the image is inactive again"),
+        "{text}"
+    );
+    assert!(text.contains("attempt 3: opened"), "{text}");
+    assert!(text.contains("attempt 3: completed"), "{text}");
     let started = out
         .iter()
         .find(|l| l.starts_with("guest started here"))

@@ -141,6 +141,11 @@ pub struct DestOptions {
     /// attempt ([`MigrationError::Tls`]).
     #[cfg(feature = "tls")]
     pub tls: Option<TlsServer>,
+    /// Set to each attempt's number (from 1, as [`DestReport::attempts`] counts them) when
+    /// its connection is accepted, before anything of it reaches a state: so a state that
+    /// reports progress names the attempt as the report will, though attempts that failed
+    /// before a Hello (a probe, a TLS handshake) never reached it.
+    pub attempt: Option<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl Default for DestOptions {
@@ -158,6 +163,7 @@ impl Default for DestOptions {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             #[cfg(feature = "tls")]
             tls: None,
+            attempt: None,
         }
     }
 }
@@ -308,6 +314,9 @@ fn serve(
         let Some(sock) = accept(listener, o.timeout, stop) else {
             break;
         };
+        if let Some(n) = &o.attempt {
+            n.store(attempt.saturating_add(1), Ordering::SeqCst);
+        }
         let held = kept.as_ref().map_or(0, RetainedRam::received_pages);
         let mut a = AttemptReport {
             error: None,

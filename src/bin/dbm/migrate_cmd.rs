@@ -42,6 +42,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -376,14 +377,21 @@ struct ListenDisk {
     inner: SharedDiskDest<FileStorage>,
     image: PathBuf,
     refuse_left: u32,
-    /// Attempts that reached the Hello, this one included.
-    attempt: u32,
+    /// The attempt's number, as the destination's report counts attempts: every
+    /// connection, those that failed before a Hello too (`DestOptions::attempt`).
+    attempt: Arc<AtomicU32>,
     /// Whether this attempt opened and activated the image.
     activated: bool,
     /// The test hook `--test-crash-after-activate`.
     crash_after_activate: bool,
     /// The test hook `--test-stall-after-activate`, taken by the first attempt it stalls.
     stall_after_activate: Option<Duration>,
+}
+
+impl ListenDisk {
+    fn attempt(&self) -> u32 {
+        self.attempt.load(Ordering::SeqCst)
+    }
 }
 
 impl DestState for ListenDisk {
@@ -396,11 +404,10 @@ impl DestState for ListenDisk {
         id: StateId,
         binding: dirty_bitmap::migration::Binding,
     ) -> dirty_bitmap::migration::Result<()> {
-        self.attempt += 1;
         self.activated = false;
         say(format!(
             "attempt {}: the source declared {DISK_STATE}",
-            self.attempt
+            self.attempt()
         ));
         self.inner.hello(id, binding)
     }
@@ -418,7 +425,7 @@ impl DestState for ListenDisk {
         self.activated = true;
         say(format!(
             "attempt {}: opened {} writable and activated it",
-            self.attempt,
+            self.attempt(),
             self.image.display()
         ));
         if self.crash_after_activate {
@@ -426,7 +433,7 @@ impl DestState for ListenDisk {
             // activation left it (`in_use` set, in place) and the source hears nothing.
             say(format!(
                 "attempt {}: test hook: activated, waiting to be killed before Started",
-                self.attempt
+                self.attempt()
             ));
             std::thread::sleep(Duration::from_secs(600));
             std::process::exit(137);
@@ -434,7 +441,7 @@ impl DestState for ListenDisk {
         if let Some(stall) = self.stall_after_activate.take() {
             say(format!(
                 "attempt {}: test hook: activated, answering in {:.1} s",
-                self.attempt,
+                self.attempt(),
                 stall.as_secs_f64()
             ));
             std::thread::sleep(stall);
@@ -443,7 +450,7 @@ impl DestState for ListenDisk {
             self.refuse_left -= 1;
             return Err(MigrationError::DestinationRefused(format!(
                 "as told (--refuse), attempt {}, after activating the image",
-                self.attempt
+                self.attempt()
             )));
         }
         Ok(())
@@ -462,7 +469,7 @@ impl DestState for ListenDisk {
                  inconsistent, and the source may take it back"
             ),
         };
-        say(format!("attempt {}: failed; {image}", self.attempt));
+        say(format!("attempt {}: failed; {image}", self.attempt()));
     }
 
     fn failed_after_start(&mut self) {
@@ -496,11 +503,12 @@ fn listen(a: &ListenArgs) -> CmdResult {
     // opened writable only once the source handed it over.
     let disk_size = crate::open::reader(&a.image, true)?.disk_size();
     let seed = seed_or_random(a.seed);
+    let attempt = Arc::new(AtomicU32::new(0));
     let disk = Arc::new(Mutex::new(ListenDisk {
         inner: SharedDiskDest::file(DISK_STATE, a.image.clone()),
         image: a.image.clone(),
         refuse_left: a.refuse,
-        attempt: 0,
+        attempt: Arc::clone(&attempt),
         activated: false,
         crash_after_activate: a.test_crash_after_activate,
         stall_after_activate: (a.test_stall_after_activate > 0.0)
@@ -520,6 +528,7 @@ fn listen(a: &ListenArgs) -> CmdResult {
         seed,
         states: vec![Arc::clone(&disk) as SharedDestState],
         bind: a.bind,
+        attempt: Some(attempt),
         ..DestOptions::default()
     })?;
     if let Some(dir) = &a.tls_creds {
