@@ -161,22 +161,32 @@ pub enum Error {
         /// What the lock call returned.
         source: io::Error,
     },
-    /// A [`repair`](crate::store::repair::repair) committed its change to the bitmaps (the
-    /// fields say what it removed and left all dirty, as its report would) and then failed
-    /// (freeing the old clusters, or in the leak repair that follows): the committed change
-    /// stands, and what was left undone is at worst a leak. Repair again once the storage
-    /// works.
+    /// A [`repair`](crate::store::repair::repair) committed its change to the bitmaps
+    /// (`committed` says what it removed and left all dirty, as its report would) and then
+    /// failed (freeing the old clusters, or in the leak repair that follows): the committed
+    /// change stands, and what was left undone is at worst a leak. Repair again once the
+    /// storage works.
     #[error("the repair was committed, then failed: {error}")]
     RepairedThenFailed {
-        /// The bitmaps removed, each with why QEMU refused it.
-        removed: Vec<(BitmapName, String)>,
-        /// Why the whole bitmaps extension was dropped, if it was.
-        extension_dropped: Option<String>,
-        /// The kept bitmaps left consistent with every bit set.
-        made_all_dirty: Vec<BitmapName>,
+        /// What the repair committed.
+        committed: Box<RepairCommitted>,
         /// The error after the commit.
         error: Box<Error>,
     },
+}
+
+/// What a repair had committed when it failed ([`Error::RepairedThenFailed`]): the fields of
+/// its report (`store::repair::RepairReport`) that the commit made true.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairCommitted {
+    /// The bitmaps removed, each with why QEMU refused it.
+    pub removed: Vec<(BitmapName, String)>,
+    /// Why the whole bitmaps extension was dropped, if it was.
+    pub extension_dropped: Option<String>,
+    /// The kept bitmaps left consistent with every bit set.
+    pub made_all_dirty: Vec<BitmapName>,
+    /// Clusters a kept bitmap or the directory owns whose refcount 0 was raised to 1.
+    pub refcounts_raised: u64,
 }
 
 /// The state an operation needs and the store, image or migration destination is not in:

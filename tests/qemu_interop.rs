@@ -1767,6 +1767,8 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
     struct Recorded {
         inner: MemStorage,
         events: Mutex<Vec<Event>>,
+        /// A read at this offset fails (`EIO`).
+        fail_at: Mutex<Option<u64>>,
     }
     impl Storage for Recorded {
         fn len(&self) -> dirty_bitmap::Result<u64> {
@@ -1777,6 +1779,9 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
                 .lock()
                 .unwrap()
                 .push(Event::Read(offset, buf.len() as u64));
+            if *self.fail_at.lock().unwrap() == Some(offset) {
+                return Err(std::io::Error::from_raw_os_error(5).into());
+            }
             self.inner.read_exact_at(buf, offset)
         }
         fn write_all_at(&self, buf: &[u8], offset: u64) -> dirty_bitmap::Result<()> {
@@ -1812,6 +1817,7 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
     let storage = Recorded {
         inner: MemStorage::from_bytes(bytes),
         events: Mutex::new(Vec::new()),
+        fail_at: Mutex::new(None),
     };
     let image = dirty_bitmap::Image::open(storage, OpenMode::ReadOnly).unwrap();
     image.storage().events.lock().unwrap().clear();
@@ -1856,6 +1862,25 @@ fn the_walk_prefetches_each_l2_table_before_it_reads_it() {
             .unwrap_or_else(|| panic!("table {t:#x} never read"));
         assert!(at < read, "table {t:#x} read before its prefetch");
     }
+    drop(events);
+    // A read that fails ends the walk: the error, and nothing more read ahead from the
+    // failing device (one empty prefetch ends what the last one made fresh).
+    *image.storage().fail_at.lock().unwrap() = Some(tables[0]);
+    image.storage().events.lock().unwrap().clear();
+    let e = image.check().unwrap_err();
+    assert!(matches!(e, dirty_bitmap::Error::Io(_)), "{e}");
+    let events = image.storage().events.lock().unwrap();
+    let failed = events
+        .iter()
+        .position(|e| matches!(e, Event::Read(off, _) if *off == tables[0]))
+        .expect("the table's read");
+    let after: Vec<&Event> = events[failed + 1..].iter().collect();
+    assert!(
+        after
+            .iter()
+            .all(|e| matches!(e, Event::Prefetch(r) if r.is_empty())),
+        "after the failed read: {after:?}"
+    );
 }
 
 /// The second COPIED pass resolves its lookups in batches of 8,192, one refcount block held

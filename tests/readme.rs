@@ -36,6 +36,19 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Ends a `qemu-nbd --fork` a failed line left waiting for its one client: it exits after
+/// a client connects and leaves.
+struct EndServer<'a>(&'a Path);
+
+impl Drop for EndServer<'_> {
+    fn drop(&mut self) {
+        let sock = self.0.join("nbd.sock");
+        if sock.exists() {
+            drop(std::os::unix::net::UnixStream::connect(sock));
+        }
+    }
+}
+
 /// Runs one `$ ` line in `dir`; its stdout. A failure panics with both streams.
 fn run_line(dir: &Path, line: &str) -> String {
     let sock = dir.join("nbd.sock");
@@ -87,6 +100,7 @@ fn run_line(dir: &Path, line: &str) -> String {
 #[test]
 fn the_readme_example_prints_what_it_shows() {
     let dir = tempfile::tempdir().unwrap();
+    let _end = EndServer(dir.path());
     let lines = console_block("### Example");
     let mut i = 0;
     let mut ran = 0;
@@ -115,6 +129,7 @@ fn the_readme_incremental_backup_restores_the_disk() {
     let (mut rng, _) = seeded_rng("readme_backup");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let _end = EndServer(d);
     let raw: Vec<u8> = (0..RAW).map(|_| rng.random()).collect();
     std::fs::write(d.join("disk.raw"), raw).unwrap();
     let mut recording: Option<String> = None;

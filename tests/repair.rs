@@ -745,8 +745,6 @@ fn repair_all_removes_a_bitmap_in_use_whose_table_cannot_be_loaded() {
     }
 }
 
-/// A cluster a bitmap names twice (here its table's own cluster as its data, which QEMU
-/// loads) has two references. A leak repair lowers a kept bitmap's cluster to one
 /// [`two_bitmaps_in_memory`] with both bitmaps broken: "a" names its table cluster as its
 /// data (refcount 2), "b" has a reserved flag set. Its bytes and a's table offset.
 fn both_bitmaps_broken() -> (Vec<u8>, u64) {
@@ -772,6 +770,8 @@ fn failing_read(
     )
 }
 
+/// A cluster a bitmap names twice (here its table's own cluster as its data, which QEMU
+/// loads) has two references. A leak repair lowers a kept bitmap's cluster to one
 /// reference when a broken entry hides the directory from the walk, which would leave
 /// this one below its references; such a bitmap is not kept: `-r leaks` leaves its
 /// refcount alone and `-r all` removes it.
@@ -1411,7 +1411,14 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
     use dirty_bitmap::storage::{FaultPlan, FaultStorage, Landed, MemStorage, Trigger};
     use dirty_bitmap::store::repair::{repair, Repair};
     use dirty_bitmap::Error;
-    let (b, _) = both_bitmaps_broken();
+    let (mut b, _) = both_bitmaps_broken();
+    // The directory's cluster at refcount 0: the repair raises it before its commit.
+    let d = HeaderArea::decode(&b[..65536])
+        .unwrap()
+        .bitmaps
+        .unwrap()
+        .directory_offset;
+    set_rc(&mut b, d / 65536, 0);
     // The extension gone (a torn step may leave it untrusted, autoclear bit 0 clear: not
     // the commit, and the bitmaps then read inconsistent).
     let committed = |bytes: &[u8]| {
@@ -1421,6 +1428,7 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
     let clean = FaultStorage::new(MemStorage::from_bytes(b.clone()), FaultPlan::new());
     let (_, sound) = repair(&clean, Repair::All).unwrap();
     assert_eq!(sound.removed.len(), 2, "{sound:?}");
+    assert!(sound.refcounts_raised > 0, "{sound:?}");
     let plans = (1..=clean.reads())
         .map(|n| ("read", n, FaultPlan::new().fail_read(Trigger::Nth(n))))
         .chain((1..=clean.writes()).map(|n| {
@@ -1436,17 +1444,16 @@ fn a_failure_after_repair_alls_commit_still_reports_what_was_committed() {
         let r = repair(&f, Repair::All);
         let done = committed(&f.inner().to_vec());
         match r {
-            Err(Error::RepairedThenFailed {
-                removed,
-                extension_dropped,
-                made_all_dirty,
-                error,
-            }) => {
+            Err(Error::RepairedThenFailed { committed, error }) => {
                 assert!(done, "{op} {n}: not committed");
                 assert!(matches!(*error, Error::Io(_)), "{op} {n}: {error}");
-                assert_eq!(removed, sound.removed, "{op} {n}");
-                assert_eq!(extension_dropped, sound.extension_dropped, "{op} {n}");
-                assert_eq!(made_all_dirty, sound.made_all_dirty, "{op} {n}");
+                let want = dirty_bitmap::error::RepairCommitted {
+                    removed: sound.removed.clone(),
+                    extension_dropped: sound.extension_dropped.clone(),
+                    made_all_dirty: sound.made_all_dirty.clone(),
+                    refcounts_raised: sound.refcounts_raised,
+                };
+                assert_eq!(*committed, want, "{op} {n}");
                 *after_commit.entry(op).or_insert(0) += 1;
             }
             // A barrier that fails right after the header write may or may not have made

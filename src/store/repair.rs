@@ -260,9 +260,12 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         // From the commit point on, the removal stands whatever fails after it: the error
         // then carries the report of what was committed.
         let after_commit = |report: RepairReport, error| Error::RepairedThenFailed {
-            removed: report.removed,
-            extension_dropped: report.extension_dropped,
-            made_all_dirty: report.made_all_dirty,
+            committed: Box::new(crate::error::RepairCommitted {
+                removed: report.removed,
+                extension_dropped: report.extension_dropped,
+                made_all_dirty: report.made_all_dirty,
+                refcounts_raised: report.refcounts_raised,
+            }),
             error: Box::new(error),
         };
         let (repaired, made_all_dirty) = match rewrite_directory(image, keep, dir, base) {

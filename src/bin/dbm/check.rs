@@ -223,17 +223,14 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             let (img, done) = match repair(storage, what) {
                 Ok(r) => r,
                 // Committed, then the leak repair failed: what was committed is still told.
-                Err(dirty_bitmap::Error::RepairedThenFailed {
-                    removed,
-                    extension_dropped,
-                    made_all_dirty,
-                    error,
-                }) => {
+                Err(dirty_bitmap::Error::RepairedThenFailed { committed, error }) => {
                     if !args.quiet {
+                        let c = *committed;
                         crate::out::to_stderr(&repaired_text(&RepairReport {
-                            removed,
-                            extension_dropped,
-                            made_all_dirty,
+                            removed: c.removed,
+                            extension_dropped: c.extension_dropped,
+                            made_all_dirty: c.made_all_dirty,
+                            refcounts_raised: c.refcounts_raised,
                             ..RepairReport::default()
                         }));
                     }
