@@ -222,7 +222,7 @@ pub fn run(args: &CheckArgs) -> CmdResult {
                 .map_err(|e| at(&args.image, e))?;
             let (img, done) = match repair(storage, what) {
                 Ok(r) => r,
-                // Committed, then the leak repair failed: what was committed is still told.
+                // Committed, then a later step failed: what was committed is still told.
                 Err(dirty_bitmap::Error::RepairedThenFailed { committed, error }) => {
                     if !args.quiet {
                         let c = *committed;
