@@ -2585,28 +2585,12 @@ fn stream_mode_an_idle_retry_whose_destination_answers_slowly_switches_over() {
     };
     // Refused at its end: the destination holds everything, and the guest stays idle.
     sim.world().dest.refuse = Some("no".into());
-    let mut first = RamState::new(
-        RAM_ID,
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        SetupMode::Full,
-        false,
-        8,
-    )
-    .unwrap();
-    let e = migrate(&mut first, &mut stream).unwrap_err();
+    let ram_state =
+        |mode| RamState::new(RAM_ID, Arc::clone(&ram), Arc::clone(&log), mode, false, 8).unwrap();
+    let e = migrate(&mut ram_state(SetupMode::Full), &mut stream).unwrap_err();
     assert!(matches!(e, MigrationError::DestinationRefused(_)), "{e}");
     sim.world().dest.refuse = None;
-    let mut again = RamState::new(
-        RAM_ID,
-        Arc::clone(&ram),
-        Arc::clone(&log),
-        SetupMode::Incremental,
-        false,
-        8,
-    )
-    .unwrap();
-    let o = migrate(&mut again, &mut stream).unwrap();
+    let o = migrate(&mut ram_state(SetupMode::Incremental), &mut stream).unwrap();
     assert_eq!(o.kind, Kind::Completed, "{o:?}");
     assert!(dest.lock().unwrap().resumed());
     let held = dest.lock().unwrap().take_store().unwrap();

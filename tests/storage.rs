@@ -1558,12 +1558,7 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let img = CachedImage::new(dir.path());
     let (path, resident, warm) = (&img.path, || img.resident(), || img.warm());
-    let all = warm();
-    assert_eq!(
-        all,
-        img.len.div_ceil(4096),
-        "reading did not cache the whole file"
-    );
+    let all = img.warm_whole();
     let mut d = StreamDiskDest::file("s", path);
     d.hello(3, migration(1)).unwrap();
     d.section(&bitmap_codec::encode_query(0x51)).unwrap();
@@ -1613,20 +1608,12 @@ fn a_stream_file_destination_drops_the_cache_at_its_walk_and_not_in_the_downtime
 #[cfg(target_os = "linux")]
 #[test]
 fn a_one_host_shared_destinations_cache_drop_counts_for_its_own_attempt_alone() {
-    use dirty_bitmap::migration::{disk_log_codec, Binding, DestState, SharedDiskDest};
+    use dirty_bitmap::migration::{disk_log_codec, DestState, SharedDiskDest};
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let img = CachedImage::new(dir.path());
     let (path, resident, warm) = (&img.path, || img.resident(), || img.warm());
-    let all = warm();
-    assert_eq!(
-        all,
-        img.len.div_ceil(4096),
-        "reading did not cache the whole file"
-    );
-    let binding = Binding {
-        migration_id: 1,
-        token: 0,
-    };
+    let all = img.warm_whole();
+    let binding = migration(1);
     let mut d = SharedDiskDest::file_on_one_host("d", path);
     // Within one attempt: the preload drops the cache, the activation keeps it.
     d.hello(2, binding).unwrap();
@@ -1691,6 +1678,17 @@ impl CachedImage {
     /// Pages of the file in the page cache.
     fn resident(&self) -> usize {
         resident_pages(&self.probe, 0, self.len)
+    }
+
+    /// [`warm`](Self::warm), which must leave every page of the file cached: their count.
+    fn warm_whole(&self) -> usize {
+        let all = self.warm();
+        assert_eq!(
+            all,
+            self.len.div_ceil(4096),
+            "reading did not cache the whole file"
+        );
+        all
     }
 
     /// Reads the whole file (through the cache), and returns [`resident`](Self::resident).
