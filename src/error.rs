@@ -19,7 +19,9 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::format::{BitmapName, InvalidValue};
-pub use crate::format::{Corruption, EntryProblem, RefcountEntryProblem, TableEntryProblem};
+pub use crate::format::{
+    CheckFindings, Corruption, EntryProblem, RefcountEntryProblem, TableEntryProblem,
+};
 
 /// Everything that can go wrong in this crate.
 #[non_exhaustive]

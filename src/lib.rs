@@ -127,7 +127,7 @@ pub mod loom_internals {
 pub mod units;
 
 pub use bitmap::{ChangeConsumer, ChangedRegions, ConsumerStart, DirtyBitmap, DirtyExtents};
-pub use error::{Corruption, Error, RepairCommitted, Result, StateProblem};
+pub use error::{CheckFindings, Corruption, Error, RepairCommitted, Result, StateProblem};
 pub use flush::{FlushStats, StopReport};
 pub use format::BitmapName;
 pub use image::{CheckReport, Image};

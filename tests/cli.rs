@@ -3467,6 +3467,104 @@ fn info_reports_a_bitmap_whose_table_qemu_refuses() {
     );
 }
 
+/// A consistent bitmap whose table reaches past the end of the file. QEMU opens the image
+/// and reads the table as zeros, so it serves the bitmap as clean, and `qemu-img check -r
+/// all` keeps it so: a refusal that sent the user there (as every writing command's did)
+/// turned a broken bitmap into a clean one. Each now names `dbm check -r all`, which removes
+/// it; `dbm info` says what QEMU does rather than that it refuses the image; `dbm check`
+/// counts one error, as `qemu-img check` does (it counted the table's read as a second).
+#[test]
+fn a_bitmap_table_past_the_end_of_the_file_is_for_dbm_check_to_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    let i = p(&img);
+    dbm_ok(&["create", i, "--size", "64M"]);
+    dbm_ok(&["bitmap", i, "x", "--add"]);
+    dbm_ok(&["bitmap", i, "y", "--add", "-g", "1M", "--disable"]);
+    dbm_ok(&["mark", i, "y", "0", "1M"]);
+    move_table(&img, "y", 1 << 40);
+    // What QEMU makes of it: the image opens, and its repair keeps y, all clean.
+    ok("qemu-img", &["info", i]);
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    let _ = run("qemu-img", &["check", "-r", "all", p(&copy)]);
+    let v: Value = serde_json::from_str(&dbm_ok(&["info", "--json", p(&copy)])).unwrap();
+    assert_eq!(
+        bitmap_states(&v),
+        [("x", "consistent"), ("y", "consistent")]
+    );
+    assert_eq!(
+        v["bitmaps"][1]["dirty-bytes"], 0,
+        "QEMU's repair kept y's bits"
+    );
+
+    let before = std::fs::read(&img).unwrap();
+    for args in [
+        ["mark", i, "x", "0", "4K"].as_slice(),
+        ["bitmap", i, "y", "--remove"].as_slice(),
+        ["checkpoint", i, "z"].as_slice(),
+    ] {
+        let err = dbm_fails(args);
+        assert!(
+            err.contains("`dbm check -r all` removes the broken bitmaps"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("refused until `qemu-img check -r all`"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before, "a refusal wrote");
+
+    let out = dbm_ok(&["info", "--json", i]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bitmap_states(&v), [("x", "inconsistent"), ("y", "broken")]);
+    let reason = |k: usize| v["bitmaps"][k]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason(1).contains("reads the missing table as zeros"),
+        "{out}"
+    );
+    assert!(reason(0).contains("dbm refuses the image"), "{out}");
+    assert!(!out.contains("QEMU refuses"), "{out}");
+    let err = dbm_fails(&["dump", i, "x"]);
+    assert!(err.contains("which QEMU reads as clean"), "{err}");
+
+    let q = run("qemu-img", &["check", i]);
+    let d = dbm(&["check", i]);
+    assert_eq!(q.status.code(), Some(2));
+    assert_eq!(d.status.code(), q.status.code());
+    assert_eq!(text(&d.stdout), text(&q.stdout), "the summary lines");
+
+    dbm_ok(&["check", "-r", "all", i]);
+    assert_eq!(qemu_bitmaps(&img).len(), 1);
+    assert_eq!(qemu_bitmaps(&img)[0].0, "x");
+    assert_qemu_clean(&img);
+}
+
+/// Points bitmap `name`'s table of `img` at `offset`.
+fn move_table(img: &Path, name: &str, offset: u64) {
+    let mut bytes = std::fs::read(img).unwrap();
+    let area = HeaderArea::decode(&bytes).unwrap();
+    let ext = area.bitmaps.unwrap();
+    let d = ext.directory_offset as usize;
+    let entries = decode_directory(
+        &bytes[d..d + ext.directory_size as usize],
+        ext.nb_bitmaps,
+        &area.header.geometry().unwrap(),
+    )
+    .unwrap();
+    let mut at = d;
+    for e in entries {
+        if e.name == name {
+            bytes[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+            std::fs::write(img, &bytes).unwrap();
+            return;
+        }
+        at += e.encoded_len() as usize;
+    }
+    panic!("no bitmap {name}");
+}
+
 /// Gives bitmap `name` of `img` (one data cluster) a reserved bit in its table entry: the
 /// image opens, the bitmap's table does not decode.
 fn break_table(img: &Path, name: &str) {

@@ -457,8 +457,11 @@ fn defect_07_entries_sharing_one_table_cost_one_read_of_it() {
     let err = store.set_enabled("x", false).unwrap_err();
     assert!(is_check_failed(&err), "{err:?}");
     let read = store.image().storage().bytes_read() - opened;
+    // The walk, and on its refusal a second one of everything but the bitmaps (which says
+    // what repairs the image): each reads the file's metadata once, never the table once
+    // per entry (50 times: 25 MiB).
     assert!(
-        read < 2 * file_len,
+        read < 3 * file_len,
         "set_enabled read {read} bytes of a {file_len}-byte file (the shared table is {} bytes)",
         shared.table_size * 8
     );

@@ -23,8 +23,9 @@
 //! - Where `membarrier` is missing or refused (old kernels, seccomp), and on other
 //!   systems, both sides are `fence(SeqCst)`.
 //! - Under `--cfg loom`, both sides are `fence(SeqCst)`, which loom models.
+//! - Under Miri, which has no `membarrier`, both sides are `fence(SeqCst)` too.
 
-#[cfg(not(all(not(loom), any(target_os = "linux", target_os = "android"))))]
+#[cfg(not(all(not(loom), not(miri), any(target_os = "linux", target_os = "android"))))]
 mod imp {
     #[cfg(loom)]
     use loom::sync::atomic::fence;
@@ -55,7 +56,7 @@ mod imp {
     }
 }
 
-#[cfg(all(not(loom), any(target_os = "linux", target_os = "android")))]
+#[cfg(all(not(loom), not(miri), any(target_os = "linux", target_os = "android")))]
 mod imp {
     use std::sync::atomic::Ordering::{Relaxed, SeqCst};
     use std::sync::atomic::{compiler_fence, fence, AtomicBool};

@@ -353,16 +353,23 @@ pub enum Corruption {
     /// corruption (a cluster referenced more often than its refcount says, a structure past
     /// the end of the file, a bad table entry, a directory QEMU would refuse). Reading goes
     /// on; every write is refused before it starts, since the allocator could hand out a
-    /// cluster that something still references. `qemu-img check -r all` repairs it.
+    /// cluster that something still references. What repairs it depends on `found`: a
+    /// finding in the bitmaps' structures is `dbm check -r all`'s to repair (it removes the
+    /// broken bitmaps), since `qemu-img check -r all` repairs refcounts only and keeps a
+    /// broken bitmap, which may then read as clean (a table past the end of the file, say,
+    /// which QEMU reads as zeros).
     #[error(
         "the image fails `qemu-img check` with {corruptions} error(s) (first: {first}); \
-         writes are refused until `qemu-img check -r all` repairs it"
+         writes are refused until {}",
+        found.advice()
     )]
     CheckFailed {
         /// Corruptions found.
         corruptions: u64,
         /// The first finding, in `qemu-img check`'s wording.
         first: String,
+        /// Which structures the findings lie in.
+        found: CheckFindings,
     },
     /// A cluster of the bitmap directory, a bitmap table or a consistent bitmap's data is
     /// not owned by exactly one reference with refcount 1: two directory entries share a
@@ -431,6 +438,37 @@ impl Corruption {
                 | Corruption::BitmapDirectoryOffset { .. }
                 | Corruption::BitmapDirectorySize { .. }
         )
+    }
+}
+
+/// Which structures the findings of a [`Corruption::CheckFailed`] lie in: the image's own
+/// metadata and refcounts, the bitmaps' (the directory, the tables and the data clusters
+/// they name: what a walk of the rest of the image does not find), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckFindings {
+    /// Only outside the bitmaps: `qemu-img check -r all` repairs them.
+    Image,
+    /// Only in the bitmaps: `dbm check -r all` removes the broken bitmaps.
+    Bitmaps,
+    /// In both: `dbm check -r all` refuses until `qemu-img check -r all` has repaired the
+    /// rest, and that may keep a broken bitmap as clean.
+    Both,
+}
+
+impl CheckFindings {
+    /// What the refusal tells the user to run.
+    fn advice(&self) -> &'static str {
+        match self {
+            CheckFindings::Image => "`qemu-img check -r all` repairs it",
+            CheckFindings::Bitmaps => {
+                "`dbm check -r all` removes the broken bitmaps (`qemu-img check -r all` \
+                 repairs refcounts only, and a broken bitmap it keeps may read as clean)"
+            }
+            CheckFindings::Both => {
+                "`qemu-img check -r all` repairs it; a broken bitmap it keeps may then read \
+                 as clean, so treat every bitmap of the image as all dirty afterwards"
+            }
+        }
     }
 }
 

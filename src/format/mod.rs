@@ -55,7 +55,8 @@ pub use area::HeaderArea;
 /// The extension-frame walker of the decoder, for the store's in-place writes into cluster 0.
 pub(crate) use frame::{Frames, EXTENSION_FRAME_LEN};
 pub use corruption::{
-    Corruption, EntryProblem, InvalidValue, RefcountEntryProblem, TableEntryProblem,
+    CheckFindings, Corruption, EntryProblem, InvalidValue, RefcountEntryProblem,
+    TableEntryProblem,
 };
 pub use directory::{
     decode_directory, decode_directory_as_qemu_opens, encode_directory, table_size, triage_directory, BitmapName, DirEntry,

@@ -408,6 +408,28 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         self.timed_out
     }
 
+    /// Reads a structure whose clusters [`inc_n`](Self::inc_n) has just counted, as QEMU's
+    /// check reads it: past the end of the file it reads zeros and counts nothing more. A
+    /// range that passes the file's last cluster was counted as one corruption by `inc_n`
+    /// and is not walked; one that ends inside the last, partial cluster is read, the
+    /// missing bytes as zeros (at most a cluster). Anything else as [`read`](Self::read).
+    fn read_counted(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len);
+        if end.is_some_and(|end| end <= self.file_len) {
+            return self.read(what, offset, len);
+        }
+        let in_last_cluster = end
+            .filter(|&end| len > 0 && (end - 1) >> self.cluster_bits < self.refs.len)
+            .is_some();
+        if !in_last_cluster || offset >= self.file_len {
+            // Reported by `inc_n` (or a structure wholly past the end: zeros name nothing).
+            return None;
+        }
+        let mut bytes = self.read(what, offset, self.file_len - offset)?;
+        bytes.resize(usize::try_from(len).ok()?, 0);
+        Some(bytes)
+    }
+
     fn read(&mut self, what: &'static str, offset: u64, len: u64) -> Option<Vec<u8>> {
         // Past the deadline nothing more is read: the walk runs on through what it has
         // and its caller gets an error, not a report.
@@ -453,7 +475,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         self.ensure_no_overlap("L1 table", &l1s)?;
         for (offset, names) in l1s {
             self.inc_aliased(offset, &names, "L1 table");
-            let Some(l1) = self.read("L1 table", offset, names.len_bytes()) else {
+            let Some(l1) = self.read_counted("L1 table", offset, names.len_bytes()) else {
                 continue;
             };
             let active_size = active.filter(|a| a.0 == offset).map(|a| a.1);
@@ -551,7 +573,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         // QEMU's `next_contiguous_offset` is local to `check_refcounts_l2`: the first
         // allocated cluster of each table never counts as fragmented.
         self.next_contiguous = 0;
-        let Some(l2) = self.read("L2 table", l2_off, cs) else {
+        let Some(l2) = self.read_counted("L2 table", l2_off, cs) else {
             return;
         };
         let stride = if extl2 { 16 } else { 8 };
@@ -760,6 +782,9 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         };
         let h = &area.header;
         self.inc(ext.directory_offset, ext.directory_size, "bitmap directory");
+        // Read as `read` reads (a second finding past the end of the file): QEMU's
+        // `bitmap_list_load` reads zeros there, which no directory decodes from, and counts
+        // that as a corruption of its own.
         let Some(dir) = self.read("bitmap directory", ext.directory_offset, ext.directory_size)
         else {
             return Ok(());
@@ -807,7 +832,7 @@ impl<S: Storage + ?Sized> Counter<'_, S> {
         self.ensure_no_overlap("bitmap table", &tables)?;
         for (offset, names) in tables {
             self.inc_aliased(offset, &names, "bitmap table");
-            let Some(table) = self.read("bitmap table", offset, names.len_bytes()) else {
+            let Some(table) = self.read_counted("bitmap table", offset, names.len_bytes()) else {
                 continue;
             };
             let name = named
@@ -1094,7 +1119,7 @@ fn walk_references<S: Storage + ?Sized>(
     // Refcount blocks: each referenced once, and read for the comparison.
     let per_block = entries_per_block(cb, h.refcount_order)?;
     let rt = ctr
-        .read("refcount table", h.refcount_table_offset, rt_len)
+        .read_counted("refcount table", h.refcount_table_offset, rt_len)
         .unwrap_or_default();
     let mut blocks: Vec<RefBlock> = Vec::with_capacity(rt.len() / 8);
     // Blocks read for the comparison though the walk does not count them: QEMU's

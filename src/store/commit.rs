@@ -14,7 +14,7 @@
 
 use super::{ceil_clusters, regions_per_cluster, BitmapStore, Slot};
 use crate::bitmap::DirtyBitmap;
-use crate::error::{internal, Corruption, Result};
+use crate::error::{internal, CheckFindings, Corruption, Result};
 use crate::flush::FlushStats;
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::format::{
@@ -100,9 +100,18 @@ impl<S: Storage> BitmapStore<S> {
         let shape = WalkShape::of(self.image.header());
         let (report, walk) = self.image.references()?;
         if report.corruptions > 0 {
+            // Which repair applies: a walk of the rest of the image says whether any
+            // finding lies outside the bitmaps (only on this refusal's path).
+            let (base, _) = self.image.references_without_bitmaps()?;
+            let found = match (base.corruptions, report.corruptions > base.corruptions) {
+                (0, _) => CheckFindings::Bitmaps,
+                (_, true) => CheckFindings::Both,
+                (_, false) => CheckFindings::Image,
+            };
             return Err(Corruption::CheckFailed {
                 corruptions: report.corruptions,
                 first: report.messages.first().cloned().unwrap_or_default(),
+                found,
             }
             .into());
         }

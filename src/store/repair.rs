@@ -47,7 +47,7 @@ use std::collections::BTreeMap;
 
 use super::triage::triage_bitmaps;
 use super::{ceil_clusters, BitmapStore, Slot};
-use crate::error::{Corruption, Error, Result};
+use crate::error::{CheckFindings, Corruption, Error, Result};
 use crate::format::directory::MAX_TABLE_SIZE;
 use crate::format::table::TABLE_ENTRY_OFFSET_MASK;
 use crate::format::{BitmapName, DirEntry, RawDirEntry, TableEntry};
@@ -117,6 +117,7 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
         return Err(Corruption::CheckFailed {
             corruptions: base_report.corruptions,
             first: base_report.messages.first().cloned().unwrap_or_default(),
+            found: CheckFindings::Image,
         }
         .into());
     }

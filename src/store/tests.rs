@@ -2,6 +2,7 @@
 
 use super::commit::flags_only_change;
 use super::*;
+use crate::error::CheckFindings;
 use crate::format::encode_directory;
 use crate::format::header::AUTOCLEAR_BITMAPS;
 use crate::storage::{MemStorage, StorageExt};
@@ -522,6 +523,33 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
         bits.dirty_extents().collect::<Vec<_>>(),
         "b lost its bits"
     );
+}
+
+/// A write refused for corruption says where the findings lie, and so which repair applies:
+/// `qemu-img check -r all` keeps a broken bitmap (it may then read as clean), so findings in
+/// the bitmaps are `dbm check -r all`'s.
+#[test]
+fn a_refused_write_says_whether_the_findings_lie_in_the_bitmaps() {
+    let found = |s: &mut BitmapStore<MemStorage>| match s.add("y", 4096, Recording::Disabled) {
+        Err(Error::Corrupt(Corruption::CheckFailed { found, .. })) => found,
+        r => panic!("{r:?}"),
+    };
+    let broken = |at: &dyn Fn(&BitmapStore<MemStorage>) -> u64| {
+        let mut s = new_store(16 * MIB, 4096);
+        s.add("x", 4096, Recording::Enabled).unwrap();
+        let c = at(&s);
+        s.image.free_clusters(c, 1).unwrap();
+        s.image.flush_refcounts().unwrap();
+        s
+    };
+    let mut s = broken(&|s| table_offset(s, "x"));
+    assert_eq!(found(&mut s), CheckFindings::Bitmaps);
+    let mut s = broken(&|s| s.image().header().l1_table_offset);
+    assert_eq!(found(&mut s), CheckFindings::Image);
+    let t = table_offset(&s, "x");
+    s.image.free_clusters(t, 1).unwrap();
+    s.image.flush_refcounts().unwrap();
+    assert_eq!(found(&mut s), CheckFindings::Both);
 }
 
 #[test]

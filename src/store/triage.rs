@@ -20,6 +20,10 @@ pub struct TriagedBitmap {
     /// Why the bitmap is broken (the entry's problem, or its table's), or `None` when QEMU
     /// would load it.
     pub broken: Option<String>,
+    /// Whether what breaks it is a table reaching past the end of the file. QEMU does not
+    /// refuse that: it reads the missing part as zeros, so it may load the bitmap as clean
+    /// there, and a QEMU writer then saves it so. This crate refuses it as broken.
+    pub table_past_end: bool,
 }
 
 /// What [`triage_bitmaps`] found in an image's bitmaps extension.
@@ -75,11 +79,11 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
     let mut bitmaps = Vec::with_capacity(entries.len());
     // Each table is read once however many entries name it: the cost stays that of the
     // file, not entries × table (65,534 entries naming one 2 MiB table would read 128 GiB).
-    let mut verdicts: std::collections::HashMap<(u64, u32), Option<String>> =
+    let mut verdicts: std::collections::HashMap<(u64, u32), Option<(String, bool)>> =
         std::collections::HashMap::new();
     for entry in entries {
-        let broken = match &entry.verdict {
-            Err(p) => Some(p.to_string()),
+        let problem = match &entry.verdict {
+            Err(p) => Some((p.to_string(), false)),
             // QEMU reads the table of a bitmap that is not in use when it opens the image.
             Ok(e) if e.in_use => None,
             Ok(e) => match verdicts.get(&(e.table_offset, e.table_size)) {
@@ -91,7 +95,12 @@ pub fn triage_bitmaps<S: Storage>(image: &Image<S>) -> Result<Option<BitmapTriag
                 }
             },
         };
-        bitmaps.push(TriagedBitmap { entry, broken });
+        let table_past_end = problem.as_ref().is_some_and(|p| p.1);
+        bitmaps.push(TriagedBitmap {
+            entry,
+            broken: problem.map(|p| p.0),
+            table_past_end,
+        });
     }
     Ok(Some(BitmapTriage {
         bitmaps,
@@ -119,21 +128,22 @@ fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> 
     crate::image::check::ensure_tables_fit("bitmap table", file, longest)
 }
 
-/// Why the table of `e` cannot be loaded, if it cannot.
+/// Why the table of `e` cannot be loaded, if it cannot, and whether that is because it
+/// reaches past the end of the file.
 ///
 /// # Errors
 /// [`Error::Io`] when the read fails (see [`image_problem`]).
 fn table_problem<S: Storage>(
     image: &Image<S>,
     e: &crate::format::DirEntry,
-) -> Result<Option<String>> {
+) -> Result<Option<(String, bool)>> {
     let len = u64::from(e.table_size).saturating_mul(8);
     match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
-        Err(err) => image_problem(err).map(Some),
+        Err(err) => image_problem(err).map(|why| Some((why, true))),
         Ok(bytes) => Ok(
             decode_table(&bytes, e.table_size, image.header().cluster_bits)
                 .err()
-                .map(|c| c.to_string()),
+                .map(|c| (c.to_string(), false)),
         ),
     }
 }

@@ -245,17 +245,23 @@ pub fn totals_json(rows: impl Iterator<Item = Row>, disk: u64) -> String {
 /// Runs `dbm dump`.
 pub fn run(args: &DumpArgs) -> CmdResult {
     let st = reader(&args.image, args.force_share)?;
-    // A bitmap QEMU refuses anywhere in the image makes QEMU refuse the image, and
-    // `dbm info` calls every other bitmap inconsistent (not loaded: treat as all dirty):
-    // refused here as an inconsistent bitmap is, whichever one is named.
+    // A broken bitmap anywhere in the image makes this crate refuse the image (and QEMU
+    // too, unless what breaks it is a table past the end of the file, which QEMU reads as
+    // clean), and `dbm info` calls every other bitmap inconsistent (not loaded: treat as
+    // all dirty): refused here as an inconsistent bitmap is, whichever one is named.
     if let Some(t) = triage_bitmaps(st.image()).map_err(|e| at(&args.image, e))? {
         if let Some(b) = t.bitmaps.iter().find(|b| b.broken.is_some()) {
+            let why = if b.table_past_end {
+                "its table reaches past the end of the file, which QEMU reads as clean"
+            } else {
+                "QEMU refuses the image"
+            };
             return Err(at(
                 &args.image,
                 format!(
-                    "bitmap {} is broken, so QEMU refuses the image and no bitmap of it can be \
-                     trusted: treat the disk as all dirty (`dbm check -r all` removes the \
-                     broken bitmap; then back up in full and start a new chain)",
+                    "bitmap {} is broken ({why}), so no bitmap of the image can be trusted: \
+                     treat the disk as all dirty (`dbm check -r all` removes the broken \
+                     bitmap; then back up in full and start a new chain)",
                     BitmapName::from(b.entry.raw.name.as_slice())
                 ),
             )

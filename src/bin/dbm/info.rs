@@ -350,18 +350,32 @@ pub fn gather_broken(
         return None;
     }
     let mode = StoreMode::of(image.area());
+    // QEMU refuses the image for any broken bitmap but one whose table reaches past the
+    // end of the file, which it reads as zeros.
+    let qemu_refuses = triage
+        .bitmaps
+        .iter()
+        .any(|b| b.broken.is_some() && !b.table_past_end);
     let bitmaps = triage
         .bitmaps
         .iter()
         .map(|b| {
             let raw = &b.entry.raw;
             let reason = match &b.broken {
+                Some(why) if b.table_past_end => format!(
+                    "broken: {why}; QEMU reads the missing table as zeros, so it may load \
+                     the bitmap as clean and a QEMU writer save it so: remove it with `dbm \
+                     check -r all` before QEMU opens the image"
+                ),
                 Some(why) => format!(
                     "broken: {why}; QEMU refuses to open the image until it is removed \
                      (`dbm check -r all`)"
                 ),
-                None => "not loaded: another bitmap of this image is broken, so QEMU \
-                         refuses the image (treat as all dirty)"
+                None if qemu_refuses => "not loaded: another bitmap of this image is broken, \
+                                         so QEMU refuses the image (treat as all dirty)"
+                    .to_string(),
+                None => "not loaded: another bitmap of this image is broken, and dbm refuses \
+                         the image until `dbm check -r all` removes it (treat as all dirty)"
                     .to_string(),
             };
             let name = BitmapName::from(raw.name.as_slice());
