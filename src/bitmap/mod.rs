@@ -83,6 +83,11 @@ pub struct DirtyBitmap {
     state: AtomicU8,
     /// Holds of [`hold_incomplete`](Self::hold_incomplete) not released yet (`hold.rs`).
     incomplete: AtomicU64,
+    /// 1 once the public [`take_changed`](Self::take_changed) or
+    /// [`load_region`](Self::load_region) may have hidden a change from the primary map's
+    /// owner (a store's flusher), until that owner's next take
+    /// ([`take_primary`](Self::take_primary)), which then takes every region.
+    disturbed: AtomicU8,
 }
 
 /// `state` bit: marks are recorded ([`set_enabled`](DirtyBitmap::set_enabled)).
@@ -162,6 +167,7 @@ impl DirtyBitmap {
             slots: ThreadSlots::new(),
             state: AtomicU8::new(ENABLED | fenced),
             incomplete: AtomicU64::new(0),
+            disturbed: AtomicU8::new(0),
             geo,
         }
     }
@@ -953,7 +959,42 @@ impl DirtyBitmap {
     /// leaves it alone (the bytes loaded are what is on disk). Other consumers, such as a
     /// migration stream, have maps of their own ([`add_consumer`](Self::add_consumer)),
     /// which this take leaves alone.
+    ///
+    /// On a bitmap a [`BitmapStore`](crate::BitmapStore) holds (from `bitmap`, `bitmaps`,
+    /// [`Tracker::bitmaps`](crate::Tracker::bitmaps), or given to `activate_with`), the
+    /// primary map is the store's. A take here hides regions from it, so the store's next
+    /// flush or stop writes every region of the bitmap (it cannot tell which it missed):
+    /// nothing is lost, but watch changes with [`add_consumer`](Self::add_consumer) instead.
     pub fn take_changed(&self) -> ChangedRegions {
+        // Before the take: an owner whose take finds a region gone finds this flag set (its
+        // take of that change-map word reads this one's or a later value).
+        self.disturbed.store(1, SeqCst);
+        self.take_primary_unflagged()
+    }
+
+    /// The primary map's owner's take (a store's flusher): the regions changed since its
+    /// last take, or every region if a public [`take_changed`](Self::take_changed) or
+    /// [`load_region`](Self::load_region) ran since (set before that take, read after this
+    /// one: a region another take took from under this one is covered).
+    pub(crate) fn take_primary(&self) -> ChangedRegions {
+        let taken = self.take_primary_unflagged();
+        if self.disturbed.swap(0, SeqCst) != 0 {
+            return ChangedRegions::all(self.region_count());
+        }
+        taken
+    }
+
+    /// The regions the primary map's owner's next [`take_primary`](Self::take_primary)
+    /// would return now: every region while a public take or load has disturbed the map.
+    pub(crate) fn primary_pending(&self) -> u64 {
+        if self.disturbed.load(SeqCst) != 0 {
+            self.region_count()
+        } else {
+            self.changes.count()
+        }
+    }
+
+    fn take_primary_unflagged(&self) -> ChangedRegions {
         let taken = self.changes.take();
         // The change bits are cleared; the caller reads the words next.
         sc_point();
@@ -1011,10 +1052,26 @@ impl DirtyBitmap {
     /// Meant for loading a bitmap before it is shared; a mark racing with the load of its
     /// region may be overwritten.
     ///
+    /// On a bitmap a [`BitmapStore`](crate::BitmapStore) holds, the bytes are not what its
+    /// disk holds: a load that changes a word makes the store's next flush or stop write
+    /// every region of the bitmap (see [`take_changed`](Self::take_changed)).
+    ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or
     /// `bytes` of the wrong length.
     pub fn load_region(&self, region: u64, bytes: &[u8]) -> Result<()> {
+        if self.load_region_unflagged(region, bytes)? {
+            self.disturbed.store(1, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// [`load_region`](Self::load_region) of bytes the primary map's owner knows are on its
+    /// disk (or will write itself); whether a word changed.
+    ///
+    /// # Errors
+    /// As [`load_region`](Self::load_region).
+    pub(crate) fn load_region_unflagged(&self, region: u64, bytes: &[u8]) -> Result<bool> {
         let w0 = self.check_region(region, bytes.len())?;
         let mut changed = false;
         for (i, raw) in region_words(bytes).enumerate() {
@@ -1032,7 +1089,7 @@ impl DirtyBitmap {
         if changed {
             self.consumers.record(region);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Makes every page of the leaf words resident by storing each page's first word back

@@ -288,7 +288,7 @@ fn plan_target(
 /// flusher's all call it.
 pub fn pending_estimate<'a>(bitmaps: impl IntoIterator<Item = &'a Arc<DirtyBitmap>>) -> u64 {
     bitmaps.into_iter().fold(0u64, |acc, b| {
-        acc.saturating_add(b.changed_region_count().saturating_mul(b.region_size()))
+        acc.saturating_add(b.primary_pending().saturating_mul(b.region_size()))
     })
 }
 
@@ -318,7 +318,7 @@ pub(crate) fn pending_exact_work(
     cluster_size: u64,
     rewrite_threshold: f64,
 ) -> Result<(u64, u64)> {
-    let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let taken: Vec<ChangedRegions> = targets.iter().map(|t| t.bitmap.take_primary()).collect();
     let count = || -> Result<(u64, u64)> {
         let mut total = 0u64;
         let mut fresh = 0u64;
@@ -398,7 +398,7 @@ pub(crate) fn flush<S: Storage>(
     let start = Instant::now();
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
-    let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let taken: Taken = targets.iter().map(|t| t.bitmap.take_primary()).collect();
     let whole: Vec<bool> = targets
         .iter()
         .zip(&taken)
@@ -546,7 +546,7 @@ pub(crate) fn commit_in_place<S: Storage>(
     let start = Instant::now();
     let syncs0 = image.sync_count();
     let sync_time0 = image.sync_time();
-    let taken: Taken = targets.iter().map(|t| t.bitmap.take_changed()).collect();
+    let taken: Taken = targets.iter().map(|t| t.bitmap.take_primary()).collect();
     let mut written: Vec<(usize, u64, Vec<u8>)> = Vec::new();
     let write = || -> Result<FlushStats> {
         let cs = image.cluster_size();

@@ -1394,7 +1394,9 @@ impl<S: Storage + 'static> StreamDiskDest<S> {
                 Some(live) => {
                     live.or_serialized(r.saturating_mul(inc.bitmap.region_size()), bytes)?;
                 }
-                None => inc.bitmap.load_region(r, bytes)?,
+                None => {
+                    inc.bitmap.load_region_unflagged(r, bytes)?;
+                }
             }
         }
         Ok(())

@@ -462,7 +462,7 @@ impl<S: Storage> BitmapStore<S> {
                     // it is, with its durable bits if it has them.
                     Some(p) if p.current && p.table_offset == s.entry.table_offset => {
                         self.taken_as_is += 1;
-                        let _ = p.bitmap.take_changed();
+                        let _ = p.bitmap.take_primary();
                         p.bitmap.set_enabled_unshared(s.entry.auto);
                         let bm = Arc::new(p.bitmap);
                         if let Some(bits) = p.bits {
@@ -750,14 +750,15 @@ impl<S: Storage> BitmapStore<S> {
     }
 
     /// After an inactivation's commit wrote "clean": a mark that arrived after its region
-    /// was taken is in memory only, while the directory says clean. Put `in_use` back (in
+    /// was taken is in memory only, while the directory says clean (as is a region a public
+    /// `take_changed` may have taken from under the stop: `primary_pending`). Put `in_use` back (in
     /// place, one barrier) and stay active, so the disk never claims a bit it lacks; the
     /// caller must stop the writers first. Both inactivation paths end with it.
     fn refuse_late_marks(&mut self) -> Result<()> {
         if !self.slots.iter().any(|s| {
             s.mem
                 .as_ref()
-                .is_some_and(|m| m.changed_region_count() > 0 || m.marks_in_flight())
+                .is_some_and(|m| m.primary_pending() > 0 || m.marks_in_flight())
         }) {
             return Ok(());
         }
@@ -850,7 +851,7 @@ impl<S: Storage> BitmapStore<S> {
                 let Some(m) = m else { continue };
                 frees.extend(self.owned_clusters(&self.slots[i].entry)?);
                 // The whole bitmap is written, so the change map restarts empty.
-                taken.borrow_mut().push((Arc::clone(m), m.take_changed()));
+                taken.borrow_mut().push((Arc::clone(m), m.take_primary()));
                 let table = self.write_bitmap(m, stats)?;
                 entries[i].table_offset = table;
                 entries[i].in_use = false;

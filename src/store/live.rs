@@ -133,6 +133,8 @@ impl<S: Storage> BitmapStore<S> {
     /// [`Error::WrongState`](crate::Error::WrongState)
     /// ([`StateProblem::Durable`](crate::StateProblem::Durable)) while the store is active
     /// in durable mode, as [`bitmap`](Self::bitmap).
+    ///
+    /// Their primary change maps are the store's, as [`bitmap`](Self::bitmap) says.
     pub fn bitmaps(&self) -> Result<Vec<Arc<DirtyBitmap>>> {
         self.ensure_not_durable()?;
         Ok(self.slots.iter().filter_map(|s| s.mem.clone()).collect())

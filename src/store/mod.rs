@@ -866,6 +866,11 @@ impl<S: Storage> BitmapStore<S> {
 
     /// The in-memory bitmap of an activated store, shared with whoever marks it.
     ///
+    /// Its primary change map is the store's flusher's: watch changes with
+    /// [`DirtyBitmap::add_consumer`], not [`DirtyBitmap::take_changed`] (a take, or a
+    /// [`DirtyBitmap::load_region`], makes the next flush or stop write every region of the
+    /// bitmap, since the store can no longer tell which changed).
+    ///
     /// Refused while the store is active in durable mode: the handle could clear, take or
     /// disable the bitmap behind the durable bits (`durable.rs`), which would then vouch
     /// for granules neither memory nor the disk holds any more, and a later intent on them
@@ -1025,7 +1030,7 @@ impl<S: Storage> BitmapStore<S> {
             bm.load_region_unshared(r, bytes)
         })?;
         // What was just loaded is what is on disk.
-        let _ = bm.take_changed();
+        let _ = bm.take_primary();
         // Not shared yet: no mark can be in flight, so nothing to wait for.
         bm.set_enabled_unshared(entry.auto);
         Ok(bm)
@@ -1359,9 +1364,10 @@ impl<S: Storage> BitmapStore<S> {
 
     fn refresh_disk(&self, entry: &DirEntry, held: DirtyBitmap) -> Result<DirtyBitmap> {
         self.walk_regions(entry, &held, NotData::AsIs, |r, bytes| {
-            held.load_region(r, bytes.ok_or_else(|| internal!("region {r} not read"))?)
+            held.load_region_unflagged(r, bytes.ok_or_else(|| internal!("region {r} not read"))?)
+                .map(drop)
         })?;
-        let _ = held.take_changed();
+        let _ = held.take_primary();
         held.set_enabled_unshared(entry.auto);
         Ok(held)
     }

@@ -525,6 +525,62 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
     );
 }
 
+/// The store's bitmaps are public handles, and their primary change map is the store's
+/// flusher's: a caller's `take_changed` (watching what changed) emptied it, so the stop
+/// wrote nothing, cleared `in_use`, and the disk called a written granule clean; a caller's
+/// `load_region` set bits the flusher never saw. Either now makes the next flush or stop
+/// write every region of the bitmap, and the estimates count them.
+#[test]
+fn a_callers_take_or_load_on_a_stores_bitmap_makes_the_next_flush_write_every_region() {
+    const G: u64 = 4096;
+    type Step = fn(&DirtyBitmap);
+    let steps: [(&str, Step); 3] = [
+        ("take", |b| {
+            b.mark_dirty(5 * G, 1);
+            assert!(!b.take_changed().is_empty());
+        }),
+        ("take of nothing", |b| {
+            b.mark_dirty(5 * G, 1);
+            let _ = b.take_changed();
+            let _ = b.take_changed();
+        }),
+        ("load", |b| {
+            let mut bytes = vec![0u8; b.region_len(0) as usize];
+            bytes[0] = 1 << 5;
+            b.load_region(0, &bytes).unwrap();
+        }),
+    ];
+    for (what, step) in steps {
+        for flush_first in [false, true] {
+            let mut s = new_store(16 * MIB, 4096);
+            s.add("b", G, Recording::Enabled).unwrap();
+            s.activate().unwrap();
+            let b = s.bitmap("b").unwrap();
+            step(&b);
+            assert_eq!(
+                s.pending_estimate(),
+                b.region_count() * b.region_size(),
+                "{what}: the estimate counts every region"
+            );
+            if flush_first {
+                s.flush().unwrap();
+                assert!(
+                    b.take_primary().is_empty(),
+                    "{what}: the flush took them all"
+                );
+            }
+            let image = s.close().unwrap();
+            let s = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
+            let got = s.load("b").unwrap();
+            assert!(
+                got.is_dirty(5 * G),
+                "{what} (flush first: {flush_first}): lost"
+            );
+            assert_eq!(got.count(), 1, "{what}");
+        }
+    }
+}
+
 /// A write refused for corruption says where the findings lie, and so which repair applies:
 /// `qemu-img check -r all` keeps a broken bitmap (it may then read as clean), so findings in
 /// the bitmaps are `dbm check -r all`'s.

@@ -325,7 +325,7 @@ impl Preloaded {
                 if !b.regions.is_empty() {
                     let (bm, bits) = (&p.bitmap, &p.bits);
                     reader.walk_some_regions(entry, bm, &b.regions, |r, bytes| {
-                        bm.load_region(r, bytes)?;
+                        bm.load_region_unflagged(r, bytes)?;
                         if let Some(bits) = bits {
                             bits.load_region(r, bm.region_size(), bytes);
                         }
