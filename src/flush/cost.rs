@@ -1,7 +1,7 @@
 //! What a stop costs on the disk: the bytes and barriers an inactivation will write
 //! ([`StopWork`]), and the rate that turns them into time ([`DiskRate`]), measured from the
-//! flushes that run before the stop as the migration loop measures its network bandwidth
-//! from the bytes it sends.
+//! flushes that run before the stop, the slower of their means and the last flush's (the
+//! migration loop prices the network by its last window too).
 
 use std::time::Duration;
 
@@ -40,14 +40,21 @@ impl std::ops::Add for StopWork {
 /// [`Millis::MAX`], which keeps a migration from switching over on a guess (as the loop's
 /// threshold is 0 until its first measurement window closes).
 ///
-/// The figures are the means over every observation, and [`time`](Self::time) rounds up
-/// to the next millisecond.
+/// Each figure is the slower of its mean over every observation and the last flush's
+/// that measured it: a disk that slowed down (a writeback storm on a shared LUN) is priced
+/// at its last flush, not at a mean hundreds of fast flushes hold down, and a single fast
+/// flush does not price a slow disk as fast. [`time`](Self::time) rounds up to the next
+/// millisecond.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DiskRate {
     bytes: u64,
     write_time: Duration,
     barriers: u64,
     barrier_time: Duration,
+    /// The last flush that wrote bytes: its bytes per nanosecond.
+    last_rate: Option<f64>,
+    /// The last flush that issued barriers: its mean barrier time.
+    last_latency: Option<Duration>,
 }
 
 impl DiskRate {
@@ -58,6 +65,13 @@ impl DiskRate {
 
     /// Adds one flush's figures.
     pub fn observe(&mut self, s: &FlushStats) {
+        let write_time = s.duration.saturating_sub(s.sync_time);
+        if s.bytes_written > 0 {
+            self.last_rate = Some(s.bytes_written as f64 / (write_time.as_nanos().max(1) as f64));
+        }
+        if let Some(n) = u32::try_from(s.syncs).ok().filter(|&n| n > 0) {
+            self.last_latency = Some(s.sync_time / n);
+        }
         self.bytes = self.bytes.saturating_add(s.bytes_written);
         self.write_time = self
             .write_time
@@ -66,17 +80,22 @@ impl DiskRate {
         self.barrier_time = self.barrier_time.saturating_add(s.sync_time);
     }
 
-    /// Mean bytes per nanosecond written, if any byte was.
+    /// Bytes per nanosecond written, if any byte was: the lower of the mean and the last
+    /// flush's.
     fn bytes_per_ns(&self) -> Option<f64> {
-        (self.bytes > 0).then(|| self.bytes as f64 / (self.write_time.as_nanos().max(1) as f64))
+        let mean = (self.bytes > 0)
+            .then(|| self.bytes as f64 / (self.write_time.as_nanos().max(1) as f64))?;
+        Some(self.last_rate.map_or(mean, |last| last.min(mean)))
     }
 
-    /// Mean time of one barrier, if one was measured.
+    /// The time of one barrier, if one was measured: the longer of the mean and the last
+    /// flush's.
     pub fn barrier_latency(&self) -> Option<Duration> {
-        u32::try_from(self.barriers)
+        let mean = u32::try_from(self.barriers)
             .ok()
             .filter(|&n| n > 0)
-            .map(|n| self.barrier_time / n)
+            .map(|n| self.barrier_time / n)?;
+        Some(self.last_latency.map_or(mean, |last| last.max(mean)))
     }
 
     /// The time `work` takes at the measured figures, rounded up to whole milliseconds;
@@ -149,9 +168,31 @@ mod tests {
         };
         // 2.5 ms + 6 ms, rounded up.
         assert_eq!(r.time(work), Millis(9));
-        // Means over observations: another 10 MB in 30 ms halves the rate.
+        // The slower of the mean and the last flush: another 10 MB in 30 ms makes the
+        // mean 0.5 MB/ms and the last 1/3 MB/ms, which prices it.
         r.observe(&stats(10_000_000, 0, 30, 0));
-        assert_eq!(r.time(work), Millis(11));
+        assert_eq!(r.time(work), Millis(14));
         assert_eq!(r.barrier_latency(), Some(Duration::from_millis(3)));
+        // A fast flush after it: the mean (30 MB in 41 ms) is now the slower.
+        r.observe(&stats(10_000_000, 0, 1, 0));
+        assert_eq!(r.time(work), Millis(10));
+    }
+
+    /// A disk that slowed down is priced at its last flush: 600 barriers of 1 ms, then a
+    /// flush whose two barriers took 100 ms each. The mean (1.33 ms) priced the stop's two
+    /// barriers at 3 ms, where they take 200: a switchover decided to fit ran 200 ms over.
+    #[test]
+    fn a_disk_that_slowed_down_is_priced_at_its_last_flush() {
+        let mut r = DiskRate::new();
+        for _ in 0..300 {
+            r.observe(&stats(4096, 2, 1, 2));
+        }
+        r.observe(&stats(4096, 2, 1, 200));
+        let stop = StopWork {
+            bytes: Bytes(0),
+            barriers: 2,
+        };
+        assert_eq!(r.time(stop), Millis(200));
+        assert_eq!(r.barrier_latency(), Some(Duration::from_millis(100)));
     }
 }

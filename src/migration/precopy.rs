@@ -16,7 +16,9 @@
 //!    switchover sends. A figure ([`Pending`]) has bytes for the wire and `disk_time`,
 //!    the time the states' stops spend on their own storage.
 //! 3. **Gate**: the figure's threshold is `bandwidth × (downtime_limit − switchover_cost
-//!    − disk_time)` (0 when the disk alone takes the rest of the limit); if
+//!    − disk_time − query_time)` (0 when the disk alone takes the rest of the limit;
+//!    `query_time` is the last exact query's time: the stop runs that query once more,
+//!    with the VM stopped, before [`MigrationState::complete`]); if
 //!    [`fits`]`(estimate, threshold)` (or, with postcopy requested, the estimate's
 //!    `must_precopy` fits), flush every state again (a disk state's stop then holds only
 //!    what changes from here until the VM stops), then run the
@@ -71,7 +73,8 @@
 //! or a cancel before the first section), every state's `channel_failed` runs; then
 //! `cancel` (VM running) or `resume_source` (VM stopped), and the VM resumes, unless the
 //! frame that starts the destination was written and no definite answer came
-//! ([`MigrationError::OutcomeUnknown`]: the VM stays stopped). An Abort from the
+//! ([`MigrationError::OutcomeUnknown`]: the VM stays stopped), or a state cannot take its
+//! storage back or the VM does not resume ([`MigrationError::SourceNotResumed`]: stopped). An Abort from the
 //! destination during precopy ends the attempt at the next turn.
 //!
 //! The loop is generic over [`Clock`], [`Vm`], [`Outbound`] and [`Inbound`]: the same code
@@ -486,7 +489,8 @@ pub struct Endpoints<'a, C: ?Sized, V: ?Sized, O: ?Sized, I: ?Sized> {
 /// [`Directive::Cancel`]. Before the frame that starts the destination (End, or the
 /// postcopy Switchover) is written, and after a definite refusal or Abort from the
 /// destination, every error leaves the source VM running and each state's unconfirmed
-/// data re-dirtied; unless the failure proves nothing was lost in flight (a refusal, or
+/// data re-dirtied, but [`MigrationError::SourceNotResumed`] (the VM was stopped and a
+/// state's [`MigrationState::reactivate`] or the VM's resume failed: it stays stopped); unless the failure proves nothing was lost in flight (a refusal, or
 /// a cancel or bad input before any Section frame went out), each state's
 /// [`MigrationState::channel_failed`] runs first, since data sent before the last sync
 /// may not have been applied. Once that frame is written, a missing or unreadable answer
@@ -546,6 +550,7 @@ where
         idle_since: Duration::ZERO,
         awaiting_since: None,
         disk_flushed: Bytes(0),
+        query_time: Millis(0),
     };
     l.start = l.clock.now();
     l.bytes_start = l.out.bytes_sent();
@@ -739,6 +744,10 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// ([`Pending::awaiting_destination`]), bounded by [`LoopConfig::answer_timeout`].
     awaiting_since: Option<Duration>,
     disk_flushed: Bytes,
+    /// How long the last exact query took, rounded up: the stop runs that query once more
+    /// with the VM stopped (RAM's last sync, a disk state's count of what its stop
+    /// writes), so it is taken off the downtime limit as `disk_time` is.
+    query_time: Millis,
 }
 
 /// Auto-converge's throttle ends with the attempt, whatever its end (every path drops the
@@ -779,6 +788,11 @@ fn in_doubt(e: &MigrationError, sections: u64) -> bool {
     }
 }
 
+/// `d` in whole milliseconds, rounded up.
+fn millis_up(d: Duration) -> Millis {
+    Millis(u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
 /// What the states wrote to their own storage inside the downtime, summed.
 fn disk_stop(states: &[&mut dyn MigrationState]) -> crate::flush::FlushStats {
     let mut total = crate::flush::FlushStats::default();
@@ -817,7 +831,10 @@ where
         };
         threshold(
             bandwidth,
-            self.config.downtime_limit - self.config.switchover_cost - p.disk_time,
+            self.config.downtime_limit
+                - self.config.switchover_cost
+                - p.disk_time
+                - self.query_time,
         )
     }
 
@@ -1031,7 +1048,9 @@ where
                 // changes from now until the VM stops. (A state with nothing changed
                 // since its last flush writes nothing.)
                 flushed += self.flush_states(states, true)?;
+                let t0 = self.clock.now();
                 p = self.pending(states, true);
+                self.query_time = millis_up(self.clock.now().saturating_sub(t0));
                 exact = true;
             }
             // Nothing between the exact figure and the VM stop but this comparison: the
@@ -1516,6 +1535,9 @@ where
             });
         }
         self.out.lift_rate_limit();
+        for s in states.iter_mut() {
+            s.stopped();
+        }
         let at_stop = self.pending(states, true);
         Ok((t_stop, b_stop, at_stop))
     }

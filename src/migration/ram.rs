@@ -140,6 +140,9 @@ pub struct RamState<M = GuestRam, L = DirtyBitmap> {
     postcopy: bool,
     in_postcopy: bool,
     stopped: bool,
+    /// A sync ran since the VM stopped ([`MigrationState::stopped`]): the log holds
+    /// nothing more, and the completion does not sync again.
+    synced_stopped: bool,
     batch_pages: usize,
     cursor: u64,
     frame: u64,
@@ -233,6 +236,7 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
             postcopy,
             in_postcopy: false,
             stopped: false,
+            synced_stopped: false,
             batch_pages,
             cursor: 0,
             frame: 0,
@@ -315,6 +319,7 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
         if !self.stopped {
             let _ = self.sent_since_sync.take_dirty();
         }
+        self.synced_stopped = self.stopped;
     }
 
     /// Takes up to one batch of pages from to-send, from the cursor on, wrapping once.
@@ -437,6 +442,7 @@ impl<M: GuestMemory, L: DirtyLog> RamState<M, L> {
         Self::give_back(&self.log, &self.to_send);
         Self::give_back(&self.log, &self.sent_since_sync);
         self.stopped = false;
+        self.synced_stopped = false;
         self.in_postcopy = false;
     }
 }
@@ -529,9 +535,14 @@ impl<M: GuestMemory, L: DirtyLog> MigrationState for RamState<M, L> {
         Ok(sent)
     }
 
+    fn stopped(&mut self) {
+        self.stopped = true;
+        self.synced_stopped = false;
+    }
+
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.stopped = true;
-        if !self.in_postcopy {
+        if !self.in_postcopy && !self.synced_stopped {
             self.sync();
         }
         self.send_all(out)
@@ -544,7 +555,9 @@ impl<M: GuestMemory, L: DirtyLog> MigrationState for RamState<M, L> {
             ));
         }
         self.stopped = true;
-        self.sync();
+        if !self.synced_stopped {
+            self.sync();
+        }
         self.in_postcopy = true;
         let page = self.page_size as u64;
         let mut stale = Vec::with_capacity(self.to_send.count() as usize);

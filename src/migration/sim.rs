@@ -1073,6 +1073,9 @@ impl<M: MigrationState> MigrationState for SimMarked<M> {
         self.writer.accrue();
         self.state.after_flush(out)
     }
+    fn stopped(&mut self) {
+        self.state.stopped();
+    }
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes> {
         self.writer.accrue();
         self.state.complete(out)

@@ -226,6 +226,14 @@ pub trait MigrationState {
     /// The channel's error.
     fn complete(&mut self, out: &mut dyn Outbound) -> Result<Bytes>;
 
+    /// The VM stopped for the switchover: called once, right after the stop, before the
+    /// loop's exact query at the stop and [`complete`](Self::complete) or
+    /// [`postcopy_start`](Self::postcopy_start). A state that syncs a dirty log in both
+    /// may take the query's sync as its last (the guest writes nothing more), so that the
+    /// downtime holds one sync, not two. The default does nothing; a state that wraps
+    /// another passes it on.
+    fn stopped(&mut self) {}
+
     /// What the state wrote to its own storage inside the downtime (in
     /// [`complete`](Self::complete) or [`postcopy_start`](Self::postcopy_start)): bytes,
     /// barriers and time, for [`super::Outcome::disk_stop`]. The default: nothing.
