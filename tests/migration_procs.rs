@@ -725,6 +725,87 @@ fn two_processes_a_stop_during_the_retry_wait_starts_no_further_attempt() {
     assert_every_mark_on_disk(&img, &logged);
 }
 
+/// SIGTERM to `send` once it holds the image active but before any wait for a verdict:
+/// in the warm-up, during an attempt (cancelled at its next turn) and in the
+/// `--retry-after` wait after a refused hand-over. Each killed
+/// the process with the image `in_use` (every bitmap of the chain then all dirty); each is
+/// now a stop request: no attempt starts, the guest stops, and the image is inactivated
+/// with every mark on disk.
+#[test]
+fn two_processes_a_stop_before_any_verdict_inactivates_the_source() {
+    let (_, seed) = common::seeded_rng("procs_stop_before_verdict");
+    let seed = seed.to_string();
+    for case in ["warm-up", "attempt", "retry wait"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = new_image(dir.path());
+        let marks = dir.path().join("marks.log");
+        let refuse: &[&str] = if case != "retry wait" {
+            &["--timeout", "60"]
+        } else {
+            &["--refuse", "1", "--attempts", "2", "--timeout", "60"]
+        };
+        let (dest, addr) = listen(p(&img), refuse);
+        let mut args = send_args(p(&img), &addr, p(&marks), &seed);
+        if case == "warm-up" {
+            let w = args.iter().position(|a| *a == "--warm-up").unwrap();
+            args[w + 1] = "60";
+        } else if case == "attempt" {
+            // 16 MiB at 1 MiB/s: an attempt of 16 s at least.
+            let w = args.iter().position(|a| *a == "--max-bandwidth").unwrap();
+            args[w + 1] = "1M";
+            args.extend(["--attempts", "2", "--retry-after", "60"]);
+        } else {
+            args.extend(["--attempts", "2", "--retry-after", "60"]);
+        }
+        let mut src = Proc::spawn("send", &args);
+        if case == "warm-up" {
+            src.wait_for("guest: ");
+            // Some marks first.
+            std::thread::sleep(Duration::from_millis(300));
+        } else if case == "attempt" {
+            src.wait_for("migrating to ");
+            std::thread::sleep(Duration::from_millis(500));
+        } else {
+            src.wait_for("retrying in 60 s");
+        }
+        let asked = Instant::now();
+        src.terminate();
+        src.wait_for("stop requested (SIGINT or SIGTERM): no further attempts");
+        assert!(asked.elapsed() < Duration::from_secs(20), "{case}");
+        let (code, out, err) = src.finish();
+        let text = out.join("\n");
+        assert_eq!(code, 3, "{case}: send:\n{text}\n{err}");
+        assert!(!text.contains("(attempt 2 of 2)"), "{text}");
+        if case == "attempt" {
+            assert!(text.contains("hand-over failed: "), "{text}");
+            assert!(text.contains("cancel"), "{text}");
+        }
+        let last = out
+            .iter()
+            .find(|l| l.starts_with("stopped after"))
+            .unwrap_or_else(|| panic!("{case}: {text}"));
+        assert!(last.contains("(signal)"), "{last}");
+        let logged = read_marks(&marks);
+        assert!(!logged.is_empty(), "{case}: no marks");
+        assert!(last.ends_with(" 0 missing on disk"), "{last}");
+        drop(dest);
+        // Inactivated: consistent and not in use, with every mark.
+        let st = BitmapStore::open(
+            FileStorage::open(&img, OpenMode::ReadOnly).unwrap(),
+            OpenMode::ReadOnly,
+        )
+        .unwrap();
+        assert!(
+            st.list()
+                .iter()
+                .all(|b| b.state == dirty_bitmap::BitmapState::Consistent),
+            "{case}: {:?}",
+            st.list()
+        );
+        assert_every_mark_on_disk(&img, &logged);
+    }
+}
+
 #[test]
 fn two_processes_a_killed_destination_that_changed_more_than_the_flags_is_not_reclaimed() {
     let (_, seed) = common::seeded_rng("procs_dest_crash_changed");

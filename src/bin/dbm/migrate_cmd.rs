@@ -48,7 +48,10 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use dirty_bitmap::migration::guest::new_log;
-use dirty_bitmap::migration::precopy::{checked_config, MAX_ANSWER_TIMEOUT};
+use dirty_bitmap::migration::precopy::{
+    checked_config, Controller, Directive, IterationReport, StallAction, StallReport,
+    MAX_ANSWER_TIMEOUT,
+};
 use dirty_bitmap::migration::tcp::{
     migrate_in_session, DestOptions, Session, SourceOptions, TcpDestination, MAX_TIMEOUT,
 };
@@ -69,6 +72,28 @@ use crate::signals::{self, Ended};
 use crate::size::{self, human};
 use crate::CmdResult;
 use dirty_bitmap::migration::{DiskGuest as Guest, DiskWriter};
+
+/// [`AutoConverge`], and a cancel at the first turn after SIGINT or SIGTERM: the loop
+/// re-dirties what it sent and the guest runs on here, to stop with the image inactivated.
+struct CancelOnStop(AutoConverge);
+
+impl Controller for CancelOnStop {
+    fn on_iteration(&mut self, report: &IterationReport) -> Directive {
+        if signals::stop_requested() {
+            Directive::Cancel
+        } else {
+            self.0.on_iteration(report)
+        }
+    }
+
+    fn on_stall(&mut self, report: &StallReport) -> StallAction {
+        if signals::stop_requested() {
+            StallAction::Cancel
+        } else {
+            self.0.on_stall(report)
+        }
+    }
+}
 
 /// The name both ends give the disk state (`SharedDiskState` and `SharedDiskDest`).
 const DISK_STATE: &str = "disk-bitmaps";
@@ -555,6 +580,9 @@ fn listen(a: &ListenArgs) -> CmdResult {
         say("the guest did not start here");
         return Ok(ExitCode::from(EXIT_NOT_MIGRATED));
     };
+    // The image is active here: SIGINT and SIGTERM are a stop request from now on (the
+    // run below ends at once), never the process dying with its bitmaps `in_use`.
+    signals::install();
     say(format!(
         "guest started here: RAM {} pages, crc32 {:08x}",
         guest.pages(),
@@ -817,6 +845,10 @@ fn send(a: &SendArgs) -> CmdResult {
     )?;
     let file = a.log.as_deref().map(open_log).transpose()?;
     st.activate().map_err(|e| at(&a.image, e))?;
+    // Active from here: SIGINT and SIGTERM become a stop request (the warm-up ends, an
+    // attempt is cancelled, no retry starts), and the guest stops with the image
+    // inactivated, never killed with its bitmaps `in_use`.
+    signals::install();
     let disk_size = st.disk_size();
     let store = SharedStore::new(st);
     say(format!(
@@ -860,7 +892,7 @@ fn send(a: &SendArgs) -> CmdResult {
         human(a.dirty_rate / PAGE * PAGE),
         a.bitmap_writes_per_sec
     ));
-    std::thread::sleep(warm_up);
+    signals::sleep_unless_stopped(warm_up);
 
     let mut disk_state = SharedDiskState::new(DISK_ID, DISK_STATE, store.clone());
     let mut source = Source {
@@ -872,10 +904,10 @@ fn send(a: &SendArgs) -> CmdResult {
     // One migration over every attempt: a retry resumes the RAM the destination kept.
     let mut session = Session::new();
     for attempt in 1..=a.attempts {
-        if attempt > 1 && signals::stop_requested() {
-            // SIGINT or SIGTERM since the wait for a verdict installed the handlers (they
-            // no longer end the process), during an attempt or the wait before this one,
-            // is a stop request: no more attempts, and `run_for` below returns at once.
+        if signals::stop_requested() {
+            // SIGINT or SIGTERM since the activation (the handlers no longer end the
+            // process), in the warm-up, an attempt or the wait before this one, is a stop
+            // request: no more attempts, and `run_for` below returns at once.
             say("stop requested (SIGINT or SIGTERM): no further attempts");
             break;
         }
@@ -913,7 +945,7 @@ fn send(a: &SendArgs) -> CmdResult {
                 &mut session,
                 &mut guest,
                 &mut states,
-                &mut AutoConverge::default(),
+                &mut CancelOnStop(AutoConverge::default()),
             )
         };
         let stopped = guest.stopped;

@@ -1,7 +1,7 @@
 //! SIGINT and SIGTERM as a request to stop, for the commands that run a guest until told
-//! (`dbm migrate listen --run-for`, `dbm migrate send --run-for`): the guest then stops
-//! and the image is inactivated as at the end of the run, instead of the process dying with
-//! its bitmaps `in_use`. And, for `dbm create`, as the end of the process that first
+//! (`dbm migrate listen`, from the guest's start here; `dbm migrate send`, from its
+//! activation of the image): the guest then stops and the image is inactivated as at the
+//! end of the run, instead of the process dying with its bitmaps `in_use`. And, for `dbm create`, as the end of the process that first
 //! removes the file it was making ([`remove_on_signal`]).
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
@@ -15,8 +15,10 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// From here on, SIGINT and SIGTERM set the stop request instead of ending the process.
-fn install() {
+/// From here on, SIGINT and SIGTERM set the stop request instead of ending the process:
+/// for a command from the point it holds an image active, so that a signal is a clean
+/// stop (the image inactivated) instead of the process dying with its bitmaps `in_use`.
+pub fn install() {
     let handler = on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
     // SAFETY: `on_signal` only stores to an atomic; `signal` replaces the default action
     // of two signals, which nothing else in `dbm` handles.
