@@ -1,15 +1,52 @@
 //! Where a command that makes files keeps them: the directory its `--dir` names, or a
-//! fresh temporary directory that is removed when the command ends.
+//! fresh temporary directory that is removed when the command ends, however it ends.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-/// A command's working directory; a temporary one is removed when this drops.
+/// A command's working directory; a temporary one is removed when this drops, or by its
+/// reaper when the process dies first (SIGINT, SIGTERM, a kill: a signal's default action
+/// runs no destructor, and a benchmark's images take gigabytes).
 pub struct WorkDir {
     path: PathBuf,
     /// The temporary directory, held only to be removed on drop.
-    _temp: Option<TempDir>,
+    temp: Option<TempDir>,
+    /// The temporary directory's reaper (see [`reaper`]), if it could be started.
+    reaper: Option<Child>,
+}
+
+/// A process that removes `dir` once this one ends, whatever ends it: `sh` reads its stdin
+/// to end of file and then runs `rm -rf` on the directory. Only this process holds the
+/// pipe's write end (std opens it close-on-exec, so no program this one starts inherits
+/// it), and the kernel closes it when this process goes. The reaper ignores SIGINT,
+/// SIGTERM and SIGHUP, which a terminal sends the whole process group.
+fn reaper(dir: &Path) -> Option<Child> {
+    Command::new("sh")
+        .args([
+            "-c",
+            "trap '' INT TERM HUP; cat > /dev/null; exec rm -rf -- \"$1\"",
+            "dbm-reaper",
+        ])
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // The directory goes first; then the reaper hears the end of its input and finds
+        // nothing left to remove.
+        drop(self.temp.take());
+        if let Some(mut r) = self.reaper.take() {
+            drop(r.stdin.take());
+            let _ = r.wait();
+        }
+    }
 }
 
 impl WorkDir {
@@ -21,7 +58,8 @@ impl WorkDir {
                 std::fs::create_dir_all(d)?;
                 Ok(WorkDir {
                     path: d.to_path_buf(),
-                    _temp: None,
+                    temp: None,
+                    reaper: None,
                 })
             }
             None => Self::temp_in(None),
@@ -35,9 +73,11 @@ impl WorkDir {
             Some(d) => tempfile::tempdir_in(d)?,
             None => tempfile::tempdir()?,
         };
+        let reaper = reaper(temp.path());
         Ok(WorkDir {
             path: temp.path().to_path_buf(),
-            _temp: Some(temp),
+            temp: Some(temp),
+            reaper,
         })
     }
 
