@@ -10,7 +10,11 @@
 //!    made between the two.) An inconsistent bitmap, after a crash, means "everything
 //!    changed": start a new chain and take a full backup.
 //! 3. The backup: copy each dirty extent of the stopped bitmap from the disk into the
-//!    backup file at the same offset, then remove that bitmap.
+//!    backup file at the same offset, then remove that bitmap. Only then: a copy that
+//!    fails is retried from the same stopped bitmap, with no new checkpoint (or, if new
+//!    checkpoints came since, from the union of every bitmap since it:
+//!    `BitmapStore::changed_since`), and a bitmap removed before its copy succeeded takes
+//!    the writes only it held out of every backup.
 //!
 //! `cargo run --example backup_extents`
 

@@ -36,8 +36,11 @@ pub enum Error {
     /// The image uses a feature this crate does not implement, or needs more than one of
     /// its limits (or the machine's) allows: an image too large to check or to address, a
     /// reftable above 8 MiB, bitmaps that would not fit the memory limit of
-    /// [`activate`](crate::BitmapStore::activate), an allocation that failed. The message
-    /// names the feature or the limit.
+    /// [`activate`](crate::BitmapStore::activate), an allocation the crate sizes from the
+    /// image that failed (the check's counters, say). The message names the feature or the
+    /// limit. A buffer a storage could not allocate (a read, or a
+    /// [`MemStorage`](crate::storage::MemStorage) that cannot grow) is an
+    /// [`Error::Io`] of kind `OutOfMemory` instead, as the storage's other failures are.
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// A caller passed a value outside the documented range, or options that conflict (for
@@ -64,8 +67,10 @@ pub enum Error {
         name: BitmapName,
     },
     /// An invariant of this crate did not hold: never expected, a bug to report (debug builds
-    /// panic where it is detected; release builds return this rather than panic). Treat the
-    /// store as after an I/O error: drop it and reopen the image.
+    /// panic where most are detected; release builds return this rather than panic). Also
+    /// the report of a caller's [`Storage`](crate::storage::Storage) that panicked inside
+    /// the background flusher (`FlushThread::stop`). Treat the store as after an I/O
+    /// error: drop it and reopen the image.
     #[error("internal error (a bug in dirty-bitmap, please report it): {0}")]
     Internal(String),
     /// An earlier I/O error left the store in an unknown state; it refuses all further
@@ -132,8 +137,9 @@ pub enum Error {
     #[error("the image is open read-only")]
     ReadOnly,
     /// Another holder of the image file (QEMU, or another open of this crate, also in this
-    /// process) holds one of QEMU's image locks that conflicts with the open; nothing was
-    /// read or written. `shared: false`: the open uses `perm` and the other holder refuses
+    /// process) holds one of QEMU's image locks that conflicts with the open (or with a
+    /// raw data file's hold, `path` then naming the data file, or with taking back writer
+    /// locks an inactivation released); nothing was read or written. `shared: false`: the open uses `perm` and the other holder refuses
     /// to share it (QEMU's `Failed to get "write" lock`); `shared: true`: the open refuses to
     /// share `perm` and the other holder uses it (`Failed to get shared "write" lock`).
     #[error(

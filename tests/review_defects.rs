@@ -1166,7 +1166,7 @@ fn a_barrier_on_a_handed_over_store_is_refused_without_a_write() {
     assert!(
         matches!(
             err,
-            Error::WrongState(dirty_bitmap::StateProblem::NotActive)
+            Error::WrongState(dirty_bitmap::StateProblem::WriterLocksReleased)
         ),
         "{err:?}"
     );

@@ -150,6 +150,10 @@ pub struct ChangedRegions {
 impl ChangedRegions {
     /// An empty set for a bitmap of `nregions` regions (to fill with
     /// [`insert`](Self::insert), say, and hand back with a requeue).
+    ///
+    /// # Panics
+    /// If `nregions / 8` bytes cannot be allocated: pass a bitmap's
+    /// [`region_count`](crate::DirtyBitmap::region_count), which is bounded by its size.
     pub fn empty(nregions: u64) -> Self {
         ChangedRegions {
             words: vec![0; usize::try_from(nregions.div_ceil(64)).unwrap_or(usize::MAX)],
@@ -159,6 +163,9 @@ impl ChangedRegions {
     }
 
     /// Every region of a bitmap of `nregions` regions.
+    ///
+    /// # Panics
+    /// As [`empty`](Self::empty).
     pub fn all(nregions: u64) -> Self {
         let mut s = Self::empty(nregions);
         let tail = nregions % 64;

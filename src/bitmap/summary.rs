@@ -66,7 +66,8 @@
 //! An untrusted search is retried a few times and then answers conservatively, "this block
 //! may hold what you look for", which costs the caller one block scan; so searches never
 //! wait for a clearer, and a clearer preempted inside its window slows searches down
-//! without stopping them. Marks never touch the guard.
+//! without stopping them. Marks never touch the any tower's guard; a mark that fills a
+//! block opens a window of the full tower's (a full-set).
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 use super::atomic::{sc_point, zeroed_words, AtomicU64, WordArray};

@@ -23,18 +23,26 @@
 //! bitmap data itself, whose bit `n` sits in byte `n / 8` at bit `n % 8`
 //! (see [`table::bit_location`]).
 //!
-//! A typical read of an image's bitmaps, given cluster 0 and the directory bytes:
+//! A typical read of an image's bitmaps, from cluster 0 and the directory bytes (the
+//! image made here by the store, in memory):
 //!
 //! ```
 //! use dirty_bitmap::format::{decode_directory, HeaderArea};
-//! # fn demo(cluster0: &[u8], directory: &[u8]) -> Result<(), dirty_bitmap::Corruption> {
-//! let area = HeaderArea::decode(cluster0)?;
-//! if let Some(ext) = area.bitmaps {
-//!     let geometry = area.header.geometry()?;
-//!     for entry in decode_directory(directory, ext.nb_bitmaps, &geometry)? {
-//!         println!("{} in_use={}", entry.name, entry.in_use);
-//!     }
-//! }
+//! use dirty_bitmap::storage::{MemStorage, StorageExt};
+//! use dirty_bitmap::{BitmapStore, Recording};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut store = BitmapStore::create(MemStorage::new(), 1 << 30, 65536)?;
+//! store.add("b", 65536, Recording::Enabled)?;
+//! let file = store.close()?.into_storage();
+//!
+//! let area = HeaderArea::decode(&file.read_vec_at(0, 65536)?)?;
+//! let ext = area.bitmaps.expect("a bitmaps extension");
+//! let directory = file.read_vec_at(ext.directory_offset, ext.directory_size)?;
+//! let entries = decode_directory(&directory, ext.nb_bitmaps, &area.header.geometry()?)?;
+//! assert_eq!(entries.len(), 1);
+//! assert_eq!(entries[0].name, "b");
+//! assert!(!entries[0].in_use && entries[0].auto);
 //! # Ok(()) }
 //! ```
 

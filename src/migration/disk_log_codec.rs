@@ -159,7 +159,8 @@ pub fn encode_log(log: &WriteLog) -> Vec<u8> {
         out.extend_from_slice(&b.dirty.unwrap_or(NO_DIRTY).to_be_bytes());
         let bits_len = rc.div_ceil(8);
         let list_len = 4u64.saturating_add(b.regions.len().saturating_mul(8));
-        if list_len <= bits_len || b.regions.len() > u64::from(u32::MAX) {
+        // A list's count is a u32: longer sets go as bits, whatever their lengths.
+        if list_len <= bits_len && b.regions.len() <= u64::from(u32::MAX) {
             out.push(ENCODING_LIST);
             out.extend_from_slice(&(b.regions.len() as u32).to_be_bytes());
             for r in b.regions.iter() {

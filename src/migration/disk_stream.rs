@@ -2257,7 +2257,8 @@ mod tests {
         // A change since: that region only.
         b.mark_dirty(0, 1);
         assert_eq!(retry(&mut s, 2).unwrap(), 1);
-        // The START held, the regions' section lost: the regions again.
+        // A report below an earlier one (2): nothing it said before can be trusted, so
+        // everything goes again, the START included.
         // (Sections so far: 1 START, 2 REGIONS ×4, 3 REGIONS ×1.)
         assert_eq!(retry(&mut s, 1).unwrap(), 4);
         // Nothing held: START and every region.
@@ -3023,13 +3024,6 @@ mod tests {
         assert!(checked > 0);
     }
 
-    /// A take-over that fails while a bitmap of the stream's name, which the image held at
-    /// another granularity, is still waiting for its removal (a transient read error in
-    /// that removal's preflight, which poisons nothing) must not have `failed` remove it:
-    /// it is the image's own "y", which the take-over never replaced. Nor may "y" go when
-    /// the removal that failed is that of an earlier bitmap the image held `in_use` ("x").
-    /// `failed` removes only what the take-over installed: "y" is back as the image had it,
-    /// and "x" stays `in_use`.
     /// An image whose bitmaps extension is untrusted (autoclear bit 0 clear, as a withdrawn
     /// stop or a writer without bitmap support leaves it) naming two of the stream's
     /// bitmaps: both are planned for removal, and the first removal's commit drops the
@@ -3073,6 +3067,13 @@ mod tests {
         assert_eq!(r.corruptions, 0, "{r:?}");
     }
 
+    /// A take-over that fails while a bitmap of the stream's name, which the image held at
+    /// another granularity, is still waiting for its removal (a transient read error in
+    /// that removal's preflight, which poisons nothing) must not have `failed` remove it:
+    /// it is the image's own "y", which the take-over never replaced. Nor may "y" go when
+    /// the removal that failed is that of an earlier bitmap the image held `in_use` ("x").
+    /// `failed` removes only what the take-over installed: "y" is back as the image had it,
+    /// and "x" stays `in_use`.
     #[test]
     fn a_failed_take_over_leaves_a_bitmap_it_had_not_replaced_yet_as_the_image_had_it() {
         use crate::storage::{FaultPlan, FaultStorage, Trigger};

@@ -166,12 +166,20 @@ impl<'a> DirtyPages<'a> {
     /// If a set bit names a page not below [`pages`](Self::pages).
     pub fn add_words(&mut self, first: u64, words: &[u64]) {
         for (i, &word) in words.iter().enumerate() {
-            let base = first + 64 * i as u64;
+            if word == 0 {
+                continue;
+            }
+            // A base past u64::MAX names no page below `pages`: the panic documented, not
+            // a wrap to low pages.
+            let base = (i as u64)
+                .checked_mul(64)
+                .and_then(|o| first.checked_add(o))
+                .unwrap_or_else(|| panic!("dirty pages from {first} out of {}", self.pages));
             let mut w = word;
             while w != 0 {
                 let start = u64::from(w.trailing_zeros());
                 let run = u64::from((w >> start).trailing_ones());
-                self.add_range(base + start, run);
+                self.add_range(base.saturating_add(start), run);
                 w &= if start + run == 64 {
                     0
                 } else {

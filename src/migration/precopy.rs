@@ -224,7 +224,8 @@ pub struct IterationReport {
     pub pending: Pending,
     /// Whether `pending` is exact.
     pub exact: bool,
-    /// Current threshold.
+    /// The threshold of `pending` (the decision's). The gate compared `estimate` with the
+    /// estimate's own threshold, which differs when the exact figure's disk time does.
     pub threshold: Bytes,
     /// Last measured bandwidth (before the `avail_switchover_bandwidth` override).
     pub bandwidth: BytesPerMs,
@@ -535,7 +536,6 @@ where
         bandwidth: BytesPerMs::ZERO,
         link: config.link_estimate.unwrap_or(BytesPerMs::ZERO),
         expected: BytesPerMs::ZERO,
-        threshold: Bytes(0),
         postcopy_requested: config.start_postcopy,
         throttle: 0,
         iterations: 0,
@@ -719,9 +719,6 @@ struct Loop<'a, C: ?Sized, V: Vm + ?Sized, O: Outbound + ?Sized, I: ?Sized> {
     /// The bandwidth the switchover is computed with: `avail_switchover_bandwidth`, or
     /// the measured one.
     expected: BytesPerMs,
-    /// `expected × (downtime_limit − switchover_cost)`: the threshold of a figure without
-    /// disk time.
-    threshold: Bytes,
     postcopy_requested: bool,
     throttle: u8,
     iterations: u64,
@@ -920,10 +917,6 @@ where
             .config
             .avail_switchover_bandwidth
             .unwrap_or(self.bandwidth);
-        self.threshold = threshold(
-            self.expected,
-            self.config.downtime_limit - self.config.switchover_cost,
-        );
         // Overshoot beyond this window's allowance is charged to the next.
         self.carry = match self.config.max_bandwidth {
             Some(max) => sent + self.carry - max * Millis(elapsed.as_millis() as u64),
@@ -1612,9 +1605,9 @@ where
     }
 
     /// After a postcopy switch: serves page requests ahead of the background push, then
-    /// sends End. Each turn serves at most `iterate_chunk` bytes of requests before it
-    /// pushes: a destination that keeps asking cannot starve the push, which alone ends the
-    /// migration. With [`LoopConfig::max_postcopy_bandwidth`], the push sends at most that
+    /// sends End. Each turn serves requests until `iterate_chunk` bytes went out (the last
+    /// request served whole, however many pages it names) before it pushes: a destination
+    /// that keeps asking cannot starve the push, which alone ends the migration. With [`LoopConfig::max_postcopy_bandwidth`], the push sends at most that
     /// rate times the time since the destination started, plus one chunk and the one batch
     /// a state may send past its budget; a turn with nothing allowed waits a millisecond
     /// and serves requests again.

@@ -19,8 +19,9 @@ impl<S: Storage> BitmapStore<S> {
     /// Marks every consistent bitmap `in_use` on disk and makes its in-memory copy
     /// authoritative, so that a crash from now on leaves it inconsistent rather than falsely
     /// clean. Only the directory's flags words change, in place, with one barrier: each
-    /// lies inside one sector, so a torn write leaves every entry old (clean, and no mark
-    /// was recorded yet) or new (`in_use`); see `docs/CRASH-CONSISTENCY.md`. (QEMU clears
+    /// lies inside one sector, so a torn write leaves every entry old (clean as the last
+    /// stop left it: marks made while inactive were never durable) or new (`in_use`); see
+    /// `docs/CRASH-CONSISTENCY.md`. (QEMU clears
     /// autoclear bit 0 around the directory write, with three barriers; that sequence is
     /// the fallback should the directory ever differ in more than the flags.) Inconsistent
     /// bitmaps are left alone. Does nothing if already active.
@@ -878,7 +879,12 @@ impl<S: Storage> BitmapStore<S> {
     /// while inactive). [`activate`](Self::activate) first, then close, to keep them.
     ///
     /// # Errors
-    /// As [`inactivate`](Self::inactivate).
+    /// As [`inactivate`](Self::inactivate). The store is gone then, whatever the error:
+    /// one that [`inactivate`](Self::inactivate) calls retryable
+    /// ([`Error::Arriving`], [`Error::MarksDuringInactivate`]) leaves the
+    /// image `in_use` on disk (its bitmaps read as inconsistent, all dirty, never clean)
+    /// and the marks held in memory lost. A caller that may meet those calls `inactivate`
+    /// itself, retries, and closes after.
     pub fn close(mut self) -> Result<Image<S>> {
         self.inactivate()?;
         Ok(self.image)

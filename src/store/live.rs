@@ -174,8 +174,9 @@ impl<S: Storage> BitmapStore<S> {
     /// The exact bytes a flush would write now, allocations included (a whole cluster plus
     /// a table entry for each cluster that needs a fresh one; every region of its data
     /// clusters for a bitmap the flush would rewrite whole, see
-    /// [`set_rewrite_threshold`](Self::set_rewrite_threshold)); refcount metadata is not
-    /// counted. Takes each change map, counts, and hands every region back. 0 when inactive.
+    /// [`set_rewrite_threshold`](Self::set_rewrite_threshold); in durable mode, whose
+    /// commit writes only the regions it took, never); refcount metadata is not counted.
+    /// Takes each change map, counts, and hands every region back. 0 when inactive.
     ///
     /// # Errors
     /// A bad table; I/O reading it. No region is lost either way.
@@ -184,7 +185,17 @@ impl<S: Storage> BitmapStore<S> {
             return Ok(0);
         }
         let targets = self.flush_targets()?;
-        flush::pending_exact(&targets, self.image.cluster_size(), self.rewrite_threshold)
+        flush::pending_exact(&targets, self.image.cluster_size(), self.stop_threshold())
+    }
+
+    /// The rewrite threshold the next flush or stop plans with: the durable mode's commit
+    /// writes only the regions it took, in place, never a whole bitmap.
+    fn stop_threshold(&self) -> f64 {
+        if self.durable.is_some() {
+            f64::INFINITY
+        } else {
+            self.rewrite_threshold
+        }
     }
 
     /// What [`inactivate`](Self::inactivate) would write now, estimated for free: the
@@ -202,8 +213,9 @@ impl<S: Storage> BitmapStore<S> {
 
     /// What [`inactivate`](Self::inactivate) would write now, exactly: the
     /// [`pending_exact`](Self::pending_exact) bytes and the barriers: one
-    /// after the data, one for the commit, and the refcount flush's two if a region needs
-    /// a fresh cluster. No region is lost (as `pending_exact`). Nothing when inactive.
+    /// after the data, one for the commit (in durable mode only if a bitmap's recording
+    /// changed: it never set `in_use`), and the refcount flush's two if a region needs a
+    /// fresh cluster. No region is lost (as `pending_exact`). Nothing when inactive.
     ///
     /// # Errors
     /// As [`pending_exact`](Self::pending_exact).
@@ -213,12 +225,19 @@ impl<S: Storage> BitmapStore<S> {
         }
         let targets = self.flush_targets()?;
         let (bytes, fresh) =
-            flush::pending_exact_work(&targets, self.image.cluster_size(), self.rewrite_threshold)?;
+            flush::pending_exact_work(&targets, self.image.cluster_size(), self.stop_threshold())?;
         Ok(self.stop_work(bytes, fresh))
     }
 
     fn stop_work(&self, data: u64, fresh_clusters: u64) -> StopWork {
-        let commit = self.slots.iter().any(|s| s.mem.is_some());
+        // The deferred stop's commit writes the flags (`in_use` cleared) whenever a bitmap
+        // is in memory; the durable one only when a bitmap's recording changed
+        // (`inactivate_durable`: `in_use` was never set).
+        let commit = self.slots.iter().any(|s| {
+            s.mem
+                .as_ref()
+                .is_some_and(|m| self.durable.is_none() || m.is_enabled() != s.entry.auto)
+        });
         StopWork {
             bytes: Bytes(data),
             barriers: u64::from(data > 0)
@@ -234,14 +253,16 @@ impl<S: Storage> BitmapStore<S> {
     /// # Errors
     /// [`Error::ReadOnly`](crate::Error::ReadOnly), [`Error::Poisoned`](crate::Error::Poisoned);
     /// [`Error::WrongState`](crate::Error::WrongState)
-    /// ([`NotActive`](crate::StateProblem::NotActive)) on a store an inactivation handed
-    /// over (its writer locks released: another writer may own the image now, and this
+    /// ([`WriterLocksReleased`](crate::StateProblem::WriterLocksReleased)) on a store an
+    /// inactivation handed over (its writer locks released: another writer may own the image now, and this
     /// handle's first write rewrites cluster 0 when it clears an unknown autoclear bit);
     /// I/O.
     pub fn barrier(&mut self) -> Result<FlushStats> {
         self.ensure_writable()?;
         if self.writer == super::WriterLocks::Released {
-            return Err(crate::Error::WrongState(crate::StateProblem::NotActive));
+            return Err(crate::Error::WrongState(
+                crate::StateProblem::WriterLocksReleased,
+            ));
         }
         let start = std::time::Instant::now();
         let t0 = self.image.sync_time();
