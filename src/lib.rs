@@ -123,6 +123,12 @@ pub mod loom_internals {
     pub fn on_the_shared_slot() {
         crate::bitmap::use_shared_slot();
     }
+
+    /// A store's take of the primary change map (its flusher's): every region if a
+    /// caller's public take or load may have hidden one.
+    pub fn take_primary(bitmap: &DirtyBitmap) -> crate::ChangedRegions {
+        bitmap.take_primary()
+    }
 }
 pub mod units;
 

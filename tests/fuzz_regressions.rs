@@ -78,14 +78,17 @@ fn open_image_in_use_table_past_eof() {
         .image()
         .check()
         .expect("check reports, it does not fail");
-    // The table itself is what it reports: past the end, found from its offset and size.
+    // The table itself is what it reports, once (as QEMU's count of its clusters): past
+    // the end, found from its offset and size, and not read.
     let text = report.messages.join("\n");
     assert!(
         text.contains(
-            "bitmap table at offset 0x1a00 (8388608 bytes) lies past the end of the file"
+            "ERROR bitmap table at 0x1a00 (0x800000 bytes): cluster 0x2600 is beyond the end \
+             of the image file"
         ),
         "{text}"
     );
+    assert_eq!(report.corruptions, 1, "{text}");
 }
 
 /// The header claims 10000 refcount table clusters (5 MiB, under QEMU's 8 MiB limit). QEMU
@@ -126,9 +129,13 @@ fn open_image_l1_table_32mib_past_eof() {
     let report = image.check().expect("check reports, it does not fail");
     let text = report.messages.join("\n");
     assert!(
-        text.contains("L1 table at offset 0x600 (33554432 bytes) lies past the end of the file"),
+        text.contains(
+            "ERROR L1 table at 0x600 (0x2000000 bytes): cluster 0x2600 is beyond the end of \
+             the image file"
+        ),
         "{text}"
     );
+    assert_eq!(report.corruptions, 1, "{text}");
 }
 
 /// 65536 snapshots (QEMU's limit) whose table runs off the end of the file. Its first

@@ -940,3 +940,37 @@ fn a_registered_write_racing_an_enable_is_in_the_bitmap() {
         assert_consistent(&bm);
     });
 }
+
+/// A caller's public take of a store's bitmap races the store's take (a flush) and a guest
+/// mark: the mark's region is in what the store serialized after its take, or in its next
+/// take. With the flag set only before the caller's take, a store take in between used it
+/// up, the mark landed, the caller's take removed its region, and the store's next take
+/// found nothing: at the stop, a granule written and on disk as clean.
+#[test]
+fn a_callers_take_never_hides_a_change_from_the_stores_next_take() {
+    use dirty_bitmap::loom_internals::take_primary;
+    model(|| {
+        let bm = Arc::new(DirtyBitmap::new(BLOCK, G).unwrap());
+        assert_eq!(bm.region_count(), 1);
+        let caller = {
+            let bm = Arc::clone(&bm);
+            thread::spawn(move || {
+                let _ = bm.take_changed();
+            })
+        };
+        let guest = {
+            let bm = Arc::clone(&bm);
+            thread::spawn(move || bm.mark_dirty(0, 1))
+        };
+        // The store's flush: take, then serialize what it took.
+        let first = take_primary(&bm);
+        let written = first.contains(0) && bm.is_dirty(0);
+        caller.join().unwrap();
+        guest.join().unwrap();
+        let next = take_primary(&bm);
+        assert!(
+            written || next.contains(0),
+            "the mark's region is in neither the store's write nor its next take"
+        );
+    });
+}

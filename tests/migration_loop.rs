@@ -330,6 +330,9 @@ impl MigrationState for Observed<'_> {
     fn id(&self) -> dirty_bitmap::migration::StateId {
         self.inner.id()
     }
+    fn stopped(&mut self) {
+        self.inner.stopped();
+    }
     fn name(&self) -> &str {
         self.inner.name()
     }

@@ -664,3 +664,48 @@ fn parse_case(s: &str) -> Result<(Geo, Vec<Op>), String> {
     }
     Ok((geo, ops))
 }
+
+/// Four tower levels (more than 2^27 bits: 128 GiB at 512 B, 32 MiB of words), which the
+/// proptests above (three levels at most) never build: runs at and around each level's
+/// boundaries (2^9, 2^15, 2^21 and 2^27 bits) and at the disk's partial end are found by
+/// `dirty_extents`, `next_dirty` and `next_clean` as the bits say.
+#[test]
+fn a_four_level_tower_finds_runs_around_every_levels_boundaries() {
+    use rand::RngExt;
+    const BITS: u64 = (1 << 28) + 777;
+    let (mut rng, _) = common::seeded_rng("four_level_tower");
+    let bm = DirtyBitmap::new(BITS * TALL_G, TALL_G).unwrap();
+    let mut bits = BTreeSet::new();
+    let mark = |start: u64, len: u64, bits: &mut BTreeSet<u64>| {
+        let len = len.min(BITS - start);
+        bm.mark_dirty(start * TALL_G, len * TALL_G);
+        bits.extend(start..start + len);
+    };
+    let mut probes = vec![0, BITS - 1];
+    for _ in 0..80 {
+        let level = [9u32, 15, 21, 27][rng.random_range(0..4usize)];
+        let k = rng.random_range(1..=(BITS - 1) >> level);
+        let start = (k << level)
+            .saturating_add_signed(rng.random_range(-3i64..=3))
+            .min(BITS - 1);
+        mark(start, rng.random_range(1..300u64), &mut bits);
+        probes.extend([k << level, (k << level) - 1, start.saturating_sub(1)]);
+    }
+    mark(BITS - 5, 5, &mut bits);
+    assert_eq!(bm.dirty_extents().collect::<Vec<_>>(), extents_of(&bits));
+    probes.extend(bits.iter().step_by(97).flat_map(|&b| [b, b + 1]));
+    for p in probes.into_iter().filter(|&p| p < BITS) {
+        let want_dirty = bits.range(p..).next().map(|&b| b * TALL_G);
+        assert_eq!(
+            bm.next_dirty(p * TALL_G),
+            want_dirty,
+            "next_dirty at bit {p}"
+        );
+        let want_clean = (p..BITS).find(|b| !bits.contains(b)).map(|b| b * TALL_G);
+        assert_eq!(
+            bm.next_clean(p * TALL_G),
+            want_clean,
+            "next_clean at bit {p}"
+        );
+    }
+}

@@ -88,6 +88,9 @@ pub struct DirtyBitmap {
     /// owner (a store's flusher), until that owner's next take
     /// ([`take_primary`](Self::take_primary)), which then takes every region.
     disturbed: AtomicU8,
+    /// Public takes and loads in progress: while one runs, the owner's takes return every
+    /// region and leave `disturbed` set, and `primary_pending` counts every region.
+    disturbing: AtomicU64,
 }
 
 /// `state` bit: marks are recorded ([`set_enabled`](DirtyBitmap::set_enabled)).
@@ -168,6 +171,7 @@ impl DirtyBitmap {
             state: AtomicU8::new(ENABLED | fenced),
             incomplete: AtomicU64::new(0),
             disturbed: AtomicU8::new(0),
+            disturbing: AtomicU64::new(0),
             geo,
         }
     }
@@ -966,10 +970,22 @@ impl DirtyBitmap {
     /// flush or stop writes every region of the bitmap (it cannot tell which it missed):
     /// nothing is lost, but watch changes with [`add_consumer`](Self::add_consumer) instead.
     pub fn take_changed(&self) -> ChangedRegions {
-        // Before the take: an owner whose take finds a region gone finds this flag set (its
-        // take of that change-map word reads this one's or a later value).
-        self.disturbed.store(1, SeqCst);
-        self.take_primary_unflagged()
+        self.disturbing(|| self.take_primary_unflagged())
+    }
+
+    /// Runs a public take or load of the primary map inside the `disturbing` count, with
+    /// `disturbed` set before and after. An owner's take that overlaps it, in either
+    /// order, sees the count (and takes every region, the flag left set); one that comes
+    /// after sees the flag set after the work; a region this take removed before an
+    /// owner's take read its change-map word is covered the same way (that read returns
+    /// this take's swap or a later value, after the count went up).
+    fn disturbing<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.disturbing.fetch_add(1, SeqCst);
+        self.disturbed.fetch_or(1, SeqCst);
+        let r = f();
+        self.disturbed.fetch_or(1, SeqCst);
+        self.disturbing.fetch_sub(1, SeqCst);
+        r
     }
 
     /// The primary map's owner's take (a store's flusher): the regions changed since its
@@ -978,6 +994,13 @@ impl DirtyBitmap {
     /// one: a region another take took from under this one is covered).
     pub(crate) fn take_primary(&self) -> ChangedRegions {
         let taken = self.take_primary_unflagged();
+        // Read-modify-writes, which read the last value of each word: a caller's count or
+        // flag is never missed for an older value.
+        if self.disturbing.fetch_add(0, SeqCst) != 0 {
+            // The flag stays for the take after this one: the public take or load may
+            // remove or add more once this one returned.
+            return ChangedRegions::all(self.region_count());
+        }
         if self.disturbed.swap(0, SeqCst) != 0 {
             return ChangedRegions::all(self.region_count());
         }
@@ -987,7 +1010,7 @@ impl DirtyBitmap {
     /// The regions the primary map's owner's next [`take_primary`](Self::take_primary)
     /// would return now: every region while a public take or load has disturbed the map.
     pub(crate) fn primary_pending(&self) -> u64 {
-        if self.disturbed.load(SeqCst) != 0 {
+        if self.disturbing.load(SeqCst) != 0 || self.disturbed.load(SeqCst) != 0 {
             self.region_count()
         } else {
             self.changes.count()
@@ -1060,10 +1083,9 @@ impl DirtyBitmap {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or
     /// `bytes` of the wrong length.
     pub fn load_region(&self, region: u64, bytes: &[u8]) -> Result<()> {
-        if self.load_region_unflagged(region, bytes)? {
-            self.disturbed.store(1, SeqCst);
-        }
-        Ok(())
+        self.check_region(region, bytes.len())?;
+        self.disturbing(|| self.load_region_unflagged(region, bytes))
+            .map(drop)
     }
 
     /// [`load_region`](Self::load_region) of bytes the primary map's owner knows are on its

@@ -225,7 +225,8 @@ pub struct IterationReport {
     /// Whether `pending` is exact.
     pub exact: bool,
     /// The threshold of `pending` (the decision's). The gate compared `estimate` with the
-    /// estimate's own threshold, which differs when the exact figure's disk time does.
+    /// estimate's own threshold, which differs when the exact figure's disk time does, or
+    /// when this turn's exact query took another time than the last one (`query_time`).
     pub threshold: Bytes,
     /// Last measured bandwidth (before the `avail_switchover_bandwidth` override).
     pub bandwidth: BytesPerMs,

@@ -114,10 +114,22 @@ pub fn repair<S: Storage>(storage: S, what: Repair) -> Result<(Image<S>, RepairR
     let (image, ext_problem) = Image::open_untrusting_bitmaps(storage, OpenMode::ReadWrite)?;
     let (base_report, base) = image.references_without_bitmaps()?;
     if base_report.corruptions > 0 {
+        // `qemu-img check -r all` repairs the rest, and keeps a broken bitmap (a table past
+        // the end of the file becomes one of zeros: clean): say so when any bitmap is
+        // broken, or the bitmaps add findings, or that cannot be told.
+        let bitmaps_broken = ext_problem.is_some()
+            || triage_bitmaps(&image)?.is_some_and(|t| !t.is_sound())
+            || image
+                .references()
+                .map_or(true, |(full, _)| full.corruptions > base_report.corruptions);
         return Err(Corruption::CheckFailed {
             corruptions: base_report.corruptions,
             first: base_report.messages.first().cloned().unwrap_or_default(),
-            found: CheckFindings::Image,
+            found: if bitmaps_broken {
+                CheckFindings::Both
+            } else {
+                CheckFindings::Image
+            },
         }
         .into());
     }

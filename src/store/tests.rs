@@ -533,29 +533,32 @@ fn a_shared_cluster_in_a_corrupt_image_is_never_freed_from_under_its_other_owner
 #[test]
 fn a_callers_take_or_load_on_a_stores_bitmap_makes_the_next_flush_write_every_region() {
     const G: u64 = 4096;
+    // 1 GiB at 4 KiB: 8 regions of 128 MiB of disk; the write lands in region 5.
+    const AT: u64 = 5 * (128 * MIB) + 5 * G;
     type Step = fn(&DirtyBitmap);
     let steps: [(&str, Step); 3] = [
         ("take", |b| {
-            b.mark_dirty(5 * G, 1);
-            assert!(!b.take_changed().is_empty());
+            b.mark_dirty(AT, 1);
+            assert!(b.take_changed().contains(5));
         }),
         ("take of nothing", |b| {
-            b.mark_dirty(5 * G, 1);
+            b.mark_dirty(AT, 1);
             let _ = b.take_changed();
             let _ = b.take_changed();
         }),
         ("load", |b| {
-            let mut bytes = vec![0u8; b.region_len(0) as usize];
+            let mut bytes = vec![0u8; b.region_len(5) as usize];
             bytes[0] = 1 << 5;
-            b.load_region(0, &bytes).unwrap();
+            b.load_region(5, &bytes).unwrap();
         }),
     ];
     for (what, step) in steps {
         for flush_first in [false, true] {
-            let mut s = new_store(16 * MIB, 4096);
+            let mut s = new_store(1 << 30, 4096);
             s.add("b", G, Recording::Enabled).unwrap();
             s.activate().unwrap();
             let b = s.bitmap("b").unwrap();
+            assert_eq!(b.region_count(), 8);
             step(&b);
             assert_eq!(
                 s.pending_estimate(),
@@ -573,7 +576,7 @@ fn a_callers_take_or_load_on_a_stores_bitmap_makes_the_next_flush_write_every_re
             let s = BitmapStore::open(image.into_storage(), OpenMode::ReadOnly).unwrap();
             let got = s.load("b").unwrap();
             assert!(
-                got.is_dirty(5 * G),
+                got.is_dirty(AT),
                 "{what} (flush first: {flush_first}): lost"
             );
             assert_eq!(got.count(), 1, "{what}");
@@ -600,12 +603,22 @@ fn a_refused_write_says_whether_the_findings_lie_in_the_bitmaps() {
     };
     let mut s = broken(&|s| table_offset(s, "x"));
     assert_eq!(found(&mut s), CheckFindings::Bitmaps);
+    // `dbm check -r all` refuses an image corrupt outside its bitmaps, and says the same.
+    let repaired = |s: &BitmapStore<MemStorage>| {
+        let bytes = s.image().storage().to_vec();
+        match super::repair::repair(MemStorage::from_bytes(bytes), super::repair::Repair::All) {
+            Err(Error::Corrupt(Corruption::CheckFailed { found, .. })) => found,
+            r => panic!("{:?}", r.map(|(_, report)| report)),
+        }
+    };
     let mut s = broken(&|s| s.image().header().l1_table_offset);
     assert_eq!(found(&mut s), CheckFindings::Image);
+    assert_eq!(repaired(&s), CheckFindings::Image);
     let t = table_offset(&s, "x");
     s.image.free_clusters(t, 1).unwrap();
     s.image.flush_refcounts().unwrap();
     assert_eq!(found(&mut s), CheckFindings::Both);
+    assert_eq!(repaired(&s), CheckFindings::Both);
 }
 
 #[test]

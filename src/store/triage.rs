@@ -20,9 +20,10 @@ pub struct TriagedBitmap {
     /// Why the bitmap is broken (the entry's problem, or its table's), or `None` when QEMU
     /// would load it.
     pub broken: Option<String>,
-    /// Whether what breaks it is a table reaching past the end of the file. QEMU does not
-    /// refuse that: it reads the missing part as zeros, so it may load the bitmap as clean
-    /// there, and a QEMU writer then saves it so. This crate refuses it as broken.
+    /// Whether what breaks it is a table reaching past the end of the file (but not past
+    /// QEMU's largest request end, 2^63 − 2^30). QEMU does not refuse that: it reads the
+    /// missing part as zeros, so it may load the bitmap as clean there, and a QEMU writer
+    /// then saves it so. This crate refuses it as broken.
     pub table_past_end: bool,
 }
 
@@ -128,8 +129,12 @@ fn ensure_tables_fit<S: Storage>(image: &Image<S>, entries: &[TriagedEntry]) -> 
     crate::image::check::ensure_tables_fit("bitmap table", file, longest)
 }
 
+/// QEMU's `BDRV_MAX_LENGTH`: `INT64_MAX` aligned down to 1 GiB, the end no request may pass.
+const QEMU_MAX_LENGTH: u64 = (1 << 63) - (1 << 30);
+
 /// Why the table of `e` cannot be loaded, if it cannot, and whether that is because it
-/// reaches past the end of the file.
+/// reaches past the end of the file (not past QEMU's largest request end), which QEMU
+/// reads as zeros.
 ///
 /// # Errors
 /// [`Error::Io`] when the read fails (see [`image_problem`]).
@@ -139,7 +144,15 @@ fn table_problem<S: Storage>(
 ) -> Result<Option<(String, bool)>> {
     let len = u64::from(e.table_size).saturating_mul(8);
     match read_metadata(image.storage(), "bitmap table", e.table_offset, len) {
-        Err(err) => image_problem(err).map(|why| Some((why, true))),
+        // QEMU reads a table past the end of the file as zeros, up to its largest request
+        // end (`BDRV_MAX_LENGTH`); beyond that its read fails and it refuses the image.
+        Err(err) => image_problem(err).map(|why| {
+            let zeros = e
+                .table_offset
+                .checked_add(len)
+                .is_some_and(|end| end <= QEMU_MAX_LENGTH);
+            Some((why, zeros))
+        }),
         Ok(bytes) => Ok(
             decode_table(&bytes, e.table_size, image.header().cluster_bits)
                 .err()

@@ -65,7 +65,7 @@ pub fn run(args: &LoadArgs) -> CmdResult {
     if args.repeat == 0 || args.disk_size == 0 {
         return Err("--repeat and --disk-size must be at least 1".into());
     }
-    let dir = tempfile::tempdir()?;
+    let dir = crate::work_dir::WorkDir::temp_in(None)?;
     let img = dir.path().join("full.qcow2");
     build(&img, args.disk_size)?;
     let exe = std::env::current_exe()?;

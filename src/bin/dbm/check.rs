@@ -210,6 +210,8 @@ pub fn count_extension_problem(r: &mut CheckReport, problem: Option<&Corruption>
 
 /// Runs `dbm check`.
 pub fn run(args: &CheckArgs) -> CmdResult {
+    // Whether a repair wrote anything: only then is a lost report a committed change's.
+    let mut wrote = false;
     let (img, problem) = match &args.repair {
         None => image_untrusting_bitmaps(&args.image, args.force_share)?,
         Some(what) => {
@@ -244,6 +246,11 @@ pub fn run(args: &CheckArgs) -> CmdResult {
             if !args.quiet {
                 crate::out::to_stderr(&repaired_text(&done));
             }
+            wrote = !done.removed.is_empty()
+                || done.extension_dropped.is_some()
+                || done.leaks_freed > 0
+                || done.refcounts_raised > 0
+                || !done.made_all_dirty.is_empty();
             // The verdict is the file's, as QEMU would open it now: the image the repair
             // hands back holds the header it read, with a refused extension untrusted in
             // memory (and `-r leaks` leaves that extension on disk). The storage, and its
@@ -267,8 +274,9 @@ pub fn run(args: &CheckArgs) -> CmdResult {
         } else {
             text(&report, virtual_clusters)
         };
-        // After a repair the exit status is the repaired file's verdict, printed or not.
-        if args.repair.is_some() {
+        // After a repair that wrote, the exit status is the repaired file's verdict,
+        // printed or not.
+        if wrote {
             emit_done(&out);
         } else {
             emit(&out)?;

@@ -251,7 +251,11 @@ pub fn run(args: &DumpArgs) -> CmdResult {
     // all dirty): refused here as an inconsistent bitmap is, whichever one is named.
     if let Some(t) = triage_bitmaps(st.image()).map_err(|e| at(&args.image, e))? {
         if let Some(b) = t.bitmaps.iter().find(|b| b.broken.is_some()) {
-            let why = if b.table_past_end {
+            let why = if t
+                .bitmaps
+                .iter()
+                .all(|b| b.broken.is_none() || b.table_past_end)
+            {
                 "its table reaches past the end of the file, which QEMU reads as clean"
             } else {
                 "QEMU refuses the image"

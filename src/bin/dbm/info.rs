@@ -351,7 +351,8 @@ pub fn gather_broken(
     }
     let mode = StoreMode::of(image.area());
     // QEMU refuses the image for any broken bitmap but one whose table reaches past the
-    // end of the file, which it reads as zeros.
+    // end of the file, which it reads as zeros (and then says so only if nothing else
+    // makes it refuse the image).
     let qemu_refuses = triage
         .bitmaps
         .iter()
@@ -362,7 +363,7 @@ pub fn gather_broken(
         .map(|b| {
             let raw = &b.entry.raw;
             let reason = match &b.broken {
-                Some(why) if b.table_past_end => format!(
+                Some(why) if b.table_past_end && !qemu_refuses => format!(
                     "broken: {why}; QEMU reads the missing table as zeros, so it may load \
                      the bitmap as clean and a QEMU writer save it so: remove it with `dbm \
                      check -r all` before QEMU opens the image"

@@ -844,11 +844,12 @@ fn send(a: &SendArgs) -> CmdResult {
         batch_pages as usize,
     )?;
     let file = a.log.as_deref().map(open_log).transpose()?;
-    st.activate().map_err(|e| at(&a.image, e))?;
-    // Active from here: SIGINT and SIGTERM become a stop request (the warm-up ends, an
-    // attempt is cancelled, no retry starts), and the guest stops with the image
-    // inactivated, never killed with its bitmaps `in_use`.
+    // From the activation on: SIGINT and SIGTERM become a stop request (the warm-up ends,
+    // an attempt is cancelled, no retry starts), and the guest stops with the image
+    // inactivated, never killed with its bitmaps `in_use` (installed first, so that one
+    // during the activation's own writes is a request too).
     signals::install();
+    st.activate().map_err(|e| at(&a.image, e))?;
     let disk_size = st.disk_size();
     let store = SharedStore::new(st);
     say(format!(

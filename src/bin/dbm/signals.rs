@@ -18,13 +18,24 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// From here on, SIGINT and SIGTERM set the stop request instead of ending the process:
 /// for a command from the point it holds an image active, so that a signal is a clean
 /// stop (the image inactivated) instead of the process dying with its bitmaps `in_use`.
+/// A signal the process ignores (a command started in the background of a script ignores
+/// SIGINT) stays ignored: a Ctrl-C meant for the script is not a stop request.
 pub fn install() {
     let handler = on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
-    // SAFETY: `on_signal` only stores to an atomic; `signal` replaces the default action
-    // of two signals, which nothing else in `dbm` handles.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `sigaction` reads the current disposition into a zeroed struct; `signal`
+        // then replaces the default action (or this handler itself) with `on_signal`,
+        // which only stores to an atomic. Nothing else in `dbm` handles these two signals
+        // while a command that installs this runs.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
+            libc::signal(sig, handler);
+        }
     }
 }
 

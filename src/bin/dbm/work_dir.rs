@@ -18,7 +18,8 @@ pub struct WorkDir {
 }
 
 /// A process that removes `dir` once this one ends, whatever ends it: `sh` reads its stdin
-/// to end of file and then runs `rm -rf` on the directory. Only this process holds the
+/// to end of file and then runs `rm -rf` on the directory (only then: a `cat` that fails,
+/// missing or killed, leaves the directory to the drop instead of removing it early). Only this process holds the
 /// pipe's write end (std opens it close-on-exec, so no program this one starts inherits
 /// it), and the kernel closes it when this process goes. The reaper ignores SIGINT,
 /// SIGTERM and SIGHUP, which a terminal sends the whole process group.
@@ -26,7 +27,7 @@ fn reaper(dir: &Path) -> Option<Child> {
     Command::new("sh")
         .args([
             "-c",
-            "trap '' INT TERM HUP; cat > /dev/null; exec rm -rf -- \"$1\"",
+            "trap '' INT TERM HUP; cat > /dev/null && exec rm -rf -- \"$1\"",
             "dbm-reaper",
         ])
         .arg(dir)
