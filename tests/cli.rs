@@ -1001,6 +1001,19 @@ fn listen_refuses_a_log_it_cannot_write_before_it_listens() {
     }
 }
 
+/// Gives `img` (64 KiB clusters, 16-bit refcounts, one refcount block) a leak: a cluster
+/// past the end of everything, its refcount raised by hand.
+fn add_leak(img: &Path) {
+    let mut bytes = std::fs::read(img).unwrap();
+    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
+    let rt = area.header.refcount_table_offset as usize;
+    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
+    let clusters = bytes.len() / 65536;
+    bytes.resize(bytes.len() + 65536, 0);
+    bytes[block + 2 * clusters..block + 2 * clusters + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(img, &bytes).unwrap();
+}
+
 /// A command whose change was committed exits 0 when its report cannot be written (stdout
 /// on a full disk), and the report goes to stderr with a warning: exit 1 would make a
 /// script take the change for not made (and a removal's "made all dirty" notice would be
@@ -1054,16 +1067,8 @@ fn a_committed_change_whose_report_cannot_be_written_still_exits_0() {
     let (code, err) = check(&img);
     assert_eq!(code, Some(1), "{err}");
     assert!(!err.contains("committed"), "{err}");
-    // A leak: a cluster past the end of everything, its refcount raised by hand. Its
-    // repair is committed, and its lost report says so with exit 0.
-    let mut bytes = std::fs::read(&img).unwrap();
-    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
-    let rt = area.header.refcount_table_offset as usize;
-    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
-    let clusters = bytes.len() / 65536;
-    bytes.resize(bytes.len() + 65536, 0);
-    bytes[block + 2 * clusters..block + 2 * clusters + 2].copy_from_slice(&1u16.to_be_bytes());
-    std::fs::write(&img, &bytes).unwrap();
+    // A leak: its repair is committed, and its lost report says so with exit 0.
+    add_leak(&img);
     let (code, err) = check(&img);
     assert_eq!(code, Some(0), "{err}");
     assert!(
@@ -3044,15 +3049,7 @@ fn qemu_img_spellings_are_accepted_and_agree_with_qemu_img() {
     }
     assert!(text(&run("qemu-img", &["check", p(&data)]).stdout).contains("fragmented"));
     both(&data);
-    // A leak: a cluster past the end of everything, its refcount raised by hand.
-    let mut bytes = std::fs::read(&img).unwrap();
-    let area = HeaderArea::decode(&bytes[..65536]).unwrap();
-    let rt = area.header.refcount_table_offset as usize;
-    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
-    let clusters = bytes.len() / 65536;
-    bytes.resize(bytes.len() + 65536, 0);
-    bytes[block + 2 * clusters..block + 2 * clusters + 2].copy_from_slice(&1u16.to_be_bytes());
-    std::fs::write(&img, &bytes).unwrap();
+    add_leak(&img);
     both(&img);
     // Several verbs in one call: clear, then disable.
     dbm_ok(&["check", "-r", "leaks", i]);

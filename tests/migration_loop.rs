@@ -1489,26 +1489,18 @@ impl dirty_bitmap::migration::DirtyLog for SlowLog {
 #[test]
 fn a_slow_harvest_runs_once_in_the_downtime_and_is_priced() {
     for (pages, rate) in [(1024, 0.5), (2048, 2.0), (4096, 4.0)] {
-        let ram = Arc::new(GuestRam::new(pages).unwrap());
-        let log = Arc::new(new_log(&ram).unwrap());
-        let sim = Sim::new(
-            Arc::clone(&ram),
-            Arc::clone(&log),
-            rate,
-            Pattern::Uniform,
-            per_ms(4096.0),
-            7,
-        );
+        let rig = Rig::new(pages, rate, per_ms(4096.0));
+        let sim = &rig.sim;
         // The simulation is single-threaded (`Rc`): so is this log.
         #[allow(clippy::arc_with_non_send_sync)]
         let slow = Arc::new(SlowLog {
-            log,
+            log: Arc::clone(&rig.log),
             sim: sim.clone(),
             stopped_harvests: std::cell::Cell::new(0),
         });
         let mut state = RamState::new(
             RAM_ID,
-            Arc::clone(&ram),
+            Arc::clone(&rig.ram),
             Arc::clone(&slow),
             SetupMode::Full,
             false,
@@ -1543,6 +1535,7 @@ fn a_slow_harvest_runs_once_in_the_downtime_and_is_priced() {
             out.downtime <= Duration::from_millis(300),
             "{pages}: {out:?}"
         );
+        rig.assert_same_ram();
     }
 }
 
