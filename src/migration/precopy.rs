@@ -406,6 +406,10 @@ pub struct Outcome {
     pub exact_at_switch: bool,
     /// The threshold it was compared with.
     pub threshold_at_switch: Bytes,
+    /// The last exact query's time, which that threshold took off the limit beside the
+    /// disk time (the stop runs the query once more): `threshold_at_switch` is the
+    /// bandwidth × (limit − switchover cost − disk time − this).
+    pub query_time_at_switch: Millis,
     /// Total bytes on the wire.
     pub total_bytes: Bytes,
     /// Clock time from start to end.
@@ -1451,6 +1455,7 @@ where
             pending_at_stop: at_stop,
             exact_at_switch: turn.exact,
             threshold_at_switch: turn.threshold,
+            query_time_at_switch: self.query_time,
             total_bytes: self.out.bytes_sent() - self.bytes_start,
             total_time: self.clock.now().saturating_sub(self.start),
             iterations: self.iterations,

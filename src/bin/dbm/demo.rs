@@ -652,7 +652,7 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     }
     say("")?;
     say(format!("transport: {}", run.transport))?;
-    let (pending, threshold) = match (&run.end, run.switch) {
+    let (pending, threshold, query) = match (&run.end, run.switch) {
         (End::Converged, Some(s)) => s,
         (End::Converged, None) => return Err("a switchover without its figures".into()),
         (End::Stalled, _) => {
@@ -689,13 +689,15 @@ pub fn run_migration_part(args: &DemoArgs, seed: u64, dir: &Path) -> Res<Part> {
     let dest_ms = d.dest_time_estimate.map_or(0, |m| m.get());
     say(format!(
         "the switchover rule: network pending {} bytes ≤ bandwidth × (limit {} ms − disk stop \
-         time {disk_ms} ms) = {} bytes; the disk stop time is the source's inactivate, timed \
+         time {disk_ms} ms − the exact query's {} ms) = {} bytes (the stop runs that query \
+         once more); the disk stop time is the source's inactivate, timed \
          from the precopy flushes ({} written while the guest ran), and the destination's \
          activate, {dest_ms} ms: the regions of the source's last write log (and of any the \
          destination has not said it applied) read again, at the time per region of a load \
          timed at setup",
         pending.total().get(),
         args.downtime_limit,
+        query.get(),
         threshold.get(),
         human(d.flushed.get()),
     ))?;

@@ -479,8 +479,9 @@ pub struct Run {
     pub downtime: Option<Duration>,
     /// Bytes sent during the downtime, for a switchover.
     pub bytes_in_downtime: Option<Bytes>,
-    /// Pending figure and threshold the switchover was decided on.
-    pub switch: Option<(Pending, Bytes)>,
+    /// Pending figure and threshold the switchover was decided on, and the exact query's
+    /// time that threshold took off the limit.
+    pub switch: Option<(Pending, Bytes, Millis)>,
     /// The exact figure again just after the VM stopped: the decision's figure plus what
     /// the guest wrote between that sync and the stop. The downtime sends at most this.
     pub at_stop: Option<Pending>,
@@ -874,7 +875,11 @@ pub fn migrate(
                     run.end = End::Converged;
                     run.downtime = Some(o.downtime);
                     run.bytes_in_downtime = Some(o.bytes_in_downtime);
-                    run.switch = Some((o.pending_at_switch, o.threshold_at_switch));
+                    run.switch = Some((
+                        o.pending_at_switch,
+                        o.threshold_at_switch,
+                        o.query_time_at_switch,
+                    ));
                     run.at_stop = Some(o.pending_at_stop);
                     // The source is stopped: its RAM is the RAM at the stop.
                     let same = report
