@@ -990,8 +990,8 @@ impl DirtyBitmap {
 
     /// The primary map's owner's take (a store's flusher): the regions changed since its
     /// last take, or every region if a public [`take_changed`](Self::take_changed) or
-    /// [`load_region`](Self::load_region) ran since (set before that take, read after this
-    /// one: a region another take took from under this one is covered).
+    /// [`load_region`](Self::load_region) runs or ran since (see `disturbing`: a region
+    /// another take took from under this one is covered).
     pub(crate) fn take_primary(&self) -> ChangedRegions {
         let taken = self.take_primary_unflagged();
         // Read-modify-writes, which read the last value of each word: a caller's count or
@@ -1010,7 +1010,8 @@ impl DirtyBitmap {
     /// The regions the primary map's owner's next [`take_primary`](Self::take_primary)
     /// would return now: every region while a public take or load has disturbed the map.
     pub(crate) fn primary_pending(&self) -> u64 {
-        if self.disturbing.load(SeqCst) != 0 || self.disturbed.load(SeqCst) != 0 {
+        // Read-modify-writes, as in `take_primary`.
+        if self.disturbing.fetch_add(0, SeqCst) != 0 || self.disturbed.fetch_or(0, SeqCst) != 0 {
             self.region_count()
         } else {
             self.changes.count()
@@ -1076,8 +1077,8 @@ impl DirtyBitmap {
     /// region may be overwritten.
     ///
     /// On a bitmap a [`BitmapStore`](crate::BitmapStore) holds, the bytes are not what its
-    /// disk holds: a load that changes a word makes the store's next flush or stop write
-    /// every region of the bitmap (see [`take_changed`](Self::take_changed)).
+    /// disk holds: a load makes the store's next flush or stop write every region of the
+    /// bitmap (see [`take_changed`](Self::take_changed)).
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a region past the end or
