@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::qemu::{assert_qemu_clean, bitmap_triples, ok, p, qemu_bitmaps, run, tool};
-use dirty_bitmap::format::{decode_directory, decode_table, HeaderArea, TableEntry};
+use dirty_bitmap::format::{decode_directory, decode_table, DirEntry, HeaderArea, TableEntry};
 use serde_json::Value;
 
 const KIB: u64 = 1 << 10;
@@ -236,18 +236,32 @@ fn refcount_at(bytes: &[u8], cluster_off: u64) -> u64 {
     block + 2 * (cluster % per_block)
 }
 
+/// Bitmap `name`'s directory entry in the image `bytes`, and where in the file it starts,
+/// read with the library's codecs.
+fn dir_entry(bytes: &[u8], name: &str) -> (usize, DirEntry) {
+    let area = HeaderArea::decode(bytes).unwrap();
+    let ext = area.bitmaps.expect("a bitmaps extension");
+    let d = ext.directory_offset as usize;
+    let entries = decode_directory(
+        &bytes[d..d + ext.directory_size as usize],
+        ext.nb_bitmaps,
+        &area.header.geometry().unwrap(),
+    )
+    .unwrap();
+    let mut at = d;
+    for e in entries {
+        if e.name == name {
+            return (at, e);
+        }
+        at += e.encoded_len() as usize;
+    }
+    panic!("no bitmap {name}");
+}
+
 /// The data clusters of bitmap `name`'s table, read with the library's codecs.
 fn bitmap_data_clusters(bytes: &[u8], name: &str) -> Vec<u64> {
     let area = HeaderArea::decode(bytes).unwrap();
-    let geo = area.header.geometry().unwrap();
-    let ext = area.bitmaps.expect("a bitmaps extension");
-    let d = ext.directory_offset as usize;
-    let dir = &bytes[d..d + ext.directory_size as usize];
-    let entry = decode_directory(dir, ext.nb_bitmaps, &geo)
-        .unwrap()
-        .into_iter()
-        .find(|e| e.name == name)
-        .unwrap();
+    let (_, entry) = dir_entry(bytes, name);
     let t = entry.table_offset as usize;
     let table = &bytes[t..t + 8 * entry.table_size as usize];
     decode_table(table, entry.table_size, area.header.cluster_bits)
@@ -3606,25 +3620,9 @@ fn a_bitmap_table_past_the_end_of_the_file_is_for_dbm_check_to_repair() {
 /// Points bitmap `name`'s table of `img` at `offset`.
 fn move_table(img: &Path, name: &str, offset: u64) {
     let mut bytes = std::fs::read(img).unwrap();
-    let area = HeaderArea::decode(&bytes).unwrap();
-    let ext = area.bitmaps.unwrap();
-    let d = ext.directory_offset as usize;
-    let entries = decode_directory(
-        &bytes[d..d + ext.directory_size as usize],
-        ext.nb_bitmaps,
-        &area.header.geometry().unwrap(),
-    )
-    .unwrap();
-    let mut at = d;
-    for e in entries {
-        if e.name == name {
-            bytes[at..at + 8].copy_from_slice(&offset.to_be_bytes());
-            std::fs::write(img, &bytes).unwrap();
-            return;
-        }
-        at += e.encoded_len() as usize;
-    }
-    panic!("no bitmap {name}");
+    let (at, _) = dir_entry(&bytes, name);
+    bytes[at..at + 8].copy_from_slice(&offset.to_be_bytes());
+    std::fs::write(img, &bytes).unwrap();
 }
 
 /// Gives bitmap `name` of `img` (one data cluster) a reserved bit in its table entry: the
@@ -3634,18 +3632,7 @@ fn break_table(img: &Path, name: &str) {
     let [data] = bitmap_data_clusters(&bytes, name)[..] else {
         panic!("one data cluster")
     };
-    let area = HeaderArea::decode(&bytes).unwrap();
-    let ext = area.bitmaps.unwrap();
-    let d = ext.directory_offset as usize;
-    let entry = decode_directory(
-        &bytes[d..d + ext.directory_size as usize],
-        ext.nb_bitmaps,
-        &area.header.geometry().unwrap(),
-    )
-    .unwrap()
-    .into_iter()
-    .find(|e| e.name == name)
-    .unwrap();
+    let (_, entry) = dir_entry(&bytes, name);
     let t = entry.table_offset as usize;
     assert_eq!(be64(&bytes, t as u64), data);
     bytes[t..t + 8].copy_from_slice(&(data | 2).to_be_bytes());
